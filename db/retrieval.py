@@ -1,0 +1,122 @@
+"""Retrieval for a whole batch in one round trip: recent history, similar past lines, story events."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+# One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
+# narrows to one conversation, then distances are computed); story events go through the HNSW
+# index filtered by story and story time. Lines inside the recent window are not "retrieved":
+# they are in the prompt already.
+_BATCH_CONTEXT_SQL = text(
+    """
+WITH q AS (
+    SELECT idx, conversation_id, vec::vector AS vec, story, story_time
+    FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS text[]),
+                CAST(:story AS text[]), CAST(:story_time AS int[]))
+         AS t(idx, conversation_id, vec, story, story_time)
+),
+last_seq AS (
+    SELECT q.idx, COALESCE((SELECT max(seq) FROM messages m WHERE m.conversation_id = q.conversation_id), 0) AS seq
+    FROM q
+)
+SELECT 'recent' AS kind, q.idx, r.id, r.role, r.content, r.seq AS pos, NULL::float8 AS distance, NULL AS scene
+FROM q CROSS JOIN LATERAL (
+    SELECT id, role, content, seq FROM messages m
+    WHERE m.conversation_id = q.conversation_id
+    ORDER BY seq DESC LIMIT :recent_n
+) r
+UNION ALL
+SELECT 'similar', q.idx, s.id, s.role, s.content, s.seq, s.distance, NULL
+FROM q JOIN last_seq l USING (idx) CROSS JOIN LATERAL (
+    SELECT id, role, content, seq, m.embedding <=> q.vec AS distance FROM messages m
+    WHERE m.conversation_id = q.conversation_id AND m.embedding IS NOT NULL AND m.seq <= l.seq - :recent_n
+    ORDER BY distance LIMIT :history_k
+) s
+UNION ALL
+SELECT 'event', q.idx, e.id, NULL, e.text, e.time, e.distance, e.scene
+FROM q CROSS JOIN LATERAL (
+    SELECT id, text, time, scene, ev.embedding <=> q.vec AS distance FROM story_events ev
+    WHERE ev.story = q.story AND (q.story_time IS NULL OR ev.time <= q.story_time)
+    ORDER BY ev.embedding <=> q.vec LIMIT :story_k
+) e
+"""
+)
+
+
+@dataclass(frozen=True)
+class ContextQuery:
+    """What one turn retrieves for: its conversation, story position and embedded message."""
+
+    conversation_id: int
+    story: str | None
+    story_time: int | None
+    vector: np.ndarray
+
+
+@dataclass(frozen=True)
+class HistoryLine:
+    id: int
+    role: str
+    content: str
+    seq: int
+    score: float | None = None  # cosine similarity, for retrieved lines
+
+
+@dataclass(frozen=True)
+class EventHit:
+    id: int
+    scene: str
+    text: str
+    time: int
+    score: float
+
+
+@dataclass
+class TurnContext:
+    """Retrieved context of one turn; recent oldest first, retrieved best first."""
+
+    recent: list[HistoryLine] = field(default_factory=list)
+    similar: list[HistoryLine] = field(default_factory=list)
+    events: list[EventHit] = field(default_factory=list)
+
+
+def _vector_literal(vec: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.6g}" for x in vec.tolist()) + "]"
+
+
+def fetch_batch_context(
+    *, session: Session, queries: Sequence[ContextQuery], recent_n: int, history_k: int, story_k: int
+) -> list[TurnContext]:
+    """Retrieve every turn's context with a single statement; one TurnContext per query, in order."""
+    contexts = [TurnContext() for _ in queries]
+    if not queries:
+        return contexts
+    params = dict(
+        idx=list(range(len(queries))),
+        conv=[q.conversation_id for q in queries],
+        vec=[_vector_literal(q.vector) for q in queries],
+        story=[q.story for q in queries],
+        story_time=[q.story_time for q in queries],
+        recent_n=recent_n,
+        history_k=history_k,
+        story_k=story_k,
+    )
+    for kind, idx, row_id, role, content, pos, distance, scene in session.execute(_BATCH_CONTEXT_SQL, params):
+        ctx = contexts[idx]
+        if kind == "recent":
+            ctx.recent.append(HistoryLine(row_id, role, content, pos))
+        elif kind == "similar":
+            ctx.similar.append(HistoryLine(row_id, role, content, pos, 1.0 - distance))
+        else:
+            ctx.events.append(EventHit(row_id, scene, content, pos, 1.0 - distance))
+    for ctx in contexts:
+        ctx.recent.sort(key=lambda line: line.seq)
+        ctx.similar.sort(key=lambda line: -(line.score or 0.0))
+        ctx.events.sort(key=lambda hit: -hit.score)
+    return contexts

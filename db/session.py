@@ -1,0 +1,37 @@
+"""One engine per process and a short unit-of-work scope."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.services import database_url
+
+
+@cache
+def get_engine() -> Engine:
+    """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
+    return create_engine(database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+@cache
+def _session_factory() -> sessionmaker[Session]:
+    return sessionmaker(get_engine(), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope() -> Iterator[Session]:
+    """A session that commits on success, rolls back on error, and always closes."""
+    session = _session_factory()()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()

@@ -1,0 +1,102 @@
+"""Idempotent upserts of the world a game defines: characters, conversations, story events, history."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sqlalchemy import func, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.models import Character, Conversation, Message, Role, StoryEvent
+
+CHARACTER_FIELDS = (
+    "name",
+    "language",
+    "description",
+    "personality",
+    "scenario",
+    "speech_style",
+    "example_dialogues",
+    "first_message",
+    "system_prompt",
+    "post_history_instructions",
+)
+
+
+def upsert_character(*, session: Session, slug: str, fields: dict[str, Any]) -> int:
+    """Insert or update a character by slug; returns its id."""
+    values = {k: fields[k] for k in CHARACTER_FIELDS if k in fields}
+    stmt = insert(Character).values(slug=slug, **values)
+    stmt = stmt.on_conflict_do_update(index_elements=[Character.slug], set_=values).returning(Character.id)
+    return int(session.execute(stmt).scalar_one())
+
+
+def upsert_conversation(
+    *,
+    session: Session,
+    external_id: str,
+    character_id: int,
+    player_id: str = "",
+    player_name: str = "",
+    story: str | None = None,
+    story_time: int | None = None,
+) -> int:
+    """Insert or update a conversation by the game's external id; returns its id."""
+    values = dict(
+        character_id=character_id, player_id=player_id, player_name=player_name, story=story, story_time=story_time
+    )
+    stmt = insert(Conversation).values(external_id=external_id, **values)
+    stmt = stmt.on_conflict_do_update(index_elements=[Conversation.external_id], set_=values)
+    return int(session.execute(stmt.returning(Conversation.id)).scalar_one())
+
+
+def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:
+    """Insert or update story events keyed by (story, ordinal), with their embeddings; returns the count."""
+    if not events:
+        return 0
+    rows = [
+        dict(story=e["story"], ordinal=e["ordinal"], scene=e.get("scene", ""), time=e.get("time", 0),
+             text=e["text"], embedding=vec)
+        for e, vec in zip(events, embeddings, strict=True)
+    ]
+    stmt = insert(StoryEvent)
+    stmt = stmt.on_conflict_do_update(
+        constraint="uq_story_events_story_ordinal",
+        set_={c: stmt.excluded[c] for c in ("scene", "time", "text", "embedding")},
+    )
+    session.execute(stmt, rows)
+    return len(rows)
+
+
+def append_history_if_empty(
+    *, session: Session, conversation_id: int, lines: Sequence[tuple[str, str]], embeddings: np.ndarray
+) -> int:
+    """Seed a conversation's history once: nothing is written if it already has messages."""
+    existing = session.scalar(select(func.count()).where(Message.conversation_id == conversation_id))
+    if existing or not lines:
+        return 0
+    rows = [
+        dict(conversation_id=conversation_id, seq=i, role=Role(role), content=text, embedding=vec)
+        for i, ((role, text), vec) in enumerate(zip(lines, embeddings, strict=True), start=1)
+    ]
+    session.execute(insert(Message), rows)
+    return len(rows)
+
+
+def find_conversations(*, session: Session, external_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
+    """Conversations by external id: {external_id: (id, character slug)}."""
+    rows = session.execute(
+        select(Conversation.external_id, Conversation.id, Character.slug)
+        .join(Character, Character.id == Conversation.character_id)
+        .where(Conversation.external_id.in_(list(set(external_ids))))
+    ).tuples()
+    return {ext: (conv_id, slug) for ext, conv_id, slug in rows}
+
+
+def find_characters(*, session: Session, slugs: Sequence[str]) -> dict[str, int]:
+    """Character ids by slug."""
+    rows = session.execute(select(Character.slug, Character.id).where(Character.slug.in_(list(set(slugs)))))
+    return dict(rows.tuples().all())

@@ -1,0 +1,119 @@
+"""`mlchat`: control the embedded services, migrate, seed, run a worker, chat from the shell."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from core.logging import configure_logging
+from core.settings import settings
+
+
+def _services(args: argparse.Namespace) -> int:
+    from core import embedded
+
+    state = settings.state_dir
+    if args.action == "start":
+        print("postgres:", embedded.start_postgres(state))
+        print("redis:   ", embedded.start_redis(state))
+    elif args.action == "stop":
+        print("redis stopped" if embedded.stop_redis(state) else "redis was not running")
+        print("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
+    else:
+        for status in (embedded.postgres_status(state), embedded.redis_status(state)):
+            print(f"{status.name:9} {'running' if status.running else 'stopped':8} pid={status.pid} {status.url or ''}")
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from db.migrate import downgrade, upgrade
+
+    (downgrade if args.down else upgrade)(args.revision)
+    return 0
+
+
+def _seed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scripts.seed import seed_world
+
+    print(seed_world(Path(args.data)) if args.data else seed_world())
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from worker.__main__ import main as worker_main
+
+    worker_main(args.celery_args)
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    """Like the original `python -m handler --persona … --message …`, through the real pipeline."""
+    from scripts.render import render_turn
+    from tasks.producer import enqueue_turns, get_turn, wait_for_reply
+
+    request = {
+        "conversation": args.conversation or f"cli-{args.character}",
+        "character": args.character,
+        "message": args.message,
+        "player_name": args.player_name,
+        "params": json.loads(args.params) if args.params else {},
+    }
+    if args.inline:
+        from worker.pipeline import process_batch
+
+        (turn_id,) = enqueue_turns([request], send=False)
+        process_batch([turn_id])
+        view = get_turn(turn_id)
+        assert view is not None
+    else:
+        (turn_id,) = enqueue_turns([request])
+        view = wait_for_reply(turn_id, timeout=args.timeout)
+    print(render_turn(view, f"{args.character} · {request['conversation']}"))
+    return 0 if view.reply is not None else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlchat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("services", help="the embedded PostgreSQL and Redis")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.set_defaults(func=_services)
+
+    p = sub.add_parser("migrate", help="alembic upgrade (or --down) to a revision")
+    p.add_argument("revision", nargs="?", default="head")
+    p.add_argument("--down", action="store_true")
+    p.set_defaults(func=_migrate)
+
+    p = sub.add_parser("seed", help="load the sample world from data/ (idempotent)")
+    p.add_argument("--data", default=None)
+    p.set_defaults(func=_seed)
+
+    p = sub.add_parser("worker", help="run a batched GPU worker for MLCHAT_MODEL")
+    p.add_argument("celery_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_worker)
+
+    p = sub.add_parser("chat", help="send one message to a character and print prompt, reply, timings")
+    p.add_argument("--character", required=True, help="character slug, e.g. luffy")
+    p.add_argument("--message", required=True)
+    p.add_argument("--conversation", default=None, help="the game's conversation id (default cli-<character>)")
+    p.add_argument("--player-name", default="")
+    p.add_argument("--params", default=None, help='generation params as JSON, e.g. \'{"seed": 1}\'')
+    p.add_argument("--inline", action="store_true", help="run the pipeline in this process, no worker needed")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.set_defaults(func=_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mlchat` command."""
+    configure_logging()
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

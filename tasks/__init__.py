@@ -1,0 +1,1 @@
+"""What producers call and what the queue carries."""

@@ -1,0 +1,50 @@
+"""The batched generation task: celery-batches buffers turn messages and hands them over as one list."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from celery_batches import Batches
+
+from core.settings import queue_for_model, settings
+from tasks.app import app
+
+logger = logging.getLogger(__name__)
+
+TASK_NAME = "mlchat.generate_turns"
+
+
+@app.task(
+    base=Batches,
+    name=TASK_NAME,
+    flush_every=settings.batch_size,
+    flush_interval=settings.flush_interval,
+    acks_late=True,
+    ignore_result=True,
+)
+def generate_turns(requests: list[Any]) -> None:
+    """Answer a batch of turns. Messages carry only turn ids; the turn rows hold everything else."""
+    from worker.pipeline import process_batch  # the engine lives on worker machines only
+
+    turn_ids = list(dict.fromkeys(uuid.UUID(r.kwargs["turn_id"]) for r in requests))
+    report = process_batch(turn_ids)
+    # Re-send before this batch's messages are acked on return, so a crash in between loses nothing.
+    model = requests[0].kwargs.get("model", settings.model)
+    dispatch(report.retry, model=model, countdown=settings.flush_interval)
+    dispatch(report.deferred, model=model, countdown=settings.flush_interval)
+
+
+def dispatch(turn_ids: Iterable[uuid.UUID], *, model: str, countdown: float | None = None) -> None:
+    """Send one message per turn to its model's queue."""
+    queue = queue_for_model(model)
+    with app.producer_or_acquire() as producer:
+        for turn_id in turn_ids:
+            generate_turns.apply_async(
+                kwargs={"turn_id": str(turn_id), "model": model},
+                queue=queue,
+                countdown=countdown,
+                producer=producer,
+            )

@@ -1,0 +1,158 @@
+"""The producer API a game backend calls: enqueue turns, read them, wait for replies, cancel."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel
+
+from core.settings import settings
+from db.models import Turn, TurnStatus
+from db.session import session_scope
+from db.turns import NewTurn, cancel_turns, create_turns, fail_turns
+from db.turns import get_turn as read_turn
+from db.world import find_characters, find_conversations, upsert_conversation
+from tasks.schemas import TurnRequest
+
+
+class EnqueueError(RuntimeError):
+    """The turn could not be queued; nothing was left half-queued."""
+
+
+class TurnView(BaseModel):
+    """A turn as producers see it."""
+
+    id: uuid.UUID
+    status: TurnStatus
+    conversation_id: int
+    custom_id: str | None
+    model: str
+    message: str
+    reply: str | None
+    params: dict[str, Any]
+    usage: dict[str, Any] | None
+    timings: dict[str, Any] | None
+    error: str | None
+    attempts: int
+    prompt: str | None
+    context: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, turn: Turn) -> TurnView:
+        return cls.model_validate(turn, from_attributes=True)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
+
+
+def _as_request(item: TurnRequest | dict[str, Any]) -> TurnRequest:
+    return item if isinstance(item, TurnRequest) else TurnRequest.model_validate(item)
+
+
+def enqueue_turn(request: TurnRequest | dict[str, Any] | None = None, /, **fields: Any) -> uuid.UUID:
+    """Queue one turn and return its id; a repeated idempotency key returns the first turn's id."""
+    return enqueue_turns([request if request is not None else fields])[0]
+
+
+def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: bool = True) -> list[uuid.UUID]:
+    """Queue many turns in one transaction and one broker round; returns ids in input order.
+
+    Rule for a broker outage: the rows are committed first (so a worker never gets an id it
+    cannot read), then sent; if sending fails, the new turns are marked failed with the reason and
+    EnqueueError is raised, so no turn stays queued with no message behind it.
+    """
+    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
+
+    parsed = [_as_request(r) for r in requests]
+    for req in parsed:
+        model = req.model or settings.model
+        if model not in settings.models:
+            raise ValueError(f"unknown model {model!r}: this deployment serves {settings.models}")
+    with session_scope() as session:
+        conv_ids = _resolve_conversations(session, parsed)
+        new = [
+            NewTurn(
+                idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
+                request_hash=req.request_hash(),
+                conversation_id=conv_ids[req.conversation],
+                message=req.message,
+                model=req.model or settings.model,
+                params=req.params.resolved(),
+            )
+            for req in parsed
+        ]
+        created = create_turns(session=session, turns=new)
+    if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
+        return [turn_id for turn_id, _ in created]
+    fresh: dict[str, list[uuid.UUID]] = {}
+    for (turn_id, is_new), turn in zip(created, new):
+        if is_new:
+            fresh.setdefault(turn.model, []).append(turn_id)
+    try:
+        for model, ids in fresh.items():
+            dispatch(ids, model=model)
+    except Exception as exc:
+        stranded = [i for ids in fresh.values() for i in ids]
+        with session_scope() as session:
+            fail_turns(session=session, errors={i: f"broker unreachable at enqueue: {exc}" for i in stranded})
+        raise EnqueueError(f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}") from exc
+    return [turn_id for turn_id, _ in created]
+
+
+def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dict[str, int]:
+    known = find_conversations(session=session, external_ids=[r.conversation for r in requests])
+    out: dict[str, int] = {}
+    missing = [r for r in requests if r.conversation not in known]
+    characters = find_characters(session=session, slugs=[r.character for r in missing if r.character])
+    for req in requests:
+        if req.conversation in known:
+            conv_id, slug = known[req.conversation]
+            if req.character and req.character != slug:
+                raise ValueError(f"conversation {req.conversation!r} belongs to character {slug!r}, not {req.character!r}")
+            out[req.conversation] = conv_id
+            continue
+        if req.conversation in out:
+            continue
+        if not req.character:
+            raise ValueError(f"unknown conversation {req.conversation!r}; name a character to start it")
+        if req.character not in characters:
+            raise ValueError(f"unknown character {req.character!r}")
+        out[req.conversation] = upsert_conversation(
+            session=session, external_id=req.conversation, character_id=characters[req.character],
+            player_id=req.player_id, player_name=req.player_name, story=req.story, story_time=req.story_time,
+        )
+    return out
+
+
+def get_turn(turn_id: uuid.UUID | str) -> TurnView | None:
+    """The turn's status, reply, usage and timings, or None if there is no such turn."""
+    with session_scope() as session:
+        turn = read_turn(session=session, turn_id=uuid.UUID(str(turn_id)))
+        return TurnView.of(turn) if turn else None
+
+
+def wait_for_reply(turn_id: uuid.UUID | str, timeout: float = 120.0, poll: float = 0.1) -> TurnView:
+    """Poll until the turn is finished (done, failed or cancelled); TimeoutError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = get_turn(turn_id)
+        if view is None:
+            raise KeyError(f"no turn {turn_id}")
+        if view.finished:
+            return view
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"turn {turn_id} still {view.status} after {timeout:.0f}s")
+        time.sleep(poll)
+
+
+def cancel_turn(turn_id: uuid.UUID | str) -> bool:
+    """Cancel a turn that has not started; False if it was already running or finished."""
+    with session_scope() as session:
+        return bool(cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))]))

@@ -1,0 +1,84 @@
+"""Validated request shapes shared by the Python API, the CLI and the worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import unicodedata
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from core.settings import settings
+
+
+class GenerationParams(BaseModel):
+    """Per-turn sampling overrides; anything unset takes the configured default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
+    stop: list[str] | None = Field(default=None, max_length=8)
+
+    @field_validator("max_new_tokens")
+    @classmethod
+    def _within_limit(cls, value: int | None) -> int | None:
+        if value is not None and value > settings.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens must be at most {settings.max_new_tokens_limit}")
+        return value
+
+    def resolved(self) -> dict[str, Any]:
+        """Defaults filled in and a seed drawn when none was given, so every turn can be reproduced."""
+        return dict(
+            temperature=settings.temperature if self.temperature is None else self.temperature,
+            top_p=settings.top_p if self.top_p is None else self.top_p,
+            max_new_tokens=self.max_new_tokens or settings.max_new_tokens,
+            seed=secrets.randbelow(2**31) if self.seed is None else self.seed,
+            stop=self.stop or [],
+        )
+
+
+def check_message(text: str) -> str:
+    """Reject what no character should be asked to answer: empty, oversized, or control characters."""
+    if not isinstance(text, str):
+        raise ValueError("message must be a string")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("message is not valid UTF-8 text") from None
+    if not text.strip():
+        raise ValueError("message is empty")
+    if len(text) > settings.max_message_chars:
+        raise ValueError(f"message has {len(text)} characters; the limit is {settings.max_message_chars}")
+    bad = {c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t"}
+    if bad:
+        raise ValueError(f"message contains control characters: {sorted(hex(ord(c)) for c in bad)}")
+    return text
+
+
+class TurnRequest(BaseModel):
+    """One chat turn from a producer: a player's message to a conversation's character."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    conversation: str = Field(min_length=1, max_length=200, description="the game's conversation id")
+    message: str
+    character: str | None = Field(default=None, max_length=64, description="needed to start a new conversation")
+    player_id: str = Field(default="", max_length=200)
+    player_name: str = Field(default="", max_length=200)
+    story: str | None = Field(default=None, max_length=100)
+    story_time: int | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    model: str | None = Field(default=None, max_length=64)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    _check_message = field_validator("message")(classmethod(lambda cls, v: check_message(v)))
+
+    def request_hash(self) -> str:
+        """Fingerprint of what was asked, to tell a retried call from a reused key."""
+        body = self.model_dump(exclude={"idempotency_key"}, mode="json")
+        return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

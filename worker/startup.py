@@ -1,0 +1,27 @@
+"""Worker start-up: refuse to run against a schema the embedder does not fit, then warm the models."""
+
+from __future__ import annotations
+
+import logging
+
+from core.settings import settings
+from db.introspect import vector_column_dim
+from db.session import session_scope
+from worker.embedder import check_dimension, get_embedder
+
+logger = logging.getLogger(__name__)
+
+
+def check_and_warm_up(load_engine: bool = True) -> None:
+    """Check embedder and database agree on the vector size; load the embedder and the engine."""
+    with session_scope() as session:
+        column_dim = vector_column_dim(session=session, table="messages", column="embedding")
+    if column_dim is None:
+        raise RuntimeError("the database has no messages.embedding column: run `mlchat migrate` first")
+    model = get_embedder()
+    check_dimension(model.get_embedding_dimension(), column_dim)
+    if load_engine:
+        from worker.pipeline import get_prompt_builder
+
+        get_prompt_builder()  # loads the engine and its tokenizer
+    logger.info("worker ready: model=%s queue=%s batch=%d", settings.model, settings.queue, settings.batch_size)
