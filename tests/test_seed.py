@@ -1,0 +1,33 @@
+"""Seeding the sample world: real embeddings, and a second run changes nothing."""
+
+import numpy as np
+from sqlalchemy import func, select
+
+from db.models import Character, Conversation, Message, StoryEvent
+from db.session import session_scope
+from scripts.seed import seed_world
+
+
+def _counts() -> tuple[int, ...]:
+    with session_scope() as s:
+        return tuple(s.scalar(select(func.count()).select_from(m)) for m in (Character, Conversation, Message, StoryEvent))
+
+
+def test_seeding_twice_changes_nothing(world) -> None:
+    before = _counts()
+    again = seed_world()
+    assert again.history_lines_added == 0
+    assert _counts() == before
+    characters, conversations, messages, events = before
+    assert characters >= 3 and events >= 30 and messages > 0
+
+
+def test_sample_world_has_korean_and_english_characters_and_real_vectors(world) -> None:
+    with session_scope() as s:
+        langs = dict(s.execute(select(Character.slug, Character.language)).tuples().all())
+        vectors = s.scalars(select(StoryEvent.embedding).limit(5)).all()
+    assert langs["luffy"] == "ko" and "en" in langs.values()
+    for vec in vectors:
+        arr = np.asarray(vec)
+        assert arr.shape == (384,)
+        assert abs(np.linalg.norm(arr) - 1.0) < 1e-3

@@ -1,0 +1,46 @@
+"""End to end through the queue: producer → Redis → batched Celery worker (solo pool) → PostgreSQL."""
+
+from collections.abc import Iterator
+
+import pytest
+from celery.contrib.testing.worker import start_worker
+
+from core.settings import settings
+from db.models import TurnStatus
+from tasks.producer import enqueue_turns, wait_for_reply
+from tests.conftest import new_conversation
+
+
+@pytest.fixture(scope="module")
+def celery_worker(engine) -> Iterator[object]:
+    """A real worker on the real broker, in this process so it shares the session's engine."""
+    from tasks.app import app
+
+    with start_worker(
+        app, pool="solo", concurrency=1, perform_ping_check=False, queues=[settings.queue],
+        loglevel="WARNING", shutdown_timeout=60,
+    ) as worker:
+        yield worker
+
+
+def test_turns_go_through_the_queue_in_batches(celery_worker) -> None:
+    convs = [new_conversation(c) for c in ("elara", "luffy", "haneul", "elara", "luffy", "haneul")]
+    ids = enqueue_turns([c | {"message": f"Hello, friend number {i}!"} for i, c in enumerate(convs)])
+    views = [wait_for_reply(i, timeout=240) for i in ids]
+    assert [v.status for v in views] == [TurnStatus.DONE] * len(ids), [v.error for v in views]
+    assert all(v.reply and v.usage["completion_tokens"] > 0 for v in views)
+    assert max(v.timings["batch_size"] for v in views) > 1  # the worker took several turns at once
+    assert all(v.attempts == 1 for v in views)
+
+
+def test_a_conversations_turns_are_answered_in_order(celery_worker) -> None:
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    first, second = enqueue_turns(
+        [conv | {"message": "I left my lantern by the fire."}, conv | {"message": "Did you see where I left it?"}]
+    )
+    a = wait_for_reply(first, timeout=240)
+    b = wait_for_reply(second, timeout=240)
+    assert a.status == b.status == TurnStatus.DONE
+    # The second turn waited for the first, so the first exchange is in its prompt.
+    assert a.message in b.prompt and a.reply in b.prompt
+    assert b.created_at >= a.created_at and b.finished_at > a.finished_at
