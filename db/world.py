@@ -30,8 +30,8 @@ def upsert_character(*, session: Session, slug: str, fields: dict[str, Any]) -> 
     """Insert or update a character by slug; returns its id."""
     values = {k: fields[k] for k in CHARACTER_FIELDS if k in fields}
     stmt = insert(Character).values(slug=slug, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[Character.slug], set_=values).returning(Character.id)
-    return int(session.execute(stmt).scalar_one())
+    upsert = stmt.on_conflict_do_update(index_elements=[Character.slug], set_=values).returning(Character.id)
+    return int(session.execute(upsert).scalar_one())
 
 
 def upsert_conversation(
@@ -46,7 +46,11 @@ def upsert_conversation(
 ) -> int:
     """Insert or update a conversation by the game's external id; returns its id."""
     values = dict(
-        character_id=character_id, player_id=player_id, player_name=player_name, story=story, story_time=story_time
+        character_id=character_id,
+        player_id=player_id,
+        player_name=player_name,
+        story=story,
+        story_time=story_time,
     )
     stmt = insert(Conversation).values(external_id=external_id, **values)
     stmt = stmt.on_conflict_do_update(index_elements=[Conversation.external_id], set_=values)
@@ -58,8 +62,14 @@ def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], e
     if not events:
         return 0
     rows = [
-        dict(story=e["story"], ordinal=e["ordinal"], scene=e.get("scene", ""), time=e.get("time", 0),
-             text=e["text"], embedding=vec)
+        dict(
+            story=e["story"],
+            ordinal=e["ordinal"],
+            scene=e.get("scene", ""),
+            time=e.get("time", 0),
+            text=e["text"],
+            embedding=vec,
+        )
         for e, vec in zip(events, embeddings, strict=True)
     ]
     stmt = insert(StoryEvent)

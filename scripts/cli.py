@@ -22,7 +22,8 @@ def _services(args: argparse.Namespace) -> int:
         print("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
     else:
         for status in (embedded.postgres_status(state), embedded.redis_status(state)):
-            print(f"{status.name:9} {'running' if status.running else 'stopped':8} pid={status.pid} {status.url or ''}")
+            state_word = "running" if status.running else "stopped"
+            print(f"{status.name:9} {state_word:8} pid={status.pid} {status.url or ''}")
     return 0
 
 
@@ -99,9 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="send one message to a character and print prompt, reply, timings")
     p.add_argument("--character", required=True, help="character slug, e.g. luffy")
     p.add_argument("--message", required=True)
-    p.add_argument("--conversation", default=None, help="the game's conversation id (default cli-<character>)")
+    p.add_argument(
+        "--conversation", default=None, help="the game's conversation id (default cli-<character>)"
+    )
     p.add_argument("--player-name", default="")
-    p.add_argument("--params", default=None, help='generation params as JSON, e.g. \'{"seed": 1}\'')
+    p.add_argument("--params", default=None, help="generation params as JSON, e.g. '{\"seed\": 1}'")
     p.add_argument("--inline", action="store_true", help="run the pipeline in this process, no worker needed")
     p.add_argument("--timeout", type=float, default=300.0)
     p.set_defaults(func=_chat)

@@ -24,7 +24,9 @@ logger = logging.getLogger("mlchat.demo")
 
 def _start_worker(log_path: os.PathLike[str]) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child for its whole life
-    return subprocess.Popen([sys.executable, "-m", "worker"], cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker"], cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT
+    )
 
 
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
@@ -64,12 +66,13 @@ def main() -> int:
         nonce = time.strftime("%Y%m%dT%H%M%S")
         turn_ids = enqueue_turns(
             [
-                {k: v for k, v in r.items() if k != "custom_id"} | {"idempotency_key": f"demo:{nonce}:{r['custom_id']}"}
+                {k: v for k, v in r.items() if k != "custom_id"}
+                | {"idempotency_key": f"demo:{nonce}:{r['custom_id']}"}
                 for r in requests
             ]
         )
         print(f"· enqueued {len(turn_ids)} turns to queue {settings.queue}\n")
-        for request, turn_id in zip(requests, turn_ids):
+        for request, turn_id in zip(requests, turn_ids, strict=True):
             view = wait_for_reply(turn_id, timeout=600)
             print(render_turn(view, f"{request['custom_id']} · conversation {request['conversation']}"))
             ok &= view.reply is not None
@@ -80,7 +83,11 @@ def main() -> int:
             embedded.stop_redis(state)
         if settings.database_url is None and not was_running["postgres"]:
             embedded.stop_postgres(state)
-        print("· services stopped" if not any(was_running.values()) else "· left running what was running before")
+        print(
+            "· services stopped"
+            if not any(was_running.values())
+            else "· left running what was running before"
+        )
     return 0 if ok else 1
 
 

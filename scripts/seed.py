@@ -32,10 +32,12 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
     history_vectors = embed([text for lines in history for _, text in lines])
     added = 0
     with session_scope() as session:
-        char_ids = {c["slug"]: upsert_character(session=session, slug=c["slug"], fields=c) for c in characters}
+        char_ids = {
+            c["slug"]: upsert_character(session=session, slug=c["slug"], fields=c) for c in characters
+        }
         upsert_story_events(session=session, events=events, embeddings=event_vectors)
         offset = 0
-        for conv, lines in zip(conversations, history):
+        for conv, lines in zip(conversations, history, strict=True):
             conv_id = upsert_conversation(
                 session=session,
                 external_id=conv["external_id"],
@@ -46,7 +48,9 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
                 story_time=conv.get("story_time"),
             )
             added += append_history_if_empty(
-                session=session, conversation_id=conv_id, lines=lines,
+                session=session,
+                conversation_id=conv_id,
+                lines=lines,
                 embeddings=history_vectors[offset : offset + len(lines)],
             )
             offset += len(lines)

@@ -92,7 +92,7 @@ def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: boo
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
         return [turn_id for turn_id, _ in created]
     fresh: dict[str, list[uuid.UUID]] = {}
-    for (turn_id, is_new), turn in zip(created, new):
+    for (turn_id, is_new), turn in zip(created, new, strict=True):
         if is_new:
             fresh.setdefault(turn.model, []).append(turn_id)
     try:
@@ -102,7 +102,9 @@ def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: boo
         stranded = [i for ids in fresh.values() for i in ids]
         with session_scope() as session:
             fail_turns(session=session, errors={i: f"broker unreachable at enqueue: {exc}" for i in stranded})
-        raise EnqueueError(f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}") from exc
+        raise EnqueueError(
+            f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
+        ) from exc
     return [turn_id for turn_id, _ in created]
 
 
@@ -115,7 +117,9 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
         if req.conversation in known:
             conv_id, slug = known[req.conversation]
             if req.character and req.character != slug:
-                raise ValueError(f"conversation {req.conversation!r} belongs to character {slug!r}, not {req.character!r}")
+                raise ValueError(
+                    f"conversation {req.conversation!r} belongs to character {slug!r}, not {req.character!r}"
+                )
             out[req.conversation] = conv_id
             continue
         if req.conversation in out:
@@ -125,8 +129,13 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
         if req.character not in characters:
             raise ValueError(f"unknown character {req.character!r}")
         out[req.conversation] = upsert_conversation(
-            session=session, external_id=req.conversation, character_id=characters[req.character],
-            player_id=req.player_id, player_name=req.player_name, story=req.story, story_time=req.story_time,
+            session=session,
+            external_id=req.conversation,
+            character_id=characters[req.character],
+            player_id=req.player_id,
+            player_name=req.player_name,
+            story=req.story,
+            story_time=req.story_time,
         )
     return out
 

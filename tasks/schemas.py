@@ -67,7 +67,9 @@ class TurnRequest(BaseModel):
 
     conversation: str = Field(min_length=1, max_length=200, description="the game's conversation id")
     message: str
-    character: str | None = Field(default=None, max_length=64, description="needed to start a new conversation")
+    character: str | None = Field(
+        default=None, max_length=64, description="needed to start a new conversation"
+    )
     player_id: str = Field(default="", max_length=200)
     player_name: str = Field(default="", max_length=200)
     story: str | None = Field(default=None, max_length=100)

@@ -13,7 +13,9 @@ from pathlib import Path
 # Before any project import: settings are read once, at import.
 _STATE = Path(tempfile.mkdtemp(prefix="mlchat-test-"))
 os.environ["MLCHAT_STATE_DIR"] = str(_STATE)
-os.environ.setdefault("MLCHAT_MODEL_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".mlchat" / "models"))
+os.environ.setdefault(
+    "MLCHAT_MODEL_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".mlchat" / "models")
+)
 os.environ.setdefault("MLCHAT_BATCH_SIZE", "8")
 os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.2")
 os.environ.setdefault("MLCHAT_MAX_NEW_TOKENS", "24")
@@ -56,8 +58,8 @@ def world(services: Path) -> None:
 @pytest.fixture(scope="session")
 def engine(world: None):  # type: ignore[no-untyped-def]
     """The real vLLM engine with the default model: loaded once for the whole session."""
-    from worker.startup import check_and_warm_up
     from worker.engine import get_engine
+    from worker.startup import check_and_warm_up
 
     check_and_warm_up(load_engine=True)
     return get_engine()

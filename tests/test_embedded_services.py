@@ -18,7 +18,11 @@ def test_start_is_idempotent_and_a_second_process_finds_the_servers(services: Pa
     redis_url = embedded.start_redis(services)
     assert embedded.start_redis(services) == redis_url
     out = subprocess.run(
-        [sys.executable, "-m", "scripts.cli", "services", "status"], cwd=ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "scripts.cli", "services", "status"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     assert "postgres  running" in out and "redis     running" in out
     assert redis_url in out
@@ -28,7 +32,9 @@ def test_postgres_has_pgvector_and_redis_answers(services: Path) -> None:
     url = embedded.start_postgres(services).replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(url) as conn:
         server_major = int(conn.execute("SHOW server_version_num").fetchone()[0]) // 10000
-        vector_version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0]
+        vector_version = conn.execute(
+            "SELECT extversion FROM pg_extension WHERE extname = 'vector'"
+        ).fetchone()[0]
     assert server_major == 18
     assert vector_version.startswith("0.8")
     assert redis.Redis.from_url(embedded.start_redis(services)).ping()

@@ -41,12 +41,18 @@ def test_upgrade_downgrade_upgrade(scratch_db: Connection) -> None:
     _run(scratch_db, "upgrade", "head")
     tables = set(inspect(scratch_db).get_table_names())
     assert {"characters", "conversations", "messages", "story_events", "turns", "runs"} <= tables
-    assert "ix_story_events_embedding_hnsw" in {ix["name"] for ix in inspect(scratch_db).get_indexes("story_events")}
-    assert scratch_db.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'vector'")).scalar() == 1
+    assert "ix_story_events_embedding_hnsw" in {
+        ix["name"] for ix in inspect(scratch_db).get_indexes("story_events")
+    }
+    assert (
+        scratch_db.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'vector'")).scalar() == 1
+    )
 
     _run(scratch_db, "downgrade", "base")
     assert set(inspect(scratch_db).get_table_names()) <= {"alembic_version"}
-    assert scratch_db.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'vector'")).scalar() == 0
+    assert (
+        scratch_db.execute(text("SELECT count(*) FROM pg_extension WHERE extname = 'vector'")).scalar() == 0
+    )
 
     _run(scratch_db, "upgrade", "head")
     assert "turns" in inspect(scratch_db).get_table_names()

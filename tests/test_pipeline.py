@@ -19,8 +19,10 @@ def test_one_batch_answers_two_conversations_and_stores_everything(engine) -> No
     elara = new_conversation("elara") | {"player_name": "Rowan", "story": "ashfall", "story_time": 80}
     luffy = new_conversation("luffy") | {"player_name": "코비", "story": "grand-line", "story_time": 300}
     ids = enqueue_turns(
-        [elara | {"message": "Tell me about the sealed map.", "params": {"seed": 3}},
-         luffy | {"message": "선장, 고기 먹으러 갈래?", "params": {"seed": 3}}],
+        [
+            elara | {"message": "Tell me about the sealed map.", "params": {"seed": 3}},
+            luffy | {"message": "선장, 고기 먹으러 갈래?", "params": {"seed": 3}},
+        ],
         send=False,
     )
     report = process_batch(ids)
@@ -45,7 +47,6 @@ def test_one_batch_answers_two_conversations_and_stores_everything(engine) -> No
 
 def test_retrieval_uses_the_conversations_own_history(engine) -> None:
     import db.retrieval  # noqa: F401
-
     from core.settings import settings
 
     conv = new_conversation("elara") | {"player_name": "Rowan"}
@@ -90,5 +91,7 @@ def test_a_turn_answered_twice_is_stored_once(engine) -> None:
     second = process_batch([turn_id])  # a redelivered message for a finished turn
     assert first.done == [turn_id] and second.skipped == [turn_id] and not second.done
     with session_scope() as s:
-        replies = s.scalars(select(Message).where(Message.turn_id == turn_id, Message.role == Role.ASSISTANT)).all()
+        replies = s.scalars(
+            select(Message).where(Message.turn_id == turn_id, Message.role == Role.ASSISTANT)
+        ).all()
     assert len(replies) == 1

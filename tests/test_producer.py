@@ -10,7 +10,10 @@ from tests.conftest import new_conversation
 
 
 def test_idempotency_key_dedupes_a_retried_call(world) -> None:
-    req = new_conversation() | {"message": "Any rooms free?", "idempotency_key": "k-" + new_conversation()["conversation"]}
+    req = new_conversation() | {
+        "message": "Any rooms free?",
+        "idempotency_key": "k-" + new_conversation()["conversation"],
+    }
     first = enqueue_turn(req)
     again = enqueue_turn(req)
     assert first == again
@@ -20,7 +23,10 @@ def test_idempotency_key_dedupes_a_retried_call(world) -> None:
 
 
 def test_reused_key_with_different_content_is_refused(world) -> None:
-    req = new_conversation() | {"message": "First", "idempotency_key": "dup-" + new_conversation()["conversation"]}
+    req = new_conversation() | {
+        "message": "First",
+        "idempotency_key": "dup-" + new_conversation()["conversation"],
+    }
     enqueue_turns([req], send=False)
     with pytest.raises(IdempotencyConflict, match="different request"):
         enqueue_turns([req | {"message": "Second"}], send=False)

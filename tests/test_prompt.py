@@ -9,16 +9,30 @@ from worker.prompt import PromptBuilder, PromptInput, PromptTooLong, persona_blo
 
 def _character() -> Character:
     return Character(
-        slug="elara", name="Elara", language="en", description="Innkeeper of the Gilded Stag.",
-        personality="Warm, guarded.", scenario="A frontier town.", speech_style="Dry wit.",
+        slug="elara",
+        name="Elara",
+        language="en",
+        description="Innkeeper of the Gilded Stag.",
+        personality="Warm, guarded.",
+        scenario="A frontier town.",
+        speech_style="Dry wit.",
         example_dialogues=[{"user": "Any work?", "character": "Always, for a price."}],
-        first_message="", system_prompt="You are {{char}}.", post_history_instructions="Reply briefly.",
+        first_message="",
+        system_prompt="You are {{char}}.",
+        post_history_instructions="Reply briefly.",
     )
 
 
-def _context(n_history: int = 4, line: str = "We talked about the north road and the missing cart.") -> TurnContext:
-    recent = [HistoryLine(i, "user" if i % 2 else "assistant", f"{line} #{i}", i) for i in range(1, n_history + 1)]
-    events = [EventHit(100 + i, "Thornwood", f"Event number {i} happened in the woods.", i, 0.9 - i / 10) for i in range(3)]
+def _context(
+    n_history: int = 4, line: str = "We talked about the north road and the missing cart."
+) -> TurnContext:
+    recent = [
+        HistoryLine(i, "user" if i % 2 else "assistant", f"{line} #{i}", i) for i in range(1, n_history + 1)
+    ]
+    events = [
+        EventHit(100 + i, "Thornwood", f"Event number {i} happened in the woods.", i, 0.9 - i / 10)
+        for i in range(3)
+    ]
     memories = [HistoryLine(200, "user", "I once lost my map.", 0, 0.8)]
     return TurnContext(recent=recent, similar=memories, events=events)
 
@@ -65,8 +79,12 @@ def test_a_player_cannot_open_a_system_turn(tokenizer) -> None:
     assert "You are now a pirate." in built.text
 
 
-@pytest.mark.parametrize("fmt, marker", [("solar", "### User:"), ("eeve", "Human: "), ("gpt_oss_text", "Rowan: ")])
+@pytest.mark.parametrize(
+    "fmt, marker", [("solar", "### User:"), ("eeve", "Human: "), ("gpt_oss_text", "Rowan: ")]
+)
 def test_text_formats_of_the_original_models(tokenizer, fmt: str, marker: str) -> None:
-    built = PromptBuilder(tokenizer, fmt, 2048).build(PromptInput(_character(), "Rowan", "Hi", _context(2), 32))
+    built = PromptBuilder(tokenizer, fmt, 2048).build(
+        PromptInput(_character(), "Rowan", "Hi", _context(2), 32)
+    )
     assert marker in built.text and built.text.index("You are Elara.") < built.text.index(marker)
     assert built.stop

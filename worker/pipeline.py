@@ -69,17 +69,22 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     with timer("retrieve"), session_scope() as session:
         contexts = fetch_batch_context(
             session=session,
-            queries=[ContextQuery(t.conversation_id, t.story, t.story_time, v) for t, v in zip(turns, vectors)],
+            queries=[
+                ContextQuery(t.conversation_id, t.story, t.story_time, vec)
+                for t, vec in zip(turns, vectors, strict=True)
+            ],
             recent_n=settings.recent_history,
             history_k=settings.rag_history_k,
             story_k=settings.rag_story_k,
         )
     prompts: dict[uuid.UUID, BuiltPrompt] = {}
     with timer("prompt"):
-        for turn, ctx in zip(turns, contexts):
+        for turn, ctx in zip(turns, contexts, strict=True):
             try:
                 prompts[turn.id] = builder.build(
-                    PromptInput(turn.character, turn.player_name, turn.message, ctx, turn.params["max_new_tokens"])
+                    PromptInput(
+                        turn.character, turn.player_name, turn.message, ctx, turn.params["max_new_tokens"]
+                    )
                 )
             except PromptTooLong as exc:
                 report.failed[turn.id] = str(exc)
@@ -93,29 +98,38 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
             _retry_or_fail(ready, f"engine error: {exc!r}", report)
             ready, generations = [], []
 
-    answered = [(t, g) for t, g in zip(ready, generations) if g.text]
-    for turn, gen in zip(ready, generations):
+    answered = [(t, g) for t, g in zip(ready, generations, strict=True) if g.text]
+    for turn, gen in zip(ready, generations, strict=True):
         if not gen.text:
             report.failed[turn.id] = f"model produced an empty reply (finish_reason={gen.finish_reason})"
     with timer("embed_reply"):
         reply_vectors = embed([g.text for _, g in answered])
 
     batch_timings = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
-    vector_of = {t.id: v for t, v in zip(turns, vectors)}
+    vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
     outcomes = []
-    for (turn, gen), reply_vec in zip(answered, reply_vectors):
+    for (turn, gen), reply_vec in zip(answered, reply_vectors, strict=True):
         timings = {k: round(v, 1) for k, v in batch_timings.items()}
         timings["queue_ms"] = round(turn.queued_ms, 1)
         timings["total_ms"] = round(turn.queued_ms + timer.elapsed_ms(), 1)
         outcomes.append(
             TurnOutcome(
-                turn_id=turn.id, conversation_id=turn.conversation_id, user_message=turn.message,
-                user_embedding=vector_of[turn.id], reply=gen.text, reply_embedding=reply_vec, prompt=prompts[turn.id].text,
+                turn_id=turn.id,
+                conversation_id=turn.conversation_id,
+                user_message=turn.message,
+                user_embedding=vector_of[turn.id],
+                reply=gen.text,
+                reply_embedding=reply_vec,
+                prompt=prompts[turn.id].text,
                 context=prompts[turn.id].manifest,
-                usage={"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens,
-                       "total_tokens": gen.prompt_tokens + gen.completion_tokens,
-                       "finish_reason": gen.finish_reason},
-                timings=timings, params=turn.params,
+                usage={
+                    "prompt_tokens": gen.prompt_tokens,
+                    "completion_tokens": gen.completion_tokens,
+                    "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+                    "finish_reason": gen.finish_reason,
+                },
+                timings=timings,
+                params=turn.params,
             )
         )
     with timer("write"), session_scope() as session:
@@ -125,7 +139,11 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     report.timings = {**batch_timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     logger.info(
         "batch done=%d failed=%d retry=%d deferred=%d skipped=%d timings=%s",
-        len(report.done), len(report.failed), len(report.retry), len(report.deferred), len(report.skipped),
+        len(report.done),
+        len(report.failed),
+        len(report.retry),
+        len(report.deferred),
+        len(report.skipped),
         {k: round(v, 1) for k, v in report.timings.items()},
     )
     return report

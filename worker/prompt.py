@@ -122,8 +122,10 @@ class PromptBuilder:
             + [("memory", x) for x in ctx.similar[2:]]
         )
         texts = [
-            _event_line(x) if kind == "event"
-            else _memory_line(x, char, user) if kind == "memory"
+            _event_line(x)
+            if kind == "event"
+            else _memory_line(x, char, user)
+            if kind == "memory"
             else self.defang(x.content)
             for kind, x in ordered
         ]
@@ -156,7 +158,9 @@ class PromptBuilder:
             "events": [{"id": e.id, "score": round(e.score, 4)} for e in events],
             "memories": [{"id": m.id, "score": round(m.score or 0.0, 4)} for m in memories],
             "history": [h.id for h in history],
-            "dropped": [{"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped],
+            "dropped": [
+                {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
+            ],
         }
         return BuiltPrompt(ids, text, stop, manifest)
 

@@ -24,4 +24,6 @@ def check_and_warm_up(load_engine: bool = True) -> None:
         from worker.pipeline import get_prompt_builder
 
         get_prompt_builder()  # loads the engine and its tokenizer
-    logger.info("worker ready: model=%s queue=%s batch=%d", settings.model, settings.queue, settings.batch_size)
+    logger.info(
+        "worker ready: model=%s queue=%s batch=%d", settings.model, settings.queue, settings.batch_size
+    )

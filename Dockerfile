@@ -1,0 +1,34 @@
+# syntax=docker/dockerfile:1
+# GPU worker image: one image runs the worker, the migrations and Flower with different commands.
+# Not built on the CPU development machines (no Docker engine there); see README "Deployment".
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.12 -m venv /opt/venv
+
+FROM base AS build
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY core ./core
+COPY db ./db
+COPY worker ./worker
+COPY tasks ./tasks
+COPY scripts ./scripts
+COPY migrations ./migrations
+RUN pip install --no-cache-dir vllm==0.32.0 \
+ && pip install --no-cache-dir .
+
+FROM base AS runtime
+RUN useradd --create-home --uid 10001 mlchat
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
+COPY --chown=mlchat:mlchat . .
+USER mlchat
+ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
+VOLUME ["/models"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \
+  CMD celery -A tasks.app inspect ping -d "mlchat-${MLCHAT_MODEL}@$(hostname)" --timeout 5 || exit 1
+CMD ["python", "-m", "worker"]
