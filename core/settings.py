@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+Lane = Literal["live", "bulk"]
 PromptFormat = Literal["auto", "chat_template", "solar", "eeve", "gpt_oss_text"]
 
 
@@ -67,6 +68,10 @@ class Settings(BaseSettings):
     rag_story_k: int = Field(default=4, ge=0)
     recent_history: int = Field(default=12, ge=0)
     max_message_chars: int = Field(default=4000, ge=1)
+
+    # HTTP ingest.
+    api_keys: list[str] = Field(default_factory=list, repr=False)
+    api_max_body_bytes: int = Field(default=1_000_000, ge=1024)
 
     log_level: str = "INFO"
 
@@ -126,9 +131,13 @@ class Settings(BaseSettings):
         return "chat_template"
 
 
-def queue_for_model(model: str) -> str:
-    """Queue name for a model: one queue per model, so a worker only gets turns it can serve."""
-    return f"gen.{model}"
+def queue_for_model(model: str, lane: Lane = "live") -> str:
+    """Queue of a model's lane: live turns on gen.<model>, bulk runs on gen.<model>.bulk.
+
+    Workers consume both with Redis's `priority` queue order, live first, so a live turn never
+    waits behind a bulk backlog for more than the batch in hand and the next.
+    """
+    return f"gen.{model}" if lane == "live" else f"gen.{model}.bulk"
 
 
 settings = Settings()

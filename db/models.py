@@ -169,7 +169,9 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), default=RunStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(64))
+    file_hash: Mapped[str] = mapped_column(String(64), default="")
     total: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 

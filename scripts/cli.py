@@ -50,6 +50,93 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Bulk runs: submit, status (live progress), list, export, cancel, retry-failed."""
+    from pathlib import Path
+
+    from tasks import runs
+
+    if args.action == "submit":
+        try:
+            sub = runs.submit_run(Path(args.target), name=args.name, skip_bad_lines=args.skip_bad_lines)
+        except runs.RunValidationError as exc:
+            for err in exc.errors:
+                print(f"line {err.line}: {err.reason}", file=sys.stderr)
+            print(f"rejected: {len(exc.errors)} bad line(s), nothing enqueued", file=sys.stderr)
+            return 2
+        for err in sub.skipped_lines:
+            print(f"skipped line {err.line}: {err.reason}", file=sys.stderr)
+        print(sub.id if sub.created else f"{sub.id} (already submitted; nothing enqueued)")
+    elif args.action == "status":
+        return _run_progress(args.target, watch=args.watch)
+    elif args.action == "list":
+        from db.runs import list_runs
+        from db.session import session_scope
+
+        with session_scope() as session:
+            for run in list_runs(session=session):
+                created = f"{run.created_at:%Y-%m-%d %H:%M}"
+                print(f"{run.id}  {run.name:30} {run.status.value:12} total={run.total}  {created}")
+    elif args.action == "export":
+        results, errors, n_ok, n_err = runs.export_run(args.target, Path(args.out))
+        print(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
+    elif args.action == "cancel":
+        print(f"cancelled {runs.cancel(args.target)} queued turn(s); finished results kept")
+    elif args.action == "retry-failed":
+        print(f"re-sent {runs.retry_failed(args.target)} failed turn(s)")
+    return 0
+
+
+def _run_progress(ref: str, *, watch: bool) -> int:
+    import time
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from db.models import RunStatus
+    from tasks.runs import run_state
+
+    state = run_state(ref)
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=not watch) as bar:
+        task = bar.add_task(state.name, total=state.counts.total or None, rate="")
+        started, start_done = time.monotonic(), state.counts.finished
+        while True:
+            c = state.counts
+            rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
+            bar.update(
+                task,
+                completed=c.finished,
+                rate=f"{rate:.1f} turns/s",
+                description=f"{state.name} [{state.status.value}] ok={c.completed} failed={c.failed}",
+            )
+            done = state.status in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
+            if not watch or done:
+                break
+            time.sleep(1.0)
+            state = run_state(ref)
+    c = state.counts
+    print(
+        f"{state.id} {state.status.value} total={c.total} completed={c.completed} failed={c.failed} "
+        f"cancelled={c.cancelled} queued={c.queued} running={c.running}"
+    )
+    if state.error:
+        print(state.error)
+    return 0
+
+
 def _chat(args: argparse.Namespace) -> int:
     """Like the original `python -m handler --persona … --message …`, through the real pipeline."""
     from scripts.render import render_turn
@@ -96,6 +183,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("worker", help="run a batched GPU worker for MLCHAT_MODEL")
     p.add_argument("celery_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=_worker)
+
+    p = sub.add_parser("api", help="serve the HTTP ingest (needs MLCHAT_API_KEYS)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=_api)
+
+    p = sub.add_parser("run", help="bulk NPC dialogue runs from a JSONL file")
+    p.add_argument("action", choices=["submit", "status", "list", "export", "cancel", "retry-failed"])
+    p.add_argument("target", nargs="?", default="", help="the file (submit) or the run's id or name")
+    p.add_argument(
+        "--name", default=None, help="run name (default: the file's stem); resubmitting is a no-op"
+    )
+    p.add_argument("--skip-bad-lines", action="store_true", help="enqueue the good lines, report the bad")
+    p.add_argument("--watch", action="store_true", help="status: follow until the run finishes")
+    p.add_argument("--out", default="exports", help="export: output folder")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("chat", help="send one message to a character and print prompt, reply, timings")
     p.add_argument("--character", required=True, help="character slug, e.g. luffy")

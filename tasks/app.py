@@ -15,7 +15,11 @@ app.conf.update(
     task_acks_late=True,
     # One message per batch slot: the solo worker prefetches exactly what the next batch can take.
     worker_prefetch_multiplier=settings.batch_size,
-    broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+    # "priority": poll the worker's queues in the order given (live before bulk), not round robin.
+    broker_transport_options={
+        "visibility_timeout": settings.visibility_timeout,
+        "queue_order_strategy": "priority",
+    },
     broker_connection_retry_on_startup=True,
     task_default_queue=settings.queue,
     worker_hijack_root_logger=False,

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery_batches import Batches
 
-from core.settings import queue_for_model, settings
+from core.settings import Lane, queue_for_model, settings
 from tasks.app import app
 
 logger = logging.getLogger(__name__)
@@ -32,18 +32,22 @@ def generate_turns(requests: list[Any]) -> None:
     turn_ids = list(dict.fromkeys(uuid.UUID(r.kwargs["turn_id"]) for r in requests))
     report = process_batch(turn_ids)
     # Re-send before this batch's messages are acked on return, so a crash in between loses nothing.
+    lane_of = {r.kwargs["turn_id"]: r.kwargs.get("lane", "live") for r in requests}
     model = requests[0].kwargs.get("model", settings.model)
-    dispatch(report.retry, model=model, countdown=settings.flush_interval)
-    dispatch(report.deferred, model=model, countdown=settings.flush_interval)
+    for lane in ("live", "bulk"):
+        again = [t for t in [*report.retry, *report.deferred] if lane_of.get(str(t), "live") == lane]
+        dispatch(again, model=model, lane=lane, countdown=settings.flush_interval)
 
 
-def dispatch(turn_ids: Iterable[uuid.UUID], *, model: str, countdown: float | None = None) -> None:
-    """Send one message per turn to its model's queue."""
-    queue = queue_for_model(model)
+def dispatch(
+    turn_ids: Iterable[uuid.UUID], *, model: str, lane: Lane = "live", countdown: float | None = None
+) -> None:
+    """Send one message per turn to its model's queue for that lane."""
+    queue = queue_for_model(model, lane)
     with app.producer_or_acquire() as producer:
         for turn_id in turn_ids:
             generate_turns.apply_async(
-                kwargs={"turn_id": str(turn_id), "model": model},
+                kwargs={"turn_id": str(turn_id), "model": model, "lane": lane},
                 queue=queue,
                 countdown=countdown,
                 producer=producer,

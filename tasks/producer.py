@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.settings import settings
+from core.settings import Lane, settings
 from db.models import Turn, TurnStatus
 from db.session import session_scope
 from db.turns import NewTurn, cancel_turns, create_turns, fail_turns
@@ -61,7 +61,14 @@ def enqueue_turn(request: TurnRequest | dict[str, Any] | None = None, /, **field
     return enqueue_turns([request if request is not None else fields])[0]
 
 
-def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: bool = True) -> list[uuid.UUID]:
+def enqueue_turns(
+    requests: Sequence[TurnRequest | dict[str, Any]],
+    *,
+    send: bool = True,
+    lane: Lane = "live",
+    run_id: uuid.UUID | None = None,
+    custom_ids: Sequence[str] | None = None,
+) -> list[uuid.UUID]:
     """Queue many turns in one transaction and one broker round; returns ids in input order.
 
     Rule for a broker outage: the rows are committed first (so a worker never gets an id it
@@ -85,8 +92,10 @@ def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: boo
                 message=req.message,
                 model=req.model or settings.model,
                 params=req.params.resolved(),
+                run_id=run_id,
+                custom_id=custom_ids[i] if custom_ids else None,
             )
-            for req in parsed
+            for i, req in enumerate(parsed)
         ]
         created = create_turns(session=session, turns=new)
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
@@ -97,7 +106,7 @@ def enqueue_turns(requests: Sequence[TurnRequest | dict[str, Any]], *, send: boo
             fresh.setdefault(turn.model, []).append(turn_id)
     try:
         for model, ids in fresh.items():
-            dispatch(ids, model=model)
+            dispatch(ids, model=model, lane=lane)
     except Exception as exc:
         stranded = [i for ids in fresh.values() for i in ids]
         with session_scope() as session:

@@ -22,6 +22,7 @@ os.environ.setdefault("MLCHAT_MAX_NEW_TOKENS", "24")
 os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
+os.environ["MLCHAT_API_KEYS"] = '["test-key-1", "test-key-2"]'
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -29,7 +30,7 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 import pytest  # noqa: E402
 
 from core import embedded  # noqa: E402
-from core.settings import settings  # noqa: E402
+from core.settings import queue_for_model, settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +64,25 @@ def engine(world: None):  # type: ignore[no-untyped-def]
 
     check_and_warm_up(load_engine=True)
     return get_engine()
+
+
+@pytest.fixture(scope="session")
+def celery_worker(engine):  # type: ignore[no-untyped-def]
+    """A real Celery worker on the real broker, in this process so it shares the session's engine."""
+    from celery.contrib.testing.worker import start_worker
+
+    from tasks.app import app
+
+    with start_worker(
+        app,
+        pool="solo",
+        concurrency=1,
+        perform_ping_check=False,
+        queues=[queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")],
+        loglevel="WARNING",
+        shutdown_timeout=60,
+    ) as worker:
+        yield worker
 
 
 @pytest.fixture(scope="session")

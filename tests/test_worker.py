@@ -1,34 +1,12 @@
 """End to end through the queue: producer → Redis → batched Celery worker (solo pool) → PostgreSQL."""
 
-from collections.abc import Iterator
-
 import numpy as np
-import pytest
-from celery.contrib.testing.worker import start_worker
 from sqlalchemy import select
 
-from core.settings import settings
 from db.models import Message, TurnStatus
 from db.session import session_scope
 from tasks.producer import enqueue_turns, wait_for_reply
 from tests.conftest import new_conversation
-
-
-@pytest.fixture(scope="module")
-def celery_worker(engine) -> Iterator[object]:
-    """A real worker on the real broker, in this process so it shares the session's engine."""
-    from tasks.app import app
-
-    with start_worker(
-        app,
-        pool="solo",
-        concurrency=1,
-        perform_ping_check=False,
-        queues=[settings.queue],
-        loglevel="WARNING",
-        shutdown_timeout=60,
-    ) as worker:
-        yield worker
 
 
 def test_turns_go_through_the_queue_in_batches(celery_worker) -> None:

@@ -7,7 +7,7 @@ import sys
 from celery.signals import worker_init
 
 from core.logging import configure_logging
-from core.settings import settings
+from core.settings import queue_for_model, settings
 
 
 @worker_init.connect
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     args = [
         "worker",
         "--pool=solo",  # vLLM spawns its engine process; prefork children are daemonic and cannot
-        f"--queues={settings.queue}",
+        f"--queues={settings.queue},{queue_for_model(settings.model, 'bulk')}",
         f"--prefetch-multiplier={settings.batch_size}",
         f"--hostname=mlchat-{settings.model}@%h",
         "--loglevel=INFO",

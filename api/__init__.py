@@ -1,0 +1,1 @@
+"""HTTP ingest for game backends in any language: a thin FastAPI layer over tasks.producer."""

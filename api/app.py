@@ -1,0 +1,114 @@
+"""The HTTP ingest app: POST/GET/DELETE turns, batch submit, health; OpenAPI at /openapi.json.
+
+Run with `uvicorn api.app:create_app --factory` (or `mlchat api`).
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, HTTPException, status
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, Field
+from sqlalchemy import text
+
+from api.auth import require_api_key
+from api.body_limit import BodySizeLimit
+from core.settings import settings
+from db.turns import IdempotencyConflict
+from tasks import producer
+from tasks.producer import EnqueueError, TurnView
+from tasks.schemas import TurnRequest
+
+
+class TurnAccepted(BaseModel):
+    id: uuid.UUID
+    status: str
+
+
+class BatchRequest(BaseModel):
+    turns: list[TurnRequest] = Field(min_length=1, max_length=1000)
+
+
+class BatchAccepted(BaseModel):
+    ids: list[uuid.UUID]
+
+
+class Cancelled(BaseModel):
+    id: uuid.UUID
+    cancelled: bool
+    status: str
+
+
+def _enqueue(requests: list[TurnRequest]) -> list[uuid.UUID]:
+    try:
+        return producer.enqueue_turns(requests)
+    except IdempotencyConflict as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
+    except EnqueueError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
+    except ValueError as exc:  # unknown character, conversation or model
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+
+
+def create_app() -> FastAPI:
+    """Build the app; refuses to start with no API keys configured."""
+    if not settings.api_keys:
+        raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
+    app = FastAPI(title="mlchat", version="0.1.0", summary="In-character replies for game NPCs, in batches")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.api_max_body_bytes)
+    authed = [Depends(require_api_key)]
+
+    @app.post("/v1/turns", status_code=202, dependencies=authed, response_model=TurnAccepted)
+    async def post_turn(
+        body: TurnRequest, idempotency_key: str | None = Header(default=None, max_length=200)
+    ) -> TurnAccepted:
+        """Queue one turn; `Idempotency-Key` (header or body field) makes retries safe."""
+        if idempotency_key and not body.idempotency_key:
+            body = body.model_copy(update={"idempotency_key": idempotency_key})
+        (turn_id,) = await run_in_threadpool(_enqueue, [body])
+        return TurnAccepted(id=turn_id, status="queued")
+
+    @app.post("/v1/turns:batch", status_code=202, dependencies=authed, response_model=BatchAccepted)
+    async def post_batch(body: BatchRequest) -> BatchAccepted:
+        """Queue many turns at once, all or none; ids come back in request order."""
+        return BatchAccepted(ids=await run_in_threadpool(_enqueue, body.turns))
+
+    @app.get("/v1/turns/{turn_id}", dependencies=authed, response_model=TurnView)
+    async def get_turn(turn_id: uuid.UUID) -> Any:
+        """Status, reply, usage, timings and the prompt's context manifest."""
+        view = await run_in_threadpool(producer.get_turn, turn_id)
+        if view is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
+        return view
+
+    @app.delete("/v1/turns/{turn_id}", dependencies=authed, response_model=Cancelled)
+    async def cancel_turn(turn_id: uuid.UUID) -> Cancelled:
+        """Cancel a queued turn; a running or finished one is left as it is."""
+        cancelled = await run_in_threadpool(producer.cancel_turn, turn_id)
+        view = await run_in_threadpool(producer.get_turn, turn_id)
+        if view is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
+        return Cancelled(id=turn_id, cancelled=cancelled, status=view.status.value)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness and readiness: the database and the broker both answer."""
+        return await run_in_threadpool(_health)
+
+    return app
+
+
+def _health() -> dict[str, str]:
+    from db.session import get_engine
+    from tasks.app import app as celery_app
+
+    try:
+        with get_engine().connect() as conn:
+            conn.execute(text("SELECT 1"))
+        with celery_app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"unhealthy: {exc}") from exc
+    return {"status": "ok"}

@@ -1,0 +1,131 @@
+"""The HTTP ingest, served by a real uvicorn on loopback, called with a real HTTP client."""
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+
+from api.app import create_app
+from db.models import Turn, TurnStatus
+from db.session import session_scope
+from tests.conftest import new_conversation
+
+KEY = {"X-API-Key": "test-key-1"}
+
+
+@pytest.fixture(scope="module")
+def base_url(world) -> Iterator[str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _turn_count() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Turn))
+
+
+@pytest.mark.parametrize("headers", [{}, {"X-API-Key": "wrong"}, {"Authorization": "Bearer nope"}])
+def test_requests_without_a_valid_key_get_401_and_touch_nothing(base_url, headers) -> None:
+    before = _turn_count()
+    r = httpx.post(f"{base_url}/v1/turns", json=new_conversation() | {"message": "hi"}, headers=headers)
+    assert r.status_code == 401
+    assert (
+        httpx.get(f"{base_url}/v1/turns/00000000-0000-0000-0000-000000000000", headers=headers).status_code
+        == 401
+    )
+    assert _turn_count() == before
+
+
+def test_health_and_openapi_are_published(base_url) -> None:
+    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok"}
+    paths = httpx.get(f"{base_url}/openapi.json").json()["paths"]
+    assert {"/v1/turns", "/v1/turns:batch", "/v1/turns/{turn_id}", "/healthz"} <= set(paths)
+
+
+def test_bad_requests_get_clear_errors(base_url) -> None:
+    r = httpx.post(f"{base_url}/v1/turns", json=new_conversation() | {"message": ""}, headers=KEY)
+    assert r.status_code == 422 and "message is empty" in r.text
+    r = httpx.post(f"{base_url}/v1/turns", json=new_conversation("nobody") | {"message": "hi"}, headers=KEY)
+    assert r.status_code == 422 and "unknown character 'nobody'" in r.text
+    r = httpx.post(
+        f"{base_url}/v1/turns", json=new_conversation() | {"message": "hi", "role": "system"}, headers=KEY
+    )
+    assert r.status_code == 422 and "role" in r.text  # no way to smuggle a role in
+    r = httpx.post(
+        f"{base_url}/v1/turns",
+        content=b"{" + b" " * 1_100_000 + b"}",
+        headers=KEY | {"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+    key = {"Idempotency-Key": "http-" + new_conversation()["conversation"]}
+    conv = new_conversation()
+    assert (
+        httpx.post(f"{base_url}/v1/turns", json=conv | {"message": "one"}, headers=KEY | key).status_code
+        == 202
+    )
+    r = httpx.post(f"{base_url}/v1/turns", json=conv | {"message": "two"}, headers=KEY | key)
+    assert r.status_code == 409
+
+
+def test_submit_poll_reply_and_cancel_over_http(base_url, celery_worker) -> None:
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    key = {"Idempotency-Key": "http-" + conv["conversation"]}
+    first = httpx.post(
+        f"{base_url}/v1/turns", json=conv | {"message": "Any news from the north road?"}, headers=KEY | key
+    )
+    assert first.status_code == 202
+    retried = httpx.post(
+        f"{base_url}/v1/turns", json=conv | {"message": "Any news from the north road?"}, headers=KEY | key
+    )
+    assert retried.json()["id"] == first.json()["id"]
+    batch = httpx.post(
+        f"{base_url}/v1/turns:batch",
+        headers=KEY,
+        json={
+            "turns": [
+                new_conversation("luffy") | {"message": "선장, 배고파?"},
+                new_conversation("haneul") | {"message": "이 책 빌릴 수 있나요?"},
+            ]
+        },
+    )
+    assert batch.status_code == 202 and len(batch.json()["ids"]) == 2
+    turn_id = first.json()["id"]
+    deadline = time.monotonic() + 240
+    while True:
+        body = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=KEY).json()
+        if body["status"] in ("done", "failed") or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert body["status"] == "done", body
+    assert body["reply"] and body["usage"]["completion_tokens"] > 0 and body["timings"]["generate_ms"] > 0
+    r = httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers=KEY)
+    assert r.json() == {"id": turn_id, "cancelled": False, "status": "done"}
+    assert (
+        httpx.get(f"{base_url}/v1/turns/{'0' * 8}-0000-0000-0000-{'0' * 12}", headers=KEY).status_code == 404
+    )
+
+
+def test_cancel_a_queued_turn_over_http(base_url) -> None:
+    from tasks.producer import enqueue_turns
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "wait"}], send=False)
+    r = httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers={"Authorization": "Bearer test-key-2"})
+    assert r.json()["cancelled"] is True
+    with session_scope() as s:
+        assert s.get(Turn, turn_id).status == TurnStatus.CANCELLED

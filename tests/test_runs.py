@@ -1,0 +1,141 @@
+"""Bulk runs: whole-file validation, submit → progress → export on the real worker, cancel, priority."""
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.settings import PROJECT_ROOT
+from db.models import Run, RunStatus, Turn, TurnStatus
+from db.session import session_scope
+from scripts.cli import main as cli
+from tasks.producer import enqueue_turns, wait_for_reply
+from tasks.runs import RunValidationError, export_run, run_state, submit_run
+from tests.conftest import new_conversation
+
+SAMPLE = PROJECT_ROOT / "data" / "sample_run_2000.jsonl"
+
+
+def _slice(tmp_path: Path, n: int, name: str) -> Path:
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:n]
+    path = tmp_path / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def _turns() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Turn))
+
+
+def _wait_until_finished(ref: str, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while True:
+        state = run_state(ref)
+        if state.status in (RunStatus.COMPLETED, RunStatus.CANCELLED) or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+BAD_FILE = "\n".join(
+    [
+        '{"custom_id": "a", "character": "elara", "message": "Hello"}',
+        "{not json",
+        '{"custom_id": "b", "character": "elara", "message": 42}',
+        '{"character": "elara", "message": "no id"}',
+        '{"custom_id": "a", "character": "elara", "message": "dup"}',
+        '{"custom_id": "c", "character": "elara", "message": ""}',
+        '{"custom_id": "d", "character": "elara", "message": "hi", "colour": "red"}',
+        '{"custom_id": "e", "message": "who am I talking to?"}',
+        '["a", "list"]',
+        '{"custom_id": "f", "character": "elara", "message": "ok", "params": {"temperature": 9}}',
+    ]
+)
+
+
+def test_every_bad_line_is_reported_before_anything_is_enqueued(world, tmp_path) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(BAD_FILE + "\n", encoding="utf-8")
+    before = _turns()
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="bad-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert "not valid JSON" in reasons[2]
+    assert "message" in reasons[3] and "custom_id" in reasons[4]
+    assert "duplicate custom_id 'a'" in reasons[5] and "message is empty" in reasons[6]
+    assert "colour" in reasons[7] and "must name a character" in reasons[8]
+    assert "JSON object" in reasons[9] and "temperature" in reasons[10]
+    assert _turns() == before
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == "bad-" + tmp_path.name)).one()
+        assert run.status == RunStatus.FAILED and "9 bad line(s)" in run.error
+
+
+def test_skip_bad_lines_enqueues_the_good_ones(world, tmp_path) -> None:
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(BAD_FILE + "\n", encoding="utf-8")
+    submitted = submit_run(path, name="mixed-" + tmp_path.name, skip_bad_lines=True)
+    assert submitted.enqueued == 1 and len(submitted.skipped_lines) == 9
+
+
+def test_submit_progress_export_and_resubmit(world, celery_worker, tmp_path, capsys) -> None:
+    path = _slice(tmp_path, 24, "npc-lines")
+    name = "npc-lines-" + tmp_path.name
+    assert cli(["run", "submit", str(path), "--name", name]) == 0
+    run_id = capsys.readouterr().out.strip()
+    state = _wait_until_finished(run_id)
+    assert state.status == RunStatus.COMPLETED, state
+    assert (state.counts.total, state.counts.completed, state.counts.failed) == (24, 24, 0)
+
+    assert cli(["run", "status", name]) == 0
+    assert "completed total=24 completed=24 failed=0" in capsys.readouterr().out
+    assert cli(["run", "list"]) == 0 and name in capsys.readouterr().out
+
+    again = submit_run(path, name=name)
+    assert not again.created and again.id == state.id and again.enqueued == 0
+
+    results, errors, n_ok, n_err = export_run(name, tmp_path / "out")
+    rows = [json.loads(line) for line in results.read_text(encoding="utf-8").splitlines()]
+    inputs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["custom_id"] for r in rows] == [i["custom_id"] for i in inputs]  # input order
+    assert [r["seed"] for r in rows] == [i["params"]["seed"] for i in inputs]  # reproducible
+    assert all(r["reply"] and r["usage"]["completion_tokens"] > 0 for r in rows)
+    assert n_ok == 24 and n_err == 0 and errors.read_text() == ""
+
+
+def test_cancel_keeps_finished_results(world, celery_worker, tmp_path, capsys) -> None:
+    path = _slice(tmp_path, 200, "to-cancel")
+    name = "to-cancel-" + tmp_path.name
+    submit_run(path, name=name)
+    assert cli(["run", "cancel", name]) == 0
+    state = _wait_until_finished(name)
+    assert state.status == RunStatus.CANCELLED
+    c = state.counts
+    assert c.queued == 0 and c.running == 0 and c.cancelled > 0
+    assert c.completed + c.failed + c.cancelled == c.total == 200
+    _, errors, n_ok, n_err = export_run(name, tmp_path / "out")
+    assert n_ok == c.completed and n_err == c.cancelled + c.failed
+
+
+def test_a_live_turn_overtakes_a_bulk_backlog(world, celery_worker, tmp_path) -> None:
+    from core.settings import settings
+
+    path = _slice(tmp_path, 120, "backlog")
+    name = "backlog-" + tmp_path.name
+    submit_run(path, name=name)
+    time.sleep(1.0)  # the worker is into the backlog
+    done_before = run_state(name).counts.completed
+    (live,) = enqueue_turns([new_conversation() | {"message": "Quick, the guards are coming!"}])
+    view = wait_for_reply(live, timeout=120)
+    done_during = run_state(name).counts.completed - done_before
+    print(f"bulk turns finished while the live turn waited: {done_during} (batch size {settings.batch_size})")
+    assert view.status == TurnStatus.DONE
+    assert done_during <= 3 * settings.batch_size  # the batch in hand, the prefetched one, at most one more
+    assert run_state(name).counts.queued > 0  # the backlog was still there: the live turn jumped it
+    from tasks.runs import cancel
+
+    cancel(name)
+    _wait_until_finished(name)
