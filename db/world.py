@@ -96,6 +96,20 @@ def append_history_if_empty(
     return len(rows)
 
 
+def upsert_conversations(*, session: Session, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Insert or update many conversations in one statement; returns {external_id: id}."""
+    if not rows:
+        return {}
+    stmt = insert(Conversation).values(list(rows))
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Conversation.external_id],
+        set_={
+            c: stmt.excluded[c] for c in ("character_id", "player_id", "player_name", "story", "story_time")
+        },
+    ).returning(Conversation.external_id, Conversation.id)
+    return dict(session.execute(upsert).tuples().all())
+
+
 def find_conversations(*, session: Session, external_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
     """Conversations by external id: {external_id: (id, character slug)}."""
     rows = session.execute(

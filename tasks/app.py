@@ -24,5 +24,4 @@ app.conf.update(
     task_default_queue=settings.queue,
     worker_hijack_root_logger=False,
     worker_send_task_events=True,
-    task_send_sent_event=True,
 )

@@ -15,7 +15,7 @@ from db.models import Turn, TurnStatus
 from db.session import session_scope
 from db.turns import NewTurn, cancel_turns, create_turns, fail_turns
 from db.turns import get_turn as read_turn
-from db.world import find_characters, find_conversations, upsert_conversation
+from db.world import find_characters, find_conversations, upsert_conversations
 from tasks.schemas import TurnRequest
 
 
@@ -118,10 +118,12 @@ def enqueue_turns(
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dict[str, int]:
+    """Ids of the requests' conversations; new ones are created in one statement."""
     known = find_conversations(session=session, external_ids=[r.conversation for r in requests])
     out: dict[str, int] = {}
     missing = [r for r in requests if r.conversation not in known]
     characters = find_characters(session=session, slugs=[r.character for r in missing if r.character])
+    new_rows: dict[str, dict[str, Any]] = {}
     for req in requests:
         if req.conversation in known:
             conv_id, slug = known[req.conversation]
@@ -131,21 +133,22 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
                 )
             out[req.conversation] = conv_id
             continue
-        if req.conversation in out:
-            continue
         if not req.character:
             raise ValueError(f"unknown conversation {req.conversation!r}; name a character to start it")
         if req.character not in characters:
             raise ValueError(f"unknown character {req.character!r}")
-        out[req.conversation] = upsert_conversation(
-            session=session,
-            external_id=req.conversation,
-            character_id=characters[req.character],
-            player_id=req.player_id,
-            player_name=req.player_name,
-            story=req.story,
-            story_time=req.story_time,
+        new_rows.setdefault(
+            req.conversation,
+            dict(
+                external_id=req.conversation,
+                character_id=characters[req.character],
+                player_id=req.player_id,
+                player_name=req.player_name,
+                story=req.story,
+                story_time=req.story_time,
+            ),
         )
+    out.update(upsert_conversations(session=session, rows=list(new_rows.values())))
     return out
 
 

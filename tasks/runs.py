@@ -106,7 +106,10 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
 
 def validate_file(path: Path) -> tuple[str, int, list[LineError], set[int]]:
     """Check every line; returns (sha256 of the file, good line count, errors, bad line numbers)."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
     seen: set[str] = set()
     errors: list[LineError] = []
     good = 0
@@ -124,7 +127,7 @@ def validate_file(path: Path) -> tuple[str, int, list[LineError], set[int]]:
             continue
         seen.add(line.custom_id)
         good += 1
-    return digest, good, errors, {e.line for e in errors}
+    return digest.hexdigest(), good, errors, {e.line for e in errors}
 
 
 def submit_run(path: Path, *, name: str | None = None, skip_bad_lines: bool = False) -> SubmittedRun:
