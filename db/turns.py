@@ -195,26 +195,20 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
     rows = []
     for o in outcomes:
         seq = next_seq.get(o.conversation_id, 0)
-        rows.append(
-            dict(
-                conversation_id=o.conversation_id,
-                seq=seq + 1,
-                role=Role.USER,
-                content=o.user_message,
-                embedding=o.user_embedding,
-                turn_id=o.turn_id,
+        for offset, role, content, vector in (
+            (1, Role.USER, o.user_message, o.user_embedding),
+            (2, Role.ASSISTANT, o.reply, o.reply_embedding),
+        ):
+            rows.append(
+                dict(
+                    conversation_id=o.conversation_id,
+                    seq=seq + offset,
+                    role=role,
+                    content=content,
+                    embedding=vector,
+                    turn_id=o.turn_id,
+                )
             )
-        )
-        rows.append(
-            dict(
-                conversation_id=o.conversation_id,
-                seq=seq + 2,
-                role=Role.ASSISTANT,
-                content=o.reply,
-                embedding=o.reply_embedding,
-                turn_id=o.turn_id,
-            )
-        )
         next_seq[o.conversation_id] = seq + 2
     stmt = (
         insert(Message)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.orm import Session
 
 from core.settings import settings
 from db.models import Run, RunStatus, TurnStatus
@@ -173,6 +174,13 @@ def _turn_request(line: RunLine, run_name: str, run_id: uuid.UUID) -> TurnReques
     )
 
 
+def _require_run(session: Session, ref: str) -> Run:
+    run = find_run(session=session, ref=ref)
+    if run is None:
+        raise KeyError(f"no run {ref!r}")
+    return run
+
+
 @dataclass(frozen=True)
 class RunState:
     id: uuid.UUID
@@ -185,9 +193,7 @@ class RunState:
 def run_state(ref: str) -> RunState:
     """The run's status (advanced from its turns) and request_counts."""
     with session_scope() as session:
-        run = find_run(session=session, ref=ref)
-        if run is None:
-            raise KeyError(f"no run {ref!r}")
+        run = _require_run(session, ref)
         counts = refresh_status(session=session, run=run)
         return RunState(run.id, run.name, run.status, counts, run.error)
 
@@ -195,9 +201,7 @@ def run_state(ref: str) -> RunState:
 def cancel(ref: str) -> int:
     """Cancel a run's queued turns; finished results are kept."""
     with session_scope() as session:
-        run = find_run(session=session, ref=ref)
-        if run is None:
-            raise KeyError(f"no run {ref!r}")
+        run = _require_run(session, ref)
         n = cancel_run(session=session, run=run)
         refresh_status(session=session, run=run)
         return n
@@ -208,9 +212,7 @@ def retry_failed(ref: str) -> int:
     from tasks.generate import dispatch
 
     with session_scope() as session:
-        run = find_run(session=session, ref=ref)
-        if run is None:
-            raise KeyError(f"no run {ref!r}")
+        run = _require_run(session, ref)
         ids, model = reset_failed(session=session, run=run), run.model
     dispatch(ids, model=model, lane="bulk")
     return len(ids)
@@ -220,9 +222,7 @@ def export_run(ref: str, out_dir: Path) -> tuple[Path, Path, int, int]:
     """Write <name>.results.jsonl (input order, keyed by custom_id) and <name>.errors.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
-        run = find_run(session=session, ref=ref)
-        if run is None:
-            raise KeyError(f"no run {ref!r}")
+        run = _require_run(session, ref)
         results_path = out_dir / f"{run.name}.results.jsonl"
         errors_path = out_dir / f"{run.name}.errors.jsonl"
         n_ok = n_err = 0
