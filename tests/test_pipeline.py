@@ -95,3 +95,27 @@ def test_a_turn_answered_twice_is_stored_once(engine) -> None:
             select(Message).where(Message.turn_id == turn_id, Message.role == Role.ASSISTANT)
         ).all()
     assert len(replies) == 1
+
+
+def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) -> None:
+    from core.settings import settings
+    from worker import engine as engine_module
+
+    def broken(requests):
+        raise RuntimeError("injected engine fault")
+
+    monkeypatch.setattr(engine_module, "generate", broken)
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
+    for attempt in range(1, settings.max_attempts):
+        report = process_batch([turn_id])
+        assert report.retry == [turn_id] and not report.failed
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.QUEUED and view.attempts == attempt and "engine error" in view.error
+    report = process_batch([turn_id])
+    view = get_turn(turn_id)
+    assert list(report.failed) == [turn_id] and view.status == TurnStatus.FAILED
+    assert (
+        "injected engine fault" in view.error
+        and f"gave up after {settings.max_attempts} attempts" in view.error
+    )
+    assert not _messages(turn_id)
