@@ -29,6 +29,24 @@ def _start_worker(log_path: os.PathLike[str]) -> subprocess.Popen[bytes]:
     )
 
 
+def _wait_until_ready(proc: subprocess.Popen[bytes], log_path: os.PathLike[str]) -> float:
+    """Block until the worker answers a Celery ping (it loads vLLM first); returns seconds waited."""
+    from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+
+    from tasks.app import app
+
+    def ping() -> list[dict[str, object]]:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the worker exited with {proc.returncode}; see {log_path}")
+        return app.control.ping(timeout=1.0)
+
+    started = time.monotonic()
+    Retrying(
+        stop=stop_after_delay(600), wait=wait_fixed(1), retry=retry_if_result(lambda replies: not replies)
+    )(ping)
+    return time.monotonic() - started
+
+
 def _stop_worker(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)  # Celery's warm shutdown: finish the batch in hand
@@ -61,6 +79,7 @@ def main() -> int:
     print(f"· worker started (pid {worker.pid}, log {worker_log}); loading vLLM takes a minute on a CPU")
     ok = True
     try:
+        print(f"· worker ready after {_wait_until_ready(worker, worker_log):.0f} s")
         lines = (PROJECT_ROOT / "data" / "sample_requests.jsonl").read_text(encoding="utf-8").splitlines()
         requests = [json.loads(line) for line in lines if line.strip()]
         nonce = time.strftime("%Y%m%dT%H%M%S")

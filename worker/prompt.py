@@ -87,6 +87,7 @@ class PromptBuilder:
             getattr(tokenizer, "get_added_vocab", dict)().keys()
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
+        self._persona_tokens: dict[str, int] = {}  # personas repeat across turns; count each once
 
     def defang(self, text: str) -> str:
         """Break special-token strings in user-supplied text so they tokenize as plain text:
@@ -95,6 +96,11 @@ class PromptBuilder:
             if token in text:
                 text = text.replace(token, token[0] + "\u200b" + token[1:])
         return text
+
+    def _persona_token_count(self, persona: str) -> int:
+        if persona not in self._persona_tokens:
+            self._persona_tokens[persona] = len(self.tokenizer(persona, add_special_tokens=False)["input_ids"])
+        return self._persona_tokens[persona]
 
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -154,7 +160,7 @@ class PromptBuilder:
         manifest = {
             "budget_tokens": budget,
             "prompt_tokens": len(ids),
-            "persona_tokens": len(self.tokenizer(persona, add_special_tokens=False)["input_ids"]),
+            "persona_tokens": self._persona_token_count(persona),
             "events": [{"id": e.id, "score": round(e.score, 4)} for e in events],
             "memories": [{"id": m.id, "score": round(m.score or 0.0, 4)} for m in memories],
             "history": [h.id for h in history],
