@@ -99,7 +99,9 @@ class PromptBuilder:
 
     def _persona_token_count(self, persona: str) -> int:
         if persona not in self._persona_tokens:
-            self._persona_tokens[persona] = len(self.tokenizer(persona, add_special_tokens=False)["input_ids"])
+            self._persona_tokens[persona] = len(
+                self.tokenizer(persona, add_special_tokens=False)["input_ids"]
+            )
         return self._persona_tokens[persona]
 
     def _count(self, texts: list[str]) -> list[int]:
