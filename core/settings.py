@@ -62,6 +62,7 @@ class Settings(BaseSettings):
     flush_interval: float = Field(default=0.5, gt=0)
     visibility_timeout: int = Field(default=3600, ge=10)
     max_attempts: int = Field(default=3, ge=1)
+    batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
 
     # Retrieval and prompt packing.
     rag_history_k: int = Field(default=4, ge=0)

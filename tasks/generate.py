@@ -30,13 +30,30 @@ def generate_turns(requests: list[Any]) -> None:
     from worker.pipeline import process_batch  # the engine lives on worker machines only
 
     turn_ids = list(dict.fromkeys(uuid.UUID(r.kwargs["turn_id"]) for r in requests))
-    report = process_batch(turn_ids)
-    # Re-send before this batch's messages are acked on return, so a crash in between loses nothing.
     lane_of = {r.kwargs["turn_id"]: r.kwargs.get("lane", "live") for r in requests}
     model = requests[0].kwargs.get("model", settings.model)
+    try:
+        report = process_batch(turn_ids)
+    except Exception:
+        # celery-batches acks every message of a batch even when the task raises, so a batch that
+        # dies mid-way (the database dropped, say) must hand its turns back itself. Claiming is
+        # idempotent: turns already stored are skipped when they come round again.
+        logger.exception(
+            "batch of %d turns failed; sending them again in %.1f s",
+            len(turn_ids),
+            settings.batch_retry_delay,
+        )
+        again, countdown = turn_ids, settings.batch_retry_delay
+    else:
+        again, countdown = [*report.retry, *report.deferred], settings.flush_interval
+    # Re-send before this batch's messages are acked on return, so a crash in between loses nothing.
     for lane in ("live", "bulk"):
-        again = [t for t in [*report.retry, *report.deferred] if lane_of.get(str(t), "live") == lane]
-        dispatch(again, model=model, lane=lane, countdown=settings.flush_interval)
+        dispatch(
+            [t for t in again if lane_of.get(str(t), "live") == lane],
+            model=model,
+            lane=lane,
+            countdown=countdown,
+        )
 
 
 def dispatch(

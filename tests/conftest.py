@@ -20,6 +20,7 @@ os.environ.setdefault("MLCHAT_BATCH_SIZE", "8")
 os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.2")
 os.environ.setdefault("MLCHAT_MAX_NEW_TOKENS", "24")
 os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
+os.environ.setdefault("MLCHAT_BATCH_RETRY_DELAY", "0.5")
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 os.environ["MLCHAT_API_KEYS"] = '["test-key-1", "test-key-2"]'

@@ -37,3 +37,22 @@ def test_a_conversations_turns_are_answered_in_order(celery_worker) -> None:
     # The second turn waited for the first, so the first exchange is in its prompt.
     assert a.message in b.prompt and a.reply in b.prompt
     assert b.created_at >= a.created_at and b.finished_at > a.finished_at
+
+
+def test_a_batch_that_raises_hands_its_turns_back(celery_worker, monkeypatch) -> None:
+    import worker.pipeline
+
+    real = worker.pipeline.process_batch
+    calls = []
+
+    def fails_once(turn_ids):
+        calls.append(list(turn_ids))
+        if len(calls) == 1:
+            raise ConnectionError("injected: database went away mid-batch")
+        return real(turn_ids)
+
+    monkeypatch.setattr(worker.pipeline, "process_batch", fails_once)
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Still there?"}])
+    view = wait_for_reply(turn_id, timeout=120)
+    assert view.status == TurnStatus.DONE and view.reply
+    assert len(calls) >= 2 and turn_id in calls[0] and turn_id in calls[-1]
