@@ -72,14 +72,14 @@ def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
         .tuples()
         .all()
     )
-    get = lambda s: int(by_status.get(s, 0))  # noqa: E731
+    n = {status: int(by_status.get(status, 0)) for status in TurnStatus}
     return RunCounts(
-        total=sum(int(v) for v in by_status.values()),
-        queued=get(TurnStatus.QUEUED),
-        running=get(TurnStatus.RUNNING),
-        completed=get(TurnStatus.DONE),
-        failed=get(TurnStatus.FAILED),
-        cancelled=get(TurnStatus.CANCELLED),
+        total=sum(n.values()),
+        queued=n[TurnStatus.QUEUED],
+        running=n[TurnStatus.RUNNING],
+        completed=n[TurnStatus.DONE],
+        failed=n[TurnStatus.FAILED],
+        cancelled=n[TurnStatus.CANCELLED],
     )
 
 

@@ -253,12 +253,21 @@ def fail_turns(
     """Mark turns failed with their reason (the dead-letter state); finished turns are left alone."""
     if not errors:
         return
-    for turn_id, reason in errors.items():
-        session.execute(
-            update(Turn)
-            .where(Turn.id == turn_id, Turn.status.in_(UNFINISHED))
-            .values(status=TurnStatus.FAILED, error=reason[:2000], timings=timings, finished_at=func.now())
-        )
+    finished_at = datetime.now(UTC)
+    session.execute(
+        update(Turn).where(Turn.status.in_(UNFINISHED)),
+        [
+            dict(
+                id=turn_id,
+                status=TurnStatus.FAILED,
+                error=reason[:2000],
+                timings=timings,
+                finished_at=finished_at,
+            )
+            for turn_id, reason in errors.items()
+        ],
+        execution_options={"synchronize_session": None},  # the extra WHERE keeps finished turns as they are
+    )
 
 
 def requeue_turns(*, session: Session, turn_ids: Iterable[uuid.UUID], reason: str) -> None:
@@ -287,14 +296,3 @@ def cancel_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uui
 def get_turn(*, session: Session, turn_id: uuid.UUID) -> Turn | None:
     """The turn row, or None."""
     return session.get(Turn, turn_id)
-
-
-def queued_turns_for_model(*, session: Session, model: str) -> list[uuid.UUID]:
-    """Ids of queued turns for a model, oldest first (used to resend after a broker loss)."""
-    return list(
-        session.scalars(
-            select(Turn.id)
-            .where(and_(Turn.model == model, Turn.status == TurnStatus.QUEUED))
-            .order_by(Turn.number)
-        ).all()
-    )

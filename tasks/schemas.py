@@ -78,7 +78,10 @@ class TurnRequest(BaseModel):
     model: str | None = Field(default=None, max_length=64)
     params: GenerationParams = Field(default_factory=GenerationParams)
 
-    _check_message = field_validator("message")(classmethod(lambda cls, v: check_message(v)))
+    @field_validator("message")
+    @classmethod
+    def _message_is_answerable(cls, value: str) -> str:
+        return check_message(value)
 
     def request_hash(self) -> str:
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
