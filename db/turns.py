@@ -70,24 +70,33 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[tuple[uu
     stmt = (
         insert(Turn)
         .on_conflict_do_nothing(index_elements=[Turn.idempotency_key])
-        .returning(Turn.idempotency_key)
+        .returning(Turn.idempotency_key, Turn.id)
     )
-    created = set(session.scalars(stmt, rows).all())
-    keys = [t.idempotency_key for t in turns]
-    known = {
-        key: (request_hash, turn_id)
-        for key, request_hash, turn_id in session.execute(
-            select(Turn.idempotency_key, Turn.request_hash, Turn.id).where(Turn.idempotency_key.in_(keys))
-        ).tuples()
-    }
+    created: dict[str, uuid.UUID] = dict(session.execute(stmt, rows).tuples().all())
+    repeated = {t.idempotency_key for t in turns} - created.keys()
+    known = (
+        {
+            key: (request_hash, turn_id)
+            for key, request_hash, turn_id in session.execute(
+                select(Turn.idempotency_key, Turn.request_hash, Turn.id).where(
+                    Turn.idempotency_key.in_(repeated)
+                )
+            ).tuples()
+        }
+        if repeated
+        else {}
+    )
     out = []
     for t in turns:
+        if t.idempotency_key in created:
+            out.append((created[t.idempotency_key], True))
+            continue
         request_hash, turn_id = known[t.idempotency_key]
-        if t.idempotency_key not in created and request_hash != t.request_hash:
+        if request_hash != t.request_hash:
             raise IdempotencyConflict(
                 f"idempotency key {t.idempotency_key!r} was already used for a different request"
             )
-        out.append((turn_id, t.idempotency_key in created))
+        out.append((turn_id, False))
     return out
 
 

@@ -124,3 +124,8 @@ def find_characters(*, session: Session, slugs: Sequence[str]) -> dict[str, int]
     """Character ids by slug."""
     rows = session.execute(select(Character.slug, Character.id).where(Character.slug.in_(list(set(slugs)))))
     return dict(rows.tuples().all())
+
+
+def all_character_slugs(*, session: Session) -> list[str]:
+    """Every character's slug."""
+    return list(session.scalars(select(Character.slug)).all())

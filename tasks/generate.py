@@ -1,20 +1,29 @@
-"""The batched generation task: celery-batches buffers turn messages and hands them over as one list."""
+"""The batched generation task: celery-batches buffers turn messages and hands them over as one list.
+
+A live message carries one turn id; a bulk message carries up to a batch of them, so a 100,000-line
+run is ~100,000 / batch_size messages. The task answers what it was handed in chunks of
+`batch_size` turns and, between chunks, hands the rest back to the queue if a live turn is waiting,
+so a live turn waits at most for the chunk in hand.
+"""
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from celery_batches import Batches
 
 from core.settings import Lane, queue_for_model, settings
 from tasks.app import app
+from tasks.queues import queue_depth
 
 logger = logging.getLogger(__name__)
 
 TASK_NAME = "mlchat.generate_turns"
+
+Pending = tuple[uuid.UUID, Lane]
 
 
 @app.task(
@@ -26,45 +35,62 @@ TASK_NAME = "mlchat.generate_turns"
     ignore_result=True,
 )
 def generate_turns(requests: list[Any]) -> None:
-    """Answer a batch of turns. Messages carry only turn ids; the turn rows hold everything else."""
+    """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
     from worker.pipeline import process_batch  # the engine lives on worker machines only
 
-    turn_ids = list(dict.fromkeys(uuid.UUID(r.kwargs["turn_id"]) for r in requests))
-    lane_of = {r.kwargs["turn_id"]: r.kwargs.get("lane", "live") for r in requests}
     model = requests[0].kwargs.get("model", settings.model)
-    try:
-        report = process_batch(turn_ids)
-    except Exception:
-        # celery-batches acks every message of a batch even when the task raises, so a batch that
-        # dies mid-way (the database dropped, say) must hand its turns back itself. Claiming is
-        # idempotent: turns already stored are skipped when they come round again.
-        logger.exception(
-            "batch of %d turns failed; sending them again in %.1f s",
-            len(turn_ids),
-            settings.batch_retry_delay,
-        )
-        again, countdown = turn_ids, settings.batch_retry_delay
-    else:
-        again, countdown = [*report.retry, *report.deferred], settings.flush_interval
-    # Re-send before this batch's messages are acked on return, so a crash in between loses nothing.
-    for lane in ("live", "bulk"):
-        dispatch(
-            [t for t in again if lane_of.get(str(t), "live") == lane],
-            model=model,
-            lane=lane,
-            countdown=countdown,
-        )
+    pending = _pending_turns(requests)
+    resend: list[tuple[list[Pending], float | None]] = []
+    for start in range(0, len(pending), settings.batch_size):
+        chunk, rest = pending[start : start + settings.batch_size], pending[start:]
+        if start and queue_depth(model, "live"):
+            resend.append((rest, None))
+            break
+        lane_of = dict(chunk)
+        try:
+            report = process_batch([turn_id for turn_id, _ in chunk])
+        except Exception:
+            # celery-batches acks every message of a flush even when the task raises, so a batch
+            # that dies mid-way (the database dropped, say) hands its turns back itself. Claiming is
+            # idempotent: turns already stored are skipped when they come round again.
+            logger.exception(
+                "batch of %d turns failed; sending %d turns again in %.1f s",
+                len(chunk),
+                len(rest),
+                settings.batch_retry_delay,
+            )
+            resend.append((rest, settings.batch_retry_delay))
+            break
+        again = [*report.retry, *report.deferred]
+        resend.append(([(t, lane_of[t]) for t in again], settings.flush_interval))
+    # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
+    for turns, countdown in resend:
+        for lane in ("live", "bulk"):
+            ids = [t for t, t_lane in turns if t_lane == lane]
+            dispatch(ids, model=model, lane=lane, countdown=countdown)
+
+
+def _pending_turns(requests: Sequence[Any]) -> list[Pending]:
+    """Every turn id of the flush, once, live lane first, otherwise in arrival order."""
+    seen: dict[uuid.UUID, Lane] = {}
+    for request in requests:
+        lane = request.kwargs.get("lane", "live")
+        for turn_id in request.kwargs["turn_ids"]:
+            seen.setdefault(uuid.UUID(turn_id), lane)
+    return sorted(seen.items(), key=lambda item: item[1] != "live")
 
 
 def dispatch(
     turn_ids: Iterable[uuid.UUID], *, model: str, lane: Lane = "live", countdown: float | None = None
 ) -> None:
-    """Send one message per turn to its model's queue for that lane."""
+    """Send turns to their model's queue for that lane: one per live message, a batch per bulk one."""
+    ids = [str(turn_id) for turn_id in turn_ids]
+    per_message = 1 if lane == "live" else settings.batch_size
     queue = queue_for_model(model, lane)
     with app.producer_or_acquire() as producer:
-        for turn_id in turn_ids:
+        for start in range(0, len(ids), per_message):
             generate_turns.apply_async(
-                kwargs={"turn_id": str(turn_id), "model": model, "lane": lane},
+                kwargs={"turn_ids": ids[start : start + per_message], "model": model, "lane": lane},
                 queue=queue,
                 countdown=countdown,
                 producer=producer,

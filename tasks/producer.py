@@ -75,8 +75,6 @@ def enqueue_turns(
     cannot read), then sent; if sending fails, the new turns are marked failed with the reason and
     EnqueueError is raised, so no turn stays queued with no message behind it.
     """
-    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
-
     parsed = [_as_request(r) for r in requests]
     for req in parsed:
         model = req.model or settings.model
@@ -104,6 +102,14 @@ def enqueue_turns(
     for (turn_id, is_new), turn in zip(created, new, strict=True):
         if is_new:
             fresh.setdefault(turn.model, []).append(turn_id)
+    send_new_turns(fresh, lane=lane)
+    return [turn_id for turn_id, _ in created]
+
+
+def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
+    """Send committed new turns ({model: ids}); on a broker failure mark them failed, raise EnqueueError."""
+    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
+
     try:
         for model, ids in fresh.items():
             dispatch(ids, model=model, lane=lane)
@@ -114,7 +120,6 @@ def enqueue_turns(
         raise EnqueueError(
             f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
         ) from exc
-    return [turn_id for turn_id, _ in created]
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dict[str, int]:
@@ -122,7 +127,8 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
     known = find_conversations(session=session, external_ids=[r.conversation for r in requests])
     out: dict[str, int] = {}
     missing = [r for r in requests if r.conversation not in known]
-    characters = find_characters(session=session, slugs=[r.character for r in missing if r.character])
+    slugs = [r.character for r in missing if r.character]
+    characters = find_characters(session=session, slugs=slugs) if slugs else {}
     new_rows: dict[str, dict[str, Any]] = {}
     for req in requests:
         if req.conversation in known:

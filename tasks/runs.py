@@ -6,8 +6,9 @@ import hashlib
 import json
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
-from itertools import islice
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.orm import Session
 
 from core.settings import settings
+from db.bulk_turns import StagedTurn, insert_run_turns
 from db.models import Run, RunStatus, TurnStatus
 from db.runs import (
     RunCounts,
@@ -26,10 +28,11 @@ from db.runs import (
     reset_failed,
 )
 from db.session import session_scope
-from tasks.producer import enqueue_turns
-from tasks.schemas import GenerationParams, TurnRequest, check_message
+from db.world import all_character_slugs, find_conversations
+from tasks.producer import send_new_turns
+from tasks.schemas import GenerationParams, check_message
 
-CHUNK = 1000
+CHUNK = 5000  # lines per transaction and COPY
 
 
 class RunLine(BaseModel):
@@ -105,15 +108,36 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
                 yield number, text
 
 
-def validate_file(path: Path) -> tuple[str, int, list[LineError], set[int]]:
-    """Check every line; returns (sha256 of the file, good line count, errors, bad line numbers)."""
+@dataclass(frozen=True)
+class FileCheck:
+    """The outcome of validating a whole run file."""
+
+    digest: str  # sha256 of the file
+    good: int
+    errors: list[LineError]
+
+    @property
+    def bad_lines(self) -> set[int]:
+        return {e.line for e in self.errors}
+
+
+@dataclass
+class _ConversationUse:
+    first_character: str | None  # the character named by the first line that uses the conversation
+    lines: list[tuple[int, str | None]] = field(default_factory=list)
+
+
+def validate_file(path: Path) -> FileCheck:
+    """Check every line, its character and its conversation (against the database) before any enqueue."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
+    with session_scope() as session:
+        characters = set(all_character_slugs(session=session))
     seen: set[str] = set()
     errors: list[LineError] = []
-    good = 0
+    uses: dict[str, _ConversationUse] = {}
     for number, text in _lines(path):
         if text == "\x00not-utf8":
             errors.append(LineError(number, "not valid UTF-8"))
@@ -126,51 +150,105 @@ def validate_file(path: Path) -> tuple[str, int, list[LineError], set[int]]:
         if line.custom_id in seen:
             errors.append(LineError(number, f"duplicate custom_id {line.custom_id!r}"))
             continue
+        if line.character and line.character not in characters:
+            errors.append(LineError(number, f"unknown character {line.character!r}"))
+            continue
         seen.add(line.custom_id)
-        good += 1
-    return digest.hexdigest(), good, errors, {e.line for e in errors}
+        if line.conversation:
+            use = uses.setdefault(line.conversation, _ConversationUse(line.character))
+            use.lines.append((number, line.character))
+    conversation_errors = _conversation_errors(uses)
+    errors.extend(conversation_errors)
+    return FileCheck(
+        digest.hexdigest(), len(seen) - len(conversation_errors), sorted(errors, key=lambda e: e.line)
+    )
+
+
+def _conversation_errors(uses: dict[str, _ConversationUse]) -> list[LineError]:
+    """Lines whose conversation is unknown and not started in the file, or belongs to another character."""
+    existing: dict[str, tuple[int, str]] = {}
+    names = list(uses)
+    with session_scope() as session:
+        for start in range(0, len(names), 10_000):
+            existing |= find_conversations(session=session, external_ids=names[start : start + 10_000])
+    errors = []
+    for name, use in uses.items():
+        owner = existing[name][1] if name in existing else use.first_character
+        for number, character in use.lines:
+            if owner is None:
+                reason = f"unknown conversation {name!r}; its first line must name a character"
+                errors.append(LineError(number, reason))
+            elif character and character != owner:
+                reason = f"conversation {name!r} belongs to character {owner!r}, not {character!r}"
+                errors.append(LineError(number, reason))
+    return errors
 
 
 def submit_run(path: Path, *, name: str | None = None, skip_bad_lines: bool = False) -> SubmittedRun:
     """Validate the whole file, then enqueue it on the bulk lane; the same name and file twice is a no-op."""
     name = name or path.stem
-    digest, good, errors, bad = validate_file(path)
+    check = validate_file(path)
     with session_scope() as session:
         run, created = create_run(
-            session=session, name=name, model=settings.model, file_hash=digest, total=good
+            session=session, name=name, model=settings.model, file_hash=check.digest, total=check.good
         )
         run_id = run.id
         if not created:
-            return SubmittedRun(run_id, name, False, 0, errors if skip_bad_lines else [])
-        if errors and not skip_bad_lines:
+            return SubmittedRun(run_id, name, False, 0, check.errors if skip_bad_lines else [])
+        if check.errors and not skip_bad_lines:
             run.status = RunStatus.FAILED
-            run.error = str(RunValidationError(errors))
-    if errors and not skip_bad_lines:
-        raise RunValidationError(errors)
+            run.error = str(RunValidationError(check.errors))
+    if check.errors and not skip_bad_lines:
+        raise RunValidationError(check.errors)
 
     enqueued = 0
-    good_lines = (_parse(text, n) for n, text in _lines(path) if n not in bad)
-    while chunk := list(islice(good_lines, CHUNK)):
-        requests = [_turn_request(line, name, run_id) for line in chunk]
-        enqueue_turns(requests, lane="bulk", run_id=run_id, custom_ids=[line.custom_id for line in chunk])
-        enqueued += len(chunk)
+    bad = check.bad_lines
+    good_lines = ((text, RunLine.model_validate_json(text)) for n, text in _lines(path) if n not in bad)
+    # Three stages overlap: this thread parses chunk N+2 while one thread writes chunk N+1 (COPY and
+    # insert; PostgreSQL works meanwhile) and another sends chunk N's messages. At most one chunk
+    # waits at each stage, so memory stays bounded whatever the file's size.
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-writer") as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-sender") as sender,
+    ):
+        write: Future[list[uuid.UUID]] | None = None
+        send: Future[None] | None = None
+        for chunk in chain(iter(lambda: list(islice(good_lines, CHUNK)), []), [None]):
+            staged = [_staged_turn(text, line, name, run_id) for text, line in chunk or []]
+            if write is not None:
+                new_ids = write.result()
+                if send is not None:
+                    send.result()
+                send = sender.submit(send_new_turns, {settings.model: new_ids}, lane="bulk")
+            write = writer.submit(_insert_chunk, run_id, staged) if staged else None
+            enqueued += len(staged)
+        if send is not None:
+            send.result()
     with session_scope() as session:
         queued = session.get(Run, run_id)
         assert queued is not None
         queued.status = RunStatus.QUEUED
-    return SubmittedRun(run_id, name, True, enqueued, errors)
+    return SubmittedRun(run_id, name, True, enqueued, check.errors)
 
 
-def _turn_request(line: RunLine, run_name: str, run_id: uuid.UUID) -> TurnRequest:
-    return TurnRequest(
+def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn]) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return insert_run_turns(session=session, run_id=run_id, turns=staged)
+
+
+def _staged_turn(raw: str, line: RunLine, run_name: str, run_id: uuid.UUID) -> StagedTurn:
+    return StagedTurn(
+        idempotency_key=f"run:{run_id}:{line.custom_id}",
+        request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted
         conversation=line.conversation or f"run:{run_name}:{line.custom_id}",
         character=line.character,
-        message=line.message,
         player_name=line.player_name,
         story=line.story,
         story_time=line.story_time,
-        idempotency_key=f"run:{run_id}:{line.custom_id}",
-        params=line.params,
+        message=line.message,
+        model=settings.model,
+        params=line.params.resolved(),
+        custom_id=line.custom_id,
     )
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import secrets
-import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -42,6 +42,10 @@ class GenerationParams(BaseModel):
         )
 
 
+# Unicode category Cc (C0 and C1 controls, DEL) except tab and newline.
+_CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
 def check_message(text: str) -> str:
     """Reject what no character should be asked to answer: empty, oversized, or control characters."""
     if not isinstance(text, str):
@@ -54,7 +58,7 @@ def check_message(text: str) -> str:
         raise ValueError("message is empty")
     if len(text) > settings.max_message_chars:
         raise ValueError(f"message has {len(text)} characters; the limit is {settings.max_message_chars}")
-    bad = {c for c in text if unicodedata.category(c) == "Cc" and c not in "\n\t"}
+    bad = set(_CONTROL_CHARS.findall(text))
     if bad:
         raise ValueError(f"message contains control characters: {sorted(hex(ord(c)) for c in bad)}")
     return text

@@ -139,3 +139,55 @@ def test_a_live_turn_overtakes_a_bulk_backlog(world, celery_worker, tmp_path) ->
 
     cancel(name)
     _wait_until_finished(name)
+
+
+def test_characters_and_conversations_are_checked_against_the_database(world, tmp_path) -> None:
+    taken = new_conversation("elara")
+    enqueue_turns([taken | {"message": "Hello"}], send=False)
+    lines = [
+        {"custom_id": "1", "character": "nobody", "message": "Hi"},
+        {"custom_id": "2", "conversation": "ghost-" + tmp_path.name, "message": "Anyone?"},
+        {"custom_id": "3", "conversation": taken["conversation"], "character": "luffy", "message": "Yo"},
+        {"custom_id": "4", "conversation": "fresh-" + tmp_path.name, "character": "luffy", "message": "Hi"},
+        {"custom_id": "5", "conversation": "fresh-" + tmp_path.name, "message": "Again"},
+        {"custom_id": "6", "conversation": taken["conversation"], "message": "Still me"},
+    ]
+    path = tmp_path / "refs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    before = _turns()
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="refs-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [1, 2, 3]
+    assert "unknown character 'nobody'" in reasons[1]
+    assert "unknown conversation" in reasons[2] and "must name a character" in reasons[2]
+    assert "belongs to character 'elara', not 'luffy'" in reasons[3]
+    assert _turns() == before
+
+
+def test_a_run_keeps_input_order_and_starts_conversations_from_their_first_line(world, tmp_path) -> None:
+    name = "chain-" + tmp_path.name
+    lines = [
+        {"custom_id": f"c{i}", "conversation": name, "message": f"Line {i}"}
+        | ({"character": "haneul"} if i == 0 else {})
+        for i in range(12)
+    ]
+    path = tmp_path / "chain.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    from tasks import runs
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs, "CHUNK", 5)  # several chunks, so the pipelined writer and sender are exercised
+        submitted = submit_run(path, name=name)
+    assert submitted.enqueued == 12
+    with session_scope() as s:
+        rows = s.execute(
+            select(Turn.custom_id, Turn.conversation_id, Turn.status)
+            .where(Turn.run_id == submitted.id)
+            .order_by(Turn.number)
+        ).all()
+    assert [r.custom_id for r in rows] == [f"c{i}" for i in range(12)]
+    assert len({r.conversation_id for r in rows}) == 1
+    from tasks.runs import cancel
+
+    cancel(name)
