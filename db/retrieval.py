@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from pgvector.psycopg import register_vector
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
@@ -16,8 +19,8 @@ from sqlalchemy.orm import Session
 _BATCH_CONTEXT_SQL = text(
     """
 WITH q AS (
-    SELECT idx, conversation_id, vec::vector AS vec, story, story_time
-    FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS text[]),
+    SELECT idx, conversation_id, vec, story, story_time
+    FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]),
                 CAST(:story AS text[]), CAST(:story_time AS int[]))
          AS t(idx, conversation_id, vec, story, story_time)
 ),
@@ -47,6 +50,15 @@ FROM q CROSS JOIN LATERAL (
     ORDER BY ev.embedding <=> q.vec LIMIT :story_k
 ) e
 """
+)
+
+
+# For this transaction only. The story filter (story, story time) removes most of what the HNSW scan
+# visits; pgvector 0.8's iterative scan keeps scanning until enough rows pass the filter instead of
+# returning fewer than k. Relaxed order is fine: hits are re-sorted by score below.
+_HNSW_SETTINGS = text(
+    "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),"
+    " set_config('hnsw.ef_search', :ef_search, true)"
 )
 
 
@@ -87,12 +99,26 @@ class TurnContext:
     events: list[EventHit] = field(default_factory=list)
 
 
-def _vector_literal(vec: np.ndarray) -> str:
-    return "[" + ",".join(f"{x:.6g}" for x in vec.tolist()) + "]"
+_vector_ready: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _send_vectors_binary(session: Session) -> None:
+    """Teach this psycopg connection pgvector's binary format (once per connection): 64 query
+    vectors as text would cost milliseconds to format and parse."""
+    raw = session.connection().connection.driver_connection
+    if raw not in _vector_ready:
+        register_vector(raw)
+        _vector_ready.add(raw)
 
 
 def fetch_batch_context(
-    *, session: Session, queries: Sequence[ContextQuery], recent_n: int, history_k: int, story_k: int
+    *,
+    session: Session,
+    queries: Sequence[ContextQuery],
+    recent_n: int,
+    history_k: int,
+    story_k: int,
+    ef_search: int = 64,
 ) -> list[TurnContext]:
     """Retrieve every turn's context with a single statement; one TurnContext per query, in order."""
     contexts = [TurnContext() for _ in queries]
@@ -101,13 +127,15 @@ def fetch_batch_context(
     params = dict(
         idx=list(range(len(queries))),
         conv=[q.conversation_id for q in queries],
-        vec=[_vector_literal(q.vector) for q in queries],
+        vec=[np.asarray(q.vector, dtype=np.float32) for q in queries],
         story=[q.story for q in queries],
         story_time=[q.story_time for q in queries],
         recent_n=recent_n,
         history_k=history_k,
         story_k=story_k,
     )
+    _send_vectors_binary(session)
+    session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
     for kind, idx, row_id, role, content, pos, distance, scene in session.execute(_BATCH_CONTEXT_SQL, params):
         ctx = contexts[idx]
         if kind == "recent":

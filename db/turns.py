@@ -60,6 +60,7 @@ class ClaimResult:
         default_factory=list
     )  # an earlier turn of its conversation is unfinished
     skipped: list[uuid.UUID] = field(default_factory=list)  # done, failed, cancelled or unknown
+    exhausted: list[uuid.UUID] = field(default_factory=list)  # failed now: no attempts left
 
 
 def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[tuple[uuid.UUID, bool]]:
@@ -100,8 +101,13 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[tuple[uu
     return out
 
 
-def claim_turns(*, session: Session, turn_ids: Sequence[uuid.UUID], stale_after_s: float) -> ClaimResult:
+def claim_turns(
+    *, session: Session, turn_ids: Sequence[uuid.UUID], stale_after_s: float, max_attempts: int
+) -> ClaimResult:
     """Mark the batch's claimable turns running (attempts + 1) and load what the pipeline needs.
+
+    A turn that has used up `max_attempts` is failed here instead (the dead-letter state), so a
+    message that keeps coming back, because its batch keeps dying, cannot loop forever.
 
     A turn is deferred while an earlier turn of its conversation is unfinished, so a conversation's
     turns are answered in order and each sees the previous reply; an earlier turn running for
@@ -118,13 +124,26 @@ def claim_turns(*, session: Session, turn_ids: Sequence[uuid.UUID], stale_after_
             and_(earlier.status == TurnStatus.RUNNING, earlier.started_at > stale_before),
         ),
     )
+    exhausted = session.scalars(
+        update(Turn)
+        .where(Turn.id.in_(turn_ids), Turn.status.in_(UNFINISHED), Turn.attempts >= max_attempts)
+        .values(
+            status=TurnStatus.FAILED,
+            finished_at=func.now(),
+            error=func.concat(
+                f"gave up after {max_attempts} attempts; last error: ",
+                func.coalesce(Turn.error, "the batch died"),
+            ),
+        )
+        .returning(Turn.id)
+    ).all()
     claimed_ids = session.scalars(
         update(Turn)
         .where(Turn.id.in_(turn_ids), Turn.status.in_(UNFINISHED), ~blocked)
         .values(status=TurnStatus.RUNNING, attempts=Turn.attempts + 1, started_at=func.now())
         .returning(Turn.id)
     ).all()
-    result = ClaimResult()
+    result = ClaimResult(exhausted=list(exhausted))
     if claimed_ids:
         rows = session.execute(
             select(Turn, Conversation, Character, func.extract("epoch", func.now() - Turn.created_at))
@@ -148,7 +167,7 @@ def claim_turns(*, session: Session, turn_ids: Sequence[uuid.UUID], stale_after_
                     queued_ms=float(waited_s) * 1000.0,
                 )
             )
-    unclaimed = [i for i in turn_ids if i not in set(claimed_ids)]
+    unclaimed = [i for i in turn_ids if i not in set(claimed_ids) | set(exhausted)]
     if unclaimed:
         still_open = set(
             session.scalars(select(Turn.id).where(Turn.id.in_(unclaimed), Turn.status.in_(UNFINISHED))).all()
@@ -264,7 +283,8 @@ def fail_turns(
         return
     finished_at = datetime.now(UTC)
     session.execute(
-        update(Turn).where(Turn.status.in_(UNFINISHED)),
+        # No IN (...) here: an expanding parameter cannot go into an executemany.
+        update(Turn).where(or_(Turn.status == TurnStatus.QUEUED, Turn.status == TurnStatus.RUNNING)),
         [
             dict(
                 id=turn_id,

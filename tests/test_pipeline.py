@@ -119,3 +119,42 @@ def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) ->
         and f"gave up after {settings.max_attempts} attempts" in view.error
     )
     assert not _messages(turn_id)
+
+
+def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) -> None:
+    import pytest
+
+    from core.settings import settings
+    from worker import pipeline
+
+    def dying(texts):
+        raise ConnectionError("injected: the batch died after claiming")
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "embed", dying)
+        for attempt in range(1, settings.max_attempts + 1):
+            with pytest.raises(ConnectionError):
+                process_batch([turn_id])  # the task re-sends the batch's turns when this raises
+            view = get_turn(turn_id)
+            assert view.status == TurnStatus.RUNNING and view.attempts == attempt
+    report = process_batch([turn_id])  # the message comes round once more: no attempts left
+    view = get_turn(turn_id)
+    assert list(report.failed) == [turn_id] and view.status == TurnStatus.FAILED
+    assert (
+        f"gave up after {settings.max_attempts} attempts" in view.error
+        and view.attempts == settings.max_attempts
+    )
+    assert not _messages(turn_id)
+
+
+def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> None:
+    # ~8 x 750 prompt tokens: more than one engine step holds, with a seed on every turn. On CPU a
+    # seeded prompt split across steps used to kill the engine; prompts are now never split there.
+    long = "The road north is long, the night is cold, and the lanterns are few. " * 45
+    requests = [new_conversation() | {"message": long, "params": {"seed": i}} for i in range(8)]
+    ids = enqueue_turns(requests, send=False)
+    report = process_batch(ids)
+    assert sorted(report.done) == sorted(ids), report.failed
+    usage = [get_turn(i).usage for i in ids]
+    assert sum(u["prompt_tokens"] for u in usage) > 4096

@@ -51,8 +51,20 @@ def get_engine() -> LoadedEngine:
     # vLLM reads its CPU KV-cache size from the environment; give it ours unless the operator set one.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
     from vllm import LLM
+    from vllm.platforms import current_platform
 
     path = resolve_model_path(settings)
+    chunked = settings.enable_chunked_prefill
+    if chunked is None and current_platform.is_cpu():
+        chunked = False
+    scheduling: dict[str, Any] = {}
+    if chunked is not None:
+        scheduling["enable_chunked_prefill"] = chunked
+    if settings.max_num_batched_tokens is not None:
+        scheduling["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    elif chunked is False:
+        # A prompt is never split, so one step must hold the longest prompt (and a few more).
+        scheduling["max_num_batched_tokens"] = max(4096, settings.max_model_len)
     started = time.perf_counter()
     llm = LLM(
         model=path,
@@ -62,6 +74,7 @@ def get_engine() -> LoadedEngine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.engine_seed,
+        **scheduling,
     )
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("loaded %s in %.0f ms", path, load_ms)

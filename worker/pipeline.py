@@ -50,10 +50,15 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     report = BatchReport()
     with timer("claim"), session_scope() as session:
         claim = claim_turns(
-            session=session, turn_ids=list(turn_ids), stale_after_s=settings.visibility_timeout
+            session=session,
+            turn_ids=list(turn_ids),
+            stale_after_s=settings.visibility_timeout,
+            max_attempts=settings.max_attempts,
         )
     report.deferred, report.skipped = claim.deferred, claim.skipped
-    turns = claim.claimed
+    report.failed.update({t: "no attempts left" for t in claim.exhausted})
+    # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
+    turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
         report.timings = timer.ms
         return report
@@ -74,6 +79,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
             recent_n=settings.recent_history,
             history_k=settings.rag_history_k,
             story_k=settings.rag_story_k,
+            ef_search=settings.hnsw_ef_search,
         )
     prompts: dict[uuid.UUID, BuiltPrompt] = {}
     with timer("prompt"):

@@ -1,0 +1,104 @@
+"""`python -m scripts.bench` (`make bench`): every benchmark, on the embedded services by default.
+
+Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
+Sections: enqueue, retrieval, generation; `--only` picks some, `--quick` shrinks them for a smoke run
+(its figures are not comparable and are written to bench/results.quick.json instead).
+
+On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
+production model (and DATABASE_URL / REDIS_URL at real servers if wanted), then run the same command.
+"""
+
+from __future__ import annotations
+
+import os
+
+from core.settings import PROJECT_ROOT
+
+# Before settings are read: the benchmark's own state (its PostgreSQL and Redis, and the 1M-row
+# retrieval world, kept between runs) and the batch shape the targets are stated for.
+os.environ.setdefault("MLCHAT_STATE_DIR", str(PROJECT_ROOT / ".mlchat" / "bench"))
+os.environ.setdefault("MLCHAT_BATCH_SIZE", "64")
+os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.5")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from typing import Any  # noqa: E402
+
+SECTIONS = ("enqueue", "retrieval", "generation")
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "gpu": gpu,
+        "python": platform.python_version(),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the chosen sections and record their figures."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    args = parser.parse_args(argv)
+
+    from core.logging import configure_logging
+    from db.migrate import upgrade
+    from scripts.bench_plot import plot
+    from scripts.seed import seed_world
+
+    configure_logging("WARNING")
+    upgrade()
+    seed_world()
+    out = PROJECT_ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
+    out.parent.mkdir(exist_ok=True)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    where = machine()
+    for section in args.only:
+        started = time.perf_counter()
+        figures = _run(section, args.quick)
+        figures["machine"] = where
+        figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        figures["seconds"] = round(time.perf_counter() - started, 1)
+        results[section] = figures
+        out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        print(json.dumps({section: figures}, indent=2, ensure_ascii=False), flush=True)
+    if "generation" in results:
+        print(
+            "plot:", plot(results, out.with_name("throughput.quick.png" if args.quick else "throughput.png"))
+        )
+
+
+def _run(section: str, quick: bool) -> dict[str, Any]:
+    if section == "enqueue":
+        from scripts.bench_enqueue import measure_enqueue
+
+        return measure_enqueue(single=200 if quick else 2000, bulk=5000 if quick else 100_000)
+    if section == "retrieval":
+        from scripts.bench_retrieval import measure_retrieval
+
+        if quick:
+            return measure_retrieval(messages=20_000, conversations=200, events=5_000, rounds=5)
+        return measure_retrieval()
+    from scripts.bench_generation import measure_generation
+
+    if quick:
+        return measure_generation(turns=32, batch=16, sweep=(4,), sweep_turns=16, prefix_turns=16)
+    return measure_generation()
+
+
+if __name__ == "__main__":
+    main()
