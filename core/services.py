@@ -11,7 +11,7 @@ from core.settings import settings
 @cache
 def database_url() -> str:
     """DATABASE_URL, or the embedded PostgreSQL's URL (started if needed)."""
-    return settings.database_url or start_postgres(settings.state_dir)
+    return settings.database_url or start_postgres(settings.state_dir, settings.embedded_pg_shared_buffers)
 
 
 @cache

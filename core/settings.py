@@ -28,6 +28,7 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL")
     )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
+    embedded_pg_shared_buffers: str = "512MB"  # embedded PostgreSQL only; size external servers yourself
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
@@ -81,6 +82,9 @@ class Settings(BaseSettings):
     api_max_body_bytes: int = Field(default=1_000_000, ge=1024)
 
     log_level: str = "INFO"
+    metrics_port: int = Field(
+        default=9464, ge=0, le=65535
+    )  # the worker's Prometheus endpoint; 0 turns it off
 
     @field_validator("model")
     @classmethod

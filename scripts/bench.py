@@ -11,12 +11,15 @@ production model (and DATABASE_URL / REDIS_URL at real servers if wanted), then 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from core.settings import PROJECT_ROOT
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
-# Before settings are read: the benchmark's own state (its PostgreSQL and Redis, and the 1M-row
-# retrieval world, kept between runs) and the batch shape the targets are stated for.
+# Before anything imports core.settings (it reads the environment once): the benchmark's own state
+# (its PostgreSQL and Redis, and the 1M-row retrieval world, kept between runs) and the batch shape
+# the targets are stated for.
 os.environ.setdefault("MLCHAT_STATE_DIR", str(PROJECT_ROOT / ".mlchat" / "bench"))
+os.environ.setdefault("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "1GB")  # the 1M-row world's hot set
 os.environ.setdefault("MLCHAT_BATCH_SIZE", "64")
 os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +56,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the results file")
     args = parser.parse_args(argv)
+    out = PROJECT_ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
+    png = out.with_name("throughput.quick.png" if args.quick else "throughput.png")
+    if args.plot_only:
+        from scripts.bench_plot import plot
+
+        print("plot:", plot(json.loads(out.read_text()), png))
+        return
 
     from core.logging import configure_logging
     from db.migrate import upgrade
@@ -63,7 +74,6 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("WARNING")
     upgrade()
     seed_world()
-    out = PROJECT_ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
     out.parent.mkdir(exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     where = machine()
@@ -77,9 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(json.dumps({section: figures}, indent=2, ensure_ascii=False), flush=True)
     if "generation" in results:
-        print(
-            "plot:", plot(results, out.with_name("throughput.quick.png" if args.quick else "throughput.png"))
-        )
+        print("plot:", plot(results, png))
 
 
 def _run(section: str, quick: bool) -> dict[str, Any]:

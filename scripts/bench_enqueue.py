@@ -23,6 +23,8 @@ def _peak_rss_mb() -> float:
 
 def measure_enqueue(single: int = 2000, bulk: int = 100_000) -> dict[str, Any]:
     """Turns/s of `enqueue_turn` in a loop and of `submit_run` on a `bulk`-line file."""
+    from db.session import session_scope
+    from db.turns import cancel_turns
     from tasks.app import app
     from tasks.producer import enqueue_turn
     from tasks.runs import cancel, submit_run
@@ -30,9 +32,13 @@ def measure_enqueue(single: int = 2000, bulk: int = 100_000) -> dict[str, Any]:
     tag = uuid.uuid4().hex[:8]
     enqueue_turn(conversation=f"bench-{tag}-warm", character="elara", message="warm up")
     started = time.perf_counter()
-    for i in range(single):
+    single_ids = [
         enqueue_turn(conversation=f"bench-{tag}-{i % 100}", character="elara", message=f"Line {i}")
+        for i in range(single)
+    ]
     single_s = time.perf_counter() - started
+    with session_scope() as session:  # their messages are purged below; leave no queued rows behind
+        cancel_turns(session=session, turn_ids=single_ids)
 
     path = Path(tempfile.mkdtemp()) / f"bench-{tag}.jsonl"
     with path.open("w", encoding="utf-8") as handle:

@@ -24,13 +24,13 @@ def plot(results: dict[str, Any], path: Path) -> Path:
     left.grid(alpha=0.3)
 
     stages = gen["stage_ms_per_turn"]
-    bottom = 0.0
-    for stage, ms in stages.items():
-        right.bar(["batched turn"], [ms], bottom=bottom, label=f"{stage} {ms:.1f} ms")
-        bottom += ms
-    right.set_ylabel("ms per turn")
-    right.set_title(f"Stage breakdown at batch {gen['batch_size']}")
-    right.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    names = list(stages)[::-1]
+    right.barh(names, [stages[n] for n in names], color="tab:orange")
+    right.set_xscale("log")
+    for y, name in enumerate(names):
+        right.text(stages[name], y, f" {stages[name]:.2f}", va="center", fontsize=8)
+    right.set_xlabel("ms per turn (log scale)")
+    right.set_title(f"Where a turn's time goes at batch {gen['batch_size']}")
     where = gen.get("machine", {})
     fig.suptitle(
         f"mlchat · {where.get('gpu') or where.get('cpu', '')} · {where.get('cores', '?')} cores", fontsize=10

@@ -140,7 +140,7 @@ def _run_progress(ref: str, *, watch: bool) -> int:
 def _chat(args: argparse.Namespace) -> int:
     """Like the original `python -m handler --persona … --message …`, through the real pipeline."""
     from scripts.render import render_turn
-    from tasks.producer import enqueue_turns, get_turn, wait_for_reply
+    from tasks.producer import enqueue_turns, wait_for_reply
 
     request = {
         "conversation": args.conversation or f"cli-{args.character}",
@@ -150,12 +150,9 @@ def _chat(args: argparse.Namespace) -> int:
         "params": json.loads(args.params) if args.params else {},
     }
     if args.inline:
-        from worker.pipeline import process_batch
+        from worker.inline import answer_now
 
-        (turn_id,) = enqueue_turns([request], send=False)
-        process_batch([turn_id])
-        view = get_turn(turn_id)
-        assert view is not None
+        (view,) = answer_now([request])
     else:
         (turn_id,) = enqueue_turns([request])
         view = wait_for_reply(turn_id, timeout=args.timeout)

@@ -17,6 +17,7 @@ from celery_batches import Batches
 
 from core.settings import Lane, queue_for_model, settings
 from tasks.app import app
+from tasks.events import TurnEvents
 from tasks.queues import queue_depth
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,20 @@ def generate_turns(requests: list[Any]) -> None:
 
     model = requests[0].kwargs.get("model", settings.model)
     pending = _pending_turns(requests)
+    with TurnEvents(requests[0].hostname) as events:
+        events.received(pending, model)
+        resend = _answer(pending, model, events, process_batch)
+    # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
+    for turns, countdown in resend:
+        for lane in ("live", "bulk"):
+            ids = [t for t, t_lane in turns if t_lane == lane]
+            dispatch(ids, model=model, lane=lane, countdown=countdown)
+
+
+def _answer(
+    pending: list[Pending], model: str, events: TurnEvents, process_batch: Any
+) -> list[tuple[list[Pending], float | None]]:
+    """Answer the flush's turns a batch at a time; returns what to send again, with its countdown."""
     resend: list[tuple[list[Pending], float | None]] = []
     for start in range(0, len(pending), settings.batch_size):
         chunk, rest = pending[start : start + settings.batch_size], pending[start:]
@@ -47,6 +62,7 @@ def generate_turns(requests: list[Any]) -> None:
             resend.append((rest, None))
             break
         lane_of = dict(chunk)
+        events.started(turn_id for turn_id, _ in chunk)
         try:
             report = process_batch([turn_id for turn_id, _ in chunk])
         except Exception:
@@ -60,14 +76,12 @@ def generate_turns(requests: list[Any]) -> None:
                 settings.batch_retry_delay,
             )
             resend.append((rest, settings.batch_retry_delay))
+            events.finished([], {}, (turn_id for turn_id, _ in rest))
             break
         again = [*report.retry, *report.deferred]
+        events.finished(report.done, report.failed, again)
         resend.append(([(t, lane_of[t]) for t in again], settings.flush_interval))
-    # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
-    for turns, countdown in resend:
-        for lane in ("live", "bulk"):
-            ids = [t for t, t_lane in turns if t_lane == lane]
-            dispatch(ids, model=model, lane=lane, countdown=countdown)
+    return resend
 
 
 def _pending_turns(requests: Sequence[Any]) -> list[Pending]:

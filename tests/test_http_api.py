@@ -129,3 +129,11 @@ def test_cancel_a_queued_turn_over_http(base_url) -> None:
     assert r.json()["cancelled"] is True
     with session_scope() as s:
         assert s.get(Turn, turn_id).status == TurnStatus.CANCELLED
+
+
+def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
+    httpx.post(f"{base_url}/v1/turns", json=new_conversation() | {"message": "hi"}, headers={})  # a 401
+    body = httpx.get(f"{base_url}/metrics/").text
+    assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"}' in body
+    assert 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
+    assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in body

@@ -151,8 +151,11 @@ def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) ->
 def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> None:
     # ~8 x 750 prompt tokens: more than one engine step holds, with a seed on every turn. On CPU a
     # seeded prompt split across steps used to kill the engine; prompts are now never split there.
-    long = "The road north is long, the night is cold, and the lanterns are few. " * 45
-    requests = [new_conversation() | {"message": long, "params": {"seed": i}} for i in range(8)]
+    # Distinct from the first word, so the prefix cache cannot shrink what each step must prefill.
+    long = " The road north is long, the night is cold, and the lanterns are few." * 45
+    requests = [
+        new_conversation() | {"message": f"Traveller {i}:{long}", "params": {"seed": i}} for i in range(8)
+    ]
     ids = enqueue_turns(requests, send=False)
     report = process_batch(ids)
     assert sorted(report.done) == sorted(ids), report.failed

@@ -15,6 +15,13 @@ def _warm_up(**_: object) -> None:
     from worker.startup import check_and_warm_up
 
     check_and_warm_up()
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        from core.metrics import register_queue_depth
+
+        register_queue_depth()
+        start_http_server(settings.metrics_port)
 
 
 def main(argv: list[str] | None = None) -> None:

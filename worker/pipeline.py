@@ -6,12 +6,15 @@ recorded failed with its reason; its batch-mates go on.
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
+from core import metrics
 from core.settings import settings
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
@@ -23,6 +26,7 @@ from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
 
 logger = logging.getLogger(__name__)
+batch_log = logging.getLogger("mlchat.batch")  # one JSON object per line, one line per batch
 
 
 @dataclass
@@ -61,6 +65,8 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
         report.timings = timer.ms
+        if report.failed or report.deferred:
+            _account(report, claimed=0, generations=[])
         return report
 
     first_batch = engine_module.get_engine.cache_info().currsize == 0  # this batch pays for the load
@@ -141,16 +147,44 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
         fail_turns(session=session, errors=report.failed, timings=batch_timings)
         requeue_turns(session=session, turn_ids=report.retry, reason="engine error; retrying")
     report.timings = {**batch_timings, **timer.ms, "total_ms": timer.elapsed_ms()}
-    logger.info(
-        "batch done=%d failed=%d retry=%d deferred=%d skipped=%d timings=%s",
-        len(report.done),
-        len(report.failed),
-        len(report.retry),
-        len(report.deferred),
-        len(report.skipped),
-        {k: round(v, 1) for k, v in report.timings.items()},
-    )
+    _account(report, claimed=len(turns), generations=[g for _, g in answered])
     return report
+
+
+def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -> None:
+    """One JSON log line per batch, and the Prometheus metrics."""
+    timings = {k: round(v, 1) for k, v in report.timings.items()}
+    batch_log.info(
+        json.dumps(
+            {
+                "event": "batch",
+                "model": settings.model,
+                "size": claimed,
+                "done": [str(t) for t in report.done],
+                "failed": {str(t): reason[:200] for t, reason in report.failed.items()},
+                "retry": [str(t) for t in report.retry],
+                "deferred": [str(t) for t in report.deferred],
+                "skipped": len(report.skipped),
+                "timings_ms": timings,
+            },
+            ensure_ascii=False,
+        )
+    )
+    metrics.record_batch(
+        settings.model,
+        timings_ms=report.timings,
+        claimed=claimed,
+        outcomes={
+            "done": len(report.done),
+            "failed": len(report.failed),
+            "retried": len(report.retry),
+            "deferred": len(report.deferred),
+        },
+        tokens={
+            "prompt": sum(g.prompt_tokens for g in generations),
+            "completion": sum(g.completion_tokens for g in generations),
+        },
+    )
 
 
 def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:

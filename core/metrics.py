@@ -1,0 +1,79 @@
+"""Prometheus metrics shared by the worker and the HTTP ingest (prometheus_client's default registry).
+
+Flower's /metrics has no queue depth; `mlchat_queue_depth` is read from the broker at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from core.settings import queue_for_model, settings
+
+logger = logging.getLogger(__name__)
+
+TURNS = Counter("mlchat_turns", "Turns a worker finished or handed back, by outcome", ["model", "outcome"])
+BATCH_SIZE = Histogram(
+    "mlchat_batch_size", "Turns claimed per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+STAGE_SECONDS = Histogram(
+    "mlchat_stage_seconds",
+    "Wall time of one batch stage",
+    ["model", "stage"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+)
+TOKENS = Counter("mlchat_tokens", "Tokens processed by the engine (rate() gives tokens/s)", ["model", "kind"])
+INGEST_REQUESTS = Counter("mlchat_ingest_requests", "HTTP ingest requests", ["method", "route", "status"])
+
+
+class QueueDepthCollector(Collector):
+    """Messages waiting per model lane queue, read from the broker when Prometheus scrapes."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        from tasks.queues import queue_depth
+
+        family = GaugeMetricFamily(
+            "mlchat_queue_depth", "Messages waiting in a model's queue", labels=["queue"]
+        )
+        for model in settings.models:
+            for lane in ("live", "bulk"):
+                try:
+                    family.add_metric([queue_for_model(model, lane)], queue_depth(model, lane))
+                except Exception:  # a scrape must not fail because the broker is briefly away
+                    logger.warning(
+                        "queue depth of %s unavailable", queue_for_model(model, lane), exc_info=True
+                    )
+        yield family
+
+
+_collector_registered = False
+
+
+def register_queue_depth() -> None:
+    """Add the queue-depth collector to the default registry (once per process)."""
+    global _collector_registered
+    if not _collector_registered:
+        REGISTRY.register(QueueDepthCollector())
+        _collector_registered = True
+
+
+def record_batch(
+    model: str, *, timings_ms: dict[str, Any], claimed: int, outcomes: dict[str, int], tokens: dict[str, int]
+) -> None:
+    """Account one batch: its size, each stage's time, turns by outcome, tokens by kind."""
+    if claimed:
+        BATCH_SIZE.labels(model).observe(claimed)
+    for key, value in timings_ms.items():
+        if key.endswith("_ms") and key not in ("total_ms", "queue_ms", "llm_load_ms"):
+            STAGE_SECONDS.labels(model, key.removesuffix("_ms")).observe(value / 1000)
+    for outcome, n in outcomes.items():
+        if n:
+            TURNS.labels(model, outcome).inc(n)
+    for kind, n in tokens.items():
+        if n:
+            TOKENS.labels(model, kind).inc(n)

@@ -1,0 +1,66 @@
+"""Flower on the real broker, next to a running worker: it lists the worker and sees every turn."""
+
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tasks.producer import enqueue_turns, wait_for_reply
+from tests.conftest import new_conversation
+
+AUTH = ("admin", "flower-test")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _poll(check, timeout: float = 60.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            result = check()
+        except httpx.HTTPError:
+            result = None
+        if result or time.monotonic() > deadline:
+            return result
+        time.sleep(0.5)
+
+
+def test_flower_lists_the_worker_and_each_turn_as_a_task(celery_worker, tmp_path) -> None:
+    port = _free_port()
+    log = (tmp_path / "flower.log").open("w")
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "--app=tasks.app", "flower", f"--port={port}",
+         "--address=127.0.0.1", f"--basic-auth={AUTH[0]}:{AUTH[1]}", "--persistent=False"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert _poll(lambda: httpx.get(f"{base}/healthcheck").status_code == 200), "flower did not start"
+        assert httpx.get(f"{base}/api/workers").status_code == 401  # basic auth is on
+        workers = _poll(lambda: httpx.get(f"{base}/api/workers?refresh=1", auth=AUTH, timeout=20).json())
+        assert celery_worker.hostname in workers, workers
+
+        ids = [
+            str(i) for i in enqueue_turns([new_conversation() | {"message": f"Hello {n}"} for n in range(3)])
+        ]
+        assert all(wait_for_reply(i, timeout=120).status == "done" for i in ids)
+
+        def seen() -> dict | None:
+            tasks = httpx.get(f"{base}/api/tasks?limit=1000", auth=AUTH, timeout=20).json()
+            return tasks if all(tasks.get(i, {}).get("state") == "SUCCESS" for i in ids) else None
+
+        tasks = _poll(seen, timeout=30)
+        assert tasks, (tmp_path / "flower.log").read_text()[-2000:]
+        assert {tasks[i]["name"] for i in ids} == {"mlchat.turn"}
+        assert {tasks[i]["worker"] for i in ids} == {celery_worker.hostname}
+        print(f"flower saw {len(tasks)} task(s); turns {ids} all SUCCESS on {celery_worker.hostname}")
+    finally:
+        flower.terminate()
+        flower.wait(timeout=20)
+        log.close()

@@ -1,0 +1,29 @@
+"""The RunPod-style handler over the same pipeline: a sample event in, answered turns out."""
+
+from tests.conftest import new_conversation
+from worker.serverless import handler
+
+
+def test_a_sample_event_is_answered_in_conversation_order(engine) -> None:
+    conv = new_conversation("elara")
+    event = {
+        "input": {
+            "turns": [
+                conv | {"message": "Is the north road safe?", "player_name": "Rowan"},
+                {"conversation": conv["conversation"], "message": "And the Thornwood?"},
+            ]
+        }
+    }
+    result = handler(event)
+    first, second = result["turns"]
+    assert first["status"] == second["status"] == "done", result
+    assert first["reply"] and second["reply"] and second["usage"]["completion_tokens"] > 0
+    assert first["context"]["prompt_tokens"] == first["usage"]["prompt_tokens"]
+    assert second["context"]["history"], "the second turn saw the first exchange"
+
+
+def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:
+    assert "input" in handler({"nope": 1})["error"]
+    assert "non-empty list" in handler({"input": {"turns": []}})["error"]
+    assert "unknown character" in handler({"input": new_conversation("nobody") | {"message": "hi"}})["error"]
+    assert "message is empty" in handler({"input": new_conversation() | {"message": "  "}})["error"]

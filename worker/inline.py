@@ -1,0 +1,28 @@
+"""Answer turns in this process, no queue or worker: `mlchat chat --inline` and the serverless handler."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from core.settings import settings
+from tasks.producer import TurnView, enqueue_turns, get_turn
+from tasks.schemas import TurnRequest
+from worker.pipeline import process_batch
+
+
+def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnView]:
+    """Store the turns, run them through the batch pipeline until each is finished, return them in order.
+
+    Turns of one conversation are answered in order across rounds, exactly as a worker would; a
+    turn that cannot finish within max_attempts + len(requests) rounds is returned as it stands.
+    """
+    ids = enqueue_turns(requests, send=False)
+    pending = list(dict.fromkeys(ids))
+    for _ in range(settings.max_attempts + len(pending)):
+        if not pending:
+            break
+        report = process_batch(pending[: settings.batch_size])
+        pending = [*report.retry, *report.deferred, *pending[settings.batch_size :]]
+    views = [get_turn(turn_id) for turn_id in ids]
+    return [view for view in views if view is not None]

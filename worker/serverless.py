@@ -1,0 +1,54 @@
+"""A RunPod-serverless-style entry point over the same pipeline, for deployments without a queue.
+
+`handler(event)` takes `{"input": {...one turn...}}` or `{"input": {"turns": [...]}}` (the fields of
+`TurnRequest`) and returns the answered turns. The model loads once per container, on the first call.
+Run it with the `runpod` package installed (`python -m worker.serverless`), or locally without it:
+`python -m worker.serverless '{"input": {"conversation": "c1", "character": "elara", "message": "Hi"}}'`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from db.turns import IdempotencyConflict
+
+
+def handler(event: dict[str, Any]) -> dict[str, Any]:
+    """Answer the event's turns; bad input comes back as {"error": ...}, never as an exception."""
+    from worker.inline import answer_now
+
+    payload = event.get("input") if isinstance(event, dict) else None
+    if not isinstance(payload, dict):
+        return {"error": 'the event must be {"input": {...turn...}} or {"input": {"turns": [...]}}'}
+    requests = payload.get("turns", [payload])
+    if not isinstance(requests, list) or not requests:
+        return {"error": '"turns" must be a non-empty list'}
+    try:
+        views = answer_now(requests)
+    except (ValidationError, IdempotencyConflict, ValueError) as exc:
+        return {"error": str(exc)}
+    return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
+
+
+def main() -> None:
+    """Serve with runpod when it is installed; otherwise answer one event given as an argument."""
+    from core.logging import configure_logging
+    from db.migrate import upgrade
+
+    configure_logging()
+    upgrade()
+    try:
+        import runpod  # type: ignore[import-not-found]
+    except ImportError:
+        event = json.loads(sys.argv[1]) if len(sys.argv) > 1 else json.load(sys.stdin)
+        print(json.dumps(handler(event), ensure_ascii=False, indent=2))
+        return
+    runpod.serverless.start({"handler": handler})
+
+
+if __name__ == "__main__":
+    main()
