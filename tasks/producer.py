@@ -129,6 +129,10 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
     missing = [r for r in requests if r.conversation not in known]
     slugs = [r.character for r in missing if r.character]
     characters = find_characters(session=session, slugs=slugs) if slugs else {}
+    started_here: dict[str, str] = {}
+    for r in missing:
+        if r.character:
+            started_here.setdefault(r.conversation, r.character)
     new_rows: dict[str, dict[str, Any]] = {}
     for req in requests:
         if req.conversation in known:
@@ -140,9 +144,16 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
             out[req.conversation] = conv_id
             continue
         if not req.character:
+            if req.conversation in started_here:
+                continue  # started by another request of this call
             raise ValueError(f"unknown conversation {req.conversation!r}; name a character to start it")
         if req.character not in characters:
             raise ValueError(f"unknown character {req.character!r}")
+        if started_here[req.conversation] != req.character:
+            raise ValueError(
+                f"conversation {req.conversation!r} is started with two characters: "
+                f"{started_here[req.conversation]!r} and {req.character!r}"
+            )
         new_rows.setdefault(
             req.conversation,
             dict(
