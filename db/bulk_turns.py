@@ -16,6 +16,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.session import psycopg_connection
+
 STAGE_COLUMNS = (
     "ord",
     "idempotency_key",
@@ -95,7 +97,7 @@ def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[Sta
     if not turns:
         return []
     session.execute(CREATE_STAGE)
-    cursor = session.connection().connection.driver_connection.cursor()  # psycopg 3, for COPY
+    cursor = psycopg_connection(session).cursor()
     with cursor.copy(f"COPY turn_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN") as copy:
         for ord_, t in enumerate(turns):
             copy.write_row(

@@ -12,6 +12,8 @@ from pgvector.psycopg import register_vector
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.session import psycopg_connection
+
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
 # narrows to one conversation, then distances are computed); story events go through the HNSW
 # index filtered by story and story time. Lines inside the recent window are not "retrieved":
@@ -105,7 +107,7 @@ _vector_ready: weakref.WeakSet[Any] = weakref.WeakSet()
 def _send_vectors_binary(session: Session) -> None:
     """Teach this psycopg connection pgvector's binary format (once per connection): 64 query
     vectors as text would cost milliseconds to format and parse."""
-    raw = session.connection().connection.driver_connection
+    raw = psycopg_connection(session)
     if raw not in _vector_ready:
         register_vector(raw)
         _vector_ready.add(raw)

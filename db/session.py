@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
+import psycopg
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -35,3 +37,11 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
+    """The psycopg 3 connection under the session's current transaction (for COPY and type adapters)."""
+    raw = session.connection().connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise TypeError(f"expected a psycopg 3 connection, got {type(raw).__name__}")
+    return raw
