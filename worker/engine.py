@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import multiprocessing.util
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
     from vllm import LLM
 
 logger = logging.getLogger(__name__)
+_generate_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,10 @@ def generate(requests: Sequence[GenerationRequest]) -> list[Generation]:
         )
         for r in requests
     ]
-    outputs = engine.llm.generate(prompts, params, use_tqdm=False)
+    # LLM is not thread-safe: a second thread's generate() would consume this call's outputs and
+    # leave it waiting forever. A worker has one thread; in-process callers (tests, serverless) may not.
+    with _generate_lock:
+        outputs = engine.llm.generate(prompts, params, use_tqdm=False)
     results = []
     for request, out in zip(requests, outputs, strict=True):
         completion = out.outputs[0]

@@ -1,0 +1,90 @@
+"""Fault injection with real processes and services. Each case prints what it counted.
+
+The 500-turn variants are marked slow (run them with `pytest -m slow`); CI runs the smaller case of
+each kind.
+"""
+
+import signal
+import time
+
+import pytest
+from sqlalchemy import func, select
+
+from db.models import Message, Role, Turn, TurnStatus
+from db.session import session_scope
+from tasks.generate import dispatch
+from tasks.producer import enqueue_turns
+from tests import worker_processes as wp
+from tests.conftest import new_conversation
+
+FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
+VISIBILITY_S = "45"  # how long Redis waits before handing a dead worker's unacked messages to another
+
+
+def _counts(ids) -> dict[str, int]:
+    with session_scope() as s:
+        by_status = dict(
+            s.execute(select(Turn.status, func.count()).where(Turn.id.in_(ids)).group_by(Turn.status))
+            .tuples()
+            .all()
+        )
+        per_turn = (
+            select(Message.turn_id, func.count().label("n"))
+            .where(Message.turn_id.in_(ids), Message.role == Role.ASSISTANT)
+            .group_by(Message.turn_id)
+            .subquery()
+        )
+        replies, duplicated = s.execute(
+            select(func.coalesce(func.sum(per_turn.c.n), 0), func.count().filter(per_turn.c.n > 1))
+        ).one()
+        retried = s.scalar(select(func.count()).where(Turn.id.in_(ids), Turn.attempts > 1))
+    return {
+        "total": len(ids),
+        "done": by_status.get(TurnStatus.DONE, 0),
+        "failed": by_status.get(TurnStatus.FAILED, 0),
+        "running": by_status.get(TurnStatus.RUNNING, 0),
+        "queued": by_status.get(TurnStatus.QUEUED, 0),
+        "reply_rows": int(replies),
+        "duplicates": int(duplicated),
+        "attempted_twice": int(retried or 0),
+    }
+
+
+def _wait(ids, until, timeout: float) -> dict[str, int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        counts = _counts(ids)
+        if until(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize(
+    "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
+)
+def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(world, tmp_path, turns) -> None:
+    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S}
+    logs = {name: tmp_path / f"{name}.log" for name in ("victim", "rescuer")}
+    victim = wp.start("victim", logs["victim"], **env)
+    rescuer = None
+    try:
+        wp.wait_ready({"victim": victim}, logs)
+        ids = enqueue_turns(
+            [new_conversation() | {"message": f"Bulk line {n}."} for n in range(turns)], send=False
+        )
+        dispatch(ids, model=wp.QUEUE_MODEL, lane="bulk")  # a run's messages: a batch of turn ids each
+        # Mid-batch: some turns stored, a batch claimed and generating.
+        at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+        wp.kill(victim, signal.SIGKILL)
+        assert at_kill["running"] > 0, at_kill
+        rescuer = wp.start("rescuer", logs["rescuer"], **env)
+        wp.wait_ready({"rescuer": rescuer}, logs)
+        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    finally:
+        for proc in (victim, rescuer):
+            if proc is not None:
+                wp.kill(proc, signal.SIGTERM)
+    print(f"SIGKILL case: at kill {at_kill}; final {final}")
+    assert final["done"] == turns and final["failed"] == 0  # zero lost
+    assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
+    assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again

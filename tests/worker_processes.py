@@ -1,0 +1,80 @@
+"""Real `python -m worker` processes for the tests that need them: scale-out and fault injection.
+
+They serve their own queue (gen.<QUEUE_MODEL>) so the session's in-process worker never takes
+their turns, and load the same converted model from the shared cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from core.settings import settings
+from tasks.app import app
+from worker.model_cache import resolve_model_path
+
+QUEUE_MODEL = "smollm2-135m-proc"
+
+
+def start(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """Start a worker named `name@<host>` in its own process group (so its engine dies with it)."""
+    full_env = os.environ | {
+        "MLCHAT_MODEL": QUEUE_MODEL,
+        "MLCHAT_MODEL_PATH": resolve_model_path(settings),
+        "MLCHAT_METRICS_PORT": "0",
+        "MLCHAT_LOG_LEVEL": "INFO",
+        **env,
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "worker", f"--hostname={node(name)}"],
+        env=full_env,
+        stdout=log.open("a"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def node(name: str) -> str:
+    return f"{name}@{socket.gethostname()}"
+
+
+def wait_ready(
+    procs: dict[str, subprocess.Popen[bytes]], logs: dict[str, Path], timeout: float = 600
+) -> None:
+    """Until every named worker answers a ping; fails early if one exits."""
+    deadline = time.monotonic() + timeout
+    ready: set[str] = set()
+    wanted = {node(n) for n in procs}
+    while ready != wanted:
+        for name, proc in procs.items():
+            assert proc.poll() is None, f"worker {name} exited:\n" + logs[name].read_text()[-3000:]
+        assert time.monotonic() < deadline, "workers did not come up"
+        for reply in app.control.ping(destination=sorted(wanted), timeout=1.0):
+            ready |= set(reply)
+
+
+def kill(proc: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGKILL, timeout: float = 120) -> None:
+    """Send `sig` to the worker's whole process group (worker and vLLM engine processes) and reap it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+
+
+def batches(log: Path) -> list[dict]:
+    """The JSON batch lines a worker logged."""
+    return [
+        json.loads(line[line.index("{") :])
+        for line in log.read_text().splitlines()
+        if '"event": "batch"' in line
+    ]
