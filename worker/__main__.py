@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from celery.signals import worker_init
@@ -21,7 +22,14 @@ def _warm_up(**_: object) -> None:
         from core.metrics import register_queue_depth
 
         register_queue_depth()
-        start_http_server(settings.metrics_port)
+        try:
+            start_http_server(settings.metrics_port)
+        except OSError as exc:  # another worker on this host has the port: run on, without an endpoint
+            logging.getLogger(__name__).warning(
+                "metrics endpoint :%d unavailable (%s); set MLCHAT_METRICS_PORT per worker",
+                settings.metrics_port,
+                exc,
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
