@@ -35,23 +35,24 @@ def test_a_batch_logs_one_json_line_and_updates_the_scraped_metrics(engine, capl
     finally:
         server.shutdown()
 
+    ours = {str(i) for i in ids}
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mlchat.batch"]
-    assert len(lines) == 1
+    lines = [line for line in lines if ours & (set(line["done"]) | set(line["failed"]))]
+    assert len(lines) == 1  # one line for the batch, whatever else the session's worker logged
     line = lines[0]
     assert line["size"] == 2 and line["done"] == [str(ids[0])] and list(line["failed"]) == [str(ids[1])]
     assert {"claim_ms", "embed_ms", "retrieve_ms", "prompt_ms", "generate_ms", "write_ms"} <= set(
         line["timings_ms"]
     )
 
+    # The session's in-process worker may finish other batches meanwhile: counters grow by at least this one.
     model = 'model="smollm2-135m"'
-    done = f'mlchat_turns_total{{{model},outcome="done"}}'
-    failed = f'mlchat_turns_total{{{model},outcome="failed"}}'
-    assert _value(after, done) == _value(before, done) + 1 == _value(before, done) + len(report.done)
-    assert _value(after, failed) == _value(before, failed) + 1
-    batches = f"mlchat_batch_size_count{{{model}}}"
-    assert _value(after, batches) == _value(before, batches) + 1
-    generate = f'mlchat_stage_seconds_count{{{model},stage="generate"}}'
-    assert _value(after, generate) == _value(before, generate) + 1
-    completion = 'mlchat_tokens_total{kind="completion",model="smollm2-135m"}'  # labels sort by name
-    assert _value(after, completion) > _value(before, completion)
+    for series, at_least in (
+        (f'mlchat_turns_total{{{model},outcome="done"}}', len(report.done)),
+        (f'mlchat_turns_total{{{model},outcome="failed"}}', 1),
+        (f"mlchat_batch_size_count{{{model}}}", 1),
+        (f'mlchat_stage_seconds_count{{{model},stage="generate"}}', 1),
+        ('mlchat_tokens_total{kind="completion",model="smollm2-135m"}', 1),  # labels sort by name
+    ):
+        assert _value(after, series) - _value(before, series) >= at_least, series
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in after
