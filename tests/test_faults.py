@@ -88,3 +88,35 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(worl
     assert final["done"] == turns and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
+
+
+def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path) -> None:
+    turns = 64
+    logs = {name: tmp_path / f"{name}.log" for name in ("stopping", "next")}
+    stopping = wp.start("stopping", logs["stopping"])
+    following = None
+    try:
+        wp.wait_ready({"stopping": stopping}, logs)
+        ids = enqueue_turns(
+            [new_conversation() | {"message": f"Evening line {n}."} for n in range(turns)], send=False
+        )
+        dispatch(
+            ids, model=wp.QUEUE_MODEL, lane="live"
+        )  # one message per turn: 8 prefetched, the rest queued
+        at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
+        stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
+        stopping.wait(timeout=300)
+        after_stop = _counts(ids)
+        following = wp.start("next", logs["next"])
+        wp.wait_ready({"next": following}, logs)
+        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    finally:
+        for proc in (stopping, following):
+            if proc is not None:
+                wp.kill(proc, signal.SIGTERM)
+    print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
+    assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
+    assert after_stop["done"] >= at_term["running"]  # the batch in hand was finished, not dropped
+    assert final["done"] == turns and final["failed"] == 0
+    assert final["reply_rows"] == turns and final["duplicates"] == 0
+    assert final["attempted_twice"] == 0  # nothing had to run again
