@@ -56,9 +56,8 @@ class ClaimResult:
     """The claim's outcome for each turn id of a batch."""
 
     claimed: list[ClaimedTurn] = field(default_factory=list)
-    deferred: list[uuid.UUID] = field(
-        default_factory=list
-    )  # an earlier turn of its conversation is unfinished
+    # An earlier turn of its conversation is unfinished.
+    deferred: list[uuid.UUID] = field(default_factory=list)
     skipped: list[uuid.UUID] = field(default_factory=list)  # done, failed, cancelled or unknown
     exhausted: list[uuid.UUID] = field(default_factory=list)  # failed now: no attempts left
 

@@ -13,7 +13,6 @@ thread of this process (as in the tests) so it shares that engine.
 from __future__ import annotations
 
 import json
-import logging
 import resource
 import statistics
 import time
@@ -26,12 +25,10 @@ from sqlalchemy import select
 
 from core.settings import PROJECT_ROOT, queue_for_model, settings
 from db.models import Turn, TurnStatus
+from db.runs import FINISHED
 from db.session import session_scope
 
-logger = logging.getLogger(__name__)
-
 SAMPLE = PROJECT_ROOT / "data" / "sample_run_2000.jsonl"
-FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
 STAGES = ("claim", "embed", "retrieve", "prompt", "generate", "embed_reply", "write")
 
 # A character whose persona dominates its prompts, for the prefix-caching case.

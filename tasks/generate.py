@@ -37,13 +37,11 @@ Pending = tuple[uuid.UUID, Lane]
 )
 def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
-    from worker.pipeline import process_batch  # the engine lives on worker machines only
-
     model = requests[0].kwargs.get("model", settings.model)
     pending = _pending_turns(requests)
     with TurnEvents(requests[0].hostname) as events:
         events.received(pending, model)
-        resend = _answer(pending, model, events, process_batch)
+        resend = _answer(pending, model, events)
     # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
     for turns, countdown in resend:
         for lane in ("live", "bulk"):
@@ -52,9 +50,11 @@ def generate_turns(requests: list[Any]) -> None:
 
 
 def _answer(
-    pending: list[Pending], model: str, events: TurnEvents, process_batch: Any
+    pending: list[Pending], model: str, events: TurnEvents
 ) -> list[tuple[list[Pending], float | None]]:
     """Answer the flush's turns a batch at a time; returns what to send again, with its countdown."""
+    from worker.pipeline import process_batch  # the engine lives on worker machines only
+
     resend: list[tuple[list[Pending], float | None]] = []
     for start in range(0, len(pending), settings.batch_size):
         chunk, rest = pending[start : start + settings.batch_size], pending[start:]

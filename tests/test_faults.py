@@ -12,12 +12,8 @@ from sqlalchemy import func, select
 
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
-from tasks.generate import dispatch
-from tasks.producer import enqueue_turns
 from tests import worker_processes as wp
-from tests.conftest import new_conversation
 
-FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
 VISIBILITY_S = "45"  # how long Redis waits before handing a dead worker's unacked messages to another
 
 
@@ -65,25 +61,14 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(world, tmp_path, turns) -> None:
     env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S}
     logs = {name: tmp_path / f"{name}.log" for name in ("victim", "rescuer")}
-    victim = wp.start("victim", logs["victim"], **env)
-    rescuer = None
-    try:
-        wp.wait_ready({"victim": victim}, logs)
-        ids = enqueue_turns(
-            [new_conversation() | {"message": f"Bulk line {n}."} for n in range(turns)], send=False
-        )
-        dispatch(ids, model=wp.QUEUE_MODEL, lane="bulk")  # a run's messages: a batch of turn ids each
+    with wp.started("victim", logs, **env) as victim:
+        ids = wp.send_turns(turns, "Bulk line", lane="bulk")  # a run's messages: a batch of turn ids each
         # Mid-batch: some turns stored, a batch claimed and generating.
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         wp.kill(victim, signal.SIGKILL)
-        assert at_kill["running"] > 0, at_kill
-        rescuer = wp.start("rescuer", logs["rescuer"], **env)
-        wp.wait_ready({"rescuer": rescuer}, logs)
+    assert at_kill["running"] > 0, at_kill
+    with wp.started("rescuer", logs, **env):
         final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
-    finally:
-        for proc in (victim, rescuer):
-            if proc is not None:
-                wp.kill(proc, signal.SIGTERM)
     print(f"SIGKILL case: at kill {at_kill}; final {final}")
     assert final["done"] == turns and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
@@ -93,27 +78,16 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(worl
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path) -> None:
     turns = 64
     logs = {name: tmp_path / f"{name}.log" for name in ("stopping", "next")}
-    stopping = wp.start("stopping", logs["stopping"])
-    following = None
-    try:
-        wp.wait_ready({"stopping": stopping}, logs)
-        ids = enqueue_turns(
-            [new_conversation() | {"message": f"Evening line {n}."} for n in range(turns)], send=False
-        )
-        dispatch(
-            ids, model=wp.QUEUE_MODEL, lane="live"
-        )  # one message per turn: 8 prefetched, the rest queued
+    with wp.started("stopping", logs) as stopping:
+        ids = wp.send_turns(
+            turns, "Evening line", lane="live"
+        )  # one per message: 8 prefetched, the rest queued
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
         stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
         stopping.wait(timeout=300)
-        after_stop = _counts(ids)
-        following = wp.start("next", logs["next"])
-        wp.wait_ready({"next": following}, logs)
+    after_stop = _counts(ids)
+    with wp.started("next", logs):
         final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
-    finally:
-        for proc in (stopping, following):
-            if proc is not None:
-                wp.kill(proc, signal.SIGTERM)
     print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
     assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
     assert after_stop["done"] >= at_term["running"]  # the batch in hand was finished, not dropped

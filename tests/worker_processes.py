@@ -14,9 +14,12 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from core.settings import settings
+from core.settings import Lane, settings
 from tasks.app import app
 from worker.model_cache import resolve_model_path
 
@@ -43,6 +46,28 @@ def start(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
 
 def node(name: str) -> str:
     return f"{name}@{socket.gethostname()}"
+
+
+@contextmanager
+def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker, started and answering pings; SIGTERMed (and reaped) on the way out, whatever happened."""
+    proc = start(name, logs[name], **env)
+    try:
+        wait_ready({name: proc}, logs)
+        yield proc
+    finally:
+        kill(proc, signal.SIGTERM)
+
+
+def send_turns(n: int, message: str, *, lane: Lane) -> list[uuid.UUID]:
+    """n turns in fresh conversations, sent to the worker processes' queue."""
+    from tasks.generate import dispatch
+    from tasks.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    ids = enqueue_turns([new_conversation() | {"message": f"{message} {i}."} for i in range(n)], send=False)
+    dispatch(ids, model=QUEUE_MODEL, lane=lane)
+    return ids
 
 
 def wait_ready(
