@@ -62,7 +62,7 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
                     "embedded PostgreSQL: shared_buffers=%s applies after a restart (`mlchat services stop`)",
                     shared_buffers,
                 )
-        _ensure_database(admin_uri)
+        ensure_database(admin_uri, DATABASE_NAME)
     return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
 
 
@@ -89,14 +89,15 @@ def _pg_ctl(state_dir: Path, action: str) -> None:
     pg_ctl(["-w", "-m", "fast", action], pgdata=_pgdata(state_dir), user=user, timeout=60)
 
 
-def _ensure_database(admin_uri: str) -> None:
+def ensure_database(admin_uri: str, name: str) -> None:
+    """Create database `name` on the server at the libpq URI unless it exists."""
     import psycopg
     from psycopg import sql
 
     with psycopg.connect(admin_uri, autocommit=True) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
         if not exists:
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE_NAME)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
 
 
 def _sqlalchemy_url(libpq_uri: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -298,15 +298,18 @@ def fail_turns(
     )
 
 
-def requeue_turns(*, session: Session, turn_ids: Iterable[uuid.UUID], reason: str) -> None:
-    """Put running turns back to queued, keeping the reason of the last failed attempt."""
-    ids = list(turn_ids)
-    if ids:
-        session.execute(
-            update(Turn)
-            .where(Turn.id.in_(ids), Turn.status == TurnStatus.RUNNING)
-            .values(status=TurnStatus.QUEUED, error=reason[:2000])
-        )
+def requeue_turns(*, session: Session, errors: dict[uuid.UUID, str]) -> None:
+    """Put running turns back to queued, keeping the reason of their failed attempt."""
+    if not errors:
+        return
+    session.execute(
+        update(Turn).where(Turn.status == TurnStatus.RUNNING),
+        [
+            dict(id=turn_id, status=TurnStatus.QUEUED, error=reason[:2000])
+            for turn_id, reason in errors.items()
+        ],
+        execution_options={"synchronize_session": None},
+    )
 
 
 def cancel_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:

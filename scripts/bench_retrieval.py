@@ -18,11 +18,14 @@ import time
 from typing import Any
 
 import numpy as np
-from sqlalchemy import create_engine, make_url, text
+from psycopg import sql
+from sqlalchemy import create_engine, func, make_url, select, text
 from sqlalchemy.orm import Session
 
+from core.embedded import ensure_database
 from core.services import database_url
 from core.settings import settings
+from db.models import Conversation, Message, StoryEvent
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.world import upsert_character
 
@@ -58,11 +61,7 @@ class Vectors:
 
 def _bench_engine() -> Any:
     url = make_url(database_url())
-    admin = create_engine(url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        if not conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :d"), {"d": DATABASE}).scalar():
-            conn.execute(text(f'CREATE DATABASE "{DATABASE}"'))  # a constant name, not input
-    admin.dispose()
+    ensure_database(url.set(drivername="postgresql").render_as_string(hide_password=False), DATABASE)
     return create_engine(url.set(database=DATABASE))
 
 
@@ -80,8 +79,8 @@ def _migrate(engine: Any) -> None:
 def _counts(engine: Any) -> tuple[int, int, int]:
     with engine.connect() as conn:
         return tuple(  # type: ignore[return-value]
-            conn.execute(text(f"SELECT count(*) FROM {table}")).scalar_one()  # constant table names
-            for table in ("conversations", "messages", "story_events")
+            conn.execute(select(func.count()).select_from(model)).scalar_one()
+            for model in (Conversation, Message, StoryEvent)
         )
 
 
@@ -114,10 +113,10 @@ def _build_world(engine: Any, messages: int, conversations: int, events: int) ->
             .scalars()
             .all()
         )
+        raw = conn.connection.driver_connection
         for definition in index_defs:  # build HNSW once after loading: far faster than row by row
             name = definition.split(" INDEX ", 1)[1].split(" ON ", 1)[0]
-            conn.execute(text(f"DROP INDEX {name}"))
-        raw = conn.connection.driver_connection
+            raw.execute(sql.SQL("DROP INDEX {}").format(sql.Identifier(name)))
         register_vector(raw)
         cursor = raw.cursor()
         with cursor.copy(

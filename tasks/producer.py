@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel
+from sqlalchemy.exc import OperationalError
 
 from core.settings import Lane, settings
 from db.models import Turn, TurnStatus
@@ -71,15 +72,40 @@ def enqueue_turns(
 ) -> list[uuid.UUID]:
     """Queue many turns in one transaction and one broker round; returns ids in input order.
 
-    Rule for a broker outage: the rows are committed first (so a worker never gets an id it
-    cannot read), then sent; if sending fails, the new turns are marked failed with the reason and
-    EnqueueError is raised, so no turn stays queued with no message behind it.
+    Outage rules. Database unreachable: EnqueueError, and no message is sent. Broker unreachable:
+    the rows are committed first (so a worker never gets an id it cannot read), then sent; if
+    sending fails, the new turns are marked failed with the reason and EnqueueError is raised, so no
+    turn stays queued with no message behind it.
     """
     parsed = [_as_request(r) for r in requests]
     for req in parsed:
         model = req.model or settings.model
         if model not in settings.models:
             raise ValueError(f"unknown model {model!r}: this deployment serves {settings.models}")
+    try:
+        created, new = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids)
+    except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
+        raise EnqueueError(
+            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
+            f"{exc.orig}"
+        ) from exc
+    if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
+        return [turn_id for turn_id, _ in created]
+    fresh: dict[str, list[uuid.UUID]] = {}
+    for (turn_id, is_new), turn in zip(created, new, strict=True):
+        if is_new:
+            fresh.setdefault(turn.model, []).append(turn_id)
+    send_new_turns(fresh, lane=lane)
+    return [turn_id for turn_id, _ in created]
+
+
+def _store_turns(
+    parsed: Sequence[TurnRequest],
+    *,
+    run_id: uuid.UUID | None,
+    custom_ids: Sequence[str] | None,
+) -> tuple[list[tuple[uuid.UUID, bool]], list[NewTurn]]:
+    """Insert the turns (and any new conversations) in one transaction; (id, is_new) per request."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed)
         new = [
@@ -96,14 +122,7 @@ def enqueue_turns(
             for i, req in enumerate(parsed)
         ]
         created = create_turns(session=session, turns=new)
-    if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
-        return [turn_id for turn_id, _ in created]
-    fresh: dict[str, list[uuid.UUID]] = {}
-    for (turn_id, is_new), turn in zip(created, new, strict=True):
-        if is_new:
-            fresh.setdefault(turn.model, []).append(turn_id)
-    send_new_turns(fresh, lane=lane)
-    return [turn_id for turn_id, _ in created]
+    return created, new
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:

@@ -9,10 +9,15 @@ import time
 
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
+from core import embedded
+from core.settings import settings
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
+from tasks.producer import enqueue_turns
 from tests import worker_processes as wp
+from tests.conftest import new_conversation
 
 VISIBILITY_S = "45"  # how long Redis waits before handing a dead worker's unacked messages to another
 
@@ -49,7 +54,11 @@ def _counts(ids) -> dict[str, int]:
 def _wait(ids, until, timeout: float) -> dict[str, int]:
     deadline = time.monotonic() + timeout
     while True:
-        counts = _counts(ids)
+        try:
+            counts = _counts(ids)
+        except OperationalError:  # PostgreSQL is restarting (the restart case): ask again
+            time.sleep(0.5)
+            continue
         if until(counts) or time.monotonic() > deadline:
             return counts
         time.sleep(0.5)
@@ -94,3 +103,69 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
     assert final["done"] == turns and final["failed"] == 0
     assert final["reply_rows"] == turns and final["duplicates"] == 0
     assert final["attempted_twice"] == 0  # nothing had to run again
+
+
+def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(world, services, tmp_path) -> None:
+    turns = 96
+    logs = {"through-restart": tmp_path / "through-restart.log"}
+    with wp.started("through-restart", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S):
+        ids = wp.send_turns(turns, "Tavern line", lane="bulk")
+        at_stop = _wait(ids, lambda c: c["done"] >= 8, timeout=600)
+        embedded.stop_redis(services)  # SIGTERM: Redis writes its append-only file and exits
+        time.sleep(3)  # down long enough for the worker to notice
+        embedded.start_redis(services)  # same port, same data directory
+        back = time.monotonic()
+        done_at_restart = _counts(ids)["done"]
+        _wait(ids, lambda c: c["done"] > done_at_restart, timeout=120)
+        first_batch_s = time.monotonic() - back
+        ids += wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
+        final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
+    print(
+        f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
+        f"was back; final {final}"
+    )
+    assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
+    assert final["done"] == len(ids) == turns + 8 and final["failed"] == 0  # zero lost
+    assert final["reply_rows"] == len(ids) and final["duplicates"] == 0
+
+
+def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(world, services, tmp_path) -> None:
+    turns = 96
+    logs = {"through-pg-restart": tmp_path / "through-pg-restart.log"}
+    with wp.started("through-pg-restart", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S):
+        ids = wp.send_turns(turns, "Harbour line", lane="bulk")
+        at_restart = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+        embedded._pg_ctl(services, "restart")  # fast mode: every open connection is cut
+        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    print(f"PostgreSQL restart case: at restart {at_restart}; final {final}")
+    assert final["done"] == turns and final["failed"] == 0  # zero lost
+    assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero duplicated
+
+
+POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
+
+
+def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, monkeypatch) -> None:
+    from worker import engine as engine_module
+
+    real = engine_module.generate
+
+    def poisoned(requests):
+        if any(r.seed == POISON_SEED for r in requests):
+            raise RuntimeError("injected: the engine rejects this request")
+        return real(requests)
+
+    monkeypatch.setattr(engine_module, "generate", poisoned)
+    requests = [new_conversation() | {"message": f"Good evening {i}."} for i in range(15)]
+    requests.insert(5, new_conversation() | {"message": "Poison", "params": {"seed": POISON_SEED}})
+    ids = enqueue_turns(requests)  # live: the session's in-process worker takes them in batches
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=600)
+    with session_scope() as s:
+        poison = s.get(Turn, ids[5])
+        mates_attempts = set(s.scalars(select(Turn.attempts).where(Turn.id.in_(ids[:5] + ids[6:]))))
+    print(f"engine-fault case: {final}; poison turn {poison.status} after {poison.attempts} attempts")
+    assert final["done"] == len(ids) - 1 and final["failed"] == 1 and final["duplicates"] == 0
+    assert poison.status == TurnStatus.FAILED and poison.attempts == settings.max_attempts
+    assert "injected: the engine rejects this request" in poison.error
+    assert f"gave up after {settings.max_attempts} attempts" in poison.error
+    assert mates_attempts == {1}  # its batch-mates were answered on their first attempt

@@ -108,7 +108,7 @@ def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) ->
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
     for attempt in range(1, settings.max_attempts):
         report = process_batch([turn_id])
-        assert report.retry == [turn_id] and not report.failed
+        assert list(report.retry) == [turn_id] and not report.failed
         view = get_turn(turn_id)
         assert view.status == TurnStatus.QUEUED and view.attempts == attempt and "engine error" in view.error
     report = process_batch([turn_id])

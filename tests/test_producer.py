@@ -1,9 +1,17 @@
 """The producer API: validation, idempotency, conversations, cancel; real PostgreSQL and Redis."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
+from sqlalchemy import select
 
-from db.models import TurnStatus
+from db.models import Turn, TurnStatus
+from db.session import session_scope
 from db.turns import IdempotencyConflict
 from tasks.producer import cancel_turn, enqueue_turn, enqueue_turns, get_turn
 from tests.conftest import new_conversation
@@ -67,3 +75,63 @@ def test_cancel_a_queued_turn(world) -> None:
     assert cancel_turn(turn_id) is True
     assert get_turn(turn_id).status == TurnStatus.CANCELLED
     assert cancel_turn(turn_id) is False
+
+
+_ENQUEUE_ONE = """
+import json, sys
+from tasks.producer import EnqueueError, enqueue_turn
+try:
+    enqueue_turn(json.loads(sys.argv[1]))
+except EnqueueError as exc:
+    print("EnqueueError:", exc)
+"""
+
+
+def _enqueue_in_a_producer_process(request: dict, **env: str) -> str:
+    """Enqueue from a fresh process pointed at `env`'s servers (the URLs are read once, at start)."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _ENQUEUE_ONE, json.dumps(request)],
+        env=os.environ | env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # nothing listens once the socket closes
+
+
+def test_database_unreachable_at_enqueue_is_an_error_and_sends_nothing(world) -> None:
+    from core.services import broker_url
+    from tasks.queues import queue_depth
+
+    model = "no-db-check"  # a queue of its own, which no worker consumes
+    out = _enqueue_in_a_producer_process(
+        new_conversation() | {"message": "Hello?"},
+        DATABASE_URL=f"postgresql://mlchat@127.0.0.1:{_closed_port()}/mlchat",
+        REDIS_URL=broker_url(),
+        MLCHAT_MODEL=model,
+    )
+    assert "EnqueueError: database unreachable at enqueue; nothing was sent" in out
+    assert queue_depth(model, "live") == 0  # no orphan task
+
+
+def test_broker_unreachable_at_enqueue_fails_the_turn_it_stored(world) -> None:
+    from core.services import database_url
+
+    key = "broker-down-" + new_conversation()["conversation"]
+    out = _enqueue_in_a_producer_process(
+        new_conversation() | {"message": "Hello?", "idempotency_key": key},
+        DATABASE_URL=database_url(),
+        REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0",
+    )
+    assert "EnqueueError: could not reach the broker; 1 turn(s) marked failed" in out
+    with session_scope() as s:
+        turn = s.scalars(select(Turn).where(Turn.idempotency_key == key)).one()
+    # The rule: the row was committed before the send, and a failed send leaves it failed, never queued.
+    assert turn.status == TurnStatus.FAILED and "broker unreachable at enqueue" in turn.error

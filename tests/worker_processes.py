@@ -19,6 +19,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import kombu.exceptions
+import redis
+
 from core.settings import Lane, settings
 from tasks.app import app
 from worker.model_cache import resolve_model_path
@@ -81,7 +84,11 @@ def wait_ready(
         for name, proc in procs.items():
             assert proc.poll() is None, f"worker {name} exited:\n" + logs[name].read_text()[-3000:]
         assert time.monotonic() < deadline, "workers did not come up"
-        for reply in app.control.ping(destination=sorted(wanted), timeout=1.0):
+        try:
+            replies = app.control.ping(destination=sorted(wanted), timeout=1.0)
+        except (redis.ConnectionError, kombu.exceptions.OperationalError):
+            continue  # a pooled connection from before a broker restart: the next try reconnects
+        for reply in replies:
             ready |= set(reply)
 
 

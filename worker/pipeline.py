@@ -21,7 +21,7 @@ from db.session import session_scope
 from db.turns import ClaimedTurn, TurnOutcome, claim_turns, fail_turns, requeue_turns, store_replies
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import GenerationRequest
+from worker.engine import Generation, GenerationRequest
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
 
@@ -35,7 +35,7 @@ class BatchReport:
 
     done: list[uuid.UUID] = field(default_factory=list)
     failed: dict[uuid.UUID, str] = field(default_factory=dict)
-    retry: list[uuid.UUID] = field(default_factory=list)  # back to queued after a failed attempt
+    retry: dict[uuid.UUID, str] = field(default_factory=dict)  # back to queued after a failed attempt
     deferred: list[uuid.UUID] = field(default_factory=list)  # waits for an earlier turn of its conversation
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     timings: dict[str, float] = field(default_factory=dict)
@@ -101,12 +101,11 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     ready = [t for t in turns if t.id in prompts]
 
     with timer("generate"):
-        try:
-            generations = engine_module.generate([_request(t, prompts[t.id]) for t in ready])
-        except Exception as exc:  # the engine failed the whole call: no turn of it is at fault
-            logger.exception("engine failed a batch of %d turns", len(ready))
-            _retry_or_fail(ready, f"engine error: {exc!r}", report)
-            ready, generations = [], []
+        results = generate_isolating([_request(t, prompts[t.id]) for t in ready])
+    broken = {t.id: r for t, r in zip(ready, results, strict=True) if isinstance(r, Exception)}
+    _retry_or_fail([t for t in ready if t.id in broken], broken, report)
+    generations = [r for r in results if not isinstance(r, Exception)]
+    ready = [t for t in ready if t.id not in broken]
 
     answered = [(t, g) for t, g in zip(ready, generations, strict=True) if g.text]
     for turn, gen in zip(ready, generations, strict=True):
@@ -145,7 +144,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     with timer("write"), session_scope() as session:
         report.done = store_replies(session=session, outcomes=outcomes)
         fail_turns(session=session, errors=report.failed, timings=batch_timings)
-        requeue_turns(session=session, turn_ids=report.retry, reason="engine error; retrying")
+        requeue_turns(session=session, errors=report.retry)
     report.timings = {**batch_timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=[g for _, g in answered])
     return report
@@ -199,9 +198,29 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:
     )
 
 
-def _retry_or_fail(turns: Sequence[ClaimedTurn], reason: str, report: BatchReport) -> None:
+def generate_isolating(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:
+    """One engine call for the batch; if it raises, split the batch in halves and try each, so a
+    request that makes vLLM reject the whole call (one poison prompt) fails alone, not its batch-mates.
+    Costs nothing when the engine succeeds, and about 2n calls when it is down for everyone."""
+    if not requests:
+        return []
+    try:
+        return list(engine_module.generate(requests))
+    except Exception as exc:
+        if len(requests) == 1:
+            logger.warning("engine failed a request: %r", exc)
+            return [exc]
+        logger.warning("engine failed a batch of %d; splitting it to find the cause: %r", len(requests), exc)
+    half = len(requests) // 2
+    return generate_isolating(requests[:half]) + generate_isolating(requests[half:])
+
+
+def _retry_or_fail(
+    turns: Sequence[ClaimedTurn], errors: dict[uuid.UUID, Exception], report: BatchReport
+) -> None:
     for turn in turns:
+        reason = f"engine error: {errors[turn.id]!r}"
         if turn.attempts < settings.max_attempts:
-            report.retry.append(turn.id)
+            report.retry[turn.id] = f"{reason}; retrying"
         else:
             report.failed[turn.id] = f"{reason} (gave up after {turn.attempts} attempts)"

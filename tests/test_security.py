@@ -1,0 +1,49 @@
+"""Security rules that a tool can check: no SQL from strings, secrets only from the environment,
+Flower behind basic auth. (API keys: test_http_api.py; a player cannot open a system turn:
+test_prompt.py.)"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from core.settings import PROJECT_ROOT
+
+RUFF = Path(sys.executable).parent / "ruff"
+SOURCE_DIRS = ("api", "core", "db", "tasks", "worker", "scripts", "migrations")
+
+
+def _sql_from_strings(*paths: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(RUFF), "check", "--no-cache", "--select", "S608", "--output-format", "concise", *paths],
+        capture_output=True,
+        text=True,
+        cwd=PROJECT_ROOT,
+        timeout=120,
+    )
+
+
+def test_no_sql_is_built_by_string_formatting() -> None:
+    result = _sql_from_strings(*SOURCE_DIRS)
+    assert result.returncode == 0, result.stdout
+
+
+def test_the_sql_check_catches_a_formatted_query(tmp_path) -> None:
+    bad = tmp_path / "bad.py"
+    bad.write_text('def q(conn, name):\n    return conn.execute(f"SELECT * FROM turns WHERE id = {name}")\n')
+    result = _sql_from_strings(str(bad))
+    assert result.returncode != 0 and "S608" in result.stdout
+
+
+def test_compose_takes_every_secret_from_the_environment_and_guards_flower() -> None:
+    text = (PROJECT_ROOT / "docker-compose.yml").read_text()
+    compose = yaml.safe_load(text)
+    flower = " ".join(compose["services"]["flower"]["command"])
+    assert re.search(r"--basic-auth=\$\{FLOWER_USER:\?[^}]*\}:\$\{FLOWER_PASSWORD:\?[^}]*\}", flower)
+    # Each secret is a required variable (${X:?…}): compose refuses to start rather than use a default.
+    for secret in ("POSTGRES_PASSWORD", "FLOWER_PASSWORD", "MLCHAT_API_KEYS"):
+        uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
+        assert uses and all(u.startswith(":?") for u in uses), (secret, uses)
+    assert not re.search(r"(?i)password[:=]\s*['\"]?(?!\$\{)\w", text), "a literal password in compose"
