@@ -23,6 +23,7 @@ COPY tasks ./tasks
 COPY scripts ./scripts
 COPY migrations ./migrations
 COPY api ./api
+COPY roleplay ./roleplay
 RUN pip install --no-cache-dir vllm==0.32.0 \
  && pip install --no-cache-dir .
 

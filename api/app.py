@@ -6,7 +6,7 @@ Run with `uvicorn api.app:create_app --factory` (or `mlchat api`).
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, HTTPException, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
@@ -19,7 +19,8 @@ from api.body_limit import BodySizeLimit
 from core import metrics
 from core.settings import settings
 from db.turns import IdempotencyConflict
-from tasks import producer
+from roleplay.cards import CardError
+from tasks import characters, producer
 from tasks.producer import EnqueueError, TurnView
 from tasks.schemas import TurnRequest
 
@@ -35,6 +36,17 @@ class BatchRequest(BaseModel):
 
 class BatchAccepted(BaseModel):
     ids: list[uuid.UUID]
+
+
+class StoryEventIn(BaseModel):
+    text: str = Field(min_length=1, max_length=4000)
+    scene: str = Field(default="", max_length=200)
+    time: int | None = None
+
+
+class CharacterImported(BaseModel):
+    slug: str
+    id: int
 
 
 class Cancelled(BaseModel):
@@ -84,6 +96,42 @@ def create_app() -> FastAPI:
         if view is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
         return view
+
+    @app.get("/v1/turns/{turn_id}/manifest", dependencies=authed)
+    async def get_manifest(turn_id: uuid.UUID) -> Any:
+        """What went into the turn's prompt, why, and the tokens of each section (they sum to the prompt)."""
+        view = await run_in_threadpool(producer.get_turn, turn_id)
+        if view is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
+        if view.context is None:
+            detail = f"turn {turn_id} is {view.status.value}: no prompt yet"
+            raise HTTPException(status.HTTP_409_CONFLICT, detail)
+        return view.context
+
+    @app.post("/v1/characters:import", status_code=201, dependencies=authed, response_model=CharacterImported)
+    async def import_character(request: Request, slug: str | None = None) -> CharacterImported:
+        """Import a SillyTavern V2/V3 card: the JSON or PNG file as the request body."""
+        try:
+            found, char_id = await run_in_threadpool(characters.import_card, await request.body(), slug)
+        except CardError as exc:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+        return CharacterImported(slug=found, id=char_id)
+
+    @app.get("/v1/characters/{slug}/card", dependencies=authed)
+    async def export_character(slug: str, format: Literal["json", "png"] = "json") -> Response:
+        """The character as a card (the imported card, unknown fields and extensions included)."""
+        try:
+            data = await run_in_threadpool(characters.export_card, slug, format)
+        except LookupError as exc:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+        return Response(data, media_type="image/png" if format == "png" else "application/json")
+
+    @app.post("/v1/stories/{story}/events", status_code=201, dependencies=authed)
+    async def add_story_event(story: str, body: StoryEventIn) -> Any:
+        """Append an event to a story; it is embedded on write and retrieved by later turns."""
+        return await run_in_threadpool(
+            characters.add_story_event, story, body.text, scene=body.scene, time=body.time
+        )
 
     @app.delete("/v1/turns/{turn_id}", dependencies=authed, response_model=Cancelled)
     async def cancel_turn(turn_id: uuid.UUID) -> Cancelled:

@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=64, ge=1, le=1000)  # story-event search breadth (recall vs speed)
     max_message_chars: int = Field(default=4000, ge=1)
 
+    # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another
+    # seed, when quality_regenerate is on; the better-scoring of the two is kept and both scores stored.
+    quality_regenerate: bool = False
+    quality_min_persona: float = Field(default=0.1, ge=-1, le=1)
+    quality_max_repetition: float = Field(default=0.6, ge=0, le=1)
+
     # HTTP ingest.
     api_keys: list[str] = Field(default_factory=list, repr=False)
     api_max_body_bytes: int = Field(default=1_000_000, ge=1024)

@@ -9,6 +9,7 @@ from typing import Any
 
 from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
+    JSON,
     BigInteger,
     CheckConstraint,
     DateTime,
@@ -91,6 +92,11 @@ class Character(Base):
     first_message: Mapped[str] = mapped_column(Text, default="")
     system_prompt: Mapped[str] = mapped_column(Text, default="")
     post_history_instructions: Mapped[str] = mapped_column(Text, default="")
+    # An imported character card exactly as given (json, not jsonb: key order and every unknown field
+    # survive, so export gives the card back); None for characters defined in data/.
+    card: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # The lorebook (World Info) in mlchat's form (worker/lorebook.py), from the card or data/.
+    lorebook: Mapped[dict[str, Any] | None] = mapped_column()
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -101,6 +107,7 @@ class Conversation(Base):
     """One player's thread with one character, keyed by the game's own id."""
 
     __tablename__ = "conversations"
+    __table_args__ = (CheckConstraint("affinity BETWEEN -100 AND 100", name="affinity_bounded"),)
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     external_id: Mapped[str] = mapped_column(String(200), unique=True)
@@ -109,6 +116,9 @@ class Conversation(Base):
     character_id: Mapped[int] = mapped_column(ForeignKey("characters.id"))
     story: Mapped[str | None] = mapped_column(String(100))
     story_time: Mapped[int | None] = mapped_column(Integer)
+    # The character's current mood and its regard for the player, updated with each reply.
+    emotion: Mapped[str] = mapped_column(String(16), default="neutral", server_default="neutral")
+    affinity: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
     character: Mapped[Character] = relationship(lazy="joined")
@@ -196,6 +206,8 @@ class Turn(Base):
     run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str] = mapped_column(Text)
+    # Who answers: the conversation's character, or the story's narrator (third person).
+    speaker: Mapped[str] = mapped_column(String(16), default="character", server_default="character")
     status: Mapped[TurnStatus] = mapped_column(_enum(TurnStatus, "turn_status"), default=TurnStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
@@ -210,6 +222,8 @@ class Turn(Base):
     reply: Mapped[str | None] = mapped_column(Text)
     usage: Mapped[dict[str, Any] | None] = mapped_column()
     timings: Mapped[dict[str, Any] | None] = mapped_column()
+    state: Mapped[dict[str, Any] | None] = mapped_column()  # emotion and affinity, before and after
+    quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
     error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

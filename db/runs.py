@@ -6,8 +6,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -81,6 +82,32 @@ def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
         failed=n[TurnStatus.FAILED],
         cancelled=n[TurnStatus.CANCELLED],
     )
+
+
+def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
+    """Reply-quality summary of a run's answered turns (roleplay/quality.py)."""
+    q = Turn.quality
+    row = session.execute(
+        select(
+            func.count(q),
+            func.avg(q["persona"].as_float()),
+            func.avg(q["repetition"].as_float()),
+            func.avg(case((q["language_match"].as_boolean(), 1.0), else_=0.0)),
+            func.count().filter(func.jsonb_array_length(q["below_bar"]) > 0),
+            func.count().filter(q.has_key("regenerated")),
+        ).where(Turn.run_id == run_id, q.is_not(None))
+    ).one()
+    scored, persona, repetition, language, below, regenerated = row
+    if not scored:
+        return {"scored": 0}
+    return {
+        "scored": scored,
+        "persona_mean": round(float(persona), 4),
+        "repetition_mean": round(float(repetition), 4),
+        "language_match_rate": round(float(language), 4),
+        "below_bar": below,
+        "regenerated": regenerated,
+    }
 
 
 def refresh_status(*, session: Session, run: Run) -> RunCounts:

@@ -33,6 +33,7 @@ class NewTurn:
     params: dict[str, Any]
     run_id: uuid.UUID | None = None
     custom_id: str | None = None
+    speaker: str = "character"
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class ClaimedTurn:
     story: str | None
     story_time: int | None
     queued_ms: float
+    speaker: str = "character"
+    emotion: str = "neutral"
+    affinity: int = 0
 
 
 @dataclass
@@ -164,6 +168,9 @@ def claim_turns(
                     story=conv.story,
                     story_time=conv.story_time,
                     queued_ms=float(waited_s) * 1000.0,
+                    speaker=turn.speaker,
+                    emotion=conv.emotion,
+                    affinity=conv.affinity,
                 )
             )
     unclaimed = [i for i in turn_ids if i not in set(claimed_ids) | set(exhausted)]
@@ -191,6 +198,9 @@ class TurnOutcome:
     usage: dict[str, Any]
     timings: dict[str, Any]
     params: dict[str, Any]
+    reply_role: Role = Role.ASSISTANT  # NARRATOR for a narrator turn
+    state: dict[str, Any] | None = None  # the mood update: {"before", "after", ...}
+    quality: dict[str, Any] | None = None
 
 
 def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -224,7 +234,7 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
         seq = next_seq.get(o.conversation_id, 0)
         for offset, role, content, vector in (
             (1, Role.USER, o.user_message, o.user_embedding),
-            (2, Role.ASSISTANT, o.reply, o.reply_embedding),
+            (2, o.reply_role, o.reply, o.reply_embedding),
         ):
             rows.append(
                 dict(
@@ -248,7 +258,7 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
     for msg_id, turn_id, role in session.execute(stmt, rows).tuples():
         if turn_id is not None:
             inserted.setdefault(turn_id, {})[Role(role)] = msg_id
-    stored = [o for o in outcomes if Role.ASSISTANT in inserted.get(o.turn_id, {})]
+    stored = [o for o in outcomes if o.reply_role in inserted.get(o.turn_id, {})]
     finished_at = datetime.now(UTC)
     if stored:
         session.execute(
@@ -263,14 +273,29 @@ def store_replies(*, session: Session, outcomes: Sequence[TurnOutcome]) -> list[
                     usage=o.usage,
                     timings=o.timings,
                     params=o.params,
+                    state=o.state,
+                    quality=o.quality,
                     error=None,
                     user_message_id=inserted[o.turn_id].get(Role.USER),
-                    reply_message_id=inserted[o.turn_id][Role.ASSISTANT],
+                    reply_message_id=inserted[o.turn_id][o.reply_role],
                     finished_at=finished_at,
                 )
                 for o in stored
             ],
         )
+        moods = [o for o in stored if o.state is not None]
+        if moods:  # in the reply's transaction: the state never moves without the reply that moved it
+            session.execute(
+                update(Conversation),
+                [
+                    dict(
+                        id=o.conversation_id,
+                        emotion=o.state["after"]["emotion"],  # type: ignore[index]
+                        affinity=o.state["after"]["affinity"],  # type: ignore[index]
+                    )
+                    for o in moods
+                ],
+            )
     return [o.turn_id for o in stored]
 
 

@@ -23,6 +23,8 @@ CHARACTER_FIELDS = (
     "first_message",
     "system_prompt",
     "post_history_instructions",
+    "card",
+    "lorebook",
 )
 
 
@@ -129,3 +131,28 @@ def find_characters(*, session: Session, slugs: Sequence[str]) -> dict[str, int]
 def all_character_slugs(*, session: Session) -> list[str]:
     """Every character's slug."""
     return list(session.scalars(select(Character.slug)).all())
+
+
+def get_character(*, session: Session, slug: str) -> Character | None:
+    return session.scalars(select(Character).where(Character.slug == slug)).one_or_none()
+
+
+def append_story_event(
+    *, session: Session, story: str, text: str, scene: str, time: int | None, embedding: Any
+) -> tuple[int, int]:
+    """Add an event at the end of a story (next ordinal; time defaults to the last event's); (id, ordinal)."""
+    session.execute(select(func.pg_advisory_xact_lock(func.hashtext(story))))  # one appender per story
+    last = session.execute(
+        select(StoryEvent.ordinal, StoryEvent.time)
+        .where(StoryEvent.story == story)
+        .order_by(StoryEvent.ordinal.desc())
+        .limit(1)
+    ).first()
+    ordinal = (last[0] + 1) if last else 1
+    event_time = time if time is not None else (last[1] if last else 0)
+    row = StoryEvent(
+        story=story, ordinal=ordinal, scene=scene, time=event_time, text=text, embedding=embedding
+    )
+    session.add(row)
+    session.flush()
+    return row.id, ordinal

@@ -132,6 +132,8 @@ def _run_progress(ref: str, *, watch: bool) -> int:
         f"{state.id} {state.status.value} total={c.total} completed={c.completed} failed={c.failed} "
         f"cancelled={c.cancelled} queued={c.queued} running={c.running}"
     )
+    if state.quality.get("scored"):
+        print("quality " + " ".join(f"{k}={v}" for k, v in state.quality.items()))
     if state.error:
         print(state.error)
     return 0
@@ -148,6 +150,7 @@ def _chat(args: argparse.Namespace) -> int:
         "message": args.message,
         "player_name": args.player_name,
         "params": json.loads(args.params) if args.params else {},
+        "speaker": "narrator" if args.narrator else "character",
     }
     if args.inline:
         from worker.inline import answer_now
@@ -158,6 +161,43 @@ def _chat(args: argparse.Namespace) -> int:
         view = wait_for_reply(turn_id, timeout=args.timeout)
     print(render_turn(view, f"{args.character} · {request['conversation']}"))
     return 0 if view.reply is not None else 1
+
+
+def _card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from tasks.characters import export_card, import_card
+
+    if args.action == "import":
+        slug, char_id = import_card(Path(args.target).read_bytes(), args.slug)
+        print(f"imported {args.target} as character {slug!r} (id {char_id})")
+        return 0
+    image = Path(args.image).read_bytes() if args.image else None
+    data = export_card(args.target, "png" if args.out.endswith(".png") else "json", image)
+    Path(args.out).write_bytes(data)
+    print(f"wrote {args.out} ({len(data)} bytes)")
+    return 0
+
+
+def _manifest(args: argparse.Namespace) -> int:
+    import uuid
+
+    from scripts.render import render_manifest
+    from tasks.producer import get_turn
+
+    view = get_turn(uuid.UUID(args.turn_id))
+    if view is None:
+        print(f"no turn {args.turn_id}", file=sys.stderr)
+        return 1
+    print(json.dumps(view.context, ensure_ascii=False, indent=2) if args.json else render_manifest(view))
+    return 0
+
+
+def _story_event(args: argparse.Namespace) -> int:
+    from tasks.characters import add_story_event
+
+    print(add_story_event(args.story, args.text, scene=args.scene, time=args.time))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,7 +248,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default=None, help="generation params as JSON, e.g. '{\"seed\": 1}'")
     p.add_argument("--inline", action="store_true", help="run the pipeline in this process, no worker needed")
     p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--narrator", action="store_true", help="address the story's narrator, not the character")
     p.set_defaults(func=_chat)
+
+    p = sub.add_parser("card", help="import a SillyTavern V2/V3 card (JSON or PNG), or export one")
+    p.add_argument("action", choices=["import", "export"])
+    p.add_argument("target", help="import: the card file; export: the character's slug")
+    p.add_argument("--slug", default=None, help="import: the character's slug (default: from its name)")
+    p.add_argument("--out", default="card.json", help="export: output file (.json or .png)")
+    p.add_argument("--image", default=None, help="export to PNG: the avatar to embed the card in")
+    p.set_defaults(func=_card)
+
+    p = sub.add_parser("manifest", help="what went into a turn's prompt, why, and its token counts")
+    p.add_argument("turn_id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_manifest)
+
+    p = sub.add_parser("story-event", help="append an event to a story (embedded on write)")
+    p.add_argument("story")
+    p.add_argument("text")
+    p.add_argument("--scene", default="")
+    p.add_argument("--time", type=int, default=None)
+    p.set_defaults(func=_story_event)
     return parser
 
 

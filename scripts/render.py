@@ -19,6 +19,35 @@ def render_turn(view: TurnView, title: str = "") -> str:
         out.append(f"[Error]\n{view.error}")
     if view.usage:
         out.append("[Usage]\n" + json.dumps(view.usage, ensure_ascii=False))
+    if view.state:
+        before, after = view.state["before"], view.state["after"]
+        out.append(
+            f"[Mood]\n{before['emotion']} → {after['emotion']}, affinity {before['affinity']} → "
+            f"{after['affinity']}" + "".join(f"\n  {note}" for note in view.state["notes"])
+        )
+    if view.quality:
+        out.append("[Quality]\n" + json.dumps(view.quality, ensure_ascii=False))
     if view.timings:
         out.append("[Timing ms]\n" + json.dumps(view.timings, indent=2))
     return "\n".join(out) + "\n"
+
+
+def render_manifest(view: TurnView) -> str:
+    """The context manifest as a table: every section's tokens, what fired and why, what was dropped."""
+    m = view.context or {}
+    if not m:
+        return f"turn {view.id} has no manifest yet (status {view.status.value})"
+    speaker = m.get("speaker", "character")
+    out = [f"turn {view.id} · {speaker} · {m['prompt_tokens']} of {m['budget_tokens']} tokens"]
+    out.append("sections:")
+    out += [f"  {name:18} {n:6}" for name, n in m["sections"].items()]
+    out.append(f"  {'total':18} {sum(m['sections'].values()):6}")
+    for entry in m.get("lore", []):
+        out.append(f"lore {entry['id']} {entry['name']!r}: {entry['tokens']} tokens, {entry['reason']}")
+    for kind, label in (("events", "event"), ("memories", "memory")):
+        for item in m.get(kind, []):
+            out.append(f"{label} {item['id']}: score {item['score']}, {item['tokens']} tokens")
+    out.append(f"history kept: {len(m.get('history', []))} lines")
+    for d in m.get("dropped", []):
+        out.append(f"dropped {d['kind']} {d['id']}: {d['reason']}")
+    return "\n".join(out)

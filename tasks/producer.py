@@ -32,6 +32,7 @@ class TurnView(BaseModel):
     conversation_id: int
     custom_id: str | None
     model: str
+    speaker: str
     message: str
     reply: str | None
     params: dict[str, Any]
@@ -41,6 +42,8 @@ class TurnView(BaseModel):
     attempts: int
     prompt: str | None
     context: dict[str, Any] | None
+    state: dict[str, Any] | None
+    quality: dict[str, Any] | None
     created_at: datetime
     finished_at: datetime | None
 
@@ -118,6 +121,7 @@ def _store_turns(
                 params=req.params.resolved(),
                 run_id=run_id,
                 custom_id=custom_ids[i] if custom_ids else None,
+                speaker=req.speaker,
             )
             for i, req in enumerate(parsed)
         ]

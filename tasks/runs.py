@@ -26,6 +26,7 @@ from db.runs import (
     iter_run_turns,
     refresh_status,
     reset_failed,
+    run_quality,
 )
 from db.session import session_scope
 from db.world import all_character_slugs, find_conversations
@@ -266,14 +267,16 @@ class RunState:
     status: RunStatus
     counts: RunCounts
     error: str | None
+    quality: dict[str, Any]
 
 
 def run_state(ref: str) -> RunState:
-    """The run's status (advanced from its turns) and request_counts."""
+    """The run's status (advanced from its turns), request_counts and reply-quality summary."""
     with session_scope() as session:
         run = _require_run(session, ref)
         counts = refresh_status(session=session, run=run)
-        return RunState(run.id, run.name, run.status, counts, run.error)
+        quality = run_quality(session=session, run_id=run.id)
+        return RunState(run.id, run.name, run.status, counts, run.error, quality)
 
 
 def cancel(ref: str) -> int:
@@ -317,6 +320,8 @@ def export_run(ref: str, out_dir: Path) -> tuple[Path, Path, int, int]:
                         "usage": turn.usage,
                         "seed": turn.params.get("seed"),
                         "timings": turn.timings,
+                        "quality": turn.quality,
+                        "state": turn.state,
                     }
                     ok.write(json.dumps(record, ensure_ascii=False) + "\n")
                     n_ok += 1

@@ -6,7 +6,7 @@ import hashlib
 import json
 import re
 import secrets
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,6 +81,9 @@ class TurnRequest(BaseModel):
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
     model: str | None = Field(default=None, max_length=64)
     params: GenerationParams = Field(default_factory=GenerationParams)
+    speaker: Literal["character", "narrator"] = Field(
+        default="character", description="who answers: the character, or the story's narrator"
+    )
 
     @field_validator("message")
     @classmethod
@@ -89,5 +92,7 @@ class TurnRequest(BaseModel):
 
     def request_hash(self) -> str:
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
-        body = self.model_dump(exclude={"idempotency_key"}, mode="json")
+        # `speaker` counts only when set, so fingerprints stored before it existed still match.
+        skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
+        body = self.model_dump(exclude=skip, mode="json")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -67,7 +67,7 @@ def test_retrieval_uses_the_conversations_own_history(engine) -> None:
         conv_of = dict(s.execute(select(Message.id, Message.conversation_id)).tuples().all())
     conv_id = conv_of[own]
     assert all(conv_of[m["id"]] == conv_id for m in manifest["memories"])
-    assert all(conv_of[h] == conv_id for h in manifest["history"])
+    assert all(conv_of[h["id"]] == conv_id for h in manifest["history"])
     assert other_user[Role.USER].conversation_id == conv_id
 
 

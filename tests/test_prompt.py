@@ -55,7 +55,7 @@ def test_packing_keeps_the_newest_history_and_records_what_it_dropped(tokenizer)
     builder = PromptBuilder(tokenizer, "chat_template", 700)
     built = builder.build(PromptInput(_character(), "Rowan", "What now?", _context(20, long_line), 64))
     assert len(built.token_ids) <= 700 - 64
-    kept = built.manifest["history"]
+    kept = [h["id"] for h in built.manifest["history"]]
     dropped = [d["id"] for d in built.manifest["dropped"] if d["kind"] == "history"]
     assert kept and dropped
     assert min(kept) > max(dropped)  # what was dropped is older than everything kept

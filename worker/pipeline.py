@@ -16,12 +16,15 @@ from typing import Any
 
 from core import metrics
 from core.settings import settings
+from db.models import Role
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.turns import ClaimedTurn, TurnOutcome, claim_turns, fail_turns, requeue_turns, store_replies
+from roleplay.mood import Mood
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import Generation, GenerationRequest
+from worker.engine import GenerationRequest
+from worker.judge import judge_replies, regenerate_weak
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
 
@@ -93,15 +96,22 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
             try:
                 prompts[turn.id] = builder.build(
                     PromptInput(
-                        turn.character, turn.player_name, turn.message, ctx, turn.params["max_new_tokens"]
+                        turn.character,
+                        turn.player_name,
+                        turn.message,
+                        ctx,
+                        turn.params["max_new_tokens"],
+                        mood=Mood(turn.emotion, turn.affinity),
+                        speaker=turn.speaker,
                     )
                 )
             except PromptTooLong as exc:
                 report.failed[turn.id] = str(exc)
     ready = [t for t in turns if t.id in prompts]
 
+    requests = {t.id: _request(t, prompts[t.id]) for t in ready}
     with timer("generate"):
-        results = generate_isolating([_request(t, prompts[t.id]) for t in ready])
+        results = engine_module.generate_isolating([requests[t.id] for t in ready])
     broken = {t.id: r for t, r in zip(ready, results, strict=True) if isinstance(r, Exception)}
     _retry_or_fail([t for t in ready if t.id in broken], broken, report)
     generations = [r for r in results if not isinstance(r, Exception)]
@@ -113,11 +123,17 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
             report.failed[turn.id] = f"model produced an empty reply (finish_reason={gen.finish_reason})"
     with timer("embed_reply"):
         reply_vectors = embed([g.text for _, g in answered])
+    vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
+    context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
+    with timer("quality"):
+        judged = judge_replies(answered, reply_vectors, vector_of, context_of)
+    if settings.quality_regenerate:
+        with timer("regenerate"):
+            judged = regenerate_weak(judged, requests, vector_of, context_of)
 
     batch_timings = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
-    vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
     outcomes = []
-    for (turn, gen), reply_vec in zip(answered, reply_vectors, strict=True):
+    for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in batch_timings.items()}
         timings["queue_ms"] = round(turn.queued_ms, 1)
         timings["total_ms"] = round(turn.queued_ms + timer.elapsed_ms(), 1)
@@ -139,6 +155,9 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
                 },
                 timings=timings,
                 params=turn.params,
+                reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
+                state=verdict.mood.as_json() if verdict.mood else None,
+                quality=verdict.quality,
             )
         )
     with timer("write"), session_scope() as session:
@@ -196,23 +215,6 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:
         seed=p["seed"],
         stop=tuple(p.get("stop") or ()) + prompt.stop,
     )
-
-
-def generate_isolating(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:
-    """One engine call for the batch; if it raises, split the batch in halves and try each, so a
-    request that makes vLLM reject the whole call (one poison prompt) fails alone, not its batch-mates.
-    Costs nothing when the engine succeeds, and about 2n calls when it is down for everyone."""
-    if not requests:
-        return []
-    try:
-        return list(engine_module.generate(requests))
-    except Exception as exc:
-        if len(requests) == 1:
-            logger.warning("engine failed a request: %r", exc)
-            return [exc]
-        logger.warning("engine failed a batch of %d; splitting it to find the cause: %r", len(requests), exc)
-    half = len(requests) // 2
-    return generate_isolating(requests[:half]) + generate_isolating(requests[half:])
 
 
 def _retry_or_fail(

@@ -1,5 +1,6 @@
 """Build each turn's prompt: persona first (byte-identical per character, so vLLM's prefix cache
-shares it), then retrieved context, recent history and the player's message, packed by tokens."""
+shares it), then lore, state, retrieved context, recent history and the player's message, packed by
+tokens. The manifest records what went in, why, and what each part cost in tokens."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ from typing import Any
 
 from db.models import Character
 from db.retrieval import EventHit, HistoryLine, TurnContext
+from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate
+from roleplay.mood import Mood
 from worker.prompt_formats import RENDERERS, ChatMessage
+
+NARRATOR_INSTRUCTIONS = (
+    "You are the narrator of this story. In the third person and in two or three sentences, describe "
+    "what happens next, drawing on the story so far and the conversation. Do not speak as {{char}} or "
+    "{{user}}, and do not address the reader."
+)
 
 
 class PromptTooLong(ValueError):
@@ -22,6 +31,8 @@ class PromptInput:
     message: str
     context: TurnContext
     max_new_tokens: int
+    mood: Mood | None = None
+    speaker: str = "character"  # or "narrator"
 
 
 @dataclass
@@ -32,14 +43,21 @@ class BuiltPrompt:
     manifest: dict[str, Any] = field(default_factory=dict)
 
 
-def _fill_macros(text: str, char: str, user: str) -> str:
+# A piece of the prompt the manifest accounts for: (section, item id or None, text).
+Piece = tuple[str, Any, str]
+
+
+def fill_macros(text: str, char: str, user: str) -> str:
     return text.replace("{{char}}", char).replace("{{user}}", user)
 
 
-def persona_block(character: Character) -> str:
-    """The character's fixed system text; depends only on the character, never on the turn."""
+def _persona_pieces(character: Character, lore: Activation | None) -> list[Piece]:
     name = character.name
-    parts = [character.system_prompt or f"You are {name}. Stay in character."]
+    pieces: list[Piece] = [
+        ("system_prompt", None, character.system_prompt or f"You are {name}. Stay in character.")
+    ]
+    if lore is not None:
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "before_char"]
     sheet = [
         ("Name", name),
         ("Description", character.description),
@@ -47,13 +65,28 @@ def persona_block(character: Character) -> str:
         ("Speech style", character.speech_style),
         ("Scenario", character.scenario),
     ]
-    parts.append("[Character]\n" + "\n".join(f"{label}: {value}" for label, value in sheet if value))
+    pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
+    if lore is not None:
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
     if character.example_dialogues:
-        lines = []
-        for example in character.example_dialogues:
-            lines.append(f"User: {example.get('user', '')}\n{name}: {example.get('character', '')}")
-        parts.append("[Example dialogue]\n" + "\n".join(lines))
-    return _fill_macros("\n\n".join(parts), name, "{{user}}")
+        lines = [
+            f"User: {e.get('user', '')}\n{name}: {e.get('character', '')}"
+            for e in character.example_dialogues
+        ]
+        pieces.append(("example_dialogue", None, "[Example dialogue]\n" + "\n".join(lines)))
+    return [(s, i, fill_macros(t, name, "{{user}}")) for s, i, t in pieces]
+
+
+def persona_block(character: Character) -> str:
+    """The character's fixed system text (no lore); depends only on the character, never on the turn."""
+    return "\n\n".join(t for _, _, t in _persona_pieces(character, None))
+
+
+def _narrator_pieces(character: Character) -> list[Piece]:
+    pieces: list[Piece] = [("system_prompt", None, NARRATOR_INSTRUCTIONS)]
+    setting = "\n".join(x for x in (character.scenario, f"Main character: {character.name}") if x)
+    pieces.append(("character_sheet", None, "[Setting]\n" + setting))
+    return [(s, i, fill_macros(t, character.name, "{{user}}")) for s, i, t in pieces]
 
 
 def _event_line(hit: EventHit) -> str:
@@ -63,14 +96,6 @@ def _event_line(hit: EventHit) -> str:
 def _memory_line(line: HistoryLine, char: str, user: str) -> str:
     speaker = {"user": user, "assistant": char, "narrator": "Narrator"}.get(line.role, line.role)
     return f"- {speaker}: {line.content}"
-
-
-def _history_message(line: HistoryLine) -> ChatMessage:
-    if line.role == "assistant":
-        return {"role": "assistant", "content": line.content}
-    if line.role == "narrator":
-        return {"role": "user", "content": f"[Narrator] {line.content}"}
-    return {"role": "user", "content": line.content}
 
 
 class PromptBuilder:
@@ -87,7 +112,6 @@ class PromptBuilder:
             getattr(tokenizer, "get_added_vocab", dict)().keys()
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
-        self._persona_tokens: dict[str, int] = {}  # personas repeat across turns; count each once
 
     def defang(self, text: str) -> str:
         """Break special-token strings in user-supplied text so they tokenize as plain text:
@@ -97,26 +121,38 @@ class PromptBuilder:
                 text = text.replace(token, token[0] + "\u200b" + token[1:])
         return text
 
-    def _persona_token_count(self, persona: str) -> int:
-        if persona not in self._persona_tokens:
-            self._persona_tokens[persona] = len(
-                self.tokenizer(persona, add_special_tokens=False)["input_ids"]
-            )
-        return self._persona_tokens[persona]
-
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
         encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         return [len(ids) + self._MESSAGE_OVERHEAD for ids in encoded]
 
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _lore(self, item: PromptInput, char: str, user: str) -> Activation | None:
+        book = item.character.lorebook
+        if not book:
+            return None
+        return activate(
+            Lorebook.model_validate(book),
+            message=item.message,
+            history=[line.content for line in item.context.recent],
+            count_tokens=self.count_tokens,
+            fill=lambda text: fill_macros(text, char, user),
+        )
+
     def build(self, item: PromptInput) -> BuiltPrompt:
-        """Fit persona + context + history + message into max_model_len - max_new_tokens."""
+        """Fit persona + lore + state + context + history + message into max_model_len - max_new_tokens."""
         char, user = item.character.name, item.player_name or "User"
+        narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
-        persona = persona_block(item.character).replace("{{user}}", user)
+        lore = self._lore(item, char, user)
+        persona = _narrator_pieces(item.character) if narrator else _persona_pieces(item.character, lore)
+        persona = [(s, i, t.replace("{{user}}", user)) for s, i, t in persona]
+        state = [] if narrator or item.mood is None else [("state", None, item.mood.describe(char, user))]
         message = self.defang(item.message)
-        post = _fill_macros(item.character.post_history_instructions, char, user)
+        post = "" if narrator else fill_macros(item.character.post_history_instructions, char, user)
         ctx = item.context
 
         # Candidates in priority order: the last two lines, the best events and memories, then the rest.
@@ -132,13 +168,23 @@ class PromptBuilder:
         texts = [
             _event_line(x)
             if kind == "event"
-            else _memory_line(x, char, user)
+            else self.defang(_memory_line(x, char, user))
             if kind == "memory"
             else self.defang(x.content)
             for kind, x in ordered
         ]
-        base = self._render(persona, [], [], [], message, post, char, user)
-        base_len = len(base[0])
+        layout = _Layout(persona, state, message, post, char, user, narrator)
+        base_len = len(self._render(layout, [], [], [])[0])
+        while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
+            # Lore that would leave no room for the message goes first (the last-ranked entry).
+            drop = next(p for p in reversed(persona) if p[0] == "lore")
+            persona.remove(drop)
+            if lore is not None:
+                moved = next(f for f in lore.kept if f.entry.id == drop[1])
+                lore.kept.remove(moved)
+                lore.dropped.append(moved)
+            layout = _Layout(persona, state, message, post, char, user, narrator)
+            base_len = len(self._render(layout, [], [], [])[0])
         if base_len > budget:
             raise PromptTooLong(
                 f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
@@ -154,45 +200,166 @@ class PromptBuilder:
             events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
             memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
             history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
-            ids, text, stop = self._render(persona, events, memories, history, message, post, char, user)
+            ids, text, stop, pieces = self._render(layout, events, memories, history)
             if len(ids) <= budget or not kept:
                 break
             kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
         dropped = [i for i in range(len(ordered)) if i not in set(kept)]
-        manifest = {
-            "budget_tokens": budget,
-            "prompt_tokens": len(ids),
-            "persona_tokens": self._persona_token_count(persona),
-            "events": [{"id": e.id, "score": round(e.score, 4)} for e in events],
-            "memories": [{"id": m.id, "score": round(m.score or 0.0, 4)} for m in memories],
-            "history": [h.id for h in history],
-            "dropped": [
-                {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
-            ],
-        }
+        manifest = self._manifest(text, ids, pieces, budget, lore, item.mood, events, memories)
+        manifest["speaker"] = item.speaker
+        manifest["dropped"] = [
+            {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
+        ] + [
+            {
+                "kind": "lore",
+                "id": f.entry.id,
+                "name": f.entry.name,
+                "reason": "lore token budget",
+                "tokens": f.tokens,
+            }
+            for f in (lore.dropped if lore else [])
+        ]
         return BuiltPrompt(ids, text, stop, manifest)
 
     def _render(
         self,
-        persona: str,
+        layout: _Layout,
         events: list[EventHit],
         memories: list[HistoryLine],
         history: list[HistoryLine],
-        message: str,
-        post: str,
-        char: str,
-        user: str,
-    ) -> tuple[list[int], str, tuple[str, ...]]:
-        system = persona
+    ) -> tuple[list[int], str, tuple[str, ...], list[Piece]]:
+        char, user = layout.char, layout.user
+        pieces: list[Piece] = list(layout.persona) + list(layout.state)
         if events:
-            system += "\n\n[Story so far]\n" + "\n".join(_event_line(e) for e in events)
+            pieces.append(("events", None, "[Story so far]"))
+            pieces += [("events", e.id, _event_line(e)) for e in events]
         if memories:
-            system += "\n\n[Related memories]\n" + "\n".join(_memory_line(m, char, user) for m in memories)
+            pieces.append(("memories", None, "[Related memories]"))
+            pieces += [("memories", m.id, self.defang(_memory_line(m, char, user))) for m in memories]
+        system = "\n\n".join("\n".join(t for _, _, t in group) for group in _groups(pieces))
         messages: list[ChatMessage] = [{"role": "system", "content": system}]
-        messages += [_history_message(h) for h in history]
-        messages.append({"role": "user", "content": message})
-        if post:
-            messages.append({"role": "system", "content": post})
+        for h in history:
+            content = self.defang(h.content)  # earlier player lines are player text too
+            if layout.narrator:
+                role = "assistant" if h.role == "narrator" else "user"
+                if h.role != "narrator":
+                    content = f"{char if h.role == 'assistant' else user}: {content}"
+            else:
+                role = "assistant" if h.role == "assistant" else "user"
+                if h.role == "narrator":
+                    content = f"[Narrator] {content}"
+            messages.append({"role": role, "content": content})
+            pieces.append(("history", h.id, content))
+        messages.append({"role": "user", "content": layout.message})
+        pieces.append(("message", None, layout.message))
+        if layout.post:
+            messages.append({"role": "system", "content": layout.post})
+            pieces.append(("post_history", None, layout.post))
         rendered = self.render(self.tokenizer, messages, char, user)
         ids = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
-        return list(ids), rendered.text, rendered.stop
+        return list(ids), rendered.text, rendered.stop, pieces
+
+    def _manifest(
+        self,
+        text: str,
+        ids: list[int],
+        pieces: list[Piece],
+        budget: int,
+        lore: Activation | None,
+        mood: Mood | None,
+        events: list[EventHit],
+        memories: list[HistoryLine],
+    ) -> dict[str, Any]:
+        """Every prompt token assigned to the piece whose text it starts in; the rest is "template"
+        (role markers, headers' separators, BOS). Per-section counts therefore sum to prompt_tokens."""
+        spans: list[tuple[int, int, int]] = []  # (start, end, piece index)
+        cursor = 0
+        for index, (_, _, piece_text) in enumerate(pieces):
+            at = text.find(piece_text, cursor) if piece_text else -1
+            if at >= 0:
+                spans.append((at, at + len(piece_text), index))
+                cursor = at + len(piece_text)
+        offsets = self._offsets(text, len(ids))
+        per_piece = [0] * len(pieces)
+        template = 0
+        span_i = 0
+        for start in offsets:
+            if start is None:
+                template += 1
+                continue
+            while span_i < len(spans) and spans[span_i][1] <= start:
+                span_i += 1
+            if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]:
+                per_piece[spans[span_i][2]] += 1
+            else:
+                template += 1
+        sections: dict[str, int] = {}
+        items: dict[tuple[str, Any], int] = {}
+        for (section, item_id, _), n in zip(pieces, per_piece, strict=True):
+            sections[section] = sections.get(section, 0) + n
+            if item_id is not None:
+                items[(section, item_id)] = items.get((section, item_id), 0) + n
+        sections["template"] = template
+        fired: list[FiredEntry] = lore.kept if lore else []
+        return {
+            "budget_tokens": budget,
+            "prompt_tokens": len(ids),
+            "sections": sections,
+            "persona_tokens": sum(
+                sections.get(s, 0) for s in ("system_prompt", "character_sheet", "example_dialogue")
+            ),
+            "lore": [
+                {
+                    "id": f.entry.id,
+                    "name": f.entry.name,
+                    "reason": f.reason,
+                    "position": f.entry.position,
+                    "tokens": items.get(("lore", f.entry.id), 0),
+                }
+                for f in fired
+            ],
+            "state": {"emotion": mood.emotion, "affinity": mood.affinity} if mood else None,
+            "events": [
+                {"id": e.id, "score": round(e.score, 4), "tokens": items.get(("events", e.id), 0)}
+                for e in events
+            ],
+            "memories": [
+                {"id": m.id, "score": round(m.score or 0.0, 4), "tokens": items.get(("memories", m.id), 0)}
+                for m in memories
+            ],
+            "history": [
+                {"id": item_id, "tokens": n}
+                for (section, item_id), n in items.items()
+                if section == "history"
+            ],
+        }
+
+    def _offsets(self, text: str, n_ids: int) -> list[int | None]:
+        """Start character of each prompt token (None for tokens with no text, such as an added BOS)."""
+        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts: list[int | None] = [start for start, _ in encoded["offset_mapping"]]
+        return [None] * (n_ids - len(starts)) + starts
+
+
+@dataclass(frozen=True)
+class _Layout:
+    persona: list[Piece]
+    state: list[Piece]
+    message: str
+    post: str
+    char: str
+    user: str
+    narrator: bool
+
+
+def _groups(pieces: list[Piece]) -> list[list[Piece]]:
+    """System-message pieces grouped into paragraphs: a header and its lines stay together; other
+    pieces (persona sections, each lore entry, the state line) are paragraphs of their own."""
+    groups: list[list[Piece]] = []
+    for piece in pieces:
+        section, item_id, _ = piece
+        if section in ("events", "memories") and item_id is not None and groups:
+            groups[-1].append(piece)
+        else:
+            groups.append([piece])
+    return groups

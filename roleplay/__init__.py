@@ -1,0 +1,1 @@
+"""Roleplay logic with no I/O: character cards, lorebook activation, mood and reply quality."""

@@ -1,0 +1,179 @@
+"""SillyTavern character cards V2 (`chara_card_v2`) and V3 (`chara_card_v3`): JSON, or PNG with the
+card in a tEXt chunk (`chara` for V2, `ccv3` for V3), base64-encoded JSON.
+
+A card is kept exactly as imported (every unknown field and `extensions` included) and export gives
+it back as JSON, or inside a PNG: the image given to export (the original avatar) or a 1x1 placeholder,
+since mlchat stores the card, not the picture.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+SPECS = {"chara_card_v2": "2.0", "chara_card_v3": "3.0"}
+PNG_KEYWORD = {"chara_card_v2": "chara", "chara_card_v3": "ccv3"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_STRING_FIELDS = (
+    "name",
+    "description",
+    "personality",
+    "scenario",
+    "first_mes",
+    "mes_example",
+    "system_prompt",
+    "post_history_instructions",
+)
+
+
+class CardError(ValueError):
+    """The file is not a usable character card; the message says why."""
+
+
+@dataclass(frozen=True)
+class ImportedCard:
+    """A parsed card: the card object as given, and mlchat's character fields taken from it."""
+
+    card: dict[str, Any]
+    spec: str
+    fields: dict[str, Any]
+    lorebook: dict[str, Any] | None
+
+
+def read_card(raw: bytes) -> ImportedCard:
+    """Parse a card file (JSON or PNG bytes); CardError if it is not a valid V2/V3 card."""
+    card = _card_from_png(raw) if raw.startswith(PNG_SIGNATURE) else _card_from_json(raw, "the file")
+    return _validate(card)
+
+
+def card_json(card: dict[str, Any]) -> bytes:
+    """The card as JSON bytes (UTF-8, key order as imported)."""
+    return json.dumps(card, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def card_png(card: dict[str, Any], image: bytes | None = None) -> bytes:
+    """The card inside a PNG: `image` (the imported one) or a 1x1 placeholder, with its chunk(s)."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    img = Image.open(io.BytesIO(image)) if image else Image.new("RGBA", (1, 1))
+    info = PngInfo()
+    for key, value in getattr(img, "text", {}).items():
+        if key not in ("chara", "ccv3"):
+            info.add_text(key, value)
+    payload = base64.b64encode(card_json(card)).decode("ascii")
+    info.add_text(PNG_KEYWORD[card["spec"]], payload)
+    out = io.BytesIO()
+    img.save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def _card_from_png(raw: bytes) -> dict[str, Any]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        img = Image.open(io.BytesIO(raw))
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise CardError(f"not a readable PNG: {exc}") from exc
+    chunks = getattr(img, "text", {})
+    keyword = "ccv3" if "ccv3" in chunks else "chara" if "chara" in chunks else None
+    if keyword is None:
+        raise CardError("the PNG has no character card (no 'chara' or 'ccv3' text chunk)")
+    try:
+        decoded = base64.b64decode(chunks[keyword], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CardError(f"the PNG's {keyword!r} chunk is not base64: {exc}") from exc
+    return _card_from_json(decoded, f"the PNG's {keyword!r} chunk")
+
+
+def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
+    try:
+        card = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CardError(f"{where} is not UTF-8: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise CardError(f"{where} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    if not isinstance(card, dict):
+        raise CardError(f"{where} holds a JSON {type(card).__name__}, not a card object")
+    return card
+
+
+def _validate(card: dict[str, Any]) -> ImportedCard:
+    spec = card.get("spec")
+    if spec not in SPECS:
+        raise CardError(
+            f"unsupported card spec {spec!r}: expected 'chara_card_v2' or 'chara_card_v3' "
+            "(V1 cards have no spec field; re-save them as V2)"
+        )
+    data = card.get("data")
+    if not isinstance(data, dict):
+        raise CardError("card.data must be an object")
+    for name in _STRING_FIELDS:
+        if name in data and not isinstance(data[name], str):
+            raise CardError(f"card.data.{name} must be a string, not {type(data[name]).__name__}")
+    if not (data.get("name") or "").strip():
+        raise CardError("card.data.name is empty")
+    for name in ("alternate_greetings", "tags"):
+        value = data.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise CardError(f"card.data.{name} must be a list of strings")
+    if "extensions" in data and not isinstance(data["extensions"], dict):
+        raise CardError("card.data.extensions must be an object")
+    book = data.get("character_book")
+    lorebook = lorebook_from_card_book(book) if book is not None else None
+    return ImportedCard(card, spec, _character_fields(data), lorebook)
+
+
+def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """mlchat's character columns from a card's data (the card itself is kept as is)."""
+    return {
+        "name": data["name"].strip(),
+        "description": data.get("description", ""),
+        "personality": data.get("personality", ""),
+        "scenario": data.get("scenario", ""),
+        "first_message": data.get("first_mes", ""),
+        "example_dialogues": parse_mes_example(data.get("mes_example", "")),
+        "system_prompt": data.get("system_prompt", ""),
+        "post_history_instructions": data.get("post_history_instructions", ""),
+    }
+
+
+_EXAMPLE_LINE = re.compile(r"^\s*\{\{(user|char)\}\}\s*:\s*(.*)$", re.IGNORECASE)
+
+
+def parse_mes_example(text: str) -> list[dict[str, str]]:
+    """`<START>`-separated example chats ({{user}}: … / {{char}}: … lines) as user/character pairs."""
+    pairs: list[dict[str, str]] = []
+    for block in re.split(r"<START>", text, flags=re.IGNORECASE):
+        user: str | None = None
+        for line in block.splitlines():
+            m = _EXAMPLE_LINE.match(line)
+            if not m:
+                continue
+            speaker, said = m.group(1).lower(), m.group(2).strip()
+            if speaker == "user":
+                user = said
+            elif user is not None:
+                pairs.append({"user": user, "character": said})
+                user = None
+            else:
+                pairs.append({"user": "", "character": said})
+    return pairs
+
+
+def lorebook_from_card_book(book: Any) -> dict[str, Any]:
+    """A card's `character_book` checked and normalised to mlchat's lorebook form."""
+    from roleplay.lorebook import Lorebook
+
+    if not isinstance(book, dict):
+        raise CardError("card.data.character_book must be an object")
+    try:
+        return Lorebook.from_character_book(book).model_dump()
+    except ValueError as exc:
+        raise CardError(f"card.data.character_book: {exc}") from exc

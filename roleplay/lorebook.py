@@ -1,0 +1,272 @@
+"""Lorebook (World Info) activation, server-side, with the reasons recorded.
+
+Semantics (SillyTavern's, as far as the V2/V3 card fields carry them):
+- An entry fires when it is enabled and is `constant`, or one of its `keys` occurs in the scanned
+  text. Keys are substrings, or regular expressions when written `/pattern/flags` or when the entry
+  has `use_regex`; matching ignores case unless `case_sensitive`.
+- `selective` entries with `secondary_keys` also need their logic to hold: AND_ANY (default: one
+  secondary key occurs), AND_ALL, NOT_ANY, NOT_ALL.
+- The scanned text is the player's message and the last `scan_depth` history lines.
+- Recursive scanning: the content of entries that fired is scanned for the keys of the rest, up to
+  `max_recursion_steps` rounds (entries with `exclude_recursion` fire only from the chat itself;
+  `prevent_recursion` content never triggers others).
+- Budget: constant entries first, then higher `priority`, then lower `insertion_order`; entries that
+  do not fit `token_budget` are dropped and recorded. Kept entries are inserted in `insertion_order`,
+  `before_char` ones before the character sheet, `after_char` ones after it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, field_validator
+
+DEFAULT_SCAN_DEPTH = 2
+DEFAULT_TOKEN_BUDGET = 512
+MAX_RECURSION_STEPS = 3
+
+
+class SelectiveLogic(IntEnum):
+    """SillyTavern's `extensions.selectiveLogic` numbering."""
+
+    AND_ANY = 0
+    NOT_ALL = 1
+    NOT_ANY = 2
+    AND_ALL = 3
+
+
+class LoreEntry(BaseModel):
+    id: int | str
+    name: str = ""
+    keys: list[str] = Field(default_factory=list)
+    secondary_keys: list[str] = Field(default_factory=list)
+    selective: bool = False
+    selective_logic: SelectiveLogic = SelectiveLogic.AND_ANY
+    content: str
+    enabled: bool = True
+    constant: bool = False
+    case_sensitive: bool = False
+    use_regex: bool = False
+    insertion_order: int = 100
+    priority: int = 10
+    position: Literal["before_char", "after_char"] = "after_char"
+    exclude_recursion: bool = False
+    prevent_recursion: bool = False
+
+    @field_validator("keys", "secondary_keys")
+    @classmethod
+    def _regex_keys_compile(cls, keys: list[str]) -> list[str]:
+        for key in keys:
+            if _as_regex(key) is not None:
+                try:
+                    re.compile(_as_regex(key)[0])  # type: ignore[index]
+                except re.error as exc:
+                    raise ValueError(f"bad regex key {key!r}: {exc}") from exc
+        return keys
+
+
+class Lorebook(BaseModel):
+    name: str = ""
+    scan_depth: int = Field(default=DEFAULT_SCAN_DEPTH, ge=0)
+    token_budget: int = Field(default=DEFAULT_TOKEN_BUDGET, ge=0)
+    recursive_scanning: bool = False
+    max_recursion_steps: int = Field(default=MAX_RECURSION_STEPS, ge=0)
+    entries: list[LoreEntry] = Field(default_factory=list)
+
+    @classmethod
+    def from_character_book(cls, book: dict[str, Any]) -> Lorebook:
+        """From a V2/V3 card's `character_book` (unknown fields are ignored here; the card keeps them)."""
+        entries = book.get("entries", [])
+        if not isinstance(entries, list):
+            raise ValueError("entries must be a list")
+        parsed = []
+        for i, e in enumerate(entries):
+            if not isinstance(e, dict):
+                raise ValueError(f"entries[{i}] must be an object")
+            ext = e.get("extensions") or {}
+            try:
+                parsed.append(
+                    LoreEntry(
+                        id=e.get("id", i),
+                        name=e.get("name") or e.get("comment") or "",
+                        keys=e.get("keys", []),
+                        secondary_keys=e.get("secondary_keys", []),
+                        selective=e.get("selective", False),
+                        selective_logic=ext.get("selectiveLogic", 0),
+                        content=e["content"],
+                        enabled=e.get("enabled", True),
+                        constant=e.get("constant", False),
+                        case_sensitive=e.get("case_sensitive") or ext.get("case_sensitive") or False,
+                        use_regex=e.get("use_regex", False),
+                        insertion_order=e.get("insertion_order", 100),
+                        priority=e.get("priority", 10),
+                        position=e.get("position") or "after_char",
+                        exclude_recursion=ext.get("exclude_recursion", False),
+                        prevent_recursion=ext.get("prevent_recursion", False),
+                    )
+                )
+            except KeyError as exc:
+                raise ValueError(f"entries[{i}] has no {exc.args[0]!r}") from exc
+            except ValueError as exc:
+                raise ValueError(f"entries[{i}]: {exc}") from exc
+        return cls(
+            name=book.get("name", ""),
+            scan_depth=book.get("scan_depth", DEFAULT_SCAN_DEPTH),
+            token_budget=book.get("token_budget", DEFAULT_TOKEN_BUDGET),
+            recursive_scanning=book.get("recursive_scanning", False),
+            entries=parsed,
+        )
+
+
+def to_character_book(book: Lorebook) -> dict[str, Any]:
+    """mlchat's lorebook as a V2/V3 `character_book` (for exporting characters defined in data/)."""
+    return {
+        "name": book.name,
+        "scan_depth": book.scan_depth,
+        "token_budget": book.token_budget,
+        "recursive_scanning": book.recursive_scanning,
+        "extensions": {},
+        "entries": [
+            {
+                "id": e.id,
+                "name": e.name,
+                "keys": e.keys,
+                "secondary_keys": e.secondary_keys,
+                "selective": e.selective,
+                "content": e.content,
+                "enabled": e.enabled,
+                "constant": e.constant,
+                "case_sensitive": e.case_sensitive,
+                "use_regex": e.use_regex,
+                "insertion_order": e.insertion_order,
+                "priority": e.priority,
+                "position": e.position,
+                "extensions": {
+                    "selectiveLogic": int(e.selective_logic),
+                    "exclude_recursion": e.exclude_recursion,
+                    "prevent_recursion": e.prevent_recursion,
+                },
+            }
+            for e in book.entries
+        ],
+    }
+
+
+@dataclass(frozen=True)
+class FiredEntry:
+    entry: LoreEntry
+    reason: str  # e.g. "key 'dragon' in the player's message", "constant", "recursion step 1: key 'x'"
+    content: str  # macros filled
+    tokens: int
+
+
+@dataclass
+class Activation:
+    kept: list[FiredEntry] = field(default_factory=list)  # in insertion order
+    dropped: list[FiredEntry] = field(default_factory=list)  # fired, but over the token budget
+
+    def text(self, position: str) -> str:
+        return "\n".join(f.content for f in self.kept if f.entry.position == position)
+
+
+def _as_regex(key: str) -> tuple[str, str] | None:
+    m = re.fullmatch(r"/(.+)/([a-z]*)", key, flags=re.DOTALL)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def _matches(key: str, text: str, entry: LoreEntry) -> bool:
+    regex = _as_regex(key)
+    if regex is not None or entry.use_regex:
+        pattern, flags = regex if regex is not None else (key, "")
+        re_flags = 0 if entry.case_sensitive and "i" not in flags else re.IGNORECASE
+        if "s" in flags:
+            re_flags |= re.DOTALL
+        if "m" in flags:
+            re_flags |= re.MULTILINE
+        return re.search(pattern, text, re_flags) is not None
+    return key in text if entry.case_sensitive else key.casefold() in text.casefold()
+
+
+def _secondary_ok(entry: LoreEntry, text: str) -> bool:
+    if not (entry.selective and entry.secondary_keys):
+        return True
+    hits = [_matches(k, text, entry) for k in entry.secondary_keys]
+    return {
+        SelectiveLogic.AND_ANY: any(hits),
+        SelectiveLogic.AND_ALL: all(hits),
+        SelectiveLogic.NOT_ANY: not any(hits),
+        SelectiveLogic.NOT_ALL: not all(hits),
+    }[entry.selective_logic]
+
+
+def activate(
+    book: Lorebook,
+    *,
+    message: str,
+    history: Sequence[str],
+    count_tokens: Callable[[str], int],
+    fill: Callable[[str], str] = lambda s: s,
+) -> Activation:
+    """Which entries fire for this turn, and which of them fit the book's token budget."""
+    sources = [("the player's message", message)] + [
+        (f"history line -{i}", line)
+        for i, line in enumerate(reversed(history[-book.scan_depth :] if book.scan_depth else []), 1)
+    ]
+    candidates = [e for e in book.entries if e.enabled and e.content]
+    fired = [(e, "constant") for e in candidates if e.constant]
+    waiting = [e for e in candidates if not e.constant]
+    last_round = fired + _scan(waiting, sources, step=0)
+    fired = list(last_round)
+    for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
+        sources = [
+            (f"recursion step {step}: entry {e.id}", e.content)
+            for e, _ in last_round
+            if not e.prevent_recursion
+        ]
+        last_round = _scan(waiting, sources, step=step) if sources else []
+        if not last_round:
+            break
+        fired += last_round
+    ranked = sorted(fired, key=lambda f: (not f[0].constant, -f[0].priority, f[0].insertion_order))
+    activation = Activation()
+    used = 0
+    for entry, reason in ranked:
+        content = fill(entry.content)
+        item = FiredEntry(entry, reason, content, count_tokens(content))
+        if used + item.tokens <= book.token_budget:
+            activation.kept.append(item)
+            used += item.tokens
+        else:
+            activation.dropped.append(item)
+    activation.kept.sort(key=lambda f: f.entry.insertion_order)
+    return activation
+
+
+def _scan(
+    waiting: list[LoreEntry], sources: Sequence[tuple[str, str]], *, step: int
+) -> list[tuple[LoreEntry, str]]:
+    """Entries of `waiting` that fire on `sources`; they leave `waiting`."""
+    hits = []
+    for entry in list(waiting):
+        if step and entry.exclude_recursion:
+            continue
+        reason = _first_hit(entry, sources)
+        if reason is not None:
+            hits.append((entry, reason))
+            waiting.remove(entry)
+    return hits
+
+
+def _first_hit(entry: LoreEntry, sources: Sequence[tuple[str, str]]) -> str | None:
+    scanned = "\n".join(text for _, text in sources)
+    if not _secondary_ok(entry, scanned):
+        return None
+    for key in entry.keys:
+        for where, text in sources:
+            if _matches(key, text, entry):
+                return f"key {key!r} in {where}"
+    return None

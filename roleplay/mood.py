@@ -1,0 +1,126 @@
+"""The character's mood toward the player: one emotion from a fixed set, and a bounded affinity.
+
+The default model (135M parameters) cannot emit schema-valid JSON reliably, so the update comes from
+a classifier that can: the sentence embedder the worker already runs. The reply's emotion is the
+nearest emotion prototype (when it is near enough); affinity moves with how friendly or hostile the
+player's message reads. Both are computed from vectors the batch has anyway, so they cost no model call.
+An update the classifier is not sure of leaves the state as it was, and says why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+EMOTIONS = ("neutral", "joy", "anger", "sadness", "fear", "surprise")
+AFFINITY_MIN, AFFINITY_MAX = -100, 100
+MAX_STEP = 10  # the most one exchange moves affinity
+MIN_EMOTION_SIMILARITY = 0.25  # below this the reply is too far from every prototype to call
+MIN_EMOTION_MARGIN = 0.02  # the winner must beat the runner-up by this much
+MIN_TONE_MARGIN = 0.04  # friendly-vs-hostile difference below which affinity stays
+
+_EMOTION_PROTOTYPES = {
+    "neutral": ["I see.", "Alright, here is what I know.", "The road north takes two days."],
+    "joy": ["Ha! That's wonderful, I'm so happy!", "What great news, thank you!", "I love it!"],
+    "anger": ["How dare you! Get out!", "I'm furious with you.", "Don't you ever say that again!"],
+    "sadness": ["I miss them so much.", "That breaks my heart.", "I feel so alone and sad."],
+    "fear": ["I'm scared, something is out there.", "Please, I don't want to die.", "Run, hide!"],
+    "surprise": ["What? Really? I can't believe it!", "Wow, I never expected that!", "No way!"],
+}
+_TONE_PROTOTYPES = {
+    "friendly": [
+        "Thank you so much, you're very kind.",
+        "I brought you a gift, friend.",
+        "I really like you and I'm glad to help.",
+    ],
+    "hostile": [
+        "You're a useless liar and I hate you.",
+        "Shut up, idiot, or I'll hurt you.",
+        "I stole your money and I don't care.",
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Mood:
+    emotion: str = "neutral"
+    affinity: int = 0
+
+    def describe(self, char: str, user: str) -> str:
+        """The state as a prompt line."""
+        attitude = (
+            "hostile"
+            if self.affinity <= -60
+            else "cold"
+            if self.affinity <= -20
+            else "neutral"
+            if self.affinity < 20
+            else "warm"
+            if self.affinity < 60
+            else "devoted"
+        )
+        return (
+            f"{char} currently feels {self.emotion}. {char}'s attitude toward {user}: {attitude} "
+            f"(affinity {self.affinity} on a scale of {AFFINITY_MIN} to {AFFINITY_MAX})."
+        )
+
+
+@dataclass(frozen=True)
+class MoodUpdate:
+    before: Mood
+    after: Mood
+    emotion_scores: dict[str, float]
+    tone: float  # friendly minus hostile similarity of the player's message
+    notes: list[str]  # why a part of the state was left unchanged
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "before": {"emotion": self.before.emotion, "affinity": self.before.affinity},
+            "after": {"emotion": self.after.emotion, "affinity": self.after.affinity},
+            "emotion_scores": {k: round(v, 4) for k, v in self.emotion_scores.items()},
+            "tone": round(self.tone, 4),
+            "notes": self.notes,
+        }
+
+
+class MoodClassifier:
+    """Prototype vectors, embedded once per process with the worker's embedder."""
+
+    def __init__(self, embed: Callable[[list[str]], np.ndarray]) -> None:
+        self._emotions = {k: _centroid(embed(v)) for k, v in _EMOTION_PROTOTYPES.items()}
+        self._tone = {k: _centroid(embed(v)) for k, v in _TONE_PROTOTYPES.items()}
+
+    def update(self, before: Mood, message_vec: Sequence[float], reply_vec: Sequence[float]) -> MoodUpdate:
+        reply, message = _unit(reply_vec), _unit(message_vec)
+        scores = {k: float(reply @ c) for k, c in self._emotions.items()}
+        ranked = sorted(scores.items(), key=lambda kv: -kv[1])
+        (best, best_score), (_, second_score) = ranked[0], ranked[1]
+        notes = []
+        emotion = before.emotion
+        if best_score < MIN_EMOTION_SIMILARITY:
+            notes.append(f"emotion unchanged: the reply is near no emotion (best {best} {best_score:.2f})")
+        elif best_score - second_score < MIN_EMOTION_MARGIN:
+            notes.append(f"emotion unchanged: {best} and {ranked[1][0]} are too close to call")
+        else:
+            emotion = best
+        tone = float(message @ self._tone["friendly"] - message @ self._tone["hostile"])
+        affinity = before.affinity
+        if abs(tone) < MIN_TONE_MARGIN:
+            notes.append(f"affinity unchanged: the message reads neither friendly nor hostile ({tone:+.3f})")
+        else:
+            step = int(np.clip(round(tone * 40), -MAX_STEP, MAX_STEP))
+            affinity = int(np.clip(before.affinity + step, AFFINITY_MIN, AFFINITY_MAX))
+        return MoodUpdate(before, Mood(emotion, affinity), scores, tone, notes)
+
+
+def _unit(v: Sequence[float]) -> np.ndarray:
+    arr = np.asarray(v, dtype=np.float32)
+    norm = float(np.linalg.norm(arr))
+    return arr / norm if norm else arr
+
+
+def _centroid(vectors: np.ndarray) -> np.ndarray:
+    return _unit(np.asarray(vectors, dtype=np.float32).mean(axis=0))
