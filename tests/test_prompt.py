@@ -4,6 +4,8 @@ import pytest
 
 from db.models import Character
 from db.retrieval import EventHit, HistoryLine, TurnContext
+from roleplay.lorebook import Lorebook
+from roleplay.mood import Mood
 from worker.prompt import PromptBuilder, PromptInput, PromptTooLong, persona_block
 
 
@@ -88,3 +90,122 @@ def test_text_formats_of_the_original_models(tokenizer, fmt: str, marker: str) -
     )
     assert marker in built.text and built.text.index("You are Elara.") < built.text.index(marker)
     assert built.stop
+
+
+@pytest.mark.parametrize("fmt", ["chat_template", "solar", "eeve", "gpt_oss_text"])
+def test_the_manifest_accounts_for_every_prompt_token(tokenizer, fmt) -> None:
+    builder = PromptBuilder(tokenizer, fmt, 2048)
+    message = "Have you seen the miller's cart on the north road?"
+    built = builder.build(PromptInput(_character(), "Rowan", message, _context(6), 32, mood=Mood("joy", 40)))
+    m = built.manifest
+    assert sum(m["sections"].values()) == m["prompt_tokens"] == len(built.token_ids)
+    for section in (
+        "system_prompt",
+        "character_sheet",
+        "example_dialogue",
+        "state",
+        "events",
+        "memories",
+        "history",
+        "message",
+    ):
+        assert m["sections"][section] > 0, (section, m["sections"])
+    # Pieces are found where they are, not lumped into "template": the message costs its own tokens.
+    assert abs(m["sections"]["message"] - builder.count_tokens(message)) <= 2
+    assert m["sections"]["template"] < 0.25 * m["prompt_tokens"]  # role markers and separators only
+    items = m["events"] + m["memories"] + m["history"]
+    assert len(m["history"]) == 6 and all(item["tokens"] > 0 for item in items)
+    assert m["state"] == {"emotion": "joy", "affinity": 40}
+    assert "Elara currently feels joy. Elara's attitude toward Rowan: warm (affinity 40" in built.text
+
+
+def _lore_character() -> Character:
+    c = _character()
+    c.lorebook = Lorebook.model_validate(
+        {
+            "token_budget": 40,
+            "recursive_scanning": True,
+            "entries": [
+                {
+                    "id": "river",
+                    "name": "River",
+                    "keys": ["river"],
+                    "content": "The river floods; the drowned whisper.",
+                    "insertion_order": 10,
+                },
+                {
+                    "id": "whispers",
+                    "name": "Whispers",
+                    "keys": ["whisper"],
+                    "priority": 5,
+                    "content": "Whispers on the water mean a ferry will sink before dawn.",
+                    "insertion_order": 20,
+                },
+                {
+                    "id": "town",
+                    "name": "Town",
+                    "keys": ["Saltmere"],
+                    "case_sensitive": True,
+                    "position": "before_char",
+                    "content": "Saltmere is a fishing town.",
+                    "insertion_order": 5,
+                },
+                {
+                    "id": "rule",
+                    "name": "Rule",
+                    "keys": [],
+                    "constant": True,
+                    "priority": 100,
+                    "content": "{{char}} never takes silver from {{user}}.",
+                    "insertion_order": 1,
+                },
+                {
+                    "id": "long",
+                    "name": "Long",
+                    "keys": ["river"],
+                    "priority": 1,
+                    "content": "A very long history of the river. " * 8,
+                    "insertion_order": 30,
+                },
+            ],
+        }
+    ).model_dump()
+    return c
+
+
+def test_lore_fires_for_the_right_reasons_and_the_budget_drops_the_lowest(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, "chat_template", 2048)
+    built = builder.build(
+        PromptInput(_lore_character(), "Rowan", "Can we cross the river?", TurnContext(), 32)
+    )
+    lore = {e["id"]: e for e in built.manifest["lore"]}
+    assert lore["river"]["reason"] == "key 'river' in the player's message"
+    assert lore["whispers"]["reason"] == "key 'whisper' in recursion step 1: entry river"
+    assert lore["rule"]["reason"] == "constant"
+    assert "town" not in lore  # case-sensitive key, and "Saltmere" was never said
+    assert [d["id"] for d in built.manifest["dropped"] if d["kind"] == "lore"] == ["long"]
+    assert "Elara never takes silver from Rowan." in built.text  # macros filled
+    sheet = built.text.index("[Character]")
+    assert sheet < built.text.index("The river floods") < built.text.index("[Example dialogue]")
+    assert sum(e["tokens"] for e in lore.values()) == built.manifest["sections"]["lore"] > 0
+    said_saltmere = builder.build(
+        PromptInput(_lore_character(), "Rowan", "Is Saltmere near?", TurnContext(), 32)
+    )
+    assert said_saltmere.text.index("Saltmere is a fishing town.") < said_saltmere.text.index("[Character]")
+
+
+def test_a_narrator_turn_speaks_from_the_story_in_third_person(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, "chat_template", 2048)
+    built = builder.build(
+        PromptInput(
+            _character(), "Rowan", "Rowan opens the cellar door.", _context(4), 32, speaker="narrator"
+        )
+    )
+    assert built.text.startswith("<|im_start|>system\nYou are the narrator of this story.")
+    assert "[Setting]\nA frontier town.\nMain character: Elara" in built.text
+    assert (
+        "Reply briefly." not in built.text
+    )  # the character's post-history instructions are not the narrator's
+    assert "Elara: We talked about the north road" in built.text  # lines are labelled by speaker
+    assert "[Story so far]" in built.text and built.manifest["speaker"] == "narrator"
+    assert sum(built.manifest["sections"].values()) == len(built.token_ids)

@@ -275,10 +275,19 @@ class PromptBuilder:
         spans: list[tuple[int, int, int]] = []  # (start, end, piece index)
         cursor = 0
         for index, (_, _, piece_text) in enumerate(pieces):
-            at = text.find(piece_text, cursor) if piece_text else -1
+            if not piece_text:
+                continue
+            at = text.find(piece_text, cursor)
             if at >= 0:
                 spans.append((at, at + len(piece_text), index))
                 cursor = at + len(piece_text)
+                continue
+            # Some formats move a piece (EEVE puts every system message in the preamble).
+            at = text.find(piece_text)
+            end = at + len(piece_text)
+            if at >= 0 and not any(s < end and at < e for s, e, _ in spans):
+                spans.append((at, end, index))
+        spans.sort()
         offsets = self._offsets(text, len(ids))
         per_piece = [0] * len(pieces)
         template = 0

@@ -1,0 +1,127 @@
+"""Character cards V2/V3, JSON and PNG: import into the real database, export, round trip, bad cards."""
+
+import base64
+import io
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from db.session import session_scope
+from db.world import get_character
+from roleplay.cards import CardError, card_png, read_card
+from tasks.characters import export_card, import_card
+
+CARDS = Path(__file__).parent / "fixtures" / "cards"
+KNOWN = (
+    "name",
+    "description",
+    "personality",
+    "scenario",
+    "first_mes",
+    "mes_example",
+    "system_prompt",
+    "post_history_instructions",
+    "alternate_greetings",
+    "tags",
+    "character_book",
+)
+
+
+def _png_with_chunks(**chunks: str) -> bytes:
+    info = PngInfo()
+    for key, value in chunks.items():
+        info.add_text(key, value)
+    out = io.BytesIO()
+    Image.new("RGB", (4, 4), "teal").save(out, format="PNG", pnginfo=info)
+    return out.getvalue()
+
+
+def _b64(obj) -> str:
+    return base64.b64encode(json.dumps(obj).encode()).decode()
+
+
+@pytest.mark.parametrize("name", ["mira_v2.json", "iro_v3.json"])
+def test_a_json_card_round_trips_with_every_field_kept(world, name) -> None:
+    raw = (CARDS / name).read_bytes()
+    original = json.loads(raw)
+    slug, _ = import_card(raw, f"rt-{name.split('.')[0]}")
+    exported = json.loads(export_card(slug, "json"))
+    assert exported == original  # unknown fields and extensions included
+    for field in KNOWN:  # byte-stable: the same JSON text for every known field
+        if field in original["data"]:
+            assert json.dumps(exported["data"][field], ensure_ascii=False) == json.dumps(
+                original["data"][field], ensure_ascii=False
+            )
+    assert list(exported) == list(original) and list(exported["data"]) == list(original["data"])  # key order
+
+
+def test_a_v3_png_card_round_trips_and_fills_the_character(world) -> None:
+    original = json.loads((CARDS / "iro_v3.json").read_bytes())
+    png = card_png(original, _png_with_chunks(Title="Iro"))
+    slug, _ = import_card(png, "rt-iro-png")
+    again = export_card(slug, "png", image=png)
+    img = Image.open(io.BytesIO(again))
+    assert img.size == (4, 4) and img.text["Title"] == "Iro"  # the avatar and its other chunks survive
+    assert json.loads(base64.b64decode(img.text["ccv3"])) == original
+    assert read_card(again).card == original
+    with session_scope() as s:
+        character = get_character(session=s, slug=slug)
+        assert character.name == "Iro" and character.scenario.startswith("{{user}} is lost")
+        assert character.example_dialogues == [
+            {"user": "Who are you?", "character": "Iro! I light the way, mostly."}
+        ]
+        assert character.lorebook["entries"][0]["use_regex"] is True
+
+
+def test_a_v2_png_card_is_read_from_its_chara_chunk(world) -> None:
+    original = json.loads((CARDS / "mira_v2.json").read_bytes())
+    imported = read_card(_png_with_chunks(chara=_b64(original)))
+    assert imported.spec == "chara_card_v2" and imported.card == original
+    assert imported.fields["example_dialogues"][0] == {
+        "user": "Is the river safe?",
+        "character": "Safe as anything that wants to drown you.",
+    }
+    book = imported.lorebook
+    assert book["token_budget"] == 80 and book["recursive_scanning"] is True
+    assert [e["name"] for e in book["entries"]] == ["River", "Whispers", "Town", "Rule"]
+
+
+def test_a_character_from_data_exports_as_a_v2_card_that_imports_back(world) -> None:
+    card = json.loads(export_card("elara", "json"))
+    assert card["spec"] == "chara_card_v2" and card["data"]["name"] == "Elara"
+    slug, _ = import_card(json.dumps(card).encode(), "elara-copy")
+    with session_scope() as s:
+        copy, source = get_character(session=s, slug=slug), get_character(session=s, slug="elara")
+        assert copy.example_dialogues == source.example_dialogues
+        assert copy.description == source.description
+
+
+def _card(spec: str = "chara_card_v2", **data) -> bytes:
+    return json.dumps({"spec": spec, "data": {"name": "A"} | data}).encode()
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        (b"not json at all", "not JSON"),
+        (b"\xff\xfe\x00", "not UTF-8"),
+        (b"[1, 2]", "JSON list, not a card object"),
+        (json.dumps({"name": "V1 card"}).encode(), "unsupported card spec None"),
+        (_card(name=""), "name is empty"),
+        (_card(tags="x"), "tags must be a list"),
+        (_card("chara_card_v3", description=5), "description must be a string"),
+        (_card(character_book={"entries": [{"keys": []}]}), r"entries\[0\] has no 'content'"),
+        (_card(character_book={"entries": [{"keys": ["/(bad/"], "content": "x"}]}), "bad regex key"),
+        (_png_with_chunks(Title="no card"), "no 'chara' or 'ccv3'"),
+        (_png_with_chunks(chara="%%%not base64%%%"), "not base64"),
+        (b"\x89PNG\r\n\x1a\n truncated", "not a readable PNG"),
+    ],
+)
+def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> None:
+    with pytest.raises(CardError, match=match):
+        import_card(raw, "never-stored")
+    with session_scope() as s:
+        assert get_character(session=s, slug="never-stored") is None

@@ -1,0 +1,109 @@
+"""Lorebook activation: which entries fire, why, and which the token budget drops."""
+
+import pytest
+
+from roleplay.lorebook import Lorebook, SelectiveLogic, activate
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _book(*entries: dict, **book) -> Lorebook:
+    return Lorebook.model_validate(
+        {"entries": [{"id": i, "content": f"entry {i} text"} | e for i, e in enumerate(entries)]} | book
+    )
+
+
+def _fired(book: Lorebook, message: str, history=(), **kw) -> dict:
+    act = activate(book, message=message, history=list(history), count_tokens=_words, **kw)
+    return {f.entry.id: f.reason for f in act.kept}
+
+
+def test_keys_match_case_insensitively_unless_the_entry_says_so() -> None:
+    book = _book({"keys": ["Dragon"]}, {"keys": ["Dragon"], "case_sensitive": True})
+    assert _fired(book, "a dragon flew over") == {0: "key 'Dragon' in the player's message"}
+    assert set(_fired(book, "a Dragon flew over")) == {0, 1}
+
+
+def test_regex_keys_with_flags_and_use_regex() -> None:
+    book = _book({"keys": ["/sw(or)?d/i"]}, {"keys": [r"\bax(e|es)\b"], "use_regex": True})
+    assert set(_fired(book, "My SWD and my axes")) == {0, 1}
+    assert _fired(book, "a waxed floor") == {}
+    with pytest.raises(ValueError, match="bad regex key"):
+        _book({"keys": ["/(unclosed/"]})
+
+
+@pytest.mark.parametrize(
+    "logic, message, fires",
+    [
+        (SelectiveLogic.AND_ANY, "the king and the crown", True),
+        (SelectiveLogic.AND_ANY, "the king alone", False),
+        (SelectiveLogic.AND_ALL, "the king, the crown and the throne", True),
+        (SelectiveLogic.AND_ALL, "the king and the crown", False),
+        (SelectiveLogic.NOT_ANY, "the king alone", True),
+        (SelectiveLogic.NOT_ANY, "the king and the throne", False),
+        (SelectiveLogic.NOT_ALL, "the king and the crown", True),
+        (SelectiveLogic.NOT_ALL, "the king, the crown and the throne", False),
+    ],
+)
+def test_secondary_key_logic(logic, message, fires) -> None:
+    book = _book(
+        {"keys": ["king"], "selective": True, "secondary_keys": ["crown", "throne"], "selective_logic": logic}
+    )
+    assert bool(_fired(book, message)) is fires
+
+
+def test_scan_depth_reaches_only_the_newest_history_lines() -> None:
+    book = _book({"keys": ["lighthouse"]}, scan_depth=2)
+    history = ["we saw the lighthouse", "then the tide came", "and the boats"]
+    assert _fired(book, "what now?", history) == {}
+    assert _fired(book, "what now?", history[:2]) == {0: "key 'lighthouse' in history line -2"}
+
+
+def test_recursion_fires_entries_from_other_entries_content_up_to_the_step_limit() -> None:
+    chain = [
+        {"keys": ["alpha"], "content": "alpha leads to beta"},
+        {"keys": ["beta"], "content": "beta leads to gamma"},
+        {"keys": ["gamma"], "content": "gamma leads to delta"},
+        {"keys": ["delta"], "content": "the end"},
+        {"keys": ["beta"], "content": "only from the chat", "exclude_recursion": True},
+    ]
+    flat = _book(*chain)
+    assert set(_fired(flat, "alpha")) == {0}  # recursion off
+    deep = _book(*chain, recursive_scanning=True, max_recursion_steps=2)
+    fired = _fired(deep, "alpha")
+    assert set(fired) == {0, 1, 2}  # two steps: beta, then gamma; delta would need a third
+    assert fired[1] == "key 'beta' in recursion step 1: entry 0"
+    stopper = _book(
+        {"keys": ["alpha"], "content": "beta", "prevent_recursion": True},
+        *chain[1:2],
+        recursive_scanning=True,
+    )
+    assert set(_fired(stopper, "alpha")) == {0}
+
+
+def test_budget_keeps_constants_then_priority_and_records_what_it_dropped() -> None:
+    book = _book(
+        {"keys": [], "constant": True, "content": "one two three four", "insertion_order": 50},  # 4 words
+        {"keys": ["x"], "priority": 1, "content": "low priority five words here"},  # 5
+        {"keys": ["x"], "priority": 9, "content": "high priority four", "insertion_order": 10},  # 3
+        {"keys": ["x"], "priority": 9, "content": "high too but five words", "insertion_order": 20},  # 5
+        token_budget=12,
+    )
+    act = activate(book, message="x", history=[], count_tokens=_words)
+    assert [f.entry.id for f in act.kept] == [2, 3, 0]  # kept ones in insertion order
+    assert [f.entry.id for f in act.dropped] == [1]  # the lowest priority did not fit
+    assert sum(f.tokens for f in act.kept) <= 12
+
+
+def test_disabled_entries_never_fire_and_macros_are_filled() -> None:
+    book = _book({"keys": ["inn"], "enabled": False}, {"keys": ["inn"], "content": "{{char}} owns the inn"})
+    act = activate(
+        book,
+        message="the inn",
+        history=[],
+        count_tokens=_words,
+        fill=lambda t: t.replace("{{char}}", "Elara"),
+    )
+    assert [(f.entry.id, f.content) for f in act.kept] == [(1, "Elara owns the inn")]
