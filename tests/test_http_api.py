@@ -1,5 +1,6 @@
 """The HTTP ingest, served by a real uvicorn on loopback, called with a real HTTP client."""
 
+import json
 import socket
 import threading
 import time
@@ -137,3 +138,38 @@ def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
     assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in body
+
+
+def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:
+    from pathlib import Path
+
+    from tasks.producer import enqueue_turns
+    from worker.pipeline import process_batch
+
+    card = (Path(__file__).parent / "fixtures" / "cards" / "iro_v3.json").read_bytes()
+    assert httpx.post(f"{base_url}/v1/characters:import", content=card).status_code == 401
+    r = httpx.post(f"{base_url}/v1/characters:import", params={"slug": "iro-http"}, content=card, headers=KEY)
+    assert r.status_code == 201 and r.json()["slug"] == "iro-http"
+    bad = httpx.post(f"{base_url}/v1/characters:import", content=b'{"spec": "x"}', headers=KEY)
+    assert bad.status_code == 422 and "unsupported card spec 'x'" in bad.json()["detail"]
+    exported = httpx.get(f"{base_url}/v1/characters/iro-http/card", headers=KEY)
+    assert exported.json() == json.loads(card)
+    png = httpx.get(f"{base_url}/v1/characters/iro-http/card", params={"format": "png"}, headers=KEY)
+    assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
+    assert httpx.get(f"{base_url}/v1/characters/nobody/card", headers=KEY).status_code == 404
+
+    story = "http-story-" + new_conversation()["conversation"]
+    event = httpx.post(
+        f"{base_url}/v1/stories/{story}/events", json={"text": "Fox spirits were seen at dusk."}, headers=KEY
+    )
+    assert event.status_code == 201 and event.json()["ordinal"] == 1
+
+    conv = new_conversation("iro-http") | {"story": story}
+    (turn_id,) = enqueue_turns([conv | {"message": "Are there foxes in this forest?"}], send=False)
+    early = httpx.get(f"{base_url}/v1/turns/{turn_id}/manifest", headers=KEY)
+    assert early.status_code == 409  # queued: no prompt yet
+    process_batch([turn_id])
+    manifest = httpx.get(f"{base_url}/v1/turns/{turn_id}/manifest", headers=KEY).json()
+    assert manifest["lore"][0]["reason"] == "key '/fox(es)?/i' in the player's message"
+    assert manifest["events"][0]["id"] == event.json()["id"]
+    assert sum(manifest["sections"].values()) == manifest["prompt_tokens"]

@@ -90,8 +90,12 @@ def test_submit_progress_export_and_resubmit(world, celery_worker, tmp_path, cap
     assert state.status == RunStatus.COMPLETED, state
     assert (state.counts.total, state.counts.completed, state.counts.failed) == (24, 24, 0)
 
+    assert state.quality["scored"] == 24  # every reply's quality, summarised per run
+    assert 0 <= state.quality["language_match_rate"] <= 1 and -1 <= state.quality["persona_mean"] <= 1
     assert cli(["run", "status", name]) == 0
-    assert "completed total=24 completed=24 failed=0" in capsys.readouterr().out
+    status_out = capsys.readouterr().out
+    assert "completed total=24 completed=24 failed=0" in status_out
+    assert "quality scored=24 persona_mean=" in status_out
     assert cli(["run", "list"]) == 0 and name in capsys.readouterr().out
 
     again = submit_run(path, name=name)
@@ -103,6 +107,7 @@ def test_submit_progress_export_and_resubmit(world, celery_worker, tmp_path, cap
     assert [r["custom_id"] for r in rows] == [i["custom_id"] for i in inputs]  # input order
     assert [r["seed"] for r in rows] == [i["params"]["seed"] for i in inputs]  # reproducible
     assert all(r["reply"] and r["usage"]["completion_tokens"] > 0 for r in rows)
+    assert all("persona" in r["quality"] and r["state"]["after"]["emotion"] for r in rows)
     assert n_ok == 24 and n_err == 0 and errors.read_text() == ""
 
 

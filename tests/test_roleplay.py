@@ -1,0 +1,111 @@
+"""Roleplay depth on the real pipeline (engine, embedder, PostgreSQL): an imported card with its
+lorebook, the manifest, a narrator turn, story events appended by the game, mood and quality."""
+
+from pathlib import Path
+
+from sqlalchemy import select, update
+
+from db.models import Conversation, Message, Role, TurnStatus
+from db.session import session_scope
+from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN, EMOTIONS, MAX_STEP
+from tasks.characters import add_story_event, import_card
+from tasks.producer import enqueue_turns, get_turn
+from tests.conftest import new_conversation
+from worker.pipeline import process_batch
+
+CARDS = Path(__file__).parent / "fixtures" / "cards"
+
+
+def _answer(requests: list[dict]) -> list:
+    ids = enqueue_turns(requests, send=False)
+    report = process_batch(ids)
+    assert sorted(report.done) == sorted(ids), report.failed
+    return [get_turn(i) for i in ids]
+
+
+def _conversation(external_id: str) -> Conversation:
+    with session_scope() as s:
+        return s.scalars(select(Conversation).where(Conversation.external_id == external_id)).one()
+
+
+def test_an_imported_card_answers_with_its_lore_and_the_manifest_adds_up(engine) -> None:
+    slug, _ = import_card((CARDS / "mira_v2.json").read_bytes(), "mira")
+    conv = new_conversation(slug) | {"player_name": "Rowan"}
+    (view,) = _answer([conv | {"message": "How strong is the river current tonight?", "params": {"seed": 5}}])
+    m = view.context
+    lore = {e["name"]: e["reason"] for e in m["lore"]}
+    assert lore["River"] == "key 'river' in the player's message"
+    assert lore["Whispers"] == "key 'whisper' in recursion step 1: entry 1"  # from River's content
+    assert lore["Rule"] == "constant" and "Town" not in lore
+    assert (
+        "The grey river floods every spring" in view.prompt
+        and "Mira never takes payment in silver." in view.prompt
+    )
+    # Every prompt token is accounted for, and the count is the one the engine was given.
+    assert sum(m["sections"].values()) == m["prompt_tokens"] == view.usage["prompt_tokens"]
+    assert m["sections"]["lore"] == sum(e["tokens"] for e in m["lore"]) > 0
+    assert set(view.quality) >= {"persona", "repetition", "language_match", "below_bar"}
+    assert -1.0 <= view.quality["persona"] <= 1.0 and 0.0 <= view.quality["repetition"] <= 1.0
+
+
+def test_a_narrator_turn_is_stored_as_narration_and_later_turns_see_it(engine) -> None:
+    conv = new_conversation("elara") | {"player_name": "Rowan", "story": "ashfall", "story_time": 80}
+    (narration,) = _answer([conv | {"message": "Rowan pushes open the cellar door.", "speaker": "narrator"}])
+    assert narration.speaker == "narrator" and narration.context["speaker"] == "narrator"
+    assert narration.state is None  # the narrator has no mood toward the player
+    assert narration.prompt.startswith("<|im_start|>system\nYou are the narrator of this story.")
+    with session_scope() as s:
+        roles = {m.role for m in s.scalars(select(Message).where(Message.turn_id == narration.id))}
+    assert roles == {Role.USER, Role.NARRATOR}
+    (reply,) = _answer([conv | {"message": "What is down there?"}])
+    assert f"[Narrator] {narration.reply}" in reply.prompt  # retrieved like any history
+
+
+def test_a_story_event_added_by_the_game_is_retrieved_by_the_next_turn(engine) -> None:
+    story = "test-story-" + new_conversation()["conversation"]
+    event = add_story_event(
+        story, "A comet with a green tail split the night sky over the inn.", scene="Night"
+    )
+    assert event["ordinal"] == 1 and add_story_event(story, "The comet fell.")["ordinal"] == 2
+    conv = new_conversation("elara") | {"player_name": "Rowan", "story": story}
+    (view,) = _answer([conv | {"message": "Did you see the comet with the green tail?"}])
+    assert event["id"] in [e["id"] for e in view.context["events"]]
+    assert "A comet with a green tail split the night sky" in view.prompt
+
+
+def test_affinity_moves_within_bounds_across_a_scripted_exchange(engine) -> None:
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    _answer([conv | {"message": "Hello."}])
+    with session_scope() as s:  # start near the top so the bound is tested, not just the direction
+        s.execute(
+            update(Conversation).where(Conversation.external_id == conv["conversation"]).values(affinity=95)
+        )
+    script = [
+        "Thank you so much, you're very kind. I brought you a gift, friend.",
+        "I really like you, and I'm glad we met. Thank you for everything.",
+        "Shut up, you useless liar. I hate you and I'll burn this place down.",
+        "You're an idiot and a thief. I stole your money and I don't care.",
+    ]
+    trail = []
+    for line in script:
+        (view,) = _answer([conv | {"message": line, "params": {"seed": 1}}])
+        before, after = view.state["before"], view.state["after"]
+        trail.append((before["affinity"], after["affinity"], after["emotion"]))
+        assert AFFINITY_MIN <= after["affinity"] <= AFFINITY_MAX
+        assert abs(after["affinity"] - before["affinity"]) <= MAX_STEP
+        assert after["emotion"] in EMOTIONS
+        stored = _conversation(conv["conversation"])  # written with the reply, in its transaction
+        assert (stored.affinity, stored.emotion) == (after["affinity"], after["emotion"])
+        assert f"(affinity {before['affinity']} on a scale" in view.prompt  # the state the reply saw
+    print("affinity trail (before, after, emotion):", trail)
+    assert [t[0] for t in trail[1:]] == [t[1] for t in trail[:-1]]  # each turn starts where the last ended
+    assert trail[0][1] == trail[1][1] == AFFINITY_MAX  # kind words raise it, but never past the bound
+    assert trail[2][1] < trail[2][0] and trail[3][1] < trail[3][0]  # hostile words lower it
+
+
+def test_an_unsure_classification_leaves_the_state_and_says_why(engine) -> None:
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    (view,) = _answer([conv | {"message": "The road north takes two days."}])
+    assert view.state["after"]["affinity"] == view.state["before"]["affinity"] == 0
+    assert any(n.startswith("affinity unchanged: the message reads neither") for n in view.state["notes"])
+    assert view.status == TurnStatus.DONE
