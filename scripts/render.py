@@ -9,7 +9,8 @@ from tasks.producer import TurnView
 
 def render_turn(view: TurnView, title: str = "") -> str:
     """A human-readable block for one finished turn."""
-    out = [f"=== {title or view.id} · status={view.status.value} · attempts={view.attempts}"]
+    speaker = " · narrator" if view.speaker == "narrator" else ""
+    out = [f"=== {title or view.id}{speaker} · status={view.status.value} · attempts={view.attempts}"]
     out.append(f"[User Message]\n{view.message}")
     if view.prompt:
         out.append(f"[Model Prompt]\n{view.prompt}")
@@ -19,6 +20,15 @@ def render_turn(view: TurnView, title: str = "") -> str:
         out.append(f"[Error]\n{view.error}")
     if view.usage:
         out.append("[Usage]\n" + json.dumps(view.usage, ensure_ascii=False))
+    if view.context and "sections" in view.context:
+        m = view.context
+        sections = ", ".join(f"{k} {v}" for k, v in m["sections"].items() if v)
+        lore = "; ".join(f"{e['name'] or e['id']} ({e['reason']})" for e in m.get("lore", []))
+        out.append(
+            f"[Context] {m['prompt_tokens']} tokens: {sections}"
+            + (f"\n  lore: {lore}" if lore else "")
+            + f"\n  (mlchat manifest {view.id} shows all of it)"
+        )
     if view.state:
         before, after = view.state["before"], view.state["after"]
         out.append(

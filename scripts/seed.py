@@ -9,6 +9,7 @@ from pathlib import Path
 from core.settings import PROJECT_ROOT
 from db.session import session_scope
 from db.world import append_history_if_empty, upsert_character, upsert_conversation, upsert_story_events
+from roleplay.lorebook import Lorebook
 from worker.embedder import embed
 
 DATA_DIR = PROJECT_ROOT / "data"
@@ -25,6 +26,9 @@ class SeedCounts:
 def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
     """Upsert everything under data_dir; running it twice changes nothing."""
     characters = json.loads((data_dir / "characters.json").read_text(encoding="utf-8"))
+    for c in characters:  # a lorebook in data/ is checked and normalised like one from a card
+        if c.get("lorebook") is not None:
+            c["lorebook"] = Lorebook.model_validate(c["lorebook"]).model_dump()
     events = json.loads((data_dir / "story_events.json").read_text(encoding="utf-8"))
     conversations = json.loads((data_dir / "conversations.json").read_text(encoding="utf-8"))
     event_vectors = embed([e["text"] for e in events])

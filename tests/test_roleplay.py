@@ -109,3 +109,18 @@ def test_an_unsure_classification_leaves_the_state_and_says_why(engine) -> None:
     assert view.state["after"]["affinity"] == view.state["before"]["affinity"] == 0
     assert any(n.startswith("affinity unchanged: the message reads neither") for n in view.state["notes"])
     assert view.status == TurnStatus.DONE
+
+
+def test_a_reply_below_the_quality_bar_is_regenerated_once(engine, monkeypatch) -> None:
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "quality_regenerate", True)
+    monkeypatch.setattr(
+        settings, "quality_min_persona", 1.0
+    )  # no reply is that close: every one is regenerated
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    (view,) = _answer([conv | {"message": "Any rooms free tonight?", "params": {"seed": 11}}])
+    regen = view.quality["regenerated"]
+    assert regen["first"]["below_bar"] and regen["second"]["below_bar"]  # both under the bar: one retry only
+    assert regen["kept"] == "first"  # a tie keeps the first reply
+    assert view.params["seed"] == 11  # the stored seed reproduces the stored reply

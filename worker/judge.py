@@ -106,6 +106,7 @@ def regenerate_weak(
                 "first": first.quality,
                 "second": second.quality,
                 "kept": "second" if keep_second else "first",
+                "second_seed": retry[weak.index(i)].seed,
             },
         }
         out[i] = (

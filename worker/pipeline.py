@@ -154,7 +154,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
                     "finish_reason": gen.finish_reason,
                 },
                 timings=timings,
-                params=turn.params,
+                params=_params_of_kept_reply(turn.params, verdict.quality),
                 reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
                 state=verdict.mood.as_json() if verdict.mood else None,
                 quality=verdict.quality,
@@ -203,6 +203,14 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "completion": sum(g.completion_tokens for g in generations),
         },
     )
+
+
+def _params_of_kept_reply(params: dict[str, Any], quality: dict[str, Any]) -> dict[str, Any]:
+    """The stored seed must reproduce the stored reply: the regenerated one used the next seed."""
+    regen = quality.get("regenerated")
+    if regen and regen["kept"] == "second":
+        return {**params, "seed": regen["second_seed"]}
+    return params
 
 
 def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:
