@@ -4,6 +4,8 @@
   character's lines in the example dialogue), embedded once per character.
 - repetition: the share of the reply's word 3-grams that the character already said in the recent
   history of this conversation (0 = all new, 1 = a verbatim repeat).
+- self_repetition: the share of the reply's word 3-grams that repeat within the reply itself (a small
+  model looping on one sentence scores high).
 - language_match: whether the reply is written in the script of the player's message (Hangul,
   Latin, kana, Han…); a message with no letters matches anything.
 """
@@ -26,6 +28,7 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 class Quality:
     persona: float
     repetition: float
+    self_repetition: float
     language_match: bool
     message_script: str | None
     reply_script: str | None
@@ -37,6 +40,8 @@ class Quality:
             reasons.append(f"persona {self.persona:.2f} < {min_persona}")
         if self.repetition > max_repetition:
             reasons.append(f"repetition {self.repetition:.2f} > {max_repetition}")
+        if self.self_repetition > max_repetition:
+            reasons.append(f"self-repetition {self.self_repetition:.2f} > {max_repetition}")
         if not self.language_match:
             reasons.append(f"reply in {self.reply_script}, message in {self.message_script}")
         return reasons
@@ -45,6 +50,7 @@ class Quality:
         return {
             "persona": round(self.persona, 4),
             "repetition": round(self.repetition, 4),
+            "self_repetition": round(self.self_repetition, 4),
             "language_match": self.language_match,
             "message_script": self.message_script,
             "reply_script": self.reply_script,
@@ -73,14 +79,20 @@ def score(
         said |= _trigrams(line)
     mine = _trigrams(reply)
     repetition = len(mine & said) / len(mine) if mine else 0.0
+    grams = _trigram_list(reply)
+    self_repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
     message_script, reply_script = dominant_script(message), dominant_script(reply)
     match = message_script is None or reply_script is None or message_script == reply_script
-    return Quality(persona, repetition, match, message_script, reply_script)
+    return Quality(persona, repetition, self_repetition, match, message_script, reply_script)
+
+
+def _trigram_list(text: str) -> list[tuple[str, ...]]:
+    words = [w.casefold() for w in _WORD.findall(text)]
+    return [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
 
 
 def _trigrams(text: str) -> set[tuple[str, ...]]:
-    words = [w.casefold() for w in _WORD.findall(text)]
-    return {tuple(words[i : i + 3]) for i in range(len(words) - 2)}
+    return set(_trigram_list(text))
 
 
 def dominant_script(text: str) -> str | None:

@@ -82,10 +82,12 @@ def persona_block(character: Character) -> str:
     return "\n\n".join(t for _, _, t in _persona_pieces(character, None))
 
 
-def _narrator_pieces(character: Character) -> list[Piece]:
+def _narrator_pieces(character: Character, lore: Activation | None) -> list[Piece]:
     pieces: list[Piece] = [("system_prompt", None, NARRATOR_INSTRUCTIONS)]
     setting = "\n".join(x for x in (character.scenario, f"Main character: {character.name}") if x)
     pieces.append(("character_sheet", None, "[Setting]\n" + setting))
+    if lore is not None:  # the world's lore is the narrator's too
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept]
     return [(s, i, fill_macros(t, character.name, "{{user}}")) for s, i, t in pieces]
 
 
@@ -148,7 +150,9 @@ class PromptBuilder:
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
         lore = self._lore(item, char, user)
-        persona = _narrator_pieces(item.character) if narrator else _persona_pieces(item.character, lore)
+        persona = (
+            _narrator_pieces(item.character, lore) if narrator else _persona_pieces(item.character, lore)
+        )
         persona = [(s, i, t.replace("{{user}}", user)) for s, i, t in persona]
         state = [] if narrator or item.mood is None else [("state", None, item.mood.describe(char, user))]
         message = self.defang(item.message)
