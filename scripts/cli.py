@@ -200,6 +200,14 @@ def _story_event(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from tasks.sweeper import resend_stranded
+
+    sent = resend_stranded(older_than_s=args.older_than)
+    print(json.dumps(sent) if sent else "nothing stranded")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlchat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -270,6 +278,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scene", default="")
     p.add_argument("--time", type=int, default=None)
     p.set_defaults(func=_story_event)
+
+    p = sub.add_parser("sweep", help="re-send turns whose queue message was lost (safe any time; cron it)")
+    p.add_argument(
+        "--older-than", type=float, default=None, help="seconds untouched (default: the visibility timeout)"
+    )
+    p.set_defaults(func=_sweep)
     return parser
 
 

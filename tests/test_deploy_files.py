@@ -39,7 +39,7 @@ def test_the_compose_file_matches_the_compose_spec(tmp_path) -> None:
 
 def test_compose_runs_every_role_from_one_image() -> None:
     text = (PROJECT_ROOT / "docker-compose.yml").read_text()
-    for role in ("migrate:", "worker-", "api:", "flower:", "postgres:", "redis:"):
+    for role in ("migrate:", "worker-", "api:", "sweeper:", "flower:", "postgres:", "redis:"):
         assert f"\n  {role}" in text
     assert "--basic-auth=" in text and "pgvector/pgvector" in text and "--appendonly" in text
 

@@ -105,43 +105,6 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
     assert final["attempted_twice"] == 0  # nothing had to run again
 
 
-def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(world, services, tmp_path) -> None:
-    turns = 96
-    logs = {"through-restart": tmp_path / "through-restart.log"}
-    with wp.started("through-restart", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S):
-        ids = wp.send_turns(turns, "Tavern line", lane="bulk")
-        at_stop = _wait(ids, lambda c: c["done"] >= 8, timeout=600)
-        embedded.stop_redis(services)  # SIGTERM: Redis writes its append-only file and exits
-        time.sleep(3)  # down long enough for the worker to notice
-        embedded.start_redis(services)  # same port, same data directory
-        back = time.monotonic()
-        done_at_restart = _counts(ids)["done"]
-        _wait(ids, lambda c: c["done"] > done_at_restart, timeout=120)
-        first_batch_s = time.monotonic() - back
-        ids += wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
-        final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
-    print(
-        f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
-        f"was back; final {final}"
-    )
-    assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
-    assert final["done"] == len(ids) == turns + 8 and final["failed"] == 0  # zero lost
-    assert final["reply_rows"] == len(ids) and final["duplicates"] == 0
-
-
-def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(world, services, tmp_path) -> None:
-    turns = 96
-    logs = {"through-pg-restart": tmp_path / "through-pg-restart.log"}
-    with wp.started("through-pg-restart", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S):
-        ids = wp.send_turns(turns, "Harbour line", lane="bulk")
-        at_restart = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
-        embedded._pg_ctl(services, "restart")  # fast mode: every open connection is cut
-        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
-    print(f"PostgreSQL restart case: at restart {at_restart}; final {final}")
-    assert final["done"] == turns and final["failed"] == 0  # zero lost
-    assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero duplicated
-
-
 POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
 
 
@@ -169,3 +132,46 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
     assert "injected: the engine rejects this request" in poison.error
     assert f"gave up after {settings.max_attempts} attempts" in poison.error
     assert mates_attempts == {1}  # its batch-mates were answered on their first attempt
+
+
+@pytest.fixture(scope="module")
+def steady_worker(world, tmp_path_factory):
+    """One worker process that lives through both restart cases (they test that it survives them)."""
+    logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
+    with wp.started("steady", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S) as proc:
+        yield proc
+
+
+def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_worker, services) -> None:
+    turns = 96
+    ids = wp.send_turns(turns, "Tavern line", lane="bulk")
+    at_stop = _wait(ids, lambda c: c["done"] >= 8, timeout=600)
+    embedded.stop_redis(services)  # SIGTERM: Redis writes its append-only file and exits
+    time.sleep(3)  # down long enough for the worker to notice
+    embedded.start_redis(services)  # same port, same data directory
+    back = time.monotonic()
+    done_at_restart = _counts(ids)["done"]
+    _wait(ids, lambda c: c["done"] > done_at_restart, timeout=120)
+    first_batch_s = time.monotonic() - back
+    ids += wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
+    print(
+        f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
+        f"was back; final {final}"
+    )
+    assert steady_worker.poll() is None, "the same worker process carried on"
+    assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
+    assert final["done"] == len(ids) == turns + 8 and final["failed"] == 0  # zero lost
+    assert final["reply_rows"] == len(ids) and final["duplicates"] == 0
+
+
+def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(steady_worker, services) -> None:
+    turns = 96
+    ids = wp.send_turns(turns, "Harbour line", lane="bulk")
+    at_restart = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+    embedded.restart_postgres(services)  # fast mode: every open connection is cut
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    print(f"PostgreSQL restart case: at restart {at_restart}; final {final}")
+    assert steady_worker.poll() is None, "the same worker process carried on"
+    assert final["done"] == turns and final["failed"] == 0  # zero lost
+    assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero duplicated
