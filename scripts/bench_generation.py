@@ -29,7 +29,7 @@ from db.runs import FINISHED
 from db.session import session_scope
 
 SAMPLE = PROJECT_ROOT / "data" / "sample_run_2000.jsonl"
-STAGES = ("claim", "embed", "retrieve", "prompt", "generate", "embed_reply", "write")
+STAGES = ("claim", "embed", "retrieve", "prompt", "generate", "embed_reply", "quality", "write")
 
 # A character whose persona dominates its prompts, for the prefix-caching case.
 SAGE = {
