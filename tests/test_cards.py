@@ -125,3 +125,14 @@ def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> Non
         import_card(raw, "never-stored")
     with session_scope() as s:
         assert get_character(session=s, slug="never-stored") is None
+
+
+def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys) -> None:
+    from scripts.cli import main as cli
+
+    assert cli(["card", "import", str(CARDS / "mira_v2.json"), "--slug", "mira-cli"]) == 0
+    assert "as character 'mira-cli'" in capsys.readouterr().out
+    assert cli(["card", "export", "mira-cli", "--out", str(tmp_path / "mira.png")]) == 0
+    assert read_card((tmp_path / "mira.png").read_bytes()).card == json.loads(
+        (CARDS / "mira_v2.json").read_bytes()
+    )

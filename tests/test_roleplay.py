@@ -28,7 +28,9 @@ def _conversation(external_id: str) -> Conversation:
         return s.scalars(select(Conversation).where(Conversation.external_id == external_id)).one()
 
 
-def test_an_imported_card_answers_with_its_lore_and_the_manifest_adds_up(engine) -> None:
+def test_an_imported_card_answers_with_its_lore_and_the_manifest_adds_up(engine, capsys) -> None:
+    from scripts.cli import main as cli
+
     slug, _ = import_card((CARDS / "mira_v2.json").read_bytes(), "mira")
     conv = new_conversation(slug) | {"player_name": "Rowan"}
     (view,) = _answer([conv | {"message": "How strong is the river current tonight?", "params": {"seed": 5}}])
@@ -44,6 +46,10 @@ def test_an_imported_card_answers_with_its_lore_and_the_manifest_adds_up(engine)
     # Every prompt token is accounted for, and the count is the one the engine was given.
     assert sum(m["sections"].values()) == m["prompt_tokens"] == view.usage["prompt_tokens"]
     assert m["sections"]["lore"] == sum(e["tokens"] for e in m["lore"]) > 0
+    assert cli(["manifest", str(view.id)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{m['prompt_tokens']} of {m['budget_tokens']} tokens" in shown
+    assert "lore 1 'River': " in shown and "key 'river' in the player's message" in shown
     assert set(view.quality) >= {"persona", "repetition", "language_match", "below_bar"}
     assert -1.0 <= view.quality["persona"] <= 1.0 and 0.0 <= view.quality["repetition"] <= 1.0
 
