@@ -114,6 +114,7 @@ class PromptBuilder:
             getattr(tokenizer, "get_added_vocab", dict)().keys()
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
+        self._books: dict[tuple[int, Any], Lorebook] = {}
 
     def defang(self, text: str) -> str:
         """Break special-token strings in user-supplied text so they tokenize as plain text:
@@ -132,12 +133,21 @@ class PromptBuilder:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def _lorebook(self, character: Character) -> Lorebook:
+        """The character's lorebook, validated (regexes compiled) once per character version."""
+        if character.id is None:  # not stored (tests build characters in memory)
+            return Lorebook.model_validate(character.lorebook)
+        key = (character.id, character.updated_at)
+        if key not in self._books:
+            self._books[key] = Lorebook.model_validate(character.lorebook)
+        return self._books[key]
+
     def _lore(self, item: PromptInput, char: str, user: str) -> Activation | None:
         book = item.character.lorebook
         if not book:
             return None
         return activate(
-            Lorebook.model_validate(book),
+            self._lorebook(item.character),
             message=item.message,
             history=[line.content for line in item.context.recent],
             count_tokens=self.count_tokens,
@@ -204,12 +214,12 @@ class PromptBuilder:
             events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
             memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
             history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
-            ids, text, stop, pieces = self._render(layout, events, memories, history)
+            ids, text, stop, pieces, offsets = self._render(layout, events, memories, history)
             if len(ids) <= budget or not kept:
                 break
             kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
         dropped = [i for i in range(len(ordered)) if i not in set(kept)]
-        manifest = self._manifest(text, ids, pieces, budget, lore, item.mood, events, memories)
+        manifest = self._manifest(text, ids, offsets, pieces, budget, lore, item.mood, events, memories)
         manifest["speaker"] = item.speaker
         manifest["dropped"] = [
             {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
@@ -231,7 +241,7 @@ class PromptBuilder:
         events: list[EventHit],
         memories: list[HistoryLine],
         history: list[HistoryLine],
-    ) -> tuple[list[int], str, tuple[str, ...], list[Piece]]:
+    ) -> tuple[list[int], str, tuple[str, ...], list[Piece], list[int | None]]:
         char, user = layout.char, layout.user
         pieces: list[Piece] = list(layout.persona) + list(layout.state)
         if events:
@@ -260,13 +270,31 @@ class PromptBuilder:
             messages.append({"role": "system", "content": layout.post})
             pieces.append(("post_history", None, layout.post))
         rendered = self.render(self.tokenizer, messages, char, user)
-        ids = self.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
-        return list(ids), rendered.text, rendered.stop, pieces
+        ids, offsets = self._tokenize(rendered.text, rendered.add_special_tokens)
+        return ids, rendered.text, rendered.stop, pieces, offsets
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[int | None]]:
+        """Token ids and the start character of each (None for an added BOS and the like), in one call."""
+        if not getattr(self.tokenizer, "is_fast", False):  # slow tokenizers have no offsets
+            ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return ids, [None] * len(ids)
+        enc = self.tokenizer(
+            text,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=add_special_tokens,
+        )
+        added = enc.get("special_tokens_mask") or [0] * len(enc["input_ids"])
+        starts = [
+            None if flag else start for (start, _), flag in zip(enc["offset_mapping"], added, strict=True)
+        ]
+        return list(enc["input_ids"]), starts
 
     def _manifest(
         self,
         text: str,
         ids: list[int],
+        offsets: list[int | None],
         pieces: list[Piece],
         budget: int,
         lore: Activation | None,
@@ -292,7 +320,6 @@ class PromptBuilder:
             if at >= 0 and not any(s < end and at < e for s, e, _ in spans):
                 spans.append((at, end, index))
         spans.sort()
-        offsets = self._offsets(text, len(ids))
         per_piece = [0] * len(pieces)
         template = 0
         span_i = 0
@@ -346,12 +373,6 @@ class PromptBuilder:
                 if section == "history"
             ],
         }
-
-    def _offsets(self, text: str, n_ids: int) -> list[int | None]:
-        """Start character of each prompt token (None for tokens with no text, such as an added BOS)."""
-        encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts: list[int | None] = [start for start, _ in encoded["offset_mapping"]]
-        return [None] * (n_ids - len(starts)) + starts
 
 
 @dataclass(frozen=True)
