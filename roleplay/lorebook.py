@@ -61,9 +61,10 @@ class LoreEntry(BaseModel):
     @classmethod
     def _regex_keys_compile(cls, keys: list[str]) -> list[str]:
         for key in keys:
-            if _as_regex(key) is not None:
+            regex = _as_regex(key)
+            if regex is not None:
                 try:
-                    re.compile(_as_regex(key)[0])  # type: ignore[index]
+                    re.compile(regex[0])
                 except re.error as exc:
                     raise ValueError(f"bad regex key {key!r}: {exc}") from exc
         return keys
@@ -168,9 +169,6 @@ class FiredEntry:
 class Activation:
     kept: list[FiredEntry] = field(default_factory=list)  # in insertion order
     dropped: list[FiredEntry] = field(default_factory=list)  # fired, but over the token budget
-
-    def text(self, position: str) -> str:
-        return "\n".join(f.content for f in self.kept if f.entry.position == position)
 
 
 def _as_regex(key: str) -> tuple[str, str] | None:

@@ -77,6 +77,10 @@ def judge_replies(
     ]
 
 
+def next_seed(request: GenerationRequest) -> GenerationRequest:
+    return dataclasses.replace(request, seed=request.seed + 1)
+
+
 def regenerate_weak(
     judged: list[Judged],
     requests: dict[uuid.UUID, GenerationRequest],
@@ -88,9 +92,7 @@ def regenerate_weak(
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
     if not weak:
         return judged
-    retry = [
-        dataclasses.replace(requests[judged[i][0].id], seed=requests[judged[i][0].id].seed + 1) for i in weak
-    ]
+    retry = [next_seed(requests[judged[i][0].id]) for i in weak]
     results = engine_module.generate_isolating(retry)
     fresh = [(i, r) for i, r in zip(weak, results, strict=True) if isinstance(r, Generation) and r.text]
     vectors: Any = embed([r.text for _, r in fresh]) if fresh else []
@@ -106,7 +108,7 @@ def regenerate_weak(
                 "first": first.quality,
                 "second": second.quality,
                 "kept": "second" if keep_second else "first",
-                "second_seed": retry[weak.index(i)].seed,
+                "second_seed": next_seed(requests[turn.id]).seed,
             },
         }
         out[i] = (
