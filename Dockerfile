@@ -20,6 +20,7 @@ COPY core ./core
 COPY db ./db
 COPY worker ./worker
 COPY tasks ./tasks
+COPY services ./services
 COPY scripts ./scripts
 COPY migrations ./migrations
 COPY api ./api
@@ -35,7 +36,8 @@ COPY --chown=10001:10001 . .
 USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
 VOLUME ["/models"]
-# The worker's check; compose gives the HTTP ingest and Flower their own.
+# The worker's check (engine alive, from its metrics endpoint); compose gives the HTTP ingest and
+# Flower their own.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \
-  CMD ["sh", "-c", "celery -A tasks.app inspect ping -d \"mlchat-${MLCHAT_MODEL}@$(hostname)\" --timeout 5 || exit 1"]
+  CMD ["python", "-m", "worker.health"]
 CMD ["python", "-m", "worker"]

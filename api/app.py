@@ -20,14 +20,15 @@ from core import metrics
 from core.settings import settings
 from db.turns import IdempotencyConflict
 from roleplay.cards import CardError
-from tasks import characters, producer
-from tasks.producer import EnqueueError, TurnView
-from tasks.schemas import TurnRequest
+from services import characters, producer
+from services.producer import EnqueueError, TurnView
+from services.schemas import TurnRequest
 
 
 class TurnAccepted(BaseModel):
     id: uuid.UUID
-    status: str
+    status: str  # the turn's real status: a replay of an answered turn says "done"
+    created: bool  # False for a replay of an idempotency key
 
 
 class BatchRequest(BaseModel):
@@ -36,6 +37,7 @@ class BatchRequest(BaseModel):
 
 class BatchAccepted(BaseModel):
     ids: list[uuid.UUID]
+    turns: list[TurnAccepted]
 
 
 class StoryEventIn(BaseModel):
@@ -55,15 +57,16 @@ class Cancelled(BaseModel):
     status: str
 
 
-def _enqueue(requests: list[TurnRequest]) -> list[uuid.UUID]:
+def _enqueue(requests: list[TurnRequest]) -> list[TurnAccepted]:
     try:
-        return producer.enqueue_turns(requests)
+        stored = producer.submit_turns(requests)
     except IdempotencyConflict as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
     except EnqueueError as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from exc
     except ValueError as exc:  # unknown character, conversation or model
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from exc
+    return [TurnAccepted(id=t.id, status=t.status.value, created=t.created) for t in stored]
 
 
 def create_app() -> FastAPI:
@@ -76,18 +79,24 @@ def create_app() -> FastAPI:
 
     @app.post("/v1/turns", status_code=202, dependencies=authed, response_model=TurnAccepted)
     async def post_turn(
-        body: TurnRequest, idempotency_key: str | None = Header(default=None, max_length=200)
+        body: TurnRequest,
+        response: Response,
+        idempotency_key: str | None = Header(default=None, max_length=200),
     ) -> TurnAccepted:
-        """Queue one turn; `Idempotency-Key` (header or body field) makes retries safe."""
+        """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
+        answers 200 with the turn as it stands."""
         if idempotency_key and not body.idempotency_key:
             body = body.model_copy(update={"idempotency_key": idempotency_key})
-        (turn_id,) = await run_in_threadpool(_enqueue, [body])
-        return TurnAccepted(id=turn_id, status="queued")
+        (accepted,) = await run_in_threadpool(_enqueue, [body])
+        if not accepted.created:
+            response.status_code = status.HTTP_200_OK
+        return accepted
 
     @app.post("/v1/turns:batch", status_code=202, dependencies=authed, response_model=BatchAccepted)
     async def post_batch(body: BatchRequest) -> BatchAccepted:
-        """Queue many turns at once, all or none; ids come back in request order."""
-        return BatchAccepted(ids=await run_in_threadpool(_enqueue, body.turns))
+        """Queue many turns at once, all or none; ids and statuses come back in request order."""
+        accepted = await run_in_threadpool(_enqueue, body.turns)
+        return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
 
     @app.get("/v1/turns/{turn_id}", dependencies=authed, response_model=TurnView)
     async def get_turn(turn_id: uuid.UUID) -> Any:

@@ -9,7 +9,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,6 +28,7 @@ STAGE_SECONDS = Histogram(
     buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
 TOKENS = Counter("mlchat_tokens", "Tokens processed by the engine (rate() gives tokens/s)", ["model", "kind"])
+ENGINE_UP = Gauge("mlchat_engine_up", "1 while this worker's inference engine is loaded and alive")
 INGEST_REQUESTS = Counter("mlchat_ingest_requests", "HTTP ingest requests", ["method", "route", "status"])
 
 

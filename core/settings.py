@@ -13,6 +13,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 Lane = Literal["live", "bulk"]
 PromptFormat = Literal["auto", "chat_template", "solar", "eeve", "gpt_oss_text"]
+Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
 class Settings(BaseSettings):
@@ -39,7 +40,9 @@ class Settings(BaseSettings):
     served_models: list[str] = Field(default_factory=list)
     prompt_format: PromptFormat = "auto"
     max_model_len: int = Field(default=2048, ge=256)
-    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] = "bfloat16"
+    # "auto": the model's dtype on a GPU; on a CPU, bfloat16 only where the CPU computes it natively
+    # (AVX-512 BF16 or AMX), float32 elsewhere (emulated bfloat16 is several times slower).
+    dtype: Dtype = "auto"
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
@@ -67,6 +70,9 @@ class Settings(BaseSettings):
     batch_size: int = Field(default=64, ge=1)
     flush_interval: float = Field(default=0.5, gt=0)
     visibility_timeout: int = Field(default=3600, ge=10)
+    # A claimed turn is the claiming worker's for this long, renewed while its batch runs (up to the
+    # visibility timeout in all); after that another worker may claim it.
+    lease_seconds: int = Field(default=120, ge=3)
     max_attempts: int = Field(default=3, ge=1)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
 

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.models import Run, RunStatus, Turn
 from db.session import psycopg_connection
 
 STAGE_COLUMNS = (
@@ -70,6 +71,10 @@ INSERT_TURNS = text(
 ANALYZE_STAGE = text("ANALYZE turn_stage")  # temp tables have no statistics until analysed
 
 
+class RunNotAccepting(RuntimeError):
+    """The run left `validating` (it was cancelled): its submission stores nothing more."""
+
+
 @dataclass(frozen=True)
 class StagedTurn:
     """One validated run line, ready to stage."""
@@ -90,12 +95,17 @@ class StagedTurn:
 def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[StagedTurn]) -> list[uuid.UUID]:
     """Insert the turns (and any new conversations) in the caller's transaction; returns the new ids.
 
-    Turn numbers follow input order. A line whose idempotency key exists already is left as it is.
+    Turn numbers follow input order; the turns are stored unsent (no dispatched_at). A line whose
+    idempotency key exists already is left as it is. Raises RunNotAccepting once the run is no
+    longer being submitted (a cancel landed).
     Raises ValueError if a line's conversation neither exists nor is started by a line naming a
     character (validation catches that first; the caller's transaction then inserts nothing).
     """
     if not turns:
         return []
+    status = session.scalar(select(Run.status).where(Run.id == run_id))
+    if status != RunStatus.VALIDATING:
+        raise RunNotAccepting(f"run is {status}")
     session.execute(CREATE_STAGE)
     cursor = psycopg_connection(session).cursor()
     with cursor.copy(f"COPY turn_stage ({', '.join(STAGE_COLUMNS)}) FROM STDIN") as copy:
@@ -123,3 +133,8 @@ def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[Sta
     except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: no such conversation
         raise ValueError(f"a line names a conversation that does not exist: {exc.orig}") from None
     return [turn_id for turn_id, _ in sorted(rows, key=lambda row: row[1])]
+
+
+def stored_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
+    """The custom_ids a run holds already (a resumed submission skips their lines)."""
+    return {c for c in session.scalars(select(Turn.custom_id).where(Turn.run_id == run_id)) if c is not None}

@@ -58,6 +58,8 @@ class Role(enum.StrEnum):
 
 
 class TurnStatus(enum.StrEnum):
+    """queued → running → done | failed (and back to queued while attempts remain); queued → cancelled."""
+
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
@@ -65,7 +67,24 @@ class TurnStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+TURN_UNFINISHED = (TurnStatus.QUEUED, TurnStatus.RUNNING)
+TURN_FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
+
+
+class TurnErrorCode(enum.StrEnum):
+    """Why a turn failed, for machines (the error text is for people)."""
+
+    BROKER_UNREACHABLE = "broker_unreachable"  # never sent: a replay with the same key sends it again
+    PROMPT_TOO_LONG = "prompt_too_long"
+    EMPTY_REPLY = "empty_reply"
+    ENGINE_ERROR = "engine_error"
+    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+
+
 class RunStatus(enum.StrEnum):
+    """validating → queued → in_progress → completed; any live state → cancelling → cancelled;
+    validating → failed (bad file, or a submission that died: resubmitting resumes it)."""
+
     VALIDATING = "validating"
     QUEUED = "queued"
     IN_PROGRESS = "in_progress"
@@ -73,6 +92,10 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+
+
+RUN_LIVE = (RunStatus.VALIDATING, RunStatus.QUEUED, RunStatus.IN_PROGRESS)
+RUN_FINISHED = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
 
 
 class Character(Base):
@@ -97,6 +120,8 @@ class Character(Base):
     card: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     # The lorebook (World Info) in mlchat's form (worker/lorebook.py), from the card or data/.
     lorebook: Mapped[dict[str, Any] | None] = mapped_column()
+    # Bumped by every upsert: workers key their per-character caches (lore, persona vector) on it.
+    version: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
@@ -180,7 +205,7 @@ class Run(Base):
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), default=RunStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(64))
     file_hash: Mapped[str] = mapped_column(String(64), default="")
-    total: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)  # lines the run will hold (the file's good lines)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -193,6 +218,8 @@ class Turn(Base):
     __table_args__ = (
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         Index("ix_turns_run_status", "run_id", "status"),
+        # The sweeper's scan: only unfinished turns, a small share of the table.
+        Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -225,7 +252,13 @@ class Turn(Base):
     state: Mapped[dict[str, Any] | None] = mapped_column()  # emotion and affinity, before and after
     quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
     error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # The lease: the worker whose claim token this is owns the running turn until lease_until.
+    claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When a queue message for this turn was last sent (None: a run's line not sent yet).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -1,20 +1,43 @@
-"""Every query on bulk runs: create (idempotent by name), counts, list, cancel, retry, export rows."""
+"""The run state machine, and every query on bulk runs. Each transition is one conditional UPDATE:
+
+    create / replace_file          → validating
+    finish_submission  validating  → queued (then advanced: a run with no turns completes at once)
+    fail_submission    validating  → failed (bad file, or the submission died: resubmitting resumes it)
+    resume_submission  failed | validating (no live submitter) → validating
+    advance            queued → in_progress → completed;  cancelling → cancelled
+    cancel             validating | queued | in_progress → cancelling (→ cancelled once nothing runs)
+    reopen             completed | in_progress → in_progress (failed turns queued again)
+
+`advance` runs in every transaction that finishes turns (db/turns.py), under a row lock on the run,
+so the last writer always sees every other writer's turns and the run never lags its turns. Nothing
+here is called from a read path.
+
+A submission holds a PostgreSQL advisory lock on the run's name for as long as it runs, on its own
+connection: a submitter that dies (SIGKILL included) drops its connection and with it the lock, so
+"validating with no lock held" is exactly "a submission that died", readable by anyone.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import uuid
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Connection, and_, case, column, exists, func, select, table, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import Run, RunStatus, Turn, TurnStatus
+from db.models import RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
+from db.session import get_engine
 
-FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
+logger = logging.getLogger(__name__)
+
+# Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
+_LOCK_NAMESPACE = 0x6D6C6372  # "mlcr"
 
 
 class RunConflict(ValueError):
@@ -23,7 +46,7 @@ class RunConflict(ValueError):
 
 @dataclass(frozen=True)
 class RunCounts:
-    """request_counts of a run, from its turn rows."""
+    """request_counts of a run, from its turn rows (the database's truth, never a cached counter)."""
 
     total: int
     queued: int
@@ -31,6 +54,7 @@ class RunCounts:
     completed: int
     failed: int
     cancelled: int
+    unsent: int = 0  # stored but not sent yet: a submission still going, or one that died
 
     @property
     def finished(self) -> int:
@@ -38,7 +62,12 @@ class RunCounts:
 
 
 def create_run(*, session: Session, name: str, model: str, file_hash: str, total: int) -> tuple[Run, bool]:
-    """Insert a run in `validating`, or return the existing one of that name (same file only)."""
+    """create: a run in `validating`, or the existing one of that name; (run, created).
+
+    An existing run of another file is replaced only while it holds no turns and is not live
+    (its validation failed, or its submission died before storing a line); otherwise RunConflict.
+    The caller holds the name's submission lock.
+    """
     run_id = session.scalar(
         insert(Run)
         .values(
@@ -52,10 +81,184 @@ def create_run(*, session: Session, name: str, model: str, file_hash: str, total
         .on_conflict_do_nothing(index_elements=[Run.name])
         .returning(Run.id)
     )
+    if run_id is not None:
+        return session.get_one(Run, run_id), True
     run = session.scalars(select(Run).where(Run.name == name)).one()
-    if run_id is None and run.file_hash != file_hash:
-        raise RunConflict(f"run {name!r} already exists for a different file; pick another --name")
-    return run, run_id is not None
+    if run.file_hash == file_hash:
+        return run, False
+    replaced = session.scalar(
+        update(Run)
+        .where(
+            Run.id == run.id,
+            Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
+            ~exists().where(Turn.run_id == Run.id),
+        )
+        .values(file_hash=file_hash, total=total, model=model, status=RunStatus.VALIDATING, error=None)
+        .returning(Run.id)
+    )
+    if replaced is None:
+        raise RunConflict(
+            f"run {name!r} already holds turns from a different file; resubmit that file to resume it, "
+            "or pick another --name"
+        )
+    session.refresh(run)
+    return run, True
+
+
+def resume_submission(*, session: Session, run_id: uuid.UUID) -> bool:
+    """resume: a failed or interrupted submission goes back to validating; False if the run moved on."""
+    return (
+        session.scalar(
+            update(Run)
+            .where(Run.id == run_id, Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)))
+            .values(status=RunStatus.VALIDATING, error=None, finished_at=None)
+            .returning(Run.id)
+        )
+        is not None
+    )
+
+
+def fail_submission(*, session: Session, run_id: uuid.UUID, error: str) -> bool:
+    """fail_submission: validating → failed, with the reason; False if the run moved on."""
+    return (
+        session.scalar(
+            update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
+            .values(status=RunStatus.FAILED, error=error, finished_at=func.now())
+            .returning(Run.id)
+        )
+        is not None
+    )
+
+
+def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
+    """finish_submission: validating → queued, then advanced at once; returns the run's status after."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
+        .values(status=RunStatus.QUEUED)
+    )
+    advance_runs(session=session, run_ids=[run_id])
+    status = run_status(session=session, run_id=run_id)
+    assert status is not None
+    return status
+
+
+def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
+    """The run's stored status."""
+    status = session.scalar(select(Run.status).where(Run.id == run_id))
+    return None if status is None else RunStatus(status)
+
+
+def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
+    """advance: queued → in_progress once a turn finished; → completed (or cancelling → cancelled)
+    once none is queued or running. Locks the runs first: see the module's docstring."""
+    ids = sorted(set(run_ids))
+    if not ids:
+        return
+    session.execute(select(Run.id).where(Run.id.in_(ids)).order_by(Run.id).with_for_update())
+    unfinished = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED))
+    finished_any = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_FINISHED))
+    session.execute(
+        update(Run)
+        .where(
+            Run.id.in_(ids),
+            Run.status.in_((RunStatus.QUEUED, RunStatus.IN_PROGRESS, RunStatus.CANCELLING)),
+            ~unfinished | and_(Run.status == RunStatus.QUEUED, finished_any),
+        )
+        .values(
+            status=case(
+                (unfinished, RunStatus.IN_PROGRESS.value),
+                (Run.status == RunStatus.CANCELLING, RunStatus.CANCELLED.value),
+                else_=RunStatus.COMPLETED.value,
+            ),
+            finished_at=case((unfinished, None), else_=func.now()),
+        )
+        .execution_options(synchronize_session=False)
+    )
+
+
+def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> None:
+    """advance the runs these turns belong to (after a transition finished them)."""
+    if not turn_ids:
+        return
+    run_ids = session.scalars(
+        select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
+    ).all()
+    advance_runs(session=session, run_ids=[r for r in run_ids if r is not None])
+
+
+@dataclass(frozen=True)
+class CancelOutcome:
+    """What a cancel did: the status before and after, and how many queued turns it cancelled."""
+
+    before: RunStatus
+    after: RunStatus
+    cancelled_turns: int
+
+    @property
+    def changed(self) -> bool:
+        return self.before != self.after or self.cancelled_turns > 0
+
+
+def cancel_run(*, session: Session, run_id: uuid.UUID) -> CancelOutcome:
+    """cancel: cancel the run's queued turns, then validating | queued | in_progress → cancelling,
+    then advance (→ cancelled at once when nothing is running). Finished results are kept; a
+    finished run is left as it is."""
+    before = run_status(session=session, run_id=run_id)
+    if before is None:
+        raise KeyError(f"no run {run_id}")
+    if before not in (*RUN_LIVE, RunStatus.CANCELLING):
+        return CancelOutcome(before, before, 0)
+    # Turns before the run: the lock order of every transaction that finishes turns.
+    cancelled = session.execute(
+        update(Turn)
+        .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
+        .values(status=TurnStatus.CANCELLED, finished_at=func.now())
+    ).rowcount  # type: ignore[attr-defined]
+    session.execute(
+        update(Run).where(Run.id == run_id, Run.status.in_(RUN_LIVE)).values(status=RunStatus.CANCELLING)
+    )
+    advance_runs(session=session, run_ids=[run_id])
+    after = run_status(session=session, run_id=run_id)
+    assert after is not None
+    return CancelOutcome(before, after, int(cancelled))
+
+
+def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
+    """reopen: a finished (or still running) run's failed turns go back to queued with fresh attempts,
+    and the run to in_progress; returns their ids. Refused (ValueError) for runs in other states."""
+    status = run_status(session=session, run_id=run_id)
+    if status not in (RunStatus.COMPLETED, RunStatus.IN_PROGRESS):
+        raise ValueError(
+            f"run is {status}: only a completed or in-progress run's failed turns can be retried"
+        )
+    ids = list(
+        session.scalars(
+            update(Turn)
+            .where(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED)
+            .values(
+                status=TurnStatus.QUEUED,
+                attempts=0,
+                error=None,
+                error_code=None,
+                finished_at=None,
+                claim_token=None,
+                dispatched_at=func.now(),
+            )
+            .returning(Turn.id)
+        ).all()
+    )
+    if ids:
+        moved = session.scalar(
+            update(Run)
+            .where(Run.id == run_id, Run.status.in_((RunStatus.COMPLETED, RunStatus.IN_PROGRESS)))
+            .values(status=RunStatus.IN_PROGRESS, finished_at=None)
+            .returning(Run.id)
+        )
+        if moved is None:
+            raise ValueError("the run changed state meanwhile; try again")
+    return ids
 
 
 def find_run(*, session: Session, ref: str) -> Run | None:
@@ -68,12 +271,17 @@ def find_run(*, session: Session, ref: str) -> Run | None:
 
 def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
     """Count the run's turns by status in one query."""
-    by_status = dict(
-        session.execute(select(Turn.status, func.count()).where(Turn.run_id == run_id).group_by(Turn.status))
-        .tuples()
-        .all()
-    )
-    n = {status: int(by_status.get(status, 0)) for status in TurnStatus}
+    rows = session.execute(
+        select(Turn.status, func.count(), func.count().filter(Turn.dispatched_at.is_(None)))
+        .where(Turn.run_id == run_id)
+        .group_by(Turn.status)
+    ).all()
+    n = {status: 0 for status in TurnStatus}
+    unsent = 0
+    for status, count, not_sent in rows:
+        n[TurnStatus(status)] = int(count)
+        if status == TurnStatus.QUEUED:
+            unsent = int(not_sent)
     return RunCounts(
         total=sum(n.values()),
         queued=n[TurnStatus.QUEUED],
@@ -81,6 +289,19 @@ def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
         completed=n[TurnStatus.DONE],
         failed=n[TurnStatus.FAILED],
         cancelled=n[TurnStatus.CANCELLED],
+        unsent=unsent,
+    )
+
+
+def unsent_turns(*, session: Session, run_id: uuid.UUID, limit: int) -> list[uuid.UUID]:
+    """The run's queued turns no message was sent for yet, in input order."""
+    return list(
+        session.scalars(
+            select(Turn.id)
+            .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED, Turn.dispatched_at.is_(None))
+            .order_by(Turn.number)
+            .limit(limit)
+        ).all()
     )
 
 
@@ -110,53 +331,9 @@ def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
     }
 
 
-def refresh_status(*, session: Session, run: Run) -> RunCounts:
-    """Advance the run's lifecycle from its counts (queued → in_progress → completed / cancelled)."""
-    counts = run_counts(session=session, run_id=run.id)
-    status = run.status
-    if status in (RunStatus.QUEUED, RunStatus.IN_PROGRESS) and counts.finished:
-        status = RunStatus.IN_PROGRESS
-    if status == RunStatus.IN_PROGRESS and counts.finished == counts.total:
-        status = RunStatus.COMPLETED
-    if status == RunStatus.CANCELLING and counts.running == 0 and counts.queued == 0:
-        status = RunStatus.CANCELLED
-    if status != run.status:
-        run.status = status
-        if status in (RunStatus.COMPLETED, RunStatus.CANCELLED):
-            run.finished_at = datetime.now(UTC)
-    return counts
-
-
 def list_runs(*, session: Session, limit: int = 50) -> Sequence[Run]:
     """Newest runs first."""
     return session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
-
-
-def cancel_run(*, session: Session, run: Run) -> int:
-    """Cancel the run's queued turns (finished results stay); returns how many were cancelled."""
-    run.status = RunStatus.CANCELLING
-    result = session.execute(
-        update(Turn)
-        .where(Turn.run_id == run.id, Turn.status == TurnStatus.QUEUED)
-        .values(status=TurnStatus.CANCELLED, finished_at=func.now())
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
-
-
-def reset_failed(*, session: Session, run: Run) -> list[uuid.UUID]:
-    """Put the run's failed turns back to queued with fresh attempts; returns their ids."""
-    ids = list(
-        session.scalars(
-            update(Turn)
-            .where(Turn.run_id == run.id, Turn.status == TurnStatus.FAILED)
-            .values(status=TurnStatus.QUEUED, attempts=0, error=None, finished_at=None)
-            .returning(Turn.id)
-        ).all()
-    )
-    if ids:
-        run.status = RunStatus.IN_PROGRESS
-        run.finished_at = None
-    return ids
 
 
 def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
@@ -171,3 +348,59 @@ def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) ->
         yield from rows
         last = rows[-1].number
         session.expunge_all()
+
+
+def _lock_key(name: str) -> int:
+    """The run name's 32-bit advisory-lock key (signed, as PostgreSQL's int4)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
+
+
+@contextmanager
+def submission_lock(name: str) -> Iterator[bool]:
+    """Hold the run name's submission lock on a connection of its own; yields False if another
+    process holds it (a submission of that run is going on)."""
+    conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _lock_key(name)))))
+        try:
+            yield got
+        finally:
+            if got:
+                try:
+                    conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _lock_key(name))))
+                except Exception:  # the connection broke; the server released the lock with it
+                    conn.invalidate()
+    finally:
+        conn.close()
+
+
+_PG_LOCKS = table(
+    "pg_locks", column("locktype"), column("classid"), column("objid"), column("objsubid"), column("granted")
+)
+
+
+def submission_alive(*, session: Session, name: str) -> bool:
+    """Whether some process holds the run's submission lock right now (read only)."""
+    unsigned = _lock_key(name) & 0xFFFFFFFF  # pg_locks shows the two int4 keys as oids
+    return bool(
+        session.scalar(
+            select(func.count())
+            .select_from(_PG_LOCKS)
+            .where(
+                _PG_LOCKS.c.locktype == "advisory",
+                _PG_LOCKS.c.classid == _LOCK_NAMESPACE,
+                _PG_LOCKS.c.objid == unsigned,
+                _PG_LOCKS.c.objsubid == 2,
+                _PG_LOCKS.c.granted,
+            )
+        )
+    )
+
+
+def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]:
+    """Runs left in `validating` longer than `older_than_s` with no live submitter (read only)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    runs = session.scalars(
+        select(Run).where(Run.status == RunStatus.VALIDATING, Run.created_at < cutoff)
+    ).all()
+    return [run for run in runs if not submission_alive(session=session, name=run.name)]

@@ -29,10 +29,14 @@ CHARACTER_FIELDS = (
 
 
 def upsert_character(*, session: Session, slug: str, fields: dict[str, Any]) -> int:
-    """Insert or update a character by slug; returns its id."""
+    """Insert or update a character by slug; returns its id. Every update bumps `version`, the key
+    of the workers' per-character caches (validated lorebook, persona vector)."""
     values = {k: fields[k] for k in CHARACTER_FIELDS if k in fields}
     stmt = insert(Character).values(slug=slug, **values)
-    upsert = stmt.on_conflict_do_update(index_elements=[Character.slug], set_=values).returning(Character.id)
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Character.slug],
+        set_={**values, "version": Character.version + 1, "updated_at": func.now()},
+    ).returning(Character.id)
     return int(session.execute(upsert).scalar_one())
 
 

@@ -25,9 +25,9 @@ def measure_enqueue(single: int = 2000, bulk: int = 100_000) -> dict[str, Any]:
     """Turns/s of `enqueue_turn` in a loop and of `submit_run` on a `bulk`-line file."""
     from db.session import session_scope
     from db.turns import cancel_turns
+    from services.producer import enqueue_turn
+    from services.runs import cancel, submit_run
     from tasks.app import app
-    from tasks.producer import enqueue_turn
-    from tasks.runs import cancel, submit_run
 
     tag = uuid.uuid4().hex[:8]
     enqueue_turn(conversation=f"bench-{tag}-warm", character="elara", message="warm up")

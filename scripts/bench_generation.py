@@ -170,7 +170,7 @@ class RawEngine:
 
 def _pipeline(requests: list[dict[str, Any]], batch: int, llm: Any) -> tuple[float, float, list[Any], list]:
     """The worker's pipeline in-process over fresh turns: (wall s, this process's CPU s, reports, ids)."""
-    from tasks.producer import enqueue_turns
+    from services.producer import enqueue_turns
     from worker.pipeline import process_batch
 
     ids = enqueue_turns(requests, send=False)
@@ -184,8 +184,8 @@ def _end_to_end(requests: list[dict[str, Any]], llm: Any, timeout: float) -> tup
     """Seconds from the first enqueue to the last stored reply, through the real Celery worker."""
     from celery.contrib.testing.worker import start_worker
 
+    from services.producer import enqueue_turns
     from tasks.app import app
-    from tasks.producer import enqueue_turns
 
     llm.reset_prefix_cache()
     queues = [queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")]
@@ -246,7 +246,7 @@ def _load_engine(prefix_caching: bool) -> Any:
 def _prefix_case(loaded: Any, n: int, tag: str) -> dict[str, float]:
     """Seconds for a same-character batch once its persona is cached: pipeline, and raw engine on the
     identical prompts. A warm batch of the same character runs first in both."""
-    from tasks.producer import enqueue_turns
+    from services.producer import enqueue_turns
     from worker.pipeline import process_batch
 
     raw = RawEngine(loaded)

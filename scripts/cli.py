@@ -1,108 +1,195 @@
-"""`mlchat`: control the embedded services, migrate, seed, run a worker, chat from the shell."""
+"""`mlchat`: control the embedded services, migrate, seed, run a worker, chat, bulk runs, cards.
+
+Typed sub-commands (Typer). Bad input and known failures end in one line on stderr and a non-zero
+exit code, never a traceback: 2 for input that was refused, 1 for an operation that failed.
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+import click
+import typer
 
 from core.logging import configure_logging
 from core.settings import settings
 
+app = typer.Typer(
+    name="mlchat", help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
+)
+services_app = typer.Typer(help="The embedded PostgreSQL and Redis.", no_args_is_help=True)
+run_app = typer.Typer(help="Bulk NPC dialogue runs from a JSONL file.", no_args_is_help=True)
+card_app = typer.Typer(help="SillyTavern V2/V3 character cards (JSON or PNG).", no_args_is_help=True)
+app.add_typer(services_app, name="services")
+app.add_typer(run_app, name="run")
+app.add_typer(card_app, name="card")
 
-def _services(args: argparse.Namespace) -> int:
+
+class Refused(Exception):
+    """Input the command refuses; its message is the one line the user sees (exit code 2)."""
+
+
+def _out(text: str) -> None:
+    typer.echo(text)
+
+
+def _err(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+# --- services, schema, data -------------------------------------------------------------------
+
+
+@services_app.command("start")
+def services_start() -> None:
+    """Start the embedded PostgreSQL and Redis (idempotent)."""
+    from core import embedded
+
+    _out(f"postgres: {embedded.start_postgres(settings.state_dir)}")
+    _out(f"redis:    {embedded.start_redis(settings.state_dir)}")
+
+
+@services_app.command("stop")
+def services_stop() -> None:
+    """Stop the embedded services."""
     from core import embedded
 
     state = settings.state_dir
-    if args.action == "start":
-        print("postgres:", embedded.start_postgres(state))
-        print("redis:   ", embedded.start_redis(state))
-    elif args.action == "stop":
-        print("redis stopped" if embedded.stop_redis(state) else "redis was not running")
-        print("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
-    else:
-        for status in (embedded.postgres_status(state), embedded.redis_status(state)):
-            state_word = "running" if status.running else "stopped"
-            print(f"{status.name:9} {state_word:8} pid={status.pid} {status.url or ''}")
-    return 0
+    _out("redis stopped" if embedded.stop_redis(state) else "redis was not running")
+    _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
 
 
-def _migrate(args: argparse.Namespace) -> int:
+@services_app.command("status")
+def services_status() -> None:
+    """Show whether the embedded services run, and their URLs."""
+    from core import embedded
+
+    for status in (embedded.postgres_status(settings.state_dir), embedded.redis_status(settings.state_dir)):
+        state_word = "running" if status.running else "stopped"
+        _out(f"{status.name:9} {state_word:8} pid={status.pid} {status.url or ''}")
+
+
+@app.command()
+def migrate(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+    down: Annotated[bool, typer.Option("--down", help="downgrade to the revision")] = False,
+) -> None:
+    """Alembic upgrade (or --down) to a revision."""
     from db.migrate import downgrade, upgrade
 
-    (downgrade if args.down else upgrade)(args.revision)
-    return 0
+    (downgrade if down else upgrade)(revision)
 
 
-def _seed(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+@app.command()
+def seed(data: Annotated[Path | None, typer.Option(help="a data folder like data/")] = None) -> None:
+    """Load the sample world from data/ (idempotent)."""
     from scripts.seed import seed_world
 
-    print(seed_world(Path(args.data)) if args.data else seed_world())
-    return 0
+    _out(str(seed_world(data) if data else seed_world()))
 
 
-def _worker(args: argparse.Namespace) -> int:
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def worker(ctx: typer.Context) -> None:
+    """Run a batched GPU worker for MLCHAT_MODEL; extra arguments go to `celery worker`."""
     from worker.__main__ import main as worker_main
 
-    worker_main(args.celery_args)
-    return 0
+    worker_main(list(ctx.args))
 
 
-def _api(args: argparse.Namespace) -> int:
+@app.command()
+def api(
+    host: str = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1)] = 1,
+) -> None:
+    """Serve the HTTP ingest (needs MLCHAT_API_KEYS)."""
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=args.host, port=args.port, workers=args.workers)
-    return 0
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
 
 
-def _run(args: argparse.Namespace) -> int:
-    """Bulk runs: submit, status (live progress), list, export, cancel, retry-failed."""
-    from pathlib import Path
+@app.command()
+def sweep(
+    older_than: Annotated[
+        float | None, typer.Option(min=0, help="seconds untouched (default: the visibility timeout)")
+    ] = None,
+) -> None:
+    """Re-send turns whose queue message was lost, close runs whose submission died (safe any time)."""
+    from services.sweeper import close_abandoned_runs, resend_stranded
 
-    from tasks import runs
-
-    if args.action == "submit":
-        try:
-            sub = runs.submit_run(Path(args.target), name=args.name, skip_bad_lines=args.skip_bad_lines)
-        except runs.RunValidationError as exc:
-            for err in exc.errors:
-                print(f"line {err.line}: {err.reason}", file=sys.stderr)
-            print(f"rejected: {len(exc.errors)} bad line(s), nothing enqueued", file=sys.stderr)
-            return 2
-        for err in sub.skipped_lines:
-            print(f"skipped line {err.line}: {err.reason}", file=sys.stderr)
-        print(sub.id if sub.created else f"{sub.id} (already submitted; nothing enqueued)")
-    elif args.action == "status":
-        return _run_progress(args.target, watch=args.watch)
-    elif args.action == "list":
-        from db.runs import list_runs
-        from db.session import session_scope
-
-        with session_scope() as session:
-            for run in list_runs(session=session):
-                created = f"{run.created_at:%Y-%m-%d %H:%M}"
-                print(f"{run.id}  {run.name:30} {run.status.value:12} total={run.total}  {created}")
-    elif args.action == "export":
-        results, errors, n_ok, n_err = runs.export_run(args.target, Path(args.out))
-        print(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
-    elif args.action == "cancel":
-        print(f"cancelled {runs.cancel(args.target)} queued turn(s); finished results kept")
-    elif args.action == "retry-failed":
-        print(f"re-sent {runs.retry_failed(args.target)} failed turn(s)")
-    return 0
+    sent = resend_stranded(older_than_s=older_than)
+    closed = close_abandoned_runs()
+    _out(json.dumps({"resent": sent, "runs": closed}) if sent or closed else "nothing stranded")
 
 
-def _run_progress(ref: str, *, watch: bool) -> int:
+# --- runs -------------------------------------------------------------------------------------
+
+
+def _print_submitted(sub: object) -> None:
+    from services.runs import SubmittedRun
+
+    assert isinstance(sub, SubmittedRun)
+    for err in sub.skipped_lines:
+        _err(f"skipped line {err.line}: {err.reason}")
+    if sub.stored or sub.sent or sub.created:
+        _out(f"{sub.id}")
+        _err(f"run {sub.name}: {sub.stored} lines stored, {sub.sent} turns sent; status {sub.status.value}")
+    else:
+        _out(f"{sub.id} (already submitted; nothing to do, status {sub.status.value})")
+
+
+@run_app.command("submit")
+def run_submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the JSONL file")],
+    name: Annotated[str | None, typer.Option(help="run name (default: the file's stem)")] = None,
+    skip_bad_lines: Annotated[bool, typer.Option(help="submit the good lines, report the bad")] = False,
+) -> None:
+    """Validate the whole file, then store and send it; resubmitting resumes a submission that died."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from services import runs
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+        task = bar.add_task("sending", total=None)
+        sub = runs.submit_run(
+            file,
+            name=name,
+            skip_bad_lines=skip_bad_lines,
+            progress=lambda stored, sent: bar.update(task, completed=sent, description=f"stored {stored}"),
+        )
+    _print_submitted(sub)
+
+
+@run_app.command("resume")
+def run_resume(
+    run: Annotated[str, typer.Argument(help="the run's id or name")],
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="its JSONL file")],
+) -> None:
+    """Store and send what a failed or interrupted submission left out (the same file)."""
+    from services import runs
+
+    _print_submitted(runs.resume(run, file))
+
+
+@run_app.command("status")
+def run_status(
+    run: Annotated[str, typer.Argument(help="the run's id or name")],
+    watch: Annotated[bool, typer.Option(help="follow until the run finishes")] = False,
+) -> None:
+    """Status, request counts and quality summary (--watch: a live progress bar)."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from db.models import RunStatus
-    from tasks.runs import run_state
+    from services.runs import run_state
 
-    state = run_state(ref)
+    state = run_state(run)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -118,180 +205,241 @@ def _run_progress(ref: str, *, watch: bool) -> int:
             rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
             bar.update(
                 task,
+                total=c.total or None,
                 completed=c.finished,
                 rate=f"{rate:.1f} turns/s",
                 description=f"{state.name} [{state.status.value}] ok={c.completed} failed={c.failed}",
             )
-            done = state.status in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
-            if not watch or done:
+            if not watch or state.finished or state.interrupted:
                 break
             time.sleep(1.0)
-            state = run_state(ref)
+            state = run_state(run)
     c = state.counts
-    print(
-        f"{state.id} {state.status.value} total={c.total} completed={c.completed} failed={c.failed} "
-        f"cancelled={c.cancelled} queued={c.queued} running={c.running}"
+    status = state.status.value + (" (submission interrupted)" if state.interrupted else "")
+    _out(
+        f"{state.id} {status} total={c.total} completed={c.completed} failed={c.failed} "
+        f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent}"
     )
     if state.quality.get("scored"):
-        print("quality " + " ".join(f"{k}={v}" for k, v in state.quality.items()))
+        _out("quality " + " ".join(f"{k}={v}" for k, v in state.quality.items()))
     if state.error:
-        print(state.error)
-    return 0
+        _out(state.error)
 
 
-def _chat(args: argparse.Namespace) -> int:
-    """Like the original `python -m handler --persona … --message …`, through the real pipeline."""
+@run_app.command("list")
+def run_list(limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
+    """The newest runs."""
+    from db.runs import list_runs
+    from db.session import session_scope
+
+    with session_scope() as session:
+        for r in list_runs(session=session, limit=limit):
+            _out(f"{r.id}  {r.name:30} {r.status.value:12} total={r.total}  {r.created_at:%Y-%m-%d %H:%M}")
+
+
+@run_app.command("export")
+def run_export(
+    run: Annotated[str, typer.Argument(help="the run's id or name")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="output folder")] = Path("exports"),
+) -> None:
+    """results.jsonl in input order (keyed by custom_id) and errors.jsonl."""
+    from services.runs import export_run
+
+    results, errors, n_ok, n_err = export_run(run, out)
+    _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
+
+
+@run_app.command("cancel")
+def run_cancel(run: Annotated[str, typer.Argument(help="the run's id or name")]) -> None:
+    """Cancel the run's queued turns; finished results are kept. A finished run is left as it is."""
+    from services.runs import cancel
+
+    outcome = cancel(run)
+    if not outcome.changed:
+        _out(f"run is {outcome.before.value}: nothing to cancel")
+        return
+    kept = "finished results kept"
+    _out(f"cancelled {outcome.cancelled_turns} queued turn(s); {kept}; run {outcome.after.value}")
+
+
+@run_app.command("retry-failed")
+def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or name")]) -> None:
+    """Send the run's failed turns again with fresh attempts."""
+    from services.runs import retry_failed
+
+    _out(f"re-sent {retry_failed(run)} failed turn(s)")
+
+
+# --- turns, cards, stories -------------------------------------------------------------------
+
+
+@app.command()
+def chat(
+    character: Annotated[str, typer.Option(help="character slug, e.g. luffy")],
+    message: Annotated[str, typer.Option()],
+    conversation: Annotated[str | None, typer.Option(help="the game's conversation id")] = None,
+    player_name: str = "",
+    params: Annotated[
+        str | None, typer.Option(help="generation params as JSON, e.g. '{\"seed\": 1}'")
+    ] = None,
+    inline: Annotated[bool, typer.Option(help="run the pipeline in this process, no worker needed")] = False,
+    timeout: Annotated[float, typer.Option(min=1)] = 300.0,
+    narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
+) -> None:
+    """Send one message to a character and print prompt, reply and timings."""
     from scripts.render import render_turn
-    from tasks.producer import enqueue_turns, wait_for_reply
+    from services.producer import enqueue_turns, wait_for_reply
 
+    try:
+        parsed = json.loads(params) if params else {}
+    except json.JSONDecodeError as exc:
+        raise Refused(f"--params: not valid JSON ({exc.msg})") from None
     request = {
-        "conversation": args.conversation or f"cli-{args.character}",
-        "character": args.character,
-        "message": args.message,
-        "player_name": args.player_name,
-        "params": json.loads(args.params) if args.params else {},
-        "speaker": "narrator" if args.narrator else "character",
+        "conversation": conversation or f"cli-{character}",
+        "character": character,
+        "message": message,
+        "player_name": player_name,
+        "params": parsed,
+        "speaker": "narrator" if narrator else "character",
     }
-    if args.inline:
+    if inline:
         from worker.inline import answer_now
 
         (view,) = answer_now([request])
     else:
         (turn_id,) = enqueue_turns([request])
-        view = wait_for_reply(turn_id, timeout=args.timeout)
-    print(render_turn(view, f"{args.character} · {request['conversation']}"))
-    return 0 if view.reply is not None else 1
+        view = wait_for_reply(turn_id, timeout=timeout)
+    _out(render_turn(view, f"{character} · {request['conversation']}"))
+    if view.reply is None:
+        raise typer.Exit(1)
 
 
-def _card(args: argparse.Namespace) -> int:
-    from pathlib import Path
+@card_app.command("import")
+def card_import(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the card file")],
+    slug: Annotated[str | None, typer.Option(help="the character's slug (default: from its name)")] = None,
+) -> None:
+    """Import a V2/V3 card (JSON or PNG) as a character."""
+    from services.characters import import_card
 
-    from tasks.characters import export_card, import_card
-
-    if args.action == "import":
-        slug, char_id = import_card(Path(args.target).read_bytes(), args.slug)
-        print(f"imported {args.target} as character {slug!r} (id {char_id})")
-        return 0
-    image = Path(args.image).read_bytes() if args.image else None
-    data = export_card(args.target, "png" if args.out.endswith(".png") else "json", image)
-    Path(args.out).write_bytes(data)
-    print(f"wrote {args.out} ({len(data)} bytes)")
-    return 0
+    found, char_id = import_card(file.read_bytes(), slug)
+    _out(f"imported {file} as character {found!r} (id {char_id})")
 
 
-def _manifest(args: argparse.Namespace) -> int:
-    import uuid
+@card_app.command("export")
+def card_export(
+    slug: Annotated[str, typer.Argument(help="the character's slug")],
+    out: Annotated[Path, typer.Option(dir_okay=False, help="output file (.json or .png)")] = Path(
+        "card.json"
+    ),
+    image: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, help="PNG export: the avatar to embed the card in"),
+    ] = None,
+) -> None:
+    """Export a character as a card (the imported card as it was, unknown fields included)."""
+    from services.characters import export_card
 
+    data = export_card(slug, "png" if out.suffix == ".png" else "json", image.read_bytes() if image else None)
+    out.write_bytes(data)
+    _out(f"wrote {out} ({len(data)} bytes)")
+
+
+@app.command()
+def manifest(
+    turn_id: Annotated[str, typer.Argument(help="the turn's id")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the manifest as JSON")] = False,
+) -> None:
+    """What went into a turn's prompt, why, and its token counts."""
     from scripts.render import render_manifest
-    from tasks.producer import get_turn
+    from services.producer import get_turn
 
-    view = get_turn(uuid.UUID(args.turn_id))
+    try:
+        parsed = uuid.UUID(turn_id)
+    except ValueError:
+        raise Refused(f"turn id: {turn_id!r} is not a UUID") from None
+    view = get_turn(parsed)
     if view is None:
-        print(f"no turn {args.turn_id}", file=sys.stderr)
-        return 1
-    print(json.dumps(view.context, ensure_ascii=False, indent=2) if args.json else render_manifest(view))
-    return 0
+        raise LookupError(f"no turn {turn_id}")
+    _out(json.dumps(view.context, ensure_ascii=False, indent=2) if as_json else render_manifest(view))
 
 
-def _story_event(args: argparse.Namespace) -> int:
-    from tasks.characters import add_story_event
+@app.command("story-event")
+def story_event(
+    story: str,
+    text: str,
+    scene: str = "",
+    time: Annotated[int | None, typer.Option(help="story time (default: the last event's)")] = None,
+) -> None:
+    """Append an event to a story (embedded on write)."""
+    from services.characters import add_story_event
 
-    print(add_story_event(args.story, args.text, scene=args.scene, time=args.time))
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from tasks.sweeper import resend_stranded
-
-    sent = resend_stranded(older_than_s=args.older_than)
-    print(json.dumps(sent) if sent else "nothing stranded")
-    return 0
+    _out(str(add_story_event(story, text, scene=scene, time=time)))
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlchat", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+# --- entry point ------------------------------------------------------------------------------
 
-    p = sub.add_parser("services", help="the embedded PostgreSQL and Redis")
-    p.add_argument("action", choices=["start", "stop", "status"])
-    p.set_defaults(func=_services)
 
-    p = sub.add_parser("migrate", help="alembic upgrade (or --down) to a revision")
-    p.add_argument("revision", nargs="?", default="head")
-    p.add_argument("--down", action="store_true")
-    p.set_defaults(func=_migrate)
+def _refusals() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "your input was refused": one line, exit code 2."""
+    from pydantic import ValidationError
 
-    p = sub.add_parser("seed", help="load the sample world from data/ (idempotent)")
-    p.add_argument("--data", default=None)
-    p.set_defaults(func=_seed)
+    from db.runs import RunConflict
+    from db.turns import IdempotencyConflict
+    from roleplay.cards import CardError
+    from services.runs import RunBusy, RunValidationError
 
-    p = sub.add_parser("worker", help="run a batched GPU worker for MLCHAT_MODEL")
-    p.add_argument("celery_args", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_worker)
-
-    p = sub.add_parser("api", help="serve the HTTP ingest (needs MLCHAT_API_KEYS)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
-    p.set_defaults(func=_api)
-
-    p = sub.add_parser("run", help="bulk NPC dialogue runs from a JSONL file")
-    p.add_argument("action", choices=["submit", "status", "list", "export", "cancel", "retry-failed"])
-    p.add_argument("target", nargs="?", default="", help="the file (submit) or the run's id or name")
-    p.add_argument(
-        "--name", default=None, help="run name (default: the file's stem); resubmitting is a no-op"
+    return (
+        Refused,
+        RunValidationError,
+        RunConflict,
+        RunBusy,
+        IdempotencyConflict,
+        CardError,
+        ValidationError,
     )
-    p.add_argument("--skip-bad-lines", action="store_true", help="enqueue the good lines, report the bad")
-    p.add_argument("--watch", action="store_true", help="status: follow until the run finishes")
-    p.add_argument("--out", default="exports", help="export: output folder")
-    p.set_defaults(func=_run)
 
-    p = sub.add_parser("chat", help="send one message to a character and print prompt, reply, timings")
-    p.add_argument("--character", required=True, help="character slug, e.g. luffy")
-    p.add_argument("--message", required=True)
-    p.add_argument(
-        "--conversation", default=None, help="the game's conversation id (default cli-<character>)"
-    )
-    p.add_argument("--player-name", default="")
-    p.add_argument("--params", default=None, help="generation params as JSON, e.g. '{\"seed\": 1}'")
-    p.add_argument("--inline", action="store_true", help="run the pipeline in this process, no worker needed")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--narrator", action="store_true", help="address the story's narrator, not the character")
-    p.set_defaults(func=_chat)
 
-    p = sub.add_parser("card", help="import a SillyTavern V2/V3 card (JSON or PNG), or export one")
-    p.add_argument("action", choices=["import", "export"])
-    p.add_argument("target", help="import: the card file; export: the character's slug")
-    p.add_argument("--slug", default=None, help="import: the character's slug (default: from its name)")
-    p.add_argument("--out", default="card.json", help="export: output file (.json or .png)")
-    p.add_argument("--image", default=None, help="export to PNG: the avatar to embed the card in")
-    p.set_defaults(func=_card)
+def _one_line(exc: BaseException) -> str:
+    from pydantic import ValidationError
 
-    p = sub.add_parser("manifest", help="what went into a turn's prompt, why, and its token counts")
-    p.add_argument("turn_id")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_manifest)
+    from services.runs import RunValidationError
 
-    p = sub.add_parser("story-event", help="append an event to a story (embedded on write)")
-    p.add_argument("story")
-    p.add_argument("text")
-    p.add_argument("--scene", default="")
-    p.add_argument("--time", type=int, default=None)
-    p.set_defaults(func=_story_event)
-
-    p = sub.add_parser("sweep", help="re-send turns whose queue message was lost (safe any time; cron it)")
-    p.add_argument(
-        "--older-than", type=float, default=None, help="seconds untouched (default: the visibility timeout)"
-    )
-    p.set_defaults(func=_sweep)
-    return parser
+    if isinstance(exc, RunValidationError):
+        for err in exc.errors:
+            _err(f"line {err.line}: {err.reason}")
+        return f"rejected: {len(exc.errors)} bad line(s), nothing stored"
+    if isinstance(exc, ValidationError):
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "input"
+        return f"{where}: {first['msg']}"
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `mlchat` command."""
+    """Entry point of the `mlchat` command; returns the exit code."""
     configure_logging()
-    args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        result = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
+    except click.exceptions.Exit as done:
+        return int(done.exit_code)
+    except click.ClickException as exc:  # usage errors: Click's own one-line message
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        _err("aborted")
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _refusals()):
+            _err(f"mlchat: {_one_line(exc)}")
+            return 2
+        if isinstance(exc, (KeyError, LookupError, ValueError, OSError, RuntimeError)):
+            _err(f"mlchat: {_one_line(exc)}")
+            return 1
+        raise
+    return int(result) if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

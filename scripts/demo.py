@@ -63,7 +63,7 @@ def main() -> int:
     from db.migrate import upgrade
     from scripts.render import render_turn
     from scripts.seed import seed_world
-    from tasks.producer import enqueue_turns, wait_for_reply
+    from services.producer import enqueue_turns, wait_for_reply
 
     state = settings.state_dir
     was_running = {

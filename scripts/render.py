@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from tasks.producer import TurnView
+from services.producer import TurnView
 
 
 def render_turn(view: TurnView, title: str = "") -> str:

@@ -12,7 +12,7 @@ from PIL.PngImagePlugin import PngInfo
 from db.session import session_scope
 from db.world import get_character
 from roleplay.cards import CardError, card_png, read_card
-from tasks.characters import export_card, import_card
+from services.characters import export_card, import_card
 
 CARDS = Path(__file__).parent / "fixtures" / "cards"
 KNOWN = (
@@ -136,3 +136,27 @@ def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys) -> None:
     assert read_card((tmp_path / "mira.png").read_bytes()).card == json.loads(
         (CARDS / "mira_v2.json").read_bytes()
     )
+
+
+def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world, tokenizer) -> None:
+    from core.settings import settings
+    from db.retrieval import TurnContext
+    from worker.prompt import PromptBuilder, PromptInput
+
+    card = json.loads((CARDS / "mira_v2.json").read_bytes())
+    slug, _ = import_card(json.dumps(card).encode(), "mira-reimport")
+    builder = PromptBuilder(tokenizer, "chat_template", settings.max_model_len)  # one worker's, kept
+
+    def fired(message: str) -> list[str]:
+        with session_scope() as session:
+            character = get_character(session=session, slug=slug)
+            built = builder.build(PromptInput(character, "Rowan", message, TurnContext(), 32))
+            return [entry["name"] for entry in built.manifest["lore"]], character.version
+
+    names, v1 = fired("Tell me about the river.")
+    assert "River" in names
+    card["data"]["character_book"]["entries"][0]["keys"] = ["lake"]  # the re-import moves the entry's key
+    import_card(json.dumps(card).encode(), "mira-reimport")
+    names, v2 = fired("Tell me about the river.")
+    assert v2 == v1 + 1 and "River" not in names  # the cached lorebook of version v1 was not used
+    assert "River" in fired("Tell me about the lake.")[0]

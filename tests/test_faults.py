@@ -15,7 +15,7 @@ from core import embedded
 from core.settings import settings
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
-from tasks.producer import enqueue_turns
+from services.producer import enqueue_turns
 from tests import worker_processes as wp
 from tests.conftest import new_conversation
 
@@ -68,7 +68,7 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
     "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(world, tmp_path, turns) -> None:
-    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S}
+    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": "15"}
     logs = {name: tmp_path / f"{name}.log" for name in ("victim", "rescuer")}
     with wp.started("victim", logs, **env) as victim:
         ids = wp.send_turns(turns, "Bulk line", lane="bulk")  # a run's messages: a batch of turn ids each
@@ -136,10 +136,43 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
 
 @pytest.fixture(scope="module")
 def steady_worker(world, tmp_path_factory):
-    """One worker process that lives through both restart cases (they test that it survives them)."""
+    """One worker process that finishes the dead engine's turns, then lives through both restart
+    cases (they test that it survives them)."""
     logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
     with wp.started("steady", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S) as proc:
         yield proc
+
+
+def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world, tmp_path, request) -> None:
+    import psutil
+
+    from worker.lifecycle import EXIT_ENGINE_DEAD
+
+    turns = 48
+    logs = {"doomed": tmp_path / "doomed.log"}
+    with wp.started("doomed", logs) as doomed:
+        ids = wp.send_turns(turns, "Night-shift line", lane="bulk")
+        at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+        cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]
+        assert cores, "the worker's vLLM engine-core process"
+        for core in cores:
+            core.kill()  # what an out-of-memory kill or a device fault does to the engine
+        exit_code = doomed.wait(timeout=180)
+    after_exit = _counts(ids)
+    with session_scope() as s:
+        charged = s.scalar(
+            select(func.count()).where(Turn.id.in_(ids), Turn.status != TurnStatus.DONE, Turn.attempts > 0)
+        )
+    steady = request.getfixturevalue("steady_worker")  # a fresh worker, as the supervisor would start
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    print(
+        f"engine-death case: at kill {at_kill}; exit code {exit_code}; after exit {after_exit}; final {final}"
+    )
+    assert exit_code == EXIT_ENGINE_DEAD  # non-zero: its supervisor starts a fresh worker
+    assert after_exit["running"] == 0 and after_exit["failed"] == 0  # handed back, none dead-lettered
+    assert charged == 0  # no attempt charged for the engine's death
+    assert final["done"] == turns and final["failed"] == 0 and final["duplicates"] == 0
+    assert steady.poll() is None
 
 
 def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_worker, services) -> None:
@@ -154,6 +187,12 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
     _wait(ids, lambda c: c["done"] > done_at_restart, timeout=120)
     first_batch_s = time.monotonic() - back
     ids += wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
+    _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
+    # A partial batch (fewer messages than flush_every) after the reconnect: only the interval flush
+    # can take it, and celery-batches 0.11 never re-armed that timer after a reconnect.
+    partial = wp.send_turns(3, "A partial batch", lane="live")
+    partial_done = _wait(partial, lambda c: c["done"] == 3, timeout=60)
+    ids += partial
     final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
     print(
         f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
@@ -161,7 +200,8 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
     )
     assert steady_worker.poll() is None, "the same worker process carried on"
     assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
-    assert final["done"] == len(ids) == turns + 8 and final["failed"] == 0  # zero lost
+    assert partial_done["done"] == 3, f"a partial batch stalled after the reconnect: {partial_done}"
+    assert final["done"] == len(ids) == turns + 8 + 3 and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == len(ids) and final["duplicates"] == 0
 
 

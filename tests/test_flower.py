@@ -7,7 +7,7 @@ import time
 
 import httpx
 
-from tasks.producer import enqueue_turns, wait_for_reply
+from services.producer import enqueue_turns, wait_for_reply
 from tests.conftest import new_conversation
 
 AUTH = ("admin", "flower-test")

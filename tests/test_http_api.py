@@ -95,6 +95,7 @@ def test_submit_poll_reply_and_cancel_over_http(base_url, celery_worker) -> None
         f"{base_url}/v1/turns", json=conv | {"message": "Any news from the north road?"}, headers=KEY | key
     )
     assert retried.json()["id"] == first.json()["id"]
+    assert retried.status_code == 200 and retried.json()["created"] is False  # a replay, not a new turn
     batch = httpx.post(
         f"{base_url}/v1/turns:batch",
         headers=KEY,
@@ -115,6 +116,10 @@ def test_submit_poll_reply_and_cancel_over_http(base_url, celery_worker) -> None
         time.sleep(0.2)
     assert body["status"] == "done", body
     assert body["reply"] and body["usage"]["completion_tokens"] > 0 and body["timings"]["generate_ms"] > 0
+    replay = httpx.post(
+        f"{base_url}/v1/turns", json=conv | {"message": "Any news from the north road?"}, headers=KEY | key
+    )
+    assert replay.status_code == 200 and replay.json()["status"] == "done"  # the real status, not "queued"
     r = httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers=KEY)
     assert r.json() == {"id": turn_id, "cancelled": False, "status": "done"}
     assert (
@@ -123,7 +128,7 @@ def test_submit_poll_reply_and_cancel_over_http(base_url, celery_worker) -> None
 
 
 def test_cancel_a_queued_turn_over_http(base_url) -> None:
-    from tasks.producer import enqueue_turns
+    from services.producer import enqueue_turns
 
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "wait"}], send=False)
     r = httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers={"Authorization": "Bearer test-key-2"})
@@ -143,7 +148,7 @@ def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
 def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:
     from pathlib import Path
 
-    from tasks.producer import enqueue_turns
+    from services.producer import enqueue_turns
     from worker.pipeline import process_batch
 
     card = (Path(__file__).parent / "fixtures" / "cards" / "iro_v3.json").read_bytes()

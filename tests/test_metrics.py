@@ -8,7 +8,7 @@ import httpx
 from prometheus_client import start_http_server
 
 from core.metrics import register_queue_depth
-from tasks.producer import enqueue_turns
+from services.producer import enqueue_turns
 from tests.conftest import new_conversation
 from worker.pipeline import process_batch
 
@@ -56,3 +56,27 @@ def test_a_batch_logs_one_json_line_and_updates_the_scraped_metrics(engine, capl
     ):
         assert _value(after, series) - _value(before, series) >= at_least, series
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in after
+
+
+def test_the_worker_health_check_reads_the_engine_gauge(world) -> None:
+    import socket
+
+    from prometheus_client import start_http_server
+
+    from core import metrics
+    from worker.health import engine_up
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server, thread = start_http_server(port, addr="127.0.0.1")
+    before = metrics.ENGINE_UP._value.get()
+    try:
+        metrics.ENGINE_UP.set(1)
+        assert engine_up(port) == (True, "engine up")
+        metrics.ENGINE_UP.set(0)  # what a worker whose engine died reports until it exits
+        assert engine_up(port) == (False, "engine dead or not loaded")
+    finally:
+        metrics.ENGINE_UP.set(before)
+        server.shutdown()
+    assert engine_up(port)[0] is False  # nothing listening: unhealthy, with the reason

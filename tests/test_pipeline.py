@@ -5,7 +5,7 @@ from sqlalchemy import select
 
 from db.models import Message, Role, TurnStatus
 from db.session import session_scope
-from tasks.producer import enqueue_turns, get_turn
+from services.producer import enqueue_turns, get_turn
 from tests.conftest import new_conversation
 from worker.pipeline import process_batch
 
@@ -137,7 +137,8 @@ def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) ->
             with pytest.raises(ConnectionError):
                 process_batch([turn_id])  # the task re-sends the batch's turns when this raises
             view = get_turn(turn_id)
-            assert view.status == TurnStatus.RUNNING and view.attempts == attempt
+            # Handed back (the attempt counted), so the re-sent message claims it at once.
+            assert view.status == TurnStatus.QUEUED and view.attempts == attempt
     report = process_batch([turn_id])  # the message comes round once more: no attempts left
     view = get_turn(turn_id)
     assert list(report.failed) == [turn_id] and view.status == TurnStatus.FAILED
@@ -161,3 +162,29 @@ def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> N
     assert sorted(report.done) == sorted(ids), report.failed
     usage = [get_turn(i).usage for i in ids]
     assert sum(u["prompt_tokens"] for u in usage) > 4096
+
+
+def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(engine, monkeypatch) -> None:
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from core import metrics
+    from worker import engine as engine_module
+
+    def core_gone(*args, **kwargs):
+        raise EngineDeadError()  # what vLLM raises once its engine-core process is gone
+
+    monkeypatch.setattr(engine_module, "_dead", [])  # this test's death stays in this test
+    monkeypatch.setattr(engine.llm, "generate", core_gone)
+    ids = enqueue_turns([new_conversation() | {"message": f"Hello {i}."} for i in range(3)], send=False)
+    try:
+        report = process_batch(ids)
+        again = process_batch(ids)  # a message that arrives afterwards fails fast, charging nothing
+    finally:
+        metrics.ENGINE_UP.set(1)
+    assert report.engine_dead is not None and sorted(report.handed_back) == sorted(ids)
+    assert not report.failed and not report.retry and not report.done
+    assert again.engine_dead is not None and sorted(again.handed_back) == sorted(ids)
+    for turn_id in ids:
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.QUEUED and view.attempts == 0 and "engine died" in view.error
+    assert engine_module.engine_dead() is not None

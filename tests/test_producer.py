@@ -13,7 +13,7 @@ from sqlalchemy import select
 from db.models import Turn, TurnStatus
 from db.session import session_scope
 from db.turns import IdempotencyConflict
-from tasks.producer import cancel_turn, enqueue_turn, enqueue_turns, get_turn
+from services.producer import cancel_turn, enqueue_turn, enqueue_turns, get_turn
 from tests.conftest import new_conversation
 
 
@@ -79,7 +79,7 @@ def test_cancel_a_queued_turn(world) -> None:
 
 _ENQUEUE_ONE = """
 import json, sys
-from tasks.producer import EnqueueError, enqueue_turn
+from services.producer import EnqueueError, enqueue_turn
 try:
     enqueue_turn(json.loads(sys.argv[1]))
 except EnqueueError as exc:
@@ -135,3 +135,68 @@ def test_broker_unreachable_at_enqueue_fails_the_turn_it_stored(world) -> None:
         turn = s.scalars(select(Turn).where(Turn.idempotency_key == key)).one()
     # The rule: the row was committed before the send, and a failed send leaves it failed, never queued.
     assert turn.status == TurnStatus.FAILED and "broker unreachable at enqueue" in turn.error
+
+
+def test_a_replay_returns_the_turn_as_it_stands(world) -> None:
+    from services.producer import submit_turns
+
+    req = new_conversation() | {
+        "message": "Still open?",
+        "idempotency_key": "replay-" + new_conversation()["conversation"],
+    }
+    (first,) = submit_turns([req], send=False)
+    cancel_turn(first.id)
+    (again,) = submit_turns([req], send=False)
+    assert first.created and not again.created
+    assert again.id == first.id and again.status == TurnStatus.CANCELLED  # not "queued"
+
+
+def test_a_replay_of_a_turn_the_broker_never_got_sends_it_again(world) -> None:
+    from core.services import database_url
+    from services.producer import submit_turns
+    from tasks.queues import queue_depth
+
+    model = "replay-check"  # a queue of its own, which no worker consumes
+    req = new_conversation() | {
+        "message": "Hello?",
+        "idempotency_key": "revive-" + new_conversation()["conversation"],
+    }
+    out = _enqueue_in_a_producer_process(
+        req,
+        DATABASE_URL=database_url(),
+        REDIS_URL=f"redis://127.0.0.1:{_closed_port()}/0",
+        MLCHAT_MODEL=model,
+    )
+    assert "marked failed" in out
+    (replay,) = submit_turns([req])  # the client's standard retry, the broker back up
+    try:
+        view = get_turn(replay.id)
+        assert not replay.created and replay.status == TurnStatus.QUEUED
+        assert view.status == TurnStatus.QUEUED and view.error is None and view.error_code is None
+        assert queue_depth(model, "live") == 1  # sent again, once, to the turn's own model
+    finally:
+        from core.settings import queue_for_model
+        from tasks.app import app
+
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "live"))
+
+
+def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
+    from services.producer import submit_turns
+
+    key = "twice-" + new_conversation()["conversation"]
+    same = new_conversation() | {"message": "Once.", "idempotency_key": key}
+    first, second = submit_turns([same, same], send=False)
+    assert first.id == second.id and first.created and not second.created
+    with session_scope() as s:
+        assert len(s.scalars(select(Turn).where(Turn.idempotency_key == key)).all()) == 1
+    other = "clash-" + new_conversation()["conversation"]
+    with pytest.raises(IdempotencyConflict, match="items 0 and 1"):
+        submit_turns(
+            [
+                new_conversation() | {"message": "A", "idempotency_key": other},
+                new_conversation() | {"message": "B", "idempotency_key": other},
+            ],
+            send=False,
+        )

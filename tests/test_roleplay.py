@@ -8,8 +8,8 @@ from sqlalchemy import select, update
 from db.models import Conversation, Message, Role, TurnStatus
 from db.session import session_scope
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN, EMOTIONS, MAX_STEP
-from tasks.characters import add_story_event, import_card
-from tasks.producer import enqueue_turns, get_turn
+from services.characters import add_story_event, import_card
+from services.producer import enqueue_turns, get_turn
 from tests.conftest import new_conversation
 from worker.pipeline import process_batch
 

@@ -11,8 +11,8 @@ from core.settings import PROJECT_ROOT
 from db.models import Run, RunStatus, Turn, TurnStatus
 from db.session import session_scope
 from scripts.cli import main as cli
-from tasks.producer import enqueue_turns, wait_for_reply
-from tasks.runs import RunValidationError, export_run, run_state, submit_run
+from services.producer import enqueue_turns, wait_for_reply
+from services.runs import RunValidationError, export_run, run_state, submit_run
 from tests.conftest import new_conversation
 
 SAMPLE = PROJECT_ROOT / "data" / "sample_run_2000.jsonl"
@@ -140,7 +140,7 @@ def test_a_live_turn_overtakes_a_bulk_backlog(world, celery_worker, tmp_path) ->
     assert view.status == TurnStatus.DONE
     assert done_during <= 3 * settings.batch_size  # the batch in hand, the prefetched one, at most one more
     assert run_state(name).counts.queued > 0  # the backlog was still there: the live turn jumped it
-    from tasks.runs import cancel
+    from services.runs import cancel
 
     cancel(name)
     _wait_until_finished(name)
@@ -179,7 +179,7 @@ def test_a_run_keeps_input_order_and_starts_conversations_from_their_first_line(
     ]
     path = tmp_path / "chain.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    from tasks import runs
+    from services import runs
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(runs, "CHUNK", 5)  # several chunks, so the pipelined writer and sender are exercised
@@ -193,6 +193,6 @@ def test_a_run_keeps_input_order_and_starts_conversations_from_their_first_line(
         ).all()
     assert [r.custom_id for r in rows] == [f"c{i}" for i in range(12)]
     assert len({r.conversation_id for r in rows}) == 1
-    from tasks.runs import cancel
+    from services.runs import cancel
 
     cancel(name)

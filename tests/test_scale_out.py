@@ -7,8 +7,8 @@ from sqlalchemy import func, select
 
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
+from services.producer import enqueue_turns
 from tasks.generate import dispatch
-from tasks.producer import enqueue_turns
 from tests import worker_processes as wp
 from tests.conftest import new_conversation
 

@@ -2,11 +2,13 @@
 
 import time
 
+from sqlalchemy import func, text
+
 from core.settings import queue_for_model, settings
+from services.producer import enqueue_turns
+from services.sweeper import resend_stranded
 from tasks.app import app
-from tasks.producer import enqueue_turns
 from tasks.queues import queue_depth
-from tasks.sweeper import resend_stranded
 from tests.conftest import new_conversation
 
 MODEL = "sweep-check"  # a queue no worker consumes, so the re-sent messages stay where they can be counted
@@ -26,6 +28,41 @@ def test_stranded_turns_are_sent_again_only_when_their_queue_is_empty(world, mon
         # Messages are waiting now, so a second sweep sends nothing more.
         assert resend_stranded(older_than_s=1, models=[MODEL]) == {}
         assert queue_depth(MODEL, "live") == len(ids)
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
+
+
+def test_turns_a_worker_holds_or_was_just_sent_are_not_swept(world, monkeypatch) -> None:
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from db.turns import claim_turns, mark_dispatched
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    requeued, held = enqueue_turns(
+        [new_conversation() | {"message": f"Held line {i}.", "model": MODEL} for i in range(2)], send=False
+    )
+    with session_scope() as s:  # both were created (and first sent) an hour ago
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_([requeued, held]))
+            .values(
+                created_at=func.now() - text("interval '1 hour'"),
+                dispatched_at=func.now() - text("interval '1 hour'"),
+            )
+        )
+    try:
+        with session_scope() as s:
+            mark_dispatched(session=s, turn_ids=[requeued])  # a worker just sent it again (a deferral)
+            claim_turns(session=s, turn_ids=[held], lease_s=600, max_attempts=3)  # a worker is answering it
+            s.execute(
+                update(Turn).where(Turn.id == held).values(started_at=func.now() - text("interval '1 hour'"))
+            )
+        assert resend_stranded(older_than_s=60, models=[MODEL]) == {}
+        with session_scope() as s:
+            assert s.get(Turn, held).status == TurnStatus.RUNNING
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))

@@ -5,7 +5,7 @@ from sqlalchemy import select
 
 from db.models import Message, TurnStatus
 from db.session import session_scope
-from tasks.producer import enqueue_turns, wait_for_reply
+from services.producer import enqueue_turns, wait_for_reply
 from tests.conftest import new_conversation
 
 
@@ -56,3 +56,49 @@ def test_a_batch_that_raises_hands_its_turns_back(celery_worker, monkeypatch) ->
     view = wait_for_reply(turn_id, timeout=120)
     assert view.status == TurnStatus.DONE and view.reply
     assert len(calls) >= 2 and turn_id in calls[0] and turn_id in calls[-1]
+
+
+def test_a_malformed_message_is_dropped_alone_and_its_flush_mates_are_answered(celery_worker) -> None:
+    from core.settings import queue_for_model, settings
+    from tasks.app import app
+    from tasks.generate import generate_turns
+
+    (good,) = enqueue_turns([new_conversation() | {"message": "Is the ferry running?"}], send=False)
+    queue = queue_for_model(settings.model, "live")
+    with app.producer_or_acquire() as producer:  # back to back: one flush holds both
+        for turn_ids in (["not-a-uuid"], [str(good)]):
+            generate_turns.apply_async(
+                kwargs={"turn_ids": turn_ids, "model": settings.model, "lane": "live"},
+                queue=queue,
+                producer=producer,
+            )
+    view = wait_for_reply(good, timeout=120)
+    assert view.status == TurnStatus.DONE and view.reply
+
+
+def test_a_resend_that_keeps_failing_is_logged_with_its_turns_and_never_raises(
+    world, monkeypatch, caplog
+) -> None:
+    import uuid
+
+    import tasks.generate as generate
+
+    def broker_down(*args, **kwargs):
+        raise ConnectionError("injected: broker down")
+
+    monkeypatch.setattr(generate, "dispatch", broker_down)
+    monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)  # no real backoff waits
+    ids = [uuid.uuid4(), uuid.uuid4()]
+    generate._resend(generate.Resend([(ids[0], "live"), (ids[1], "bulk")]), "some-model")
+    logged = " ".join(r.getMessage() for r in caplog.records)
+    assert "the sweeper will" in logged and str(ids[0]) in logged and str(ids[1]) in logged
+
+
+def test_a_broker_hiccup_while_peeking_at_the_live_queue_counts_as_no_live_turn(world, monkeypatch) -> None:
+    import tasks.generate as generate
+
+    def hiccup(*args, **kwargs):
+        raise ConnectionError("injected: broker hiccup")
+
+    monkeypatch.setattr(generate, "queue_depth", hiccup)
+    assert generate._live_waiting("any-model") is False

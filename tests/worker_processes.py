@@ -64,8 +64,8 @@ def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess
 
 def send_turns(n: int, message: str, *, lane: Lane) -> list[uuid.UUID]:
     """n turns in fresh conversations, sent to the worker processes' queue."""
+    from services.producer import enqueue_turns
     from tasks.generate import dispatch
-    from tasks.producer import enqueue_turns
     from tests.conftest import new_conversation
 
     ids = enqueue_turns([new_conversation() | {"message": f"{message} {i}."} for i in range(n)], send=False)

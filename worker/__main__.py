@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> None:
         "--loglevel=INFO",
         *(argv if argv is not None else sys.argv[1:]),
     ]
-    app.worker_main(args)
+    app.worker_main(args)  # returns after a shutdown, whatever Celery's own exit code was
+    from worker.engine import engine_dead
+    from worker.lifecycle import EXIT_ENGINE_DEAD
+
+    if engine_dead() is not None:
+        sys.exit(EXIT_ENGINE_DEAD)  # non-zero, so the supervisor starts a fresh worker
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.settings import settings
-from tasks.producer import TurnView, enqueue_turns, get_turn
-from tasks.schemas import TurnRequest
+from services.producer import TurnView, enqueue_turns, get_turn
+from services.schemas import TurnRequest
 from worker.pipeline import process_batch
 
 

@@ -37,15 +37,17 @@ def mood_classifier() -> MoodClassifier:
     return MoodClassifier(embed)
 
 
-_persona_vectors: dict[tuple[int, Any], np.ndarray] = {}
+# {character id: (version, persona vector)}: a re-imported character is embedded again.
+_persona_vectors: dict[int, tuple[int, np.ndarray]] = {}
 
 
 def _persona_vector(character: Character) -> np.ndarray:
-    key = (character.id, character.updated_at)
-    if key not in _persona_vectors:
+    cached = _persona_vectors.get(character.id)
+    if cached is None or cached[0] != character.version:
         text = persona_text(character.description, character.personality, character.example_dialogues)
-        _persona_vectors[key] = embed([text or character.name])[0]
-    return _persona_vectors[key]
+        cached = (character.version, embed([text or character.name])[0])
+        _persona_vectors[character.id] = cached
+    return cached[1]
 
 
 def _judge(turn: ClaimedTurn, gen: Generation, reply_vec: Any, message_vec: Any, ctx: TurnContext) -> Verdict:

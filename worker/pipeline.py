@@ -16,15 +16,25 @@ from typing import Any
 
 from core import metrics
 from core.settings import settings
-from db.models import Role
+from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
-from db.turns import ClaimedTurn, TurnOutcome, claim_turns, fail_turns, requeue_turns, store_replies
+from db.turns import (
+    ClaimedTurn,
+    Failure,
+    TurnOutcome,
+    claim_turns,
+    fail_turns,
+    mark_dispatched,
+    requeue_turns,
+    store_replies,
+)
 from roleplay.mood import Mood
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import GenerationRequest
+from worker.engine import EngineDead, GenerationRequest
 from worker.judge import judge_replies, regenerate_weak
+from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
 
@@ -37,11 +47,20 @@ class BatchReport:
     """What became of each turn id handed to the batch."""
 
     done: list[uuid.UUID] = field(default_factory=list)
-    failed: dict[uuid.UUID, str] = field(default_factory=dict)
+    failed: dict[uuid.UUID, Failure] = field(default_factory=dict)
     retry: dict[uuid.UUID, str] = field(default_factory=dict)  # back to queued after a failed attempt
     deferred: list[uuid.UUID] = field(default_factory=list)  # waits for an earlier turn of its conversation
+    held: dict[uuid.UUID, float] = field(default_factory=dict)  # another worker's: {id: lease seconds left}
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
+    lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
+    handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
+    engine_dead: BaseException | None = None
     timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def send_again(self) -> list[uuid.UUID]:
+        """Turns that need a new message now (held turns wait for their lease instead)."""
+        return [*self.retry, *self.deferred, *self.handed_back]
 
 
 @cache
@@ -52,18 +71,26 @@ def get_prompt_builder() -> PromptBuilder:
 
 
 def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
-    """Run one batch; never raises for a single turn's fault."""
+    """Run one batch; never raises for a single turn's fault.
+
+    The batch's turns are claimed under one token and lease (kept alive while the batch runs). If
+    the engine dies, they are handed back without charging an attempt and the report says so; if
+    anything else raises, they are handed back (the attempt counted) before the error propagates.
+    """
     timer = StageTimer()
     report = BatchReport()
     with timer("claim"), session_scope() as session:
         claim = claim_turns(
             session=session,
             turn_ids=list(turn_ids),
-            stale_after_s=settings.visibility_timeout,
+            lease_s=settings.lease_seconds,
             max_attempts=settings.max_attempts,
         )
-    report.deferred, report.skipped = claim.deferred, claim.skipped
-    report.failed.update({t: "no attempts left" for t in claim.exhausted})
+        mark_dispatched(session=session, turn_ids=claim.deferred)  # the task sends them again
+    report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
+    report.failed.update(
+        {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
+    )
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
@@ -71,7 +98,45 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
         if report.failed or report.deferred:
             _account(report, claimed=0, generations=[])
         return report
+    answered: list[Any] = []
+    with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout):
+        try:
+            answered = _answer(turns, claim.token, report, timer, exhausted=set(claim.exhausted))
+        except EngineDead as exc:
+            report.engine_dead = exc
+            report.handed_back = _hand_back(claim.token, turns, f"engine died: {exc}", refund=True)
+        except BaseException:
+            _hand_back(claim.token, turns, "the batch raised; sent again", refund=False)
+            raise
+    report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
+    _account(report, claimed=len(turns), generations=answered)
+    return report
 
+
+def _hand_back(
+    token: uuid.UUID, turns: Sequence[ClaimedTurn], reason: str, *, refund: bool
+) -> list[uuid.UUID]:
+    """Requeue the batch's turns still under its claim; best effort (if the database is away too,
+    the lease simply expires and the next claim takes them)."""
+    try:
+        with session_scope() as session:
+            return requeue_turns(
+                session=session, token=token, reasons={t.id: reason for t in turns}, refund_attempt=refund
+            )
+    except Exception:
+        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+        return []
+
+
+def _answer(
+    turns: list[ClaimedTurn],
+    token: uuid.UUID,
+    report: BatchReport,
+    timer: StageTimer,
+    *,
+    exhausted: set[uuid.UUID],
+) -> list[Any]:
+    """Embed, retrieve, build, generate, judge and store the claimed turns; returns the generations."""
     first_batch = engine_module.get_engine.cache_info().currsize == 0  # this batch pays for the load
     builder = get_prompt_builder()
     load_ms = engine_module.get_engine().load_ms if first_batch else 0.0
@@ -106,7 +171,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
                     )
                 )
             except PromptTooLong as exc:
-                report.failed[turn.id] = str(exc)
+                report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
     ready = [t for t in turns if t.id in prompts]
 
     requests = {t.id: _request(t, prompts[t.id]) for t in ready}
@@ -120,7 +185,10 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     answered = [(t, g) for t, g in zip(ready, generations, strict=True) if g.text]
     for turn, gen in zip(ready, generations, strict=True):
         if not gen.text:
-            report.failed[turn.id] = f"model produced an empty reply (finish_reason={gen.finish_reason})"
+            report.failed[turn.id] = Failure(
+                f"model produced an empty reply (finish_reason={gen.finish_reason})",
+                TurnErrorCode.EMPTY_REPLY,
+            )
     with timer("embed_reply"):
         reply_vectors = embed([g.text for _, g in answered])
     vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
@@ -161,12 +229,18 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
             )
         )
     with timer("write"), session_scope() as session:
-        report.done = store_replies(session=session, outcomes=outcomes)
-        fail_turns(session=session, errors=report.failed, timings=batch_timings)
-        requeue_turns(session=session, errors=report.retry)
-    report.timings = {**batch_timings, **timer.ms, "total_ms": timer.elapsed_ms()}
-    _account(report, claimed=len(turns), generations=[g for _, g in answered])
-    return report
+        report.done = store_replies(session=session, token=token, outcomes=outcomes)
+        ours = {t: f for t, f in report.failed.items() if t not in exhausted}
+        fail_turns(session=session, token=token, failures=ours, timings=batch_timings)
+        requeue_turns(session=session, token=token, reasons=report.retry)
+    stored = set(report.done)
+    report.lost = [o.turn_id for o in outcomes if o.turn_id not in stored]
+    if report.lost:
+        logger.warning(
+            "lease lapsed before the write; %d replies not stored: %s", len(report.lost), report.lost
+        )
+    report.timings = batch_timings
+    return [g for _, g in answered]
 
 
 def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -> None:
@@ -179,9 +253,12 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
                 "model": settings.model,
                 "size": claimed,
                 "done": [str(t) for t in report.done],
-                "failed": {str(t): reason[:200] for t, reason in report.failed.items()},
+                "failed": {str(t): f.reason[:200] for t, f in report.failed.items()},
                 "retry": [str(t) for t in report.retry],
                 "deferred": [str(t) for t in report.deferred],
+                "held": [str(t) for t in report.held],
+                "handed_back": [str(t) for t in report.handed_back],
+                "lost": [str(t) for t in report.lost],
                 "skipped": len(report.skipped),
                 "timings_ms": timings,
             },
@@ -197,6 +274,7 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "failed": len(report.failed),
             "retried": len(report.retry),
             "deferred": len(report.deferred),
+            "handed_back": len(report.handed_back),
         },
         tokens={
             "prompt": sum(g.prompt_tokens for g in generations),
@@ -233,4 +311,6 @@ def _retry_or_fail(
         if turn.attempts < settings.max_attempts:
             report.retry[turn.id] = f"{reason}; retrying"
         else:
-            report.failed[turn.id] = f"{reason} (gave up after {turn.attempts} attempts)"
+            report.failed[turn.id] = Failure(
+                f"{reason} (gave up after {turn.attempts} attempts)", TurnErrorCode.ENGINE_ERROR
+            )

@@ -114,7 +114,7 @@ class PromptBuilder:
             getattr(tokenizer, "get_added_vocab", dict)().keys()
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
-        self._books: dict[tuple[int, Any], Lorebook] = {}
+        self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
 
     def defang(self, text: str) -> str:
         """Break special-token strings in user-supplied text so they tokenize as plain text:
@@ -137,10 +137,11 @@ class PromptBuilder:
         """The character's lorebook, validated (regexes compiled) once per character version."""
         if character.id is None:  # not stored (tests build characters in memory)
             return Lorebook.model_validate(character.lorebook)
-        key = (character.id, character.updated_at)
-        if key not in self._books:
-            self._books[key] = Lorebook.model_validate(character.lorebook)
-        return self._books[key]
+        cached = self._books.get(character.id)
+        if cached is None or cached[0] != character.version:
+            cached = (character.version, Lorebook.model_validate(character.lorebook))
+            self._books[character.id] = cached
+        return cached[1]
 
     def _lore(self, item: PromptInput, char: str, user: str) -> Activation | None:
         book = item.character.lorebook

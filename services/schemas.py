@@ -6,11 +6,30 @@ import hashlib
 import json
 import re
 import secrets
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from core.settings import settings
+
+# PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
+INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
+
+
+def storable_text(value: str) -> str:
+    """Refuse what PostgreSQL text cannot hold (a NUL) or UTF-8 cannot encode (a lone surrogate)."""
+    if "\x00" in value:
+        raise ValueError("contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
+# A text field that is safe to store: every untrusted string field of a request uses it.
+Text = Annotated[str, AfterValidator(storable_text)]
+Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]
 
 
 class GenerationParams(BaseModel):
@@ -22,7 +41,7 @@ class GenerationParams(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     max_new_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
-    stop: list[str] | None = Field(default=None, max_length=8)
+    stop: list[Annotated[Text, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=8)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -69,17 +88,17 @@ class TurnRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    conversation: str = Field(min_length=1, max_length=200, description="the game's conversation id")
+    conversation: Text = Field(min_length=1, max_length=200, description="the game's conversation id")
     message: str
-    character: str | None = Field(
+    character: Text | None = Field(
         default=None, max_length=64, description="needed to start a new conversation"
     )
-    player_id: str = Field(default="", max_length=200)
-    player_name: str = Field(default="", max_length=200)
-    story: str | None = Field(default=None, max_length=100)
-    story_time: int | None = None
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
-    model: str | None = Field(default=None, max_length=64)
+    player_id: Text = Field(default="", max_length=200)
+    player_name: Text = Field(default="", max_length=200)
+    story: Text | None = Field(default=None, max_length=100)
+    story_time: Int4 | None = None
+    idempotency_key: Text | None = Field(default=None, min_length=1, max_length=200)
+    model: Text | None = Field(default=None, max_length=64)
     params: GenerationParams = Field(default_factory=GenerationParams)
     speaker: Literal["character", "narrator"] = Field(
         default="character", description="who answers: the character, or the story's narrator"

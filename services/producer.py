@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -12,12 +13,12 @@ from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 
 from core.settings import Lane, settings
-from db.models import Turn, TurnStatus
+from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.session import session_scope
-from db.turns import NewTurn, cancel_turns, create_turns, fail_turns
+from db.turns import NewTurn, StoredTurn, cancel_turns, create_turns, fail_unsent, revive_unsent
 from db.turns import get_turn as read_turn
 from db.world import find_characters, find_conversations, upsert_conversations
-from tasks.schemas import TurnRequest
+from services.schemas import TurnRequest
 
 
 class EnqueueError(RuntimeError):
@@ -39,6 +40,7 @@ class TurnView(BaseModel):
     usage: dict[str, Any] | None
     timings: dict[str, Any] | None
     error: str | None
+    error_code: str | None
     attempts: int
     prompt: str | None
     context: dict[str, Any] | None
@@ -53,7 +55,7 @@ class TurnView(BaseModel):
 
     @property
     def finished(self) -> bool:
-        return self.status in (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
+        return self.status in TURN_FINISHED
 
 
 def _as_request(item: TurnRequest | dict[str, Any]) -> TurnRequest:
@@ -73,7 +75,22 @@ def enqueue_turns(
     run_id: uuid.UUID | None = None,
     custom_ids: Sequence[str] | None = None,
 ) -> list[uuid.UUID]:
-    """Queue many turns in one transaction and one broker round; returns ids in input order.
+    """Queue many turns in one transaction and one broker round; returns ids in input order."""
+    return [t.id for t in submit_turns(requests, send=send, lane=lane, run_id=run_id, custom_ids=custom_ids)]
+
+
+def submit_turns(
+    requests: Sequence[TurnRequest | dict[str, Any]],
+    *,
+    send: bool = True,
+    lane: Lane = "live",
+    run_id: uuid.UUID | None = None,
+    custom_ids: Sequence[str] | None = None,
+) -> list[StoredTurn]:
+    """Queue many turns; one StoredTurn per request (its id, whether it is new, its real status).
+
+    A replay (same idempotency key, same request) returns the turn as it stands; a replay of a turn
+    that failed only because the broker was down at its first enqueue queues and sends it again.
 
     Outage rules. Database unreachable: EnqueueError, and no message is sent. Broker unreachable:
     the rows are committed first (so a worker never gets an id it cannot read), then sent; if
@@ -81,25 +98,27 @@ def enqueue_turns(
     turn stays queued with no message behind it.
     """
     parsed = [_as_request(r) for r in requests]
-    for req in parsed:
+    for i, req in enumerate(parsed):
         model = req.model or settings.model
         if model not in settings.models:
-            raise ValueError(f"unknown model {model!r}: this deployment serves {settings.models}")
+            raise ValueError(
+                f"item {i}: model: unknown model {model!r}; this deployment serves {settings.models}"
+            )
     try:
-        created, new = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids)
+        stored, revived = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids)
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
         raise EnqueueError(
             "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
             f"{exc.orig}"
         ) from exc
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
-        return [turn_id for turn_id, _ in created]
-    fresh: dict[str, list[uuid.UUID]] = {}
-    for (turn_id, is_new), turn in zip(created, new, strict=True):
-        if is_new:
-            fresh.setdefault(turn.model, []).append(turn_id)
-    send_new_turns(fresh, lane=lane)
-    return [turn_id for turn_id, _ in created]
+        return stored
+    fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
+    for turn in stored:
+        if turn.created or turn.id in revived:
+            fresh.setdefault(turn.model, {})[turn.id] = None
+    send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
+    return stored
 
 
 def _store_turns(
@@ -107,8 +126,9 @@ def _store_turns(
     *,
     run_id: uuid.UUID | None,
     custom_ids: Sequence[str] | None,
-) -> tuple[list[tuple[uuid.UUID, bool]], list[NewTurn]]:
-    """Insert the turns (and any new conversations) in one transaction; (id, is_new) per request."""
+) -> tuple[list[StoredTurn], set[uuid.UUID]]:
+    """Insert the turns (and any new conversations) in one transaction; revive replays of turns that
+    were never sent. Returns each request's StoredTurn and the revived ids."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed)
         new = [
@@ -125,8 +145,17 @@ def _store_turns(
             )
             for i, req in enumerate(parsed)
         ]
-        created = create_turns(session=session, turns=new)
-    return created, new
+        stored = create_turns(session=session, turns=new)
+        unsent = [
+            t.id
+            for t in stored
+            if not t.created
+            and t.status == TurnStatus.FAILED
+            and t.error_code == TurnErrorCode.BROKER_UNREACHABLE
+        ]
+        revived = set(revive_unsent(session=session, turn_ids=unsent)) if unsent else set()
+    stored = [replace(t, status=TurnStatus.QUEUED, error_code=None) if t.id in revived else t for t in stored]
+    return stored, revived
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
@@ -139,7 +168,7 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
     except Exception as exc:
         stranded = [i for ids in fresh.values() for i in ids]
         with session_scope() as session:
-            fail_turns(session=session, errors={i: f"broker unreachable at enqueue: {exc}" for i in stranded})
+            fail_unsent(session=session, turn_ids=stranded, reason=f"broker unreachable at enqueue: {exc}")
         raise EnqueueError(
             f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
         ) from exc

@@ -1,0 +1,26 @@
+"""Bulk NPC dialogue runs: validate a file, submit it (resumably), watch, cancel, retry, export."""
+
+from services.runs.control import RunState, cancel, require_run, resume, retry_failed, run_state
+from services.runs.export import export_run
+from services.runs.submit import CHUNK, RunBusy, RunConflict, SubmissionFailed, SubmittedRun, submit_run
+from services.runs.validate import LineError, RunLine, RunValidationError, validate_file
+
+__all__ = [
+    "CHUNK",
+    "LineError",
+    "RunBusy",
+    "RunConflict",
+    "RunLine",
+    "RunState",
+    "RunValidationError",
+    "SubmissionFailed",
+    "SubmittedRun",
+    "cancel",
+    "export_run",
+    "require_run",
+    "resume",
+    "retry_failed",
+    "run_state",
+    "submit_run",
+    "validate_file",
+]

@@ -1,0 +1,101 @@
+"""A run's status (read only), cancel, retry of failed turns, resume of a submission that died."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from db.models import Run, RunStatus
+from db.runs import (
+    CancelOutcome,
+    RunCounts,
+    cancel_run,
+    find_run,
+    reopen_failed,
+    run_counts,
+    run_quality,
+    submission_alive,
+)
+from db.session import session_scope
+
+
+def require_run(session: Session, ref: str) -> Run:
+    """The run by id or name; KeyError if there is none."""
+    run = find_run(session=session, ref=ref)
+    if run is None:
+        raise KeyError(f"no run {ref!r}")
+    return run
+
+
+def interrupted_message(run: Run, counts: RunCounts) -> str:
+    """What a run whose submission died says, and how to go on."""
+    return (
+        f"submission interrupted: {counts.total} of {run.total} lines stored, {counts.total - counts.unsent} "
+        f"sent; resubmit the same file (or `mlchat run resume {run.name} FILE`) to store and send the rest"
+    )
+
+
+@dataclass(frozen=True)
+class RunState:
+    id: uuid.UUID
+    name: str
+    status: RunStatus
+    counts: RunCounts
+    error: str | None
+    quality: dict[str, Any]
+    # `validating` with nobody submitting: the submission died (resubmit the file, or `run resume`).
+    interrupted: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.status in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
+
+
+def run_state(ref: str) -> RunState:
+    """The run's stored status, request_counts from its turns, and its reply-quality summary.
+
+    Read only: the status moves only in the transactions that change turns (db/runs.py).
+    """
+    with session_scope() as session:
+        run = require_run(session, ref)
+        counts = run_counts(session=session, run_id=run.id)
+        quality = run_quality(session=session, run_id=run.id)
+        interrupted = run.status == RunStatus.VALIDATING and not submission_alive(
+            session=session, name=run.name
+        )
+        error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
+        return RunState(run.id, run.name, run.status, counts, error, quality, interrupted)
+
+
+def cancel(ref: str) -> CancelOutcome:
+    """Cancel a run's queued turns; finished results are kept. A finished run is left as it is."""
+    with session_scope() as session:
+        return cancel_run(session=session, run_id=require_run(session, ref).id)
+
+
+def retry_failed(ref: str) -> int:
+    """Send a run's failed turns again with fresh attempts; returns how many."""
+    from tasks.generate import dispatch
+
+    with session_scope() as session:
+        run = require_run(session, ref)
+        ids, model = reopen_failed(session=session, run_id=run.id), run.model
+    dispatch(ids, model=model, lane="bulk")
+    return len(ids)
+
+
+def resume(ref: str, path: Path) -> Any:
+    """Resume a run's submission from its file (the same file: checked by its hash)."""
+    from services.runs.submit import submit_run
+    from services.runs.validate import file_digest
+
+    with session_scope() as session:
+        run = require_run(session, ref)
+        name, digest = run.name, run.file_hash
+    if file_digest(path) != digest:
+        raise ValueError(f"{path} is not the file run {name!r} was submitted from (its sha256 differs)")
+    return submit_run(path, name=name)

@@ -1,0 +1,235 @@
+"""Submit a run: validate the whole file, then store and send it in chunks, resumably.
+
+Submission is idempotent by line. Each line's turn has the idempotency key `run:<run id>:<custom id>`,
+so storing a line twice is a no-op, and each stored turn records when its message went out
+(`dispatched_at`). Resubmitting the same file (or `mlchat run resume`) therefore stores only the
+lines that never landed and sends only the turns that never went out, whether the first try
+raised, was killed, or lost its broker. A cancel that lands mid-way stops the submission at the
+next chunk; nothing ever moves a cancelled run back to `queued`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain, islice
+from pathlib import Path
+
+from core.settings import settings
+from db.bulk_turns import RunNotAccepting, StagedTurn, insert_run_turns, stored_custom_ids
+from db.models import RunStatus
+from db.runs import (
+    RunConflict,
+    cancel_run,
+    create_run,
+    fail_submission,
+    finish_submission,
+    resume_submission,
+    run_status,
+    submission_lock,
+    unsent_turns,
+)
+from db.session import session_scope
+from db.turns import mark_dispatched
+from services.runs.validate import LineError, RunLine, RunValidationError, good_lines, validate_file
+from services.schemas import storable_text
+
+logger = logging.getLogger(__name__)
+
+CHUNK = 5000  # lines per transaction and COPY
+_KEY_CHARS = 200  # turns.idempotency_key and conversations.external_id are varchar(200)
+
+__all__ = ["CHUNK", "RunBusy", "RunConflict", "SubmissionFailed", "SubmittedRun", "submit_run"]
+
+
+class RunBusy(RuntimeError):
+    """Another process is submitting a run of that name right now."""
+
+
+class SubmissionFailed(RuntimeError):
+    """Storing or sending stopped part-way; the run is `failed` and resubmitting the file resumes it."""
+
+
+@dataclass(frozen=True)
+class SubmittedRun:
+    id: uuid.UUID
+    name: str
+    created: bool
+    stored: int  # lines stored by this call
+    sent: int  # turns sent by this call
+    skipped_lines: list[LineError]
+    status: RunStatus
+
+    @property
+    def enqueued(self) -> int:
+        return self.sent
+
+
+Progress = Callable[[int, int], None]  # (lines stored so far, turns sent so far)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """An error as one short line (a database error's own message, not the statement it failed in)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return first if len(first) <= limit else first[: limit - 1] + "…"
+
+
+def check_run_name(name: str) -> str:
+    """A run name is stored in runs.name (varchar 200) and keys every fresh conversation of the run."""
+    storable_text(name)
+    if not name.strip():
+        raise ValueError("run name: must not be empty")
+    if len(name) > _KEY_CHARS:
+        raise ValueError(f"run name: {len(name)} characters; the limit is {_KEY_CHARS}")
+    return name
+
+
+def submit_run(
+    path: Path, *, name: str | None = None, skip_bad_lines: bool = False, progress: Progress | None = None
+) -> SubmittedRun:
+    """Validate the whole file, then store and send it on the bulk lane.
+
+    A new name creates the run. The same name and file again resumes a submission that failed or
+    died, and is a no-op for one that finished. Raises RunValidationError (nothing stored), RunBusy,
+    RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume).
+    """
+    name = check_run_name(name or path.stem)
+    with submission_lock(name) as got:
+        if not got:
+            raise RunBusy(f"run {name!r} is being submitted by another process right now")
+        check = validate_file(path)
+        with session_scope() as session:
+            run, created = create_run(
+                session=session, name=name, model=settings.model, file_hash=check.digest, total=check.good
+            )
+            run_id, model, status = run.id, run.model, run.status
+            if status not in (RunStatus.VALIDATING, RunStatus.FAILED):  # submitted already: nothing to do
+                return SubmittedRun(run_id, name, False, 0, 0, [], status)
+            if check.errors and not skip_bad_lines:
+                fail_submission(session=session, run_id=run_id, error=str(RunValidationError(check.errors)))
+            else:
+                resume_submission(session=session, run_id=run_id)
+        if check.errors and not skip_bad_lines:
+            raise RunValidationError(check.errors)
+        try:
+            stored, sent = _store_and_send(path, check.bad_lines, name, run_id, model, progress)
+        except RunNotAccepting:
+            stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
+        except Exception as exc:
+            reason = one_line(exc)
+            with session_scope() as session:
+                fail_submission(
+                    session=session,
+                    run_id=run_id,
+                    error=f"submission stopped: {reason}; resubmit the same file "
+                    f"(or `mlchat run resume {name} FILE`) to store and send the rest",
+                )
+            raise SubmissionFailed(
+                f"run {name!r}: submission stopped ({reason}); resubmit to resume"
+            ) from exc
+        with session_scope() as session:
+            status = finish_submission(session=session, run_id=run_id)
+            if status == RunStatus.CANCELLING:  # turns stored after the cancel landed are cancelled too
+                status = cancel_run(session=session, run_id=run_id).after
+        return SubmittedRun(run_id, name, created, stored, sent, check.errors, status)
+
+
+def _store_and_send(
+    path: Path, bad: set[int], name: str, run_id: uuid.UUID, model: str, progress: Progress | None
+) -> tuple[int, int]:
+    """Store the lines not stored yet and send every turn not sent yet; (lines stored, turns sent).
+
+    Three stages overlap: this thread parses chunk N+2 while one thread stores chunk N+1 (COPY and
+    insert; PostgreSQL works meanwhile) and another sends chunk N's messages. At most one chunk waits
+    at each stage, so memory stays bounded whatever the file's size. Turns stored by an earlier try
+    but never sent go out first, in input order.
+    """
+    with session_scope() as session:
+        already = stored_custom_ids(session=session, run_id=run_id)
+    counts = [0, 0]
+
+    def send(ids: list[uuid.UUID]) -> None:
+        _send(ids, model)
+        counts[1] += len(ids)
+        if progress:
+            progress(counts[0], counts[1])
+
+    while leftovers := _unsent(run_id):
+        send(leftovers)
+    lines = (
+        _staged_turn(text, line, name, run_id, model)
+        for _, text, line in good_lines(path, bad)
+        if line.custom_id not in already
+    )
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-writer") as writer,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-sender") as sender,
+    ):
+        write: Future[list[uuid.UUID]] | None = None
+        sending: Future[None] | None = None
+        for chunk in chain(_chunks(lines), [None]):
+            if write is not None:
+                new_ids = write.result()
+                counts[0] += len(new_ids)
+                if sending is not None:
+                    sending.result()
+                sending = sender.submit(send, new_ids)
+            write = writer.submit(_insert_chunk, run_id, chunk) if chunk else None
+        if sending is not None:
+            sending.result()
+    return counts[0], counts[1]
+
+
+def _chunks(lines: Iterator[StagedTurn]) -> Iterator[list[StagedTurn]]:
+    return iter(lambda: list(islice(lines, CHUNK)), [])
+
+
+def _unsent(run_id: uuid.UUID) -> list[uuid.UUID]:
+    with session_scope() as session:
+        if run_status(session=session, run_id=run_id) != RunStatus.VALIDATING:
+            raise RunNotAccepting("the run left validating")
+        return unsent_turns(session=session, run_id=run_id, limit=CHUNK)
+
+
+def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn]) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return insert_run_turns(session=session, run_id=run_id, turns=staged)
+
+
+def _send(ids: list[uuid.UUID], model: str) -> None:
+    """Send a chunk's messages, then record them sent. A crash in between sends them again on resume:
+    a duplicate message costs one claim that finds the turn taken, never a second generation."""
+    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
+
+    if not ids:
+        return
+    dispatch(ids, model=model, lane="bulk")
+    with session_scope() as session:
+        mark_dispatched(session=session, turn_ids=ids)
+
+
+def _key(prefix: str, custom_id: str) -> str:
+    """`<prefix>:<custom_id>`, or its digest when that would not fit varchar(200)."""
+    key = f"{prefix}:{custom_id}"
+    return key if len(key) <= _KEY_CHARS else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def _staged_turn(raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str) -> StagedTurn:
+    return StagedTurn(
+        idempotency_key=_key(f"run:{run_id}", line.custom_id),
+        request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted
+        conversation=line.conversation or _key(f"run:{run_name}", line.custom_id),
+        character=line.character,
+        player_name=line.player_name,
+        story=line.story,
+        story_time=line.story_time,
+        message=line.message,
+        model=model,
+        params=line.params.resolved(),
+        custom_id=line.custom_id,
+    )

@@ -1,0 +1,257 @@
+"""The run state machine and resumable submission, on the real PostgreSQL and Redis, without a worker.
+
+Runs here are submitted for a model no worker serves, so their messages stay in Redis where they can
+be counted. Each case failed on the code before the run state machine: a cancel overwritten by
+`queued`, status written from read paths, zero-turn runs stuck in `queued`, cancelled completed runs,
+insert-time failures after earlier chunks were sent, and a run stuck in `validating` for ever.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text, update
+
+from core.settings import queue_for_model, settings
+from db.models import Run, RunStatus, Turn, TurnStatus
+from db.runs import submission_lock
+from db.session import session_scope
+from services import runs
+from services.runs import RunBusy, RunConflict, RunValidationError, SubmissionFailed, run_state, submit_run
+from tasks.app import app
+from tasks.queues import queue_depth
+
+MODEL = "runs-check"  # a queue no worker consumes
+
+
+@pytest.fixture()
+def quiet_model(world, monkeypatch):
+    monkeypatch.setattr(settings, "model", MODEL)
+    monkeypatch.setattr(settings, "served_models", [MODEL])
+    yield MODEL
+    with app.connection_for_write() as conn:
+        for lane in ("live", "bulk"):
+            conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
+
+
+def _file(tmp_path: Path, n: int, name: str = "lines", **extra) -> Path:
+    path = tmp_path / f"{name}.jsonl"
+    lines = [
+        {"custom_id": f"c{i}", "character": "elara", "message": f"Line {i}, {tmp_path.name}."} | extra
+        for i in range(n)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def _sent_ids() -> list[str]:
+    """Every turn id in the bulk queue's messages (a turn sent twice appears twice)."""
+    ids: list[str] = []
+    with app.connection_for_read() as conn:
+        client = conn.default_channel.client
+        for raw in client.lrange(queue_for_model(MODEL, "bulk"), 0, -1):
+            body = json.loads(raw)["body"]
+            import base64
+
+            args = json.loads(base64.b64decode(body))
+            ids += args[1]["turn_ids"]
+    return ids
+
+
+def _turn_ids(run_id) -> list[str]:
+    with session_scope() as s:
+        return [str(i) for i in s.scalars(select(Turn.id).where(Turn.run_id == run_id).order_by(Turn.number))]
+
+
+def _status(run_id) -> RunStatus:
+    with session_scope() as s:
+        return s.scalar(select(Run.status).where(Run.id == run_id))
+
+
+def test_a_run_with_no_turns_completes_at_once(quiet_model, tmp_path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    sub = submit_run(empty, name="empty-" + tmp_path.name)
+    assert sub.status == RunStatus.COMPLETED and run_state(sub.name).finished
+    bad = tmp_path / "all-bad.jsonl"
+    bad.write_text('{"custom_id": "a"}\nnot json\n', encoding="utf-8")
+    skipped = submit_run(bad, name="all-bad-" + tmp_path.name, skip_bad_lines=True)
+    assert skipped.status == RunStatus.COMPLETED and len(skipped.skipped_lines) == 2
+
+
+def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(runs.submit, "CHUNK", 10)
+    path = _file(tmp_path, 60)
+    name = "cancel-mid-" + tmp_path.name
+    cancelled = []
+
+    def cancel_after_first_chunk(stored: int, sent: int) -> None:
+        if not cancelled:
+            cancelled.append(runs.cancel(name))  # another process's cancel, between two chunks
+
+    sub = submit_run(path, name=name, progress=cancel_after_first_chunk)
+    state = run_state(name)
+    print(f"cancel mid-submission: {cancelled[0]}; final {state.status} {state.counts}")
+    assert cancelled[0].before == RunStatus.VALIDATING
+    assert sub.status == state.status == RunStatus.CANCELLED
+    assert state.counts.queued == 0 and state.counts.total < 60  # it stopped storing, and cancelled the rest
+
+
+def test_reading_a_run_never_writes_it(quiet_model, tmp_path) -> None:
+    sub = submit_run(_file(tmp_path, 3), name="read-only-" + tmp_path.name)
+    with session_scope() as s:  # every turn finished, but no transition has advanced the run yet
+        s.execute(update(Turn).where(Turn.run_id == sub.id).values(status=TurnStatus.DONE))
+        before = s.execute(text("SELECT xmin::text FROM runs WHERE id = :id"), {"id": sub.id}).scalar()
+    state = run_state(sub.name)
+    with session_scope() as s:
+        after = s.execute(text("SELECT xmin::text FROM runs WHERE id = :id"), {"id": sub.id}).scalar()
+    assert state.status == RunStatus.QUEUED and after == before  # the read path wrote nothing
+
+
+def test_cancelling_a_finished_run_is_a_no_op_that_says_so(quiet_model, tmp_path, capsys) -> None:
+    from scripts.cli import main as cli
+
+    empty = tmp_path / "done.jsonl"
+    empty.write_text("", encoding="utf-8")
+    sub = submit_run(empty, name="finished-" + tmp_path.name)
+    outcome = runs.cancel(sub.name)
+    assert not outcome.changed and outcome.after == RunStatus.COMPLETED == _status(sub.id)
+    assert cli(["run", "cancel", sub.name]) == 0
+    assert "run is completed: nothing to cancel" in capsys.readouterr().out
+
+
+def test_what_would_fail_the_insert_is_caught_by_validation_with_the_line(quiet_model, tmp_path) -> None:
+    lines = [
+        {"custom_id": "ok", "character": "elara", "message": "Fine."},
+        {"custom_id": "big", "character": "elara", "message": "x", "story_time": 2**40},
+        {"custom_id": "nul", "character": "elara", "message": "x", "player_name": "Ro\u0000wan"},
+        {"custom_id": "sur", "character": "elara", "message": "x", "story": "ash\udcfffall"},
+        {"custom_id": "stop", "character": "elara", "message": "x", "params": {"stop": ["\u0000"]}},
+        {"custom_id": "conv", "conversation": "a\u0000b", "character": "elara", "message": "x"},
+    ]
+    path = tmp_path / "insert-traps.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="traps-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    print(reasons)
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert reasons[2].startswith("story_time:") and reasons[3].startswith("player_name:")
+    assert reasons[4].startswith("story:") and "surrogate" in reasons[4]
+    assert reasons[5].startswith("params.stop.0:") and reasons[6].startswith("conversation:")
+    assert _sent_ids() == []
+
+
+def test_long_custom_ids_and_run_names_still_fit_their_keys(quiet_model, tmp_path) -> None:
+    path = tmp_path / "long.jsonl"
+    lines = [{"custom_id": f"{i}-" + "k" * 195, "character": "elara", "message": "Hi."} for i in range(3)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    sub = submit_run(path, name="n" * 190)  # run:<name>:<custom_id> would be ~390 characters
+    assert sub.status == RunStatus.QUEUED and sub.stored == 3
+    assert len(set(_sent_ids())) == 3
+
+
+def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    import tasks.generate
+
+    monkeypatch.setattr(runs.submit, "CHUNK", 10)
+    path = _file(tmp_path, 45)
+    name = "resume-" + tmp_path.name
+    real = tasks.generate.dispatch
+    calls = []
+
+    def broker_drops_on_the_third_send(ids, **kwargs):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise ConnectionError("injected: broker connection lost")
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(tasks.generate, "dispatch", broker_drops_on_the_third_send)
+    with pytest.raises(SubmissionFailed, match="resubmit to resume"):
+        submit_run(path, name=name)
+    state = run_state(name)
+    print(f"after the failure: {state.status} {state.counts} {state.error}")
+    assert state.status == RunStatus.FAILED and "resubmit the same file" in state.error
+    assert len(_sent_ids()) == 20  # two chunks went out before the broker dropped
+    monkeypatch.setattr(tasks.generate, "dispatch", real)
+    again = submit_run(path, name=name)
+    sent = _sent_ids()
+    print(f"resumed: stored {again.stored}, sent {again.sent}; {len(sent)} messages' turns in the queue")
+    assert again.status == RunStatus.QUEUED and again.sent == 25
+    assert sorted(sent) == sorted(_turn_ids(again.id)) and len(sent) == 45  # each line sent exactly once
+    assert submit_run(path, name=name).sent == 0  # a third submission has nothing left to do
+
+
+def test_a_fixed_file_may_replace_a_run_that_failed_validation(quiet_model, tmp_path) -> None:
+    name = "fixed-" + tmp_path.name
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"custom_id": "a", "character": "elara", "message": ""}\n', encoding="utf-8")
+    with pytest.raises(RunValidationError):
+        submit_run(broken, name=name)
+    assert run_state(name).status == RunStatus.FAILED
+    sub = submit_run(_file(tmp_path, 2), name=name)
+    assert sub.created and sub.status == RunStatus.QUEUED and sub.stored == 2
+    with pytest.raises(RunConflict, match="already holds turns from a different file"):
+        submit_run(_file(tmp_path, 3, name="other"), name=name)
+
+
+def test_a_second_submitter_of_the_same_run_is_refused(quiet_model, tmp_path) -> None:
+    name = "busy-" + tmp_path.name
+    with submission_lock(name) as got:
+        assert got
+        with pytest.raises(RunBusy):
+            submit_run(_file(tmp_path, 2), name=name)
+
+
+_SUBMITTER = """
+import sys, time
+from pathlib import Path
+from services import runs
+from services.runs import submit
+submit.CHUNK = 20
+def slow(stored, sent):
+    print(f"sent {sent}", flush=True)
+    time.sleep(30)  # killed here, between two chunks
+runs.submit_run(Path(sys.argv[1]), name=sys.argv[2], progress=slow)
+"""
+
+
+def test_a_submitter_killed_mid_way_leaves_a_run_that_says_so_and_resumes(quiet_model, tmp_path) -> None:
+    path = _file(tmp_path, 70)
+    name = "killed-" + tmp_path.name
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SUBMITTER, str(path), name],
+        env=os.environ | {"MLCHAT_MODEL": MODEL},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("sent 20")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    time.sleep(0.5)  # the server notices the dropped connection and releases the submission lock
+    state = run_state(name)
+    print(f"after SIGKILL: {state.status} interrupted={state.interrupted} {state.counts} | {state.error}")
+    assert state.status == RunStatus.VALIDATING and state.interrupted
+    assert "submission interrupted" in state.error and state.counts.total - state.counts.unsent == 20
+    from services.sweeper import close_abandoned_runs
+
+    assert close_abandoned_runs(older_than_s=0) == {name: "failed: submission interrupted"}
+    assert run_state(name).status == RunStatus.FAILED
+    again = submit_run(path, name=name)
+    sent = _sent_ids()
+    assert (
+        again.status == RunStatus.QUEUED and sorted(sent) == sorted(_turn_ids(again.id)) and len(sent) == 70
+    )
+
+
+def test_queue_depth_counts_the_runs_messages(quiet_model, tmp_path) -> None:
+    sub = submit_run(_file(tmp_path, 20), name="depth-" + tmp_path.name)
+    assert queue_depth(MODEL, "bulk") == -(-20 // settings.batch_size) and sub.sent == 20

@@ -1,0 +1,189 @@
+"""The turn state machine under races: two database sessions (two "workers") and the real PostgreSQL.
+
+No engine and no worker process: every case here is about who may change a turn, which only the
+database decides. Each case failed on the code before leases (claims took running turns whatever
+their age, and storing set `done` with no condition).
+"""
+
+import threading
+import time
+import uuid
+
+from sqlalchemy import select, update
+
+from db.models import Message, Role, Turn, TurnErrorCode, TurnStatus
+from db.session import session_scope
+from db.turns import (
+    Failure,
+    TurnOutcome,
+    claim_turns,
+    fail_turns,
+    requeue_turns,
+    store_replies,
+)
+from services.producer import enqueue_turns, get_turn
+from tests.conftest import new_conversation
+from worker.lease import LeaseKeeper
+
+LEASE = 60.0
+
+
+def _turns(n: int = 1) -> list[uuid.UUID]:
+    return enqueue_turns(
+        [new_conversation() | {"message": f"Lease check {i}."} for i in range(n)], send=False
+    )
+
+
+def _claim(ids, *, lease_s: float = LEASE, max_attempts: int = 3):
+    with session_scope() as session:
+        return claim_turns(session=session, turn_ids=ids, lease_s=lease_s, max_attempts=max_attempts)
+
+
+def _outcome(turn_id: uuid.UUID, reply: str) -> TurnOutcome:
+    view = get_turn(turn_id)
+    vec = [0.1] * 384
+    return TurnOutcome(
+        turn_id=turn_id,
+        conversation_id=view.conversation_id,
+        user_message=view.message,
+        user_embedding=vec,
+        reply=reply,
+        reply_embedding=vec,
+        prompt="p",
+        context={},
+        usage={},
+        timings={},
+        params=view.params,
+    )
+
+
+def _store(token, turn_id, reply: str) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return store_replies(session=session, token=token, outcomes=[_outcome(turn_id, reply)])
+
+
+def _replies(turn_id) -> list[str]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Message.content).where(Message.turn_id == turn_id, Message.role == Role.ASSISTANT)
+            )
+        )
+
+
+def test_a_duplicate_message_finds_the_turn_held_and_never_claims_it(world) -> None:
+    (turn_id,) = _turns()
+    first = _claim([turn_id])
+    second = _claim([turn_id])  # a redelivery or a sweeper re-send while the first worker generates
+    assert [t.id for t in first.claimed] == [turn_id]
+    assert second.claimed == [] and not second.exhausted
+    assert 0 < second.held[turn_id] <= LEASE
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.RUNNING and view.attempts == 1  # no second attempt charged
+
+
+def test_a_claim_at_the_last_attempt_never_fails_a_turn_another_worker_holds(world) -> None:
+    (turn_id,) = _turns()
+    holder = _claim([turn_id], max_attempts=1)  # its last attempt, generating now
+    duplicate = _claim([turn_id], max_attempts=1)
+    assert not duplicate.exhausted and turn_id in duplicate.held
+    assert _store(holder.token, turn_id, "Here you are.") == [turn_id]
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.DONE and view.reply == "Here you are."
+
+
+def test_an_expired_lease_moves_the_turn_and_the_old_holder_can_change_nothing(world) -> None:
+    (turn_id,) = _turns()
+    stale = _claim([turn_id], lease_s=0.2)
+    time.sleep(0.4)  # the first worker stalled past its lease
+    fresh = _claim([turn_id])
+    assert [t.id for t in fresh.claimed] == [turn_id] and fresh.token != stale.token
+    # The stalled worker wakes up: it may not fail, requeue or store the turn any more.
+    with session_scope() as session:
+        assert (
+            fail_turns(
+                session=session,
+                token=stale.token,
+                failures={turn_id: Failure("late", TurnErrorCode.ENGINE_ERROR)},
+            )
+            == []
+        )
+        assert requeue_turns(session=session, token=stale.token, reasons={turn_id: "late"}) == []
+    assert _store(stale.token, turn_id, "The stale reply.") == []
+    assert _store(fresh.token, turn_id, "The fresh reply.") == [turn_id]
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.DONE and view.reply == "The fresh reply." and view.attempts == 2
+    assert _replies(turn_id) == ["The fresh reply."]
+
+
+def test_a_failed_turn_is_never_flipped_to_done_by_a_late_writer(world) -> None:
+    (turn_id,) = _turns()
+    stale = _claim([turn_id], lease_s=0.2, max_attempts=2)
+    time.sleep(0.4)
+    last = _claim([turn_id], max_attempts=2)
+    with session_scope() as session:
+        fail_turns(
+            session=session, token=last.token, failures={turn_id: Failure("bad", TurnErrorCode.ENGINE_ERROR)}
+        )
+    assert _store(stale.token, turn_id, "Too late.") == []
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.FAILED and view.error == "bad" and view.reply is None
+    assert _replies(turn_id) == []
+
+
+def test_two_workers_claiming_the_same_turns_at_once_take_each_exactly_once(world) -> None:
+    ids = _turns(40)
+    results = {}
+    barrier = threading.Barrier(2)
+
+    def claim(name: str) -> None:
+        barrier.wait()
+        results[name] = _claim(ids)
+
+    threads = [threading.Thread(target=claim, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    a = {t.id for t in results["a"].claimed}
+    b = {t.id for t in results["b"].claimed}
+    print(f"concurrent claims: a took {len(a)}, b took {len(b)}")
+    assert a.isdisjoint(b) and a | b == set(ids)
+    for name, other in (("a", b), ("b", a)):
+        # What the other took is held (or, if it was mid-claim, deferred for another look): never lost.
+        assert other <= set(results[name].held) | set(results[name].deferred)
+
+
+def test_the_lease_keeper_renews_while_the_batch_runs(world) -> None:
+    (turn_id,) = _turns()
+    claim = _claim([turn_id], lease_s=0.6)
+    with LeaseKeeper(claim.token, lease_s=0.6, max_hold_s=30):
+        time.sleep(1.5)  # well past the first lease
+        assert turn_id in _claim([turn_id]).held
+    time.sleep(0.8)  # renewals stopped with the batch: the lease runs out
+    assert [t.id for t in _claim([turn_id]).claimed] == [turn_id]
+
+
+def test_a_refunded_requeue_gives_the_attempt_back(world) -> None:
+    (turn_id,) = _turns()
+    claim = _claim([turn_id])
+    with session_scope() as session:
+        assert requeue_turns(
+            session=session, token=claim.token, reasons={turn_id: "engine died"}, refund_attempt=True
+        ) == [turn_id]
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.QUEUED and view.attempts == 0 and view.error == "engine died"
+    with session_scope() as session:
+        dispatched = session.scalar(select(Turn.dispatched_at).where(Turn.id == turn_id))
+    assert dispatched is not None  # stamped: the caller sends it again right away
+
+
+def test_a_running_turn_from_before_leases_is_claimable(world) -> None:
+    (turn_id,) = _turns()
+    with session_scope() as session:  # what a row claimed by the previous release looks like
+        session.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(status=TurnStatus.RUNNING, attempts=1, lease_until=None)
+        )
+    assert [t.id for t in _claim([turn_id]).claimed] == [turn_id]

@@ -1,0 +1,48 @@
+"""Keep a batch's claim alive while it runs: renew its lease from a thread.
+
+The lease is what tells other workers that a running turn is still being answered. It is renewed
+every third of its length while the batch runs, and no longer than `max_hold_s` in all, so a worker
+that hangs (rather than dies) lets its turns go in the end too.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from db.session import session_scope
+from db.turns import renew_lease
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseKeeper:
+    """`with LeaseKeeper(token, lease_s, max_hold_s): ...` renews the claim's lease in the background."""
+
+    def __init__(self, token: uuid.UUID, lease_s: float, max_hold_s: float) -> None:
+        self.token = token
+        self.lease_s = lease_s
+        self.deadline = time.monotonic() + max_hold_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{token.hex[:8]}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.lease_s / 3):
+            if time.monotonic() >= self.deadline:
+                logger.warning("claim %s held past its limit; its lease is left to expire", self.token)
+                return
+            try:
+                with session_scope() as session:
+                    renew_lease(session=session, token=self.token, lease_s=self.lease_s)
+            except Exception:  # the database is away: the next renewal tries again
+                logger.warning("could not renew the lease of claim %s", self.token, exc_info=True)
