@@ -15,6 +15,9 @@ RUN apt-get update \
 
 FROM base AS build
 WORKDIR /app
+# Every dependency from the lock file, each checked against its hash (make lock writes it).
+COPY requirements/gpu.lock ./requirements/
+RUN pip install --no-cache-dir --require-hashes -r requirements/gpu.lock
 COPY pyproject.toml README.md ./
 COPY core ./core
 COPY db ./db
@@ -25,14 +28,25 @@ COPY scripts ./scripts
 COPY migrations ./migrations
 COPY api ./api
 COPY roleplay ./roleplay
-RUN pip install --no-cache-dir vllm==0.32.0 \
- && pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 FROM base AS runtime
 RUN useradd --create-home --uid 10001 mlchat
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY --chown=10001:10001 . .
+# The code is root's and read-only to the service user; only its home (state) and /models are its.
+# Named folders only: nothing else of the build context (.dockerignore keeps .env out of it too).
+COPY alembic.ini pyproject.toml ./
+COPY core ./core
+COPY db ./db
+COPY worker ./worker
+COPY tasks ./tasks
+COPY services ./services
+COPY scripts ./scripts
+COPY migrations ./migrations
+COPY api ./api
+COPY roleplay ./roleplay
+COPY data ./data
 USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
 VOLUME ["/models"]

@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: venv demo test bench lint services-stop clean
+.PHONY: venv demo test bench lint lock services-stop clean
 
 venv: $(VENV)/.installed
 
@@ -34,6 +34,13 @@ bench: venv
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+# The GPU image's dependencies, pinned with hashes (the Dockerfile installs with --require-hashes).
+lock:
+	$(PYTHON) -m venv .lock-venv && .lock-venv/bin/pip install --quiet uv
+	.lock-venv/bin/uv pip compile pyproject.toml requirements/gpu.in --python-version 3.12 \
+	    --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header -o requirements/gpu.lock
+	rm -rf .lock-venv
 
 services-stop: venv
 	$(PY) -m scripts.cli services stop

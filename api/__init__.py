@@ -1,1 +1,1 @@
-"""HTTP ingest for game backends in any language: a thin FastAPI layer over services.producer."""
+"""HTTP ingest for game backends in any language: a thin FastAPI layer over services/."""

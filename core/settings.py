@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -14,6 +15,42 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 Lane = Literal["live", "bulk"]
 PromptFormat = Literal["auto", "chat_template", "solar", "eeve", "gpt_oss_text"]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
+
+
+Scope = Literal["ingest", "admin"]
+SCOPES: tuple[Scope, ...] = ("ingest", "admin")
+
+
+class ApiKey(BaseModel):
+    """One HTTP API key. `ingest` enqueues turns and reads the turns it enqueued (without their
+    prompts); `admin` does everything: characters, stories, runs, every turn with its prompt.
+
+    Given as `{"key": "...", "scopes": [...]}`, or stored hashed as `{"sha256": "<hex digest of the
+    key>", "scopes": [...]}`; a bare string is a key with both scopes. `name` labels the caller
+    (default: the start of the key's digest) and is recorded on the turns it enqueues.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    key: str | None = Field(default=None, min_length=16, repr=False)
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", repr=False)
+    scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES), min_length=1)
+    name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKey:
+        if (self.key is None) == (self.sha256 is None):
+            raise ValueError("an API key needs exactly one of 'key' or 'sha256'")
+        return self
+
+    @property
+    def digest(self) -> str:
+        """The key's sha256 (hex): what a presented key is compared with."""
+        return self.sha256 or hashlib.sha256(self.key.encode()).hexdigest()  # type: ignore[union-attr]
+
+    @property
+    def id(self) -> str:
+        return self.name or self.digest[:12]
 
 
 class Settings(BaseSettings):
@@ -90,13 +127,24 @@ class Settings(BaseSettings):
     quality_max_repetition: float = Field(default=0.6, ge=0, le=1)
 
     # HTTP ingest.
-    api_keys: list[str] = Field(default_factory=list, repr=False)
+    # MLCHAT_API_KEYS: a JSON list of keys (see ApiKey): bare strings, or objects with scopes.
+    api_keys: list[ApiKey] = Field(default_factory=list, repr=False)
     api_max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    # Character cards (HTTP upload, CLI): the whole file, and the card text inside a PNG once inflated.
+    card_max_bytes: int = Field(default=8_000_000, ge=1024)
+    card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
 
     log_level: str = "INFO"
     metrics_port: int = Field(
         default=9464, ge=0, le=65535
     )  # the worker's Prometheus endpoint; 0 turns it off
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _bare_keys_have_every_scope(cls, value: object) -> object:
+        if isinstance(value, list):
+            return [{"key": v} if isinstance(v, str) else v for v in value]
+        return value
 
     @field_validator("model")
     @classmethod

@@ -253,6 +253,7 @@ class Turn(Base):
     quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
+    api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

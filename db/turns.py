@@ -59,6 +59,7 @@ class NewTurn:
     run_id: uuid.UUID | None = None
     custom_id: str | None = None
     speaker: str = "character"
+    api_key: str | None = None
 
 
 @dataclass(frozen=True)

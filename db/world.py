@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import func, literal_column, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -29,15 +29,30 @@ CHARACTER_FIELDS = (
 
 
 def upsert_character(*, session: Session, slug: str, fields: dict[str, Any]) -> int:
-    """Insert or update a character by slug; returns its id. Every update bumps `version`, the key
-    of the workers' per-character caches (validated lorebook, persona vector)."""
+    """Insert or update a character by slug; returns its id."""
+    stored = save_character(session=session, slug=slug, fields=fields)
+    assert stored is not None
+    return stored[0]
+
+
+def save_character(
+    *, session: Session, slug: str, fields: dict[str, Any], same_name_only: bool = False
+) -> tuple[int, bool] | None:
+    """Insert or update a character by slug; returns (id, created). Every update bumps `version`, the
+    key of the workers' per-character caches (validated lorebook, persona vector).
+
+    With `same_name_only`, an existing character of that slug is updated only if it has the same
+    name (a re-import of the same character); otherwise nothing is written and None is returned.
+    """
     values = {k: fields[k] for k in CHARACTER_FIELDS if k in fields}
     stmt = insert(Character).values(slug=slug, **values)
-    upsert = stmt.on_conflict_do_update(
+    upsert: Any = stmt.on_conflict_do_update(
         index_elements=[Character.slug],
         set_={**values, "version": Character.version + 1, "updated_at": func.now()},
-    ).returning(Character.id)
-    return int(session.execute(upsert).scalar_one())
+        where=(Character.name == stmt.excluded.name) if same_name_only else None,
+    ).returning(Character.id, literal_column("xmax = 0"))
+    row = session.execute(upsert).first()
+    return None if row is None else (int(row[0]), bool(row[1]))
 
 
 def upsert_conversation(
@@ -107,7 +122,7 @@ def upsert_conversations(*, session: Session, rows: Sequence[dict[str, Any]]) ->
     if not rows:
         return {}
     stmt = insert(Conversation).values(list(rows))
-    upsert = stmt.on_conflict_do_update(
+    upsert: Any = stmt.on_conflict_do_update(
         index_elements=[Conversation.external_id],
         set_={
             c: stmt.excluded[c] for c in ("character_id", "player_id", "player_name", "story", "story_time")

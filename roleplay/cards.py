@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from roleplay import png_text
+
 SPECS = {"chara_card_v2": "2.0", "chara_card_v3": "3.0"}
 PNG_KEYWORD = {"chara_card_v2": "chara", "chara_card_v3": "ccv3"}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = png_text.SIGNATURE
+CARD_KEYWORDS = ("chara", "ccv3")
 _STRING_FIELDS = (
     "name",
     "description",
@@ -45,9 +47,15 @@ class ImportedCard:
     lorebook: dict[str, Any] | None
 
 
-def read_card(raw: bytes) -> ImportedCard:
-    """Parse a card file (JSON or PNG bytes); CardError if it is not a valid V2/V3 card."""
-    card = _card_from_png(raw) if raw.startswith(PNG_SIGNATURE) else _card_from_json(raw, "the file")
+def read_card(raw: bytes, *, max_bytes: int = 8_000_000, max_text_bytes: int = 2_000_000) -> ImportedCard:
+    """Parse a card file (JSON or PNG bytes); CardError if it is not a valid V2/V3 card, or is over
+    `max_bytes` (the file) or `max_text_bytes` (the card text inside a PNG, once inflated)."""
+    if len(raw) > max_bytes:
+        raise CardError(f"the file has {len(raw)} bytes; a card may have at most {max_bytes}")
+    if raw.startswith(PNG_SIGNATURE):
+        card = _card_from_png(raw, max_text_bytes)
+    else:
+        card = _card_from_json(raw, "the file")
     return _validate(card)
 
 
@@ -57,31 +65,21 @@ def card_json(card: dict[str, Any]) -> bytes:
 
 
 def card_png(card: dict[str, Any], image: bytes | None = None) -> bytes:
-    """The card inside a PNG: `image` (the imported one) or a 1x1 placeholder, with its chunk(s)."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
-    img = Image.open(io.BytesIO(image)) if image else Image.new("RGBA", (1, 1))
-    info = PngInfo()
-    for key, value in getattr(img, "text", {}).items():
-        if key not in ("chara", "ccv3"):
-            info.add_text(key, value)
+    """The card inside a PNG: `image` (the imported one) or a 1x1 placeholder, its other chunks kept."""
     payload = base64.b64encode(card_json(card)).decode("ascii")
-    info.add_text(PNG_KEYWORD[card["spec"]], payload)
-    out = io.BytesIO()
-    img.save(out, format="PNG", pnginfo=info)
-    return out.getvalue()
-
-
-def _card_from_png(raw: bytes) -> dict[str, Any]:
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        img = Image.open(io.BytesIO(raw))
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise CardError(f"not a readable PNG: {exc}") from exc
-    chunks = getattr(img, "text", {})
+        return png_text.write_text(
+            image or png_text.placeholder(), PNG_KEYWORD[card["spec"]], payload, CARD_KEYWORDS
+        )
+    except png_text.PngError as exc:
+        raise CardError(f"the image: {exc}") from None
+
+
+def _card_from_png(raw: bytes, max_text_bytes: int) -> dict[str, Any]:
+    try:
+        chunks = png_text.read_text(raw, CARD_KEYWORDS, max_text_bytes)
+    except png_text.PngError as exc:
+        raise CardError(f"not a readable PNG card: {exc}") from None
     keyword = "ccv3" if "ccv3" in chunks else "chara" if "chara" in chunks else None
     if keyword is None:
         raise CardError("the PNG has no character card (no 'chara' or 'ccv3' text chunk)")

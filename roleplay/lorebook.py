@@ -23,8 +23,15 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, field_validator
+import regex
+from pydantic import BaseModel, Field, field_validator, model_validator
 
+# Regex keys come from uploaded cards: each search gets this long before it counts as a failure of its
+# entry (a pattern with catastrophic backtracking must not stall every turn of the worker).
+REGEX_TIMEOUT_S = 0.05
+# V3 decorators mlchat honours; any other `@@name` line at the start of an entry's content is removed
+# from the prompt and listed in the manifest.
+HONOURED_DECORATORS = ("@@activate", "@@dont_activate")
 DEFAULT_SCAN_DEPTH = 2
 DEFAULT_TOKEN_BUDGET = 512
 MAX_RECURSION_STEPS = 3
@@ -56,18 +63,39 @@ class LoreEntry(BaseModel):
     position: Literal["before_char", "after_char"] = "after_char"
     exclude_recursion: bool = False
     prevent_recursion: bool = False
+    ignored_decorators: list[str] = Field(default_factory=list)
 
     @field_validator("keys", "secondary_keys")
     @classmethod
     def _regex_keys_compile(cls, keys: list[str]) -> list[str]:
         for key in keys:
-            regex = _as_regex(key)
-            if regex is not None:
+            parsed = _as_regex(key)
+            if parsed is not None:
                 try:
-                    re.compile(regex[0])
-                except re.error as exc:
+                    regex.compile(parsed[0])
+                except regex.error as exc:
                     raise ValueError(f"bad regex key {key!r}: {exc}") from exc
         return keys
+
+    @model_validator(mode="after")
+    def _decorators(self) -> LoreEntry:
+        """Leading `@@` lines of the content are decorators: honoured ones set the entry's flags, the
+        others are kept aside (listed in the manifest); none of them reaches the prompt."""
+        lines = self.content.split("\n")
+        taken = 0
+        while taken < len(lines) and lines[taken].startswith("@@"):
+            decorator = lines[taken].strip()
+            taken += 1
+            name = decorator.split()[0]
+            if name == "@@activate":
+                self.constant = True
+            elif name == "@@dont_activate":
+                self.enabled = False
+            elif decorator not in self.ignored_decorators:
+                self.ignored_decorators.append(decorator)
+        if taken:
+            self.content = "\n".join(lines[taken:]).strip("\n")
+        return self
 
 
 class Lorebook(BaseModel):
@@ -169,6 +197,14 @@ class FiredEntry:
 class Activation:
     kept: list[FiredEntry] = field(default_factory=list)  # in insertion order
     dropped: list[FiredEntry] = field(default_factory=list)  # fired, but over the token budget
+    failed: list[tuple[LoreEntry, str]] = field(default_factory=list)  # a regex key timed out: not fired
+
+
+class KeyTimeout(Exception):
+    """A regex key ran past REGEX_TIMEOUT_S on this turn's text; its entry fails, not the turn."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"regex key {key!r} ran past {REGEX_TIMEOUT_S * 1000:.0f} ms and was stopped")
 
 
 def _as_regex(key: str) -> tuple[str, str] | None:
@@ -177,15 +213,18 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 
 
 def _matches(key: str, text: str, entry: LoreEntry) -> bool:
-    regex = _as_regex(key)
-    if regex is not None or entry.use_regex:
-        pattern, flags = regex if regex is not None else (key, "")
-        re_flags = 0 if entry.case_sensitive and "i" not in flags else re.IGNORECASE
+    parsed = _as_regex(key)
+    if parsed is not None or entry.use_regex:
+        pattern, flags = parsed if parsed is not None else (key, "")
+        re_flags = 0 if entry.case_sensitive and "i" not in flags else regex.IGNORECASE
         if "s" in flags:
-            re_flags |= re.DOTALL
+            re_flags |= regex.DOTALL
         if "m" in flags:
-            re_flags |= re.MULTILINE
-        return re.search(pattern, text, re_flags) is not None
+            re_flags |= regex.MULTILINE
+        try:
+            return regex.search(pattern, text, re_flags, timeout=REGEX_TIMEOUT_S) is not None
+        except TimeoutError:
+            raise KeyTimeout(key) from None
     return key in text if entry.case_sensitive else key.casefold() in text.casefold()
 
 
@@ -217,7 +256,8 @@ def activate(
     candidates = [e for e in book.entries if e.enabled and e.content]
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
-    last_round = fired + _scan(waiting, sources, step=0)
+    activation = Activation()
+    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed)
     fired = list(last_round)
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
         sources = [
@@ -225,12 +265,11 @@ def activate(
             for e, _ in last_round
             if not e.prevent_recursion
         ]
-        last_round = _scan(waiting, sources, step=step) if sources else []
+        last_round = _scan(waiting, sources, step=step, failed=activation.failed) if sources else []
         if not last_round:
             break
         fired += last_round
     ranked = sorted(fired, key=lambda f: (not f[0].constant, -f[0].priority, f[0].insertion_order))
-    activation = Activation()
     used = 0
     for entry, reason in ranked:
         content = fill(entry.content)
@@ -245,14 +284,24 @@ def activate(
 
 
 def _scan(
-    waiting: list[LoreEntry], sources: Sequence[tuple[str, str]], *, step: int
+    waiting: list[LoreEntry],
+    sources: Sequence[tuple[str, str]],
+    *,
+    step: int,
+    failed: list[tuple[LoreEntry, str]],
 ) -> list[tuple[LoreEntry, str]]:
-    """Entries of `waiting` that fire on `sources`; they leave `waiting`."""
+    """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
+    regex key timed out (recorded in `failed`)."""
     hits = []
     for entry in list(waiting):
         if step and entry.exclude_recursion:
             continue
-        reason = _first_hit(entry, sources)
+        try:
+            reason = _first_hit(entry, sources)
+        except KeyTimeout as exc:
+            failed.append((entry, str(exc)))
+            waiting.remove(entry)
+            continue
         if reason is not None:
             hits.append((entry, reason))
             waiting.remove(entry)

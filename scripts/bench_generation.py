@@ -130,7 +130,7 @@ class RawEngine:
     """The loaded vLLM engine called directly, on prompts the pipeline stored."""
 
     def __init__(self, loaded: Any) -> None:
-        from worker.prompt_formats import RENDERERS
+        from worker.prompt.formats import RENDERERS
 
         self.llm, self.tokenizer = loaded.llm, loaded.tokenizer
         probe = RENDERERS[settings.resolved_prompt_format](

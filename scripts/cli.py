@@ -12,7 +12,6 @@ import uuid
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
 
 from core.logging import configure_logging
@@ -109,7 +108,7 @@ def api(
     """Serve the HTTP ingest (needs MLCHAT_API_KEYS)."""
     import uvicorn
 
-    uvicorn.run("api.app:create_app", factory=True, host=host, port=port, workers=workers)
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 
 @app.command()
@@ -322,8 +321,9 @@ def card_import(
     """Import a V2/V3 card (JSON or PNG) as a character."""
     from services.characters import import_card
 
-    found, char_id = import_card(file.read_bytes(), slug)
-    _out(f"imported {file} as character {found!r} (id {char_id})")
+    stored = import_card(file.read_bytes(), slug)
+    verb = "imported" if stored.created else "updated"
+    _out(f"{verb} {file} as character {stored.slug!r} (id {stored.id})")
 
 
 @card_app.command("export")
@@ -423,14 +423,18 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         result = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
-    except click.exceptions.Exit as done:
+    except typer.Exit as done:
         return int(done.exit_code)
-    except click.ClickException as exc:  # usage errors: Click's own one-line message
-        exc.show()
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except typer.Abort:
         _err("aborted")
         return 130
+    except typer.TyperException as exc:  # usage errors: Typer's own message, exit code 2
+        show = getattr(exc, "show", None)
+        if show is not None:
+            show()
+        else:
+            _err(f"mlchat: {exc}")
+        return int(getattr(exc, "exit_code", 2))
     except Exception as exc:
         if isinstance(exc, _refusals()):
             _err(f"mlchat: {_one_line(exc)}")

@@ -2,33 +2,67 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+import unicodedata
+from dataclasses import dataclass
 from typing import Any, Literal
 
+from core.settings import settings
 from db.models import Character
 from db.session import session_scope
-from db.world import append_story_event, get_character, upsert_character
+from db.world import append_story_event, get_character, save_character
 from roleplay.cards import CardError, card_json, card_png, read_card
 from roleplay.lorebook import Lorebook, to_character_book
+from services.schemas import StoryEvent
 
-_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
+_SLUG = re.compile(SLUG_PATTERN)
+
+
+@dataclass(frozen=True)
+class ImportedCharacter:
+    slug: str
+    id: int
+    created: bool
 
 
 def slug_for(name: str) -> str:
-    """A slug from a character's name ("Seraphina the Bold" → "seraphina-the-bold")."""
-    slug = re.sub(r"[^a-z0-9]+", "-", name.casefold()).strip("-")[:64]
-    return slug or "character"
+    """A slug from a character's name: "Seraphina the Bold" → "seraphina-the-bold", "Élodie" →
+    "elodie"; a name with no Latin letters or digits ("루피") gets "c-" and a digest of the name."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    slug = re.sub(r"[^a-z0-9]+", "-", ascii_name.casefold()).strip("-")[:64].strip("-")
+    return slug or "c-" + _digest(name, 10)
 
 
-def import_card(raw: bytes, slug: str | None = None) -> tuple[str, int]:
-    """Store a V2/V3 card (JSON or PNG bytes) as a character; returns (slug, id). Re-importing updates."""
-    imported = read_card(raw)
-    slug = slug or slug_for(imported.fields["name"])
-    if not _SLUG.fullmatch(slug):
+def _digest(name: str, length: int) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:length]
+
+
+def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
+    """Store a V2/V3 card (JSON or PNG bytes) as a character.
+
+    With a slug, that character is created or updated: the caller says which character this is.
+    Without one, the slug comes from the card's name, and only a re-import of the same character
+    (same name) updates it; another character whose name gives the same slug gets the slug with a
+    digest of its name appended, so no import ever replaces a different character.
+    """
+    imported = read_card(raw, max_bytes=settings.card_max_bytes, max_text_bytes=settings.card_max_text_bytes)
+    if slug is not None and not _SLUG.fullmatch(slug):
         raise CardError(f"slug {slug!r} must be 1-64 lowercase letters, digits, '-' or '_'")
     fields: dict[str, Any] = {**imported.fields, "card": imported.card, "lorebook": imported.lorebook}
+    name = imported.fields["name"]
     with session_scope() as session:
-        return slug, upsert_character(session=session, slug=slug, fields=fields)
+        if slug is not None:
+            stored = save_character(session=session, slug=slug, fields=fields)
+            assert stored is not None
+            return ImportedCharacter(slug, *stored)
+        base = slug_for(name)
+        for candidate in (base, f"{base[:57]}-{_digest(name, 6)}"):
+            stored = save_character(session=session, slug=candidate, fields=fields, same_name_only=True)
+            if stored is not None:
+                return ImportedCharacter(candidate, *stored)
+    raise CardError(f"no free slug for {name!r}: both {base!r} and its suffixed form are taken; pass a slug")
 
 
 def export_card(slug: str, fmt: Literal["json", "png"] = "json", image: bytes | None = None) -> bytes:
@@ -71,11 +105,15 @@ def add_story_event(story: str, text: str, *, scene: str = "", time: int | None 
     """Append an event to a story, embedded on write, so the next turns can retrieve it."""
     from worker.embedder import embed  # the embedder loads on first use, in the calling process
 
-    if not story.strip() or not text.strip():
-        raise ValueError("a story event needs a story and a text")
-    (vector,) = embed([text])
+    event = StoryEvent(story=story, text=text, scene=scene, time=time)  # ValidationError names the field
+    (vector,) = embed([event.text])
     with session_scope() as session:
         event_id, ordinal = append_story_event(
-            session=session, story=story, text=text, scene=scene, time=time, embedding=vector
+            session=session,
+            story=event.story,
+            text=event.text,
+            scene=event.scene,
+            time=event.time,
+            embedding=vector,
         )
-    return {"id": event_id, "story": story, "ordinal": ordinal}
+    return {"id": event_id, "story": event.story, "ordinal": ordinal}

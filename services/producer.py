@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -25,6 +25,22 @@ class EnqueueError(RuntimeError):
     """The turn could not be queued; nothing was left half-queued."""
 
 
+@dataclass(frozen=True)
+class ItemError:
+    index: int  # the request's position in the call
+    field: str
+    reason: str
+
+
+class TurnRejected(ValueError):
+    """Requests that name what does not exist (or disagrees with what does); nothing was stored.
+    Every bad request of the call is listed, with its position and field."""
+
+    def __init__(self, errors: list[ItemError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"item {e.index}: {e.field}: {e.reason}" for e in errors))
+
+
 class TurnView(BaseModel):
     """A turn as producers see it."""
 
@@ -41,6 +57,7 @@ class TurnView(BaseModel):
     timings: dict[str, Any] | None
     error: str | None
     error_code: str | None
+    api_key: str | None
     attempts: int
     prompt: str | None
     context: dict[str, Any] | None
@@ -86,6 +103,7 @@ def submit_turns(
     lane: Lane = "live",
     run_id: uuid.UUID | None = None,
     custom_ids: Sequence[str] | None = None,
+    api_key: str | None = None,
 ) -> list[StoredTurn]:
     """Queue many turns; one StoredTurn per request (its id, whether it is new, its real status).
 
@@ -98,14 +116,15 @@ def submit_turns(
     turn stays queued with no message behind it.
     """
     parsed = [_as_request(r) for r in requests]
-    for i, req in enumerate(parsed):
-        model = req.model or settings.model
-        if model not in settings.models:
-            raise ValueError(
-                f"item {i}: model: unknown model {model!r}; this deployment serves {settings.models}"
-            )
+    unknown = [
+        ItemError(i, "model", f"unknown model {req.model!r}; this deployment serves {settings.models}")
+        for i, req in enumerate(parsed)
+        if (req.model or settings.model) not in settings.models
+    ]
+    if unknown:
+        raise TurnRejected(unknown)
     try:
-        stored, revived = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids)
+        stored, revived = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key)
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
         raise EnqueueError(
             "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
@@ -126,6 +145,7 @@ def _store_turns(
     *,
     run_id: uuid.UUID | None,
     custom_ids: Sequence[str] | None,
+    api_key: str | None = None,
 ) -> tuple[list[StoredTurn], set[uuid.UUID]]:
     """Insert the turns (and any new conversations) in one transaction; revive replays of turns that
     were never sent. Returns each request's StoredTurn and the revived ids."""
@@ -142,6 +162,7 @@ def _store_turns(
                 run_id=run_id,
                 custom_id=custom_ids[i] if custom_ids else None,
                 speaker=req.speaker,
+                api_key=api_key,
             )
             for i, req in enumerate(parsed)
         ]
@@ -175,9 +196,9 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dict[str, int]:
-    """Ids of the requests' conversations; new ones are created in one statement."""
+    """Ids of the requests' conversations; new ones are created in one statement. TurnRejected lists
+    every request whose character or conversation does not fit, before anything is written."""
     known = find_conversations(session=session, external_ids=[r.conversation for r in requests])
-    out: dict[str, int] = {}
     missing = [r for r in requests if r.conversation not in known]
     slugs = [r.character for r in missing if r.character]
     characters = find_characters(session=session, slugs=slugs) if slugs else {}
@@ -185,38 +206,44 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
     for r in missing:
         if r.character:
             started_here.setdefault(r.conversation, r.character)
+    out: dict[str, int] = {}
+    errors: list[ItemError] = []
     new_rows: dict[str, dict[str, Any]] = {}
-    for req in requests:
+    for i, req in enumerate(requests):
         if req.conversation in known:
             conv_id, slug = known[req.conversation]
             if req.character and req.character != slug:
-                raise ValueError(
+                reason = (
                     f"conversation {req.conversation!r} belongs to character {slug!r}, not {req.character!r}"
                 )
+                errors.append(ItemError(i, "character", reason))
             out[req.conversation] = conv_id
-            continue
-        if not req.character:
-            if req.conversation in started_here:
-                continue  # started by another request of this call
-            raise ValueError(f"unknown conversation {req.conversation!r}; name a character to start it")
-        if req.character not in characters:
-            raise ValueError(f"unknown character {req.character!r}")
-        if started_here[req.conversation] != req.character:
-            raise ValueError(
+        elif not req.character:
+            if req.conversation not in started_here:
+                reason = f"unknown conversation {req.conversation!r}; name a character to start it"
+                errors.append(ItemError(i, "conversation", reason))
+        elif req.character not in characters:
+            errors.append(ItemError(i, "character", f"unknown character {req.character!r}"))
+        elif started_here[req.conversation] != req.character:
+            reason = (
                 f"conversation {req.conversation!r} is started with two characters: "
                 f"{started_here[req.conversation]!r} and {req.character!r}"
             )
-        new_rows.setdefault(
-            req.conversation,
-            dict(
-                external_id=req.conversation,
-                character_id=characters[req.character],
-                player_id=req.player_id,
-                player_name=req.player_name,
-                story=req.story,
-                story_time=req.story_time,
-            ),
-        )
+            errors.append(ItemError(i, "character", reason))
+        else:
+            new_rows.setdefault(
+                req.conversation,
+                dict(
+                    external_id=req.conversation,
+                    character_id=characters[req.character],
+                    player_id=req.player_id,
+                    player_name=req.player_name,
+                    story=req.story,
+                    story_time=req.story_time,
+                ),
+            )
+    if errors:
+        raise TurnRejected(errors)
     out.update(upsert_conversations(session=session, rows=list(new_rows.values())))
     return out
 

@@ -115,3 +115,26 @@ class TurnRequest(BaseModel):
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
         body = self.model_dump(exclude=skip, mode="json")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+class StoryEventIn(BaseModel):
+    """An event of a story, as the game sends it (POST /v1/stories/{story}/events)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: Text = Field(min_length=1, max_length=4000)
+    scene: Text = Field(default="", max_length=200)
+    time: Int4 | None = None
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("text is empty")
+        return value
+
+
+class StoryEvent(StoryEventIn):
+    """A story event with the story it belongs to."""
+
+    story: Text = Field(min_length=1, max_length=100)

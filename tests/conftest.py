@@ -3,11 +3,14 @@ and the real vLLM engine loaded once per test session."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 # Before any project import: settings are read once, at import.
@@ -23,7 +26,21 @@ os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
 os.environ.setdefault("MLCHAT_BATCH_RETRY_DELAY", "0.5")
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
-os.environ["MLCHAT_API_KEYS"] = '["test-key-1", "test-key-2"]'
+# Two full keys, an ingest-only key, and an ingest-only key configured by its sha256 only.
+INGEST_KEY, HASHED_INGEST_KEY = "ingest-only-key-0123", "hashed-ingest-key-4567"
+os.environ["MLCHAT_API_KEYS"] = json.dumps(
+    [
+        "test-key-1-abcdefgh",
+        "test-key-2-abcdefgh",
+        "change-me-0123456789",  # the README's key: tests/test_readme.py runs its examples as written
+        {"key": INGEST_KEY, "scopes": ["ingest"], "name": "game-a"},
+        {
+            "sha256": hashlib.sha256(HASHED_INGEST_KEY.encode()).hexdigest(),
+            "scopes": ["ingest"],
+            "name": "game-b",
+        },
+    ]
+)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
@@ -99,3 +116,40 @@ def tokenizer():  # type: ignore[no-untyped-def]
 def new_conversation(character: str = "elara") -> dict[str, str]:
     """A fresh conversation id for one test, so tests never share history."""
     return {"conversation": f"test-{character}-{uuid.uuid4().hex[:10]}", "character": character}
+
+
+@contextmanager
+def serving_api(port: int = 0) -> Iterator[str]:
+    """The HTTP ingest on a real uvicorn on loopback (`port` 0: a free one); yields its base URL."""
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from api.main import create_app
+
+    if not port:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive(), f"uvicorn could not start on port {port}"
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def base_url(world) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """One HTTP ingest for the whole session."""
+    with serving_api() as url:
+        yield url

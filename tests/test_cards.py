@@ -47,7 +47,7 @@ def _b64(obj) -> str:
 def test_a_json_card_round_trips_with_every_field_kept(world, name) -> None:
     raw = (CARDS / name).read_bytes()
     original = json.loads(raw)
-    slug, _ = import_card(raw, f"rt-{name.split('.')[0]}")
+    slug = import_card(raw, f"rt-{name.split('.')[0]}").slug
     exported = json.loads(export_card(slug, "json"))
     assert exported == original  # unknown fields and extensions included
     for field in KNOWN:  # byte-stable: the same JSON text for every known field
@@ -61,7 +61,7 @@ def test_a_json_card_round_trips_with_every_field_kept(world, name) -> None:
 def test_a_v3_png_card_round_trips_and_fills_the_character(world) -> None:
     original = json.loads((CARDS / "iro_v3.json").read_bytes())
     png = card_png(original, _png_with_chunks(Title="Iro"))
-    slug, _ = import_card(png, "rt-iro-png")
+    slug = import_card(png, "rt-iro-png").slug
     again = export_card(slug, "png", image=png)
     img = Image.open(io.BytesIO(again))
     assert img.size == (4, 4) and img.text["Title"] == "Iro"  # the avatar and its other chunks survive
@@ -92,7 +92,7 @@ def test_a_v2_png_card_is_read_from_its_chara_chunk(world) -> None:
 def test_a_character_from_data_exports_as_a_v2_card_that_imports_back(world) -> None:
     card = json.loads(export_card("elara", "json"))
     assert card["spec"] == "chara_card_v2" and card["data"]["name"] == "Elara"
-    slug, _ = import_card(json.dumps(card).encode(), "elara-copy")
+    slug = import_card(json.dumps(card).encode(), "elara-copy").slug
     with session_scope() as s:
         copy, source = get_character(session=s, slug=slug), get_character(session=s, slug="elara")
         assert copy.example_dialogues == source.example_dialogues
@@ -144,7 +144,7 @@ def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world,
     from worker.prompt import PromptBuilder, PromptInput
 
     card = json.loads((CARDS / "mira_v2.json").read_bytes())
-    slug, _ = import_card(json.dumps(card).encode(), "mira-reimport")
+    slug = import_card(json.dumps(card).encode(), "mira-reimport").slug
     builder = PromptBuilder(tokenizer, "chat_template", settings.max_model_len)  # one worker's, kept
 
     def fired(message: str) -> list[str]:

@@ -41,7 +41,7 @@ def test_compose_runs_every_role_from_one_image() -> None:
     text = (PROJECT_ROOT / "docker-compose.yml").read_text()
     for role in ("migrate:", "worker-", "api:", "sweeper:", "flower:", "postgres:", "redis:"):
         assert f"\n  {role}" in text
-    assert "--basic-auth=" in text and "pgvector/pgvector" in text and "--appendonly" in text
+    assert "FLOWER_BASIC_AUTH" in text and "pgvector/pgvector" in text and "--appendonly" in text
 
 
 def test_env_example_lists_every_setting() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from roleplay.lorebook import Lorebook, SelectiveLogic, activate
+from roleplay.lorebook import Lorebook, LoreEntry, SelectiveLogic, activate
 
 
 def _words(text: str) -> int:
@@ -107,3 +107,42 @@ def test_disabled_entries_never_fire_and_macros_are_filled() -> None:
         fill=lambda t: t.replace("{{char}}", "Elara"),
     )
     assert [(f.entry.id, f.content) for f in act.kept] == [(1, "Elara owns the inn")]
+
+
+def test_a_catastrophic_regex_key_fails_its_entry_not_the_turn() -> None:
+    import time
+
+    book = Lorebook(
+        entries=[
+            LoreEntry(id="bomb", keys=["/(a|aa)+$/"], content="Never shown."),
+            LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass."),
+        ]
+    )
+    started = time.monotonic()
+    activation = activate(
+        book, message="a" * 40 + "! where is the lantern?", history=[], count_tokens=lambda t: len(t.split())
+    )
+    assert time.monotonic() - started < 2  # the backtracking pattern was stopped, not waited out
+    assert [f.entry.id for f in activation.kept] == ["ok"]
+    ((entry, reason),) = activation.failed
+    assert entry.id == "bomb" and "ran past 50 ms" in reason
+
+
+def test_v3_decorators_are_honoured_or_listed_and_never_reach_the_prompt() -> None:
+    book = Lorebook.from_character_book(
+        {
+            "entries": [
+                {"keys": [], "content": "@@activate\n@@depth 0\nThe ford floods at dusk.", "id": 1},
+                {"keys": ["ford"], "content": "@@dont_activate\nNever used.", "id": 2},
+            ]
+        }
+    )
+    first, second = book.entries
+    assert (
+        first.constant
+        and first.content == "The ford floods at dusk."
+        and first.ignored_decorators == ["@@depth 0"]
+    )
+    assert not second.enabled
+    activation = activate(book, message="the ford?", history=[], count_tokens=lambda t: len(t.split()))
+    assert [f.content for f in activation.kept] == ["The ford floods at dusk."]

@@ -31,7 +31,7 @@ def _conversation(external_id: str) -> Conversation:
 def test_an_imported_card_answers_with_its_lore_and_the_manifest_adds_up(engine, capsys) -> None:
     from scripts.cli import main as cli
 
-    slug, _ = import_card((CARDS / "mira_v2.json").read_bytes(), "mira")
+    slug = import_card((CARDS / "mira_v2.json").read_bytes(), "mira").slug
     conv = new_conversation(slug) | {"player_name": "Rowan"}
     (view,) = _answer([conv | {"message": "How strong is the river current tonight?", "params": {"seed": 5}}])
     m = view.context

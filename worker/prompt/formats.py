@@ -1,10 +1,19 @@
-"""Per-model prompt layouts: the tokenizer's chat template, or the text formats SOLAR/EEVE/GPT-OSS used."""
+"""Per-model prompt layouts: the tokenizer's chat template, or the text formats SOLAR/EEVE/GPT-OSS used.
+
+Each format renders the messages and knows its own text role markers, which `escape` breaks in any
+untrusted text (with a zero-width space) so that no content can open a turn. The chat template's
+markers are special tokens, which the sanitiser breaks for every format.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import regex
+
+from worker.prompt.sanitize import ZWSP
 
 ChatMessage = dict[str, str]
 
@@ -16,9 +25,24 @@ class RenderedPrompt:
     stop: tuple[str, ...]
 
 
+Renderer = Callable[[Any, list[ChatMessage], str, str], RenderedPrompt]
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one model's prompts are laid out, and how its role markers are escaped in content."""
+
+    render: Renderer
+    escape: Callable[[str, str, str], str]  # (text, character label, player label) -> text
+
+
 def _chat_template(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return RenderedPrompt(text, False, ())
+
+
+def _no_text_markers(text: str, char: str, user: str) -> str:
+    return text
 
 
 def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
@@ -28,12 +52,26 @@ def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) ->
     return RenderedPrompt(body + "### Assistant:\n", True, ("### User:", "### System:"))
 
 
+_SOLAR_MARKER = regex.compile(r"#(##\s*(?:system|user|assistant)\s*:)", regex.IGNORECASE)
+
+
+def _escape_solar(text: str, char: str, user: str) -> str:
+    return _SOLAR_MARKER.sub(lambda m: "#" + ZWSP + m.group(1), text)
+
+
 def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
     # yanolja/EEVE-Korean-Instruct-10.8B: a system preamble, then "Human:" / "Assistant:" lines.
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     label = {"user": "Human", "assistant": "Assistant"}
     lines = [f"{label[m['role']]}: {m['content']}" for m in messages if m["role"] != "system"]
     return RenderedPrompt(system + "\n" + "\n".join(lines) + "\nAssistant: ", True, ("\nHuman:",))
+
+
+_EEVE_MARKER = regex.compile(r"^(\s*(?:human|assistant|system))(\s*:)", regex.IGNORECASE | regex.MULTILINE)
+
+
+def _escape_eeve(text: str, char: str, user: str) -> str:
+    return _EEVE_MARKER.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
 
 
 def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
@@ -45,9 +83,17 @@ def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: 
     return RenderedPrompt(text, True, (f"\n{user}:",))
 
 
-RENDERERS: dict[str, Callable[[Any, list[ChatMessage], str, str], RenderedPrompt]] = {
-    "chat_template": _chat_template,
-    "solar": _solar,
-    "eeve": _eeve,
-    "gpt_oss_text": _gpt_oss_text,
+def _escape_gpt_oss(text: str, char: str, user: str) -> str:
+    # A line that starts with either speaker's name and a colon would read as that speaker's turn.
+    names = "|".join(regex.escape(n) for n in sorted({char, user}, key=len, reverse=True) if n)
+    marker = regex.compile(rf"^(\s*(?:{names}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
+    return marker.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
+
+
+FORMATS: dict[str, PromptFormat] = {
+    "chat_template": PromptFormat(_chat_template, _no_text_markers),
+    "solar": PromptFormat(_solar, _escape_solar),
+    "eeve": PromptFormat(_eeve, _escape_eeve),
+    "gpt_oss_text": PromptFormat(_gpt_oss_text, _escape_gpt_oss),
 }
+RENDERERS: dict[str, Renderer] = {name: fmt.render for name, fmt in FORMATS.items()}

@@ -1,0 +1,87 @@
+"""Every refused request is a 4xx whose body names the field at fault (and the item, in a batch).
+
+Validation errors are rewritten without echoing the input back: an input holding a lone surrogate
+could not even be encoded as JSON, and FastAPI's default handler answered such a request with a 500.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from db.turns import IdempotencyConflict
+from roleplay.cards import CardError
+from services.producer import EnqueueError, TurnRejected
+
+
+def safe(text: object) -> str:
+    """Text that can always be encoded as UTF-8 JSON (lone surrogates become escapes)."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def field_name(loc: Sequence[Any]) -> str:
+    """("body", "turns", 3, "message") -> "turns[3].message"; ("query", "slug") -> "slug (query)"."""
+    where, *path = loc or ("body",)
+    name = ""
+    for part in path:
+        name += f"[{part}]" if isinstance(part, int) else (f".{part}" if name else str(part))
+    if where == "body":
+        return name or "body"
+    return f"{name or where} ({where})"
+
+
+def _problem(code: int, errors: list[dict[str, Any]]) -> JSONResponse:
+    summary = "; ".join(f"{e['field']}: {e['msg']}" for e in errors)
+    return JSONResponse(status_code=code, content={"detail": errors, "message": summary})
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [
+        {
+            "field": safe(field_name(err.get("loc", ()))),
+            "msg": safe(err.get("msg", "invalid")).removeprefix("Value error, "),
+            "type": safe(err.get("type", "value_error")),
+            "loc": [safe(p) if isinstance(p, str) else p for p in err.get("loc", ())],
+        }
+        for err in exc.errors()
+    ]
+    return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+async def _rejected(request: Request, exc: TurnRejected) -> JSONResponse:
+    batch = request.url.path.endswith(":batch")
+    errors = [
+        {
+            "field": f"turns[{e.index}].{e.field}" if batch else e.field,
+            "msg": safe(e.reason),
+            "type": "value_error",
+            "loc": ["body", "turns", e.index, e.field] if batch else ["body", e.field],
+        }
+        for e in exc.errors
+    ]
+    return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": safe(exc)})
+
+
+async def _unavailable(request: Request, exc: EnqueueError) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": safe(exc)})
+
+
+async def _bad_card(request: Request, exc: CardError) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": safe(exc)})
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers on the app."""
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(TurnRejected, _rejected)  # type: ignore[arg-type]
+    app.add_exception_handler(IdempotencyConflict, _conflict)  # type: ignore[arg-type]
+    app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]

@@ -1,0 +1,46 @@
+"""The HTTP ingest app: routes per resource (api/routes/), the key dependency (api/deps.py), error
+handlers (api/errors.py). OpenAPI at /openapi.json.
+
+Run with `uvicorn api.main:create_app --factory` (or `mlchat api`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import make_asgi_app
+
+from api import errors
+from api.body_limit import BodySizeLimit
+from api.routes import characters, health, stories, turns
+from core import metrics
+from core.settings import settings
+
+
+def create_app() -> FastAPI:
+    """Build the app; refuses to start with no API keys configured."""
+    if not settings.api_keys:
+        raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
+    app = FastAPI(title="mlchat", version="0.1.0", summary="In-character replies for game NPCs, in batches")
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.api_max_body_bytes,
+        per_path={"/v1/characters:import": settings.card_max_bytes},
+    )
+    errors.install(app)
+    for module in (turns, characters, stories, health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next: Any) -> Response:
+        response: Response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.INGEST_REQUESTS.labels(
+            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+        ).inc()
+        return response
+
+    metrics.register_queue_depth()
+    app.mount("/metrics", make_asgi_app())  # Prometheus text format; unauthenticated, like /healthz
+    return app

@@ -1,0 +1,100 @@
+"""Turns: enqueue one or a batch, read, read the manifest, cancel."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, HTTPException, Response, status
+from pydantic import BaseModel, Field
+
+from api.deps import Caller, json_body, needs
+from services import producer
+from services.producer import TurnView
+from services.schemas import Text, TurnRequest
+
+router = APIRouter(prefix="/v1/turns", tags=["turns"])
+
+
+class TurnAccepted(BaseModel):
+    id: uuid.UUID
+    status: str  # the turn's real status: a replay of an answered turn says "done"
+    created: bool  # False for a replay of an idempotency key
+
+
+class BatchRequest(BaseModel):
+    turns: list[TurnRequest] = Field(min_length=1, max_length=1000)
+
+
+class BatchAccepted(BaseModel):
+    ids: list[uuid.UUID]
+    turns: list[TurnAccepted]
+
+
+class Cancelled(BaseModel):
+    id: uuid.UUID
+    cancelled: bool
+    status: str
+
+
+def _enqueue(requests: list[TurnRequest], who: Caller) -> list[TurnAccepted]:
+    stored = producer.submit_turns(requests, api_key=who.key_id)
+    return [TurnAccepted(id=t.id, status=t.status.value, created=t.created) for t in stored]
+
+
+def _visible(turn_id: uuid.UUID, who: Caller) -> TurnView:
+    """The turn as this caller may see it: every turn for admin, its own turns (without the prompt
+    and its manifest) for an ingest key; 404 for anything else, so ids reveal nothing."""
+    view = producer.get_turn(turn_id)
+    if view is None or not (who.admin or view.api_key == who.key_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
+    return view if who.admin else view.model_copy(update={"prompt": None, "context": None})
+
+
+@router.post("", status_code=202, response_model=TurnAccepted, dependencies=[Depends(json_body)])
+def post_turn(
+    body: TurnRequest,
+    response: Response,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[Text | None, Header(max_length=200)] = None,
+) -> TurnAccepted:
+    """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
+    answers 200 with the turn as it stands."""
+    if idempotency_key and not body.idempotency_key:
+        body = body.model_copy(update={"idempotency_key": idempotency_key})
+    (accepted,) = _enqueue([body], who)
+    if not accepted.created:
+        response.status_code = status.HTTP_200_OK
+    return accepted
+
+
+@router.post(":batch", status_code=202, response_model=BatchAccepted, dependencies=[Depends(json_body)])
+def post_batch(body: BatchRequest, who: Annotated[Caller, Depends(needs("ingest"))]) -> BatchAccepted:
+    """Queue many turns at once, all or none; ids and statuses come back in request order. Every bad
+    item is listed by its index."""
+    accepted = _enqueue(body.turns, who)
+    return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
+
+
+@router.get("/{turn_id}", response_model=TurnView)
+def get_turn(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    """Status, reply, usage, timings; the prompt and its manifest for admin keys only."""
+    return _visible(turn_id, who)
+
+
+@router.get("/{turn_id}/manifest")
+def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin"))]) -> Any:
+    """What went into the turn's prompt, why, and the tokens of each section (they sum to the prompt)."""
+    view = _visible(turn_id, who)
+    if view.context is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"turn {turn_id} is {view.status.value}: no prompt yet")
+    return view.context
+
+
+@router.delete("/{turn_id}", response_model=Cancelled)
+def cancel_turn(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("ingest"))]) -> Cancelled:
+    """Cancel a queued turn; a running or finished one is left as it is."""
+    _visible(turn_id, who)
+    cancelled = producer.cancel_turn(turn_id)
+    view = _visible(turn_id, who)
+    return Cancelled(id=turn_id, cancelled=cancelled, status=view.status.value)

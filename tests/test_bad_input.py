@@ -1,0 +1,499 @@
+"""The bad-input catalogue: every door (HTTP, the Python API, run files, cards, the CLI) answers a bad
+input with a 4xx, or a one-line error, that names the field (and the item or line); nothing of a
+refused request is stored, and no input produces a 500 or a traceback.
+
+Each HTTP case is one row: what is sent, the status, and a text the answer must contain.
+"""
+
+import hashlib
+import json
+import zlib
+
+import httpx
+import pytest
+from pydantic import ValidationError
+from sqlalchemy import func, select
+
+from db.models import Character, Turn
+from db.session import session_scope
+from roleplay.png_text import SIGNATURE, _chunk, placeholder
+from services.producer import TurnRejected, enqueue_turns, submit_turns
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, new_conversation
+
+ADMIN = {"X-API-Key": "test-key-1-abcdefgh"}
+JSON = {"content-type": "application/json"}
+
+
+def _turns() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Turn))
+
+
+def _characters() -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Character))
+
+
+def _turn(**fields) -> dict:  # type: ignore[no-untyped-def]
+    return new_conversation() | {"message": "Hello."} | fields
+
+
+def _raw(obj: dict) -> bytes:
+    """JSON text as a client could send it: lone surrogates as their escapes."""
+    return json.dumps(obj).encode()
+
+
+def _png_with(kind: bytes, keyword: bytes, body: bytes) -> bytes:
+    image = placeholder()
+    iend = image.rindex(b"IEND") - 4
+    return image[:iend] + _chunk(kind, keyword + b"\x00" + body) + image[iend:]
+
+
+CARD = json.dumps({"spec": "chara_card_v2", "spec_version": "2.0", "data": {"name": "Bomb"}}).encode()
+
+# (case, method, path, body, extra headers, status, text the answer names)
+HTTP_CASES = [
+    (
+        "lone surrogate in message",
+        "post",
+        "/v1/turns",
+        _raw(_turn(message="hi \udcff")),
+        JSON,
+        422,
+        "message",
+    ),
+    (
+        "lone surrogate in player_name",
+        "post",
+        "/v1/turns",
+        _raw(_turn(player_name="R\ud800")),
+        JSON,
+        422,
+        "player_name",
+    ),
+    ("story_time beyond int4", "post", "/v1/turns", _raw(_turn(story_time=2**40)), JSON, 422, "story_time"),
+    (
+        "NUL in player_name",
+        "post",
+        "/v1/turns",
+        _raw(_turn(player_name="Ro\x00wan")),
+        JSON,
+        422,
+        "player_name",
+    ),
+    (
+        "NUL in conversation",
+        "post",
+        "/v1/turns",
+        _raw(_turn(conversation="a\x00b")),
+        JSON,
+        422,
+        "conversation",
+    ),
+    ("NUL in story", "post", "/v1/turns", _raw(_turn(story="ash\x00fall")), JSON, 422, "story"),
+    (
+        "control character in message",
+        "post",
+        "/v1/turns",
+        _raw(_turn(message="hi\x07")),
+        JSON,
+        422,
+        "message",
+    ),
+    ("empty conversation", "post", "/v1/turns", _raw(_turn(conversation="")), JSON, 422, "conversation"),
+    ("character slug over 64", "post", "/v1/turns", _raw(_turn(character="x" * 65)), JSON, 422, "character"),
+    ("unknown speaker", "post", "/v1/turns", _raw(_turn(speaker="god")), JSON, 422, "speaker"),
+    ("negative seed", "post", "/v1/turns", _raw(_turn(params={"seed": -1})), JSON, 422, "params.seed"),
+    (
+        "nine stop strings",
+        "post",
+        "/v1/turns",
+        _raw(_turn(params={"stop": ["x"] * 9})),
+        JSON,
+        422,
+        "params.stop",
+    ),
+    (
+        "empty stop string",
+        "post",
+        "/v1/turns",
+        _raw(_turn(params={"stop": [""]})),
+        JSON,
+        422,
+        "params.stop[0]",
+    ),
+    ("a role smuggled in", "post", "/v1/turns", _raw(_turn(role="system")), JSON, 422, "role"),
+    ("not JSON", "post", "/v1/turns", b'{"conversation": ', JSON, 422, "JSON"),
+    ("a JSON array", "post", "/v1/turns", b"[1, 2]", JSON, 422, "body"),
+    (
+        "form-encoded body",
+        "post",
+        "/v1/turns",
+        b"message=hi",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+        "application/x-www-form-urlencoded",
+    ),
+    (
+        "text/plain body",
+        "post",
+        "/v1/turns",
+        _raw(_turn()),
+        {"content-type": "text/plain"},
+        415,
+        "text/plain",
+    ),
+    (
+        "over-long Idempotency-Key",
+        "post",
+        "/v1/turns",
+        _raw(_turn()),
+        JSON | {"Idempotency-Key": "k" * 201},
+        422,
+        "idempotency-key",
+    ),
+    ("empty batch", "post", "/v1/turns:batch", _raw({"turns": []}), JSON, 422, "turns"),
+    (
+        "1001 turns in a batch",
+        "post",
+        "/v1/turns:batch",
+        _raw({"turns": [{"conversation": "c", "message": "m"}] * 1001}),
+        JSON,
+        422,
+        "turns",
+    ),
+    (
+        "batch of form data",
+        "post",
+        "/v1/turns:batch",
+        b"turns=1",
+        {"content-type": "application/x-www-form-urlencoded"},
+        415,
+        "content-type",
+    ),
+    ("a turn id that is not a UUID", "get", "/v1/turns/not-a-uuid", None, {}, 422, "turn_id (path)"),
+    ("story event with no text", "post", "/v1/stories/ashfall/events", _raw({"text": ""}), JSON, 422, "text"),
+    (
+        "story event time beyond int4",
+        "post",
+        "/v1/stories/ashfall/events",
+        _raw({"text": "x", "time": -(2**40)}),
+        JSON,
+        422,
+        "time",
+    ),
+    (
+        "NUL in a story event's scene",
+        "post",
+        "/v1/stories/ashfall/events",
+        _raw({"text": "x", "scene": "a\x00"}),
+        JSON,
+        422,
+        "scene",
+    ),
+    (
+        "story name over 100",
+        "post",
+        "/v1/stories/" + "s" * 101 + "/events",
+        _raw({"text": "x"}),
+        JSON,
+        422,
+        "story (path)",
+    ),
+    (
+        "unknown field in a story event",
+        "post",
+        "/v1/stories/ashfall/events",
+        _raw({"text": "x", "role": "system"}),
+        JSON,
+        422,
+        "role",
+    ),
+    ("a card that is not a card", "post", "/v1/characters:import", b"\x00\x01garbage", {}, 422, "not JSON"),
+    (
+        "a card with a bad slug",
+        "post",
+        "/v1/characters:import?slug=Bad%20Slug",
+        CARD,
+        {},
+        422,
+        "slug (query)",
+    ),
+    ("a truncated PNG card", "post", "/v1/characters:import", placeholder()[:30], {}, 422, "truncated PNG"),
+    (
+        "a PNG card that is a decompression bomb",
+        "post",
+        "/v1/characters:import",
+        _png_with(b"zTXt", b"chara", b"\x00" + zlib.compress(b"A" * 30_000_000)),
+        {},
+        422,
+        "decompression bomb",
+    ),
+    (
+        "a PNG card with an oversized text chunk",
+        "post",
+        "/v1/characters:import",
+        _png_with(b"tEXt", b"chara", b"A" * 2_100_000),
+        {},
+        422,
+        "the limit is",
+    ),
+    (
+        "a PNG card whose chunk is not base64",
+        "post",
+        "/v1/characters:import",
+        _png_with(b"tEXt", b"chara", b"not base64!"),
+        {},
+        422,
+        "not base64",
+    ),
+    (
+        "a PNG with a corrupt CRC",
+        "post",
+        "/v1/characters:import",
+        SIGNATURE + b"\x00\x00\x00\x00IEND\x00\x00\x00\x00",
+        {},
+        422,
+        "CRC",
+    ),
+    (
+        "export of an unknown character",
+        "get",
+        "/v1/characters/nobody-here/card",
+        None,
+        {},
+        404,
+        "unknown character",
+    ),
+    (
+        "export in an unknown format",
+        "get",
+        "/v1/characters/elara/card?format=gif",
+        None,
+        {},
+        422,
+        "format (query)",
+    ),
+    (
+        "export with a slug that is not a slug",
+        "get",
+        "/v1/characters/Bad_Slug/card",
+        None,
+        {},
+        422,
+        "slug (path)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "case, method, path, body, headers, status, names", HTTP_CASES, ids=[c[0] for c in HTTP_CASES]
+)
+def test_a_bad_http_request_is_a_4xx_that_names_the_field(
+    base_url, case, method, path, body, headers, status, names
+) -> None:  # type: ignore[no-untyped-def]
+    turns, characters = _turns(), _characters()
+    r = httpx.request(method, base_url + path, content=body, headers=ADMIN | headers, timeout=60)
+    assert r.status_code == status, r.text
+    assert names in r.text, r.text
+    assert _turns() == turns and _characters() == characters  # nothing of it was stored
+
+
+def test_a_body_over_the_limit_is_413_however_it_is_sent(base_url) -> None:
+    big = b'{"message": "' + b"x" * 1_100_000 + b'"}'
+
+    def chunked():  # type: ignore[no-untyped-def]
+        for start in range(0, len(big), 65536):
+            yield big[start : start + 65536]
+
+    turns = _turns()
+    declared = httpx.post(f"{base_url}/v1/turns", content=big, headers=ADMIN | JSON)
+    streamed = httpx.post(f"{base_url}/v1/turns", content=chunked(), headers=ADMIN | JSON)
+    assert "content-length" not in streamed.request.headers  # really sent chunked
+    assert declared.status_code == streamed.status_code == 413 and "over 1000000 bytes" in streamed.text
+    card = httpx.post(f"{base_url}/v1/characters:import", content=b"x" * 8_100_000, headers=ADMIN)
+    assert card.status_code == 413 and _turns() == turns
+
+
+def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
+    turns = _turns()
+    shape = httpx.post(
+        f"{base_url}/v1/turns:batch",
+        json={"turns": [_turn(), _turn(message=""), _turn(), _turn(params={"temperature": 9})]},
+        headers=ADMIN,
+    )
+    assert shape.status_code == 422
+    fields = [e["field"] for e in shape.json()["detail"]]
+    assert fields == ["turns[1].message", "turns[3].params.temperature"]
+    meaning = httpx.post(
+        f"{base_url}/v1/turns:batch",
+        json={"turns": [_turn(character="nobody"), _turn(), _turn(model="gpt-oss-20b")]},
+        headers=ADMIN,
+    )
+    assert meaning.status_code == 422
+    assert [e["field"] for e in meaning.json()["detail"]] == ["turns[2].model"]  # models are checked first
+    conversations = httpx.post(
+        f"{base_url}/v1/turns:batch",
+        json={"turns": [_turn(character="nobody"), _turn(), _turn(character="ghost")]},
+        headers=ADMIN,
+    )
+    assert [e["field"] for e in conversations.json()["detail"]] == [
+        "turns[0].character",
+        "turns[2].character",
+    ]
+    assert "unknown character 'ghost'" in conversations.json()["message"]
+    assert _turns() == turns  # all or none
+
+
+@pytest.mark.parametrize("key", ["", "wrong", "clé-non-ascii-é", "x" * 5000])
+def test_a_bad_api_key_is_a_401_never_an_error(base_url, key) -> None:
+    raw = httpx.post(
+        f"{base_url}/v1/turns",
+        content=_raw(_turn()),
+        headers=[("X-API-Key", key.encode("utf-8")), ("content-type", "application/json")],
+    )
+    assert raw.status_code == 401 and "invalid API key" in raw.text
+
+
+def test_an_ingest_key_reads_only_its_own_turns_and_never_a_prompt(base_url) -> None:
+    mine = {"X-API-Key": INGEST_KEY}
+    other = {"Authorization": f"Bearer {HASHED_INGEST_KEY}"}  # configured by its sha256 only
+    created = httpx.post(f"{base_url}/v1/turns", json=_turn(), headers=mine)
+    assert created.status_code == 202
+    turn_id = created.json()["id"]
+    own = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=mine)
+    assert own.status_code == 200 and own.json()["prompt"] is None and own.json()["context"] is None
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=other).status_code == 404
+    assert httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers=other).status_code == 404
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=ADMIN).status_code == 200
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}/manifest", headers=mine).status_code == 403
+    refused = httpx.post(f"{base_url}/v1/characters:import", content=CARD, headers=mine)
+    assert refused.status_code == 403 and "admin" in refused.text
+    assert (
+        httpx.post(f"{base_url}/v1/stories/ashfall/events", json={"text": "x"}, headers=other).status_code
+        == 403
+    )
+    with session_scope() as s:
+        assert s.get(Turn, turn_id).api_key == "game-a"
+
+
+def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, monkeypatch) -> None:
+    from api.routes import health
+
+    monkeypatch.setattr(health, "_broker_up", lambda: False)
+    r = httpx.get(f"{base_url}/healthz")
+    assert r.status_code == 503 and r.json() == {"status": "unhealthy", "database": "ok", "broker": "down"}
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"conversation": "a\x00b"}, "conversation"),
+        ({"story_time": 2**31}, "story_time"),
+        ({"player_name": "\ud800"}, "player_name"),
+        ({"idempotency_key": "k\x00"}, "idempotency_key"),
+        ({"params": {"stop": ["ok", "\x00"]}}, "params.stop.1"),
+    ],
+)
+def test_the_python_api_names_the_field(world, change, field) -> None:
+    turns = _turns()
+    with pytest.raises(ValidationError) as caught:
+        enqueue_turns([_turn(**change)], send=False)
+    assert ".".join(str(p) for p in caught.value.errors()[0]["loc"]) == field
+    assert _turns() == turns
+
+
+def test_the_python_api_lists_every_item_that_names_nothing(world) -> None:
+    with pytest.raises(TurnRejected) as caught:
+        submit_turns(
+            [
+                _turn(),
+                _turn(character="nobody"),
+                {"conversation": "ghost-" + _turn()["conversation"], "message": "Hi"},
+            ],
+            send=False,
+        )
+    assert [(e.index, e.field) for e in caught.value.errors] == [(1, "character"), (2, "conversation")]
+
+
+def test_run_lines_name_the_line_and_the_byte(world, tmp_path) -> None:
+    from services.runs import RunValidationError, submit_run
+
+    path = tmp_path / "run.jsonl"
+    good = json.dumps({"custom_id": "a", "character": "elara", "message": "Hi"}).encode()
+    path.write_bytes(b"\xef\xbb\xbf" + good + b"\n" + b'{"custom_id": "b", "message": "caf\xe9"}\n')
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="bytes-" + tmp_path.name)
+    ((error),) = caught.value.errors
+    assert (
+        error.line == 2 and "not valid UTF-8 (byte 34 of the line" in error.reason
+    )  # the BOM on line 1 was fine
+
+
+def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -> None:
+    from scripts.cli import main as cli
+
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(b'{"spec": "chara_card_v9"}')
+    cases = [
+        (["card", "import", str(bad)], 2, "unsupported card spec"),
+        (
+            ["card", "export", "nobody-here", "--out", str(tmp_path / "x.json")],
+            1,
+            "unknown character 'nobody-here'",
+        ),
+        (["run", "status", "no-such-run"], 1, "no run 'no-such-run'"),
+        (["manifest", "not-a-uuid"], 2, "is not a UUID"),
+        (["run", "submit", str(tmp_path / "missing.jsonl")], 2, "does not exist"),
+        (["chat", "--character", "elara", "--message", "hi", "--params", "{nope", "--inline"], 2, "--params"),
+    ]
+    for argv, code, names in cases:
+        assert cli(argv) == code, argv
+        err = capsys.readouterr().err
+        assert names in err and "Traceback" not in err, (argv, err)
+
+
+def test_slugs_never_collide_silently(world) -> None:
+    from services.characters import import_card
+
+    def card(name: str, description: str) -> bytes:
+        return json.dumps(
+            {"spec": "chara_card_v2", "data": {"name": name, "description": description}}
+        ).encode()
+
+    first = import_card(card("루피", "A pirate captain."))
+    second = import_card(card("조로", "A swordsman."))  # no Latin letters either: not "character" twice
+    again = import_card(card("루피", "A pirate captain, older."))  # the same character: an update
+    twin = import_card(card("Mira!", "One."))
+    other_twin = import_card(card("Mira?", "Two."))  # the same ASCII slug, another character
+    assert first.slug != second.slug and first.slug.startswith("c-")
+    assert again.slug == first.slug and not again.created and again.id == first.id
+    assert other_twin.slug != twin.slug and other_twin.slug.startswith("mira-") and other_twin.created
+    with session_scope() as s:
+        names = dict(
+            s.execute(
+                select(Character.slug, Character.name).where(
+                    Character.slug.in_([first.slug, second.slug, twin.slug, other_twin.slug])
+                )
+            )
+            .tuples()
+            .all()
+        )
+    assert names == {first.slug: "루피", second.slug: "조로", twin.slug: "Mira!", other_twin.slug: "Mira?"}
+
+
+def test_key_digests_are_what_a_hashed_key_is_checked_against() -> None:
+    from core.settings import settings
+
+    hashed = [k for k in settings.api_keys if k.name == "game-b"][0]
+    assert hashed.key is None and hashed.digest == hashlib.sha256(HASHED_INGEST_KEY.encode()).hexdigest()
+
+
+def test_the_story_event_command_names_the_field(world, capsys) -> None:
+    from scripts.cli import main as cli
+
+    assert cli(["story-event", "ashfall", "bad\x00text"]) == 2
+    assert cli(["story-event", "ashfall", "fine", "--time", str(2**40)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("mlchat: text:") and "NUL" in err[0]
+    assert err[1].startswith("mlchat: time:")

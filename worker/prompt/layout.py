@@ -1,0 +1,131 @@
+"""What goes into a prompt's system text, piece by piece: persona (or the narrator's setting), lore,
+state, story events, memories. Each piece is (section, item id or None, text); the manifest accounts
+for every token by these pieces. No tokenizer here, and no untrusted text leaves without `clean`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from db.models import Character
+from db.retrieval import EventHit, HistoryLine
+from roleplay.lorebook import Activation
+
+NARRATOR_INSTRUCTIONS = (
+    "You are the narrator of this story. In the third person and in two or three sentences, describe "
+    "what happens next, drawing on the story so far and the conversation. Do not speak as {{char}} or "
+    "{{user}}, and do not address the reader."
+)
+
+# A piece of the prompt the manifest accounts for: (section, item id or None, text).
+Piece = tuple[str, Any, str]
+Clean = Callable[[str], str]
+
+
+def fill_macros(text: str, char: str, user: str) -> str:
+    return text.replace("{{char}}", char).replace("{{user}}", user)
+
+
+def persona_pieces(
+    character: Character, lore: Activation | None, char: str, user: str, clean: Clean
+) -> list[Piece]:
+    """The character's system text: system prompt, lore, character sheet, example dialogue."""
+    pieces: list[Piece] = [
+        ("system_prompt", None, character.system_prompt or f"You are {char}. Stay in character.")
+    ]
+    if lore is not None:
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "before_char"]
+    sheet = [
+        ("Name", char),
+        ("Description", character.description),
+        ("Personality", character.personality),
+        ("Speech style", character.speech_style),
+        ("Scenario", character.scenario),
+    ]
+    pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
+    if lore is not None:
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
+    if character.example_dialogues:
+        lines = [
+            f"User: {e.get('user', '')}\n{char}: {e.get('character', '')}"
+            for e in character.example_dialogues
+        ]
+        pieces.append(("example_dialogue", None, "[Example dialogue]\n" + "\n".join(lines)))
+    return [(s, i, clean(fill_macros(t, char, user))) for s, i, t in pieces]
+
+
+def narrator_pieces(
+    character: Character, lore: Activation | None, char: str, user: str, clean: Clean
+) -> list[Piece]:
+    """The narrator's system text: instructions, the setting, and the world's lore."""
+    pieces: list[Piece] = [("system_prompt", None, NARRATOR_INSTRUCTIONS)]
+    setting = "\n".join(x for x in (character.scenario, f"Main character: {char}") if x)
+    pieces.append(("character_sheet", None, "[Setting]\n" + setting))
+    if lore is not None:  # the world's lore is the narrator's too
+        pieces += [("lore", f.entry.id, f.content) for f in lore.kept]
+    return [(s, i, clean(fill_macros(t, char, user))) for s, i, t in pieces]
+
+
+def event_line(hit: EventHit, clean: Clean) -> str:
+    return clean(f"- ({hit.scene}) {hit.text}" if hit.scene else f"- {hit.text}")
+
+
+def memory_line(line: HistoryLine, char: str, user: str, clean: Clean) -> str:
+    speaker = {"user": user, "assistant": char, "narrator": "Narrator"}.get(line.role, line.role)
+    return clean(f"- {speaker}: {line.content}")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One turn's fixed parts (already clean) and the cleaner for what is added while packing."""
+
+    persona: list[Piece]
+    state: list[Piece]
+    message: str
+    post: str
+    char: str
+    user: str
+    narrator: bool
+    clean: Clean
+
+
+def system_pieces(layout: Layout, events: list[EventHit], memories: list[HistoryLine]) -> list[Piece]:
+    """Persona, state, then the retrieved story events and memories, with their headers."""
+    pieces: list[Piece] = list(layout.persona) + list(layout.state)
+    if events:
+        pieces.append(("events", None, "[Story so far]"))
+        pieces += [("events", e.id, event_line(e, layout.clean)) for e in events]
+    if memories:
+        pieces.append(("memories", None, "[Related memories]"))
+        pieces += [
+            ("memories", m.id, memory_line(m, layout.char, layout.user, layout.clean)) for m in memories
+        ]
+    return pieces
+
+
+def history_message(layout: Layout, line: HistoryLine) -> tuple[str, str]:
+    """(role, content) of an earlier line of the conversation, as this turn's speaker sees it."""
+    content = layout.clean(line.content)  # earlier player lines are player text too
+    if layout.narrator:
+        role = "assistant" if line.role == "narrator" else "user"
+        if line.role != "narrator":
+            content = f"{layout.char if line.role == 'assistant' else layout.user}: {content}"
+        return role, content
+    role = "assistant" if line.role == "assistant" else "user"
+    if line.role == "narrator":
+        content = f"[Narrator] {content}"
+    return role, content
+
+
+def groups(pieces: list[Piece]) -> list[list[Piece]]:
+    """System-message pieces grouped into paragraphs: a header and its lines stay together; other
+    pieces (persona sections, each lore entry, the state line) are paragraphs of their own."""
+    out: list[list[Piece]] = []
+    for piece in pieces:
+        section, item_id, _ = piece
+        if section in ("events", "memories") and item_id is not None and out:
+            out[-1].append(piece)
+        else:
+            out.append([piece])
+    return out

@@ -1,0 +1,224 @@
+"""Build each turn's prompt: persona first (byte-identical per character, so vLLM's prefix cache
+shares it), then lore, state, retrieved context, recent history and the player's message, packed by
+tokens. Every piece of text is cleaned on its way in (sanitize.py and the format's escape); the
+manifest records what went in, why, and what each part cost in tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from db.models import Character
+from db.retrieval import HistoryLine, TurnContext
+from roleplay.lorebook import Activation, Lorebook, activate
+from roleplay.mood import Mood
+from worker.prompt.formats import FORMATS, ChatMessage
+from worker.prompt.layout import (
+    Layout,
+    Piece,
+    event_line,
+    fill_macros,
+    groups,
+    history_message,
+    memory_line,
+    narrator_pieces,
+    persona_pieces,
+    system_pieces,
+)
+from worker.prompt.manifest import account
+from worker.prompt.sanitize import Sanitizer
+
+
+class PromptTooLong(ValueError):
+    """Even the persona and the player's message do not fit the context window."""
+
+
+@dataclass(frozen=True)
+class PromptInput:
+    character: Character
+    player_name: str
+    message: str
+    context: TurnContext
+    max_new_tokens: int
+    mood: Mood | None = None
+    speaker: str = "character"  # or "narrator"
+
+
+@dataclass
+class BuiltPrompt:
+    token_ids: list[int]
+    text: str
+    stop: tuple[str, ...]
+    manifest: dict[str, Any] = field(default_factory=dict)
+
+
+def persona_block(character: Character) -> str:
+    """The character's fixed system text (no lore, nothing cleaned); depends only on the character."""
+    return "\n\n".join(t for _, _, t in persona_pieces(character, None, character.name, "{{user}}", str))
+
+
+class PromptBuilder:
+    """Packs prompts for one model: its tokenizer, its format, its context window."""
+
+    # Rough per-message cost of role markers; the exact length is checked after rendering.
+    _MESSAGE_OVERHEAD = 6
+
+    def __init__(self, tokenizer: Any, prompt_format: str, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.format = FORMATS[prompt_format]
+        self.max_model_len = max_model_len
+        self.sanitizer = Sanitizer(tokenizer)
+        self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
+
+    def cleaner(self, char: str, user: str) -> Any:
+        """The one cleaning step for every untrusted text of a prompt between these two speakers."""
+        escape, scrub = self.format.escape, self.sanitizer.scrub
+        return lambda text: escape(scrub(text), char, user)
+
+    def _count(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return [len(ids) + self._MESSAGE_OVERHEAD for ids in encoded]
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _lorebook(self, character: Character) -> Lorebook:
+        """The character's lorebook, validated (regexes compiled) once per character version."""
+        if character.id is None:  # not stored (tests build characters in memory)
+            return Lorebook.model_validate(character.lorebook)
+        cached = self._books.get(character.id)
+        if cached is None or cached[0] != character.version:
+            cached = (character.version, Lorebook.model_validate(character.lorebook))
+            self._books[character.id] = cached
+        return cached[1]
+
+    def _lore(self, item: PromptInput, char: str, user: str) -> Activation | None:
+        if not item.character.lorebook:
+            return None
+        return activate(
+            self._lorebook(item.character),
+            message=item.message,
+            history=[line.content for line in item.context.recent],
+            count_tokens=self.count_tokens,
+            fill=lambda text: fill_macros(text, char, user),
+        )
+
+    def build(self, item: PromptInput) -> BuiltPrompt:
+        """Fit persona + lore + state + context + history + message into max_model_len - max_new_tokens."""
+        char = self.sanitizer.label(item.character.name, "Character")
+        user = self.sanitizer.label(item.player_name, "User")
+        clean = self.cleaner(char, user)
+        narrator = item.speaker == "narrator"
+        budget = self.max_model_len - item.max_new_tokens
+        lore = self._lore(item, char, user)
+        pieces_of = narrator_pieces if narrator else persona_pieces
+        persona = pieces_of(item.character, lore, char, user, clean)
+        state = (
+            [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
+        )
+        post = "" if narrator else clean(fill_macros(item.character.post_history_instructions, char, user))
+        ctx = item.context
+
+        # Candidates in priority order: the last two lines, the best events and memories, then the rest.
+        recent_newest = list(reversed(ctx.recent))
+        ordered: list[tuple[str, Any]] = (
+            [("history", x) for x in recent_newest[:2]]
+            + [("event", x) for x in ctx.events[:2]]
+            + [("memory", x) for x in ctx.similar[:2]]
+            + [("history", x) for x in recent_newest[2:]]
+            + [("event", x) for x in ctx.events[2:]]
+            + [("memory", x) for x in ctx.similar[2:]]
+        )
+        texts = [
+            event_line(x, clean)
+            if kind == "event"
+            else memory_line(x, char, user, clean)
+            if kind == "memory"
+            else clean(x.content)
+            for kind, x in ordered
+        ]
+        layout = Layout(persona, state, clean(item.message), post, char, user, narrator, clean)
+        base_len = len(self._render(layout, [], [], [])[0])
+        while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
+            # Lore that would leave no room for the message goes first (the last-ranked entry).
+            drop = next(p for p in reversed(persona) if p[0] == "lore")
+            persona.remove(drop)
+            if lore is not None:
+                moved = next(f for f in lore.kept if f.entry.id == drop[1])
+                lore.kept.remove(moved)
+                lore.dropped.append(moved)
+            layout = Layout(persona, state, layout.message, post, char, user, narrator, clean)
+            base_len = len(self._render(layout, [], [], [])[0])
+        if base_len > budget:
+            raise PromptTooLong(
+                f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
+                f"(max_model_len {self.max_model_len} - max_new_tokens {item.max_new_tokens})"
+            )
+        kept: list[int] = []
+        used = base_len
+        for i, cost in enumerate(self._count(texts)):
+            if used + cost <= budget:
+                kept.append(i)
+                used += cost
+        while True:
+            events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
+            memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
+            history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
+            ids, text, stop, pieces, offsets = self._render(layout, events, memories, history)
+            if len(ids) <= budget or not kept:
+                break
+            kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
+        dropped = [i for i in range(len(ordered)) if i not in set(kept)]
+        manifest = account(text, ids, offsets, pieces, budget, lore, item.mood, events, memories)
+        manifest["speaker"] = item.speaker
+        manifest["dropped"] = [
+            {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
+        ] + [
+            {
+                "kind": "lore",
+                "id": f.entry.id,
+                "name": f.entry.name,
+                "reason": "lore token budget",
+                "tokens": f.tokens,
+            }
+            for f in (lore.dropped if lore else [])
+        ]
+        return BuiltPrompt(ids, text, stop, manifest)
+
+    def _render(
+        self, layout: Layout, events: list[Any], memories: list[HistoryLine], history: list[HistoryLine]
+    ) -> tuple[list[int], str, tuple[str, ...], list[Piece], list[int | None]]:
+        pieces = system_pieces(layout, events, memories)
+        system = "\n\n".join("\n".join(t for _, _, t in group) for group in groups(pieces))
+        messages: list[ChatMessage] = [{"role": "system", "content": system}]
+        for h in history:
+            role, content = history_message(layout, h)
+            messages.append({"role": role, "content": content})
+            pieces.append(("history", h.id, content))
+        messages.append({"role": "user", "content": layout.message})
+        pieces.append(("message", None, layout.message))
+        if layout.post:
+            messages.append({"role": "system", "content": layout.post})
+            pieces.append(("post_history", None, layout.post))
+        rendered = self.format.render(self.tokenizer, messages, layout.char, layout.user)
+        ids, offsets = self._tokenize(rendered.text, rendered.add_special_tokens)
+        return ids, rendered.text, rendered.stop, pieces, offsets
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> tuple[list[int], list[int | None]]:
+        """Token ids and the start character of each (None for an added BOS and the like), in one call."""
+        if not getattr(self.tokenizer, "is_fast", False):  # slow tokenizers have no offsets
+            ids = list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return ids, [None] * len(ids)
+        enc = self.tokenizer(
+            text,
+            add_special_tokens=add_special_tokens,
+            return_offsets_mapping=True,
+            return_special_tokens_mask=add_special_tokens,
+        )
+        added = enc.get("special_tokens_mask") or [0] * len(enc["input_ids"])
+        starts = [
+            None if flag else start for (start, _), flag in zip(enc["offset_mapping"], added, strict=True)
+        ]
+        return list(enc["input_ids"]), starts

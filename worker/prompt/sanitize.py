@@ -1,0 +1,54 @@
+"""One sanitiser for every untrusted text that enters a prompt.
+
+Everything in a prompt except its role markers comes from outside: the player's message and name,
+earlier lines brought back as history or memories, story events and their scenes, and the whole
+character card (name, description, system prompt, example dialogue, lore). None of it may open a
+turn of its own. So every piece of text goes through the builder's `clean` (this module, then the
+format's escape):
+
+- control characters other than newline and tab are dropped, CRLF becomes LF;
+- special-token strings of the model's tokenizer (`<|im_start|>`, `<|im_end|>`, …) are broken with a
+  zero-width space, so they tokenize as plain text and never as the special token;
+- the prompt format's own text role markers (`### User:` for SOLAR, a `Human:` line for EEVE, a
+  `<name>:` line for the GPT-OSS dialogue simulation) are broken the same way (`PromptFormat.escape`
+  in formats.py, applied right after).
+
+Names used as speaker labels (the character's, the player's) must also stay on one line:
+`Sanitizer.label` folds them. Everything here is idempotent, so cleaning twice changes nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import regex
+
+ZWSP = "\u200b"
+# C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators.
+_CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+class Sanitizer:
+    """Cleans untrusted text for one tokenizer (the format's markers are escaped by the caller's
+    format, formats.py, since they depend on the speakers' names)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(
+            getattr(tokenizer, "get_added_vocab", dict)().keys()
+        )
+        self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
+
+    def defang(self, text: str) -> str:
+        """Break special-token strings so they tokenize as plain text."""
+        for token in self._specials:
+            if token in text:
+                text = text.replace(token, token[0] + ZWSP + token[1:])
+        return text
+
+    def scrub(self, text: str) -> str:
+        """Control characters dropped, line ends normalised, special-token strings broken."""
+        return self.defang(_CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
+
+    def label(self, name: str, default: str) -> str:
+        """A speaker name made safe as a label: scrubbed and folded onto one line; `default` if empty."""
+        return " ".join(self.scrub(name).split()) or default
