@@ -88,7 +88,16 @@ class Settings(BaseSettings):
     # prompts only there.
     enable_chunked_prefill: bool | None = None
     max_num_batched_tokens: int | None = Field(default=None, ge=256)
+    # Sequences in one engine step. None: vLLM's default on a GPU (a step costs about the same with
+    # more sequences); on a CPU, whose step time grows with every sequence in it, CPU_MAX_NUM_SEQS,
+    # so a live turn's steps stay short under bulk load (figures in the README).
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    # Bulk prompt tokens admitted to the engine but not yet prefilled. None: one step's worth on a
+    # GPU, 1024 on a CPU (worker/engine.py).
+    bulk_prefill_tokens: int | None = Field(default=None, ge=1)
     cpu_kvcache_gib: int = Field(default=2, ge=1)
+    # On a CPU, keep the worker's own threads off the cores vLLM bound its engine to.
+    pin_worker_cpus: bool = True
     engine_seed: int = 0
 
     # Default generation parameters (each turn may override them).
@@ -104,14 +113,23 @@ class Settings(BaseSettings):
     embedder_device: str | None = None
 
     # Batching.
-    batch_size: int = Field(default=64, ge=1)
-    flush_interval: float = Field(default=0.5, gt=0)
+    batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim
+    # A live turn waits at most this long in the worker before its flush starts.
+    flush_interval: float = Field(default=0.1, gt=0)
+    # Messages per flush (or fewer, after flush_interval). A flush's messages are acked together, once
+    # all their turns are stored or handed back.
+    flush_every: int = Field(default=4, ge=1)
     visibility_timeout: int = Field(default=3600, ge=10)
     # A claimed turn is the claiming worker's for this long, renewed while its batch runs (up to the
     # visibility timeout in all); after that another worker may claim it.
     lease_seconds: int = Field(default=120, ge=3)
     max_attempts: int = Field(default=3, ge=1)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
+    # The worker runs flushes in threads that all feed one engine (worker/engine_loop.py): a live
+    # flush always finds a thread while bulk ones wait for their results.
+    worker_threads: int = Field(default=16, ge=2)
+    # Bulk requests inside the engine at once; unset: sized from the KV cache (worker/engine.py).
+    max_inflight: int | None = Field(default=None, ge=1)
 
     # Retrieval and prompt packing.
     rag_history_k: int = Field(default=4, ge=0)

@@ -1,7 +1,8 @@
 """`python -m scripts.bench` (`make bench`): every benchmark, on the embedded services by default.
 
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
-Sections: enqueue, retrieval, generation; `--only` picks some, `--quick` shrinks them for a smoke run
+Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop); `--only` picks
+some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
 On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
@@ -16,12 +17,9 @@ from pathlib import Path
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # Before anything imports core.settings (it reads the environment once): the benchmark's own state
-# (its PostgreSQL and Redis, and the 1M-row retrieval world, kept between runs) and the batch shape
-# the targets are stated for.
+# (its PostgreSQL and Redis, and the 1M-row retrieval world, kept between runs).
 os.environ.setdefault("MLCHAT_STATE_DIR", str(PROJECT_ROOT / ".mlchat" / "bench"))
 os.environ.setdefault("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "1GB")  # the 1M-row world's hot set
-os.environ.setdefault("MLCHAT_BATCH_SIZE", "64")
-os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.5")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -32,21 +30,35 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine")
 
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
     import torch
 
+    from worker.engine import cpu_flags
+
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
+        "cpu_flags": sorted(cpu_flags()),
         "cores": len(os.sched_getaffinity(0)),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "gpu": gpu,
         "python": platform.python_version(),
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            return next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")), None
+            )
+    except OSError:
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         results[section] = figures
         out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         print(json.dumps({section: figures}, indent=2, ensure_ascii=False), flush=True)
-    if "generation" in results:
+    if "generation" in results and "engine" in results:
         print("plot:", plot(results, png))
 
 
@@ -101,10 +113,16 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
         if quick:
             return measure_retrieval(messages=20_000, conversations=200, events=5_000, rounds=5)
         return measure_retrieval()
+    if section == "engine":
+        from scripts.bench_engine import measure_engine
+
+        if quick:
+            return measure_engine(probes=2, bulk_turns=32, backlog=48, max_new_tokens=16, dtype_turns=4)
+        return measure_engine()
     from scripts.bench_generation import measure_generation
 
     if quick:
-        return measure_generation(turns=32, batch=16, sweep=(4,), sweep_turns=16, prefix_turns=16)
+        return measure_generation(turns=32, batch=16, prefix_turns=16)
     return measure_generation()
 
 

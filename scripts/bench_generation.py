@@ -1,13 +1,13 @@
-"""Benchmark: the generation path, every figure a ratio of two runs made here, in one process.
+"""Benchmark: the pipeline's own figures, every one a ratio of two runs made here, in one process.
 
-1. End to end through the real Celery worker (broker, celery-batches, pipeline, database), enqueued →
-   reply stored, against the raw `LLM.generate` on the identical prompts and sampling settings.
-2. The pipeline batched against one turn at a time on the same turns, plus a batch-size sweep.
-3. Prefix caching on ÷ off for a same-character batch, for the pipeline and for the raw engine.
-4. Per-turn time outside embed and generate, the stage breakdown, and memory.
+1. Where a turn's time goes: the stage breakdown of batches run through the pipeline, and the time
+   per turn outside embedding and generation (claim, retrieve, prompt, quality, write).
+2. Prefix caching on ÷ off for a same-character batch, for the pipeline and for the raw engine.
+3. Memory of the worker and its engine processes.
 
-The engine is loaded in this process once per prefix-caching setting; the Celery worker runs in a
-thread of this process (as in the tests) so it shares that engine.
+The engine loop's figures (live latency under load, busy share, end to end ÷ raw, ready time,
+dtype) are in scripts/bench_engine.py. The engine is loaded in this process once per
+prefix-caching setting.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ import statistics
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
 
-from core.settings import PROJECT_ROOT, queue_for_model, settings
-from db.models import Turn, TurnStatus
-from db.runs import FINISHED
+from core.settings import PROJECT_ROOT, settings
+from db.models import TURN_FINISHED, Turn, TurnStatus
 from db.session import session_scope
 
 SAMPLE = PROJECT_ROOT / "data" / "sample_run_2000.jsonl"
@@ -112,7 +110,7 @@ def _wait_finished(ids: Sequence[uuid.UUID], timeout: float) -> list[Any]:
     while True:
         with session_scope() as session:
             rows = session.execute(select(Turn.status, Turn.finished_at).where(Turn.id.in_(ids))).all()
-        if all(r.status in FINISHED for r in rows) or time.monotonic() > deadline:
+        if all(r.status in TURN_FINISHED for r in rows) or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
 
@@ -180,25 +178,6 @@ def _pipeline(requests: list[dict[str, Any]], batch: int, llm: Any) -> tuple[flo
     return time.perf_counter() - wall, time.process_time() - cpu, reports, ids
 
 
-def _end_to_end(requests: list[dict[str, Any]], llm: Any, timeout: float) -> tuple[float, list[uuid.UUID]]:
-    """Seconds from the first enqueue to the last stored reply, through the real Celery worker."""
-    from celery.contrib.testing.worker import start_worker
-
-    from services.producer import enqueue_turns
-    from tasks.app import app
-
-    llm.reset_prefix_cache()
-    queues = [queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")]
-    with start_worker(app, pool="solo", queues=queues, perform_ping_check=False, loglevel="WARNING"):
-        started = datetime.now(UTC)
-        ids = enqueue_turns(requests)
-        rows = _wait_finished(ids, timeout)
-    finished = [r.finished_at for r in rows if r.status == TurnStatus.DONE]
-    if len(finished) != len(ids):
-        raise RuntimeError(f"only {len(finished)} of {len(ids)} turns were answered")
-    return (max(finished) - started).total_seconds(), ids
-
-
 def _stage_breakdown(reports: Sequence[Any]) -> dict[str, float]:
     turns = sum(len(r.done) for r in reports)
     return {
@@ -206,17 +185,13 @@ def _stage_breakdown(reports: Sequence[Any]) -> dict[str, float]:
     }
 
 
+OUTSIDE = ("claim", "retrieve", "prompt", "quality", "write")
+
+
 def _overhead_ms_per_turn(reports: Sequence[Any]) -> float:
-    """Pipeline wall time per turn outside embedding and generation (claim, retrieve, prompt, write)."""
+    """Pipeline time per turn outside embedding and generation (claim, retrieve, prompt, quality, write)."""
     turns = sum(len(r.done) for r in reports)
-    outside = sum(
-        r.timings["total_ms"]
-        - r.timings.get("embed_ms", 0)
-        - r.timings.get("generate_ms", 0)
-        - r.timings.get("embed_reply_ms", 0)
-        for r in reports
-    )
-    return round(outside / turns, 3)
+    return round(sum(r.timings.get(f"{stage}_ms", 0.0) for r in reports for stage in OUTSIDE) / turns, 3)
 
 
 def _rss_mb() -> dict[str, float]:
@@ -236,6 +211,7 @@ def _load_engine(prefix_caching: bool) -> Any:
     if engine_module.get_engine.cache_info().currsize:
         engine_module._shutdown(engine_module.get_engine().llm)
         engine_module.get_engine.cache_clear()
+        engine_module.get_loop.cache_clear()
         pipeline.get_prompt_builder.cache_clear()
     settings.enable_prefix_caching = prefix_caching
     loaded = engine_module.get_engine()
@@ -273,14 +249,9 @@ def _prefix_case(loaded: Any, n: int, tag: str) -> dict[str, float]:
 
 
 def measure_generation(
-    turns: int = 256,
-    batch: int = 64,
-    sweep: Sequence[int] = (8, 16, 32),
-    sweep_turns: int = 128,
-    prefix_turns: int = 64,
-    max_new_tokens: int = 32,
+    turns: int = 128, batch: int = 64, prefix_turns: int = 64, max_new_tokens: int = 32
 ) -> dict[str, Any]:
-    """Run every generation benchmark and return the figures."""
+    """Run the pipeline benchmarks and return the figures."""
     from db.world import upsert_character
     from worker.startup import check_and_warm_up
 
@@ -289,43 +260,21 @@ def measure_generation(
     tag = uuid.uuid4().hex[:6]
     check_and_warm_up(load_engine=False)
     loaded = _load_engine(prefix_caching=True)
-    raw = RawEngine(loaded)
 
     # Untimed: the first calls at a new batch shape pay one-time costs on CPU backends.
     _pipeline(_sample_requests(batch, tag + "warm", max_new_tokens), batch, loaded.llm)
-
-    e2e_s, e2e_ids = _end_to_end(
-        _sample_requests(turns, tag + "e2e", max_new_tokens), loaded.llm, timeout=3600
-    )
-    rss = _rss_mb()
-    rows = _stored_prompts(e2e_ids)
-    prompts, params, mismatches = raw.inputs(rows)
-    loaded.llm.reset_prefix_cache()
-    raw_s = raw.run(prompts, params, batch)
-    # The engine's own batching gain on these prompts, for scale: one batch against one at a time.
-    loaded.llm.reset_prefix_cache()
-    raw_one_batch_s = raw.run(prompts[:batch], params[:batch], batch)
-    loaded.llm.reset_prefix_cache()
-    raw_one_at_a_time_s = raw.run(prompts[:batch], params[:batch], 1)
-
-    batched_s, batched_cpu, batched_reports, _ = _pipeline(
+    batched_s, batched_cpu, batched_reports, ids = _pipeline(
         _sample_requests(turns, tag + "b", max_new_tokens), batch, loaded.llm
     )
-    single_s, _, _, _ = _pipeline(_sample_requests(turns, tag + "s", max_new_tokens), 1, loaded.llm)
-    by_batch = {1: turns / single_s, batch: turns / batched_s}
-    for size in sweep:
-        seconds, _, _, _ = _pipeline(
-            _sample_requests(sweep_turns, f"{tag}-{size}", max_new_tokens), size, loaded.llm
-        )
-        by_batch[size] = sweep_turns / seconds
+    rss = _rss_mb()
+    usage = [r.usage for r in _stored_prompts(ids)]
 
     prefix_on = _prefix_case(loaded, prefix_turns, tag + "pon")
     loaded = _load_engine(prefix_caching=False)
     prefix_off = _prefix_case(loaded, prefix_turns, tag + "poff")
+    _load_engine(prefix_caching=True)
     engine_gain = prefix_off["raw_s"] / prefix_on["raw_s"]
     pipeline_gain = prefix_off["pipeline_s"] / prefix_on["pipeline_s"]
-
-    usage = [r.usage for r in rows]
     return {
         "model": settings.model,
         "batch_size": batch,
@@ -333,21 +282,7 @@ def measure_generation(
         "max_new_tokens": max_new_tokens,
         "mean_prompt_tokens": round(statistics.mean(u["prompt_tokens"] for u in usage), 1),
         "mean_completion_tokens": round(statistics.mean(u["completion_tokens"] for u in usage), 1),
-        "end_to_end": {
-            "turns_per_s": round(turns / e2e_s, 2),
-            "raw_engine_turns_per_s": round(turns / raw_s, 2),
-            "ratio": round(raw_s / e2e_s, 3),
-            "target": 0.90,
-            "prompt_token_mismatches": mismatches,
-        },
-        "batched_vs_single": {
-            "batched_turns_per_s": round(turns / batched_s, 2),
-            "single_turns_per_s": round(turns / single_s, 2),
-            "ratio": round(single_s / batched_s, 2),
-            "target": 15.0,
-            "raw_engine_ratio_same_prompts": round(raw_one_at_a_time_s / raw_one_batch_s, 2),
-        },
-        "throughput_by_batch_size": {str(k): round(v, 2) for k, v in sorted(by_batch.items())},
+        "pipeline_turns_per_s": round(turns / batched_s, 2),
         "stage_ms_per_turn": _stage_breakdown(batched_reports),
         "prefix_caching": {
             "prompt_tokens": round(prefix_on["prompt_tokens"], 1),

@@ -7,14 +7,17 @@ from celery import Celery
 from core.services import broker_url
 from core.settings import settings
 
+PREFETCH_PER_THREAD = 4
+
 app = Celery("mlchat", broker=broker_url(), include=["tasks.generate"])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],
     task_ignore_result=True,
     task_acks_late=True,
-    # One message per batch slot: the solo worker prefetches exactly what the next batch can take.
-    worker_prefetch_multiplier=settings.batch_size,
+    # Unacked messages a worker may hold: one per thread. While they are all taken the worker takes
+    # nothing more from Redis, so no message waits inside a worker that cannot start it.
+    worker_prefetch_multiplier=1,
     # "priority": poll the worker's queues in the order given (live before bulk), not round robin.
     broker_transport_options={
         "visibility_timeout": settings.visibility_timeout,

@@ -1,15 +1,16 @@
 """The batched generation task: celery-batches buffers turn messages and hands them over as one list.
 
-A live message carries one turn id; a bulk message carries up to a batch of them, so a 100,000-line
-run is ~100,000 / batch_size messages. The task answers what it was handed in chunks of
-`batch_size` turns and, between chunks, hands the rest back to the queue if a live turn is waiting,
-so a live turn waits at most for the chunk in hand.
+A live message carries one turn id; a bulk message carries up to `batch_size` of them, so a
+100,000-line run is ~100,000 / batch_size messages. The worker runs flushes in threads
+(`MLCHAT_WORKER_THREADS`), all feeding the one engine loop (worker/engine_loop.py): a live flush
+gets a thread of its own and its turns run ahead of bulk ones inside the engine, so a player never
+waits for a bulk chunk to finish. A flush's messages are acked when the task returns, after every
+one of its turns was stored or handed back.
 
 celery-batches acks every message of a flush when the task returns, whatever happened, so nothing
-may escape this task: a malformed message is logged and dropped alone, a broker hiccup while
-peeking at the live queue counts as "no live turn", a batch that raises hands its turns back, and a
-re-send that fails is retried with backoff and, if it still fails, logged with the turn ids it
-leaves to the sweeper (`mlchat sweep`).
+may escape this task: a malformed message is logged and dropped alone, a batch that raises hands its
+turns back, and a re-send that fails is retried with backoff and, if it still fails, logged with the
+turn ids it leaves to the sweeper (`mlchat sweep`).
 """
 
 from __future__ import annotations
@@ -17,16 +18,16 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
 from tenacity import retry, stop_after_attempt, wait_exponential
 
 from core.settings import Lane, queue_for_model, settings
+from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in
 from tasks.app import app
-from tasks.batches import ReconnectSafeBatches
 from tasks.events import TurnEvents
-from tasks.queues import queue_depth
 
 logger = logging.getLogger(__name__)
 
@@ -47,23 +48,24 @@ class Resend:
 class FlushOutcome:
     resend: list[Resend] = field(default_factory=list)
     engine_dead: BaseException | None = None
+    bulk_owed: int = 0  # bulk turns this flush still counts against the worker's bulk admission
 
 
 @app.task(
-    base=ReconnectSafeBatches,
+    base=BulkGatedBatches,
     name=TASK_NAME,
-    flush_every=settings.batch_size,
+    flush_every=settings.flush_every,
     flush_interval=settings.flush_interval,
     acks_late=True,
     ignore_result=True,
 )
 def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
+    outcome = FlushOutcome(bulk_owed=sum(bulk_turns_in((r.args, r.kwargs)) for r in requests))
     try:
         pending, model = _pending_turns(requests)
         if not pending:
             return
-        outcome = FlushOutcome()
         with TurnEvents(requests[0].hostname) as events:
             events.received(pending, model)
             try:
@@ -82,55 +84,71 @@ def generate_turns(requests: list[Any]) -> None:
         logger.exception(
             "unexpected error in a flush of %d messages; its turns are left to the sweeper", len(requests)
         )
+    finally:
+        bulk_gate.release(outcome.bulk_owed)
 
 
 def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: FlushOutcome) -> None:
-    """Answer the flush's turns a batch at a time; records in `outcome` what to send again."""
+    """Answer the flush's turns, `batch_size` at a time and one lane per chunk, all chunks at once:
+    each chunk's prompts join the running engine as soon as they are built, so the engine never
+    waits for a chunk barrier. Records in `outcome` what to send again."""
     from worker import engine as engine_module
+
+    dead = engine_module.engine_dead()
+    if dead is not None:  # messages that arrived after the engine died: straight back, untouched
+        outcome.engine_dead = dead
+        outcome.resend.append(Resend(pending))
+        return
+    size = settings.batch_size
+    chunks = []
+    for lane in ("live", "bulk"):
+        turns = [p for p in pending if p[1] == lane]
+        chunks += [turns[i : i + size] for i in range(0, len(turns), size)]
+    with ThreadPoolExecutor(max_workers=min(len(chunks), CHUNKS_AT_ONCE), thread_name_prefix="chunk") as pool:
+        for chunk in chunks:
+            events.started(turn_id for turn_id, _ in chunk)
+        futures = {pool.submit(_answer_chunk, chunk): chunk for chunk in chunks}
+        for future in as_completed(futures):
+            _record(futures[future], future.result(), events, outcome)
+
+
+# Chunks of one flush prepared side by side (their CPU stages overlap the engine and each other).
+CHUNKS_AT_ONCE = 4
+
+
+def _answer_chunk(chunk: list[Pending]) -> Any:
+    """process_batch for one chunk (one lane); the report, or the exception it raised."""
     from worker.pipeline import process_batch  # the engine lives on worker machines only
 
-    for start in range(0, len(pending), settings.batch_size):
-        chunk, rest = pending[start : start + settings.batch_size], pending[start:]
-        dead = engine_module.engine_dead()
-        if dead is not None:  # messages that arrived after the engine died: straight back, untouched
-            outcome.engine_dead = dead
-            outcome.resend.append(Resend(rest))
-            return
-        if start and _live_waiting(model):
-            outcome.resend.append(Resend(rest))
-            return
-        lane_of = dict(chunk)
-        events.started(turn_id for turn_id, _ in chunk)
-        try:
-            report = process_batch([turn_id for turn_id, _ in chunk])
-        except Exception:
-            # The batch died mid-way (the database dropped, say); process_batch handed its turns back.
-            logger.exception(
-                "batch of %d turns failed; sending %d turns again in %.1f s",
-                len(chunk),
-                len(rest),
-                settings.batch_retry_delay,
-            )
-            outcome.resend.append(Resend(rest, settings.batch_retry_delay))
-            events.finished([], {}, (turn_id for turn_id, _ in rest))
-            return
-        events.finished(report.done, {t: f.reason for t, f in report.failed.items()}, report.send_again)
-        outcome.resend.append(Resend([(t, lane_of[t]) for t in report.send_again], settings.flush_interval))
-        # Another worker holds these under a live lease (a duplicate message): look again when it lapses.
-        for turn_id, lease_left in report.held.items():
-            outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
-        if report.engine_dead is not None:
-            outcome.engine_dead = report.engine_dead
-            outcome.resend.append(Resend(pending[start + len(chunk) :]))
-            return
-
-
-def _live_waiting(model: str) -> bool:
+    lane: Lane = chunk[0][1]
     try:
-        return bool(queue_depth(model, "live"))
-    except Exception:  # the broker is briefly away: carry on with the bulk chunk rather than fail
-        logger.warning("could not read the live queue's depth; carrying on", exc_info=True)
-        return False
+        return process_batch([turn_id for turn_id, _ in chunk], lane=lane)
+    except Exception as exc:
+        # The batch died mid-way (the database dropped, say); process_batch handed its turns back.
+        logger.exception(
+            "batch of %d turns failed; sent again in %.1f s", len(chunk), settings.batch_retry_delay
+        )
+        return exc
+
+
+def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome) -> None:
+    lane_of = dict(chunk)
+    if chunk[0][1] == "bulk":  # answered or handed back: the engine has room for more bulk work
+        answered = min(len(chunk), outcome.bulk_owed)
+        bulk_gate.release(answered)
+        outcome.bulk_owed -= answered
+    if isinstance(result, Exception):
+        outcome.resend.append(Resend(chunk, settings.batch_retry_delay))
+        events.finished([], {}, (turn_id for turn_id, _ in chunk))
+        return
+    report = result
+    events.finished(report.done, {t: f.reason for t, f in report.failed.items()}, report.send_again)
+    outcome.resend.append(Resend([(t, lane_of[t]) for t in report.send_again], settings.flush_interval))
+    # Another worker holds these under a live lease (a duplicate message): look again when it lapses.
+    for turn_id, lease_left in report.held.items():
+        outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
+    if report.engine_dead is not None:
+        outcome.engine_dead = report.engine_dead
 
 
 def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], str]:

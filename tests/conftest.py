@@ -21,6 +21,10 @@ os.environ.setdefault(
 )
 os.environ.setdefault("MLCHAT_BATCH_SIZE", "8")
 os.environ.setdefault("MLCHAT_FLUSH_INTERVAL", "0.2")
+# The session's engine would pin this process to the cores vLLM leaves over (worker/cpu_affinity.py):
+# on this 2-core machine that is one core for every test, and the worker processes the tests start
+# would inherit it. The benchmark measures the pinning; test_engine_loop.py checks what it reads.
+os.environ.setdefault("MLCHAT_PIN_WORKER_CPUS", "false")
 os.environ.setdefault("MLCHAT_MAX_NEW_TOKENS", "24")
 os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
 os.environ.setdefault("MLCHAT_BATCH_RETRY_DELAY", "0.5")
@@ -93,8 +97,8 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
 
     with start_worker(
         app,
-        pool="solo",
-        concurrency=1,
+        pool="threads",
+        concurrency=settings.worker_threads,
         perform_ping_check=False,
         queues=[queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")],
         loglevel="WARNING",

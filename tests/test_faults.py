@@ -108,20 +108,20 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
 POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
 
 
-def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, monkeypatch) -> None:
-    from worker import engine as engine_module
+def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, engine, monkeypatch) -> None:
+    # Requests join the engine one by one (worker/engine_loop.py), so the engine refusing one of them
+    # at admission fails that turn alone: no batch call to split, no batch-mate retried.
+    real = engine.llm.llm_engine.add_request
 
-    real = engine_module.generate
+    def refuses_the_poisoned_one(request_id, prompt, params, **kwargs):  # type: ignore[no-untyped-def]
+        if params.seed == POISON_SEED:
+            raise ValueError("injected: the engine rejects this request")
+        return real(request_id, prompt, params, **kwargs)
 
-    def poisoned(requests):
-        if any(r.seed == POISON_SEED for r in requests):
-            raise RuntimeError("injected: the engine rejects this request")
-        return real(requests)
-
-    monkeypatch.setattr(engine_module, "generate", poisoned)
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", refuses_the_poisoned_one)
     requests = [new_conversation() | {"message": f"Good evening {i}."} for i in range(15)]
     requests.insert(5, new_conversation() | {"message": "Poison", "params": {"seed": POISON_SEED}})
-    ids = enqueue_turns(requests)  # live: the session's in-process worker takes them in batches
+    ids = enqueue_turns(requests)  # live: the session's in-process worker takes them
     final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=600)
     with session_scope() as s:
         poison = s.get(Turn, ids[5])

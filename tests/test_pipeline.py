@@ -99,12 +99,11 @@ def test_a_turn_answered_twice_is_stored_once(engine) -> None:
 
 def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) -> None:
     from core.settings import settings
-    from worker import engine as engine_module
 
-    def broken(requests):
+    def broken(*args, **kwargs):
         raise RuntimeError("injected engine fault")
 
-    monkeypatch.setattr(engine_module, "generate", broken)
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", broken)  # the engine refuses the request
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
     for attempt in range(1, settings.max_attempts):
         report = process_batch([turn_id])
@@ -173,13 +172,16 @@ def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(engine, 
     def core_gone(*args, **kwargs):
         raise EngineDeadError()  # what vLLM raises once its engine-core process is gone
 
-    monkeypatch.setattr(engine_module, "_dead", [])  # this test's death stays in this test
-    monkeypatch.setattr(engine.llm, "generate", core_gone)
+    monkeypatch.setattr(engine.llm.llm_engine, "step", core_gone)
+    engine_module.get_loop.cache_clear()  # a loop of this test's own, which this death kills
     ids = enqueue_turns([new_conversation() | {"message": f"Hello {i}."} for i in range(3)], send=False)
     try:
         report = process_batch(ids)
         again = process_batch(ids)  # a message that arrives afterwards fails fast, charging nothing
+        dead = engine_module.engine_dead()
     finally:
+        monkeypatch.undo()
+        engine_module.get_loop.cache_clear()  # the session's next batches get a fresh, live loop
         metrics.ENGINE_UP.set(1)
     assert report.engine_dead is not None and sorted(report.handed_back) == sorted(ids)
     assert not report.failed and not report.retry and not report.done
@@ -187,4 +189,4 @@ def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(engine, 
     for turn_id in ids:
         view = get_turn(turn_id)
         assert view.status == TurnStatus.QUEUED and view.attempts == 0 and "engine died" in view.error
-    assert engine_module.engine_dead() is not None
+    assert dead is not None

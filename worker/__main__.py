@@ -1,4 +1,4 @@
-"""`python -m worker`: a Celery worker for this model's queue, solo pool (one process owns the engine)."""
+"""`python -m worker`: a Celery worker for this model's queues: a pool of threads, one engine loop."""
 
 from __future__ import annotations
 
@@ -35,13 +35,16 @@ def _warm_up(**_: object) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Start the worker; extra arguments go to `celery worker`."""
     configure_logging()
-    from tasks.app import app
+    from tasks.app import PREFETCH_PER_THREAD, app
 
     args = [
         "worker",
-        "--pool=solo",  # vLLM spawns its engine process; prefork children are daemonic and cannot
+        # Threads: vLLM spawns its engine process, which prefork's daemonic children cannot; and every
+        # flush's thread feeds the one engine of this process.
+        "--pool=threads",
+        f"--concurrency={settings.worker_threads}",
         f"--queues={settings.queue},{queue_for_model(settings.model, 'bulk')}",
-        f"--prefetch-multiplier={settings.batch_size}",
+        f"--prefetch-multiplier={PREFETCH_PER_THREAD}",
         f"--hostname=mlchat-{settings.model}@%h",
         "--loglevel=INFO",
         *(argv if argv is not None else sys.argv[1:]),

@@ -1,11 +1,14 @@
-"""The vLLM engine: loaded once per worker process, one generate() call per batch."""
+"""The vLLM engine: loaded once per worker process and driven continuously by worker/engine_loop.py.
+
+Every batch submits its requests to the one engine loop and gets each result the step it finishes;
+`generate` is the blocking form of that (one list of results, in order) for callers that want it.
+"""
 
 from __future__ import annotations
 
 import logging
 import multiprocessing.util
 import os
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,13 +17,24 @@ from typing import TYPE_CHECKING, Any
 
 from core import metrics
 from core.settings import Dtype, settings
+from worker.engine_loop import BULK, LIVE, EngineLoop, Generation
 from worker.model_cache import resolve_model_path
 
 if TYPE_CHECKING:
     from vllm import LLM
 
 logger = logging.getLogger(__name__)
-_generate_lock = threading.Lock()
+
+__all__ = [
+    "BULK",
+    "LIVE",
+    "EngineDead",
+    "Generation",
+    "GenerationRequest",
+    "generate",
+    "get_engine",
+    "get_loop",
+]
 
 
 class EngineDead(RuntimeError):
@@ -29,18 +43,11 @@ class EngineDead(RuntimeError):
     so that its supervisor starts a fresh one."""
 
 
-_dead: list[BaseException] = []  # the engine's death, once seen
-
-
 def engine_dead() -> BaseException | None:
     """The error that killed this process's engine, or None while it is alive (or not loaded)."""
-    return _dead[0] if _dead else None
-
-
-def _is_engine_death(exc: BaseException) -> bool:
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    return isinstance(exc, EngineDeadError)
+    if get_loop.cache_info().currsize == 0:
+        return None
+    return get_loop().dead
 
 
 @dataclass(frozen=True)
@@ -51,14 +58,7 @@ class GenerationRequest:
     max_tokens: int
     seed: int
     stop: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class Generation:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str | None
+    priority: int = LIVE
 
 
 @dataclass
@@ -87,6 +87,14 @@ def resolve_dtype(configured: Dtype, on_cpu: bool) -> Dtype:
     return "bfloat16" if cpu_flags() & {"avx512_bf16", "amx_bf16"} else "float32"
 
 
+# A CPU step's time grows with each sequence in it: enough for the engine's batching gain, few enough
+# that a live turn sharing steps with bulk ones stays within about twice its time alone.
+CPU_MAX_NUM_SEQS = 40
+CPU_BULK_PREFILL_TOKENS = 1024
+# Sequences kept free for live requests: bulk ones take at most max_num_seqs minus these.
+LIVE_RESERVE = 8
+
+
 @cache
 def get_engine() -> LoadedEngine:
     """Load the model once per process (vLLM starts its engine-core process here)."""
@@ -106,14 +114,25 @@ def get_engine() -> LoadedEngine:
     scheduling: dict[str, Any] = {}
     if chunked is not None:
         scheduling["enable_chunked_prefill"] = chunked
+    max_num_seqs = settings.max_num_seqs
+    if max_num_seqs is None and current_platform.is_cpu():
+        max_num_seqs = CPU_MAX_NUM_SEQS
+    if max_num_seqs is not None:
+        scheduling["max_num_seqs"] = max_num_seqs
     if settings.max_num_batched_tokens is not None:
         scheduling["max_num_batched_tokens"] = settings.max_num_batched_tokens
     elif chunked is False:
         # A prompt is never split, so one step must hold the longest prompt (and a few more).
         scheduling["max_num_batched_tokens"] = max(4096, settings.max_model_len)
+    if current_platform.is_cpu():
+        from worker.cpu_affinity import restore_all_cpus
+
+        restore_all_cpus()  # the engine's processes start from this process's affinity
     started = time.perf_counter()
     llm = LLM(
         model=path,
+        # Live turns (priority 0) are scheduled ahead of bulk ones (1) inside the engine.
+        scheduling_policy="priority",
         max_model_len=settings.max_model_len,
         dtype=resolve_dtype(settings.dtype, current_platform.is_cpu()),
         tensor_parallel_size=settings.tensor_parallel_size,
@@ -129,112 +148,97 @@ def get_engine() -> LoadedEngine:
     # moves that join ahead of every atexit hook: the process would wait forever on the
     # engine-core child. Finalizers with an exit priority run before the join.
     multiprocessing.util.Finalize(None, _shutdown, args=(llm,), exitpriority=100)
+    if current_platform.is_cpu() and settings.pin_worker_cpus:
+        from worker.cpu_affinity import keep_off_engine_cpus
+
+        keep_off_engine_cpus()
     metrics.ENGINE_UP.set(1)
     return LoadedEngine(llm, llm.get_tokenizer(), load_ms)
 
 
-def generate(requests: Sequence[GenerationRequest]) -> list[Generation]:
-    """Generate the whole batch in one engine call; one Generation per request, in order."""
-    if not requests:
-        return []
-    from vllm import SamplingParams
-
-    engine = get_engine()
-    prompts: list[Any] = [{"prompt_token_ids": r.token_ids} for r in requests]
-    params = [
-        SamplingParams(
-            temperature=r.temperature,
-            top_p=r.top_p,
-            max_tokens=r.max_tokens,
-            seed=r.seed,
-            stop=list(r.stop) or None,
-            skip_special_tokens=True,
-        )
-        for r in requests
-    ]
-    # LLM is not thread-safe: a second thread's generate() would consume this call's outputs and
-    # leave it waiting forever. A worker has one thread; in-process callers (tests, serverless) may not.
-    with _generate_lock:
-        if _dead:
-            raise EngineDead(f"the engine died earlier: {_dead[0]!r}")
-        try:
-            outputs = _generate_watched(engine.llm, prompts, params)
-        except Exception as exc:
-            if _is_engine_death(exc):
-                _dead.append(exc)
-                metrics.ENGINE_UP.set(0)
-                logger.error("the engine core died: %r", exc)
-                raise EngineDead(f"the engine core died: {exc!r}") from exc
-            raise
-    results = []
-    for request, out in zip(requests, outputs, strict=True):
-        completion = out.outputs[0]
-        results.append(
-            Generation(
-                text=completion.text.strip(),
-                prompt_tokens=len(request.token_ids),
-                completion_tokens=len(completion.token_ids),
-                finish_reason=completion.finish_reason,
-            )
-        )
-    return results
+@cache
+def get_loop() -> EngineLoop:
+    """This process's engine loop (loads the engine on first use)."""
+    engine = get_engine().llm.llm_engine
+    return EngineLoop(
+        engine,
+        max_inflight=inflight_limit(engine),
+        is_dead=lambda: _core_reported_dead(engine),
+        on_death=lambda: metrics.ENGINE_UP.set(0),
+        prefill_budget=_bulk_prefill_budget(engine),
+    )
 
 
-def _generate_watched(llm: LLM, prompts: list[Any], params: list[Any]) -> list[Any]:
-    """llm.generate, in a thread watched for the engine core's death.
+def _bulk_prefill_budget(engine: Any) -> int:
+    """Prompt tokens of bulk requests that may wait inside vLLM for their prefill: a whole step's
+    worth on a GPU; on a CPU about one prompt, so a live turn's first steps carry one bulk prefill at
+    most (a CPU step's time is roughly its token count)."""
+    from vllm.platforms import current_platform
 
-    vLLM 0.32's synchronous client never wakes a generate() that is waiting for outputs when its
-    engine-core process dies: its monitor thread marks the engine dead and shuts the client down,
-    but nothing reaches the output queue, so the call blocks for ever. The caller waits here instead
-    and raises vLLM's EngineDeadError as soon as the client says the core is gone (the stuck thread
-    is a daemon; the worker exits soon after, see worker/lifecycle.py).
-    """
-    from vllm.v1.engine.exceptions import EngineDeadError
-
-    outcome: dict[str, Any] = {}
-    finished = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome["outputs"] = llm.generate(prompts, params, use_tqdm=False)
-        except BaseException as exc:  # handed to the caller's thread as it is
-            outcome["error"] = exc
-        finally:
-            finished.set()
-
-    threading.Thread(target=run, name="vllm-generate", daemon=True).start()
-    while not finished.wait(0.5):
-        if _core_reported_dead(llm):
-            raise EngineDeadError()
-    if "error" in outcome:
-        raise outcome["error"]
-    return list(outcome["outputs"])
+    if settings.bulk_prefill_tokens is not None:
+        return settings.bulk_prefill_tokens
+    if current_platform.is_cpu():
+        return CPU_BULK_PREFILL_TOKENS
+    return int(engine.vllm_config.scheduler_config.max_num_batched_tokens)
 
 
-def _core_reported_dead(llm: LLM) -> bool:
+def inflight_limit(engine: Any) -> int:
+    """How many bulk requests may be inside the engine at once: MLCHAT_MAX_INFLIGHT, or what the KV
+    cache holds at a typical request size (half the context window), leaving LIVE_RESERVE of vLLM's
+    max_num_seqs to live requests."""
+    if settings.max_inflight:
+        return settings.max_inflight
+    config = getattr(engine, "vllm_config", None)
+    cache_config = getattr(config, "cache_config", None)
+    blocks = getattr(cache_config, "num_gpu_blocks", None) or 0
+    block_size = getattr(cache_config, "block_size", None) or 16
+    max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
+    by_kv = (blocks * block_size) // max(settings.max_model_len // 2, 1) if blocks else max_seqs
+    limit = max(1, min(max_seqs - LIVE_RESERVE, by_kv))
+    logger.info("engine loop: up to %d bulk requests inside the engine (KV blocks %s)", limit, blocks or "?")
+    return limit
+
+
+def _core_reported_dead(engine: Any) -> bool:
     # The client's own liveness flag (set by its engine-core monitor); absent means "no news".
-    client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    client = getattr(engine, "engine_core", None)
     return bool(getattr(getattr(client, "resources", None), "engine_dead", False))
 
 
-def generate_isolating(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:
-    """One engine call for the batch; if it raises, split the batch in halves and try each, so a
-    request that makes vLLM reject the whole call (one poison prompt) fails alone, not its batch-mates.
-    Costs nothing when the engine succeeds. A dead engine (EngineDead) is raised at once: no request
-    is at fault."""
-    if not requests:
-        return []
-    try:
-        return list(generate(requests))
-    except EngineDead:
-        raise  # nobody's fault, and every half would fail too
-    except Exception as exc:
-        if len(requests) == 1:
-            logger.warning("engine failed a request: %r", exc)
-            return [exc]
-        logger.warning("engine failed a batch of %d; splitting it to find the cause: %r", len(requests), exc)
-    half = len(requests) // 2
-    return generate_isolating(requests[:half]) + generate_isolating(requests[half:])
+def sampling_params(request: GenerationRequest) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        temperature=request.temperature,
+        top_p=request.top_p,
+        max_tokens=request.max_tokens,
+        seed=request.seed,
+        stop=list(request.stop) or None,
+        skip_special_tokens=True,
+    )
+
+
+def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
+    """Queue the requests on the engine loop; one future per request, in order."""
+    return get_loop().submit((r.token_ids, sampling_params(r), r.priority) for r in requests)
+
+
+def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:
+    """Generate the requests on the running engine; one result per request, in order: a Generation,
+    or the exception that failed that request alone. Raises EngineDead if the engine dies."""
+    futures = submit(requests)
+    loop = get_loop()
+    pending = list(futures)
+    while pending:
+        done = loop.wait(pending)
+        pending = [f for f in pending if f not in done]
+    results: list[Generation | Exception] = []
+    for future in futures:
+        error = future.exception()
+        if isinstance(error, EngineDead):
+            raise error
+        results.append(error if isinstance(error, Exception) else future.result())
+    return results
 
 
 def _shutdown(llm: LLM) -> None:

@@ -95,7 +95,7 @@ def regenerate_weak(
     if not weak:
         return judged
     retry = [next_seed(requests[judged[i][0].id]) for i in weak]
-    results = engine_module.generate_isolating(retry)
+    results = engine_module.generate(retry)
     fresh = [(i, r) for i, r in zip(weak, results, strict=True) if isinstance(r, Generation) and r.text]
     vectors: Any = embed([r.text for _, r in fresh]) if fresh else []
     out = list(judged)

@@ -1,13 +1,17 @@
 """One batch of turns, end to end: claim → embed → retrieve → prompt → generate → embed replies → store.
 
-Each stage is one call for the whole batch. A turn that fails alone (its prompt cannot fit, say) is
-recorded failed with its reason; its batch-mates go on.
+The stages before generation are one call for the whole batch. The prompts then join the running
+engine (worker/engine_loop.py), which other batches feed at the same time, and the turns are judged
+and stored in small groups as they finish, never waiting for the batch's slowest reply. A turn that
+fails alone (its prompt cannot fit, the engine refuses it) is recorded failed with its reason; its
+batch-mates go on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,7 +19,7 @@ from functools import cache
 from typing import Any
 
 from core import metrics
-from core.settings import settings
+from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
@@ -70,7 +74,7 @@ def get_prompt_builder() -> PromptBuilder:
     return PromptBuilder(loaded.tokenizer, settings.resolved_prompt_format, settings.max_model_len)
 
 
-def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
+def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> BatchReport:
     """Run one batch; never raises for a single turn's fault.
 
     The batch's turns are claimed under one token and lease (kept alive while the batch runs). If
@@ -101,7 +105,10 @@ def process_batch(turn_ids: Sequence[uuid.UUID]) -> BatchReport:
     answered: list[Any] = []
     with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout):
         try:
-            answered = _answer(turns, claim.token, report, timer, exhausted=set(claim.exhausted))
+            priority = engine_module.LIVE if lane == "live" else engine_module.BULK
+            answered = _answer(
+                turns, claim.token, report, timer, exhausted=set(claim.exhausted), priority=priority
+            )
         except EngineDead as exc:
             report.engine_dead = exc
             report.handed_back = _hand_back(claim.token, turns, f"engine died: {exc}", refund=True)
@@ -135,8 +142,10 @@ def _answer(
     timer: StageTimer,
     *,
     exhausted: set[uuid.UUID],
+    priority: int,
 ) -> list[Any]:
-    """Embed, retrieve, build, generate, judge and store the claimed turns; returns the generations."""
+    """Embed, retrieve and build the claimed turns' prompts, hand them all to the running engine, then
+    judge and store them in small groups as they finish; returns the generations."""
     first_batch = engine_module.get_engine.cache_info().currsize == 0  # this batch pays for the load
     builder = get_prompt_builder()
     load_ms = engine_module.get_engine().load_ms if first_batch else 0.0
@@ -173,38 +182,92 @@ def _answer(
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
     ready = [t for t in turns if t.id in prompts]
+    requests = {t.id: _request(t, prompts[t.id], priority) for t in ready}
+    vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
+    context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
+    shared_ms = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
 
-    requests = {t.id: _request(t, prompts[t.id]) for t in ready}
-    with timer("generate"):
-        results = engine_module.generate_isolating([requests[t.id] for t in ready])
-    broken = {t.id: r for t, r in zip(ready, results, strict=True) if isinstance(r, Exception)}
-    _retry_or_fail([t for t in ready if t.id in broken], broken, report)
-    generations = [r for r in results if not isinstance(r, Exception)]
-    ready = [t for t in ready if t.id not in broken]
+    # Failures found before the engine (prompts that cannot fit) are written at once.
+    early = {t: f for t, f in report.failed.items() if t not in exhausted}
+    if early:
+        with timer("write"), session_scope() as session:
+            fail_turns(session=session, token=token, failures=early, timings=shared_ms)
 
-    answered = [(t, g) for t, g in zip(ready, generations, strict=True) if g.text]
-    for turn, gen in zip(ready, generations, strict=True):
-        if not gen.text:
+    loop = engine_module.get_loop()
+    futures = engine_module.submit([requests[t.id] for t in ready])
+    future_of = {t.id: f for t, f in zip(ready, futures, strict=True)}
+    generations: list[Any] = []
+    waiting = list(ready)
+    submitted = time.perf_counter()
+    while waiting:
+        loop.wait([future_of[t.id] for t in waiting])  # until one is done (or the engine died)
+        time.sleep(GROUP_WINDOW_S)  # let the turns finishing in the same engine steps join this group
+        finished = {t.id for t in waiting if future_of[t.id].done()}
+        # From admission until the batch's last reply: its turns' generation, shared with other batches.
+        timer.ms["generate_ms"] = (time.perf_counter() - submitted) * 1000
+        group = [t for t in waiting if t.id in finished]
+        waiting = [t for t in waiting if t.id not in finished]
+        outcomes = {t.id: _result(future_of[t.id]) for t in group}
+        generations += _finish_group(
+            group, outcomes, token, report, timer, requests, prompts, vector_of, context_of, shared_ms
+        )
+    report.timings = {**shared_ms, **timer.ms}
+    return generations
+
+
+# After the first reply of a group finishes, how long to wait for others finishing in the same steps.
+GROUP_WINDOW_S = 0.02
+
+
+def _result(future: Any) -> Any:
+    """A future's Generation, or the exception that failed it; EngineDead propagates."""
+    error = future.exception()
+    if isinstance(error, EngineDead):
+        raise error
+    return error if error is not None else future.result()
+
+
+def _finish_group(
+    group: list[ClaimedTurn],
+    results: dict[uuid.UUID, Any],
+    token: uuid.UUID,
+    report: BatchReport,
+    timer: StageTimer,
+    requests: dict[uuid.UUID, GenerationRequest],
+    prompts: dict[uuid.UUID, BuiltPrompt],
+    vector_of: dict[uuid.UUID, Any],
+    context_of: dict[uuid.UUID, Any],
+    shared_ms: dict[str, Any],
+) -> list[Any]:
+    """Judge and store the turns whose generation just finished, in one transaction."""
+    group_timer = StageTimer()
+    broken = {t.id: r for t, r in ((t, results[t.id]) for t in group) if isinstance(r, Exception)}
+    failed_before = set(report.failed)
+    _retry_or_fail([t for t in group if t.id in broken], broken, report)
+    answered = []
+    for turn in group:
+        gen = results[turn.id]
+        if turn.id in broken:
+            continue
+        if gen.text:
+            answered.append((turn, gen))
+        else:
             report.failed[turn.id] = Failure(
                 f"model produced an empty reply (finish_reason={gen.finish_reason})",
                 TurnErrorCode.EMPTY_REPLY,
             )
-    with timer("embed_reply"):
+    with group_timer("embed_reply"):
         reply_vectors = embed([g.text for _, g in answered])
-    vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
-    context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
-    with timer("quality"):
+    with group_timer("quality"):
         judged = judge_replies(answered, reply_vectors, vector_of, context_of)
     if settings.quality_regenerate:
-        with timer("regenerate"):
+        with group_timer("regenerate"):
             judged = regenerate_weak(judged, requests, vector_of, context_of)
-
-    batch_timings = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
-        timings = {k: round(v, 1) for k, v in batch_timings.items()}
+        timings = {k: round(v, 1) for k, v in shared_ms.items()}
+        timings["generate_ms"] = round(gen.seconds * 1000, 1)
         timings["queue_ms"] = round(turn.queued_ms, 1)
-        timings["total_ms"] = round(turn.queued_ms + timer.elapsed_ms(), 1)
         outcomes.append(
             TurnOutcome(
                 turn_id=turn.id,
@@ -228,18 +291,24 @@ def _answer(
                 quality=verdict.quality,
             )
         )
-    with timer("write"), session_scope() as session:
-        report.done = store_replies(session=session, token=token, outcomes=outcomes)
-        ours = {t: f for t, f in report.failed.items() if t not in exhausted}
-        fail_turns(session=session, token=token, failures=ours, timings=batch_timings)
-        requeue_turns(session=session, token=token, reasons=report.retry)
-    stored = set(report.done)
-    report.lost = [o.turn_id for o in outcomes if o.turn_id not in stored]
-    if report.lost:
-        logger.warning(
-            "lease lapsed before the write; %d replies not stored: %s", len(report.lost), report.lost
-        )
-    report.timings = batch_timings
+    newly_failed = {t: f for t, f in report.failed.items() if t not in failed_before}
+    retry = {t.id: report.retry[t.id] for t in group if t.id in report.retry}
+    with group_timer("write"), session_scope() as session:
+        # Stage times of this group, and the turn's own total, recorded once they are known.
+        done_ms = {**group_timer.ms}
+        for outcome in outcomes:
+            outcome.timings.update({k: round(v, 1) for k, v in done_ms.items()})
+            outcome.timings["total_ms"] = round(outcome.timings["queue_ms"] + timer.elapsed_ms(), 1)
+        stored = store_replies(session=session, token=token, outcomes=outcomes)
+        fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
+        requeue_turns(session=session, token=token, reasons=retry)
+    report.done += stored
+    lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
+    if lost:
+        report.lost += lost
+        logger.warning("lease lapsed before the write; %d replies not stored: %s", len(lost), lost)
+    for stage, ms in group_timer.ms.items():
+        timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
     return [g for _, g in answered]
 
 
@@ -291,9 +360,10 @@ def _params_of_kept_reply(params: dict[str, Any], quality: dict[str, Any]) -> di
     return params
 
 
-def _request(turn: ClaimedTurn, prompt: BuiltPrompt) -> GenerationRequest:
+def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> GenerationRequest:
     p = turn.params
     return GenerationRequest(
+        priority=priority,
         token_ids=prompt.token_ids,
         temperature=p["temperature"],
         top_p=p["top_p"],

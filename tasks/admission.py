@@ -1,0 +1,134 @@
+"""Bulk admission: the worker stops taking bulk messages from Redis while its engine is full.
+
+The worker's prefetch is generous (live messages must always find a slot), so prefetch alone does
+not bound bulk work. This gate counts the bulk turns a worker holds (received, not yet answered);
+once they reach the engine's bulk capacity it cancels the worker's consumer of the bulk queue, and a
+timer on the consumer's own loop re-adds it when answered turns bring the count back down. Live
+messages are never gated: they keep flowing while the engine is full of bulk work, and run ahead of
+it inside the engine (worker/engine_loop.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from celery.worker import state as worker_state
+
+from core.settings import queue_for_model, settings
+from tasks.batches import ReconnectSafeBatches
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY_S = 0.1
+
+
+def bulk_turns_in(body: Any) -> int:
+    """How many bulk turns a decoded task message carries (0 for live or malformed ones)."""
+    kwargs = body[1] if isinstance(body, tuple | list) and len(body) > 1 else None
+    if not isinstance(kwargs, dict) or kwargs.get("lane") != "bulk":
+        return 0
+    ids = kwargs.get("turn_ids")
+    return len(ids) if isinstance(ids, list) else 0
+
+
+class BulkGate:
+    """Counts held bulk turns; pauses and resumes the consumer of the bulk queue around a capacity."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.held = 0
+        self.capacity: int | None = None  # None: not attached to a consumer (no gating)
+        self.closed = False
+        self.pauses = 0  # times the bulk queue was paused
+        self.peak = 0  # most bulk turns held at once
+        self._consumer: Any = None
+        self._queue: str | None = None
+        self._timer: Any = None
+
+    def attach(self, consumer: Any, queue: str, capacity: int) -> None:
+        """Called on the consumer's thread each time Celery (re)builds its consumer."""
+        if self._timer is not None:
+            self._timer.cancel()
+        with self._lock:
+            self._consumer, self._queue, self.capacity, self.closed = consumer, queue, capacity, False
+        self._timer = consumer.timer.call_repeatedly(CHECK_EVERY_S, self._maybe_reopen)
+        logger.info("bulk admission: up to %d bulk turns held by this worker", capacity)
+
+    def received(self, turns: int) -> None:
+        """A bulk message arrived (consumer thread): count it, and close the gate if full."""
+        if not turns:
+            return
+        with self._lock:
+            self.held += turns
+            self.peak = max(self.peak, self.held)
+            full = self.capacity is not None and self.held >= self.capacity and not self.closed
+            if full:
+                self.closed = True
+                self.pauses += 1
+        if full:
+            self._set_consuming(False)
+
+    def release(self, turns: int) -> None:
+        """Bulk turns were answered or handed back (any thread); the timer reopens the gate."""
+        if turns:
+            with self._lock:
+                self.held = max(0, self.held - turns)
+
+    def _maybe_reopen(self) -> None:
+        with self._lock:
+            room = self.closed and self.capacity is not None and self.held < self.capacity
+            if room:
+                self.closed = False
+        if room and not (worker_state.should_stop or worker_state.should_terminate):
+            self._set_consuming(True)
+
+    def _set_consuming(self, on: bool) -> None:
+        consumer, queue = self._consumer, self._queue
+        task_consumer = getattr(consumer, "task_consumer", None)
+        if task_consumer is None or queue is None:
+            return
+        try:
+            if on:
+                if not task_consumer.consuming_from(queue):
+                    task_consumer.add_queue(consumer.app.amqp.queues[queue])
+                    task_consumer.consume()
+            else:
+                task_consumer.cancel_by_queue(queue)
+        except Exception:  # a broker hiccup: a reconnect rebuilds the consumer and attaches again
+            logger.warning("could not %s the bulk queue", "resume" if on else "pause", exc_info=True)
+
+
+bulk_gate = BulkGate()
+
+
+def bulk_capacity() -> int:
+    """Bulk turns a worker may hold: what its engine admits at once, plus one message ready behind."""
+    from worker import engine as engine_module
+
+    inside = (
+        engine_module.get_loop().max_inflight
+        if engine_module.get_engine.cache_info().currsize
+        else settings.max_inflight or DEFAULT_INFLIGHT
+    )
+    return inside + settings.batch_size
+
+
+DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the real figure)
+
+
+class BulkGatedBatches(ReconnectSafeBatches):
+    """celery-batches' task whose worker pauses its bulk queue while the engine is full of bulk work."""
+
+    abstract = True
+
+    def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
+        handler = super().Strategy(task, app, consumer)
+        bulk_gate.attach(consumer, queue_for_model(settings.model, "bulk"), bulk_capacity())
+
+        def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+            bulk_gate.received(bulk_turns_in(body if body is not None else message.decode()))
+            handler(message, body, *args, **kwargs)
+
+        return counted

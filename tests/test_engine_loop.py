@@ -1,0 +1,145 @@
+"""The engine loop on the real engine: live ahead of bulk, bounded bulk admission, results as they finish,
+and the worker pausing its bulk queue while the engine is full."""
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+
+from core.settings import queue_for_model, settings
+from db.models import Turn, TurnStatus
+from db.session import session_scope
+from services.producer import enqueue_turns, get_turn
+from tasks.admission import bulk_gate
+from tasks.generate import dispatch
+from tests.conftest import new_conversation
+from worker import engine as engine_module
+from worker.engine import BULK, LIVE, GenerationRequest
+from worker.pipeline import process_batch
+
+
+def _request(engine, text: str, tokens: int, priority: int, seed: int = 0) -> GenerationRequest:
+    ids = engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return GenerationRequest(ids, 0.8, 0.95, tokens, seed, (), priority)
+
+
+def _all_done(futures, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not all(f.done() for f in futures):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def small_bulk_limit(engine):
+    loop = engine_module.get_loop()
+    before = loop.max_inflight
+    loop.max_inflight = 3
+    yield loop
+    loop.max_inflight = before
+
+
+def test_a_live_request_overtakes_a_bulk_backlog_inside_the_engine(engine, small_bulk_limit) -> None:
+    backlog = engine_module.submit(
+        [_request(engine, f"Tell a long story about the harbour, part {i}.", 24, BULK, i) for i in range(12)]
+    )
+    (live,) = engine_module.submit([_request(engine, "Quick, where is the inn?", 8, LIVE)])
+    assert _all_done([live], timeout=300)
+    still_waiting = sum(not f.done() for f in backlog)
+    assert still_waiting >= 6, f"the live request waited for the bulk backlog ({still_waiting} of 12 left)"
+    assert _all_done(backlog, timeout=600)
+    assert all(f.result().completion_tokens > 0 for f in backlog)
+
+
+def test_bulk_admission_stays_within_its_limit_and_never_stalls(engine, small_bulk_limit) -> None:
+    loop = small_bulk_limit
+    peak, stop = [0], threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], loop._bulk_inside)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        futures = engine_module.submit(
+            [_request(engine, f"Name a colour, {i}.", 4, BULK, i) for i in range(10)]
+        )
+        # Every batch of 3 finishes before the next is admitted: the held ones must still go in.
+        assert _all_done(futures, timeout=300), "bulk requests stayed held with an empty engine"
+    finally:
+        stop.set()
+        watcher.join()
+    assert 1 <= peak[0] <= 3
+
+
+def test_a_short_reply_is_stored_before_its_batch_mates_long_one_finishes(engine) -> None:
+    short, long = enqueue_turns(
+        [
+            new_conversation() | {"message": "Say yes.", "params": {"seed": 1, "max_new_tokens": 2}},
+            new_conversation()
+            | {
+                "message": "Describe the whole village, house by house.",
+                "params": {"seed": 1, "max_new_tokens": 96},
+            },
+        ],
+        send=False,
+    )
+    report = process_batch([short, long])
+    assert sorted(report.done) == sorted([short, long])
+    with session_scope() as session:
+        finished = dict(
+            session.execute(select(Turn.id, Turn.finished_at).where(Turn.id.in_([short, long]))).all()
+        )
+    assert get_turn(long).usage["completion_tokens"] > 20
+    assert finished[short] < finished[long]
+    assert get_turn(short).timings["generate_ms"] < get_turn(long).timings["generate_ms"]
+
+
+def test_the_worker_pauses_its_bulk_queue_while_the_engine_is_full(celery_worker) -> None:
+    before = bulk_gate.capacity, bulk_gate.pauses
+    bulk_gate.capacity, bulk_gate.peak = settings.batch_size, 0  # one bulk message fills this worker
+    try:
+        ids = enqueue_turns(
+            [
+                new_conversation() | {"message": f"Hello {i}.", "params": {"max_new_tokens": 4}}
+                for i in range(48)
+            ],
+            send=False,
+        )
+        dispatch(ids, model=settings.model, lane="bulk")  # three messages
+        deadline = time.monotonic() + 600
+        while any(get_turn(t).status != TurnStatus.DONE for t in ids):
+            assert time.monotonic() < deadline, "bulk turns were not all answered"
+            time.sleep(0.2)
+        assert bulk_gate.pauses > before[1]
+        # The gate closes on the message that fills it; at most one more was already on its way.
+        assert bulk_gate.peak <= 2 * settings.batch_size
+    finally:
+        bulk_gate.capacity = before[0]
+    # Paused and resumed, the worker still consumes its bulk queue.
+    assert celery_worker.consumer.task_consumer.consuming_from(queue_for_model(settings.model, "bulk"))
+
+
+def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
+    import os
+
+    from vllm.platforms import current_platform
+
+    from worker.cpu_affinity import ORIGINAL_CPUS, engine_cpus, keep_off_engine_cpus, restore_all_cpus
+
+    if not current_platform.is_cpu() or len(ORIGINAL_CPUS) < 2:
+        pytest.skip("vLLM binds its engine to cores only on a CPU with cores to spare")
+    taken = engine_cpus()
+    assert taken and taken < ORIGINAL_CPUS  # vLLM bound its worker to some cores, not all
+    try:
+        free = keep_off_engine_cpus()
+        assert free == ORIGINAL_CPUS - taken
+        assert os.sched_getaffinity(0) == free
+    finally:
+        restore_all_cpus()
+    assert os.sched_getaffinity(0) == ORIGINAL_CPUS
