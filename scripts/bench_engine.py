@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 import uuid
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -327,5 +326,4 @@ def measure_engine(
         "saturation": sat,
         "ready_s": {"starts": ready, "after_first": ready[-1], "target": 60.0},
         "dtype": dtypes,
-        "measured_on": datetime.now().astimezone().isoformat(timespec="seconds"),
     }
