@@ -31,29 +31,8 @@ from sqlalchemy import select
 from core.settings import PROJECT_ROOT, queue_for_model, settings
 from db.models import Turn, TurnStatus
 from db.session import session_scope
-from scripts.bench_generation import SAMPLE, RawEngine, _stored_prompts, _wait_finished
+from scripts.bench_generation import RawEngine, _stored_prompts, _wait_finished, sample_requests
 from worker.cpu_affinity import unpinned
-
-
-def _requests(n: int, tag: str, max_new_tokens: Any, offset: int = 0) -> list[dict[str, Any]]:
-    """n sample turns in fresh conversations; max_new_tokens is a number or a function of the index."""
-    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[offset : offset + n]
-    out = []
-    for i, raw in enumerate(lines):
-        line = json.loads(raw)
-        tokens = max_new_tokens(i) if callable(max_new_tokens) else max_new_tokens
-        out.append(
-            dict(
-                conversation=f"bench-{tag}-{i}",
-                character=line["character"],
-                message=line["message"],
-                player_name=line.get("player_name", ""),
-                story=line.get("story"),
-                story_time=line.get("story_time"),
-                params={"seed": i, "max_new_tokens": tokens},
-            )
-        )
-    return out
 
 
 def mixed_length(i: int) -> int:
@@ -93,13 +72,13 @@ def live_under_load(loop: Any, llm: Any, tag: str, probes: int, bulk_turns: int,
     """Median latency of live turns sent during a bulk run ÷ the same turns sent alone."""
     from services.producer import enqueue_turns
 
-    probe = _requests(probes, "", max_new_tokens, offset=1000)
+    probe = sample_requests(probes, "", max_new_tokens, offset=1000)
     _idle_engine(loop, llm)
     alone = []
     for i, request in enumerate(probe):
         alone.append(_live_latency(request | {"conversation": f"bench-{tag}-alone-{i}"}))
     _idle_engine(loop, llm)
-    bulk_ids = enqueue_turns(_requests(bulk_turns, tag + "-bulk", max_new_tokens), lane="bulk")
+    bulk_ids = enqueue_turns(sample_requests(bulk_turns, tag + "-bulk", max_new_tokens), lane="bulk")
     time.sleep(5.0)  # the bulk run is inside the engine
     loaded = []
     for i, request in enumerate(probe):
@@ -130,7 +109,7 @@ def saturation(loop: Any, loaded: Any, tag: str, backlog: int) -> dict[str, Any]
     _idle_engine(loop, loaded.llm)
     busy_before, _ = loop.busy.snapshot()
     t0_perf, t0_wall = time.perf_counter(), time.time()
-    ids = enqueue_turns(_requests(backlog, tag + "-sat", mixed_length, offset=0), lane="bulk")
+    ids = enqueue_turns(sample_requests(backlog, tag + "-sat", mixed_length, offset=0), lane="bulk")
     rows = _wait_finished(ids, timeout=7200)
     done = [r.finished_at for r in rows if r.status == TurnStatus.DONE]
     if len(done) != backlog:

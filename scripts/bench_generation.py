@@ -73,11 +73,13 @@ SAGE_MESSAGES = [
 ]
 
 
-def _sample_requests(n: int, tag: str, max_new_tokens: int) -> list[dict[str, Any]]:
-    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[:n]
+def sample_requests(n: int, tag: str, max_new_tokens: Any, offset: int = 0) -> list[dict[str, Any]]:
+    """n sample turns in fresh conversations; max_new_tokens is a number or a function of the index."""
+    lines = SAMPLE.read_text(encoding="utf-8").splitlines()[offset : offset + n]
     out = []
     for i, raw in enumerate(lines):
         line = json.loads(raw)
+        tokens = max_new_tokens(i) if callable(max_new_tokens) else max_new_tokens
         out.append(
             dict(
                 conversation=f"bench-{tag}-{i}",
@@ -86,7 +88,7 @@ def _sample_requests(n: int, tag: str, max_new_tokens: int) -> list[dict[str, An
                 player_name=line.get("player_name", ""),
                 story=line.get("story"),
                 story_time=line.get("story_time"),
-                params={"seed": i, "max_new_tokens": max_new_tokens},
+                params={"seed": i, "max_new_tokens": tokens},
             )
         )
     return out
@@ -262,9 +264,9 @@ def measure_generation(
     loaded = _load_engine(prefix_caching=True)
 
     # Untimed: the first calls at a new batch shape pay one-time costs on CPU backends.
-    _pipeline(_sample_requests(batch, tag + "warm", max_new_tokens), batch, loaded.llm)
+    _pipeline(sample_requests(batch, tag + "warm", max_new_tokens), batch, loaded.llm)
     batched_s, batched_cpu, batched_reports, ids = _pipeline(
-        _sample_requests(turns, tag + "b", max_new_tokens), batch, loaded.llm
+        sample_requests(turns, tag + "b", max_new_tokens), batch, loaded.llm
     )
     rss = _rss_mb()
     usage = [r.usage for r in _stored_prompts(ids)]
