@@ -203,12 +203,16 @@ class CancelOutcome:
 
 def cancel_run(*, session: Session, run_id: uuid.UUID) -> CancelOutcome:
     """cancel: cancel the run's queued turns, then validating | queued | in_progress → cancelling,
-    then advance (→ cancelled at once when nothing is running). Finished results are kept; a
-    finished run is left as it is."""
+    then advance (→ cancelled at once when nothing is running). A run whose submission failed keeps
+    its stored turns queued for a resume; cancelling it drops them the same way. Finished results are
+    kept; a finished run is left as it is."""
     before = run_status(session=session, run_id=run_id)
     if before is None:
         raise KeyError(f"no run {run_id}")
-    if before not in (*RUN_LIVE, RunStatus.CANCELLING):
+    cancellable: tuple[RunStatus, ...] = (*RUN_LIVE, RunStatus.CANCELLING)
+    if before == RunStatus.FAILED and _has_unfinished_turns(session, run_id):
+        cancellable = (*cancellable, RunStatus.FAILED)
+    if before not in cancellable:
         return CancelOutcome(before, before, 0)
     # Turns before the run: the lock order of every transaction that finishes turns.
     cancelled = session.execute(
@@ -217,12 +221,20 @@ def cancel_run(*, session: Session, run_id: uuid.UUID) -> CancelOutcome:
         .values(status=TurnStatus.CANCELLED, finished_at=func.now())
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
-        update(Run).where(Run.id == run_id, Run.status.in_(RUN_LIVE)).values(status=RunStatus.CANCELLING)
+        update(Run)
+        .where(Run.id == run_id, Run.status.in_([s for s in cancellable if s != RunStatus.CANCELLING]))
+        .values(status=RunStatus.CANCELLING)
     )
     advance_runs(session=session, run_ids=[run_id])
     after = run_status(session=session, run_id=run_id)
     assert after is not None
     return CancelOutcome(before, after, int(cancelled))
+
+
+def _has_unfinished_turns(session: Session, run_id: uuid.UUID) -> bool:
+    return bool(
+        session.scalar(select(exists().where(Turn.run_id == run_id, Turn.status.in_(TURN_UNFINISHED))))
+    )
 
 
 def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:

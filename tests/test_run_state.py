@@ -189,6 +189,36 @@ def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
     assert submit_run(path, name=name).sent == 0  # a third submission has nothing left to do
 
 
+def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    import tasks.generate
+
+    monkeypatch.setattr(runs.submit, "CHUNK", 10)
+    path = _file(tmp_path, 30)
+    name = "abandon-" + tmp_path.name
+    real = tasks.generate.dispatch
+
+    def broker_drops_on_the_second_send(ids, **kwargs):
+        if broker_drops_on_the_second_send.calls == 1:
+            raise ConnectionError("injected: broker connection lost")
+        broker_drops_on_the_second_send.calls += 1
+        return real(ids, **kwargs)
+
+    broker_drops_on_the_second_send.calls = 0
+    monkeypatch.setattr(tasks.generate, "dispatch", broker_drops_on_the_second_send)
+    with pytest.raises(SubmissionFailed):
+        submit_run(path, name=name)
+    run_id = run_state(name).id
+    assert _status(run_id) == RunStatus.FAILED
+    outcome = runs.cancel(name)
+    assert (outcome.before, outcome.after) == (RunStatus.FAILED, RunStatus.CANCELLED)
+    with session_scope() as s:
+        statuses = set(s.scalars(select(Turn.status).where(Turn.run_id == run_id)))
+    assert statuses == {TurnStatus.CANCELLED} and outcome.cancelled_turns == len(_turn_ids(run_id))
+    assert runs.cancel(name).after == RunStatus.CANCELLED  # a second cancel changes nothing
+
+
 def test_a_fixed_file_may_replace_a_run_that_failed_validation(quiet_model, tmp_path) -> None:
     name = "fixed-" + tmp_path.name
     broken = tmp_path / "broken.jsonl"
