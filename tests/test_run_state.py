@@ -156,6 +156,23 @@ def test_long_custom_ids_and_run_names_still_fit_their_keys(quiet_model, tmp_pat
     assert len(set(_sent_ids())) == 3
 
 
+def _broker_drops_on_send(monkeypatch, nth: int):
+    """Make the nth send of turns to the broker fail; returns the real dispatch."""
+    import tasks.generate
+
+    real = tasks.generate.dispatch
+    calls = []
+
+    def dispatch(ids, **kwargs):
+        calls.append(len(ids))
+        if len(calls) == nth:
+            raise ConnectionError("injected: broker connection lost")
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(tasks.generate, "dispatch", dispatch)
+    return real
+
+
 def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
     quiet_model, tmp_path, monkeypatch
 ) -> None:
@@ -164,16 +181,7 @@ def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
     monkeypatch.setattr(runs.submit, "CHUNK", 10)
     path = _file(tmp_path, 45)
     name = "resume-" + tmp_path.name
-    real = tasks.generate.dispatch
-    calls = []
-
-    def broker_drops_on_the_third_send(ids, **kwargs):
-        calls.append(len(ids))
-        if len(calls) == 3:
-            raise ConnectionError("injected: broker connection lost")
-        return real(ids, **kwargs)
-
-    monkeypatch.setattr(tasks.generate, "dispatch", broker_drops_on_the_third_send)
+    real = _broker_drops_on_send(monkeypatch, 3)
     with pytest.raises(SubmissionFailed, match="resubmit to resume"):
         submit_run(path, name=name)
     state = run_state(name)
@@ -192,21 +200,11 @@ def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
 def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(
     quiet_model, tmp_path, monkeypatch
 ) -> None:
-    import tasks.generate
 
     monkeypatch.setattr(runs.submit, "CHUNK", 10)
     path = _file(tmp_path, 30)
     name = "abandon-" + tmp_path.name
-    real = tasks.generate.dispatch
-
-    def broker_drops_on_the_second_send(ids, **kwargs):
-        if broker_drops_on_the_second_send.calls == 1:
-            raise ConnectionError("injected: broker connection lost")
-        broker_drops_on_the_second_send.calls += 1
-        return real(ids, **kwargs)
-
-    broker_drops_on_the_second_send.calls = 0
-    monkeypatch.setattr(tasks.generate, "dispatch", broker_drops_on_the_second_send)
+    _broker_drops_on_send(monkeypatch, 2)
     with pytest.raises(SubmissionFailed):
         submit_run(path, name=name)
     run_id = run_state(name).id
