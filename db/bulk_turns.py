@@ -32,6 +32,7 @@ STAGE_COLUMNS = (
     "model",
     "params",
     "custom_id",
+    "history",
 )
 
 CREATE_STAGE = text(
@@ -39,7 +40,7 @@ CREATE_STAGE = text(
     CREATE TEMP TABLE turn_stage (
         ord integer, idempotency_key text, request_hash text, conversation text, character text,
         player_name text, story text, story_time integer, message text, model text, params jsonb,
-        custom_id text
+        custom_id text, history jsonb
     ) ON COMMIT DROP
     """
 )
@@ -52,6 +53,20 @@ INSERT_CONVERSATIONS = text(
     FROM turn_stage s JOIN characters c ON c.slug = s.character
     ORDER BY s.conversation, s.ord
     ON CONFLICT (external_id) DO NOTHING
+    """
+)
+
+# A line may seed its fresh conversation with earlier lines (an OpenAI batch line's messages before
+# the last). Seeded once: a conversation that holds messages already is left as it is.
+INSERT_HISTORY = text(
+    """
+    INSERT INTO messages (conversation_id, seq, role, content)
+    SELECT v.id, h.ord, h.item->>0, h.item->>1
+    FROM turn_stage s JOIN conversations v ON v.external_id = s.conversation
+    CROSS JOIN LATERAL jsonb_array_elements(s.history) WITH ORDINALITY AS h(item, ord)
+    WHERE s.history IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = v.id)
+    ON CONFLICT (conversation_id, seq) DO NOTHING
     """
 )
 
@@ -90,6 +105,7 @@ class StagedTurn:
     model: str
     params: dict[str, Any]
     custom_id: str
+    history: tuple[tuple[str, str], ...] = ()  # (role, text) seeding a fresh conversation
 
 
 def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[StagedTurn]) -> list[uuid.UUID]:
@@ -124,10 +140,13 @@ def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[Sta
                     t.model,
                     json.dumps(t.params),
                     t.custom_id,
+                    json.dumps(t.history) if t.history else None,
                 )
             )
     session.execute(ANALYZE_STAGE)
     session.execute(INSERT_CONVERSATIONS)
+    if any(t.history for t in turns):
+        session.execute(INSERT_HISTORY)
     try:
         rows = session.execute(INSERT_TURNS, {"run_id": run_id}).tuples().all()
     except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: no such conversation

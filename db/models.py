@@ -79,10 +79,12 @@ class TurnErrorCode(enum.StrEnum):
     EMPTY_REPLY = "empty_reply"
     ENGINE_ERROR = "engine_error"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
 
 
 class RunStatus(enum.StrEnum):
-    """validating → queued → in_progress → completed; any live state → cancelling → cancelled;
+    """validating → queued → in_progress → completed (through finalizing when the run writes output
+    files); any live state → cancelling → cancelled; past its completion window → expired;
     validating → failed (bad file, or a submission that died: resubmitting resumes it)."""
 
     VALIDATING = "validating"
@@ -92,10 +94,12 @@ class RunStatus(enum.StrEnum):
     FAILED = "failed"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+    FINALIZING = "finalizing"
+    EXPIRED = "expired"
 
 
 RUN_LIVE = (RunStatus.VALIDATING, RunStatus.QUEUED, RunStatus.IN_PROGRESS)
-RUN_FINISHED = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
+RUN_FINISHED = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.EXPIRED)
 
 
 class Character(Base):
@@ -209,6 +213,40 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # What the run's file holds and allows: native or openai lines; LineOptions as JSON.
+    input_format: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    # OpenAI batch fields (runs created over HTTP; CLI runs may set metadata and a window too).
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    line_errors: Mapped[list[Any] | None] = mapped_column()  # [{line, message}] of a refused file
+    completion_window: Mapped[str | None] = mapped_column(String(16))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_reason: Mapped[str | None] = mapped_column(String(16))  # "expired" when the window closed it
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that created it (its id)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_error: Mapped[str | None] = mapped_column(Text)
+
+
+class StoredFile(Base):
+    """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(Text)  # under settings.files_dir
+    api_key: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class Turn(Base):

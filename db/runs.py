@@ -4,8 +4,11 @@
     finish_submission  validating  → queued (then advanced: a run with no turns completes at once)
     fail_submission    validating  → failed (bad file, or the submission died: resubmitting resumes it)
     resume_submission  failed | validating (no live submitter) → validating
-    advance            queued → in_progress → completed;  cancelling → cancelled
+    advance            queued → in_progress → completed;  cancelling → cancelled (or expired);
+                       a run that writes output files (an HTTP batch) goes to finalizing instead
+    finish_finalizing  finalizing → completed | cancelled | expired, once its files are written
     cancel             validating | queued | in_progress → cancelling (→ cancelled once nothing runs)
+    expire             the same, for live runs past expires_at: their unstarted turns are cancelled
     reopen             completed | in_progress → in_progress (failed turns queued again)
 
 `advance` runs in every transaction that finishes turns (db/turns.py), under a row lock on the run,
@@ -25,9 +28,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, case, column, exists, func, select, table, update
+from sqlalchemy import Connection, and_, case, column, exists, func, or_, select, table, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -61,22 +64,33 @@ class RunCounts:
         return self.completed + self.failed + self.cancelled
 
 
-def create_run(*, session: Session, name: str, model: str, file_hash: str, total: int) -> tuple[Run, bool]:
+def create_run(
+    *,
+    session: Session,
+    name: str,
+    model: str,
+    file_hash: str,
+    total: int,
+    fields: dict[str, Any] | None = None,
+) -> tuple[Run, bool]:
     """create: a run in `validating`, or the existing one of that name; (run, created).
 
     An existing run of another file is replaced only while it holds no turns and is not live
     (its validation failed, or its submission died before storing a line); otherwise RunConflict.
-    The caller holds the name's submission lock.
+    The caller holds the name's submission lock. `fields`: the run's other columns (format, options,
+    metadata, window, files, callback), set on creation and on a replacement.
     """
+    fields = fields or {}
     run_id = session.scalar(
         insert(Run)
         .values(
-            id=uuid.uuid4(),
+            id=fields.pop("id", None) or uuid.uuid4(),
             name=name,
             model=model,
             file_hash=file_hash,
             total=total,
             status=RunStatus.VALIDATING,
+            **fields,
         )
         .on_conflict_do_nothing(index_elements=[Run.name])
         .returning(Run.id)
@@ -93,7 +107,15 @@ def create_run(*, session: Session, name: str, model: str, file_hash: str, total
             Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
             ~exists().where(Turn.run_id == Run.id),
         )
-        .values(file_hash=file_hash, total=total, model=model, status=RunStatus.VALIDATING, error=None)
+        .values(
+            file_hash=file_hash,
+            total=total,
+            model=model,
+            status=RunStatus.VALIDATING,
+            error=None,
+            line_errors=None,
+            **fields,
+        )
         .returning(Run.id)
     )
     if replaced is None:
@@ -105,26 +127,35 @@ def create_run(*, session: Session, name: str, model: str, file_hash: str, total
     return run, True
 
 
-def resume_submission(*, session: Session, run_id: uuid.UUID) -> bool:
-    """resume: a failed or interrupted submission goes back to validating; False if the run moved on."""
+def resume_submission(
+    *, session: Session, run_id: uuid.UUID, total: int | None = None, input_format: str | None = None
+) -> bool:
+    """resume: a failed or interrupted submission goes back to validating (with the lines and the
+    format its file was found to hold); False if the run moved on."""
+    counted = {} if total is None else {"total": total}
+    if input_format is not None:
+        counted["input_format"] = input_format
     return (
         session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)))
-            .values(status=RunStatus.VALIDATING, error=None, finished_at=None)
+            .values(status=RunStatus.VALIDATING, error=None, line_errors=None, finished_at=None, **counted)
             .returning(Run.id)
         )
         is not None
     )
 
 
-def fail_submission(*, session: Session, run_id: uuid.UUID, error: str) -> bool:
-    """fail_submission: validating → failed, with the reason; False if the run moved on."""
+def fail_submission(
+    *, session: Session, run_id: uuid.UUID, error: str, line_errors: list[dict[str, Any]] | None = None
+) -> bool:
+    """fail_submission: validating → failed, with the reason (and each bad line's); False if the run
+    moved on."""
     return (
         session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
-            .values(status=RunStatus.FAILED, error=error, finished_at=func.now())
+            .values(status=RunStatus.FAILED, error=error, line_errors=line_errors, finished_at=func.now())
             .returning(Run.id)
         )
         is not None
@@ -144,6 +175,11 @@ def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
     return status
 
 
+def run_options(*, session: Session, name: str) -> dict[str, Any] | None:
+    """The line options the run of that name was created with; None if there is no such run."""
+    return session.scalar(select(Run.options).where(Run.name == name))
+
+
 def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
     """The run's stored status."""
     status = session.scalar(select(Run.status).where(Run.id == run_id))
@@ -159,6 +195,12 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
     session.execute(select(Run.id).where(Run.id.in_(ids)).order_by(Run.id).with_for_update())
     unfinished = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED))
     finished_any = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_FINISHED))
+    ending = case(
+        (Run.input_file_id.is_not(None), RunStatus.FINALIZING.value),  # its files are written next
+        (and_(Run.status == RunStatus.CANCELLING, Run.cancel_reason == "expired"), RunStatus.EXPIRED.value),
+        (Run.status == RunStatus.CANCELLING, RunStatus.CANCELLED.value),
+        else_=RunStatus.COMPLETED.value,
+    )
     session.execute(
         update(Run)
         .where(
@@ -167,15 +209,61 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
             ~unfinished | and_(Run.status == RunStatus.QUEUED, finished_any),
         )
         .values(
-            status=case(
-                (unfinished, RunStatus.IN_PROGRESS.value),
-                (Run.status == RunStatus.CANCELLING, RunStatus.CANCELLED.value),
-                else_=RunStatus.COMPLETED.value,
-            ),
-            finished_at=case((unfinished, None), else_=func.now()),
+            status=case((unfinished, RunStatus.IN_PROGRESS.value), else_=ending),
+            in_progress_at=func.coalesce(Run.in_progress_at, func.now()),
+            finalizing_at=case((and_(~unfinished, Run.input_file_id.is_not(None)), func.now()), else_=None),
+            finished_at=case((or_(unfinished, Run.input_file_id.is_not(None)), None), else_=func.now()),
         )
         .execution_options(synchronize_session=False)
     )
+
+
+def finalizing_runs(
+    *, session: Session, limit: int = 10, models: Sequence[str] | None = None
+) -> list[uuid.UUID]:
+    """Runs in `finalizing` (of these models) nobody else is finalizing, locked until the caller's
+    transaction ends."""
+    query = select(Run.id).where(Run.status == RunStatus.FINALIZING)
+    if models is not None:
+        query = query.where(Run.model.in_(list(models)))
+    return list(
+        session.scalars(
+            query.order_by(Run.finalizing_at).limit(limit).with_for_update(skip_locked=True)
+        ).all()
+    )
+
+
+def finish_finalizing(
+    *, session: Session, run_id: uuid.UUID, output_file_id: str, error_file_id: str
+) -> RunStatus | None:
+    """finish_finalizing: finalizing → completed (or cancelled / expired, as the run was ended), with
+    its output and error files; None if the run was not finalizing."""
+    status = session.scalar(
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
+        .values(
+            status=case(
+                (Run.cancel_reason == "expired", RunStatus.EXPIRED.value),
+                (Run.cancel_reason == "cancelled", RunStatus.CANCELLED.value),
+                else_=RunStatus.COMPLETED.value,
+            ),
+            output_file_id=output_file_id,
+            error_file_id=error_file_id,
+            finished_at=func.now(),
+        )
+        .returning(Run.status)
+    )
+    return None if status is None else RunStatus(status)
+
+
+def due_to_expire(
+    *, session: Session, limit: int = 100, models: Sequence[str] | None = None
+) -> list[uuid.UUID]:
+    """Live runs (of these models) whose completion window has closed."""
+    query = select(Run.id).where(Run.status.in_(RUN_LIVE), Run.expires_at < func.now())
+    if models is not None:
+        query = query.where(Run.model.in_(list(models)))
+    return list(session.scalars(query.order_by(Run.expires_at).limit(limit)).all())
 
 
 def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> None:
@@ -201,11 +289,14 @@ class CancelOutcome:
         return self.before != self.after or self.cancelled_turns > 0
 
 
-def cancel_run(*, session: Session, run_id: uuid.UUID) -> CancelOutcome:
+def cancel_run(
+    *, session: Session, run_id: uuid.UUID, reason: Literal["cancelled", "expired"] = "cancelled"
+) -> CancelOutcome:
     """cancel: cancel the run's queued turns, then validating | queued | in_progress → cancelling,
     then advance (→ cancelled at once when nothing is running). A run whose submission failed keeps
     its stored turns queued for a resume; cancelling it drops them the same way. Finished results are
-    kept; a finished run is left as it is."""
+    kept; a finished run is left as it is. `expired`: the run's completion window closed; its
+    unstarted turns say so, and the run ends `expired`."""
     before = run_status(session=session, run_id=run_id)
     if before is None:
         raise KeyError(f"no run {run_id}")
@@ -215,15 +306,20 @@ def cancel_run(*, session: Session, run_id: uuid.UUID) -> CancelOutcome:
     if before not in cancellable:
         return CancelOutcome(before, before, 0)
     # Turns before the run: the lock order of every transaction that finishes turns.
+    why = (
+        {"error": "the run's completion window closed before this turn started", "error_code": "expired"}
+        if reason == "expired"
+        else {}
+    )
     cancelled = session.execute(
         update(Turn)
         .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
-        .values(status=TurnStatus.CANCELLED, finished_at=func.now())
+        .values(status=TurnStatus.CANCELLED, finished_at=func.now(), **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status.in_([s for s in cancellable if s != RunStatus.CANCELLING]))
-        .values(status=RunStatus.CANCELLING)
+        .values(status=RunStatus.CANCELLING, cancel_reason=reason, cancelling_at=func.now())
     )
     advance_runs(session=session, run_ids=[run_id])
     after = run_status(session=session, run_id=run_id)
@@ -416,3 +512,19 @@ def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]
         select(Run).where(Run.status == RunStatus.VALIDATING, Run.created_at < cutoff)
     ).all()
     return [run for run in runs if not submission_alive(session=session, name=run.name)]
+
+
+def record_callback(*, session: Session, run_id: uuid.UUID, error: str | None) -> int:
+    """One delivery attempt of the run's completion callback: delivered (error None) or not, with
+    why; returns the attempts so far. A delivered callback is never recorded again."""
+    attempts = session.scalar(
+        update(Run)
+        .where(Run.id == run_id, Run.callback_delivered_at.is_(None))
+        .values(
+            callback_attempts=Run.callback_attempts + 1,
+            callback_error=error,
+            callback_delivered_at=func.now() if error is None else None,
+        )
+        .returning(Run.callback_attempts)
+    )
+    return int(attempts or 0)

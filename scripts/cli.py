@@ -10,7 +10,7 @@ import json
 import sys
 import uuid
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -26,6 +26,9 @@ card_app = typer.Typer(help="SillyTavern V2/V3 character cards (JSON or PNG).", 
 app.add_typer(services_app, name="services")
 app.add_typer(run_app, name="run")
 app.add_typer(card_app, name="card")
+
+
+ExportFormat = Literal["native", "openai"]  # services/runs/export.py
 
 
 class Refused(Exception):
@@ -118,11 +121,14 @@ def sweep(
     ] = None,
 ) -> None:
     """Re-send turns whose queue message was lost, close runs whose submission died (safe any time)."""
+    from services.batches import housekeeping
     from services.sweeper import close_abandoned_runs, resend_stranded
 
     sent = resend_stranded(older_than_s=older_than)
     closed = close_abandoned_runs()
-    _out(json.dumps({"resent": sent, "runs": closed}) if sent or closed else "nothing stranded")
+    batches = {k: v for k, v in housekeeping().items() if v}
+    done = {"resent": sent, "runs": closed, "batches": batches}
+    _out(json.dumps(done) if sent or closed or batches else "nothing stranded")
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -146,12 +152,20 @@ def run_submit(
     file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True, help="the JSONL file")],
     name: Annotated[str | None, typer.Option(help="run name (default: the file's stem)")] = None,
     skip_bad_lines: Annotated[bool, typer.Option(help="submit the good lines, report the bad")] = False,
+    character: Annotated[
+        str | None, typer.Option(help="OpenAI-format files: the character of lines that name none")
+    ] = None,
+    allow_system_prompt: Annotated[
+        bool, typer.Option(help="let a line's system prompt replace its character's own")
+    ] = False,
 ) -> None:
-    """Validate the whole file, then store and send it; resubmitting resumes a submission that died."""
+    """Validate the whole file (native or OpenAI batch lines), then store and send it; resubmitting
+    resumes a submission that died."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from services import runs
+    from services.runs.openai_lines import LineOptions
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
@@ -161,6 +175,7 @@ def run_submit(
             name=name,
             skip_bad_lines=skip_bad_lines,
             progress=lambda stored, sent: bar.update(task, completed=sent, description=f"stored {stored}"),
+            options=LineOptions(default_character=character, allow_system_prompt=allow_system_prompt),
         )
     _print_submitted(sub)
 
@@ -240,11 +255,14 @@ def run_list(limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
 def run_export(
     run: Annotated[str, typer.Argument(help="the run's id or name")],
     out: Annotated[Path, typer.Option(file_okay=False, help="output folder")] = Path("exports"),
+    format: Annotated[
+        ExportFormat, typer.Option("--format", help="native lines, or OpenAI Batch API output lines")
+    ] = "native",
 ) -> None:
     """results.jsonl in input order (keyed by custom_id) and errors.jsonl."""
     from services.runs import export_run
 
-    results, errors, n_ok, n_err = export_run(run, out)
+    results, errors, n_ok, n_err = export_run(run, out, format)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
 
 

@@ -32,6 +32,10 @@ Text = Annotated[str, AfterValidator(storable_text)]
 Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]
 
 
+# Sampling controls passed to vLLM's SamplingParams under the same names.
+SAMPLING_CONTROLS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "top_k")
+
+
 class GenerationParams(BaseModel):
     """Per-turn sampling overrides; anything unset takes the configured default."""
 
@@ -42,6 +46,11 @@ class GenerationParams(BaseModel):
     max_new_tokens: int | None = Field(default=None, ge=1)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     stop: list[Annotated[Text, Field(min_length=1, max_length=64)]] | None = Field(default=None, max_length=8)
+    repetition_penalty: float | None = Field(default=None, gt=0, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    top_k: int | None = Field(default=None, ge=-1, le=INT4_MAX)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -58,6 +67,10 @@ class GenerationParams(BaseModel):
             max_new_tokens=self.max_new_tokens or settings.max_new_tokens,
             seed=secrets.randbelow(2**31) if self.seed is None else self.seed,
             stop=self.stop or [],
+            **{
+                name: getattr(settings, name) if getattr(self, name) is None else getattr(self, name)
+                for name in SAMPLING_CONTROLS
+            },
         )
 
 

@@ -79,18 +79,27 @@ def resend_stranded(
 
 
 def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
-    """Runs whose submission died: `validating` → `failed` with how to resume; a cancel whose
-    submitter died is finished. Returns {run name: what was done}."""
+    """Runs whose submission died: `validating` → `failed` with how to resume, and a batch's (whose
+    file is stored) resumed at once; a cancel whose submitter died is finished. Returns {run name:
+    what was done}."""
+    from services.batches import submit_batch_by_name
+
     done: dict[str, str] = {}
+    resume: list[str] = []
     with session_scope() as session:
         for run in abandoned_submissions(session=session, older_than_s=older_than_s):
             error = interrupted_message(run, run_counts(session=session, run_id=run.id))
             if fail_submission(session=session, run_id=run.id, error=error):
                 done[run.name] = "failed: submission interrupted"
+                if run.input_file_id is not None:
+                    resume.append(run.name)
         cancelling = session.scalars(select(Run).where(Run.status == RunStatus.CANCELLING)).all()
         for run in cancelling:
             if not submission_alive(session=session, name=run.name):
                 outcome = cancel_run(session=session, run_id=run.id)
                 if outcome.cancelled_turns or outcome.after != outcome.before:
                     done[run.name] = f"cancel finished: {outcome.cancelled_turns} turns, now {outcome.after}"
+    for name in resume:
+        submit_batch_by_name(name)
+        done[name] = "submission resumed from its stored file"
     return done

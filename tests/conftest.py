@@ -94,17 +94,26 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
     from celery.contrib.testing.worker import start_worker
 
     from tasks.app import app
+    from tasks.callbacks import CALLBACK_QUEUE
+    from worker.housekeeping import Housekeeper
 
+    housekeeper = Housekeeper(interval_s=1.0)
+    housekeeper.start()
     with start_worker(
         app,
         pool="threads",
         concurrency=settings.worker_threads,
         perform_ping_check=False,
-        queues=[queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")],
+        queues=[
+            CALLBACK_QUEUE,
+            queue_for_model(settings.model, "live"),
+            queue_for_model(settings.model, "bulk"),
+        ],
         loglevel="WARNING",
         shutdown_timeout=60,
     ) as worker:
         yield worker
+    housekeeper.stop()
 
 
 @pytest.fixture(scope="session")

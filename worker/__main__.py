@@ -16,6 +16,9 @@ def _warm_up(**_: object) -> None:
     from worker.startup import check_and_warm_up
 
     check_and_warm_up()
+    from worker.housekeeping import Housekeeper
+
+    Housekeeper().start()
     if settings.metrics_port:
         from prometheus_client import start_http_server
 
@@ -36,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     """Start the worker; extra arguments go to `celery worker`."""
     configure_logging()
     from tasks.app import PREFETCH_PER_THREAD, app
+    from tasks.callbacks import CALLBACK_QUEUE
 
     args = [
         "worker",
@@ -43,7 +47,8 @@ def main(argv: list[str] | None = None) -> None:
         # flush's thread feeds the one engine of this process.
         "--pool=threads",
         f"--concurrency={settings.worker_threads}",
-        f"--queues={settings.queue},{queue_for_model(settings.model, 'bulk')}",
+        # Callbacks first: "priority" order would starve them behind a bulk backlog; they are few.
+        f"--queues={CALLBACK_QUEUE},{settings.queue},{queue_for_model(settings.model, 'bulk')}",
         f"--prefetch-multiplier={PREFETCH_PER_THREAD}",
         f"--hostname=mlchat-{settings.model}@%h",
         "--loglevel=INFO",

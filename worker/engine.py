@@ -11,7 +11,7 @@ import multiprocessing.util
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,8 @@ class GenerationRequest:
     seed: int
     stop: tuple[str, ...]
     priority: int = LIVE
+    # repetition_penalty, frequency_penalty, presence_penalty, min_p, top_k (services/schemas.py)
+    controls: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -215,6 +217,7 @@ def sampling_params(request: GenerationRequest) -> Any:
         seed=request.seed,
         stop=list(request.stop) or None,
         skip_special_tokens=True,
+        **request.controls,
     )
 
 

@@ -34,6 +34,7 @@ from db.turns import (
     store_replies,
 )
 from roleplay.mood import Mood
+from services.schemas import SAMPLING_CONTROLS
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import EngineDead, GenerationRequest
@@ -177,6 +178,7 @@ def _answer(
                         turn.params["max_new_tokens"],
                         mood=Mood(turn.emotion, turn.affinity),
                         speaker=turn.speaker,
+                        system_prompt=turn.params.get("system_prompt"),
                     )
                 )
             except PromptTooLong as exc:
@@ -370,6 +372,7 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> Generatio
         max_tokens=p["max_new_tokens"],
         seed=p["seed"],
         stop=tuple(p.get("stop") or ()) + prompt.stop,
+        controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
     )
 
 

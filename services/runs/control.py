@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from db.models import Run, RunStatus
+from db.models import RUN_FINISHED, Run, RunStatus
 from db.runs import (
     CancelOutcome,
     RunCounts,
@@ -52,7 +52,7 @@ class RunState:
 
     @property
     def finished(self) -> bool:
-        return self.status in (RunStatus.COMPLETED, RunStatus.CANCELLED, RunStatus.FAILED)
+        return self.status in RUN_FINISHED
 
 
 def run_state(ref: str) -> RunState:

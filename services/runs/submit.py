@@ -15,9 +15,10 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
+from typing import Any
 
 from core.settings import settings
 from db.bulk_turns import RunNotAccepting, StagedTurn, insert_run_turns, stored_custom_ids
@@ -29,13 +30,22 @@ from db.runs import (
     fail_submission,
     finish_submission,
     resume_submission,
+    run_options,
     run_status,
     submission_lock,
     unsent_turns,
 )
 from db.session import session_scope
 from db.turns import mark_dispatched
-from services.runs.validate import LineError, RunLine, RunValidationError, good_lines, validate_file
+from services.runs.openai_lines import LineOptions
+from services.runs.validate import (
+    FileCheck,
+    LineError,
+    RunLine,
+    RunValidationError,
+    good_lines,
+    validate_file,
+)
 from services.schemas import storable_text
 
 logger = logging.getLogger(__name__)
@@ -90,34 +100,55 @@ def check_run_name(name: str) -> str:
 
 
 def submit_run(
-    path: Path, *, name: str | None = None, skip_bad_lines: bool = False, progress: Progress | None = None
+    path: Path,
+    *,
+    name: str | None = None,
+    skip_bad_lines: bool = False,
+    progress: Progress | None = None,
+    options: LineOptions | None = None,
+    fields: dict[str, Any] | None = None,
 ) -> SubmittedRun:
     """Validate the whole file, then store and send it on the bulk lane.
 
     A new name creates the run. The same name and file again resumes a submission that failed or
     died, and is a no-op for one that finished. Raises RunValidationError (nothing stored), RunBusy,
-    RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume).
+    RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume). `options` say what
+    the file's lines may do (a resumed run keeps the ones it was created with); `fields` are the
+    run's other columns (metadata, window, files), set when it is created.
     """
     name = check_run_name(name or path.stem)
     with submission_lock(name) as got:
         if not got:
             raise RunBusy(f"run {name!r} is being submitted by another process right now")
-        check = validate_file(path)
+        options = _stored_options(name) or options or LineOptions()
+        check = validate_file(path, options)
         with session_scope() as session:
             run, created = create_run(
-                session=session, name=name, model=settings.model, file_hash=check.digest, total=check.good
+                session=session,
+                name=name,
+                model=settings.model,
+                file_hash=check.digest,
+                total=check.good,
+                fields=(fields or {}) | {"input_format": check.reader.format, "options": asdict(options)},
             )
             run_id, model, status = run.id, run.model, run.status
             if status not in (RunStatus.VALIDATING, RunStatus.FAILED):  # submitted already: nothing to do
                 return SubmittedRun(run_id, name, False, 0, 0, [], status)
             if check.errors and not skip_bad_lines:
-                fail_submission(session=session, run_id=run_id, error=str(RunValidationError(check.errors)))
+                fail_submission(
+                    session=session,
+                    run_id=run_id,
+                    error=str(RunValidationError(check.errors)),
+                    line_errors=[{"line": e.line, "message": e.reason} for e in check.errors[:1000]],
+                )
             else:
-                resume_submission(session=session, run_id=run_id)
+                resume_submission(
+                    session=session, run_id=run_id, total=check.good, input_format=check.reader.format
+                )
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors)
         try:
-            stored, sent = _store_and_send(path, check.bad_lines, name, run_id, model, progress)
+            stored, sent = _store_and_send(path, check, name, run_id, model, progress)
         except RunNotAccepting:
             stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
         except Exception as exc:
@@ -139,8 +170,15 @@ def submit_run(
         return SubmittedRun(run_id, name, created, stored, sent, check.errors, status)
 
 
+def _stored_options(name: str) -> LineOptions | None:
+    """The line options a run of that name was created with (a resumed submission keeps them)."""
+    with session_scope() as session:
+        stored = run_options(session=session, name=name)
+    return None if stored is None else LineOptions(**stored)
+
+
 def _store_and_send(
-    path: Path, bad: set[int], name: str, run_id: uuid.UUID, model: str, progress: Progress | None
+    path: Path, check: FileCheck, name: str, run_id: uuid.UUID, model: str, progress: Progress | None
 ) -> tuple[int, int]:
     """Store the lines not stored yet and send every turn not sent yet; (lines stored, turns sent).
 
@@ -163,7 +201,7 @@ def _store_and_send(
         send(leftovers)
     lines = (
         _staged_turn(text, line, name, run_id, model)
-        for _, text, line in good_lines(path, bad)
+        for _, text, line in good_lines(path, check)
         if line.custom_id not in already
     )
     with (
@@ -220,6 +258,9 @@ def _key(prefix: str, custom_id: str) -> str:
 
 
 def _staged_turn(raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str) -> StagedTurn:
+    params = line.params.resolved()
+    if line.system_prompt is not None:
+        params["system_prompt"] = line.system_prompt
     return StagedTurn(
         idempotency_key=_key(f"run:{run_id}", line.custom_id),
         request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted
@@ -230,6 +271,7 @@ def _staged_turn(raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, mode
         story_time=line.story_time,
         message=line.message,
         model=model,
-        params=line.params.resolved(),
+        params=params,
         custom_id=line.custom_id,
+        history=tuple((h.role, h.content) for h in line.history),
     )

@@ -6,17 +6,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from db.session import session_scope
 from db.world import all_character_slugs, find_conversations
+from services.runs.openai_lines import LineOptions, body_field, is_openai_line, to_run_line
 from services.schemas import GenerationParams, Int4, Text, check_message
 
+FileFormat = Literal["native", "openai"]
+
 _BOM = b"\xef\xbb\xbf"
+
+
+class HistoryLine(BaseModel):
+    """An earlier line of a fresh conversation, seeded before the turn."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["user", "assistant"]
+    content: Text = Field(min_length=1, max_length=20_000)
 
 
 class RunLine(BaseModel):
@@ -34,6 +47,9 @@ class RunLine(BaseModel):
     story: Text | None = Field(default=None, max_length=100)
     story_time: Int4 | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
+    history: list[HistoryLine] = Field(default_factory=list, max_length=200)
+    # Replaces the character's own system prompt; only in runs that allow it.
+    system_prompt: Text | None = Field(default=None, min_length=1, max_length=20_000)
 
 
 @dataclass(frozen=True)
@@ -59,32 +75,64 @@ class FileCheck:
     digest: str  # sha256 of the file
     good: int
     errors: list[LineError]
+    reader: LineReader
 
     @property
     def bad_lines(self) -> set[int]:
         return {e.line for e in self.errors}
 
 
+@dataclass(frozen=True)
+class LineReader:
+    """Parses a file's lines into RunLines, in the file's format and under the run's options."""
+
+    format: FileFormat = "native"
+    characters: Collection[str] = ()
+    options: LineOptions = LineOptions()
+
+    def parse(self, text: str) -> RunLine:
+        """One line as a RunLine; ValueError naming the field at fault."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(data, dict):
+            raise ValueError("each line must be a JSON object")
+        name: Any = str
+        if self.format == "openai":
+            data, name = to_run_line(data, self.characters, self.options), body_field
+        try:
+            line = RunLine.model_validate(data)
+            check_message(line.message)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "line"
+            raise ValueError(f"{name(where)}: {first['msg']}") from None
+        except ValueError as exc:
+            raise ValueError(f"{name('message')}: {exc}") from None
+        if not line.conversation and not line.character:
+            raise ValueError("a line without a conversation must name a character")
+        if line.history and line.conversation:
+            raise ValueError("history: seeds only a fresh conversation; omit conversation")
+        if line.system_prompt is not None and not self.options.allow_system_prompt:
+            raise ValueError("system_prompt: this run does not allow a system prompt of its own")
+        return line
+
+
 def parse_line(text: str) -> RunLine:
-    """One line as a RunLine; ValueError naming the field at fault."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError("each line must be a JSON object")
-    try:
-        line = RunLine.model_validate(data)
-        check_message(line.message)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "line"
-        raise ValueError(f"{where}: {first['msg']}") from None
-    except ValueError as exc:
-        raise ValueError(f"message: {exc}") from None
-    if not line.conversation and not line.character:
-        raise ValueError("a line without a conversation must name a character")
-    return line
+    """One native-format line as a RunLine; ValueError naming the field at fault."""
+    return LineReader().parse(text)
+
+
+def detect_format(path: Path) -> FileFormat:
+    """The file's format, from its first line that parses: OpenAI batch lines carry method/url/body."""
+    for _, text in iter_lines(path):
+        if isinstance(text, str):
+            try:
+                return "openai" if is_openai_line(json.loads(text)) else "native"
+            except json.JSONDecodeError:
+                continue
+    return "native"
 
 
 class BadEncoding(ValueError):
@@ -112,11 +160,12 @@ def iter_lines(path: Path) -> Iterator[tuple[int, str | BadEncoding]]:
                 yield number, text
 
 
-def good_lines(path: Path, bad: set[int]) -> Iterator[tuple[int, str, RunLine]]:
+def good_lines(path: Path, check: FileCheck) -> Iterator[tuple[int, str, RunLine]]:
     """The file's lines that passed validation, parsed again (validation keeps nothing in memory)."""
+    bad = check.bad_lines
     for number, text in iter_lines(path):
         if number not in bad and isinstance(text, str):
-            yield number, text, RunLine.model_validate_json(text)
+            yield number, text, check.reader.parse(text)
 
 
 def file_digest(path: Path) -> str:
@@ -133,10 +182,14 @@ class _ConversationUse:
     lines: list[tuple[int, str | None]] = field(default_factory=list)
 
 
-def validate_file(path: Path) -> FileCheck:
+def validate_file(path: Path, options: LineOptions | None = None) -> FileCheck:
     """Check every line, its character and its conversation (against the database) before any insert."""
+    options = options or LineOptions()
     with session_scope() as session:
         characters = set(all_character_slugs(session=session))
+    if options.default_character is not None and options.default_character not in characters:
+        raise ValueError(f"default character: unknown character {options.default_character!r}")
+    reader = LineReader(detect_format(path), characters, options)
     seen: set[str] = set()
     errors: list[LineError] = []
     uses: dict[str, _ConversationUse] = {}
@@ -145,7 +198,7 @@ def validate_file(path: Path) -> FileCheck:
             errors.append(LineError(number, str(text)))
             continue
         try:
-            line = parse_line(text)
+            line = reader.parse(text)
         except ValueError as exc:
             errors.append(LineError(number, str(exc)))
             continue
@@ -162,7 +215,10 @@ def validate_file(path: Path) -> FileCheck:
     conversation_errors = _conversation_errors(uses)
     errors.extend(conversation_errors)
     return FileCheck(
-        file_digest(path), len(seen) - len(conversation_errors), sorted(errors, key=lambda e: e.line)
+        file_digest(path),
+        len(seen) - len(conversation_errors),
+        sorted(errors, key=lambda e: e.line),
+        reader,
     )
 
 

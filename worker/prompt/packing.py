@@ -42,6 +42,7 @@ class PromptInput:
     max_new_tokens: int
     mood: Mood | None = None
     speaker: str = "character"  # or "narrator"
+    system_prompt: str | None = None  # a run's own system prompt in place of the character's
 
 
 @dataclass
@@ -115,6 +116,9 @@ class PromptBuilder:
         lore = self._lore(item, char, user)
         pieces_of = narrator_pieces if narrator else persona_pieces
         persona = pieces_of(item.character, lore, char, user, clean)
+        if item.system_prompt and not narrator:
+            own = ("system_prompt", None, clean(fill_macros(item.system_prompt, char, user)))
+            persona = [own if section == "system_prompt" else (section, i, t) for section, i, t in persona]
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )

@@ -1,0 +1,84 @@
+"""Batches, as OpenAI's Batch API has them: create from an uploaded file, read, list, cancel.
+
+The official `openai` client works against these routes (base URL `<mlchat>/v1`). Two extensions,
+given in the create body (the client's `extra_body`): `callback_url`, POSTed the batch object when
+it ends (signed, see services/callbacks.py), and `allow_system_prompt`.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, status
+from pydantic import BaseModel, ConfigDict, Field
+
+from api.deps import Caller, json_body, needs
+from services import batches
+from services.batches import BatchNotFound, BatchRefused
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+class BatchCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    input_file_id: str = Field(min_length=1, max_length=64)
+    endpoint: str = Field(max_length=64)
+    completion_window: str | None = Field(default=None, max_length=16)
+    metadata: dict[str, Any] | None = None
+    output_expires_after: dict[str, Any] | None = None  # accepted; files are kept until deleted
+    callback_url: str | None = Field(default=None, max_length=2000)
+    allow_system_prompt: bool = False
+
+
+@router.post("", dependencies=[Depends(json_body)])
+def create_batch(
+    body: BatchCreate, background: BackgroundTasks, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> Any:
+    """Create a batch from an uploaded file; it starts `validating` and its lines are checked, stored
+    and sent right after this answers."""
+    try:
+        batch = batches.create_batch(
+            input_file_id=body.input_file_id,
+            endpoint=body.endpoint,
+            completion_window=body.completion_window,
+            metadata=body.metadata,
+            api_key=who.key_id,
+            admin=who.admin,
+            callback_url=body.callback_url,
+            allow_system_prompt=body.allow_system_prompt,
+        )
+    except BatchRefused as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    background.add_task(batches.submit_batch_by_name, batch["id"])
+    return batch
+
+
+@router.get("")
+def list_batches(
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    after: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+) -> Any:
+    """The caller's batches, newest first."""
+    try:
+        return batches.list_batches(api_key=who.key_id, admin=who.admin, after=after, limit=limit)
+    except BatchNotFound as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, f"after: {exc}") from None
+
+
+@router.get("/{batch_id}")
+def get_batch(batch_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    try:
+        return batches.get_batch(batch_id, api_key=who.key_id, admin=who.admin)
+    except BatchNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+
+
+@router.post("/{batch_id}/cancel")
+def cancel_batch(batch_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    """Cancel the requests not started yet; finished ones are kept and written to the output file."""
+    try:
+        return batches.cancel_batch(batch_id, api_key=who.key_id, admin=who.admin)
+    except BatchNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

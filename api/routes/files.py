@@ -1,0 +1,68 @@
+"""Files: upload a batch input file (multipart, as OpenAI's API takes it), read a file's metadata and
+content (a batch's output and error files). Ingest keys see their own files; admin keys see all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.responses import FileResponse
+from starlette.datastructures import UploadFile
+
+from api.deps import Caller, needs
+from services.files import PURPOSES, FileTooLarge, FoundFile, find_file, save_upload
+
+router = APIRouter(prefix="/v1/files", tags=["files"])
+
+_CHUNK = 1 << 20
+
+
+@router.post("")
+async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    """Upload a JSONL file for a batch: multipart fields `file` and `purpose` ("batch")."""
+    media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media != "multipart/form-data":
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "send the file as multipart/form-data (fields file, purpose)",
+        )
+    async with request.form(max_files=1, max_fields=4) as form:
+        purpose, upload = form.get("purpose"), form.get("file")
+        if purpose not in PURPOSES:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"purpose: must be one of {list(PURPOSES)}")
+        if not isinstance(upload, UploadFile):
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "file: missing (a multipart file field)")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            while data := await upload.read(_CHUNK):
+                yield data
+
+        try:
+            return await save_upload(
+                chunks(), filename=upload.filename or "batch.jsonl", purpose=str(purpose), api_key=who.key_id
+            )
+        except FileTooLarge as exc:
+            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+
+
+def _visible(file_id: str, who: Caller) -> FoundFile:
+    found = find_file(file_id)
+    if found is None or not (who.admin or found.api_key == who.key_id):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r}")
+    return found
+
+
+@router.get("/{file_id}")
+def get_file(file_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    """The file's metadata."""
+    return _visible(file_id, who).info
+
+
+@router.get("/{file_id}/content")
+def get_file_content(file_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> FileResponse:
+    """The file's bytes, streamed from disk."""
+    found = _visible(file_id, who)
+    if not found.path.is_file():
+        raise HTTPException(status.HTTP_410_GONE, f"file {file_id!r}: its bytes are no longer stored")
+    return FileResponse(found.path, media_type="application/jsonl", filename=found.info["filename"])

@@ -1,0 +1,342 @@
+"""OpenAI-style batches: a run created from an uploaded file, with a completion window, metadata,
+output and error files written while `finalizing`, and an optional signed completion callback.
+
+A batch is a run (db/runs.py owns its states) whose `input_file_id` is set. Its submission goes on
+in the background after `create_batch` answers; `housekeeping` expires runs whose window closed and
+finalizes finished ones (the worker's timer, the sweeper and a cancel all call it).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.settings import settings
+from db.files import add_file
+from db.models import Run, RunStatus
+from db.runs import (
+    cancel_run,
+    create_run,
+    due_to_expire,
+    finalizing_runs,
+    finish_finalizing,
+    run_counts,
+)
+from db.session import session_scope
+from services.files import find_file, new_file_id
+from services.runs.export import write_outputs
+from services.runs.openai_lines import ENDPOINT, LineOptions
+from services.runs.submit import RunBusy, SubmissionFailed, submit_run
+from services.runs.validate import RunValidationError, file_digest
+
+logger = logging.getLogger(__name__)
+
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+# OpenAI's metadata limits: 16 pairs, keys up to 64 characters, values up to 512.
+_META_PAIRS, _META_KEY, _META_VALUE = 16, 64, 512
+
+
+class BatchRefused(ValueError):
+    """A batch request that cannot be accepted; the message names the field."""
+
+
+class BatchNotFound(LookupError):
+    """No batch (or file) of that id that the caller may see."""
+
+
+def parse_window(text: str) -> timedelta:
+    """`24h`, `90m`, `30s`: up to batch_max_window_hours."""
+    match = _WINDOW.match(text)
+    if not match:
+        raise BatchRefused(f"completion_window: {text!r}; give a number and a unit, e.g. '24h', '90m'")
+    window = timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
+    if window > timedelta(hours=settings.batch_max_window_hours):
+        raise BatchRefused(f"completion_window: at most {settings.batch_max_window_hours}h")
+    return window
+
+
+def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if len(metadata) > _META_PAIRS:
+        raise BatchRefused(f"metadata: at most {_META_PAIRS} pairs")
+    for key, value in metadata.items():
+        if len(key) > _META_KEY:
+            raise BatchRefused(f"metadata: key {key[:20]!r}… is over {_META_KEY} characters")
+        if not isinstance(value, str) or len(value) > _META_VALUE:
+            raise BatchRefused(f"metadata.{key}: must be a string of at most {_META_VALUE} characters")
+    return dict(metadata)
+
+
+def check_callback(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise BatchRefused(f"callback_url: {url[:80]!r} is not an http(s) URL")
+    if settings.callback_secret is None:
+        raise BatchRefused("callback_url: set MLCHAT_CALLBACK_SECRET so callbacks can be signed")
+    return url
+
+
+def create_batch(
+    *,
+    input_file_id: str,
+    endpoint: str,
+    completion_window: str | None,
+    metadata: dict[str, Any] | None,
+    api_key: str | None,
+    admin: bool,
+    callback_url: str | None = None,
+    allow_system_prompt: bool = False,
+) -> dict[str, Any]:
+    """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
+    validated, stored and sent there). Raises BatchRefused."""
+    if endpoint != ENDPOINT:
+        raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
+    window_text = completion_window or settings.batch_default_window
+    window = parse_window(window_text)
+    meta = check_metadata(metadata)
+    callback = check_callback(callback_url)
+    found = find_file(input_file_id)
+    if found is None or not (admin or found.api_key == api_key):
+        raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
+    if found.info["purpose"] != "batch":
+        raise BatchRefused(
+            f"input_file_id: {input_file_id!r} has purpose {found.info['purpose']!r}, not 'batch'"
+        )
+    options = LineOptions(
+        default_character=(meta or {}).get("character"), allow_system_prompt=allow_system_prompt
+    )
+    run_id = uuid.uuid4()
+    with session_scope() as session:
+        run, _ = create_run(
+            session=session,
+            name=f"batch_{run_id.hex}",
+            model=settings.model,
+            file_hash=file_digest(found.path),
+            total=0,
+            fields={
+                "id": run_id,
+                "input_format": "openai",
+                "options": {
+                    "default_character": options.default_character,
+                    "allow_system_prompt": options.allow_system_prompt,
+                },
+                "metadata_": meta,
+                "completion_window": window_text,
+                "expires_at": func.now() + window,
+                "input_file_id": input_file_id,
+                "api_key": api_key,
+                "callback_url": callback,
+            },
+        )
+        session.flush()
+        session.refresh(run)
+        return batch_object(session, run)
+
+
+def submit_batch_by_name(name: str) -> None:
+    """Validate, store and send a batch's file (resumable: a second call sends only what is left).
+    A bad file fails the batch with each line's error; nothing here raises."""
+    with session_scope() as session:
+        run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
+        if run is None or run.input_file_id is None:
+            return
+        file_id = run.input_file_id
+    found = find_file(file_id)
+    try:
+        if found is None:
+            raise FileNotFoundError(f"input file {file_id} is gone")
+        submit_run(found.path, name=name)
+    except (RunValidationError, RunBusy):
+        pass  # the run records the bad lines; or another submitter is on it
+    except SubmissionFailed as exc:
+        logger.warning("batch %s: %s", name, exc)  # the sweeper resumes it
+    except Exception:
+        logger.exception("batch %s: submission failed", name)
+
+
+# --- the batch as OpenAI's API shows it ------------------------------------------------------------
+
+# OpenAI has no `queued`: a batch whose lines are all sent and none answered yet is in progress.
+_STATUS = {RunStatus.QUEUED: "in_progress"}
+
+
+def _ts(value: datetime | None) -> int | None:
+    return None if value is None else int(value.timestamp())
+
+
+def batch_object(session: Session, run: Run) -> dict[str, Any]:
+    """The run as an OpenAI Batch object (plus `model`)."""
+    counts = run_counts(session=session, run_id=run.id)
+    status = RunStatus(run.status)
+    ended = {
+        RunStatus.COMPLETED: "completed_at",
+        RunStatus.FAILED: "failed_at",
+        RunStatus.EXPIRED: "expired_at",
+        RunStatus.CANCELLED: "cancelled_at",
+    }
+    stamps = dict.fromkeys(ended.values())
+    if status in ended:
+        stamps[ended[status]] = _ts(run.finished_at)
+    if status == RunStatus.FAILED:
+        errors = run.line_errors or [{"line": None, "message": run.error or "the batch failed"}]
+        error_list = {
+            "object": "list",
+            "data": [
+                {"code": "invalid_request", "line": e["line"], "message": e["message"], "param": None}
+                for e in errors
+            ],
+        }
+    else:
+        error_list = None
+    return {
+        "id": run.name,
+        "object": "batch",
+        "endpoint": ENDPOINT,
+        "model": run.model,
+        "errors": error_list,
+        "input_file_id": run.input_file_id,
+        "completion_window": run.completion_window,
+        "status": _STATUS.get(status, status.value),
+        "output_file_id": run.output_file_id,
+        "error_file_id": run.error_file_id,
+        "created_at": _ts(run.created_at),
+        "in_progress_at": _ts(run.in_progress_at),
+        "expires_at": _ts(run.expires_at),
+        "finalizing_at": _ts(run.finalizing_at),
+        "cancelling_at": _ts(run.cancelling_at),
+        **stamps,
+        "request_counts": {
+            "total": counts.total or run.total,
+            "completed": counts.completed,
+            "failed": counts.failed + counts.cancelled,
+        },
+        "metadata": run.metadata_,
+    }
+
+
+def _visible_run(session: Session, batch_id: str, api_key: str | None, admin: bool) -> Run:
+    run = session.scalars(
+        select(Run).where(Run.name == batch_id, Run.input_file_id.is_not(None))
+    ).one_or_none()
+    if run is None or not (admin or run.api_key == api_key):
+        raise BatchNotFound(f"no batch {batch_id!r}")
+    return run
+
+
+def get_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+    with session_scope() as session:
+        return batch_object(session, _visible_run(session, batch_id, api_key, admin))
+
+
+def list_batches(*, api_key: str | None, admin: bool, after: str | None, limit: int) -> dict[str, Any]:
+    """Newest first, `limit` per page, after the batch id `after`."""
+    with session_scope() as session:
+        query = select(Run).where(Run.input_file_id.is_not(None))
+        if not admin:
+            query = query.where(Run.api_key == api_key)
+        if after is not None:
+            cursor = _visible_run(session, after, api_key, admin)
+            query = query.where(
+                (Run.created_at < cursor.created_at)
+                | ((Run.created_at == cursor.created_at) & (Run.id < cursor.id))
+            )
+        rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)).all()
+        page = [batch_object(session, run) for run in rows[:limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+def cancel_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+    """Cancel the batch's unstarted requests; finished ones are kept and written to its output."""
+    with session_scope() as session:
+        run = _visible_run(session, batch_id, api_key, admin)
+        cancel_run(session=session, run_id=run.id)
+    finalize_runs()
+    return get_batch(batch_id, api_key=api_key, admin=admin)
+
+
+# --- housekeeping: expiry, finalizing, callbacks ---------------------------------------------------
+
+
+def expire_due_runs(models: Sequence[str] | None = None) -> list[str]:
+    """Runs (of these models; None: all) whose completion window closed: their unstarted turns are
+    cancelled, and the run ends `expired` once nothing of it runs (finished replies are kept)."""
+    expired = []
+    with session_scope() as session:
+        due = due_to_expire(session=session, models=models)
+    for run_id in due:
+        with session_scope() as session:
+            outcome = cancel_run(session=session, run_id=run_id, reason="expired")
+            if outcome.changed:
+                expired.append(str(run_id))
+    return expired
+
+
+def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[str]:
+    """Write the output and error files of runs (of these models; None: all) in `finalizing`, one
+    transaction each (the run's row stays locked meanwhile, so two finalizers never write the same
+    run); returns their names."""
+    done = []
+    for _ in range(limit):
+        with session_scope() as session:
+            ids = finalizing_runs(session=session, limit=1, models=models)
+            if not ids:
+                break
+            run = session.get_one(Run, ids[0])
+            name, callback = run.name, run.callback_url
+            output_id, error_id = _write_files(session, run)
+            finish_finalizing(
+                session=session, run_id=ids[0], output_file_id=output_id, error_file_id=error_id
+            )
+        done.append(name)
+        if callback:
+            from tasks.callbacks import deliver_batch_callback
+
+            deliver_batch_callback.delay(str(ids[0]))
+    return done
+
+
+def _write_files(session: Session, run: Run) -> tuple[str, str]:
+    name, api_key = run.name, run.api_key  # writing streams the turns and detaches the run
+    settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
+    output_id, error_id = new_file_id(), new_file_id()
+    output_path = settings.batch_files_dir / f"{output_id}.jsonl"
+    error_path = settings.batch_files_dir / f"{error_id}.jsonl"
+    write_outputs(session, run, output_path, error_path, "openai")
+    for file_id, path, purpose in (
+        (output_id, output_path, "batch_output"),
+        (error_id, error_path, "batch_error"),
+    ):
+        add_file(
+            session=session,
+            file_id=file_id,
+            purpose=purpose,
+            filename=f"{name}_{purpose.removeprefix('batch_')}.jsonl",
+            size=path.stat().st_size,
+            path=path.name,
+            api_key=api_key,
+        )
+    return output_id, error_id
+
+
+def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
+    """Expire what is due, finalize what is finished (runs of these models; None: all); safe to run
+    anywhere, any time, concurrently."""
+    return {"expired": expire_due_runs(models), "finalized": finalize_runs(models=models)}

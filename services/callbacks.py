@@ -1,0 +1,73 @@
+"""Completion callbacks: the batch object POSTed to the batch's callback URL, signed with HMAC-SHA256.
+
+The `X-Mlchat-Signature` header is `t=<unix time>,v1=<hex digest>`, the digest being
+HMAC-SHA256(MLCHAT_CALLBACK_SECRET, "<t>.<raw body>"). A receiver recomputes it over the raw body
+(`verify_signature` does exactly that) and refuses an old `t`, so a captured request cannot be
+replayed later. Retries with backoff are the Celery task's (tasks/callbacks.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+import uuid
+
+import httpx
+
+from core.settings import settings
+from db.models import Run
+from db.runs import record_callback
+from db.session import session_scope
+
+SIGNATURE_HEADER = "X-Mlchat-Signature"
+
+
+class CallbackFailed(RuntimeError):
+    """The receiver did not answer 2xx (or could not be reached); the delivery is retried."""
+
+
+def sign(body: bytes, secret: str, timestamp: int) -> str:
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+def verify_signature(header: str, body: bytes, secret: str, *, tolerance_s: int = 300) -> bool:
+    """Whether `header` signs `body` with `secret`, made within `tolerance_s` of now."""
+    try:
+        parts = dict(item.split("=", 1) for item in header.split(","))
+        timestamp = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - timestamp) > tolerance_s:
+        return False
+    expected = sign(body, secret, timestamp).split("v1=", 1)[1]
+    return hmac.compare_digest(expected, parts.get("v1", ""))
+
+
+def deliver(run_id: uuid.UUID) -> bool:
+    """POST the batch object once; True when delivered (or nothing to deliver), CallbackFailed if not."""
+    from services.batches import batch_object
+
+    with session_scope() as session:
+        run = session.get(Run, run_id)
+        if run is None or not run.callback_url or run.callback_delivered_at is not None:
+            return True
+        url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
+    assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
+    headers = {
+        "content-type": "application/json",
+        SIGNATURE_HEADER: sign(body, settings.callback_secret.get_secret_value(), int(time.time())),
+        "X-Mlchat-Delivery": str(run_id),
+    }
+    try:
+        response = httpx.post(url, content=body, headers=headers, timeout=settings.callback_timeout_s)
+        error = None if response.is_success else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        error = f"{type(exc).__name__}: {exc}"[:300]
+    with session_scope() as session:
+        record_callback(session=session, run_id=run_id, error=error)
+    if error is not None:
+        raise CallbackFailed(error)
+    return True

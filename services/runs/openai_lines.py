@@ -1,0 +1,223 @@
+"""OpenAI Batch API input lines, mapped onto run lines.
+
+Each line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "body": {...}}` where
+the body is a chat-completions request. The character comes from `body.model` when it names one,
+else from `body.metadata.character`, else from the run's default. The last message is the player's
+turn; the user and assistant messages before it seed a fresh conversation's history. Whatever
+mlchat cannot honour is refused, naming the field, never dropped in silence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from services.schemas import Text, check_message
+
+ENDPOINT = "/v1/chat/completions"
+
+# Body fields that ask for something a batch here cannot give: refused when set to anything but
+# their "off" value.
+_UNSUPPORTED: dict[str, tuple[Any, str]] = {
+    "stream": (False, "streaming is not available in a batch"),
+    "logprobs": (False, "log probabilities are not returned"),
+    "top_logprobs": (None, "log probabilities are not returned"),
+    "tools": (None, "tool calls are not supported"),
+    "tool_choice": (None, "tool calls are not supported"),
+    "functions": (None, "function calls are not supported"),
+    "function_call": (None, "function calls are not supported"),
+    "parallel_tool_calls": (None, "tool calls are not supported"),
+    "logit_bias": (None, "logit bias is not supported"),
+    "audio": (None, "only text replies"),
+    "prediction": (None, "predicted outputs are not supported"),
+    "web_search_options": (None, "web search is not supported"),
+}
+
+# Accepted and without effect here (who the end user is, storage and tier hints of OpenAI's service).
+IGNORED = ("user", "store", "service_tier", "stream_options", "reasoning_effort")
+
+# Our field name in a GenerationParams error → the body field the user wrote.
+_PARAM_FIELDS = {"max_new_tokens": "max_completion_tokens"}
+
+
+class _TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: Text
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: str
+    content: Text | list[_TextPart] | None = None
+    name: Text | None = Field(default=None, max_length=64)
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "\n".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text = Field(min_length=1, max_length=64)
+    messages: list[_Message] = Field(min_length=1, max_length=201)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    metadata: dict[Text, Text] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: Text = Field(min_length=1, max_length=200)
+    method: str
+    url: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LineOptions:
+    """What a run allows of its OpenAI lines."""
+
+    default_character: str | None = None
+    allow_system_prompt: bool = False  # a system message replaces the character's own system prompt
+
+
+def is_openai_line(data: Any) -> bool:
+    """Whether a parsed line has the OpenAI batch shape (the file's format follows its first line)."""
+    return isinstance(data, dict) and bool({"method", "url", "body"} & data.keys())
+
+
+def _first_error(exc: ValidationError, prefix: str) -> str:
+    first = exc.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return f"{prefix}{where}: {first['msg']}" if where else f"{prefix.rstrip('.')}: {first['msg']}"
+
+
+def to_run_line(data: dict[str, Any], characters: Collection[str], options: LineOptions) -> dict[str, Any]:
+    """The native run line (a dict for RunLine) an OpenAI batch line asks for; ValueError naming the
+    field at fault."""
+    try:
+        line = _Line.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc, "")) from None
+    if line.method.upper() != "POST":
+        raise ValueError(f"method: {line.method!r}; only POST is supported")
+    if line.url != ENDPOINT:
+        raise ValueError(f"url: {line.url!r}; only {ENDPOINT} is supported")
+    for name, (off, why) in _UNSUPPORTED.items():
+        if line.body.get(name, off) not in (off, None):
+            raise ValueError(f"body.{name}: {why}")
+    body_dict = {k: v for k, v in line.body.items() if k not in IGNORED and k not in _UNSUPPORTED}
+    try:
+        body = _Body.model_validate(body_dict)
+    except ValidationError as exc:
+        raise ValueError(_first_error(exc, "body.")) from None
+    if body.response_format not in (None, {"type": "text"}):
+        raise ValueError("body.response_format: only text replies (type 'text') are supported")
+    if body.modalities not in (None, ["text"]):
+        raise ValueError("body.modalities: only text replies are supported")
+    if body.n not in (None, 1):
+        raise ValueError(f"body.n: {body.n}; one reply per request (n = 1) is supported")
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
+
+    character = _character(body, characters, options)
+    message, history, system_prompt = _messages(body.messages, character, options)
+    params: dict[str, Any] = {
+        "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "seed": body.seed,
+        "stop": [body.stop] if isinstance(body.stop, str) else body.stop,
+        "frequency_penalty": body.frequency_penalty,
+        "presence_penalty": body.presence_penalty,
+    }
+    run_line: dict[str, Any] = {
+        "custom_id": line.custom_id,
+        "character": character,
+        "message": message,
+        "history": history,
+        "params": {k: v for k, v in params.items() if v is not None},
+    }
+    if system_prompt is not None:
+        run_line["system_prompt"] = system_prompt
+    return run_line
+
+
+def body_field(run_line_field: str) -> str:
+    """The body field a RunLine field of a mapped line came from (to name it in errors)."""
+    head, _, rest = run_line_field.partition(".")
+    if head == "params":
+        return "body." + _PARAM_FIELDS.get(rest, rest)
+    if head == "message":
+        return "body.messages[-1].content"
+    if head == "history":
+        return "body.messages"
+    return head
+
+
+def _character(body: _Body, characters: Collection[str], options: LineOptions) -> str:
+    if body.model in characters:
+        return body.model
+    named = (body.metadata or {}).get("character")
+    if named is not None:
+        if named not in characters:
+            raise ValueError(f"body.metadata.character: unknown character {named!r}")
+        return named
+    if options.default_character:
+        return options.default_character
+    raise ValueError(
+        f"body.model: {body.model!r} is not a character here, and neither body.metadata.character "
+        "nor the run's default character names one"
+    )
+
+
+def _messages(
+    messages: list[_Message], character: str, options: LineOptions
+) -> tuple[str, list[dict[str, str]], str | None]:
+    """(the player's message, the history before it, a system prompt if the run allows one)."""
+    history: list[dict[str, str]] = []
+    system: list[str] = []
+    for i, msg in enumerate(messages):
+        where = f"body.messages[{i}]"
+        if msg.role in ("system", "developer"):
+            if not options.allow_system_prompt:
+                raise ValueError(
+                    f"{where}: a {msg.role} message would replace {character!r}'s persona; "
+                    "submit the run with allow_system_prompt to let it"
+                )
+            if history:
+                raise ValueError(f"{where}: a {msg.role} message must come before the conversation")
+            system.append(msg.text())
+        elif msg.role in ("user", "assistant"):
+            text = msg.text()
+            if not text.strip():
+                raise ValueError(f"{where}.content: empty")
+            history.append({"role": msg.role, "content": text})
+        else:
+            raise ValueError(f"{where}.role: {msg.role!r}; only system, developer, user and assistant")
+    if not history or history[-1]["role"] != "user":
+        raise ValueError("body.messages: the last message must be the player's (role 'user')")
+    message = history.pop()["content"]
+    try:
+        check_message(message)
+    except ValueError as exc:
+        raise ValueError(f"body.messages[{len(messages) - 1}].content: {exc}") from None
+    return message, history, "\n\n".join(system) if system else None

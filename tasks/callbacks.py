@@ -1,0 +1,25 @@
+"""The completion-callback task: every worker consumes its queue; Celery retries it with backoff."""
+
+from __future__ import annotations
+
+import uuid
+
+from core.settings import settings
+from services.callbacks import CallbackFailed, deliver
+from tasks.app import app
+
+CALLBACK_QUEUE = "mlchat.callbacks"
+
+
+@app.task(
+    name="mlchat.deliver_batch_callback",
+    queue=CALLBACK_QUEUE,
+    autoretry_for=(CallbackFailed,),
+    retry_backoff=2,  # 2 s, 4 s, 8 s … (with jitter), capped below
+    retry_backoff_max=600,
+    retry_jitter=True,
+    max_retries=settings.callback_max_attempts - 1,
+    acks_late=True,
+)
+def deliver_batch_callback(run_id: str) -> None:
+    deliver(uuid.UUID(run_id))

@@ -1,0 +1,281 @@
+"""OpenAI Batch format and batch lifecycle on the real PostgreSQL and Redis, without a worker:
+line mapping and refusals, seeded history, the OpenAI output shape, expiry, finalizing once, signed
+callbacks. The round trip with the `openai` client on the real worker is in test_openai_client.py."""
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from core.settings import queue_for_model, settings
+from db.models import Character, Conversation, Message, Run, RunStatus, Turn, TurnErrorCode, TurnStatus
+from db.runs import cancel_run, finalizing_runs
+from db.session import get_engine, session_scope
+from db.turns import Failure, claim_turns, fail_turns
+from services import batches
+from services.callbacks import sign, verify_signature
+from services.runs import RunValidationError, export_run, submit_run
+from services.runs.openai_lines import LineOptions
+from tasks.app import app
+
+MODEL = "batches-check"  # a queue no worker consumes
+
+
+@pytest.fixture()
+def quiet_model(world, monkeypatch, tmp_path):
+    monkeypatch.setattr(settings, "model", MODEL)
+    monkeypatch.setattr(settings, "served_models", [MODEL])
+    monkeypatch.setattr(settings, "files_dir", tmp_path / "files")
+    yield MODEL
+    with app.connection_for_write() as conn:
+        for lane in ("live", "bulk"):
+            conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
+
+
+def openai_line(custom_id: str, messages: list[dict], **body) -> dict:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "elara", "messages": messages} | body,
+    }
+
+
+def _write(path: Path, lines: list) -> Path:
+    path.write_text(
+        "".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8"
+    )
+    return path
+
+
+USER = [{"role": "user", "content": "Where is the tower?"}]
+
+
+def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_path) -> None:
+    lines = [
+        openai_line(
+            "a",
+            [
+                {"role": "user", "content": "Hello, wizard."},
+                {"role": "assistant", "content": "Greetings, traveller."},
+                {"role": "user", "content": [{"type": "text", "text": "Teach me a spell."}]},
+            ],
+            max_completion_tokens=12,
+            temperature=0.3,
+            top_p=0.8,
+            seed=7,
+            stop="END",
+            frequency_penalty=0.5,
+            presence_penalty=-0.25,
+            user="player-9",
+        ),
+        openai_line("b", USER, model="gpt-4o-mini", metadata={"character": "luffy"}, max_tokens=5, n=1),
+        openai_line("c", USER, model="anything"),  # the run's default character
+    ]
+    path = _write(tmp_path / "oa.jsonl", lines)
+    sub = submit_run(path, name="oa-" + tmp_path.name, options=LineOptions(default_character="haneul"))
+    assert sub.stored == 3 and sub.sent == 3
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.input_format == "openai"
+        turns = {t.custom_id: t for t in s.scalars(select(Turn).where(Turn.run_id == sub.id))}
+        a = turns["a"]
+        assert a.message == "Teach me a spell."
+        p = a.params
+        assert (p["max_new_tokens"], p["temperature"], p["top_p"], p["seed"], p["stop"]) == (
+            12,
+            0.3,
+            0.8,
+            7,
+            ["END"],
+        )
+        assert (p["frequency_penalty"], p["presence_penalty"]) == (0.5, -0.25)
+        history = s.execute(
+            select(Message.seq, Message.role, Message.content)
+            .where(Message.conversation_id == a.conversation_id)
+            .order_by(Message.seq)
+        ).all()
+        assert [(seq, role.value, text) for seq, role, text in history] == [
+            (1, "user", "Hello, wizard."),
+            (2, "assistant", "Greetings, traveller."),
+        ]
+        assert len({t.conversation_id for t in turns.values()}) == 3  # each line a fresh conversation
+    with session_scope() as s:
+        owner = dict(
+            s.execute(
+                select(Turn.custom_id, Character.slug)
+                .join(Conversation, Conversation.id == Turn.conversation_id)
+                .join(Character, Character.id == Conversation.character_id)
+                .where(Turn.run_id == sub.id)
+            ).all()
+        )
+    assert owner == {"a": "elara", "b": "luffy", "c": "haneul"}
+    # Resubmitting the same file stores nothing twice and seeds no history twice.
+    again = submit_run(path, name="oa-" + tmp_path.name)
+    assert again.stored == 0 and not again.created
+    with session_scope() as s:
+        n = s.scalar(
+            select(func.count()).select_from(Message).where(Message.conversation_id == a.conversation_id)
+        )
+    assert n == 2
+
+
+REFUSED = [
+    (
+        openai_line("s", [{"role": "system", "content": "Be a pirate."}, *USER]),
+        "body.messages[0]: a system message",
+    ),
+    (openai_line("t", USER, tools=[{"type": "function"}]), "body.tools: tool calls are not supported"),
+    (openai_line("st", USER, stream=True), "body.stream: streaming"),
+    (openai_line("lp", USER, logprobs=True), "body.logprobs"),
+    (openai_line("n", USER, n=3), "body.n: 3"),
+    (openai_line("u", USER, colour="red"), "body.colour: Extra inputs"),
+    (openai_line("m", USER, max_tokens=999_999), "body.max_completion_tokens: "),
+    (openai_line("tp", USER, temperature=3), "body.temperature"),
+    (openai_line("fp", USER, frequency_penalty=5), "body.frequency_penalty"),
+    (
+        openai_line("last", [*USER, {"role": "assistant", "content": "Hm."}]),
+        "the last message must be the player's",
+    ),
+    (
+        openai_line("img", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        "body.messages.0.content",
+    ),
+    (openai_line("who", USER, model="nobody"), "body.model: 'nobody' is not a character"),
+    (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
+    ({**openai_line("url", USER), "url": "/v1/embeddings"}, "url: '/v1/embeddings'"),
+    ({**openai_line("get", USER), "method": "GET"}, "method: 'GET'"),
+    (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
+    (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
+]
+
+
+def test_what_an_openai_line_cannot_honour_is_refused_with_line_and_field(quiet_model, tmp_path) -> None:
+    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in REFUSED])
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="oa-bad-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == list(range(2, len(REFUSED) + 2))
+    for number, (_, expected) in enumerate(REFUSED, start=2):
+        assert expected in reasons[number], (number, reasons[number])
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == "oa-bad-" + tmp_path.name)).one()
+        assert run.status == RunStatus.FAILED
+        assert [e["line"] for e in run.line_errors] == sorted(reasons)
+        assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
+
+
+def test_a_run_that_allows_it_takes_a_lines_system_prompt(quiet_model, tmp_path) -> None:
+    line = openai_line("s", [{"role": "system", "content": "You are a pirate, {{user}}'s rival."}, *USER])
+    path = _write(tmp_path / "sys.jsonl", [line])
+    sub = submit_run(path, name="oa-sys-" + tmp_path.name, options=LineOptions(allow_system_prompt=True))
+    with session_scope() as s:
+        (params,) = s.scalars(select(Turn.params).where(Turn.run_id == sub.id)).all()
+    assert params["system_prompt"] == "You are a pirate, {{user}}'s rival."
+
+
+def _claim(run_id, n: int):
+    with session_scope() as s:
+        ids = list(s.scalars(select(Turn.id).where(Turn.run_id == run_id).order_by(Turn.number).limit(n)))
+        return claim_turns(session=s, turn_ids=ids, lease_s=60, max_attempts=3)
+
+
+def _fail(claim, turn_ids) -> None:
+    with session_scope() as s:
+        fail_turns(
+            session=s,
+            token=claim.token,
+            failures={t: Failure("engine fell over", TurnErrorCode.ENGINE_ERROR) for t in turn_ids},
+        )
+
+
+def _submit(tmp_path: Path, name: str, n: int, **fields):
+    lines = [openai_line(f"r{i}", [{"role": "user", "content": f"Line {i}?"}]) for i in range(n)]
+    path = _write(tmp_path / f"{name}.jsonl", lines)
+    return submit_run(path, name=name, fields=fields)
+
+
+def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_path) -> None:
+    sub = _submit(tmp_path, "exp-" + tmp_path.name, 4, expires_at=func.now() + timedelta(hours=1))
+    first = _claim(sub.id, 1)
+    _fail(first, [first.claimed[0].id])  # finished (as a failure) before the window closed
+    running = _claim(sub.id, 2)  # the second is running when the window closes
+    assert len(running.claimed) == 1
+    assert batches.expire_due_runs() == []  # not due yet
+    with session_scope() as s:
+        s.execute(Run.__table__.update().where(Run.id == sub.id).values(expires_at=func.now()))
+    assert batches.expire_due_runs() == [str(sub.id)]
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert (run.status, run.cancel_reason) == (RunStatus.CANCELLING, "expired")
+        rows = s.execute(
+            select(Turn.custom_id, Turn.status, Turn.error_code).where(Turn.run_id == sub.id)
+        ).all()
+    state = {c: (st, code) for c, st, code in rows}
+    assert state["r0"] == (TurnStatus.FAILED, "engine_error")
+    assert state["r1"][0] == TurnStatus.RUNNING
+    assert state["r2"] == state["r3"] == (TurnStatus.CANCELLED, "expired")
+    _fail(running, [running.claimed[0].id])  # the running turn finishes: the run ends expired
+    with session_scope() as s:
+        assert s.get_one(Run, sub.id).status == RunStatus.EXPIRED
+    assert batches.expire_due_runs() == []  # nothing twice
+    _, errors, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
+    assert (n_ok, n_err) == (0, 4)
+    codes = {
+        json.loads(x)["custom_id"]: json.loads(x)["error"]["code"] for x in errors.read_text().splitlines()
+    }
+    assert codes == {"r0": "engine_error", "r1": "engine_error", "r2": "batch_expired", "r3": "batch_expired"}
+
+
+def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:
+    (tmp_path / "files").mkdir()
+    sub = _submit(tmp_path, "fin-" + tmp_path.name, 2, input_file_id="file-test")
+    claim = _claim(sub.id, 2)
+    _fail(claim, [t.id for t in claim.claimed])
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.status == RunStatus.FINALIZING and run.finalizing_at is not None
+        assert run.output_file_id is None
+    # A second finalizer, in its own transaction, skips the run the first one holds.
+    with session_scope() as first:
+        assert finalizing_runs(session=first) == [sub.id]
+        with get_engine().connect() as other:
+            from sqlalchemy.orm import Session
+
+            with Session(other) as second:
+                assert finalizing_runs(session=second) == []
+    assert batches.finalize_runs() == [sub.name]
+    assert batches.finalize_runs() == []
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.status == RunStatus.COMPLETED and run.finished_at is not None
+        output, errors = run.output_file_id, run.error_file_id
+    from services.files import find_file
+
+    assert find_file(output).path.read_text() == ""
+    lines = [json.loads(x) for x in find_file(errors).path.read_text().splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["r0", "r1"]
+
+
+def test_a_cancelled_batch_is_finalized_as_cancelled_with_its_files(quiet_model, tmp_path) -> None:
+    sub = _submit(tmp_path, "can-" + tmp_path.name, 3, input_file_id="file-test")
+    with session_scope() as s:
+        outcome = cancel_run(session=s, run_id=sub.id)
+    assert outcome.after == RunStatus.FINALIZING
+    assert batches.finalize_runs() == [sub.name]
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.status == RunStatus.CANCELLED and run.error_file_id is not None
+
+
+def test_callback_signatures_verify_and_refuse_tampering() -> None:
+    body, secret, now = b'{"id": "batch_1"}', "s3cret", int(time.time())
+    header = sign(body, secret, now)
+    assert verify_signature(header, body, secret)
+    assert not verify_signature(header, body + b" ", secret)
+    assert not verify_signature(header, body, "other")
+    assert not verify_signature(sign(body, secret, now - 3600), body, secret)
+    assert not verify_signature("garbage", body, secret)

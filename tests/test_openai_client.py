@@ -1,0 +1,193 @@
+"""The official `openai` client against mlchat's /v1/files and /v1/batches, on the real worker: the
+whole round trip, an expiry, and a signed completion callback retried after a failure."""
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import openai
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import select
+
+from core.settings import queue_for_model, settings
+from db.models import Run
+from db.session import session_scope
+from services import batches
+from services.callbacks import SIGNATURE_HEADER, verify_signature
+from tasks.app import app
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY
+from tests.test_openai_batches import openai_line
+
+TERMINAL = {"completed", "failed", "expired", "cancelled"}
+
+
+def _client(base_url: str, key: str = INGEST_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=key, max_retries=0)
+
+
+def _upload(client: openai.OpenAI, path: Path, lines: list[dict]) -> str:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    with path.open("rb") as handle:
+        return client.files.create(file=handle, purpose="batch").id
+
+
+def _wait(client: openai.OpenAI, batch_id: str, until: set[str], timeout: float = 600):
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in until:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.5)
+
+
+def _jsonl(client: openai.OpenAI, file_id: str) -> list[dict]:
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_the_openai_client_does_the_whole_batch_round_trip(base_url, celery_worker, tmp_path) -> None:
+    client = _client(base_url)
+    characters = ["elara", "luffy", "haneul"]
+    lines = [
+        openai_line(
+            f"req-{i:03d}",
+            [{"role": "user", "content": f"Tell me about the road north, part {i}."}],
+            model=characters[i % 3],
+            max_completion_tokens=8,
+            seed=i,
+        )
+        for i in range(52)
+    ]
+    # Two lines whose prompt cannot fit next to the reply they ask for: answered in the error file.
+    crowded = " ".join(f"x{i}y{i}" for i in range(600))[:3990]
+    lines += [
+        openai_line(f"too-long-{i}", [{"role": "user", "content": crowded}], max_completion_tokens=1024)
+        for i in range(2)
+    ]
+    file_id = _upload(client, tmp_path / "npc.jsonl", lines)
+    assert client.files.retrieve(file_id).purpose == "batch"
+
+    batch = client.batches.create(
+        input_file_id=file_id,
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata={"suite": "round-trip"},
+    )
+    assert batch.status == "validating" and batch.metadata == {"suite": "round-trip"}
+    done = _wait(client, batch.id, TERMINAL)
+    assert done.status == "completed", done
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (
+        54,
+        52,
+        2,
+    )
+    assert done.finalizing_at is not None and done.completed_at >= done.finalizing_at
+
+    output, errors = _jsonl(client, done.output_file_id), _jsonl(client, done.error_file_id)
+    answered = [x["custom_id"] for x in output]
+    failed = [x["custom_id"] for x in errors]
+    assert sorted(answered + failed) == sorted(x["custom_id"] for x in lines)  # every custom_id once
+    assert sorted(failed) == ["too-long-0", "too-long-1"]
+    for line in output:
+        body = line["response"]["body"]
+        assert line["response"]["status_code"] == 200 and line["error"] is None
+        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"].strip()
+        assert 0 < body["usage"]["completion_tokens"] <= 8
+    assert {x["error"]["code"] for x in errors} == {"prompt_too_long"}
+
+    listed = client.batches.list(limit=100)
+    assert batch.id in [b.id for b in listed.data]
+    # Another key's caller sees neither the batch nor its files.
+    stranger = _client(base_url, HASHED_INGEST_KEY)
+    with pytest.raises(openai.NotFoundError):
+        stranger.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        stranger.files.content(done.output_file_id)
+    assert batch.id not in [b.id for b in stranger.batches.list().data]
+
+
+@pytest.fixture()
+def unserved_model(monkeypatch):
+    """Batches created meanwhile go to a queue no worker consumes, so their turns stay unstarted."""
+    model = "batch-unserved"
+    monkeypatch.setattr(settings, "model", model)
+    yield model
+    with app.connection_for_write() as conn:
+        for lane in ("live", "bulk"):
+            conn.default_channel.queue_purge(queue_for_model(model, lane))
+
+
+def test_a_batch_expires_over_http_and_reports_every_request(base_url, unserved_model, tmp_path) -> None:
+    client = _client(base_url)
+    lines = [openai_line(f"e{i}", [{"role": "user", "content": f"Still there, {i}?"}]) for i in range(5)]
+    file_id = _upload(client, tmp_path / "late.jsonl", lines)
+    batch = client.batches.create(
+        input_file_id=file_id,
+        endpoint="/v1/chat/completions",
+        completion_window="2s",  # type: ignore[arg-type]
+    )
+    assert batch.expires_at - batch.created_at == 2
+    _wait(client, batch.id, {"in_progress"}, timeout=60)
+    time.sleep(2.5)
+    batches.housekeeping()  # what the workers' timer and the sweeper run
+    expired = _wait(client, batch.id, TERMINAL, timeout=60)
+    assert expired.status == "expired" and expired.expired_at is not None
+    assert expired.request_counts.failed == 5 and expired.request_counts.completed == 0
+    assert _jsonl(client, expired.output_file_id) == []
+    errors = _jsonl(client, expired.error_file_id)
+    assert sorted(x["custom_id"] for x in errors) == [f"e{i}" for i in range(5)]
+    assert {x["error"]["code"] for x in errors} == {"batch_expired"}
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    calls: list[tuple[dict, bytes]] = []
+    fail_first = 1
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).calls.append((dict(self.headers), body))
+        self.send_response(500 if len(type(self).calls) <= type(self).fail_first else 204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_cancelled_batch_calls_back_signed_and_retries_after_a_failure(
+    base_url, celery_worker, unserved_model, monkeypatch, tmp_path
+) -> None:
+    secret = "callback-secret-for-tests"
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(secret))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = _client(base_url)
+        file_id = _upload(
+            client, tmp_path / "cb.jsonl", [openai_line("c0", [{"role": "user", "content": "Hi?"}])]
+        )
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        batch = client.batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            extra_body={"callback_url": url},
+        )
+        _wait(client, batch.id, {"in_progress"}, timeout=60)
+        client.batches.cancel(batch.id)
+        assert _wait(client, batch.id, TERMINAL, timeout=60).status == "cancelled"
+        deadline = time.monotonic() + 60
+        while len(_Receiver.calls) < 2:
+            assert time.monotonic() < deadline, f"{len(_Receiver.calls)} callback(s) arrived"
+            time.sleep(0.2)
+    finally:
+        server.shutdown()
+    for headers, body in _Receiver.calls:
+        assert verify_signature(headers[SIGNATURE_HEADER], body, secret)
+        assert json.loads(body)["id"] == batch.id and json.loads(body)["status"] == "cancelled"
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == batch.id)).one()
+        assert run.callback_attempts == 2 and run.callback_delivered_at is not None
+        assert run.callback_error is None
