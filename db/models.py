@@ -289,6 +289,8 @@ class Turn(Base):
     timings: Mapped[dict[str, Any] | None] = mapped_column()
     state: Mapped[dict[str, Any] | None] = mapped_column()  # emotion and affinity, before and after
     quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
+    # Best of n: the candidates not kept, each {text, seed, finish_reason, quality}.
+    alternatives: Mapped[list[Any] | None] = mapped_column()
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)

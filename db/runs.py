@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, case, column, exists, func, or_, select, table, update
+from sqlalchemy import Connection, and_, case, column, exists, func, or_, select, table, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -132,7 +132,7 @@ def resume_submission(
 ) -> bool:
     """resume: a failed or interrupted submission goes back to validating (with the lines and the
     format its file was found to hold); False if the run moved on."""
-    counted = {} if total is None else {"total": total}
+    counted: dict[str, Any] = {} if total is None else {"total": total}
     if input_format is not None:
         counted["input_format"] = input_format
     return (
@@ -435,8 +435,24 @@ def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
         "repetition_mean": round(float(repetition), 4),
         "language_match_rate": round(float(language), 4),
         "below_bar": below,
+        "below_bar_reasons": below_bar_reasons(session=session, run_id=run_id),
         "regenerated": regenerated,
     }
+
+
+def below_bar_reasons(*, session: Session, run_id: uuid.UUID) -> dict[str, int]:
+    """How many of the run's kept replies each check of the quality gate put below the bar."""
+    reason = func.jsonb_array_elements_text(Turn.quality["below_bar"]).table_valued("value").render_derived()
+    kind = func.split_part(reason.c.value, ":", 1)
+    rows = session.execute(
+        select(kind, func.count())
+        .select_from(Turn)
+        .join(reason, true())
+        .where(Turn.run_id == run_id, Turn.status == TurnStatus.DONE)
+        .group_by(kind)
+        .order_by(func.count().desc())
+    ).all()
+    return {str(k): int(n) for k, n in rows}
 
 
 def list_runs(*, session: Session, limit: int = 50) -> Sequence[Run]:

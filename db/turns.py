@@ -330,6 +330,7 @@ class TurnOutcome:
     reply_role: Role = Role.ASSISTANT  # NARRATOR for a narrator turn
     state: dict[str, Any] | None = None  # the mood update: {"before", "after", ...}
     quality: dict[str, Any] | None = None
+    alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -417,6 +418,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 params=o.params,
                 state=o.state,
                 quality=o.quality,
+                alternatives=o.alternatives,
                 error=None,
                 error_code=None,
                 user_message_id=inserted[o.turn_id].get(Role.USER),

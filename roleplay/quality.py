@@ -1,5 +1,6 @@
-"""Per-reply quality scores, from vectors and text the batch already has.
+"""Per-reply quality: scores from vectors and text the batch already has, and the gate built on them.
 
+Scores:
 - persona: cosine similarity of the reply to the character's persona (its description and the
   character's lines in the example dialogue), embedded once per character.
 - repetition: the share of the reply's word 3-grams that the character already said in the recent
@@ -8,11 +9,16 @@
   model looping on one sentence scores high).
 - language_match: whether the reply is written in the script of the player's message (Hangul,
   Latin, kana, Han…); a message with no letters matches anything.
+
+The gate: each check is a pure function that returns its reason ("<kind>: <detail>") or None, and a
+reply is below the bar when any check gives a reason. Kinds: persona, repetition, loop, language,
+echo (the reply reproduces the system prompt, the post-history instruction, the character sheet or
+a lore entry), truncated (cut at the token limit mid-sentence), role (the reply speaks as the player
+or another character, or the narrator addresses the reader). Thresholds live in `Bar`.
 """
 
 from __future__ import annotations
 
-import re
 import unicodedata
 from collections import Counter
 from collections.abc import Sequence
@@ -20,8 +26,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import regex
 
-_WORD = re.compile(r"\w+", re.UNICODE)
+_WORD = regex.compile(r"\w+")
+_SENTENCE = regex.compile(r"[^.!?。！？\n]+[.!?。！？]*")
+# A reply that ends on one of these (or a closing quote or bracket after one) ended its sentence.
+_SENTENCE_END = regex.compile(r"[.!?…~。！？♪)\]*\"'”’」』\p{Emoji_Presentation}]\s*$")
+# "Name:" at the start of a line: a script line spoken by someone.
+_SPEAKER_LABEL = regex.compile(r"^\s*\**([\p{L}][\p{L} .'-]{0,38}?)\**\s*[:：]", regex.M)
+_QUOTED = regex.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|「[^」]*」|『[^』]*』")
+_SECOND_PERSON = regex.compile(r"\b(?:you|your|yours|yourself|yourselves)\b|당신|너희", regex.I)
+_PLAYER_LABELS = {"user", "player", "you", "{{user}}", "나", "플레이어"}
+
+
+@dataclass(frozen=True)
+class Bar:
+    """Thresholds of the gate (settings MLCHAT_QUALITY_*; calibrated in data/quality_labels/)."""
+
+    min_persona: float = 0.1
+    max_repetition: float = 0.6
+    echo_span_words: int = 6  # this many consecutive words of an instruction section
+    echo_share: float = 0.6  # or this share of the reply's word 3-grams found in one section
+    loop_sentence_repeats: int = 3  # the same sentence this many times
 
 
 @dataclass(frozen=True)
@@ -32,18 +58,30 @@ class Quality:
     language_match: bool
     message_script: str | None
     reply_script: str | None
+    echo: str | None = None  # "<section> ('<span>')" when the reply reproduces the prompt
+    truncated: bool = False
+    role_break: str | None = None
+    sentence_repeats: int = 1  # how often the reply's most repeated sentence occurs
 
-    def below(self, min_persona: float, max_repetition: float) -> list[str]:
+    def below(self, bar: Bar) -> list[str]:
         """Why the reply is below the bar; empty when it passes."""
         reasons = []
-        if self.persona < min_persona:
-            reasons.append(f"persona {self.persona:.2f} < {min_persona}")
-        if self.repetition > max_repetition:
-            reasons.append(f"repetition {self.repetition:.2f} > {max_repetition}")
-        if self.self_repetition > max_repetition:
-            reasons.append(f"self-repetition {self.self_repetition:.2f} > {max_repetition}")
+        if self.echo:
+            reasons.append(f"echo: repeats the {self.echo}")
+        if self.self_repetition > bar.max_repetition or self.sentence_repeats >= bar.loop_sentence_repeats:
+            reasons.append(
+                f"loop: self-repetition {self.self_repetition:.2f}, a sentence {self.sentence_repeats} times"
+            )
+        if self.repetition > bar.max_repetition:
+            reasons.append(f"repetition: {self.repetition:.2f} of its 3-grams said before")
+        if self.truncated:
+            reasons.append("truncated: cut at the token limit mid-sentence")
+        if self.role_break:
+            reasons.append(f"role: {self.role_break}")
         if not self.language_match:
-            reasons.append(f"reply in {self.reply_script}, message in {self.message_script}")
+            reasons.append(f"language: reply in {self.reply_script}, message in {self.message_script}")
+        if self.persona < bar.min_persona:
+            reasons.append(f"persona: {self.persona:.2f} < {bar.min_persona}")
         return reasons
 
     def as_json(self) -> dict[str, Any]:
@@ -54,7 +92,16 @@ class Quality:
             "language_match": self.language_match,
             "message_script": self.message_script,
             "reply_script": self.reply_script,
+            "echo": self.echo,
+            "truncated": self.truncated,
+            "role_break": self.role_break,
+            "sentence_repeats": self.sentence_repeats,
         }
+
+
+def reason_kind(reason: str) -> str:
+    """The check a below-bar reason comes from ("echo", "loop", …)."""
+    return reason.split(":", 1)[0]
 
 
 def persona_text(description: str, personality: str, examples: Sequence[dict[str, Any]]) -> str:
@@ -70,7 +117,14 @@ def score(
     reply_vec: Any,
     persona_vec: Any,
     own_recent_lines: Sequence[str],
+    finish_reason: str | None = None,
+    echo_sources: Sequence[tuple[str, str]] = (),
+    speaker: str = "character",
+    char_name: str = "",
+    user_name: str = "",
+    bar: Bar | None = None,
 ) -> Quality:
+    bar = bar or Bar()
     a, b = np.asarray(reply_vec, dtype=np.float32), np.asarray(persona_vec, dtype=np.float32)
     denom = float(np.linalg.norm(a) * np.linalg.norm(b))
     persona = float(a @ b) / denom if denom else 0.0
@@ -79,20 +133,98 @@ def score(
         said |= _trigrams(line)
     mine = _trigrams(reply)
     repetition = len(mine & said) / len(mine) if mine else 0.0
-    grams = _trigram_list(reply)
+    grams = _ngram_list(reply, 3)
     self_repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
     message_script, reply_script = dominant_script(message), dominant_script(reply)
     match = message_script is None or reply_script is None or message_script == reply_script
-    return Quality(persona, repetition, self_repetition, match, message_script, reply_script)
+    return Quality(
+        persona,
+        repetition,
+        self_repetition,
+        match,
+        message_script,
+        reply_script,
+        echo=prompt_echo(reply, echo_sources, span_words=bar.echo_span_words, share=bar.echo_share),
+        truncated=truncated(reply, finish_reason),
+        role_break=role_break(reply, speaker=speaker, char_name=char_name, user_name=user_name),
+        sentence_repeats=most_repeated_sentence(reply),
+    )
 
 
-def _trigram_list(text: str) -> list[tuple[str, ...]]:
-    words = [w.casefold() for w in _WORD.findall(text)]
-    return [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+# --- the checks -----------------------------------------------------------------------------------
+
+
+def prompt_echo(
+    reply: str, sources: Sequence[tuple[str, str]], *, span_words: int = 6, share: float = 0.6
+) -> str | None:
+    """The instruction section the reply reproduces, with the span: `span_words` consecutive words
+    of one section (or the whole of a shorter one, from three words), or `share` of the reply's
+    word 3-grams found in one (at least two of them)."""
+    words = _words(reply)
+    if not words:
+        return None
+    reply_spans = _ngram_list(reply, span_words)
+    reply_trigrams = set(_ngram_list(reply, 3))
+    for section, text in sources:
+        section_words = _words(text)
+        if 3 <= len(section_words) < span_words:  # a short section: the whole of it is the span
+            whole = tuple(section_words)
+            if whole in set(_ngram_list(reply, len(whole))):
+                return f"{section} ('{' '.join(whole)}')"
+        section_spans = set(_ngram_list(text, span_words))
+        hit = next((g for g in reply_spans if g in section_spans), None)
+        if hit is not None:
+            return f"{section} ('{' '.join(hit)}')"
+        section_trigrams = set(_ngram_list(text, 3))
+        if len(reply_trigrams) >= 2:
+            shared = reply_trigrams & section_trigrams
+            if len(shared) / len(reply_trigrams) >= share:
+                return f"{section} ({len(shared)} of the reply's {len(reply_trigrams)} 3-grams)"
+    return None
+
+
+def truncated(reply: str, finish_reason: str | None) -> bool:
+    """Stopped by the token limit before its sentence ended."""
+    return finish_reason == "length" and not _SENTENCE_END.search(reply.rstrip())
+
+
+def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> str | None:
+    """The reply speaks as the player or as someone else, or (the narrator) addresses the reader."""
+    own = {char_name.casefold()} if speaker != "narrator" else set()
+    player = _PLAYER_LABELS | ({user_name.casefold()} if user_name else set())
+    for match in _SPEAKER_LABEL.finditer(reply):
+        label = match.group(1).strip()
+        folded = label.casefold()
+        if folded in player:
+            return f"speaks as the player ('{label}:')"
+        if folded not in own and len(label.split()) <= 3:
+            return f"speaks as '{label}'"
+    if speaker == "narrator":
+        unquoted = _QUOTED.sub(" ", reply)
+        found = _SECOND_PERSON.search(unquoted)
+        if found:
+            return f"the narrator addresses the reader ('{found.group(0)}')"
+    return None
+
+
+def most_repeated_sentence(reply: str) -> int:
+    """How often the reply's most frequent sentence occurs (1 for a reply that never repeats one)."""
+    sentences = [" ".join(_words(s)) for s in _SENTENCE.findall(reply)]
+    counts = Counter(s for s in sentences if s)
+    return max(counts.values(), default=1)
+
+
+def _words(text: str) -> list[str]:
+    return [w.casefold() for w in _WORD.findall(text)]
+
+
+def _ngram_list(text: str, n: int) -> list[tuple[str, ...]]:
+    words = _words(text)
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
 
 
 def _trigrams(text: str) -> set[tuple[str, ...]]:
-    return set(_trigram_list(text))
+    return set(_ngram_list(text, 3))
 
 
 def dominant_script(text: str) -> str | None:

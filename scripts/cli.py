@@ -158,6 +158,10 @@ def run_submit(
     allow_system_prompt: Annotated[
         bool, typer.Option(help="let a line's system prompt replace its character's own")
     ] = False,
+    candidates: Annotated[
+        int | None,
+        typer.Option(min=1, max=8, help="best of n: candidates per line (default MLCHAT_RUN_CANDIDATES)"),
+    ] = None,
 ) -> None:
     """Validate the whole file (native or OpenAI batch lines), then store and send it; resubmitting
     resumes a submission that died."""
@@ -175,7 +179,9 @@ def run_submit(
             name=name,
             skip_bad_lines=skip_bad_lines,
             progress=lambda stored, sent: bar.update(task, completed=sent, description=f"stored {stored}"),
-            options=LineOptions(default_character=character, allow_system_prompt=allow_system_prompt),
+            options=LineOptions(
+                default_character=character, allow_system_prompt=allow_system_prompt, candidates=candidates
+            ),
         )
     _print_submitted(sub)
 
@@ -235,7 +241,11 @@ def run_status(
         f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent}"
     )
     if state.quality.get("scored"):
-        _out("quality " + " ".join(f"{k}={v}" for k, v in state.quality.items()))
+        reasons = state.quality.get("below_bar_reasons") or {}
+        summary = {k: v for k, v in state.quality.items() if k != "below_bar_reasons"}
+        _out("quality " + " ".join(f"{k}={v}" for k, v in summary.items()))
+        if reasons:
+            _out("below the bar: " + " ".join(f"{k}={v}" for k, v in reasons.items()))
     if state.error:
         _out(state.error)
 
@@ -258,12 +268,18 @@ def run_export(
     format: Annotated[
         ExportFormat, typer.Option("--format", help="native lines, or OpenAI Batch API output lines")
     ] = "native",
+    alternatives: Annotated[
+        bool, typer.Option(help="native lines: each reply's other candidates (best of n), for writers")
+    ] = False,
 ) -> None:
     """results.jsonl in input order (keyed by custom_id) and errors.jsonl."""
-    from services.runs import export_run
+    from services.runs import export_run, run_state
 
-    results, errors, n_ok, n_err = export_run(run, out, format)
+    results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
+    reasons = run_state(run).quality.get("below_bar_reasons")
+    if reasons:
+        _out("below the bar: " + " ".join(f"{k}={v}" for k, v in reasons.items()))
 
 
 @run_app.command("cancel")

@@ -21,6 +21,8 @@ from core.settings import PROJECT_ROOT, settings
 
 logger = logging.getLogger("mlchat.demo")
 
+DEMO_CANDIDATES = 4  # best of n: each demo turn shows its kept reply and how many were tried
+
 
 def _start_worker(log_path: os.PathLike[str]) -> subprocess.Popen[bytes]:
     log = open(log_path, "wb")  # noqa: SIM115 - handed to the child for its whole life
@@ -87,6 +89,7 @@ def main() -> int:
             [
                 {k: v for k, v in r.items() if k != "custom_id"}
                 | {"idempotency_key": f"demo:{nonce}:{r['custom_id']}"}
+                | {"params": r.get("params", {}) | {"n": DEMO_CANDIDATES}}
                 for r in requests
             ]
         )

@@ -16,6 +16,12 @@ def render_turn(view: TurnView, title: str = "") -> str:
         out.append(f"[Model Prompt]\n{view.prompt}")
     if view.reply is not None:
         out.append(f"[Model Reply]\n{view.reply}")
+    if view.quality:
+        tried = view.quality.get("candidates", 1)
+        below = view.quality.get("below_bar") or []
+        seed = (view.params or {}).get("seed")
+        verdict = "below the bar: " + "; ".join(below) if below else "passes the quality gate"
+        out.append(f"[Kept] the best of {tried} candidate(s) (seed {seed}); {verdict}")
     if view.error:
         out.append(f"[Error]\n{view.error}")
     if view.usage:

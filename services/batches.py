@@ -12,6 +12,7 @@ import logging
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlparse
@@ -98,6 +99,7 @@ def create_batch(
     admin: bool,
     callback_url: str | None = None,
     allow_system_prompt: bool = False,
+    candidates: int | None = None,
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
     validated, stored and sent there). Raises BatchRefused."""
@@ -115,7 +117,9 @@ def create_batch(
             f"input_file_id: {input_file_id!r} has purpose {found.info['purpose']!r}, not 'batch'"
         )
     options = LineOptions(
-        default_character=(meta or {}).get("character"), allow_system_prompt=allow_system_prompt
+        default_character=(meta or {}).get("character"),
+        allow_system_prompt=allow_system_prompt,
+        candidates=candidates,
     )
     run_id = uuid.uuid4()
     with session_scope() as session:
@@ -128,10 +132,7 @@ def create_batch(
             fields={
                 "id": run_id,
                 "input_format": "openai",
-                "options": {
-                    "default_character": options.default_character,
-                    "allow_system_prompt": options.allow_system_prompt,
-                },
+                "options": asdict(options),
                 "metadata_": meta,
                 "completion_window": window_text,
                 "expires_at": func.now() + window,

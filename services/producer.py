@@ -63,6 +63,7 @@ class TurnView(BaseModel):
     context: dict[str, Any] | None
     state: dict[str, Any] | None
     quality: dict[str, Any] | None
+    alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
     created_at: datetime
     finished_at: datetime | None
 

@@ -51,6 +51,8 @@ class GenerationParams(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     min_p: float | None = Field(default=None, ge=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=INT4_MAX)
+    # Best of n: candidates generated (seeds seed, seed+1, …), the one the quality gate ranks first kept.
+    n: int | None = Field(default=None, ge=1, le=8)
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -67,6 +69,7 @@ class GenerationParams(BaseModel):
             max_new_tokens=self.max_new_tokens or settings.max_new_tokens,
             seed=secrets.randbelow(2**31) if self.seed is None else self.seed,
             stop=self.stop or [],
+            n=self.n or 1,
             **{
                 name: getattr(settings, name) if getattr(self, name) is None else getattr(self, name)
                 for name in SAMPLING_CONTROLS

@@ -1,9 +1,10 @@
-"""Reply-quality scores: persona similarity, repetition (against history and within the reply), language."""
+"""Reply-quality scores and the gate's checks: persona similarity, repetition (against history and
+within the reply), language, prompt echo, truncation, role breaks. The failures are the demo's own."""
 
 import numpy as np
 import pytest
 
-from roleplay.quality import dominant_script, score
+from roleplay.quality import Bar, dominant_script, prompt_echo, reason_kind, role_break, score, truncated
 
 V = np.array([1.0, 0.0, 0.0])
 
@@ -24,12 +25,15 @@ def test_repetition_counts_what_the_character_already_said() -> None:
     assert _score("Fresh bread arrived from the mill today.", recent=[said]).repetition == 0.0
     looping = "I am Elara. I am Elara. I am Elara. I am Elara."
     q = _score(looping)
-    assert q.self_repetition > 0.6 and q.below(0.0, 0.6) == [f"self-repetition {q.self_repetition:.2f} > 0.6"]
+    assert q.self_repetition > 0.6 and q.sentence_repeats == 4
+    assert [reason_kind(r) for r in q.below(Bar(min_persona=0.0))] == ["loop"]
 
 
 def test_persona_similarity_is_the_cosine_to_the_persona_vector() -> None:
     assert _score("x", reply_vec=np.array([1.0, 1.0, 0.0])).persona == pytest.approx(np.sqrt(0.5))
-    assert _score("x", reply_vec=np.array([0.0, 1.0, 0.0])).below(0.1, 1.0) == ["persona 0.00 < 0.1"]
+    assert _score("x", reply_vec=np.array([0.0, 1.0, 0.0])).below(Bar(max_repetition=1.0)) == [
+        "persona: 0.00 < 0.1"
+    ]
 
 
 def test_language_match_compares_the_scripts() -> None:
@@ -42,3 +46,88 @@ def test_language_match_compares_the_scripts() -> None:
         "cyrillic",
         None,
     ]
+
+
+LUFFY_POST = "루피의 말투로, 한두 문장의 반말로 대답하세요."
+SOURCES = [
+    ("system_prompt", "You are Elara, a wizard of the old tower. Stay in character and answer briefly."),
+    ("character_sheet", "[Character]\nName: Elara\nDescription: A wizard who keeps the tower's library."),
+    ("post-history instruction", LUFFY_POST),
+]
+
+
+def test_a_reply_that_reproduces_an_instruction_is_an_echo() -> None:
+    assert (
+        prompt_echo(LUFFY_POST, SOURCES)
+        == f"post-history instruction ('{' '.join(LUFFY_POST[:-1].replace(',', '').split())}')"
+    )
+    assert prompt_echo("Stay in character and answer briefly, traveller.", SOURCES).startswith(
+        "system_prompt"
+    )
+    assert prompt_echo("You are a dragon. You are a dragon.", [("system_prompt", "You are a dragon.")])
+    # Naming the character or a trait in passing is not an echo.
+    assert prompt_echo("I am Elara. The tower's library is open to you today.", SOURCES) is None
+    assert prompt_echo("", SOURCES) is None
+
+
+def test_a_reply_cut_at_the_token_limit_mid_sentence_is_truncated() -> None:
+    assert truncated("The road north is closed until the", "length")
+    assert not truncated("The road north is closed.", "length")
+    assert not truncated('She said, "Go home!"', "length")
+    assert not truncated("The road north is closed until the", "stop")  # it stopped by itself
+    assert not truncated("좋아! 고기다 🍖", "length")
+
+
+def test_speaking_as_the_player_or_another_character_or_addressing_the_reader_is_a_role_break() -> None:
+    assert (
+        role_break(
+            "Elara: Welcome.\nTamsin: Thanks!", speaker="character", char_name="Elara", user_name="Tamsin"
+        )
+        == "speaks as the player ('Tamsin:')"
+    )
+    assert (
+        role_break("Welcome.\nUser: what now?", speaker="character", char_name="Elara", user_name="")
+        == "speaks as the player ('User:')"
+    )
+    assert (
+        role_break("Luffy: I'm hungry!", speaker="character", char_name="Elara", user_name="Mira")
+        == "speaks as 'Luffy'"
+    )
+    assert (
+        role_break("Elara: Welcome, traveller.", speaker="character", char_name="Elara", user_name="Mira")
+        is None
+    )
+    narrator = "The gate creaks open. How do you proceed?"
+    assert (
+        role_break(narrator, speaker="narrator", char_name="Elara", user_name="")
+        == "the narrator addresses the reader ('you')"
+    )
+    quoted = 'The gate creaks open. "Are you lost?" Elara asks the stranger.'
+    assert role_break(quoted, speaker="narrator", char_name="Elara", user_name="") is None
+    assert role_break("It is 12:30 and quiet.", speaker="character", char_name="Elara", user_name="") is None
+
+
+def test_below_bar_reasons_name_their_check() -> None:
+    q = score(
+        reply="The gate creaks open. How do you proceed? The gate",
+        message="What happens?",
+        reply_vec=V,
+        persona_vec=V,
+        own_recent_lines=[],
+        finish_reason="length",
+        echo_sources=[
+            ("system_prompt", "Do not address the reader. The gate creaks open and the wind blows.")
+        ],
+        speaker="narrator",
+        char_name="Elara",
+    )
+    assert [reason_kind(r) for r in q.below(Bar())] == ["truncated", "role"]
+    echo = score(
+        reply=LUFFY_POST,
+        message="밥 먹었어?",
+        reply_vec=V,
+        persona_vec=V,
+        own_recent_lines=[],
+        echo_sources=SOURCES,
+    )
+    assert [reason_kind(r) for r in echo.below(Bar())] == ["echo"]

@@ -60,7 +60,7 @@ class GenerationRequest:
     stop: tuple[str, ...]
     priority: int = LIVE
     # repetition_penalty, frequency_penalty, presence_penalty, min_p, top_k (services/schemas.py)
-    controls: dict[str, float] = field(default_factory=dict)
+    controls: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

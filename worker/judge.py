@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
@@ -17,16 +17,19 @@ from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
 from roleplay.mood import Mood, MoodClassifier, MoodUpdate
-from roleplay.quality import persona_text, score
+from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Generation, GenerationRequest
+from worker.prompt import BuiltPrompt
 
 
 @dataclass(frozen=True)
 class Verdict:
     mood: MoodUpdate | None  # None for narrator turns: the narrator has no mood
     quality: dict[str, Any]
+    seed: int | None = None  # the seed of the kept reply
+    alternatives: list[dict[str, Any]] = field(default_factory=list)  # the candidates not kept
 
 
 Judged = tuple[ClaimedTurn, Generation, Any, Verdict]
@@ -50,37 +53,89 @@ def _persona_vector(character: Character) -> np.ndarray:
     return cached[1]
 
 
-def _judge(turn: ClaimedTurn, gen: Generation, reply_vec: Any, message_vec: Any, ctx: TurnContext) -> Verdict:
+def gate() -> Bar:
+    """The quality bar from settings."""
+    return Bar(
+        min_persona=settings.quality_min_persona,
+        max_repetition=settings.quality_max_repetition,
+        echo_span_words=settings.quality_echo_span_words,
+        echo_share=settings.quality_echo_share,
+        loop_sentence_repeats=settings.quality_loop_sentence_repeats,
+    )
+
+
+def _judge(
+    turn: ClaimedTurn,
+    gen: Generation,
+    reply_vec: Any,
+    message_vec: Any,
+    ctx: TurnContext,
+    prompt: BuiltPrompt,
+    seed: int | None = None,
+) -> Verdict:
     own_role = "narrator" if turn.speaker == "narrator" else "assistant"
+    bar = gate()
     quality = score(
         reply=gen.text,
         message=turn.message,
         reply_vec=reply_vec,
         persona_vec=_persona_vector(turn.character),
         own_recent_lines=[line.content for line in ctx.recent if line.role == own_role],
+        finish_reason=gen.finish_reason,
+        echo_sources=prompt.echo_sources,
+        speaker=turn.speaker,
+        char_name=turn.character.name,
+        user_name=turn.player_name,
+        bar=bar,
     )
     verdict = quality.as_json()
-    verdict["below_bar"] = quality.below(settings.quality_min_persona, settings.quality_max_repetition)
+    verdict["below_bar"] = quality.below(bar)
     mood = None
     if turn.speaker != "narrator":
         mood = mood_classifier().update(Mood(turn.emotion, turn.affinity), message_vec, reply_vec)
-    return Verdict(mood, verdict)
+    return Verdict(mood, verdict, seed)
 
 
-def judge_replies(
-    answered: Sequence[tuple[ClaimedTurn, Generation]],
+def rank(verdict: Verdict) -> tuple[int, float]:
+    """Better first: fewer reasons below the bar, then closer to the persona, then less looping."""
+    q = verdict.quality
+    return (len(q["below_bar"]), -(q["persona"] - q["self_repetition"]))
+
+
+Candidate = tuple[int, Generation]  # (seed, generation)
+
+
+def judge_candidates(
+    answered: Sequence[tuple[ClaimedTurn, list[Candidate]]],
     reply_vectors: Any,
     message_vectors: dict[uuid.UUID, Any],
     contexts: dict[uuid.UUID, TurnContext],
+    prompts: dict[uuid.UUID, BuiltPrompt],
 ) -> list[Judged]:
-    return [
-        (turn, gen, vec, _judge(turn, gen, vec, message_vectors[turn.id], contexts[turn.id]))
-        for (turn, gen), vec in zip(answered, reply_vectors, strict=True)
-    ]
-
-
-def next_seed(request: GenerationRequest) -> GenerationRequest:
-    return dataclasses.replace(request, seed=request.seed + 1)
+    """Judge every candidate of every turn and keep each turn's best (see `rank`); the others are
+    recorded as alternatives with their text, seed and scores. `reply_vectors` are the candidates'
+    in order."""
+    vectors = iter(reply_vectors)
+    out: list[Judged] = []
+    for turn, made in answered:
+        judged = [
+            (
+                gen,
+                vec,
+                _judge(turn, gen, vec, message_vectors[turn.id], contexts[turn.id], prompts[turn.id], seed),
+            )
+            for (seed, gen), vec in zip(made, vectors, strict=False)
+        ]
+        best = min(range(len(judged)), key=lambda i: rank(judged[i][2]))
+        gen, vec, verdict = judged[best]
+        alternatives = [
+            {"text": g.text, "seed": v.seed, "finish_reason": g.finish_reason, "quality": v.quality}
+            for i, (g, _, v) in enumerate(judged)
+            if i != best
+        ]
+        quality = {**verdict.quality, "candidates": len(made)}
+        out.append((turn, gen, vec, Verdict(verdict.mood, quality, verdict.seed, alternatives)))
+    return out
 
 
 def regenerate_weak(
@@ -88,34 +143,53 @@ def regenerate_weak(
     requests: dict[uuid.UUID, GenerationRequest],
     message_vectors: dict[uuid.UUID, Any],
     contexts: dict[uuid.UUID, TurnContext],
+    prompts: dict[uuid.UUID, BuiltPrompt],
 ) -> list[Judged]:
-    """Generate once more, with the next seed, every reply below the bar (one engine call for all of
-    them); keep whichever of the two is below the bar for fewer reasons, preferring the first on a tie."""
+    """Generate once more, with the seed after the turn's candidates', every reply still below the
+    bar (one engine call for all of them); keep whichever of the two is below the bar for fewer
+    reasons, preferring the first on a tie."""
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
     if not weak:
         return judged
-    retry = [next_seed(requests[judged[i][0].id]) for i in weak]
+    retry = [_next_seed(requests[judged[i][0].id], judged[i][0]) for i in weak]
     results = engine_module.generate(retry)
-    fresh = [(i, r) for i, r in zip(weak, results, strict=True) if isinstance(r, Generation) and r.text]
-    vectors: Any = embed([r.text for _, r in fresh]) if fresh else []
+    fresh = [
+        (i, r, q)
+        for i, r, q in zip(weak, results, retry, strict=True)
+        if isinstance(r, Generation) and r.text
+    ]
+    vectors: Any = embed([r.text for _, r, _ in fresh]) if fresh else []
     out = list(judged)
-    for (i, gen), vec in zip(fresh, vectors, strict=True):
+    for (i, gen, request), vec in zip(fresh, vectors, strict=True):
         turn, _, _, first = judged[i]
-        second = _judge(turn, gen, vec, message_vectors[turn.id], contexts[turn.id])
+        second = _judge(
+            turn, gen, vec, message_vectors[turn.id], contexts[turn.id], prompts[turn.id], request.seed
+        )
         keep_second = len(second.quality["below_bar"]) < len(first.quality["below_bar"])
         chosen = second if keep_second else first
         record = {
             **chosen.quality,
+            "candidates": first.quality.get("candidates", 1),
             "regenerated": {
                 "first": first.quality,
                 "second": second.quality,
                 "kept": "second" if keep_second else "first",
-                "second_seed": next_seed(requests[turn.id]).seed,
+                "second_seed": request.seed,
             },
         }
         out[i] = (
-            (turn, gen, vec, Verdict(second.mood, record))
+            (turn, gen, vec, Verdict(second.mood, record, request.seed, first.alternatives))
             if keep_second
-            else (turn, judged[i][1], judged[i][2], Verdict(first.mood, record))
+            else (
+                turn,
+                judged[i][1],
+                judged[i][2],
+                Verdict(first.mood, record, first.seed, first.alternatives),
+            )
         )
     return out
+
+
+def _next_seed(request: GenerationRequest, turn: ClaimedTurn) -> GenerationRequest:
+    """The seed after the turn's n candidates' seeds."""
+    return dataclasses.replace(request, seed=request.seed + turn.params.get("n", 1))

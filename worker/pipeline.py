@@ -9,6 +9,7 @@ batch-mates go on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from services.schemas import SAMPLING_CONTROLS
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import EngineDead, GenerationRequest
-from worker.judge import judge_replies, regenerate_weak
+from worker.judge import judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
@@ -196,20 +197,24 @@ def _answer(
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
 
     loop = engine_module.get_loop()
-    futures = engine_module.submit([requests[t.id] for t in ready])
-    future_of = {t.id: f for t, f in zip(ready, futures, strict=True)}
+    # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
+    # computes their shared prompt once.
+    candidates = {t.id: candidate_requests(requests[t.id], t.params.get("n", 1)) for t in ready}
+    futures = iter(engine_module.submit([r for t in ready for r in candidates[t.id]]))
+    future_of = {t.id: [next(futures) for _ in candidates[t.id]] for t in ready}
     generations: list[Any] = []
     waiting = list(ready)
     submitted = time.perf_counter()
     while waiting:
-        loop.wait([future_of[t.id] for t in waiting])  # until one is done (or the engine died)
+        # Until one more is done (or the engine died).
+        loop.wait([f for t in waiting for f in future_of[t.id] if not f.done()])
         time.sleep(GROUP_WINDOW_S)  # let the turns finishing in the same engine steps join this group
-        finished = {t.id for t in waiting if future_of[t.id].done()}
+        finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
         # From admission until the batch's last reply: its turns' generation, shared with other batches.
         timer.ms["generate_ms"] = (time.perf_counter() - submitted) * 1000
         group = [t for t in waiting if t.id in finished]
         waiting = [t for t in waiting if t.id not in finished]
-        outcomes = {t.id: _result(future_of[t.id]) for t in group}
+        outcomes = {t.id: _results(future_of[t.id], candidates[t.id]) for t in group}
         generations += _finish_group(
             group, outcomes, token, report, timer, requests, prompts, vector_of, context_of, shared_ms
         )
@@ -221,12 +226,24 @@ def _answer(
 GROUP_WINDOW_S = 0.02
 
 
-def _result(future: Any) -> Any:
-    """A future's Generation, or the exception that failed it; EngineDead propagates."""
-    error = future.exception()
-    if isinstance(error, EngineDead):
-        raise error
-    return error if error is not None else future.result()
+def candidate_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
+    """The turn's n candidates: its own request, then the same with the next seeds."""
+    return [request] + [dataclasses.replace(request, seed=request.seed + k) for k in range(1, n)]
+
+
+def _results(futures: list[Any], requests: list[GenerationRequest]) -> Any:
+    """A turn's candidates that were generated, as (seed, Generation); the first exception if none
+    was; EngineDead propagates."""
+    made, errors = [], []
+    for future, request in zip(futures, requests, strict=True):
+        error = future.exception()
+        if isinstance(error, EngineDead):
+            raise error
+        if error is not None:
+            errors.append(error)
+        else:
+            made.append((request.seed, future.result()))
+    return made or errors[0]
 
 
 def _finish_group(
@@ -248,23 +265,24 @@ def _finish_group(
     _retry_or_fail([t for t in group if t.id in broken], broken, report)
     answered = []
     for turn in group:
-        gen = results[turn.id]
         if turn.id in broken:
             continue
-        if gen.text:
-            answered.append((turn, gen))
+        made = [(seed, gen) for seed, gen in results[turn.id] if gen.text]
+        if made:
+            answered.append((turn, made))
         else:
+            reasons = sorted({gen.finish_reason or "none" for _, gen in results[turn.id]})
             report.failed[turn.id] = Failure(
-                f"model produced an empty reply (finish_reason={gen.finish_reason})",
+                f"model produced an empty reply (finish_reason={', '.join(reasons)})",
                 TurnErrorCode.EMPTY_REPLY,
             )
     with group_timer("embed_reply"):
-        reply_vectors = embed([g.text for _, g in answered])
+        reply_vectors = embed([g.text for _, made in answered for _, g in made])
     with group_timer("quality"):
-        judged = judge_replies(answered, reply_vectors, vector_of, context_of)
+        judged = judge_candidates(answered, reply_vectors, vector_of, context_of, prompts)
     if settings.quality_regenerate:
         with group_timer("regenerate"):
-            judged = regenerate_weak(judged, requests, vector_of, context_of)
+            judged = regenerate_weak(judged, requests, vector_of, context_of, prompts)
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
@@ -287,7 +305,8 @@ def _finish_group(
                     "finish_reason": gen.finish_reason,
                 },
                 timings=timings,
-                params=_params_of_kept_reply(turn.params, verdict.quality),
+                params={**turn.params, "seed": verdict.seed},
+                alternatives=verdict.alternatives or None,
                 reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
                 state=verdict.mood.as_json() if verdict.mood else None,
                 quality=verdict.quality,
@@ -352,14 +371,6 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "completion": sum(g.completion_tokens for g in generations),
         },
     )
-
-
-def _params_of_kept_reply(params: dict[str, Any], quality: dict[str, Any]) -> dict[str, Any]:
-    """The stored seed must reproduce the stored reply: the regenerated one used the next seed."""
-    regen = quality.get("regenerated")
-    if regen and regen["kept"] == "second":
-        return {**params, "seed": regen["second_seed"]}
-    return params
 
 
 def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> GenerationRequest:

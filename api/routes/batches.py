@@ -2,7 +2,7 @@
 
 The official `openai` client works against these routes (base URL `<mlchat>/v1`). Two extensions,
 given in the create body (the client's `extra_body`): `callback_url`, POSTed the batch object when
-it ends (signed, see services/callbacks.py), and `allow_system_prompt`.
+it ends (signed, see services/callbacks.py), `allow_system_prompt`, and `candidates` (best of n).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ class BatchCreate(BaseModel):
     output_expires_after: dict[str, Any] | None = None  # accepted; files are kept until deleted
     callback_url: str | None = Field(default=None, max_length=2000)
     allow_system_prompt: bool = False
+    candidates: int | None = Field(default=None, ge=1, le=8)  # best of n per request
 
 
 @router.post("", dependencies=[Depends(json_body)])
@@ -47,6 +48,7 @@ def create_batch(
             admin=who.admin,
             callback_url=body.callback_url,
             allow_system_prompt=body.allow_system_prompt,
+            candidates=body.candidates,
         )
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None

@@ -1,4 +1,5 @@
-"""OpenAI batches: run format, options, metadata, window, file ids, callback; the files table
+"""OpenAI batches: run format, options, metadata, window, file ids, callback; the files table;
+turns.alternatives (best of n)
 
 Revision ID: 0006
 Revises: 0005
@@ -40,6 +41,7 @@ def upgrade() -> None:
     op.add_column('runs', sa.Column('callback_url', sa.Text(), nullable=True))
     op.add_column('runs', sa.Column('callback_attempts', sa.Integer(), server_default='0', nullable=False))
     op.add_column('runs', sa.Column('callback_error', sa.Text(), nullable=True))
+    op.add_column('turns', sa.Column('alternatives', postgresql.JSONB(astext_type=sa.Text()), nullable=True))
     op.create_table(
         'files',
         sa.Column('id', sa.String(64), nullable=False),
@@ -55,6 +57,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('files')
+    op.drop_column('turns', 'alternatives')
     for name in ('callback_error', 'callback_attempts', 'callback_url', *_STAMPS, *_STRINGS):
         op.drop_column('runs', name)
     for name in ('line_errors', 'metadata', 'options', 'input_format'):

@@ -25,22 +25,33 @@ ExportFormat = Literal["native", "openai"]
 _OPENAI_CODES = {"expired": "batch_expired"}
 
 
-def export_run(ref: str, out_dir: Path, fmt: ExportFormat = "native") -> tuple[Path, Path, int, int]:
-    """Write <name>.results.jsonl and <name>.errors.jsonl into out_dir; (paths, results, errors)."""
+def export_run(
+    ref: str, out_dir: Path, fmt: ExportFormat = "native", *, alternatives: bool = False
+) -> tuple[Path, Path, int, int]:
+    """Write <name>.results.jsonl and <name>.errors.jsonl into out_dir; (paths, results, errors).
+    `alternatives`: native lines also carry the candidates that were not kept (best of n)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
         run = require_run(session, ref)
         results_path = out_dir / f"{run.name}.results.jsonl"
         errors_path = out_dir / f"{run.name}.errors.jsonl"
-        n_ok, n_err = write_outputs(session, run, results_path, errors_path, fmt)
+        n_ok, n_err = write_outputs(session, run, results_path, errors_path, fmt, alternatives=alternatives)
     return results_path, errors_path, n_ok, n_err
 
 
 def write_outputs(
-    session: Session, run: Run, results_path: Path, errors_path: Path, fmt: ExportFormat
+    session: Session,
+    run: Run,
+    results_path: Path,
+    errors_path: Path,
+    fmt: ExportFormat,
+    *,
+    alternatives: bool = False,
 ) -> tuple[int, int]:
     """Stream the run's finished turns into the two files; (results written, errors written)."""
     ok_line, error_line = _FORMATS[fmt]
+    if alternatives and fmt == "native":
+        ok_line = _native_with_alternatives
     n_ok = n_err = 0
     with results_path.open("w", encoding="utf-8") as ok, errors_path.open("w", encoding="utf-8") as bad:
         for turn in iter_run_turns(session=session, run_id=run.id):
@@ -66,6 +77,10 @@ def _native_ok(turn: Turn, run: Run) -> dict[str, Any]:
         "quality": turn.quality,
         "state": turn.state,
     }
+
+
+def _native_with_alternatives(turn: Turn, run: Run) -> dict[str, Any]:
+    return _native_ok(turn, run) | {"alternatives": turn.alternatives or []}
 
 
 def _native_error(turn: Turn, run: Run) -> dict[str, Any]:

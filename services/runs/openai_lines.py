@@ -97,6 +97,7 @@ class LineOptions:
 
     default_character: str | None = None
     allow_system_prompt: bool = False  # a system message replaces the character's own system prompt
+    candidates: int | None = None  # best of n for lines that do not set params.n (None: the setting)
 
 
 def is_openai_line(data: Any) -> bool:

@@ -199,8 +199,9 @@ def _store_and_send(
 
     while leftovers := _unsent(run_id):
         send(leftovers)
+    candidates = check.reader.options.candidates or settings.run_candidates
     lines = (
-        _staged_turn(text, line, name, run_id, model)
+        _staged_turn(text, line, name, run_id, model, candidates)
         for _, text, line in good_lines(path, check)
         if line.custom_id not in already
     )
@@ -257,8 +258,12 @@ def _key(prefix: str, custom_id: str) -> str:
     return key if len(key) <= _KEY_CHARS else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def _staged_turn(raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str) -> StagedTurn:
+def _staged_turn(
+    raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str, candidates: int
+) -> StagedTurn:
     params = line.params.resolved()
+    if line.params.n is None:
+        params["n"] = candidates
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
     return StagedTurn(

@@ -45,12 +45,18 @@ class PromptInput:
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
 
 
+# Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
+ECHO_SECTIONS = ("system_prompt", "character_sheet", "lore")
+
+
 @dataclass
 class BuiltPrompt:
     token_ids: list[int]
     text: str
     stop: tuple[str, ...]
     manifest: dict[str, Any] = field(default_factory=dict)
+    # The instruction sections a reply must not reproduce (the quality gate's echo check).
+    echo_sources: tuple[tuple[str, str], ...] = ()
 
 
 def persona_block(character: Character) -> str:
@@ -189,7 +195,10 @@ class PromptBuilder:
             }
             for f in (lore.dropped if lore else [])
         ]
-        return BuiltPrompt(ids, text, stop, manifest)
+        sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
+        if layout.post:
+            sources.append(("post-history instruction", layout.post))
+        return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
     def _render(
         self, layout: Layout, events: list[Any], memories: list[HistoryLine], history: list[HistoryLine]
