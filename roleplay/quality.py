@@ -58,7 +58,7 @@ class Quality:
     language_match: bool
     message_script: str | None
     reply_script: str | None
-    echo: str | None = None  # "<section> ('<span>')" when the reply reproduces the prompt
+    echo: EchoMatch | None = None  # the instruction section the reply overlaps most
     truncated: bool = False
     role_break: str | None = None
     sentence_repeats: int = 1  # how often the reply's most repeated sentence occurs
@@ -66,8 +66,8 @@ class Quality:
     def below(self, bar: Bar) -> list[str]:
         """Why the reply is below the bar; empty when it passes."""
         reasons = []
-        if self.echo:
-            reasons.append(f"echo: repeats the {self.echo}")
+        if self.echo is not None and self.echo.echoes(bar.echo_span_words, bar.echo_share):
+            reasons.append(f"echo: repeats the {self.echo.describe()}")
         if self.self_repetition > bar.max_repetition or self.sentence_repeats >= bar.loop_sentence_repeats:
             reasons.append(
                 f"loop: self-repetition {self.self_repetition:.2f}, a sentence {self.sentence_repeats} times"
@@ -84,6 +84,23 @@ class Quality:
             reasons.append(f"persona: {self.persona:.2f} < {bar.min_persona}")
         return reasons
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Quality:
+        """A stored quality record back (the gate can be re-run on it with another bar)."""
+        echo = data.get("echo")
+        return cls(
+            data["persona"],
+            data["repetition"],
+            data["self_repetition"],
+            data["language_match"],
+            data.get("message_script"),
+            data.get("reply_script"),
+            echo=EchoMatch(**echo) if echo else None,
+            truncated=data.get("truncated", False),
+            role_break=data.get("role_break"),
+            sentence_repeats=data.get("sentence_repeats", 1),
+        )
+
     def as_json(self) -> dict[str, Any]:
         return {
             "persona": round(self.persona, 4),
@@ -92,7 +109,7 @@ class Quality:
             "language_match": self.language_match,
             "message_script": self.message_script,
             "reply_script": self.reply_script,
-            "echo": self.echo,
+            "echo": None if self.echo is None else self.echo.as_json(),
             "truncated": self.truncated,
             "role_break": self.role_break,
             "sentence_repeats": self.sentence_repeats,
@@ -144,7 +161,7 @@ def score(
         match,
         message_script,
         reply_script,
-        echo=prompt_echo(reply, echo_sources, span_words=bar.echo_span_words, share=bar.echo_share),
+        echo=prompt_echo(reply, echo_sources),
         truncated=truncated(reply, finish_reason),
         role_break=role_break(reply, speaker=speaker, char_name=char_name, user_name=user_name),
         sentence_repeats=most_repeated_sentence(reply),
@@ -154,33 +171,75 @@ def score(
 # --- the checks -----------------------------------------------------------------------------------
 
 
-def prompt_echo(
-    reply: str, sources: Sequence[tuple[str, str]], *, span_words: int = 6, share: float = 0.6
-) -> str | None:
-    """The instruction section the reply reproduces, with the span: `span_words` consecutive words
-    of one section (or the whole of a shorter one, from three words), or `share` of the reply's
-    word 3-grams found in one (at least two of them)."""
+@dataclass(frozen=True)
+class EchoMatch:
+    """How much of one instruction section the reply reproduces (the section that overlaps most)."""
+
+    section: str
+    span_words: int  # the longest run of consecutive words the reply shares with the section
+    span: str
+    section_words: int
+    share: float  # the share of the reply's word 3-grams found in the section
+    reply_trigrams: int
+
+    def echoes(self, span_words: int, share: float) -> bool:
+        whole = 3 <= self.section_words == self.span_words  # all of a short section
+        return whole or self.span_words >= span_words or (self.reply_trigrams >= 2 and self.share >= share)
+
+    def describe(self) -> str:
+        return f"{self.section} ('{self.span}', {self.share:.0%} of its 3-grams)"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "section": self.section,
+            "span_words": self.span_words,
+            "span": self.span,
+            "section_words": self.section_words,
+            "share": round(self.share, 4),
+            "reply_trigrams": self.reply_trigrams,
+        }
+
+
+def prompt_echo(reply: str, sources: Sequence[tuple[str, str]]) -> EchoMatch | None:
+    """The instruction section the reply overlaps most (by its longest shared word run, then by the
+    share of its 3-grams); None when it shares no word run of two or more with any section."""
     words = _words(reply)
-    if not words:
-        return None
-    reply_spans = _ngram_list(reply, span_words)
-    reply_trigrams = set(_ngram_list(reply, 3))
+    trigrams = set(_ngram_list(reply, 3))
+    best: EchoMatch | None = None
     for section, text in sources:
         section_words = _words(text)
-        if 3 <= len(section_words) < span_words:  # a short section: the whole of it is the span
-            whole = tuple(section_words)
-            if whole in set(_ngram_list(reply, len(whole))):
-                return f"{section} ('{' '.join(whole)}')"
-        section_spans = set(_ngram_list(text, span_words))
-        hit = next((g for g in reply_spans if g in section_spans), None)
-        if hit is not None:
-            return f"{section} ('{' '.join(hit)}')"
-        section_trigrams = set(_ngram_list(text, 3))
-        if len(reply_trigrams) >= 2:
-            shared = reply_trigrams & section_trigrams
-            if len(shared) / len(reply_trigrams) >= share:
-                return f"{section} ({len(shared)} of the reply's {len(reply_trigrams)} 3-grams)"
-    return None
+        length, end = _longest_common_run(words, section_words)
+        if length < 2:
+            continue
+        shared = trigrams & set(_ngram_list(text, 3))
+        match = EchoMatch(
+            section,
+            length,
+            " ".join(words[end - length : end]),
+            len(section_words),
+            len(shared) / len(trigrams) if trigrams else 0.0,
+            len(trigrams),
+        )
+        if best is None or (match.span_words, match.share) > (best.span_words, best.share):
+            best = match
+    return best
+
+
+def _longest_common_run(a: list[str], b: list[str]) -> tuple[int, int]:
+    """(length, end index in a) of the longest run of consecutive words a and b share. Only matching
+    positions are visited, so it costs what the two texts have in common, not len(a) * len(b)."""
+    where: dict[str, list[int]] = {}
+    for j, word in enumerate(b):
+        where.setdefault(word, []).append(j)
+    best, best_end = 0, 0
+    previous: dict[int, int] = {}
+    for i, word in enumerate(a):
+        current = {j: previous.get(j - 1, 0) + 1 for j in where.get(word, ())}
+        for length in current.values():
+            if length > best:
+                best, best_end = length, i + 1
+        previous = current
+    return best, best_end
 
 
 def truncated(reply: str, finish_reason: str | None) -> bool:

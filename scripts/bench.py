@@ -1,7 +1,8 @@
 """`python -m scripts.bench` (`make bench`): every benchmark, on the embedded services by default.
 
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
-Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop); `--only` picks
+Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
+gate, sampling defaults, best of n); `--only` picks
 some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
@@ -30,7 +31,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality")
 
 
 def machine() -> dict[str, Any]:
@@ -113,6 +114,10 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
         if quick:
             return measure_retrieval(messages=20_000, conversations=200, events=5_000, rounds=5)
         return measure_retrieval()
+    if section == "quality":
+        from scripts.bench_quality import measure_quality
+
+        return measure_quality(lines=64, sweep_lines=16) if quick else measure_quality()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

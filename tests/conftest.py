@@ -28,6 +28,8 @@ os.environ.setdefault("MLCHAT_PIN_WORKER_CPUS", "false")
 os.environ.setdefault("MLCHAT_MAX_NEW_TOKENS", "24")
 os.environ.setdefault("MLCHAT_CPU_KVCACHE_GIB", "1")
 os.environ.setdefault("MLCHAT_BATCH_RETRY_DELAY", "0.5")
+# Runs generate one candidate per line here (the suite's time); tests/test_best_of_n.py asks for more.
+os.environ.setdefault("MLCHAT_RUN_CANDIDATES", "1")
 os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 # Two full keys, an ingest-only key, and an ingest-only key configured by its sha256 only.

@@ -7,6 +7,7 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -20,6 +21,7 @@ from services.callbacks import sign, verify_signature
 from services.runs import RunValidationError, export_run, submit_run
 from services.runs.openai_lines import LineOptions
 from tasks.app import app
+from tests.conftest import INGEST_KEY
 
 MODEL = "batches-check"  # a queue no worker consumes
 
@@ -279,3 +281,70 @@ def test_callback_signatures_verify_and_refuse_tampering() -> None:
     assert not verify_signature(header, body, "other")
     assert not verify_signature(sign(body, secret, now - 3600), body, secret)
     assert not verify_signature("garbage", body, secret)
+
+
+# --- over HTTP, without a worker --------------------------------------------------------------------
+
+INGEST = {"Authorization": f"Bearer {INGEST_KEY}"}
+
+
+def _upload(base_url: str, content: bytes, purpose: str = "batch") -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/files",
+        headers=INGEST,
+        files={"file": ("b.jsonl", content)},
+        data={"purpose": purpose},
+    )
+
+
+def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(base_url, quiet_model) -> None:
+    assert _upload(base_url, b"{}\n", purpose="fine-tune").status_code == 400
+    wrong_type = httpx.post(
+        f"{base_url}/v1/files", headers=INGEST | {"content-type": "text/plain"}, content=b"x"
+    )
+    assert wrong_type.status_code == 415
+    file_id = _upload(base_url, json.dumps(openai_line("a", USER)).encode() + b"\n").json()["id"]
+    cases = [
+        ({"input_file_id": file_id, "endpoint": "/v1/embeddings"}, "endpoint"),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "soon"},
+            "completion_window",
+        ),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "9999h"},
+            "completion_window",
+        ),
+        ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}, "input_file_id"),
+        ({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "metadata": {"k": 1}}, "metadata.k"),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "callback_url": "http://x/"},
+            "callback_url",
+        ),
+    ]
+    for body, field in cases:
+        response = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body)
+        assert response.status_code == 400 and response.json()["detail"].startswith(field), (
+            body,
+            response.text,
+        )
+    assert httpx.get(f"{base_url}/v1/batches/batch_nope", headers=INGEST).status_code == 404
+    assert httpx.get(f"{base_url}/v1/files/file-nope/content", headers=INGEST).status_code == 404
+
+
+def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_model) -> None:
+    content = "\n".join(
+        [json.dumps(openai_line("a", USER)), "{broken", json.dumps(openai_line("c", USER, stream=True))]
+    )
+    file_id = _upload(base_url, content.encode() + b"\n").json()["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body).json()
+    deadline = time.monotonic() + 60
+    while (state := httpx.get(f"{base_url}/v1/batches/{batch['id']}", headers=INGEST).json())[
+        "status"
+    ] != "failed":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    errors = state["errors"]["data"]
+    assert [e["line"] for e in errors] == [2, 3]
+    assert "not valid JSON" in errors[0]["message"] and "body.stream" in errors[1]["message"]
+    assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}

@@ -56,17 +56,20 @@ SOURCES = [
 ]
 
 
+def _echoes(reply: str, sources=SOURCES) -> str | None:
+    match = prompt_echo(reply, sources)
+    return match.section if match is not None and match.echoes(6, 0.6) else None
+
+
 def test_a_reply_that_reproduces_an_instruction_is_an_echo() -> None:
-    assert (
-        prompt_echo(LUFFY_POST, SOURCES)
-        == f"post-history instruction ('{' '.join(LUFFY_POST[:-1].replace(',', '').split())}')"
-    )
-    assert prompt_echo("Stay in character and answer briefly, traveller.", SOURCES).startswith(
-        "system_prompt"
-    )
-    assert prompt_echo("You are a dragon. You are a dragon.", [("system_prompt", "You are a dragon.")])
+    match = prompt_echo(LUFFY_POST, SOURCES)
+    assert (match.section, match.span_words, match.share) == ("post-history instruction", 6, 1.0)
+    assert match.span == "루피의 말투로 한두 문장의 반말로 대답하세요"
+    assert _echoes("Stay in character and answer briefly, traveller.") == "system_prompt"
+    assert _echoes("You are a dragon. You are a dragon.", [("system_prompt", "You are a dragon.")])
     # Naming the character or a trait in passing is not an echo.
-    assert prompt_echo("I am Elara. The tower's library is open to you today.", SOURCES) is None
+    assert prompt_echo("I am Elara. The tower's library is open to you today.", SOURCES).span_words == 4
+    assert _echoes("I am Elara. The tower's library is open to you today.") is None
     assert prompt_echo("", SOURCES) is None
 
 

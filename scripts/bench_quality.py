@@ -1,0 +1,230 @@
+"""Benchmark: what the quality gate sees in the bundled model's replies, and what best of n costs.
+
+Every figure is measured here, in one process, on lines of data/sample_run_2000.jsonl run through the
+real pipeline (worker/inline.py: claim, retrieve, prompt, engine, gate, store):
+
+1. sampling sweep: the share of replies that loop, and the share below the bar, under a few sampling
+   settings, on lines 512-639; the setting with the fewest loops is the shipped default;
+2. below the bar on the first 512 lines: n = 1 with neutral sampling, n = 1 with the defaults,
+   n = 4 with the defaults, with each check's count;
+3. the time of n = 4 against n = 1 on the same 512 turns (one engine call per batch, the prompt
+   computed once by the prefix cache);
+4. the gate's precision and recall on the held-out half of the labels in data/quality_labels/
+   (scripts/calibrate_quality.py).
+
+`python -m scripts.bench_quality --dump-for-labels` writes the replies to be labelled instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from core.settings import PROJECT_ROOT, settings
+from roleplay.quality import reason_kind
+from scripts.bench_generation import sample_requests
+
+LABELS = PROJECT_ROOT / "data" / "quality_labels"
+NEUTRAL = {
+    "repetition_penalty": 1.0,
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "min_p": 0.0,
+    "top_k": 0,
+}
+SWEEP: dict[str, dict[str, Any]] = {
+    "neutral": {},
+    "repetition_penalty=1.1": {"repetition_penalty": 1.1},
+    "repetition_penalty=1.2": {"repetition_penalty": 1.2},
+    "repetition_penalty=1.3": {"repetition_penalty": 1.3},
+    "frequency_penalty=0.5": {"frequency_penalty": 0.5},
+    "presence_penalty=0.5": {"presence_penalty": 0.5},
+    "repetition_penalty=1.2,min_p=0.05": {"repetition_penalty": 1.2, "min_p": 0.05},
+}
+MAX_NEW_TOKENS = 48  # the sample run's own length
+
+
+@contextlib.contextmanager
+def sampling(**values: Any) -> Iterator[None]:
+    """The sampling defaults turns are stored with, for the duration."""
+    before = {name: getattr(settings, name) for name in values}
+    for name, value in values.items():
+        setattr(settings, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(settings, name, value)
+
+
+def answer(lines: int, offset: int, n: int, tag: str) -> tuple[list[Any], float]:
+    """The sample lines answered by the pipeline in this process; (turn views, seconds)."""
+    from worker.inline import answer_now
+
+    requests = sample_requests(lines, f"{tag}-{uuid.uuid4().hex[:6]}", MAX_NEW_TOKENS, offset)
+    for r in requests:
+        r["params"] = r["params"] | {"n": n}
+    started = time.perf_counter()
+    views = answer_now(requests)
+    return views, time.perf_counter() - started
+
+
+def below_bar(views: list[Any]) -> dict[str, Any]:
+    """The share of answered turns below the bar, and how many each check put there."""
+    answered = [v for v in views if v.quality]
+    kinds: Counter[str] = Counter()
+    below = 0
+    for v in answered:
+        reasons = v.quality["below_bar"]
+        below += bool(reasons)
+        kinds.update({reason_kind(r) for r in reasons})
+    return {
+        "answered": len(answered),
+        "below_bar_share": round(below / max(len(answered), 1), 4),
+        "by_check": dict(kinds.most_common()),
+        "loop_share": round(kinds["loop"] / max(len(answered), 1), 4),
+    }
+
+
+def sampling_sweep(lines: int = 128, offset: int = 512) -> dict[str, Any]:
+    """Loops and below-bar shares under each SWEEP setting, on the same lines and seeds."""
+    results = {}
+    for name, values in SWEEP.items():
+        with sampling(**(NEUTRAL | values)):
+            views, seconds = answer(lines, offset, 1, f"sweep-{name}")
+        results[name] = below_bar(views) | {"seconds": round(seconds, 1)}
+        print(name, results[name], flush=True)
+    best = min(results, key=lambda k: (results[k]["loop_share"], results[k]["below_bar_share"]))
+    return {"lines": lines, "offset": offset, "results": results, "fewest_loops": best}
+
+
+def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
+    from scripts.calibrate_quality import calibrate
+    from worker.engine import get_engine
+
+    get_engine()
+    saved_batch = settings.batch_size
+    settings.batch_size = 64
+    try:
+        sweep = sampling_sweep(sweep_lines)
+        with sampling(**NEUTRAL):
+            neutral, _ = answer(lines, 0, 1, "neutral-n1")
+        n1, n1_s = answer(lines, 0, 1, "defaults-n1")
+        n4, n4_s = answer(lines, 0, 4, "defaults-n4")
+    finally:
+        settings.batch_size = saved_batch
+    defaults = {name: getattr(settings, name) for name in NEUTRAL}
+    return {
+        "lines": lines,
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "sampling_sweep": sweep,
+        "sampling_defaults": defaults,
+        "below_bar": {
+            "n1_neutral_sampling": below_bar(neutral),
+            "n1_defaults": below_bar(n1),
+            "n4_defaults": below_bar(n4),
+        },
+        "best_of_n_cost": {
+            "n1_seconds": round(n1_s, 1),
+            "n4_seconds": round(n4_s, 1),
+            "n4_over_n1_time": round(n4_s / n1_s, 3),
+            "target": "<= 2.0",
+        },
+        "gate_on_labels": calibrate(write=False),
+    }
+
+
+def dump_for_labels(lines: int = 240, offset: int = 1000) -> None:
+    """Replies of lines offset.. for people to label: what a labeller needs (the instructions, the
+    message, the reply) in replies.jsonl, the gate's measures apart in measures.jsonl."""
+    from db.models import Character
+    from db.session import session_scope
+    from worker.engine import get_engine
+
+    get_engine()
+    settings.batch_size = 64
+    views, _ = answer(lines, offset, 1, "labels")
+    raw = (PROJECT_ROOT / "data" / "sample_run_2000.jsonl").read_text(encoding="utf-8").splitlines()
+    source = [json.loads(x) for x in raw[offset : offset + lines]]
+    LABELS.mkdir(parents=True, exist_ok=True)
+    with session_scope() as s:
+        sheets = {
+            c.slug: {
+                "name": c.name,
+                "system_prompt": c.system_prompt,
+                "post_history_instructions": c.post_history_instructions,
+                "description": c.description,
+                "personality": c.personality,
+                "speech_style": c.speech_style,
+            }
+            for c in s.query(Character).all()
+        }
+    with (
+        (LABELS / "replies.jsonl").open("w", encoding="utf-8") as replies,
+        (LABELS / "measures.jsonl").open("w", encoding="utf-8") as measures,
+    ):
+        for line, view in zip(source, views, strict=True):
+            if view.reply is None:
+                continue
+            rid = line["custom_id"]
+            replies.write(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "character": sheets[line["character"]],
+                        "player_name": line.get("player_name", ""),
+                        "message": line["message"],
+                        "reply": view.reply,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+            measures.write(
+                json.dumps(
+                    {
+                        "id": rid,
+                        "finish_reason": (view.usage or {}).get("finish_reason"),
+                        "quality": view.quality,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
+    print(f"wrote {LABELS / 'replies.jsonl'} and measures.jsonl")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--dump-for-labels", action="store_true")
+    parser.add_argument("--sweep-only", action="store_true")
+    args = parser.parse_args()
+    from core.logging import configure_logging
+    from db.migrate import upgrade
+    from scripts.seed import seed_world
+
+    configure_logging("WARNING")
+    upgrade()
+    seed_world()
+    if args.dump_for_labels:
+        dump_for_labels()
+    elif args.sweep_only:
+        from worker.engine import get_engine
+
+        get_engine()
+        settings.batch_size = 64
+        print(json.dumps(sampling_sweep(), indent=2))
+    else:
+        print(json.dumps(measure_quality(), indent=2, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Calibrate the quality gate on labelled replies of the bundled model (data/quality_labels/).
+
+labels.jsonl holds a person's verdict on each reply (`acceptable`: true / false, by CRITERION.md);
+measures.jsonl holds the gate's threshold-free measures of the same replies, as the worker stored
+them. The replies are split by position: even lines tune the thresholds (the bar with the best F1
+for "not acceptable" on them), odd lines are held out and only reported on. A reply below the bar is
+a prediction of "not acceptable".
+
+    python -m scripts.calibrate_quality        # prints the figures and writes calibration.json
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict
+from typing import Any
+
+from core.settings import PROJECT_ROOT
+from roleplay.quality import Bar, Quality
+
+LABELS = PROJECT_ROOT / "data" / "quality_labels"
+GRID = {
+    "min_persona": [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3],
+    "max_repetition": [0.3, 0.4, 0.5, 0.6, 0.7],
+    "echo_span_words": [4, 5, 6, 8],
+    "echo_share": [0.4, 0.5, 0.6, 0.8],
+    "loop_sentence_repeats": [2, 3],
+}
+
+
+def _load() -> list[tuple[str, bool, Quality]]:
+    def rows(name: str) -> dict[str, dict[str, Any]]:
+        lines = (LABELS / name).read_text(encoding="utf-8").splitlines()
+        return {r["id"]: r for r in map(json.loads, lines) if r}
+
+    labels, measures = rows("labels.jsonl"), rows("measures.jsonl")
+    return [
+        (rid, bool(labels[rid]["acceptable"]), Quality.from_json(measures[rid]["quality"]))
+        for rid in measures
+        if rid in labels
+    ]
+
+
+def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]:
+    flagged = [(ok, bool(q.below(bar))) for _, ok, q in items]
+    tp = sum(1 for ok, below in flagged if below and not ok)
+    fp = sum(1 for ok, below in flagged if below and ok)
+    fn = sum(1 for ok, below in flagged if not below and not ok)
+    precision = tp / (tp + fp) if tp + fp else 1.0
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "replies": len(items),
+        "not_acceptable": sum(1 for _, ok, _ in items if not ok),
+        "flagged": tp + fp,
+        "precision": round(precision, 3),
+        "recall": round(recall, 3),
+        "f1": round(f1, 3),
+    }
+
+
+def calibrate(write: bool = True) -> dict[str, Any]:
+    items = _load()
+    tune, held_out = items[0::2], items[1::2]
+    best_bar, best = Bar(), (-1.0, -1.0)
+    for values in itertools.product(*GRID.values()):
+        bar = Bar(**dict(zip(GRID, values, strict=True)))
+        f = _figures(tune, bar)
+        if (f["f1"], f["precision"]) > best:
+            best_bar, best = bar, (f["f1"], f["precision"])
+    result = {
+        "labelled": len(items),
+        "bar": asdict(best_bar),
+        "tune": _figures(tune, best_bar),
+        "held_out": _figures(held_out, best_bar),
+        "target": "precision and recall >= 0.85 on the held-out half",
+    }
+    if write:
+        (LABELS / "calibration.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(calibrate(), indent=2))

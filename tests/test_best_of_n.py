@@ -1,0 +1,52 @@
+"""Best of n on the real engine: n candidates of one turn in the same engine call, the one the quality
+gate ranks first kept, the others stored as alternatives that a run export can include."""
+
+import json
+import time
+
+from db.models import RunStatus
+from services.producer import enqueue_turns, wait_for_reply
+from services.runs import export_run, run_state, submit_run
+from services.runs.openai_lines import LineOptions
+from tests.conftest import new_conversation
+
+
+def _rank(quality: dict) -> tuple[int, float]:
+    return (len(quality["below_bar"]), -(quality["persona"] - quality["self_repetition"]))
+
+
+def test_a_turn_asking_for_three_candidates_keeps_the_best_and_stores_the_rest(celery_worker) -> None:
+    request = new_conversation("elara") | {
+        "message": "What is the safest road to the coast?",
+        "params": {"n": 3, "seed": 11, "max_new_tokens": 24},
+    }
+    (turn_id,) = enqueue_turns([request])
+    view = wait_for_reply(turn_id, timeout=300)
+    assert view.reply and view.quality["candidates"] == 3
+    assert len(view.alternatives) == 2
+    assert {view.params["seed"]} | {a["seed"] for a in view.alternatives} == {11, 12, 13}
+    assert all(_rank(view.quality) <= _rank(a["quality"]) for a in view.alternatives)
+    assert all(a["text"] and a["finish_reason"] in ("stop", "length") for a in view.alternatives)
+
+
+def test_a_run_with_two_candidates_exports_its_alternatives_for_writers(celery_worker, tmp_path) -> None:
+    path = tmp_path / "drafts.jsonl"
+    lines = [
+        {
+            "custom_id": f"d{i}",
+            "character": "luffy",
+            "message": f"배 위에서 뭐 해? {i}",
+            "params": {"max_new_tokens": 16},
+        }
+        for i in range(3)
+    ]
+    path.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8")
+    sub = submit_run(path, name="drafts-" + tmp_path.name, options=LineOptions(candidates=2))
+    deadline = time.monotonic() + 300
+    while (state := run_state(sub.name)).status != RunStatus.COMPLETED:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    results, _, n_ok, _ = export_run(sub.name, tmp_path / "out", alternatives=True)
+    exported = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines()]
+    assert n_ok == 3 and all(x["quality"]["candidates"] == 2 for x in exported)
+    assert all(len(x["alternatives"]) == 1 and x["alternatives"][0]["seed"] != x["seed"] for x in exported)
