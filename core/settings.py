@@ -174,6 +174,8 @@ class Settings(BaseSettings):
     # may ask for a callback only when it is set.
     callback_secret: SecretStr | None = Field(default=None, repr=False)
     callback_max_attempts: int = Field(default=8, ge=1, le=30)
+    # Callbacks go only to public addresses unless this is set (a receiver on the same network).
+    callback_allow_private: bool = False
     callback_timeout_s: float = Field(default=10.0, gt=0)
     housekeeping_interval_s: float = Field(default=10.0, gt=0)  # the worker's expire/finalize timer
 

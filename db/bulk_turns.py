@@ -119,7 +119,8 @@ def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[Sta
     """
     if not turns:
         return []
-    status = session.scalar(select(Run.status).where(Run.id == run_id))
+    # FOR SHARE until this chunk commits: a cancel (or an expiry) waits for it, then sees its turns.
+    status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
     if status != RunStatus.VALIDATING:
         raise RunNotAccepting(f"run is {status}")
     session.execute(CREATE_STAGE)

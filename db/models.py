@@ -217,8 +217,9 @@ class Run(Base):
     input_format: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
     options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
     # OpenAI batch fields (runs created over HTTP; CLI runs may set metadata and a window too).
-    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
-    line_errors: Mapped[list[Any] | None] = mapped_column()  # [{line, message}] of a refused file
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSONB(none_as_null=True))
+    # [{line, message}] of a refused file; SQL NULL otherwise (None is not stored as JSON null).
+    line_errors: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
     completion_window: Mapped[str | None] = mapped_column(String(16))
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_reason: Mapped[str | None] = mapped_column(String(16))  # "expired" when the window closed it
@@ -290,7 +291,7 @@ class Turn(Base):
     state: Mapped[dict[str, Any] | None] = mapped_column()  # emotion and affinity, before and after
     quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
     # Best of n: the candidates not kept, each {text, seed, finish_reason, quality}.
-    alternatives: Mapped[list[Any] | None] = mapped_column()
+    alternatives: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)

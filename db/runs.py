@@ -34,7 +34,7 @@ from sqlalchemy import Connection, and_, case, column, exists, func, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
+from db.models import RUN_FINISHED, RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
     session.execute(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
-        .values(status=RunStatus.QUEUED)
+        .values(status=RunStatus.QUEUED, in_progress_at=func.now())
     )
     advance_runs(session=session, run_ids=[run_id])
     status = run_status(session=session, run_id=run_id)
@@ -254,6 +254,43 @@ def finish_finalizing(
         .returning(Run.status)
     )
     return None if status is None else RunStatus(status)
+
+
+def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str) -> None:
+    """A finalizing run whose files could not be written goes to the back of the line, saying why."""
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
+        .values(finalizing_at=func.now(), error=error)
+    )
+
+
+def stopped_batch_submissions(*, session: Session) -> list[str]:
+    """Batches (runs with a stored input file) whose submission stopped part-way (failed, not for bad
+    lines) and that nobody is submitting: the sweeper resumes them from their file."""
+    names = session.scalars(
+        select(Run.name).where(
+            Run.status == RunStatus.FAILED, Run.input_file_id.is_not(None), Run.line_errors.is_(None)
+        )
+    ).all()
+    return [name for name in names if not submission_alive(session=session, name=name)]
+
+
+def callbacks_due(*, session: Session, older_than_s: float) -> list[uuid.UUID]:
+    """Finished runs with a callback never attempted, finished longer ago than `older_than_s` (its
+    message was lost: the broker was down when it ended)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    return list(
+        session.scalars(
+            select(Run.id).where(
+                Run.status.in_(RUN_FINISHED),
+                Run.callback_url.is_not(None),
+                Run.callback_delivered_at.is_(None),
+                Run.callback_attempts == 0,
+                Run.finished_at < cutoff,
+            )
+        ).all()
+    )
 
 
 def due_to_expire(

@@ -37,6 +37,8 @@ _SPEAKER_LABEL = regex.compile(r"^\s*\**([\p{L}][\p{L} .'-]{0,38}?)\**\s*[:：]"
 _QUOTED = regex.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|「[^」]*」|『[^』]*』")
 _SECOND_PERSON = regex.compile(r"\b(?:you|your|yours|yourself|yourselves)\b|당신|너희", regex.I)
 _PLAYER_LABELS = {"user", "player", "you", "{{user}}", "나", "플레이어"}
+# Labels that head a line without being a speaker.
+_NOT_SPEAKERS = {"note", "tip", "warning", "example", "ps", "p.s", "hint", "참고", "주의"}
 
 
 @dataclass(frozen=True)
@@ -256,7 +258,7 @@ def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> s
         folded = label.casefold()
         if folded in player:
             return f"speaks as the player ('{label}:')"
-        if folded not in own and len(label.split()) <= 3:
+        if folded not in own and folded not in _NOT_SPEAKERS and len(label.split()) <= 3:
             return f"speaks as '{label}'"
     if speaker == "narrator":
         unquoted = _QUOTED.sub(" ", reply)

@@ -24,18 +24,22 @@ from core.settings import settings
 from db.files import add_file
 from db.models import Run, RunStatus
 from db.runs import (
+    callbacks_due,
     cancel_run,
     create_run,
     due_to_expire,
+    fail_submission,
     finalizing_runs,
     finish_finalizing,
+    postpone_finalizing,
     run_counts,
 )
 from db.session import session_scope
+from db.world import all_character_slugs
 from services.files import find_file, new_file_id
 from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
-from services.runs.submit import RunBusy, SubmissionFailed, submit_run
+from services.runs.submit import RunBusy, SubmissionFailed, one_line, submit_run
 from services.runs.validate import RunValidationError, file_digest
 
 logger = logging.getLogger(__name__)
@@ -86,6 +90,11 @@ def check_callback(url: str | None) -> str | None:
         raise BatchRefused(f"callback_url: {url[:80]!r} is not an http(s) URL")
     if settings.callback_secret is None:
         raise BatchRefused("callback_url: set MLCHAT_CALLBACK_SECRET so callbacks can be signed")
+    from services.callbacks import refused_destination
+
+    refused = refused_destination(url)
+    if refused is not None:
+        raise BatchRefused(f"callback_url: {refused}")
     return url
 
 
@@ -112,6 +121,13 @@ def create_batch(
     found = find_file(input_file_id)
     if found is None or not (admin or found.api_key == api_key):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
+    if not found.path.is_file():
+        raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored")
+    character = (meta or {}).get("character")
+    if character is not None:
+        with session_scope() as session:
+            if character not in all_character_slugs(session=session):
+                raise BatchRefused(f"metadata.character: unknown character {character!r}")
     if found.info["purpose"] != "batch":
         raise BatchRefused(
             f"input_file_id: {input_file_id!r} has purpose {found.info['purpose']!r}, not 'batch'"
@@ -148,21 +164,29 @@ def create_batch(
 
 def submit_batch_by_name(name: str) -> None:
     """Validate, store and send a batch's file (resumable: a second call sends only what is left).
-    A bad file fails the batch with each line's error; nothing here raises."""
+    A bad file fails the batch with each line's error (and calls back); nothing here raises."""
     with session_scope() as session:
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None or run.input_file_id is None:
             return
-        file_id = run.input_file_id
+        run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
     found = find_file(file_id)
     try:
-        if found is None:
-            raise FileNotFoundError(f"input file {file_id} is gone")
+        if found is None or not found.path.is_file():
+            with session_scope() as session:
+                gone = f"input_file_id: the bytes of {file_id} are no longer stored"
+                fail_submission(
+                    session=session, run_id=run_id, error=gone, line_errors=[{"line": None, "message": gone}]
+                )
+            raise RunValidationError([])
         submit_run(found.path, name=name)
-    except (RunValidationError, RunBusy):
-        pass  # the run records the bad lines; or another submitter is on it
+    except RunValidationError:
+        if callback:  # the batch ended here: failed
+            send_callback(run_id)
+    except RunBusy:
+        pass  # another submitter is on it
     except SubmissionFailed as exc:
-        logger.warning("batch %s: %s", name, exc)  # the sweeper resumes it
+        logger.warning("batch %s: %s", name, exc)  # `mlchat sweep` resumes it
     except Exception:
         logger.exception("batch %s: submission failed", name)
 
@@ -268,8 +292,9 @@ def cancel_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str
     """Cancel the batch's unstarted requests; finished ones are kept and written to its output."""
     with session_scope() as session:
         run = _visible_run(session, batch_id, api_key, admin)
-        cancel_run(session=session, run_id=run.id)
-    finalize_runs()
+        run_id = run.id
+        cancel_run(session=session, run_id=run_id)
+    finalize_run(run_id)  # at once when nothing of it runs; housekeeping otherwise, or on failure
     return get_batch(batch_id, api_key=api_key, admin=admin)
 
 
@@ -293,25 +318,64 @@ def expire_due_runs(models: Sequence[str] | None = None) -> list[str]:
 def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[str]:
     """Write the output and error files of runs (of these models; None: all) in `finalizing`, one
     transaction each (the run's row stays locked meanwhile, so two finalizers never write the same
-    run); returns their names."""
+    run); returns their names. A run whose files cannot be written goes to the back of the line."""
     done = []
     for _ in range(limit):
         with session_scope() as session:
             ids = finalizing_runs(session=session, limit=1, models=models)
             if not ids:
                 break
-            run = session.get_one(Run, ids[0])
+        name = finalize_run(ids[0])
+        if name is not None:
+            done.append(name)
+    return done
+
+
+def finalize_run(run_id: uuid.UUID) -> str | None:
+    """Write one finalizing run's files and end it; its name, or None if another finalizer holds it,
+    it is not finalizing, or writing failed (logged; the run is tried again later)."""
+    try:
+        with session_scope() as session:
+            locked = session.scalar(
+                select(Run.id)
+                .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
+                .with_for_update(skip_locked=True)
+            )
+            if locked is None:
+                return None
+            run = session.get_one(Run, run_id)
             name, callback = run.name, run.callback_url
             output_id, error_id = _write_files(session, run)
             finish_finalizing(
-                session=session, run_id=ids[0], output_file_id=output_id, error_file_id=error_id
+                session=session, run_id=run_id, output_file_id=output_id, error_file_id=error_id
             )
-        done.append(name)
-        if callback:
-            from tasks.callbacks import deliver_batch_callback
+    except Exception as exc:
+        logger.exception("run %s: writing its output files failed; trying again later", run_id)
+        with session_scope() as session:
+            postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
+        return None
+    if callback:
+        send_callback(run_id)
+    return name
 
-            deliver_batch_callback.delay(str(ids[0]))
-    return done
+
+def send_callback(run_id: uuid.UUID) -> None:
+    """Queue the run's completion callback; if the broker is down, housekeeping queues it later."""
+    from tasks.callbacks import deliver_batch_callback
+
+    try:
+        deliver_batch_callback.delay(str(run_id))
+    except Exception:
+        logger.warning("run %s: could not queue its callback; housekeeping will", run_id, exc_info=True)
+
+
+def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
+    """Queue the callbacks of finished runs that were never attempted (their message was lost)."""
+    with session_scope() as session:
+        due = callbacks_due(session=session, older_than_s=older_than_s)
+    for run_id in due:
+        send_callback(run_id)
+    return [str(r) for r in due]
 
 
 def _write_files(session: Session, run: Run) -> tuple[str, str]:
@@ -338,6 +402,10 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
 
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
-    """Expire what is due, finalize what is finished (runs of these models; None: all); safe to run
-    anywhere, any time, concurrently."""
-    return {"expired": expire_due_runs(models), "finalized": finalize_runs(models=models)}
+    """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
+    callbacks (any model's); safe to run anywhere, any time, concurrently."""
+    return {
+        "expired": expire_due_runs(models),
+        "finalized": finalize_runs(models=models),
+        "callbacks": redeliver_callbacks() if models is None else [],
+    }

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
+import socket
 import time
 import uuid
+from urllib.parse import urlparse
 
 import httpx
 
@@ -26,6 +29,26 @@ SIGNATURE_HEADER = "X-Mlchat-Signature"
 
 class CallbackFailed(RuntimeError):
     """The receiver did not answer 2xx (or could not be reached); the delivery is retried."""
+
+
+def refused_destination(url: str) -> str | None:
+    """Why a callback may not go to `url`, or None: every address its host resolves to must be public
+    (not loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so
+    an API key cannot make the workers call into the network they run in."""
+    host = urlparse(url).hostname
+    if not host:
+        return "has no host"
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return f"host {host!r} does not resolve"
+    if settings.callback_allow_private:
+        return None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            return f"host {host!r} resolves to a non-public address ({address})"
+    return None
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -47,7 +70,8 @@ def verify_signature(header: str, body: bytes, secret: str, *, tolerance_s: int 
 
 
 def deliver(run_id: uuid.UUID) -> bool:
-    """POST the batch object once; True when delivered (or nothing to deliver), CallbackFailed if not."""
+    """POST the batch object once; True when delivered (or nothing to deliver), False when its
+    destination is refused (not retried), CallbackFailed when the receiver failed (retried)."""
     from services.batches import batch_object
 
     with session_scope() as session:
@@ -56,6 +80,11 @@ def deliver(run_id: uuid.UUID) -> bool:
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
     assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
+    refused = refused_destination(url)
+    if refused is not None:  # checked again at delivery: the name may resolve elsewhere by now
+        with session_scope() as session:
+            record_callback(session=session, run_id=run_id, error=f"not sent: {refused}")
+        return False
     headers = {
         "content-type": "application/json",
         SIGNATURE_HEADER: sign(body, settings.callback_secret.get_secret_value(), int(time.time())),

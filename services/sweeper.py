@@ -26,7 +26,14 @@ from sqlalchemy import and_, func, or_, select
 
 from core.settings import Lane, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
-from db.runs import abandoned_submissions, cancel_run, fail_submission, run_counts, submission_alive
+from db.runs import (
+    abandoned_submissions,
+    cancel_run,
+    fail_submission,
+    run_counts,
+    stopped_batch_submissions,
+    submission_alive,
+)
 from db.session import session_scope
 from db.turns import mark_dispatched
 from services.runs.control import interrupted_message
@@ -85,14 +92,13 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
     from services.batches import submit_batch_by_name
 
     done: dict[str, str] = {}
-    resume: list[str] = []
     with session_scope() as session:
         for run in abandoned_submissions(session=session, older_than_s=older_than_s):
             error = interrupted_message(run, run_counts(session=session, run_id=run.id))
             if fail_submission(session=session, run_id=run.id, error=error):
                 done[run.name] = "failed: submission interrupted"
-                if run.input_file_id is not None:
-                    resume.append(run.name)
+        # Batches keep their file: one whose submission stopped or died is resumed from it.
+        resume = stopped_batch_submissions(session=session)
         cancelling = session.scalars(select(Run).where(Run.status == RunStatus.CANCELLING)).all()
         for run in cancelling:
             if not submission_alive(session=session, name=run.name):

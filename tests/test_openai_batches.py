@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from core.settings import queue_for_model, settings
@@ -20,6 +21,7 @@ from services import batches
 from services.callbacks import sign, verify_signature
 from services.runs import RunValidationError, export_run, submit_run
 from services.runs.openai_lines import LineOptions
+from services.runs.validate import file_digest
 from tasks.app import app
 from tests.conftest import INGEST_KEY
 
@@ -297,7 +299,9 @@ def _upload(base_url: str, content: bytes, purpose: str = "batch") -> httpx.Resp
     )
 
 
-def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(base_url, quiet_model) -> None:
+def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
+    base_url, quiet_model, monkeypatch
+) -> None:
     assert _upload(base_url, b"{}\n", purpose="fine-tune").status_code == 400
     wrong_type = httpx.post(
         f"{base_url}/v1/files", headers=INGEST | {"content-type": "text/plain"}, content=b"x"
@@ -327,6 +331,18 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(base_url, qu
             body,
             response.text,
         )
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
+    inward = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "callback_url": "http://127.0.0.1:9/",
+    }
+    response = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=inward)
+    assert response.status_code == 400
+    assert (
+        response.json()["detail"]
+        == "callback_url: host '127.0.0.1' resolves to a non-public address (127.0.0.1)"
+    )
     assert httpx.get(f"{base_url}/v1/batches/batch_nope", headers=INGEST).status_code == 404
     assert httpx.get(f"{base_url}/v1/files/file-nope/content", headers=INGEST).status_code == 404
 
@@ -348,3 +364,162 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
     assert [e["line"] for e in errors] == [2, 3]
     assert "not valid JSON" in errors[0]["message"] and "body.stream" in errors[1]["message"]
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
+
+
+# --- what a crash, a full disk or a race leaves behind (each failed before its fix) -----------------
+
+
+def _batch(tmp_path: Path, n: int, **extra) -> str:
+    """A batch created as the API creates one, its file stored; returns its id (the run's name)."""
+    import asyncio
+
+    from services.files import save_upload
+
+    lines = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(n)]
+    content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+    async def chunks():
+        yield content
+
+    stored = asyncio.run(save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k"))
+    created = batches.create_batch(
+        input_file_id=stored["id"],
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=None,
+        api_key="k",
+        admin=False,
+        **extra,
+    )
+    return created["id"]
+
+
+def test_a_batch_whose_submission_stopped_is_resumed_by_the_sweeper(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    import tasks.generate
+    from services import runs as run_services
+    from services.sweeper import close_abandoned_runs
+
+    monkeypatch.setattr(run_services.submit, "CHUNK", 4)
+    real = tasks.generate.dispatch
+    calls = []
+
+    def dispatch(ids, **kwargs):
+        calls.append(len(ids))
+        if len(calls) == 2:
+            raise ConnectionError("injected: broker connection lost")
+        return real(ids, **kwargs)
+
+    monkeypatch.setattr(tasks.generate, "dispatch", dispatch)
+    batch_id = _batch(tmp_path, 10)
+    batches.submit_batch_by_name(batch_id)
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    monkeypatch.setattr(tasks.generate, "dispatch", real)
+    assert close_abandoned_runs()[batch_id] == "submission resumed from its stored file"
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 10
+    with session_scope() as s:
+        unsent = s.scalar(
+            select(func.count())
+            .select_from(Turn)
+            .join(Run)
+            .where(Run.name == batch_id, Turn.dispatched_at.is_(None))
+        )
+    assert unsent == 0
+
+
+def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path, monkeypatch) -> None:
+    sent = []
+    monkeypatch.setattr(batches, "send_callback", sent.append)
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
+    monkeypatch.setattr("services.callbacks.refused_destination", lambda url: None)
+    batch_id = _batch(tmp_path, 2, callback_url="https://receiver.example/hook")
+    with session_scope() as s:  # the file turns bad: a line the run cannot honour
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+        from services.files import find_file
+
+        path = find_file(run.input_file_id).path
+    path.write_text(path.read_text() + json.dumps(openai_line("x", USER, stream=True)) + "\n")
+    with session_scope() as s:  # the digest the run was created with is the old file's
+        s.execute(Run.__table__.update().where(Run.name == batch_id).values(file_hash=file_digest(path)))
+    batches.submit_batch_by_name(batch_id)
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    assert [str(x) for x in sent] == [str(run.id)]
+
+
+def test_a_run_whose_files_cannot_be_written_waits_at_the_back_without_blocking_others(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    first = _submit(tmp_path, "stuck-" + tmp_path.name, 1, input_file_id="file-test")
+    second = _submit(tmp_path, "next-" + tmp_path.name, 1, input_file_id="file-test")
+    for sub in (first, second):
+        with session_scope() as s:
+            cancel_run(session=s, run_id=sub.id)
+    real = batches._write_files
+
+    def full_disk(session, run):
+        if run.id == first.id:
+            raise OSError(28, "No space left on device")
+        return real(session, run)
+
+    monkeypatch.setattr(batches, "_write_files", full_disk)
+    assert batches.finalize_runs() == [second.name]
+    with session_scope() as s:
+        stuck = s.get_one(Run, first.id)
+        assert stuck.status == RunStatus.FINALIZING and "No space left" in stuck.error
+    monkeypatch.setattr(batches, "_write_files", real)
+    assert batches.finalize_runs() == [first.name]
+
+
+def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet_model, tmp_path) -> None:
+    import threading
+
+    from db.bulk_turns import StagedTurn, insert_run_turns
+    from db.runs import create_run
+
+    with session_scope() as s:
+        run, _ = create_run(session=s, name="race-" + tmp_path.name, model=MODEL, file_hash="h", total=1)
+        run_id = run.id
+    staged = StagedTurn(
+        idempotency_key=f"race:{run_id}",
+        request_hash="h",
+        conversation=f"race-{run_id}",
+        character="elara",
+        player_name="",
+        story=None,
+        story_time=None,
+        message="Hello?",
+        model=MODEL,
+        params={"seed": 1, "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "stop": []},
+        custom_id="r0",
+    )
+    import db.bulk_turns
+
+    outcome: list = []
+    real_connection = db.bulk_turns.psycopg_connection
+    blocked: list[bool] = []
+
+    def cancel() -> None:
+        with session_scope() as s:
+            outcome.append(cancel_run(session=s, run_id=run_id))
+
+    def connection_after_a_cancel_lands(session):  # between the status check and the insert
+        canceller = threading.Thread(target=cancel)
+        canceller.start()
+        canceller.join(timeout=1.0)
+        blocked.append(canceller.is_alive())
+        threads.append(canceller)
+        return real_connection(session)
+
+    threads: list[threading.Thread] = []
+    db.bulk_turns.psycopg_connection = connection_after_a_cancel_lands
+    try:
+        with session_scope() as session:
+            insert_run_turns(session=session, run_id=run_id, turns=[staged])
+    finally:
+        db.bulk_turns.psycopg_connection = real_connection
+    threads[0].join(timeout=10)
+    assert blocked == [True], "the cancel did not wait for the chunk being stored"
+    # The cancel saw the stored turn: the run waits in cancelling for the submission to cancel it.
+    assert outcome[0].after == RunStatus.CANCELLING

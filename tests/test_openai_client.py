@@ -2,6 +2,8 @@
 whole round trip, an expiry, and a signed completion callback retried after a failure."""
 
 import json
+import re
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -12,13 +14,13 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import select
 
-from core.settings import queue_for_model, settings
+from core.settings import PROJECT_ROOT, queue_for_model, settings
 from db.models import Run
 from db.session import session_scope
 from services import batches
 from services.callbacks import SIGNATURE_HEADER, verify_signature
 from tasks.app import app
-from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, serving_api
 from tests.test_openai_batches import openai_line
 
 TERMINAL = {"completed", "failed", "expired", "cancelled"}
@@ -161,6 +163,7 @@ def test_a_cancelled_batch_calls_back_signed_and_retries_after_a_failure(
 ) -> None:
     secret = "callback-secret-for-tests"
     monkeypatch.setattr(settings, "callback_secret", SecretStr(secret))
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -191,3 +194,31 @@ def test_a_cancelled_batch_calls_back_signed_and_retries_after_a_failure(
         run = s.scalars(select(Run).where(Run.name == batch.id)).one()
         assert run.callback_attempts == 2 and run.callback_delivered_at is not None
         assert run.callback_error is None
+
+
+def test_the_readme_curl_round_trip_runs_as_written(celery_worker, tmp_path) -> None:
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## OpenAI Batch files") : readme.index("## Roleplay")]
+    (script,) = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    # The sample file as written, cut to 6 short lines to keep the suite's time.
+    sample = (PROJECT_ROOT / "data" / "sample_openai_batch.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = [json.loads(x) for x in sample[:6]]
+    for line in lines:
+        line["body"]["max_completion_tokens"] = 8
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "sample_openai_batch.jsonl").write_text(
+        "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines), encoding="utf-8"
+    )
+    with serving_api(port=8000):
+        done = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    output = [
+        json.loads(x) for x in (tmp_path / "batch_output.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert sorted(x["custom_id"] for x in output) == sorted(x["custom_id"] for x in lines)

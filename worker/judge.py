@@ -177,16 +177,21 @@ def regenerate_weak(
                 "second_seed": request.seed,
             },
         }
-        out[i] = (
-            (turn, gen, vec, Verdict(second.mood, record, request.seed, first.alternatives))
-            if keep_second
-            else (
-                turn,
-                judged[i][1],
-                judged[i][2],
-                Verdict(first.mood, record, first.seed, first.alternatives),
-            )
-        )
+        first_gen, first_vec = judged[i][1], judged[i][2]
+        not_kept = (first_gen, first) if keep_second else (gen, second)
+        alternatives = [
+            *first.alternatives,
+            {
+                "text": not_kept[0].text,
+                "seed": not_kept[1].seed,
+                "finish_reason": not_kept[0].finish_reason,
+                "quality": not_kept[1].quality,
+            },
+        ]
+        if keep_second:
+            out[i] = (turn, gen, vec, Verdict(second.mood, record, request.seed, alternatives))
+        else:
+            out[i] = (turn, first_gen, first_vec, Verdict(first.mood, record, first.seed, alternatives))
     return out
 
 

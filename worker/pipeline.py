@@ -214,6 +214,8 @@ def _answer(
         timer.ms["generate_ms"] = (time.perf_counter() - submitted) * 1000
         group = [t for t in waiting if t.id in finished]
         waiting = [t for t in waiting if t.id not in finished]
+        if not group:  # a candidate finished, but no turn has all of its candidates yet
+            continue
         outcomes = {t.id: _results(future_of[t.id], candidates[t.id]) for t in group}
         generations += _finish_group(
             group, outcomes, token, report, timer, requests, prompts, vector_of, context_of, shared_ms

@@ -140,9 +140,11 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
     character = _character(body, characters, options)
-    message, history, system_prompt = _messages(body.messages, character, options)
+    message, history, system_prompt, player_name = _messages(body.messages, character, options)
     params: dict[str, Any] = {
-        "max_new_tokens": body.max_completion_tokens or body.max_tokens,
+        "max_new_tokens": body.max_tokens
+        if body.max_completion_tokens is None
+        else body.max_completion_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "seed": body.seed,
@@ -159,6 +161,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
     }
     if system_prompt is not None:
         run_line["system_prompt"] = system_prompt
+    if player_name is not None:
+        run_line["player_name"] = player_name
     return run_line
 
 
@@ -192,12 +196,18 @@ def _character(body: _Body, characters: Collection[str], options: LineOptions) -
 
 def _messages(
     messages: list[_Message], character: str, options: LineOptions
-) -> tuple[str, list[dict[str, str]], str | None]:
-    """(the player's message, the history before it, a system prompt if the run allows one)."""
+) -> tuple[str, list[dict[str, str]], str | None, str | None]:
+    """(the player's message, the history before it, a system prompt if the run allows one, the
+    player's name from a user message's `name`)."""
     history: list[dict[str, str]] = []
     system: list[str] = []
+    player_name = None
     for i, msg in enumerate(messages):
         where = f"body.messages[{i}]"
+        if msg.name is not None:
+            if msg.role != "user":
+                raise ValueError(f"{where}.name: only a user message may name its speaker (the player)")
+            player_name = msg.name
         if msg.role in ("system", "developer"):
             if not options.allow_system_prompt:
                 raise ValueError(
@@ -221,4 +231,4 @@ def _messages(
         check_message(message)
     except ValueError as exc:
         raise ValueError(f"body.messages[{len(messages) - 1}].content: {exc}") from None
-    return message, history, "\n\n".join(system) if system else None
+    return message, history, "\n\n".join(system) if system else None, player_name
