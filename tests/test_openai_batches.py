@@ -523,3 +523,5 @@ def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet
     assert blocked == [True], "the cancel did not wait for the chunk being stored"
     # The cancel saw the stored turn: the run waits in cancelling for the submission to cancel it.
     assert outcome[0].after == RunStatus.CANCELLING
+    with session_scope() as s:  # what the submission does next: cancel what it stored
+        assert cancel_run(session=s, run_id=run_id).after == RunStatus.CANCELLED
