@@ -76,7 +76,7 @@ def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_pa
             presence_penalty=-0.25,
             user="player-9",
         ),
-        openai_line("b", USER, model="gpt-4o-mini", metadata={"character": "luffy"}, max_tokens=5, n=1),
+        openai_line("b", USER, model="gpt-4o-mini", metadata={"character": "luffy"}, max_tokens=5, n=2),
         openai_line("c", USER, model="anything"),  # the run's default character
     ]
     path = _write(tmp_path / "oa.jsonl", lines)
@@ -97,6 +97,8 @@ def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_pa
             ["END"],
         )
         assert (p["frequency_penalty"], p["presence_penalty"]) == (0.5, -0.25)
+        assert (turns["b"].params["n"], turns["b"].params["choices"]) == (2, 2)  # n choices: best of n
+        assert "choices" not in p and turns["b"].params["max_new_tokens"] == 5
         history = s.execute(
             select(Message.seq, Message.role, Message.content)
             .where(Message.conversation_id == a.conversation_id)
@@ -135,7 +137,7 @@ REFUSED = [
     (openai_line("t", USER, tools=[{"type": "function"}]), "body.tools: tool calls are not supported"),
     (openai_line("st", USER, stream=True), "body.stream: streaming"),
     (openai_line("lp", USER, logprobs=True), "body.logprobs"),
-    (openai_line("n", USER, n=3), "body.n: 3"),
+    (openai_line("n", USER, n=9), "body.n: 9; between 1 and 8"),
     (openai_line("u", USER, colour="red"), "body.colour: Extra inputs"),
     (openai_line("m", USER, max_tokens=999_999), "body.max_completion_tokens: "),
     (openai_line("tp", USER, temperature=3), "body.temperature"),

@@ -60,6 +60,7 @@ def test_the_openai_client_does_the_whole_batch_round_trip(base_url, celery_work
             model=characters[i % 3],
             max_completion_tokens=8,
             seed=i,
+            **({"n": 2} if i < 2 else {}),  # two choices each: best of n, both returned
         )
         for i in range(52)
     ]
@@ -95,9 +96,12 @@ def test_the_openai_client_does_the_whole_batch_round_trip(base_url, celery_work
     assert sorted(failed) == ["too-long-0", "too-long-1"]
     for line in output:
         body = line["response"]["body"]
+        n = 2 if line["custom_id"] in ("req-000", "req-001") else 1
         assert line["response"]["status_code"] == 200 and line["error"] is None
-        assert body["object"] == "chat.completion" and body["choices"][0]["message"]["content"].strip()
-        assert 0 < body["usage"]["completion_tokens"] <= 8
+        assert body["object"] == "chat.completion" and len(body["choices"]) == n
+        assert [c["index"] for c in body["choices"]] == list(range(n))
+        assert all(c["message"]["content"].strip() for c in body["choices"])
+        assert 0 < body["usage"]["completion_tokens"] <= 8 * n
     assert {x["error"]["code"] for x in errors} == {"prompt_too_long"}
 
     listed = client.batches.list(limit=100)

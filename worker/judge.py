@@ -128,11 +128,7 @@ def judge_candidates(
         ]
         best = min(range(len(judged)), key=lambda i: rank(judged[i][2]))
         gen, vec, verdict = judged[best]
-        alternatives = [
-            {"text": g.text, "seed": v.seed, "finish_reason": g.finish_reason, "quality": v.quality}
-            for i, (g, _, v) in enumerate(judged)
-            if i != best
-        ]
+        alternatives = [_alternative(g, v) for i, (g, _, v) in enumerate(judged) if i != best]
         quality = {**verdict.quality, "candidates": len(made)}
         out.append((turn, gen, vec, Verdict(verdict.mood, quality, verdict.seed, alternatives)))
     return out
@@ -179,20 +175,23 @@ def regenerate_weak(
         }
         first_gen, first_vec = judged[i][1], judged[i][2]
         not_kept = (first_gen, first) if keep_second else (gen, second)
-        alternatives = [
-            *first.alternatives,
-            {
-                "text": not_kept[0].text,
-                "seed": not_kept[1].seed,
-                "finish_reason": not_kept[0].finish_reason,
-                "quality": not_kept[1].quality,
-            },
-        ]
+        alternatives = [*first.alternatives, _alternative(*not_kept)]
         if keep_second:
             out[i] = (turn, gen, vec, Verdict(second.mood, record, request.seed, alternatives))
         else:
             out[i] = (turn, first_gen, first_vec, Verdict(first.mood, record, first.seed, alternatives))
     return out
+
+
+def _alternative(gen: Generation, verdict: Verdict) -> dict[str, Any]:
+    """A candidate that was not kept, as stored: what a writer (or an OpenAI choice) needs of it."""
+    return {
+        "text": gen.text,
+        "seed": verdict.seed,
+        "finish_reason": gen.finish_reason,
+        "completion_tokens": gen.completion_tokens,
+        "quality": verdict.quality,
+    }
 
 
 def _next_seed(request: GenerationRequest, turn: ClaimedTurn) -> GenerationRequest:

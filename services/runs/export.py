@@ -90,23 +90,35 @@ def _native_error(turn: Turn, run: Run) -> dict[str, Any]:
 def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
     usage = turn.usage or {}
     created = turn.finished_at or run.created_at
+    # A line that asked for n choices gets every candidate, the kept (best) one first.
+    others = (turn.alternatives or [])[: max(int(turn.params.get("choices", 1)) - 1, 0)]
+    choices = [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": turn.reply, "refusal": None},
+            "logprobs": None,
+            "finish_reason": usage.get("finish_reason") or "stop",
+        }
+    ] + [
+        {
+            "index": i,
+            "message": {"role": "assistant", "content": alt["text"], "refusal": None},
+            "logprobs": None,
+            "finish_reason": alt.get("finish_reason") or "stop",
+        }
+        for i, alt in enumerate(others, start=1)
+    ]
+    completion = usage.get("completion_tokens", 0) + sum(a.get("completion_tokens", 0) for a in others)
     body = {
         "id": f"chatcmpl-{turn.id.hex}",
         "object": "chat.completion",
         "created": int(created.timestamp()),
         "model": run.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": turn.reply, "refusal": None},
-                "logprobs": None,
-                "finish_reason": usage.get("finish_reason") or "stop",
-            }
-        ],
+        "choices": choices,
         "usage": {
             "prompt_tokens": usage.get("prompt_tokens", 0),
-            "completion_tokens": usage.get("completion_tokens", 0),
-            "total_tokens": usage.get("total_tokens", 0),
+            "completion_tokens": completion,
+            "total_tokens": usage.get("prompt_tokens", 0) + completion,
         },
         "system_fingerprint": None,
         # What OpenAI's shape has no place for: the seed that reproduces the reply, its scores, timings.

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from services.schemas import Text, check_message
 
 ENDPOINT = "/v1/chat/completions"
+MAX_CHOICES = 8  # GenerationParams.n's limit
 
 # Body fields that ask for something a batch here cannot give: refused when set to anything but
 # their "off" value.
@@ -134,8 +135,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         raise ValueError("body.response_format: only text replies (type 'text') are supported")
     if body.modalities not in (None, ["text"]):
         raise ValueError("body.modalities: only text replies are supported")
-    if body.n not in (None, 1):
-        raise ValueError(f"body.n: {body.n}; one reply per request (n = 1) is supported")
+    if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
+        raise ValueError(f"body.n: {body.n}; between 1 and {MAX_CHOICES} choices per request")
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
@@ -152,6 +153,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         "frequency_penalty": body.frequency_penalty,
         "presence_penalty": body.presence_penalty,
     }
+    if body.n is not None and body.n > 1:  # n candidates (best of n), every one returned as a choice
+        params["n"] = body.n
     run_line: dict[str, Any] = {
         "custom_id": line.custom_id,
         "character": character,
@@ -163,6 +166,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         run_line["system_prompt"] = system_prompt
     if player_name is not None:
         run_line["player_name"] = player_name
+    if body.n is not None and body.n > 1:
+        run_line["choices"] = body.n
     return run_line
 
 

@@ -266,6 +266,8 @@ def _staged_turn(
         params["n"] = candidates
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
+    if line.choices is not None:
+        params["choices"] = line.choices
     return StagedTurn(
         idempotency_key=_key(f"run:{run_id}", line.custom_id),
         request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted

@@ -48,6 +48,8 @@ class RunLine(BaseModel):
     story_time: Int4 | None = None
     params: GenerationParams = Field(default_factory=GenerationParams)
     history: list[HistoryLine] = Field(default_factory=list, max_length=200)
+    # OpenAI's `n`: this many candidates are returned as choices (best first), not only the kept one.
+    choices: int | None = Field(default=None, ge=1, le=8)
     # Replaces the character's own system prompt; only in runs that allow it.
     system_prompt: Text | None = Field(default=None, min_length=1, max_length=20_000)
 
