@@ -283,6 +283,38 @@ HTTP_CASES = [
         422,
         "slug (path)",
     ),
+    ("a batch body that is not JSON", "post", "/v1/batches", b"{nope", JSON, 422, "JSON decode error"),
+    (
+        "a batch with an unknown field",
+        "post",
+        "/v1/batches",
+        b'{"input_file_id": "f", "endpoint": "/v1/chat/completions", "colour": 1}',
+        JSON,
+        422,
+        "colour",
+    ),
+    ("a batch without its file", "post", "/v1/batches", b'{"endpoint": "e"}', JSON, 422, "input_file_id"),
+    ("a page of no batches", "get", "/v1/batches?limit=0", None, {}, 422, "limit (query)"),
+    ("a page after an unknown batch", "get", "/v1/batches?after=batch_nope", None, {}, 400, "after"),
+    ("cancelling an unknown batch", "post", "/v1/batches/batch_nope/cancel", None, {}, 404, "no batch"),
+    (
+        "an upload with no multipart boundary",
+        "post",
+        "/v1/files",
+        b"x",
+        {"content-type": "multipart/form-data"},
+        400,
+        "boundary",
+    ),
+    (
+        "an upload without its file",
+        "post",
+        "/v1/files",
+        b'--b\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--b--\r\n',
+        {"content-type": "multipart/form-data; boundary=b"},
+        400,
+        "file: missing",
+    ),
 ]
 
 
@@ -313,6 +345,17 @@ def test_a_body_over_the_limit_is_413_however_it_is_sent(base_url) -> None:
     assert declared.status_code == streamed.status_code == 413 and "over 1000000 bytes" in streamed.text
     card = httpx.post(f"{base_url}/v1/characters:import", content=b"x" * 8_100_000, headers=ADMIN)
     assert card.status_code == 413 and _turns() == turns
+
+
+def test_a_batch_file_over_the_limit_is_413_and_nothing_is_kept(base_url, monkeypatch) -> None:
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "batch_file_max_bytes", 2048)
+    before = sorted(settings.batch_files_dir.glob("*")) if settings.batch_files_dir.exists() else []
+    files = {"file": ("big.jsonl", b"x" * 4096)}
+    r = httpx.post(f"{base_url}/v1/files", files=files, data={"purpose": "batch"}, headers=ADMIN)
+    assert r.status_code == 413 and "file: over 2048 bytes" in r.text
+    assert (sorted(settings.batch_files_dir.glob("*")) if settings.batch_files_dir.exists() else []) == before
 
 
 def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
