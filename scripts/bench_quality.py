@@ -104,6 +104,46 @@ def sampling_sweep(lines: int = 128, offset: int = 512) -> dict[str, Any]:
     return {"lines": lines, "offset": offset, "results": results, "fewest_loops": best}
 
 
+def seeded_versus_parallel_sampling(views: list[Any], n: int = 4) -> dict[str, Any]:
+    """The raw engine, on the stored prompts of `views`: n seeded requests per prompt (what the
+    worker sends) against one request with SamplingParams.n = n (vLLM's parallel sampling)."""
+    from vllm import SamplingParams
+
+    from worker.engine import get_engine
+
+    loaded = get_engine()
+    prompts = [
+        {"prompt_token_ids": loaded.tokenizer(v.prompt, add_special_tokens=False)["input_ids"]}
+        for v in views
+        if v.prompt
+    ]
+
+    def params(seed: int, k: int) -> Any:
+        return SamplingParams(
+            n=k, seed=seed, max_tokens=MAX_NEW_TOKENS, temperature=settings.temperature, top_p=settings.top_p
+        )
+
+    timings = {}
+    for name, inputs, sampling_params in (
+        (
+            "seeded_requests",
+            [p for p in prompts for _ in range(n)],
+            [params(i * n + k, 1) for i in range(len(prompts)) for k in range(n)],
+        ),
+        ("sampling_params_n", prompts, [params(i * n, n) for i in range(len(prompts))]),
+    ):
+        loaded.llm.reset_prefix_cache()
+        started = time.perf_counter()
+        loaded.llm.generate(inputs, sampling_params, use_tqdm=False)
+        timings[name] = round(time.perf_counter() - started, 2)
+    return {
+        "prompts": len(prompts),
+        "n": n,
+        "seconds": timings,
+        "seeded_over_parallel": round(timings["seeded_requests"] / timings["sampling_params_n"], 3),
+    }
+
+
 def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
     from scripts.calibrate_quality import calibrate
     from worker.engine import get_engine
@@ -117,6 +157,7 @@ def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
             neutral, _ = answer(lines, 0, 1, "neutral-n1")
         n1, n1_s = answer(lines, 0, 1, "defaults-n1")
         n4, n4_s = answer(lines, 0, 4, "defaults-n4")
+        engine_n = seeded_versus_parallel_sampling(n1[:128])
     finally:
         settings.batch_size = saved_batch
     defaults = {name: getattr(settings, name) for name in NEUTRAL}
@@ -135,6 +176,7 @@ def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
             "n4_seconds": round(n4_s, 1),
             "n4_over_n1_time": round(n4_s / n1_s, 3),
             "target": "<= 2.0",
+            "raw_engine": engine_n,
         },
         "gate_on_labels": calibrate(write=False),
     }

@@ -25,7 +25,9 @@ run_app = typer.Typer(help="Bulk NPC dialogue runs from a JSONL file.", no_args_
 card_app = typer.Typer(help="SillyTavern V2/V3 character cards (JSON or PNG).", no_args_is_help=True)
 app.add_typer(services_app, name="services")
 app.add_typer(run_app, name="run")
+lora_app = typer.Typer(help="Per-character voices: a LoRA from stored dialogue.", no_args_is_help=True)
 app.add_typer(card_app, name="card")
+app.add_typer(lora_app, name="lora")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
@@ -409,6 +411,70 @@ def story_event(
     from services.characters import add_story_event
 
     _out(str(add_story_event(story, text, scene=scene, time=time)))
+
+
+# --- LoRA voices ------------------------------------------------------------------------------
+
+
+@lora_app.command("dataset")
+def lora_dataset(
+    character: Annotated[str, typer.Argument(help="the character's slug")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="output folder")],
+    run: Annotated[str | None, typer.Option(help="only this run's turns (id or name)")] = None,
+    min_persona: Annotated[
+        float | None, typer.Option(help="persona score at least this (default MLCHAT_QUALITY_MIN_PERSONA)")
+    ] = None,
+    validation_share: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.1,
+) -> None:
+    """The character's kept replies (none below the bar) and card examples, as prompt/completion JSONL."""
+    from services.lora.dataset import export_dataset
+
+    report = export_dataset(
+        character, out, run=run, min_persona=min_persona, validation_share=validation_share
+    )
+    _out(json.dumps(report.manifest, ensure_ascii=False, indent=2))
+
+
+@lora_app.command("train")
+def lora_train(
+    dataset: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a `lora dataset` folder")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="the adapter's folder")],
+    rank: Annotated[int, typer.Option(min=1)] = 8,
+    alpha: Annotated[int, typer.Option(min=1)] = 16,
+    target_modules: Annotated[str, typer.Option(help="comma-separated")] = "q_proj,k_proj,v_proj,o_proj",
+    epochs: Annotated[int, typer.Option(min=1)] = 1,
+    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many steps")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 4,
+    max_length: Annotated[int, typer.Option(min=16)] = 1024,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads on a CPU")] = None,
+) -> None:
+    """Fine-tune a LoRA (PEFT) on the served model, loss on the replies only; saves it with its config."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from services.lora.train import TrainConfig, train_adapter
+
+    config = TrainConfig(
+        rank=rank,
+        alpha=alpha,
+        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        epochs=epochs,
+        learning_rate=learning_rate,
+        max_steps=max_steps,
+        batch_size=batch_size,
+        max_length=max_length,
+        threads=threads,
+    )
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("training", total=None)
+
+        def progress(step: int, steps: int, loss: float) -> None:
+            bar.update(task, total=steps, completed=step, description=f"training (loss {loss:.3f})")
+
+        report = train_adapter(dataset, out, config, progress)
+    _out(f"adapter -> {report.adapter_dir} ({report.steps} steps, {report.seconds} s) {report.losses}")
 
 
 # --- entry point ------------------------------------------------------------------------------

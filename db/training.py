@@ -1,0 +1,51 @@
+"""Read-only queries for fine-tuning: a character's answered exchanges, as the worker built them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.models import Character, Conversation, Turn, TurnStatus
+
+
+@dataclass(frozen=True)
+class Exchange:
+    turn_id: uuid.UUID
+    run_id: uuid.UUID | None
+    prompt: str  # the prompt exactly as the engine was given it (chat template applied)
+    reply: str
+    quality: dict[str, Any]
+
+
+def character_exchanges(
+    *, session: Session, slug: str, run_id: uuid.UUID | None = None, chunk: int = 1000
+) -> Iterator[Exchange]:
+    """The character's answered turns (its own voice, not the narrator's), oldest first, streamed."""
+    query = (
+        select(Turn.id, Turn.run_id, Turn.prompt, Turn.reply, Turn.quality, Turn.number)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .join(Character, Character.id == Conversation.character_id)
+        .where(
+            Character.slug == slug,
+            Turn.status == TurnStatus.DONE,
+            Turn.speaker == "character",
+            Turn.prompt.is_not(None),
+            Turn.reply.is_not(None),
+        )
+        .order_by(Turn.number)
+    )
+    if run_id is not None:
+        query = query.where(Turn.run_id == run_id)
+    last = -1
+    while True:
+        rows = session.execute(query.where(Turn.number > last).limit(chunk)).all()
+        if not rows:
+            return
+        for turn_id, run, prompt, reply, quality, _ in rows:
+            yield Exchange(turn_id, run, prompt, reply, quality or {})
+        last = rows[-1].number

@@ -1,0 +1,136 @@
+"""Per-character voices: the training set from stored exchanges (selected by quality, deduplicated,
+split) and a tiny LoRA trained on the bundled model with the loss on the replies only."""
+
+import json
+import uuid
+
+import numpy as np
+
+from db.session import session_scope
+from db.turns import TurnOutcome, claim_turns, store_replies
+from db.world import upsert_character
+from services.lora.dataset import export_dataset
+from services.lora.train import IGNORE, TrainConfig, encode, train_adapter
+from services.producer import enqueue_turns
+
+SLUG = "lora-voice"
+CARD = {
+    "name": "Brann",
+    "description": "A dwarven smith who speaks in short, proud sentences.",
+    "system_prompt": "You are {{char}}, the smith of Deepforge.",
+    "example_dialogues": [
+        {"user": "Can you fix my sword?", "character": "Aye. Steel listens to me."},
+        {"user": "How much?", "character": "Three silver. Dwarven work is never cheap."},
+    ],
+}
+
+
+def _store(replies: list[tuple[str, str, dict]]) -> None:
+    """Answered turns of the character, stored as a worker stores them: (prompt, reply, quality)."""
+    requests = [
+        {"conversation": f"lora-{uuid.uuid4().hex[:8]}", "character": SLUG, "message": f"Line {i}"}
+        for i in range(len(replies))
+    ]
+    ids = enqueue_turns(requests, send=False)
+    vec = list(np.full(384, 0.05, dtype=np.float32))
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=ids, lease_s=60, max_attempts=3)
+        by_id = {t.id: t for t in claim.claimed}
+        outcomes = [
+            TurnOutcome(
+                turn_id=turn_id,
+                conversation_id=by_id[turn_id].conversation_id,
+                user_message=by_id[turn_id].message,
+                user_embedding=vec,
+                reply=reply,
+                reply_embedding=vec,
+                prompt=prompt,
+                context={},
+                usage={
+                    "prompt_tokens": 1,
+                    "completion_tokens": 1,
+                    "total_tokens": 2,
+                    "finish_reason": "stop",
+                },
+                timings={},
+                params=by_id[turn_id].params,
+                quality=quality,
+            )
+            for turn_id, (prompt, reply, quality) in zip(ids, replies, strict=True)
+        ]
+        store_replies(session=s, token=claim.token, outcomes=outcomes)
+
+
+def test_the_loss_is_on_the_reply_only_and_a_long_prompt_loses_its_start(tokenizer) -> None:
+    ids, labels = encode(
+        tokenizer, "<|im_start|>user\nHello smith<|im_end|>\n<|im_start|>assistant\n", "Aye.", 64
+    )
+    reply = tokenizer("Aye.", add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert ids[-len(reply) :] == reply and labels[-len(reply) :] == reply
+    assert set(labels[: -len(reply)]) == {IGNORE} and len(ids) == len(labels)
+    ids, labels = encode(tokenizer, "word " * 500, "Aye.", 32)
+    assert len(ids) == 32 and labels[-len(reply) :] == reply  # the reply survives, the prompt is cut
+
+
+def test_the_dataset_keeps_good_replies_once_adds_the_card_and_says_what_it_left_out(
+    world, tokenizer, tmp_path
+) -> None:
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    good = {"below_bar": [], "persona": 0.6}
+    _store(
+        [
+            ("P1", "Steel sings for me.", good),
+            ("P2", "The forge is hot today.", good),
+            ("P2", "The forge is hot today.", good),  # the same exchange again
+            ("P3", "Brann Brann Brann Brann.", {"below_bar": ["loop: …"], "persona": 0.6}),
+            ("P4", "Lovely weather for cricket.", {"below_bar": [], "persona": 0.05}),
+        ]
+    )
+    report = export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, validation_share=0.0, tokenizer=tokenizer)
+    m = report.manifest
+    assert (m["from_turns"], m["from_card_examples"]) == (2, 2)
+    assert m["left_out"] == {"duplicate": 1, "below the bar": 1, "persona below 0.3": 1}
+    assert report.train + report.validation == 4 and report.validation == 1  # at least one held out
+    rows = [
+        json.loads(x)
+        for name in ("train.jsonl", "validation.jsonl")
+        for x in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
+    ]
+    assert sorted(r["completion"] for r in rows) == sorted(
+        [
+            "Steel sings for me.",
+            "The forge is hot today.",
+            "Aye. Steel listens to me.",
+            "Three silver. Dwarven work is never cheap.",
+        ]
+    )
+    card = next(r for r in rows if r["source"] == "card example")
+    assert "You are Brann, the smith of Deepforge." in card["prompt"] and card["prompt"].endswith(
+        "assistant\n"
+    )
+    again = export_dataset(SLUG, tmp_path / "ds2", min_persona=0.3, validation_share=0.0, tokenizer=tokenizer)
+    assert again.manifest["dataset_sha256"] == m["dataset_sha256"]  # stable across exports
+
+
+def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config(
+    world, tokenizer, tmp_path
+) -> None:
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
+    # One torch thread: an engine (this session's, or another process's) may be spinning on a core.
+    config = TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, max_length=256, threads=1)
+    seen = []
+    report = train_adapter(
+        tmp_path / "ds", tmp_path / "adapter", config, lambda step, steps, loss: seen.append((step, steps))
+    )
+    assert seen == [(1, 2), (2, 2)] and report.steps == 2
+    saved = {p.name for p in (tmp_path / "adapter").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "training_config.json"} <= saved
+    record = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    assert record["dataset_sha256"] == manifest["dataset_sha256"] and record["config"]["rank"] == 4
+    assert all(np.isfinite(v) for v in record["losses"].values())
+    adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
