@@ -99,6 +99,11 @@ class Settings(BaseSettings):
     # On a CPU, keep the worker's own threads off the cores vLLM bound its engine to.
     pin_worker_cpus: bool = True
     engine_seed: int = 0
+    # LoRA adapters per character (`mlchat lora register`): loaded on demand, one batch may mix them.
+    enable_lora: bool = False
+    max_loras: int = Field(default=4, ge=1)  # adapters resident in one engine step
+    max_lora_rank: int = Field(default=16, ge=1)
+    adapters_dir: Path | None = None  # where registered adapters are kept (default <state_dir>/adapters)
 
     # Default generation parameters (each turn may override them).
     temperature: float = Field(default=0.7, ge=0, le=2)

@@ -118,6 +118,9 @@ class Character(Base):
     example_dialogues: Mapped[list[Any]] = mapped_column(default=list)
     first_message: Mapped[str] = mapped_column(Text, default="")
     system_prompt: Mapped[str] = mapped_column(Text, default="")
+    # A LoRA adapter for this character's voice (`mlchat lora register`): its folder and version.
+    lora_path: Mapped[str | None] = mapped_column(Text)
+    lora_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     post_history_instructions: Mapped[str] = mapped_column(Text, default="")
     # An imported character card exactly as given (json, not jsonb: key order and every unknown field
     # survive, so export gives the card back); None for characters defined in data/.
@@ -292,6 +295,7 @@ class Turn(Base):
     quality: Mapped[dict[str, Any] | None] = mapped_column()  # the reply's quality scores
     # Best of n: the candidates not kept, each {text, seed, finish_reason, quality}.
     alternatives: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
+    adapter: Mapped[str | None] = mapped_column(String(100))  # "<slug>@v<version>" of the LoRA that answered
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)

@@ -331,6 +331,7 @@ class TurnOutcome:
     state: dict[str, Any] | None = None  # the mood update: {"before", "after", ...}
     quality: dict[str, Any] | None = None
     alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
+    adapter: str | None = None  # the LoRA that answered ("slug@vN"), None for the base model
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -419,6 +420,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 state=o.state,
                 quality=o.quality,
                 alternatives=o.alternatives,
+                adapter=o.adapter,
                 error=None,
                 error_code=None,
                 user_message_id=inserted[o.turn_id].get(Role.USER),

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, literal_column, select
+from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -175,3 +175,14 @@ def append_story_event(
     session.add(row)
     session.flush()
     return row.id, ordinal
+
+
+def register_adapter(*, session: Session, slug: str, path: str) -> int | None:
+    """The character's LoRA is now the one at `path`, one version up; its new version, or None if
+    there is no such character."""
+    return session.scalar(
+        update(Character)
+        .where(Character.slug == slug)
+        .values(lora_path=path, lora_version=Character.lora_version + 1)
+        .returning(Character.lora_version)
+    )

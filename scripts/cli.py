@@ -477,6 +477,18 @@ def lora_train(
     _out(f"adapter -> {report.adapter_dir} ({report.steps} steps, {report.seconds} s) {report.losses}")
 
 
+@lora_app.command("register")
+def lora_register(
+    character: Annotated[str, typer.Argument(help="the character's slug")],
+    adapter: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a `lora train` folder")],
+) -> None:
+    """Make the adapter the character's voice (a new version); workers with MLCHAT_ENABLE_LORA serve it."""
+    from services.lora.registry import register
+
+    done = register(character, adapter)
+    _out(f"{done.slug}@v{done.version} -> {done.path}")
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 

@@ -64,6 +64,7 @@ class TurnView(BaseModel):
     state: dict[str, Any] | None
     quality: dict[str, Any] | None
     alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
+    adapter: str | None = None  # the LoRA that answered ("slug@vN"); None: the base model
     created_at: datetime
     finished_at: datetime | None
 

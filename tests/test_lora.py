@@ -134,3 +134,41 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     assert all(np.isfinite(v) for v in record["losses"].values())
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_engine_call(
+    world, tokenizer, tmp_path
+) -> None:
+    """A worker process with MLCHAT_ENABLE_LORA: its engine must be started with LoRA slots, which the
+    session's shared engine is not."""
+    from services.lora.registry import register
+    from services.producer import wait_for_reply
+    from tasks.generate import dispatch
+    from tests import worker_processes as wp
+
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
+    train_adapter(
+        tmp_path / "ds",
+        tmp_path / "adapter",
+        TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, threads=1),
+    )
+    registered = register(SLUG, tmp_path / "adapter")
+    requests = [
+        {
+            "conversation": f"lora-mix-{uuid.uuid4().hex[:8]}",
+            "character": character,
+            "message": "Good morning!",
+        }
+        for character in (SLUG, "elara", SLUG, "elara")
+    ]
+    ids = enqueue_turns(requests, send=False)
+    logs = {"lora": tmp_path / "lora.log"}
+    with wp.started("lora", logs, MLCHAT_ENABLE_LORA="true", MLCHAT_MAX_LORA_RANK="8"):
+        dispatch(ids, model=wp.QUEUE_MODEL, lane="live")  # one message: one batch, one engine call
+        views = [wait_for_reply(turn_id, timeout=600) for turn_id in ids]
+    assert all(v.reply for v in views), [v.error for v in views]
+    expected = f"{SLUG}@v{registered.version}"
+    assert [v.adapter for v in views] == [expected, None, expected, None]
+    assert {v.timings["batch_size"] for v in views} == {4}

@@ -61,6 +61,7 @@ class GenerationRequest:
     priority: int = LIVE
     # repetition_penalty, frequency_penalty, presence_penalty, min_p, top_k (services/schemas.py)
     controls: dict[str, Any] = field(default_factory=dict)
+    adapter: Adapter | None = None  # the character's LoRA; None: the base model
 
 
 @dataclass
@@ -130,6 +131,9 @@ def get_engine() -> LoadedEngine:
         from worker.cpu_affinity import restore_all_cpus
 
         restore_all_cpus()  # the engine's processes start from this process's affinity
+    lora: dict[str, Any] = {}
+    if settings.enable_lora:
+        lora = {"enable_lora": True, "max_loras": settings.max_loras, "max_lora_rank": settings.max_lora_rank}
     started = time.perf_counter()
     llm = LLM(
         model=path,
@@ -142,6 +146,7 @@ def get_engine() -> LoadedEngine:
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.engine_seed,
         **scheduling,
+        **lora,
     )
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("loaded %s in %.0f ms", path, load_ms)
@@ -207,6 +212,23 @@ def _core_reported_dead(engine: Any) -> bool:
     return bool(getattr(getattr(client, "resources", None), "engine_dead", False))
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """A registered LoRA: its name (slug@vN), vLLM's integer id for it, and its folder."""
+
+    name: str
+    int_id: int
+    path: str
+
+
+def lora_request(adapter: Adapter | None) -> Any:
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(adapter.name, adapter.int_id, adapter.path)
+
+
 def sampling_params(request: GenerationRequest) -> Any:
     from vllm import SamplingParams
 
@@ -223,7 +245,9 @@ def sampling_params(request: GenerationRequest) -> Any:
 
 def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
     """Queue the requests on the engine loop; one future per request, in order."""
-    return get_loop().submit((r.token_ids, sampling_params(r), r.priority) for r in requests)
+    return get_loop().submit(
+        (r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for r in requests
+    )
 
 
 def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:

@@ -49,6 +49,7 @@ class _Job:
     params: Any  # vllm.SamplingParams
     priority: int
     future: Future[Generation]
+    lora: Any = None  # vllm.lora.request.LoRARequest, or None for the base model
     submitted: float = field(default_factory=time.perf_counter)
     request_id: str = ""
 
@@ -109,9 +110,10 @@ class EngineLoop:
 
     # --- callers -------------------------------------------------------------------------------
 
-    def submit(self, requests: Iterable[tuple[list[int], Any, int]]) -> list[Future[Generation]]:
-        """Queue (token ids, sampling params, priority) requests; one future each, in order."""
-        jobs = [_Job(ids, params, priority, Future()) for ids, params, priority in requests]
+    def submit(self, requests: Iterable[tuple[list[int], Any, int, Any]]) -> list[Future[Generation]]:
+        """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
+        each, in order."""
+        jobs = [_Job(ids, params, priority, Future(), lora) for ids, params, priority, lora in requests]
         with self._cond:
             if self._death is not None:
                 for job in jobs:
@@ -201,7 +203,11 @@ class EngineLoop:
         job.request_id = f"r{next(self._ids)}"
         try:
             self.engine.add_request(
-                job.request_id, {"prompt_token_ids": job.token_ids}, job.params, priority=job.priority
+                job.request_id,
+                {"prompt_token_ids": job.token_ids},
+                job.params,
+                lora_request=job.lora,
+                priority=job.priority,
             )
         except Exception as exc:  # this request's fault (too long, bad params): it fails alone
             if _is_engine_death(exc):

@@ -10,6 +10,7 @@ batch-mates go on.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import time
@@ -38,7 +39,7 @@ from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import EngineDead, GenerationRequest
+from worker.engine import Adapter, EngineDead, GenerationRequest
 from worker.judge import judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
@@ -309,6 +310,7 @@ def _finish_group(
                 timings=timings,
                 params={**turn.params, "seed": verdict.seed},
                 alternatives=verdict.alternatives or None,
+                adapter=_adapter_name(requests[turn.id]),
                 reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
                 state=verdict.mood.as_json() if verdict.mood else None,
                 quality=verdict.quality,
@@ -386,7 +388,22 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> Generatio
         seed=p["seed"],
         stop=tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
+        adapter=adapter_of(turn.character),
     )
+
+
+def _adapter_name(request: GenerationRequest) -> str | None:
+    return request.adapter.name if request.adapter is not None else None
+
+
+def adapter_of(character: Any) -> Adapter | None:
+    """The character's registered LoRA when the engine serves adapters; None: the base model."""
+    if not settings.enable_lora or not character.lora_path:
+        return None
+    name = f"{character.slug}@v{character.lora_version}"
+    # vLLM tells adapters apart by a positive integer: stable for a name, whichever worker computes it.
+    int_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % (2**31 - 1) + 1
+    return Adapter(name, int_id, character.lora_path)
 
 
 def _retry_or_fail(

@@ -1,5 +1,5 @@
 """OpenAI batches: run format, options, metadata, window, file ids, callback; the files table;
-turns.alternatives (best of n)
+turns.alternatives (best of n); LoRA adapters on characters, and on turns the one that answered
 
 Revision ID: 0006
 Revises: 0005
@@ -42,6 +42,9 @@ def upgrade() -> None:
     op.add_column('runs', sa.Column('callback_attempts', sa.Integer(), server_default='0', nullable=False))
     op.add_column('runs', sa.Column('callback_error', sa.Text(), nullable=True))
     op.add_column('turns', sa.Column('alternatives', postgresql.JSONB(astext_type=sa.Text()), nullable=True))
+    op.add_column('turns', sa.Column('adapter', sa.String(100), nullable=True))
+    op.add_column('characters', sa.Column('lora_path', sa.Text(), nullable=True))
+    op.add_column('characters', sa.Column('lora_version', sa.Integer(), server_default='0', nullable=False))
     op.create_table(
         'files',
         sa.Column('id', sa.String(64), nullable=False),
@@ -58,6 +61,9 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table('files')
     op.drop_column('turns', 'alternatives')
+    op.drop_column('turns', 'adapter')
+    op.drop_column('characters', 'lora_path')
+    op.drop_column('characters', 'lora_version')
     for name in ('callback_error', 'callback_attempts', 'callback_url', *_STAMPS, *_STRINGS):
         op.drop_column('runs', name)
     for name in ('line_errors', 'metadata', 'options', 'input_format'):

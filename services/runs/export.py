@@ -76,6 +76,7 @@ def _native_ok(turn: Turn, run: Run) -> dict[str, Any]:
         "timings": turn.timings,
         "quality": turn.quality,
         "state": turn.state,
+        "adapter": turn.adapter,
     }
 
 

@@ -1,0 +1,54 @@
+"""`mlchat lora register`: a trained adapter becomes a character's voice, one version up.
+
+The adapter folder is copied under MLCHAT_ADAPTERS_DIR (a volume the workers share), so a later
+retraining in place never changes what a running worker serves; the worker loads it on demand as
+`<slug>@v<version>` and records that name on every turn it answers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.settings import settings
+from db.session import session_scope
+from db.world import register_adapter
+
+
+@dataclass(frozen=True)
+class Registered:
+    slug: str
+    version: int
+    path: Path
+
+
+def adapters_dir() -> Path:
+    return settings.adapters_dir or settings.state_dir / "adapters"
+
+
+def register(slug: str, adapter_dir: Path) -> Registered:
+    """Copy the adapter in and make it the character's; ValueError for a folder that is not a PEFT
+    LoRA the engine can load, KeyError for an unknown character."""
+    config_path = adapter_dir / "adapter_config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
+    if not any((adapter_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        raise ValueError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
+    if int(config.get("r", 0)) > settings.max_lora_rank:
+        raise ValueError(
+            f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
+        )
+    target = adapters_dir() / slug / uuid.uuid4().hex
+    shutil.copytree(adapter_dir, target)
+    with session_scope() as session:
+        version = register_adapter(session=session, slug=slug, path=str(target))
+    if version is None:
+        shutil.rmtree(target, ignore_errors=True)
+        raise KeyError(f"no character {slug!r}")
+    return Registered(slug, version, target)
