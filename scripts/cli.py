@@ -448,6 +448,7 @@ def lora_train(
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     max_length: Annotated[int, typer.Option(min=16)] = 1024,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads on a CPU")] = None,
+    evaluate: Annotated[bool, typer.Option(help="the gate on held-out prompts, with and without it")] = True,
 ) -> None:
     """Fine-tune a LoRA (PEFT) on the served model, loss on the replies only; saves it with its config."""
     from rich.console import Console
@@ -465,6 +466,7 @@ def lora_train(
         batch_size=batch_size,
         max_length=max_length,
         threads=threads,
+        evaluate=evaluate,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True)) as bar:
@@ -475,6 +477,8 @@ def lora_train(
 
         report = train_adapter(dataset, out, config, progress)
     _out(f"adapter -> {report.adapter_dir} ({report.steps} steps, {report.seconds} s) {report.losses}")
+    if report.evaluation:
+        _out("held-out prompts, the quality gate: " + json.dumps(report.evaluation, ensure_ascii=False))
 
 
 @lora_app.command("register")

@@ -120,7 +120,9 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
         upsert_character(session=s, slug=SLUG, fields=CARD)
     export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
     # One torch thread: an engine (this session's, or another process's) may be spinning on a core.
-    config = TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, max_length=256, threads=1)
+    config = TrainConfig(
+        rank=4, alpha=8, max_steps=2, batch_size=2, max_length=256, threads=1, eval_max_new_tokens=12
+    )
     seen = []
     report = train_adapter(
         tmp_path / "ds", tmp_path / "adapter", config, lambda step, steps, loss: seen.append((step, steps))
@@ -132,6 +134,10 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert record["dataset_sha256"] == manifest["dataset_sha256"] and record["config"]["rank"] == 4
     assert all(np.isfinite(v) for v in record["losses"].values())
+    evaluation = record["evaluation"]  # the gate on held-out prompts, with the adapter and without
+    assert evaluation["prompts"] >= 1
+    for side in ("with_adapter", "without_adapter"):
+        assert -1 <= evaluation[side]["persona_mean"] <= 1 and 0 <= evaluation[side]["below_bar_share"] <= 1
     adapter = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
@@ -152,7 +158,7 @@ def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_eng
     train_adapter(
         tmp_path / "ds",
         tmp_path / "adapter",
-        TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, threads=1),
+        TrainConfig(rank=4, alpha=8, max_steps=2, batch_size=2, threads=1, evaluate=False),
     )
     registered = register(SLUG, tmp_path / "adapter")
     requests = [

@@ -40,6 +40,8 @@ class TrainConfig:
     # torch threads on a CPU; None: the cores no vLLM engine of this process is bound to (a thread on
     # a core the engine spins on stalls every step: measured 12x slower here).
     threads: int | None = None
+    evaluate: bool = True  # before/after on the validation prompts (services/lora/evaluate.py)
+    eval_max_new_tokens: int = 48
 
 
 @dataclass
@@ -48,6 +50,7 @@ class TrainReport:
     steps: int
     seconds: float
     losses: dict[str, float] = field(default_factory=dict)
+    evaluation: dict[str, Any] | None = None
 
 
 def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
@@ -165,6 +168,12 @@ def train_adapter(
             if step >= steps:
                 break
     losses |= {"train_last": last, "validation_after": _mean_loss(model, held_batches)}
+    evaluation = None
+    if config.evaluate:
+        from services.lora.evaluate import evaluate
+
+        held_rows = _load(dataset_dir / VALIDATION)
+        evaluation = evaluate(model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(adapter_dir)
     record = {
@@ -177,6 +186,7 @@ def train_adapter(
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 1),
         "losses": {k: round(v, 4) for k, v in losses.items()},
+        "evaluation": evaluation,
     }
     (adapter_dir / "training_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return TrainReport(adapter_dir, steps, record["seconds"], record["losses"])
+    return TrainReport(adapter_dir, steps, record["seconds"], record["losses"], evaluation)
