@@ -2,7 +2,7 @@
 
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
 Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
-gate, sampling defaults, best of n); `--only` picks
+gate, sampling defaults, best of n), lora (serving an adapter against the base model); `--only` picks
 some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
@@ -31,7 +31,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora")
 
 
 def machine() -> dict[str, Any]:
@@ -114,6 +114,10 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
         if quick:
             return measure_retrieval(messages=20_000, conversations=200, events=5_000, rounds=5)
         return measure_retrieval()
+    if section == "lora":
+        from scripts.bench_lora import measure_lora
+
+        return measure_lora(prompts=8, max_tokens=8) if quick else measure_lora()
     if section == "quality":
         from scripts.bench_quality import measure_quality
 
