@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 _MARK = "BENCH_LORA "  # vLLM logs to stdout too: the result line is the one with this mark
 
 
