@@ -17,6 +17,15 @@ real pipeline (worker/inline.py: claim, retrieve, prompt, engine, gate, store):
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+if __name__ == "__main__":
+    # Run on its own: the benchmark's state (bench.py's), set before core.settings reads it.
+    os.environ.setdefault(
+        "MLCHAT_STATE_DIR", str(Path(__file__).resolve().parent.parent / ".mlchat" / "bench")
+    )
+
 import argparse
 import contextlib
 import json
@@ -243,14 +252,19 @@ def dump_for_labels(lines: int = 240, offset: int = 1000) -> None:
 
 
 def main() -> None:
+    """Run on the benchmark's own embedded services (bench.py's state dir); with --lines / --sweep-lines
+    the quality section of bench/results.json is written here, with the sizes it was measured at."""
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--dump-for-labels", action="store_true")
     parser.add_argument("--sweep-only", action="store_true")
+    parser.add_argument("--lines", type=int, default=512)
+    parser.add_argument("--sweep-lines", type=int, default=128)
     args = parser.parse_args()
     from core.logging import configure_logging
     from db.migrate import upgrade
+    from scripts.bench import machine
     from scripts.seed import seed_world
 
     configure_logging("WARNING")
@@ -258,14 +272,26 @@ def main() -> None:
     seed_world()
     if args.dump_for_labels:
         dump_for_labels()
-    elif args.sweep_only:
+        return
+    if args.sweep_only:
         from worker.engine import get_engine
 
         get_engine()
         settings.batch_size = 64
-        print(json.dumps(sampling_sweep(), indent=2))
-    else:
-        print(json.dumps(measure_quality(), indent=2, ensure_ascii=False))
+        print(json.dumps(sampling_sweep(args.sweep_lines), indent=2))
+        return
+    started = time.perf_counter()
+    figures = measure_quality(lines=args.lines, sweep_lines=args.sweep_lines)
+    figures |= {
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out = PROJECT_ROOT / "bench" / "results.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results["quality"] = figures
+    out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    print(json.dumps(figures, indent=2, ensure_ascii=False))
 
 
 if __name__ == "__main__":
