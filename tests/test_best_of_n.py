@@ -50,3 +50,13 @@ def test_a_run_with_two_candidates_exports_its_alternatives_for_writers(celery_w
     exported = [json.loads(x) for x in results.read_text(encoding="utf-8").splitlines()]
     assert n_ok == 3 and all(x["quality"]["candidates"] == 2 for x in exported)
     assert all(len(x["alternatives"]) == 1 and x["alternatives"][0]["seed"] != x["seed"] for x in exported)
+
+
+def test_a_batch_of_candidates_accounts_every_candidates_tokens(engine) -> None:
+    """process_batch end to end in this process (no worker): it used to raise in its accounting once
+    a turn had several candidates, after storing the replies."""
+    from worker.inline import answer_now
+
+    request = new_conversation("luffy") | {"message": "고기 먹자!", "params": {"n": 2, "max_new_tokens": 8}}
+    (view,) = answer_now([request])
+    assert view.reply and view.quality["candidates"] == 2 and len(view.alternatives) == 1

@@ -334,7 +334,7 @@ def _finish_group(
         logger.warning("lease lapsed before the write; %d replies not stored: %s", len(lost), lost)
     for stage, ms in group_timer.ms.items():
         timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
-    return [g for _, g in answered]
+    return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
 
 
 def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -> None:
