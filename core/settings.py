@@ -153,11 +153,12 @@ class Settings(BaseSettings):
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another
     # seed, when quality_regenerate is on; the better-scoring of the two is kept and both scores stored.
     quality_regenerate: bool = False
-    quality_min_persona: float = Field(default=0.1, ge=-1, le=1)
-    quality_max_repetition: float = Field(default=0.6, ge=0, le=1)
-    quality_echo_span_words: int = Field(default=6, ge=2)
-    quality_echo_share: float = Field(default=0.6, gt=0, le=1)
-    quality_loop_sentence_repeats: int = Field(default=3, ge=2)
+    # Calibrated on labelled replies (data/quality_labels/, scripts/calibrate_quality.py).
+    quality_min_persona: float = Field(default=0.2, ge=-1, le=1)
+    quality_max_repetition: float = Field(default=0.3, ge=0, le=1)
+    quality_echo_span_words: int = Field(default=4, ge=2)
+    quality_echo_share: float = Field(default=0.4, gt=0, le=1)
+    quality_loop_sentence_repeats: int = Field(default=2, ge=2)
     # Best of n for bulk runs (a line's params.n, or a run's --candidates, overrides it); live turns
     # generate one candidate unless their params ask for more.
     run_candidates: int = Field(default=2, ge=1, le=8)

@@ -45,11 +45,11 @@ _NOT_SPEAKERS = {"note", "tip", "warning", "example", "ps", "p.s", "hint", "ì°¸ê
 class Bar:
     """Thresholds of the gate (settings MLCHAT_QUALITY_*; calibrated in data/quality_labels/)."""
 
-    min_persona: float = 0.1
-    max_repetition: float = 0.6
-    echo_span_words: int = 6  # this many consecutive words of an instruction section
-    echo_share: float = 0.6  # or this share of the reply's word 3-grams found in one section
-    loop_sentence_repeats: int = 3  # the same sentence this many times
+    min_persona: float = 0.2
+    max_repetition: float = 0.3
+    echo_span_words: int = 4  # this many consecutive words of an instruction section
+    echo_share: float = 0.4  # or this share of the reply's word 3-grams found in one section
+    loop_sentence_repeats: int = 2  # the same sentence this many times
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ labels.jsonl holds a person's verdict on each reply (`acceptable`: true / false,
 measures.jsonl holds the gate's threshold-free measures of the same replies, as the worker stored
 them. The replies are split by position: even lines tune the thresholds (the bar with the best F1
 for "not acceptable" on them), odd lines are held out and only reported on. A reply below the bar is
-a prediction of "not acceptable".
+a prediction of "not acceptable". The bar kept is the one with the best balanced accuracy on the tune
+half (the mean of the share of bad replies it flags and the share of acceptable ones it lets
+through): the bundled model's replies are mostly bad, and F1 on them alone rewards a gate that
+flags everything.
 
     python -m scripts.calibrate_quality        # prints the figures and writes calibration.json
 """
@@ -44,12 +47,15 @@ def _load() -> list[tuple[str, bool, Quality]]:
 
 def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]:
     flagged = [(ok, bool(q.below(bar))) for _, ok, q in items]
+    acceptable = sum(1 for ok, _ in flagged if ok)
+    passed = sum(1 for ok, below in flagged if ok and not below)
     tp = sum(1 for ok, below in flagged if below and not ok)
     fp = sum(1 for ok, below in flagged if below and ok)
     fn = sum(1 for ok, below in flagged if not below and not ok)
     precision = tp / (tp + fp) if tp + fp else 1.0
     recall = tp / (tp + fn) if tp + fn else 1.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    specificity = passed / acceptable if acceptable else 1.0
     return {
         "replies": len(items),
         "not_acceptable": sum(1 for _, ok, _ in items if not ok),
@@ -57,18 +63,20 @@ def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]
         "precision": round(precision, 3),
         "recall": round(recall, 3),
         "f1": round(f1, 3),
+        "acceptable_passed": f"{passed} of {acceptable}",
+        "balanced_accuracy": round((recall + specificity) / 2, 3),
     }
 
 
 def calibrate(write: bool = True) -> dict[str, Any]:
     items = _load()
     tune, held_out = items[0::2], items[1::2]
-    best_bar, best = Bar(), (-1.0, -1.0)
+    best_bar, best = Bar(), (-1.0, -1.0, -1.0)
     for values in itertools.product(*GRID.values()):
         bar = Bar(**dict(zip(GRID, values, strict=True)))
         f = _figures(tune, bar)
-        if (f["f1"], f["precision"]) > best:
-            best_bar, best = bar, (f["f1"], f["precision"])
+        if (f["balanced_accuracy"], f["precision"], f["recall"]) > best:
+            best_bar, best = bar, (f["balanced_accuracy"], f["precision"], f["recall"])
     result = {
         "labelled": len(items),
         "bar": asdict(best_bar),
