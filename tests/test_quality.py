@@ -32,7 +32,7 @@ def test_repetition_counts_what_the_character_already_said() -> None:
 def test_persona_similarity_is_the_cosine_to_the_persona_vector() -> None:
     assert _score("x", reply_vec=np.array([1.0, 1.0, 0.0])).persona == pytest.approx(np.sqrt(0.5))
     assert _score("x", reply_vec=np.array([0.0, 1.0, 0.0])).below(Bar(max_repetition=1.0)) == [
-        "persona: 0.00 < 0.1"
+        "persona: 0.00 < 0.2"
     ]
 
 
@@ -119,7 +119,7 @@ def test_below_bar_reasons_name_their_check() -> None:
         own_recent_lines=[],
         finish_reason="length",
         echo_sources=[
-            ("system_prompt", "Do not address the reader. The gate creaks open and the wind blows.")
+            ("system_prompt", "Do not address the reader. The wind blows over the gate.")
         ],
         speaker="narrator",
         char_name="Elara",
