@@ -75,7 +75,7 @@ def _measure(prompts: int, max_tokens: int) -> dict[str, Any]:
     return {
         "prompts": prompts,
         "tokens_out_each": max_tokens,
-        "seconds": seconds,
+        "generate_seconds": seconds,
         "adapter_over_base": round(seconds["adapter"] / seconds["base"], 3),
         "mixed_over_base": round(seconds["mixed"] / seconds["base"], 3),
         "adapter": "rank 8, q/k/v/o projections",
