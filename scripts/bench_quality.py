@@ -109,8 +109,13 @@ def sampling_sweep(lines: int = 128, offset: int = 512) -> dict[str, Any]:
             views, seconds = answer(lines, offset, 1, f"sweep-{name}")
         results[name] = below_bar(views) | {"seconds": round(seconds, 1)}
         print(name, results[name], flush=True)
-    best = min(results, key=lambda k: (results[k]["loop_share"], results[k]["below_bar_share"]))
-    return {"lines": lines, "offset": offset, "results": results, "fewest_loops": best}
+
+    def rank(name: str) -> tuple[float, float]:
+        return (results[name]["loop_share"], results[name]["below_bar_share"])
+
+    best = min(rank(name) for name in results)
+    fewest = [name for name in results if rank(name) == best]  # ties are listed, not broken
+    return {"lines": lines, "offset": offset, "results": results, "fewest_loops": fewest}
 
 
 def seeded_versus_parallel_sampling(views: list[Any], n: int = 4) -> dict[str, Any]:
