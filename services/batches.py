@@ -41,6 +41,7 @@ from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, SubmissionFailed, one_line, submit_run
 from services.runs.validate import RunValidationError, file_digest
+from services.schemas import storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
             raise BatchRefused(f"metadata: key {key[:20]!r}… is over {_META_KEY} characters")
         if not isinstance(value, str) or len(value) > _META_VALUE:
             raise BatchRefused(f"metadata.{key}: must be a string of at most {_META_VALUE} characters")
+        try:
+            storable_text(value)
+        except ValueError as exc:
+            raise BatchRefused(f"metadata.{key}: {exc}") from None
     return dict(metadata)
 
 

@@ -68,7 +68,9 @@ async def save_upload(
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
-    return await run_in_threadpool(_record, file_id, purpose, filename[:255], size, final, api_key)
+    # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
+    safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
+    return await run_in_threadpool(_record, file_id, purpose, safe_name, size, final, api_key)
 
 
 def _record(

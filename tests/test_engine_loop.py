@@ -121,8 +121,13 @@ def test_the_worker_pauses_its_bulk_queue_while_the_engine_is_full(celery_worker
         assert bulk_gate.peak <= 2 * settings.batch_size
     finally:
         bulk_gate.capacity = before[0]
-    # Paused and resumed, the worker still consumes its bulk queue.
-    assert celery_worker.consumer.task_consumer.consuming_from(queue_for_model(settings.model, "bulk"))
+    # Paused and resumed, the worker still consumes its bulk queue. The gate reopens on its own timer
+    # once the last answered turns are released, a moment after they are stored: wait for that.
+    bulk = queue_for_model(settings.model, "bulk")
+    deadline = time.monotonic() + 10
+    while not celery_worker.consumer.task_consumer.consuming_from(bulk):
+        assert time.monotonic() < deadline, f"the bulk queue stayed paused ({bulk_gate.held} turns held)"
+        time.sleep(0.1)
 
 
 def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:

@@ -118,9 +118,7 @@ def test_below_bar_reasons_name_their_check() -> None:
         persona_vec=V,
         own_recent_lines=[],
         finish_reason="length",
-        echo_sources=[
-            ("system_prompt", "Do not address the reader. The wind blows over the gate.")
-        ],
+        echo_sources=[("system_prompt", "Do not address the reader. The wind blows over the gate.")],
         speaker="narrator",
         char_name="Elara",
     )

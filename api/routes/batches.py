@@ -9,25 +9,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Query, status
+from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import Caller, json_body, needs
 from services import batches
 from services.batches import BatchNotFound, BatchRefused
+from services.schemas import Text
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+# Batch ids are `batch_<hex>`; anything else (a NUL, a path, 10 kB) is a 422 before any query.
+BatchId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 
 class BatchCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input_file_id: str = Field(min_length=1, max_length=64)
-    endpoint: str = Field(max_length=64)
-    completion_window: str | None = Field(default=None, max_length=16)
-    metadata: dict[str, Any] | None = None
+    input_file_id: Text = Field(min_length=1, max_length=64)
+    endpoint: Text = Field(max_length=64)
+    completion_window: Text | None = Field(default=None, max_length=16)
+    metadata: dict[Text, Any] | None = None
     output_expires_after: dict[str, Any] | None = None  # accepted; files are kept until deleted
-    callback_url: str | None = Field(default=None, max_length=2000)
+    callback_url: Text | None = Field(default=None, max_length=2000)
     allow_system_prompt: bool = False
     candidates: int | None = Field(default=None, ge=1, le=8)  # best of n per request
 
@@ -59,7 +63,7 @@ def create_batch(
 @router.get("")
 def list_batches(
     who: Annotated[Caller, Depends(needs("ingest"))],
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
 ) -> Any:
     """The caller's batches, newest first."""
@@ -70,7 +74,7 @@ def list_batches(
 
 
 @router.get("/{batch_id}")
-def get_batch(batch_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+def get_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     try:
         return batches.get_batch(batch_id, api_key=who.key_id, admin=who.admin)
     except BatchNotFound as exc:
@@ -78,7 +82,7 @@ def get_batch(batch_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+def cancel_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     """Cancel the requests not started yet; finished ones are kept and written to the output file."""
     try:
         return batches.cancel_batch(batch_id, api_key=who.key_id, admin=who.admin)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
@@ -14,6 +14,8 @@ from api.deps import Caller, needs
 from services.files import PURPOSES, FileTooLarge, FoundFile, find_file, save_upload
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
+
+FileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
 _CHUNK = 1 << 20
 
@@ -54,13 +56,13 @@ def _visible(file_id: str, who: Caller) -> FoundFile:
 
 
 @router.get("/{file_id}")
-def get_file(file_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+def get_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     """The file's metadata."""
     return _visible(file_id, who).info
 
 
 @router.get("/{file_id}/content")
-def get_file_content(file_id: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> FileResponse:
+def get_file_content(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> FileResponse:
     """The file's bytes, streamed from disk."""
     found = _visible(file_id, who)
     if not found.path.is_file():
