@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     quality_echo_span_words: int = Field(default=4, ge=2)
     quality_echo_share: float = Field(default=0.4, gt=0, le=1)
     quality_loop_sentence_repeats: int = Field(default=2, ge=2)
+    quality_instruction_span_units: int = Field(default=4, ge=2)
     # Best of n for bulk runs (a line's params.n, or a run's --candidates, overrides it); live turns
     # generate one candidate unless their params ask for more.
     run_candidates: int = Field(default=2, ge=1, le=8)

@@ -13,8 +13,10 @@ Scores:
 The gate: each check is a pure function that returns its reason ("<kind>: <detail>") or None, and a
 reply is below the bar when any check gives a reason. Kinds: persona, repetition, loop, language,
 echo (the reply reproduces the system prompt, the post-history instruction, the character sheet or
-a lore entry), truncated (cut at the token limit mid-sentence), role (the reply speaks as the player
-or another character, or the narrator addresses the reader). Thresholds live in `Bar`.
+a lore entry; the instructions are also compared unit by unit, where a Hangul, Han or kana character
+is a unit, since a Korean word carries what several English ones do), truncated (cut at the token
+limit mid-sentence), role (the reply speaks as the player or another character, or the narrator
+addresses the reader). Thresholds live in `Bar`.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ import numpy as np
 import regex
 
 _WORD = regex.compile(r"\w+")
+# A unit of the instruction-echo span: one Hangul, Han or kana character, or a word of another script.
+_CJK = r"\p{Hangul}\p{Han}\p{Hiragana}\p{Katakana}"
+_UNIT = regex.compile(rf"[{_CJK}]|[^\W{_CJK}]+")
+# The prompt sections that instruct the model (as opposed to describing the character or the world).
+INSTRUCTION_SECTIONS = ("system_prompt", "post-history instruction")
 _SENTENCE = regex.compile(r"[^.!?。！？\n]+[.!?。！？]*")
 # A reply that ends on one of these (or a closing quote or bracket after one) ended its sentence.
 _SENTENCE_END = regex.compile(r"[.!?…~。！？♪)\]*\"'”’」』\p{Emoji_Presentation}]\s*$")
@@ -50,6 +57,7 @@ class Bar:
     echo_span_words: int = 4  # this many consecutive words of an instruction section
     echo_share: float = 0.4  # or this share of the reply's word 3-grams found in one section
     loop_sentence_repeats: int = 2  # the same sentence this many times
+    instruction_span_units: int = 4  # this many consecutive units of the system prompt or post-history
 
 
 @dataclass(frozen=True)
@@ -64,12 +72,18 @@ class Quality:
     truncated: bool = False
     role_break: str | None = None
     sentence_repeats: int = 1  # how often the reply's most repeated sentence occurs
+    instruction_echo: EchoMatch | None = None  # the instruction section it overlaps most, in units
 
     def below(self, bar: Bar) -> list[str]:
         """Why the reply is below the bar; empty when it passes."""
         reasons = []
         if self.echo is not None and self.echo.echoes(bar.echo_span_words, bar.echo_share):
             reasons.append(f"echo: repeats the {self.echo.describe()}")
+        elif (
+            self.instruction_echo is not None
+            and self.instruction_echo.span_words >= bar.instruction_span_units
+        ):
+            reasons.append(f"echo: repeats the {self.instruction_echo.describe()}")
         if self.self_repetition > bar.max_repetition or self.sentence_repeats >= bar.loop_sentence_repeats:
             reasons.append(
                 f"loop: self-repetition {self.self_repetition:.2f}, a sentence {self.sentence_repeats} times"
@@ -89,7 +103,7 @@ class Quality:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Quality:
         """A stored quality record back (the gate can be re-run on it with another bar)."""
-        echo = data.get("echo")
+        echo, instruction_echo = data.get("echo"), data.get("instruction_echo")
         return cls(
             data["persona"],
             data["repetition"],
@@ -101,6 +115,7 @@ class Quality:
             truncated=data.get("truncated", False),
             role_break=data.get("role_break"),
             sentence_repeats=data.get("sentence_repeats", 1),
+            instruction_echo=EchoMatch(**instruction_echo) if instruction_echo else None,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -115,6 +130,7 @@ class Quality:
             "truncated": self.truncated,
             "role_break": self.role_break,
             "sentence_repeats": self.sentence_repeats,
+            "instruction_echo": None if self.instruction_echo is None else self.instruction_echo.as_json(),
         }
 
 
@@ -167,6 +183,7 @@ def score(
         truncated=truncated(reply, finish_reason),
         role_break=role_break(reply, speaker=speaker, char_name=char_name, user_name=user_name),
         sentence_repeats=most_repeated_sentence(reply),
+        instruction_echo=instruction_echo(reply, echo_sources),
     )
 
 
@@ -178,7 +195,7 @@ class EchoMatch:
     """How much of one instruction section the reply reproduces (the section that overlaps most)."""
 
     section: str
-    span_words: int  # the longest run of consecutive words the reply shares with the section
+    span_words: int  # the longest run of consecutive words (units, for instruction_echo) it shares
     span: str
     section_words: int
     share: float  # the share of the reply's word 3-grams found in the section
@@ -205,11 +222,24 @@ class EchoMatch:
 def prompt_echo(reply: str, sources: Sequence[tuple[str, str]]) -> EchoMatch | None:
     """The instruction section the reply overlaps most (by its longest shared word run, then by the
     share of its 3-grams); None when it shares no word run of two or more with any section."""
-    words = _words(reply)
+    return _best_echo(reply, sources, _WORD)
+
+
+def instruction_echo(reply: str, sources: Sequence[tuple[str, str]]) -> EchoMatch | None:
+    """prompt_echo over the system prompt and the post-history instruction only, counted in units
+    (a Hangul, Han or kana character, or a word): "루피의 말투로," is two words but six units of
+    "루피의 말투로, 한두 문장의 반말로 대답하세요.", and no line in character repeats them."""
+    instructions = [(section, text) for section, text in sources if section in INSTRUCTION_SECTIONS]
+    return _best_echo(reply, instructions, _UNIT)
+
+
+def _best_echo(reply: str, sources: Sequence[tuple[str, str]], token: regex.Pattern[str]) -> EchoMatch | None:
+    found = list(token.finditer(reply))
+    words = [m.group().casefold() for m in found]
     trigrams = set(_ngram_list(reply, 3))
     best: EchoMatch | None = None
     for section, text in sources:
-        section_words = _words(text)
+        section_words = [w.casefold() for w in token.findall(text)]
         length, end = _longest_common_run(words, section_words)
         if length < 2:
             continue
@@ -217,7 +247,7 @@ def prompt_echo(reply: str, sources: Sequence[tuple[str, str]]) -> EchoMatch | N
         match = EchoMatch(
             section,
             length,
-            " ".join(words[end - length : end]),
+            reply[found[end - length].start() : found[end - 1].end()],
             len(section_words),
             len(shared) / len(trigrams) if trigrams else 0.0,
             len(trigrams),

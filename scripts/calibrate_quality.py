@@ -10,17 +10,23 @@ through): the bundled model's replies are mostly bad, and F1 on them alone rewar
 flags everything.
 
     python -m scripts.calibrate_quality        # prints the figures and writes calibration.json
+    python -m scripts.calibrate_quality --remeasure-instructions
+        # recomputes the instruction-echo measure of each reply from replies.jsonl first (it is text
+        # only: the reply against the character's system prompt and post-history instruction, with
+        # {{char}} and {{user}} filled in as the worker fills them)
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 from dataclasses import asdict
 from typing import Any
 
 from core.settings import PROJECT_ROOT
-from roleplay.quality import Bar, Quality
+from roleplay.quality import Bar, Quality, instruction_echo
+from worker.prompt.layout import fill_macros
 
 LABELS = PROJECT_ROOT / "data" / "quality_labels"
 GRID = {
@@ -29,6 +35,7 @@ GRID = {
     "echo_span_words": [4, 5, 6, 8],
     "echo_share": [0.4, 0.5, 0.6, 0.8],
     "loop_sentence_repeats": [2, 3],
+    "instruction_span_units": [4, 5, 6, 8],
 }
 
 
@@ -89,5 +96,38 @@ def calibrate(write: bool = True) -> dict[str, Any]:
     return result
 
 
+def remeasure_instructions() -> int:
+    """Write each reply's instruction_echo into measures.jsonl; how many replies have one."""
+    replies = {
+        r["id"]: r
+        for r in map(json.loads, (LABELS / "replies.jsonl").read_text(encoding="utf-8").splitlines())
+        if r
+    }
+    rows = [json.loads(line) for line in (LABELS / "measures.jsonl").read_text(encoding="utf-8").splitlines()]
+    found = 0
+    for row in rows:
+        r = replies[row["id"]]
+        char, user = r["character"]["name"], r.get("player_name") or "User"
+        sources = [
+            ("system_prompt", fill_macros(r["character"].get("system_prompt", ""), char, user)),
+            (
+                "post-history instruction",
+                fill_macros(r["character"].get("post_history_instructions", ""), char, user),
+            ),
+        ]
+        match = instruction_echo(r["reply"], [(name, text) for name, text in sources if text])
+        row["quality"]["instruction_echo"] = None if match is None else match.as_json()
+        found += match is not None
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    (LABELS / "measures.jsonl").write_text(text, encoding="utf-8")
+    return found
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--remeasure-instructions", action="store_true")
+    if parser.parse_args().remeasure_instructions:
+        print(f"instruction echo measured: {remeasure_instructions()} replies share two units or more")
     print(json.dumps(calibrate(), indent=2))

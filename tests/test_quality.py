@@ -4,7 +4,17 @@ within the reply), language, prompt echo, truncation, role breaks. The failures 
 import numpy as np
 import pytest
 
-from roleplay.quality import Bar, dominant_script, prompt_echo, reason_kind, role_break, score, truncated
+from roleplay.quality import (
+    Bar,
+    Quality,
+    dominant_script,
+    instruction_echo,
+    prompt_echo,
+    reason_kind,
+    role_break,
+    score,
+    truncated,
+)
 
 V = np.array([1.0, 0.0, 0.0])
 
@@ -64,13 +74,64 @@ def _echoes(reply: str, sources=SOURCES) -> str | None:
 def test_a_reply_that_reproduces_an_instruction_is_an_echo() -> None:
     match = prompt_echo(LUFFY_POST, SOURCES)
     assert (match.section, match.span_words, match.share) == ("post-history instruction", 6, 1.0)
-    assert match.span == "루피의 말투로 한두 문장의 반말로 대답하세요"
+    assert match.span == "루피의 말투로, 한두 문장의 반말로 대답하세요"
     assert _echoes("Stay in character and answer briefly, traveller.") == "system_prompt"
     assert _echoes("You are a dragon. You are a dragon.", [("system_prompt", "You are a dragon.")])
     # Naming the character or a trait in passing is not an echo.
     assert prompt_echo("I am Elara. The tower's library is open to you today.", SOURCES).span_words == 4
     assert _echoes("I am Elara. The tower's library is open to you today.") is None
     assert prompt_echo("", SOURCES) is None
+
+
+LUFFY_SOURCES = [
+    ("system_prompt", "당신은 '루피'입니다. 설명이나 해설 없이 대사만 한국어로 짧게 말하세요."),
+    (
+        "character_sheet",
+        "밀짚모자 해적단의 선장. 고무고무 열매를 먹은 고무 인간으로, 해적왕이 되는 것이 꿈이다.",
+    ),
+    ("post-history instruction", LUFFY_POST),
+]
+
+
+def _luffy(reply: str) -> list[str]:
+    q = score(
+        reply=reply,
+        message="고무고무 열매는 어떤 맛이었어?",
+        reply_vec=V,
+        persona_vec=V,
+        own_recent_lines=[],
+        echo_sources=LUFFY_SOURCES,
+    )
+    return [reason_kind(r) for r in q.below(Bar())]
+
+
+def test_a_korean_reply_that_starts_the_instruction_again_is_an_echo() -> None:
+    # Two words of the instruction are six of its units: the labelled replies that echo it this way
+    # passed the word-run check (data/quality_labels/, e.g. luffy-01006, luffy-01142).
+    match = instruction_echo("(루피의 말투로, 이릴때)", LUFFY_SOURCES)
+    assert (match.section, match.span_words, match.span) == ("post-history instruction", 6, "루피의 말투로")
+    assert prompt_echo("(루피의 말투로, 이릴때)", LUFFY_SOURCES).span_words == 2
+    assert _luffy("(루피의 말투로, 이릴때)") == ["echo"]
+    assert _luffy("반말로 대답하세요.") == ["echo"]
+    # His own name, and the facts of his sheet, are his to say: only the instructions count by unit.
+    assert _luffy("루피의 꿈은 해적왕이야! 시시시!") == []
+    assert _luffy("고무고무 열매를 먹은 뒤로 몸이 쭉쭉 늘어나! 맛은 별로였어!") == []
+    assert instruction_echo("고무고무 열매를 먹은 뒤로 몸이 쭉쭉 늘어나!", LUFFY_SOURCES) is None
+
+
+def test_an_instruction_echo_survives_the_stored_record() -> None:
+    q = score(
+        reply="루피의 말투로, 어둑으로 대답하세요.",
+        message="밥 먹었어?",
+        reply_vec=V,
+        persona_vec=V,
+        own_recent_lines=[],
+        echo_sources=LUFFY_SOURCES,
+    )
+    again = Quality.from_json(q.as_json())
+    assert again.instruction_echo == q.instruction_echo
+    assert again.below(Bar()) == q.below(Bar())
+    assert again.below(Bar(instruction_span_units=99)) == []
 
 
 def test_a_reply_cut_at_the_token_limit_mid_sentence_is_truncated() -> None:

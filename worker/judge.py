@@ -61,6 +61,7 @@ def gate() -> Bar:
         echo_span_words=settings.quality_echo_span_words,
         echo_share=settings.quality_echo_share,
         loop_sentence_repeats=settings.quality_loop_sentence_repeats,
+        instruction_span_units=settings.quality_instruction_span_units,
     )
 
 
