@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, literal, select, tuple_
 from sqlalchemy.orm import Session
 
-from db.models import StoredFile
+from db.models import RUN_FINISHED, Run, StoredFile
 
 
 def add_file(
@@ -19,3 +19,46 @@ def add_file(
 
 def get_file(*, session: Session, file_id: str) -> StoredFile | None:
     return session.scalars(select(StoredFile).where(StoredFile.id == file_id)).one_or_none()
+
+
+def list_files(
+    *,
+    session: Session,
+    api_key: str | None,
+    purpose: str | None,
+    after: StoredFile | None,
+    limit: int,
+    newest_first: bool,
+) -> list[StoredFile]:
+    """Up to `limit` files of this key (None: every key's), after the cursor file in the given order."""
+    query = select(StoredFile)
+    if api_key is not None:
+        query = query.where(StoredFile.api_key == api_key)
+    if purpose is not None:
+        query = query.where(StoredFile.purpose == purpose)
+    key = tuple_(StoredFile.created_at, StoredFile.id)
+    if after is not None:
+        cursor = tuple_(literal(after.created_at), literal(after.id))
+        query = query.where(key < cursor if newest_first else key > cursor)
+    order = (
+        (StoredFile.created_at.desc(), StoredFile.id.desc())
+        if newest_first
+        else (StoredFile.created_at, StoredFile.id)
+    )
+    return list(session.scalars(query.order_by(*order).limit(limit)))
+
+
+def delete_file(*, session: Session, file_id: str) -> StoredFile | None:
+    """Delete the file's row unless a batch that has not ended reads it (its input); the deleted row,
+    or None when there was nothing to delete or a batch still needs it (file_in_use says which)."""
+    unfinished = select(Run.id).where(Run.input_file_id == file_id, Run.status.not_in(RUN_FINISHED))
+    return session.scalars(
+        delete(StoredFile).where(StoredFile.id == file_id, ~unfinished.exists()).returning(StoredFile)
+    ).one_or_none()
+
+
+def file_in_use(*, session: Session, file_id: str) -> str | None:
+    """The name of a batch that has not ended and reads this file, if any."""
+    return session.scalars(
+        select(Run.name).where(Run.input_file_id == file_id, Run.status.not_in(RUN_FINISHED)).limit(1)
+    ).first()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import settings
+from db import files as stored
 from db.files import add_file, get_file
 from db.models import StoredFile
 from db.session import session_scope
@@ -23,6 +24,18 @@ PURPOSES = ("batch",)  # what callers may upload; batch_output and batch_error a
 
 class FileTooLarge(ValueError):
     """The upload is over the size limit; nothing was kept."""
+
+
+class FileNotFound(LookupError):
+    """No such file, or not the caller's."""
+
+
+class FileInUse(RuntimeError):
+    """A batch that has not ended reads this file."""
+
+
+class BadFileQuery(ValueError):
+    """A list request's parameter names no file the caller can see."""
 
 
 def new_file_id() -> str:
@@ -102,3 +115,54 @@ def find_file(file_id: str) -> FoundFile | None:
         if row is None:
             return None
         return FoundFile(file_object(row), settings.batch_files_dir / row.path, row.api_key)
+
+
+def _visible(session: Any, file_id: str, api_key: str | None, admin: bool) -> StoredFile:
+    row = get_file(session=session, file_id=file_id)
+    if row is None or not (admin or row.api_key == api_key):
+        raise FileNotFound(f"no file {file_id!r}")
+    return row
+
+
+def list_files(
+    *, api_key: str | None, admin: bool, purpose: str | None, after: str | None, limit: int, order: str
+) -> dict[str, Any]:
+    """The caller's files (an admin key's: everyone's), a page of `limit` after the file `after`."""
+    with session_scope() as session:
+        cursor = None
+        if after is not None:
+            try:
+                cursor = _visible(session, after, api_key, admin)
+            except FileNotFound:
+                raise BadFileQuery(f"after: no file {after!r}") from None
+        rows = stored.list_files(
+            session=session,
+            api_key=None if admin else api_key,
+            purpose=purpose,
+            after=cursor,
+            limit=limit + 1,
+            newest_first=order == "desc",
+        )
+        page = [file_object(row) for row in rows[:limit]]
+    return {
+        "object": "list",
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": len(rows) > limit,
+    }
+
+
+def delete_file(file_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+    """Delete the file's row and bytes; refused while a batch that has not ended reads it."""
+    with session_scope() as session:
+        _visible(session, file_id, api_key, admin)
+        row = stored.delete_file(session=session, file_id=file_id)
+        if row is None:
+            batch = stored.file_in_use(session=session, file_id=file_id)
+            if batch is not None:
+                raise FileInUse(f"file {file_id!r}: batch {batch!r} reads it until it ends (cancel it first)")
+            raise FileNotFound(f"no file {file_id!r}")  # deleted by someone else meanwhile
+        path = settings.batch_files_dir / row.path
+    path.unlink(missing_ok=True)  # after the commit: a failed delete leaves the bytes with their row
+    return {"id": file_id, "object": "file", "deleted": True}

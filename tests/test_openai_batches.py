@@ -349,6 +349,57 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
     assert httpx.get(f"{base_url}/v1/files/file-nope/content", headers=INGEST).status_code == 404
 
 
+def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(base_url, quiet_model) -> None:
+    from tests.conftest import HASHED_INGEST_KEY
+
+    ids = [
+        _upload(base_url, json.dumps(openai_line(f"f{i}", USER)).encode() + b"\n").json()["id"]
+        for i in range(3)
+    ]
+    mine = set(ids)
+
+    def listed(**params) -> dict:
+        response = httpx.get(f"{base_url}/v1/files", headers=INGEST, params=params)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    newest = [f["id"] for f in listed(limit=10_000)["data"] if f["id"] in mine]
+    assert newest == ids[::-1]
+    page = listed(limit=1)
+    assert page["has_more"] and page["data"][0]["id"] == ids[2] == page["first_id"] == page["last_id"]
+    assert [f["id"] for f in listed(limit=2, after=ids[2])["data"]] == [ids[1], ids[0]]
+    oldest = [f["id"] for f in listed(limit=10_000, order="asc", purpose="batch")["data"] if f["id"] in mine]
+    assert oldest == ids
+    outputs = listed(purpose="batch_output", limit=10_000)["data"]
+    assert mine.isdisjoint(f["id"] for f in outputs) and all(f["purpose"] == "batch_output" for f in outputs)
+    stranger = {"Authorization": f"Bearer {HASHED_INGEST_KEY}"}
+    theirs = httpx.get(f"{base_url}/v1/files", headers=stranger, params={"limit": 10_000}).json()["data"]
+    assert mine.isdisjoint(f["id"] for f in theirs)
+    bad = httpx.get(f"{base_url}/v1/files", headers=INGEST, params={"after": "file-nope"})
+    assert bad.status_code == 400 and bad.json()["detail"] == "after: no file 'file-nope'"
+    assert httpx.get(f"{base_url}/v1/files", headers=INGEST, params={"limit": 0}).status_code == 422
+
+    # The input of a batch that has not ended stays; once the batch is cancelled it can go.
+    body = {"input_file_id": ids[0], "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body).json()
+    refused = httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=INGEST)
+    assert refused.status_code == 409 and batch["id"] in refused.json()["detail"]
+    assert httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=stranger).status_code == 404
+    httpx.post(f"{base_url}/v1/batches/{batch['id']}/cancel", headers=INGEST).raise_for_status()
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{base_url}/v1/batches/{batch['id']}", headers=INGEST).json()["status"] != "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    on_disk = settings.batch_files_dir / f"{ids[0]}.jsonl"
+    assert on_disk.is_file()
+    deleted = httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=INGEST)
+    assert deleted.status_code == 200 and deleted.json() == {"id": ids[0], "object": "file", "deleted": True}
+    assert not on_disk.exists()
+    assert httpx.get(f"{base_url}/v1/files/{ids[0]}", headers=INGEST).status_code == 404
+    assert httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=INGEST).status_code == 404
+    assert ids[0] not in [f["id"] for f in listed(limit=10_000)["data"]]
+
+
 def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_model) -> None:
     content = "\n".join(
         [json.dumps(openai_line("a", USER)), "{broken", json.dumps(openai_line("c", USER, stream=True))]

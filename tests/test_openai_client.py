@@ -113,6 +113,14 @@ def test_the_openai_client_does_the_whole_batch_round_trip(base_url, celery_work
     with pytest.raises(openai.NotFoundError):
         stranger.files.content(done.output_file_id)
     assert batch.id not in [b.id for b in stranger.batches.list().data]
+    mine = {done.input_file_id, done.output_file_id, done.error_file_id}
+    assert mine <= {f.id for f in client.files.list(limit=10_000)}
+    assert mine.isdisjoint(f.id for f in stranger.files.list(limit=10_000))
+    # The batch has ended: its files can be deleted, and are gone.
+    for file in mine:
+        assert client.files.delete(file).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(done.output_file_id)
 
 
 @pytest.fixture()

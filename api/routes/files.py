@@ -1,17 +1,29 @@
-"""Files: upload a batch input file (multipart, as OpenAI's API takes it), read a file's metadata and
-content (a batch's output and error files). Ingest keys see their own files; admin keys see all."""
+"""Files: upload a batch input file (multipart, as OpenAI's API takes it), list files, read a file's
+metadata and content (a batch's output and error files), delete one. Ingest keys see their own files;
+admin keys see all."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from api.deps import Caller, needs
-from services.files import PURPOSES, FileTooLarge, FoundFile, find_file, save_upload
+from services.files import (
+    PURPOSES,
+    BadFileQuery,
+    FileInUse,
+    FileNotFound,
+    FileTooLarge,
+    FoundFile,
+    delete_file,
+    find_file,
+    list_files,
+    save_upload,
+)
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -46,6 +58,34 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             )
         except FileTooLarge as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+
+
+@router.get("")
+def get_files(
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    purpose: Annotated[Literal["batch", "batch_output", "batch_error"] | None, Query()] = None,
+    after: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    order: Annotated[Literal["asc", "desc"], Query()] = "desc",
+) -> Any:
+    """The caller's files, newest first unless `order=asc`; `after` a file id for the next page."""
+    try:
+        return list_files(
+            api_key=who.key_id, admin=who.admin, purpose=purpose, after=after, limit=limit, order=order
+        )
+    except BadFileQuery as exc:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+
+
+@router.delete("/{file_id}")
+def remove_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
+    """Delete the file (its row and its bytes); 409 while a batch that has not ended reads it."""
+    try:
+        return delete_file(file_id, api_key=who.key_id, admin=who.admin)
+    except FileNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except FileInUse as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
 def _visible(file_id: str, who: Caller) -> FoundFile:
