@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, literal, select, tuple_
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, Run, StoredFile
 
 
 def add_file(
-    *, session: Session, file_id: str, purpose: str, filename: str, size: int, path: str, api_key: str | None
+    *,
+    session: Session,
+    file_id: str,
+    purpose: str,
+    filename: str,
+    size: int,
+    path: str,
+    api_key: str | None,
+    expires_after_s: int | None = None,
 ) -> StoredFile:
     row = StoredFile(id=file_id, purpose=purpose, filename=filename, bytes=size, path=path, api_key=api_key)
+    if expires_after_s is not None:
+        row.expires_at = func.now() + timedelta(seconds=expires_after_s)  # the database's clock
     session.add(row)
     session.flush()
     return row
@@ -48,13 +61,29 @@ def list_files(
     return list(session.scalars(query.order_by(*order).limit(limit)))
 
 
+def _read_by_a_running_batch() -> Any:
+    return select(Run.id).where(Run.input_file_id == StoredFile.id, Run.status.not_in(RUN_FINISHED)).exists()
+
+
 def delete_file(*, session: Session, file_id: str) -> StoredFile | None:
     """Delete the file's row unless a batch that has not ended reads it (its input); the deleted row,
     or None when there was nothing to delete or a batch still needs it (file_in_use says which)."""
-    unfinished = select(Run.id).where(Run.input_file_id == file_id, Run.status.not_in(RUN_FINISHED))
     return session.scalars(
-        delete(StoredFile).where(StoredFile.id == file_id, ~unfinished.exists()).returning(StoredFile)
+        delete(StoredFile).where(StoredFile.id == file_id, ~_read_by_a_running_batch()).returning(StoredFile)
     ).one_or_none()
+
+
+def delete_expired(*, session: Session, limit: int = 1000) -> list[StoredFile]:
+    """Delete up to `limit` rows of files past their expiry (none a running batch still reads); the
+    deleted rows, whose bytes the caller removes after the commit."""
+    due = (
+        select(StoredFile.id)
+        .where(StoredFile.expires_at <= func.now(), ~_read_by_a_running_batch())
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    return list(session.scalars(delete(StoredFile).where(StoredFile.id.in_(due)).returning(StoredFile)))
 
 
 def file_in_use(*, session: Session, file_id: str) -> str | None:

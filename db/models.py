@@ -229,6 +229,8 @@ class Run(Base):
     input_file_id: Mapped[str | None] = mapped_column(String(64))
     output_file_id: Mapped[str | None] = mapped_column(String(64))
     error_file_id: Mapped[str | None] = mapped_column(String(64))
+    # The output and error files expire this long after they are written (None: kept until deleted).
+    output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that created it (its id)
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -243,6 +245,9 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
+    __table_args__ = (
+        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
@@ -251,6 +256,7 @@ class StoredFile(Base):
     path: Mapped[str] = mapped_column(Text)  # under settings.files_dir
     api_key: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # then deleted
 
 
 class Turn(Base):

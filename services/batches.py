@@ -36,7 +36,7 @@ from db.runs import (
 )
 from db.session import session_scope
 from db.world import all_character_slugs
-from services.files import find_file, new_file_id
+from services.files import BadExpiry, check_expiry, delete_expired_files, find_file, new_file_id
 from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, SubmissionFailed, one_line, submit_run
@@ -114,6 +114,7 @@ def create_batch(
     callback_url: str | None = None,
     allow_system_prompt: bool = False,
     candidates: int | None = None,
+    output_expires_after: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
     validated, stored and sent there). Raises BatchRefused."""
@@ -123,6 +124,16 @@ def create_batch(
     window = parse_window(window_text)
     meta = check_metadata(metadata)
     callback = check_callback(callback_url)
+    output_expiry = None
+    if output_expires_after is not None:
+        try:
+            output_expiry = check_expiry(
+                output_expires_after.get("anchor"),
+                output_expires_after.get("seconds"),
+                "output_expires_after",
+            )
+        except BadExpiry as exc:
+            raise BatchRefused(str(exc)) from None
     found = find_file(input_file_id)
     if found is None or not (admin or found.api_key == api_key):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
@@ -160,6 +171,7 @@ def create_batch(
                 "input_file_id": input_file_id,
                 "api_key": api_key,
                 "callback_url": callback,
+                "output_expires_after_s": output_expiry,
             },
         )
         session.flush()
@@ -384,7 +396,8 @@ def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
 
 
 def _write_files(session: Session, run: Run) -> tuple[str, str]:
-    name, api_key = run.name, run.api_key  # writing streams the turns and detaches the run
+    # Writing streams the turns and detaches the run: read what is needed of it first.
+    name, api_key, expires_after_s = run.name, run.api_key, run.output_expires_after_s
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     output_id, error_id = new_file_id(), new_file_id()
     output_path = settings.batch_files_dir / f"{output_id}.jsonl"
@@ -402,15 +415,18 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
             size=path.stat().st_size,
             path=path.name,
             api_key=api_key,
+            expires_after_s=expires_after_s,
         )
     return output_id, error_id
 
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
-    callbacks (any model's); safe to run anywhere, any time, concurrently."""
+    callbacks (the sweeper's, for all models), delete expired files; safe to run anywhere, any time,
+    concurrently."""
     return {
         "expired": expire_due_runs(models),
         "finalized": finalize_runs(models=models),
         "callbacks": redeliver_callbacks() if models is None else [],
+        "files_deleted": delete_expired_files(),
     }

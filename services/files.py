@@ -20,6 +20,8 @@ from db.models import StoredFile
 from db.session import session_scope
 
 PURPOSES = ("batch",)  # what callers may upload; batch_output and batch_error are written here
+# OpenAI's bounds on expires_after / output_expires_after: an hour to 30 days, from creation.
+EXPIRY_S = (3600, 30 * 24 * 3600)
 
 
 class FileTooLarge(ValueError):
@@ -38,6 +40,23 @@ class BadFileQuery(ValueError):
     """A list request's parameter names no file the caller can see."""
 
 
+class BadExpiry(ValueError):
+    """An expires_after that is not {"anchor": "created_at", "seconds": 3600..2592000}."""
+
+
+def check_expiry(anchor: object, seconds: object, field: str) -> int:
+    """The seconds of an expires_after (`field` names it in the error)."""
+    if anchor != "created_at":
+        raise BadExpiry(f"{field}.anchor: must be 'created_at'")
+    try:
+        value = int(str(seconds))
+    except ValueError:
+        raise BadExpiry(f"{field}.seconds: must be a whole number of seconds") from None
+    if not EXPIRY_S[0] <= value <= EXPIRY_S[1]:
+        raise BadExpiry(f"{field}.seconds: must be between {EXPIRY_S[0]} and {EXPIRY_S[1]}")
+    return value
+
+
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
 
@@ -53,6 +72,7 @@ def file_object(row: StoredFile) -> dict[str, Any]:
         "purpose": row.purpose,
         "status": "processed",
         "status_details": None,
+        "expires_at": int(row.expires_at.timestamp()) if row.expires_at else None,
     }
 
 
@@ -61,7 +81,12 @@ def _path_of(file_id: str) -> Path:
 
 
 async def save_upload(
-    chunks: AsyncIterator[bytes], *, filename: str, purpose: str, api_key: str | None
+    chunks: AsyncIterator[bytes],
+    *,
+    filename: str,
+    purpose: str,
+    api_key: str | None,
+    expires_after_s: int | None = None,
 ) -> dict[str, Any]:
     """Stream an upload to disk (refused past batch_file_max_bytes), then record it."""
     from fastapi.concurrency import run_in_threadpool
@@ -83,11 +108,19 @@ async def save_upload(
         partial.unlink(missing_ok=True)
     # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
-    return await run_in_threadpool(_record, file_id, purpose, safe_name, size, final, api_key)
+    return await run_in_threadpool(
+        _record, file_id, purpose, safe_name, size, final, api_key, expires_after_s
+    )
 
 
 def _record(
-    file_id: str, purpose: str, filename: str, size: int, path: Path, api_key: str | None
+    file_id: str,
+    purpose: str,
+    filename: str,
+    size: int,
+    path: Path,
+    api_key: str | None,
+    expires_after_s: int | None,
 ) -> dict[str, Any]:
     with session_scope() as session:
         row = add_file(
@@ -98,6 +131,7 @@ def _record(
             size=size,
             path=path.name,
             api_key=api_key,
+            expires_after_s=expires_after_s,
         )
         return file_object(row)
 
@@ -166,3 +200,13 @@ def delete_file(file_id: str, *, api_key: str | None, admin: bool) -> dict[str, 
         path = settings.batch_files_dir / row.path
     path.unlink(missing_ok=True)  # after the commit: a failed delete leaves the bytes with their row
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+def delete_expired_files() -> list[str]:
+    """Delete the files past their expiry (rows, then bytes), but none a running batch still reads."""
+    with session_scope() as session:
+        rows = stored.delete_expired(session=session)
+        gone = [(row.id, settings.batch_files_dir / row.path) for row in rows]
+    for _, path in gone:
+        path.unlink(missing_ok=True)
+    return [file_id for file_id, _ in gone]

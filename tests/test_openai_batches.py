@@ -13,7 +13,17 @@ from pydantic import SecretStr
 from sqlalchemy import func, select
 
 from core.settings import queue_for_model, settings
-from db.models import Character, Conversation, Message, Run, RunStatus, Turn, TurnErrorCode, TurnStatus
+from db.models import (
+    Character,
+    Conversation,
+    Message,
+    Run,
+    RunStatus,
+    StoredFile,
+    Turn,
+    TurnErrorCode,
+    TurnStatus,
+)
 from db.runs import cancel_run, finalizing_runs
 from db.session import get_engine, session_scope
 from db.turns import Failure, claim_turns, fail_turns
@@ -578,3 +588,63 @@ def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet
     assert outcome[0].after == RunStatus.CANCELLING
     with session_scope() as s:  # what the submission does next: cancel what it stored
         assert cancel_run(session=s, run_id=run_id).after == RunStatus.CANCELLED
+
+
+def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_model, tmp_path) -> None:
+    def upload(**fields) -> httpx.Response:
+        return httpx.post(
+            f"{base_url}/v1/files",
+            headers=INGEST,
+            files={"file": ("b.jsonl", json.dumps(openai_line("e", USER)).encode() + b"\n")},
+            data={"purpose": "batch"} | fields,
+        )
+
+    for fields, error in (
+        (
+            {"expires_after[anchor]": "last_active_at", "expires_after[seconds]": "3600"},
+            "expires_after.anchor",
+        ),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "60"}, "expires_after.seconds"),
+        ({"expires_after[anchor]": "created_at", "expires_after[seconds]": "soon"}, "expires_after.seconds"),
+        ({"expires_after[seconds]": "3600"}, "expires_after.anchor"),
+    ):
+        refused = upload(**fields)
+        assert refused.status_code == 400 and refused.json()["detail"].startswith(error), refused.text
+    kept = upload().json()
+    assert kept["expires_at"] is None
+    expiring = upload(**{"expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"}).json()
+    assert expiring["expires_at"] - expiring["created_at"] in (3600, 3601)
+    bad_batch = {
+        "input_file_id": kept["id"],
+        "endpoint": "/v1/chat/completions",
+        "output_expires_after": {"anchor": "created_at", "seconds": 10},
+    }
+    response = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=bad_batch)
+    assert response.status_code == 400 and response.json()["detail"].startswith(
+        "output_expires_after.seconds"
+    )
+
+    # The input of a running batch outlives its expiry; the batch's output files get the lifetime
+    # it asked for, and the housekeeping deletes what is due once nothing running reads it.
+    batch_id = _batch(tmp_path, 2, output_expires_after={"anchor": "created_at", "seconds": 7200})
+    batches.submit_batch_by_name(batch_id)
+    input_id = batches.get_batch(batch_id, api_key="k", admin=False)["input_file_id"]
+    with session_scope() as s:
+        s.execute(
+            StoredFile.__table__.update()
+            .where(StoredFile.id.in_([expiring["id"], input_id]))
+            .values(expires_at=func.now() - timedelta(seconds=1))
+        )
+    assert batches.housekeeping(["nobody"])["files_deleted"] == [expiring["id"]]
+    assert not (settings.batch_files_dir / f"{expiring['id']}.jsonl").exists()
+    assert httpx.get(f"{base_url}/v1/files/{expiring['id']}", headers=INGEST).status_code == 404
+    batches.cancel_batch(batch_id, api_key="k", admin=False)
+    ended = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert ended["status"] == "cancelled"
+    from services.files import find_file
+
+    output = find_file(ended["output_file_id"]).info
+    assert output["expires_at"] - output["created_at"] in (7200, 7201)
+    assert batches.housekeeping(["nobody"])["files_deleted"] == [input_id]
+    assert find_file(input_id) is None and find_file(kept["id"]) is not None
+    assert batches.housekeeping(["nobody"])["files_deleted"] == []

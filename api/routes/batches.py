@@ -30,7 +30,8 @@ class BatchCreate(BaseModel):
     endpoint: Text = Field(max_length=64)
     completion_window: Text | None = Field(default=None, max_length=16)
     metadata: dict[Text, Any] | None = None
-    output_expires_after: dict[str, Any] | None = None  # accepted; files are kept until deleted
+    # {"anchor": "created_at", "seconds": 3600..2592000}: the output and error files' lifetime.
+    output_expires_after: dict[Text, Any] | None = None
     callback_url: Text | None = Field(default=None, max_length=2000)
     allow_system_prompt: bool = False
     candidates: int | None = Field(default=None, ge=1, le=8)  # best of n per request
@@ -53,6 +54,7 @@ def create_batch(
             callback_url=body.callback_url,
             allow_system_prompt=body.allow_system_prompt,
             candidates=body.candidates,
+            output_expires_after=body.output_expires_after,
         )
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None

@@ -14,11 +14,13 @@ from starlette.datastructures import UploadFile
 from api.deps import Caller, needs
 from services.files import (
     PURPOSES,
+    BadExpiry,
     BadFileQuery,
     FileInUse,
     FileNotFound,
     FileTooLarge,
     FoundFile,
+    check_expiry,
     delete_file,
     find_file,
     list_files,
@@ -47,6 +49,14 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"purpose: must be one of {list(PURPOSES)}")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "file: missing (a multipart file field)")
+        expires_after_s = None
+        if "expires_after[anchor]" in form or "expires_after[seconds]" in form:
+            try:
+                expires_after_s = check_expiry(
+                    form.get("expires_after[anchor]"), form.get("expires_after[seconds]"), "expires_after"
+                )
+            except BadExpiry as exc:
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
 
         async def chunks() -> AsyncIterator[bytes]:
             while data := await upload.read(_CHUNK):
@@ -54,7 +64,11 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
 
         try:
             return await save_upload(
-                chunks(), filename=upload.filename or "batch.jsonl", purpose=str(purpose), api_key=who.key_id
+                chunks(),
+                filename=upload.filename or "batch.jsonl",
+                purpose=str(purpose),
+                api_key=who.key_id,
+                expires_after_s=expires_after_s,
             )
         except FileTooLarge as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
