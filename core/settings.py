@@ -110,11 +110,12 @@ class Settings(BaseSettings):
     top_p: float = Field(default=0.9, gt=0, le=1)
     max_new_tokens: int = Field(default=96, ge=1)
     max_new_tokens_limit: int = Field(default=1024, ge=1)
-    # vLLM SamplingParams names. presence_penalty 0.5 made the bundled model loop least (0 of 64) with the
-    # fewest replies below the bar, of seven settings measured (README, Roleplay); the rest are neutral.
+    # vLLM SamplingParams names. frequency_penalty 0.5 made the bundled model loop least (0 of 128, and
+    # 0 of 64 in an earlier sweep) with the fewest replies below the bar among the settings that never
+    # looped, of seven measured (README, Roleplay; scripts/bench_quality.py); the rest are neutral.
     repetition_penalty: float = Field(default=1.0, gt=0, le=2)
-    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
-    presence_penalty: float = Field(default=0.5, ge=-2, le=2)  # measured: scripts/bench_quality.py
+    frequency_penalty: float = Field(default=0.5, ge=-2, le=2)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
     min_p: float = Field(default=0.0, ge=0, le=1)
     top_k: int = Field(default=0, ge=-1)
 

@@ -57,6 +57,7 @@ SWEEP: dict[str, dict[str, Any]] = {
     "repetition_penalty=1.2,min_p=0.05": {"repetition_penalty": 1.2, "min_p": 0.05},
 }
 MAX_NEW_TOKENS = 48  # the sample run's own length
+SWEEP_FILE = PROJECT_ROOT / "bench" / "quality_sweep.json"
 
 
 @contextlib.contextmanager
@@ -115,7 +116,17 @@ def sampling_sweep(lines: int = 128, offset: int = 512) -> dict[str, Any]:
 
     best = min(rank(name) for name in results)
     fewest = [name for name in results if rank(name) == best]  # ties are listed, not broken
-    return {"lines": lines, "offset": offset, "results": results, "fewest_loops": fewest}
+    sweep = {
+        "lines": lines,
+        "offset": offset,
+        "results": results,
+        "fewest_loops": fewest,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    # Kept on its own too: the defaults are chosen from it, and the rest can be re-measured with
+    # them (--reuse-sweep) without measuring the sweep again.
+    SWEEP_FILE.write_text(json.dumps(sweep, indent=2) + "\n")
+    return sweep
 
 
 def seeded_versus_parallel_sampling(views: list[Any], n: int = 4) -> dict[str, Any]:
@@ -162,7 +173,7 @@ def seeded_versus_parallel_sampling(views: list[Any], n: int = 4) -> dict[str, A
     }
 
 
-def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
+def measure_quality(lines: int = 512, sweep_lines: int = 128, reuse_sweep: bool = False) -> dict[str, Any]:
     from scripts.calibrate_quality import calibrate
     from worker.engine import get_engine
 
@@ -170,7 +181,7 @@ def measure_quality(lines: int = 512, sweep_lines: int = 128) -> dict[str, Any]:
     saved_batch = settings.batch_size
     settings.batch_size = 64
     try:
-        sweep = sampling_sweep(sweep_lines)
+        sweep = json.loads(SWEEP_FILE.read_text()) if reuse_sweep else sampling_sweep(sweep_lines)
         with sampling(**NEUTRAL):
             neutral, _ = answer(lines, 0, 1, "neutral-n1")
         n1, n1_s = answer(lines, 0, 1, "defaults-n1")
@@ -274,6 +285,7 @@ def main() -> None:
     parser.add_argument("--sweep-only", action="store_true")
     parser.add_argument("--lines", type=int, default=512)
     parser.add_argument("--sweep-lines", type=int, default=128)
+    parser.add_argument("--reuse-sweep", action="store_true", help=f"take the sweep from {SWEEP_FILE.name}")
     args = parser.parse_args()
     from core.logging import configure_logging
     from db.migrate import upgrade
@@ -294,7 +306,7 @@ def main() -> None:
         print(json.dumps(sampling_sweep(args.sweep_lines), indent=2))
         return
     started = time.perf_counter()
-    figures = measure_quality(lines=args.lines, sweep_lines=args.sweep_lines)
+    figures = measure_quality(lines=args.lines, sweep_lines=args.sweep_lines, reuse_sweep=args.reuse_sweep)
     figures |= {
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
