@@ -469,11 +469,14 @@ def lora_train(
         evaluate=evaluate,
     )
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True)) as bar:
+    console = Console(stderr=True)
+    with Progress(*columns, console=console) as bar:
         task = bar.add_task("training", total=None)
 
         def progress(step: int, steps: int, loss: float) -> None:
             bar.update(task, total=steps, completed=step, description=f"training (loss {loss:.3f})")
+            if not console.is_terminal and (step % 10 == 0 or step == steps):  # a log has no live bar
+                console.print(f"step {step}/{steps} loss {loss:.3f}")
 
         report = train_adapter(dataset, out, config, progress)
     _out(f"adapter -> {report.adapter_dir} ({report.steps} steps, {report.seconds} s) {report.losses}")

@@ -162,7 +162,7 @@ def train_adapter(
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
-            step, last = step + 1, float(loss)
+            step, last = step + 1, float(loss.detach())
             if progress:
                 progress(step, steps, last)
             if step >= steps:
