@@ -37,6 +37,7 @@ from db.runs import (
 from db.session import session_scope
 from db.world import all_character_slugs
 from services.files import BadExpiry, check_expiry, delete_expired_files, find_file, new_file_id
+from services.pages import list_object
 from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, SubmissionFailed, one_line, submit_run
@@ -295,14 +296,7 @@ def list_batches(*, api_key: str | None, admin: bool, after: str | None, limit: 
                 | ((Run.created_at == cursor.created_at) & (Run.id < cursor.id))
             )
         rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)).all()
-        page = [batch_object(session, run) for run in rows[:limit]]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(rows) > limit,
-    }
+        return list_object([batch_object(session, run) for run in rows[:limit]], len(rows) > limit)
 
 
 def cancel_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from db import files as stored
 from db.files import add_file, get_file
 from db.models import StoredFile
 from db.session import session_scope
+from services.pages import list_object
 
 PURPOSES = ("batch",)  # what callers may upload; batch_output and batch_error are written here
 # OpenAI's bounds on expires_after / output_expires_after: an hour to 30 days, from creation.
@@ -177,14 +178,7 @@ def list_files(
             limit=limit + 1,
             newest_first=order == "desc",
         )
-        page = [file_object(row) for row in rows[:limit]]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(rows) > limit,
-    }
+        return list_object([file_object(row) for row in rows[:limit]], len(rows) > limit)
 
 
 def delete_file(file_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
