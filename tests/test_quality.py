@@ -19,13 +19,14 @@ from roleplay.quality import (
 V = np.array([1.0, 0.0, 0.0])
 
 
-def _score(reply: str, message: str = "Any news?", recent=(), reply_vec=V, persona_vec=V):
+def _score(reply: str, message: str = "Any news?", recent=(), reply_vec=V, persona_vec=V, **extra):
     return score(
         reply=reply,
         message=message,
         reply_vec=reply_vec,
         persona_vec=persona_vec,
         own_recent_lines=list(recent),
+        **extra,
     )
 
 
@@ -94,14 +95,7 @@ LUFFY_SOURCES = [
 
 
 def _luffy(reply: str) -> list[str]:
-    q = score(
-        reply=reply,
-        message="고무고무 열매는 어떤 맛이었어?",
-        reply_vec=V,
-        persona_vec=V,
-        own_recent_lines=[],
-        echo_sources=LUFFY_SOURCES,
-    )
+    q = _score(reply, message="고무고무 열매는 어떤 맛이었어?", echo_sources=LUFFY_SOURCES)
     return [reason_kind(r) for r in q.below(Bar())]
 
 
@@ -120,14 +114,7 @@ def test_a_korean_reply_that_starts_the_instruction_again_is_an_echo() -> None:
 
 
 def test_an_instruction_echo_survives_the_stored_record() -> None:
-    q = score(
-        reply="루피의 말투로, 어둑으로 대답하세요.",
-        message="밥 먹었어?",
-        reply_vec=V,
-        persona_vec=V,
-        own_recent_lines=[],
-        echo_sources=LUFFY_SOURCES,
-    )
+    q = _score("루피의 말투로, 어둑으로 대답하세요.", message="밥 먹었어?", echo_sources=LUFFY_SOURCES)
     again = Quality.from_json(q.as_json())
     assert again.instruction_echo == q.instruction_echo
     assert again.below(Bar()) == q.below(Bar())
@@ -184,12 +171,5 @@ def test_below_bar_reasons_name_their_check() -> None:
         char_name="Elara",
     )
     assert [reason_kind(r) for r in q.below(Bar())] == ["truncated", "role"]
-    echo = score(
-        reply=LUFFY_POST,
-        message="밥 먹었어?",
-        reply_vec=V,
-        persona_vec=V,
-        own_recent_lines=[],
-        echo_sources=SOURCES,
-    )
+    echo = _score(LUFFY_POST, message="밥 먹었어?", echo_sources=SOURCES)
     assert [reason_kind(r) for r in echo.below(Bar())] == ["echo"]
