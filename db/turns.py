@@ -306,8 +306,13 @@ def claim_turns(
 
 def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
     """Extend the lease of every turn still running under this claim; returns how many."""
+    # Locked in id order first, as store_replies locks them: an UPDATE alone takes rows in scan order,
+    # which deadlocks with a store of the same claim holding some of them.
+    ours = list(session.scalars(select(Turn.id).where(_ours(token)).order_by(Turn.id).with_for_update()))
+    if not ours:
+        return 0
     result = session.execute(
-        update(Turn).where(_ours(token)).values(lease_until=func.now() + _seconds(lease_s))
+        update(Turn).where(Turn.id.in_(ours), _ours(token)).values(lease_until=func.now() + _seconds(lease_s))
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -345,12 +350,15 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     if not outcomes:
         return []
     conv_ids = sorted({o.conversation_id for o in outcomes})
-    # Row locks in id order (conversations, then turns) serialise writers without deadlocks.
+    # Row locks in id order (conversations, then turns) serialise writers without deadlocks. The
+    # conversation lock is the weakest that still serialises messages.seq: FOR UPDATE would conflict
+    # with the FOR KEY SHARE that every insert of a turn or message referencing it takes, so a
+    # producer naming conversations in another order could deadlock with this store.
     session.execute(
         select(Conversation.id)
         .where(Conversation.id.in_(conv_ids))
         .order_by(Conversation.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     owned = set(
         session.scalars(
