@@ -138,6 +138,10 @@ class Settings(BaseSettings):
     lease_seconds: int = Field(default=120, ge=3)
     max_attempts: int = Field(default=3, ge=1)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
+    # A turn waiting for an earlier turn of its conversation is looked at again after flush_interval,
+    # doubling each time up to this; past order_wait_limit_s of waiting it fails, naming that turn.
+    defer_max_delay_s: float = Field(default=5.0, gt=0)
+    order_wait_limit_s: float = Field(default=600.0, gt=0)
     # The worker runs flushes in threads that all feed one engine (worker/engine_loop.py): a live
     # flush always finds a thread while bulk ones wait for their results.
     worker_threads: int = Field(default=16, ge=2)

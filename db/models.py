@@ -80,6 +80,8 @@ class TurnErrorCode(enum.StrEnum):
     ENGINE_ERROR = "engine_error"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
+    # Waited past MLCHAT_ORDER_WAIT_LIMIT_S for an earlier turn of its conversation (the error names it).
+    BLOCKED_BY_EARLIER_TURN = "blocked_by_earlier_turn"
 
 
 class RunStatus(enum.StrEnum):
@@ -311,6 +313,10 @@ class Turn(Base):
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # When a queue message for this turn was last sent (None: a run's line not sent yet).
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Waiting for an earlier turn of its conversation: since when, and how many looks so far (the
+    # re-send countdown backs off with it). Cleared when the turn is claimed.
+    deferred_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deferrals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -3,6 +3,8 @@
     create                      → queued
     claim     queued, or running with an expired lease → running (new token and lease, attempts + 1)
     exhaust   claimable with no attempts left          → failed (attempts_exhausted)
+    defer     claimable behind an earlier open turn    → deferrals + 1, or past the wait limit
+                                                         → failed (blocked_by_earlier_turn)
     renew     running under our token                  → lease extended
     complete  running under our token                  → done (the reply stored once)
     fail      running under our token                  → failed
@@ -93,14 +95,27 @@ class ClaimedTurn:
     run_id: uuid.UUID | None = None
 
 
+@dataclass(frozen=True)
+class StalledTurn:
+    """An earlier turn that blocks a deferred one while nobody answers it: running under an expired
+    lease (its worker is presumed gone). Sending it again now lets the next claim take it first."""
+
+    id: uuid.UUID
+    model: str
+    run_id: uuid.UUID | None
+
+
 @dataclass
 class ClaimResult:
     """The claim's outcome for each turn id of a batch."""
 
     token: uuid.UUID
     claimed: list[ClaimedTurn] = field(default_factory=list)
-    # An earlier turn of its conversation is unfinished.
-    deferred: list[uuid.UUID] = field(default_factory=list)
+    # An earlier turn of its conversation is unfinished: {turn id: times it has been deferred so far}.
+    deferred: dict[uuid.UUID, int] = field(default_factory=dict)
+    stalled: list[StalledTurn] = field(default_factory=list)
+    # Failed now: waited past the limit for an earlier turn ({turn id: the reason, naming that turn}).
+    blocked: dict[uuid.UUID, str] = field(default_factory=dict)
     # Running under another worker's live lease (a duplicate message): {turn id: seconds the lease has left}.
     held: dict[uuid.UUID, float] = field(default_factory=dict)
     skipped: list[uuid.UUID] = field(default_factory=list)  # done, failed, cancelled or unknown
@@ -117,6 +132,16 @@ def _lease_live() -> Any:
 
 def _claimable() -> Any:
     return or_(Turn.status == TurnStatus.QUEUED, and_(Turn.status == TurnStatus.RUNNING, ~_lease_live()))
+
+
+def _blocks_later_turns(turn: Any) -> Any:
+    """An earlier turn holds its conversation's later ones back while it may still be answered:
+    running (under any lease: one that expired is re-sent and claimed first), or queued with a
+    message out for it. A queued turn never sent (a run line whose submission died) does not."""
+    return or_(
+        turn.status == TurnStatus.RUNNING,
+        and_(turn.status == TurnStatus.QUEUED, turn.dispatched_at.is_not(None)),
+    )
 
 
 def _ours(token: uuid.UUID) -> Any:
@@ -182,6 +207,7 @@ def claim_turns(
     lease_s: float,
     max_attempts: int,
     token: uuid.UUID | None = None,
+    wait_limit_s: float | None = None,
 ) -> ClaimResult:
     """Take the batch's claimable turns under one claim token and a lease of `lease_s` seconds.
 
@@ -189,18 +215,18 @@ def claim_turns(
     turn running under a live lease is another worker's: it is reported `held`, never generated
     twice. A claimable turn that has used up `max_attempts` is failed here instead (the dead-letter
     state), so a message that keeps coming back, because its batch keeps dying, cannot loop forever.
-    A turn is deferred while an earlier turn of its conversation is queued or running under a live
-    lease, so a conversation's turns are answered in order and each sees the previous reply.
+    A turn is deferred while an earlier turn of its conversation may still be answered (see
+    _blocks_later_turns), so a conversation's turns are answered in order and each sees the
+    previous reply; an earlier turn whose lease expired is reported `stalled`, to be sent again and
+    claimed first. A turn deferred for longer than `wait_limit_s` fails instead, naming the turn it
+    waited for.
     """
     result = ClaimResult(token=token or uuid.uuid4())
     earlier = aliased(Turn)
     blocked = exists().where(
         earlier.conversation_id == Turn.conversation_id,
         earlier.number < Turn.number,
-        or_(
-            earlier.status == TurnStatus.QUEUED,
-            and_(earlier.status == TurnStatus.RUNNING, earlier.lease_until > func.now()),
-        ),
+        _blocks_later_turns(earlier),
     )
     # Row locks in one order, skipping rows another claim or write holds right now: two workers
     # with the same turn ids (a duplicate message) never wait on each other or deadlock.
@@ -244,12 +270,17 @@ def claim_turns(
                 started_at=func.now(),
                 claim_token=result.token,
                 lease_until=func.now() + _seconds(lease_s),
+                deferred_since=None,
+                deferrals=0,
             )
             .returning(Turn.id)
         ).all()
         if fresh
         else []
     )
+    waiting = [i for i in fresh if i not in set(claimed_ids)]
+    if waiting:
+        _defer(session=session, turn_ids=waiting, wait_limit_s=wait_limit_s, result=result)
     if claimed_ids:
         rows = session.execute(
             select(Turn, Conversation, Character, func.extract("epoch", func.now() - Turn.created_at))
@@ -277,9 +308,9 @@ def claim_turns(
                     run_id=turn.run_id,
                 )
             )
-    if result.exhausted:
-        advance_runs_of_turns(session=session, turn_ids=result.exhausted)
-    taken = set(claimed_ids) | set(result.exhausted)
+    if result.exhausted or result.blocked:
+        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked])
+    taken = set(claimed_ids) | set(result.exhausted) | set(result.deferred) | set(result.blocked)
     unclaimed = [i for i in turn_ids if i not in taken]
     if unclaimed:
         open_now = {
@@ -299,15 +330,88 @@ def claim_turns(
             status, lease_left = open_now[turn_id]
             if status == TurnStatus.RUNNING and lease_left is not None and lease_left > 0:
                 result.held[turn_id] = float(lease_left)
-            else:
-                result.deferred.append(turn_id)
+            else:  # another claim or write holds the row right now: look again shortly
+                result.deferred[turn_id] = 0
     return result
+
+
+def _defer(
+    *, session: Session, turn_ids: list[uuid.UUID], wait_limit_s: float | None, result: ClaimResult
+) -> None:
+    """Count a look at turns an earlier turn blocks; fail those that waited past the limit; report
+    the earlier turns that are stalled (running under an expired lease)."""
+    earlier = aliased(Turn)
+    blockers = {
+        turn_id: (blocker_id, status, stalled, model, run_id)
+        for turn_id, blocker_id, status, stalled, model, run_id in session.execute(
+            select(
+                Turn.id,
+                earlier.id,
+                earlier.status,
+                and_(
+                    earlier.status == TurnStatus.RUNNING,
+                    or_(earlier.lease_until.is_(None), earlier.lease_until <= func.now()),
+                ),
+                earlier.model,
+                earlier.run_id,
+            )
+            .join(
+                earlier, and_(earlier.conversation_id == Turn.conversation_id, earlier.number < Turn.number)
+            )
+            .where(Turn.id.in_(turn_ids), _blocks_later_turns(earlier))
+            .distinct(Turn.id)
+            .order_by(Turn.id, earlier.number)
+        ).tuples()
+    }
+    counted = session.execute(
+        update(Turn)
+        .where(Turn.id.in_(turn_ids))
+        .values(deferred_since=func.coalesce(Turn.deferred_since, func.now()), deferrals=Turn.deferrals + 1)
+        .returning(Turn.id, Turn.deferrals, func.extract("epoch", func.now() - Turn.deferred_since))
+    ).tuples()
+    too_long: dict[uuid.UUID, str] = {}
+    for turn_id, deferrals, waited_s in counted:
+        blocker = blockers.get(turn_id)
+        if wait_limit_s is not None and blocker is not None and float(waited_s) > wait_limit_s:
+            blocker_id, status, lapsed, _, _ = blocker
+            state = f"{TurnStatus(status).value}, lease expired" if lapsed else TurnStatus(status).value
+            too_long[turn_id] = (
+                f"waited {float(waited_s):.0f} s (limit {wait_limit_s:g} s) for earlier turn "
+                f"{blocker_id} of its conversation ({state})"
+            )
+        else:
+            result.deferred[turn_id] = int(deferrals)
+    if too_long:
+        failed = session.scalars(
+            update(Turn)
+            .where(Turn.id.in_(list(too_long)))
+            .values(
+                status=TurnStatus.FAILED,
+                error_code=TurnErrorCode.BLOCKED_BY_EARLIER_TURN.value,
+                error=_by_id({t: r[:ERROR_CHARS] for t, r in too_long.items()}),
+                finished_at=func.now(),
+                lease_until=None,
+            )
+            .returning(Turn.id)
+        ).all()
+        result.blocked = {t: too_long[t] for t in failed}
+    stalled = {
+        blocker_id: StalledTurn(blocker_id, model, run_id)
+        for turn_id, (blocker_id, _, is_stalled, model, run_id) in blockers.items()
+        if is_stalled and turn_id in result.deferred
+    }
+    result.stalled = list(stalled.values())
 
 
 def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
     """Extend the lease of every turn still running under this claim; returns how many."""
+    # Locked in id order first, as store_replies locks them: an UPDATE alone takes rows in scan order,
+    # which deadlocks with a store of the same claim holding some of them.
+    ours = list(session.scalars(select(Turn.id).where(_ours(token)).order_by(Turn.id).with_for_update()))
+    if not ours:
+        return 0
     result = session.execute(
-        update(Turn).where(_ours(token)).values(lease_until=func.now() + _seconds(lease_s))
+        update(Turn).where(Turn.id.in_(ours), _ours(token)).values(lease_until=func.now() + _seconds(lease_s))
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 
@@ -345,12 +449,15 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     if not outcomes:
         return []
     conv_ids = sorted({o.conversation_id for o in outcomes})
-    # Row locks in id order (conversations, then turns) serialise writers without deadlocks.
+    # Row locks in id order (conversations, then turns) serialise writers without deadlocks. The
+    # conversation lock is the weakest that still serialises messages.seq: FOR UPDATE would conflict
+    # with the FOR KEY SHARE that every insert of a turn or message referencing it takes, so a
+    # producer naming conversations in another order could deadlock with this store.
     session.execute(
         select(Conversation.id)
         .where(Conversation.id.in_(conv_ids))
         .order_by(Conversation.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     owned = set(
         session.scalars(

@@ -7,10 +7,12 @@ stays `queued` (or `running` under a lease nobody renews) with nothing behind it
 `resend_stranded` counts what workers hold before it re-sends anything:
 - a queued turn is re-sent only when its last message went out (`dispatched_at`) longer ago than
   the broker's visibility timeout, so any message a worker had prefetched or held on a countdown
-  would have been redelivered by now, and only when its lane queue is empty (no message waiting
-  for it behind a backlog);
-- a running turn only when its lease expired longer ago than the visibility timeout: a worker
-  still answering it keeps renewing the lease.
+  would have been redelivered by now, and only when no message can be waiting for it in its lane
+  queue: the queue is empty, or its last message went out before the oldest message waiting there
+  (the queue is first in, first out), so lost bulk turns are recovered behind a bulk backlog too;
+- a running turn as soon as its lease expired: a worker still answering it keeps renewing the
+  lease, and the message it took is not in the queue (Redis would hand it back only after the
+  visibility timeout, an hour by default: a lost reply for live chat).
 A duplicate message would be harmless anyway: the claim finds the turn taken or finished and the
 reply is stored once. A run's lines stored but never sent belong to its submission (resubmitting
 the file sends them), so they are not swept; a submission that died is marked `failed` instead,
@@ -21,6 +23,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from sqlalchemy import and_, func, or_, select
 
@@ -38,46 +42,78 @@ from db.session import session_scope
 from db.turns import mark_dispatched
 from services.runs.control import interrupted_message
 from tasks.generate import dispatch
-from tasks.queues import queue_depth
+from tasks.queues import oldest_waiting_turn_ids, queue_depth
+
+# Between stamping `dispatched_at` and the message reaching the queue (a commit, a broker round):
+# a queued turn counts as sent before the oldest waiting message only if it went out this much earlier.
+SEND_SLACK = timedelta(seconds=60)
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A turn no worker holds: queued with its last message sent at `dispatched_at`, or running
+    under an expired lease (`dispatched_at` None: the message it came from was taken by a worker)."""
+
+    id: uuid.UUID
+    dispatched_at: datetime | None
 
 
 def find_stranded(
     *, older_than_s: float, models: Sequence[str], limit: int
-) -> dict[tuple[str, Lane], list[uuid.UUID]]:
-    """Turns no worker holds and no message has been sent for in `older_than_s`, grouped by
-    (model, lane), oldest first."""
+) -> dict[tuple[str, Lane], list[Stranded]]:
+    """Turns no worker holds: queued with no message sent for `older_than_s`, or running under an
+    expired lease; grouped by (model, lane), oldest first."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     queued_long = and_(Turn.status == TurnStatus.QUEUED, Turn.dispatched_at < cutoff)
-    lease_long_gone = and_(
-        Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < cutoff
+    lease_gone = and_(
+        Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
     )
     with session_scope() as session:
         rows = session.execute(
-            select(Turn.id, Turn.model, Turn.run_id)
-            .where(or_(queued_long, lease_long_gone), Turn.model.in_(list(models)))
+            select(Turn.id, Turn.model, Turn.run_id, Turn.status, Turn.dispatched_at)
+            .where(or_(queued_long, lease_gone), Turn.model.in_(list(models)))
             .order_by(Turn.number)
             .limit(limit)
         ).all()
-    groups: dict[tuple[str, Lane], list[uuid.UUID]] = {}
-    for turn_id, model, run_id in rows:
+    groups: dict[tuple[str, Lane], list[Stranded]] = {}
+    for turn_id, model, run_id, status, dispatched_at in rows:
         lane: Lane = "bulk" if run_id is not None else "live"
-        groups.setdefault((model, lane), []).append(turn_id)
+        sent_at = dispatched_at if status == TurnStatus.QUEUED else None
+        groups.setdefault((model, lane), []).append(Stranded(turn_id, sent_at))
     return groups
+
+
+def _oldest_waiting_sent_at(model: str, lane: Lane) -> datetime | None:
+    """When the oldest message waiting in the lane queue went out (its turns' `dispatched_at`);
+    None when the queue is empty or that cannot be told."""
+    ids = oldest_waiting_turn_ids(model, lane)
+    if not ids:
+        return None
+    with session_scope() as session:
+        return session.scalar(select(func.min(Turn.dispatched_at)).where(Turn.id.in_(ids)))
 
 
 def resend_stranded(
     *, older_than_s: float | None = None, models: Sequence[str] | None = None, limit: int = 100_000
 ) -> dict[str, int]:
-    """Re-send stranded turns of lanes whose queue is empty; returns {queue: turns re-sent}."""
+    """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}."""
     groups = find_stranded(
         older_than_s=settings.visibility_timeout if older_than_s is None else older_than_s,
         models=models or settings.models,
         limit=limit,
     )
     sent: dict[str, int] = {}
-    for (model, lane), ids in groups.items():
-        if queue_depth(model, lane):
-            continue  # messages are waiting: these turns may be among them
+    for (model, lane), turns in groups.items():
+        if queue_depth(model, lane):  # messages are waiting: only those sent before all of them are lost
+            oldest = _oldest_waiting_sent_at(model, lane)
+            turns = [
+                t
+                for t in turns
+                if t.dispatched_at is None or (oldest is not None and t.dispatched_at < oldest - SEND_SLACK)
+            ]
+        ids = [t.id for t in turns]
+        if not ids:
+            continue
         dispatch(ids, model=model, lane=lane)
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=ids)

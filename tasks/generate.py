@@ -42,6 +42,7 @@ class Resend:
 
     turns: list[Pending]
     countdown: float | None = None
+    model: str | None = None  # None: the flush's model
 
 
 @dataclass
@@ -142,13 +143,30 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
         return
     report = result
-    events.finished(report.done, {t: f.reason for t, f in report.failed.items()}, report.send_again)
+    failed = {t: f.reason for t, f in report.failed.items()}
+    events.finished(report.done, failed, [*report.send_again, *report.deferred])
     outcome.resend.append(Resend([(t, lane_of[t]) for t in report.send_again], settings.flush_interval))
+    # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
+    waiting: dict[float, list[Pending]] = {}
+    for turn_id, deferrals in report.deferred.items():
+        waiting.setdefault(deferral_delay(deferrals), []).append((turn_id, lane_of[turn_id]))
+    outcome.resend += [Resend(turns, delay) for delay, turns in waiting.items()]
+    # The earlier turn they wait for lost its worker: send it now, so a claim takes it first.
+    for stalled in report.stalled:
+        lane: Lane = "bulk" if stalled.run_id is not None else "live"
+        outcome.resend.append(Resend([(stalled.id, lane)], model=stalled.model))
     # Another worker holds these under a live lease (a duplicate message): look again when it lapses.
     for turn_id, lease_left in report.held.items():
         outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
     if report.engine_dead is not None:
         outcome.engine_dead = report.engine_dead
+
+
+def deferral_delay(deferrals: int) -> float:
+    """Seconds before a deferred turn is looked at again: flush_interval, doubling with each
+    deferral, at most defer_max_delay_s."""
+    exponent = min(max(deferrals - 1, 0), 32)
+    return min(settings.flush_interval * 2.0**exponent, settings.defer_max_delay_s)
 
 
 def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], str]:
@@ -182,7 +200,7 @@ def _resend(item: Resend, model: str) -> None:
         if not ids:
             continue
         try:
-            _dispatch_with_retry(ids, model, lane, item.countdown)
+            _dispatch_with_retry(ids, item.model or model, lane, item.countdown)
         except Exception:
             logger.error(
                 "could not send %d turns again; the sweeper will: %s",

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import uuid
+
 from kombu.exceptions import ChannelError
 
 from core.settings import Lane, queue_for_model
@@ -18,3 +22,22 @@ def queue_depth(model: str, lane: Lane = "live") -> int:
             return int(declared.message_count)
         except ChannelError:
             return 0
+
+
+def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
+    """The turn ids of the oldest message waiting in a lane queue (the next one a worker takes),
+    read without consuming; [] when the queue is empty or the message cannot be read."""
+    # kombu's Redis transport pushes on the left and pops on the right: the oldest is at index -1.
+    with app.connection_for_read() as conn:
+        raw = conn.default_channel.client.lindex(queue_for_model(model, lane), -1)
+    if raw is None:
+        return []
+    try:
+        message = json.loads(raw)
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        return [uuid.UUID(str(turn_id)) for turn_id in kwargs["turn_ids"]]
+    except (ValueError, KeyError, TypeError):
+        return []

@@ -66,3 +66,68 @@ def test_turns_a_worker_holds_or_was_just_sent_are_not_swept(world, monkeypatch)
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
+
+
+def test_a_running_turn_is_sent_again_once_its_lease_expires_not_after_the_visibility_timeout(
+    world, monkeypatch
+) -> None:
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from db.turns import claim_turns
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    (turn_id,) = enqueue_turns(
+        [new_conversation() | {"message": "Crashed line.", "model": MODEL}], send=False
+    )
+    with session_scope() as s:
+        claim_turns(session=s, turn_ids=[turn_id], lease_s=0.2, max_attempts=3)
+    try:
+        time.sleep(0.4)  # its worker died: nobody renews the lease
+        # The default age (an hour) is for queued turns; an expired lease is enough for a running one.
+        assert resend_stranded(models=[MODEL]) == {f"{MODEL}/live": 1}
+        assert queue_depth(MODEL, "live") == 1
+    finally:
+        with session_scope() as s:  # no worker serves this model: leave nothing for the next sweep
+            s.execute(update(Turn).where(Turn.id == turn_id).values(status=TurnStatus.CANCELLED))
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
+
+
+def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monkeypatch) -> None:
+    from sqlalchemy import update
+
+    from db.models import Turn
+    from db.runs import create_run
+    from db.session import session_scope
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=f"sweep-{time.time_ns()}", model=MODEL, file_hash="0" * 64, total=6
+        )
+        run_id = run.id
+
+    def lines(tag: str) -> list[dict[str, str]]:
+        return [new_conversation() | {"message": f"{tag} {i}.", "model": MODEL} for i in range(3)]
+
+    lost = enqueue_turns(lines("Lost"), send=False, lane="bulk", run_id=run_id)
+    waiting = enqueue_turns(lines("Waiting"), lane="bulk", run_id=run_id)  # the backlog: one message
+    with session_scope() as s:  # the lost ones went out two hours ago, the backlog ten minutes ago
+        for ids, age in ((lost, "2 hours"), (waiting, "10 minutes")):
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
+            )
+    try:
+        assert queue_depth(MODEL, "bulk") == 1
+        # Both are older than the sweep's age; only the lost ones went out before the backlog's message.
+        assert resend_stranded(older_than_s=60, models=[MODEL]) == {f"{MODEL}/bulk": len(lost)}
+        assert queue_depth(MODEL, "bulk") == 2
+        # They are stamped sent now, behind the backlog: the next sweep sends nothing.
+        assert resend_stranded(older_than_s=60, models=[MODEL]) == {}
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(MODEL, "bulk"))

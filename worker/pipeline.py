@@ -28,6 +28,7 @@ from db.session import session_scope
 from db.turns import (
     ClaimedTurn,
     Failure,
+    StalledTurn,
     TurnOutcome,
     claim_turns,
     fail_turns,
@@ -56,7 +57,9 @@ class BatchReport:
     done: list[uuid.UUID] = field(default_factory=list)
     failed: dict[uuid.UUID, Failure] = field(default_factory=dict)
     retry: dict[uuid.UUID, str] = field(default_factory=dict)  # back to queued after a failed attempt
-    deferred: list[uuid.UUID] = field(default_factory=list)  # waits for an earlier turn of its conversation
+    # Waits for an earlier turn of its conversation: {turn id: times deferred so far}.
+    deferred: dict[uuid.UUID, int] = field(default_factory=dict)
+    stalled: list[StalledTurn] = field(default_factory=list)  # such earlier turns nobody answers: send now
     held: dict[uuid.UUID, float] = field(default_factory=dict)  # another worker's: {id: lease seconds left}
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
@@ -66,8 +69,8 @@ class BatchReport:
 
     @property
     def send_again(self) -> list[uuid.UUID]:
-        """Turns that need a new message now (held turns wait for their lease instead)."""
-        return [*self.retry, *self.deferred, *self.handed_back]
+        """Turns that need a new message now (held turns wait for their lease, deferred ones back off)."""
+        return [*self.retry, *self.handed_back]
 
 
 @cache
@@ -92,11 +95,16 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             turn_ids=list(turn_ids),
             lease_s=settings.lease_seconds,
             max_attempts=settings.max_attempts,
+            wait_limit_s=settings.order_wait_limit_s,
         )
-        mark_dispatched(session=session, turn_ids=claim.deferred)  # the task sends them again
+        mark_dispatched(session=session, turn_ids=list(claim.deferred))  # the task sends them again
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
+    report.stalled = claim.stalled
     report.failed.update(
         {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
+    )
+    report.failed.update(
+        {t: Failure(reason, TurnErrorCode.BLOCKED_BY_EARLIER_TURN) for t, reason in claim.blocked.items()}
     )
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)

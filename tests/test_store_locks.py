@@ -1,0 +1,162 @@
+"""No deadlocks between the store and producers, or the store and its own lease renewal.
+
+Two real database sessions in two threads, interleaved so that the locks the store takes cross the
+other session's in the worst order. Before the fix each case ended in DeadlockDetected (PostgreSQL's
+detector fires after its 1 s deadlock_timeout); now both sessions finish.
+"""
+
+import hashlib
+import threading
+import uuid
+
+from sqlalchemy import select, text, update
+
+from core.settings import settings
+from db.models import Turn, TurnStatus
+from db.session import session_scope
+from db.turns import NewTurn, TurnOutcome, claim_turns, create_turns, renew_lease, store_replies
+from services.producer import enqueue_turns, get_turn
+from tests.conftest import new_conversation
+
+# Long enough for PostgreSQL's deadlock detector (deadlock_timeout 1 s) to have fired.
+BLOCKED_S = 1.5
+
+
+def _claimed_pair() -> tuple[uuid.UUID, list[uuid.UUID]]:
+    ids = enqueue_turns(
+        [new_conversation() | {"message": f"Store lock check {i}."} for i in range(2)], send=False
+    )
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+    assert sorted(t.id for t in claim.claimed) == sorted(ids)
+    return claim.token, ids
+
+
+def _outcome(turn_id: uuid.UUID) -> TurnOutcome:
+    view = get_turn(turn_id)
+    vec = [0.1] * settings.embedding_dim
+    return TurnOutcome(
+        turn_id=turn_id,
+        conversation_id=view.conversation_id,
+        user_message=view.message,
+        user_embedding=vec,
+        reply="Stored.",
+        reply_embedding=vec,
+        prompt="p",
+        context={},
+        usage={},
+        timings={},
+        params=view.params,
+        state={"after": {"emotion": "happy", "affinity": 1}},  # the store updates the conversation too
+    )
+
+
+def _new_turn(conversation_id: int) -> NewTurn:
+    key = f"lock-check-{uuid.uuid4().hex}"
+    return NewTurn(
+        idempotency_key=key,
+        request_hash=hashlib.sha256(key.encode()).hexdigest(),
+        conversation_id=conversation_id,
+        message="A producer's line.",
+        model=settings.model,
+        params={},
+    )
+
+
+def _in_thread(target, errors: list[BaseException]) -> threading.Thread:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # recorded for the assertion in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_producer_naming_conversations_in_the_other_order_never_deadlocks_with_the_store(world) -> None:
+    token, ids = _claimed_pair()
+    outcomes = sorted((_outcome(t) for t in ids), key=lambda o: o.conversation_id)
+    low, high = outcomes[0].conversation_id, outcomes[1].conversation_id
+    errors: list[BaseException] = []
+    stored: list[uuid.UUID] = []
+
+    def store() -> None:
+        with session_scope() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            stored.extend(store_replies(session=session, token=token, outcomes=outcomes))
+
+    try:
+        with session_scope() as producer:
+            producer.execute(text("SET LOCAL lock_timeout = '20s'"))
+            # A POST /v1/turns:batch naming the later conversation first: FOR KEY SHARE on it.
+            create_turns(session=producer, turns=[_new_turn(high)])
+            storing = _in_thread(store, errors)  # locks `low`, then `high`
+            storing.join(BLOCKED_S)
+            create_turns(session=producer, turns=[_new_turn(low)])  # FOR KEY SHARE on `low`
+    except BaseException as exc:
+        errors.append(exc)
+    storing.join(30)
+    assert not storing.is_alive()
+    assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
+    assert sorted(stored) == sorted(ids)
+    with session_scope() as session:
+        statuses = session.scalars(select(Turn.status).where(Turn.id.in_(ids))).all()
+        produced = session.scalars(
+            select(Turn.id).where(Turn.conversation_id.in_([low, high]), Turn.id.not_in(ids))
+        ).all()
+    assert set(statuses) == {TurnStatus.DONE} and len(produced) == 2
+
+
+def _ctid(session, turn_id: uuid.UUID) -> tuple[int, int]:  # type: ignore[no-untyped-def]
+    raw = session.execute(text("SELECT ctid::text FROM turns WHERE id = :id"), {"id": turn_id}).scalar_one()
+    page, item = raw.strip("()").split(",")
+    return int(page), int(item)
+
+
+def test_lease_renewal_takes_the_rows_in_the_stores_order(world) -> None:
+    # The store locks a claim's turns in id order. Renewal used to take them in scan order (the
+    # heap's, or turn number's through the unfinished-turns index): arrange both to be the reverse.
+    for _ in range(30):
+        token, ids = _claimed_pair()
+        with session_scope() as session:
+            first, second = session.scalars(select(Turn.id).where(Turn.id.in_(ids)).order_by(Turn.number))
+        if first > second:
+            break
+    else:
+        raise AssertionError("no pair with the later turn number on the smaller id in 30 tries")
+    low, high = second, first  # by id
+    with session_scope() as session:
+        for _ in range(50):
+            if _ctid(session, high) < _ctid(session, low):
+                break
+            session.execute(update(Turn).where(Turn.id == low).values(lease_until=Turn.lease_until))
+            session.commit()
+        assert _ctid(session, high) < _ctid(session, low)
+
+    errors: list[BaseException] = []
+    renewed: list[int] = []
+
+    def renew() -> None:
+        with session_scope() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            renewed.append(renew_lease(session=session, token=token, lease_s=60))
+
+    outcomes = [_outcome(t) for t in ids]
+    try:
+        with session_scope() as store:
+            store.execute(text("SET LOCAL lock_timeout = '20s'"))
+            # The store has locked its conversations and the first of its turns by id...
+            store.execute(select(Turn.id).where(Turn.id == low).with_for_update())
+            renewing = _in_thread(renew, errors)  # ...when the lease keeper's renewal fires
+            renewing.join(BLOCKED_S)
+            assert store_replies(session=store, token=token, outcomes=outcomes)
+    except BaseException as exc:
+        errors.append(exc)
+    renewing.join(30)
+    assert not renewing.is_alive()
+    assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
+    assert renewed == [0]  # it waited for the store, then found the turns done
+    with session_scope() as session:
+        assert set(session.scalars(select(Turn.status).where(Turn.id.in_(ids)))) == {TurnStatus.DONE}
