@@ -177,6 +177,9 @@ class Settings(BaseSettings):
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
     files_dir: Path | None = None
     batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
+    # Bytes of files one API key may hold (its uploads and its batches' output and error files);
+    # an upload that would pass it is refused with a 403 until files are deleted.
+    files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)
     batch_default_window: str = "24h"
     batch_max_window_hours: int = Field(default=24 * 7, ge=1)
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
