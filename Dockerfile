@@ -31,10 +31,15 @@ COPY roleplay ./roleplay
 RUN pip install --no-cache-dir --no-deps .
 
 FROM base AS runtime
-RUN useradd --create-home --uid 10001 mlchat
+# The volumes' mount points exist and are the service user's: a fresh named volume takes the
+# owner of the folder it is mounted on, and root's would leave the model cache and files unwritable.
+RUN useradd --create-home --uid 10001 mlchat \
+ && mkdir -p /models /files \
+ && chown 10001:10001 /models /files
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-# The code is root's and read-only to the service user; only its home (state) and /models are its.
+# The code is root's and read-only to the service user; only its home (state), /models and /files
+# are its.
 # Named folders only: nothing else of the build context (.dockerignore keeps .env out of it too).
 COPY alembic.ini pyproject.toml ./
 COPY core ./core
@@ -49,7 +54,7 @@ COPY roleplay ./roleplay
 COPY data ./data
 USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
-VOLUME ["/models"]
+VOLUME ["/models", "/files"]
 # The worker's check (engine alive, from its metrics endpoint); compose gives the HTTP ingest and
 # Flower their own.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \

@@ -1,10 +1,11 @@
 """Reject request bodies over a size limit with a 413, however they are sent.
 
 A declared Content-Length over the limit is refused before anything is read. A body without one
-(chunked transfer encoding) is read here, up to the limit, before the app sees any of it, and
-replayed to the app; one byte over and the answer is 413 too. (Raising from inside the app's own
-read would surface as FastAPI's 400 "error parsing the body".) A path may have its own limit (card
-uploads are larger than JSON requests).
+(chunked transfer encoding) streams through to the app as it arrives, counted: one byte over the
+limit and the app's read raises BodyTooLarge, an HTTPException, which FastAPI re-raises instead of
+its 400 "error parsing the body" and the app answers 413; nothing is buffered here, so a chunked
+upload costs no more memory than a declared one. A path may have its own limit (card uploads are
+larger than JSON requests).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Any
+
+from starlette.exceptions import HTTPException
 
 Scope = dict[str, Any]
 
@@ -41,23 +44,10 @@ class BodySizeLimit:
                 return
             await self.app(scope, receive, send)
             return
-        chunks: list[bytes] = []
-        seen = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client went away
-                await self.app(scope, _replay([message]), send)
-                return
-            body = message.get("body", b"")
-            seen += len(body)
-            if seen > limit:
-                await self._reply(send, 413, f"request body over {limit} bytes")
-                return
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        whole = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-        await self.app(scope, _replay([whole], then=receive), send)
+        try:
+            await self.app(scope, _counted(receive, limit), send)
+        except BodyTooLarge as exc:  # raised where no exception handler answers it (not a route)
+            await self._reply(send, exc.status_code, str(exc.detail))
 
     async def _reply(self, send: Any, status: int, detail: str) -> None:
         body = json.dumps({"detail": detail}).encode()
@@ -74,15 +64,24 @@ class BodySizeLimit:
         await send({"type": "http.response.body", "body": body})
 
 
-def _replay(messages: list[dict[str, Any]], then: Any = None) -> Any:
-    """A receive() that hands out `messages`, then defers to `then` (for the disconnect)."""
-    pending = list(messages)
+class BodyTooLarge(HTTPException):
+    """The streamed body passed the limit (a 413)."""
 
-    async def receive() -> Any:
-        if pending:
-            return pending.pop(0)
-        if then is not None:
-            return await then()
-        return {"type": "http.disconnect"}
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes")
 
-    return receive
+
+def _counted(receive: Any, limit: int) -> Any:
+    """A receive() that passes the body through, raising BodyTooLarge once it passes `limit` bytes."""
+    seen = 0
+
+    async def counting() -> Any:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return counting

@@ -66,6 +66,19 @@ def needs(scope: Scope):  # type: ignore[no-untyped-def]
     return check
 
 
+def metrics_reader(
+    api_key: str | None = Security(_api_key_header),
+    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
+) -> None:
+    """A dependency for /metrics: anyone when MLCHAT_API_METRICS_PUBLIC is set, else an admin key."""
+    if settings.api_metrics_public:
+        return
+    if not caller(api_key, bearer).admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "/metrics needs an admin key (or MLCHAT_API_METRICS_PUBLIC=true)"
+        )
+
+
 JSON_TYPES = ("application/json",)
 
 

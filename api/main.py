@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
-from prometheus_client import make_asgi_app
 
 from api import errors
 from api.body_limit import BodySizeLimit
 from api.routes import batches, characters, files, health, stories, turns
+from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
 
@@ -32,7 +32,7 @@ def create_app() -> FastAPI:
         },
     )
     errors.install(app)
-    for module in (turns, batches, files, characters, stories, health):
+    for module in (turns, batches, files, characters, stories, health, metrics_routes):
         app.include_router(module.router)
 
     @app.middleware("http")
@@ -44,6 +44,5 @@ def create_app() -> FastAPI:
         ).inc()
         return response
 
-    metrics.register_queue_depth()
-    app.mount("/metrics", make_asgi_app())  # Prometheus text format; unauthenticated, like /healthz
+    metrics.register_queue_depth()  # served by api/routes/metrics.py, for admin keys unless public
     return app

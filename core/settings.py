@@ -6,8 +6,18 @@ import hashlib
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +61,14 @@ class ApiKey(BaseModel):
     @property
     def id(self) -> str:
         return self.name or self.digest[:12]
+
+
+# The example values of .env.example: a deployment that copied the file unchanged must not start.
+PLACEHOLDER_SECRETS = ("change-me",)
+_PLACEHOLDER_DIGESTS = frozenset(
+    hashlib.sha256(key.encode()).hexdigest()
+    for key in ("change-me-ingest-0123456789", "change-me-admin-0123456789")
+)
 
 
 class Settings(BaseSettings):
@@ -176,11 +194,16 @@ class Settings(BaseSettings):
     # Character cards (HTTP upload, CLI): the whole file, and the card text inside a PNG once inflated.
     card_max_bytes: int = Field(default=8_000_000, ge=1024)
     card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
+    # The ingest's /metrics needs an admin key unless this is set (a scraper on a private network).
+    api_metrics_public: bool = False
 
     # OpenAI-style batches over HTTP (api/routes/files.py, batches.py). Uploaded and output files
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
     files_dir: Path | None = None
     batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
+    # Bytes of files one API key may hold (its uploads and its batches' output and error files);
+    # an upload that would pass it is refused with a 403 until files are deleted.
+    files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)
     batch_default_window: str = "24h"
     batch_max_window_hours: int = Field(default=24 * 7, ge=1)
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
@@ -204,6 +227,16 @@ class Settings(BaseSettings):
             return [{"key": v} if isinstance(v, str) else v for v in value]
         return value
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_placeholder_keys(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        for key in keys:
+            if key.digest in _PLACEHOLDER_DIGESTS:
+                raise ValueError(
+                    f"MLCHAT_API_KEYS: key {key.id!r} is a placeholder from .env.example; set your own keys"
+                )
+        return keys
+
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:
@@ -220,13 +253,16 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("DATABASE_URL must be a postgresql:// URL (psycopg 3 is the driver)")
+        if urlsplit(value).password in PLACEHOLDER_SECRETS:
+            raise ValueError("DATABASE_URL: its password is .env.example's placeholder (POSTGRES_PASSWORD)")
         return "postgresql+psycopg://" + value.split("://", 1)[1]
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url_is_redis(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "redis+socket://")):
-            raise ValueError("REDIS_URL must be a redis:// or rediss:// URL")
+            # sentinel:// would need Sentinel-aware clients beside Celery's (queue depth, producers).
+            raise ValueError("REDIS_URL must be a redis:// or rediss:// URL (Sentinel is not supported)")
         return value
 
     @model_validator(mode="after")
@@ -279,4 +315,18 @@ def queue_for_model(model: str, lane: Lane = "live") -> str:
     return f"gen.{model}" if lane == "live" else f"gen.{model}.bulk"
 
 
-settings = Settings()
+def load_settings() -> Settings:
+    """The settings from the environment; a bad value exits with one line naming its variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            msg = str(error["msg"]).removeprefix("Value error, ")
+            name = str(error["loc"][0]) if error["loc"] else ""
+            variable = name if name.isupper() else f"MLCHAT_{name.upper()}"
+            lines.append(msg if not name or variable in msg else f"{variable}: {msg}")
+        raise SystemExit("mlchat: bad setting: " + "; ".join(lines)) from None
+
+
+settings = load_settings()

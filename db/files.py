@@ -30,6 +30,53 @@ def add_file(
     return row
 
 
+# Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
+_QUOTA_LOCK_NAMESPACE = 0x6D6C6671  # "mlfq"
+
+
+def stored_bytes(*, session: Session, api_key: str | None) -> int:
+    """The bytes of every file this key holds (its uploads and its batches' output and error files)."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+                StoredFile.api_key.is_not_distinct_from(api_key)
+            )
+        )
+    )
+
+
+def add_file_within_quota(
+    *,
+    session: Session,
+    file_id: str,
+    purpose: str,
+    filename: str,
+    size: int,
+    path: str,
+    api_key: str | None,
+    quota: int,
+    expires_after_s: int | None = None,
+) -> tuple[StoredFile | None, int]:
+    """Record an upload unless the key would then hold more than `quota` bytes: (the row or None,
+    the bytes the key held before). Uploads of one key take turns on a transaction lock, so two at
+    once cannot both fit into the last of the quota."""
+    session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(api_key or ""))))
+    held = stored_bytes(session=session, api_key=api_key)
+    if held + size > quota:
+        return None, held
+    row = add_file(
+        session=session,
+        file_id=file_id,
+        purpose=purpose,
+        filename=filename,
+        size=size,
+        path=path,
+        api_key=api_key,
+        expires_after_s=expires_after_s,
+    )
+    return row, held
+
+
 def get_file(*, session: Session, file_id: str) -> StoredFile | None:
     return session.scalars(select(StoredFile).where(StoredFile.id == file_id)).one_or_none()
 

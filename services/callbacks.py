@@ -27,28 +27,67 @@ from db.session import session_scope
 SIGNATURE_HEADER = "X-Mlchat-Signature"
 
 
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 class CallbackFailed(RuntimeError):
     """The receiver did not answer 2xx (or could not be reached); the delivery is retried."""
 
 
-def refused_destination(url: str) -> str | None:
-    """Why a callback may not go to `url`, or None: every address its host resolves to must be public
-    (not loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so
-    an API key cannot make the workers call into the network they run in."""
+class RefusedDestination(ValueError):
+    """A callback URL whose host has no address, or one the workers may not call."""
+
+
+def resolve(host: str) -> list[Address]:
+    """The addresses `host` resolves to, in the resolver's order: the one DNS lookup of a delivery."""
+    infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
+
+
+def vetted_address(url: str) -> Address:
+    """The address to connect to for `url`: every address its host resolves to must be public (not
+    loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API
+    key cannot make the workers call into the network they run in. Raises RefusedDestination."""
     host = urlparse(url).hostname
     if not host:
-        return "has no host"
+        raise RefusedDestination("has no host")
     try:
-        infos = socket.getaddrinfo(host, None)
-    except OSError:
-        return f"host {host!r} does not resolve"
-    if settings.callback_allow_private:
-        return None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            return f"host {host!r} resolves to a non-public address ({address})"
+        addresses = resolve(host)
+    except (OSError, ValueError):
+        raise RefusedDestination(f"host {host!r} does not resolve") from None
+    if not addresses:
+        raise RefusedDestination(f"host {host!r} does not resolve")
+    if not settings.callback_allow_private:
+        for address in addresses:
+            if not address.is_global:
+                raise RefusedDestination(f"host {host!r} resolves to a non-public address ({address})")
+    return addresses[0]
+
+
+def refused_destination(url: str) -> str | None:
+    """Why a callback may not go to `url` (see vetted_address), or None."""
+    try:
+        vetted_address(url)
+    except RefusedDestination as exc:
+        return str(exc)
     return None
+
+
+def post_pinned(
+    url: str, address: Address, *, content: bytes, headers: dict[str, str], timeout: float
+) -> httpx.Response:
+    """POST to `url` over a connection to `address`, never to a second lookup of its host (which
+    DNS rebinding could point at loopback). The URL's host stays the Host header and, over https,
+    the TLS server name: SNI and the certificate check are the host's, not the address's."""
+    target = httpx.URL(url)
+    extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
+    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+        return client.post(
+            target.copy_with(host=str(address)),
+            content=content,
+            headers={**headers, "host": target.netloc.decode("ascii")},
+            extensions=extensions,
+        )
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -80,8 +119,9 @@ def deliver(run_id: uuid.UUID) -> bool:
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
     assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
-    refused = refused_destination(url)
-    if refused is not None:  # checked again at delivery: the name may resolve elsewhere by now
+    try:  # checked again at delivery: the name may resolve elsewhere by now
+        address = vetted_address(url)
+    except RefusedDestination as refused:
         with session_scope() as session:
             record_callback(session=session, run_id=run_id, error=f"not sent: {refused}")
         return False
@@ -91,7 +131,9 @@ def deliver(run_id: uuid.UUID) -> bool:
         "X-Mlchat-Delivery": str(run_id),
     }
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=settings.callback_timeout_s)
+        response = post_pinned(
+            url, address, content=body, headers=headers, timeout=settings.callback_timeout_s
+        )
         error = None if response.is_success else f"HTTP {response.status_code}"
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"[:300]

@@ -15,7 +15,7 @@ from typing import Any
 
 from core.settings import settings
 from db import files as stored
-from db.files import add_file, get_file
+from db.files import add_file_within_quota, get_file
 from db.models import StoredFile
 from db.session import session_scope
 from services.pages import list_object
@@ -27,6 +27,10 @@ EXPIRY_S = (3600, 30 * 24 * 3600)
 
 class FileTooLarge(ValueError):
     """The upload is over the size limit; nothing was kept."""
+
+
+class QuotaReached(ValueError):
+    """The key's stored files plus this upload would pass MLCHAT_FILES_QUOTA_BYTES; nothing was kept."""
 
 
 class FileNotFound(LookupError):
@@ -81,6 +85,13 @@ def _path_of(file_id: str) -> Path:
     return settings.batch_files_dir / f"{file_id}.jsonl"
 
 
+def _over_quota(held: int, size: int) -> QuotaReached:
+    return QuotaReached(
+        f"file: this API key holds {held} bytes of files and the quota (MLCHAT_FILES_QUOTA_BYTES) is"
+        f" {settings.files_quota_bytes}; a {size}-byte upload does not fit (delete files to make room)"
+    )
+
+
 async def save_upload(
     chunks: AsyncIterator[bytes],
     *,
@@ -89,9 +100,11 @@ async def save_upload(
     api_key: str | None,
     expires_after_s: int | None = None,
 ) -> dict[str, Any]:
-    """Stream an upload to disk (refused past batch_file_max_bytes), then record it."""
+    """Stream an upload to disk (refused past batch_file_max_bytes, or past the key's quota of stored
+    bytes), then record it."""
     from fastapi.concurrency import run_in_threadpool
 
+    held = await run_in_threadpool(_held, api_key)
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_file_id()
     final = _path_of(file_id)
@@ -103,15 +116,26 @@ async def save_upload(
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
+                if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
+                    raise _over_quota(held, size)
                 out.write(chunk)
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)
     # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
-    return await run_in_threadpool(
-        _record, file_id, purpose, safe_name, size, final, api_key, expires_after_s
-    )
+    try:
+        return await run_in_threadpool(
+            _record, file_id, purpose, safe_name, size, final, api_key, expires_after_s
+        )
+    except Exception:
+        final.unlink(missing_ok=True)  # refused, or the row was never stored: no orphan bytes
+        raise
+
+
+def _held(api_key: str | None) -> int:
+    with session_scope() as session:
+        return stored.stored_bytes(session=session, api_key=api_key)
 
 
 def _record(
@@ -124,7 +148,7 @@ def _record(
     expires_after_s: int | None,
 ) -> dict[str, Any]:
     with session_scope() as session:
-        row = add_file(
+        row, held = add_file_within_quota(
             session=session,
             file_id=file_id,
             purpose=purpose,
@@ -132,8 +156,11 @@ def _record(
             size=size,
             path=path.name,
             api_key=api_key,
+            quota=settings.files_quota_bytes,
             expires_after_s=expires_after_s,
         )
+        if row is None:
+            raise _over_quota(held, size)
         return file_object(row)
 
 

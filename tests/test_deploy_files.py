@@ -1,6 +1,7 @@
 """The deployment files, checked by real tools: hadolint for the Dockerfile, the official compose-spec
 JSON schema (check-jsonschema) for docker-compose.yml, and .env.example against the settings."""
 
+import json
 import re
 import subprocess
 import sys
@@ -51,3 +52,43 @@ def test_env_example_lists_every_setting() -> None:
         "MLCHAT_REDIS_URL",
     }
     assert expected <= listed, sorted(expected - listed)
+
+
+def _runtime_stage() -> str:
+    text = (PROJECT_ROOT / "Dockerfile").read_text()
+    return text[text.index("AS runtime") :].replace("\\\n", " ")
+
+
+def test_every_volume_the_services_mount_is_made_and_owned_by_the_runtime_user() -> None:
+    import yaml
+
+    compose = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())
+    targets = {v.split(":")[1] for v in compose["x-app"]["volumes"]}
+    stage = _runtime_stage()
+    user = re.search(r"^USER (\S+)", stage, re.M)
+    assert user is not None
+    before_user = stage[: user.start()]
+    made = " ".join(re.findall(r"mkdir -p ([^&\n]+)", before_user)).split()
+    owned = re.findall(rf"chown {user.group(1)}:\S+ ([^&\n]+)", before_user)
+    owned_paths = " ".join(owned).split()
+    volumes = re.search(r"^VOLUME (\[.*\])", stage, re.M)
+    assert volumes is not None
+    declared = set(json.loads(volumes.group(1)))
+    assert targets  # the mounts are read from compose, not listed here
+    for target in targets:
+        assert target in made and target in owned_paths, f"{target} is not made and owned by {user.group(1)}"
+        assert target in declared, f"{target} is not a VOLUME of the image"
+
+
+def test_the_placeholders_of_env_example_refuse_to_start(tmp_path) -> None:
+    example = (PROJECT_ROOT / ".env.example").read_text()
+    values = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", example, re.M))
+    database = f"postgresql://mlchat:{values['POSTGRES_PASSWORD']}@postgres:5432/mlchat"  # as compose does
+    for variable, value in (("MLCHAT_API_KEYS", values["MLCHAT_API_KEYS"]), ("DATABASE_URL", database)):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), variable: value}
+        result = subprocess.run(
+            [sys.executable, "-c", "import core.settings"],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1 and variable in result.stderr, result.stderr

@@ -7,6 +7,7 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from core.settings import settings
 from db.models import Turn, TurnStatus
 from db.session import session_scope
 from tests.conftest import new_conversation
@@ -119,10 +120,22 @@ def test_cancel_a_queued_turn_over_http(base_url) -> None:
 
 def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
     httpx.post(f"{base_url}/v1/turns", json=new_conversation() | {"message": "hi"}, headers={})  # a 401
-    body = httpx.get(f"{base_url}/metrics/").text
+    body = httpx.get(f"{base_url}/metrics", headers={"X-API-Key": "test-key-1-abcdefgh"}).text
     assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in body
+
+
+def test_the_ingest_metrics_need_an_admin_key_unless_made_public(base_url, monkeypatch) -> None:
+    from tests.conftest import INGEST_KEY
+
+    assert httpx.get(f"{base_url}/metrics").status_code == 401
+    assert httpx.get(f"{base_url}/metrics", headers={"X-API-Key": INGEST_KEY}).status_code == 403
+    admin = httpx.get(f"{base_url}/metrics", headers={"Authorization": "Bearer test-key-2-abcdefgh"})
+    assert admin.status_code == 200 and "mlchat_ingest_requests_total" in admin.text
+    monkeypatch.setattr(settings, "api_metrics_public", True)
+    public = httpx.get(f"{base_url}/metrics")
+    assert public.status_code == 200 and "mlchat_ingest_requests_total" in public.text
 
 
 def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:

@@ -21,3 +21,18 @@ def test_urls_and_queue_are_derived() -> None:
     assert cfg.queue == "gen.solar-10.7b"
     assert cfg.resolved_prompt_format == "solar"
     assert cfg.models == ["solar-10.7b"]
+
+
+def test_the_readme_names_only_broker_urls_the_settings_take() -> None:
+    import re
+
+    from core.settings import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    for scheme in set(re.findall(r"`(redis|rediss|redis\+socket|sentinel)://", readme)):
+        Settings(REDIS_URL=f"{scheme}://broker:6379/0")  # raises if the README claims a refused scheme
+
+
+def test_sentinel_urls_are_refused_naming_the_variable() -> None:
+    with pytest.raises(ValidationError, match="REDIS_URL .*Sentinel is not supported"):
+        Settings(REDIS_URL="sentinel://sentinel-1:26379")

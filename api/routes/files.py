@@ -20,6 +20,7 @@ from services.files import (
     FileNotFound,
     FileTooLarge,
     FoundFile,
+    QuotaReached,
     check_expiry,
     delete_file,
     find_file,
@@ -72,6 +73,8 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             )
         except FileTooLarge as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+        except QuotaReached as exc:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
 
 
 @router.get("")

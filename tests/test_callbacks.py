@@ -1,0 +1,130 @@
+"""Callbacks connect to the address that was vetted: one DNS lookup per delivery, so a name that
+answers a public address to the check and loopback to the connection (DNS rebinding) reaches
+nothing inside the workers' network."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from pydantic import SecretStr
+from sqlalchemy import update
+
+from core.settings import settings
+from db.models import Run
+from db.runs import create_run
+from db.session import session_scope
+from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, verify_signature
+
+SECRET = "callback-secret-for-tests"
+
+
+class _Receiver(BaseHTTPRequestHandler):
+    calls: list[tuple[dict[str, str], bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["content-length"]))
+        type(self).calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
+@pytest.fixture
+def receiver(monkeypatch) -> Iterator[int]:  # type: ignore[no-untyped-def]
+    """A real HTTP server on loopback; its port. What it receives is in _Receiver.calls."""
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    _Receiver.calls = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _resolver(monkeypatch, host: str, answers: list[str]) -> list[str]:  # type: ignore[no-untyped-def]
+    """Make `host` resolve to answers[0] the first time, answers[1] the next (and after); every
+    other name resolves as usual. The answers handed out, in order."""
+    real = socket.getaddrinfo
+    given: list[str] = []
+
+    def getaddrinfo(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name != host:
+            return real(name, port, *args, **kwargs)
+        address = answers[min(len(given), len(answers) - 1)]
+        given.append(address)
+        return real(address, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return given
+
+
+def _run_calling_back(url: str) -> uuid.UUID:
+    with session_scope() as s:
+        run, _ = create_run(session=s, name=f"cb-{uuid.uuid4().hex[:12]}", model="m", file_hash="h", total=0)
+        s.execute(update(Run).where(Run.id == run.id).values(callback_url=url))
+        return run.id
+
+
+def test_a_name_that_rebinds_to_loopback_after_the_check_reaches_nothing(
+    services, receiver, monkeypatch
+) -> None:
+    monkeypatch.setattr(settings, "callback_timeout_s", 2.0)
+    given = _resolver(monkeypatch, "rebind.test", ["1.1.1.1", "127.0.0.1"])
+    run_id = _run_calling_back(f"http://rebind.test:{receiver}/hook")
+    with pytest.raises(CallbackFailed):  # 1.1.1.1 does not answer on that port, and must be the one tried
+        deliver(run_id)
+    assert _Receiver.calls == []
+    assert given == ["1.1.1.1"]  # one lookup: the connection went to the vetted address
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        assert run.callback_attempts == 1 and run.callback_delivered_at is None
+
+
+def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeypatch) -> None:
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    given = _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    run_id = _run_calling_back(f"http://receiver.test:{receiver}/hook")
+    assert deliver(run_id) is True
+    ((headers, body),) = _Receiver.calls
+    assert headers["host"] == f"receiver.test:{receiver}" and given == ["127.0.0.1"]
+    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, SECRET)
+
+
+def test_over_https_the_server_name_and_certificate_are_the_hosts(
+    services, receiver, monkeypatch, tmp_path
+) -> None:
+    import ssl
+    import subprocess
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+         "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=receiver.test",
+         "-addext", "subjectAltName=DNS:receiver.test", "-addext", "basicConstraints=critical,CA:FALSE"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    names: list[str | None] = []
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    context.sni_callback = lambda sock, name, ctx: names.append(name)  # type: ignore[assignment,misc,return-value]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # httpx trusts this certificate alone
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    try:
+        assert deliver(_run_calling_back(f"https://receiver.test:{server.server_address[1]}/hook")) is True
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert names == ["receiver.test"] and len(_Receiver.calls) == 1

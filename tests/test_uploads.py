@@ -1,0 +1,161 @@
+"""Uploads stream whatever their framing: a chunked body is counted as it passes, never held whole,
+and 413 past the limit; a key's stored files have a quota, and an upload past it keeps nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from api.body_limit import BodySizeLimit
+from core.settings import settings
+from db.files import add_file_within_quota, stored_bytes
+from db.session import session_scope
+from tests.conftest import INGEST_KEY
+
+INGEST = {"X-API-Key": INGEST_KEY}
+CHUNKED = [(b"transfer-encoding", b"chunked")]
+SCOPE = {"type": "http", "method": "POST", "path": "/v1/files", "headers": CHUNKED}
+
+
+def _stream(chunks: list[bytes]) -> tuple[Any, list[int]]:
+    """A client's receive(): the chunks, one per call; and how many it has handed out so far."""
+    handed = [0]
+
+    async def receive() -> dict[str, Any]:
+        i = handed[0]
+        handed[0] += 1
+        return {"type": "http.request", "body": chunks[i], "more_body": i < len(chunks) - 1}
+
+    return receive, handed
+
+
+async def _no_send(message: dict[str, Any]) -> None:
+    raise AssertionError(f"the app under test sends nothing itself: {message}")
+
+
+def test_a_chunked_body_reaches_the_app_as_it_arrives() -> None:
+    receive, handed = _stream([b"x" * 100] * 5)
+    pulled_before_first: list[int] = []
+    got = bytearray()
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            message = await receive()
+            pulled_before_first.append(handed[0])
+            got.extend(message["body"])
+            if not message["more_body"]:
+                return
+
+    asyncio.run(BodySizeLimit(app, max_bytes=1000)(SCOPE, receive, _no_send))
+    assert bytes(got) == b"x" * 500
+    assert pulled_before_first == [1, 2, 3, 4, 5]  # one chunk held at a time, none read ahead
+
+
+def test_a_chunked_body_past_the_limit_is_413_and_stops_reading() -> None:
+    receive, handed = _stream([b"x" * 300] * 10)
+    got = bytearray()
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while True:  # an app that lets the error through: the middleware answers
+            message = await receive()
+            got.extend(message["body"])
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(BodySizeLimit(app, max_bytes=1000)(SCOPE, receive, send))
+    assert sent[0]["status"] == 413 and b"request body over 1000 bytes" in sent[1]["body"]
+    assert len(got) == 900 and handed[0] == 4  # the app never saw a byte past the limit
+
+
+def _multipart(content: bytes) -> tuple[dict[str, str], bytes]:
+    request = httpx.Request(
+        "POST", "http://x/v1/files", files={"file": ("b.jsonl", content)}, data={"purpose": "batch"}
+    )
+    return {"content-type": request.headers["content-type"]}, request.read()
+
+
+def _chunked(body: bytes) -> Iterator[bytes]:
+    for start in range(0, len(body), 1000):
+        yield body[start : start + 1000]
+
+
+def _kept() -> list[str]:
+    folder = settings.batch_files_dir
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def test_a_chunked_upload_is_stored_or_refused_keeping_nothing(base_url, monkeypatch) -> None:
+    headers, body = _multipart(b'{"a": 1}\n' * 500)
+    r = httpx.post(f"{base_url}/v1/files", content=_chunked(body), headers=INGEST | headers)
+    assert "content-length" not in r.request.headers  # really sent chunked
+    assert r.status_code == 200 and r.json()["bytes"] == 4500, r.text
+    monkeypatch.setattr(settings, "batch_file_max_bytes", 2048)
+    before = _kept()
+    r = httpx.post(f"{base_url}/v1/files", content=_chunked(body), headers=INGEST | headers)
+    assert r.status_code == 413 and "file: over 2048 bytes" in r.text
+    assert _kept() == before
+
+
+def test_an_upload_past_the_keys_quota_is_403_and_keeps_nothing(base_url, monkeypatch) -> None:
+    with session_scope() as s:
+        held = stored_bytes(session=s, api_key="game-a")
+    monkeypatch.setattr(settings, "files_quota_bytes", held + 3000)
+    headers, body = _multipart(b"x" * 2000)
+    first = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert first.status_code == 200, first.text
+    before = _kept()
+    refused = httpx.post(f"{base_url}/v1/files", content=_chunked(body), headers=INGEST | headers)
+    assert refused.status_code == 403 and "MLCHAT_FILES_QUOTA_BYTES" in refused.text, refused.text
+    assert _kept() == before
+    with session_scope() as s:
+        assert stored_bytes(session=s, api_key="game-a") == held + 2000
+    deleted = httpx.delete(f"{base_url}/v1/files/{first.json()['id']}", headers=INGEST)
+    assert deleted.status_code == 200
+    again = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert again.status_code == 200, again.text
+
+
+def _add(session, key: str, size: int, quota: int):  # type: ignore[no-untyped-def]
+    file_id = f"file-{uuid.uuid4().hex[:16]}"
+    row, _ = add_file_within_quota(
+        session=session, file_id=file_id, purpose="batch", filename="b.jsonl", size=size,
+        path=f"{file_id}.jsonl", api_key=key, quota=quota,
+    )  # fmt: skip
+    return row
+
+
+def test_two_uploads_at_once_cannot_both_take_the_last_of_the_quota(services) -> None:
+    key = f"quota-{uuid.uuid4().hex[:8]}"
+    results: dict[str, object] = {}
+    with session_scope() as a:
+        results["a"] = _add(a, key, 600, quota=1000)
+
+        def second() -> None:
+            with session_scope() as b:
+                results["b"] = _add(b, key, 600, quota=1000)
+
+        thread = threading.Thread(target=second)
+        thread.start()
+        thread.join(timeout=1)
+        assert thread.is_alive()  # the second waits for the first's transaction
+    thread.join(timeout=30)
+    assert results["a"] is not None and results["b"] is None
+    with session_scope() as s:
+        assert stored_bytes(session=s, api_key=key) == 600
+
+
+@pytest.mark.parametrize("size", [1000, 1001])
+def test_the_quota_counts_what_the_key_already_holds(services, size) -> None:
+    key = f"quota-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        assert _add(s, key, 400, quota=1400) is not None
+        fits = _add(s, key, size, quota=1400)
+    assert (fits is not None) == (size <= 1000)
