@@ -23,6 +23,7 @@ _bearer = HTTPBearer(auto_error=False)
 class Caller:
     key_id: str
     scopes: frozenset[str]
+    tenant: str  # namespaces the conversations and idempotency keys the caller names
 
     @property
     def admin(self) -> bool:
@@ -52,7 +53,7 @@ def caller(
             match = key
     if match is None:
         raise _unauthorized()
-    return Caller(match.id, frozenset(match.scopes))
+    return Caller(match.id, frozenset(match.scopes), match.tenant_id)
 
 
 def needs(scope: Scope):  # type: ignore[no-untyped-def]

@@ -37,7 +37,9 @@ class ApiKey(BaseModel):
 
     Given as `{"key": "...", "scopes": [...]}`, or stored hashed as `{"sha256": "<hex digest of the
     key>", "scopes": [...]}`; a bare string is a key with both scopes. `name` labels the caller
-    (default: the start of the key's digest) and is recorded on the turns it enqueues.
+    (default: the start of the key's digest) and is recorded on the turns it enqueues. `tenant`
+    (default: the key's id) namespaces its conversations and idempotency keys: keys of one tenant
+    share them, keys of another never see them.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -46,6 +48,7 @@ class ApiKey(BaseModel):
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$", repr=False)
     scopes: list[Scope] = Field(default_factory=lambda: list(SCOPES), min_length=1)
     name: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    tenant: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
 
     @model_validator(mode="after")
     def _one_secret(self) -> ApiKey:
@@ -61,6 +64,15 @@ class ApiKey(BaseModel):
     @property
     def id(self) -> str:
         return self.name or self.digest[:12]
+
+    @property
+    def tenant_id(self) -> str:
+        """The tenant whose conversations and idempotency keys this key reads and writes."""
+        return self.tenant or self.id
+
+
+# The CLI and the Python API (no key) act as this tenant; no key's tenant can be empty.
+DEFAULT_TENANT = ""
 
 
 # The example values of .env.example: a deployment that copied the file unchanged must not start.

@@ -16,6 +16,7 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.settings import DEFAULT_TENANT
 from db.models import Run, RunStatus, Turn
 from db.session import psycopg_connection
 
@@ -46,13 +47,15 @@ CREATE_STAGE = text(
 )
 
 # A run never rewrites a conversation that exists; new ones take the first line that names them.
+# Conversations and idempotency keys are the run's tenant's: a line never reaches another tenant's.
 INSERT_CONVERSATIONS = text(
     """
-    INSERT INTO conversations (external_id, character_id, player_id, player_name, story, story_time)
-    SELECT DISTINCT ON (s.conversation) s.conversation, c.id, '', s.player_name, s.story, s.story_time
+    INSERT INTO conversations (tenant, external_id, character_id, player_id, player_name, story, story_time)
+    SELECT DISTINCT ON (s.conversation) :tenant, s.conversation, c.id, '', s.player_name, s.story,
+           s.story_time
     FROM turn_stage s JOIN characters c ON c.slug = s.character
     ORDER BY s.conversation, s.ord
-    ON CONFLICT (external_id) DO NOTHING
+    ON CONFLICT (tenant, external_id) DO NOTHING
     """
 )
 
@@ -62,7 +65,7 @@ INSERT_HISTORY = text(
     """
     INSERT INTO messages (conversation_id, seq, role, content)
     SELECT v.id, h.ord, h.item->>0, h.item->>1
-    FROM turn_stage s JOIN conversations v ON v.external_id = s.conversation
+    FROM turn_stage s JOIN conversations v ON v.tenant = :tenant AND v.external_id = s.conversation
     CROSS JOIN LATERAL jsonb_array_elements(s.history) WITH ORDINALITY AS h(item, ord)
     WHERE s.history IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM messages m WHERE m.conversation_id = v.id)
@@ -72,13 +75,13 @@ INSERT_HISTORY = text(
 
 INSERT_TURNS = text(
     """
-    INSERT INTO turns (id, idempotency_key, request_hash, conversation_id, run_id, custom_id, message,
-                       status, model, params, attempts)
-    SELECT uuidv7(), s.idempotency_key, s.request_hash, v.id, :run_id, s.custom_id, s.message,
+    INSERT INTO turns (id, tenant, idempotency_key, request_hash, conversation_id, run_id, custom_id,
+                       message, status, model, params, attempts)
+    SELECT uuidv7(), :tenant, s.idempotency_key, s.request_hash, v.id, :run_id, s.custom_id, s.message,
            'queued', s.model, s.params, 0
-    FROM turn_stage s LEFT JOIN conversations v ON v.external_id = s.conversation
+    FROM turn_stage s LEFT JOIN conversations v ON v.tenant = :tenant AND v.external_id = s.conversation
     ORDER BY s.ord
-    ON CONFLICT (idempotency_key) DO NOTHING
+    ON CONFLICT (tenant, idempotency_key) DO NOTHING
     RETURNING id, number
     """
 )
@@ -108,8 +111,11 @@ class StagedTurn:
     history: tuple[tuple[str, str], ...] = ()  # (role, text) seeding a fresh conversation
 
 
-def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[StagedTurn]) -> list[uuid.UUID]:
-    """Insert the turns (and any new conversations) in the caller's transaction; returns the new ids.
+def insert_run_turns(
+    *, session: Session, run_id: uuid.UUID, turns: Sequence[StagedTurn], tenant: str = DEFAULT_TENANT
+) -> list[uuid.UUID]:
+    """Insert the turns (and any new conversations, the tenant's) in the caller's transaction; returns
+    the new ids.
 
     Turn numbers follow input order; the turns are stored unsent (no dispatched_at). A line whose
     idempotency key exists already is left as it is. Raises RunNotAccepting once the run is no
@@ -145,11 +151,11 @@ def insert_run_turns(*, session: Session, run_id: uuid.UUID, turns: Sequence[Sta
                 )
             )
     session.execute(ANALYZE_STAGE)
-    session.execute(INSERT_CONVERSATIONS)
+    session.execute(INSERT_CONVERSATIONS, {"tenant": tenant})
     if any(t.history for t in turns):
-        session.execute(INSERT_HISTORY)
+        session.execute(INSERT_HISTORY, {"tenant": tenant})
     try:
-        rows = session.execute(INSERT_TURNS, {"run_id": run_id}).tuples().all()
+        rows = session.execute(INSERT_TURNS, {"run_id": run_id, "tenant": tenant}).tuples().all()
     except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: no such conversation
         raise ValueError(f"a line names a conversation that does not exist: {exc.orig}") from None
     return [turn_id for turn_id, _ in sorted(rows, key=lambda row: row[1])]

@@ -138,13 +138,18 @@ class Character(Base):
 
 
 class Conversation(Base):
-    """One player's thread with one character, keyed by the game's own id."""
+    """One player's thread with one character, keyed by the game's own id within its tenant."""
 
     __tablename__ = "conversations"
-    __table_args__ = (CheckConstraint("affinity BETWEEN -100 AND 100", name="affinity_bounded"),)
+    __table_args__ = (
+        CheckConstraint("affinity BETWEEN -100 AND 100", name="affinity_bounded"),
+        UniqueConstraint("tenant", "external_id", name="uq_conversations_tenant_external_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    external_id: Mapped[str] = mapped_column(String(200), unique=True)
+    # The API key's tenant that started it ('' for the CLI and the Python API): ids are per tenant.
+    tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    external_id: Mapped[str] = mapped_column(String(200))
     player_id: Mapped[str] = mapped_column(String(200), default="")
     player_name: Mapped[str] = mapped_column(String(200), default="")
     character_id: Mapped[int] = mapped_column(ForeignKey("characters.id"))
@@ -234,6 +239,7 @@ class Run(Base):
     # The output and error files expire this long after they are written (None: kept until deleted).
     output_expires_after_s: Mapped[int | None] = mapped_column(Integer)
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that created it (its id)
+    tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")  # its lines' conversations
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -247,9 +253,7 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
-    __table_args__ = (
-        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
-    )
+    __table_args__ = (Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
@@ -267,6 +271,7 @@ class Turn(Base):
     __tablename__ = "turns"
     __table_args__ = (
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        UniqueConstraint("tenant", "idempotency_key", name="uq_turns_tenant_idempotency_key"),
         Index("ix_turns_run_status", "run_id", "status"),
         # The sweeper's scan: only unfinished turns, a small share of the table.
         Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
@@ -275,7 +280,9 @@ class Turn(Base):
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     # Insertion order: a conversation's turns are answered in this order.
     number: Mapped[int] = mapped_column(BigInteger, Identity(), unique=True)
-    idempotency_key: Mapped[str] = mapped_column(String(200), unique=True)
+    # Idempotency keys are per tenant: another tenant's key of the same text is another turn.
+    tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    idempotency_key: Mapped[str] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
     conversation_id: Mapped[int] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE"), index=True

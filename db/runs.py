@@ -180,6 +180,11 @@ def run_options(*, session: Session, name: str) -> dict[str, Any] | None:
     return session.scalar(select(Run.options).where(Run.name == name))
 
 
+def run_tenant(*, session: Session, name: str) -> str | None:
+    """The tenant whose conversations the run of that name names; None if there is no such run."""
+    return session.scalar(select(Run.tenant).where(Run.name == name))
+
+
 def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
     """The run's stored status."""
     status = session.scalar(select(Run.status).where(Run.id == run_id))

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, text, update
+from sqlalchemy import and_, case, exists, func, or_, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -62,6 +62,7 @@ class NewTurn:
     custom_id: str | None = None
     speaker: str = "character"
     api_key: str | None = None
+    tenant: str = ""  # the caller's tenant ('' for the CLI and the Python API)
 
 
 @dataclass(frozen=True)
@@ -154,17 +155,18 @@ def _by_id(values: dict[uuid.UUID, Any]) -> Any:
 
 
 def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTurn]:
-    """Insert turns, deduplicating on idempotency key; one StoredTurn per request, in input order.
+    """Insert turns, deduplicating on (tenant, idempotency key); one StoredTurn per request, in input order.
 
     Two requests of one call with the same key are one turn (created once, sent once) when they ask
-    the same thing, and an IdempotencyConflict naming both items when they do not. New turns are
-    stamped dispatched now: the caller sends them right after the commit.
+    the same thing, and an IdempotencyConflict naming both items when they do not. Another tenant's
+    turn of the same key is never seen. New turns are stamped dispatched now: the caller sends them
+    right after the commit.
     """
     if not turns:
         return []
-    first: dict[str, int] = {}
+    first: dict[tuple[str, str], int] = {}
     for i, t in enumerate(turns):
-        j = first.setdefault(t.idempotency_key, i)
+        j = first.setdefault((t.tenant, t.idempotency_key), i)
         if turns[j].request_hash != t.request_hash:
             raise IdempotencyConflict(
                 f"items {j} and {i} use idempotency key {t.idempotency_key!r} for different requests"
@@ -174,28 +176,42 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
     rows = [dict(id=uuid.uuid4(), dispatched_at=now, **t.__dict__) for t in unique]
     stmt = (
         insert(Turn)
-        .on_conflict_do_nothing(index_elements=[Turn.idempotency_key])
-        .returning(Turn.idempotency_key, Turn.id)
+        .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
+        .returning(Turn.tenant, Turn.idempotency_key, Turn.id)
     )
-    created: dict[str, uuid.UUID] = dict(session.execute(stmt, rows).tuples().all())
-    repeated = [t.idempotency_key for t in unique if t.idempotency_key not in created]
-    known = {
-        key: (request_hash, turn_id, status, model, code)
-        for key, request_hash, turn_id, status, model, code in session.execute(
-            select(
-                Turn.idempotency_key, Turn.request_hash, Turn.id, Turn.status, Turn.model, Turn.error_code
-            ).where(Turn.idempotency_key.in_(repeated))
-        ).tuples()
+    created: dict[tuple[str, str], uuid.UUID] = {
+        (tenant, key): turn_id for tenant, key, turn_id in session.execute(stmt, rows).tuples()
     }
+    repeated = [(t.tenant, t.idempotency_key) for t in unique if (t.tenant, t.idempotency_key) not in created]
+    known = (
+        {
+            (tenant, key): (request_hash, turn_id, status, model, code)
+            for tenant, key, request_hash, turn_id, status, model, code in session.execute(
+                select(
+                    Turn.tenant,
+                    Turn.idempotency_key,
+                    Turn.request_hash,
+                    Turn.id,
+                    Turn.status,
+                    Turn.model,
+                    Turn.error_code,
+                ).where(tuple_(Turn.tenant, Turn.idempotency_key).in_(repeated))
+            ).tuples()
+        }
+        if repeated
+        else {}
+    )
     out: list[StoredTurn] = []
     for i, t in enumerate(turns):
-        key = t.idempotency_key
+        key = (t.tenant, t.idempotency_key)
         if key in created:
             out.append(StoredTurn(created[key], first[key] == i, TurnStatus.QUEUED, t.model))
             continue
         request_hash, turn_id, status, model, code = known[key]
         if request_hash != t.request_hash:
-            raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
+            raise IdempotencyConflict(
+                f"idempotency key {t.idempotency_key!r} was already used for a different request"
+            )
         out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code))
     return out
 

@@ -10,6 +10,7 @@ from sqlalchemy import func, literal_column, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core.settings import DEFAULT_TENANT
 from db.models import Character, Conversation, Message, Role, StoryEvent
 
 CHARACTER_FIELDS = (
@@ -64,8 +65,9 @@ def upsert_conversation(
     player_name: str = "",
     story: str | None = None,
     story_time: int | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> int:
-    """Insert or update a conversation by the game's external id; returns its id."""
+    """Insert or update a conversation by the tenant's external id; returns its id."""
     values = dict(
         character_id=character_id,
         player_id=player_id,
@@ -73,8 +75,10 @@ def upsert_conversation(
         story=story,
         story_time=story_time,
     )
-    stmt = insert(Conversation).values(external_id=external_id, **values)
-    stmt = stmt.on_conflict_do_update(index_elements=[Conversation.external_id], set_=values)
+    stmt = insert(Conversation).values(tenant=tenant, external_id=external_id, **values)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[Conversation.tenant, Conversation.external_id], set_=values
+    )
     return int(session.execute(stmt.returning(Conversation.id)).scalar_one())
 
 
@@ -117,26 +121,46 @@ def append_history_if_empty(
     return len(rows)
 
 
-def upsert_conversations(*, session: Session, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Insert or update many conversations in one statement; returns {external_id: id}."""
+def upsert_conversations(
+    *, session: Session, rows: Sequence[dict[str, Any]], tenant: str = DEFAULT_TENANT
+) -> dict[str, tuple[int, int]]:
+    """Create the tenant's conversations that do not exist yet; {external_id: (id, character id)} of
+    each row's conversation as it stands.
+
+    A conversation that another producer created meanwhile is left as it is (never reassigned to
+    this row's character or player): the caller compares the character id it gets back.
+    """
     if not rows:
         return {}
-    stmt = insert(Conversation).values(list(rows))
-    upsert: Any = stmt.on_conflict_do_update(
-        index_elements=[Conversation.external_id],
-        set_={
-            c: stmt.excluded[c] for c in ("character_id", "player_id", "player_name", "story", "story_time")
-        },
-    ).returning(Conversation.external_id, Conversation.id)
-    return dict(session.execute(upsert).tuples().all())
+    stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in rows])
+    created = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+    out = {
+        ext: (conv_id, character_id)
+        for ext, conv_id, character_id in session.execute(
+            created.returning(Conversation.external_id, Conversation.id, Conversation.character_id)
+        ).tuples()
+    }
+    raced = [row["external_id"] for row in rows if row["external_id"] not in out]
+    if raced:  # a new statement: it sees the rows the other producer committed while we waited
+        out |= {
+            ext: (conv_id, character_id)
+            for ext, conv_id, character_id in session.execute(
+                select(Conversation.external_id, Conversation.id, Conversation.character_id).where(
+                    Conversation.tenant == tenant, Conversation.external_id.in_(raced)
+                )
+            ).tuples()
+        }
+    return out
 
 
-def find_conversations(*, session: Session, external_ids: Sequence[str]) -> dict[str, tuple[int, str]]:
-    """Conversations by external id: {external_id: (id, character slug)}."""
+def find_conversations(
+    *, session: Session, external_ids: Sequence[str], tenant: str = DEFAULT_TENANT
+) -> dict[str, tuple[int, str]]:
+    """The tenant's conversations by external id: {external_id: (id, character slug)}."""
     rows = session.execute(
         select(Conversation.external_id, Conversation.id, Character.slug)
         .join(Character, Character.id == Conversation.character_id)
-        .where(Conversation.external_id.in_(list(set(external_ids))))
+        .where(Conversation.tenant == tenant, Conversation.external_id.in_(list(set(external_ids))))
     ).tuples()
     return {ext: (conv_id, slug) for ext, conv_id, slug in rows}
 

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.files import add_file
 from db.models import Run, RunStatus
 from db.runs import (
@@ -112,6 +112,7 @@ def create_batch(
     metadata: dict[str, Any] | None,
     api_key: str | None,
     admin: bool,
+    tenant: str = DEFAULT_TENANT,
     callback_url: str | None = None,
     allow_system_prompt: bool = False,
     candidates: int | None = None,
@@ -171,6 +172,7 @@ def create_batch(
                 "expires_at": func.now() + window,
                 "input_file_id": input_file_id,
                 "api_key": api_key,
+                "tenant": tenant,
                 "callback_url": callback,
                 "output_expires_after_s": output_expiry,
             },

@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 
-from core.settings import Lane, settings
+from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.session import session_scope
 from db.turns import NewTurn, StoredTurn, cancel_turns, create_turns, fail_unsent, revive_unsent
@@ -106,6 +106,7 @@ def submit_turns(
     run_id: uuid.UUID | None = None,
     custom_ids: Sequence[str] | None = None,
     api_key: str | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> list[StoredTurn]:
     """Queue many turns; one StoredTurn per request (its id, whether it is new, its real status).
 
@@ -116,6 +117,9 @@ def submit_turns(
     the rows are committed first (so a worker never gets an id it cannot read), then sent; if
     sending fails, the new turns are marked failed with the reason and EnqueueError is raised, so no
     turn stays queued with no message behind it.
+
+    Conversations and idempotency keys are the `tenant`'s (an API key's; the default one for the CLI
+    and the Python API): another tenant's of the same name are never read or written.
     """
     parsed = [_as_request(r) for r in requests]
     unknown = [
@@ -126,7 +130,9 @@ def submit_turns(
     if unknown:
         raise TurnRejected(unknown)
     try:
-        stored, revived = _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key)
+        stored, revived = _store_turns(
+            parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
+        )
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
         raise EnqueueError(
             "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
@@ -148,11 +154,12 @@ def _store_turns(
     run_id: uuid.UUID | None,
     custom_ids: Sequence[str] | None,
     api_key: str | None = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> tuple[list[StoredTurn], set[uuid.UUID]]:
     """Insert the turns (and any new conversations) in one transaction; revive replays of turns that
     were never sent. Returns each request's StoredTurn and the revived ids."""
     with session_scope() as session:
-        conv_ids = _resolve_conversations(session, parsed)
+        conv_ids = _resolve_conversations(session, parsed, tenant)
         new = [
             NewTurn(
                 idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
@@ -165,6 +172,7 @@ def _store_turns(
                 custom_id=custom_ids[i] if custom_ids else None,
                 speaker=req.speaker,
                 api_key=api_key,
+                tenant=tenant,
             )
             for i, req in enumerate(parsed)
         ]
@@ -197,10 +205,14 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         ) from exc
 
 
-def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dict[str, int]:
-    """Ids of the requests' conversations; new ones are created in one statement. TurnRejected lists
-    every request whose character or conversation does not fit, before anything is written."""
-    known = find_conversations(session=session, external_ids=[r.conversation for r in requests])
+def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant: str) -> dict[str, int]:
+    """Ids of the tenant's conversations the requests name; new ones are created in one statement.
+    TurnRejected lists every request whose character or conversation does not fit (also one that
+    another producer started with another character meanwhile); the caller's transaction then
+    writes nothing."""
+    known = find_conversations(
+        session=session, external_ids=[r.conversation for r in requests], tenant=tenant
+    )
     missing = [r for r in requests if r.conversation not in known]
     slugs = [r.character for r in missing if r.character]
     characters = find_characters(session=session, slugs=slugs) if slugs else {}
@@ -246,7 +258,17 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest]) -> dic
             )
     if errors:
         raise TurnRejected(errors)
-    out.update(upsert_conversations(session=session, rows=list(new_rows.values())))
+    created = upsert_conversations(session=session, rows=list(new_rows.values()), tenant=tenant)
+    for i, req in enumerate(requests):
+        if req.conversation not in new_rows:
+            continue
+        conv_id, character_id = created[req.conversation]
+        if character_id != new_rows[req.conversation]["character_id"]:
+            reason = f"conversation {req.conversation!r} was just started with another character"
+            errors.append(ItemError(i, "conversation", reason))
+        out[req.conversation] = conv_id
+    if errors:
+        raise TurnRejected(errors)
     return out
 
 

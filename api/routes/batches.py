@@ -42,7 +42,12 @@ def create_batch(
     body: BatchCreate, background: BackgroundTasks, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> Any:
     """Create a batch from an uploaded file; it starts `validating` and its lines are checked, stored
-    and sent right after this answers."""
+    and sent right after this answers. `allow_system_prompt` (a line's system message replaces the
+    character's persona) needs an admin key: 403 for an ingest key."""
+    if body.allow_system_prompt and not who.admin:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN, "allow_system_prompt: replacing the persona needs an admin key"
+        )
     try:
         batch = batches.create_batch(
             input_file_id=body.input_file_id,
@@ -50,6 +55,7 @@ def create_batch(
             completion_window=body.completion_window,
             metadata=body.metadata,
             api_key=who.key_id,
+            tenant=who.tenant,
             admin=who.admin,
             callback_url=body.callback_url,
             allow_system_prompt=body.allow_system_prompt,

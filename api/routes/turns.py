@@ -38,7 +38,7 @@ class Cancelled(BaseModel):
 
 
 def _enqueue(requests: list[TurnRequest], who: Caller) -> list[TurnAccepted]:
-    stored = producer.submit_turns(requests, api_key=who.key_id)
+    stored = producer.submit_turns(requests, api_key=who.key_id, tenant=who.tenant)
     return [TurnAccepted(id=t.id, status=t.status.value, created=t.created) for t in stored]
 
 

@@ -20,7 +20,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.bulk_turns import RunNotAccepting, StagedTurn, insert_run_turns, stored_custom_ids
 from db.models import RunStatus
 from db.runs import (
@@ -32,6 +32,7 @@ from db.runs import (
     resume_submission,
     run_options,
     run_status,
+    run_tenant,
     submission_lock,
     unsent_turns,
 )
@@ -121,7 +122,8 @@ def submit_run(
         if not got:
             raise RunBusy(f"run {name!r} is being submitted by another process right now")
         options = _stored_options(name) or options or LineOptions()
-        check = validate_file(path, options)
+        tenant = _stored_tenant(name)
+        check = validate_file(path, options, tenant=tenant)
         with session_scope() as session:
             run, created = create_run(
                 session=session,
@@ -148,7 +150,7 @@ def submit_run(
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors)
         try:
-            stored, sent = _store_and_send(path, check, name, run_id, model, progress)
+            stored, sent = _store_and_send(path, check, name, run_id, model, progress, tenant)
         except RunNotAccepting:
             stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
         except Exception as exc:
@@ -177,8 +179,21 @@ def _stored_options(name: str) -> LineOptions | None:
     return None if stored is None else LineOptions(**stored)
 
 
+def _stored_tenant(name: str) -> str:
+    """The tenant of the run of that name (a batch's is its key's); the default one for a new CLI run."""
+    with session_scope() as session:
+        tenant = run_tenant(session=session, name=name)
+    return DEFAULT_TENANT if tenant is None else tenant
+
+
 def _store_and_send(
-    path: Path, check: FileCheck, name: str, run_id: uuid.UUID, model: str, progress: Progress | None
+    path: Path,
+    check: FileCheck,
+    name: str,
+    run_id: uuid.UUID,
+    model: str,
+    progress: Progress | None,
+    tenant: str,
 ) -> tuple[int, int]:
     """Store the lines not stored yet and send every turn not sent yet; (lines stored, turns sent).
 
@@ -218,7 +233,7 @@ def _store_and_send(
                 if sending is not None:
                     sending.result()
                 sending = sender.submit(send, new_ids)
-            write = writer.submit(_insert_chunk, run_id, chunk) if chunk else None
+            write = writer.submit(_insert_chunk, run_id, chunk, tenant) if chunk else None
         if sending is not None:
             sending.result()
     return counts[0], counts[1]
@@ -235,9 +250,9 @@ def _unsent(run_id: uuid.UUID) -> list[uuid.UUID]:
         return unsent_turns(session=session, run_id=run_id, limit=CHUNK)
 
 
-def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn]) -> list[uuid.UUID]:
+def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn], tenant: str) -> list[uuid.UUID]:
     with session_scope() as session:
-        return insert_run_turns(session=session, run_id=run_id, turns=staged)
+        return insert_run_turns(session=session, run_id=run_id, turns=staged, tenant=tenant)
 
 
 def _send(ids: list[uuid.UUID], model: str) -> None:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.settings import DEFAULT_TENANT
 from db.session import session_scope
 from db.world import all_character_slugs, find_conversations
 from services.runs.openai_lines import LineOptions, body_field, is_openai_line, to_run_line
@@ -184,8 +185,11 @@ class _ConversationUse:
     lines: list[tuple[int, str | None]] = field(default_factory=list)
 
 
-def validate_file(path: Path, options: LineOptions | None = None) -> FileCheck:
-    """Check every line, its character and its conversation (against the database) before any insert."""
+def validate_file(
+    path: Path, options: LineOptions | None = None, *, tenant: str = DEFAULT_TENANT
+) -> FileCheck:
+    """Check every line, its character and its conversation (the tenant's, in the database) before any
+    insert."""
     options = options or LineOptions()
     with session_scope() as session:
         characters = set(all_character_slugs(session=session))
@@ -214,7 +218,7 @@ def validate_file(path: Path, options: LineOptions | None = None) -> FileCheck:
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
-    conversation_errors = _conversation_errors(uses)
+    conversation_errors = _conversation_errors(uses, tenant)
     errors.extend(conversation_errors)
     return FileCheck(
         file_digest(path),
@@ -224,13 +228,16 @@ def validate_file(path: Path, options: LineOptions | None = None) -> FileCheck:
     )
 
 
-def _conversation_errors(uses: dict[str, _ConversationUse]) -> list[LineError]:
-    """Lines whose conversation is unknown and not started in the file, or belongs to another character."""
+def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list[LineError]:
+    """Lines whose conversation is unknown to the tenant and not started in the file, or belongs to
+    another character."""
     existing: dict[str, tuple[int, str]] = {}
     names = list(uses)
     with session_scope() as session:
         for start in range(0, len(names), 10_000):
-            existing |= find_conversations(session=session, external_ids=names[start : start + 10_000])
+            existing |= find_conversations(
+                session=session, external_ids=names[start : start + 10_000], tenant=tenant
+            )
     errors = []
     for name, use in uses.items():
         owner = existing[name][1] if name in existing else use.first_character

@@ -1,0 +1,210 @@
+"""Each API key is its own tenant: conversations and idempotency keys are namespaced by the key's
+tenant, over every door (a turn, a batch of turns, an HTTP batch file), and a conversation started
+by one producer is never reassigned by another that raced it.
+
+Keys from tests/conftest.py: `game-a` (INGEST_KEY) and `game-b` (HASHED_INGEST_KEY) are ingest keys
+of two tenants.
+"""
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+from sqlalchemy import func, select, text
+
+from db.models import Conversation, Turn
+from db.session import session_scope
+from db.world import find_characters, upsert_conversations
+from services.producer import TurnRejected, enqueue_turns
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, new_conversation
+
+A = {"X-API-Key": INGEST_KEY}
+B = {"X-API-Key": HASHED_INGEST_KEY}
+ADMIN = {"X-API-Key": "test-key-1-abcdefgh"}
+
+
+def _turns_in(conversation_id: int) -> int:
+    with session_scope() as s:
+        return s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation_id))
+
+
+def _post(base_url: str, headers: dict[str, str], body: dict, **extra: str) -> httpx.Response:
+    return httpx.post(f"{base_url}/v1/turns", headers=headers | extra, json=body)
+
+
+def _conversation_of(base_url: str, headers: dict[str, str], turn_id: str) -> int:
+    got = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=headers)
+    assert got.status_code == 200, got.text
+    return int(got.json()["conversation_id"])
+
+
+def test_a_key_cannot_append_to_another_keys_conversation(base_url) -> None:
+    started = new_conversation()
+    first = _post(base_url, A, started | {"message": "I am the blacksmith's daughter."})
+    assert first.status_code == 202, first.text
+    a_conv = _conversation_of(base_url, A, first.json()["id"])
+
+    for path, body in (
+        ("/v1/turns", {"conversation": started["conversation"], "message": "What did she tell you?"}),
+        (
+            "/v1/turns:batch",
+            {"turns": [{"conversation": started["conversation"], "message": "What did she tell you?"}]},
+        ),
+    ):
+        refused = httpx.post(f"{base_url}{path}", headers=B, json=body)
+        assert refused.status_code == 422, (path, refused.text)
+        assert "conversation" in refused.text and "unknown conversation" in refused.text
+    assert _turns_in(a_conv) == 1  # nothing of B's landed in A's conversation
+
+    # Naming a character, B starts a conversation of its own under the same name: A's is untouched.
+    own = _post(base_url, B, started | {"message": "Hello."})
+    assert own.status_code == 202, own.text
+    assert _conversation_of(base_url, B, own.json()["id"]) != a_conv
+    assert _turns_in(a_conv) == 1
+
+
+def test_a_key_cannot_learn_that_another_keys_idempotency_key_exists(base_url) -> None:
+    asked, other = (new_conversation() | {"message": m} for m in ("Two swords, please.", "A shield."))
+    for b_body in (asked, other):  # B repeats A's request word for word, or asks something else
+        key = f"order-{uuid.uuid4().hex}"
+        a = _post(base_url, A, asked, **{"Idempotency-Key": key})
+        assert a.status_code == 202, a.text
+        b = _post(base_url, B, b_body, **{"Idempotency-Key": key})
+        assert b.status_code == 202, b.text  # neither A's turn (200) nor a conflict with it (409)
+        assert b.json()["created"] is True and b.json()["id"] != a.json()["id"]
+        replay = _post(base_url, B, b_body, **{"Idempotency-Key": key})  # B's own key from now on
+        assert replay.status_code == 200 and replay.json()["id"] == b.json()["id"]
+
+
+def _upload(base_url: str, headers: dict[str, str], lines: list[dict]) -> str:
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    got = httpx.post(
+        f"{base_url}/v1/files",
+        headers=headers,
+        files={"file": ("b.jsonl", content)},
+        data={"purpose": "batch"},
+    )
+    assert got.status_code == 200, got.text
+    return str(got.json()["id"])
+
+
+def _batch(base_url: str, headers: dict[str, str], file_id: str, **extra: object) -> httpx.Response:
+    return httpx.post(
+        f"{base_url}/v1/batches",
+        headers=headers,
+        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+        | extra,
+    )
+
+
+def test_a_batch_line_cannot_name_another_tenants_conversation(base_url) -> None:
+    started = new_conversation()
+    first = _post(base_url, A, started | {"message": "The password is swordfish."})
+    assert first.status_code == 202, first.text
+    a_conv = _conversation_of(base_url, A, first.json()["id"])
+
+    line = {"custom_id": "x1", "conversation": started["conversation"], "message": "What is the password?"}
+    created = _batch(base_url, B, _upload(base_url, B, [line]))
+    assert created.status_code == 200, created.text
+    batch_id = created.json()["id"]
+    deadline = time.monotonic() + 60
+    while (batch := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=B).json())[
+        "status"
+    ] == "validating":
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch["status"] == "failed", batch
+    messages = [e["message"] for e in batch["errors"]["data"]]
+    assert any("conversation" in m and started["conversation"] in m for m in messages), messages
+    assert _turns_in(a_conv) == 1
+
+
+def test_allow_system_prompt_needs_an_admin_key(base_url) -> None:
+    line = {
+        "custom_id": "s1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": "elara",
+            "messages": [
+                {"role": "system", "content": "You are a pirate."},
+                {"role": "user", "content": "Hi"},
+            ],
+        },
+    }
+    refused = _batch(base_url, B, _upload(base_url, B, [line]), allow_system_prompt=True)
+    assert refused.status_code == 403, refused.text
+    assert "allow_system_prompt" in refused.text
+    allowed = _batch(base_url, ADMIN, _upload(base_url, ADMIN, [line]), allow_system_prompt=True)
+    assert allowed.status_code == 200, allowed.text
+
+
+def _an_insert_waits() -> bool:
+    """Whether a session waits on a row lock to insert a conversation (B, on A's uncommitted row)."""
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO conversations%'"
+                )
+            )
+        )
+
+
+def test_a_conversation_started_meanwhile_is_not_reassigned(world) -> None:
+    """Producer B misses conversation X (A has not committed it), then finds it on insert: X keeps A's
+    character, and B's turn is refused naming the conversation, with nothing of it stored."""
+    conversation = f"race-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        ids = find_characters(session=s, slugs=["elara", "luffy"])
+    outcome: dict[str, object] = {}
+
+    def producer_b() -> None:
+        try:
+            outcome["ids"] = enqueue_turns(
+                [{"conversation": conversation, "character": "luffy", "message": "Ahoy!"}], send=False
+            )
+        except Exception as exc:  # noqa: BLE001 - the test reads what happened
+            outcome["error"] = exc
+
+    with session_scope() as a:
+        upsert_conversations(
+            session=a, rows=[{"external_id": conversation, "character_id": ids["elara"], "player_id": "p"}]
+        )
+        a.flush()
+        thread = threading.Thread(target=producer_b)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not _an_insert_waits():  # B is blocked on A's uncommitted row
+            assert thread.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.05)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+
+    with session_scope() as s:
+        conv = s.scalars(select(Conversation).where(Conversation.external_id == conversation)).one()
+        assert conv.character_id == ids["elara"] and conv.player_id == "p"
+        assert _turns_in(conv.id) == 0
+    error = outcome.get("error")
+    assert isinstance(error, TurnRejected), outcome
+    assert error.errors[0].field == "conversation" and conversation in error.errors[0].reason
+
+
+def test_upsert_conversations_reads_back_a_row_that_exists(world) -> None:
+    """The plain function: a row that exists is read back (its own character), not overwritten."""
+    conversation = f"race-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        ids = find_characters(session=s, slugs=["elara", "luffy"])
+        first = upsert_conversations(
+            session=s, rows=[{"external_id": conversation, "character_id": ids["elara"]}]
+        )
+    with session_scope() as s:
+        again = upsert_conversations(
+            session=s, rows=[{"external_id": conversation, "character_id": ids["luffy"]}]
+        )
+        stored = s.scalar(select(Conversation.character_id).where(Conversation.external_id == conversation))
+    assert stored == ids["elara"]
+    assert again[conversation] == first[conversation] == (first[conversation][0], ids["elara"])
