@@ -4,6 +4,8 @@ callbacks. The round trip with the `openai` client on the real worker is in test
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -426,6 +428,7 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
     errors = state["errors"]["data"]
     assert [e["line"] for e in errors] == [2, 3]
     assert "not valid JSON" in errors[0]["message"] and "body.stream" in errors[1]["message"]
+    assert {e["code"] for e in errors} == {"invalid_request"}  # the file's fault
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
@@ -457,39 +460,67 @@ def _batch(tmp_path: Path, n: int, **extra) -> str:
     return created["id"]
 
 
-def test_a_batch_whose_submission_stopped_is_resumed_by_the_sweeper(
-    quiet_model, tmp_path, monkeypatch
-) -> None:
-    import tasks.generate
-    from services import runs as run_services
-    from services.sweeper import close_abandoned_runs
+@contextmanager
+def _broker_down(services: Path) -> Iterator[None]:
+    """The embedded Redis really stopped (SIGTERM), and started again on the same port after."""
+    from core import embedded
 
-    monkeypatch.setattr(run_services.submit, "CHUNK", 4)
-    real = tasks.generate.dispatch
-    calls = []
+    embedded.stop_redis(services)
+    try:
+        yield
+    finally:
+        embedded.start_redis(services)
 
-    def dispatch(ids, **kwargs):
-        calls.append(len(ids))
-        if len(calls) == 2:
-            raise ConnectionError("injected: broker connection lost")
-        return real(ids, **kwargs)
 
-    monkeypatch.setattr(tasks.generate, "dispatch", dispatch)
-    batch_id = _batch(tmp_path, 10)
-    batches.submit_batch_by_name(batch_id)
-    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
-    monkeypatch.setattr(tasks.generate, "dispatch", real)
-    assert close_abandoned_runs()[batch_id] == "submission resumed from its stored file"
-    batch = batches.get_batch(batch_id, api_key="k", admin=False)
-    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 10
+def _unsent(batch_id: str) -> int:
     with session_scope() as s:
-        unsent = s.scalar(
+        return s.scalar(
             select(func.count())
             .select_from(Turn)
             .join(Run)
             .where(Run.name == batch_id, Turn.dispatched_at.is_(None))
         )
-    assert unsent == 0
+
+
+def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_submission(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    from services.sweeper import close_abandoned_runs
+
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 5)
+    with _broker_down(services):
+        batches.submit_batch_by_name(batch_id)
+        batch = batches.get_batch(batch_id, api_key="k", admin=False)
+        assert (batch["status"], batch["errors"]) == ("validating", None)  # not failed: an OpenAI
+        # client would stop polling at `failed`
+        assert close_abandoned_runs(older_than_s=0) == {}  # the sweeper does not fail it either
+        with session_scope() as s:
+            run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+            assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 1)
+            assert run.submission_retry_at is not None and "trying again" in run.error
+    assert batches.housekeeping()["submissions"] == [batch_id]  # the retry, the broker back
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 5
+    assert batch["errors"] is None and _unsent(batch_id) == 0
+
+
+def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(settings, "batch_submission_attempts", 2)
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 3)
+    with _broker_down(services):
+        batches.submit_batch_by_name(batch_id)
+        assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "validating"
+        assert batches.retry_batch_submissions() == [batch_id]  # try 2 of 2 fails too
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "failed"
+    (error,) = batch["errors"]["data"]
+    assert error["code"] == "server_error" and "submission failed 2 times" in error["message"]
+    assert batches.retry_batch_submissions() == []  # `failed` is final: nothing resumes it
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
 
 
 def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path, monkeypatch) -> None:

@@ -61,7 +61,8 @@ class RunBusy(RuntimeError):
 
 
 class SubmissionFailed(RuntimeError):
-    """Storing or sending stopped part-way; the run is `failed` and resubmitting the file resumes it."""
+    """Storing or sending stopped part-way; the run is `failed` (or, with `retry_later`, still
+    `validating`) and resubmitting the file resumes it."""
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ def submit_run(
     progress: Progress | None = None,
     options: LineOptions | None = None,
     fields: dict[str, Any] | None = None,
+    retry_later: bool = False,
 ) -> SubmittedRun:
     """Validate the whole file, then store and send it on the bulk lane.
 
@@ -114,7 +116,8 @@ def submit_run(
     died, and is a no-op for one that finished. Raises RunValidationError (nothing stored), RunBusy,
     RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume). `options` say what
     the file's lines may do (a resumed run keeps the ones it was created with); `fields` are the
-    run's other columns (metadata, window, files), set when it is created.
+    run's other columns (metadata, window, files), set when it is created. `retry_later`: a
+    submission that stops leaves the run `validating` for its caller to try again (a batch's).
     """
     name = check_run_name(name or path.stem)
     with submission_lock(name) as got:
@@ -139,6 +142,7 @@ def submit_run(
                     session=session,
                     run_id=run_id,
                     error=str(RunValidationError(check.errors)),
+                    error_code="invalid_request",
                     line_errors=[{"line": e.line, "message": e.reason} for e in check.errors[:1000]],
                 )
             else:
@@ -153,13 +157,15 @@ def submit_run(
             stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
         except Exception as exc:
             reason = one_line(exc)
-            with session_scope() as session:
-                fail_submission(
-                    session=session,
-                    run_id=run_id,
-                    error=f"submission stopped: {reason}; resubmit the same file "
-                    f"(or `mlchat run resume {name} FILE`) to store and send the rest",
-                )
+            if not retry_later:
+                with session_scope() as session:
+                    fail_submission(
+                        session=session,
+                        run_id=run_id,
+                        error=f"submission stopped: {reason}; resubmit the same file "
+                        f"(or `mlchat run resume {name} FILE`) to store and send the rest",
+                        error_code="server_error",
+                    )
             raise SubmissionFailed(
                 f"run {name!r}: submission stopped ({reason}); resubmit to resume"
             ) from exc
