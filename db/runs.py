@@ -568,6 +568,12 @@ def list_runs(*, session: Session, limit: int = 50) -> Sequence[Run]:
     return session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
 
 
+def run_refusals(*, session: Session, run_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The run's well-formed requests refused by policy at submission: [{line, custom_id, message,
+    param}]."""
+    return list(session.scalar(select(Run.refused).where(Run.id == run_id)) or [])
+
+
 def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
     """The run's turns in input order, streamed in chunks (bounded memory for large runs)."""
     last = -1

@@ -328,9 +328,10 @@ def batch_object(session: Session, run: Run) -> dict[str, Any]:
         "cancelling_at": _ts(run.cancelling_at),
         **stamps,
         "request_counts": {
-            "total": counts.total or run.total,
+            "total": (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
-            "failed": counts.failed + counts.cancelled,
+            # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.
+            "failed": counts.failed + counts.refused,
         },
         "metadata": run.metadata_,
     }
@@ -466,13 +467,13 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
     write_outputs(session, run, output_path, error_path, "openai")
     for file_id, path, purpose in (
         (output_id, output_path, "batch_output"),
-        (error_id, error_path, "batch_error"),
+        (error_id, error_path, "batch_output"),  # OpenAI's purpose for both result files
     ):
         add_file(
             session=session,
             file_id=file_id,
             purpose=purpose,
-            filename=f"{name}_{purpose.removeprefix('batch_')}.jsonl",
+            filename=f"{name}_{'error' if file_id == error_id else 'output'}.jsonl",
             size=path.stat().st_size,
             path=path.name,
             api_key=api_key,

@@ -242,10 +242,73 @@ def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_pa
     assert batches.expire_due_runs() == []  # nothing twice
     _, errors, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
     assert (n_ok, n_err) == (0, 4)
-    codes = {
-        json.loads(x)["custom_id"]: json.loads(x)["error"]["code"] for x in errors.read_text().splitlines()
-    }
-    assert codes == {"r0": "engine_error", "r1": "engine_error", "r2": "batch_expired", "r3": "batch_expired"}
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in errors.read_text().splitlines()}
+    for ran in ("r0", "r1"):  # ran and failed: OpenAI's response shape, the server's fault
+        response = lines[ran]["response"]
+        assert lines[ran]["error"] is None and response["status_code"] == 500
+        assert response["body"]["error"]["code"] == "engine_error"
+        assert response["body"]["error"]["message"] == "engine fell over"
+    for never in ("r2", "r3"):  # never ran: response null, labelled batch_expired
+        assert lines[never]["response"] is None and lines[never]["error"]["code"] == "batch_expired"
+
+
+def test_turns_stored_after_an_expiry_landed_are_labelled_expired_too(quiet_model, tmp_path) -> None:
+    sub = _submit(tmp_path, "late-" + tmp_path.name, 3)
+    running = _claim(sub.id, 1)  # keeps the expired run in cancelling
+    with session_scope() as s:
+        s.execute(Run.__table__.update().where(Run.id == sub.id).values(expires_at=func.now()))
+    assert batches.expire_due_runs() == [str(sub.id)]
+    with session_scope() as s:  # a chunk the submission stored after the expiry landed
+        reset = s.execute(
+            Turn.__table__.update()
+            .where(Turn.run_id == sub.id, Turn.custom_id == "r2")
+            .values(status=TurnStatus.QUEUED, error=None, error_code=None, finished_at=None)
+        )
+        assert reset.rowcount == 1
+        assert cancel_run(session=s, run_id=sub.id).cancelled_turns == 1  # as the submission (or
+        # the sweeper) finishes a cancel
+        assert (
+            s.scalar(select(Turn.error_code).where(Turn.run_id == sub.id, Turn.custom_id == "r2"))
+            == "expired"
+        )
+    _fail(running, [running.claimed[0].id])
+    _, errors, _, _ = export_run(sub.name, tmp_path / "out", "openai")
+    codes = {json.loads(x)["custom_id"]: json.loads(x)["error"] for x in errors.read_text().splitlines()}
+    assert codes["r1"]["code"] == codes["r2"]["code"] == "batch_expired"
+
+
+def test_request_counts_leave_out_cancelled_requests_and_usage_counts_every_candidate(
+    quiet_model, tmp_path
+) -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from services.runs.export import _openai_ok
+
+    sub = _submit(tmp_path, "counts-" + tmp_path.name, 3, input_file_id="file-test")
+    claim = _claim(sub.id, 1)
+    _fail(claim, [claim.claimed[0].id])
+    with session_scope() as s:
+        cancel_run(session=s, run_id=sub.id)
+        run = s.get_one(Run, sub.id)
+        counts = batches.batch_object(s, run)["request_counts"]
+    assert counts == {"total": 3, "completed": 0, "failed": 1}  # the two cancelled are neither
+    assert batches.finalize_run(sub.id) == sub.name
+    now = datetime.now(UTC)
+    turn = Turn(
+        id=uuid.uuid4(),
+        custom_id="best-of-3",
+        reply="Kept.",
+        params={},
+        usage={"prompt_tokens": 50, "completion_tokens": 4, "finish_reason": "stop"},
+        alternatives=[
+            {"text": "Not kept.", "completion_tokens": 6},
+            {"text": "Nor this.", "completion_tokens": 9},
+        ],
+        finished_at=now,
+    )
+    usage = _openai_ok(turn, Run(model=MODEL, created_at=now))["response"]["body"]["usage"]
+    assert usage == {"prompt_tokens": 50, "completion_tokens": 19, "total_tokens": 69}
 
 
 def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:
@@ -273,6 +336,7 @@ def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> N
         output, errors = run.output_file_id, run.error_file_id
     from services.files import find_file
 
+    assert find_file(output).info["purpose"] == find_file(errors).info["purpose"] == "batch_output"
     assert find_file(output).path.read_text() == ""
     lines = [json.loads(x) for x in find_file(errors).path.read_text().splitlines()]
     assert sorted(x["custom_id"] for x in lines) == ["r0", "r1"]
