@@ -141,11 +141,11 @@ def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_pa
     assert n == 2
 
 
+LONG = "x" * (settings.max_message_chars + 1)
+
+# Well-formed requests mlchat refuses by its own policy: each is answered alone in the error file.
 REFUSED = [
-    (
-        openai_line("s", [{"role": "system", "content": "Be a pirate."}, *USER]),
-        "body.messages[0]: a system message",
-    ),
+    (openai_line("long", [{"role": "user", "content": LONG}]), "body.messages[0].content: "),
     (openai_line("t", USER, tools=[{"type": "function"}]), "body.tools: tool calls are not supported"),
     (openai_line("st", USER, stream=True), "body.stream: streaming"),
     (openai_line("lp", USER, logprobs=True), "body.logprobs"),
@@ -164,24 +164,52 @@ REFUSED = [
     ),
     (openai_line("who", USER, model="nobody"), "body.model: 'nobody' is not a character"),
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
-    ({**openai_line("url", USER), "url": "/v1/embeddings"}, "url: '/v1/embeddings'"),
-    ({**openai_line("get", USER), "method": "GET"}, "method: 'GET'"),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
 ]
 
+# Lines that are not well-formed requests: the whole file fails, as at OpenAI.
+MALFORMED = [
+    ("{broken", "not valid JSON"),
+    ({"method": "POST", "url": "/v1/chat/completions", "body": {}}, "custom_id: Field required"),
+    (openai_line("ok", USER), "duplicate custom_id 'ok'"),
+    ({**openai_line("url", USER), "url": "/v1/embeddings"}, "url: '/v1/embeddings'"),
+    ({**openai_line("get", USER), "method": "GET"}, "method: 'GET'"),
+]
 
-def test_what_an_openai_line_cannot_honour_is_refused_with_line_and_field(quiet_model, tmp_path) -> None:
-    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in REFUSED])
+
+def test_a_refused_request_fails_alone_and_the_other_lines_are_answered(quiet_model, tmp_path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [openai_line("ok", USER)] + [line for line, _ in REFUSED])
+    sub = submit_run(path, name="oa-mixed-" + tmp_path.name, fields={"input_file_id": "file-test"})
+    assert sub.stored == 1 and sub.sent == 1 and sub.status == RunStatus.QUEUED
+    with session_scope() as s:
+        assert s.scalars(select(Turn.custom_id).where(Turn.run_id == sub.id)).all() == ["ok"]
+        counts = batches.batch_object(s, s.get_one(Run, sub.id))["request_counts"]
+    assert counts == {"total": 1 + len(REFUSED), "completed": 0, "failed": len(REFUSED)}
+    _, errors, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
+    assert (n_ok, n_err) == (0, len(REFUSED))
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in errors.read_text().splitlines()}
+    for line, expected in REFUSED:
+        answer = lines[line["custom_id"]]
+        assert answer["error"] is None and answer["response"]["status_code"] == 400
+        error = answer["response"]["body"]["error"]
+        assert expected in error["message"] and error["type"] == "invalid_request_error", error
+    with session_scope() as s:  # the run is not done: its one good line waits for a worker
+        cancel_run(session=s, run_id=sub.id)
+    assert batches.finalize_run(sub.id) == sub.name
+
+
+def test_a_line_that_is_not_a_well_formed_request_fails_the_whole_file(quiet_model, tmp_path) -> None:
+    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in MALFORMED])
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name="oa-bad-" + tmp_path.name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == list(range(2, len(REFUSED) + 2))
-    for number, (_, expected) in enumerate(REFUSED, start=2):
+    assert sorted(reasons) == list(range(2, len(MALFORMED) + 2))
+    for number, (_, expected) in enumerate(MALFORMED, start=2):
         assert expected in reasons[number], (number, reasons[number])
     with session_scope() as s:
         run = s.scalars(select(Run).where(Run.name == "oa-bad-" + tmp_path.name)).one()
-        assert run.status == RunStatus.FAILED
+        assert run.status == RunStatus.FAILED and run.error_code == "invalid_request"
         assert [e["line"] for e in run.line_errors] == sorted(reasons)
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
 
@@ -478,7 +506,11 @@ def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(b
 
 def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_model) -> None:
     content = "\n".join(
-        [json.dumps(openai_line("a", USER)), "{broken", json.dumps(openai_line("c", USER, stream=True))]
+        [
+            json.dumps(openai_line("a", USER)),
+            "{broken",
+            json.dumps({**openai_line("c", USER), "url": "/v1/embeddings"}),
+        ]
     )
     file_id = _upload(base_url, content.encode() + b"\n").json()["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
@@ -491,7 +523,7 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
         time.sleep(0.2)
     errors = state["errors"]["data"]
     assert [e["line"] for e in errors] == [2, 3]
-    assert "not valid JSON" in errors[0]["message"] and "body.stream" in errors[1]["message"]
+    assert "not valid JSON" in errors[0]["message"] and "url: '/v1/embeddings'" in errors[1]["message"]
     assert {e["code"] for e in errors} == {"invalid_request"}  # the file's fault
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
@@ -598,7 +630,7 @@ def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path,
         from services.files import find_file
 
         path = find_file(run.input_file_id).path
-    path.write_text(path.read_text() + json.dumps(openai_line("x", USER, stream=True)) + "\n")
+    path.write_text(path.read_text() + json.dumps({**openai_line("x", USER), "url": "/v1/embeddings"}) + "\n")
     with session_scope() as s:  # the digest the run was created with is the old file's
         s.execute(Run.__table__.update().where(Run.name == batch_id).values(file_hash=file_digest(path)))
     batches.submit_batch_by_name(batch_id)

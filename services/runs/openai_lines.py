@@ -4,7 +4,10 @@ Each line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "bo
 the body is a chat-completions request. The character comes from `body.model` when it names one,
 else from `body.metadata.character`, else from the run's default. The last message is the player's
 turn; the user and assistant messages before it seed a fresh conversation's history. Whatever
-mlchat cannot honour is refused, naming the field, never dropped in silence.
+mlchat cannot honour is refused, naming the field, never dropped in silence: a line that is not a
+well-formed request (its envelope: custom_id, method, url, body) fails the whole file, as OpenAI
+does; a well-formed request refused by mlchat's policy is a `RequestRefused`, answered alone in
+the error file while the other lines run.
 """
 
 from __future__ import annotations
@@ -101,6 +104,15 @@ class LineOptions:
     candidates: int | None = None  # best of n for lines that do not set params.n (None: the setting)
 
 
+class RequestRefused(ValueError):
+    """A well-formed request that mlchat refuses by its own policy: a per-request error, not a bad
+    file."""
+
+    def __init__(self, custom_id: str, message: str) -> None:
+        self.custom_id = custom_id
+        super().__init__(message)
+
+
 def is_openai_line(data: Any) -> bool:
     """Whether a parsed line has the OpenAI batch shape (the file's format follows its first line)."""
     return isinstance(data, dict) and bool({"method", "url", "body"} & data.keys())
@@ -123,6 +135,13 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         raise ValueError(f"method: {line.method!r}; only POST is supported")
     if line.url != ENDPOINT:
         raise ValueError(f"url: {line.url!r}; only {ENDPOINT} is supported")
+    try:
+        return _request(line, characters, options)
+    except ValueError as exc:
+        raise RequestRefused(line.custom_id, str(exc)) from None
+
+
+def _request(line: _Line, characters: Collection[str], options: LineOptions) -> dict[str, Any]:
     for name, (off, why) in _UNSUPPORTED.items():
         if line.body.get(name, off) not in (off, None):
             raise ValueError(f"body.{name}: {why}")

@@ -147,7 +147,11 @@ def submit_run(
                 )
             else:
                 resume_submission(
-                    session=session, run_id=run_id, total=check.good, input_format=check.reader.format
+                    session=session,
+                    run_id=run_id,
+                    total=check.good,
+                    input_format=check.reader.format,
+                    refused=[r.record() for r in check.refused],
                 )
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors)
