@@ -214,6 +214,24 @@ def test_a_line_that_is_not_a_well_formed_request_fails_the_whole_file(quiet_mod
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
 
 
+def test_a_system_message_is_by_default_the_lines_direction_for_the_scene(quiet_model, tmp_path) -> None:
+    line = openai_line(
+        "d",
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "developer", "content": "It is raining."},
+            *USER,
+        ],
+    )
+    path = _write(tmp_path / "dir.jsonl", [line])
+    sub = submit_run(path, name="oa-dir-" + tmp_path.name)
+    assert sub.stored == 1  # not a failed file, and not a refused request
+    with session_scope() as s:
+        (params,) = s.scalars(select(Turn.params).where(Turn.run_id == sub.id)).all()
+    assert params["direction"] == "You are a helpful assistant.\n\nIt is raining."
+    assert "system_prompt" not in params  # the persona is not replaced
+
+
 def test_a_run_that_allows_it_takes_a_lines_system_prompt(quiet_model, tmp_path) -> None:
     line = openai_line("s", [{"role": "system", "content": "You are a pirate, {{user}}'s rival."}, *USER])
     path = _write(tmp_path / "sys.jsonl", [line])

@@ -160,7 +160,7 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
     character = _character(body, characters, options)
-    message, history, system_prompt, player_name = _messages(body.messages, character, options)
+    message, history, system, player_name = _messages(body.messages, character, options)
     params: dict[str, Any] = {
         "max_new_tokens": body.max_tokens
         if body.max_completion_tokens is None
@@ -181,8 +181,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         "history": history,
         "params": {k: v for k, v in params.items() if v is not None},
     }
-    if system_prompt is not None:
-        run_line["system_prompt"] = system_prompt
+    if system is not None:  # the persona's replacement where the run allows it, else the scene's direction
+        run_line["system_prompt" if options.allow_system_prompt else "direction"] = system
     if player_name is not None:
         run_line["player_name"] = player_name
     if body.n is not None and body.n > 1:
@@ -221,7 +221,7 @@ def _character(body: _Body, characters: Collection[str], options: LineOptions) -
 def _messages(
     messages: list[_Message], character: str, options: LineOptions
 ) -> tuple[str, list[dict[str, str]], str | None, str | None]:
-    """(the player's message, the history before it, a system prompt if the run allows one, the
+    """(the player's message, the history before it, the system and developer messages' text, the
     player's name from a user message's `name`)."""
     history: list[dict[str, str]] = []
     system: list[str] = []
@@ -233,11 +233,6 @@ def _messages(
                 raise ValueError(f"{where}.name: only a user message may name its speaker (the player)")
             player_name = msg.name
         if msg.role in ("system", "developer"):
-            if not options.allow_system_prompt:
-                raise ValueError(
-                    f"{where}: a {msg.role} message would replace {character!r}'s persona; "
-                    "submit the run with allow_system_prompt to let it"
-                )
             if history:
                 raise ValueError(f"{where}: a {msg.role} message must come before the conversation")
             system.append(msg.text())

@@ -276,6 +276,8 @@ def _staged_turn(
         params["n"] = candidates
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
+    if line.direction is not None:
+        params["direction"] = line.direction
     if line.choices is not None:
         params["choices"] = line.choices
     return StagedTurn(

@@ -59,6 +59,9 @@ class RunLine(BaseModel):
     choices: int | None = Field(default=None, ge=1, le=8)
     # Replaces the character's own system prompt; only in runs that allow it.
     system_prompt: Text | None = Field(default=None, min_length=1, max_length=20_000)
+    # The line's direction for the scene (an OpenAI line's system message by default): placed after
+    # the character's own system prompt, which stays.
+    direction: Text | None = Field(default=None, min_length=1, max_length=20_000)
 
 
 @dataclass(frozen=True)
