@@ -218,6 +218,11 @@ class Settings(BaseSettings):
     files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)
     batch_default_window: str = "24h"
     batch_max_window_hours: int = Field(default=24 * 7, ge=1)
+    # A batch whose submission hits a transient database or broker error stays `validating` and is
+    # tried again after batch_submission_backoff_s, doubling each time (at most an hour), up to this
+    # many tries in all; only then is it `failed` (error code `server_error`).
+    batch_submission_attempts: int = Field(default=5, ge=1, le=50)
+    batch_submission_backoff_s: float = Field(default=30.0, ge=0)
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
     # may ask for a callback only when it is set.
     callback_secret: SecretStr | None = Field(default=None, repr=False)

@@ -221,8 +221,16 @@ class Run(Base):
     file_hash: Mapped[str] = mapped_column(String(64), default="")
     total: Mapped[int] = mapped_column(Integer, default=0)  # lines the run will hold (the file's good lines)
     error: Mapped[str | None] = mapped_column(Text)
+    # Why a failed run failed: `invalid_request` (its file) or `server_error` (the server gave up).
+    error_code: Mapped[str | None] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Tries of a batch's submission so far, and when the next one is due after a transient error.
+    submission_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    submission_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Well-formed requests refused by policy ([{line, custom_id, message, param}]): each answered
+    # in the error file; deferred, since a large file's list is only read when writing that file.
+    refused: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True), deferred=True)
     # What the run's file holds and allows: native or openai lines; LineOptions as JSON.
     input_format: Mapped[str] = mapped_column(String(16), default="native", server_default="native")
     options: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")

@@ -2,7 +2,10 @@
 
     create / replace_file          → validating
     finish_submission  validating  → queued (then advanced: a run with no turns completes at once)
-    fail_submission    validating  → failed (bad file, or the submission died: resubmitting resumes it)
+    fail_submission    validating  → failed (bad file: `invalid_request`; a CLI submission that died,
+                       or a batch's out of tries: `server_error`; resubmitting a CLI run resumes it)
+    begin_submission_attempt / postpone_submission  validating → validating: a batch's tries are
+                       counted, and one that hit a transient error waits for its retry
     resume_submission  failed | validating (no live submitter) → validating
     advance            queued → in_progress → completed;  cancelling → cancelled (or expired);
                        a run that writes output files (an HTTP batch) goes to finalizing instead
@@ -58,6 +61,7 @@ class RunCounts:
     failed: int
     cancelled: int
     unsent: int = 0  # stored but not sent yet: a submission still going, or one that died
+    refused: int = 0  # well-formed requests refused by policy: never stored as turns
 
     @property
     def finished(self) -> int:
@@ -128,10 +132,15 @@ def create_run(
 
 
 def resume_submission(
-    *, session: Session, run_id: uuid.UUID, total: int | None = None, input_format: str | None = None
+    *,
+    session: Session,
+    run_id: uuid.UUID,
+    total: int | None = None,
+    input_format: str | None = None,
+    refused: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """resume: a failed or interrupted submission goes back to validating (with the lines and the
-    format its file was found to hold); False if the run moved on."""
+    """resume: a failed or interrupted submission goes back to validating (with the lines, the
+    format and the refused requests its file was found to hold); False if the run moved on."""
     counted: dict[str, Any] = {} if total is None else {"total": total}
     if input_format is not None:
         counted["input_format"] = input_format
@@ -139,7 +148,15 @@ def resume_submission(
         session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)))
-            .values(status=RunStatus.VALIDATING, error=None, line_errors=None, finished_at=None, **counted)
+            .values(
+                status=RunStatus.VALIDATING,
+                error=None,
+                error_code=None,
+                line_errors=None,
+                finished_at=None,
+                refused=refused or None,
+                **counted,
+            )
             .returning(Run.id)
         )
         is not None
@@ -147,19 +164,78 @@ def resume_submission(
 
 
 def fail_submission(
-    *, session: Session, run_id: uuid.UUID, error: str, line_errors: list[dict[str, Any]] | None = None
+    *,
+    session: Session,
+    run_id: uuid.UUID,
+    error: str,
+    error_code: Literal["invalid_request", "server_error"],
+    line_errors: list[dict[str, Any]] | None = None,
 ) -> bool:
-    """fail_submission: validating → failed, with the reason (and each bad line's); False if the run
-    moved on."""
+    """fail_submission: validating → failed, with the reason, whose fault it was (`invalid_request`:
+    the file's; `server_error`: the server's) and each bad line's; False if the run moved on."""
     return (
         session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
-            .values(status=RunStatus.FAILED, error=error, line_errors=line_errors, finished_at=func.now())
+            .values(
+                status=RunStatus.FAILED,
+                error=error,
+                error_code=error_code,
+                line_errors=line_errors,
+                submission_retry_at=None,
+                finished_at=func.now(),
+            )
             .returning(Run.id)
         )
         is not None
     )
+
+
+def begin_submission_attempt(*, session: Session, run_id: uuid.UUID) -> int | None:
+    """A batch's submission starts a try (validating → validating); the tries so far, this one
+    included, or None if the run left validating."""
+    return session.scalar(
+        update(Run)
+        .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
+        .values(submission_attempts=Run.submission_attempts + 1, submission_retry_at=None)
+        .returning(Run.submission_attempts)
+    )
+
+
+def postpone_submission(*, session: Session, run_id: uuid.UUID, error: str, delay_s: float) -> bool:
+    """A batch's submission that hit a transient error stays validating and is due again in
+    `delay_s`, saying why; False if the run left validating."""
+    return (
+        session.scalar(
+            update(Run)
+            .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
+            .values(
+                error=error,
+                submission_retry_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, delay_s),
+            )
+            .returning(Run.id)
+        )
+        is not None
+    )
+
+
+def batch_submissions_due(*, session: Session, stalled_after_s: float) -> list[str]:
+    """Batches still validating that nobody is submitting and whose retry is due (or, never
+    postponed, that stalled longer than `stalled_after_s`: their submitter died)."""
+    stalled = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stalled_after_s)
+    names = session.scalars(
+        select(Run.name)
+        .where(
+            Run.status == RunStatus.VALIDATING,
+            Run.input_file_id.is_not(None),
+            or_(
+                Run.submission_retry_at <= func.now(),
+                and_(Run.submission_retry_at.is_(None), Run.created_at < stalled),
+            ),
+        )
+        .order_by(Run.created_at)
+    ).all()
+    return [name for name in names if not submission_alive(session=session, name=name)]
 
 
 def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
@@ -270,17 +346,6 @@ def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str) -> N
     )
 
 
-def stopped_batch_submissions(*, session: Session) -> list[str]:
-    """Batches (runs with a stored input file) whose submission stopped part-way (failed, not for bad
-    lines) and that nobody is submitting: the sweeper resumes them from their file."""
-    names = session.scalars(
-        select(Run.name).where(
-            Run.status == RunStatus.FAILED, Run.input_file_id.is_not(None), Run.line_errors.is_(None)
-        )
-    ).all()
-    return [name for name in names if not submission_alive(session=session, name=name)]
-
-
 def callbacks_due(*, session: Session, older_than_s: float) -> list[uuid.UUID]:
     """Finished runs with a callback never attempted, finished longer ago than `older_than_s` (its
     message was lost: the broker was down when it ended)."""
@@ -347,6 +412,8 @@ def cancel_run(
         cancellable = (*cancellable, RunStatus.FAILED)
     if before not in cancellable:
         return CancelOutcome(before, before, 0)
+    if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later
+        reason = session.scalar(select(Run.cancel_reason).where(Run.id == run_id)) or reason  # type: ignore[assignment]
     # Turns before the run: the lock order of every transaction that finishes turns.
     why = (
         {"error": "the run's completion window closed before this turn started", "error_code": "expired"}
@@ -432,6 +499,9 @@ def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
         n[TurnStatus(status)] = int(count)
         if status == TurnStatus.QUEUED:
             unsent = int(not_sent)
+    refused = session.scalar(
+        select(func.coalesce(func.jsonb_array_length(Run.refused), 0)).where(Run.id == run_id)
+    )
     return RunCounts(
         total=sum(n.values()),
         queued=n[TurnStatus.QUEUED],
@@ -440,6 +510,7 @@ def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
         failed=n[TurnStatus.FAILED],
         cancelled=n[TurnStatus.CANCELLED],
         unsent=unsent,
+        refused=int(refused or 0),
     )
 
 
@@ -500,6 +571,12 @@ def below_bar_reasons(*, session: Session, run_id: uuid.UUID) -> dict[str, int]:
 def list_runs(*, session: Session, limit: int = 50) -> Sequence[Run]:
     """Newest runs first."""
     return session.scalars(select(Run).order_by(Run.created_at.desc()).limit(limit)).all()
+
+
+def run_refusals(*, session: Session, run_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The run's well-formed requests refused by policy at submission: [{line, custom_id, message,
+    param}]."""
+    return list(session.scalar(select(Run.refused).where(Run.id == run_id)) or [])
 
 
 def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
@@ -564,10 +641,13 @@ def submission_alive(*, session: Session, name: str) -> bool:
 
 
 def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]:
-    """Runs left in `validating` longer than `older_than_s` with no live submitter (read only)."""
+    """Runs other than batches left in `validating` longer than `older_than_s` with no live
+    submitter (read only). A batch's submission is retried instead: batch_submissions_due."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     runs = session.scalars(
-        select(Run).where(Run.status == RunStatus.VALIDATING, Run.created_at < cutoff)
+        select(Run).where(
+            Run.status == RunStatus.VALIDATING, Run.created_at < cutoff, Run.input_file_id.is_(None)
+        )
     ).all()
     return [run for run in runs if not submission_alive(session=session, name=run.name)]
 

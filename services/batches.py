@@ -2,8 +2,12 @@
 output and error files written while `finalizing`, and an optional signed completion callback.
 
 A batch is a run (db/runs.py owns its states) whose `input_file_id` is set. Its submission goes on
-in the background after `create_batch` answers; `housekeeping` expires runs whose window closed and
-finalizes finished ones (the worker's timer, the sweeper and a cancel all call it).
+in the background after `create_batch` answers. A transient database or broker error keeps it
+`validating` and it is tried again with backoff (`retry_batch_submissions`, from the sweeper's
+housekeeping), up to batch_submission_attempts tries: `failed` is final, and its error code says
+whose fault it was (`invalid_request`: the file; `server_error`: the server gave up).
+`housekeeping` expires runs whose window closed and finalizes finished ones (the worker's timer,
+the sweeper and a cancel all call it).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from core.settings import DEFAULT_TENANT, settings
 from db.files import add_file
 from db.models import Run, RunStatus
 from db.runs import (
+    batch_submissions_due,
+    begin_submission_attempt,
     callbacks_due,
     cancel_run,
     create_run,
@@ -32,6 +38,7 @@ from db.runs import (
     finalizing_runs,
     finish_finalizing,
     postpone_finalizing,
+    postpone_submission,
     run_counts,
 )
 from db.session import session_scope
@@ -40,7 +47,7 @@ from services.files import BadExpiry, check_expiry, delete_expired_files, find_f
 from services.pages import list_object
 from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
-from services.runs.submit import RunBusy, SubmissionFailed, one_line, submit_run
+from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
 from services.runs.validate import RunValidationError, file_digest
 from services.schemas import storable_text
 
@@ -184,31 +191,91 @@ def create_batch(
 
 def submit_batch_by_name(name: str) -> None:
     """Validate, store and send a batch's file (resumable: a second call sends only what is left).
-    A bad file fails the batch with each line's error (and calls back); nothing here raises."""
+    A bad file fails the batch with each line's error (and calls back); a transient error keeps it
+    validating for a retry after a backoff, until its tries run out. Nothing here raises."""
     with session_scope() as session:
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None or run.input_file_id is None:
             return
         run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
-    found = find_file(file_id)
     try:
+        with session_scope() as session:
+            attempt = begin_submission_attempt(session=session, run_id=run_id)
+        if attempt is None:
+            return  # submitted, cancelled or failed meanwhile
+        if attempt > settings.batch_submission_attempts:  # the last try died without a word
+            _give_up(run_id, callback, f"submission failed {attempt - 1} times")
+            return
+        found = find_file(file_id)
         if found is None or not found.path.is_file():
+            gone = f"input_file_id: the bytes of {file_id} are no longer stored"
             with session_scope() as session:
-                gone = f"input_file_id: the bytes of {file_id} are no longer stored"
                 fail_submission(
-                    session=session, run_id=run_id, error=gone, line_errors=[{"line": None, "message": gone}]
+                    session=session,
+                    run_id=run_id,
+                    error=gone,
+                    error_code="invalid_request",
+                    line_errors=[{"line": None, "message": gone}],
                 )
             raise RunValidationError([])
-        submit_run(found.path, name=name)
+        submit_run(found.path, name=name, retry_later=True)
     except RunValidationError:
         if callback:  # the batch ended here: failed
             send_callback(run_id)
     except RunBusy:
         pass  # another submitter is on it
-    except SubmissionFailed as exc:
-        logger.warning("batch %s: %s", name, exc)  # `mlchat sweep` resumes it
+    except (RunConflict, ValueError) as exc:  # the file (or its default character) is at fault
+        with session_scope() as session:
+            failed = fail_submission(
+                session=session, run_id=run_id, error=one_line(exc), error_code="invalid_request"
+            )
+        if failed and callback:
+            send_callback(run_id)
+    except Exception as exc:
+        _retry_later(run_id, name, callback, attempt, exc)
+
+
+def _retry_later(
+    run_id: uuid.UUID, name: str, callback: str | None, attempt: int | None, exc: Exception
+) -> None:
+    """A transient error: the batch stays validating and is due again after a doubling backoff, or
+    fails as the server's fault once its tries are spent. If the database is what broke, nothing can
+    be recorded: the sweeper finds the batch stalled and tries again."""
+    reason = one_line(exc)
+    tries = attempt or 0
+    try:
+        if tries >= settings.batch_submission_attempts:
+            _give_up(run_id, callback, f"submission failed {tries} times, last: {reason}")
+            return
+        delay = min(settings.batch_submission_backoff_s * 2 ** max(tries - 1, 0), 3600.0)
+        with session_scope() as session:
+            postpone_submission(
+                session=session,
+                run_id=run_id,
+                error=f"submission try {tries} stopped ({reason}); trying again in {delay:.0f} s",
+                delay_s=delay,
+            )
+        logger.warning(
+            "batch %s: submission try %s stopped (%s); again in %.0f s", name, tries, reason, delay
+        )
     except Exception:
-        logger.exception("batch %s: submission failed", name)
+        logger.exception("batch %s: submission stopped (%s) and could not be rescheduled", name, reason)
+
+
+def _give_up(run_id: uuid.UUID, callback: str | None, error: str) -> None:
+    with session_scope() as session:
+        failed = fail_submission(session=session, run_id=run_id, error=error, error_code="server_error")
+    if failed and callback:
+        send_callback(run_id)
+
+
+def retry_batch_submissions(stalled_after_s: float = 60.0) -> list[str]:
+    """Try again the batches whose submission is due a retry, or stalled (its submitter died)."""
+    with session_scope() as session:
+        due = batch_submissions_due(session=session, stalled_after_s=stalled_after_s)
+    for name in due:
+        submit_batch_by_name(name)
+    return due
 
 
 # --- the batch as OpenAI's API shows it ------------------------------------------------------------
@@ -236,11 +303,11 @@ def batch_object(session: Session, run: Run) -> dict[str, Any]:
         stamps[ended[status]] = _ts(run.finished_at)
     if status == RunStatus.FAILED:
         errors = run.line_errors or [{"line": None, "message": run.error or "the batch failed"}]
+        code = run.error_code or "invalid_request"
         error_list = {
             "object": "list",
             "data": [
-                {"code": "invalid_request", "line": e["line"], "message": e["message"], "param": None}
-                for e in errors
+                {"code": code, "line": e["line"], "message": e["message"], "param": None} for e in errors
             ],
         }
     else:
@@ -263,9 +330,10 @@ def batch_object(session: Session, run: Run) -> dict[str, Any]:
         "cancelling_at": _ts(run.cancelling_at),
         **stamps,
         "request_counts": {
-            "total": counts.total or run.total,
+            "total": (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
-            "failed": counts.failed + counts.cancelled,
+            # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.
+            "failed": counts.failed + counts.refused,
         },
         "metadata": run.metadata_,
     }
@@ -401,13 +469,13 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
     write_outputs(session, run, output_path, error_path, "openai")
     for file_id, path, purpose in (
         (output_id, output_path, "batch_output"),
-        (error_id, error_path, "batch_error"),
+        (error_id, error_path, "batch_output"),  # OpenAI's purpose for both result files
     ):
         add_file(
             session=session,
             file_id=file_id,
             purpose=purpose,
-            filename=f"{name}_{purpose.removeprefix('batch_')}.jsonl",
+            filename=f"{name}_{'error' if file_id == error_id else 'output'}.jsonl",
             size=path.stat().st_size,
             path=path.name,
             api_key=api_key,
@@ -418,11 +486,13 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
-    callbacks (the sweeper's, for all models), delete expired files; safe to run anywhere, any time,
+    callbacks and retry batch submissions that are due (the sweeper's, for all models), delete
+    expired files; safe to run anywhere, any time,
     concurrently."""
     return {
         "expired": expire_due_runs(models),
         "finalized": finalize_runs(models=models),
         "callbacks": redeliver_callbacks() if models is None else [],
+        "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
     }

@@ -15,8 +15,10 @@ stays `queued` (or `running` under a lease nobody renews) with nothing behind it
   visibility timeout, an hour by default: a lost reply for live chat).
 A duplicate message would be harmless anyway: the claim finds the turn taken or finished and the
 reply is stored once. A run's lines stored but never sent belong to its submission (resubmitting
-the file sends them), so they are not swept; a submission that died is marked `failed` instead,
-with the way to resume it. Run it from cron or a scheduler (`mlchat sweep`); it is safe at any time.
+the file sends them), so they are not swept; a CLI submission that died is marked `failed` instead,
+with the way to resume it, and a batch's is tried again from its stored file (services/batches.py,
+`retry_batch_submissions`, which housekeeping runs). Run it from cron or a scheduler
+(`mlchat sweep`); it is safe at any time.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from db.runs import (
     cancel_run,
     fail_submission,
     run_counts,
-    stopped_batch_submissions,
     submission_alive,
 )
 from db.session import session_scope
@@ -122,26 +123,19 @@ def resend_stranded(
 
 
 def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
-    """Runs whose submission died: `validating` → `failed` with how to resume, and a batch's (whose
-    file is stored) resumed at once; a cancel whose submitter died is finished. Returns {run name:
-    what was done}."""
-    from services.batches import submit_batch_by_name
-
+    """CLI runs whose submission died: `validating` → `failed` with how to resume (a batch's is
+    retried from its stored file instead, by housekeeping); a cancel whose submitter died is
+    finished. Returns {run name: what was done}."""
     done: dict[str, str] = {}
     with session_scope() as session:
         for run in abandoned_submissions(session=session, older_than_s=older_than_s):
             error = interrupted_message(run, run_counts(session=session, run_id=run.id))
-            if fail_submission(session=session, run_id=run.id, error=error):
+            if fail_submission(session=session, run_id=run.id, error=error, error_code="server_error"):
                 done[run.name] = "failed: submission interrupted"
-        # Batches keep their file: one whose submission stopped or died is resumed from it.
-        resume = stopped_batch_submissions(session=session)
         cancelling = session.scalars(select(Run).where(Run.status == RunStatus.CANCELLING)).all()
         for run in cancelling:
             if not submission_alive(session=session, name=run.name):
                 outcome = cancel_run(session=session, run_id=run.id)
                 if outcome.cancelled_turns or outcome.after != outcome.before:
                     done[run.name] = f"cancel finished: {outcome.cancelled_turns} turns, now {outcome.after}"
-    for name in resume:
-        submit_batch_by_name(name)
-        done[name] = "submission resumed from its stored file"
     return done

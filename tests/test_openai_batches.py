@@ -4,6 +4,8 @@ callbacks. The round trip with the `openai` client on the real worker is in test
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -139,11 +141,11 @@ def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_pa
     assert n == 2
 
 
+LONG = "x" * (settings.max_message_chars + 1)
+
+# Well-formed requests mlchat refuses by its own policy: each is answered alone in the error file.
 REFUSED = [
-    (
-        openai_line("s", [{"role": "system", "content": "Be a pirate."}, *USER]),
-        "body.messages[0]: a system message",
-    ),
+    (openai_line("long", [{"role": "user", "content": LONG}]), "body.messages[0].content: "),
     (openai_line("t", USER, tools=[{"type": "function"}]), "body.tools: tool calls are not supported"),
     (openai_line("st", USER, stream=True), "body.stream: streaming"),
     (openai_line("lp", USER, logprobs=True), "body.logprobs"),
@@ -162,26 +164,72 @@ REFUSED = [
     ),
     (openai_line("who", USER, model="nobody"), "body.model: 'nobody' is not a character"),
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
-    ({**openai_line("url", USER), "url": "/v1/embeddings"}, "url: '/v1/embeddings'"),
-    ({**openai_line("get", USER), "method": "GET"}, "method: 'GET'"),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
 ]
 
+# Lines that are not well-formed requests: the whole file fails, as at OpenAI.
+MALFORMED = [
+    ("{broken", "not valid JSON"),
+    ({"method": "POST", "url": "/v1/chat/completions", "body": {}}, "custom_id: Field required"),
+    (openai_line("ok", USER), "duplicate custom_id 'ok'"),
+    ({**openai_line("url", USER), "url": "/v1/embeddings"}, "url: '/v1/embeddings'"),
+    ({**openai_line("get", USER), "method": "GET"}, "method: 'GET'"),
+]
 
-def test_what_an_openai_line_cannot_honour_is_refused_with_line_and_field(quiet_model, tmp_path) -> None:
-    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in REFUSED])
+
+def test_a_refused_request_fails_alone_and_the_other_lines_are_answered(quiet_model, tmp_path) -> None:
+    path = _write(tmp_path / "mixed.jsonl", [openai_line("ok", USER)] + [line for line, _ in REFUSED])
+    sub = submit_run(path, name="oa-mixed-" + tmp_path.name, fields={"input_file_id": "file-test"})
+    assert sub.stored == 1 and sub.sent == 1 and sub.status == RunStatus.QUEUED
+    with session_scope() as s:
+        assert s.scalars(select(Turn.custom_id).where(Turn.run_id == sub.id)).all() == ["ok"]
+        counts = batches.batch_object(s, s.get_one(Run, sub.id))["request_counts"]
+    assert counts == {"total": 1 + len(REFUSED), "completed": 0, "failed": len(REFUSED)}
+    _, errors, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
+    assert (n_ok, n_err) == (0, len(REFUSED))
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in errors.read_text().splitlines()}
+    for line, expected in REFUSED:
+        answer = lines[line["custom_id"]]
+        assert answer["error"] is None and answer["response"]["status_code"] == 400
+        error = answer["response"]["body"]["error"]
+        assert expected in error["message"] and error["type"] == "invalid_request_error", error
+    with session_scope() as s:  # the run is not done: its one good line waits for a worker
+        cancel_run(session=s, run_id=sub.id)
+    assert batches.finalize_run(sub.id) == sub.name
+
+
+def test_a_line_that_is_not_a_well_formed_request_fails_the_whole_file(quiet_model, tmp_path) -> None:
+    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in MALFORMED])
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name="oa-bad-" + tmp_path.name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == list(range(2, len(REFUSED) + 2))
-    for number, (_, expected) in enumerate(REFUSED, start=2):
+    assert sorted(reasons) == list(range(2, len(MALFORMED) + 2))
+    for number, (_, expected) in enumerate(MALFORMED, start=2):
         assert expected in reasons[number], (number, reasons[number])
     with session_scope() as s:
         run = s.scalars(select(Run).where(Run.name == "oa-bad-" + tmp_path.name)).one()
-        assert run.status == RunStatus.FAILED
+        assert run.status == RunStatus.FAILED and run.error_code == "invalid_request"
         assert [e["line"] for e in run.line_errors] == sorted(reasons)
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
+
+
+def test_a_system_message_is_by_default_the_lines_direction_for_the_scene(quiet_model, tmp_path) -> None:
+    line = openai_line(
+        "d",
+        [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "developer", "content": "It is raining."},
+            *USER,
+        ],
+    )
+    path = _write(tmp_path / "dir.jsonl", [line])
+    sub = submit_run(path, name="oa-dir-" + tmp_path.name)
+    assert sub.stored == 1  # not a failed file, and not a refused request
+    with session_scope() as s:
+        (params,) = s.scalars(select(Turn.params).where(Turn.run_id == sub.id)).all()
+    assert params["direction"] == "You are a helpful assistant.\n\nIt is raining."
+    assert "system_prompt" not in params  # the persona is not replaced
 
 
 def test_a_run_that_allows_it_takes_a_lines_system_prompt(quiet_model, tmp_path) -> None:
@@ -240,10 +288,73 @@ def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_pa
     assert batches.expire_due_runs() == []  # nothing twice
     _, errors, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
     assert (n_ok, n_err) == (0, 4)
-    codes = {
-        json.loads(x)["custom_id"]: json.loads(x)["error"]["code"] for x in errors.read_text().splitlines()
-    }
-    assert codes == {"r0": "engine_error", "r1": "engine_error", "r2": "batch_expired", "r3": "batch_expired"}
+    lines = {json.loads(x)["custom_id"]: json.loads(x) for x in errors.read_text().splitlines()}
+    for ran in ("r0", "r1"):  # ran and failed: OpenAI's response shape, the server's fault
+        response = lines[ran]["response"]
+        assert lines[ran]["error"] is None and response["status_code"] == 500
+        assert response["body"]["error"]["code"] == "engine_error"
+        assert response["body"]["error"]["message"] == "engine fell over"
+    for never in ("r2", "r3"):  # never ran: response null, labelled batch_expired
+        assert lines[never]["response"] is None and lines[never]["error"]["code"] == "batch_expired"
+
+
+def test_turns_stored_after_an_expiry_landed_are_labelled_expired_too(quiet_model, tmp_path) -> None:
+    sub = _submit(tmp_path, "late-" + tmp_path.name, 3)
+    running = _claim(sub.id, 1)  # keeps the expired run in cancelling
+    with session_scope() as s:
+        s.execute(Run.__table__.update().where(Run.id == sub.id).values(expires_at=func.now()))
+    assert batches.expire_due_runs() == [str(sub.id)]
+    with session_scope() as s:  # a chunk the submission stored after the expiry landed
+        reset = s.execute(
+            Turn.__table__.update()
+            .where(Turn.run_id == sub.id, Turn.custom_id == "r2")
+            .values(status=TurnStatus.QUEUED, error=None, error_code=None, finished_at=None)
+        )
+        assert reset.rowcount == 1
+        assert cancel_run(session=s, run_id=sub.id).cancelled_turns == 1  # as the submission (or
+        # the sweeper) finishes a cancel
+        assert (
+            s.scalar(select(Turn.error_code).where(Turn.run_id == sub.id, Turn.custom_id == "r2"))
+            == "expired"
+        )
+    _fail(running, [running.claimed[0].id])
+    _, errors, _, _ = export_run(sub.name, tmp_path / "out", "openai")
+    codes = {json.loads(x)["custom_id"]: json.loads(x)["error"] for x in errors.read_text().splitlines()}
+    assert codes["r1"]["code"] == codes["r2"]["code"] == "batch_expired"
+
+
+def test_request_counts_leave_out_cancelled_requests_and_usage_counts_every_candidate(
+    quiet_model, tmp_path
+) -> None:
+    import uuid
+    from datetime import UTC, datetime
+
+    from services.runs.export import _openai_ok
+
+    sub = _submit(tmp_path, "counts-" + tmp_path.name, 3, input_file_id="file-test")
+    claim = _claim(sub.id, 1)
+    _fail(claim, [claim.claimed[0].id])
+    with session_scope() as s:
+        cancel_run(session=s, run_id=sub.id)
+        run = s.get_one(Run, sub.id)
+        counts = batches.batch_object(s, run)["request_counts"]
+    assert counts == {"total": 3, "completed": 0, "failed": 1}  # the two cancelled are neither
+    assert batches.finalize_run(sub.id) == sub.name
+    now = datetime.now(UTC)
+    turn = Turn(
+        id=uuid.uuid4(),
+        custom_id="best-of-3",
+        reply="Kept.",
+        params={},
+        usage={"prompt_tokens": 50, "completion_tokens": 4, "finish_reason": "stop"},
+        alternatives=[
+            {"text": "Not kept.", "completion_tokens": 6},
+            {"text": "Nor this.", "completion_tokens": 9},
+        ],
+        finished_at=now,
+    )
+    usage = _openai_ok(turn, Run(model=MODEL, created_at=now))["response"]["body"]["usage"]
+    assert usage == {"prompt_tokens": 50, "completion_tokens": 19, "total_tokens": 69}
 
 
 def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:
@@ -271,6 +382,7 @@ def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> N
         output, errors = run.output_file_id, run.error_file_id
     from services.files import find_file
 
+    assert find_file(output).info["purpose"] == find_file(errors).info["purpose"] == "batch_output"
     assert find_file(output).path.read_text() == ""
     lines = [json.loads(x) for x in find_file(errors).path.read_text().splitlines()]
     assert sorted(x["custom_id"] for x in lines) == ["r0", "r1"]
@@ -412,7 +524,11 @@ def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(b
 
 def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_model) -> None:
     content = "\n".join(
-        [json.dumps(openai_line("a", USER)), "{broken", json.dumps(openai_line("c", USER, stream=True))]
+        [
+            json.dumps(openai_line("a", USER)),
+            "{broken",
+            json.dumps({**openai_line("c", USER), "url": "/v1/embeddings"}),
+        ]
     )
     file_id = _upload(base_url, content.encode() + b"\n").json()["id"]
     body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
@@ -425,7 +541,8 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
         time.sleep(0.2)
     errors = state["errors"]["data"]
     assert [e["line"] for e in errors] == [2, 3]
-    assert "not valid JSON" in errors[0]["message"] and "body.stream" in errors[1]["message"]
+    assert "not valid JSON" in errors[0]["message"] and "url: '/v1/embeddings'" in errors[1]["message"]
+    assert {e["code"] for e in errors} == {"invalid_request"}  # the file's fault
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
@@ -457,39 +574,67 @@ def _batch(tmp_path: Path, n: int, **extra) -> str:
     return created["id"]
 
 
-def test_a_batch_whose_submission_stopped_is_resumed_by_the_sweeper(
-    quiet_model, tmp_path, monkeypatch
-) -> None:
-    import tasks.generate
-    from services import runs as run_services
-    from services.sweeper import close_abandoned_runs
+@contextmanager
+def _broker_down(services: Path) -> Iterator[None]:
+    """The embedded Redis really stopped (SIGTERM), and started again on the same port after."""
+    from core import embedded
 
-    monkeypatch.setattr(run_services.submit, "CHUNK", 4)
-    real = tasks.generate.dispatch
-    calls = []
+    embedded.stop_redis(services)
+    try:
+        yield
+    finally:
+        embedded.start_redis(services)
 
-    def dispatch(ids, **kwargs):
-        calls.append(len(ids))
-        if len(calls) == 2:
-            raise ConnectionError("injected: broker connection lost")
-        return real(ids, **kwargs)
 
-    monkeypatch.setattr(tasks.generate, "dispatch", dispatch)
-    batch_id = _batch(tmp_path, 10)
-    batches.submit_batch_by_name(batch_id)
-    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
-    monkeypatch.setattr(tasks.generate, "dispatch", real)
-    assert close_abandoned_runs()[batch_id] == "submission resumed from its stored file"
-    batch = batches.get_batch(batch_id, api_key="k", admin=False)
-    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 10
+def _unsent(batch_id: str) -> int:
     with session_scope() as s:
-        unsent = s.scalar(
+        return s.scalar(
             select(func.count())
             .select_from(Turn)
             .join(Run)
             .where(Run.name == batch_id, Turn.dispatched_at.is_(None))
         )
-    assert unsent == 0
+
+
+def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_submission(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    from services.sweeper import close_abandoned_runs
+
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 5)
+    with _broker_down(services):
+        batches.submit_batch_by_name(batch_id)
+        batch = batches.get_batch(batch_id, api_key="k", admin=False)
+        assert (batch["status"], batch["errors"]) == ("validating", None)  # not failed: an OpenAI
+        # client would stop polling at `failed`
+        assert close_abandoned_runs(older_than_s=0) == {}  # the sweeper does not fail it either
+        with session_scope() as s:
+            run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+            assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 1)
+            assert run.submission_retry_at is not None and "trying again" in run.error
+    assert batches.housekeeping()["submissions"] == [batch_id]  # the retry, the broker back
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 5
+    assert batch["errors"] is None and _unsent(batch_id) == 0
+
+
+def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(settings, "batch_submission_attempts", 2)
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 3)
+    with _broker_down(services):
+        batches.submit_batch_by_name(batch_id)
+        assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "validating"
+        assert batches.retry_batch_submissions() == [batch_id]  # try 2 of 2 fails too
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "failed"
+    (error,) = batch["errors"]["data"]
+    assert error["code"] == "server_error" and "submission failed 2 times" in error["message"]
+    assert batches.retry_batch_submissions() == []  # `failed` is final: nothing resumes it
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
 
 
 def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path, monkeypatch) -> None:
@@ -503,7 +648,7 @@ def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path,
         from services.files import find_file
 
         path = find_file(run.input_file_id).path
-    path.write_text(path.read_text() + json.dumps(openai_line("x", USER, stream=True)) + "\n")
+    path.write_text(path.read_text() + json.dumps({**openai_line("x", USER), "url": "/v1/embeddings"}) + "\n")
     with session_scope() as s:  # the digest the run was created with is the old file's
         s.execute(Run.__table__.update().where(Run.name == batch_id).values(file_hash=file_digest(path)))
     batches.submit_batch_by_name(batch_id)

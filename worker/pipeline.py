@@ -189,6 +189,7 @@ def _answer(
                         mood=Mood(turn.emotion, turn.affinity),
                         speaker=turn.speaker,
                         system_prompt=turn.params.get("system_prompt"),
+                        direction=turn.params.get("direction"),
                     )
                 )
             except PromptTooLong as exc:

@@ -2,7 +2,12 @@
 
 - native: `{"custom_id", "turn_id", "status", "reply", "usage", "seed", "timings", "quality", "state"}`;
 - openai: the OpenAI Batch API's output lines, `{"id", "custom_id", "response": {"status_code",
-  "request_id", "body": chat.completion}, "error"}`, and its error lines with `response: null`.
+  "request_id", "body": chat.completion}, "error": null}`; a request that ran (or was refused) and
+  failed has `response: {"status_code": 4xx/5xx, "body": {"error": {...}}}` as OpenAI writes it, and
+  only a request that never ran (cancelled, expired) has `response: null` and `error`.
+
+Well-formed requests refused by policy at submission are not turns: they are the run's `refused`
+list, written to the error file after the turns.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from db.models import Run, Turn, TurnStatus
-from db.runs import iter_run_turns
+from db.models import Run, Turn, TurnErrorCode, TurnStatus
+from db.runs import iter_run_turns, run_refusals
 from db.session import session_scope
 from services.runs.control import require_run
 
@@ -23,6 +28,8 @@ ExportFormat = Literal["native", "openai"]
 
 # OpenAI's error codes for requests a batch never ran.
 _OPENAI_CODES = {"expired": "batch_expired"}
+# Failures that were the request's fault (answered 400); every other failure is the server's (500).
+_REQUEST_FAULTS = {TurnErrorCode.PROMPT_TOO_LONG.value, "invalid_request"}
 
 
 def export_run(
@@ -61,7 +68,39 @@ def write_outputs(
             elif turn.status in (TurnStatus.FAILED, TurnStatus.CANCELLED):
                 bad.write(json.dumps(error_line(turn, run), ensure_ascii=False) + "\n")
                 n_err += 1
+        refused_line = _openai_refused if fmt == "openai" else _native_refused
+        for refusal in run_refusals(session=session, run_id=run.id):
+            bad.write(json.dumps(refused_line(refusal, run), ensure_ascii=False) + "\n")
+            n_err += 1
     return n_ok, n_err
+
+
+def _native_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
+    return {
+        "custom_id": refusal["custom_id"],
+        "turn_id": None,
+        "status": "refused",
+        "line": refusal["line"],
+        "error": refusal["message"],
+    }
+
+
+def _openai_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
+    request_id = f"{run.id.hex}-{refusal['line']}"
+    return {
+        "id": f"batch_req_{request_id}",
+        "custom_id": refusal["custom_id"],
+        "response": _error_response(400, request_id, "invalid_request", refusal["message"], refusal["param"]),
+        "error": None,
+    }
+
+
+def _error_response(
+    status: int, request_id: str, code: str, message: str, param: str | None
+) -> dict[str, Any]:
+    kind = "invalid_request_error" if status == 400 else "server_error"
+    error = {"message": message, "type": kind, "param": param, "code": code}
+    return {"status_code": status, "request_id": request_id, "body": {"error": error}}
 
 
 def _native_base(turn: Turn) -> dict[str, Any]:
@@ -109,7 +148,10 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
         }
         for i, alt in enumerate(others, start=1)
     ]
-    completion = usage.get("completion_tokens", 0) + sum(a.get("completion_tokens", 0) for a in others)
+    # Every candidate generated is paid for, returned or not (best of n costs n, a regeneration too).
+    completion = usage.get("completion_tokens", 0) + sum(
+        a.get("completion_tokens", 0) for a in turn.alternatives or []
+    )
     body = {
         "id": f"chatcmpl-{turn.id.hex}",
         "object": "chat.completion",
@@ -139,17 +181,14 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
 
 
 def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
-    if turn.status == TurnStatus.CANCELLED:
+    line = {"id": f"batch_req_{turn.id.hex}", "custom_id": turn.custom_id}
+    if turn.status == TurnStatus.CANCELLED:  # never ran
         code = _OPENAI_CODES.get(turn.error_code or "", "batch_cancelled")
         message = turn.error or "the batch was cancelled before this request started"
-    else:
-        code, message = turn.error_code or "server_error", turn.error or "the request failed"
-    return {
-        "id": f"batch_req_{turn.id.hex}",
-        "custom_id": turn.custom_id,
-        "response": None,
-        "error": {"code": code, "message": message},
-    }
+        return line | {"response": None, "error": {"code": code, "message": message}}
+    code, message = turn.error_code or "server_error", turn.error or "the request failed"
+    status = 400 if code in _REQUEST_FAULTS else 500
+    return line | {"response": _error_response(status, str(turn.id), code, message, None), "error": None}
 
 
 _FORMATS: dict[str, tuple[Callable[[Turn, Run], dict[str, Any]], Callable[[Turn, Run], dict[str, Any]]]] = {

@@ -4,7 +4,10 @@ Each line is `{"custom_id", "method": "POST", "url": "/v1/chat/completions", "bo
 the body is a chat-completions request. The character comes from `body.model` when it names one,
 else from `body.metadata.character`, else from the run's default. The last message is the player's
 turn; the user and assistant messages before it seed a fresh conversation's history. Whatever
-mlchat cannot honour is refused, naming the field, never dropped in silence.
+mlchat cannot honour is refused, naming the field, never dropped in silence: a line that is not a
+well-formed request (its envelope: custom_id, method, url, body) fails the whole file, as OpenAI
+does; a well-formed request refused by mlchat's policy is a `RequestRefused`, answered alone in
+the error file while the other lines run.
 """
 
 from __future__ import annotations
@@ -101,6 +104,15 @@ class LineOptions:
     candidates: int | None = None  # best of n for lines that do not set params.n (None: the setting)
 
 
+class RequestRefused(ValueError):
+    """A well-formed request that mlchat refuses by its own policy: a per-request error, not a bad
+    file."""
+
+    def __init__(self, custom_id: str, message: str) -> None:
+        self.custom_id = custom_id
+        super().__init__(message)
+
+
 def is_openai_line(data: Any) -> bool:
     """Whether a parsed line has the OpenAI batch shape (the file's format follows its first line)."""
     return isinstance(data, dict) and bool({"method", "url", "body"} & data.keys())
@@ -123,6 +135,13 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         raise ValueError(f"method: {line.method!r}; only POST is supported")
     if line.url != ENDPOINT:
         raise ValueError(f"url: {line.url!r}; only {ENDPOINT} is supported")
+    try:
+        return _request(line, characters, options)
+    except ValueError as exc:
+        raise RequestRefused(line.custom_id, str(exc)) from None
+
+
+def _request(line: _Line, characters: Collection[str], options: LineOptions) -> dict[str, Any]:
     for name, (off, why) in _UNSUPPORTED.items():
         if line.body.get(name, off) not in (off, None):
             raise ValueError(f"body.{name}: {why}")
@@ -141,7 +160,7 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
     character = _character(body, characters, options)
-    message, history, system_prompt, player_name = _messages(body.messages, character, options)
+    message, history, system, player_name = _messages(body.messages, character, options)
     params: dict[str, Any] = {
         "max_new_tokens": body.max_tokens
         if body.max_completion_tokens is None
@@ -162,8 +181,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
         "history": history,
         "params": {k: v for k, v in params.items() if v is not None},
     }
-    if system_prompt is not None:
-        run_line["system_prompt"] = system_prompt
+    if system is not None:  # the persona's replacement where the run allows it, else the scene's direction
+        run_line["system_prompt" if options.allow_system_prompt else "direction"] = system
     if player_name is not None:
         run_line["player_name"] = player_name
     if body.n is not None and body.n > 1:
@@ -202,7 +221,7 @@ def _character(body: _Body, characters: Collection[str], options: LineOptions) -
 def _messages(
     messages: list[_Message], character: str, options: LineOptions
 ) -> tuple[str, list[dict[str, str]], str | None, str | None]:
-    """(the player's message, the history before it, a system prompt if the run allows one, the
+    """(the player's message, the history before it, the system and developer messages' text, the
     player's name from a user message's `name`)."""
     history: list[dict[str, str]] = []
     system: list[str] = []
@@ -214,11 +233,6 @@ def _messages(
                 raise ValueError(f"{where}.name: only a user message may name its speaker (the player)")
             player_name = msg.name
         if msg.role in ("system", "developer"):
-            if not options.allow_system_prompt:
-                raise ValueError(
-                    f"{where}: a {msg.role} message would replace {character!r}'s persona; "
-                    "submit the run with allow_system_prompt to let it"
-                )
             if history:
                 raise ValueError(f"{where}: a {msg.role} message must come before the conversation")
             system.append(msg.text())

@@ -62,7 +62,8 @@ class RunBusy(RuntimeError):
 
 
 class SubmissionFailed(RuntimeError):
-    """Storing or sending stopped part-way; the run is `failed` and resubmitting the file resumes it."""
+    """Storing or sending stopped part-way; the run is `failed` (or, with `retry_later`, still
+    `validating`) and resubmitting the file resumes it."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def submit_run(
     progress: Progress | None = None,
     options: LineOptions | None = None,
     fields: dict[str, Any] | None = None,
+    retry_later: bool = False,
 ) -> SubmittedRun:
     """Validate the whole file, then store and send it on the bulk lane.
 
@@ -115,7 +117,8 @@ def submit_run(
     died, and is a no-op for one that finished. Raises RunValidationError (nothing stored), RunBusy,
     RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume). `options` say what
     the file's lines may do (a resumed run keeps the ones it was created with); `fields` are the
-    run's other columns (metadata, window, files), set when it is created.
+    run's other columns (metadata, window, files), set when it is created. `retry_later`: a
+    submission that stops leaves the run `validating` for its caller to try again (a batch's).
     """
     name = check_run_name(name or path.stem)
     with submission_lock(name) as got:
@@ -141,11 +144,16 @@ def submit_run(
                     session=session,
                     run_id=run_id,
                     error=str(RunValidationError(check.errors)),
+                    error_code="invalid_request",
                     line_errors=[{"line": e.line, "message": e.reason} for e in check.errors[:1000]],
                 )
             else:
                 resume_submission(
-                    session=session, run_id=run_id, total=check.good, input_format=check.reader.format
+                    session=session,
+                    run_id=run_id,
+                    total=check.good,
+                    input_format=check.reader.format,
+                    refused=[r.record() for r in check.refused],
                 )
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors)
@@ -155,13 +163,15 @@ def submit_run(
             stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
         except Exception as exc:
             reason = one_line(exc)
-            with session_scope() as session:
-                fail_submission(
-                    session=session,
-                    run_id=run_id,
-                    error=f"submission stopped: {reason}; resubmit the same file "
-                    f"(or `mlchat run resume {name} FILE`) to store and send the rest",
-                )
+            if not retry_later:
+                with session_scope() as session:
+                    fail_submission(
+                        session=session,
+                        run_id=run_id,
+                        error=f"submission stopped: {reason}; resubmit the same file "
+                        f"(or `mlchat run resume {name} FILE`) to store and send the rest",
+                        error_code="server_error",
+                    )
             raise SubmissionFailed(
                 f"run {name!r}: submission stopped ({reason}); resubmit to resume"
             ) from exc
@@ -281,6 +291,8 @@ def _staged_turn(
         params["n"] = candidates
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
+    if line.direction is not None:
+        params["direction"] = line.direction
     if line.choices is not None:
         params["choices"] = line.choices
     return StagedTurn(

@@ -1,6 +1,7 @@
 """Validate a whole run file before anything is stored: each line's shape, its character and its
 conversation (against the database), and everything that would make the insert fail later (text
-PostgreSQL cannot hold, numbers outside their columns, over-long derived keys)."""
+PostgreSQL cannot hold, numbers outside their columns, over-long derived keys). In an OpenAI file,
+a well-formed request that breaks mlchat's own rules is refused alone (`FileCheck.refused`)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from core.settings import DEFAULT_TENANT
 from db.session import session_scope
 from db.world import all_character_slugs, find_conversations
-from services.runs.openai_lines import LineOptions, body_field, is_openai_line, to_run_line
+from services.runs.openai_lines import (
+    LineOptions,
+    RequestRefused,
+    body_field,
+    is_openai_line,
+    to_run_line,
+)
 from services.schemas import GenerationParams, Int4, Text, check_message
 
 FileFormat = Literal["native", "openai"]
@@ -53,6 +60,9 @@ class RunLine(BaseModel):
     choices: int | None = Field(default=None, ge=1, le=8)
     # Replaces the character's own system prompt; only in runs that allow it.
     system_prompt: Text | None = Field(default=None, min_length=1, max_length=20_000)
+    # The line's direction for the scene (an OpenAI line's system message by default): placed after
+    # the character's own system prompt, which stays.
+    direction: Text | None = Field(default=None, min_length=1, max_length=20_000)
 
 
 @dataclass(frozen=True)
@@ -72,6 +82,20 @@ class RunValidationError(ValueError):
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A well-formed request of the file refused by policy: answered in the error file, alone."""
+
+    line: int
+    custom_id: str
+    message: str
+
+    def record(self) -> dict[str, Any]:
+        """As the run stores it (runs.refused): the param is the field the message starts with."""
+        param = self.message.split(":", 1)[0] if ":" in self.message else None
+        return {"line": self.line, "custom_id": self.custom_id, "message": self.message, "param": param}
+
+
+@dataclass(frozen=True)
 class FileCheck:
     """The outcome of validating a whole run file."""
 
@@ -79,10 +103,12 @@ class FileCheck:
     good: int
     errors: list[LineError]
     reader: LineReader
+    refused: list[Refusal] = field(default_factory=list)
 
     @property
     def bad_lines(self) -> set[int]:
-        return {e.line for e in self.errors}
+        """Lines not stored as turns: bad ones, and refused requests."""
+        return {e.line for e in self.errors} | {r.line for r in self.refused}
 
 
 @dataclass(frozen=True)
@@ -110,9 +136,10 @@ class LineReader:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
-            raise ValueError(f"{name(where)}: {first['msg']}") from None
+            error = f"{name(where)}: {first['msg']}"
+            raise self._refused(data, error) from None
         except ValueError as exc:
-            raise ValueError(f"{name('message')}: {exc}") from None
+            raise self._refused(data, f"{name('message')}: {exc}") from None
         if not line.conversation and not line.character:
             raise ValueError("a line without a conversation must name a character")
         if line.history and line.conversation:
@@ -120,6 +147,10 @@ class LineReader:
         if line.system_prompt is not None and not self.options.allow_system_prompt:
             raise ValueError("system_prompt: this run does not allow a system prompt of its own")
         return line
+
+    def _refused(self, data: dict[str, Any], message: str) -> ValueError:
+        """An OpenAI line that mapped is a well-formed request: what its fields break is its own."""
+        return RequestRefused(data["custom_id"], message) if self.format == "openai" else ValueError(message)
 
 
 def parse_line(text: str) -> RunLine:
@@ -198,6 +229,7 @@ def validate_file(
     reader = LineReader(detect_format(path), characters, options)
     seen: set[str] = set()
     errors: list[LineError] = []
+    refused: list[Refusal] = []
     uses: dict[str, _ConversationUse] = {}
     for number, text in iter_lines(path):
         if isinstance(text, BadEncoding):
@@ -205,6 +237,13 @@ def validate_file(
             continue
         try:
             line = reader.parse(text)
+        except RequestRefused as exc:
+            if exc.custom_id in seen:
+                errors.append(LineError(number, f"duplicate custom_id {exc.custom_id!r}"))
+            else:
+                seen.add(exc.custom_id)
+                refused.append(Refusal(number, exc.custom_id, str(exc)))
+            continue
         except ValueError as exc:
             errors.append(LineError(number, str(exc)))
             continue
@@ -222,9 +261,10 @@ def validate_file(
     errors.extend(conversation_errors)
     return FileCheck(
         file_digest(path),
-        len(seen) - len(conversation_errors),
+        len(seen) - len(conversation_errors) - len(refused),
         sorted(errors, key=lambda e: e.line),
         reader,
+        refused,
     )
 
 

@@ -43,6 +43,7 @@ class PromptInput:
     mood: Mood | None = None
     speaker: str = "character"  # or "narrator"
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
+    direction: str | None = None  # the line's direction for the scene, after the persona
 
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
@@ -125,6 +126,9 @@ class PromptBuilder:
         if item.system_prompt and not narrator:
             own = ("system_prompt", None, clean(fill_macros(item.system_prompt, char, user)))
             persona = [own if section == "system_prompt" else (section, i, t) for section, i, t in persona]
+        if item.direction:  # after the persona, so the persona stays a shared, cached prefix
+            text = "[Scene direction]\n" + fill_macros(item.direction, char, user)
+            persona = [*persona, ("direction", None, clean(text))]
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )
