@@ -32,6 +32,8 @@ RUN pip install --no-cache-dir --no-deps .
 
 FROM base AS runtime
 RUN useradd --create-home --uid 10001 mlchat
+# The adapters volume (compose) starts as a copy of this folder: the service user's, so `lora register` can write it.
+RUN mkdir /adapters && chown 10001:10001 /adapters
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The code is root's and read-only to the service user; only its home (state) and /models are its.
