@@ -32,10 +32,11 @@ RUN pip install --no-cache-dir --no-deps .
 
 FROM base AS runtime
 # The volumes' mount points exist and are the service user's: a fresh named volume takes the
-# owner of the folder it is mounted on, and root's would leave the model cache and files unwritable.
+# owner of the folder it is mounted on, and root's would leave the model cache, files and adapters
+# unwritable (`lora register` writes the adapters volume the workers read).
 RUN useradd --create-home --uid 10001 mlchat \
- && mkdir -p /models /files \
- && chown 10001:10001 /models /files
+ && mkdir -p /models /files /adapters \
+ && chown 10001:10001 /models /files /adapters
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
 # The code is root's and read-only to the service user; only its home (state), /models and /files
@@ -54,7 +55,7 @@ COPY roleplay ./roleplay
 COPY data ./data
 USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
-VOLUME ["/models", "/files"]
+VOLUME ["/models", "/files", "/adapters"]
 # The worker's check (engine alive, from its metrics endpoint); compose gives the HTTP ingest and
 # Flower their own.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \

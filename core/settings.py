@@ -167,6 +167,11 @@ class Settings(BaseSettings):
     # visibility timeout in all); after that another worker may claim it.
     lease_seconds: int = Field(default=120, ge=3)
     max_attempts: int = Field(default=3, ge=1)
+    # A turn inside the engine at this many engine deaths is failed (engine_crash_loop) instead of
+    # killing worker after worker; after its first it runs alone in the engine (worker/engine_loop.py).
+    max_engine_deaths: int = Field(default=2, ge=1)
+    # An engine with requests inside and no step returned for this long is treated as dead.
+    engine_stall_seconds: float = Field(default=300.0, gt=0)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
     # A turn waiting for an earlier turn of its conversation is looked at again after flush_interval,
     # doubling each time up to this; past order_wait_limit_s of waiting it fails, naming that turn.

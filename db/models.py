@@ -79,6 +79,8 @@ class TurnErrorCode(enum.StrEnum):
     EMPTY_REPLY = "empty_reply"
     ENGINE_ERROR = "engine_error"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    ENGINE_CRASH_LOOP = "engine_crash_loop"  # inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths
+    ADAPTER_UNAVAILABLE = "adapter_unavailable"  # the character's LoRA does not load in the worker
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
     # Waited past MLCHAT_ORDER_WAIT_LIMIT_S for an earlier turn of its conversation (the error names it).
     BLOCKED_BY_EARLIER_TURN = "blocked_by_earlier_turn"
@@ -323,6 +325,8 @@ class Turn(Base):
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
+    engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

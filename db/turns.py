@@ -9,6 +9,8 @@
     complete  running under our token                  → done (the reply stored once)
     fail      running under our token                  → failed
     requeue   running under our token                  → queued (the attempt kept, or refunded)
+    engine death  running under our token              → queued (attempt refunded, engine_deaths + 1
+                  for those inside the engine), or failed (engine_crash_loop) at max_engine_deaths
     cancel    queued                                   → cancelled
     fail_unsent / revive_unsent: queued ↔ failed(broker_unreachable), for turns never sent
 
@@ -94,6 +96,7 @@ class ClaimedTurn:
     emotion: str = "neutral"
     affinity: int = 0
     run_id: uuid.UUID | None = None
+    engine_deaths: int = 0
 
 
 @dataclass(frozen=True)
@@ -322,6 +325,7 @@ def claim_turns(
                     emotion=conv.emotion,
                     affinity=conv.affinity,
                     run_id=turn.run_id,
+                    engine_deaths=turn.engine_deaths,
                 )
             )
     if result.exhausted or result.blocked:
@@ -635,6 +639,78 @@ def requeue_turns(
             .returning(Turn.id)
         ).all()
     )
+
+
+@dataclass(frozen=True)
+class EngineDeathOutcome:
+    """What an engine death did to a claim's turns."""
+
+    requeued: list[uuid.UUID]
+    crash_looped: list[uuid.UUID]  # failed: inside the engine at too many deaths
+
+
+def hand_back_after_engine_death(
+    *,
+    session: Session,
+    token: uuid.UUID,
+    turn_ids: Sequence[uuid.UUID],
+    in_engine: Sequence[uuid.UUID],
+    reason: str,
+    max_deaths: int,
+) -> EngineDeathOutcome:
+    """engine death: the claim's turns go back to queued with their attempt refunded (a dead engine
+    is not a turn's failed attempt), and each turn that was inside the engine counts one more engine
+    death. One that reaches `max_deaths` is failed with engine_crash_loop instead: it was inside the
+    engine every time it died, so it is likely what kills it, and sending it again would kill worker
+    after worker."""
+    if not turn_ids:
+        return EngineDeathOutcome([], [])
+    inside = [t for t in turn_ids if t in set(in_engine)]
+    crash_looped = (
+        list(
+            session.scalars(
+                update(Turn)
+                .where(Turn.id.in_(inside), _ours(token), Turn.engine_deaths + 1 >= max_deaths)
+                .values(
+                    status=TurnStatus.FAILED,
+                    error_code=TurnErrorCode.ENGINE_CRASH_LOOP.value,
+                    error=func.concat(
+                        "the engine died each of the ",
+                        Turn.engine_deaths + 1,
+                        " times this turn was inside it; not sent again (last: ",
+                        reason[:ERROR_CHARS],
+                        ")",
+                    ),
+                    engine_deaths=Turn.engine_deaths + 1,
+                    attempts=func.greatest(Turn.attempts - 1, 0),
+                    finished_at=func.now(),
+                    lease_until=None,
+                )
+                .returning(Turn.id)
+            ).all()
+        )
+        if inside
+        else []
+    )
+    if crash_looped:
+        advance_runs_of_turns(session=session, turn_ids=crash_looped)
+    rest = [t for t in turn_ids if t not in set(crash_looped)]
+    requeued = list(
+        session.scalars(
+            update(Turn)
+            .where(Turn.id.in_(rest), _ours(token))
+            .values(
+                status=TurnStatus.QUEUED,
+                error=reason[:ERROR_CHARS],
+                attempts=func.greatest(Turn.attempts - 1, 0),
+                engine_deaths=case((Turn.id.in_(inside), Turn.engine_deaths + 1), else_=Turn.engine_deaths),
+                lease_until=None,
+                dispatched_at=func.now(),
+            )
+            .returning(Turn.id)
+        ).all()
+    )
+    return EngineDeathOutcome(requeued, crash_looped)
 
 
 def cancel_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:

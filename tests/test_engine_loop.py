@@ -148,3 +148,101 @@ def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
     finally:
         restore_all_cpus()
     assert os.sched_getaffinity(0) == ORIGINAL_CPUS
+
+
+# --- death and stalls: the loop's own `engine` seam ---------------------------------------------
+# These drive EngineLoop through the `engine` object it is built with: a stand-in whose add_request
+# or step dies or hangs on cue, which a real engine core does only by chance. The real-engine paths
+# are in test_pipeline.py (an engine death per request) and test_faults.py (a SIGKILLed core).
+
+
+class _ScriptedEngine:
+    """Finishes each request on the step after it joins; can die at one admission or hang in step."""
+
+    def __init__(self, die_at_admission: int | None = None) -> None:
+        self.die_at_admission = die_at_admission
+        self.admitted: list[str] = []
+        self.prompts: dict[str, list[int]] = {}
+        self.steps: list[set[str]] = []  # the requests inside at each step
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self._inside: set[str] = set()
+
+    def add_request(self, request_id, prompt, params, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        if len(self.admitted) == self.die_at_admission:
+            self.admitted.append(request_id)
+            raise EngineDeadError()
+        self.admitted.append(request_id)
+        self.prompts[request_id] = prompt["prompt_token_ids"]
+        self._inside.add(request_id)
+
+    def step(self):  # type: ignore[no-untyped-def]
+        if self.hang.is_set():
+            self.release.wait()
+            return []
+        self.steps.append(set(self._inside))
+        done, self._inside = self._inside, set()
+        return [_Out(request_id) for request_id in sorted(done)]
+
+
+class _Out:
+    def __init__(self, request_id: str) -> None:
+        self.request_id, self.finished = request_id, True
+        self.outputs = [type("Completion", (), {"text": "ok", "token_ids": [1], "finish_reason": "stop"})]
+
+
+def _loop(fake: _ScriptedEngine, **kwargs):  # type: ignore[no-untyped-def]
+    from worker.engine_loop import EngineLoop
+
+    return EngineLoop(fake, max_inflight=8, is_dead=lambda: False, **kwargs)
+
+
+def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
+    import vllm.v1.engine.exceptions  # noqa: F401  (imported now: a first import takes seconds)
+
+    from worker.engine import EngineDead
+
+    loop = _loop(_ScriptedEngine(die_at_admission=1))
+    futures = loop.submit([([1, 2], None, LIVE, None)] * 3)  # one arrival: the second kills the engine
+    for future in futures:
+        assert loop.wait([future], timeout=30) == [future], "a request was stranded by the engine's death"
+    errors = [f.exception() for f in futures]
+    assert all(isinstance(e, EngineDead) for e in errors)
+    # The first two were inside the engine (the second as it died); the third never reached it.
+    assert [e.in_engine for e in errors] == [True, True, False]
+    (late,) = loop.submit([([1], None, BULK, None)])
+    assert isinstance(late.exception(timeout=1), EngineDead) and not late.exception().in_engine
+
+
+def test_an_engine_with_no_step_progress_counts_as_dead_and_its_waiters_return() -> None:
+    from worker.engine import EngineDead
+    from worker.engine_loop import EngineStalled
+
+    fake = _ScriptedEngine()
+    fake.hang.set()  # alive, but its step never returns: a hung engine core
+    loop = _loop(fake, stall_s=0.5)
+    try:
+        futures = loop.submit([([1, 2], None, LIVE, None), ([3], None, BULK, None)])
+        started = time.monotonic()
+        assert loop.wait(futures, timeout=30), "wait() blocked on a stalled engine"
+        assert time.monotonic() - started < 10
+        assert all(isinstance(f.exception(timeout=1), EngineDead) for f in futures)
+        assert isinstance(loop.dead, EngineStalled)
+    finally:
+        fake.release.set()  # the hung step returns; the loop sees its death and stops
+
+
+def test_a_request_marked_alone_never_shares_the_engine() -> None:
+    fake = _ScriptedEngine()
+    loop = _loop(fake)
+    others = loop.submit([([i], None, LIVE if i % 2 else BULK, None) for i in range(3)])
+    (suspect,) = loop.submit([([99], None, BULK, None)], alone=True)
+    others += loop.submit([([i], None, LIVE if i % 2 else BULK, None) for i in range(3, 6)])
+    assert _all_done([suspect, *others], timeout=10)
+    assert all(f.result().text == "ok" for f in [suspect, *others])
+    steps = [sorted(fake.prompts[r][0] for r in step) for step in fake.steps]
+    (suspect_step,) = [step for step in steps if 99 in step]
+    assert suspect_step == [99], steps  # the engine held nothing else while it ran
+    assert sorted(i for step in steps for i in step) == [0, 1, 2, 3, 4, 5, 99]

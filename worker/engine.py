@@ -6,13 +6,16 @@ Every batch submits its requests to the one engine loop and gets each result the
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing.util
 import os
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core import metrics
@@ -27,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BULK",
+    "AdapterUnavailable",
     "LIVE",
     "EngineDead",
     "Generation",
@@ -34,13 +38,19 @@ __all__ = [
     "generate",
     "get_engine",
     "get_loop",
+    "load_adapter",
 ]
 
 
 class EngineDead(RuntimeError):
-    """vLLM's engine core is gone (out of memory, a device fault, killed): nothing this process
-    generates can succeed any more. No request is at fault; the worker hands its turns back and exits
-    so that its supervisor starts a fresh one."""
+    """vLLM's engine core is gone (out of memory, a device fault, killed, or one request that crashes
+    it): nothing this process generates can succeed any more. The worker hands its turns back and
+    exits so that its supervisor starts a fresh one. `in_engine`: this request was inside the engine
+    when it died, so it may be the one that killed it."""
+
+    def __init__(self, message: str, *, in_engine: bool = False) -> None:
+        super().__init__(message)
+        self.in_engine = in_engine
 
 
 def engine_dead() -> BaseException | None:
@@ -62,6 +72,7 @@ class GenerationRequest:
     # repetition_penalty, frequency_penalty, presence_penalty, min_p, top_k (services/schemas.py)
     controls: dict[str, Any] = field(default_factory=dict)
     adapter: Adapter | None = None  # the character's LoRA; None: the base model
+    alone: bool = False  # run in an otherwise empty engine (it was inside one that died)
 
 
 @dataclass
@@ -173,6 +184,7 @@ def get_loop() -> EngineLoop:
         is_dead=lambda: _core_reported_dead(engine),
         on_death=lambda: metrics.ENGINE_UP.set(0),
         prefill_budget=_bulk_prefill_budget(engine),
+        stall_s=settings.engine_stall_seconds,
     )
 
 
@@ -245,9 +257,79 @@ def sampling_params(request: GenerationRequest) -> Any:
 
 def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
     """Queue the requests on the engine loop; one future per request, in order."""
-    return get_loop().submit(
-        (r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for r in requests
-    )
+    loop = get_loop()
+    futures: dict[int, Any] = {}
+    for alone in (False, True):
+        part = [(i, r) for i, r in enumerate(requests) if r.alone is alone]
+        if part:
+            made = loop.submit(
+                ((r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for _, r in part),
+                alone=alone,
+            )
+            futures.update(zip((i for i, _ in part), made, strict=True))
+    return [futures[i] for i in range(len(requests))]
+
+
+class AdapterUnavailable(RuntimeError):
+    """A character's LoRA adapter that this worker's engine cannot load."""
+
+
+# Whether each adapter (by name) loaded into this process's engine: None, or why it did not.
+_adapters: dict[str, str | None] = {}
+_adapters_lock = threading.Lock()
+ADAPTER_LOAD_TIMEOUT_S = 300.0
+
+
+def load_adapter(adapter: Adapter) -> None:
+    """Load and check the adapter in this worker's engine before any request uses it (vLLM's
+    add_lora reports a bad adapter; a request naming one would kill the engine core instead).
+    Remembered per process; raises AdapterUnavailable, now and on every later call, if it does not
+    load, and EngineDead if the engine dies meanwhile."""
+    with _adapters_lock:
+        if adapter.name not in _adapters:
+            _adapters[adapter.name] = _try_add_lora(adapter)
+        error = _adapters[adapter.name]
+    if error is not None:
+        raise AdapterUnavailable(error)
+
+
+def _try_add_lora(adapter: Adapter) -> str | None:
+    limit = _engine_lora_rank()
+    rank = _adapter_rank(adapter.path)
+    if isinstance(rank, str):
+        return f"adapter {adapter.name} at {adapter.path}: {rank}"
+    if limit is not None and rank > limit:
+        return f"adapter {adapter.name}: rank {rank} is over this worker's MLCHAT_MAX_LORA_RANK ({limit})"
+    loop = get_loop()
+    future = loop.call("add_lora", lora_request(adapter))
+    loop.wait([future], timeout=ADAPTER_LOAD_TIMEOUT_S)
+    if not future.done():
+        return f"adapter {adapter.name}: the engine did not load it in {ADAPTER_LOAD_TIMEOUT_S:.0f} s"
+    error = future.exception()
+    if isinstance(error, EngineDead):
+        raise error
+    if error is not None:
+        return f"adapter {adapter.name} at {adapter.path} does not load: {error}"[:1000]
+    if future.result() is False:
+        return f"adapter {adapter.name} at {adapter.path}: the engine refused it"
+    logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.path)
+    return None
+
+
+def _engine_lora_rank() -> int | None:
+    """The LoRA rank this worker's engine was started with (the limit that counts)."""
+    config = getattr(get_engine().llm.llm_engine, "vllm_config", None)
+    rank = getattr(getattr(config, "lora_config", None), "max_lora_rank", None)
+    return int(rank) if rank is not None else None
+
+
+def _adapter_rank(path: str) -> int | str:
+    """The adapter's rank from its adapter_config.json, or why it cannot be read."""
+    try:
+        config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+        return int(config.get("r", 0))
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        return f"cannot read adapter_config.json ({exc})"
 
 
 def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:

@@ -7,13 +7,20 @@ step ahead of any bulk request still waiting. At most `max_inflight` bulk reques
 engine at once (live ones are never held back), and bulk requests are admitted only as fast as the
 engine starts them (at most `prefill_budget` prompt tokens admitted but not yet started), so vLLM's
 own waiting queue never holds more than one step of bulk prefill. The rest wait here, in arrival
-order. While a live request is inside, no new bulk request is admitted (for at most LIVE_SHIELD_S):
+order. A request marked `alone` (its turn was inside an engine that died) joins only an empty engine
+and nothing joins while it is inside, so a request that kills the engine again is known to be the
+one that did. While a live request is inside, no new bulk request is admitted (for at most LIVE_SHIELD_S):
 the engine's steps then hold the live turn and the decoding bulk ones, not long prefills of new
 bulk prompts. Bulk requests already decoding share every step with it; they are not preempted.
 
 The engine core is its own process (vLLM's multiprocessing client), so while it computes, this
 process's threads embed, retrieve, build prompts and write results. `busy` records when at least
 one request was inside the engine: the benchmark's busy share comes from it.
+
+When the engine dies, every future resolves: those of requests inside it with EngineDead(in_engine=
+True), all others (waiting here, or arriving later) with in_engine=False. An engine that is alive but
+makes no step progress for `stall_s` while requests are inside counts as dead: vLLM's synchronous
+client can block for ever in `step()` when its core hangs or dies mid-step.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ class _Job:
     priority: int
     future: Future[Generation]
     lora: Any = None  # vllm.lora.request.LoRARequest, or None for the base model
+    alone: bool = False  # joins only an empty engine, and nothing joins while it is inside
     submitted: float = field(default_factory=time.perf_counter)
     request_id: str = ""
 
@@ -88,16 +96,29 @@ class EngineLoop:
     """Owns an LLMEngine from one thread; any thread may submit requests and wait for their futures."""
 
     def __init__(
-        self, engine: Any, max_inflight: int, is_dead: Any, on_death: Any = None, prefill_budget: int = 4096
+        self,
+        engine: Any,
+        max_inflight: int,
+        is_dead: Any,
+        on_death: Any = None,
+        prefill_budget: int = 4096,
+        stall_s: float | None = None,
     ) -> None:
         self.engine = engine
         self.max_inflight = max_inflight
         self.prefill_budget = prefill_budget
+        self.stall_s = stall_s  # None: never declared stalled
         self._is_dead = is_dead  # () -> bool: the client says its engine core is gone
         self._on_death = on_death  # () -> None, told once
         self._cond = threading.Condition()
         self._inbox: deque[_Job] = deque()
+        # Every job stays in one of these (or in _inside) until its future resolves, so a death at
+        # any point finds it.
+        self._live: deque[_Job] = deque()  # live requests waiting for the engine (behind an alone one)
         self._held: deque[_Job] = deque()  # bulk requests waiting for room in the engine
+        self._alone: deque[_Job] = deque()  # requests waiting for an empty engine
+        self._calls: deque[tuple[Any, Future[Any]]] = deque()  # (engine method, its future)
+        self._progress_at = time.monotonic()  # the last step that returned, or the first admission
         self._inside: dict[str, _Job] = {}
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
@@ -110,38 +131,67 @@ class EngineLoop:
 
     # --- callers -------------------------------------------------------------------------------
 
-    def submit(self, requests: Iterable[tuple[list[int], Any, int, Any]]) -> list[Future[Generation]]:
+    def submit(
+        self, requests: Iterable[tuple[list[int], Any, int, Any]], *, alone: bool = False
+    ) -> list[Future[Generation]]:
         """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
-        each, in order."""
-        jobs = [_Job(ids, params, priority, Future(), lora) for ids, params, priority, lora in requests]
+        each, in order. `alone`: each runs in an otherwise empty engine."""
+        jobs = [
+            _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
+        ]
         with self._cond:
             if self._death is not None:
                 for job in jobs:
-                    job.future.set_exception(self._dead_error())
+                    job.future.set_exception(self._dead_error(in_engine=False))
             else:
                 self._inbox.extend(jobs)
                 self._cond.notify()
         return [job.future for job in jobs]
 
-    def wait(
-        self, futures: Sequence[Future[Generation]], timeout: float | None = None
-    ) -> list[Future[Generation]]:
-        """Block until at least one of `futures` is done (or the engine died); returns the done ones.
+    def call(self, method: str, *args: Any) -> Future[Any]:
+        """Run `engine.<method>(*args)` on the loop's thread, between steps (vLLM's client is not
+        thread-safe); its result, or its exception, on the future."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._death is not None:
+                future.set_exception(self._dead_error(in_engine=False))
+            else:
+                self._calls.append((lambda: getattr(self.engine, method)(*args), future))
+                self._cond.notify()
+        return future
 
-        Waits in short slices and checks the engine's liveness between them, because vLLM 0.32's
-        synchronous client can block for ever when its engine core dies mid-step.
+    def wait(self, futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
+        """Block until at least one of `futures` is done or `timeout` passes; returns the done ones.
+        A death (reported, or a stall past `stall_s`) resolves every future, so this never blocks on
+        a dead engine.
+
+        Waits in short slices and checks the engine's health between them, because vLLM 0.32's
+        synchronous client can block for ever when its engine core dies or hangs mid-step.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             done = [f for f in futures if f.done()]
             if done or not futures:
                 return done
-            if self._is_dead():
-                self._die(RuntimeError("the engine core process is gone"))
+            self.check_health()
             if deadline is not None and time.monotonic() >= deadline:
                 return []
             with self._cond:
                 self._cond.wait(0.05)
+
+    def check_health(self) -> None:
+        """Declare the engine dead if its client says so, or if requests are inside and no step has
+        returned for `stall_s`."""
+        if self._death is not None:
+            return
+        if self._is_dead():
+            self._die(RuntimeError("the engine core process is gone"))
+            return
+        with self._cond:
+            silent_s = time.monotonic() - self._progress_at
+            stalled = self.stall_s is not None and bool(self._inside) and silent_s > self.stall_s
+        if stalled:
+            self._die(EngineStalled(f"no engine step returned for {silent_s:.0f} s with requests inside"))
 
     @property
     def dead(self) -> BaseException | None:
@@ -157,29 +207,71 @@ class EngineLoop:
         try:
             while True:
                 with self._cond:
-                    while not (self._inbox or self._inside or self._held) and self._death is None:
+                    while not self._has_work() and self._death is None:
                         self.busy.mark(False)
                         self._cond.wait(0.5)
                     if self._death is not None:
                         return
-                    arrived = list(self._inbox)
-                    self._inbox.clear()
-                for job in arrived:
-                    if job.priority == LIVE:
-                        self._admit(job)
-                    else:
-                        self._held.append(job)
-                while self._room_for_bulk():
-                    self._admit(self._held.popleft())
+                    while self._inbox:  # sorted under the lock: a job is always somewhere _die looks
+                        job = self._inbox.popleft()
+                        self._queue_of(job).append(job)
+                self._run_calls()
+                self._admit_waiting()
                 if not self._inside:
                     continue
                 self.busy.mark(True)
-                for out in self.engine.step():
+                outputs = self.engine.step()
+                with self._cond:
+                    if self._death is not None:  # declared dead (stalled) while this step blocked
+                        return
+                    self._progress_at = time.monotonic()
+                for out in outputs:
                     self._unstarted.pop(_own_id(out.request_id), None)
                     if out.finished:
                         self._finish(out)
         except BaseException as exc:  # the engine died (EngineDeadError) or something worse
             self._die(exc)
+
+    def _queue_of(self, job: _Job) -> deque[_Job]:
+        if job.alone:
+            return self._alone
+        return self._live if job.priority == LIVE else self._held
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._inside or self._held or self._live or self._alone or self._calls)
+
+    def _run_calls(self) -> None:
+        while self._calls:
+            method, future = self._calls[0]
+            try:
+                result = method()
+            except Exception as exc:  # the call's own failure (an adapter that does not load)
+                if _is_engine_death(exc):
+                    raise
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            with self._cond:
+                if self._calls and self._calls[0][1] is future:  # else a death already cleared it
+                    self._calls.popleft()
+
+    def _admit_waiting(self) -> None:
+        """Admit what may join the engine now: nothing beside a request that runs alone; live
+        requests at once; an alone request once the engine is empty; bulk while there is room and no
+        alone request waits for the engine to empty."""
+        if self._alone_inside():
+            return
+        while self._live:
+            self._admit(self._live[0], self._live)
+        if self._alone:
+            if not self._inside:
+                self._admit(self._alone[0], self._alone)
+            return
+        while self._room_for_bulk():
+            self._admit(self._held[0], self._held)
+
+    def _alone_inside(self) -> bool:
+        return any(job.alone for job in self._inside.values())
 
     def _room_for_bulk(self) -> bool:
         """Whether the next held bulk request may join the engine now."""
@@ -199,8 +291,17 @@ class EngineLoop:
             self._live_since = now
         return now - self._live_since < LIVE_SHIELD_S
 
-    def _admit(self, job: _Job) -> None:
+    def _admit(self, job: _Job, waiting: deque[_Job]) -> None:
+        """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
+        add_request is called: a death during the call may be this request's doing."""
         job.request_id = f"r{next(self._ids)}"
+        with self._cond:
+            if not self._inside:
+                self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
+            self._inside[job.request_id] = job
+            if job.priority != LIVE:
+                self._bulk_inside += 1
+                self._unstarted[job.request_id] = len(job.token_ids)
         try:
             self.engine.add_request(
                 job.request_id,
@@ -212,22 +313,28 @@ class EngineLoop:
         except Exception as exc:  # this request's fault (too long, bad params): it fails alone
             if _is_engine_death(exc):
                 raise
+            with self._cond:
+                self._forget(job.request_id)
+                _drop_first(waiting, job)
             job.future.set_exception(exc)
             return
         with self._cond:
-            self._inside[job.request_id] = job
-            if job.priority != LIVE:
-                self._bulk_inside += 1
-                self._unstarted[job.request_id] = len(job.token_ids)
+            _drop_first(waiting, job)
+
+    def _forget(self, request_id: str) -> _Job | None:
+        """Take a request out of the engine's books (the caller holds the lock)."""
+        job = self._inside.pop(request_id, None)
+        if job is not None:
+            self._bulk_inside -= job.priority != LIVE
+            self._unstarted.pop(request_id, None)
+        return job
 
     def _finish(self, out: Any) -> None:
         with self._cond:
-            job = self._inside.pop(_own_id(out.request_id), None)
+            job = self._forget(_own_id(out.request_id))
             if job is None:
                 logger.warning("engine returned an unknown request %s", out.request_id)
                 return
-            self._bulk_inside -= job.priority != LIVE
-            self._unstarted.pop(job.request_id, None)
             self._cond.notify_all()
         completion = out.outputs[0]
         job.future.set_result(
@@ -245,24 +352,44 @@ class EngineLoop:
             if self._death is not None:
                 return
             self._death = exc
-            doomed = list(self._inbox) + list(self._held) + list(self._inside.values())
-            self._inbox.clear()
-            self._held.clear()
+            inside = list(self._inside.values())
+            waiting = [*self._inbox, *self._live, *self._held, *self._alone]
+            calls = [future for _, future in self._calls]
+            for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
+                queue.clear()
             self._inside.clear()
             self._unstarted.clear()
             self._cond.notify_all()
-        logger.error("the engine died: %r; failing %d requests in flight", exc, len(doomed))
+        logger.error(
+            "the engine died: %r; failing %d requests inside it, %d waiting", exc, len(inside), len(waiting)
+        )
         self.busy.mark(False)
         if self._on_death is not None:
             self._on_death()
-        for job in doomed:
+        # Inside first: a job being admitted is in both, and it was in the engine when it died.
+        for job in inside:
             if not job.future.done():
-                job.future.set_exception(self._dead_error())
+                job.future.set_exception(self._dead_error(in_engine=True))
+        for job in waiting:
+            if not job.future.done():
+                job.future.set_exception(self._dead_error(in_engine=False))
+        for future in calls:
+            if not future.done():
+                future.set_exception(self._dead_error(in_engine=False))
 
-    def _dead_error(self) -> BaseException:
+    def _dead_error(self, *, in_engine: bool) -> BaseException:
         from worker.engine import EngineDead
 
-        return EngineDead(f"the engine died: {self._death!r}")
+        return EngineDead(f"the engine died: {self._death!r}", in_engine=in_engine)
+
+
+class EngineStalled(RuntimeError):
+    """The engine is alive but no step has returned for longer than the loop allows."""
+
+
+def _drop_first(waiting: deque[_Job], job: _Job) -> None:
+    if waiting and waiting[0] is job:  # else a death (on another thread) already cleared the queue
+        waiting.popleft()
 
 
 def _own_id(request_id: str) -> str:

@@ -32,6 +32,7 @@ from db.turns import (
     TurnOutcome,
     claim_turns,
     fail_turns,
+    hand_back_after_engine_death,
     mark_dispatched,
     requeue_turns,
     store_replies,
@@ -40,7 +41,7 @@ from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import Adapter, EngineDead, GenerationRequest
+from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest
 from worker.judge import judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
@@ -65,6 +66,7 @@ class BatchReport:
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
     handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
     engine_dead: BaseException | None = None
+    futures: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # each turn's engine requests
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -84,7 +86,8 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     """Run one batch; never raises for a single turn's fault.
 
     The batch's turns are claimed under one token and lease (kept alive while the batch runs). If
-    the engine dies, they are handed back without charging an attempt and the report says so; if
+    the engine dies, they are handed back without charging an attempt and the report says so, but a
+    turn inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths is failed (engine_crash_loop); if
     anything else raises, they are handed back (the attempt counted) before the error propagates.
     """
     timer = StageTimer()
@@ -122,7 +125,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             )
         except EngineDead as exc:
             report.engine_dead = exc
-            report.handed_back = _hand_back(claim.token, turns, f"engine died: {exc}", refund=True)
+            _hand_back_dead(claim.token, turns, exc, report)
         except BaseException:
             _hand_back(claim.token, turns, "the batch raised; sent again", refund=False)
             raise
@@ -144,6 +147,55 @@ def _hand_back(
     except Exception:
         logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
         return []
+
+
+def _hand_back_dead(
+    token: uuid.UUID, turns: Sequence[ClaimedTurn], error: EngineDead, report: BatchReport
+) -> None:
+    """The engine died: requeue the claim's turns uncharged, counting a death for each that had a
+    request inside the engine, and fail those at the limit. Best effort, as _hand_back."""
+    reason = f"engine died: {error}"
+    in_engine = [t for t, futures in report.futures.items() if any(map(_was_in_engine, futures))]
+    try:
+        with session_scope() as session:
+            outcome = hand_back_after_engine_death(
+                session=session,
+                token=token,
+                turn_ids=[t.id for t in turns],
+                in_engine=in_engine,
+                reason=reason,
+                max_deaths=settings.max_engine_deaths,
+            )
+    except Exception:
+        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+        return
+    report.handed_back = outcome.requeued
+    for turn_id in outcome.crash_looped:
+        report.failed[turn_id] = Failure(
+            f"inside the engine at {settings.max_engine_deaths} engine deaths ({reason})",
+            TurnErrorCode.ENGINE_CRASH_LOOP,
+        )
+    if outcome.crash_looped:
+        logger.error("failed %d turns that were inside the engine at each death", len(outcome.crash_looped))
+
+
+def _was_in_engine(future: Any) -> bool:
+    """Whether this request was inside the engine when it died."""
+    error = future.exception() if future.done() else None
+    return isinstance(error, EngineDead) and error.in_engine
+
+
+def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
+    """Load each adapted character's LoRA before any request uses it; a turn whose adapter does not
+    load fails alone (adapter_unavailable)."""
+    for turn in turns:
+        adapter = adapter_of(turn.character)
+        if adapter is None:
+            continue
+        try:
+            engine_module.load_adapter(adapter)
+        except AdapterUnavailable as exc:
+            report.failed[turn.id] = Failure(str(exc), TurnErrorCode.ADAPTER_UNAVAILABLE)
 
 
 def _answer(
@@ -194,7 +246,9 @@ def _answer(
                 )
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
-    ready = [t for t in turns if t.id in prompts]
+    with timer("adapters"):
+        _load_adapters([t for t in turns if t.id in prompts], report)
+    ready = [t for t in turns if t.id in prompts and t.id not in report.failed]
     requests = {t.id: _request(t, prompts[t.id], priority) for t in ready}
     vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
     context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
@@ -212,6 +266,7 @@ def _answer(
     candidates = {t.id: candidate_requests(requests[t.id], t.params.get("n", 1)) for t in ready}
     futures = iter(engine_module.submit([r for t in ready for r in candidates[t.id]]))
     future_of = {t.id: [next(futures) for _ in candidates[t.id]] for t in ready}
+    report.futures = future_of  # an engine death asks them which turns were inside the engine
     generations: list[Any] = []
     waiting = list(ready)
     submitted = time.perf_counter()
@@ -398,6 +453,7 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> Generatio
         stop=tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter_of(turn.character),
+        alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone
     )
 
 

@@ -1,0 +1,51 @@
+"""Engine deaths per turn, on the real PostgreSQL: a turn that was inside the engine each time it died
+is dead-lettered (engine_crash_loop) instead of being sent to worker after worker; the turns beside
+it are requeued with their attempt refunded, and a turn that never reached the engine counts no death."""
+
+import uuid
+
+from db.models import TurnErrorCode, TurnStatus
+from db.session import session_scope
+from db.turns import claim_turns, hand_back_after_engine_death
+from services.producer import enqueue_turns, get_turn
+from tests.conftest import new_conversation
+
+
+def _turns(n: int) -> list[uuid.UUID]:
+    return enqueue_turns(
+        [new_conversation() | {"message": f"Death check {i}."} for i in range(n)], send=False
+    )
+
+
+def _die_once(ids: list[uuid.UUID], in_engine: list[uuid.UUID]):
+    """Claim the turns (as a worker does), then hand them back as its engine dies."""
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+        assert sorted(t.id for t in claim.claimed) == sorted(ids)
+    with session_scope() as session:
+        return hand_back_after_engine_death(
+            session=session,
+            token=claim.token,
+            turn_ids=ids,
+            in_engine=in_engine,
+            reason="engine died: injected",
+            max_deaths=2,
+        )
+
+
+def test_a_turn_inside_the_engine_at_two_deaths_is_dead_lettered_and_its_mates_are_not(world) -> None:
+    poison, inside_once, waiting = _turns(3)
+    first = _die_once([poison, inside_once, waiting], in_engine=[poison, inside_once])
+    assert sorted(first.requeued) == sorted([poison, inside_once, waiting]) and not first.crash_looped
+    second = _die_once([poison, inside_once, waiting], in_engine=[poison])  # it ran alone, and died
+    assert second.crash_looped == [poison]
+    view = get_turn(poison)
+    assert view.status == TurnStatus.FAILED and view.error_code == TurnErrorCode.ENGINE_CRASH_LOOP
+    assert "engine died: injected" in view.error
+    for turn_id in (inside_once, waiting):
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.QUEUED and view.attempts == 0  # refunded every time
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=[inside_once, waiting], lease_s=60, max_attempts=3)
+    deaths = {t.id: t.engine_deaths for t in claim.claimed}
+    assert deaths == {inside_once: 1, waiting: 0}  # the pipeline runs inside_once alone next time
