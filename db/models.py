@@ -79,6 +79,11 @@ class TurnErrorCode(enum.StrEnum):
     EMPTY_REPLY = "empty_reply"
     ENGINE_ERROR = "engine_error"
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
+    # A stage of the turn's own work raised (retried on its own attempts first):
+    PROMPT_ERROR = "prompt_error"  # building its prompt (a malformed character, a refusing template)
+    ADAPTER_ERROR = "adapter_error"  # naming its character's LoRA adapter to the engine
+    INVALID_PARAMS = "invalid_params"  # vLLM refused its sampling parameters
+    JUDGE_ERROR = "judge_error"  # scoring its reply or updating the mood
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
 
 
@@ -245,9 +250,7 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
-    __table_args__ = (
-        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
-    )
+    __table_args__ = (Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
