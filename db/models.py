@@ -250,7 +250,9 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),)
+    __table_args__ = (
+        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
