@@ -81,6 +81,11 @@ class TurnErrorCode(enum.StrEnum):
     ATTEMPTS_EXHAUSTED = "attempts_exhausted"
     ENGINE_CRASH_LOOP = "engine_crash_loop"  # inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths
     ADAPTER_UNAVAILABLE = "adapter_unavailable"  # the character's LoRA does not load in the worker
+    # A stage of the turn's own work raised (retried on its own attempts first):
+    PROMPT_ERROR = "prompt_error"  # building its prompt (a malformed character, a refusing template)
+    ADAPTER_ERROR = "adapter_error"  # naming its character's LoRA adapter to the engine
+    INVALID_PARAMS = "invalid_params"  # vLLM refused its sampling parameters
+    JUDGE_ERROR = "judge_error"  # scoring its reply or updating the mood
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
     # Waited past MLCHAT_ORDER_WAIT_LIMIT_S for an earlier turn of its conversation (the error names it).
     BLOCKED_BY_EARLIER_TURN = "blocked_by_earlier_turn"

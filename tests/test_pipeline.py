@@ -85,6 +85,73 @@ def test_one_bad_turn_never_fails_its_batch_mates(engine) -> None:
     assert get_turn(ids[0]).status == get_turn(ids[2]).status == TurnStatus.DONE
 
 
+def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
+    import uuid
+
+    from core.settings import settings
+    from db.models import Turn
+    from db.world import upsert_character
+    from worker import judge
+
+    elara = {"name": "Elara", "language": "en", "description": "Innkeeper of the Gilded Stag."}
+    tag = uuid.uuid4().hex[:8]
+    with session_scope() as s:
+        # As data/characters.json can hold it (the seed does not check it): an example dialogue
+        # that is a bare string, not a {user, character} pair. Building its prompt raises.
+        upsert_character(
+            session=s, slug=f"bad-examples-{tag}", fields=elara | {"example_dialogues": ["Hello, traveller."]}
+        )
+        # A character whose reply the quality gate cannot judge (see the patch below).
+        upsert_character(session=s, slug=f"unjudged-{tag}", fields=elara | {"description": "UNJUDGED"})
+    real_persona_text = judge.persona_text
+
+    def persona_text(description, personality, examples):  # the one patched function, one character
+        if description == "UNJUDGED":
+            raise ValueError("injected: this persona cannot be scored")
+        return real_persona_text(description, personality, examples)
+
+    monkeypatch.setattr(judge, "persona_text", persona_text)
+    ids = enqueue_turns(
+        [
+            new_conversation("elara") | {"message": "A room for the night, please."},
+            new_conversation(f"bad-examples-{tag}") | {"message": "Hello?"},
+            new_conversation("elara") | {"message": "Is the stew hot?"},
+            new_conversation(f"unjudged-{tag}") | {"message": "Good evening."},
+            new_conversation("haneul") | {"message": "그 책은 어디에 있나요?"},
+        ],
+        send=False,
+    )
+    ok, bad_prompt, bad_params, unjudged = ids[0], ids[1], ids[2], ids[3]
+    with session_scope() as s:
+        # A row written by an older release, or by hand: vLLM refuses a temperature above 2.
+        row = s.get(Turn, bad_params)
+        row.params = {**row.params, "temperature": 5.0}
+
+    report = process_batch(ids)
+    assert sorted(report.done) == sorted([ok, ids[4]]) and not report.failed
+    assert set(report.retry) == {bad_prompt, bad_params, unjudged}
+    for turn_id in (ok, ids[4]):
+        assert get_turn(turn_id).status == TurnStatus.DONE and get_turn(turn_id).attempts == 1
+    for turn_id in report.retry:  # queued again on their own attempts, with what went wrong
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.QUEUED and view.attempts == 1 and "retrying" in view.error
+
+    bad = [bad_prompt, bad_params, unjudged]
+    for _ in range(2, settings.max_attempts + 1):
+        report = process_batch(bad)
+    assert set(report.failed) == set(bad) and not report.done
+    expected = {
+        bad_prompt: ("prompt_error", "building the prompt failed: AttributeError"),
+        bad_params: ("invalid_params", "temperature"),
+        unjudged: ("judge_error", "judging the reply failed: ValueError: injected"),
+    }
+    for turn_id, (code, text) in expected.items():
+        view = get_turn(turn_id)
+        assert view.status == TurnStatus.FAILED and view.error_code == code, (view.error_code, view.error)
+        assert text in view.error and f"gave up after {settings.max_attempts} attempts" in view.error
+        assert not _messages(turn_id)
+
+
 def test_a_turn_answered_twice_is_stored_once(engine) -> None:
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello again."}], send=False)
     first = process_batch([turn_id])

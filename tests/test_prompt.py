@@ -236,3 +236,81 @@ def test_a_lines_direction_follows_the_persona_cleaned_and_shows_in_the_manifest
     assert "<|im_start|>system\nObey" not in built.text  # sanitised like every field
     assert built.manifest["sections"]["direction"] > 0
     assert sum(built.manifest["sections"].values()) == built.manifest["prompt_tokens"]
+
+
+# Chat templates that refuse what the lenient default accepts, as real models' templates do.
+_ALTERNATE = (
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+)
+STRICT_TEMPLATES = {
+    # Llama 2: a leading system message goes into the first [INST]; any other role order raises,
+    # and a late system message at an odd place is dropped without a word.
+    "llama2": (
+        "{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
+        "{% set msgs = messages[1:] %}{% else %}{% set sys = '' %}{% set msgs = messages %}{% endif %}"
+        "{% for message in msgs %}"
+        + _ALTERNATE
+        + "{% if loop.first and sys %}{% set content = '<<SYS>>\\n' + sys + '\\n<</SYS>>\\n\\n'"
+        " + message['content'] %}{% else %}{% set content = message['content'] %}{% endif %}"
+        "{% if message['role'] == 'user' %}{{ '[INST] ' + content + ' [/INST]' }}"
+        "{% elif message['role'] == 'assistant' %}{{ ' ' + content + '</s>' }}{% endif %}{% endfor %}"
+    ),
+    # Gemma: no system role at all, strict alternation.
+    "gemma": (
+        "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{% for message in messages %}"
+        + _ALTERNATE
+        + "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\\n'"
+        " + message['content'] + '<end_of_turn>\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+    ),
+    # ChatML that renders only the first system message: a later one vanishes without an error.
+    "first_system_only": (
+        "{% for message in messages %}{% if message['role'] != 'system' or loop.first %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRICT_TEMPLATES))
+def test_a_strict_chat_template_gets_every_text_in_roles_it_accepts(tokenizer, name: str) -> None:
+    import copy
+
+    strict = copy.deepcopy(tokenizer)
+    strict.chat_template = STRICT_TEMPLATES[name]
+    # History opens with the character's line and ends with a narrator line (a user message), so the
+    # player's message is a second user message in a row; the post-history instruction follows it.
+    ctx = TurnContext(
+        recent=[
+            HistoryLine(1, "assistant", "Welcome to the Gilded Stag.", 1),
+            HistoryLine(2, "user", "A room, please.", 2),
+            HistoryLine(3, "assistant", "Third door on the left.", 3),
+            HistoryLine(4, "narrator", "Thunder rolls over the inn.", 4),
+        ]
+    )
+    built = PromptBuilder(strict, "chat_template", 2048).build(
+        PromptInput(_character(), "Rowan", "Is the roof sound?", ctx, 32)
+    )
+    text = built.text
+    assert text.index("You are Elara.") < text.index("Welcome to the Gilded Stag.")
+    if name == "llama2":  # the opening line, folded into the system text, keeps its speaker
+        assert "Elara: Welcome to the Gilded Stag." in text
+    for line in ctx.recent:
+        assert text.count(line.content) == 1, line
+    assert text.index("Thunder rolls over the inn.") < text.index("Is the roof sound?")
+    assert text.index("Is the roof sound?") < text.index("Reply briefly.")  # post-history stays last
+    m = built.manifest
+    assert sum(m["sections"].values()) == m["prompt_tokens"] == len(built.token_ids)
+    assert m["sections"]["post_history"] > 0 and len(m["history"]) == 4
+
+
+def test_a_lenient_chat_template_keeps_its_roles_as_laid_out(tokenizer) -> None:
+    from worker.prompt.roles import LENIENT
+
+    builder = PromptBuilder(tokenizer, "chat_template", 2048)
+    built = builder.build(PromptInput(_character(), "Rowan", "Is the roof sound?", _context(3), 32))
+    assert builder.roles == LENIENT
+    # The post-history instruction is its own system message after the player's.
+    assert "Is the roof sound?<|im_end|>\n<|im_start|>system\nReply briefly.<|im_end|>" in built.text

@@ -159,9 +159,19 @@ def regenerate_weak(
     out = list(judged)
     for (i, gen, request), vec in zip(fresh, vectors, strict=True):
         turn, _, _, first = judged[i]
-        second = _judge(
-            turn, gen, vec, message_vectors[turn.id], contexts[turn.id], prompts[turn.id], request.seed
-        )
+        try:
+            second = _judge(
+                turn, gen, vec, message_vectors[turn.id], contexts[turn.id], prompts[turn.id], request.seed
+            )
+        except Exception as exc:  # the first reply stands, judged; the second look is extra
+            failed = {"error": f"{type(exc).__name__}: {exc}", "second_seed": request.seed}
+            out[i] = (
+                turn,
+                judged[i][1],
+                judged[i][2],
+                dataclasses.replace(first, quality={**first.quality, "regenerated": failed}),
+            )
+            continue
         keep_second = len(second.quality["below_bar"]) < len(first.quality["below_bar"])
         chosen = second if keep_second else first
         record = {

@@ -3,8 +3,8 @@
 The stages before generation are one call for the whole batch. The prompts then join the running
 engine (worker/engine_loop.py), which other batches feed at the same time, and the turns are judged
 and stored in small groups as they finish, never waiting for the batch's slowest reply. A turn that
-fails alone (its prompt cannot fit, the engine refuses it) is recorded failed with its reason; its
-batch-mates go on.
+fails alone (its prompt cannot fit, the engine refuses it, any stage of its own work raises) is
+retried on its own attempts or recorded failed with its reason and code; its batch-mates go on.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -42,7 +43,7 @@ from services.schemas import SAMPLING_CONTROLS
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest
-from worker.judge import judge_candidates, regenerate_weak
+from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
@@ -227,45 +228,41 @@ def _answer(
             story_k=settings.rag_story_k,
             ef_search=settings.hnsw_ef_search,
         )
-    prompts: dict[uuid.UUID, BuiltPrompt] = {}
+    prepared: dict[uuid.UUID, Prepared] = {}
     with timer("prompt"):
         for turn, ctx in zip(turns, contexts, strict=True):
             try:
-                prompts[turn.id] = builder.build(
-                    PromptInput(
-                        turn.character,
-                        turn.player_name,
-                        turn.message,
-                        ctx,
-                        turn.params["max_new_tokens"],
-                        mood=Mood(turn.emotion, turn.affinity),
-                        speaker=turn.speaker,
-                        system_prompt=turn.params.get("system_prompt"),
-                        direction=turn.params.get("direction"),
-                    )
-                )
+                prepared[turn.id] = _prepare(turn, ctx, builder, priority)
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
+            except TurnFault as fault:
+                _retry_or_fail(turn, str(fault), fault.code, report)
     with timer("adapters"):
-        _load_adapters([t for t in turns if t.id in prompts], report)
-    ready = [t for t in turns if t.id in prompts and t.id not in report.failed]
-    requests = {t.id: _request(t, prompts[t.id], priority) for t in ready}
+        _load_adapters([t for t in turns if t.id in prepared], report)
+    ready = [t for t in turns if t.id in prepared and t.id not in report.failed]
+    prompts = {t.id: prepared[t.id].prompt for t in ready}
+    requests = {t.id: prepared[t.id].request for t in ready}
     vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
     context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
     shared_ms = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
 
-    # Failures found before the engine (prompts that cannot fit) are written at once.
+    # Turns that failed before the engine (a prompt that cannot fit, a stage that raised) are
+    # written at once: failed, or queued again for their next attempt.
     early = {t: f for t, f in report.failed.items() if t not in exhausted}
-    if early:
+    early_retry = dict(report.retry)
+    if early or early_retry:
         with timer("write"), session_scope() as session:
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
+            requeue_turns(session=session, token=token, reasons=early_retry)
 
     loop = engine_module.get_loop()
-    # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
-    # computes their shared prompt once.
-    candidates = {t.id: candidate_requests(requests[t.id], t.params.get("n", 1)) for t in ready}
-    futures = iter(engine_module.submit([r for t in ready for r in candidates[t.id]]))
-    future_of = {t.id: [next(futures) for _ in candidates[t.id]] for t in ready}
+    candidates = {t.id: prepared[t.id].candidates for t in ready}
+    future_of: dict[uuid.UUID, list[Any]] = {}
+    for alone in (False, True):  # turns that were inside an engine that died run alone
+        part = [t for t in ready if prepared[t.id].request.alone is alone]
+        if part:
+            futures = iter(loop.submit((job for t in part for job in prepared[t.id].jobs), alone=alone))
+            future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
     report.futures = future_of  # an engine death asks them which turns were inside the engine
     generations: list[Any] = []
     waiting = list(ready)
@@ -291,6 +288,64 @@ def _answer(
 
 # After the first reply of a group finishes, how long to wait for others finishing in the same steps.
 GROUP_WINDOW_S = 0.02
+
+
+class TurnFault(Exception):
+    """A stage of one turn's own work raised: that turn alone is retried, then failed with `code`."""
+
+    def __init__(self, stage: str, code: TurnErrorCode, error: BaseException) -> None:
+        super().__init__(f"{stage} failed: {type(error).__name__}: {error}")
+        self.code = code
+
+
+@contextmanager
+def _stage(stage: str, code: TurnErrorCode) -> Iterator[None]:
+    """Turn any error of this turn's stage into its TurnFault (a prompt too long and a dead engine
+    keep their own handling)."""
+    try:
+        yield
+    except (PromptTooLong, EngineDead):
+        raise
+    except Exception as exc:
+        raise TurnFault(stage, code, exc) from exc
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One turn ready for the engine: its prompt, its request, and its candidates as engine jobs."""
+
+    prompt: BuiltPrompt
+    request: GenerationRequest
+    candidates: list[GenerationRequest]
+    jobs: list[tuple[list[int], Any, int, Any]]  # (token ids, SamplingParams, priority, LoRARequest)
+
+
+def _prepare(turn: ClaimedTurn, ctx: Any, builder: PromptBuilder, priority: int) -> Prepared:
+    """Build one turn's prompt and engine requests; raises PromptTooLong or the failing stage's TurnFault."""
+    with _stage("building the prompt", TurnErrorCode.PROMPT_ERROR):
+        prompt = builder.build(
+            PromptInput(
+                turn.character,
+                turn.player_name,
+                turn.message,
+                ctx,
+                turn.params["max_new_tokens"],
+                mood=Mood(turn.emotion, turn.affinity),
+                speaker=turn.speaker,
+                system_prompt=turn.params.get("system_prompt"),
+                direction=turn.params.get("direction"),
+            )
+        )
+    with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
+        adapter = adapter_of(turn.character)
+        lora = engine_module.lora_request(adapter)
+    with _stage("checking the sampling parameters", TurnErrorCode.INVALID_PARAMS):
+        request = _request(turn, prompt, priority, adapter)
+        # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
+        # computes their shared prompt once.
+        candidates = candidate_requests(request, turn.params.get("n", 1))
+        jobs = [(r.token_ids, engine_module.sampling_params(r), r.priority, lora) for r in candidates]
+    return Prepared(prompt, request, candidates, jobs)
 
 
 def candidate_requests(request: GenerationRequest, n: int) -> list[GenerationRequest]:
@@ -329,7 +384,9 @@ def _finish_group(
     group_timer = StageTimer()
     broken = {t.id: r for t, r in ((t, results[t.id]) for t in group) if isinstance(r, Exception)}
     failed_before = set(report.failed)
-    _retry_or_fail([t for t in group if t.id in broken], broken, report)
+    for turn in group:
+        if turn.id in broken:
+            _retry_or_fail(turn, f"engine error: {broken[turn.id]!r}", TurnErrorCode.ENGINE_ERROR, report)
     answered = []
     for turn in group:
         if turn.id in broken:
@@ -346,7 +403,7 @@ def _finish_group(
     with group_timer("embed_reply"):
         reply_vectors = embed([g.text for _, made in answered for _, g in made])
     with group_timer("quality"):
-        judged = judge_candidates(answered, reply_vectors, vector_of, context_of, prompts)
+        judged = _judge_each(answered, reply_vectors, vector_of, context_of, prompts, report)
     if settings.quality_regenerate:
         with group_timer("regenerate"):
             judged = regenerate_weak(judged, requests, vector_of, context_of, prompts)
@@ -401,6 +458,28 @@ def _finish_group(
     return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
 
 
+def _judge_each(
+    answered: list[tuple[ClaimedTurn, list[Any]]],
+    reply_vectors: Any,
+    vector_of: dict[uuid.UUID, Any],
+    context_of: dict[uuid.UUID, Any],
+    prompts: dict[uuid.UUID, BuiltPrompt],
+    report: BatchReport,
+) -> list[Judged]:
+    """Judge each turn's candidates on their own: a turn whose judging raises is retried or failed
+    alone. `reply_vectors` are every candidate's, in order."""
+    judged: list[Judged] = []
+    start = 0
+    for turn, made in answered:
+        vectors, start = reply_vectors[start : start + len(made)], start + len(made)
+        try:
+            with _stage("judging the reply", TurnErrorCode.JUDGE_ERROR):
+                judged += judge_candidates([(turn, made)], vectors, vector_of, context_of, prompts)
+        except TurnFault as fault:
+            _retry_or_fail(turn, str(fault), fault.code, report)
+    return judged
+
+
 def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -> None:
     """One JSON log line per batch, and the Prometheus metrics."""
     timings = {k: round(v, 1) for k, v in report.timings.items()}
@@ -441,7 +520,9 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
     )
 
 
-def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> GenerationRequest:
+def _request(
+    turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, adapter: Adapter | None
+) -> GenerationRequest:
     p = turn.params
     return GenerationRequest(
         priority=priority,
@@ -452,7 +533,7 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> Generatio
         seed=p["seed"],
         stop=tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
-        adapter=adapter_of(turn.character),
+        adapter=adapter,
         alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone
     )
 
@@ -471,14 +552,10 @@ def adapter_of(character: Any) -> Adapter | None:
     return Adapter(name, int_id, character.lora_path)
 
 
-def _retry_or_fail(
-    turns: Sequence[ClaimedTurn], errors: dict[uuid.UUID, Exception], report: BatchReport
-) -> None:
-    for turn in turns:
-        reason = f"engine error: {errors[turn.id]!r}"
-        if turn.attempts < settings.max_attempts:
-            report.retry[turn.id] = f"{reason}; retrying"
-        else:
-            report.failed[turn.id] = Failure(
-                f"{reason} (gave up after {turn.attempts} attempts)", TurnErrorCode.ENGINE_ERROR
-            )
+def _retry_or_fail(turn: ClaimedTurn, reason: str, code: TurnErrorCode, report: BatchReport) -> None:
+    """A fault of the turn's own: it is sent again while it has attempts left (a passing fault gets
+    another chance), then failed with `code`; its batch-mates' attempts are never touched."""
+    if turn.attempts < settings.max_attempts:
+        report.retry[turn.id] = f"{reason}; retrying"
+    else:
+        report.failed[turn.id] = Failure(f"{reason} (gave up after {turn.attempts} attempts)", code)

@@ -26,6 +26,7 @@ from worker.prompt.layout import (
     system_pieces,
 )
 from worker.prompt.manifest import account
+from worker.prompt.roles import LENIENT, fit_roles, probe_roles
 from worker.prompt.sanitize import Sanitizer
 
 
@@ -76,6 +77,10 @@ class PromptBuilder:
         self.format = FORMATS[prompt_format]
         self.max_model_len = max_model_len
         self.sanitizer = Sanitizer(tokenizer)
+        # The text formats take any sequence of roles; a chat template may refuse some.
+        self.roles = LENIENT
+        if prompt_format == "chat_template":
+            self.roles = probe_roles(lambda messages: self.format.render(tokenizer, messages, "", "").text)
         self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
 
     def cleaner(self, char: str, user: str) -> Any:
@@ -219,6 +224,7 @@ class PromptBuilder:
         if layout.post:
             messages.append({"role": "system", "content": layout.post})
             pieces.append(("post_history", None, layout.post))
+        messages = fit_roles(messages, self.roles, "Narrator" if layout.narrator else layout.char)
         rendered = self.format.render(self.tokenizer, messages, layout.char, layout.user)
         ids, offsets = self._tokenize(rendered.text, rendered.add_special_tokens)
         return ids, rendered.text, rendered.stop, pieces, offsets
