@@ -13,7 +13,7 @@ from prometheus_client import make_asgi_app
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, files, health, stories, turns
+from api.routes import batches, characters, chat_completions, files, health, stories, stream, turns
 from core import metrics
 from core.settings import settings
 
@@ -32,7 +32,7 @@ def create_app() -> FastAPI:
         },
     )
     errors.install(app)
-    for module in (turns, batches, files, characters, stories, health):
+    for module in (turns, stream, chat_completions, batches, files, characters, stories, health):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -8,7 +8,7 @@ import re
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import settings
 
@@ -119,6 +119,15 @@ class TurnRequest(BaseModel):
     speaker: Literal["character", "narrator"] = Field(
         default="character", description="who answers: the character, or the story's narrator"
     )
+    stream: bool = Field(
+        default=False, description="publish the reply as it is written (GET /v1/turns/{id}/stream)"
+    )
+
+    @model_validator(mode="after")
+    def _streams_one_candidate(self) -> TurnRequest:
+        if self.stream and (self.params.n or 1) > 1:
+            raise ValueError("stream: a streamed turn generates one candidate; leave params.n at 1")
+        return self
 
     @field_validator("message")
     @classmethod
@@ -129,6 +138,7 @@ class TurnRequest(BaseModel):
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
+        skip |= set() if self.stream else {"stream"}
         body = self.model_dump(exclude=skip, mode="json")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

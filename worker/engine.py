@@ -10,6 +10,7 @@ import logging
 import multiprocessing.util
 import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import metrics
 from core.settings import Dtype, settings
+from streaming.publisher import text_hook
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation
 from worker.model_cache import resolve_model_path
 
@@ -62,6 +64,7 @@ class GenerationRequest:
     # repetition_penalty, frequency_penalty, presence_penalty, min_p, top_k (services/schemas.py)
     controls: dict[str, Any] = field(default_factory=dict)
     adapter: Adapter | None = None  # the character's LoRA; None: the base model
+    stream: tuple[uuid.UUID, uuid.UUID] | None = None  # (turn id, claim token): whose stream gets the text
 
 
 @dataclass
@@ -246,8 +249,13 @@ def sampling_params(request: GenerationRequest) -> Any:
 def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
     """Queue the requests on the engine loop; one future per request, in order."""
     return get_loop().submit(
-        (r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for r in requests
+        [(r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for r in requests],
+        on_text=[_text_hook(r.stream) for r in requests],
     )
+
+
+def _text_hook(stream: tuple[uuid.UUID, uuid.UUID] | None) -> Any:
+    return None if stream is None else text_hook(*stream)
 
 
 def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:

@@ -37,6 +37,7 @@ from db.turns import (
 )
 from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
+from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Adapter, EngineDead, GenerationRequest
@@ -115,8 +116,9 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
         except EngineDead as exc:
             report.engine_dead = exc
             report.handed_back = _hand_back(claim.token, turns, f"engine died: {exc}", refund=True)
+            _announce(turns, report.handed_back)
         except BaseException:
-            _hand_back(claim.token, turns, "the batch raised; sent again", refund=False)
+            _announce(turns, _hand_back(claim.token, turns, "the batch raised; sent again", refund=False))
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
@@ -186,7 +188,7 @@ def _answer(
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
     ready = [t for t in turns if t.id in prompts]
-    requests = {t.id: _request(t, prompts[t.id], priority) for t in ready}
+    requests = {t.id: _request(t, prompts[t.id], priority, token) for t in ready}
     vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
     context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
     shared_ms = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
@@ -196,6 +198,7 @@ def _answer(
     if early:
         with timer("write"), session_scope() as session:
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
+        _announce(turns, early)
 
     loop = engine_module.get_loop()
     # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
@@ -284,8 +287,12 @@ def _finish_group(
     with group_timer("quality"):
         judged = judge_candidates(answered, reply_vectors, vector_of, context_of, prompts)
     if settings.quality_regenerate:
+        # A streamed reply is never regenerated: the player has read it already (README, Streaming).
+        shown = [j for j in judged if _streamed(j[0])]
         with group_timer("regenerate"):
-            judged = regenerate_weak(judged, requests, vector_of, context_of, prompts)
+            judged = shown + regenerate_weak(
+                [j for j in judged if not _streamed(j[0])], requests, vector_of, context_of, prompts
+            )
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
@@ -327,6 +334,7 @@ def _finish_group(
         stored = store_replies(session=session, token=token, outcomes=outcomes)
         fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
         requeue_turns(session=session, token=token, reasons=retry)
+    _announce(group, [*stored, *newly_failed, *retry])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:
@@ -377,7 +385,20 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
     )
 
 
-def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> GenerationRequest:
+def _streamed(turn: ClaimedTurn) -> bool:
+    """Whether the turn's reply goes out as it is written (`stream` on the turn)."""
+    return bool(turn.params.get("stream"))
+
+
+def _announce(turns: Sequence[ClaimedTurn], changed: Any) -> None:
+    """Tell the streamed turns' readers that an outcome is committed (a reply, a failure, a retry)."""
+    changed = set(changed)
+    for turn in turns:
+        if turn.id in changed and _streamed(turn):
+            publisher().end(turn.id)
+
+
+def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, token: uuid.UUID) -> GenerationRequest:
     p = turn.params
     return GenerationRequest(
         priority=priority,
@@ -389,6 +410,7 @@ def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int) -> Generatio
         stop=tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter_of(turn.character),
+        stream=(turn.id, token) if _streamed(turn) else None,
     )
 
 
