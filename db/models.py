@@ -245,9 +245,7 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
-    __table_args__ = (
-        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
-    )
+    __table_args__ = (Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),)
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error
@@ -305,6 +303,11 @@ class Turn(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)
+    # Per-turn completion callback (POST /v1/turns callback_url) and its delivery, as runs keep theirs.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

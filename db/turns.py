@@ -60,6 +60,7 @@ class NewTurn:
     custom_id: str | None = None
     speaker: str = "character"
     api_key: str | None = None
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -165,6 +165,7 @@ def _store_turns(
                 custom_id=custom_ids[i] if custom_ids else None,
                 speaker=req.speaker,
                 api_key=api_key,
+                callback_url=req.callback_url,
             )
             for i, req in enumerate(parsed)
         ]

@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import settings
+from services.callbacks import callback_refusal
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
@@ -122,6 +123,17 @@ class TurnRequest(BaseModel):
     stream: bool = Field(
         default=False, description="publish the reply as it is written (GET /v1/turns/{id}/stream)"
     )
+    callback_url: Text | None = Field(
+        default=None, max_length=2000, description="POSTed the turn, signed, once it is done or failed"
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_may_be_sent(cls, value: str | None) -> str | None:
+        refused = callback_refusal(value) if value is not None else None
+        if refused is not None:
+            raise ValueError(refused)
+        return value
 
     @model_validator(mode="after")
     def _streams_one_candidate(self) -> TurnRequest:
@@ -138,7 +150,7 @@ class TurnRequest(BaseModel):
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
-        skip |= set() if self.stream else {"stream"}
+        skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
         body = self.model_dump(exclude=skip, mode="json")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -179,3 +179,73 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
     assert "".join(e[2]["text"] for e in events if e[0] == "delta") == stored.reply
     assert events[-1][0] == "done" and events[-1][2]["reply"] == stored.reply
     assert events[-1][2]["prompt"] is None  # an ingest key never sees the prompt
+
+
+# --- per-turn callbacks ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signing(monkeypatch):  # type: ignore[no-untyped-def]
+    from pydantic import SecretStr
+
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("turn-callback-secret"))
+    return settings
+
+
+def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(base_url, signing) -> None:
+    body = new_conversation() | {"message": "hi", "callback_url": "http://127.0.0.1:9/hook"}
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "callback_url" in r.text and "non-public" in r.text
+    assert producer.get_turn(r.json().get("id", uuid.uuid4())) is None
+    body["callback_url"] = "ftp://example.com/hook"
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "http(s)" in r.text
+
+
+def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from db.models import Turn
+    from services.callbacks import SIGNATURE_HEADER, CallbackFailed, verify_signature
+    from services.turn_callbacks import deliver_turn
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    received: list[tuple[bytes, str]] = []
+    answers = [500, 200]
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(
+                (self.rfile.read(int(self.headers["content-length"])), self.headers[SIGNATURE_HEADER])
+            )
+            self.send_response(answers.pop(0))
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[stored.id])
+        with pytest.raises(CallbackFailed, match="HTTP 500"):
+            deliver_turn(stored.id)  # the task retries it
+        assert deliver_turn(stored.id) is True
+        assert deliver_turn(stored.id) is True  # delivered already: not posted again
+    finally:
+        server.shutdown()
+    assert len(received) == 2
+    body, signature = received[-1]
+    assert verify_signature(signature, body, "turn-callback-secret")
+    sent = json.loads(body)
+    assert sent["id"] == str(stored.id) and sent["status"] == "cancelled" and sent["prompt"] is None
+    with session_scope() as session:
+        turn = session.get(Turn, stored.id)
+        assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None

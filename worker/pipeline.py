@@ -25,6 +25,7 @@ from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
+from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
     Failure,
@@ -37,6 +38,7 @@ from db.turns import (
 )
 from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
+from services.turn_callbacks import send_turn_callbacks
 from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
@@ -199,6 +201,7 @@ def _answer(
         with timer("write"), session_scope() as session:
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
         _announce(turns, early)
+        _call_back(list(early))
 
     loop = engine_module.get_loop()
     # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
@@ -335,6 +338,7 @@ def _finish_group(
         fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
         requeue_turns(session=session, token=token, reasons=retry)
     _announce(group, [*stored, *newly_failed, *retry])
+    _call_back([*stored, *newly_failed])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:
@@ -396,6 +400,15 @@ def _announce(turns: Sequence[ClaimedTurn], changed: Any) -> None:
     for turn in turns:
         if turn.id in changed and _streamed(turn):
             publisher().end(turn.id)
+
+
+def _call_back(turn_ids: Sequence[uuid.UUID]) -> None:
+    """Queue the callbacks of the finished turns that asked for one (POST /v1/turns callback_url)."""
+    if not turn_ids:
+        return
+    with session_scope() as session:
+        wanted = with_callbacks(session=session, turn_ids=turn_ids)
+    send_turn_callbacks(wanted)
 
 
 def _request(turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, token: uuid.UUID) -> GenerationRequest:
