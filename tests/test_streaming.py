@@ -120,7 +120,7 @@ def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> 
 def test_a_streamed_turn_refuses_best_of_n(base_url) -> None:
     body = new_conversation() | {"message": "hi", "stream": True, "params": {"n": 2}}
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
-    assert r.status_code == 422 and "stream" in r.text
+    assert r.status_code == 422 and "stream" in r.text and "one candidate" in r.text
 
 
 def test_chat_completions_refuse_what_they_cannot_answer_with_a_4xx(base_url) -> None:

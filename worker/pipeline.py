@@ -406,8 +406,12 @@ def _call_back(turn_ids: Sequence[uuid.UUID]) -> None:
     """Queue the callbacks of the finished turns that asked for one (POST /v1/turns callback_url)."""
     if not turn_ids:
         return
-    with session_scope() as session:
-        wanted = with_callbacks(session=session, turn_ids=turn_ids)
+    try:
+        with session_scope() as session:
+            wanted = with_callbacks(session=session, turn_ids=turn_ids)
+    except Exception:  # the outcomes are stored; a callback is not worth failing the batch for
+        logger.warning("could not look up the callbacks of %d turns", len(turn_ids), exc_info=True)
+        return
     send_turn_callbacks(wanted)
 
 
