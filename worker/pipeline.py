@@ -101,6 +101,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     report.failed.update(
         {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
     )
+    _call_back(claim.exhausted)
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
