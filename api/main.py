@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, files, health, stories, turns
+from api.routes import batches, characters, chat_completions, files, health, stories, stream, turns
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
@@ -32,7 +32,17 @@ def create_app() -> FastAPI:
         },
     )
     errors.install(app)
-    for module in (turns, batches, files, characters, stories, health, metrics_routes):
+    for module in (
+        turns,
+        stream,
+        chat_completions,
+        batches,
+        files,
+        characters,
+        stories,
+        health,
+        metrics_routes,
+    ):
         app.include_router(module.router)
 
     @app.middleware("http")

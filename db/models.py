@@ -329,6 +329,11 @@ class Turn(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)
+    # Per-turn completion callback (POST /v1/turns callback_url) and its delivery, as runs keep theirs.
+    callback_url: Mapped[str | None] = mapped_column(Text)
+    callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    callback_error: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -65,6 +65,7 @@ class NewTurn:
     speaker: str = "character"
     api_key: str | None = None
     tenant: str = ""  # the caller's tenant ('' for the CLI and the Python API)
+    callback_url: str | None = None
 
 
 @dataclass(frozen=True)

@@ -107,15 +107,21 @@ def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], e
 
 
 def append_history_if_empty(
-    *, session: Session, conversation_id: int, lines: Sequence[tuple[str, str]], embeddings: np.ndarray
+    *,
+    session: Session,
+    conversation_id: int,
+    lines: Sequence[tuple[str, str]],
+    embeddings: np.ndarray | None,
 ) -> int:
-    """Seed a conversation's history once: nothing is written if it already has messages."""
+    """Seed a conversation's history once: nothing is written if it already has messages. Without
+    embeddings the lines are recent history only (retrieval finds embedded messages)."""
     existing = session.scalar(select(func.count()).where(Message.conversation_id == conversation_id))
     if existing or not lines:
         return 0
+    vectors = list(embeddings) if embeddings is not None else [None] * len(lines)
     rows = [
         dict(conversation_id=conversation_id, seq=i, role=Role(role), content=text, embedding=vec)
-        for i, ((role, text), vec) in enumerate(zip(lines, embeddings, strict=True), start=1)
+        for i, ((role, text), vec) in enumerate(zip(lines, vectors, strict=True), start=1)
     ]
     session.execute(insert(Message), rows)
     return len(rows)

@@ -321,7 +321,7 @@ def chat(
     timeout: Annotated[float, typer.Option(min=1)] = 300.0,
     narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
 ) -> None:
-    """Send one message to a character and print prompt, reply and timings."""
+    """Send one message to a character, print the reply as it is written, then prompt, reply and timings."""
     from scripts.render import render_turn
     from services.producer import enqueue_turns, wait_for_reply
 
@@ -342,11 +342,40 @@ def chat(
 
         (view,) = answer_now([request])
     else:
+        request["stream"] = parsed.get("n", 1) == 1  # best of n is judged whole, never streamed
         (turn_id,) = enqueue_turns([request])
+        if request["stream"]:
+            _print_as_written(turn_id, timeout)
         view = wait_for_reply(turn_id, timeout=timeout)
     _out(render_turn(view, f"{character} · {request['conversation']}"))
     if view.reply is None:
         raise typer.Exit(1)
+
+
+def _print_as_written(turn_id: uuid.UUID, timeout: float) -> None:
+    """Print the turn's reply as the worker writes it (its stream), until the turn ends."""
+    import asyncio
+
+    from services.producer import TurnView, get_turn
+    from streaming.reader import turn_events
+
+    async def read() -> TurnView:
+        view = get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def follow() -> None:
+        async for event in turn_events(turn_id, read):
+            if event.kind == "delta":
+                typer.echo(event.data["text"], nl=False)
+            elif event.data.get("code") == "restarted":
+                typer.echo("\n[the reply is being written again]")
+        typer.echo("")
+
+    try:
+        asyncio.run(asyncio.wait_for(follow(), timeout))
+    except TimeoutError:
+        typer.echo("")
 
 
 @card_app.command("import")

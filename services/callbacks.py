@@ -1,4 +1,5 @@
-"""Completion callbacks: the batch object POSTed to the batch's callback URL, signed with HMAC-SHA256.
+"""Completion callbacks: the batch object POSTed to the batch's callback URL (or a turn to its own,
+POST /v1/turns `callback_url`), signed with HMAC-SHA256.
 
 The `X-Mlchat-Signature` header is `t=<unix time>,v1=<hex digest>`, the digest being
 HMAC-SHA256(MLCHAT_CALLBACK_SECRET, "<t>.<raw body>"). A receiver recomputes it over the raw body
@@ -125,20 +126,37 @@ def deliver(run_id: uuid.UUID) -> bool:
         with session_scope() as session:
             record_callback(session=session, run_id=run_id, error=f"not sent: {refused}")
         return False
-    headers = {
-        "content-type": "application/json",
-        SIGNATURE_HEADER: sign(body, settings.callback_secret.get_secret_value(), int(time.time())),
-        "X-Mlchat-Delivery": str(run_id),
-    }
-    try:
-        response = post_pinned(
-            url, address, content=body, headers=headers, timeout=settings.callback_timeout_s
-        )
-        error = None if response.is_success else f"HTTP {response.status_code}"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:300]
+    error = post_signed(url, address, body, delivery=str(run_id))
     with session_scope() as session:
         record_callback(session=session, run_id=run_id, error=error)
     if error is not None:
         raise CallbackFailed(error)
     return True
+
+
+def post_signed(url: str, address: Address, body: bytes, *, delivery: str) -> str | None:
+    """POST `body` signed to `url` once, over a connection to its vetted `address`; None when the
+    receiver answered 2xx, else why not."""
+    assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
+    headers = {
+        "content-type": "application/json",
+        SIGNATURE_HEADER: sign(body, settings.callback_secret.get_secret_value(), int(time.time())),
+        "X-Mlchat-Delivery": delivery,
+    }
+    try:
+        response = post_pinned(
+            url, address, content=body, headers=headers, timeout=settings.callback_timeout_s
+        )
+        return None if response.is_success else f"HTTP {response.status_code}"
+    except httpx.HTTPError as exc:
+        return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def callback_refusal(url: str) -> str | None:
+    """Why a callback URL given with a request is not accepted, or None (the batches' rules)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        return f"{url[:80]!r} is not an http(s) URL"
+    if settings.callback_secret is None:
+        return "set MLCHAT_CALLBACK_SECRET so callbacks can be signed"
+    return refused_destination(url)

@@ -167,12 +167,13 @@ def _store_turns(
                 conversation_id=conv_ids[req.conversation],
                 message=req.message,
                 model=req.model or settings.model,
-                params=req.params.resolved(),
+                params=req.params.resolved() | ({"stream": True} if req.stream else {}),
                 run_id=run_id,
                 custom_id=custom_ids[i] if custom_ids else None,
                 speaker=req.speaker,
                 api_key=api_key,
                 tenant=tenant,
+                callback_url=req.callback_url,
             )
             for i, req in enumerate(parsed)
         ]

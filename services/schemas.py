@@ -8,9 +8,10 @@ import re
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import settings
+from services.callbacks import callback_refusal
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
@@ -119,6 +120,26 @@ class TurnRequest(BaseModel):
     speaker: Literal["character", "narrator"] = Field(
         default="character", description="who answers: the character, or the story's narrator"
     )
+    stream: bool = Field(
+        default=False, description="publish the reply as it is written (GET /v1/turns/{id}/stream)"
+    )
+    callback_url: Text | None = Field(
+        default=None, max_length=2000, description="POSTed the turn, signed, once it is done or failed"
+    )
+
+    @field_validator("callback_url")
+    @classmethod
+    def _callback_may_be_sent(cls, value: str | None) -> str | None:
+        refused = callback_refusal(value) if value is not None else None
+        if refused is not None:
+            raise ValueError(refused)
+        return value
+
+    @model_validator(mode="after")
+    def _streams_one_candidate(self) -> TurnRequest:
+        if self.stream and (self.params.n or 1) > 1:
+            raise ValueError("stream: a streamed turn generates one candidate; leave params.n at 1")
+        return self
 
     @field_validator("message")
     @classmethod
@@ -129,6 +150,7 @@ class TurnRequest(BaseModel):
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
+        skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
         body = self.model_dump(exclude=skip, mode="json")
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 

@@ -1,4 +1,5 @@
-"""The completion-callback task: every worker consumes its queue; Celery retries it with backoff."""
+"""The completion-callback tasks (a batch's, a turn's): every worker consumes their queue; Celery retries
+them with backoff."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import uuid
 
 from core.settings import settings
 from services.callbacks import CallbackFailed, deliver
+from services.turn_callbacks import deliver_turn
 from tasks.app import app
 
 CALLBACK_QUEUE = "mlchat.callbacks"
@@ -23,3 +25,17 @@ CALLBACK_QUEUE = "mlchat.callbacks"
 )
 def deliver_batch_callback(run_id: str) -> None:
     deliver(uuid.UUID(run_id))
+
+
+@app.task(
+    name="mlchat.deliver_turn_callback",
+    queue=CALLBACK_QUEUE,
+    autoretry_for=(CallbackFailed,),
+    retry_backoff=2,
+    retry_backoff_max=600,
+    retry_jitter=True,
+    max_retries=settings.callback_max_attempts - 1,
+    acks_late=True,
+)
+def deliver_turn_callback(turn_id: str) -> None:
+    deliver_turn(uuid.UUID(turn_id))

@@ -12,6 +12,7 @@ import multiprocessing.util
 import os
 import threading
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from core import metrics
 from core.settings import Dtype, settings
+from streaming.publisher import text_hook
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation
 from worker.model_cache import resolve_model_path
 
@@ -73,6 +75,7 @@ class GenerationRequest:
     controls: dict[str, Any] = field(default_factory=dict)
     adapter: Adapter | None = None  # the character's LoRA; None: the base model
     alone: bool = False  # run in an otherwise empty engine (it was inside one that died)
+    stream: tuple[uuid.UUID, uuid.UUID] | None = None  # (turn id, claim token): whose stream gets the text
 
 
 @dataclass
@@ -265,6 +268,7 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
             made = loop.submit(
                 ((r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for _, r in part),
                 alone=alone,
+                on_text=[stream_hook(r.stream) for _, r in part],
             )
             futures.update(zip((i for i, _ in part), made, strict=True))
     return [futures[i] for i in range(len(requests))]
@@ -330,6 +334,11 @@ def _adapter_rank(path: str) -> int | str:
         return int(config.get("r", 0))
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         return f"cannot read adapter_config.json ({exc})"
+
+
+def stream_hook(stream: tuple[uuid.UUID, uuid.UUID] | None) -> Any:
+    """The hook that publishes a streamed request's text to its turn's stream; None if not streamed."""
+    return None if stream is None else text_hook(*stream)
 
 
 def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:

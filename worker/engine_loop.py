@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +60,8 @@ class _Job:
     alone: bool = False  # joins only an empty engine, and nothing joins while it is inside
     submitted: float = field(default_factory=time.perf_counter)
     request_id: str = ""
+    on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
+    shown: str = ""  # what on_text has been told so far
 
 
 class BusyClock:
@@ -132,13 +134,20 @@ class EngineLoop:
     # --- callers -------------------------------------------------------------------------------
 
     def submit(
-        self, requests: Iterable[tuple[list[int], Any, int, Any]], *, alone: bool = False
+        self,
+        requests: Iterable[tuple[list[int], Any, int, Any]],
+        *,
+        alone: bool = False,
+        on_text: Sequence[Any] = (),
     ) -> list[Future[Generation]]:
         """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
-        each, in order. `alone`: each runs in an otherwise empty engine."""
+        each, in order. `alone`: each runs in an otherwise empty engine. `on_text[i]`, when given and
+        not None, is told request i's new text as the engine writes it."""
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
+        for job, hook in zip(jobs, on_text, strict=False):
+            job.on_text = hook
         with self._cond:
             if self._death is not None:
                 for job in jobs:
@@ -227,6 +236,7 @@ class EngineLoop:
                     self._progress_at = time.monotonic()
                 for out in outputs:
                     self._unstarted.pop(_own_id(out.request_id), None)
+                    self._tell_text(out)
                     if out.finished:
                         self._finish(out)
         except BaseException as exc:  # the engine died (EngineDeadError) or something worse
@@ -328,6 +338,20 @@ class EngineLoop:
             self._bulk_inside -= job.priority != LIVE
             self._unstarted.pop(request_id, None)
         return job
+
+    def _tell_text(self, out: Any) -> None:
+        """Hand a streamed request's new text to its hook: the reply as it will be stored (stripped),
+        so the pieces add up to it; whitespace at the end waits until text follows it."""
+        job = self._inside.get(_own_id(out.request_id))
+        if job is None or job.on_text is None:
+            return
+        visible = out.outputs[0].text.strip()
+        if len(visible) > len(job.shown) and visible.startswith(job.shown):
+            piece, job.shown = visible[len(job.shown) :], visible
+            try:
+                job.on_text(piece)
+            except Exception:  # a stream is a convenience: it never fails the request
+                logger.warning("stream hook failed for %s", job.request_id, exc_info=True)
 
     def _finish(self, out: Any) -> None:
         with self._cond:

@@ -26,6 +26,7 @@ from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
+from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
     Failure,
@@ -40,6 +41,8 @@ from db.turns import (
 )
 from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
+from services.turn_callbacks import send_turn_callbacks
+from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest
@@ -110,6 +113,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     report.failed.update(
         {t: Failure(reason, TurnErrorCode.BLOCKED_BY_EARLIER_TURN) for t, reason in claim.blocked.items()}
     )
+    _call_back([*claim.exhausted, *claim.blocked])
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
@@ -127,8 +131,10 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
         except EngineDead as exc:
             report.engine_dead = exc
             _hand_back_dead(claim.token, turns, exc, report)
+            _announce(turns, [*report.handed_back, *report.failed])
+            _call_back([t.id for t in turns if t.id in report.failed])
         except BaseException:
-            _hand_back(claim.token, turns, "the batch raised; sent again", refund=False)
+            _announce(turns, _hand_back(claim.token, turns, "the batch raised; sent again", refund=False))
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
@@ -232,7 +238,7 @@ def _answer(
     with timer("prompt"):
         for turn, ctx in zip(turns, contexts, strict=True):
             try:
-                prepared[turn.id] = _prepare(turn, ctx, builder, priority)
+                prepared[turn.id] = _prepare(turn, ctx, builder, priority, token)
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
             except TurnFault as fault:
@@ -254,6 +260,8 @@ def _answer(
         with timer("write"), session_scope() as session:
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
             requeue_turns(session=session, token=token, reasons=early_retry)
+        _announce(turns, [*early, *early_retry])
+        _call_back(list(early))
 
     loop = engine_module.get_loop()
     candidates = {t.id: prepared[t.id].candidates for t in ready}
@@ -261,7 +269,13 @@ def _answer(
     for alone in (False, True):  # turns that were inside an engine that died run alone
         part = [t for t in ready if prepared[t.id].request.alone is alone]
         if part:
-            futures = iter(loop.submit((job for t in part for job in prepared[t.id].jobs), alone=alone))
+            futures = iter(
+                loop.submit(
+                    (job for t in part for job in prepared[t.id].jobs),
+                    alone=alone,
+                    on_text=[engine_module.stream_hook(r.stream) for t in part for r in candidates[t.id]],
+                )
+            )
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
     report.futures = future_of  # an engine death asks them which turns were inside the engine
     generations: list[Any] = []
@@ -320,7 +334,9 @@ class Prepared:
     jobs: list[tuple[list[int], Any, int, Any]]  # (token ids, SamplingParams, priority, LoRARequest)
 
 
-def _prepare(turn: ClaimedTurn, ctx: Any, builder: PromptBuilder, priority: int) -> Prepared:
+def _prepare(
+    turn: ClaimedTurn, ctx: Any, builder: PromptBuilder, priority: int, token: uuid.UUID
+) -> Prepared:
     """Build one turn's prompt and engine requests; raises PromptTooLong or the failing stage's TurnFault."""
     with _stage("building the prompt", TurnErrorCode.PROMPT_ERROR):
         prompt = builder.build(
@@ -340,7 +356,7 @@ def _prepare(turn: ClaimedTurn, ctx: Any, builder: PromptBuilder, priority: int)
         adapter = adapter_of(turn.character)
         lora = engine_module.lora_request(adapter)
     with _stage("checking the sampling parameters", TurnErrorCode.INVALID_PARAMS):
-        request = _request(turn, prompt, priority, adapter)
+        request = _request(turn, prompt, priority, adapter, token)
         # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
         # computes their shared prompt once.
         candidates = candidate_requests(request, turn.params.get("n", 1))
@@ -405,8 +421,12 @@ def _finish_group(
     with group_timer("quality"):
         judged = _judge_each(answered, reply_vectors, vector_of, context_of, prompts, report)
     if settings.quality_regenerate:
+        # A streamed reply is never regenerated: the player has read it already (README, Streaming).
+        shown = [j for j in judged if _streamed(j[0])]
         with group_timer("regenerate"):
-            judged = regenerate_weak(judged, requests, vector_of, context_of, prompts)
+            judged = shown + regenerate_weak(
+                [j for j in judged if not _streamed(j[0])], requests, vector_of, context_of, prompts
+            )
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
@@ -448,6 +468,8 @@ def _finish_group(
         stored = store_replies(session=session, token=token, outcomes=outcomes)
         fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
         requeue_turns(session=session, token=token, reasons=retry)
+    _announce(group, [*stored, *newly_failed, *retry])
+    _call_back([*stored, *newly_failed])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:
@@ -520,8 +542,34 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
     )
 
 
+def _streamed(turn: ClaimedTurn) -> bool:
+    """Whether the turn's reply goes out as it is written (`stream` on the turn)."""
+    return bool(turn.params.get("stream"))
+
+
+def _announce(turns: Sequence[ClaimedTurn], changed: Any) -> None:
+    """Tell the streamed turns' readers that an outcome is committed (a reply, a failure, a retry)."""
+    changed = set(changed)
+    for turn in turns:
+        if turn.id in changed and _streamed(turn):
+            publisher().end(turn.id)
+
+
+def _call_back(turn_ids: Sequence[uuid.UUID]) -> None:
+    """Queue the callbacks of the finished turns that asked for one (POST /v1/turns callback_url)."""
+    if not turn_ids:
+        return
+    try:
+        with session_scope() as session:
+            wanted = with_callbacks(session=session, turn_ids=turn_ids)
+    except Exception:  # the outcomes are stored; a callback is not worth failing the batch for
+        logger.warning("could not look up the callbacks of %d turns", len(turn_ids), exc_info=True)
+        return
+    send_turn_callbacks(wanted)
+
+
 def _request(
-    turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, adapter: Adapter | None
+    turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, adapter: Adapter | None, token: uuid.UUID
 ) -> GenerationRequest:
     p = turn.params
     return GenerationRequest(
@@ -535,6 +583,7 @@ def _request(
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone
+        stream=(turn.id, token) if _streamed(turn) else None,
     )
 
 

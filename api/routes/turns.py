@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Response, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
+from core.settings import settings
 from services import producer
 from services.producer import TurnView
 from services.schemas import Text, TurnRequest
@@ -76,10 +81,39 @@ def post_batch(body: BatchRequest, who: Annotated[Caller, Depends(needs("ingest"
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
 
 
+WAIT_POLL_S = 0.1  # how often a long poll re-reads the turn
+
+
+async def await_finished(read: Callable[[], Awaitable[TurnView]], wait_s: float) -> TurnView:
+    """The turn once it is finished, or as it stands after `wait_s` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        view = await read()
+        if view.finished or time.monotonic() >= deadline:
+            return view
+        await asyncio.sleep(WAIT_POLL_S)
+
+
 @router.get("/{turn_id}", response_model=TurnView)
-def get_turn(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
-    """Status, reply, usage, timings; the prompt and its manifest for admin keys only."""
-    return _visible(turn_id, who)
+async def get_turn(
+    turn_id: uuid.UUID,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    wait: Annotated[
+        float | None,
+        Query(
+            ge=0,
+            le=settings.turn_wait_max_s,
+            description="long poll: answer once the turn ends, or after S s",
+        ),
+    ] = None,
+) -> Any:
+    """Status, reply, usage, timings; the prompt and its manifest for admin keys only. With `wait=S`
+    it answers as soon as the turn is finished, or after S seconds as the turn stands."""
+
+    async def read() -> TurnView:
+        return await run_in_threadpool(_visible, turn_id, who)
+
+    return await await_finished(read, wait or 0.0)
 
 
 @router.get("/{turn_id}/manifest")

@@ -1,0 +1,88 @@
+"""POST /v1/chat/completions for live turns (services/live_chat.py): OpenAI's `chat.completion`, or
+with `stream: true` its `chat.completion.chunk` events and `[DONE]`."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Header
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Caller, json_body, needs
+from api.routes.turns import _visible, await_finished
+from core.settings import settings
+from services import live_chat
+from services.live_chat import ChatRejected, ChatTurn
+from services.producer import TurnView
+from streaming.reader import turn_events
+
+router = APIRouter(tags=["chat"])
+
+
+def _error(status_code: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
+    """OpenAI's error shape, which its client raises as the matching exception."""
+    param = message.split(":", 1)[0] if ":" in message else None
+    return JSONResponse(
+        status_code=status_code,
+        content={"error": {"message": message, "type": kind, "param": param, "code": None}},
+    )
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(json_body)], response_model=None)
+async def chat_completions(
+    body: Annotated[Any, Body()],
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    conversation: Annotated[str | None, Header(alias=live_chat.CONVERSATION_HEADER, max_length=200)] = None,
+) -> JSONResponse | EventSourceResponse:
+    """A live turn through the queue; answers once it is stored, or streams it as it is written."""
+    try:
+        turn = await run_in_threadpool(
+            lambda: live_chat.start_chat_turn(body, api_key=who.key_id, conversation=conversation)
+        )
+    except ChatRejected as exc:
+        return _error(400, str(exc))
+
+    async def read() -> TurnView:
+        return await run_in_threadpool(_visible, turn.id, who)
+
+    if turn.stream:
+        return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
+    view = await await_finished(read, settings.turn_wait_max_s)
+    if not view.finished:
+        return _error(
+            504, f"turn {turn.id} is still {view.status.value}; read it at /v1/turns/{turn.id}", "timeout"
+        )
+    if view.status.value != "done":
+        return _error(400 if view.error_code == "prompt_too_long" else 502, _why(view), "turn_failed")
+    return JSONResponse(live_chat.completion(turn, view))
+
+
+def _why(view: TurnView) -> str:
+    return f"turn {view.id} {view.status.value} ({view.error_code}): {view.error}"
+
+
+async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
+    """OpenAI chunks from the turn's events; a restart or a failure ends the stream with an error
+    object (the stored turn stays readable at /v1/turns/{id})."""
+    yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
+    async for event in turn_events(turn.id, read):
+        if event.kind == "delta":
+            yield {
+                "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
+            }
+        elif event.kind == "done":
+            reason = "length" if (event.data.get("usage") or {}).get("finish_reason") == "length" else "stop"
+            yield {"data": json.dumps(live_chat.chunk(turn, {}, reason))}
+            yield {"data": "[DONE]"}
+            return
+        else:
+            message = f"turn {turn.id}: {event.data.get('code')}: {event.data.get('message')}"
+            yield {
+                "data": json.dumps(
+                    {"error": {"message": message, "type": "turn_error", "code": event.data.get("code")}}
+                )
+            }
+            return

@@ -1,0 +1,45 @@
+"""A turn's reply as Server-Sent Events: GET /v1/turns/{id}/stream (streaming/reader.py says what
+comes, in which order)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, HTTPException, status
+from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Caller, needs
+from api.routes.turns import _visible
+from core.settings import settings
+from services.producer import TurnView
+from streaming.reader import turn_events, valid_event_id
+
+router = APIRouter(prefix="/v1/turns", tags=["turns"])
+
+
+@router.get("/{turn_id}/stream", response_class=EventSourceResponse)
+async def stream_turn(
+    turn_id: uuid.UUID,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    last_event_id: Annotated[str | None, Header(max_length=64)] = None,
+) -> EventSourceResponse:
+    """`delta` events as the reply is written, then `done` (the stored turn) or `error`; resumes
+    after `Last-Event-ID`; another key's turn or an unknown one is 404."""
+    await run_in_threadpool(_visible, turn_id, who)
+    if last_event_id is not None and not valid_event_id(last_event_id):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT,
+            f"Last-Event-ID: {last_event_id!r} is not an id of this stream",
+        )
+
+    async def read() -> TurnView:
+        return await run_in_threadpool(_visible, turn_id, who)
+
+    async def frames():  # type: ignore[no-untyped-def]
+        async for event in turn_events(turn_id, read, last_event_id=last_event_id):
+            yield {"event": event.kind, "id": event.id, "data": json.dumps(event.data, ensure_ascii=False)}
+
+    return EventSourceResponse(frames(), ping=max(1, int(settings.stream_ping_s)))

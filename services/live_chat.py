@@ -1,0 +1,130 @@
+"""OpenAI chat completions for live turns: one request becomes one queued live turn.
+
+`model` names the character; the conversation is the `X-Mlchat-Conversation` header, else
+`metadata.conversation`, else `user`, else a new conversation for this request alone. The last
+message is the player's turn; the messages before it seed a conversation that is new (as in batch
+lines) and are ignored for one that has history, whose stored messages are the memory. The turn
+goes through the queue like every live turn (priority, leases, exactly-once storage, the gate).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.settings import settings
+from db.session import session_scope
+from db.world import append_history_if_empty, find_characters, find_conversations
+from services import producer
+from services.producer import TurnView
+from services.runs.openai_lines import ENDPOINT, LineOptions, to_run_line
+from services.schemas import GenerationParams, TurnRequest
+
+CONVERSATION_HEADER = "X-Mlchat-Conversation"
+# OpenAI fields that mean something to a chat request here but not to a batch line.
+_LIVE_ONLY = ("stream", "stream_options", "user")
+
+
+class ChatRejected(ValueError):
+    """The request cannot be answered as asked; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """The queued turn behind one chat completion."""
+
+    id: uuid.UUID
+    character: str
+    created: int  # unix seconds, OpenAI's `created`
+    stream: bool
+
+
+def start_chat_turn(body: Any, *, api_key: str, conversation: str | None = None) -> ChatTurn:
+    """Validate an OpenAI chat-completions body and queue its live turn; ChatRejected naming the field."""
+    if not isinstance(body, dict):
+        raise ChatRejected("body: a JSON object is expected")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ChatRejected("body.stream: true or false")
+    metadata = body.get("metadata")
+    if metadata is not None and not isinstance(metadata, dict):
+        raise ChatRejected("body.metadata: an object of strings")
+    metadata = dict(metadata or {})
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise ChatRejected("body.user: a string")
+    conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{uuid.uuid4()}"
+    line_body = {k: v for k, v in body.items() if k not in _LIVE_ONLY} | {"metadata": metadata or None}
+    model = body.get("model")
+    with session_scope() as session:
+        known = find_characters(session=session, slugs=[model]) if isinstance(model, str) else {}
+    try:
+        line = to_run_line(
+            {"custom_id": "live", "method": "POST", "url": ENDPOINT, "body": line_body}, known, LineOptions()
+        )
+    except ValueError as exc:
+        raise ChatRejected(str(exc)) from None
+    if line.get("choices", 1) > 1:
+        raise ChatRejected("body.n: a live chat completion has one choice")
+    try:
+        request = TurnRequest(
+            conversation=conversation,
+            character=line["character"],
+            message=line["message"],
+            player_name=line.get("player_name") or "",
+            params=GenerationParams(**line["params"]),
+            stream=stream,
+        )
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise ChatRejected(f"{where}: {first['msg']}") from None
+    (stored,) = producer.submit_turns([request], send=False, api_key=api_key)
+    if line["history"]:
+        with session_scope() as session:
+            conv_id, _ = find_conversations(session=session, external_ids=[conversation])[conversation]
+            history = [(h["role"], h["content"]) for h in line["history"]]
+            append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
+    producer.send_new_turns({stored.model: [stored.id]}, lane="live")
+    return ChatTurn(stored.id, line["character"], int(time.time()), stream)
+
+
+def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:
+    """OpenAI's `chat.completion` object for a finished turn."""
+    usage = view.usage or {}
+    return {
+        "id": f"chatcmpl-{turn.id}",
+        "object": "chat.completion",
+        "created": turn.created,
+        "model": turn.character,
+        "system_fingerprint": settings.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": view.reply, "refusal": None},
+                "logprobs": None,
+                "finish_reason": _finish_reason(usage),
+            }
+        ],
+        "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    }
+
+
+def chunk(turn: ChatTurn, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
+    """One OpenAI `chat.completion.chunk`."""
+    return {
+        "id": f"chatcmpl-{turn.id}",
+        "object": "chat.completion.chunk",
+        "created": turn.created,
+        "model": turn.character,
+        "system_fingerprint": settings.model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def _finish_reason(usage: dict[str, Any]) -> str:
+    return "length" if usage.get("finish_reason") == "length" else "stop"

@@ -1,0 +1,54 @@
+"""Per-turn completion callbacks: the finished turn POSTed to its `callback_url`, signed and retried
+exactly as batch callbacks are (services/callbacks.py, tasks/callbacks.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Sequence
+
+from db.models import TURN_FINISHED, Turn
+from db.session import session_scope
+from db.turn_callbacks import record_turn_callback
+from services.callbacks import CallbackFailed, RefusedDestination, post_signed, vetted_address
+from services.producer import TurnView
+
+logger = logging.getLogger(__name__)
+
+
+def deliver_turn(turn_id: uuid.UUID) -> bool:
+    """POST the finished turn once (as its key reads it: no prompt); True when delivered or nothing to
+    deliver, False when its destination is refused now (not retried), CallbackFailed to retry."""
+    with session_scope() as session:
+        turn = session.get(Turn, turn_id)
+        if turn is None or not turn.callback_url or turn.callback_delivered_at is not None:
+            return True
+        if turn.status not in TURN_FINISHED:
+            return True
+        view = TurnView.of(turn).model_copy(update={"prompt": None, "context": None})
+        url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
+    try:  # checked again at delivery, and the connection goes to the address checked
+        address = vetted_address(url)
+    except RefusedDestination as refused:
+        with session_scope() as session:
+            record_turn_callback(session=session, turn_id=turn_id, error=f"not sent: {refused}")
+        return False
+    error = post_signed(url, address, body, delivery=str(turn_id))
+    with session_scope() as session:
+        record_turn_callback(session=session, turn_id=turn_id, error=error)
+    if error is not None:
+        raise CallbackFailed(error)
+    return True
+
+
+def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:
+    """Queue the callbacks of finished turns that asked for one; best effort (a broker outage
+    loses the message, and the turn stays readable)."""
+    from tasks.callbacks import deliver_turn_callback
+
+    for turn_id in turn_ids:
+        try:
+            deliver_turn_callback.delay(str(turn_id))
+        except Exception:
+            logger.warning("turn %s: could not queue its callback", turn_id, exc_info=True)

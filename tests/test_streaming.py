@@ -1,0 +1,251 @@
+"""Live streaming: a turn's SSE stream, its resume, its key isolation, the long poll, and the
+OpenAI-compatible live endpoint with the official client (the last ones on the real worker)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from db.session import session_scope
+from db.turns import cancel_turns
+from services import producer
+from services.schemas import TurnRequest
+from streaming.publisher import publisher
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, new_conversation
+
+OWNER = {"X-API-Key": INGEST_KEY}  # key "game-a"
+OTHER = {"X-API-Key": HASHED_INGEST_KEY}  # key "game-b"
+
+
+def _events(response: httpx.Response, stop_after: int | None = None) -> list[tuple[str, str, dict]]:
+    """(event, id, data) of an SSE response, as they arrive; stops after `stop_after` events."""
+    out: list[tuple[str, str, dict]] = []
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in fields:
+                out.append((fields.get("event", "message"), fields.get("id", ""), json.loads(fields["data"])))
+                if stop_after is not None and len(out) >= stop_after:
+                    return out
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+    return out
+
+
+def _queued_turn(stream: bool = True) -> uuid.UUID:
+    """A turn of the `game-a` key, stored but never sent to a worker."""
+    request = TurnRequest(**new_conversation(), message="Tell me of the road.", stream=stream)
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+    return stored.id
+
+
+def test_another_keys_stream_and_an_unknown_turn_are_404(base_url) -> None:
+    turn_id = _queued_turn()
+    r = httpx.get(f"{base_url}/v1/turns/{turn_id}/stream", headers=OTHER)
+    assert r.status_code == 404 and str(turn_id) in r.json()["detail"]
+    r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}/stream", headers=OWNER)
+    assert r.status_code == 404
+    r = httpx.get(f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER | {"Last-Event-ID": "nonsense"})
+    assert r.status_code == 422 and "Last-Event-ID" in r.text
+
+
+@pytest.mark.parametrize("wait", ["-1", "1000000", "soon"])
+def test_wait_out_of_range_is_422_naming_it(base_url, wait) -> None:
+    r = httpx.get(f"{base_url}/v1/turns/{_queued_turn()}", params={"wait": wait}, headers=OWNER)
+    assert r.status_code == 422 and "wait" in r.text
+
+
+def test_the_long_poll_answers_when_the_turn_ends_not_at_its_bound(base_url) -> None:
+    turn_id = _queued_turn()
+    started = time.monotonic()
+    r = httpx.get(f"{base_url}/v1/turns/{turn_id}", params={"wait": "0.5"}, headers=OWNER)
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    assert 0.5 <= time.monotonic() - started < 5
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    started = time.monotonic()
+    r = httpx.get(f"{base_url}/v1/turns/{turn_id}", params={"wait": "30"}, headers=OWNER)
+    assert r.json()["status"] == "cancelled" and time.monotonic() - started < 5
+
+
+def test_a_reader_that_resumes_with_last_event_id_loses_and_duplicates_nothing(base_url) -> None:
+    turn_id = _queued_turn()
+    claim = uuid.uuid4()
+    pieces = ["Well", ", trav", "eller", ", the road", " north is", " long."]
+    for piece in pieces[:4]:
+        publisher().delta(turn_id, claim, piece)
+    assert publisher().flush()
+    url = f"{base_url}/v1/turns/{turn_id}/stream"
+    with httpx.stream("GET", url, headers=OWNER, timeout=30) as first:
+        assert first.headers["content-type"].startswith("text/event-stream")
+        seen = _events(first, stop_after=2)  # then hangs up
+    assert [e[0] for e in seen] == ["delta", "delta"]
+    for piece in pieces[4:]:
+        publisher().delta(turn_id, claim, piece)
+    with session_scope() as session:  # the turn ends: its reader gets the terminal event
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    with httpx.stream("GET", url, headers=OWNER | {"Last-Event-ID": seen[-1][1]}, timeout=30) as second:
+        rest = _events(second)
+    deltas = [e for e in seen + rest if e[0] == "delta"]
+    assert "".join(d[2]["text"] for d in deltas) == "".join(pieces)
+    assert len({d[1] for d in deltas}) == len(pieces)  # every id once
+    assert rest[-1][0] == "error" and rest[-1][2]["status"] == "cancelled"
+
+
+def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> None:
+    turn_id = _queued_turn()
+    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
+    publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        events = _events(r)
+    assert [(e[0], e[2].get("text") or e[2].get("code")) for e in events] == [
+        ("delta", "Half a rep"),
+        ("error", "restarted"),
+        ("delta", "A whole reply."),
+        ("error", "cancelled"),
+    ]
+
+
+def test_a_streamed_turn_refuses_best_of_n(base_url) -> None:
+    body = new_conversation() | {"message": "hi", "stream": True, "params": {"n": 2}}
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "stream" in r.text and "one candidate" in r.text
+
+
+def test_chat_completions_refuse_what_they_cannot_answer_with_a_4xx(base_url) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="body.model"):
+        client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="last message"):
+        client.chat.completions.create(model="elara", messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="body.n"):
+        client.chat.completions.create(model="elara", n=2, messages=[{"role": "user", "content": "hi"}])
+
+
+# --- on the real worker ---------------------------------------------------------------------------
+
+
+def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored_reply(
+    base_url, celery_worker
+) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    conversation = new_conversation()["conversation"]
+    stream = client.chat.completions.create(
+        model="elara",
+        messages=[{"role": "user", "content": "Which road leads north?"}],
+        stream=True,
+        max_tokens=16,
+        seed=3,
+        metadata={"conversation": conversation},
+    )
+    chunks = list(stream)
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    assert len([c for c in chunks if c.choices[0].delta.content]) >= 2  # written piece by piece
+    turn_id = chunks[0].id.removeprefix("chatcmpl-")
+    stored = producer.get_turn(turn_id)
+    assert stored is not None and stored.status.value == "done" and stored.api_key == "game-a"
+    assert text == stored.reply and stored.params.get("stream") is True
+
+    # The same conversation, not streamed: the OpenAI shape, from the turn stored after the first.
+    done = client.chat.completions.create(
+        model="elara",
+        messages=[{"role": "user", "content": "And what waits there?"}],
+        max_tokens=8,
+        user=conversation,
+    )
+    assert done.object == "chat.completion" and done.model == "elara"
+    assert done.choices[0].message.role == "assistant" and done.choices[0].finish_reason in ("stop", "length")
+    second = producer.get_turn(done.id.removeprefix("chatcmpl-"))
+    assert second is not None and second.conversation_id == stored.conversation_id
+    assert done.choices[0].message.content == second.reply
+    assert done.usage is not None and done.usage.completion_tokens == second.usage["completion_tokens"]
+
+    # The SSE stream of the finished turn replays it at once: the deltas, then `done` with the stored turn.
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        events = _events(r)
+    assert "".join(e[2]["text"] for e in events if e[0] == "delta") == stored.reply
+    assert events[-1][0] == "done" and events[-1][2]["reply"] == stored.reply
+    assert events[-1][2]["prompt"] is None  # an ingest key never sees the prompt
+
+
+# --- per-turn callbacks ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signing(monkeypatch):  # type: ignore[no-untyped-def]
+    from pydantic import SecretStr
+
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("turn-callback-secret"))
+    return settings
+
+
+def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(base_url, signing) -> None:
+    body = new_conversation() | {"message": "hi", "callback_url": "http://127.0.0.1:9/hook"}
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "callback_url" in r.text and "non-public" in r.text
+    assert producer.get_turn(r.json().get("id", uuid.uuid4())) is None
+    body["callback_url"] = "ftp://example.com/hook"
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "http(s)" in r.text
+
+
+def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from db.models import Turn
+    from services.callbacks import SIGNATURE_HEADER, CallbackFailed, verify_signature
+    from services.turn_callbacks import deliver_turn
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    received: list[tuple[bytes, str]] = []
+    answers = [500, 200]
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            received.append(
+                (self.rfile.read(int(self.headers["content-length"])), self.headers[SIGNATURE_HEADER])
+            )
+            self.send_response(answers.pop(0))
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[stored.id])
+        with pytest.raises(CallbackFailed, match="HTTP 500"):
+            deliver_turn(stored.id)  # the task retries it
+        assert deliver_turn(stored.id) is True
+        assert deliver_turn(stored.id) is True  # delivered already: not posted again
+    finally:
+        server.shutdown()
+    assert len(received) == 2
+    body, signature = received[-1]
+    assert verify_signature(signature, body, "turn-callback-secret")
+    sent = json.loads(body)
+    assert sent["id"] == str(stored.id) and sent["status"] == "cancelled" and sent["prompt"] is None
+    with session_scope() as session:
+        turn = session.get(Turn, stored.id)
+        assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
