@@ -36,13 +36,12 @@ _QUOTA_LOCK_NAMESPACE = 0x6D6C6671  # "mlfq"
 
 def stored_bytes(*, session: Session, api_key: str | None) -> int:
     """The bytes of every file this key holds (its uploads and its batches' output and error files)."""
-    return int(
-        session.scalar(
-            select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-                StoredFile.api_key.is_not_distinct_from(api_key)
-            )
+    total = session.scalar(
+        select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
+            StoredFile.api_key.is_not_distinct_from(api_key)
         )
     )
+    return int(total or 0)
 
 
 def add_file_within_quota(

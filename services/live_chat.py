@@ -43,7 +43,7 @@ class ChatTurn:
     stream: bool
 
 
-def start_chat_turn(body: Any, *, api_key: str, conversation: str | None = None) -> ChatTurn:
+def start_chat_turn(body: Any, *, api_key: str, tenant: str, conversation: str | None = None) -> ChatTurn:
     """Validate an OpenAI chat-completions body and queue its live turn; ChatRejected naming the field."""
     if not isinstance(body, dict):
         raise ChatRejected("body: a JSON object is expected")
@@ -77,16 +77,19 @@ def start_chat_turn(body: Any, *, api_key: str, conversation: str | None = None)
             message=line["message"],
             player_name=line.get("player_name") or "",
             params=GenerationParams(**line["params"]),
+            direction=line.get("direction"),
             stream=stream,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
         raise ChatRejected(f"{where}: {first['msg']}") from None
-    (stored,) = producer.submit_turns([request], send=False, api_key=api_key)
+    (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     if line["history"]:
         with session_scope() as session:
-            conv_id, _ = find_conversations(session=session, external_ids=[conversation])[conversation]
+            conv_id, _ = find_conversations(session=session, external_ids=[conversation], tenant=tenant)[
+                conversation
+            ]
             history = [(h["role"], h["content"]) for h in line["history"]]
             append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
     producer.send_new_turns({stored.model: [stored.id]}, lane="live")

@@ -167,7 +167,9 @@ def _store_turns(
                 conversation_id=conv_ids[req.conversation],
                 message=req.message,
                 model=req.model or settings.model,
-                params=req.params.resolved() | ({"stream": True} if req.stream else {}),
+                params=req.params.resolved()
+                | ({"stream": True} if req.stream else {})
+                | ({"direction": req.direction} if req.direction is not None else {}),
                 run_id=run_id,
                 custom_id=custom_ids[i] if custom_ids else None,
                 speaker=req.speaker,

@@ -120,6 +120,12 @@ class TurnRequest(BaseModel):
     speaker: Literal["character", "narrator"] = Field(
         default="character", description="who answers: the character, or the story's narrator"
     )
+    direction: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=20_000,
+        description="a direction for the scene, placed after the character's own system prompt",
+    )
     stream: bool = Field(
         default=False, description="publish the reply as it is written (GET /v1/turns/{id}/stream)"
     )

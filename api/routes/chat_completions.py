@@ -40,7 +40,9 @@ async def chat_completions(
     """A live turn through the queue; answers once it is stored, or streams it as it is written."""
     try:
         turn = await run_in_threadpool(
-            lambda: live_chat.start_chat_turn(body, api_key=who.key_id, conversation=conversation)
+            lambda: live_chat.start_chat_turn(
+                body, api_key=who.key_id, tenant=who.tenant, conversation=conversation
+            )
         )
     except ChatRejected as exc:
         return _error(400, str(exc))
