@@ -121,7 +121,12 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
             answered = _answer(
-                turns, claim.token, report, timer, exhausted=set(claim.exhausted), priority=priority
+                turns,
+                claim.token,
+                report,
+                timer,
+                failed_by_claim={*claim.exhausted, *claim.blocked},
+                priority=priority,
             )
         except EngineDead as exc:
             report.engine_dead = exc
@@ -204,7 +209,7 @@ def _answer(
     report: BatchReport,
     timer: StageTimer,
     *,
-    exhausted: set[uuid.UUID],
+    failed_by_claim: set[uuid.UUID],
     priority: int,
 ) -> list[Any]:
     """Embed, retrieve and build the claimed turns' prompts, hand them all to the running engine, then
@@ -254,8 +259,9 @@ def _answer(
     context_of = {t.id: c for t, c in zip(turns, contexts, strict=True)}
     shared_ms = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
 
-    # Failures found before the engine (prompts that cannot fit) are written at once.
-    early = {t: f for t, f in report.failed.items() if t not in exhausted}
+    # Failures found before the engine (prompts that cannot fit) are written at once; those the claim
+    # failed itself (no attempts left, blocked past the order wait) were never ours to write.
+    early = {t: f for t, f in report.failed.items() if t not in failed_by_claim}
     if early:
         with timer("write"), session_scope() as session:
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
