@@ -174,7 +174,8 @@ class Settings(BaseSettings):
     engine_stall_seconds: float = Field(default=300.0, gt=0)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
     # A turn waiting for an earlier turn of its conversation is looked at again after flush_interval,
-    # doubling each time up to this; past order_wait_limit_s of waiting it fails, naming that turn.
+    # doubling each time up to this; once that turn has stayed stalled (never sent, or an expired lease
+    # with no message out) for order_wait_limit_s it fails, naming that turn.
     defer_max_delay_s: float = Field(default=5.0, gt=0)
     order_wait_limit_s: float = Field(default=600.0, gt=0)
     # The worker runs flushes in threads that all feed one engine (worker/engine_loop.py): a live

@@ -340,7 +340,8 @@ class Turn(Base):
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # When a queue message for this turn was last sent (None: a run's line not sent yet).
+    # When a queue message for this turn was last sent (None: a run's line not sent yet); also set
+    # when a running turn is re-sent after its lease expired.
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Waiting for an earlier turn of its conversation: since when, and how many looks so far (the
     # re-send countdown backs off with it). Cleared when the turn is claimed.

@@ -3,8 +3,8 @@
     create                      → queued
     claim     queued, or running with an expired lease → running (new token and lease, attempts + 1)
     exhaust   claimable with no attempts left          → failed (attempts_exhausted)
-    defer     claimable behind an earlier open turn    → deferrals + 1, or past the wait limit
-                                                         → failed (blocked_by_earlier_turn)
+    defer     claimable behind an earlier open turn    → deferrals + 1, or, that turn stalled past
+                                                         the wait limit → failed (blocked_by_earlier_turn)
     renew     running under our token                  → lease extended
     complete  running under our token                  → done (the reply stored once)
     fail      running under our token                  → failed
@@ -37,6 +37,8 @@ from db.models import (
     Conversation,
     Message,
     Role,
+    Run,
+    RunStatus,
     Turn,
     TurnErrorCode,
     TurnStatus,
@@ -103,7 +105,8 @@ class ClaimedTurn:
 @dataclass(frozen=True)
 class StalledTurn:
     """An earlier turn that blocks a deferred one while nobody answers it: running under an expired
-    lease (its worker is presumed gone). Sending it again now lets the next claim take it first."""
+    lease (its worker is presumed gone), stamped sent by the claim that found it. Sending it again
+    now lets the next claim take it first."""
 
     id: uuid.UUID
     model: str
@@ -141,12 +144,42 @@ def _claimable() -> Any:
 
 def _blocks_later_turns(turn: Any) -> Any:
     """An earlier turn holds its conversation's later ones back while it may still be answered:
-    running (under any lease: one that expired is re-sent and claimed first), or queued with a
-    message out for it. A queued turn never sent (a run line whose submission died) does not."""
+    running (under any lease: one that expired is re-sent and claimed first), or queued, unless it
+    was never sent and its run's submission is over (failed): nothing will send it then. A run's
+    line stored and not yet stamped sent does block: its submission sends the chunk before
+    stamping it, so its message may be out already."""
     return or_(
         turn.status == TurnStatus.RUNNING,
-        and_(turn.status == TurnStatus.QUEUED, turn.dispatched_at.is_not(None)),
+        and_(
+            turn.status == TurnStatus.QUEUED,
+            or_(
+                turn.dispatched_at.is_not(None),
+                ~exists().where(Run.id == turn.run_id, Run.status == RunStatus.FAILED),
+            ),
+        ),
     )
+
+
+def _lapsed(turn: Any) -> Any:
+    """When the running turn's lease expired (a turn from before leases: when it started)."""
+    return func.coalesce(turn.lease_until, turn.started_at)
+
+
+def lapsed_and_unsent(turn: Any) -> Any:
+    """Running under an expired lease with no message sent for it since the lease expired: nobody
+    is answering it and nothing will bring it to a worker."""
+    return and_(
+        turn.status == TurnStatus.RUNNING,
+        _lapsed(turn) <= func.now(),
+        or_(turn.dispatched_at.is_(None), turn.dispatched_at < _lapsed(turn)),
+    )
+
+
+def _stalled(turn: Any) -> Any:
+    """A blocking turn that is not progressing: queued and never sent, or running under an expired
+    lease with no message out for it since. One running under a live lease, or queued with a message
+    out (behind however long a backlog; a lost message is the sweeper's to recover), is progressing."""
+    return or_(and_(turn.status == TurnStatus.QUEUED, turn.dispatched_at.is_(None)), lapsed_and_unsent(turn))
 
 
 def _ours(token: uuid.UUID) -> Any:
@@ -237,9 +270,10 @@ def claim_turns(
     state), so a message that keeps coming back, because its batch keeps dying, cannot loop forever.
     A turn is deferred while an earlier turn of its conversation may still be answered (see
     _blocks_later_turns), so a conversation's turns are answered in order and each sees the
-    previous reply; an earlier turn whose lease expired is reported `stalled`, to be sent again and
-    claimed first. A turn deferred for longer than `wait_limit_s` fails instead, naming the turn it
-    waited for.
+    previous reply; an earlier turn whose lease expired is reported `stalled` (once: it is stamped
+    sent), to be sent again and claimed first. A turn whose earlier turn stays stalled (never sent,
+    or under an expired lease with no message out) for longer than `wait_limit_s` fails instead,
+    naming that turn; one behind a turn that is progressing waits as long as that takes.
     """
     result = ClaimResult(token=token or uuid.uuid4())
     earlier = aliased(Turn)
@@ -359,23 +393,16 @@ def claim_turns(
 def _defer(
     *, session: Session, turn_ids: list[uuid.UUID], wait_limit_s: float | None, result: ClaimResult
 ) -> None:
-    """Count a look at turns an earlier turn blocks; fail those that waited past the limit; report
-    the earlier turns that are stalled (running under an expired lease)."""
+    """Count a look at turns an earlier turn blocks. The wait limit applies only while that turn is
+    stalled (see _stalled): a look that finds it progressing starts the wait afresh, so a conversation
+    behind a slow turn or a bulk backlog is never failed. A turn whose blocker stayed stalled past
+    the limit fails, naming it. A blocker running under an expired lease with no message out since
+    is stamped sent here, once, and reported `stalled` for the caller to send."""
     earlier = aliased(Turn)
     blockers = {
-        turn_id: (blocker_id, status, stalled, model, run_id)
-        for turn_id, blocker_id, status, stalled, model, run_id in session.execute(
-            select(
-                Turn.id,
-                earlier.id,
-                earlier.status,
-                and_(
-                    earlier.status == TurnStatus.RUNNING,
-                    or_(earlier.lease_until.is_(None), earlier.lease_until <= func.now()),
-                ),
-                earlier.model,
-                earlier.run_id,
-            )
+        turn_id: (blocker_id, status, stalled, lapsed)
+        for turn_id, blocker_id, status, stalled, lapsed in session.execute(
+            select(Turn.id, earlier.id, earlier.status, _stalled(earlier), lapsed_and_unsent(earlier))
             .join(
                 earlier, and_(earlier.conversation_id == Turn.conversation_id, earlier.number < Turn.number)
             )
@@ -384,21 +411,28 @@ def _defer(
             .order_by(Turn.id, earlier.number)
         ).tuples()
     }
+    waiting_on_stalled = [turn_id for turn_id, (_, _, stalled, _) in blockers.items() if stalled]
     counted = session.execute(
         update(Turn)
         .where(Turn.id.in_(turn_ids))
-        .values(deferred_since=func.coalesce(Turn.deferred_since, func.now()), deferrals=Turn.deferrals + 1)
+        .values(
+            deferred_since=case(
+                (Turn.id.in_(waiting_on_stalled), func.coalesce(Turn.deferred_since, func.now())),
+                else_=func.now(),
+            ),
+            deferrals=Turn.deferrals + 1,
+        )
         .returning(Turn.id, Turn.deferrals, func.extract("epoch", func.now() - Turn.deferred_since))
     ).tuples()
     too_long: dict[uuid.UUID, str] = {}
     for turn_id, deferrals, waited_s in counted:
         blocker = blockers.get(turn_id)
-        if wait_limit_s is not None and blocker is not None and float(waited_s) > wait_limit_s:
-            blocker_id, status, lapsed, _, _ = blocker
-            state = f"{TurnStatus(status).value}, lease expired" if lapsed else TurnStatus(status).value
+        if wait_limit_s is not None and blocker is not None and blocker[2] and float(waited_s) > wait_limit_s:
+            blocker_id, status, _, lapsed = blocker
+            state = "running, lease expired" if lapsed else f"{TurnStatus(status).value}, never sent"
             too_long[turn_id] = (
                 f"waited {float(waited_s):.0f} s (limit {wait_limit_s:g} s) for earlier turn "
-                f"{blocker_id} of its conversation ({state})"
+                f"{blocker_id} of its conversation, stalled ({state})"
             )
         else:
             result.deferred[turn_id] = int(deferrals)
@@ -416,12 +450,26 @@ def _defer(
             .returning(Turn.id)
         ).all()
         result.blocked = {t: too_long[t] for t in failed}
-    stalled = {
-        blocker_id: StalledTurn(blocker_id, model, run_id)
-        for turn_id, (blocker_id, _, is_stalled, model, run_id) in blockers.items()
-        if is_stalled and turn_id in result.deferred
-    }
-    result.stalled = list(stalled.values())
+    lapsed_ids = sorted({b[0] for t, b in blockers.items() if b[3] and t in result.deferred})
+    if lapsed_ids:
+        # Stamped sent in this transaction, so the next look (this worker's or another's) sends it no
+        # more; rows another transaction holds are being claimed or stamped already.
+        free = (
+            select(Turn.id)
+            .where(Turn.id.in_(lapsed_ids), lapsed_and_unsent(Turn))
+            .order_by(Turn.id)
+            .with_for_update(skip_locked=True)
+            .scalar_subquery()
+        )
+        result.stalled = [
+            StalledTurn(turn_id, model, run_id)
+            for turn_id, model, run_id in session.execute(
+                update(Turn)
+                .where(Turn.id.in_(free), lapsed_and_unsent(Turn))
+                .values(dispatched_at=func.now())
+                .returning(Turn.id, Turn.model, Turn.run_id)
+            ).tuples()
+        ]
 
 
 def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
@@ -769,14 +817,16 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
 
 
 def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
-    """Record that a message for these queued turns was just sent (resumed submissions and the
-    sweeper read it). Rows another transaction holds (a worker claiming them) are skipped rather
-    than waited for: they are being taken anyway, and waiting could deadlock with that claim."""
+    """Record that a message for these queued turns, or running ones under an expired lease, was
+    just sent (resumed submissions, the claim's order check and the sweeper read it). Rows another
+    transaction holds (a worker claiming them) are skipped rather than waited for: they are being
+    taken anyway, and waiting could deadlock with that claim."""
     if not turn_ids:
         return 0
+    lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
     free = (
         select(Turn.id)
-        .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
+        .where(Turn.id.in_(list(turn_ids)), or_(Turn.status == TurnStatus.QUEUED, lapsed))
         .order_by(Turn.id)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

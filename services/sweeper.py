@@ -12,7 +12,10 @@ stays `queued` (or `running` under a lease nobody renews) with nothing behind it
   (the queue is first in, first out), so lost bulk turns are recovered behind a bulk backlog too;
 - a running turn as soon as its lease expired: a worker still answering it keeps renewing the
   lease, and the message it took is not in the queue (Redis would hand it back only after the
-  visibility timeout, an hour by default: a lost reply for live chat).
+  visibility timeout, an hour by default: a lost reply for live chat). That re-send is recorded
+  (`dispatched_at`, as for a queued turn, and as a claim records the one it asks for when a later
+  turn finds it stalled), so the next sweeps treat it like a queued turn with a message out rather
+  than sending it again each time;
 A duplicate message would be harmless anyway: the claim finds the turn taken or finished and the
 reply is stored once. A run's lines stored but never sent belong to its submission (resubmitting
 the file sends them), so they are not swept; a CLI submission that died is marked `failed` instead,
@@ -40,7 +43,7 @@ from db.runs import (
     submission_alive,
 )
 from db.session import session_scope
-from db.turns import mark_dispatched
+from db.turns import lapsed_and_unsent, mark_dispatched
 from services.runs.control import interrupted_message
 from tasks.generate import dispatch
 from tasks.queues import oldest_waiting_turn_ids, queue_depth
@@ -52,8 +55,9 @@ SEND_SLACK = timedelta(seconds=60)
 
 @dataclass(frozen=True)
 class Stranded:
-    """A turn no worker holds: queued with its last message sent at `dispatched_at`, or running
-    under an expired lease (`dispatched_at` None: the message it came from was taken by a worker)."""
+    """A turn no worker holds: queued, or running under an expired lease and re-sent since, with its
+    last message sent at `dispatched_at`; or running under an expired lease with no message sent
+    since (`dispatched_at` None: the message it came from was taken by a worker)."""
 
     id: uuid.UUID
     dispatched_at: datetime | None
@@ -62,24 +66,26 @@ class Stranded:
 def find_stranded(
     *, older_than_s: float, models: Sequence[str], limit: int
 ) -> dict[tuple[str, Lane], list[Stranded]]:
-    """Turns no worker holds: queued with no message sent for `older_than_s`, or running under an
-    expired lease; grouped by (model, lane), oldest first."""
+    """Turns no worker holds: queued (or running under an expired lease and re-sent since) with no
+    message sent for `older_than_s`, or running under an expired lease with none sent since it
+    expired; grouped by (model, lane), oldest first."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
-    queued_long = and_(Turn.status == TurnStatus.QUEUED, Turn.dispatched_at < cutoff)
     lease_gone = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
     )
+    sent_long_ago = and_(or_(Turn.status == TurnStatus.QUEUED, lease_gone), Turn.dispatched_at < cutoff)
+    unsent = lapsed_and_unsent(Turn)
     with session_scope() as session:
         rows = session.execute(
-            select(Turn.id, Turn.model, Turn.run_id, Turn.status, Turn.dispatched_at)
-            .where(or_(queued_long, lease_gone), Turn.model.in_(list(models)))
+            select(Turn.id, Turn.model, Turn.run_id, unsent, Turn.dispatched_at)
+            .where(or_(sent_long_ago, and_(lease_gone, unsent)), Turn.model.in_(list(models)))
             .order_by(Turn.number)
             .limit(limit)
         ).all()
     groups: dict[tuple[str, Lane], list[Stranded]] = {}
-    for turn_id, model, run_id, status, dispatched_at in rows:
+    for turn_id, model, run_id, never_resent, dispatched_at in rows:
         lane: Lane = "bulk" if run_id is not None else "live"
-        sent_at = dispatched_at if status == TurnStatus.QUEUED else None
+        sent_at = None if never_resent else dispatched_at
         groups.setdefault((model, lane), []).append(Stranded(turn_id, sent_at))
     return groups
 

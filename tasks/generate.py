@@ -151,7 +151,8 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     for turn_id, deferrals in report.deferred.items():
         waiting.setdefault(deferral_delay(deferrals), []).append((turn_id, lane_of[turn_id]))
     outcome.resend += [Resend(turns, delay) for delay, turns in waiting.items()]
-    # The earlier turn they wait for lost its worker: send it now, so a claim takes it first.
+    # The earlier turn they wait for lost its worker: send it now, so a claim takes it first (the claim
+    # recorded this re-send, so no other look sends it again).
     for stalled in report.stalled:
         lane: Lane = "bulk" if stalled.run_id is not None else "live"
         outcome.resend.append(Resend([(stalled.id, lane)], model=stalled.model))

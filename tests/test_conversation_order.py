@@ -1,8 +1,10 @@
 """Order within a conversation, both ways, at the claim: two database sessions, no worker.
 
-An earlier turn whose worker died still holds its conversation back (and is reported stalled, so it
-is sent again and claimed first); an earlier turn that was never sent does not hold it back for
-ever; a turn that waits backs off, and past the limit fails naming the turn it waited for.
+An earlier turn whose worker died still holds its conversation back (and is reported stalled, once,
+so it is sent again and claimed first); a run's line sent but not yet stamped sent holds it back too;
+one whose submission failed before sending it does not hold it back for ever; a turn that waits
+backs off, is never failed while the turn it waits for progresses, and fails naming that turn once
+it stayed stalled past the limit.
 """
 
 import time
@@ -12,6 +14,7 @@ from sqlalchemy import update
 
 from core.settings import settings
 from db.models import Turn, TurnErrorCode, TurnStatus
+from db.runs import create_run, fail_submission
 from db.session import session_scope
 from db.turns import claim_turns
 from services.producer import enqueue_turns, get_turn
@@ -22,6 +25,29 @@ from tests.conftest import new_conversation
 def _conversation_turns(n: int = 2) -> list[uuid.UUID]:
     conversation = new_conversation()
     return enqueue_turns([conversation | {"message": f"Order check {i}."} for i in range(n)], send=False)
+
+
+def _run_lines(conversation: dict[str, str], n: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A run still submitting (validating) with `n` lines of one conversation, stored and not yet
+    stamped sent: what a chunk is between insert_run_turns and _send's mark_dispatched."""
+    with session_scope() as session:
+        run, _ = create_run(
+            session=session,
+            name=f"order-{uuid.uuid4().hex[:10]}",
+            model=settings.model,
+            file_hash="0" * 64,
+            total=n,
+        )
+        run_id = run.id
+    ids = enqueue_turns(
+        [conversation | {"message": f"Run line {i}."} for i in range(n)],
+        send=False,
+        lane="bulk",
+        run_id=run_id,
+    )
+    with session_scope() as session:
+        session.execute(update(Turn).where(Turn.id.in_(ids)).values(dispatched_at=None))
+    return run_id, ids
 
 
 def _claim(ids, *, lease_s: float = 60.0, wait_limit_s: float | None = None):  # type: ignore[no-untyped-def]
@@ -42,17 +68,33 @@ def test_an_earlier_turn_whose_lease_expired_still_blocks_and_is_claimed_first(w
     assert [t.id for t in _claim([earlier]).claimed] == [earlier]
 
 
-def test_an_earlier_turn_never_sent_does_not_hold_later_turns_back(world) -> None:
-    earlier, later = _conversation_turns()
-    with session_scope() as session:  # a run's line stored by a submission that died before sending it
-        session.execute(update(Turn).where(Turn.id == earlier).values(dispatched_at=None))
+def test_run_lines_sent_but_not_yet_stamped_sent_are_answered_in_order(world) -> None:
+    # _send puts a chunk's message out before it stamps the chunk sent: a worker can claim the
+    # message in between, and lines 1 and 2 of a conversation must not be generated side by side.
+    _, (first, second) = _run_lines(new_conversation(), 2)
+    claim = _claim([first, second])
+    assert [t.id for t in claim.claimed] == [first] and set(claim.deferred) == {second}
+    assert get_turn(second).status == TurnStatus.QUEUED
+
+
+def test_an_earlier_run_line_whose_submission_failed_unsent_does_not_hold_later_turns_back(world) -> None:
+    conversation = new_conversation()
+    run_id, (earlier,) = _run_lines(conversation, 1)
+    (later,) = enqueue_turns([conversation | {"message": "A live line after the run's."}], send=False)
+    assert _claim([later]).deferred == {later: 1}  # its submission may still send it
+    with session_scope() as session:  # the submission died before sending it, and says so
+        assert fail_submission(
+            session=session, run_id=run_id, error="submitter killed", error_code="server_error"
+        )
     claim = _claim([later])
     assert [t.id for t in claim.claimed] == [later] and not claim.deferred
+    assert get_turn(earlier).status == TurnStatus.QUEUED
 
 
-def test_a_deferred_turn_backs_off_and_fails_past_the_limit_naming_the_turn_it_waited_for(world) -> None:
-    earlier, later = _conversation_turns()
-    _claim([earlier])  # answered by a worker that takes its time
+def test_a_deferred_turn_backs_off_and_fails_once_its_blocker_stalled_past_the_limit(world) -> None:
+    conversation = new_conversation()
+    _, (earlier,) = _run_lines(conversation, 1)  # its submitter died; nothing has closed the run yet
+    (later,) = enqueue_turns([conversation | {"message": "Waiting for the run's line."}], send=False)
     assert _claim([later], wait_limit_s=0.5).deferred == {later: 1}
     assert _claim([later], wait_limit_s=0.5).deferred == {later: 2}
     delays = [deferral_delay(n) for n in (1, 2, 3, 40)]
@@ -64,8 +106,38 @@ def test_a_deferred_turn_backs_off_and_fails_past_the_limit_naming_the_turn_it_w
     view = get_turn(later)
     assert view.status == TurnStatus.FAILED
     assert view.error_code == TurnErrorCode.BLOCKED_BY_EARLIER_TURN
-    assert str(earlier) in view.error and "running" in view.error
-    assert get_turn(earlier).status == TurnStatus.RUNNING  # the earlier turn is untouched
+    assert str(earlier) in view.error and "never sent" in view.error
+    assert get_turn(earlier).status == TurnStatus.QUEUED  # the earlier turn is untouched
+
+
+def test_the_wait_limit_never_fails_a_turn_whose_earlier_turns_are_progressing(world) -> None:
+    t1, t2, t3 = _conversation_turns(3)
+    claim = _claim([t1, t2, t3], wait_limit_s=0.5)  # one bulk message: t1 taken, t2 and t3 wait
+    assert [t.id for t in claim.claimed] == [t1] and set(claim.deferred) == {t2, t3}
+    time.sleep(0.6)  # t1 takes its time under a live lease: progress, not a stall
+    assert set(_claim([t2, t3], wait_limit_s=0.5).deferred) == {t2, t3}
+    with session_scope() as session:
+        session.execute(update(Turn).where(Turn.id == t1).values(status=TurnStatus.DONE))
+    claim = _claim([t2, t3], wait_limit_s=0.5)
+    assert [t.id for t in claim.claimed] == [t2] and set(claim.deferred) == {t3}
+    # t2 is handed back (queued, its message out) behind a backlog longer than the limit: still progress.
+    with session_scope() as session:
+        session.execute(update(Turn).where(Turn.id == t2).values(status=TurnStatus.QUEUED, lease_until=None))
+    time.sleep(0.6)
+    claim = _claim([t3], wait_limit_s=0.5)
+    assert not claim.blocked and set(claim.deferred) == {t3}
+    assert get_turn(t3).status == TurnStatus.QUEUED
+
+
+def test_an_earlier_turn_whose_lease_expired_is_reported_stalled_once(world) -> None:
+    t1, t2, t3 = _conversation_turns(3)
+    _claim([t1], lease_s=0.2)
+    time.sleep(0.4)  # its worker died
+    # Two later turns, each looked at twice (two workers, their back-off): one message for t1 in all.
+    looks = [_claim([t2]), _claim([t3]), _claim([t2]), _claim([t3])]
+    assert [[s.id for s in look.stalled] for look in looks] == [[t1], [], [], []]
+    assert all(not look.claimed and not look.blocked for look in looks)
+    assert [t.id for t in _claim([t1]).claimed] == [t1]
 
 
 def test_a_claimed_turn_starts_its_wait_afresh(world) -> None:

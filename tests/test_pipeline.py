@@ -257,3 +257,49 @@ def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(engine, 
         view = get_turn(turn_id)
         assert view.status == TurnStatus.QUEUED and view.attempts == 0 and "engine died" in view.error
     assert dead is not None
+
+
+def test_turns_the_claim_failed_for_waiting_are_not_written_again_by_the_batch(engine, monkeypatch) -> None:
+    import uuid
+
+    from sqlalchemy import func, text, update
+
+    from core.settings import settings
+    from db.models import Turn, TurnErrorCode
+    from db.runs import create_run
+    from worker import pipeline
+
+    conversation = new_conversation("elara")
+    with session_scope() as s:  # a run line of that conversation, stored by a submitter that died unsent
+        run, _ = create_run(
+            session=s, name=f"pipe-{uuid.uuid4().hex[:10]}", model=settings.model, file_hash="0" * 64, total=1
+        )
+        run_id = run.id
+    (unsent,) = enqueue_turns([conversation | {"message": "A line never sent."}], send=False, run_id=run_id)
+    blocked, answered = enqueue_turns(
+        [
+            conversation | {"message": "Waiting on the unsent line.", "params": {"seed": 1}},
+            new_conversation("elara") | {"message": "Just say hello.", "params": {"seed": 1}},
+        ],
+        send=False,
+    )
+    with session_scope() as s:  # the line never went out, and `blocked` has waited on it for an hour
+        s.execute(update(Turn).where(Turn.id == unsent).values(dispatched_at=None))
+        s.execute(
+            update(Turn)
+            .where(Turn.id == blocked)
+            .values(deferred_since=func.now() - text("interval '1 hour'"))
+        )
+    writes: list[set] = []
+    real = pipeline.fail_turns
+
+    def recording(**kwargs):  # type: ignore[no-untyped-def]
+        writes.append(set(kwargs["failures"]))
+        return real(**kwargs)
+
+    monkeypatch.setattr(pipeline, "fail_turns", recording)
+    report = pipeline.process_batch([blocked, answered])
+    assert report.done == [answered]
+    assert report.failed[blocked].code == TurnErrorCode.BLOCKED_BY_EARLIER_TURN  # failed by the claim
+    assert get_turn(blocked).status == TurnStatus.FAILED
+    assert all(blocked not in ids for ids in writes)  # no write for a row the claim already finished

@@ -1,4 +1,7 @@
-"""Turns whose message was lost are found and sent again, once, and never while messages wait."""
+"""Turns whose message was lost are found and sent again, once, and never while messages wait.
+
+A running turn whose lease expired is sent again once, however many sweeps follow.
+"""
 
 import time
 
@@ -87,6 +90,10 @@ def test_a_running_turn_is_sent_again_once_its_lease_expires_not_after_the_visib
         time.sleep(0.4)  # its worker died: nobody renews the lease
         # The default age (an hour) is for queued turns; an expired lease is enough for a running one.
         assert resend_stranded(models=[MODEL]) == {f"{MODEL}/live": 1}
+        assert queue_depth(MODEL, "live") == 1
+        # The re-send is recorded: the next sweeps leave it to that message, as for a queued turn.
+        assert resend_stranded(models=[MODEL]) == {}
+        assert resend_stranded(models=[MODEL]) == {}
         assert queue_depth(MODEL, "live") == 1
     finally:
         with session_scope() as s:  # no worker serves this model: leave nothing for the next sweep

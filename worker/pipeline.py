@@ -126,7 +126,12 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
             answered = _answer(
-                turns, claim.token, report, timer, exhausted=set(claim.exhausted), priority=priority
+                turns,
+                claim.token,
+                report,
+                timer,
+                failed_by_claim={*claim.exhausted, *claim.blocked},
+                priority=priority,
             )
         except EngineDead as exc:
             report.engine_dead = exc
@@ -211,7 +216,7 @@ def _answer(
     report: BatchReport,
     timer: StageTimer,
     *,
-    exhausted: set[uuid.UUID],
+    failed_by_claim: set[uuid.UUID],
     priority: int,
 ) -> list[Any]:
     """Embed, retrieve and build the claimed turns' prompts, hand them all to the running engine, then
@@ -253,8 +258,9 @@ def _answer(
     shared_ms = {**timer.ms, "batch_size": len(turns), "llm_load_ms": round(load_ms, 1)}
 
     # Turns that failed before the engine (a prompt that cannot fit, a stage that raised) are
-    # written at once: failed, or queued again for their next attempt.
-    early = {t: f for t, f in report.failed.items() if t not in exhausted}
+    # written at once: failed, or queued again for their next attempt; those the claim failed itself
+    # (no attempts left, blocked past the order wait) were never ours to write.
+    early = {t: f for t, f in report.failed.items() if t not in failed_by_claim}
     early_retry = dict(report.retry)
     if early or early_retry:
         with timer("write"), session_scope() as session:

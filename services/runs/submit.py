@@ -267,7 +267,9 @@ def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn], tenant: str) -> l
 
 def _send(ids: list[uuid.UUID], model: str) -> None:
     """Send a chunk's messages, then record them sent. A crash in between sends them again on resume:
-    a duplicate message costs one claim that finds the turn taken, never a second generation."""
+    a duplicate message costs one claim that finds the turn taken, never a second generation. A
+    worker may claim the message before the stamp: the claim's order check treats a line not yet
+    stamped as possibly sent while its run has not failed (db/turns.py, _blocks_later_turns)."""
     from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
 
     if not ids:
