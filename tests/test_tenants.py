@@ -104,7 +104,10 @@ def test_keys_of_one_tenant_read_and_cancel_each_others_turns_and_no_other_key_d
 ) -> None:
     from core.settings import ApiKey, settings
 
-    shop = [ApiKey(key=f"shop-{n}-key-0123456789", name=f"shop-{n}", tenant="shop") for n in (1, 2)]
+    shop = [
+        ApiKey(key=f"shop-{n}-key-0123456789", name=f"shop-{n}", tenant="shop", scopes=["ingest"])
+        for n in (1, 2)
+    ]
     monkeypatch.setattr(settings, "api_keys", [*settings.api_keys, *shop])
     one, two = ({"X-API-Key": key.key} for key in shop)
     body, key = new_conversation() | {"message": "A room for the night?"}, f"room-{uuid.uuid4().hex}"
