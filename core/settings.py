@@ -268,6 +268,22 @@ class Settings(BaseSettings):
                 )
         return keys
 
+    @field_validator("api_keys")
+    @classmethod
+    def _no_key_joins_a_tenant_by_accident(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # A key's own id is its tenant by default: another key naming that tenant would read and
+        # replay its turns, so both must say so.
+        implicit = {key.id: key for key in keys if key.tenant is None}
+        for key in keys:
+            owner = implicit.get(key.tenant or "")
+            if owner is not None and owner is not key:
+                raise ValueError(
+                    f"MLCHAT_API_KEYS: key {key.id!r} names tenant {key.tenant!r}, which is key "
+                    f'{owner.id!r}\'s own by default; give {owner.id!r} the same "tenant" too, '
+                    "or pick another"
+                )
+        return keys
+
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:

@@ -40,6 +40,7 @@ from db.runs import (
     postpone_finalizing,
     postpone_submission,
     run_counts,
+    submission_lock,
 )
 from db.session import session_scope
 from db.world import all_character_slugs
@@ -193,32 +194,45 @@ def submit_batch_by_name(name: str) -> None:
     """Validate, store and send a batch's file (resumable: a second call sends only what is left).
     A bad file fails the batch with each line's error (and calls back); a transient error keeps it
     validating for a retry after a backoff, until its tries run out. Nothing here raises."""
+    try:
+        _submit_batch(name)
+    except Exception:  # the database is down: nothing can be read or recorded; the sweeper retries
+        logger.exception("batch %s: submission could not start or record its outcome", name)
+
+
+def _submit_batch(name: str) -> None:
     with session_scope() as session:
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None or run.input_file_id is None:
             return
         run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
+    attempt: int | None = None  # unknown until counted: the database may be what broke
     try:
-        with session_scope() as session:
-            attempt = begin_submission_attempt(session=session, run_id=run_id)
-        if attempt is None:
-            return  # submitted, cancelled or failed meanwhile
-        if attempt > settings.batch_submission_attempts:  # the last try died without a word
-            _give_up(run_id, callback, f"submission failed {attempt - 1} times")
-            return
-        found = find_file(file_id)
-        if found is None or not found.path.is_file():
-            gone = f"input_file_id: the bytes of {file_id} are no longer stored"
+        # A try counts only once its submitter holds the lock: one that finds another submitter
+        # at work (a sweep racing the background submission) is no try at all.
+        with submission_lock(name) as got:
+            if not got:
+                raise RunBusy(f"run {name!r} is being submitted by another process right now")
             with session_scope() as session:
-                fail_submission(
-                    session=session,
-                    run_id=run_id,
-                    error=gone,
-                    error_code="invalid_request",
-                    line_errors=[{"line": None, "message": gone}],
-                )
-            raise RunValidationError([])
-        submit_run(found.path, name=name, retry_later=True)
+                attempt = begin_submission_attempt(session=session, run_id=run_id)
+            if attempt is None:
+                return  # submitted, cancelled or failed meanwhile
+            if attempt > settings.batch_submission_attempts:  # the last try died without a word
+                _give_up(run_id, callback, f"submission failed {attempt - 1} times")
+                return
+            found = find_file(file_id)
+            if found is None or not found.path.is_file():
+                gone = f"input_file_id: the bytes of {file_id} are no longer stored"
+                with session_scope() as session:
+                    fail_submission(
+                        session=session,
+                        run_id=run_id,
+                        error=gone,
+                        error_code="invalid_request",
+                        line_errors=[{"line": None, "message": gone}],
+                    )
+                raise RunValidationError([])
+            submit_run(found.path, name=name, retry_later=True, lock_held=True)
     except RunValidationError:
         if callback:  # the batch ended here: failed
             send_callback(run_id)

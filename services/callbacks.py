@@ -30,6 +30,12 @@ SIGNATURE_HEADER = "X-Mlchat-Signature"
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
+# IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64's well-known prefix, the
+# deprecated IPv4-compatible form): the packet ends up at that IPv4 address, so it is what counts.
+_LAST_32_BITS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+# RFC 8215's local-use NAT64 prefix translates into the site's own network, whatever it embeds.
+_LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+
 
 class CallbackFailed(RuntimeError):
     """The receiver did not answer 2xx (or could not be reached); the delivery is retried."""
@@ -60,9 +66,24 @@ def vetted_address(url: str) -> Address:
         raise RefusedDestination(f"host {host!r} does not resolve")
     if not settings.callback_allow_private:
         for address in addresses:
-            if not address.is_global:
+            if not is_public(address):
                 raise RefusedDestination(f"host {host!r} resolves to a non-public address ({address})")
     return addresses[0]
+
+
+def is_public(address: Address) -> bool:
+    """Whether `address` is public, and so is every IPv4 address an IPv6 one carries (IPv4-mapped,
+    IPv4-compatible, NAT64, 6to4, Teredo's server and client): each reaches that IPv4 host."""
+    if not address.is_global:
+        return False
+    if isinstance(address, ipaddress.IPv4Address):
+        return True
+    if address in _LOCAL_NAT64:
+        return False
+    carried = [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a]
+    if any(address in net for net in _LAST_32_BITS_IPV4):
+        carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
+    return all(ipv4.is_global for ipv4 in carried)
 
 
 def refused_destination(url: str) -> str | None:

@@ -85,11 +85,31 @@ def _path_of(file_id: str) -> Path:
     return settings.batch_files_dir / f"{file_id}.jsonl"
 
 
-def _over_quota(held: int, size: int) -> QuotaReached:
+def _over_quota(held: int, size: int | None) -> QuotaReached:
+    upload = "no upload fits" if size is None else f"a {size}-byte upload does not fit"
     return QuotaReached(
         f"file: this API key holds {held} bytes of files and the quota (MLCHAT_FILES_QUOTA_BYTES) is"
-        f" {settings.files_quota_bytes}; a {size}-byte upload does not fit (delete files to make room)"
+        f" {settings.files_quota_bytes}; {upload} (delete files to make room)"
     )
+
+
+# A multipart body's bytes besides the file: boundaries, part headers, the purpose and expiry fields.
+MULTIPART_SLACK = 64 * 1024
+
+
+def check_room(api_key: str | None, body_bytes: int | None) -> None:
+    """Refuse an upload before its body is read: the key holds its quota already, or the request's
+    declared length cannot fit in what is left of it (or under batch_file_max_bytes), with room for
+    the multipart framing. `body_bytes`: the Content-Length, None for a chunked body. Raises
+    QuotaReached or FileTooLarge."""
+    file_bytes = None if body_bytes is None else body_bytes - MULTIPART_SLACK
+    if file_bytes is not None and file_bytes > settings.batch_file_max_bytes:
+        raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
+    held = _held(api_key)
+    if held >= settings.files_quota_bytes:
+        raise _over_quota(held, None)
+    if file_bytes is not None and held + file_bytes > settings.files_quota_bytes:
+        raise _over_quota(held, file_bytes)
 
 
 async def save_upload(

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
@@ -58,6 +58,8 @@ class TurnView(BaseModel):
     error: str | None
     error_code: str | None
     api_key: str | None
+    # Whose turn it is: every key of the tenant may read it (never shown: tenants are configuration).
+    tenant: str = Field(default=DEFAULT_TENANT, exclude=True)
     attempts: int
     prompt: str | None
     context: dict[str, Any] | None

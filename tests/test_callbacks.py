@@ -128,3 +128,35 @@ def test_over_https_the_server_name_and_certificate_are_the_hosts(
         server.shutdown()
         server.server_close()
     assert names == ["receiver.test"] and len(_Receiver.calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("form", "address"),
+    [
+        ("NAT64 (64:ff9b::/96) of the metadata address", "64:ff9b::a9fe:a9fe"),
+        ("NAT64 of loopback", "64:ff9b::7f00:1"),
+        ("NAT64, local-use prefix (64:ff9b:1::/48)", "64:ff9b:1::101:101"),
+        ("IPv4-compatible loopback", "::127.0.0.1"),
+        ("IPv4-compatible private", "::10.0.0.1"),
+        ("IPv4-mapped loopback", "::ffff:127.0.0.1"),
+        ("IPv4-mapped metadata address", "::ffff:169.254.169.254"),
+        ("6to4 (2002::/16) of loopback", "2002:7f00:1::1"),
+        ("6to4 of the metadata address", "2002:a9fe:a9fe::1"),
+        ("6to4 of a private network", "2002:c0a8:101::1"),
+        ("Teredo, client loopback", "2001:0:4136:e378:8000:63bf:80ff:fffe"),
+    ],
+)
+def test_an_ipv6_form_that_carries_a_private_ipv4_address_is_refused(form, address, monkeypatch) -> None:
+    from services.callbacks import refused_destination
+
+    monkeypatch.setattr(settings, "callback_allow_private", False)
+    refused = refused_destination(f"http://[{address}]/hook")
+    assert refused is not None and "non-public address" in refused, form
+
+
+@pytest.mark.parametrize("address", ["64:ff9b::101:101", "2002:101:101::1", "2606:4700:4700::1111"])
+def test_an_ipv6_address_that_carries_a_public_ipv4_address_or_none_is_allowed(address, monkeypatch) -> None:
+    from services.callbacks import refused_destination
+
+    monkeypatch.setattr(settings, "callback_allow_private", False)
+    assert refused_destination(f"http://[{address}]/hook") is None

@@ -637,6 +637,53 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
     assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
 
 
+@contextmanager
+def _database_down(services: Path) -> Iterator[None]:
+    """The embedded PostgreSQL really stopped, and started again after (pg_ctl's restart starts a
+    stopped server with the options it last ran with: the same socket)."""
+    from core import embedded
+
+    assert embedded.stop_postgres(services)
+    try:
+        yield
+    finally:
+        embedded.restart_postgres(services)
+
+
+def test_a_submission_with_the_database_down_raises_nothing_and_a_later_sweep_submits_it(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 3)
+    with _database_down(services):
+        batches.submit_batch_by_name(batch_id)  # the sweeper's loop goes on: nothing raised
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+        assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)  # nothing recorded
+    assert batches.retry_batch_submissions(stalled_after_s=0) == [batch_id]
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 3
+
+
+def test_a_sweep_that_meets_the_live_submitter_uses_up_no_try(quiet_model, tmp_path, monkeypatch) -> None:
+    from db.runs import submission_lock
+
+    monkeypatch.setattr(settings, "batch_submission_attempts", 2)
+    batch_id = _batch(tmp_path, 2)
+    with submission_lock(batch_id) as got:  # the background submitter, at work on its own connection
+        assert got
+        for _ in range(3):  # sweeps racing it, more of them than the batch has tries
+            batches.submit_batch_by_name(batch_id)
+        with session_scope() as s:
+            run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+            assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)
+    batches.submit_batch_by_name(batch_id)  # the lock free: the first real try submits it
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["errors"] is None
+    with session_scope() as s:
+        assert s.scalar(select(Run.submission_attempts).where(Run.name == batch_id)) == 1
+
+
 def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path, monkeypatch) -> None:
     sent = []
     monkeypatch.setattr(batches, "send_callback", sent.append)

@@ -66,3 +66,22 @@ def test_the_image_gets_no_local_secrets_and_pinned_hashed_dependencies() -> Non
     pins = re.findall(r"^([A-Za-z0-9_.-]+)==", lock, flags=re.M)
     assert "vllm" in pins and "celery" in pins and len(pins) > 100
     assert lock.count("--hash=sha256:") >= len(pins)  # every pin carries its hashes
+
+
+def test_compose_refuses_to_start_flower_with_the_placeholder_password_of_env_example(tmp_path) -> None:
+    import os
+
+    example = (PROJECT_ROOT / ".env.example").read_text()
+    values = dict(re.findall(r"^([A-Z_][A-Z0-9_]*)=(.*)$", example, re.M))
+    flower = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]["flower"]
+    shell, flag, script = flower["command"]
+    script = script.replace("$$", "$")  # as compose hands it to the container (no interpolation)
+    celery = tmp_path / "celery"  # stands in for Flower, which this test does not start
+    celery.write_text('#!/bin/sh\necho "flower started: $*"\n')
+    celery.chmod(0o755)
+    for password, starts in ((values["FLOWER_PASSWORD"], False), ("a-real-secret-4f9c", True)):
+        env = {"PATH": f"{tmp_path}:{os.environ['PATH']}", "FLOWER_BASIC_AUTH": f"admin:{password}"}
+        result = subprocess.run([shell, flag, script], capture_output=True, text=True, env=env, timeout=30)
+        assert (result.returncode == 0) == starts, result.stderr
+        assert ("flower started: --app=tasks.app flower --port=5555" in result.stdout) == starts
+        assert starts or "placeholder" in result.stderr

@@ -36,3 +36,31 @@ def test_the_readme_names_only_broker_urls_the_settings_take() -> None:
 def test_sentinel_urls_are_refused_naming_the_variable() -> None:
     with pytest.raises(ValidationError, match="REDIS_URL .*Sentinel is not supported"):
         Settings(REDIS_URL="sentinel://sentinel-1:26379")
+
+
+def test_a_key_cannot_join_another_keys_own_tenant_unless_both_name_it() -> None:
+    shop = {"key": "shop-key-0123456789", "name": "shop"}  # its tenant is `shop` by default
+    joining = {"key": "other-key-0123456789", "name": "other", "tenant": "shop"}
+    with pytest.raises(ValidationError, match="MLCHAT_API_KEYS: key 'other' names tenant 'shop'"):
+        Settings(api_keys=[shop, joining])
+    both = Settings(api_keys=[shop | {"tenant": "shop"}, joining])  # both say so: one tenant
+    assert {key.tenant_id for key in both.api_keys} == {"shop"}
+    own = Settings(api_keys=[shop, {"key": "solo-key-0123456789", "name": "solo", "tenant": "solo"}])
+    assert [key.tenant_id for key in own.api_keys] == ["shop", "solo"]
+
+
+def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    from core.settings import PROJECT_ROOT
+
+    keys = [{"key": "shop-key-0123456789", "name": "shop"}, {"key": "x-key-0123456789", "tenant": "shop"}]
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "MLCHAT_API_KEYS": json.dumps(keys)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import core.settings"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "MLCHAT_API_KEYS" in result.stderr, result.stderr

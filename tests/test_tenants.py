@@ -99,6 +99,32 @@ def _batch(base_url: str, headers: dict[str, str], file_id: str, **extra: object
     )
 
 
+def test_keys_of_one_tenant_read_and_cancel_each_others_turns_and_no_other_key_does(
+    base_url, monkeypatch
+) -> None:
+    from core.settings import ApiKey, settings
+
+    shop = [
+        ApiKey(key=f"shop-{n}-key-0123456789", name=f"shop-{n}", tenant="shop", scopes=["ingest"])
+        for n in (1, 2)
+    ]
+    monkeypatch.setattr(settings, "api_keys", [*settings.api_keys, *shop])
+    one, two = ({"X-API-Key": key.key} for key in shop)
+    body, key = new_conversation() | {"message": "A room for the night?"}, f"room-{uuid.uuid4().hex}"
+    first = _post(base_url, one, body, **{"Idempotency-Key": key})
+    assert first.status_code == 202, first.text
+    replay = _post(base_url, two, body, **{"Idempotency-Key": key})  # the tenant's key: the same turn
+    assert replay.status_code == 200 and replay.json()["id"] == first.json()["id"]
+    turn = f"{base_url}/v1/turns/{first.json()['id']}"
+    got = httpx.get(turn, headers=two)  # the key that got the id can read it
+    assert got.status_code == 200 and got.json()["message"] == "A room for the night?", got.text
+    assert "tenant" not in got.json() and got.json()["prompt"] is None
+    assert httpx.delete(turn, headers=two).status_code == 200
+    for stranger in (A, B):  # keys of other tenants see nothing, whatever they do
+        assert httpx.get(turn, headers=stranger).status_code == 404
+        assert httpx.delete(turn, headers=stranger).status_code == 404
+
+
 def test_a_batch_line_cannot_name_another_tenants_conversation(base_url) -> None:
     started = new_conversation()
     first = _post(base_url, A, started | {"message": "The password is swordfish."})

@@ -123,6 +123,55 @@ def test_an_upload_past_the_keys_quota_is_403_and_keeps_nothing(base_url, monkey
     assert again.status_code == 200, again.text
 
 
+def _answer_to_an_endless_upload(base_url: str, key: str) -> bytes:
+    """Start a chunked multipart upload that never ends (a chunk a second) and return what the API
+    answers within 10 s; b"" if it only kept reading."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    url = urlsplit(base_url)
+    boundary = "endless-boundary"
+    head = (
+        f"POST /v1/files HTTP/1.1\r\nHost: {url.netloc}\r\nX-API-Key: {key}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    opening = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n--{boundary}\r\n'
+        'Content-Disposition: form-data; name="file"; filename="b.jsonl"\r\n\r\n'
+    ).encode()
+
+    def chunk(data: bytes) -> bytes:
+        return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+    with socket.create_connection((url.hostname, url.port), timeout=1) as sock:
+        sock.sendall(head.encode() + chunk(opening))
+        answer = b""
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and b"\r\n\r\n" not in answer:
+            try:
+                sock.sendall(chunk(b'{"a": 1}\n' * 1000))
+                answer += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:  # the API closed the connection after answering
+                break
+        return answer
+
+
+def test_a_key_at_its_quota_is_refused_before_the_body_is_read(base_url, monkeypatch) -> None:
+    with session_scope() as s:
+        held = stored_bytes(session=s, api_key="game-a")
+    monkeypatch.setattr(settings, "files_quota_bytes", held)  # at its quota: nothing more fits
+    answer = _answer_to_an_endless_upload(base_url, INGEST_KEY)
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert b"MLCHAT_FILES_QUOTA_BYTES" in answer and b"no upload fits" in answer
+    monkeypatch.setattr(settings, "files_quota_bytes", held + 1000)  # room left, but a declared
+    headers, body = _multipart(b"x" * (200 * 1024))  # length far past it is refused as well
+    refused = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert refused.status_code == 403 and "MLCHAT_FILES_QUOTA_BYTES" in refused.text, refused.text
+
+
 def _add(session, key: str, size: int, quota: int):  # type: ignore[no-untyped-def]
     file_id = f"file-{uuid.uuid4().hex[:16]}"
     row, _ = add_file_within_quota(

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
@@ -22,6 +23,7 @@ from services.files import (
     FoundFile,
     QuotaReached,
     check_expiry,
+    check_room,
     delete_file,
     find_file,
     list_files,
@@ -35,6 +37,11 @@ FileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 _CHUNK = 1 << 20
 
 
+def _declared_length(request: Request) -> int | None:
+    value = request.headers.get("content-length", "")
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
 @router.post("")
 async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     """Upload a JSONL file for a batch: multipart fields `file` and `purpose` ("batch")."""
@@ -44,6 +51,12 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
             "send the file as multipart/form-data (fields file, purpose)",
         )
+    try:  # before a byte of the body is read (parsing it spools the file part to disk)
+        await run_in_threadpool(check_room, who.key_id, _declared_length(request))
+    except FileTooLarge as exc:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
+    except QuotaReached as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
     async with request.form(max_files=1, max_fields=4) as form:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose not in PURPOSES:

@@ -15,6 +15,7 @@ import logging
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -110,6 +111,7 @@ def submit_run(
     options: LineOptions | None = None,
     fields: dict[str, Any] | None = None,
     retry_later: bool = False,
+    lock_held: bool = False,
 ) -> SubmittedRun:
     """Validate the whole file, then store and send it on the bulk lane.
 
@@ -119,9 +121,10 @@ def submit_run(
     the file's lines may do (a resumed run keeps the ones it was created with); `fields` are the
     run's other columns (metadata, window, files), set when it is created. `retry_later`: a
     submission that stops leaves the run `validating` for its caller to try again (a batch's).
+    `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
     """
     name = check_run_name(name or path.stem)
-    with submission_lock(name) as got:
+    with nullcontext(True) if lock_held else submission_lock(name) as got:
         if not got:
             raise RunBusy(f"run {name!r} is being submitted by another process right now")
         options = _stored_options(name) or options or LineOptions()
