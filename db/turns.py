@@ -472,11 +472,23 @@ def _defer(
         ]
 
 
+def _lock_claim(
+    *, session: Session, token: uuid.UUID, turn_ids: Sequence[uuid.UUID] | None = None
+) -> list[uuid.UUID]:
+    """Lock the claim's running turns (those of `turn_ids`, or all) in id order; returns their ids.
+
+    Every writer of a claim that runs while its LeaseKeeper may renew it takes its rows this way
+    first, as renewal and store_replies do: an UPDATE alone takes rows in scan order, and two
+    UPDATEs take them in two goes, either of which deadlocks with a renewal holding some of them."""
+    query = select(Turn.id).where(_ours(token))
+    if turn_ids is not None:
+        query = query.where(Turn.id.in_(list(turn_ids)))
+    return list(session.scalars(query.order_by(Turn.id).with_for_update()))
+
+
 def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
     """Extend the lease of every turn still running under this claim; returns how many."""
-    # Locked in id order first, as store_replies locks them: an UPDATE alone takes rows in scan order,
-    # which deadlocks with a store of the same claim holding some of them.
-    ours = list(session.scalars(select(Turn.id).where(_ours(token)).order_by(Turn.id).with_for_update()))
+    ours = _lock_claim(session=session, token=token)
     if not ours:
         return 0
     result = session.execute(
@@ -644,6 +656,7 @@ def fail_turns(
     """fail: mark turns running under this claim failed with their reason; returns those failed."""
     if not failures:
         return []
+    _lock_claim(session=session, token=token, turn_ids=list(failures))
     failed = list(
         session.scalars(
             update(Turn)
@@ -674,6 +687,7 @@ def requeue_turns(
     """
     if not reasons:
         return []
+    _lock_claim(session=session, token=token, turn_ids=list(reasons))
     return list(
         session.scalars(
             update(Turn)
@@ -714,6 +728,7 @@ def hand_back_after_engine_death(
     after worker."""
     if not turn_ids:
         return EngineDeathOutcome([], [])
+    _lock_claim(session=session, token=token, turn_ids=turn_ids)
     inside = [t for t in turn_ids if t in set(in_engine)]
     crash_looped = (
         list(

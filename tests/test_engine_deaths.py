@@ -49,3 +49,49 @@ def test_a_turn_inside_the_engine_at_two_deaths_is_dead_lettered_and_its_mates_a
         claim = claim_turns(session=session, turn_ids=[inside_once, waiting], lease_s=60, max_attempts=3)
     deaths = {t.id: t.engine_deaths for t in claim.claimed}
     assert deaths == {inside_once: 1, waiting: 0}  # the pipeline runs inside_once alone next time
+
+
+def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(world) -> None:
+    import threading
+
+    from sqlalchemy import select, text
+
+    from db.models import Turn
+    from db.turns import renew_lease
+
+    low, high = sorted(_turns(2))
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=[low, high], lease_s=60, max_attempts=3)
+    errors: list[BaseException] = []
+
+    def hand_back() -> None:
+        try:
+            with session_scope() as session:
+                session.execute(text("SET LOCAL lock_timeout = '20s'"))
+                hand_back_after_engine_death(  # fails `high` first (its last death), then requeues `low`
+                    session=session,
+                    token=claim.token,
+                    turn_ids=[low, high],
+                    in_engine=[high],
+                    reason="engine died: injected",
+                    max_deaths=1,
+                )
+        except BaseException as exc:  # recorded for the assertion in the test's thread
+            errors.append(exc)
+
+    handing = threading.Thread(target=hand_back, daemon=True)
+    try:
+        with session_scope() as renewal:
+            renewal.execute(text("SET LOCAL lock_timeout = '20s'"))
+            # The lease keeper's renewal has locked the first row by id when the engine dies...
+            renewal.execute(select(Turn.id).where(Turn.id == low).with_for_update())
+            handing.start()
+            handing.join(1.5)  # past PostgreSQL's 1 s deadlock_timeout
+            renew_lease(session=renewal, token=claim.token, lease_s=60)  # ...and goes on to the next
+    except BaseException as exc:
+        errors.append(exc)
+    handing.join(30)
+    assert not handing.is_alive()
+    assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
+    assert get_turn(high).error_code == TurnErrorCode.ENGINE_CRASH_LOOP
+    assert get_turn(low).status == TurnStatus.QUEUED

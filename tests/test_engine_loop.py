@@ -157,16 +157,22 @@ def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
 
 
 class _ScriptedEngine:
-    """Finishes each request on the step after it joins; can die at one admission or hang in step."""
+    """Finishes each request `decode_steps` steps after it joins (each step taking `step_s`); can die
+    at one admission or in a step, or hang in step or add_lora."""
 
-    def __init__(self, die_at_admission: int | None = None) -> None:
+    def __init__(
+        self, die_at_admission: int | None = None, decode_steps: int = 1, step_s: float = 0.0
+    ) -> None:
         self.die_at_admission = die_at_admission
+        self.decode_steps, self.step_s = decode_steps, step_s
+        self.die_in_step = threading.Event()
         self.admitted: list[str] = []
         self.prompts: dict[str, list[int]] = {}
         self.steps: list[set[str]] = []  # the requests inside at each step
         self.hang = threading.Event()
         self.release = threading.Event()
         self._inside: set[str] = set()
+        self._left: dict[str, int] = {}
 
     def add_request(self, request_id, prompt, params, **kwargs) -> None:  # type: ignore[no-untyped-def]
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -177,19 +183,34 @@ class _ScriptedEngine:
         self.admitted.append(request_id)
         self.prompts[request_id] = prompt["prompt_token_ids"]
         self._inside.add(request_id)
+        self._left[request_id] = self.decode_steps
+
+    def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
+        if self.hang.is_set():
+            self.release.wait()
+        return True
 
     def step(self):  # type: ignore[no-untyped-def]
+        from vllm.v1.engine.exceptions import EngineDeadError
+
         if self.hang.is_set():
             self.release.wait()
             return []
+        if self.die_in_step.is_set():
+            raise EngineDeadError()
+        time.sleep(self.step_s)
         self.steps.append(set(self._inside))
-        done, self._inside = self._inside, set()
-        return [_Out(request_id) for request_id in sorted(done)]
+        outputs = []
+        for request_id in sorted(self._inside):
+            self._left[request_id] -= 1
+            outputs.append(_Out(request_id, finished=self._left[request_id] == 0))
+        self._inside = {r for r in self._inside if self._left[r]}
+        return outputs
 
 
 class _Out:
-    def __init__(self, request_id: str) -> None:
-        self.request_id, self.finished = request_id, True
+    def __init__(self, request_id: str, finished: bool = True) -> None:
+        self.request_id, self.finished = request_id, finished
         self.outputs = [type("Completion", (), {"text": "ok", "token_ids": [1], "finish_reason": "stop"})]
 
 
@@ -246,3 +267,65 @@ def test_a_request_marked_alone_never_shares_the_engine() -> None:
     (suspect_step,) = [step for step in steps if 99 in step]
     assert suspect_step == [99], steps  # the engine held nothing else while it ran
     assert sorted(i for step in steps for i in step) == [0, 1, 2, 3, 4, 5, 99]
+
+
+def test_an_alone_request_gets_its_turn_within_one_drain_under_steady_live_chat() -> None:
+    # Each live request stays three steps; a new one arrives every step: the engine is never empty.
+    fake = _ScriptedEngine(decode_steps=3, step_s=0.01)
+    loop = _loop(fake)
+    live = loop.submit([([i], None, LIVE, None) for i in range(2)])
+    held = loop.submit([([50], None, BULK, None)])
+    (suspect,) = loop.submit([([99], None, BULK, None)], alone=True)
+    deadline = time.monotonic() + 5
+    while not suspect.done() and time.monotonic() < deadline:
+        live += loop.submit([([len(live)], None, LIVE, None)])
+        time.sleep(0.01)
+    assert suspect.done(), "the alone request never started while live chat went on"
+    assert _all_done([*live, *held], timeout=10)
+    steps = [sorted(fake.prompts[r][0] for r in step) for step in fake.steps]
+    assert all(step == [99] for step in steps if 99 in step), steps
+
+
+def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding() -> None:
+    import vllm.v1.engine.exceptions  # noqa: F401  (imported now: a first import takes seconds)
+
+    from worker.engine import EngineDead
+
+    fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
+    loop = _loop(fake)
+    decoding = loop.submit([([i], None, BULK, None) for i in range(3)])
+    while len(fake.steps) < 2:  # all three have returned output: they are decoding
+        time.sleep(0.01)
+    fake.die_in_step.set()
+    (joining,) = loop.submit([([99], None, BULK, None)])  # the request that kills the engine
+    assert loop.wait([joining], timeout=10) == [joining]
+    assert _all_done(decoding, timeout=10)
+    assert joining.exception().in_engine
+    assert [f.exception().in_engine for f in decoding] == [False] * 3
+    assert all(isinstance(f.exception(), EngineDead) for f in decoding)
+
+    # With no request joining (every one decoding), each inside counts the death.
+    fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
+    loop = _loop(fake)
+    decoding = loop.submit([([i], None, BULK, None) for i in range(3)])
+    while len(fake.steps) < 2:
+        time.sleep(0.01)
+    fake.die_in_step.set()
+    assert _all_done(decoding, timeout=10)
+    assert [f.exception().in_engine for f in decoding] == [True] * 3
+
+
+def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:
+    from worker.engine import EngineDead
+    from worker.engine_loop import EngineStalled
+
+    fake = _ScriptedEngine()
+    fake.hang.set()  # add_lora never returns: nothing is inside the engine meanwhile
+    loop = _loop(fake, stall_s=0.5)
+    try:
+        future = loop.call("add_lora", None)
+        assert loop.wait([future], timeout=10) == [future], "wait() blocked on a hung engine call"
+        assert isinstance(future.exception(), EngineDead)
+        assert isinstance(loop.dead, EngineStalled)
+    finally:
+        fake.release.set()

@@ -178,3 +178,24 @@ def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_eng
     expected = f"{SLUG}@v{registered.version}"
     assert [v.adapter for v in views] == [expected, None, expected, None]
     assert {v.timings["batch_size"] for v in views} == {4}
+
+
+def test_an_adapter_that_did_not_load_for_a_passing_cause_is_tried_again(tmp_path, monkeypatch) -> None:
+    import time
+
+    import pytest
+
+    from worker import engine as engine_module
+    from worker.engine import Adapter, AdapterUnavailable
+
+    monkeypatch.setattr(engine_module, "ADAPTER_RETRY_S", 0.2, raising=False)
+    adapter = Adapter(f"copying@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path))
+    # `lora register` is still copying: no adapter_config.json yet.
+    with pytest.raises(AdapterUnavailable, match="No such file"):
+        engine_module.load_adapter(adapter)
+    (tmp_path / "adapter_config.json").write_text("{", encoding="utf-8")  # half written
+    with pytest.raises(AdapterUnavailable, match="No such file"):  # remembered for a while
+        engine_module.load_adapter(adapter)
+    time.sleep(0.3)
+    with pytest.raises(AdapterUnavailable, match="Expecting"):  # then looked at again
+        engine_module.load_adapter(adapter)

@@ -278,46 +278,74 @@ class AdapterUnavailable(RuntimeError):
     """A character's LoRA adapter that this worker's engine cannot load."""
 
 
-# Whether each adapter (by name) loaded into this process's engine: None, or why it did not.
-_adapters: dict[str, str | None] = {}
-_adapters_lock = threading.Lock()
+@dataclass(frozen=True)
+class _AdapterState:
+    """Whether an adapter loaded into this process's engine: error None, or why not until `retry_at`
+    (time.monotonic(); None: for good)."""
+
+    error: str | None
+    retry_at: float | None = None
+
+    def current(self) -> bool:
+        return self.retry_at is None or time.monotonic() < self.retry_at
+
+
+_adapters: dict[str, _AdapterState] = {}
+_adapter_locks: dict[str, threading.Lock] = {}  # one per adapter: loading one never holds up another
+_adapters_lock = threading.Lock()  # guards the two dicts above, never held across a load
 ADAPTER_LOAD_TIMEOUT_S = 300.0
+# A failure that may pass (the volume briefly away, `lora register` still copying, a slow load) is
+# remembered this long; a rank over the engine's limit is remembered for good.
+ADAPTER_RETRY_S = 60.0
 
 
 def load_adapter(adapter: Adapter) -> None:
     """Load and check the adapter in this worker's engine before any request uses it (vLLM's
     add_lora reports a bad adapter; a request naming one would kill the engine core instead).
-    Remembered per process; raises AdapterUnavailable, now and on every later call, if it does not
-    load, and EngineDead if the engine dies meanwhile."""
+    Remembered per process; raises AdapterUnavailable if it does not load (again on later calls,
+    for ADAPTER_RETRY_S or for good when the cause cannot pass), and EngineDead if the engine dies
+    meanwhile."""
     with _adapters_lock:
-        if adapter.name not in _adapters:
-            _adapters[adapter.name] = _try_add_lora(adapter)
-        error = _adapters[adapter.name]
-    if error is not None:
-        raise AdapterUnavailable(error)
+        state = _adapters.get(adapter.name)
+        lock = _adapter_locks.setdefault(adapter.name, threading.Lock())
+    if state is None or not state.current():
+        with lock:
+            with _adapters_lock:
+                state = _adapters.get(adapter.name)
+            if state is None or not state.current():  # else another thread loaded it meanwhile
+                state = _try_add_lora(adapter)
+                with _adapters_lock:
+                    _adapters[adapter.name] = state
+    if state.error is not None:
+        raise AdapterUnavailable(state.error)
 
 
-def _try_add_lora(adapter: Adapter) -> str | None:
-    limit = _engine_lora_rank()
+def _try_add_lora(adapter: Adapter) -> _AdapterState:
+    retry_at = time.monotonic() + ADAPTER_RETRY_S
     rank = _adapter_rank(adapter.path)
     if isinstance(rank, str):
-        return f"adapter {adapter.name} at {adapter.path}: {rank}"
+        return _AdapterState(f"adapter {adapter.name} at {adapter.path}: {rank}", retry_at)
+    limit = _engine_lora_rank()
     if limit is not None and rank > limit:
-        return f"adapter {adapter.name}: rank {rank} is over this worker's MLCHAT_MAX_LORA_RANK ({limit})"
+        return _AdapterState(
+            f"adapter {adapter.name}: rank {rank} is over this worker's MLCHAT_MAX_LORA_RANK ({limit})"
+        )
     loop = get_loop()
     future = loop.call("add_lora", lora_request(adapter))
     loop.wait([future], timeout=ADAPTER_LOAD_TIMEOUT_S)
     if not future.done():
-        return f"adapter {adapter.name}: the engine did not load it in {ADAPTER_LOAD_TIMEOUT_S:.0f} s"
-    error = future.exception()
-    if isinstance(error, EngineDead):
-        raise error
-    if error is not None:
-        return f"adapter {adapter.name} at {adapter.path} does not load: {error}"[:1000]
+        error = f"adapter {adapter.name}: the engine did not load it in {ADAPTER_LOAD_TIMEOUT_S:.0f} s"
+        return _AdapterState(error, retry_at)
+    failure = future.exception()
+    if isinstance(failure, EngineDead):
+        raise failure
+    if failure is not None:
+        error = f"adapter {adapter.name} at {adapter.path} does not load: {failure}"[:1000]
+        return _AdapterState(error, retry_at)
     if future.result() is False:
-        return f"adapter {adapter.name} at {adapter.path}: the engine refused it"
+        return _AdapterState(f"adapter {adapter.name} at {adapter.path}: the engine refused it", retry_at)
     logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.path)
-    return None
+    return _AdapterState(None)
 
 
 def _engine_lora_rank() -> int | None:

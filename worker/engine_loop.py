@@ -9,18 +9,24 @@ engine starts them (at most `prefill_budget` prompt tokens admitted but not yet 
 own waiting queue never holds more than one step of bulk prefill. The rest wait here, in arrival
 order. A request marked `alone` (its turn was inside an engine that died) joins only an empty engine
 and nothing joins while it is inside, so a request that kills the engine again is known to be the
-one that did. While a live request is inside, no new bulk request is admitted (for at most LIVE_SHIELD_S):
-the engine's steps then hold the live turn and the decoding bulk ones, not long prefills of new
-bulk prompts. Bulk requests already decoding share every step with it; they are not preempted.
+one that did. Once one waits, nothing new joins (live requests neither): the engine drains, the alone
+request runs, then the live requests that arrived meanwhile join before the next alone one waits
+for its drain. Neither waits longer than one drain and one alone request. While a live request is
+inside, no new bulk request is admitted (for at most LIVE_SHIELD_S): the engine's steps then hold the
+live turn and the decoding bulk ones, not long prefills of new bulk prompts. Bulk requests already
+decoding share every step with it; they are not preempted.
 
 The engine core is its own process (vLLM's multiprocessing client), so while it computes, this
 process's threads embed, retrieve, build prompts and write results. `busy` records when at least
 one request was inside the engine: the benchmark's busy share comes from it.
 
-When the engine dies, every future resolves: those of requests inside it with EngineDead(in_engine=
-True), all others (waiting here, or arriving later) with in_engine=False. An engine that is alive but
-makes no step progress for `stall_s` while requests are inside counts as dead: vLLM's synchronous
-client can block for ever in `step()` when its core hangs or dies mid-step.
+When the engine dies, every future resolves with EngineDead. `in_engine=True` marks the requests
+that may have killed it: those inside that had not yet returned any output (joining, or in their
+prefill: a request that crashes vLLM almost always does so in the first steps after it joins), or
+every request inside when all of them were already decoding. Requests decoding beside a joining one,
+and all others (waiting here, or arriving later) get in_engine=False. An engine that is alive but
+makes no step progress for `stall_s` while requests are inside, or while one engine call (add_lora)
+runs, counts as dead: vLLM's synchronous client can block for ever when its core hangs or dies.
 """
 
 from __future__ import annotations
@@ -62,6 +68,7 @@ class _Job:
     request_id: str = ""
     on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
     shown: str = ""  # what on_text has been told so far
+    started: bool = False  # a step has returned output for it: it is past its prefill
 
 
 class BusyClock:
@@ -125,6 +132,8 @@ class EngineLoop:
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
         self._live_since: float | None = None  # when the live requests now inside began to hold bulk back
+        self._call_since: float | None = None  # when the engine call now running began
+        self._live_owed = False  # an alone request just ran: the live ones that waited for it go first
         self._ids = itertools.count()
         self._death: BaseException | None = None
         self.busy = BusyClock()
@@ -197,9 +206,14 @@ class EngineLoop:
             self._die(RuntimeError("the engine core process is gone"))
             return
         with self._cond:
-            silent_s = time.monotonic() - self._progress_at
-            stalled = self.stall_s is not None and bool(self._inside) and silent_s > self.stall_s
-        if stalled:
+            now = time.monotonic()
+            silent_s = now - self._progress_at if self._inside else 0.0
+            call_s = now - self._call_since if self._call_since is not None else 0.0
+        if self.stall_s is None:
+            return
+        if call_s > self.stall_s:
+            self._die(EngineStalled(f"an engine call has not returned for {call_s:.0f} s"))
+        elif silent_s > self.stall_s:
             self._die(EngineStalled(f"no engine step returned for {silent_s:.0f} s with requests inside"))
 
     @property
@@ -235,7 +249,7 @@ class EngineLoop:
                         return
                     self._progress_at = time.monotonic()
                 for out in outputs:
-                    self._unstarted.pop(_own_id(out.request_id), None)
+                    self._started(_own_id(out.request_id))
                     self._tell_text(out)
                     if out.finished:
                         self._finish(out)
@@ -250,32 +264,48 @@ class EngineLoop:
     def _has_work(self) -> bool:
         return bool(self._inbox or self._inside or self._held or self._live or self._alone or self._calls)
 
+    def _started(self, request_id: str) -> None:
+        """The engine returned output for this request: its prefill is done."""
+        self._unstarted.pop(request_id, None)
+        job = self._inside.get(request_id)
+        if job is not None:
+            job.started = True
+
     def _run_calls(self) -> None:
         while self._calls:
             method, future = self._calls[0]
+            with self._cond:
+                self._call_since = time.monotonic()  # a call that hangs stalls the engine as a step does
             try:
                 result = method()
             except Exception as exc:  # the call's own failure (an adapter that does not load)
                 if _is_engine_death(exc):
                     raise
-                future.set_exception(exc)
+                if self._death is None:  # else declared dead (stalled) while it ran: resolved already
+                    future.set_exception(exc)
             else:
-                future.set_result(result)
+                if self._death is None:
+                    future.set_result(result)
             with self._cond:
+                self._call_since = None
                 if self._calls and self._calls[0][1] is future:  # else a death already cleared it
                     self._calls.popleft()
 
     def _admit_waiting(self) -> None:
-        """Admit what may join the engine now: nothing beside a request that runs alone; live
-        requests at once; an alone request once the engine is empty; bulk while there is room and no
-        alone request waits for the engine to empty."""
+        """Admit what may join the engine now: nothing beside a request that runs alone; while an
+        alone request waits, nothing new (the engine drains, then it joins), except the live requests
+        that waited for the alone request before it; otherwise live requests at once and bulk while
+        there is room."""
         if self._alone_inside():
             return
+        if self._alone and not self._live_owed:
+            if not self._inside:
+                self._admit(self._alone[0], self._alone)
+            return
+        self._live_owed = False
         while self._live:
             self._admit(self._live[0], self._live)
         if self._alone:
-            if not self._inside:
-                self._admit(self._alone[0], self._alone)
             return
         while self._room_for_bulk():
             self._admit(self._held[0], self._held)
@@ -359,6 +389,7 @@ class EngineLoop:
             if job is None:
                 logger.warning("engine returned an unknown request %s", out.request_id)
                 return
+            self._live_owed = self._live_owed or job.alone
             self._cond.notify_all()
         completion = out.outputs[0]
         job.future.set_result(
@@ -377,6 +408,7 @@ class EngineLoop:
                 return
             self._death = exc
             inside = list(self._inside.values())
+            suspects = [job for job in inside if not job.started] or inside
             waiting = [*self._inbox, *self._live, *self._held, *self._alone]
             calls = [future for _, future in self._calls]
             for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
@@ -385,15 +417,22 @@ class EngineLoop:
             self._unstarted.clear()
             self._cond.notify_all()
         logger.error(
-            "the engine died: %r; failing %d requests inside it, %d waiting", exc, len(inside), len(waiting)
+            "the engine died: %r; failing %d requests inside it (%d joining: suspects), %d waiting",
+            exc,
+            len(inside),
+            len(suspects),
+            len(waiting),
         )
         self.busy.mark(False)
         if self._on_death is not None:
             self._on_death()
-        # Inside first: a job being admitted is in both, and it was in the engine when it died.
-        for job in inside:
+        # Suspects first: a job being admitted is in both, and it was in the engine when it died.
+        for job in suspects:
             if not job.future.done():
                 job.future.set_exception(self._dead_error(in_engine=True))
+        for job in inside:
+            if not job.future.done():
+                job.future.set_exception(self._dead_error(in_engine=False))
         for job in waiting:
             if not job.future.done():
                 job.future.set_exception(self._dead_error(in_engine=False))

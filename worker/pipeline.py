@@ -15,11 +15,13 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy.orm import Session
 
 from core import metrics
 from core.settings import Lane, settings
@@ -53,6 +55,7 @@ from worker.stage_timer import StageTimer
 
 logger = logging.getLogger(__name__)
 batch_log = logging.getLogger("mlchat.batch")  # one JSON object per line, one line per batch
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -71,6 +74,8 @@ class BatchReport:
     handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
     engine_dead: BaseException | None = None
     futures: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # each turn's engine requests
+    # Turns whose adapter was loading when the engine died: they count the death as if inside it.
+    loading: list[uuid.UUID] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -122,7 +127,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             _account(report, claimed=0, generations=[])
         return report
     answered: list[Any] = []
-    with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout):
+    with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout) as keeper:
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
             answered = _answer(
@@ -132,6 +137,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
                 timer,
                 failed_by_claim={*claim.exhausted, *claim.blocked},
                 priority=priority,
+                hold_until=keeper.deadline,
             )
         except EngineDead as exc:
             report.engine_dead = exc
@@ -146,40 +152,49 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     return report
 
 
+def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
+    """Run a hand-back write in its own transaction; None if it fails (if the database is away too,
+    the lease simply expires and the next claim takes the turns)."""
+    try:
+        with session_scope() as session:
+            return write(session)
+    except Exception:
+        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+        return None
+
+
 def _hand_back(
     token: uuid.UUID, turns: Sequence[ClaimedTurn], reason: str, *, refund: bool
 ) -> list[uuid.UUID]:
-    """Requeue the batch's turns still under its claim; best effort (if the database is away too,
-    the lease simply expires and the next claim takes them)."""
-    try:
-        with session_scope() as session:
-            return requeue_turns(
-                session=session, token=token, reasons={t.id: reason for t in turns}, refund_attempt=refund
-            )
-    except Exception:
-        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
-        return []
+    """Requeue the batch's turns still under its claim; best effort."""
+    reasons = {t.id: reason for t in turns}
+    requeued = _best_effort_hand_back(
+        turns,
+        lambda session: requeue_turns(session=session, token=token, reasons=reasons, refund_attempt=refund),
+    )
+    return requeued or []
 
 
 def _hand_back_dead(
     token: uuid.UUID, turns: Sequence[ClaimedTurn], error: EngineDead, report: BatchReport
 ) -> None:
-    """The engine died: requeue the claim's turns uncharged, counting a death for each that had a
-    request inside the engine, and fail those at the limit. Best effort, as _hand_back."""
+    """The engine died: requeue the claim's turns uncharged, counting a death for each that may have
+    killed it (a request of its was a suspect inside the engine, or its adapter was loading), and fail
+    those at the limit. Best effort."""
     reason = f"engine died: {error}"
     in_engine = [t for t, futures in report.futures.items() if any(map(_was_in_engine, futures))]
-    try:
-        with session_scope() as session:
-            outcome = hand_back_after_engine_death(
-                session=session,
-                token=token,
-                turn_ids=[t.id for t in turns],
-                in_engine=in_engine,
-                reason=reason,
-                max_deaths=settings.max_engine_deaths,
-            )
-    except Exception:
-        logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
+    outcome = _best_effort_hand_back(
+        turns,
+        lambda session: hand_back_after_engine_death(
+            session=session,
+            token=token,
+            turn_ids=[t.id for t in turns],
+            in_engine=[*in_engine, *report.loading],
+            reason=reason,
+            max_deaths=settings.max_engine_deaths,
+        ),
+    )
+    if outcome is None:
         return
     report.handed_back = outcome.requeued
     for turn_id in outcome.crash_looped:
@@ -192,22 +207,28 @@ def _hand_back_dead(
 
 
 def _was_in_engine(future: Any) -> bool:
-    """Whether this request was inside the engine when it died."""
+    """Whether this request was a suspect inside the engine when it died (worker/engine_loop.py)."""
     error = future.exception() if future.done() else None
     return isinstance(error, EngineDead) and error.in_engine
 
 
 def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
-    """Load each adapted character's LoRA before any request uses it; a turn whose adapter does not
-    load fails alone (adapter_unavailable)."""
+    """Load each adapted character's LoRA, once per adapter, before any request uses it; a turn whose
+    adapter does not load fails alone (adapter_unavailable). If the engine dies while one loads, the
+    turns that needed it are recorded in `report.loading` (they count that death)."""
+    needing: dict[Adapter, list[uuid.UUID]] = {}
     for turn in turns:
         adapter = adapter_of(turn.character)
-        if adapter is None:
-            continue
+        if adapter is not None:
+            needing.setdefault(adapter, []).append(turn.id)
+    for adapter, turn_ids in needing.items():
         try:
             engine_module.load_adapter(adapter)
         except AdapterUnavailable as exc:
-            report.failed[turn.id] = Failure(str(exc), TurnErrorCode.ADAPTER_UNAVAILABLE)
+            report.failed.update({t: Failure(str(exc), TurnErrorCode.ADAPTER_UNAVAILABLE) for t in turn_ids})
+        except EngineDead:
+            report.loading = turn_ids
+            raise
 
 
 def _answer(
@@ -218,9 +239,12 @@ def _answer(
     *,
     failed_by_claim: set[uuid.UUID],
     priority: int,
+    hold_until: float,
 ) -> list[Any]:
     """Embed, retrieve and build the claimed turns' prompts, hand them all to the running engine, then
-    judge and store them in small groups as they finish; returns the generations."""
+    judge and store them in small groups as they finish; returns the generations. Raises
+    GenerationTimeout if replies are still missing at `hold_until` (time.monotonic()), when the
+    claim's lease is no longer renewed."""
     first_batch = engine_module.get_engine.cache_info().currsize == 0  # this batch pays for the load
     builder = get_prompt_builder()
     load_ms = engine_module.get_engine().load_ms if first_batch else 0.0
@@ -288,8 +312,10 @@ def _answer(
     waiting = list(ready)
     submitted = time.perf_counter()
     while waiting:
-        # Until one more is done (or the engine died).
-        loop.wait([f for t in waiting for f in future_of[t.id] if not f.done()])
+        # Until one more is done (or the engine died), and no longer than the claim is held.
+        pending = [f for t in waiting for f in future_of[t.id] if not f.done()]
+        if not loop.wait(pending, timeout=max(hold_until - time.monotonic(), 0.0)) and pending:
+            raise GenerationTimeout(f"{len(waiting)} turns had no reply when the claim's hold ran out")
         time.sleep(GROUP_WINDOW_S)  # let the turns finishing in the same engine steps join this group
         finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
         # From admission until the batch's last reply: its turns' generation, shared with other batches.
@@ -308,6 +334,10 @@ def _answer(
 
 # After the first reply of a group finishes, how long to wait for others finishing in the same steps.
 GROUP_WINDOW_S = 0.02
+
+
+class GenerationTimeout(RuntimeError):
+    """The engine did not answer the batch's turns while its claim was held (the batch hands them back)."""
 
 
 class TurnFault(Exception):
