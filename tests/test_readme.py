@@ -10,7 +10,8 @@ from tests.conftest import serving_api
 
 def _http_examples() -> str:
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## HTTP ingest") : readme.index("## Bulk NPC dialogue runs")]
+    start = readme.index("## HTTP ingest")
+    section = readme[start : readme.index("\n## ", start)]  # up to the next section
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     assert len(blocks) == 2, "the server's start line, then the examples"
     return blocks[1]
