@@ -2,7 +2,8 @@
 
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
 Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
-gate, sampling defaults, best of n), lora (serving an adapter against the base model); `--only` picks
+gate, sampling defaults, best of n), lora (serving an adapter against the base model), streaming
+(live turns as SSE through an API process: first delta, delivery, 200 readers); `--only` picks
 some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
@@ -31,7 +32,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming")
 
 
 def machine() -> dict[str, Any]:
@@ -122,6 +123,14 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
         from scripts.bench_quality import measure_quality
 
         return measure_quality(lines=64, sweep_lines=16) if quick else measure_quality()
+    if section == "streaming":
+        from scripts.bench_streaming import measure_streaming
+
+        if quick:
+            return measure_streaming(
+                probes=2, bulk_turns=16, readers=20, reader_bulk_turns=16, max_new_tokens=16
+            )
+        return measure_streaming()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

@@ -23,6 +23,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -261,25 +263,17 @@ def dtype_comparison(prompts: list[list[int]]) -> dict[str, Any]:
     }
 
 
-def measure_engine(
-    probes: int = 4,
-    bulk_turns: int = 256,
-    backlog: int = 512,
-    max_new_tokens: int = 32,
-    dtype_turns: int = 16,
-) -> dict[str, Any]:
-    """Run every engine-loop benchmark and return the figures."""
+@contextmanager
+def in_process_worker() -> Iterator[tuple[Any, Any]]:
+    """The engine loaded in this process and a Celery worker in its threads on both lanes' queues;
+    yields (the loaded engine, its loop)."""
     from celery.contrib.testing.worker import start_worker
 
     from tasks.app import app
     from worker import engine as engine_module
     from worker.startup import check_and_warm_up
 
-    tag = uuid.uuid4().hex[:6]
-    ready = ready_times()
     check_and_warm_up(load_engine=True)
-    loaded = engine_module.get_engine()
-    loop = engine_module.get_loop()
     queues = [queue_for_model(settings.model, "live"), queue_for_model(settings.model, "bulk")]
     with start_worker(
         app,
@@ -290,6 +284,20 @@ def measure_engine(
         loglevel="WARNING",
         shutdown_timeout=120,
     ):
+        yield engine_module.get_engine(), engine_module.get_loop()
+
+
+def measure_engine(
+    probes: int = 4,
+    bulk_turns: int = 256,
+    backlog: int = 512,
+    max_new_tokens: int = 32,
+    dtype_turns: int = 16,
+) -> dict[str, Any]:
+    """Run every engine-loop benchmark and return the figures."""
+    tag = uuid.uuid4().hex[:6]
+    ready = ready_times()
+    with in_process_worker() as (loaded, loop):
         # Untimed: the first requests at new shapes pay one-time costs on CPU backends.
         live_under_load(loop, loaded.llm, tag + "w", probes=1, bulk_turns=16, max_new_tokens=max_new_tokens)
         live = live_under_load(loop, loaded.llm, tag, probes, bulk_turns, max_new_tokens)

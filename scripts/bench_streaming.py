@@ -1,38 +1,106 @@
-"""Benchmark: live streaming against a running API and worker (not run by the tests).
+"""Benchmark: live streaming (`--only streaming`), through a real API process and one worker.
 
-Measures, in one run on one machine: the time to the first delta of a streamed live turn alone and
-during a 256-turn bulk run (median of `probes` each, and their ratio); the time from the last delta
-at the client to `done` (the store's commit and the reader's re-read); and `readers` concurrent SSE
-readers during the bulk run (every reader's deltas must add up to the stored reply), with the API
-process's peak RSS when its pid is given. Prints one JSON object.
+1. Time to the first delta of a streamed live turn (POST /v1/turns, then its SSE stream), alone and
+   during a bulk run: the median of `probes` each, and their ratio.
+2. Delivery overhead: the last delta's arrival at the SSE client minus `t`, the wall-clock time the
+   worker stamped on it when the engine wrote the text (same machine, same clock).
+3. `readers` concurrent SSE readers on the one API process while a streamed bulk run is answered:
+   readers that missed an event (their deltas do not add up to the stored reply, or their ids skip
+   an entry of the turn's Redis stream), the API process's RSS before and at its peak, and the bulk
+   run's turns per second ÷ the same run without readers.
 
-    python -m scripts.bench_streaming --base-url http://127.0.0.1:8000 --key change-me-0123456789 \
-        [--api-pid 1234]
+The API is a uvicorn process on loopback (its memory is its own); the engine and the Celery worker
+run in this process, as in the engine benchmark; the readers run in one spawned process, so their
+parsing takes no time from the worker's threads.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
+import os
+import signal
+import socket
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
+from multiprocessing import get_context
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from core.settings import PROJECT_ROOT, settings
+from scripts.bench_engine import _idle_engine, in_process_worker
+from scripts.bench_generation import _wait_finished, sample_requests
+from worker.cpu_affinity import unpinned
 
-async def _sse(client: httpx.AsyncClient, url: str) -> list[tuple[float, str, dict[str, Any]]]:
-    """(arrival time, event, data) of every event of one turn's stream, until it ends."""
-    out: list[tuple[float, str, dict[str, Any]]] = []
+BENCH_KEY = "bench-streaming-admin-key-" + uuid.uuid4().hex[:12]  # an admin key: it reads bulk turns too
+
+Event = tuple[float, str, str, dict[str, Any]]  # (arrival, Unix seconds; event; id; data)
+
+
+@contextmanager
+def api_process() -> Iterator[tuple[str, int]]:
+    """The HTTP API in a uvicorn process of its own on a free loopback port; yields (base URL, pid)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = Path(tempfile.gettempdir()) / "mlchat-bench-streaming-api.log"
+    env = os.environ | {"MLCHAT_API_KEYS": json.dumps([BENCH_KEY])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1"]
+        + ["--port", str(port), "--log-level", "warning"],
+        env=env,
+        cwd=PROJECT_ROOT,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        preexec_fn=unpinned,  # noqa: PLW1509 (a single call, before exec)
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the API exited:\n{log.read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{base}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("the API did not answer /healthz within 120 s")
+            time.sleep(0.2)
+        yield base, proc.pid
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def _events(client: httpx.AsyncClient, url: str) -> list[Event]:
+    """Every event of one turn's stream as it arrives, until `done` or a terminal `error`."""
+    out: list[Event] = []
     fields: dict[str, str] = {}
-    async with client.stream("GET", url, timeout=900) as response:
+    async with client.stream("GET", url) as response:
+        response.raise_for_status()
         async for line in response.aiter_lines():
             if not line:
                 if "data" in fields:
-                    out.append((time.perf_counter(), fields.get("event", ""), json.loads(fields["data"])))
-                    if fields.get("event") in ("done", "error") and out[-1][2].get("code") != "restarted":
+                    data = json.loads(fields["data"])
+                    kind = fields.get("event", "message")
+                    out.append((time.time(), kind, fields.get("id", ""), data))
+                    if kind == "done" or (kind == "error" and data.get("code") != "restarted"):
                         return out
                 fields = {}
             elif not line.startswith(":"):
@@ -41,106 +109,191 @@ async def _sse(client: httpx.AsyncClient, url: str) -> list[tuple[float, str, di
     return out
 
 
-async def _probe(client: httpx.AsyncClient, base: str, tag: str, i: int) -> dict[str, float]:
-    """One streamed live turn: seconds to its first delta, and from its last delta to `done`."""
-    body = {
-        "conversation": f"bench-stream-{tag}-{i}",
-        "character": "elara",
-        "message": "Any work around here?",
-        "stream": True,
-        "params": {"seed": i, "max_new_tokens": 48},
-    }
-    started = time.perf_counter()
-    turn = (await client.post(f"{base}/v1/turns", json=body)).json()
-    events = await _sse(client, f"{base}/v1/turns/{turn['id']}/stream")
-    deltas = [t for t, kind, _ in events if kind == "delta"]
+def _client(base: str, key: str) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=base,
+        headers={"X-API-Key": key},
+        timeout=httpx.Timeout(1800, connect=60),
+        limits=httpx.Limits(max_connections=None),
+    )
+
+
+async def _probe(base: str, request: dict[str, Any]) -> dict[str, float]:
+    """One streamed live turn: seconds to its first delta; ms from the engine to the client for its last."""
+    async with _client(base, BENCH_KEY) as client:
+        started = time.time()
+        answer = await client.post("/v1/turns", json=request | {"stream": True})
+        answer.raise_for_status()
+        events = await _events(client, f"/v1/turns/{answer.json()['id']}/stream")
+    deltas = [e for e in events if e[1] == "delta"]
+    stamped = [e for e in deltas if "t" in e[3]]  # the last delta made up from the stored turn has none
+    if not deltas or events[-1][1] != "done":
+        raise RuntimeError(f"probe {request['conversation']} ended without a reply: {events[-1:]}")
     return {
-        "first_delta_s": (deltas[0] - started) if deltas else float("nan"),
-        "last_delta_to_done_s": (events[-1][0] - deltas[-1]) if deltas else float("nan"),
+        "ttft_s": deltas[0][0] - started,
+        "delivery_ms": (stamped[-1][0] - stamped[-1][3]["t"]) * 1000 if stamped else float("nan"),
     }
 
 
-async def _reader_checks(client: httpx.AsyncClient, base: str, tag: str, n: int) -> dict[str, int]:
-    """n streamed turns read at once; how many readers' deltas added up to the stored reply."""
-    ids = []
-    for i in range(n):
-        body = {
-            "conversation": f"bench-readers-{tag}-{i}",
-            "character": "elara",
-            "message": f"Tell me about the road, part {i}.",
-            "stream": True,
-            "params": {"seed": i, "max_new_tokens": 24},
-        }
-        ids.append((await client.post(f"{base}/v1/turns", json=body)).json()["id"])
-    streams = await asyncio.gather(*(_sse(client, f"{base}/v1/turns/{t}/stream") for t in ids))
-    whole = 0
-    for events in streams:
+def _probes(base: str, requests: list[dict[str, Any]], gap_s: float = 0.0) -> list[dict[str, float]]:
+    out = []
+    for request in requests:
+        out.append(asyncio.run(_probe(base, request)))
+        time.sleep(gap_s)
+    return out
+
+
+def read_streams(base: str, key: str, turn_ids: list[str]) -> list[dict[str, Any]]:
+    """One SSE reader per id, all at once (in the readers' process): each one's ids and text."""
+
+    async def crowd() -> list[list[Event]]:
+        async with _client(base, key) as client:
+            return await asyncio.gather(*(_events(client, f"/v1/turns/{t}/stream") for t in turn_ids))
+
+    seen = []
+    for turn_id, events in zip(turn_ids, asyncio.run(crowd()), strict=True):
+        ids: list[str] = []
         text = ""
-        for _, kind, data in events:
+        for _, kind, event_id, data in events:
             if kind == "error" and data.get("code") == "restarted":
-                text = ""
+                ids, text = [], ""
             elif kind == "delta":
+                ids.append(event_id)
                 text += data["text"]
-        whole += bool(events) and events[-1][1] == "done" and text == events[-1][2]["reply"]
-    return {"readers": n, "complete_and_equal": whole}
+        done = events[-1][3] if events and events[-1][1] == "done" else None
+        seen.append({"turn": turn_id, "ids": ids, "text": text, "reply": done and done["reply"]})
+    return seen
 
 
-def _bulk_run(tag: str, turns: int = 256) -> list[uuid.UUID]:
+def _ready() -> bool:
+    return True
+
+
+def _missed(seen: dict[str, Any]) -> bool:
+    """Whether a reader missed an event: its text is not the stored reply, or its delta ids are not
+    exactly the turn's stream entries of the claim that wrote the reply."""
+    import redis
+
+    from streaming.events import DELTA, Entry, redis_url, stream_key
+
+    if seen["reply"] is None or seen["text"] != seen["reply"]:
+        return True
+    client = redis.Redis.from_url(redis_url())
+    raw: list[Any] = client.xrange(stream_key(seen["turn"]))  # type: ignore[assignment]
+    entries = [Entry.parse(i, f) for i, f in raw]
+    deltas = [e for e in entries if e.kind == DELTA]
+    last_claim = [e.id for e in deltas if e.claim == deltas[-1].claim] if deltas else []
+    streamed = [i for i in seen["ids"] if i != "final"]
+    return streamed != last_claim
+
+
+def _rss_mib(pid: int, field: str) -> float:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        line = next(x for x in status if x.startswith(field + ":"))
+    return round(int(line.split()[1]) / 1024, 1)
+
+
+def _start_bulk(
+    loop: Any, llm: Any, tag: str, turns: int, max_new_tokens: int
+) -> tuple[float, list[uuid.UUID]]:
+    """Enqueue a streamed bulk run once the engine is idle and cold; (when it started, its turn ids)."""
     from services.producer import enqueue_turns
 
-    lines = [
-        {"conversation": f"bench-bulk-{tag}-{i}", "character": "elara", "message": f"Bulk line {i}."}
-        for i in range(turns)
+    _idle_engine(loop, llm)
+    requests = [r | {"stream": True} for r in sample_requests(turns, tag, max_new_tokens)]
+    started = time.time()
+    return started, enqueue_turns(requests, lane="bulk")
+
+
+def _turns_per_s(started: float, ids: list[uuid.UUID]) -> float:
+    rows = _wait_finished(ids, timeout=3600)
+    done = [r.finished_at.timestamp() for r in rows if r.finished_at is not None]
+    if len(done) != len(ids):
+        raise RuntimeError(f"only {len(done)} of {len(ids)} bulk turns finished")
+    return round(len(ids) / (max(done) - started), 3)
+
+
+def measure_streaming(
+    probes: int = 8,
+    bulk_turns: int = 256,
+    readers: int = 200,
+    reader_bulk_turns: int = 128,
+    max_new_tokens: int = 32,
+) -> dict[str, Any]:
+    """Run the streaming benchmark and return its figures."""
+    from services.producer import enqueue_turns
+
+    tag = uuid.uuid4().hex[:6]
+    probe = [
+        {k: v for k, v in r.items() if v is not None}
+        for r in sample_requests(probes, "", max_new_tokens, offset=1000)
     ]
-    return enqueue_turns(lines, lane="bulk")
 
+    def fresh(name: str) -> list[dict[str, Any]]:
+        return [r | {"conversation": f"bench-{tag}-{name}-{i}"} for i, r in enumerate(probe)]
 
-def _peak_rss_mb(pid: int | None) -> float | None:
-    if pid is None:
-        return None
-    with open(f"/proc/{pid}/status", encoding="ascii") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
+    spawn = get_context("spawn")
+    with (
+        in_process_worker() as (loaded, loop),
+        api_process() as (base, api_pid),
+        ProcessPoolExecutor(max_workers=1, mp_context=spawn) as readers_process,
+    ):
+        readers_process.submit(_ready).result()  # started and imported before anything is timed
+        # Untimed: the first requests at new shapes pay one-time costs on CPU backends.
+        _probes(base, fresh("warm")[:1])
+        _idle_engine(loop, loaded.llm)
+        alone = _probes(base, fresh("alone"))
 
+        _idle_engine(loop, loaded.llm)
+        bulk = enqueue_turns(sample_requests(bulk_turns, tag + "-bulk", max_new_tokens), lane="bulk")
+        time.sleep(5.0)  # the bulk run is inside the engine
+        loaded_probes = _probes(base, fresh("load"), gap_s=2.0)
+        _wait_finished(bulk, timeout=3600)
 
-async def run(base: str, key: str, probes: int, readers: int, api_pid: int | None) -> dict[str, Any]:
-    """Every figure of the benchmark, as one dict."""
-    tag = uuid.uuid4().hex[:8]
-    async with httpx.AsyncClient(headers={"X-API-Key": key}, timeout=900) as client:
-        await _probe(client, base, tag, -1)  # warm-up
-        alone = [await _probe(client, base, tag, i) for i in range(probes)]
-        _bulk_run(tag)
-        loaded = [await _probe(client, base, tag, 1000 + i) for i in range(probes)]
-        crowd = await _reader_checks(client, base, tag, readers)
+        started, ids = _start_bulk(loop, loaded.llm, tag + "-quiet", reader_bulk_turns, max_new_tokens)
+        without_readers = _turns_per_s(started, ids)
+
+        rss_before = _rss_mib(api_pid, "VmRSS")
+        started, ids = _start_bulk(loop, loaded.llm, tag + "-read", reader_bulk_turns, max_new_tokens)
+        crowd = readers_process.submit(
+            read_streams, base, BENCH_KEY, [str(ids[i % len(ids)]) for i in range(readers)]
+        )
+        with_readers = _turns_per_s(started, ids)
+        seen = crowd.result(timeout=1800)
+        rss_peak, rss_after = _rss_mib(api_pid, "VmHWM"), _rss_mib(api_pid, "VmRSS")
 
     def median(rows: list[dict[str, float]], name: str) -> float:
         return statistics.median(r[name] for r in rows)
 
-    ttft_alone, ttft_loaded = median(alone, "first_delta_s"), median(loaded, "first_delta_s")
+    ttft_alone, ttft_loaded = median(alone, "ttft_s") * 1000, median(loaded_probes, "ttft_s") * 1000
     return {
-        "ttft_alone_s": round(ttft_alone, 3),
-        "ttft_during_bulk_s": round(ttft_loaded, 3),
+        "model": settings.model,
+        "probes": probes,
+        "bulk_turns": bulk_turns,
+        "max_new_tokens": max_new_tokens,
+        "ttft_alone_ms": [round(p["ttft_s"] * 1000, 1) for p in alone],
+        "ttft_under_bulk_ms": [round(p["ttft_s"] * 1000, 1) for p in loaded_probes],
+        "ttft_alone_ms_median": round(ttft_alone, 1),
+        "ttft_under_bulk_ms_median": round(ttft_loaded, 1),
         "ttft_ratio": round(ttft_loaded / ttft_alone, 2),
-        "last_delta_to_done_ms": round(median(alone, "last_delta_to_done_s") * 1000, 1),
-        **crowd,
-        "api_peak_rss_mb": _peak_rss_mb(api_pid),
+        "ttft_ratio_target": 1.5,
+        "delivery_overhead_ms": [round(p["delivery_ms"], 2) for p in alone],
+        "delivery_overhead_ms_median": round(median(alone, "delivery_ms"), 2),
+        "delivery_overhead_under_bulk_ms_median": round(median(loaded_probes, "delivery_ms"), 2),
+        "delivery_overhead_ms_target": 50.0,
+        "readers": readers,
+        "readers_bulk_turns": reader_bulk_turns,
+        "readers_missing_events": sum(_missed(s) for s in seen),
+        "api_rss_before_readers_mib": rss_before,
+        "api_peak_rss_mib": rss_peak,
+        "api_rss_after_readers_mib": rss_after,
+        "bulk_turns_per_s_without_readers": without_readers,
+        "bulk_turns_per_s_with_readers": with_readers,
+        "bulk_throughput_ratio": round(with_readers / without_readers, 3),
+        "bulk_throughput_ratio_target": 0.95,
+        "scaled_down": (
+            f"{max_new_tokens} tokens out per turn, and the with/without-readers runs are "
+            f"{reader_bulk_turns} streamed bulk turns each: the engine has one of this machine's "
+            f"{os.cpu_count()} cores, and the section is kept under 12 minutes"
+        ),
     }
-
-
-def main() -> None:
-    """Parse the arguments, run, print the figures."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--base-url", default="http://127.0.0.1:8000")
-    parser.add_argument("--key", required=True)
-    parser.add_argument("--probes", type=int, default=8)
-    parser.add_argument("--readers", type=int, default=200)
-    parser.add_argument("--api-pid", type=int)
-    args = parser.parse_args()
-    figures = asyncio.run(run(args.base_url, args.key, args.probes, args.readers, args.api_pid))
-    print(json.dumps(figures, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,9 @@
 """The per-turn stream's name and its entries, shared by the publisher and the reader.
 
 An entry is `delta` (new text of the reply, with the claim that wrote it: a new claim after a crash
-or a retry starts the reply again) or `end` (the worker
-committed the turn's outcome: the reader re-reads the stored turn, which is the truth).
+or a retry starts the reply again, and `t`, the worker's wall-clock time when the engine wrote it)
+or `end` (the worker committed the turn's outcome: the reader re-reads the stored turn, which is the
+truth).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Entry:
     kind: str  # DELTA or END
     text: str = ""
     claim: str = ""
+    t: float | None = None  # when the engine wrote a delta (Unix seconds, the worker's clock)
 
     @classmethod
     def parse(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:
@@ -44,4 +46,5 @@ class Entry:
             kind=get.get("kind", ""),
             text=get.get("text", ""),
             claim=get.get("claim", ""),
+            t=float(get["t"]) if "t" in get else None,
         )

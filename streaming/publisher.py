@@ -36,8 +36,10 @@ class Publisher:
         self._thread.start()
 
     def delta(self, turn_id: uuid.UUID, claim: uuid.UUID, text: str) -> None:
-        """Queue new text of a turn's reply, written under `claim` (never blocks)."""
-        self._queue.put((stream_key(turn_id), {"kind": DELTA, "text": text, "claim": str(claim)}))
+        """Queue new text of a turn's reply, written under `claim` (never blocks), stamped with the
+        wall-clock time the engine produced it (readers measure the delivery cost against it)."""
+        fields = {"kind": DELTA, "text": text, "claim": str(claim), "t": repr(time.time())}
+        self._queue.put((stream_key(turn_id), fields))
 
     def end(self, turn_id: uuid.UUID) -> None:
         """Queue the marker that the turn's outcome is committed (call it after the commit)."""

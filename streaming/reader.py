@@ -1,6 +1,7 @@
 """The API's side: a turn's events for one reader, from its Redis stream and the stored turn.
 
-What a reader gets, in order: `delta` events (new text of the reply), then one `done` (the stored
+What a reader gets, in order: `delta` events (new text of the reply, with `t`: when the engine wrote
+it, Unix seconds on the worker's clock), then one `done` (the stored
 turn: the truth) or one terminal `error` (the turn failed or was cancelled). When a new claim starts
 the reply again (the worker died, or the engine refused the request and it is retried), an `error`
 with code `restarted` comes first: the text shown so far is to be discarded. After the last
@@ -103,7 +104,8 @@ async def turn_events(
                             shown = ""
                         claim = entry.claim
                         shown += entry.text
-                        yield Event("delta", entry.id, {"text": entry.text})
+                        stamp = {} if entry.t is None else {"t": entry.t}
+                        yield Event("delta", entry.id, {"text": entry.text} | stamp)
             now = time.monotonic()
             if not (end_seen or now >= next_check):
                 continue

@@ -75,6 +75,21 @@ def test_the_long_poll_answers_when_the_turn_ends_not_at_its_bound(base_url) -> 
     assert r.json()["status"] == "cancelled" and time.monotonic() - started < 5
 
 
+def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
+    turn_id = _queued_turn()
+    before = time.time()
+    publisher().delta(turn_id, uuid.uuid4(), "Well met.")
+    after = time.time()
+    assert publisher().flush()
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        (delta, *_) = _events(r)
+    assert delta[0] == "delta" and delta[2]["text"] == "Well met."
+    assert before <= delta[2]["t"] <= after  # the delivery benchmark's reference (scripts/bench_streaming.py)
+
+
 def test_a_reader_that_resumes_with_last_event_id_loses_and_duplicates_nothing(base_url) -> None:
     turn_id = _queued_turn()
     claim = uuid.uuid4()
