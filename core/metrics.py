@@ -29,6 +29,9 @@ STAGE_SECONDS = Histogram(
 )
 TOKENS = Counter("mlchat_tokens", "Tokens processed by the engine (rate() gives tokens/s)", ["model", "kind"])
 ENGINE_UP = Gauge("mlchat_engine_up", "1 while this worker's inference engine is loaded and alive")
+STREAM_EVENTS_DROPPED = Counter(
+    "mlchat_stream_events_dropped", "Live stream events the worker did not send to Redis", ["why"]
+)
 INGEST_REQUESTS = Counter("mlchat_ingest_requests", "HTTP ingest requests", ["method", "route", "status"])
 
 

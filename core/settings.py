@@ -244,6 +244,10 @@ class Settings(BaseSettings):
     stream_ttl_s: int = Field(default=3600, ge=1)
     stream_ping_s: float = Field(default=15.0, gt=0)
     stream_check_s: float = Field(default=2.0, gt=0)
+    # A worker holds at most stream_queue_max unsent events (more are dropped, Redis being away);
+    # an SSE stream stays open at most stream_max_s, then ends with `error` code `timeout`.
+    stream_queue_max: int = Field(default=10_000, ge=16)
+    stream_max_s: float = Field(default=900.0, gt=0)
     turn_wait_max_s: float = Field(default=60.0, gt=0)  # the longest GET /v1/turns/{id}?wait=S
 
     log_level: str = "INFO"

@@ -171,7 +171,7 @@ def _ready() -> bool:
 
 def _missed(seen: dict[str, Any]) -> bool:
     """Whether a reader missed an event: its text is not the stored reply, or its delta ids are not
-    exactly the turn's stream entries of the claim that wrote the reply."""
+    exactly the turn's stream entries of the claim that wrote the reply (each `seq` once)."""
     import redis
 
     from streaming.events import DELTA, Entry, redis_url, stream_key
@@ -182,7 +182,12 @@ def _missed(seen: dict[str, Any]) -> bool:
     raw: list[Any] = client.xrange(stream_key(seen["turn"]))  # type: ignore[assignment]
     entries = [Entry.parse(i, f) for i, f in raw]
     deltas = [e for e in entries if e.kind == DELTA]
-    last_claim = [e.id for e in deltas if e.claim == deltas[-1].claim] if deltas else []
+    claims = list(dict.fromkeys(e.claim for e in deltas))  # a reader follows the newest claim only
+    last_claim, seq = [], 0
+    for e in deltas:
+        if claims and e.claim == claims[-1] and (e.seq is None or e.seq > seq):  # a re-sent delta once
+            last_claim.append(e.id)
+            seq = e.seq if e.seq is not None else seq
     streamed = [i for i in seen["ids"] if i != "final"]
     return streamed != last_claim
 

@@ -1,7 +1,8 @@
 """The per-turn stream's name and its entries, shared by the publisher and the reader.
 
 An entry is `delta` (new text of the reply, with the claim that wrote it: a new claim after a crash
-or a retry starts the reply again, and `t`, the worker's wall-clock time when the engine wrote it)
+or a retry starts the reply again, `seq`, its number within that claim from 1, and `t`, the worker's
+wall-clock time when the engine wrote it)
 or `end` (the worker committed the turn's outcome: the reader re-reads the stored turn, which is the
 truth).
 """
@@ -36,6 +37,7 @@ class Entry:
     text: str = ""
     claim: str = ""
     t: float | None = None  # when the engine wrote a delta (Unix seconds, the worker's clock)
+    seq: int | None = None  # a delta's number within its claim: a re-sent one repeats it
 
     @classmethod
     def parse(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:
@@ -47,4 +49,5 @@ class Entry:
             text=get.get("text", ""),
             claim=get.get("claim", ""),
             t=float(get["t"]) if "t" in get else None,
+            seq=int(get["seq"]) if get.get("seq", "").isdigit() else None,
         )

@@ -1,9 +1,11 @@
 """The worker's side: each streamed turn's new text, XADDed to the turn's stream by one thread.
 
-The engine loop only appends to an unbounded in-process queue (never a Redis call, never a block);
-this thread drains it in pipelined rounds. Nothing is dropped while Redis answers: the queue holds
-what the engine wrote until it is sent. When Redis is unreachable, events are dropped after a few
-retries and logged; the stored turn stays the truth, which every reader falls back to.
+The engine loop only appends to a bounded in-process queue (never a Redis call, never a block);
+this thread drains it in pipelined rounds. Nothing is dropped while Redis answers and the queue has
+room. When Redis is unreachable or hung, the queue fills and events are dropped (logged, counted in
+`mlchat_stream_events_dropped`), and after a failed send every event is dropped for a few seconds
+before Redis is tried again; the stored turn stays the truth, which every reader falls back to.
+A retried send may reach Redis twice: each delta's `seq` lets readers drop the repeat.
 """
 
 from __future__ import annotations
@@ -14,42 +16,92 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from functools import cache
 from typing import Any
 
+from core import metrics
 from core.settings import settings
 from streaming.events import DELTA, END, redis_url, stream_key
 
 logger = logging.getLogger(__name__)
 
 _ROUND = 512  # events sent in one pipelined round trip at most
-_TRIES = 5
+_TRIES = 3
+_PAUSE_S = 5.0  # after a failed send, events are dropped for this long (Redis is not asked)
+_SOCKET_TIMEOUT_S = 2.0  # a hung Redis fails the send instead of holding the thread
+_SEQ_TURNS = 10_000  # turns whose delta numbers are kept (a turn's `end` forgets its own)
 
 
 class Publisher:
     """One background thread that sends queued stream events to Redis, in order."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, *, max_queued: int | None = None) -> None:
         self._client = client
-        self._queue: queue.SimpleQueue[tuple[str, dict[str, str]] | threading.Event] = queue.SimpleQueue()
+        size = settings.stream_queue_max if max_queued is None else max_queued
+        self._queue: queue.Queue[tuple[str, dict[str, str]] | threading.Event] = queue.Queue(size)
+        self._paused_until = 0.0
+        self._dropped = 0  # since the last warning
+        self._seq_lock = threading.Lock()
+        self._seqs: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}  # turn -> (its claim here, last seq)
         self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
         self._thread.start()
 
     def delta(self, turn_id: uuid.UUID, claim: uuid.UUID, text: str) -> None:
-        """Queue new text of a turn's reply, written under `claim` (never blocks), stamped with the
-        wall-clock time the engine produced it (readers measure the delivery cost against it)."""
-        fields = {"kind": DELTA, "text": text, "claim": str(claim), "t": repr(time.time())}
-        self._queue.put((stream_key(turn_id), fields))
+        """Queue new text of a turn's reply, written under `claim` (never blocks), numbered within the
+        claim and stamped with the wall-clock time the engine produced it (readers measure the
+        delivery cost against it)."""
+        fields = {
+            "kind": DELTA,
+            "text": text,
+            "claim": str(claim),
+            "seq": str(self._next_seq(turn_id, claim)),
+            "t": repr(time.time()),
+        }
+        self._put(stream_key(turn_id), fields)
 
     def end(self, turn_id: uuid.UUID) -> None:
         """Queue the marker that the turn's outcome is committed (call it after the commit)."""
-        self._queue.put((stream_key(turn_id), {"kind": END}))
+        with self._seq_lock:
+            self._seqs.pop(turn_id, None)
+        self._put(stream_key(turn_id), {"kind": END})
 
     def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything queued so far is sent (tests, shutdown); False on timeout."""
+        """Wait until everything queued so far is sent or dropped (tests, shutdown); False on timeout."""
         sent = threading.Event()
-        self._queue.put(sent)
+        try:
+            self._queue.put(sent, timeout=timeout)
+        except queue.Full:
+            return False
         return sent.wait(timeout)
+
+    @property
+    def dropped(self) -> int:
+        """Events dropped since the last warning about them."""
+        return self._dropped
+
+    def _next_seq(self, turn_id: uuid.UUID, claim: uuid.UUID) -> int:
+        with self._seq_lock:
+            held, seq = self._seqs.get(turn_id, (claim, 0))
+            seq = seq + 1 if held == claim else 1
+            if turn_id not in self._seqs and len(self._seqs) >= _SEQ_TURNS:
+                del self._seqs[next(iter(self._seqs))]  # a turn handed back and finished elsewhere
+            self._seqs[turn_id] = (claim, seq)
+            return seq
+
+    def _put(self, key: str, fields: dict[str, str]) -> None:
+        if time.monotonic() < self._paused_until:
+            self._drop(1, "paused")
+            return
+        try:
+            self._queue.put_nowait((key, fields))
+        except queue.Full:
+            self._drop(1, "queue_full")
+
+    def _drop(self, n: int, why: str) -> None:
+        metrics.STREAM_EVENTS_DROPPED.labels(why).inc(n)
+        first = self._dropped == 0
+        self._dropped += n
+        if first:
+            logger.warning("stream events dropped (%s); readers fall back to the stored turn", why)
 
     def _run(self) -> None:
         while True:
@@ -60,13 +112,16 @@ class Publisher:
                 except queue.Empty:
                     break
             events = [item for item in batch if not isinstance(item, threading.Event)]
-            if events:
-                self._send(events)
+            if events and time.monotonic() < self._paused_until:
+                self._drop(len(events), "paused")
+            elif events and self._send(events) and self._dropped:
+                logger.warning("stream events sent again; %d were dropped", self._dropped)
+                self._dropped = 0
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
 
-    def _send(self, events: list[tuple[str, dict[str, str]]]) -> None:
+    def _send(self, events: list[tuple[str, dict[str, str]]]) -> bool:
         for attempt in range(_TRIES):
             try:
                 pipe = self._client.pipeline(transaction=False)
@@ -75,20 +130,39 @@ class Publisher:
                 for key in {k for k, _ in events}:
                     pipe.expire(key, settings.stream_ttl_s)
                 pipe.execute()
-                return
+                return True
             except Exception:
                 if attempt == _TRIES - 1:
-                    logger.warning("stream events dropped: Redis did not take them", exc_info=True)
-                    return
+                    logger.warning("Redis did not take stream events", exc_info=True)
+                    self._paused_until = time.monotonic() + _PAUSE_S
+                    self._drop(len(events), "redis_error")
+                    return False
                 time.sleep(0.1 * 2**attempt)
+        return False
 
 
-@cache
+_publisher: Publisher | None = None
+_publisher_lock = threading.Lock()
+
+
 def publisher() -> Publisher:
-    """This process's publisher (started on first use)."""
-    import redis
+    """This process's publisher (started on first use, once however many threads ask at once)."""
+    global _publisher
+    if _publisher is None:
+        with _publisher_lock:
+            if _publisher is None:
+                import redis
 
-    return Publisher(redis.Redis.from_url(redis_url()))
+                client = redis.Redis.from_url(
+                    redis_url(), socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
+                )
+                _publisher = Publisher(client)
+    return _publisher
+
+
+def flush_if_started(timeout: float) -> bool:
+    """Send what this process's publisher holds, waiting at most `timeout` (a stopping worker)."""
+    return _publisher is None or _publisher.flush(timeout)
 
 
 def text_hook(turn_id: uuid.UUID, claim: uuid.UUID) -> Callable[[str], None]:

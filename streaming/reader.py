@@ -2,18 +2,25 @@
 
 What a reader gets, in order: `delta` events (new text of the reply, with `t`: when the engine wrote
 it, Unix seconds on the worker's clock), then one `done` (the stored
-turn: the truth) or one terminal `error` (the turn failed or was cancelled). When a new claim starts
-the reply again (the worker died, or the engine refused the request and it is retried), an `error`
-with code `restarted` comes first: the text shown so far is to be discarded. After the last
+turn: the truth) or one terminal `error` (the turn failed or was cancelled, or the stream reached
+its longest life, code `timeout`). When a new claim starts the reply again (the worker died, or the
+engine refused the request and it is retried), an `error` with code `restarted` comes first: the
+text shown so far is to be discarded; the claim it replaces is ignored from then on (a worker past
+its lease that still writes), and so is a delta sent twice (its `seq` is not new). After the last
 `restarted` (or from the start), the deltas add up to the stored reply exactly: whatever the stream
-lacks (a turn that was not streamed, a stream that expired) comes as one last delta before `done`.
+lacks (a turn that was not streamed, a stream that expired, events the worker dropped, Redis that
+cannot be read) comes as one last delta before `done`.
 
 Event ids are the Redis stream ids, so a reader resumes with `Last-Event-ID`; the last delta made
-up from the stored turn and `done` carry the id `final`.
+up from the stored turn and `done` carry the id `final`; `restarted` and `timeout` carry none, so a
+resume continues after the last delta shown. A resume whose id is no longer in the stream (trimmed,
+expired, lost) starts with `restarted` and is then served as a new reader.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
 import time
 import uuid
@@ -21,32 +28,42 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import RedisError
+
 from core.settings import settings
 from services.producer import TurnView
 from streaming.events import DELTA, END, Entry, redis_url, stream_key
 
+logger = logging.getLogger(__name__)
+
 FINAL = "final"
-_STREAM_ID = re.compile(r"^\d{1,20}-\d{1,20}$")
+_STREAM_ID = re.compile(r"(\d{1,20})-(\d{1,20})")
+_U64 = 2**64 - 1  # each part of a Redis stream id
+_SOCKET_TIMEOUT_S = 5.0  # above the longest XREAD block (1 s): a hung Redis is an error, not a hang
+_UNREADABLE = (RedisError, OSError)
 
 
 def valid_event_id(value: str) -> bool:
     """Whether `value` is an id this reader hands out (a stream id, or `final`)."""
-    return value == FINAL or bool(_STREAM_ID.match(value))
+    match = _STREAM_ID.fullmatch(value)
+    return value == FINAL or (match is not None and all(int(part) <= _U64 for part in match.groups()))
 
 
 @dataclass(frozen=True)
 class Event:
-    """One event for the reader: `delta`, `done` or `error`."""
+    """One event for the reader: `delta`, `done` or `error`; `id` None for one a resume cannot start
+    after (`restarted`, `timeout`)."""
 
     kind: str
-    id: str
+    id: str | None
     data: dict[str, Any] = field(default_factory=dict)
 
 
-def restarted(event_id: str) -> Event:
+def restarted() -> Event:
+    """The reader is to discard the text shown so far: the reply is written again."""
     return Event(
         "error",
-        event_id,
+        None,
         {"code": "restarted", "message": "the reply is being written again; discard the text shown so far"},
     )
 
@@ -66,32 +83,122 @@ def terminal(view: TurnView) -> Event:
     )
 
 
-async def turn_events(
-    turn_id: uuid.UUID, read_turn: Callable[[], Awaitable[TurnView]], *, last_event_id: str | None = None
-) -> AsyncIterator[Event]:
-    """The turn's events after `last_event_id` (from the start when None), until done or failed."""
+class _Shown:
+    """What the reader has been shown: the claim it follows, that claim's text and last `seq`."""
+
+    def __init__(self) -> None:
+        self.claim, self.text, self.seq = "", "", 0
+        self.superseded: set[str] = set()
+
+    def take(self, entry: Entry) -> list[Event]:
+        """The events a delta entry makes: none for a repeat or a superseded claim's late text."""
+        if entry.claim in self.superseded:
+            return []
+        if entry.claim == self.claim and entry.seq is not None and entry.seq <= self.seq:
+            return []
+        out = []
+        if entry.claim != self.claim:
+            if self.claim:
+                self.superseded.add(self.claim)
+                out.append(restarted())
+            self.claim, self.text, self.seq = entry.claim, "", 0
+        self.text += entry.text
+        self.seq = entry.seq if entry.seq is not None else self.seq
+        stamp = {} if entry.t is None else {"t": entry.t}
+        out.append(Event("delta", entry.id, {"text": entry.text} | stamp))
+        return out
+
+    def finish(self, view: TurnView) -> list[Event]:
+        """The last events once the turn is finished: what its stored reply adds, then `done`/`error`."""
+        out = []
+        if view.status.value == "done" and view.reply is not None:
+            if not view.reply.startswith(self.text):
+                out.append(restarted())
+                self.text = ""
+            if view.reply != self.text:
+                out.append(Event("delta", FINAL, {"text": view.reply[len(self.text) :]}))
+        return [*out, terminal(view)]
+
+
+def _client() -> Any:
     import redis.asyncio as aioredis
 
-    client = aioredis.Redis.from_url(redis_url())
-    key = stream_key(turn_id)
-    try:
-        if last_event_id == FINAL:  # the reader has everything but the outcome, or has it already
-            view = await _wait_finished(read_turn)
-            yield terminal(view)
+    return aioredis.Redis.from_url(
+        redis_url(), socket_timeout=_SOCKET_TIMEOUT_S, socket_connect_timeout=_SOCKET_TIMEOUT_S
+    )
+
+
+class TurnReader:
+    """One reader of one turn: `open()` finds where a resume continues, `events()` yields the rest."""
+
+    def __init__(
+        self,
+        turn_id: uuid.UUID,
+        read_turn: Callable[[], Awaitable[TurnView]],
+        *,
+        last_event_id: str | None = None,
+    ) -> None:
+        self._turn_id, self._key, self._read_turn = turn_id, stream_key(turn_id), read_turn
+        self._last_event_id = last_event_id
+        self._shown = _Shown()
+        self._cursor = "0-0"
+        self._restart_first = False  # the reader was shown text this reader cannot find again
+        self._unreadable = False
+
+    async def open(self) -> None:
+        """Replay the stream up to `Last-Event-ID`, to continue it exactly (before any response)."""
+        last = self._last_event_id
+        if last is None or last == FINAL:
             return
-        cursor, claim, shown, end_seen = "0-0", "", "", False
-        if last_event_id is not None:  # what the reader was shown already, to continue it exactly
-            cursor = last_event_id
-            for raw_id, fields in await client.xrange(key, "-", last_event_id):
+        client = _client()
+        try:
+            if not await client.xrange(self._key, last, last):  # trimmed, expired or never there
+                self._restart_first = True
+                return
+            for raw_id, fields in await client.xrange(self._key, "-", last):
                 entry = Entry.parse(raw_id, fields)
-                end_seen = entry.kind == END
                 if entry.kind == DELTA:
-                    shown = (shown if entry.claim == claim else "") + entry.text
-                    claim = entry.claim
-        grace_until, next_check, block = None, 0.0, None  # the first read does not wait
+                    self._shown.take(entry)
+            self._cursor = last
+        except _UNREADABLE:
+            logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
+            self._restart_first = self._unreadable = True
+        finally:
+            await client.aclose()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The turn's events after the resume point, until done, failed or timed out."""
+        deadline = time.monotonic() + settings.stream_max_s
+        if self._restart_first:
+            yield restarted()
+        if self._last_event_id == FINAL or self._unreadable:  # only the stored turn is left to tell
+            async for event in self._from_stored_turn(deadline):
+                yield event
+            return
+        client = _client()
+        try:
+            async for event in self._from_stream(client, deadline):
+                yield event
+        finally:
+            await client.aclose()
+
+    async def _from_stream(self, client: Any, deadline: float) -> AsyncIterator[Event]:
+        shown, cursor = self._shown, self._cursor
+        grace_until, next_check, block, end_seen = None, 0.0, None, False  # the first read does not wait
         while True:
-            answer = await client.xread({key: cursor}, count=256, block=block)
-            block = int(min(settings.stream_check_s, 1.0) * 1000)
+            now = time.monotonic()
+            if now >= deadline:
+                async for event in self._from_stored_turn(now):
+                    yield event
+                return
+            try:
+                answer = await client.xread({self._key: cursor}, count=256, block=block)
+            except _UNREADABLE:
+                logger.warning("turn %s: its stream is unreadable; following the stored turn", self._turn_id)
+                async for event in self._from_stored_turn(deadline):
+                    yield event
+                return
+            block = max(1, int(min(settings.stream_check_s, 1.0, deadline - now) * 1000))
             for _, entries in answer:
                 for raw_id, fields in entries:
                     entry = Entry.parse(raw_id, fields)
@@ -99,41 +206,52 @@ async def turn_events(
                     if entry.kind == END:
                         end_seen = True
                     elif entry.kind == DELTA:
-                        if claim and entry.claim != claim:
-                            yield restarted(entry.id)
-                            shown = ""
-                        claim = entry.claim
-                        shown += entry.text
-                        stamp = {} if entry.t is None else {"t": entry.t}
-                        yield Event("delta", entry.id, {"text": entry.text} | stamp)
+                        for event in shown.take(entry):
+                            yield event
             now = time.monotonic()
             if not (end_seen or now >= next_check):
                 continue
             ended, end_seen = end_seen, False
             next_check = now + settings.stream_check_s
-            view = await read_turn()
+            view = await self._read_turn()
             if not view.finished:
                 continue
             if view.params.get("stream") and not ended and grace_until is None:
                 grace_until = next_check  # its last deltas may still be on their way: wait for its end
                 continue
-            if view.status.value == "done" and view.reply is not None:
-                if not view.reply.startswith(shown):
-                    yield restarted(FINAL)
-                    shown = ""
-                if view.reply != shown:
-                    yield Event("delta", FINAL, {"text": view.reply[len(shown) :]})
-            yield terminal(view)
+            for event in shown.finish(view):
+                yield event
             return
-    finally:
-        await client.aclose()
+
+    async def _from_stored_turn(self, deadline: float) -> AsyncIterator[Event]:
+        """The end of the stream from the stored turn alone, polled until finished or `deadline`."""
+        while True:
+            view = await self._read_turn()
+            if view.finished:
+                for event in self._shown.finish(view):
+                    yield event
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                yield Event(
+                    "error",
+                    None,
+                    {
+                        "code": "timeout",
+                        "message": f"the stream was open {settings.stream_max_s:g} s, its longest; "
+                        "resume it or read the turn",
+                        "status": view.status.value,
+                    },
+                )
+                return
+            await asyncio.sleep(min(settings.stream_check_s, left))
 
 
-async def _wait_finished(read_turn: Callable[[], Awaitable[TurnView]]) -> TurnView:
-    import asyncio
-
-    while True:
-        view = await read_turn()
-        if view.finished:
-            return view
-        await asyncio.sleep(settings.stream_check_s)
+async def turn_events(
+    turn_id: uuid.UUID, read_turn: Callable[[], Awaitable[TurnView]], *, last_event_id: str | None = None
+) -> AsyncIterator[Event]:
+    """The turn's events after `last_event_id` (from the start when None), until done or failed."""
+    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id)
+    await reader.open()
+    async for event in reader.events():
+        yield event

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_shutdown
 
 from core.logging import configure_logging
 from core.settings import queue_for_model, settings
@@ -33,6 +33,13 @@ def _warm_up(**_: object) -> None:
                 settings.metrics_port,
                 exc,
             )
+
+
+@worker_shutdown.connect
+def _flush_streams(**_: object) -> None:
+    from worker.lifecycle import flush_stream_events
+
+    flush_stream_events()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""What a worker does when its engine dies: report it, finish the flush in hand, exit non-zero.
+"""What a worker does when its engine dies: report it, finish the flush in hand, exit non-zero;
+and what it sends before it stops (the stream events still queued).
 
 A dead engine core cannot come back inside this process, and a worker that stays up would keep
 taking turns only to fail them. So the flush that saw the death hands its turns back (without
@@ -14,10 +15,12 @@ import logging
 from celery.worker import state as worker_state
 
 from core import metrics
+from streaming.publisher import flush_if_started
 
 logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_DEAD = 3
+_STREAM_FLUSH_S = 5.0  # a stopping worker's wait for its unsent stream events (Redis may be away)
 
 
 def stop_for_dead_engine(error: BaseException) -> None:
@@ -28,3 +31,9 @@ def stop_for_dead_engine(error: BaseException) -> None:
             "the engine died (%r): stopping this worker with exit code %d", error, EXIT_ENGINE_DEAD
         )
         worker_state.should_stop = EXIT_ENGINE_DEAD
+
+
+def flush_stream_events(**_: object) -> None:
+    """Send the stream events still queued before the worker exits, waiting a bounded time."""
+    if not flush_if_started(_STREAM_FLUSH_S):
+        logger.warning("stream events still unsent after %.0f s at shutdown: dropped", _STREAM_FLUSH_S)

@@ -15,7 +15,7 @@ from api.deps import Caller, needs
 from api.routes.turns import _visible
 from core.settings import settings
 from services.producer import TurnView
-from streaming.reader import turn_events, valid_event_id
+from streaming.reader import TurnReader, valid_event_id
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
 
@@ -38,8 +38,12 @@ async def stream_turn(
     async def read() -> TurnView:
         return await run_in_threadpool(_visible, turn_id, who)
 
+    reader = TurnReader(turn_id, read, last_event_id=last_event_id)
+    await reader.open()  # the resume's read, before the 200: nothing of it can fail the stream itself
+
     async def frames():  # type: ignore[no-untyped-def]
-        async for event in turn_events(turn_id, read, last_event_id=last_event_id):
-            yield {"event": event.kind, "id": event.id, "data": json.dumps(event.data, ensure_ascii=False)}
+        async for event in reader.events():
+            frame = {"event": event.kind, "data": json.dumps(event.data, ensure_ascii=False)}
+            yield frame if event.id is None else frame | {"id": event.id}
 
     return EventSourceResponse(frames(), ping=max(1, int(settings.stream_ping_s)))

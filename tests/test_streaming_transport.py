@@ -1,0 +1,259 @@
+"""The streaming transport against the real embedded Redis, without an engine: what a reader is
+shown when it resumes, when entries repeat or two claims write at once, when Redis is away or hung,
+and how long a stream may stay open."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from prometheus_client import REGISTRY
+
+import streaming.publisher
+import streaming.reader
+from core.settings import settings
+from db.session import session_scope
+from db.turns import cancel_turns
+from services import producer
+from services.producer import TurnView
+from services.schemas import TurnRequest
+from streaming.events import DELTA, END, Entry, redis_url, stream_key
+from streaming.publisher import Publisher, publisher
+from streaming.reader import Event, turn_events, valid_event_id
+from tests.conftest import INGEST_KEY, new_conversation
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _turn() -> uuid.UUID:
+    """A streamed turn of the `game-a` key, stored but never sent to a worker."""
+    request = TurnRequest(**new_conversation(), message="Tell me of the road.", stream=True)
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
+    return stored.id
+
+
+def _cancel(turn_id: uuid.UUID) -> None:
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+
+
+def _xadd(turn_id: uuid.UUID, *entries: tuple[str, str, int | None]) -> list[str]:
+    """(claim, text, seq) deltas straight into the turn's stream, as a worker's publisher writes them."""
+    client = redis.Redis.from_url(redis_url())
+    ids = []
+    for claim, text, seq in entries:
+        fields = {"kind": DELTA, "text": text, "claim": claim} | ({} if seq is None else {"seq": str(seq)})
+        ids.append(client.xadd(stream_key(turn_id), fields).decode())
+    return ids
+
+
+def _end(turn_id: uuid.UUID) -> None:
+    redis.Redis.from_url(redis_url()).xadd(stream_key(turn_id), {"kind": END})
+
+
+def _read(turn_id: uuid.UUID, last_event_id: str | None = None, stop_after: int | None = None) -> list[Event]:
+    """A reader's events (the first `stop_after`, then it hangs up), within 20 s."""
+
+    async def read_turn() -> TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def follow() -> list[Event]:
+        out: list[Event] = []
+        async for event in turn_events(turn_id, read_turn, last_event_id=last_event_id):
+            out.append(event)
+            if stop_after is not None and len(out) >= stop_after:
+                break
+        return out
+
+    return asyncio.run(asyncio.wait_for(follow(), 20))
+
+
+def _shown(events: list[Event]) -> str:
+    """The text a client holds: the deltas after the last `restarted`."""
+    text = ""
+    for event in events:
+        if event.kind == "error" and event.data.get("code") == "restarted":
+            text = ""
+        elif event.kind == "delta":
+            text += event.data["text"]
+    return text
+
+
+def _codes(events: list[Event]) -> list[str]:
+    return [e.data["text"] if e.kind == "delta" else e.data.get("code", e.kind) for e in events]
+
+
+# --- resume ---------------------------------------------------------------------------------------
+
+
+def test_a_reader_that_hangs_up_right_after_restarted_resumes_without_losing_the_new_text() -> None:
+    turn_id = _turn()
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    _xadd(turn_id, (old, "Half a rep", 1), (new, "A whole", 1), (new, " reply.", 2))
+    _cancel(turn_id)
+    _end(turn_id)
+    seen = _read(turn_id, stop_after=2)  # the old claim's delta, then `restarted`: it hangs up
+    assert _codes(seen) == ["Half a rep", "restarted"]
+    last = [e.id for e in seen if e.id is not None][-1]  # what an EventSource sends back
+    rest = _read(turn_id, last_event_id=last)
+    assert _shown(seen + rest) == "A whole reply."
+    assert _codes(rest) == ["restarted", "A whole", " reply.", "cancelled"]
+
+
+def test_a_resume_whose_entries_were_trimmed_starts_with_restarted() -> None:
+    turn_id = _turn()
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    ids = _xadd(turn_id, (old, "Half", 1), (old, " a rep", 2), (new, "A whole", 1), (new, " reply.", 2))
+    redis.Redis.from_url(redis_url()).xtrim(stream_key(turn_id), maxlen=2, approximate=False)
+    _cancel(turn_id)
+    _end(turn_id)
+    rest = _read(turn_id, last_event_id=ids[0])  # it was shown "Half"
+    assert _codes(rest) == ["restarted", "A whole", " reply.", "cancelled"]
+    assert _shown(rest) == "A whole reply."
+
+
+def test_a_resume_of_a_stream_that_expired_starts_with_restarted() -> None:
+    turn_id = _turn()
+    (shown_id,) = _xadd(turn_id, (str(uuid.uuid4()), "Well met", 1))
+    redis.Redis.from_url(redis_url()).delete(stream_key(turn_id))
+    _cancel(turn_id)
+    assert _codes(_read(turn_id, last_event_id=shown_id)) == ["restarted", "cancelled"]
+
+
+# --- repeats and two claims at once ---------------------------------------------------------------
+
+
+def test_a_delta_the_publisher_sent_twice_is_shown_once() -> None:
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    ids = _xadd(turn_id, (claim, "Well", 1), (claim, " met", 2), (claim, " met", 2), (claim, ".", 3))
+    _cancel(turn_id)
+    _end(turn_id)
+    events = _read(turn_id)
+    assert _codes(events) == ["Well", " met", ".", "cancelled"]
+    rest = _read(turn_id, last_event_id=ids[2])  # a resume after the repeat agrees with it
+    assert _codes(rest) == [".", "cancelled"]
+
+
+def test_the_publisher_numbers_each_claims_deltas_from_one() -> None:
+    turn_id, first, second = _turn(), uuid.uuid4(), uuid.uuid4()
+    for claim, text in [(first, "a"), (first, "b"), (second, "c"), (second, "d")]:
+        publisher().delta(turn_id, claim, text)
+    assert publisher().flush()
+    raw: Any = redis.Redis.from_url(redis_url()).xrange(stream_key(turn_id))
+    assert [Entry.parse(i, f).seq for i, f in raw] == [1, 2, 1, 2]
+
+
+def test_a_superseded_claim_that_still_writes_is_ignored() -> None:
+    turn_id = _turn()
+    old, new = str(uuid.uuid4()), str(uuid.uuid4())
+    _xadd(turn_id, (old, "Old", 1), (new, "New", 1), (old, " late", 2), (new, " text", 2), (old, "!", 3))
+    _cancel(turn_id)
+    _end(turn_id)
+    assert _codes(_read(turn_id)) == ["Old", "restarted", "New", " text", "cancelled"]
+
+
+# --- Redis away -----------------------------------------------------------------------------------
+
+
+def _closed_port() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"redis://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there once it is closed
+
+
+def test_a_reader_whose_redis_is_unreachable_ends_with_the_stored_turn(monkeypatch) -> None:
+    turn_id = _turn()
+    (shown_id,) = _xadd(turn_id, (str(uuid.uuid4()), "Well met", 1))
+    _cancel(turn_id)
+    monkeypatch.setattr(streaming.reader, "redis_url", _closed_port)
+    assert _codes(_read(turn_id)) == ["cancelled"]
+    assert _codes(_read(turn_id, last_event_id=shown_id)) == ["restarted", "cancelled"]
+
+
+def _dropped(why: str) -> float:
+    return REGISTRY.get_sample_value("mlchat_stream_events_dropped_total", {"why": why}) or 0.0
+
+
+def test_the_publisher_drops_rather_than_holds_events_while_redis_is_away() -> None:
+    client = redis.Redis.from_url(_closed_port(), socket_connect_timeout=1, socket_timeout=1)
+    sink = Publisher(client, max_queued=16)
+    full = _dropped("queue_full")
+    turn_id, claim = uuid.uuid4(), uuid.uuid4()
+    started = time.monotonic()
+    for i in range(2000):
+        sink.delta(turn_id, claim, f"{i} ")
+        assert sink._queue.qsize() <= 16
+    assert time.monotonic() - started < 1  # the engine loop never waits on Redis
+    assert _dropped("queue_full") > full
+    assert sink.flush(timeout=10)  # the failed send is given up on, in bounded time
+    paused = _dropped("paused")
+    sink.delta(turn_id, claim, "after")  # within the pause after a failed send: not even queued
+    assert _dropped("paused") == paused + 1 and sink._queue.qsize() == 0
+
+
+def test_the_publisher_gives_up_on_a_redis_that_never_answers(monkeypatch) -> None:
+    hung = socket.socket()  # accepts connections (the backlog) and never says a word
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    try:
+        monkeypatch.setattr(streaming.publisher, "_publisher", None)
+        monkeypatch.setattr(
+            streaming.publisher, "redis_url", lambda: f"redis://127.0.0.1:{hung.getsockname()[1]}"
+        )
+        sink = publisher()
+        sink.delta(uuid.uuid4(), uuid.uuid4(), "hello")
+        assert sink.flush(timeout=15)  # sent or given up on: not held for ever
+    finally:
+        hung.close()
+
+
+def test_concurrent_first_calls_start_one_publisher(monkeypatch) -> None:
+    monkeypatch.setattr(streaming.publisher, "_publisher", None)
+    barrier, got = threading.Barrier(16), []
+
+    def first_call() -> None:
+        barrier.wait()
+        got.append(publisher())
+
+    threads = [threading.Thread(target=first_call) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len({id(p) for p in got}) == 1
+
+
+# --- bounds ---------------------------------------------------------------------------------------
+
+
+def test_a_stream_of_a_turn_that_never_runs_ends_at_its_longest_life(monkeypatch) -> None:
+    monkeypatch.setattr(settings, "stream_max_s", 1.0)
+    monkeypatch.setattr(settings, "stream_check_s", 0.0001)  # XREAD's block rounds to at least 1 ms
+    turn_id = _turn()
+    started = time.monotonic()
+    events = _read(turn_id)
+    assert _codes(events) == ["timeout"] and events[0].data["status"] == "queued"
+    assert 1.0 <= time.monotonic() - started < 10
+
+
+def test_last_event_ids_beyond_redis_range_are_refused() -> None:
+    assert valid_event_id("18446744073709551615-18446744073709551615") and valid_event_id("final")
+    assert not valid_event_id("18446744073709551616-0") and not valid_event_id("1-0\n")
+
+
+def test_an_out_of_range_last_event_id_is_a_422_naming_it(base_url) -> None:
+    url = f"{base_url}/v1/turns/{_turn()}/stream"
+    r = httpx.get(
+        url, headers={"X-API-Key": INGEST_KEY, "Last-Event-ID": "99999999999999999999-0"}, timeout=10
+    )
+    assert r.status_code == 422 and "Last-Event-ID" in r.text, r.text
