@@ -42,12 +42,16 @@ def _events(response: httpx.Response, stop_after: int | None = None) -> list[tup
 def _queued_turn(stream: bool = True) -> uuid.UUID:
     """A turn of the `game-a` key, stored but never sent to a worker."""
     request = TurnRequest(**new_conversation(), message="Tell me of the road.", stream=stream)
-    (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
     return stored.id
 
 
 def test_another_keys_stream_and_an_unknown_turn_are_404(base_url) -> None:
     turn_id = _queued_turn()
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=OWNER).status_code == 200
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        assert r.status_code == 200  # the owner reads it: the 404 below is the key, not the turn
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=OTHER).status_code == 404
     r = httpx.get(f"{base_url}/v1/turns/{turn_id}/stream", headers=OTHER)
     assert r.status_code == 404 and str(turn_id) in r.json()["detail"]
     r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}/stream", headers=OWNER)
@@ -199,6 +203,20 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
 # --- per-turn callbacks ---------------------------------------------------------------------------
 
 
+def _turns_of(conversation: str) -> int:
+    """How many turns the conversation `conversation` of any tenant holds."""
+    from sqlalchemy import func, select
+
+    from db.models import Conversation, Turn
+
+    with session_scope() as session:
+        return session.scalar(
+            select(func.count(Turn.id))
+            .join(Conversation, Conversation.id == Turn.conversation_id)
+            .where(Conversation.external_id == conversation)
+        ) or 0
+
+
 @pytest.fixture
 def signing(monkeypatch):  # type: ignore[no-untyped-def]
     from pydantic import SecretStr
@@ -213,7 +231,7 @@ def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(b
     body = new_conversation() | {"message": "hi", "callback_url": "http://127.0.0.1:9/hook"}
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
     assert r.status_code == 422 and "callback_url" in r.text and "non-public" in r.text
-    assert producer.get_turn(r.json().get("id", uuid.uuid4())) is None
+    assert _turns_of(body["conversation"]) == 0
     body["callback_url"] = "ftp://example.com/hook"
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
     assert r.status_code == 422 and "http(s)" in r.text
@@ -247,7 +265,7 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
     try:
         url = f"http://127.0.0.1:{server.server_port}/hook"
         request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
-        (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
         with session_scope() as session:
             cancel_turns(session=session, turn_ids=[stored.id])
         with pytest.raises(CallbackFailed, match="HTTP 500"):
