@@ -130,10 +130,6 @@ async def turn_events(
 
 
 async def _wait_finished(read_turn: Callable[[], Awaitable[TurnView]]) -> TurnView:
-    import asyncio
+    from services.turn_wait import await_finished
 
-    while True:
-        view = await read_turn()
-        if view.finished:
-            return view
-        await asyncio.sleep(settings.stream_check_s)
+    return await await_finished(read_turn, float("inf"))

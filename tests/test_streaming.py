@@ -210,11 +210,14 @@ def _turns_of(conversation: str) -> int:
     from db.models import Conversation, Turn
 
     with session_scope() as session:
-        return session.scalar(
-            select(func.count(Turn.id))
-            .join(Conversation, Conversation.id == Turn.conversation_id)
-            .where(Conversation.external_id == conversation)
-        ) or 0
+        return (
+            session.scalar(
+                select(func.count(Turn.id))
+                .join(Conversation, Conversation.id == Turn.conversation_id)
+                .where(Conversation.external_id == conversation)
+            )
+            or 0
+        )
 
 
 @pytest.fixture
