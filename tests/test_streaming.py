@@ -285,3 +285,30 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
     with session_scope() as session:
         turn = session.get(Turn, stored.id)
         assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
+
+
+def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(signing, monkeypatch) -> None:
+    from sqlalchemy import text
+
+    from db.turn_callbacks import record_turn_callback
+    from services import batches
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    lost, attempted, recent = (
+        producer.submit_turns(
+            [TurnRequest(**new_conversation(), message="hi", callback_url="http://127.0.0.1:9/hook")],
+            send=False,
+            api_key="game-a",
+            tenant="game-a",
+        )[0].id
+        for _ in range(3)
+    )
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[lost, attempted, recent])  # finished, never sent
+        record_turn_callback(session=session, turn_id=attempted, error="HTTP 500")  # its task retries it
+        session.execute(
+            text("UPDATE turns SET finished_at = now() - interval '10 minutes' WHERE id = ANY(:ids)"),
+            {"ids": [lost, attempted]},
+        )
+    queued = batches.housekeeping()["turn_callbacks"]
+    assert str(lost) in queued and str(attempted) not in queued and str(recent) not in queued
