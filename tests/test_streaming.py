@@ -287,7 +287,7 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
         assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
 
 
-def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(signing, monkeypatch) -> None:
+def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signing, monkeypatch) -> None:
     from sqlalchemy import text
 
     from db.turn_callbacks import record_turn_callback
