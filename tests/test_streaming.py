@@ -312,3 +312,22 @@ def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signi
         )
     queued = batches.housekeeping()["turn_callbacks"]
     assert str(lost) in queued and str(attempted) not in queued and str(recent) not in queued
+
+
+# --- mlchat chat ----------------------------------------------------------------------------------
+
+
+def test_mlchat_chat_falls_back_to_the_stored_turn_when_the_stream_cannot_be_read(
+    world, monkeypatch, capsys
+) -> None:
+    from scripts.cli import _print_as_written
+
+    turn_id = _queued_turn()
+    # The broker's URL is resolved once per process: the reader is pointed where nothing listens.
+    monkeypatch.setattr("streaming.reader.redis_url", lambda: "redis://127.0.0.1:1/0")
+    started = time.monotonic()
+    _print_as_written(turn_id, timeout=30)
+    assert time.monotonic() - started < 10  # it gave up on the stream, not on the clock
+    assert "waiting for the stored reply" in capsys.readouterr().out
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
