@@ -164,12 +164,14 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
         model="elara",
         messages=[{"role": "user", "content": "Which road leads north?"}],
         stream=True,
+        stream_options={"include_usage": True},
         max_tokens=16,
         seed=3,
         metadata={"conversation": conversation},
     )
-    chunks = list(stream)
-    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    *chunks, usage = list(stream)
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks + [usage])
+    assert usage.choices == [] and usage.usage is not None  # OpenAI's last chunk for include_usage
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert len([c for c in chunks if c.choices[0].delta.content]) >= 2  # written piece by piece
@@ -177,6 +179,7 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
     stored = producer.get_turn(turn_id)
     assert stored is not None and stored.status.value == "done" and stored.api_key == "game-a"
     assert text == stored.reply and stored.params.get("stream") is True
+    assert usage.usage.completion_tokens == stored.usage["completion_tokens"] > 0
 
     # The same conversation, not streamed: the OpenAI shape, from the turn stored after the first.
     done = client.chat.completions.create(
