@@ -88,7 +88,9 @@ def start_chat_turn(
     conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{fresh}"
     line_body = {k: v for k, v in body.items() if k not in _LIVE_ONLY} | {"metadata": metadata or None}
     # Checked before the lookup: a NUL or a lone surrogate would fail in the database, not here.
-    slugs = [_slug(body.get("model"), "body.model")]
+    if "model" not in body:
+        raise ChatRejected("body.model: required (the character's name)")
+    slugs = [_slug(body["model"], "body.model")]
     if metadata.get("character") is not None:
         slugs.append(_slug(metadata["character"], "body.metadata.character"))
     with session_scope() as session:

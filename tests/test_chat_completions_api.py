@@ -90,15 +90,18 @@ def test_an_idempotency_key_makes_a_retry_answer_with_the_first_turn(base_url, s
         ("model", ["elara"]),
         ("model", None),
         ("model", "e" * 100_000),
+        ("model", ...),
         ("metadata.character", "el\x00ara"),
     ],
-    ids=["nul", "surrogate", "number", "list", "null", "huge", "metadata-nul"],
+    ids=["nul", "surrogate", "number", "list", "null", "huge", "missing", "metadata-nul"],
 )
 def test_a_model_that_cannot_be_a_character_is_a_400_naming_it(base_url, field, value) -> None:
     body: dict = {"model": "elara", "messages": [{"role": "user", "content": "hi"}]}
     conversation = new_conversation()["conversation"]
     body["metadata"] = {"conversation": conversation}
-    if field == "model":
+    if field == "model" and value is ...:
+        del body["model"]
+    elif field == "model":
         body["model"] = value
     else:
         body["metadata"]["character"] = value
