@@ -346,19 +346,25 @@ def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str) -> N
     )
 
 
-def callbacks_due(*, session: Session, older_than_s: float) -> list[uuid.UUID]:
-    """Finished runs with a callback never attempted, finished longer ago than `older_than_s` (its
-    message was lost: the broker was down when it ended)."""
+def callbacks_due(
+    *, session: Session, older_than_s: float, of: type[Run] | type[Turn] = Run, limit: int = 1000
+) -> list[uuid.UUID]:
+    """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
+    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    finished = RUN_FINISHED if of is Run else TURN_FINISHED
     return list(
         session.scalars(
-            select(Run.id).where(
-                Run.status.in_(RUN_FINISHED),
-                Run.callback_url.is_not(None),
-                Run.callback_delivered_at.is_(None),
-                Run.callback_attempts == 0,
-                Run.finished_at < cutoff,
+            select(of.id)
+            .where(
+                of.status.in_(finished),
+                of.callback_url.is_not(None),
+                of.callback_delivered_at.is_(None),
+                of.callback_attempts == 0,
+                of.finished_at < cutoff,
             )
+            .order_by(of.finished_at)
+            .limit(limit)
         ).all()
     )
 

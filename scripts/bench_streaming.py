@@ -35,8 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
 
 from core.settings import PROJECT_ROOT, settings
+from db.models import TURN_FINISHED, Turn
+from db.session import session_scope
 from scripts.bench_engine import _idle_engine, in_process_worker
 from scripts.bench_generation import _wait_finished, sample_requests
 from worker.cpu_affinity import unpinned
@@ -135,12 +138,27 @@ async def _probe(base: str, request: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def _probes(base: str, requests: list[dict[str, Any]], gap_s: float = 0.0) -> list[dict[str, float]]:
+def _probes(
+    base: str, requests: list[dict[str, Any]], gap_s: float = 0.0, bulk: list[uuid.UUID] | None = None
+) -> list[dict[str, float]]:
+    """The probes one after another; with `bulk`, each also records how many of its turns were still
+    unfinished when the probe ended (0: the probe did not run under the bulk run)."""
     out = []
     for request in requests:
-        out.append(asyncio.run(_probe(base, request)))
+        row = asyncio.run(_probe(base, request))
+        if bulk is not None:
+            row["bulk_unfinished"] = _unfinished(bulk)
+        out.append(row)
         time.sleep(gap_s)
     return out
+
+
+def _unfinished(ids: list[uuid.UUID]) -> int:
+    with session_scope() as session:
+        count = session.scalar(
+            select(func.count()).where(Turn.id.in_(ids), Turn.status.not_in(TURN_FINISHED))
+        )
+    return int(count or 0)
 
 
 def read_streams(base: str, key: str, turn_ids: list[str]) -> list[dict[str, Any]]:
@@ -252,7 +270,7 @@ def measure_streaming(
         _idle_engine(loop, loaded.llm)
         bulk = enqueue_turns(sample_requests(bulk_turns, tag + "-bulk", max_new_tokens), lane="bulk")
         time.sleep(5.0)  # the bulk run is inside the engine
-        loaded_probes = _probes(base, fresh("load"), gap_s=2.0)
+        probed = _probes(base, fresh("load"), gap_s=2.0, bulk=bulk)
         _wait_finished(bulk, timeout=3600)
 
         started, ids = _start_bulk(loop, loaded.llm, tag + "-quiet", reader_bulk_turns, max_new_tokens)
@@ -270,6 +288,10 @@ def measure_streaming(
     def median(rows: list[dict[str, float]], name: str) -> float:
         return statistics.median(r[name] for r in rows)
 
+    # A probe that ended after the bulk run did measure nothing under bulk: left out of the figures.
+    loaded_probes = [p for p in probed if p["bulk_unfinished"] > 0]
+    if not loaded_probes:
+        raise RuntimeError(f"the {bulk_turns}-turn bulk run finished before any probe under it ended")
     ttft_alone, ttft_loaded = median(alone, "ttft_s") * 1000, median(loaded_probes, "ttft_s") * 1000
     return {
         "model": settings.model,
@@ -278,6 +300,8 @@ def measure_streaming(
         "max_new_tokens": max_new_tokens,
         "ttft_alone_ms": [round(p["ttft_s"] * 1000, 1) for p in alone],
         "ttft_under_bulk_ms": [round(p["ttft_s"] * 1000, 1) for p in loaded_probes],
+        "bulk_unfinished_at_probes": [int(p["bulk_unfinished"]) for p in probed],
+        "probes_after_bulk_left_out": len(probed) - len(loaded_probes),
         "ttft_alone_ms_median": round(ttft_alone, 1),
         "ttft_under_bulk_ms_median": round(ttft_loaded, 1),
         "ttft_ratio": round(ttft_loaded / ttft_alone, 2),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Literal
@@ -344,17 +345,21 @@ def chat(
     else:
         request["stream"] = parsed.get("n", 1) == 1  # best of n is judged whole, never streamed
         (turn_id,) = enqueue_turns([request])
+        deadline = time.monotonic() + timeout  # printing and waiting share it
         if request["stream"]:
             _print_as_written(turn_id, timeout)
-        view = wait_for_reply(turn_id, timeout=timeout)
+        view = wait_for_reply(turn_id, timeout=max(0.0, deadline - time.monotonic()))
     _out(render_turn(view, f"{character} · {request['conversation']}"))
     if view.reply is None:
         raise typer.Exit(1)
 
 
 def _print_as_written(turn_id: uuid.UUID, timeout: float) -> None:
-    """Print the turn's reply as the worker writes it (its stream), until the turn ends."""
+    """Print the turn's reply as the worker writes it (its stream), until the turn ends or `timeout`
+    s pass; a stream that cannot be read is left for the stored turn, read after it."""
     import asyncio
+
+    from redis.exceptions import RedisError
 
     from services.producer import TurnView, get_turn
     from streaming.reader import turn_events
@@ -376,6 +381,8 @@ def _print_as_written(turn_id: uuid.UUID, timeout: float) -> None:
         asyncio.run(asyncio.wait_for(follow(), timeout))
     except TimeoutError:
         typer.echo("")
+    except (RedisError, OSError) as exc:
+        typer.echo(f"\n[cannot read the reply as it is written ({exc}); waiting for the stored reply]")
 
 
 @card_app.command("import")

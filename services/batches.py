@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings
 from db.files import add_file
-from db.models import Run, RunStatus
+from db.models import Run, RunStatus, Turn
 from db.runs import (
     batch_submissions_due,
     begin_submission_attempt,
@@ -51,6 +51,7 @@ from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
 from services.runs.validate import RunValidationError, file_digest
 from services.schemas import storable_text
+from services.turn_callbacks import send_turn_callbacks
 
 logger = logging.getLogger(__name__)
 
@@ -473,6 +474,15 @@ def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
     return [str(r) for r in due]
 
 
+def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
+    """Queue the callbacks of finished turns that were never attempted (their message was lost, or
+    the turn failed before a worker saw it)."""
+    with session_scope() as session:
+        due = callbacks_due(session=session, older_than_s=older_than_s, of=Turn)
+    send_turn_callbacks(due)
+    return [str(t) for t in due]
+
+
 def _write_files(session: Session, run: Run) -> tuple[str, str]:
     # Writing streams the turns and detaches the run: read what is needed of it first.
     name, api_key, expires_after_s = run.name, run.api_key, run.output_expires_after_s
@@ -507,6 +517,7 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
         "expired": expire_due_runs(models),
         "finalized": finalize_runs(models=models),
         "callbacks": redeliver_callbacks() if models is None else [],
+        "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
         "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
     }

@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import ValidationError
+from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
 from db.session import session_scope
@@ -22,7 +22,7 @@ from db.world import append_history_if_empty, find_characters, find_conversation
 from services import producer
 from services.producer import TurnView
 from services.runs.openai_lines import ENDPOINT, LineOptions, to_run_line
-from services.schemas import GenerationParams, TurnRequest
+from services.schemas import GenerationParams, Text, TurnRequest
 
 CONVERSATION_HEADER = "X-Mlchat-Conversation"
 # OpenAI fields that mean something to a chat request here but not to a batch line.
@@ -41,15 +41,41 @@ class ChatTurn:
     character: str
     created: int  # unix seconds, OpenAI's `created`
     stream: bool
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
 
-def start_chat_turn(body: Any, *, api_key: str, tenant: str, conversation: str | None = None) -> ChatTurn:
-    """Validate an OpenAI chat-completions body and queue its live turn; ChatRejected naming the field."""
+_SLUG: TypeAdapter[str] = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=64)])
+
+
+def _slug(value: Any, field: str) -> str:
+    """`value` as a character slug to look up; ChatRejected naming `field` when it cannot be one."""
+    try:
+        return _SLUG.validate_python(value, strict=True)
+    except ValidationError as exc:
+        raise ChatRejected(f"{field}: {exc.errors()[0]['msg']}") from None
+
+
+def start_chat_turn(
+    body: Any,
+    *,
+    api_key: str,
+    tenant: str,
+    conversation: str | None = None,
+    idempotency_key: str | None = None,
+) -> ChatTurn:
+    """Validate an OpenAI chat-completions body and queue its live turn; ChatRejected naming the field.
+    A replay of `idempotency_key` answers with the turn it made instead of queueing another."""
     if not isinstance(body, dict):
         raise ChatRejected("body: a JSON object is expected")
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ChatRejected("body.stream: true or false")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and stream):
+        raise ChatRejected("body.stream_options: an object, with stream true")
+    include_usage = (options or {}).get("include_usage", False)
+    if not isinstance(include_usage, bool):
+        raise ChatRejected("body.stream_options.include_usage: true or false")
     metadata = body.get("metadata")
     if metadata is not None and not isinstance(metadata, dict):
         raise ChatRejected("body.metadata: an object of strings")
@@ -57,11 +83,18 @@ def start_chat_turn(body: Any, *, api_key: str, tenant: str, conversation: str |
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise ChatRejected("body.user: a string")
-    conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{uuid.uuid4()}"
+    # A replay without a conversation must name the same one, or it would conflict with its own key.
+    fresh = uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}:{idempotency_key}") if idempotency_key else uuid.uuid4()
+    conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{fresh}"
     line_body = {k: v for k, v in body.items() if k not in _LIVE_ONLY} | {"metadata": metadata or None}
-    model = body.get("model")
+    # Checked before the lookup: a NUL or a lone surrogate would fail in the database, not here.
+    if "model" not in body:
+        raise ChatRejected("body.model: required (the character's name)")
+    slugs = [_slug(body["model"], "body.model")]
+    if metadata.get("character") is not None:
+        slugs.append(_slug(metadata["character"], "body.metadata.character"))
     with session_scope() as session:
-        known = find_characters(session=session, slugs=[model]) if isinstance(model, str) else {}
+        known = find_characters(session=session, slugs=slugs)
     try:
         line = to_run_line(
             {"custom_id": "live", "method": "POST", "url": ENDPOINT, "body": line_body}, known, LineOptions()
@@ -79,6 +112,7 @@ def start_chat_turn(body: Any, *, api_key: str, tenant: str, conversation: str |
             params=GenerationParams(**line["params"]),
             direction=line.get("direction"),
             stream=stream,
+            idempotency_key=idempotency_key,
         )
     except ValidationError as exc:
         first = exc.errors()[0]
@@ -92,8 +126,9 @@ def start_chat_turn(body: Any, *, api_key: str, tenant: str, conversation: str |
             ]
             history = [(h["role"], h["content"]) for h in line["history"]]
             append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
-    producer.send_new_turns({stored.model: [stored.id]}, lane="live")
-    return ChatTurn(stored.id, line["character"], int(time.time()), stream)
+    if stored.created:  # a replay's turn was sent when it was made
+        producer.send_new_turns({stored.model: [stored.id]}, lane="live")
+    return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage)
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:
@@ -113,8 +148,17 @@ def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:
                 "finish_reason": _finish_reason(usage),
             }
         ],
-        "usage": {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "usage": _usage(usage),
     }
+
+
+def usage_chunk(turn: ChatTurn, usage: dict[str, Any] | None) -> dict[str, Any]:
+    """The last chunk of a stream asked with `stream_options.include_usage`: no choices, the usage."""
+    return {**chunk(turn, {}), "choices": [], "usage": _usage(usage or {})}
+
+
+def _usage(usage: dict[str, Any]) -> dict[str, int]:
+    return {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
 def chunk(turn: ChatTurn, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:

@@ -43,8 +43,8 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
 
 
 def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:
-    """Queue the callbacks of finished turns that asked for one; best effort (a broker outage
-    loses the message, and the turn stays readable)."""
+    """Queue the callbacks of finished turns that asked for one; a message lost to a broker outage
+    is queued again by housekeeping (services/batches.py redeliver_turn_callbacks)."""
     from tasks.callbacks import deliver_turn_callback
 
     for turn_id in turn_ids:

@@ -42,12 +42,16 @@ def _events(response: httpx.Response, stop_after: int | None = None) -> list[tup
 def _queued_turn(stream: bool = True) -> uuid.UUID:
     """A turn of the `game-a` key, stored but never sent to a worker."""
     request = TurnRequest(**new_conversation(), message="Tell me of the road.", stream=stream)
-    (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
     return stored.id
 
 
 def test_another_keys_stream_and_an_unknown_turn_are_404(base_url) -> None:
     turn_id = _queued_turn()
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=OWNER).status_code == 200
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        assert r.status_code == 200  # the owner reads it: the 404 below is the key, not the turn
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=OTHER).status_code == 404
     r = httpx.get(f"{base_url}/v1/turns/{turn_id}/stream", headers=OTHER)
     assert r.status_code == 404 and str(turn_id) in r.json()["detail"]
     r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}/stream", headers=OWNER)
@@ -160,12 +164,14 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
         model="elara",
         messages=[{"role": "user", "content": "Which road leads north?"}],
         stream=True,
+        stream_options={"include_usage": True},
         max_tokens=16,
         seed=3,
         metadata={"conversation": conversation},
     )
-    chunks = list(stream)
-    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks)
+    *chunks, usage = list(stream)
+    assert chunks and all(c.object == "chat.completion.chunk" for c in chunks + [usage])
+    assert usage.choices == [] and usage.usage is not None  # OpenAI's last chunk for include_usage
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
     assert len([c for c in chunks if c.choices[0].delta.content]) >= 2  # written piece by piece
@@ -173,6 +179,7 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
     stored = producer.get_turn(turn_id)
     assert stored is not None and stored.status.value == "done" and stored.api_key == "game-a"
     assert text == stored.reply and stored.params.get("stream") is True
+    assert usage.usage.completion_tokens == stored.usage["completion_tokens"] > 0
 
     # The same conversation, not streamed: the OpenAI shape, from the turn stored after the first.
     done = client.chat.completions.create(
@@ -199,6 +206,23 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
 # --- per-turn callbacks ---------------------------------------------------------------------------
 
 
+def _turns_of(conversation: str) -> int:
+    """How many turns the conversation `conversation` of any tenant holds."""
+    from sqlalchemy import func, select
+
+    from db.models import Conversation, Turn
+
+    with session_scope() as session:
+        return (
+            session.scalar(
+                select(func.count(Turn.id))
+                .join(Conversation, Conversation.id == Turn.conversation_id)
+                .where(Conversation.external_id == conversation)
+            )
+            or 0
+        )
+
+
 @pytest.fixture
 def signing(monkeypatch):  # type: ignore[no-untyped-def]
     from pydantic import SecretStr
@@ -213,7 +237,7 @@ def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(b
     body = new_conversation() | {"message": "hi", "callback_url": "http://127.0.0.1:9/hook"}
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
     assert r.status_code == 422 and "callback_url" in r.text and "non-public" in r.text
-    assert producer.get_turn(r.json().get("id", uuid.uuid4())) is None
+    assert _turns_of(body["conversation"]) == 0
     body["callback_url"] = "ftp://example.com/hook"
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
     assert r.status_code == 422 and "http(s)" in r.text
@@ -247,7 +271,7 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
     try:
         url = f"http://127.0.0.1:{server.server_port}/hook"
         request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
-        (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
         with session_scope() as session:
             cancel_turns(session=session, turn_ids=[stored.id])
         with pytest.raises(CallbackFailed, match="HTTP 500"):
@@ -264,3 +288,49 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
     with session_scope() as session:
         turn = session.get(Turn, stored.id)
         assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
+
+
+def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signing, monkeypatch) -> None:
+    from sqlalchemy import text
+
+    from db.turn_callbacks import record_turn_callback
+    from services import batches
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    lost, attempted, recent = (
+        producer.submit_turns(
+            [TurnRequest(**new_conversation(), message="hi", callback_url="http://127.0.0.1:9/hook")],
+            send=False,
+            api_key="game-a",
+            tenant="game-a",
+        )[0].id
+        for _ in range(3)
+    )
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[lost, attempted, recent])  # finished, never sent
+        record_turn_callback(session=session, turn_id=attempted, error="HTTP 500")  # its task retries it
+        session.execute(
+            text("UPDATE turns SET finished_at = now() - interval '10 minutes' WHERE id = ANY(:ids)"),
+            {"ids": [lost, attempted]},
+        )
+    queued = batches.housekeeping()["turn_callbacks"]
+    assert str(lost) in queued and str(attempted) not in queued and str(recent) not in queued
+
+
+# --- mlchat chat ----------------------------------------------------------------------------------
+
+
+def test_mlchat_chat_falls_back_to_the_stored_turn_when_the_stream_cannot_be_read(
+    world, monkeypatch, capsys
+) -> None:
+    from scripts.cli import _print_as_written
+
+    turn_id = _queued_turn()
+    # The broker's URL is resolved once per process: the reader is pointed where nothing listens.
+    monkeypatch.setattr("streaming.reader.redis_url", lambda: "redis://127.0.0.1:1/0")
+    started = time.monotonic()
+    _print_as_written(turn_id, timeout=30)
+    assert time.monotonic() - started < 10  # it gave up on the stream, not on the clock
+    assert "waiting for the stored reply" in capsys.readouterr().out
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])

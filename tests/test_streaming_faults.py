@@ -34,7 +34,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(base_u
                 events.append(event)
 
     with wp.started("victim", logs, **env) as victim:
-        (stored,) = producer.submit_turns([request], send=False, api_key="game-a")
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
         reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
         reader.start()
         dispatch([stored.id], model=wp.QUEUE_MODEL, lane="live")

@@ -4,6 +4,7 @@ with `stream: true` its `chat.completion.chunk` events and `[DONE]`."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
@@ -12,22 +13,33 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
-from api.routes.turns import _visible, await_finished
+from api.routes.turns import _visible
 from core.settings import settings
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
+from services.schemas import Text
+from services.turn_wait import await_finished
 from streaming.reader import turn_events
 
 router = APIRouter(tags=["chat"])
 
 
-def _error(status_code: int, message: str, kind: str = "invalid_request_error") -> JSONResponse:
-    """OpenAI's error shape, which its client raises as the matching exception."""
-    param = message.split(":", 1)[0] if ":" in message else None
+# A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
+_PARAM = re.compile(r"^(body(?:\.[A-Za-z_]\w*|\[\d+\])*):")
+
+
+def _error(
+    status_code: int, message: str, kind: str = "invalid_request_error", *, retry: bool = True
+) -> JSONResponse:
+    """OpenAI's error shape, which its client raises as the matching exception; `param` only when the
+    message names a field. `retry=False` tells the official client not to retry the POST (a retry
+    would queue another turn)."""
+    match = _PARAM.match(message)
     return JSONResponse(
         status_code=status_code,
-        content={"error": {"message": message, "type": kind, "param": param, "code": None}},
+        content={"error": {"message": message, "type": kind, "param": match and match[1], "code": None}},
+        headers=None if retry else {"x-should-retry": "false"},
     )
 
 
@@ -36,12 +48,18 @@ async def chat_completions(
     body: Annotated[Any, Body()],
     who: Annotated[Caller, Depends(needs("ingest"))],
     conversation: Annotated[str | None, Header(alias=live_chat.CONVERSATION_HEADER, max_length=200)] = None,
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> JSONResponse | EventSourceResponse:
-    """A live turn through the queue; answers once it is stored, or streams it as it is written."""
+    """A live turn through the queue; answers once it is stored, or streams it as it is written.
+    `Idempotency-Key` makes a retry answer with the turn the first attempt queued."""
     try:
         turn = await run_in_threadpool(
             lambda: live_chat.start_chat_turn(
-                body, api_key=who.key_id, tenant=who.tenant, conversation=conversation
+                body,
+                api_key=who.key_id,
+                tenant=who.tenant,
+                conversation=conversation,
+                idempotency_key=idempotency_key,
             )
         )
     except ChatRejected as exc:
@@ -55,10 +73,14 @@ async def chat_completions(
     view = await await_finished(read, settings.turn_wait_max_s)
     if not view.finished:
         return _error(
-            504, f"turn {turn.id} is still {view.status.value}; read it at /v1/turns/{turn.id}", "timeout"
+            504,
+            f"turn {turn.id} is still {view.status.value}; read it at /v1/turns/{turn.id}",
+            "timeout",
+            retry=False,
         )
     if view.status.value != "done":
-        return _error(400 if view.error_code == "prompt_too_long" else 502, _why(view), "turn_failed")
+        code = 400 if view.error_code == "prompt_too_long" else 502
+        return _error(code, _why(view), "turn_failed", retry=False)
     return JSONResponse(live_chat.completion(turn, view))
 
 
@@ -78,6 +100,8 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
         elif event.kind == "done":
             reason = "length" if (event.data.get("usage") or {}).get("finish_reason") == "length" else "stop"
             yield {"data": json.dumps(live_chat.chunk(turn, {}, reason))}
+            if turn.include_usage:
+                yield {"data": json.dumps(live_chat.usage_chunk(turn, event.data.get("usage")))}
             yield {"data": "[DONE]"}
             return
         else:

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
-from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
@@ -17,6 +14,7 @@ from core.settings import settings
 from services import producer
 from services.producer import TurnView
 from services.schemas import Text, TurnRequest
+from services.turn_wait import await_finished
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
 
@@ -80,19 +78,6 @@ def post_batch(body: BatchRequest, who: Annotated[Caller, Depends(needs("ingest"
     item is listed by its index."""
     accepted = _enqueue(body.turns, who)
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
-
-
-WAIT_POLL_S = 0.1  # how often a long poll re-reads the turn
-
-
-async def await_finished(read: Callable[[], Awaitable[TurnView]], wait_s: float) -> TurnView:
-    """The turn once it is finished, or as it stands after `wait_s` seconds."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        view = await read()
-        if view.finished or time.monotonic() >= deadline:
-            return view
-        await asyncio.sleep(WAIT_POLL_S)
 
 
 @router.get("/{turn_id}", response_model=TurnView)

@@ -1,0 +1,169 @@
+"""POST /v1/chat/completions at the HTTP boundary, with no worker: retries of the official client,
+idempotency, refusals of bad `model` values, OpenAI's error `param`; and the turn wait's back-off."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import openai
+import pytest
+from sqlalchemy import func, select
+
+from core.settings import settings
+from db.models import Conversation, Turn
+from db.session import session_scope
+from db.turns import cancel_turns
+from services import producer
+from services.producer import TurnView
+from services.schemas import TurnRequest
+from services.turn_wait import await_finished
+from tests.conftest import INGEST_KEY, new_conversation
+
+OWNER = {"X-API-Key": INGEST_KEY}
+
+
+def _turns_of(conversation: str) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return list(
+            session.scalars(
+                select(Turn.id)
+                .join(Conversation, Conversation.id == Turn.conversation_id)
+                .where(Conversation.external_id == conversation)
+            )
+        )
+
+
+def _cancel(turn_ids: list[uuid.UUID]) -> None:
+    """No worker of a later test picks these up."""
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=turn_ids)
+
+
+@pytest.fixture
+def short_wait(monkeypatch):  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(settings, "turn_wait_max_s", 0.3)
+
+
+def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_url, short_wait) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=2)
+    conversation = new_conversation()["conversation"]
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model="elara",
+            messages=[{"role": "user", "content": "Which road leads north?"}],
+            metadata={"conversation": conversation},
+        )
+    assert raised.value.status_code == 504
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    stored = _turns_of(conversation)
+    _cancel(stored)
+    assert len(stored) == 1  # the client's retries would each have queued another
+
+
+def test_an_idempotency_key_makes_a_retry_answer_with_the_first_turn(base_url, short_wait) -> None:
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    key = {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
+    messages = [{"role": "user", "content": "Which road leads north?"}]
+    named = []
+    for _ in range(2):  # the caller's own retry, without a conversation: the key alone names the turn
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.chat.completions.create(model="elara", messages=messages, extra_headers=key)  # type: ignore[arg-type]
+        named.append(raised.value.response.json()["error"]["message"].split()[1])
+    turn = producer.get_turn(uuid.UUID(named[0]))
+    assert turn is not None and turn.tenant == "game-a"
+    conversation = turn.conversation_id
+    _cancel([turn.id])
+    assert named[0] == named[1]
+    with session_scope() as session:
+        assert session.scalar(select(func.count(Turn.id)).where(Turn.conversation_id == conversation)) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("model", "el\x00ara"),
+        ("model", "el\ud800ara"),
+        ("model", 7),
+        ("model", ["elara"]),
+        ("model", None),
+        ("model", "e" * 100_000),
+        ("model", ...),
+        ("metadata.character", "el\x00ara"),
+    ],
+    ids=["nul", "surrogate", "number", "list", "null", "huge", "missing", "metadata-nul"],
+)
+def test_a_model_that_cannot_be_a_character_is_a_400_naming_it(base_url, field, value) -> None:
+    body: dict = {"model": "elara", "messages": [{"role": "user", "content": "hi"}]}
+    conversation = new_conversation()["conversation"]
+    body["metadata"] = {"conversation": conversation}
+    if field == "model" and value is ...:
+        del body["model"]
+    elif field == "model":
+        body["model"] = value
+    else:
+        body["metadata"]["character"] = value
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        content=json.dumps(body),  # escapes the lone surrogate as JSON allows
+        headers=OWNER | {"content-type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(f"body.{field}:") and error["param"] == f"body.{field}"
+    assert _turns_of(conversation) == []
+
+
+def test_metadata_character_names_the_character_when_model_does_not(base_url, short_wait) -> None:
+    conversation = new_conversation()["conversation"]
+    body = {
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "metadata": {"conversation": conversation, "character": "elara"},
+    }
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
+    stored = _turns_of(conversation)
+    _cancel(stored)
+    assert r.status_code == 504 and len(stored) == 1  # queued for elara; no worker answers it here
+
+
+def test_an_error_names_a_param_only_when_its_message_names_a_field() -> None:
+    from api.routes.chat_completions import _error
+
+    def param(message: str) -> str | None:
+        return json.loads(_error(400, message).body)["error"]["param"]
+
+    assert param("body.messages[1].content: a string") == "body.messages[1].content"
+    assert param(f"turn {uuid.uuid4()} failed (engine_error): it broke: badly") is None
+    assert param(f"turn {uuid.uuid4()} is still queued; read it at /v1/turns/x") is None
+
+
+def test_stream_options_need_a_stream(base_url) -> None:
+    body = {
+        "model": "elara",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream_options": {"include_usage": True},
+    }
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream_options"
+
+
+def test_the_turn_wait_backs_off_to_a_read_a_second() -> None:
+    (stored,) = producer.submit_turns(
+        [TurnRequest(**new_conversation(), message="hi")], send=False, api_key="game-a", tenant="game-a"
+    )
+    reads = 0
+
+    async def read() -> TurnView:
+        nonlocal reads
+        reads += 1
+        view = producer.get_turn(stored.id)
+        assert view is not None
+        return view
+
+    view = asyncio.run(await_finished(read, 3.0))
+    _cancel([stored.id])
+    assert view.status.value == "queued"
+    assert 4 <= reads <= 8  # 0.1 s doubling to 1 s over 3 s: 7 reads; every 0.1 s it was 31
