@@ -16,6 +16,7 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from urllib.parse import urlparse
 
 import httpx
@@ -140,16 +141,25 @@ def deliver(run_id: uuid.UUID) -> bool:
         if run is None or not run.callback_url or run.callback_delivered_at is not None:
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
-    assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
-    try:  # checked again at delivery: the name may resolve elsewhere by now
-        address = vetted_address(url)
-    except RefusedDestination as refused:
-        with session_scope() as session:
-            record_callback(session=session, run_id=run_id, error=f"not sent: {refused}")
-        return False
-    error = post_signed(url, address, body, delivery=str(run_id))
+    return send_once(url, body, delivery=str(run_id), record=lambda error: _record_run(run_id, error))
+
+
+def _record_run(run_id: uuid.UUID, error: str | None) -> None:
     with session_scope() as session:
         record_callback(session=session, run_id=run_id, error=error)
+
+
+def send_once(url: str, body: bytes, *, delivery: str, record: Callable[[str | None], None]) -> bool:
+    """Check `url` again (the name may resolve elsewhere by now), POST `body` signed to the address
+    checked, and `record` the outcome (None: delivered); True when delivered, False when the
+    destination is refused now (not retried), CallbackFailed when the receiver failed (retried)."""
+    try:
+        address = vetted_address(url)
+    except RefusedDestination as refused:
+        record(f"not sent: {refused}")
+        return False
+    error = post_signed(url, address, body, delivery=delivery)
+    record(error)
     if error is not None:
         raise CallbackFailed(error)
     return True

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from db.models import TURN_FINISHED, Turn
 from db.session import session_scope
 from db.turn_callbacks import record_turn_callback
-from services.callbacks import CallbackFailed, RefusedDestination, post_signed, vetted_address
+from services.callbacks import send_once
 from services.producer import TurnView
 
 logger = logging.getLogger(__name__)
@@ -28,18 +28,12 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
             return True
         view = TurnView.of(turn).model_copy(update={"prompt": None, "context": None})
         url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
-    try:  # checked again at delivery, and the connection goes to the address checked
-        address = vetted_address(url)
-    except RefusedDestination as refused:
-        with session_scope() as session:
-            record_turn_callback(session=session, turn_id=turn_id, error=f"not sent: {refused}")
-        return False
-    error = post_signed(url, address, body, delivery=str(turn_id))
+    return send_once(url, body, delivery=str(turn_id), record=lambda error: _record(turn_id, error))
+
+
+def _record(turn_id: uuid.UUID, error: str | None) -> None:
     with session_scope() as session:
         record_turn_callback(session=session, turn_id=turn_id, error=error)
-    if error is not None:
-        raise CallbackFailed(error)
-    return True
 
 
 def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:
