@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
-from api.routes.turns import _visible
+from api.routes.turns import visible_turn
 from core.settings import settings
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
@@ -66,7 +66,7 @@ async def chat_completions(
         return _error(400, str(exc))
 
     async def read() -> TurnView:
-        return await run_in_threadpool(_visible, turn.id, who)
+        return await run_in_threadpool(visible_turn, turn.id, who)
 
     if turn.stream:
         return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))

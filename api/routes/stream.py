@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, needs
-from api.routes.turns import _visible
+from api.routes.turns import visible_turn
 from core.settings import settings
 from services.producer import TurnView
 from streaming.reader import TurnReader, valid_event_id
@@ -28,7 +28,7 @@ async def stream_turn(
 ) -> EventSourceResponse:
     """`delta` events as the reply is written, then `done` (the stored turn) or `error`; resumes
     after `Last-Event-ID`; another key's turn or an unknown one is 404."""
-    await run_in_threadpool(_visible, turn_id, who)
+    await run_in_threadpool(visible_turn, turn_id, who)
     if last_event_id is not None and not valid_event_id(last_event_id):
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
@@ -36,7 +36,7 @@ async def stream_turn(
         )
 
     async def read() -> TurnView:
-        return await run_in_threadpool(_visible, turn_id, who)
+        return await run_in_threadpool(visible_turn, turn_id, who)
 
     reader = TurnReader(turn_id, read, last_event_id=last_event_id)
     await reader.open()  # the resume's read, before the 200: nothing of it can fail the stream itself

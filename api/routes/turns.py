@@ -45,7 +45,7 @@ def _enqueue(requests: list[TurnRequest], who: Caller) -> list[TurnAccepted]:
     return [TurnAccepted(id=t.id, status=t.status.value, created=t.created) for t in stored]
 
 
-def _visible(turn_id: uuid.UUID, who: Caller) -> TurnView:
+def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
     """The turn as this caller may see it: every turn for admin, its tenant's turns (without the
     prompt and its manifest) for an ingest key, as idempotency keys are the tenant's; 404 for
     anything else, so ids reveal nothing."""
@@ -97,7 +97,7 @@ async def get_turn(
     it answers as soon as the turn is finished, or after S seconds as the turn stands."""
 
     async def read() -> TurnView:
-        return await run_in_threadpool(_visible, turn_id, who)
+        return await run_in_threadpool(visible_turn, turn_id, who)
 
     return await await_finished(read, wait or 0.0)
 
@@ -105,7 +105,7 @@ async def get_turn(
 @router.get("/{turn_id}/manifest")
 def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin"))]) -> Any:
     """What went into the turn's prompt, why, and the tokens of each section (they sum to the prompt)."""
-    view = _visible(turn_id, who)
+    view = visible_turn(turn_id, who)
     if view.context is None:
         raise HTTPException(status.HTTP_409_CONFLICT, f"turn {turn_id} is {view.status.value}: no prompt yet")
     return view.context
@@ -114,7 +114,7 @@ def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin
 @router.delete("/{turn_id}", response_model=Cancelled)
 def cancel_turn(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("ingest"))]) -> Cancelled:
     """Cancel a queued turn; a running or finished one is left as it is."""
-    _visible(turn_id, who)
+    visible_turn(turn_id, who)
     cancelled = producer.cancel_turn(turn_id)
-    view = _visible(turn_id, who)
+    view = visible_turn(turn_id, who)
     return Cancelled(id=turn_id, cancelled=cancelled, status=view.status.value)
