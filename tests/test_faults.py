@@ -73,8 +73,9 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(worl
     with wp.started("victim", logs, **env) as victim:
         ids = wp.send_turns(turns, "Bulk line", lane="bulk")  # a run's messages: a batch of turn ids each
         # Mid-batch: some turns stored, a batch claimed and generating.
-        at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+        _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         wp.kill(victim, signal.SIGKILL)
+    at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
     assert at_kill["running"] > 0, at_kill
     with wp.started("rescuer", logs, **env):
         final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
