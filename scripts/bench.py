@@ -128,7 +128,7 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
 
         if quick:
             return measure_streaming(
-                probes=2, bulk_turns=16, readers=20, reader_bulk_turns=16, max_new_tokens=16
+                probes=2, bulk_turns=48, readers=20, reader_bulk_turns=16, max_new_tokens=16
             )
         return measure_streaming()
     if section == "engine":

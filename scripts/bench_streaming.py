@@ -161,8 +161,10 @@ def _unfinished(ids: list[uuid.UUID]) -> int:
     return int(count or 0)
 
 
-def read_streams(base: str, key: str, turn_ids: list[str]) -> list[dict[str, Any]]:
-    """One SSE reader per id, all at once (in the readers' process): each one's ids and text."""
+def read_streams(base: str, key: str, turn_ids: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """One SSE reader per id, all at once (in the readers' process): each one's ids and text, and the
+    CPU seconds the readers' process spent on them."""
+    cpu_started = time.process_time()
 
     async def crowd() -> list[list[Event]]:
         async with _client(base, key) as client:
@@ -180,7 +182,7 @@ def read_streams(base: str, key: str, turn_ids: list[str]) -> list[dict[str, Any
                 text += data["text"]
         done = events[-1][3] if events and events[-1][1] == "done" else None
         seen.append({"turn": turn_id, "ids": ids, "text": text, "reply": done and done["reply"]})
-    return seen
+    return seen, time.process_time() - cpu_started
 
 
 def _ready() -> bool:
@@ -214,6 +216,13 @@ def _rss_mib(pid: int, field: str) -> float:
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         line = next(x for x in status if x.startswith(field + ":"))
     return round(int(line.split()[1]) / 1024, 1)
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) the process has used so far."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _start_bulk(
@@ -277,12 +286,15 @@ def measure_streaming(
         without_readers = _turns_per_s(started, ids)
 
         rss_before = _rss_mib(api_pid, "VmRSS")
+        api_cpu_before = _cpu_s(api_pid)
         started, ids = _start_bulk(loop, loaded.llm, tag + "-read", reader_bulk_turns, max_new_tokens)
         crowd = readers_process.submit(
             read_streams, base, BENCH_KEY, [str(ids[i % len(ids)]) for i in range(readers)]
         )
         with_readers = _turns_per_s(started, ids)
-        seen = crowd.result(timeout=1800)
+        seen, readers_cpu_s = crowd.result(timeout=1800)
+        api_cpu_s = _cpu_s(api_pid) - api_cpu_before
+        readers_run_s = time.time() - started
         rss_peak, rss_after = _rss_mib(api_pid, "VmHWM"), _rss_mib(api_pid, "VmRSS")
 
     def median(rows: list[dict[str, float]], name: str) -> float:
@@ -320,6 +332,11 @@ def measure_streaming(
         "bulk_turns_per_s_with_readers": with_readers,
         "bulk_throughput_ratio": round(with_readers / without_readers, 3),
         "bulk_throughput_ratio_target": 0.95,
+        # On a machine this small the readers' client and the API share the engine's cores: what they
+        # took shows how much of the throughput loss is the test's own client.
+        "readers_run_s": round(readers_run_s, 1),
+        "api_cpu_s_during_readers": round(api_cpu_s, 1),
+        "readers_client_cpu_s": round(readers_cpu_s, 1),
         "scaled_down": (
             f"{max_new_tokens} tokens out per turn, and the with/without-readers runs are "
             f"{reader_bulk_turns} streamed bulk turns each: the engine has one of this machine's "
