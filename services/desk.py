@@ -330,11 +330,11 @@ def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str 
 
 def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | None) -> int:
     """Replace the kept reply with the writer's text. Returns the new version."""
-    reply = free_text("reply", text, max_chars=settings.max_message_chars)
+    reply = free_text("reply", text, max_chars=settings.max_message_chars) or ""
     expected = whole_number("version", version, low=0, high=2**31 - 1)
     with session_scope() as session:
         _own_line(session, who, turn_id)
-    vector = _embed(reply or "")
+    vector = _embed(reply)
     return _change(
         who,
         turn_id,

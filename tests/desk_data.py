@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from db.runs import create_run
+from db.runs import create_run, finish_submission
 from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import upsert_character
@@ -84,6 +84,8 @@ def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[
         tenant=tenant,
     )
     ids = [t.id for t in stored]
+    with session_scope() as s:
+        finish_submission(session=s, run_id=run_id)
     with session_scope() as s:
         claim = claim_turns(session=s, turn_ids=ids, lease_s=60, max_attempts=3)
         by_id = {t.id: t for t in claim.claimed}
