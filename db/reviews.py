@@ -40,7 +40,11 @@ LabelFilter = Literal["any", "approved", "rejected", "unreviewed"]
 
 
 class NotReviewable(ValueError):
-    """The turn has no kept reply to review (not answered, or the candidate does not exist)."""
+    """The change names something the line does not have (a candidate it never had)."""
+
+
+class NotAnswered(NotReviewable):
+    """The turn has no kept reply to review (queued, running, failed or cancelled)."""
 
 
 class StaleReview(ValueError):
@@ -160,7 +164,7 @@ def _answered(session: Session, turn_id: uuid.UUID) -> Turn:
         select(Turn).where(Turn.id == turn_id, Turn.status == TurnStatus.DONE).with_for_update()
     )
     if turn is None or turn.reply is None:
-        raise NotReviewable("this line has no reply to review (it was not answered)")
+        raise NotAnswered("this line has no reply to review (it was not answered)")
     return turn
 
 

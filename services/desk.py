@@ -28,7 +28,7 @@ from db.models import (
     TurnReview,
     TurnReviewChange,
 )
-from db.reviews import LineFilter, NotReviewable, StaleReview
+from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
 from db.session import session_scope
 
@@ -296,8 +296,10 @@ def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any) -> int:
         with session_scope() as session:
             _own_line(session, who, turn_id)
             return int(apply(session))
+    except NotAnswered as exc:
+        raise DeskError(409, str(exc)) from None
     except NotReviewable as exc:
-        raise DeskError(409 if "not answered" in str(exc) else 400, str(exc)) from None
+        raise _bad(str(exc)) from None
     except StaleReview as exc:
         raise DeskError(409, str(exc)) from None
 

@@ -89,6 +89,27 @@ def test_a_change_from_a_stale_form_is_refused_and_stores_nothing(services, worl
     assert turn.reply == "The forge the forge the forge." and changes == 1
 
 
+def test_a_line_that_was_not_answered_cannot_be_reviewed(services, world) -> None:
+    from services.producer import submit_turns
+
+    run_id, _ = build_run("studio-a", _lines())
+    (queued,) = submit_turns(
+        [{"conversation": f"desk-{uuid.uuid4().hex[:8]}", "character": "elara", "message": "Hello?"}],
+        send=False,
+        run_id=run_id,
+        tenant="studio-a",
+    )
+    for call in (
+        lambda: desk.label(WRITER, queued.id, "approve", "", "0"),
+        lambda: desk.edit(WRITER, queued.id, "An answer nobody generated.", "0"),
+    ):
+        with pytest.raises(DeskError) as refused:
+            call()
+        assert refused.value.status == 409 and "not answered" in refused.value.message
+    with session_scope() as s:
+        assert s.get_one(Turn, queued.id).reply is None and s.get(TurnReview, queued.id) is None
+
+
 @pytest.mark.parametrize(
     ("action", "args", "field"),
     [
