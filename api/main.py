@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, chat_completions, files, health, stories, stream, turns
+from api.routes import batches, characters, chat_completions, desk, files, health, stories, stream, turns
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
@@ -44,6 +44,7 @@ def create_app() -> FastAPI:
         metrics_routes,
     ):
         app.include_router(module.router)
+    desk.install(app)  # the writers' desk: pages under /desk, GET /v1/turns/{id}/review
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

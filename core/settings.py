@@ -27,13 +27,14 @@ PromptFormat = Literal["auto", "chat_template", "solar", "eeve", "gpt_oss_text"]
 Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 
-Scope = Literal["ingest", "admin"]
-SCOPES: tuple[Scope, ...] = ("ingest", "admin")
+Scope = Literal["ingest", "review", "admin"]
+SCOPES: tuple[Scope, ...] = ("ingest", "review", "admin")
 
 
 class ApiKey(BaseModel):
     """One HTTP API key. `ingest` enqueues turns and reads the turns it enqueued (without their
-    prompts); `admin` does everything: characters, stories, runs, every turn with its prompt.
+    prompts); `review` reads and corrects its tenant's runs on the writers' desk (/desk); `admin`
+    does everything: characters, stories, runs, every turn with its prompt.
 
     Given as `{"key": "...", "scopes": [...]}`, or stored hashed as `{"sha256": "<hex digest of the
     key>", "scopes": [...]}`; a bare string is a key with both scopes. `name` labels the caller

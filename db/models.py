@@ -1,4 +1,4 @@
-"""Typed SQLAlchemy 2 models: characters, conversations, messages, story events, turns, runs."""
+"""Typed SQLAlchemy 2 models: characters, conversations, messages, story events, turns, runs, reviews."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pgvector.sqlalchemy import Vector
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Enum,
@@ -350,3 +351,46 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ReviewLabel(enum.StrEnum):
+    """A writer's verdict on a kept reply (the writers' desk); it replaces the gate's where it exists."""
+
+    APPROVED = "approved"
+    REJECTED = "rejected"
+
+
+class TurnReview(Base):
+    """A reply's review on the writers' desk: its label, and the reply as the model first kept it."""
+
+    __tablename__ = "turn_reviews"
+    __table_args__ = (CheckConstraint("label IN ('approved', 'rejected')", name="label_known"),)
+
+    turn_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), primary_key=True)
+    original_reply: Mapped[str] = mapped_column(Text)
+    original_quality: Mapped[dict[str, Any] | None] = mapped_column()
+    # None until a writer approves or rejects; cleared when the kept text changes afterwards.
+    label: Mapped[str | None] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    # The kept text was written by hand: the turn's quality scores are of the model's text, not this.
+    edited: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # Bumped by every change: a form names the version it was drawn from (a stale one is refused).
+    version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    updated_by: Mapped[str | None] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class TurnReviewChange(Base):
+    """One change made on the writers' desk: what it was, the text before and after, who and when."""
+
+    __tablename__ = "turn_review_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    turn_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # pick, edit, approve, reject
+    before: Mapped[str | None] = mapped_column(Text)
+    after: Mapped[str | None] = mapped_column(Text)
+    candidate: Mapped[int | None] = mapped_column(Integer)  # pick: the candidate's position
+    reason: Mapped[str | None] = mapped_column(Text)
+    by: Mapped[str] = mapped_column(String(64))  # the API key's id
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from db.models import Character, Conversation, Turn, TurnStatus
+from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class Exchange:
     prompt: str  # the prompt exactly as the engine was given it (chat template applied)
     reply: str
     quality: dict[str, Any]
+    label: str | None = None  # a writer's verdict on the desk: approved, rejected
+    edited: bool = False  # the reply is a writer's text (its quality scores are of the model's)
 
 
 def character_exchanges(
@@ -27,8 +29,18 @@ def character_exchanges(
 ) -> Iterator[Exchange]:
     """The character's answered turns (its own voice, not the narrator's), oldest first, streamed."""
     query = (
-        select(Turn.id, Turn.run_id, Turn.prompt, Turn.reply, Turn.quality, Turn.number)
+        select(
+            Turn.id,
+            Turn.run_id,
+            Turn.prompt,
+            Turn.reply,
+            Turn.quality,
+            TurnReview.label,
+            TurnReview.edited,
+            Turn.number,
+        )
         .join(Conversation, Conversation.id == Turn.conversation_id)
+        .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
         .join(Character, Character.id == Conversation.character_id)
         .where(
             Character.slug == slug,
@@ -46,6 +58,6 @@ def character_exchanges(
         rows = session.execute(query.where(Turn.number > last).limit(chunk)).all()
         if not rows:
             return
-        for turn_id, run, prompt, reply, quality, _ in rows:
-            yield Exchange(turn_id, run, prompt, reply, quality or {})
+        for turn_id, run, prompt, reply, quality, label, edited, _ in rows:
+            yield Exchange(turn_id, run, prompt, reply, quality or {}, label, bool(edited))
         last = rows[-1].number

@@ -10,6 +10,11 @@ through): the bundled model's replies are mostly bad, and F1 on them alone rewar
 flags everything.
 
     python -m scripts.calibrate_quality        # prints the figures and writes calibration.json
+    python -m scripts.calibrate_quality --desk-labels
+        # adds the replies writers approved or rejected on the desk (/desk), from the database, with
+        # the measures the worker stored for the same text; a writer's verdict on a reply replaces a
+        # labels.jsonl one of the same id (hand-edited replies are left out: their measures are of
+        # the model's text)
     python -m scripts.calibrate_quality --remeasure-instructions
         # recomputes the instruction-echo measure of each reply from replies.jsonl first (it is text
         # only: the reply against the character's system prompt and post-history instruction, with
@@ -39,17 +44,31 @@ GRID = {
 }
 
 
-def _load() -> list[tuple[str, bool, Quality]]:
+def _load(desk_labels: bool = False) -> list[tuple[str, bool, Quality]]:
     def rows(name: str) -> dict[str, dict[str, Any]]:
         lines = (LABELS / name).read_text(encoding="utf-8").splitlines()
         return {r["id"]: r for r in map(json.loads, lines) if r}
 
     labels, measures = rows("labels.jsonl"), rows("measures.jsonl")
-    return [
-        (rid, bool(labels[rid]["acceptable"]), Quality.from_json(measures[rid]["quality"]))
+    items = {
+        rid: (rid, bool(labels[rid]["acceptable"]), Quality.from_json(measures[rid]["quality"]))
         for rid in measures
         if rid in labels
-    ]
+    }
+    if desk_labels:
+        for label in _desk_labels():
+            rid = str(label.turn_id)
+            items[rid] = (rid, label.acceptable, Quality.from_json(label.quality))
+    return list(items.values())
+
+
+def _desk_labels() -> list[Any]:
+    """The writers' verdicts stored by the desk (db/reviews.py)."""
+    from db.reviews import writer_labels
+    from db.session import session_scope
+
+    with session_scope() as session:
+        return writer_labels(session=session)
 
 
 def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]:
@@ -75,8 +94,9 @@ def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]
     }
 
 
-def calibrate(write: bool = True) -> dict[str, Any]:
-    items = _load()
+def calibrate(write: bool = True, desk_labels: bool = False) -> dict[str, Any]:
+    """Search the bar on the tune half; `desk_labels` adds the writers' verdicts from the database."""
+    items = _load(desk_labels)
     tune, held_out = items[0::2], items[1::2]
     best_bar, best = Bar(), (-1.0, -1.0, -1.0)
     for values in itertools.product(*GRID.values()):
@@ -128,6 +148,8 @@ if __name__ == "__main__":
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--remeasure-instructions", action="store_true")
-    if parser.parse_args().remeasure_instructions:
+    parser.add_argument("--desk-labels", action="store_true", help="add the writers' labels from the desk")
+    args = parser.parse_args()
+    if args.remeasure_instructions:
         print(f"instruction echo measured: {remeasure_instructions()} replies share two units or more")
-    print(json.dumps(calibrate(), indent=2))
+    print(json.dumps(calibrate(desk_labels=args.desk_labels), indent=2))

@@ -34,6 +34,8 @@ os.environ.pop("DATABASE_URL", None)
 os.environ.pop("REDIS_URL", None)
 # Two full keys, an ingest-only key, and an ingest-only key configured by its sha256 only.
 INGEST_KEY, HASHED_INGEST_KEY = "ingest-only-key-0123", "hashed-ingest-key-4567"
+# Writers' desk keys: review scope only, each of its own tenant (tests/test_desk*.py).
+REVIEW_KEY, OTHER_REVIEW_KEY = "review-key-studio-a-0123", "review-key-studio-b-4567"
 os.environ["MLCHAT_API_KEYS"] = json.dumps(
     [
         "test-key-1-abcdefgh",
@@ -45,6 +47,8 @@ os.environ["MLCHAT_API_KEYS"] = json.dumps(
             "scopes": ["ingest"],
             "name": "game-b",
         },
+        {"key": REVIEW_KEY, "scopes": ["review"], "name": "writer-a", "tenant": "studio-a"},
+        {"key": OTHER_REVIEW_KEY, "scopes": ["review"], "name": "writer-b", "tenant": "studio-b"},
     ]
 )
 os.environ["HF_HUB_OFFLINE"] = "1"

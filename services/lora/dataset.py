@@ -3,9 +3,11 @@
 Each example is the prompt exactly as the worker gave it to the engine (persona, lore, retrieved
 context, history, chat template) and the reply it kept, so a LoRA learns the voice in the context it
 will be served in. Selected by quality: no reason below the bar, persona score at or above a
-threshold; optionally one run's only. The card's example dialogue is added, rendered with the
-model's chat template. Duplicates are dropped, the rest split train/validation by a hash of the
-example (stable across exports), and manifest.json says what was selected, what was left out and why.
+threshold; optionally one run's only. A writer's label from the desk replaces that selection: an
+approved reply is kept, a rejected one left out, and a hand-edited reply is kept only once approved.
+The card's example dialogue is added, rendered with the model's chat template. Duplicates are
+dropped, the rest split train/validation by a hash of the example (stable across exports), and
+manifest.json says what was selected, what was left out and why.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import settings
-from db.models import Character
+from db.models import Character, ReviewLabel
 from db.session import session_scope
 from db.training import character_exchanges
 
@@ -79,6 +81,7 @@ def export_dataset(
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings))
     left_out: Counter[str] = Counter()
     examples: dict[str, dict[str, Any]] = {}
+    approved = 0
     with session_scope() as session:
         character = session.query(Character).filter(Character.slug == slug).one_or_none()
         if character is None:
@@ -86,12 +89,21 @@ def export_dataset(
         run_id = require_run(session, run).id if run else None
         for exchange in character_exchanges(session=session, slug=slug, run_id=run_id):
             q = exchange.quality
-            if q.get("below_bar"):
-                left_out["below the bar"] += 1
+            # A writer's verdict on the desk replaces the gate's.
+            if exchange.label == ReviewLabel.REJECTED:
+                left_out["rejected by a writer"] += 1
                 continue
-            if q.get("persona", -1.0) < threshold:
-                left_out[f"persona below {threshold}"] += 1
-                continue
+            if exchange.label != ReviewLabel.APPROVED:
+                if exchange.edited:
+                    left_out["edited by a writer, not approved"] += 1
+                    continue
+                if q.get("below_bar"):
+                    left_out["below the bar"] += 1
+                    continue
+                if q.get("persona", -1.0) < threshold:
+                    left_out[f"persona below {threshold}"] += 1
+                    continue
+            approved += exchange.label == ReviewLabel.APPROVED
             key = _example_hash(exchange.prompt, exchange.reply)
             if key in examples:
                 left_out["duplicate"] += 1
@@ -102,6 +114,7 @@ def export_dataset(
                 "source": "turn",
                 "turn_id": str(exchange.turn_id),
                 "persona": q.get("persona"),
+                "label": exchange.label,
             }
         stored = len(examples)
         for prompt, completion in _card_examples(character, tokenizer):
@@ -129,7 +142,12 @@ def export_dataset(
     manifest = {
         "character": slug,
         "run": run,
-        "selection": {"below_bar": "none", "min_persona": threshold},
+        "selection": {
+            "below_bar": "none",
+            "min_persona": threshold,
+            "writers": "approved replies kept, rejected ones left out, whatever the gate said",
+        },
+        "writer_approved": approved,
         "from_turns": stored,
         "from_card_examples": len(examples) - stored,
         "left_out": dict(left_out),

@@ -1,0 +1,286 @@
+"""The writers' desk: server-rendered pages (Jinja2 + htmx, vendored) to read a run's lines, pick
+another candidate, edit a reply, approve or reject it; and GET /v1/turns/{id}/review for the record.
+
+The key is entered once in a login form and kept in an HttpOnly, SameSite=Strict cookie (Secure
+over HTTPS). Every form that changes something carries a token derived from that key, checked on
+each POST, so another site cannot post on a writer's behalf. The pages need a `review` or `admin`
+key; the prompt view an admin key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import urlencode
+
+import jinja2
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from fastapi.templating import Jinja2Templates
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Caller, key_caller, needs
+from services import desk
+from services.desk import DeskError, Reviewer
+
+HERE = Path(__file__).resolve().parent.parent
+COOKIE = "mlchat_desk"
+KEY_MAX_CHARS = 1024
+# Autoescaped everywhere: a reply, a character's name or a card field is text, never markup.
+templates = Jinja2Templates(
+    env=jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates" / "desk"),
+        autoescape=True,
+        undefined=jinja2.Undefined,
+    )
+)
+
+router = APIRouter(prefix="/desk", include_in_schema=False)
+api_router = APIRouter(prefix="/v1/turns", tags=["desk"])
+
+
+def static_files() -> StaticFiles:
+    """The desk's vendored assets (htmx), mounted at /desk/static."""
+    return StaticFiles(directory=HERE / "static" / "desk")
+
+
+def _csrf(key: str) -> str:
+    return hmac.new(key.encode("utf-8", "surrogatepass"), b"mlchat-desk-form", hashlib.sha256).hexdigest()
+
+
+class NotSignedIn(Exception):
+    """No usable desk cookie: the page sends the browser to the login form."""
+
+
+class Desk:
+    """The signed-in writer of a request: who (for the services) and the form token."""
+
+    def __init__(self, caller: Caller, key: str) -> None:
+        self.caller = caller
+        self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
+        self.csrf = _csrf(key)
+
+
+def signed_in(request: Request) -> Desk:
+    """A dependency: the writer whose key the cookie holds (review or admin scope)."""
+    key = request.cookies.get(COOKIE)
+    found = key_caller(key) if key and len(key) <= KEY_MAX_CHARS else None
+    if found is None or not ({"review", "admin"} & found.scopes):
+        raise NotSignedIn
+    return Desk(found, key)  # type: ignore[arg-type]
+
+
+async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -> Desk:
+    """A dependency of every change: the form token must be this writer's."""
+    form = await request.form()
+    token = request.headers.get("x-csrf-token") or str(form.get("csrf") or "")
+    if not hmac.compare_digest(token.encode(), desk_.csrf.encode()):
+        raise DeskError(403, "csrf: this form is stale or came from another site; reload the page")
+    return desk_
+
+
+Signed = Annotated[Desk, Depends(signed_in)]
+Posted = Annotated[Desk, Depends(posted)]
+
+
+def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
+    return templates.TemplateResponse(request, name, context, status_code=status)
+
+
+def install(app: Any) -> None:
+    """Mount the desk: its routes, its assets, and its two refusals (login form, message page)."""
+    app.include_router(router)
+    app.include_router(api_router)
+    app.mount("/desk/static", static_files(), name="desk-static")
+
+    @app.exception_handler(NotSignedIn)
+    async def _to_login(request: Request, exc: NotSignedIn) -> Response:
+        if request.headers.get("hx-request"):
+            return Response(status_code=401, headers={"HX-Redirect": "/desk/login"})
+        return RedirectResponse("/desk/login", status_code=303)
+
+    @app.exception_handler(DeskError)
+    async def _refused(request: Request, exc: DeskError) -> Response:
+        if request.headers.get("hx-request"):  # shown in the page's message bar, the page kept
+            response = _page(request, "_message.html", exc.status, message=exc.message)
+            response.headers.update({"HX-Retarget": "#message", "HX-Reswap": "innerHTML"})
+            return response
+        return _page(request, "error.html", exc.status, message=exc.message, desk=None)
+
+
+# --- signing in -----------------------------------------------------------------------------------
+
+
+@router.get("", response_class=HTMLResponse)
+def home() -> Response:
+    """The desk's entry: the runs list (or the login form)."""
+    return RedirectResponse("/desk/runs", status_code=303)
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request) -> Response:
+    """The login form: an API key with the review (or admin) scope."""
+    return _page(request, "login.html", message=None, desk=None)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
+    """Check the key and keep it in the desk cookie."""
+    key = key.strip()
+    if not key:
+        return _page(request, "login.html", 400, message="key: enter your API key", desk=None)
+    found = key_caller(key) if len(key) <= KEY_MAX_CHARS else None
+    if found is None:
+        return _page(request, "login.html", 401, message="key: not a valid API key", desk=None)
+    if not ({"review", "admin"} & found.scopes):
+        message = "key: this API key lacks the 'review' scope the desk needs"
+        return _page(request, "login.html", 403, message=message, desk=None)
+    response = RedirectResponse("/desk/runs", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        key,
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path="/desk",
+    )
+    return response
+
+
+@router.post("/logout")
+def logout(desk_: Posted) -> Response:
+    """Forget the key."""
+    response = RedirectResponse("/desk/login", status_code=303)
+    response.delete_cookie(COOKIE, path="/desk")
+    return response
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+@router.get("/runs", response_class=HTMLResponse)
+async def runs(request: Request, desk_: Signed) -> Response:
+    """Runs and batches with status, counts, progress and the gate's flags; the table refreshes."""
+    rows = await run_in_threadpool(desk.list_runs, desk_.who)
+    return _page(request, "runs.html", desk=desk_, runs=rows)
+
+
+@router.get("/runs/table", response_class=HTMLResponse)
+async def runs_table(request: Request, desk_: Signed) -> Response:
+    """The runs table alone (htmx polls it)."""
+    rows = await run_in_threadpool(desk.list_runs, desk_.who)
+    return _page(request, "_runs_table.html", desk=desk_, runs=rows)
+
+
+@router.get("/runs/{run_id}", response_class=HTMLResponse)
+async def run(
+    request: Request,
+    run_id: str,
+    desk_: Signed,
+    character: str | None = None,
+    check: str | None = None,
+    bar: str | None = None,
+    text: str | None = None,
+    label: str | None = None,
+    page: str | None = None,
+) -> Response:
+    """A run's lines, filtered by character, gate check, bar, label and text."""
+    filters = desk.line_filter(character, check, bar, text, label)
+    number = desk.whole_number("page", page or "1", low=1, high=100_000)
+    view = await run_in_threadpool(desk.run_page, desk_.who, desk.object_id("run", run_id), filters, number)
+    next_page = None
+    if view.more:
+        query = {**request.query_params, "page": str(number + 1)}
+        next_page = f"/desk/runs/{view.run.id}?{urlencode(query)}"
+    return _page(request, "run.html", desk=desk_, view=view, checks=desk.CHECKS, next_page=next_page)
+
+
+@router.get("/runs/{run_id}/summary", response_class=HTMLResponse)
+async def run_summary(request: Request, run_id: str, desk_: Signed) -> Response:
+    """The run's live header alone (htmx polls it while the run is answered)."""
+    row = await run_in_threadpool(desk.run_summary, desk_.who, desk.object_id("run", run_id))
+    return _page(request, "_run_summary.html", desk=desk_, run=row)
+
+
+@router.get("/lines/{turn_id}", response_class=HTMLResponse)
+async def line(request: Request, turn_id: str, desk_: Signed) -> Response:
+    """One line: the message, the kept reply, every candidate, the verdict, mood and history."""
+    view = await run_in_threadpool(desk.line_page, desk_.who, desk.object_id("line", turn_id))
+    return _page(request, "line.html", desk=desk_, view=view, saved=request.query_params.get("saved"))
+
+
+@router.get("/lines/{turn_id}/prompt", response_class=HTMLResponse)
+async def prompt(request: Request, turn_id: str, desk_: Signed) -> Response:
+    """The turn's prompt and context manifest, readable (admin keys)."""
+    turn, manifest = await run_in_threadpool(desk.manifest, desk_.who, desk.object_id("line", turn_id))
+    return _page(request, "prompt.html", desk=desk_, turn=turn, manifest=manifest)
+
+
+# --- changes --------------------------------------------------------------------------------------
+
+
+async def _changed(request: Request, desk_: Desk, turn_id: uuid.UUID, what: str) -> Response:
+    """After a change: htmx swaps the line in place; a plain form goes to the line's page."""
+    if request.headers.get("hx-request"):
+        view = await run_in_threadpool(desk.line_page, desk_.who, turn_id)
+        return _page(request, "_line.html", desk=desk_, line=view.line, saved=what, compact=True)
+    return RedirectResponse(f"/desk/lines/{turn_id}?saved={what}", status_code=303)
+
+
+@router.post("/lines/{turn_id}/pick")
+async def pick(
+    request: Request,
+    turn_id: str,
+    desk_: Posted,
+    candidate: Annotated[str | None, Form()] = None,
+    version: Annotated[str | None, Form()] = None,
+) -> Response:
+    """Keep another candidate."""
+    tid = desk.object_id("line", turn_id)
+    await run_in_threadpool(desk.pick, desk_.who, tid, candidate, version)
+    return await _changed(request, desk_, tid, "picked")
+
+
+@router.post("/lines/{turn_id}/edit")
+async def edit(
+    request: Request,
+    turn_id: str,
+    desk_: Posted,
+    reply: Annotated[str | None, Form()] = None,
+    version: Annotated[str | None, Form()] = None,
+) -> Response:
+    """Replace the kept reply with the writer's text."""
+    tid = desk.object_id("line", turn_id)
+    await run_in_threadpool(desk.edit, desk_.who, tid, reply, version)
+    return await _changed(request, desk_, tid, "edited")
+
+
+@router.post("/lines/{turn_id}/label")
+async def label(
+    request: Request,
+    turn_id: str,
+    desk_: Posted,
+    verdict: Annotated[str, Form()] = "",
+    reason: Annotated[str | None, Form()] = None,
+    version: Annotated[str | None, Form()] = None,
+) -> Response:
+    """Approve the kept reply, or reject it with a reason."""
+    tid = desk.object_id("line", turn_id)
+    await run_in_threadpool(desk.label, desk_.who, tid, verdict, reason, version)
+    return await _changed(request, desk_, tid, "approved" if verdict == "approve" else "rejected")
+
+
+# --- the record, for programs ---------------------------------------------------------------------
+
+
+@api_router.get("/{turn_id}/review")
+def get_review(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("review"))]) -> Any:
+    """The desk's record of a line: label, reason, the original text and every change."""
+    try:
+        return desk.review_record(Reviewer(who.key_id, who.tenant, who.admin), turn_id)
+    except DeskError as exc:
+        raise HTTPException(exc.status, exc.message) from None

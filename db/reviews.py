@@ -1,0 +1,314 @@
+"""The writers' desk: a run's lines for review, and the review state machine. Each change is one
+conditional UPDATE of the turn's review row on the version the writer's form was drawn from:
+
+    pick     done turn  → another candidate kept (the kept one becomes a candidate), label cleared
+    edit     done turn  → the kept text replaced by the writer's, label cleared
+    approve  done turn  → label approved
+    reject   done turn  → label rejected, with the reason
+
+The first change of a turn stores the reply and scores as the model kept them (turn_reviews); every
+change is logged with who made it and when (turn_review_changes). A text change rewrites the turn's
+reply and its conversation line (content and embedding) in the same transaction, so history,
+retrieval, the API and exports all read the kept text.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from sqlalchemy import cast, func, literal, or_, select, update
+from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
+from sqlalchemy.orm import Session
+
+from db.models import (
+    Character,
+    Conversation,
+    Message,
+    ReviewLabel,
+    Run,
+    Turn,
+    TurnReview,
+    TurnReviewChange,
+    TurnStatus,
+)
+
+Bar = Literal["any", "below", "above"]
+LabelFilter = Literal["any", "approved", "rejected", "unreviewed"]
+
+
+class NotReviewable(ValueError):
+    """The change names something the line does not have (a candidate it never had)."""
+
+
+class NotAnswered(NotReviewable):
+    """The turn has no kept reply to review (queued, running, failed or cancelled)."""
+
+
+class StaleReview(ValueError):
+    """Someone changed the reply since the writer's form was drawn."""
+
+
+@dataclass(frozen=True)
+class LineFilter:
+    """What a run's lines are narrowed to; None / "any" means no narrowing."""
+
+    character: str | None = None  # the character's slug
+    check: str | None = None  # a gate check kind (echo, loop, persona, …): replies it flagged
+    bar: Bar = "any"
+    text: str | None = None  # in the player's message or the kept reply, case-insensitive
+    label: LabelFilter = "any"
+
+
+@dataclass(frozen=True)
+class Line:
+    """One line of a run as the desk shows it."""
+
+    turn: Turn
+    character_slug: str
+    character_name: str
+    review: TurnReview | None
+
+
+def _contains(column: Any, needle: str) -> Any:
+    return func.strpos(func.lower(column), func.lower(literal(needle))) > 0
+
+
+def run_lines(
+    *, session: Session, run_id: uuid.UUID, filters: LineFilter, limit: int, offset: int = 0
+) -> list[Line]:
+    """The run's lines matching the filters, in input order."""
+    query = (
+        select(Turn, Character.slug, Character.name, TurnReview)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .join(Character, Character.id == Conversation.character_id)
+        .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
+        .where(Turn.run_id == run_id)
+    )
+    below = func.coalesce(func.jsonb_array_length(Turn.quality["below_bar"]), 0)
+    if filters.character:
+        query = query.where(Character.slug == filters.character)
+    if filters.check:
+        query = query.where(
+            func.jsonb_path_exists(
+                Turn.quality,
+                cast(literal("$.below_bar[*] ? (@ starts with $kind)"), JSONPATH),
+                literal({"kind": f"{filters.check}:"}, JSONB),
+            )
+        )
+    if filters.bar == "below":
+        query = query.where(below > 0)
+    elif filters.bar == "above":
+        query = query.where(Turn.quality.is_not(None), below == 0)
+    if filters.text:
+        query = query.where(or_(_contains(Turn.message, filters.text), _contains(Turn.reply, filters.text)))
+    if filters.label == "unreviewed":
+        query = query.where(TurnReview.label.is_(None))
+    elif filters.label != "any":
+        query = query.where(TurnReview.label == filters.label)
+    rows = session.execute(query.order_by(Turn.number).limit(limit).offset(offset)).tuples().all()
+    return [Line(turn, slug, name, review) for turn, slug, name, review in rows]
+
+
+def run_characters(*, session: Session, run_id: uuid.UUID) -> list[tuple[str, str]]:
+    """(slug, name) of the characters that answer the run's lines."""
+    rows = session.execute(
+        select(Character.slug, Character.name)
+        .join(Conversation, Conversation.character_id == Character.id)
+        .join(Turn, Turn.conversation_id == Conversation.id)
+        .where(Turn.run_id == run_id)
+        .distinct()
+        .order_by(Character.slug)
+    ).tuples()
+    return list(rows)
+
+
+def run_labels(*, session: Session, run_id: uuid.UUID) -> dict[str, int]:
+    """How many of the run's replies writers approved, rejected, edited."""
+    row = session.execute(
+        select(
+            func.count().filter(TurnReview.label == ReviewLabel.APPROVED.value),
+            func.count().filter(TurnReview.label == ReviewLabel.REJECTED.value),
+            func.count().filter(TurnReview.edited),
+        )
+        .select_from(TurnReview)
+        .join(Turn, Turn.id == TurnReview.turn_id)
+        .where(Turn.run_id == run_id)
+    ).one()
+    return {"approved": int(row[0]), "rejected": int(row[1]), "edited": int(row[2])}
+
+
+def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
+    """The run a turn is a line of (None for a turn outside every run, or no such turn)."""
+    return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
+
+
+def review_changes(*, session: Session, turn_id: uuid.UUID) -> list[TurnReviewChange]:
+    """Every desk change of a turn, oldest first."""
+    return list(
+        session.scalars(
+            select(TurnReviewChange).where(TurnReviewChange.turn_id == turn_id).order_by(TurnReviewChange.id)
+        ).all()
+    )
+
+
+def get_review(*, session: Session, turn_id: uuid.UUID) -> TurnReview | None:
+    """The turn's review row, if a writer changed anything."""
+    return session.get(TurnReview, turn_id)
+
+
+def _answered(session: Session, turn_id: uuid.UUID) -> Turn:
+    turn = session.scalar(
+        select(Turn).where(Turn.id == turn_id, Turn.status == TurnStatus.DONE).with_for_update()
+    )
+    if turn is None or turn.reply is None:
+        raise NotAnswered("this line has no reply to review (it was not answered)")
+    return turn
+
+
+def _bump(session: Session, turn: Turn, version: int, by: str, **values: Any) -> int:
+    """The review row on `version` moved to the next one with `values`; StaleReview otherwise."""
+    session.execute(
+        insert(TurnReview)
+        .values(turn_id=turn.id, original_reply=turn.reply, original_quality=turn.quality, version=0)
+        .on_conflict_do_nothing(index_elements=[TurnReview.turn_id])
+    )
+    new_version = session.scalar(
+        update(TurnReview)
+        .where(TurnReview.turn_id == turn.id, TurnReview.version == version)
+        .values(version=TurnReview.version + 1, updated_by=by, updated_at=datetime.now(UTC), **values)
+        .returning(TurnReview.version)
+        .execution_options(synchronize_session=False)
+    )
+    if new_version is None:
+        raise StaleReview("this reply was changed by someone else since you opened it; reload and try again")
+    return int(new_version)
+
+
+def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_values: Any) -> None:
+    session.execute(
+        update(Turn)
+        .where(Turn.id == turn.id, Turn.status == TurnStatus.DONE)
+        .values(reply=text, **turn_values)
+        .execution_options(synchronize_session=False)
+    )
+    if turn.reply_message_id is not None:
+        session.execute(
+            update(Message)
+            .where(Message.id == turn.reply_message_id)
+            .values(content=text, embedding=embedding)
+            .execution_options(synchronize_session=False)
+        )
+
+
+def _log(session: Session, turn_id: uuid.UUID, action: str, by: str, **values: Any) -> None:
+    session.add(TurnReviewChange(turn_id=turn_id, action=action, by=by, **values))
+    session.flush()
+
+
+def candidate_text(*, session: Session, turn_id: uuid.UUID, index: int) -> str:
+    """The text of the turn's not-kept candidate at `index` (0-based); NotReviewable if none."""
+    alternatives = session.scalar(select(Turn.alternatives).where(Turn.id == turn_id)) or []
+    if not 0 <= index < len(alternatives):
+        raise NotReviewable(f"candidate: this line has no candidate {index + 1}")
+    return str(alternatives[index]["text"])
+
+
+def pick_candidate(
+    *, session: Session, turn_id: uuid.UUID, index: int, version: int, by: str, embedding: Any
+) -> int:
+    """pick: keep the candidate at `index` instead; the reply kept so far takes its place among the
+    candidates, scores and seed swapped with it. Returns the review's new version."""
+    turn = _answered(session, turn_id)
+    alternatives = list(turn.alternatives or [])
+    if not 0 <= index < len(alternatives):
+        raise NotReviewable(f"candidate: this line has no candidate {index + 1}")
+    chosen = alternatives[index]
+    kept_quality = {k: v for k, v in (turn.quality or {}).items() if k not in ("candidates", "regenerated")}
+    usage = dict(turn.usage or {})
+    alternatives[index] = {
+        "text": turn.reply,
+        "seed": turn.params.get("seed"),
+        "finish_reason": usage.get("finish_reason"),
+        "completion_tokens": usage.get("completion_tokens", 0),
+        "quality": kept_quality,
+    }
+    quality = dict(chosen.get("quality") or {})
+    if turn.quality and "candidates" in turn.quality:
+        quality["candidates"] = turn.quality["candidates"]
+    prompt_tokens = usage.get("prompt_tokens", 0)
+    usage.update(
+        finish_reason=chosen.get("finish_reason"),
+        completion_tokens=chosen.get("completion_tokens", 0),
+        total_tokens=prompt_tokens + chosen.get("completion_tokens", 0),
+    )
+    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=False)
+    _keep_text(
+        session,
+        turn,
+        chosen["text"],
+        embedding,
+        alternatives=alternatives,
+        quality=quality,
+        usage=usage,
+        params={**turn.params, "seed": chosen.get("seed")},
+    )
+    _log(session, turn.id, "pick", by, before=turn.reply, after=chosen["text"], candidate=index)
+    return new_version
+
+
+def edit_reply(
+    *, session: Session, turn_id: uuid.UUID, text: str, version: int, by: str, embedding: Any
+) -> int:
+    """edit: the writer's text becomes the kept reply (the label is cleared: it was for the old
+    text). Returns the review's new version."""
+    turn = _answered(session, turn_id)
+    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=True)
+    _keep_text(session, turn, text, embedding)
+    _log(session, turn.id, "edit", by, before=turn.reply, after=text)
+    return new_version
+
+
+def label_reply(
+    *, session: Session, turn_id: uuid.UUID, label: ReviewLabel, reason: str | None, version: int, by: str
+) -> int:
+    """approve / reject: the writer's verdict on the kept reply. Returns the review's new version."""
+    turn = _answered(session, turn_id)
+    new_version = _bump(session, turn, version, by, label=label.value, reason=reason)
+    action = "approve" if label == ReviewLabel.APPROVED else "reject"
+    _log(session, turn.id, action, by, before=turn.reply, reason=reason)
+    return new_version
+
+
+@dataclass(frozen=True)
+class WriterLabel:
+    """A writer's verdict on a reply whose scores describe its text (not hand-edited)."""
+
+    turn_id: uuid.UUID
+    acceptable: bool
+    quality: dict[str, Any]
+    reply: str
+
+
+def writer_labels(*, session: Session, run_id: uuid.UUID | None = None) -> list[WriterLabel]:
+    """Approved and rejected replies with the gate's measures of the same text, oldest first:
+    labels to calibrate the gate on. Edited replies are left out (their scores are of other text)."""
+    query = (
+        select(Turn.id, TurnReview.label, Turn.quality, Turn.reply)
+        .join(TurnReview, TurnReview.turn_id == Turn.id)
+        .where(
+            TurnReview.label.is_not(None),
+            TurnReview.edited.is_(False),
+            Turn.quality.is_not(None),
+            Turn.status == TurnStatus.DONE,
+        )
+        .order_by(Turn.number)
+    )
+    if run_id is not None:
+        query = query.where(Turn.run_id == run_id)
+    return [
+        WriterLabel(turn_id, label == ReviewLabel.APPROVED.value, quality, reply)
+        for turn_id, label, quality, reply in session.execute(query).tuples()
+    ]

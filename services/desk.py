@@ -1,0 +1,393 @@
+"""The writers' desk: what its pages show and the changes writers make, for one API key.
+
+A `review` key sees and corrects the runs of its own tenant; an `admin` key every run, and also a
+turn's prompt manifest. Anything another tenant owns is "not found", so ids reveal nothing. Every
+form value is checked here with a message naming the field; nothing is stored unless all pass.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from core.settings import settings
+from db import reviews
+from db.models import (
+    Character,
+    Conversation,
+    ReviewLabel,
+    Run,
+    RunStatus,
+    Turn,
+    TurnReview,
+    TurnReviewChange,
+)
+from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
+from db.runs import run_counts, run_quality
+from db.session import session_scope
+
+PAGE_SIZE = 50
+REASON_MAX_CHARS = 500
+TEXT_FILTER_MAX_CHARS = 200
+# The gate's checks (roleplay/quality.py): the kinds a below-bar reason starts with.
+CHECKS = ("echo", "loop", "repetition", "truncated", "role", "language", "persona")
+_SLUG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+# An HTML tag or comment: no dialogue line for a game needs one, and a page must never run one.
+_MARKUP = re.compile(r"<\s*[A-Za-z/!?]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+@dataclass(frozen=True)
+class Reviewer:
+    """Who is at the desk: the API key's id (recorded on changes), its tenant, and whether it is admin."""
+
+    key_id: str
+    tenant: str
+    admin: bool
+
+
+class DeskError(Exception):
+    """A refusal shown to the writer: an HTTP status and one line naming the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _bad(message: str) -> DeskError:
+    return DeskError(400, message)
+
+
+# --- form values -------------------------------------------------------------------------------
+
+
+def free_text(name: str, value: str | None, *, max_chars: int, required: bool = True) -> str | None:
+    """A writer's text: trimmed; refused when empty (if required), too long, or holding markup or
+    control characters."""
+    text = (value or "").strip()
+    if not text:
+        if required:
+            raise _bad(f"{name}: it is empty; write something")
+        return None
+    if len(text) > max_chars:
+        raise _bad(f"{name}: {len(text)} characters; the limit is {max_chars}")
+    if _MARKUP.search(text):
+        raise _bad(f"{name}: markup (an HTML tag) is not allowed; write plain text")
+    if _CONTROL.search(text):
+        raise _bad(f"{name}: control characters are not allowed")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _bad(f"{name}: not valid Unicode text") from None
+    return text
+
+
+def whole_number(name: str, value: str | None, *, low: int, high: int) -> int:
+    """An integer form value within [low, high]."""
+    raw = (value or "").strip()
+    if not raw:
+        raise _bad(f"{name}: it is empty")
+    if len(raw) > 12 or not raw.isascii() or not raw.isdigit():
+        raise _bad(f"{name}: {raw[:20]!r} is not a whole number")
+    number = int(raw)
+    if not low <= number <= high:
+        raise _bad(f"{name}: {number} is out of range ({low}–{high})")
+    return number
+
+
+def object_id(name: str, value: str) -> uuid.UUID:
+    """A run's or a line's id; a malformed one is simply not found."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise DeskError(404, f"{name}: no such {name}") from None
+
+
+def line_filter(
+    character: str | None, check: str | None, bar: str | None, text: str | None, label: str | None
+) -> LineFilter:
+    """The run page's filters from its query string."""
+    character = (character or "").strip() or None
+    if character is not None and not _SLUG.match(character):
+        raise _bad("character: not a character's id (letters, digits, . _ -, at most 64)")
+    check = (check or "").strip() or None
+    if check is not None and check not in CHECKS:
+        raise _bad(f"check: must be one of {', '.join(CHECKS)}")
+    bar = (bar or "any").strip()
+    if bar not in ("any", "below", "above"):
+        raise _bad("bar: must be any, below or above")
+    label = (label or "any").strip()
+    if label not in ("any", "approved", "rejected", "unreviewed"):
+        raise _bad("label: must be any, approved, rejected or unreviewed")
+    words = (text or "").strip() or None
+    if words is not None:
+        if len(words) > TEXT_FILTER_MAX_CHARS:
+            raise _bad(f"text: {len(words)} characters; the limit is {TEXT_FILTER_MAX_CHARS}")
+        if _CONTROL.search(words) or "\x00" in words:
+            raise _bad("text: control characters are not allowed")
+    return LineFilter(character, check, bar, words, label)  # type: ignore[arg-type]
+
+
+# --- reading -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunRow:
+    """A run or batch as the list shows it."""
+
+    id: uuid.UUID
+    name: str
+    kind: str  # "batch" (OpenAI batch over HTTP) or "run" (CLI)
+    status: str
+    created_at: datetime
+    total: int
+    counts: dict[str, int]
+    progress: int  # percent of lines finished
+    below_bar: dict[str, int]  # check → replies it flagged
+    scored: int
+    labels: dict[str, int]
+    live: bool
+
+
+@dataclass(frozen=True)
+class RunPage:
+    run: RunRow
+    lines: list[reviews.Line]
+    characters: list[tuple[str, str]]
+    filters: LineFilter
+    page: int
+    more: bool
+
+
+@dataclass(frozen=True)
+class LinePage:
+    line: reviews.Line
+    run: Run
+    changes: list[TurnReviewChange] = field(default_factory=list)
+
+
+def _visible_runs(who: Reviewer) -> Any:
+    query = select(Run)
+    return query if who.admin else query.where(Run.tenant == who.tenant)
+
+
+def _row(session: Session, run: Run) -> RunRow:
+    counts = run_counts(session=session, run_id=run.id)
+    quality = run_quality(session=session, run_id=run.id)
+    total = max(run.total, counts.total)
+    return RunRow(
+        id=run.id,
+        name=run.name,
+        kind="batch" if run.input_file_id else "run",
+        status=run.status.value,
+        created_at=run.created_at,
+        total=total,
+        counts={
+            "queued": counts.queued,
+            "running": counts.running,
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "cancelled": counts.cancelled,
+        },
+        progress=round(100 * counts.finished / total) if total else 0,
+        below_bar=dict(quality.get("below_bar_reasons") or {}),
+        scored=int(quality.get("scored", 0)),
+        labels=reviews.run_labels(session=session, run_id=run.id),
+        live=run.status
+        in (RunStatus.VALIDATING, RunStatus.QUEUED, RunStatus.IN_PROGRESS, RunStatus.FINALIZING),
+    )
+
+
+def list_runs(who: Reviewer, limit: int = 100) -> list[RunRow]:
+    """The caller's runs and batches, newest first."""
+    with session_scope() as session:
+        runs = session.scalars(_visible_runs(who).order_by(Run.created_at.desc()).limit(limit)).all()
+        return [_row(session, run) for run in runs]
+
+
+def _run(session: Session, who: Reviewer, run_id: uuid.UUID) -> Run:
+    run = session.scalar(_visible_runs(who).where(Run.id == run_id))
+    if run is None:
+        raise DeskError(404, "run: no such run")
+    return run
+
+
+def run_summary(who: Reviewer, run_id: uuid.UUID) -> RunRow:
+    """One run's row (the run page's live header)."""
+    with session_scope() as session:
+        return _row(session, _run(session, who, run_id))
+
+
+def run_page(who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 1) -> RunPage:
+    """A run and one page of its lines, filtered."""
+    with session_scope() as session:
+        run = _run(session, who, run_id)
+        lines = reviews.run_lines(
+            session=session,
+            run_id=run.id,
+            filters=filters,
+            limit=PAGE_SIZE + 1,
+            offset=(page - 1) * PAGE_SIZE,
+        )
+        session.expunge_all()
+        return RunPage(
+            run=_row(session, run),
+            lines=lines[:PAGE_SIZE],
+            characters=reviews.run_characters(session=session, run_id=run.id),
+            filters=filters,
+            page=page,
+            more=len(lines) > PAGE_SIZE,
+        )
+
+
+def _own_line(session: Session, who: Reviewer, turn_id: uuid.UUID) -> Run:
+    run = reviews.line_run(session=session, turn_id=turn_id)
+    if run is None or not (who.admin or run.tenant == who.tenant):
+        raise DeskError(404, "line: no such line")
+    return run
+
+
+def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
+    """One line with its candidates and its change history."""
+    with session_scope() as session:
+        run = _own_line(session, who, turn_id)
+        turn = session.get(Turn, turn_id)
+        assert turn is not None
+        review = reviews.get_review(session=session, turn_id=turn_id)
+        slug, name = _speaker(session, turn)
+        changes = reviews.review_changes(session=session, turn_id=turn_id)
+        session.expunge_all()
+        return LinePage(reviews.Line(turn, slug, name, review), run, changes)
+
+
+def _speaker(session: Session, turn: Turn) -> tuple[str, str]:
+    row = session.execute(
+        select(Character.slug, Character.name)
+        .join(Conversation, Conversation.character_id == Character.id)
+        .where(Conversation.id == turn.conversation_id)
+    ).one()
+    return str(row[0]), str(row[1])
+
+
+def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
+    """A turn's prompt and its context manifest (admin keys only)."""
+    if not who.admin:
+        raise DeskError(403, "the prompt view needs an admin key")
+    with session_scope() as session:
+        turn = session.get(Turn, turn_id)
+        if turn is None:
+            raise DeskError(404, "line: no such line")
+        session.expunge(turn)
+        return turn, dict(turn.context or {})
+
+
+# --- changes -----------------------------------------------------------------------------------
+
+
+def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any) -> int:
+    try:
+        with session_scope() as session:
+            _own_line(session, who, turn_id)
+            return int(apply(session))
+    except NotAnswered as exc:
+        raise DeskError(409, str(exc)) from None
+    except NotReviewable as exc:
+        raise _bad(str(exc)) from None
+    except StaleReview as exc:
+        raise DeskError(409, str(exc)) from None
+
+
+def _embed(text: str) -> Any:
+    from worker.embedder import embed
+
+    return list(embed([text])[0])
+
+
+def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str | None) -> int:
+    """Keep another candidate (1-based, as the page numbers them). Returns the new version."""
+    index = whole_number("candidate", candidate, low=1, high=1000) - 1
+    expected = whole_number("version", version, low=0, high=2**31 - 1)
+    with session_scope() as session:
+        _own_line(session, who, turn_id)
+        try:
+            text = reviews.candidate_text(session=session, turn_id=turn_id, index=index)
+        except NotReviewable as exc:
+            raise _bad(str(exc)) from None
+    vector = _embed(text)
+    return _change(
+        who,
+        turn_id,
+        lambda s: reviews.pick_candidate(
+            session=s, turn_id=turn_id, index=index, version=expected, by=who.key_id, embedding=vector
+        ),
+    )
+
+
+def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | None) -> int:
+    """Replace the kept reply with the writer's text. Returns the new version."""
+    reply = free_text("reply", text, max_chars=settings.max_message_chars) or ""
+    expected = whole_number("version", version, low=0, high=2**31 - 1)
+    with session_scope() as session:
+        _own_line(session, who, turn_id)
+    vector = _embed(reply)
+    return _change(
+        who,
+        turn_id,
+        lambda s: reviews.edit_reply(
+            session=s, turn_id=turn_id, text=reply, version=expected, by=who.key_id, embedding=vector
+        ),
+    )
+
+
+def label(who: Reviewer, turn_id: uuid.UUID, verdict: str, reason: str | None, version: str | None) -> int:
+    """Approve, or reject with a reason (required). Returns the new version."""
+    if verdict not in ("approve", "reject"):
+        raise _bad("verdict: must be approve or reject")
+    approved = verdict == "approve"
+    why = free_text("reason", reason, max_chars=REASON_MAX_CHARS, required=not approved)
+    expected = whole_number("version", version, low=0, high=2**31 - 1)
+    chosen = ReviewLabel.APPROVED if approved else ReviewLabel.REJECTED
+    return _change(
+        who,
+        turn_id,
+        lambda s: reviews.label_reply(
+            session=s, turn_id=turn_id, label=chosen, reason=why, version=expected, by=who.key_id
+        ),
+    )
+
+
+def review_record(who: Reviewer, turn_id: uuid.UUID) -> dict[str, Any]:
+    """The line's review as JSON: label, reason, the original text, every change."""
+    with session_scope() as session:
+        _own_line(session, who, turn_id)
+        review: TurnReview | None = reviews.get_review(session=session, turn_id=turn_id)
+        turn = session.get(Turn, turn_id)
+        assert turn is not None
+        return {
+            "turn_id": str(turn_id),
+            "reply": turn.reply,
+            "label": review.label if review else None,
+            "reason": review.reason if review else None,
+            "edited": review.edited if review else False,
+            "original_reply": review.original_reply if review else turn.reply,
+            "version": review.version if review else 0,
+            "changes": [
+                {
+                    "action": c.action,
+                    "before": c.before,
+                    "after": c.after,
+                    "candidate": None if c.candidate is None else c.candidate + 1,
+                    "reason": c.reason,
+                    "by": c.by,
+                    "at": c.at.isoformat(),
+                }
+                for c in reviews.review_changes(session=session, turn_id=turn_id)
+            ],
+        }

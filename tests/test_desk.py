@@ -1,0 +1,232 @@
+"""The writers' desk's rules, at the cheapest boundary: the service functions on the real database
+and embedder (the pages themselves are driven in a real browser in tests/test_desk_browser.py)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+from sqlalchemy import func, select
+
+from db.models import Message, Turn, TurnReview, TurnReviewChange
+from db.session import session_scope
+from services import desk
+from services.desk import DeskError, Reviewer
+from tests.desk_data import Spec, build_run, quality
+
+WRITER = Reviewer("writer-a", "studio-a", admin=False)
+OTHER_WRITER = Reviewer("writer-b", "studio-b", admin=False)
+
+
+def _lines() -> list[Spec]:
+    return [
+        Spec(
+            "Where is the forge?",
+            "The forge the forge the forge.",
+            quality(0.31, "loop: self-repetition 0.60, a sentence 3 times"),
+            candidates=(("Down the hill, past the well.", quality(0.42)),),
+        ),
+        Spec("Good morning!", "Morning, traveller.", quality(0.40)),
+    ]
+
+
+def _stored(turn_id: uuid.UUID) -> tuple[Turn, Message, int]:
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        message = s.get_one(Message, turn.reply_message_id)
+        changes = s.scalar(select(func.count()).where(TurnReviewChange.turn_id == turn_id)) or 0
+        s.expunge_all()
+        return turn, message, changes
+
+
+def test_picking_a_candidate_keeps_it_everywhere_and_keeps_the_original(services, world, tmp_path) -> None:
+    from services.runs import export_run
+    from worker.embedder import embed
+
+    run_id, (first, _) = build_run("studio-a", _lines())
+    version = desk.pick(WRITER, first, "1", "0")
+    assert version == 1
+    turn, message, changes = _stored(first)
+    assert turn.reply == "Down the hill, past the well."
+    # the conversation line and its embedding follow the kept text (retrieval reads them)
+    assert message.content == turn.reply
+    expected = embed([turn.reply])[0]
+    assert np.allclose(np.asarray(message.embedding), expected, atol=1e-5)
+    # the reply kept before is now the candidate, with its scores; the verdict is the picked one's
+    assert turn.alternatives[0]["text"] == "The forge the forge the forge."
+    assert turn.alternatives[0]["quality"]["below_bar"]
+    assert turn.quality["below_bar"] == [] and turn.params["seed"] == 101
+    record = desk.review_record(WRITER, first)
+    assert record["original_reply"] == "The forge the forge the forge."
+    assert [(c["action"], c["by"], c["candidate"]) for c in record["changes"]] == [("pick", "writer-a", 1)]
+    assert changes == 1
+    # exports carry the final text
+    results, _, n_ok, _ = export_run(str(run_id), tmp_path)
+    by_id = {row["turn_id"]: row for row in map(json.loads, results.read_text().splitlines())}
+    assert n_ok == 2 and by_id[str(first)]["reply"] == "Down the hill, past the well."
+
+
+def test_an_edit_replaces_the_text_and_clears_an_earlier_label(services, world) -> None:
+    _, (first, _) = build_run("studio-a", _lines())
+    desk.label(WRITER, first, "approve", "", "0")
+    desk.edit(WRITER, first, "  Past the well, then left.  ", "1")
+    turn, message, _ = _stored(first)
+    assert turn.reply == message.content == "Past the well, then left."
+    record = desk.review_record(WRITER, first)
+    assert record["label"] is None and record["edited"] is True  # the approval was of the old text
+    assert [c["action"] for c in record["changes"]] == ["approve", "edit"]
+
+
+def test_a_change_from_a_stale_form_is_refused_and_stores_nothing(services, world) -> None:
+    _, (first, _) = build_run("studio-a", _lines())
+    desk.label(WRITER, first, "reject", "too repetitive", "0")
+    with pytest.raises(DeskError) as refused:
+        desk.pick(WRITER, first, "1", "0")  # drawn before the rejection
+    assert refused.value.status == 409 and "changed by someone else" in refused.value.message
+    turn, _, changes = _stored(first)
+    assert turn.reply == "The forge the forge the forge." and changes == 1
+
+
+def test_a_line_that_was_not_answered_cannot_be_reviewed(services, world) -> None:
+    from services.producer import submit_turns
+
+    run_id, _ = build_run("studio-a", _lines())
+    (queued,) = submit_turns(
+        [{"conversation": f"desk-{uuid.uuid4().hex[:8]}", "character": "elara", "message": "Hello?"}],
+        send=False,
+        run_id=run_id,
+        tenant="studio-a",
+    )
+    for call in (
+        lambda: desk.label(WRITER, queued.id, "approve", "", "0"),
+        lambda: desk.edit(WRITER, queued.id, "An answer nobody generated.", "0"),
+    ):
+        with pytest.raises(DeskError) as refused:
+            call()
+        assert refused.value.status == 409 and "not answered" in refused.value.message
+    with session_scope() as s:
+        assert s.get_one(Turn, queued.id).reply is None and s.get(TurnReview, queued.id) is None
+
+
+@pytest.mark.parametrize(
+    ("action", "args", "field"),
+    [
+        ("edit", ("", "0"), "reply: it is empty"),
+        ("edit", ("   \n ", "0"), "reply: it is empty"),
+        ("edit", ("x" * 4001, "0"), "reply: 4001 characters"),
+        ("edit", ("<script>alert(1)</script>", "0"), "reply: markup"),
+        ("edit", ("fine\x07bell", "0"), "reply: control characters"),
+        ("edit", ("fine", ""), "version: it is empty"),
+        ("edit", ("fine", "1e9"), "version: '1e9' is not a whole number"),
+        ("reject", ("", "0"), "reason: it is empty"),
+        ("reject", ("x" * 501, "0"), "reason: 501 characters"),
+        ("reject", ("<b>bad</b>", "0"), "reason: markup"),
+        ("pick", ("9", "0"), "candidate: this line has no candidate 9"),
+        ("pick", ("0", "0"), "candidate: 0 is out of range"),
+        ("pick", ("<i>", "0"), "candidate: '<i>' is not a whole number"),
+        ("pick", ("", "0"), "candidate: it is empty"),
+    ],
+)
+def test_bad_form_values_name_the_field_and_store_nothing(services, world, action, args, field) -> None:
+    _, (first, _) = build_run("studio-a", _lines())
+    with pytest.raises(DeskError) as refused:
+        if action == "edit":
+            desk.edit(WRITER, first, *args)
+        elif action == "reject":
+            desk.label(WRITER, first, "reject", *args)
+        else:
+            desk.pick(WRITER, first, *args)
+    assert refused.value.status == 400 and refused.value.message.startswith(field)
+    turn, message, changes = _stored(first)
+    assert turn.reply == message.content == "The forge the forge the forge." and changes == 0
+    with session_scope() as s:
+        assert s.get(TurnReview, first) is None
+
+
+def test_another_tenants_lines_and_runs_are_not_found(services, world) -> None:
+    run_id, (first, _) = build_run("studio-a", _lines())
+    for call in (
+        lambda: desk.pick(OTHER_WRITER, first, "1", "0"),
+        lambda: desk.label(OTHER_WRITER, first, "approve", "", "0"),
+        lambda: desk.edit(OTHER_WRITER, first, "mine now", "0"),
+        lambda: desk.line_page(OTHER_WRITER, first),
+        lambda: desk.run_page(OTHER_WRITER, run_id, desk.line_filter(None, None, None, None, None)),
+    ):
+        with pytest.raises(DeskError) as refused:
+            call()
+        assert refused.value.status == 404
+    assert run_id not in {r.id for r in desk.list_runs(OTHER_WRITER)}
+    assert run_id in {r.id for r in desk.list_runs(WRITER)}
+    turn, _, changes = _stored(first)
+    assert turn.reply == "The forge the forge the forge." and changes == 0
+
+
+def test_the_filters_narrow_a_runs_lines(services, world) -> None:
+    from tests.desk_data import character
+
+    character("desk-bram", "Bram")
+    specs = [
+        *_lines(),
+        Spec("Ahoy", "Ahoy yourself, stranger.", quality(0.1, "persona: 0.10 < 0.2"), character="desk-bram"),
+    ]
+    run_id, ids = build_run("studio-a", specs)
+
+    def shown(**filters: str) -> list[uuid.UUID]:
+        f = desk.line_filter(
+            filters.get("character"), filters.get("check"), filters.get("bar"), filters.get("text"), None
+        )
+        return [line.turn.id for line in desk.run_page(WRITER, run_id, f).lines]
+
+    assert shown() == ids
+    assert shown(check="loop") == [ids[0]]
+    assert shown(check="persona") == [ids[2]]
+    assert shown(bar="below") == [ids[0], ids[2]] and shown(bar="above") == [ids[1]]
+    assert shown(character="desk-bram") == [ids[2]]
+    assert shown(text="MORNING") == [ids[1]]  # the kept reply, any case
+    assert shown(text="forge?") == [ids[0]]  # the player's message; % and _ are plain characters
+    assert shown(text="100%") == []
+    with pytest.raises(DeskError, match="check: must be one of"):
+        desk.line_filter(None, "<script>", None, None, None)
+
+
+def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
+    services, world, tmp_path
+) -> None:
+    from scripts.calibrate_quality import _load
+    from services.lora.dataset import export_dataset
+    from tests.desk_data import character
+
+    slug = f"desk-ds-{uuid.uuid4().hex[:6]}"
+    character(slug, "Dara")
+    specs = [
+        Spec(
+            "Hi", "Hello hello hello.", quality(0.5, "loop: a sentence 3 times"), character=slug, prompt="p1"
+        ),
+        Spec("Bye", "Farewell, friend.", quality(0.5), character=slug, prompt="p2"),
+        Spec("Why?", "Because.", quality(0.5), character=slug, prompt="p3"),
+    ]
+    run_id, (below, passing, untouched) = build_run("studio-a", specs)
+    desk.label(WRITER, below, "approve", "", "0")  # below the gate's bar, but a writer says it is fine
+    desk.label(WRITER, passing, "reject", "out of character", "0")  # passes the gate, a writer says no
+
+    class NoTemplate:
+        def apply_chat_template(self, messages, **_: object) -> str:  # type: ignore[no-untyped-def]
+            return "\n".join(m["content"] for m in messages)
+
+    report = export_dataset(slug, tmp_path, run=str(run_id), tokenizer=NoTemplate())
+    kept = [
+        json.loads(line)
+        for name in ("train.jsonl", "validation.jsonl")
+        for line in (tmp_path / name).read_text().splitlines()
+    ]
+    completions = {row["completion"] for row in kept if row["source"] == "turn"}
+    assert completions == {"Hello hello hello.", "Because."}
+    assert report.manifest["left_out"]["rejected by a writer"] == 1
+    assert report.manifest["writer_approved"] == 1
+
+    items = {rid: ok for rid, ok, _ in _load(desk_labels=True)}
+    assert items[str(below)] is True and items[str(passing)] is False
+    assert str(untouched) not in items
+    assert {rid for rid, _, _ in _load()} < set(items)  # labels.jsonl's, and the writers' besides

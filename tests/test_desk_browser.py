@@ -1,0 +1,326 @@
+"""The writers' desk in a real browser: Debian's headless Chromium driven by Playwright.
+
+What a writer does on the pages: sign in, open a run, filter it by a gate check, keep another
+candidate, approve one reply, reject another with a reason; checked afterwards through the API and an
+export. Other keys see nothing; bad form values get a message and store nothing; markup in a reply,
+a character's name or a card field is shown as text, never run. The run is built through db/ (no
+engine), so this takes seconds. Screenshots go to .mlchat/test-artefacts/desk/.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from core.settings import PROJECT_ROOT
+from db.models import Turn, TurnReviewChange
+from db.session import session_scope
+from tests.conftest import INGEST_KEY, OTHER_REVIEW_KEY, REVIEW_KEY
+from tests.desk_data import Spec, build_run, character, quality
+
+CHROMIUM = Path("/usr/bin/chromium")
+ARTEFACTS = PROJECT_ROOT / ".mlchat" / "test-artefacts" / "desk"
+ADMIN_KEY = "test-key-1-abcdefgh"
+XSS_NAME = '<script>window.__xss = "name"</script>Mal'
+XSS_CARD = "<img src=x onerror=\"window.__xss = 'card'\">A smuggler."
+XSS_REPLY = '<script>window.__xss = "reply"</script>Coins first.'
+XSS_CANDIDATE = "<img src=x onerror=\"window.__xss = 'candidate'\">"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason="no browser: /usr/bin/chromium is missing (apt-get install -y chromium; CI installs it)",
+)
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    """Debian's Chromium, headless, with nothing that reaches out to the network."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        launched = p.chromium.launch(
+            executable_path=str(CHROMIUM),
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def desk_run(world) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """studio-a's run (a flagged line with two candidates, a passing one, one full of markup) and
+    studio-b's run."""
+    slug = f"desk-mal-{uuid.uuid4().hex[:6]}"
+    character(slug, XSS_NAME, XSS_CARD)
+    run_id, ids = build_run(
+        "studio-a",
+        [
+            Spec(
+                "Where is the forge?",
+                "The forge the forge the forge.",
+                quality(0.31, "loop: self-repetition 0.60, a sentence 3 times"),
+                candidates=(
+                    ("Down the hill, past the well.", quality(0.42)),
+                    ("Forge? What forge?", quality(0.12, "persona: 0.12 < 0.2")),
+                ),
+            ),
+            Spec("Good morning!", "Morning, traveller.", quality(0.40)),
+            Spec(
+                "What do you sell?",
+                XSS_REPLY,
+                quality(0.3),
+                candidates=((XSS_CANDIDATE, quality(0.3)),),
+                character=slug,
+                prompt=f"<|im_start|>system\n{XSS_CARD}<|im_end|>",
+                context={
+                    "budget_tokens": 2048,
+                    "prompt_tokens": 40,
+                    "persona_tokens": 12,
+                    "sections": {"system_prompt": 12, "history": 20, "template": 8},
+                    "lore": [{"id": 1, "name": XSS_NAME, "reason": "key 'coin'", "position": 0, "tokens": 5}],
+                    "events": [{"id": 7, "score": 0.61, "tokens": 9}],
+                    "memories": [],
+                    "history": [{"id": 3, "tokens": 20}],
+                },
+            ),
+        ],
+        name=f"desk-studio-a-{uuid.uuid4().hex[:6]}",
+    )
+    other_id, other_ids = build_run(
+        "studio-b", [Spec("Hello", "Hi there.", quality(0.5))], name=f"desk-studio-b-{uuid.uuid4().hex[:6]}"
+    )
+    return {"run": run_id, "lines": ids, "other_run": other_id, "other_lines": other_ids}
+
+
+def _sign_in(browser: Any, base_url: str, key: str) -> Any:
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)  # the first change loads the embedder in the server
+    page.goto(f"{base_url}/desk")
+    page.fill("#key", key)
+    page.click("button[type=submit]")
+    return page
+
+
+def _changes(turn_id: uuid.UUID) -> int:
+    with session_scope() as s:
+        return int(s.scalar(select(func.count()).where(TurnReviewChange.turn_id == turn_id)) or 0)
+
+
+def _reply(turn_id: uuid.UUID) -> str | None:
+    with session_scope() as s:
+        return s.get_one(Turn, turn_id).reply
+
+
+def _no_script_ran(page: Any) -> None:
+    assert page.evaluate("window.__xss") is None
+
+
+def test_a_writer_filters_picks_approves_and_rejects(browser, base_url, desk_run, tmp_path) -> None:
+    from services.runs import export_run
+
+    flagged, passing, marked = desk_run["lines"]
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    assert page.url.endswith("/desk/runs")
+    cookie = next(c for c in page.context.cookies() if c["name"] == "mlchat_desk")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
+    runs = page.locator("#runs")
+    assert runs.get_by_text("desk-studio-a").count() == 1
+    assert runs.get_by_text("desk-studio-b").count() == 0  # another tenant's run
+    row = runs.locator("tr[data-run^='desk-studio-a']")
+    assert "completed" in row.inner_text() and "100%" in row.inner_text() and "loop 1" in row.inner_text()
+
+    row.get_by_role("link").click()
+    page.wait_for_selector(".line")
+    assert page.locator(".line").count() == 3
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "run-page.png"), full_page=True)
+    _no_script_ran(page)
+    # markup in a reply, a candidate and a character's name is shown as the text it is
+    third = page.locator(f"#line-{marked}")
+    assert XSS_REPLY in third.locator(".reply-text").inner_text()
+    assert XSS_CANDIDATE in third.locator(".candidate-text").inner_text()
+    assert XSS_NAME in third.locator(".character").inner_text()
+
+    page.select_option("select[name=check]", "loop")
+    page.click("form.filters button[type=submit]")
+    page.wait_for_url("**check=loop**")
+    assert [
+        page.locator(".line").nth(i).get_attribute("data-turn") for i in range(page.locator(".line").count())
+    ] == [str(flagged)]
+    line = page.locator(f"#line-{flagged}")
+    assert line.locator(".candidate").count() == 2
+    assert "mood neutral 0 → joy 3" in line.inner_text() and "loop:" in line.inner_text()
+    line.screenshot(path=str(ARTEFACTS / "line-with-candidates.png"))
+    assert all((ARTEFACTS / n).stat().st_size > 5_000 for n in ("run-page.png", "line-with-candidates.png"))
+
+    line.locator(".candidate[data-candidate='1'] button").click()
+    page.locator(f"#line-{flagged} .saved").wait_for()
+    line = page.locator(f"#line-{flagged}")
+    assert line.locator(".reply-text").inner_text() == "Down the hill, past the well."
+    assert "The forge the forge the forge." in line.locator(".candidate-text").first.inner_text()
+    line.get_by_role("button", name="Approve").click()
+    page.locator(f"#line-{flagged} .label-approved").wait_for()
+
+    page.goto(f"{base_url}/desk/runs/{desk_run['run']}?bar=above")
+    line = page.locator(f"#line-{passing}")
+    line.get_by_role("button", name="Reject").click()  # no reason yet
+    page.locator("#message .error-text").wait_for()
+    assert page.locator("#message").inner_text() == "reason: it is empty; write something"
+    line.locator("input[name=reason]").fill("<b>flat</b>")
+    line.get_by_role("button", name="Reject").click()
+    page.get_by_text("reason: markup (an HTML tag) is not allowed; write plain text").wait_for()
+    assert _changes(passing) == 0
+    line.locator("input[name=reason]").fill("Too flat for a morning greeting.")
+    line.get_by_role("button", name="Reject").click()
+    page.locator(f"#line-{passing} .label-rejected").wait_for()
+    assert "Too flat for a morning greeting." in page.locator(f"#line-{passing}").inner_text()
+
+    # through the API and an export
+    review = httpx.get(f"{base_url}/v1/turns/{flagged}/review", headers={"X-API-Key": REVIEW_KEY}).json()
+    assert review["label"] == "approved" and review["reply"] == "Down the hill, past the well."
+    assert review["original_reply"] == "The forge the forge the forge."
+    assert [(c["action"], c["by"]) for c in review["changes"]] == [
+        ("pick", "writer-a"),
+        ("approve", "writer-a"),
+    ]
+    rejected = httpx.get(f"{base_url}/v1/turns/{passing}/review", headers={"X-API-Key": REVIEW_KEY}).json()
+    assert rejected["label"] == "rejected" and rejected["reason"] == "Too flat for a morning greeting."
+    turn = httpx.get(f"{base_url}/v1/turns/{flagged}", headers={"X-API-Key": ADMIN_KEY}).json()
+    assert turn["reply"] == "Down the hill, past the well."
+    results, _, _, _ = export_run(str(desk_run["run"]), tmp_path)
+    exported = {row["turn_id"]: row["reply"] for row in map(json.loads, results.read_text().splitlines())}
+    assert exported[str(flagged)] == "Down the hill, past the well."
+
+    page.goto(f"{base_url}/desk/lines/{flagged}")
+    history = page.locator("tr.change")
+    assert history.count() == 2 and "pick candidate 1" in history.first.inner_text()
+    assert "The forge the forge the forge." in page.locator(".original").inner_text()
+    _no_script_ran(page)
+    page.context.close()
+
+
+def test_bad_form_values_get_a_message_and_store_nothing(browser, base_url, desk_run) -> None:
+    _, _, marked = desk_run["lines"]
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/lines/{marked}")
+    before = _reply(marked)
+    line = page.locator(f"#line-{marked}")
+    for text, message in [
+        ("", "reply: it is empty; write something"),
+        ("x" * 4001, "reply: 4001 characters; the limit is 4000"),
+        ("<script>alert(1)</script>", "reply: markup (an HTML tag) is not allowed; write plain text"),
+    ]:
+        line.locator("summary").click() if not line.locator("textarea").is_visible() else None
+        line.locator("textarea").fill(text)
+        line.get_by_role("button", name="Save the edit").click()
+        page.get_by_text(message).wait_for()
+        assert _reply(marked) == before and _changes(marked) == 0
+
+    # a forged form: another candidate number, a stale version, no form token
+    token = page.locator("input[name=csrf]").first.input_value()
+    post = page.context.request.post
+    answer = post(
+        f"{base_url}/desk/lines/{marked}/pick", form={"csrf": token, "candidate": "5", "version": "0"}
+    )
+    assert answer.status == 400 and "candidate: this line has no candidate 5" in answer.text()
+    answer = post(f"{base_url}/desk/lines/{marked}/pick", form={"candidate": "1", "version": "0"})
+    assert answer.status == 403 and "csrf:" in answer.text()
+    answer = post(
+        f"{base_url}/desk/lines/{marked}/pick", form={"csrf": "0" * 64, "candidate": "1", "version": "0"}
+    )
+    assert answer.status == 403
+    # another tenant's line and run ids, and ids that are not ids
+    other_line, other_run = desk_run["other_lines"][0], desk_run["other_run"]
+    answer = post(
+        f"{base_url}/desk/lines/{other_line}/label",
+        form={"csrf": token, "verdict": "approve", "version": "0"},
+    )
+    assert answer.status == 404 and "line: no such line" in answer.text()
+    assert page.context.request.get(f"{base_url}/desk/runs/{other_run}").status == 404
+    assert page.context.request.get(f"{base_url}/desk/lines/<script>").status == 404
+    page.goto(f"{base_url}/desk/runs/{desk_run['run']}?check=%3Cscript%3Ealert(1)%3C/script%3E")
+    assert "check: must be one of" in page.locator(".error-text").inner_text()
+    page.goto(f"{base_url}/desk/runs/{desk_run['run']}?text=" + "y" * 300)
+    assert "text: 300 characters; the limit is 200" in page.locator(".error-text").inner_text()
+    _no_script_ran(page)
+    assert _reply(marked) == before and _changes(marked) == 0 and _changes(other_line) == 0
+    # the prompt view is for admin keys
+    page.goto(f"{base_url}/desk/lines/{marked}/prompt")
+    assert "the prompt view needs an admin key" in page.locator(".error-text").inner_text()
+    page.context.close()
+
+
+def test_keys_without_the_scope_or_of_another_tenant_see_nothing(browser, base_url, desk_run) -> None:
+    page = _sign_in(browser, base_url, INGEST_KEY)
+    assert "lacks the 'review' scope" in page.locator(".error-text").inner_text()
+    assert not page.context.cookies()
+    page.goto(f"{base_url}/desk/runs/{desk_run['run']}")
+    assert page.url.endswith("/desk/login")  # nothing shown without a desk key
+    assert (
+        httpx.get(
+            f"{base_url}/v1/turns/{desk_run['lines'][0]}/review", headers={"X-API-Key": INGEST_KEY}
+        ).status_code
+        == 403
+    )
+    for key, message in [
+        ("", "key: enter your API key"),
+        ("k" * 5000, "key: not a valid API key"),
+        ("<script>window.__xss = 1</script>", "key: not a valid API key"),
+    ]:
+        page.goto(f"{base_url}/desk/login")
+        page.fill("#key", key)
+        page.click("button[type=submit]")
+        assert page.locator(".error-text").inner_text() == message
+        _no_script_ran(page)
+    page.context.close()
+
+    page = _sign_in(browser, base_url, OTHER_REVIEW_KEY)
+    assert page.locator("#runs").get_by_text("desk-studio-b").count() == 1
+    assert page.locator("#runs").get_by_text("desk-studio-a").count() == 0
+    page.goto(f"{base_url}/desk/runs/{desk_run['run']}")
+    assert page.locator(".error-text").inner_text() == "run: no such run"
+    answer = httpx.get(
+        f"{base_url}/v1/turns/{desk_run['lines'][0]}/review", headers={"X-API-Key": OTHER_REVIEW_KEY}
+    )
+    assert answer.status_code == 404
+    page.context.close()
+
+
+def test_an_admin_reads_a_turns_prompt_with_its_manifest(browser, base_url, desk_run) -> None:
+    _, _, marked = desk_run["lines"]
+    page = _sign_in(browser, base_url, ADMIN_KEY)
+    page.goto(f"{base_url}/desk/lines/{marked}/prompt")
+    body = page.locator("main").inner_text()
+    assert "40 prompt tokens of a 2048-token budget" in body
+    assert "key 'coin'" in body and XSS_NAME in body  # the lore entry that fired, and why
+    assert "event 7 · similarity 0.61 · 9 tokens" in body
+    assert XSS_CARD in page.locator(".prompt-text").inner_text()
+    _no_script_ran(page)
+    page.screenshot(path=str(ARTEFACTS / "prompt-view.png"), full_page=True)
+    page.context.close()
+
+
+def test_the_runs_list_updates_while_a_run_is_answered(browser, base_url, desk_run) -> None:
+    """The runs table polls: a run that appears after the page was opened shows up without a reload."""
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    name = f"desk-late-{uuid.uuid4().hex[:6]}"
+    assert page.locator("#runs").get_by_text(name).count() == 0
+    build_run("studio-a", [Spec("Late?", "Never.", quality(0.5))], name=name)
+    page.locator("#runs").get_by_text(name).wait_for(timeout=10_000)
+    page.context.close()
