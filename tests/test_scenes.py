@@ -437,3 +437,69 @@ def test_a_member_who_leaves_never_speaks_again_and_a_speaking_character_cannot_
     assert speakers == ["luffy", "elara", "haneul", "elara", "haneul"]
     with pytest.raises(IntegrityError), session_scope() as s:
         s.execute(delete(Character).where(Character.id == luffy))
+
+
+# --- end to end, on the real worker -----------------------------------------------------------------
+
+
+def test_a_scene_run_goes_through_the_worker_and_exports_per_scene(world, celery_worker, tmp_path) -> None:
+    import json
+
+    from scripts.cli import main as cli
+    from services.runs import run_state
+
+    scenes = [
+        {
+            "custom_id": f"tavern-{i}",
+            "scene": _scene(
+                participants=["elara", "luffy", "haneul"],
+                exchanges=3,
+                opening={"speaker": "elara", "text": "Last round, friends."} if i == 0 else None,
+                params={"max_new_tokens": 12, "seed": 5},
+            ),
+        }
+        for i in range(2)
+    ]
+    path = tmp_path / "tavern.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in scenes) + "\n", encoding="utf-8")
+    name = "tavern-" + tmp_path.name
+    submit_run(path, name=name)
+    deadline = time.monotonic() + 300
+    while (
+        run_state(name).status not in (RunStatus.COMPLETED, RunStatus.CANCELLED)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    state = run_state(name)
+    assert state.status == RunStatus.COMPLETED, state
+    assert (state.counts.total, state.counts.completed) == (6, 6)
+    with session_scope() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        rows = s.execute(
+            select(Turn.custom_id, Turn.scene_step, Turn.prompt, Character.slug)
+            .join(Character, Character.id == Turn.character_id)
+            .where(Turn.run_id == run_id)
+            .order_by(Turn.custom_id)
+        ).all()
+    assert [(c, step, slug) for c, step, _, slug in rows] == [
+        ("tavern-0#1", 1, "luffy"),  # elara opened: the round goes on after her
+        ("tavern-0#2", 2, "haneul"),
+        ("tavern-0#3", 3, "elara"),
+        ("tavern-1#1", 1, "elara"),
+        ("tavern-1#2", 2, "luffy"),
+        ("tavern-1#3", 3, "haneul"),
+    ]
+    assert all("Present: " in prompt for _, _, prompt, _ in rows)
+    assert cli(["run", "scenes", name, "--out", str(tmp_path / "out")]) == 0
+    records = [json.loads(x) for x in (tmp_path / "out" / f"{name}.scenes.jsonl").read_text().splitlines()]
+    assert [r["custom_id"] for r in records] == ["tavern-0", "tavern-1"]
+    assert [(x["step"], x["speaker"]) for x in records[0]["lines"]] == [
+        (None, "Elara"),
+        (1, "루피"),
+        (2, "하늘"),
+        (3, "Elara"),
+    ]
+    assert all(x["turn_id"] and x["text"] for x in records[1]["lines"])
+    assert cli(["run", "scenes", name, "--out", str(tmp_path / "out"), "--format", "md"]) == 0
+    md = (tmp_path / "out" / f"{name}.scenes.md").read_text()
+    assert "## tavern-0" in md and "**Elara**" in md and "1. **루피**" in md
