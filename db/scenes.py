@@ -167,7 +167,8 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
         )
         session.flush()
     row = session.get_one(Scene, scene_id)
-    _create_step(session, row, 1, tenant=scene.tenant, sent=scene.sent, api_key=scene.api_key)
+    if scene.exchanges > 0:  # a group the player talks to may start with none
+        _create_step(session, row, 1, tenant=scene.tenant, sent=scene.sent, api_key=scene.api_key)
     return int(scene_id), True
 
 
@@ -221,6 +222,33 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
         rules=[Rule(r["speaker"], r["after"]) for r in scene.rules],
         allow_repeat=scene.allow_repeat,
     )
+
+
+def speaker_for_player(
+    *, session: Session, conversation_id: int, message: str, slug: str | None
+) -> int | None:
+    """The member who answers a player's line: `slug` if named (an unmuted member), else the group's
+    strategy (mentions in the line first, in natural order); None for a one-character conversation.
+    ValueError naming `speaker_character` when the named speaker cannot answer."""
+    scene = session.scalars(select(Scene).where(Scene.conversation_id == conversation_id)).one_or_none()
+    if scene is None:
+        if slug is not None:
+            raise ValueError("speaker_character: this conversation has one character; name none")
+        return None
+    if slug is not None:
+        member = next(
+            (m for m in members_of(session=session, conversation_id=conversation_id) if m.slug == slug), None
+        )
+        if member is None:
+            raise ValueError(f"speaker_character: {slug!r} is not a member of this group")
+        if member.muted:
+            raise ValueError(f"speaker_character: {slug!r} is muted in this group")
+        return member.character_id
+    spoken = session.scalar(select(func.count()).where(Turn.conversation_id == conversation_id)) or 0
+    picked = pick_speaker(session=session, scene=scene, step=int(spoken) + 1, message=message)
+    if picked is None:
+        raise ValueError("speaker_character: every member of this group is muted")
+    return picked.character_id
 
 
 def _create_step(
@@ -298,7 +326,7 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
     }
     before = len(session.info.get(NEW_STEPS_KEY, []))
     for scene_id, step, status, reply, error, tenant, api_key in finished:
-        scene = scenes[int(scene_id)]
+        scene = scenes[scene_id]  # type: ignore[index]
         if scene.status != SceneStatus.OPEN or step != scene.steps_done + 1:
             continue  # a scene closed already, or a step seen before
         if status == TurnStatus.CANCELLED:

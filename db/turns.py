@@ -70,6 +70,7 @@ class NewTurn:
     api_key: str | None = None
     tenant: str = ""  # the caller's tenant ('' for the CLI and the Python API)
     callback_url: str | None = None
+    character_id: int | None = None  # a group conversation's member who answers
 
 
 @dataclass(frozen=True)

@@ -112,3 +112,28 @@ class SceneSpec(BaseModel):
     def slugs(self) -> list[str]:
         """The participants' character slugs, in speaking position."""
         return [p.character for p in self.participants]
+
+
+class GroupSpec(SceneSpec):
+    """A live group conversation (POST /v1/scenes): the game's conversation id, and the exchanges
+    to run now with no player line (0: the player speaks first)."""
+
+    conversation: Text = Field(min_length=1, max_length=200)
+    exchanges: int = Field(default=0, ge=0)
+
+
+class ContinueSpec(BaseModel):
+    """A live group asked to go on without a player line (POST /v1/scenes/{conversation}:continue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exchanges: int = Field(ge=1)
+
+    @field_validator("exchanges")
+    @classmethod
+    def _length(cls, value: int) -> int:
+        if value > settings.scene_max_exchanges:
+            raise ValueError(
+                f"{value} exchanges; the limit is {settings.scene_max_exchanges} (MLCHAT_SCENE_MAX_EXCHANGES)"
+            )
+        return value

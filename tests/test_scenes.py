@@ -282,7 +282,14 @@ def _answer(turn_id: uuid.UUID, reply: str, *, lease_s: float = 30.0, token=None
 
 
 def _store(turn, token, reply: str):  # type: ignore[no-untyped-def]
-    outcome = TurnOutcome(
+    with session_scope() as s:
+        stored = store_replies(session=s, token=token, outcomes=[_outcome(turn, reply)])
+        pop_new_steps(s)
+    return stored
+
+
+def _outcome(turn, reply: str) -> TurnOutcome:  # type: ignore[no-untyped-def]
+    return TurnOutcome(
         turn_id=turn.id,
         conversation_id=turn.conversation_id,
         user_message=turn.message,
@@ -297,10 +304,6 @@ def _store(turn, token, reply: str):  # type: ignore[no-untyped-def]
         speaker_id=turn.character.id,
         speaker_name=turn.character.name,
     )
-    with session_scope() as s:
-        stored = store_replies(session=s, token=token, outcomes=[outcome])
-        pop_new_steps(s)
-    return stored
 
 
 def _run_status(run_id: uuid.UUID) -> RunStatus:
@@ -503,3 +506,101 @@ def test_a_scene_run_goes_through_the_worker_and_exports_per_scene(world, celery
     assert cli(["run", "scenes", name, "--out", str(tmp_path / "out"), "--format", "md"]) == 0
     md = (tmp_path / "out" / f"{name}.scenes.md").read_text()
     assert "## tavern-0" in md and "**Elara**" in md and "1. **루피**" in md
+
+
+# --- live groups ------------------------------------------------------------------------------------
+
+
+def _group(**overrides):  # type: ignore[no-untyped-def]
+    from scenes.spec import GroupSpec
+    from services.scenes import start_group
+
+    spec = {
+        "conversation": f"group-{uuid.uuid4().hex[:10]}",
+        "participants": ["luffy", "elara", {"character": "haneul", "muted": True}],
+        "strategy": "natural",
+        "player_name": "Rowan",
+    } | overrides
+    return start_group(GroupSpec.model_validate(spec))
+
+
+def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:
+    from services.producer import TurnRejected, submit_turns
+
+    group = _group()
+    conv = group["conversation"]
+    assert group["sent"] == []  # no exchanges asked for: the player speaks first
+
+    def speaker_of(**fields) -> str:  # type: ignore[no-untyped-def]
+        (stored,) = submit_turns([{"conversation": conv, **fields}], send=False)
+        with session_scope() as s:
+            return s.scalar(
+                select(Character.slug)
+                .join(Turn, Turn.character_id == Character.id)
+                .where(Turn.id == stored.id)
+            )
+
+    assert speaker_of(message="Elara, is the road safe?") == "elara"  # named: she answers
+    assert speaker_of(message="Anyone?", speaker_character="luffy") == "luffy"  # explicit speaker
+    for slug, reason in (("haneul", "is muted"), ("nobody", "is not a member")):
+        with pytest.raises(TurnRejected) as caught:
+            submit_turns([{"conversation": conv, "message": "hi", "speaker_character": slug}], send=False)
+        (error,) = caught.value.errors
+        assert error.field == "speaker_character" and reason in error.reason
+    with pytest.raises(TurnRejected) as caught:
+        submit_turns(
+            [
+                {
+                    "conversation": f"solo-{uuid.uuid4().hex[:8]}",
+                    "character": "elara",
+                    "message": "hi",
+                    "speaker_character": "elara",
+                }
+            ],
+            send=False,
+        )
+    assert caught.value.errors[0].field == "speaker_character"
+    # The player's line is stored as the player's, the reply under the member who gave it.
+    with session_scope() as s:
+        first = s.scalar(select(Turn.id).where(Turn.conversation_id == _conv_id(conv)).order_by(Turn.number))
+    _answer(first, "The road is safe enough.")
+    with session_scope() as s:
+        lines = s.execute(
+            select(Message.role, Message.speaker_name, Message.content)
+            .where(Message.conversation_id == _conv_id(conv))
+            .order_by(Message.seq)
+        ).all()
+    assert [tuple(x) for x in lines] == [
+        ("user", None, "Elara, is the road safe?"),
+        ("assistant", "Elara", "The road is safe enough."),
+    ]
+
+
+def _conv_id(external_id: str) -> int:
+    from db.models import Conversation
+
+    with session_scope() as s:
+        return s.scalar(select(Conversation.id).where(Conversation.external_id == external_id))
+
+
+def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world) -> None:
+    from services.scenes import continue_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    view = continue_group(conv, 3)
+    assert len(view["sent"]) == 1  # step 1 now; each next step is sent when the one before is stored
+    with session_scope() as s:
+        scene = s.scalars(select(Scene).where(Scene.conversation_id == _conv_id(conv))).one()
+        assert (scene.lane, scene.exchanges, scene.status) == ("live", 3, SceneStatus.OPEN)
+        scene_id = scene.id
+    speakers = []
+    while (step := _open_step(scene_id)) is not None:
+        turn, token, _ = _answer(step, "", store=False)
+        with session_scope() as s:
+            stored = store_replies(session=s, token=token, outcomes=[_outcome(turn, f"ambient {turn.id}")])
+            new = pop_new_steps(s)
+        assert stored == [turn.id] and all(n.lane == "live" for n in new)
+        speakers.append(turn.character.slug)
+    assert speakers == ["luffy", "elara", "luffy"]  # haneul is muted
+    view = continue_group(conv, 2)  # an ended live scene goes on when asked again
+    assert view["status"] == "open" and view["exchanges"] == 5 and len(view["sent"]) == 1
