@@ -205,6 +205,9 @@ def _group_speakers(
     speakers: list[int | None] = []
     errors = []
     for i, req in enumerate(requests):
+        if req.speaker == "narrator" and req.speaker_character is None:  # the narrator is no member
+            speakers.append(None)
+            continue
         try:
             speakers.append(
                 speaker_for_player(

@@ -77,7 +77,11 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
     conv_id = session.scalar(
         select(Conversation.id)
         .join(Scene, Scene.conversation_id == Conversation.id)
-        .where(Conversation.tenant == tenant, Conversation.external_id == conversation)
+        .where(
+            Conversation.tenant == tenant,
+            Conversation.external_id == conversation,
+            Scene.run_id.is_(None),  # a run's scenes are the run's to advance
+        )
     )
     if conv_id is None:
         raise KeyError(f"no group conversation {conversation!r}")

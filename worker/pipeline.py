@@ -494,8 +494,8 @@ def _finish_group(
                 reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
                 state=verdict.mood.as_json() if verdict.mood else None,
                 quality=verdict.quality,
-                speaker_id=turn.character.id if turn.group is not None else None,
-                speaker_name=turn.character.name if turn.group is not None else None,
+                speaker_id=turn.character.id if _member_speaks(turn) else None,
+                speaker_name=turn.character.name if _member_speaks(turn) else None,
             )
         )
     newly_failed = {t: f for t, f in report.failed.items() if t not in failed_before}
@@ -583,6 +583,11 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "completion": sum(g.completion_tokens for g in generations),
         },
     )
+
+
+def _member_speaks(turn: ClaimedTurn) -> bool:
+    """Whether a group member gives this reply (its line is stored under the member's name)."""
+    return turn.group is not None and turn.speaker != "narrator"
 
 
 def _streamed(turn: ClaimedTurn) -> bool:
