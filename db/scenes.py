@@ -12,7 +12,8 @@ conditional UPDATE on the scene row, taken under its row lock:
 A step's turn is created only by the transaction that stores the previous step (or the scene's
 creation), and (scene_id, scene_step) is unique: every step exists once, whoever retries what. The
 hook runs inside every transition that finishes turns (db/runs.py, advance_runs_of_turns), before
-the run is advanced, so a run never completes between a step and the next.
+the run is advanced, so a run never completes between a step and the next. Locks are taken turns →
+runs → scenes, the order a cancel takes them in.
 """
 
 from __future__ import annotations
@@ -314,11 +315,16 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
     ).all()
     if not finished:
         return []
+    # The runs first (turns → runs → scenes, as a cancel takes them): a next step's insert takes a
+    # key-share lock on its run, which two stores advancing the run after it would each wait on.
+    scene_ids = {row[0] for row in finished}
+    runs = select(Scene.run_id).where(Scene.id.in_(scene_ids), Scene.run_id.is_not(None))
+    session.execute(select(Run.id).where(Run.id.in_(runs)).order_by(Run.id).with_for_update())
     scenes = {
         s.id: s
         for s in session.scalars(
             select(Scene)
-            .where(Scene.id.in_({row[0] for row in finished}))
+            .where(Scene.id.in_(scene_ids))
             .order_by(Scene.id)
             .with_for_update()
             .execution_options(populate_existing=True)

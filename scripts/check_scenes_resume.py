@@ -112,16 +112,12 @@ def _counts(name: str) -> dict[str, object]:
         scenes = dict(
             session.execute(
                 select(Scene.status, func.count()).where(Scene.run_id == run_id).group_by(Scene.status)
-            )
-            .tuples()
-            .all()
+            ).all()
         )
         turns = dict(
             session.execute(
                 select(Turn.status, func.count()).where(Turn.run_id == run_id).group_by(Turn.status)
-            )
-            .tuples()
-            .all()
+            ).all()
         )
     return {
         "run": str(status.value) if status else None,
@@ -155,7 +151,7 @@ def _verify(name: str, scenes: int, exchanges: int) -> dict[str, bool]:
             .order_by(Turn.scene_id, Turn.scene_step)
         ).all()
     steps: dict[int, list[int]] = {}
-    for scene_id, step, _ in per_step:
+    for scene_id, step, _, _ in per_step:
         steps.setdefault(scene_id, []).append(step)
     seqs: dict[int, list[int]] = {}
     for scene_id, _, seq in order:

@@ -604,3 +604,50 @@ def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world) -> None
     assert speakers == ["luffy", "elara", "luffy"]  # haneul is muted
     view = continue_group(conv, 2)  # an ended live scene goes on when asked again
     assert view["status"] == "open" and view["exchanges"] == 5 and len(view["sent"]) == 1
+
+
+def test_two_steps_of_one_run_stored_at_once_never_deadlock(world) -> None:
+    """Storing a step creates the next step's turn, whose run_id takes a key-share lock on the run;
+    the run is then locked for update to advance it. Two such stores of one run, each past its
+    insert, used to wait on each other's key-share lock (deadlock): the hook now locks the run
+    before it inserts."""
+    import threading
+
+    from db.scenes import advance_scenes_of_turns
+    from db.session import _session_factory
+
+    run_id = _new_run({"x": _scene(exchanges=3), "y": _scene(exchanges=3)})
+    x_turn, x_token, _ = _answer(_open_step(_scene_id(run_id, "x")), "", store=False)
+    y_turn, y_token, _ = _answer(_open_step(_scene_id(run_id, "y")), "", store=False)
+    first = _session_factory()()
+    errors: list[BaseException] = []
+    try:
+        # The first store, stopped between its scene hook (the next step inserted) and the run's advance.
+        first.execute(
+            select(Turn.id).where(Turn.id == x_turn.id).with_for_update()
+        )  # as store_replies holds it
+        from sqlalchemy import update as sql_update
+
+        first.execute(sql_update(Turn).where(Turn.id == x_turn.id).values(status=TurnStatus.DONE, reply="x"))
+        advance_scenes_of_turns(session=first, turn_ids=[x_turn.id])
+
+        def second() -> None:
+            try:
+                _store(y_turn, y_token, "y's line")
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        thread = threading.Thread(target=second, daemon=True)
+        thread.start()
+        thread.join(timeout=3.0)  # it waits for the first (or, before the fix, deadlocks with it)
+        from db.runs import advance_runs
+
+        advance_runs(session=first, run_ids=[run_id])
+        first.commit()
+    finally:
+        first.close()
+    thread.join(timeout=30)
+    assert not thread.is_alive() and errors == []
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id)) == 4
+        assert s.scalar(select(Run.status).where(Run.id == run_id)) == RunStatus.IN_PROGRESS
