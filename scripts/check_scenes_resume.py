@@ -150,10 +150,10 @@ def _verify(name: str, scenes: int, exchanges: int) -> dict[str, bool]:
             .where(Turn.run_id == run_id)
             .order_by(Turn.scene_id, Turn.scene_step)
         ).all()
-    steps: dict[int, list[int]] = {}
+    steps: dict[int | None, list[int]] = {}
     for scene_id, step, _, _ in per_step:
         steps.setdefault(scene_id, []).append(step)
-    seqs: dict[int, list[int]] = {}
+    seqs: dict[int | None, list[int]] = {}
     for scene_id, _, seq in order:
         seqs.setdefault(scene_id, []).append(seq)
     return {
@@ -216,7 +216,7 @@ def main() -> int:
         while time.monotonic() - started < args.timeout:
             time.sleep(2)
             counts = _counts(name)
-            done = counts["steps"].get("done", 0)  # type: ignore[union-attr]
+            done = counts["steps"].get("done", 0)  # type: ignore[attr-defined]
             if not killed and done >= args.kill_worker_at * total:
                 victim = next(iter(workers))
                 os.killpg(workers[victim].pid, signal.SIGKILL)
