@@ -651,3 +651,32 @@ def test_two_steps_of_one_run_stored_at_once_never_deadlock(world) -> None:
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id)) == 4
         assert s.scalar(select(Run.status).where(Run.id == run_id)) == RunStatus.IN_PROGRESS
+
+
+def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url) -> None:
+    import httpx
+
+    key = {"X-API-Key": "test-key-1-abcdefgh"}
+    conv = f"http-group-{uuid.uuid4().hex[:8]}"
+    body = {"conversation": conv, "participants": ["elara", "nobody"], "premise": "A quiet night."}
+    r = httpx.post(f"{base_url}/v1/scenes", json=body, headers=key, timeout=30)
+    assert r.status_code == 422 and "participants.1.character: unknown character 'nobody'" in r.text
+    r = httpx.post(f"{base_url}/v1/scenes", json=body | {"participants": ["elara"]}, headers=key, timeout=30)
+    assert r.status_code == 422 and "participants" in r.text and "at least 2" in r.text
+    r = httpx.post(
+        f"{base_url}/v1/scenes", json=body | {"participants": ["elara", "luffy"]}, headers=key, timeout=30
+    )
+    assert r.status_code == 201, r.text
+    assert r.json()["conversation"] == conv and r.json()["lines"] == [] and r.json()["sent"] == []
+    r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers=key, timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "open"
+    r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers={"X-API-Key": "test-key-2-abcdefgh"}, timeout=30)
+    assert r.status_code == 404  # another tenant's group is not there
+    r = httpx.post(
+        f"{base_url}/v1/scenes/{conv}:continue", json={"exchanges": 10_000}, headers=key, timeout=30
+    )
+    assert r.status_code == 422 and "exchanges" in r.text
+    r = httpx.post(
+        f"{base_url}/v1/scenes/no-such-group:continue", json={"exchanges": 2}, headers=key, timeout=30
+    )
+    assert r.status_code == 404
