@@ -680,3 +680,21 @@ def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url
         f"{base_url}/v1/scenes/no-such-group:continue", json={"exchanges": 2}, headers=key, timeout=30
     )
     assert r.status_code == 404
+
+
+def test_a_failed_step_fails_its_scene_and_the_run_still_completes(world) -> None:
+    from db.models import TurnErrorCode
+    from db.turns import Failure, fail_turns
+
+    run_id = _new_run({"ok": _scene(exchanges=1), "broken": _scene(exchanges=4)})
+    _answer(_open_step(_scene_id(run_id, "ok")), "fine")
+    broken = _scene_id(run_id, "broken")
+    turn, token, _ = _answer(_open_step(broken), "", store=False)
+    with session_scope() as s:
+        failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+    assert _open_step(broken) is None  # no step after a failed one
+    with session_scope() as s:
+        scene = s.get_one(Scene, broken)
+        assert scene.status == SceneStatus.FAILED and "empty reply" in (scene.ended_reason or "")
+    assert _run_status(run_id) == RunStatus.COMPLETED
