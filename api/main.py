@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, chat_completions, desk, files, health, stories, stream, turns
+from api.routes import batches, characters, chat_completions, desk, files, health, scenes, stories, stream, turns
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
@@ -40,6 +40,7 @@ def create_app() -> FastAPI:
         files,
         characters,
         stories,
+        scenes,
         health,
         metrics_routes,
     ):

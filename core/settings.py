@@ -206,6 +206,10 @@ class Settings(BaseSettings):
     # generate one candidate unless their params ask for more.
     run_candidates: int = Field(default=2, ge=1, le=8)
 
+    # Scenes (group conversations): the most characters in one, and the most steps one may ask for.
+    scene_max_participants: int = Field(default=16, ge=2, le=1000)
+    scene_max_exchanges: int = Field(default=200, ge=1)
+
     # HTTP ingest.
     # MLCHAT_API_KEYS: a JSON list of keys (see ApiKey): bare strings, or objects with scopes.
     api_keys: list[ApiKey] = Field(default_factory=list, repr=False)

@@ -1,4 +1,5 @@
-"""Typed SQLAlchemy 2 models: characters, conversations, messages, story events, turns, runs, reviews."""
+"""Typed SQLAlchemy 2 models: characters, conversations (and their members), messages, story events,
+turns, runs, scenes, reviews."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     Enum,
+    Float,
     ForeignKey,
     Identity,
     Index,
@@ -190,7 +192,80 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text)
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
     turn_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("turns.id", ondelete="SET NULL"))
+    # Who said it in a group conversation (None: the player, or the conversation's one character).
+    # The name is kept as spoken: a transcript survives the character's later rename or deletion.
+    speaker_id: Mapped[int | None] = mapped_column(ForeignKey("characters.id", ondelete="SET NULL"))
+    speaker_name: Mapped[str | None] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class ConversationMember(Base):
+    """A character taking part in a group conversation (a scene), in its speaking position."""
+
+    __tablename__ = "conversation_members"
+    __table_args__ = (
+        CheckConstraint("talkativeness >= 0 AND talkativeness <= 1", name="talkativeness_bounded"),
+        CheckConstraint("affinity BETWEEN -100 AND 100", name="affinity_bounded"),
+    )
+
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    # A deleted character leaves its scenes (the member row goes); its spoken lines keep its name.
+    character_id: Mapped[int] = mapped_column(
+        ForeignKey("characters.id", ondelete="CASCADE"), primary_key=True
+    )
+    position: Mapped[int] = mapped_column(Integer)
+    talkativeness: Mapped[float] = mapped_column(Float, default=0.5, server_default="0.5")
+    muted: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # This member's own mood and regard for the player (the conversation's columns are the lead's).
+    emotion: Mapped[str] = mapped_column(String(16), default="neutral", server_default="neutral")
+    affinity: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+    character: Mapped[Character] = relationship(lazy="joined")
+
+
+class SceneStatus(enum.StrEnum):
+    """open → ended (its exchanges done, or its stop condition met) | failed (a step failed) |
+    cancelled (its run was cancelled or expired)."""
+
+    OPEN = "open"
+    ENDED = "ended"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class Scene(Base):
+    """A group conversation that advances step by step: each step one turn of the speaker the
+    strategy picks, created when the previous step is stored (db/scenes.py)."""
+
+    __tablename__ = "scenes"
+    __table_args__ = (
+        UniqueConstraint("run_id", "custom_id", name="uq_scenes_run_id_custom_id"),
+        CheckConstraint("steps_done >= 0 AND steps_done <= exchanges", name="steps_bounded"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), unique=True
+    )
+    run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    custom_id: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[SceneStatus] = mapped_column(_enum(SceneStatus, "scene_status"), default=SceneStatus.OPEN)
+    strategy: Mapped[str] = mapped_column(String(16))  # fixed, natural, rules (scenes/speakers.py)
+    rules: Mapped[list[Any]] = mapped_column(default=list, server_default="[]")
+    allow_repeat: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    exchanges: Mapped[int] = mapped_column(Integer)  # the steps it runs to (a live scene's grow)
+    steps_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    end_phrase: Mapped[str | None] = mapped_column(Text)  # a reply holding it ends the scene
+    premise: Mapped[str] = mapped_column(Text, default="", server_default="")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    seed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    lane: Mapped[str] = mapped_column(String(8), default="bulk", server_default="bulk")
+    model: Mapped[str] = mapped_column(String(64))
+    ended_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StoryEvent(Base):
@@ -291,6 +366,14 @@ class Turn(Base):
         Index("ix_turns_run_status", "run_id", "status"),
         # The sweeper's scan: only unfinished turns, a small share of the table.
         Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
+        # A scene's step is one turn, ever: the exactly-once guarantee of scene runs.
+        Index(
+            "uq_turns_scene_step",
+            "scene_id",
+            "scene_step",
+            unique=True,
+            postgresql_where="scene_id IS NOT NULL",
+        ),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
@@ -308,6 +391,11 @@ class Turn(Base):
     message: Mapped[str] = mapped_column(Text)
     # Who answers: the conversation's character, or the story's narrator (third person).
     speaker: Mapped[str] = mapped_column(String(16), default="character", server_default="character")
+    # In a group conversation, the member who answers (None: the conversation's own character).
+    character_id: Mapped[int | None] = mapped_column(ForeignKey("characters.id"))
+    # A scene's step this turn is (its message is empty: no player line).
+    scene_id: Mapped[int | None] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"))
+    scene_step: Mapped[int | None] = mapped_column(Integer)
     status: Mapped[TurnStatus] = mapped_column(_enum(TurnStatus, "turn_status"), default=TurnStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(64))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)

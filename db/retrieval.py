@@ -31,21 +31,22 @@ last_seq AS (
            COALESCE((SELECT max(seq) FROM messages m WHERE m.conversation_id = q.conversation_id), 0) AS seq
     FROM q
 )
-SELECT 'recent' AS kind, q.idx, r.id, r.role, r.content, r.seq AS pos, NULL::float8 AS distance, NULL AS scene
+SELECT 'recent' AS kind, q.idx, r.id, r.role, r.content, r.seq AS pos, NULL::float8 AS distance,
+       NULL AS scene, r.speaker_id, r.speaker_name
 FROM q CROSS JOIN LATERAL (
-    SELECT id, role, content, seq FROM messages m
+    SELECT id, role, content, seq, speaker_id, speaker_name FROM messages m
     WHERE m.conversation_id = q.conversation_id
     ORDER BY seq DESC LIMIT :recent_n
 ) r
 UNION ALL
-SELECT 'similar', q.idx, s.id, s.role, s.content, s.seq, s.distance, NULL
+SELECT 'similar', q.idx, s.id, s.role, s.content, s.seq, s.distance, NULL, s.speaker_id, s.speaker_name
 FROM q JOIN last_seq l USING (idx) CROSS JOIN LATERAL (
-    SELECT id, role, content, seq, m.embedding <=> q.vec AS distance FROM messages m
+    SELECT id, role, content, seq, speaker_id, speaker_name, m.embedding <=> q.vec AS distance FROM messages m
     WHERE m.conversation_id = q.conversation_id AND m.embedding IS NOT NULL AND m.seq <= l.seq - :recent_n
     ORDER BY distance LIMIT :history_k
 ) s
 UNION ALL
-SELECT 'event', q.idx, e.id, NULL, e.text, e.time, e.distance, e.scene
+SELECT 'event', q.idx, e.id, NULL, e.text, e.time, e.distance, e.scene, NULL::int, NULL
 FROM q CROSS JOIN LATERAL (
     SELECT id, text, time, scene, ev.embedding <=> q.vec AS distance FROM story_events ev
     WHERE ev.story = q.story AND (q.story_time IS NULL OR ev.time <= q.story_time)
@@ -81,6 +82,9 @@ class HistoryLine:
     content: str
     seq: int
     score: float | None = None  # cosine similarity, for retrieved lines
+    # In a group conversation, the member who said it and its name as spoken (None: the player).
+    speaker_id: int | None = None
+    speaker_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,12 +142,15 @@ def fetch_batch_context(
     )
     _send_vectors_binary(session)
     session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
-    for kind, idx, row_id, role, content, pos, distance, scene in session.execute(_BATCH_CONTEXT_SQL, params):
+    rows = session.execute(_BATCH_CONTEXT_SQL, params)
+    for kind, idx, row_id, role, content, pos, distance, scene, speaker_id, speaker_name in rows:
         ctx = contexts[idx]
         if kind == "recent":
-            ctx.recent.append(HistoryLine(row_id, role, content, pos))
+            ctx.recent.append(HistoryLine(row_id, role, content, pos, None, speaker_id, speaker_name))
         elif kind == "similar":
-            ctx.similar.append(HistoryLine(row_id, role, content, pos, 1.0 - distance))
+            ctx.similar.append(
+                HistoryLine(row_id, role, content, pos, 1.0 - distance, speaker_id, speaker_name)
+            )
         else:
             ctx.events.append(EventHit(row_id, scene, content, pos, 1.0 - distance))
     for ctx in contexts:

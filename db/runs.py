@@ -38,6 +38,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
+from db.scenes import advance_scenes_of_turns, cancel_open_scenes
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -383,6 +384,8 @@ def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) ->
     """advance the runs these turns belong to (after a transition finished them)."""
     if not turn_ids:
         return
+    # A scene's next step is created first: the run never completes between two steps.
+    advance_scenes_of_turns(session=session, turn_ids=turn_ids)
     run_ids = session.scalars(
         select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
     ).all()
@@ -436,6 +439,7 @@ def cancel_run(
         .where(Run.id == run_id, Run.status.in_([s for s in cancellable if s != RunStatus.CANCELLING]))
         .values(status=RunStatus.CANCELLING, cancel_reason=reason, cancelling_at=func.now())
     )
+    cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
     advance_runs(session=session, run_ids=[run_id])
     after = run_status(session=session, run_id=run_id)
     assert after is not None

@@ -35,6 +35,7 @@ from sqlalchemy.orm import Session, aliased
 from db.models import (
     Character,
     Conversation,
+    ConversationMember,
     Message,
     Role,
     Run,
@@ -44,6 +45,7 @@ from db.models import (
     TurnStatus,
 )
 from db.runs import advance_runs_of_turns
+from db.scenes import GroupView, group_views
 
 ERROR_CHARS = 2000
 
@@ -68,6 +70,7 @@ class NewTurn:
     api_key: str | None = None
     tenant: str = ""  # the caller's tenant ('' for the CLI and the Python API)
     callback_url: str | None = None
+    character_id: int | None = None  # a group conversation's member who answers
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class ClaimedTurn:
     affinity: int = 0
     run_id: uuid.UUID | None = None
     engine_deaths: int = 0
+    # A group conversation's turn: who is present (its `character` is the member who speaks).
+    group: GroupView | None = None
 
 
 @dataclass(frozen=True)
@@ -336,14 +341,33 @@ def claim_turns(
     if waiting:
         _defer(session=session, turn_ids=waiting, wait_limit_s=wait_limit_s, result=result)
     if claimed_ids:
+        # A group's turn speaks as its member (its own mood); any other as the conversation's character.
+        speaker_id = func.coalesce(Turn.character_id, Conversation.character_id)
         rows = session.execute(
-            select(Turn, Conversation, Character, func.extract("epoch", func.now() - Turn.created_at))
+            select(
+                Turn,
+                Conversation,
+                Character,
+                ConversationMember,
+                func.extract("epoch", func.now() - Turn.created_at),
+            )
             .join(Conversation, Conversation.id == Turn.conversation_id)
-            .join(Character, Character.id == Conversation.character_id)
+            .join(Character, Character.id == speaker_id)
+            .outerjoin(
+                ConversationMember,
+                and_(
+                    ConversationMember.conversation_id == Conversation.id,
+                    ConversationMember.character_id == speaker_id,
+                ),
+            )
             .where(Turn.id.in_(claimed_ids))
             .order_by(Turn.number)
         ).all()
-        for turn, conv, char, waited_s in rows:
+        groups = group_views(
+            session=session, conversation_ids=sorted({conv.id for _, conv, _, member, _ in rows if member})
+        )
+        for turn, conv, char, member, waited_s in rows:
+            mood_of = member or conv
             result.claimed.append(
                 ClaimedTurn(
                     id=turn.id,
@@ -357,10 +381,11 @@ def claim_turns(
                     story_time=conv.story_time,
                     queued_ms=float(waited_s) * 1000.0,
                     speaker=turn.speaker,
-                    emotion=conv.emotion,
-                    affinity=conv.affinity,
+                    emotion=mood_of.emotion,
+                    affinity=mood_of.affinity,
                     run_id=turn.run_id,
                     engine_deaths=turn.engine_deaths,
+                    group=groups.get(conv.id),
                 )
             )
     if result.exhausted or result.blocked:
@@ -517,6 +542,9 @@ class TurnOutcome:
     quality: dict[str, Any] | None = None
     alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
     adapter: str | None = None  # the LoRA that answered ("slug@vN"), None for the base model
+    # A group conversation's reply: the member who spoke (its name as spoken, its own mood).
+    speaker_id: int | None = None
+    speaker_name: str | None = None
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -563,10 +591,11 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     rows = []
     for o in outcomes:
         seq = next_seq.get(o.conversation_id, 0)
-        for offset, role, content, vector in (
-            (1, Role.USER, o.user_message, o.user_embedding),
-            (2, o.reply_role, o.reply, o.reply_embedding),
-        ):
+        lines: list[tuple[Role, str, Any, int | None, str | None]] = []
+        if o.user_message:  # a scene's step has no player line
+            lines.append((Role.USER, o.user_message, o.user_embedding, None, None))
+        lines.append((o.reply_role, o.reply, o.reply_embedding, o.speaker_id, o.speaker_name))
+        for offset, (role, content, vector, speaker_id, speaker_name) in enumerate(lines, start=1):
             rows.append(
                 dict(
                     conversation_id=o.conversation_id,
@@ -575,9 +604,11 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                     content=content,
                     embedding=vector,
                     turn_id=o.turn_id,
+                    speaker_id=speaker_id,
+                    speaker_name=speaker_name,
                 )
             )
-        next_seq[o.conversation_id] = seq + 2
+        next_seq[o.conversation_id] = seq + len(lines)
     stmt = (
         insert(Message)
         .on_conflict_do_nothing(
@@ -620,7 +651,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
         ],
         execution_options={"synchronize_session": None},
     )
-    moods = [o for o in stored if o.state is not None]
+    moods = [o for o in stored if o.state is not None and o.speaker_id is None]
     if moods:  # in the reply's transaction: the state never moves without the reply that moved it
         session.execute(
             update(Conversation),
@@ -633,6 +664,16 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 for o in moods
             ],
         )
+    for o in stored:  # a group member's mood is its own
+        if o.state is not None and o.speaker_id is not None:
+            session.execute(
+                update(ConversationMember)
+                .where(
+                    ConversationMember.conversation_id == o.conversation_id,
+                    ConversationMember.character_id == o.speaker_id,
+                )
+                .values(emotion=o.state["after"]["emotion"], affinity=o.state["after"]["affinity"])
+            )
     done = [o.turn_id for o in stored]
     advance_runs_of_turns(session=session, turn_ids=done)
     return done

@@ -32,6 +32,7 @@ app.add_typer(lora_app, name="lora")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
+SceneFormat = Literal["jsonl", "md"]  # services/runs/scene_export.py
 
 
 class Refused(Exception):
@@ -283,6 +284,21 @@ def run_export(
     reasons = run_state(run).quality.get("below_bar_reasons")
     if reasons:
         _out("below the bar: " + " ".join(f"{k}={v}" for k, v in reasons.items()))
+
+
+@run_app.command("scenes")
+def run_scenes(
+    run: Annotated[str, typer.Argument(help="the run's id or name")],
+    out: Annotated[Path, typer.Option(file_okay=False, help="output folder")] = Path("exports"),
+    format: Annotated[
+        SceneFormat, typer.Option("--format", help="jsonl: one scene per line; md: for writers")
+    ] = "jsonl",
+) -> None:
+    """Each scene's transcript (speaker, text, emotion, step, turn ids), as JSONL or Markdown."""
+    from services.runs.scene_export import export_scenes
+
+    path, n = export_scenes(run, out, format)
+    _out(f"{n} scenes -> {path}")
 
 
 @run_app.command("cancel")

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
+from db.scenes import speaker_for_player
 from db.session import session_scope
 from db.turns import NewTurn, StoredTurn, cancel_turns, create_turns, fail_unsent, revive_unsent
 from db.turns import get_turn as read_turn
@@ -162,6 +163,7 @@ def _store_turns(
     were never sent. Returns each request's StoredTurn and the revived ids."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed, tenant)
+        speakers = _group_speakers(session, parsed, conv_ids)
         new = [
             NewTurn(
                 idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
@@ -178,6 +180,7 @@ def _store_turns(
                 api_key=api_key,
                 tenant=tenant,
                 callback_url=req.callback_url,
+                character_id=speakers[i],
             )
             for i, req in enumerate(parsed)
         ]
@@ -192,6 +195,35 @@ def _store_turns(
         revived = set(revive_unsent(session=session, turn_ids=unsent)) if unsent else set()
     stored = [replace(t, status=TurnStatus.QUEUED, error_code=None) if t.id in revived else t for t in stored]
     return stored, revived
+
+
+def _group_speakers(
+    session: Any, requests: Sequence[TurnRequest], conv_ids: dict[str, int]
+) -> list[int | None]:
+    """Each request's answering member in a group conversation (None elsewhere); TurnRejected lists
+    every request whose named speaker cannot answer."""
+    speakers: list[int | None] = []
+    errors = []
+    for i, req in enumerate(requests):
+        if req.speaker == "narrator" and req.speaker_character is None:  # the narrator is no member
+            speakers.append(None)
+            continue
+        try:
+            speakers.append(
+                speaker_for_player(
+                    session=session,
+                    conversation_id=conv_ids[req.conversation],
+                    message=req.message,
+                    slug=req.speaker_character,
+                )
+            )
+        except ValueError as exc:
+            field, _, reason = str(exc).partition(": ")
+            errors.append(ItemError(i, field, reason))
+            speakers.append(None)
+    if errors:
+        raise TurnRejected(errors)
+    return speakers
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:

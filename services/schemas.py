@@ -120,6 +120,12 @@ class TurnRequest(BaseModel):
     speaker: Literal["character", "narrator"] = Field(
         default="character", description="who answers: the character, or the story's narrator"
     )
+    speaker_character: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=64,
+        description="in a group conversation, the member who answers (default: the group's strategy)",
+    )
     direction: Text | None = Field(
         default=None,
         min_length=1,

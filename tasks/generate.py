@@ -146,6 +146,12 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     failed = {t: f.reason for t, f in report.failed.items()}
     events.finished(report.done, failed, [*report.send_again, *report.deferred])
     outcome.resend.append(Resend([(t, lane_of[t]) for t in report.send_again], settings.flush_interval))
+    # Scenes' next steps, created with the steps just stored: one message per lane's batch, so the
+    # open scenes' steps reach the engine together.
+    steps: dict[str, list[Pending]] = {}
+    for step in report.next_steps:
+        steps.setdefault(step.model, []).append((step.turn_id, step.lane))  # type: ignore[arg-type]
+    outcome.resend += [Resend(turns, model=model) for model, turns in steps.items()]
     # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
     waiting: dict[float, list[Pending]] = {}
     for turn_id, deferrals in report.deferred.items():

@@ -62,3 +62,42 @@ def test_models_and_migrations_agree(services) -> None:
     with get_engine().connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_the_scenes_migration_moves_forward_over_rows_in_the_old_tables(scratch_db) -> None:
+    _run(scratch_db, "upgrade", "0012")
+    scratch_db.execute(
+        text(
+            "INSERT INTO characters (id, slug, name, language, description, personality, scenario,"
+            " speech_style, example_dialogues, first_message, system_prompt, post_history_instructions)"
+            " VALUES (1, 'old', 'Old', 'en', '', '', '', '', '[]', '', '', '')"
+        )
+    )
+    scratch_db.execute(
+        text(
+            "INSERT INTO conversations (id, external_id, character_id, player_id, player_name)"
+            " VALUES (1, 'c-old', 1, '', '')"
+        )
+    )
+    scratch_db.execute(
+        text("INSERT INTO messages (conversation_id, seq, role, content) VALUES (1, 1, 'user', 'hello')")
+    )
+    scratch_db.execute(
+        text(
+            "INSERT INTO turns (id, idempotency_key, request_hash, conversation_id, message, status, model,"
+            " params, attempts) VALUES (gen_random_uuid(), 'k', 'h', 1, 'hello', 'done', 'm', '{}', 1)"
+        )
+    )
+    scratch_db.commit()
+    _run(scratch_db, "upgrade", "head")
+    assert scratch_db.execute(text("SELECT speaker_id, speaker_name, content FROM messages")).one() == (
+        None,
+        None,
+        "hello",
+    )
+    assert scratch_db.execute(text("SELECT character_id, scene_id, scene_step FROM turns")).one() == (
+        None,
+        None,
+        None,
+    )
+    assert scratch_db.execute(text("SELECT count(*) FROM scenes")).scalar() == 0

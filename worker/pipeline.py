@@ -27,6 +27,7 @@ from core import metrics
 from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
+from db.scenes import NewStep, pop_new_steps
 from db.session import session_scope
 from db.turn_callbacks import with_callbacks
 from db.turns import (
@@ -72,6 +73,7 @@ class BatchReport:
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
     handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
+    next_steps: list[NewStep] = field(default_factory=list)  # scene steps the stored replies created: send
     engine_dead: BaseException | None = None
     futures: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # each turn's engine requests
     # Turns whose adapter was loading when the engine died: they count the death as if inside it.
@@ -386,6 +388,7 @@ def _prepare(
                 speaker=turn.speaker,
                 system_prompt=turn.params.get("system_prompt"),
                 direction=turn.params.get("direction"),
+                group=turn.group,
             )
         )
     with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
@@ -491,6 +494,8 @@ def _finish_group(
                 reply_role=Role.NARRATOR if turn.speaker == "narrator" else Role.ASSISTANT,
                 state=verdict.mood.as_json() if verdict.mood else None,
                 quality=verdict.quality,
+                speaker_id=turn.character.id if _member_speaks(turn) else None,
+                speaker_name=turn.character.name if _member_speaks(turn) else None,
             )
         )
     newly_failed = {t: f for t, f in report.failed.items() if t not in failed_before}
@@ -504,6 +509,8 @@ def _finish_group(
         stored = store_replies(session=session, token=token, outcomes=outcomes)
         fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
         requeue_turns(session=session, token=token, reasons=retry)
+        next_steps = pop_new_steps(session)
+    report.next_steps += next_steps  # committed: the task sends them on their scene's lane
     _announce(group, [*stored, *newly_failed, *retry])
     _call_back([*stored, *newly_failed])
     report.done += stored
@@ -576,6 +583,11 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "completion": sum(g.completion_tokens for g in generations),
         },
     )
+
+
+def _member_speaks(turn: ClaimedTurn) -> bool:
+    """Whether a group member gives this reply (its line is stored under the member's name)."""
+    return turn.group is not None and turn.speaker != "narrator"
 
 
 def _streamed(turn: ClaimedTurn) -> bool:

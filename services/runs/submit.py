@@ -39,7 +39,9 @@ from db.runs import (
 )
 from db.session import session_scope
 from db.turns import mark_dispatched
+from scenes.spec import SceneSpec
 from services.runs.openai_lines import LineOptions
+from services.runs.scene_lines import insert_run_scenes, stored_scene_ids
 from services.runs.validate import (
     FileCheck,
     LineError,
@@ -53,6 +55,7 @@ from services.schemas import storable_text
 logger = logging.getLogger(__name__)
 
 CHUNK = 5000  # lines per transaction and COPY
+SCENE_CHUNK = 500  # scene lines per transaction (each is a few rows)
 _KEY_CHARS = 200  # turns.idempotency_key and conversations.external_id are varchar(200)
 
 __all__ = ["CHUNK", "RunBusy", "RunConflict", "SubmissionFailed", "SubmittedRun", "submit_run"]
@@ -217,6 +220,7 @@ def _store_and_send(
     """
     with session_scope() as session:
         already = stored_custom_ids(session=session, run_id=run_id)
+        already |= stored_scene_ids(session=session, run_id=run_id)
     counts = [0, 0]
 
     def send(ids: list[uuid.UUID]) -> None:
@@ -228,11 +232,18 @@ def _store_and_send(
     while leftovers := _unsent(run_id):
         send(leftovers)
     candidates = check.reader.options.candidates or settings.run_candidates
-    lines = (
-        _staged_turn(text, line, name, run_id, model, candidates)
-        for _, text, line in good_lines(path, check)
-        if line.custom_id not in already
-    )
+    scenes: list[tuple[str, str, SceneSpec]] = []
+
+    def staged() -> Iterator[StagedTurn]:
+        for _, text, line in good_lines(path, check):
+            if line.custom_id in already:
+                continue
+            if line.scene is not None:  # stored after the lines, in chunks of their own
+                scenes.append((line.custom_id, _key(f"run:{name}", line.custom_id), line.scene))
+                continue
+            yield _staged_turn(text, line, name, run_id, model, candidates)
+
+    lines = staged()
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-writer") as writer,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-sender") as sender,
@@ -249,6 +260,18 @@ def _store_and_send(
             write = writer.submit(_insert_chunk, run_id, chunk, tenant) if chunk else None
         if sending is not None:
             sending.result()
+    for start in range(0, len(scenes), SCENE_CHUNK):
+        with session_scope() as session:
+            first_steps = insert_run_scenes(
+                session=session,
+                run_id=run_id,
+                lines=scenes[start : start + SCENE_CHUNK],
+                model=model,
+                tenant=tenant,
+                candidates=candidates,
+            )
+        counts[0] += len(first_steps)
+        send(first_steps)
     return counts[0], counts[1]
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from core.settings import DEFAULT_TENANT
 from db.session import session_scope
 from db.world import all_character_slugs, find_conversations
+from scenes.spec import SceneSpec
 from services.runs.openai_lines import (
     LineOptions,
     RequestRefused,
@@ -46,7 +47,7 @@ class RunLine(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     custom_id: Text = Field(min_length=1, max_length=200)
-    message: str
+    message: str = ""  # required, except on a scene line
     character: Text | None = Field(default=None, max_length=64)
     conversation: Text | None = Field(
         default=None, max_length=200, description="omit for a fresh conversation"
@@ -63,6 +64,8 @@ class RunLine(BaseModel):
     # The line's direction for the scene (an OpenAI line's system message by default): placed after
     # the character's own system prompt, which stays.
     direction: Text | None = Field(default=None, min_length=1, max_length=20_000)
+    # A scene instead of a message: characters talking among themselves, step by step (scenes/).
+    scene: SceneSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,8 @@ class LineReader:
             data, name = to_run_line(data, self.characters, self.options), body_field
         try:
             line = RunLine.model_validate(data)
-            check_message(line.message)
+            if line.scene is None:
+                check_message(line.message)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
@@ -140,6 +144,11 @@ class LineReader:
             raise self._refused(data, error) from None
         except ValueError as exc:
             raise self._refused(data, f"{name('message')}: {exc}") from None
+        if line.scene is not None:
+            extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
+            if extra:
+                raise ValueError(f"{extra[0]}: a scene line names its characters in scene.participants")
+            return line
         if not line.conversation and not line.character:
             raise ValueError("a line without a conversation must name a character")
         if line.history and line.conversation:
@@ -252,6 +261,15 @@ def validate_file(
             continue
         if line.character and line.character not in characters:
             errors.append(LineError(number, f"character: unknown character {line.character!r}"))
+            continue
+        unknown = [
+            (i, p.character)
+            for i, p in enumerate(line.scene.participants if line.scene else [])
+            if p.character not in characters
+        ]
+        if unknown:
+            i, slug = unknown[0]
+            errors.append(LineError(number, f"scene.participants.{i}.character: unknown character {slug!r}"))
             continue
         seen.add(line.custom_id)
         if line.conversation:

@@ -73,6 +73,8 @@ def event_line(hit: EventHit, clean: Clean) -> str:
 
 def memory_line(line: HistoryLine, char: str, user: str, clean: Clean) -> str:
     speaker = {"user": user, "assistant": char, "narrator": "Narrator"}.get(line.role, line.role)
+    if line.speaker_name and line.role == "assistant":  # a group's line: whoever said it
+        speaker = " ".join(line.speaker_name.split())
     return clean(f"- {speaker}: {line.content}")
 
 
@@ -88,6 +90,11 @@ class Layout:
     user: str
     narrator: bool
     clean: Clean
+    # A group conversation's turn: the speaking member's character id, and the label maker for the
+    # other speakers' names (each name folded onto one line, then cleaned).
+    group: bool = False
+    speaker_id: int | None = None
+    label: Clean = str
 
 
 def system_pieces(layout: Layout, events: list[EventHit], memories: list[HistoryLine]) -> list[Piece]:
@@ -107,6 +114,14 @@ def system_pieces(layout: Layout, events: list[EventHit], memories: list[History
 def history_message(layout: Layout, line: HistoryLine) -> tuple[str, str]:
     """(role, content) of an earlier line of the conversation, as this turn's speaker sees it."""
     content = layout.clean(line.content)  # earlier player lines are player text too
+    if layout.group and not layout.narrator:
+        # Only the speaker's own lines are its turns; everyone else's come in under their names.
+        if line.role == "assistant" and line.speaker_id is not None and line.speaker_id == layout.speaker_id:
+            return "assistant", content
+        if line.role == "narrator":
+            return "user", f"[Narrator] {content}"
+        name = layout.user if line.role == "user" else layout.label(line.speaker_name or "Someone")
+        return "user", f"{name}: {content}"
     if layout.narrator:
         role = "assistant" if line.role == "narrator" else "user"
         if line.role != "narrator":

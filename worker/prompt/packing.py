@@ -45,6 +45,7 @@ class PromptInput:
     speaker: str = "character"  # or "narrator"
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
     direction: str | None = None  # the line's direction for the scene, after the persona
+    group: Any = None  # a group conversation's GroupView (db/scenes.py): premise and members' names
 
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
@@ -87,6 +88,10 @@ class PromptBuilder:
         """The one cleaning step for every untrusted text of a prompt between these two speakers."""
         escape, scrub = self.format.escape, self.sanitizer.scrub
         return lambda text: escape(scrub(text), char, user)
+
+    def cleaner_label(self, clean: Any) -> Any:
+        """Another speaker's name as a label: folded onto one line, then cleaned like any text."""
+        return lambda name: clean(self.sanitizer.label(name, "Someone"))
 
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -134,6 +139,15 @@ class PromptBuilder:
         if item.direction:  # after the persona, so the persona stays a shared, cached prefix
             text = "[Scene direction]\n" + fill_macros(item.direction, char, user)
             persona = [*persona, ("direction", None, clean(text))]
+        group = item.group if not narrator else None
+        label = self.cleaner_label(clean)
+        others = [label(n) for n in group.names if n != item.character.name] if group else []
+        message = item.message
+        if group is not None:  # after the persona too: the persona stays a shared prefix
+            premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
+            scene = f"[Scene]\n{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
+            persona = [*persona, ("scene", None, clean(scene))]
+            message = f"{user}: {message}" if message else f"[{char} speaks next.]"
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )
@@ -158,7 +172,10 @@ class PromptBuilder:
             else clean(x.content)
             for kind, x in ordered
         ]
-        layout = Layout(persona, state, clean(item.message), post, char, user, narrator, clean)
+        group_fields: dict[str, Any] = dict(
+            group=group is not None, speaker_id=item.character.id, label=label
+        )
+        layout = Layout(persona, state, clean(message), post, char, user, narrator, clean, **group_fields)
         base_len = len(self._render(layout, [], [], [])[0])
         while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
             # Lore that would leave no room for the message goes first (the last-ranked entry).
@@ -168,7 +185,7 @@ class PromptBuilder:
                 moved = next(f for f in lore.kept if f.entry.id == drop[1])
                 lore.kept.remove(moved)
                 lore.dropped.append(moved)
-            layout = Layout(persona, state, layout.message, post, char, user, narrator, clean)
+            layout = Layout(persona, state, layout.message, post, char, user, narrator, clean, **group_fields)
             base_len = len(self._render(layout, [], [], [])[0])
         if base_len > budget:
             raise PromptTooLong(
@@ -207,6 +224,7 @@ class PromptBuilder:
         sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
         if layout.post:
             sources.append(("post-history instruction", layout.post))
+        stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
     def _render(

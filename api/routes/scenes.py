@@ -1,0 +1,43 @@
+"""Scenes: start a live group conversation, ask it to go on with no player line, read it."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Caller, json_body, needs
+from scenes.spec import ContinueSpec, GroupSpec
+from services import scenes
+
+router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
+
+
+@router.post("", status_code=201, dependencies=[Depends(json_body)])
+async def post_scene(body: GroupSpec, who: Annotated[Caller, Depends(needs("ingest"))]) -> dict[str, Any]:
+    """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane)."""
+    try:
+        return await run_in_threadpool(scenes.start_group, body, tenant=who.tenant, api_key=who.key_id)
+    except scenes.SceneRefused as exc:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+
+
+@router.post("/{conversation}:continue", dependencies=[Depends(json_body)])
+async def continue_scene(
+    conversation: str, body: ContinueSpec, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> dict[str, Any]:
+    """Ask the group to go on for `exchanges` lines with no player line (ambient chatter)."""
+    try:
+        return await run_in_threadpool(scenes.continue_group, conversation, body.exchanges, tenant=who.tenant)
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+
+
+@router.get("/{conversation}")
+async def get_scene(conversation: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> dict[str, Any]:
+    """The group's scene and its transcript so far."""
+    try:
+        return await run_in_threadpool(scenes.scene_view, conversation, tenant=who.tenant)
+    except KeyError as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None

@@ -1,0 +1,460 @@
+"""The scene state machine, and every query on scenes and group members. Each transition is a
+conditional UPDATE on the scene row, taken under its row lock:
+
+    create   → open (members, the opening line and step 1's turn in the same transaction)
+    step     open, step n stored      → steps_done = n, and step n+1's turn created (queued), or
+                                        → ended (its exchanges done, or the reply holds its end phrase,
+                                          or fewer than one member may speak)
+    fail     open, its step's turn failed or was cancelled → failed | cancelled (the run's cancel)
+    cancel   open (its run cancelled or expired)           → cancelled; finished steps are kept
+    extend   open or ended live scene  → exchanges + n (a live scene asked to go on)
+
+A step's turn is created only by the transaction that stores the previous step (or the scene's
+creation), and (scene_id, scene_step) is unique: every step exists once, whoever retries what. The
+hook runs inside every transition that finishes turns (db/runs.py, advance_runs_of_turns), before
+the run is advanced, so a run never completes between a step and the next. Locks are taken turns →
+runs → scenes, the order a cancel takes them in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.models import (
+    RUN_LIVE,
+    TURN_UNFINISHED,
+    Character,
+    Conversation,
+    ConversationMember,
+    Message,
+    Role,
+    Run,
+    Scene,
+    SceneStatus,
+    Turn,
+    TurnStatus,
+)
+from scenes.speakers import Member, Rule, next_speaker
+
+# Where the session keeps the steps created in its transaction, for the caller to send after commit.
+NEW_STEPS_KEY = "mlchat.scene_steps"
+
+
+@dataclass(frozen=True)
+class NewStep:
+    """A scene step's turn created in this transaction: send it on `lane` once committed."""
+
+    turn_id: uuid.UUID
+    model: str
+    lane: str
+
+
+@dataclass(frozen=True)
+class GroupView:
+    """What a group turn's prompt needs about its conversation: the premise and who is present."""
+
+    premise: str
+    names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
+
+
+@dataclass(frozen=True)
+class NewMember:
+    character_id: int
+    position: int
+    talkativeness: float = 0.5
+    muted: bool = False
+
+
+@dataclass(frozen=True)
+class NewScene:
+    """A validated scene ready to store."""
+
+    conversation_id: int
+    members: list[NewMember]
+    strategy: str
+    exchanges: int
+    model: str
+    tenant: str
+    params: dict[str, Any]
+    seed: int
+    premise: str = ""
+    rules: list[dict[str, str]] = field(default_factory=list)
+    allow_repeat: bool = False
+    end_phrase: str | None = None
+    lane: str = "bulk"
+    run_id: uuid.UUID | None = None
+    custom_id: str | None = None
+    opening: tuple[int, str] | None = None  # (speaker's character id, text)
+    sent: bool = True  # step 1 is sent right after the commit (a run's submission stamps it itself)
+    api_key: str | None = None
+
+
+def pop_new_steps(session: Session) -> list[NewStep]:
+    """The steps this transaction created (to send once it commits), forgotten by the session."""
+    return list(session.info.pop(NEW_STEPS_KEY, []))
+
+
+def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
+    """create: the scene, its members, its opening line and step 1's turn; (scene id, created).
+
+    A run's scene of a custom_id that exists already is left as it is (a resumed submission)."""
+    values = dict(
+        conversation_id=scene.conversation_id,
+        run_id=scene.run_id,
+        custom_id=scene.custom_id,
+        status=SceneStatus.OPEN,
+        strategy=scene.strategy,
+        rules=scene.rules,
+        allow_repeat=scene.allow_repeat,
+        exchanges=scene.exchanges,
+        end_phrase=scene.end_phrase,
+        premise=scene.premise,
+        params=scene.params,
+        seed=scene.seed,
+        lane=scene.lane,
+        model=scene.model,
+    )
+    scene_id = session.scalar(insert(Scene).values(**values).on_conflict_do_nothing().returning(Scene.id))
+    if scene_id is None:
+        existing = session.scalar(
+            select(Scene.id).where(
+                (Scene.run_id == scene.run_id) & (Scene.custom_id == scene.custom_id)
+                if scene.run_id is not None
+                else Scene.conversation_id == scene.conversation_id
+            )
+        )
+        assert existing is not None
+        return int(existing), False
+    session.execute(
+        insert(ConversationMember),
+        [
+            dict(
+                conversation_id=scene.conversation_id,
+                character_id=m.character_id,
+                position=m.position,
+                talkativeness=m.talkativeness,
+                muted=m.muted,
+            )
+            for m in scene.members
+        ],
+    )
+    if scene.opening is not None:
+        speaker_id, text = scene.opening
+        name = session.scalar(select(Character.name).where(Character.id == speaker_id))
+        seq = session.scalar(
+            select(func.coalesce(func.max(Message.seq), 0)).where(
+                Message.conversation_id == scene.conversation_id
+            )
+        )
+        session.add(
+            Message(
+                conversation_id=scene.conversation_id,
+                seq=int(seq or 0) + 1,
+                role=Role.ASSISTANT,
+                content=text,
+                speaker_id=speaker_id,
+                speaker_name=name,
+            )
+        )
+        session.flush()
+    row = session.get_one(Scene, scene_id)
+    if scene.exchanges > 0:  # a group the player talks to may start with none
+        _create_step(session, row, 1, tenant=scene.tenant, sent=scene.sent, api_key=scene.api_key)
+    return int(scene_id), True
+
+
+def members_of(*, session: Session, conversation_id: int) -> list[Member]:
+    """The conversation's members as the speaker picker sees them, in speaking position."""
+    rows = session.execute(
+        select(ConversationMember, Character.slug, Character.name)
+        .join(Character, Character.id == ConversationMember.character_id)
+        .where(ConversationMember.conversation_id == conversation_id)
+        .order_by(ConversationMember.position)
+    ).all()
+    return [
+        Member(m.character_id, slug, name, m.position, m.talkativeness, m.muted) for m, slug, name in rows
+    ]
+
+
+def _last_line(session: Session, conversation_id: int) -> tuple[int | None, str]:
+    """(speaker's character id, text) of the conversation's newest line; a player's line has no id."""
+    row = session.execute(
+        select(Message.speaker_id, Message.role, Message.content)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq.desc())
+        .limit(1)
+    ).first()
+    if row is None:
+        return None, ""
+    speaker_id, role, content = row
+    return (speaker_id if role != Role.USER else None), content
+
+
+def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | None = None) -> Member | None:
+    """The member who speaks at `step`: by the scene's strategy over its stored lines (and a player's
+    `message` about to be stored, whose mentions come first in natural order)."""
+    members = members_of(session=session, conversation_id=scene.conversation_id)
+    last_speaker, last_text = _last_line(session, scene.conversation_id)
+    if message is not None:
+        last_text = message
+        last_speaker = session.scalar(  # the player's line answers the member who spoke last
+            select(Turn.character_id)
+            .where(Turn.conversation_id == scene.conversation_id, Turn.character_id.is_not(None))
+            .order_by(Turn.number.desc())
+            .limit(1)
+        )
+    return next_speaker(
+        strategy=scene.strategy,  # type: ignore[arg-type]
+        members=members,
+        last_speaker=last_speaker,
+        last_text=last_text,
+        step=step,
+        seed=scene.seed,
+        rules=[Rule(r["speaker"], r["after"]) for r in scene.rules],
+        allow_repeat=scene.allow_repeat,
+    )
+
+
+def speaker_for_player(
+    *, session: Session, conversation_id: int, message: str, slug: str | None
+) -> int | None:
+    """The member who answers a player's line: `slug` if named (an unmuted member), else the group's
+    strategy (mentions in the line first, in natural order); None for a one-character conversation.
+    ValueError naming `speaker_character` when the named speaker cannot answer."""
+    scene = session.scalars(select(Scene).where(Scene.conversation_id == conversation_id)).one_or_none()
+    if scene is None:
+        if slug is not None:
+            raise ValueError("speaker_character: this conversation has one character; name none")
+        return None
+    if slug is not None:
+        member = next(
+            (m for m in members_of(session=session, conversation_id=conversation_id) if m.slug == slug), None
+        )
+        if member is None:
+            raise ValueError(f"speaker_character: {slug!r} is not a member of this group")
+        if member.muted:
+            raise ValueError(f"speaker_character: {slug!r} is muted in this group")
+        return member.character_id
+    spoken = session.scalar(select(func.count()).where(Turn.conversation_id == conversation_id)) or 0
+    picked = pick_speaker(session=session, scene=scene, step=int(spoken) + 1, message=message)
+    if picked is None:
+        raise ValueError("speaker_character: every member of this group is muted")
+    return picked.character_id
+
+
+def _create_step(
+    session: Session, scene: Scene, step: int, *, tenant: str, sent: bool, api_key: str | None = None
+) -> uuid.UUID | None:
+    """Insert step `step`'s turn for the speaker the strategy picks; None if nobody may speak or the
+    step exists already."""
+    speaker = pick_speaker(session=session, scene=scene, step=step)
+    if speaker is None:
+        return None
+    key = f"scene:{scene.id}:{step}"
+    params = {**scene.params, "seed": (scene.seed + step) % 2**31}
+    custom_id = f"{scene.custom_id}#{step}" if scene.custom_id is not None else None
+    turn_id = session.scalar(
+        insert(Turn)
+        .values(
+            id=uuid.uuid4(),
+            tenant=tenant,
+            idempotency_key=key,
+            request_hash=hashlib.sha256(json.dumps([key, speaker.character_id]).encode()).hexdigest(),
+            conversation_id=scene.conversation_id,
+            run_id=scene.run_id,
+            custom_id=custom_id,
+            message="",
+            speaker="character",
+            character_id=speaker.character_id,
+            scene_id=scene.id,
+            scene_step=step,
+            status=TurnStatus.QUEUED,
+            model=scene.model,
+            params=params,
+            attempts=0,
+            api_key=api_key,
+            dispatched_at=datetime.now(UTC) if sent else None,
+        )
+        .on_conflict_do_nothing()
+        .returning(Turn.id)
+    )
+    if turn_id is not None and sent:
+        session.info.setdefault(NEW_STEPS_KEY, []).append(NewStep(turn_id, scene.model, scene.lane))
+    return turn_id
+
+
+def _close(session: Session, scene_id: int, status: SceneStatus, reason: str) -> None:
+    session.execute(
+        update(Scene)
+        .where(Scene.id == scene_id, Scene.status == SceneStatus.OPEN)
+        .values(status=status, ended_reason=reason[:2000], finished_at=func.now())
+    )
+
+
+def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[NewStep]:
+    """step / fail: move the scenes of these just-finished turns on, in the caller's transaction.
+
+    A stored step counts and creates the next (unless the scene is done or its run is no longer
+    live); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
+    if not turn_ids:
+        return []
+    finished = session.execute(
+        select(Turn.scene_id, Turn.scene_step, Turn.status, Turn.reply, Turn.error, Turn.tenant, Turn.api_key)
+        .where(Turn.id.in_(list(turn_ids)), Turn.scene_id.is_not(None))
+        .order_by(Turn.scene_id)
+    ).all()
+    if not finished:
+        return []
+    # The runs first (turns → runs → scenes, as a cancel takes them): a next step's insert takes a
+    # key-share lock on its run, which two stores advancing the run after it would each wait on.
+    scene_ids = {row[0] for row in finished}
+    runs = select(Scene.run_id).where(Scene.id.in_(scene_ids), Scene.run_id.is_not(None))
+    session.execute(select(Run.id).where(Run.id.in_(runs)).order_by(Run.id).with_for_update())
+    scenes = {
+        s.id: s
+        for s in session.scalars(
+            select(Scene)
+            .where(Scene.id.in_(scene_ids))
+            .order_by(Scene.id)
+            .with_for_update()
+            .execution_options(populate_existing=True)
+        )
+    }
+    before = len(session.info.get(NEW_STEPS_KEY, []))
+    for scene_id, step, status, reply, error, tenant, api_key in finished:
+        scene = scenes[scene_id]  # type: ignore[index]
+        if scene.status != SceneStatus.OPEN or step != scene.steps_done + 1:
+            continue  # a scene closed already, or a step seen before
+        if status == TurnStatus.CANCELLED:
+            _close(session, scene.id, SceneStatus.CANCELLED, f"step {step} was cancelled")
+            continue
+        if status == TurnStatus.FAILED:
+            _close(session, scene.id, SceneStatus.FAILED, f"step {step} failed: {error or 'no reason'}")
+            continue
+        if status != TurnStatus.DONE:
+            continue
+        scene.steps_done = step
+        session.execute(update(Scene).where(Scene.id == scene.id).values(steps_done=step))
+        run_live = scene.run_id is None or session.scalar(
+            select(Run.status.in_(RUN_LIVE)).where(Run.id == scene.run_id)
+        )
+        if scene.end_phrase and reply and scene.end_phrase.lower() in reply.lower():
+            _close(session, scene.id, SceneStatus.ENDED, f"step {step} said the end phrase")
+        elif step >= scene.exchanges:
+            _close(session, scene.id, SceneStatus.ENDED, f"all {scene.exchanges} exchanges done")
+        elif not run_live:
+            _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled")
+        elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
+            _close(session, scene.id, SceneStatus.ENDED, "no member may speak")
+    return list(session.info.get(NEW_STEPS_KEY, []))[before:]
+
+
+def cancel_open_scenes(*, session: Session, run_id: uuid.UUID, reason: str) -> int:
+    """cancel: the run's open scenes whose current step is not running; returns how many. A step
+    running now finishes and is kept; its scene is then closed by the step transition."""
+    running = select(Turn.scene_id).where(
+        Turn.run_id == run_id, Turn.status == TurnStatus.RUNNING, Turn.scene_id.is_not(None)
+    )
+    result = session.execute(
+        update(Scene)
+        .where(Scene.run_id == run_id, Scene.status == SceneStatus.OPEN, Scene.id.not_in(running))
+        .values(status=SceneStatus.CANCELLED, ended_reason=reason, finished_at=func.now())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> tuple[Scene, list[NewStep]]:
+    """extend: a live scene goes on for `exchanges` more steps (reopened if it ended); step n+1's
+    turn is created now unless one is open. KeyError if the conversation holds no scene."""
+    scene = session.scalars(
+        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
+    ).one_or_none()
+    if scene is None:
+        raise KeyError(conversation_id)
+    pending = session.scalar(
+        select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
+    )
+    scene.exchanges = scene.steps_done + exchanges + int(bool(pending))
+    scene.status = SceneStatus.OPEN
+    scene.ended_reason = None
+    scene.finished_at = None
+    session.flush()
+    if not pending:
+        tenant = session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
+        _create_step(session, scene, scene.steps_done + 1, tenant=tenant, sent=True)
+    return scene, pop_new_steps(session)
+
+
+def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, GroupView]:
+    """The group conversations among these: their premise and members' names."""
+    if not conversation_ids:
+        return {}
+    query = select(Scene.conversation_id, Scene.premise).where(
+        Scene.conversation_id.in_(list(conversation_ids))
+    )
+    premises = {conv_id: premise for conv_id, premise in session.execute(query).tuples()}
+    names: dict[int, list[str]] = {}
+    for conv_id, name in session.execute(
+        select(ConversationMember.conversation_id, Character.name)
+        .join(Character, Character.id == ConversationMember.character_id)
+        .where(ConversationMember.conversation_id.in_(list(conversation_ids)))
+        .order_by(ConversationMember.conversation_id, ConversationMember.position)
+    ).tuples():
+        names.setdefault(conv_id, []).append(name)
+    return {c: GroupView(premises.get(c, ""), tuple(n)) for c, n in names.items()}
+
+
+@dataclass(frozen=True)
+class TranscriptLine:
+    """One line of a scene as a writer reads it."""
+
+    seq: int
+    step: int | None  # None: the opening line, or a player's line
+    speaker: str
+    text: str
+    emotion: str | None
+    turn_id: uuid.UUID | None
+
+
+def scene_transcript(*, session: Session, scene_id: int) -> list[TranscriptLine]:
+    """The scene's stored lines in order, each with its speaker, step, emotion and turn."""
+    conv_id = session.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
+    rows = session.execute(
+        select(
+            Message.seq,
+            Message.role,
+            Message.speaker_name,
+            Message.content,
+            Turn.id,
+            Turn.scene_step,
+            Turn.state,
+        )
+        .outerjoin(Turn, Turn.id == Message.turn_id)
+        .where(Message.conversation_id == conv_id)
+        .order_by(Message.seq)
+    ).all()
+    player = session.scalar(select(Conversation.player_name).where(Conversation.id == conv_id)) or "Player"
+    out = []
+    for seq, role, speaker_name, content, turn_id, step, state in rows:
+        is_reply = role != Role.USER
+        speaker = speaker_name or (
+            player if role == Role.USER else "Narrator" if role == Role.NARRATOR else "?"
+        )
+        emotion = (state or {}).get("after", {}).get("emotion") if is_reply and state else None
+        out.append(TranscriptLine(seq, step if is_reply else None, speaker, content, emotion, turn_id))
+    return out
+
+
+def run_scenes(*, session: Session, run_id: uuid.UUID) -> list[Scene]:
+    """The run's scenes in custom_id order."""
+    return list(session.scalars(select(Scene).where(Scene.run_id == run_id).order_by(Scene.custom_id)))

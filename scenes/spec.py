@@ -1,0 +1,139 @@
+"""A scene as a run line or an API request describes it, validated before anything is stored: its
+participants, premise, opening line, speaker strategy, length and stop condition, and sampling."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from core.settings import settings
+from scenes.speakers import Rule, Strategy, rule_order
+from services.schemas import GenerationParams, Text
+
+
+class Participant(BaseModel):
+    """One character of the scene (a bare slug is accepted for `{"character": slug}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    character: Text = Field(min_length=1, max_length=64)
+    talkativeness: float = Field(default=0.5, ge=0, le=1)
+    muted: bool = False
+
+
+class RuleSpec(BaseModel):
+    """`speaker` speaks after `after` in each round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: Text = Field(min_length=1, max_length=64)
+    after: Text = Field(min_length=1, max_length=64)
+
+
+class Opening(BaseModel):
+    """The scene's first line, spoken by one participant (stored as given, never generated)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    speaker: Text = Field(min_length=1, max_length=64)
+    text: Text = Field(min_length=1, max_length=20_000)
+
+
+class SceneSpec(BaseModel):
+    """What a scene is; every limit names its field when broken."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    participants: list[Participant]
+    premise: Text = Field(default="", max_length=20_000)
+    opening: Opening | None = None
+    strategy: Strategy = "fixed"
+    rules: list[RuleSpec] = Field(default_factory=list, max_length=1000)
+    allow_repeat: bool = False
+    exchanges: int = Field(ge=1)  # generated lines (the opening is not one)
+    end_phrase: Text | None = Field(default=None, min_length=1, max_length=200)
+    player_name: Text = Field(default="", max_length=200)
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    @field_validator("participants", mode="before")
+    @classmethod
+    def _slugs(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"character": v} if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _count(cls, value: list[Participant]) -> list[Participant]:
+        if len(value) < 2:
+            raise ValueError(f"a scene needs at least 2 participants, got {len(value)}")
+        if len(value) > settings.scene_max_participants:
+            raise ValueError(
+                f"{len(value)} participants; the limit is {settings.scene_max_participants} "
+                "(MLCHAT_SCENE_MAX_PARTICIPANTS)"
+            )
+        slugs = [p.character for p in value]
+        twice = sorted({s for s in slugs if slugs.count(s) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} named more than once")
+        if all(p.muted for p in value):
+            raise ValueError("every participant is muted: nobody could speak")
+        return value
+
+    @field_validator("exchanges")
+    @classmethod
+    def _length(cls, value: int) -> int:
+        if value > settings.scene_max_exchanges:
+            raise ValueError(
+                f"{value} exchanges; the limit is {settings.scene_max_exchanges} (MLCHAT_SCENE_MAX_EXCHANGES)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SceneSpec:
+        slugs = [p.character for p in self.participants]
+        if self.opening is not None and self.opening.speaker not in slugs:
+            raise ValueError(f"opening.speaker: {self.opening.speaker!r} is not a participant")
+        if self.strategy == "rules" and not self.rules:
+            raise ValueError("rules: the rules strategy needs at least one rule")
+        if self.rules and self.strategy != "rules":
+            raise ValueError(f"rules: only the rules strategy reads rules (strategy is {self.strategy!r})")
+        try:
+            rule_order(slugs, self.rule_list())
+        except ValueError as exc:
+            raise ValueError(f"rules: {exc}") from None
+        return self
+
+    def rule_list(self) -> list[Rule]:
+        """The rules as the picker takes them."""
+        return [Rule(r.speaker, r.after) for r in self.rules]
+
+    def slugs(self) -> list[str]:
+        """The participants' character slugs, in speaking position."""
+        return [p.character for p in self.participants]
+
+
+class GroupSpec(SceneSpec):
+    """A live group conversation (POST /v1/scenes): the game's conversation id, and the exchanges
+    to run now with no player line (0: the player speaks first)."""
+
+    conversation: Text = Field(min_length=1, max_length=200)
+    exchanges: int = Field(default=0, ge=0)
+
+
+class ContinueSpec(BaseModel):
+    """A live group asked to go on without a player line (POST /v1/scenes/{conversation}:continue)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    exchanges: int = Field(ge=1)
+
+    @field_validator("exchanges")
+    @classmethod
+    def _length(cls, value: int) -> int:
+        if value > settings.scene_max_exchanges:
+            raise ValueError(
+                f"{value} exchanges; the limit is {settings.scene_max_exchanges} (MLCHAT_SCENE_MAX_EXCHANGES)"
+            )
+        return value

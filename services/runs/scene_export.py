@@ -1,0 +1,32 @@
+"""Export a run's scenes: one transcript per scene, as JSONL (`<name>.scenes.jsonl`) or Markdown
+(`<name>.scenes.md`), in custom_id order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from db.scenes import run_scenes, scene_transcript
+from db.session import session_scope
+from scenes.transcript import jsonl_line, markdown
+from services.runs.control import require_run
+
+SceneFormat = Literal["jsonl", "md"]
+
+
+def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[Path, int]:
+    """Write the run's scene transcripts into out_dir; (the file, how many scenes)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with session_scope() as session:
+        run = require_run(session, ref)
+        path = out_dir / f"{run.name}.scenes.{fmt}"
+        scenes = run_scenes(session=session, run_id=run.id)
+        with path.open("w", encoding="utf-8") as handle:
+            if fmt == "md":
+                handle.write(f"# {run.name}\n\n")
+            for scene in scenes:
+                lines = scene_transcript(session=session, scene_id=scene.id)
+                handle.write(
+                    markdown(scene, lines) + "\n" if fmt == "md" else jsonl_line(scene, lines) + "\n"
+                )
+    return path, len(scenes)

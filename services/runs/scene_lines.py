@@ -1,0 +1,92 @@
+"""A run's scene lines stored: for each, a fresh group conversation, its members, the scene and its
+first step's turn (unsent: the submission sends and stamps it, as it does a line's turn)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.bulk_turns import RunNotAccepting
+from db.models import Run, RunStatus, Scene, Turn
+from db.scenes import NewMember, NewScene, create_scene
+from db.world import find_characters, upsert_conversations
+from scenes.spec import SceneSpec
+
+
+def scene_of(
+    spec: SceneSpec, *, conversation_id: int, ids: dict[str, int], model: str, tenant: str, candidates: int
+) -> NewScene:
+    """The scene a validated spec describes, for a conversation and the participants' character ids."""
+    params = spec.params.resolved()
+    if spec.params.n is None:
+        params["n"] = candidates
+    return NewScene(
+        conversation_id=conversation_id,
+        members=[
+            NewMember(ids[p.character], position, p.talkativeness, p.muted)
+            for position, p in enumerate(spec.participants)
+        ],
+        strategy=spec.strategy,
+        exchanges=spec.exchanges,
+        model=model,
+        tenant=tenant,
+        params=params,
+        seed=int(params["seed"]),
+        premise=spec.premise,
+        rules=[r.model_dump() for r in spec.rules],
+        allow_repeat=spec.allow_repeat,
+        end_phrase=spec.end_phrase,
+        opening=(ids[spec.opening.speaker], spec.opening.text) if spec.opening else None,
+    )
+
+
+def insert_run_scenes(
+    *,
+    session: Session,
+    run_id: uuid.UUID,
+    lines: Sequence[tuple[str, str, SceneSpec]],
+    model: str,
+    tenant: str,
+    candidates: int,
+) -> list[uuid.UUID]:
+    """Store the scenes of (custom_id, conversation external id, spec) lines not stored yet; returns
+    their first steps' turn ids (unsent). Raises RunNotAccepting once the run left validating."""
+    if not lines:
+        return []
+    status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
+    if status != RunStatus.VALIDATING:
+        raise RunNotAccepting(f"run is {status}")
+    ids = find_characters(session=session, slugs=sorted({s for _, _, spec in lines for s in spec.slugs()}))
+    lead = {conv: ids[spec.participants[0].character] for _, conv, spec in lines}
+    convs = upsert_conversations(
+        session=session,
+        rows=[
+            {"external_id": conv, "character_id": lead[conv], "player_name": spec.player_name}
+            for _, conv, spec in lines
+        ],
+        tenant=tenant,
+    )
+    created: list[int] = []
+    for custom_id, conv, spec in lines:
+        scene = scene_of(
+            spec, conversation_id=convs[conv][0], ids=ids, model=model, tenant=tenant, candidates=candidates
+        )
+        scene_id, new = create_scene(
+            session=session,
+            scene=NewScene(**{**scene.__dict__, "run_id": run_id, "custom_id": custom_id, "sent": False}),
+        )
+        if new:
+            created.append(scene_id)
+    return list(
+        session.scalars(
+            select(Turn.id).where(Turn.scene_id.in_(created), Turn.scene_step == 1).order_by(Turn.number)
+        )
+    )
+
+
+def stored_scene_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
+    """The custom_ids of the run's scenes stored already (a resumed submission skips them)."""
+    return {c for c in session.scalars(select(Scene.custom_id).where(Scene.run_id == run_id)) if c}

@@ -1,0 +1,99 @@
+"""Live group conversations: start one (a scene on the live lane), ask it to go on for N exchanges
+with no player line, read its transcript. The player talks to it through the turn API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from core.settings import DEFAULT_TENANT, settings
+from db.models import Conversation, Scene, Turn
+from db.scenes import NewScene, create_scene, extend_scene, pop_new_steps, scene_transcript
+from db.session import session_scope
+from db.world import find_characters, upsert_conversations
+from scenes.spec import GroupSpec
+from scenes.transcript import scene_record
+from services.runs.scene_lines import scene_of
+
+
+class SceneRefused(ValueError):
+    """The request cannot be served as asked; the message starts with the field at fault."""
+
+
+def start_group(
+    spec: GroupSpec, *, tenant: str = DEFAULT_TENANT, api_key: str | None = None
+) -> dict[str, Any]:
+    """Create the group conversation and its live scene (and its first step, if it asks for
+    exchanges now); its view. SceneRefused for an unknown character or a conversation in use."""
+    with session_scope() as session:
+        ids = find_characters(session=session, slugs=spec.slugs())
+        for i, slug in enumerate(spec.slugs()):
+            if slug not in ids:
+                raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")
+        lead = ids[spec.participants[0].character]
+        row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
+        conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
+        if session.scalar(select(Turn.id).where(Turn.conversation_id == conv_id).limit(1)) is not None:
+            has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
+            if has_scene is None:
+                raise SceneRefused(
+                    f"conversation: {spec.conversation!r} is a one-character conversation already"
+                )
+        scene = scene_of(
+            spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
+        )
+        scene = NewScene(**{**scene.__dict__, "lane": "live", "api_key": api_key})
+        scene_id, created = create_scene(session=session, scene=scene)
+        if not created:
+            raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
+        steps = pop_new_steps(session)
+    _send(steps)
+    return scene_view(spec.conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
+
+
+def continue_group(conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+    """Ask the group to go on for `exchanges` more lines with no player line, on the live lane.
+    KeyError if the tenant has no such group."""
+    with session_scope() as session:
+        conv_id = _conversation_id(session, conversation, tenant)
+        _, steps = extend_scene(session=session, conversation_id=conv_id, exchanges=exchanges)
+    _send(steps)
+    return scene_view(conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
+
+
+def scene_view(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+    """The group's scene and its transcript. KeyError if the tenant has no such group."""
+    with session_scope() as session:
+        conv_id = _conversation_id(session, conversation, tenant)
+        scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one()
+        return scene_record(scene, scene_transcript(session=session, scene_id=scene.id)) | {
+            "conversation": conversation,
+            "exchanges": scene.exchanges,
+        }
+
+
+def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
+    conv_id = session.scalar(
+        select(Conversation.id)
+        .join(Scene, Scene.conversation_id == Conversation.id)
+        .where(
+            Conversation.tenant == tenant,
+            Conversation.external_id == conversation,
+            Scene.run_id.is_(None),  # a run's scenes are the run's to advance
+        )
+    )
+    if conv_id is None:
+        raise KeyError(f"no group conversation {conversation!r}")
+    return int(conv_id)
+
+
+def _send(steps: list[Any]) -> None:
+    """Send the committed steps on their lane (the worker sends each next one as a step is stored)."""
+    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
+
+    for step in steps:
+        dispatch([step.turn_id], model=step.model, lane=step.lane)
+
+
+__all__ = ["SceneRefused", "continue_group", "scene_view", "start_group"]
