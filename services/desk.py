@@ -325,7 +325,13 @@ def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str 
         who,
         turn_id,
         lambda s: reviews.pick_candidate(
-            session=s, turn_id=turn_id, index=index, version=expected, by=who.key_id, embedding=vector
+            session=s,
+            turn_id=turn_id,
+            index=index,
+            text=text,
+            version=expected,
+            by=who.key_id,
+            embedding=vector,
         ),
     )
 

@@ -230,3 +230,39 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
     assert items[str(below)] is True and items[str(passing)] is False
     assert str(untouched) not in items
     assert {rid for rid, _, _ in _load()} < set(items)  # labels.jsonl's, and the writers' besides
+
+
+def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world) -> None:
+    from db.reviews import writer_labels
+
+    run_id, (first, _) = build_run("studio-a", _lines())
+    desk.edit(WRITER, first, "Past the well, then left.", "0")
+    desk.pick(WRITER, first, "1", "1")  # the model's candidate kept; the edit becomes candidate 1
+    turn, _, _ = _stored(first)
+    assert turn.alternatives[0] == {"text": "Past the well, then left.", "edited": True}
+    assert desk.review_record(WRITER, first)["edited"] is False  # the kept text is the model's again
+    desk.pick(WRITER, first, "1", "2")  # the edit picked back
+    desk.label(WRITER, first, "approve", "", "3")
+    turn, _, _ = _stored(first)
+    assert turn.reply == "Past the well, then left." and turn.params["seed"] is None
+    assert desk.review_record(WRITER, first)["edited"] is True
+    with session_scope() as s:
+        assert first not in {label.turn_id for label in writer_labels(session=s, run_id=run_id)}
+
+
+def test_a_pick_of_a_candidate_whose_text_changed_is_refused(services, world) -> None:
+    from db.reviews import StaleReview, pick_candidate
+
+    _, (first, _) = build_run("studio-a", _lines())
+    with session_scope() as s, pytest.raises(StaleReview):
+        pick_candidate(
+            session=s,
+            turn_id=first,
+            index=0,
+            text="Not what the page showed.",
+            version=0,
+            by="w",
+            embedding=None,
+        )
+    turn, _, changes = _stored(first)
+    assert turn.reply == "The forge the forge the forge." and changes == 0
