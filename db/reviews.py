@@ -145,6 +145,12 @@ def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
     return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
 
 
+def lock_line_run(*, session: Session, run_id: uuid.UUID) -> str | None:
+    """Lock the run a changed line belongs to (so a change and the batch's finalizer, or two
+    changes' rewrites of its output file, never interleave); its output file's id, if written."""
+    return session.scalar(select(Run.output_file_id).where(Run.id == run_id).with_for_update())
+
+
 def review_changes(*, session: Session, turn_id: uuid.UUID) -> list[TurnReviewChange]:
     """Every desk change of a turn, oldest first."""
     return list(

@@ -31,6 +31,7 @@ from db.models import (
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
 from db.session import session_scope
+from services.batches import rewrite_output_file
 
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
@@ -291,11 +292,17 @@ def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
 # --- changes -----------------------------------------------------------------------------------
 
 
-def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any) -> int:
+def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False) -> int:
+    """Apply one change in one transaction; a `text` change of a finished batch's line also
+    rewrites the batch's output file, so its download carries the kept text."""
     try:
         with session_scope() as session:
-            _own_line(session, who, turn_id)
-            return int(apply(session))
+            run_id = _own_line(session, who, turn_id).id
+            output_file_id = reviews.lock_line_run(session=session, run_id=run_id)
+            version = int(apply(session))
+            if text and output_file_id is not None:
+                rewrite_output_file(session, run_id, output_file_id)
+            return version
     except NotAnswered as exc:
         raise DeskError(409, str(exc)) from None
     except NotReviewable as exc:
@@ -333,6 +340,7 @@ def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str 
             by=who.key_id,
             embedding=vector,
         ),
+        text=True,
     )
 
 
@@ -349,6 +357,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
         lambda s: reviews.edit_reply(
             session=s, turn_id=turn_id, text=reply, version=expected, by=who.key_id, embedding=vector
         ),
+        text=True,
     )
 
 

@@ -54,8 +54,11 @@ def character(slug: str, name: str, description: str = "A test character.") -> N
         upsert_character(session=s, slug=slug, fields={"name": name, "description": description})
 
 
-def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A finished run of `tenant` holding these answered lines (custom ids line-1, line-2, …)."""
+def build_run(
+    tenant: str, specs: list[Spec], name: str | None = None, *, batch_key: str | None = None
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A finished run of `tenant` holding these answered lines (custom ids line-1, line-2, …); with
+    `batch_key` (an API key's id) an OpenAI batch of that key, left finalizing (its files unwritten)."""
     name = name or f"desk-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         run, _ = create_run(
@@ -64,7 +67,8 @@ def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[
             model="smollm2-135m",
             file_hash=uuid.uuid4().hex,
             total=len(specs),
-            fields={"tenant": tenant},
+            fields={"tenant": tenant}
+            | ({"input_file_id": f"file-{uuid.uuid4().hex}", "api_key": batch_key} if batch_key else {}),
         )
         run_id = run.id
     requests = [

@@ -266,3 +266,32 @@ def test_a_pick_of_a_candidate_whose_text_changed_is_refused(services, world) ->
         )
     turn, _, changes = _stored(first)
     assert turn.reply == "The forge the forge the forge." and changes == 0
+
+
+def test_a_finished_batchs_output_file_carries_the_kept_text(services, world, base_url) -> None:
+    import httpx
+
+    from core.settings import settings
+    from db.models import Run
+    from services.batches import finalize_run
+
+    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
+    run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
+    assert finalize_run(run_id) is not None
+    with session_scope() as s:
+        output_file_id = s.get_one(Run, run_id).output_file_id
+
+    def replies() -> dict[str, str]:
+        response = httpx.get(
+            f"{base_url}/v1/files/{output_file_id}/content", headers={"X-API-Key": "test-key-1-abcdefgh"}
+        )
+        assert response.status_code == 200
+        lines = [json.loads(line) for line in response.text.splitlines()]
+        return {
+            row["custom_id"]: row["response"]["body"]["choices"][0]["message"]["content"] for row in lines
+        }
+
+    assert replies()["line-1"] == "The forge the forge the forge."
+    desk.pick(WRITER, first, "1", "0")
+    desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    assert replies() == {"line-1": "Down the hill, past the well.", "line-2": "Morning! Mind the puddles."}
