@@ -306,3 +306,41 @@ def test_dialogue_with_angle_brackets_and_line_breaks_is_a_reply_like_any_other(
     desk.edit(WRITER, first, "<sigh> Fine.\r\nIf x<y, take the left road.", "0")
     turn, message, _ = _stored(first)
     assert turn.reply == message.content == "<sigh> Fine.\nIf x<y, take the left road."
+
+
+def _desk_client(base_url: str, key: str):  # type: ignore[no-untyped-def]
+    import httpx
+
+    client = httpx.Client(base_url=base_url, headers={"Origin": base_url})
+    signed = client.post("/desk/login", data={"key": key})
+    assert signed.status_code == 303, signed.text
+    return client
+
+
+def test_the_runs_list_polls_only_the_rows_of_live_runs(services, world, base_url) -> None:
+    import re
+
+    from tests.conftest import REVIEW_KEY
+    from tests.desk_data import answer, queue_run
+
+    done, _ = build_run("studio-a", _lines())
+    specs = [Spec("Still there?", "Always.", quality(0.5))]
+    live, live_ids = queue_run("studio-a", specs)
+
+    def row_tag(html: str, run_id: uuid.UUID) -> str:
+        found = re.search(rf'<tr id="run-{run_id}"[^>]*>', html)
+        assert found is not None, f"no row for run {run_id}"
+        return found.group(0)
+
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get("/desk/runs").text
+        assert "hx-trigger" not in re.search(r'<div id="runs"[^>]*>', page).group(0)  # type: ignore[union-attr]
+        assert 'hx-trigger="every 2s"' in row_tag(page, live)
+        assert "hx-trigger" not in row_tag(page, done)
+        answer(live_ids, specs)
+        row = client.get(f"/desk/runs/{live}/row")
+        assert row.status_code == 200
+        assert "hx-trigger" not in row_tag(row.text, live) and "completed" in row.text  # it stops polling
+    finally:
+        client.close()

@@ -317,10 +317,16 @@ def test_an_admin_reads_a_turns_prompt_with_its_manifest(browser, base_url, desk
 
 
 def test_the_runs_list_updates_while_a_run_is_answered(browser, base_url, desk_run) -> None:
-    """The runs table polls: a run that appears after the page was opened shows up without a reload."""
-    page = _sign_in(browser, base_url, REVIEW_KEY)
+    """A live run's row polls: it moves on its own while the run is answered, then stops polling."""
+    from tests.desk_data import answer, queue_run
+
+    specs = [Spec("Late?", "Never.", quality(0.5))]
     name = f"desk-late-{uuid.uuid4().hex[:6]}"
-    assert page.locator("#runs").get_by_text(name).count() == 0
-    build_run("studio-a", [Spec("Late?", "Never.", quality(0.5))], name=name)
-    page.locator("#runs").get_by_text(name).wait_for(timeout=10_000)
+    _, ids = queue_run("studio-a", specs, name=name)
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    row = page.locator(f"tr[data-run='{name}']")
+    assert row.locator(".status").inner_text() == "queued"
+    answer(ids, specs)
+    row.locator(".status", has_text="completed").wait_for(timeout=10_000)
+    assert row.get_attribute("hx-trigger") is None
     page.context.close()

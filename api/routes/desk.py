@@ -164,16 +164,16 @@ def logout(desk_: Posted) -> Response:
 
 @router.get("/runs", response_class=HTMLResponse)
 async def runs(request: Request, desk_: Signed) -> Response:
-    """Runs and batches with status, counts, progress and the gate's flags; the table refreshes."""
+    """Runs and batches with status, counts, progress and the gate's flags; live rows refresh."""
     rows = await run_in_threadpool(desk.list_runs, desk_.who)
     return _page(request, "runs.html", desk=desk_, runs=rows)
 
 
-@router.get("/runs/table", response_class=HTMLResponse)
-async def runs_table(request: Request, desk_: Signed) -> Response:
-    """The runs table alone (htmx polls it)."""
-    rows = await run_in_threadpool(desk.list_runs, desk_.who)
-    return _page(request, "_runs_table.html", desk=desk_, runs=rows)
+@router.get("/runs/{run_id}/row", response_class=HTMLResponse)
+async def run_row(request: Request, run_id: str, desk_: Signed) -> Response:
+    """One run's row of the list alone: htmx polls it while the run is live, and only then."""
+    row = await run_in_threadpool(desk.run_summary, desk_.who, desk.object_id("run", run_id))
+    return _page(request, "_run_row.html", desk=desk_, r=row)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
