@@ -344,3 +344,32 @@ def test_the_runs_list_polls_only_the_rows_of_live_runs(services, world, base_ur
         assert "hx-trigger" not in row_tag(row.text, live) and "completed" in row.text  # it stops polling
     finally:
         client.close()
+
+
+def test_a_key_beyond_latin1_signs_in(services, world, base_url) -> None:
+    from tests.conftest import UNICODE_REVIEW_KEY
+
+    client = _desk_client(base_url, UNICODE_REVIEW_KEY)
+    try:
+        assert client.cookies["mlchat_desk"].isascii()
+        page = client.get("/desk/runs")
+        assert page.status_code == 200 and "Runs and batches" in page.text
+    finally:
+        client.close()
+
+
+def test_the_login_form_is_refused_from_another_site(services, world, base_url) -> None:
+    import httpx
+
+    from tests.conftest import REVIEW_KEY
+
+    for origin in ("http://evil.example", "null", base_url.replace("127.0.0.1", "localhost")):
+        answer = httpx.post(f"{base_url}/desk/login", data={"key": REVIEW_KEY}, headers={"Origin": origin})
+        assert (
+            answer.status_code == 403
+            and "origin: this sign-in form was posted from another site" in answer.text
+        )
+        assert "mlchat_desk" not in answer.cookies
+    for headers in ({"Origin": base_url}, {}):  # the desk's own page; a client without a browser
+        answer = httpx.post(f"{base_url}/desk/login", data={"key": REVIEW_KEY}, headers=headers)
+        assert answer.status_code == 303 and "mlchat_desk" in answer.cookies
