@@ -373,3 +373,18 @@ def test_the_login_form_is_refused_from_another_site(services, world, base_url) 
     for headers in ({"Origin": base_url}, {}):  # the desk's own page; a client without a browser
         answer = httpx.post(f"{base_url}/desk/login", data={"key": REVIEW_KEY}, headers=headers)
         assert answer.status_code == 303 and "mlchat_desk" in answer.cookies
+
+
+def test_calibrating_with_the_writers_labels_leaves_the_committed_calibration_alone(services, world) -> None:
+    from scripts.calibrate_quality import LABELS, calibrate
+
+    _, (first, second) = build_run("studio-a", _lines())
+    desk.label(WRITER, first, "approve", "", "0")
+    desk.label(WRITER, second, "reject", "flat", "0")
+    committed = (LABELS / "calibration.json").read_bytes()
+    try:
+        result = calibrate(desk_labels=True)
+        assert result["labelled"] > json.loads(committed)["labelled"]  # the writers' labels were added
+        assert (LABELS / "calibration.json").read_bytes() == committed
+    finally:
+        (LABELS / "calibration.json").write_bytes(committed)
