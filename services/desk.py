@@ -32,6 +32,7 @@ from db.models import (
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
 from db.session import session_scope
+from roleplay.quality import CHECK_KINDS
 from services.batches import rewrite_output_file
 from worker.prompt.formats import FORMATS
 from worker.prompt.sanitize import CONTROLS, Sanitizer
@@ -39,8 +40,7 @@ from worker.prompt.sanitize import CONTROLS, Sanitizer
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
 TEXT_FILTER_MAX_CHARS = 200
-# The gate's checks (roleplay/quality.py): the kinds a below-bar reason starts with.
-CHECKS = ("echo", "loop", "repetition", "truncated", "role", "language", "persona")
+CHECKS = CHECK_KINDS  # the gate's checks a run's lines can be filtered by
 _SLUG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 

@@ -388,3 +388,28 @@ def test_calibrating_with_the_writers_labels_leaves_the_committed_calibration_al
         assert (LABELS / "calibration.json").read_bytes() == committed
     finally:
         (LABELS / "calibration.json").write_bytes(committed)
+
+
+def test_two_writers_picking_at_once_store_one_change(services, world) -> None:
+    import threading
+
+    _, (first, _) = build_run("studio-a", _lines())
+    start = threading.Barrier(2)
+    outcomes: list[object] = []
+
+    def pick(writer: Reviewer) -> None:
+        start.wait()
+        try:
+            outcomes.append(desk.pick(writer, first, "1", "0"))
+        except DeskError as exc:
+            outcomes.append(exc.status)
+
+    writers = [Reviewer("writer-a", "studio-a", False), Reviewer("writer-c", "studio-a", False)]
+    threads = [threading.Thread(target=pick, args=(w,)) for w in writers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert sorted(outcomes, key=str) == [1, 409]
+    turn, _, changes = _stored(first)
+    assert changes == 1 and turn.reply == "Down the hill, past the well."

@@ -37,6 +37,8 @@ pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(),
     reason="no browser: /usr/bin/chromium is missing (apt-get install -y chromium; CI installs it)",
 )
+# Chromium without its driver (playwright is in requirements/cpu.txt; CI always has both).
+pytest.importorskip("playwright", reason="no browser driver: pip install -r requirements/cpu.txt")
 
 
 @pytest.fixture(scope="module")
