@@ -236,14 +236,21 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
     assert {rid for rid, _, _ in _load()} < set(items)  # labels.jsonl's, and the writers' besides
 
 
-def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world) -> None:
+def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world, base_url) -> None:
     from db.reviews import writer_labels
+    from tests.conftest import REVIEW_KEY
 
     run_id, (first, _) = build_run("studio-a", _lines())
     desk.edit(WRITER, first, "Past the well, then left.", "0")
     desk.pick(WRITER, first, "1", "1")  # the model's candidate kept; the edit becomes candidate 1
     turn, _, _ = _stored(first)
     assert turn.alternatives[0] == {"text": "Past the well, then left.", "edited": True}
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get(f"/desk/lines/{first}")
+        assert page.status_code == 200 and "a writer's edit (not scored)" in page.text
+    finally:
+        client.close()
     assert desk.review_record(WRITER, first)["edited"] is False  # the kept text is the model's again
     desk.pick(WRITER, first, "1", "2")  # the edit picked back
     desk.label(WRITER, first, "approve", "", "3")
