@@ -74,7 +74,7 @@ def _cookie_value(key: str) -> str:
 
 
 def _cookie_key(value: str | None) -> str | None:
-    if not value or len(value) > 4 * KEY_MAX_CHARS * 4 // 3 + 4:
+    if not value or len(value) > 6 * KEY_MAX_CHARS:  # base64 of at most 4 UTF-8 bytes a character
         return None
     try:
         key = base64.urlsafe_b64decode(value.encode("ascii")).decode("utf-8")
