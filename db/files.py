@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, tuple_
+from sqlalchemy import delete, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, Run, StoredFile
@@ -32,6 +32,11 @@ def add_file(
 
 # Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
 _QUOTA_LOCK_NAMESPACE = 0x6D6C6671  # "mlfq"
+
+
+def set_file_size(*, session: Session, file_id: str, size: int) -> None:
+    """A rewritten file's new size."""
+    session.execute(update(StoredFile).where(StoredFile.id == file_id).values(bytes=size))
 
 
 def stored_bytes(*, session: Session, api_key: str | None) -> int:

@@ -145,6 +145,12 @@ def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
     return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
 
 
+def lock_line_run(*, session: Session, run_id: uuid.UUID) -> str | None:
+    """Lock the run a changed line belongs to (so a change and the batch's finalizer, or two
+    changes' rewrites of its output file, never interleave); its output file's id, if written."""
+    return session.scalar(select(Run.output_file_id).where(Run.id == run_id).with_for_update())
+
+
 def review_changes(*, session: Session, turn_id: uuid.UUID) -> list[TurnReviewChange]:
     """Every desk change of a turn, oldest first."""
     return list(
@@ -217,24 +223,36 @@ def candidate_text(*, session: Session, turn_id: uuid.UUID, index: int) -> str:
 
 
 def pick_candidate(
-    *, session: Session, turn_id: uuid.UUID, index: int, version: int, by: str, embedding: Any
+    *, session: Session, turn_id: uuid.UUID, index: int, text: str, version: int, by: str, embedding: Any
 ) -> int:
-    """pick: keep the candidate at `index` instead; the reply kept so far takes its place among the
-    candidates, scores and seed swapped with it. Returns the review's new version."""
+    """pick: keep the candidate at `index` (whose text the writer saw as `text`) instead; the reply
+    kept so far takes its place among the candidates, scores and seed swapped with it. A writer's
+    edit moved there is marked `edited` and carries no scores or seed (the model's were of other
+    text), and stays edited when picked back. Returns the review's new version."""
     turn = _answered(session, turn_id)
     alternatives = list(turn.alternatives or [])
     if not 0 <= index < len(alternatives):
         raise NotReviewable(f"candidate: this line has no candidate {index + 1}")
     chosen = alternatives[index]
+    if chosen["text"] != text:
+        raise StaleReview("this reply was changed by someone else since you opened it; reload and try again")
+    kept_edited = bool(
+        session.scalar(select(TurnReview.edited).where(TurnReview.turn_id == turn.id)) or False
+    )
+    chosen_edited = bool(chosen.get("edited"))
     kept_quality = {k: v for k, v in (turn.quality or {}).items() if k not in ("candidates", "regenerated")}
     usage = dict(turn.usage or {})
-    alternatives[index] = {
-        "text": turn.reply,
-        "seed": turn.params.get("seed"),
-        "finish_reason": usage.get("finish_reason"),
-        "completion_tokens": usage.get("completion_tokens", 0),
-        "quality": kept_quality,
-    }
+    alternatives[index] = (
+        {"text": turn.reply, "edited": True}
+        if kept_edited
+        else {
+            "text": turn.reply,
+            "seed": turn.params.get("seed"),
+            "finish_reason": usage.get("finish_reason"),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "quality": kept_quality,
+        }
+    )
     quality = dict(chosen.get("quality") or {})
     if turn.quality and "candidates" in turn.quality:
         quality["candidates"] = turn.quality["candidates"]
@@ -244,7 +262,7 @@ def pick_candidate(
         completion_tokens=chosen.get("completion_tokens", 0),
         total_tokens=prompt_tokens + chosen.get("completion_tokens", 0),
     )
-    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=False)
+    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=chosen_edited)
     _keep_text(
         session,
         turn,

@@ -134,6 +134,10 @@ class Quality:
         }
 
 
+# Every kind a below-bar reason starts with (`Quality.below`), in the order the checks run.
+CHECK_KINDS = ("echo", "loop", "repetition", "truncated", "role", "language", "persona")
+
+
 def reason_kind(reason: str) -> str:
     """The check a below-bar reason comes from ("echo", "loop", …)."""
     return reason.split(":", 1)[0]

@@ -12,9 +12,10 @@ flags everything.
     python -m scripts.calibrate_quality        # prints the figures and writes calibration.json
     python -m scripts.calibrate_quality --desk-labels
         # adds the replies writers approved or rejected on the desk (/desk), from the database, with
-        # the measures the worker stored for the same text; a writer's verdict on a reply replaces a
-        # labels.jsonl one of the same id (hand-edited replies are left out: their measures are of
-        # the model's text)
+        # the measures the worker stored for the same text, to the file's labels (they are other
+        # replies: turn ids never match a labels.jsonl id); hand-edited replies are left out (their
+        # measures are of the model's text). Prints the figures and writes nothing: calibration.json
+        # records the committed labels' calibration, which a database's labels must not replace
     python -m scripts.calibrate_quality --remeasure-instructions
         # recomputes the instruction-echo measure of each reply from replies.jsonl first (it is text
         # only: the reply against the character's system prompt and post-history instruction, with
@@ -95,7 +96,8 @@ def _figures(items: list[tuple[str, bool, Quality]], bar: Bar) -> dict[str, Any]
 
 
 def calibrate(write: bool = True, desk_labels: bool = False) -> dict[str, Any]:
-    """Search the bar on the tune half; `desk_labels` adds the writers' verdicts from the database."""
+    """Search the bar on the tune half; `desk_labels` adds the writers' verdicts from the database
+    (and then nothing is written: calibration.json is the committed labels' result)."""
     items = _load(desk_labels)
     tune, held_out = items[0::2], items[1::2]
     best_bar, best = Bar(), (-1.0, -1.0, -1.0)
@@ -111,7 +113,7 @@ def calibrate(write: bool = True, desk_labels: bool = False) -> dict[str, Any]:
         "held_out": _figures(held_out, best_bar),
         "target": "precision and recall >= 0.85 on the held-out half",
     }
-    if write:
+    if write and not desk_labels:
         (LABELS / "calibration.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 

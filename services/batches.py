@@ -25,7 +25,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings
-from db.files import add_file
+from db.files import add_file, get_file, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     batch_submissions_due,
@@ -506,6 +506,28 @@ def _write_files(session: Session, run: Run) -> tuple[str, str]:
             expires_after_s=expires_after_s,
         )
     return output_id, error_id
+
+
+def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:
+    """Rewrite a finished batch's output file from the turns as they are now (after a writer's
+    change), replacing it whole; the caller holds the run's row lock, so rewrites never interleave.
+    A file already deleted or expired stays gone."""
+    row = get_file(session=session, file_id=file_id)
+    if row is None:
+        return
+    path = settings.batch_files_dir / row.path
+    session.expunge_all()  # the turns are read afresh, not from objects loaded before the change
+    run = session.get_one(Run, run_id)
+    scratch = uuid.uuid4().hex
+    output_tmp = path.with_name(f".{path.name}.{scratch}.tmp")
+    error_tmp = path.with_name(f".{path.name}.{scratch}.errors.tmp")
+    try:
+        write_outputs(session, run, output_tmp, error_tmp, "openai")
+        output_tmp.replace(path)
+    finally:
+        output_tmp.unlink(missing_ok=True)
+        error_tmp.unlink(missing_ok=True)
+    set_file_size(session=session, file_id=file_id, size=path.stat().st_size)
 
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:

@@ -7,6 +7,7 @@ form value is checked here with a message naming the field; nothing is stored un
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -31,16 +32,16 @@ from db.models import (
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
 from db.session import session_scope
+from roleplay.quality import CHECK_KINDS
+from services.batches import rewrite_output_file
+from worker.prompt.formats import FORMATS
+from worker.prompt.sanitize import CONTROLS, Sanitizer
 
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
 TEXT_FILTER_MAX_CHARS = 200
-# The gate's checks (roleplay/quality.py): the kinds a below-bar reason starts with.
-CHECKS = ("echo", "loop", "repetition", "truncated", "role", "language", "persona")
+CHECKS = CHECK_KINDS  # the gate's checks a run's lines can be filtered by
 _SLUG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-# An HTML tag or comment: no dialogue line for a game needs one, and a page must never run one.
-_MARKUP = re.compile(r"<\s*[A-Za-z/!?]")
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True)
@@ -69,23 +70,47 @@ def _bad(message: str) -> DeskError:
 
 
 def free_text(name: str, value: str | None, *, max_chars: int, required: bool = True) -> str | None:
-    """A writer's text: trimmed; refused when empty (if required), too long, or holding markup or
-    control characters."""
-    text = (value or "").strip()
+    """A writer's text: line ends as LF, trimmed; refused when empty (if required), too long, or
+    holding control characters. Angle brackets are text ("<sigh>", "x<y"): every page escapes them."""
+    text = (value or "").replace("\r\n", "\n").replace("\r", "\n").strip()
     if not text:
         if required:
             raise _bad(f"{name}: it is empty; write something")
         return None
     if len(text) > max_chars:
         raise _bad(f"{name}: {len(text)} characters; the limit is {max_chars}")
-    if _MARKUP.search(text):
-        raise _bad(f"{name}: markup (an HTML tag) is not allowed; write plain text")
-    if _CONTROL.search(text):
+    if CONTROLS.search(text):
         raise _bad(f"{name}: control characters are not allowed")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise _bad(f"{name}: not valid Unicode text") from None
+    return text
+
+
+@functools.cache
+def _sanitizer() -> Sanitizer:
+    from transformers import AutoTokenizer
+
+    from worker.model_cache import resolve_model_path
+
+    return Sanitizer(AutoTokenizer.from_pretrained(resolve_model_path(settings)))
+
+
+def prompt_text(name: str, text: str, *, character: str) -> str:
+    """A writer's reply, which later prompts bring back as history: refused when the prompt
+    sanitiser would change it (the model's special tokens, any prompt format's role markers such as
+    `### User:` or a line opening with a speaker's name and a colon), so what is stored is what the
+    model will read."""
+    sanitizer = _sanitizer()
+    cleaned = sanitizer.scrub(text)
+    for prompt_format in FORMATS.values():
+        cleaned = prompt_format.escape(cleaned, sanitizer.label(character, "Character"), "User")
+    if cleaned != text:
+        raise _bad(
+            f"{name}: it holds a special token or a role marker (like <|im_end|> or '### User:') "
+            "that would be broken in prompts; write it without"
+        )
     return text
 
 
@@ -130,7 +155,7 @@ def line_filter(
     if words is not None:
         if len(words) > TEXT_FILTER_MAX_CHARS:
             raise _bad(f"text: {len(words)} characters; the limit is {TEXT_FILTER_MAX_CHARS}")
-        if _CONTROL.search(words) or "\x00" in words:
+        if CONTROLS.search(words):
             raise _bad("text: control characters are not allowed")
     return LineFilter(character, check, bar, words, label)  # type: ignore[arg-type]
 
@@ -291,11 +316,17 @@ def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
 # --- changes -----------------------------------------------------------------------------------
 
 
-def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any) -> int:
+def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False) -> int:
+    """Apply one change in one transaction; a `text` change of a finished batch's line also
+    rewrites the batch's output file, so its download carries the kept text."""
     try:
         with session_scope() as session:
-            _own_line(session, who, turn_id)
-            return int(apply(session))
+            run_id = _own_line(session, who, turn_id).id
+            output_file_id = reviews.lock_line_run(session=session, run_id=run_id)
+            version = int(apply(session))
+            if text and output_file_id is not None:
+                rewrite_output_file(session, run_id, output_file_id)
+            return version
     except NotAnswered as exc:
         raise DeskError(409, str(exc)) from None
     except NotReviewable as exc:
@@ -325,8 +356,15 @@ def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str 
         who,
         turn_id,
         lambda s: reviews.pick_candidate(
-            session=s, turn_id=turn_id, index=index, version=expected, by=who.key_id, embedding=vector
+            session=s,
+            turn_id=turn_id,
+            index=index,
+            text=text,
+            version=expected,
+            by=who.key_id,
+            embedding=vector,
         ),
+        text=True,
     )
 
 
@@ -336,6 +374,9 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
     expected = whole_number("version", version, low=0, high=2**31 - 1)
     with session_scope() as session:
         _own_line(session, who, turn_id)
+        turn = session.get_one(Turn, turn_id)
+        _, character = _speaker(session, turn)
+    prompt_text("reply", reply, character=character)
     vector = _embed(reply)
     return _change(
         who,
@@ -343,6 +384,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
         lambda s: reviews.edit_reply(
             session=s, turn_id=turn_id, text=reply, version=expected, by=who.key_id, embedding=vector
         ),
+        text=True,
     )
 
 

@@ -36,6 +36,7 @@ os.environ.pop("REDIS_URL", None)
 INGEST_KEY, HASHED_INGEST_KEY = "ingest-only-key-0123", "hashed-ingest-key-4567"
 # Writers' desk keys: review scope only, each of its own tenant (tests/test_desk*.py).
 REVIEW_KEY, OTHER_REVIEW_KEY = "review-key-studio-a-0123", "review-key-studio-b-4567"
+UNICODE_REVIEW_KEY = "ключ-писателя-studio-a-✍"  # beyond Latin-1, as a cookie value cannot be
 os.environ["MLCHAT_API_KEYS"] = json.dumps(
     [
         "test-key-1-abcdefgh",
@@ -49,6 +50,7 @@ os.environ["MLCHAT_API_KEYS"] = json.dumps(
         },
         {"key": REVIEW_KEY, "scopes": ["review"], "name": "writer-a", "tenant": "studio-a"},
         {"key": OTHER_REVIEW_KEY, "scopes": ["review"], "name": "writer-b", "tenant": "studio-b"},
+        {"key": UNICODE_REVIEW_KEY, "scopes": ["review"], "name": "writer-u", "tenant": "studio-a"},
     ]
 )
 os.environ["HF_HUB_OFFLINE"] = "1"

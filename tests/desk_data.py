@@ -54,8 +54,11 @@ def character(slug: str, name: str, description: str = "A test character.") -> N
         upsert_character(session=s, slug=slug, fields={"name": name, "description": description})
 
 
-def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A finished run of `tenant` holding these answered lines (custom ids line-1, line-2, …)."""
+def queue_run(
+    tenant: str, specs: list[Spec], name: str | None = None, *, batch_key: str | None = None
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A submitted run of `tenant` whose lines (custom ids line-1, line-2, …) are queued, not yet
+    answered; with `batch_key` (an API key's id) an OpenAI batch of that key."""
     name = name or f"desk-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         run, _ = create_run(
@@ -64,7 +67,8 @@ def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[
             model="smollm2-135m",
             file_hash=uuid.uuid4().hex,
             total=len(specs),
-            fields={"tenant": tenant},
+            fields={"tenant": tenant}
+            | ({"input_file_id": f"file-{uuid.uuid4().hex}", "api_key": batch_key} if batch_key else {}),
         )
         run_id = run.id
     requests = [
@@ -86,6 +90,21 @@ def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[
     ids = [t.id for t in stored]
     with session_scope() as s:
         finish_submission(session=s, run_id=run_id)
+    return run_id, ids
+
+
+def build_run(
+    tenant: str, specs: list[Spec], name: str | None = None, *, batch_key: str | None = None
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A finished run of `tenant` holding these answered lines (custom ids line-1, line-2, …); with
+    `batch_key` (an API key's id) an OpenAI batch of that key, left finalizing (its files unwritten)."""
+    run_id, ids = queue_run(tenant, specs, name, batch_key=batch_key)
+    answer(ids, specs)
+    return run_id, ids
+
+
+def answer(ids: list[uuid.UUID], specs: list[Spec]) -> None:
+    """Store the specs' replies for these queued lines, as a worker would."""
     with session_scope() as s:
         claim = claim_turns(session=s, turn_ids=ids, lease_s=60, max_attempts=3)
         by_id = {t.id: t for t in claim.claimed}
@@ -127,4 +146,3 @@ def build_run(tenant: str, specs: list[Spec], name: str | None = None) -> tuple[
             for turn_id, spec in zip(ids, specs, strict=True)
         ]
         assert len(store_replies(session=s, token=claim.token, outcomes=outcomes)) == len(specs)
-    return run_id, ids

@@ -1,20 +1,24 @@
 """The writers' desk: server-rendered pages (Jinja2 + htmx, vendored) to read a run's lines, pick
 another candidate, edit a reply, approve or reject it; and GET /v1/turns/{id}/review for the record.
 
-The key is entered once in a login form and kept in an HttpOnly, SameSite=Strict cookie (Secure
-over HTTPS). Every form that changes something carries a token derived from that key, checked on
-each POST, so another site cannot post on a writer's behalf. The pages need a `review` or `admin`
-key; the prompt view an admin key.
+The key is entered once in a login form and kept, base64url-encoded (a cookie value is ASCII; a
+key need not be), in an HttpOnly, SameSite=Strict cookie (Secure over HTTPS). The login form is
+refused when the browser says it was posted from another site (its Origin), so no site can sign a
+writer in under the attacker's key. Every form that changes something carries a token derived from
+the key, checked on each POST, so another site cannot post on a writer's behalf. The pages need a
+`review` or `admin` key; the prompt view an admin key.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlencode
+from urllib.parse import urlencode, urlsplit
 
 import jinja2
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, Response
@@ -65,10 +69,36 @@ class Desk:
         self.csrf = _csrf(key)
 
 
+def _cookie_value(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii")
+
+
+def _cookie_key(value: str | None) -> str | None:
+    if not value or len(value) > 6 * KEY_MAX_CHARS:  # base64 of at most 4 UTF-8 bytes a character
+        return None
+    try:
+        key = base64.urlsafe_b64decode(value.encode("ascii")).decode("utf-8")
+    except (UnicodeError, binascii.Error, ValueError):
+        return None
+    return key if len(key) <= KEY_MAX_CHARS else None
+
+
+def _same_site(request: Request) -> bool:
+    # Browsers send Origin with every cross-site POST, so only a browser-less client (curl, a
+    # script, which no other site can drive) posts without one. "null" (a sandboxed or privacy
+    # redirected form) is refused. Hosts are compared, not schemes: behind a TLS proxy the app may
+    # see http while the browser says https.
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+
+
 def signed_in(request: Request) -> Desk:
     """A dependency: the writer whose key the cookie holds (review or admin scope)."""
-    key = request.cookies.get(COOKIE)
-    found = key_caller(key) if key and len(key) <= KEY_MAX_CHARS else None
+    key = _cookie_key(request.cookies.get(COOKIE))
+    found = key_caller(key) if key else None
     if found is None or not ({"review", "admin"} & found.scopes):
         raise NotSignedIn
     return Desk(found, key)  # type: ignore[arg-type]
@@ -129,7 +159,10 @@ def login_form(request: Request) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
-    """Check the key and keep it in the desk cookie."""
+    """Check the key and keep it in the desk cookie (a form posted from another site is refused)."""
+    if not _same_site(request):
+        message = "origin: this sign-in form was posted from another site; open the desk's own page"
+        return _page(request, "login.html", 403, message=message, desk=None)
     key = key.strip()
     if not key:
         return _page(request, "login.html", 400, message="key: enter your API key", desk=None)
@@ -142,7 +175,7 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
     response = RedirectResponse("/desk/runs", status_code=303)
     response.set_cookie(
         COOKIE,
-        key,
+        _cookie_value(key),
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
@@ -164,16 +197,16 @@ def logout(desk_: Posted) -> Response:
 
 @router.get("/runs", response_class=HTMLResponse)
 async def runs(request: Request, desk_: Signed) -> Response:
-    """Runs and batches with status, counts, progress and the gate's flags; the table refreshes."""
+    """Runs and batches with status, counts, progress and the gate's flags; live rows refresh."""
     rows = await run_in_threadpool(desk.list_runs, desk_.who)
     return _page(request, "runs.html", desk=desk_, runs=rows)
 
 
-@router.get("/runs/table", response_class=HTMLResponse)
-async def runs_table(request: Request, desk_: Signed) -> Response:
-    """The runs table alone (htmx polls it)."""
-    rows = await run_in_threadpool(desk.list_runs, desk_.who)
-    return _page(request, "_runs_table.html", desk=desk_, runs=rows)
+@router.get("/runs/{run_id}/row", response_class=HTMLResponse)
+async def run_row(request: Request, run_id: str, desk_: Signed) -> Response:
+    """One run's row of the list alone: htmx polls it while the run is live, and only then."""
+    row = await run_in_threadpool(desk.run_summary, desk_.who, desk.object_id("run", run_id))
+    return _page(request, "_run_row.html", desk=desk_, r=row)
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)

@@ -24,8 +24,9 @@ from typing import Any
 import regex
 
 ZWSP = "\u200b"
-# C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators.
-_CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
+# writers' desk refuses a writer's text holding one).
+CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class Sanitizer:
@@ -47,7 +48,7 @@ class Sanitizer:
 
     def scrub(self, text: str) -> str:
         """Control characters dropped, line ends normalised, special-token strings broken."""
-        return self.defang(_CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
+        return self.defang(CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
 
     def label(self, name: str, default: str) -> str:
         """A speaker name made safe as a label: scrubbed and folded onto one line; `default` if empty."""
