@@ -21,6 +21,13 @@ def get_engine() -> Engine:
 
 
 @cache
+def get_autocommit_engine() -> Engine:
+    """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
+    pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
+    return create_engine(database_url(), pool_size=5, max_overflow=5, isolation_level="AUTOCOMMIT")
+
+
+@cache
 def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 

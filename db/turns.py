@@ -28,8 +28,21 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    Connection,
+    Uuid,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, insert
 from sqlalchemy.orm import Session, aliased
 
 from db.models import (
@@ -251,6 +264,50 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             )
         out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code))
     return out
+
+
+# The single-enqueue path in one statement (autocommit: one round trip): the conversation lookup,
+# its character check and the insert together. It inserts only when create_turns would insert with no
+# question asked; whatever else holds, nothing is written and the caller takes the full path.
+_INSERT_INTO_KNOWN_CONVERSATION = text(
+    """
+INSERT INTO turns (id, tenant, idempotency_key, request_hash, conversation_id, run_id, custom_id, message,
+                   speaker, status, model, params, api_key, callback_url, attempts, dispatched_at)
+SELECT :id, :tenant, :idempotency_key, :request_hash, c.id, :run_id, :custom_id, :message,
+       :speaker, :status, :model, :params, :api_key, :callback_url, 0, :dispatched_at
+FROM conversations c JOIN characters ch ON ch.id = c.character_id
+WHERE c.tenant = CAST(:tenant AS varchar) AND c.external_id = CAST(:external_id AS varchar)
+  AND (CAST(:character AS varchar) IS NULL OR ch.slug = CAST(:character AS varchar))
+ON CONFLICT (tenant, idempotency_key) DO NOTHING
+RETURNING id
+"""
+).bindparams(
+    bindparam("id", type_=Uuid),
+    bindparam("run_id", type_=Uuid),
+    bindparam("params", type_=JSONB),
+)
+
+
+def create_turn_in_known_conversation(
+    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
+) -> uuid.UUID | None:
+    """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
+    named) in a single statement; its id, or None if nothing was written: no such conversation,
+    another character's, or the idempotency key is taken (create_turns then decides, with its checks).
+    `turn.conversation_id` is not read."""
+    values = {k: v for k, v in turn.__dict__.items() if k != "conversation_id"}
+    row = connection.execute(
+        _INSERT_INTO_KNOWN_CONVERSATION,
+        {
+            **values,
+            "id": uuid.uuid4(),
+            "status": TurnStatus.QUEUED.value,
+            "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
+            "external_id": external_id,
+            "character": character,
+        },
+    ).first()
+    return None if row is None else row[0]
 
 
 def claim_turns(
