@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-from pgvector.psycopg import register_vector
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.session import psycopg_connection
+from db.session import send_vectors_binary
 
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
 # narrows to one conversation, then distances are computed); story events go through the story's
@@ -105,18 +102,6 @@ class TurnContext:
     events: list[EventHit] = field(default_factory=list)
 
 
-_vector_ready: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _send_vectors_binary(session: Session) -> None:
-    """Teach this psycopg connection pgvector's binary format (once per connection): 64 query
-    vectors as text would cost milliseconds to format and parse."""
-    raw = psycopg_connection(session)
-    if raw not in _vector_ready:
-        register_vector(raw)
-        _vector_ready.add(raw)
-
-
 def fetch_batch_context(
     *,
     session: Session,
@@ -140,7 +125,7 @@ def fetch_batch_context(
         history_k=history_k,
         story_k=story_k,
     )
-    _send_vectors_binary(session)
+    send_vectors_binary(session)
     session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
     for kind, idx, row_id, role, content, pos, distance, scene in session.execute(_BATCH_CONTEXT_SQL, params):
         ctx = contexts[idx]

@@ -57,6 +57,7 @@ from db.models import (
     TurnStatus,
 )
 from db.runs import advance_runs_of_turns
+from db.session import BinaryVector, send_vectors_binary
 
 ERROR_CHARS = 2000
 
@@ -635,8 +636,14 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 )
             )
         next_seq[o.conversation_id] = seq + 2
+    send_vectors_binary(session)
+    columns = ("conversation_id", "seq", "role", "content", "turn_id")
     stmt = (
         insert(Message)
+        .values(
+            {c: bindparam(c) for c in columns}
+            | {"embedding": bindparam("embedding", type_=BinaryVector(Message.embedding.type.dim))}
+        )
         .on_conflict_do_nothing(
             index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL")
         )
