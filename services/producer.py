@@ -247,9 +247,8 @@ def _store_one_fast(
             turn_id = create_turn_in_known_conversation(
                 connection=connection, turn=turn, external_id=req.conversation, character=req.character
             )
-    except (
-        OperationalError
-    ):  # a stale pooled connection (no pre-ping here) or an outage: the full path decides
+    except OperationalError:
+        # A stale pooled connection (this path has no pre-ping) or an outage: the full path decides.
         return None, keyed
     if turn_id is None:
         return None, keyed
