@@ -269,7 +269,11 @@ class Scene(Base):
 
 
 class StoryEvent(Base):
-    """An event of a story/world, retrieved by similarity up to the conversation's story time."""
+    """An event of a story/world, retrieved by similarity up to the conversation's story time.
+
+    Hash-partitioned by story (migration 0014): the HNSW index is one small graph per partition, so a
+    story's search does not wade through other stories' events. The key holds the partition column.
+    """
 
     __tablename__ = "story_events"
     __table_args__ = (
@@ -281,10 +285,11 @@ class StoryEvent(Base):
             postgresql_with={"m": 16, "ef_construction": 64},
             postgresql_ops={"embedding": "vector_cosine_ops"},
         ),
+        {"postgresql_partition_by": "HASH (story)"},
     )
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
-    story: Mapped[str] = mapped_column(String(100))
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    story: Mapped[str] = mapped_column(String(100), primary_key=True)
     ordinal: Mapped[int] = mapped_column(Integer)
     scene: Mapped[str] = mapped_column(String(200), default="")
     time: Mapped[int] = mapped_column(Integer, default=0)

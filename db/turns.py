@@ -28,7 +28,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, case, exists, func, or_, select, text, tuple_, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    bindparam,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
@@ -46,6 +59,7 @@ from db.models import (
 )
 from db.runs import advance_runs_of_turns
 from db.scenes import GroupView, group_views
+from db.session import BinaryVector, send_vectors_binary
 
 ERROR_CHARS = 2000
 
@@ -256,6 +270,41 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             )
         out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code))
     return out
+
+
+# The single-enqueue path in one statement (autocommit: one round trip): the conversation lookup,
+# its character check and the insert together. It inserts only when create_turns would insert with no
+# question asked; whatever else holds, nothing is written and the caller takes the full path.
+def create_turn_in_known_conversation(
+    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
+) -> uuid.UUID | None:
+    """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
+    named) in a single statement; its id, or None if nothing was written: no such conversation,
+    another character's, a group conversation (its answering member is chosen on the full path), or
+    the idempotency key is taken (create_turns then decides, with its checks).
+    `turn.conversation_id` is not read."""
+    values = {k: v for k, v in turn.__dict__.items() if k != "conversation_id"} | {
+        "id": uuid.uuid4(),
+        "status": TurnStatus.QUEUED,
+        "attempts": 0,
+        "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
+    }
+    columns = Turn.__table__.c
+    found = [Conversation.tenant == turn.tenant, Conversation.external_id == external_id]
+    if character is not None:
+        found.append(Character.slug == character)
+    source = (
+        select(*(literal(v, type_=columns[k].type) for k, v in values.items()), Conversation.id)
+        .join(Character, Character.id == Conversation.character_id)
+        .where(*found, ~exists().where(ConversationMember.conversation_id == Conversation.id))
+    )
+    stmt = (
+        insert(Turn)
+        .from_select([*values, "conversation_id"], source)
+        .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
+        .returning(Turn.id)
+    )
+    return connection.execute(stmt).scalar()
 
 
 def claim_turns(
@@ -609,8 +658,14 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 )
             )
         next_seq[o.conversation_id] = seq + len(lines)
+    send_vectors_binary(session)
+    columns = ("conversation_id", "seq", "role", "content", "turn_id", "speaker_id", "speaker_name")
     stmt = (
         insert(Message)
+        .values(
+            {c: bindparam(c) for c in columns}
+            | {"embedding": bindparam("embedding", type_=BinaryVector(Message.embedding.type.dim))}
+        )
         .on_conflict_do_nothing(
             index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL")
         )

@@ -4,8 +4,9 @@ Writes bench/results.json (each section with the machine it ran on) and bench/th
 Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
 gate, sampling defaults, best of n), lora (serving an adapter against the base model), streaming
 (live turns as SSE through an API process: first delta, delivery, 200 readers), scenes (scene runs:
-engine busy share, wall time against the same number of independent turns); `--only` picks
-some, `--quick` shrinks them for a smoke run
+engine busy share, wall time against the same number of independent turns), fleet (the fleet
+simulator, scripts/fleet_simulator.py: 1, 2, 4, 8 worker processes with a stand-in engine against
+the one PostgreSQL and Redis); `--only` picks some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
 On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
@@ -33,7 +34,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming", "scenes")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming", "scenes", "fleet")
 
 
 def machine() -> dict[str, Any]:
@@ -72,6 +73,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS))
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
     parser.add_argument("--plot-only", action="store_true", help="redraw the plot from the results file")
+    parser.add_argument(
+        "--retrieval-messages",
+        type=int,
+        default=1_000_000,
+        help="retrieval world size (10000000: the 10M-message world, 100 messages per conversation)",
+    )
     args = parser.parse_args(argv)
     out = PROJECT_ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
     png = out.with_name("throughput.quick.png" if args.quick else "throughput.png")
@@ -94,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     where = machine()
     for section in args.only:
         started = time.perf_counter()
-        figures = _run(section, args.quick)
+        figures = _run(section, args.quick, args.retrieval_messages)
         figures["machine"] = where
         figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         figures["seconds"] = round(time.perf_counter() - started, 1)
@@ -105,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
         print("plot:", plot(results, png))
 
 
-def _run(section: str, quick: bool) -> dict[str, Any]:
+def _run(section: str, quick: bool, retrieval_messages: int = 1_000_000) -> dict[str, Any]:
     if section == "enqueue":
         from scripts.bench_enqueue import measure_enqueue
 
@@ -115,7 +122,7 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
 
         if quick:
             return measure_retrieval(messages=20_000, conversations=200, events=5_000, rounds=5)
-        return measure_retrieval()
+        return measure_retrieval(messages=retrieval_messages, conversations=retrieval_messages // 100)
     if section == "lora":
         from scripts.bench_lora import measure_lora
 
@@ -136,6 +143,12 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
         from scripts.bench_scenes import measure_scenes
 
         return measure_scenes(scenes=12, exchanges=3, max_new_tokens=16) if quick else measure_scenes()
+    if section == "fleet":
+        from scripts.fleet_simulator import measure_fleet
+
+        if quick:
+            return measure_fleet((1, 2), seconds=8.0, warmup=4.0, bulk_lines=2_000)
+        return measure_fleet()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

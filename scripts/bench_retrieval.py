@@ -59,10 +59,10 @@ class Vectors:
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
-def _bench_engine() -> Any:
+def _bench_engine(database: str = DATABASE) -> Any:
     url = make_url(database_url())
-    ensure_database(url.set(drivername="postgresql").render_as_string(hide_password=False), DATABASE)
-    return create_engine(url.set(database=DATABASE))
+    ensure_database(url.set(drivername="postgresql").render_as_string(hide_password=False), database)
+    return create_engine(url.set(database=database))
 
 
 def _migrate(engine: Any) -> None:
@@ -156,8 +156,9 @@ def measure_retrieval(
     rounds: int = 30,
     k: int = 10,
 ) -> dict[str, Any]:
-    """Build (or reuse) the world, then time batched retrieval and check recall."""
-    engine = _bench_engine()
+    """Build (or reuse) the world, then time batched retrieval and check recall. A world of another
+    size lives in a database of its own, so the 1M world is kept beside it."""
+    engine = _bench_engine(DATABASE if messages == 1_000_000 else f"{DATABASE}_{messages}")
     _migrate(engine)
     build_s = None
     if _counts(engine) != (conversations, messages, events):
@@ -222,4 +223,14 @@ def measure_retrieval(
         "story_recall_at_10": round(statistics.mean(recalls), 4),
         "target_recall": 0.95,
         "hnsw_ef_search": settings.hnsw_ef_search,
+        "story_event_partitions": _partitions(engine),
     }
+
+
+def _partitions(engine: Any) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM pg_inherits WHERE inhparent = 'story_events'::regclass")
+            ).scalar_one()
+        )

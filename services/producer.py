@@ -15,8 +15,16 @@ from sqlalchemy.exc import OperationalError
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import speaker_for_player
-from db.session import session_scope
-from db.turns import NewTurn, StoredTurn, cancel_turns, create_turns, fail_unsent, revive_unsent
+from db.session import get_autocommit_engine, session_scope
+from db.turns import (
+    NewTurn,
+    StoredTurn,
+    cancel_turns,
+    create_turn_in_known_conversation,
+    create_turns,
+    fail_unsent,
+    revive_unsent,
+)
 from db.turns import get_turn as read_turn
 from db.world import find_characters, find_conversations, upsert_conversations
 from services.schemas import TurnRequest
@@ -132,6 +140,18 @@ def submit_turns(
     ]
     if unknown:
         raise TurnRejected(unknown)
+    if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
+        fast, parsed[0] = _store_one_fast(
+            parsed[0],
+            run_id=run_id,
+            custom_id=custom_ids[0] if custom_ids else None,
+            api_key=api_key,
+            tenant=tenant,
+        )
+        if fast is not None:
+            if send:
+                send_new_turns({fast.model: [fast.id]}, lane=lane)
+            return [fast]
     try:
         stored, revived = _store_turns(
             parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
@@ -165,21 +185,13 @@ def _store_turns(
         conv_ids = _resolve_conversations(session, parsed, tenant)
         speakers = _group_speakers(session, parsed, conv_ids)
         new = [
-            NewTurn(
-                idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
-                request_hash=req.request_hash(),
-                conversation_id=conv_ids[req.conversation],
-                message=req.message,
-                model=req.model or settings.model,
-                params=req.params.resolved()
-                | ({"stream": True} if req.stream else {})
-                | ({"direction": req.direction} if req.direction is not None else {}),
+            _new_turn(
+                req,
+                conv_ids[req.conversation],
                 run_id=run_id,
                 custom_id=custom_ids[i] if custom_ids else None,
-                speaker=req.speaker,
                 api_key=api_key,
                 tenant=tenant,
-                callback_url=req.callback_url,
                 character_id=speakers[i],
             )
             for i, req in enumerate(parsed)
@@ -224,6 +236,57 @@ def _group_speakers(
     if errors:
         raise TurnRejected(errors)
     return speakers
+
+
+def _new_turn(
+    req: TurnRequest,
+    conversation_id: int,
+    *,
+    run_id: uuid.UUID | None,
+    custom_id: str | None,
+    api_key: str | None,
+    tenant: str,
+    character_id: int | None = None,
+) -> NewTurn:
+    return NewTurn(
+        idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
+        request_hash=req.request_hash(),
+        conversation_id=conversation_id,
+        message=req.message,
+        model=req.model or settings.model,
+        params=req.params.resolved()
+        | ({"stream": True} if req.stream else {})
+        | ({"direction": req.direction} if req.direction is not None else {}),
+        run_id=run_id,
+        custom_id=custom_id,
+        speaker=req.speaker,
+        api_key=api_key,
+        tenant=tenant,
+        callback_url=req.callback_url,
+        character_id=character_id,
+    )
+
+
+def _store_one_fast(
+    req: TurnRequest, *, run_id: uuid.UUID | None, custom_id: str | None, api_key: str | None, tenant: str
+) -> tuple[StoredTurn | None, TurnRequest]:
+    """The common single enqueue (a known conversation, a fresh key) in one autocommitted statement.
+    Returns the new turn, or None when the full path must decide, with the request to give it: its
+    automatic idempotency key fixed, so a statement that committed but whose reply was lost is found
+    as a replay, never inserted twice."""
+    turn = _new_turn(req, 0, run_id=run_id, custom_id=custom_id, api_key=api_key, tenant=tenant)
+    keyed = req if req.idempotency_key else req.model_copy(update={"idempotency_key": turn.idempotency_key})
+    try:
+        with get_autocommit_engine().connect() as connection:
+            turn_id = create_turn_in_known_conversation(
+                connection=connection, turn=turn, external_id=req.conversation, character=req.character
+            )
+    except OperationalError:
+        # A stale pooled connection (this path has no pre-ping) or an outage: the full path decides.
+        return None, keyed
+    if turn_id is None:
+        return None, keyed
+    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model), keyed
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:

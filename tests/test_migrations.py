@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 
+import numpy as np
 import psycopg
 import pytest
 from alembic import command
@@ -9,8 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from psycopg import sql
 from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy.orm import Session
 
-from db.migrate import alembic_config
+from db.migrate import alembic_config, include_name
 from db.models import Base
 from db.session import get_engine
 
@@ -60,7 +62,8 @@ def test_upgrade_downgrade_upgrade(scratch_db: Connection) -> None:
 
 def test_models_and_migrations_agree(services) -> None:
     with get_engine().connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        context = MigrationContext.configure(conn, opts={"include_name": include_name})
+        diff = compare_metadata(context, Base.metadata)
     assert diff == []
 
 
@@ -101,3 +104,74 @@ def test_the_scenes_migration_moves_forward_over_rows_in_the_old_tables(scratch_
         None,
     )
     assert scratch_db.execute(text("SELECT count(*) FROM scenes")).scalar() == 0
+
+
+def _story_event_rows(connection: Connection) -> list[tuple]:
+    return connection.execute(
+        text("SELECT id, story, ordinal, scene, time, text, embedding::text FROM story_events ORDER BY id")
+    ).all()
+
+
+def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Connection) -> None:
+    from db.retrieval import ContextQuery, fetch_batch_context
+
+    _run(scratch_db, "upgrade", "0012")
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((40, 384)).astype(np.float32)
+    for i, vec in enumerate(vectors):  # two stories, 20 events each, times 0..19
+        scratch_db.execute(
+            text(
+                "INSERT INTO story_events (story, ordinal, scene, time, text, embedding)"
+                " VALUES (:story, :ordinal, 'scene', :time, :text, CAST(:vec AS vector))"
+            ),
+            {
+                "story": f"saga-{i % 2}",
+                "ordinal": i // 2,
+                "time": i // 2,
+                "text": f"event {i}",
+                "vec": "[" + ",".join(map(str, vec.tolist())) + "]",
+            },
+        )
+    scratch_db.commit()
+    before = _story_event_rows(scratch_db)
+
+    _run(scratch_db, "upgrade", "head")
+    assert _story_event_rows(scratch_db) == before
+    strategy = scratch_db.execute(
+        text("SELECT partstrat FROM pg_partitioned_table WHERE partrelid = 'story_events'::regclass")
+    ).scalar()
+    assert strategy == "h"
+    placed = scratch_db.execute(
+        text("SELECT count(DISTINCT tableoid), count(*) FROM story_events WHERE story = 'saga-0'")
+    ).one()
+    assert tuple(placed) == (1, 20)  # one story, one partition (one graph)
+    new_id = scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text)"
+            " VALUES ('saga-0', 99, '', 0, 'later') RETURNING id"
+        )
+    ).scalar_one()
+    assert new_id > max(row[0] for row in before)  # the id sequence moved with the rows
+
+    # Retrieval reads the moved rows: the story and story-time filters, nearest first.
+    session = Session(bind=scratch_db)
+    query = vectors[8]  # event 8: saga-0, time 4
+    (ctx,) = fetch_batch_context(
+        session=session,
+        queries=[ContextQuery(conversation_id=0, story="saga-0", story_time=4, vector=query)],
+        recent_n=4,
+        history_k=2,
+        story_k=3,
+    )
+    assert ctx.events[0].text == "event 8" and ctx.events[0].score == pytest.approx(1.0, abs=1e-5)
+    assert len(ctx.events) == 3
+    assert all(hit.time <= 4 and int(hit.text.split()[1]) % 2 == 0 for hit in ctx.events)
+    session.rollback()
+    scratch_db.execute(text("DELETE FROM story_events WHERE text = 'later'"))
+    scratch_db.commit()
+
+    _run(scratch_db, "downgrade", "0012")
+    assert _story_event_rows(scratch_db) == before
+    assert "ix_story_events_embedding_hnsw" in {
+        ix["name"] for ix in inspect(scratch_db).get_indexes("story_events")
+    }

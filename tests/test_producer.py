@@ -200,3 +200,44 @@ def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
             ],
             send=False,
         )
+
+
+def test_a_single_enqueue_into_a_known_conversation_is_one_statement(world) -> None:
+    from sqlalchemy import Engine, event
+
+    conv = new_conversation()
+    first = enqueue_turn(conv | {"message": "Hello."})  # starts the conversation (the full path)
+    seen: list[tuple[str, bool]] = []
+
+    def statement(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        # autocommit: psycopg sends no BEGIN and no COMMIT around it (one round trip in all)
+        seen.append((sql.lstrip().split("(")[0].strip(), conn.connection.driver_connection.autocommit))
+
+    event.listen(Engine, "before_cursor_execute", statement)
+    try:
+        second = enqueue_turn(conv | {"message": "And again."})
+    finally:
+        event.remove(Engine, "before_cursor_execute", statement)
+    assert seen == [("INSERT INTO turns", True)]
+    view = get_turn(second)
+    assert view is not None and view.status == TurnStatus.QUEUED and view.message == "And again."
+    assert view.conversation_id == get_turn(first).conversation_id  # type: ignore[union-attr]
+
+
+def test_a_single_enqueue_after_a_database_restart_lands_once(world, services) -> None:
+    from core import embedded
+
+    conv = new_conversation()
+    enqueue_turn(conv | {"message": "Before."})
+    enqueue_turn(conv | {"message": "Warm."})  # the one-statement path now holds a pooled connection
+    embedded.restart_postgres(services)  # cuts it: that path has no pre-ping
+    turn_id = enqueue_turn(conv | {"message": "After the restart."})
+    view = get_turn(turn_id)
+    assert view is not None and view.status == TurnStatus.QUEUED
+    with session_scope() as s:
+        rows = s.scalars(
+            select(Turn.id).where(
+                Turn.message == "After the restart.", Turn.conversation_id == view.conversation_id
+            )
+        ).all()
+    assert rows == [turn_id]
