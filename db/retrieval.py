@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pgvector.psycopg import register_vector
@@ -13,6 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.session import psycopg_connection
+
+if TYPE_CHECKING:
+    from db.facts import FactHit
+    from db.summaries import SummaryLine
 
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
 # narrows to one conversation, then distances are computed); story events go through the HNSW
@@ -99,6 +103,9 @@ class TurnContext:
     recent: list[HistoryLine] = field(default_factory=list)
     similar: list[HistoryLine] = field(default_factory=list)
     events: list[EventHit] = field(default_factory=list)
+    # NPC memory (db/summaries.py, db/facts.py): summaries oldest first, facts best first.
+    summaries: list[SummaryLine] = field(default_factory=list)
+    facts: list[FactHit] = field(default_factory=list)
 
 
 _vector_ready: weakref.WeakSet[Any] = weakref.WeakSet()
