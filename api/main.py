@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, chat_completions, files, health, stories, stream, turns
+from api.routes import batches, characters, chat_completions, facts, files, health, stories, stream, turns
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
@@ -39,6 +39,7 @@ def create_app() -> FastAPI:
         batches,
         files,
         characters,
+        facts,
         stories,
         health,
         metrics_routes,

@@ -74,3 +74,23 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
         {"c": conversation_id, "t": token, "through": through},
     )
     return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def extract_due(*, session: Session, conversation_ids: list[int], every_lines: int) -> list[int]:
+    """The conversations with at least `every_lines` lines extraction has not read, not in flight."""
+    if not conversation_ids or every_lines <= 0:
+        return []
+    return list(
+        session.scalars(
+            text(
+                """
+SELECT c.id FROM unnest(CAST(:conv AS bigint[])) AS c(id)
+LEFT JOIN memory_jobs j ON j.conversation_id = c.id AND j.kind = 'extract'
+WHERE (j.lease_until IS NULL OR j.lease_until < now())
+  AND (SELECT count(*) FROM messages m
+       WHERE m.conversation_id = c.id AND m.seq > COALESCE(j.done_through, 0)) >= :every
+"""
+            ),
+            {"conv": sorted(set(conversation_ids)), "every": every_lines},
+        )
+    )

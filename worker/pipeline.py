@@ -41,6 +41,8 @@ from db.turns import (
     requeue_turns,
     store_replies,
 )
+from memory.context import attach_memory
+from memory.schedule import schedule_memory
 from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
 from services.turn_callbacks import send_turn_callbacks
@@ -263,6 +265,12 @@ def _answer(
             story_k=settings.rag_story_k,
             ef_search=settings.hnsw_ef_search,
         )
+        attach_memory(
+            session=session,
+            conversation_ids=[t.conversation_id for t in turns],
+            vectors=list(vectors),
+            contexts=contexts,
+        )
     prepared: dict[uuid.UUID, Prepared] = {}
     with timer("prompt"):
         for turn, ctx in zip(turns, contexts, strict=True):
@@ -386,6 +394,7 @@ def _prepare(
                 speaker=turn.speaker,
                 system_prompt=turn.params.get("system_prompt"),
                 direction=turn.params.get("direction"),
+                memory_tokens=settings.memory_budget_tokens,
             )
         )
     with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
@@ -506,6 +515,8 @@ def _finish_group(
         requeue_turns(session=session, token=token, reasons=retry)
     _announce(group, [*stored, *newly_failed, *retry])
     _call_back([*stored, *newly_failed])
+    stored_ids = set(stored)
+    schedule_memory([t.conversation_id for t in group if t.id in stored_ids])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:
