@@ -207,8 +207,8 @@ class Settings(BaseSettings):
     memory_extract_every_lines: int = Field(default=0, ge=0)
     # An extracted fact this similar to a current one of the same subject is a duplicate; similar
     # down to memory_fact_supersede_similarity, it replaces that one (kept as history).
-    memory_fact_dedup_similarity: float = Field(default=0.9, gt=0, le=1)
-    memory_fact_supersede_similarity: float = Field(default=0.7, gt=0, le=1)
+    memory_fact_dedup_similarity: float = Field(default=0.97, gt=0, le=1)
+    memory_fact_supersede_similarity: float = Field(default=0.8, gt=0, le=1)
     memory_job_lease_s: float = Field(default=600.0, gt=0)
 
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another

@@ -7,6 +7,7 @@ db/summaries.py), with two database sessions for the races."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -14,13 +15,16 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
-from db.facts import NewFact, add_facts, fact_moves, facts_for_turns, get_fact, move_fact, supersede
+from db.facts import FactHit, NewFact, add_facts, fact_moves, facts_for_turns, get_fact, move_fact, supersede
 from db.memory_jobs import SUMMARY, claim_job, release_job
-from db.models import FactKind, FactScope, Message, Role, Summary
+from db.models import Character, Conversation, Fact, FactKind, FactScope, Message, Role, Summary
+from db.retrieval import HistoryLine, TurnContext
 from db.session import session_scope
-from db.summaries import conversations_due, next_summary_work, store_summary, summaries_for
+from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
 from db.world import find_characters, upsert_conversations
+from memory.extract import parse_facts, store_extracted
 from worker.embedder import embed
+from worker.prompt import PromptBuilder, PromptInput
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -325,3 +329,92 @@ def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
     assert [(x.id, x.level, x.text) for x in shown] == [(top, 1, "all four parts")]
     assert merged == 4
     assert (shown[0].first_seq, shown[0].last_seq) == (merge.first_seq, merge.last_seq)
+
+
+# --- extraction's store step and the prompt ------------------------------------------------------
+
+
+def _answer(*facts: tuple[str, int]) -> list:  # type: ignore[type-arg]
+    """The facts of a model's answer under the extraction schema."""
+    body = [{"subject": "Rowan", "kind": "player", "text": t, "importance": i} for t, i in facts]
+    return parse_facts(json.dumps({"facts": body}))
+
+
+def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        first = store_extracted(
+            session=s, conversation=conv, facts=_answer(("Rowan has a sister called Mira.", 8)), source="t:1"
+        )
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        second = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(
+                ("Rowan has a sister named Mira.", 8),  # a paraphrase: a duplicate
+                ("Rowan has no sister; Mira is his cousin.", 8),  # close but other: supersedes
+                ("Rowan is afraid of the dark.", 3),  # new
+            ),
+            source="t:2",
+        )
+        rows = s.scalars(select(Fact).where(Fact.player_id == player).order_by(Fact.id)).all()
+        facts = [(r.text, r.superseded_by is not None, r.scope.value, r.scope_ref) for r in rows]
+    assert first == {"added": 1, "duplicate": 0, "superseded": 0}
+    assert second == {"added": 1, "duplicate": 1, "superseded": 1}
+    assert facts == [
+        ("Rowan has a sister called Mira.", True, "conversation", str(conv_id)),  # history kept
+        ("Rowan has no sister; Mira is his cousin.", False, "conversation", str(conv_id)),
+        ("Rowan is afraid of the dark.", False, "conversation", str(conv_id)),
+    ]
+    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') == []  # outside the schema
+    assert parse_facts("not json") == []
+
+
+def _card() -> Character:
+    return Character(
+        slug="elara",
+        name="Elara",
+        language="en",
+        description="Innkeeper.",
+        personality="",
+        scenario="",
+        speech_style="",
+        example_dialogues=[],
+        first_message="",
+        system_prompt="You are {{char}}.",
+        post_history_instructions="",
+    )
+
+
+def _hit(i: int, text: str, importance: float = 0.5) -> FactHit:
+    return FactHit(i, "player", "Rowan", text, "game", "met", importance, 0.8, 1.0)
+
+
+def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_budget(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    context = TurnContext(
+        recent=[HistoryLine(300, "user", "Hello again.", 300)],
+        summaries=[SummaryLine(7, 1, 1, 280, "Rowan told Elara his sister Mira went missing at the mill.")],
+        facts=[_hit(i, f"Fact number {i} about Rowan's travels along the river.") for i in range(1, 9)],
+    )
+    item = PromptInput(_card(), "Rowan", "What do you know about me?", context, 32, memory_tokens=120)
+    built = builder.build(item)
+    manifest = built.manifest
+    assert [(s["id"], s["first_seq"], s["last_seq"]) for s in manifest["summary"]] == [(7, 1, 280)]
+    assert manifest["summary"][0]["tokens"] > 0 and manifest["sections"]["summary"] > 0
+    kept = [f["id"] for f in manifest["facts"]]
+    assert kept and kept == sorted(kept)  # best first, as retrieved
+    assert all(f["tokens"] > 0 and f["source"] == "game" for f in manifest["facts"])
+    memory_tokens = manifest["sections"]["summary"] + manifest["sections"]["facts"]
+    assert memory_tokens <= 120
+    left_out = [d for d in manifest["dropped"] if d["kind"] == "fact"]
+    assert left_out and all(d["reason"] == "memory token budget" for d in left_out)
+    assert {d["id"] for d in left_out} | set(kept) == set(range(1, 9))
+    assert "Mira went missing at the mill" in built.text and "[What Elara knows]" in built.text
+    assert sum(manifest["sections"].values()) == len(built.token_ids)
+
+    unlimited = builder.build(PromptInput(_card(), "Rowan", "What do you know about me?", context, 32))
+    assert len(unlimited.manifest["facts"]) == 8
