@@ -55,13 +55,13 @@ def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, 
     return generate_text(system, user, max_tokens=max_tokens, json_schema=schema)
 
 
-def parse_facts(raw: str) -> list[ExtractedFact]:
-    """The facts of the model's answer; [] (logged) when it is not the schema's JSON."""
+def parse_facts(raw: str) -> list[ExtractedFact] | None:
+    """The facts of the model's answer; None (logged) when it is not the schema's JSON."""
     try:
         return Extracted.model_validate(json.loads(raw)).facts
     except (ValueError, ValidationError) as exc:
         logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
-        return []
+        return None
 
 
 def store_extracted(
@@ -110,8 +110,10 @@ def store_extracted(
 
 
 def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = None) -> dict[str, int]:
-    """Extract facts from the lines not read yet; the counts stored (empty when another worker
-    holds the job or nothing waits)."""
+    """Extract facts from the lines not read yet; the counts of lines read, facts added, duplicate
+    and superseded, and answers outside the schema (empty when another worker holds the job or
+    nothing waits). An answer outside the schema still counts its lines as read: retrying the same
+    lines would most likely fail the same way."""
     generate = generate or _engine_generate
     with session_scope() as session:
         token = claim_job(
@@ -151,7 +153,10 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 return {}  # the claim lapsed: another worker reads these lines
             conversation = session.get(Conversation, conversation_id)
             assert conversation is not None
-            return store_extracted(session=session, conversation=conversation, facts=facts, source=source)
+            counts = store_extracted(
+                session=session, conversation=conversation, facts=facts or [], source=source
+            )
+            return {"lines": len(lines), "malformed": int(facts is None), **counts}
     finally:
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token)

@@ -22,7 +22,7 @@ from db.retrieval import HistoryLine, TurnContext
 from db.session import session_scope
 from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
 from db.world import find_characters, upsert_conversations
-from memory.extract import parse_facts, store_extracted
+from memory.extract import ExtractedFact, parse_facts, store_extracted
 from worker.embedder import embed
 from worker.prompt import PromptBuilder, PromptInput
 
@@ -334,10 +334,12 @@ def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
 # --- extraction's store step and the prompt ------------------------------------------------------
 
 
-def _answer(*facts: tuple[str, int]) -> list:  # type: ignore[type-arg]
+def _answer(*facts: tuple[str, int]) -> list[ExtractedFact]:
     """The facts of a model's answer under the extraction schema."""
     body = [{"subject": "Rowan", "kind": "player", "text": t, "importance": i} for t, i in facts]
-    return parse_facts(json.dumps({"facts": body}))
+    parsed = parse_facts(json.dumps({"facts": body}))
+    assert parsed is not None
+    return parsed
 
 
 def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
@@ -369,8 +371,8 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
         ("Rowan has no sister; Mira is his cousin.", False, "conversation", str(conv_id)),
         ("Rowan is afraid of the dark.", False, "conversation", str(conv_id)),
     ]
-    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') == []  # outside the schema
-    assert parse_facts("not json") == []
+    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') is None  # outside the schema
+    assert parse_facts("not json") is None
 
 
 def _card() -> Character:
