@@ -31,6 +31,8 @@ app.add_typer(card_app, name="card")
 app.add_typer(lora_app, name="lora")
 facts_app = typer.Typer(help="Facts NPCs may know about a player (or the world).", no_args_is_help=True)
 app.add_typer(facts_app, name="facts")
+history_app = typer.Typer(help="Existing chat logs into conversations.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
@@ -528,6 +530,45 @@ def facts_move(
     except FactNotFound as exc:
         raise LookupError(str(exc)) from None
     _out(f"fact {fact.id}: now {fact.scope} {fact.scope_ref}".rstrip() + f" ({len(moves)} move(s))")
+
+
+@history_app.command("import")
+def history_import(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the chat log")],
+    conversation: Annotated[
+        str, typer.Option(help="the conversation's id (made if new, appended to if not)")
+    ],
+    character: Annotated[str, typer.Option(help="the character's slug")],
+    format: Annotated[
+        Literal["sillytavern", "openai", "original"],
+        typer.Option(
+            help="sillytavern: chat JSONL; openai: messages JSON; original: the original service's history"
+        ),
+    ] = "sillytavern",
+    player: Annotated[str, typer.Option(help="the game's player id")] = "",
+    player_name: Annotated[str | None, typer.Option(help="default: the log's user name")] = None,
+    tenant: str = "",
+) -> None:
+    """Import a chat log into a conversation (embedded in batches; all or nothing)."""
+    from memory.history_import import HistoryRefused, import_history
+
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        conv_id, first, last = import_history(
+            raw,
+            format,
+            conversation=conversation,
+            character=character,
+            player_id=player,
+            player_name=player_name,
+            tenant=tenant,
+        )
+    except HistoryRefused as exc:
+        raise Refused(f"{path}: {exc}; nothing stored") from None
+    _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
 
 
 # --- LoRA voices ------------------------------------------------------------------------------
