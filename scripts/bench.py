@@ -3,7 +3,9 @@
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
 Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
 gate, sampling defaults, best of n), lora (serving an adapter against the base model), streaming
-(live turns as SSE through an API process: first delta, delivery, 200 readers); `--only` picks
+(live turns as SSE through an API process: first delta, delivery, 200 readers), memory (needle
+recall with summaries and facts against retrieval alone, prompt tokens, live latency while memory
+jobs run; scaled down to this machine, and said so); `--only` picks
 some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
@@ -32,7 +34,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming", "memory")
 
 
 def machine() -> dict[str, Any]:
@@ -131,6 +133,10 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
                 probes=2, bulk_turns=16, readers=20, reader_bulk_turns=16, max_new_tokens=16
             )
         return measure_streaming()
+    if section == "memory":
+        from scripts.bench_memory import measure_memory
+
+        return measure_memory(conversations=2, turns=60, probes_live=2) if quick else measure_memory()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 
