@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.memory_jobs import SUMMARY, holds_job
-from db.models import Message, Summary
+from db.models import Message, Role, Summary
 
 # Tokens are estimated from characters where no tokenizer is at hand (scheduling, in SQL).
 CHARS_PER_TOKEN = 4
@@ -95,7 +95,7 @@ def next_summary_work(
     )
     if last_seq is None:
         return None
-    rows = session.execute(
+    lines = session.execute(
         select(Message.seq, Message.role, Message.content)
         .where(
             Message.conversation_id == conversation_id,
@@ -104,20 +104,21 @@ def next_summary_work(
         )
         .order_by(Message.seq)
     ).all()
-    if sum(len(r.content) for r in rows) < threshold_tokens * CHARS_PER_TOKEN:
+    if sum(len(r.content) for r in lines) < threshold_tokens * CHARS_PER_TOKEN:
         return None
-    taken, chars = [], 0
-    for row in rows:
-        if taken and chars + len(row.content) > chunk_tokens * CHARS_PER_TOKEN:
+    taken: list[Any] = []
+    chars = 0
+    for line in lines:
+        if taken and chars + len(line.content) > chunk_tokens * CHARS_PER_TOKEN:
             break
-        taken.append(row)
-        chars += len(row.content)
+        taken.append(line)
+        chars += len(line.content)
     return SummaryWork(
         conversation_id,
         0,
         taken[0].seq,
         taken[-1].seq,
-        lines=[(str(r.role.value if hasattr(r.role, "value") else r.role), r.content) for r in taken],
+        lines=[(Role(r.role).value, r.content) for r in taken],
     )
 
 

@@ -25,15 +25,20 @@ from worker.prompt.sanitize import Sanitizer
 logger = logging.getLogger(__name__)
 
 
+# Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
+# keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
 class ExtractedFact(BaseModel):
-    subject: str = Field(min_length=1, max_length=80)
+    subject: str = Field(min_length=1, max_length=40)
     kind: Literal["player", "world", "npc"]
-    text: str = Field(min_length=1, max_length=300)
+    text: str = Field(min_length=1, max_length=120)
     importance: int = Field(ge=1, le=10)
 
 
 class Extracted(BaseModel):
-    facts: list[ExtractedFact] = Field(max_length=8)
+    facts: list[ExtractedFact] = Field(max_length=4)
+
+
+EXTRACT_MAX_TOKENS = 448
 
 
 FACTS_SCHEMA: dict[str, Any] = Extracted.model_json_schema()
@@ -142,7 +147,9 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         scrub = Sanitizer(None).scrub
         speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
         body = "\n".join(f"{speaker.get(str(r.role), str(r.role))}: {scrub(r.content)}" for r in lines)
-        raw = generate(EXTRACT_INSTRUCTIONS.format(char=char, user=user), body, 256, FACTS_SCHEMA)
+        raw = generate(
+            EXTRACT_INSTRUCTIONS.format(char=char, user=user), body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA
+        )
         facts = parse_facts(raw)
         last = lines[-1]
         source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"

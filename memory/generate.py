@@ -28,7 +28,10 @@ def generate_text(
     if json_schema is not None:
         from vllm.sampling_params import StructuredOutputsParams
 
-        controls["structured_outputs"] = StructuredOutputsParams(json=json_schema)
+        # No free whitespace: a small model can spend its whole budget on newlines between tokens.
+        controls["structured_outputs"] = StructuredOutputsParams(
+            json=json_schema, disable_any_whitespace=True
+        )
     request = GenerationRequest(
         token_ids=list(token_ids),
         temperature=0.2,
