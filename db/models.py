@@ -189,6 +189,8 @@ class Message(Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "message_role"))
     content: Mapped[str] = mapped_column(Text)
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    # `mlchat reembed`'s vector from the new embedder, swapped in with every other row's at once.
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
     turn_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("turns.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -215,6 +217,7 @@ class StoryEvent(Base):
     time: Mapped[int] = mapped_column(Integer, default=0)
     text: Mapped[str] = mapped_column(Text)
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
 
 
 class Run(Base):
@@ -390,6 +393,7 @@ class Fact(Base):
     scope: Mapped[FactScope] = mapped_column(_enum(FactScope, "fact_scope"))
     scope_ref: Mapped[str] = mapped_column(String(200), default="", server_default="")
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
     superseded_by: Mapped[int | None] = mapped_column(ForeignKey("facts.id", ondelete="SET NULL"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
@@ -441,3 +445,16 @@ class MemoryJob(Base):
     token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ReembedProgress(Base):
+    """How far `mlchat reembed` got in each table with which embedder (so a new run resumes)."""
+
+    __tablename__ = "reembed_progress"
+
+    table_name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    embedder: Mapped[str] = mapped_column(Text)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

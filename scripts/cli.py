@@ -571,6 +571,19 @@ def history_import(
     _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
 
 
+@app.command()
+def reembed(chunk: Annotated[int, typer.Option(min=1, help="rows per transaction")] = 512) -> None:
+    """Embed every message, story event and fact again with MLCHAT_EMBEDDER (resumable; the new
+    vectors replace the old all at once at the end)."""
+    from memory.reembed import reembed as run
+
+    def shown(table: str, last_id: int) -> None:
+        _err(f"{table}: through id {last_id}")
+
+    swapped = run(chunk=chunk, on_chunk=shown)
+    _out(", ".join(f"{table} {n}" for table, n in swapped.items()) + f" re-embedded with {settings.embedder}")
+
+
 # --- LoRA voices ------------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""NPC memory: facts (scoped, superseded, gossip moves recorded), rolling summaries, memory jobs
+"""NPC memory: facts (scoped, superseded, gossip moves recorded), rolling summaries, memory jobs;
+the next embedder's vectors beside each embedding and the re-embed's progress (mlchat reembed)
 
 Revision ID: 0016
 Revises: 0012
@@ -105,8 +106,24 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("conversation_id", "kind", name=op.f("pk_memory_jobs")),
     )
 
+    for table in ("messages", "story_events", "facts"):
+        op.add_column(
+            table, sa.Column("embedding_next", pgvector.sqlalchemy.vector.VECTOR(dim=384), nullable=True)
+        )
+    op.create_table(
+        "reembed_progress",
+        sa.Column("table_name", sa.String(32), nullable=False),
+        sa.Column("embedder", sa.Text(), nullable=False),
+        sa.Column("last_id", sa.BigInteger(), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
+        sa.PrimaryKeyConstraint("table_name", name=op.f("pk_reembed_progress")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("reembed_progress")
+    for table in ("messages", "story_events"):
+        op.drop_column(table, "embedding_next")
     op.drop_table("memory_jobs")
     op.drop_table("summaries")
     op.drop_index(op.f("ix_fact_moves_fact_id"), table_name="fact_moves")
