@@ -38,7 +38,9 @@ def generate_text(
         top_p=0.9,
         max_tokens=max_tokens,
         seed=0,
-        stop=rendered.stop,
+        # A JSON answer ends with its grammar; the format's stop strings (a speaker label) could cut
+        # it inside a string.
+        stop=() if json_schema is not None else rendered.stop,
         priority=engine_module.BULK,
         controls=controls,
     )
