@@ -39,6 +39,8 @@ class Extracted(BaseModel):
 
 
 EXTRACT_MAX_TOKENS = 448
+# Lines read per answer: an answer names at most 4 facts, so it reads a short stretch at a time.
+EXTRACT_LINES = 24
 
 
 FACTS_SCHEMA: dict[str, Any] = Extracted.model_json_schema()
@@ -139,7 +141,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 select(Message.seq, Message.role, Message.content, Message.turn_id)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)
                 .order_by(Message.seq)
-                .limit(64)
+                .limit(EXTRACT_LINES)
             ).all()
             char, user = conversation.character.name, conversation.player_name or "User"
         if not lines:
