@@ -34,7 +34,9 @@ def generate_text(
         )
     request = GenerationRequest(
         token_ids=list(token_ids),
-        temperature=0.2,
+        # Greedy for a JSON answer: sampled, the bundled model wandered into a multi-byte character
+        # at a string's length limit and never closed the JSON (finish_reason length).
+        temperature=0.0 if json_schema is not None else 0.2,
         top_p=0.9,
         max_tokens=max_tokens,
         seed=0,
