@@ -136,7 +136,7 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
     if section == "memory":
         from scripts.bench_memory import measure_memory
 
-        return measure_memory(conversations=2, turns=60, probes_live=2) if quick else measure_memory()
+        return measure_memory(conversations=2, turns=120, probes_live=2) if quick else measure_memory()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

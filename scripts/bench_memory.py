@@ -6,6 +6,8 @@
    packed into a prompt; the fact is recalled when its answer word is in the prompt (as a summary
    line, a fact row or a retrieved line). Measured with memory and without it (the recent window and
    similarity retrieval only), on the same questions. This measures the prompt, not the reply.
+   Each planted fact has 6 distractors (the same kind of statement about someone else), more than
+   similarity retrieval's k, so a similar line can be crowded out; filler lines make up the rest.
 2. Prompt tokens at the last line with summaries and facts ÷ without, on the same budget; and that
    every prompt fits the budget.
 3. Live latency while memory jobs run: the median of live engine requests sent while the summary and
@@ -38,32 +40,66 @@ from memory.extract import run_extract_job
 from memory.summarize import run_summary_job
 from worker.embedder import embed
 
-# (planted line, later question, the answer word that must reach the prompt); {v} is drawn per plant.
+# (planted line, later question, the answer word that must reach the prompt, a distractor: the same
+# kind of statement about someone else); {v} is drawn per plant.
 NEEDLES = [
     (
         "By the way, my sister's name is {v}.",
         "Do you remember my sister's name?",
-        ["Mira", "Lina", "Tove", "Asha"],
+        "My neighbour's sister is named {v}.",
     ),
     (
         "I was born in the village of {v}.",
         "Where was I born again?",
-        ["Oakhollow", "Brindle", "Saltmere", "Fenwick"],
+        "My cousin was born in the village of {v}.",
     ),
-    ("My horse is called {v}, she is old.", "How is my horse doing?", ["Clover", "Ember", "Thistle", "Dusk"]),
-    ("I owe {v} forty silver coins.", "Who do I owe money to?", ["Garrick", "Odalys", "Bertram", "Quill"]),
-    ("My lucky charm is a {v} feather.", "What is my lucky charm?", ["heron", "raven", "peacock", "falcon"]),
+    ("My horse is called {v}, she is old.", "How is my horse doing?", "The miller's horse is called {v}."),
+    ("I owe {v} forty silver coins.", "Who do I owe money to?", "The smith owes {v} ten silver coins."),
     (
-        "I used to work as a {v} in the capital.",
-        "What was my old job?",
-        ["glassblower", "scribe", "tanner", "ferryman"],
+        "My lucky charm is a {v} feather.",
+        "What is my lucky charm?",
+        "The bard's lucky charm is a {v} feather.",
     ),
+    ("I used to work as a {v} in the capital.", "What was my old job?", "My uncle used to work as a {v}."),
     (
         "My father was killed by the bandit {v}.",
         "Who killed my father?",
-        ["Vask", "Roderin", "Mal", "Sorrel"],
+        "The baker's father was killed by {v}.",
     ),
 ]
+VALUES = [
+    "Mira",
+    "Lina",
+    "Tove",
+    "Asha",
+    "Oakhollow",
+    "Brindle",
+    "Saltmere",
+    "Fenwick",
+    "Clover",
+    "Ember",
+    "Thistle",
+    "Dusk",
+    "Garrick",
+    "Odalys",
+    "Bertram",
+    "Quill",
+    "heron",
+    "raven",
+    "peacock",
+    "falcon",
+    "glassblower",
+    "scribe",
+    "tanner",
+    "ferryman",
+    "Vask",
+    "Roderin",
+    "Mal",
+    "Sorrel",
+    "Juniper",
+    "Corwin",
+]
+DISTRACTORS = 6  # per planted fact: more than retrieval's k, so similarity alone can be crowded out
 FILLER = [
     "The weather has been cold this week.",
     "Could I get another mug of cider?",
@@ -94,11 +130,15 @@ def _plant(
         pool = FILLER if i % 2 == 0 else REPLIES
         lines.append((Role.USER if i % 2 == 0 else Role.ASSISTANT, rng.choice(pool)))
     chosen = rng.sample(NEEDLES, 5)
-    spots = rng.sample(range(0, turns - recent - 2, 2), 5)  # user lines only, before the recent window
+    user_spots = list(range(0, turns - recent - 2, 2))  # user lines only, before the recent window
+    spots = rng.sample(user_spots, 5 * (1 + DISTRACTORS))
     probes = []
-    for (plant, question, values), spot in zip(chosen, spots, strict=True):
-        value = rng.choice(values)
-        lines[spot] = (Role.USER, plant.format(v=value))
+    for n, (plant, question, distractor) in enumerate(chosen):
+        value, *others = rng.sample(VALUES, 1 + DISTRACTORS)
+        mine = spots[n * (1 + DISTRACTORS) : (n + 1) * (1 + DISTRACTORS)]
+        lines[mine[0]] = (Role.USER, plant.format(v=value))
+        for spot, other in zip(mine[1:], others, strict=True):
+            lines[spot] = (Role.USER, distractor.format(v=other))
         probes.append((question, value))
     return lines, probes
 
