@@ -98,6 +98,16 @@ VALUES = [
     "Sorrel",
     "Juniper",
     "Corwin",
+    "Ysolde",
+    "Harrow",
+    "Petrel",
+    "Kestrel",
+    "Marlowe",
+    "Wren",
+    "Ashby",
+    "Linden",
+    "Tamsin",
+    "Orrin",
 ]
 DISTRACTORS = 6  # per planted fact: more than retrieval's k, so similarity alone can be crowded out
 FILLER = [
@@ -132,9 +142,10 @@ def _plant(
     chosen = rng.sample(NEEDLES, 5)
     user_spots = list(range(0, turns - recent - 2, 2))  # user lines only, before the recent window
     spots = rng.sample(user_spots, 5 * (1 + DISTRACTORS))
+    values = rng.sample(VALUES, 5 * (1 + DISTRACTORS))  # all distinct: no answer word elsewhere
     probes = []
     for n, (plant, question, distractor) in enumerate(chosen):
-        value, *others = rng.sample(VALUES, 1 + DISTRACTORS)
+        value, *others = values[n * (1 + DISTRACTORS) : (n + 1) * (1 + DISTRACTORS)]
         mine = spots[n * (1 + DISTRACTORS) : (n + 1) * (1 + DISTRACTORS)]
         lines[mine[0]] = (Role.USER, plant.format(v=value))
         for spot, other in zip(mine[1:], others, strict=True):
