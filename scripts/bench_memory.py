@@ -20,6 +20,7 @@ bundled 135M model) runs fewer by default (`conversations`, `turns`), and says s
 from __future__ import annotations
 
 import random
+import re
 import statistics
 import threading
 import time
@@ -194,7 +195,7 @@ def _recall(
                 )
             )
             asked += 1
-            recalled += int(answer.lower() in built.text.lower())
+            recalled += int(re.search(rf"\b{re.escape(answer)}\b", built.text, re.IGNORECASE) is not None)
             within = within and len(built.token_ids) <= settings.max_model_len - settings.max_new_tokens
             if i == 0:
                 tokens.append(len(built.token_ids))
