@@ -12,7 +12,19 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
-from api.routes import batches, characters, chat_completions, desk, files, health, scenes, stories, stream, turns
+from api.routes import (
+    batches,
+    characters,
+    chat_completions,
+    desk,
+    facts,
+    files,
+    health,
+    scenes,
+    stories,
+    stream,
+    turns,
+)
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
@@ -39,6 +51,7 @@ def create_app() -> FastAPI:
         batches,
         files,
         characters,
+        facts,
         stories,
         scenes,
         health,

@@ -194,6 +194,26 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=32, ge=1, le=1000)
     max_message_chars: int = Field(default=4000, ge=1)
 
+    # NPC memory (memory/, README "NPC memory"): rolling summaries and facts in the prompt.
+    # A summary job goes on the bulk lane once the lines beyond the recent window that no summary
+    # covers pass this many tokens (estimated at 4 characters a token); 0 turns summaries off.
+    memory_summary_threshold_tokens: int = Field(default=1024, ge=0)
+    memory_summary_chunk_tokens: int = Field(default=1536, ge=64)  # lines per level-0 summary, at most
+    memory_summary_fanout: int = Field(default=4, ge=2)  # summaries of a level merged into one above
+    memory_summary_max_tokens: int = Field(default=160, ge=16)  # a summary's length, generated
+    # Facts in an NPC's prompt: the best k by relevance x recency x importance; recency halves every
+    # half-life. Summaries and facts together take at most memory_budget_tokens of the prompt.
+    memory_facts_k: int = Field(default=6, ge=0)
+    memory_fact_half_life_s: float = Field(default=30 * 86400.0, gt=0)
+    memory_budget_tokens: int = Field(default=512, ge=0)
+    # Fact extraction from dialogue (a bulk-lane job) once this many new lines wait; 0: off.
+    memory_extract_every_lines: int = Field(default=0, ge=0)
+    # An extracted fact this similar to a current one of the same subject is a duplicate; similar
+    # down to memory_fact_supersede_similarity, it replaces that one (kept as history).
+    memory_fact_dedup_similarity: float = Field(default=0.97, gt=0, le=1)
+    memory_fact_supersede_similarity: float = Field(default=0.8, gt=0, le=1)
+    memory_job_lease_s: float = Field(default=600.0, gt=0)
+
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another
     # seed, when quality_regenerate is on; the better-scoring of the two is kept and both scores stored.
     quality_regenerate: bool = False

@@ -191,6 +191,8 @@ class Message(Base):
     role: Mapped[Role] = mapped_column(_enum(Role, "message_role"))
     content: Mapped[str] = mapped_column(Text)
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    # `mlchat reembed`'s vector from the new embedder, swapped in with every other row's at once.
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
     turn_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("turns.id", ondelete="SET NULL"))
     # Who said it in a group conversation (None: the player, or the conversation's one character).
     # The name is kept as spoken: a transcript survives the character's later rename or deletion.
@@ -295,6 +297,7 @@ class StoryEvent(Base):
     time: Mapped[int] = mapped_column(Integer, default=0)
     text: Mapped[str] = mapped_column(Text)
     embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
 
 
 class Run(Base):
@@ -487,3 +490,107 @@ class TurnReviewChange(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     by: Mapped[str] = mapped_column(String(64))  # the API key's id
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FactKind(enum.StrEnum):
+    """What a fact is about: the player, the world, or another NPC."""
+
+    PLAYER = "player"
+    WORLD = "world"
+    NPC = "npc"
+
+
+class FactScope(enum.StrEnum):
+    """Which NPCs may know a fact (always within its tenant)."""
+
+    CONVERSATION = "conversation"  # scope_ref: the conversation's id; that NPC, with that player
+    MET = "met"  # every NPC in a conversation with the fact's player
+    STORY = "story"  # scope_ref: a story (a location or faction): every NPC in a conversation of it
+    WORLD = "world"  # every NPC
+
+
+class Fact(Base):
+    """A short statement an NPC may know; history is kept (a contradicted fact is superseded)."""
+
+    __tablename__ = "facts"
+    __table_args__ = (
+        CheckConstraint("importance BETWEEN 0 AND 1", name="importance_bounded"),
+        Index("ix_facts_tenant_player", "tenant", "player_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    player_id: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    kind: Mapped[FactKind] = mapped_column(_enum(FactKind, "fact_kind"))
+    subject: Mapped[str] = mapped_column(String(200))
+    text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(64))  # "game", or "turn:<uuid>" when extracted
+    importance: Mapped[float] = mapped_column(Float, default=0.5)
+    scope: Mapped[FactScope] = mapped_column(_enum(FactScope, "fact_scope"))
+    scope_ref: Mapped[str] = mapped_column(String(200), default="", server_default="")
+    embedding: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM))
+    embedding_next: Mapped[list[float] | None] = mapped_column(Vector(EMBEDDING_DIM), deferred=True)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("facts.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class FactMove(Base):
+    """Gossip: a fact moved from one scope to another, and who told it."""
+
+    __tablename__ = "fact_moves"
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    fact_id: Mapped[int] = mapped_column(ForeignKey("facts.id", ondelete="CASCADE"), index=True)
+    from_scope: Mapped[str] = mapped_column(String(16))
+    from_ref: Mapped[str] = mapped_column(String(200))
+    to_scope: Mapped[str] = mapped_column(String(16))
+    to_ref: Mapped[str] = mapped_column(String(200))
+    told_by: Mapped[str] = mapped_column(String(64), default="", server_default="")  # a character slug
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Summary(Base):
+    """A summary of a conversation's lines first_seq..last_seq; level 0 summarises lines, level n+1
+    merges summaries of level n (merged_into points up). The prompt uses those not merged."""
+
+    __tablename__ = "summaries"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "level", "first_seq", "last_seq", name="uq_summaries_range"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    level: Mapped[int] = mapped_column(Integer, default=0)
+    first_seq: Mapped[int] = mapped_column(Integer)
+    last_seq: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str] = mapped_column(Text)
+    merged_into: Mapped[int | None] = mapped_column(ForeignKey("summaries.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class MemoryJob(Base):
+    """At most one memory job of each kind per conversation in flight: the claim (token and lease)
+    and, for extraction, how far the conversation's lines have been read."""
+
+    __tablename__ = "memory_jobs"
+
+    conversation_id: Mapped[int] = mapped_column(
+        ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True
+    )
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)  # "summary" or "extract"
+    token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    done_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+
+
+class ReembedProgress(Base):
+    """How far `mlchat reembed` got in each table with which embedder (so a new run resumes)."""
+
+    __tablename__ = "reembed_progress"
+
+    table_name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    embedder: Mapped[str] = mapped_column(Text)
+    last_id: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
+    )

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.session import send_vectors_binary
+
+if TYPE_CHECKING:
+    from db.facts import FactHit
+    from db.summaries import SummaryLine
 
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
 # narrows to one conversation, then distances are computed); story events go through the story's
@@ -104,6 +109,9 @@ class TurnContext:
     recent: list[HistoryLine] = field(default_factory=list)
     similar: list[HistoryLine] = field(default_factory=list)
     events: list[EventHit] = field(default_factory=list)
+    # NPC memory (db/summaries.py, db/facts.py): summaries oldest first, facts best first.
+    summaries: list[SummaryLine] = field(default_factory=list)
+    facts: list[FactHit] = field(default_factory=list)
 
 
 def fetch_batch_context(

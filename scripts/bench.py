@@ -6,7 +6,9 @@ gate, sampling defaults, best of n), lora (serving an adapter against the base m
 (live turns as SSE through an API process: first delta, delivery, 200 readers), scenes (scene runs:
 engine busy share, wall time against the same number of independent turns), fleet (the fleet
 simulator, scripts/fleet_simulator.py: 1, 2, 4, 8 worker processes with a stand-in engine against
-the one PostgreSQL and Redis); `--only` picks some, `--quick` shrinks them for a smoke run
+the one PostgreSQL and Redis), memory (needle recall with summaries and facts against retrieval
+alone, prompt tokens, live latency while memory jobs run; scaled down to this machine, and said
+so); `--only` picks some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
 On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
@@ -34,7 +36,18 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming", "scenes", "fleet")
+SECTIONS = (
+    "enqueue",
+    "retrieval",
+    "generation",
+    "engine",
+    "quality",
+    "lora",
+    "streaming",
+    "scenes",
+    "fleet",
+    "memory",
+)
 
 
 def machine() -> dict[str, Any]:
@@ -149,6 +162,10 @@ def _run(section: str, quick: bool, retrieval_messages: int = 1_000_000) -> dict
         if quick:
             return measure_fleet((1, 2), seconds=8.0, warmup=4.0, bulk_lines=2_000)
         return measure_fleet()
+    if section == "memory":
+        from scripts.bench_memory import measure_memory
+
+        return measure_memory(conversations=2, turns=120, probes_live=2) if quick else measure_memory()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

@@ -29,6 +29,10 @@ app.add_typer(run_app, name="run")
 lora_app = typer.Typer(help="Per-character voices: a LoRA from stored dialogue.", no_args_is_help=True)
 app.add_typer(card_app, name="card")
 app.add_typer(lora_app, name="lora")
+facts_app = typer.Typer(help="Facts NPCs may know about a player (or the world).", no_args_is_help=True)
+app.add_typer(facts_app, name="facts")
+history_app = typer.Typer(help="Existing chat logs into conversations.", no_args_is_help=True)
+app.add_typer(history_app, name="history")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
@@ -463,6 +467,137 @@ def story_event(
     from services.characters import add_story_event
 
     _out(str(add_story_event(story, text, scene=scene, time=time)))
+
+
+# --- NPC memory: facts ---------------------------------------------------------------------------
+
+FactScopeName = Literal["conversation", "met", "story", "world"]
+FactKindName = Literal["player", "world", "npc"]
+
+
+@facts_app.command("add")
+def facts_add(
+    player: Annotated[str, typer.Argument(help="the game's player id")],
+    text: Annotated[str, typer.Argument(help="the fact, one short statement")],
+    kind: FactKindName = "player",
+    subject: Annotated[str | None, typer.Option(help="who or what it is about (default: the player)")] = None,
+    importance: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    scope: Annotated[FactScopeName, typer.Option(help="which NPCs may know it")] = "met",
+    conversation: Annotated[str | None, typer.Option(help="the conversation (scope conversation)")] = None,
+    story: Annotated[str | None, typer.Option(help="the story, location or faction (scope story)")] = None,
+    supersedes: Annotated[int | None, typer.Option(help="the id of a current fact this one replaces")] = None,
+    tenant: Annotated[str, typer.Option(help="the API key's tenant ('' for the CLI's own)")] = "",
+) -> None:
+    """Tell NPCs a fact about a player (embedded on write); prints its id."""
+    from services.facts import FactIn, FactRefused, write_facts
+
+    fact = FactIn.model_validate(
+        {
+            "text": text,
+            "kind": kind,
+            "subject": subject,
+            "importance": importance,
+            "scope": scope,
+            "conversation": conversation,
+            "story": story,
+            "supersedes": supersedes,
+        }
+    )
+    try:
+        (stored,) = write_facts(tenant, player, [fact])
+    except FactRefused as exc:
+        raise Refused(str(exc)) from None
+    _out(str(stored.id))
+
+
+@facts_app.command("list")
+def facts_list(
+    player: Annotated[str, typer.Argument(help="the game's player id")],
+    history: Annotated[bool, typer.Option(help="superseded facts too")] = False,
+    tenant: str = "",
+) -> None:
+    """A player's facts, one JSON object a line, oldest first."""
+    from services.facts import list_player_facts
+
+    for fact in list_player_facts(tenant, player, history=history):
+        _out(fact.model_dump_json())
+
+
+@facts_app.command("move")
+def facts_move(
+    player: Annotated[str, typer.Argument(help="the game's player id")],
+    fact_id: Annotated[int, typer.Argument(help="the fact's id")],
+    scope: Annotated[FactScopeName, typer.Option(help="the scope it reaches now")],
+    conversation: str | None = None,
+    story: str | None = None,
+    told_by: Annotated[str, typer.Option(help="who spread it (a character slug)")] = "",
+    tenant: str = "",
+) -> None:
+    """Gossip: a fact reaches another scope's NPCs; the move is recorded."""
+    from services.facts import FactMoveIn, FactNotFound, FactRefused, gossip
+
+    move = FactMoveIn.model_validate(
+        {"scope": scope, "conversation": conversation, "story": story, "told_by": told_by}
+    )
+    try:
+        fact, moves = gossip(tenant, player, fact_id, move)
+    except FactRefused as exc:
+        raise Refused(str(exc)) from None
+    except FactNotFound as exc:
+        raise LookupError(str(exc)) from None
+    _out(f"fact {fact.id}: now {fact.scope} {fact.scope_ref}".rstrip() + f" ({len(moves)} move(s))")
+
+
+@history_app.command("import")
+def history_import(
+    path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the chat log")],
+    conversation: Annotated[
+        str, typer.Option(help="the conversation's id (made if new, appended to if not)")
+    ],
+    character: Annotated[str, typer.Option(help="the character's slug")],
+    format: Annotated[
+        Literal["sillytavern", "openai", "original"],
+        typer.Option(
+            help="sillytavern: chat JSONL; openai: messages JSON; original: the original service's history"
+        ),
+    ] = "sillytavern",
+    player: Annotated[str, typer.Option(help="the game's player id")] = "",
+    player_name: Annotated[str | None, typer.Option(help="default: the log's user name")] = None,
+    tenant: str = "",
+) -> None:
+    """Import a chat log into a conversation (embedded in batches; all or nothing)."""
+    from memory.history_import import HistoryRefused, import_history
+
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise Refused(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        conv_id, first, last = import_history(
+            raw,
+            format,
+            conversation=conversation,
+            character=character,
+            player_id=player,
+            player_name=player_name,
+            tenant=tenant,
+        )
+    except HistoryRefused as exc:
+        raise Refused(f"{path}: {exc}; nothing stored") from None
+    _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
+
+
+@app.command()
+def reembed(chunk: Annotated[int, typer.Option(min=1, help="rows per transaction")] = 512) -> None:
+    """Embed every message, story event and fact again with MLCHAT_EMBEDDER (resumable; the new
+    vectors replace the old all at once at the end)."""
+    from memory.reembed import reembed as run
+
+    def shown(table: str, last_id: int) -> None:
+        _err(f"{table}: through id {last_id}")
+
+    swapped = run(chunk=chunk, on_chunk=shown)
+    _out(", ".join(f"{table} {n}" for table, n in swapped.items()) + f" re-embedded with {settings.embedder}")
 
 
 # --- LoRA voices ------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from core.settings import settings
 
 PREFETCH_PER_THREAD = 4
 
-app = Celery("mlchat", broker=broker_url(), include=["tasks.generate", "tasks.callbacks"])
+app = Celery("mlchat", broker=broker_url(), include=["tasks.generate", "tasks.callbacks", "tasks.memory"])
 app.conf.update(
     task_serializer="json",
     accept_content=["json"],

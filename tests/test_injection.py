@@ -12,8 +12,10 @@ import re
 
 import pytest
 
+from db.facts import FactHit
 from db.models import Character
 from db.retrieval import EventHit, HistoryLine, TurnContext
+from db.summaries import SummaryLine
 from roleplay.lorebook import Lorebook, LoreEntry
 from roleplay.mood import Mood
 from worker.prompt import PromptBuilder, PromptInput
@@ -46,6 +48,9 @@ FIELDS = [
     "card_example_character",
     "lore_content",
     "narrator_message",
+    "summary_text",
+    "fact_text",
+    "fact_subject",
 ]
 
 
@@ -92,10 +97,24 @@ def _turn(field: str, text: str) -> PromptInput:
     memory = text if field == "memory" else "I once lost my map."
     scene = text if field == "event_scene" else "Thornwood"
     event = text if field == "event_text" else "A cart vanished."
+    summary = text if field == "summary_text" else "Rowan asked about the north road."
+    fact = FactHit(
+        40,
+        "player",
+        text if field == "fact_subject" else "Rowan",
+        text if field == "fact_text" else "Rowan stole a ring from the innkeeper.",
+        "game",
+        "met",
+        0.9,
+        0.8,
+        1.0,
+    )
     context = TurnContext(
         recent=recent,
         similar=[HistoryLine(20, "user", memory, 0, 0.8)],
         events=[EventHit(30, scene, event, 1, 0.9)],
+        summaries=[SummaryLine(50, 0, 1, 2, summary)],
+        facts=[fact],
     )
     message = text if field in ("message", "narrator_message") else "Any news?"
     player = text if field == "player_name" else "Rowan"

@@ -42,6 +42,8 @@ from db.turns import (
     requeue_turns,
     store_replies,
 )
+from memory.context import attach_memory
+from memory.schedule import schedule_memory
 from roleplay.mood import Mood
 from services.schemas import SAMPLING_CONTROLS
 from services.turn_callbacks import send_turn_callbacks
@@ -265,6 +267,12 @@ def _answer(
             story_k=settings.rag_story_k,
             ef_search=settings.hnsw_ef_search,
         )
+        attach_memory(
+            session=session,
+            conversation_ids=[t.conversation_id for t in turns],
+            vectors=list(vectors),
+            contexts=contexts,
+        )
     prepared: dict[uuid.UUID, Prepared] = {}
     with timer("prompt"):
         for turn, ctx in zip(turns, contexts, strict=True):
@@ -389,6 +397,7 @@ def _prepare(
                 system_prompt=turn.params.get("system_prompt"),
                 direction=turn.params.get("direction"),
                 group=turn.group,
+                memory_tokens=settings.memory_budget_tokens,
             )
         )
     with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
@@ -513,6 +522,8 @@ def _finish_group(
     report.next_steps += next_steps  # committed: the task sends them on their scene's lane
     _announce(group, [*stored, *newly_failed, *retry])
     _call_back([*stored, *newly_failed])
+    stored_ids = set(stored)
+    schedule_memory([t.conversation_id for t in group if t.id in stored_ids])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:

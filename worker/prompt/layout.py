@@ -71,6 +71,14 @@ def event_line(hit: EventHit, clean: Clean) -> str:
     return clean(f"- ({hit.scene}) {hit.text}" if hit.scene else f"- {hit.text}")
 
 
+def summary_line(summary: Any, clean: Clean) -> str:
+    return clean(f"- {summary.text}")
+
+
+def fact_line(fact: Any, clean: Clean) -> str:
+    return clean(f"- ({fact.subject}) {fact.text}" if fact.subject else f"- {fact.text}")
+
+
 def memory_line(line: HistoryLine, char: str, user: str, clean: Clean) -> str:
     speaker = {"user": user, "assistant": char, "narrator": "Narrator"}.get(line.role, line.role)
     if line.speaker_name and line.role == "assistant":  # a group's line: whoever said it
@@ -97,9 +105,22 @@ class Layout:
     label: Clean = str
 
 
-def system_pieces(layout: Layout, events: list[EventHit], memories: list[HistoryLine]) -> list[Piece]:
-    """Persona, state, then the retrieved story events and memories, with their headers."""
+def system_pieces(
+    layout: Layout,
+    events: list[EventHit],
+    memories: list[HistoryLine],
+    summaries: list[Any] = (),  # type: ignore[assignment]
+    facts: list[Any] = (),  # type: ignore[assignment]
+) -> list[Piece]:
+    """Persona, state, the conversation's summary and the facts the NPC knows, then the retrieved
+    story events and memories, with their headers."""
     pieces: list[Piece] = list(layout.persona) + list(layout.state)
+    if summaries:
+        pieces.append(("summary", None, "[Earlier in this conversation]"))
+        pieces += [("summary", s.id, summary_line(s, layout.clean)) for s in summaries]
+    if facts:
+        pieces.append(("facts", None, layout.clean(f"[What {layout.char} knows]")))
+        pieces += [("facts", f.id, fact_line(f, layout.clean)) for f in facts]
     if events:
         pieces.append(("events", None, "[Story so far]"))
         pieces += [("events", e.id, event_line(e, layout.clean)) for e in events]
@@ -139,7 +160,7 @@ def groups(pieces: list[Piece]) -> list[list[Piece]]:
     out: list[list[Piece]] = []
     for piece in pieces:
         section, item_id, _ = piece
-        if section in ("events", "memories") and item_id is not None and out:
+        if section in ("events", "memories", "summary", "facts") and item_id is not None and out:
             out[-1].append(piece)
         else:
             out.append([piece])

@@ -1,6 +1,6 @@
 """The context manifest: every prompt token assigned to the piece its text starts in, so the
-sections sum to the prompt's token count exactly; then what each lore entry, event, memory and
-history line cost, and why it is there."""
+sections sum to the prompt's token count exactly; then what each lore entry, event, memory,
+summary, fact and history line cost, and why it is there."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def account(
     mood: Mood | None,
     events: list[EventHit],
     memories: list[HistoryLine],
+    summaries: list[Any] = (),  # type: ignore[assignment]
+    facts: list[Any] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """Every prompt token assigned to the piece whose text it starts in; the rest is "template"
     (role markers, headers' separators, BOS). Per-section counts therefore sum to prompt_tokens."""
@@ -95,5 +97,31 @@ def account(
         ],
         "history": [
             {"id": item_id, "tokens": n} for (section, item_id), n in items.items() if section == "history"
+        ],
+        # NPC memory: which lines each summary stands for, and why each fact is here.
+        "summary": [
+            {
+                "id": s.id,
+                "level": s.level,
+                "first_seq": s.first_seq,
+                "last_seq": s.last_seq,
+                "tokens": items.get(("summary", s.id), 0),
+            }
+            for s in summaries
+        ],
+        "facts": [
+            {
+                "id": f.id,
+                "kind": f.kind,
+                "subject": f.subject,
+                "source": f.source,
+                "scope": f.scope,
+                "score": round(f.score, 4),
+                "relevance": round(f.relevance, 4),
+                "recency": round(f.recency, 4),
+                "importance": round(f.importance, 4),
+                "tokens": items.get(("facts", f.id), 0),
+            }
+            for f in facts
         ],
     }

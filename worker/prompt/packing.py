@@ -17,12 +17,14 @@ from worker.prompt.layout import (
     Layout,
     Piece,
     event_line,
+    fact_line,
     fill_macros,
     groups,
     history_message,
     memory_line,
     narrator_pieces,
     persona_pieces,
+    summary_line,
     system_pieces,
 )
 from worker.prompt.manifest import account
@@ -46,6 +48,7 @@ class PromptInput:
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
     direction: str | None = None  # the line's direction for the scene, after the persona
     group: Any = None  # a group conversation's GroupView (db/scenes.py): premise and members' names
+    memory_tokens: int | None = None  # at most this many tokens of summaries and facts (None: no cap)
 
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
@@ -156,19 +159,28 @@ class PromptBuilder:
 
         # Candidates in priority order: the last two lines, the best events and memories, then the rest.
         recent_newest = list(reversed(ctx.recent))
+        # NPC memory: the summary (newest first) and the two best facts rank right after them.
+        summaries_newest = list(reversed(ctx.summaries))
         ordered: list[tuple[str, Any]] = (
             [("history", x) for x in recent_newest[:2]]
+            + [("summary", x) for x in summaries_newest]
+            + [("fact", x) for x in ctx.facts[:2]]
             + [("event", x) for x in ctx.events[:2]]
             + [("memory", x) for x in ctx.similar[:2]]
             + [("history", x) for x in recent_newest[2:]]
             + [("event", x) for x in ctx.events[2:]]
             + [("memory", x) for x in ctx.similar[2:]]
+            + [("fact", x) for x in ctx.facts[2:]]
         )
         texts = [
             event_line(x, clean)
             if kind == "event"
             else memory_line(x, char, user, clean)
             if kind == "memory"
+            else summary_line(x, clean)
+            if kind == "summary"
+            else fact_line(x, clean)
+            if kind == "fact"
             else clean(x.content)
             for kind, x in ordered
         ]
@@ -193,24 +205,43 @@ class PromptBuilder:
                 f"(max_model_len {self.max_model_len} - max_new_tokens {item.max_new_tokens})"
             )
         kept: list[int] = []
-        used = base_len
+        over_memory: set[int] = set()  # left out by the memory cap, not the whole budget
+        used, memory_used = base_len, 0
         for i, cost in enumerate(self._count(texts)):
+            is_memory = ordered[i][0] in ("summary", "fact")
+            if is_memory and item.memory_tokens is not None and memory_used + cost > item.memory_tokens:
+                over_memory.add(i)
+                continue
             if used + cost <= budget:
                 kept.append(i)
                 used += cost
+                memory_used += cost if is_memory else 0
         while True:
             events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
             memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
+            summaries = sorted(
+                (ordered[i][1] for i in kept if ordered[i][0] == "summary"), key=lambda s: s.first_seq
+            )
+            facts = [ordered[i][1] for i in kept if ordered[i][0] == "fact"]
             history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
-            ids, text, stop, pieces, offsets = self._render(layout, events, memories, history)
+            ids, text, stop, pieces, offsets = self._render(
+                layout, events, memories, history, summaries, facts
+            )
             if len(ids) <= budget or not kept:
                 break
             kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
         dropped = [i for i in range(len(ordered)) if i not in set(kept)]
-        manifest = account(text, ids, offsets, pieces, budget, lore, item.mood, events, memories)
+        manifest = account(
+            text, ids, offsets, pieces, budget, lore, item.mood, events, memories, summaries, facts
+        )
         manifest["speaker"] = item.speaker
         manifest["dropped"] = [
-            {"kind": ordered[i][0], "id": ordered[i][1].id, "reason": "token budget"} for i in dropped
+            {
+                "kind": ordered[i][0],
+                "id": ordered[i][1].id,
+                "reason": "memory token budget" if i in over_memory else "token budget",
+            }
+            for i in dropped
         ] + [
             {
                 "kind": "lore",
@@ -228,9 +259,15 @@ class PromptBuilder:
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
     def _render(
-        self, layout: Layout, events: list[Any], memories: list[HistoryLine], history: list[HistoryLine]
+        self,
+        layout: Layout,
+        events: list[Any],
+        memories: list[HistoryLine],
+        history: list[HistoryLine],
+        summaries: list[Any] = (),  # type: ignore[assignment]
+        facts: list[Any] = (),  # type: ignore[assignment]
     ) -> tuple[list[int], str, tuple[str, ...], list[Piece], list[int | None]]:
-        pieces = system_pieces(layout, events, memories)
+        pieces = system_pieces(layout, events, memories, summaries, facts)
         system = "\n\n".join("\n".join(t for _, _, t in group) for group in groups(pieces))
         messages: list[ChatMessage] = [{"role": "system", "content": system}]
         for h in history:

@@ -1,0 +1,72 @@
+"""Facts about a player that NPCs may know: write, list (with history), gossip. Each key sees and
+writes only its own tenant's facts."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path, status
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import Caller, json_body, needs
+from services import facts
+from services.facts import FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
+
+router = APIRouter(prefix="/v1/players", tags=["facts"])
+
+Player = Annotated[str, Path(min_length=1, max_length=200)]
+
+
+class FactsIn(BaseModel):
+    facts: list[FactIn] = Field(min_length=1, max_length=100)
+
+
+class FactsOut(BaseModel):
+    facts: list[FactView]
+
+
+class Gossiped(BaseModel):
+    fact: FactView
+    moves: list[MoveView]
+
+
+def _refused(exc: FactRefused) -> HTTPException:
+    return HTTPException(
+        status.HTTP_422_UNPROCESSABLE_CONTENT,
+        [{"field": exc.field, "msg": exc.reason, "type": "value_error", "loc": ["body", exc.field]}],
+    )
+
+
+@router.post("/{player}/facts", status_code=201, response_model=FactsOut, dependencies=[Depends(json_body)])
+async def post_facts(
+    player: Player, body: FactsIn, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> FactsOut:
+    """Store facts about the player (all or none), embedded on write; 422 names the field at fault."""
+    try:
+        stored = await run_in_threadpool(facts.write_facts, who.tenant, player, body.facts)
+    except FactRefused as exc:
+        raise _refused(exc) from exc
+    return FactsOut(facts=stored)
+
+
+@router.get("/{player}/facts", response_model=FactsOut)
+def get_facts(
+    player: Player, who: Annotated[Caller, Depends(needs("ingest"))], history: bool = False
+) -> FactsOut:
+    """The player's current facts (with `history=true`, the superseded ones too), oldest first."""
+    return FactsOut(facts=facts.list_player_facts(who.tenant, player, history=history))
+
+
+@router.post("/{player}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)])
+def move_fact(
+    player: Player, fact_id: int, body: FactMoveIn, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> Gossiped:
+    """Gossip: the fact reaches another scope's NPCs from now on; the move is recorded."""
+    try:
+        fact, moves = facts.gossip(who.tenant, player, fact_id, body)
+    except FactNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except FactRefused as exc:
+        raise _refused(exc) from exc
+    return Gossiped(fact=fact, moves=moves)

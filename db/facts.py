@@ -1,0 +1,215 @@
+"""Facts an NPC may know: written by the game or extracted from dialogue, scoped (who may know them),
+superseded when contradicted (history kept), moved by gossip (recorded), and retrieved per turn by
+relevance × recency × importance among the facts the turn's NPC may know."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy import select, text, update
+from sqlalchemy.orm import Session
+
+from db.models import Conversation, Fact, FactKind, FactMove, FactScope
+from db.retrieval import _send_vectors_binary as send_vectors_binary
+
+
+@dataclass(frozen=True)
+class NewFact:
+    """A fact to store; `embedding` is its text's unit vector."""
+
+    tenant: str
+    player_id: str
+    kind: FactKind
+    subject: str
+    text: str
+    source: str
+    importance: float
+    scope: FactScope
+    scope_ref: str
+    embedding: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class FactHit:
+    """A fact retrieved for a turn, with the parts of its score."""
+
+    id: int
+    kind: str
+    subject: str
+    text: str
+    source: str
+    scope: str
+    importance: float
+    relevance: float
+    recency: float
+
+    @property
+    def score(self) -> float:
+        return self.relevance * self.recency * self.importance
+
+
+def add_facts(*, session: Session, facts: Sequence[NewFact]) -> list[Fact]:
+    """Insert the facts (flushed, so they have ids)."""
+    rows = [
+        Fact(
+            tenant=f.tenant,
+            player_id=f.player_id,
+            kind=f.kind,
+            subject=f.subject,
+            text=f.text,
+            source=f.source,
+            importance=f.importance,
+            scope=f.scope,
+            scope_ref=f.scope_ref,
+            embedding=None if f.embedding is None else np.asarray(f.embedding, dtype=np.float32),
+        )
+        for f in facts
+    ]
+    session.add_all(rows)
+    session.flush()
+    return rows
+
+
+def player_facts(*, session: Session, tenant: str, player_id: str, history: bool = False) -> list[Fact]:
+    """A player's facts in this tenant, oldest first; superseded ones only with `history`."""
+    query = select(Fact).where(Fact.tenant == tenant, Fact.player_id == player_id)
+    if not history:
+        query = query.where(Fact.superseded_by.is_(None))
+    return list(session.scalars(query.order_by(Fact.id)))
+
+
+def get_fact(*, session: Session, tenant: str, fact_id: int) -> Fact | None:
+    """The fact if it belongs to this tenant."""
+    fact = session.get(Fact, fact_id)
+    return fact if fact is not None and fact.tenant == tenant else None
+
+
+def supersede(*, session: Session, old_id: int, new_id: int) -> bool:
+    """Mark a current fact as replaced by a newer one (kept as history); False if already replaced."""
+    done = session.execute(
+        update(Fact).where(Fact.id == old_id, Fact.superseded_by.is_(None)).values(superseded_by=new_id)
+    )
+    return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def move_fact(
+    *, session: Session, fact: Fact, to_scope: FactScope, to_ref: str, told_by: str = ""
+) -> FactMove:
+    """Gossip: the fact now reaches a wider (or other) set of NPCs; the move is recorded."""
+    move = FactMove(
+        fact_id=fact.id,
+        from_scope=fact.scope.value,
+        from_ref=fact.scope_ref,
+        to_scope=to_scope.value,
+        to_ref=to_ref,
+        told_by=told_by,
+    )
+    fact.scope, fact.scope_ref = to_scope, to_ref
+    session.add(move)
+    session.flush()
+    return move
+
+
+def fact_moves(*, session: Session, fact_id: int) -> list[FactMove]:
+    """How a fact travelled, oldest move first."""
+    return list(session.scalars(select(FactMove).where(FactMove.fact_id == fact_id).order_by(FactMove.id)))
+
+
+def conversation_owner(*, session: Session, tenant: str, external_id: str) -> Conversation | None:
+    """The tenant's conversation by the game's id."""
+    return session.scalar(
+        select(Conversation).where(Conversation.tenant == tenant, Conversation.external_id == external_id)
+    )
+
+
+# Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
+# includes this conversation. The closest `pool` by embedding are scored in Python.
+_VISIBLE_FACTS_SQL = text(
+    """
+WITH q AS (
+    SELECT idx, conversation_id, vec
+    FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]))
+         AS t(idx, conversation_id, vec)
+)
+SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, f.age_s, f.distance
+FROM q JOIN conversations c ON c.id = q.conversation_id
+CROSS JOIN LATERAL (
+    SELECT id, kind, subject, text, source, scope, importance,
+           EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
+           embedding <=> q.vec AS distance
+    FROM facts f
+    WHERE f.tenant = c.tenant AND f.superseded_by IS NULL AND (
+        f.scope = 'world'
+        OR (f.scope = 'conversation' AND f.scope_ref = CAST(c.id AS text))
+        OR (f.scope = 'met' AND c.player_id <> '' AND f.player_id = c.player_id)
+        OR (f.scope = 'story' AND f.scope_ref = c.story)
+    )
+    ORDER BY distance NULLS LAST LIMIT :pool
+) f
+"""
+)
+
+
+def facts_for_turns(
+    *,
+    session: Session,
+    conversation_ids: Sequence[int],
+    vectors: Sequence[np.ndarray],
+    k: int,
+    half_life_s: float,
+    pool: int = 64,
+) -> list[list[FactHit]]:
+    """Each turn's best `k` facts its NPC may know, best first, in one statement."""
+    hits: list[list[FactHit]] = [[] for _ in conversation_ids]
+    if not conversation_ids or k <= 0:
+        return hits
+    send_vectors_binary(session)
+    rows = session.execute(
+        _VISIBLE_FACTS_SQL,
+        {
+            "idx": list(range(len(conversation_ids))),
+            "conv": list(conversation_ids),
+            "vec": [np.asarray(v, dtype=np.float32) for v in vectors],
+            "pool": max(pool, k),
+        },
+    )
+    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance in rows:
+        similarity = 0.0 if distance is None else 1.0 - float(distance)
+        hits[idx].append(
+            FactHit(
+                id=fid,
+                kind=kind,
+                subject=subject,
+                text=body,
+                source=source,
+                scope=scope,
+                importance=float(importance),
+                relevance=(1.0 + similarity) / 2.0,  # cosine in [-1, 1] to [0, 1]
+                recency=math.pow(0.5, max(float(age_s), 0.0) / half_life_s),
+            )
+        )
+    return [sorted(h, key=lambda x: -x.score)[:k] for h in hits]
+
+
+def closest_fact(
+    *, session: Session, tenant: str, player_id: str, subject: str, vector: np.ndarray
+) -> tuple[Fact, float] | None:
+    """The current fact of this player and subject closest to `vector`, with its cosine similarity."""
+    send_vectors_binary(session)
+    distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
+    row = session.execute(
+        select(Fact, distance)
+        .where(
+            Fact.tenant == tenant,
+            Fact.player_id == player_id,
+            Fact.subject == subject,
+            Fact.superseded_by.is_(None),
+            Fact.embedding.is_not(None),
+        )
+        .order_by(distance)
+        .limit(1)
+    ).first()
+    return None if row is None else (row[0], 1.0 - float(row[1]))

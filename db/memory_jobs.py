@@ -1,0 +1,96 @@
+"""The memory-job claim: one row per conversation and kind ("summary", "extract"), so at most one
+job of a kind per conversation is in flight. A claim is a token under a lease; a job's writes check
+that its claim still holds, so a worker whose lease lapsed (presumed dead) writes nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+SUMMARY = "summary"
+EXTRACT = "extract"
+_CLAIM_SQL = text(
+    """
+INSERT INTO memory_jobs (conversation_id, kind, token, lease_until)
+VALUES (:conversation_id, :kind, :token, now() + make_interval(secs => :lease_s))
+ON CONFLICT (conversation_id, kind) DO UPDATE
+SET token = excluded.token, lease_until = excluded.lease_until
+WHERE memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now()
+RETURNING token
+"""
+)
+
+
+def claim_job(*, session: Session, conversation_id: int, kind: str, lease_s: float) -> uuid.UUID | None:
+    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it."""
+    token = uuid.uuid4()
+    got = session.execute(
+        _CLAIM_SQL, {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}
+    ).scalar()
+    return token if got is not None else None
+
+
+def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> bool:
+    """Whether this claim still holds the job (locks its row until the transaction ends)."""
+    row = session.execute(
+        text(
+            "SELECT 1 FROM memory_jobs WHERE conversation_id = :c AND kind = :k AND token = :t"
+            " AND lease_until >= now() FOR UPDATE"
+        ),
+        {"c": conversation_id, "k": kind, "t": token},
+    ).first()
+    return row is not None
+
+
+def release_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> None:
+    """Give the job back (the next scheduling may claim it at once)."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL"
+            " WHERE conversation_id = :c AND kind = :k AND token = :t"
+        ),
+        {"c": conversation_id, "k": kind, "t": token},
+    )
+
+
+def extracted_through(*, session: Session, conversation_id: int) -> int:
+    """The last line of the conversation that fact extraction has read (0: none)."""
+    done = session.scalar(
+        text("SELECT done_through FROM memory_jobs WHERE conversation_id = :c AND kind = 'extract'"),
+        {"c": conversation_id},
+    )
+    return int(done or 0)
+
+
+def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID, through: int) -> bool:
+    """Record that extraction read the lines up to `through`, if this claim still holds the job."""
+    done = session.execute(
+        text(
+            "UPDATE memory_jobs SET done_through = GREATEST(done_through, :through)"
+            " WHERE conversation_id = :c AND kind = 'extract' AND token = :t AND lease_until >= now()"
+        ),
+        {"c": conversation_id, "t": token, "through": through},
+    )
+    return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def extract_due(*, session: Session, conversation_ids: list[int], every_lines: int) -> list[int]:
+    """The conversations with at least `every_lines` lines extraction has not read, not in flight."""
+    if not conversation_ids or every_lines <= 0:
+        return []
+    return list(
+        session.scalars(
+            text(
+                """
+SELECT c.id FROM unnest(CAST(:conv AS bigint[])) AS c(id)
+LEFT JOIN memory_jobs j ON j.conversation_id = c.id AND j.kind = 'extract'
+WHERE (j.lease_until IS NULL OR j.lease_until < now())
+  AND (SELECT count(*) FROM messages m
+       WHERE m.conversation_id = c.id AND m.seq > COALESCE(j.done_through, 0)) >= :every
+"""
+            ),
+            {"conv": sorted(set(conversation_ids)), "every": every_lines},
+        )
+    )

@@ -1,0 +1,214 @@
+"""Rolling summaries of a conversation's lines beyond the recent window, and the memory-job claim.
+
+A memory job of a kind ("summary", "extract") is claimed per conversation under a token and a lease
+(one row per conversation and kind: at most one in flight). A summary is stored only while its
+job's claim holds, and at most once per range (a unique constraint), so a job that died and ran
+again stores one summary, and a worker whose lease lapsed stores nothing.
+
+Level 0 summarises lines; when `fanout` summaries of one level are not merged yet, the oldest of
+them are merged into one of the next level (the hierarchy). The prompt shows those not merged.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.memory_jobs import SUMMARY, holds_job
+from db.models import Message, Role, Summary
+
+# Tokens are estimated from characters where no tokenizer is at hand (scheduling, in SQL).
+CHARS_PER_TOKEN = 4
+
+
+@dataclass(frozen=True)
+class SummaryWork:
+    """One summary to write: of lines (level 0) or of `parts`, summaries of level - 1."""
+
+    conversation_id: int
+    level: int
+    first_seq: int
+    last_seq: int
+    lines: list[tuple[str, str]] = field(default_factory=list)  # (role, content), oldest first
+    parts: list[tuple[int, str]] = field(default_factory=list)  # (summary id, text), oldest first
+
+
+@dataclass(frozen=True)
+class SummaryLine:
+    """A summary as the prompt shows it."""
+
+    id: int
+    level: int
+    first_seq: int
+    last_seq: int
+    text: str
+
+
+def next_summary_work(
+    *,
+    session: Session,
+    conversation_id: int,
+    recent_n: int,
+    threshold_tokens: int,
+    chunk_tokens: int,
+    fanout: int,
+) -> SummaryWork | None:
+    """The next summary the conversation needs: a merge when `fanout` summaries of a level wait,
+    else the oldest unsummarised lines beyond the recent window once they pass `threshold_tokens`
+    (at most `chunk_tokens` of them); None when nothing is due."""
+    open_ = session.execute(
+        select(Summary.id, Summary.level, Summary.first_seq, Summary.last_seq, Summary.text)
+        .where(Summary.conversation_id == conversation_id, Summary.merged_into.is_(None))
+        .order_by(Summary.level, Summary.first_seq)
+    ).all()
+    by_level: dict[int, list[Any]] = {}
+    for row in open_:
+        by_level.setdefault(row.level, []).append(row)
+    for level in sorted(by_level):
+        rows = by_level[level]
+        if len(rows) >= fanout:
+            parts = rows[:fanout]
+            return SummaryWork(
+                conversation_id,
+                level + 1,
+                parts[0].first_seq,
+                parts[-1].last_seq,
+                parts=[(r.id, r.text) for r in parts],
+            )
+    covered = session.scalar(
+        select(Summary.last_seq)
+        .where(Summary.conversation_id == conversation_id)
+        .order_by(Summary.last_seq.desc())
+        .limit(1)
+    )
+    last_seq = session.scalar(
+        select(Message.seq)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq.desc())
+        .limit(1)
+    )
+    if last_seq is None:
+        return None
+    lines = session.execute(
+        select(Message.seq, Message.role, Message.content)
+        .where(
+            Message.conversation_id == conversation_id,
+            Message.seq > (covered or 0),
+            Message.seq <= last_seq - recent_n,
+        )
+        .order_by(Message.seq)
+    ).all()
+    if sum(len(r.content) for r in lines) < threshold_tokens * CHARS_PER_TOKEN:
+        return None
+    taken: list[Any] = []
+    chars = 0
+    for line in lines:
+        if taken and chars + len(line.content) > chunk_tokens * CHARS_PER_TOKEN:
+            break
+        taken.append(line)
+        chars += len(line.content)
+    return SummaryWork(
+        conversation_id,
+        0,
+        taken[0].seq,
+        taken[-1].seq,
+        lines=[(Role(r.role).value, r.content) for r in taken],
+    )
+
+
+def store_summary(*, session: Session, work: SummaryWork, text_: str, token: uuid.UUID) -> int | None:
+    """Store the summary if this claim still holds its job; its id, or None if the claim lapsed or
+    the range was stored already. Merged parts point to it."""
+    if not holds_job(session=session, conversation_id=work.conversation_id, kind=SUMMARY, token=token):
+        return None
+    new_id = session.execute(
+        insert(Summary)
+        .values(
+            conversation_id=work.conversation_id,
+            level=work.level,
+            first_seq=work.first_seq,
+            last_seq=work.last_seq,
+            text=text_,
+        )
+        .on_conflict_do_nothing(constraint="uq_summaries_range")
+        .returning(Summary.id)
+    ).scalar()
+    if new_id is not None and work.parts:
+        session.execute(
+            update(Summary)
+            .where(Summary.id.in_([pid for pid, _ in work.parts]), Summary.merged_into.is_(None))
+            .values(merged_into=new_id)
+        )
+    return new_id
+
+
+def summaries_for(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, list[SummaryLine]]:
+    """Each conversation's summaries not merged into another, oldest first."""
+    out: dict[int, list[SummaryLine]] = {c: [] for c in conversation_ids}
+    if not conversation_ids:
+        return out
+    rows = session.execute(
+        select(
+            Summary.conversation_id,
+            Summary.id,
+            Summary.level,
+            Summary.first_seq,
+            Summary.last_seq,
+            Summary.text,
+        )
+        .where(Summary.conversation_id.in_(list(conversation_ids)), Summary.merged_into.is_(None))
+        .order_by(Summary.conversation_id, Summary.first_seq)
+    ).all()
+    for row in rows:
+        out[row.conversation_id].append(SummaryLine(row.id, row.level, row.first_seq, row.last_seq, row.text))
+    return out
+
+
+_DUE_SQL = text(
+    """
+SELECT c.id
+FROM unnest(CAST(:conv AS bigint[])) AS c(id)
+CROSS JOIN LATERAL (
+    SELECT COALESCE(max(last_seq), 0) AS covered FROM summaries s WHERE s.conversation_id = c.id
+) s
+CROSS JOIN LATERAL (
+    SELECT COALESCE(max(seq), 0) AS last FROM messages m WHERE m.conversation_id = c.id
+) l
+WHERE NOT EXISTS (
+    SELECT 1 FROM memory_jobs j
+    WHERE j.conversation_id = c.id AND j.kind = 'summary' AND j.lease_until >= now()
+) AND (
+    (SELECT COALESCE(sum(length(content)), 0) FROM messages m
+     WHERE m.conversation_id = c.id AND m.seq > s.covered AND m.seq <= l.last - :recent_n) >= :chars
+    OR EXISTS (
+        SELECT 1 FROM summaries s2 WHERE s2.conversation_id = c.id AND s2.merged_into IS NULL
+        GROUP BY s2.level HAVING count(*) >= :fanout
+    )
+)
+"""
+)
+
+
+def conversations_due(
+    *, session: Session, conversation_ids: Sequence[int], recent_n: int, threshold_tokens: int, fanout: int
+) -> list[int]:
+    """The conversations whose summary job is due and not in flight."""
+    if not conversation_ids:
+        return []
+    return list(
+        session.scalars(
+            _DUE_SQL,
+            {
+                "conv": sorted(set(conversation_ids)),
+                "recent_n": recent_n,
+                "chars": threshold_tokens * CHARS_PER_TOKEN,
+                "fanout": fanout,
+            },
+        )
+    )

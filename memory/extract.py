@@ -1,0 +1,171 @@
+"""The fact-extraction job of one conversation: the lines extraction has not read go to the model
+under a JSON schema (guided decoding); each fact it names is embedded, dropped as a duplicate of a
+current fact of the same player and subject, stored as superseding a close one (the old is kept as
+history), or stored as new. Facts heard in a conversation are that conversation's (scope
+"conversation") until gossip moves them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError
+from sqlalchemy import select
+
+from core.settings import settings
+from db.facts import NewFact, add_facts, closest_fact, supersede
+from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_through, release_job
+from db.models import Conversation, FactKind, FactScope, Message
+from db.session import session_scope
+from worker.embedder import embed
+from worker.prompt.sanitize import Sanitizer
+
+logger = logging.getLogger(__name__)
+
+
+# Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
+# keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
+class ExtractedFact(BaseModel):
+    subject: str = Field(min_length=1, max_length=40)
+    kind: Literal["player", "world", "npc"]
+    text: str = Field(min_length=1, max_length=120)
+    importance: int = Field(ge=1, le=10)
+
+
+class Extracted(BaseModel):
+    facts: list[ExtractedFact] = Field(max_length=4)
+
+
+EXTRACT_MAX_TOKENS = 448
+# Lines read per answer: an answer names at most 4 facts, so it reads a short stretch at a time.
+EXTRACT_LINES = 24
+
+
+FACTS_SCHEMA: dict[str, Any] = Extracted.model_json_schema()
+
+EXTRACT_INSTRUCTIONS = (
+    "Read the conversation between {user} (the player) and {char}. List the lasting facts it "
+    "reveals: about {user} (kind player), about the world (kind world), about another character "
+    "(kind npc). Each fact is one short sentence with its subject (a name) and an importance from 1 "
+    "(trivia) to 10 (life and death). Answer with JSON only; no facts: an empty list."
+)
+
+# (system, user, max_tokens, schema) -> the model's JSON text.
+GenerateJson = Callable[[str, str, int, dict[str, Any]], str]
+
+
+def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, Any]) -> str:
+    from memory.generate import generate_text
+
+    return generate_text(system, user, max_tokens=max_tokens, json_schema=schema)
+
+
+def parse_facts(raw: str) -> list[ExtractedFact] | None:
+    """The facts of the model's answer; None (logged) when it is not the schema's JSON."""
+    try:
+        return Extracted.model_validate(json.loads(raw)).facts
+    except (ValueError, ValidationError) as exc:
+        logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
+        return None
+
+
+def store_extracted(
+    *, session: Any, conversation: Conversation, facts: list[ExtractedFact], source: str
+) -> dict[str, int]:
+    """Deduplicate, supersede or add each fact; counts of each outcome."""
+    counts = {"added": 0, "duplicate": 0, "superseded": 0}
+    if not facts:
+        return counts
+    vectors = embed([f"{f.subject}: {f.text}" for f in facts])
+    for fact, vector in zip(facts, vectors, strict=True):
+        subject = fact.subject.strip()
+        close = closest_fact(
+            session=session,
+            tenant=conversation.tenant,
+            player_id=conversation.player_id,
+            subject=subject,
+            vector=vector,
+        )
+        if close is not None and close[1] >= settings.memory_fact_dedup_similarity:
+            counts["duplicate"] += 1
+            continue
+        (row,) = add_facts(
+            session=session,
+            facts=[
+                NewFact(
+                    tenant=conversation.tenant,
+                    player_id=conversation.player_id,
+                    kind=FactKind(fact.kind),
+                    subject=subject,
+                    text=fact.text.strip(),
+                    source=source,
+                    importance=fact.importance / 10,
+                    scope=FactScope.CONVERSATION,
+                    scope_ref=str(conversation.id),
+                    embedding=vector,
+                )
+            ],
+        )
+        if close is not None and close[1] >= settings.memory_fact_supersede_similarity:
+            supersede(session=session, old_id=close[0].id, new_id=row.id)
+            counts["superseded"] += 1
+        else:
+            counts["added"] += 1
+    return counts
+
+
+def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = None) -> dict[str, int]:
+    """Extract facts from the lines not read yet; the counts of lines read, facts added, duplicate
+    and superseded, and answers outside the schema (empty when another worker holds the job or
+    nothing waits). An answer outside the schema still counts its lines as read: retrying the same
+    lines would most likely fail the same way."""
+    generate = generate or _engine_generate
+    with session_scope() as session:
+        token = claim_job(
+            session=session,
+            conversation_id=conversation_id,
+            kind=EXTRACT,
+            lease_s=settings.memory_job_lease_s,
+        )
+    if token is None:
+        return {}
+    try:
+        with session_scope() as session:
+            conversation = session.get(Conversation, conversation_id)
+            if conversation is None:
+                return {}
+            after = extracted_through(session=session, conversation_id=conversation_id)
+            lines = session.execute(
+                select(Message.seq, Message.role, Message.content, Message.turn_id)
+                .where(Message.conversation_id == conversation_id, Message.seq > after)
+                .order_by(Message.seq)
+                .limit(EXTRACT_LINES)
+            ).all()
+            char, user = conversation.character.name, conversation.player_name or "User"
+        if not lines:
+            return {}
+        scrub = Sanitizer(None).scrub
+        speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
+        body = "\n".join(f"{speaker.get(str(r.role), str(r.role))}: {scrub(r.content)}" for r in lines)
+        raw = generate(
+            EXTRACT_INSTRUCTIONS.format(char=char, user=user), body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA
+        )
+        facts = parse_facts(raw)
+        last = lines[-1]
+        source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
+        with session_scope() as session:
+            if not advance_extract(
+                session=session, conversation_id=conversation_id, token=token, through=last.seq
+            ):
+                return {}  # the claim lapsed: another worker reads these lines
+            conversation = session.get(Conversation, conversation_id)
+            assert conversation is not None
+            counts = store_extracted(
+                session=session, conversation=conversation, facts=facts or [], source=source
+            )
+            return {"lines": len(lines), "malformed": int(facts is None), **counts}
+    finally:
+        with session_scope() as session:
+            release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token)

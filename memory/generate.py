@@ -1,0 +1,52 @@
+"""The memory jobs' one call into the engine: a short instruction and text in, the model's text out,
+on the bulk lane (live turns run ahead of it inside the engine)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from worker import engine as engine_module
+from worker.engine import GenerationRequest
+
+
+def generate_text(
+    system: str, user: str, *, max_tokens: int, json_schema: dict[str, Any] | None = None
+) -> str:
+    """Generate one reply to (system, user), both already cleaned; with `json_schema`, the reply is
+    constrained to it (guided decoding through vLLM's structured outputs)."""
+    from worker.pipeline import get_prompt_builder
+
+    builder = get_prompt_builder()
+    rendered = builder.format.render(
+        builder.tokenizer,
+        [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        "Memory",
+        "User",
+    )
+    token_ids = builder.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+    controls: dict[str, Any] = {}
+    if json_schema is not None:
+        from vllm.sampling_params import StructuredOutputsParams
+
+        # No free whitespace: a small model can spend its whole budget on newlines between tokens.
+        controls["structured_outputs"] = StructuredOutputsParams(
+            json=json_schema, disable_any_whitespace=True
+        )
+    request = GenerationRequest(
+        token_ids=list(token_ids),
+        # Greedy for a JSON answer: sampled, the bundled model wandered into a multi-byte character
+        # at a string's length limit and never closed the JSON (finish_reason length).
+        temperature=0.0 if json_schema is not None else 0.2,
+        top_p=0.9,
+        max_tokens=max_tokens,
+        seed=0,
+        # A JSON answer ends with its grammar; the format's stop strings (a speaker label) could cut
+        # it inside a string.
+        stop=() if json_schema is not None else rendered.stop,
+        priority=engine_module.BULK,
+        controls=controls,
+    )
+    (result,) = engine_module.generate([request])
+    if isinstance(result, Exception):
+        raise result
+    return str(result.text).strip()

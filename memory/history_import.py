@@ -1,0 +1,177 @@
+"""`mlchat history import`: existing chat logs into a conversation, so summaries, extraction and
+retrieval have the past. Three shapes: SillyTavern's chat JSONL (a header line, then one message a
+line), OpenAI messages (a JSON array, or {"messages": [...]}), and the original service's history
+JSON (a list of {role, content}, or {"chat_history"|"history": [...]}).
+
+Every line is checked before anything is stored: a malformed log is refused with the line (JSONL)
+or the item (JSON) and the field, and nothing of it is stored. The lines are embedded in batches and
+appended in one transaction."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from db.models import Role
+
+HistoryFormat = Literal["sillytavern", "openai", "original"]
+EMBED_CHUNK = 256
+
+
+class HistoryRefused(ValueError):
+    """A malformed chat log; the message names the line or item and the field."""
+
+
+@dataclass(frozen=True)
+class ParsedHistory:
+    lines: list[tuple[Role, str]]
+    user_name: str | None = None
+    skipped: int = 0  # system lines and empty messages
+
+
+_ROLES = {
+    "user": Role.USER,
+    "assistant": Role.ASSISTANT,
+    "character": Role.ASSISTANT,
+    "narrator": Role.NARRATOR,
+}
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise HistoryRefused(f"{where}: must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise HistoryRefused(f"{where}: holds a NUL character")
+    return value
+
+
+def parse_sillytavern(raw: str) -> ParsedHistory:
+    """SillyTavern chat JSONL: a header ({user_name, character_name, ...}) then {name, is_user, mes}."""
+    lines: list[tuple[Role, str]] = []
+    user_name, skipped = None, 0
+    for number, line in enumerate(raw.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise HistoryRefused(f"line {number}: not JSON ({exc.msg})") from None
+        if not isinstance(item, dict):
+            raise HistoryRefused(f"line {number}: must be a JSON object")
+        if number == 1 and "mes" not in item:  # the header
+            name = item.get("user_name")
+            user_name = name if isinstance(name, str) and name else None
+            continue
+        if "mes" not in item:
+            raise HistoryRefused(f"line {number}: mes: missing")
+        text = _text(item["mes"], f"line {number}: mes")
+        is_user = item.get("is_user", False)
+        if not isinstance(is_user, bool):
+            raise HistoryRefused(f"line {number}: is_user: must be true or false")
+        if item.get("is_system") is True or not text.strip():
+            skipped += 1
+            continue
+        lines.append((Role.USER if is_user else Role.ASSISTANT, text))
+    return ParsedHistory(lines, user_name, skipped)
+
+
+def _messages(items: Any, name: str) -> ParsedHistory:
+    if not isinstance(items, list):
+        raise HistoryRefused(f"{name}: must be a list of messages")
+    lines: list[tuple[Role, str]] = []
+    skipped = 0
+    for i, item in enumerate(items):
+        where = f"{name}[{i}]"
+        if not isinstance(item, dict):
+            raise HistoryRefused(f"{where}: must be an object with role and content")
+        role = item.get("role")
+        if role == "system":
+            skipped += 1
+            continue
+        if role not in _ROLES:
+            raise HistoryRefused(f"{where}.role: must be one of user, assistant, system (got {role!r})")
+        if "content" not in item:
+            raise HistoryRefused(f"{where}.content: missing")
+        content = item["content"]
+        if isinstance(content, list):  # OpenAI content parts: the text parts, joined
+            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+            content = "\n".join(p for p in parts if isinstance(p, str))
+        text = _text(content, f"{where}.content")
+        if not text.strip():
+            skipped += 1
+            continue
+        lines.append((_ROLES[role], text))
+    return ParsedHistory(lines, None, skipped)
+
+
+def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
+    """A JSON list of {role, content}, bare or under one of `keys`."""
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise HistoryRefused(f"line {exc.lineno}: not JSON ({exc.msg})") from None
+    if isinstance(doc, dict):
+        key = next((k for k in keys if k in doc), None)
+        if key is None:
+            raise HistoryRefused(f"{keys[0]}: missing (the list of messages)")
+        return _messages(doc[key], key)
+    return _messages(doc, "messages")
+
+
+def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
+    """The log's lines, checked; raises HistoryRefused naming the line or item and the field."""
+    if fmt == "sillytavern":
+        parsed = parse_sillytavern(raw)
+    elif fmt == "openai":
+        parsed = parse_json_messages(raw, ("messages",))
+    else:
+        parsed = parse_json_messages(raw, ("chat_history", "history", "messages"))
+    if not parsed.lines:
+        raise HistoryRefused("the log holds no user or assistant lines")
+    return parsed
+
+
+def import_history(
+    raw: str,
+    fmt: HistoryFormat,
+    *,
+    conversation: str,
+    character: str,
+    player_id: str = "",
+    player_name: str | None = None,
+    tenant: str = "",
+) -> tuple[int, int, int]:
+    """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
+    id, first seq, last seq). Nothing is stored if any line is malformed."""
+    import numpy as np
+
+    from db.history import append_lines
+    from db.session import session_scope
+    from db.world import find_characters, upsert_conversations
+    from worker.embedder import embed
+
+    parsed = parse_history(raw, fmt)
+    vectors = np.concatenate(
+        [
+            embed([t for _, t in parsed.lines[i : i + EMBED_CHUNK]])
+            for i in range(0, len(parsed.lines), EMBED_CHUNK)
+        ]
+    )
+    with session_scope() as session:
+        found = find_characters(session=session, slugs=[character])
+        if character not in found:
+            raise HistoryRefused(f"character: no character {character!r}")
+        row = {
+            "external_id": conversation,
+            "player_id": player_id,
+            "player_name": player_name or parsed.user_name or "",
+            "character_id": found[character],
+        }
+        conv_id, char_id = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
+        if char_id != found[character]:
+            raise HistoryRefused(f"conversation: {conversation!r} is another character's")
+        first, last = append_lines(
+            session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
+        )
+    return conv_id, first, last

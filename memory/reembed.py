@@ -1,0 +1,52 @@
+"""`mlchat reembed`: every message, story event and fact embedded again with the configured
+embedder (after MLCHAT_EMBEDDER changes), as a resumable bulk job. Vectors are written beside the
+old ones chunk by chunk (each chunk its own transaction, progress recorded), so a run that stops
+resumes where it stopped; retrieval keeps using the old vectors until the end, when rows written
+meanwhile are caught up under a table lock and every new vector replaces its old one in one
+transaction. Retrieval never compares vectors of two models."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from core.settings import settings
+from db.reembed import SOURCES, lock_tables, next_chunk, progress, stale_rows, swap, write_next
+from db.session import session_scope
+from worker.embedder import embed
+
+logger = logging.getLogger(__name__)
+
+
+def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None) -> dict[str, int]:
+    """Re-embed everything and swap the vectors in; rows swapped per table. `on_chunk(table, last
+    id)` is called after each committed chunk."""
+    for table in SOURCES:
+        with session_scope() as session:
+            last = progress(session=session, table=table, embedder=settings.embedder)
+        while True:
+            with session_scope() as session:
+                rows = next_chunk(session=session, table=table, after_id=last, limit=chunk)
+                if not rows:
+                    break
+                vectors = embed([t for _, t in rows])
+                last = rows[-1][0]
+                write_next(
+                    session=session, table=table, ids=[i for i, _ in rows], vectors=vectors, last_id=last
+                )
+            if on_chunk is not None:
+                on_chunk(table, last)
+    with session_scope() as session:
+        lock_tables(session=session)
+        for table in SOURCES:  # rows written while the tables were passed
+            while rows := stale_rows(session=session, table=table, limit=chunk):
+                write_next(
+                    session=session,
+                    table=table,
+                    ids=[i for i, _ in rows],
+                    vectors=embed([t for _, t in rows]),
+                    last_id=None,
+                )
+        swapped = swap(session=session)
+    logger.info("re-embedded with %s: %s", settings.embedder, swapped)
+    return swapped

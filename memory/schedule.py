@@ -1,0 +1,57 @@
+"""After replies are stored: send the memory jobs that are due to the bulk lane (at most one of each
+kind per conversation in flight; the job's claim makes a duplicate message harmless)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from core.settings import settings
+from db.memory_jobs import EXTRACT, SUMMARY, extract_due
+from db.session import session_scope
+from db.summaries import conversations_due
+
+logger = logging.getLogger(__name__)
+
+
+def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
+    """(conversation id, kind) of every memory job due for these conversations."""
+    ids = sorted(set(conversation_ids))
+    if not ids:
+        return []
+    jobs: list[tuple[int, str]] = []
+    with session_scope() as session:
+        if settings.memory_summary_threshold_tokens > 0:
+            jobs += [
+                (c, SUMMARY)
+                for c in conversations_due(
+                    session=session,
+                    conversation_ids=ids,
+                    recent_n=settings.recent_history,
+                    threshold_tokens=settings.memory_summary_threshold_tokens,
+                    fanout=settings.memory_summary_fanout,
+                )
+            ]
+        jobs += [
+            (c, EXTRACT)
+            for c in extract_due(
+                session=session, conversation_ids=ids, every_lines=settings.memory_extract_every_lines
+            )
+        ]
+    return jobs
+
+
+def schedule_memory(conversation_ids: Sequence[int]) -> int:
+    """Send the due memory jobs; how many were sent. Never raises (memory can wait for the next turn)."""
+    try:
+        jobs = due_jobs(conversation_ids)
+        if jobs:
+            from tasks.memory import send_memory_jobs
+
+            send_memory_jobs(jobs)
+        return len(jobs)
+    except Exception:
+        logger.warning(
+            "could not schedule memory jobs for %d conversations", len(conversation_ids), exc_info=True
+        )
+        return 0

@@ -1,0 +1,110 @@
+"""The summary job of one conversation: claim it, write every summary that is due (lines beyond the
+recent window, then merges up the hierarchy), give it back. Each summary is stored in its own
+transaction, only while the claim holds, and once per range (db/summaries.py)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from core.settings import settings
+from db.memory_jobs import SUMMARY, claim_job, release_job
+from db.models import Conversation
+from db.session import session_scope
+from db.summaries import SummaryWork, next_summary_work, store_summary
+from worker.prompt.sanitize import Sanitizer
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_INSTRUCTIONS = (
+    "You keep the memory of a conversation between {user} (the player) and {char}. Summarise the "
+    "text below in a few sentences, in the third person. Keep every name, place, promise, debt, "
+    "secret and anything {user} told about themselves or their family; leave out small talk."
+)
+MERGE_INSTRUCTIONS = (
+    "You keep the memory of a conversation between {user} (the player) and {char}. The text below is "
+    "summaries of consecutive parts of it. Merge them into one shorter summary in the third person, "
+    "keeping every name, place, promise, debt and secret."
+)
+
+# (system, user, max_tokens) -> the model's text; the engine by default, any callable in a script.
+Generate = Callable[[str, str, int], str]
+
+
+def _engine_generate(system: str, user: str, max_tokens: int) -> str:
+    from memory.generate import generate_text
+
+    return generate_text(system, user, max_tokens=max_tokens)
+
+
+def summary_prompt(work: SummaryWork, char: str, user: str, clean: Callable[[str], str]) -> tuple[str, str]:
+    """(system, user) of the request that writes this summary; every line cleaned."""
+    if work.parts:
+        body = "\n\n".join(clean(text) for _, text in work.parts)
+        return MERGE_INSTRUCTIONS.format(char=char, user=user), body
+    speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
+    body = "\n".join(f"{speaker.get(role, role)}: {clean(content)}" for role, content in work.lines)
+    return SUMMARY_INSTRUCTIONS.format(char=char, user=user), body
+
+
+def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 16) -> int:
+    """Write the conversation's due summaries; how many were stored (0 when another worker holds
+    the job, or nothing is due)."""
+    generate = generate or _engine_generate
+    with session_scope() as session:
+        token = claim_job(
+            session=session,
+            conversation_id=conversation_id,
+            kind=SUMMARY,
+            lease_s=settings.memory_job_lease_s,
+        )
+        conversation = session.get(Conversation, conversation_id)
+        names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
+    if token is None:
+        return 0
+    scrub = _sanitizer().scrub
+    char = " ".join(scrub(names[0]).split()) or "Character"
+    user = " ".join(scrub(names[1]).split()) or "User"
+    stored = 0
+    try:
+        for _ in range(max_steps):
+            with session_scope() as session:
+                work = next_summary_work(
+                    session=session,
+                    conversation_id=conversation_id,
+                    recent_n=settings.recent_history,
+                    threshold_tokens=settings.memory_summary_threshold_tokens,
+                    chunk_tokens=settings.memory_summary_chunk_tokens,
+                    fanout=settings.memory_summary_fanout,
+                )
+            if work is None:
+                break
+            system, body = summary_prompt(work, char, user, scrub)
+            text = generate(system, body, settings.memory_summary_max_tokens)
+            if not text:
+                logger.warning(
+                    "empty summary for conversation %s lines %s-%s",
+                    conversation_id,
+                    work.first_seq,
+                    work.last_seq,
+                )
+                break
+            with session_scope() as session:
+                if store_summary(session=session, work=work, text_=text, token=token) is None:
+                    break  # the claim lapsed (another worker has it) or the range is stored
+            stored += 1
+    finally:
+        with session_scope() as session:
+            release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)
+    return stored
+
+
+def _sanitizer() -> Sanitizer:
+    """The engine's sanitiser when it is loaded here, else one without special tokens (scripts)."""
+    from worker import engine as engine_module
+
+    if engine_module.get_engine.cache_info().currsize:
+        from worker.pipeline import get_prompt_builder
+
+        return get_prompt_builder().sanitizer
+    return Sanitizer(None)

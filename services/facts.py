@@ -1,0 +1,189 @@
+"""What the game tells NPCs: facts about a player (or the world) written over HTTP or the CLI,
+listed with their history, and moved by gossip. Every fact is its tenant's; text is stored as given
+and cleaned on its way into a prompt like every other field (worker/prompt/sanitize.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+
+from db.facts import (
+    NewFact,
+    add_facts,
+    conversation_owner,
+    fact_moves,
+    get_fact,
+    move_fact,
+    player_facts,
+    supersede,
+)
+from db.models import Fact, FactKind, FactScope
+from db.session import session_scope
+from services.schemas import Text
+
+
+class FactRefused(ValueError):
+    """A fact the service will not store; `field` names the input at fault."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+class FactNotFound(LookupError):
+    """No such fact of this tenant and player."""
+
+
+class Where(BaseModel):
+    """A scope and what it names: a conversation (the game's id) or a story (a location, a faction)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scope: FactScope = FactScope.MET
+    conversation: str | None = Field(default=None, max_length=200)
+    story: str | None = Field(default=None, max_length=100)
+
+
+class FactIn(Where):
+    text: Text = Field(min_length=1, max_length=1000)
+    kind: FactKind = FactKind.PLAYER
+    subject: str | None = Field(default=None, min_length=1, max_length=200)  # default: the player
+    importance: float = Field(default=0.5, ge=0, le=1)
+    supersedes: int | None = Field(default=None, ge=1)  # a current fact this one replaces
+
+
+class FactMoveIn(Where):
+    told_by: str = Field(default="", max_length=64)  # who spread it (a character slug)
+
+
+class FactView(BaseModel):
+    id: int
+    player: str
+    kind: str
+    subject: str
+    text: str
+    source: str
+    importance: float
+    scope: str
+    scope_ref: str
+    superseded_by: int | None
+    created_at: datetime
+
+
+class MoveView(BaseModel):
+    fact_id: int
+    from_scope: str
+    from_ref: str
+    to_scope: str
+    to_ref: str
+    told_by: str
+    created_at: datetime
+
+
+def _view(fact: Fact) -> FactView:
+    return FactView(
+        id=fact.id,
+        player=fact.player_id,
+        kind=fact.kind.value,
+        subject=fact.subject,
+        text=fact.text,
+        source=fact.source,
+        importance=fact.importance,
+        scope=fact.scope.value,
+        scope_ref=fact.scope_ref,
+        superseded_by=fact.superseded_by,
+        created_at=fact.created_at,
+    )
+
+
+def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix: str) -> str:
+    """What the scope names, checked: a conversation must be this tenant's and this player's."""
+    if where.scope is FactScope.CONVERSATION:
+        if not where.conversation:
+            raise FactRefused(f"{prefix}conversation", "required when scope is 'conversation'")
+        found = conversation_owner(session=session, tenant=tenant, external_id=where.conversation)
+        if found is None or found.player_id != player:
+            raise FactRefused(
+                f"{prefix}conversation", f"no conversation {where.conversation!r} of player {player!r}"
+            )
+        return str(found.id)
+    if where.scope is FactScope.STORY:
+        if not where.story:
+            raise FactRefused(f"{prefix}story", "required when scope is 'story'")
+        return where.story
+    return ""
+
+
+def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:
+    """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one."""
+    from worker.embedder import embed
+
+    vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
+    with session_scope() as session:
+        new = []
+        for i, (fact, vector) in enumerate(zip(facts, vectors, strict=True)):
+            prefix = f"facts[{i}]." if len(facts) > 1 else ""
+            ref = _scope_ref(session, tenant, player, fact, prefix)
+            if fact.supersedes is not None:
+                old = get_fact(session=session, tenant=tenant, fact_id=fact.supersedes)
+                if old is None or old.player_id != player or old.superseded_by is not None:
+                    raise FactRefused(
+                        f"{prefix}supersedes", f"no current fact {fact.supersedes} of player {player!r}"
+                    )
+            new.append(
+                NewFact(
+                    tenant=tenant,
+                    player_id=player,
+                    kind=fact.kind,
+                    subject=fact.subject or player,
+                    text=fact.text,
+                    source="game",
+                    importance=fact.importance,
+                    scope=fact.scope,
+                    scope_ref=ref,
+                    embedding=vector,
+                )
+            )
+        rows = add_facts(session=session, facts=new)
+        for fact, row in zip(facts, rows, strict=True):
+            if fact.supersedes is not None and not supersede(
+                session=session, old_id=fact.supersedes, new_id=row.id
+            ):
+                raise FactRefused("supersedes", f"fact {fact.supersedes} was superseded meanwhile")
+        session.flush()
+        for row in rows:
+            session.refresh(row)
+        return [_view(r) for r in rows]
+
+
+def list_player_facts(tenant: str, player: str, *, history: bool = False) -> list[FactView]:
+    """The player's facts in this tenant (current ones, or all with `history`)."""
+    with session_scope() as session:
+        return [
+            _view(f) for f in player_facts(session=session, tenant=tenant, player_id=player, history=history)
+        ]
+
+
+def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[FactView, list[MoveView]]:
+    """Move a fact to another scope (gossip), recorded; the fact and its moves so far."""
+    with session_scope() as session:
+        fact = get_fact(session=session, tenant=tenant, fact_id=fact_id)
+        if fact is None or fact.player_id != player:
+            raise FactNotFound(f"no fact {fact_id} of player {player!r}")
+        ref = _scope_ref(session, tenant, player, move, "")
+        move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
+        moves = [
+            MoveView(
+                fact_id=m.fact_id,
+                from_scope=m.from_scope,
+                from_ref=m.from_ref,
+                to_scope=m.to_scope,
+                to_ref=m.to_ref,
+                told_by=m.told_by,
+                created_at=m.created_at,
+            )
+            for m in fact_moves(session=session, fact_id=fact_id)
+        ]
+        return _view(fact), moves

@@ -1,0 +1,131 @@
+"""`mlchat history import`: SillyTavern chat JSONL, OpenAI messages and the original service's
+history JSON into a conversation, embedded; a malformed log is refused with its line (or item) and
+field, and nothing of it is stored."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from db.models import Conversation, Message
+from db.session import session_scope
+from scripts.cli import main as cli
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _stored(external: str) -> list[tuple[int, str, str, bool]]:
+    with session_scope() as s:
+        conv = s.scalar(
+            select(Conversation).where(Conversation.tenant == "", Conversation.external_id == external)
+        )
+        if conv is None:
+            return []
+        rows = s.execute(
+            select(Message.seq, Message.role, Message.content, Message.embedding.is_not(None))
+            .where(Message.conversation_id == conv.id)
+            .order_by(Message.seq)
+        )
+        return [(seq, role.value, content, embedded) for seq, role, content, embedded in rows]
+
+
+def _import(tmp_path: Path, body: str, fmt: str, external: str) -> int:
+    log = tmp_path / f"log.{fmt}"
+    log.write_text(body, encoding="utf-8")
+    return cli(
+        ["history", "import", str(log), "--format", fmt, "--conversation", external, "--character", "elara"]
+    )
+
+
+SILLYTAVERN = "\n".join(
+    json.dumps(x)
+    for x in [
+        {"user_name": "Rowan", "character_name": "Elara", "create_date": "2024-01-01"},
+        {"name": "Elara", "is_user": False, "mes": "Welcome to the Gilded Stag."},
+        {"name": "Rowan", "is_user": True, "mes": "My sister Mira is missing."},
+        {"name": "System", "is_user": False, "is_system": True, "mes": "[note]"},
+        {"name": "Elara", "is_user": False, "mes": "Ask at the mill."},
+    ]
+)
+
+
+def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys) -> None:
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 0
+    assert "lines 1-3 imported" in capsys.readouterr().out
+    assert _stored(external) == [
+        (1, "assistant", "Welcome to the Gilded Stag.", True),
+        (2, "user", "My sister Mira is missing.", True),
+        (3, "assistant", "Ask at the mill.", True),
+    ]
+    with session_scope() as s:
+        assert (
+            s.scalar(select(Conversation.player_name).where(Conversation.external_id == external)) == "Rowan"
+        )
+    openai = json.dumps(
+        {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Thanks."}]}
+    )
+    assert _import(tmp_path, openai, "openai", external) == 0  # appended after the last line
+    assert _stored(external)[-1] == (4, "user", "Thanks.", True)
+
+
+def test_the_original_services_history_json_is_imported(tmp_path) -> None:
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    body = json.dumps(
+        {
+            "chat_history": [
+                {"role": "user", "content": "안녕, 오늘 기분 어때?"},
+                {"role": "assistant", "content": "좋아!"},
+            ]
+        },
+        ensure_ascii=False,
+    )
+    assert _import(tmp_path, body, "original", external) == 0
+    assert [(r, c) for _, r, c, _ in _stored(external)] == [
+        ("user", "안녕, 오늘 기분 어때?"),
+        ("assistant", "좋아!"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "body", "error"),
+    [
+        (
+            "sillytavern",
+            SILLYTAVERN.replace('"mes": "Ask at the mill."', '"mes": 42'),
+            "line 5: mes: must be a string, got int",
+        ),
+        ("sillytavern", SILLYTAVERN.replace('{"name": "Rowan"', '{"name": Rowan', 1), "line 3: not JSON"),
+        (
+            "sillytavern",
+            SILLYTAVERN.replace('"is_user": true', '"is_user": "yes"'),
+            "line 3: is_user: must be",
+        ),
+        (
+            "openai",
+            json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "wizard", "content": "x"}]}),
+            "messages[1].role: must be one of",
+        ),
+        ("openai", json.dumps([{"role": "user"}]), "messages[0].content: missing"),
+        ("original", '{"chat_history": [\n{"role": "user",\n "content": "hi"},,\n]}', "line 3: not JSON"),
+    ],
+)
+def test_a_malformed_log_is_refused_with_line_and_field_and_nothing_is_stored(
+    tmp_path, capsys, fmt: str, body: str, error: str
+) -> None:
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    assert _import(tmp_path, body, fmt, external) == 2
+    err = capsys.readouterr().err.strip()
+    assert error in err and err.endswith("nothing stored") and len(err.splitlines()) == 1
+    assert _stored(external) == []
+    with session_scope() as s:  # not even the conversation
+        assert (
+            s.scalar(
+                select(func.count()).select_from(Conversation).where(Conversation.external_id == external)
+            )
+            == 0
+        )

@@ -1,0 +1,422 @@
+"""NPC memory in the database: who may know a fact (scopes, tenants, gossip), and rolling summaries
+written at most once per range by at most one worker per conversation.
+
+Facts are checked where every prompt gets them (db/facts.py facts_for_turns, the batch's memory
+query); summaries at the claim and store functions the bulk job calls (db/memory_jobs.py,
+db/summaries.py), with two database sessions for the races."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+from sqlalchemy import func, select
+
+from db.facts import FactHit, NewFact, add_facts, fact_moves, facts_for_turns, get_fact, move_fact, supersede
+from db.memory_jobs import SUMMARY, claim_job, release_job
+from db.models import Character, Conversation, Fact, FactKind, FactScope, Message, Role, Summary
+from db.retrieval import HistoryLine, TurnContext
+from db.session import session_scope
+from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
+from db.world import find_characters, upsert_conversations
+from memory.extract import ExtractedFact, parse_facts, store_extracted
+from worker.embedder import embed
+from worker.prompt import PromptBuilder, PromptInput
+
+pytestmark = pytest.mark.usefixtures("world")
+
+HALF_LIFE = 30 * 86400.0
+
+
+def _conversation(character: str, player: str, *, tenant: str = "", story: str | None = None) -> int:
+    with session_scope() as s:
+        char_id = find_characters(session=s, slugs=[character])[character]
+        external = f"mem-{uuid.uuid4().hex[:10]}"
+        row = {
+            "external_id": external,
+            "player_id": player,
+            "player_name": player.title(),
+            "character_id": char_id,
+            "story": story,
+        }
+        return upsert_conversations(session=s, rows=[row], tenant=tenant)[external][0]
+
+
+def _fact(
+    text: str, scope: FactScope, ref: str = "", *, tenant: str = "", player: str = "", kind=FactKind.PLAYER
+) -> int:  # type: ignore[no-untyped-def]
+    (vec,) = embed([text])
+    with session_scope() as s:
+        (row,) = add_facts(
+            session=s,
+            facts=[NewFact(tenant, player, kind, player or "world", text, "game", 0.8, scope, ref, vec)],
+        )
+        return row.id
+
+
+def _seen(conversation_ids: list[int], query: str = "what do you know about me?") -> list[set[int]]:
+    vec = embed([query])[0]
+    with session_scope() as s:
+        hits = facts_for_turns(
+            session=s,
+            conversation_ids=conversation_ids,
+            vectors=[vec] * len(conversation_ids),
+            k=50,
+            half_life_s=HALF_LIFE,
+        )
+    return [{h.id for h in per} for per in hits]
+
+
+def test_a_conversation_fact_reaches_only_that_npc_with_that_player() -> None:
+    player, other_player = f"p-{uuid.uuid4().hex[:6]}", f"q-{uuid.uuid4().hex[:6]}"
+    here = _conversation("elara", player)
+    other_npc = _conversation("luffy", player)
+    other_players = _conversation("elara", other_player)
+    other_tenant = _conversation("elara", player, tenant="tenant-b")
+    fact = _fact(
+        "The player stole a silver ring from the innkeeper.", FactScope.CONVERSATION, str(here), player=player
+    )
+
+    seen = _seen([here, other_npc, other_players, other_tenant])
+    assert [fact in s for s in seen] == [True, False, False, False]
+
+
+def test_scopes_met_story_and_world_and_the_tenant_wall() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    story = f"harbour-{uuid.uuid4().hex[:6]}"
+    first = _conversation("elara", player)
+    second = _conversation("luffy", player, story=story)
+    stranger = _conversation("haneul", f"q-{uuid.uuid4().hex[:6]}", story=story)
+    other_tenant = _conversation("elara", player, tenant="tenant-b")
+    met = _fact("The player's sister is called Mira.", FactScope.MET, player=player)
+    local = _fact("The harbour master takes bribes.", FactScope.STORY, story, kind=FactKind.WORLD)
+    world = _fact("The king died last winter.", FactScope.WORLD, kind=FactKind.WORLD)
+
+    seen = _seen([first, second, stranger, other_tenant])
+    assert [met in s for s in seen] == [True, True, False, False]  # every NPC this player talks with
+    assert [local in s for s in seen] == [False, True, True, False]  # every NPC of that story
+    assert [world in s for s in seen] == [True, True, True, False]  # every NPC of the tenant, no other's
+
+
+def test_gossip_moves_a_fact_to_another_scope_and_records_it() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    guard = _conversation("elara", player)
+    blacksmith = _conversation("luffy", player)
+    fact = _fact("The player stole from the innkeeper.", FactScope.CONVERSATION, str(guard), player=player)
+    assert [fact in s for s in _seen([guard, blacksmith])] == [True, False]
+
+    with session_scope() as s:
+        row = get_fact(session=s, tenant="", fact_id=fact)
+        assert row is not None
+        move_fact(session=s, fact=row, to_scope=FactScope.MET, to_ref="", told_by="elara")
+
+    assert [fact in s for s in _seen([guard, blacksmith])] == [True, True]
+    with session_scope() as s:
+        moves = [
+            (m.from_scope, m.from_ref, m.to_scope, m.told_by) for m in fact_moves(session=s, fact_id=fact)
+        ]
+    assert moves == [("conversation", str(guard), "met", "elara")]
+
+
+def test_a_superseded_fact_leaves_the_prompt_and_stays_as_history() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv = _conversation("elara", player)
+    old = _fact("The player is a farmer.", FactScope.MET, player=player)
+    new = _fact("The player is a knight of the crown.", FactScope.MET, player=player)
+    with session_scope() as s:
+        assert supersede(session=s, old_id=old, new_id=new)
+        assert not supersede(session=s, old_id=old, new_id=new)  # once only
+    (seen,) = _seen([conv])
+    assert new in seen and old not in seen
+    with session_scope() as s:
+        row = get_fact(session=s, tenant="", fact_id=old)
+        assert row is not None and row.superseded_by == new
+
+
+def test_facts_rank_by_relevance_recency_and_importance() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv = _conversation("elara", player)
+    (vec_ring, vec_weather) = embed(["The player stole a ring.", "It rained on Tuesday."])
+    with session_scope() as s:
+        ring, weather = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    player,
+                    "The player stole a ring.",
+                    "game",
+                    0.9,
+                    FactScope.MET,
+                    "",
+                    vec_ring,
+                ),
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    player,
+                    "It rained on Tuesday.",
+                    "game",
+                    0.1,
+                    FactScope.MET,
+                    "",
+                    vec_weather,
+                ),
+            ],
+        )
+        ids = ring.id, weather.id
+    vec = embed(["Who took my ring?"])[0]
+    with session_scope() as s:
+        (hits,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[vec], k=1, half_life_s=HALF_LIFE
+        )
+    assert [h.id for h in hits] == [ids[0]]
+    assert hits[0].score == pytest.approx(hits[0].relevance * hits[0].recency * hits[0].importance)
+
+
+# --- rolling summaries ---------------------------------------------------------------------------
+
+
+def _lines(conversation_id: int, n: int, *, start: int = 1, chars: int = 400) -> None:
+    with session_scope() as s:
+        for seq in range(start, start + n):
+            role = Role.USER if seq % 2 else Role.ASSISTANT
+            s.add(
+                Message(
+                    conversation_id=conversation_id, seq=seq, role=role, content=f"line {seq} " + "x" * chars
+                )
+            )
+
+
+def _work(conversation_id: int):  # type: ignore[no-untyped-def]
+    with session_scope() as s:
+        return next_summary_work(
+            session=s,
+            conversation_id=conversation_id,
+            recent_n=12,
+            threshold_tokens=1000,
+            chunk_tokens=1500,
+            fanout=4,
+        )
+
+
+def _summaries(conversation_id: int) -> list[tuple[int, int, int]]:
+    with session_scope() as s:
+        rows = s.execute(
+            select(Summary.level, Summary.first_seq, Summary.last_seq)
+            .where(Summary.conversation_id == conversation_id)
+            .order_by(Summary.id)
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+
+def test_summary_work_is_due_past_the_threshold_beyond_the_recent_window() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 20)  # 8 lines beyond the recent 12: ~800 tokens, under the threshold
+    assert _work(conv) is None
+    with session_scope() as s:
+        assert (
+            conversations_due(
+                session=s, conversation_ids=[conv], recent_n=12, threshold_tokens=1000, fanout=4
+            )
+            == []
+        )
+    _lines(conv, 6, start=21)  # 14 beyond the window: ~1400 tokens
+    work = _work(conv)
+    assert work is not None and (work.level, work.first_seq) == (0, 1)
+    assert work.last_seq <= 26 - 12  # never a line of the recent window
+    assert sum(len(c) for _, c in work.lines) <= 1500 * 4 + 410  # one chunk
+    with session_scope() as s:
+        assert conversations_due(
+            session=s, conversation_ids=[conv], recent_n=12, threshold_tokens=1000, fanout=4
+        ) == [conv]
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+        assert token is not None
+    with session_scope() as s:  # in flight: not sent again
+        assert (
+            conversations_due(
+                session=s, conversation_ids=[conv], recent_n=12, threshold_tokens=1000, fanout=4
+            )
+            == []
+        )
+        release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
+
+
+def test_two_workers_never_summarise_the_same_range() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 30)
+    barrier = threading.Barrier(2)
+    tokens: list[uuid.UUID | None] = []
+
+    def claim() -> None:
+        with session_scope() as s:
+            barrier.wait()
+            tokens.append(claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60))
+
+    threads = [threading.Thread(target=claim) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    held = [t for t in tokens if t is not None]
+    assert len(tokens) == 2 and len(held) == 1  # the second found the job in flight
+
+    work = _work(conv)
+    with session_scope() as s:
+        assert store_summary(session=s, work=work, text_="They met.", token=uuid.uuid4()) is None  # no claim
+    with session_scope() as s:
+        assert store_summary(session=s, work=work, text_="They met.", token=held[0]) is not None
+    with session_scope() as s:  # the same range again, even under the claim: stored once
+        assert store_summary(session=s, work=work, text_="They met again.", token=held[0]) is None
+    assert _summaries(conv) == [(0, work.first_seq, work.last_seq)]
+
+
+def test_a_summary_job_that_dies_midway_and_runs_again_stores_one_summary() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 30)
+    with session_scope() as s:
+        dead = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=0.5)
+    assert dead is not None
+    first = _work(conv)  # the dying worker read its work, generated, and died before storing
+    with session_scope() as s:  # while its lease runs nobody else takes the job
+        assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60) is None
+    time.sleep(0.7)
+
+    with session_scope() as s:
+        again = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert again is not None
+    rerun = _work(conv)
+    assert (rerun.first_seq, rerun.last_seq) == (first.first_seq, first.last_seq)  # the same range
+    with session_scope() as s:
+        assert store_summary(session=s, work=rerun, text_="They met.", token=again) is not None
+    with session_scope() as s:  # the dead worker wakes up late: its lapsed claim stores nothing
+        assert store_summary(session=s, work=first, text_="They met (late).", token=dead) is None
+    assert _summaries(conv) == [(0, first.first_seq, first.last_seq)]
+    # Died after storing, before giving the job back: the next run finds the range done.
+    time.sleep(0.1)
+    nxt = _work(conv)
+    assert nxt is None or nxt.first_seq > first.last_seq
+
+
+def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 80)
+    with session_scope() as s:
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert token is not None
+    for i in range(4):
+        work = _work(conv)
+        assert work is not None and work.level == 0, i
+        with session_scope() as s:
+            assert store_summary(session=s, work=work, text_=f"part {i}", token=token) is not None
+    merge = _work(conv)
+    assert (
+        merge is not None
+        and merge.level == 1
+        and [t for _, t in merge.parts] == [f"part {i}" for i in range(4)]
+    )
+    with session_scope() as s:
+        top = store_summary(session=s, work=merge, text_="all four parts", token=token)
+    with session_scope() as s:
+        shown = summaries_for(session=s, conversation_ids=[conv])[conv]
+        merged = s.scalar(select(func.count()).select_from(Summary).where(Summary.merged_into == top))
+    assert [(x.id, x.level, x.text) for x in shown] == [(top, 1, "all four parts")]
+    assert merged == 4
+    assert (shown[0].first_seq, shown[0].last_seq) == (merge.first_seq, merge.last_seq)
+
+
+# --- extraction's store step and the prompt ------------------------------------------------------
+
+
+def _answer(*facts: tuple[str, int]) -> list[ExtractedFact]:
+    """The facts of a model's answer under the extraction schema."""
+    body = [{"subject": "Rowan", "kind": "player", "text": t, "importance": i} for t, i in facts]
+    parsed = parse_facts(json.dumps({"facts": body}))
+    assert parsed is not None
+    return parsed
+
+
+def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        first = store_extracted(
+            session=s, conversation=conv, facts=_answer(("Rowan has a sister called Mira.", 8)), source="t:1"
+        )
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        second = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(
+                ("Rowan has a sister named Mira.", 8),  # a paraphrase: a duplicate
+                ("Rowan has no sister; Mira is his cousin.", 8),  # close but other: supersedes
+                ("Rowan is afraid of the dark.", 3),  # new
+            ),
+            source="t:2",
+        )
+        rows = s.scalars(select(Fact).where(Fact.player_id == player).order_by(Fact.id)).all()
+        facts = [(r.text, r.superseded_by is not None, r.scope.value, r.scope_ref) for r in rows]
+    assert first == {"added": 1, "duplicate": 0, "superseded": 0}
+    assert second == {"added": 1, "duplicate": 1, "superseded": 1}
+    assert facts == [
+        ("Rowan has a sister called Mira.", True, "conversation", str(conv_id)),  # history kept
+        ("Rowan has no sister; Mira is his cousin.", False, "conversation", str(conv_id)),
+        ("Rowan is afraid of the dark.", False, "conversation", str(conv_id)),
+    ]
+    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') is None  # outside the schema
+    assert parse_facts("not json") is None
+
+
+def _card() -> Character:
+    return Character(
+        slug="elara",
+        name="Elara",
+        language="en",
+        description="Innkeeper.",
+        personality="",
+        scenario="",
+        speech_style="",
+        example_dialogues=[],
+        first_message="",
+        system_prompt="You are {{char}}.",
+        post_history_instructions="",
+    )
+
+
+def _hit(i: int, text: str, importance: float = 0.5) -> FactHit:
+    return FactHit(i, "player", "Rowan", text, "game", "met", importance, 0.8, 1.0)
+
+
+def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_budget(tokenizer) -> None:
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    context = TurnContext(
+        recent=[HistoryLine(300, "user", "Hello again.", 300)],
+        summaries=[SummaryLine(7, 1, 1, 280, "Rowan told Elara his sister Mira went missing at the mill.")],
+        facts=[_hit(i, f"Fact number {i} about Rowan's travels along the river.") for i in range(1, 9)],
+    )
+    item = PromptInput(_card(), "Rowan", "What do you know about me?", context, 32, memory_tokens=120)
+    built = builder.build(item)
+    manifest = built.manifest
+    assert [(s["id"], s["first_seq"], s["last_seq"]) for s in manifest["summary"]] == [(7, 1, 280)]
+    assert manifest["summary"][0]["tokens"] > 0 and manifest["sections"]["summary"] > 0
+    kept = [f["id"] for f in manifest["facts"]]
+    assert kept and kept == sorted(kept)  # best first, as retrieved
+    assert all(f["tokens"] > 0 and f["source"] == "game" for f in manifest["facts"])
+    memory_tokens = manifest["sections"]["summary"] + manifest["sections"]["facts"]
+    assert memory_tokens <= 120
+    left_out = [d for d in manifest["dropped"] if d["kind"] == "fact"]
+    assert left_out and all(d["reason"] == "memory token budget" for d in left_out)
+    assert {d["id"] for d in left_out} | set(kept) == set(range(1, 9))
+    assert "Mira went missing at the mill" in built.text and "[What Elara knows]" in built.text
+    assert sum(manifest["sections"].values()) == len(built.token_ids)
+
+    unlimited = builder.build(PromptInput(_card(), "Rowan", "What do you know about me?", context, 32))
+    assert len(unlimited.manifest["facts"]) == 8

@@ -1,0 +1,145 @@
+"""Facts over HTTP and the CLI: a key reads and writes only its own tenant's facts about a player;
+bad input is a 4xx naming the field, nothing half-stored.
+
+Keys from tests/conftest.py: `game-a` (INGEST_KEY) and `game-b` (HASHED_INGEST_KEY) are ingest keys
+of two tenants."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import httpx
+import pytest
+
+from core.settings import settings
+from db.session import session_scope
+from db.world import find_characters, upsert_conversations
+from scripts.cli import main as cli
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY
+
+A = {"X-API-Key": INGEST_KEY}
+B = {"X-API-Key": HASHED_INGEST_KEY}
+
+
+def _tenant(name: str) -> str:
+    return next(k for k in settings.api_keys if k.name == name).tenant_id
+
+
+def _conversation(tenant: str, player: str) -> str:
+    external = f"facts-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        char_id = find_characters(session=s, slugs=["elara"])["elara"]
+        row = {"external_id": external, "player_id": player, "player_name": "Rowan", "character_id": char_id}
+        upsert_conversations(session=s, rows=[row], tenant=tenant)
+    return external
+
+
+def _facts(base_url: str, headers: dict[str, str], player: str, **params: str) -> list[dict]:
+    got = httpx.get(f"{base_url}/v1/players/{player}/facts", headers=headers, params=params)
+    assert got.status_code == 200, got.text
+    return got.json()["facts"]
+
+
+def test_another_key_can_neither_read_nor_write_a_players_facts(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    posted = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=A,
+        json={"facts": [{"text": "Rowan stole the innkeeper's ring.", "importance": 0.9}]},
+    )
+    assert posted.status_code == 201, posted.text
+    (fact,) = posted.json()["facts"]
+    assert (fact["source"], fact["scope"], fact["subject"]) == ("game", "met", player)
+
+    assert [f["id"] for f in _facts(base_url, A, player)] == [fact["id"]]
+    assert _facts(base_url, B, player) == []  # the same player id in another tenant is another player
+    moved = httpx.post(
+        f"{base_url}/v1/players/{player}/facts/{fact['id']}:move", headers=B, json={"scope": "world"}
+    )
+    assert moved.status_code == 404, moved.text
+    replaced = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=B,
+        json={"facts": [{"text": "Rowan is innocent.", "supersedes": fact["id"]}]},
+    )
+    assert replaced.status_code == 422 and replaced.json()["detail"][0]["field"] == "supersedes"
+    assert _facts(base_url, B, player) == []  # nothing half-stored
+    assert [f["superseded_by"] for f in _facts(base_url, A, player)] == [None]  # A's fact untouched
+
+
+def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    theirs = _conversation(_tenant("game-b"), player)
+    mine = _conversation(_tenant("game-a"), player)
+    refused = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=A,
+        json={
+            "facts": [
+                {"text": "fine", "scope": "conversation", "conversation": mine},
+                {"text": "Rowan owes the guard.", "scope": "conversation", "conversation": theirs},
+            ]
+        },
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == "facts[1].conversation"
+    assert _facts(base_url, A, player) == []  # all or none
+    ok = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=A,
+        json={"facts": [{"text": "Rowan owes the guard.", "scope": "conversation", "conversation": mine}]},
+    )
+    assert ok.status_code == 201, ok.text
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"facts": [{"text": "x", "importance": 2}]}, "facts[0].importance"),
+        ({"facts": [{"text": ""}]}, "facts[0].text"),
+        ({"facts": [{"text": "x", "scope": "galaxy"}]}, "facts[0].scope"),
+        ({"facts": [{"text": "x", "scope": "story"}]}, "story"),
+        ({"facts": []}, "facts"),
+    ],
+)
+def test_bad_facts_are_refused_naming_the_field(base_url, body: dict, field: str) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    refused = httpx.post(f"{base_url}/v1/players/{player}/facts", headers=A, json=body)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == field
+    assert _facts(base_url, A, player) == []
+
+
+def test_gossip_over_http_records_the_move(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    mine = _conversation(_tenant("game-a"), player)
+    (fact,) = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=A,
+        json={"facts": [{"text": "Rowan stole from me.", "scope": "conversation", "conversation": mine}]},
+    ).json()["facts"]
+    moved = httpx.post(
+        f"{base_url}/v1/players/{player}/facts/{fact['id']}:move",
+        headers=A,
+        json={"scope": "story", "story": "riverside", "told_by": "elara"},
+    )
+    assert moved.status_code == 200, moved.text
+    assert (moved.json()["fact"]["scope"], moved.json()["fact"]["scope_ref"]) == ("story", "riverside")
+    assert [(m["from_scope"], m["to_scope"], m["told_by"]) for m in moved.json()["moves"]] == [
+        ("conversation", "story", "elara")
+    ]
+
+
+def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    assert cli(["facts", "add", player, "Rowan's sister is called Mira.", "--importance", "0.8"]) == 0
+    fact_id = int(capsys.readouterr().out.strip())
+    assert cli(["facts", "add", player, "Rowan's sister is called Lina.", "--supersedes", str(fact_id)]) == 0
+    capsys.readouterr()
+    assert cli(["facts", "list", player, "--history"]) == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [f["superseded_by"] for f in listed] == [listed[1]["id"], None]  # the history is kept
+    assert cli(["facts", "add", player, "x", "--scope", "conversation"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mlchat: conversation: required when scope is 'conversation'"
