@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import delete, select, text, update
+from sqlalchemy import bindparam, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Fact, Message, ReembedProgress, StoryEvent
@@ -58,10 +58,13 @@ def write_next(
     """Store the rows' next vectors, and the table's progress when `last_id` is given."""
     model, _ = SOURCES[table]
     if ids:
+        # By id alone (story_events' key is (id, story); its id is unique through the sequence).
+        rows = model.__table__
+        by_id = update(rows).where(rows.c.id == bindparam("row_id"))
         session.execute(
-            update(model),
+            by_id.values(embedding_next=bindparam("vector")),
             [
-                {"id": i, "embedding_next": np.asarray(v, dtype=np.float32)}
+                {"row_id": i, "vector": np.asarray(v, dtype=np.float32)}
                 for i, v in zip(ids, vectors, strict=True)
             ],
         )
