@@ -191,6 +191,10 @@ class Settings(BaseSettings):
     hnsw_ef_search: int = Field(default=64, ge=1, le=1000)  # story-event search breadth (recall vs speed)
     max_message_chars: int = Field(default=4000, ge=1)
 
+    # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
+    structured_max_schema_bytes: int = Field(default=32_768, ge=256)
+    structured_max_actions: int = Field(default=32, ge=1, le=256)
+
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another
     # seed, when quality_regenerate is on; the better-scoring of the two is kept and both scores stored.
     quality_regenerate: bool = False

@@ -517,6 +517,7 @@ class TurnOutcome:
     quality: dict[str, Any] | None = None
     alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
     adapter: str | None = None  # the LoRA that answered ("slug@vN"), None for the base model
+    structured: Any = None  # the structured reply, parsed (None for free text)
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -609,6 +610,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 quality=o.quality,
                 alternatives=o.alternatives,
                 adapter=o.adapter,
+                structured=o.structured,
                 error=None,
                 error_code=None,
                 user_message_id=inserted[o.turn_id].get(Role.USER),

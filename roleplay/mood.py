@@ -86,6 +86,17 @@ class MoodUpdate:
         }
 
 
+def chosen_emotion(update: MoodUpdate, emotion: str) -> MoodUpdate:
+    """The update with the emotion the model chose in a structured reply (affinity stays the
+    classifier's: it reads the player's message, not the reply)."""
+    if emotion not in EMOTIONS:
+        raise ValueError(f"emotion {emotion!r} is not one of {EMOTIONS}")
+    notes = [n for n in update.notes if not n.startswith("emotion unchanged")]
+    notes.append(f"emotion {emotion}: chosen by the model in its structured reply")
+    after = Mood(emotion, update.after.affinity)
+    return MoodUpdate(update.before, after, update.emotion_scores, update.tone, notes)
+
+
 class MoodClassifier:
     """Prototype vectors, embedded once per process with the worker's embedder."""
 

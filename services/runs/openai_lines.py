@@ -150,8 +150,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         body = _Body.model_validate(body_dict)
     except ValidationError as exc:
         raise ValueError(_first_error(exc, "body.")) from None
-    if body.response_format not in (None, {"type": "text"}):
-        raise ValueError("body.response_format: only text replies (type 'text') are supported")
+    if body.response_format is not None and body.response_format.get("type") in ("regex", "choice"):
+        raise ValueError("body.response_format.type: OpenAI's are text, json_object and json_schema")
     if body.modalities not in (None, ["text"]):
         raise ValueError("body.modalities: only text replies are supported")
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
@@ -174,6 +174,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     }
     if body.n is not None and body.n > 1:  # n candidates (best of n), every one returned as a choice
         params["n"] = body.n
+    if body.response_format is not None:  # checked as the run line's params (structured/spec.py)
+        params["response_format"] = body.response_format
     run_line: dict[str, Any] = {
         "custom_id": line.custom_id,
         "character": character,

@@ -45,6 +45,7 @@ class PromptInput:
     speaker: str = "character"  # or "narrator"
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
     direction: str | None = None  # the line's direction for the scene, after the persona
+    actions: str | None = None  # the NPC reply shape and its actions (worker/structured.py)
 
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
@@ -134,6 +135,8 @@ class PromptBuilder:
         if item.direction:  # after the persona, so the persona stays a shared, cached prefix
             text = "[Scene direction]\n" + fill_macros(item.direction, char, user)
             persona = [*persona, ("direction", None, clean(text))]
+        if item.actions and not narrator:
+            persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )
