@@ -332,7 +332,7 @@ class Turn(Base):
     adapter: Mapped[str | None] = mapped_column(String(100))  # "<slug>@v<version>" of the LoRA that answered
     # A structured reply, parsed: the JSON value of a json_schema/json_object turn, or an NPC reply
     # {"say", "emotion", "action"} (whose `say` is `reply`). None for free text.
-    structured: Mapped[Any] = mapped_column(JSONB(none_as_null=True))
+    structured: Mapped[Any] = mapped_column(JSONB(none_as_null=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)

@@ -3,7 +3,8 @@
 Writes bench/results.json (each section with the machine it ran on) and bench/throughput.png.
 Sections: enqueue, retrieval, generation (the pipeline), engine (the engine loop), quality (the
 gate, sampling defaults, best of n), lora (serving an adapter against the base model), streaming
-(live turns as SSE through an API process: first delta, delivery, 200 readers); `--only` picks
+(live turns as SSE through an API process: first delta, delivery, 200 readers), structured
+(guided decoding: schema validity of NPC replies, their cost, the grammar's compile time); `--only` picks
 some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
@@ -32,7 +33,7 @@ import platform  # noqa: E402
 import time  # noqa: E402
 from typing import Any  # noqa: E402
 
-SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming")
+SECTIONS = ("enqueue", "retrieval", "generation", "engine", "quality", "lora", "streaming", "structured")
 
 
 def machine() -> dict[str, Any]:
@@ -131,6 +132,10 @@ def _run(section: str, quick: bool) -> dict[str, Any]:
                 probes=2, bulk_turns=16, readers=20, reader_bulk_turns=16, max_new_tokens=16
             )
         return measure_streaming()
+    if section == "structured":
+        from scripts.bench_structured import measure_structured
+
+        return measure_structured(lines=32, turns=16) if quick else measure_structured()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

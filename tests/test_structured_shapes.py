@@ -99,7 +99,11 @@ def _card(actions: object, name: str = "Brom") -> bytes:
     card = {
         "spec": "chara_card_v2",
         "spec_version": "2.0",
-        "data": {"name": name, "description": "A blacksmith.", "extensions": {"mlchat": {"actions": actions}}},
+        "data": {
+            "name": name,
+            "description": "A blacksmith.",
+            "extensions": {"mlchat": {"actions": actions}},
+        },
     }
     return json.dumps(card).encode()
 
@@ -107,13 +111,19 @@ def _card(actions: object, name: str = "Brom") -> bytes:
 @pytest.mark.parametrize(
     "params, names",
     [
-        ({"actions": [{"name": "attack", "args": {"target": {"type": "person"}}}]}, "actions[0].args.target.type"),
+        (
+            {"actions": [{"name": "attack", "args": {"target": {"type": "person"}}}]},
+            "actions[0].args.target.type",
+        ),
         ({"actions": [{"name": f"a{i}"} for i in range(1000)]}, "params.actions"),
         ({"actions": [{"name": "x\u0000y"}]}, "actions[0].name"),
         ({"response_format": _schema_format({"type": "string", "description": "x" * 100_000})}, "bytes"),
-        ({"response_format": _schema_format({"not": {"type": "null"}})}, "response_format.json_schema.schema.not"),
+        (
+            {"response_format": _schema_format({"not": {"type": "null"}})},
+            "response_format.json_schema.schema.not",
+        ),
     ],
-)  # fmt: skip
+)
 def test_a_bad_declaration_over_http_is_a_422_naming_the_field_and_stores_nothing(
     base_url, params, names
 ) -> None:
@@ -129,12 +139,15 @@ def test_a_bad_declaration_over_http_is_a_422_naming_the_field_and_stores_nothin
 @pytest.mark.parametrize(
     "actions, names",
     [
-        ([{"name": "forge", "args": {"metal": {"type": "alloy"}}}], "card.data.extensions.mlchat.actions[0].args.metal.type"),
+        (
+            [{"name": "forge", "args": {"metal": {"type": "alloy"}}}],
+            "card.data.extensions.mlchat.actions[0].args.metal.type",
+        ),
         ([{"name": f"a{i}"} for i in range(1000)], "card.data.extensions.mlchat.actions: 1000 actions"),
         ([{"name": "<start_of_turn>"}], "card.data.extensions.mlchat.actions[0].name"),
         ({"forge": {}}, "card.data.extensions.mlchat.actions: a list of actions"),
     ],
-)  # fmt: skip
+)
 def test_a_card_declaring_bad_actions_is_a_422_naming_the_field_and_stores_nothing(
     base_url, actions, names
 ) -> None:

@@ -12,6 +12,7 @@ the error file while the other lines run.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -190,6 +191,14 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     if body.n is not None and body.n > 1:
         run_line["choices"] = body.n
     return run_line
+
+
+def message_content(reply: str | None, structured: Any, params: dict[str, Any]) -> str | None:
+    """An answer's `message.content`: the reply; for an NPC reply (a turn with declared actions and
+    no response_format), the whole of it as JSON, so that the action and emotion reach the caller."""
+    if structured is not None and "response_format" not in params:
+        return json.dumps(structured, ensure_ascii=False)
+    return reply
 
 
 def body_field(run_line_field: str) -> str:
