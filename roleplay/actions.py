@@ -38,7 +38,7 @@ class ArgSpec(BaseModel):
         default=None, min_length=1, max_length=MAX_ENUM
     )
 
-    def schema(self) -> dict[str, Any]:
+    def json_schema(self) -> dict[str, Any]:
         """This argument's JSON schema."""
         if self.enum is not None:
             if self.type != "string":
@@ -58,7 +58,7 @@ class Action(BaseModel):
     description: Description = ""
     args: dict[Name, ArgSpec] = Field(default_factory=dict, max_length=MAX_ARGS)
 
-    def schema(self) -> dict[str, Any]:
+    def json_schema(self) -> dict[str, Any]:
         """The action's JSON schema: its name as a constant, and every argument required."""
         return {
             "type": "object",
@@ -66,7 +66,7 @@ class Action(BaseModel):
                 "name": {"const": self.name},
                 "args": {
                     "type": "object",
-                    "properties": {name: arg.schema() for name, arg in self.args.items()},
+                    "properties": {name: arg.json_schema() for name, arg in self.args.items()},
                     "required": list(self.args),
                     "additionalProperties": False,
                 },
@@ -130,7 +130,7 @@ def reply_schema(actions: list[Action], say_max_chars: int = SAY_MAX_CHARS) -> d
         "properties": {
             "say": {"type": "string", "minLength": 1, "maxLength": say_max_chars},
             "emotion": {"enum": list(EMOTIONS)},
-            "action": {"anyOf": [{"type": "null"}, *(a.schema() for a in actions)]},
+            "action": {"anyOf": [{"type": "null"}, *(a.json_schema() for a in actions)]},
         },
         "required": ["say", "emotion", "action"],
         "additionalProperties": False,
