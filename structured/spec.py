@@ -269,7 +269,8 @@ def structured_outputs_for(
     if sum(given) != 1:
         raise ValueError("give exactly one of json_schema, json_object, regex, choice")
     # No free whitespace between JSON tokens: a small model otherwise can pad a reply with blank
-    # lines until max_tokens cuts it.
+    # lines until max_tokens cuts it (the engine sets the same, worker/engine.py: vLLM's xgrammar
+    # backend reads the engine's setting, its guidance backend the request's).
     if json_schema is not None:
         return StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
     if json_object:

@@ -38,7 +38,7 @@ def test_a_batch_of_json_schema_json_object_and_text_lines_through_the_openai_cl
         for i in range(4)
     ]
     lines += [
-        openai_line(f"object-{i}", ask, response_format={"type": "json_object"}, max_completion_tokens=64)
+        openai_line(f"object-{i}", ask, response_format={"type": "json_object"}, max_completion_tokens=128)
         for i in range(2)
     ]
     lines += [openai_line("text-0", ask, response_format={"type": "text"}, max_completion_tokens=16)]
@@ -56,16 +56,12 @@ def test_a_batch_of_json_schema_json_object_and_text_lines_through_the_openai_cl
     assert done.status == "completed", done
     output = {x["custom_id"]: x for x in _jsonl(client, done.output_file_id)}
     errors = {x["custom_id"]: x for x in _jsonl(client, done.error_file_id)}
-    assert set(output) == {
-        "schema-0",
-        "schema-1",
-        "schema-2",
-        "schema-3",
-        "object-0",
-        "object-1",
-        "text-0",
-        "plain-0",
-    }
+    # A bounded schema always closes in its budget; an open JSON object may not, on a 135M model:
+    # such a line is answered in the error file with its code, never with content that does not parse.
+    cut = {c for c in errors if c.startswith("object")}
+    assert all(errors[c]["response"]["body"]["error"]["code"] == "structured_reply_cut" for c in cut), errors
+    expected = {"schema-0", "schema-1", "schema-2", "schema-3", "object-0", "object-1", "text-0", "plain-0"}
+    assert set(output) | cut == expected and not set(output) & cut
     for custom_id, line in output.items():
         content = line["response"]["body"]["choices"][0]["message"]["content"]
         assert line["response"]["status_code"] == 200 and content
@@ -74,7 +70,7 @@ def test_a_batch_of_json_schema_json_object_and_text_lines_through_the_openai_cl
         elif custom_id.startswith("object"):
             assert isinstance(json.loads(content), dict), content
 
-    assert set(errors) == {"refused-0", "refused-1"}
+    assert set(errors) - cut == {"refused-0", "refused-1"}
     refused = errors["refused-0"]["response"]["body"]["error"]
     assert errors["refused-0"]["response"]["status_code"] == 400
     assert "body.response_format" in refused["message"]

@@ -163,6 +163,10 @@ def get_engine() -> LoadedEngine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.engine_seed,
+        # Structured replies (worker/structured.py) get no free whitespace between JSON tokens: a
+        # small model otherwise pads a reply with blank lines until max_tokens cuts it. vLLM's
+        # xgrammar backend reads this engine-wide setting, not the request's own flag.
+        structured_outputs_config={"disable_any_whitespace": True},
         **scheduling,
         **lora,
     )

@@ -31,7 +31,11 @@ ExportFormat = Literal["native", "openai"]
 # OpenAI's error codes for requests a batch never ran.
 _OPENAI_CODES = {"expired": "batch_expired"}
 # Failures that were the request's fault (answered 400); every other failure is the server's (500).
-_REQUEST_FAULTS = {TurnErrorCode.PROMPT_TOO_LONG.value, "invalid_request"}
+_REQUEST_FAULTS = {
+    TurnErrorCode.PROMPT_TOO_LONG.value,
+    TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
+    "invalid_request",
+}
 
 
 def export_run(
