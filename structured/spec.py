@@ -60,6 +60,8 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
     within the size limit; SchemaRefused naming `where` and the place inside it otherwise."""
     if not isinstance(schema, dict):
         raise SchemaRefused(f"{where}: a JSON Schema object is expected")
+    if _nesting(schema) > MAX_DEPTH:
+        raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
     size = len(json.dumps(schema, ensure_ascii=False).encode())
     if size > settings.structured_max_schema_bytes:
         raise SchemaRefused(
@@ -82,6 +84,22 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
     return schema
 
 
+def _nesting(value: Any) -> int:
+    """How deep objects and arrays nest (without recursion: a deep one must not exhaust the stack)."""
+    depth, level = 0, [value]
+    while level:
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        depth += 1
+        if depth > MAX_DEPTH + 1:
+            break
+    return depth - 1
+
+
 def _check_enforced(node: Any, where: str, *, depth: int) -> None:
     if depth > MAX_DEPTH:
         raise SchemaRefused(f"{where}: nested deeper than {MAX_DEPTH} levels")
@@ -101,6 +119,12 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             raise SchemaRefused(f"{place}: allOf with more than one schema is not supported")
         if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
             raise SchemaRefused(f"{place}: only references inside the schema ('#...') are supported")
+        if (
+            key == "patternProperties"
+            and isinstance(value, dict)
+            and (len(value) > 1 or "properties" in node)
+        ):
+            raise SchemaRefused(f"{place}: only one pattern, and not beside properties, is supported")
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
         if key in ("enum", "const", "default", "examples", "description", "title", "$comment"):

@@ -165,8 +165,9 @@ def get_engine() -> LoadedEngine:
         seed=settings.engine_seed,
         # Structured replies (worker/structured.py) get no free whitespace between JSON tokens: a
         # small model otherwise pads a reply with blank lines until max_tokens cuts it. vLLM's
-        # xgrammar backend reads this engine-wide setting, not the request's own flag.
-        structured_outputs_config={"disable_any_whitespace": True},
+        # xgrammar backend reads this engine-wide setting (not the request's flag), and takes it
+        # only with the backend named; structured/spec.py refuses what xgrammar does not enforce.
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         **scheduling,
         **lora,
     )
