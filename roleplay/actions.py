@@ -21,7 +21,7 @@ NAME_PATTERN = r"^[a-z][a-z0-9_]{0,47}$"
 MAX_ARGS = 8
 MAX_ENUM = 64
 SAY_MAX_CHARS = 600  # the spoken line's limit in the schema (a reply is a few sentences)
-ARG_MAX_CHARS = 80  # a free string argument's limit (an item, a target's name)
+ARG_MAX_CHARS = 40  # a free string argument's limit (an item, a target's name)
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 Description = Annotated[str, StringConstraints(max_length=300, pattern=r"^[^\x00-\x1f\x7f-\x9f<>{}\[\]]*$")]
@@ -97,7 +97,10 @@ def check_actions(value: Any, where: str) -> list[Action]:
         actions = _ACTIONS.validate_python(value)
     except ValidationError as exc:
         first = exc.errors()[0]
-        place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" if p.isidentifier() else f"[{p!r}]" for p in first["loc"])
+        place = "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" if p.isidentifier() else f"[{p!r}]"
+            for p in first["loc"]
+        )
         raise ValueError(f"{where}{place}: {first['msg']}") from None
     names = [a.name for a in actions]
     for i, name in enumerate(names):

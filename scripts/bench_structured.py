@@ -59,7 +59,7 @@ def validity(lines: int) -> dict[str, Any]:
     """The share of action-declaring turns whose stored reply parses and validates."""
     from jsonschema import Draft202012Validator
 
-    from worker.structured import npc_shape
+    from worker.structured import npc_shape, say_chars
 
     views, seconds = _answer(_requests(lines, "structured-valid", lambda i: True))
     actions: Counter[str] = Counter()
@@ -71,7 +71,7 @@ def validity(lines: int) -> dict[str, Any]:
             codes[view.error_code or str(view.status)] += 1
             continue
         max_new = view.params["max_new_tokens"]
-        shape = npc_shape(json.dumps(view.params["actions"], sort_keys=True), min(600, 3 * max_new))
+        shape = npc_shape(json.dumps(view.params["actions"], sort_keys=True), say_chars(max_new))
         if not list(Draft202012Validator(shape.schema).iter_errors(view.structured)):
             valid += 1 if view.reply == view.structured["say"] else 0
         action = view.structured["action"]
@@ -116,11 +116,13 @@ def grammar_compile() -> dict[str, Any]:
 
     from roleplay.actions import Action, reply_schema
     from worker.engine import get_engine
+    from worker.structured import say_chars
 
     loaded = get_engine()
     info = xgrammar.TokenizerInfo.from_huggingface(loaded.tokenizer)
     compiler = xgrammar.GrammarCompiler(info, cache_enabled=True)
-    schema = json.dumps(reply_schema([Action.model_validate(a) for a in ACTIONS], 144), sort_keys=True)
+    actions = [Action.model_validate(a) for a in ACTIONS]
+    schema = json.dumps(reply_schema(actions, say_chars(MAX_NEW_TOKENS)), sort_keys=True)
     times = []
     for _ in range(2):
         started = time.perf_counter()

@@ -384,7 +384,7 @@ def _prepare(
                 turn.player_name,
                 turn.message,
                 ctx,
-                turn.params["max_new_tokens"] + (shape.extra_tokens if shape else 0),
+                shape.max_tokens(turn.params["max_new_tokens"]) if shape else turn.params["max_new_tokens"],
                 mood=Mood(turn.emotion, turn.affinity),
                 speaker=turn.speaker,
                 system_prompt=turn.params.get("system_prompt"),
@@ -640,7 +640,7 @@ def _request(
         token_ids=prompt.token_ids,
         temperature=p["temperature"],
         top_p=p["top_p"],
-        max_tokens=p["max_new_tokens"] + (shape.extra_tokens if shape else 0),
+        max_tokens=shape.max_tokens(p["max_new_tokens"]) if shape else p["max_new_tokens"],
         seed=p["seed"],
         # The grammar ends a structured reply; the format's turn markers could cut it inside a string.
         stop=tuple(p.get("stop") or ()) + (() if shape else prompt.stop),

@@ -17,7 +17,7 @@ from structured.spec import outputs_of, structured_outputs_for
 from worker.engine_loop import Generation
 
 NPC = "npc"
-# Tokens an NPC reply needs beyond its spoken line: the keys, the emotion, `null` or an action's name.
+# Tokens an NPC reply needs beyond its spoken line and its action: the keys and the emotion.
 NPC_OVERHEAD_TOKENS = 32
 
 
@@ -30,7 +30,13 @@ class ReplyShape:
     schema: dict[str, Any] | None = None  # checked against each reply (json_schema, npc)
     choices: tuple[str, ...] = ()
     actions: tuple[Action, ...] = ()
-    extra_tokens: int = 0  # added to max_new_tokens so the JSON around the spoken line can close
+    # The fewest tokens the engine may generate for it: an NPC reply's spoken line at one token a
+    # character, with room for the JSON around it, so that guided decoding can always close it.
+    token_budget: int = 0
+
+    def max_tokens(self, max_new_tokens: int) -> int:
+        """The engine's max_tokens for a turn asking for max_new_tokens."""
+        return max(max_new_tokens, self.token_budget)
 
 
 class BadStructuredReply(Exception):
@@ -57,7 +63,7 @@ def shape_of(
         actions = declared_actions(character)
     if actions is None:
         return None
-    return npc_shape(json.dumps(actions, sort_keys=True), _say_chars(max_new_tokens))
+    return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens))
 
 
 # {character id: (version, its declared actions as canonical JSON, or None)}: the card is read once
@@ -78,9 +84,12 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     return cached[1]
 
 
-def _say_chars(max_new_tokens: int) -> int:
-    # About three characters a token: a spoken line of this length fits the turn's own budget.
-    return max(16, min(SAY_MAX_CHARS, 3 * max_new_tokens))
+def say_chars(max_new_tokens: int) -> int:
+    """The spoken line's length limit in an NPC reply's schema, for a turn asking max_new_tokens."""
+    # About three characters a token, so the line is as long as the turn asked; rounded up to a
+    # power of two of tokens, so a handful of schemas (each compiled once by vLLM) serve all turns.
+    bucket = 1 << max(max_new_tokens - 1, 1).bit_length()
+    return max(16, min(SAY_MAX_CHARS, 3 * bucket))
 
 
 @lru_cache(maxsize=256)
@@ -90,7 +99,8 @@ def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
     actions = tuple(Action.model_validate(a) for a in json.loads(actions_json))
     schema = reply_schema(list(actions), say_chars)
     arg_tokens = max(
-        (sum(ARG_MAX_CHARS // 2 if a.type == "string" and not a.enum else 8 for a in x.args.values())
+        (len(x.name) + sum(len(n) + (ARG_MAX_CHARS if a.type == "string" and not a.enum else 24)
+                           for n, a in x.args.items())
          for x in actions),
         default=0,
     )  # fmt: skip
@@ -99,7 +109,7 @@ def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
         outputs=structured_outputs_for(json_schema=schema),
         schema=schema,
         actions=actions,
-        extra_tokens=NPC_OVERHEAD_TOKENS + arg_tokens,
+        token_budget=say_chars + NPC_OVERHEAD_TOKENS + arg_tokens,
     )
 
 
