@@ -49,7 +49,7 @@ def _turn(message: str, **params: object) -> dict:
 def test_one_engine_call_answers_structured_and_free_text_turns_together(engine) -> None:
     schema_format = {"type": "json_schema", "json_schema": {"name": "offer", "schema": ITEM_SCHEMA}}
     requests = [
-        _turn("What would you sell me?", response_format=schema_format),
+        _turn("What would you sell me?", response_format=schema_format, max_new_tokens=96),
         _turn("Describe yourself as JSON.", response_format={"type": "json_object"}, max_new_tokens=160),
         _turn("Will you help me?", response_format={"type": "choice", "choice": ["yes", "no", "maybe"]}),
         _turn("I need a weapon, friend.", actions=[GIVE, ATTACK]),
