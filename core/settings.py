@@ -213,6 +213,9 @@ class Settings(BaseSettings):
     memory_fact_dedup_similarity: float = Field(default=0.97, gt=0, le=1)
     memory_fact_supersede_similarity: float = Field(default=0.8, gt=0, le=1)
     memory_job_lease_s: float = Field(default=600.0, gt=0)
+    # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
+    structured_max_schema_bytes: int = Field(default=32_768, ge=256)
+    structured_max_actions: int = Field(default=32, ge=1, le=256)
 
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another
     # seed, when quality_regenerate is on; the better-scoring of the two is kept and both scores stored.

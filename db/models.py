@@ -89,6 +89,10 @@ class TurnErrorCode(enum.StrEnum):
     ADAPTER_ERROR = "adapter_error"  # naming its character's LoRA adapter to the engine
     INVALID_PARAMS = "invalid_params"  # vLLM refused its sampling parameters
     JUDGE_ERROR = "judge_error"  # scoring its reply or updating the mood
+    # A structured reply that did not close before max_tokens (raise max_new_tokens), or, which
+    # guided decoding rules out, one that does not parse or match its schema: never stored as valid.
+    STRUCTURED_REPLY_CUT = "structured_reply_cut"
+    INVALID_STRUCTURED_REPLY = "invalid_structured_reply"
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
     # Waited past MLCHAT_ORDER_WAIT_LIMIT_S for an earlier turn of its conversation (the error names it).
     BLOCKED_BY_EARLIER_TURN = "blocked_by_earlier_turn"
@@ -423,6 +427,9 @@ class Turn(Base):
     # Best of n: the candidates not kept, each {text, seed, finish_reason, quality}.
     alternatives: Mapped[list[Any] | None] = mapped_column(JSONB(none_as_null=True))
     adapter: Mapped[str | None] = mapped_column(String(100))  # "<slug>@v<version>" of the LoRA that answered
+    # A structured reply, parsed: the JSON value of a json_schema/json_object turn, or an NPC reply
+    # {"say", "emotion", "action"} (whose `say` is `reply`). None for free text.
+    structured: Mapped[Any] = mapped_column(JSONB(none_as_null=True), nullable=True)
     error: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(32))  # a TurnErrorCode
     api_key: Mapped[str | None] = mapped_column(String(64))  # the HTTP key that enqueued it (its id)

@@ -594,6 +594,7 @@ class TurnOutcome:
     # A group conversation's reply: the member who spoke (its name as spoken, its own mood).
     speaker_id: int | None = None
     speaker_name: str | None = None
+    structured: Any = None  # the structured reply, parsed (None for free text)
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
@@ -695,6 +696,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 quality=o.quality,
                 alternatives=o.alternatives,
                 adapter=o.adapter,
+                structured=o.structured,
                 error=None,
                 error_code=None,
                 user_message_id=inserted[o.turn_id].get(Role.USER),

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from roleplay import png_text
+from roleplay.actions import CARD_ACTIONS, card_actions, check_actions
 
 SPECS = {"chara_card_v2": "2.0", "chara_card_v3": "3.0"}
 PNG_KEYWORD = {"chara_card_v2": "chara", "chara_card_v3": "ccv3"}
@@ -123,6 +124,12 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
             raise CardError(f"card.data.{name} must be a list of strings")
     if "extensions" in data and not isinstance(data["extensions"], dict):
         raise CardError("card.data.extensions must be an object")
+    actions = card_actions(card)
+    if actions is not None:
+        try:
+            check_actions(actions, CARD_ACTIONS)
+        except ValueError as exc:
+            raise CardError(str(exc)) from None
     book = data.get("character_book")
     lorebook = lorebook_from_card_book(book) if book is not None else None
     return ImportedCard(card, spec, _character_fields(data), lorebook)

@@ -1,9 +1,10 @@
 """The character's mood toward the player: one emotion from a fixed set, and a bounded affinity.
 
-The default model (135M parameters) cannot emit schema-valid JSON reliably, so the update comes from
-a classifier that can: the sentence embedder the worker already runs. The reply's emotion is the
-nearest emotion prototype (when it is near enough); affinity moves with how friendly or hostile the
-player's message reads. Both are computed from vectors the batch has anyway, so they cost no model call.
+A free-text reply's update comes from a classifier: the sentence embedder the worker already runs
+(an NPC reply, generated under a schema, names its own emotion: `chosen_emotion`). The reply's
+emotion is the nearest emotion prototype (when it is near enough); affinity moves with how friendly
+or hostile the player's message reads. Both are computed from vectors the batch has anyway, so they
+cost no model call.
 An update the classifier is not sure of leaves the state as it was, and says why.
 """
 
@@ -84,6 +85,17 @@ class MoodUpdate:
             "tone": round(self.tone, 4),
             "notes": self.notes,
         }
+
+
+def chosen_emotion(update: MoodUpdate, emotion: str) -> MoodUpdate:
+    """The update with the emotion the model chose in a structured reply (affinity stays the
+    classifier's: it reads the player's message, not the reply)."""
+    if emotion not in EMOTIONS:
+        raise ValueError(f"emotion {emotion!r} is not one of {EMOTIONS}")
+    notes = [n for n in update.notes if not n.startswith("emotion unchanged")]
+    notes.append(f"emotion {emotion}: chosen by the model in its structured reply")
+    after = Mood(emotion, update.after.affinity)
+    return MoodUpdate(update.before, after, update.emotion_scores, update.tone, notes)
 
 
 class MoodClassifier:

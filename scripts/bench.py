@@ -8,7 +8,8 @@ engine busy share, wall time against the same number of independent turns), flee
 simulator, scripts/fleet_simulator.py: 1, 2, 4, 8 worker processes with a stand-in engine against
 the one PostgreSQL and Redis), memory (needle recall with summaries and facts against retrieval
 alone, prompt tokens, live latency while memory jobs run; scaled down to this machine, and said
-so); `--only` picks some, `--quick` shrinks them for a smoke run
+so), structured (guided decoding: schema validity of NPC replies, their cost, the
+grammar's compile time); `--only` picks some, `--quick` shrinks them for a smoke run
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
 On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
@@ -47,6 +48,7 @@ SECTIONS = (
     "scenes",
     "fleet",
     "memory",
+    "structured",
 )
 
 
@@ -166,6 +168,10 @@ def _run(section: str, quick: bool, retrieval_messages: int = 1_000_000) -> dict
         from scripts.bench_memory import measure_memory
 
         return measure_memory(conversations=2, turns=120, probes_live=2) if quick else measure_memory()
+    if section == "structured":
+        from scripts.bench_structured import measure_structured
+
+        return measure_structured(lines=32, turns=16) if quick else measure_structured()
     if section == "engine":
         from scripts.bench_engine import measure_engine
 

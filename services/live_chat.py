@@ -21,7 +21,7 @@ from db.session import session_scope
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
-from services.runs.openai_lines import ENDPOINT, LineOptions, to_run_line
+from services.runs.openai_lines import ENDPOINT, LineOptions, message_content, to_run_line
 from services.schemas import GenerationParams, Text, TurnRequest
 
 CONVERSATION_HEADER = "X-Mlchat-Conversation"
@@ -143,7 +143,11 @@ def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": view.reply, "refusal": None},
+                "message": {
+                    "role": "assistant",
+                    "content": message_content(view.reply, view.structured, view.params),
+                    "refusal": None,
+                },
                 "logprobs": None,
                 "finish_reason": _finish_reason(usage),
             }

@@ -76,6 +76,7 @@ class TurnView(BaseModel):
     quality: dict[str, Any] | None
     alternatives: list[dict[str, Any]] | None = None  # best of n: the candidates not kept
     adapter: str | None = None  # the LoRA that answered ("slug@vN"); None: the base model
+    structured: Any = None  # a structured reply, parsed: JSON, or an NPC's {say, emotion, action}
     created_at: datetime
     finished_at: datetime | None
 

@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import settings
+from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
+from structured.spec import check_response_format
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
@@ -54,6 +56,29 @@ class GenerationParams(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=INT4_MAX)
     # Best of n: candidates generated (seeds seed, seed+1, …), the one the quality gate ranks first kept.
     n: int | None = Field(default=None, ge=1, le=8)
+    # A structured reply (structured/spec.py): JSON schema, JSON object, regex or choice; "text" also
+    # turns off the character's declared actions for this turn.
+    response_format: dict[str, Any] | None = None
+    # NPC actions for this turn (roleplay/actions.py), in place of the character's declared ones.
+    actions: list[dict[str, Any]] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _format_enforceable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else check_response_format(value)
+
+    @field_validator("actions")
+    @classmethod
+    def _actions_declared_well(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value is None:
+            return None
+        return [a.model_dump(exclude_defaults=True) for a in check_actions(value, "actions")]
+
+    @model_validator(mode="after")
+    def _one_reply_shape(self) -> GenerationParams:
+        if self.actions is not None and self.response_format is not None:
+            raise ValueError("actions: a turn with actions has the NPC reply shape; drop response_format")
+        return self
 
     @field_validator("max_new_tokens")
     @classmethod
@@ -75,7 +100,17 @@ class GenerationParams(BaseModel):
                 name: getattr(settings, name) if getattr(self, name) is None else getattr(self, name)
                 for name in SAMPLING_CONTROLS
             },
+            **self._shape(),
         )
+
+    def _shape(self) -> dict[str, Any]:
+        """The reply shape keys, only when set (turns stored before them keep their params)."""
+        shape: dict[str, Any] = {}
+        if self.response_format is not None:
+            shape["response_format"] = self.response_format
+        if self.actions is not None:
+            shape["actions"] = self.actions
+        return shape
 
 
 # Unicode category Cc (C0 and C1 controls, DEL) except tab and newline.
@@ -148,6 +183,12 @@ class TurnRequest(BaseModel):
         return value
 
     @model_validator(mode="after")
+    def _narrator_does_not_act(self) -> TurnRequest:
+        if self.speaker == "narrator" and self.params.actions is not None:
+            raise ValueError("params.actions: the narrator does not act; actions are for the character")
+        return self
+
+    @model_validator(mode="after")
     def _streams_one_candidate(self) -> TurnRequest:
         if self.stream and (self.params.n or 1) > 1:
             raise ValueError("stream: a streamed turn generates one candidate; leave params.n at 1")
@@ -164,6 +205,10 @@ class TurnRequest(BaseModel):
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
         skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
         body = self.model_dump(exclude=skip, mode="json")
+        # The reply shape counts only when set, so fingerprints stored before it existed still match.
+        for name in ("response_format", "actions"):
+            if body["params"].get(name) is None:
+                body["params"].pop(name, None)
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -6,6 +6,7 @@ Every batch submits its requests to the one engine loop and gets each result the
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import multiprocessing.util
@@ -76,6 +77,9 @@ class GenerationRequest:
     adapter: Adapter | None = None  # the character's LoRA; None: the base model
     alone: bool = False  # run in an otherwise empty engine (it was inside one that died)
     stream: tuple[uuid.UUID, uuid.UUID] | None = None  # (turn id, claim token): whose stream gets the text
+    # Guided decoding: vLLM's StructuredOutputsParams (structured.spec.structured_outputs_for).
+    structured_outputs: Any = None
+    reply_shape: Any = None  # worker/structured.py's ReplyShape: how the reply is read; None: free text
 
 
 @dataclass
@@ -159,6 +163,11 @@ def get_engine() -> LoadedEngine:
         gpu_memory_utilization=settings.gpu_memory_utilization,
         enable_prefix_caching=settings.enable_prefix_caching,
         seed=settings.engine_seed,
+        # Structured replies (worker/structured.py) get no free whitespace between JSON tokens: a
+        # small model otherwise pads a reply with blank lines until max_tokens cuts it. vLLM's
+        # xgrammar backend reads this engine-wide setting (not the request's flag), and takes it
+        # only with the backend named; structured/spec.py refuses what xgrammar does not enforce.
+        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         **scheduling,
         **lora,
     )
@@ -247,6 +256,8 @@ def lora_request(adapter: Adapter | None) -> Any:
 def sampling_params(request: GenerationRequest) -> Any:
     from vllm import SamplingParams
 
+    # A copy per request: vLLM rewrites the object it is given (its backend, a choice's grammar).
+    guided = copy.copy(request.structured_outputs)
     return SamplingParams(
         temperature=request.temperature,
         top_p=request.top_p,
@@ -254,6 +265,7 @@ def sampling_params(request: GenerationRequest) -> Any:
         seed=request.seed,
         stop=list(request.stop) or None,
         skip_special_tokens=True,
+        **({"structured_outputs": guided} if guided is not None else {}),
         **request.controls,
     )
 

@@ -54,6 +54,7 @@ class Generation:
     completion_tokens: int
     finish_reason: str | None
     seconds: float = 0.0  # from admission to the last token
+    structured: Any = None  # a structured reply, parsed (worker/structured.py); None for free text
 
 
 @dataclass

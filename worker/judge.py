@@ -16,12 +16,13 @@ from core.settings import settings
 from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
-from roleplay.mood import Mood, MoodClassifier, MoodUpdate
+from roleplay.mood import Mood, MoodClassifier, MoodUpdate, chosen_emotion
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Generation, GenerationRequest
 from worker.prompt import BuiltPrompt
+from worker.structured import BadStructuredReply, read_reply
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,9 @@ def _judge(
     mood = None
     if turn.speaker != "narrator":
         mood = mood_classifier().update(Mood(turn.emotion, turn.affinity), message_vec, reply_vec)
+        emotion = gen.structured.get("emotion") if isinstance(gen.structured, dict) else None
+        if isinstance(emotion, str):  # an NPC reply names its emotion: the model's choice moves the mood
+            mood = chosen_emotion(mood, emotion)
     return Verdict(mood, verdict, seed)
 
 
@@ -149,7 +153,7 @@ def regenerate_weak(
     if not weak:
         return judged
     retry = [_next_seed(requests[judged[i][0].id], judged[i][0]) for i in weak]
-    results = engine_module.generate(retry)
+    results = [_read(q, r) for q, r in zip(retry, engine_module.generate(retry), strict=True)]
     fresh = [
         (i, r, q)
         for i, r, q in zip(weak, results, retry, strict=True)
@@ -194,15 +198,26 @@ def regenerate_weak(
     return out
 
 
+def _read(request: GenerationRequest, result: Generation | Exception) -> Generation | Exception:
+    """A regenerated reply as the turn would keep it (a structured one that does not read is dropped)."""
+    if not isinstance(result, Generation) or not result.text:
+        return result
+    try:
+        return read_reply(request.reply_shape, result)
+    except BadStructuredReply as exc:
+        return exc
+
+
 def _alternative(gen: Generation, verdict: Verdict) -> dict[str, Any]:
     """A candidate that was not kept, as stored: what a writer (or an OpenAI choice) needs of it."""
-    return {
+    kept = {
         "text": gen.text,
         "seed": verdict.seed,
         "finish_reason": gen.finish_reason,
         "completion_tokens": gen.completion_tokens,
         "quality": verdict.quality,
     }
+    return kept if gen.structured is None else {**kept, "structured": gen.structured}
 
 
 def _next_seed(request: GenerationRequest, turn: ClaimedTurn) -> GenerationRequest:

@@ -55,6 +55,7 @@ from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import StageTimer
+from worker.structured import BadStructuredReply, ReplyShape, actions_prompt, read_reply, shape_of
 
 logger = logging.getLogger(__name__)
 batch_log = logging.getLogger("mlchat.batch")  # one JSON object per line, one line per batch
@@ -384,6 +385,8 @@ def _prepare(
     turn: ClaimedTurn, ctx: Any, builder: PromptBuilder, priority: int, token: uuid.UUID
 ) -> Prepared:
     """Build one turn's prompt and engine requests; raises PromptTooLong or the failing stage's TurnFault."""
+    with _stage("reading the reply shape", TurnErrorCode.INVALID_PARAMS):
+        shape = shape_of(turn.params, turn.character, speaker=turn.speaker)
     with _stage("building the prompt", TurnErrorCode.PROMPT_ERROR):
         prompt = builder.build(
             PromptInput(
@@ -391,20 +394,21 @@ def _prepare(
                 turn.player_name,
                 turn.message,
                 ctx,
-                turn.params["max_new_tokens"],
+                shape.max_tokens(turn.params["max_new_tokens"]) if shape else turn.params["max_new_tokens"],
                 mood=Mood(turn.emotion, turn.affinity),
                 speaker=turn.speaker,
                 system_prompt=turn.params.get("system_prompt"),
                 direction=turn.params.get("direction"),
                 group=turn.group,
                 memory_tokens=settings.memory_budget_tokens,
+                actions=actions_prompt(shape, "{{char}}"),
             )
         )
     with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
         adapter = adapter_of(turn.character)
         lora = engine_module.lora_request(adapter)
     with _stage("checking the sampling parameters", TurnErrorCode.INVALID_PARAMS):
-        request = _request(turn, prompt, priority, adapter, token)
+        request = _request(turn, prompt, priority, adapter, token, shape)
         # Best of n: n requests per turn that differ only in their seed; the engine's prefix cache
         # computes their shared prompt once.
         candidates = candidate_requests(request, turn.params.get("n", 1))
@@ -455,9 +459,12 @@ def _finish_group(
     for turn in group:
         if turn.id in broken:
             continue
-        made = [(seed, gen) for seed, gen in results[turn.id] if gen.text]
+        generated = [(seed, gen) for seed, gen in results[turn.id] if gen.text]
+        made, bad = _read_replies(requests[turn.id], generated)
         if made:
             answered.append((turn, made))
+        elif bad is not None:
+            report.failed[turn.id] = Failure(str(bad), bad.code)
         else:
             reasons = sorted({gen.finish_reason or "none" for _, gen in results[turn.id]})
             report.failed[turn.id] = Failure(
@@ -505,6 +512,7 @@ def _finish_group(
                 quality=verdict.quality,
                 speaker_id=turn.character.id if _member_speaks(turn) else None,
                 speaker_name=turn.character.name if _member_speaks(turn) else None,
+                structured=gen.structured,
             )
         )
     newly_failed = {t: f for t, f in report.failed.items() if t not in failed_before}
@@ -532,6 +540,20 @@ def _finish_group(
     for stage, ms in group_timer.ms.items():
         timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
     return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
+
+
+def _read_replies(
+    request: GenerationRequest, made: list[tuple[int, Any]]
+) -> tuple[list[tuple[int, Any]], BadStructuredReply | None]:
+    """A turn's candidates as it keeps them (worker/structured.py): those that read, and the first
+    reason one did not (every candidate of a structured turn is schema-valid, or it is not kept)."""
+    kept, bad = [], None
+    for seed, gen in made:
+        try:
+            kept.append((seed, read_reply(request.reply_shape, gen)))
+        except BadStructuredReply as exc:
+            bad = bad or exc
+    return kept, bad
 
 
 def _judge_each(
@@ -628,7 +650,12 @@ def _call_back(turn_ids: Sequence[uuid.UUID]) -> None:
 
 
 def _request(
-    turn: ClaimedTurn, prompt: BuiltPrompt, priority: int, adapter: Adapter | None, token: uuid.UUID
+    turn: ClaimedTurn,
+    prompt: BuiltPrompt,
+    priority: int,
+    adapter: Adapter | None,
+    token: uuid.UUID,
+    shape: ReplyShape | None = None,
 ) -> GenerationRequest:
     p = turn.params
     return GenerationRequest(
@@ -636,13 +663,16 @@ def _request(
         token_ids=prompt.token_ids,
         temperature=p["temperature"],
         top_p=p["top_p"],
-        max_tokens=p["max_new_tokens"],
+        max_tokens=shape.max_tokens(p["max_new_tokens"]) if shape else p["max_new_tokens"],
         seed=p["seed"],
-        stop=tuple(p.get("stop") or ()) + prompt.stop,
+        # The grammar ends a structured reply; the format's turn markers could cut it inside a string.
+        stop=tuple(p.get("stop") or ()) + (() if shape else prompt.stop),
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone
         stream=(turn.id, token) if _streamed(turn) else None,
+        structured_outputs=shape.outputs if shape else None,
+        reply_shape=shape,
     )
 
 

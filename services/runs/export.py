@@ -1,6 +1,7 @@
 """Export a run's replies and errors, in input order and keyed by custom_id, in one of two shapes:
 
-- native: `{"custom_id", "turn_id", "status", "reply", "usage", "seed", "timings", "quality", "state"}`;
+- native: `{"custom_id", "turn_id", "status", "reply", "usage", "seed", "timings", "quality", "state"}`,
+  and `structured` for a structured reply (an NPC reply's say, emotion and action);
 - openai: the OpenAI Batch API's output lines, `{"id", "custom_id", "response": {"status_code",
   "request_id", "body": chat.completion}, "error": null}`; a request that ran (or was refused) and
   failed has `response: {"status_code": 4xx/5xx, "body": {"error": {...}}}` as OpenAI writes it, and
@@ -23,13 +24,18 @@ from db.models import Run, Turn, TurnErrorCode, TurnStatus
 from db.runs import iter_run_turns, run_refusals
 from db.session import session_scope
 from services.runs.control import require_run
+from services.runs.openai_lines import message_content
 
 ExportFormat = Literal["native", "openai"]
 
 # OpenAI's error codes for requests a batch never ran.
 _OPENAI_CODES = {"expired": "batch_expired"}
 # Failures that were the request's fault (answered 400); every other failure is the server's (500).
-_REQUEST_FAULTS = {TurnErrorCode.PROMPT_TOO_LONG.value, "invalid_request"}
+_REQUEST_FAULTS = {
+    TurnErrorCode.PROMPT_TOO_LONG.value,
+    TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
+    "invalid_request",
+}
 
 
 def export_run(
@@ -108,15 +114,19 @@ def _native_base(turn: Turn) -> dict[str, Any]:
 
 
 def _native_ok(turn: Turn, run: Run) -> dict[str, Any]:
-    return _native_base(turn) | {
-        "reply": turn.reply,
-        "usage": turn.usage,
-        "seed": turn.params.get("seed"),
-        "timings": turn.timings,
-        "quality": turn.quality,
-        "state": turn.state,
-        "adapter": turn.adapter,
-    }
+    return (
+        _native_base(turn)
+        | {
+            "reply": turn.reply,
+            "usage": turn.usage,
+            "seed": turn.params.get("seed"),
+            "timings": turn.timings,
+            "quality": turn.quality,
+            "state": turn.state,
+            "adapter": turn.adapter,
+        }
+        | ({"structured": turn.structured} if turn.structured is not None else {})
+    )
 
 
 def _native_with_alternatives(turn: Turn, run: Run) -> dict[str, Any]:
@@ -135,14 +145,22 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
     choices = [
         {
             "index": 0,
-            "message": {"role": "assistant", "content": turn.reply, "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": message_content(turn.reply, turn.structured, turn.params),
+                "refusal": None,
+            },
             "logprobs": None,
             "finish_reason": usage.get("finish_reason") or "stop",
         }
     ] + [
         {
             "index": i,
-            "message": {"role": "assistant", "content": alt["text"], "refusal": None},
+            "message": {
+                "role": "assistant",
+                "content": message_content(alt["text"], alt.get("structured"), turn.params),
+                "refusal": None,
+            },
             "logprobs": None,
             "finish_reason": alt.get("finish_reason") or "stop",
         }

@@ -12,6 +12,7 @@ the error file while the other lines run.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -150,8 +151,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         body = _Body.model_validate(body_dict)
     except ValidationError as exc:
         raise ValueError(_first_error(exc, "body.")) from None
-    if body.response_format not in (None, {"type": "text"}):
-        raise ValueError("body.response_format: only text replies (type 'text') are supported")
+    if body.response_format is not None and body.response_format.get("type") in ("regex", "choice"):
+        raise ValueError("body.response_format.type: OpenAI's are text, json_object and json_schema")
     if body.modalities not in (None, ["text"]):
         raise ValueError("body.modalities: only text replies are supported")
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
@@ -174,6 +175,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     }
     if body.n is not None and body.n > 1:  # n candidates (best of n), every one returned as a choice
         params["n"] = body.n
+    if body.response_format is not None:  # checked as the run line's params (structured/spec.py)
+        params["response_format"] = body.response_format
     run_line: dict[str, Any] = {
         "custom_id": line.custom_id,
         "character": character,
@@ -188,6 +191,14 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     if body.n is not None and body.n > 1:
         run_line["choices"] = body.n
     return run_line
+
+
+def message_content(reply: str | None, structured: Any, params: dict[str, Any]) -> str | None:
+    """An answer's `message.content`: the reply; for an NPC reply (a turn with declared actions and
+    no response_format), the whole of it as JSON, so that the action and emotion reach the caller."""
+    if structured is not None and "response_format" not in params:
+        return json.dumps(structured, ensure_ascii=False)
+    return reply
 
 
 def body_field(run_line_field: str) -> str:

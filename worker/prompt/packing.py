@@ -49,6 +49,7 @@ class PromptInput:
     direction: str | None = None  # the line's direction for the scene, after the persona
     group: Any = None  # a group conversation's GroupView (db/scenes.py): premise and members' names
     memory_tokens: int | None = None  # at most this many tokens of summaries and facts (None: no cap)
+    actions: str | None = None  # the NPC reply shape and its actions (worker/structured.py)
 
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
@@ -151,6 +152,8 @@ class PromptBuilder:
             scene = f"[Scene]\n{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
             persona = [*persona, ("scene", None, clean(scene))]
             message = f"{user}: {message}" if message else f"[{char} speaks next.]"
+        if item.actions and not narrator:
+            persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )

@@ -1,0 +1,304 @@
+"""A turn's response format, checked before it is stored, and the guided-decoding parameters vLLM
+gets for it.
+
+Every schema is checked twice up front: it must be a valid JSON Schema (Draft 2020-12), and the
+grammar backend must enforce all of it. xgrammar (vLLM's default backend) refuses some features with
+an error and silently ignores others (`not`, `if`/`then`, `uniqueItems`, ...), which would make a
+reply "valid" against a grammar but not against the schema. Both kinds are refused here, naming
+the keyword's place in the schema, so a turn never fails at generation for its schema.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from core.settings import settings
+
+# Keywords whose constraint the grammar would not enforce (the reply could break the schema), or
+# that reach outside the schema. `format` is checked on its own (a few formats are enforced).
+_UNENFORCED = {
+    "not": "negation",
+    "if": "conditional schemas",
+    "then": "conditional schemas",
+    "else": "conditional schemas",
+    "dependentRequired": "dependent properties",
+    "dependentSchemas": "dependent schemas",
+    "dependencies": "dependent properties",
+    "unevaluatedProperties": "unevaluated properties",
+    "unevaluatedItems": "unevaluated items",
+    "uniqueItems": "unique items",
+    "contains": "contains",
+    "minContains": "contains",
+    "maxContains": "contains",
+    "multipleOf": "multipleOf",
+    "propertyNames": "property name schemas",
+    "$dynamicRef": "dynamic references",
+    "$recursiveRef": "dynamic references",
+}
+_FORMATS = {
+    "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
+    "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
+}  # fmt: skip
+# Keywords whose value is a map of names to schemas (the names are not keywords).
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+MAX_DEPTH = 32
+MAX_CHOICES = 256
+MAX_PATTERN_CHARS = 2000
+
+
+class SchemaRefused(ValueError):
+    """A schema (or regex) that cannot be enforced; the message names the place at fault."""
+
+
+def check_schema(schema: Any, where: str) -> dict[str, Any]:
+    """The schema if it is a valid Draft 2020-12 JSON Schema that the grammar enforces in full and
+    within the size limit; SchemaRefused naming `where` and the place inside it otherwise."""
+    if not isinstance(schema, dict):
+        raise SchemaRefused(f"{where}: a JSON Schema object is expected")
+    if _nesting(schema) > MAX_DEPTH:
+        raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
+    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    if size > settings.structured_max_schema_bytes:
+        raise SchemaRefused(
+            f"{where}: {size} bytes; the limit is {settings.structured_max_schema_bytes} "
+            "(MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
+        )
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        place = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
+        raise SchemaRefused(f"{where}{place}: not a valid JSON Schema: {exc.message}") from None
+    _check_enforced(schema, where, depth=0)
+    try:
+        _compile_json_schema(json.dumps(schema, sort_keys=True))
+    except Exception as exc:
+        raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+    return schema
+
+
+def _nesting(value: Any) -> int:
+    """How deep objects and arrays nest (without recursion: a deep one must not exhaust the stack)."""
+    depth, level = 0, [value]
+    while level:
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        depth += 1
+        if depth > MAX_DEPTH + 1:
+            break
+    return depth - 1
+
+
+def _check_enforced(node: Any, where: str, *, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise SchemaRefused(f"{where}: nested deeper than {MAX_DEPTH} levels")
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _check_enforced(item, f"{where}[{i}]", depth=depth + 1)
+        return
+    if not isinstance(node, dict):
+        return
+    for key, value in node.items():
+        place = f"{where}.{key}"
+        if key in _UNENFORCED:
+            raise SchemaRefused(f"{place}: {_UNENFORCED[key]} is not supported in a structured reply")
+        if key == "format" and value not in _FORMATS:
+            raise SchemaRefused(f"{place}: format {value!r} is not supported; one of {sorted(_FORMATS)}")
+        if key == "allOf" and isinstance(value, list) and len(value) > 1:
+            raise SchemaRefused(f"{place}: allOf with more than one schema is not supported")
+        if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
+            raise SchemaRefused(f"{place}: only references inside the schema ('#...') are supported")
+        if (
+            key == "patternProperties"
+            and isinstance(value, dict)
+            and (len(value) > 1 or "properties" in node)
+        ):
+            raise SchemaRefused(f"{place}: only one pattern, and not beside properties, is supported")
+        if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
+            raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
+        if key in ("enum", "const", "default", "examples", "description", "title", "$comment"):
+            continue  # values, not schemas
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            for name, sub in value.items():
+                _check_enforced(sub, f"{place}.{name}", depth=depth + 1)
+        else:
+            _check_enforced(value, place, depth=depth + 1)
+
+
+def check_regex(pattern: str, where: str) -> str:
+    """The pattern if the grammar backend compiles it; SchemaRefused naming `where` otherwise."""
+    if "\x00" in pattern:
+        raise SchemaRefused(f"{where}: contains a NUL character")
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise SchemaRefused(f"{where}: {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
+    try:
+        _compile_regex(pattern)
+    except Exception as exc:
+        raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+    return pattern
+
+
+def _backend_message(exc: BaseException) -> str:
+    # xgrammar's errors start with "[time] /project/cpp/file.cc:line: "; the rest is the reason.
+    return re.sub(r"^\[[^\]]*\]\s*\S+:\d+:\s*", "", str(exc).strip())[:300]
+
+
+@cache
+def _xgrammar() -> Any:
+    import xgrammar
+
+    return xgrammar
+
+
+def _compile_json_schema(schema_json: str) -> Any:
+    # vLLM asks xgrammar for the same grammar (strict, no free whitespace: see structured_outputs).
+    return _xgrammar().Grammar.from_json_schema(schema_json, any_whitespace=False, strict_mode=True)
+
+
+def _compile_regex(pattern: str) -> Any:
+    return _xgrammar().Grammar.from_regex(pattern)
+
+
+# --- The request shapes: OpenAI's response_format, plus mlchat's regex and choice. ---
+
+
+class _JsonSchemaSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(default="reply", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(default=None, max_length=2000)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    """`{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`: a reply valid against it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_schema"]
+    json_schema: _JsonSchemaSpec
+
+
+class JsonObjectFormat(BaseModel):
+    """`{"type": "json_object"}`: any JSON object."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object"]
+
+
+class TextFormat(BaseModel):
+    """`{"type": "text"}`: free text (the default; also turns off a character's declared actions)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+
+
+class RegexFormat(BaseModel):
+    """`{"type": "regex", "regex": "..."}`: a reply the whole of which matches the pattern."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["regex"]
+    regex: str = Field(min_length=1)
+
+
+class ChoiceFormat(BaseModel):
+    """`{"type": "choice", "choice": [...]}`: the reply is exactly one of the strings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["choice"]
+    choice: list[Annotated[str, Field(min_length=1, max_length=500)]] = Field(
+        min_length=1, max_length=MAX_CHOICES
+    )
+
+
+_FORMAT_TYPES: dict[str, type[BaseModel]] = {
+    "text": TextFormat,
+    "json_object": JsonObjectFormat,
+    "json_schema": JsonSchemaFormat,
+    "regex": RegexFormat,
+    "choice": ChoiceFormat,
+}
+
+
+def check_response_format(value: Any, where: str = "response_format") -> dict[str, Any]:
+    """A response format as stored on the turn (OpenAI's shape; mlchat adds regex and choice);
+    SchemaRefused naming `where` and the place inside it when it cannot be enforced."""
+    if not isinstance(value, dict):
+        raise SchemaRefused(f"{where}: an object with a type is expected")
+    kind = value.get("type")
+    model = _FORMAT_TYPES.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        raise SchemaRefused(f"{where}.type: {kind!r}; one of {sorted(_FORMAT_TYPES)}")
+    try:
+        parsed = model.model_validate(value)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        place = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        raise SchemaRefused(f"{where}{place}: {first['msg']}") from None
+    if isinstance(parsed, JsonSchemaFormat):
+        check_schema(parsed.json_schema.schema_, f"{where}.json_schema.schema")
+    elif isinstance(parsed, RegexFormat):
+        check_regex(parsed.regex, f"{where}.regex")
+    elif isinstance(parsed, ChoiceFormat):
+        if len(set(parsed.choice)) != len(parsed.choice):
+            raise SchemaRefused(f"{where}.choice: the strings must be distinct")
+        if any("\x00" in c for c in parsed.choice):
+            raise SchemaRefused(f"{where}.choice: a NUL character")
+    return parsed.model_dump(by_alias=True, exclude_none=True)
+
+
+def outputs_of(response_format: dict[str, Any]) -> Any:
+    """vLLM's StructuredOutputsParams for a stored response format; None for text."""
+    kind = response_format["type"]
+    if kind == "json_schema":
+        return structured_outputs_for(json_schema=response_format["json_schema"]["schema"])
+    if kind == "json_object":
+        return structured_outputs_for(json_object=True)
+    if kind == "regex":
+        return structured_outputs_for(regex=response_format["regex"])
+    if kind == "choice":
+        return structured_outputs_for(choice=response_format["choice"])
+    return None
+
+
+def structured_outputs_for(
+    *,
+    json_schema: dict[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+) -> Any:
+    """vLLM's StructuredOutputsParams for one of a JSON schema, any JSON object, a regex or a choice
+    list (give exactly one): pass it as `GenerationRequest.structured_outputs`. Check a schema from
+    outside first with `check_schema`."""
+    from vllm.sampling_params import StructuredOutputsParams
+
+    given = [json_schema is not None, json_object, regex is not None, choice is not None]
+    if sum(given) != 1:
+        raise ValueError("give exactly one of json_schema, json_object, regex, choice")
+    # No free whitespace between JSON tokens: a small model otherwise can pad a reply with blank
+    # lines until max_tokens cuts it (the engine sets the same, worker/engine.py: vLLM's xgrammar
+    # backend reads the engine's setting, its guidance backend the request's).
+    if json_schema is not None:
+        return StructuredOutputsParams(json=json_schema, disable_any_whitespace=True)
+    if json_object:
+        return StructuredOutputsParams(json_object=True, disable_any_whitespace=True)
+    if regex is not None:
+        return StructuredOutputsParams(regex=regex)
+    return StructuredOutputsParams(choice=list(choice or []))

@@ -1,0 +1,175 @@
+"""A turn's reply shape in the worker: what vLLM's guided decoding gets for it, what the prompt says
+of it, and how a finished reply is read (parsed and checked against its schema; an NPC reply's
+`say` becomes the reply text that history, embeddings and the quality gate see)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from db.models import Character, TurnErrorCode
+from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
+from roleplay.mood import EMOTIONS
+from structured.spec import outputs_of, structured_outputs_for
+from worker.engine_loop import Generation
+
+NPC = "npc"
+# Tokens an NPC reply needs beyond its spoken line and its action: the keys and the emotion.
+NPC_OVERHEAD_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class ReplyShape:
+    """How one turn's reply is generated and read."""
+
+    kind: str  # json_schema, json_object, regex, choice, or npc
+    outputs: Any  # vLLM's StructuredOutputsParams
+    schema: dict[str, Any] | None = None  # checked against each reply (json_schema, npc)
+    choices: tuple[str, ...] = ()
+    actions: tuple[Action, ...] = ()
+    # The fewest tokens the engine may generate for it: an NPC reply's spoken line at one token a
+    # character, with room for the JSON around it, so that guided decoding can always close it.
+    token_budget: int = 0
+
+    def max_tokens(self, max_new_tokens: int) -> int:
+        """The engine's max_tokens for a turn asking for max_new_tokens."""
+        return max(max_new_tokens, self.token_budget)
+
+
+class BadStructuredReply(Exception):
+    """A reply that does not parse or validate (max_tokens cut it, or a stop string did)."""
+
+    def __init__(self, message: str, code: TurnErrorCode) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def shape_of(
+    params: dict[str, Any], character: Character, *, speaker: str = "character"
+) -> ReplyShape | None:
+    """The turn's reply shape: its response_format, else its own actions, else the character's
+    declared ones (an NPC reply: never the narrator's); None for free text."""
+    max_new_tokens = int(params["max_new_tokens"])
+    fmt = params.get("response_format")
+    if fmt is not None:
+        return None if fmt["type"] == "text" else _format_shape(json.dumps(fmt, sort_keys=True))
+    if speaker == "narrator":  # the narrator has no mood and does not act
+        return None
+    actions = params.get("actions")
+    if actions is None:
+        actions = declared_actions(character)
+    if actions is None:
+        return None
+    return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens))
+
+
+# {character id: (version, its declared actions as canonical JSON, or None)}: the card is read once
+# per version; a version bump (every upsert) reads it again, so a changed declaration takes effect
+# at the next turn, and its new schema is a new key in npc_shape's cache and in vLLM's grammar cache.
+_declared: dict[int, tuple[int, list[dict[str, Any]] | None]] = {}
+
+
+def declared_actions(character: Character) -> list[dict[str, Any]] | None:
+    """The character's declared actions (card extension), cached per character version."""
+    cached = _declared.get(character.id) if character.id is not None else None
+    if cached is None or cached[0] != character.version:
+        raw = card_actions(character.card)
+        actions = None if raw is None else [a.model_dump() for a in check_actions(raw, "actions")]
+        cached = (character.version, actions)
+        if character.id is not None:
+            _declared[character.id] = cached
+    return cached[1]
+
+
+def say_chars(max_new_tokens: int) -> int:
+    """The spoken line's length limit in an NPC reply's schema, for a turn asking max_new_tokens."""
+    # About three characters a token, so the line is as long as the turn asked; rounded up to a
+    # power of two of tokens, so a handful of schemas (each compiled once by vLLM) serve all turns.
+    bucket = 1 << max(max_new_tokens - 1, 1).bit_length()
+    return max(16, min(SAY_MAX_CHARS, 3 * bucket))
+
+
+@lru_cache(maxsize=256)
+def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
+    """The NPC reply shape for a declaration (canonical JSON): its schema and guided-decoding
+    parameters, built once per declaration."""
+    actions = tuple(Action.model_validate(a) for a in json.loads(actions_json))
+    schema = reply_schema(list(actions), say_chars)
+    arg_tokens = max(
+        (len(x.name) + sum(len(n) + (ARG_MAX_CHARS if a.type == "string" and not a.enum else 24)
+                           for n, a in x.args.items())
+         for x in actions),
+        default=0,
+    )  # fmt: skip
+    return ReplyShape(
+        kind=NPC,
+        outputs=structured_outputs_for(json_schema=schema),
+        schema=schema,
+        actions=actions,
+        token_budget=say_chars + NPC_OVERHEAD_TOKENS + arg_tokens,
+    )
+
+
+@lru_cache(maxsize=256)
+def _format_shape(fmt_json: str) -> ReplyShape:
+    fmt = json.loads(fmt_json)
+    schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else None
+    return ReplyShape(
+        kind=fmt["type"], outputs=outputs_of(fmt), schema=schema, choices=tuple(fmt.get("choice", ()))
+    )
+
+
+def actions_prompt(shape: ReplyShape | None, char: str) -> str | None:
+    """The prompt section that tells the model its reply shape and the actions it may take."""
+    if shape is None or shape.kind != NPC:
+        return None
+    lines = [
+        "[Actions]",
+        f'{char} answers in JSON: {{"say": what {char} says, "emotion": one of {", ".join(EMOTIONS)}, '
+        '"action": null, or one of the actions below as {"name": ..., "args": {...}}}.',
+    ]
+    lines += [f"- {a.signature()}" + (f": {a.description}" if a.description else "") for a in shape.actions]
+    if not shape.actions:
+        lines.append("(no actions: action is always null)")
+    return "\n".join(lines)
+
+
+def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
+    """The generation as the turn keeps it: for a JSON shape, parsed (`structured`) and checked
+    against its schema; an NPC reply's text becomes its `say`. BadStructuredReply if it does not
+    parse or validate: never stored as if it did."""
+    if shape is None or shape.kind == "regex":
+        return gen  # the grammar is the whole check of a regex reply
+    if shape.kind == "choice":
+        if gen.text not in shape.choices:
+            raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
+        return gen
+    try:
+        value = json.loads(gen.text)
+    except ValueError as exc:
+        raise _bad(gen, f"the reply is not JSON ({exc})") from None
+    if shape.kind == "json_object" and not isinstance(value, dict):
+        raise _bad(gen, "the reply is JSON but not an object")
+    if shape.schema is not None:
+        from jsonschema import Draft202012Validator
+
+        error = next(iter(Draft202012Validator(shape.schema).iter_errors(value)), None)
+        if error is not None:
+            raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
+    if shape.kind == NPC:
+        return dataclasses.replace(gen, text=value["say"], structured=value)
+    return dataclasses.replace(gen, structured=value)
+
+
+def _bad(gen: Generation, why: str) -> BadStructuredReply:
+    if gen.finish_reason == "length":
+        return BadStructuredReply(
+            f"max_tokens ended the structured reply before it closed ({gen.completion_tokens} tokens); "
+            "raise max_new_tokens",
+            TurnErrorCode.STRUCTURED_REPLY_CUT,
+        )
+    code = TurnErrorCode.INVALID_STRUCTURED_REPLY
+    return BadStructuredReply(f"{why} (finish_reason={gen.finish_reason})", code)
