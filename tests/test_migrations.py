@@ -112,6 +112,27 @@ def _story_event_rows(connection: Connection) -> list[tuple]:
     ).all()
 
 
+def _story_partitions_scanned(session: Session, *, story: str, vector: np.ndarray) -> int:
+    """How many story_events partitions the batch retrieval for one turn of `story` really scanned."""
+    from db.retrieval import _BATCH_CONTEXT_SQL, _HNSW_SETTINGS
+    from db.session import send_vectors_binary
+
+    send_vectors_binary(session)
+    session.execute(_HNSW_SETTINGS, {"ef_search": "64"})
+    params = dict(idx=[0], conv=[0], vec=[vector], story=[story], story_time=[4])
+    params |= dict(recent_n=4, history_k=2, story_k=3)
+    plan = session.execute(
+        text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_BATCH_CONTEXT_SQL.text}"), params
+    ).scalar_one()[0]["Plan"]
+    scanned, nodes = set(), [plan]
+    while nodes:  # a partition pruned at run time is in the plan with no loops ("never executed")
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name", "").startswith("story_events_p") and node.get("Actual Loops", 0) > 0:
+            scanned.add(node["Relation Name"])
+    return len(scanned)
+
+
 def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Connection) -> None:
     from db.retrieval import ContextQuery, fetch_batch_context
 
@@ -145,6 +166,26 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
         text("SELECT count(DISTINCT tableoid), count(*) FROM story_events WHERE story = 'saga-0'")
     ).one()
     assert tuple(placed) == (1, 20)  # one story, one partition (one graph)
+    homes = scratch_db.execute(
+        text("SELECT DISTINCT tableoid::regclass::text FROM story_events ORDER BY 1")
+    ).scalars()
+    assert all(home.startswith("story_events_p") for home in homes)  # no row left in a parent
+    partitions = set(
+        scratch_db.execute(
+            text(
+                "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'story_events'::regclass"
+            )
+        ).scalars()
+    )
+    with_graph = set(
+        scratch_db.execute(
+            text(
+                "SELECT tablename FROM pg_indexes WHERE tablename LIKE 'story_events_p%'"
+                " AND indexdef LIKE '%USING hnsw (embedding vector_cosine_ops)%'"
+            )
+        ).scalars()
+    )
+    assert len(partitions) == 32 and with_graph == partitions  # every partition has its own graph
     new_id = scratch_db.execute(
         text(
             "INSERT INTO story_events (story, ordinal, scene, time, text)"
@@ -166,6 +207,7 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
     assert ctx.events[0].text == "event 8" and ctx.events[0].score == pytest.approx(1.0, abs=1e-5)
     assert len(ctx.events) == 3
     assert all(hit.time <= 4 and int(hit.text.split()[1]) % 2 == 0 for hit in ctx.events)
+    assert _story_partitions_scanned(session, story="saga-0", vector=query) == 1
     session.rollback()
     scratch_db.execute(text("DELETE FROM story_events WHERE text = 'later'"))
     scratch_db.commit()
