@@ -217,3 +217,35 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
     assert "ix_story_events_embedding_hnsw" in {
         ix["name"] for ix in inspect(scratch_db).get_indexes("story_events")
     }
+
+
+def test_story_partitions_keep_every_column_and_have_statistics(scratch_db: Connection) -> None:
+    _run(scratch_db, "upgrade", "0012")
+    # a column some deployment (or a later-merged revision) added before 0014 must move with the rows
+    scratch_db.execute(text("ALTER TABLE story_events ADD COLUMN mood text DEFAULT 'calm'"))
+    scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text, mood)"
+            " VALUES ('saga-0', 0, 'inn', 0, 'a storm', 'grim'), ('saga-1', 0, 'inn', 0, 'a feast', DEFAULT)"
+        )
+    )
+    scratch_db.commit()
+
+    _run(scratch_db, "upgrade", "0014")
+    moods = scratch_db.execute(text("SELECT text, mood FROM story_events ORDER BY id")).all()
+    assert [tuple(row) for row in moods] == [("a storm", "grim"), ("a feast", "calm")]
+    added = scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text)"
+            " VALUES ('saga-0', 1, '', 0, 'x') RETURNING mood"
+        )
+    ).scalar_one()
+    assert added == "calm"  # its default moved too
+    # analysed in the migration: autovacuum never analyses a partitioned parent
+    analysed = scratch_db.execute(
+        text("SELECT count(*) FROM pg_stats WHERE tablename = 'story_events' AND attname = 'story'")
+    ).scalar_one()
+    assert analysed == 1
+    scratch_db.rollback()
+    _run(scratch_db, "downgrade", "0012")
+    assert "mood" in {c["name"] for c in inspect(scratch_db).get_columns("story_events")}
