@@ -115,7 +115,7 @@ def _story_event_rows(connection: Connection) -> list[tuple]:
 def _story_partitions_scanned(session: Session, *, story: str, vector: np.ndarray) -> int:
     """How many story_events partitions the batch retrieval for one turn of `story` really scanned."""
     from db.retrieval import _BATCH_CONTEXT_SQL, _HNSW_SETTINGS
-    from db.session import send_vectors_binary
+    from db.vectors import send_vectors_binary
 
     send_vectors_binary(session)
     session.execute(_HNSW_SETTINGS, {"ef_search": "64"})
