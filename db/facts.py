@@ -13,7 +13,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
-from db.session import send_vectors_binary
+from db.vectors import send_vectors_binary
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from db.session import send_vectors_binary
+from db.vectors import send_vectors_binary
 
 if TYPE_CHECKING:
     from db.facts import FactHit

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
 
-import numpy as np
 import psycopg
-from pgvector.psycopg import register_vector
-from pgvector.sqlalchemy import Vector
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -56,28 +52,3 @@ def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
     if not isinstance(raw, psycopg.Connection):
         raise TypeError(f"expected a psycopg 3 connection, got {type(raw).__name__}")
     return raw
-
-
-_vector_ready: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def send_vectors_binary(session: Session) -> None:
-    """Teach the session's psycopg connection pgvector's binary format (once per connection): 64
-    vectors as text cost milliseconds to format and parse."""
-    raw = psycopg_connection(session)
-    if raw not in _vector_ready:
-        register_vector(raw)
-        _vector_ready.add(raw)
-
-
-class BinaryVector(Vector):
-    """A vector parameter handed to psycopg as a float32 array, sent in pgvector's binary format;
-    only for statements whose session had send_vectors_binary."""
-
-    cache_ok = True
-
-    def bind_processor(self, dialect: Any) -> Any:
-        def process(value: Any) -> Any:
-            return None if value is None else np.asarray(value, dtype=np.float32)
-
-        return process

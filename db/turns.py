@@ -59,7 +59,7 @@ from db.models import (
 )
 from db.runs import advance_runs_of_turns
 from db.scenes import GroupView, group_views
-from db.session import BinaryVector, send_vectors_binary
+from db.vectors import binary_vector_param
 
 ERROR_CHARS = 2000
 
@@ -659,13 +659,12 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 )
             )
         next_seq[o.conversation_id] = seq + len(lines)
-    send_vectors_binary(session)
     columns = ("conversation_id", "seq", "role", "content", "turn_id", "speaker_id", "speaker_name")
     stmt = (
         insert(Message)
         .values(
             {c: bindparam(c) for c in columns}
-            | {"embedding": bindparam("embedding", type_=BinaryVector(Message.embedding.type.dim))}
+            | {"embedding": binary_vector_param(session, "embedding", Message.embedding.type.dim)}
         )
         .on_conflict_do_nothing(
             index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL")

@@ -404,6 +404,23 @@ def knee(points: list[dict[str, Any]], gain: float = 0.15) -> int | None:
     return None
 
 
+def refuse_configured_services() -> None:
+    """Exit with one line unless both services are the embedded ones: the simulator's stand-in
+    workers would answer real turns with canned lines, and its clean-up purges the model's queues."""
+    from core.settings import settings
+
+    named = [
+        name
+        for name, value in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url))
+        if value
+    ]
+    if named:
+        raise SystemExit(
+            f"fleet_simulator: {' and '.join(named)} set; it runs only on its own embedded services "
+            "(its stand-in workers take real turns and it purges the queues): unset them"
+        )
+
+
 def measure_fleet(
     workers: tuple[int, ...] = (1, 2, 4, 8),
     *,
@@ -416,6 +433,7 @@ def measure_fleet(
     reply_tokens: int = 48,
 ) -> dict[str, Any]:
     """Stored turns/s at each worker count, the services' CPU share, and the knee."""
+    refuse_configured_services()
     points = [
         measure_point(
             n,
@@ -460,6 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tpot-ms", type=float, default=H100_GPT_OSS_20B_TPOT_MS)
     parser.add_argument("--reply-tokens", type=int, default=48)
     args = parser.parse_args(argv)
+    if args.role == "drive":  # a worker is started by the driver, on the driver's embedded services
+        refuse_configured_services()
     # As scripts/bench.py: the benchmark's own embedded services, never the project's.
     os.environ.setdefault(
         "MLCHAT_STATE_DIR", str(Path(__file__).resolve().parent.parent / ".mlchat" / "bench")

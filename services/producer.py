@@ -142,7 +142,8 @@ def submit_turns(
     if unknown:
         raise TurnRejected(unknown)
     if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
-        fast, parsed[0] = _store_one_fast(
+        automatic_key = parsed[0].idempotency_key is None
+        fast, parsed[0], fast_raised = _store_one_fast(
             parsed[0],
             run_id=run_id,
             custom_id=custom_ids[0] if custom_ids else None,
@@ -153,15 +154,20 @@ def submit_turns(
             if send:
                 send_new_turns({fast.model: [fast.id]}, lane=lane)
             return [fast]
-    try:
-        stored, revived = _store_turns(
-            parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
-        )
-    except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
-        raise EnqueueError(
-            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
-            f"{exc.orig}"
-        ) from exc
+        if fast_raised:
+            return _store_after_lost_reply(
+                parsed[0],
+                automatic_key=automatic_key,
+                send=send,
+                lane=lane,
+                run_id=run_id,
+                custom_ids=custom_ids,
+                api_key=api_key,
+                tenant=tenant,
+            )
+    stored, revived = _store_or_raise(
+        parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
+    )
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
         return stored
     fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
@@ -170,6 +176,48 @@ def submit_turns(
             fresh.setdefault(turn.model, {})[turn.id] = None
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
     return stored
+
+
+def _store_after_lost_reply(
+    req: TurnRequest,
+    *,
+    automatic_key: bool,
+    send: bool,
+    lane: Lane,
+    run_id: uuid.UUID | None,
+    custom_ids: Sequence[str] | None,
+    api_key: str | None,
+    tenant: str,
+) -> list[StoredTurn]:
+    """The full path after the fast INSERT raised: that statement may have committed with its reply
+    lost, so the key it tried can already name its turn. A queued turn under that key is sent (a
+    second message is harmless: claims are exactly-once) and, when the key was the automatic one, is
+    reported created: no caller can have made it before."""
+    stored, _ = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+    turn = stored[0]
+    if automatic_key and turn.status == TurnStatus.QUEUED:
+        turn = replace(turn, created=True)
+    if send and turn.status == TurnStatus.QUEUED:  # new, revived, or committed unseen
+        send_new_turns({turn.model: [turn.id]}, lane=lane)
+    return [turn]
+
+
+def _store_or_raise(
+    parsed: Sequence[TurnRequest],
+    *,
+    run_id: uuid.UUID | None,
+    custom_ids: Sequence[str] | None,
+    api_key: str | None,
+    tenant: str,
+) -> tuple[list[StoredTurn], set[uuid.UUID]]:
+    """_store_turns, with a database outage as EnqueueError."""
+    try:
+        return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+    except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
+        raise EnqueueError(
+            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
+            f"{exc.orig}"
+        ) from exc
 
 
 def _store_turns(
@@ -270,11 +318,11 @@ def _new_turn(
 
 def _store_one_fast(
     req: TurnRequest, *, run_id: uuid.UUID | None, custom_id: str | None, api_key: str | None, tenant: str
-) -> tuple[StoredTurn | None, TurnRequest]:
+) -> tuple[StoredTurn | None, TurnRequest, bool]:
     """The common single enqueue (a known conversation, a fresh key) in one autocommitted statement.
-    Returns the new turn, or None when the full path must decide, with the request to give it: its
+    Returns the new turn, or None when the full path must decide, with the request to give it (its
     automatic idempotency key fixed, so a statement that committed but whose reply was lost is found
-    as a replay, never inserted twice."""
+    as a replay, never inserted twice) and whether the statement raised (its outcome unknown)."""
     turn = _new_turn(req, 0, run_id=run_id, custom_id=custom_id, api_key=api_key, tenant=tenant)
     keyed = req if req.idempotency_key else req.model_copy(update={"idempotency_key": turn.idempotency_key})
     try:
@@ -283,11 +331,12 @@ def _store_one_fast(
                 connection=connection, turn=turn, external_id=req.conversation, character=req.character
             )
     except OperationalError:
-        # A stale pooled connection (this path has no pre-ping) or an outage: the full path decides.
-        return None, keyed
+        # A stale pooled connection (this path has no pre-ping), an outage, or a reply lost after
+        # the commit: the full path decides.
+        return None, keyed, True
     if turn_id is None:
-        return None, keyed
-    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model), keyed
+        return None, keyed, False
+    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model), keyed, False
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:

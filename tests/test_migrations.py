@@ -112,6 +112,27 @@ def _story_event_rows(connection: Connection) -> list[tuple]:
     ).all()
 
 
+def _story_partitions_scanned(session: Session, *, story: str, vector: np.ndarray) -> int:
+    """How many story_events partitions the batch retrieval for one turn of `story` really scanned."""
+    from db.retrieval import _BATCH_CONTEXT_SQL, _HNSW_SETTINGS
+    from db.vectors import send_vectors_binary
+
+    send_vectors_binary(session)
+    session.execute(_HNSW_SETTINGS, {"ef_search": "64"})
+    params = dict(idx=[0], conv=[0], vec=[vector], story=[story], story_time=[4])
+    params |= dict(recent_n=4, history_k=2, story_k=3)
+    plan = session.execute(
+        text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_BATCH_CONTEXT_SQL.text}"), params
+    ).scalar_one()[0]["Plan"]
+    scanned, nodes = set(), [plan]
+    while nodes:  # a partition pruned at run time is in the plan with no loops ("never executed")
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name", "").startswith("story_events_p") and node.get("Actual Loops", 0) > 0:
+            scanned.add(node["Relation Name"])
+    return len(scanned)
+
+
 def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Connection) -> None:
     from db.retrieval import ContextQuery, fetch_batch_context
 
@@ -145,6 +166,26 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
         text("SELECT count(DISTINCT tableoid), count(*) FROM story_events WHERE story = 'saga-0'")
     ).one()
     assert tuple(placed) == (1, 20)  # one story, one partition (one graph)
+    homes = scratch_db.execute(
+        text("SELECT DISTINCT tableoid::regclass::text FROM story_events ORDER BY 1")
+    ).scalars()
+    assert all(home.startswith("story_events_p") for home in homes)  # no row left in a parent
+    partitions = set(
+        scratch_db.execute(
+            text(
+                "SELECT inhrelid::regclass::text FROM pg_inherits WHERE inhparent = 'story_events'::regclass"
+            )
+        ).scalars()
+    )
+    with_graph = set(
+        scratch_db.execute(
+            text(
+                "SELECT tablename FROM pg_indexes WHERE tablename LIKE 'story_events_p%'"
+                " AND indexdef LIKE '%USING hnsw (embedding vector_cosine_ops)%'"
+            )
+        ).scalars()
+    )
+    assert len(partitions) == 32 and with_graph == partitions  # every partition has its own graph
     new_id = scratch_db.execute(
         text(
             "INSERT INTO story_events (story, ordinal, scene, time, text)"
@@ -166,6 +207,7 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
     assert ctx.events[0].text == "event 8" and ctx.events[0].score == pytest.approx(1.0, abs=1e-5)
     assert len(ctx.events) == 3
     assert all(hit.time <= 4 and int(hit.text.split()[1]) % 2 == 0 for hit in ctx.events)
+    assert _story_partitions_scanned(session, story="saga-0", vector=query) == 1
     session.rollback()
     scratch_db.execute(text("DELETE FROM story_events WHERE text = 'later'"))
     scratch_db.commit()
@@ -175,3 +217,35 @@ def test_story_events_move_into_story_partitions_with_their_rows(scratch_db: Con
     assert "ix_story_events_embedding_hnsw" in {
         ix["name"] for ix in inspect(scratch_db).get_indexes("story_events")
     }
+
+
+def test_story_partitions_keep_every_column_and_have_statistics(scratch_db: Connection) -> None:
+    _run(scratch_db, "upgrade", "0012")
+    # a column some deployment (or a later-merged revision) added before 0014 must move with the rows
+    scratch_db.execute(text("ALTER TABLE story_events ADD COLUMN mood text DEFAULT 'calm'"))
+    scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text, mood)"
+            " VALUES ('saga-0', 0, 'inn', 0, 'a storm', 'grim'), ('saga-1', 0, 'inn', 0, 'a feast', DEFAULT)"
+        )
+    )
+    scratch_db.commit()
+
+    _run(scratch_db, "upgrade", "0014")
+    moods = scratch_db.execute(text("SELECT text, mood FROM story_events ORDER BY id")).all()
+    assert [tuple(row) for row in moods] == [("a storm", "grim"), ("a feast", "calm")]
+    added = scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text)"
+            " VALUES ('saga-0', 1, '', 0, 'x') RETURNING mood"
+        )
+    ).scalar_one()
+    assert added == "calm"  # its default moved too
+    # analysed in the migration: autovacuum never analyses a partitioned parent
+    analysed = scratch_db.execute(
+        text("SELECT count(*) FROM pg_stats WHERE tablename = 'story_events' AND attname = 'story'")
+    ).scalar_one()
+    assert analysed == 1
+    scratch_db.rollback()
+    _run(scratch_db, "downgrade", "0012")
+    assert "mood" in {c["name"] for c in inspect(scratch_db).get_columns("story_events")}

@@ -241,3 +241,37 @@ def test_a_single_enqueue_after_a_database_restart_lands_once(world, services) -
             )
         ).all()
     assert rows == [turn_id]
+
+
+def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world) -> None:
+    import base64
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from core.settings import queue_for_model
+    from db.session import get_autocommit_engine
+    from services.producer import submit_turns
+    from tasks.app import app
+
+    conv = new_conversation()
+    enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one takes the fast path
+
+    def lose_the_reply(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if sql.lstrip().startswith("INSERT INTO turns"):  # it ran and committed (autocommit)
+            raise OperationalError(sql, params, Exception("injected: connection lost after the INSERT"))
+
+    engine = get_autocommit_engine()
+    event.listen(engine, "after_cursor_execute", lose_the_reply)
+    try:
+        [stored] = submit_turns([conv | {"message": "Did this land?"}])
+    finally:
+        event.remove(engine, "after_cursor_execute", lose_the_reply)
+    assert stored.created is True and stored.status == TurnStatus.QUEUED
+    with session_scope() as s:
+        rows = s.scalars(select(Turn.id).where(Turn.message == "Did this land?")).all()
+    assert rows == [stored.id]
+    with app.connection_for_read() as conn:
+        raw = conn.default_channel.client.lrange(queue_for_model(stored.model, "live"), 0, -1)
+    sent = [json.loads(base64.b64decode(json.loads(m)["body"]))[1]["turn_ids"] for m in raw]
+    assert [str(stored.id)] in sent

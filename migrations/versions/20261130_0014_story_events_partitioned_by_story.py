@@ -4,6 +4,10 @@ story filter of a retrieval no longer makes the scan visit every other story's e
 The rows move over with their ids (the id sequence moves with them); the primary key becomes
 (id, story) because a partitioned table's unique keys must hold the partition key.
 
+An offline step: writes to story_events wait from its start (EXCLUSIVE lock), reads too from the
+DROP to the commit, which comes after the 32 HNSW graphs are built; stop the workers first. The
+table is new, so GRANTs on story_events (other than its owner's) must be applied again afterwards.
+
 Revision ID: 0014
 Revises: 0013
 Create Date: 2026-11-30 18:30:00
@@ -23,33 +27,18 @@ depends_on: str | Sequence[str] | None = None
 # still 1/32 of the events per graph.
 PARTITIONS = 32
 
-_COLUMNS = """
-    id bigint NOT NULL DEFAULT nextval('story_events_id_seq'),
-    story varchar(100) NOT NULL,
-    ordinal integer NOT NULL,
-    scene varchar(200) NOT NULL,
-    time integer NOT NULL,
-    text text NOT NULL,
-    embedding vector(384)
-"""
-
 _HNSW = "USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64)"
-
-
-def _embedding_type() -> str:
-    """The column's declared type as it stands (its dimension follows MLCHAT_EMBEDDING_DIM at 0001)."""
-    bind = op.get_bind()
-    return bind.exec_driver_sql(
-        "SELECT format_type(atttypid, atttypmod) FROM pg_attribute"
-        " WHERE attrelid = 'story_events'::regclass AND attname = 'embedding'"
-    ).scalar_one()
 
 
 def _move(*, partitioned: bool) -> None:
     """Rebuild story_events (partitioned or plain) with the same rows, ids and sequence."""
-    columns = _COLUMNS.replace("vector(384)", _embedding_type())
+    # Readers go on until the DROP; a writer waits, so no row lands after the copy and is lost.
+    op.execute("LOCK TABLE story_events IN EXCLUSIVE MODE")
+    # LIKE: every column as it stands (types, NOT NULL, the id's sequence default), so a column
+    # another revision added before this one moves over too instead of being dropped.
     op.execute(
-        f"CREATE TABLE story_events_next ({columns}){' PARTITION BY HASH (story)' if partitioned else ''}"
+        "CREATE TABLE story_events_next (LIKE story_events INCLUDING DEFAULTS)"
+        f"{' PARTITION BY HASH (story)' if partitioned else ''}"
     )
     if partitioned:
         for i in range(PARTITIONS):
@@ -58,10 +47,7 @@ def _move(*, partitioned: bool) -> None:
                 f" FOR VALUES WITH (MODULUS {PARTITIONS}, REMAINDER {i})"
             )
     # Rows first, indexes after: one HNSW build per partition is far faster than row by row.
-    op.execute(
-        "INSERT INTO story_events_next (id, story, ordinal, scene, time, text, embedding)"
-        " SELECT id, story, ordinal, scene, time, text, embedding FROM story_events"
-    )
+    op.execute("INSERT INTO story_events_next SELECT * FROM story_events")  # LIKE keeps the order
     op.execute("ALTER SEQUENCE story_events_id_seq OWNED BY story_events_next.id")
     op.execute("DROP TABLE story_events")
     op.execute("ALTER TABLE story_events_next RENAME TO story_events")
@@ -71,6 +57,7 @@ def _move(*, partitioned: bool) -> None:
         "ALTER TABLE story_events ADD CONSTRAINT uq_story_events_story_ordinal UNIQUE (story, ordinal)"
     )
     op.execute(f"CREATE INDEX ix_story_events_embedding_hnsw ON story_events {_HNSW}")
+    op.execute("ANALYZE story_events")  # a new table has no statistics: plans would guess until autovacuum
 
 
 def upgrade() -> None:
