@@ -31,7 +31,6 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import (
-    RUN_LIVE,
     TURN_UNFINISHED,
     Character,
     Conversation,
@@ -39,12 +38,16 @@ from db.models import (
     Message,
     Role,
     Run,
+    RunStatus,
     Scene,
     SceneStatus,
     Turn,
     TurnStatus,
 )
 from scenes.speakers import Member, Rule, next_speaker
+
+# A run in one of these stops its scenes; any other (a failed submission too: it is resumed) lets them go on.
+RUN_STOPPED = (RunStatus.CANCELLING, RunStatus.CANCELLED, RunStatus.EXPIRED)
 
 # Where the session keeps the steps created in its transaction, for the caller to send after commit.
 NEW_STEPS_KEY = "mlchat.scene_steps"
@@ -304,8 +307,8 @@ def _close(session: Session, scene_id: int, status: SceneStatus, reason: str) ->
 def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[NewStep]:
     """step / fail: move the scenes of these just-finished turns on, in the caller's transaction.
 
-    A stored step counts and creates the next (unless the scene is done or its run is no longer
-    live); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
+    A stored step counts and creates the next (unless the scene is done or its run is cancelling,
+    cancelled or expired); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
     if not turn_ids:
         return []
     finished = session.execute(
@@ -345,14 +348,15 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             continue
         scene.steps_done = step
         session.execute(update(Scene).where(Scene.id == scene.id).values(steps_done=step))
-        run_live = scene.run_id is None or session.scalar(
-            select(Run.status.in_(RUN_LIVE)).where(Run.id == scene.run_id)
+        # A run whose submitter died is `failed` but resumable: its scenes go on; only a cancel stops them.
+        run_stopped = scene.run_id is not None and session.scalar(
+            select(Run.status.in_(RUN_STOPPED)).where(Run.id == scene.run_id)
         )
         if scene.end_phrase and reply and scene.end_phrase.lower() in reply.lower():
             _close(session, scene.id, SceneStatus.ENDED, f"step {step} said the end phrase")
         elif step >= scene.exchanges:
             _close(session, scene.id, SceneStatus.ENDED, f"all {scene.exchanges} exchanges done")
-        elif not run_live:
+        elif run_stopped:
             _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled")
         elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
             _close(session, scene.id, SceneStatus.ENDED, "no member may speak")

@@ -231,8 +231,9 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
 # --- the state machine ----------------------------------------------------------------------------
 
 
-def _new_run(specs: dict[str, dict]) -> uuid.UUID:
-    """A run holding these scenes, submitted (its first steps stored, not sent: we answer by hand)."""
+def _new_run(specs: dict[str, dict], *, finish: bool = True) -> uuid.UUID:
+    """A run holding these scenes, submitted (its first steps stored, not sent: we answer by hand);
+    `finish=False`: left validating, as a submission still storing its lines."""
     with session_scope() as s:
         run, _ = create_run(
             session=s,
@@ -253,8 +254,9 @@ def _new_run(specs: dict[str, dict]) -> uuid.UUID:
             candidates=1,
         )
         run_id = run.id
-    with session_scope() as s:
-        finish_submission(session=s, run_id=run_id)
+    if finish:
+        with session_scope() as s:
+            finish_submission(session=s, run_id=run_id)
     return run_id
 
 
@@ -697,4 +699,29 @@ def test_a_failed_step_fails_its_scene_and_the_run_still_completes(world) -> Non
     with session_scope() as s:
         scene = s.get_one(Scene, broken)
         assert scene.status == SceneStatus.FAILED and "empty reply" in (scene.ended_reason or "")
+    assert _run_status(run_id) == RunStatus.COMPLETED
+
+
+def test_a_scene_of_a_run_whose_submitter_died_goes_on_and_a_resume_finishes_it(world) -> None:
+    """The sweeper fails a run whose submitter died (resumable) while its step 1 is being answered:
+    the stored step still creates the next, and the resumed run takes the scene to its end."""
+    from db.runs import fail_submission, resume_submission
+
+    run_id = _new_run({"orphan": _scene(exchanges=3)}, finish=False)
+    scene_id = _scene_id(run_id, "orphan")
+    running, token, _ = _answer(_open_step(scene_id), "", store=False)
+    with session_scope() as s:
+        assert fail_submission(session=s, run_id=run_id, error="submission died", error_code="server_error")
+    assert _store(running, token, "step one") == [running.id]
+    assert _open_step(scene_id) is not None  # step 2 exists: the scene was not closed
+    with session_scope() as s:
+        assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.OPEN
+        assert resume_submission(session=s, run_id=run_id)
+    with session_scope() as s:
+        finish_submission(session=s, run_id=run_id)
+    _answer(_open_step(scene_id), "step two")
+    _answer(_open_step(scene_id), "step three")
+    with session_scope() as s:
+        scene = s.get_one(Scene, scene_id)
+        assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 3)
     assert _run_status(run_id) == RunStatus.COMPLETED
