@@ -11,7 +11,8 @@
     requeue   running under our token                  → queued (the attempt kept, or refunded)
     engine death  running under our token              → queued (attempt refunded, engine_deaths + 1
                   for those inside the engine), or failed (engine_crash_loop) at max_engine_deaths
-    cancel    queued                                   → cancelled
+    cancel    queued                                   → cancelled (also at claim: a scene step
+                                                         whose scene closed or whose run is stopping)
     fail_unsent / revive_unsent: queued ↔ failed(broker_unreachable), for turns never sent
 
 A worker that lost its lease (it ran past lease_until and another worker claimed the turn) changes
@@ -40,12 +41,14 @@ from db.models import (
     Role,
     Run,
     RunStatus,
+    Scene,
+    SceneStatus,
     Turn,
     TurnErrorCode,
     TurnStatus,
 )
 from db.runs import advance_runs_of_turns
-from db.scenes import GroupView, group_views
+from db.scenes import RUN_STOPPED, GroupView, group_views
 
 ERROR_CHARS = 2000
 
@@ -319,6 +322,8 @@ def claim_turns(
         else []
     )
     fresh = [i for i in candidates if i not in set(result.exhausted)]
+    stopped = _stop_closed_scene_steps(session, fresh)
+    fresh = [i for i in fresh if i not in set(stopped)]
     claimed_ids = (
         session.scalars(
             update(Turn)
@@ -388,8 +393,8 @@ def claim_turns(
                     group=groups.get(conv.id),
                 )
             )
-    if result.exhausted or result.blocked:
-        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked])
+    if result.exhausted or result.blocked or stopped:
+        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked, *stopped])
     taken = set(claimed_ids) | set(result.exhausted) | set(result.deferred) | set(result.blocked)
     unclaimed = [i for i in turn_ids if i not in taken]
     if unclaimed:
@@ -413,6 +418,31 @@ def claim_turns(
             else:  # another claim or write holds the row right now: look again shortly
                 result.deferred[turn_id] = 0
     return result
+
+
+def _stop_closed_scene_steps(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Cancel, instead of generating, the scene steps among these (locked) turns whose scene is no
+    longer open or whose run is stopping: a step a store inserted after a cancel's snapshot."""
+    if not turn_ids:
+        return []
+    # Read, not locked: turns → runs → scenes is the lock order, and the runs are locked after this.
+    closed = exists().where(
+        Scene.id == Turn.scene_id,
+        or_(
+            Scene.status != SceneStatus.OPEN,
+            exists().where(Run.id == Scene.run_id, Run.status.in_(RUN_STOPPED)),
+        ),
+    )
+    return list(
+        session.scalars(
+            update(Turn)
+            .where(
+                Turn.id.in_(turn_ids), Turn.scene_id.is_not(None), Turn.status == TurnStatus.QUEUED, closed
+            )
+            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
+            .returning(Turn.id)
+        ).all()
+    )
 
 
 def _defer(

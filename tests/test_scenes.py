@@ -725,3 +725,45 @@ def test_a_scene_of_a_run_whose_submitter_died_goes_on_and_a_resume_finishes_it(
         scene = s.get_one(Scene, scene_id)
         assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 3)
     assert _run_status(run_id) == RunStatus.COMPLETED
+
+
+def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated(world) -> None:
+    """A store holds the run (its next step inserted, not committed) when a cancel starts: the cancel's
+    turn UPDATE misses that step, which then stays queued; its claim cancels it instead of running it."""
+    import threading
+
+    from db.session import _session_factory
+
+    run_id = _new_run({"race": _scene(exchanges=4)})
+    scene_id = _scene_id(run_id, "race")
+    running, token, _ = _answer(_open_step(scene_id), "", store=False)
+    store = _session_factory()()
+    outcome: list[object] = []
+    try:
+        assert store_replies(session=store, token=token, outcomes=[_outcome(running, "step one")]) == [
+            running.id
+        ]
+        next_step = pop_new_steps(store)[0].turn_id
+
+        def cancel() -> None:
+            with session_scope() as s:
+                outcome.append(cancel_run(session=s, run_id=run_id).after)
+
+        thread = threading.Thread(target=cancel, daemon=True)
+        thread.start()
+        thread.join(timeout=1.0)  # its turn UPDATE has run; it waits on the run the store holds
+        assert thread.is_alive()
+        store.commit()
+    finally:
+        store.close()
+    thread.join(timeout=30)
+    assert outcome == [RunStatus.CANCELLING]
+    with session_scope() as s:
+        assert s.scalar(select(Turn.status).where(Turn.id == next_step)) == TurnStatus.QUEUED
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[next_step], lease_s=30, max_attempts=5)
+    assert claim.claimed == [] and claim.skipped == [next_step]
+    with session_scope() as s:
+        assert s.scalar(select(Turn.status).where(Turn.id == next_step)) == TurnStatus.CANCELLED
+        assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.CANCELLED
+    assert _run_status(run_id) == RunStatus.CANCELLED
