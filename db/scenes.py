@@ -23,7 +23,6 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -98,7 +97,7 @@ class NewScene:
     run_id: uuid.UUID | None = None
     custom_id: str | None = None
     opening: tuple[int, str] | None = None  # (speaker's character id, text)
-    sent: bool = True  # step 1 is sent right after the commit (a run's submission stamps it itself)
+    sent: bool = True  # step 1 is sent right after the commit (a run's submission sends its own)
     api_key: str | None = None
 
 
@@ -286,7 +285,7 @@ def _create_step(
             params=params,
             attempts=0,
             api_key=api_key,
-            dispatched_at=datetime.now(UTC) if sent else None,
+            dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
         )
         .on_conflict_do_nothing()
         .returning(Turn.id)

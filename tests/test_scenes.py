@@ -767,3 +767,36 @@ def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated
         assert s.scalar(select(Turn.status).where(Turn.id == next_step)) == TurnStatus.CANCELLED
         assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.CANCELLED
     assert _run_status(run_id) == RunStatus.CANCELLED
+
+
+def test_a_step_stored_but_never_sent_is_found_by_the_default_sweep_a_lease_later(world) -> None:
+    """The worker that stored step 1 died before sending step 2: step 2 is unsent (dispatched_at
+    empty), and the sweeper's default look finds it once a lease has passed since its creation,
+    not after the broker's visibility timeout."""
+    from datetime import timedelta
+
+    from sqlalchemy import update as sql_update
+
+    from services.sweeper import find_stranded
+
+    run_id = _new_run({"lost": _scene(exchanges=3)})
+    scene_id = _scene_id(run_id, "lost")
+    _answer(_open_step(scene_id), "step one")  # its new step is popped and never sent
+    step_two = _open_step(scene_id)
+    with session_scope() as s:
+        assert s.scalar(select(Turn.dispatched_at).where(Turn.id == step_two)) is None
+
+    def swept() -> set[uuid.UUID]:
+        groups = find_stranded(
+            older_than_s=settings.visibility_timeout, models=settings.models, limit=100_000
+        )
+        return {t.id for turns in groups.values() for t in turns if t.dispatched_at is None}
+
+    assert step_two not in swept()  # fresh: its worker may be sending it right now
+    with session_scope() as s:
+        s.execute(
+            sql_update(Turn)
+            .where(Turn.id == step_two)
+            .values(created_at=Turn.created_at - timedelta(seconds=settings.lease_seconds + 1))
+        )
+    assert step_two in swept()
