@@ -67,6 +67,7 @@ class GroupView:
 
     premise: str
     names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
+    ids: tuple[int, ...]  # their character ids, in the same order (names may repeat; ids do not)
 
 
 @dataclass(frozen=True)
@@ -399,22 +400,24 @@ def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> t
 
 
 def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, GroupView]:
-    """The group conversations among these: their premise and members' names."""
+    """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:
         return {}
     query = select(Scene.conversation_id, Scene.premise).where(
         Scene.conversation_id.in_(list(conversation_ids))
     )
     premises = {conv_id: premise for conv_id, premise in session.execute(query).tuples()}
-    names: dict[int, list[str]] = {}
-    for conv_id, name in session.execute(
-        select(ConversationMember.conversation_id, Character.name)
+    members: dict[int, list[tuple[int, str]]] = {c: [] for c in premises}
+    for conv_id, char_id, name in session.execute(
+        select(ConversationMember.conversation_id, Character.id, Character.name)
         .join(Character, Character.id == ConversationMember.character_id)
-        .where(ConversationMember.conversation_id.in_(list(conversation_ids)))
+        .where(ConversationMember.conversation_id.in_(list(premises)))
         .order_by(ConversationMember.conversation_id, ConversationMember.position)
     ).tuples():
-        names.setdefault(conv_id, []).append(name)
-    return {c: GroupView(premises.get(c, ""), tuple(n)) for c, n in names.items()}
+        members[conv_id].append((char_id, name))
+    return {
+        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m)) for c, m in members.items()
+    }
 
 
 @dataclass(frozen=True)

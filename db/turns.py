@@ -368,8 +368,13 @@ def claim_turns(
             .where(Turn.id.in_(claimed_ids))
             .order_by(Turn.number)
         ).all()
+        # A group is told by its scene, not by the speaker's member row: a member who left keeps the
+        # step created for them before they left, which still speaks in the group.
         groups = group_views(
-            session=session, conversation_ids=sorted({conv.id for _, conv, _, member, _ in rows if member})
+            session=session,
+            conversation_ids=sorted(
+                {conv.id for turn, conv, _, _, _ in rows if turn.character_id is not None}
+            ),
         )
         for turn, conv, char, member, waited_s in rows:
             mood_of = member or conv

@@ -149,7 +149,7 @@ def _scene_prompt(tokenizer, other_name: str):  # type: ignore[no-untyped-def]
         "",
         TurnContext(recent=recent),
         32,
-        group=GroupView("Night at the city gate.", (ann.name, other.name, cass.name)),
+        group=GroupView("Night at the city gate.", (ann.name, other.name, cass.name), (1, 2, 3)),
     )
     builder = PromptBuilder(tokenizer, "chat_template", 4096)
     return builder, builder.build(item)
@@ -438,8 +438,13 @@ def test_a_member_who_leaves_never_speaks_again_and_a_speaking_character_cannot_
         )
     # Step 2 was created for luffy before he left: it is answered (the queued step stands); after it,
     # he is never picked again, and a new round starts from the first member.
-    speakers = [_answer(_open_step(scene_id), f"line {i}")[0].character.slug for i in range(2, 7)]
-    assert speakers == ["luffy", "elara", "haneul", "elara", "haneul"]
+    turns = [_answer(_open_step(scene_id), f"line {i}")[0] for i in range(2, 7)]
+    assert [t.character.slug for t in turns] == ["luffy", "elara", "haneul", "elara", "haneul"]
+    # His step still speaks in the group (among the others, not as a one-character conversation),
+    # so the worker stores his line under his id and name.
+    gone = turns[0]
+    assert gone.group is not None and gone.character.name not in gone.group.names
+    assert luffy not in gone.group.ids and len(gone.group.ids) == 2
     with pytest.raises(IntegrityError), session_scope() as s:
         s.execute(delete(Character).where(Character.id == luffy))
 

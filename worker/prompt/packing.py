@@ -141,7 +141,12 @@ class PromptBuilder:
             persona = [*persona, ("direction", None, clean(text))]
         group = item.group if not narrator else None
         label = self.cleaner_label(clean)
-        others = [label(n) for n in group.names if n != item.character.name] if group else []
+        # Members told apart by id: two may share a display name.
+        others = (
+            [label(n) for n, i in zip(group.names, group.ids, strict=True) if i != item.character.id]
+            if group
+            else []
+        )
         message = item.message
         if group is not None:  # after the persona too: the persona stays a shared prefix
             premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
