@@ -41,6 +41,7 @@ from db.models import (
     Scene,
     SceneStatus,
     Turn,
+    TurnErrorCode,
     TurnStatus,
 )
 from scenes.speakers import Member, Rule, next_speaker
@@ -377,14 +378,21 @@ def cancel_open_scenes(*, session: Session, run_id: uuid.UUID, reason: str) -> i
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+class SceneClosed(ValueError):
+    """The scene failed or was cancelled: it cannot go on (the message names its status)."""
+
+
 def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> tuple[Scene, list[NewStep]]:
     """extend: a live scene goes on for `exchanges` more steps (reopened if it ended); step n+1's
-    turn is created now unless one is open. KeyError if the conversation holds no scene."""
+    turn is created now unless one is open, or requeued if it failed unsent (broker down). KeyError
+    if the conversation holds no scene; SceneClosed if it failed or was cancelled."""
     scene = session.scalars(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()
     if scene is None:
         raise KeyError(conversation_id)
+    if scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED):
+        raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )
@@ -394,8 +402,27 @@ def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> t
     scene.finished_at = None
     session.flush()
     if not pending:
-        tenant = session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
-        _create_step(session, scene, scene.steps_done + 1, tenant=tenant, sent=True)
+        step = scene.steps_done + 1
+        unsent = session.scalar(  # its message never reached the broker: the step itself goes out again
+            update(Turn)
+            .where(
+                Turn.scene_id == scene.id,
+                Turn.scene_step == step,
+                Turn.status == TurnStatus.FAILED,
+                Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value,
+            )
+            .values(
+                status=TurnStatus.QUEUED, error=None, error_code=None, finished_at=None, dispatched_at=None
+            )
+            .returning(Turn.id)
+        )
+        if unsent is not None:
+            session.info.setdefault(NEW_STEPS_KEY, []).append(NewStep(unsent, scene.model, scene.lane))
+        else:
+            tenant = (
+                session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
+            )
+            _create_step(session, scene, step, tenant=tenant, sent=True)
     return scene, pop_new_steps(session)
 
 

@@ -10,7 +10,15 @@ from sqlalchemy import select
 
 from core.settings import DEFAULT_TENANT, settings
 from db.models import Conversation, Scene, Turn
-from db.scenes import NewScene, NewStep, create_scene, extend_scene, pop_new_steps, scene_transcript
+from db.scenes import (
+    NewScene,
+    NewStep,
+    SceneClosed,
+    create_scene,
+    extend_scene,
+    pop_new_steps,
+    scene_transcript,
+)
 from db.session import session_scope
 from db.turns import mark_dispatched
 from db.world import find_characters, upsert_conversations
@@ -57,7 +65,7 @@ def start_group(
 
 def continue_group(conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` more lines with no player line, on the live lane.
-    KeyError if the tenant has no such group."""
+    KeyError if the tenant has no such group; SceneClosed if its scene failed or was cancelled."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         _, steps = extend_scene(session=session, conversation_id=conv_id, exchanges=exchanges)
@@ -103,4 +111,4 @@ def _send(steps: list[NewStep]) -> None:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])
 
 
-__all__ = ["SceneRefused", "continue_group", "scene_view", "start_group"]
+__all__ = ["SceneClosed", "SceneRefused", "continue_group", "scene_view", "start_group"]

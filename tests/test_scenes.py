@@ -830,3 +830,27 @@ def test_a_step_stored_but_never_sent_is_found_by_the_default_sweep_a_lease_late
             .values(created_at=Turn.created_at - timedelta(seconds=settings.lease_seconds + 1))
         )
     assert step_two in swept()
+
+
+def test_a_live_group_asked_to_go_on_resends_a_step_never_sent_and_refuses_once_failed(world) -> None:
+    from db.models import TurnErrorCode
+    from db.turns import Failure, fail_turns, fail_unsent
+    from services.scenes import SceneClosed, continue_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    (first,) = [uuid.UUID(t) for t in continue_group(conv, 3)["sent"]]
+    with session_scope() as s:  # the broker was down when it was sent
+        assert fail_unsent(session=s, turn_ids=[first], reason="broker unreachable at enqueue: test") == [
+            first
+        ]
+    view = continue_group(conv, 1)
+    assert view["sent"] == [str(first)] and view["status"] == "open"  # the same step goes out again
+    turn, token, _ = _answer(first, "", store=False)
+    with session_scope() as s:
+        failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+    with pytest.raises(SceneClosed, match="^status: the scene is failed"):
+        continue_group(conv, 2)
+    with session_scope() as s:
+        scene = s.scalars(select(Scene).where(Scene.conversation_id == _conv_id(conv))).one()
+        assert scene.status == SceneStatus.FAILED  # not reopened with nothing sent
