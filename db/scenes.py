@@ -289,7 +289,10 @@ def _create_step(
             api_key=api_key,
             dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
         )
-        .on_conflict_do_nothing()
+        # Only the step's own index: a clash on the idempotency key is an error, never a skipped step.
+        .on_conflict_do_nothing(
+            index_elements=["scene_id", "scene_step"], index_where=Turn.scene_id.is_not(None)
+        )
         .returning(Turn.id)
     )
     if turn_id is not None and sent:

@@ -854,3 +854,42 @@ def test_a_live_group_asked_to_go_on_resends_a_step_never_sent_and_refuses_once_
     with session_scope() as s:
         scene = s.scalars(select(Scene).where(Scene.conversation_id == _conv_id(conv))).one()
         assert scene.status == SceneStatus.FAILED  # not reopened with nothing sent
+
+
+def test_a_request_without_speaker_character_hashes_as_before_scenes() -> None:
+    """A replay of a turn stored before the deploy must not 409: its fingerprint is unchanged."""
+    from services.schemas import TurnRequest
+
+    body = {"conversation": "c-1", "message": "Hello there.", "character": "elara", "player_name": "Rowan"}
+    # Computed by main's TurnRequest (before speaker_character existed) for this very request.
+    before = "fababf0269616b424d090e02d154312278a2b913a5c8f95a9aec5b94cfa29831"
+    assert TurnRequest.model_validate(body | {"idempotency_key": "k1"}).request_hash() == before
+    named = TurnRequest.model_validate(body | {"speaker_character": "luffy"})
+    assert named.request_hash() != before  # naming a speaker still counts
+
+
+def test_the_scene_key_prefix_is_the_systems_and_a_clash_is_never_a_skipped_step(world) -> None:
+    from pydantic import ValidationError
+
+    from db.turns import NewTurn, create_turns
+    from services.schemas import TurnRequest
+
+    body = {"conversation": "c-1", "message": "Hi.", "character": "elara"}
+    with pytest.raises(ValidationError) as refused:
+        TurnRequest.model_validate(body | {"idempotency_key": "scene:1:2"})
+    assert refused.value.errors()[0]["loc"] == ("idempotency_key",)
+    # A key taken some other way (stored before the prefix was reserved): the step is not skipped.
+    run_id = _new_run({"clash": _scene(exchanges=3)})
+    scene_id = _scene_id(run_id, "clash")
+    with session_scope() as s:
+        conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
+        key = f"scene:{scene_id}:2"
+        create_turns(
+            session=s,
+            turns=[NewTurn(key, "x", conv_id, "taken", settings.model, {}, tenant="")],
+        )
+    turn, token, _ = _answer(_open_step(scene_id), "", store=False)
+    with pytest.raises(IntegrityError):
+        _store(turn, token, "step one")
+    with session_scope() as s:
+        assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.OPEN
