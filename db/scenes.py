@@ -230,15 +230,21 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
 
 
 def speaker_for_player(
-    *, session: Session, conversation_id: int, message: str, slug: str | None
+    *, session: Session, conversation_id: int, message: str, slug: str | None, pick: bool = True
 ) -> int | None:
     """The member who answers a player's line: `slug` if named (an unmuted member), else the group's
     strategy (mentions in the line first, in natural order); None for a one-character conversation.
-    ValueError naming `speaker_character` when the named speaker cannot answer."""
+    ValueError naming `speaker_character` when the named speaker cannot answer, or `conversation`
+    when the group is a run's scene (the run's steps alone speak in it). `pick=False`: no member
+    answers (the narrator does), only the checks are made."""
     scene = session.scalars(select(Scene).where(Scene.conversation_id == conversation_id)).one_or_none()
     if scene is None:
         if slug is not None:
             raise ValueError("speaker_character: this conversation has one character; name none")
+        return None
+    if scene.run_id is not None:
+        raise ValueError("conversation: this group belongs to a run's scene; a player cannot speak in it")
+    if slug is None and not pick:  # the narrator speaks, no member
         return None
     if slug is not None:
         member = next(

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from core.settings import settings
 from db.models import (
     Character,
+    Conversation,
     ConversationMember,
     Message,
     Run,
@@ -893,3 +894,20 @@ def test_the_scene_key_prefix_is_the_systems_and_a_clash_is_never_a_skipped_step
         _store(turn, token, "step one")
     with session_scope() as s:
         assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.OPEN
+
+
+def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
+    from services.producer import TurnRejected, submit_turns
+
+    run_id = _new_run({"closed-door": _scene(exchanges=2)})
+    with session_scope() as s:
+        conv = s.scalar(
+            select(Conversation.external_id)
+            .join(Scene, Scene.conversation_id == Conversation.id)
+            .where(Scene.id == _scene_id(run_id, "closed-door"))
+        )
+    for extra in ({}, {"speaker": "narrator"}, {"speaker_character": "elara"}):
+        with pytest.raises(TurnRejected) as caught:
+            submit_turns([{"conversation": conv, "message": "Let me in!", **extra}], send=False)
+        (error,) = caught.value.errors
+        assert error.field == "conversation" and "run's scene" in error.reason
