@@ -8,6 +8,7 @@ conditional UPDATE on the scene row, taken under its row lock:
     fail     open, its step's turn failed or was cancelled → failed | cancelled (the run's cancel)
     cancel   open (its run cancelled or expired)           → cancelled; finished steps are kept
     extend   open or ended live scene  → exchanges + n (a live scene asked to go on)
+    reopen   failed, its failed step requeued (a run's failed turns retried) → open
 
 A step's turn is created only by the transaction that stores the previous step (or the scene's
 creation), and (scene_id, scene_step) is unique: every step exists once, whoever retries what. The
@@ -383,6 +384,19 @@ def cancel_open_scenes(*, session: Session, run_id: uuid.UUID, reason: str) -> i
         update(Scene)
         .where(Scene.run_id == run_id, Scene.status == SceneStatus.OPEN, Scene.id.not_in(running))
         .values(status=SceneStatus.CANCELLED, ended_reason=reason, finished_at=func.now())
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def reopen_failed_scenes(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
+    """reopen: the failed scenes whose failed step is among these turns, just requeued → open."""
+    steps = select(Turn.scene_id).where(
+        Turn.id.in_(list(turn_ids)), Turn.scene_id == Scene.id, Turn.scene_step == Scene.steps_done + 1
+    )
+    result = session.execute(
+        update(Scene)
+        .where(Scene.status == SceneStatus.FAILED, steps.exists())
+        .values(status=SceneStatus.OPEN, ended_reason=None, finished_at=None)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 

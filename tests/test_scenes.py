@@ -911,3 +911,26 @@ def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
             submit_turns([{"conversation": conv, "message": "Let me in!", **extra}], send=False)
         (error,) = caught.value.errors
         assert error.field == "conversation" and "run's scene" in error.reason
+
+
+def test_retrying_a_runs_failed_step_reopens_its_scene_which_goes_on(world) -> None:
+    from db.models import TurnErrorCode
+    from db.runs import reopen_failed
+    from db.turns import Failure, fail_turns
+
+    run_id = _new_run({"retry": _scene(exchanges=2)})
+    scene_id = _scene_id(run_id, "retry")
+    turn, token, _ = _answer(_open_step(scene_id), "", store=False)
+    with session_scope() as s:
+        failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+    assert _run_status(run_id) == RunStatus.COMPLETED
+    with session_scope() as s:
+        assert reopen_failed(session=s, run_id=run_id) == [turn.id]
+        assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.OPEN
+    _answer(turn.id, "step one, at last")
+    _answer(_open_step(scene_id), "step two")  # the scene goes on after the retried step
+    with session_scope() as s:
+        scene = s.get_one(Scene, scene_id)
+        assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 2)
+    assert _run_status(run_id) == RunStatus.COMPLETED
