@@ -934,3 +934,18 @@ def test_retrying_a_runs_failed_step_reopens_its_scene_which_goes_on(world) -> N
         scene = s.get_one(Scene, scene_id)
         assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 2)
     assert _run_status(run_id) == RunStatus.COMPLETED
+
+
+def test_the_markdown_transcript_keeps_every_field_inert() -> None:
+    from db.scenes import TranscriptLine
+    from scenes.transcript import markdown
+
+    scene = Scene(
+        id=7, custom_id="a\n# Heading *bold*", premise="", status="ended", ended_reason="done_ [x](y)"
+    )
+    lines = [TranscriptLine(1, 1, "Ann", "Hello.", "*angry*\n- list", None)]
+    text = markdown(scene, lines)
+    assert text.splitlines()[0] == "## a \\# Heading \\*bold\\*"
+    assert "_(\\*angry\\* - list)_" in text
+    assert "_ended: done\\_ \\[x\\](y)_" in text
+    assert "\n# " not in text and "\n- " not in text
