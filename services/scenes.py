@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import select
 
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Character, Conversation, Scene, Turn
+from db.models import Conversation, Scene, Turn
 from db.scenes import (
     NewScene,
     NewStep,
@@ -21,8 +21,8 @@ from db.scenes import (
 )
 from db.session import session_scope
 from db.turns import mark_dispatched
-from db.world import find_characters, upsert_conversations
-from scenes.spec import GroupSpec
+from db.world import character_names, find_characters, upsert_conversations
+from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
 from services.producer import send_new_turns
 from services.runs.scene_lines import scene_of
@@ -42,11 +42,9 @@ def start_group(
         for i, slug in enumerate(spec.slugs()):
             if slug not in ids:
                 raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")
-        names = session.execute(select(Character.name).where(Character.id.in_(list(ids.values())))).scalars()
-        if spec.player_name.strip().casefold() in {n.strip().casefold() for n in names}:
-            raise SceneRefused(
-                f"player_name: {spec.player_name!r} is a member's name; the player needs their own"
-            )
+        clash = name_clash(spec, character_names(session=session, slugs=spec.slugs()))
+        if clash is not None:
+            raise SceneRefused(clash)
         lead = ids[spec.participants[0].character]
         row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
         conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]

@@ -243,6 +243,10 @@ def _scene(**overrides) -> dict:
 def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tmp_path: Path) -> None:
     import json
 
+    twin = f"twin-{uuid.uuid4().hex[:6]}"  # another character under Elara's display name
+    with session_scope() as s:
+        elara_name = get_character(session=s, slug="elara").name
+        save_character(session=s, slug=twin, fields={"name": elara_name, "description": "Elara's double."})
     lines = [
         {"custom_id": "ok", "scene": _scene()},
         {"custom_id": "one", "scene": _scene(participants=["elara"])},
@@ -257,6 +261,8 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
             ),
         },
         {"custom_id": "both", "message": "hi", "scene": _scene()},
+        {"custom_id": "twins", "scene": _scene(participants=["elara", "luffy", twin])},
+        {"custom_id": "me-too", "scene": _scene(player_name=elara_name.lower())},
     ]
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
@@ -264,17 +270,20 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
     assert reasons[2].startswith("scene.participants:") and "at least 2" in reasons[2]
     assert reasons[3].startswith("scene.participants:") and "limit is 16" in reasons[3]
     assert reasons[4] == "scene.participants.1.character: unknown character 'nobody'"
     assert reasons[5].startswith("scene.exchanges:") and "limit is 200" in reasons[5]
     assert "rules:" in reasons[6] and "cycle" in reasons[6]
     assert reasons[7].startswith("message:")
+    assert reasons[8].startswith("scene.participants.2.character:") and "as participants.0 is" in reasons[8]
+    assert reasons[9].startswith("scene.player_name:") and "a member's name" in reasons[9]
     with session_scope() as s:  # nothing stored
         run_id = s.scalar(select(Run.id).where(Run.name == name))
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id)) == 0
+        s.execute(delete(Character).where(Character.slug == twin))
 
 
 # --- the state machine ----------------------------------------------------------------------------
