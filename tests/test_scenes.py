@@ -116,6 +116,11 @@ def test_rules_give_a_round_order_and_a_cycle_is_refused() -> None:
         rule_order(["ann", "bram", "cass"], [Rule("ann", "bram"), Rule("bram", "cass"), Rule("cass", "ann")])
 
 
+def test_a_rules_scene_whose_member_left_goes_on_in_the_others_order() -> None:
+    rules = [Rule("ann", "cass"), Rule("bram", "ann")]  # cass left: ann's rule goes with her
+    assert _order("rules", [A, B, D], 6, rules=rules) == ["ann", "bram", "dov"] * 2
+
+
 # --- the group prompt -----------------------------------------------------------------------------
 
 
