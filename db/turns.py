@@ -108,6 +108,8 @@ class ClaimedTurn:
     engine_deaths: int = 0
     # A group conversation's turn: who is present (its `character` is the member who speaks).
     group: GroupView | None = None
+    # What retrieval searches with: the message, or for a scene step (no player line) the newest line.
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -376,6 +378,16 @@ def claim_turns(
                 {conv.id for turn, conv, _, _, _ in rows if turn.character_id is not None}
             ),
         )
+        step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
+        newest: dict[int, str] = {}
+        if step_convs:
+            for conv_id, content in session.execute(
+                select(Message.conversation_id, Message.content)
+                .where(Message.conversation_id.in_(step_convs))
+                .order_by(Message.conversation_id, Message.seq.desc())
+                .distinct(Message.conversation_id)
+            ).all():
+                newest[conv_id] = content
         for turn, conv, char, member, waited_s in rows:
             mood_of = member or conv
             result.claimed.append(
@@ -396,6 +408,7 @@ def claim_turns(
                     run_id=turn.run_id,
                     engine_deaths=turn.engine_deaths,
                     group=groups.get(conv.id),
+                    query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
                 )
             )
     if result.exhausted or result.blocked or stopped:

@@ -393,6 +393,8 @@ def test_a_scene_run_takes_each_step_once_in_order_and_completes_after_its_last(
         assert turn_id is not None
         turn, _, stored = _answer(turn_id, f"line {step}")
         assert stored == [turn_id]
+        # Retrieval searches with the line the step answers (a step has no player line).
+        assert turn.query == ("Open the gate!" if step == 1 else f"line {step - 1}")
         speakers.append(turn.character.slug)
         assert turn.group is not None and turn.group.premise == "A rainy night."
         assert _run_status(run_id) == (RunStatus.IN_PROGRESS if step < 4 else RunStatus.COMPLETED)
