@@ -997,3 +997,45 @@ def test_a_group_whose_player_shares_a_members_name_is_refused(world) -> None:
         elara = get_character(session=s, slug="elara").name
     with pytest.raises(SceneRefused, match="^player_name: "):
         _group(player_name=f" {elara.upper()} ")
+
+
+_START_GROUP = """
+import json, sys
+from scenes.spec import GroupSpec
+from services.producer import EnqueueError
+from services.scenes import start_group
+try:
+    start_group(GroupSpec.model_validate(json.loads(sys.argv[1])))
+except EnqueueError as exc:
+    print("EnqueueError:", exc)
+"""
+
+
+def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(world) -> None:
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from core.services import database_url
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = int(sock.getsockname()[1])  # nothing listens once the socket closes
+    conv = f"group-down-{uuid.uuid4().hex[:8]}"
+    spec = {"conversation": conv, "participants": ["luffy", "elara"], "exchanges": 2}
+    proc = subprocess.run(
+        [sys.executable, "-c", _START_GROUP, json.dumps(spec)],
+        env=os.environ | {"DATABASE_URL": database_url(), "REDIS_URL": f"redis://127.0.0.1:{closed}/0"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "EnqueueError: could not reach the broker; 1 turn(s) marked failed" in proc.stdout
+    with session_scope() as s:
+        status, code = s.execute(
+            select(Turn.status, Turn.error_code).where(Turn.conversation_id == _conv_id(conv))
+        ).one()
+    assert (status, code) == (TurnStatus.FAILED, "broker_unreachable")  # never left queued and unsent
