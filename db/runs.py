@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
-from db.scenes import advance_scenes_of_turns, cancel_open_scenes
+from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
 from db.session import get_engine
 
 logger = logging.getLogger(__name__)
@@ -485,6 +485,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         )
         if moved is None:
             raise ValueError("the run changed state meanwhile; try again")
+        reopen_failed_scenes(session=session, turn_ids=ids)  # a retried step goes on with its scene
     return ids
 
 

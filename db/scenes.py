@@ -8,6 +8,7 @@ conditional UPDATE on the scene row, taken under its row lock:
     fail     open, its step's turn failed or was cancelled → failed | cancelled (the run's cancel)
     cancel   open (its run cancelled or expired)           → cancelled; finished steps are kept
     extend   open or ended live scene  → exchanges + n (a live scene asked to go on)
+    reopen   failed, its failed step requeued (a run's failed turns retried) → open
 
 A step's turn is created only by the transaction that stores the previous step (or the scene's
 creation), and (scene_id, scene_step) is unique: every step exists once, whoever retries what. The
@@ -23,7 +24,6 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -31,7 +31,6 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import (
-    RUN_LIVE,
     TURN_UNFINISHED,
     Character,
     Conversation,
@@ -39,12 +38,17 @@ from db.models import (
     Message,
     Role,
     Run,
+    RunStatus,
     Scene,
     SceneStatus,
     Turn,
+    TurnErrorCode,
     TurnStatus,
 )
 from scenes.speakers import Member, Rule, next_speaker
+
+# A run in one of these stops its scenes; any other (a failed submission too: it is resumed) lets them go on.
+RUN_STOPPED = (RunStatus.CANCELLING, RunStatus.CANCELLED, RunStatus.EXPIRED)
 
 # Where the session keeps the steps created in its transaction, for the caller to send after commit.
 NEW_STEPS_KEY = "mlchat.scene_steps"
@@ -65,6 +69,7 @@ class GroupView:
 
     premise: str
     names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
+    ids: tuple[int, ...]  # their character ids, in the same order (names may repeat; ids do not)
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class NewScene:
     run_id: uuid.UUID | None = None
     custom_id: str | None = None
     opening: tuple[int, str] | None = None  # (speaker's character id, text)
-    sent: bool = True  # step 1 is sent right after the commit (a run's submission stamps it itself)
+    sent: bool = True  # step 1 is sent right after the commit (a run's submission sends its own)
     api_key: str | None = None
 
 
@@ -226,15 +231,21 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
 
 
 def speaker_for_player(
-    *, session: Session, conversation_id: int, message: str, slug: str | None
+    *, session: Session, conversation_id: int, message: str, slug: str | None, pick: bool = True
 ) -> int | None:
     """The member who answers a player's line: `slug` if named (an unmuted member), else the group's
     strategy (mentions in the line first, in natural order); None for a one-character conversation.
-    ValueError naming `speaker_character` when the named speaker cannot answer."""
+    ValueError naming `speaker_character` when the named speaker cannot answer, or `conversation`
+    when the group is a run's scene (the run's steps alone speak in it). `pick=False`: no member
+    answers (the narrator does), only the checks are made."""
     scene = session.scalars(select(Scene).where(Scene.conversation_id == conversation_id)).one_or_none()
     if scene is None:
         if slug is not None:
             raise ValueError("speaker_character: this conversation has one character; name none")
+        return None
+    if scene.run_id is not None:
+        raise ValueError("conversation: this group belongs to a run's scene; a player cannot speak in it")
+    if slug is None and not pick:  # the narrator speaks, no member
         return None
     if slug is not None:
         member = next(
@@ -283,9 +294,12 @@ def _create_step(
             params=params,
             attempts=0,
             api_key=api_key,
-            dispatched_at=datetime.now(UTC) if sent else None,
+            dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
         )
-        .on_conflict_do_nothing()
+        # Only the step's own index: a clash on the idempotency key is an error, never a skipped step.
+        .on_conflict_do_nothing(
+            index_elements=["scene_id", "scene_step"], index_where=Turn.scene_id.is_not(None)
+        )
         .returning(Turn.id)
     )
     if turn_id is not None and sent:
@@ -304,8 +318,8 @@ def _close(session: Session, scene_id: int, status: SceneStatus, reason: str) ->
 def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[NewStep]:
     """step / fail: move the scenes of these just-finished turns on, in the caller's transaction.
 
-    A stored step counts and creates the next (unless the scene is done or its run is no longer
-    live); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
+    A stored step counts and creates the next (unless the scene is done or its run is cancelling,
+    cancelled or expired); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
     if not turn_ids:
         return []
     finished = session.execute(
@@ -345,14 +359,15 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             continue
         scene.steps_done = step
         session.execute(update(Scene).where(Scene.id == scene.id).values(steps_done=step))
-        run_live = scene.run_id is None or session.scalar(
-            select(Run.status.in_(RUN_LIVE)).where(Run.id == scene.run_id)
+        # A run whose submitter died is `failed` but resumable: its scenes go on; only a cancel stops them.
+        run_stopped = scene.run_id is not None and session.scalar(
+            select(Run.status.in_(RUN_STOPPED)).where(Run.id == scene.run_id)
         )
         if scene.end_phrase and reply and scene.end_phrase.lower() in reply.lower():
             _close(session, scene.id, SceneStatus.ENDED, f"step {step} said the end phrase")
         elif step >= scene.exchanges:
             _close(session, scene.id, SceneStatus.ENDED, f"all {scene.exchanges} exchanges done")
-        elif not run_live:
+        elif run_stopped:
             _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled")
         elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
             _close(session, scene.id, SceneStatus.ENDED, "no member may speak")
@@ -373,14 +388,34 @@ def cancel_open_scenes(*, session: Session, run_id: uuid.UUID, reason: str) -> i
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def reopen_failed_scenes(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
+    """reopen: the failed scenes whose failed step is among these turns, just requeued → open."""
+    steps = select(Turn.scene_id).where(
+        Turn.id.in_(list(turn_ids)), Turn.scene_id == Scene.id, Turn.scene_step == Scene.steps_done + 1
+    )
+    result = session.execute(
+        update(Scene)
+        .where(Scene.status == SceneStatus.FAILED, steps.exists())
+        .values(status=SceneStatus.OPEN, ended_reason=None, finished_at=None)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+class SceneClosed(ValueError):
+    """The scene failed or was cancelled: it cannot go on (the message names its status)."""
+
+
 def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> tuple[Scene, list[NewStep]]:
     """extend: a live scene goes on for `exchanges` more steps (reopened if it ended); step n+1's
-    turn is created now unless one is open. KeyError if the conversation holds no scene."""
+    turn is created now unless one is open, or requeued if it failed unsent (broker down). KeyError
+    if the conversation holds no scene; SceneClosed if it failed or was cancelled."""
     scene = session.scalars(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()
     if scene is None:
         raise KeyError(conversation_id)
+    if scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED):
+        raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )
@@ -390,28 +425,49 @@ def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> t
     scene.finished_at = None
     session.flush()
     if not pending:
-        tenant = session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
-        _create_step(session, scene, scene.steps_done + 1, tenant=tenant, sent=True)
+        step = scene.steps_done + 1
+        unsent = session.scalar(  # its message never reached the broker: the step itself goes out again
+            update(Turn)
+            .where(
+                Turn.scene_id == scene.id,
+                Turn.scene_step == step,
+                Turn.status == TurnStatus.FAILED,
+                Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value,
+            )
+            .values(
+                status=TurnStatus.QUEUED, error=None, error_code=None, finished_at=None, dispatched_at=None
+            )
+            .returning(Turn.id)
+        )
+        if unsent is not None:
+            session.info.setdefault(NEW_STEPS_KEY, []).append(NewStep(unsent, scene.model, scene.lane))
+        else:
+            tenant = (
+                session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
+            )
+            _create_step(session, scene, step, tenant=tenant, sent=True)
     return scene, pop_new_steps(session)
 
 
 def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, GroupView]:
-    """The group conversations among these: their premise and members' names."""
+    """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:
         return {}
     query = select(Scene.conversation_id, Scene.premise).where(
         Scene.conversation_id.in_(list(conversation_ids))
     )
     premises = {conv_id: premise for conv_id, premise in session.execute(query).tuples()}
-    names: dict[int, list[str]] = {}
-    for conv_id, name in session.execute(
-        select(ConversationMember.conversation_id, Character.name)
+    members: dict[int, list[tuple[int, str]]] = {c: [] for c in premises}
+    for conv_id, char_id, name in session.execute(
+        select(ConversationMember.conversation_id, Character.id, Character.name)
         .join(Character, Character.id == ConversationMember.character_id)
-        .where(ConversationMember.conversation_id.in_(list(conversation_ids)))
+        .where(ConversationMember.conversation_id.in_(list(premises)))
         .order_by(ConversationMember.conversation_id, ConversationMember.position)
     ).tuples():
-        names.setdefault(conv_id, []).append(name)
-    return {c: GroupView(premises.get(c, ""), tuple(n)) for c, n in names.items()}
+        members[conv_id].append((char_id, name))
+    return {
+        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m)) for c, m in members.items()
+    }
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@
     requeue   running under our token                  → queued (the attempt kept, or refunded)
     engine death  running under our token              → queued (attempt refunded, engine_deaths + 1
                   for those inside the engine), or failed (engine_crash_loop) at max_engine_deaths
-    cancel    queued                                   → cancelled
+    cancel    queued                                   → cancelled (also at claim: a scene step
+                                                         whose scene closed or whose run is stopping)
     fail_unsent / revive_unsent: queued ↔ failed(broker_unreachable), for turns never sent
 
 A worker that lost its lease (it ran past lease_until and another worker claimed the turn) changes
@@ -53,12 +54,14 @@ from db.models import (
     Role,
     Run,
     RunStatus,
+    Scene,
+    SceneStatus,
     Turn,
     TurnErrorCode,
     TurnStatus,
 )
 from db.runs import advance_runs_of_turns
-from db.scenes import GroupView, group_views
+from db.scenes import RUN_STOPPED, GroupView, group_views
 from db.vectors import binary_vector_param
 
 ERROR_CHARS = 2000
@@ -119,6 +122,8 @@ class ClaimedTurn:
     engine_deaths: int = 0
     # A group conversation's turn: who is present (its `character` is the member who speaks).
     group: GroupView | None = None
+    # What retrieval searches with: the message, or for a scene step (no player line) the newest line.
+    query: str = ""
 
 
 @dataclass(frozen=True)
@@ -368,6 +373,8 @@ def claim_turns(
         else []
     )
     fresh = [i for i in candidates if i not in set(result.exhausted)]
+    stopped = _stop_closed_scene_steps(session, fresh)
+    fresh = [i for i in fresh if i not in set(stopped)]
     claimed_ids = (
         session.scalars(
             update(Turn)
@@ -412,9 +419,24 @@ def claim_turns(
             .where(Turn.id.in_(claimed_ids))
             .order_by(Turn.number)
         ).all()
+        # A group is told by its scene, not by the speaker's member row: a member who left keeps the
+        # step created for them before they left, which still speaks in the group.
         groups = group_views(
-            session=session, conversation_ids=sorted({conv.id for _, conv, _, member, _ in rows if member})
+            session=session,
+            conversation_ids=sorted(
+                {conv.id for turn, conv, _, _, _ in rows if turn.character_id is not None}
+            ),
         )
+        step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
+        newest: dict[int, str] = {}
+        if step_convs:
+            for conv_id, content in session.execute(
+                select(Message.conversation_id, Message.content)
+                .where(Message.conversation_id.in_(step_convs))
+                .order_by(Message.conversation_id, Message.seq.desc())
+                .distinct(Message.conversation_id)
+            ).all():
+                newest[conv_id] = content
         for turn, conv, char, member, waited_s in rows:
             mood_of = member or conv
             result.claimed.append(
@@ -435,10 +457,11 @@ def claim_turns(
                     run_id=turn.run_id,
                     engine_deaths=turn.engine_deaths,
                     group=groups.get(conv.id),
+                    query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
                 )
             )
-    if result.exhausted or result.blocked:
-        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked])
+    if result.exhausted or result.blocked or stopped:
+        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked, *stopped])
     taken = set(claimed_ids) | set(result.exhausted) | set(result.deferred) | set(result.blocked)
     unclaimed = [i for i in turn_ids if i not in taken]
     if unclaimed:
@@ -462,6 +485,31 @@ def claim_turns(
             else:  # another claim or write holds the row right now: look again shortly
                 result.deferred[turn_id] = 0
     return result
+
+
+def _stop_closed_scene_steps(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Cancel, instead of generating, the scene steps among these (locked) turns whose scene is no
+    longer open or whose run is stopping: a step a store inserted after a cancel's snapshot."""
+    if not turn_ids:
+        return []
+    # Read, not locked: turns → runs → scenes is the lock order, and the runs are locked after this.
+    closed = exists().where(
+        Scene.id == Turn.scene_id,
+        or_(
+            Scene.status != SceneStatus.OPEN,
+            exists().where(Run.id == Scene.run_id, Run.status.in_(RUN_STOPPED)),
+        ),
+    )
+    return list(
+        session.scalars(
+            update(Turn)
+            .where(
+                Turn.id.in_(turn_ids), Turn.scene_id.is_not(None), Turn.status == TurnStatus.QUEUED, closed
+            )
+            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
+            .returning(Turn.id)
+        ).all()
+    )
 
 
 def _defer(

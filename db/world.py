@@ -182,6 +182,12 @@ def all_character_slugs(*, session: Session) -> list[str]:
     return list(session.scalars(select(Character.slug)).all())
 
 
+def character_names(*, session: Session, slugs: Sequence[str]) -> dict[str, str]:
+    """{slug: display name} of these characters (the unknown ones left out)."""
+    rows = session.execute(select(Character.slug, Character.name).where(Character.slug.in_(list(slugs))))
+    return dict(rows.tuples().all())
+
+
 def get_character(*, session: Session, slug: str) -> Character | None:
     return session.scalars(select(Character).where(Character.slug == slug)).one_or_none()
 

@@ -100,7 +100,10 @@ def next_speaker(
     if not speakers:
         return None
     if strategy == "rules":
-        order = rule_order([m.slug for m in members], rules)
+        present = {m.slug for m in members}
+        # A member who left takes their rules along: the others' order stands (never an error mid-scene).
+        kept = [r for r in rules if r.speaker in present and r.after in present]
+        order = rule_order([m.slug for m in members], kept)
         by_slug = {m.slug: m for m in speakers}
         speakers = [by_slug[s] for s in order if s in by_slug]
     if strategy in ("fixed", "rules"):

@@ -137,3 +137,20 @@ class ContinueSpec(BaseModel):
                 f"{value} exchanges; the limit is {settings.scene_max_exchanges} (MLCHAT_SCENE_MAX_EXCHANGES)"
             )
         return value
+
+
+def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
+    """ "field: reason" when two participants share a display name, or the player has a member's name
+    (their lines could not be told apart in the prompt); None when every speaker's name is its own."""
+    taken: dict[str, int] = {}
+    for i, p in enumerate(spec.participants):
+        key = " ".join(names.get(p.character, p.character).split()).casefold()
+        if key in taken:
+            return (
+                f"participants.{i}.character: {p.character!r} is named {names.get(p.character)!r}, as "
+                f"participants.{taken[key]} is; members of a group need names of their own"
+            )
+        taken[key] = i
+    if " ".join(spec.player_name.split()).casefold() in taken:
+        return f"player_name: {spec.player_name!r} is a member's name; the player needs their own"
+    return None

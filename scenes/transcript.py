@@ -41,19 +41,19 @@ def jsonl_line(scene: Scene, lines: list[TranscriptLine]) -> str:
 def markdown(scene: Scene, lines: list[TranscriptLine]) -> str:
     """The scene as a writer reads it: a heading, the premise, then each line under its speaker."""
     status = scene.status.value if hasattr(scene.status, "value") else scene.status
-    out = [f"## {scene.custom_id or f'scene {scene.id}'}", ""]
+    out = [f"## {md_inline(scene.custom_id or f'scene {scene.id}')}", ""]
     if scene.premise:
-        out += [f"*{_md(scene.premise)}*", ""]
+        out += [f"*{md_inline(scene.premise)}*", ""]
     for line in lines:
-        mood = f" _({line.emotion})_" if line.emotion else ""
+        mood = f" _({md_inline(line.emotion)})_" if line.emotion else ""
         step = f"{line.step}. " if line.step is not None else ""
-        out.append(f"{step}**{_md(line.speaker)}**{mood}: {_md(line.text)}")
+        out.append(f"{step}**{md_inline(line.speaker)}**{mood}: {md_inline(line.text)}")
         out.append("")
-    out += [f"_{status}: {scene.ended_reason or 'open'}_", ""]
+    out += [f"_{md_inline(str(status))}: {md_inline(scene.ended_reason or 'open')}_", ""]
     return "\n".join(out)
 
 
-def _md(text: str) -> str:
+def md_inline(text: str) -> str:
     """Text kept on its line and inert as Markdown (no heading, list or emphasis of its own)."""
     flat = " ".join(text.split())
     for char in "\\*_`#[]<>|":

@@ -179,6 +179,7 @@ def main() -> int:
     args = parser.parse_args()
     os.environ["MLCHAT_MODEL"] = MODEL
     os.environ["MLCHAT_SERVED_MODELS"] = json.dumps([MODEL])
+    os.environ["MLCHAT_LEASE_SECONDS"] = "10"  # the sweeper here reads the workers' lease
     from core.logging import configure_logging
 
     configure_logging()
@@ -226,7 +227,7 @@ def main() -> int:
                 workers[victim] = _start_worker(victim, env, work / f"{victim}.log")
                 killed = True
             if killed:
-                resent = resend_stranded(older_than_s=5.0, models=[MODEL])
+                resent = resend_stranded(models=[MODEL])  # the default timing, as `mlchat sweep`
                 if any(resent.values()):
                     print(f"sweeper re-sent {resent}", flush=True)
             print(f"{time.monotonic() - started:.0f} s: {counts}", flush=True)

@@ -266,9 +266,7 @@ def _group_speakers(
     speakers: list[int | None] = []
     errors = []
     for i, req in enumerate(requests):
-        if req.speaker == "narrator" and req.speaker_character is None:  # the narrator is no member
-            speakers.append(None)
-            continue
+        narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         try:
             speakers.append(
                 speaker_for_player(
@@ -276,6 +274,7 @@ def _group_speakers(
                     conversation_id=conv_ids[req.conversation],
                     message=req.message,
                     slug=req.speaker_character,
+                    pick=not narrator,
                 )
             )
         except ValueError as exc:

@@ -3,17 +3,28 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from sqlalchemy import select
 
 from core.settings import DEFAULT_TENANT, settings
 from db.models import Conversation, Scene, Turn
-from db.scenes import NewScene, create_scene, extend_scene, pop_new_steps, scene_transcript
+from db.scenes import (
+    NewScene,
+    NewStep,
+    SceneClosed,
+    create_scene,
+    extend_scene,
+    pop_new_steps,
+    scene_transcript,
+)
 from db.session import session_scope
-from db.world import find_characters, upsert_conversations
-from scenes.spec import GroupSpec
+from db.turns import mark_dispatched
+from db.world import character_names, find_characters, upsert_conversations
+from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
+from services.producer import send_new_turns
 from services.runs.scene_lines import scene_of
 
 
@@ -31,6 +42,9 @@ def start_group(
         for i, slug in enumerate(spec.slugs()):
             if slug not in ids:
                 raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")
+        clash = name_clash(spec, character_names(session=session, slugs=spec.slugs()))
+        if clash is not None:
+            raise SceneRefused(clash)
         lead = ids[spec.participants[0].character]
         row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
         conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
@@ -54,7 +68,7 @@ def start_group(
 
 def continue_group(conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` more lines with no player line, on the live lane.
-    KeyError if the tenant has no such group."""
+    KeyError if the tenant has no such group; SceneClosed if its scene failed or was cancelled."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         _, steps = extend_scene(session=session, conversation_id=conv_id, exchanges=exchanges)
@@ -88,12 +102,16 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
     return int(conv_id)
 
 
-def _send(steps: list[Any]) -> None:
-    """Send the committed steps on their lane (the worker sends each next one as a step is stored)."""
-    from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
-
+def _send(steps: list[NewStep]) -> None:
+    """Send the committed steps on their lane and record them sent; the broker unreachable: the
+    steps are failed (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
+    by_lane: dict[str, dict[str, list[uuid.UUID]]] = {}
     for step in steps:
-        dispatch([step.turn_id], model=step.model, lane=step.lane)
+        by_lane.setdefault(step.lane, {}).setdefault(step.model, []).append(step.turn_id)
+    for lane, fresh in by_lane.items():
+        send_new_turns(fresh, lane=lane)  # type: ignore[arg-type]
+        with session_scope() as session:
+            mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])
 
 
-__all__ = ["SceneRefused", "continue_group", "scene_view", "start_group"]
+__all__ = ["SceneClosed", "SceneRefused", "continue_group", "scene_view", "start_group"]

@@ -135,6 +135,10 @@ def check_message(text: str) -> str:
     return text
 
 
+# Scene steps' idempotency keys (db/scenes.py): a client's key never takes one.
+SYSTEM_KEY_PREFIX = "scene:"
+
+
 class TurnRequest(BaseModel):
     """One chat turn from a producer: a player's message to a conversation's character."""
 
@@ -194,6 +198,13 @@ class TurnRequest(BaseModel):
             raise ValueError("stream: a streamed turn generates one candidate; leave params.n at 1")
         return self
 
+    @field_validator("idempotency_key")
+    @classmethod
+    def _key_is_not_the_systems(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(SYSTEM_KEY_PREFIX):
+            raise ValueError(f"keys starting with {SYSTEM_KEY_PREFIX!r} are reserved for scene steps")
+        return value
+
     @field_validator("message")
     @classmethod
     def _message_is_answerable(cls, value: str) -> str:
@@ -204,6 +215,7 @@ class TurnRequest(BaseModel):
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
         skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
+        skip |= {"speaker_character"} if self.speaker_character is None else set()
         body = self.model_dump(exclude=skip, mode="json")
         # The reply shape counts only when set, so fingerprints stored before it existed still match.
         for name in ("response_format", "actions"):

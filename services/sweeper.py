@@ -16,6 +16,8 @@ stays `queued` (or `running` under a lease nobody renews) with nothing behind it
   (`dispatched_at`, as for a queued turn, and as a claim records the one it asks for when a later
   turn finds it stalled), so the next sweeps treat it like a queued turn with a message out rather
   than sending it again each time;
+A scene step is created (unsent) by the store of the step before it and sent by that worker once
+committed; one still unsent a lease after its creation (that worker died) is sent at once.
 A duplicate message would be harmless anyway: the claim finds the turn taken or finished and the
 reply is stored once. A run's lines stored but never sent belong to its submission (resubmitting
 the file sends them), so they are not swept; a CLI submission that died is marked `failed` instead,
@@ -74,11 +76,21 @@ def find_stranded(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
     )
     sent_long_ago = and_(or_(Turn.status == TurnStatus.QUEUED, lease_gone), Turn.dispatched_at < cutoff)
-    unsent = lapsed_and_unsent(Turn)
+    # A scene step created by a store whose worker died before sending it: never sent, so no
+    # message can be waiting for it; a lease after its creation, a live worker would have sent it.
+    # A run's step 1 is its submission's to send, like the run's lines.
+    step_unsent = and_(
+        Turn.status == TurnStatus.QUEUED,
+        Turn.scene_id.is_not(None),
+        Turn.dispatched_at.is_(None),
+        or_(Turn.run_id.is_(None), Turn.scene_step > 1),
+        Turn.created_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds),
+    )
+    unsent = or_(lapsed_and_unsent(Turn), step_unsent)
     with session_scope() as session:
         rows = session.execute(
             select(Turn.id, Turn.model, Turn.run_id, unsent, Turn.dispatched_at)
-            .where(or_(sent_long_ago, and_(lease_gone, unsent)), Turn.model.in_(list(models)))
+            .where(or_(sent_long_ago, and_(lease_gone, unsent), step_unsent), Turn.model.in_(list(models)))
             .order_by(Turn.number)
             .limit(limit)
         ).all()

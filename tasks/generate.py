@@ -43,6 +43,7 @@ class Resend:
     turns: list[Pending]
     countdown: float | None = None
     model: str | None = None  # None: the flush's model
+    stamp: bool = False  # record the send (dispatched_at): new scene steps, created unsent
 
 
 @dataclass
@@ -151,7 +152,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     steps: dict[str, list[Pending]] = {}
     for step in report.next_steps:
         steps.setdefault(step.model, []).append((step.turn_id, step.lane))  # type: ignore[arg-type]
-    outcome.resend += [Resend(turns, model=model) for model, turns in steps.items()]
+    outcome.resend += [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
     # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
     waiting: dict[float, list[Pending]] = {}
     for turn_id, deferrals in report.deferred.items():
@@ -215,6 +216,20 @@ def _resend(item: Resend, model: str) -> None:
                 " ".join(str(t) for t in ids),
                 exc_info=True,
             )
+            continue
+        if item.stamp:  # unstamped, the sweeper would send them again after a lease (harmless)
+            _stamp_sent(ids)
+
+
+def _stamp_sent(ids: list[uuid.UUID]) -> None:
+    from db.session import session_scope  # the worker's database, only when a step went out
+    from db.turns import mark_dispatched
+
+    try:
+        with session_scope() as session:
+            mark_dispatched(session=session, turn_ids=ids)
+    except Exception:
+        logger.warning("could not record %d scene steps as sent", len(ids), exc_info=True)
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=4), reraise=True)

@@ -255,7 +255,7 @@ def _answer(
     load_ms = engine_module.get_engine().load_ms if first_batch else 0.0
 
     with timer("embed"):
-        vectors = embed([t.message for t in turns])
+        vectors = embed([t.query or t.message for t in turns])
     with timer("retrieve"), session_scope() as session:
         contexts = fetch_batch_context(
             session=session,

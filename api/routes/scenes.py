@@ -32,6 +32,8 @@ async def continue_scene(
         return await run_in_threadpool(scenes.continue_group, conversation, body.exchanges, tenant=who.tenant)
     except KeyError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+    except scenes.SceneClosed as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
 @router.get("/{conversation}")

@@ -8,7 +8,7 @@ from typing import Literal
 
 from db.scenes import run_scenes, scene_transcript
 from db.session import session_scope
-from scenes.transcript import jsonl_line, markdown
+from scenes.transcript import jsonl_line, markdown, md_inline
 from services.runs.control import require_run
 
 SceneFormat = Literal["jsonl", "md"]
@@ -23,7 +23,7 @@ def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[
         scenes = run_scenes(session=session, run_id=run.id)
         with path.open("w", encoding="utf-8") as handle:
             if fmt == "md":
-                handle.write(f"# {run.name}\n\n")
+                handle.write(f"# {md_inline(run.name)}\n\n")
             for scene in scenes:
                 lines = scene_transcript(session=session, scene_id=scene.id)
                 handle.write(

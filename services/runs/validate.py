@@ -16,8 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import DEFAULT_TENANT
 from db.session import session_scope
-from db.world import all_character_slugs, find_conversations
-from scenes.spec import SceneSpec
+from db.world import all_character_slugs, character_names, find_conversations
+from scenes.spec import SceneSpec, name_clash
 from services.runs.openai_lines import (
     LineOptions,
     RequestRefused,
@@ -236,6 +236,15 @@ def validate_file(
     if options.default_character is not None and options.default_character not in characters:
         raise ValueError(f"default character: unknown character {options.default_character!r}")
     reader = LineReader(detect_format(path), characters, options)
+    known_names: dict[str, str] = {}
+
+    def _names(slugs: list[str]) -> dict[str, str]:
+        missing = [s for s in slugs if s not in known_names]
+        if missing:
+            with session_scope() as session:
+                known_names.update(character_names(session=session, slugs=missing))
+        return known_names
+
     seen: set[str] = set()
     errors: list[LineError] = []
     refused: list[Refusal] = []
@@ -270,6 +279,10 @@ def validate_file(
         if unknown:
             i, slug = unknown[0]
             errors.append(LineError(number, f"scene.participants.{i}.character: unknown character {slug!r}"))
+            continue
+        clash = name_clash(line.scene, _names(line.scene.slugs())) if line.scene else None
+        if clash is not None:
+            errors.append(LineError(number, f"scene.{clash}"))
             continue
         seen.add(line.custom_id)
         if line.conversation:

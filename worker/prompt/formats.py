@@ -7,7 +7,7 @@ markers are special tokens, which the sanitiser breaks for every format.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,8 +85,16 @@ def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: 
 
 def _escape_gpt_oss(text: str, char: str, user: str) -> str:
     # A line that starts with either speaker's name and a colon would read as that speaker's turn.
-    names = "|".join(regex.escape(n) for n in sorted({char, user}, key=len, reverse=True) if n)
-    marker = regex.compile(rf"^(\s*(?:{names}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
+    return escape_name_markers(text, (char, user))
+
+
+def escape_name_markers(text: str, names: Sequence[str]) -> str:
+    """Break "Name:" at a line's start for these names: in text that is not theirs, it would read as
+    their line (in a group, any member's or the player's, whatever the format)."""
+    alternatives = "|".join(regex.escape(n) for n in sorted(set(names), key=len, reverse=True) if n)
+    if not alternatives:
+        return text
+    marker = regex.compile(rf"^(\s*(?:{alternatives}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
     return marker.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
 
 

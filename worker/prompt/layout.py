@@ -145,7 +145,9 @@ def history_message(layout: Layout, line: HistoryLine) -> tuple[str, str]:
         return "user", f"{name}: {content}"
     if layout.narrator:
         role = "assistant" if line.role == "narrator" else "user"
-        if line.role != "narrator":
+        if line.role == "assistant" and line.speaker_name:  # a group's line: whoever said it
+            content = f"{layout.label(line.speaker_name)}: {content}"
+        elif line.role != "narrator":
             content = f"{layout.char if line.role == 'assistant' else layout.user}: {content}"
         return role, content
     role = "assistant" if line.role == "assistant" else "user"

@@ -12,7 +12,7 @@ from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, Lorebook, activate
 from roleplay.mood import Mood
-from worker.prompt.formats import FORMATS, ChatMessage
+from worker.prompt.formats import FORMATS, ChatMessage, escape_name_markers
 from worker.prompt.layout import (
     Layout,
     Piece,
@@ -30,6 +30,10 @@ from worker.prompt.layout import (
 from worker.prompt.manifest import account
 from worker.prompt.roles import LENIENT, fit_roles, probe_roles
 from worker.prompt.sanitize import Sanitizer
+
+
+def _escaping_names(clean: Any, names: list[str]) -> Any:
+    return lambda text: escape_name_markers(clean(text), names)
 
 
 class PromptTooLong(ValueError):
@@ -132,6 +136,9 @@ class PromptBuilder:
         char = self.sanitizer.label(item.character.name, "Character")
         user = self.sanitizer.label(item.player_name, "User")
         clean = self.cleaner(char, user)
+        if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
+            names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
+            clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
         lore = self._lore(item, char, user)
@@ -145,13 +152,18 @@ class PromptBuilder:
             persona = [*persona, ("direction", None, clean(text))]
         group = item.group if not narrator else None
         label = self.cleaner_label(clean)
-        others = [label(n) for n in group.names if n != item.character.name] if group else []
+        # Members told apart by id: two may share a display name.
+        others = (
+            [label(n) for n, i in zip(group.names, group.ids, strict=True) if i != item.character.id]
+            if group
+            else []
+        )
         message = item.message
         if group is not None:  # after the persona too: the persona stays a shared prefix
             premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
             scene = f"[Scene]\n{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
             persona = [*persona, ("scene", None, clean(scene))]
-            message = f"{user}: {message}" if message else f"[{char} speaks next.]"
+            message = f"{user}: {clean(message)}" if message else f"[{char} speaks next.]"
         if item.actions and not narrator:
             persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
@@ -190,7 +202,9 @@ class PromptBuilder:
         group_fields: dict[str, Any] = dict(
             group=group is not None, speaker_id=item.character.id, label=label
         )
-        layout = Layout(persona, state, clean(message), post, char, user, narrator, clean, **group_fields)
+        if group is None:  # a group's message is cleaned already, under the player's name
+            message = clean(message)
+        layout = Layout(persona, state, message, post, char, user, narrator, clean, **group_fields)
         base_len = len(self._render(layout, [], [], [])[0])
         while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
             # Lore that would leave no room for the message goes first (the last-ranked entry).
