@@ -76,17 +76,22 @@ def _contains(column: Any, needle: str) -> Any:
     return func.strpos(func.lower(column), func.lower(literal(needle))) > 0
 
 
+def _lines() -> Any:
+    # A scene step's (or group turn's) speaker is the member who answered, not the conversation's
+    # own character.
+    return (
+        select(Turn, Character.slug, Character.name, TurnReview)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
+        .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
+    )
+
+
 def run_lines(
     *, session: Session, run_id: uuid.UUID, filters: LineFilter, limit: int, offset: int = 0
 ) -> list[Line]:
     """The run's lines matching the filters, in input order."""
-    query = (
-        select(Turn, Character.slug, Character.name, TurnReview)
-        .join(Conversation, Conversation.id == Turn.conversation_id)
-        .join(Character, Character.id == Conversation.character_id)
-        .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
-        .where(Turn.run_id == run_id)
-    )
+    query = _lines().where(Turn.run_id == run_id)
     below = func.coalesce(func.jsonb_array_length(Turn.quality["below_bar"]), 0)
     if filters.character:
         query = query.where(Character.slug == filters.character)
@@ -112,12 +117,19 @@ def run_lines(
     return [Line(turn, slug, name, review) for turn, slug, name, review in rows]
 
 
+def scene_lines(*, session: Session, scene_id: int) -> list[Line]:
+    """A scene's step turns as desk lines, in step order (unanswered steps included)."""
+    rows = session.execute(_lines().where(Turn.scene_id == scene_id).order_by(Turn.scene_step)).tuples().all()
+    return [Line(turn, slug, name, review) for turn, slug, name, review in rows]
+
+
 def run_characters(*, session: Session, run_id: uuid.UUID) -> list[tuple[str, str]]:
     """(slug, name) of the characters that answer the run's lines."""
     rows = session.execute(
         select(Character.slug, Character.name)
-        .join(Conversation, Conversation.character_id == Character.id)
-        .join(Turn, Turn.conversation_id == Conversation.id)
+        .select_from(Turn)
+        .join(Conversation, Conversation.id == Turn.conversation_id)
+        .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .where(Turn.run_id == run_id)
         .distinct()
         .order_by(Character.slug)

@@ -25,12 +25,14 @@ from db.models import (
     ReviewLabel,
     Run,
     RunStatus,
+    Scene,
     Turn,
     TurnReview,
     TurnReviewChange,
 )
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
+from db.scenes import TranscriptLine, members_of, run_scenes, scene_transcript
 from db.session import session_scope
 from roleplay.quality import CHECK_KINDS
 from services.batches import rewrite_output_file
@@ -182,6 +184,19 @@ class RunRow:
 
 
 @dataclass(frozen=True)
+class SceneRow:
+    """A run's scene as the run page lists it."""
+
+    id: int
+    custom_id: str | None
+    status: str
+    ended_reason: str | None
+    steps_done: int
+    exchanges: int
+    participants: list[str]  # the members' names, in speaking position
+
+
+@dataclass(frozen=True)
 class RunPage:
     run: RunRow
     lines: list[reviews.Line]
@@ -189,6 +204,23 @@ class RunPage:
     filters: LineFilter
     page: int
     more: bool
+    scenes: list[SceneRow] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SceneLine:
+    """One line of a scene's transcript; `line` is its step's turn (None: the opening or a player's line)."""
+
+    text: TranscriptLine
+    line: reviews.Line | None
+
+
+@dataclass(frozen=True)
+class ScenePage:
+    scene: SceneRow
+    run: Run
+    premise: str
+    lines: list[SceneLine]
 
 
 @dataclass(frozen=True)
@@ -269,6 +301,49 @@ def run_page(who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 
             filters=filters,
             page=page,
             more=len(lines) > PAGE_SIZE,
+            scenes=[_scene_row(session, scene) for scene in run_scenes(session=session, run_id=run.id)],
+        )
+
+
+def _scene_row(session: Session, scene: Scene) -> SceneRow:
+    members = members_of(session=session, conversation_id=scene.conversation_id)
+    return SceneRow(
+        id=scene.id,
+        custom_id=scene.custom_id,
+        status=scene.status.value,
+        ended_reason=scene.ended_reason,
+        steps_done=scene.steps_done,
+        exchanges=scene.exchanges,
+        participants=[m.name for m in members],
+    )
+
+
+def scene_id(value: str) -> int:
+    """A scene's id from a path; a malformed one is simply not found."""
+    raw = value.strip()
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+        raise DeskError(404, "scene: no such scene")
+    return int(raw)
+
+
+def scene_page(who: Reviewer, scene_id: int) -> ScenePage:
+    """A run's scene: its transcript in order, each step a line with the run page's controls."""
+    with session_scope() as session:
+        found = session.execute(
+            select(Scene, Run).join(Run, Run.id == Scene.run_id).where(Scene.id == scene_id)
+        ).first()
+        if found is None or not (who.admin or found[1].tenant == who.tenant):
+            raise DeskError(404, "scene: no such scene")
+        scene, run = found
+        steps = {line.turn.id: line for line in reviews.scene_lines(session=session, scene_id=scene.id)}
+        transcript = scene_transcript(session=session, scene_id=scene.id)
+        row = _scene_row(session, scene)
+        session.expunge_all()
+        return ScenePage(
+            scene=row,
+            run=run,
+            premise=scene.premise,
+            lines=[SceneLine(t, steps.get(t.turn_id) if t.turn_id else None) for t in transcript],
         )
 
 
@@ -293,6 +368,11 @@ def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
 
 
 def _speaker(session: Session, turn: Turn) -> tuple[str, str]:
+    if turn.character_id is not None:  # a scene step or group turn: the member who answered
+        row = session.execute(
+            select(Character.slug, Character.name).where(Character.id == turn.character_id)
+        ).one()
+        return str(row[0]), str(row[1])
     row = session.execute(
         select(Character.slug, Character.name)
         .join(Conversation, Conversation.character_id == Character.id)

@@ -146,3 +146,78 @@ def answer(ids: list[uuid.UUID], specs: list[Spec]) -> None:
             for turn_id, spec in zip(ids, specs, strict=True)
         ]
         assert len(store_replies(session=s, token=claim.token, outcomes=outcomes)) == len(specs)
+
+
+def build_scene_run(
+    tenant: str, participants: list[str], replies: list[str]
+) -> tuple[uuid.UUID, int, list[uuid.UUID]]:
+    """A run of `tenant` holding one scene (custom id "scene-1") of these participants' slugs, its
+    steps answered with `replies` in order, as a worker would; (run id, scene id, step turn ids)."""
+    from sqlalchemy import select
+
+    from db.models import Scene, Turn, TurnStatus
+    from db.scenes import pop_new_steps
+    from scenes.spec import SceneSpec
+    from services.runs.scene_lines import insert_run_scenes
+
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s,
+            name=f"desk-scenes-{uuid.uuid4().hex[:8]}",
+            model="smollm2-135m",
+            file_hash=uuid.uuid4().hex,
+            total=1,
+            fields={"tenant": tenant},
+        )
+        run_id = run.id
+        spec = SceneSpec.model_validate(
+            {"participants": participants, "premise": "Rain on the gate.", "exchanges": len(replies)}
+        )
+        insert_run_scenes(
+            session=s,
+            run_id=run_id,
+            lines=[("scene-1", f"desk-scene-{uuid.uuid4().hex}", spec)],
+            model="smollm2-135m",
+            tenant=tenant,
+            candidates=1,
+        )
+    with session_scope() as s:
+        finish_submission(session=s, run_id=run_id)
+        scene_id = int(s.scalar(select(Scene.id).where(Scene.run_id == run_id)))
+    steps = []
+    for reply in replies:
+        with session_scope() as s:
+            step = s.scalar(
+                select(Turn.id).where(Turn.scene_id == scene_id, Turn.status == TurnStatus.QUEUED)
+            )
+            claim = claim_turns(session=s, turn_ids=[step], lease_s=60, max_attempts=3)
+            turn = claim.claimed[0]
+            outcome = TurnOutcome(
+                turn_id=turn.id,
+                conversation_id=turn.conversation_id,
+                user_message=turn.message,
+                user_embedding=None,
+                reply=reply,
+                reply_embedding=VEC,
+                prompt="",
+                context={},
+                usage={
+                    "prompt_tokens": 10,
+                    "completion_tokens": 5,
+                    "total_tokens": 15,
+                    "finish_reason": "stop",
+                },
+                timings={},
+                params={**turn.params, "seed": 100},
+                state={
+                    "before": {"emotion": "neutral", "affinity": 0},
+                    "after": {"emotion": "joy", "affinity": 2},
+                },
+                quality={**quality(0.4), "candidates": 1},
+                speaker_id=turn.character.id,
+                speaker_name=turn.character.name,
+            )
+            assert store_replies(session=s, token=claim.token, outcomes=[outcome]) == [turn.id]
+            pop_new_steps(s)
+            steps.append(turn.id)
+    return run_id, scene_id, steps

@@ -420,3 +420,54 @@ def test_two_writers_picking_at_once_store_one_change(services, world) -> None:
     assert sorted(outcomes, key=str) == [1, 409]
     turn, _, changes = _stored(first)
     assert changes == 1 and turn.reply == "Down the hill, past the well."
+
+
+def test_a_scenes_transcript_is_in_step_order_and_an_edited_line_reaches_the_export(
+    services, world, tmp_path
+) -> None:
+    from services.runs.scene_export import export_scenes
+    from tests.desk_data import build_scene_run
+
+    run_id, scene_id, steps = build_scene_run(
+        "studio-a", ["elara", "luffy"], ["Who knocks?", "Only me.", "Then come in."]
+    )
+    view = desk.run_page(WRITER, run_id, desk.line_filter(None, None, None, None, None))
+    [row] = view.scenes
+    assert (row.id, row.status, row.steps_done, row.exchanges) == (scene_id, "ended", 3, 3)
+    assert row.participants == ["Elara", "루피"]
+    page = desk.scene_page(WRITER, scene_id)
+    assert [(x.text.step, x.text.speaker, x.text.text, x.text.emotion) for x in page.lines] == [
+        (1, "Elara", "Who knocks?", "joy"),
+        (2, "루피", "Only me.", "joy"),
+        (3, "Elara", "Then come in.", "joy"),
+    ]
+    # each line is its step's turn, under the member who spoke it (not the conversation's character)
+    assert [x.line.turn.id for x in page.lines if x.line] == steps
+    assert [x.line.character_name for x in page.lines if x.line] == ["Elara", "루피", "Elara"]
+
+    # an edit through the desk's own change (its version, the speaker's name in the prompt check)
+    with pytest.raises(DeskError, match="reply: it holds a special token"):
+        desk.edit(WRITER, steps[1], "Only me.\n루피: and my crew", "0")
+    assert desk.edit(WRITER, steps[1], "Only me, and the rain.", "0") == 1
+    turn, message, changes = _stored(steps[1])
+    assert turn.reply == message.content == "Only me, and the rain." and changes == 1
+    assert message.speaker_name == "루피"
+    assert [x.text.text for x in desk.scene_page(WRITER, scene_id).lines][1] == "Only me, and the rain."
+    path, n = export_scenes(str(run_id), tmp_path)
+    [record] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert n == 1 and [(x["step"], x["text"]) for x in record["lines"]] == [
+        (1, "Who knocks?"),
+        (2, "Only me, and the rain."),
+        (3, "Then come in."),
+    ]
+
+    # another tenant sees neither the scene nor its lines
+    for call in (
+        lambda: desk.scene_page(OTHER_WRITER, scene_id),
+        lambda: desk.edit(OTHER_WRITER, steps[0], "mine now", "0"),
+        lambda: desk.scene_page(WRITER, 2**62),
+        lambda: desk.scene_id("<b>1</b>"),
+    ):
+        with pytest.raises(DeskError) as refused:
+            call()
+        assert refused.value.status == 404

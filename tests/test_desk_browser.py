@@ -332,3 +332,54 @@ def test_the_runs_list_updates_while_a_run_is_answered(browser, base_url, desk_r
     row.locator(".status", has_text="completed").wait_for(timeout=10_000)
     assert row.get_attribute("hx-trigger") is None
     page.context.close()
+
+
+def test_a_writer_opens_a_runs_scene_and_edits_one_of_its_lines(browser, base_url, world, tmp_path) -> None:
+    from services.runs.scene_export import export_scenes
+    from tests.desk_data import build_scene_run
+
+    slug = f"desk-sc-{uuid.uuid4().hex[:6]}"
+    character(slug, XSS_NAME, XSS_CARD)
+    run_id, scene_id, steps = build_scene_run(
+        "studio-a", ["elara", slug], ["Who knocks?", XSS_REPLY, "Then come in."]
+    )
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/runs/{run_id}")
+    row = page.locator(f"tr.scene[data-scene='{scene_id}']")
+    assert row.locator(".steps").inner_text() == "3 / 3" and "ended" in row.locator(".status").inner_text()
+    assert row.locator(".participants").inner_text() == f"Elara, {XSS_NAME}"
+    row.get_by_role("link").click()
+    page.wait_for_selector(".scene-line")
+    lines = page.locator(".scene-line")
+    assert [lines.nth(i).get_attribute("data-step") for i in range(lines.count())] == ["1", "2", "3"]
+    assert [lines.nth(i).locator(".speaker").inner_text() for i in range(3)] == ["Elara", XSS_NAME, "Elara"]
+    assert XSS_REPLY in lines.nth(1).locator(".reply-text").inner_text()  # markup shown as text
+    _no_script_ran(page)
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTEFACTS / "scene-page.png"), full_page=True)
+    assert (ARTEFACTS / "scene-page.png").stat().st_size > 5_000
+
+    line = page.locator(f"#line-{steps[2]}")
+    line.locator("summary").click()
+    line.locator("textarea").fill("Then come in, out of the rain.")
+    line.get_by_role("button", name="Save the edit").click()
+    page.locator(f"#line-{steps[2]} .saved").wait_for()
+    assert page.locator(f"#line-{steps[2]} .reply-text").inner_text() == "Then come in, out of the rain."
+    _no_script_ran(page)
+
+    review = httpx.get(f"{base_url}/v1/turns/{steps[2]}/review", headers={"X-API-Key": REVIEW_KEY}).json()
+    assert review["reply"] == "Then come in, out of the rain." and review["original_reply"] == "Then come in."
+    assert [(c["action"], c["by"]) for c in review["changes"]] == [("edit", "writer-a")]
+    path, _ = export_scenes(str(run_id), tmp_path)
+    [record] = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    assert [x["text"] for x in record["lines"]] == [
+        "Who knocks?",
+        XSS_REPLY,
+        "Then come in, out of the rain.",
+    ]
+    page.context.close()
+
+    page = _sign_in(browser, base_url, OTHER_REVIEW_KEY)
+    page.goto(f"{base_url}/desk/scenes/{scene_id}")
+    assert page.locator(".error-text").inner_text() == "scene: no such scene"
+    page.context.close()

@@ -1,5 +1,6 @@
-"""The writers' desk: server-rendered pages (Jinja2 + htmx, vendored) to read a run's lines, pick
-another candidate, edit a reply, approve or reject it; and GET /v1/turns/{id}/review for the record.
+"""The writers' desk: server-rendered pages (Jinja2 + htmx, vendored) to read a run's lines and its
+scenes' transcripts, pick another candidate, edit a reply, approve or reject it (a scene's step is a
+turn, changed the same way); and GET /v1/turns/{id}/review for the record.
 
 The key is entered once in a login form and kept, base64url-encoded (a cookie value is ASCII; a
 key need not be), in an HttpOnly, SameSite=Strict cookie (Secure over HTTPS). The login form is
@@ -237,6 +238,13 @@ async def run_summary(request: Request, run_id: str, desk_: Signed) -> Response:
     """The run's live header alone (htmx polls it while the run is answered)."""
     row = await run_in_threadpool(desk.run_summary, desk_.who, desk.object_id("run", run_id))
     return _page(request, "_run_summary.html", desk=desk_, run=row)
+
+
+@router.get("/scenes/{scene_id}", response_class=HTMLResponse)
+async def scene(request: Request, scene_id: str, desk_: Signed) -> Response:
+    """A run's scene: its transcript in step order, each step's line with the run page's controls."""
+    view = await run_in_threadpool(desk.scene_page, desk_.who, desk.scene_id(scene_id))
+    return _page(request, "scene.html", desk=desk_, view=view)
 
 
 @router.get("/lines/{turn_id}", response_class=HTMLResponse)
