@@ -548,7 +548,8 @@ def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
             func.avg(case((q["language_match"].as_boolean(), 1.0), else_=0.0)),
             func.count().filter(func.jsonb_array_length(q["below_bar"]) > 0),
             func.count().filter(q.has_key("regenerated")),
-        ).where(Turn.run_id == run_id, q.is_not(None))
+            # Scored replies only: an unscored one's quality is SQL NULL or JSON null (None in a JSON column).
+        ).where(Turn.run_id == run_id, func.jsonb_typeof(q) == "object")
     ).one()
     scored, persona, repetition, language, below, regenerated = row
     if not scored:

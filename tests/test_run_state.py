@@ -283,3 +283,16 @@ def test_a_submitter_killed_mid_way_leaves_a_run_that_says_so_and_resumes(quiet_
 def test_queue_depth_counts_the_runs_messages(quiet_model, tmp_path) -> None:
     sub = submit_run(_file(tmp_path, 20), name="depth-" + tmp_path.name)
     assert queue_depth(MODEL, "bulk") == -(-20 // settings.batch_size) and sub.sent == 20
+
+
+def test_a_run_whose_answered_turns_carry_no_scores_reads_without_error(quiet_model, tmp_path) -> None:
+    # A reply stored without scores (quality as JSON null, as SQLAlchemy writes None into a JSON
+    # column) must not break the run's summary: it is not a scored reply.
+    sub = submit_run(_file(tmp_path, 2), name="unscored-" + tmp_path.name)
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE turns SET status = 'done', quality = 'null'::jsonb WHERE run_id = :id"),
+            {"id": sub.id},
+        )
+    state = run_state(sub.name)
+    assert state.quality == {"scored": 0}
