@@ -195,16 +195,18 @@ def facts_for_turns(
 
 
 def closest_fact(
-    *, session: Session, tenant: str, player_id: str, subject: str, vector: np.ndarray
+    *, session: Session, tenant: str, scope: FactScope, scope_ref: str, subject: str, vector: np.ndarray
 ) -> tuple[Fact, float] | None:
-    """The current fact of this player and subject closest to `vector`, with its cosine similarity."""
+    """The current fact of this scope, scope ref and subject closest to `vector`, with its cosine
+    similarity (facts of another scope reach other NPCs or players: never compared)."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
     row = session.execute(
         select(Fact, distance)
         .where(
             Fact.tenant == tenant,
-            Fact.player_id == player_id,
+            Fact.scope == scope,
+            Fact.scope_ref == scope_ref,
             Fact.subject == subject,
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),

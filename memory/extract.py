@@ -1,8 +1,8 @@
 """The fact-extraction job of one conversation: the lines extraction has not read go to the model
 under a JSON schema (guided decoding); each fact it names is embedded, dropped as a duplicate of a
-current fact of the same player and subject, stored as superseding a close one (the old is kept as
-history), or stored as new. Facts heard in a conversation are that conversation's (scope
-"conversation") until gossip moves them."""
+current fact of this conversation's scope and the same subject, stored as superseding a close one
+(the old is kept as history; a game-written fact is never superseded), or stored as new. Facts heard
+in a conversation are that conversation's (scope "conversation") until gossip moves them."""
 
 from __future__ import annotations
 
@@ -84,7 +84,8 @@ def store_extracted(
         close = closest_fact(
             session=session,
             tenant=conversation.tenant,
-            player_id=conversation.player_id,
+            scope=FactScope.CONVERSATION,
+            scope_ref=str(conversation.id),
             subject=subject,
             vector=vector,
         )
@@ -108,7 +109,12 @@ def store_extracted(
                 )
             ],
         )
-        if close is not None and close[1] >= settings.memory_fact_supersede_similarity:
+        # The game's own facts are canon: dialogue never replaces them.
+        if (
+            close is not None
+            and close[1] >= settings.memory_fact_supersede_similarity
+            and close[0].source != "game"
+        ):
             supersede(session=session, old_id=close[0].id, new_id=row.id)
             counts["superseded"] += 1
         else:

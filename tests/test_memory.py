@@ -375,6 +375,61 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts("not json") is None
 
 
+def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    (vec,) = embed(["Rowan: Rowan has a sister called Mira."])
+    with session_scope() as s:  # the game wrote it for every NPC he met, and in this very conversation
+        met, own = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    "Rowan",
+                    "Rowan has a sister called Mira.",
+                    "game",
+                    0.8,
+                    scope,
+                    ref,
+                    vec,
+                )
+                for scope, ref in ((FactScope.MET, ""), (FactScope.CONVERSATION, str(conv_id)))
+            ],
+        )
+        met_id, own_id = met.id, own.id
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        counts = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has no sister; Mira is his cousin.", 8)),
+            source="t:1",
+        )
+    with session_scope() as s:
+        assert s.get(Fact, met_id).superseded_by is None
+        assert s.get(Fact, own_id).superseded_by is None
+    assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
+
+
+def test_anonymous_players_do_not_share_extracted_facts() -> None:
+    first, second = _conversation("elara", ""), _conversation("elara", "")
+    for conv_id in (first, second):
+        with session_scope() as s:
+            conv = s.get(Conversation, conv_id)
+            counts = store_extracted(
+                session=s,
+                conversation=conv,
+                facts=_answer(("Rowan has a sister called Mira.", 8)),
+                source="t",
+            )
+        assert counts == {"added": 1, "duplicate": 0, "superseded": 0}, conv_id
+    with session_scope() as s:
+        refs = s.scalars(select(Fact.scope_ref).where(Fact.scope_ref.in_([str(first), str(second)]))).all()
+    assert sorted(refs) == sorted([str(first), str(second)])
+
+
 def _card() -> Character:
     return Character(
         slug="elara",
