@@ -1,5 +1,6 @@
-"""The summary job of one conversation: claim it, write every summary that is due (lines beyond the
-recent window, then merges up the hierarchy), give it back. Each summary is stored in its own
+"""The summary job of one conversation: claim it, write the next summary that is due (lines beyond
+the recent window, then merges up the hierarchy), give it back; one summary per message, so a job
+holds a worker thread for one generation (the task sends the next step). Each summary is stored in its own
 transaction, only while the claim holds, and once per range (db/summaries.py)."""
 
 from __future__ import annotations
@@ -47,9 +48,9 @@ def summary_prompt(work: SummaryWork, char: str, user: str, clean: Callable[[str
     return SUMMARY_INSTRUCTIONS.format(char=char, user=user), body
 
 
-def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 16) -> int:
-    """Write the conversation's due summaries; how many were stored (0 when another worker holds
-    the job, or nothing is due)."""
+def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
+    """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
+    another worker holds the job, or nothing is due)."""
     generate = generate or _engine_generate
     with session_scope() as session:
         token = claim_job(
