@@ -97,17 +97,33 @@ def supersede(*, session: Session, old_id: int, new_id: int) -> bool:
 
 def move_fact(
     *, session: Session, fact: Fact, to_scope: FactScope, to_ref: str, told_by: str = ""
-) -> FactMove:
-    """Gossip: the fact now reaches a wider (or other) set of NPCs; the move is recorded."""
+) -> FactMove | None:
+    """Gossip: the fact now reaches a wider (or other) set of NPCs; the move is recorded. None (nothing
+    changed) when the fact was superseded or moved since `fact` was read."""
+    from_scope, from_ref = fact.scope, fact.scope_ref
+    moved = session.execute(
+        update(Fact)
+        .where(
+            Fact.id == fact.id,
+            Fact.scope == from_scope,
+            Fact.scope_ref == from_ref,
+            Fact.superseded_by.is_(None),
+        )
+        .values(scope=to_scope, scope_ref=to_ref)
+        .returning(Fact.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    session.refresh(fact)
+    if moved is None:
+        return None
     move = FactMove(
         fact_id=fact.id,
-        from_scope=fact.scope.value,
-        from_ref=fact.scope_ref,
+        from_scope=from_scope.value,
+        from_ref=from_ref,
         to_scope=to_scope.value,
         to_ref=to_ref,
         told_by=told_by,
     )
-    fact.scope, fact.scope_ref = to_scope, to_ref
     session.add(move)
     session.flush()
     return move

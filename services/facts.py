@@ -173,7 +173,13 @@ def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[Fa
         if fact is None or fact.player_id != player:
             raise FactNotFound(f"no fact {fact_id} of player {player!r}")
         ref = _scope_ref(session, tenant, player, move, "")
-        move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
+        if fact.superseded_by is not None or (
+            move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
+            is None
+        ):
+            raise FactRefused(
+                "fact_id", f"fact {fact_id} is superseded (or moved meanwhile): move the current one"
+            )
         moves = [
             MoveView(
                 fact_id=m.fact_id,

@@ -121,6 +121,26 @@ def test_gossip_moves_a_fact_to_another_scope_and_records_it() -> None:
     assert moves == [("conversation", str(guard), "met", "elara")]
 
 
+def test_gossip_never_moves_a_fact_superseded_after_it_was_read() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    guard = _conversation("elara", player)
+    old = _fact("The player owes the guard ten coins.", FactScope.CONVERSATION, str(guard), player=player)
+    new = _fact("The player paid the guard back.", FactScope.CONVERSATION, str(guard), player=player)
+    with session_scope() as mover:
+        row = get_fact(session=mover, tenant="", fact_id=old)  # read while current
+        assert row is not None and row.superseded_by is None
+        with session_scope() as other:  # meanwhile another session supersedes it and commits
+            assert supersede(session=other, old_id=old, new_id=new)
+        assert (
+            move_fact(session=mover, fact=row, to_scope=FactScope.WORLD, to_ref="", told_by="elara") is None
+        )
+    with session_scope() as s:
+        stored = get_fact(session=s, tenant="", fact_id=old)
+        assert stored is not None
+        assert (stored.scope, stored.superseded_by) == (FactScope.CONVERSATION, new)  # not moved
+        assert fact_moves(session=s, fact_id=old) == []
+
+
 def test_a_superseded_fact_leaves_the_prompt_and_stays_as_history() -> None:
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv = _conversation("elara", player)

@@ -131,6 +131,19 @@ def test_gossip_over_http_records_the_move(base_url) -> None:
     ]
 
 
+def test_moving_a_superseded_fact_is_refused_naming_the_field(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    url = f"{base_url}/v1/players/{player}/facts"
+    (old,) = httpx.post(url, headers=A, json={"facts": [{"text": "Rowan owes me."}]}).json()["facts"]
+    replaced = httpx.post(url, headers=A, json={"facts": [{"text": "Rowan paid.", "supersedes": old["id"]}]})
+    assert replaced.status_code == 201, replaced.text
+    moved = httpx.post(f"{url}/{old['id']}:move", headers=A, json={"scope": "world"})
+    assert moved.status_code == 422, moved.text
+    assert moved.json()["detail"][0]["field"] == "fact_id"
+    history = httpx.get(f"{url}?history=true", headers=A).json()["facts"]
+    assert [f["scope"] for f in history if f["id"] == old["id"]] == ["met"]  # not moved
+
+
 def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     assert cli(["facts", "add", player, "Rowan's sister is called Mira.", "--importance", "0.8"]) == 0
