@@ -29,8 +29,16 @@ def memory_job(conversation_id: int, kind: str) -> None:
     if not slots.acquire(blocking=False):
         send_memory_jobs([(conversation_id, kind)], countdown=settings.memory_job_retry_s)
         return
+    from worker.engine import EngineDead
+
     try:
         did = _run_step(conversation_id, kind)
+    except EngineDead as exc:  # the worker's engine-death handling: hand the job on, stop the worker
+        from worker.lifecycle import stop_for_dead_engine
+
+        send_memory_jobs([(conversation_id, kind)])
+        stop_for_dead_engine(exc)
+        return
     finally:
         slots.release()
     if did:
@@ -44,6 +52,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
     from db.memory_jobs import EXTRACT, SUMMARY
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
+    from worker.engine import EngineDead
 
     try:
         if kind == SUMMARY:
@@ -55,6 +64,8 @@ def _run_step(conversation_id: int, kind: str) -> bool:
             logger.info("facts from conversation %s: %s", conversation_id, counts)
             return bool(counts)
         logger.warning("unknown memory job kind %r dropped", kind)
+    except EngineDead:
+        raise
     except Exception:
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
     return False

@@ -107,3 +107,23 @@ def test_scheduling_a_due_job_twice_without_a_worker_sends_one_message(summaries
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
     assert schedule_memory([conv]) == 1  # still due: the next step is sent
     assert len(_queued(conv)) == 2
+
+
+def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.worker import state as worker_state
+
+    from memory import summarize
+    from tasks import memory as memory_tasks
+    from worker.engine import EngineDead
+
+    def dead(system: str, body: str, max_tokens: int) -> str:
+        raise EngineDead("the engine died: test")
+
+    monkeypatch.setattr(summarize, "_engine_generate", dead)
+    monkeypatch.setattr(worker_state, "should_stop", None)
+    conv = _conversation(40)
+    memory_tasks.memory_job(conv, SUMMARY)
+    assert worker_state.should_stop  # the worker stops, as after a flush whose engine died
+    assert len(_queued(conv)) == 1  # and the job is on the queue for another worker
