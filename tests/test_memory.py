@@ -22,6 +22,7 @@ from db.retrieval import HistoryLine, TurnContext
 from db.session import session_scope
 from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
 from db.world import find_characters, upsert_conversations
+from memory.context import attach_memory
 from memory.extract import ExtractedFact, parse_facts, store_extracted
 from worker.embedder import embed
 from worker.prompt import PromptBuilder, PromptInput
@@ -139,6 +140,24 @@ def test_gossip_never_moves_a_fact_superseded_after_it_was_read() -> None:
         assert stored is not None
         assert (stored.scope, stored.superseded_by) == (FactScope.CONVERSATION, new)  # not moved
         assert fact_moves(session=s, fact_id=old) == []
+
+
+def test_a_batch_run_line_gets_no_memory_when_a_world_fact_exists() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    fact = _fact("The old mill burned down last night.", FactScope.WORLD)
+    vec = embed(["what news of the mill?"])[0]
+    contexts = [TurnContext(), TurnContext()]
+    with session_scope() as s:
+        attach_memory(
+            session=s,
+            conversation_ids=[conv, conv],
+            vectors=[vec, vec],
+            contexts=contexts,
+            in_run=[True, False],
+        )
+    run_line, live = contexts
+    assert fact in {h.id for h in live.facts}  # the live turn knows it
+    assert run_line.facts == [] and run_line.summaries == []  # the run's prompt is as before the fact
 
 
 def test_a_superseded_fact_leaves_the_prompt_and_stays_as_history() -> None:
