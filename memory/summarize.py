@@ -13,7 +13,7 @@ from db.memory_jobs import SUMMARY, claim_job, release_job
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
-from worker.prompt.sanitize import Sanitizer
+from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
 logger = logging.getLogger(__name__)
 
@@ -38,14 +38,13 @@ def _engine_generate(system: str, user: str, max_tokens: int) -> str:
     return generate_text(system, user, max_tokens=max_tokens)
 
 
-def summary_prompt(work: SummaryWork, char: str, user: str, clean: Callable[[str], str]) -> tuple[str, str]:
-    """(system, user) of the request that writes this summary; every line cleaned."""
+def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
+    """(system, user) of the request that writes this summary; every line and name cleaned."""
     if work.parts:
-        body = "\n\n".join(clean(text) for _, text in work.parts)
-        return MERGE_INSTRUCTIONS.format(char=char, user=user), body
-    speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
-    body = "\n".join(f"{speaker.get(role, role)}: {clean(content)}" for role, content in work.lines)
-    return SUMMARY_INSTRUCTIONS.format(char=char, user=user), body
+        body = "\n\n".join(who.clean(text) for _, text in work.parts)
+        return MERGE_INSTRUCTIONS.format(char=who.char, user=who.user), body
+    body = dialogue([(str(role), content) for role, content in work.lines], who)
+    return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), body
 
 
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
@@ -63,9 +62,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
     if token is None:
         return 0
-    scrub = _sanitizer().scrub
-    char = " ".join(scrub(names[0]).split()) or "Character"
-    user = " ".join(scrub(names[1]).split()) or "User"
+    who = speakers(loaded_builder(), *names)
     stored = 0
     try:
         for _ in range(max_steps):
@@ -80,7 +77,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 )
             if work is None:
                 break
-            system, body = summary_prompt(work, char, user, scrub)
+            system, body = summary_prompt(work, who)
             text = generate(system, body, settings.memory_summary_max_tokens)
             if not text:
                 logger.warning(
@@ -98,14 +95,3 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)
     return stored
-
-
-def _sanitizer() -> Sanitizer:
-    """The engine's sanitiser when it is loaded here, else one without special tokens (scripts)."""
-    from worker import engine as engine_module
-
-    if engine_module.get_engine.cache_info().currsize:
-        from worker.pipeline import get_prompt_builder
-
-        return get_prompt_builder().sanitizer
-    return Sanitizer(None)
