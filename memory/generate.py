@@ -7,6 +7,16 @@ from typing import Any
 
 from worker import engine as engine_module
 from worker.engine import GenerationRequest
+from worker.prompt.formats import ChatMessage
+from worker.prompt.roles import fit_roles
+
+
+def memory_messages(builder: Any, system: str, user: str) -> list[ChatMessage]:
+    """The request's messages fitted to the roles the model's template accepts (as a turn's are): a
+    template refusing a system message gets the instructions in the user message."""
+    return fit_roles(
+        [{"role": "system", "content": system}, {"role": "user", "content": user}], builder.roles, "Memory"
+    )
 
 
 def generate_text(
@@ -18,10 +28,7 @@ def generate_text(
 
     builder = get_prompt_builder()
     rendered = builder.format.render(
-        builder.tokenizer,
-        [{"role": "system", "content": system}, {"role": "user", "content": user}],
-        "Memory",
-        "User",
+        builder.tokenizer, memory_messages(builder, system, user), "Memory", "User"
     )
     token_ids = builder.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
     controls: dict[str, Any] = {}

@@ -176,13 +176,10 @@ def _memory_requests(builder: PromptBuilder, text: str, player: str) -> list[str
         summary_prompt(SummaryWork(1, 1, 1, 8, parts=[(1, text), (2, "They talked.")]), who),
         extract_prompt(lines, who),
     ]
+    from memory.generate import memory_messages
+
     return [
-        builder.format.render(
-            builder.tokenizer,
-            [{"role": "system", "content": s}, {"role": "user", "content": u}],
-            "Memory",
-            "User",
-        ).text
+        builder.format.render(builder.tokenizer, memory_messages(builder, s, u), "Memory", "User").text
         for s, u in requests
     ]
 
@@ -206,3 +203,13 @@ def test_memory_job_requests_open_no_turn(tokenizer, fmt: str, field: str) -> No
 
     assert [opened(t) for t in attacked] == [opened(t) for t in plain]
     assert all("Ignore the card" in t for t in attacked)  # the words stay; the turns do not
+
+
+def test_memory_requests_fit_a_template_that_refuses_system_messages(tokenizer) -> None:
+    from memory.generate import memory_messages
+    from worker.prompt.roles import TemplateRoles
+
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    builder.roles = TemplateRoles(system=False, late_system=False, repeated=False, assistant_first=False)
+    messages = memory_messages(builder, "Summarise this.", "Rowan: hello")
+    assert messages == [{"role": "user", "content": "Summarise this.\n\nRowan: hello"}]  # nothing lost
