@@ -213,3 +213,21 @@ def test_memory_requests_fit_a_template_that_refuses_system_messages(tokenizer) 
     builder.roles = TemplateRoles(system=False, late_system=False, repeated=False, assistant_first=False)
     messages = memory_messages(builder, "Summarise this.", "Rowan: hello")
     assert messages == [{"role": "user", "content": "Summarise this.\n\nRowan: hello"}]  # nothing lost
+
+
+def test_a_memory_request_from_a_long_korean_history_fits_the_models_context(tokenizer) -> None:
+    from db.summaries import SummaryWork
+    from memory.generate import memory_request
+    from memory.prompts import speakers
+    from memory.summarize import summary_prompt
+
+    builder = PromptBuilder(tokenizer, "chat_template", 1024)
+    line = "미라는 사흘 전에 물레방앗간 근처에서 사라졌어요. 강가의 경비대장에게 물어보세요. "
+    lines = [
+        ("user" if i % 2 else "assistant", line * 6) for i in range(40)
+    ]  # ~4 chars a token would say 3000
+    assert len(tokenizer("\n".join(c for _, c in lines))["input_ids"]) > 1024  # too long as it is
+    system, body = summary_prompt(SummaryWork(1, 0, 1, 40, lines=lines), speakers(builder, "엘라라", "로완"))
+    ids, rendered = memory_request(builder, system, body, 160)
+    assert len(ids) <= 1024 - 160
+    assert "로완" in rendered.text and body[:200] in rendered.text  # the instructions and the start kept
