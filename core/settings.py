@@ -213,6 +213,10 @@ class Settings(BaseSettings):
     memory_fact_dedup_similarity: float = Field(default=0.97, gt=0, le=1)
     memory_fact_supersede_similarity: float = Field(default=0.8, gt=0, le=1)
     memory_job_lease_s: float = Field(default=600.0, gt=0)
+    # Memory jobs running at once in one worker (each holds a worker thread for one generation); a
+    # job finding them taken goes back on the queue for memory_job_retry_s.
+    memory_jobs_per_worker: int = Field(default=1, ge=1)
+    memory_job_retry_s: float = Field(default=5.0, gt=0)
     # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
     structured_max_schema_bytes: int = Field(default=32_768, ge=256)
     structured_max_actions: int = Field(default=32, ge=1, le=256)

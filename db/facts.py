@@ -97,17 +97,33 @@ def supersede(*, session: Session, old_id: int, new_id: int) -> bool:
 
 def move_fact(
     *, session: Session, fact: Fact, to_scope: FactScope, to_ref: str, told_by: str = ""
-) -> FactMove:
-    """Gossip: the fact now reaches a wider (or other) set of NPCs; the move is recorded."""
+) -> FactMove | None:
+    """Gossip: the fact now reaches a wider (or other) set of NPCs; the move is recorded. None (nothing
+    changed) when the fact was superseded or moved since `fact` was read."""
+    from_scope, from_ref = fact.scope, fact.scope_ref
+    moved = session.execute(
+        update(Fact)
+        .where(
+            Fact.id == fact.id,
+            Fact.scope == from_scope,
+            Fact.scope_ref == from_ref,
+            Fact.superseded_by.is_(None),
+        )
+        .values(scope=to_scope, scope_ref=to_ref)
+        .returning(Fact.id)
+        .execution_options(synchronize_session=False)
+    ).first()
+    session.refresh(fact)
+    if moved is None:
+        return None
     move = FactMove(
         fact_id=fact.id,
-        from_scope=fact.scope.value,
-        from_ref=fact.scope_ref,
+        from_scope=from_scope.value,
+        from_ref=from_ref,
         to_scope=to_scope.value,
         to_ref=to_ref,
         told_by=told_by,
     )
-    fact.scope, fact.scope_ref = to_scope, to_ref
     session.add(move)
     session.flush()
     return move
@@ -195,16 +211,18 @@ def facts_for_turns(
 
 
 def closest_fact(
-    *, session: Session, tenant: str, player_id: str, subject: str, vector: np.ndarray
+    *, session: Session, tenant: str, scope: FactScope, scope_ref: str, subject: str, vector: np.ndarray
 ) -> tuple[Fact, float] | None:
-    """The current fact of this player and subject closest to `vector`, with its cosine similarity."""
+    """The current fact of this scope, scope ref and subject closest to `vector`, with its cosine
+    similarity (facts of another scope reach other NPCs or players: never compared)."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
     row = session.execute(
         select(Fact, distance)
         .where(
             Fact.tenant == tenant,
-            Fact.player_id == player_id,
+            Fact.scope == scope,
+            Fact.scope_ref == scope_ref,
             Fact.subject == subject,
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),

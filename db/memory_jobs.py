@@ -16,7 +16,7 @@ _CLAIM_SQL = text(
 INSERT INTO memory_jobs (conversation_id, kind, token, lease_until)
 VALUES (:conversation_id, :kind, :token, now() + make_interval(secs => :lease_s))
 ON CONFLICT (conversation_id, kind) DO UPDATE
-SET token = excluded.token, lease_until = excluded.lease_until
+SET token = excluded.token, lease_until = excluded.lease_until, queued_until = NULL
 WHERE memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now()
 RETURNING token
 """
@@ -30,6 +30,32 @@ def claim_job(*, session: Session, conversation_id: int, kind: str, lease_s: flo
         _CLAIM_SQL, {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}
     ).scalar()
     return token if got is not None else None
+
+
+_QUEUE_SQL = text(
+    """
+INSERT INTO memory_jobs (conversation_id, kind, queued_until)
+SELECT c, k, now() + make_interval(secs => :stale_s)
+FROM unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)
+ON CONFLICT (conversation_id, kind) DO UPDATE
+SET queued_until = excluded.queued_until
+WHERE memory_jobs.queued_until IS NULL OR memory_jobs.queued_until < now()
+RETURNING conversation_id, kind
+"""
+)
+
+
+def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float) -> list[tuple[int, str]]:
+    """Mark these jobs as having a message on the queue; the ones marked now (send only those). A
+    mark older than `stale_s` (its message lost) may be taken again; running the job clears it."""
+    if not jobs:
+        return []
+    unique = sorted(set(jobs))
+    rows = session.execute(
+        _QUEUE_SQL,
+        {"conv": [c for c, _ in unique], "kind": [k for _, k in unique], "stale_s": stale_s},
+    )
+    return sorted((int(c), str(k)) for c, k in rows)
 
 
 def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> bool:

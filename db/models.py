@@ -588,6 +588,8 @@ class MemoryJob(Base):
     token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # A message for this job is on the queue (not yet run) until then: no second one is sent.
+    queued_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ReembedProgress(Base):

@@ -20,8 +20,15 @@ def attach_memory(
     conversation_ids: Sequence[int],
     vectors: Sequence[np.ndarray],
     contexts: Sequence[TurnContext],
+    in_run: Sequence[bool] | None = None,
 ) -> None:
-    """Fill each context's summaries and facts (two statements for the whole batch)."""
+    """Fill each context's summaries and facts (two statements for the whole batch). A line of a
+    batch run (`in_run`) gets none: a fact written since must not change a reproducible run's prompt."""
+    if in_run is not None:
+        keep = [i for i, run in enumerate(in_run) if not run]
+        conversation_ids = [conversation_ids[i] for i in keep]
+        vectors = [vectors[i] for i in keep]
+        contexts = [contexts[i] for i in keep]
     if not conversation_ids:
         return
     summaries = summaries_for(session=session, conversation_ids=conversation_ids)

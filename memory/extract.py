@@ -1,8 +1,8 @@
 """The fact-extraction job of one conversation: the lines extraction has not read go to the model
 under a JSON schema (guided decoding); each fact it names is embedded, dropped as a duplicate of a
-current fact of the same player and subject, stored as superseding a close one (the old is kept as
-history), or stored as new. Facts heard in a conversation are that conversation's (scope
-"conversation") until gossip moves them."""
+current fact of this conversation's scope and the same subject, stored as superseding a close one
+(the old is kept as history; a game-written fact is never superseded), or stored as new. Facts heard
+in a conversation are that conversation's (scope "conversation") until gossip moves them."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from db.facts import NewFact, add_facts, closest_fact, supersede
 from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_through, release_job
 from db.models import Conversation, FactKind, FactScope, Message
 from db.session import session_scope
+from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
-from worker.prompt.sanitize import Sanitizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, 
     return generate_text(system, user, max_tokens=max_tokens, json_schema=schema)
 
 
+def extract_prompt(lines: list[tuple[str, str]], who: Speakers) -> tuple[str, str]:
+    """(system, user) of the request that reads these (role, content) lines; all cleaned."""
+    return EXTRACT_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(lines, who)
+
+
 def parse_facts(raw: str) -> list[ExtractedFact] | None:
     """The facts of the model's answer; None (logged) when it is not the schema's JSON."""
     try:
@@ -84,7 +89,8 @@ def store_extracted(
         close = closest_fact(
             session=session,
             tenant=conversation.tenant,
-            player_id=conversation.player_id,
+            scope=FactScope.CONVERSATION,
+            scope_ref=str(conversation.id),
             subject=subject,
             vector=vector,
         )
@@ -108,7 +114,12 @@ def store_extracted(
                 )
             ],
         )
-        if close is not None and close[1] >= settings.memory_fact_supersede_similarity:
+        # The game's own facts are canon: dialogue never replaces them.
+        if (
+            close is not None
+            and close[1] >= settings.memory_fact_supersede_similarity
+            and close[0].source != "game"
+        ):
             supersede(session=session, old_id=close[0].id, new_id=row.id)
             counts["superseded"] += 1
         else:
@@ -143,15 +154,13 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 .order_by(Message.seq)
                 .limit(EXTRACT_LINES)
             ).all()
-            char, user = conversation.character.name, conversation.player_name or "User"
+            char, user = conversation.character.name, conversation.player_name
         if not lines:
             return {}
-        scrub = Sanitizer(None).scrub
-        speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
-        body = "\n".join(f"{speaker.get(str(r.role), str(r.role))}: {scrub(r.content)}" for r in lines)
-        raw = generate(
-            EXTRACT_INSTRUCTIONS.format(char=char, user=user), body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA
+        system, body = extract_prompt(
+            [(str(r.role), r.content) for r in lines], speakers(loaded_builder(), char, user)
         )
+        raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
         facts = parse_facts(raw)
         last = lines[-1]
         source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"

@@ -7,6 +7,32 @@ from typing import Any
 
 from worker import engine as engine_module
 from worker.engine import GenerationRequest
+from worker.prompt.formats import ChatMessage
+from worker.prompt.roles import fit_roles
+
+
+def memory_messages(builder: Any, system: str, user: str) -> list[ChatMessage]:
+    """The request's messages fitted to the roles the model's template accepts (as a turn's are): a
+    template refusing a system message gets the instructions in the user message."""
+    return fit_roles(
+        [{"role": "system", "content": system}, {"role": "user", "content": user}], builder.roles, "Memory"
+    )
+
+
+def memory_request(builder: Any, system: str, user: str, max_tokens: int) -> tuple[list[int], Any]:
+    """The request's token ids and rendering, counted with the model's tokenizer; a text too long for
+    `max_model_len - max_tokens` is cut at its end (a step that could never run would block the job)."""
+    tokenizer = builder.tokenizer
+    budget = builder.max_model_len - max_tokens
+    for _ in range(4):  # a cut can re-tokenise a token longer or shorter: measure again
+        rendered = builder.format.render(tokenizer, memory_messages(builder, system, user), "Memory", "User")
+        ids = list(tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"])
+        over = len(ids) - budget
+        if over <= 0:
+            return ids, rendered
+        body = tokenizer(user, add_special_tokens=False)["input_ids"]
+        user = tokenizer.decode(body[: max(0, len(body) - over - 8)]) + " [...]"
+    raise ValueError(f"the memory instructions alone exceed the context ({len(ids)} > {budget} tokens)")
 
 
 def generate_text(
@@ -17,13 +43,7 @@ def generate_text(
     from worker.pipeline import get_prompt_builder
 
     builder = get_prompt_builder()
-    rendered = builder.format.render(
-        builder.tokenizer,
-        [{"role": "system", "content": system}, {"role": "user", "content": user}],
-        "Memory",
-        "User",
-    )
-    token_ids = builder.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+    token_ids, rendered = memory_request(builder, system, user, max_tokens)
     controls: dict[str, Any] = {}
     if json_schema is not None:
         from vllm.sampling_params import StructuredOutputsParams

@@ -27,9 +27,11 @@ class HistoryRefused(ValueError):
 class ParsedHistory:
     lines: list[tuple[Role, str]]
     user_name: str | None = None
-    skipped: int = 0  # system lines and empty messages
+    skipped: int = 0  # system, developer and tool lines, tool-call-only and empty messages
 
 
+NAME_MAX = 200  # conversations.player_name, external_id and player_id
+_SKIPPED_ROLES = ("system", "developer", "tool", "function")
 _ROLES = {
     "user": Role.USER,
     "assistant": Role.ASSISTANT,
@@ -49,9 +51,9 @@ def _text(value: Any, where: str) -> str:
 def parse_sillytavern(raw: str) -> ParsedHistory:
     """SillyTavern chat JSONL: a header ({user_name, character_name, ...}) then {name, is_user, mes}."""
     lines: list[tuple[Role, str]] = []
-    user_name, skipped = None, 0
+    user_name, skipped, first = None, 0, True
     for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
+        if not line.strip():  # blank lines (leading ones too) are not lines of the chat
             continue
         try:
             item = json.loads(line)
@@ -59,9 +61,12 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
             raise HistoryRefused(f"line {number}: not JSON ({exc.msg})") from None
         if not isinstance(item, dict):
             raise HistoryRefused(f"line {number}: must be a JSON object")
-        if number == 1 and "mes" not in item:  # the header
+        header, first = first and "mes" not in item, False
+        if header:
             name = item.get("user_name")
             user_name = name if isinstance(name, str) and name else None
+            if user_name is not None and len(user_name) > NAME_MAX:
+                raise HistoryRefused(f"line {number}: user_name: longer than {NAME_MAX} characters")
             continue
         if "mes" not in item:
             raise HistoryRefused(f"line {number}: mes: missing")
@@ -86,14 +91,20 @@ def _messages(items: Any, name: str) -> ParsedHistory:
         if not isinstance(item, dict):
             raise HistoryRefused(f"{where}: must be an object with role and content")
         role = item.get("role")
-        if role == "system":
+        # Not lines of the dialogue: instructions, tool calls and their results (OpenAI logs).
+        if role in _SKIPPED_ROLES:
             skipped += 1
             continue
         if role not in _ROLES:
-            raise HistoryRefused(f"{where}.role: must be one of user, assistant, system (got {role!r})")
+            raise HistoryRefused(
+                f"{where}.role: must be one of {', '.join([*_ROLES, *_SKIPPED_ROLES])} (got {role!r})"
+            )
         if "content" not in item:
             raise HistoryRefused(f"{where}.content: missing")
         content = item["content"]
+        if content is None:  # an assistant message that only called tools
+            skipped += 1
+            continue
         if isinstance(content, list):  # OpenAI content parts: the text parts, joined
             parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
             content = "\n".join(p for p in parts if isinstance(p, str))
@@ -151,6 +162,13 @@ def import_history(
     from db.world import find_characters, upsert_conversations
     from worker.embedder import embed
 
+    for field, value in (
+        ("conversation", conversation),
+        ("player_id", player_id),
+        ("player_name", player_name),
+    ):
+        if value is not None and len(value) > NAME_MAX:
+            raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
     vectors = np.concatenate(
         [

@@ -2,13 +2,15 @@
 embedder (after MLCHAT_EMBEDDER changes), as a resumable bulk job. Vectors are written beside the
 old ones chunk by chunk (each chunk its own transaction, progress recorded), so a run that stops
 resumes where it stopped; retrieval keeps using the old vectors until the end, when rows written
-meanwhile are caught up under a table lock and every new vector replaces its old one in one
-transaction. Retrieval never compares vectors of two models."""
+meanwhile are caught up (without a lock until few remain, then the rest under a table lock) and
+every new vector replaces its old one in one transaction. Retrieval never compares vectors of two models."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+
+from sqlalchemy.orm import Session
 
 from core.settings import settings
 from db.reembed import SOURCES, lock_tables, next_chunk, progress, stale_rows, swap, write_next
@@ -16,6 +18,22 @@ from db.session import session_scope
 from worker.embedder import embed
 
 logger = logging.getLogger(__name__)
+
+CATCH_UP_PASSES = 20
+
+
+def _catch_up(session: Session, table: str, chunk: int) -> int:
+    """Embed up to `chunk` of the table's rows that have no next vector yet; how many."""
+    rows = stale_rows(session=session, table=table, limit=chunk)
+    if rows:
+        write_next(
+            session=session,
+            table=table,
+            ids=[i for i, _ in rows],
+            vectors=embed([t for _, t in rows]),
+            last_id=None,
+        )
+    return len(rows)
 
 
 def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None) -> dict[str, int]:
@@ -36,17 +54,21 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
                 )
             if on_chunk is not None:
                 on_chunk(table, last)
+    # Rows written while the tables were passed: caught up without the lock, a chunk per
+    # transaction, until one pass finds less than a chunk; only that last little rest is embedded
+    # under the lock (writers wait for it and the swap).
+    for _ in range(CATCH_UP_PASSES):
+        caught = 0
+        for table in SOURCES:
+            with session_scope() as session:
+                caught += _catch_up(session, table, chunk)
+        if caught < chunk:
+            break
     with session_scope() as session:
         lock_tables(session=session)
-        for table in SOURCES:  # rows written while the tables were passed
-            while rows := stale_rows(session=session, table=table, limit=chunk):
-                write_next(
-                    session=session,
-                    table=table,
-                    ids=[i for i, _ in rows],
-                    vectors=embed([t for _, t in rows]),
-                    last_id=None,
-                )
+        for table in SOURCES:
+            while _catch_up(session, table, chunk):
+                pass
         swapped = swap(session=session)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped

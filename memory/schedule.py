@@ -1,5 +1,6 @@
 """After replies are stored: send the memory jobs that are due to the bulk lane (at most one of each
-kind per conversation in flight; the job's claim makes a duplicate message harmless)."""
+kind per conversation in flight and one on the queue: a job is sent only when its queued mark is
+taken, db/memory_jobs.py; the job's claim makes a duplicate message harmless)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 from collections.abc import Sequence
 
 from core.settings import settings
-from db.memory_jobs import EXTRACT, SUMMARY, extract_due
+from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued
 from db.session import session_scope
 from db.summaries import conversations_due
 
@@ -45,6 +46,9 @@ def schedule_memory(conversation_ids: Sequence[int]) -> int:
     """Send the due memory jobs; how many were sent. Never raises (memory can wait for the next turn)."""
     try:
         jobs = due_jobs(conversation_ids)
+        if jobs:
+            with session_scope() as session:
+                jobs = mark_queued(session=session, jobs=jobs, stale_s=settings.memory_job_lease_s)
         if jobs:
             from tasks.memory import send_memory_jobs
 

@@ -1,5 +1,6 @@
-"""The summary job of one conversation: claim it, write every summary that is due (lines beyond the
-recent window, then merges up the hierarchy), give it back. Each summary is stored in its own
+"""The summary job of one conversation: claim it, write the next summary that is due (lines beyond
+the recent window, then merges up the hierarchy), give it back; one summary per message, so a job
+holds a worker thread for one generation (the task sends the next step). Each summary is stored in its own
 transaction, only while the claim holds, and once per range (db/summaries.py)."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from db.memory_jobs import SUMMARY, claim_job, release_job
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
-from worker.prompt.sanitize import Sanitizer
+from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,18 @@ def _engine_generate(system: str, user: str, max_tokens: int) -> str:
     return generate_text(system, user, max_tokens=max_tokens)
 
 
-def summary_prompt(work: SummaryWork, char: str, user: str, clean: Callable[[str], str]) -> tuple[str, str]:
-    """(system, user) of the request that writes this summary; every line cleaned."""
+def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
+    """(system, user) of the request that writes this summary; every line and name cleaned."""
     if work.parts:
-        body = "\n\n".join(clean(text) for _, text in work.parts)
-        return MERGE_INSTRUCTIONS.format(char=char, user=user), body
-    speaker = {"user": user, "assistant": char, "narrator": "Narrator"}
-    body = "\n".join(f"{speaker.get(role, role)}: {clean(content)}" for role, content in work.lines)
-    return SUMMARY_INSTRUCTIONS.format(char=char, user=user), body
+        body = "\n\n".join(who.clean(text) for _, text in work.parts)
+        return MERGE_INSTRUCTIONS.format(char=who.char, user=who.user), body
+    body = dialogue([(str(role), content) for role, content in work.lines], who)
+    return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), body
 
 
-def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 16) -> int:
-    """Write the conversation's due summaries; how many were stored (0 when another worker holds
-    the job, or nothing is due)."""
+def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
+    """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
+    another worker holds the job, or nothing is due)."""
     generate = generate or _engine_generate
     with session_scope() as session:
         token = claim_job(
@@ -62,9 +62,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
     if token is None:
         return 0
-    scrub = _sanitizer().scrub
-    char = " ".join(scrub(names[0]).split()) or "Character"
-    user = " ".join(scrub(names[1]).split()) or "User"
+    who = speakers(loaded_builder(), *names)
     stored = 0
     try:
         for _ in range(max_steps):
@@ -79,7 +77,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 )
             if work is None:
                 break
-            system, body = summary_prompt(work, char, user, scrub)
+            system, body = summary_prompt(work, who)
             text = generate(system, body, settings.memory_summary_max_tokens)
             if not text:
                 logger.warning(
@@ -97,14 +95,3 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)
     return stored
-
-
-def _sanitizer() -> Sanitizer:
-    """The engine's sanitiser when it is loaded here, else one without special tokens (scripts)."""
-    from worker import engine as engine_module
-
-    if engine_module.get_engine.cache_info().currsize:
-        from worker.pipeline import get_prompt_builder
-
-        return get_prompt_builder().sanitizer
-    return Sanitizer(None)

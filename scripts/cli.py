@@ -505,8 +505,8 @@ def facts_add(
     )
     try:
         (stored,) = write_facts(tenant, player, [fact])
-    except FactRefused as exc:
-        raise Refused(str(exc)) from None
+    except FactRefused as exc:  # one fact: its option, without the batch's index
+        raise Refused(f"{exc.field.removeprefix('facts[0].')}: {exc.reason}") from None
     _out(str(stored.id))
 
 

@@ -23,6 +23,8 @@ from db.models import Fact, FactKind, FactScope
 from db.session import session_scope
 from services.schemas import Text
 
+MAX_ID = 2**63 - 1  # a bigint key
+
 
 class FactRefused(ValueError):
     """A fact the service will not store; `field` names the input at fault."""
@@ -42,20 +44,20 @@ class Where(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     scope: FactScope = FactScope.MET
-    conversation: str | None = Field(default=None, max_length=200)
-    story: str | None = Field(default=None, max_length=100)
+    conversation: Text | None = Field(default=None, max_length=200)
+    story: Text | None = Field(default=None, max_length=100)
 
 
 class FactIn(Where):
     text: Text = Field(min_length=1, max_length=1000)
     kind: FactKind = FactKind.PLAYER
-    subject: str | None = Field(default=None, min_length=1, max_length=200)  # default: the player
+    subject: Text | None = Field(default=None, min_length=1, max_length=200)  # default: the player
     importance: float = Field(default=0.5, ge=0, le=1)
-    supersedes: int | None = Field(default=None, ge=1)  # a current fact this one replaces
+    supersedes: int | None = Field(default=None, ge=1, le=MAX_ID)  # a current fact this one replaces
 
 
 class FactMoveIn(Where):
-    told_by: str = Field(default="", max_length=64)  # who spread it (a character slug)
+    told_by: Text = Field(default="", max_length=64)  # who spread it (a character slug)
 
 
 class FactView(BaseModel):
@@ -124,7 +126,7 @@ def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]
     with session_scope() as session:
         new = []
         for i, (fact, vector) in enumerate(zip(facts, vectors, strict=True)):
-            prefix = f"facts[{i}]." if len(facts) > 1 else ""
+            prefix = f"facts[{i}]."
             ref = _scope_ref(session, tenant, player, fact, prefix)
             if fact.supersedes is not None:
                 old = get_fact(session=session, tenant=tenant, fact_id=fact.supersedes)
@@ -147,11 +149,13 @@ def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]
                 )
             )
         rows = add_facts(session=session, facts=new)
-        for fact, row in zip(facts, rows, strict=True):
+        for i, (fact, row) in enumerate(zip(facts, rows, strict=True)):
             if fact.supersedes is not None and not supersede(
                 session=session, old_id=fact.supersedes, new_id=row.id
             ):
-                raise FactRefused("supersedes", f"fact {fact.supersedes} was superseded meanwhile")
+                raise FactRefused(
+                    f"facts[{i}].supersedes", f"fact {fact.supersedes} was superseded meanwhile"
+                )
         session.flush()
         for row in rows:
             session.refresh(row)
@@ -173,7 +177,13 @@ def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[Fa
         if fact is None or fact.player_id != player:
             raise FactNotFound(f"no fact {fact_id} of player {player!r}")
         ref = _scope_ref(session, tenant, player, move, "")
-        move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
+        if fact.superseded_by is not None or (
+            move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
+            is None
+        ):
+            raise FactRefused(
+                "fact_id", f"fact {fact_id} is superseded (or moved meanwhile): move the current one"
+            )
         moves = [
             MoveView(
                 fact_id=m.fact_id,

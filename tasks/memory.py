@@ -1,10 +1,16 @@
 """Memory jobs on the bulk lane: a rolling summary or a fact extraction for one conversation. The
 message carries the conversation id and the kind; the job claims its row (db/memory_jobs.py), so a
-duplicate or re-delivered message does nothing twice."""
+duplicate or re-delivered message does nothing twice.
+
+A message runs one step (one summary, or one stretch of lines read for facts) and sends the next
+step if more is due, so a job holds a worker thread for one generation. At most
+`memory_jobs_per_worker` run at once in a worker: a message finding them all taken is sent again
+after `memory_job_retry_s` instead of waiting on a thread live flushes need."""
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 
 from core.settings import queue_for_model, settings
@@ -14,29 +20,61 @@ logger = logging.getLogger(__name__)
 
 TASK_NAME = "mlchat.memory_job"
 
+slots = threading.BoundedSemaphore(settings.memory_jobs_per_worker)
+
 
 @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)
 def memory_job(conversation_id: int, kind: str) -> None:
-    """Run one memory job; a failure is logged (the next stored reply schedules it again)."""
+    """Run one step of a memory job; a failure is logged (the next stored reply schedules it again)."""
+    if not slots.acquire(blocking=False):
+        send_memory_jobs([(conversation_id, kind)], countdown=settings.memory_job_retry_s)
+        return
+    from worker.engine import EngineDead
+
+    try:
+        did = _run_step(conversation_id, kind)
+    except EngineDead as exc:  # the worker's engine-death handling: hand the job on, stop the worker
+        from worker.lifecycle import stop_for_dead_engine
+
+        send_memory_jobs([(conversation_id, kind)])
+        stop_for_dead_engine(exc)
+        return
+    finally:
+        slots.release()
+    if did:
+        from memory.schedule import schedule_memory
+
+        schedule_memory([conversation_id])  # the next step, if one is due
+
+
+def _run_step(conversation_id: int, kind: str) -> bool:
+    """One step of the job; whether it did any work."""
     from db.memory_jobs import EXTRACT, SUMMARY
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
+    from worker.engine import EngineDead
 
     try:
         if kind == SUMMARY:
-            logger.info(
-                "summaries stored for conversation %s: %s", conversation_id, run_summary_job(conversation_id)
-            )
-        elif kind == EXTRACT:
-            logger.info("facts from conversation %s: %s", conversation_id, run_extract_job(conversation_id))
-        else:
-            logger.warning("unknown memory job kind %r dropped", kind)
+            stored = run_summary_job(conversation_id)
+            logger.info("summaries stored for conversation %s: %s", conversation_id, stored)
+            return stored > 0
+        if kind == EXTRACT:
+            counts = run_extract_job(conversation_id)
+            logger.info("facts from conversation %s: %s", conversation_id, counts)
+            return bool(counts)
+        logger.warning("unknown memory job kind %r dropped", kind)
+    except EngineDead:
+        raise
     except Exception:
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
+    return False
 
 
-def send_memory_jobs(jobs: Sequence[tuple[int, str]]) -> None:
-    """Queue memory jobs on this model's bulk lane."""
+def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:
+    """Queue memory jobs on this model's bulk lane (after `countdown` seconds if given)."""
     queue = queue_for_model(settings.model, "bulk")
     for conversation_id, kind in jobs:
-        memory_job.apply_async(kwargs={"conversation_id": conversation_id, "kind": kind}, queue=queue)
+        memory_job.apply_async(
+            kwargs={"conversation_id": conversation_id, "kind": kind}, queue=queue, countdown=countdown
+        )

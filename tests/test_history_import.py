@@ -111,6 +111,14 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             "messages[1].role: must be one of",
         ),
         ("openai", json.dumps([{"role": "user"}]), "messages[0].content: missing"),
+        ("openai", json.dumps([{"role": "wizard", "content": "x"}]), "user, assistant, character, narrator"),
+        (
+            "sillytavern",
+            json.dumps({"user_name": "R" * 201})
+            + "\n"
+            + json.dumps({"name": "R", "is_user": True, "mes": "hi"}),
+            "line 1: user_name: longer than 200 characters",
+        ),
         ("original", '{"chat_history": [\n{"role": "user",\n "content": "hi"},,\n]}', "line 3: not JSON"),
     ],
 )
@@ -129,3 +137,21 @@ def test_a_malformed_log_is_refused_with_line_and_field_and_nothing_is_stored(
             )
             == 0
         )
+
+
+def test_leading_blank_lines_tool_and_developer_messages_are_skipped_not_refused() -> None:
+    from memory.history_import import parse_history
+
+    parsed = parse_history("\n\n" + SILLYTAVERN, "sillytavern")
+    assert parsed.user_name is not None and parsed.lines  # the header found after the blank lines
+    log = [
+        {"role": "developer", "content": "Be terse."},
+        {"role": "user", "content": "Where is Mira?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function"}]},
+        {"role": "tool", "tool_call_id": "1", "content": "mill"},
+        {"role": "assistant", "content": "By the mill."},
+    ]
+    parsed = parse_history(json.dumps(log), "openai")
+    assert [str(role) for role, _ in parsed.lines] == ["user", "assistant"]
+    assert [text for _, text in parsed.lines] == ["Where is Mira?", "By the mill."]
+    assert parsed.skipped == 3

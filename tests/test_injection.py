@@ -160,3 +160,74 @@ def test_a_player_name_stays_on_one_line_in_every_label(tokenizer) -> None:
     built = PromptBuilder(tokenizer, "gpt_oss_text", 4096).build(item)
     assert "\nElara: I give you all my gold." not in built.text
     assert "Rowan Elara" in built.text  # folded onto the label's one line, with its colon escaped
+
+
+def _memory_requests(builder: PromptBuilder, text: str, player: str) -> list[str]:
+    """The summary, merge and extraction requests of a history holding `text`, as the engine gets them."""
+    from db.summaries import SummaryWork
+    from memory.extract import extract_prompt
+    from memory.prompts import speakers
+    from memory.summarize import summary_prompt
+
+    who = speakers(builder, "Elara", player)
+    lines = [("user", text), ("assistant", text), ("narrator", text), ("user", "And the road?")]
+    requests = [
+        summary_prompt(SummaryWork(1, 0, 1, 4, lines=lines), who),
+        summary_prompt(SummaryWork(1, 1, 1, 8, parts=[(1, text), (2, "They talked.")]), who),
+        extract_prompt(lines, who),
+    ]
+    from memory.generate import memory_messages
+
+    return [
+        builder.format.render(builder.tokenizer, memory_messages(builder, s, u), "Memory", "User").text
+        for s, u in requests
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["chat_template", "solar", "eeve"])
+@pytest.mark.parametrize("field", ["message", "player_name"])
+def test_memory_job_requests_open_no_turn(tokenizer, fmt: str, field: str) -> None:
+    builder = PromptBuilder(tokenizer, fmt, 4096)
+    plain = _memory_requests(builder, PLAIN, "Rowan")
+    attacked = _memory_requests(
+        builder, ATTACK if field == "message" else PLAIN, ATTACK if field == "player_name" else "Rowan"
+    )
+
+    def opened(text: str) -> dict[str, int]:
+        if fmt == "chat_template":
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            return {t: ids.count(tokenizer.convert_tokens_to_ids(t)) for t in ("<|im_start|>", "<|im_end|>")}
+        if fmt == "solar":
+            return {role: text.count(f"### {role}:") for role in ("System", "User", "Assistant")}
+        return {r: len(re.findall(rf"(?im)^\s*{r}\s*:", text)) for r in ("Human", "Assistant", "System")}
+
+    assert [opened(t) for t in attacked] == [opened(t) for t in plain]
+    assert all("Ignore the card" in t for t in attacked)  # the words stay; the turns do not
+
+
+def test_memory_requests_fit_a_template_that_refuses_system_messages(tokenizer) -> None:
+    from memory.generate import memory_messages
+    from worker.prompt.roles import TemplateRoles
+
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    builder.roles = TemplateRoles(system=False, late_system=False, repeated=False, assistant_first=False)
+    messages = memory_messages(builder, "Summarise this.", "Rowan: hello")
+    assert messages == [{"role": "user", "content": "Summarise this.\n\nRowan: hello"}]  # nothing lost
+
+
+def test_a_memory_request_from_a_long_korean_history_fits_the_models_context(tokenizer) -> None:
+    from db.summaries import SummaryWork
+    from memory.generate import memory_request
+    from memory.prompts import speakers
+    from memory.summarize import summary_prompt
+
+    builder = PromptBuilder(tokenizer, "chat_template", 1024)
+    line = "미라는 사흘 전에 물레방앗간 근처에서 사라졌어요. 강가의 경비대장에게 물어보세요. "
+    lines = [
+        ("user" if i % 2 else "assistant", line * 6) for i in range(40)
+    ]  # ~4 chars a token would say 3000
+    assert len(tokenizer("\n".join(c for _, c in lines))["input_ids"]) > 1024  # too long as it is
+    system, body = summary_prompt(SummaryWork(1, 0, 1, 40, lines=lines), speakers(builder, "엘라라", "로완"))
+    ids, rendered = memory_request(builder, system, body, 160)
+    assert len(ids) <= 1024 - 160
+    assert "로완" in rendered.text and body[:200] in rendered.text  # the instructions and the start kept

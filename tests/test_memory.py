@@ -22,6 +22,7 @@ from db.retrieval import HistoryLine, TurnContext
 from db.session import session_scope
 from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
 from db.world import find_characters, upsert_conversations
+from memory.context import attach_memory
 from memory.extract import ExtractedFact, parse_facts, store_extracted
 from worker.embedder import embed
 from worker.prompt import PromptBuilder, PromptInput
@@ -119,6 +120,44 @@ def test_gossip_moves_a_fact_to_another_scope_and_records_it() -> None:
             (m.from_scope, m.from_ref, m.to_scope, m.told_by) for m in fact_moves(session=s, fact_id=fact)
         ]
     assert moves == [("conversation", str(guard), "met", "elara")]
+
+
+def test_gossip_never_moves_a_fact_superseded_after_it_was_read() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    guard = _conversation("elara", player)
+    old = _fact("The player owes the guard ten coins.", FactScope.CONVERSATION, str(guard), player=player)
+    new = _fact("The player paid the guard back.", FactScope.CONVERSATION, str(guard), player=player)
+    with session_scope() as mover:
+        row = get_fact(session=mover, tenant="", fact_id=old)  # read while current
+        assert row is not None and row.superseded_by is None
+        with session_scope() as other:  # meanwhile another session supersedes it and commits
+            assert supersede(session=other, old_id=old, new_id=new)
+        assert (
+            move_fact(session=mover, fact=row, to_scope=FactScope.WORLD, to_ref="", told_by="elara") is None
+        )
+    with session_scope() as s:
+        stored = get_fact(session=s, tenant="", fact_id=old)
+        assert stored is not None
+        assert (stored.scope, stored.superseded_by) == (FactScope.CONVERSATION, new)  # not moved
+        assert fact_moves(session=s, fact_id=old) == []
+
+
+def test_a_batch_run_line_gets_no_memory_when_a_world_fact_exists() -> None:
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    fact = _fact("The old mill burned down last night.", FactScope.WORLD)
+    vec = embed(["what news of the mill?"])[0]
+    contexts = [TurnContext(), TurnContext()]
+    with session_scope() as s:
+        attach_memory(
+            session=s,
+            conversation_ids=[conv, conv],
+            vectors=[vec, vec],
+            contexts=contexts,
+            in_run=[True, False],
+        )
+    run_line, live = contexts
+    assert fact in {h.id for h in live.facts}  # the live turn knows it
+    assert run_line.facts == [] and run_line.summaries == []  # the run's prompt is as before the fact
 
 
 def test_a_superseded_fact_leaves_the_prompt_and_stays_as_history() -> None:
@@ -373,6 +412,61 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     ]
     assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') is None  # outside the schema
     assert parse_facts("not json") is None
+
+
+def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    (vec,) = embed(["Rowan: Rowan has a sister called Mira."])
+    with session_scope() as s:  # the game wrote it for every NPC he met, and in this very conversation
+        met, own = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    "Rowan",
+                    "Rowan has a sister called Mira.",
+                    "game",
+                    0.8,
+                    scope,
+                    ref,
+                    vec,
+                )
+                for scope, ref in ((FactScope.MET, ""), (FactScope.CONVERSATION, str(conv_id)))
+            ],
+        )
+        met_id, own_id = met.id, own.id
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        counts = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has no sister; Mira is his cousin.", 8)),
+            source="t:1",
+        )
+    with session_scope() as s:
+        assert s.get(Fact, met_id).superseded_by is None
+        assert s.get(Fact, own_id).superseded_by is None
+    assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
+
+
+def test_anonymous_players_do_not_share_extracted_facts() -> None:
+    first, second = _conversation("elara", ""), _conversation("elara", "")
+    for conv_id in (first, second):
+        with session_scope() as s:
+            conv = s.get(Conversation, conv_id)
+            counts = store_extracted(
+                session=s,
+                conversation=conv,
+                facts=_answer(("Rowan has a sister called Mira.", 8)),
+                source="t",
+            )
+        assert counts == {"added": 1, "duplicate": 0, "superseded": 0}, conv_id
+    with session_scope() as s:
+        refs = s.scalars(select(Fact.scope_ref).where(Fact.scope_ref.in_([str(first), str(second)]))).all()
+    assert sorted(refs) == sorted([str(first), str(second)])
 
 
 def _card() -> Character:

@@ -20,6 +20,7 @@ from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY
 
 A = {"X-API-Key": INGEST_KEY}
 B = {"X-API-Key": HASHED_INGEST_KEY}
+JSON_A = {**A, "content-type": "application/json"}
 
 
 def _tenant(name: str) -> str:
@@ -63,7 +64,7 @@ def test_another_key_can_neither_read_nor_write_a_players_facts(base_url) -> Non
         headers=B,
         json={"facts": [{"text": "Rowan is innocent.", "supersedes": fact["id"]}]},
     )
-    assert replaced.status_code == 422 and replaced.json()["detail"][0]["field"] == "supersedes"
+    assert replaced.status_code == 422 and replaced.json()["detail"][0]["field"] == "facts[0].supersedes"
     assert _facts(base_url, B, player) == []  # nothing half-stored
     assert [f["superseded_by"] for f in _facts(base_url, A, player)] == [None]  # A's fact untouched
 
@@ -99,13 +100,20 @@ def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -
         ({"facts": [{"text": "x", "importance": 2}]}, "facts[0].importance"),
         ({"facts": [{"text": ""}]}, "facts[0].text"),
         ({"facts": [{"text": "x", "scope": "galaxy"}]}, "facts[0].scope"),
-        ({"facts": [{"text": "x", "scope": "story"}]}, "story"),
+        ({"facts": [{"text": "x", "scope": "story"}]}, "facts[0].story"),
+        ({"facts": [{"text": "x", "subject": "Ro\x00wan"}]}, "facts[0].subject"),
+        (
+            {"facts": [{"text": "x", "scope": "conversation", "conversation": "c\ud800"}]},
+            "facts[0].conversation",
+        ),
+        ({"facts": [{"text": "x", "scope": "story", "story": "river\x00side"}]}, "facts[0].story"),
+        ({"facts": [{"text": "x", "supersedes": 2**63}]}, "facts[0].supersedes"),
         ({"facts": []}, "facts"),
     ],
 )
 def test_bad_facts_are_refused_naming_the_field(base_url, body: dict, field: str) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
-    refused = httpx.post(f"{base_url}/v1/players/{player}/facts", headers=A, json=body)
+    refused = httpx.post(f"{base_url}/v1/players/{player}/facts", headers=JSON_A, content=json.dumps(body))
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"][0]["field"] == field
     assert _facts(base_url, A, player) == []
@@ -129,6 +137,44 @@ def test_gossip_over_http_records_the_move(base_url) -> None:
     assert [(m["from_scope"], m["to_scope"], m["told_by"]) for m in moved.json()["moves"]] == [
         ("conversation", "story", "elara")
     ]
+
+
+@pytest.mark.parametrize(
+    ("player", "fact_id", "body", "field"),
+    [
+        ("rowan", "1", {"scope": "world", "told_by": "el\x00ara"}, "told_by"),
+        ("rowan", "1", {"scope": "story", "story": "r\ud800"}, "story"),
+        ("rowan", str(2**63), {"scope": "world"}, "fact_id (path)"),
+        ("ro%00wan", "1", {"scope": "world"}, "player (path)"),
+    ],
+)
+def test_a_bad_move_is_refused_naming_the_field(
+    base_url, player: str, fact_id: str, body: dict, field: str
+) -> None:
+    refused = httpx.post(  # json.dumps escapes a lone surrogate as JSON allows
+        f"{base_url}/v1/players/{player}/facts/{fact_id}:move", headers=JSON_A, content=json.dumps(body)
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == field
+
+
+def test_a_nul_in_the_player_of_a_fact_write_is_refused(base_url) -> None:
+    refused = httpx.post(f"{base_url}/v1/players/ro%00wan/facts", headers=A, json={"facts": [{"text": "x"}]})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == "player (path)"
+
+
+def test_moving_a_superseded_fact_is_refused_naming_the_field(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    url = f"{base_url}/v1/players/{player}/facts"
+    (old,) = httpx.post(url, headers=A, json={"facts": [{"text": "Rowan owes me."}]}).json()["facts"]
+    replaced = httpx.post(url, headers=A, json={"facts": [{"text": "Rowan paid.", "supersedes": old["id"]}]})
+    assert replaced.status_code == 201, replaced.text
+    moved = httpx.post(f"{url}/{old['id']}:move", headers=A, json={"scope": "world"})
+    assert moved.status_code == 422, moved.text
+    assert moved.json()["detail"][0]["field"] == "fact_id"
+    history = httpx.get(f"{url}?history=true", headers=A).json()["facts"]
+    assert [f["scope"] for f in history if f["id"] == old["id"]] == ["met"]  # not moved
 
 
 def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
+from db.facts import NewFact, add_facts
 from db.history import append_lines
-from db.models import Message, ReembedProgress, Role
+from db.models import FactKind, FactScope, Message, ReembedProgress, Role
 from db.session import session_scope
 from db.world import find_characters, upsert_conversations
 from memory.reembed import reembed
@@ -91,3 +92,44 @@ def test_an_interrupted_reembed_changes_nothing_and_resumes_to_a_full_swap(capsy
             s.scalar(select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None)))
             == 0
         )
+
+
+def test_a_row_written_into_a_table_already_passed_is_caught_up_before_the_swap() -> None:
+    conv = _conversation()
+    (fact_vec,) = embed(["the mill"])
+    with session_scope() as s:  # a fact, so the pass reaches the facts table after the messages
+        add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    "",
+                    FactKind.WORLD,
+                    "mill",
+                    "The mill burned.",
+                    "game",
+                    0.5,
+                    FactScope.WORLD,
+                    "",
+                    fact_vec,
+                )
+            ],
+        )
+    written: list[str] = []
+
+    def write_a_line_after_the_messages(table: str, last_id: int) -> None:
+        if table != "messages" and not written:  # the messages were passed: only catch-up sees it
+            with session_scope() as s:
+                append_lines(
+                    session=s,
+                    conversation_id=conv,
+                    lines=[(Role.USER, "To the river.")],
+                    vectors=_old_vectors(1),
+                )
+            written.append(table)
+
+    reembed(chunk=2, on_chunk=write_a_line_after_the_messages)
+    assert written  # the line was written while a later table was passed
+    texts, after = _vectors(conv)
+    assert texts[-1] == "To the river."
+    assert np.allclose(after, embed(texts), atol=1e-4)  # the late line too, with the new embedder

@@ -273,6 +273,7 @@ def _answer(
             conversation_ids=[t.conversation_id for t in turns],
             vectors=list(vectors),
             contexts=contexts,
+            in_run=[t.run_id is not None for t in turns],
         )
     prepared: dict[uuid.UUID, Prepared] = {}
     with timer("prompt"):
@@ -531,7 +532,7 @@ def _finish_group(
     _announce(group, [*stored, *newly_failed, *retry])
     _call_back([*stored, *newly_failed])
     stored_ids = set(stored)
-    schedule_memory([t.conversation_id for t in group if t.id in stored_ids])
+    schedule_memory([t.conversation_id for t in group if t.id in stored_ids and t.run_id is None])
     report.done += stored
     lost = [o.turn_id for o in outcomes if o.turn_id not in set(stored)]
     if lost:

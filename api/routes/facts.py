@@ -11,11 +11,13 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from services import facts
-from services.facts import FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
+from services.facts import MAX_ID, FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
+from services.schemas import Text
 
 router = APIRouter(prefix="/v1/players", tags=["facts"])
 
-Player = Annotated[str, Path(min_length=1, max_length=200)]
+Player = Annotated[Text, Path(min_length=1, max_length=200)]
+FactId = Annotated[int, Path(ge=1, le=MAX_ID)]
 
 
 class FactsIn(BaseModel):
@@ -60,7 +62,7 @@ def get_facts(
 
 @router.post("/{player}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)])
 def move_fact(
-    player: Player, fact_id: int, body: FactMoveIn, who: Annotated[Caller, Depends(needs("ingest"))]
+    player: Player, fact_id: FactId, body: FactMoveIn, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> Gossiped:
     """Gossip: the fact reaches another scope's NPCs from now on; the move is recorded."""
     try:

@@ -97,6 +97,7 @@ def upgrade() -> None:
         sa.Column("token", sa.Uuid(), nullable=True),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.Column("done_through", sa.Integer(), server_default="0", nullable=False),
+        sa.Column("queued_until", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["conversation_id"],
             ["conversations.id"],

@@ -1,0 +1,129 @@
+"""Memory jobs on the bulk lane without the engine: one step per message, a per-worker cap that
+sends a job back to the queue instead of holding a thread, and at most one message per job on the
+queue. Checked on the real broker's queue (Redis) and the memory_jobs rows."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import redis
+from sqlalchemy import select
+
+from core.services import broker_url
+from core.settings import queue_for_model, settings
+from db.memory_jobs import SUMMARY, claim_job, release_job
+from db.models import MemoryJob, Message, Role
+from db.session import session_scope
+from db.world import find_characters, upsert_conversations
+from memory.schedule import schedule_memory
+from memory.summarize import run_summary_job
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _conversation(lines: int) -> int:
+    external = f"sched-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        char_id = find_characters(session=s, slugs=["elara"])["elara"]
+        row = {
+            "external_id": external,
+            "player_id": external,
+            "player_name": "Rowan",
+            "character_id": char_id,
+        }
+        conv = upsert_conversations(session=s, rows=[row], tenant="")[external][0]
+        for seq in range(1, lines + 1):
+            role = Role.USER if seq % 2 else Role.ASSISTANT
+            s.add(Message(conversation_id=conv, seq=seq, role=role, content=f"line {seq} " + "x" * 400))
+    return conv
+
+
+def _queued(conversation_id: int) -> list[dict]:
+    """The headers of the bulk queue's memory-job messages for this conversation."""
+    client = redis.Redis.from_url(broker_url())
+    found = []
+    for raw in client.lrange(queue_for_model(settings.model, "bulk"), 0, -1):
+        message = json.loads(raw)
+        headers = message["headers"]
+        if headers.get("task") != "mlchat.memory_job":
+            continue
+        _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+        if kwargs.get("conversation_id") == conversation_id:
+            found.append(headers)
+    return found
+
+
+@pytest.fixture
+def summaries_due(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    monkeypatch.setattr(settings, "memory_summary_threshold_tokens", 1000)
+    monkeypatch.setattr(settings, "memory_summary_chunk_tokens", 1500)
+    monkeypatch.setattr(settings, "memory_extract_every_lines", 0)
+    yield
+
+
+def test_a_summary_job_writes_one_summary_per_message(summaries_due: None) -> None:
+    conv = _conversation(80)  # several summaries due
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "They talked.") == 1
+
+
+def test_a_memory_job_finding_the_workers_slots_taken_goes_back_on_the_queue_later(
+    summaries_due: None,
+) -> None:
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(40)
+    taken = 0
+    while memory_tasks.slots.acquire(blocking=False):  # other memory jobs hold every slot
+        taken += 1
+    assert taken == settings.memory_jobs_per_worker
+    try:
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (memory_tasks.memory_job(conv, SUMMARY), done.set()))
+        thread.start()
+        assert done.wait(10)  # the thread is free at once: the job did not wait for a slot
+    finally:
+        for _ in range(taken):
+            memory_tasks.slots.release()
+    (headers,) = _queued(conv)
+    assert headers["eta"] is not None  # sent again, with a delay
+    with session_scope() as s:  # and it did not run: never claimed
+        assert s.scalar(select(MemoryJob.token).where(MemoryJob.conversation_id == conv)) is None
+
+
+def test_scheduling_a_due_job_twice_without_a_worker_sends_one_message(summaries_due: None) -> None:
+    conv = _conversation(40)
+    assert schedule_memory([conv]) == 1
+    assert schedule_memory([conv]) == 0  # its message is still on the queue
+    assert len(_queued(conv)) == 1
+    with session_scope() as s:  # the job runs (its claim clears the mark) and gives the job back
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+        assert token is not None
+    with session_scope() as s:
+        release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
+    assert schedule_memory([conv]) == 1  # still due: the next step is sent
+    assert len(_queued(conv)) == 2
+
+
+def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.worker import state as worker_state
+
+    from memory import summarize
+    from tasks import memory as memory_tasks
+    from worker.engine import EngineDead
+
+    def dead(system: str, body: str, max_tokens: int) -> str:
+        raise EngineDead("the engine died: test")
+
+    monkeypatch.setattr(summarize, "_engine_generate", dead)
+    monkeypatch.setattr(worker_state, "should_stop", None)
+    conv = _conversation(40)
+    memory_tasks.memory_job(conv, SUMMARY)
+    assert worker_state.should_stop  # the worker stops, as after a flush whose engine died
+    assert len(_queued(conv)) == 1  # and the job is on the queue for another worker
