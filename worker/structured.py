@@ -160,7 +160,7 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
-        return dataclasses.replace(gen, text=value["say"], structured=value)
+        return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
     return dataclasses.replace(gen, structured=value)
 
 
