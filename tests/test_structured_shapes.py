@@ -210,3 +210,19 @@ def test_a_structured_reply_is_read_and_checked_and_a_cut_one_fails_with_its_cod
     with pytest.raises(BadStructuredReply) as bad:
         read_reply(shape, Generation(undeclared, 10, 20, "stop"))
     assert bad.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
+
+
+def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_done() -> None:
+    shape = shape_of(
+        PARAMS | {"response_format": {"type": "regex", "regex": r"\d{3}-\d{4}"}}, _character(4, [])
+    )
+    assert shape is not None and shape.kind == "regex"
+    assert read_reply(shape, Generation("555-1234", 10, 8, "stop")).text == "555-1234"
+    with pytest.raises(BadStructuredReply) as cut:  # max_tokens ended it inside the pattern
+        read_reply(shape, Generation("555-12", 10, 6, "length"))
+    assert cut.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT
+    with pytest.raises(BadStructuredReply) as stopped:  # a stop string ended it inside the pattern
+        read_reply(shape, Generation("555-", 10, 4, "stop"))
+    assert stopped.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY and "whole pattern" in str(
+        stopped.value
+    )

@@ -29,6 +29,7 @@ class ReplyShape:
     outputs: Any  # vLLM's StructuredOutputsParams
     schema: dict[str, Any] | None = None  # checked against each reply (json_schema, npc)
     choices: tuple[str, ...] = ()
+    pattern: str = ""  # a regex reply's pattern
     actions: tuple[Action, ...] = ()
     # The fewest tokens the engine may generate for it: an NPC reply's spoken line at one token a
     # character, with room for the JSON around it, so that guided decoding can always close it.
@@ -118,7 +119,11 @@ def _format_shape(fmt_json: str) -> ReplyShape:
     fmt = json.loads(fmt_json)
     schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else None
     return ReplyShape(
-        kind=fmt["type"], outputs=outputs_of(fmt), schema=schema, choices=tuple(fmt.get("choice", ()))
+        kind=fmt["type"],
+        outputs=outputs_of(fmt),
+        schema=schema,
+        choices=tuple(fmt.get("choice", ())),
+        pattern=fmt.get("regex", ""),
     )
 
 
@@ -141,8 +146,10 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     """The generation as the turn keeps it: for a JSON shape, parsed (`structured`) and checked
     against its schema; an NPC reply's text becomes its `say`. BadStructuredReply if it does not
     parse or validate: never stored as if it did."""
-    if shape is None or shape.kind == "regex":
-        return gen  # the grammar is the whole check of a regex reply
+    if shape is None:
+        return gen
+    if shape.kind == "regex":
+        return _read_regex(shape, gen)
     if shape.kind == "choice":
         if gen.text not in shape.choices:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
@@ -162,6 +169,29 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     if shape.kind == NPC:
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
     return dataclasses.replace(gen, structured=value)
+
+
+def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
+    """A regex reply, kept only if the whole text matches (max_tokens or a stop string can end it
+    part-way through the pattern, where the grammar has not finished)."""
+    if gen.finish_reason == "length":
+        raise _bad(gen, "cut")
+    pattern = _compiled(shape.pattern)
+    if pattern is not None and pattern.fullmatch(gen.text) is None:
+        raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
+    return gen
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Any:
+    """The pattern in the `regex` module; None where its syntax differs from xgrammar's (the grammar
+    alone checks then)."""
+    import regex
+
+    try:
+        return regex.compile(pattern)
+    except regex.error:
+        return None
 
 
 def _bad(gen: Generation, why: str) -> BadStructuredReply:
