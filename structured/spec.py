@@ -39,7 +39,17 @@ _UNENFORCED = {
     "propertyNames": "property name schemas",
     "$dynamicRef": "dynamic references",
     "$recursiveRef": "dynamic references",
+    "oneOf": "oneOf (exactly one branch)",  # the grammar takes it as anyOf: overlapping branches pass
 }
+# Beside $ref / anyOf / allOf, xgrammar follows the reference or branches and drops the node's own
+# constraints; only these (annotations and definitions) may stand there.
+_BESIDE_COMBINATOR = {"description", "title", "$comment", "default", "examples", "$defs", "definitions",
+                      "$id", "$schema", "$anchor", "deprecated", "readOnly", "writeOnly"}  # fmt: skip
+# Keys that vLLM's own request check (has_xgrammar_unsupported_json_features) flags wherever a dict
+# holds them, values included: such a schema would fail at generation.
+_VLLM_FLAGGED = {"multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "format",
+                 "pattern", "propertyNames"}  # fmt: skip
+_VALUE_KEYS = ("enum", "const", "default", "examples")
 _FORMATS = {
     "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
     "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
@@ -109,6 +119,7 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
         return
     if not isinstance(node, dict):
         return
+    _check_node(node, where)
     for key, value in node.items():
         place = f"{where}.{key}"
         if key in _UNENFORCED:
@@ -127,13 +138,59 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             raise SchemaRefused(f"{place}: only one pattern, and not beside properties, is supported")
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
-        if key in ("enum", "const", "default", "examples", "description", "title", "$comment"):
+        if key in _VALUE_KEYS:
+            _check_value(value, place)
             continue  # values, not schemas
+        if key in ("description", "title", "$comment"):
+            continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
                 _check_enforced(sub, f"{place}.{name}", depth=depth + 1)
         else:
             _check_enforced(value, place, depth=depth + 1)
+
+
+def _check_node(node: dict[str, Any], where: str) -> None:
+    """Constraints of one schema node that the grammar would silently drop."""
+    combinator = next((k for k in ("$ref", "anyOf", "allOf") if k in node), None)
+    if combinator is not None:
+        beside = sorted(k for k in node.keys() - _BESIDE_COMBINATOR if k != combinator)
+        if beside:
+            raise SchemaRefused(
+                f"{where}.{beside[0]}: a constraint beside {combinator} is not enforced; "
+                f"move it into the {'referenced schema' if combinator == '$ref' else 'branches'}"
+            )
+    required, properties = node.get("required"), node.get("properties")
+    if isinstance(required, list) and required:
+        known = properties if isinstance(properties, dict) else {}
+        missing = [name for name in required if name not in known]
+        if missing:
+            raise SchemaRefused(f"{where}.required: {missing[0]!r} is not one of the properties")
+    if "type" in node and ("enum" in node or "const" in node):
+        from jsonschema import Draft202012Validator
+
+        of_type = Draft202012Validator({"type": node["type"]})
+        values = node.get("enum", []) if "enum" in node else [node["const"]]
+        for i, value in enumerate(values if isinstance(values, list) else []):
+            if not of_type.is_valid(value):
+                key = f"enum[{i}]" if "enum" in node else "const"
+                raise SchemaRefused(f"{where}.{key}: {json.dumps(value)[:80]} is not of type {node['type']}")
+
+
+def _check_value(value: Any, where: str) -> None:
+    """A value (enum, const, default, examples) holding none of the keys vLLM's check flags."""
+    level = [(value, where)]
+    while level:
+        nxt = []
+        for item, place in level:
+            if isinstance(item, dict):
+                flagged = sorted(_VLLM_FLAGGED & item.keys())
+                if flagged:
+                    raise SchemaRefused(f"{place}.{flagged[0]}: a value with a schema keyword as a key")
+                nxt += [(v, f"{place}.{k}") for k, v in item.items()]
+            elif isinstance(item, list):
+                nxt += [(v, f"{place}[{i}]") for i, v in enumerate(item)]
+        level = nxt
 
 
 def check_regex(pattern: str, where: str) -> str:

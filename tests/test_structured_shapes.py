@@ -37,6 +37,21 @@ def _schema_format(schema: dict) -> dict:
         ({"type": "objectx"}, "schema.type: not a valid JSON Schema"),
         ({"$ref": "https://example.com/schema.json"}, "schema.$ref"),
         ({"type": "object", "description": "x" * 1_000_000}, "MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES"),
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "schema.oneOf"),
+        (
+            {"$ref": "#/$defs/a", "maxLength": 3, "$defs": {"a": {"type": "string"}}},
+            "schema.maxLength: a constraint beside $ref",
+        ),
+        ({"anyOf": [{"type": "string"}], "minLength": 5}, "schema.minLength: a constraint beside anyOf"),
+        (
+            {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]},
+            "schema.required: 'b'",
+        ),
+        ({"type": "object", "required": ["a"]}, "schema.required: 'a'"),
+        ({"type": "integer", "enum": [1, "two"]}, "schema.enum[1]"),
+        ({"type": "string", "const": 3}, "schema.const"),
+        ({"type": "object", "default": {"uniqueItems": True}}, "schema.default.uniqueItems"),
+        ({"enum": [{"a": [{"multipleOf": 2}]}]}, "schema.enum[0].a[0].multipleOf"),
     ],
 )
 def test_a_schema_the_grammar_cannot_enforce_is_refused_naming_its_place(schema, names) -> None:
