@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -72,12 +72,32 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
         raise SchemaRefused(f"{where}: a JSON Schema object is expected")
     if _nesting(schema) > MAX_DEPTH:
         raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
-    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    # A run file repeats one schema on every line: the check runs once per distinct schema.
+    canonical = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    size = len(canonical.encode())
     if size > settings.structured_max_schema_bytes:
         raise SchemaRefused(
             f"{where}: {size} bytes; the limit is {settings.structured_max_schema_bytes} "
             "(MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
         )
+    refusal = _refusal(canonical)
+    if refusal is not None:
+        raise SchemaRefused(f"{where}{refusal}")
+    return schema
+
+
+@lru_cache(maxsize=512)
+def _refusal(schema_json: str) -> str | None:
+    """Why a schema (canonical JSON) cannot be enforced, its place relative to the schema; None if
+    it can."""
+    try:
+        _check_schema(json.loads(schema_json), "")
+    except SchemaRefused as exc:
+        return str(exc)
+    return None
+
+
+def _check_schema(schema: dict[str, Any], where: str) -> None:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
@@ -91,7 +111,6 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
         _compile_json_schema(json.dumps(schema, sort_keys=True))
     except Exception as exc:
         raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
-    return schema
 
 
 def _nesting(value: Any) -> int:

@@ -241,3 +241,23 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
     assert stopped.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY and "whole pattern" in str(
         stopped.value
     )
+
+
+def test_a_schema_repeated_on_many_lines_is_checked_once() -> None:
+    from structured.spec import _refusal
+
+    props = {f"field_{i}": {"type": "string", "maxLength": 40} for i in range(40)}
+    schema = {"type": "object", "properties": props, "required": sorted(props)}
+    before = _refusal.cache_info()
+    for line in range(2000):  # a run file's lines, each naming its own place; keys in any order
+        same = dict(reversed(schema.items())) if line % 2 else schema
+        assert check_schema(same, f"line {line}: response_format.json_schema.schema") is same
+    after = _refusal.cache_info()
+    assert after.misses - before.misses <= 1 and after.hits - before.hits >= 1999
+    with pytest.raises(
+        SchemaRefused, match=r"^line 7: s\.properties\.n\.not"
+    ):  # a cached refusal names its line
+        for line in (6, 7):
+            with pytest.raises(SchemaRefused, match=rf"^line {line}: s\.properties\.n\.not"):
+                check_schema({"type": "object", "properties": {"n": {"not": {}}}}, f"line {line}: s")
+        check_schema({"type": "object", "properties": {"n": {"not": {}}}}, "line 7: s")
