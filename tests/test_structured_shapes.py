@@ -261,3 +261,12 @@ def test_a_schema_repeated_on_many_lines_is_checked_once() -> None:
             with pytest.raises(SchemaRefused, match=rf"^line {line}: s\.properties\.n\.not"):
                 check_schema({"type": "object", "properties": {"n": {"not": {}}}}, f"line {line}: s")
         check_schema({"type": "object", "properties": {"n": {"not": {}}}}, "line 7: s")
+
+
+def test_a_cut_structured_reply_is_the_request_s_fault_in_the_error_file_and_on_chat_completions() -> None:
+    from services.runs.openai_lines import failure_status
+
+    for server in (500, 502):  # the batch error file's server status, then /v1/chat/completions'
+        assert failure_status(TurnErrorCode.STRUCTURED_REPLY_CUT.value, server) == 400
+        assert failure_status(TurnErrorCode.PROMPT_TOO_LONG.value, server) == 400
+        assert failure_status(TurnErrorCode.INVALID_STRUCTURED_REPLY.value, server) == server

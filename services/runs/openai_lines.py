@@ -19,10 +19,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from db.models import TurnErrorCode
 from services.schemas import Text, check_message
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit
+
+# Turn failures that were the request's fault: 400 in the batch error file and on a chat completion
+# alike; every other failure is the server's.
+REQUEST_FAULTS = frozenset(
+    {
+        TurnErrorCode.PROMPT_TOO_LONG.value,
+        TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
+        "invalid_request",
+    }
+)
+
+
+def failure_status(error_code: str | None, server_status: int) -> int:
+    """The HTTP status of a failed turn: 400 when the request was at fault, else server_status."""
+    return 400 if error_code in REQUEST_FAULTS else server_status
+
 
 # Body fields that ask for something a batch here cannot give: refused when set to anything but
 # their "off" value.
