@@ -72,6 +72,7 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
         raise SchemaRefused(f"{where}: a JSON Schema object is expected")
     if _nesting(schema) > MAX_DEPTH:
         raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
+    check_storable(schema, where)
     # A run file repeats one schema on every line: the check runs once per distinct schema.
     canonical = json.dumps(schema, sort_keys=True, ensure_ascii=False)
     size = len(canonical.encode())
@@ -111,6 +112,33 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
         _compile_json_schema(json.dumps(schema, sort_keys=True))
     except Exception as exc:
         raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+
+
+def check_storable(value: Any, where: str) -> None:
+    """SchemaRefused naming the place of the first key or string PostgreSQL cannot store (a NUL) or
+    UTF-8 cannot encode (a lone surrogate) in a JSON value."""
+    level = [(value, where)]
+    while level:
+        nxt: list[tuple[Any, str]] = []
+        for item, place in level:
+            if isinstance(item, str):
+                _storable(item, place)
+            elif isinstance(item, dict):
+                for key, sub in item.items():
+                    _storable(str(key), f"{place} (a key)")
+                    nxt.append((sub, f"{place}.{key}"))
+            elif isinstance(item, list):
+                nxt += [(sub, f"{place}[{i}]") for i, sub in enumerate(item)]
+        level = nxt
+
+
+def _storable(text: str, place: str) -> None:
+    if "\x00" in text:
+        raise SchemaRefused(f"{place}: contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SchemaRefused(f"{place}: contains a lone surrogate (not valid Unicode text)") from None
 
 
 def _nesting(value: Any) -> int:
@@ -321,6 +349,8 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
     model = _FORMAT_TYPES.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise SchemaRefused(f"{where}.type: {kind!r}; one of {sorted(_FORMAT_TYPES)}")
+    if _nesting(value) <= MAX_DEPTH:  # a deeper schema is refused below, naming its depth
+        check_storable(value, where)
     try:
         parsed = model.model_validate(value)
     except ValidationError as exc:

@@ -166,6 +166,31 @@ REFUSED = [
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
+    (  # a NUL in a schema's property name would fail the JSONB insert of the whole chunk
+        openai_line(
+            "nul",
+            USER,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "r",
+                    "schema": {"type": "object", "properties": {"a\u0000": {"type": "string"}}},
+                },
+            },
+        ),
+        "json_schema.schema.properties (a key): contains a NUL",
+    ),  # fmt: skip
+    (
+        openai_line(
+            "sur",
+            USER,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "r", "description": "\ud800", "schema": {"type": "string"}},
+            },
+        ),
+        "json_schema.description: contains a lone surrogate",
+    ),  # fmt: skip
 ]
 
 # Lines that are not well-formed requests: the whole file fails, as at OpenAI.
