@@ -294,3 +294,32 @@ def test_a_cut_structured_reply_is_the_request_s_fault_in_the_error_file_and_on_
         assert failure_status(TurnErrorCode.STRUCTURED_REPLY_CUT.value, server) == 400
         assert failure_status(TurnErrorCode.PROMPT_TOO_LONG.value, server) == 400
         assert failure_status(TurnErrorCode.INVALID_STRUCTURED_REPLY.value, server) == server
+
+
+def test_an_npc_budget_leaves_room_for_a_prompt_and_a_prompt_too_long_names_that_budget(
+    tokenizer, monkeypatch
+) -> None:
+    from core.settings import settings
+    from db.retrieval import TurnContext
+    from worker.prompt import PromptBuilder, PromptInput, PromptTooLong
+    from worker.structured import MIN_PROMPT_TOKENS, actions_prompt
+
+    monkeypatch.setattr(settings, "max_model_len", 1024)
+    args = {f"arg_{i}": {"type": "string"} for i in range(8)}
+    params = {"max_new_tokens": 256, "actions": [{"name": "trade", "args": args}]}
+    shape = shape_of(params, _character(5, []))
+    assert shape is not None and shape.token_budget > 1024 - MIN_PROMPT_TOKENS  # uncapped, it would not fit
+    budget = shape.max_tokens(256)
+    assert 256 <= budget <= 1024 - MIN_PROMPT_TOKENS
+    brom = Character(
+        slug="brom", name="Brom", language="en", description="A smith of the old forge. " * 200,
+        personality="", scenario="", speech_style="", example_dialogues=[], first_message="",
+        system_prompt="You are {{char}}.", post_history_instructions="",
+    )  # fmt: skip
+    builder = PromptBuilder(tokenizer, "chat_template", 1024)
+    item = PromptInput(
+        brom, "Rowan", "Hello", TurnContext(), budget, actions=actions_prompt(shape, "{{char}}")
+    )
+    with pytest.raises(PromptTooLong) as caught:
+        builder.build(item)
+    assert f"{budget} tokens kept for the reply" in str(caught.value)  # the budget it used, not 256

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from core.settings import settings
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
@@ -19,6 +20,8 @@ from worker.engine_loop import Generation
 NPC = "npc"
 # Tokens an NPC reply needs beyond its spoken line and its action: the keys and the emotion.
 NPC_OVERHEAD_TOKENS = 32
+# The prompt room an NPC reply's budget always leaves (persona, actions and message).
+MIN_PROMPT_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -36,8 +39,10 @@ class ReplyShape:
     token_budget: int = 0
 
     def max_tokens(self, max_new_tokens: int) -> int:
-        """The engine's max_tokens for a turn asking for max_new_tokens."""
-        return max(max_new_tokens, self.token_budget)
+        """The engine's max_tokens for a turn asking for max_new_tokens: the shape's budget, but never
+        so much that no prompt of MIN_PROMPT_TOKENS fits beside it."""
+        room = settings.max_model_len - MIN_PROMPT_TOKENS
+        return max(max_new_tokens, min(self.token_budget, room))
 
 
 class BadStructuredReply(Exception):
