@@ -323,3 +323,28 @@ def test_an_npc_budget_leaves_room_for_a_prompt_and_a_prompt_too_long_names_that
     with pytest.raises(PromptTooLong) as caught:
         builder.build(item)
     assert f"{budget} tokens kept for the reply" in str(caught.value)  # the budget it used, not 256
+
+
+def test_regex_and_choice_replies_keep_the_prompt_format_s_stop_strings_and_json_ones_drop_them() -> None:
+    import uuid
+
+    from db.turns import ClaimedTurn
+    from worker.pipeline import _request
+    from worker.prompt import BuiltPrompt
+
+    prompt = BuiltPrompt(token_ids=[1, 2], text="", stop=("<|im_end|>",))
+    base = PARAMS | {"temperature": 0.7, "top_p": 0.9, "seed": 1, "stop": ["END"]}
+    formats = {
+        "regex": {"type": "regex", "regex": "[a-z ]+"},
+        "choice": {"type": "choice", "choice": ["yes", "no"]},
+        "json_object": {"type": "json_object"},
+    }
+    stops = {}
+    for kind, fmt in formats.items():
+        params = base | {"response_format": fmt}
+        turn = ClaimedTurn(
+            id=uuid.uuid4(), conversation_id=1, message="Well?", params=params, attempts=0,
+            character=_character(6, []), player_name="P", story=None, story_time=None, queued_ms=0.0,
+        )  # fmt: skip
+        stops[kind] = _request(turn, prompt, 1, None, uuid.uuid4(), shape_of(params, turn.character)).stop
+    assert stops == {"regex": ("END", "<|im_end|>"), "choice": ("END", "<|im_end|>"), "json_object": ("END",)}
