@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from db.models import TurnErrorCode
-from services.schemas import Text, check_message
+from services.schemas import Text, check_message, error_line
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit
@@ -139,7 +139,7 @@ def is_openai_line(data: Any) -> bool:
 def _first_error(exc: ValidationError, prefix: str) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    return f"{prefix}{where}: {first['msg']}" if where else f"{prefix.rstrip('.')}: {first['msg']}"
+    return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), first["msg"])
 
 
 def to_run_line(data: dict[str, Any], characters: Collection[str], options: LineOptions) -> dict[str, Any]:
