@@ -11,7 +11,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, ValidationError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
 
 from core.settings import settings
 from roleplay.mood import EMOTIONS
@@ -24,7 +32,23 @@ SAY_MAX_CHARS = 600  # the spoken line's limit in the schema (a reply is a few s
 ARG_MAX_CHARS = 40  # a free string argument's limit (an item, a target's name)
 
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
-Description = Annotated[str, StringConstraints(max_length=300, pattern=r"^[^\x00-\x1f\x7f-\x9f<>{}\[\]]*$")]
+# One line without markers or brackets: no control character, prompt marker or lone surrogate rides
+# into the [Actions] section or the stored row.
+_ONE_LINE = r"^[^\x00-\x1f\x7f-\x9f<>{}\[\]|]*$"
+
+
+def _encodable(value: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
+    return value
+
+
+Description = Annotated[str, StringConstraints(max_length=300, pattern=_ONE_LINE), AfterValidator(_encodable)]
+EnumValue = Annotated[
+    str, StringConstraints(min_length=1, max_length=80, pattern=_ONE_LINE), AfterValidator(_encodable)
+]
 
 
 class ArgSpec(BaseModel):
@@ -34,9 +58,7 @@ class ArgSpec(BaseModel):
 
     type: Literal["string", "integer", "number", "boolean"]
     description: Description = ""
-    enum: list[Annotated[str, StringConstraints(min_length=1, max_length=80)]] | None = Field(
-        default=None, min_length=1, max_length=MAX_ENUM
-    )
+    enum: list[EnumValue] | None = Field(default=None, min_length=1, max_length=MAX_ENUM)
 
     def json_schema(self) -> dict[str, Any]:
         """This argument's JSON schema."""

@@ -30,6 +30,16 @@ def storable_text(value: str) -> str:
     return value
 
 
+def error_line(where: str, msg: str) -> str:
+    """A pydantic error at `where` as one line: without pydantic's "Value error, " and without
+    naming the place twice when the message (from a nested check) already starts with it."""
+    msg = msg.removeprefix("Value error, ")
+    head, _, last = where.rpartition(".")
+    if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
+        return f"{head}.{msg}" if head else msg
+    return f"{where}: {msg}"
+
+
 # A text field that is safe to store: every untrusted string field of a request uses it.
 Text = Annotated[str, AfterValidator(storable_text)]
 Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]

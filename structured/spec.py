@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from functools import cache
+from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -39,7 +39,17 @@ _UNENFORCED = {
     "propertyNames": "property name schemas",
     "$dynamicRef": "dynamic references",
     "$recursiveRef": "dynamic references",
+    "oneOf": "oneOf (exactly one branch)",  # the grammar takes it as anyOf: overlapping branches pass
 }
+# Beside $ref / anyOf / allOf, xgrammar follows the reference or branches and drops the node's own
+# constraints; only these (annotations and definitions) may stand there.
+_BESIDE_COMBINATOR = {"description", "title", "$comment", "default", "examples", "$defs", "definitions",
+                      "$id", "$schema", "$anchor", "deprecated", "readOnly", "writeOnly"}  # fmt: skip
+# Keys that vLLM's own request check (has_xgrammar_unsupported_json_features) flags wherever a dict
+# holds them, values included: such a schema would fail at generation.
+_VLLM_FLAGGED = {"multipleOf", "uniqueItems", "contains", "minContains", "maxContains", "format",
+                 "pattern", "propertyNames"}  # fmt: skip
+_VALUE_KEYS = ("enum", "const", "default", "examples")
 _FORMATS = {
     "email", "date", "time", "date-time", "duration", "ipv4", "ipv6", "hostname", "uuid", "uri",
     "uri-reference", "uri-template", "json-pointer", "relative-json-pointer",
@@ -62,12 +72,33 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
         raise SchemaRefused(f"{where}: a JSON Schema object is expected")
     if _nesting(schema) > MAX_DEPTH:
         raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
-    size = len(json.dumps(schema, ensure_ascii=False).encode())
+    check_storable(schema, where)
+    # A run file repeats one schema on every line: the check runs once per distinct schema.
+    canonical = json.dumps(schema, sort_keys=True, ensure_ascii=False)
+    size = len(canonical.encode())
     if size > settings.structured_max_schema_bytes:
         raise SchemaRefused(
             f"{where}: {size} bytes; the limit is {settings.structured_max_schema_bytes} "
             "(MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
         )
+    refusal = _refusal(canonical)
+    if refusal is not None:
+        raise SchemaRefused(f"{where}{refusal}")
+    return schema
+
+
+@lru_cache(maxsize=512)
+def _refusal(schema_json: str) -> str | None:
+    """Why a schema (canonical JSON) cannot be enforced, its place relative to the schema; None if
+    it can."""
+    try:
+        _check_schema(json.loads(schema_json), "")
+    except SchemaRefused as exc:
+        return str(exc)
+    return None
+
+
+def _check_schema(schema: dict[str, Any], where: str) -> None:
     from jsonschema import Draft202012Validator
     from jsonschema.exceptions import SchemaError
 
@@ -81,7 +112,33 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
         _compile_json_schema(json.dumps(schema, sort_keys=True))
     except Exception as exc:
         raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
-    return schema
+
+
+def check_storable(value: Any, where: str) -> None:
+    """SchemaRefused naming the place of the first key or string PostgreSQL cannot store (a NUL) or
+    UTF-8 cannot encode (a lone surrogate) in a JSON value."""
+    level = [(value, where)]
+    while level:
+        nxt: list[tuple[Any, str]] = []
+        for item, place in level:
+            if isinstance(item, str):
+                _storable(item, place)
+            elif isinstance(item, dict):
+                for key, sub in item.items():
+                    _storable(str(key), f"{place} (a key)")
+                    nxt.append((sub, f"{place}.{key}"))
+            elif isinstance(item, list):
+                nxt += [(sub, f"{place}[{i}]") for i, sub in enumerate(item)]
+        level = nxt
+
+
+def _storable(text: str, place: str) -> None:
+    if "\x00" in text:
+        raise SchemaRefused(f"{place}: contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SchemaRefused(f"{place}: contains a lone surrogate (not valid Unicode text)") from None
 
 
 def _nesting(value: Any) -> int:
@@ -109,6 +166,7 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
         return
     if not isinstance(node, dict):
         return
+    _check_node(node, where)
     for key, value in node.items():
         place = f"{where}.{key}"
         if key in _UNENFORCED:
@@ -127,13 +185,59 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             raise SchemaRefused(f"{place}: only one pattern, and not beside properties, is supported")
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
-        if key in ("enum", "const", "default", "examples", "description", "title", "$comment"):
+        if key in _VALUE_KEYS:
+            _check_value(value, place)
             continue  # values, not schemas
+        if key in ("description", "title", "$comment"):
+            continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
                 _check_enforced(sub, f"{place}.{name}", depth=depth + 1)
         else:
             _check_enforced(value, place, depth=depth + 1)
+
+
+def _check_node(node: dict[str, Any], where: str) -> None:
+    """Constraints of one schema node that the grammar would silently drop."""
+    combinator = next((k for k in ("$ref", "anyOf", "allOf") if k in node), None)
+    if combinator is not None:
+        beside = sorted(k for k in node.keys() - _BESIDE_COMBINATOR if k != combinator)
+        if beside:
+            raise SchemaRefused(
+                f"{where}.{beside[0]}: a constraint beside {combinator} is not enforced; "
+                f"move it into the {'referenced schema' if combinator == '$ref' else 'branches'}"
+            )
+    required, properties = node.get("required"), node.get("properties")
+    if isinstance(required, list) and required:
+        known = properties if isinstance(properties, dict) else {}
+        missing = [name for name in required if name not in known]
+        if missing:
+            raise SchemaRefused(f"{where}.required: {missing[0]!r} is not one of the properties")
+    if "type" in node and ("enum" in node or "const" in node):
+        from jsonschema import Draft202012Validator
+
+        of_type = Draft202012Validator({"type": node["type"]})
+        values = node.get("enum", []) if "enum" in node else [node["const"]]
+        for i, value in enumerate(values if isinstance(values, list) else []):
+            if not of_type.is_valid(value):
+                key = f"enum[{i}]" if "enum" in node else "const"
+                raise SchemaRefused(f"{where}.{key}: {json.dumps(value)[:80]} is not of type {node['type']}")
+
+
+def _check_value(value: Any, where: str) -> None:
+    """A value (enum, const, default, examples) holding none of the keys vLLM's check flags."""
+    level = [(value, where)]
+    while level:
+        nxt = []
+        for item, place in level:
+            if isinstance(item, dict):
+                flagged = sorted(_VLLM_FLAGGED & item.keys())
+                if flagged:
+                    raise SchemaRefused(f"{place}.{flagged[0]}: a value with a schema keyword as a key")
+                nxt += [(v, f"{place}.{k}") for k, v in item.items()]
+            elif isinstance(item, list):
+                nxt += [(v, f"{place}[{i}]") for i, v in enumerate(item)]
+        level = nxt
 
 
 def check_regex(pattern: str, where: str) -> str:
@@ -245,6 +349,8 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
     model = _FORMAT_TYPES.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise SchemaRefused(f"{where}.type: {kind!r}; one of {sorted(_FORMAT_TYPES)}")
+    if _nesting(value) <= MAX_DEPTH:  # a deeper schema is refused below, naming its depth
+        check_storable(value, where)
     try:
         parsed = model.model_validate(value)
     except ValidationError as exc:

@@ -166,6 +166,31 @@ REFUSED = [
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
+    (  # a NUL in a schema's property name would fail the JSONB insert of the whole chunk
+        openai_line(
+            "nul",
+            USER,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "r",
+                    "schema": {"type": "object", "properties": {"a\u0000": {"type": "string"}}},
+                },
+            },
+        ),
+        "body.response_format.json_schema.schema.properties (a key): contains a NUL",
+    ),  # fmt: skip
+    (
+        openai_line(
+            "sur",
+            USER,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "r", "description": "\ud800", "schema": {"type": "string"}},
+            },
+        ),
+        "body.response_format.json_schema.description: contains a lone surrogate",
+    ),  # fmt: skip
 ]
 
 # Lines that are not well-formed requests: the whole file fails, as at OpenAI.
@@ -194,6 +219,7 @@ def test_a_refused_request_fails_alone_and_the_other_lines_are_answered(quiet_mo
         assert answer["error"] is None and answer["response"]["status_code"] == 400
         error = answer["response"]["body"]["error"]
         assert expected in error["message"] and error["type"] == "invalid_request_error", error
+        assert "Value error" not in error["message"], error  # one place named once, no pydantic prefix
     with session_scope() as s:  # the run is not done: its one good line waits for a worker
         cancel_run(session=s, run_id=sub.id)
     assert batches.finalize_run(sub.id) == sub.name

@@ -38,7 +38,7 @@ def test_a_batch_of_json_schema_json_object_and_text_lines_through_the_openai_cl
         for i in range(4)
     ]
     lines += [
-        openai_line(f"object-{i}", ask, response_format={"type": "json_object"}, max_completion_tokens=128)
+        openai_line(f"object-{i}", ask, response_format={"type": "json_object"}, max_completion_tokens=256)
         for i in range(2)
     ]
     lines += [openai_line("text-0", ask, response_format={"type": "text"}, max_completion_tokens=16)]
@@ -59,6 +59,7 @@ def test_a_batch_of_json_schema_json_object_and_text_lines_through_the_openai_cl
     # A bounded schema always closes in its budget; an open JSON object may not, on a 135M model:
     # such a line is answered in the error file with its code, never with content that does not parse.
     cut = {c for c in errors if c.startswith("object")}
+    assert len(cut) < 2, errors  # at least one open object closes in its budget and is read
     assert all(errors[c]["response"]["body"]["error"]["code"] == "structured_reply_cut" for c in cut), errors
     expected = {"schema-0", "schema-1", "schema-2", "schema-3", "object-0", "object-1", "text-0", "plain-0"}
     assert set(output) | cut == expected and not set(output) & cut

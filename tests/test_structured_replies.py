@@ -12,6 +12,7 @@ from roleplay.mood import EMOTIONS
 from services.characters import import_card
 from services.producer import enqueue_turns, get_turn
 from tests.conftest import new_conversation
+from worker import engine as engine_module
 from worker.pipeline import process_batch
 
 ITEM_SCHEMA = {
@@ -46,7 +47,7 @@ def _turn(message: str, **params: object) -> dict:
     }
 
 
-def test_one_engine_call_answers_structured_and_free_text_turns_together(engine) -> None:
+def test_one_engine_call_answers_structured_and_free_text_turns_together(engine, monkeypatch) -> None:
     schema_format = {"type": "json_schema", "json_schema": {"name": "offer", "schema": ITEM_SCHEMA}}
     requests = [
         _turn("What would you sell me?", response_format=schema_format, max_new_tokens=96),
@@ -58,7 +59,17 @@ def test_one_engine_call_answers_structured_and_free_text_turns_together(engine)
         _turn("Tell me a long story.", response_format=LONG_STORY, max_new_tokens=8),
     ]
     ids = enqueue_turns(requests, send=False)
+    loop, submits = engine_module.get_loop(), []
+    real_submit = loop.submit
+
+    def counted_submit(jobs, **kwargs):  # type: ignore[no-untyped-def]
+        jobs = list(jobs)
+        submits.append(len(jobs))
+        return real_submit(jobs, **kwargs)
+
+    monkeypatch.setattr(loop, "submit", counted_submit)
     report = process_batch(ids)  # one claim, one submit into the engine: a mixed batch
+    assert submits == [len(requests)]  # every turn, structured or not, in one call into the engine
     assert sorted(report.done) == sorted(ids[:-1]), [(get_turn(i).reply, f) for i, f in report.failed.items()]
     offer, obj, choice, npc, free, cut = (get_turn(i) for i in ids)
     assert cut.status == TurnStatus.FAILED and cut.error_code == "structured_reply_cut"

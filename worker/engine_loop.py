@@ -55,6 +55,7 @@ class Generation:
     finish_reason: str | None
     seconds: float = 0.0  # from admission to the last token
     structured: Any = None  # a structured reply, parsed (worker/structured.py); None for free text
+    emotion: str | None = None  # the emotion an NPC reply chose (only the NPC shape has one)
 
 
 @dataclass

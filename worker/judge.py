@@ -91,13 +91,15 @@ def _judge(
         bar=bar,
     )
     verdict = quality.as_json()
-    verdict["below_bar"] = quality.below(bar)
+    # A json_schema / json_object reply is data, not a line of the character: its scores are
+    # recorded, but the gate's text checks do not hold it and it does not move the mood.
+    data_reply = gen.structured is not None and gen.emotion is None
+    verdict["below_bar"] = [] if data_reply else quality.below(bar)
     mood = None
-    if turn.speaker != "narrator":
+    if turn.speaker != "narrator" and not data_reply:
         mood = mood_classifier().update(Mood(turn.emotion, turn.affinity), message_vec, reply_vec)
-        emotion = gen.structured.get("emotion") if isinstance(gen.structured, dict) else None
-        if isinstance(emotion, str):  # an NPC reply names its emotion: the model's choice moves the mood
-            mood = chosen_emotion(mood, emotion)
+        if gen.emotion is not None:  # an NPC reply names its emotion: the model's choice moves the mood
+            mood = chosen_emotion(mood, gen.emotion)
     return Verdict(mood, verdict, seed)
 
 

@@ -666,8 +666,10 @@ def _request(
         top_p=p["top_p"],
         max_tokens=shape.max_tokens(p["max_new_tokens"]) if shape else p["max_new_tokens"],
         seed=p["seed"],
-        # The grammar ends a structured reply; the format's turn markers could cut it inside a string.
-        stop=tuple(p.get("stop") or ()) + (() if shape else prompt.stop),
+        # The grammar ends a JSON reply; the format's turn markers could cut it inside a string. A
+        # regex or choice reply keeps them (its grammar may leave room for more).
+        stop=tuple(p.get("stop") or ())
+        + (() if shape and shape.kind not in ("regex", "choice") else prompt.stop),
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from core.settings import settings
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
@@ -19,6 +20,8 @@ from worker.engine_loop import Generation
 NPC = "npc"
 # Tokens an NPC reply needs beyond its spoken line and its action: the keys and the emotion.
 NPC_OVERHEAD_TOKENS = 32
+# The prompt room an NPC reply's budget always leaves (persona, actions and message).
+MIN_PROMPT_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -29,14 +32,17 @@ class ReplyShape:
     outputs: Any  # vLLM's StructuredOutputsParams
     schema: dict[str, Any] | None = None  # checked against each reply (json_schema, npc)
     choices: tuple[str, ...] = ()
+    pattern: str = ""  # a regex reply's pattern
     actions: tuple[Action, ...] = ()
     # The fewest tokens the engine may generate for it: an NPC reply's spoken line at one token a
     # character, with room for the JSON around it, so that guided decoding can always close it.
     token_budget: int = 0
 
     def max_tokens(self, max_new_tokens: int) -> int:
-        """The engine's max_tokens for a turn asking for max_new_tokens."""
-        return max(max_new_tokens, self.token_budget)
+        """The engine's max_tokens for a turn asking for max_new_tokens: the shape's budget, but never
+        so much that no prompt of MIN_PROMPT_TOKENS fits beside it."""
+        room = settings.max_model_len - MIN_PROMPT_TOKENS
+        return max(max_new_tokens, min(self.token_budget, room))
 
 
 class BadStructuredReply(Exception):
@@ -118,7 +124,11 @@ def _format_shape(fmt_json: str) -> ReplyShape:
     fmt = json.loads(fmt_json)
     schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else None
     return ReplyShape(
-        kind=fmt["type"], outputs=outputs_of(fmt), schema=schema, choices=tuple(fmt.get("choice", ()))
+        kind=fmt["type"],
+        outputs=outputs_of(fmt),
+        schema=schema,
+        choices=tuple(fmt.get("choice", ())),
+        pattern=fmt.get("regex", ""),
     )
 
 
@@ -141,8 +151,10 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     """The generation as the turn keeps it: for a JSON shape, parsed (`structured`) and checked
     against its schema; an NPC reply's text becomes its `say`. BadStructuredReply if it does not
     parse or validate: never stored as if it did."""
-    if shape is None or shape.kind == "regex":
-        return gen  # the grammar is the whole check of a regex reply
+    if shape is None:
+        return gen
+    if shape.kind == "regex":
+        return _read_regex(shape, gen)
     if shape.kind == "choice":
         if gen.text not in shape.choices:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
@@ -160,8 +172,31 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
-        return dataclasses.replace(gen, text=value["say"], structured=value)
+        return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
     return dataclasses.replace(gen, structured=value)
+
+
+def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
+    """A regex reply, kept only if the whole text matches (max_tokens or a stop string can end it
+    part-way through the pattern, where the grammar has not finished)."""
+    if gen.finish_reason == "length":
+        raise _bad(gen, "cut")
+    pattern = _compiled(shape.pattern)
+    if pattern is not None and pattern.fullmatch(gen.text) is None:
+        raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
+    return gen
+
+
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Any:
+    """The pattern in the `regex` module; None where its syntax differs from xgrammar's (the grammar
+    alone checks then)."""
+    import regex
+
+    try:
+        return regex.compile(pattern)
+    except regex.error:
+        return None
 
 
 def _bad(gen: Generation, why: str) -> BadStructuredReply:

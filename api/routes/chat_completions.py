@@ -18,6 +18,7 @@ from core.settings import settings
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
+from services.runs.openai_lines import failure_status
 from services.schemas import Text
 from services.turn_wait import await_finished
 from streaming.reader import turn_events
@@ -79,7 +80,7 @@ async def chat_completions(
             retry=False,
         )
     if view.status.value != "done":
-        code = 400 if view.error_code == "prompt_too_long" else 502
+        code = failure_status(view.error_code, 502)
         return _error(code, _why(view), "turn_failed", retry=False)
     return JSONResponse(live_chat.completion(turn, view))
 

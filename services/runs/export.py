@@ -20,22 +20,16 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from db.models import Run, Turn, TurnErrorCode, TurnStatus
+from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_refusals
 from db.session import session_scope
 from services.runs.control import require_run
-from services.runs.openai_lines import message_content
+from services.runs.openai_lines import failure_status, message_content
 
 ExportFormat = Literal["native", "openai"]
 
 # OpenAI's error codes for requests a batch never ran.
 _OPENAI_CODES = {"expired": "batch_expired"}
-# Failures that were the request's fault (answered 400); every other failure is the server's (500).
-_REQUEST_FAULTS = {
-    TurnErrorCode.PROMPT_TOO_LONG.value,
-    TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
-    "invalid_request",
-}
 
 
 def export_run(
@@ -205,7 +199,7 @@ def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
         message = turn.error or "the batch was cancelled before this request started"
         return line | {"response": None, "error": {"code": code, "message": message}}
     code, message = turn.error_code or "server_error", turn.error or "the request failed"
-    status = 400 if code in _REQUEST_FAULTS else 500
+    status = failure_status(code, 500)
     return line | {"response": _error_response(status, str(turn.id), code, message, None), "error": None}
 
 

@@ -19,10 +19,27 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from services.schemas import Text, check_message
+from db.models import TurnErrorCode
+from services.schemas import Text, check_message, error_line
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit
+
+# Turn failures that were the request's fault: 400 in the batch error file and on a chat completion
+# alike; every other failure is the server's.
+REQUEST_FAULTS = frozenset(
+    {
+        TurnErrorCode.PROMPT_TOO_LONG.value,
+        TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
+        "invalid_request",
+    }
+)
+
+
+def failure_status(error_code: str | None, server_status: int) -> int:
+    """The HTTP status of a failed turn: 400 when the request was at fault, else server_status."""
+    return 400 if error_code in REQUEST_FAULTS else server_status
+
 
 # Body fields that ask for something a batch here cannot give: refused when set to anything but
 # their "off" value.
@@ -122,7 +139,7 @@ def is_openai_line(data: Any) -> bool:
 def _first_error(exc: ValidationError, prefix: str) -> str:
     first = exc.errors()[0]
     where = ".".join(str(p) for p in first["loc"])
-    return f"{prefix}{where}: {first['msg']}" if where else f"{prefix.rstrip('.')}: {first['msg']}"
+    return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), first["msg"])
 
 
 def to_run_line(data: dict[str, Any], characters: Collection[str], options: LineOptions) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from services.runs.openai_lines import (
     is_openai_line,
     to_run_line,
 )
-from services.schemas import GenerationParams, Int4, Text, check_message
+from services.schemas import GenerationParams, Int4, Text, check_message, error_line
 
 FileFormat = Literal["native", "openai"]
 
@@ -140,7 +140,7 @@ class LineReader:
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
-            error = f"{name(where)}: {first['msg']}"
+            error = error_line(name(where), first["msg"])
             raise self._refused(data, error) from None
         except ValueError as exc:
             raise self._refused(data, f"{name('message')}: {exc}") from None

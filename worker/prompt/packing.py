@@ -219,7 +219,7 @@ class PromptBuilder:
         if base_len > budget:
             raise PromptTooLong(
                 f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
-                f"(max_model_len {self.max_model_len} - max_new_tokens {item.max_new_tokens})"
+                f"(max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept for the reply)"
             )
         kept: list[int] = []
         over_memory: set[int] = set()  # left out by the memory cap, not the whole budget

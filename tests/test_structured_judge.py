@@ -1,0 +1,58 @@
+"""The judge of a structured reply: only an NPC reply's chosen emotion moves the mood; a json_schema /
+json_object reply is data, so an "emotion" key in it is just data, and the gate does not hold it."""
+
+import json
+import uuid
+
+from db.models import Character
+from db.retrieval import TurnContext
+from db.turns import ClaimedTurn
+from worker.embedder import embed
+from worker.engine_loop import Generation
+from worker.judge import _judge
+from worker.prompt.packing import BuiltPrompt
+from worker.structured import read_reply, shape_of
+
+BROM = Character(
+    id=None,
+    slug="brom",
+    name="Brom",
+    version=1,
+    description="A gruff smith.",
+    personality="",
+    example_dialogues=[],
+    card={},
+)
+PROMPT = BuiltPrompt(token_ids=[], text="", stop=())
+
+
+def _turn(params: dict) -> ClaimedTurn:
+    return ClaimedTurn(
+        id=uuid.uuid4(), conversation_id=1, message="How are you?", params=params, attempts=0,
+        character=BROM, player_name="Player", story=None, story_time=None, queued_ms=0.0,
+    )  # fmt: skip
+
+
+def _judged(params: dict, text: str):  # type: ignore[no-untyped-def]
+    turn = _turn(params)
+    gen = read_reply(shape_of(params, BROM), Generation(text, 10, 20, "stop"))
+    message_vec, reply_vec = embed([turn.message, gen.text])
+    return _judge(turn, gen, reply_vec, message_vec, TurnContext(), PROMPT)
+
+
+def test_an_emotion_key_in_a_json_schema_reply_is_data_not_the_mood() -> None:
+    schema = {"type": "object", "properties": {"emotion": {"type": "string"}, "n": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}
+    for params in ({"max_new_tokens": 64, "response_format": fmt},
+                   {"max_new_tokens": 64, "response_format": {"type": "json_object"}}):  # fmt: skip
+        for emotion in ("furious", "joy"):  # neither fails the turn nor overwrites the mood
+            verdict = _judged(params, json.dumps({"emotion": emotion, "n": 1}))
+            assert verdict.mood is None  # a data reply leaves the mood as it was
+            assert verdict.quality["below_bar"] == []  # nor does the gate regenerate raw JSON
+            assert "persona" in verdict.quality  # its scores are still recorded
+
+
+def test_an_npc_reply_moves_the_mood_to_its_chosen_emotion() -> None:
+    params = {"max_new_tokens": 64, "actions": [{"name": "flee"}]}
+    verdict = _judged(params, '{"say": "Splendid, friend!", "emotion": "joy", "action": null}')
+    assert verdict.mood is not None and verdict.mood.after.emotion == "joy"
