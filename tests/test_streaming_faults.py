@@ -49,7 +49,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(base_u
         reader.join(timeout=900)
     assert not reader.is_alive()
     kinds = [e[0] for e in events]
-    assert kinds[-1] == "done", kinds
+    assert kinds[-1] == "done", (kinds, events[-2:])
     restart = next(i for i, e in enumerate(events) if e[0] == "error")
     assert events[restart][2]["code"] == "restarted" and restart >= len(shown_before)
     after = "".join(e[2]["text"] for e in events[restart:] if e[0] == "delta")
