@@ -15,7 +15,7 @@ import redis
 from sqlalchemy import select
 
 from core.services import broker_url
-from core.settings import queue_for_model, settings
+from core.settings import settings
 from db.memory_jobs import SUMMARY, claim_job, release_job
 from db.models import MemoryJob, Message, Role
 from db.session import session_scope
@@ -43,11 +43,14 @@ def _conversation(lines: int) -> int:
     return conv
 
 
+QUIET_QUEUE = "gen.memory-schedule-check.bulk"  # a queue no worker consumes
+
+
 def _queued(conversation_id: int) -> list[dict]:
     """The headers of the bulk queue's memory-job messages for this conversation."""
     client = redis.Redis.from_url(broker_url())
     found = []
-    for raw in client.lrange(queue_for_model(settings.model, "bulk"), 0, -1):
+    for raw in client.lrange(QUIET_QUEUE, 0, -1):
         message = json.loads(raw)
         headers = message["headers"]
         if headers.get("task") != "mlchat.memory_job":
@@ -60,10 +63,16 @@ def _queued(conversation_id: int) -> list[dict]:
 
 @pytest.fixture
 def summaries_due(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    from tasks import memory as memory_tasks
+
     monkeypatch.setattr(settings, "memory_summary_threshold_tokens", 1000)
     monkeypatch.setattr(settings, "memory_summary_chunk_tokens", 1500)
     monkeypatch.setattr(settings, "memory_extract_every_lines", 0)
+    # In the whole suite a test worker consumes the model's bulk queue and would take the messages
+    # these tests look for: memory jobs go to a queue nobody consumes here.
+    monkeypatch.setattr(memory_tasks, "queue_for_model", lambda model, lane="live": QUIET_QUEUE)
     yield
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
 
 
 def test_a_summary_job_writes_one_summary_per_message(summaries_due: None) -> None:

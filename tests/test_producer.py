@@ -243,17 +243,22 @@ def test_a_single_enqueue_after_a_database_restart_lands_once(world, services) -
     assert rows == [turn_id]
 
 
-def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world) -> None:
+def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world, monkeypatch) -> None:
     import base64
 
     from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
-    from core.settings import queue_for_model
+    from core.settings import queue_for_model, settings
     from db.session import get_autocommit_engine
     from services.producer import submit_turns
     from tasks.app import app
 
+    # In the whole suite a test worker consumes the default model's queue and would take the message
+    # looked for below: this test's turns go to a model whose queue nobody consumes.
+    quiet = "lost-reply-check"
+    monkeypatch.setattr(settings, "model", quiet)
+    monkeypatch.setattr(settings, "served_models", [quiet])
     conv = new_conversation()
     enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one takes the fast path
 
@@ -274,4 +279,6 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world) -> N
     with app.connection_for_read() as conn:
         raw = conn.default_channel.client.lrange(queue_for_model(stored.model, "live"), 0, -1)
     sent = [json.loads(base64.b64decode(json.loads(m)["body"]))[1]["turn_ids"] for m in raw]
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(queue_for_model(quiet, "live"))
     assert [str(stored.id)] in sent
