@@ -24,26 +24,14 @@ import time
 import uuid
 from pathlib import Path
 
+from scripts.check_env import worker_env
+
 MODEL = "resume-check"
 CHARACTER = "resume-check-npc"
 
 
 def _env() -> dict[str, str]:
-    from core.services import broker_url, database_url
-    from core.settings import settings
-    from worker.model_cache import BUNDLED_MODEL, ensure_bundled_model
-
-    model_path = settings.model_path or str(ensure_bundled_model(settings.model_cache_dir / BUNDLED_MODEL))
-    return os.environ | {
-        "DATABASE_URL": database_url(),
-        "REDIS_URL": broker_url(),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "MLCHAT_MODEL": MODEL,
-        "MLCHAT_MODEL_PATH": model_path,
-        "MLCHAT_SERVED_MODELS": json.dumps([MODEL]),
-        "MLCHAT_METRICS_PORT": "0",
-    }
+    return worker_env(MODEL)
 
 
 def _prepare() -> None:

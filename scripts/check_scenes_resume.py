@@ -24,30 +24,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from scripts.check_env import worker_env
+
 MODEL = "scenes-check"
 CAST = ("scenes-check-ada", "scenes-check-bo", "scenes-check-cy")
 
 
 def _env() -> dict[str, str]:
-    from core.services import broker_url, database_url
-    from core.settings import settings
-    from worker.model_cache import BUNDLED_MODEL, ensure_bundled_model
-
-    model_path = settings.model_path or str(ensure_bundled_model(settings.model_cache_dir / BUNDLED_MODEL))
-    return os.environ | {
-        "DATABASE_URL": database_url(),
-        "REDIS_URL": broker_url(),
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "MLCHAT_MODEL": MODEL,
-        "MLCHAT_MODEL_PATH": model_path,
-        "MLCHAT_SERVED_MODELS": json.dumps([MODEL]),
-        "MLCHAT_METRICS_PORT": "0",
-        "MLCHAT_LEASE_SECONDS": "10",  # a killed worker's steps come back soon
-        "MLCHAT_RUN_CANDIDATES": "1",
-        "MLCHAT_PIN_WORKER_CPUS": "false",
-        "MLCHAT_CPU_KVCACHE_GIB": os.environ.get("MLCHAT_CPU_KVCACHE_GIB", "1"),
-    }
+    return worker_env(
+        MODEL,
+        MLCHAT_LEASE_SECONDS="10",  # a killed worker's steps come back soon
+        MLCHAT_RUN_CANDIDATES="1",
+        MLCHAT_PIN_WORKER_CPUS="false",
+        MLCHAT_CPU_KVCACHE_GIB=os.environ.get("MLCHAT_CPU_KVCACHE_GIB", "1"),
+    )
 
 
 def _prepare(work: Path, scenes: int, exchanges: int) -> Path:
