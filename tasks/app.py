@@ -21,6 +21,10 @@ app.conf.update(
     # "priority": poll the worker's queues in the order given (live before bulk), not round robin.
     broker_transport_options={
         "visibility_timeout": settings.visibility_timeout,
+        # A worker looks for unacked messages past the visibility timeout (a dead worker's) every
+        # interval x 10 s (kombu >= 5.7; older kombu always scans every 100 s): kombu's default 10 s
+        # interval made a dead worker's turns wait up to 100 s longer than the timeout.
+        "unacked_restore_interval": 1,
         "queue_order_strategy": "priority",
     },
     broker_connection_retry_on_startup=True,

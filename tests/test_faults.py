@@ -20,6 +20,11 @@ from tests import worker_processes as wp
 from tests.conftest import new_conversation
 
 VISIBILITY_S = "45"  # how long Redis waits before handing a dead worker's unacked messages to another
+# The SIGKILL case waits this out: short, yet well above its rescuer's slowest batch (a claim is held
+# no longer than the visibility timeout), which takes ~11 s here.
+RESCUE_VISIBILITY_S = "30"
+# A claim whose worker died or could not hand it back is free this long after its last renewal.
+LEASE_S = "15"
 
 
 def _counts(ids) -> dict[str, int]:
@@ -68,7 +73,7 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
     "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(world, tmp_path, turns) -> None:
-    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": "15"}
+    env = {"MLCHAT_VISIBILITY_TIMEOUT": RESCUE_VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
     logs = {name: tmp_path / f"{name}.log" for name in ("victim", "rescuer")}
     with wp.started("victim", logs, **env) as victim:
         ids = wp.send_turns(turns, "Bulk line", lane="bulk")  # a run's messages: a batch of turn ids each
@@ -138,9 +143,11 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
 @pytest.fixture(scope="module")
 def steady_worker(world, tmp_path_factory):
     """One worker process that finishes the dead engine's turns, then lives through both restart
-    cases (they test that it survives them)."""
+    cases (they test that it survives them). A batch whose hand-back the PostgreSQL restart cut
+    waits for its lease: a short one, not the default two minutes."""
     logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
-    with wp.started("steady", logs, MLCHAT_VISIBILITY_TIMEOUT=VISIBILITY_S) as proc:
+    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+    with wp.started("steady", logs, **env) as proc:
         yield proc
 
 

@@ -58,17 +58,25 @@ class Stop(Exception):
     pass
 
 
+def _chunk() -> int:
+    """Rows per chunk: an eighth of the messages, so the first chunk is full (a pass started over would
+    end it at the same id) without a transaction per two rows of every message the session wrote."""
+    with session_scope() as s:
+        return max(2, s.scalar(select(func.count()).select_from(Message)) // 8)
+
+
 def test_an_interrupted_reembed_changes_nothing_and_resumes_to_a_full_swap(capsys) -> None:
     conv = _conversation()
     _, before = _vectors(conv)
     seen: list[tuple[str, int]] = []
+    chunk = _chunk()
 
     def stop_after_first(table: str, last_id: int) -> None:
         seen.append((table, last_id))
         raise Stop
 
     with pytest.raises(Stop):
-        reembed(chunk=2, on_chunk=stop_after_first)
+        reembed(chunk=chunk, on_chunk=stop_after_first)
     _, during = _vectors(conv)
     assert np.array_equal(during, before)  # retrieval still compares old vectors with old vectors only
     with session_scope() as s:
@@ -79,7 +87,7 @@ def test_an_interrupted_reembed_changes_nothing_and_resumes_to_a_full_swap(capsy
             session=s, conversation_id=conv, lines=[(Role.USER, "To the river.")], vectors=_old_vectors(1)
         )
 
-    assert cli(["reembed", "--chunk", "2"]) == 0
+    assert cli(["reembed", "--chunk", str(chunk)]) == 0
     out = capsys.readouterr()
     assert "re-embedded with" in out.out
     first = next(line for line in out.err.splitlines() if line.startswith("messages: through id "))
@@ -128,7 +136,7 @@ def test_a_row_written_into_a_table_already_passed_is_caught_up_before_the_swap(
                 )
             written.append(table)
 
-    reembed(chunk=2, on_chunk=write_a_line_after_the_messages)
+    reembed(chunk=_chunk(), on_chunk=write_a_line_after_the_messages)
     assert written  # the line was written while a later table was passed
     texts, after = _vectors(conv)
     assert texts[-1] == "To the river."

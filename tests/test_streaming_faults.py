@@ -23,7 +23,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(base_u
     request = new_conversation() | {
         "message": "Tell me the whole long story of the road north, every village on the way.",
         "stream": True,
-        "params": {"max_new_tokens": 400, "seed": 11},
+        "params": {"max_new_tokens": 200, "seed": 11},
     }
     events: list[tuple[str, str, dict]] = []
 

@@ -149,6 +149,9 @@ def get_engine() -> LoadedEngine:
         from worker.cpu_affinity import restore_all_cpus
 
         restore_all_cpus()  # the engine's processes start from this process's affinity
+    eager: dict[str, Any] = {}
+    if settings.enforce_eager is not None:
+        eager["enforce_eager"] = settings.enforce_eager
     lora: dict[str, Any] = {}
     if settings.enable_lora:
         lora = {"enable_lora": True, "max_loras": settings.max_loras, "max_lora_rank": settings.max_lora_rank}
@@ -169,6 +172,7 @@ def get_engine() -> LoadedEngine:
         # only with the backend named; structured/spec.py refuses what xgrammar does not enforce.
         structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
         **scheduling,
+        **eager,
         **lora,
     )
     load_ms = (time.perf_counter() - started) * 1000
