@@ -142,10 +142,16 @@ def story_event_texts(*, session: Session, ids: Sequence[int]) -> dict[int, str]
 def set_conversation_story(
     *, session: Session, conversation_id: int, story: str | None, story_time: int | None
 ) -> None:
-    """Point the conversation at a story (and a story time) from now on."""
+    """Point the conversation at a story (and a story time) from now on; no write when it already is."""
     session.execute(
         update(Conversation)
-        .where(Conversation.id == conversation_id)
+        .where(
+            Conversation.id == conversation_id,
+            or_(
+                Conversation.story.is_distinct_from(story),
+                Conversation.story_time.is_distinct_from(story_time),
+            ),
+        )
         .values(story=story, story_time=story_time)
     )
 

@@ -329,9 +329,6 @@ def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or na
 # --- turns, cards, stories -------------------------------------------------------------------
 
 
-JsonFile = Annotated[Path | None, typer.Option(exists=True, dir_okay=False, readable=True)]
-
-
 def _read_json(path: Path) -> object:
     """A JSON file, or Refused naming the file and the line."""
     try:
@@ -385,7 +382,10 @@ def chat(
     inline: Annotated[bool, typer.Option(help="run the pipeline in this process, no worker needed")] = False,
     timeout: Annotated[float, typer.Option(min=1)] = 300.0,
     narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
-    persona: JsonFile = None,
+    persona: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="the original service's persona JSON"),
+    ] = None,
     chat_history: Annotated[
         Path | None,
         typer.Option(
@@ -423,6 +423,8 @@ def chat(
     if persona or chat_history or story or others:
         if character:
             raise Refused("--character: the persona file is the character; leave --character out")
+        if persona is None and others is None:
+            raise Refused("--persona: missing (the original service's persona JSON)")
         files = {"persona": persona, "chat_history": chat_history, "story": story}
         fields = {"message": message, "conversation": conversation, "player_name": player_name}
         request = _store_original(files, others, fields | {"params": parsed, "speaker": speaker})

@@ -233,6 +233,9 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     lines = parse_chat_history(payload.get("chat_history", payload.get("history")))
     story = parse_story(payload["story"]) if payload.get("story") is not None else None
     conversation = payload.get("conversation")
+    for key in ("gen_config", "params"):
+        if not isinstance(payload.get(key) or {}, dict):
+            raise InlineRefused("request", f"{key}: must be a JSON object")
     params = {**(payload.get("gen_config") or {}), **(payload.get("params") or {})}
     turn = {
         "conversation": conversation or "inline",

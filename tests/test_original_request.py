@@ -5,17 +5,19 @@ history imported once; a replay stores nothing new, and a bad file is refused na
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from db.history import append_lines
 from db.models import Character, Conversation, Message, Role, StoryEvent, Turn
 from db.session import session_scope
-from db.world import upsert_conversation
+from db.world import save_character_if_changed, upsert_conversation
 from scripts.cli import _store_original
 from scripts.cli import main as cli
 from services.original_request import read_request, store_request, turn_request
@@ -119,6 +121,47 @@ def test_a_changed_persona_is_a_new_version_of_the_same_character() -> None:
         personality = s.scalar(select(Character.personality).where(Character.slug == after.character))
         count = s.scalar(select(func.count()).select_from(Character).where(Character.slug == after.character))
     assert personality == "이제는 채소도 좋아한다." and count == 1
+
+
+def test_two_writers_of_the_same_changed_persona_make_one_new_version() -> None:
+    """Two sessions: B writes the same new content while A's write is uncommitted; B waits on A's
+    row, then finds nothing to change, so the version goes up once."""
+    request = read_request(_event(f"루피-{uuid.uuid4().hex[:6]}"))
+    slug, fields = request.slug, request.persona.character_fields()
+    with session_scope() as s:
+        save_character_if_changed(session=s, slug=slug, fields=fields)
+    changed = fields | {"personality": "이제는 채소도 좋아한다."}
+    outcome: dict[str, Any] = {}
+
+    def writer_b() -> None:
+        with session_scope() as b:
+            outcome["b"] = save_character_if_changed(session=b, slug=slug, fields=changed)
+
+    with session_scope() as a:
+        outcome["a"] = save_character_if_changed(session=a, slug=slug, fields=changed)
+        thread = threading.Thread(target=writer_b)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not _an_upsert_waits():  # B is blocked on A's uncommitted row
+            assert thread.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.05)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome["a"][1:] == (2, True) and outcome["b"][1:] == (2, False), outcome
+    with session_scope() as s:
+        assert s.scalar(select(Character.version).where(Character.slug == slug)) == 2
+
+
+def _an_upsert_waits() -> bool:
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO characters%'"
+                )
+            )
+        )
 
 
 def test_a_named_conversation_takes_only_the_new_lines_of_a_growing_history() -> None:
@@ -243,6 +286,23 @@ def test_a_refusal_after_the_files_are_read_stores_none_of_them() -> None:
     }
     result = handler({"input": event})
     assert result == {"error": f"conversation: {conversation!r} is another character's"}
+    _nothing_stored(name)
+
+
+def test_bad_request_fields_are_refused_by_name() -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    cases = [
+        ({"gen_config": [0.3]}, "gen_config: must be a JSON object"),
+        (
+            {"gen_config": {"temperature": 9}},
+            "gen_config.temperature: Input should be less than or equal to 2",
+        ),
+        ({"message": None}, "message: Input should be a valid string"),
+        ({"persona": None}, "persona: must be a JSON object with at least a name"),
+    ]
+    for fields, error in cases:
+        event = {"persona": _persona(name), "story": [{"text": "BAD-STORY-" + name}], "message": "hi"}
+        assert handler({"input": event | fields}) == {"error": error}
     _nothing_stored(name)
 
 
