@@ -231,7 +231,8 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
         raise InlineRefused("persona", "persona: missing")
     persona = parse_persona(payload["persona"])
     lines = parse_chat_history(payload.get("chat_history", payload.get("history")))
-    story = parse_story(payload["story"]) if payload.get("story") is not None else None
+    # An empty story is no story: nothing to store, and the conversation keeps the one it has.
+    story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")
     for key in ("gen_config", "params"):
         if not isinstance(payload.get(key) or {}, dict):
