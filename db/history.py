@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 
 import numpy as np
@@ -37,3 +38,34 @@ def append_lines(
         ],
     )
     return start, start + len(lines) - 1
+
+
+def conversation_lines(*, session: Session, conversation_id: int) -> list[tuple[Role, str]]:
+    """The conversation's lines, (role, content) in order."""
+    rows = session.execute(
+        select(Message.role, Message.content)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq)
+    )
+    return [(Role(role), content) for role, content in rows.tuples()]
+
+
+def lock_conversation(*, session: Session, conversation_id: int) -> None:
+    """Hold the conversation's row for this transaction, so its lines cannot be appended meanwhile."""
+    session.execute(
+        select(Conversation.id).where(Conversation.id == conversation_id).with_for_update(key_share=True)
+    )
+
+
+def line_texts(*, session: Session, ids: Sequence[int]) -> dict[int, str]:
+    """{id: content} of these lines."""
+    rows = session.execute(select(Message.id, Message.content).where(Message.id.in_(list(ids))))
+    return dict(rows.tuples().all())
+
+
+def reply_embedding(*, session: Session, turn_id: uuid.UUID) -> list[float] | None:
+    """The stored vector of the turn's reply line, if it has one."""
+    vec = session.scalar(
+        select(Message.embedding).where(Message.turn_id == turn_id, Message.role != Role.USER)
+    )
+    return None if vec is None else [float(x) for x in vec]

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, literal_column, select, update
+from sqlalchemy import func, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -54,6 +54,28 @@ def save_character(
     ).returning(Character.id, literal_column("xmax = 0"))
     row = session.execute(upsert).first()
     return None if row is None else (int(row[0]), bool(row[1]))
+
+
+def save_character_if_changed(
+    *, session: Session, slug: str, fields: dict[str, Any]
+) -> tuple[int, int, bool]:
+    """Insert a character, or update it only if one of `fields` differs from what is stored (one
+    version up); (id, version, written). The same content twice leaves the version as it is."""
+    values = {k: fields[k] for k in CHARACTER_FIELDS if k in fields}
+    stmt = insert(Character).values(slug=slug, **values)
+    # IS DISTINCT FROM, not !=: a NULL compared with a value is a change. The row lock taken by
+    # ON CONFLICT makes two writers of the same new content bump the version once.
+    changed = or_(*(getattr(Character, k).is_distinct_from(stmt.excluded[k]) for k in values))
+    upsert = stmt.on_conflict_do_update(
+        index_elements=[Character.slug],
+        set_={**values, "version": Character.version + 1, "updated_at": func.now()},
+        where=changed,
+    ).returning(Character.id, Character.version)
+    row = session.execute(upsert).first()
+    if row is not None:
+        return int(row[0]), int(row[1]), True
+    same = session.execute(select(Character.id, Character.version).where(Character.slug == slug)).one()
+    return int(same[0]), int(same[1]), False
 
 
 def upsert_conversation(
@@ -104,6 +126,34 @@ def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], e
     )
     session.execute(stmt, rows)
     return len(rows)
+
+
+def count_story_events(*, session: Session, story: str) -> int:
+    """How many events the story has."""
+    return int(session.scalar(select(func.count()).where(StoryEvent.story == story)) or 0)
+
+
+def story_event_texts(*, session: Session, ids: Sequence[int]) -> dict[int, str]:
+    """{id: text} of these story events."""
+    rows = session.execute(select(StoryEvent.id, StoryEvent.text).where(StoryEvent.id.in_(list(ids))))
+    return dict(rows.tuples().all())
+
+
+def set_conversation_story(
+    *, session: Session, conversation_id: int, story: str | None, story_time: int | None
+) -> None:
+    """Point the conversation at a story (and a story time) from now on; no write when it already is."""
+    session.execute(
+        update(Conversation)
+        .where(
+            Conversation.id == conversation_id,
+            or_(
+                Conversation.story.is_distinct_from(story),
+                Conversation.story_time.is_distinct_from(story_time),
+            ),
+        )
+        .values(story=story, story_time=story_time)
+    )
 
 
 def append_history_if_empty(

@@ -130,6 +130,20 @@ def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
     return _messages(doc, "messages")
 
 
+ORIGINAL_KEYS = ("chat_history", "history", "messages")
+
+
+def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistory:
+    """The original service's history already decoded (a list of {role, content}, bare or under one
+    of ORIGINAL_KEYS); items are named `name[i]`. An empty history is no lines, not an error."""
+    if isinstance(doc, dict):
+        key = next((k for k in ORIGINAL_KEYS if k in doc), None)
+        if key is None:
+            raise HistoryRefused(f"{name}: missing the list of messages (chat_history)")
+        return _messages(doc[key], f"{name}.{key}" if name != key else name)
+    return _messages(doc, name)
+
+
 def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
     """The log's lines, checked; raises HistoryRefused naming the line or item and the field."""
     if fmt == "sillytavern":
@@ -137,7 +151,7 @@ def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
     elif fmt == "openai":
         parsed = parse_json_messages(raw, ("messages",))
     else:
-        parsed = parse_json_messages(raw, ("chat_history", "history", "messages"))
+        parsed = parse_json_messages(raw, ORIGINAL_KEYS)
     if not parsed.lines:
         raise HistoryRefused("the log holds no user or assistant lines")
     return parsed

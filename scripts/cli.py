@@ -11,7 +11,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -329,10 +329,51 @@ def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or na
 # --- turns, cards, stories -------------------------------------------------------------------
 
 
+def _read_json(path: Path) -> object:
+    """A JSON file, or Refused naming the file and the line."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise Refused(f"{path}: not UTF-8 text (byte {exc.start}); nothing stored") from None
+    except json.JSONDecodeError as exc:
+        raise Refused(f"{path}: line {exc.lineno}: not JSON ({exc.msg}); nothing stored") from None
+
+
+def _store_original(
+    files: dict[str, Path | None], others: Path | None, fields: dict[str, Any]
+) -> dict[str, Any]:
+    """The original service's inline files stored (persona, history, story; a replay stores nothing
+    new); the turn request to send. A bad file is refused naming the file and the field."""
+    from services.original_request import InlineRefused, read_request, store_request, turn_request
+
+    payload: dict[str, Any] = {}
+    if others is not None:
+        doc = _read_json(others)
+        if not isinstance(doc, dict):
+            raise Refused(f"{others}: must be a JSON object (the rest of a request); nothing stored")
+        payload.update(doc)
+    from_others = set(payload)
+    payload.update({part: _read_json(path) for part, path in files.items() if path is not None})
+    payload.update({k: v for k, v in fields.items() if v})
+    try:
+        request = read_request(payload)
+        stored = store_request(request)
+    except InlineRefused as exc:
+        source = files.get(exc.part) or (others if exc.part in from_others else None)
+        raise Refused(f"{source}: {exc}; nothing stored" if source else f"{exc}; nothing stored") from None
+    verb = "stored" if stored.character_written else "unchanged"
+    story = f"; story {stored.story} ({stored.story_events_stored} events stored)" if stored.story else ""
+    _err(
+        f"persona: character {stored.character!r} v{stored.character_version} ({verb}){story}; "
+        f"history: {stored.lines_imported} line(s) imported into conversation {stored.conversation}"
+    )
+    return turn_request(request, stored).model_dump(exclude_none=True)
+
+
 @app.command()
 def chat(
-    character: Annotated[str, typer.Option(help="character slug, e.g. luffy")],
     message: Annotated[str, typer.Option()],
+    character: Annotated[str | None, typer.Option(help="character slug, e.g. luffy")] = None,
     conversation: Annotated[str | None, typer.Option(help="the game's conversation id")] = None,
     player_name: str = "",
     params: Annotated[
@@ -341,8 +382,34 @@ def chat(
     inline: Annotated[bool, typer.Option(help="run the pipeline in this process, no worker needed")] = False,
     timeout: Annotated[float, typer.Option(min=1)] = 300.0,
     narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
+    persona: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="the original service's persona JSON"),
+    ] = None,
+    chat_history: Annotated[
+        Path | None,
+        typer.Option(
+            "--chat_history",
+            "--chat-history",
+            exists=True,
+            dir_okay=False,
+            readable=True,
+            help="the original service's history JSON (with --persona)",
+        ),
+    ] = None,
+    story: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="the original service's story JSON"),
+    ] = None,
+    others: Annotated[
+        Path | None,
+        typer.Option(exists=True, dir_okay=False, readable=True, help="the rest of an original request"),
+    ] = None,
 ) -> None:
-    """Send one message to a character, print the reply as it is written, then prompt, reply and timings."""
+    """Send one message to a character, print the reply as it is written, then prompt, reply and timings.
+
+    With --persona (and --chat_history, --story, --others: the original service's files), the persona
+    is stored as a character and the history and story with it, as the original handler took them."""
     from scripts.render import render_turn
     from services.producer import enqueue_turns, wait_for_reply
 
@@ -350,14 +417,29 @@ def chat(
         parsed = json.loads(params) if params else {}
     except json.JSONDecodeError as exc:
         raise Refused(f"--params: not valid JSON ({exc.msg})") from None
-    request = {
-        "conversation": conversation or f"cli-{character}",
-        "character": character,
-        "message": message,
-        "player_name": player_name,
-        "params": parsed,
-        "speaker": "narrator" if narrator else "character",
-    }
+    if not isinstance(parsed, dict):
+        raise Refused("--params: must be a JSON object")
+    speaker = "narrator" if narrator else "character"
+    if persona or chat_history or story or others:
+        if character:
+            raise Refused("--character: the persona file is the character; leave --character out")
+        if persona is None and others is None:
+            raise Refused("--persona: missing (the original service's persona JSON)")
+        files = {"persona": persona, "chat_history": chat_history, "story": story}
+        fields = {"message": message, "conversation": conversation, "player_name": player_name}
+        request = _store_original(files, others, fields | {"params": parsed, "speaker": speaker})
+        character = str(request["character"])
+    elif character is None:
+        raise Refused("--character: missing (or --persona with the original service's files)")
+    else:
+        request = {
+            "conversation": conversation or f"cli-{character}",
+            "character": character,
+            "message": message,
+            "player_name": player_name,
+            "params": parsed,
+            "speaker": speaker,
+        }
     if inline:
         from worker.inline import answer_now
 

@@ -1,7 +1,9 @@
 """A RunPod-serverless-style entry point over the same pipeline, for deployments without a queue.
 
 `handler(event)` takes `{"input": {...one turn...}}` or `{"input": {"turns": [...]}}` (the fields of
-`TurnRequest`) and returns the answered turns. The model loads once per container, on the first call.
+`TurnRequest`) and returns the answered turns; or the original service's event, `{"input": {"persona",
+"chat_history", "story", "message", ...}}` (services/original_request.py), answered with the original's
+ChatResponse. The model loads once per container, on the first call.
 Run it with the `runpod` package installed (`python -m worker.serverless`), or locally without it:
 `python -m worker.serverless '{"input": {"conversation": "c1", "character": "elara", "message": "Hi"}}'`.
 """
@@ -24,6 +26,8 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     payload = event.get("input") if isinstance(event, dict) else None
     if not isinstance(payload, dict):
         return {"error": 'the event must be {"input": {...turn...}} or {"input": {"turns": [...]}}'}
+    if "persona" in payload:
+        return _answer_original(payload)
     requests = payload.get("turns", [payload])
     if not isinstance(requests, list) or not requests:
         return {"error": '"turns" must be a non-empty list'}
@@ -32,6 +36,21 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     except (ValidationError, IdempotencyConflict, ValueError) as exc:
         return {"error": str(exc)}
     return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
+
+
+def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
+    """The original service's inline shape: persona, history and story stored (a replay stores
+    nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
+    from services.original_request import chat_response, read_request, store_request, turn_request
+    from worker.inline import answer_now
+
+    try:
+        request = read_request(payload)
+        stored = store_request(request)
+        (view,) = answer_now([turn_request(request, stored)])
+    except (ValidationError, IdempotencyConflict, ValueError) as exc:
+        return {"error": str(exc)}
+    return chat_response(view, stored)
 
 
 def main() -> None:

@@ -1,0 +1,387 @@
+"""The original service's request shape: a persona, a chat history and a story inline with the
+message (its `handler.py --persona --chat_history --story --message`, and the same fields as a
+RunPod event's input), so a team moving from that service can replay its files unchanged.
+
+The persona becomes a stored character matched by content (the same content keeps its version, a
+change makes a new one), the story becomes stored story events matched by content (a replay embeds
+nothing again), the history becomes the conversation's first lines (a replay adds none); then the
+turn runs as any other, and the answer comes back as the original's ChatResponse.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from core.settings import DEFAULT_TENANT, settings
+from db.models import Role
+from memory.history_import import EMBED_CHUNK, HistoryRefused, parse_original_history
+from services.characters import slug_for
+from services.producer import TurnView
+from services.schemas import Int4, Text, TurnRequest, error_line
+
+TEXT_MAX = 20_000  # one persona field
+STORY_MAX_EVENTS = 10_000
+PARTS = ("persona", "chat_history", "story")  # the parts the original handler read from files
+_HANGUL = re.compile(r"[\uac00-\ud7a3]")
+
+
+class InlineRefused(ValueError):
+    """A malformed inline request: `part` is persona, chat_history, story or the event's other
+    fields; the message names the field (and the item) within it."""
+
+    def __init__(self, part: str, message: str) -> None:
+        super().__init__(message)
+        self.part = part
+
+
+class ExampleDialogue(BaseModel):
+    """One example exchange of the persona: what the user says, what the character answers."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    user: Text = Field(max_length=TEXT_MAX)
+    character: Text = Field(
+        max_length=TEXT_MAX, validation_alias=AliasChoices("character", "assistant", "char")
+    )
+
+
+class Persona(BaseModel):
+    """The original's Persona (name, personality, scenario, example dialogues) with the other fields
+    a stored character has; keys it does not know are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: Text = Field(min_length=1, max_length=200)
+    language: Text | None = Field(default=None, min_length=1, max_length=16)
+    description: Text = Field(default="", max_length=TEXT_MAX)
+    personality: Text = Field(default="", max_length=TEXT_MAX)
+    scenario: Text = Field(default="", max_length=TEXT_MAX)
+    speech_style: Text = Field(default="", max_length=TEXT_MAX)
+    example_dialogues: list[ExampleDialogue] = Field(default_factory=list, max_length=100)
+    first_message: Text = Field(default="", max_length=TEXT_MAX)
+    system_prompt: Text = Field(default="", max_length=TEXT_MAX)
+    post_history_instructions: Text = Field(default="", max_length=TEXT_MAX)
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+    def character_fields(self) -> dict[str, Any]:
+        """The character's columns; without a language, Korean if the persona is written in Hangul."""
+        fields = self.model_dump(exclude={"language", "example_dialogues"})
+        fields["example_dialogues"] = [d.model_dump() for d in self.example_dialogues]
+        text = " ".join(str(v) for v in fields.values())
+        fields["language"] = self.language or ("ko" if _HANGUL.search(text) else "en")
+        return fields
+
+
+class StoryEventItem(BaseModel):
+    """One event of the inline story: its text (or content), scene and story time."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: Text = Field(min_length=1, max_length=4000, validation_alias=AliasChoices("text", "content"))
+    scene: Text = Field(default="", max_length=200)
+    time: Int4 = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _plain_text(cls, value: Any) -> Any:
+        return {"text": value} if isinstance(value, str) else value
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty")
+        return value
+
+
+@dataclass(frozen=True)
+class InlineRequest:
+    """An inline request, checked: nothing of it is stored yet."""
+
+    persona: Persona
+    lines: list[tuple[Role, str]]
+    story: list[StoryEventItem] | None
+    turn: TurnRequest  # conversation and character are placeholders until it is stored
+    conversation: str | None  # the caller's; None: one per persona and history
+
+    @property
+    def slug(self) -> str:
+        """The persona's character: its own slug space, so no game-defined character is replaced."""
+        return ("inline-" + slug_for(self.persona.name))[:64].rstrip("-")
+
+    @property
+    def story_key(self) -> str | None:
+        """The story's name: a digest of its events, so the same story is stored once."""
+        if self.story is None:
+            return None
+        events = [[e.text, e.scene, e.time] for e in self.story]
+        return "inline-" + _digest(events)
+
+    @property
+    def conversation_id(self) -> str:
+        """The caller's conversation, or one for this persona and this history."""
+        return self.conversation or "inline-" + _digest([self.slug, [[r.value, t] for r, t in self.lines]])
+
+
+@dataclass(frozen=True)
+class StoredInline:
+    """What storing an inline request did."""
+
+    character: str
+    character_version: int
+    character_written: bool
+    story: str | None
+    story_events_stored: int
+    conversation: str
+    lines_imported: int
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, ensure_ascii=False).encode()).hexdigest()[:32]
+
+
+def _where(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return out.lstrip(".")
+
+
+def _refused(part: str, prefix: str, exc: ValidationError) -> InlineRefused:
+    first = exc.errors()[0]
+    where = (prefix + "." + _where(first["loc"])).rstrip(".").replace(".[", "[")
+    return InlineRefused(part, error_line(where, first["msg"]))
+
+
+def parse_persona(doc: Any) -> Persona:
+    """The persona, checked; InlineRefused names the field."""
+    if not isinstance(doc, dict):
+        raise InlineRefused("persona", "persona: must be a JSON object with at least a name")
+    try:
+        return Persona.model_validate(doc)
+    except ValidationError as exc:
+        raise _refused("persona", "persona", exc) from None
+
+
+def parse_story(doc: Any) -> list[StoryEventItem]:
+    """The story's events: a list, or one under events / story_events / story; InlineRefused names
+    the item and field."""
+    where = "story"
+    if isinstance(doc, dict):
+        key = next((k for k in ("events", "story_events", "story") if k in doc), None)
+        if key is None:
+            raise InlineRefused("story", "story: missing the list of events (events)")
+        doc, where = doc[key], f"story.{key}"
+    if not isinstance(doc, list):
+        raise InlineRefused("story", f"{where}: must be a list of events")
+    if len(doc) > STORY_MAX_EVENTS:
+        raise InlineRefused("story", f"{where}: more than {STORY_MAX_EVENTS} events")
+    events = []
+    for i, item in enumerate(doc):
+        try:
+            events.append(StoryEventItem.model_validate(item))
+        except ValidationError as exc:
+            raise _refused("story", f"{where}[{i}]", exc) from None
+    return events
+
+
+def parse_chat_history(doc: Any) -> list[tuple[Role, str]]:
+    """The history's lines (the original's list of {role, content}); InlineRefused names the item."""
+    if doc is None:
+        return []
+    try:
+        return parse_original_history(doc, "chat_history").lines
+    except HistoryRefused as exc:
+        raise InlineRefused("chat_history", str(exc)) from None
+
+
+_TURN_FIELDS = ("player_id", "player_name", "story_time", "idempotency_key", "speaker")
+
+
+def read_request(payload: dict[str, Any]) -> InlineRequest:
+    """Check every part of an inline request before anything is stored.
+
+    Fields: persona (required), chat_history (or history), story, message, and optionally gen_config
+    (temperature, top_p, max_new_tokens) or params, conversation, player_id, player_name, story_time.
+    model_config is the original's deployment (model, GPUs): the worker's own settings decide it here.
+    """
+    if "persona" not in payload:
+        raise InlineRefused("persona", "persona: missing")
+    persona = parse_persona(payload["persona"])
+    lines = parse_chat_history(payload.get("chat_history", payload.get("history")))
+    # An empty story is no story: nothing to store, and the conversation keeps the one it has.
+    story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
+    conversation = payload.get("conversation")
+    for key in ("gen_config", "params"):
+        if not isinstance(payload.get(key) or {}, dict):
+            raise InlineRefused("request", f"{key}: must be a JSON object")
+    params = {**(payload.get("gen_config") or {}), **(payload.get("params") or {})}
+    turn = {
+        "conversation": conversation or "inline",
+        "character": "inline",
+        "message": payload.get("message"),
+        "params": params,
+        **{k: payload[k] for k in _TURN_FIELDS if payload.get(k) is not None},
+    }
+    try:
+        request = TurnRequest.model_validate(turn)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = _where(first["loc"])
+        where = where.replace("params.", "gen_config." if "gen_config" in payload else "params.", 1)
+        raise InlineRefused("request", error_line(where or "input", first["msg"])) from None
+    if not request.message.strip():
+        raise InlineRefused("request", "message: is empty")
+    return InlineRequest(persona, lines, story, request, conversation)
+
+
+def _embed(texts: list[str]) -> np.ndarray:
+    from worker.embedder import embed  # the embedder loads on first use, in the calling process
+
+    if not texts:
+        return np.zeros((0, settings.embedding_dim), dtype=np.float32)
+    return np.concatenate([embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
+
+
+def _missing_from(lines: list[tuple[Role, str]], stored: list[tuple[Role, str]], conversation: str) -> int:
+    """How many of the history's lines the conversation already holds, in order; refused when the
+    two disagree (another conversation's history, or one edited since)."""
+    for i, (line, have) in enumerate(zip(lines, stored, strict=False)):
+        if line != have:
+            raise InlineRefused(
+                "chat_history",
+                f"chat_history[{i}]: differs from line {i + 1} of conversation {conversation!r} "
+                f"({have[0].value}: {have[1][:40]!r}); pass another conversation",
+            )
+    return min(len(lines), len(stored))
+
+
+def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> StoredInline:
+    """Store the persona, story and history (idempotent: a replay stores nothing new), in one
+    transaction; the embeddings are computed before it, for what is not stored yet."""
+    from db.history import append_lines, conversation_lines, lock_conversation
+    from db.session import session_scope
+    from db.world import (
+        count_story_events,
+        find_conversations,
+        save_character_if_changed,
+        set_conversation_story,
+        upsert_conversations,
+        upsert_story_events,
+    )
+
+    conversation, story_key = req.conversation_id, req.story_key
+    with session_scope() as session:
+        story_stored = story_key is None or count_story_events(session=session, story=story_key) > 0
+        known = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
+        held = (
+            conversation_lines(session=session, conversation_id=known[conversation][0])
+            if conversation in known
+            else []
+        )
+    start = _missing_from(req.lines, held, conversation)
+    events = [] if story_stored or req.story is None else req.story
+    vectors = _embed([text for _, text in req.lines[start:]] + [e.text for e in events])
+    line_vectors, event_vectors = vectors[: len(req.lines) - start], vectors[len(req.lines) - start :]
+
+    with session_scope() as session:
+        char_id, version, written = save_character_if_changed(
+            session=session, slug=req.slug, fields=req.persona.character_fields()
+        )
+        if events:  # keyed by (story, ordinal): a replay racing this one writes the same rows
+            rows = [
+                {"story": story_key, "ordinal": i, "scene": e.scene, "time": e.time, "text": e.text}
+                for i, e in enumerate(events, start=1)
+            ]
+            upsert_story_events(session=session, events=rows, embeddings=event_vectors)
+        row = {
+            "external_id": conversation,
+            "character_id": char_id,
+            "player_id": req.turn.player_id,
+            "player_name": req.turn.player_name,
+            "story": story_key,
+            "story_time": req.turn.story_time,
+        }
+        conv_id, owner = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
+        if owner != char_id:
+            raise InlineRefused("request", f"conversation: {conversation!r} is another character's")
+        if story_key is not None:
+            set_conversation_story(
+                session=session, conversation_id=conv_id, story=story_key, story_time=req.turn.story_time
+            )
+        lock_conversation(session=session, conversation_id=conv_id)
+        now_held = _missing_from(
+            req.lines, conversation_lines(session=session, conversation_id=conv_id), conversation
+        )
+        if now_held < start:  # lines only ever grow; this is a history rewritten under us
+            raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
+        added = len(req.lines) - now_held
+        if added:
+            append_lines(
+                session=session,
+                conversation_id=conv_id,
+                lines=req.lines[now_held:],
+                vectors=line_vectors[now_held - start :],
+            )
+    return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
+
+
+def turn_request(req: InlineRequest, stored: StoredInline) -> TurnRequest:
+    """The turn to run, in the stored conversation with the stored character."""
+    return req.turn.model_copy(update={"conversation": stored.conversation, "character": stored.character})
+
+
+def chat_response(view: TurnView, stored: StoredInline) -> dict[str, Any]:
+    """The original's ChatResponse: reply {text, embedding}, usage, retrieved [{text, score,
+    source}], timing (ms); mlchat's own record of the turn under "mlchat"."""
+    from db.history import line_texts, reply_embedding
+    from db.session import session_scope
+    from db.world import story_event_texts
+
+    context = view.context or {}
+    events, memories = context.get("events", []), context.get("memories", [])
+    with session_scope() as session:
+        embedding = reply_embedding(session=session, turn_id=view.id) if view.reply is not None else None
+        event_text = story_event_texts(session=session, ids=[e["id"] for e in events])
+        line_text = line_texts(session=session, ids=[m["id"] for m in memories])
+    retrieved = [
+        {"text": line_text.get(m["id"], ""), "score": m["score"], "source": "chat_history"} for m in memories
+    ] + [{"text": event_text.get(e["id"], ""), "score": e["score"], "source": "story"} for e in events]
+    return {
+        "reply": None if view.reply is None else {"text": view.reply, "embedding": embedding},
+        "usage": view.usage,
+        "retrieved": retrieved,
+        "timing": view.timings,
+        "mlchat": {
+            "turn": str(view.id),
+            "status": view.status.value,
+            "error": view.error,
+            "conversation": stored.conversation,
+            "character": stored.character,
+            "character_version": stored.character_version,
+            "story": stored.story,
+            "history_lines_imported": stored.lines_imported,
+        },
+    }

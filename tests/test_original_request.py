@@ -1,0 +1,331 @@
+"""The original service's inline request shape (persona, chat history and story with the message):
+the persona stored as a character matched by content, the story as events matched by content, the
+history imported once; a replay stores nothing new, and a bad file is refused naming the field."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select, text
+
+from db.history import append_lines
+from db.models import Character, Conversation, Message, Role, StoryEvent, Turn
+from db.session import session_scope
+from db.world import save_character_if_changed, upsert_conversation
+from scripts.cli import _store_original
+from scripts.cli import main as cli
+from services.original_request import read_request, store_request, turn_request
+from services.producer import enqueue_turns
+from worker.embedder import embed
+from worker.serverless import handler
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _persona(name: str, personality: str = "낙천적이고 고기를 좋아한다.") -> dict[str, Any]:
+    return {
+        "name": name,
+        "personality": personality,
+        "scenario": "그랜드 라인을 항해하는 중.",
+        "example_dialogues": [{"user": "배고파?", "character": "고기!!"}],
+    }
+
+
+HISTORY = {
+    "chat_history": [
+        {"role": "user", "content": "안녕, 루피!"},
+        {"role": "assistant", "content": "오~ 신입이다! 시시시!"},
+        {"role": "user", "content": "내 여동생 이름은 미라야."},
+    ]
+}
+STORY = [
+    {"scene": "이스트 블루", "time": 10, "text": "루피가 풍차 마을을 떠났다."},
+    {"scene": "이스트 블루", "time": 20, "text": "조로가 첫 동료가 되었다."},
+]
+
+
+def _event(name: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "persona": _persona(name),
+        "chat_history": HISTORY,
+        "story": STORY,
+        "message": "고기 먹을래?",
+    } | extra
+
+
+def _counts(slug: str, story: str | None, conversation: str) -> dict[str, Any]:
+    with session_scope() as s:
+        version = s.scalar(select(Character.version).where(Character.slug == slug))
+        characters = s.scalar(select(func.count()).select_from(Character).where(Character.slug == slug))
+        events = s.scalar(select(func.count()).select_from(StoryEvent).where(StoryEvent.story == story))
+        conv = s.scalar(select(Conversation.id).where(Conversation.external_id == conversation))
+        lines = s.execute(
+            select(Message.role, Message.content).where(Message.conversation_id == conv).order_by(Message.seq)
+        ).all()
+        turns = s.scalar(select(func.count()).select_from(Turn).where(Turn.conversation_id == conv))
+    return {
+        "characters": characters,
+        "version": version,
+        "events": events,
+        "lines": [(str(r), c) for r, c in lines],
+        "turns": turns,
+    }
+
+
+def test_replaying_the_same_request_stores_persona_story_and_history_once_and_two_turns() -> None:
+    name = f"루피-{uuid.uuid4().hex[:6]}"
+    stored = []
+    for _ in range(2):
+        request = read_request(_event(name))
+        stored.append(store_request(request))
+        enqueue_turns([turn_request(request, stored[-1])], send=False)
+    first, second = stored
+    assert (first.character_written, second.character_written) == (True, False)
+    assert (first.story_events_stored, second.story_events_stored) == (2, 0)
+    assert (first.lines_imported, second.lines_imported) == (3, 0)
+    assert first.conversation == second.conversation and first.story == second.story
+    counts = _counts(first.character, first.story, first.conversation)
+    assert counts == {
+        "characters": 1,
+        "version": 1,
+        "events": 2,
+        "lines": [
+            ("user", "안녕, 루피!"),
+            ("assistant", "오~ 신입이다! 시시시!"),
+            ("user", "내 여동생 이름은 미라야."),
+        ],
+        "turns": 2,
+    }
+    with session_scope() as s:
+        conv = s.scalars(select(Conversation).where(Conversation.external_id == first.conversation)).one()
+        language = s.scalar(select(Character.language).where(Character.slug == first.character))
+        assert conv.story == first.story and language == "ko"
+
+
+def test_a_changed_persona_is_a_new_version_of_the_same_character() -> None:
+    name = f"루피-{uuid.uuid4().hex[:6]}"
+    before = store_request(read_request(_event(name)))
+    changed = _event(name) | {"persona": _persona(name, "이제는 채소도 좋아한다.")}
+    after = store_request(read_request(changed))
+    again = store_request(read_request(changed))
+    assert before.character == after.character == again.character
+    assert (before.character_version, after.character_version, again.character_version) == (1, 2, 2)
+    assert (after.character_written, again.character_written) == (True, False)
+    with session_scope() as s:
+        personality = s.scalar(select(Character.personality).where(Character.slug == after.character))
+        count = s.scalar(select(func.count()).select_from(Character).where(Character.slug == after.character))
+    assert personality == "이제는 채소도 좋아한다." and count == 1
+
+
+def test_two_writers_of_the_same_changed_persona_make_one_new_version() -> None:
+    """Two sessions: B writes the same new content while A's write is uncommitted; B waits on A's
+    row, then finds nothing to change, so the version goes up once."""
+    request = read_request(_event(f"루피-{uuid.uuid4().hex[:6]}"))
+    slug, fields = request.slug, request.persona.character_fields()
+    with session_scope() as s:
+        save_character_if_changed(session=s, slug=slug, fields=fields)
+    changed = fields | {"personality": "이제는 채소도 좋아한다."}
+    outcome: dict[str, Any] = {}
+
+    def writer_b() -> None:
+        with session_scope() as b:
+            outcome["b"] = save_character_if_changed(session=b, slug=slug, fields=changed)
+
+    with session_scope() as a:
+        outcome["a"] = save_character_if_changed(session=a, slug=slug, fields=changed)
+        thread = threading.Thread(target=writer_b)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not _an_upsert_waits():  # B is blocked on A's uncommitted row
+            assert thread.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.05)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert outcome["a"][1:] == (2, True) and outcome["b"][1:] == (2, False), outcome
+    with session_scope() as s:
+        assert s.scalar(select(Character.version).where(Character.slug == slug)) == 2
+
+
+def _an_upsert_waits() -> bool:
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'INSERT INTO characters%'"
+                )
+            )
+        )
+
+
+def test_a_named_conversation_takes_only_the_new_lines_of_a_growing_history() -> None:
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    stored = store_request(read_request(_event(name, conversation=conversation)))
+    assert stored.conversation == conversation and stored.lines_imported == 3
+    answered = [(Role.USER, "고기 먹을래?"), (Role.ASSISTANT, "좋아!! 고기!!")]
+    with session_scope() as s:  # what a turn stores: the message and the reply
+        conv_id = s.scalar(select(Conversation.id).where(Conversation.external_id == conversation))
+        append_lines(
+            session=s, conversation_id=conv_id, lines=answered, vectors=embed([t for _, t in answered])
+        )
+    # The client's next request carries the whole history: the answered turn and one more line.
+    grown = HISTORY["chat_history"] + [
+        {"role": "user", "content": "고기 먹을래?"},
+        {"role": "assistant", "content": "좋아!! 고기!!"},
+        {"role": "user", "content": "미라 기억해?"},
+    ]
+    again = store_request(read_request(_event(name, conversation=conversation, chat_history=grown)))
+    assert again.lines_imported == 1
+    assert [c for _, c in _counts(stored.character, None, conversation)["lines"]][-1] == "미라 기억해?"
+    assert len(_counts(stored.character, None, conversation)["lines"]) == 6
+    edited = [dict(grown[0], content="안녕, 조로!"), *grown[1:]]
+    with pytest.raises(ValueError, match=r"chat_history\[0\]: differs from line 1"):
+        store_request(read_request(_event(name, conversation=conversation, chat_history=edited)))
+    assert len(_counts(stored.character, None, conversation)["lines"]) == 6
+
+
+def test_the_cli_files_are_stored_once_on_replay(tmp_path: Path) -> None:
+    name = f"Luffy {uuid.uuid4().hex[:6]}"
+    files = {}
+    for part, doc in (("persona", _persona(name)), ("chat_history", HISTORY), ("story", {"events": STORY})):
+        files[part] = tmp_path / f"{part}.json"
+        files[part].write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    others = tmp_path / "sample_request.json"
+    others.write_text(
+        json.dumps({"gen_config": {"temperature": 0.3, "max_new_tokens": 16}}), encoding="utf-8"
+    )
+    requests = [_store_original(dict(files), others, {"message": "Meat?"}) for _ in range(2)]
+    assert requests[0] == requests[1]
+    assert requests[0]["params"]["temperature"] == 0.3 and requests[0]["params"]["max_new_tokens"] == 16
+    slug = requests[0]["character"]
+    assert slug.startswith("inline-luffy-")
+    with session_scope() as s:
+        story = s.scalar(
+            select(Conversation.story).where(Conversation.external_id == requests[0]["conversation"])
+        )
+    counts = _counts(slug, story, requests[0]["conversation"])
+    assert (counts["characters"], counts["version"], counts["events"], len(counts["lines"])) == (1, 1, 2, 3)
+
+
+def _nothing_stored(name: str) -> None:
+    with session_scope() as s:
+        characters = select(func.count()).select_from(Character).where(Character.name == name)
+        events = select(func.count()).select_from(StoryEvent).where(StoryEvent.text == "BAD-STORY-" + name)
+        lines = select(func.count()).select_from(Message).where(Message.content == "BAD-LINE-" + name)
+        assert (s.scalar(characters), s.scalar(events), s.scalar(lines)) == (0, 0, 0)
+
+
+def _bad(name: str, part: str) -> dict[str, Any]:
+    """A request whose `part` is malformed and whose other parts would store something recognisable."""
+    event = {
+        "persona": _persona(name),
+        "chat_history": [{"role": "user", "content": "BAD-LINE-" + name}],
+        "story": [{"text": "BAD-STORY-" + name}],
+        "message": "hi",
+    }
+    if part == "persona":
+        event["persona"] = {"name": name, "example_dialogues": [{"user": "hi"}, {"user": "a"}]}
+        event["persona"]["example_dialogues"][0]["character"] = "ok"
+    elif part == "chat_history":
+        event["chat_history"] = [*event["chat_history"], {"role": "wizard", "content": "x"}]
+    else:
+        event["story"] = [*event["story"], {"scene": "no text"}]
+    return event
+
+
+BAD = [
+    ("persona", "persona.example_dialogues[1].character: Field required"),
+    ("chat_history", "chat_history[1].role: must be one of"),
+    ("story", "story[1].text: Field required"),
+]
+
+
+@pytest.mark.parametrize(("part", "error"), BAD)
+def test_a_malformed_event_is_refused_naming_the_field_and_nothing_is_stored(part: str, error: str) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    result = handler({"input": _bad(name, part)})
+    assert set(result) == {"error"} and error in result["error"], result
+    _nothing_stored(name)
+
+
+@pytest.mark.parametrize(("part", "error"), BAD)
+def test_a_malformed_file_is_refused_naming_the_file_and_field_and_nothing_is_stored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], part: str, error: str
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    args = ["chat", "--message", "hi"]
+    for key, doc in _bad(name, part).items():
+        if key != "message":
+            path = tmp_path / f"{key}.json"
+            path.write_text(json.dumps(doc), encoding="utf-8")
+            args += [f"--{key}", str(path)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / (part + '.json')}: {error}" in err and err.endswith("nothing stored"), err
+    assert len(err.splitlines()) == 1
+    _nothing_stored(name)
+
+
+def test_a_refusal_after_the_files_are_read_stores_none_of_them() -> None:
+    name, conversation = f"bad-{uuid.uuid4().hex[:8]}", f"elaras-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:  # another character's conversation, found only inside the transaction
+        elara = s.scalar(select(Character.id).where(Character.slug == "elara"))
+        upsert_conversation(session=s, external_id=conversation, character_id=elara)
+    event = {
+        "persona": _persona(name),
+        "chat_history": [{"role": "user", "content": "BAD-LINE-" + name}],
+        "story": [{"text": "BAD-STORY-" + name}],
+        "message": "hi",
+        "conversation": conversation,
+    }
+    result = handler({"input": event})
+    assert result == {"error": f"conversation: {conversation!r} is another character's"}
+    _nothing_stored(name)
+
+
+def test_bad_request_fields_are_refused_by_name() -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    cases = [
+        ({"gen_config": [0.3]}, "gen_config: must be a JSON object"),
+        (
+            {"gen_config": {"temperature": 9}},
+            "gen_config.temperature: Input should be less than or equal to 2",
+        ),
+        ({"message": None}, "message: Input should be a valid string"),
+        ({"persona": None}, "persona: must be a JSON object with at least a name"),
+    ]
+    for fields, error in cases:
+        event = {"persona": _persona(name), "story": [{"text": "BAD-STORY-" + name}], "message": "hi"}
+        assert handler({"input": event | fields}) == {"error": error}
+    _nothing_stored(name)
+
+
+def test_a_file_that_is_not_json_is_refused_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    persona = tmp_path / "persona.json"
+    persona.write_text('{"name": "Luffy",\n "personality": }', encoding="utf-8")
+    assert cli(["chat", "--message", "hi", "--persona", str(persona)]) == 2
+    assert f"{persona}: line 2: not JSON" in capsys.readouterr().err
+
+
+def test_the_original_event_is_answered_in_its_chat_response_shape(engine) -> None:
+    event = {"input": _event(f"Luffy {uuid.uuid4().hex[:6]}", gen_config={"max_new_tokens": 8})}
+    first, second = handler(event), handler(event)
+    for result in (first, second):
+        assert result["mlchat"]["status"] == "done", result
+        assert result["reply"]["text"] and len(result["reply"]["embedding"]) == 384
+        assert result["usage"]["completion_tokens"] <= 8 and result["timing"]["total_ms"] > 0
+        assert {c["source"] for c in result["retrieved"]} <= {"chat_history", "story"}
+    assert any(c["source"] == "story" and c["text"] for c in first["retrieved"])
+    assert first["mlchat"]["history_lines_imported"] == 3 and second["mlchat"]["history_lines_imported"] == 0
+    meta = first["mlchat"]
+    counts = _counts(meta["character"], meta["story"], meta["conversation"])
+    # The history once, then each of the two turns' message and reply.
+    assert (counts["version"], counts["events"], counts["turns"], len(counts["lines"])) == (1, 2, 2, 7)
