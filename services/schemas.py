@@ -66,8 +66,8 @@ class GenerationParams(BaseModel):
     top_k: int | None = Field(default=None, ge=-1, le=INT4_MAX)
     # Best of n: candidates generated (seeds seed, seed+1, …), the one the quality gate ranks first kept.
     n: int | None = Field(default=None, ge=1, le=8)
-    # A structured reply (structured/spec.py): JSON schema, JSON object, regex or choice; "text" also
-    # turns off the character's declared actions for this turn.
+    # A structured reply (structured/spec.py): JSON schema, JSON object, regex, choice or npc; "text"
+    # also turns off the character's declared actions for this turn.
     response_format: dict[str, Any] | None = None
     # NPC actions for this turn (roleplay/actions.py), in place of the character's declared ones.
     actions: list[dict[str, Any]] | None = None
@@ -86,7 +86,7 @@ class GenerationParams(BaseModel):
 
     @model_validator(mode="after")
     def _one_reply_shape(self) -> GenerationParams:
-        if self.actions is not None and self.response_format is not None:
+        if self.actions is not None and (self.response_format or {"type": "npc"})["type"] != "npc":
             raise ValueError("actions: a turn with actions has the NPC reply shape; drop response_format")
         return self
 

@@ -274,7 +274,7 @@ def _compile_regex(pattern: str) -> Any:
     return _xgrammar().Grammar.from_regex(pattern)
 
 
-# --- The request shapes: OpenAI's response_format, plus mlchat's regex and choice. ---
+# --- The request shapes: OpenAI's response_format, plus mlchat's regex, choice and npc. ---
 
 
 class _JsonSchemaSpec(BaseModel):
@@ -331,8 +331,18 @@ class ChoiceFormat(BaseModel):
     )
 
 
+class NpcFormat(BaseModel):
+    """`{"type": "npc"}`: the NPC reply shape (say, emotion, action) under the turn's or the
+    character's declared actions, or none (action always null); how an OpenAI request asks for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["npc"]
+
+
 _FORMAT_TYPES: dict[str, type[BaseModel]] = {
     "text": TextFormat,
+    "npc": NpcFormat,
     "json_object": JsonObjectFormat,
     "json_schema": JsonSchemaFormat,
     "regex": RegexFormat,
@@ -341,7 +351,7 @@ _FORMAT_TYPES: dict[str, type[BaseModel]] = {
 
 
 def check_response_format(value: Any, where: str = "response_format") -> dict[str, Any]:
-    """A response format as stored on the turn (OpenAI's shape; mlchat adds regex and choice);
+    """A response format as stored on the turn (OpenAI's shape; mlchat adds regex, choice and npc);
     SchemaRefused naming `where` and the place inside it when it cannot be enforced."""
     if not isinstance(value, dict):
         raise SchemaRefused(f"{where}: an object with a type is expected")
@@ -370,7 +380,8 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
 
 
 def outputs_of(response_format: dict[str, Any]) -> Any:
-    """vLLM's StructuredOutputsParams for a stored response format; None for text."""
+    """vLLM's StructuredOutputsParams for a stored response format; None for text and npc (whose
+    schema is built from the actions, worker/structured.py)."""
     kind = response_format["type"]
     if kind == "json_schema":
         return structured_outputs_for(json_schema=response_format["json_schema"]["schema"])

@@ -348,3 +348,69 @@ def test_regex_and_choice_replies_keep_the_prompt_format_s_stop_strings_and_json
         )  # fmt: skip
         stops[kind] = _request(turn, prompt, 1, None, uuid.uuid4(), shape_of(params, turn.character)).stop
     assert stops == {"regex": ("END", "<|im_end|>"), "choice": ("END", "<|im_end|>"), "json_object": ("END",)}
+
+
+def _openai_params(**body: object) -> dict:
+    """The resolved params of an OpenAI request to Brom (a batch line or a chat completion)."""
+    from services.runs.openai_lines import ENDPOINT, LineOptions, to_run_line
+
+    request = {"model": "brom", "messages": [{"role": "user", "content": "Got a blade?"}], **body}
+    line = to_run_line(
+        {"custom_id": "c", "method": "POST", "url": ENDPOINT, "body": request}, {"brom"}, LineOptions()
+    )
+    return GenerationParams(**line["params"]).resolved()
+
+
+def test_an_openai_request_gets_the_npc_shape_only_when_its_response_format_asks_for_it() -> None:
+    from services.runs.openai_lines import message_content
+
+    brom = _character(17, [GIVE])
+    # A client that did not ask for JSON reads `content` as text: no NPC shape for a plain request.
+    plain = _openai_params()
+    assert shape_of(plain, brom) is None
+    assert message_content("Aye, take this.", None, plain) == "Aye, take this."
+    asked = _openai_params(response_format={"type": "npc"})
+    shape = shape_of(asked, brom)
+    assert shape is not None and shape.kind == "npc" and _declared_names(shape) == {"give_item"}
+    npc = {"say": "Take it.", "emotion": "joy", "action": None}
+    assert json.loads(message_content("Take it.", npc, asked) or "") == npc
+    # Asked of a character that declares none: say and emotion, and an action that is always null.
+    plain_card = {"spec": "chara_card_v2", "data": {"name": "Wren"}}
+    bare = shape_of(asked, Character(id=987_655, slug="wren", name="Wren", version=1, card=plain_card))
+    assert bare is not None and bare.kind == "npc" and _declared_names(bare) == set()
+    # The native path keeps its default: declared actions make the NPC shape without being asked.
+    assert shape_of(PARAMS, brom) is not None
+    # A json_schema reply's content stays the JSON text it is.
+    schema = _openai_params(response_format=_schema_format({"type": "object"}))
+    assert message_content('{"a": 1}', {"a": 1}, schema) == '{"a": 1}'
+    with pytest.raises(ValueError, match=r"body\.response_format\.type: .*npc"):
+        _openai_params(response_format={"type": "choice", "choice": ["a"]})
+
+
+def test_an_openai_line_of_n_choices_fails_when_a_candidate_is_short_best_of_n_keeps_the_rest() -> None:
+    from worker.pipeline import keep_candidates
+
+    shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(18, []))
+    good = '{"say":"Take it.","emotion":"joy","action":null}'
+    made = [
+        (1, Generation(good, 10, 20, "stop")),
+        (2, Generation('{"say":"Take it, my fr', 10, 64, "length")),  # max_tokens cut it
+        (3, Generation(good, 10, 20, "stop")),
+    ]
+    # Best of n (the native path, or a line's candidates that return one choice): the rest are kept.
+    kept, failure = keep_candidates(shape, made)
+    assert failure is None and [seed for seed, _ in kept] == [1, 3]
+    # An OpenAI line's n: its client reads choices 0..n-1, so a candidate short fails the line.
+    kept, failure = keep_candidates(shape, made, choices=3)
+    assert kept == [] and failure is not None
+    assert failure.code == TurnErrorCode.STRUCTURED_REPLY_CUT
+    assert "asked for 3 choices and 2 of 3 candidates read" in failure.reason
+    assert "raise max_new_tokens" in failure.reason
+    kept, failure = keep_candidates(shape, [made[0], made[2]], choices=2)
+    assert failure is None and len(kept) == 2
+    # A free-text candidate that came back empty is a missing choice too.
+    kept, failure = keep_candidates(
+        None, [(1, Generation("Hello.", 5, 3, "stop")), (2, Generation("", 5, 1, "stop"))], choices=2
+    )
+    assert kept == [] and failure is not None and failure.code == TurnErrorCode.EMPTY_REPLY
+    assert "1 of 2 candidates read" in failure.reason

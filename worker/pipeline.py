@@ -336,7 +336,7 @@ def _answer(
         waiting = [t for t in waiting if t.id not in finished]
         if not group:  # a candidate finished, but no turn has all of its candidates yet
             continue
-        outcomes = {t.id: _results(future_of[t.id], candidates[t.id]) for t in group}
+        outcomes = {t.id: _results(future_of[t.id], candidates[t.id], every=_choices(t) > 1) for t in group}
         generations += _finish_group(
             group, outcomes, token, report, timer, requests, prompts, vector_of, context_of, shared_ms
         )
@@ -422,9 +422,14 @@ def candidate_requests(request: GenerationRequest, n: int) -> list[GenerationReq
     return [request] + [dataclasses.replace(request, seed=request.seed + k) for k in range(1, n)]
 
 
-def _results(futures: list[Any], requests: list[GenerationRequest]) -> Any:
+def _choices(turn: ClaimedTurn) -> int:
+    """How many of the turn's candidates its caller reads: an OpenAI line's n, else the kept one."""
+    return int(turn.params.get("choices", 1))
+
+
+def _results(futures: list[Any], requests: list[GenerationRequest], *, every: bool = False) -> Any:
     """A turn's candidates that were generated, as (seed, Generation); the first exception if none
-    was; EngineDead propagates."""
+    was, or if any was not and `every` candidate is needed; EngineDead propagates."""
     made, errors = [], []
     for future, request in zip(futures, requests, strict=True):
         error = future.exception()
@@ -434,7 +439,7 @@ def _results(futures: list[Any], requests: list[GenerationRequest]) -> Any:
             errors.append(error)
         else:
             made.append((request.seed, future.result()))
-    return made or errors[0]
+    return errors[0] if errors and (every or not made) else made
 
 
 def _finish_group(
@@ -460,18 +465,13 @@ def _finish_group(
     for turn in group:
         if turn.id in broken:
             continue
-        generated = [(seed, gen) for seed, gen in results[turn.id] if gen.text]
-        made, bad = _read_replies(requests[turn.id], generated)
-        if made:
+        made, failure = keep_candidates(
+            requests[turn.id].reply_shape, results[turn.id], choices=_choices(turn)
+        )
+        if failure is None:
             answered.append((turn, made))
-        elif bad is not None:
-            report.failed[turn.id] = Failure(str(bad), bad.code)
         else:
-            reasons = sorted({gen.finish_reason or "none" for _, gen in results[turn.id]})
-            report.failed[turn.id] = Failure(
-                f"model produced an empty reply (finish_reason={', '.join(reasons)})",
-                TurnErrorCode.EMPTY_REPLY,
-            )
+            report.failed[turn.id] = failure
     with group_timer("embed_reply"):
         reply_vectors = embed([g.text for _, made in answered for _, g in made])
     with group_timer("quality"):
@@ -543,18 +543,32 @@ def _finish_group(
     return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
 
 
-def _read_replies(
-    request: GenerationRequest, made: list[tuple[int, Any]]
-) -> tuple[list[tuple[int, Any]], BadStructuredReply | None]:
-    """A turn's candidates as it keeps them (worker/structured.py): those that read, and the first
-    reason one did not (every candidate of a structured turn is schema-valid, or it is not kept)."""
-    kept, bad = [], None
-    for seed, gen in made:
+def keep_candidates(
+    shape: ReplyShape | None, generated: list[tuple[int, Any]], *, choices: int = 1
+) -> tuple[list[tuple[int, Any]], Failure | None]:
+    """A turn's candidates as it keeps them: those with text that read (worker/structured.py: every
+    candidate of a structured turn is schema-valid, or it is not kept), or the turn's Failure when
+    none does, or when fewer than `choices` do (an OpenAI line's n: its client reads choices 0..n-1,
+    so a missing choice fails the line with the reason rather than answering short)."""
+    kept, bad, empty = [], None, []
+    for seed, gen in generated:
+        if not gen.text:
+            empty.append(gen.finish_reason or "none")
+            continue
         try:
-            kept.append((seed, read_reply(request.reply_shape, gen)))
+            kept.append((seed, read_reply(shape, gen)))
         except BadStructuredReply as exc:
             bad = bad or exc
-    return kept, bad
+    if kept and len(kept) >= choices:
+        return kept, None
+    short = f"the request asked for {choices} choices and {len(kept)} of {len(generated)} candidates read: "
+    short = short if kept else ""
+    if bad is not None:
+        return [], Failure(short + str(bad), bad.code)
+    reasons = ", ".join(sorted(set(empty)))
+    return [], Failure(
+        f"{short}model produced an empty reply (finish_reason={reasons})", TurnErrorCode.EMPTY_REPLY
+    )
 
 
 def _judge_each(

@@ -57,10 +57,11 @@ def shape_of(
     params: dict[str, Any], character: Character, *, speaker: str = "character"
 ) -> ReplyShape | None:
     """The turn's reply shape: its response_format, else its own actions, else the character's
-    declared ones (an NPC reply: never the narrator's); None for free text."""
+    declared ones (an NPC reply: never the narrator's); None for free text. `{"type": "npc"}` asks
+    for the NPC shape even without declared actions (say and emotion; action always null)."""
     max_new_tokens = int(params["max_new_tokens"])
     fmt = params.get("response_format")
-    if fmt is not None:
+    if fmt is not None and fmt["type"] != NPC:
         return None if fmt["type"] == "text" else _format_shape(json.dumps(fmt, sort_keys=True))
     if speaker == "narrator":  # the narrator has no mood and does not act
         return None
@@ -68,7 +69,9 @@ def shape_of(
     if actions is None:
         actions = declared_actions(character)
     if actions is None:
-        return None
+        if fmt is None:
+            return None
+        actions = []
     return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens))
 
 

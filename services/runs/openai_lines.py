@@ -169,7 +169,9 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     except ValidationError as exc:
         raise ValueError(_first_error(exc, "body.")) from None
     if body.response_format is not None and body.response_format.get("type") in ("regex", "choice"):
-        raise ValueError("body.response_format.type: OpenAI's are text, json_object and json_schema")
+        raise ValueError(
+            "body.response_format.type: OpenAI's are text, json_object and json_schema (and mlchat's npc)"
+        )
     if body.modalities not in (None, ["text"]):
         raise ValueError("body.modalities: only text replies are supported")
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
@@ -192,8 +194,10 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     }
     if body.n is not None and body.n > 1:  # n candidates (best of n), every one returned as a choice
         params["n"] = body.n
-    if body.response_format is not None:  # checked as the run line's params (structured/spec.py)
-        params["response_format"] = body.response_format
+    # Checked as the run line's params (structured/spec.py). An OpenAI client that did not ask for
+    # JSON reads `content` as text: without a response_format the turn is free text even for a
+    # character with declared actions; `{"type": "npc"}` asks for the NPC shape.
+    params["response_format"] = {"type": "text"} if body.response_format is None else body.response_format
     run_line: dict[str, Any] = {
         "custom_id": line.custom_id,
         "character": character,
@@ -211,9 +215,10 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
 
 
 def message_content(reply: str | None, structured: Any, params: dict[str, Any]) -> str | None:
-    """An answer's `message.content`: the reply; for an NPC reply (a turn with declared actions and
-    no response_format), the whole of it as JSON, so that the action and emotion reach the caller."""
-    if structured is not None and "response_format" not in params:
+    """An answer's `message.content`: the reply; for an NPC reply (`response_format` npc, or none on
+    a turn stored before OpenAI lines said text), the whole of it as JSON, so that the action and
+    emotion reach the caller."""
+    if structured is not None and (params.get("response_format") or {"type": "npc"})["type"] == "npc":
         return json.dumps(structured, ensure_ascii=False)
     return reply
 
