@@ -19,10 +19,11 @@ turns. Nothing here is called from a read path. Two writers finishing the last t
 each see the other's as unfinished (READ COMMITTED) and leave the run in progress for ever, so the
 write that may end the run is taken under a row lock on the run: the last writer then sees every
 other writer's turns. Only that write needs it. A run in progress whose transaction can pin (share
-lock) one other unfinished turn cannot end in it: that turn's finisher must wait for this commit and
-advances the run then, seeing these turns finished. So the stores of a run with turns to spare skip
+lock) one of its queued turns cannot end in it: that turn's finisher must wait for this commit and
+advances the run then, seeing these turns finished. So the stores of a run with queued turns skip
 its row instead of queueing on it (issue 28); its first store (queued → in_progress) and those that
-find no turn to pin still take it. Locks are taken turns (the pin is one) → runs → scenes.
+find no queued turn to pin (its tail) still take it. Locks are taken turns (the pin is one) → runs
+→ scenes.
 
 A submission holds a PostgreSQL advisory lock on the run's name for as long as it runs, on its own
 connection: a submitter that dies (SIGKILL included) drops its connection and with it the lock, so
@@ -50,6 +51,7 @@ from sqlalchemy import (
     select,
     table,
     true,
+    tuple_,
     union_all,
     update,
 )
@@ -64,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 # Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
 _LOCK_NAMESPACE = 0x6D6C6372  # "mlcr"
+_FIRST_ID, _LAST_ID = uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)
 
 
 class RunConflict(ValueError):
@@ -299,7 +302,7 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
     in_progress = session.scalars(
         select(Run.id).where(Run.id.in_(ids), Run.status == RunStatus.IN_PROGRESS)
     ).all()
-    pinned = {r for r in in_progress if _pin_unfinished_turn(session, r)}
+    pinned = {r for r in in_progress if _pin_queued_turn(session, r)}
     ids = [r for r in ids if r not in pinned]
     if not ids:
         return
@@ -329,26 +332,33 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
     )
 
 
-def _pin_unfinished_turn(session: Session, run_id: uuid.UUID) -> bool:
-    """Share-lock one unfinished turn of the run that nobody holds; False if there is none.
+def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
+    """Share-lock one queued turn of the run that nobody holds; False if there is none.
 
     The turns this transaction finished are finished in its own view, so the pin is always another.
-    A row another transaction holds is skipped: it may be finishing that turn right now. The pin is
-    the first turn at or after a random id, wrapping round (queued before running in each half), so
-    writers pin different turns: a claim rarely meets a pinned turn (it skips it and looks again
-    shortly), a store of a pinned running turn waits for this commit, and no turn is held by an
-    unbroken chain of overlapping share locks. Heap order would give every writer the turn that the
-    claims reach next."""
+    A row another transaction holds is skipped: it may be finishing that turn right now. Only queued
+    turns: a claim skips a pinned one (and looks again shortly), while a running turn may be failed
+    or requeued later in its owner's write transaction, which would then wait on this one as this
+    one may wait on it (deadlock). The pin is the first queued turn at or after a random id, wrapping
+    round, so writers pin different turns: heap order would give each the turn claims reach next."""
     pivot = uuid.uuid4()
+    # Row bounds on (run_id, status, id), not equalities: with run_id and status fixed, the planner
+    # may walk the primary key in id order and filter (stale statistics on a run that is most of the
+    # table made it read every row); only ix_turns_run_status_id returns this order unsorted.
+    key = tuple_(Turn.run_id, Turn.status, Turn.id)
+    queued = (run_id, TurnStatus.QUEUED.value)
+    halves = (
+        (key >= (*queued, pivot), key <= (*queued, _LAST_ID)),
+        (key >= (*queued, _FIRST_ID), key < (*queued, pivot)),
+    )
     arms = [
         select(Turn.id)
-        .where(Turn.run_id == run_id, Turn.status.in_(TURN_UNFINISHED), side)
-        # 'queued' sorts before 'running'; only ix_turns_run_status_id returns this order unsorted.
-        .order_by(Turn.status, Turn.id)
+        .where(*bounds)
+        .order_by(Turn.run_id, Turn.status, Turn.id)
         .limit(1)
         .with_for_update(read=True, skip_locked=True)
         .cte(f"pin_{n}")
-        for n, side in enumerate((Turn.id >= pivot, Turn.id < pivot))
+        for n, bounds in enumerate(halves)
     ]
     # FOR SHARE is refused in a UNION's arms, not in CTEs; the second runs only if the first is empty.
     return session.scalar(union_all(*(select(arm.c.id) for arm in arms)).limit(1)) is not None

@@ -10,6 +10,7 @@ its last turn does, however the writers interleave.
 
 import hashlib
 import threading
+import time
 import uuid
 
 from sqlalchemy import select, text
@@ -21,7 +22,7 @@ from db.bulk_turns import StagedTurn, insert_run_turns
 from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import cancel_run, create_run, finish_submission
 from db.session import _session_factory, session_scope
-from db.turns import ClaimedTurn, TurnOutcome, claim_turns, store_replies
+from db.turns import ClaimedTurn, TurnOutcome, claim_turns, renew_lease, store_replies
 
 
 def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -115,6 +116,69 @@ def test_two_stores_of_a_busy_run_do_not_wait_on_each_other(world) -> None:
     assert run == RunStatus.IN_PROGRESS
     assert [statuses[t] for t in ids[:3]] == [TurnStatus.DONE] * 3
     assert all(statuses[t] == TurnStatus.QUEUED for t in ids[3:])
+
+
+def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_run(world) -> None:
+    """A store that left the run's row alone (it pinned the run's last queued turn) is still open
+    when another worker claims and stores that turn: the run must end with both stored. Without the
+    pin's lock the other store would complete before the first commits, see its turn running, and
+    leave the run in progress for ever."""
+    run_id, ids = _run_of(3)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # in_progress
+        _store(s, token, turns[ids[0]])
+    errors: list[BaseException] = []
+
+    def answer_the_last_turn() -> None:
+        deadline = time.monotonic() + 20
+        while True:  # as a worker does: a turn another transaction holds is looked at again shortly
+            with session_scope() as s:
+                claim = claim_turns(session=s, turn_ids=[ids[2]], lease_s=60, max_attempts=3)
+            if claim.claimed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [t.id for t in claim.claimed] == [ids[2]]
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '20s'"))
+            _store(s, claim.token, claim.claimed[0])
+
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet
+        other = _in_thread(answer_the_last_turn, errors)
+        other.join(1.0)
+        store.commit()
+    finally:
+        store.close()
+    other.join(30)
+    assert not other.is_alive() and errors == [], errors
+    run, statuses = _statuses(run_id)
+    assert set(statuses.values()) == {TurnStatus.DONE}
+    assert run == RunStatus.COMPLETED
+
+
+def test_a_store_never_holds_another_workers_running_turn(world) -> None:
+    """Only queued turns are pinned: a worker's write transaction stores some turns and then fails
+    or requeues others of its claim, so two writers each pinning the other's running turn would
+    deadlock. Here the only other unfinished turn is another worker's, running: its lease renewal
+    (which locks it) must not wait for the store."""
+    run_id, ids = _run_of(3)
+    first_token, first = _claim(ids[:1])
+    with session_scope() as s:  # in_progress
+        _store(s, first_token, first[ids[0]])
+    token, turns = _claim(ids[1:2])
+    other_token, _ = _claim(ids[2:])
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet
+        with session_scope() as other:
+            other.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert renew_lease(session=other, token=other_token, lease_s=60) == 1
+        store.commit()
+    finally:
+        store.close()
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.IN_PROGRESS and statuses[ids[2]] == TurnStatus.RUNNING
 
 
 def test_two_stores_of_a_runs_last_turns_at_once_complete_it(world, monkeypatch) -> None:
