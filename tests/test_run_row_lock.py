@@ -2,8 +2,8 @@
 
 Every transaction that finishes turns advances their run. It used to lock the run's row for the
 rest of the transaction, so concurrent stores of one run's turns queued on it (88% of the sampled
-statements at 8 simulated workers in the fleet simulator). Now a store that can pin another
-unfinished turn of the run leaves the row alone: that turn's finisher advances the run later.
+statements at 8 simulated workers in the fleet simulator). Now a store that can pin (share-lock)
+a queued turn of the run leaves the row alone: that turn's finisher advances the run later.
 These cases check that stores no longer wait on each other, and that a run still ends exactly when
 its last turn does, however the writers interleave.
 """

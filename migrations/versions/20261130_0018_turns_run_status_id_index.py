@@ -1,5 +1,5 @@
-"""turns (run_id, status) index → (run_id, status, id): the run advance pins an unfinished turn of
-the run at a random id (db/runs.py), and the old index could only return them in heap order
+"""turns (run_id, status) index → (run_id, status, id): the run advance pins a queued turn of the
+run at a random id (db/runs.py), and the old index could only return them in heap order
 
 Revision ID: 0018
 Revises: 0017
