@@ -375,7 +375,8 @@ class Turn(Base):
     __table_args__ = (
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         UniqueConstraint("tenant", "idempotency_key", name="uq_turns_tenant_idempotency_key"),
-        Index("ix_turns_run_status", "run_id", "status"),
+        # A run's turns by status, in id order within each: the pin of advance_runs starts at a random id.
+        Index("ix_turns_run_status_id", "run_id", "status", "id"),
         # The sweeper's scan: only unfinished turns, a small share of the table.
         Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
         # A scene's step is one turn, ever: the exactly-once guarantee of scene runs.

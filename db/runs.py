@@ -14,9 +14,16 @@
     expire             the same, for live runs past expires_at: their unstarted turns are cancelled
     reopen             completed | in_progress → in_progress (failed turns queued again)
 
-`advance` runs in every transaction that finishes turns (db/turns.py), under a row lock on the run,
-so the last writer always sees every other writer's turns and the run never lags its turns. Nothing
-here is called from a read path.
+`advance` runs in every transaction that finishes turns (db/turns.py), so the run never lags its
+turns. Nothing here is called from a read path. Two writers finishing the last turns at once would
+each see the other's as unfinished (READ COMMITTED) and leave the run in progress for ever, so the
+write that may end the run is taken under a row lock on the run: the last writer then sees every
+other writer's turns. Only that write needs it. A run in progress whose transaction can pin (share
+lock) one of its queued turns cannot end in it: that turn's finisher must wait for this commit and
+advances the run then, seeing these turns finished. So the stores of a run with queued turns skip
+its row instead of queueing on it (issue 28); its first store (queued → in_progress) and those that
+find no queued turn to pin (its tail) still take it. Locks are taken turns (the pin is one) → runs
+→ scenes.
 
 A submission holds a PostgreSQL advisory lock on the run's name for as long as it runs, on its own
 connection: a submitter that dies (SIGKILL included) drops its connection and with it the lock, so
@@ -33,7 +40,21 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, and_, case, column, exists, func, or_, select, table, true, update
+from sqlalchemy import (
+    Connection,
+    and_,
+    case,
+    column,
+    exists,
+    func,
+    or_,
+    select,
+    table,
+    true,
+    tuple_,
+    union_all,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -45,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 # Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
 _LOCK_NAMESPACE = 0x6D6C6372  # "mlcr"
+_FIRST_ID, _LAST_ID = uuid.UUID(int=0), uuid.UUID(int=2**128 - 1)
 
 
 class RunConflict(ValueError):
@@ -270,8 +292,18 @@ def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
 
 def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
     """advance: queued → in_progress once a turn finished; → completed (or cancelling → cancelled)
-    once none is queued or running. Locks the runs first: see the module's docstring."""
+    once none is queued or running. Locks the runs first, unless a pinned turn shows the run cannot
+    end in this transaction: see the module's docstring."""
     ids = sorted(set(run_ids))
+    if not ids:
+        return
+    # Read without a lock: a stale in_progress is harmless (the pin alone decides), and a run in any
+    # other state takes the locked path (queued → in_progress must be written; the rest are rare).
+    in_progress = session.scalars(
+        select(Run.id).where(Run.id.in_(ids), Run.status == RunStatus.IN_PROGRESS)
+    ).all()
+    pinned = {r for r in in_progress if _pin_queued_turn(session, r)}
+    ids = [r for r in ids if r not in pinned]
     if not ids:
         return
     session.execute(select(Run.id).where(Run.id.in_(ids)).order_by(Run.id).with_for_update())
@@ -298,6 +330,38 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
         )
         .execution_options(synchronize_session=False)
     )
+
+
+def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
+    """Share-lock one queued turn of the run that nobody holds; False if there is none.
+
+    The turns this transaction finished are finished in its own view, so the pin is always another.
+    A row another transaction holds is skipped: it may be finishing that turn right now. Only queued
+    turns: a claim skips a pinned one (and looks again shortly), while a running turn may be failed
+    or requeued later in its owner's write transaction, which would then wait on this one as this
+    one may wait on it (deadlock). The pin is the first queued turn at or after a random id, wrapping
+    round, so writers pin different turns: heap order would give each the turn claims reach next."""
+    pivot = uuid.uuid4()
+    # Row bounds on (run_id, status, id), not equalities: with run_id and status fixed, the planner
+    # may walk the primary key in id order and filter (stale statistics on a run that is most of the
+    # table made it read every row); only ix_turns_run_status_id returns this order unsorted.
+    key = tuple_(Turn.run_id, Turn.status, Turn.id)
+    queued = (run_id, TurnStatus.QUEUED.value)
+    halves = (
+        (key >= (*queued, pivot), key <= (*queued, _LAST_ID)),
+        (key >= (*queued, _FIRST_ID), key < (*queued, pivot)),
+    )
+    arms = [
+        select(Turn.id)
+        .where(*bounds)
+        .order_by(Turn.run_id, Turn.status, Turn.id)
+        .limit(1)
+        .with_for_update(read=True, skip_locked=True)
+        .cte(f"pin_{n}")
+        for n, bounds in enumerate(halves)
+    ]
+    # FOR SHARE is refused in a UNION's arms, not in CTEs; the second runs only if the first is empty.
+    return session.scalar(union_all(*(select(arm.c.id) for arm in arms)).limit(1)) is not None
 
 
 def finalizing_runs(

@@ -1,0 +1,248 @@
+"""Stores of one bulk run's turns and the run's row lock (issue 28), with real database sessions.
+
+Every transaction that finishes turns advances their run. It used to lock the run's row for the
+rest of the transaction, so concurrent stores of one run's turns queued on it (88% of the sampled
+statements at 8 simulated workers in the fleet simulator). Now a store that can pin (share-lock)
+a queued turn of the run leaves the row alone: that turn's finisher advances the run later.
+These cases check that stores no longer wait on each other, and that a run still ends exactly when
+its last turn does, however the writers interleave.
+"""
+
+import hashlib
+import threading
+import time
+import uuid
+
+from sqlalchemy import select, text
+from sqlalchemy.orm import Session
+
+import db.turns
+from core.settings import settings
+from db.bulk_turns import StagedTurn, insert_run_turns
+from db.models import Run, RunStatus, Turn, TurnStatus
+from db.runs import cancel_run, create_run, finish_submission
+from db.session import _session_factory, session_scope
+from db.turns import ClaimedTurn, TurnOutcome, claim_turns, renew_lease, store_replies
+
+
+def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A submitted run (queued, unsent) of `lines` turns, each its own conversation: (run, turn ids)."""
+    name = f"row-lock-{uuid.uuid4().hex[:10]}"
+    staged = [
+        StagedTurn(
+            idempotency_key=f"run:{name}:c{i}",
+            request_hash=hashlib.sha256(f"{name}:{i}".encode()).hexdigest(),
+            conversation=f"{name}-{i}",
+            character="elara",
+            player_name="",
+            story=None,
+            story_time=None,
+            message=f"Line {i}.",
+            model=settings.model,
+            params={"seed": i, "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "stop": []},
+            custom_id=f"c{i}",
+        )
+        for i in range(lines)
+    ]
+    with session_scope() as s:
+        run, _ = create_run(session=s, name=name, model=settings.model, file_hash="h", total=lines)
+        ids = insert_run_turns(session=s, run_id=run.id, turns=staged)
+        assert finish_submission(session=s, run_id=run.id) == RunStatus.QUEUED
+        return run.id, ids
+
+
+def _claim(turn_ids: list[uuid.UUID]) -> tuple[uuid.UUID, dict[uuid.UUID, ClaimedTurn]]:
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=turn_ids, lease_s=60, max_attempts=3)
+    assert sorted(t.id for t in claim.claimed) == sorted(turn_ids)
+    return claim.token, {t.id: t for t in claim.claimed}
+
+
+def _outcome(turn: ClaimedTurn) -> TurnOutcome:
+    return TurnOutcome(
+        turn_id=turn.id,
+        conversation_id=turn.conversation_id,
+        user_message=turn.message,
+        user_embedding=None,
+        reply=f"Answer to {turn.message}",
+        reply_embedding=None,
+        prompt="",
+        context={},
+        usage={},
+        timings={},
+        params=turn.params,
+    )
+
+
+def _store(session: Session, token: uuid.UUID, turn: ClaimedTurn) -> None:
+    assert store_replies(session=session, token=token, outcomes=[_outcome(turn)]) == [turn.id]
+
+
+def _statuses(run_id: uuid.UUID) -> tuple[RunStatus, dict[uuid.UUID, TurnStatus]]:
+    with session_scope() as s:
+        run = RunStatus(s.execute(select(Run.status).where(Run.id == run_id)).scalar_one())
+        turns = dict(s.execute(select(Turn.id, Turn.status).where(Turn.run_id == run_id)).tuples().all())
+    return run, {t: TurnStatus(v) for t, v in turns.items()}
+
+
+def _in_thread(target, errors: list[BaseException]) -> threading.Thread:  # type: ignore[no-untyped-def]
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # recorded for the assertion in the test's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_two_stores_of_a_busy_run_do_not_wait_on_each_other(world) -> None:
+    run_id, ids = _run_of(30)
+    token, turns = _claim(ids[:3])
+    with session_scope() as s:  # the run's first store moves it to in_progress
+        _store(s, token, turns[ids[0]])
+    first = _session_factory()()
+    try:
+        _store(first, token, turns[ids[1]])  # its transaction stays open
+        with session_scope() as second:
+            # Before: the second store queued on the run row the first held, and timed out here.
+            second.execute(text("SET LOCAL lock_timeout = '2s'"))
+            _store(second, token, turns[ids[2]])
+        first.commit()
+    finally:
+        first.close()
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.IN_PROGRESS
+    assert [statuses[t] for t in ids[:3]] == [TurnStatus.DONE] * 3
+    assert all(statuses[t] == TurnStatus.QUEUED for t in ids[3:])
+
+
+def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_run(world) -> None:
+    """A store that left the run's row alone (it pinned the run's last queued turn) is still open
+    when another worker claims and stores that turn: the run must end with both stored. Without the
+    pin's lock the other store would complete before the first commits, see its turn running, and
+    leave the run in progress for ever."""
+    run_id, ids = _run_of(3)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # in_progress
+        _store(s, token, turns[ids[0]])
+    errors: list[BaseException] = []
+
+    def answer_the_last_turn() -> None:
+        deadline = time.monotonic() + 20
+        while True:  # as a worker does: a turn another transaction holds is looked at again shortly
+            with session_scope() as s:
+                claim = claim_turns(session=s, turn_ids=[ids[2]], lease_s=60, max_attempts=3)
+            if claim.claimed or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [t.id for t in claim.claimed] == [ids[2]]
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '20s'"))
+            _store(s, claim.token, claim.claimed[0])
+
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet
+        other = _in_thread(answer_the_last_turn, errors)
+        other.join(1.0)
+        store.commit()
+    finally:
+        store.close()
+    other.join(30)
+    assert not other.is_alive() and errors == [], errors
+    run, statuses = _statuses(run_id)
+    assert set(statuses.values()) == {TurnStatus.DONE}
+    assert run == RunStatus.COMPLETED
+
+
+def test_a_store_never_holds_another_workers_running_turn(world) -> None:
+    """Only queued turns are pinned: a worker's write transaction stores some turns and then fails
+    or requeues others of its claim, so two writers each pinning the other's running turn would
+    deadlock. Here the only other unfinished turn is another worker's, running: its lease renewal
+    (which locks it) must not wait for the store."""
+    run_id, ids = _run_of(3)
+    first_token, first = _claim(ids[:1])
+    with session_scope() as s:  # in_progress
+        _store(s, first_token, first[ids[0]])
+    token, turns = _claim(ids[1:2])
+    other_token, _ = _claim(ids[2:])
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet
+        with session_scope() as other:
+            other.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert renew_lease(session=other, token=other_token, lease_s=60) == 1
+        store.commit()
+    finally:
+        store.close()
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.IN_PROGRESS and statuses[ids[2]] == TurnStatus.RUNNING
+
+
+def test_two_stores_of_a_runs_last_turns_at_once_complete_it(world, monkeypatch) -> None:
+    """Both stores have finished their turn (each holds its row) before either advances the run:
+    neither can pin the other's turn, each sees it unfinished, and only the run's row lock lets the
+    one that advances second see the first's turn and complete the run."""
+    run_id, ids = _run_of(3)
+    token, turns = _claim(ids)
+    with session_scope() as s:  # in_progress: the case a store may skip the run's row in
+        _store(s, token, turns[ids[0]])
+    both_finished = threading.Barrier(2, timeout=20)
+    advance = db.turns.advance_runs_of_turns
+
+    def advance_once_both_finished(*, session: Session, turn_ids) -> None:  # type: ignore[no-untyped-def]
+        both_finished.wait()
+        advance(session=session, turn_ids=turn_ids)
+
+    monkeypatch.setattr(db.turns, "advance_runs_of_turns", advance_once_both_finished)
+    errors: list[BaseException] = []
+
+    def store(turn_id: uuid.UUID) -> None:
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '20s'"))
+            _store(s, token, turns[turn_id])
+
+    threads = [_in_thread(lambda t=t: store(t), errors) for t in ids[1:]]
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
+    run, statuses = _statuses(run_id)
+    assert set(statuses.values()) == {TurnStatus.DONE}
+    assert run == RunStatus.COMPLETED
+
+
+def test_a_cancel_during_a_store_waits_for_it_and_keeps_its_reply(world) -> None:
+    run_id, ids = _run_of(20)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # in_progress, with one turn answered
+        _store(s, token, turns[ids[0]])
+    errors: list[BaseException] = []
+    outcome: list[RunStatus] = []
+
+    def cancel() -> None:
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '20s'"))
+            outcome.append(cancel_run(session=s, run_id=run_id).after)
+
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # the run's last running turn, not committed yet
+        cancelling = _in_thread(cancel, errors)
+        cancelling.join(1.0)
+        assert cancelling.is_alive(), "the cancel did not wait for the store"
+        store.commit()
+    finally:
+        store.close()
+    cancelling.join(30)
+    assert not cancelling.is_alive() and errors == [], errors
+    # It saw the stored turn: nothing was running any more, so the run ended at once.
+    assert outcome == [RunStatus.CANCELLED]
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.CANCELLED
+    assert [statuses[t] for t in ids[:2]] == [TurnStatus.DONE] * 2
+    assert all(statuses[t] == TurnStatus.CANCELLED for t in ids[2:])
+    with session_scope() as s:
+        assert s.scalar(select(Turn.reply).where(Turn.id == ids[1])) == f"Answer to {turns[ids[1]].message}"
