@@ -19,6 +19,18 @@ HistoryFormat = Literal["sillytavern", "openai", "original"]
 EMBED_CHUNK = 256
 
 
+def embed_texts(texts: list[str]) -> Any:
+    """The texts' vectors (an array, one row a text), embedded EMBED_CHUNK at a time."""
+    import numpy as np
+
+    from core.settings import settings
+    from worker.embedder import embed  # the embedder loads on first use, in the calling process
+
+    if not texts:
+        return np.zeros((0, settings.embedding_dim), dtype=np.float32)
+    return np.concatenate([embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
+
+
 class HistoryRefused(ValueError):
     """A malformed chat log; the message names the line or item and the field."""
 
@@ -169,12 +181,9 @@ def import_history(
 ) -> tuple[int, int, int]:
     """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
     id, first seq, last seq). Nothing is stored if any line is malformed."""
-    import numpy as np
-
     from db.history import append_lines
     from db.session import session_scope
     from db.world import find_characters, upsert_conversations
-    from worker.embedder import embed
 
     for field, value in (
         ("conversation", conversation),
@@ -184,12 +193,7 @@ def import_history(
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
-    vectors = np.concatenate(
-        [
-            embed([t for _, t in parsed.lines[i : i + EMBED_CHUNK]])
-            for i in range(0, len(parsed.lines), EMBED_CHUNK)
-        ]
-    )
+    vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])
         if character not in found:
