@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from db.models import Role
+from services.schemas import storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
 EMBED_CHUNK = 256
@@ -55,9 +56,22 @@ _ROLES = {
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise HistoryRefused(f"{where}: must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise HistoryRefused(f"{where}: holds a NUL character")
-    return value
+    try:
+        return storable_text(value)
+    except ValueError as exc:
+        raise HistoryRefused(f"{where}: {exc}") from None
+
+
+def _json(text: str, where: str) -> Any:
+    """Decoded JSON; HistoryRefused naming the line for what json cannot read (too deep, a number
+    too long) as for what is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HistoryRefused(f"{where or f'line {exc.lineno}'}: not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HistoryRefused(f"{where or 'line 1'}: not JSON that can be read ({reason})") from None
 
 
 def parse_sillytavern(raw: str) -> ParsedHistory:
@@ -67,10 +81,7 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():  # blank lines (leading ones too) are not lines of the chat
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HistoryRefused(f"line {number}: not JSON ({exc.msg})") from None
+        item = _json(line, f"line {number}")
         if not isinstance(item, dict):
             raise HistoryRefused(f"line {number}: must be a JSON object")
         header, first = first and "mes" not in item, False
@@ -93,9 +104,11 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     return ParsedHistory(lines, user_name, skipped)
 
 
-def _messages(items: Any, name: str) -> ParsedHistory:
+def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHistory:
     if not isinstance(items, list):
         raise HistoryRefused(f"{name}: must be a list of messages")
+    if max_items is not None and len(items) > max_items:
+        raise HistoryRefused(f"{name}: more than {max_items} messages")
     lines: list[tuple[Role, str]] = []
     skipped = 0
     for i, item in enumerate(items):
@@ -130,10 +143,7 @@ def _messages(items: Any, name: str) -> ParsedHistory:
 
 def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
     """A JSON list of {role, content}, bare or under one of `keys`."""
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise HistoryRefused(f"line {exc.lineno}: not JSON ({exc.msg})") from None
+    doc = _json(raw, "")
     if isinstance(doc, dict):
         key = next((k for k in keys if k in doc), None)
         if key is None:
@@ -143,6 +153,7 @@ def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
 
 
 ORIGINAL_KEYS = ("chat_history", "history", "messages")
+ORIGINAL_MAX_ITEMS = 10_000  # one inline request's history, as its story's events
 
 
 def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistory:
@@ -152,8 +163,8 @@ def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistor
         key = next((k for k in ORIGINAL_KEYS if k in doc), None)
         if key is None:
             raise HistoryRefused(f"{name}: missing the list of messages (chat_history)")
-        return _messages(doc[key], f"{name}.{key}" if name != key else name)
-    return _messages(doc, name)
+        return _messages(doc[key], f"{name}.{key}" if name != key else name, ORIGINAL_MAX_ITEMS)
+    return _messages(doc, name, ORIGINAL_MAX_ITEMS)
 
 
 def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:

@@ -239,6 +239,12 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     # An empty story is no story: nothing to store, and the conversation keeps the one it has.
     story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")
+    if isinstance(conversation, str) and conversation.startswith(INLINE_PREFIX):
+        raise InlineRefused(
+            "request",
+            f"conversation: {conversation[:64]!r} starts with {INLINE_PREFIX!r}, kept for requests "
+            "without a conversation (each answered on its own); name one of yours to go on with it",
+        )
     for key in ("gen_config", "params"):
         if not isinstance(payload.get(key) or {}, dict):
             raise InlineRefused("request", f"{key}: must be a JSON object")
@@ -255,7 +261,9 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = _where(first["loc"])
-        where = where.replace("params.", "gen_config." if "gen_config" in payload else "params.", 1)
+        if first["loc"][:1] == ("params",) and len(first["loc"]) > 1:  # name the object that held it
+            held_by_params = first["loc"][1] in (payload.get("params") or {})
+            where = where.replace("params.", "params." if held_by_params else "gen_config.", 1)
         raise InlineRefused("request", error_line(where or "input", first["msg"])) from None
     if not request.message.strip():
         raise InlineRefused("request", "message: is empty")

@@ -442,3 +442,91 @@ def test_another_characters_conversation_is_refused_before_its_lines_are_compare
     event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation=conversation)
     with pytest.raises(InlineRefused, match=r"^conversation: 'elaras-.*' is another character's"):
         store_request(read_request(event))
+
+
+def test_a_lone_surrogate_or_too_long_a_history_is_refused_naming_the_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    history = [{"role": "user", "content": "BAD-LINE-" + name}, {"role": "user", "content": "\ud800"}]
+    event = {"persona": _persona(name), "chat_history": history, "message": "hi"}
+    error = "chat_history[1].content: contains a lone surrogate (not valid Unicode text)"
+    assert handler({"input": event}) == {"error": error}
+    path = tmp_path / "chat_history.json"
+    path.write_text(json.dumps(history), encoding="utf-8")  # "\ud800" escaped: valid JSON
+    persona = tmp_path / "persona.json"
+    persona.write_text(json.dumps(_persona(name)), encoding="utf-8")
+    args = ["chat", "--message", "hi", "--persona", str(persona), "--chat_history", str(path)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlchat: {path}: {error}; nothing stored", err
+    _nothing_stored(name)
+    too_long = [{"role": "system", "content": "x"}] * 10_001
+    with pytest.raises(InlineRefused, match=r"^chat_history: more than 10000 messages$"):
+        read_request({"persona": _persona(name), "chat_history": too_long, "message": "hi"})
+
+
+def test_a_file_nested_too_deeply_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert (
+        cli(
+            [
+                "chat",
+                "--message",
+                "hi",
+                "--persona",
+                str(_persona_file(tmp_path)),
+                "--chat_history",
+                str(deep),
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"mlchat: {deep}: not JSON that can be read (nested too deeply); nothing stored"
+    )
+    args = [
+        "history",
+        "import",
+        str(deep),
+        "--conversation",
+        "c-deep",
+        "--character",
+        "elara",
+        "--format",
+        "original",
+    ]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlchat: {deep}: line 1: not JSON that can be read (nested too deeply); nothing stored", (
+        err
+    )
+
+
+def _persona_file(tmp_path: Path) -> Path:
+    path = tmp_path / "persona.json"
+    path.write_text(json.dumps(_persona(f"p-{uuid.uuid4().hex[:6]}")), encoding="utf-8")
+    return path
+
+
+def test_params_errors_name_params_and_a_lost_turn_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    event = {"persona": _persona(name), "message": "hi", "gen_config": {"top_p": 0.5}}
+    result = handler({"input": event | {"params": {"temperature": 9}}})
+    assert result == {"error": "params.temperature: Input should be less than or equal to 2"}
+    result = handler({"input": event | {"gen_config": {"temperature": 9}, "params": {"top_p": 0.5}}})
+    assert result == {"error": "gen_config.temperature: Input should be less than or equal to 2"}
+    monkeypatch.setattr("worker.inline.answer_now", lambda requests: [])  # the turn gone before its read
+    assert handler({"input": event}) == {
+        "error": "the turn ran but could not be read back; send the request again"
+    }
+
+
+def test_a_conversation_of_the_inline_prefix_is_refused() -> None:
+    event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation="inline-0123")
+    with pytest.raises(InlineRefused, match=r"^conversation: 'inline-0123' starts with 'inline-'"):
+        read_request(event)
