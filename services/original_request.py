@@ -2,10 +2,11 @@
 message (its `handler.py --persona --chat_history --story --message`, and the same fields as a
 RunPod event's input), so a team moving from that service can replay its files unchanged.
 
-The persona becomes a stored character matched by content (the same content keeps its version, a
-change makes a new one), the story becomes stored story events matched by content (a replay embeds
-nothing again), the history becomes the conversation's first lines (a replay adds none); then the
-turn runs as any other, and the answer comes back as the original's ChatResponse.
+The persona becomes a stored character matched by content (the same content is the same
+character, a changed one another), the story becomes stored story events matched by content (a
+replay embeds nothing again), the history becomes a conversation's first lines (embedded once);
+without a named conversation each request is answered alone, as the original's were; then the turn
+runs as any other, and the answer comes back as the original's ChatResponse.
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ class InlineRequest:
     lines: list[tuple[Role, str]]
     story: list[StoryEventItem] | None
     turn: TurnRequest  # conversation and character are placeholders until it is stored
-    conversation: str | None  # the caller's; None: one per persona and history
+    conversation: str | None  # the caller's; None: the request's own, a copy of its history
 
     @property
     def slug(self) -> str:
