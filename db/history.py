@@ -38,12 +38,13 @@ def append_lines(
     return start, start + len(lines) - 1
 
 
-def copy_lines(*, session: Session, source_id: int, target_id: int) -> int:
-    """Copy a conversation's lines, with their vectors, into an empty one; how many were copied."""
+def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) -> int:
+    """Copy a conversation's first `count` lines, with their vectors, into an empty one; how many
+    were copied."""
     lock_conversation(session=session, conversation_id=target_id)
     copied = select(
         literal(target_id, BigInteger), Message.seq, Message.role, Message.content, Message.embedding
-    ).where(Message.conversation_id == source_id)
+    ).where(Message.conversation_id == source_id, Message.seq <= count)
     result = session.execute(
         insert(Message).from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
     )

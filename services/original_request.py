@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import (
@@ -36,6 +36,9 @@ from memory.history_import import HistoryRefused, embed_texts, parse_original_hi
 from services.characters import INLINE_PREFIX, slug_for
 from services.producer import TurnView
 from services.schemas import Int4, Text, TurnRequest, error_line
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 TEXT_MAX = 20_000  # one persona field
 STORY_MAX_EVENTS = 10_000
@@ -354,7 +357,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
             conversation = f"{kept}-{uuid.uuid4().hex[:12]}"
             row |= {"external_id": conversation, "story": story_key, "story_time": req.turn.story_time}
             conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
-            copy_lines(session=session, source_id=kept_id, target_id=conv_id)
+            copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
     return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
 
 
@@ -366,7 +369,12 @@ def _not_its_own(conversation: str) -> InlineRefused:
 
 
 def _append_missing(
-    session: Any, req: InlineRequest, conv_id: int, conversation: str, start: int, line_vectors: np.ndarray
+    session: Session,
+    req: InlineRequest,
+    conv_id: int,
+    conversation: str,
+    start: int,
+    line_vectors: np.ndarray,
 ) -> int:
     """Append the history's lines the conversation does not hold yet; how many."""
     from db.history import append_lines, conversation_lines, lock_conversation
