@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import func, insert, select
+from sqlalchemy import BigInteger, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Message, Role
@@ -17,9 +17,7 @@ def append_lines(
 ) -> tuple[int, int]:
     """Append the lines (embedded) after the conversation's last; the (first, last) seq stored."""
     # The lock a reply's store takes too (db/turns.py store_replies): it serialises messages.seq.
-    session.execute(
-        select(Conversation.id).where(Conversation.id == conversation_id).with_for_update(key_share=True)
-    )
+    lock_conversation(session=session, conversation_id=conversation_id)
     last = session.scalar(
         select(func.coalesce(func.max(Message.seq), 0)).where(Message.conversation_id == conversation_id)
     )
@@ -38,6 +36,19 @@ def append_lines(
         ],
     )
     return start, start + len(lines) - 1
+
+
+def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) -> int:
+    """Copy a conversation's first `count` lines, with their vectors, into an empty one; how many
+    were copied."""
+    lock_conversation(session=session, conversation_id=target_id)
+    copied = select(
+        literal(target_id, BigInteger), Message.seq, Message.role, Message.content, Message.embedding
+    ).where(Message.conversation_id == source_id, Message.seq <= count)
+    result = session.execute(
+        insert(Message).from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
+    )
+    return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def conversation_lines(*, session: Session, conversation_id: int) -> list[tuple[Role, str]]:

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, literal_column, or_, select, update
+from sqlalchemy import case, exists, func, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT
-from db.models import Character, Conversation, Message, Role, StoryEvent
+from db.models import TURN_UNFINISHED, Character, Conversation, Message, Role, StoryEvent, Turn
 
 CHARACTER_FIELDS = (
     "name",
@@ -140,20 +140,30 @@ def story_event_texts(*, session: Session, ids: Sequence[int]) -> dict[int, str]
 
 
 def set_conversation_story(
-    *, session: Session, conversation_id: int, story: str | None, story_time: int | None
-) -> None:
-    """Point the conversation at a story (and a story time) from now on; no write when it already is."""
+    *, session: Session, conversation_id: int, story: str, story_time: int | None
+) -> bool:
+    """Point the conversation at a story from now on, unless a turn of it is still unanswered (its
+    prompt reads the conversation's story when it runs); without a story time the one it has for
+    this story is kept. True when the conversation now points at this story."""
+    time = (
+        story_time if story_time is not None else case((Conversation.story == story, Conversation.story_time))
+    )
     session.execute(
         update(Conversation)
         .where(
             Conversation.id == conversation_id,
             or_(
                 Conversation.story.is_distinct_from(story),
-                Conversation.story_time.is_distinct_from(story_time),
+                Conversation.story_time.is_distinct_from(time),
             ),
+            ~exists().where(Turn.conversation_id == conversation_id, Turn.status.in_(TURN_UNFINISHED)),
         )
-        .values(story=story, story_time=story_time)
+        .values(story=story, story_time=time)
     )
+    current = session.execute(
+        select(Conversation.story, Conversation.story_time).where(Conversation.id == conversation_id)
+    ).one()
+    return current[0] == story and (story_time is None or current[1] == story_time)
 
 
 def append_history_if_empty(

@@ -14,9 +14,22 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from db.models import Role
+from services.schemas import storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
 EMBED_CHUNK = 256
+
+
+def embed_texts(texts: list[str]) -> Any:
+    """The texts' vectors (an array, one row a text), embedded EMBED_CHUNK at a time."""
+    import numpy as np
+
+    from core.settings import settings
+    from worker.embedder import embed  # the embedder loads on first use, in the calling process
+
+    if not texts:
+        return np.zeros((0, settings.embedding_dim), dtype=np.float32)
+    return np.concatenate([embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
 
 
 class HistoryRefused(ValueError):
@@ -43,9 +56,22 @@ _ROLES = {
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise HistoryRefused(f"{where}: must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise HistoryRefused(f"{where}: holds a NUL character")
-    return value
+    try:
+        return storable_text(value)
+    except ValueError as exc:
+        raise HistoryRefused(f"{where}: {exc}") from None
+
+
+def _json(text: str, where: str) -> Any:
+    """Decoded JSON; HistoryRefused naming the line for what json cannot read (too deep, a number
+    too long) as for what is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise HistoryRefused(f"{where or f'line {exc.lineno}'}: not JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise HistoryRefused(f"{where or 'line 1'}: not JSON that can be read ({reason})") from None
 
 
 def parse_sillytavern(raw: str) -> ParsedHistory:
@@ -55,10 +81,7 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     for number, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():  # blank lines (leading ones too) are not lines of the chat
             continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise HistoryRefused(f"line {number}: not JSON ({exc.msg})") from None
+        item = _json(line, f"line {number}")
         if not isinstance(item, dict):
             raise HistoryRefused(f"line {number}: must be a JSON object")
         header, first = first and "mes" not in item, False
@@ -81,9 +104,11 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     return ParsedHistory(lines, user_name, skipped)
 
 
-def _messages(items: Any, name: str) -> ParsedHistory:
+def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHistory:
     if not isinstance(items, list):
         raise HistoryRefused(f"{name}: must be a list of messages")
+    if max_items is not None and len(items) > max_items:
+        raise HistoryRefused(f"{name}: more than {max_items} messages")
     lines: list[tuple[Role, str]] = []
     skipped = 0
     for i, item in enumerate(items):
@@ -118,10 +143,7 @@ def _messages(items: Any, name: str) -> ParsedHistory:
 
 def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
     """A JSON list of {role, content}, bare or under one of `keys`."""
-    try:
-        doc = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise HistoryRefused(f"line {exc.lineno}: not JSON ({exc.msg})") from None
+    doc = _json(raw, "")
     if isinstance(doc, dict):
         key = next((k for k in keys if k in doc), None)
         if key is None:
@@ -131,6 +153,7 @@ def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
 
 
 ORIGINAL_KEYS = ("chat_history", "history", "messages")
+ORIGINAL_MAX_ITEMS = 10_000  # one inline request's history, as its story's events
 
 
 def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistory:
@@ -140,8 +163,8 @@ def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistor
         key = next((k for k in ORIGINAL_KEYS if k in doc), None)
         if key is None:
             raise HistoryRefused(f"{name}: missing the list of messages (chat_history)")
-        return _messages(doc[key], f"{name}.{key}" if name != key else name)
-    return _messages(doc, name)
+        return _messages(doc[key], f"{name}.{key}" if name != key else name, ORIGINAL_MAX_ITEMS)
+    return _messages(doc, name, ORIGINAL_MAX_ITEMS)
 
 
 def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
@@ -169,12 +192,9 @@ def import_history(
 ) -> tuple[int, int, int]:
     """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
     id, first seq, last seq). Nothing is stored if any line is malformed."""
-    import numpy as np
-
     from db.history import append_lines
     from db.session import session_scope
     from db.world import find_characters, upsert_conversations
-    from worker.embedder import embed
 
     for field, value in (
         ("conversation", conversation),
@@ -184,12 +204,7 @@ def import_history(
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
-    vectors = np.concatenate(
-        [
-            embed([t for _, t in parsed.lines[i : i + EMBED_CHUNK]])
-            for i in range(0, len(parsed.lines), EMBED_CHUNK)
-        ]
-    )
+    vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])
         if character not in found:

@@ -337,6 +337,9 @@ def _read_json(path: Path) -> object:
         raise Refused(f"{path}: not UTF-8 text (byte {exc.start}); nothing stored") from None
     except json.JSONDecodeError as exc:
         raise Refused(f"{path}: line {exc.lineno}: not JSON ({exc.msg}); nothing stored") from None
+    except (ValueError, RecursionError) as exc:  # too deep, or a number too long to read
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise Refused(f"{path}: not JSON that can be read ({reason}); nothing stored") from None
 
 
 def _store_original(

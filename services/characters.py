@@ -27,6 +27,9 @@ class ImportedCharacter:
     created: bool
 
 
+INLINE_PREFIX = "inline-"  # services/original_request.py's slugs: no other creator may take one
+
+
 def slug_for(name: str) -> str:
     """A slug from a character's name: "Seraphina the Bold" → "seraphina-the-bold", "Élodie" →
     "elodie"; a name with no Latin letters or digits ("루피") gets "c-" and a digest of the name."""
@@ -52,6 +55,12 @@ def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
         raise CardError(f"slug {slug!r} must be 1-64 lowercase letters, digits, '-' or '_'")
     fields: dict[str, Any] = {**imported.fields, "card": imported.card, "lorebook": imported.lorebook}
     name = imported.fields["name"]
+    reserved = slug if slug is not None else slug_for(name)
+    if reserved.startswith(INLINE_PREFIX):  # the inline request shape's characters, matched by content
+        field = "slug" if slug is not None else "name"
+        raise CardError(
+            f"{field}: slug {reserved!r} starts with {INLINE_PREFIX!r}, kept for inline personas; pass a slug"
+        )
     with session_scope() as session:
         if slug is not None:
             stored = save_character(session=session, slug=slug, fields=fields)

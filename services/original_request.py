@@ -2,10 +2,11 @@
 message (its `handler.py --persona --chat_history --story --message`, and the same fields as a
 RunPod event's input), so a team moving from that service can replay its files unchanged.
 
-The persona becomes a stored character matched by content (the same content keeps its version, a
-change makes a new one), the story becomes stored story events matched by content (a replay embeds
-nothing again), the history becomes the conversation's first lines (a replay adds none); then the
-turn runs as any other, and the answer comes back as the original's ChatResponse.
+The persona becomes a stored character matched by content (the same content is the same
+character, a changed one another), the story becomes stored story events matched by content (a
+replay embeds nothing again), the history becomes a conversation's first lines (embedded once);
+without a named conversation each request is answered alone, as the original's were; then the turn
+runs as any other, and the answer comes back as the original's ChatResponse.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import (
@@ -28,12 +30,15 @@ from pydantic import (
     model_validator,
 )
 
-from core.settings import DEFAULT_TENANT, settings
+from core.settings import DEFAULT_TENANT
 from db.models import Role
-from memory.history_import import EMBED_CHUNK, HistoryRefused, parse_original_history
-from services.characters import slug_for
+from memory.history_import import HistoryRefused, embed_texts, parse_original_history
+from services.characters import INLINE_PREFIX, slug_for
 from services.producer import TurnView
 from services.schemas import Int4, Text, TurnRequest, error_line
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
 
 TEXT_MAX = 20_000  # one persona field
 STORY_MAX_EVENTS = 10_000
@@ -124,12 +129,14 @@ class InlineRequest:
     lines: list[tuple[Role, str]]
     story: list[StoryEventItem] | None
     turn: TurnRequest  # conversation and character are placeholders until it is stored
-    conversation: str | None  # the caller's; None: one per persona and history
+    conversation: str | None  # the caller's; None: the request's own, a copy of its history
 
     @property
     def slug(self) -> str:
-        """The persona's character: its own slug space, so no game-defined character is replaced."""
-        return ("inline-" + slug_for(self.persona.name))[:64].rstrip("-")
+        """The persona's character: its name and a digest of its content in a slug space no other
+        creator may use, so one content is one character and no game-defined character is replaced."""
+        name = (INLINE_PREFIX + slug_for(self.persona.name))[:50].rstrip("-")
+        return f"{name}-{_digest(self.persona.character_fields())[:12]}"
 
     @property
     def story_key(self) -> str | None:
@@ -137,12 +144,14 @@ class InlineRequest:
         if self.story is None:
             return None
         events = [[e.text, e.scene, e.time] for e in self.story]
-        return "inline-" + _digest(events)
+        return INLINE_PREFIX + _digest(events)
 
     @property
-    def conversation_id(self) -> str:
-        """The caller's conversation, or one for this persona and this history."""
-        return self.conversation or "inline-" + _digest([self.slug, [[r.value, t] for r, t in self.lines]])
+    def history_key(self) -> str:
+        """The conversation that keeps this persona's, player's and history's embedded lines and
+        never runs a turn: each unnamed request copies it into a conversation of its own."""
+        lines = [[r.value, t] for r, t in self.lines]
+        return INLINE_PREFIX + _digest([self.slug, self.turn.player_id, lines])
 
 
 @dataclass(frozen=True)
@@ -234,6 +243,12 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     # An empty story is no story: nothing to store, and the conversation keeps the one it has.
     story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")
+    if isinstance(conversation, str) and conversation.startswith(INLINE_PREFIX):
+        raise InlineRefused(
+            "request",
+            f"conversation: {conversation[:64]!r} starts with {INLINE_PREFIX!r}, kept for requests "
+            "without a conversation (each answered on its own); name one of yours to go on with it",
+        )
     for key in ("gen_config", "params"):
         if not isinstance(payload.get(key) or {}, dict):
             raise InlineRefused("request", f"{key}: must be a JSON object")
@@ -250,19 +265,13 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     except ValidationError as exc:
         first = exc.errors()[0]
         where = _where(first["loc"])
-        where = where.replace("params.", "gen_config." if "gen_config" in payload else "params.", 1)
+        if first["loc"][:1] == ("params",) and len(first["loc"]) > 1:  # name the object that held it
+            held_by_params = first["loc"][1] in (payload.get("params") or {})
+            where = where.replace("params.", "params." if held_by_params else "gen_config.", 1)
         raise InlineRefused("request", error_line(where or "input", first["msg"])) from None
     if not request.message.strip():
         raise InlineRefused("request", "message: is empty")
     return InlineRequest(persona, lines, story, request, conversation)
-
-
-def _embed(texts: list[str]) -> np.ndarray:
-    from worker.embedder import embed  # the embedder loads on first use, in the calling process
-
-    if not texts:
-        return np.zeros((0, settings.embedding_dim), dtype=np.float32)
-    return np.concatenate([embed(texts[i : i + EMBED_CHUNK]) for i in range(0, len(texts), EMBED_CHUNK)])
 
 
 def _missing_from(lines: list[tuple[Role, str]], stored: list[tuple[Role, str]], conversation: str) -> int:
@@ -280,8 +289,13 @@ def _missing_from(lines: list[tuple[Role, str]], stored: list[tuple[Role, str]],
 
 def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> StoredInline:
     """Store the persona, story and history (idempotent: a replay stores nothing new), in one
-    transaction; the embeddings are computed before it, for what is not stored yet."""
-    from db.history import append_lines, conversation_lines, lock_conversation
+    transaction; the embeddings are computed before it, for what is not stored yet.
+
+    A named conversation takes the history's new lines. Without one the request is stateless like
+    the original's: the history is kept once per persona, player and history, and each request
+    answers in a conversation of its own holding a copy of it, so no other request's lines, player
+    or facts reach its prompt."""
+    from db.history import conversation_lines, copy_lines
     from db.session import session_scope
     from db.world import (
         count_story_events,
@@ -292,18 +306,16 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         upsert_story_events,
     )
 
-    conversation, story_key = req.conversation_id, req.story_key
+    kept, story_key = req.conversation or req.history_key, req.story_key
     with session_scope() as session:
         story_stored = story_key is None or count_story_events(session=session, story=story_key) > 0
-        known = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
-        held = (
-            conversation_lines(session=session, conversation_id=known[conversation][0])
-            if conversation in known
-            else []
-        )
-    start = _missing_from(req.lines, held, conversation)
+        known = find_conversations(session=session, external_ids=[kept], tenant=tenant)
+        if kept in known and known[kept][1] != req.slug:
+            raise _not_its_own(kept)
+        held = conversation_lines(session=session, conversation_id=known[kept][0]) if kept in known else []
+    start = _missing_from(req.lines, held, kept)
     events = [] if story_stored or req.story is None else req.story
-    vectors = _embed([text for _, text in req.lines[start:]] + [e.text for e in events])
+    vectors = embed_texts([text for _, text in req.lines[start:]] + [e.text for e in events])
     line_vectors, event_vectors = vectors[: len(req.lines) - start], vectors[len(req.lines) - start :]
 
     with session_scope() as session:
@@ -317,35 +329,71 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
             ]
             upsert_story_events(session=session, events=rows, embeddings=event_vectors)
         row = {
-            "external_id": conversation,
+            "external_id": kept,
             "character_id": char_id,
             "player_id": req.turn.player_id,
             "player_name": req.turn.player_name,
-            "story": story_key,
-            "story_time": req.turn.story_time,
+            "story": story_key if req.conversation else None,
+            "story_time": req.turn.story_time if req.conversation else None,
         }
-        conv_id, owner = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
+        kept_id, owner = upsert_conversations(session=session, rows=[row], tenant=tenant)[kept]
         if owner != char_id:
-            raise InlineRefused("request", f"conversation: {conversation!r} is another character's")
-        if story_key is not None:
-            set_conversation_story(
-                session=session, conversation_id=conv_id, story=story_key, story_time=req.turn.story_time
+            raise _not_its_own(kept)
+        if (
+            req.conversation
+            and story_key is not None
+            and not set_conversation_story(
+                session=session, conversation_id=kept_id, story=story_key, story_time=req.turn.story_time
             )
-        lock_conversation(session=session, conversation_id=conv_id)
-        now_held = _missing_from(
-            req.lines, conversation_lines(session=session, conversation_id=conv_id), conversation
-        )
-        if now_held < start:  # lines only ever grow; this is a history rewritten under us
-            raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
-        added = len(req.lines) - now_held
-        if added:
-            append_lines(
-                session=session,
-                conversation_id=conv_id,
-                lines=req.lines[now_held:],
-                vectors=line_vectors[now_held - start :],
+        ):
+            raise InlineRefused(
+                "story",
+                f"story: conversation {kept!r} has unanswered turns with another story or story_time; "
+                "send this one when they are answered, or pass another conversation",
             )
+        added = _append_missing(session, req, kept_id, kept, start, line_vectors)
+        conversation = kept
+        if not req.conversation:
+            conversation = f"{kept}-{uuid.uuid4().hex[:12]}"
+            row |= {"external_id": conversation, "story": story_key, "story_time": req.turn.story_time}
+            conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
+            copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
     return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
+
+
+def _not_its_own(conversation: str) -> InlineRefused:
+    return InlineRefused(
+        "request",
+        f"conversation: {conversation!r} is another character's (a changed persona is a new character)",
+    )
+
+
+def _append_missing(
+    session: Session,
+    req: InlineRequest,
+    conv_id: int,
+    conversation: str,
+    start: int,
+    line_vectors: np.ndarray,
+) -> int:
+    """Append the history's lines the conversation does not hold yet; how many."""
+    from db.history import append_lines, conversation_lines, lock_conversation
+
+    lock_conversation(session=session, conversation_id=conv_id)
+    now_held = _missing_from(
+        req.lines, conversation_lines(session=session, conversation_id=conv_id), conversation
+    )
+    if now_held < start:  # lines only ever grow; this is a history rewritten under us
+        raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
+    added = len(req.lines) - now_held
+    if added:
+        append_lines(
+            session=session,
+            conversation_id=conv_id,
+            lines=req.lines[now_held:],
+            vectors=line_vectors[now_held - start :],
+        )
+    return added
 
 
 def turn_request(req: InlineRequest, stored: StoredInline) -> TurnRequest:

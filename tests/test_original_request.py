@@ -12,15 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 
 from db.history import append_lines
-from db.models import Character, Conversation, Message, Role, StoryEvent, Turn
+from db.models import Character, Conversation, Message, Role, StoryEvent, Turn, TurnStatus
 from db.session import session_scope
 from db.world import save_character_if_changed, upsert_conversation
+from roleplay.cards import CardError
 from scripts.cli import _store_original
 from scripts.cli import main as cli
-from services.original_request import read_request, store_request, turn_request
+from services.characters import import_card
+from services.original_request import InlineRefused, read_request, store_request, turn_request
 from services.producer import enqueue_turns
 from worker.embedder import embed
 from worker.serverless import handler
@@ -89,38 +91,43 @@ def test_replaying_the_same_request_stores_persona_story_and_history_once_and_tw
     assert (first.character_written, second.character_written) == (True, False)
     assert (first.story_events_stored, second.story_events_stored) == (2, 0)
     assert (first.lines_imported, second.lines_imported) == (3, 0)
-    assert first.conversation == second.conversation and first.story == second.story
-    counts = _counts(first.character, first.story, first.conversation)
-    assert counts == {
-        "characters": 1,
-        "version": 1,
-        "events": 2,
-        "lines": [
-            ("user", "안녕, 루피!"),
-            ("assistant", "오~ 신입이다! 시시시!"),
-            ("user", "내 여동생 이름은 미라야."),
-        ],
-        "turns": 2,
-    }
+    assert first.story == second.story
+    # Stateless like the original: each request answers in a conversation of its own.
+    assert first.conversation != second.conversation
+    history = [
+        ("user", "안녕, 루피!"),
+        ("assistant", "오~ 신입이다! 시시시!"),
+        ("user", "내 여동생 이름은 미라야."),
+    ]
+    for one in stored:
+        counts = _counts(one.character, one.story, one.conversation)
+        assert counts == {"characters": 1, "version": 1, "events": 2, "lines": history, "turns": 1}
     with session_scope() as s:
         conv = s.scalars(select(Conversation).where(Conversation.external_id == first.conversation)).one()
         language = s.scalar(select(Character.language).where(Character.slug == first.character))
         assert conv.story == first.story and language == "ko"
+        # The history is embedded once: the two copies carry the same vectors.
+        vectors = s.scalars(
+            select(Message.embedding)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Conversation.external_id.in_([first.conversation, second.conversation]), Message.seq == 1)
+        ).all()
+        assert len(vectors) == 2 and list(vectors[0]) == list(vectors[1])
 
 
-def test_a_changed_persona_is_a_new_version_of_the_same_character() -> None:
+def test_a_changed_persona_is_a_new_character_and_the_same_content_the_same_one() -> None:
     name = f"루피-{uuid.uuid4().hex[:6]}"
     before = store_request(read_request(_event(name)))
     changed = _event(name) | {"persona": _persona(name, "이제는 채소도 좋아한다.")}
     after = store_request(read_request(changed))
     again = store_request(read_request(changed))
-    assert before.character == after.character == again.character
-    assert (before.character_version, after.character_version, again.character_version) == (1, 2, 2)
+    assert before.character != after.character == again.character
+    assert (before.character_version, after.character_version, again.character_version) == (1, 1, 1)
     assert (after.character_written, again.character_written) == (True, False)
     with session_scope() as s:
         personality = s.scalar(select(Character.personality).where(Character.slug == after.character))
-        count = s.scalar(select(func.count()).select_from(Character).where(Character.slug == after.character))
-    assert personality == "이제는 채소도 좋아한다." and count == 1
+        kept = s.scalar(select(Character.personality).where(Character.slug == before.character))
+    assert personality == "이제는 채소도 좋아한다." and kept == "낙천적이고 고기를 좋아한다."
 
 
 def test_two_writers_of_the_same_changed_persona_make_one_new_version() -> None:
@@ -201,7 +208,8 @@ def test_the_cli_files_are_stored_once_on_replay(tmp_path: Path) -> None:
         json.dumps({"gen_config": {"temperature": 0.3, "max_new_tokens": 16}}), encoding="utf-8"
     )
     requests = [_store_original(dict(files), others, {"message": "Meat?"}) for _ in range(2)]
-    assert requests[0] == requests[1]
+    assert requests[0]["conversation"] != requests[1]["conversation"]  # each request its own
+    assert {**requests[0], "conversation": ""} == {**requests[1], "conversation": ""}
     assert requests[0]["params"]["temperature"] == 0.3 and requests[0]["params"]["max_new_tokens"] == 16
     slug = requests[0]["character"]
     assert slug.startswith("inline-luffy-")
@@ -209,8 +217,14 @@ def test_the_cli_files_are_stored_once_on_replay(tmp_path: Path) -> None:
         story = s.scalar(
             select(Conversation.story).where(Conversation.external_id == requests[0]["conversation"])
         )
-    counts = _counts(slug, story, requests[0]["conversation"])
-    assert (counts["characters"], counts["version"], counts["events"], len(counts["lines"])) == (1, 1, 2, 3)
+    for request in requests:
+        counts = _counts(slug, story, request["conversation"])
+        assert (counts["characters"], counts["version"], counts["events"], len(counts["lines"])) == (
+            1,
+            1,
+            2,
+            3,
+        )
 
 
 def _nothing_stored(name: str) -> None:
@@ -285,7 +299,8 @@ def test_a_refusal_after_the_files_are_read_stores_none_of_them() -> None:
         "conversation": conversation,
     }
     result = handler({"input": event})
-    assert result == {"error": f"conversation: {conversation!r} is another character's"}
+    error = f"conversation: {conversation!r} is another character's (a changed persona is a new character)"
+    assert result == {"error": error}
     _nothing_stored(name)
 
 
@@ -325,7 +340,193 @@ def test_the_original_event_is_answered_in_its_chat_response_shape(engine) -> No
         assert {c["source"] for c in result["retrieved"]} <= {"chat_history", "story"}
     assert any(c["source"] == "story" and c["text"] for c in first["retrieved"])
     assert first["mlchat"]["history_lines_imported"] == 3 and second["mlchat"]["history_lines_imported"] == 0
-    meta = first["mlchat"]
-    counts = _counts(meta["character"], meta["story"], meta["conversation"])
-    # The history once, then each of the two turns' message and reply.
-    assert (counts["version"], counts["events"], counts["turns"], len(counts["lines"])) == (1, 2, 2, 7)
+    for result in (first, second):
+        meta = result["mlchat"]
+        counts = _counts(meta["character"], meta["story"], meta["conversation"])
+        # Stateless like the original: the history, then this request's own message and reply only.
+        assert (counts["version"], counts["events"], counts["turns"], len(counts["lines"])) == (1, 2, 1, 5)
+    assert first["mlchat"]["conversation"] != second["mlchat"]["conversation"]
+    assert first["reply"]["text"] not in [c["text"] for c in second["retrieved"]]
+
+
+def _conversation(external_id: str) -> Conversation:
+    with session_scope() as s:
+        conv = s.scalars(select(Conversation).where(Conversation.external_id == external_id)).one()
+        s.expunge(conv)
+        return conv
+
+
+def test_two_players_first_messages_to_one_persona_share_nothing() -> None:
+    """Empty history, one persona, two players: each answers in its own conversation, so B's prompt
+    holds none of A's lines (nor A's conversation's facts) and addresses B; A's replay neither."""
+    event = {"persona": _persona(f"루피-{uuid.uuid4().hex[:6]}"), "message": "안녕!"}
+    a_request = read_request(event | {"player_id": "pa", "player_name": "Alice"})
+    a = store_request(a_request)
+    enqueue_turns([turn_request(a_request, a)], send=False)
+    answered = [(Role.USER, "안녕! 나는 앨리스, 비밀번호는 7421이야."), (Role.ASSISTANT, "반가워 앨리스!")]
+    with session_scope() as s:  # what A's turn stores: the message and the reply
+        append_lines(
+            session=s,
+            conversation_id=_conversation(a.conversation).id,
+            lines=answered,
+            vectors=embed([t for _, t in answered]),
+        )
+    b = store_request(read_request(event | {"player_id": "pb", "player_name": "Bob"}))
+    replay = store_request(a_request)
+    assert len({a.conversation, b.conversation, replay.conversation}) == 3
+    for one in (b, replay):
+        assert _counts(one.character, None, one.conversation)["lines"] == []
+        assert _counts(one.character, None, one.conversation)["turns"] == 0
+    assert _conversation(b.conversation).player_name == "Bob"
+    assert _conversation(b.conversation).player_id == "pb"
+
+
+def test_two_personas_with_one_name_are_two_characters_and_the_prefix_is_reserved() -> None:
+    name = f"Luffy {uuid.uuid4().hex[:6]}"
+    a_request = read_request(_event(name))
+    b_request = read_request(_event(name) | {"persona": _persona(name, "Likes vegetables now.")})
+    a, b = store_request(a_request), store_request(b_request)
+    assert a.character != b.character and a.character.startswith("inline-luffy-")
+    assert turn_request(a_request, a).character == a.character
+    assert turn_request(b_request, b).character == b.character
+    with session_scope() as s:
+        slugs = Character.slug.in_([a.character, b.character])
+        personalities = dict(
+            s.execute(select(Character.slug, Character.personality).where(slugs)).tuples().all()
+        )
+        versions = s.scalars(select(Character.version).where(Character.slug.in_([a.character, b.character])))
+        assert set(versions) == {1}
+    assert personalities == {a.character: "낙천적이고 고기를 좋아한다.", b.character: "Likes vegetables now."}
+
+    def card(card_name: str) -> bytes:
+        return json.dumps({"spec": "chara_card_v2", "data": {"name": card_name, "description": "x"}}).encode()
+
+    with pytest.raises(CardError, match=r"^name: slug 'inline-x-.*' starts with 'inline-'"):
+        import_card(card(f"Inline X {uuid.uuid4().hex[:6]}"))
+    with pytest.raises(CardError, match=r"^slug: slug 'inline-luffy' starts with 'inline-'"):
+        import_card(card("Luffy"), slug="inline-luffy")
+    with pytest.raises(CardError, match="starts with 'inline-'"):
+        import_card(card("Luffy"), slug=a.character)
+    with session_scope() as s:
+        assert s.scalar(select(Character.description).where(Character.slug == a.character)) == ""
+
+
+def test_a_named_conversation_changes_its_story_only_when_no_turn_of_it_is_unanswered() -> None:
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    first_request = read_request(_event(name, conversation=conversation, story_time=15))
+    first = store_request(first_request)
+    (turn_id,) = enqueue_turns([turn_request(first_request, first)], send=False)
+    other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
+    with pytest.raises(InlineRefused, match=r"^story: conversation 'orig-.*' has unanswered turns"):
+        store_request(read_request(_event(name, conversation=conversation, story=other_story)))
+    conv = _conversation(conversation)
+    assert (conv.story, conv.story_time) == (first.story, 15)
+    # The same story without a story time keeps the one the conversation has.
+    again = store_request(read_request(_event(name, conversation=conversation)))
+    conv = _conversation(conversation)
+    assert again.story == first.story and (conv.story, conv.story_time) == (first.story, 15)
+    with session_scope() as s:  # the turn is answered: the story may change now
+        s.execute(update(Turn).where(Turn.id == turn_id).values(status=TurnStatus.DONE))
+    changed = store_request(read_request(_event(name, conversation=conversation, story=other_story)))
+    conv = _conversation(conversation)
+    assert changed.story != first.story and (conv.story, conv.story_time) == (changed.story, None)
+
+
+def test_another_characters_conversation_is_refused_before_its_lines_are_compared() -> None:
+    conversation = f"elaras-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        elara = s.scalar(select(Character.id).where(Character.slug == "elara"))
+        conv_id = upsert_conversation(session=s, external_id=conversation, character_id=elara)
+        line = [(Role.USER, "Elara's own first line")]
+        append_lines(session=s, conversation_id=conv_id, lines=line, vectors=embed([line[0][1]]))
+    event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation=conversation)
+    with pytest.raises(InlineRefused, match=r"^conversation: 'elaras-.*' is another character's"):
+        store_request(read_request(event))
+
+
+def test_a_lone_surrogate_or_too_long_a_history_is_refused_naming_the_item(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    history = [{"role": "user", "content": "BAD-LINE-" + name}, {"role": "user", "content": "\ud800"}]
+    event = {"persona": _persona(name), "chat_history": history, "message": "hi"}
+    error = "chat_history[1].content: contains a lone surrogate (not valid Unicode text)"
+    assert handler({"input": event}) == {"error": error}
+    path = tmp_path / "chat_history.json"
+    path.write_text(json.dumps(history), encoding="utf-8")  # "\ud800" escaped: valid JSON
+    persona = tmp_path / "persona.json"
+    persona.write_text(json.dumps(_persona(name)), encoding="utf-8")
+    args = ["chat", "--message", "hi", "--persona", str(persona), "--chat_history", str(path)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlchat: {path}: {error}; nothing stored", err
+    _nothing_stored(name)
+    too_long = [{"role": "system", "content": "x"}] * 10_001
+    with pytest.raises(InlineRefused, match=r"^chat_history: more than 10000 messages$"):
+        read_request({"persona": _persona(name), "chat_history": too_long, "message": "hi"})
+
+
+def test_a_file_nested_too_deeply_is_one_line_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    assert (
+        cli(
+            [
+                "chat",
+                "--message",
+                "hi",
+                "--persona",
+                str(_persona_file(tmp_path)),
+                "--chat_history",
+                str(deep),
+            ]
+        )
+        == 2
+    )
+    assert (
+        capsys.readouterr().err.strip()
+        == f"mlchat: {deep}: not JSON that can be read (nested too deeply); nothing stored"
+    )
+    args = [
+        "history",
+        "import",
+        str(deep),
+        "--conversation",
+        "c-deep",
+        "--character",
+        "elara",
+        "--format",
+        "original",
+    ]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mlchat: {deep}: line 1: not JSON that can be read (nested too deeply); nothing stored", (
+        err
+    )
+
+
+def _persona_file(tmp_path: Path) -> Path:
+    path = tmp_path / "persona.json"
+    path.write_text(json.dumps(_persona(f"p-{uuid.uuid4().hex[:6]}")), encoding="utf-8")
+    return path
+
+
+def test_params_errors_name_params_and_a_lost_turn_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    event = {"persona": _persona(name), "message": "hi", "gen_config": {"top_p": 0.5}}
+    result = handler({"input": event | {"params": {"temperature": 9}}})
+    assert result == {"error": "params.temperature: Input should be less than or equal to 2"}
+    result = handler({"input": event | {"gen_config": {"temperature": 9}, "params": {"top_p": 0.5}}})
+    assert result == {"error": "gen_config.temperature: Input should be less than or equal to 2"}
+    monkeypatch.setattr("worker.inline.answer_now", lambda requests: [])  # the turn gone before its read
+    assert handler({"input": event}) == {
+        "error": "the turn ran but could not be read back; send the request again"
+    }
+
+
+def test_a_conversation_of_the_inline_prefix_is_refused() -> None:
+    event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation="inline-0123")
+    with pytest.raises(InlineRefused, match=r"^conversation: 'inline-0123' starts with 'inline-'"):
+        read_request(event)

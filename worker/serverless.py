@@ -47,10 +47,12 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     try:
         request = read_request(payload)
         stored = store_request(request)
-        (view,) = answer_now([turn_request(request, stored)])
+        views = answer_now([turn_request(request, stored)])
     except (ValidationError, IdempotencyConflict, ValueError) as exc:
         return {"error": str(exc)}
-    return chat_response(view, stored)
+    if len(views) != 1:  # the turn was removed before it could be read back
+        return {"error": "the turn ran but could not be read back; send the request again"}
+    return chat_response(views[0], stored)
 
 
 def main() -> None:
