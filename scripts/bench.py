@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> None:
         default=1_000_000,
         help="retrieval world size (10000000: the 10M-message world, 100 messages per conversation)",
     )
+    parser.add_argument(
+        "--memory-conversations",
+        type=int,
+        default=10,
+        help="conversations of 300 lines in the memory section (the issue's figure is 100)",
+    )
     args = parser.parse_args(argv)
     out = PROJECT_ROOT / "bench" / ("results.quick.json" if args.quick else "results.json")
     png = out.with_name("throughput.quick.png" if args.quick else "throughput.png")
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     where = machine()
     for section in args.only:
         started = time.perf_counter()
-        figures = _run(section, args.quick, args.retrieval_messages)
+        figures = _run(section, args.quick, args.retrieval_messages, args.memory_conversations)
         figures["machine"] = where
         figures["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         figures["seconds"] = round(time.perf_counter() - started, 1)
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> None:
         print("plot:", plot(results, png))
 
 
-def _run(section: str, quick: bool, retrieval_messages: int = 1_000_000) -> dict[str, Any]:
+def _run(
+    section: str, quick: bool, retrieval_messages: int = 1_000_000, memory_conversations: int = 10
+) -> dict[str, Any]:
     if section == "enqueue":
         from scripts.bench_enqueue import measure_enqueue
 
@@ -167,7 +175,9 @@ def _run(section: str, quick: bool, retrieval_messages: int = 1_000_000) -> dict
     if section == "memory":
         from scripts.bench_memory import measure_memory
 
-        return measure_memory(conversations=2, turns=120, probes_live=2) if quick else measure_memory()
+        if quick:
+            return measure_memory(conversations=2, turns=120, probes_live=2)
+        return measure_memory(conversations=memory_conversations)
     if section == "structured":
         from scripts.bench_structured import measure_structured
 
