@@ -227,6 +227,8 @@ class ConversationMember(Base):
     # This member's own mood and regard for the player (the conversation's columns are the lead's).
     emotion: Mapped[str] = mapped_column(String(16), default="neutral", server_default="neutral")
     affinity: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Its affinity toward each other member: {str(character id): affinity}; absent means 0.
+    regard: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
     character: Mapped[Character] = relationship(lazy="joined")
 

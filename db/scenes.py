@@ -78,6 +78,7 @@ class NewMember:
     position: int
     talkativeness: float = 0.5
     muted: bool = False
+    regard: dict[int, int] = field(default_factory=dict)  # initial affinity toward other members
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
                 position=m.position,
                 talkativeness=m.talkativeness,
                 muted=m.muted,
+                regard={str(k): v for k, v in m.regard.items()},
             )
             for m in scene.members
         ],

@@ -3,11 +3,12 @@ participants, premise, opening line, speaker strategy, length and stop condition
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.settings import settings
+from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 from scenes.speakers import Rule, Strategy, rule_order
 from services.schemas import GenerationParams, Text
 
@@ -20,6 +21,10 @@ class Participant(BaseModel):
     character: Text = Field(min_length=1, max_length=64)
     talkativeness: float = Field(default=0.5, ge=0, le=1)
     muted: bool = False
+    # Its initial affinity toward other participants, by their slug (the others start at 0).
+    moods: dict[str, Annotated[int, Field(ge=AFFINITY_MIN, le=AFFINITY_MAX)]] = Field(
+        default_factory=dict, max_length=64
+    )
 
 
 class RuleSpec(BaseModel):
@@ -79,6 +84,18 @@ class SceneSpec(BaseModel):
             raise ValueError(f"{', '.join(twice)} named more than once")
         if all(p.muted for p in value):
             raise ValueError("every participant is muted: nobody could speak")
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _moods(cls, value: list[Participant]) -> list[Participant]:
+        slugs = {p.character for p in value}
+        for i, p in enumerate(value):
+            for other in p.moods:
+                if other == p.character:
+                    raise ValueError(f"participants.{i}.moods.{other}: a mood toward itself; name another")
+                if other not in slugs:
+                    raise ValueError(f"participants.{i}.moods.{other}: {other!r} is not a participant")
         return value
 
     @field_validator("exchanges")

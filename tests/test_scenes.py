@@ -4,6 +4,7 @@ a card change and a member leaving mid-scene), all without the engine (replies s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -32,6 +33,7 @@ from db.scenes import GroupView, pop_new_steps, scene_transcript
 from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import get_character, save_character
+from roleplay.mood import Mood, MoodUpdate, Regard, toward_member
 from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order
 from scenes.spec import SceneSpec
 from services.runs import RunValidationError, submit_run
@@ -141,7 +143,7 @@ def _character(cid: int, name: str) -> Character:
     )
 
 
-def _scene_prompt(tokenizer, other_name: str):  # type: ignore[no-untyped-def]
+def _scene_prompt(tokenizer, other_name: str, regard: dict[int, int] | None = None):  # type: ignore[no-untyped-def]
     ann, other, cass = _character(1, "Ann"), _character(2, other_name), _character(3, "Cass")
     recent = [
         HistoryLine(10, "assistant", "Halt! Who goes there?", 1, None, 1, "Ann"),
@@ -156,6 +158,7 @@ def _scene_prompt(tokenizer, other_name: str):  # type: ignore[no-untyped-def]
         TurnContext(recent=recent),
         32,
         group=GroupView("Night at the city gate.", (ann.name, other.name, cass.name), (1, 2, 3)),
+        regard=regard or {},
     )
     builder = PromptBuilder(tokenizer, "chat_template", 4096)
     return builder, builder.build(item)
@@ -200,6 +203,21 @@ def test_a_narrator_turn_in_a_group_puts_each_line_under_its_speaker(tokenizer) 
     assert "Cass: Let them pass, Ann." in text
     assert "Rowan: I am with him." in text
     assert "Ann: Only a merchant" not in text and "Ann: Let them pass" not in text
+
+
+def test_a_three_member_prompt_shows_the_speakers_mood_toward_each_other_member(tokenizer) -> None:
+    _, built = _scene_prompt(tokenizer, "Bram", regard={2: 35, 3: -70})
+    text = built.text
+    scene_at = text.index("[Scene]")
+    bram = text.index("Ann feels warm toward Bram (affinity 35).")
+    cass = text.index("Ann feels hostile toward Cass (affinity -70).")
+    assert scene_at < bram < cass < text.index("Halt! Who goes there?")  # in the system text
+    assert "toward Ann" not in text  # never a mood toward itself
+    assert built.manifest["sections"]["regard"] > 0  # counted like any other section
+    assert sum(built.manifest["sections"].values()) == built.manifest["prompt_tokens"]
+    _, fresh = _scene_prompt(tokenizer, "Bram")  # no mood stored yet: neutral toward both
+    assert "Ann feels neutral toward Bram (affinity 0)." in fresh.text
+    assert "Ann feels neutral toward Cass (affinity 0)." in fresh.text
 
 
 @pytest.mark.parametrize("prompt_format", ["gpt_oss_text", "chat_template"])
@@ -289,6 +307,35 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id)) == 0
         s.execute(delete(Character).where(Character.slug == twin))
+
+
+def test_bad_initial_moods_are_refused_at_validation_with_line_and_field(world, tmp_path: Path) -> None:
+    import json
+
+    def crew(moods: dict) -> list:
+        return [{"character": "elara", "moods": moods}, "luffy", "haneul"]
+
+    lines = [
+        {"custom_id": "ok", "scene": _scene(participants=crew({"luffy": -40, "haneul": 60}))},
+        {"custom_id": "stranger", "scene": _scene(participants=crew({"nobody": 10}))},
+        {"custom_id": "self", "scene": _scene(participants=crew({"elara": 10}))},
+        {"custom_id": "too-much", "scene": _scene(participants=crew({"luffy": 500}))},
+        {"custom_id": "words", "scene": _scene(participants=crew({"luffy": "warm"}))},
+    ]
+    path = tmp_path / "moods.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    name = f"bad-moods-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name=name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [2, 3, 4, 5]
+    assert reasons[2] == "scene.participants.0.moods.nobody: 'nobody' is not a participant"
+    assert reasons[3].startswith("scene.participants.0.moods.elara:") and "toward itself" in reasons[3]
+    assert reasons[4].startswith("scene.participants.0.moods.luffy:") and "100" in reasons[4]
+    assert reasons[5].startswith("scene.participants.0.moods.luffy:")
+    with session_scope() as s:  # nothing stored
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
 
 
 # --- the state machine ----------------------------------------------------------------------------
@@ -1039,3 +1086,65 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
             select(Turn.status, Turn.error_code).where(Turn.conversation_id == _conv_id(conv))
         ).one()
     assert (status, code) == (TurnStatus.FAILED, "broker_unreachable")  # never left queued and unsent
+
+
+# --- moods between members ------------------------------------------------------------------------
+
+
+def test_a_line_answering_another_member_moves_the_regard_toward_them_not_the_player() -> None:
+    friendly = MoodUpdate(Mood("neutral", 5), Mood("joy", 13), {}, 0.2, [])  # the classifier's reading
+    moved = toward_member(friendly, character_id=2, name="Bram", regard=-30)
+    assert moved.toward == Regard(2, "Bram", -30, -22)
+    assert moved.after == Mood("joy", 5)  # the emotion moves; the affinity toward the player stays
+    assert moved.as_json()["toward"] == {"character_id": 2, "name": "Bram", "before": -30, "after": -22}
+    hostile = MoodUpdate(Mood(), Mood(), {}, -1.0, [])
+    assert toward_member(hostile, character_id=3, name="Cass", regard=-95).toward.after == -100  # bounded
+    faint = MoodUpdate(Mood(), Mood(), {}, 0.01, [])
+    still = toward_member(faint, character_id=3, name="Cass", regard=40)
+    assert still.toward.after == 40 and any("regard toward Cass unchanged" in n for n in still.notes)
+
+
+def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(world) -> None:
+    run_id = _new_run(
+        {
+            "feud": _scene(
+                participants=[{"character": "elara", "moods": {"luffy": -30}}, "luffy", "haneul"],
+                exchanges=3,
+                opening={"speaker": "luffy", "text": "You again, Elara?"},
+            )
+        }
+    )
+    scene_id = _scene_id(run_id, "feud")
+    with session_scope() as s:
+        ids = {
+            c.slug: c.id for c in s.scalars(select(Character).where(Character.slug.in_(["elara", "luffy"])))
+        }
+        luffy_name = s.scalar(select(Character.name).where(Character.id == ids["luffy"]))
+    turn_id = _open_step(scene_id)
+    assert turn_id is not None
+    turn, token, _ = _answer(turn_id, "", store=False)  # fixed order after luffy's opening: haneul
+    assert turn.character.slug == "haneul" and turn.answers == (ids["luffy"], luffy_name)
+    assert turn.regard == {}
+    _store(turn, token, "Calm down, both of you.")
+    turn, token, _ = _answer(_open_step(scene_id), "", store=False)  # then elara answers haneul
+    assert turn.character.slug == "elara" and turn.answers is not None
+    assert turn.answers[0] != ids["luffy"] and turn.regard == {ids["luffy"]: -30}
+    # Elara answers haneul's line: a friendly reading moves her regard toward haneul, from 0.
+    other_id, other_name = turn.answers
+    update = toward_member(
+        MoodUpdate(Mood(), Mood("joy", 8), {}, 0.2, []), character_id=other_id, name=other_name, regard=0
+    )
+    with session_scope() as s:
+        outcome = _outcome(turn, "Fine, for your sake.")
+        stored = store_replies(
+            session=s, token=token, outcomes=[dataclasses.replace(outcome, state=update.as_json())]
+        )
+        pop_new_steps(s)
+    assert stored == [turn.id]
+    with session_scope() as s:
+        conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
+        row = s.get_one(ConversationMember, (conv_id, ids["elara"]))
+        assert row.regard == {str(ids["luffy"]): -30, str(other_id): 8}
+        assert (row.emotion, row.affinity) == ("joy", 0)  # toward the player: unchanged
+    turn, _, _ = _answer(_open_step(scene_id), "", store=False)  # luffy next, answering elara
+    assert turn.character.slug == "luffy" and turn.answers == (ids["elara"], turn.answers[1])

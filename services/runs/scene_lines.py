@@ -26,7 +26,13 @@ def scene_of(
     return NewScene(
         conversation_id=conversation_id,
         members=[
-            NewMember(ids[p.character], position, p.talkativeness, p.muted)
+            NewMember(
+                ids[p.character],
+                position,
+                p.talkativeness,
+                p.muted,
+                {ids[other]: affinity for other, affinity in p.moods.items()},
+            )
             for position, p in enumerate(spec.participants)
         ],
         strategy=spec.strategy,
