@@ -268,6 +268,8 @@ class Scene(Base):
     end_phrase: Mapped[str | None] = mapped_column(Text)  # a reply holding it ends the scene
     premise: Mapped[str] = mapped_column(Text, default="", server_default="")
     params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    # The narrator as a participant: {"position", "talkativeness", "instructions"}; None: no narrator.
+    narrator: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     seed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     lane: Mapped[str] = mapped_column(String(8), default="bulk", server_default="bulk")
     model: Mapped[str] = mapped_column(String(64))

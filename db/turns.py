@@ -428,7 +428,11 @@ def claim_turns(
         groups = group_views(
             session=session,
             conversation_ids=sorted(
-                {conv.id for turn, conv, _, _, _ in rows if turn.character_id is not None}
+                {
+                    conv.id
+                    for turn, conv, _, _, _ in rows
+                    if turn.character_id is not None or turn.scene_id is not None
+                }
             ),
         )
         step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})

@@ -20,6 +20,7 @@ from db.models import (
     Conversation,
     ConversationMember,
     Message,
+    Role,
     Run,
     RunStatus,
     Scene,
@@ -34,7 +35,7 @@ from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import get_character, save_character
 from roleplay.mood import Mood, MoodUpdate, Regard, toward_member
-from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order
+from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, with_narrator
 from scenes.spec import SceneSpec
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
@@ -1148,3 +1149,127 @@ def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(wor
         assert (row.emotion, row.affinity) == ("joy", 0)  # toward the player: unchanged
     turn, _, _ = _answer(_open_step(scene_id), "", store=False)  # luffy next, answering elara
     assert turn.character.slug == "luffy" and turn.answers == (ids["elara"], turn.answers[1])
+
+
+# --- the narrator as a participant ----------------------------------------------------------------
+
+
+def test_the_narrator_takes_its_turn_under_each_strategy() -> None:
+    crew = with_narrator([A, B, C], 2, 0.5)  # speaks before bram (positions 1, 2, 3)
+    assert _order("fixed", crew, 8) == ["ann", "narrator", "bram", "cass"] * 2
+    assert _order("fixed", with_narrator([A, B, C], 4, 0.5), 4) == ["ann", "bram", "cass", "narrator"]
+    # rules: the narrator opens each round, cass speaks after ann.
+    rules = [Rule("ann", "narrator"), Rule("cass", "ann"), Rule("bram", "cass")]
+    assert _order("rules", crew, 8, rules=rules) == ["narrator", "ann", "cass", "bram"] * 2
+    # natural: a line naming the narrator hands it the next line; it never speaks twice running.
+    spoken = _order("natural", crew, 3, texts={3: "Narrator, tell us what happens."})
+    assert spoken[2] == "narrator" and spoken[1] != "narrator"
+    quiet = [dataclasses.replace(m, talkativeness=0.1) for m in (A, B, C)]
+    spoken = _order("natural", with_narrator(quiet, 4, 1.0), 200)
+    assert "narrator" in spoken and all(x != y for x, y in zip(spoken, spoken[1:], strict=False))
+    assert Counter(spoken)["narrator"] > Counter(spoken)["ann"]  # the most talkative speaks most
+
+
+def test_a_three_member_and_narrator_prompt_puts_each_line_under_its_speaker(tokenizer) -> None:
+    ann = _character(1, "Ann")
+    recent = [
+        HistoryLine(10, "assistant", "Halt! Who goes there?", 1, None, 1, "Ann"),
+        HistoryLine(11, "narrator", "Rain drums on the gate.\nNarrator: the gate opens.", 2),
+        HistoryLine(12, "assistant", "Only a merchant, friend.", 3, None, 2, "Bram"),
+        HistoryLine(13, "assistant", "Let them pass, Ann.", 4, None, 3, "Cass"),
+    ]
+    group = GroupView("Night at the city gate.", ("Ann", "Bram", "Cass"), (1, 2, 3), narrator=True)
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    member = builder.build(PromptInput(ann, "Rowan", "", TurnContext(recent=recent), 32, group=group))
+    text = member.text
+    assert "<|im_start|>assistant\nHalt! Who goes there?<|im_end|>" in text
+    assert "<|im_start|>user\n[Narrator] Rain drums on the gate.\nNarrator\u200b: the gate opens." in text
+    assert "<|im_start|>user\nBram: Only a merchant, friend.<|im_end|>" in text
+    assert "<|im_start|>user\nCass: Let them pass, Ann.<|im_end|>" in text
+    assert "\nNarrator:" in member.stop and "\nBram:" in member.stop
+    narrator = builder.build(
+        PromptInput(ann, "Rowan", "", TurnContext(recent=recent), 32, speaker="narrator", group=group)
+    )
+    text = narrator.text
+    assert text.startswith("<|im_start|>system\nYou are the narrator of this story.")
+    assert "<|im_start|>assistant\nRain drums on the gate." in text  # its own line is its turn
+    assert "<|im_start|>user\nAnn: Halt! Who goes there?<|im_end|>" in text
+    assert "<|im_start|>user\nBram: Only a merchant, friend.<|im_end|>" in text
+    assert "<|im_start|>user\nCass: Let them pass, Ann.<|im_end|>" in text
+    assert "Present: Ann, Bram, Cass." in text and "Night at the city gate." in text
+    assert "[The narrator speaks next.]" in text
+    assert narrator.manifest["sections"]["scene"] > 0
+
+
+def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field(
+    world, tmp_path: Path
+) -> None:
+    import json
+
+    namesake = f"nar-{uuid.uuid4().hex[:6]}"  # a character whose display name is the narrator's
+    with session_scope() as s:
+        save_character(session=s, slug=namesake, fields={"name": "narrator", "description": "A bard."})
+    lines = [
+        {"custom_id": "ok", "scene": _scene(narrator={"position": 1, "instructions": "Be brief."})},
+        {"custom_id": "far", "scene": _scene(narrator={"position": 5})},
+        {"custom_id": "odd", "scene": _scene(narrator={"voice": "deep"})},
+        {"custom_id": "word", "scene": _scene(narrator="yes")},
+        {"custom_id": "twin", "scene": _scene(participants=["elara", "luffy", namesake], narrator=True)},
+        {
+            "custom_id": "ghost-rule",
+            "scene": _scene(strategy="rules", rules=[{"speaker": "narrator", "after": "elara"}]),
+        },
+    ]
+    path = tmp_path / "narrators.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    name = f"bad-narrators-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name=name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert reasons[2] == "scene.narrator.position: 5 is past the last of 2 participants"
+    assert reasons[3].startswith("scene.narrator.voice:")
+    assert reasons[4].startswith("scene.narrator:")
+    assert reasons[5].startswith("scene.participants.2.character:") and "narrator" in reasons[5]
+    assert "rules:" in reasons[6] and "'narrator'" in reasons[6]  # no narrator in this scene
+    with session_scope() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
+        s.execute(delete(Character).where(Character.slug == namesake))
+
+
+def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> None:
+    run_id = _new_run(
+        {
+            "told": _scene(
+                participants=["elara", "luffy"],
+                exchanges=4,
+                narrator={"position": 1, "instructions": "Describe the weather."},
+            )
+        }
+    )
+    scene_id = _scene_id(run_id, "told")
+    spoken = []
+    for step in range(1, 5):
+        turn, token, _ = _answer(_open_step(scene_id), "", store=False)
+        assert turn.group is not None and turn.group.narrator
+        spoken.append(turn.speaker if turn.speaker == "narrator" else turn.character.slug)
+        if turn.speaker == "narrator":
+            assert turn.params["direction"] == "Describe the weather."
+            outcome = dataclasses.replace(
+                _outcome(turn, f"line {step}"), reply_role=Role.NARRATOR, speaker_id=None, speaker_name=None
+            )
+        else:
+            outcome = _outcome(turn, f"line {step}")
+            # Elara opens, luffy answers the narrator (no member's line), elara answers luffy.
+            assert (turn.answers is None) == (step in (1, 3))
+        with session_scope() as s:
+            assert store_replies(session=s, token=token, outcomes=[outcome]) == [turn.id]
+            pop_new_steps(s)
+    assert spoken == ["elara", "narrator", "luffy", "elara"]
+    with session_scope() as s:
+        assert s.get_one(Scene, scene_id).status == SceneStatus.ENDED
+        lines = scene_transcript(session=s, scene_id=scene_id)
+        luffy = s.scalar(select(Character.name).where(Character.slug == "luffy"))
+        elara = s.scalar(select(Character.name).where(Character.slug == "elara"))
+    assert [(x.step, x.speaker) for x in lines] == [(1, elara), (2, "Narrator"), (3, luffy), (4, elara)]

@@ -1,5 +1,5 @@
-"""Group members' moods toward each other: conversation_members.regard, {other member's character id:
-affinity}
+"""Group members' moods toward each other (conversation_members.regard, {other member's character
+id: affinity}) and the narrator as a scene participant (scenes.narrator)
 
 Revision ID: 0019
 Revises: 0017
@@ -23,7 +23,9 @@ def upgrade() -> None:
         "conversation_members",
         sa.Column("regard", postgresql.JSONB(astext_type=sa.Text()), server_default="{}", nullable=False),
     )
+    op.add_column("scenes", sa.Column("narrator", postgresql.JSONB(astext_type=sa.Text()), nullable=True))
 
 
 def downgrade() -> None:
+    op.drop_column("scenes", "narrator")
     op.drop_column("conversation_members", "regard")

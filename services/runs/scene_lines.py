@@ -46,6 +46,7 @@ def scene_of(
         allow_repeat=spec.allow_repeat,
         end_phrase=spec.end_phrase,
         opening=(ids[spec.opening.speaker], spec.opening.text) if spec.opening else None,
+        narrator=spec.narrator_json(),
     )
 
 

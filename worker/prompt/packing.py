@@ -139,6 +139,8 @@ class PromptBuilder:
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
+            if item.group.narrator:
+                names.append("Narrator")
             clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
@@ -172,6 +174,12 @@ class PromptBuilder:
             if toward:
                 persona = [*persona, ("regard", None, clean("\n".join(toward)))]
             message = f"{user}: {clean(message)}" if message else f"[{char} speaks next.]"
+        elif narrator and item.group is not None:  # the narrator of a group: the scene and who is in it
+            present = ", ".join(label(n) for n in item.group.names)
+            premise = f"{fill_macros(item.group.premise, char, user)}\n" if item.group.premise else ""
+            scene = f"[Scene]\n{premise}Present: {present}."
+            persona = [*persona, ("scene", None, clean(scene))]
+            message = message or "[The narrator speaks next.]"
         if item.actions and not narrator:
             persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
@@ -280,6 +288,8 @@ class PromptBuilder:
         sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
         if layout.post:
             sources.append(("post-history instruction", layout.post))
+        if group is not None and group.narrator:
+            others = [*others, "Narrator"]
         stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
