@@ -628,6 +628,57 @@ def test_a_scene_run_goes_through_the_worker_and_exports_per_scene(world, celery
     assert "## tavern-0" in md and "**Elara**" in md and "1. **루피**" in md
 
 
+def test_a_narrated_scene_with_moods_goes_through_the_worker(world, celery_worker, tmp_path) -> None:
+    import json
+
+    from services.runs import run_state
+
+    scene = _scene(
+        participants=[{"character": "elara", "moods": {"luffy": 45}}, "luffy"],
+        exchanges=3,
+        narrator={"instructions": "Describe the tavern in one sentence."},
+        params={"max_new_tokens": 12, "seed": 5},
+    )
+    path = tmp_path / "told.jsonl"
+    path.write_text(json.dumps({"custom_id": "told", "scene": scene}) + "\n", encoding="utf-8")
+    name = "told-" + tmp_path.name
+    submit_run(path, name=name)
+    deadline = time.monotonic() + 300
+    while (
+        run_state(name).status not in (RunStatus.COMPLETED, RunStatus.CANCELLED)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert run_state(name).status == RunStatus.COMPLETED
+    with session_scope() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        turns = s.scalars(select(Turn).where(Turn.run_id == run_id).order_by(Turn.scene_step)).all()
+        ids = {
+            c.slug: c.id for c in s.scalars(select(Character).where(Character.slug.in_(["elara", "luffy"])))
+        }
+        conv_id = turns[0].conversation_id
+        luffy = s.get_one(ConversationMember, (conv_id, ids["luffy"]))
+        roles = s.scalars(
+            select(Message.role).where(Message.conversation_id == conv_id).order_by(Message.seq)
+        ).all()
+        steps = [(t.speaker, t.character_id, t.prompt, t.state) for t in turns]
+        regard = dict(luffy.regard)
+    assert [(speaker, char) for speaker, char, _, _ in steps] == [
+        ("character", ids["elara"]),
+        ("character", ids["luffy"]),
+        ("narrator", None),
+    ]
+    assert roles == [Role.ASSISTANT, Role.ASSISTANT, Role.NARRATOR]
+    elara_prompt, luffy_prompt, narrator_prompt = (p for _, _, p, _ in steps)
+    assert "feels warm toward" in elara_prompt and "(affinity 45)" in elara_prompt
+    assert "toward Elara (affinity 0)" in luffy_prompt
+    assert "You are the narrator" in narrator_prompt and "Describe the tavern" in narrator_prompt
+    # Luffy answered Elara's line: its regard toward her is the one that moved (or was judged too faint).
+    toward = steps[1][3]["toward"]
+    assert toward["character_id"] == ids["elara"] and regard == {str(ids["elara"]): toward["after"]}
+    assert steps[2][3] is None  # the narrator has no mood
+
+
 # --- live groups ------------------------------------------------------------------------------------
 
 
