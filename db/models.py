@@ -227,6 +227,8 @@ class ConversationMember(Base):
     # This member's own mood and regard for the player (the conversation's columns are the lead's).
     emotion: Mapped[str] = mapped_column(String(16), default="neutral", server_default="neutral")
     affinity: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Its affinity toward each other member: {str(character id): affinity}; absent means 0.
+    regard: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
 
     character: Mapped[Character] = relationship(lazy="joined")
 
@@ -266,6 +268,8 @@ class Scene(Base):
     end_phrase: Mapped[str | None] = mapped_column(Text)  # a reply holding it ends the scene
     premise: Mapped[str] = mapped_column(Text, default="", server_default="")
     params: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default="{}")
+    # The narrator as a participant: {"position", "talkativeness", "instructions"}; None: no narrator.
+    narrator: Mapped[dict[str, Any] | None] = mapped_column(JSONB(none_as_null=True))
     seed: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     lane: Mapped[str] = mapped_column(String(8), default="bulk", server_default="bulk")
     model: Mapped[str] = mapped_column(String(64))

@@ -45,7 +45,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
-from scenes.speakers import Member, Rule, next_speaker
+from scenes.speakers import NARRATOR_ID, Member, Rule, next_speaker, with_narrator
 
 # A run in one of these stops its scenes; any other (a failed submission too: it is resumed) lets them go on.
 RUN_STOPPED = (RunStatus.CANCELLING, RunStatus.CANCELLED, RunStatus.EXPIRED)
@@ -70,6 +70,7 @@ class GroupView:
     premise: str
     names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
     ids: tuple[int, ...]  # their character ids, in the same order (names may repeat; ids do not)
+    narrator: bool = False  # the narrator is a participant (its lines come in under "Narrator")
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class NewMember:
     position: int
     talkativeness: float = 0.5
     muted: bool = False
+    regard: dict[int, int] = field(default_factory=dict)  # initial affinity toward other members
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class NewScene:
     run_id: uuid.UUID | None = None
     custom_id: str | None = None
     opening: tuple[int, str] | None = None  # (speaker's character id, text)
+    narrator: dict[str, Any] | None = None  # the narrator as a participant (SceneSpec.narrator_json)
     sent: bool = True  # step 1 is sent right after the commit (a run's submission sends its own)
     api_key: str | None = None
 
@@ -128,6 +131,7 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
         seed=scene.seed,
         lane=scene.lane,
         model=scene.model,
+        narrator=scene.narrator,
     )
     scene_id = session.scalar(insert(Scene).values(**values).on_conflict_do_nothing().returning(Scene.id))
     if scene_id is None:
@@ -149,6 +153,7 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
                 position=m.position,
                 talkativeness=m.talkativeness,
                 muted=m.muted,
+                regard={str(k): v for k, v in m.regard.items()},
             )
             for m in scene.members
         ],
@@ -192,7 +197,8 @@ def members_of(*, session: Session, conversation_id: int) -> list[Member]:
 
 
 def _last_line(session: Session, conversation_id: int) -> tuple[int | None, str]:
-    """(speaker's character id, text) of the conversation's newest line; a player's line has no id."""
+    """(speaker's character id, text) of the conversation's newest line; a player's line has no id,
+    the narrator's is NARRATOR_ID."""
     row = session.execute(
         select(Message.speaker_id, Message.role, Message.content)
         .where(Message.conversation_id == conversation_id)
@@ -202,13 +208,19 @@ def _last_line(session: Session, conversation_id: int) -> tuple[int | None, str]
     if row is None:
         return None, ""
     speaker_id, role, content = row
+    if role == Role.NARRATOR:
+        return NARRATOR_ID, content
     return (speaker_id if role != Role.USER else None), content
 
 
 def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | None = None) -> Member | None:
     """The member who speaks at `step`: by the scene's strategy over its stored lines (and a player's
-    `message` about to be stored, whose mentions come first in natural order)."""
+    `message` about to be stored, whose mentions come first in natural order). The narrator, when
+    a participant, is picked for steps only: a player's line is answered by a member (or by the
+    narrator when the turn names it)."""
     members = members_of(session=session, conversation_id=scene.conversation_id)
+    if scene.narrator is not None and message is None:
+        members = with_narrator(members, scene.narrator["position"], scene.narrator["talkativeness"])
     last_speaker, last_text = _last_line(session, scene.conversation_id)
     if message is not None:
         last_text = message
@@ -273,6 +285,9 @@ def _create_step(
         return None
     key = f"scene:{scene.id}:{step}"
     params = {**scene.params, "seed": (scene.seed + step) % 2**31}
+    narrator = speaker.character_id == NARRATOR_ID
+    if narrator and scene.narrator and scene.narrator.get("instructions"):
+        params["direction"] = scene.narrator["instructions"]
     custom_id = f"{scene.custom_id}#{step}" if scene.custom_id is not None else None
     turn_id = session.scalar(
         insert(Turn)
@@ -285,8 +300,8 @@ def _create_step(
             run_id=scene.run_id,
             custom_id=custom_id,
             message="",
-            speaker="character",
-            character_id=speaker.character_id,
+            speaker="narrator" if narrator else "character",
+            character_id=None if narrator else speaker.character_id,  # the narrator speaks over the lead
             scene_id=scene.id,
             scene_step=step,
             status=TurnStatus.QUEUED,
@@ -453,10 +468,11 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:
         return {}
-    query = select(Scene.conversation_id, Scene.premise).where(
+    query = select(Scene.conversation_id, Scene.premise, Scene.narrator.is_not(None)).where(
         Scene.conversation_id.in_(list(conversation_ids))
     )
-    premises = {conv_id: premise for conv_id, premise in session.execute(query).tuples()}
+    scenes = {conv_id: (premise, narrated) for conv_id, premise, narrated in session.execute(query).tuples()}
+    premises = {conv_id: premise for conv_id, (premise, _) in scenes.items()}
     members: dict[int, list[tuple[int, str]]] = {c: [] for c in premises}
     for conv_id, char_id, name in session.execute(
         select(ConversationMember.conversation_id, Character.id, Character.name)
@@ -466,7 +482,8 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     ).tuples():
         members[conv_id].append((char_id, name))
     return {
-        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m)) for c, m in members.items()
+        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m), bool(scenes[c][1]))
+        for c, m in members.items()
     }
 
 

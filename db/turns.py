@@ -124,6 +124,10 @@ class ClaimedTurn:
     group: GroupView | None = None
     # What retrieval searches with: the message, or for a scene step (no player line) the newest line.
     query: str = ""
+    # A group member's affinity toward each other member (by character id), and, for a scene step
+    # answering another member's line, that member (id, name): the line moves the regard toward them.
+    regard: dict[int, int] = field(default_factory=dict)
+    answers: tuple[int, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -424,21 +428,35 @@ def claim_turns(
         groups = group_views(
             session=session,
             conversation_ids=sorted(
-                {conv.id for turn, conv, _, _, _ in rows if turn.character_id is not None}
+                {
+                    conv.id
+                    for turn, conv, _, _, _ in rows
+                    if turn.character_id is not None or turn.scene_id is not None
+                }
             ),
         )
         step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
         newest: dict[int, str] = {}
+        newest_by: dict[int, tuple[int, str]] = {}  # a member's newest line: (speaker id, name)
         if step_convs:
-            for conv_id, content in session.execute(
-                select(Message.conversation_id, Message.content)
+            for conv_id, content, role, by_id, by_name in session.execute(
+                select(
+                    Message.conversation_id,
+                    Message.content,
+                    Message.role,
+                    Message.speaker_id,
+                    Message.speaker_name,
+                )
                 .where(Message.conversation_id.in_(step_convs))
                 .order_by(Message.conversation_id, Message.seq.desc())
                 .distinct(Message.conversation_id)
             ).all():
                 newest[conv_id] = content
+                if role == Role.ASSISTANT and by_id is not None:
+                    newest_by[conv_id] = (by_id, by_name or "")
         for turn, conv, char, member, waited_s in rows:
             mood_of = member or conv
+            answered = newest_by.get(conv.id) if turn.scene_id is not None else None
             result.claimed.append(
                 ClaimedTurn(
                     id=turn.id,
@@ -458,6 +476,8 @@ def claim_turns(
                     engine_deaths=turn.engine_deaths,
                     group=groups.get(conv.id),
                     query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
+                    regard={int(k): int(v) for k, v in member.regard.items()} if member else {},
+                    answers=answered if answered is not None and answered[0] != char.id else None,
                 )
             )
     if result.exhausted or result.blocked or stopped:
@@ -768,15 +788,22 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 for o in moods
             ],
         )
-    for o in stored:  # a group member's mood is its own
+    for o in stored:  # a group member's mood is its own, and so is its regard for the others
         if o.state is not None and o.speaker_id is not None:
+            values: dict[str, Any] = dict(
+                emotion=o.state["after"]["emotion"], affinity=o.state["after"]["affinity"]
+            )
+            toward = o.state.get("toward")
+            if toward is not None:
+                moved = func.jsonb_build_object(str(toward["character_id"]), int(toward["after"]))
+                values["regard"] = ConversationMember.regard.op("||")(moved)
             session.execute(
                 update(ConversationMember)
                 .where(
                     ConversationMember.conversation_id == o.conversation_id,
                     ConversationMember.character_id == o.speaker_id,
                 )
-                .values(emotion=o.state["after"]["emotion"], affinity=o.state["after"]["affinity"])
+                .values(**values)
             )
     done = [o.turn_id for o in stored]
     advance_runs_of_turns(session=session, turn_ids=done)

@@ -1,4 +1,6 @@
 """The character's mood toward the player: one emotion from a fixed set, and a bounded affinity.
+In a group, each member also holds an affinity toward each other member (its regard), moved the same
+way by the lines those members speak to it (`toward_member`).
 
 A free-text reply's update comes from a classifier: the sentence embedder the worker already runs
 (an NPC reply, generated under a schema, names its own emotion: `chosen_emotion`). The reply's
@@ -45,6 +47,31 @@ _TONE_PROTOTYPES = {
 }
 
 
+def attitude(affinity: int) -> str:
+    """The word for an affinity: hostile, cold, neutral, warm or devoted."""
+    if affinity <= -60:
+        return "hostile"
+    if affinity <= -20:
+        return "cold"
+    if affinity < 20:
+        return "neutral"
+    return "warm" if affinity < 60 else "devoted"
+
+
+def moved_affinity(affinity: int, tone: float) -> int | None:
+    """The affinity after a line of this tone (friendly minus hostile similarity); None when the
+    line reads neither friendly nor hostile enough to move it."""
+    if abs(tone) < MIN_TONE_MARGIN:
+        return None
+    step = int(np.clip(round(tone * 40), -MAX_STEP, MAX_STEP))
+    return int(np.clip(affinity + step, AFFINITY_MIN, AFFINITY_MAX))
+
+
+def describe_toward(char: str, other: str, affinity: int) -> str:
+    """A member's regard for another member as a prompt line."""
+    return f"{char} feels {attitude(affinity)} toward {other} (affinity {affinity})."
+
+
 @dataclass(frozen=True)
 class Mood:
     emotion: str = "neutral"
@@ -52,21 +79,21 @@ class Mood:
 
     def describe(self, char: str, user: str) -> str:
         """The state as a prompt line."""
-        attitude = (
-            "hostile"
-            if self.affinity <= -60
-            else "cold"
-            if self.affinity <= -20
-            else "neutral"
-            if self.affinity < 20
-            else "warm"
-            if self.affinity < 60
-            else "devoted"
-        )
         return (
-            f"{char} currently feels {self.emotion}. {char}'s attitude toward {user}: {attitude} "
+            f"{char} currently feels {self.emotion}. {char}'s attitude toward {user}: "
+            f"{attitude(self.affinity)} "
             f"(affinity {self.affinity} on a scale of {AFFINITY_MIN} to {AFFINITY_MAX})."
         )
+
+
+@dataclass(frozen=True)
+class Regard:
+    """A group member's affinity toward another member, before and after the line it answered."""
+
+    character_id: int
+    name: str
+    before: int
+    after: int
 
 
 @dataclass(frozen=True)
@@ -76,15 +103,38 @@ class MoodUpdate:
     emotion_scores: dict[str, float]
     tone: float  # friendly minus hostile similarity of the player's message
     notes: list[str]  # why a part of the state was left unchanged
+    toward: Regard | None = None  # a group line answering another member: the regard it moved
 
     def as_json(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "before": {"emotion": self.before.emotion, "affinity": self.before.affinity},
             "after": {"emotion": self.after.emotion, "affinity": self.after.affinity},
             "emotion_scores": {k: round(v, 4) for k, v in self.emotion_scores.items()},
             "tone": round(self.tone, 4),
             "notes": self.notes,
         }
+        if self.toward is not None:
+            out["toward"] = {
+                "character_id": self.toward.character_id,
+                "name": self.toward.name,
+                "before": self.toward.before,
+                "after": self.toward.after,
+            }
+        return out
+
+
+def toward_member(update: MoodUpdate, *, character_id: int, name: str, regard: int) -> MoodUpdate:
+    """The update of a line that answers another member's line: that line's tone moves the regard
+    toward its speaker, and the affinity toward the player stays (the player did not speak)."""
+    notes = [n for n in update.notes if not n.startswith("affinity unchanged")]
+    after = moved_affinity(regard, update.tone)
+    if after is None:
+        after = regard
+        notes.append(f"regard toward {name} unchanged: the line reads neither friendly nor hostile")
+    notes.append(f"affinity toward the player unchanged: the line answered was {name}'s")
+    mood = Mood(update.after.emotion, update.before.affinity)
+    regard_update = Regard(character_id, name, regard, after)
+    return MoodUpdate(update.before, mood, update.emotion_scores, update.tone, notes, regard_update)
 
 
 def chosen_emotion(update: MoodUpdate, emotion: str) -> MoodUpdate:
@@ -95,7 +145,7 @@ def chosen_emotion(update: MoodUpdate, emotion: str) -> MoodUpdate:
     notes = [n for n in update.notes if not n.startswith("emotion unchanged")]
     notes.append(f"emotion {emotion}: chosen by the model in its structured reply")
     after = Mood(emotion, update.after.affinity)
-    return MoodUpdate(update.before, after, update.emotion_scores, update.tone, notes)
+    return MoodUpdate(update.before, after, update.emotion_scores, update.tone, notes, update.toward)
 
 
 class MoodClassifier:
@@ -119,12 +169,10 @@ class MoodClassifier:
         else:
             emotion = best
         tone = float(message @ self._tone["friendly"] - message @ self._tone["hostile"])
-        affinity = before.affinity
-        if abs(tone) < MIN_TONE_MARGIN:
+        affinity = moved_affinity(before.affinity, tone)
+        if affinity is None:
+            affinity = before.affinity
             notes.append(f"affinity unchanged: the message reads neither friendly nor hostile ({tone:+.3f})")
-        else:
-            step = int(np.clip(round(tone * 40), -MAX_STEP, MAX_STEP))
-            affinity = int(np.clip(before.affinity + step, AFFINITY_MIN, AFFINITY_MAX))
         return MoodUpdate(before, Mood(emotion, affinity), scores, tone, notes)
 
 

@@ -12,6 +12,9 @@ from typing import Literal
 import regex
 
 Strategy = Literal["fixed", "natural", "rules"]
+# The narrator as a scene participant: no character row has id 0, and "narrator" is its slug and name.
+NARRATOR_ID = 0
+NARRATOR_SLUG, NARRATOR_NAME = "narrator", "Narrator"
 STRATEGIES: tuple[Strategy, ...] = ("fixed", "natural", "rules")
 
 
@@ -25,6 +28,15 @@ class Member:
     position: int
     talkativeness: float = 0.5
     muted: bool = False
+
+
+def with_narrator(members: Sequence[Member], position: int, talkativeness: float) -> list[Member]:
+    """The members and the narrator, who speaks before the member at `position` (after the last
+    when none is there), in speaking position."""
+    narrator = Member(NARRATOR_ID, NARRATOR_SLUG, NARRATOR_NAME, position, talkativeness)
+    ordered = sorted(members, key=lambda m: m.position)
+    at = next((i for i, m in enumerate(ordered) if m.position >= position), len(ordered))
+    return [*ordered[:at], narrator, *ordered[at:]]
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,13 @@ participants, premise, opening line, speaker strategy, length and stop condition
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from core.settings import settings
-from scenes.speakers import Rule, Strategy, rule_order
+from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
+from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG, Rule, Strategy, rule_order
 from services.schemas import GenerationParams, Text
 
 
@@ -20,6 +21,21 @@ class Participant(BaseModel):
     character: Text = Field(min_length=1, max_length=64)
     talkativeness: float = Field(default=0.5, ge=0, le=1)
     muted: bool = False
+    # Its initial affinity toward other participants, by their slug (the others start at 0).
+    moods: dict[str, Annotated[int, Field(ge=AFFINITY_MIN, le=AFFINITY_MAX)]] = Field(
+        default_factory=dict, max_length=64
+    )
+
+
+class NarratorSpec(BaseModel):
+    """The narrator as a participant: third-person lines, picked by the scene's strategy like any
+    member (`true` is accepted for `{}`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    position: int | None = Field(default=None, ge=0)  # speaks before participants[position]; None: last
+    talkativeness: float = Field(default=0.5, ge=0, le=1)
+    instructions: Text = Field(default="", max_length=20_000)  # its own direction for the scene
 
 
 class RuleSpec(BaseModel):
@@ -50,6 +66,7 @@ class SceneSpec(BaseModel):
     opening: Opening | None = None
     strategy: Strategy = "fixed"
     rules: list[RuleSpec] = Field(default_factory=list, max_length=1000)
+    narrator: NarratorSpec | None = None
     allow_repeat: bool = False
     exchanges: int = Field(ge=1)  # generated lines (the opening is not one)
     end_phrase: Text | None = Field(default=None, min_length=1, max_length=200)
@@ -81,6 +98,45 @@ class SceneSpec(BaseModel):
             raise ValueError("every participant is muted: nobody could speak")
         return value
 
+    @field_validator("narrator", mode="before")
+    @classmethod
+    def _narrator_flag(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
+
+    @field_validator("narrator")
+    @classmethod
+    def _narrator(cls, value: NarratorSpec | None, info: ValidationInfo) -> NarratorSpec | None:
+        participants = info.data.get("participants") or []
+        if value is None:
+            return value
+        slugs = [p.character for p in participants]
+        if NARRATOR_SLUG in slugs:
+            raise ValueError(
+                f"participant {slugs.index(NARRATOR_SLUG)} has the narrator's slug {NARRATOR_SLUG!r}; "
+                "rename the character or drop the narrator"
+            )
+        if value.position is not None and value.position > len(slugs):
+            raise ValueError(
+                f"narrator.position: {value.position} is past the last of {len(slugs)} participants"
+            )
+        return value
+
+    @field_validator("participants")
+    @classmethod
+    def _moods(cls, value: list[Participant]) -> list[Participant]:
+        slugs = {p.character for p in value}
+        for i, p in enumerate(value):
+            for other in p.moods:
+                if other == p.character:
+                    raise ValueError(f"participants.{i}.moods.{other}: a mood toward itself; name another")
+                if other not in slugs:
+                    raise ValueError(f"participants.{i}.moods.{other}: {other!r} is not a participant")
+        return value
+
     @field_validator("exchanges")
     @classmethod
     def _length(cls, value: int) -> int:
@@ -93,7 +149,9 @@ class SceneSpec(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> SceneSpec:
         slugs = [p.character for p in self.participants]
-        if self.opening is not None and self.opening.speaker not in slugs:
+        if self.narrator is not None:
+            slugs = [*slugs, NARRATOR_SLUG]  # the rules may name it
+        if self.opening is not None and self.opening.speaker not in slugs[: len(self.participants)]:
             raise ValueError(f"opening.speaker: {self.opening.speaker!r} is not a participant")
         if self.strategy == "rules" and not self.rules:
             raise ValueError("rules: the rules strategy needs at least one rule")
@@ -112,6 +170,17 @@ class SceneSpec(BaseModel):
     def slugs(self) -> list[str]:
         """The participants' character slugs, in speaking position."""
         return [p.character for p in self.participants]
+
+    def narrator_json(self) -> dict[str, Any] | None:
+        """The narrator as the scene row stores it (its position resolved), or None."""
+        if self.narrator is None:
+            return None
+        position = len(self.participants) if self.narrator.position is None else self.narrator.position
+        return {
+            "position": position,
+            "talkativeness": self.narrator.talkativeness,
+            "instructions": self.narrator.instructions,
+        }
 
 
 class GroupSpec(SceneSpec):
@@ -151,6 +220,15 @@ def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
                 f"participants.{taken[key]} is; members of a group need names of their own"
             )
         taken[key] = i
+    if spec.narrator is not None:
+        narrator = NARRATOR_NAME.casefold()
+        if narrator in taken:
+            i = taken[narrator]
+            return (
+                f"participants.{i}.character: {spec.participants[i].character!r} is named "
+                f"{NARRATOR_NAME!r}, as the scene's narrator is; members of a group need names of their own"
+            )
+        taken[narrator] = -1
     if " ".join(spec.player_name.split()).casefold() in taken:
         return f"player_name: {spec.player_name!r} is a member's name; the player needs their own"
     return None

@@ -4,6 +4,7 @@ a card change and a member leaving mid-scene), all without the engine (replies s
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from collections import Counter
@@ -19,6 +20,7 @@ from db.models import (
     Conversation,
     ConversationMember,
     Message,
+    Role,
     Run,
     RunStatus,
     Scene,
@@ -32,7 +34,8 @@ from db.scenes import GroupView, pop_new_steps, scene_transcript
 from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import get_character, save_character
-from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order
+from roleplay.mood import Mood, MoodUpdate, Regard, toward_member
+from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, with_narrator
 from scenes.spec import SceneSpec
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
@@ -141,7 +144,7 @@ def _character(cid: int, name: str) -> Character:
     )
 
 
-def _scene_prompt(tokenizer, other_name: str):  # type: ignore[no-untyped-def]
+def _scene_prompt(tokenizer, other_name: str, regard: dict[int, int] | None = None):  # type: ignore[no-untyped-def]
     ann, other, cass = _character(1, "Ann"), _character(2, other_name), _character(3, "Cass")
     recent = [
         HistoryLine(10, "assistant", "Halt! Who goes there?", 1, None, 1, "Ann"),
@@ -156,6 +159,7 @@ def _scene_prompt(tokenizer, other_name: str):  # type: ignore[no-untyped-def]
         TurnContext(recent=recent),
         32,
         group=GroupView("Night at the city gate.", (ann.name, other.name, cass.name), (1, 2, 3)),
+        regard=regard or {},
     )
     builder = PromptBuilder(tokenizer, "chat_template", 4096)
     return builder, builder.build(item)
@@ -200,6 +204,21 @@ def test_a_narrator_turn_in_a_group_puts_each_line_under_its_speaker(tokenizer) 
     assert "Cass: Let them pass, Ann." in text
     assert "Rowan: I am with him." in text
     assert "Ann: Only a merchant" not in text and "Ann: Let them pass" not in text
+
+
+def test_a_three_member_prompt_shows_the_speakers_mood_toward_each_other_member(tokenizer) -> None:
+    _, built = _scene_prompt(tokenizer, "Bram", regard={2: 35, 3: -70})
+    text = built.text
+    scene_at = text.index("[Scene]")
+    bram = text.index("Ann feels warm toward Bram (affinity 35).")
+    cass = text.index("Ann feels hostile toward Cass (affinity -70).")
+    assert scene_at < bram < cass < text.index("Halt! Who goes there?")  # in the system text
+    assert "toward Ann" not in text  # never a mood toward itself
+    assert built.manifest["sections"]["regard"] > 0  # counted like any other section
+    assert sum(built.manifest["sections"].values()) == built.manifest["prompt_tokens"]
+    _, fresh = _scene_prompt(tokenizer, "Bram")  # no mood stored yet: neutral toward both
+    assert "Ann feels neutral toward Bram (affinity 0)." in fresh.text
+    assert "Ann feels neutral toward Cass (affinity 0)." in fresh.text
 
 
 @pytest.mark.parametrize("prompt_format", ["gpt_oss_text", "chat_template"])
@@ -289,6 +308,35 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id)) == 0
         s.execute(delete(Character).where(Character.slug == twin))
+
+
+def test_bad_initial_moods_are_refused_at_validation_with_line_and_field(world, tmp_path: Path) -> None:
+    import json
+
+    def crew(moods: dict) -> list:
+        return [{"character": "elara", "moods": moods}, "luffy", "haneul"]
+
+    lines = [
+        {"custom_id": "ok", "scene": _scene(participants=crew({"luffy": -40, "haneul": 60}))},
+        {"custom_id": "stranger", "scene": _scene(participants=crew({"nobody": 10}))},
+        {"custom_id": "self", "scene": _scene(participants=crew({"elara": 10}))},
+        {"custom_id": "too-much", "scene": _scene(participants=crew({"luffy": 500}))},
+        {"custom_id": "words", "scene": _scene(participants=crew({"luffy": "warm"}))},
+    ]
+    path = tmp_path / "moods.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    name = f"bad-moods-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name=name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [2, 3, 4, 5]
+    assert reasons[2] == "scene.participants.0.moods.nobody: 'nobody' is not a participant"
+    assert reasons[3].startswith("scene.participants.0.moods.elara:") and "toward itself" in reasons[3]
+    assert reasons[4].startswith("scene.participants.0.moods.luffy:") and "100" in reasons[4]
+    assert reasons[5].startswith("scene.participants.0.moods.luffy:")
+    with session_scope() as s:  # nothing stored
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
 
 
 # --- the state machine ----------------------------------------------------------------------------
@@ -578,6 +626,57 @@ def test_a_scene_run_goes_through_the_worker_and_exports_per_scene(world, celery
     assert cli(["run", "scenes", name, "--out", str(tmp_path / "out"), "--format", "md"]) == 0
     md = (tmp_path / "out" / f"{name}.scenes.md").read_text()
     assert "## tavern-0" in md and "**Elara**" in md and "1. **루피**" in md
+
+
+def test_a_narrated_scene_with_moods_goes_through_the_worker(world, celery_worker, tmp_path) -> None:
+    import json
+
+    from services.runs import run_state
+
+    scene = _scene(
+        participants=[{"character": "elara", "moods": {"luffy": 45}}, "luffy"],
+        exchanges=3,
+        narrator={"instructions": "Describe the tavern in one sentence."},
+        params={"max_new_tokens": 12, "seed": 5},
+    )
+    path = tmp_path / "told.jsonl"
+    path.write_text(json.dumps({"custom_id": "told", "scene": scene}) + "\n", encoding="utf-8")
+    name = "told-" + tmp_path.name
+    submit_run(path, name=name)
+    deadline = time.monotonic() + 300
+    while (
+        run_state(name).status not in (RunStatus.COMPLETED, RunStatus.CANCELLED)
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.5)
+    assert run_state(name).status == RunStatus.COMPLETED
+    with session_scope() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        turns = s.scalars(select(Turn).where(Turn.run_id == run_id).order_by(Turn.scene_step)).all()
+        ids = {
+            c.slug: c.id for c in s.scalars(select(Character).where(Character.slug.in_(["elara", "luffy"])))
+        }
+        conv_id = turns[0].conversation_id
+        luffy = s.get_one(ConversationMember, (conv_id, ids["luffy"]))
+        roles = s.scalars(
+            select(Message.role).where(Message.conversation_id == conv_id).order_by(Message.seq)
+        ).all()
+        steps = [(t.speaker, t.character_id, t.prompt, t.state) for t in turns]
+        regard = dict(luffy.regard)
+    assert [(speaker, char) for speaker, char, _, _ in steps] == [
+        ("character", ids["elara"]),
+        ("character", ids["luffy"]),
+        ("narrator", None),
+    ]
+    assert roles == [Role.ASSISTANT, Role.ASSISTANT, Role.NARRATOR]
+    elara_prompt, luffy_prompt, narrator_prompt = (p for _, _, p, _ in steps)
+    assert "feels warm toward" in elara_prompt and "(affinity 45)" in elara_prompt
+    assert "toward Elara (affinity 0)" in luffy_prompt
+    assert "You are the narrator" in narrator_prompt and "Describe the tavern" in narrator_prompt
+    # Luffy answered Elara's line: its regard toward her is the one that moved (or was judged too faint).
+    toward = steps[1][3]["toward"]
+    assert toward["character_id"] == ids["elara"] and regard == {str(ids["elara"]): toward["after"]}
+    assert steps[2][3] is None  # the narrator has no mood
 
 
 # --- live groups ------------------------------------------------------------------------------------
@@ -1039,3 +1138,189 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
             select(Turn.status, Turn.error_code).where(Turn.conversation_id == _conv_id(conv))
         ).one()
     assert (status, code) == (TurnStatus.FAILED, "broker_unreachable")  # never left queued and unsent
+
+
+# --- moods between members ------------------------------------------------------------------------
+
+
+def test_a_line_answering_another_member_moves_the_regard_toward_them_not_the_player() -> None:
+    friendly = MoodUpdate(Mood("neutral", 5), Mood("joy", 13), {}, 0.2, [])  # the classifier's reading
+    moved = toward_member(friendly, character_id=2, name="Bram", regard=-30)
+    assert moved.toward == Regard(2, "Bram", -30, -22)
+    assert moved.after == Mood("joy", 5)  # the emotion moves; the affinity toward the player stays
+    assert moved.as_json()["toward"] == {"character_id": 2, "name": "Bram", "before": -30, "after": -22}
+    hostile = MoodUpdate(Mood(), Mood(), {}, -1.0, [])
+    assert toward_member(hostile, character_id=3, name="Cass", regard=-95).toward.after == -100  # bounded
+    faint = MoodUpdate(Mood(), Mood(), {}, 0.01, [])
+    still = toward_member(faint, character_id=3, name="Cass", regard=40)
+    assert still.toward.after == 40 and any("regard toward Cass unchanged" in n for n in still.notes)
+
+
+def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(world) -> None:
+    run_id = _new_run(
+        {
+            "feud": _scene(
+                participants=[{"character": "elara", "moods": {"luffy": -30}}, "luffy", "haneul"],
+                exchanges=3,
+                opening={"speaker": "luffy", "text": "You again, Elara?"},
+            )
+        }
+    )
+    scene_id = _scene_id(run_id, "feud")
+    with session_scope() as s:
+        ids = {
+            c.slug: c.id for c in s.scalars(select(Character).where(Character.slug.in_(["elara", "luffy"])))
+        }
+        luffy_name = s.scalar(select(Character.name).where(Character.id == ids["luffy"]))
+    turn_id = _open_step(scene_id)
+    assert turn_id is not None
+    turn, token, _ = _answer(turn_id, "", store=False)  # fixed order after luffy's opening: haneul
+    assert turn.character.slug == "haneul" and turn.answers == (ids["luffy"], luffy_name)
+    assert turn.regard == {}
+    _store(turn, token, "Calm down, both of you.")
+    turn, token, _ = _answer(_open_step(scene_id), "", store=False)  # then elara answers haneul
+    assert turn.character.slug == "elara" and turn.answers is not None
+    assert turn.answers[0] != ids["luffy"] and turn.regard == {ids["luffy"]: -30}
+    # Elara answers haneul's line: a friendly reading moves her regard toward haneul, from 0.
+    other_id, other_name = turn.answers
+    update = toward_member(
+        MoodUpdate(Mood(), Mood("joy", 8), {}, 0.2, []), character_id=other_id, name=other_name, regard=0
+    )
+    with session_scope() as s:
+        outcome = _outcome(turn, "Fine, for your sake.")
+        stored = store_replies(
+            session=s, token=token, outcomes=[dataclasses.replace(outcome, state=update.as_json())]
+        )
+        pop_new_steps(s)
+    assert stored == [turn.id]
+    with session_scope() as s:
+        conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
+        row = s.get_one(ConversationMember, (conv_id, ids["elara"]))
+        assert row.regard == {str(ids["luffy"]): -30, str(other_id): 8}
+        assert (row.emotion, row.affinity) == ("joy", 0)  # toward the player: unchanged
+    turn, _, _ = _answer(_open_step(scene_id), "", store=False)  # luffy next, answering elara
+    assert turn.character.slug == "luffy" and turn.answers == (ids["elara"], turn.answers[1])
+
+
+# --- the narrator as a participant ----------------------------------------------------------------
+
+
+def test_the_narrator_takes_its_turn_under_each_strategy() -> None:
+    crew = with_narrator([A, B, C], 2, 0.5)  # speaks before bram (positions 1, 2, 3)
+    assert _order("fixed", crew, 8) == ["ann", "narrator", "bram", "cass"] * 2
+    assert _order("fixed", with_narrator([A, B, C], 4, 0.5), 4) == ["ann", "bram", "cass", "narrator"]
+    # rules: the narrator opens each round, cass speaks after ann.
+    rules = [Rule("ann", "narrator"), Rule("cass", "ann"), Rule("bram", "cass")]
+    assert _order("rules", crew, 8, rules=rules) == ["narrator", "ann", "cass", "bram"] * 2
+    # natural: a line naming the narrator hands it the next line; it never speaks twice running.
+    spoken = _order("natural", crew, 3, texts={3: "Narrator, tell us what happens."})
+    assert spoken[2] == "narrator" and spoken[1] != "narrator"
+    quiet = [dataclasses.replace(m, talkativeness=0.1) for m in (A, B, C)]
+    spoken = _order("natural", with_narrator(quiet, 4, 1.0), 200)
+    assert "narrator" in spoken and all(x != y for x, y in zip(spoken, spoken[1:], strict=False))
+    assert Counter(spoken)["narrator"] > Counter(spoken)["ann"]  # the most talkative speaks most
+
+
+def test_a_three_member_and_narrator_prompt_puts_each_line_under_its_speaker(tokenizer) -> None:
+    ann = _character(1, "Ann")
+    recent = [
+        HistoryLine(10, "assistant", "Halt! Who goes there?", 1, None, 1, "Ann"),
+        HistoryLine(11, "narrator", "Rain drums on the gate.\nNarrator: the gate opens.", 2),
+        HistoryLine(12, "assistant", "Only a merchant, friend.", 3, None, 2, "Bram"),
+        HistoryLine(13, "assistant", "Let them pass, Ann.", 4, None, 3, "Cass"),
+    ]
+    group = GroupView("Night at the city gate.", ("Ann", "Bram", "Cass"), (1, 2, 3), narrator=True)
+    builder = PromptBuilder(tokenizer, "chat_template", 4096)
+    member = builder.build(PromptInput(ann, "Rowan", "", TurnContext(recent=recent), 32, group=group))
+    text = member.text
+    assert "<|im_start|>assistant\nHalt! Who goes there?<|im_end|>" in text
+    assert "<|im_start|>user\n[Narrator] Rain drums on the gate.\nNarrator\u200b: the gate opens." in text
+    assert "<|im_start|>user\nBram: Only a merchant, friend.<|im_end|>" in text
+    assert "<|im_start|>user\nCass: Let them pass, Ann.<|im_end|>" in text
+    assert "\nNarrator:" in member.stop and "\nBram:" in member.stop
+    narrator = builder.build(
+        PromptInput(ann, "Rowan", "", TurnContext(recent=recent), 32, speaker="narrator", group=group)
+    )
+    text = narrator.text
+    assert text.startswith("<|im_start|>system\nYou are the narrator of this story.")
+    assert "<|im_start|>assistant\nRain drums on the gate." in text  # its own line is its turn
+    assert "<|im_start|>user\nAnn: Halt! Who goes there?<|im_end|>" in text
+    assert "<|im_start|>user\nBram: Only a merchant, friend.<|im_end|>" in text
+    assert "<|im_start|>user\nCass: Let them pass, Ann.<|im_end|>" in text
+    assert "Present: Ann, Bram, Cass." in text and "Night at the city gate." in text
+    assert "[The narrator speaks next.]" in text
+    assert narrator.manifest["sections"]["scene"] > 0
+
+
+def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field(
+    world, tmp_path: Path
+) -> None:
+    import json
+
+    namesake = f"nar-{uuid.uuid4().hex[:6]}"  # a character whose display name is the narrator's
+    with session_scope() as s:
+        save_character(session=s, slug=namesake, fields={"name": "narrator", "description": "A bard."})
+    lines = [
+        {"custom_id": "ok", "scene": _scene(narrator={"position": 1, "instructions": "Be brief."})},
+        {"custom_id": "far", "scene": _scene(narrator={"position": 5})},
+        {"custom_id": "odd", "scene": _scene(narrator={"voice": "deep"})},
+        {"custom_id": "word", "scene": _scene(narrator="yes")},
+        {"custom_id": "twin", "scene": _scene(participants=["elara", "luffy", namesake], narrator=True)},
+        {
+            "custom_id": "ghost-rule",
+            "scene": _scene(strategy="rules", rules=[{"speaker": "narrator", "after": "elara"}]),
+        },
+    ]
+    path = tmp_path / "narrators.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    name = f"bad-narrators-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name=name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert reasons[2] == "scene.narrator.position: 5 is past the last of 2 participants"
+    assert reasons[3].startswith("scene.narrator.voice:")
+    assert reasons[4].startswith("scene.narrator:")
+    assert reasons[5].startswith("scene.participants.2.character:") and "narrator" in reasons[5]
+    assert "rules:" in reasons[6] and "'narrator'" in reasons[6]  # no narrator in this scene
+    with session_scope() as s:
+        run_id = s.scalar(select(Run.id).where(Run.name == name))
+        assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
+        s.execute(delete(Character).where(Character.slug == namesake))
+
+
+def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> None:
+    run_id = _new_run(
+        {
+            "told": _scene(
+                participants=["elara", "luffy"],
+                exchanges=4,
+                narrator={"position": 1, "instructions": "Describe the weather."},
+            )
+        }
+    )
+    scene_id = _scene_id(run_id, "told")
+    spoken = []
+    for step in range(1, 5):
+        turn, token, _ = _answer(_open_step(scene_id), "", store=False)
+        assert turn.group is not None and turn.group.narrator
+        spoken.append(turn.speaker if turn.speaker == "narrator" else turn.character.slug)
+        if turn.speaker == "narrator":
+            assert turn.params["direction"] == "Describe the weather."
+            outcome = dataclasses.replace(
+                _outcome(turn, f"line {step}"), reply_role=Role.NARRATOR, speaker_id=None, speaker_name=None
+            )
+        else:
+            outcome = _outcome(turn, f"line {step}")
+            # Elara opens, luffy answers the narrator (no member's line), elara answers luffy.
+            assert (turn.answers is None) == (step in (1, 3))
+        with session_scope() as s:
+            assert store_replies(session=s, token=token, outcomes=[outcome]) == [turn.id]
+            pop_new_steps(s)
+    assert spoken == ["elara", "narrator", "luffy", "elara"]
+    with session_scope() as s:
+        assert s.get_one(Scene, scene_id).status == SceneStatus.ENDED
+        lines = scene_transcript(session=s, scene_id=scene_id)
+        luffy = s.scalar(select(Character.name).where(Character.slug == "luffy"))
+        elara = s.scalar(select(Character.name).where(Character.slug == "elara"))
+    assert [(x.step, x.speaker) for x in lines] == [(1, elara), (2, "Narrator"), (3, luffy), (4, elara)]

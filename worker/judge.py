@@ -16,7 +16,7 @@ from core.settings import settings
 from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
-from roleplay.mood import Mood, MoodClassifier, MoodUpdate, chosen_emotion
+from roleplay.mood import Mood, MoodClassifier, MoodUpdate, chosen_emotion, toward_member
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
@@ -98,6 +98,11 @@ def _judge(
     mood = None
     if turn.speaker != "narrator" and not data_reply:
         mood = mood_classifier().update(Mood(turn.emotion, turn.affinity), message_vec, reply_vec)
+        if turn.answers is not None:  # another member spoke the line: the regard toward them moves
+            other_id, other_name = turn.answers
+            mood = toward_member(
+                mood, character_id=other_id, name=other_name, regard=turn.regard.get(other_id, 0)
+            )
         if gen.emotion is not None:  # an NPC reply names its emotion: the model's choice moves the mood
             mood = chosen_emotion(mood, gen.emotion)
     return Verdict(mood, verdict, seed)

@@ -401,6 +401,7 @@ def _prepare(
                 system_prompt=turn.params.get("system_prompt"),
                 direction=turn.params.get("direction"),
                 group=turn.group,
+                regard=turn.regard,
                 memory_tokens=settings.memory_budget_tokens,
                 actions=actions_prompt(shape, "{{char}}"),
             )

@@ -26,7 +26,13 @@ def scene_of(
     return NewScene(
         conversation_id=conversation_id,
         members=[
-            NewMember(ids[p.character], position, p.talkativeness, p.muted)
+            NewMember(
+                ids[p.character],
+                position,
+                p.talkativeness,
+                p.muted,
+                {ids[other]: affinity for other, affinity in p.moods.items()},
+            )
             for position, p in enumerate(spec.participants)
         ],
         strategy=spec.strategy,
@@ -40,6 +46,7 @@ def scene_of(
         allow_repeat=spec.allow_repeat,
         end_phrase=spec.end_phrase,
         opening=(ids[spec.opening.speaker], spec.opening.text) if spec.opening else None,
+        narrator=spec.narrator_json(),
     )
 
 

@@ -11,7 +11,7 @@ from typing import Any
 from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, Lorebook, activate
-from roleplay.mood import Mood
+from roleplay.mood import Mood, describe_toward
 from worker.prompt.formats import FORMATS, ChatMessage, escape_name_markers
 from worker.prompt.layout import (
     Layout,
@@ -52,6 +52,7 @@ class PromptInput:
     system_prompt: str | None = None  # a run's own system prompt in place of the character's
     direction: str | None = None  # the line's direction for the scene, after the persona
     group: Any = None  # a group conversation's GroupView (db/scenes.py): premise and members' names
+    regard: dict[int, int] = field(default_factory=dict)  # a member's affinity toward the others, by id
     memory_tokens: int | None = None  # at most this many tokens of summaries and facts (None: no cap)
     actions: str | None = None  # the NPC reply shape and its actions (worker/structured.py)
 
@@ -138,6 +139,8 @@ class PromptBuilder:
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
+            if item.group.narrator:
+                names.append("Narrator")
             clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
@@ -163,7 +166,20 @@ class PromptBuilder:
             premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
             scene = f"[Scene]\n{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
             persona = [*persona, ("scene", None, clean(scene))]
+            toward = [
+                describe_toward(char, label(n), item.regard.get(i, 0))
+                for n, i in zip(group.names, group.ids, strict=True)
+                if i != item.character.id
+            ]
+            if toward:
+                persona = [*persona, ("regard", None, clean("\n".join(toward)))]
             message = f"{user}: {clean(message)}" if message else f"[{char} speaks next.]"
+        elif narrator and item.group is not None:  # the narrator of a group: the scene and who is in it
+            present = ", ".join(label(n) for n in item.group.names)
+            premise = f"{fill_macros(item.group.premise, char, user)}\n" if item.group.premise else ""
+            scene = f"[Scene]\n{premise}Present: {present}."
+            persona = [*persona, ("scene", None, clean(scene))]
+            message = message or "[The narrator speaks next.]"
         if item.actions and not narrator:
             persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
@@ -272,6 +288,8 @@ class PromptBuilder:
         sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
         if layout.post:
             sources.append(("post-history instruction", layout.post))
+        if group is not None and group.narrator:
+            others = [*others, "Narrator"]
         stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
