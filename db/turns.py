@@ -1006,8 +1006,9 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
 def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     """Record that a message for these queued turns, or running ones under an expired lease, was
     just sent (resumed submissions, the claim's order check and the sweeper read it). Rows another
-    transaction holds (a worker claiming them) are skipped rather than waited for: they are being
-    taken anyway, and waiting could deadlock with that claim."""
+    transaction holds are skipped rather than waited for: a worker claiming them takes them anyway,
+    and waiting could deadlock with that claim. A store's run-advance pin (db/runs.py) never holds an
+    unsent turn, so it hides none of them from this."""
     if not turn_ids:
         return 0
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())

@@ -22,11 +22,12 @@ from db.bulk_turns import StagedTurn, insert_run_turns
 from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import cancel_run, create_run, finish_submission
 from db.session import _session_factory, session_scope
-from db.turns import ClaimedTurn, TurnOutcome, claim_turns, renew_lease, store_replies
+from db.turns import ClaimedTurn, TurnOutcome, claim_turns, mark_dispatched, renew_lease, store_replies
 
 
-def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A submitted run (queued, unsent) of `lines` turns, each its own conversation: (run, turn ids)."""
+def _run_of(lines: int, *, sent: int | None = None) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A submitted run (queued) of `lines` turns, each its own conversation, the first `sent` (all by
+    default) with their messages out: (run, turn ids)."""
     name = f"row-lock-{uuid.uuid4().hex[:10]}"
     staged = [
         StagedTurn(
@@ -48,6 +49,8 @@ def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
         run, _ = create_run(session=s, name=name, model=settings.model, file_hash="h", total=lines)
         ids = insert_run_turns(session=s, run_id=run.id, turns=staged)
         assert finish_submission(session=s, run_id=run.id) == RunStatus.QUEUED
+        out = ids if sent is None else ids[:sent]
+        assert mark_dispatched(session=s, turn_ids=out) == len(out)
         return run.id, ids
 
 
@@ -145,6 +148,9 @@ def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_
     store = _session_factory()()
     try:
         _store(store, token, turns[ids[1]])  # not committed yet
+        with session_scope() as probe:  # the store left the run's row alone: it pinned instead
+            probe.execute(text("SET LOCAL lock_timeout = '1s'"))
+            probe.execute(select(Run.id).where(Run.id == run_id).with_for_update(nowait=True))
         other = _in_thread(answer_the_last_turn, errors)
         other.join(1.0)
         store.commit()
@@ -155,6 +161,29 @@ def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_
     run, statuses = _statuses(run_id)
     assert set(statuses.values()) == {TurnStatus.DONE}
     assert run == RunStatus.COMPLETED
+
+
+def test_a_store_never_pins_an_unsent_turn(world) -> None:
+    """mark_dispatched skips rows another transaction holds: a store that pinned the run's unsent
+    queued turn (a scene's next step, created in that very store) hid it from the stamp, and the
+    sweeper sent it a second time. The store takes the run's row instead."""
+    run_id, ids = _run_of(3, sent=2)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # in_progress
+        _store(s, token, turns[ids[0]])
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet; ids[2] is the only queued turn
+        with session_scope() as sender:
+            sender.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert mark_dispatched(session=sender, turn_ids=[ids[2]]) == 1
+        store.commit()
+    finally:
+        store.close()
+    with session_scope() as s:
+        assert s.scalar(select(Turn.dispatched_at).where(Turn.id == ids[2])) is not None
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.IN_PROGRESS and statuses[ids[2]] == TurnStatus.QUEUED
 
 
 def test_a_store_never_holds_another_workers_running_turn(world) -> None:
