@@ -208,6 +208,12 @@ class TurnRequest(BaseModel):
     def _narrator_does_not_act(self) -> TurnRequest:
         if self.speaker == "narrator" and self.params.actions is not None:
             raise ValueError("params.actions: the narrator does not act; actions are for the character")
+        fmt = self.params.response_format
+        if self.speaker == "narrator" and fmt is not None and fmt.get("type") == "npc":
+            # It would be answered as free text (the narrator has no NPC shape), not as asked.
+            raise ValueError(
+                "params.response_format: the narrator speaks free text; npc is for the character"
+            )
         return self
 
     @model_validator(mode="after")

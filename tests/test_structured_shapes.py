@@ -432,3 +432,17 @@ def test_more_choices_than_candidates_is_refused_at_validation_and_named_at_the_
     kept, failure = keep_candidates(None, made, choices=3)
     assert kept == [] and failure is not None and failure.code == TurnErrorCode.INVALID_PARAMS
     assert failure.reason == "the request asked for 3 choices but only 2 candidates were generated"
+
+
+def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(base_url) -> None:
+    turns = _turns()
+    body = new_conversation() | {
+        "message": "Describe the tavern.",
+        "speaker": "narrator",
+        "params": {"response_format": {"type": "npc"}},
+    }
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 422, r.text
+    # A rule across fields (speaker and params): the message names the field, as for params.actions.
+    assert r.json()["detail"][0]["msg"].startswith("params.response_format: "), r.text
+    assert _turns() == turns
