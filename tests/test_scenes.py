@@ -1250,6 +1250,7 @@ def test_a_three_member_and_narrator_prompt_puts_each_line_under_its_speaker(tok
     assert "Present: Ann, Bram, Cass." in text and "Night at the city gate." in text
     assert "[The narrator speaks next.]" in text
     assert narrator.manifest["sections"]["scene"] > 0
+    assert {"\nAnn:", "\nBram:", "\nCass:", "\nRowan:"} <= set(narrator.stop)
 
 
 def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field(

@@ -290,6 +290,8 @@ class PromptBuilder:
             sources.append(("post-history instruction", layout.post))
         if group is not None and group.narrator:
             others = [*others, "Narrator"]
+        elif narrator and item.group is not None:  # the narrator never speaks for a member or the player
+            others = [label(n) for n in item.group.names] + [user]
         stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
