@@ -151,6 +151,12 @@ class SceneSpec(BaseModel):
         slugs = [p.character for p in self.participants]
         if self.narrator is not None:
             slugs = [*slugs, NARRATOR_SLUG]  # the rules may name it
+        fmt = (self.params.response_format or {"type": "text"})["type"]
+        if self.narrator is not None and fmt not in ("text", "npc"):
+            # the narrator writes prose: a scene-wide schema would store JSON as narration
+            raise ValueError(
+                f"params.response_format: a scene with a narrator takes only 'text' or 'npc', not {fmt!r}"
+            )
         if self.opening is not None and self.opening.speaker not in slugs[: len(self.participants)]:
             raise ValueError(f"opening.speaker: {self.opening.speaker!r} is not a participant")
         if self.strategy == "rules" and not self.rules:

@@ -1271,6 +1271,10 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
             "custom_id": "ghost-rule",
             "scene": _scene(strategy="rules", rules=[{"speaker": "narrator", "after": "elara"}]),
         },
+        {  # the narrator writes prose: a scene-wide schema would store JSON as narration
+            "custom_id": "schema",
+            "scene": _scene(narrator=True, params={"response_format": {"type": "json_object"}}),
+        },
     ]
     path = tmp_path / "narrators.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
@@ -1278,12 +1282,13 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7]
     assert reasons[2] == "scene.narrator.position: 5 is past the last of 2 participants"
     assert reasons[3].startswith("scene.narrator.voice:")
     assert reasons[4].startswith("scene.narrator:")
     assert reasons[5].startswith("scene.participants.2.character:") and "narrator" in reasons[5]
     assert "rules:" in reasons[6] and "'narrator'" in reasons[6]  # no narrator in this scene
+    assert reasons[7].startswith("scene: params.response_format:") and "'json_object'" in reasons[7]
     with session_scope() as s:
         run_id = s.scalar(select(Run.id).where(Run.name == name))
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
