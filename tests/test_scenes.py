@@ -1330,3 +1330,29 @@ def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> 
         luffy = s.scalar(select(Character.name).where(Character.slug == "luffy"))
         elara = s.scalar(select(Character.name).where(Character.slug == "elara"))
     assert [(x.step, x.speaker) for x in lines] == [(1, elara), (2, "Narrator"), (3, luffy), (4, elara)]
+    # the desk's data: the narrator's step is the narrator's line, not the lead character's
+    from db import reviews
+    from services.desk import _scene_row
+
+    with session_scope() as s:
+        desk_lines = reviews.scene_lines(session=s, scene_id=scene_id)
+        assert [(x.turn.scene_step, x.character_slug, x.character_name) for x in desk_lines] == [
+            (1, "elara", elara),
+            (2, "narrator", "Narrator"),
+            (3, "luffy", luffy),
+            (4, "elara", elara),
+        ]
+        lead = reviews.run_lines(
+            session=s, run_id=run_id, filters=reviews.LineFilter(character="elara"), limit=10
+        )
+        assert [x.turn.scene_step for x in lead] == [1, 4]
+        narrated = reviews.LineFilter(character="narrator")
+        assert [
+            x.turn.scene_step for x in reviews.run_lines(session=s, run_id=run_id, filters=narrated, limit=10)
+        ] == [2]
+        assert reviews.run_characters(session=s, run_id=run_id) == [
+            ("elara", elara),
+            ("luffy", luffy),
+            ("narrator", "Narrator"),
+        ]
+        assert _scene_row(s, s.get_one(Scene, scene_id)).participants == [elara, luffy, "Narrator"]
