@@ -1261,6 +1261,7 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
     namesake = f"nar-{uuid.uuid4().hex[:6]}"  # a character whose display name is the narrator's
     with session_scope() as s:
         save_character(session=s, slug=namesake, fields={"name": "narrator", "description": "A bard."})
+        save_character(session=s, slug="narrator", fields={"name": "Storyteller", "description": "A bard."})
     lines = [
         {"custom_id": "ok", "scene": _scene(narrator={"position": 1, "instructions": "Be brief."})},
         {"custom_id": "far", "scene": _scene(narrator={"position": 5})},
@@ -1275,6 +1276,9 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
             "custom_id": "schema",
             "scene": _scene(narrator=True, params={"response_format": {"type": "json_object"}}),
         },
+        {"custom_id": "slugged", "scene": _scene(participants=["elara", "narrator"], narrator=True)},
+        {"custom_id": "alone", "scene": _scene(participants=["elara"], narrator={"position": 1})},
+        {"custom_id": "bell", "scene": _scene(player_name="El\x07ara", narrator=True)},
     ]
     path = tmp_path / "narrators.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
@@ -1282,17 +1286,26 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert reasons[2] == "scene.narrator.position: 5 is past the last of 2 participants"
     assert reasons[3].startswith("scene.narrator.voice:")
     assert reasons[4].startswith("scene.narrator:")
     assert reasons[5].startswith("scene.participants.2.character:") and "narrator" in reasons[5]
     assert "rules:" in reasons[6] and "'narrator'" in reasons[6]  # no narrator in this scene
     assert reasons[7].startswith("scene: params.response_format:") and "'json_object'" in reasons[7]
+    assert reasons[8].startswith("scene.participants.1.character:") and "narrator's slug" in reasons[8]
+    assert reasons[9].startswith("scene.participants:") and "past the last" not in reasons[9]
+    assert reasons[10].startswith("scene.player_name:")
+    assert "member's name" in reasons[10]  # the bell is dropped from the label: the player reads as Elara
+    with pytest.raises(
+        ValueError
+    ) as alone:  # the API shows every error: no narrator one after bad participants
+        SceneSpec.model_validate(_scene(participants=["elara"], narrator={"position": 1}))
+    assert [e["loc"] for e in alone.value.errors()] == [("participants",)]  # type: ignore[attr-defined]
     with session_scope() as s:
         run_id = s.scalar(select(Run.id).where(Run.name == name))
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0
-        s.execute(delete(Character).where(Character.slug == namesake))
+        s.execute(delete(Character).where(Character.slug.in_([namesake, "narrator"])))
 
 
 def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> None:
