@@ -128,6 +128,9 @@ class ClaimedTurn:
     # answering another member's line, that member (id, name): the line moves the regard toward them.
     regard: dict[int, int] = field(default_factory=dict)
     answers: tuple[int, str] | None = None
+    # False for a scene step whose newest line is not the player's (the narrator's, its own): the
+    # player said nothing, so the affinity toward the player stays.
+    player_spoke: bool = True
 
 
 @dataclass(frozen=True)
@@ -438,6 +441,7 @@ def claim_turns(
         step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
         newest: dict[int, str] = {}
         newest_by: dict[int, tuple[int, str]] = {}  # a member's newest line: (speaker id, name)
+        player_last: set[int] = set()  # scene conversations whose newest line is the player's
         if step_convs:
             for conv_id, content, role, by_id, by_name in session.execute(
                 select(
@@ -452,6 +456,8 @@ def claim_turns(
                 .distinct(Message.conversation_id)
             ).all():
                 newest[conv_id] = content
+                if role == Role.USER:
+                    player_last.add(conv_id)
                 if role == Role.ASSISTANT and by_id is not None:
                     newest_by[conv_id] = (by_id, by_name or "")
         for turn, conv, char, member, waited_s in rows:
@@ -478,6 +484,7 @@ def claim_turns(
                     query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
                     regard={int(k): int(v) for k, v in member.regard.items()} if member else {},
                     answers=answered if answered is not None and answered[0] != char.id else None,
+                    player_spoke=turn.scene_id is None or conv.id in player_last,
                 )
             )
     if result.exhausted or result.blocked or stopped:

@@ -34,7 +34,7 @@ from db.scenes import GroupView, pop_new_steps, scene_transcript
 from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import get_character, save_character
-from roleplay.mood import Mood, MoodUpdate, Regard, toward_member
+from roleplay.mood import Mood, MoodUpdate, Regard, player_silent, toward_member
 from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, with_narrator
 from scenes.spec import SceneSpec
 from services.runs import RunValidationError, submit_run
@@ -1156,6 +1156,14 @@ def test_a_line_answering_another_member_moves_the_regard_toward_them_not_the_pl
     assert still.toward.after == 40 and any("regard toward Cass unchanged" in n for n in still.notes)
 
 
+def test_a_scene_line_answering_no_player_line_leaves_the_affinity_toward_the_player() -> None:
+    friendly = MoodUpdate(Mood("neutral", 5), Mood("joy", 13), {}, 0.2, [])
+    kept = player_silent(friendly)
+    assert kept.after == Mood("joy", 5) and kept.toward is None
+    assert kept.as_json()["after"] == {"emotion": "joy", "affinity": 5}
+    assert any("the player did not speak" in n for n in kept.notes)
+
+
 def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(world) -> None:
     run_id = _new_run(
         {
@@ -1323,6 +1331,7 @@ def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> 
     for step in range(1, 5):
         turn, token, _ = _answer(_open_step(scene_id), "", store=False)
         assert turn.group is not None and turn.group.narrator
+        assert not turn.player_spoke  # an opening, the narrator's or a member's line: never the player's
         spoken.append(turn.speaker if turn.speaker == "narrator" else turn.character.slug)
         if turn.speaker == "narrator":
             assert turn.params["direction"] == "Describe the weather."
