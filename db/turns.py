@@ -427,17 +427,9 @@ def claim_turns(
             .order_by(Turn.number)
         ).all()
         # A group is told by its scene, not by the speaker's member row: a member who left keeps the
-        # step created for them before they left, which still speaks in the group.
-        groups = group_views(
-            session=session,
-            conversation_ids=sorted(
-                {
-                    conv.id
-                    for turn, conv, _, _, _ in rows
-                    if turn.character_id is not None or turn.scene_id is not None
-                }
-            ),
-        )
+        # step created for them before they left, which still speaks in the group; and the narrator
+        # answering a player's turn (no member, no step) speaks in it too.
+        groups = group_views(session=session, conversation_ids=sorted({conv.id for _, conv, _, _, _ in rows}))
         step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
         newest: dict[int, str] = {}
         newest_by: dict[int, tuple[int, str]] = {}  # a member's newest line: (speaker id, name)
