@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     and_,
     bindparam,
     case,
@@ -63,6 +64,7 @@ from db.models import (
 from db.runs import advance_runs_of_turns
 from db.scenes import RUN_STOPPED, GroupView, group_views
 from db.vectors import binary_vector_param
+from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 
 ERROR_CHARS = 2000
 
@@ -789,13 +791,19 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
         )
     for o in stored:  # a group member's mood is its own, and so is its regard for the others
         if o.state is not None and o.speaker_id is not None:
-            values: dict[str, Any] = dict(
-                emotion=o.state["after"]["emotion"], affinity=o.state["after"]["affinity"]
-            )
+            # Only what the line moved is written, and the regard as a bounded delta: a concurrent
+            # change to the member's row (another step, an edit) is kept rather than overwritten
+            # by the values read at claim time.
+            values: dict[str, Any] = dict(emotion=o.state["after"]["emotion"])
+            if o.state["after"]["affinity"] != o.state["before"]["affinity"]:
+                values["affinity"] = o.state["after"]["affinity"]
             toward = o.state.get("toward")
             if toward is not None:
-                moved = func.jsonb_build_object(str(toward["character_id"]), int(toward["after"]))
-                values["regard"] = ConversationMember.regard.op("||")(moved)
+                key = str(toward["character_id"])
+                now = func.coalesce(ConversationMember.regard.op("->>")(key).cast(Integer), 0)
+                delta = int(toward["after"]) - int(toward["before"])
+                after = func.greatest(AFFINITY_MIN, func.least(AFFINITY_MAX, now + delta))
+                values["regard"] = ConversationMember.regard.op("||")(func.jsonb_build_object(key, after))
             session.execute(
                 update(ConversationMember)
                 .where(

@@ -1222,6 +1222,11 @@ def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(wor
     update = toward_member(
         MoodUpdate(Mood(), Mood("joy", 8), {}, 0.2, []), character_id=other_id, name=other_name, regard=0
     )
+    with session_scope() as s:  # meanwhile her row moves (another writer): the step keeps that
+        conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
+        row = s.get_one(ConversationMember, (conv_id, ids["elara"]))
+        row.regard = {str(ids["luffy"]): -10, str(other_id): 50}
+        row.affinity = 20
     with session_scope() as s:
         outcome = _outcome(turn, "Fine, for your sake.")
         stored = store_replies(
@@ -1232,8 +1237,9 @@ def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(wor
     with session_scope() as s:
         conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
         row = s.get_one(ConversationMember, (conv_id, ids["elara"]))
-        assert row.regard == {str(ids["luffy"]): -30, str(other_id): 8}
-        assert (row.emotion, row.affinity) == ("joy", 0)  # toward the player: unchanged
+        # the line's +8 lands on the regard as it is now; the affinity toward the player is not written
+        assert row.regard == {str(ids["luffy"]): -10, str(other_id): 58}
+        assert (row.emotion, row.affinity) == ("joy", 20)
     turn, _, _ = _answer(_open_step(scene_id), "", store=False)  # luffy next, answering elara
     assert turn.character.slug == "luffy" and turn.answers == (ids["elara"], turn.answers[1])
 
