@@ -71,6 +71,7 @@ class GroupView:
     names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
     ids: tuple[int, ...]  # their character ids, in the same order (names may repeat; ids do not)
     narrator: bool = False  # the narrator is a participant (its lines come in under "Narrator")
+    narrator_instructions: str = ""  # the narrator's own direction for the scene
 
 
 @dataclass(frozen=True)
@@ -471,10 +472,10 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:
         return {}
-    query = select(Scene.conversation_id, Scene.premise, Scene.narrator.is_not(None)).where(
+    query = select(Scene.conversation_id, Scene.premise, Scene.narrator).where(
         Scene.conversation_id.in_(list(conversation_ids))
     )
-    scenes = {conv_id: (premise, narrated) for conv_id, premise, narrated in session.execute(query).tuples()}
+    scenes = {conv_id: (premise, narrator) for conv_id, premise, narrator in session.execute(query).tuples()}
     premises = {conv_id: premise for conv_id, (premise, _) in scenes.items()}
     members: dict[int, list[tuple[int, str]]] = {c: [] for c in premises}
     for conv_id, char_id, name in session.execute(
@@ -485,7 +486,13 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     ).tuples():
         members[conv_id].append((char_id, name))
     return {
-        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m), bool(scenes[c][1]))
+        c: GroupView(
+            premises[c],
+            tuple(n for _, n in m),
+            tuple(i for i, _ in m),
+            scenes[c][1] is not None,
+            (scenes[c][1] or {}).get("instructions", ""),
+        )
         for c, m in members.items()
     }
 
