@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -352,9 +353,19 @@ def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
     or requeued later in its owner's write transaction, which would then wait on this one as this
     one may wait on it (deadlock). Only sent ones (dispatched_at set): mark_dispatched skips a
     locked row, so a pinned unsent turn would stay unstamped and the sweeper would send it twice.
-    The pin is the first queued turn at or after a random id, wrapping
-    round, so writers pin different turns: heap order would give each the turn claims reach next."""
-    pivot = uuid.uuid4()
+    The pin is the first queued turn at or after a random id between the run's lowest and highest
+    queued ids, wrapping round, so writers pin different turns: heap order would give each the turn
+    claims reach next, and a uuid4 pivot sorts above every time-ordered (uuidv7) id."""
+    queued_ids = select(Turn.id).where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED).limit(1)
+    lowest, highest = session.execute(
+        select(
+            queued_ids.order_by(Turn.id).scalar_subquery(),
+            queued_ids.order_by(Turn.id.desc()).scalar_subquery(),
+        )
+    ).one()
+    if lowest is None:
+        return False
+    pivot = uuid.UUID(int=lowest.int + secrets.randbelow(highest.int - lowest.int + 1))
     # Row bounds on (run_id, status, id), not equalities: with run_id and status fixed, the planner
     # may walk the primary key in id order and filter (stale statistics on a run that is most of the
     # table made it read every row); only ix_turns_run_status_id returns this order unsorted.

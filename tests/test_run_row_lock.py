@@ -16,6 +16,7 @@ import uuid
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+import db.runs
 import db.turns
 from core.settings import settings
 from db.bulk_turns import StagedTurn, insert_run_turns
@@ -25,9 +26,10 @@ from db.session import _session_factory, session_scope
 from db.turns import ClaimedTurn, TurnOutcome, claim_turns, mark_dispatched, renew_lease, store_replies
 
 
-def _run_of(lines: int, *, sent: int | None = None) -> tuple[uuid.UUID, list[uuid.UUID]]:
+def _run_of(lines: int, *, sent: int | None = None, chunks: int = 1) -> tuple[uuid.UUID, list[uuid.UUID]]:
     """A submitted run (queued) of `lines` turns, each its own conversation, the first `sent` (all by
-    default) with their messages out: (run, turn ids)."""
+    default) with their messages out, inserted in `chunks` statements a few milliseconds apart (as a
+    submission's chunks are): (run, turn ids)."""
     name = f"row-lock-{uuid.uuid4().hex[:10]}"
     staged = [
         StagedTurn(
@@ -45,13 +47,20 @@ def _run_of(lines: int, *, sent: int | None = None) -> tuple[uuid.UUID, list[uui
         )
         for i in range(lines)
     ]
+    size = -(-lines // chunks)
     with session_scope() as s:
         run, _ = create_run(session=s, name=name, model=settings.model, file_hash="h", total=lines)
-        ids = insert_run_turns(session=s, run_id=run.id, turns=staged)
-        assert finish_submission(session=s, run_id=run.id) == RunStatus.QUEUED
+        run_id = run.id
+    ids: list[uuid.UUID] = []
+    for start in range(0, lines, size):
+        with session_scope() as s:
+            ids += insert_run_turns(session=s, run_id=run_id, turns=staged[start : start + size])
+        time.sleep(0.005)
+    with session_scope() as s:
+        assert finish_submission(session=s, run_id=run_id) == RunStatus.QUEUED
         out = ids if sent is None else ids[:sent]
         assert mark_dispatched(session=s, turn_ids=out) == len(out)
-        return run.id, ids
+        return run_id, ids
 
 
 def _claim(turn_ids: list[uuid.UUID]) -> tuple[uuid.UUID, dict[uuid.UUID, ClaimedTurn]]:
@@ -275,3 +284,29 @@ def test_a_cancel_during_a_store_waits_for_it_and_keeps_its_reply(world) -> None
     assert all(statuses[t] == TurnStatus.CANCELLED for t in ids[2:])
     with session_scope() as s:
         assert s.scalar(select(Turn.reply).where(Turn.id == ids[1])) == f"Answer to {turns[ids[1]].message}"
+
+
+def test_stores_of_one_run_pin_different_queued_turns(world) -> None:
+    """The pin's pivot is drawn between the run's own lowest and highest queued ids: a uuid4 pivot
+    sorted above every time-ordered (uuidv7) id, so every store pinned the same lowest turn, which
+    claims then kept deferring."""
+    run_id, ids = _run_of(40, chunks=4)
+    with session_scope() as s:
+        s.execute(text("UPDATE runs SET status = 'in_progress' WHERE id = :r"), {"r": run_id})
+    pinned = set()
+    for _ in range(8):
+        holder = _session_factory()()
+        try:
+            assert db.runs._pin_queued_turn(holder, run_id)
+            with session_scope() as probe:
+                free = set(
+                    probe.scalars(
+                        select(Turn.id).where(Turn.run_id == run_id).with_for_update(skip_locked=True)
+                    ).all()
+                )
+            assert len(free) == len(ids) - 1
+            pinned |= set(ids) - free
+        finally:
+            holder.rollback()
+            holder.close()
+    assert len(pinned) > 1, f"every store pinned the same turn: {pinned}"
