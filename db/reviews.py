@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from sqlalchemy import cast, func, literal, or_, select, update
+from sqlalchemy import case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from db.models import (
     TurnReviewChange,
     TurnStatus,
 )
+from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 
 Bar = Literal["any", "below", "above"]
 LabelFilter = Literal["any", "approved", "rejected", "unreviewed"]
@@ -76,11 +77,17 @@ def _contains(column: Any, needle: str) -> Any:
     return func.strpos(func.lower(column), func.lower(literal(needle))) > 0
 
 
+# A narrator's line is the narrator's, never the conversation's lead character's.
+_narrated = Turn.speaker == "narrator"
+_slug = case((_narrated, literal(NARRATOR_SLUG)), else_=Character.slug)
+_name = case((_narrated, literal(NARRATOR_NAME)), else_=Character.name)
+
+
 def _lines() -> Any:
     # A scene step's (or group turn's) speaker is the member who answered, not the conversation's
     # own character.
     return (
-        select(Turn, Character.slug, Character.name, TurnReview)
+        select(Turn, _slug, _name, TurnReview)
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
@@ -94,7 +101,7 @@ def run_lines(
     query = _lines().where(Turn.run_id == run_id)
     below = func.coalesce(func.jsonb_array_length(Turn.quality["below_bar"]), 0)
     if filters.character:
-        query = query.where(Character.slug == filters.character)
+        query = query.where(_slug == filters.character)
     if filters.check:
         query = query.where(
             func.jsonb_path_exists(
@@ -124,15 +131,15 @@ def scene_lines(*, session: Session, scene_id: int) -> list[Line]:
 
 
 def run_characters(*, session: Session, run_id: uuid.UUID) -> list[tuple[str, str]]:
-    """(slug, name) of the characters that answer the run's lines."""
+    """(slug, name) of the characters that answer the run's lines (the narrator's as "narrator")."""
     rows = session.execute(
-        select(Character.slug, Character.name)
+        select(_slug, _name)
         .select_from(Turn)
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .where(Turn.run_id == run_id)
         .distinct()
-        .order_by(Character.slug)
+        .order_by(_slug)
     ).tuples()
     return list(rows)
 

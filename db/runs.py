@@ -21,9 +21,10 @@ write that may end the run is taken under a row lock on the run: the last writer
 other writer's turns. Only that write needs it. A run in progress whose transaction can pin (share
 lock) one of its queued turns cannot end in it: that turn's finisher must wait for this commit and
 advances the run then, seeing these turns finished. So the stores of a run with queued turns skip
-its row instead of queueing on it (issue 28); its first store (queued → in_progress) and those that
-find no queued turn to pin (its tail) still take it. Locks are taken turns (the pin is one) → runs
-→ scenes.
+its row instead of queueing on it (issue 28); its first store (queued → in_progress), those that
+find no sent queued turn to pin (its tail) and those whose scene hook locked the run already still
+take it. Locks are taken turns → runs → scenes; the pin never waits (SKIP LOCKED), so wherever it
+falls in that order it closes no cycle.
 
 A submission holds a PostgreSQL advisory lock on the run's name for as long as it runs, on its own
 connection: a submitter that dies (SIGKILL included) drops its connection and with it the lock, so
@@ -34,8 +35,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import secrets
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -290,18 +292,28 @@ def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
     return None if status is None else RunStatus(status)
 
 
-def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
+def advance_runs(
+    *, session: Session, run_ids: Sequence[uuid.UUID], locked: Collection[uuid.UUID] = ()
+) -> None:
     """advance: queued → in_progress once a turn finished; → completed (or cancelling → cancelled)
     once none is queued or running. Locks the runs first, unless a pinned turn shows the run cannot
-    end in this transaction: see the module's docstring."""
+    end in this transaction: see the module's docstring. `locked`: runs this transaction has locked
+    already (the scene hook), which are never pinned."""
     ids = sorted(set(run_ids))
     if not ids:
         return
     # Read without a lock: a stale in_progress is harmless (the pin alone decides), and a run in any
     # other state takes the locked path (queued → in_progress must be written; the rest are rare).
-    in_progress = session.scalars(
-        select(Run.id).where(Run.id.in_(ids), Run.status == RunStatus.IN_PROGRESS)
-    ).all()
+    # A run whose row this transaction holds gains nothing from a pin, and its queued turns may be
+    # the scene steps it just created, which a pin would hide from mark_dispatched (SKIP LOCKED).
+    unpinnable = set(locked)
+    in_progress = [
+        r
+        for r in session.scalars(
+            select(Run.id).where(Run.id.in_(ids), Run.status == RunStatus.IN_PROGRESS)
+        ).all()
+        if r not in unpinnable
+    ]
     pinned = {r for r in in_progress if _pin_queued_turn(session, r)}
     ids = [r for r in ids if r not in pinned]
     if not ids:
@@ -333,15 +345,27 @@ def advance_runs(*, session: Session, run_ids: Sequence[uuid.UUID]) -> None:
 
 
 def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
-    """Share-lock one queued turn of the run that nobody holds; False if there is none.
+    """Share-lock one sent queued turn of the run that nobody holds; False if there is none.
 
     The turns this transaction finished are finished in its own view, so the pin is always another.
     A row another transaction holds is skipped: it may be finishing that turn right now. Only queued
     turns: a claim skips a pinned one (and looks again shortly), while a running turn may be failed
     or requeued later in its owner's write transaction, which would then wait on this one as this
-    one may wait on it (deadlock). The pin is the first queued turn at or after a random id, wrapping
-    round, so writers pin different turns: heap order would give each the turn claims reach next."""
-    pivot = uuid.uuid4()
+    one may wait on it (deadlock). Only sent ones (dispatched_at set): mark_dispatched skips a
+    locked row, so a pinned unsent turn would stay unstamped and the sweeper would send it twice.
+    The pin is the first queued turn at or after a random id between the run's lowest and highest
+    queued ids, wrapping round, so writers pin different turns: heap order would give each the turn
+    claims reach next, and a uuid4 pivot sorts above every time-ordered (uuidv7) id."""
+    queued_ids = select(Turn.id).where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED).limit(1)
+    lowest, highest = session.execute(
+        select(
+            queued_ids.order_by(Turn.id).scalar_subquery(),
+            queued_ids.order_by(Turn.id.desc()).scalar_subquery(),
+        )
+    ).one()
+    if lowest is None:
+        return False
+    pivot = uuid.UUID(int=lowest.int + secrets.randbelow(highest.int - lowest.int + 1))
     # Row bounds on (run_id, status, id), not equalities: with run_id and status fixed, the planner
     # may walk the primary key in id order and filter (stale statistics on a run that is most of the
     # table made it read every row); only ix_turns_run_status_id returns this order unsorted.
@@ -353,7 +377,7 @@ def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
     )
     arms = [
         select(Turn.id)
-        .where(*bounds)
+        .where(*bounds, Turn.dispatched_at.is_not(None))
         .order_by(Turn.run_id, Turn.status, Turn.id)
         .limit(1)
         .with_for_update(read=True, skip_locked=True)
@@ -449,11 +473,11 @@ def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) ->
     if not turn_ids:
         return
     # A scene's next step is created first: the run never completes between two steps.
-    advance_scenes_of_turns(session=session, turn_ids=turn_ids)
+    locked = advance_scenes_of_turns(session=session, turn_ids=turn_ids)
     run_ids = session.scalars(
         select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
     ).all()
-    advance_runs(session=session, run_ids=[r for r in run_ids if r is not None])
+    advance_runs(session=session, run_ids=[r for r in run_ids if r is not None], locked=locked)
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ class GroupView:
     names: tuple[str, ...]  # every member's name, in speaking position (the speaker's own included)
     ids: tuple[int, ...]  # their character ids, in the same order (names may repeat; ids do not)
     narrator: bool = False  # the narrator is a participant (its lines come in under "Narrator")
+    narrator_instructions: str = ""  # the narrator's own direction for the scene
 
 
 @dataclass(frozen=True)
@@ -330,11 +331,13 @@ def _close(session: Session, scene_id: int, status: SceneStatus, reason: str) ->
     )
 
 
-def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[NewStep]:
-    """step / fail: move the scenes of these just-finished turns on, in the caller's transaction.
+def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """step / fail: move the scenes of these just-finished turns on, in the caller's transaction;
+    returns the runs whose rows it locked (the run advance must not pin their turns: db/runs.py).
 
     A stored step counts and creates the next (unless the scene is done or its run is cancelling,
-    cancelled or expired); a failed or cancelled step ends its scene so. Scenes are locked in id order."""
+    cancelled or expired); a failed or cancelled step ends its scene so. Scenes are locked in id order.
+    The new steps are kept in the session for the caller to send after commit (NEW_STEPS_KEY)."""
     if not turn_ids:
         return []
     finished = session.execute(
@@ -348,7 +351,9 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
     # key-share lock on its run, which two stores advancing the run after it would each wait on.
     scene_ids = {row[0] for row in finished}
     runs = select(Scene.run_id).where(Scene.id.in_(scene_ids), Scene.run_id.is_not(None))
-    session.execute(select(Run.id).where(Run.id.in_(runs)).order_by(Run.id).with_for_update())
+    locked_runs = list(
+        session.scalars(select(Run.id).where(Run.id.in_(runs)).order_by(Run.id).with_for_update()).all()
+    )
     scenes = {
         s.id: s
         for s in session.scalars(
@@ -359,7 +364,6 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             .execution_options(populate_existing=True)
         )
     }
-    before = len(session.info.get(NEW_STEPS_KEY, []))
     for scene_id, step, status, reply, error, tenant, api_key in finished:
         scene = scenes[scene_id]  # type: ignore[index]
         if scene.status != SceneStatus.OPEN or step != scene.steps_done + 1:
@@ -386,7 +390,7 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled")
         elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
             _close(session, scene.id, SceneStatus.ENDED, "no member may speak")
-    return list(session.info.get(NEW_STEPS_KEY, []))[before:]
+    return locked_runs
 
 
 def cancel_open_scenes(*, session: Session, run_id: uuid.UUID, reason: str) -> int:
@@ -468,10 +472,10 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:
         return {}
-    query = select(Scene.conversation_id, Scene.premise, Scene.narrator.is_not(None)).where(
+    query = select(Scene.conversation_id, Scene.premise, Scene.narrator).where(
         Scene.conversation_id.in_(list(conversation_ids))
     )
-    scenes = {conv_id: (premise, narrated) for conv_id, premise, narrated in session.execute(query).tuples()}
+    scenes = {conv_id: (premise, narrator) for conv_id, premise, narrator in session.execute(query).tuples()}
     premises = {conv_id: premise for conv_id, (premise, _) in scenes.items()}
     members: dict[int, list[tuple[int, str]]] = {c: [] for c in premises}
     for conv_id, char_id, name in session.execute(
@@ -482,7 +486,13 @@ def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[in
     ).tuples():
         members[conv_id].append((char_id, name))
     return {
-        c: GroupView(premises[c], tuple(n for _, n in m), tuple(i for i, _ in m), bool(scenes[c][1]))
+        c: GroupView(
+            premises[c],
+            tuple(n for _, n in m),
+            tuple(i for i, _ in m),
+            scenes[c][1] is not None,
+            (scenes[c][1] or {}).get("instructions", ""),
+        )
         for c, m in members.items()
     }
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    Integer,
     and_,
     bindparam,
     case,
@@ -63,6 +64,7 @@ from db.models import (
 from db.runs import advance_runs_of_turns
 from db.scenes import RUN_STOPPED, GroupView, group_views
 from db.vectors import binary_vector_param
+from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 
 ERROR_CHARS = 2000
 
@@ -128,6 +130,9 @@ class ClaimedTurn:
     # answering another member's line, that member (id, name): the line moves the regard toward them.
     regard: dict[int, int] = field(default_factory=dict)
     answers: tuple[int, str] | None = None
+    # False for a scene step whose newest line is not the player's (the narrator's, its own): the
+    # player said nothing, so the affinity toward the player stays.
+    player_spoke: bool = True
 
 
 @dataclass(frozen=True)
@@ -424,20 +429,13 @@ def claim_turns(
             .order_by(Turn.number)
         ).all()
         # A group is told by its scene, not by the speaker's member row: a member who left keeps the
-        # step created for them before they left, which still speaks in the group.
-        groups = group_views(
-            session=session,
-            conversation_ids=sorted(
-                {
-                    conv.id
-                    for turn, conv, _, _, _ in rows
-                    if turn.character_id is not None or turn.scene_id is not None
-                }
-            ),
-        )
+        # step created for them before they left, which still speaks in the group; and the narrator
+        # answering a player's turn (no member, no step) speaks in it too.
+        groups = group_views(session=session, conversation_ids=sorted({conv.id for _, conv, _, _, _ in rows}))
         step_convs = sorted({conv.id for turn, conv, _, _, _ in rows if turn.scene_id is not None})
         newest: dict[int, str] = {}
         newest_by: dict[int, tuple[int, str]] = {}  # a member's newest line: (speaker id, name)
+        player_last: set[int] = set()  # scene conversations whose newest line is the player's
         if step_convs:
             for conv_id, content, role, by_id, by_name in session.execute(
                 select(
@@ -452,6 +450,8 @@ def claim_turns(
                 .distinct(Message.conversation_id)
             ).all():
                 newest[conv_id] = content
+                if role == Role.USER:
+                    player_last.add(conv_id)
                 if role == Role.ASSISTANT and by_id is not None:
                     newest_by[conv_id] = (by_id, by_name or "")
         for turn, conv, char, member, waited_s in rows:
@@ -478,6 +478,7 @@ def claim_turns(
                     query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
                     regard={int(k): int(v) for k, v in member.regard.items()} if member else {},
                     answers=answered if answered is not None and answered[0] != char.id else None,
+                    player_spoke=turn.scene_id is None or conv.id in player_last,
                 )
             )
     if result.exhausted or result.blocked or stopped:
@@ -790,13 +791,19 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
         )
     for o in stored:  # a group member's mood is its own, and so is its regard for the others
         if o.state is not None and o.speaker_id is not None:
-            values: dict[str, Any] = dict(
-                emotion=o.state["after"]["emotion"], affinity=o.state["after"]["affinity"]
-            )
+            # Only what the line moved is written, and the regard as a bounded delta: a concurrent
+            # change to the member's row (another step, an edit) is kept rather than overwritten
+            # by the values read at claim time.
+            values: dict[str, Any] = dict(emotion=o.state["after"]["emotion"])
+            if o.state["after"]["affinity"] != o.state["before"]["affinity"]:
+                values["affinity"] = o.state["after"]["affinity"]
             toward = o.state.get("toward")
             if toward is not None:
-                moved = func.jsonb_build_object(str(toward["character_id"]), int(toward["after"]))
-                values["regard"] = ConversationMember.regard.op("||")(moved)
+                key = str(toward["character_id"])
+                now = func.coalesce(ConversationMember.regard.op("->>")(key).cast(Integer), 0)
+                delta = int(toward["after"]) - int(toward["before"])
+                after = func.greatest(AFFINITY_MIN, func.least(AFFINITY_MAX, now + delta))
+                values["regard"] = ConversationMember.regard.op("||")(func.jsonb_build_object(key, after))
             session.execute(
                 update(ConversationMember)
                 .where(
@@ -1006,8 +1013,9 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
 def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     """Record that a message for these queued turns, or running ones under an expired lease, was
     just sent (resumed submissions, the claim's order check and the sweeper read it). Rows another
-    transaction holds (a worker claiming them) are skipped rather than waited for: they are being
-    taken anyway, and waiting could deadlock with that claim."""
+    transaction holds are skipped rather than waited for: a worker claiming them takes them anyway,
+    and waiting could deadlock with that claim. A store's run-advance pin (db/runs.py) never holds an
+    unsent turn, so it hides none of them from this."""
     if not turn_ids:
         return 0
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())

@@ -137,6 +137,15 @@ def toward_member(update: MoodUpdate, *, character_id: int, name: str, regard: i
     return MoodUpdate(update.before, mood, update.emotion_scores, update.tone, notes, regard_update)
 
 
+def player_silent(update: MoodUpdate) -> MoodUpdate:
+    """The update of a scene line that answers no player line (the narrator's, or nobody's): the
+    affinity toward the player stays."""
+    notes = [n for n in update.notes if not n.startswith("affinity")]
+    notes.append("affinity toward the player unchanged: the player did not speak")
+    mood = Mood(update.after.emotion, update.before.affinity)
+    return MoodUpdate(update.before, mood, update.emotion_scores, update.tone, notes, update.toward)
+
+
 def chosen_emotion(update: MoodUpdate, emotion: str) -> MoodUpdate:
     """The update with the emotion the model chose in a structured reply (affinity stays the
     classifier's: it reads the player's message, not the reply)."""

@@ -11,6 +11,7 @@ from core.settings import settings
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG, Rule, Strategy, rule_order
 from services.schemas import GenerationParams, Text
+from worker.prompt.sanitize import CONTROLS
 
 
 class Participant(BaseModel):
@@ -110,15 +111,9 @@ class SceneSpec(BaseModel):
     @field_validator("narrator")
     @classmethod
     def _narrator(cls, value: NarratorSpec | None, info: ValidationInfo) -> NarratorSpec | None:
-        participants = info.data.get("participants") or []
-        if value is None:
+        if value is None or "participants" not in info.data:  # bad participants: already reported
             return value
-        slugs = [p.character for p in participants]
-        if NARRATOR_SLUG in slugs:
-            raise ValueError(
-                f"participant {slugs.index(NARRATOR_SLUG)} has the narrator's slug {NARRATOR_SLUG!r}; "
-                "rename the character or drop the narrator"
-            )
+        slugs = [p.character for p in info.data["participants"]]
         if value.position is not None and value.position > len(slugs):
             raise ValueError(
                 f"narrator.position: {value.position} is past the last of {len(slugs)} participants"
@@ -151,6 +146,12 @@ class SceneSpec(BaseModel):
         slugs = [p.character for p in self.participants]
         if self.narrator is not None:
             slugs = [*slugs, NARRATOR_SLUG]  # the rules may name it
+        fmt = (self.params.response_format or {"type": "text"})["type"]
+        if self.narrator is not None and fmt not in ("text", "npc"):
+            # the narrator writes prose: a scene-wide schema would store JSON as narration
+            raise ValueError(
+                f"params.response_format: a scene with a narrator takes only 'text' or 'npc', not {fmt!r}"
+            )
         if self.opening is not None and self.opening.speaker not in slugs[: len(self.participants)]:
             raise ValueError(f"opening.speaker: {self.opening.speaker!r} is not a participant")
         if self.strategy == "rules" and not self.rules:
@@ -213,7 +214,12 @@ def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
     (their lines could not be told apart in the prompt); None when every speaker's name is its own."""
     taken: dict[str, int] = {}
     for i, p in enumerate(spec.participants):
-        key = " ".join(names.get(p.character, p.character).split()).casefold()
+        if spec.narrator is not None and p.character == NARRATOR_SLUG:
+            return (
+                f"participants.{i}.character: {p.character!r} is the narrator's slug; "
+                "rename the character or drop the narrator"
+            )
+        key = _label_key(names.get(p.character, p.character), "Someone")
         if key in taken:
             return (
                 f"participants.{i}.character: {p.character!r} is named {names.get(p.character)!r}, as "
@@ -229,6 +235,13 @@ def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
                 f"{NARRATOR_NAME!r}, as the scene's narrator is; members of a group need names of their own"
             )
         taken[narrator] = -1
-    if " ".join(spec.player_name.split()).casefold() in taken:
+    if _label_key(spec.player_name, "User") in taken:
         return f"player_name: {spec.player_name!r} is a member's name; the player needs their own"
     return None
+
+
+def _label_key(name: str, default: str) -> str:
+    # The name as the prompt labels it (Sanitizer.label less the special-token breaks), casefolded.
+    return (
+        " ".join(CONTROLS.sub("", name.replace("\r\n", "\n").replace("\r", "\n")).split()) or default
+    ).casefold()

@@ -71,9 +71,12 @@ def _migrate(engine: Any) -> None:
     from db.migrate import alembic_config
 
     cfg = alembic_config()
-    with engine.begin() as conn:
+    # A plain connection, not engine.begin(): migration 0018's autocommit block needs Alembic to own
+    # the transaction.
+    with engine.connect() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
+        conn.commit()
 
 
 def _counts(engine: Any) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ from db.runs import run_counts, run_quality
 from db.scenes import TranscriptLine, members_of, run_scenes, scene_transcript
 from db.session import session_scope
 from roleplay.quality import CHECK_KINDS
+from scenes.speakers import NARRATOR_NAME
 from services.batches import rewrite_output_file
 from worker.prompt.formats import FORMATS
 from worker.prompt.sanitize import CONTROLS, Sanitizer
@@ -314,7 +315,7 @@ def _scene_row(session: Session, scene: Scene) -> SceneRow:
         ended_reason=scene.ended_reason,
         steps_done=scene.steps_done,
         exchanges=scene.exchanges,
-        participants=[m.name for m in members],
+        participants=[m.name for m in members] + ([NARRATOR_NAME] if scene.narrator else []),
     )
 
 

@@ -114,6 +114,8 @@ def start_chat_turn(
             stream=stream,
             idempotency_key=idempotency_key,
         )
+        if body.get("response_format") is None:
+            request.with_default_response_format()
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"

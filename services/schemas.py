@@ -8,7 +8,15 @@ import re
 import secrets
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    field_validator,
+    model_validator,
+)
 
 from core.settings import settings
 from roleplay.actions import check_actions
@@ -200,6 +208,12 @@ class TurnRequest(BaseModel):
     def _narrator_does_not_act(self) -> TurnRequest:
         if self.speaker == "narrator" and self.params.actions is not None:
             raise ValueError("params.actions: the narrator does not act; actions are for the character")
+        fmt = self.params.response_format
+        if self.speaker == "narrator" and fmt is not None and fmt.get("type") == "npc":
+            # It would be answered as free text (the narrator has no NPC shape), not as asked.
+            raise ValueError(
+                "params.response_format: the narrator speaks free text; npc is for the character"
+            )
         return self
 
     @model_validator(mode="after")
@@ -220,6 +234,15 @@ class TurnRequest(BaseModel):
     def _message_is_answerable(cls, value: str) -> str:
         return check_message(value)
 
+    # An OpenAI request that asked for no response_format gets {"type": "text"} (services/runs/
+    # openai_lines.py); it is hashed as absent, as it was before that default, so a retry still matches.
+    _default_response_format: bool = PrivateAttr(default=False)
+
+    def with_default_response_format(self) -> TurnRequest:
+        """Mark params.response_format as the OpenAI path's default, left out of request_hash."""
+        self._default_response_format = True
+        return self
+
     def request_hash(self) -> str:
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
@@ -231,6 +254,8 @@ class TurnRequest(BaseModel):
         for name in ("response_format", "actions"):
             if body["params"].get(name) is None:
                 body["params"].pop(name, None)
+        if self._default_response_format:
+            body["params"].pop("response_format", None)
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -12,7 +12,7 @@ import openai
 import pytest
 from sqlalchemy import func, select
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.models import Conversation, Turn
 from db.session import session_scope
 from db.turns import cancel_turns
@@ -167,3 +167,25 @@ def test_the_turn_wait_backs_off_to_a_read_a_second() -> None:
     _cancel([stored.id])
     assert view.status.value == "queued"
     assert 4 <= reads <= 8  # 0.1 s doubling to 1 s over 3 s: 7 reads; every 0.1 s it was 31
+
+
+def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
+    """An Idempotency-Key retry of a completion stored before OpenAI requests defaulted to
+    response_format text must still match: the default is hashed as absent."""
+    from services.live_chat import start_chat_turn
+
+    conversation = new_conversation()["conversation"]
+    key = f"chat-{uuid.uuid4()}"
+    body = {"model": "elara", "messages": [{"role": "user", "content": "hi"}]}
+    turn = start_chat_turn(
+        body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
+    )
+    _cancel([turn.id])
+    with session_scope() as session:
+        stored = session.scalar(select(Turn.request_hash).where(Turn.id == turn.id))
+    assert stored is not None
+    plain = TurnRequest(conversation=conversation, character="elara", message="hi", idempotency_key=key)
+    with_default = TurnRequest.model_validate(
+        plain.model_dump() | {"params": {"response_format": {"type": "text"}}}
+    )
+    assert stored == plain.request_hash() != with_default.request_hash()

@@ -35,6 +35,9 @@ def scratch_db(services) -> Iterator[Connection]:
 def _run(connection: Connection, action: str, revision: str) -> None:
     cfg = alembic_config()
     cfg.attributes["connection"] = connection
+    # Migration 0018 builds its index CONCURRENTLY in an autocommit block, which needs Alembic to own
+    # the transaction: end the one the inspection queries began.
+    connection.commit()
     getattr(command, action)(cfg, revision)
     connection.commit()
 

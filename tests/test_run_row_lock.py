@@ -16,17 +16,20 @@ import uuid
 from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
+import db.runs
 import db.turns
 from core.settings import settings
 from db.bulk_turns import StagedTurn, insert_run_turns
 from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import cancel_run, create_run, finish_submission
 from db.session import _session_factory, session_scope
-from db.turns import ClaimedTurn, TurnOutcome, claim_turns, renew_lease, store_replies
+from db.turns import ClaimedTurn, TurnOutcome, claim_turns, mark_dispatched, renew_lease, store_replies
 
 
-def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A submitted run (queued, unsent) of `lines` turns, each its own conversation: (run, turn ids)."""
+def _run_of(lines: int, *, sent: int | None = None, chunks: int = 1) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A submitted run (queued) of `lines` turns, each its own conversation, the first `sent` (all by
+    default) with their messages out, inserted in `chunks` statements a few milliseconds apart (as a
+    submission's chunks are): (run, turn ids)."""
     name = f"row-lock-{uuid.uuid4().hex[:10]}"
     staged = [
         StagedTurn(
@@ -44,11 +47,20 @@ def _run_of(lines: int) -> tuple[uuid.UUID, list[uuid.UUID]]:
         )
         for i in range(lines)
     ]
+    size = -(-lines // chunks)
     with session_scope() as s:
         run, _ = create_run(session=s, name=name, model=settings.model, file_hash="h", total=lines)
-        ids = insert_run_turns(session=s, run_id=run.id, turns=staged)
-        assert finish_submission(session=s, run_id=run.id) == RunStatus.QUEUED
-        return run.id, ids
+        run_id = run.id
+    ids: list[uuid.UUID] = []
+    for start in range(0, lines, size):
+        with session_scope() as s:
+            ids += insert_run_turns(session=s, run_id=run_id, turns=staged[start : start + size])
+        time.sleep(0.005)
+    with session_scope() as s:
+        assert finish_submission(session=s, run_id=run_id) == RunStatus.QUEUED
+        out = ids if sent is None else ids[:sent]
+        assert mark_dispatched(session=s, turn_ids=out) == len(out)
+        return run_id, ids
 
 
 def _claim(turn_ids: list[uuid.UUID]) -> tuple[uuid.UUID, dict[uuid.UUID, ClaimedTurn]]:
@@ -145,6 +157,9 @@ def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_
     store = _session_factory()()
     try:
         _store(store, token, turns[ids[1]])  # not committed yet
+        with session_scope() as probe:  # the store left the run's row alone: it pinned instead
+            probe.execute(text("SET LOCAL lock_timeout = '1s'"))
+            probe.execute(select(Run.id).where(Run.id == run_id).with_for_update(nowait=True))
         other = _in_thread(answer_the_last_turn, errors)
         other.join(1.0)
         store.commit()
@@ -155,6 +170,29 @@ def test_the_last_turn_finished_while_a_store_skipped_the_run_row_completes_the_
     run, statuses = _statuses(run_id)
     assert set(statuses.values()) == {TurnStatus.DONE}
     assert run == RunStatus.COMPLETED
+
+
+def test_a_store_never_pins_an_unsent_turn(world) -> None:
+    """mark_dispatched skips rows another transaction holds: a store that pinned the run's unsent
+    queued turn (a scene's next step, created in that very store) hid it from the stamp, and the
+    sweeper sent it a second time. The store takes the run's row instead."""
+    run_id, ids = _run_of(3, sent=2)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # in_progress
+        _store(s, token, turns[ids[0]])
+    store = _session_factory()()
+    try:
+        _store(store, token, turns[ids[1]])  # not committed yet; ids[2] is the only queued turn
+        with session_scope() as sender:
+            sender.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert mark_dispatched(session=sender, turn_ids=[ids[2]]) == 1
+        store.commit()
+    finally:
+        store.close()
+    with session_scope() as s:
+        assert s.scalar(select(Turn.dispatched_at).where(Turn.id == ids[2])) is not None
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.IN_PROGRESS and statuses[ids[2]] == TurnStatus.QUEUED
 
 
 def test_a_store_never_holds_another_workers_running_turn(world) -> None:
@@ -246,3 +284,29 @@ def test_a_cancel_during_a_store_waits_for_it_and_keeps_its_reply(world) -> None
     assert all(statuses[t] == TurnStatus.CANCELLED for t in ids[2:])
     with session_scope() as s:
         assert s.scalar(select(Turn.reply).where(Turn.id == ids[1])) == f"Answer to {turns[ids[1]].message}"
+
+
+def test_stores_of_one_run_pin_different_queued_turns(world) -> None:
+    """The pin's pivot is drawn between the run's own lowest and highest queued ids: a uuid4 pivot
+    sorted above every time-ordered (uuidv7) id, so every store pinned the same lowest turn, which
+    claims then kept deferring."""
+    run_id, ids = _run_of(40, chunks=4)
+    with session_scope() as s:
+        s.execute(text("UPDATE runs SET status = 'in_progress' WHERE id = :r"), {"r": run_id})
+    pinned = set()
+    for _ in range(8):
+        holder = _session_factory()()
+        try:
+            assert db.runs._pin_queued_turn(holder, run_id)
+            with session_scope() as probe:
+                free = set(
+                    probe.scalars(
+                        select(Turn.id).where(Turn.run_id == run_id).with_for_update(skip_locked=True)
+                    ).all()
+                )
+            assert len(free) == len(ids) - 1
+            pinned |= set(ids) - free
+        finally:
+            holder.rollback()
+            holder.close()
+    assert len(pinned) > 1, f"every store pinned the same turn: {pinned}"

@@ -5,7 +5,6 @@ character with declared actions answering a plain request in text and `npc` in i
 a line of n choices answered with n choices or failed with its reason."""
 
 import json
-import re
 import uuid
 
 import openai
@@ -200,11 +199,9 @@ def test_a_line_asking_n_choices_gets_n_or_fails_with_the_reason_when_a_candidat
         for choice in choices:
             value = json.loads(choice["message"]["content"])
             assert not list(Draft202012Validator(YES_OR_NO).iter_errors(value)), choice
-    short = []
+    # Which lines get a cut candidate depends on sampling: each line has its 4 choices (above) or
+    # this error; that some candidates read while one was cut is the unit test's (test_structured_shapes).
     for line in errors.values():  # the request's fault, with the reason and the way out
         error = line["response"]["body"]["error"]
         assert line["response"]["status_code"] == 400 and error["code"] == "structured_reply_cut", error
         assert "raise max_new_tokens" in error["message"]
-        if re.search(r"asked for 4 choices and [1-3] of 4 candidates read", error["message"]):
-            short.append(line["custom_id"])
-    assert short, (output, errors)  # some line had candidates that read and one that was cut

@@ -414,3 +414,35 @@ def test_an_openai_line_of_n_choices_fails_when_a_candidate_is_short_best_of_n_k
     )
     assert kept == [] and failure is not None and failure.code == TurnErrorCode.EMPTY_REPLY
     assert "1 of 2 candidates read" in failure.reason
+
+
+def test_more_choices_than_candidates_is_refused_at_validation_and_named_at_the_worker() -> None:
+    from services.runs.openai_lines import LineOptions
+    from services.runs.validate import LineReader, parse_line
+    from worker.pipeline import keep_candidates
+
+    line = {"custom_id": "a", "character": "elara", "message": "Hi."}
+    with pytest.raises(ValueError, match=r"^choices: 3 asked for, but the line generates only 2 candidates"):
+        parse_line(json.dumps(line | {"choices": 3, "params": {"n": 2}}))
+    with pytest.raises(ValueError, match=r"^choices: 4 asked for, but the line generates only 3 candidates"):
+        LineReader(options=LineOptions(candidates=3)).parse(json.dumps(line | {"choices": 4}))
+    assert parse_line(json.dumps(line | {"choices": 2, "params": {"n": 2}})).choices == 2
+    # A turn stored before the check: its own reason, not "empty reply".
+    made = [(1, Generation("Hello.", 5, 3, "stop")), (2, Generation("Hi.", 5, 3, "stop"))]
+    kept, failure = keep_candidates(None, made, choices=3)
+    assert kept == [] and failure is not None and failure.code == TurnErrorCode.INVALID_PARAMS
+    assert failure.reason == "the request asked for 3 choices but only 2 candidates were generated"
+
+
+def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(base_url) -> None:
+    turns = _turns()
+    body = new_conversation() | {
+        "message": "Describe the tavern.",
+        "speaker": "narrator",
+        "params": {"response_format": {"type": "npc"}},
+    }
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 422, r.text
+    # A rule across fields (speaker and params): the message names the field, as for params.actions.
+    assert r.json()["detail"][0]["msg"].startswith("params.response_format: "), r.text
+    assert _turns() == turns

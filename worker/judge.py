@@ -16,7 +16,14 @@ from core.settings import settings
 from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
-from roleplay.mood import Mood, MoodClassifier, MoodUpdate, chosen_emotion, toward_member
+from roleplay.mood import (
+    Mood,
+    MoodClassifier,
+    MoodUpdate,
+    chosen_emotion,
+    player_silent,
+    toward_member,
+)
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
@@ -103,6 +110,8 @@ def _judge(
             mood = toward_member(
                 mood, character_id=other_id, name=other_name, regard=turn.regard.get(other_id, 0)
             )
+        elif not turn.player_spoke:
+            mood = player_silent(mood)
         if gen.emotion is not None:  # an NPC reply names its emotion: the model's choice moves the mood
             mood = chosen_emotion(mood, gen.emotion)
     return Verdict(mood, verdict, seed)

@@ -562,6 +562,11 @@ def keep_candidates(
             bad = bad or exc
     if kept and len(kept) >= choices:
         return kept, None
+    if len(generated) < choices:  # refused at submission; a turn stored before that check still fails plainly
+        return [], Failure(
+            f"the request asked for {choices} choices but only {len(generated)} candidates were generated",
+            TurnErrorCode.INVALID_PARAMS,
+        )
     short = f"the request asked for {choices} choices and {len(kept)} of {len(generated)} candidates read: "
     short = short if kept else ""
     if bad is not None:

@@ -17,11 +17,32 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # CONCURRENTLY so writes to turns go on while the index builds (migrations run at start-up); it
+    # cannot run in a transaction, hence the autocommit block. IF (NOT) EXISTS makes a rerun after an
+    # interrupted build finish the job (an interrupted build leaves an invalid index: drop it by hand).
     # The new index serves every query the old one did (its first two columns), so the old goes.
-    op.create_index("ix_turns_run_status_id", "turns", ["run_id", "status", "id"], unique=False)
-    op.drop_index("ix_turns_run_status", table_name="turns")
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_turns_run_status_id",
+            "turns",
+            ["run_id", "status", "id"],
+            unique=False,
+            postgresql_concurrently=True,
+            if_not_exists=True,
+        )
+        op.drop_index("ix_turns_run_status", table_name="turns", postgresql_concurrently=True, if_exists=True)
 
 
 def downgrade() -> None:
-    op.create_index("ix_turns_run_status", "turns", ["run_id", "status"], unique=False)
-    op.drop_index("ix_turns_run_status_id", table_name="turns")
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_turns_run_status",
+            "turns",
+            ["run_id", "status"],
+            unique=False,
+            postgresql_concurrently=True,
+            if_not_exists=True,
+        )
+        op.drop_index(
+            "ix_turns_run_status_id", table_name="turns", postgresql_concurrently=True, if_exists=True
+        )

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from core.settings import DEFAULT_TENANT
+from core.settings import DEFAULT_TENANT, settings
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
 from scenes.spec import SceneSpec, name_clash
@@ -144,6 +144,13 @@ class LineReader:
             raise self._refused(data, error) from None
         except ValueError as exc:
             raise self._refused(data, f"{name('message')}: {exc}") from None
+        if line.choices is not None:
+            # A line's candidates (submit.py): its params.n, else the run's, else the setting's.
+            n = line.params.n or self.options.candidates or settings.run_candidates
+            if line.choices > n:
+                raise ValueError(
+                    f"choices: {line.choices} asked for, but the line generates only {n} candidates"
+                )
         if line.scene is not None:
             extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
             if extra:

@@ -150,8 +150,11 @@ class PromptBuilder:
         if item.system_prompt and not narrator:
             own = ("system_prompt", None, clean(fill_macros(item.system_prompt, char, user)))
             persona = [own if section == "system_prompt" else (section, i, t) for section, i, t in persona]
-        if item.direction:  # after the persona, so the persona stays a shared, cached prefix
-            text = "[Scene direction]\n" + fill_macros(item.direction, char, user)
+        direction = item.direction
+        if not direction and narrator and item.group is not None:  # the narrator answering a player
+            direction = item.group.narrator_instructions
+        if direction:  # after the persona, so the persona stays a shared, cached prefix
+            text = "[Scene direction]\n" + fill_macros(direction, char, user)
             persona = [*persona, ("direction", None, clean(text))]
         group = item.group if not narrator else None
         label = self.cleaner_label(clean)
@@ -290,6 +293,8 @@ class PromptBuilder:
             sources.append(("post-history instruction", layout.post))
         if group is not None and group.narrator:
             others = [*others, "Narrator"]
+        elif narrator and item.group is not None:  # the narrator never speaks for a member or the player
+            others = [label(n) for n in item.group.names] + [user]
         stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
