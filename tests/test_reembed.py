@@ -78,7 +78,10 @@ def test_an_interrupted_reembed_changes_nothing_and_resumes_to_a_full_swap(capsy
     with pytest.raises(Stop):
         reembed(chunk=chunk, on_chunk=stop_after_first)
     _, during = _vectors(conv)
-    assert np.array_equal(during, before)  # retrieval still compares old vectors with old vectors only
+    # Compared at the stored precision (float4): a pooled connection may read the column through
+    # pgvector's text loader (shortest decimal) or its binary one (the exact float32), and the two
+    # differ past the seventh digit for the same stored value.
+    assert np.array_equal(during.astype(np.float32), before.astype(np.float32))  # old vectors only
     with session_scope() as s:
         recorded = s.get(ReembedProgress, "messages")
         assert recorded is not None and recorded.last_id == seen[0][1]
