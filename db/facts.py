@@ -13,6 +13,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
+from db.vector_space import SAME_SPACE_SQL
 from db.vectors import send_vectors_binary
 
 
@@ -142,11 +143,12 @@ def conversation_owner(*, session: Session, tenant: str, external_id: str) -> Co
 
 
 # Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
-# includes this conversation. The closest `pool` by embedding are scored in Python.
+# includes this conversation. The closest `pool` by embedding are scored in Python (with no relevance
+# when this connection's embedder is not the stored vectors': db/vector_space.py).
 _VISIBLE_FACTS_SQL = text(
     """
 WITH q AS (
-    SELECT idx, conversation_id, vec
+    SELECT idx, conversation_id, vec, SAME_SPACE AS same_space
     FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]))
          AS t(idx, conversation_id, vec)
 )
@@ -155,7 +157,7 @@ FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
     SELECT id, kind, subject, text, source, scope, importance,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
-           embedding <=> q.vec AS distance
+           CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f
     WHERE f.tenant = c.tenant AND f.superseded_by IS NULL AND (
         f.scope = 'world'
@@ -165,7 +167,7 @@ CROSS JOIN LATERAL (
     )
     ORDER BY distance NULLS LAST LIMIT :pool
 ) f
-"""
+""".replace("SAME_SPACE", SAME_SPACE_SQL)
 )
 
 

@@ -12,19 +12,35 @@ from sqlalchemy import Engine, create_engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.services import database_url
+from core.settings import settings
+
+
+def _connect_args() -> dict[str, Any]:
+    """Every connection names this process's embedder (`mlchat.embedder`): the database stores no
+    vector of another embedder and retrieval compares none (db/vector_space.py)."""
+    name = settings.embedder.replace("\\", "\\\\").replace(" ", "\\ ")
+    return {"options": f"-c mlchat.embedder={name}"}
 
 
 @cache
 def get_engine() -> Engine:
     """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
-    return create_engine(database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return create_engine(
+        database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=_connect_args()
+    )
 
 
 @cache
 def get_autocommit_engine() -> Engine:
     """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
     pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
-    return create_engine(database_url(), pool_size=5, max_overflow=5, isolation_level="AUTOCOMMIT")
+    return create_engine(
+        database_url(),
+        pool_size=5,
+        max_overflow=5,
+        isolation_level="AUTOCOMMIT",
+        connect_args=_connect_args(),
+    )
 
 
 @cache

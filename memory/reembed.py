@@ -69,6 +69,6 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
-        swapped = swap(session=session)
+        swapped = swap(session=session, embedder=settings.embedder)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped
