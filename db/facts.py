@@ -143,8 +143,10 @@ def conversation_owner(*, session: Session, tenant: str, external_id: str) -> Co
 
 
 # Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
-# includes this conversation. The closest `pool` by embedding are scored in Python (with no relevance
-# when this connection's embedder is not the stored vectors': db/vector_space.py).
+# includes this conversation. Each arm of the OR is an index scan of migration 0021's partial indexes
+# on current facts (a BitmapOr): a turn reads its own scopes' facts, not every fact of its tenant.
+# The closest `pool` by embedding are scored in Python (with no relevance when this connection's
+# embedder is not the stored vectors': db/vector_space.py).
 _VISIBLE_FACTS_SQL = text(
     """
 WITH q AS (

@@ -529,6 +529,20 @@ class Fact(Base):
     __table_args__ = (
         CheckConstraint("importance BETWEEN 0 AND 1", name="importance_bounded"),
         Index("ix_facts_tenant_player", "tenant", "player_id"),
+        # What an NPC may know: an index scan per scope over current facts (db/facts.py).
+        Index(
+            "ix_facts_current_scope",
+            "tenant",
+            "scope",
+            "scope_ref",
+            postgresql_where=text("superseded_by IS NULL"),
+        ),
+        Index(
+            "ix_facts_current_met",
+            "tenant",
+            "player_id",
+            postgresql_where=text("superseded_by IS NULL AND scope = 'met'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
