@@ -167,7 +167,7 @@ CROSS JOIN LATERAL (
         OR (f.scope = 'met' AND c.player_id <> '' AND f.player_id = c.player_id)
         OR (f.scope = 'story' AND f.scope_ref = c.story)
     )
-    ORDER BY distance NULLS LAST LIMIT :pool
+    ORDER BY distance NULLS LAST, importance DESC, created_at DESC LIMIT :pool
 ) f
 """.replace("SAME_SPACE", SAME_SPACE_SQL)
 )
@@ -230,6 +230,7 @@ def closest_fact(
             Fact.subject == subject,
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),
+            text(SAME_SPACE_SQL),
         )
         .order_by(distance)
         .limit(1)

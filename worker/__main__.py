@@ -22,6 +22,9 @@ def _warm_up(**_: object) -> None:
     except EmbedderMismatch as exc:  # a setting that does not fit the database: one line, no traceback
         logging.getLogger(__name__).critical("%s", exc)
         sys.exit(2)
+    except Exception:  # Celery would log it and run on, with no housekeeping: exit instead
+        logging.getLogger(__name__).critical("the worker could not start", exc_info=True)
+        sys.exit(1)
     from worker.housekeeping import Housekeeper
 
     Housekeeper().start()

@@ -23,18 +23,18 @@ logger = logging.getLogger(__name__)
 def still_in_vector_space(scope: Callable[[], AbstractContextManager[Session]] | None = None) -> bool:
     """False (and the worker told to stop) once the stored vectors come from another embedder."""
     from db.session import session_scope
-    from db.vector_space import EmbedderMismatch, record_or_check
+    from db.vector_space import moved_away
     from worker.lifecycle import stop_for_moved_embedder
 
     try:
         with (scope or session_scope)() as session:
-            record_or_check(session=session, embedder=settings.embedder)
-    except EmbedderMismatch as exc:
-        stop_for_moved_embedder(exc)
-        return False
+            moved = moved_away(session=session, embedder=settings.embedder)
     except Exception:
         logger.exception("could not read the stored vectors' embedder; trying again next tick")
-    return True
+        return True
+    if moved is not None:
+        stop_for_moved_embedder(moved)
+    return moved is None
 
 
 class Housekeeper(threading.Thread):

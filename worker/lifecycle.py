@@ -34,12 +34,16 @@ def stop_for_dead_engine(error: BaseException) -> None:
         worker_state.should_stop = EXIT_ENGINE_DEAD
 
 
-def stop_for_moved_embedder(error: BaseException) -> None:
+def stop_for_moved_embedder(why: str) -> None:
     """Stop the worker after this flush: the stored vectors are another embedder's now, so its
     retrieval finds no similar lines and its vectors are not stored; a restart with the new
     MLCHAT_EMBEDDER serves again (a restart with the old one is refused at start-up)."""
     if worker_state.should_stop in (None, False):
-        logger.critical("%s: stopping this worker with exit code %d", error, EXIT_EMBEDDER_MOVED)
+        logger.critical(
+            "%s: stopping this worker with exit code %d; restart it with that MLCHAT_EMBEDDER",
+            why,
+            EXIT_EMBEDDER_MOVED,
+        )
         worker_state.should_stop = EXIT_EMBEDDER_MOVED
 
 

@@ -7,7 +7,7 @@ import logging
 from core.settings import settings
 from db.introspect import vector_column_dim
 from db.session import session_scope
-from db.vector_space import record_or_check
+from db.vector_space import check, record_or_check
 from worker.embedder import check_dimension, get_embedder
 
 logger = logging.getLogger(__name__)
@@ -20,10 +20,12 @@ def check_and_warm_up(load_engine: bool = True) -> None:
         column_dim = vector_column_dim(session=session, table="messages", column="embedding")
     if column_dim is None:
         raise RuntimeError("the database has no messages.embedding column: run `mlchat migrate` first")
-    with session_scope() as session:
-        record_or_check(session=session, embedder=settings.embedder)
+    with session_scope() as session:  # before loading anything: a mismatch exits at once
+        check(session=session, embedder=settings.embedder)
     model = get_embedder()
     check_dimension(model.get_embedding_dimension(), column_dim)
+    with session_scope() as session:  # recorded only once the embedder is proven to load and fit
+        record_or_check(session=session, embedder=settings.embedder)
     if load_engine:
         from worker.pipeline import get_prompt_builder
 

@@ -5,7 +5,8 @@ Revision ID: 0020
 Revises: 0019
 Create Date: 2026-12-01 03:30:00
 
-A process names its embedder in the connection setting `mlchat.embedder` (db/session.py). A vector
+A process names its embedder in the connection setting `mlchat.embedder` (db/session.py); the
+trigger runs only for a vector written by a connection that names one. A vector
 written into messages, story_events or facts by a connection whose embedder is not the recorded
 one is stored as NULL (the line is kept; `mlchat reembed` gives it a vector later), so a worker
 still running the old embedder after a re-embed's swap cannot mix two models' vectors. Connections
@@ -53,8 +54,9 @@ def upgrade() -> None:
     op.execute(GUARD)
     for table in TABLES:
         op.execute(
-            f"CREATE TRIGGER vector_guard BEFORE INSERT OR UPDATE OF embedding ON {table} "
-            "FOR EACH ROW EXECUTE FUNCTION mlchat_vector_guard()"
+            f"CREATE TRIGGER vector_guard BEFORE INSERT OR UPDATE OF embedding ON {table} FOR EACH ROW"
+            " WHEN (NEW.embedding IS NOT NULL AND current_setting('mlchat.embedder', true) <> '')"
+            " EXECUTE FUNCTION mlchat_vector_guard()"
         )
 
 
