@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from db.turns import IdempotencyConflict
+from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
 from services.producer import EnqueueError, TurnRejected
 
@@ -78,6 +79,10 @@ async def _bad_card(request: Request, exc: CardError) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": safe(exc)})
 
 
+async def _other_embedder(request: Request, exc: EmbedderMismatch) -> JSONResponse:
+    return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": safe(exc)})
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on the app."""
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
@@ -85,3 +90,4 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
+    app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
+from db.vector_space import SAME_SPACE_SQL
 from db.vectors import send_vectors_binary
 
 
@@ -142,11 +143,14 @@ def conversation_owner(*, session: Session, tenant: str, external_id: str) -> Co
 
 
 # Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
-# includes this conversation. The closest `pool` by embedding are scored in Python.
+# includes this conversation. Each arm of the OR is an index scan of migration 0021's partial indexes
+# on current facts (a BitmapOr): a turn reads its own scopes' facts, not every fact of its tenant.
+# The closest `pool` by embedding are scored in Python (with no relevance when this connection's
+# embedder is not the stored vectors': db/vector_space.py).
 _VISIBLE_FACTS_SQL = text(
     """
 WITH q AS (
-    SELECT idx, conversation_id, vec
+    SELECT idx, conversation_id, vec, SAME_SPACE AS same_space
     FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]))
          AS t(idx, conversation_id, vec)
 )
@@ -155,7 +159,7 @@ FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
     SELECT id, kind, subject, text, source, scope, importance,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
-           embedding <=> q.vec AS distance
+           CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f
     WHERE f.tenant = c.tenant AND f.superseded_by IS NULL AND (
         f.scope = 'world'
@@ -163,9 +167,9 @@ CROSS JOIN LATERAL (
         OR (f.scope = 'met' AND c.player_id <> '' AND f.player_id = c.player_id)
         OR (f.scope = 'story' AND f.scope_ref = c.story)
     )
-    ORDER BY distance NULLS LAST LIMIT :pool
+    ORDER BY distance NULLS LAST, importance DESC, created_at DESC LIMIT :pool
 ) f
-"""
+""".replace("SAME_SPACE", SAME_SPACE_SQL)
 )
 
 
@@ -226,6 +230,7 @@ def closest_fact(
             Fact.subject == subject,
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),
+            text(SAME_SPACE_SQL),
         )
         .order_by(distance)
         .limit(1)

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Sequence
 
 import numpy as np
-from sqlalchemy import BigInteger, func, insert, literal, select
+from sqlalchemy import BigInteger, func, insert, literal, select, text
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Message, Role
@@ -42,13 +42,20 @@ def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) 
     """Copy a conversation's first `count` lines, with their vectors, into an empty one; how many
     were copied."""
     lock_conversation(session=session, conversation_id=target_id)
+    # The copies' vectors are the stored space's already: written as it, whatever this process is.
+    mine = session.scalar(text("SELECT current_setting('mlchat.embedder', true)"))
+    session.execute(
+        text("SELECT set_config('mlchat.embedder', coalesce((SELECT embedder FROM vector_space), ''), true)")
+    )
     copied = select(
         literal(target_id, BigInteger), Message.seq, Message.role, Message.content, Message.embedding
     ).where(Message.conversation_id == source_id, Message.seq <= count)
     result = session.execute(
         insert(Message).from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
     )
-    return int(result.rowcount or 0)  # type: ignore[attr-defined]
+    copied_rows = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    session.execute(text("SELECT set_config('mlchat.embedder', :mine, true)"), {"mine": mine or ""})
+    return copied_rows
 
 
 def conversation_lines(*, session: Session, conversation_id: int) -> list[tuple[Role, str]]:

@@ -27,6 +27,7 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -528,6 +529,20 @@ class Fact(Base):
     __table_args__ = (
         CheckConstraint("importance BETWEEN 0 AND 1", name="importance_bounded"),
         Index("ix_facts_tenant_player", "tenant", "player_id"),
+        # What an NPC may know: an index scan per scope over current facts (db/facts.py).
+        Index(
+            "ix_facts_current_scope",
+            "tenant",
+            "scope",
+            "scope_ref",
+            postgresql_where=text("superseded_by IS NULL"),
+        ),
+        Index(
+            "ix_facts_current_met",
+            "tenant",
+            "player_id",
+            postgresql_where=text("superseded_by IS NULL AND scope = 'met'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -595,6 +610,18 @@ class MemoryJob(Base):
     done_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # A message for this job is on the queue (not yet run) until then: no second one is sent.
     queued_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class VectorSpace(Base):
+    """The embedder every stored vector comes from (one row; `mlchat reembed` changes it at its swap).
+    A trigger stores as NULL a vector written by a process of another embedder (migration 0020)."""
+
+    __tablename__ = "vector_space"
+    __table_args__ = (CheckConstraint("id", name="one_row"),)
+
+    id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
+    embedder: Mapped[str] = mapped_column(Text)
+    changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
 class ReembedProgress(Base):

@@ -12,6 +12,7 @@ from sqlalchemy import bindparam, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Fact, Message, ReembedProgress, StoryEvent
+from db.vector_space import move_to
 
 # Each table with vectors, and the text its vector embeds (facts: "subject: text", as written).
 SOURCES: dict[str, tuple[Any, Any]] = {
@@ -79,8 +80,10 @@ def lock_tables(*, session: Session) -> None:
     session.execute(text("LOCK TABLE messages, story_events, facts IN SHARE ROW EXCLUSIVE MODE"))
 
 
-def swap(*, session: Session) -> dict[str, int]:
-    """Every next vector becomes the vector, in this transaction; rows swapped per table."""
+def swap(*, session: Session, embedder: str) -> dict[str, int]:
+    """Every next vector becomes the vector and `embedder` the stored vectors' one, in this
+    transaction; rows swapped per table."""
+    move_to(session=session, embedder=embedder)  # first: the vector guard lets this embedder's in
     swapped = {}
     for table, (model, _) in SOURCES.items():
         done = session.execute(

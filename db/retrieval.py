@@ -10,6 +10,7 @@ import numpy as np
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from db.vector_space import SAME_SPACE_SQL
 from db.vectors import send_vectors_binary
 
 if TYPE_CHECKING:
@@ -19,11 +20,12 @@ if TYPE_CHECKING:
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
 # narrows to one conversation, then distances are computed); story events go through the story's
 # partition of the HNSW index (run-time partition pruning), filtered by story and story time.
-# Lines inside the recent window are not "retrieved": they are in the prompt already.
+# Lines inside the recent window are not "retrieved": they are in the prompt already. A connection
+# of another embedder than the stored vectors' (db/vector_space.py) gets recent lines only.
 _BATCH_CONTEXT_SQL = text(
     """
 WITH q AS (
-    SELECT idx, conversation_id, vec, story, story_time
+    SELECT idx, conversation_id, vec, story, story_time, SAME_SPACE AS same_space
     FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]),
                 CAST(:story AS text[]), CAST(:story_time AS int[]))
          AS t(idx, conversation_id, vec, story, story_time)
@@ -44,17 +46,18 @@ UNION ALL
 SELECT 'similar', q.idx, s.id, s.role, s.content, s.seq, s.distance, NULL, s.speaker_id, s.speaker_name
 FROM q JOIN last_seq l USING (idx) CROSS JOIN LATERAL (
     SELECT id, role, content, seq, speaker_id, speaker_name, m.embedding <=> q.vec AS distance FROM messages m
-    WHERE m.conversation_id = q.conversation_id AND m.embedding IS NOT NULL AND m.seq <= l.seq - :recent_n
+    WHERE q.same_space AND m.conversation_id = q.conversation_id AND m.embedding IS NOT NULL
+      AND m.seq <= l.seq - :recent_n
     ORDER BY distance LIMIT :history_k
 ) s
 UNION ALL
 SELECT 'event', q.idx, e.id, NULL, e.text, e.time, e.distance, e.scene, NULL::int, NULL
 FROM q CROSS JOIN LATERAL (
     SELECT id, text, time, scene, ev.embedding <=> q.vec AS distance FROM story_events ev
-    WHERE ev.story = q.story AND (q.story_time IS NULL OR ev.time <= q.story_time)
+    WHERE q.same_space AND ev.story = q.story AND (q.story_time IS NULL OR ev.time <= q.story_time)
     ORDER BY ev.embedding <=> q.vec LIMIT :story_k
 ) e
-"""
+""".replace("SAME_SPACE", SAME_SPACE_SQL)
 )
 
 

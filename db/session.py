@@ -8,23 +8,42 @@ from functools import cache
 from typing import Any
 
 import psycopg
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.services import database_url
+from core.settings import settings
+
+
+def _name_embedder(engine: Engine) -> Engine:
+    """Every connection names this process's embedder (`mlchat.embedder`, for the session): the
+    database stores no vector of another embedder and retrieval compares none (db/vector_space.py).
+    Set by a statement when the connection is made, not as a startup option: the URL's own
+    `options` and PGOPTIONS stay, and a pooler that refuses unknown startup options is no matter."""
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_connection: Any, _: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('mlchat.embedder', %s, false)", (settings.embedder,))
+        if not dbapi_connection.autocommit:
+            dbapi_connection.commit()
+
+    return engine
 
 
 @cache
 def get_engine() -> Engine:
     """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
-    return create_engine(database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5)
+    return _name_embedder(create_engine(database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5))
 
 
 @cache
 def get_autocommit_engine() -> Engine:
     """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
     pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
-    return create_engine(database_url(), pool_size=5, max_overflow=5, isolation_level="AUTOCOMMIT")
+    return _name_embedder(
+        create_engine(database_url(), pool_size=5, max_overflow=5, isolation_level="AUTOCOMMIT")
+    )
 
 
 @cache

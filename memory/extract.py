@@ -19,6 +19,7 @@ from db.facts import NewFact, add_facts, closest_fact, supersede
 from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_through, release_job
 from db.models import Conversation, FactKind, FactScope, Message
 from db.session import session_scope
+from db.vector_space import EmbedderMismatch, same_space
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
 
@@ -83,6 +84,8 @@ def store_extracted(
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
+    if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
+        raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     vectors = embed([f"{f.subject}: {f.text}" for f in facts])
     for fact, vector in zip(facts, vectors, strict=True):
         subject = fact.subject.strip()

@@ -30,7 +30,7 @@ def _catch_up(session: Session, table: str, chunk: int) -> int:
             session=session,
             table=table,
             ids=[i for i, _ in rows],
-            vectors=embed([t for _, t in rows]),
+            vectors=embed([t for _, t in rows], any_space=True),
             last_id=None,
         )
     return len(rows)
@@ -47,7 +47,7 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
                 rows = next_chunk(session=session, table=table, after_id=last, limit=chunk)
                 if not rows:
                     break
-                vectors = embed([t for _, t in rows])
+                vectors = embed([t for _, t in rows], any_space=True)
                 last = rows[-1][0]
                 write_next(
                     session=session, table=table, ids=[i for i, _ in rows], vectors=vectors, last_id=last
@@ -69,6 +69,6 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
-        swapped = swap(session=session)
+        swapped = swap(session=session, embedder=settings.embedder)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped

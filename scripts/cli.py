@@ -777,6 +777,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
 
     from db.runs import RunConflict
     from db.turns import IdempotencyConflict
+    from db.vector_space import EmbedderMismatch
     from roleplay.cards import CardError
     from services.runs import RunBusy, RunValidationError
 
@@ -788,6 +789,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         IdempotencyConflict,
         CardError,
         ValidationError,
+        EmbedderMismatch,
     )
 
 

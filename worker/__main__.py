@@ -6,6 +6,7 @@ import logging
 import sys
 
 from celery.signals import worker_init, worker_shutdown
+from celery.worker import state as worker_state
 
 from core.logging import configure_logging
 from core.settings import queue_for_model, settings
@@ -13,9 +14,17 @@ from core.settings import queue_for_model, settings
 
 @worker_init.connect
 def _warm_up(**_: object) -> None:
+    from db.vector_space import EmbedderMismatch
     from worker.startup import check_and_warm_up
 
-    check_and_warm_up()
+    try:
+        check_and_warm_up()
+    except EmbedderMismatch as exc:  # a setting that does not fit the database: one line, no traceback
+        logging.getLogger(__name__).critical("%s", exc)
+        sys.exit(2)
+    except Exception:  # Celery would log it and run on, with no housekeeping: exit instead
+        logging.getLogger(__name__).critical("the worker could not start", exc_info=True)
+        sys.exit(1)
     from worker.housekeeping import Housekeeper
 
     Housekeeper().start()
@@ -67,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
 
     if engine_dead() is not None:
         sys.exit(EXIT_ENGINE_DEAD)  # non-zero, so the supervisor starts a fresh worker
+    if isinstance(worker_state.should_stop, int) and worker_state.should_stop:
+        sys.exit(worker_state.should_stop)  # EXIT_EMBEDDER_MOVED: restart with the new embedder
 
 
 if __name__ == "__main__":

@@ -49,8 +49,34 @@ def check_dimension(model_dim: int | None, column_dim: int) -> None:
         )
 
 
-def embed(texts: list[str]) -> np.ndarray:
-    """Embed texts in one call; returns float32 unit vectors, shape (len(texts), dim)."""
+_space_checked = False
+
+
+def _check_space_once() -> None:
+    """EmbedderMismatch (once a process) when the stored vectors come from another embedder: the
+    API, the CLI, the serverless and inline paths refuse rather than store vectors as NULL."""
+    global _space_checked
+    if _space_checked:
+        return
+    from sqlalchemy.exc import OperationalError
+
+    from db.session import session_scope
+    from db.vector_space import check
+
+    try:
+        with session_scope() as session:
+            check(session=session, embedder=settings.embedder)
+    except OperationalError:  # no database here: nothing it stores or compares to mix up
+        logger.warning("could not read the stored vectors' embedder; the database guards them itself")
+    _space_checked = True
+
+
+def embed(texts: list[str], *, any_space: bool = False) -> np.ndarray:
+    """Embed texts in one call; returns float32 unit vectors, shape (len(texts), dim). Refused
+    (EmbedderMismatch) when the stored vectors are another embedder's, unless `any_space` (the
+    re-embed, which makes the next space's vectors)."""
+    if not any_space:
+        _check_space_once()
     if not texts:
         return np.zeros((0, settings.embedding_dim), dtype=np.float32)
     vectors = get_embedder().encode(

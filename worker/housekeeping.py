@@ -1,5 +1,6 @@
 """A worker's housekeeping timer: expire its model's batches whose window closed, write the files of
-finished ones. Every worker runs one; the work is claimed row by row (SKIP LOCKED), so several never
+finished ones, and stop the worker once a re-embed has moved the stored vectors to another
+embedder. Every worker runs one; the work is claimed row by row (SKIP LOCKED), so several never
 clash, and a failure is logged and tried again at the next tick. `mlchat sweep` does the same for
 every model (a batch of a model with no worker still expires)."""
 
@@ -7,10 +8,33 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 from core.settings import settings
 
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
 logger = logging.getLogger(__name__)
+
+
+def still_in_vector_space(scope: Callable[[], AbstractContextManager[Session]] | None = None) -> bool:
+    """False (and the worker told to stop) once the stored vectors come from another embedder."""
+    from db.session import session_scope
+    from db.vector_space import moved_away
+    from worker.lifecycle import stop_for_moved_embedder
+
+    try:
+        with (scope or session_scope)() as session:
+            moved = moved_away(session=session, embedder=settings.embedder)
+    except Exception:
+        logger.exception("could not read the stored vectors' embedder; trying again next tick")
+        return True
+    if moved is not None:
+        stop_for_moved_embedder(moved)
+    return moved is None
 
 
 class Housekeeper(threading.Thread):
@@ -24,6 +48,8 @@ class Housekeeper(threading.Thread):
         from services.batches import housekeeping
 
         while not self.stopped.wait(self.interval_s):
+            if not still_in_vector_space():
+                return
             try:
                 done = housekeeping(self.models)
                 if done["expired"] or done["finalized"]:

@@ -20,6 +20,7 @@ from streaming.publisher import flush_if_started
 logger = logging.getLogger(__name__)
 
 EXIT_ENGINE_DEAD = 3
+EXIT_EMBEDDER_MOVED = 4  # the stored vectors now come from another embedder (`mlchat reembed`)
 _STREAM_FLUSH_S = 5.0  # a stopping worker's wait for its unsent stream events (Redis may be away)
 
 
@@ -31,6 +32,19 @@ def stop_for_dead_engine(error: BaseException) -> None:
             "the engine died (%r): stopping this worker with exit code %d", error, EXIT_ENGINE_DEAD
         )
         worker_state.should_stop = EXIT_ENGINE_DEAD
+
+
+def stop_for_moved_embedder(why: str) -> None:
+    """Stop the worker after this flush: the stored vectors are another embedder's now, so its
+    retrieval finds no similar lines and its vectors are not stored; a restart with the new
+    MLCHAT_EMBEDDER serves again (a restart with the old one is refused at start-up)."""
+    if worker_state.should_stop in (None, False):
+        logger.critical(
+            "%s: stopping this worker with exit code %d; restart it with that MLCHAT_EMBEDDER",
+            why,
+            EXIT_EMBEDDER_MOVED,
+        )
+        worker_state.should_stop = EXIT_EMBEDDER_MOVED
 
 
 def flush_stream_events(**_: object) -> None:

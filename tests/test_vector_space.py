@@ -1,0 +1,263 @@
+"""The stored vectors' embedder (db/vector_space.py): a process of another embedder stores no vector,
+gets no similarity hit and no fact relevance, and a worker of another embedder does not start or
+stops; `mlchat reembed`'s swap moves the database to its embedder."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from types import SimpleNamespace
+
+import pytest
+from sqlalchemy import create_engine, event, select, text
+from sqlalchemy.orm import Session
+
+from core.services import database_url
+from core.settings import DEFAULT_TENANT, settings
+from db.facts import NewFact, add_facts, facts_for_turns
+from db.history import append_lines
+from db.models import FactKind, FactScope, Message, Role
+from db.retrieval import ContextQuery, fetch_batch_context
+from db.session import session_scope
+from db.vector_space import EmbedderMismatch, move_to, record_or_check, recorded_embedder
+from db.world import find_characters, upsert_conversations
+from worker.embedder import embed
+
+pytestmark = pytest.mark.usefixtures("world")
+
+LINES = ["The mill burned down.", "I saw a grey wolf by the river.", "Nobody saw.", "Bread?", "Aye."]
+
+
+def _name(dbapi_connection, name: str) -> None:  # type: ignore[no-untyped-def]
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT set_config('mlchat.embedder', %s, false)", (name,))
+    dbapi_connection.commit()
+
+
+@contextmanager
+def as_embedder(name: str) -> Iterator[Session]:
+    """A session on connections that name `name` as their embedder (another process, in effect)."""
+    engine = create_engine(database_url())
+    event.listen(engine, "connect", lambda dbapi, _: _name(dbapi, name))
+    try:
+        with Session(engine) as session, session.begin():
+            yield session
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def recorded() -> Iterator[str]:
+    """The recorded embedder (this process's), put back after the test."""
+    with session_scope() as s:
+        record_or_check(session=s, embedder=settings.embedder)
+    yield settings.embedder
+    with session_scope() as s:
+        move_to(session=s, embedder=settings.embedder)
+
+
+def _conversation(session: Session, lines: list[str] = LINES) -> int:
+    external = f"space-{uuid.uuid4().hex[:8]}"
+    char_id = find_characters(session=session, slugs=["elara"])["elara"]
+    row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": char_id}
+    conv = upsert_conversations(session=session, rows=[row])[external][0]
+    if lines:
+        append_lines(
+            session=session,
+            conversation_id=conv,
+            lines=[(Role.USER, t) for t in lines],
+            vectors=embed(lines),
+        )
+    return conv
+
+
+def _fact(conv: int, said: str) -> NewFact:
+    return NewFact(
+        tenant=DEFAULT_TENANT,
+        kind=FactKind.PLAYER,
+        subject="Rowan",
+        text=said,
+        source="game",
+        importance=0.5,
+        scope=FactScope.CONVERSATION,
+        scope_ref=str(conv),
+        player_id="p-space",
+        embedding=embed([f"Rowan: {said}"])[0],
+    )
+
+
+def _stored_vectors(conv: int) -> list[bool]:
+    with session_scope() as s:
+        rows = s.scalars(
+            select(Message.embedding).where(Message.conversation_id == conv).order_by(Message.seq)
+        )
+        return [v is not None for v in rows]
+
+
+def test_a_process_of_another_embedder_stores_its_lines_without_vectors(recorded: str) -> None:
+    with as_embedder("another-model") as s:
+        other = _conversation(s)
+    with as_embedder(recorded) as s:
+        same = _conversation(s)
+    assert _stored_vectors(other) == [False] * len(LINES)  # the lines are kept, their vectors are not
+    assert _stored_vectors(same) == [True] * len(LINES)
+
+
+def _similar(session: Session, conv: int, question: str) -> tuple[list[str], list[str]]:
+    context = fetch_batch_context(
+        session=session,
+        queries=[ContextQuery(conv, None, None, embed([question])[0])],
+        recent_n=2,
+        history_k=3,
+        story_k=0,
+    )[0]
+    return [m.content for m in context.recent], [m.content for m in context.similar]
+
+
+def test_retrieval_compares_no_vectors_of_another_embedder(recorded: str) -> None:
+    with session_scope() as s:
+        conv = _conversation(s)
+    with as_embedder(recorded) as s:
+        recent, similar = _similar(s, conv, "Did you see any wolves?")
+    assert "I saw a grey wolf by the river." in similar
+    with as_embedder("another-model") as s:
+        recent_other, similar_other = _similar(s, conv, "Did you see any wolves?")
+    assert similar_other == []  # nothing compared across models
+    assert recent_other == recent  # the recent window is text: it stays
+
+
+def test_facts_reach_a_process_of_another_embedder_without_relevance(recorded: str) -> None:
+    with session_scope() as s:
+        conv = _conversation(s)
+        add_facts(session=s, facts=[_fact(conv, "Rowan fears wolves.")])
+    question = embed(["What am I afraid of?"])[0]
+    with as_embedder(recorded) as s:
+        (mine,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=4, half_life_s=3600
+        )
+    with as_embedder("another-model") as s:
+        (other,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=4, half_life_s=3600
+        )
+    assert [f.text for f in other] == [f.text for f in mine] == ["Rowan fears wolves."]
+    assert mine[0].relevance > 0.6
+    assert other[0].relevance == 0.5  # no similarity: the fact still reaches the prompt
+
+
+def test_another_embedder_is_refused_naming_the_setting(recorded: str) -> None:
+    with session_scope() as s, pytest.raises(EmbedderMismatch, match=r"MLCHAT_EMBEDDER='another-model' but"):
+        record_or_check(session=s, embedder="another-model")
+    with session_scope() as s:
+        assert recorded_embedder(session=s) == recorded  # a refused check records nothing
+
+
+def test_a_worker_of_another_embedder_exits_with_one_line(recorded: str, monkeypatch, caplog) -> None:
+    from worker.__main__ import _warm_up
+
+    monkeypatch.setattr(settings, "embedder", "another-model")
+    with caplog.at_level(logging.CRITICAL), pytest.raises(SystemExit) as exited:
+        _warm_up()
+    assert exited.value.code == 2
+    (line,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert "MLCHAT_EMBEDDER='another-model'" in line.getMessage() and line.exc_info is None
+
+
+def test_a_running_worker_stops_once_the_vectors_move_to_another_embedder(recorded: str, monkeypatch) -> None:
+    from worker import lifecycle
+    from worker.housekeeping import still_in_vector_space
+
+    state = SimpleNamespace(should_stop=None)  # not Celery's own: this session's worker reads that one
+    monkeypatch.setattr(lifecycle, "worker_state", state)
+    assert still_in_vector_space() and state.should_stop is None
+    # The move stays uncommitted: this session's worker (tests/conftest.py) checks the committed row.
+    with session_scope() as s:
+        move_to(session=s, embedder="another-model")
+        assert not still_in_vector_space(lambda: nullcontext(s))
+        s.rollback()
+    assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
+
+
+def test_a_worker_process_of_another_embedder_exits_2_with_one_line(recorded: str, tmp_path) -> None:
+    import tests.worker_processes as workers
+
+    log = tmp_path / "worker.log"
+    proc = workers.start("space-check", log, MLCHAT_EMBEDDER="another-model")
+    try:
+        assert proc.wait(timeout=180) == 2
+    finally:
+        workers.kill(proc)
+    lines = log.read_text().splitlines()
+    critical = [line for line in lines if "MLCHAT_EMBEDDER='another-model'" in line]
+    assert len(critical) == 1 and "CRITICAL" in critical[0]
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_embedding_in_a_process_of_another_embedder_is_refused(recorded: str, monkeypatch) -> None:
+    from worker import embedder
+
+    monkeypatch.setattr(embedder, "_space_checked", False)
+    monkeypatch.setattr(settings, "embedder", "another-model")
+    with pytest.raises(EmbedderMismatch, match="MLCHAT_EMBEDDER='another-model'"):
+        embed(["a fact the API would store"])
+    assert embed(["the re-embed's own"], any_space=True).shape == (1, 384)
+
+
+def test_story_events_and_facts_of_another_embedder_are_stored_without_vectors(recorded: str) -> None:
+    from db.world import upsert_story_events
+
+    story = f"space-{uuid.uuid4().hex[:6]}"
+    events = [{"story": story, "ordinal": 1, "scene": "gate", "time": 1, "text": "The gate fell."}]
+    with as_embedder("another-model") as s:
+        upsert_story_events(session=s, events=events, embeddings=embed(["The gate fell."]))
+        (fact,) = add_facts(session=s, facts=[_fact(0, "The gate fell.")])
+        fact_id = fact.id
+    with session_scope() as s:
+        stored = s.execute(text("SELECT embedding IS NULL FROM story_events WHERE story = :s"), {"s": story})
+        assert stored.scalar_one() is True
+        assert s.scalar(text("SELECT embedding IS NULL FROM facts WHERE id = :i"), {"i": fact_id}) is True
+
+
+def test_a_fact_extraction_in_another_space_stores_nothing(recorded: str) -> None:
+    from db.models import Conversation
+    from memory.extract import ExtractedFact, store_extracted
+
+    with session_scope() as s:
+        conv = _conversation(s)
+    found = ExtractedFact(kind="player", subject="Rowan", text="Rowan fears wolves.", importance=5)
+    with as_embedder("another-model") as s:
+        conversation = s.get(Conversation, conv)
+        with pytest.raises(EmbedderMismatch):
+            store_extracted(session=s, conversation=conversation, facts=[found], source="turn:x")
+    with session_scope() as s:
+        assert s.scalar(text("SELECT count(*) FROM facts WHERE scope_ref = :c"), {"c": str(conv)}) == 0
+
+
+def test_copied_lines_keep_their_vectors_whoever_copies_them(recorded: str) -> None:
+    from db.history import copy_lines
+
+    with session_scope() as s:
+        source = _conversation(s)
+        target = _conversation(s, [])
+    with as_embedder("another-model") as s:
+        copy_lines(session=s, source_id=source, target_id=target, count=len(LINES))
+        assert s.scalar(text("SELECT current_setting('mlchat.embedder')")) == "another-model"
+    assert _stored_vectors(target) == [True] * len(LINES)
+
+
+def test_the_swap_moves_the_database_to_the_new_embedder_and_writes_as_it(recorded: str) -> None:
+    from db.reembed import swap, write_next
+
+    with session_scope() as s:
+        conv = _conversation(s)
+    with session_scope() as s:  # this process's connections name the old embedder; rolled back
+        ids = list(s.scalars(select(Message.id).where(Message.conversation_id == conv).order_by(Message.seq)))
+        write_next(session=s, table="messages", ids=ids, vectors=embed(LINES), last_id=None)
+        swap(session=s, embedder="bundled-next")
+        assert recorded_embedder(session=s) == "bundled-next"
+        stored = select(Message.embedding).where(Message.conversation_id == conv).order_by(Message.seq)
+        assert all(v is not None for v in s.scalars(stored))  # not stored as NULL by the guard
+        s.rollback()
+    with session_scope() as s:
+        assert recorded_embedder(session=s) == recorded
