@@ -36,7 +36,7 @@ from sqlalchemy import select
 
 from core.settings import settings
 from db.history import append_lines
-from db.models import Character, Fact, FactScope, Role
+from db.models import Character, Fact, FactScope, Role, Summary
 from db.retrieval import ContextQuery, TurnContext, fetch_batch_context
 from db.session import session_scope
 from db.world import find_characters, upsert_conversations
@@ -349,7 +349,8 @@ def _recall(
     conv_ids: list[int], probes: list[list[tuple[str, str]]], card: Character, with_memory: bool
 ) -> tuple[int, int, list[int], bool, dict[str, int]]:
     """(recalled, asked, prompt tokens of each conversation's first probe, every prompt within budget,
-    recalled probes per path that carried the answer; a probe counts under each path that did)."""
+    recalled probes per path that carried the answer (a probe counts under each path that did), and
+    under `memory_only` those only a summary or a fact carried)."""
     from worker.pipeline import get_prompt_builder
     from worker.prompt import PromptInput
 
@@ -357,7 +358,7 @@ def _recall(
     recalled = asked = 0
     tokens: list[int] = []
     within = True
-    via = dict.fromkeys(PATHS, 0)
+    via = dict.fromkeys((*PATHS, "memory_only"), 0)
     for conv, asks in zip(conv_ids, probes, strict=True):
         vectors = embed([q for q, _ in asks])
         with session_scope() as session:
@@ -389,8 +390,10 @@ def _recall(
             )
             asked += 1
             recalled += int(_found(answer, built.text))
-            for path in recalled_via(answer, ctx, built.manifest):
+            paths = recalled_via(answer, ctx, built.manifest)
+            for path in paths:
                 via[path] += 1
+            via["memory_only"] += int(bool(paths) and paths <= {"summary", "fact"})
             within = within and len(built.token_ids) <= settings.max_model_len - settings.max_new_tokens
             if i == 0:
                 tokens.append(len(built.token_ids))
@@ -398,14 +401,16 @@ def _recall(
 
 
 def _stored(conv_ids: list[int], probes: list[list[tuple[str, str]]]) -> dict[str, int]:
-    """How many answers memory holds at all, whatever the packer then keeps: in a summary the prompt
-    would show, in a current fact of the conversation."""
+    """How many answers memory holds at all, whatever relevance and the budget then keep: in a
+    summary the prompt would show, in any summary (merged ones too), in a current fact of the
+    conversation."""
     from db.summaries import summaries_for
 
-    held = {"summary": 0, "fact": 0}
+    held = {"summary_shown": 0, "summary_any": 0, "fact": 0}
     with session_scope() as session:
         shown = summaries_for(session=session, conversation_ids=conv_ids)
         for conv, asks in zip(conv_ids, probes, strict=True):
+            every = session.scalars(select(Summary.text).where(Summary.conversation_id == conv)).all()
             facts = session.scalars(
                 select(Fact).where(
                     Fact.scope == FactScope.CONVERSATION,
@@ -414,7 +419,8 @@ def _stored(conv_ids: list[int], probes: list[list[tuple[str, str]]]) -> dict[st
                 )
             ).all()
             for _, answer in asks:
-                held["summary"] += any(_found(answer, s.text) for s in shown[conv])
+                held["summary_shown"] += any(_found(answer, s.text) for s in shown[conv])
+                held["summary_any"] += any(_found(answer, text) for text in every)
                 held["fact"] += any(_found(answer, f"{f.subject}: {f.text}") for f in facts)
     return held
 
