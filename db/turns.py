@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
@@ -37,7 +38,6 @@ from sqlalchemy import (
     case,
     exists,
     func,
-    literal,
     or_,
     select,
     text,
@@ -297,28 +297,41 @@ def create_turn_in_known_conversation(
     another character's, a group conversation (its answering member is chosen on the full path), or
     the idempotency key is taken (create_turns then decides, with its checks).
     `turn.conversation_id` is not read."""
-    values = {k: v for k, v in turn.__dict__.items() if k != "conversation_id"} | {
+    values = {name: getattr(turn, name) for name in _FAST_TURN_FIELDS} | {
         "id": uuid.uuid4(),
         "status": TurnStatus.QUEUED,
         "attempts": 0,
         "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
+        "external_id": external_id,
     }
-    columns = Turn.__table__.c
-    found = [Conversation.tenant == turn.tenant, Conversation.external_id == external_id]
     if character is not None:
-        found.append(Character.slug == character)
+        values["character"] = character
+    return connection.execute(_insert_in_known_conversation(character is not None), values).scalar()
+
+
+_FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
+
+
+@cache
+def _insert_in_known_conversation(named_character: bool) -> Any:
+    """The statement of create_turn_in_known_conversation, built once per shape: every value is a
+    bound parameter, so each call reuses SQLAlchemy's compiled form and psycopg's prepared one."""
+    columns = Turn.__table__.c
+    inserted = [*_FAST_TURN_FIELDS, "id", "status", "attempts", "dispatched_at"]
+    found = [Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")]
+    if named_character:
+        found.append(Character.slug == bindparam("character"))
     source = (
-        select(*(literal(v, type_=columns[k].type) for k, v in values.items()), Conversation.id)
+        select(*(bindparam(name, type_=columns[name].type) for name in inserted), Conversation.id)
         .join(Character, Character.id == Conversation.character_id)
         .where(*found, ~exists().where(ConversationMember.conversation_id == Conversation.id))
     )
-    stmt = (
+    return (
         insert(Turn)
-        .from_select([*values, "conversation_id"], source)
+        .from_select([*inserted, "conversation_id"], source)
         .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
         .returning(Turn.id)
     )
-    return connection.execute(stmt).scalar()
 
 
 def claim_turns(
