@@ -244,11 +244,25 @@ def dispatch(
     ids = [str(turn_id) for turn_id in turn_ids]
     per_message = 1 if lane == "live" else settings.batch_size
     queue = queue_for_model(model, lane)
+    parent = app.current_worker_task  # a flush sending turns again: its id goes in, as apply_async does
+    root_id = parent and (parent.request.root_id or parent.request.id)
     with app.producer_or_acquire() as producer:
         for start in range(0, len(ids), per_message):
-            generate_turns.apply_async(
-                kwargs={"turn_ids": ids[start : start + per_message], "model": model, "lane": lane},
-                queue=queue,
+            kwargs = {"turn_ids": ids[start : start + per_message], "model": model, "lane": lane}
+            # apply_async's message, built by Celery's own builder and sent by its own publisher, less
+            # the per-call work this task does not need: routing (the queue is named), a safe repr of
+            # the arguments (ids and names), and declaring a Redis queue (a list needs none).
+            message = app.amqp.create_task_message(
+                str(uuid.uuid4()),
+                TASK_NAME,
+                (),
+                kwargs,
                 countdown=countdown,
-                producer=producer,
+                reply_to=app.thread_oid,
+                root_id=root_id,
+                parent_id=parent and parent.request.id,
+                ignore_result=True,
+                argsrepr="()",
+                kwargsrepr=repr(kwargs),
             )
+            app.amqp.send_task_message(producer, TASK_NAME, message, queue=queue, declare=[])

@@ -224,6 +224,29 @@ def test_a_single_enqueue_into_a_known_conversation_is_one_statement(world) -> N
     assert view.conversation_id == get_turn(first).conversation_id  # type: ignore[union-attr]
 
 
+def test_the_one_statement_path_keeps_its_checks_whichever_shape_ran_before(world) -> None:
+    """Its statement is built once per shape (character named or not) and reused with new values:
+    another character's conversation is still refused, another tenant's never written, a replay
+    still returns the first turn."""
+    from services.producer import submit_turns
+
+    conv = new_conversation("elara")
+    (started,) = enqueue_turns([conv | {"message": "Hi."}], send=False)  # the full path starts it
+    enqueue_turns([conv | {"message": "Named."}], send=False)  # one statement, the character named
+    enqueue_turns([{"conversation": conv["conversation"], "message": "Unnamed."}], send=False)
+    with pytest.raises(ValueError, match="belongs to character 'elara'"):
+        enqueue_turns([conv | {"character": "luffy", "message": "Named wrong."}], send=False)
+    keyed = conv | {"message": "Keyed.", "idempotency_key": "once-" + conv["conversation"]}
+    (first,) = enqueue_turns([keyed], send=False)
+    assert enqueue_turns([keyed], send=False) == [first]
+    (elsewhere,) = submit_turns([conv | {"message": "Other tenant."}], send=False, tenant="other-tenant")
+    ours = get_turn(started).conversation_id  # type: ignore[union-attr]
+    assert get_turn(elsewhere.id).conversation_id != ours  # type: ignore[union-attr]
+    with session_scope() as s:
+        messages = s.scalars(select(Turn.message).where(Turn.conversation_id == ours).order_by(Turn.number))
+        assert list(messages) == ["Hi.", "Named.", "Unnamed.", "Keyed."]
+
+
 def test_a_single_enqueue_after_a_database_restart_lands_once(world, services) -> None:
     from core import embedded
 
