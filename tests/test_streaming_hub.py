@@ -204,3 +204,18 @@ def test_the_hub_survives_a_redis_failure_and_serves_the_next_reader() -> None:
         return first.unreadable, got
 
     assert asyncio.run(twice()) == (True, ids)
+
+
+def test_the_hub_stops_with_the_app() -> None:
+    from api.main import create_app
+
+    app = create_app()
+
+    async def serve_and_stop() -> tuple[bool, bool]:
+        async with app.router.lifespan_context(app):
+            readers = hub(_client)
+            readers.follow(_turn(), stream_key(uuid.uuid4()))
+            await asyncio.sleep(0.2)  # its XREAD is blocked
+        return readers.closed, hub(_client) is not readers
+
+    assert asyncio.run(serve_and_stop()) == (True, True)
