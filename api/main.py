@@ -6,6 +6,8 @@ Run with `uvicorn api.main:create_app --factory` (or `mlchat api`).
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
@@ -28,13 +30,25 @@ from api.routes import (
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
+from streaming.hub import close_hub
+
+
+@asynccontextmanager
+async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    yield
+    await close_hub()  # the SSE readers' hub starts with the first reader and stops with the app
 
 
 def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:
         raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
-    app = FastAPI(title="mlchat", version="0.1.0", summary="In-character replies for game NPCs, in batches")
+    app = FastAPI(
+        title="mlchat",
+        version="0.1.0",
+        summary="In-character replies for game NPCs, in batches",
+        lifespan=_lifespan,
+    )
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.api_max_body_bytes,

@@ -50,6 +50,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased
 
 from db.models import (
+    TURN_FINISHED,
     Character,
     Conversation,
     ConversationMember,
@@ -1065,3 +1066,9 @@ def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
 def get_turn(*, session: Session, turn_id: uuid.UUID) -> Turn | None:
     """The turn row, or None."""
     return session.get(Turn, turn_id)
+
+
+def finished_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of these turns are finished (done, failed or cancelled): one light query for many readers."""
+    rows = session.execute(select(Turn.id).where(Turn.id.in_(list(turn_ids)), Turn.status.in_(TURN_FINISHED)))
+    return set(rows.scalars())

@@ -19,7 +19,6 @@ expired, lost) starts with `restarted` and is then served as a new reader.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -33,6 +32,8 @@ from redis.exceptions import RedisError
 from core.settings import settings
 from services.producer import TurnView
 from streaming.events import DELTA, END, Entry, redis_url, stream_key
+from streaming.hub import Follower, Hub
+from streaming.hub import hub as stream_hub
 
 logger = logging.getLogger(__name__)
 
@@ -171,68 +172,64 @@ class TurnReader:
         deadline = time.monotonic() + settings.stream_max_s
         if self._restart_first:
             yield restarted()
-        if self._last_event_id == FINAL or self._unreadable:  # only the stored turn is left to tell
-            async for event in self._from_stored_turn(deadline):
-                yield event
-            return
-        client = _client()
+        stored_only = self._last_event_id == FINAL or self._unreadable  # only the stored turn is left
+        readers = stream_hub(_client)
+        follower = readers.follow(self._turn_id, None if stored_only else self._key, self._cursor)
         try:
-            async for event in self._from_stream(client, deadline):
-                yield event
+            if stored_only:
+                async for event in self._from_stored_turn(follower, deadline):
+                    yield event
+            else:
+                async for event in self._from_stream(readers, follower, deadline):
+                    yield event
         finally:
-            await client.aclose()
+            readers.unfollow(follower)
 
-    async def _from_stream(self, client: Any, deadline: float) -> AsyncIterator[Event]:
-        shown, cursor = self._shown, self._cursor
-        grace_until, next_check, block, end_seen = None, 0.0, None, False  # the first read does not wait
+    async def _from_stream(self, readers: Hub, follower: Follower, deadline: float) -> AsyncIterator[Event]:
+        shown, graced, end_seen, checks = self._shown, False, False, 0
         while True:
             now = time.monotonic()
             if now >= deadline:
-                async for event in self._from_stored_turn(now):
+                readers.stop_stream(follower)
+                async for event in self._from_stored_turn(follower, now):
                     yield event
                 return
-            try:
-                answer = await client.xread({self._key: cursor}, count=256, block=block)
-            except _UNREADABLE:
+            await follower.wait(deadline - now)
+            for entry in follower.take():
+                if entry.kind == END:
+                    end_seen = True
+                elif entry.kind == DELTA:
+                    for event in shown.take(entry):
+                        yield event
+            if follower.unreadable:
                 logger.warning("turn %s: its stream is unreadable; following the stored turn", self._turn_id)
-                async for event in self._from_stored_turn(deadline):
+                async for event in self._from_stored_turn(follower, deadline):
                     yield event
                 return
-            block = max(1, int(min(settings.stream_check_s, 1.0, deadline - now) * 1000))
-            for _, entries in answer:
-                for raw_id, fields in entries:
-                    entry = Entry.parse(raw_id, fields)
-                    cursor = entry.id
-                    if entry.kind == END:
-                        end_seen = True
-                    elif entry.kind == DELTA:
-                        for event in shown.take(entry):
-                            yield event
-            now = time.monotonic()
-            if not (end_seen or now >= next_check):
+            checked, checks = follower.finished_checks > checks, follower.finished_checks
+            if not (end_seen or checked):
                 continue
             ended, end_seen = end_seen, False
-            next_check = now + settings.stream_check_s
-            view = await self._read_turn()
+            view = await self._read_turn()  # the full stored turn, only once it has finished
             if not view.finished:
                 continue
-            if view.params.get("stream") and not ended and grace_until is None:
-                grace_until = next_check  # its last deltas may still be on their way: wait for its end
+            if view.params.get("stream") and not ended and not graced:
+                graced = True  # its last deltas may still be on their way: wait for its end
                 continue
             for event in shown.finish(view):
                 yield event
             return
 
-    async def _from_stored_turn(self, deadline: float) -> AsyncIterator[Event]:
-        """The end of the stream from the stored turn alone, polled until finished or `deadline`."""
+    async def _from_stored_turn(self, follower: Follower, deadline: float) -> AsyncIterator[Event]:
+        """The end of the stream from the stored turn alone, read again once the hub's status check
+        finds it finished, until `deadline`."""
         while True:
             view = await self._read_turn()
             if view.finished:
                 for event in self._shown.finish(view):
                     yield event
                 return
-            left = deadline - time.monotonic()
-            if left <= 0:
+            if time.monotonic() >= deadline:
                 yield Event(
                     "error",
                     None,
@@ -244,7 +241,10 @@ class TurnReader:
                     },
                 )
                 return
-            await asyncio.sleep(min(settings.stream_check_s, left))
+            checks = follower.finished_checks
+            while follower.finished_checks == checks and (left := deadline - time.monotonic()) > 0:
+                await follower.wait(left)
+                follower.take()  # raises what a failed status check raised
 
 
 async def turn_events(

@@ -1,0 +1,292 @@
+"""Every SSE reader of one API process (one event loop) served by one hub: one Redis connection reads
+all followed turn streams with a single XREAD, and one database query a check interval tells every
+reader whether its turn has finished; a reader reads its full stored turn only when it has.
+
+A reader follows its turn (`Hub.follow`) from a cursor and gets the stream's entries after it, in
+order, each once. A new follower joins at once: a blocked XREAD also waits on the hub's own wake
+stream, which a join writes to. A slow follower (one that has not taken `BACKLOG` entries yet) is
+handed what fits and then paused: the hub reads nothing more for it, and its cursor stays at the
+last entry it was handed, until it takes its backlog; then the hub reads on from that cursor. So it
+neither stalls the others nor grows without bound, and loses nothing. When Redis cannot be read,
+every stream follower is told (`unreadable`: it follows the stored turn from then on) and the next
+follower makes the hub connect again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+import weakref
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from core.settings import settings
+from db.session import session_scope
+from db.turns import finished_turns
+from streaming.events import Entry
+
+logger = logging.getLogger(__name__)
+
+BACKLOG = 1024  # entries a follower may hold untaken before the hub pauses reading for it
+_COUNT = 256  # entries per stream per XREAD
+_BLOCK_MS = 1000  # a join wakes the read at once: the block only bounds an idle round
+_WAKE_TTL_S = 3600
+_UNREADABLE = (RedisError, OSError)
+
+
+def _order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Follower:
+    """One reader's subscription: its turn's stream entries after `cursor`, and whether its turn has
+    finished by the last status check."""
+
+    def __init__(self, hub: Hub, turn_id: uuid.UUID, key: str | None, cursor: str) -> None:
+        self.turn_id, self.key, self.cursor = turn_id, key, cursor
+        self.finished_checks = 0  # status checks that found the turn finished
+        self.unreadable = False  # the stream could not be read: only the stored turn is left
+        self._hub = hub
+        self._entries: deque[Entry] = deque()
+        self._paused = False
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        """Until there is something new (entries, a finished check, a failure) or `timeout` s pass."""
+        if timeout > 0 and not self._ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._ready.wait()
+        self._ready.clear()
+
+    def take(self) -> list[Entry]:
+        """The entries handed since the last take (a paused follower is read for again)."""
+        if self._error is not None:
+            raise self._error
+        out = list(self._entries)
+        self._entries.clear()
+        if self._paused:
+            self._paused = False
+            self._hub.wake()
+        return out
+
+    def _hand(self, entries: list[Entry]) -> None:
+        after = _order(self.cursor)
+        fresh = [e for e in entries if _order(e.id) > after]
+        room = BACKLOG - len(self._entries)
+        if len(fresh) > room:
+            fresh, self._paused = fresh[:room], True
+        if fresh:
+            self._entries.extend(fresh)
+            self.cursor = fresh[-1].id
+            self._ready.set()
+
+    def _checked(self) -> None:
+        self.finished_checks += 1
+        self._ready.set()
+
+    def _fail(self, error: BaseException | None) -> None:
+        if error is None:
+            self.unreadable = True
+        else:
+            self._error = error
+        self._ready.set()
+
+
+class Hub:
+    """The readers' one XREAD loop and one status check loop (started by the first follower)."""
+
+    def __init__(self, connect: Callable[[], Any]) -> None:
+        self._connect = connect
+        self._client: Any = None
+        self._followers: set[Follower] = set()
+        self._by_key: dict[str, set[Follower]] = {}
+        self._joined = asyncio.Event()  # a stream follower joined or was unpaused
+        self._check_now = asyncio.Event()  # a follower joined: check the statuses without waiting
+        self._wake_key = f"mlchat:stream-hub:{uuid.uuid4()}"
+        self._wake_cursor = "0-0"
+        self._reading = False  # an XREAD is in flight: a join must wake it
+        self._waking = False
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = False
+
+    def follow(self, turn_id: uuid.UUID, key: str | None, cursor: str = "0-0") -> Follower:
+        """Follow a turn: its stream `key` after `cursor` (None: its status alone)."""
+        follower = Follower(self, turn_id, key, cursor)
+        self._followers.add(follower)
+        if key is not None:
+            self._by_key.setdefault(key, set()).add(follower)
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._read_streams(), name="stream-hub-read"),
+                asyncio.create_task(self._check_statuses(), name="stream-hub-check"),
+            ]
+        self._check_now.set()
+        self.wake()
+        return follower
+
+    def followers(self) -> int:
+        """How many readers the hub serves now."""
+        return len(self._followers)
+
+    def stop_stream(self, follower: Follower) -> None:
+        """Stop reading the follower's stream; it keeps its status checks."""
+        if follower.key is not None:
+            followers = self._by_key.get(follower.key, set())
+            followers.discard(follower)
+            if not followers:
+                self._by_key.pop(follower.key, None)
+            follower.key = None
+
+    def unfollow(self, follower: Follower) -> None:
+        """The reader is gone: nothing more for it."""
+        self.stop_stream(follower)
+        self._followers.discard(follower)
+
+    def wake(self) -> None:
+        """Let the next XREAD include new or unpaused followers now, not after its block."""
+        self._joined.set()
+        if self._reading and not self._waking and self._client is not None:
+            self._waking = True
+            asyncio.get_running_loop().create_task(self._send_wake(self._client))
+
+    async def close(self) -> None:
+        """Stop both loops and close the Redis connection (the app's shutdown)."""
+        self.closed = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._client is not None:
+            with contextlib.suppress(*_UNREADABLE):
+                await self._client.delete(self._wake_key)
+            await self._drop_client()
+
+    async def _send_wake(self, client: Any) -> None:
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.xadd(self._wake_key, {"w": "1"}, maxlen=1, approximate=False)
+                pipe.expire(self._wake_key, _WAKE_TTL_S)
+                await pipe.execute()
+        except _UNREADABLE:
+            pass  # the XREAD meets the same failure and tells the followers
+        finally:
+            self._waking = False
+
+    def _streams(self) -> dict[str, str]:
+        """Each followed key from the lowest cursor of its followers that are not paused."""
+        out: dict[str, str] = {}
+        for key, followers in self._by_key.items():
+            cursors = [f.cursor for f in followers if not f._paused]
+            if cursors:
+                out[key] = min(cursors, key=_order)
+        return out
+
+    async def _drop_client(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(*_UNREADABLE):
+                await client.aclose()
+
+    async def _read_streams(self) -> None:
+        try:
+            while True:
+                self._joined.clear()
+                streams = self._streams()
+                if not streams:
+                    await self._joined.wait()
+                    continue
+                if self._client is None:
+                    self._client = self._connect()
+                try:
+                    self._reading = True
+                    answer = await self._client.xread(
+                        {self._wake_key: self._wake_cursor} | streams, count=_COUNT, block=_BLOCK_MS
+                    )
+                except _UNREADABLE:
+                    _unless_cancelled()
+                    logger.warning("the turn streams are unreadable; their readers follow the stored turns")
+                    self._fail_streams()
+                    await self._drop_client()
+                    continue
+                finally:
+                    self._reading = False
+                _unless_cancelled()
+                self._hand(answer)
+        finally:
+            await self._drop_client()
+
+    def _hand(self, answer: Any) -> None:
+        for raw_key, raw_entries in answer:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            entries = [Entry.parse(i, f) for i, f in raw_entries]
+            if key == self._wake_key:
+                self._wake_cursor = entries[-1].id if entries else self._wake_cursor
+                continue
+            for follower in list(self._by_key.get(key, ())):
+                if not follower._paused:
+                    follower._hand(entries)
+
+    def _fail_streams(self) -> None:
+        for followers in list(self._by_key.values()):
+            for follower in list(followers):
+                self.stop_stream(follower)
+                follower._fail(None)
+
+    async def _check_statuses(self) -> None:
+        while True:
+            self._check_now.clear()
+            if not self._followers:
+                await self._check_now.wait()
+                continue
+            followers = list(self._followers)
+            try:
+                finished = await asyncio.to_thread(_finished, {f.turn_id for f in followers})
+            except Exception as exc:  # the readers fail as one reading the stored turn would
+                _unless_cancelled()
+                for follower in followers:
+                    follower._fail(exc)
+            else:
+                for follower in followers:
+                    if follower.turn_id in finished:
+                        follower._checked()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(settings.stream_check_s):
+                    await self._check_now.wait()
+
+
+def _unless_cancelled() -> None:
+    # redis-py can answer a cancel in mid-command with an error or an empty answer: the cancel wins
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def _finished(turn_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+    with session_scope() as session:
+        return finished_turns(session=session, turn_ids=list(turn_ids))
+
+
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakKeyDictionary()
+
+
+def hub(connect: Callable[[], Any]) -> Hub:
+    """This event loop's hub, made on first use; `connect` makes its Redis client."""
+    loop = asyncio.get_running_loop()
+    found = _hubs.get(loop)
+    if found is None or found.closed:
+        found = _hubs[loop] = Hub(connect)
+    return found
+
+
+async def close_hub() -> None:
+    """Stop this event loop's hub, if it has one."""
+    found = _hubs.pop(asyncio.get_running_loop(), None)
+    if found is not None:
+        await found.close()

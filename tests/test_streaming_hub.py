@@ -1,0 +1,221 @@
+"""The API process's one hub for all SSE readers (streaming/hub.py), with real Redis and PostgreSQL:
+each reader gets exactly its events, a reader that hangs up is let go, a slow reader stalls nobody
+and loses nothing, one status query a check interval serves every reader, and a Redis failure is
+survived."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+from sqlalchemy import Engine, event
+
+import streaming.hub
+from core.settings import settings
+from db.session import session_scope
+from db.turns import cancel_turns
+from services import producer
+from services.producer import TurnView
+from services.schemas import TurnRequest
+from streaming.events import DELTA, END, redis_url, stream_key
+from streaming.hub import Hub, hub
+from streaming.reader import Event, TurnReader, _client, turn_events
+from tests.conftest import new_conversation
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _turn() -> uuid.UUID:
+    """A streamed turn, stored but never sent to a worker."""
+    request = TurnRequest(**new_conversation(), message="Tell me of the road.", stream=True)
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
+    return stored.id
+
+
+def _cancel(*turn_ids: uuid.UUID) -> None:
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=list(turn_ids))
+
+
+def _xadd(turn_id: uuid.UUID, claim: str, *texts: str, first_seq: int = 1) -> list[str]:
+    client = redis.Redis.from_url(redis_url())
+    return [
+        client.xadd(
+            stream_key(turn_id), {"kind": DELTA, "text": t, "claim": claim, "seq": str(first_seq + i)}
+        ).decode()
+        for i, t in enumerate(texts)
+    ]
+
+
+def _end(turn_id: uuid.UUID) -> None:
+    redis.Redis.from_url(redis_url()).xadd(stream_key(turn_id), {"kind": END})
+
+
+def _stored(turn_id: uuid.UUID) -> Callable[[], Awaitable[TurnView]]:
+    async def read_turn() -> TurnView:
+        view = await asyncio.to_thread(producer.get_turn, turn_id)
+        assert view is not None
+        return view
+
+    return read_turn
+
+
+async def _follow(turn_id: uuid.UUID) -> list[Event]:
+    return [e async for e in turn_events(turn_id, _stored(turn_id))]
+
+
+def _codes(events: list[Event]) -> list[str]:
+    return [e.data["text"] if e.kind == "delta" else e.data.get("code", e.kind) for e in events]
+
+
+async def _until(check: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not check():
+            await asyncio.sleep(0.01)
+
+
+def test_many_readers_of_many_turns_each_get_exactly_their_turns_events() -> None:
+    turns = [_turn() for _ in range(12)]
+    claims = {t: str(uuid.uuid4()) for t in turns}
+    for i, turn_id in enumerate(turns):
+        _xadd(turn_id, claims[turn_id], f"{i}:a", f"{i}:b")  # before the readers come
+
+    async def crowd() -> list[list[Event]]:
+        readers = [asyncio.create_task(_follow(t)) for t in turns for _ in range(2)]  # two a turn
+        await _until(lambda: hub(_client).followers() == len(readers))
+        for i, turn_id in enumerate(turns):  # while they follow
+            _xadd(turn_id, claims[turn_id], f"{i}:c", f"{i}:d", first_seq=3)
+        _cancel(*turns)
+        for turn_id in turns:
+            _end(turn_id)
+        return await asyncio.wait_for(asyncio.gather(*readers), 20)
+
+    seen = asyncio.run(crowd())
+    for n, events in enumerate(seen):
+        i = n // 2
+        assert _codes(events) == [f"{i}:a", f"{i}:b", f"{i}:c", f"{i}:d", "cancelled"]
+
+
+def test_a_reader_that_hangs_up_is_let_go() -> None:
+    turn_id = _turn()
+    _xadd(turn_id, str(uuid.uuid4()), "Well", " met")
+
+    async def hang_up() -> tuple[int, int]:
+        reader = TurnReader(turn_id, _stored(turn_id))
+        await reader.open()
+        events = reader.events()
+        first = await anext(events)
+        assert first.data["text"] == "Well"
+        readers = hub(_client)
+        following = readers.followers()
+        await events.aclose()  # what the SSE response does when the client goes away
+        return following, readers.followers()
+
+    assert asyncio.run(hang_up()) == (1, 0)
+
+
+def test_a_slow_reader_stalls_no_one_and_loses_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(streaming.hub, "BACKLOG", 8)
+    slow_turn, fast_turn = _turn(), _turn()
+    slow_claim, fast_claim = str(uuid.uuid4()), str(uuid.uuid4())
+
+    async def race() -> tuple[list[str], list[str], int, list[str], list[str]]:
+        readers = hub(_client)
+        slow = readers.follow(slow_turn, stream_key(slow_turn))  # never takes until the fast one is done
+        fast = readers.follow(fast_turn, stream_key(fast_turn))
+        written = _xadd(slow_turn, slow_claim, *(f"s{i}" for i in range(50)))
+        fast_ids = _xadd(fast_turn, fast_claim, *(f"f{i}" for i in range(50)))
+        got: list[str] = []
+        async with asyncio.timeout(10):
+            while len(got) < len(fast_ids):
+                await fast.wait(1)
+                got += [e.id for e in fast.take()]
+        held = slow.take()  # what the hub had handed the slow one meanwhile: no more than its backlog
+        slow_got = [e.id for e in held]
+        async with asyncio.timeout(10):
+            while len(slow_got) < len(written):
+                await slow.wait(1)
+                slow_got += [e.id for e in slow.take()]
+        return got, fast_ids, len(held), slow_got, written
+
+    got, fast_ids, held, slow_got, written = asyncio.run(race())
+    assert got == fast_ids  # all of it while the slow one took nothing
+    assert 0 < held <= 8
+    assert slow_got == written  # every entry, in order, once
+
+
+def test_one_status_query_a_check_interval_serves_every_reader(monkeypatch) -> None:
+    monkeypatch.setattr(settings, "stream_check_s", 0.2)
+    turns = [_turn() for _ in range(20)]
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    async def crowd() -> tuple[int, list[list[Event]]]:
+        readers = [asyncio.create_task(_follow(t)) for t in turns]
+        await _until(lambda: hub(_client).followers() == len(turns))
+        await asyncio.sleep(0.3)  # the joins' first checks are done
+        event.listen(Engine, "before_cursor_execute", count)
+        try:
+            await asyncio.sleep(1.0)  # five check intervals, no turn finished
+        finally:
+            event.remove(Engine, "before_cursor_execute", count)
+        during = len(statements)
+        _cancel(*turns)
+        return during, await asyncio.wait_for(asyncio.gather(*readers), 20)
+
+    during, seen = asyncio.run(crowd())
+    assert 3 <= during <= 7, statements  # about one a 0.2 s interval, not one a reader
+    assert all(_codes(events) == ["cancelled"] for events in seen)
+
+
+def _closed_port_client() -> Any:
+    import redis.asyncio as aioredis
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"redis://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there once it is closed
+    return aioredis.Redis.from_url(url, socket_connect_timeout=1, retry=None)
+
+
+def test_the_hub_survives_a_redis_failure_and_serves_the_next_reader() -> None:
+    turn_id = _turn()
+    ids = _xadd(turn_id, str(uuid.uuid4()), "Well", " met")
+    connects = [_closed_port_client, _client]
+
+    async def twice() -> tuple[bool, list[str]]:
+        readers = Hub(lambda: connects.pop(0)())
+        first = readers.follow(turn_id, stream_key(turn_id))
+        await _until(lambda: first.unreadable)
+        readers.unfollow(first)
+        second = readers.follow(turn_id, stream_key(turn_id))
+        got: list[str] = []
+        async with asyncio.timeout(10):
+            while len(got) < 2:
+                await second.wait(1)
+                got += [e.id for e in second.take()]
+        await readers.close()
+        return first.unreadable, got
+
+    assert asyncio.run(twice()) == (True, ids)
+
+
+def test_the_hub_stops_with_the_app() -> None:
+    from api.main import create_app
+
+    app = create_app()
+
+    async def serve_and_stop() -> tuple[bool, bool]:
+        async with app.router.lifespan_context(app):
+            readers = hub(_client)
+            readers.follow(_turn(), stream_key(uuid.uuid4()))
+            await asyncio.sleep(0.2)  # its XREAD is blocked
+        return readers.closed, hub(_client) is not readers
+
+    assert asyncio.run(serve_and_stop()) == (True, True)
