@@ -53,7 +53,10 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
-    seconds: float = 0.0  # from admission to the last token
+    seconds: float = 0.0  # from submission to the last token
+    # From submission until the engine took the request (add_request), and until its first token.
+    admit_s: float = 0.0
+    first_token_s: float = 0.0
     structured: Any = None  # a structured reply, parsed (worker/structured.py); None for free text
     emotion: str | None = None  # the emotion an NPC reply chose (only the NPC shape has one)
 
@@ -71,6 +74,8 @@ class _Job:
     on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
     shown: str = ""  # what on_text has been told so far
     started: bool = False  # a step has returned output for it: it is past its prefill
+    admitted: float = 0.0  # perf_counter when add_request was called
+    first_output: float = 0.0  # perf_counter when a step first returned output for it
 
 
 class BusyClock:
@@ -270,8 +275,9 @@ class EngineLoop:
         """The engine returned output for this request: its prefill is done."""
         self._unstarted.pop(request_id, None)
         job = self._inside.get(request_id)
-        if job is not None:
+        if job is not None and not job.started:
             job.started = True
+            job.first_output = time.perf_counter()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -337,6 +343,7 @@ class EngineLoop:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
         add_request is called: a death during the call may be this request's doing."""
         job.request_id = f"r{next(self._ids)}"
+        job.admitted = time.perf_counter()
         with self._cond:
             if not self._inside:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
@@ -401,6 +408,8 @@ class EngineLoop:
                 completion_tokens=len(completion.token_ids),
                 finish_reason=completion.finish_reason,
                 seconds=time.perf_counter() - job.submitted,
+                admit_s=job.admitted - job.submitted,
+                first_token_s=(job.first_output or time.perf_counter()) - job.submitted,
             )
         )
 
