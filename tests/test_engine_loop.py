@@ -1,6 +1,7 @@
 """The engine loop on the real engine: live ahead of bulk, bounded bulk admission, results as they finish,
 and the worker pausing its bulk queue while the engine is full."""
 
+import queue
 import threading
 import time
 
@@ -313,6 +314,40 @@ def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding()
     fake.die_in_step.set()
     assert _all_done(decoding, timeout=10)
     assert [f.exception().in_engine for f in decoding] == [True] * 3
+
+
+class _CoreStepsOnItsOwn(_ScriptedEngine):
+    """vLLM's multiprocessing client: its core process steps on its own and queues each step's
+    outputs in `engine_core.outputs_queue`; `step()` takes the next (here: what the test puts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_core = type("Client", (), {"outputs_queue": queue.Queue()})()
+
+    def step(self):  # type: ignore[no-untyped-def]
+        return self.engine_core.outputs_queue.get()
+
+
+def test_a_live_request_joins_the_engine_while_a_step_runs() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    (bulk,) = loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    # The core is mid-step (no outputs yet): the live request must reach it now, not after the step.
+    (live,) = loop.submit([([2], None, LIVE, None)])
+    assert _until(lambda: len(fake.admitted) == 2), "the live request waited for the running step"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
+    assert _all_done([bulk, live], timeout=10)
+    assert live.result().text == "ok"
+
+
+def _until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:

@@ -45,6 +45,9 @@ logger = logging.getLogger(__name__)
 
 LIVE, BULK = 0, 1  # vLLM priority: lower runs first
 LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk admissions back
+# How often the loop looks for a step's outputs while it waits for them: a new request wakes it at
+# once, and the engine core steps on without it, so this only delays collecting outputs a little.
+OUTPUT_POLL_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,7 @@ class EngineLoop:
                     job.future.set_exception(self._dead_error(in_engine=False))
             else:
                 self._inbox.extend(jobs)
-                self._cond.notify()
+                self._cond.notify_all()  # the loop's thread, not only a caller in wait()
         return [job.future for job in jobs]
 
     def call(self, method: str, *args: Any) -> Future[Any]:
@@ -242,14 +245,13 @@ class EngineLoop:
                         self._cond.wait(0.5)
                     if self._death is not None:
                         return
-                    while self._inbox:  # sorted under the lock: a job is always somewhere _die looks
-                        job = self._inbox.popleft()
-                        self._queue_of(job).append(job)
+                    self._sort_inbox()
                 self._run_calls()
                 self._admit_waiting()
                 if not self._inside:
                     continue
                 self.busy.mark(True)
+                self._admit_until_outputs()
                 outputs = self.engine.step()
                 with self._cond:
                     if self._death is not None:  # declared dead (stalled) while this step blocked
@@ -262,6 +264,32 @@ class EngineLoop:
                         self._finish(out)
         except BaseException as exc:  # the engine died (EngineDeadError) or something worse
             self._die(exc)
+
+    def _sort_inbox(self) -> None:
+        """Move submitted jobs to their waiting queue (the caller holds the lock, so a job is always
+        somewhere _die looks)."""
+        while self._inbox:
+            job = self._inbox.popleft()
+            self._queue_of(job).append(job)
+
+    def _admit_until_outputs(self) -> None:
+        """Admit what arrives until the engine has a step's outputs to hand back.
+
+        vLLM's engine core (its own process) steps on its own and queues each step's outputs;
+        `step()` only collects them. A request added while a step runs joins the core's next step;
+        one added only after `step()` returns joins the step after that, a whole (bulk-laden) step
+        later. Without a client whose outputs can be looked at, this returns at once."""
+        ready = _outputs_ready(self.engine)
+        if ready is None:
+            return
+        while not ready():
+            with self._cond:
+                if self._death is not None:
+                    return
+                if not self._inbox:
+                    self._cond.wait(OUTPUT_POLL_S)  # a submit wakes it at once
+                self._sort_inbox()
+            self._admit_waiting()
 
     def _queue_of(self, job: _Job) -> deque[_Job]:
         if job.alone:
@@ -459,6 +487,15 @@ class EngineLoop:
 
 class EngineStalled(RuntimeError):
     """The engine is alive but no step has returned for longer than the loop allows."""
+
+
+def _outputs_ready(engine: Any) -> Callable[[], bool] | None:
+    """Whether the engine's client has a step's outputs queued (vLLM's multiprocessing client keeps
+    them in `outputs_queue`); None when the client has no such queue (an in-process engine)."""
+    outputs = getattr(getattr(engine, "engine_core", None), "outputs_queue", None)
+    if outputs is None or not callable(getattr(outputs, "empty", None)):
+        return None
+    return lambda: not outputs.empty()
 
 
 def _drop_first(waiting: deque[_Job], job: _Job) -> None:
