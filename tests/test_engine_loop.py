@@ -365,6 +365,18 @@ def test_bulk_requests_the_core_has_not_scheduled_yet_wait_for_a_live_requests_p
     assert queued.result().text == "ok"
 
 
+def test_a_core_that_never_returns_outputs_stalls_and_the_loop_stops_waiting_for_it() -> None:
+    from worker.engine import EngineDead
+
+    fake = _CoreStepsOnItsOwn()  # nothing ever puts outputs: a hung engine core
+    loop = _loop(fake, stall_s=0.5)
+    (future,) = loop.submit([([1], None, LIVE, None)])
+    assert loop.wait([future], timeout=30) == [future], "wait() blocked on a stalled engine"
+    assert isinstance(future.exception(), EngineDead)
+    loop._thread.join(timeout=10)
+    assert not loop._thread.is_alive(), "the loop's thread still waits on the dead engine"
+
+
 def _until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():

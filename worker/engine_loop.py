@@ -261,6 +261,8 @@ class EngineLoop:
                     continue
                 self.busy.mark(True)
                 self._admit_until_outputs()
+                if self._death is not None:  # declared dead (stalled) while it waited for outputs
+                    return
                 outputs = self.engine.step()
                 self._queued_bulk.clear()  # the core has begun its next step: those are in it
                 with self._cond:
