@@ -126,16 +126,39 @@ async def _probe(base: str, request: dict[str, Any]) -> dict[str, float]:
     async with _client(base, BENCH_KEY) as client:
         started = time.time()
         answer = await client.post("/v1/turns", json=request | {"stream": True})
+        posted = time.time()
         answer.raise_for_status()
-        events = await _events(client, f"/v1/turns/{answer.json()['id']}/stream")
+        turn_id = answer.json()["id"]
+        events = await _events(client, f"/v1/turns/{turn_id}/stream")
+        stored = (await client.get(f"/v1/turns/{turn_id}")).json().get("timings") or {}
     deltas = [e for e in events if e[1] == "delta"]
     stamped = [e for e in deltas if "t" in e[3]]  # the last delta made up from the stored turn has none
     if not deltas or events[-1][1] != "done":
         raise RuntimeError(f"probe {request['conversation']} ended without a reply: {events[-1:]}")
+    ttft_ms = (deltas[0][0] - started) * 1000
     return {
-        "ttft_s": deltas[0][0] - started,
+        "ttft_s": ttft_ms / 1000,
         "delivery_ms": (stamped[-1][0] - stamped[-1][3]["t"]) * 1000 if stamped else float("nan"),
+        "post_ms": (posted - started) * 1000,
+        **_breakdown(ttft_ms, stored, deltas[0][3].get("t"), started),
     }
+
+
+# Where a probe's time to first delta went, from the turn's stored timings (worker/pipeline.py):
+# waiting for a worker to claim it, the claim's stages before the engine, inside the engine loop.
+STAGES = ("queue", "claim", "embed", "retrieve", "prompt", "to_engine", "engine_wait", "first_token")
+
+
+def _breakdown(
+    ttft_ms: float, timings: dict[str, Any], first_t: float | None, started: float
+) -> dict[str, float]:
+    """The probe's stage times (ms); `first_delta_written_ms`, from the POST to the worker's stamp on
+    the first delta; `unaccounted_ms`, what the stored stages leave out (the API's insert, the
+    delta's way to the client)."""
+    row = {f"{stage}_ms": float(timings.get(f"{stage}_ms", float("nan"))) for stage in STAGES}
+    row["first_delta_written_ms"] = (first_t - started) * 1000 if first_t is not None else float("nan")
+    row["unaccounted_ms"] = ttft_ms - row["queue_ms"] - row["to_engine_ms"] - row["first_token_ms"]
+    return row
 
 
 def _probes(
@@ -151,6 +174,17 @@ def _probes(
         out.append(row)
         time.sleep(gap_s)
     return out
+
+
+def _stage_row(probe: dict[str, float]) -> dict[str, float]:
+    names = ["post_ms"] + [f"{stage}_ms" for stage in STAGES] + ["first_delta_written_ms", "unaccounted_ms"]
+    return {"ttft_ms": round(probe["ttft_s"] * 1000, 1)} | {n: round(probe[n], 1) for n in names}
+
+
+def _stage_medians(probes: list[dict[str, float]]) -> dict[str, float]:
+    """Each stage's median over the probes (stages do not add up to the ttft median)."""
+    rows = [_stage_row(p) for p in probes]
+    return {name: round(statistics.median(r[name] for r in rows), 1) for name in rows[0]}
 
 
 def _unfinished(ids: list[uuid.UUID]) -> int:
@@ -318,6 +352,9 @@ def measure_streaming(
         "ttft_under_bulk_ms_median": round(ttft_loaded, 1),
         "ttft_ratio": round(ttft_loaded / ttft_alone, 2),
         "ttft_ratio_target": 1.5,
+        "ttft_breakdown_alone_ms": _stage_medians(alone),
+        "ttft_breakdown_under_bulk_ms": _stage_medians(loaded_probes),
+        "ttft_breakdown_under_bulk_each_ms": [_stage_row(p) for p in loaded_probes],
         "delivery_overhead_ms": [round(p["delivery_ms"], 2) for p in alone],
         "delivery_overhead_ms_median": round(median(alone, "delivery_ms"), 2),
         "delivery_overhead_under_bulk_ms_median": round(median(loaded_probes, "delivery_ms"), 2),

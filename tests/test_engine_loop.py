@@ -1,6 +1,7 @@
 """The engine loop on the real engine: live ahead of bulk, bounded bulk admission, results as they finish,
 and the worker pausing its bulk queue while the engine is full."""
 
+import queue
 import threading
 import time
 
@@ -167,6 +168,7 @@ class _ScriptedEngine:
         self.decode_steps, self.step_s = decode_steps, step_s
         self.die_in_step = threading.Event()
         self.admitted: list[str] = []
+        self.aborted: list[str] = []
         self.prompts: dict[str, list[int]] = {}
         self.steps: list[set[str]] = []  # the requests inside at each step
         self.hang = threading.Event()
@@ -184,6 +186,10 @@ class _ScriptedEngine:
         self.prompts[request_id] = prompt["prompt_token_ids"]
         self._inside.add(request_id)
         self._left[request_id] = self.decode_steps
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+        self._inside -= set(request_ids)
 
     def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
         if self.hang.is_set():
@@ -313,6 +319,71 @@ def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding()
     fake.die_in_step.set()
     assert _all_done(decoding, timeout=10)
     assert [f.exception().in_engine for f in decoding] == [True] * 3
+
+
+class _CoreStepsOnItsOwn(_ScriptedEngine):
+    """vLLM's multiprocessing client: its core process steps on its own and queues each step's
+    outputs in `engine_core.outputs_queue`; `step()` takes the next (here: what the test puts)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine_core = type("Client", (), {"outputs_queue": queue.Queue()})()
+
+    def step(self):  # type: ignore[no-untyped-def]
+        return self.engine_core.outputs_queue.get()
+
+
+def test_a_live_request_joins_the_engine_while_a_step_runs() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    (bulk,) = loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    # The core is mid-step (no outputs yet): the live request must reach it now, not after the step.
+    (live,) = loop.submit([([2], None, LIVE, None)])
+    assert _until(lambda: len(fake.admitted) == 2), "the live request waited for the running step"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
+    assert _all_done([bulk, live], timeout=10)
+    assert live.result().text == "ok"
+
+
+def test_bulk_requests_the_core_has_not_scheduled_yet_wait_for_a_live_requests_prefill() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    (first,) = loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"])  # an idle core schedules it at once
+    (queued,) = loop.submit([([2], None, BULK, None)])  # added while the core's step runs
+    assert _until(lambda: fake.admitted == ["r0", "r1"])
+    (live,) = loop.submit([([3], None, LIVE, None)])
+    assert _until(lambda: "r2" in fake.admitted), fake.admitted
+    # The queued bulk request would have shared the live one's prefill step: it is taken back.
+    assert fake.aborted == ["r1"]
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r2")])
+    assert _all_done([first, live], timeout=10)
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3"]), "the bulk request was not added again"
+    fake.engine_core.outputs_queue.put([_Out("r3")])
+    assert _all_done([queued], timeout=10)
+    assert queued.result().text == "ok"
+
+
+def test_a_core_that_never_returns_outputs_stalls_and_the_loop_stops_waiting_for_it() -> None:
+    from worker.engine import EngineDead
+
+    fake = _CoreStepsOnItsOwn()  # nothing ever puts outputs: a hung engine core
+    loop = _loop(fake, stall_s=0.5)
+    (future,) = loop.submit([([1], None, LIVE, None)])
+    assert loop.wait([future], timeout=30) == [future], "wait() blocked on a stalled engine"
+    assert isinstance(future.exception(), EngineDead)
+    loop._thread.join(timeout=10)
+    assert not loop._thread.is_alive(), "the loop's thread still waits on the dead engine"
+
+
+def _until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:

@@ -17,8 +17,10 @@ live turn and the decoding bulk ones, not long prefills of new bulk prompts. Bul
 decoding share every step with it; they are not preempted.
 
 The engine core is its own process (vLLM's multiprocessing client), so while it computes, this
-process's threads embed, retrieve, build prompts and write results. `busy` records when at least
-one request was inside the engine: the benchmark's busy share comes from it.
+process's threads embed, retrieve, build prompts and write results. The core also steps on its own:
+while one of its steps runs, this loop keeps admitting what arrives, so a live request joins the
+core's next step rather than the one after. `busy` records when at least one request was inside the
+engine: the benchmark's busy share comes from it.
 
 When the engine dies, every future resolves with EngineDead. `in_engine=True` marks the requests
 that may have killed it: those inside that had not yet returned any output (joining, or in their
@@ -45,6 +47,10 @@ logger = logging.getLogger(__name__)
 
 LIVE, BULK = 0, 1  # vLLM priority: lower runs first
 LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk admissions back
+# How often the loop looks for a step's outputs while it waits for them: a new request wakes it at
+# once, and the engine core steps on without it, so this only delays collecting outputs a little.
+OUTPUT_POLL_S = 0.002
+TAKEN_BACK_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,10 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str | None
-    seconds: float = 0.0  # from admission to the last token
+    seconds: float = 0.0  # from submission to the last token
+    # From submission until the engine took the request (add_request), and until its first token.
+    admit_s: float = 0.0
+    first_token_s: float = 0.0
     structured: Any = None  # a structured reply, parsed (worker/structured.py); None for free text
     emotion: str | None = None  # the emotion an NPC reply chose (only the NPC shape has one)
 
@@ -71,6 +80,8 @@ class _Job:
     on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
     shown: str = ""  # what on_text has been told so far
     started: bool = False  # a step has returned output for it: it is past its prefill
+    admitted: float = 0.0  # perf_counter when add_request was called
+    first_output: float = 0.0  # perf_counter when a step first returned output for it
 
 
 class BusyClock:
@@ -133,6 +144,12 @@ class EngineLoop:
         self._inside: dict[str, _Job] = {}
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
+        # Bulk requests added while the core runs a step (it schedules them in its next one), unless
+        # they use guided decoding (vLLM rewrites those params when it takes them).
+        self._queued_bulk: list[str] = []
+        # Request ids aborted by _hold_back_queued_bulk, the latest TAKEN_BACK_KEPT: a step the core
+        # began just before the abort may still return output for one.
+        self._taken_back: dict[str, None] = {}
         self._live_since: float | None = None  # when the live requests now inside began to hold bulk back
         self._call_since: float | None = None  # when the engine call now running began
         self._live_owed = False  # an alone request just ran: the live ones that waited for it go first
@@ -165,7 +182,7 @@ class EngineLoop:
                     job.future.set_exception(self._dead_error(in_engine=False))
             else:
                 self._inbox.extend(jobs)
-                self._cond.notify()
+                self._cond.notify_all()  # the loop's thread, not only a caller in wait()
         return [job.future for job in jobs]
 
     def call(self, method: str, *args: Any) -> Future[Any]:
@@ -237,26 +254,56 @@ class EngineLoop:
                         self._cond.wait(0.5)
                     if self._death is not None:
                         return
-                    while self._inbox:  # sorted under the lock: a job is always somewhere _die looks
-                        job = self._inbox.popleft()
-                        self._queue_of(job).append(job)
+                    self._sort_inbox()
                 self._run_calls()
                 self._admit_waiting()
                 if not self._inside:
                     continue
                 self.busy.mark(True)
+                self._admit_until_outputs()
+                if self._death is not None:  # declared dead (stalled) while it waited for outputs
+                    return
                 outputs = self.engine.step()
+                self._queued_bulk.clear()  # the core has begun its next step: those are in it
                 with self._cond:
                     if self._death is not None:  # declared dead (stalled) while this step blocked
                         return
                     self._progress_at = time.monotonic()
                 for out in outputs:
+                    if _own_id(out.request_id) in self._taken_back:  # aborted as the core took it
+                        continue
                     self._started(_own_id(out.request_id))
                     self._tell_text(out)
                     if out.finished:
                         self._finish(out)
         except BaseException as exc:  # the engine died (EngineDeadError) or something worse
             self._die(exc)
+
+    def _sort_inbox(self) -> None:
+        """Move submitted jobs to their waiting queue (the caller holds the lock, so a job is always
+        somewhere _die looks)."""
+        while self._inbox:
+            job = self._inbox.popleft()
+            self._queue_of(job).append(job)
+
+    def _admit_until_outputs(self) -> None:
+        """Admit what arrives until the engine has a step's outputs to hand back.
+
+        vLLM's engine core (its own process) steps on its own and queues each step's outputs;
+        `step()` only collects them. A request added while a step runs joins the core's next step;
+        one added only after `step()` returns joins the step after that, a whole (bulk-laden) step
+        later. Without a client whose outputs can be looked at, this returns at once."""
+        ready = _outputs_ready(self.engine)
+        if ready is None:
+            return
+        while not ready():
+            with self._cond:
+                if self._death is not None:
+                    return
+                if not self._inbox:
+                    self._cond.wait(OUTPUT_POLL_S)  # a submit wakes it at once
+                self._sort_inbox()
+            self._admit_waiting()
 
     def _queue_of(self, job: _Job) -> deque[_Job]:
         if job.alone:
@@ -270,8 +317,9 @@ class EngineLoop:
         """The engine returned output for this request: its prefill is done."""
         self._unstarted.pop(request_id, None)
         job = self._inside.get(request_id)
-        if job is not None:
+        if job is not None and not job.started:
             job.started = True
+            job.first_output = time.perf_counter()
 
     def _run_calls(self) -> None:
         while self._calls:
@@ -305,12 +353,32 @@ class EngineLoop:
                 self._admit(self._alone[0], self._alone)
             return
         self._live_owed = False
+        if self._live:
+            self._hold_back_queued_bulk()
         while self._live:
             self._admit(self._live[0], self._live)
         if self._alone:
             return
         while self._room_for_bulk():
             self._admit(self._held[0], self._held)
+
+    def _hold_back_queued_bulk(self) -> None:
+        """Take back the bulk requests added since the core began its current step (it has not
+        scheduled them: they would share the live request's prefill step with their own prefills)
+        and hold them again, first in line. Nothing of theirs was computed, and a request added again
+        keeps its seed, so its reply is the same."""
+        for request_id in reversed(self._queued_bulk):
+            job = self._inside.get(request_id)
+            if job is None or job.started:
+                continue
+            self.engine.abort_request([request_id])
+            with self._cond:
+                self._forget(request_id)
+                self._taken_back[request_id] = None
+                if len(self._taken_back) > TAKEN_BACK_KEPT:
+                    del self._taken_back[next(iter(self._taken_back))]
+                self._held.appendleft(job)
+        self._queued_bulk.clear()
 
     def _alone_inside(self) -> bool:
         return any(job.alone for job in self._inside.values())
@@ -337,13 +405,17 @@ class EngineLoop:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
         add_request is called: a death during the call may be this request's doing."""
         job.request_id = f"r{next(self._ids)}"
+        job.admitted = time.perf_counter()
         with self._cond:
-            if not self._inside:
+            stepping = bool(self._inside)  # else the core is idle and schedules it at once
+            if not stepping:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
             self._inside[job.request_id] = job
             if job.priority != LIVE:
                 self._bulk_inside += 1
                 self._unstarted[job.request_id] = len(job.token_ids)
+                if stepping and getattr(job.params, "structured_outputs", None) is None:
+                    self._queued_bulk.append(job.request_id)
         try:
             self.engine.add_request(
                 job.request_id,
@@ -401,6 +473,8 @@ class EngineLoop:
                 completion_tokens=len(completion.token_ids),
                 finish_reason=completion.finish_reason,
                 seconds=time.perf_counter() - job.submitted,
+                admit_s=job.admitted - job.submitted,
+                first_token_s=(job.first_output or time.perf_counter()) - job.submitted,
             )
         )
 
@@ -450,6 +524,15 @@ class EngineLoop:
 
 class EngineStalled(RuntimeError):
     """The engine is alive but no step has returned for longer than the loop allows."""
+
+
+def _outputs_ready(engine: Any) -> Callable[[], bool] | None:
+    """Whether the engine's client has a step's outputs queued (vLLM's multiprocessing client keeps
+    them in `outputs_queue`); None when the client has no such queue (an in-process engine)."""
+    outputs = getattr(getattr(engine, "engine_core", None), "outputs_queue", None)
+    if outputs is None or not callable(getattr(outputs, "empty", None)):
+        return None
+    return lambda: not outputs.empty()
 
 
 def _drop_first(waiting: deque[_Job], job: _Job) -> None:

@@ -306,6 +306,7 @@ def _answer(
         _call_back(list(early))
 
     loop = engine_module.get_loop()
+    shared_ms["to_engine_ms"] = timer.elapsed_ms()  # from the claim until the prompts join the engine
     candidates = {t.id: prepared[t.id].candidates for t in ready}
     future_of: dict[uuid.UUID, list[Any]] = {}
     for alone in (False, True):  # turns that were inside an engine that died run alone
@@ -488,6 +489,9 @@ def _finish_group(
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
         timings["generate_ms"] = round(gen.seconds * 1000, 1)
+        # Inside the engine loop: waiting to be admitted, and from submission to the first token.
+        timings["engine_wait_ms"] = round(gen.admit_s * 1000, 1)
+        timings["first_token_ms"] = round(gen.first_token_s * 1000, 1)
         timings["queue_ms"] = round(turn.queued_ms, 1)
         outcomes.append(
             TurnOutcome(
