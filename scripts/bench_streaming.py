@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -130,7 +131,9 @@ async def _probe(base: str, request: dict[str, Any]) -> dict[str, float]:
         answer.raise_for_status()
         turn_id = answer.json()["id"]
         events = await _events(client, f"/v1/turns/{turn_id}/stream")
-        stored = (await client.get(f"/v1/turns/{turn_id}")).json().get("timings") or {}
+        read = await client.get(f"/v1/turns/{turn_id}")
+        read.raise_for_status()
+        stored = read.json().get("timings") or {}
     deltas = [e for e in events if e[1] == "delta"]
     stamped = [e for e in deltas if "t" in e[3]]  # the last delta made up from the stored turn has none
     if not deltas or events[-1][1] != "done":
@@ -332,7 +335,8 @@ def measure_streaming(
         rss_peak, rss_after = _rss_mib(api_pid, "VmHWM"), _rss_mib(api_pid, "VmRSS")
 
     def median(rows: list[dict[str, float]], name: str) -> float:
-        return statistics.median(r[name] for r in rows)
+        values = [r[name] for r in rows if not math.isnan(r[name])]  # a stage a turn did not record
+        return statistics.median(values) if values else float("nan")
 
     # A probe that ended after the bulk run did measure nothing under bulk: left out of the figures.
     loaded_probes = [p for p in probed if p["bulk_unfinished"] > 0]

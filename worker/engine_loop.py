@@ -17,10 +17,8 @@ live turn and the decoding bulk ones, not long prefills of new bulk prompts. Bul
 decoding share every step with it; they are not preempted.
 
 The engine core is its own process (vLLM's multiprocessing client), so while it computes, this
-process's threads embed, retrieve, build prompts and write results. The core also steps on its own:
-while one of its steps runs, this loop keeps admitting what arrives, so a live request joins the
-core's next step rather than the one after. `busy` records when at least one request was inside the
-engine: the benchmark's busy share comes from it.
+process's threads embed, retrieve, build prompts and write results. `busy` records when at least
+one request was inside the engine: the benchmark's busy share comes from it.
 
 When the engine dies, every future resolves with EngineDead. `in_engine=True` marks the requests
 that may have killed it: those inside that had not yet returned any output (joining, or in their
@@ -50,7 +48,6 @@ LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk adm
 # How often the loop looks for a step's outputs while it waits for them: a new request wakes it at
 # once, and the engine core steps on without it, so this only delays collecting outputs a little.
 OUTPUT_POLL_S = 0.002
-TAKEN_BACK_KEPT = 1024
 
 
 @dataclass(frozen=True)
@@ -144,18 +141,17 @@ class EngineLoop:
         self._inside: dict[str, _Job] = {}
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
-        # Bulk requests added while the core runs a step (it schedules them in its next one), unless
-        # they use guided decoding (vLLM rewrites those params when it takes them).
-        self._queued_bulk: list[str] = []
-        # Request ids aborted by _hold_back_queued_bulk, the latest TAKEN_BACK_KEPT: a step the core
-        # began just before the abort may still return output for one.
-        self._taken_back: dict[str, None] = {}
         self._live_since: float | None = None  # when the live requests now inside began to hold bulk back
         self._call_since: float | None = None  # when the engine call now running began
         self._live_owed = False  # an alone request just ran: the live ones that waited for it go first
         self._ids = itertools.count()
         self._death: BaseException | None = None
         self.busy = BusyClock()
+        if _outputs_ready(engine) is None:
+            logger.warning(
+                "engine loop: this vLLM client has no outputs queue to watch; requests join only "
+                "between step() calls, so a live turn waits one step longer"
+            )
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
@@ -194,7 +190,7 @@ class EngineLoop:
                 future.set_exception(self._dead_error(in_engine=False))
             else:
                 self._calls.append((lambda: getattr(self.engine, method)(*args), future))
-                self._cond.notify()
+                self._cond.notify_all()  # the loop's thread, not only a caller in wait()
         return future
 
     def wait(self, futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
@@ -264,14 +260,11 @@ class EngineLoop:
                 if self._death is not None:  # declared dead (stalled) while it waited for outputs
                     return
                 outputs = self.engine.step()
-                self._queued_bulk.clear()  # the core has begun its next step: those are in it
                 with self._cond:
                     if self._death is not None:  # declared dead (stalled) while this step blocked
                         return
                     self._progress_at = time.monotonic()
                 for out in outputs:
-                    if _own_id(out.request_id) in self._taken_back:  # aborted as the core took it
-                        continue
                     self._started(_own_id(out.request_id))
                     self._tell_text(out)
                     if out.finished:
@@ -353,32 +346,12 @@ class EngineLoop:
                 self._admit(self._alone[0], self._alone)
             return
         self._live_owed = False
-        if self._live:
-            self._hold_back_queued_bulk()
         while self._live:
             self._admit(self._live[0], self._live)
         if self._alone:
             return
         while self._room_for_bulk():
             self._admit(self._held[0], self._held)
-
-    def _hold_back_queued_bulk(self) -> None:
-        """Take back the bulk requests added since the core began its current step (it has not
-        scheduled them: they would share the live request's prefill step with their own prefills)
-        and hold them again, first in line. Nothing of theirs was computed, and a request added again
-        keeps its seed, so its reply is the same."""
-        for request_id in reversed(self._queued_bulk):
-            job = self._inside.get(request_id)
-            if job is None or job.started:
-                continue
-            self.engine.abort_request([request_id])
-            with self._cond:
-                self._forget(request_id)
-                self._taken_back[request_id] = None
-                if len(self._taken_back) > TAKEN_BACK_KEPT:
-                    del self._taken_back[next(iter(self._taken_back))]
-                self._held.appendleft(job)
-        self._queued_bulk.clear()
 
     def _alone_inside(self) -> bool:
         return any(job.alone for job in self._inside.values())
@@ -407,15 +380,12 @@ class EngineLoop:
         job.request_id = f"r{next(self._ids)}"
         job.admitted = time.perf_counter()
         with self._cond:
-            stepping = bool(self._inside)  # else the core is idle and schedules it at once
-            if not stepping:
+            if not self._inside:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
             self._inside[job.request_id] = job
             if job.priority != LIVE:
                 self._bulk_inside += 1
                 self._unstarted[job.request_id] = len(job.token_ids)
-                if stepping and getattr(job.params, "structured_outputs", None) is None:
-                    self._queued_bulk.append(job.request_id)
         try:
             self.engine.add_request(
                 job.request_id,
