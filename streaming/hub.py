@@ -37,6 +37,8 @@ _COUNT = 256  # entries per stream per XREAD
 _BLOCK_MS = 1000  # a join wakes the read at once: the block only bounds an idle round
 _WAKE_TTL_S = 3600
 _UNREADABLE = (RedisError, OSError)
+_RETRY_S = 0.1  # after a failed round, before the next (a new follower's)
+_STATUS_FAILURES = 3  # status queries failed in a row before the readers are failed
 
 
 def _order(stream_id: str) -> tuple[int, int]:
@@ -115,6 +117,7 @@ class Hub:
         self._reading = False  # an XREAD is in flight: a join must wake it
         self._waking = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._wakes: set[asyncio.Task[None]] = set()
         self.closed = False
 
     def follow(self, turn_id: uuid.UUID, key: str | None, cursor: str = "0-0") -> Follower:
@@ -123,7 +126,9 @@ class Hub:
         self._followers.add(follower)
         if key is not None:
             self._by_key.setdefault(key, set()).add(follower)
-        if not self._tasks:
+        if not self._tasks or any(task.done() for task in self._tasks):
+            for task in self._tasks:
+                task.cancel()
             self._tasks = [
                 asyncio.create_task(self._read_streams(), name="stream-hub-read"),
                 asyncio.create_task(self._check_statuses(), name="stream-hub-check"),
@@ -155,14 +160,19 @@ class Hub:
         self._joined.set()
         if self._reading and not self._waking and self._client is not None:
             self._waking = True
-            asyncio.get_running_loop().create_task(self._send_wake(self._client))
+            task = asyncio.get_running_loop().create_task(self._send_wake(self._client))
+            self._wakes.add(task)
+            task.add_done_callback(self._wakes.discard)
 
     async def close(self) -> None:
         """Stop both loops and close the Redis connection (the app's shutdown)."""
         self.closed = True
-        for task in self._tasks:
+        for task in [*self._tasks, *self._wakes]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._wakes, return_exceptions=True)
+        for follower in list(self._followers):  # they end from the stored turn, not at their deadline
+            self.stop_stream(follower)
+            follower._fail(None)
         if self._client is not None:
             with contextlib.suppress(*_UNREADABLE):
                 await self._client.delete(self._wake_key)
@@ -176,8 +186,6 @@ class Hub:
                 await pipe.execute()
         except _UNREADABLE:
             pass  # the XREAD meets the same failure and tells the followers
-        finally:
-            self._waking = False
 
     def _streams(self) -> dict[str, str]:
         """Each followed key from the lowest cursor of its followers that are not paused."""
@@ -202,35 +210,48 @@ class Hub:
                 if not streams:
                     await self._joined.wait()
                     continue
-                if self._client is None:
-                    self._client = self._connect()
                 try:
-                    self._reading = True
+                    if self._client is None:
+                        self._client = self._connect()
+                    self._reading, self._waking = True, False  # a join from now on wakes this read
                     answer = await self._client.xread(
                         {self._wake_key: self._wake_cursor} | streams, count=_COUNT, block=_BLOCK_MS
                     )
-                except _UNREADABLE:
                     _unless_cancelled()
-                    logger.warning("the turn streams are unreadable; their readers follow the stored turns")
+                    self._reading = False
+                    self._hand(answer, streams)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._reading = False
+                    _unless_cancelled()
+                    if isinstance(exc, _UNREADABLE):
+                        logger.warning(
+                            "the turn streams are unreadable; their readers follow the stored turns"
+                        )
+                    else:
+                        logger.exception(
+                            "the readers' hub failed a round; its readers follow the stored turns"
+                        )
                     self._fail_streams()
                     await self._drop_client()
-                    continue
-                finally:
-                    self._reading = False
-                _unless_cancelled()
-                self._hand(answer)
+                    await asyncio.sleep(_RETRY_S)
         finally:
             await self._drop_client()
 
-    def _hand(self, answer: Any) -> None:
+    def _hand(self, answer: Any, streams: dict[str, str]) -> None:
+        """Each stream's entries to its followers that were read for: a follower behind the cursor
+        the read started from (it joined, or was unpaused, while the read was in flight) would skip
+        the entries in between, so it waits for the next round, which reads from its cursor."""
         for raw_key, raw_entries in answer:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-            entries = [Entry.parse(i, f) for i, f in raw_entries]
             if key == self._wake_key:
-                self._wake_cursor = entries[-1].id if entries else self._wake_cursor
+                self._wake_cursor = _id(raw_entries[-1][0]) if raw_entries else self._wake_cursor
                 continue
+            entries = _parsed(key, raw_entries)
+            read_from = _order(streams.get(key, "0-0"))
             for follower in list(self._by_key.get(key, ())):
-                if not follower._paused:
+                if not follower._paused and _order(follower.cursor) >= read_from:
                     follower._hand(entries)
 
     def _fail_streams(self) -> None:
@@ -240,6 +261,7 @@ class Hub:
                 follower._fail(None)
 
     async def _check_statuses(self) -> None:
+        failures = 0
         while True:
             self._check_now.clear()
             if not self._followers:
@@ -248,17 +270,37 @@ class Hub:
             followers = list(self._followers)
             try:
                 finished = await asyncio.to_thread(_finished, {f.turn_id for f in followers})
-            except Exception as exc:  # the readers fail as one reading the stored turn would
+            except Exception as exc:  # a blip is retried; only a lasting failure ends the readers
                 _unless_cancelled()
-                for follower in followers:
-                    follower._fail(exc)
+                failures += 1
+                logger.warning("turn status check failed (%d in a row): %s", failures, exc)
+                if failures >= _STATUS_FAILURES:
+                    for follower in followers:
+                        follower._fail(RuntimeError(f"the turn's status cannot be read: {exc}"))
             else:
+                failures = 0
                 for follower in followers:
                     if follower.turn_id in finished:
                         follower._checked()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(settings.stream_check_s):
                     await self._check_now.wait()
+
+
+def _id(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _parsed(key: str, raw_entries: Any) -> list[Entry]:
+    """The stream's entries; one that does not parse is skipped (logged): the stored turn, which
+    every reader ends with, makes up for what it held."""
+    out = []
+    for raw_id, fields in raw_entries:
+        try:
+            out.append(Entry.parse(raw_id, fields))
+        except Exception:
+            logger.warning("%s: entry %s does not parse; skipped", key, _id(raw_id), exc_info=True)
+    return out
 
 
 def _unless_cancelled() -> None:
@@ -279,6 +321,8 @@ _hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Hub] = weakref.WeakK
 def hub(connect: Callable[[], Any]) -> Hub:
     """This event loop's hub, made on first use; `connect` makes its Redis client."""
     loop = asyncio.get_running_loop()
+    for gone in [other for other in list(_hubs) if other.is_closed()]:
+        _hubs.pop(gone, None)  # a hub refers back to its loop: the weak key alone never lets go
     found = _hubs.get(loop)
     if found is None or found.closed:
         found = _hubs[loop] = Hub(connect)

@@ -214,8 +214,109 @@ def test_the_hub_stops_with_the_app() -> None:
     async def serve_and_stop() -> tuple[bool, bool]:
         async with app.router.lifespan_context(app):
             readers = hub(_client)
-            readers.follow(_turn(), stream_key(uuid.uuid4()))
+            follower = readers.follow(_turn(), stream_key(uuid.uuid4()))
             await asyncio.sleep(0.2)  # its XREAD is blocked
-        return readers.closed, hub(_client) is not readers
+        stopped = all(task.done() for task in readers._tasks) and readers._client is None
+        return stopped, follower.unreadable, hub(_client) is not readers
 
-    assert asyncio.run(serve_and_stop()) == (True, True)
+    # Its loops are stopped and its connection closed; a reader still following ends from the
+    # stored turn instead of waiting for its deadline.
+    assert asyncio.run(serve_and_stop()) == (True, True, True)
+
+
+async def _take_ids(follower: streaming.hub.Follower, n: int, got: list[str] | None = None) -> list[str]:
+    got = [] if got is None else got
+    async with asyncio.timeout(5):
+        while len(got) < n:
+            await follower.wait(1)
+            got += [e.id for e in follower.take()]
+    return got
+
+
+def test_a_reader_joining_while_a_read_waits_gets_the_whole_stream() -> None:
+    turn_id, claim = uuid.uuid4(), str(uuid.uuid4())
+    early = _xadd(turn_id, claim, "a", "b", "c")
+
+    async def go() -> list[str]:
+        readers = Hub(_client)
+        first = readers.follow(turn_id, stream_key(turn_id))
+        await _take_ids(first, 3)
+        await asyncio.sleep(0.1)  # the hub's XREAD now waits from the first reader's cursor
+        second = readers.follow(turn_id, stream_key(turn_id))  # a second reader, from the start
+        late = _xadd(turn_id, claim, "d", first_seq=4)
+        got = await _take_ids(second, 4)
+        await readers.close()
+        return got == early + late
+
+    assert asyncio.run(go())  # before: it got only "d"
+
+
+def test_a_slow_reader_of_a_shared_turn_let_go_while_a_read_waits_loses_nothing(monkeypatch) -> None:
+    monkeypatch.setattr(streaming.hub, "BACKLOG", 4)
+    turn_id, claim = uuid.uuid4(), str(uuid.uuid4())
+
+    async def go() -> bool:
+        readers = Hub(_client)
+        slow = readers.follow(turn_id, stream_key(turn_id))
+        fast = readers.follow(turn_id, stream_key(turn_id))
+        written = _xadd(turn_id, claim, *[f"x{i}" for i in range(12)])
+        await _take_ids(fast, 12)
+        await asyncio.sleep(0.1)  # an XREAD waits from the fast reader's cursor; the slow one holds 4
+        got = [e.id for e in slow.take()]  # taken: the slow reader is read for again
+        written += _xadd(turn_id, claim, "y", first_seq=13)
+        got = await _take_ids(slow, 13, got)
+        await readers.close()
+        return got == written
+
+    assert asyncio.run(go())  # before: 8 of its 13 entries were lost
+
+
+def test_an_entry_that_does_not_parse_stops_no_one() -> None:
+    bad, good = uuid.uuid4(), uuid.uuid4()
+    client = redis.Redis.from_url(redis_url())
+
+    async def go() -> tuple[list[str], list[str]]:
+        readers = Hub(_client)
+        first = readers.follow(bad, stream_key(bad))
+        await asyncio.sleep(0.1)
+        client.xadd(stream_key(bad), {"kind": DELTA, "text": "x", "claim": "c", "t": "not-a-float"})
+        fine = _xadd(bad, "c", "after", first_seq=2)
+        await asyncio.sleep(0.3)
+        second = readers.follow(good, stream_key(good))
+        written = _xadd(good, "c", "y")
+        got_second = await _take_ids(second, 1)
+        got_first = await _take_ids(first, 1)
+        await readers.close()
+        return got_first + got_second, fine + written
+
+    got, expected = asyncio.run(go())
+    assert got == expected  # before: the hub's read task died and no later reader got a delta
+
+
+def test_a_status_check_that_fails_once_ends_no_reader(monkeypatch) -> None:
+    turn_id = _turn()
+    calls = []
+
+    def flaky(turn_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+        calls.append(len(turn_ids))
+        if len(calls) == 1:
+            raise OSError("the pool timed out")
+        return set()
+
+    monkeypatch.setattr(streaming.hub, "_finished", flaky)
+    monkeypatch.setattr(settings, "stream_check_s", 0.1)
+
+    async def go() -> list[str]:
+        readers = Hub(_client)
+        follower = readers.follow(turn_id, stream_key(turn_id))
+        await asyncio.sleep(0.5)
+        written = _xadd(turn_id, "c", "still here")
+        got = await _take_ids(follower, 1)  # take() would raise the stored failure
+        await readers.close()
+        return got == written
+
+    try:
+        assert asyncio.run(go())
+        assert len(calls) >= 3  # checked again after the failure
+    finally:
+        _cancel(turn_id)
