@@ -261,3 +261,27 @@ def test_the_swap_moves_the_database_to_the_new_embedder_and_writes_as_it(record
         s.rollback()
     with session_scope() as s:
         assert recorded_embedder(session=s) == recorded
+
+
+def test_the_api_answers_503_naming_the_setting_when_it_would_embed_in_another_space(
+    recorded: str, monkeypatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from tests.conftest import INGEST_KEY
+    from worker import embedder
+
+    monkeypatch.setattr(embedder, "_space_checked", False)
+    monkeypatch.setattr(settings, "embedder", "another-model")
+    with TestClient(create_app()) as client:
+        answer = client.post(
+            "/v1/players/p-space-api/facts",
+            headers={"X-API-Key": INGEST_KEY},
+            json={"facts": [{"text": "Rowan fears wolves."}]},
+        )
+    assert answer.status_code == 503
+    assert "MLCHAT_EMBEDDER='another-model'" in answer.json()["detail"]
+    with session_scope() as s:  # nothing stored
+        stored = text("SELECT count(*) FROM facts WHERE player_id = 'p-space-api'")
+        assert s.scalar(stored) == 0
