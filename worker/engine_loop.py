@@ -295,8 +295,10 @@ class EngineLoop:
                     return
                 if not self._inbox:
                     self._cond.wait(OUTPUT_POLL_S)  # a submit wakes it at once
+                arrived = bool(self._inbox)
                 self._sort_inbox()
-            self._admit_waiting()
+            if arrived:  # room for held requests only opens when a step returns: nothing else to admit
+                self._admit_waiting()
 
     def _queue_of(self, job: _Job) -> deque[_Job]:
         if job.alone:
