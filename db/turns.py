@@ -36,6 +36,7 @@ from sqlalchemy import (
     Connection,
     Integer,
     and_,
+    any_,
     bindparam,
     case,
     exists,
@@ -46,7 +47,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session, aliased
 
 from db.models import (
@@ -1070,5 +1072,8 @@ def get_turn(*, session: Session, turn_id: uuid.UUID) -> Turn | None:
 
 def finished_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     """Which of these turns are finished (done, failed or cancelled): one light query for many readers."""
-    rows = session.execute(select(Turn.id).where(Turn.id.in_(list(turn_ids)), Turn.status.in_(TURN_FINISHED)))
+    # One array parameter (`= ANY`), not one per id: the same statement text for any number of
+    # readers, so the driver prepares it once.
+    ids = bindparam("turn_ids", list(turn_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
+    rows = session.execute(select(Turn.id).where(Turn.id == any_(ids), Turn.status.in_(TURN_FINISHED)))
     return set(rows.scalars())

@@ -18,7 +18,7 @@ from sqlalchemy import Engine, event
 import streaming.hub
 from core.settings import settings
 from db.session import session_scope
-from db.turns import cancel_turns
+from db.turns import cancel_turns, finished_turns
 from services import producer
 from services.producer import TurnView
 from services.schemas import TurnRequest
@@ -176,6 +176,27 @@ def test_one_status_query_a_check_interval_serves_every_reader(monkeypatch) -> N
     during, seen = asyncio.run(crowd())
     assert 3 <= during <= 7, statements  # about one a 0.2 s interval, not one a reader
     assert all(_codes(events) == ["cancelled"] for events in seen)
+
+
+def test_the_status_query_is_one_statement_whatever_the_number_of_readers() -> None:
+    turns = [_turn() for _ in range(3)]
+    _cancel(turns[0])
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        with session_scope() as session:
+            one = finished_turns(session=session, turn_ids=turns[:1])
+            three = finished_turns(session=session, turn_ids=turns)
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    assert one == three == {turns[0]}
+    ours = [s for s in statements if "FROM turns" in s]
+    assert len(ours) == 2 and ours[0] == ours[1], ours  # prepared once, whatever the count
+    _cancel(*turns[1:])
 
 
 def _closed_port_client() -> Any:
