@@ -25,6 +25,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from core.metrics import STREAM_HUB_FAILURES, STREAM_HUB_READS, STREAM_READERS
 from core.settings import settings
 from db.session import session_scope
 from db.turns import finished_turns
@@ -124,6 +125,7 @@ class Hub:
         """Follow a turn: its stream `key` after `cursor` (None: its status alone)."""
         follower = Follower(self, turn_id, key, cursor)
         self._followers.add(follower)
+        STREAM_READERS.inc()
         if key is not None:
             self._by_key.setdefault(key, set()).add(follower)
         if not self._tasks or any(task.done() for task in self._tasks):
@@ -153,7 +155,9 @@ class Hub:
     def unfollow(self, follower: Follower) -> None:
         """The reader is gone: nothing more for it."""
         self.stop_stream(follower)
-        self._followers.discard(follower)
+        if follower in self._followers:
+            self._followers.discard(follower)
+            STREAM_READERS.dec()
 
     def wake(self) -> None:
         """Let the next XREAD include new or unpaused followers now, not after its block."""
@@ -219,12 +223,14 @@ class Hub:
                     )
                     _unless_cancelled()
                     self._reading = False
+                    STREAM_HUB_READS.inc()
                     self._hand(answer, streams)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self._reading = False
                     _unless_cancelled()
+                    STREAM_HUB_FAILURES.labels("read").inc()
                     if isinstance(exc, _UNREADABLE):
                         logger.warning(
                             "the turn streams are unreadable; their readers follow the stored turns"
@@ -272,6 +278,7 @@ class Hub:
                 finished = await asyncio.to_thread(_finished, {f.turn_id for f in followers})
             except Exception as exc:  # a blip is retried; only a lasting failure ends the readers
                 _unless_cancelled()
+                STREAM_HUB_FAILURES.labels("status").inc()
                 failures += 1
                 logger.warning("turn status check failed (%d in a row): %s", failures, exc)
                 if failures >= _STATUS_FAILURES:

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from sqlalchemy import Engine, event
 
 import streaming.hub
@@ -40,6 +41,10 @@ def _turn() -> uuid.UUID:
 def _cancel(*turn_ids: uuid.UUID) -> None:
     with session_scope() as session:
         cancel_turns(session=session, turn_ids=list(turn_ids))
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
 def _xadd(turn_id: uuid.UUID, claim: str, *texts: str, first_seq: int = 1) -> list[str]:
@@ -112,8 +117,9 @@ def test_a_reader_that_hangs_up_is_let_go() -> None:
         first = await anext(events)
         assert first.data["text"] == "Well"
         readers = hub(_client)
-        following = readers.followers()
+        following, gauge = readers.followers(), _sample("mlchat_stream_readers")
         await events.aclose()  # what the SSE response does when the client goes away
+        assert _sample("mlchat_stream_readers") == gauge - 1  # the metric follows the reader out
         return following, readers.followers()
 
     assert asyncio.run(hang_up()) == (1, 0)
@@ -227,7 +233,11 @@ def test_the_hub_survives_a_redis_failure_and_serves_the_next_reader() -> None:
         await readers.close()
         return first.unreadable, got
 
+    failed = _sample("mlchat_stream_hub_failures_total", part="read")
+    reads = _sample("mlchat_stream_hub_reads_total")
     assert asyncio.run(twice()) == (True, ids)
+    assert _sample("mlchat_stream_hub_failures_total", part="read") >= failed + 1
+    assert _sample("mlchat_stream_hub_reads_total") >= reads + 1
 
 
 def test_the_hub_stops_with_the_app() -> None:
@@ -339,8 +349,10 @@ def test_a_status_check_that_fails_once_ends_no_reader(monkeypatch) -> None:
         await readers.close()
         return got == written
 
+    failed = _sample("mlchat_stream_hub_failures_total", part="status")
     try:
         assert asyncio.run(go())
         assert len(calls) >= 3  # checked again after the failure
+        assert _sample("mlchat_stream_hub_failures_total", part="status") == failed + 1
     finally:
         _cancel(turn_id)
