@@ -159,7 +159,7 @@ def _run(
 
         if quick:
             return measure_streaming(
-                probes=2, bulk_turns=48, readers=20, reader_bulk_turns=16, max_new_tokens=16
+                probes=2, bulk_turns=48, readers=20, reader_bulk_turns=16, max_new_tokens=16, reader_rounds=1
             )
         return measure_streaming()
     if section == "scenes":
