@@ -1,18 +1,28 @@
 """Re-embedding every stored vector with a new embedder, resumably, without ever leaving retrieval
 to compare vectors of two models: new vectors go to `embedding_next`, chunk by chunk with the
-progress recorded, and all of them replace `embedding` in one transaction at the end."""
+progress recorded, and all of them replace `embedding` in one transaction at the end. A missing
+pass fills only the vectors that are NULL, in place, with the stored vectors' own embedder.
+
+One re-embed at a time (a full run or a missing pass): each holds a PostgreSQL advisory lock on a
+connection of its own for as long as it runs. A process that dies (SIGKILL included) drops its
+connection and with it the lock, so the next run starts (and resumes) without anyone clearing it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from sqlalchemy import bindparam, delete, select, text, update
+from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Fact, Message, ReembedProgress, StoryEvent
+from db.session import get_engine
 from db.vector_space import move_to
+
+_LOCK_NAMESPACE = 0x6D6C7265  # "mlre"
+_LOCK_KEY = 0
 
 # Each table with vectors, and the text its vector embeds (facts: "subject: text", as written).
 SOURCES: dict[str, tuple[Any, Any]] = {
@@ -73,6 +83,53 @@ def write_next(
         row = session.get(ReembedProgress, table)
         assert row is not None
         row.last_id = last_id
+
+
+def missing_rows(*, session: Session, table: str, after_id: int, limit: int) -> list[tuple[int, str]]:
+    """(id, text) of the next rows after `after_id` that have no vector, in id order."""
+    model, source = SOURCES[table]
+    rows = session.execute(
+        select(model.id, source)
+        .where(model.id > after_id, model.embedding.is_(None))
+        .order_by(model.id)
+        .limit(limit)
+    )
+    return [(int(i), str(t)) for i, t in rows]
+
+
+def fill_missing(*, session: Session, table: str, ids: Sequence[int], vectors: np.ndarray) -> int:
+    """Store the rows' vectors where they still have none; how many of them have one now."""
+    if not ids:
+        return 0
+    model, _ = SOURCES[table]
+    rows = model.__table__
+    by_id = update(rows).where(rows.c.id == bindparam("row_id"), rows.c.embedding.is_(None))
+    session.execute(
+        by_id.values(embedding=bindparam("vector")),
+        [{"row_id": i, "vector": np.asarray(v, dtype=np.float32)} for i, v in zip(ids, vectors, strict=True)],
+    )
+    # Counted, not the UPDATE's rowcount: the vector guard (migration 0020) may have stored NULL.
+    filled = select(func.count()).where(rows.c.id.in_(list(ids)), rows.c.embedding.is_not(None))
+    return int(session.scalar(filled) or 0)
+
+
+@contextmanager
+def reembed_lock() -> Iterator[bool]:
+    """Hold the re-embed lock on a connection of its own for the block; yields False (holding
+    nothing) when another process holds it, i.e. a re-embed is running."""
+    conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
+    try:
+        got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _LOCK_KEY))))
+        try:
+            yield got
+        finally:
+            if got:
+                try:
+                    conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _LOCK_KEY)))
+                except Exception:  # the connection broke; the server released the lock with it
+                    conn.invalidate()
+    finally:
+        conn.close()
 
 
 def lock_tables(*, session: Session) -> None:

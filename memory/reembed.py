@@ -3,23 +3,56 @@ embedder (after MLCHAT_EMBEDDER changes), as a resumable bulk job. Vectors are w
 old ones chunk by chunk (each chunk its own transaction, progress recorded), so a run that stops
 resumes where it stopped; retrieval keeps using the old vectors until the end, when rows written
 meanwhile are caught up (without a lock until few remain, then the rest under a table lock) and
-every new vector replaces its old one in one transaction. Retrieval never compares vectors of two models."""
+every new vector replaces its old one in one transaction. Retrieval never compares vectors of two models.
+
+`mlchat reembed --missing`: only the vectors that are NULL (stored by a connection of another
+embedder, or never written), embedded with the stored vectors' own embedder and written in place,
+a chunk per transaction. One re-embed of either kind runs at a time; another is refused at once."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from sqlalchemy.orm import Session
 
 from core.settings import settings
-from db.reembed import SOURCES, lock_tables, next_chunk, progress, stale_rows, swap, write_next
+from db.reembed import (
+    SOURCES,
+    fill_missing,
+    lock_tables,
+    missing_rows,
+    next_chunk,
+    progress,
+    reembed_lock,
+    stale_rows,
+    swap,
+    write_next,
+)
 from db.session import session_scope
+from db.vector_space import check
 from worker.embedder import embed
 
 logger = logging.getLogger(__name__)
 
 CATCH_UP_PASSES = 20
+
+
+class ReembedBusy(RuntimeError):
+    """Another `mlchat reembed` (a full run or a missing pass) is running."""
+
+
+@contextmanager
+def _alone() -> Iterator[None]:
+    """The re-embed lock for the block, or ReembedBusy before anything is changed."""
+    with reembed_lock() as got:
+        if not got:
+            raise ReembedBusy(
+                "another mlchat reembed is running (a full run or a --missing pass); nothing changed: "
+                "run this one again when it has ended"
+            )
+        yield
 
 
 def _catch_up(session: Session, table: str, chunk: int) -> int:
@@ -38,7 +71,12 @@ def _catch_up(session: Session, table: str, chunk: int) -> int:
 
 def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None) -> dict[str, int]:
     """Re-embed everything and swap the vectors in; rows swapped per table. `on_chunk(table, last
-    id)` is called after each committed chunk."""
+    id)` is called after each committed chunk. ReembedBusy while another re-embed runs."""
+    with _alone():
+        return _reembed(chunk, on_chunk)
+
+
+def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None) -> dict[str, int]:
     for table in SOURCES:
         with session_scope() as session:
             last = progress(session=session, table=table, embedder=settings.embedder)
@@ -72,3 +110,31 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
         swapped = swap(session=session, embedder=settings.embedder)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped
+
+
+def reembed_missing(
+    *, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None
+) -> dict[str, int]:
+    """Give every row without a vector one from this process's embedder; rows filled per table.
+    EmbedderMismatch (nothing written) when the stored vectors are another embedder's, ReembedBusy
+    while another re-embed runs. `on_chunk(table, last id)` is called after each committed chunk."""
+    with _alone():
+        with session_scope() as session:
+            check(session=session, embedder=settings.embedder)
+        filled = dict.fromkeys(SOURCES, 0)
+        for table in SOURCES:
+            last = 0  # the id cursor ends the pass even where a vector could not be stored
+            while True:
+                with session_scope() as session:
+                    rows = missing_rows(session=session, table=table, after_id=last, limit=chunk)
+                    if not rows:
+                        break
+                    vectors = embed([t for _, t in rows])
+                    filled[table] += fill_missing(
+                        session=session, table=table, ids=[i for i, _ in rows], vectors=vectors
+                    )
+                    last = rows[-1][0]
+                if on_chunk is not None:
+                    on_chunk(table, last)
+    logger.info("missing vectors filled with %s: %s", settings.embedder, filled)
+    return filled

@@ -673,14 +673,29 @@ def history_import(
 
 
 @app.command()
-def reembed(chunk: Annotated[int, typer.Option(min=1, help="rows per transaction")] = 512) -> None:
+def reembed(
+    chunk: Annotated[int, typer.Option(min=1, help="rows per transaction")] = 512,
+    missing: Annotated[
+        bool,
+        typer.Option(
+            "--missing",
+            help="only the rows with no vector (another embedder's writes, history seeded without "
+            "vectors), with the stored vectors' own embedder, in place",
+        ),
+    ] = False,
+) -> None:
     """Embed every message, story event and fact again with MLCHAT_EMBEDDER (resumable; the new
-    vectors replace the old all at once at the end)."""
+    vectors replace the old all at once at the end); --missing: only the rows without a vector."""
     from memory.reembed import reembed as run
+    from memory.reembed import reembed_missing
 
     def shown(table: str, last_id: int) -> None:
         _err(f"{table}: through id {last_id}")
 
+    if missing:
+        filled = reembed_missing(chunk=chunk, on_chunk=shown)
+        _out(", ".join(f"{table} {n}" for table, n in filled.items()) + f" filled with {settings.embedder}")
+        return
     swapped = run(chunk=chunk, on_chunk=shown)
     _out(", ".join(f"{table} {n}" for table, n in swapped.items()) + f" re-embedded with {settings.embedder}")
 
@@ -778,6 +793,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.runs import RunConflict
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
+    from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from services.runs import RunBusy, RunValidationError
 
@@ -790,6 +806,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         CardError,
         ValidationError,
         EmbedderMismatch,
+        ReembedBusy,
     )
 
 

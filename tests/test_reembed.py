@@ -1,21 +1,35 @@
 """`mlchat reembed`: every vector embedded again with the configured embedder, resumable after an
-interruption, and never a mix: until the swap, retrieval sees only the old vectors."""
+interruption, and never a mix: until the swap, retrieval sees only the old vectors. One re-embed at
+a time. `mlchat reembed --missing`: only the NULL vectors, with the stored vectors' own embedder."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
 
+import memory.reembed as memory_reembed
+from core.settings import DEFAULT_TENANT, settings
 from db.facts import NewFact, add_facts
 from db.history import append_lines
-from db.models import FactKind, FactScope, Message, ReembedProgress, Role
+from db.models import FactKind, FactScope, Message, ReembedProgress, Role, VectorSpace
+from db.reembed import SOURCES, reembed_lock
+from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
-from db.world import find_characters, upsert_conversations
-from memory.reembed import reembed
+from db.vector_space import EmbedderMismatch, record_or_check, recorded_embedder
+from db.world import find_characters, upsert_conversations, upsert_story_events
+from memory.reembed import ReembedBusy, reembed, reembed_missing
 from scripts.cli import main as cli
+from tests.test_vector_space import as_embedder
 from worker.embedder import embed
 
 pytestmark = pytest.mark.usefixtures("world")
@@ -29,19 +43,18 @@ def _old_vectors(n: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def _conversation() -> int:
+def _conversation_in(s: Session, lines: list[str], vectors: np.ndarray) -> int:
     external = f"reembed-{uuid.uuid4().hex[:8]}"
-    with session_scope() as s:
-        char_id = find_characters(session=s, slugs=["elara"])["elara"]
-        row = {"external_id": external, "player_id": "", "player_name": "Rowan", "character_id": char_id}
-        conv = upsert_conversations(session=s, rows=[row])[external][0]
-        append_lines(
-            session=s,
-            conversation_id=conv,
-            lines=[(Role.USER, t) for t in LINES],
-            vectors=_old_vectors(len(LINES)),
-        )
+    char_id = find_characters(session=s, slugs=["elara"])["elara"]
+    row = {"external_id": external, "player_id": "", "player_name": "Rowan", "character_id": char_id}
+    conv = upsert_conversations(session=s, rows=[row])[external][0]
+    append_lines(session=s, conversation_id=conv, lines=[(Role.USER, t) for t in lines], vectors=vectors)
     return conv
+
+
+def _conversation() -> int:
+    with session_scope() as s:
+        return _conversation_in(s, LINES, _old_vectors(len(LINES)))
 
 
 def _vectors(conv: int) -> tuple[list[str], np.ndarray]:
@@ -144,3 +157,253 @@ def test_a_row_written_into_a_table_already_passed_is_caught_up_before_the_swap(
     texts, after = _vectors(conv)
     assert texts[-1] == "To the river."
     assert np.allclose(after, embed(texts), atol=1e-4)  # the late line too, with the new embedder
+
+
+# --- one re-embed at a time -----------------------------------------------------------------------
+
+
+def _digests(column: str) -> dict[tuple[str, int], str]:
+    """md5 of each stored vector's bytes in `column` (embedding or embedding_next), by table and id."""
+    found = {}
+    with session_scope() as s:
+        for table, (model, _) in SOURCES.items():
+            vector = getattr(model, column)
+            rows = s.execute(select(model.id, func.md5(func.vector_send(vector))).where(vector.is_not(None)))
+            found.update({(table, int(i)): str(d) for i, d in rows})
+    return found
+
+
+def _reembed_state() -> tuple[Any, ...]:
+    """Everything a re-embed writes: progress, next vectors, vectors, the recorded embedder."""
+    with session_scope() as s:
+        progress = sorted(
+            s.execute(
+                select(ReembedProgress.table_name, ReembedProgress.embedder, ReembedProgress.last_id)
+            ).tuples()
+        )
+        space = s.execute(select(VectorSpace.embedder, VectorSpace.changed_at)).tuples().all()
+    return progress, space, _digests("embedding_next"), _digests("embedding")
+
+
+BUSY = "another mlchat reembed is running"
+
+
+def test_a_second_reembed_is_refused_while_one_runs_and_changes_nothing(monkeypatch, capsys) -> None:
+    conv = _conversation()
+    chunk = _chunk()
+
+    def stop(table: str, last_id: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # a first run's progress and next vectors, as it leaves them mid-way
+        reembed(chunk=chunk, on_chunk=stop)
+    before = _reembed_state()
+    assert before[0] and before[2]
+    with reembed_lock() as held:  # the first run, running: it holds the lock through the same function
+        assert held
+        with monkeypatch.context() as m:  # a run of another embedder would discard the first's progress
+            m.setattr(memory_reembed, "settings", settings.model_copy(update={"embedder": "another-model"}))
+            with pytest.raises(ReembedBusy, match=f"^{BUSY}"):
+                reembed(chunk=chunk, on_chunk=stop)
+        with pytest.raises(ReembedBusy, match=f"^{BUSY}"):
+            reembed_missing(chunk=chunk, on_chunk=stop)
+        capsys.readouterr()
+        assert cli(["reembed", "--chunk", str(chunk)]) == 2
+        assert cli(["reembed", "--missing"]) == 2
+        refused = capsys.readouterr()
+        assert refused.out == ""
+        lines = refused.err.splitlines()
+        assert len(lines) == 2 and all(line.startswith(f"mlchat: {BUSY} ") for line in lines)
+        now = _reembed_state()
+        assert now[:3] == before[:3]  # no progress, next vector or recorded embedder changed
+        assert {k: now[3][k] for k in before[3]} == before[3]  # nor a vector (new rows may come)
+    reembed(chunk=chunk)  # released: the next run proceeds to the swap
+    texts, after = _vectors(conv)
+    assert np.allclose(after, embed(texts), atol=1e-4)
+
+
+HOLD_THE_LOCK = """
+import time
+from db.reembed import reembed_lock
+with reembed_lock() as got:
+    print("held" if got else "busy", flush=True)
+    time.sleep(300)
+"""
+
+
+def test_the_lock_of_a_reembed_that_was_killed_goes_with_its_process() -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_THE_LOCK],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ReembedBusy):
+            reembed_missing()
+        holder.kill()  # SIGKILL: no unlock, no goodbye to the server
+        holder.wait(timeout=30)
+        deadline = time.monotonic() + 10  # the server ends the dead connection's backend at once
+        while True:
+            with reembed_lock() as free:
+                if free or time.monotonic() > deadline:
+                    break
+            time.sleep(0.1)
+        assert free
+        assert set(reembed_missing()) == set(SOURCES)  # the next run goes ahead
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+
+
+# --- only the missing vectors ---------------------------------------------------------------------
+
+WOLF = "I saw a grey wolf by the river."
+NULL_LINES = ["The mill burned down.", WOLF, "Nobody saw.", "Bread?", "Aye."]
+
+
+@pytest.fixture
+def recorded() -> Iterator[str]:
+    """This process's embedder recorded as the stored vectors' (as a worker records it); put back."""
+    with session_scope() as s:
+        was = recorded_embedder(session=s)
+        record_or_check(session=s, embedder=settings.embedder)
+    yield settings.embedder
+    with session_scope() as s:
+        assert recorded_embedder(session=s) == settings.embedder
+        if was is None:
+            s.execute(delete(VectorSpace))
+
+
+def _rows_of_another_embedder() -> tuple[int, str, int]:
+    """A conversation's lines, a story event and a fact written by a connection of another
+    embedder: stored, their vectors NULL (migration 0020's guard)."""
+    story = f"missing-{uuid.uuid4().hex[:6]}"
+    with as_embedder("another-model") as s:
+        conv = _conversation_in(s, NULL_LINES, embed(NULL_LINES))
+        upsert_story_events(
+            session=s,
+            events=[{"story": story, "ordinal": 1, "scene": "gate", "time": 1, "text": "The gate fell."}],
+            embeddings=embed(["The gate fell."]),
+        )
+        (fact,) = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    DEFAULT_TENANT,
+                    "p-missing",
+                    FactKind.PLAYER,
+                    "Rowan",
+                    "Rowan fears wolves.",
+                    "game",
+                    0.5,
+                    FactScope.CONVERSATION,
+                    str(conv),
+                    embed(["Rowan: Rowan fears wolves."])[0],
+                )
+            ],
+        )
+        fact_id = fact.id
+    return conv, story, fact_id
+
+
+def _mine(conv: int, story: str, fact_id: int) -> dict[str, list[tuple[str, Any]]]:
+    """(text, vector) of the test's rows, per table."""
+    from db.models import Fact, StoryEvent
+
+    with session_scope() as s:
+        lines = (
+            s.execute(
+                select(Message.content, Message.embedding)
+                .where(Message.conversation_id == conv)
+                .order_by(Message.seq)
+            )
+            .tuples()
+            .all()
+        )
+        events = (
+            s.execute(select(StoryEvent.text, StoryEvent.embedding).where(StoryEvent.story == story))
+            .tuples()
+            .all()
+        )
+        facts = (
+            s.execute(select(Fact.subject + ": " + Fact.text, Fact.embedding).where(Fact.id == fact_id))
+            .tuples()
+            .all()
+        )
+    return {"messages": list(lines), "story_events": list(events), "facts": list(facts)}
+
+
+def _similar(conv: int, question: str) -> list[str]:
+    with session_scope() as s:
+        (context,) = fetch_batch_context(
+            session=s,
+            queries=[ContextQuery(conv, None, None, embed([question])[0])],
+            recent_n=1,
+            history_k=3,
+            story_k=0,
+        )
+    return [m.content for m in context.similar]
+
+
+def _null_ids() -> set[tuple[str, int]]:
+    with session_scope() as s:
+        return {
+            (table, int(i))
+            for table, (model, _) in SOURCES.items()
+            for i in s.scalars(select(model.id).where(model.embedding.is_(None)))
+        }
+
+
+def test_a_missing_pass_fills_only_the_null_vectors_and_they_are_found_again(recorded: str) -> None:
+    conv, story, fact_id = _rows_of_another_embedder()
+    mine = _mine(conv, story, fact_id)
+    assert all(v is None for rows in mine.values() for _, v in rows)
+    assert WOLF not in _similar(conv, "Did you see any wolves?")  # a NULL vector is never found
+    had_vectors = _digests("embedding")
+    missing = _null_ids()
+
+    def stop(table: str, last_id: int) -> None:
+        raise Stop
+
+    with pytest.raises(Stop):  # interrupted after one chunk: that chunk's rows are kept
+        reembed_missing(chunk=2, on_chunk=stop)
+    assert len(missing - _null_ids()) == 2
+    filled = reembed_missing(chunk=2)  # resumes: the rows done are no longer NULL
+
+    assert not missing & _null_ids()  # every NULL vector filled
+    assert sum(filled.values()) >= len(missing) - 2
+    now = _digests("embedding")
+    assert {k: now[k] for k in had_vectors} == had_vectors  # the vectors already there: untouched
+    for table, rows in _mine(conv, story, fact_id).items():
+        texts = [t for t, _ in rows]
+        assert np.allclose(np.array([v for _, v in rows]), embed(texts), atol=1e-4), table
+    assert filled["story_events"] >= 1 and filled["facts"] >= 1
+    assert WOLF in _similar(conv, "Did you see any wolves?")
+
+
+def test_a_missing_pass_of_another_embedder_is_refused_and_writes_nothing(
+    recorded: str, monkeypatch, capsys
+) -> None:
+    from worker import embedder
+
+    conv, story, fact_id = _rows_of_another_embedder()
+    missing = _null_ids()
+    other = settings.model_copy(update={"embedder": "another-model"})  # this process's only: see
+    monkeypatch.setattr(embedder, "_space_checked", False)  # tests/test_vector_space.py _embed_as
+    monkeypatch.setattr(embedder, "settings", other)
+    monkeypatch.setattr(memory_reembed, "settings", other)
+    capsys.readouterr()
+    assert cli(["reembed", "--missing", "--chunk", "2"]) == 2
+    refused = capsys.readouterr()
+    assert refused.out == ""
+    assert refused.err.splitlines() == [
+        f"mlchat: MLCHAT_EMBEDDER='another-model' but the stored vectors come from {recorded!r}: set "
+        f"MLCHAT_EMBEDDER={recorded!r}, or move the database to 'another-model' with `mlchat reembed` "
+        "run with it"
+    ]
+    assert _null_ids() == missing  # nothing written
+    assert all(v is None for rows in _mine(conv, story, fact_id).values() for _, v in rows)
+    with pytest.raises(EmbedderMismatch):
+        reembed_missing()
