@@ -145,7 +145,9 @@ def _build_world(engine: Any, messages: int, conversations: int, events: int) ->
                 )
         conn.execute(text("SET maintenance_work_mem = '1GB'"))
         for definition in index_defs:
-            conn.execute(text(definition))
+            # A partitioned table's index reads "ON ONLY" in pg_indexes: made so, it would index none of
+            # the partitions (every story search an exact scan). Without ONLY it builds each one's graph.
+            conn.execute(text(definition.replace(" ON ONLY ", " ON ", 1)))
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(text("VACUUM ANALYZE messages, story_events, conversations"))
     return time.perf_counter() - started
