@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from core.settings import settings
 from db.reembed import SOURCES, lock_tables, next_chunk, progress, stale_rows, swap, write_next
 from db.session import session_scope
-from worker.embedder import embed
+from worker.embedder import embed, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,6 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
-        swapped = swap(session=session, embedder=settings.embedder)
+        swapped = swap(session=session, embedder=settings.embedder, fingerprint=fingerprint())
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped
