@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sqlalchemy import Connection, bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
@@ -137,10 +138,11 @@ def lock_tables(*, session: Session) -> None:
     session.execute(text("LOCK TABLE messages, story_events, facts IN SHARE ROW EXCLUSIVE MODE"))
 
 
-def swap(*, session: Session, embedder: str) -> dict[str, int]:
-    """Every next vector becomes the vector and `embedder` the stored vectors' one, in this
-    transaction; rows swapped per table."""
-    move_to(session=session, embedder=embedder)  # first: the vector guard lets this embedder's in
+def swap(*, session: Session, embedder: str, fingerprint: ArrayLike) -> dict[str, int]:
+    """Every next vector becomes the vector and `embedder` (with its weights' `fingerprint`) the
+    stored vectors' one, in this transaction; rows swapped per table."""
+    # First: the vector guard lets this embedder's in.
+    move_to(session=session, embedder=embedder, fingerprint=fingerprint)
     swapped = {}
     for table, (model, _) in SOURCES.items():
         done = session.execute(

@@ -3,15 +3,26 @@ compares or stores vectors of another model: a process of another embedder is re
 loads its embedder (a worker does not start), a connection of another embedder (each names its
 own in `mlchat.embedder`, set when it connects: db/session.py) gets no similarity hit and has its
 vectors stored as NULL (the trigger of migration 0020), and `mlchat reembed` moves the row to its
-embedder in the transaction that swaps the vectors."""
+embedder in the transaction that swaps the vectors.
+
+An embedder is its name and its weights' fingerprint: its vector of a fixed probe text
+(worker/embedder.py). The name is checked by every connection (the trigger, SAME_SPACE_SQL); the
+fingerprint by each process once it has loaded its embedder, which is where a model of the same
+name and other weights comes in (a connection cannot know its process's weights cheaply)."""
 
 from __future__ import annotations
 
-from sqlalchemy import select, text
+import numpy as np
+from numpy.typing import ArrayLike
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import VectorSpace
+
+# Two loads of one model give probe vectors whose cosine is 1 up to float noise (another device,
+# batch size or BLAS: ~1e-6); another model's, even a fine-tuned copy's, fall clearly below.
+SAME_WEIGHTS_MIN_COSINE = 0.999
 
 # True when this connection's embedder is the recorded one (or either is unknown): the retrieval
 # statements' guard, evaluated once per statement.
@@ -36,40 +47,90 @@ def same_space(*, session: Session) -> bool:
     return bool(session.scalar(_SAME_SPACE))
 
 
-def check(*, session: Session, embedder: str) -> None:
-    """EmbedderMismatch when another embedder than `embedder` is recorded (records nothing)."""
-    recorded = recorded_embedder(session=session)
-    if recorded is not None and recorded != embedder:
+def same_weights(mine: ArrayLike, recorded: ArrayLike) -> bool:
+    """Whether two probe vectors come from the same weights (same dimension, cosine near 1)."""
+    a, b = np.asarray(mine, dtype=np.float64), np.asarray(recorded, dtype=np.float64)
+    if a.shape != b.shape:
+        return False
+    norm = float(np.linalg.norm(a) * np.linalg.norm(b))
+    return norm > 0 and float(a @ b) / norm >= SAME_WEIGHTS_MIN_COSINE
+
+
+def _other_weights(mine: ArrayLike | None, recorded: ArrayLike | None) -> bool:
+    return mine is not None and recorded is not None and not same_weights(mine, recorded)
+
+
+def check(*, session: Session, embedder: str, fingerprint: ArrayLike | None = None) -> None:
+    """EmbedderMismatch when another embedder than `embedder` is recorded, or the same name with
+    other weights than `fingerprint` (when given and one is recorded); records nothing."""
+    row = session.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).first()
+    if row is None:
+        return
+    if row.embedder != embedder:
         raise EmbedderMismatch(
-            f"MLCHAT_EMBEDDER={embedder!r} but the stored vectors come from {recorded!r}: set "
-            f"MLCHAT_EMBEDDER={recorded!r}, or move the database to {embedder!r} with `mlchat reembed` "
+            f"MLCHAT_EMBEDDER={embedder!r} but the stored vectors come from {row.embedder!r}: set "
+            f"MLCHAT_EMBEDDER={row.embedder!r}, or move the database to {embedder!r} with `mlchat reembed` "
             "run with it"
+        )
+    if _other_weights(fingerprint, row.fingerprint):
+        raise EmbedderMismatch(
+            f"MLCHAT_EMBEDDER={embedder!r} names the stored vectors' embedder but its weights differ (its "
+            "vector of the probe text is not theirs): run the model the vectors come from, or move the "
+            "database to these weights with `mlchat reembed` run with them"
         )
 
 
-def record_or_check(*, session: Session, embedder: str) -> None:
-    """Record `embedder` when none is recorded yet; EmbedderMismatch when another one is."""
-    session.execute(insert(VectorSpace).values(embedder=embedder).on_conflict_do_nothing())
-    check(session=session, embedder=embedder)
+def fill_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) -> bool:
+    """Record `fingerprint` for a recorded `embedder` that has none yet (whether this call did:
+    of processes racing, the first to write wins and the others are checked against it);
+    EmbedderMismatch when another name or other weights are recorded."""
+    filled = session.execute(
+        update(VectorSpace)
+        .where(VectorSpace.embedder == embedder, VectorSpace.fingerprint.is_(None))
+        .values(fingerprint=np.asarray(fingerprint, dtype=np.float32))
+    )
+    check(session=session, embedder=embedder, fingerprint=fingerprint)
+    return bool(filled.rowcount)  # type: ignore[attr-defined]
 
 
-def moved_away(*, session: Session, embedder: str) -> str | None:
-    """The embedder the stored vectors moved to when it is not `embedder` (a running worker's
-    tick), with when; None while they are still `embedder`'s (or none is recorded)."""
-    row = session.execute(select(VectorSpace.embedder, VectorSpace.changed_at)).first()
-    if row is None or row.embedder == embedder:
+def record_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) -> None:
+    """Record `embedder` and its `fingerprint` when none is recorded yet (or only the fingerprint,
+    when the name is recorded without one); EmbedderMismatch when another name or other weights are."""
+    vector = np.asarray(fingerprint, dtype=np.float32)
+    session.execute(
+        insert(VectorSpace).values(embedder=embedder, fingerprint=vector).on_conflict_do_nothing()
+    )
+    fill_or_check(session=session, embedder=embedder, fingerprint=fingerprint)
+
+
+def moved_away(*, session: Session, embedder: str, fingerprint: ArrayLike | None = None) -> str | None:
+    """The embedder the stored vectors moved to when it is not `embedder`, or not the weights of
+    `fingerprint` (when given), with when (a running worker's tick); None while they are still
+    this embedder's (or none is recorded)."""
+    row = session.execute(
+        select(VectorSpace.embedder, VectorSpace.fingerprint, VectorSpace.changed_at)
+    ).first()
+    if row is None:
         return None
-    return f"the stored vectors moved to {row.embedder!r} at {row.changed_at:%Y-%m-%d %H:%M:%S %Z}"
+    when = f"{row.changed_at:%Y-%m-%d %H:%M:%S %Z}"
+    if row.embedder != embedder:
+        return f"the stored vectors moved to {row.embedder!r} at {when}"
+    if _other_weights(fingerprint, row.fingerprint):
+        return f"the stored vectors moved to other weights of {embedder!r} at {when}"
+    return None
 
 
-def move_to(*, session: Session, embedder: str) -> None:
-    """Record `embedder` as the stored vectors' (the re-embed's swap, in its transaction, which
-    holds the writers' lock and writes the new vectors by construction: it is not guarded)."""
+def move_to(*, session: Session, embedder: str, fingerprint: ArrayLike) -> None:
+    """Record `embedder` and its weights' `fingerprint` as the stored vectors' (the re-embed's swap,
+    in its transaction, which holds the writers' lock and writes the new vectors by construction:
+    it is not guarded)."""
+    vector = np.asarray(fingerprint, dtype=np.float32)
     session.execute(text("SELECT set_config('mlchat.embedder', '', true)"))
     session.execute(
         insert(VectorSpace)
-        .values(embedder=embedder)
+        .values(embedder=embedder, fingerprint=vector)
         .on_conflict_do_update(
-            index_elements=[VectorSpace.id], set_={"embedder": embedder, "changed_at": text("now()")}
+            index_elements=[VectorSpace.id],
+            set_={"embedder": embedder, "fingerprint": vector, "changed_at": text("now()")},
         )
     )

@@ -32,7 +32,7 @@ from db.reembed import (
 )
 from db.session import session_scope
 from db.vector_space import check
-from worker.embedder import embed
+from worker.embedder import embed, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None) -> dict[st
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
-        swapped = swap(session=session, embedder=settings.embedder)
+        swapped = swap(session=session, embedder=settings.embedder, fingerprint=fingerprint())
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped
 

@@ -9,7 +9,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from psycopg import sql
-from sqlalchemy import Connection, create_engine, inspect, text
+from sqlalchemy import Connection, create_engine, inspect, select, text
 from sqlalchemy.orm import Session
 
 from db.migrate import alembic_config, include_name
@@ -252,3 +252,24 @@ def test_story_partitions_keep_every_column_and_have_statistics(scratch_db: Conn
     scratch_db.rollback()
     _run(scratch_db, "downgrade", "0012")
     assert "mood" in {c["name"] for c in inspect(scratch_db).get_columns("story_events")}
+
+
+def test_the_fingerprint_migration_keeps_the_recorded_embedder_and_leaves_its_weights_to_fill(
+    scratch_db: Connection,
+) -> None:
+    from db.models import VectorSpace
+    from db.vector_space import fill_or_check
+
+    _run(scratch_db, "upgrade", "0021")
+    scratch_db.execute(text("INSERT INTO vector_space (embedder) VALUES ('bundled')"))
+    scratch_db.commit()
+    _run(scratch_db, "upgrade", "0022")
+    row = scratch_db.execute(text("SELECT embedder, fingerprint IS NULL FROM vector_space")).one()
+    assert tuple(row) == ("bundled", True)
+    weights = np.random.default_rng(5).standard_normal(384).astype(np.float32)
+    with Session(bind=scratch_db) as session:  # the first process of that name to load its embedder
+        assert fill_or_check(session=session, embedder="bundled", fingerprint=weights) is True
+        session.commit()
+        assert np.allclose(session.scalar(select(VectorSpace.fingerprint)), weights)
+    _run(scratch_db, "downgrade", "0021")
+    assert scratch_db.execute(text("SELECT embedder FROM vector_space")).scalar_one() == "bundled"

@@ -1,28 +1,41 @@
 """The stored vectors' embedder (db/vector_space.py): a process of another embedder stores no vector,
 gets no similarity hit and no fact relevance, and a worker of another embedder does not start or
-stops; `mlchat reembed`'s swap moves the database to its embedder."""
+stops; `mlchat reembed`'s swap moves the database to its embedder. An embedder is its name and its
+weights' fingerprint: one of the same name and other weights is refused the same way."""
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
-from sqlalchemy import create_engine, event, select, text
+from sqlalchemy import create_engine, delete, event, select, text, update
 from sqlalchemy.orm import Session
 
 from core.services import database_url
 from core.settings import DEFAULT_TENANT, settings
 from db.facts import NewFact, add_facts, facts_for_turns
 from db.history import append_lines
-from db.models import FactKind, FactScope, Message, Role
+from db.models import FactKind, FactScope, Message, Role, VectorSpace
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
-from db.vector_space import EmbedderMismatch, move_to, record_or_check, recorded_embedder
+from db.vector_space import (
+    EmbedderMismatch,
+    fill_or_check,
+    move_to,
+    record_or_check,
+    recorded_embedder,
+    same_weights,
+)
 from db.world import find_characters, upsert_conversations
-from worker.embedder import embed
+from worker.embedder import embed, fingerprint
+
+WEIGHTS_DIFFER = r"MLCHAT_EMBEDDER='[^']+' names the stored vectors' embedder but its weights differ"
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -49,12 +62,35 @@ def as_embedder(name: str) -> Iterator[Session]:
 
 @pytest.fixture
 def recorded() -> Iterator[str]:
-    """The recorded embedder (this process's), put back after the test."""
+    """The recorded embedder (this process's, with its fingerprint), put back after the test."""
+    mine = fingerprint()
     with session_scope() as s:
-        record_or_check(session=s, embedder=settings.embedder)
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=mine)
     yield settings.embedder
     with session_scope() as s:
-        move_to(session=s, embedder=settings.embedder)
+        move_to(session=s, embedder=settings.embedder, fingerprint=mine)
+
+
+@pytest.fixture(scope="module")
+def other_weights():  # type: ignore[no-untyped-def]
+    """The same embedder loaded again with its last layer changed in memory (a fine-tuned copy at
+    the same path, in effect); this process's own embedder is left as it is."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from worker.embedder import _model_source
+
+    model = SentenceTransformer(_model_source(settings), device="cpu")
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weights in model[0].auto_model.encoder.layer[-1].parameters():
+            weights.add_(torch.randn(weights.shape, generator=noise) * 0.01)
+    return model
+
+
+def _recorded_fingerprint() -> np.ndarray | None:
+    with session_scope() as s:
+        return s.scalar(select(VectorSpace.fingerprint))
 
 
 def _conversation(session: Session, lines: list[str] = LINES) -> int:
@@ -158,7 +194,7 @@ def test_facts_reach_a_process_of_another_embedder_without_relevance(recorded: s
 
 def test_another_embedder_is_refused_naming_the_setting(recorded: str) -> None:
     with session_scope() as s, pytest.raises(EmbedderMismatch, match=r"MLCHAT_EMBEDDER='another-model' but"):
-        record_or_check(session=s, embedder="another-model")
+        record_or_check(session=s, embedder="another-model", fingerprint=fingerprint())
     with session_scope() as s:
         assert recorded_embedder(session=s) == recorded  # a refused check records nothing
 
@@ -172,7 +208,7 @@ def test_a_running_worker_stops_once_the_vectors_move_to_another_embedder(record
     assert still_in_vector_space() and state.should_stop is None
     # The move stays uncommitted: this session's worker (tests/conftest.py) checks the committed row.
     with session_scope() as s:
-        move_to(session=s, embedder="another-model")
+        move_to(session=s, embedder="another-model", fingerprint=fingerprint())
         assert not still_in_vector_space(lambda: nullcontext(s))
         s.rollback()
     assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
@@ -251,8 +287,11 @@ def test_the_swap_moves_the_database_to_the_new_embedder_and_writes_as_it(record
     with session_scope() as s:  # this process's connections name the old embedder; rolled back
         ids = list(s.scalars(select(Message.id).where(Message.conversation_id == conv).order_by(Message.seq)))
         write_next(session=s, table="messages", ids=ids, vectors=embed(LINES), last_id=None)
-        swap(session=s, embedder="bundled-next")
+        (next_weights,) = embed(["another model's probe vector"])
+        swap(session=s, embedder="bundled-next", fingerprint=next_weights)
         assert recorded_embedder(session=s) == "bundled-next"
+        recorded_weights = s.scalar(select(VectorSpace.fingerprint))
+        assert np.allclose(recorded_weights, next_weights, atol=1e-6)  # the re-embedding process's
         stored = select(Message.embedding).where(Message.conversation_id == conv).order_by(Message.seq)
         assert all(v is not None for v in s.scalars(stored))  # not stored as NULL by the guard
         s.rollback()
@@ -280,3 +319,147 @@ def test_the_api_answers_503_naming_the_setting_when_it_would_embed_in_another_s
     with session_scope() as s:  # nothing stored
         stored = text("SELECT count(*) FROM facts WHERE player_id = 'p-space-api'")
         assert s.scalar(stored) == 0
+
+
+# --- the embedder's weights: its fingerprint ------------------------------------------------------
+
+
+def test_a_worker_records_its_embedders_fingerprint_with_the_name_at_its_first_start(recorded: str) -> None:
+    from worker.startup import check_and_warm_up
+
+    with session_scope() as s:  # a database nothing has recorded yet
+        s.execute(delete(VectorSpace))
+    check_and_warm_up(load_engine=False)
+    with session_scope() as s:
+        row = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).one()
+    assert row.embedder == recorded
+    assert row.fingerprint is not None and np.allclose(row.fingerprint, fingerprint(), atol=1e-6)
+
+
+def test_the_same_embedder_loaded_again_matches_also_within_float_noise(recorded: str) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    from worker.embedder import _model_source, fingerprint_of
+
+    again = fingerprint_of(SentenceTransformer(_model_source(settings), device="cpu"))
+    noisy = fingerprint() + np.random.default_rng(7).normal(scale=1e-6, size=384).astype(np.float32)
+    for mine in (again, noisy):
+        with session_scope() as s:
+            record_or_check(session=s, embedder=recorded, fingerprint=mine)  # no refusal
+    assert same_weights(noisy, _recorded_fingerprint())  # type: ignore[arg-type]
+    assert not same_weights(noisy[:383], noisy)  # another dimension is another model
+
+
+def test_a_worker_of_the_same_name_and_other_weights_is_refused_at_start(
+    recorded: str, other_weights, monkeypatch
+) -> None:
+    from worker import startup
+
+    monkeypatch.setattr(startup, "get_embedder", lambda: other_weights)
+    with pytest.raises(EmbedderMismatch, match=WEIGHTS_DIFFER) as refused:
+        startup.check_and_warm_up(load_engine=False)
+    assert "mlchat reembed" in str(refused.value)
+    assert np.allclose(_recorded_fingerprint(), fingerprint(), atol=1e-6)  # nothing recorded
+
+
+def _embed_with(monkeypatch: pytest.MonkeyPatch, model) -> None:  # type: ignore[no-untyped-def]
+    """This process embeds with `model` under the same name (the embedder module only: this
+    session's worker keeps the fingerprint it read at its start)."""
+    from worker import embedder
+
+    monkeypatch.setattr(embedder, "_space_checked", False)
+    monkeypatch.setattr(embedder, "get_embedder", lambda: model)
+
+
+def test_the_api_and_the_cli_of_the_same_name_and_other_weights_refuse_storing_nothing(
+    recorded: str, other_weights, monkeypatch, capsys
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from scripts.cli import main as cli
+    from tests.conftest import INGEST_KEY
+
+    _embed_with(monkeypatch, other_weights)
+    with TestClient(create_app()) as client:
+        answer = client.post(
+            "/v1/players/p-weights-api/facts",
+            headers={"X-API-Key": INGEST_KEY},
+            json={"facts": [{"text": "Rowan fears wolves."}]},
+        )
+    assert answer.status_code == 503
+    assert "weights differ" in answer.json()["detail"] and "mlchat reembed" in answer.json()["detail"]
+    _embed_with(monkeypatch, other_weights)
+    assert cli(["facts", "add", "p-weights-cli", "Rowan fears wolves."]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "weights differ" in line
+    with session_scope() as s:  # nothing stored
+        stored = text("SELECT count(*) FROM facts WHERE player_id IN ('p-weights-api', 'p-weights-cli')")
+        assert s.scalar(stored) == 0
+
+
+def test_a_running_worker_stops_once_the_vectors_move_to_other_weights_of_its_name(
+    recorded: str, monkeypatch
+) -> None:
+    from worker import lifecycle
+    from worker.housekeeping import still_in_vector_space
+
+    state = SimpleNamespace(should_stop=None)
+    monkeypatch.setattr(lifecycle, "worker_state", state)
+    mine = fingerprint()
+    assert still_in_vector_space(fingerprint=mine) and state.should_stop is None
+    with session_scope() as s:  # uncommitted, as above: this session's worker checks the committed row
+        (other,) = embed(["another model's probe vector"])
+        move_to(session=s, embedder=recorded, fingerprint=other)
+        assert not still_in_vector_space(lambda: nullcontext(s), fingerprint=mine)
+        s.rollback()
+    assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
+
+
+def _waiting_for_a_lock() -> bool:
+    with session_scope() as s:
+        waiting = text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE 'UPDATE vector_space%'"
+        )
+        return bool(s.scalar(waiting))
+
+
+@pytest.mark.parametrize("second", ["same weights", "other weights"])
+def test_a_fingerprint_missing_from_an_older_record_is_filled_once_by_racing_processes(
+    recorded: str, second: str
+) -> None:
+    mine = fingerprint()
+    rng = np.random.default_rng(3)
+    theirs = (
+        mine + rng.normal(scale=1e-4, size=mine.shape).astype(np.float32)  # another device's float noise
+        if second == "same weights"
+        else embed(["another model's probe vector"])[0]
+    )
+    with session_scope() as s:  # recorded before migration 0022: a name and no fingerprint
+        s.execute(update(VectorSpace).values(fingerprint=None))
+    outcome: list[object] = []
+
+    def racing() -> None:
+        try:
+            with session_scope() as s:
+                outcome.append(fill_or_check(session=s, embedder=recorded, fingerprint=theirs))
+        except EmbedderMismatch as exc:
+            outcome.append(exc)
+
+    with session_scope() as first:
+        assert fill_or_check(session=first, embedder=recorded, fingerprint=mine) is True
+        other = threading.Thread(target=racing)
+        other.start()
+        deadline = time.monotonic() + 30
+        while not _waiting_for_a_lock() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcome == []  # the second waits for the first's row lock
+    other.join(timeout=30)
+    if second == "same weights":
+        assert outcome == [False]  # it wrote nothing
+    else:
+        (refused,) = outcome
+        assert isinstance(refused, EmbedderMismatch) and "weights differ" in str(refused)
+    stored = _recorded_fingerprint()
+    assert stored is not None and np.allclose(stored, mine, atol=1e-7)  # the first's, exactly

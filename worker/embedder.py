@@ -40,6 +40,27 @@ def get_embedder() -> SentenceTransformer:
     return model
 
 
+# Embedded by every process once its embedder loads: the vector is the weights' fingerprint, kept
+# with the embedder's name (db/vector_space.py). Changing this text makes every recorded fingerprint
+# unlike the processes' own: never change it.
+PROBE_TEXT = (
+    "The ferryman counts seven lanterns on the north bank and asks the miller's daughter for rye bread."
+)
+
+
+def fingerprint_of(model: SentenceTransformer) -> np.ndarray:
+    """The model's unit vector of PROBE_TEXT: what tells two embedders of one name apart."""
+    vector = model.encode(
+        [PROBE_TEXT], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+    )
+    return np.asarray(vector[0], dtype=np.float32)
+
+
+def fingerprint() -> np.ndarray:
+    """This process's embedder's fingerprint (loads the embedder)."""
+    return fingerprint_of(get_embedder())
+
+
 def check_dimension(model_dim: int | None, column_dim: int) -> None:
     """Fail with a clear message when the embedder and the vector column disagree."""
     if model_dim != column_dim:
@@ -53,19 +74,24 @@ _space_checked = False
 
 
 def _check_space_once() -> None:
-    """EmbedderMismatch (once a process) when the stored vectors come from another embedder: the
-    API, the CLI, the serverless and inline paths refuse rather than store vectors as NULL."""
+    """EmbedderMismatch (once a process) when the stored vectors come from another embedder, by
+    name or by weights: the API, the CLI, the serverless and inline paths refuse rather than store
+    vectors as NULL or of other weights. The first process of the recorded name to get here fills
+    in the fingerprint of a database recorded without one."""
     global _space_checked
     if _space_checked:
         return
     from sqlalchemy.exc import OperationalError
 
     from db.session import session_scope
-    from db.vector_space import check
+    from db.vector_space import check, fill_or_check
 
     try:
-        with session_scope() as session:
+        with session_scope() as session:  # the name first: another name loads no embedder here
             check(session=session, embedder=settings.embedder)
+        mine = fingerprint_of(get_embedder())
+        with session_scope() as session:
+            fill_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
     except OperationalError:  # no database here: nothing it stores or compares to mix up
         logger.warning("could not read the stored vectors' embedder; the database guards them itself")
     _space_checked = True

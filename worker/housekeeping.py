@@ -15,20 +15,25 @@ from typing import TYPE_CHECKING
 from core.settings import settings
 
 if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
     from sqlalchemy.orm import Session
 
 logger = logging.getLogger(__name__)
 
 
-def still_in_vector_space(scope: Callable[[], AbstractContextManager[Session]] | None = None) -> bool:
-    """False (and the worker told to stop) once the stored vectors come from another embedder."""
+def still_in_vector_space(
+    scope: Callable[[], AbstractContextManager[Session]] | None = None,
+    fingerprint: ArrayLike | None = None,
+) -> bool:
+    """False (and the worker told to stop) once the stored vectors come from another embedder, or
+    from other weights than `fingerprint` (this worker's, when given)."""
     from db.session import session_scope
     from db.vector_space import moved_away
     from worker.lifecycle import stop_for_moved_embedder
 
     try:
         with (scope or session_scope)() as session:
-            moved = moved_away(session=session, embedder=settings.embedder)
+            moved = moved_away(session=session, embedder=settings.embedder, fingerprint=fingerprint)
     except Exception:
         logger.exception("could not read the stored vectors' embedder; trying again next tick")
         return True
@@ -39,16 +44,19 @@ def still_in_vector_space(scope: Callable[[], AbstractContextManager[Session]] |
 
 class Housekeeper(threading.Thread):
     def __init__(self, interval_s: float | None = None, model: str | None = None) -> None:
+        from worker.embedder import fingerprint
+
         super().__init__(name="mlchat-housekeeping", daemon=True)
         self.interval_s = interval_s or settings.housekeeping_interval_s
         self.models = [model or settings.model]
         self.stopped = threading.Event()
+        self.fingerprint = fingerprint()  # the weights this worker loaded at its start
 
     def run(self) -> None:
         from services.batches import housekeeping
 
         while not self.stopped.wait(self.interval_s):
-            if not still_in_vector_space():
+            if not still_in_vector_space(fingerprint=self.fingerprint):
                 return
             try:
                 done = housekeeping(self.models)

@@ -8,14 +8,15 @@ from core.settings import settings
 from db.introspect import vector_column_dim
 from db.session import session_scope
 from db.vector_space import check, record_or_check
-from worker.embedder import check_dimension, get_embedder
+from worker.embedder import check_dimension, fingerprint_of, get_embedder
 
 logger = logging.getLogger(__name__)
 
 
 def check_and_warm_up(load_engine: bool = True) -> None:
     """Check embedder and database agree on the vector size and on the embedder the stored vectors
-    come from (EmbedderMismatch); load the embedder and the engine."""
+    come from, its name before loading it and its weights after (EmbedderMismatch); load the
+    embedder and the engine."""
     with session_scope() as session:
         column_dim = vector_column_dim(session=session, table="messages", column="embedding")
     if column_dim is None:
@@ -24,8 +25,9 @@ def check_and_warm_up(load_engine: bool = True) -> None:
         check(session=session, embedder=settings.embedder)
     model = get_embedder()
     check_dimension(model.get_embedding_dimension(), column_dim)
+    mine = fingerprint_of(model)
     with session_scope() as session:  # recorded only once the embedder is proven to load and fit
-        record_or_check(session=session, embedder=settings.embedder)
+        record_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
     if load_engine:
         from worker.pipeline import get_prompt_builder
 
