@@ -115,22 +115,41 @@ def fill_missing(*, session: Session, table: str, ids: Sequence[int], vectors: n
 
 
 @contextmanager
-def reembed_lock() -> Iterator[bool]:
-    """Hold the re-embed lock on a connection of its own for the block; yields False (holding
-    nothing) when another process holds it, i.e. a re-embed is running."""
+def reembed_lock() -> Iterator[int | None]:
+    """Hold the re-embed lock on a connection of its own for the block; yields the backend pid that
+    holds it (for `lock_still_held`), or None (holding nothing) when another process holds it, i.e. a
+    re-embed is running."""
     conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
         got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _LOCK_KEY))))
         try:
-            yield got
+            yield int(conn.scalar(select(func.pg_backend_pid())) or 0) if got else None
         finally:
             if got:
                 try:
-                    conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _LOCK_KEY)))
+                    released = conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _LOCK_KEY)))
                 except Exception:  # the connection broke; the server released the lock with it
+                    released = False
+                except BaseException:  # interrupted: never pool a connection that may still hold it
+                    conn.invalidate()
+                    raise
+                if not released:
                     conn.invalidate()
     finally:
         conn.close()
+
+
+def lock_still_held(*, session: Session, pid: int) -> bool:
+    """Whether the re-embed lock is still held by backend `pid`: its connection can close under a
+    run (a restart, a timeout, a proxy), and the server then lets the next run in."""
+    held = session.scalar(
+        text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND classid = CAST(:ns AS oid) AND objid = CAST(:key AS oid) AND objsubid = 2 AND pid = :pid)"
+        ),
+        {"ns": _LOCK_NAMESPACE, "key": _LOCK_KEY, "pid": pid},
+    )
+    return bool(held)
 
 
 def lock_tables(*, session: Session) -> None:

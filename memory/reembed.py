@@ -21,6 +21,7 @@ from core.settings import settings
 from db.reembed import (
     SOURCES,
     fill_missing,
+    lock_still_held,
     lock_tables,
     missing_rows,
     next_chunk,
@@ -31,7 +32,7 @@ from db.reembed import (
     write_next,
 )
 from db.session import session_scope
-from db.vector_space import check
+from db.vector_space import EmbedderMismatch, check, recorded_embedder
 from worker.embedder import embed, fingerprint
 
 logger = logging.getLogger(__name__)
@@ -44,15 +45,26 @@ class ReembedBusy(RuntimeError):
 
 
 @contextmanager
-def _alone() -> Iterator[None]:
-    """The re-embed lock for the block, or ReembedBusy before anything is changed."""
-    with reembed_lock() as got:
-        if not got:
+def _alone() -> Iterator[int]:
+    """The re-embed lock for the block (its holder's backend pid), or ReembedBusy before anything
+    is changed."""
+    with reembed_lock() as holder:
+        if holder is None:
             raise ReembedBusy(
                 "another mlchat reembed is running (a full run or a --missing pass); nothing changed: "
                 "run this one again when it has ended"
             )
-        yield
+        yield holder
+
+
+def _still_alone(session: Session, holder: int) -> None:
+    """ReembedBusy when the lock's connection closed under this run (another run may have started):
+    checked in every transaction that writes next vectors, and in the swap's."""
+    if not lock_still_held(session=session, pid=holder):
+        raise ReembedBusy(
+            "this mlchat reembed lost its lock (its connection to PostgreSQL closed) and stopped before "
+            "writing more: run it again to resume"
+        )
 
 
 def _catch_up(session: Session, table: str, chunk: int) -> int:
@@ -72,13 +84,14 @@ def _catch_up(session: Session, table: str, chunk: int) -> int:
 def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None) -> dict[str, int]:
     """Re-embed everything and swap the vectors in; rows swapped per table. `on_chunk(table, last
     id)` is called after each committed chunk. ReembedBusy while another re-embed runs."""
-    with _alone():
-        return _reembed(chunk, on_chunk)
+    with _alone() as holder:
+        return _reembed(chunk, on_chunk, holder)
 
 
-def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None) -> dict[str, int]:
+def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: int) -> dict[str, int]:
     for table in SOURCES:
         with session_scope() as session:
+            _still_alone(session, holder)
             last = progress(session=session, table=table, embedder=settings.embedder)
         while True:
             with session_scope() as session:
@@ -87,6 +100,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None) -> dict[st
                     break
                 vectors = embed([t for _, t in rows], any_space=True)
                 last = rows[-1][0]
+                _still_alone(session, holder)
                 write_next(
                     session=session, table=table, ids=[i for i, _ in rows], vectors=vectors, last_id=last
                 )
@@ -99,11 +113,13 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None) -> dict[st
         caught = 0
         for table in SOURCES:
             with session_scope() as session:
+                _still_alone(session, holder)
                 caught += _catch_up(session, table, chunk)
         if caught < chunk:
             break
     with session_scope() as session:
         lock_tables(session=session)
+        _still_alone(session, holder)
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
@@ -116,10 +132,17 @@ def reembed_missing(
     *, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None
 ) -> dict[str, int]:
     """Give every row without a vector one from this process's embedder; rows filled per table.
-    EmbedderMismatch (nothing written) when the stored vectors are another embedder's, ReembedBusy
+    EmbedderMismatch (nothing written) when the stored vectors are another embedder's or none is
+    recorded, ReembedBusy
     while another re-embed runs. `on_chunk(table, last id)` is called after each committed chunk."""
     with _alone():
         with session_scope() as session:
+            if recorded_embedder(session=session) is None:  # the stored vectors' model is not known
+                raise EmbedderMismatch(
+                    "no embedder is recorded for the stored vectors yet, so a --missing pass cannot know "
+                    "which model they come from: start a worker (it records its embedder) or run a full "
+                    "`mlchat reembed`; nothing written"
+                )
             check(session=session, embedder=settings.embedder)
         filled = dict.fromkeys(SOURCES, 0)
         for table in SOURCES:

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 import memory.reembed as memory_reembed
@@ -22,7 +22,7 @@ from core.settings import DEFAULT_TENANT, settings
 from db.facts import NewFact, add_facts
 from db.history import append_lines
 from db.models import FactKind, FactScope, Message, ReembedProgress, Role, VectorSpace
-from db.reembed import SOURCES, reembed_lock
+from db.reembed import _LOCK_NAMESPACE, SOURCES, reembed_lock
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, record_or_check, recorded_embedder
@@ -30,7 +30,7 @@ from db.world import find_characters, upsert_conversations, upsert_story_events
 from memory.reembed import ReembedBusy, reembed, reembed_missing
 from scripts.cli import main as cli
 from tests.test_vector_space import as_embedder
-from worker.embedder import embed
+from worker.embedder import embed, fingerprint
 
 pytestmark = pytest.mark.usefixtures("world")
 
@@ -222,6 +222,36 @@ def test_a_second_reembed_is_refused_while_one_runs_and_changes_nothing(monkeypa
     assert np.allclose(after, embed(texts), atol=1e-4)
 
 
+def test_a_run_whose_lock_connection_closes_stops_before_writing_more(capsys) -> None:
+    _conversation()
+    chunk = _chunk()
+    chunks, at_loss = [], []
+
+    def lose_the_lock(table: str, last_id: int) -> None:
+        chunks.append(last_id)
+        if len(chunks) == 1:  # a restart, a timeout or a proxy closes the lock's connection
+            with session_scope() as s:
+                ended = s.scalar(
+                    text(
+                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                        " AND classid = CAST(:ns AS oid) AND objsubid = 2"
+                    ),
+                    {"ns": _LOCK_NAMESPACE},
+                )
+            assert ended
+            time.sleep(0.5)  # the server lets the lock go with the backend
+            with reembed_lock() as free:
+                assert free  # so another run could start now: this one must not go on
+            at_loss.append(_reembed_state())
+
+    with pytest.raises(ReembedBusy, match="lost its lock"):
+        reembed(chunk=chunk, on_chunk=lose_the_lock)
+    assert len(chunks) == 1  # nothing written after the lock was lost, and no swap
+    assert _reembed_state() == at_loss[0]
+    assert cli(["reembed", "--chunk", str(chunk)]) == 0  # run again: resumes and swaps
+    assert "re-embedded with" in capsys.readouterr().out
+
+
 HOLD_THE_LOCK = """
 import time
 from db.reembed import reembed_lock
@@ -268,7 +298,7 @@ def recorded() -> Iterator[str]:
     """This process's embedder recorded as the stored vectors' (as a worker records it); put back."""
     with session_scope() as s:
         was = recorded_embedder(session=s)
-        record_or_check(session=s, embedder=settings.embedder)
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=fingerprint())
     yield settings.embedder
     with session_scope() as s:
         assert recorded_embedder(session=s) == settings.embedder
@@ -407,3 +437,22 @@ def test_a_missing_pass_of_another_embedder_is_refused_and_writes_nothing(
     assert all(v is None for rows in _mine(conv, story, fact_id).values() for _, v in rows)
     with pytest.raises(EmbedderMismatch):
         reembed_missing()
+
+
+def test_a_missing_pass_with_no_embedder_recorded_is_refused_and_writes_nothing(capsys) -> None:
+    conv = _conversation()
+    with session_scope() as s:
+        s.execute(text("UPDATE messages SET embedding = NULL WHERE conversation_id = :c"), {"c": conv})
+        was = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).first()
+        s.execute(delete(VectorSpace))  # as after the upgrade, before any worker started
+    try:
+        missing = _null_ids()
+        capsys.readouterr()
+        assert cli(["reembed", "--missing"]) == 2
+        refused = capsys.readouterr().err.splitlines()
+        assert len(refused) == 1 and "no embedder is recorded for the stored vectors yet" in refused[0]
+        assert _null_ids() == missing  # its own NULL lines kept their NULL: nothing written
+    finally:
+        if was is not None:
+            with session_scope() as s:
+                s.execute(insert(VectorSpace).values(embedder=was.embedder, fingerprint=was.fingerprint))
