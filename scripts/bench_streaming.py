@@ -346,7 +346,8 @@ def measure_streaming(
             api_cpu_s += _cpu_s(api_pid) - api_cpu_before
             readers_run_s += time.time() - started
         rss_peak, rss_after = _rss_mib(api_pid, "VmHWM"), _rss_mib(api_pid, "VmRSS")
-        without_readers, with_readers = statistics.median(without_runs), statistics.median(with_runs)
+        without_readers = round(statistics.median(without_runs), 3)
+        with_readers = round(statistics.median(with_runs), 3)
 
     def median(rows: list[dict[str, float]], name: str) -> float:
         values = [r[name] for r in rows if not math.isnan(r[name])]  # a stage a turn did not record
@@ -379,6 +380,7 @@ def measure_streaming(
         "delivery_overhead_ms_target": 50.0,
         "readers": readers,
         "readers_bulk_turns": reader_bulk_turns,
+        "reader_sessions": len(seen),  # `readers` in each run with readers
         "readers_missing_events": sum(_missed(s) for s in seen),
         "api_rss_before_readers_mib": rss_before,
         "api_peak_rss_mib": rss_peak,
