@@ -89,7 +89,7 @@ def _check_space_once() -> None:
     try:
         with session_scope() as session:  # the name first: another name loads no embedder here
             check(session=session, embedder=settings.embedder)
-        mine = fingerprint_of(get_embedder())
+        mine = fingerprint()
         with session_scope() as session:
             fill_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
     except OperationalError:  # no database here: nothing it stores or compares to mix up
