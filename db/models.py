@@ -628,12 +628,14 @@ class VectorSpace(Base):
 
 
 class ReembedProgress(Base):
-    """How far `mlchat reembed` got in each table with which embedder (so a new run resumes)."""
+    """How far `mlchat reembed` got in each table with which embedder, by name and weights'
+    fingerprint (so a new run of the same embedder resumes, and any other starts over)."""
 
     __tablename__ = "reembed_progress"
 
     table_name: Mapped[str] = mapped_column(String(32), primary_key=True)
     embedder: Mapped[str] = mapped_column(Text)
+    fingerprint: Mapped[list[float] | None] = mapped_column(Vector())
     last_id: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

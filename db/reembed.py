@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Fact, Message, ReembedProgress, StoryEvent
 from db.session import get_engine
-from db.vector_space import move_to
+from db.vector_space import move_to, same_weights
 
 _LOCK_NAMESPACE = 0x6D6C7265  # "mlre"
 _LOCK_KEY = 0
@@ -33,15 +33,17 @@ SOURCES: dict[str, tuple[Any, Any]] = {
 }
 
 
-def progress(*, session: Session, table: str, embedder: str) -> int:
-    """The last id re-embedded in `table` by this embedder (0: start over; another embedder's
-    progress is discarded)."""
+def progress(*, session: Session, table: str, embedder: str, fingerprint: ArrayLike) -> int:
+    """The last id re-embedded in `table` by this embedder, its name and its weights' `fingerprint`
+    (0: start over; the progress of another name or other weights, or of none recorded, is
+    discarded: its next vectors are all written again)."""
+    vector = np.asarray(fingerprint, dtype=np.float32)
     row = session.get(ReembedProgress, table)
     if row is None:
-        row = ReembedProgress(table_name=table, embedder=embedder, last_id=0)
+        row = ReembedProgress(table_name=table, embedder=embedder, fingerprint=vector.tolist(), last_id=0)
         session.add(row)
-    elif row.embedder != embedder:
-        row.embedder, row.last_id = embedder, 0
+    elif row.embedder != embedder or row.fingerprint is None or not same_weights(vector, row.fingerprint):
+        row.embedder, row.fingerprint, row.last_id = embedder, vector.tolist(), 0
     session.flush()
     return row.last_id
 
@@ -99,18 +101,31 @@ def missing_rows(*, session: Session, table: str, after_id: int, limit: int) -> 
 
 
 def fill_missing(*, session: Session, table: str, ids: Sequence[int], vectors: np.ndarray) -> int:
-    """Store the rows' vectors where they still have none; how many of them have one now."""
+    """Store the rows' vectors where they still have none; how many this call stored."""
     if not ids:
         return 0
     model, _ = SOURCES[table]
     rows = model.__table__
-    by_id = update(rows).where(rows.c.id == bindparam("row_id"), rows.c.embedding.is_(None))
+    # The rows still without a vector, locked until the commit: another writer cannot fill one in
+    # between, so the count below is this call's.
+    still_null = set(
+        session.scalars(
+            select(rows.c.id).where(rows.c.id.in_(list(ids)), rows.c.embedding.is_(None)).with_for_update()
+        )
+    )
+    if not still_null:
+        return 0
+    by_id = update(rows).where(rows.c.id == bindparam("row_id"))
     session.execute(
         by_id.values(embedding=bindparam("vector")),
-        [{"row_id": i, "vector": np.asarray(v, dtype=np.float32)} for i, v in zip(ids, vectors, strict=True)],
+        [
+            {"row_id": i, "vector": np.asarray(v, dtype=np.float32)}
+            for i, v in zip(ids, vectors, strict=True)
+            if i in still_null
+        ],
     )
     # Counted, not the UPDATE's rowcount: the vector guard (migration 0020) may have stored NULL.
-    filled = select(func.count()).where(rows.c.id.in_(list(ids)), rows.c.embedding.is_not(None))
+    filled = select(func.count()).where(rows.c.id.in_(list(still_null)), rows.c.embedding.is_not(None))
     return int(session.scalar(filled) or 0)
 
 

@@ -7,8 +7,9 @@ embedder in the transaction that swaps the vectors.
 
 An embedder is its name and its weights' fingerprint: its vector of a fixed probe text
 (worker/embedder.py). The name is checked by every connection (the trigger, SAME_SPACE_SQL); the
-fingerprint by each process once it has loaded its embedder, which is where a model of the same
-name and other weights comes in (a connection cannot know its process's weights cheaply)."""
+fingerprint by each process once it has loaded its embedder (the first to embed records both),
+which is where a model of the same name and other weights comes in (a connection cannot know its
+process's weights cheaply)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ from sqlalchemy.orm import Session
 from db.models import VectorSpace
 
 # Two loads of one model give probe vectors whose cosine is 1 up to float noise (another device,
-# batch size or BLAS: ~1e-6); another model's, even a fine-tuned copy's, fall clearly below.
+# batch size or BLAS: ~1e-6); another model's fall clearly below. A lightly fine-tuned copy may
+# not: one block's weights scaled by 1% still gives 0.9999, and is taken as the same model.
 SAME_WEIGHTS_MIN_COSINE = 0.999
 
 # True when this connection's embedder is the recorded one (or either is unknown): the retrieval

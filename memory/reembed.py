@@ -89,10 +89,11 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
 
 
 def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: int) -> dict[str, int]:
+    mine = fingerprint()
     for table in SOURCES:
         with session_scope() as session:
             _still_alone(session, holder)
-            last = progress(session=session, table=table, embedder=settings.embedder)
+            last = progress(session=session, table=table, embedder=settings.embedder, fingerprint=mine)
         while True:
             with session_scope() as session:
                 rows = next_chunk(session=session, table=table, after_id=last, limit=chunk)
@@ -123,7 +124,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
         for table in SOURCES:
             while _catch_up(session, table, chunk):
                 pass
-        swapped = swap(session=session, embedder=settings.embedder, fingerprint=fingerprint())
+        swapped = swap(session=session, embedder=settings.embedder, fingerprint=mine)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped
 
@@ -135,7 +136,7 @@ def reembed_missing(
     EmbedderMismatch (nothing written) when the stored vectors are another embedder's or none is
     recorded, ReembedBusy
     while another re-embed runs. `on_chunk(table, last id)` is called after each committed chunk."""
-    with _alone():
+    with _alone() as holder:
         with session_scope() as session:
             if recorded_embedder(session=session) is None:  # the stored vectors' model is not known
                 raise EmbedderMismatch(
@@ -153,6 +154,7 @@ def reembed_missing(
                     if not rows:
                         break
                     vectors = embed([t for _, t in rows])
+                    _still_alone(session, holder)
                     filled[table] += fill_missing(
                         session=session, table=table, ids=[i for i, _ in rows], vectors=vectors
                     )

@@ -174,3 +174,20 @@ def base_url(world) -> Iterator[str]:  # type: ignore[no-untyped-def]
     """One HTTP ingest for the whole session."""
     with serving_api() as url:
         yield url
+
+
+@pytest.fixture(scope="module")
+def other_weights():  # type: ignore[no-untyped-def]
+    """The same embedder loaded again with its last layer changed in memory (a fine-tuned copy at
+    the same path, in effect); this process's own embedder is left as it is."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    from worker.embedder import _model_source
+
+    model = SentenceTransformer(_model_source(settings), device="cpu")
+    noise = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weights in model[0].auto_model.encoder.layer[-1].parameters():
+            weights.add_(torch.randn(weights.shape, generator=noise) * 0.01)
+    return model

@@ -273,3 +273,27 @@ def test_the_fingerprint_migration_keeps_the_recorded_embedder_and_leaves_its_we
         assert np.allclose(session.scalar(select(VectorSpace.fingerprint)), weights)
     _run(scratch_db, "downgrade", "0021")
     assert scratch_db.execute(text("SELECT embedder FROM vector_space")).scalar_one() == "bundled"
+
+
+def test_reembed_progress_recorded_before_its_fingerprint_column_is_started_over(
+    scratch_db: Connection,
+) -> None:
+    from db.reembed import progress
+
+    _run(scratch_db, "upgrade", "0022")
+    scratch_db.execute(
+        text(
+            "INSERT INTO reembed_progress (table_name, embedder, last_id) VALUES ('messages', 'bundled', 40)"
+        )
+    )
+    scratch_db.commit()
+    _run(scratch_db, "upgrade", "0023")
+    weights = np.random.default_rng(6).standard_normal(384).astype(np.float32)
+    with Session(bind=scratch_db) as session:  # which weights made ids 1..40 is not known: all again
+        assert progress(session=session, table="messages", embedder="bundled", fingerprint=weights) == 0
+        session.execute(text("UPDATE reembed_progress SET last_id = 40"))
+        again = weights + np.float32(1e-6)  # the same weights on another device: resumed
+        assert progress(session=session, table="messages", embedder="bundled", fingerprint=again) == 40
+        session.commit()
+    _run(scratch_db, "downgrade", "0022")
+    assert scratch_db.execute(text("SELECT last_id FROM reembed_progress")).scalar_one() == 40

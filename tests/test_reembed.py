@@ -22,7 +22,7 @@ from core.settings import DEFAULT_TENANT, settings
 from db.facts import NewFact, add_facts
 from db.history import append_lines
 from db.models import FactKind, FactScope, Message, ReembedProgress, Role, VectorSpace
-from db.reembed import _LOCK_NAMESPACE, SOURCES, reembed_lock
+from db.reembed import _LOCK_NAMESPACE, SOURCES, fill_missing, reembed_lock
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, record_or_check, recorded_embedder
@@ -159,6 +159,52 @@ def test_a_row_written_into_a_table_already_passed_is_caught_up_before_the_swap(
     assert np.allclose(after, embed(texts), atol=1e-4)  # the late line too, with the new embedder
 
 
+def test_a_run_resumed_with_other_weights_of_the_same_name_starts_over(other_weights, monkeypatch) -> None:
+    from worker import embedder
+
+    _conversation()
+    chunk = _chunk()
+    with session_scope() as s:
+        last_message = s.scalar(select(func.max(Message.id)))
+    firsts: list[int] = []
+
+    def stop_after_first(table: str, last_id: int) -> None:
+        firsts.append(last_id)
+        raise Stop
+
+    def stop_after_the_messages(table: str, last_id: int) -> None:
+        if table != "messages" or last_id >= last_message:
+            raise Stop  # before any swap: the next vectors are left to look at
+
+    with pytest.raises(Stop):  # this process's weights wrote the first chunk's next vectors
+        reembed(chunk=chunk, on_chunk=stop_after_first)
+    monkeypatch.setattr(embedder, "get_embedder", lambda: other_weights)  # a copy of other weights
+    try:
+        with pytest.raises(Stop):
+            reembed(chunk=chunk, on_chunk=stop_after_the_messages)
+        with session_scope() as s:
+            first_chunk = s.execute(
+                select(Message.content, Message.embedding_next)
+                .where(Message.id <= firsts[0])
+                .order_by(Message.id)
+            ).all()
+            progress = s.get(ReembedProgress, "messages")
+            assert progress is not None and progress.last_id >= last_message
+        texts = [t for t, _ in first_chunk]
+        theirs = other_weights.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+        # none of the first run's next vectors is left
+        assert np.allclose(np.array([v for _, v in first_chunk]), theirs, atol=1e-4)
+    finally:
+        with session_scope() as s:  # leave no next vectors of other weights for the next test's run
+            s.execute(delete(ReembedProgress))
+            for model, _ in SOURCES.values():
+                s.execute(
+                    model.__table__.update()
+                    .where(model.embedding_next.is_not(None))
+                    .values(embedding_next=None)
+                )
+
+
 # --- one re-embed at a time -----------------------------------------------------------------------
 
 
@@ -222,6 +268,22 @@ def test_a_second_reembed_is_refused_while_one_runs_and_changes_nothing(monkeypa
     assert np.allclose(after, embed(texts), atol=1e-4)
 
 
+def _close_the_lock_connection() -> None:
+    """What a restart, a timeout or a proxy does to the running re-embed's lock connection."""
+    with session_scope() as s:
+        ended = s.scalar(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                " AND classid = CAST(:ns AS oid) AND objsubid = 2"
+            ),
+            {"ns": _LOCK_NAMESPACE},
+        )
+    assert ended
+    time.sleep(0.5)  # the server lets the lock go with the backend
+    with reembed_lock() as free:
+        assert free  # so another run could start now: this one must not go on
+
+
 def test_a_run_whose_lock_connection_closes_stops_before_writing_more(capsys) -> None:
     _conversation()
     chunk = _chunk()
@@ -229,19 +291,8 @@ def test_a_run_whose_lock_connection_closes_stops_before_writing_more(capsys) ->
 
     def lose_the_lock(table: str, last_id: int) -> None:
         chunks.append(last_id)
-        if len(chunks) == 1:  # a restart, a timeout or a proxy closes the lock's connection
-            with session_scope() as s:
-                ended = s.scalar(
-                    text(
-                        "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-                        " AND classid = CAST(:ns AS oid) AND objsubid = 2"
-                    ),
-                    {"ns": _LOCK_NAMESPACE},
-                )
-            assert ended
-            time.sleep(0.5)  # the server lets the lock go with the backend
-            with reembed_lock() as free:
-                assert free  # so another run could start now: this one must not go on
+        if len(chunks) == 1:
+            _close_the_lock_connection()
             at_loss.append(_reembed_state())
 
     with pytest.raises(ReembedBusy, match="lost its lock"):
@@ -411,6 +462,39 @@ def test_a_missing_pass_fills_only_the_null_vectors_and_they_are_found_again(rec
         assert np.allclose(np.array([v for _, v in rows]), embed(texts), atol=1e-4), table
     assert filled["story_events"] >= 1 and filled["facts"] >= 1
     assert WOLF in _similar(conv, "Did you see any wolves?")
+
+
+def test_a_missing_pass_whose_lock_connection_closes_stops_before_writing_more(recorded: str) -> None:
+    _rows_of_another_embedder()
+    chunks, at_loss = [], []
+
+    def lose_the_lock(table: str, last_id: int) -> None:
+        chunks.append(last_id)
+        if len(chunks) == 1:
+            _close_the_lock_connection()
+            at_loss.append(_null_ids())
+
+    with pytest.raises(ReembedBusy, match="lost its lock"):
+        reembed_missing(chunk=2, on_chunk=lose_the_lock)
+    assert len(chunks) == 1 and at_loss[0]  # NULL vectors were left to fill
+    assert _null_ids() == at_loss[0]  # nothing filled after the lock was lost
+    reembed_missing(chunk=2)  # run again: fills the rest
+    assert not _null_ids() & at_loss[0]
+
+
+def test_a_missing_pass_counts_only_the_vectors_it_stored(recorded: str) -> None:
+    conv, _, _ = _rows_of_another_embedder()
+    with session_scope() as s:  # one of the NULL lines gets its vector from another writer first
+        line = s.scalars(select(Message.id).where(Message.conversation_id == conv).order_by(Message.seq))
+        first, *rest = line.all()
+        s.execute(
+            text("UPDATE messages SET embedding = CAST(:v AS vector) WHERE id = :i"),
+            {"v": str(embed([NULL_LINES[0]])[0].tolist()), "i": first},
+        )
+    with session_scope() as s:
+        ids = [first, *rest]
+        assert fill_missing(session=s, table="messages", ids=ids, vectors=embed(NULL_LINES)) == len(rest)
+        assert fill_missing(session=s, table="messages", ids=ids, vectors=embed(NULL_LINES)) == 0
 
 
 def test_a_missing_pass_of_another_embedder_is_refused_and_writes_nothing(

@@ -71,23 +71,6 @@ def recorded() -> Iterator[str]:
         move_to(session=s, embedder=settings.embedder, fingerprint=mine)
 
 
-@pytest.fixture(scope="module")
-def other_weights():  # type: ignore[no-untyped-def]
-    """The same embedder loaded again with its last layer changed in memory (a fine-tuned copy at
-    the same path, in effect); this process's own embedder is left as it is."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    from worker.embedder import _model_source
-
-    model = SentenceTransformer(_model_source(settings), device="cpu")
-    noise = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for weights in model[0].auto_model.encoder.layer[-1].parameters():
-            weights.add_(torch.randn(weights.shape, generator=noise) * 0.01)
-    return model
-
-
 def _recorded_fingerprint() -> np.ndarray | None:
     with session_scope() as s:
         return s.scalar(select(VectorSpace.fingerprint))
@@ -369,6 +352,47 @@ def _embed_with(monkeypatch: pytest.MonkeyPatch, model) -> None:  # type: ignore
 
     monkeypatch.setattr(embedder, "_space_checked", False)
     monkeypatch.setattr(embedder, "get_embedder", lambda: model)
+
+
+def test_the_first_process_to_embed_records_its_embedder_so_a_later_worker_of_other_weights_is_refused(
+    recorded: str, other_weights, monkeypatch
+) -> None:
+    from worker import embedder, startup
+
+    with session_scope() as s:  # a database nothing has recorded yet: the API started first
+        s.execute(delete(VectorSpace))
+    monkeypatch.setattr(embedder, "_space_checked", False)
+    embed(["a fact the API stores"])
+    with session_scope() as s:
+        row = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).one()
+    assert row.embedder == recorded and np.allclose(row.fingerprint, fingerprint(), atol=1e-6)
+    monkeypatch.setattr(startup, "get_embedder", lambda: other_weights)
+    with pytest.raises(EmbedderMismatch, match=WEIGHTS_DIFFER):
+        startup.check_and_warm_up(load_engine=False)
+
+
+@pytest.mark.parametrize("shape", ["turn", "original"])
+def test_a_serverless_event_in_another_space_is_refused_storing_nothing(
+    recorded: str, monkeypatch, shape: str
+) -> None:
+    from tests.conftest import new_conversation
+    from worker.serverless import handler
+
+    conv = new_conversation()
+    asked, said = f"Is the north road safe? {conv['conversation']}", f"Hello {conv['conversation']}"
+    original = {
+        "persona": {"name": f"Space {conv['conversation']}", "personality": "A ferryman."},
+        "chat_history": [{"role": "user", "content": said}, {"role": "assistant", "content": "Aye."}],
+        "message": asked,
+    }
+    _embed_as(monkeypatch, "another-model")
+    answer = handler({"input": conv | {"message": asked} if shape == "turn" else original})
+    assert set(answer) == {"error"} and "MLCHAT_EMBEDDER='another-model' but" in answer["error"]
+    with session_scope() as s:  # nothing stored: no turn, no line, no persona
+        assert s.scalar(text("SELECT count(*) FROM turns WHERE message = :m"), {"m": asked}) == 0
+        assert s.scalar(text("SELECT count(*) FROM messages WHERE content = :m"), {"m": said}) == 0
+        named = {"n": f"Space {conv['conversation']}"}
+        assert s.scalar(text("SELECT count(*) FROM characters WHERE name = :n"), named) == 0
 
 
 def test_the_api_and_the_cli_of_the_same_name_and_other_weights_refuse_storing_nothing(

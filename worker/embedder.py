@@ -73,27 +73,44 @@ def check_dimension(model_dim: int | None, column_dim: int) -> None:
 _space_checked = False
 
 
-def _check_space_once() -> None:
-    """EmbedderMismatch (once a process) when the stored vectors come from another embedder, by
-    name or by weights: the API, the CLI, the serverless and inline paths refuse rather than store
-    vectors as NULL or of other weights. The first process of the recorded name to get here fills
-    in the fingerprint of a database recorded without one."""
-    global _space_checked
+def check_space() -> None:
+    """EmbedderMismatch (checked once a process) when the stored vectors come from another
+    embedder, by name or by weights: the API, the CLI, the serverless and inline paths refuse
+    rather than store vectors as NULL or of other weights. Joins the space (`join_space`) when
+    none is recorded, so that every later process is checked against this one."""
     if _space_checked:
         return
     from sqlalchemy.exc import OperationalError
 
     from db.session import session_scope
-    from db.vector_space import check, fill_or_check
+    from db.vector_space import check
 
     try:
         with session_scope() as session:  # the name first: another name loads no embedder here
             check(session=session, embedder=settings.embedder)
-        mine = fingerprint()
-        with session_scope() as session:
-            fill_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
+        join_space(get_embedder())
     except OperationalError:  # no database here: nothing it stores or compares to mix up
         logger.warning("could not read the stored vectors' embedder; the database guards them itself")
+        _mark_checked()
+
+
+def join_space(model: SentenceTransformer) -> None:
+    """Record this process's embedder (its name and `model`'s fingerprint) as the stored vectors'
+    when none is recorded (or fill in the fingerprint of a record made without one); EmbedderMismatch
+    when another name or other weights are recorded. The first process to embed records it,
+    whichever it is: one that only checked would let a later one of other weights record its own
+    and then store vectors beside them."""
+    from db.session import session_scope
+    from db.vector_space import record_or_check
+
+    mine = fingerprint_of(model)
+    with session_scope() as session:
+        record_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
+    _mark_checked()
+
+
+def _mark_checked() -> None:
+    global _space_checked
     _space_checked = True
 
 
@@ -102,7 +119,7 @@ def embed(texts: list[str], *, any_space: bool = False) -> np.ndarray:
     (EmbedderMismatch) when the stored vectors are another embedder's, unless `any_space` (the
     re-embed, which makes the next space's vectors)."""
     if not any_space:
-        _check_space_once()
+        check_space()
     if not texts:
         return np.zeros((0, settings.embedding_dim), dtype=np.float32)
     vectors = get_embedder().encode(

@@ -8,6 +8,7 @@ from typing import Any
 from core.settings import settings
 from services.producer import TurnView, enqueue_turns, get_turn
 from services.schemas import TurnRequest
+from worker.embedder import check_space
 from worker.pipeline import process_batch
 
 
@@ -16,7 +17,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
 
     Turns of one conversation are answered in order across rounds, exactly as a worker would; a
     turn that cannot finish within max_attempts + len(requests) rounds is returned as it stands.
+    EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
+    check_space()
     ids = enqueue_turns(requests, send=False)
     pending = list(dict.fromkeys(ids))
     for _ in range(settings.max_attempts + len(pending)):

@@ -17,6 +17,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from db.turns import IdempotencyConflict
+from db.vector_space import EmbedderMismatch
+
+# Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
+_REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
 
 
 def handler(event: dict[str, Any]) -> dict[str, Any]:
@@ -33,7 +37,7 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
         return {"error": '"turns" must be a non-empty list'}
     try:
         views = answer_now(requests)
-    except (ValidationError, IdempotencyConflict, ValueError) as exc:
+    except _REFUSED as exc:
         return {"error": str(exc)}
     return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
 
@@ -42,13 +46,15 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     """The original service's inline shape: persona, history and story stored (a replay stores
     nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
     from services.original_request import chat_response, read_request, store_request, turn_request
+    from worker.embedder import check_space
     from worker.inline import answer_now
 
     try:
         request = read_request(payload)
+        check_space()  # before storing the persona, story and history
         stored = store_request(request)
         views = answer_now([turn_request(request, stored)])
-    except (ValidationError, IdempotencyConflict, ValueError) as exc:
+    except _REFUSED as exc:
         return {"error": str(exc)}
     if len(views) != 1:  # the turn was removed before it could be read back
         return {"error": "the turn ran but could not be read back; send the request again"}

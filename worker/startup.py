@@ -7,8 +7,8 @@ import logging
 from core.settings import settings
 from db.introspect import vector_column_dim
 from db.session import session_scope
-from db.vector_space import check, record_or_check
-from worker.embedder import check_dimension, fingerprint_of, get_embedder
+from db.vector_space import check
+from worker.embedder import check_dimension, get_embedder, join_space
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +25,7 @@ def check_and_warm_up(load_engine: bool = True) -> None:
         check(session=session, embedder=settings.embedder)
     model = get_embedder()
     check_dimension(model.get_embedding_dimension(), column_dim)
-    mine = fingerprint_of(model)
-    with session_scope() as session:  # recorded only once the embedder is proven to load and fit
-        record_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
+    join_space(model)  # recorded (or checked) only once the embedder is proven to load and fit
     if load_engine:
         from worker.pipeline import get_prompt_builder
 
