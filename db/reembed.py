@@ -107,10 +107,13 @@ def fill_missing(*, session: Session, table: str, ids: Sequence[int], vectors: n
     model, _ = SOURCES[table]
     rows = model.__table__
     # The rows still without a vector, locked until the commit: another writer cannot fill one in
-    # between, so the count below is this call's.
+    # between, so the count below is this call's. The lock is the one the UPDATE takes anyway.
     still_null = set(
         session.scalars(
-            select(rows.c.id).where(rows.c.id.in_(list(ids)), rows.c.embedding.is_(None)).with_for_update()
+            select(rows.c.id)
+            .where(rows.c.id.in_(list(ids)), rows.c.embedding.is_(None))
+            .order_by(rows.c.id)  # one lock order for every locker of these rows
+            .with_for_update(key_share=True)  # FOR NO KEY UPDATE: foreign-key checks go on
         )
     )
     if not still_null:

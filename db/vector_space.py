@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sqlalchemy import select, text, update
+from sqlalchemy import or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import VectorSpace
+from db.models import Fact, Message, StoryEvent, VectorSpace
 
 # Two loads of one model give probe vectors whose cosine is 1 up to float noise (another device,
 # batch size or BLAS: ~1e-6); another model's fall clearly below. A lightly fine-tuned copy may
@@ -95,10 +95,31 @@ def fill_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) ->
     return bool(filled.rowcount)  # type: ignore[attr-defined]
 
 
-def record_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) -> None:
+NOTHING_RECORDED = (
+    "no embedder is recorded for the stored vectors yet, so this process cannot know they are its "
+    "embedder's: start a worker of the embedder they come from (it records its embedder), or move them "
+    "to this one with `mlchat reembed`; nothing stored"
+)
+
+
+def any_vector_stored(*, session: Session) -> bool:
+    """Whether any message, story event or fact has a vector."""
+    stored = [
+        select(model.id).where(model.embedding.is_not(None)).exists() for model in (Message, StoryEvent, Fact)
+    ]
+    return bool(session.scalar(select(or_(*stored))))
+
+
+def record_or_check(
+    *, session: Session, embedder: str, fingerprint: ArrayLike, claim_stored: bool = True
+) -> None:
     """Record `embedder` and its `fingerprint` when none is recorded yet (or only the fingerprint,
-    when the name is recorded without one); EmbedderMismatch when another name or other weights are."""
+    when the name is recorded without one); EmbedderMismatch when another name or other weights are.
+    Without `claim_stored`, a database with vectors and no record is refused (NOTHING_RECORDED)
+    rather than claimed: only a worker's start takes stored vectors of unknown origin as its own."""
     vector = np.asarray(fingerprint, dtype=np.float32)
+    if not claim_stored and recorded_embedder(session=session) is None and any_vector_stored(session=session):
+        raise EmbedderMismatch(NOTHING_RECORDED)
     session.execute(
         insert(VectorSpace).values(embedder=embedder, fingerprint=vector).on_conflict_do_nothing()
     )

@@ -59,7 +59,8 @@ def _alone() -> Iterator[int]:
 
 def _still_alone(session: Session, holder: int) -> None:
     """ReembedBusy when the lock's connection closed under this run (another run may have started):
-    checked in every transaction that writes next vectors, and in the swap's."""
+    checked in every transaction that writes next vectors, in the swap's, and in every transaction
+    of a --missing pass that fills vectors."""
     if not lock_still_held(session=session, pid=holder):
         raise ReembedBusy(
             "this mlchat reembed lost its lock (its connection to PostgreSQL closed) and stopped before "

@@ -294,7 +294,8 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     A named conversation takes the history's new lines. Without one the request is stateless like
     the original's: the history is kept once per persona, player and history, and each request
     answers in a conversation of its own holding a copy of it, so no other request's lines, player
-    or facts reach its prompt."""
+    or facts reach its prompt. EmbedderMismatch, with nothing stored, when the stored vectors are
+    another embedder's (even a replay, which embeds nothing, is refused before it stores a turn)."""
     from db.history import conversation_lines, copy_lines
     from db.session import session_scope
     from db.world import (
@@ -305,7 +306,9 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         upsert_conversations,
         upsert_story_events,
     )
+    from worker.embedder import check_space  # the embedder loads on first use, in the calling process
 
+    check_space()
     kept, story_key = req.conversation or req.history_key, req.story_key
     with session_scope() as session:
         story_stored = story_key is None or count_story_events(session=session, story=story_key) > 0

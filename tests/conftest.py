@@ -12,6 +12,10 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import sqlalchemy
 
 # Before any project import: settings are read once, at import.
 _STATE = Path(tempfile.mkdtemp(prefix="mlchat-test-"))
@@ -191,3 +195,26 @@ def other_weights():  # type: ignore[no-untyped-def]
         for weights in model[0].auto_model.encoder.layer[-1].parameters():
             weights.add_(torch.randn(weights.shape, generator=noise) * 0.01)
     return model
+
+
+SCRATCH = "mlchat_migration_test"
+
+
+@pytest.fixture()
+def scratch_db(services) -> Iterator[sqlalchemy.Connection]:
+    """A connection to an empty database of its own (migrate it with tests/test_migrations.py _run)."""
+    import psycopg
+    import sqlalchemy
+    from psycopg import sql
+
+    from db.session import get_engine
+
+    url = get_engine().url
+    admin = url.set(database="postgres").render_as_string(hide_password=False).replace("+psycopg", "")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH)))
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH)))
+    engine = sqlalchemy.create_engine(url.set(database=SCRATCH))
+    with engine.connect() as connection:
+        yield connection
+    engine.dispose()

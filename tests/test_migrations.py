@@ -1,35 +1,16 @@
 """Alembic owns the schema: up, down to base and up again on a scratch database; models match."""
 
-from collections.abc import Iterator
-
 import numpy as np
-import psycopg
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from psycopg import sql
-from sqlalchemy import Connection, create_engine, inspect, select, text
+from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.orm import Session
 
 from db.migrate import alembic_config, include_name
 from db.models import Base
 from db.session import get_engine
-
-SCRATCH = "mlchat_migration_test"
-
-
-@pytest.fixture()
-def scratch_db(services) -> Iterator[Connection]:
-    url = get_engine().url
-    admin = url.set(database="postgres").render_as_string(hide_password=False).replace("+psycopg", "")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(SCRATCH)))
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(SCRATCH)))
-    engine = create_engine(url.set(database=SCRATCH))
-    with engine.connect() as connection:
-        yield connection
-    engine.dispose()
 
 
 def _run(connection: Connection, action: str, revision: str) -> None:
@@ -292,6 +273,7 @@ def test_reembed_progress_recorded_before_its_fingerprint_column_is_started_over
     with Session(bind=scratch_db) as session:  # which weights made ids 1..40 is not known: all again
         assert progress(session=session, table="messages", embedder="bundled", fingerprint=weights) == 0
         session.execute(text("UPDATE reembed_progress SET last_id = 40"))
+        session.expire_all()
         again = weights + np.float32(1e-6)  # the same weights on another device: resumed
         assert progress(session=session, table="messages", embedder="bundled", fingerprint=again) == 40
         session.commit()

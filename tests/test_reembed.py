@@ -160,7 +160,7 @@ def test_a_row_written_into_a_table_already_passed_is_caught_up_before_the_swap(
 
 
 def test_a_run_resumed_with_other_weights_of_the_same_name_starts_over(other_weights, monkeypatch) -> None:
-    from worker import embedder
+    from worker.embedder import fingerprint_of
 
     _conversation()
     chunk = _chunk()
@@ -178,7 +178,15 @@ def test_a_run_resumed_with_other_weights_of_the_same_name_starts_over(other_wei
 
     with pytest.raises(Stop):  # this process's weights wrote the first chunk's next vectors
         reembed(chunk=chunk, on_chunk=stop_after_first)
-    monkeypatch.setattr(embedder, "get_embedder", lambda: other_weights)  # a copy of other weights
+    # The re-embed's own embedder only: the session's worker threads go on with this process's.
+    monkeypatch.setattr(memory_reembed, "fingerprint", lambda: fingerprint_of(other_weights))
+    monkeypatch.setattr(
+        memory_reembed,
+        "embed",
+        lambda texts, any_space=False: np.asarray(
+            other_weights.encode(texts, normalize_embeddings=True, convert_to_numpy=True), dtype=np.float32
+        ),
+    )
     try:
         with pytest.raises(Stop):
             reembed(chunk=chunk, on_chunk=stop_after_the_messages)

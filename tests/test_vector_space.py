@@ -35,6 +35,7 @@ from db.vector_space import (
 from db.world import find_characters, upsert_conversations
 from worker.embedder import embed, fingerprint
 
+NOTHING_RECORDED_START = "no embedder is recorded for the stored vectors yet, so this process"
 WEIGHTS_DIFFER = r"MLCHAT_EMBEDDER='[^']+' names the stored vectors' embedder but its weights differ"
 
 pytestmark = pytest.mark.usefixtures("world")
@@ -354,21 +355,80 @@ def _embed_with(monkeypatch: pytest.MonkeyPatch, model) -> None:  # type: ignore
     monkeypatch.setattr(embedder, "get_embedder", lambda: model)
 
 
-def test_the_first_process_to_embed_records_its_embedder_so_a_later_worker_of_other_weights_is_refused(
-    recorded: str, other_weights, monkeypatch
+def test_a_fresh_database_is_claimed_by_the_first_process_to_embed_and_holds_against_other_weights(
+    scratch_db,
 ) -> None:
-    from worker import embedder, startup
+    from tests.test_migrations import _run
 
-    with session_scope() as s:  # a database nothing has recorded yet: the API started first
+    _run(scratch_db, "upgrade", "head")
+    mine, theirs = fingerprint(), embed(["another model's probe vector"])[0]
+    with Session(bind=scratch_db) as s:  # the API embeds first: nothing stored, nothing recorded
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=mine, claim_stored=False)
+        s.commit()
+        assert np.allclose(s.scalar(select(VectorSpace.fingerprint)), mine, atol=1e-6)
+    with Session(bind=scratch_db) as s, pytest.raises(EmbedderMismatch, match="weights differ"):
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=theirs)  # a worker starting later
+
+
+def test_vectors_stored_before_any_record_are_claimed_by_a_worker_start_only(scratch_db) -> None:
+    from tests.test_migrations import _run
+
+    _run(scratch_db, "upgrade", "head")
+    scratch_db.execute(
+        text(
+            "INSERT INTO story_events (story, ordinal, scene, time, text, embedding)"
+            " VALUES ('old', 1, '', 0, 'The gate fell.', CAST(:v AS vector))"
+        ),
+        {"v": str(embed(["The gate fell."])[0].tolist())},
+    )
+    scratch_db.commit()
+    mine = fingerprint()
+    with Session(bind=scratch_db) as s, pytest.raises(EmbedderMismatch, match=NOTHING_RECORDED_START):
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=mine, claim_stored=False)
+    assert scratch_db.execute(select(VectorSpace.embedder)).first() is None  # nothing recorded
+    with Session(bind=scratch_db) as s:  # a worker's first start takes them as its own
+        record_or_check(session=s, embedder=settings.embedder, fingerprint=mine, claim_stored=True)
+        s.commit()
+        assert s.scalar(select(VectorSpace.embedder)) == settings.embedder
+
+
+def test_an_api_process_refuses_to_embed_beside_vectors_no_embedder_was_recorded_for(
+    recorded: str, monkeypatch
+) -> None:
+    from worker import embedder
+
+    with session_scope() as s:  # as after an upgrade from before 0020: vectors, and no record
         s.execute(delete(VectorSpace))
     monkeypatch.setattr(embedder, "_space_checked", False)
-    embed(["a fact the API stores"])
+    with pytest.raises(EmbedderMismatch, match=NOTHING_RECORDED_START):
+        embed(["a fact the API would store"])
     with session_scope() as s:
-        row = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).one()
-    assert row.embedder == recorded and np.allclose(row.fingerprint, fingerprint(), atol=1e-6)
-    monkeypatch.setattr(startup, "get_embedder", lambda: other_weights)
-    with pytest.raises(EmbedderMismatch, match=WEIGHTS_DIFFER):
-        startup.check_and_warm_up(load_engine=False)
+        assert recorded_embedder(session=s) is None  # claimed by nobody but a worker's start
+
+
+def test_a_process_whose_first_check_meets_a_database_error_checks_again_at_its_next_embed(
+    recorded: str, monkeypatch
+) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    import db.session
+    from worker import embedder
+
+    real = db.session.session_scope
+    calls = []
+
+    def away_once():  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:  # a restart, a statement timeout, a lock timeout
+            raise OperationalError("SELECT embedder FROM vector_space", {}, Exception("server closed"))
+        return real()
+
+    monkeypatch.setattr(db.session, "session_scope", away_once)
+    _embed_as(monkeypatch, "another-model")
+    embed(["stored while the database was away"])  # the check could not run: not latched
+    assert embedder._space_checked is False
+    with pytest.raises(EmbedderMismatch, match="MLCHAT_EMBEDDER='another-model' but"):
+        embed(["the next embed"])
 
 
 @pytest.mark.parametrize("shape", ["turn", "original"])
@@ -388,8 +448,10 @@ def test_a_serverless_event_in_another_space_is_refused_storing_nothing(
     _embed_as(monkeypatch, "another-model")
     answer = handler({"input": conv | {"message": asked} if shape == "turn" else original})
     assert set(answer) == {"error"} and "MLCHAT_EMBEDDER='another-model' but" in answer["error"]
-    with session_scope() as s:  # nothing stored: no turn, no line, no persona
+    with session_scope() as s:  # nothing stored: no turn, and for the original shape no line or persona
         assert s.scalar(text("SELECT count(*) FROM turns WHERE message = :m"), {"m": asked}) == 0
+        if shape == "turn":
+            return
         assert s.scalar(text("SELECT count(*) FROM messages WHERE content = :m"), {"m": said}) == 0
         named = {"n": f"Space {conv['conversation']}"}
         assert s.scalar(text("SELECT count(*) FROM characters WHERE name = :n"), named) == 0

@@ -75,9 +75,10 @@ _space_checked = False
 
 def check_space() -> None:
     """EmbedderMismatch (checked once a process) when the stored vectors come from another
-    embedder, by name or by weights: the API, the CLI, the serverless and inline paths refuse
-    rather than store vectors as NULL or of other weights. Joins the space (`join_space`) when
-    none is recorded, so that every later process is checked against this one."""
+    embedder, by name or by weights, or come from an unknown one (stored before anything recorded
+    one): the API, the CLI, the serverless and inline paths refuse rather than store vectors as
+    NULL or of other weights. Records this process's embedder on a database with no vectors yet
+    (`join_space`), so that every later process is checked against it."""
     if _space_checked:
         return
     from sqlalchemy.exc import OperationalError
@@ -88,29 +89,32 @@ def check_space() -> None:
     try:
         with session_scope() as session:  # the name first: another name loads no embedder here
             check(session=session, embedder=settings.embedder)
-        join_space(get_embedder())
-    except OperationalError:  # no database here: nothing it stores or compares to mix up
-        logger.warning("could not read the stored vectors' embedder; the database guards them itself")
-        _mark_checked()
+        join_space(get_embedder(), claim_stored=False)
+    except OperationalError:  # the database is away or refused (not latched: the next embed asks again)
+        logger.warning("could not read the stored vectors' embedder; checked again at the next embed")
 
 
-def join_space(model: SentenceTransformer) -> None:
+def join_space(model: SentenceTransformer, *, claim_stored: bool) -> None:
     """Record this process's embedder (its name and `model`'s fingerprint) as the stored vectors'
-    when none is recorded (or fill in the fingerprint of a record made without one); EmbedderMismatch
-    when another name or other weights are recorded. The first process to embed records it,
-    whichever it is: one that only checked would let a later one of other weights record its own
-    and then store vectors beside them."""
+    when none is recorded (or fill in the fingerprint of a record made without one), once `model`
+    fits the vector column (EmbedderDimensionError); EmbedderMismatch when another name or other
+    weights are recorded, or, unless `claim_stored` (a worker's start), when vectors are stored and
+    no embedder is recorded. The first process to embed records it, whichever it is: one that only
+    checked would let a later one of other weights record its own and then store vectors beside them."""
+    global _space_checked
+    from db.introspect import vector_column_dim
     from db.session import session_scope
     from db.vector_space import record_or_check
 
+    with session_scope() as session:
+        column_dim = vector_column_dim(session=session, table="messages", column="embedding")
+    if column_dim is not None:
+        check_dimension(model.get_embedding_dimension(), column_dim)
     mine = fingerprint_of(model)
     with session_scope() as session:
-        record_or_check(session=session, embedder=settings.embedder, fingerprint=mine)
-    _mark_checked()
-
-
-def _mark_checked() -> None:
-    global _space_checked
+        record_or_check(
+            session=session, embedder=settings.embedder, fingerprint=mine, claim_stored=claim_stored
+        )
     _space_checked = True
 
 

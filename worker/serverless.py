@@ -46,12 +46,10 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     """The original service's inline shape: persona, history and story stored (a replay stores
     nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
     from services.original_request import chat_response, read_request, store_request, turn_request
-    from worker.embedder import check_space
     from worker.inline import answer_now
 
     try:
         request = read_request(payload)
-        check_space()  # before storing the persona, story and history
         stored = store_request(request)
         views = answer_now([turn_request(request, stored)])
     except _REFUSED as exc:

@@ -8,7 +8,7 @@ from core.settings import settings
 from db.introspect import vector_column_dim
 from db.session import session_scope
 from db.vector_space import check
-from worker.embedder import check_dimension, get_embedder, join_space
+from worker.embedder import get_embedder, join_space
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +23,9 @@ def check_and_warm_up(load_engine: bool = True) -> None:
         raise RuntimeError("the database has no messages.embedding column: run `mlchat migrate` first")
     with session_scope() as session:  # before loading anything: a mismatch exits at once
         check(session=session, embedder=settings.embedder)
-    model = get_embedder()
-    check_dimension(model.get_embedding_dimension(), column_dim)
-    join_space(model)  # recorded (or checked) only once the embedder is proven to load and fit
+    # Recorded (or checked) only once the embedder is proven to load and fit the column; a worker's
+    # first start takes vectors stored before anything recorded an embedder as its own.
+    join_space(get_embedder(), claim_stored=True)
     if load_engine:
         from worker.pipeline import get_prompt_builder
 
