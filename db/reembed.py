@@ -67,19 +67,30 @@ def stale_rows(*, session: Session, table: str, limit: int) -> list[tuple[int, s
 
 
 def write_next(
-    *, session: Session, table: str, ids: Sequence[int], vectors: np.ndarray, last_id: int | None
+    *,
+    session: Session,
+    table: str,
+    rows: Sequence[tuple[int, str]],
+    vectors: np.ndarray,
+    last_id: int | None,
 ) -> None:
-    """Store the rows' next vectors, and the table's progress when `last_id` is given."""
-    model, _ = SOURCES[table]
-    if ids:
-        # By id alone (story_events' key is (id, story); its id is unique through the sequence).
-        rows = model.__table__
-        by_id = update(rows).where(rows.c.id == bindparam("row_id"))
-        session.execute(
-            by_id.values(embedding_next=bindparam("vector")),
+    """Store the next vectors of `rows` (id, the text embedded) whose text is still that text, and
+    the table's progress when `last_id` is given. A row edited since it was read (a desk edit, a
+    story event updated) keeps no next vector, so the catch-up embeds its new text."""
+    model, source = SOURCES[table]
+    if rows:
+        # Core execution, by id (story_events' key is (id, story); its id is unique through the
+        # sequence): not the ORM's bulk UPDATE by primary key.
+        still_that_text = (
+            update(model)
+            .where(model.id == bindparam("row_id"), source.is_not_distinct_from(bindparam("embedded")))
+            .values(embedding_next=bindparam("vector"))
+        )
+        session.connection().execute(
+            still_that_text,
             [
-                {"row_id": i, "vector": np.asarray(v, dtype=np.float32)}
-                for i, v in zip(ids, vectors, strict=True)
+                {"row_id": i, "embedded": t, "vector": np.asarray(v, dtype=np.float32)}
+                for (i, t), v in zip(rows, vectors, strict=True)
             ],
         )
     if last_id is not None:

@@ -223,7 +223,7 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
         session.execute(
             update(Message)
             .where(Message.id == turn.reply_message_id)
-            .values(content=text, embedding=embedding)
+            .values(content=text, embedding=embedding, embedding_next=None)  # see db/reembed.py write_next
             .execution_options(synchronize_session=False)
         )
 

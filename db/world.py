@@ -122,7 +122,11 @@ def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], e
     stmt = insert(StoryEvent)
     stmt = stmt.on_conflict_do_update(
         constraint="uq_story_events_story_ordinal",
-        set_={c: stmt.excluded[c] for c in ("scene", "time", "text", "embedding")},
+        # A re-embed's next vector is of the old text: left to its catch-up (db/reembed.py).
+        set_={
+            **{c: stmt.excluded[c] for c in ("scene", "time", "text", "embedding")},
+            "embedding_next": None,
+        },
     )
     session.execute(stmt, rows)
     return len(rows)

@@ -75,7 +75,7 @@ def _catch_up(session: Session, table: str, chunk: int) -> int:
         write_next(
             session=session,
             table=table,
-            ids=[i for i, _ in rows],
+            rows=rows,
             vectors=embed([t for _, t in rows], any_space=True),
             last_id=None,
         )
@@ -103,9 +103,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
                 vectors = embed([t for _, t in rows], any_space=True)
                 last = rows[-1][0]
                 _still_alone(session, holder)
-                write_next(
-                    session=session, table=table, ids=[i for i, _ in rows], vectors=vectors, last_id=last
-                )
+                write_next(session=session, table=table, rows=rows, vectors=vectors, last_id=last)
             if on_chunk is not None:
                 on_chunk(table, last)
     # Rows written while the tables were passed: caught up without the lock, a chunk per

@@ -213,6 +213,60 @@ def test_a_run_resumed_with_other_weights_of_the_same_name_starts_over(other_wei
                 )
 
 
+def _event(story: str, said: str) -> None:
+    with session_scope() as s:
+        upsert_story_events(
+            session=s,
+            events=[{"story": story, "ordinal": 1, "scene": "gate", "time": 1, "text": said}],
+            embeddings=embed([said]),
+        )
+
+
+def _event_vector(story: str) -> tuple[int, np.ndarray]:
+    from db.models import StoryEvent
+
+    with session_scope() as s:
+        row = s.execute(select(StoryEvent.id, StoryEvent.embedding).where(StoryEvent.story == story)).one()
+    return int(row.id), np.asarray(row.embedding)
+
+
+NEW_TEXT = "The gate was rebuilt in stone."
+
+
+def test_a_story_event_updated_after_its_next_vector_was_written_is_swapped_in_with_its_new_text() -> None:
+    story = f"edit-after-{uuid.uuid4().hex[:6]}"
+    _event(story, "The gate fell.")
+    event_id, _ = _event_vector(story)
+    edited: list[int] = []
+
+    def edit_once_passed(table: str, last_id: int) -> None:
+        if table == "story_events" and last_id >= event_id and not edited:
+            _event(story, NEW_TEXT)  # the game updates the event: its next vector is of the old text
+            edited.append(last_id)
+
+    reembed(chunk=_chunk(), on_chunk=edit_once_passed)
+    assert edited
+    assert np.allclose(_event_vector(story)[1], embed([NEW_TEXT])[0], atol=1e-4)
+
+
+def test_a_story_event_updated_while_its_chunk_is_embedded_keeps_no_next_vector_of_the_old_text(
+    monkeypatch,
+) -> None:
+    story = f"edit-during-{uuid.uuid4().hex[:6]}"
+    old = f"The gate fell ({story})."
+    _event(story, old)
+    real_embed = memory_reembed.embed
+
+    def embed_while_the_game_edits(texts: list[str], any_space: bool = False) -> np.ndarray:
+        if old in texts:  # read by the chunk, then changed before its vectors are written
+            _event(story, NEW_TEXT)
+        return real_embed(texts, any_space=any_space)
+
+    monkeypatch.setattr(memory_reembed, "embed", embed_while_the_game_edits)
+    reembed(chunk=_chunk())
+    assert np.allclose(_event_vector(story)[1], embed([NEW_TEXT])[0], atol=1e-4)
+
+
 # --- one re-embed at a time -----------------------------------------------------------------------
 
 

@@ -269,8 +269,10 @@ def test_the_swap_moves_the_database_to_the_new_embedder_and_writes_as_it(record
     with session_scope() as s:
         conv = _conversation(s)
     with session_scope() as s:  # this process's connections name the old embedder; rolled back
-        ids = list(s.scalars(select(Message.id).where(Message.conversation_id == conv).order_by(Message.seq)))
-        write_next(session=s, table="messages", ids=ids, vectors=embed(LINES), last_id=None)
+        lines = s.execute(
+            select(Message.id, Message.content).where(Message.conversation_id == conv).order_by(Message.seq)
+        )
+        write_next(session=s, table="messages", rows=lines.tuples().all(), vectors=embed(LINES), last_id=None)
         (next_weights,) = embed(["another model's probe vector"])
         swap(session=s, embedder="bundled-next", fingerprint=next_weights)
         assert recorded_embedder(session=s) == "bundled-next"
