@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
 from db.vector_space import SAME_SPACE_SQL
-from db.vectors import send_vectors_binary
+from db.vectors import VectorArray, send_vectors_binary
 
 
 @dataclass(frozen=True)
@@ -192,7 +192,7 @@ def facts_for_turns(
         {
             "idx": list(range(len(conversation_ids))),
             "conv": list(conversation_ids),
-            "vec": [np.asarray(v, dtype=np.float32) for v in vectors],
+            "vec": VectorArray(vectors),
             "pool": max(pool, k),
         },
     )

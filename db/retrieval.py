@@ -11,7 +11,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.vector_space import SAME_SPACE_SQL
-from db.vectors import send_vectors_binary
+from db.vectors import VectorArray, send_vectors_binary
 
 if TYPE_CHECKING:
     from db.facts import FactHit
@@ -133,7 +133,7 @@ def fetch_batch_context(
     params = dict(
         idx=list(range(len(queries))),
         conv=[q.conversation_id for q in queries],
-        vec=[np.asarray(q.vector, dtype=np.float32) for q in queries],
+        vec=VectorArray(q.vector for q in queries),
         story=[q.story for q in queries],
         story_time=[q.story_time for q in queries],
         recent_n=recent_n,
@@ -142,7 +142,7 @@ def fetch_batch_context(
     )
     send_vectors_binary(session)
     session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
-    rows = session.execute(_BATCH_CONTEXT_SQL, params)
+    rows = session.execute(_BATCH_CONTEXT_SQL, params).all()  # one fetch, not a fetchone per row
     for kind, idx, row_id, role, content, pos, distance, scene, speaker_id, speaker_name in rows:
         ctx = contexts[idx]
         if kind == "recent":

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from pgvector.psycopg import register_vector
 from pgvector.sqlalchemy import Vector
+from psycopg.types.array import ListBinaryDumper
 from sqlalchemy import BindParameter, bindparam
 from sqlalchemy.orm import Session
 
@@ -22,7 +23,17 @@ def send_vectors_binary(session: Session) -> None:
     raw = psycopg_connection(session)
     if raw not in _vector_ready:
         register_vector(raw)
+        raw.adapters.register_dumper(VectorArray, ListBinaryDumper)
         _vector_ready.add(raw)
+
+
+class VectorArray(list[np.ndarray]):
+    """Vectors for one `vector[]` parameter, sent as one binary array (psycopg dumps a plain list as a
+    text array, formatting every float: ~26 ms of a 64-turn retrieval's client time, measured);
+    only for statements whose session had send_vectors_binary."""
+
+    def __init__(self, vectors: Any) -> None:
+        super().__init__(np.asarray(v, dtype=np.float32) for v in vectors)
 
 
 class BinaryVector(Vector):

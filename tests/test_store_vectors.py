@@ -59,3 +59,29 @@ def test_reply_vectors_are_sent_binary_and_read_back_exactly(world) -> None:
     assert [content for content, _ in back] == ["Binary, please.", "Done."]
     np.testing.assert_array_equal(np.asarray(back[0][1], dtype=np.float32), user_vec)
     np.testing.assert_array_equal(np.asarray(back[1][1], dtype=np.float32), reply_vec)
+
+
+def test_retrieval_and_fact_ranking_send_their_query_vectors_as_one_binary_array(world, monkeypatch) -> None:
+    import pgvector
+
+    from db.facts import facts_for_turns
+    from db.retrieval import ContextQuery, fetch_batch_context
+
+    def no_text(self) -> str:  # type: ignore[no-untyped-def]
+        raise AssertionError("a query vector was formatted as text")
+
+    monkeypatch.setattr(pgvector.Vector, "to_text", no_text)
+    vectors = np.random.default_rng(6).standard_normal((3, settings.embedding_dim)).astype(np.float32)
+    with session_scope() as session:
+        conv = session.scalar(select(Message.conversation_id).limit(1))
+        contexts = fetch_batch_context(
+            session=session,
+            queries=[ContextQuery(conv, None, None, v) for v in vectors],
+            recent_n=2,
+            history_k=2,
+            story_k=2,
+        )
+        facts_for_turns(
+            session=session, conversation_ids=[conv] * 3, vectors=list(vectors), k=2, half_life_s=60
+        )
+    assert len(contexts) == 3 and all(c.recent for c in contexts)
