@@ -79,6 +79,20 @@ def test_an_edit_replaces_the_text_and_clears_an_earlier_label(services, world) 
     assert [c["action"] for c in record["changes"]] == ["approve", "edit"]
 
 
+def test_an_edit_during_a_reembed_drops_the_reply_lines_next_vector(services, world) -> None:
+    from sqlalchemy import update
+
+    _, (first, _) = build_run("studio-a", _lines())
+    _, message, _ = _stored(first)
+    with session_scope() as s:  # a re-embed wrote the line's next vector from the text before the edit
+        s.execute(
+            update(Message).where(Message.id == message.id).values(embedding_next=np.ones(384, np.float32))
+        )
+    desk.edit(WRITER, first, "Past the well, then left.", "0")
+    with session_scope() as s:  # its catch-up embeds the new text (db/reembed.py)
+        assert s.scalar(select(Message.embedding_next).where(Message.id == message.id)) is None
+
+
 def test_a_change_from_a_stale_form_is_refused_and_stores_nothing(services, world) -> None:
     _, (first, _) = build_run("studio-a", _lines())
     desk.label(WRITER, first, "reject", "too repetitive", "0")
