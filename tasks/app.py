@@ -6,6 +6,7 @@ from celery import Celery
 
 from core.services import broker_url
 from core.settings import settings
+from tasks.broker import transport_for
 
 PREFETCH_PER_THREAD = 4
 
@@ -27,6 +28,8 @@ app.conf.update(
         "unacked_restore_interval": 1,
         "queue_order_strategy": "priority",
     },
+    # kombu's Redis transport, with one redis-py client per channel instead of one per publish.
+    broker_transport=transport_for(broker_url()),
     broker_connection_retry_on_startup=True,
     task_default_queue=settings.queue,
     worker_hijack_root_logger=False,

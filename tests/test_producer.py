@@ -202,22 +202,29 @@ def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
         )
 
 
-def test_a_single_enqueue_into_a_known_conversation_is_one_statement(world) -> None:
-    from sqlalchemy import Engine, event
+def _statements_sent(monkeypatch) -> list[tuple[str, bool]]:  # type: ignore[no-untyped-def]
+    """Every statement psycopg sends from now on (SQLAlchemy's and the driver-level fast insert's),
+    with whether its connection was in autocommit."""
+    import psycopg
 
+    seen: list[tuple[str, bool]] = []
+    execute = psycopg.Cursor.execute
+
+    def recorded(cursor, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # autocommit: psycopg sends no BEGIN and no COMMIT around it (one round trip in all)
+        seen.append((str(query).lstrip().split("(")[0].strip(), cursor.connection.autocommit))
+        return execute(cursor, query, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", recorded)
+    return seen
+
+
+def test_a_single_enqueue_into_a_known_conversation_is_one_statement(world, monkeypatch) -> None:
     conv = new_conversation()
     first = enqueue_turn(conv | {"message": "Hello."})  # starts the conversation (the full path)
-    seen: list[tuple[str, bool]] = []
-
-    def statement(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        # autocommit: psycopg sends no BEGIN and no COMMIT around it (one round trip in all)
-        seen.append((sql.lstrip().split("(")[0].strip(), conn.connection.driver_connection.autocommit))
-
-    event.listen(Engine, "before_cursor_execute", statement)
-    try:
-        second = enqueue_turn(conv | {"message": "And again."})
-    finally:
-        event.remove(Engine, "before_cursor_execute", statement)
+    seen = _statements_sent(monkeypatch)
+    second = enqueue_turn(conv | {"message": "And again."})
+    monkeypatch.undo()
     assert seen == [("INSERT INTO turns", True)]
     view = get_turn(second)
     assert view is not None and view.status == TurnStatus.QUEUED and view.message == "And again."
@@ -266,14 +273,44 @@ def test_a_single_enqueue_after_a_database_restart_lands_once(world, services) -
     assert rows == [turn_id]
 
 
+def test_a_pooled_connection_a_restart_broke_is_dropped_not_reused(
+    world, services, monkeypatch, caplog
+) -> None:
+    """The fast insert runs on the driver's cursor: a connection its error found broken is
+    invalidated there (as SQLAlchemy would), so the turn after the fall-back is one statement on a
+    fresh connection again, and the pool never tries to reset the dead one."""
+    import logging
+
+    from core import embedded
+
+    conv = new_conversation()
+    enqueue_turn(conv | {"message": "Before."})
+    enqueue_turn(conv | {"message": "Warm."})  # the one-statement path now holds a pooled connection
+    embedded.restart_postgres(services)
+    with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
+        fell_back = enqueue_turn(conv | {"message": "Falls back."})
+    assert not [r for r in caplog.records if r.name.startswith("sqlalchemy.pool")]
+    seen = _statements_sent(monkeypatch)
+    again = enqueue_turn(conv | {"message": "Fast again."})
+    monkeypatch.undo()
+    # a new connection (its set-up statement), then the one autocommitted INSERT
+    assert seen == [("SELECT set_config", True), ("INSERT INTO turns", True)]
+    with session_scope() as s:
+        rows = s.execute(
+            select(Turn.message, Turn.status).where(Turn.id.in_([fell_back, again])).order_by(Turn.number)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("Falls back.", TurnStatus.QUEUED),
+        ("Fast again.", TurnStatus.QUEUED),
+    ]
+
+
 def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world, monkeypatch) -> None:
     import base64
 
-    from sqlalchemy import event
-    from sqlalchemy.exc import OperationalError
+    import psycopg
 
     from core.settings import queue_for_model, settings
-    from db.session import get_autocommit_engine
     from services.producer import submit_turns
     from tasks.app import app
 
@@ -285,16 +322,18 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world, monk
     conv = new_conversation()
     enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one takes the fast path
 
-    def lose_the_reply(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        if sql.lstrip().startswith("INSERT INTO turns"):  # it ran and committed (autocommit)
-            raise OperationalError(sql, params, Exception("injected: connection lost after the INSERT"))
+    execute = psycopg.Cursor.execute
 
-    engine = get_autocommit_engine()
-    event.listen(engine, "after_cursor_execute", lose_the_reply)
-    try:
+    def lose_the_reply(cursor, query, *args, **kwargs):  # type: ignore[no-untyped-def]
+        done = execute(cursor, query, *args, **kwargs)
+        if cursor.connection.autocommit and str(query).lstrip().startswith("INSERT INTO turns"):
+            # it ran and committed (autocommit); its reply never reaches the producer
+            raise psycopg.OperationalError("injected: connection lost after the INSERT")
+        return done
+
+    with monkeypatch.context() as patch:
+        patch.setattr(psycopg.Cursor, "execute", lose_the_reply)
         [stored] = submit_turns([conv | {"message": "Did this land?"}])
-    finally:
-        event.remove(engine, "after_cursor_execute", lose_the_reply)
     assert stored.created is True and stored.status == TurnStatus.QUEUED
     with session_scope() as s:
         rows = s.scalars(select(Turn.id).where(Turn.message == "Did this land?")).all()

@@ -67,3 +67,59 @@ def test_dispatch_sends_the_message_apply_async_would(services) -> None:
     assert abs((eta - datetime.fromisoformat(celerys["headers"]["eta"])).total_seconds()) < 5
     assert comparable(ours) == comparable(celerys)
     assert comparable(ours)["body"][1] == kwargs
+
+
+def test_publishes_share_one_redis_client_per_channel_pool(services) -> None:
+    """kombu built a new redis-py client for every publish; our channel keeps one per connection
+    pool, and a channel whose pools were dropped (as after a fork) publishes on a new one."""
+    from tasks.broker import Channel
+
+    model = "no-worker-" + uuid.uuid4().hex[:6]  # a queue nobody consumes
+    try:
+        with app.producer_or_acquire() as producer:
+            channel = producer.channel
+            assert isinstance(channel, Channel)
+            with channel.conn_or_acquire() as first, channel.conn_or_acquire() as second:
+                assert first is second and first.connection_pool is channel.pool
+            dispatch([uuid.uuid4()], model=model, lane="live")
+            channel._disconnect_pools()  # what kombu does after a fork
+            with channel.conn_or_acquire() as after:
+                assert after is not first and after.connection_pool is channel.pool
+            dispatch([uuid.uuid4()], model=model, lane="live")
+        assert queue_depth(model, "live") == 2
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "live"))
+
+
+def test_a_publish_after_a_redis_restart_lands_once(services) -> None:
+    """The shared client's pooled connections are cut by the restart: the next publish reconnects
+    (the pool's, as with kombu's client per publish) and its message is on the queue once."""
+    import base64
+    import json
+
+    from core import embedded
+
+    model = "no-worker-" + uuid.uuid4().hex[:6]
+    try:
+        dispatch([uuid.uuid4()], model=model, lane="live")  # the channel's client holds a connection
+        embedded.stop_redis(services)
+        embedded.start_redis(services)  # same port, same data (the append-only file)
+        after = uuid.uuid4()
+        dispatch([after], model=model, lane="live")
+        with app.connection_for_read() as conn:
+            sent = conn.default_channel.client.lrange(queue_for_model(model, "live"), 0, -1)
+        carried = [json.loads(base64.b64decode(json.loads(raw)["body"]))[1]["turn_ids"] for raw in sent]
+        assert len(carried) == 2 and carried.count([str(after)]) == 1
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "live"))
+
+
+def test_only_a_plain_redis_url_gets_the_shared_client_transport() -> None:
+    from tasks.broker import transport_for
+
+    assert transport_for("redis://127.0.0.1:6379/0") == "tasks.broker:Transport"
+    # kombu decides these from the scheme: TLS defaults for rediss, the socket transport for +socket
+    assert transport_for("rediss://cache.example:6380/0") is None
+    assert transport_for("redis+socket:///tmp/redis.sock") is None
