@@ -73,10 +73,11 @@ def write_next(
     rows: Sequence[tuple[int, str]],
     vectors: np.ndarray,
     last_id: int | None,
-) -> None:
+) -> int:
     """Store the next vectors of `rows` (id, the text embedded) whose text is still that text, and
-    the table's progress when `last_id` is given. A row edited since it was read (a desk edit, a
-    story event updated) keeps no next vector, so the catch-up embeds its new text."""
+    the table's progress when `last_id` is given; how many were stored. A row edited since it was
+    read (a desk edit, a story event updated) keeps no next vector, so the catch-up embeds its new
+    text."""
     model, source = SOURCES[table]
     if rows:
         # Core execution, by id (story_events' key is (id, story); its id is unique through the
@@ -86,7 +87,7 @@ def write_next(
             .where(model.id == bindparam("row_id"), source.is_not_distinct_from(bindparam("embedded")))
             .values(embedding_next=bindparam("vector"))
         )
-        session.connection().execute(
+        written = session.connection().execute(
             still_that_text,
             [
                 {"row_id": i, "embedded": t, "vector": np.asarray(v, dtype=np.float32)}
@@ -97,6 +98,7 @@ def write_next(
         row = session.get(ReembedProgress, table)
         assert row is not None
         row.last_id = last_id
+    return int(written.rowcount) if rows else 0
 
 
 def missing_rows(*, session: Session, table: str, after_id: int, limit: int) -> list[tuple[int, str]]:

@@ -122,10 +122,12 @@ def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], e
     stmt = insert(StoryEvent)
     stmt = stmt.on_conflict_do_update(
         constraint="uq_story_events_story_ordinal",
-        # A re-embed's next vector is of the old text: left to its catch-up (db/reembed.py).
+        # A re-embed's next vector of an old text is dropped: left to its catch-up (db/reembed.py).
         set_={
             **{c: stmt.excluded[c] for c in ("scene", "time", "text", "embedding")},
-            "embedding_next": None,
+            "embedding_next": case(
+                (StoryEvent.text.is_distinct_from(stmt.excluded.text), None), else_=StoryEvent.embedding_next
+            ),
         },
     )
     session.execute(stmt, rows)

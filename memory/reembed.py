@@ -68,18 +68,14 @@ def _still_alone(session: Session, holder: int) -> None:
         )
 
 
-def _catch_up(session: Session, table: str, chunk: int) -> int:
-    """Embed up to `chunk` of the table's rows that have no next vector yet; how many."""
+def _catch_up(session: Session, table: str, chunk: int) -> tuple[int, int]:
+    """Embed up to `chunk` of the table's rows that have no next vector yet; how many were read and
+    how many stored (fewer when a row's text changed meanwhile: read again by the next pass)."""
     rows = stale_rows(session=session, table=table, limit=chunk)
-    if rows:
-        write_next(
-            session=session,
-            table=table,
-            rows=rows,
-            vectors=embed([t for _, t in rows], any_space=True),
-            last_id=None,
-        )
-    return len(rows)
+    if not rows:
+        return 0, 0
+    vectors = embed([t for _, t in rows], any_space=True)
+    return len(rows), write_next(session=session, table=table, rows=rows, vectors=vectors, last_id=None)
 
 
 def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = None) -> dict[str, int]:
@@ -114,15 +110,19 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
         for table in SOURCES:
             with session_scope() as session:
                 _still_alone(session, holder)
-                caught += _catch_up(session, table, chunk)
+                caught += _catch_up(session, table, chunk)[0]
         if caught < chunk:
             break
     with session_scope() as session:
         lock_tables(session=session)
         _still_alone(session, holder)
-        for table in SOURCES:
-            while _catch_up(session, table, chunk):
-                pass
+        for table in SOURCES:  # no writer can change a text now: every row read is stored
+            while (caught := _catch_up(session, table, chunk))[0]:
+                if caught[1] < caught[0]:
+                    raise RuntimeError(
+                        f"re-embed: {caught[0] - caught[1]} of {caught[0]} {table} rows kept no next "
+                        "vector under the writers' lock; nothing swapped (a bug: please report it)"
+                    )
         swapped = swap(session=session, embedder=settings.embedder, fingerprint=mine)
     logger.info("re-embedded with %s: %s", settings.embedder, swapped)
     return swapped

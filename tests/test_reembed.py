@@ -267,6 +267,27 @@ def test_a_story_event_updated_while_its_chunk_is_embedded_keeps_no_next_vector_
     assert np.allclose(_event_vector(story)[1], embed([NEW_TEXT])[0], atol=1e-4)
 
 
+def test_a_story_event_upserted_with_the_same_text_keeps_its_next_vector() -> None:
+    from sqlalchemy import update
+
+    from db.models import StoryEvent
+
+    story = f"same-text-{uuid.uuid4().hex[:6]}"
+    _event(story, "The gate fell.")
+    marked = np.ones(384, np.float32) / np.sqrt(384)
+    with session_scope() as s:
+        s.execute(update(StoryEvent).where(StoryEvent.story == story).values(embedding_next=marked))
+    _event(story, "The gate fell.")  # the game sends its story again, unchanged
+
+    def next_vector() -> Any:
+        with session_scope() as s:
+            return s.scalar(select(StoryEvent.embedding_next).where(StoryEvent.story == story))
+
+    assert np.allclose(next_vector(), marked)
+    _event(story, NEW_TEXT)
+    assert next_vector() is None
+
+
 # --- one re-embed at a time -----------------------------------------------------------------------
 
 

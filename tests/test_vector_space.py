@@ -408,6 +408,28 @@ def test_an_api_process_refuses_to_embed_beside_vectors_no_embedder_was_recorded
         assert recorded_embedder(session=s) is None  # claimed by nobody but a worker's start
 
 
+def test_an_api_process_whose_embedder_does_not_fit_the_column_answers_503_in_one_line(
+    recorded: str, monkeypatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    import db.introspect
+    from api.main import create_app
+    from tests.conftest import INGEST_KEY
+    from worker import embedder
+
+    monkeypatch.setattr(embedder, "_space_checked", False)
+    monkeypatch.setattr(db.introspect, "vector_column_dim", lambda **_: 768)  # a 768-d column
+    with TestClient(create_app()) as client:
+        answer = client.post(
+            "/v1/players/p-dim-api/facts",
+            headers={"X-API-Key": INGEST_KEY},
+            json={"facts": [{"text": "Rowan fears wolves."}]},
+        )
+    assert answer.status_code == 503
+    assert "makes 384-d vectors but the database stores vector(768)" in answer.json()["detail"]
+
+
 def test_a_process_whose_first_check_meets_a_database_error_checks_again_at_its_next_embed(
     recorded: str, monkeypatch
 ) -> None:

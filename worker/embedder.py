@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from core.settings import Settings, settings
+from db.vector_space import EmbedderMismatch
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -16,8 +17,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class EmbedderDimensionError(RuntimeError):
-    """The embedder's vectors do not fit the database's vector column."""
+class EmbedderDimensionError(EmbedderMismatch):
+    """The embedder's vectors do not fit the database's vector column: refused like another
+    embedder (one line: the worker exits 2, the API answers 503, the CLI exits 2)."""
 
 
 def _model_source(cfg: Settings) -> str:
