@@ -195,7 +195,8 @@ class EngineLoop:
     def expect_live(self) -> None:
         """A live turn is on its way (its message reached the worker; its prompt is not built yet):
         until a live request joins, or `live_notice_s` passes, no new bulk request joins an engine
-        that has requests inside, so the step the live prefill joins carries no bulk prefill."""
+        that has requests inside, so the step the live prefill joins seldom carries a bulk prefill
+        too (one admitted before the announcement may still share it)."""
         if self.live_notice_s <= 0:
             return
         with self._cond:
