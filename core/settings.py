@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     # Bulk prompt tokens admitted to the engine but not yet prefilled. None: one step's worth on a
     # GPU, 1024 on a CPU (worker/engine.py).
     bulk_prefill_tokens: int | None = Field(default=None, ge=1)
+    # The longest a live turn whose message reached the worker holds new bulk admissions back before
+    # it joins the engine (worker/engine_loop.py, expect_live); 0: never.
+    live_notice_s: float = Field(default=0.5, ge=0, le=10)
     cpu_kvcache_gib: int = Field(default=2, ge=1)
     # On a CPU, keep the worker's own threads off the cores vLLM bound its engine to.
     pin_worker_cpus: bool = True

@@ -373,6 +373,7 @@ def measure_streaming(
         "ttft_ratio_target": 1.5,
         "ttft_breakdown_alone_ms": _stage_medians(alone),
         "ttft_breakdown_under_bulk_ms": _stage_medians(loaded_probes),
+        "ttft_breakdown_alone_each_ms": [_stage_row(p) for p in alone],
         "ttft_breakdown_under_bulk_each_ms": [_stage_row(p) for p in loaded_probes],
         "delivery_overhead_ms": [round(p["delivery_ms"], 2) for p in alone],
         "delivery_overhead_ms_median": round(median(alone, "delivery_ms"), 2),

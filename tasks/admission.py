@@ -33,6 +33,29 @@ def bulk_turns_in(body: Any) -> int:
     return len(ids) if isinstance(ids, list) else 0
 
 
+def live_turns_in(body: Any) -> int:
+    """How many live turns a decoded task message carries (0 for bulk or malformed ones)."""
+    kwargs = body[1] if isinstance(body, tuple | list) and len(body) > 1 else None
+    if not isinstance(kwargs, dict) or kwargs.get("lane", "live") != "live":
+        return 0
+    ids = kwargs.get("turn_ids")
+    return len(ids) if isinstance(ids, list) else 0
+
+
+def announce_live(message: Any, body: Any) -> None:
+    """Tell the engine loop that live turns are on their way (their message just arrived), so that it
+    admits no new bulk request before they join (worker/engine_loop.py, expect_live). A message sent
+    for later (a deferred turn) announces nothing."""
+    from worker import engine as engine_module
+
+    deferred = (getattr(message, "headers", None) or {}).get("eta")
+    if deferred or not engine_module.get_loop.cache_info().currsize:
+        return
+    loop = engine_module.get_loop()
+    for _ in range(live_turns_in(body)):
+        loop.expect_live()
+
+
 class BulkGate:
     """Counts held bulk turns; pauses and resumes the consumer of the bulk queue around a capacity."""
 
@@ -128,7 +151,12 @@ class BulkGatedBatches(ReconnectSafeBatches):
         bulk_gate.attach(consumer, queue_for_model(settings.model, "bulk"), bulk_capacity())
 
         def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
-            bulk_gate.received(bulk_turns_in(body if body is not None else message.decode()))
+            decoded = body if body is not None else message.decode()
+            bulk_gate.received(bulk_turns_in(decoded))
+            try:
+                announce_live(message, decoded)
+            except Exception:  # an announcement only speeds a live turn up: it never loses a message
+                logger.warning("could not announce a live message to the engine loop", exc_info=True)
             handler(message, body, *args, **kwargs)
 
         return counted

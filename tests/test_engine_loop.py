@@ -380,3 +380,82 @@ def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:
         assert isinstance(loop.dead, EngineStalled)
     finally:
         fake.release.set()
+
+
+def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    (first,) = loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    loop.expect_live()  # a live message reached the worker; its prompt is still being built
+    (held,) = loop.submit([([2], None, BULK, None)])
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # a step returns: there is room
+    time.sleep(0.2)
+    assert fake.admitted == ["r0"], "a bulk request joined while an announced live turn was on its way"
+    (live,) = loop.submit([([3], None, LIVE, None)])
+    assert _until(lambda: fake.admitted == ["r0", "r1"]), fake.admitted  # the live one, alone with r0
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), "the held bulk request never joined"
+    fake.engine_core.outputs_queue.put([_Out("r2")])
+    assert _all_done([first, held, live], timeout=10)
+
+
+def test_an_announcement_whose_live_turn_never_comes_lapses() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    loop.live_notice_s = 0.2
+    loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    loop.expect_live()  # its turn is never prompted (deferred, or failed before the engine)
+    loop.submit([([2], None, BULK, None)])
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
+    time.sleep(0.05)
+    assert fake.admitted == ["r0"]
+    time.sleep(0.2)
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # the next step after it lapsed
+    assert _until(lambda: fake.admitted == ["r0", "r1"]), "an unanswered announcement held bulk for good"
+    # An idle engine is never held back: there is no step for the bulk prefill to share.
+    idle = _loop(_CoreStepsOnItsOwn())
+    idle.expect_live()
+    idle.submit([([1], None, BULK, None)])
+    assert _until(lambda: idle.engine.admitted == ["r0"]), "bulk waited for an announcement in an idle engine"
+
+
+def test_a_live_message_announces_its_turns_to_the_engine_loop(monkeypatch) -> None:
+    import functools
+
+    from tasks.admission import announce_live
+
+    announced: list[str] = []
+    stub = type("Loop", (), {"expect_live": lambda self: announced.append("live")})()
+    monkeypatch.setattr(engine_module, "get_loop", functools.cache(lambda: stub))
+    message = type("Message", (), {"headers": {}})()
+    live = ((), {"turn_ids": ["a"], "model": "m", "lane": "live"}, {})
+    bulk = ((), {"turn_ids": ["b", "c"], "model": "m", "lane": "bulk"}, {})
+    announce_live(message, live)
+    assert announced == [], "announced to a loop that was never started"
+    engine_module.get_loop()  # the worker's engine loop is running
+    announce_live(message, live)
+    announce_live(message, bulk)
+    announce_live(message, "not a task body")
+    announce_live(type("Message", (), {"headers": {"eta": "2026-12-01T12:00:00"}})(), live)  # sent for later
+    assert announced == ["live"]
+
+
+def test_announcements_hold_bulk_back_no_longer_than_the_live_shield(monkeypatch) -> None:
+    from worker import engine_loop
+
+    monkeypatch.setattr(engine_loop, "LIVE_SHIELD_S", 0.3)
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    loop.submit([([2], None, BULK, None)])
+    started = time.monotonic()
+    # Live messages keep arriving and none reaches the engine (each deferred, say): bulk still joins.
+    while len(fake.admitted) < 2 and time.monotonic() - started < 5:
+        loop.expect_live()
+        fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
+        time.sleep(0.05)
+    assert fake.admitted == ["r0", "r1"], "announcements held bulk back past the live shield"
+    assert time.monotonic() - started >= 0.25

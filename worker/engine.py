@@ -194,7 +194,7 @@ def get_engine() -> LoadedEngine:
 def get_loop() -> EngineLoop:
     """This process's engine loop (loads the engine on first use)."""
     engine = get_engine().llm.llm_engine
-    return EngineLoop(
+    loop = EngineLoop(
         engine,
         max_inflight=inflight_limit(engine),
         is_dead=lambda: _core_reported_dead(engine),
@@ -202,6 +202,8 @@ def get_loop() -> EngineLoop:
         prefill_budget=_bulk_prefill_budget(engine),
         stall_s=settings.engine_stall_seconds,
     )
+    loop.live_notice_s = settings.live_notice_s
+    return loop
 
 
 def _bulk_prefill_budget(engine: Any) -> int:

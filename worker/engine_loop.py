@@ -14,7 +14,10 @@ request runs, then the live requests that arrived meanwhile join before the next
 for its drain. Neither waits longer than one drain and one alone request. While a live request is
 inside, no new bulk request is admitted (for at most LIVE_SHIELD_S): the engine's steps then hold the
 live turn and the decoding bulk ones, not long prefills of new bulk prompts. Bulk requests already
-decoding share every step with it; they are not preempted.
+decoding share every step with it; they are not preempted. The worker announces a live turn when its
+message arrives (`expect_live`, before its flush, claim, embedding and prompt): from then until a live
+request joins, or for at most `live_notice_s`, no new bulk request joins a busy engine, so the step
+the live prefill joins seldom carries a bulk prefill admitted just before it.
 
 The engine core is its own process (vLLM's multiprocessing client), so while it computes, this
 process's threads embed, retrieve, build prompts and write results. `busy` records when at least
@@ -45,6 +48,10 @@ logger = logging.getLogger(__name__)
 
 LIVE, BULK = 0, 1  # vLLM priority: lower runs first
 LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk admissions back
+# The longest a live turn announced by the worker (its message arrived) holds new bulk admissions back
+# before it reaches the engine: about its wait for a flush plus its claim, embedding and prompt
+# (MLCHAT_LIVE_NOTICE_S).
+LIVE_NOTICE_S = 0.5
 # How often the loop looks for a step's outputs while it waits for them: a new request wakes it at
 # once, and the engine core steps on without it, so this only delays collecting outputs a little.
 OUTPUT_POLL_S = 0.002
@@ -141,9 +148,13 @@ class EngineLoop:
         self._inside: dict[str, _Job] = {}
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
-        self._live_since: float | None = None  # when the live requests now inside began to hold bulk back
+        self._live_since: float | None = None  # when live requests inside (or announced) began to hold bulk
         self._call_since: float | None = None  # when the engine call now running began
         self._live_owed = False  # an alone request just ran: the live ones that waited for it go first
+        # Deadlines (perf_counter) of live turns announced by expect_live and not yet inside, oldest
+        # first; while one runs, no new bulk request joins a busy engine.
+        self._live_notices: deque[float] = deque()
+        self.live_notice_s = LIVE_NOTICE_S
         self._ids = itertools.count()
         self._death: BaseException | None = None
         self.busy = BusyClock()
@@ -180,6 +191,16 @@ class EngineLoop:
                 self._inbox.extend(jobs)
                 self._cond.notify_all()  # the loop's thread, not only a caller in wait()
         return [job.future for job in jobs]
+
+    def expect_live(self) -> None:
+        """A live turn is on its way (its message reached the worker; its prompt is not built yet):
+        until a live request joins, or `live_notice_s` passes, no new bulk request joins an engine
+        that has requests inside, so the step the live prefill joins seldom carries a bulk prefill
+        too (one admitted before the announcement may still share it)."""
+        if self.live_notice_s <= 0:
+            return
+        with self._cond:
+            self._live_notices.append(time.perf_counter() + self.live_notice_s)
 
     def call(self, method: str, *args: Any) -> Future[Any]:
         """Run `engine.<method>(*args)` on the loop's thread, between steps (vLLM's client is not
@@ -366,15 +387,25 @@ class EngineLoop:
         return not waiting or waiting + len(self._held[0].token_ids) <= self.prefill_budget
 
     def _shielding(self) -> bool:
-        """Whether new bulk admissions wait for the live requests inside the engine."""
+        """Whether new bulk admissions wait for the live requests inside the engine, or for an
+        announced one on its way to a busy engine; a hold that has lasted LIVE_SHIELD_S lets bulk in."""
         live_inside = len(self._inside) - self._bulk_inside
-        if not live_inside:
+        if not live_inside and not (self._inside and self._live_noticed()):
             self._live_since = None
             return False
         now = time.perf_counter()
         if self._live_since is None:
             self._live_since = now
         return now - self._live_since < LIVE_SHIELD_S
+
+    def _live_noticed(self) -> bool:
+        """Whether a live turn announced by expect_live is still on its way (the caller holds the
+        lock or runs on the loop's thread)."""
+        with self._cond:
+            now = time.perf_counter()
+            while self._live_notices and self._live_notices[0] <= now:
+                self._live_notices.popleft()
+            return bool(self._live_notices)
 
     def _admit(self, job: _Job, waiting: deque[_Job]) -> None:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
@@ -385,6 +416,8 @@ class EngineLoop:
             if not self._inside:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
             self._inside[job.request_id] = job
+            if job.priority == LIVE and self._live_notices:
+                self._live_notices.popleft()  # the oldest announced live turn has come
             if job.priority != LIVE:
                 self._bulk_inside += 1
                 self._unstarted[job.request_id] = len(job.token_ids)
