@@ -385,6 +385,7 @@ def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:
 def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() -> None:
     fake = _CoreStepsOnItsOwn()
     loop = _loop(fake)
+    loop.live_notice_s = 30  # only the live request's joining may end this hold
     (first,) = loop.submit([([1], None, BULK, None)])
     assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
     loop.expect_live()  # a live message reached the worker; its prompt is still being built
@@ -394,9 +395,9 @@ def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() ->
     assert fake.admitted == ["r0"], "a bulk request joined while an announced live turn was on its way"
     (live,) = loop.submit([([3], None, LIVE, None)])
     assert _until(lambda: fake.admitted == ["r0", "r1"]), fake.admitted  # the live one, alone with r0
-    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
-    assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), "the held bulk request never joined"
-    fake.engine_core.outputs_queue.put([_Out("r2")])
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r1")])  # the live one is done
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), "its announcement outlived the live turn"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r2")])
     assert _all_done([first, held, live], timeout=10)
 
 
@@ -404,21 +405,25 @@ def test_an_announcement_whose_live_turn_never_comes_lapses() -> None:
     fake = _CoreStepsOnItsOwn()
     loop = _loop(fake)
     loop.live_notice_s = 0.2
-    loop.submit([([1], None, BULK, None)])
+    futures = loop.submit([([1], None, BULK, None)])
     assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
     loop.expect_live()  # its turn is never prompted (deferred, or failed before the engine)
-    loop.submit([([2], None, BULK, None)])
+    futures += loop.submit([([2], None, BULK, None)])
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
     time.sleep(0.05)
     assert fake.admitted == ["r0"]
     time.sleep(0.2)
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # the next step after it lapsed
     assert _until(lambda: fake.admitted == ["r0", "r1"]), "an unanswered announcement held bulk for good"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
+    assert _all_done(futures, timeout=10)
     # An idle engine is never held back: there is no step for the bulk prefill to share.
     idle = _loop(_CoreStepsOnItsOwn())
     idle.expect_live()
-    idle.submit([([1], None, BULK, None)])
+    (alone,) = idle.submit([([1], None, BULK, None)])
     assert _until(lambda: idle.engine.admitted == ["r0"]), "bulk waited for an announcement in an idle engine"
+    idle.engine.engine_core.outputs_queue.put([_Out("r0")])
+    assert _all_done([alone], timeout=10)
 
 
 def test_a_live_message_announces_its_turns_to_the_engine_loop(monkeypatch) -> None:
@@ -442,20 +447,32 @@ def test_a_live_message_announces_its_turns_to_the_engine_loop(monkeypatch) -> N
     assert announced == ["live"]
 
 
-def test_announcements_hold_bulk_back_no_longer_than_the_live_shield(monkeypatch) -> None:
+def test_announcements_hold_bulk_back_no_longer_than_the_live_shield_and_then_again(monkeypatch) -> None:
     from worker import engine_loop
 
     monkeypatch.setattr(engine_loop, "LIVE_SHIELD_S", 0.3)
     fake = _CoreStepsOnItsOwn()
     loop = _loop(fake)
-    loop.submit([([1], None, BULK, None)])
+    futures = loop.submit([([1], None, BULK, None)])
     assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
-    loop.submit([([2], None, BULK, None)])
+    loop.expect_live()
+    futures += loop.submit([([2], None, BULK, None)])
     started = time.monotonic()
-    # Live messages keep arriving and none reaches the engine (each deferred, say): bulk still joins.
-    while len(fake.admitted) < 2 and time.monotonic() - started < 5:
-        loop.expect_live()
-        fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
-        time.sleep(0.05)
+
+    def announce_until(admitted: int) -> float:
+        # Live messages keep arriving and none reaches the engine (each deferred, say).
+        while len(fake.admitted) < admitted and time.monotonic() - started < 10:
+            loop.expect_live()
+            fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
+            time.sleep(0.05)
+        return time.monotonic()
+
+    first_pass = announce_until(2)
     assert fake.admitted == ["r0", "r1"], "announcements held bulk back past the live shield"
-    assert time.monotonic() - started >= 0.25
+    assert first_pass - started >= 0.25
+    futures += loop.submit([([3], None, BULK, None)])  # the hold starts again after that pass
+    second_pass = announce_until(3)
+    assert fake.admitted == ["r0", "r1", "r2"], "bulk never joined again under steady announcements"
+    assert second_pass - first_pass >= 0.25, "the shield lapsed for good after its first cap"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1"), _Out("r2")])
+    assert _all_done(futures, timeout=10)

@@ -200,7 +200,9 @@ class EngineLoop:
         if self.live_notice_s <= 0:
             return
         with self._cond:
-            self._live_notices.append(time.perf_counter() + self.live_notice_s)
+            now = time.perf_counter()
+            self._prune_notices(now)
+            self._live_notices.append(now + self.live_notice_s)
 
     def call(self, method: str, *args: Any) -> Future[Any]:
         """Run `engine.<method>(*args)` on the loop's thread, between steps (vLLM's client is not
@@ -373,22 +375,26 @@ class EngineLoop:
             self._admit(self._live[0], self._live)
         if self._alone:
             return
-        while self._room_for_bulk():
+        shielding = self._shielding()  # once a pass: a hold that lapses lets this whole pass in
+        while self._room_for_bulk(shielding):
             self._admit(self._held[0], self._held)
 
     def _alone_inside(self) -> bool:
         return any(job.alone for job in self._inside.values())
 
-    def _room_for_bulk(self) -> bool:
+    def _room_for_bulk(self, shielding: bool) -> bool:
         """Whether the next held bulk request may join the engine now."""
-        if not self._held or self._bulk_inside >= self.max_inflight or self._shielding():
+        if not self._held or self._bulk_inside >= self.max_inflight or shielding:
             return False
         waiting = sum(self._unstarted.values())
         return not waiting or waiting + len(self._held[0].token_ids) <= self.prefill_budget
 
     def _shielding(self) -> bool:
         """Whether new bulk admissions wait for the live requests inside the engine, or for an
-        announced one on its way to a busy engine; a hold that has lasted LIVE_SHIELD_S lets bulk in."""
+        announced one on its way to a busy engine. A hold that has lasted LIVE_SHIELD_S lets one
+        admission pass of bulk in and starts again: under steady live traffic (whose announcements
+        bridge the gaps between turns) bulk gets a pass every LIVE_SHIELD_S and live turns keep
+        their shield, rather than the hold lapsing for good."""
         live_inside = len(self._inside) - self._bulk_inside
         if not live_inside and not (self._inside and self._live_noticed()):
             self._live_since = None
@@ -396,16 +402,23 @@ class EngineLoop:
         now = time.perf_counter()
         if self._live_since is None:
             self._live_since = now
-        return now - self._live_since < LIVE_SHIELD_S
+        if now - self._live_since < LIVE_SHIELD_S:
+            return True
+        self._live_since = now  # this pass lets bulk in; the next hold starts now
+        return False
 
     def _live_noticed(self) -> bool:
         """Whether a live turn announced by expect_live is still on its way (the caller holds the
         lock or runs on the loop's thread)."""
         with self._cond:
-            now = time.perf_counter()
-            while self._live_notices and self._live_notices[0] <= now:
-                self._live_notices.popleft()
+            self._prune_notices(time.perf_counter())
             return bool(self._live_notices)
+
+    def _prune_notices(self, now: float) -> None:
+        """Drop the announcements that lapsed (the caller holds the lock): turns that never came
+        (a duplicate, one claimed elsewhere, a failed one) leave nothing behind."""
+        while self._live_notices and self._live_notices[0] <= now:
+            self._live_notices.popleft()
 
     def _admit(self, job: _Job, waiting: deque[_Job]) -> None:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
@@ -416,8 +429,10 @@ class EngineLoop:
             if not self._inside:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
             self._inside[job.request_id] = job
-            if job.priority == LIVE and self._live_notices:
-                self._live_notices.popleft()  # the oldest announced live turn has come
+            if job.priority == LIVE:
+                self._prune_notices(time.perf_counter())
+                if self._live_notices:
+                    self._live_notices.popleft()  # the oldest announced live turn still on its way has come
             if job.priority != LIVE:
                 self._bulk_inside += 1
                 self._unstarted[job.request_id] = len(job.token_ids)
