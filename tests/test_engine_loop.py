@@ -451,28 +451,32 @@ def test_announcements_hold_bulk_back_no_longer_than_the_live_shield_and_then_ag
     from worker import engine_loop
 
     monkeypatch.setattr(engine_loop, "LIVE_SHIELD_S", 0.3)
+    monkeypatch.setattr(engine_loop, "BULK_WINDOW_S", 0.3)
     fake = _CoreStepsOnItsOwn()
     loop = _loop(fake)
+    loop.live_notice_s = 30  # none lapses: only the shield's cap may let bulk in
     futures = loop.submit([([1], None, BULK, None)])
     assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
-    loop.expect_live()
-    futures += loop.submit([([2], None, BULK, None)])
+    loop.expect_live()  # live messages keep arriving and none reaches the engine (each deferred, say)
     started = time.monotonic()
+    futures += loop.submit([([2], None, BULK, None)])
 
-    def announce_until(admitted: int) -> float:
-        # Live messages keep arriving and none reaches the engine (each deferred, say).
+    def step_until(admitted: int) -> float:
         while len(fake.admitted) < admitted and time.monotonic() - started < 10:
             loop.expect_live()
             fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])
-            time.sleep(0.05)
+            time.sleep(0.02)
         return time.monotonic()
 
-    first_pass = announce_until(2)
+    first = step_until(2)
     assert fake.admitted == ["r0", "r1"], "announcements held bulk back past the live shield"
-    assert first_pass - started >= 0.25
-    futures += loop.submit([([3], None, BULK, None)])  # the hold starts again after that pass
-    second_pass = announce_until(3)
-    assert fake.admitted == ["r0", "r1", "r2"], "bulk never joined again under steady announcements"
-    assert second_pass - first_pass >= 0.25, "the shield lapsed for good after its first cap"
-    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1"), _Out("r2")])
+    assert first - started >= 0.25
+    futures += loop.submit([([3], None, BULK, None)])  # within the window: joins at once
+    assert step_until(3) - first < 0.25, "bulk waited inside the window after a full hold"
+    time.sleep(0.4)  # the window closed: the hold starts again
+    again = time.monotonic()
+    futures += loop.submit([([4], None, BULK, None)])
+    assert step_until(4) - again >= 0.2, "the shield lapsed for good after its first cap"
+    assert fake.admitted == ["r0", "r1", "r2", "r3"], "bulk never joined again under steady announcements"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1"), _Out("r2"), _Out("r3")])
     assert _all_done(futures, timeout=10)

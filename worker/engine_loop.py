@@ -12,7 +12,9 @@ and nothing joins while it is inside, so a request that kills the engine again i
 one that did. Once one waits, nothing new joins (live requests neither): the engine drains, the alone
 request runs, then the live requests that arrived meanwhile join before the next alone one waits
 for its drain. Neither waits longer than one drain and one alone request. While a live request is
-inside, no new bulk request is admitted (for at most LIVE_SHIELD_S): the engine's steps then hold the
+inside, no new bulk request is admitted (a hold of LIVE_SHIELD_S at most, then BULK_WINDOW_S in which
+bulk joins freely, then a hold again, so steady live traffic neither loses its shield for good nor
+starves bulk): the engine's steps then hold the
 live turn and the decoding bulk ones, not long prefills of new bulk prompts. Bulk requests already
 decoding share every step with it; they are not preempted. The worker announces a live turn when its
 message arrives (`expect_live`, before its flush, claim, embedding and prompt): from then until a live
@@ -47,7 +49,8 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 LIVE, BULK = 0, 1  # vLLM priority: lower runs first
-LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk admissions back
+LIVE_SHIELD_S = 10.0  # the longest a stream of live turns may hold new bulk admissions back at once
+BULK_WINDOW_S = 2.0  # then bulk joins freely this long before live turns may hold it again
 # The longest a live turn announced by the worker (its message arrived) holds new bulk admissions back
 # before it reaches the engine: about its wait for a flush plus its claim, embedding and prompt
 # (MLCHAT_LIVE_NOTICE_S).
@@ -149,6 +152,7 @@ class EngineLoop:
         self._bulk_inside = 0
         self._unstarted: dict[str, int] = {}  # bulk requests inside but not yet prefilled: prompt tokens
         self._live_since: float | None = None  # when live requests inside (or announced) began to hold bulk
+        self._bulk_window_until = 0.0  # after a full hold: bulk joins freely until then
         self._call_since: float | None = None  # when the engine call now running began
         self._live_owed = False  # an alone request just ran: the live ones that waited for it go first
         # Deadlines (perf_counter) of live turns announced by expect_live and not yet inside, oldest
@@ -391,20 +395,23 @@ class EngineLoop:
 
     def _shielding(self) -> bool:
         """Whether new bulk admissions wait for the live requests inside the engine, or for an
-        announced one on its way to a busy engine. A hold that has lasted LIVE_SHIELD_S lets one
-        admission pass of bulk in and starts again: under steady live traffic (whose announcements
-        bridge the gaps between turns) bulk gets a pass every LIVE_SHIELD_S and live turns keep
-        their shield, rather than the hold lapsing for good."""
+        announced one on its way to a busy engine. A hold that has lasted LIVE_SHIELD_S opens a
+        window of BULK_WINDOW_S in which bulk joins freely, then holds again: under steady live
+        traffic (whose announcements bridge the gaps between turns) live turns keep their shield
+        and bulk keeps a share of the admissions."""
         live_inside = len(self._inside) - self._bulk_inside
         if not live_inside and not (self._inside and self._live_noticed()):
             self._live_since = None
             return False
         now = time.perf_counter()
+        if now < self._bulk_window_until:
+            return False
         if self._live_since is None:
             self._live_since = now
         if now - self._live_since < LIVE_SHIELD_S:
             return True
-        self._live_since = now  # this pass lets bulk in; the next hold starts now
+        self._bulk_window_until = now + BULK_WINDOW_S
+        self._live_since = None  # the next hold starts when the window closes
         return False
 
     def _live_noticed(self) -> bool:
@@ -461,6 +468,8 @@ class EngineLoop:
         if job is not None:
             self._bulk_inside -= job.priority != LIVE
             self._unstarted.pop(request_id, None)
+            if len(self._inside) == self._bulk_inside and not self._live_notices:
+                self._live_since = None  # the live episode ended: the next one's hold starts afresh
         return job
 
     def _tell_text(self, out: Any) -> None:
