@@ -203,16 +203,21 @@ def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
 
 
 def _statements_sent(monkeypatch) -> list[tuple[str, bool]]:  # type: ignore[no-untyped-def]
-    """Every statement psycopg sends from now on (SQLAlchemy's and the driver-level fast insert's),
-    with whether its connection was in autocommit."""
+    """Every statement psycopg sends from this thread from now on (SQLAlchemy's and the driver-level
+    fast insert's), with whether its connection was in autocommit; not the session worker's threads'
+    (its housekeeping tick, its batches, its reconnects after a restart)."""
+    import threading
+
     import psycopg
 
     seen: list[tuple[str, bool]] = []
     execute = psycopg.Cursor.execute
+    mine = threading.get_ident()
 
     def recorded(cursor, query, *args, **kwargs):  # type: ignore[no-untyped-def]
         # autocommit: psycopg sends no BEGIN and no COMMIT around it (one round trip in all)
-        seen.append((str(query).lstrip().split("(")[0].strip(), cursor.connection.autocommit))
+        if threading.get_ident() == mine:
+            seen.append((str(query).lstrip().split("(")[0].strip(), cursor.connection.autocommit))
         return execute(cursor, query, *args, **kwargs)
 
     monkeypatch.setattr(psycopg.Cursor, "execute", recorded)
@@ -282,10 +287,14 @@ def test_a_pooled_connection_a_restart_broke_is_dropped_not_reused(
     import logging
 
     from core import embedded
+    from db.session import get_autocommit_engine
 
     conv = new_conversation()
     enqueue_turn(conv | {"message": "Before."})
-    enqueue_turn(conv | {"message": "Warm."})  # the one-statement path now holds a pooled connection
+    # One pooled connection on the one-statement path, not what earlier tests left there: each stale
+    # one would fail once (the pool is not recycled on a disconnect; README), and this test follows one.
+    get_autocommit_engine().dispose()
+    enqueue_turn(conv | {"message": "Warm."})
     embedded.restart_postgres(services)
     with caplog.at_level(logging.ERROR, logger="sqlalchemy.pool"):
         fell_back = enqueue_turn(conv | {"message": "Falls back."})
