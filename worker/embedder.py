@@ -108,12 +108,11 @@ def join_space(model: SentenceTransformer, *, claim_stored: bool) -> None:
     from db.session import session_scope
     from db.vector_space import record_or_check
 
-    with session_scope() as session:
-        column_dim = vector_column_dim(session=session, table="messages", column="embedding")
-    if column_dim is not None:
-        check_dimension(model.get_embedding_dimension(), column_dim)
     mine = fingerprint_of(model)
-    with session_scope() as session:
+    with session_scope() as session:  # one transaction: the column's size, then the record
+        column_dim = vector_column_dim(session=session, table="messages", column="embedding")
+        if column_dim is not None:
+            check_dimension(model.get_embedding_dimension(), column_dim)
         record_or_check(
             session=session, embedder=settings.embedder, fingerprint=mine, claim_stored=claim_stored
         )
