@@ -1,12 +1,19 @@
-"""Fault injection with real processes and services. Each case prints what it counted.
+"""Real worker processes: fault injection (with real services) and two workers on one queue. Each
+case prints what it counted.
 
+One steady worker serves the module (each worker process loads an engine): a case's own worker serves
+queues of its own, which the steady worker takes over (Celery's `add_consumer`) once that worker is
+killed or gone; and it shares its queue with a second worker.
 The 500-turn variants are marked slow (run them with `pytest -m slow`); CI runs the smaller case of
 each kind.
 """
 
+import json
 import signal
+import threading
 import time
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
@@ -15,14 +22,16 @@ from core import embedded
 from core.settings import settings
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
+from services import producer
 from services.producer import enqueue_turns
+from tasks.generate import dispatch
 from tests import worker_processes as wp
-from tests.conftest import new_conversation
+from tests.conftest import INGEST_KEY, new_conversation
 
-VISIBILITY_S = "45"  # how long Redis waits before handing a dead worker's unacked messages to another
-# The SIGKILL case waits this out: short, yet well above its rescuer's slowest batch (a claim is held
-# no longer than the visibility timeout), which takes ~11 s here.
-RESCUE_VISIBILITY_S = "30"
+# How long Redis waits before handing a dead worker's unacked messages to another (the restoring
+# worker's setting): the SIGKILL case waits this out. Short, yet well above the slowest batch (a claim
+# is held no longer than the visibility timeout), which takes ~11 s here.
+VISIBILITY_S = "20"
 # A claim whose worker died or could not hand it back is free this long after its last renewal.
 LEASE_S = "15"
 
@@ -72,37 +81,43 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
 @pytest.mark.parametrize(
     "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
-def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(world, tmp_path, turns) -> None:
-    env = {"MLCHAT_VISIBILITY_TIMEOUT": RESCUE_VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
-    logs = {name: tmp_path / f"{name}.log" for name in ("victim", "rescuer")}
+def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
+    world, tmp_path, request, turns
+) -> None:
+    solo = wp.solo_model("victim")
+    env = {"MLCHAT_MODEL": solo, "MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+    logs = {"victim": tmp_path / "victim.log"}
     with wp.started("victim", logs, **env) as victim:
-        ids = wp.send_turns(turns, "Bulk line", lane="bulk")  # a run's messages: a batch of turn ids each
+        # a run's messages: a batch of turn ids each
+        ids = wp.send_turns(turns, "Bulk line", lane="bulk", model=solo)
         # Mid-batch: some turns stored, a batch claimed and generating.
         _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         wp.kill(victim, signal.SIGKILL)
-    at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
+        at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
     assert at_kill["running"] > 0, at_kill
-    with wp.started("rescuer", logs, **env):
-        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    request.getfixturevalue("steady_worker")
+    wp.take_over("steady", solo)  # the rescuer
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"SIGKILL case: at kill {at_kill}; final {final}")
     assert final["done"] == turns and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
 
 
-def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path) -> None:
+def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
     turns = 64
-    logs = {name: tmp_path / f"{name}.log" for name in ("stopping", "next")}
-    with wp.started("stopping", logs) as stopping:
-        ids = wp.send_turns(
-            turns, "Evening line", lane="live"
-        )  # one per message: 8 prefetched, the rest queued
+    solo = wp.solo_model("stopping")
+    logs = {"stopping": tmp_path / "stopping.log"}
+    with wp.started("stopping", logs, MLCHAT_MODEL=solo) as stopping:
+        # one per message: 8 prefetched, the rest queued
+        ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
         stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
         stopping.wait(timeout=300)
-    after_stop = _counts(ids)
-    with wp.started("next", logs):
-        final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+        after_stop = _counts(ids)
+    request.getfixturevalue("steady_worker")
+    wp.take_over("steady", solo)  # the next worker
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
     assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
     assert after_stop["done"] >= at_term["running"]  # the batch in hand was finished, not dropped
@@ -142,13 +157,22 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
 
 @pytest.fixture(scope="module")
 def steady_worker(world, tmp_path_factory):
-    """One worker process that finishes the dead engine's turns, then lives through both restart
+    """One worker process for the module, started when a case first needs it: it takes over the
+    queues of the SIGKILLed workers, of the SIGTERMed one and of the dead engine's (each served
+    them alone until then), shares its queue with a second worker, then lives through both restart
     cases (they test that it survives them). A batch whose hand-back the PostgreSQL restart cut
-    waits for its lease: a short one, not the default two minutes."""
+    waits for its lease: a short one, not the default two minutes. One engine loaded instead of six."""
     logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
     env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
     with wp.started("steady", logs, **env) as proc:
-        yield proc
+        _STEADY_LOG.append(logs["steady"])
+        try:
+            yield proc
+        finally:
+            _STEADY_LOG.clear()
+
+
+_STEADY_LOG: list = []  # the steady worker's log while it runs
 
 
 def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world, tmp_path, request) -> None:
@@ -157,21 +181,25 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     from worker.lifecycle import EXIT_ENGINE_DEAD
 
     turns = 48
+    solo = wp.solo_model("doomed")
     logs = {"doomed": tmp_path / "doomed.log"}
-    with wp.started("doomed", logs) as doomed:
-        ids = wp.send_turns(turns, "Night-shift line", lane="bulk")
+    with wp.started("doomed", logs, MLCHAT_MODEL=solo) as doomed:
+        ids = wp.send_turns(turns, "Night-shift line", lane="bulk", model=solo)
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]
         assert cores, "the worker's vLLM engine-core process"
         for core in cores:
             core.kill()  # what an out-of-memory kill or a device fault does to the engine
         exit_code = doomed.wait(timeout=180)
-    after_exit = _counts(ids)
-    with session_scope() as s:
-        charged = s.scalar(
-            select(func.count()).where(Turn.id.in_(ids), Turn.status != TurnStatus.DONE, Turn.attempts > 0)
-        )
-    steady = request.getfixturevalue("steady_worker")  # a fresh worker, as the supervisor would start
+        after_exit = _counts(ids)
+        with session_scope() as s:
+            charged = s.scalar(
+                select(func.count()).where(
+                    Turn.id.in_(ids), Turn.status != TurnStatus.DONE, Turn.attempts > 0
+                )
+            )
+    steady = request.getfixturevalue("steady_worker")
+    wp.take_over("steady", solo)  # the next worker, as its supervisor would start one
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(
         f"engine-death case: at kill {at_kill}; exit code {exit_code}; after exit {after_exit}; final {final}"
@@ -181,6 +209,89 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     assert charged == 0  # no attempt charged for the engine's death
     assert final["done"] == turns and final["failed"] == 0 and final["duplicates"] == 0
     assert steady.poll() is None
+
+
+def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_worker, tmp_path) -> None:
+    logs = {"second": tmp_path / "second.log"}
+    with wp.started("second", logs):
+        ids = enqueue_turns(
+            [new_conversation() | {"message": f"Line {n}, innkeeper."} for n in range(48)], send=False
+        )
+        dispatch(ids, model=wp.QUEUE_MODEL, lane="live")
+        final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=600)
+    mine = set(map(str, ids))
+    answered = {
+        name: [t for b in wp.batches(log) for t in b["done"] if t in mine]
+        for name, log in (("steady", _STEADY_LOG[0]), ("second", logs["second"]))
+    }
+    print(f"scale-out case: {final}; " + " ".join(f"{n}: {len(a)} turns" for n, a in answered.items()))
+    assert final["done"] == len(ids) and final["reply_rows"] == len(ids)  # none lost
+    assert final["duplicates"] == 0  # none answered twice in the database
+    assert all(answered.values()), "each worker answered some of the turns"
+    first, second = answered.values()
+    assert not set(first) & set(second) and sorted(first + second) == sorted(mine)
+
+
+def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
+    base_url, tmp_path, request
+) -> None:
+    """The reader is told to discard what it was shown, then gets the reply written again on the
+    same stream, and the turn is stored exactly once."""
+    solo = wp.solo_model("streamer")
+    env = {"MLCHAT_MODEL": solo, "MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+    logs = {"streamer": tmp_path / "streamer.log"}
+    turn = new_conversation() | {
+        "message": "Tell me the whole long story of the road north, every village on the way.",
+        "stream": True,
+        "params": {"max_new_tokens": 200, "seed": 11},
+    }
+    events: list[tuple[str, str, dict]] = []
+
+    def read(turn_id: str) -> None:
+        url = f"{base_url}/v1/turns/{turn_id}/stream"
+        with httpx.stream("GET", url, headers={"X-API-Key": INGEST_KEY}, timeout=900) as response:
+            for event in _events_live(response):
+                events.append(event)
+
+    with wp.started("streamer", logs, **env) as streamer:
+        (stored,) = producer.submit_turns([turn], send=False, api_key="game-a", tenant="game-a")
+        reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
+        reader.start()
+        dispatch([stored.id], model=solo, lane="live")
+        deadline = time.monotonic() + 600
+        while sum(e[0] == "delta" for e in events) < 3:
+            assert time.monotonic() < deadline, "no deltas from the streaming worker"
+            time.sleep(0.05)
+        wp.kill(streamer, signal.SIGKILL)
+        shown_before = [e for e in events if e[0] == "delta"]
+    assert not any(e[0] == "done" for e in events), "the reply finished before the kill: make it longer"
+    request.getfixturevalue("steady_worker")
+    wp.take_over("steady", solo)  # the rescuer
+    reader.join(timeout=900)
+    assert not reader.is_alive()
+    kinds = [e[0] for e in events]
+    assert kinds[-1] == "done", (kinds, events[-2:])
+    restart = next(i for i, e in enumerate(events) if e[0] == "error")
+    assert events[restart][2]["code"] == "restarted" and restart >= len(shown_before)
+    after = "".join(e[2]["text"] for e in events[restart:] if e[0] == "delta")
+    final = producer.get_turn(stored.id)
+    assert final is not None and after == final.reply == events[-1][2]["reply"]
+    counts = _counts([stored.id])
+    print(f"stream SIGKILL case: {len(shown_before)} deltas before the kill; {counts}")
+    assert counts["done"] == 1 and counts["reply_rows"] == 1 and counts["duplicates"] == 0
+
+
+def _events_live(response: httpx.Response):  # type: ignore[no-untyped-def]
+    """(event, id, data) of an SSE response, yielded as each arrives."""
+    fields: dict[str, str] = {}
+    for line in response.iter_lines():
+        if not line:
+            if "data" in fields:
+                yield fields.get("event", "message"), fields.get("id", ""), json.loads(fields["data"])
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
 
 
 def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_worker, services) -> None:

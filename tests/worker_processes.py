@@ -22,7 +22,7 @@ from pathlib import Path
 import kombu.exceptions
 import redis
 
-from core.settings import Lane, settings
+from core.settings import Lane, queue_for_model, settings
 from tasks.app import app
 from worker.model_cache import resolve_model_path
 
@@ -64,14 +64,29 @@ def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess
         kill(proc, signal.SIGTERM)
 
 
-def send_turns(n: int, message: str, *, lane: Lane) -> list[uuid.UUID]:
-    """n turns in fresh conversations, sent to the worker processes' queue."""
+def solo_model(name: str) -> str:
+    """A model name of the worker `name`'s own, so its queues are its alone (the row's model is not
+    checked against the worker's, as for QUEUE_MODEL)."""
+    return f"{QUEUE_MODEL}-{name}"
+
+
+def take_over(name: str, model: str) -> None:
+    """The running worker `name` consumes `model`'s queues from now on (Celery's `add_consumer`): the
+    rescuer of a worker that served them alone."""
+    for lane in ("live", "bulk"):
+        queue = queue_for_model(model, lane)  # type: ignore[arg-type]
+        replies = app.control.add_consumer(queue, destination=[node(name)], reply=True, timeout=10)
+        assert replies, f"worker {name} did not start consuming {queue}"
+
+
+def send_turns(n: int, message: str, *, lane: Lane, model: str = QUEUE_MODEL) -> list[uuid.UUID]:
+    """n turns in fresh conversations, sent to the queue of the worker processes' `model`."""
     from services.producer import enqueue_turns
     from tasks.generate import dispatch
     from tests.conftest import new_conversation
 
     ids = enqueue_turns([new_conversation() | {"message": f"{message} {i}."} for i in range(n)], send=False)
-    dispatch(ids, model=QUEUE_MODEL, lane=lane)
+    dispatch(ids, model=model, lane=lane)
     return ids
 
 
