@@ -6,6 +6,10 @@ import threading
 import time
 
 import pytest
+
+# The fakes' add_request imports this: its first import takes seconds (more under load), here and not
+# inside a test's wait for an admission.
+import vllm.v1.engine.exceptions  # noqa: F401
 from sqlalchemy import select
 
 from core.settings import queue_for_model, settings
@@ -226,8 +230,6 @@ def _loop(fake: _ScriptedEngine, **kwargs):  # type: ignore[no-untyped-def]
 
 
 def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
-    import vllm.v1.engine.exceptions  # noqa: F401  (imported now: a first import takes seconds)
-
     from worker.engine import EngineDead
 
     loop = _loop(_ScriptedEngine(die_at_admission=1))
@@ -292,8 +294,6 @@ def test_an_alone_request_gets_its_turn_within_one_drain_under_steady_live_chat(
 
 
 def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding() -> None:
-    import vllm.v1.engine.exceptions  # noqa: F401  (imported now: a first import takes seconds)
-
     from worker.engine import EngineDead
 
     fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
@@ -399,6 +399,33 @@ def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() ->
     assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), "its announcement outlived the live turn"
     fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r2")])
     assert _all_done([first, held, live], timeout=10)
+
+
+def test_a_live_turn_of_three_candidates_ends_its_own_announcement_only() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    loop.live_notice_s = 30  # only live requests joining may end this hold
+    (first,) = loop.submit([([1], None, BULK, None)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    loop.expect_live()  # a best-of-3 live turn
+    loop.expect_live()  # and another live turn, whose prompt takes longer to build
+    futures = loop.submit(
+        [([2], None, LIVE, None), ([3], None, LIVE, None), ([4], None, LIVE, None)],
+        ends_notice=[True, False, False],
+    )
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3"]), fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r1"), _Out("r2"), _Out("r3")])
+    assert _until(lambda: all(f.done() for f in futures)), "the three candidates did not finish"
+    futures += loop.submit([([5], None, BULK, None)])
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # a step returns: there is room
+    time.sleep(0.2)
+    assert fake.admitted == ["r0", "r1", "r2", "r3"], "the candidates ended the other turn's announcement"
+    futures += loop.submit([([6], None, LIVE, None)])  # the other live turn comes
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3", "r4"]), fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r4")])  # and is answered
+    assert _until(lambda: len(fake.admitted) == 6), "bulk stayed held after every announced turn came"
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r5")])
+    assert _all_done([first, *futures], timeout=10)
 
 
 def test_an_announcement_whose_live_turn_never_comes_lapses() -> None:

@@ -85,6 +85,9 @@ class _Job:
     submitted: float = field(default_factory=time.perf_counter)
     request_id: str = ""
     on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
+    # A live request whose joining ends its turn's announcement (expect_live): a turn's first
+    # candidate; its others (best of n) found their announcement already ended.
+    ends_notice: bool = True
     shown: str = ""  # what on_text has been told so far
     started: bool = False  # a step has returned output for it: it is past its prefill
     admitted: float = 0.0  # perf_counter when add_request was called
@@ -178,15 +181,20 @@ class EngineLoop:
         *,
         alone: bool = False,
         on_text: Sequence[Any] = (),
+        ends_notice: Sequence[bool] = (),
     ) -> list[Future[Generation]]:
         """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
         each, in order. `alone`: each runs in an otherwise empty engine. `on_text[i]`, when given and
-        not None, is told request i's new text as the engine writes it."""
+        not None, is told request i's new text as the engine writes it. `ends_notice[i]`, when given,
+        says whether live request i is the one its turn's announcement waits for (False for a turn's
+        second and later candidates: a turn is announced once)."""
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
         for job, hook in zip(jobs, on_text, strict=False):
             job.on_text = hook
+        for job, ends in zip(jobs, ends_notice, strict=False):
+            job.ends_notice = ends
         with self._cond:
             if self._death is not None:
                 for job in jobs:
@@ -436,7 +444,7 @@ class EngineLoop:
             if not self._inside:
                 self._progress_at = time.monotonic()  # the stall clock runs only with requests inside
             self._inside[job.request_id] = job
-            if job.priority == LIVE:
+            if job.priority == LIVE and job.ends_notice:
                 self._prune_notices(time.perf_counter())
                 if self._live_notices:
                     self._live_notices.popleft()  # the oldest announced live turn still on its way has come
