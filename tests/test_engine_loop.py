@@ -393,7 +393,7 @@ def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() ->
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # a step returns: there is room
     time.sleep(0.2)
     assert fake.admitted == ["r0"], "a bulk request joined while an announced live turn was on its way"
-    (live,) = loop.submit([([3], None, LIVE, None)])
+    (live,) = loop.submit([([3], None, LIVE, None)], ends_notice=[True])
     assert _until(lambda: fake.admitted == ["r0", "r1"]), fake.admitted  # the live one, alone with r0
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r1")])  # the live one is done
     assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), "its announcement outlived the live turn"
@@ -414,18 +414,31 @@ def test_a_live_turn_of_three_candidates_ends_its_own_announcement_only() -> Non
         ends_notice=[True, False, False],
     )
     assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3"]), fake.admitted
+    assert len(loop._live_notices) == 1, "the three candidates of one turn ended more than its announcement"
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r1"), _Out("r2"), _Out("r3")])
     assert _until(lambda: all(f.done() for f in futures)), "the three candidates did not finish"
     futures += loop.submit([([5], None, BULK, None)])
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False)])  # a step returns: there is room
     time.sleep(0.2)
     assert fake.admitted == ["r0", "r1", "r2", "r3"], "the candidates ended the other turn's announcement"
-    futures += loop.submit([([6], None, LIVE, None)])  # the other live turn comes
+    futures += loop.submit([([6], None, LIVE, None)], ends_notice=[True])  # the other live turn comes
     assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3", "r4"]), fake.admitted
     fake.engine_core.outputs_queue.put([_Out("r0", finished=False), _Out("r4")])  # and is answered
     assert _until(lambda: len(fake.admitted) == 6), "bulk stayed held after every announced turn came"
     fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r5")])
     assert _all_done([first, *futures], timeout=10)
+
+
+def test_a_live_request_not_marked_as_its_turns_first_ends_no_announcement() -> None:
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake)
+    loop.live_notice_s = 30
+    loop.expect_live()
+    (regenerated,) = loop.submit([([1], None, LIVE, None)])  # a weak reply generated again, say
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    assert len(loop._live_notices) == 1, "a request no announcement waits for ended one"
+    fake.engine_core.outputs_queue.put([_Out("r0")])
+    assert _all_done([regenerated], timeout=10)
 
 
 def test_an_announcement_whose_live_turn_never_comes_lapses() -> None:

@@ -25,15 +25,19 @@ from db.session import session_scope
 from services import producer
 from services.producer import enqueue_turns
 from tasks.generate import dispatch
+from tasks.queues import queue_depth
 from tests import worker_processes as wp
 from tests.conftest import INGEST_KEY, new_conversation
 
 # How long Redis waits before handing a dead worker's unacked messages to another (the restoring
 # worker's setting): the SIGKILL case waits this out. Short, yet well above the slowest batch (a claim
 # is held no longer than the visibility timeout), which takes ~11 s here.
-VISIBILITY_S = "20"
+VISIBILITY_S = "30"
 # A claim whose worker died or could not hand it back is free this long after its last renewal.
 LEASE_S = "15"
+# Every worker of the module runs with both: each restores (puts back on their queues) the messages any
+# worker has held unacked past its own visibility timeout, so one short timeout applies to them all.
+ENV = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
 
 
 def _counts(ids) -> dict[str, int]:
@@ -78,16 +82,43 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
         time.sleep(0.5)
 
 
+def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
+    turns = 64
+    solo = wp.solo_model("stopping")
+    logs = {"stopping": tmp_path / "stopping.log"}
+    with wp.started("stopping", logs, MLCHAT_MODEL=solo, **ENV) as stopping:
+        # one per message: 8 prefetched, the rest queued
+        ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
+        at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
+        stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
+        stopping.wait(timeout=300)
+        after_stop = _counts(ids)
+        # Handed back: the messages of the turns not answered are in the queue again (the steady
+        # worker, which would put back messages left unacked, has not started yet).
+        waiting = queue_depth(solo, "live")
+    request.getfixturevalue("steady_worker")
+    wp.take_over("steady", solo)  # the next worker
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
+    print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
+    assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
+    assert waiting >= after_stop["queued"], (
+        f"{waiting} messages in the queue for {after_stop['queued']} turns"
+    )
+    assert after_stop["done"] >= at_term["running"]  # the batch in hand was finished, not dropped
+    assert final["done"] == turns and final["failed"] == 0
+    assert final["reply_rows"] == turns and final["duplicates"] == 0
+    assert final["attempted_twice"] == 0  # nothing had to run again
+
+
 @pytest.mark.parametrize(
     "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     world, tmp_path, request, turns
 ) -> None:
-    solo = wp.solo_model("victim")
-    env = {"MLCHAT_MODEL": solo, "MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+    solo = wp.solo_model(f"victim-{turns}")
     logs = {"victim": tmp_path / "victim.log"}
-    with wp.started("victim", logs, **env) as victim:
+    with wp.started("victim", logs, MLCHAT_MODEL=solo, **ENV) as victim:
         # a run's messages: a batch of turn ids each
         ids = wp.send_turns(turns, "Bulk line", lane="bulk", model=solo)
         # Mid-batch: some turns stored, a batch claimed and generating.
@@ -102,28 +133,6 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     assert final["done"] == turns and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
-
-
-def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
-    turns = 64
-    solo = wp.solo_model("stopping")
-    logs = {"stopping": tmp_path / "stopping.log"}
-    with wp.started("stopping", logs, MLCHAT_MODEL=solo) as stopping:
-        # one per message: 8 prefetched, the rest queued
-        ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
-        at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
-        stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
-        stopping.wait(timeout=300)
-        after_stop = _counts(ids)
-    request.getfixturevalue("steady_worker")
-    wp.take_over("steady", solo)  # the next worker
-    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
-    print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
-    assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
-    assert after_stop["done"] >= at_term["running"]  # the batch in hand was finished, not dropped
-    assert final["done"] == turns and final["failed"] == 0
-    assert final["reply_rows"] == turns and final["duplicates"] == 0
-    assert final["attempted_twice"] == 0  # nothing had to run again
 
 
 POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
@@ -163,8 +172,7 @@ def steady_worker(world, tmp_path_factory):
     cases (they test that it survives them). A batch whose hand-back the PostgreSQL restart cut
     waits for its lease: a short one, not the default two minutes. One engine loaded instead of six."""
     logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
-    env = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
-    with wp.started("steady", logs, **env) as proc:
+    with wp.started("steady", logs, **ENV) as proc:
         _STEADY_LOG.append(logs["steady"])
         try:
             yield proc
@@ -183,7 +191,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     turns = 48
     solo = wp.solo_model("doomed")
     logs = {"doomed": tmp_path / "doomed.log"}
-    with wp.started("doomed", logs, MLCHAT_MODEL=solo) as doomed:
+    with wp.started("doomed", logs, MLCHAT_MODEL=solo, **ENV) as doomed:
         ids = wp.send_turns(turns, "Night-shift line", lane="bulk", model=solo)
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]
@@ -213,7 +221,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
 
 def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_worker, tmp_path) -> None:
     logs = {"second": tmp_path / "second.log"}
-    with wp.started("second", logs):
+    with wp.started("second", logs, **ENV):
         ids = enqueue_turns(
             [new_conversation() | {"message": f"Line {n}, innkeeper."} for n in range(48)], send=False
         )
@@ -238,7 +246,6 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
     """The reader is told to discard what it was shown, then gets the reply written again on the
     same stream, and the turn is stored exactly once."""
     solo = wp.solo_model("streamer")
-    env = {"MLCHAT_MODEL": solo, "MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
     logs = {"streamer": tmp_path / "streamer.log"}
     turn = new_conversation() | {
         "message": "Tell me the whole long story of the road north, every village on the way.",
@@ -253,7 +260,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
             for event in _events_live(response):
                 events.append(event)
 
-    with wp.started("streamer", logs, **env) as streamer:
+    with wp.started("streamer", logs, MLCHAT_MODEL=solo, **ENV) as streamer:
         (stored,) = producer.submit_turns([turn], send=False, api_key="game-a", tenant="game-a")
         reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
         reader.start()
@@ -279,6 +286,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
     counts = _counts([stored.id])
     print(f"stream SIGKILL case: {len(shown_before)} deltas before the kill; {counts}")
     assert counts["done"] == 1 and counts["reply_rows"] == 1 and counts["duplicates"] == 0
+    assert counts["attempted_twice"] == 1  # the rescuer generated it again
 
 
 def _events_live(response: httpx.Response):  # type: ignore[no-untyped-def]

@@ -86,8 +86,8 @@ class _Job:
     request_id: str = ""
     on_text: Callable[[str], None] | None = None  # told each new piece of the reply (live streaming)
     # A live request whose joining ends its turn's announcement (expect_live): a turn's first
-    # candidate; its others (best of n) found their announcement already ended.
-    ends_notice: bool = True
+    # candidate, marked by the pipeline; not its other candidates (best of n), nor a regeneration.
+    ends_notice: bool = False
     shown: str = ""  # what on_text has been told so far
     started: bool = False  # a step has returned output for it: it is past its prefill
     admitted: float = 0.0  # perf_counter when add_request was called
@@ -185,16 +185,17 @@ class EngineLoop:
     ) -> list[Future[Generation]]:
         """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
         each, in order. `alone`: each runs in an otherwise empty engine. `on_text[i]`, when given and
-        not None, is told request i's new text as the engine writes it. `ends_notice[i]`, when given,
-        says whether live request i is the one its turn's announcement waits for (False for a turn's
-        second and later candidates: a turn is announced once)."""
+        not None, is told request i's new text as the engine writes it. `ends_notice[i]`: live request
+        i is the one its turn's announcement waits for (a turn's first candidate: a turn is announced
+        once); none is, unless given."""
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
         for job, hook in zip(jobs, on_text, strict=False):
             job.on_text = hook
-        for job, ends in zip(jobs, ends_notice, strict=False):
-            job.ends_notice = ends
+        if ends_notice:
+            for job, ends in zip(jobs, ends_notice, strict=True):
+                job.ends_notice = ends
         with self._cond:
             if self._death is not None:
                 for job in jobs:
