@@ -398,13 +398,16 @@ class Settings(BaseSettings):
         return "chat_template"
 
 
+BULK_QUEUE_SUFFIX = ".bulk"
+
+
 def queue_for_model(model: str, lane: Lane = "live") -> str:
     """Queue of a model's lane: live turns on gen.<model>, bulk runs on gen.<model>.bulk.
 
     Workers consume both with Redis's `priority` queue order, live first, so a live turn never
     waits behind a bulk backlog for more than the batch in hand and the next.
     """
-    return f"gen.{model}" if lane == "live" else f"gen.{model}.bulk"
+    return f"gen.{model}" if lane == "live" else f"gen.{model}{BULK_QUEUE_SUFFIX}"
 
 
 def load_settings() -> Settings:

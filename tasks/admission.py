@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from core.settings import queue_for_model, settings
+from core.settings import BULK_QUEUE_SUFFIX, queue_for_model, settings
 from tasks.batches import ReconnectSafeBatches
 
 logger = logging.getLogger(__name__)
@@ -57,7 +57,11 @@ def announce_live(message: Any, body: Any) -> None:
 
 
 class BulkGate:
-    """Counts held bulk turns; pauses and resumes the consumer of the bulk queue around a capacity."""
+    """Counts held bulk turns; pauses and resumes the consumer of the bulk queues around a capacity.
+
+    Every bulk queue the worker consumes is paused, not only its own model's: one added at run time
+    (Celery's `add_consumer`, Flower's "add consumer") feeds the same engine.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -68,6 +72,7 @@ class BulkGate:
         self.peak = 0  # most bulk turns held at once
         self._consumer: Any = None
         self._queue: str | None = None
+        self._paused: list[str] = []  # the bulk queues the gate stopped consuming
         self._timer: Any = None
 
     def attach(self, consumer: Any, queue: str, capacity: int) -> None:
@@ -76,6 +81,7 @@ class BulkGate:
             self._timer.cancel()
         with self._lock:
             self._consumer, self._queue, self.capacity, self.closed = consumer, queue, capacity, False
+            self._paused = []
         self._timer = consumer.timer.call_repeatedly(CHECK_EVERY_S, self._maybe_reopen)
         logger.info("bulk admission: up to %d bulk turns held by this worker", capacity)
 
@@ -114,11 +120,22 @@ class BulkGate:
             return
         try:
             if on:
-                if not task_consumer.consuming_from(queue):
-                    task_consumer.add_queue(consumer.app.amqp.queues[queue])
+                known = consumer.app.amqp.queues
+                resumed = [
+                    name
+                    for name in self._paused or [queue]
+                    if name in known and not task_consumer.consuming_from(name)
+                ]
+                for name in resumed:
+                    task_consumer.add_queue(known[name])
+                if resumed:
                     task_consumer.consume()
+                self._paused = []
             else:
-                task_consumer.cancel_by_queue(queue)
+                bulk = [q.name for q in task_consumer.queues if q.name.endswith(BULK_QUEUE_SUFFIX)]
+                self._paused = bulk or [queue]
+                for name in self._paused:
+                    task_consumer.cancel_by_queue(name)
         except Exception:  # a broker hiccup: a reconnect rebuilds the consumer and attaches again
             logger.warning("could not %s the bulk queue", "resume" if on else "pause", exc_info=True)
 

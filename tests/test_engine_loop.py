@@ -109,7 +109,12 @@ def test_a_short_reply_is_stored_before_its_batch_mates_long_one_finishes(engine
     assert get_turn(short).timings["generate_ms"] < get_turn(long).timings["generate_ms"]
 
 
-def test_the_worker_pauses_its_bulk_queue_while_the_engine_is_full(celery_worker) -> None:
+def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worker) -> None:
+    from tasks.app import app
+
+    # Another model's bulk queue, added at run time (Flower's "add consumer"): it feeds the same engine.
+    extra = queue_for_model(f"{settings.model}-extra", "bulk")
+    assert app.control.add_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
     before = bulk_gate.capacity, bulk_gate.pauses
     bulk_gate.capacity, bulk_gate.peak = settings.batch_size, 0  # one bulk message fills this worker
     try:
@@ -120,23 +125,25 @@ def test_the_worker_pauses_its_bulk_queue_while_the_engine_is_full(celery_worker
             ],
             send=False,
         )
-        dispatch(ids, model=settings.model, lane="bulk")  # three messages
+        dispatch(ids[:24], model=settings.model, lane="bulk")  # three messages
+        dispatch(ids[24:], model=f"{settings.model}-extra", lane="bulk")  # and three on the other queue
         deadline = time.monotonic() + 600
         while any(get_turn(t).status != TurnStatus.DONE for t in ids):
             assert time.monotonic() < deadline, "bulk turns were not all answered"
             time.sleep(0.2)
         assert bulk_gate.pauses > before[1]
-        # The gate closes on the message that fills it; at most one more was already on its way.
-        assert bulk_gate.peak <= 2 * settings.batch_size
+        # The gate closes on the message that fills it; at most one more per queue was on its way.
+        assert bulk_gate.peak <= 3 * settings.batch_size, f"{bulk_gate.peak} bulk turns held at once"
     finally:
         bulk_gate.capacity = before[0]
-    # Paused and resumed, the worker still consumes its bulk queue. The gate reopens on its own timer
-    # once the last answered turns are released, a moment after they are stored: wait for that.
-    bulk = queue_for_model(settings.model, "bulk")
-    deadline = time.monotonic() + 10
-    while not celery_worker.consumer.task_consumer.consuming_from(bulk):
-        assert time.monotonic() < deadline, f"the bulk queue stayed paused ({bulk_gate.held} turns held)"
-        time.sleep(0.1)
+        # Paused and resumed, the worker still consumes both bulk queues. The gate reopens on its own
+        # timer once the last answered turns are released, a moment after they are stored.
+        consuming = celery_worker.consumer.task_consumer.consuming_from
+        deadline = time.monotonic() + 10
+        while not (consuming(queue_for_model(settings.model, "bulk")) and consuming(extra)):
+            assert time.monotonic() < deadline, f"a bulk queue stayed paused ({bulk_gate.held} turns held)"
+            time.sleep(0.1)
+        app.control.cancel_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
 
 
 def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
