@@ -733,9 +733,13 @@ class TurnOutcome:
 _INSERT_LINES = text(
     """
 INSERT INTO messages (conversation_id, seq, role, content, embedding, turn_id, speaker_id, speaker_name)
-SELECT * FROM unnest(CAST(:conv AS bigint[]), CAST(:seq AS int[]), CAST(:role AS text[]),
-                     CAST(:content AS text[]), CAST(:embedding AS vector[]), CAST(:turn AS uuid[]),
-                     CAST(:speaker_id AS int[]), CAST(:speaker_name AS text[]))
+SELECT line.conv,
+       coalesce((SELECT max(m.seq) FROM messages AS m WHERE m.conversation_id = line.conv), 0) + line.place,
+       line.role, line.content, line.embedding, line.turn, line.speaker_id, line.speaker_name
+FROM unnest(CAST(:conv AS bigint[]), CAST(:place AS int[]), CAST(:role AS text[]),
+            CAST(:content AS text[]), CAST(:embedding AS vector[]), CAST(:turn AS uuid[]),
+            CAST(:speaker_id AS int[]), CAST(:speaker_name AS text[]))
+     AS line(conv, place, role, content, embedding, turn, speaker_id, speaker_name)
 ON CONFLICT (turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
 RETURNING id, turn_id, role
 """
@@ -834,27 +838,21 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     outcomes = [o for o in outcomes if o.turn_id in owned]
     if not outcomes:
         return []
-    next_seq = dict(
-        session.execute(
-            select(Message.conversation_id, func.coalesce(func.max(Message.seq), 0))
-            .where(Message.conversation_id.in_(conv_ids))
-            .group_by(Message.conversation_id)
-        )
-        .tuples()
-        .all()
-    )
-    # The group's lines as columns: (conversation, seq, role, content, vector, turn, speaker id, name).
+    # The group's lines as columns: (conversation, place, role, content, vector, turn, speaker id,
+    # name). A line's seq is its conversation's last plus its place among the group's new lines of that
+    # conversation, added by the INSERT: read after the conversation lock above, so never taken twice.
     columns: list[list[Any]] = [[] for _ in range(8)]
+    placed: dict[int, int] = {}
     for o in outcomes:
-        seq = next_seq.get(o.conversation_id, 0)
         lines: list[tuple[Role, str, Any, int | None, str | None]] = []
         if o.user_message:  # a scene's step has no player line
             lines.append((Role.USER, o.user_message, o.user_embedding, None, None))
         lines.append((o.reply_role, o.reply, o.reply_embedding, o.speaker_id, o.speaker_name))
-        for offset, (role, content, vector, speaker_id, speaker_name) in enumerate(lines, start=1):
+        for role, content, vector, speaker_id, speaker_name in lines:
+            placed[o.conversation_id] = place = placed.get(o.conversation_id, 0) + 1
             line = (
                 o.conversation_id,
-                seq + offset,
+                place,
                 role.value,
                 content,
                 vector,
@@ -864,15 +862,14 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
             )
             for column_values, value in zip(columns, line, strict=True):
                 column_values.append(value)
-        next_seq[o.conversation_id] = seq + len(lines)
-    conv, seqs, roles, contents, vectors, turn_ids, speaker_ids, speaker_names = columns
+    conv, places, roles, contents, vectors, turn_ids, speaker_ids, speaker_names = columns
     send_vectors_binary(session)
     inserted: dict[uuid.UUID, dict[Role, int]] = {}
     for msg_id, turn_id, role in session.execute(
         _INSERT_LINES,
         dict(
             conv=conv,
-            seq=seqs,
+            place=places,
             role=roles,
             content=contents,
             embedding=VectorArray(vectors),
