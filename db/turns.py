@@ -34,26 +34,21 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Connection,
     Integer,
-    Text,
     and_,
     any_,
     bindparam,
     case,
-    cast,
     exists,
     func,
-    literal,
     or_,
     select,
     text,
     tuple_,
     update,
 )
-from sqlalchemy import column as record_column
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, lazyload
@@ -75,7 +70,7 @@ from db.models import (
 )
 from db.runs import advance_runs_of_turns
 from db.scenes import RUN_STOPPED, GroupView, group_views
-from db.vectors import VectorArray, send_vectors_binary
+from db.vectors import binary_vector_param
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 
 ERROR_CHARS = 2000
@@ -729,83 +724,6 @@ class TurnOutcome:
     structured: Any = None  # the structured reply, parsed (None for free text)
 
 
-# complete's two batched statements: every line of the group in one INSERT, every turn in one UPDATE.
-_INSERT_LINES = text(
-    """
-INSERT INTO messages (conversation_id, seq, role, content, embedding, turn_id, speaker_id, speaker_name)
-SELECT line.conv,
-       coalesce((SELECT max(m.seq) FROM messages AS m WHERE m.conversation_id = line.conv), 0) + line.place,
-       line.role, line.content, line.embedding, line.turn, line.speaker_id, line.speaker_name
-FROM unnest(CAST(:conv AS bigint[]), CAST(:place AS int[]), CAST(:role AS text[]),
-            CAST(:content AS text[]), CAST(:embedding AS vector[]), CAST(:turn AS uuid[]),
-            CAST(:speaker_id AS int[]), CAST(:speaker_name AS text[]))
-     AS line(conv, place, role, content, embedding, turn, speaker_id, speaker_name)
-ON CONFLICT (turn_id, role) WHERE turn_id IS NOT NULL DO NOTHING
-RETURNING id, turn_id, role
-"""
-)
-_SET_MOODS = text(
-    """
-UPDATE conversations AS c SET emotion = m.emotion, affinity = m.affinity
-FROM unnest(CAST(:conv AS bigint[]), CAST(:emotion AS text[]), CAST(:affinity AS int[]))
-     AS m(id, emotion, affinity)
-WHERE c.id = m.id
-"""
-)
-# The stored turns' values, one JSON array of objects for the whole group.
-_STORED = (
-    func.jsonb_to_recordset(bindparam("rows", type_=JSONB))
-    .table_valued(
-        record_column("id", PG_UUID(as_uuid=True)),
-        record_column("reply", Text),
-        record_column("prompt", Text),
-        *(
-            record_column(name, JSONB)
-            for name in ("context", "usage", "timings", "params", "state", "quality")
-        ),
-        record_column("alternatives", JSONB),
-        record_column("adapter", Text),
-        record_column("structured", JSONB),
-        record_column("user_message_id", BigInteger),
-        record_column("reply_message_id", BigInteger),
-    )
-    .render_derived(name="stored", with_types=True)
-)
-
-
-def _complete(token: uuid.UUID) -> Any:
-    """The UPDATE that marks a group's turns done with their replies; returns (id, in a run or scene).
-
-    jsonb_to_recordset reads a JSON null as SQL NULL; these JSONB columns (not none_as_null) have
-    always stored a Python None as JSON null, and still do."""
-    json_null = cast(literal("null"), JSONB)
-    kept_null = {
-        name: func.coalesce(_STORED.c[name], json_null)
-        for name in ("context", "usage", "timings", "params", "state", "quality")
-    }
-    return (
-        update(Turn)
-        .where(Turn.id == _STORED.c.id, _ours(token))
-        .values(
-            status=TurnStatus.DONE,
-            reply=_STORED.c.reply,
-            prompt=_STORED.c.prompt,
-            **kept_null,
-            alternatives=_STORED.c.alternatives,
-            adapter=_STORED.c.adapter,
-            structured=_STORED.c.structured,
-            error=None,
-            error_code=None,
-            user_message_id=_STORED.c.user_message_id,
-            reply_message_id=_STORED.c.reply_message_id,
-            finished_at=bindparam("finished_at"),
-            lease_until=None,
-        )
-        .returning(Turn.id, or_(Turn.run_id.is_not(None), Turn.scene_id.is_not(None)))
-        .execution_options(synchronize_session=False)
-    )
-
-
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
     """complete: write each turn's user line and reply and mark it done, in the caller's transaction.
 
@@ -838,91 +756,96 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     outcomes = [o for o in outcomes if o.turn_id in owned]
     if not outcomes:
         return []
-    # The group's lines as columns: (conversation, place, role, content, vector, turn, speaker id,
-    # name). A line's seq is its conversation's last plus its place among the group's new lines of that
-    # conversation, added by the INSERT: read after the conversation lock above, so never taken twice.
-    columns: list[list[Any]] = [[] for _ in range(8)]
-    placed: dict[int, int] = {}
+    next_seq = dict(
+        session.execute(
+            select(Message.conversation_id, func.coalesce(func.max(Message.seq), 0))
+            .where(Message.conversation_id.in_(conv_ids))
+            .group_by(Message.conversation_id)
+        )
+        .tuples()
+        .all()
+    )
+    rows = []
     for o in outcomes:
+        seq = next_seq.get(o.conversation_id, 0)
         lines: list[tuple[Role, str, Any, int | None, str | None]] = []
         if o.user_message:  # a scene's step has no player line
             lines.append((Role.USER, o.user_message, o.user_embedding, None, None))
         lines.append((o.reply_role, o.reply, o.reply_embedding, o.speaker_id, o.speaker_name))
-        for role, content, vector, speaker_id, speaker_name in lines:
-            placed[o.conversation_id] = place = placed.get(o.conversation_id, 0) + 1
-            line = (
-                o.conversation_id,
-                place,
-                role.value,
-                content,
-                vector,
-                o.turn_id,
-                speaker_id,
-                speaker_name,
+        for offset, (role, content, vector, speaker_id, speaker_name) in enumerate(lines, start=1):
+            rows.append(
+                dict(
+                    conversation_id=o.conversation_id,
+                    seq=seq + offset,
+                    role=role,
+                    content=content,
+                    embedding=vector,
+                    turn_id=o.turn_id,
+                    speaker_id=speaker_id,
+                    speaker_name=speaker_name,
+                )
             )
-            for column_values, value in zip(columns, line, strict=True):
-                column_values.append(value)
-    conv, places, roles, contents, vectors, turn_ids, speaker_ids, speaker_names = columns
-    send_vectors_binary(session)
+        next_seq[o.conversation_id] = seq + len(lines)
+    columns = ("conversation_id", "seq", "role", "content", "turn_id", "speaker_id", "speaker_name")
+    stmt = (
+        insert(Message)
+        .values(
+            {c: bindparam(c) for c in columns}
+            | {"embedding": binary_vector_param(session, "embedding", Message.embedding.type.dim)}
+        )
+        .on_conflict_do_nothing(
+            index_elements=[Message.turn_id, Message.role], index_where=text("turn_id IS NOT NULL")
+        )
+        .returning(Message.id, Message.turn_id, Message.role)
+    )
     inserted: dict[uuid.UUID, dict[Role, int]] = {}
-    for msg_id, turn_id, role in session.execute(
-        _INSERT_LINES,
-        dict(
-            conv=conv,
-            place=places,
-            role=roles,
-            content=contents,
-            embedding=VectorArray(vectors),
-            turn=turn_ids,
-            speaker_id=speaker_ids,
-            speaker_name=speaker_names,
-        ),
-    ).tuples():
+    for msg_id, turn_id, role in session.execute(stmt, rows).tuples():
         if turn_id is not None:
             inserted.setdefault(turn_id, {})[Role(role)] = msg_id
     stored = [o for o in outcomes if o.reply_role in inserted.get(o.turn_id, {})]
     if not stored:
         return []
-    completed = session.execute(
-        _complete(token),
-        {
-            "finished_at": datetime.now(UTC),
-            "rows": [
-                dict(
-                    id=str(o.turn_id),
-                    reply=o.reply,
-                    prompt=o.prompt,
-                    context=o.context,
-                    usage=o.usage,
-                    timings=o.timings,
-                    params=o.params,
-                    state=o.state,
-                    quality=o.quality,
-                    alternatives=o.alternatives,
-                    adapter=o.adapter,
-                    structured=o.structured,
-                    user_message_id=inserted[o.turn_id].get(Role.USER),
-                    reply_message_id=inserted[o.turn_id][o.reply_role],
-                )
-                for o in stored
-            ],
-        },
-    ).all()
-    # Only a turn of a run or a scene has anything to advance: the others skip its two lookups.
-    in_runs = [turn_id for turn_id, in_run in completed if in_run]
-    # In the reply's transaction: the state never moves without the reply that moved it. One row
-    # per conversation, the last stored (as one UPDATE per outcome in order would leave it).
-    moods = {
-        o.conversation_id: o.state["after"] for o in stored if o.state is not None and o.speaker_id is None
-    }
-    if moods:
-        session.execute(
-            _SET_MOODS,
+    finished_at = datetime.now(UTC)
+    session.execute(
+        update(Turn).where(_ours(token)),
+        [
             dict(
-                conv=list(moods),
-                emotion=[m["emotion"] for m in moods.values()],
-                affinity=[m["affinity"] for m in moods.values()],
-            ),
+                id=o.turn_id,
+                status=TurnStatus.DONE,
+                reply=o.reply,
+                prompt=o.prompt,
+                context=o.context,
+                usage=o.usage,
+                timings=o.timings,
+                params=o.params,
+                state=o.state,
+                quality=o.quality,
+                alternatives=o.alternatives,
+                adapter=o.adapter,
+                structured=o.structured,
+                error=None,
+                error_code=None,
+                user_message_id=inserted[o.turn_id].get(Role.USER),
+                reply_message_id=inserted[o.turn_id][o.reply_role],
+                finished_at=finished_at,
+                lease_until=None,
+            )
+            for o in stored
+        ],
+        execution_options={"synchronize_session": None},
+    )
+    moods = [o for o in stored if o.state is not None and o.speaker_id is None]
+    if moods:  # in the reply's transaction: the state never moves without the reply that moved it
+        session.execute(
+            update(Conversation),
+            [
+                dict(
+                    id=o.conversation_id,
+                    emotion=o.state["after"]["emotion"],  # type: ignore[index]
+                    affinity=o.state["after"]["affinity"],  # type: ignore[index]
+                )
+                for o in moods
+            ],
         )
     for o in stored:  # a group member's mood is its own, and so is its regard for the others
         if o.state is not None and o.speaker_id is not None:
@@ -947,8 +870,9 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 )
                 .values(**values)
             )
-    advance_runs_of_turns(session=session, turn_ids=in_runs)
-    return [o.turn_id for o in stored]
+    done = [o.turn_id for o in stored]
+    advance_runs_of_turns(session=session, turn_ids=done)
+    return done
 
 
 @dataclass(frozen=True)

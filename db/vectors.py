@@ -27,13 +27,13 @@ def send_vectors_binary(session: Session) -> None:
         _vector_ready.add(raw)
 
 
-class VectorArray(list[np.ndarray | None]):
+class VectorArray(list[np.ndarray]):
     """Vectors for one `vector[]` parameter, sent as one binary array (psycopg dumps a plain list as a
     text array, formatting every float: ~26 ms of a 64-turn retrieval's client time, measured);
-    only for statements whose session had send_vectors_binary. A None is a NULL element."""
+    only for statements whose session had send_vectors_binary."""
 
     def __init__(self, vectors: Any) -> None:
-        super().__init__(None if v is None else np.asarray(v, dtype=np.float32) for v in vectors)
+        super().__init__(np.asarray(v, dtype=np.float32) for v in vectors)
 
 
 class BinaryVector(Vector):

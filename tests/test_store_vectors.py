@@ -24,10 +24,7 @@ def test_reply_vectors_are_sent_binary_and_read_back_exactly(world) -> None:
     def statement(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
         if sql.lstrip().startswith("INSERT INTO messages"):
             rows = params if isinstance(params, list) else [params]
-            for row in rows:  # one vector per line, or every line's in one array (VectorArray)
-                for key, value in row.items():
-                    if key.startswith("embedding"):
-                        sent.extend(value if isinstance(value, list) else [value])
+            sent.extend(v for row in rows for k, v in row.items() if k.startswith("embedding"))
 
     event.listen(Engine, "before_cursor_execute", statement)
     try:
