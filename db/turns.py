@@ -51,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.orm import Session, aliased
+from sqlalchemy.orm import Session, aliased, lazyload
 
 from db.models import (
     TURN_FINISHED,
@@ -483,6 +483,8 @@ def claim_turns(
             )
             .where(Turn.id.in_(claimed_ids))
             .order_by(Turn.number)
+            # The speaker is joined above; the rows' own joined-eager characters would load it twice more.
+            .options(lazyload(Conversation.character), lazyload(ConversationMember.character))
         ).all()
         # A group is told by its scene, not by the speaker's member row: a member who left keeps the
         # step created for them before they left, which still speaks in the group; and the narrator

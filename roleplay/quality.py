@@ -25,6 +25,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -243,16 +244,16 @@ def _best_echo(reply: str, sources: Sequence[tuple[str, str]], token: regex.Patt
     trigrams = set(_ngram_list(reply, 3))
     best: EchoMatch | None = None
     for section, text in sources:
-        section_words = [w.casefold() for w in token.findall(text)]
-        length, end = _longest_common_run(words, section_words)
+        section_words, where, section_trigrams = _source_index(text, token)
+        length, end = _longest_common_run(words, where)
         if length < 2:
             continue
-        shared = trigrams & set(_ngram_list(text, 3))
+        shared = trigrams & section_trigrams
         match = EchoMatch(
             section,
             length,
             reply[found[end - length].start() : found[end - 1].end()],
-            len(section_words),
+            section_words,
             len(shared) / len(trigrams) if trigrams else 0.0,
             len(trigrams),
         )
@@ -261,12 +262,22 @@ def _best_echo(reply: str, sources: Sequence[tuple[str, str]], token: regex.Patt
     return best
 
 
-def _longest_common_run(a: list[str], b: list[str]) -> tuple[int, int]:
-    """(length, end index in a) of the longest run of consecutive words a and b share. Only matching
-    positions are visited, so it costs what the two texts have in common, not len(a) * len(b)."""
+@lru_cache(maxsize=1024)
+def _source_index(text: str, token: regex.Pattern[str]) -> tuple[int, dict[str, list[int]], frozenset[Any]]:
+    """An instruction section as the echo check reads it: its word count, where each word occurs,
+    its 3-grams. Keyed by the text itself, so an edited persona is read afresh; the same persona's
+    sections, compared with every reply of its character, are read once."""
+    section_words = [w.casefold() for w in token.findall(text)]
     where: dict[str, list[int]] = {}
-    for j, word in enumerate(b):
+    for j, word in enumerate(section_words):
         where.setdefault(word, []).append(j)
+    return len(section_words), where, frozenset(_ngram_list(text, 3))
+
+
+def _longest_common_run(a: list[str], where: dict[str, list[int]]) -> tuple[int, int]:
+    """(length, end index in a) of the longest run of consecutive words a shares with the text whose
+    word positions are `where`. Only matching positions are visited, so it costs what the two texts
+    have in common, not len(a) * len(b)."""
     best, best_end = 0, 0
     previous: dict[int, int] = {}
     for i, word in enumerate(a):
@@ -324,10 +335,13 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
 
 def dominant_script(text: str) -> str | None:
     """The script most of the text's letters are written in (from Unicode character names)."""
-    counts: Counter[str] = Counter()
-    for ch in text:
-        if ch.isalpha():
-            name = unicodedata.name(ch, "")
-            script = name.split(" ", 1)[0] if name else "UNKNOWN"
-            counts["HANGUL" if script in ("HANGUL",) else "HAN" if script == "CJK" else script] += 1
+    counts: Counter[str] = Counter(_script(ch) for ch in text if ch.isalpha())
     return counts.most_common(1)[0][0].lower() if counts else None
+
+
+@lru_cache(maxsize=4096)
+def _script(letter: str) -> str:
+    """A letter's script: the first word of its Unicode name (Han for CJK ideographs)."""
+    name = unicodedata.name(letter, "")
+    script = name.split(" ", 1)[0] if name else "UNKNOWN"
+    return "HAN" if script == "CJK" else script

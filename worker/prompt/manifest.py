@@ -4,12 +4,30 @@ summary, fact and history line cost, and why it is there."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from typing import Any
 
 from db.retrieval import EventHit, HistoryLine
 from roleplay.lorebook import Activation, FiredEntry
 from roleplay.mood import Mood
 from worker.prompt.layout import Piece
+
+
+def _sweep(offsets: list[int | None], spans: list[tuple[int, int, int]], per_piece: list[int]) -> int:
+    """Assign tokens to spans one by one (starts in any order); returns the template's count."""
+    template = 0
+    span_i = 0
+    for start in offsets:
+        if start is None:
+            template += 1
+            continue
+        while span_i < len(spans) and spans[span_i][1] <= start:
+            span_i += 1
+        if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]:
+            per_piece[spans[span_i][2]] += 1
+        else:
+            template += 1
+    return template
 
 
 def account(
@@ -44,18 +62,13 @@ def account(
             spans.append((at, end, index))
     spans.sort()
     per_piece = [0] * len(pieces)
-    template = 0
-    span_i = 0
-    for start in offsets:
-        if start is None:
-            template += 1
-            continue
-        while span_i < len(spans) and spans[span_i][1] <= start:
-            span_i += 1
-        if span_i < len(spans) and spans[span_i][0] <= start < spans[span_i][1]:
-            per_piece[spans[span_i][2]] += 1
-        else:
-            template += 1
+    starts = [start for start in offsets if start is not None]
+    if starts == sorted(starts):  # as a tokenizer gives them: count each span's tokens by bisection
+        for begin, end, index in spans:
+            per_piece[index] += bisect_left(starts, end) - bisect_left(starts, begin)
+        template = len(offsets) - sum(per_piece)
+    else:
+        template = _sweep(offsets, spans, per_piece)
     sections: dict[str, int] = {}
     items: dict[tuple[str, Any], int] = {}
     for (section, item_id, _), n in zip(pieces, per_piece, strict=True):

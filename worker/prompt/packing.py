@@ -76,6 +76,46 @@ def persona_block(character: Character) -> str:
     return "\n\n".join(t for _, _, t in persona_pieces(character, None, character.name, "{{user}}", str))
 
 
+@dataclass
+class _Packed:
+    """A rendered prompt and the items in it."""
+
+    ids: list[int]
+    text: str
+    stop: tuple[str, ...]
+    pieces: list[Piece]
+    offsets: list[int | None]
+    events: list[Any]
+    memories: list[Any]
+    summaries: list[Any]
+    facts: list[Any]
+
+
+def _pack(
+    ordered: list[tuple[str, Any]],
+    costs: list[int],
+    memory_tokens: int | None,
+    *,
+    used: int,
+    budget: int | None,
+) -> tuple[list[int], set[int]]:
+    """The items kept, greedily in priority order: each that fits `budget` (None: no limit) after
+    `used` tokens, summaries and facts also within `memory_tokens`; and those the memory cap left out."""
+    kept: list[int] = []
+    over_memory: set[int] = set()  # left out by the memory cap, not the whole budget
+    memory_used = 0
+    for i, cost in enumerate(costs):
+        is_memory = ordered[i][0] in ("summary", "fact")
+        if is_memory and memory_tokens is not None and memory_used + cost > memory_tokens:
+            over_memory.add(i)
+            continue
+        if budget is None or used + cost <= budget:
+            kept.append(i)
+            used += cost
+            memory_used += cost if is_memory else 0
+    return kept, over_memory
+
+
 class PromptBuilder:
     """Packs prompts for one model: its tokenizer, its format, its context window."""
 
@@ -224,48 +264,42 @@ class PromptBuilder:
         if group is None:  # a group's message is cleaned already, under the player's name
             message = clean(message)
         layout = Layout(persona, state, message, post, char, user, narrator, clean, **group_fields)
-        base_len = len(self._render(layout, [], [], [])[0])
-        while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
-            # Lore that would leave no room for the message goes first (the last-ranked entry).
-            drop = next(p for p in reversed(persona) if p[0] == "lore")
-            persona.remove(drop)
-            if lore is not None:
-                moved = next(f for f in lore.kept if f.entry.id == drop[1])
-                lore.kept.remove(moved)
-                lore.dropped.append(moved)
-            layout = Layout(persona, state, layout.message, post, char, user, narrator, clean, **group_fields)
+        costs = self._count(texts)
+        # Most prompts fit whole: every item the memory cap leaves, rendered once, still leaves room
+        # for each item's estimated cost. The persona-and-message prompt is a part of that one (its
+        # tokens are no more), so the packing below would keep the same items and render the same
+        # prompt: one render and tokenization instead of two.
+        kept, over_memory = _pack(ordered, costs, item.memory_tokens, used=0, budget=None)
+        whole = sum(costs[i] for i in kept)
+        packed = self._render_kept(layout, ordered, kept) if whole <= budget else None
+        if packed is None or len(packed.ids) + whole > budget:
+            first, first_layout = list(kept), layout
             base_len = len(self._render(layout, [], [], [])[0])
-        if base_len > budget:
-            raise PromptTooLong(
-                f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
-                f"(max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept for the reply)"
-            )
-        kept: list[int] = []
-        over_memory: set[int] = set()  # left out by the memory cap, not the whole budget
-        used, memory_used = base_len, 0
-        for i, cost in enumerate(self._count(texts)):
-            is_memory = ordered[i][0] in ("summary", "fact")
-            if is_memory and item.memory_tokens is not None and memory_used + cost > item.memory_tokens:
-                over_memory.add(i)
-                continue
-            if used + cost <= budget:
-                kept.append(i)
-                used += cost
-                memory_used += cost if is_memory else 0
-        while True:
-            events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
-            memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
-            summaries = sorted(
-                (ordered[i][1] for i in kept if ordered[i][0] == "summary"), key=lambda s: s.first_seq
-            )
-            facts = [ordered[i][1] for i in kept if ordered[i][0] == "fact"]
-            history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
-            ids, text, stop, pieces, offsets = self._render(
-                layout, events, memories, history, summaries, facts
-            )
-            if len(ids) <= budget or not kept:
-                break
-            kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
+            while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
+                # Lore that would leave no room for the message goes first (the last-ranked entry).
+                drop = next(p for p in reversed(persona) if p[0] == "lore")
+                persona.remove(drop)
+                if lore is not None:
+                    moved = next(f for f in lore.kept if f.entry.id == drop[1])
+                    lore.kept.remove(moved)
+                    lore.dropped.append(moved)
+                layout = Layout(
+                    persona, state, layout.message, post, char, user, narrator, clean, **group_fields
+                )
+                base_len = len(self._render(layout, [], [], [])[0])
+            if base_len > budget:
+                raise PromptTooLong(
+                    f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
+                    f"(max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept for the reply)"
+                )
+            kept, over_memory = _pack(ordered, costs, item.memory_tokens, used=base_len, budget=budget)
+            if packed is None or kept != first or layout is not first_layout:  # else rendered already
+                packed = self._render_kept(layout, ordered, kept)
+            while len(packed.ids) > budget and kept:
+                kept.pop()  # the estimate was short: drop the lowest-priority item and re-render
+                packed = self._render_kept(layout, ordered, kept)
+        ids, text, stop, pieces, offsets = packed.ids, packed.text, packed.stop, packed.pieces, packed.offsets
+        events, memories, summaries, facts = packed.events, packed.memories, packed.summaries, packed.facts
         dropped = [i for i in range(len(ordered)) if i not in set(kept)]
         manifest = account(
             text, ids, offsets, pieces, budget, lore, item.mood, events, memories, summaries, facts
@@ -297,6 +331,18 @@ class PromptBuilder:
             others = [label(n) for n in item.group.names] + [user]
         stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
+
+    def _render_kept(self, layout: Layout, ordered: list[tuple[str, Any]], kept: list[int]) -> _Packed:
+        """The prompt with these items of `ordered` (indices, in priority order)."""
+        events = [ordered[i][1] for i in kept if ordered[i][0] == "event"]
+        memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
+        summaries = sorted(
+            (ordered[i][1] for i in kept if ordered[i][0] == "summary"), key=lambda s: s.first_seq
+        )
+        facts = [ordered[i][1] for i in kept if ordered[i][0] == "fact"]
+        history = sorted((ordered[i][1] for i in kept if ordered[i][0] == "history"), key=lambda h: h.seq)
+        ids, text, stop, pieces, offsets = self._render(layout, events, memories, history, summaries, facts)
+        return _Packed(ids, text, stop, pieces, offsets, events, memories, summaries, facts)
 
     def _render(
         self,
