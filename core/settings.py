@@ -336,6 +336,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MLCHAT_MODEL={value!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the queue)"
             )
+        if value.endswith(BULK_QUEUE_SUFFIX):  # its live queue would be read as a bulk one
+            raise ValueError(f"MLCHAT_MODEL={value!r} must not end with {BULK_QUEUE_SUFFIX!r}")
         return value
 
     @field_validator("database_url")

@@ -72,7 +72,7 @@ class BulkGate:
         self.peak = 0  # most bulk turns held at once
         self._consumer: Any = None
         self._queue: str | None = None
-        self._paused: list[str] = []  # the bulk queues the gate stopped consuming
+        self._paused: set[str] = set()  # the bulk queues the gate stopped consuming
         self._timer: Any = None
 
     def attach(self, consumer: Any, queue: str, capacity: int) -> None:
@@ -81,7 +81,7 @@ class BulkGate:
             self._timer.cancel()
         with self._lock:
             self._consumer, self._queue, self.capacity, self.closed = consumer, queue, capacity, False
-            self._paused = []
+            self._paused = set()
         self._timer = consumer.timer.call_repeatedly(CHECK_EVERY_S, self._maybe_reopen)
         logger.info("bulk admission: up to %d bulk turns held by this worker", capacity)
 
@@ -92,11 +92,12 @@ class BulkGate:
         with self._lock:
             self.held += turns
             self.peak = max(self.peak, self.held)
-            full = self.capacity is not None and self.held >= self.capacity and not self.closed
-            if full:
+            was_closed = self.closed
+            full = self.capacity is not None and self.held >= self.capacity
+            if full and not was_closed:
                 self.closed = True
                 self.pauses += 1
-        if full:
+        if full:  # closed already, too: a bulk queue added since (add_consumer) is paused as well
             self._set_consuming(False)
 
     def release(self, turns: int) -> None:
@@ -121,21 +122,15 @@ class BulkGate:
         try:
             if on:
                 known = consumer.app.amqp.queues
-                resumed = [
-                    name
-                    for name in self._paused or [queue]
-                    if name in known and not task_consumer.consuming_from(name)
-                ]
-                for name in resumed:
-                    task_consumer.add_queue(known[name])
-                if resumed:
-                    task_consumer.consume()
-                self._paused = []
+                for name in sorted(self._paused | {queue}):
+                    if name in known and not task_consumer.consuming_from(name):
+                        task_consumer.add_queue(known[name])
+                        task_consumer.consume()
+                    self._paused.discard(name)  # only once it is consumed again
             else:
-                bulk = [q.name for q in task_consumer.queues if q.name.endswith(BULK_QUEUE_SUFFIX)]
-                self._paused = bulk or [queue]
-                for name in self._paused:
+                for name in [q.name for q in task_consumer.queues if q.name.endswith(BULK_QUEUE_SUFFIX)]:
                     task_consumer.cancel_by_queue(name)
+                    self._paused.add(name)
         except Exception:  # a broker hiccup: a reconnect rebuilds the consumer and attaches again
             logger.warning("could not %s the bulk queue", "resume" if on else "pause", exc_info=True)
 

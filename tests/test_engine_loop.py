@@ -112,37 +112,49 @@ def test_a_short_reply_is_stored_before_its_batch_mates_long_one_finishes(engine
 def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worker) -> None:
     from tasks.app import app
 
-    # Another model's bulk queue, added at run time (Flower's "add consumer"): it feeds the same engine.
-    extra = queue_for_model(f"{settings.model}-extra", "bulk")
-    assert app.control.add_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
+    consuming = celery_worker.consumer.task_consumer.consuming_from
+    own = queue_for_model(settings.model, "bulk")
+    # Another model's bulk queue, added at run time (Flower's "add consumer") while the gate is closed:
+    # it feeds the same engine.
+    extra_model = f"{settings.model}-extra"
+    extra = queue_for_model(extra_model, "bulk")
     before = bulk_gate.capacity, bulk_gate.pauses
     bulk_gate.capacity, bulk_gate.peak = settings.batch_size, 0  # one bulk message fills this worker
     try:
+        # 24 longer replies on its own queue (the gate stays closed a while), 24 short on the other.
+        lengths = [48] * 24 + [4] * 24
         ids = enqueue_turns(
             [
-                new_conversation() | {"message": f"Hello {i}.", "params": {"max_new_tokens": 4}}
-                for i in range(48)
+                new_conversation() | {"message": f"Hello {i}.", "params": {"max_new_tokens": n}}
+                for i, n in enumerate(lengths)
             ],
             send=False,
         )
         dispatch(ids[:24], model=settings.model, lane="bulk")  # three messages
-        dispatch(ids[24:], model=f"{settings.model}-extra", lane="bulk")  # and three on the other queue
+        deadline = time.monotonic() + 60
+        while not bulk_gate.closed:
+            assert time.monotonic() < deadline, "the gate never closed"
+            time.sleep(0.01)
+        host = celery_worker.hostname
+        (reply,) = app.control.add_consumer(extra, destination=[host], reply=True, timeout=10)
+        assert "ok" in reply[host], reply
+        dispatch(ids[24:], model=extra_model, lane="bulk")  # three messages on the other queue
         deadline = time.monotonic() + 600
         while any(get_turn(t).status != TurnStatus.DONE for t in ids):
             assert time.monotonic() < deadline, "bulk turns were not all answered"
             time.sleep(0.2)
         assert bulk_gate.pauses > before[1]
-        # The gate closes on the message that fills it; at most one more per queue was on its way.
+        # The gate closes on the message that fills it, and pauses a queue added while it is closed on
+        # that queue's first message: a message more on each may have been on its way.
         assert bulk_gate.peak <= 3 * settings.batch_size, f"{bulk_gate.peak} bulk turns held at once"
-    finally:
-        bulk_gate.capacity = before[0]
         # Paused and resumed, the worker still consumes both bulk queues. The gate reopens on its own
         # timer once the last answered turns are released, a moment after they are stored.
-        consuming = celery_worker.consumer.task_consumer.consuming_from
         deadline = time.monotonic() + 10
-        while not (consuming(queue_for_model(settings.model, "bulk")) and consuming(extra)):
+        while not (consuming(own) and consuming(extra)):
             assert time.monotonic() < deadline, f"a bulk queue stayed paused ({bulk_gate.held} turns held)"
             time.sleep(0.1)
+    finally:
+        bulk_gate.capacity = before[0]
         app.control.cancel_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
 
 

@@ -7,6 +7,8 @@ from core.settings import Settings
 def test_bad_values_are_rejected_naming_the_variable() -> None:
     with pytest.raises(ValidationError, match="MLCHAT_MODEL"):
         Settings(model="gen queue with spaces")
+    with pytest.raises(ValidationError, match="MLCHAT_MODEL='npc.bulk' must not end with '.bulk'"):
+        Settings(model="npc.bulk")  # its live queue, gen.npc.bulk, would be npc's bulk queue
     with pytest.raises(ValidationError, match="DATABASE_URL"):
         Settings(DATABASE_URL="mysql://x/y")
     with pytest.raises(ValidationError, match="REDIS_URL"):
