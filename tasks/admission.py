@@ -106,6 +106,17 @@ class BulkGate:
             with self._lock:
                 self.held = max(0, self.held - turns)
 
+    @property
+    def paused(self) -> frozenset[str]:
+        """The bulk queues the gate stopped consuming and will consume again once it has room."""
+        with self._lock:
+            return frozenset(self._paused)
+
+    def forget(self, queue: str) -> None:
+        """An operator cancelled `queue` (tasks/consumer.py): reopening must not consume it again."""
+        with self._lock:
+            self._paused.discard(queue)
+
     def _maybe_reopen(self) -> None:
         with self._lock:
             room = self.closed and self.capacity is not None and self.held < self.capacity
@@ -122,15 +133,19 @@ class BulkGate:
         try:
             if on:
                 known = consumer.app.amqp.queues
-                for name in sorted(self._paused | {queue}):
+                with self._lock:
+                    paused = sorted(self._paused)
+                for name in paused:
                     if name in known and not task_consumer.consuming_from(name):
                         task_consumer.add_queue(known[name])
                         task_consumer.consume()
-                    self._paused.discard(name)  # only once it is consumed again
+                    with self._lock:
+                        self._paused.discard(name)  # only once it is consumed again
             else:
                 for name in [q.name for q in task_consumer.queues if q.name.endswith(BULK_QUEUE_SUFFIX)]:
                     task_consumer.cancel_by_queue(name)
-                    self._paused.add(name)
+                    with self._lock:
+                        self._paused.add(name)
         except Exception:  # a broker hiccup: a reconnect rebuilds the consumer and attaches again
             logger.warning("could not %s the bulk queue", "resume" if on else "pause", exc_info=True)
 

@@ -34,4 +34,6 @@ app.conf.update(
     task_default_queue=settings.queue,
     worker_hijack_root_logger=False,
     worker_send_task_events=True,
+    # Celery's consumer, which also tells the bulk gate of a queue an operator cancels.
+    worker_consumer="tasks.consumer:GatedConsumer",
 )

@@ -158,6 +158,56 @@ def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worke
         app.control.cancel_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
 
 
+def test_a_bulk_queue_an_operator_cancels_while_the_gate_has_it_paused_stays_cancelled(celery_worker) -> None:
+    from tasks.app import app
+
+    consumer = celery_worker.consumer
+    consuming = consumer.task_consumer.consuming_from
+    own = queue_for_model(settings.model, "bulk")
+    other_model = f"{settings.model}-cancelled"
+    other = queue_for_model(other_model, "bulk")
+    host = celery_worker.hostname
+    before = bulk_gate.capacity
+    bulk_gate.capacity = settings.batch_size  # one bulk message fills this worker
+    try:
+        ids = enqueue_turns(
+            [
+                new_conversation() | {"message": f"Evening {i}.", "params": {"max_new_tokens": 32}}
+                for i in range(16)
+            ],
+            send=False,
+        )
+        dispatch(ids, model=settings.model, lane="bulk")
+        deadline = time.monotonic() + 60
+        while not bulk_gate.closed:
+            assert time.monotonic() < deadline, "the gate never closed"
+            time.sleep(0.01)
+        (reply,) = app.control.add_consumer(other, destination=[host], reply=True, timeout=10)
+        assert "ok" in reply[host], reply
+        # Its first message arrives while the gate is closed: the gate pauses the queue.
+        (first,) = enqueue_turns([new_conversation() | {"message": "Morning."}], send=False)
+        dispatch([first], model=other_model, lane="bulk")
+        deadline = time.monotonic() + 30
+        while other not in bulk_gate.paused:
+            assert time.monotonic() < deadline, "the gate did not pause the added bulk queue"
+            time.sleep(0.01)
+        (reply,) = app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
+        assert "ok" in reply[host], reply
+        deadline = time.monotonic() + 600
+        while any(get_turn(t).status != TurnStatus.DONE for t in [*ids, first]):
+            assert time.monotonic() < deadline, "bulk turns were not all answered"
+            time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while not consuming(own):
+            assert time.monotonic() < deadline, "the worker's own bulk queue stayed paused"
+            time.sleep(0.1)
+        time.sleep(1.0)  # ten of the gate's checks after it reopened
+        assert not consuming(other), "the gate consumed again a queue the operator had cancelled"
+    finally:
+        bulk_gate.capacity = before
+        app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
+
+
 def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
     import os
 
