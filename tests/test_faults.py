@@ -10,8 +10,11 @@ each kind.
 
 import json
 import signal
+import subprocess
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -83,10 +86,8 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
-    turns = 64
-    solo = wp.solo_model("stopping")
-    logs = {"stopping": tmp_path / "stopping.log"}
-    with wp.started("stopping", logs, MLCHAT_MODEL=solo, **ENV) as stopping:
+    turns = 32
+    with wp.started_alone("stopping", tmp_path / "stopping.log", **ENV) as (stopping, solo):
         # one per message: 8 prefetched, the rest queued
         ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
@@ -96,8 +97,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
         # Handed back: the messages of the turns not answered are in the queue again (the steady
         # worker, which would put back messages left unacked, has not started yet).
         waiting = queue_depth(solo, "live")
-    request.getfixturevalue("steady_worker")
-    wp.take_over("steady", solo)  # the next worker
+    _rescued(request, solo)  # the next worker
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
     assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
@@ -116,9 +116,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     world, tmp_path, request, turns
 ) -> None:
-    solo = wp.solo_model(f"victim-{turns}")
-    logs = {"victim": tmp_path / "victim.log"}
-    with wp.started("victim", logs, MLCHAT_MODEL=solo, **ENV) as victim:
+    with wp.started_alone(f"victim-{turns}", tmp_path / "victim.log", **ENV) as (victim, solo):
         # a run's messages: a batch of turn ids each
         ids = wp.send_turns(turns, "Bulk line", lane="bulk", model=solo)
         # Mid-batch: some turns stored, a batch claimed and generating.
@@ -126,8 +124,7 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
         wp.kill(victim, signal.SIGKILL)
         at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
     assert at_kill["running"] > 0, at_kill
-    request.getfixturevalue("steady_worker")
-    wp.take_over("steady", solo)  # the rescuer
+    _rescued(request, solo)  # the rescuer
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"SIGKILL case: at kill {at_kill}; final {final}")
     assert final["done"] == turns and final["failed"] == 0  # zero lost
@@ -164,6 +161,17 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
     assert mates_attempts == {1}  # its batch-mates were answered on their first attempt
 
 
+@dataclass
+class Steady:
+    """The module's steady worker: its process and its log."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def take_over(self, model: str) -> None:
+        wp.take_over("steady", model)
+
+
 @pytest.fixture(scope="module")
 def steady_worker(world, tmp_path_factory):
     """One worker process for the module, started when a case first needs it: it takes over the
@@ -173,14 +181,14 @@ def steady_worker(world, tmp_path_factory):
     waits for its lease: a short one, not the default two minutes. One engine loaded instead of six."""
     logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
     with wp.started("steady", logs, **ENV) as proc:
-        _STEADY_LOG.append(logs["steady"])
-        try:
-            yield proc
-        finally:
-            _STEADY_LOG.clear()
+        yield Steady(proc, logs["steady"])
 
 
-_STEADY_LOG: list = []  # the steady worker's log while it runs
+def _rescued(request: pytest.FixtureRequest, model: str) -> Steady:
+    """The steady worker (started now if no case has started it yet), consuming `model`'s queues."""
+    steady: Steady = request.getfixturevalue("steady_worker")
+    steady.take_over(model)
+    return steady
 
 
 def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world, tmp_path, request) -> None:
@@ -189,9 +197,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     from worker.lifecycle import EXIT_ENGINE_DEAD
 
     turns = 48
-    solo = wp.solo_model("doomed")
-    logs = {"doomed": tmp_path / "doomed.log"}
-    with wp.started("doomed", logs, MLCHAT_MODEL=solo, **ENV) as doomed:
+    with wp.started_alone("doomed", tmp_path / "doomed.log", **ENV) as (doomed, solo):
         ids = wp.send_turns(turns, "Night-shift line", lane="bulk", model=solo)
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]
@@ -206,8 +212,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
                     Turn.id.in_(ids), Turn.status != TurnStatus.DONE, Turn.attempts > 0
                 )
             )
-    steady = request.getfixturevalue("steady_worker")
-    wp.take_over("steady", solo)  # the next worker, as its supervisor would start one
+    steady = _rescued(request, solo)  # the next worker, as its supervisor would start one
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(
         f"engine-death case: at kill {at_kill}; exit code {exit_code}; after exit {after_exit}; final {final}"
@@ -216,7 +221,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     assert after_exit["running"] == 0 and after_exit["failed"] == 0  # handed back, none dead-lettered
     assert charged == 0  # no attempt charged for the engine's death
     assert final["done"] == turns and final["failed"] == 0 and final["duplicates"] == 0
-    assert steady.poll() is None
+    assert steady.proc.poll() is None
 
 
 def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_worker, tmp_path) -> None:
@@ -230,7 +235,7 @@ def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_wor
     mine = set(map(str, ids))
     answered = {
         name: [t for b in wp.batches(log) for t in b["done"] if t in mine]
-        for name, log in (("steady", _STEADY_LOG[0]), ("second", logs["second"]))
+        for name, log in (("steady", steady_worker.log), ("second", logs["second"]))
     }
     print(f"scale-out case: {final}; " + " ".join(f"{n}: {len(a)} turns" for n, a in answered.items()))
     assert final["done"] == len(ids) and final["reply_rows"] == len(ids)  # none lost
@@ -245,8 +250,6 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
 ) -> None:
     """The reader is told to discard what it was shown, then gets the reply written again on the
     same stream, and the turn is stored exactly once."""
-    solo = wp.solo_model("streamer")
-    logs = {"streamer": tmp_path / "streamer.log"}
     turn = new_conversation() | {
         "message": "Tell me the whole long story of the road north, every village on the way.",
         "stream": True,
@@ -260,7 +263,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
             for event in _events_live(response):
                 events.append(event)
 
-    with wp.started("streamer", logs, MLCHAT_MODEL=solo, **ENV) as streamer:
+    with wp.started_alone("streamer", tmp_path / "streamer.log", **ENV) as (streamer, solo):
         (stored,) = producer.submit_turns([turn], send=False, api_key="game-a", tenant="game-a")
         reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
         reader.start()
@@ -272,8 +275,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
         wp.kill(streamer, signal.SIGKILL)
         shown_before = [e for e in events if e[0] == "delta"]
     assert not any(e[0] == "done" for e in events), "the reply finished before the kill: make it longer"
-    request.getfixturevalue("steady_worker")
-    wp.take_over("steady", solo)  # the rescuer
+    _rescued(request, solo)  # the rescuer
     reader.join(timeout=900)
     assert not reader.is_alive()
     kinds = [e[0] for e in events]
@@ -325,7 +327,7 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
         f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
         f"was back; final {final}"
     )
-    assert steady_worker.poll() is None, "the same worker process carried on"
+    assert steady_worker.proc.poll() is None, "the same worker process carried on"
     assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
     assert partial_done["done"] == 3, f"a partial batch stalled after the reconnect: {partial_done}"
     assert final["done"] == len(ids) == turns + 8 + 3 and final["failed"] == 0  # zero lost
@@ -339,6 +341,6 @@ def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(steady_wo
     embedded.restart_postgres(services)  # fast mode: every open connection is cut
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"PostgreSQL restart case: at restart {at_restart}; final {final}")
-    assert steady_worker.poll() is None, "the same worker process carried on"
+    assert steady_worker.proc.poll() is None, "the same worker process carried on"
     assert final["done"] == turns and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero duplicated

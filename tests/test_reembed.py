@@ -32,7 +32,8 @@ from scripts.cli import main as cli
 from tests.test_vector_space import as_embedder
 from worker.embedder import embed, fingerprint
 
-pytestmark = pytest.mark.usefixtures("world")
+# Each case re-embeds every vector the session stored: they run first (conftest.py).
+pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.whole_database]
 
 LINES = ["The mill burned down.", "Who did it?", "Nobody saw.", "The miller's boy ran.", "Where to?"]
 

@@ -64,6 +64,15 @@ def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess
         kill(proc, signal.SIGTERM)
 
 
+@contextmanager
+def started_alone(name: str, log: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """A worker serving queues of its own (solo_model's): its process and that model; stopped as
+    `started` stops it."""
+    model = solo_model(name)
+    with started(name, {name: log}, MLCHAT_MODEL=model, **env) as proc:
+        yield proc, model
+
+
 def solo_model(name: str) -> str:
     """A model name of the worker `name`'s own, so its queues are its alone (the row's model is not
     checked against the worker's, as for QUEUE_MODEL)."""
