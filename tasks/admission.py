@@ -118,11 +118,17 @@ class BulkGate:
             self._paused.discard(queue)
 
     def _maybe_reopen(self) -> None:
+        """Consume the paused queues again once there is room; a resume that failed (a broker hiccup)
+        leaves its queues paused, and the next check tries them again. Never while the worker stops
+        (a warm shutdown sets should_stop to 0)."""
+        if worker_state.should_stop is not None or worker_state.should_terminate is not None:
+            return
         with self._lock:
-            room = self.closed and self.capacity is not None and self.held < self.capacity
-            if room:
+            room = self.capacity is not None and self.held < self.capacity
+            reopen = room and (self.closed or bool(self._paused))
+            if reopen:
                 self.closed = False
-        if room and not (worker_state.should_stop or worker_state.should_terminate):
+        if reopen:
             self._set_consuming(True)
 
     def _set_consuming(self, on: bool) -> None:

@@ -184,11 +184,12 @@ def test_a_bulk_queue_an_operator_cancels_while_the_gate_has_it_paused_stays_can
             time.sleep(0.01)
         (reply,) = app.control.add_consumer(other, destination=[host], reply=True, timeout=10)
         assert "ok" in reply[host], reply
-        # Its first message arrives while the gate is closed: the gate pauses the queue.
+        # Its first message arrives while the gate is closed: the gate pauses the queue (and the turn
+        # it carried is taken, not left in Redis behind the cancel below).
         (first,) = enqueue_turns([new_conversation() | {"message": "Morning."}], send=False)
         dispatch([first], model=other_model, lane="bulk")
         deadline = time.monotonic() + 30
-        while other not in bulk_gate.paused:
+        while other not in bulk_gate.paused or get_turn(first).status == TurnStatus.QUEUED:
             assert time.monotonic() < deadline, "the gate did not pause the added bulk queue"
             time.sleep(0.01)
         (reply,) = app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
@@ -206,6 +207,32 @@ def test_a_bulk_queue_an_operator_cancels_while_the_gate_has_it_paused_stays_can
     finally:
         bulk_gate.capacity = before
         app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
+
+
+def test_a_queue_cancelled_and_added_back_stays_in_what_a_reconnect_consumes(celery_worker) -> None:
+    """A reconnect rebuilds the consumer from the selected queues (Celery's `consume_from`): a queue
+    an operator cancelled and added back must be among them, not only consumed until then."""
+    from tasks.app import app
+
+    consumer = celery_worker.consumer
+    host = celery_worker.hostname
+    name = queue_for_model(f"{settings.model}-readded", "bulk")
+
+    def until(check, what: str) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + 10
+        while not check():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    try:
+        for command in ("add_consumer", "cancel_consumer", "add_consumer"):
+            (reply,) = getattr(app.control, command)(name, destination=[host], reply=True, timeout=10)
+            assert "ok" in reply[host], reply
+            consumed = command == "add_consumer"
+            until(lambda want=consumed: consumer.task_consumer.consuming_from(name) == want, command)
+        assert name in consumer.app.amqp.queues.consume_from, "added back, yet gone at the next reconnect"
+    finally:
+        app.control.cancel_consumer(name, destination=[host], reply=True, timeout=10)
 
 
 def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:

@@ -1,0 +1,73 @@
+"""The bulk gate's own bookkeeping (tasks/admission.py), on a stand-in for Celery's consumer: the
+queues it consumes, and a timer the test ticks. The real worker's gate is tested with the session's
+Celery worker in test_engine_loop.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from celery.worker import state as worker_state
+
+from tasks.admission import BulkGate
+
+OWN = "gen.m.bulk"
+
+
+class TaskConsumer:
+    """What the gate uses of kombu's consumer; `failing_adds` adds raise as a broker hiccup would."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.queues = [SimpleNamespace(name=n) for n in names]
+        self.failing_adds = 0
+
+    def consuming_from(self, name: str) -> bool:
+        return any(q.name == name for q in self.queues)
+
+    def cancel_by_queue(self, name: str) -> None:
+        self.queues = [q for q in self.queues if q.name != name]
+
+    def add_queue(self, queue: Any) -> None:
+        if self.failing_adds:
+            self.failing_adds -= 1
+            raise ConnectionError("the broker went away")
+        self.queues.append(queue)
+
+    def consume(self) -> None:
+        pass
+
+
+def _attached(capacity: int = 8) -> tuple[BulkGate, TaskConsumer, Any]:
+    gate = BulkGate()
+    task_consumer = TaskConsumer(["gen.m.live", OWN])
+    ticks: list[Any] = []
+    consumer = SimpleNamespace(
+        task_consumer=task_consumer,
+        app=SimpleNamespace(amqp=SimpleNamespace(queues={OWN: SimpleNamespace(name=OWN)})),
+        timer=SimpleNamespace(call_repeatedly=lambda _s, fn: ticks.append(fn)),
+    )
+    gate.attach(consumer, OWN, capacity)
+    return gate, task_consumer, ticks[0]
+
+
+def test_a_resume_that_failed_is_tried_again_at_the_next_check() -> None:
+    gate, task_consumer, tick = _attached()
+    gate.received(8)
+    assert not task_consumer.consuming_from(OWN) and gate.paused == {OWN}
+    task_consumer.failing_adds = 1
+    gate.release(8)
+    tick()  # the broker hiccups: the queue stays paused
+    assert not task_consumer.consuming_from(OWN) and gate.paused == {OWN}
+    tick()
+    assert task_consumer.consuming_from(OWN) and not gate.paused
+
+
+@pytest.mark.parametrize("flag", ["should_stop", "should_terminate"])
+def test_a_stopping_worker_does_not_consume_its_bulk_queue_again(monkeypatch, flag: str) -> None:
+    gate, task_consumer, tick = _attached()
+    gate.received(8)
+    gate.release(8)
+    monkeypatch.setattr(worker_state, flag, 0)  # a warm shutdown's exit code
+    tick()
+    assert not task_consumer.consuming_from(OWN)
