@@ -16,8 +16,9 @@ app.conf.update(
     accept_content=["json"],
     task_ignore_result=True,
     task_acks_late=True,
-    # Unacked messages a worker may hold: one per thread. While they are all taken the worker takes
-    # nothing more from Redis, so no message waits inside a worker that cannot start it.
+    # Unacked messages a worker may hold: one per thread by default. `python -m worker` (and the fleet
+    # simulator) pass PREFETCH_PER_THREAD instead, so live messages find room in a worker full of
+    # bulk work (tasks/admission.py bounds the bulk ones).
     worker_prefetch_multiplier=1,
     # "priority": poll the worker's queues in the order given (live before bulk), not round robin.
     broker_transport_options={

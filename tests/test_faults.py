@@ -87,10 +87,12 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
 
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
     turns = 32
-    with wp.started_alone("stopping", tmp_path / "stopping.log", **ENV) as (stopping, solo):
-        # one per message: 8 prefetched, the rest queued
+    # Two threads: it holds 8 messages (4 a thread), one turn each; the rest wait in Redis.
+    stopping_env = ENV | {"MLCHAT_WORKER_THREADS": "2"}
+    with wp.started_alone("stopping", tmp_path / "stopping.log", **stopping_env) as (stopping, solo):
         ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
+        assert at_term["running"] > 0, f"no batch was in hand to stop: {at_term}"
         stopping.send_signal(signal.SIGTERM)  # the worker process only: Celery's warm shutdown
         stopping.wait(timeout=300)
         after_stop = _counts(ids)
@@ -101,6 +103,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"SIGTERM case: at signal {at_term}; after the worker exited {after_stop}; final {final}")
     assert after_stop["running"] == 0, "the batch in hand finished or was handed back"
+    assert after_stop["queued"] > 0, f"nothing was left to hand back: {after_stop}"
     assert waiting >= after_stop["queued"], (
         f"{waiting} messages in the queue for {after_stop['queued']} turns"
     )
