@@ -198,6 +198,9 @@ class Settings(BaseSettings):
     # Story-event search breadth (recall vs speed). 32: recall@10 0.994 against exact search in the
     # 1M-message bench world with story partitions, ~30% faster than 64 (0.995).
     hnsw_ef_search: int = Field(default=32, ge=1, le=1000)
+    # A batch's retrieval statement runs as this many slices at once, each on its own connection
+    # (db/retrieval.py): PostgreSQL runs one statement on one core. 1: one statement on the caller's.
+    retrieval_connections: int = Field(default=1, ge=1, le=16)
     max_message_chars: int = Field(default=4000, ge=1)
 
     # NPC memory (memory/, README "NPC memory"): rolling summaries and facts in the prompt.
