@@ -198,6 +198,13 @@ class Settings(BaseSettings):
     # Story-event search breadth (recall vs speed). 32: recall@10 0.994 against exact search in the
     # 1M-message bench world with story partitions, ~30% faster than 64 (0.995).
     hnsw_ef_search: int = Field(default=32, ge=1, le=1000)
+    # A batch's retrieval statement runs as this many slices at once, each on its own connection
+    # (db/retrieval.py): PostgreSQL runs one statement on one core. 1: one statement on the caller's.
+    # A latency-for-throughput trade that pays only where the database has idle cores: on the 2-core
+    # bench machine 2 took a 64-turn batch to ~0.67x when the machine was idle and to 1.0-1.1x
+    # while tests kept its cores busy (each slice is planned on its own, ~1.6 ms), so 1 stays the
+    # default; set 2-4 on a database server with cores to spare.
+    retrieval_connections: int = Field(default=1, ge=1, le=16)
     max_message_chars: int = Field(default=4000, ge=1)
 
     # NPC memory (memory/, README "NPC memory"): rolling summaries and facts in the prompt.

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from sqlalchemy import text
+from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from db.vector_space import SAME_SPACE_SQL
@@ -67,11 +69,19 @@ FROM q CROSS JOIN LATERAL (
 # than k. Relaxed order is fine: hits are re-sorted by score below. A custom plan per execution:
 # psycopg prepares a statement run five times, and PostgreSQL's generic plan for it, not knowing
 # LIMIT :story_k, sorts whole partitions exactly (measured: 2-4x slower than the index).
-_HNSW_SETTINGS = text(
+_HNSW_SETTINGS_SQL = (
     "SELECT set_config('hnsw.iterative_scan', 'relaxed_order', true),"
     " set_config('hnsw.ef_search', :ef_search, true),"
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
+_HNSW_SETTINGS = text(_HNSW_SETTINGS_SQL)
+# Sliced (connections > 1): the caller's connection also says which embedder it names, and each
+# slice's connection names the same one for its transaction, so the SAME_SPACE guard answers on
+# every slice as it would on the caller's connection (a session of another embedder, or none).
+_HNSW_SETTINGS_AND_EMBEDDER = text(
+    _HNSW_SETTINGS_SQL + ", coalesce(current_setting('mlchat.embedder', true), '')"
+)
+_SLICE_SETTINGS = text(_HNSW_SETTINGS_SQL + ", set_config('mlchat.embedder', :embedder, true)")
 
 
 @dataclass(frozen=True)
@@ -125,24 +135,21 @@ def fetch_batch_context(
     history_k: int,
     story_k: int,
     ef_search: int = 64,
+    connections: int = 1,
 ) -> list[TurnContext]:
-    """Retrieve every turn's context with a single statement; one TurnContext per query, in order."""
+    """Retrieve every turn's context with a single statement; one TurnContext per query, in order.
+    With `connections` > 1 the batch is cut into that many slices (round robin) that run the same
+    statement at once, one on the session and the others on connections of their own."""
     contexts = [TurnContext() for _ in queries]
     if not queries:
         return contexts
-    params = dict(
-        idx=list(range(len(queries))),
-        conv=[q.conversation_id for q in queries],
-        vec=VectorArray(q.vector for q in queries),
-        story=[q.story for q in queries],
-        story_time=[q.story_time for q in queries],
-        recent_n=recent_n,
-        history_k=history_k,
-        story_k=story_k,
-    )
     send_vectors_binary(session)
-    session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
-    rows = session.execute(_BATCH_CONTEXT_SQL, params).all()  # one fetch, not a fetchone per row
+    slices = min(connections, len(queries))
+    if slices <= 1:
+        session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
+        rows = _run(session, queries, range(len(queries)), recent_n, history_k, story_k)
+    else:
+        rows = _run_sliced(session, queries, slices, recent_n, history_k, story_k, ef_search)
     for kind, idx, row_id, role, content, pos, distance, scene, speaker_id, speaker_name in rows:
         ctx = contexts[idx]
         if kind == "recent":
@@ -158,3 +165,76 @@ def fetch_batch_context(
         ctx.similar.sort(key=lambda line: -(line.score or 0.0))
         ctx.events.sort(key=lambda hit: -hit.score)
     return contexts
+
+
+def _run(
+    session: Session,
+    queries: Sequence[ContextQuery],
+    indices: Sequence[int],
+    recent_n: int,
+    history_k: int,
+    story_k: int,
+) -> Sequence[Any]:
+    """The statement for the queries at `indices` (rows carry those indices); settings already made."""
+    params = dict(
+        idx=list(indices),
+        conv=[queries[i].conversation_id for i in indices],
+        vec=VectorArray(queries[i].vector for i in indices),
+        story=[queries[i].story for i in indices],
+        story_time=[queries[i].story_time for i in indices],
+        recent_n=recent_n,
+        history_k=history_k,
+        story_k=story_k,
+    )
+    return session.execute(_BATCH_CONTEXT_SQL, params).all()  # one fetch, not a fetchone per row
+
+
+# PostgreSQL runs a statement on one core, and the story-event search is ~0.5 ms of index scan per
+# query: slices on K connections divide that by up to K on a server with the cores. Slices are
+# taken round robin (query i in slice i % K): every query row costs about the same (one recent
+# window, one conversation's exact search, one HNSW scan), so the slices are even whatever the
+# batch's mix of conversations and stories. Slice 0 runs on the caller's session, in its
+# transaction; the others read on their own connections, in transactions of their own, which they
+# roll back: retrieval only reads, and a line committed between two slices' snapshots is one the
+# caller's own statement could as well have missed or seen. Rows written in the caller's
+# transaction and not yet committed are seen by slice 0's queries only, so a caller that writes
+# first and then retrieves uses one connection.
+def _run_sliced(
+    session: Session,
+    queries: Sequence[ContextQuery],
+    slices: int,
+    recent_n: int,
+    history_k: int,
+    story_k: int,
+    ef_search: int,
+) -> list[Any]:
+    embedder = session.execute(_HNSW_SETTINGS_AND_EMBEDDER, {"ef_search": str(ef_search)}).one()[-1]
+    engine = _slice_engine(session.get_bind().engine.url, slices - 1)
+    parts = [range(s, len(queries), slices) for s in range(slices)]
+
+    def run_slice(indices: range) -> Sequence[Any]:
+        with Session(engine) as own:  # closing rolls its read-only transaction back
+            send_vectors_binary(own)
+            own.execute(_SLICE_SETTINGS, {"ef_search": str(ef_search), "embedder": embedder})
+            return _run(own, queries, indices, recent_n, history_k, story_k)
+
+    # Threads of this call only (psycopg waits for the server without the GIL): they end with the
+    # call, and one batch's slices never queue behind another's, as they could in a shared executor
+    # serving the worker's concurrent flushes; starting a thread costs ~0.1 ms against the
+    # statement's tens. Leaving the block waits for every slice, so one that raises (here or in a
+    # thread) raises from this call once the others are done: no partial context.
+    with ThreadPoolExecutor(max_workers=slices - 1, thread_name_prefix="retrieval-slice") as pool:
+        futures = [pool.submit(run_slice, part) for part in parts[1:]]
+        rows = list(_run(session, queries, parts[0], recent_n, history_k, story_k))
+        for future in futures:
+            rows.extend(future.result())
+    return rows
+
+
+@cache
+def _slice_engine(url: URL, size: int) -> Engine:
+    """The slices' connections, in a pool of their own (per database and slice count): the sessions
+    of the process's other work never wait for a retrieval's extra connections, nor they for them.
+    `size` connections serve one sliced retrieval at a time, twice that two at once; a third waits
+    for one to finish (milliseconds)."""
+    return create_engine(url, pool_size=size, max_overflow=size, pool_pre_ping=True)

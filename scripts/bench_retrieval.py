@@ -192,6 +192,7 @@ def measure_retrieval(
                 history_k=4,
                 story_k=k,
                 ef_search=settings.hnsw_ef_search,
+                connections=settings.retrieval_connections,
             )
             elapsed_ms = (time.perf_counter() - started) * 1000
             session.commit()
@@ -228,6 +229,7 @@ def measure_retrieval(
         "story_recall_at_10": round(statistics.mean(recalls), 4),
         "target_recall": 0.95,
         "hnsw_ef_search": settings.hnsw_ef_search,
+        "retrieval_connections": settings.retrieval_connections,
         "story_event_partitions": _partitions(engine),
     }
 

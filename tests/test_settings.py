@@ -66,3 +66,20 @@ def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) ->
     )  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "MLCHAT_API_KEYS" in result.stderr, result.stderr
+
+
+def test_a_bad_retrieval_connection_count_is_one_line_naming_the_variable(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from core.settings import PROJECT_ROOT
+
+    for bad in ("0", "17", "two"):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "MLCHAT_RETRIEVAL_CONNECTIONS": bad}
+        result = subprocess.run(
+            [sys.executable, "-c", "import core.settings"],
+            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+        )  # fmt: skip
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith("mlchat: bad setting: MLCHAT_RETRIEVAL_CONNECTIONS: "), result.stderr

@@ -156,6 +156,27 @@ def test_retrieval_compares_no_vectors_of_another_embedder(recorded: str) -> Non
     assert recent_other == recent  # the recent window is text: it stays
 
 
+def test_retrieval_in_slices_compares_no_vectors_of_another_embedder(recorded: str) -> None:
+    """Slices on connections of their own answer as the caller's connection: its embedder decides."""
+    with session_scope() as s:
+        conv = _conversation(s)
+    queries = [ContextQuery(conv, None, None, v) for v in embed(["Did you see any wolves?"] * 3)]
+
+    def fetch(name: str) -> tuple[list[list[str]], list[list[str]]]:
+        with as_embedder(name) as s:
+            contexts = fetch_batch_context(
+                session=s, queries=queries, recent_n=2, history_k=3, story_k=0, connections=3
+            )
+        recent = [[m.content for m in c.recent] for c in contexts]
+        return recent, [[m.content for m in c.similar] for c in contexts]
+
+    recent, similar = fetch(recorded)
+    assert all("I saw a grey wolf by the river." in lines for lines in similar)
+    recent_other, similar_other = fetch("another-model")
+    assert similar_other == [[], [], []]  # no slice compared across models
+    assert recent_other == recent
+
+
 def test_facts_reach_a_process_of_another_embedder_without_relevance(recorded: str) -> None:
     with session_scope() as s:
         conv = _conversation(s)

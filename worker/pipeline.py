@@ -267,6 +267,7 @@ def _answer(
             history_k=settings.rag_history_k,
             story_k=settings.rag_story_k,
             ef_search=settings.hnsw_ef_search,
+            connections=settings.retrieval_connections,
         )
         attach_memory(
             session=session,
