@@ -201,7 +201,7 @@ class Settings(BaseSettings):
     # A batch's retrieval statement runs as this many slices at once, each on its own connection
     # (db/retrieval.py): PostgreSQL runs one statement on one core. 1: one statement on the caller's.
     # A latency-for-throughput trade that pays only where the database has idle cores: on the 2-core
-    # bench machine 2 took a 64-turn batch to ~0.67x when the machine was idle and to 1.0-1.1x
+    # bench machine 2 took a 64-turn batch to 0.64-0.70x when the machine was idle and to 1.0-1.2x
     # while tests kept its cores busy (each slice is planned on its own, ~1.6 ms), so 1 stays the
     # default; set 2-4 on a database server with cores to spare.
     retrieval_connections: int = Field(default=1, ge=1, le=16)

@@ -149,7 +149,7 @@ def fetch_batch_context(
         session.execute(_HNSW_SETTINGS, {"ef_search": str(ef_search)})
         rows = _run(session, queries, range(len(queries)), recent_n, history_k, story_k)
     else:
-        rows = _run_sliced(session, queries, slices, recent_n, history_k, story_k, ef_search)
+        rows = _run_sliced(session, queries, slices, connections, recent_n, history_k, story_k, ef_search)
     for kind, idx, row_id, role, content, pos, distance, scene, speaker_id, speaker_name in rows:
         ctx = contexts[idx]
         if kind == "recent":
@@ -203,13 +203,16 @@ def _run_sliced(
     session: Session,
     queries: Sequence[ContextQuery],
     slices: int,
+    connections: int,
     recent_n: int,
     history_k: int,
     story_k: int,
     ef_search: int,
 ) -> list[Any]:
     embedder = session.execute(_HNSW_SETTINGS_AND_EMBEDDER, {"ef_search": str(ef_search)}).one()[-1]
-    engine = _slice_engine(session.get_bind().engine.url, slices - 1)
+    # One pool per configured count, whatever this batch's size: a pool per slice count would keep
+    # one more set of idle connections for every batch shorter than `connections`.
+    engine = _slice_engine(session.get_bind().engine.url, connections - 1)
     parts = [range(s, len(queries), slices) for s in range(slices)]
 
     def run_slice(indices: range) -> Sequence[Any]:

@@ -89,12 +89,18 @@ def test_slices_on_several_connections_return_exactly_what_one_statement_returns
     assert [bool(c.events) for c in one] == [q.story is not None for q in queries]
     timed = [(q.story_time, c.events) for q, c in zip(queries, one, strict=True) if q.story_time is not None]
     assert all(e.time <= time for time, events in timed for e in events)
+    url = get_engine().url
     for connections in (2, 3, 5, 64):  # 64 > the batch: one query per slice
         # Equal dataclasses: the same lines and events, with the same scores, in the same order.
         assert _fetch(queries, connections) == one, connections
+        # The slices did run on connections of their own: the pool of this count lent and took back.
+        pool = _slice_engine(url, connections - 1).pool
+        assert pool.checkedin() > 0 and pool.checkedout() == 0, connections  # type: ignore[attr-defined]
+    # A shorter batch (4 slices of 64 configured) takes the same pool: no pool per batch length.
+    pools = _slice_engine.cache_info().currsize
+    assert _fetch(queries[:4], 64) == one[:4]
+    assert _slice_engine.cache_info().currsize == pools
     assert not [t for t in threading.enumerate() if t.name.startswith("retrieval-slice")]
-    url = get_engine().url
-    assert all(_slice_engine(url, k - 1).pool.checkedout() == 0 for k in (2, 3, 5, 13))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("bad", [0, 1], ids=["caller's slice", "another connection's slice"])
