@@ -79,6 +79,26 @@ def test_the_long_poll_answers_when_the_turn_ends_not_at_its_bound(base_url) -> 
     assert r.json()["status"] == "cancelled" and time.monotonic() - started < 5
 
 
+def test_a_long_poll_answers_when_the_turn_ends_while_it_waits(base_url) -> None:
+    import threading
+
+    turn_id = _queued_turn()
+
+    def cancel_later() -> None:
+        time.sleep(1.5)
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[turn_id])
+
+    canceller = threading.Thread(target=cancel_later)
+    started = time.monotonic()
+    canceller.start()
+    r = httpx.get(f"{base_url}/v1/turns/{turn_id}", params={"wait": "30"}, headers=OWNER, timeout=60)
+    waited = time.monotonic() - started
+    canceller.join()
+    assert r.json()["status"] == "cancelled"
+    assert 1.5 <= waited < 10, f"answered after {waited:.1f} s"  # at the turn's end, not at once or at 30 s
+
+
 def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
     turn_id = _queued_turn()
     before = time.time()
@@ -134,6 +154,61 @@ def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> 
         ("delta", "A whole reply."),
         ("error", "cancelled"),
     ]
+
+
+def test_an_idle_stream_is_kept_alive_with_pings(base_url, monkeypatch) -> None:
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "stream_ping_s", 1.0)  # read per request; the API runs in this process
+    turn_id = _queued_turn()  # never answered: the stream stays open with nothing to send
+    url = f"{base_url}/v1/turns/{turn_id}/stream"
+    pings = 0
+    started = time.monotonic()
+    with httpx.stream("GET", url, headers=OWNER, timeout=30) as response:
+        for line in response.iter_lines():
+            assert not line.startswith(("event:", "data:")), f"an event on an idle stream: {line!r}"
+            pings += line.startswith(":")  # an SSE comment: sse-starlette's ping
+            if pings == 2 or time.monotonic() - started > 20:
+                break
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    assert pings == 2, f"{pings} pings in {time.monotonic() - started:.1f} s"
+
+
+def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(world) -> None:
+    """The documented path: OpenAI's chunk format has no way to take text back, so a restart ends the
+    stream with an error object; the stored turn stays readable at /v1/turns/{id}."""
+    import asyncio
+
+    from api.routes.chat_completions import _chunks
+    from services.live_chat import ChatTurn
+
+    turn_id = _queued_turn()
+    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
+    publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
+    assert publisher().flush()
+
+    async def read() -> producer.TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def frames() -> list[str]:
+        turn = ChatTurn(turn_id, "elara", int(time.time()), stream=True)
+        return [frame["data"] async for frame in _chunks(turn, read)]
+
+    try:
+        data = asyncio.run(asyncio.wait_for(frames(), 60))
+    finally:
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[turn_id])
+    chunks = [json.loads(d) for d in data]
+    assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Half a rep"},
+    ]
+    assert len(chunks) == 3 and chunks[2]["error"]["code"] == "restarted", chunks
+    assert "[DONE]" not in data
 
 
 def test_a_streamed_turn_refuses_best_of_n(base_url) -> None:
@@ -334,3 +409,20 @@ def test_mlchat_chat_falls_back_to_the_stored_turn_when_the_stream_cannot_be_rea
     _print_as_written(turn_id, timeout=120)  # no traceback: the reader follows the stored turn
     assert time.monotonic() - started < 60  # it ended with the turn, not at its timeout
     assert capsys.readouterr().out == "\n"
+
+
+def test_mlchat_chat_prints_the_reply_as_it_is_written(world, capsys) -> None:
+    from scripts.cli import _print_as_written
+
+    turn_id = _queued_turn()
+    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
+    rewritten = uuid.uuid4()
+    for piece in ["Well", ", traveller", ", the road is long."]:
+        publisher().delta(turn_id, rewritten, piece)
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    assert publisher().flush()
+    _print_as_written(turn_id, timeout=60)
+    printed = capsys.readouterr().out
+    assert printed == "Half a rep\n[the reply is being written again]\nWell, traveller, the road is long.\n"
