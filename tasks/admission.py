@@ -16,7 +16,7 @@ from typing import Any
 
 from celery.worker import state as worker_state
 
-from core.settings import BULK_QUEUE_SUFFIX, queue_for_model, settings
+from core.settings import BULK_QUEUE_SUFFIX, settings
 from tasks.batches import ReconnectSafeBatches
 
 logger = logging.getLogger(__name__)
@@ -71,16 +71,15 @@ class BulkGate:
         self.pauses = 0  # times the bulk queue was paused
         self.peak = 0  # most bulk turns held at once
         self._consumer: Any = None
-        self._queue: str | None = None
         self._paused: set[str] = set()  # the bulk queues the gate stopped consuming
         self._timer: Any = None
 
-    def attach(self, consumer: Any, queue: str, capacity: int) -> None:
+    def attach(self, consumer: Any, capacity: int) -> None:
         """Called on the consumer's thread each time Celery (re)builds its consumer."""
         if self._timer is not None:
             self._timer.cancel()
         with self._lock:
-            self._consumer, self._queue, self.capacity, self.closed = consumer, queue, capacity, False
+            self._consumer, self.capacity, self.closed = consumer, capacity, False
             self._paused = set()
         self._timer = consumer.timer.call_repeatedly(CHECK_EVERY_S, self._maybe_reopen)
         logger.info("bulk admission: up to %d bulk turns held by this worker", capacity)
@@ -132,9 +131,9 @@ class BulkGate:
             self._set_consuming(True)
 
     def _set_consuming(self, on: bool) -> None:
-        consumer, queue = self._consumer, self._queue
+        consumer = self._consumer
         task_consumer = getattr(consumer, "task_consumer", None)
-        if task_consumer is None or queue is None:
+        if task_consumer is None:
             return
         try:
             if on:
@@ -181,7 +180,7 @@ class BulkGatedBatches(ReconnectSafeBatches):
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
         handler = super().Strategy(task, app, consumer)
-        bulk_gate.attach(consumer, queue_for_model(settings.model, "bulk"), bulk_capacity())
+        bulk_gate.attach(consumer, bulk_capacity())
 
         def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
             decoded = body if body is not None else message.decode()

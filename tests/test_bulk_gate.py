@@ -47,7 +47,7 @@ def _attached(capacity: int = 8) -> tuple[BulkGate, TaskConsumer, Any]:
         app=SimpleNamespace(amqp=SimpleNamespace(queues={OWN: SimpleNamespace(name=OWN)})),
         timer=SimpleNamespace(call_repeatedly=lambda _s, fn: ticks.append(fn)),
     )
-    gate.attach(consumer, OWN, capacity)
+    gate.attach(consumer, capacity)
     return gate, task_consumer, ticks[0]
 
 

@@ -109,6 +109,31 @@ def test_a_short_reply_is_stored_before_its_batch_mates_long_one_finishes(engine
     assert get_turn(short).timings["generate_ms"] < get_turn(long).timings["generate_ms"]
 
 
+def _control(worker, command: str, queue: str) -> None:  # type: ignore[no-untyped-def]
+    """Celery's remote control `command` (add_consumer, cancel_consumer) for `queue`, answered ok."""
+    from tasks.app import app
+
+    (reply,) = getattr(app.control, command)(queue, destination=[worker.hostname], reply=True, timeout=10)
+    assert "ok" in reply[worker.hostname], reply
+
+
+def _bulk_turns(model: str, lengths: list[int], message: str) -> list:  # type: ignore[type-arg]
+    """Bulk turns of `lengths` tokens each, sent to `model`'s bulk queue (a message per batch)."""
+    ids = enqueue_turns(
+        [
+            new_conversation() | {"message": f"{message} {i}.", "params": {"max_new_tokens": n}}
+            for i, n in enumerate(lengths)
+        ],
+        send=False,
+    )
+    dispatch(ids, model=model, lane="bulk")
+    return ids
+
+
+def _turns_done(ids: list) -> bool:  # type: ignore[type-arg]
+    return all((view := get_turn(t)) is not None and view.status == TurnStatus.DONE for t in ids)
+
+
 def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worker) -> None:
     from tasks.app import app
 
@@ -122,37 +147,20 @@ def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worke
     bulk_gate.capacity, bulk_gate.peak = settings.batch_size, 0  # one bulk message fills this worker
     try:
         # 24 longer replies on its own queue (the gate stays closed a while), 24 short on the other.
-        lengths = [48] * 24 + [4] * 24
-        ids = enqueue_turns(
-            [
-                new_conversation() | {"message": f"Hello {i}.", "params": {"max_new_tokens": n}}
-                for i, n in enumerate(lengths)
-            ],
-            send=False,
-        )
-        dispatch(ids[:24], model=settings.model, lane="bulk")  # three messages
-        deadline = time.monotonic() + 60
-        while not bulk_gate.closed:
-            assert time.monotonic() < deadline, "the gate never closed"
-            time.sleep(0.01)
-        host = celery_worker.hostname
-        (reply,) = app.control.add_consumer(extra, destination=[host], reply=True, timeout=10)
-        assert "ok" in reply[host], reply
-        dispatch(ids[24:], model=extra_model, lane="bulk")  # three messages on the other queue
-        deadline = time.monotonic() + 600
-        while any(get_turn(t).status != TurnStatus.DONE for t in ids):
-            assert time.monotonic() < deadline, "bulk turns were not all answered"
-            time.sleep(0.2)
+        ids = _bulk_turns(settings.model, [48] * 24, "Hello")  # three messages
+        assert _until(lambda: bulk_gate.closed, 60), "the gate never closed"
+        _control(celery_worker, "add_consumer", extra)
+        ids += _bulk_turns(extra_model, [4] * 24, "Hello")  # three messages on the other queue
+        assert _until(lambda: _turns_done(ids), 600, 0.2), "bulk turns were not all answered"
         assert bulk_gate.pauses > before[1]
         # The gate closes on the message that fills it, and pauses a queue added while it is closed on
         # that queue's first message: a message more on each may have been on its way.
         assert bulk_gate.peak <= 3 * settings.batch_size, f"{bulk_gate.peak} bulk turns held at once"
         # Paused and resumed, the worker still consumes both bulk queues. The gate reopens on its own
         # timer once the last answered turns are released, a moment after they are stored.
-        deadline = time.monotonic() + 10
-        while not (consuming(own) and consuming(extra)):
-            assert time.monotonic() < deadline, f"a bulk queue stayed paused ({bulk_gate.held} turns held)"
-            time.sleep(0.1)
+        assert _until(lambda: consuming(own) and consuming(extra), 10, 0.1), (
+            f"a bulk queue stayed paused ({bulk_gate.held} turns held)"
+        )
     finally:
         bulk_gate.capacity = before[0]
         app.control.cancel_consumer(extra, destination=[celery_worker.hostname], reply=True, timeout=10)
@@ -161,52 +169,30 @@ def test_the_worker_pauses_its_bulk_queues_while_the_engine_is_full(celery_worke
 def test_a_bulk_queue_an_operator_cancels_while_the_gate_has_it_paused_stays_cancelled(celery_worker) -> None:
     from tasks.app import app
 
-    consumer = celery_worker.consumer
-    consuming = consumer.task_consumer.consuming_from
+    consuming = celery_worker.consumer.task_consumer.consuming_from
     own = queue_for_model(settings.model, "bulk")
     other_model = f"{settings.model}-cancelled"
     other = queue_for_model(other_model, "bulk")
-    host = celery_worker.hostname
     before = bulk_gate.capacity
     bulk_gate.capacity = settings.batch_size  # one bulk message fills this worker
     try:
-        ids = enqueue_turns(
-            [
-                new_conversation() | {"message": f"Evening {i}.", "params": {"max_new_tokens": 32}}
-                for i in range(16)
-            ],
-            send=False,
-        )
-        dispatch(ids, model=settings.model, lane="bulk")
-        deadline = time.monotonic() + 60
-        while not bulk_gate.closed:
-            assert time.monotonic() < deadline, "the gate never closed"
-            time.sleep(0.01)
-        (reply,) = app.control.add_consumer(other, destination=[host], reply=True, timeout=10)
-        assert "ok" in reply[host], reply
+        ids = _bulk_turns(settings.model, [32] * 16, "Evening")
+        assert _until(lambda: bulk_gate.closed, 60), "the gate never closed"
+        _control(celery_worker, "add_consumer", other)
         # Its first message arrives while the gate is closed: the gate pauses the queue (and the turn
         # it carried is taken, not left in Redis behind the cancel below).
-        (first,) = enqueue_turns([new_conversation() | {"message": "Morning."}], send=False)
-        dispatch([first], model=other_model, lane="bulk")
-        deadline = time.monotonic() + 30
-        while other not in bulk_gate.paused or get_turn(first).status == TurnStatus.QUEUED:
-            assert time.monotonic() < deadline, "the gate did not pause the added bulk queue"
-            time.sleep(0.01)
-        (reply,) = app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
-        assert "ok" in reply[host], reply
-        deadline = time.monotonic() + 600
-        while any(get_turn(t).status != TurnStatus.DONE for t in [*ids, first]):
-            assert time.monotonic() < deadline, "bulk turns were not all answered"
-            time.sleep(0.2)
-        deadline = time.monotonic() + 10
-        while not consuming(own):
-            assert time.monotonic() < deadline, "the worker's own bulk queue stayed paused"
-            time.sleep(0.1)
+        (first,) = _bulk_turns(other_model, [settings.max_new_tokens], "Morning")
+        assert _until(
+            lambda: other in bulk_gate.paused and get_turn(first).status != TurnStatus.QUEUED, 30
+        ), "the gate did not pause the added bulk queue"
+        _control(celery_worker, "cancel_consumer", other)
+        assert _until(lambda: _turns_done([*ids, first]), 600, 0.2), "bulk turns were not all answered"
+        assert _until(lambda: consuming(own), 10, 0.1), "the worker's own bulk queue stayed paused"
         time.sleep(1.0)  # ten of the gate's checks after it reopened
         assert not consuming(other), "the gate consumed again a queue the operator had cancelled"
     finally:
         bulk_gate.capacity = before
-        app.control.cancel_consumer(other, destination=[host], reply=True, timeout=10)
+        app.control.cancel_consumer(other, destination=[celery_worker.hostname], reply=True, timeout=10)
 
 
 def test_a_queue_cancelled_and_added_back_stays_in_what_a_reconnect_consumes(celery_worker) -> None:
@@ -215,24 +201,15 @@ def test_a_queue_cancelled_and_added_back_stays_in_what_a_reconnect_consumes(cel
     from tasks.app import app
 
     consumer = celery_worker.consumer
-    host = celery_worker.hostname
     name = queue_for_model(f"{settings.model}-readded", "bulk")
-
-    def until(check, what: str) -> None:  # type: ignore[no-untyped-def]
-        deadline = time.monotonic() + 10
-        while not check():
-            assert time.monotonic() < deadline, what
-            time.sleep(0.05)
-
     try:
         for command in ("add_consumer", "cancel_consumer", "add_consumer"):
-            (reply,) = getattr(app.control, command)(name, destination=[host], reply=True, timeout=10)
-            assert "ok" in reply[host], reply
+            _control(celery_worker, command, name)
             consumed = command == "add_consumer"
-            until(lambda want=consumed: consumer.task_consumer.consuming_from(name) == want, command)
+            assert _until(lambda want=consumed: consumer.task_consumer.consuming_from(name) == want), command
         assert name in consumer.app.amqp.queues.consume_from, "added back, yet gone at the next reconnect"
     finally:
-        app.control.cancel_consumer(name, destination=[host], reply=True, timeout=10)
+        app.control.cancel_consumer(name, destination=[celery_worker.hostname], reply=True, timeout=10)
 
 
 def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
@@ -453,12 +430,12 @@ def test_a_core_that_never_returns_outputs_stalls_and_the_loop_stops_waiting_for
     assert not loop._thread.is_alive(), "the loop's thread still waits on the dead engine"
 
 
-def _until(condition, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def _until(condition, timeout: float = 10.0, step: float = 0.01) -> bool:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             return False
-        time.sleep(0.01)
+        time.sleep(step)
     return True
 
 

@@ -51,35 +51,32 @@ def test_a_key_cannot_join_another_keys_own_tenant_unless_both_name_it() -> None
     assert [key.tenant_id for key in own.api_keys] == ["shop", "solo"]
 
 
-def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:
-    import json
+def _import_settings_with(tmp_path, name: str, value: str):  # type: ignore[no-untyped-def]
+    """`import core.settings` in a fresh interpreter with one variable set: its exit and stderr."""
     import subprocess
     import sys
 
     from core.settings import PROJECT_ROOT
 
-    keys = [{"key": "shop-key-0123456789", "name": "shop"}, {"key": "x-key-0123456789", "tenant": "shop"}]
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "MLCHAT_API_KEYS": json.dumps(keys)}
-    result = subprocess.run(
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), name: value}
+    return subprocess.run(
         [sys.executable, "-c", "import core.settings"],
         capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
     )  # fmt: skip
+
+
+def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:
+    import json
+
+    keys = [{"key": "shop-key-0123456789", "name": "shop"}, {"key": "x-key-0123456789", "tenant": "shop"}]
+    result = _import_settings_with(tmp_path, "MLCHAT_API_KEYS", json.dumps(keys))
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "MLCHAT_API_KEYS" in result.stderr, result.stderr
 
 
 def test_a_bad_retrieval_connection_count_is_one_line_naming_the_variable(tmp_path) -> None:
-    import subprocess
-    import sys
-
-    from core.settings import PROJECT_ROOT
-
     for bad in ("0", "17", "two"):
-        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "MLCHAT_RETRIEVAL_CONNECTIONS": bad}
-        result = subprocess.run(
-            [sys.executable, "-c", "import core.settings"],
-            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
-        )  # fmt: skip
+        result = _import_settings_with(tmp_path, "MLCHAT_RETRIEVAL_CONNECTIONS", bad)
         assert result.returncode != 0
         assert result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("mlchat: bad setting: MLCHAT_RETRIEVAL_CONNECTIONS: "), result.stderr
