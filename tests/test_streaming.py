@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import openai
@@ -278,6 +280,64 @@ def test_the_openai_client_streams_a_live_turn_whose_chunks_add_up_to_the_stored
     assert events[-1][2]["prompt"] is None  # an ingest key never sees the prompt
 
 
+def test_a_streamed_turn_under_the_quality_gate_is_stored_as_shown_and_its_callback_is_retried(
+    base_url, celery_worker, signing, monkeypatch
+) -> None:
+    """Regeneration on and a bar no reply meets: the streamed reply is stored as the reader saw it
+    (never regenerated), with the gate's verdict in `done`; the turn's callback, refused once by its
+    receiver, is posted again by the worker's Celery retry."""
+    from db.models import Turn
+    from services.callbacks import verify_signature
+
+    monkeypatch.setattr(signing, "quality_regenerate", True)
+    monkeypatch.setattr(signing, "quality_min_persona", 1.0)  # no reply is that close: each is below the bar
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    with _receiver([500, 200]) as (url, received):
+        body = new_conversation() | {
+            "message": "Any rooms free tonight?",
+            "stream": True,
+            "callback_url": url,
+            "params": {"max_new_tokens": 16, "seed": 11},
+        }
+        r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+        assert r.status_code == 202, r.text
+        turn_id = r.json()["id"]
+        with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=120) as s:
+            events = _events(s)
+        deadline = time.monotonic() + 60
+        while len(received) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    stored = producer.get_turn(turn_id)
+    assert stored is not None and stored.status.value == "done"
+    assert "".join(e[2]["text"] for e in events if e[0] == "delta") == stored.reply
+    assert [e[0] for e in events if e[0] != "delta"] == ["done"]  # no `restarted`: written once
+    verdict = events[-1][2]["quality"]
+    assert verdict["below_bar"] and "regenerated" not in verdict and verdict == stored.quality
+
+    assert len(received) == 2, "the callback was not posted again after its receiver's 500"
+    (first, _), (body_sent, signature) = received
+    assert first == body_sent  # the same turn posted twice: the retry, not a second outcome
+    assert verify_signature(signature, body_sent, "turn-callback-secret")
+    sent = json.loads(body_sent)
+    assert sent["id"] == turn_id and sent["reply"] == stored.reply and sent["quality"] == stored.quality
+    with session_scope() as session:
+        turn = session.get(Turn, uuid.UUID(turn_id))
+        assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
+
+    # A chat completion's raw stream ends with OpenAI's `data: [DONE]` after its last chunk.
+    request = {"model": "elara", "messages": [{"role": "user", "content": "Goodnight."}], "stream": True}
+    request |= {"max_tokens": 8, "user": new_conversation()["conversation"]}
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=request, headers=OWNER, timeout=120
+    ) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data:")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data:")) for line in lines[:-1]]
+    streamed = producer.get_turn(chunks[0]["id"].removeprefix("chatcmpl-"))
+    assert streamed is not None
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == streamed.reply
+
+
 # --- per-turn callbacks ---------------------------------------------------------------------------
 
 
@@ -318,17 +378,16 @@ def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(b
     assert r.status_code == 422 and "http(s)" in r.text
 
 
-def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
+@contextmanager
+def _receiver(answers: list[int]) -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
+    """An HTTP endpoint on loopback that answers its POSTs with `answers` in turn; yields its URL
+    and the (body, signature) of each POST it received."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    from db.models import Turn
-    from services.callbacks import SIGNATURE_HEADER, CallbackFailed, verify_signature
-    from services.turn_callbacks import deliver_turn
+    from services.callbacks import SIGNATURE_HEADER
 
-    monkeypatch.setattr(signing, "callback_allow_private", True)
     received: list[tuple[bytes, str]] = []
-    answers = [500, 200]
 
     class Receiver(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802
@@ -344,7 +403,18 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        url = f"http://127.0.0.1:{server.server_port}/hook"
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()
+
+
+def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
+    from db.models import Turn
+    from services.callbacks import CallbackFailed, verify_signature
+    from services.turn_callbacks import deliver_turn
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    with _receiver([500, 200]) as (url, received):
         request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
         (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
         with session_scope() as session:
@@ -353,8 +423,6 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
             deliver_turn(stored.id)  # the task retries it
         assert deliver_turn(stored.id) is True
         assert deliver_turn(stored.id) is True  # delivered already: not posted again
-    finally:
-        server.shutdown()
     assert len(received) == 2
     body, signature = received[-1]
     assert verify_signature(signature, body, "turn-callback-secret")

@@ -153,6 +153,22 @@ def test_the_publisher_numbers_each_claims_deltas_from_one() -> None:
     assert [Entry.parse(i, f).seq for i, f in raw] == [1, 2, 1, 2]
 
 
+def test_the_publisher_keeps_each_stream_bounded_and_expiring(monkeypatch) -> None:
+    monkeypatch.setattr(settings, "stream_max_len", 16)
+    monkeypatch.setattr(settings, "stream_ttl_s", 120)
+    client = redis.Redis.from_url(redis_url())
+    turn_id, claim = uuid.uuid4(), uuid.uuid4()
+    sink = Publisher(client)
+    for i in range(1000):
+        sink.delta(turn_id, claim, f"{i} ")
+    assert sink.flush(timeout=30)
+    # Trimming is approximate (`MAXLEN ~`): Redis drops whole nodes, so up to one node more is kept.
+    node = int(client.config_get("stream-node-max-entries")["stream-node-max-entries"])
+    assert 16 <= client.xlen(stream_key(turn_id)) <= 16 + node < 1000
+    assert client.xrevrange(stream_key(turn_id), count=1)[0][1][b"text"] == b"999 "  # the newest kept
+    assert 0 < client.ttl(stream_key(turn_id)) <= 120
+
+
 def test_a_superseded_claim_that_still_writes_is_ignored() -> None:
     turn_id = _turn()
     old, new = str(uuid.uuid4()), str(uuid.uuid4())
