@@ -68,7 +68,9 @@ class GroupedEngine:
     def __init__(self) -> None:
         self.claims = 0
 
-    def submit(self, requests: Any, *, alone: bool = False, on_text: Any = ()) -> list[Future[Any]]:
+    def submit(
+        self, requests: Any, *, alone: bool = False, on_text: Any = (), ends_notice: Any = ()
+    ) -> list[Future[Any]]:
         from worker.engine_loop import Generation
 
         jobs = list(requests)

@@ -42,6 +42,8 @@ class ChatTurn:
     created: int  # unix seconds, OpenAI's `created`
     stream: bool
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    # The content is sent whole once stored (an NPC reply's JSON, as without `stream`), not as written.
+    whole: bool = False
 
 
 _SLUG: TypeAdapter[str] = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=64)])
@@ -130,7 +132,8 @@ def start_chat_turn(
             append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
     if stored.created:  # a replay's turn was sent when it was made
         producer.send_new_turns({stored.model: [stored.id]}, lane="live")
-    return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage)
+    whole = (request.params.response_format or {}).get("type") == "npc"
+    return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:

@@ -12,9 +12,11 @@ lacks (a turn that was not streamed, a stream that expired, events the worker dr
 cannot be read) comes as one last delta before `done`.
 
 Event ids are the Redis stream ids, so a reader resumes with `Last-Event-ID`; the last delta made
-up from the stored turn and `done` carry the id `final`; `restarted` and `timeout` carry none, so a
-resume continues after the last delta shown. A resume whose id is no longer in the stream (trimmed,
-expired, lost) starts with `restarted` and is then served as a new reader.
+up from the stored turn and `done` carry the id `final`; `restarted`, `timeout` and a failed or
+cancelled turn's `error` carry none, so a resume continues after the last delta shown (a failed turn
+sent again may yet be answered), and one after `final` gets `done` alone (the whole reply was shown).
+A resume whose id is no longer in the stream (trimmed, expired, lost) starts with `restarted` and is
+then served as a new reader.
 """
 
 from __future__ import annotations
@@ -70,12 +72,12 @@ def restarted() -> Event:
 
 
 def terminal(view: TurnView) -> Event:
-    """The last event of a finished turn: `done` with the stored turn, or an `error`."""
+    """The last event of a finished turn: `done` with the stored turn (id `final`), or an `error`."""
     if view.status.value == "done":
         return Event("done", FINAL, view.model_dump(mode="json"))
-    return Event(
+    return Event(  # no id: a resume after it reads on from the last delta (a revived turn goes on)
         "error",
-        FINAL,
+        None,
         {
             "code": view.error_code or view.status.value,
             "message": view.error or f"the turn was {view.status.value}",
@@ -90,6 +92,7 @@ class _Shown:
     def __init__(self) -> None:
         self.claim, self.text, self.seq = "", "", 0
         self.superseded: set[str] = set()
+        self.whole = False  # the reader was shown the whole stored reply (it resumes after `final`)
 
     def take(self, entry: Entry) -> list[Event]:
         """The events a delta entry makes: none for a repeat or a superseded claim's late text."""
@@ -112,7 +115,7 @@ class _Shown:
     def finish(self, view: TurnView) -> list[Event]:
         """The last events once the turn is finished: what its stored reply adds, then `done`/`error`."""
         out = []
-        if view.status.value == "done" and view.reply is not None:
+        if view.status.value == "done" and view.reply is not None and not self.whole:
             if not view.reply.startswith(self.text):
                 out.append(restarted())
                 self.text = ""
@@ -149,6 +152,7 @@ class TurnReader:
     async def open(self) -> None:
         """Replay the stream up to `Last-Event-ID`, to continue it exactly (before any response)."""
         last = self._last_event_id
+        self._shown.whole = last == FINAL  # only `final` events follow the whole reply
         if last is None or last == FINAL:
             return
         client = _client()

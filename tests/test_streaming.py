@@ -338,6 +338,52 @@ def test_a_streamed_turn_under_the_quality_gate_is_stored_as_shown_and_its_callb
     assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == streamed.reply
 
 
+def test_an_npc_reply_streams_its_spoken_line_and_a_chat_stream_sends_its_json_whole(
+    base_url, celery_worker
+) -> None:
+    give = {
+        "name": "give_item",
+        "description": "Hand the player an item.",
+        "args": {"item": {"type": "string"}},
+    }
+    body = new_conversation() | {
+        "message": "I need a weapon, friend.",
+        "stream": True,
+        "params": {"max_new_tokens": 48, "seed": 5, "actions": [give]},
+    }
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 202, r.text
+    turn_id = r.json()["id"]
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=120) as s:
+        events = _events(s)
+    stored = producer.get_turn(turn_id)
+    assert stored is not None and stored.status.value == "done", stored
+    assert stored.structured is not None and stored.reply == stored.structured["say"]
+    assert [e[0] for e in events if e[0] != "delta"] == ["done"]  # the JSON was never shown: no restart
+    deltas = [e for e in events if e[0] == "delta"]
+    assert "".join(d[2]["text"] for d in deltas) == stored.reply
+    assert any(d[1] != "final" for d in deltas)  # shown as the engine wrote it, not made up at the end
+    assert events[-1][2]["structured"] == stored.structured  # the action and emotion come with done
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    chunks = list(
+        client.chat.completions.create(
+            model="elara",
+            messages=[{"role": "user", "content": "Have you a blade to spare?"}],
+            stream=True,
+            max_tokens=48,
+            seed=5,
+            user=new_conversation()["conversation"],
+            extra_body={"response_format": {"type": "npc"}},
+        )
+    )  # no error object: it would raise openai.APIError here
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    chat_turn = producer.get_turn(chunks[0].id.removeprefix("chatcmpl-"))
+    assert chat_turn is not None and chat_turn.structured is not None
+    assert json.loads(content) == chat_turn.structured  # the JSON, as a call without stream answers it
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
 # --- per-turn callbacks ---------------------------------------------------------------------------
 
 

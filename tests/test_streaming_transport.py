@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -127,6 +128,54 @@ def test_a_resume_of_a_stream_that_expired_starts_with_restarted() -> None:
     redis.Redis.from_url(redis_url()).delete(stream_key(turn_id))
     _cancel(turn_id)
     assert _codes(_read(turn_id, last_event_id=shown_id)) == ["restarted", "cancelled"]
+
+
+def _answered(turn_id: uuid.UUID, reply: str) -> None:
+    """The turn stored as done with `reply` (as a worker's store leaves it, for what readers read)."""
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+
+    with session_scope() as session:
+        session.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(status=TurnStatus.DONE, reply=reply, finished_at=datetime.now(UTC))
+        )
+
+
+def test_a_resume_after_final_gets_done_alone() -> None:
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    _xadd(turn_id, (claim, "Well", 1), (claim, " met", 2))
+    _answered(turn_id, "Well met, traveller.")  # the stream lacks the end: it comes as the `final` delta
+    _end(turn_id)
+    seen = _read(turn_id)
+    assert [(e.kind, e.id) for e in seen[-2:]] == [("delta", "final"), ("done", "final")]
+    assert _shown(seen) == "Well met, traveller."
+    for resumed in (_read(turn_id, last_event_id="final"), _read(turn_id, last_event_id="final")):
+        assert [e.kind for e in resumed] == ["done"]  # nothing shown twice
+        assert resumed[0].data["reply"] == "Well met, traveller."
+
+
+def test_a_failed_turns_error_carries_no_id_so_a_turn_sent_again_is_read_on_after_it() -> None:
+    from db.turns import fail_unsent, revive_unsent
+
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    _xadd(turn_id, (claim, "Well", 1))
+    with session_scope() as session:
+        fail_unsent(session=session, turn_ids=[turn_id], reason="the broker was away")
+    seen = _read(turn_id)
+    assert _codes(seen) == ["Well", "broker_unreachable"] and seen[-1].id is None
+    last = [e.id for e in seen if e.id is not None][-1]  # what an EventSource sends back
+    with session_scope() as session:
+        assert revive_unsent(session=session, turn_ids=[turn_id]) == [turn_id]
+    _xadd(turn_id, (claim, " met.", 2))
+    _answered(turn_id, "Well met.")
+    _end(turn_id)
+    rest = _read(turn_id, last_event_id=last)
+    assert _codes(rest) == [" met.", "done"] and _shown(seen + rest) == "Well met."
 
 
 # --- repeats and two claims at once ---------------------------------------------------------------

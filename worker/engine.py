@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING, Any
 from core import metrics
 from core.settings import Dtype, settings
 from streaming.publisher import text_hook
+from structured.say_stream import SayText
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation
 from worker.model_cache import resolve_model_path
+from worker.structured import NPC
 
 if TYPE_CHECKING:
     from vllm import LLM
@@ -286,7 +288,7 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
             made = loop.submit(
                 ((r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for _, r in part),
                 alone=alone,
-                on_text=[stream_hook(r.stream) for _, r in part],
+                on_text=[stream_hook(r) for _, r in part],
             )
             futures.update(zip((i for i, _ in part), made, strict=True))
     return [futures[i] for i in range(len(requests))]
@@ -382,9 +384,14 @@ def _adapter_rank(path: str) -> int | str:
         return f"cannot read adapter_config.json ({exc})"
 
 
-def stream_hook(stream: tuple[uuid.UUID, uuid.UUID] | None) -> Any:
-    """The hook that publishes a streamed request's text to its turn's stream; None if not streamed."""
-    return None if stream is None else text_hook(*stream)
+def stream_hook(request: GenerationRequest) -> Any:
+    """The hook that publishes a streamed request's text to its turn's stream (an NPC reply's spoken
+    line, not its JSON: what the turn stores as its reply); None if not streamed."""
+    if request.stream is None:
+        return None
+    hook = text_hook(*request.stream)
+    shape = request.reply_shape
+    return SayText(hook) if shape is not None and shape.kind == NPC else hook
 
 
 def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:

@@ -317,7 +317,7 @@ def _answer(
                 loop.submit(
                     (job for t in part for job in prepared[t.id].jobs),
                     alone=alone,
-                    on_text=[engine_module.stream_hook(r.stream) for t in part for r in candidates[t.id]],
+                    on_text=[engine_module.stream_hook(r) for t in part for r in candidates[t.id]],
                     ends_notice=[k == 0 for t in part for k in range(len(candidates[t.id]))],
                 )
             )

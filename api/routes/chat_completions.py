@@ -18,7 +18,7 @@ from core.settings import settings
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
-from services.runs.openai_lines import failure_status
+from services.runs.openai_lines import failure_status, message_content
 from services.schemas import Text
 from services.turn_wait import await_finished
 from streaming.reader import turn_events
@@ -91,14 +91,21 @@ def _why(view: TurnView) -> str:
 
 async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     """OpenAI chunks from the turn's events; a restart or a failure ends the stream with an error
-    object (the stored turn stays readable at /v1/turns/{id})."""
+    object (the stored turn stays readable at /v1/turns/{id}). A `whole` turn's content comes in one
+    chunk once stored: nothing was shown before, so a restart does not end it."""
     yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
     async for event in turn_events(turn.id, read):
-        if event.kind == "delta":
+        if event.kind == "delta" and not turn.whole:
             yield {
                 "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
             }
+        elif event.kind == "delta" or (turn.whole and event.data.get("code") == "restarted"):
+            continue
         elif event.kind == "done":
+            if turn.whole:
+                data = event.data
+                content = message_content(data.get("reply"), data.get("structured"), data.get("params") or {})
+                yield {"data": json.dumps(live_chat.chunk(turn, {"content": content}), ensure_ascii=False)}
             reason = "length" if (event.data.get("usage") or {}).get("finish_reason") == "length" else "stop"
             yield {"data": json.dumps(live_chat.chunk(turn, {}, reason))}
             if turn.include_usage:

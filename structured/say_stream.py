@@ -1,0 +1,85 @@
+"""The spoken line of an NPC reply while the engine writes the reply's JSON.
+
+A streamed NPC turn shows its reader the line the character says, not the JSON around it: the stored
+reply is that `say` string, decoded (the action and emotion come with the stored turn). The engine
+writes `{"say":"...","emotion":...}` (guided decoding puts `say` first, as the schema lists it); the
+string's text is passed on as soon as it is whole, an escape (`\\n`, `\\u00e9`, a surrogate pair) once
+all of it is written. A reply that does not open with `say` passes nothing on: its reader gets the
+stored reply whole when the turn is done.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+
+_OPENING = re.compile(r'\{\s*"say"\s*:\s*"')
+_HIGH_SURROGATE = re.compile(r"[dD][89abAB][0-9a-fA-F]{2}")
+
+
+def _complete_end(raw: str, start: int) -> tuple[int, bool]:
+    """Where the string body that starts at `start` can be decoded up to (never inside an escape),
+    and whether its closing quote is there."""
+    i = start
+    while i < len(raw):
+        char = raw[i]
+        if char == '"':
+            return i, True
+        if char != "\\":
+            i += 1
+            continue
+        if i + 1 >= len(raw):
+            break
+        if raw[i + 1] != "u":
+            i += 2
+            continue
+        if i + 6 > len(raw):
+            break
+        if _HIGH_SURROGATE.fullmatch(raw, i + 2, i + 6):  # its low half must come with it
+            if i + 12 > len(raw):
+                break
+            i += 12
+        else:
+            i += 6
+    return i, False
+
+
+class SayText:
+    """Fed the reply's JSON piece by piece; tells `emit` each new piece of its `say` string."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._raw = ""
+        self._body = -1  # where the say string's body starts in the JSON, once seen
+        self._decoded = 0  # the body's characters passed on (decoded) so far end here
+        self._ended = False
+
+    def __call__(self, piece: str) -> None:
+        if self._ended:
+            return
+        self._raw += piece
+        if self._body < 0:
+            opening = _OPENING.match(self._raw)
+            if opening is None:
+                if not _could_open(self._raw):
+                    self._ended = True  # another shape of JSON: nothing to stream
+                return
+            self._body = self._decoded = opening.end()
+        end, closed = _complete_end(self._raw, self._decoded)
+        self._ended = closed
+        if end == self._decoded:
+            return
+        try:
+            text = json.loads(f'"{self._raw[self._decoded : end]}"', strict=False)
+        except ValueError:
+            self._ended = True  # not JSON's string syntax: the stored reply will say what it was
+            return
+        self._decoded = end
+        self._emit(text)
+
+
+def _could_open(raw: str) -> bool:
+    """Whether more text could still make `raw` open with the say string."""
+    compact = re.sub(r"\s+", "", raw)
+    return '{"say":"'.startswith(compact)

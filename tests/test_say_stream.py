@@ -1,0 +1,76 @@
+"""An NPC reply's spoken line, passed on while the engine writes the reply's JSON: the pieces add up
+to the `say` the turn stores, wherever the JSON is cut."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from structured.say_stream import SayText
+
+SAYS = [
+    "Well met, traveller.",
+    'She said "go north"\nand left.',
+    "A back\\slash, a tab\there, caf\u00e9 and a grin \U0001f600 at the end",
+    "",
+]
+
+
+def _pieces(text: str, cuts: list[int]) -> list[str]:
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+
+
+@pytest.mark.parametrize("say", SAYS)
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_the_pieces_add_up_to_the_say_wherever_the_json_is_cut(say, ascii_only) -> None:
+    reply = json.dumps(
+        {"say": say, "emotion": "joy", "action": {"name": "wave", "args": {"to": "you"}}},
+        separators=(",", ":"),
+        ensure_ascii=ascii_only,
+    )
+    assert json.loads(reply)["say"] == say
+    for cut in range(1, len(reply)):  # every two-piece cut, escapes and surrogate pairs split too
+        shown: list[str] = []
+        feed = SayText(shown.append)
+        for piece in _pieces(reply, [cut]):
+            feed(piece)
+        assert "".join(shown) == say, f"cut at {cut}: {reply[:cut]!r} | {reply[cut:]!r}"
+    shown = []
+    feed = SayText(shown.append)
+    for char in reply:  # one character at a time: each piece is passed on as soon as it is whole
+        feed(char)
+    assert "".join(shown) == say and all(shown)
+    if ascii_only and "\U0001f600" in say:
+        assert "\U0001f600" in shown  # the surrogate pair's halves were held for each other
+
+
+def test_the_line_is_passed_on_before_the_json_ends() -> None:
+    shown: list[str] = []
+    feed = SayText(shown.append)
+    for piece in ['{"say":"Wel', "l met", ', friend.","emo', 'tion":"joy"}']:
+        feed(piece)
+        if piece == "l met":
+            assert "".join(shown) == "Well met"  # not held until the reply is whole
+    assert "".join(shown) == "Well met, friend."
+
+
+@pytest.mark.parametrize(
+    "reply",
+    ['{"emotion":"joy","say":"Well met."}', '["Well met."]', "Well met.", '{"say": 3}'],
+)
+def test_a_reply_that_does_not_open_with_say_passes_nothing_on(reply) -> None:
+    shown: list[str] = []
+    feed = SayText(shown.append)
+    for char in reply:
+        feed(char)
+    assert shown == []  # its reader gets the stored reply whole at the end
+
+
+def test_whitespace_the_grammar_may_allow_before_say_is_accepted() -> None:
+    shown: list[str] = []
+    feed = SayText(shown.append)
+    for piece in ['{ "say" ', ': "Hi', ' there"', "}"]:
+        feed(piece)
+    assert "".join(shown) == "Hi there"
