@@ -16,7 +16,7 @@ from core.settings import DEFAULT_TENANT, settings
 from db.models import Conversation, Turn
 from db.session import session_scope
 from db.turns import cancel_turns
-from services import producer
+from services import live_chat, producer
 from services.producer import TurnView
 from services.schemas import TurnRequest
 from services.turn_wait import await_finished
@@ -189,3 +189,78 @@ def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
         plain.model_dump() | {"params": {"response_format": {"type": "text"}}}
     )
     assert stored == plain.request_hash() != with_default.request_hash()
+
+
+def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_one(
+    base_url, short_wait
+) -> None:
+    from db.models import Message
+
+    conversation, elsewhere = (new_conversation()["conversation"] for _ in range(2))
+    headers = OWNER | {live_chat.CONVERSATION_HEADER: conversation}
+    seed = [
+        {"role": "user", "content": "I am Rowan, from the coast."},
+        {"role": "assistant", "content": "Welcome, Rowan."},
+    ]
+    body = {
+        "model": "elara",
+        "messages": [*seed, {"role": "user", "content": "Which road leads north?"}],
+        "user": elsewhere,  # the header wins over `user` and metadata
+        "metadata": {"conversation": elsewhere},
+    }
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 504, r.text  # queued, no worker here
+    (first,) = _turns_of(conversation)
+    assert _turns_of(elsewhere) == []
+
+    def history() -> list[tuple[str, str]]:
+        with session_scope() as session:
+            rows = session.execute(
+                select(Message.role, Message.content)
+                .join(Conversation, Conversation.id == Message.conversation_id)
+                .where(Conversation.external_id == conversation)
+                .order_by(Message.seq)
+            )
+            return [(role.value, content) for role, content in rows]
+
+    assert history() == [(m["role"], m["content"]) for m in seed]
+    body["messages"] = [
+        {"role": "user", "content": "I am someone else entirely."},
+        {"role": "assistant", "content": "So you are."},
+        {"role": "user", "content": "And the road east?"},
+    ]
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 504, r.text
+    assert history() == [(m["role"], m["content"]) for m in seed]  # its stored history is the memory
+    turns = _turns_of(conversation)
+    assert len(turns) == 2 and first in turns
+    _cancel(turns)
+
+
+@pytest.mark.parametrize(("error_code", "status"), [("attempts_exhausted", 502), ("prompt_too_long", 400)])
+def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
+    base_url, short_wait, error_code, status
+) -> None:
+    from sqlalchemy import update
+
+    from db.models import TurnStatus
+
+    body = {"model": "elara", "messages": [{"role": "user", "content": "Which road leads north?"}]}
+    headers = OWNER | {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 504, r.text
+    turn_id = uuid.UUID(r.json()["error"]["message"].split()[1])
+    with session_scope() as session:
+        session.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.FAILED, error_code=error_code, error="it failed", finished_at=func.now()
+            )
+        )
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)  # the replay
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert (
+        str(turn_id) in error["message"] and error_code in error["message"] and error["type"] == "turn_failed"
+    )

@@ -424,6 +424,16 @@ def test_a_callback_to_a_private_address_is_a_422_naming_it_and_stores_nothing(b
     assert r.status_code == 422 and "http(s)" in r.text
 
 
+def test_a_callback_without_a_signing_secret_is_a_422_naming_both(base_url, monkeypatch) -> None:
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "callback_secret", None)
+    body = new_conversation() | {"message": "hi", "callback_url": "https://example.com/hook"}
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=OWNER)
+    assert r.status_code == 422 and "callback_url" in r.text and "MLCHAT_CALLBACK_SECRET" in r.text
+    assert _turns_of(body["conversation"]) == 0
+
+
 @contextmanager
 def _receiver(answers: list[int]) -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
     """An HTTP endpoint on loopback that answers its POSTs with `answers` in turn; yields its URL

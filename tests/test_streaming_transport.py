@@ -158,6 +158,15 @@ def test_a_resume_after_final_gets_done_alone() -> None:
         assert resumed[0].data["reply"] == "Well met, traveller."
 
 
+def test_a_turn_that_was_not_streamed_shows_its_reply_as_one_final_delta() -> None:
+    request = TurnRequest(**new_conversation(), message="Tell me of the road.")  # no `stream`
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
+    _answered(stored.id, "The road is long.")
+    events = _read(stored.id)
+    assert [(e.kind, e.id) for e in events] == [("delta", "final"), ("done", "final")]
+    assert events[0].data == {"text": "The road is long."}  # made up from the stored turn: no `t`
+
+
 def test_a_failed_turns_error_carries_no_id_so_a_turn_sent_again_is_read_on_after_it() -> None:
     from db.turns import fail_unsent, revive_unsent
 
