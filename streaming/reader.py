@@ -55,7 +55,7 @@ def valid_event_id(value: str) -> bool:
 @dataclass(frozen=True)
 class Event:
     """One event for the reader: `delta`, `done` or `error`; `id` None for one a resume cannot start
-    after (`restarted`, `timeout`)."""
+    after (`restarted`, `timeout`, a failed or cancelled turn's `error`)."""
 
     kind: str
     id: str | None

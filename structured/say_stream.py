@@ -76,7 +76,9 @@ class SayText:
             self._ended = True  # not JSON's string syntax: the stored reply will say what it was
             return
         self._decoded = end
-        self._emit(text)
+        text = text.replace("\x00", "")  # as the stored reply keeps it (worker/structured.py)
+        if text:
+            self._emit(text)
 
 
 def _could_open(raw: str) -> bool:

@@ -74,3 +74,11 @@ def test_whitespace_the_grammar_may_allow_before_say_is_accepted() -> None:
     for piece in ['{ "say" ', ': "Hi', ' there"', "}"]:
         feed(piece)
     assert "".join(shown) == "Hi there"
+
+
+def test_a_nul_in_the_say_is_left_out_as_the_stored_reply_leaves_it_out() -> None:
+    shown: list[str] = []
+    feed = SayText(shown.append)
+    for char in '{"say":"Well\\u0000 met.\\u0000","emotion":"joy"}':
+        feed(char)
+    assert "".join(shown) == "Well met." and all(shown)

@@ -167,24 +167,22 @@ def test_a_turn_that_was_not_streamed_shows_its_reply_as_one_final_delta() -> No
     assert events[0].data == {"text": "The road is long."}  # made up from the stored turn: no `t`
 
 
-def test_a_failed_turns_error_carries_no_id_so_a_turn_sent_again_is_read_on_after_it() -> None:
+def test_a_failed_turns_error_carries_no_id_and_a_turn_sent_again_streams_on() -> None:
     from db.turns import fail_unsent, revive_unsent
 
     turn_id = _turn()
-    claim = str(uuid.uuid4())
-    _xadd(turn_id, (claim, "Well", 1))
-    with session_scope() as session:
-        fail_unsent(session=session, turn_ids=[turn_id], reason="the broker was away")
+    with session_scope() as session:  # its message never reached the broker: nothing was claimed
+        assert fail_unsent(session=session, turn_ids=[turn_id], reason="the broker was away") == [turn_id]
     seen = _read(turn_id)
-    assert _codes(seen) == ["Well", "broker_unreachable"] and seen[-1].id is None
-    last = [e.id for e in seen if e.id is not None][-1]  # what an EventSource sends back
-    with session_scope() as session:
+    assert _codes(seen) == ["broker_unreachable"] and seen[-1].id is None  # no `final`: it may yet run
+    with session_scope() as session:  # a replay with its idempotency key sends it again
         assert revive_unsent(session=session, turn_ids=[turn_id]) == [turn_id]
-    _xadd(turn_id, (claim, " met.", 2))
+    claim = str(uuid.uuid4())
+    _xadd(turn_id, (claim, "Well", 1), (claim, " met.", 2))
     _answered(turn_id, "Well met.")
     _end(turn_id)
-    rest = _read(turn_id, last_event_id=last)
-    assert _codes(rest) == [" met.", "done"] and _shown(seen + rest) == "Well met."
+    rest = _read(turn_id)  # the reader comes back with no id: it was given none
+    assert _codes(rest) == ["Well", " met.", "done"] and _shown(rest) == "Well met."
 
 
 # --- repeats and two claims at once ---------------------------------------------------------------

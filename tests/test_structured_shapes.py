@@ -251,6 +251,23 @@ def test_a_structured_reply_is_read_and_checked_and_a_cut_one_fails_with_its_cod
     assert bad.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
 
 
+def test_a_structured_reply_keeps_no_nul_which_the_database_cannot_hold() -> None:
+    from worker.engine_loop import reply_text
+
+    shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(3, []))
+    assert shape is not None
+    action = '{"name":"give_item","args":{"item":"s\\u0000word"}}'
+    text = '{"say":"Take\\u0000 it.","emotion":"joy","action":' + action + "}"
+    read = read_reply(shape, Generation(text, 10, 20, "stop"))
+    assert read.text == "Take it." and read.structured["action"]["args"] == {"item": "sword"}
+    assert "\x00" not in json.dumps(read.structured, ensure_ascii=False)
+    shape = shape_of(PARAMS | {"response_format": {"type": "json_object"}}, _character(3, []))
+    assert shape is not None
+    read = read_reply(shape, Generation('{"a\\u0000b": ["c\\u0000", 1]}', 10, 20, "stop"))
+    assert read.structured == {"ab": ["c", 1]}
+    assert reply_text(" Well\x00 met. \n") == "Well met."  # free text, as stored and as streamed
+
+
 def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_done() -> None:
     shape = shape_of(
         PARAMS | {"response_format": {"type": "regex", "regex": r"\d{3}-\d{4}"}}, _character(4, [])

@@ -74,6 +74,13 @@ class Generation:
     emotion: str | None = None  # the emotion an NPC reply chose (only the NPC shape has one)
 
 
+def reply_text(text: str) -> str:
+    """The engine's text as a reply keeps it (and its stream shows it): no NUL, which PostgreSQL's
+    text and jsonb cannot hold (it would fail the store of every reply stored with it), and no
+    whitespace around it."""
+    return text.replace("\x00", "").strip()
+
+
 @dataclass
 class _Job:
     token_ids: list[int]
@@ -487,7 +494,7 @@ class EngineLoop:
         job = self._inside.get(_own_id(out.request_id))
         if job is None or job.on_text is None:
             return
-        visible = out.outputs[0].text.strip()
+        visible = reply_text(out.outputs[0].text)
         if len(visible) > len(job.shown) and visible.startswith(job.shown):
             piece, job.shown = visible[len(job.shown) :], visible
             try:
@@ -506,7 +513,7 @@ class EngineLoop:
         completion = out.outputs[0]
         job.future.set_result(
             Generation(
-                text=completion.text.strip(),
+                text=reply_text(completion.text),
                 prompt_tokens=len(job.token_ids),
                 completion_tokens=len(completion.token_ids),
                 finish_reason=completion.finish_reason,

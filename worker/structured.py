@@ -163,7 +163,7 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
         return gen
     try:
-        value = json.loads(gen.text)
+        value = _without_nul(json.loads(gen.text))
     except ValueError as exc:
         raise _bad(gen, f"the reply is not JSON ({exc})") from None
     if shape.kind == "json_object" and not isinstance(value, dict):
@@ -177,6 +177,18 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     if shape.kind == NPC:
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
     return dataclasses.replace(gen, structured=value)
+
+
+def _without_nul(value: Any) -> Any:
+    """A parsed JSON reply without NUL in its strings (an escaped `\\u0000` decodes to one; jsonb and
+    text columns refuse it), checked against its schema as it is kept."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, list):
+        return [_without_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k.replace("\x00", ""): _without_nul(v) for k, v in value.items()}
+    return value
 
 
 def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
