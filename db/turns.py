@@ -140,6 +140,7 @@ class ClaimedTurn:
     # False for a scene step whose newest line is not the player's (the narrator's, its own): the
     # player said nothing, so the affinity toward the player stays.
     player_spoke: bool = True
+    callback: bool = False  # it has a callback_url (POSTed its outcome once finished)
 
 
 @dataclass(frozen=True)
@@ -537,6 +538,7 @@ def claim_turns(
                     regard={int(k): int(v) for k, v in member.regard.items()} if member else {},
                     answers=answered if answered is not None and answered[0] != char.id else None,
                     player_spoke=turn.scene_id is None or conv.id in player_last,
+                    callback=turn.callback_url is not None,
                 )
             )
     if result.exhausted or result.blocked or stopped:

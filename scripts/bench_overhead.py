@@ -176,8 +176,11 @@ def _install_stand_ins() -> None:
     setattr(StageTimer, "__call__", _counted)  # noqa: B010
 
 
-def measure(rounds: int = 3, turns: int = 128, batch: int = 64, profile: str | None = None) -> dict[str, Any]:
-    """Rounds of `turns` fresh sample turns through process_batch; per-stage ms per turn for each."""
+def measure(
+    rounds: int = 3, turns: int = 128, batch: int = 64, profile: str | None = None, lane: str = "live"
+) -> dict[str, Any]:
+    """Rounds of `turns` fresh sample turns through process_batch, claimed on `lane`; per-stage ms
+    per turn for each."""
     from db.migrate import upgrade
     from db.session import get_engine
     from scripts.bench_generation import STAGES, _overhead_ms_per_turn, _stage_breakdown, sample_requests
@@ -192,7 +195,7 @@ def measure(rounds: int = 3, turns: int = 128, batch: int = 64, profile: str | N
     tag = uuid.uuid4().hex[:6]
     # Untimed, as in the bench: the first claim pays one-time costs (tokenizer, caches, connections).
     warm = enqueue_turns(sample_requests(batch, tag + "warm", 32), send=False)
-    process_batch(warm)
+    process_batch(warm, lane=lane)
     profiler = cProfile.Profile() if profile else None
     results: list[dict[str, Any]] = []
     all_reports: list[list[Any]] = []
@@ -202,7 +205,7 @@ def measure(rounds: int = 3, turns: int = 128, batch: int = 64, profile: str | N
         if profiler:
             profiler.enable()
         started = time.perf_counter()
-        reports = [process_batch(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+        reports = [process_batch(ids[i : i + batch], lane=lane) for i in range(0, len(ids), batch)]
         wall = time.perf_counter() - started
         if profiler:
             profiler.disable()
@@ -243,11 +246,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--profile", help="write a cProfile of the timed rounds here")
     parser.add_argument("--statements", action="store_true", help="also print the statements made")
+    parser.add_argument("--lane", choices=["live", "bulk"], default="live", help="the claims' lane")
     args = parser.parse_args(argv)
     from core.logging import configure_logging
 
     configure_logging("WARNING")
-    figures = measure(rounds=args.rounds, profile=args.profile)
+    figures = measure(rounds=args.rounds, profile=args.profile, lane=args.lane)
     if not args.statements:
         for r in figures["rounds"]:
             r.pop("statement_texts")

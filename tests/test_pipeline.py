@@ -303,3 +303,29 @@ def test_turns_the_claim_failed_for_waiting_are_not_written_again_by_the_batch(e
     assert report.failed[blocked].code == TurnErrorCode.BLOCKED_BY_EARLIER_TURN  # failed by the claim
     assert get_turn(blocked).status == TurnStatus.FAILED
     assert all(blocked not in ids for ids in writes)  # no write for a row the claim already finished
+
+
+def test_a_bulk_claims_replies_are_stored_together_and_a_live_claims_as_they_finish(
+    engine, monkeypatch
+) -> None:
+    from core.settings import settings
+    from db.models import Turn
+
+    monkeypatch.setattr(settings, "bulk_store_window_s", 5.0)
+
+    def store_transactions(lane: str) -> int:
+        # Replies that finish many engine steps apart: 2 tokens, then up to 64.
+        requests = [
+            new_conversation()
+            | {"message": "Tell me all about the road north.", "params": {"seed": i, "max_new_tokens": n}}
+            for i, n in enumerate([2, 3, 48, 64])
+        ]
+        ids = enqueue_turns(requests, send=False)
+        report = process_batch(ids, lane=lane)
+        assert sorted([*report.done, *report.failed]) == sorted(ids)
+        with session_scope() as session:  # now() is a transaction's start: one value a store
+            return len(set(session.scalars(select(Turn.finished_at).where(Turn.id.in_(ids)))))
+
+    live = store_transactions("live")
+    assert live > 1, "the replies finished together: nothing to tell the lanes apart by"
+    assert store_transactions("bulk") == 1  # within the window of the first: one transaction

@@ -148,7 +148,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             report.engine_dead = exc
             _hand_back_dead(claim.token, turns, exc, report)
             _announce(turns, [*report.handed_back, *report.failed])
-            _call_back([t.id for t in turns if t.id in report.failed])
+            _call_back([t.id for t in turns if t.id in report.failed], turns)
         except BaseException:
             _announce(turns, _hand_back(claim.token, turns, "the batch raised; sent again", refund=False))
             raise
@@ -304,7 +304,7 @@ def _answer(
             fail_turns(session=session, token=token, failures=early, timings=shared_ms)
             requeue_turns(session=session, token=token, reasons=early_retry)
         _announce(turns, [*early, *early_retry])
-        _call_back(list(early))
+        _call_back(list(early), turns)
 
     loop = engine_module.get_loop()
     shared_ms["to_engine_ms"] = timer.elapsed_ms()  # from the claim until the prompts join the engine
@@ -323,6 +323,7 @@ def _answer(
             )
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
     report.futures = future_of  # an engine death asks them which turns were inside the engine
+    window = store_window(turns, priority)
     generations: list[Any] = []
     waiting = list(ready)
     submitted = time.perf_counter()
@@ -331,7 +332,7 @@ def _answer(
         pending = [f for t in waiting for f in future_of[t.id] if not f.done()]
         if not loop.wait(pending, timeout=max(hold_until - time.monotonic(), 0.0)) and pending:
             raise GenerationTimeout(f"{len(waiting)} turns had no reply when the claim's hold ran out")
-        time.sleep(GROUP_WINDOW_S)  # let the turns finishing in the same engine steps join this group
+        _gather(window, [f for t in waiting for f in future_of[t.id]], hold_until)
         finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
         # From admission until the batch's last reply: its turns' generation, shared with other batches.
         timer.ms["generate_ms"] = (time.perf_counter() - submitted) * 1000
@@ -349,6 +350,27 @@ def _answer(
 
 # After the first reply of a group finishes, how long to wait for others finishing in the same steps.
 GROUP_WINDOW_S = 0.02
+_GATHER_POLL_S = 0.02
+
+
+def store_window(turns: Sequence[ClaimedTurn], priority: int) -> float:
+    """How long a group waits, after its first reply, for more of the claim's replies before it is
+    stored: a few engine steps for live turns (a player waits for each), MLCHAT_BULK_STORE_WINDOW_S
+    for a bulk claim (nobody waits for one reply of a run: fewer, larger store transactions). A scene
+    step's next step waits for its store, so a claim holding one keeps the short window."""
+    if priority == engine_module.LIVE or any(t.group is not None for t in turns):
+        return GROUP_WINDOW_S
+    return max(settings.bulk_store_window_s, GROUP_WINDOW_S)
+
+
+def _gather(window: float, futures: Sequence[Any], hold_until: float) -> None:
+    """Wait `window` for more replies to join the group (not past the claim's hold), or until every
+    reply of the claim is in."""
+    deadline = min(time.monotonic() + window, hold_until)
+    while (left := deadline - time.monotonic()) > 0:
+        if all(f.done() for f in futures):
+            return
+        time.sleep(min(left, _GATHER_POLL_S) if window > GROUP_WINDOW_S else left)
 
 
 class GenerationTimeout(RuntimeError):
@@ -537,7 +559,7 @@ def _finish_group(
         next_steps = pop_new_steps(session)
     report.next_steps += next_steps  # committed: the task sends them on their scene's lane
     _announce(group, [*stored, *newly_failed, *retry])
-    _call_back([*stored, *newly_failed])
+    _call_back([*stored, *newly_failed], group)
     stored_ids = set(stored)
     schedule_memory([t.conversation_id for t in group if t.id in stored_ids and t.run_id is None])
     report.done += stored
@@ -663,8 +685,12 @@ def _announce(turns: Sequence[ClaimedTurn], changed: Any) -> None:
             publisher().end(turn.id)
 
 
-def _call_back(turn_ids: Sequence[uuid.UUID]) -> None:
-    """Queue the callbacks of the finished turns that asked for one (POST /v1/turns callback_url)."""
+def _call_back(turn_ids: Sequence[uuid.UUID], claimed: Sequence[ClaimedTurn] | None = None) -> None:
+    """Queue the callbacks of the finished turns that asked for one (POST /v1/turns callback_url);
+    `claimed`: the turns as claimed, which say whether they asked (else they are looked up)."""
+    if claimed is not None:
+        asked = {t.id for t in claimed if t.callback}
+        turn_ids = [i for i in turn_ids if i in asked]
     if not turn_ids:
         return
     try:
