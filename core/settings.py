@@ -297,9 +297,10 @@ class Settings(BaseSettings):
     stream_queue_max: int = Field(default=10_000, ge=16)
     stream_max_s: float = Field(default=900.0, gt=0)
     turn_wait_max_s: float = Field(default=60.0, gt=0)  # the longest GET /v1/turns/{id}?wait=S
-    # A bulk claim's replies that finish within this many seconds of each other are stored in one
-    # transaction (worker/pipeline.py store_window); live turns are stored within a few engine steps.
-    bulk_store_window_s: float = Field(default=0.25, ge=0, le=5)
+    # A bulk claim's replies that finish within this many seconds of a group's first reply are stored
+    # with it, in one transaction (worker/pipeline.py store_window; below 0.02 s means 0.02 s, as for
+    # live turns, which are stored within a few engine steps).
+    bulk_store_window_s: float = Field(default=1.0, ge=0, le=5)
 
     log_level: str = "INFO"
     metrics_port: int = Field(

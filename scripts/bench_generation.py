@@ -168,15 +168,18 @@ class RawEngine:
         return time.perf_counter() - started
 
 
-def _pipeline(requests: list[dict[str, Any]], batch: int, llm: Any) -> tuple[float, float, list[Any], list]:
-    """The worker's pipeline in-process over fresh turns: (wall s, this process's CPU s, reports, ids)."""
+def _pipeline(
+    requests: list[dict[str, Any]], batch: int, llm: Any, lane: str = "live"
+) -> tuple[float, float, list[Any], list]:
+    """The worker's pipeline in-process over fresh turns, claimed on `lane`: (wall s, this process's
+    CPU s, reports, ids)."""
     from services.producer import enqueue_turns
     from worker.pipeline import process_batch
 
     ids = enqueue_turns(requests, send=False)
     llm.reset_prefix_cache()
     wall, cpu = time.perf_counter(), time.process_time()
-    reports = [process_batch(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+    reports = [process_batch(ids[i : i + batch], lane=lane) for i in range(0, len(ids), batch)]  # type: ignore[arg-type]
     return time.perf_counter() - wall, time.process_time() - cpu, reports, ids
 
 
@@ -194,6 +197,11 @@ def _overhead_ms_per_turn(reports: Sequence[Any]) -> float:
     """Pipeline time per turn outside embedding and generation (claim, retrieve, prompt, quality, write)."""
     turns = sum(len(r.done) for r in reports)
     return round(sum(r.timings.get(f"{stage}_ms", 0.0) for r in reports for stage in OUTSIDE) / turns, 3)
+
+
+def _stores_per_claim(reports: Sequence[Any]) -> float:
+    """The transactions that stored the claims' replies, per claim (one a group of replies)."""
+    return round(statistics.mean(r.stores for r in reports), 1)
 
 
 def _rss_mb() -> dict[str, float]:
@@ -270,6 +278,10 @@ def measure_generation(
     )
     rss = _rss_mb()
     usage = [r.usage for r in _stored_prompts(ids)]
+    # The same turns claimed as a bulk run's are: stored in fewer, larger groups (store_window).
+    bulk_s, _, bulk_reports, _ = _pipeline(
+        sample_requests(turns, tag + "k", max_new_tokens), batch, loaded.llm, lane="bulk"
+    )
 
     prefix_on = _prefix_case(loaded, prefix_turns, tag + "pon")
     loaded = _load_engine(prefix_caching=False)
@@ -298,6 +310,12 @@ def measure_generation(
         "overhead": {
             "ms_per_turn_outside_embed_and_generate": _overhead_ms_per_turn(batched_reports),
             "target_ms": 2.0,
+            "store_transactions_per_64_turn_claim": _stores_per_claim(batched_reports),
+            "bulk_claims_ms_per_turn_outside_embed_and_generate": _overhead_ms_per_turn(bulk_reports),
+            "bulk_claims_store_transactions_per_64_turn_claim": _stores_per_claim(bulk_reports),
+            "bulk_store_window_s": settings.bulk_store_window_s,
+            "bulk_claims_stage_ms_per_turn": _stage_breakdown(bulk_reports),
+            "bulk_claims_turns_per_s": round(turns / bulk_s, 2),
             "worker_cpu_ms_per_turn_including_embedding": round(batched_cpu / turns * 1000, 2),
         },
         "memory": rss,

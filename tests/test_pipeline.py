@@ -1,5 +1,8 @@
 """The batch pipeline on the real engine, embedder, PostgreSQL: what a turn stores, and fault isolation."""
 
+import dataclasses
+import uuid
+
 import numpy as np
 from sqlalchemy import select
 
@@ -309,23 +312,52 @@ def test_a_bulk_claims_replies_are_stored_together_and_a_live_claims_as_they_fin
     engine, monkeypatch
 ) -> None:
     from core.settings import settings
-    from db.models import Turn
 
     monkeypatch.setattr(settings, "bulk_store_window_s", 5.0)
 
-    def store_transactions(lane: str) -> int:
-        # Replies that finish many engine steps apart: 2 tokens, then up to 64.
+    def stores(lane: str) -> int:
+        # Replies that finish over twenty engine steps apart: 2 tokens, then up to 24.
         requests = [
             new_conversation()
             | {"message": "Tell me all about the road north.", "params": {"seed": i, "max_new_tokens": n}}
-            for i, n in enumerate([2, 3, 48, 64])
+            for i, n in enumerate([2, 3, 16, 24])
         ]
-        ids = enqueue_turns(requests, send=False)
-        report = process_batch(ids, lane=lane)
-        assert sorted([*report.done, *report.failed]) == sorted(ids)
-        with session_scope() as session:  # now() is a transaction's start: one value a store
-            return len(set(session.scalars(select(Turn.finished_at).where(Turn.id.in_(ids)))))
+        report = process_batch(enqueue_turns(requests, send=False), lane=lane)
+        assert len(report.done) + len(report.failed) == len(requests)
+        return report.stores
 
-    live = store_transactions("live")
+    live = stores("live")
     assert live > 1, "the replies finished together: nothing to tell the lanes apart by"
-    assert store_transactions("bulk") == 1  # within the window of the first: one transaction
+    assert stores("bulk") == 1  # all within the window of the first: one transaction
+
+
+def test_the_store_window_is_short_for_live_claims_and_scene_steps_and_ends_with_the_claim(
+    monkeypatch,
+) -> None:
+    import time
+    from concurrent.futures import Future
+
+    from core.settings import settings
+    from db.scenes import GroupView
+    from db.turns import ClaimedTurn
+    from worker import engine as engine_module
+    from worker.pipeline import GROUP_WINDOW_S, _gather, store_window
+
+    monkeypatch.setattr(settings, "bulk_store_window_s", 2.0)
+    turn = ClaimedTurn(uuid.uuid4(), 1, "hi", {}, 1, None, "", None, None, 0.0)  # type: ignore[arg-type]
+    step = dataclasses.replace(turn, group=GroupView(premise="", names=("A", "B"), ids=(1, 2)))
+    assert store_window([turn], engine_module.BULK) == 2.0
+    assert store_window([turn], engine_module.LIVE) == GROUP_WINDOW_S
+    assert store_window([turn, step], engine_module.BULK) == GROUP_WINDOW_S  # a scene's next step waits
+    monkeypatch.setattr(settings, "bulk_store_window_s", 0.0)
+    assert store_window([turn], engine_module.BULK) == GROUP_WINDOW_S
+
+    pending: Future[None] = Future()
+    started = time.monotonic()
+    _gather(2.0, [pending], hold_until=started + 0.3)  # never past the claim's hold
+    assert 0.25 <= time.monotonic() - started < 1.0
+    done: Future[None] = Future()
+    done.set_result(None)
+    started = time.monotonic()
+    _gather(2.0, [done], hold_until=started + 60)  # every reply is in: nothing to wait for
+    assert time.monotonic() - started < 0.1

@@ -82,6 +82,7 @@ class BatchReport:
     # Turns whose adapter was loading when the engine died: they count the death as if inside it.
     loading: list[uuid.UUID] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    stores: int = 0  # the transactions that stored its finished turns' replies (one a group)
 
     @property
     def send_again(self) -> list[uuid.UUID]:
@@ -554,6 +555,7 @@ def _finish_group(
             outcome.timings.update({k: round(v, 1) for k, v in done_ms.items()})
             outcome.timings["total_ms"] = round(outcome.timings["queue_ms"] + timer.elapsed_ms(), 1)
         stored = store_replies(session=session, token=token, outcomes=outcomes)
+        report.stores += 1
         fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
         requeue_turns(session=session, token=token, reasons=retry)
         next_steps = pop_new_steps(session)
@@ -690,7 +692,8 @@ def _call_back(turn_ids: Sequence[uuid.UUID], claimed: Sequence[ClaimedTurn] | N
     `claimed`: the turns as claimed, which say whether they asked (else they are looked up)."""
     if claimed is not None:
         asked = {t.id for t in claimed if t.callback}
-        turn_ids = [i for i in turn_ids if i in asked]
+        send_turn_callbacks([i for i in turn_ids if i in asked])
+        return
     if not turn_ids:
         return
     try:
