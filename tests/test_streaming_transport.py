@@ -167,6 +167,30 @@ def test_a_turn_that_was_not_streamed_shows_its_reply_as_one_final_delta() -> No
     assert events[0].data == {"text": "The road is long."}  # made up from the stored turn: no `t`
 
 
+def test_a_turn_out_of_attempts_ends_its_stream_with_attempts_exhausted() -> None:
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    _xadd(turn_id, (claim, "Half a rep", 1))  # the last attempt's worker died mid-reply
+    with session_scope() as session:  # as the claim leaves a turn whose last lease lapsed
+        session.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.FAILED,
+                error_code="attempts_exhausted",
+                error="gave up after 3 attempts",
+                finished_at=datetime.now(UTC),
+            )
+        )
+    events = _read(turn_id)
+    assert _codes(events) == ["Half a rep", "attempts_exhausted"]
+    assert events[-1].data["status"] == "failed" and "gave up" in events[-1].data["message"]
+
+
 def test_a_failed_turns_error_carries_no_id_and_a_turn_sent_again_streams_on() -> None:
     from db.turns import fail_unsent, revive_unsent
 
