@@ -89,7 +89,9 @@ class StandInGpu:
         self._cv = threading.Condition()
         threading.Thread(target=self._run, name="stand-in-gpu", daemon=True).start()
 
-    def submit(self, requests: Any, *, alone: bool = False, on_text: Any = ()) -> list[Future[Any]]:
+    def submit(
+        self, requests: Any, *, alone: bool = False, on_text: Any = (), ends_notice: Any = ()
+    ) -> list[Future[Any]]:
         from worker.engine_loop import Generation
 
         futures = []

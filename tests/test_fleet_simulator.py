@@ -15,3 +15,23 @@ def test_the_simulator_refuses_configured_services(monkeypatch, field, variable)
     monkeypatch.setattr(settings, field, closed[field])
     with pytest.raises(SystemExit, match=f"{variable} set; it runs only on its own embedded services"):
         main(["--workers", "1", "--seconds", "0.1"])
+
+
+@pytest.mark.parametrize(
+    "stand_in", ["scripts.fleet_simulator:StandInGpu", "scripts.bench_overhead:GroupedEngine"]
+)
+def test_the_benchmarks_stand_in_engines_take_what_the_pipeline_passes_the_engine_loop(stand_in) -> None:
+    # A stand-in whose submit lacks an argument the pipeline passes fails every claim of its benchmark,
+    # which then reports nothing stored (both did, after the loop's submit gained ends_notice).
+    import importlib
+    import inspect
+
+    from worker.engine_loop import EngineLoop
+
+    module, name = stand_in.split(":")
+    for method in ("submit", "wait"):
+        wanted = set(inspect.signature(getattr(EngineLoop, method)).parameters)
+        taken = set(
+            inspect.signature(getattr(getattr(importlib.import_module(module), name), method)).parameters
+        )
+        assert wanted <= taken, f"{stand_in}.{method} lacks {sorted(wanted - taken)}"
