@@ -371,7 +371,7 @@ def _gather(window: float, futures: Sequence[Any], hold_until: float) -> None:
     while (left := deadline - time.monotonic()) > 0:
         if all(f.done() for f in futures):
             return
-        time.sleep(min(left, _GATHER_POLL_S) if window > GROUP_WINDOW_S else left)
+        time.sleep(min(left, _GATHER_POLL_S))
 
 
 class GenerationTimeout(RuntimeError):
