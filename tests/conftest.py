@@ -8,11 +8,12 @@ import json
 import os
 import shutil
 import tempfile
+import types
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import sqlalchemy
@@ -117,6 +118,7 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
     from tasks.callbacks import CALLBACK_QUEUE
     from worker.housekeeping import Housekeeper
 
+    _watch_worker_state()
     housekeeper = Housekeeper(interval_s=1.0)
     housekeeper.start()
     with start_worker(
@@ -132,8 +134,51 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
         loglevel="WARNING",
         shutdown_timeout=60,
     ) as worker:
+        _SESSION_WORKER.append(worker)
         yield worker
+        _SESSION_WORKER.clear()
     housekeeper.stop()
+
+
+_SESSION_WORKER: list[Any] = []  # the session's worker, once a test has started it
+_STOP_FLAGS = ("should_stop", "should_terminate")
+_FLAGS_SET: list[str] = []  # Celery's stop flags set in this process while the session's worker ran
+
+
+class _WatchedWorkerState(types.ModuleType):
+    """celery.worker.state, noting every stop flag set while the session's worker runs: its consumer
+    shuts down on a flag that is set for even a moment (0, a warm shutdown's code, included)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _STOP_FLAGS and value is not None and _SESSION_WORKER:
+            _FLAGS_SET.append(f"{name}={value!r}")
+        super().__setattr__(name, value)
+
+
+def _watch_worker_state() -> None:
+    from celery.worker import state as worker_state
+
+    worker_state.__class__ = _WatchedWorkerState
+
+
+@pytest.fixture(autouse=True)
+def _session_worker_stays_up(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that sets Celery's stop flags in this process fails, naming them: the session's worker
+    would stop, and every later test that needs it would wait out its own timeout (CI once ran out of
+    its 90 minutes that way). Patch the module's own reference instead (tests/test_bulk_gate.py)."""
+    from celery import bootsteps
+
+    if "celery_worker" in request.fixturenames and _SESSION_WORKER:
+        assert _SESSION_WORKER[0].blueprint.state == bootsteps.RUN, "the session's worker has stopped"
+    _FLAGS_SET.clear()
+    yield
+    if _FLAGS_SET:
+        flags = ", ".join(_FLAGS_SET)
+        pytest.fail(
+            f"this test set celery.worker.state's {flags} while the session's worker ran: that stops "
+            "it; patch the module's own reference (tasks.admission.worker_state, "
+            "worker.lifecycle.worker_state) instead"
+        )
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from celery.worker import state as worker_state
 
+from tasks import admission
 from tasks.admission import BulkGate
 
 OWN = "gen.m.bulk"
@@ -68,6 +68,10 @@ def test_a_stopping_worker_does_not_consume_its_bulk_queue_again(monkeypatch, fl
     gate, task_consumer, tick = _attached()
     gate.received(8)
     gate.release(8)
-    monkeypatch.setattr(worker_state, flag, 0)  # a warm shutdown's exit code
+    # Not Celery's own state: the session's in-process worker (tests/conftest.py) reads that one, and
+    # a flag set there for even a moment shuts it down for every later test.
+    state = SimpleNamespace(should_stop=None, should_terminate=None)
+    setattr(state, flag, 0)  # a warm shutdown's exit code
+    monkeypatch.setattr(admission, "worker_state", state)
     tick()
     assert not task_consumer.consuming_from(OWN)

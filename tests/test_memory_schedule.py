@@ -9,6 +9,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 import redis
@@ -121,18 +122,19 @@ def test_scheduling_a_due_job_twice_without_a_worker_sends_one_message(summaries
 def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from celery.worker import state as worker_state
-
     from memory import summarize
     from tasks import memory as memory_tasks
+    from worker import lifecycle
     from worker.engine import EngineDead
 
     def dead(system: str, body: str, max_tokens: int) -> str:
         raise EngineDead("the engine died: test")
 
     monkeypatch.setattr(summarize, "_engine_generate", dead)
-    monkeypatch.setattr(worker_state, "should_stop", None)
+    # Not Celery's own state: the session's in-process worker (tests/conftest.py) reads that one.
+    state = SimpleNamespace(should_stop=None)
+    monkeypatch.setattr(lifecycle, "worker_state", state)
     conv = _conversation(40)
     memory_tasks.memory_job(conv, SUMMARY)
-    assert worker_state.should_stop  # the worker stops, as after a flush whose engine died
+    assert state.should_stop == lifecycle.EXIT_ENGINE_DEAD  # the worker stops, as after an engine death
     assert len(_queued(conv)) == 1  # and the job is on the queue for another worker
