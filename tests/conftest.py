@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import types
 import uuid
 from collections.abc import Iterator
@@ -118,7 +119,7 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
     from tasks.callbacks import CALLBACK_QUEUE
     from worker.housekeeping import Housekeeper
 
-    _watch_worker_state()
+    assert _stop_flags_set() is None, "the worker would stop as it starts"
     housekeeper = Housekeeper(interval_s=1.0)
     housekeeper.start()
     with start_worker(
@@ -136,29 +137,43 @@ def celery_worker(engine):  # type: ignore[no-untyped-def]
     ) as worker:
         _SESSION_WORKER.append(worker)
         yield worker
-        _SESSION_WORKER.clear()
+        _WORKER_ENDING.append(True)
     housekeeper.stop()
 
 
 _SESSION_WORKER: list[Any] = []  # the session's worker, once a test has started it
 _STOP_FLAGS = ("should_stop", "should_terminate")
-_FLAGS_SET: list[str] = []  # Celery's stop flags set in this process while the session's worker ran
+_FLAGS_SET: list[str] = []  # Celery's stop flags set in this process (not by the session's own end)
 
 
 class _WatchedWorkerState(types.ModuleType):
-    """celery.worker.state, noting every stop flag set while the session's worker runs: its consumer
-    shuts down on a flag that is set for even a moment (0, a warm shutdown's code, included)."""
+    """celery.worker.state, noting every stop flag set in this process: the session's worker shuts
+    down on a flag set for even a moment (0, a warm shutdown's code, included), and one set before it
+    starts hangs its start."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _STOP_FLAGS and value is not None and _SESSION_WORKER:
-            _FLAGS_SET.append(f"{name}={value!r}")
+        if name in _STOP_FLAGS and value is not None and not _WORKER_ENDING:
+            _FLAGS_SET.append(f"{name}={value!r} (thread {threading.current_thread().name})")
         super().__setattr__(name, value)
+
+
+_WORKER_ENDING: list[bool] = []  # the session's worker is stopping (it sets should_terminate itself)
 
 
 def _watch_worker_state() -> None:
     from celery.worker import state as worker_state
 
     worker_state.__class__ = _WatchedWorkerState
+
+
+_watch_worker_state()
+
+
+def _stop_flags_set() -> str | None:
+    from celery.worker import state as worker_state
+
+    now = [f"{n}={getattr(worker_state, n)!r}" for n in _STOP_FLAGS if getattr(worker_state, n) is not None]
+    return ", ".join([*_FLAGS_SET, *now]) or None
 
 
 @pytest.fixture(autouse=True)
@@ -168,15 +183,16 @@ def _session_worker_stays_up(request: pytest.FixtureRequest) -> Iterator[None]:
     its 90 minutes that way). Patch the module's own reference instead (tests/test_bulk_gate.py)."""
     from celery import bootsteps
 
+    if flags := _stop_flags_set():
+        pytest.fail(f"celery.worker.state's {flags} set before this test: the session's worker stops")
     if "celery_worker" in request.fixturenames and _SESSION_WORKER:
         assert _SESSION_WORKER[0].blueprint.state == bootsteps.RUN, "the session's worker has stopped"
-    _FLAGS_SET.clear()
     yield
-    if _FLAGS_SET:
-        flags = ", ".join(_FLAGS_SET)
+    if flags := _stop_flags_set():
+        _FLAGS_SET.clear()  # blamed once
         pytest.fail(
-            f"this test set celery.worker.state's {flags} while the session's worker ran: that stops "
-            "it; patch the module's own reference (tasks.admission.worker_state, "
+            f"celery.worker.state's {flags} set during this test: that stops the session's worker; "
+            "patch the module's own reference (tasks.admission.worker_state, "
             "worker.lifecycle.worker_state) instead"
         )
 

@@ -2,8 +2,10 @@
 
 import dataclasses
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
+import pytest
 from sqlalchemy import select
 
 from db.models import Message, Role, TurnStatus
@@ -233,33 +235,68 @@ def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> N
     assert sum(u["prompt_tokens"] for u in usage) > 4096
 
 
-def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(engine, monkeypatch) -> None:
+@pytest.fixture
+def dead_engine(engine, monkeypatch):  # type: ignore[no-untyped-def]
+    """The engine dead for one test: a loop of the test's own, whose first step finds the engine core
+    gone. A flush of the session's worker meeting that death asks a stand-in to stop the worker, not
+    Celery's own state (the session's worker would stop for every later test)."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
     from core import metrics
     from worker import engine as engine_module
+    from worker import lifecycle
 
     def core_gone(*args, **kwargs):
         raise EngineDeadError()  # what vLLM raises once its engine-core process is gone
 
+    monkeypatch.setattr(lifecycle, "worker_state", SimpleNamespace(should_stop=None))
     monkeypatch.setattr(engine.llm.llm_engine, "step", core_gone)
-    engine_module.get_loop.cache_clear()  # a loop of this test's own, which this death kills
-    ids = enqueue_turns([new_conversation() | {"message": f"Hello {i}."} for i in range(3)], send=False)
+    engine_module.get_loop.cache_clear()
     try:
-        report = process_batch(ids)
-        again = process_batch(ids)  # a message that arrives afterwards fails fast, charging nothing
-        dead = engine_module.engine_dead()
+        yield
     finally:
         monkeypatch.undo()
         engine_module.get_loop.cache_clear()  # the session's next batches get a fresh, live loop
         metrics.ENGINE_UP.set(1)
+
+
+def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(dead_engine) -> None:
+    from worker import engine as engine_module
+
+    ids = enqueue_turns([new_conversation() | {"message": f"Hello {i}."} for i in range(3)], send=False)
+    report = process_batch(ids)
+    again = process_batch(ids)  # a message that arrives afterwards fails fast, charging nothing
+    assert engine_module.engine_dead() is not None
     assert report.engine_dead is not None and sorted(report.handed_back) == sorted(ids)
     assert not report.failed and not report.retry and not report.done
     assert again.engine_dead is not None and sorted(again.handed_back) == sorted(ids)
     for turn_id in ids:
         view = get_turn(turn_id)
         assert view.status == TurnStatus.QUEUED and view.attempts == 0 and "engine died" in view.error
-    assert dead is not None
+
+
+def test_a_dead_engine_calls_back_only_the_turns_its_death_ended(dead_engine, monkeypatch) -> None:
+    """A turn that failed before the engine was called back then; the engine dying later in its claim
+    does not call it back again (the handed-back turn is not finished: no callback yet either)."""
+    from core.settings import settings
+    from worker import pipeline
+
+    called: list = []
+    monkeypatch.setattr(pipeline, "send_turn_callbacks", called.extend)  # what would be sent
+    monkeypatch.setattr(settings, "callback_secret", "test-secret")
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    hook = {"callback_url": "http://127.0.0.1:9/hook"}
+    too_long, ok = enqueue_turns(
+        [
+            new_conversation("luffy") | {"message": "고기" * 1900} | hook,  # fits no context
+            new_conversation() | {"message": "Hello."} | hook,
+        ],
+        send=False,
+    )
+    report = process_batch([too_long, ok])
+    assert report.engine_dead is not None and list(report.failed) == [too_long]
+    assert report.handed_back == [ok]
+    assert called == [too_long]  # once, as it failed
 
 
 def test_turns_the_claim_failed_for_waiting_are_not_written_again_by_the_batch(engine, monkeypatch) -> None:

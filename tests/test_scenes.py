@@ -8,6 +8,7 @@ import dataclasses
 import time
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -754,7 +755,24 @@ def _conv_id(external_id: str) -> int:
         return s.scalar(select(Conversation.id).where(Conversation.external_id == external_id))
 
 
-def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world) -> None:
+UNCONSUMED_QUEUE = "gen.scene-steps-check.live"  # a queue no worker consumes
+
+
+@pytest.fixture
+def steps_unconsumed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The steps a group sends go to a queue nobody consumes: in the whole suite the session's worker
+    consumes the model's live queue, and would claim a step before the test claims it as a worker."""
+    import redis
+
+    from core.services import broker_url
+    from tasks import generate
+
+    monkeypatch.setattr(generate, "queue_for_model", lambda model, lane="live": UNCONSUMED_QUEUE)
+    yield
+    redis.Redis.from_url(broker_url()).delete(UNCONSUMED_QUEUE)
+
+
+def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world, steps_unconsumed) -> None:
     from services.scenes import continue_group
 
     conv = _group(strategy="fixed")["conversation"]
@@ -971,7 +989,9 @@ def test_a_step_stored_but_never_sent_is_found_by_the_default_sweep_a_lease_late
     assert step_two in swept()
 
 
-def test_a_live_group_asked_to_go_on_resends_a_step_never_sent_and_refuses_once_failed(world) -> None:
+def test_a_live_group_asked_to_go_on_resends_a_step_never_sent_and_refuses_once_failed(
+    world, steps_unconsumed
+) -> None:
     from db.models import TurnErrorCode
     from db.turns import Failure, fail_turns, fail_unsent
     from services.scenes import SceneClosed, continue_group

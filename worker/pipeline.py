@@ -147,9 +147,11 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             )
         except EngineDead as exc:
             report.engine_dead = exc
+            failed_before = set(report.failed)  # announced and called back as they failed
             _hand_back_dead(claim.token, turns, exc, report)
-            _announce(turns, [*report.handed_back, *report.failed])
-            _call_back([t.id for t in turns if t.id in report.failed], turns)
+            ended = [t.id for t in turns if t.id in report.failed and t.id not in failed_before]
+            _announce(turns, [*report.handed_back, *ended])
+            _call_back(ended, turns)
         except BaseException:
             _announce(turns, _hand_back(claim.token, turns, "the batch raised; sent again", refund=False))
             raise
