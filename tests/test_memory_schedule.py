@@ -91,7 +91,6 @@ def test_a_memory_job_finding_the_workers_slots_taken_goes_back_on_the_queue_lat
     while memory_tasks.slots.acquire(blocking=False):  # other memory jobs hold every slot
         taken += 1
     try:
-        assert taken == settings.memory_jobs_per_worker
         done = threading.Event()
         thread = threading.Thread(target=lambda: (memory_tasks.memory_job(conv, SUMMARY), done.set()))
         thread.start()

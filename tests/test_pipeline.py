@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from db.models import Message, Role, TurnStatus
 from db.session import session_scope
+from db.world import get_character
 from services.producer import enqueue_turns, get_turn
 from tests.conftest import new_conversation
 from worker.pipeline import process_batch
@@ -236,7 +237,7 @@ def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> N
 
 
 @pytest.fixture
-def dead_engine(engine, monkeypatch):  # type: ignore[no-untyped-def]
+def dead_engine(engine):  # type: ignore[no-untyped-def]
     """The engine dead for one test: a loop of the test's own, whose first step finds the engine core
     gone. A flush of the session's worker meeting that death asks a stand-in to stop the worker, not
     Celery's own state (the session's worker would stop for every later test)."""
@@ -249,15 +250,19 @@ def dead_engine(engine, monkeypatch):  # type: ignore[no-untyped-def]
     def core_gone(*args, **kwargs):
         raise EngineDeadError()  # what vLLM raises once its engine-core process is gone
 
-    monkeypatch.setattr(lifecycle, "worker_state", SimpleNamespace(should_stop=None))
-    monkeypatch.setattr(engine.llm.llm_engine, "step", core_gone)
-    engine_module.get_loop.cache_clear()
-    try:
-        yield
-    finally:
-        monkeypatch.undo()
-        engine_module.get_loop.cache_clear()  # the session's next batches get a fresh, live loop
-        metrics.ENGINE_UP.set(1)
+    # Its own patches, undone in order: the engine and a fresh loop first, the stand-in state last (a
+    # flush that met the dead loop until then still asks the stand-in to stop).
+    with pytest.MonkeyPatch.context() as state:
+        state.setattr(lifecycle, "worker_state", SimpleNamespace(should_stop=None))
+        with pytest.MonkeyPatch.context() as dead:
+            dead.setattr(engine.llm.llm_engine, "step", core_gone)
+            engine_module.get_loop.cache_clear()
+            try:
+                yield
+            finally:
+                dead.undo()
+                engine_module.get_loop.cache_clear()  # the session's next batches get a live loop
+                metrics.ENGINE_UP.set(1)
 
 
 def test_a_dead_engine_hands_the_batch_back_without_charging_an_attempt(dead_engine) -> None:
@@ -297,6 +302,51 @@ def test_a_dead_engine_calls_back_only_the_turns_its_death_ended(dead_engine, mo
     assert report.engine_dead is not None and list(report.failed) == [too_long]
     assert report.handed_back == [ok]
     assert called == [too_long]  # once, as it failed
+
+
+def test_a_turn_failed_in_a_claim_whose_engine_then_died_is_handed_back_not_reported_failed(
+    engine, monkeypatch
+) -> None:
+    """An adapter that cannot load fails its turn in the batch's report only (nothing written yet);
+    the next adapter's load kills the engine: the hand-back requeues both turns, so neither is in the
+    report's failures (it said failed for a turn it had queued again)."""
+    import threading
+
+    from worker import engine as engine_module
+    from worker import lifecycle, pipeline
+
+    with session_scope() as s:
+        first, second = sorted(
+            (get_character(session=s, slug=c) for c in ("elara", "luffy")), key=lambda c: c.id
+        )
+        first_slug, second_slug = first.slug, second.slug
+    this_thread, real_adapter_of = threading.current_thread(), pipeline.adapter_of
+
+    def adapter_of(character):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not this_thread:  # the session's worker: unchanged
+            return real_adapter_of(character)
+        return engine_module.Adapter(f"{character.slug}@v1", 1 + (character.slug == second_slug), "/none")
+
+    def load_adapter(adapter):  # type: ignore[no-untyped-def]
+        if adapter.name.startswith(f"{first_slug}@"):
+            raise engine_module.AdapterUnavailable("test: no such adapter")
+        raise engine_module.EngineDead("the engine died: test", in_engine=False)
+
+    monkeypatch.setattr(pipeline, "adapter_of", adapter_of)
+    monkeypatch.setattr(engine_module, "load_adapter", load_adapter)
+    monkeypatch.setattr(lifecycle, "worker_state", SimpleNamespace(should_stop=None))
+    ids = enqueue_turns(
+        [
+            new_conversation(first_slug) | {"message": "Hello."},
+            new_conversation(second_slug) | {"message": "Hi."},
+        ],
+        send=False,
+    )
+    report = process_batch(ids)
+    assert report.engine_dead is not None
+    assert sorted(report.handed_back) == sorted(ids) and sorted(report.send_again) == sorted(ids)
+    assert not report.failed and not report.retry
+    assert all(get_turn(i).status == TurnStatus.QUEUED for i in ids)
 
 
 def test_turns_the_claim_failed_for_waiting_are_not_written_again_by_the_batch(engine, monkeypatch) -> None:

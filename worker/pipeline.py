@@ -147,8 +147,13 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             )
         except EngineDead as exc:
             report.engine_dead = exc
-            failed_before = set(report.failed)  # announced and called back as they failed
+            # Written (and announced, called back) as they failed, or only noted, not yet written: the
+            # hand-back requeues those, and the report says so.
+            failed_before = set(report.failed)
             _hand_back_dead(claim.token, turns, exc, report)
+            for turn_id in report.handed_back:
+                report.failed.pop(turn_id, None)
+                report.retry.pop(turn_id, None)
             ended = [t.id for t in turns if t.id in report.failed and t.id not in failed_before]
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
