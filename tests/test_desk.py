@@ -4,6 +4,7 @@ and embedder (the pages themselves are driven in a real browser in tests/test_de
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import numpy as np
@@ -293,18 +294,26 @@ def test_a_pick_of_a_candidate_whose_text_changed_is_refused(services, world) ->
     assert turn.reply == "The forge the forge the forge." and changes == 0
 
 
+def _output_file(run_id) -> str | None:  # type: ignore[no-untyped-def]
+    from db.models import Run
+
+    with session_scope() as s:
+        return s.get_one(Run, run_id).output_file_id
+
+
 def test_a_finished_batchs_output_file_carries_the_kept_text(services, world, base_url) -> None:
     import httpx
 
     from core.settings import settings
-    from db.models import Run
     from services.batches import finalize_run
 
     admin = next(k for k in settings.api_keys if "admin" in k.scopes)
     run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
-    assert finalize_run(run_id) is not None
-    with session_scope() as s:
-        output_file_id = s.get_one(Run, run_id).output_file_id
+    finalize_run(run_id)  # or the session's housekeeper does (it finalizes runs every second)
+    deadline = time.monotonic() + 30
+    while (output_file_id := _output_file(run_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert output_file_id is not None
 
     def replies() -> dict[str, str]:
         response = httpx.get(

@@ -853,16 +853,18 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
             .where(StoredFile.id.in_([expiring["id"], input_id]))
             .values(expires_at=func.now() - timedelta(seconds=1))
         )
-    assert batches.housekeeping(["nobody"])["files_deleted"] == [expiring["id"]]
+    from services.files import find_file
+
+    # [] when the session's housekeeper (tests/conftest.py, every second) deleted it first
+    assert batches.housekeeping(["nobody"])["files_deleted"] in ([expiring["id"]], [])
+    assert find_file(expiring["id"]) is None and find_file(input_id) is not None
     assert not (settings.batch_files_dir / f"{expiring['id']}.jsonl").exists()
     assert httpx.get(f"{base_url}/v1/files/{expiring['id']}", headers=INGEST).status_code == 404
     batches.cancel_batch(batch_id, api_key="k", admin=False)
     ended = batches.get_batch(batch_id, api_key="k", admin=False)
     assert ended["status"] == "cancelled"
-    from services.files import find_file
-
     output = find_file(ended["output_file_id"]).info
     assert output["expires_at"] - output["created_at"] in (7200, 7201)
-    assert batches.housekeeping(["nobody"])["files_deleted"] == [input_id]
+    assert batches.housekeeping(["nobody"])["files_deleted"] in ([input_id], [])
     assert find_file(input_id) is None and find_file(kept["id"]) is not None
     assert batches.housekeeping(["nobody"])["files_deleted"] == []
