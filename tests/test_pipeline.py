@@ -307,9 +307,10 @@ def test_a_dead_engine_calls_back_only_the_turns_its_death_ended(dead_engine, mo
 def test_a_turn_failed_in_a_claim_whose_engine_then_died_is_handed_back_not_reported_failed(
     engine, monkeypatch
 ) -> None:
-    """An adapter that cannot load fails its turn in the batch's report only (nothing written yet);
-    the next adapter's load kills the engine: the hand-back requeues both turns, so neither is in the
-    report's failures (it said failed for a turn it had queued again)."""
+    """An adapter that cannot load fails its turn in the batch's report only (nothing written yet),
+    a stage's passing fault notes another for a retry; the next adapter's load kills the engine: the
+    hand-back requeues all three, so none is in the report's failures or retries (it said failed for
+    a turn it had queued again, and sent the noted retry twice)."""
     import threading
 
     from worker import engine as engine_module
@@ -321,6 +322,7 @@ def test_a_turn_failed_in_a_claim_whose_engine_then_died_is_handed_back_not_repo
         )
         first_slug, second_slug = first.slug, second.slug
     this_thread, real_adapter_of = threading.current_thread(), pipeline.adapter_of
+    real_load_adapter = engine_module.load_adapter
 
     def adapter_of(character):  # type: ignore[no-untyped-def]
         if threading.current_thread() is not this_thread:  # the session's worker: unchanged
@@ -328,23 +330,35 @@ def test_a_turn_failed_in_a_claim_whose_engine_then_died_is_handed_back_not_repo
         return engine_module.Adapter(f"{character.slug}@v1", 1 + (character.slug == second_slug), "/none")
 
     def load_adapter(adapter):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is not this_thread:
+            return real_load_adapter(adapter)
         if adapter.name.startswith(f"{first_slug}@"):
             raise engine_module.AdapterUnavailable("test: no such adapter")
         raise engine_module.EngineDead("the engine died: test", in_engine=False)
 
+    real_shape_of = pipeline.shape_of
+
+    def shape_of(params, character, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.current_thread() is this_thread and params["max_new_tokens"] == 7:
+            raise ValueError("test: a passing fault")  # noted for a retry, not yet written
+        return real_shape_of(params, character, **kwargs)
+
     monkeypatch.setattr(pipeline, "adapter_of", adapter_of)
+    monkeypatch.setattr(pipeline, "shape_of", shape_of)
     monkeypatch.setattr(engine_module, "load_adapter", load_adapter)
     monkeypatch.setattr(lifecycle, "worker_state", SimpleNamespace(should_stop=None))
     ids = enqueue_turns(
         [
             new_conversation(first_slug) | {"message": "Hello."},
             new_conversation(second_slug) | {"message": "Hi."},
+            new_conversation(first_slug) | {"message": "Again.", "params": {"max_new_tokens": 7}},
         ],
         send=False,
     )
     report = process_batch(ids)
     assert report.engine_dead is not None
-    assert sorted(report.handed_back) == sorted(ids) and sorted(report.send_again) == sorted(ids)
+    assert sorted(report.handed_back) == sorted(ids)
+    assert sorted(report.send_again) == sorted(ids)  # each turn sent once
     assert not report.failed and not report.retry
     assert all(get_turn(i).status == TurnStatus.QUEUED for i in ids)
 

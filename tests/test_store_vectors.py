@@ -1,5 +1,7 @@
 """The store writes message vectors in pgvector's binary format, and they read back exactly."""
 
+import threading
+
 import numpy as np
 from sqlalchemy import Engine, event, select
 
@@ -21,8 +23,10 @@ def test_reply_vectors_are_sent_binary_and_read_back_exactly(world) -> None:
     user_vec, reply_vec = rng.standard_normal((2, settings.embedding_dim)).astype(np.float32)
     sent: list[object] = []
 
+    mine = threading.get_ident()  # the session's worker stores replies too
+
     def statement(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        if sql.lstrip().startswith("INSERT INTO messages"):
+        if threading.get_ident() == mine and sql.lstrip().startswith("INSERT INTO messages"):
             rows = params if isinstance(params, list) else [params]
             sent.extend(v for row in rows for k, v in row.items() if k.startswith("embedding"))
 
