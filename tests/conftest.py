@@ -197,6 +197,29 @@ def _session_worker_stays_up(request: pytest.FixtureRequest) -> Iterator[None]:
         )
 
 
+@contextmanager
+def sent_to_nobody(monkeypatch: pytest.MonkeyPatch, queue: str) -> Iterator[None]:
+    """Turns sent meanwhile go to `queue`, which no worker consumes (deleted after): a test that reads
+    them as still queued, or claims them as a worker would, races the session's worker otherwise. The
+    session's worker's own sends (its tasks' resends) still go to their model's queue."""
+    import redis
+
+    from core.services import broker_url
+    from tasks import generate
+    from tasks.app import app
+
+    real = generate.queue_for_model
+
+    def routed(model: str, lane: str = "live") -> str:
+        return real(model, lane) if app.current_worker_task is not None else queue  # type: ignore[arg-type]
+
+    monkeypatch.setattr(generate, "queue_for_model", routed)
+    try:
+        yield
+    finally:
+        redis.Redis.from_url(broker_url()).delete(queue)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():  # type: ignore[no-untyped-def]
     """The default model's tokenizer, without the engine."""

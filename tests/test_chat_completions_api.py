@@ -42,25 +42,17 @@ def _cancel(turn_ids: list[uuid.UUID]) -> None:
         cancel_turns(session=session, turn_ids=turn_ids)
 
 
-UNCONSUMED_QUEUE = "gen.chat-completions-check.live"  # a queue no worker consumes
-
-
 @pytest.fixture(autouse=True)
 def no_worker(request, monkeypatch):  # type: ignore[no-untyped-def]
-    """The turns sent over HTTP go to a queue nobody consumes: in the whole suite the session's worker
-    consumes the model's live queue, and answered a turn whose stored history a test read as the
-    request had left it."""
+    """The turns sent over HTTP go to a queue nobody consumes: the session's worker answered a turn
+    whose stored history a test read as the request had left it."""
     if "base_url" not in request.fixturenames:
         yield
         return
-    import redis
+    from tests.conftest import sent_to_nobody
 
-    from core.services import broker_url
-    from tasks import generate
-
-    monkeypatch.setattr(generate, "queue_for_model", lambda model, lane="live": UNCONSUMED_QUEUE)
-    yield
-    redis.Redis.from_url(broker_url()).delete(UNCONSUMED_QUEUE)
+    with sent_to_nobody(monkeypatch, "gen.chat-completions-check.live"):
+        yield
 
 
 @pytest.fixture

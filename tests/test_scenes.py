@@ -755,21 +755,14 @@ def _conv_id(external_id: str) -> int:
         return s.scalar(select(Conversation.id).where(Conversation.external_id == external_id))
 
 
-UNCONSUMED_QUEUE = "gen.scene-steps-check.live"  # a queue no worker consumes
-
-
 @pytest.fixture
 def steps_unconsumed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The steps a group sends go to a queue nobody consumes: in the whole suite the session's worker
-    consumes the model's live queue, and would claim a step before the test claims it as a worker."""
-    import redis
+    """The steps a group sends go to a queue nobody consumes: the session's worker would claim a step
+    before the test claims it as a worker."""
+    from tests.conftest import sent_to_nobody
 
-    from core.services import broker_url
-    from tasks import generate
-
-    monkeypatch.setattr(generate, "queue_for_model", lambda model, lane="live": UNCONSUMED_QUEUE)
-    yield
-    redis.Redis.from_url(broker_url()).delete(UNCONSUMED_QUEUE)
+    with sent_to_nobody(monkeypatch, "gen.scene-steps-check.live"):
+        yield
 
 
 def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world, steps_unconsumed) -> None:
