@@ -28,7 +28,7 @@ def unserved_model(monkeypatch):  # type: ignore[no-untyped-def]
     quiet = "unserved-producer-check"
     monkeypatch.setattr(settings, "model", quiet)
     monkeypatch.setattr(settings, "served_models", [quiet])
-    yield
+    yield quiet
     with app.connection_for_write() as conn:
         conn.default_channel.queue_purge(queue_for_model(quiet, "live"))
 
@@ -331,21 +331,18 @@ def test_a_pooled_connection_a_restart_broke_is_dropped_not_reused(
     ]
 
 
-def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world, monkeypatch) -> None:
+def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
+    world, monkeypatch, unserved_model
+) -> None:
     import base64
 
     import psycopg
 
-    from core.settings import queue_for_model, settings
+    from core.settings import queue_for_model
     from services.producer import submit_turns
     from tasks.app import app
 
-    # In the whole suite a test worker consumes the default model's queue and would take the message
-    # looked for below: this test's turns go to a model whose queue nobody consumes.
-    quiet = "lost-reply-check"
-    monkeypatch.setattr(settings, "model", quiet)
-    monkeypatch.setattr(settings, "served_models", [quiet])
-    conv = new_conversation()
+    conv = new_conversation()  # its turns go to unserved_model, whose message is looked for below
     enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one takes the fast path
 
     execute = psycopg.Cursor.execute
@@ -367,6 +364,4 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(world, monk
     with app.connection_for_read() as conn:
         raw = conn.default_channel.client.lrange(queue_for_model(stored.model, "live"), 0, -1)
     sent = [json.loads(base64.b64decode(json.loads(m)["body"]))[1]["turn_ids"] for m in raw]
-    with app.connection_for_write() as conn:
-        conn.default_channel.queue_purge(queue_for_model(quiet, "live"))
-    assert [str(stored.id)] in sent
+    assert stored.model == unserved_model and [str(stored.id)] in sent

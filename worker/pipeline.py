@@ -147,14 +147,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             )
         except EngineDead as exc:
             report.engine_dead = exc
-            # Written (and announced, called back) as they failed, or only noted, not yet written: the
-            # hand-back requeues those, and the report says so.
-            failed_before = set(report.failed)
-            _hand_back_dead(claim.token, turns, exc, report)
-            for turn_id in report.handed_back:
-                report.failed.pop(turn_id, None)
-                report.retry.pop(turn_id, None)
-            ended = [t.id for t in turns if t.id in report.failed and t.id not in failed_before]
+            ended = _hand_back_dead(claim.token, turns, exc, report)
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
         except BaseException:
@@ -190,10 +183,12 @@ def _hand_back(
 
 def _hand_back_dead(
     token: uuid.UUID, turns: Sequence[ClaimedTurn], error: EngineDead, report: BatchReport
-) -> None:
+) -> list[uuid.UUID]:
     """The engine died: requeue the claim's turns uncharged, counting a death for each that may have
     killed it (a request of its was a suspect inside the engine, or its adapter was loading), and fail
-    those at the limit. Best effort."""
+    those at the limit; returns those it failed. Best effort. A turn the batch had only noted failed
+    or for a retry, not yet written, is requeued with the rest and leaves the report's failures and
+    retries; one written already was announced and called back then."""
     reason = f"engine died: {error}"
     in_engine = [t for t, futures in report.futures.items() if any(map(_was_in_engine, futures))]
     outcome = _best_effort_hand_back(
@@ -208,8 +203,11 @@ def _hand_back_dead(
         ),
     )
     if outcome is None:
-        return
+        return []
     report.handed_back = outcome.requeued
+    for turn_id in outcome.requeued:
+        report.failed.pop(turn_id, None)
+        report.retry.pop(turn_id, None)
     for turn_id in outcome.crash_looped:
         report.failed[turn_id] = Failure(
             f"inside the engine at {settings.max_engine_deaths} engine deaths ({reason})",
@@ -217,6 +215,7 @@ def _hand_back_dead(
         )
     if outcome.crash_looped:
         logger.error("failed %d turns that were inside the engine at each death", len(outcome.crash_looped))
+    return list(outcome.crash_looped)
 
 
 def _was_in_engine(future: Any) -> bool:
