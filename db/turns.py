@@ -747,14 +747,17 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
         .order_by(Conversation.id)
         .with_for_update(key_share=True)
     )
-    owned = set(
-        session.scalars(
-            select(Turn.id)
+    # A turn's run and scene never change: read with the lock, they spare a live turn's store the
+    # run and scene advance's own reads.
+    owned = {
+        turn_id: run_id is not None or scene_id is not None
+        for turn_id, run_id, scene_id in session.execute(
+            select(Turn.id, Turn.run_id, Turn.scene_id)
             .where(Turn.id.in_([o.turn_id for o in outcomes]), _ours(token))
             .order_by(Turn.id)
             .with_for_update()
-        ).all()
-    )
+        ).tuples()
+    }
     outcomes = [o for o in outcomes if o.turn_id in owned]
     if not outcomes:
         return []
@@ -873,7 +876,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 .values(**values)
             )
     done = [o.turn_id for o in stored]
-    advance_runs_of_turns(session=session, turn_ids=done)
+    advance_runs_of_turns(session=session, turn_ids=[t for t in done if owned[t]])
     return done
 
 

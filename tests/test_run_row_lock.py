@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import select, text
+from sqlalchemy import Engine, event, select, text
 from sqlalchemy.orm import Session
 
 import db.runs
@@ -311,3 +311,46 @@ def test_stores_of_one_run_pin_different_queued_turns(world) -> None:
             holder.rollback()
             holder.close()
     assert len(pinned) > 1, f"every store pinned the same turn: {pinned}"
+
+
+def test_a_store_reads_runs_and_scenes_only_for_its_turns_that_have_one(world) -> None:
+    """Issue 28 (worker time per turn): a live turn's store made two reads per transaction to find
+    that its turns had no run and no scene. The run and scene come with the turns' lock now: a
+    store of a live turn alone makes neither read, and a store of a live turn with a run's turn
+    still completes the run."""
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    run_id, (run_turn,) = _run_of(1)
+    (live,) = enqueue_turns([new_conversation() | {"message": "Alone."}], send=False)
+    (live_2,) = enqueue_turns([new_conversation() | {"message": "Beside a run."}], send=False)
+    token, turns = _claim([run_turn, live, live_2])
+    mine = threading.get_ident()  # the session's worker stores replies meanwhile
+    statements: list[str] = []
+
+    def seen(conn, cursor, sql, params, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if threading.get_ident() == mine:
+            statements.append(" ".join(sql.split()))
+
+    def reads_of_runs_or_scenes() -> list[str]:
+        return [s for s in statements if s.startswith("SELECT") and ("run_id" in s or "scene_id" in s)]
+
+    event.listen(Engine, "before_cursor_execute", seen)
+    try:
+        with session_scope() as s:
+            _store(s, token, turns[live])
+        alone = reads_of_runs_or_scenes()
+        statements.clear()
+        with session_scope() as s:
+            stored = store_replies(
+                session=s, token=token, outcomes=[_outcome(turns[run_turn]), _outcome(turns[live_2])]
+            )
+    finally:
+        event.remove(Engine, "before_cursor_execute", seen)
+    # The lock's own read names both columns; nothing else may (before: SELECT DISTINCT turns.run_id
+    # and SELECT turns.scene_id, ... on every store).
+    assert [s for s in alone if "FOR UPDATE" not in s] == []
+    assert set(stored) == {run_turn, live_2}
+    run, statuses = _statuses(run_id)
+    assert run == RunStatus.COMPLETED and statuses[run_turn] == TurnStatus.DONE
+    assert any("DISTINCT turns.run_id" in s for s in reads_of_runs_or_scenes())
