@@ -27,14 +27,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import cache
 from typing import Any
 
-import psycopg
-from psycopg.types.json import Jsonb
 from sqlalchemy import (
-    JSON,
-    Connection,
     Integer,
     and_,
     any_,
@@ -50,7 +45,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, aliased, lazyload
 
 from db.models import (
@@ -292,90 +286,6 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             )
         out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code))
     return out
-
-
-# The single-enqueue path in one statement (autocommit: one round trip): the conversation lookup,
-# its character check and the insert together. It inserts only when create_turns would insert with no
-# question asked; whatever else holds, nothing is written and the caller takes the full path.
-def create_turn_in_known_conversation(
-    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
-) -> uuid.UUID | None:
-    """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
-    named) in a single statement; its id, or None if nothing was written: no such conversation,
-    another character's, a group conversation (its answering member is chosen on the full path), or
-    the idempotency key is taken (create_turns then decides, with its checks).
-    `turn.conversation_id` is not read."""
-    sql, fixed, json_fields = _insert_in_known_conversation(connection.dialect, character is not None)
-    values = fixed | {name: getattr(turn, name) for name in _FAST_TURN_FIELDS}
-    for name in json_fields:
-        if values[name] is not None:
-            values[name] = Jsonb(values[name])
-    values |= {
-        "id": uuid.uuid4(),
-        "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
-        "external_id": external_id,
-    }
-    if character is not None:
-        values["character"] = character
-    # On the driver's cursor: SQLAlchemy's execution context and result around one row cost ~0.1 ms
-    # of the producer's CPU per enqueue. What it would do on an error is done here: the error wrapped
-    # in SQLAlchemy's class (an OperationalError: the caller's fall-back) and a connection the error
-    # broke (closed or broken, its psycopg dialect's test) invalidated, so the pool never hands it
-    # out again. Other pooled connections a restart cut each fail once the same way.
-    driver = connection.connection.driver_connection
-    if not isinstance(driver, psycopg.Connection):
-        raise TypeError(f"expected a psycopg 3 connection, got {type(driver).__name__}")
-    try:
-        with driver.cursor() as cursor:
-            cursor.execute(sql, values)
-            row = cursor.fetchone()
-    except psycopg.Error as exc:
-        broken = driver.closed or driver.broken
-        if broken:
-            connection.invalidate(exc)
-        raise DBAPIError.instance(
-            sql, values, exc, psycopg.Error, connection_invalidated=broken, dialect=connection.dialect
-        ) from exc
-    return row[0] if row is not None else None
-
-
-_FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
-
-
-@cache
-def _insert_in_known_conversation(
-    dialect: Any, named_character: bool
-) -> tuple[str, dict[str, Any], list[str]]:
-    """The statement of create_turn_in_known_conversation, compiled once per shape to the driver's
-    SQL (each call then skips SQLAlchemy's statement and parameter machinery, ~0.1 ms, and psycopg
-    runs its prepared statement); with the values every such turn has (queued, and each other
-    column's Python-side default, which a compiled string does not fill in) and its JSON fields."""
-    columns = Turn.__table__.c
-    fixed: dict[str, Any] = {"status": TurnStatus.QUEUED.value, "attempts": 0}
-    given = {*_FAST_TURN_FIELDS, "id", "dispatched_at", *fixed}
-    for column in columns:
-        if column.default is None or column.key in given:
-            continue
-        if not column.default.is_scalar:  # a new column with a computed default: give it a value here
-            raise TypeError(f"turns.{column.key}: the one-statement insert cannot compute its default")
-        fixed[column.key] = column.default.arg
-    inserted = [*_FAST_TURN_FIELDS, "id", "dispatched_at", *fixed]
-    found = [Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")]
-    if named_character:
-        found.append(Character.slug == bindparam("character"))
-    source = (
-        select(*(bindparam(name, type_=columns[name].type) for name in inserted), Conversation.id)
-        .join(Character, Character.id == Conversation.character_id)
-        .where(*found, ~exists().where(ConversationMember.conversation_id == Conversation.id))
-    )
-    stmt = (
-        insert(Turn)
-        .from_select([*inserted, "conversation_id"], source)
-        .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
-        .returning(Turn.id)
-    )
-    json_fields = [name for name in _FAST_TURN_FIELDS if isinstance(columns[name].type, JSON)]
-    return str(stmt.compile(dialect=dialect)), fixed, json_fields
 
 
 def claim_turns(

@@ -16,11 +16,11 @@ from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import speaker_for_player
 from db.session import get_autocommit_engine, session_scope
+from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
     NewTurn,
     StoredTurn,
     cancel_turns,
-    create_turn_in_known_conversation,
     create_turns,
     fail_unsent,
     revive_unsent,
@@ -318,7 +318,8 @@ def _new_turn(
 def _store_one_fast(
     req: TurnRequest, *, run_id: uuid.UUID | None, custom_id: str | None, api_key: str | None, tenant: str
 ) -> tuple[StoredTurn | None, TurnRequest, bool]:
-    """The common single enqueue (a known conversation, a fresh key) in one autocommitted statement.
+    """The common single enqueue (a fresh key; a known conversation, or a new one of a named
+    character) in one autocommitted statement, two for a conversation's first turn.
     Returns the new turn, or None when the full path must decide, with the request to give it (its
     automatic idempotency key fixed, so a statement that committed but whose reply was lost is found
     as a replay, never inserted twice) and whether the statement raised (its outcome unknown)."""
@@ -329,6 +330,14 @@ def _store_one_fast(
             turn_id = create_turn_in_known_conversation(
                 connection=connection, turn=turn, external_id=req.conversation, character=req.character
             )
+            if turn_id is None and req.character:  # perhaps the conversation's first turn
+                turn_id = create_turn_in_new_conversation(
+                    connection=connection,
+                    turn=turn,
+                    external_id=req.conversation,
+                    character=req.character,
+                    conversation=_conversation_fields(req),
+                )
     except OperationalError:
         # A stale pooled connection (this path has no pre-ping), an outage, or a reply lost after
         # the commit: the full path decides.
@@ -352,6 +361,13 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         raise EnqueueError(
             f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
         ) from exc
+
+
+def _conversation_fields(req: TurnRequest) -> dict[str, Any]:
+    """What a request's first turn writes on the conversation it starts, besides its id and character."""
+    return dict(
+        player_id=req.player_id, player_name=req.player_name, story=req.story, story_time=req.story_time
+    )
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant: str) -> dict[str, int]:
@@ -399,10 +415,7 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
                 dict(
                     external_id=req.conversation,
                     character_id=characters[req.character],
-                    player_id=req.player_id,
-                    player_name=req.player_name,
-                    story=req.story,
-                    story_time=req.story_time,
+                    **_conversation_fields(req),
                 ),
             )
     if errors:

@@ -12,6 +12,7 @@ import time
 import uuid
 
 import httpx
+import pytest
 from sqlalchemy import func, select, text
 
 from db.models import Conversation, Turn
@@ -174,15 +175,18 @@ def _an_insert_waits() -> bool:
             s.scalar(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND query LIKE 'INSERT INTO conversations%'"
+                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH started AS%')"
                 )
             )
         )
 
 
-def test_a_conversation_started_meanwhile_is_not_reassigned(world) -> None:
+@pytest.mark.parametrize("lines", [1, 2], ids=["single-enqueue", "full-path"])
+def test_a_conversation_started_meanwhile_is_not_reassigned(world, lines: int) -> None:
     """Producer B misses conversation X (A has not committed it), then finds it on insert: X keeps A's
-    character, and B's turn is refused naming the conversation, with nothing of it stored."""
+    character, and B's turn is refused naming the conversation, with nothing of it stored. A single
+    enqueue's one statement finds X on its insert too, writes nothing, and the full path after it
+    finds X of another character; two lines take the full path at once, whose upsert finds X."""
     conversation = f"race-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         ids = find_characters(session=s, slugs=["elara", "luffy"])
@@ -191,7 +195,7 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world) -> None:
     def producer_b() -> None:
         try:
             outcome["ids"] = enqueue_turns(
-                [{"conversation": conversation, "character": "luffy", "message": "Ahoy!"}], send=False
+                [{"conversation": conversation, "character": "luffy", "message": "Ahoy!"}] * lines, send=False
             )
         except Exception as exc:  # noqa: BLE001 - the test reads what happened
             outcome["error"] = exc
@@ -216,7 +220,11 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world) -> None:
         assert _turns_in(conv.id) == 0
     error = outcome.get("error")
     assert isinstance(error, TurnRejected), outcome
-    assert error.errors[0].field == "conversation" and conversation in error.errors[0].reason
+    assert conversation in error.errors[0].reason
+    if lines == 1:
+        assert error.errors[0].field == "character" and "belongs to character 'elara'" in str(error)
+    else:
+        assert error.errors[0].field == "conversation" and "just started" in str(error)
 
 
 def test_upsert_conversations_reads_back_a_row_that_exists(world) -> None:

@@ -1,0 +1,172 @@
+"""The single enqueue in one autocommitted statement (one round trip): a turn into the tenant's known
+conversation, or a turn that starts its conversation.
+
+Each statement writes only when create_turns (the full path, db/turns.py) would write the same rows
+with no question asked; whatever else holds, it writes nothing and the caller takes the full path,
+which decides with every check and says what is wrong. Compiled once per shape to the driver's SQL
+and run on the driver's cursor: SQLAlchemy's statement, parameter and result machinery cost ~0.1 ms
+of the producer's CPU per enqueue, and psycopg prepares a statement it runs often.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+from sqlalchemy import JSON, Connection, Select, bindparam, exists, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DBAPIError
+
+from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
+from db.turns import NewTurn
+
+_FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
+# A new conversation's own fields, as the full path's upsert_conversations writes them (db/world.py).
+_NEW_CONVERSATION_FIELDS = ("player_id", "player_name", "story", "story_time")
+
+
+def create_turn_in_known_conversation(
+    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
+) -> uuid.UUID | None:
+    """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
+    named) in a single statement; its id, or None if nothing was written: no such conversation,
+    another character's, a group conversation (its answering member is chosen on the full path), or
+    the idempotency key is taken (create_turns then decides, with its checks).
+    `turn.conversation_id` is not read."""
+    sql, fixed, json_fields = _insert_in_known_conversation(connection.dialect, character is not None)
+    values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id}
+    if character is not None:
+        values["character"] = character
+    return _run(connection, sql, values)
+
+
+def create_turn_in_new_conversation(
+    *, connection: Connection, turn: NewTurn, external_id: str, character: str, conversation: dict[str, Any]
+) -> uuid.UUID | None:
+    """Start the tenant's conversation `external_id` with `character` (`conversation`: its player_id,
+    player_name, story and story_time) and insert its first turn, in a single statement; the turn's
+    id, or None if nothing was written: the conversation exists (the known path or the full path
+    decides), the character does not (the full path says so), or the idempotency key is taken.
+
+    The key is checked before the conversation is made, so a replay or a reused key never leaves a
+    conversation behind; only a request racing this one with the same key, inserted between that
+    check and the turn's insert, can: the conversation then exists with no turn, as the caller asked
+    to start it, and the full path answers the key as it would have."""
+    sql, fixed, json_fields = _insert_in_new_conversation(connection.dialect)
+    values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id, "character": character}
+    values |= {name: conversation[name] for name in _NEW_CONVERSATION_FIELDS}
+    return _run(connection, sql, values)
+
+
+def _turn_values(turn: NewTurn, fixed: dict[str, Any], json_fields: list[str]) -> dict[str, Any]:
+    values = fixed | {name: getattr(turn, name) for name in _FAST_TURN_FIELDS}
+    for name in json_fields:
+        if values[name] is not None:
+            values[name] = Jsonb(values[name])
+    return values | {
+        "id": uuid.uuid4(),
+        "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
+    }
+
+
+def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID | None:
+    """The statement on the driver's cursor. What SQLAlchemy would do on an error is done here: the
+    error wrapped in SQLAlchemy's class (an OperationalError: the caller's fall-back) and a connection
+    the error broke (closed or broken, its psycopg dialect's test) invalidated, so the pool never
+    hands it out again. Other pooled connections a restart cut each fail once the same way."""
+    driver = connection.connection.driver_connection
+    if not isinstance(driver, psycopg.Connection):
+        raise TypeError(f"expected a psycopg 3 connection, got {type(driver).__name__}")
+    try:
+        with driver.cursor() as cursor:
+            cursor.execute(sql, values)
+            row = cursor.fetchone()
+    except psycopg.Error as exc:
+        broken = driver.closed or driver.broken
+        if broken:
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            sql, values, exc, psycopg.Error, connection_invalidated=broken, dialect=connection.dialect
+        ) from exc
+    return row[0] if row is not None else None
+
+
+def _turn_columns() -> tuple[list[str], dict[str, Any], list[str]]:
+    """The columns a fast insert writes, the values every such turn has (queued, and each other
+    column's Python-side default, which a compiled string does not fill in), and its JSON fields."""
+    columns = Turn.__table__.c
+    fixed: dict[str, Any] = {"status": TurnStatus.QUEUED.value, "attempts": 0}
+    given = {*_FAST_TURN_FIELDS, "id", "dispatched_at", *fixed}
+    for column in columns:
+        if column.default is None or column.key in given:
+            continue
+        if not column.default.is_scalar:  # a new column with a computed default: give it a value here
+            raise TypeError(f"turns.{column.key}: the one-statement insert cannot compute its default")
+        fixed[column.key] = column.default.arg
+    json_fields = [name for name in _FAST_TURN_FIELDS if isinstance(columns[name].type, JSON)]
+    return [*_FAST_TURN_FIELDS, "id", "dispatched_at", *fixed], fixed, json_fields
+
+
+def _turn_insert(
+    conversation_id: Any, narrow: Callable[[Select[Any]], Select[Any]] = lambda source: source
+) -> tuple[Any, dict[str, Any], list[str]]:
+    """INSERT INTO turns ... SELECT the turn's values and `conversation_id` (the source that `narrow`
+    joins and filters), skipping a taken idempotency key."""
+    inserted, fixed, json_fields = _turn_columns()
+    columns = Turn.__table__.c
+    source = select(*(bindparam(name, type_=columns[name].type) for name in inserted), conversation_id)
+    stmt = (
+        insert(Turn)
+        .from_select([*inserted, "conversation_id"], narrow(source))
+        .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
+        .returning(Turn.id)
+    )
+    return stmt, fixed, json_fields
+
+
+@cache
+def _insert_in_known_conversation(
+    dialect: Any, named_character: bool
+) -> tuple[str, dict[str, Any], list[str]]:
+    """create_turn_in_known_conversation's statement, its fixed values and JSON fields."""
+    found = [Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")]
+    if named_character:
+        found.append(Character.slug == bindparam("character"))
+    stmt, fixed, json_fields = _turn_insert(
+        Conversation.id,
+        lambda source: source.join(Character, Character.id == Conversation.character_id).where(
+            *found, ~exists().where(ConversationMember.conversation_id == Conversation.id)
+        ),
+    )
+    return str(stmt.compile(dialect=dialect)), fixed, json_fields
+
+
+@cache
+def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list[str]]:
+    """create_turn_in_new_conversation's statement: the conversation's INSERT as a data-modifying
+    CTE (made only for a known character and a free key; nothing if the conversation exists), the
+    turn's INSERT selecting from what it returned."""
+    conv = Conversation.__table__.c
+    key_taken = exists().where(
+        Turn.tenant == bindparam("tenant"), Turn.idempotency_key == bindparam("idempotency_key")
+    )
+    own = [bindparam(name, type_=conv[name].type) for name in ("tenant", "external_id")]
+    fields = [bindparam(name, type_=conv[name].type) for name in _NEW_CONVERSATION_FIELDS]
+    started = (
+        insert(Conversation)
+        .from_select(
+            ["tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
+            select(*own, Character.id, *fields).where(Character.slug == bindparam("character"), ~key_taken),
+            include_defaults=False,  # emotion and affinity: the server's defaults, the same values
+        )
+        .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+        .returning(Conversation.id)
+        .cte("started")
+    )
+    stmt, fixed, json_fields = _turn_insert(started.c.id)
+    return str(stmt.add_cte(started).compile(dialect=dialect)), fixed, json_fields
