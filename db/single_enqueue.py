@@ -18,9 +18,9 @@ from typing import Any
 
 import psycopg
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Connection, Select, bindparam, exists, select
+from sqlalchemy import JSON, Connection, Select, bindparam, exists, literal_column, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
 from db.turns import NewTurn
@@ -50,17 +50,21 @@ def create_turn_in_new_conversation(
 ) -> uuid.UUID | None:
     """Start the tenant's conversation `external_id` with `character` (`conversation`: its player_id,
     player_name, story and story_time) and insert its first turn, in a single statement; the turn's
-    id, or None if nothing was written: the conversation exists (the known path or the full path
-    decides), the character does not (the full path says so), or the idempotency key is taken.
-
-    The key is checked before the conversation is made, so a replay or a reused key never leaves a
-    conversation behind; only a request racing this one with the same key, inserted between that
-    check and the turn's insert, can: the conversation then exists with no turn, as the caller asked
-    to start it, and the full path answers the key as it would have."""
+    id, or None if nothing was written: the conversation exists or was started meanwhile (the full
+    path decides), the character does not exist (the full path says so), or the idempotency key is
+    taken. Both rows are written or neither: a refused request never leaves a conversation behind."""
+    if set(conversation) != set(_NEW_CONVERSATION_FIELDS):
+        raise ValueError(
+            f"a new conversation's fields are {_NEW_CONVERSATION_FIELDS}, not {sorted(conversation)}"
+        )
     sql, fixed, json_fields = _insert_in_new_conversation(connection.dialect)
     values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id, "character": character}
-    values |= {name: conversation[name] for name in _NEW_CONVERSATION_FIELDS}
-    return _run(connection, sql, values)
+    try:
+        return _run(connection, sql, values | conversation)
+    except IntegrityError as exc:
+        if not isinstance(exc.orig, psycopg.errors.ForeignKeyViolation):
+            raise
+        return None  # the conversation was started meanwhile: the statement wrote nothing
 
 
 def _turn_values(turn: NewTurn, fixed: dict[str, Any], json_fields: list[str]) -> dict[str, Any]:
@@ -124,7 +128,6 @@ def _turn_insert(
         insert(Turn)
         .from_select([*inserted, "conversation_id"], narrow(source))
         .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
-        .returning(Turn.id)
     )
     return stmt, fixed, json_fields
 
@@ -143,30 +146,43 @@ def _insert_in_known_conversation(
             *found, ~exists().where(ConversationMember.conversation_id == Conversation.id)
         ),
     )
-    return str(stmt.compile(dialect=dialect)), fixed, json_fields
+    return str(stmt.returning(Turn.id).compile(dialect=dialect)), fixed, json_fields
 
 
 @cache
 def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list[str]]:
-    """create_turn_in_new_conversation's statement: the conversation's INSERT as a data-modifying
-    CTE (made only for a known character and a free key; nothing if the conversation exists), the
-    turn's INSERT selecting from what it returned."""
+    """create_turn_in_new_conversation's statement, all or nothing: the turn first (a known
+    character, no such conversation yet, the key free), under a conversation id drawn from the
+    sequence; then the conversation of that id, from what the turn's INSERT returned. A taken key
+    inserts no turn, so no conversation either. A conversation another producer made meanwhile
+    inserts none, and the turn's foreign key, checked at the statement's end, then fails the whole
+    statement (IntegrityError: the caller takes the full path)."""
     conv = Conversation.__table__.c
-    key_taken = exists().where(
-        Turn.tenant == bindparam("tenant"), Turn.idempotency_key == bindparam("idempotency_key")
+    written = {"id", "tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS}
+    for column in conv:  # a compiled string fills in no Python-side default: the server must have one
+        if column.key not in written and column.default is not None and column.server_default is None:
+            raise TypeError(f"conversations.{column.key}: the one-statement start has no value for it")
+    known = Character.slug == bindparam("character")
+    exists_already = exists().where(
+        Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")
     )
+    turn, fixed, json_fields = _turn_insert(
+        literal_column(f"nextval(pg_get_serial_sequence('{Conversation.__tablename__}', 'id'))"),
+        lambda source: source.where(known, ~exists_already),
+    )
+    turned = turn.returning(Turn.id, Turn.conversation_id).cte("turn")
     own = [bindparam(name, type_=conv[name].type) for name in ("tenant", "external_id")]
     fields = [bindparam(name, type_=conv[name].type) for name in _NEW_CONVERSATION_FIELDS]
     started = (
         insert(Conversation)
         .from_select(
-            ["tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
-            select(*own, Character.id, *fields).where(Character.slug == bindparam("character"), ~key_taken),
+            ["id", "tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
+            select(turned.c.conversation_id, *own, Character.id, *fields).where(known),
             include_defaults=False,  # emotion and affinity: the server's defaults, the same values
         )
         .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
         .returning(Conversation.id)
         .cte("started")
     )
-    stmt, fixed, json_fields = _turn_insert(started.c.id)
-    return str(stmt.add_cte(started).compile(dialect=dialect)), fixed, json_fields
+    stmt = select(turned.c.id).join_from(turned, started, started.c.id == turned.c.conversation_id)
+    return str(stmt.compile(dialect=dialect)), fixed, json_fields

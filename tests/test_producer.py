@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 
 from db.models import Turn, TurnStatus
-from db.session import session_scope
+from db.session import get_autocommit_engine, session_scope
 from db.turns import IdempotencyConflict
 from services.producer import cancel_turn, enqueue_turn, enqueue_turns, get_turn
 from tests.conftest import new_conversation
@@ -302,39 +302,48 @@ def test_a_conversations_first_single_enqueue_starts_it_in_one_statement_as_the_
     with its turn, writing the conversation as the full path does (two requests in one call)."""
     from services.producer import submit_turns
 
+    # Unsent (send=False takes the same path): the session's worker must not answer them and move
+    # the conversations' mood meanwhile.
     fields = {"character": "elara", "player_id": "p-7", "player_name": "Ash", "story": "grand-line"}
     fields |= {"story_time": 30}
     fast, full = new_conversation()["conversation"], new_conversation()["conversation"]
-    enqueue_turn(new_conversation() | {"message": "Warm."})  # the autocommit pool has a connection
+    get_autocommit_engine().dispose()  # no connection a restart in an earlier test left stale
+    enqueue_turns([new_conversation() | {"message": "Warm."}], send=False)  # and one connection made
     seen = _statements_sent(monkeypatch)
-    turn_id = enqueue_turn({"conversation": fast, "message": "First.", **fields})
+    (turn_id,) = enqueue_turns([{"conversation": fast, "message": "First.", **fields}], send=False)
     monkeypatch.undo()
-    assert seen == [("INSERT INTO turns", True), ("WITH started AS", True)]
+    assert seen == [("INSERT INTO turns", True), ("WITH turn AS", True)]
     enqueue_turns([{"conversation": full, "message": m, **fields} for m in ("First.", "Second.")], send=False)
     assert _conversation_row(fast) == _conversation_row(full) is not None
     view = get_turn(turn_id)
     assert view is not None and view.status == TurnStatus.QUEUED and view.message == "First."
     # Another tenant's conversation of that id is its own, started the same way.
-    (elsewhere,) = submit_turns([{"conversation": fast, "message": "Hi.", **fields}], tenant="t-first")
+    (elsewhere,) = submit_turns(
+        [{"conversation": fast, "message": "Hi.", **fields}], tenant="t-first", send=False
+    )
     assert elsewhere.created and _conversation_row(fast, "t-first") == _conversation_row(fast)
     assert get_turn(elsewhere.id).conversation_id != view.conversation_id  # type: ignore[union-attr]
 
 
-def test_a_refused_first_turn_leaves_no_conversation_behind(world) -> None:
+def test_a_refused_first_turn_leaves_no_conversation_behind(world, monkeypatch) -> None:
     """The one-statement start writes nothing when the full path would refuse the request or answer
     it as a replay: an unknown character, an idempotency key used before for another request (here,
     another message, or the same message in another conversation); a replay of a first turn is
     answered with that turn."""
+    seen = _statements_sent(monkeypatch)
     with pytest.raises(ValueError, match="unknown character 'nobody'"):
-        enqueue_turn({"conversation": (lost := new_conversation()["conversation"]), "character": "nobody",
-                      "message": "Hi."})  # fmt: skip
+        enqueue_turns([{"conversation": (lost := new_conversation()["conversation"]), "character": "nobody",
+                        "message": "Hi."}], send=False)  # fmt: skip
+    assert ("WITH turn AS", True) in seen  # the one-statement start ran, and wrote nothing
     assert _conversation_row(lost) is None
     keyed = new_conversation() | {"message": "Keyed.", "idempotency_key": f"first-{lost}"}
-    first = enqueue_turn(keyed)
-    assert enqueue_turn(keyed) == first
+    first = enqueue_turns([keyed], send=False)
+    assert enqueue_turns([keyed], send=False) == first
     for reused in (keyed | new_conversation(), keyed | new_conversation() | {"message": "Reused."}):
+        seen.clear()
         with pytest.raises(IdempotencyConflict):
-            enqueue_turn(reused)
+            enqueue_turns([reused], send=False)
+        assert ("WITH turn AS", True) in seen
         assert _conversation_row(reused["conversation"]) is None
 
 
@@ -394,9 +403,11 @@ def test_a_pooled_connection_a_restart_broke_is_dropped_not_reused(
     ]
 
 
+@pytest.mark.parametrize("statement", ["INSERT INTO turns", "WITH turn AS"], ids=["known", "first-turn"])
 def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
-    world, monkeypatch, unserved_model
+    world, monkeypatch, unserved_model, statement: str
 ) -> None:
+    """Either one-statement insert (into a known conversation, or a conversation's first turn)."""
     import base64
 
     import psycopg
@@ -406,23 +417,25 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
     from tasks.app import app
 
     conv = new_conversation()  # its turns go to unserved_model, whose message is looked for below
-    enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one takes the fast path
+    if statement == "INSERT INTO turns":
+        enqueue_turn(conv | {"message": "Hello."})  # starts the conversation: the next one is known
 
     execute = psycopg.Cursor.execute
 
     def lose_the_reply(cursor, query, *args, **kwargs):  # type: ignore[no-untyped-def]
         done = execute(cursor, query, *args, **kwargs)
-        if cursor.connection.autocommit and str(query).lstrip().startswith("INSERT INTO turns"):
+        written = cursor.rowcount > 0  # the known statement ran first, and wrote nothing, for a new one
+        if cursor.connection.autocommit and str(query).lstrip().startswith(statement) and written:
             # it ran and committed (autocommit); its reply never reaches the producer
             raise psycopg.OperationalError("injected: connection lost after the INSERT")
         return done
 
     with monkeypatch.context() as patch:
         patch.setattr(psycopg.Cursor, "execute", lose_the_reply)
-        [stored] = submit_turns([conv | {"message": "Did this land?"}])
+        [stored] = submit_turns([conv | {"message": f"Did this land? ({statement})"}])
     assert stored.created is True and stored.status == TurnStatus.QUEUED
     with session_scope() as s:
-        rows = s.scalars(select(Turn.id).where(Turn.message == "Did this land?")).all()
+        rows = s.scalars(select(Turn.id).where(Turn.message == f"Did this land? ({statement})")).all()
     assert rows == [stored.id]
     with app.connection_for_read() as conn:
         raw = conn.default_channel.client.lrange(queue_for_model(stored.model, "live"), 0, -1)

@@ -175,7 +175,7 @@ def _an_insert_waits() -> bool:
             s.scalar(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH started AS%')"
+                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH turn AS%')"
                 )
             )
         )
