@@ -14,11 +14,11 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import cache
-from typing import Any
+from typing import Any, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Connection, Select, bindparam, exists, literal_column, select
+from sqlalchemy import JSON, Connection, Select, Table, UniqueConstraint, bindparam, exists, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -28,6 +28,11 @@ from db.turns import NewTurn
 _FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
 # A new conversation's own fields, as the full path's upsert_conversations writes them (db/world.py).
 _NEW_CONVERSATION_FIELDS = ("player_id", "player_name", "story", "story_time")
+_KEY = next(  # turns' unique constraint on (tenant, idempotency_key)
+    c.name
+    for c in cast(Table, Turn.__table__).constraints
+    if isinstance(c, UniqueConstraint) and {x.key for x in c.columns} == {"tenant", "idempotency_key"}
+)
 
 
 def create_turn_in_known_conversation(
@@ -52,7 +57,8 @@ def create_turn_in_new_conversation(
     player_name, story and story_time) and insert its first turn, in a single statement; the turn's
     id, or None if nothing was written: the conversation exists or was started meanwhile (the full
     path decides), the character does not exist (the full path says so), or the idempotency key is
-    taken. Both rows are written or neither: a refused request never leaves a conversation behind."""
+    taken (before or meanwhile). Both rows are written or neither: a refused request never leaves a
+    conversation behind."""
     if set(conversation) != set(_NEW_CONVERSATION_FIELDS):
         raise ValueError(
             f"a new conversation's fields are {_NEW_CONVERSATION_FIELDS}, not {sorted(conversation)}"
@@ -62,9 +68,10 @@ def create_turn_in_new_conversation(
     try:
         return _run(connection, sql, values | conversation)
     except IntegrityError as exc:
-        if not isinstance(exc.orig, psycopg.errors.ForeignKeyViolation):
+        orig = exc.orig
+        if not isinstance(orig, psycopg.errors.UniqueViolation) or orig.diag.constraint_name != _KEY:
             raise
-        return None  # the conversation was started meanwhile: the statement wrote nothing
+        return None  # another request took the key meanwhile: the statement wrote nothing
 
 
 def _turn_values(turn: NewTurn, fixed: dict[str, Any], json_fields: list[str]) -> dict[str, Any]:
@@ -120,16 +127,11 @@ def _turn_insert(
     conversation_id: Any, narrow: Callable[[Select[Any]], Select[Any]] = lambda source: source
 ) -> tuple[Any, dict[str, Any], list[str]]:
     """INSERT INTO turns ... SELECT the turn's values and `conversation_id` (the source that `narrow`
-    joins and filters), skipping a taken idempotency key."""
+    joins and filters)."""
     inserted, fixed, json_fields = _turn_columns()
     columns = Turn.__table__.c
     source = select(*(bindparam(name, type_=columns[name].type) for name in inserted), conversation_id)
-    stmt = (
-        insert(Turn)
-        .from_select([*inserted, "conversation_id"], narrow(source))
-        .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
-    )
-    return stmt, fixed, json_fields
+    return insert(Turn).from_select([*inserted, "conversation_id"], narrow(source)), fixed, json_fields
 
 
 @cache
@@ -146,43 +148,38 @@ def _insert_in_known_conversation(
             *found, ~exists().where(ConversationMember.conversation_id == Conversation.id)
         ),
     )
+    stmt = stmt.on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
     return str(stmt.returning(Turn.id).compile(dialect=dialect)), fixed, json_fields
 
 
 @cache
 def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list[str]]:
-    """create_turn_in_new_conversation's statement, all or nothing: the turn first (a known
-    character, no such conversation yet, the key free), under a conversation id drawn from the
-    sequence; then the conversation of that id, from what the turn's INSERT returned. A taken key
-    inserts no turn, so no conversation either. A conversation another producer made meanwhile
-    inserts none, and the turn's foreign key, checked at the statement's end, then fails the whole
-    statement (IntegrityError: the caller takes the full path)."""
+    """create_turn_in_new_conversation's statement, all or nothing, taking its locks in the full
+    path's order (the conversation, then the key): the conversation's INSERT as a data-modifying CTE
+    (a known character, a key no turn has), skipped when the conversation exists or another producer
+    is starting it; the turn's INSERT from what it returned, with no ON CONFLICT: a key another
+    request took meanwhile fails the whole statement (a unique violation: the caller takes the full
+    path), so a conversation is never left without its turn."""
     conv = Conversation.__table__.c
-    written = {"id", "tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS}
+    written = {"tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS}
     for column in conv:  # a compiled string fills in no Python-side default: the server must have one
         if column.key not in written and column.default is not None and column.server_default is None:
             raise TypeError(f"conversations.{column.key}: the one-statement start has no value for it")
-    known = Character.slug == bindparam("character")
-    exists_already = exists().where(
-        Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")
+    key_taken = exists().where(
+        Turn.tenant == bindparam("tenant"), Turn.idempotency_key == bindparam("idempotency_key")
     )
-    turn, fixed, json_fields = _turn_insert(
-        literal_column(f"nextval(pg_get_serial_sequence('{Conversation.__tablename__}', 'id'))"),
-        lambda source: source.where(known, ~exists_already),
-    )
-    turned = turn.returning(Turn.id, Turn.conversation_id).cte("turn")
     own = [bindparam(name, type_=conv[name].type) for name in ("tenant", "external_id")]
     fields = [bindparam(name, type_=conv[name].type) for name in _NEW_CONVERSATION_FIELDS]
     started = (
         insert(Conversation)
         .from_select(
-            ["id", "tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
-            select(turned.c.conversation_id, *own, Character.id, *fields).where(known),
+            ["tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
+            select(*own, Character.id, *fields).where(Character.slug == bindparam("character"), ~key_taken),
             include_defaults=False,  # emotion and affinity: the server's defaults, the same values
         )
         .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
         .returning(Conversation.id)
         .cte("started")
     )
-    stmt = select(turned.c.id).join_from(turned, started, started.c.id == turned.c.conversation_id)
-    return str(stmt.compile(dialect=dialect)), fixed, json_fields
+    stmt, fixed, json_fields = _turn_insert(started.c.id)
+    return str(stmt.add_cte(started).returning(Turn.id).compile(dialect=dialect)), fixed, json_fields

@@ -312,7 +312,7 @@ def test_a_conversations_first_single_enqueue_starts_it_in_one_statement_as_the_
     seen = _statements_sent(monkeypatch)
     (turn_id,) = enqueue_turns([{"conversation": fast, "message": "First.", **fields}], send=False)
     monkeypatch.undo()
-    assert seen == [("INSERT INTO turns", True), ("WITH turn AS", True)]
+    assert seen == [("INSERT INTO turns", True), ("WITH started AS", True)]
     enqueue_turns([{"conversation": full, "message": m, **fields} for m in ("First.", "Second.")], send=False)
     assert _conversation_row(fast) == _conversation_row(full) is not None
     view = get_turn(turn_id)
@@ -334,7 +334,7 @@ def test_a_refused_first_turn_leaves_no_conversation_behind(world, monkeypatch) 
     with pytest.raises(ValueError, match="unknown character 'nobody'"):
         enqueue_turns([{"conversation": (lost := new_conversation()["conversation"]), "character": "nobody",
                         "message": "Hi."}], send=False)  # fmt: skip
-    assert ("WITH turn AS", True) in seen  # the one-statement start ran, and wrote nothing
+    assert ("WITH started AS", True) in seen  # the one-statement start ran, and wrote nothing
     assert _conversation_row(lost) is None
     keyed = new_conversation() | {"message": "Keyed.", "idempotency_key": f"first-{lost}"}
     first = enqueue_turns([keyed], send=False)
@@ -343,7 +343,7 @@ def test_a_refused_first_turn_leaves_no_conversation_behind(world, monkeypatch) 
         seen.clear()
         with pytest.raises(IdempotencyConflict):
             enqueue_turns([reused], send=False)
-        assert ("WITH turn AS", True) in seen
+        assert ("WITH started AS", True) in seen
         assert _conversation_row(reused["conversation"]) is None
 
 
@@ -403,7 +403,7 @@ def test_a_pooled_connection_a_restart_broke_is_dropped_not_reused(
     ]
 
 
-@pytest.mark.parametrize("statement", ["INSERT INTO turns", "WITH turn AS"], ids=["known", "first-turn"])
+@pytest.mark.parametrize("statement", ["INSERT INTO turns", "WITH started AS"], ids=["known", "first-turn"])
 def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
     world, monkeypatch, unserved_model, statement: str
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from db.models import Conversation, Turn
-from db.session import session_scope
+from db.session import get_autocommit_engine, session_scope
 from db.world import find_characters, upsert_conversations
 from services.producer import TurnRejected, enqueue_turns
 from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, new_conversation
@@ -175,7 +175,7 @@ def _an_insert_waits() -> bool:
             s.scalar(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH turn AS%')"
+                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH started AS%')"
                 )
             )
         )
@@ -190,6 +190,7 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world, lines: int) -
     conversation = f"race-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         ids = find_characters(session=s, slugs=["elara", "luffy"])
+    get_autocommit_engine().dispose()  # a stale pooled connection would send B down the full path
     outcome: dict[str, object] = {}
 
     def producer_b() -> None:
@@ -225,6 +226,70 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world, lines: int) -
         assert error.errors[0].field == "character" and "belongs to character 'elara'" in str(error)
     else:
         assert error.errors[0].field == "conversation" and "just started" in str(error)
+
+
+def _statement_waits(prefix: str) -> bool:
+    """Whether a session waits on a lock in a statement starting with `prefix`."""
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"
+                ),
+                {"q": prefix + "%"},
+            )
+        )
+
+
+def test_a_first_turn_whose_key_is_taken_meanwhile_leaves_no_conversation(world) -> None:
+    """Producer A holds an uncommitted turn under key K; B's single enqueue starts a new conversation
+    with K. B's one statement passed its key check (A's row unseen), made the conversation, then
+    waits on K; once A commits, its turn's INSERT fails the whole statement, conversation included,
+    and the full path answers the key: another request's, refused. Nothing of B's is stored."""
+    from db.single_enqueue import create_turn_in_known_conversation
+    from db.turns import IdempotencyConflict
+    from services.producer import _new_turn
+    from services.schemas import TurnRequest
+
+    key = f"raced-{uuid.uuid4().hex[:10]}"
+    mine = new_conversation()
+    enqueue_turns([mine | {"message": "Hello."}], send=False)  # A's conversation exists
+    started = f"race-{uuid.uuid4().hex[:10]}"
+    get_autocommit_engine().dispose()  # a stale pooled connection would send B down the full path
+    outcome: dict[str, object] = {}
+
+    def producer_b() -> None:
+        try:
+            outcome["ids"] = enqueue_turns(
+                [{"conversation": started, "character": "elara", "message": "Mine!", "idempotency_key": key}],
+                send=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the test reads what happened
+            outcome["error"] = exc
+
+    with session_scope() as a:
+        turn = _new_turn(
+            TurnRequest.model_validate(mine | {"message": "A's.", "idempotency_key": key}),
+            0,
+            run_id=None,
+            custom_id=None,
+            api_key=None,
+            tenant="",
+        )
+        assert create_turn_in_known_conversation(
+            connection=a.connection(), turn=turn, external_id=mine["conversation"], character="elara"
+        )
+        thread = threading.Thread(target=producer_b)
+        thread.start()
+        deadline = time.monotonic() + 30
+        while not _statement_waits("WITH started AS"):  # B waits on A's uncommitted key
+            assert thread.is_alive() and time.monotonic() < deadline, outcome
+            time.sleep(0.05)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert isinstance(outcome.get("error"), IdempotencyConflict), outcome
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).where(Conversation.external_id == started)) == 0
 
 
 def test_upsert_conversations_reads_back_a_row_that_exists(world) -> None:
