@@ -58,7 +58,7 @@ def create_turn_in_new_conversation(
     id, or None if nothing was written: the conversation exists or was started meanwhile (the full
     path decides), the character does not exist (the full path says so), or the idempotency key is
     taken (before or meanwhile). Both rows are written or neither: a refused request never leaves a
-    conversation behind."""
+    conversation behind. For an autocommit connection (a key taken meanwhile is then no error)."""
     if set(conversation) != set(_NEW_CONVERSATION_FIELDS):
         raise ValueError(
             f"a new conversation's fields are {_NEW_CONVERSATION_FIELDS}, not {sorted(conversation)}"
@@ -71,6 +71,8 @@ def create_turn_in_new_conversation(
         orig = exc.orig
         if not isinstance(orig, psycopg.errors.UniqueViolation) or orig.diag.constraint_name != _KEY:
             raise
+        if not connection.connection.driver_connection.autocommit:  # type: ignore[union-attr]
+            raise  # in a transaction the error aborted it: the caller must know
         return None  # another request took the key meanwhile: the statement wrote nothing
 
 

@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import uuid
+from typing import Any
 
 import httpx
 import pytest
@@ -168,17 +169,23 @@ def test_allow_system_prompt_needs_an_admin_key(base_url) -> None:
     assert allowed.status_code == 200, allowed.text
 
 
-def _an_insert_waits() -> bool:
-    """Whether a session waits on a row lock to insert a conversation (B, on A's uncommitted row)."""
+def _blocked_by(holder: int, *prefixes: str) -> bool:
+    """Whether a session of this database waits on the backend `holder` (A, holding an uncommitted
+    row) in a statement starting with one of `prefixes` (B's)."""
     with session_scope() as s:
         return bool(
             s.scalar(
                 text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                    "AND (query LIKE 'INSERT INTO conversations%' OR query LIKE 'WITH started AS%')"
-                )
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND :holder = ANY(pg_blocking_pids(pid)) AND query LIKE ANY(:prefixes)"
+                ),
+                {"holder": holder, "prefixes": [p + "%" for p in prefixes]},
             )
         )
+
+
+def _pid(session: Any) -> int:
+    return int(session.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one())
 
 
 @pytest.mark.parametrize("lines", [1, 2], ids=["single-enqueue", "full-path"])
@@ -206,10 +213,11 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world, lines: int) -
             session=a, rows=[{"external_id": conversation, "character_id": ids["elara"], "player_id": "p"}]
         )
         a.flush()
+        holder = _pid(a)
         thread = threading.Thread(target=producer_b)
         thread.start()
         deadline = time.monotonic() + 30
-        while not _an_insert_waits():  # B is blocked on A's uncommitted row
+        while not _blocked_by(holder, "INSERT INTO conversations", "WITH started AS"):  # B, on A's row
             assert thread.is_alive() and time.monotonic() < deadline, outcome
             time.sleep(0.05)
     thread.join(timeout=30)
@@ -228,24 +236,12 @@ def test_a_conversation_started_meanwhile_is_not_reassigned(world, lines: int) -
         assert error.errors[0].field == "conversation" and "just started" in str(error)
 
 
-def _statement_waits(prefix: str) -> bool:
-    """Whether a session waits on a lock in a statement starting with `prefix`."""
-    with session_scope() as s:
-        return bool(
-            s.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :q"
-                ),
-                {"q": prefix + "%"},
-            )
-        )
-
-
 def test_a_first_turn_whose_key_is_taken_meanwhile_leaves_no_conversation(world) -> None:
     """Producer A holds an uncommitted turn under key K; B's single enqueue starts a new conversation
     with K. B's one statement passed its key check (A's row unseen), made the conversation, then
     waits on K; once A commits, its turn's INSERT fails the whole statement, conversation included,
     and the full path answers the key: another request's, refused. Nothing of B's is stored."""
+    from core.settings import DEFAULT_TENANT
     from db.single_enqueue import create_turn_in_known_conversation
     from db.turns import IdempotencyConflict
     from services.producer import _new_turn
@@ -274,15 +270,16 @@ def test_a_first_turn_whose_key_is_taken_meanwhile_leaves_no_conversation(world)
             run_id=None,
             custom_id=None,
             api_key=None,
-            tenant="",
+            tenant=DEFAULT_TENANT,
         )
         assert create_turn_in_known_conversation(
             connection=a.connection(), turn=turn, external_id=mine["conversation"], character="elara"
         )
+        holder = _pid(a)
         thread = threading.Thread(target=producer_b)
         thread.start()
         deadline = time.monotonic() + 30
-        while not _statement_waits("WITH started AS"):  # B waits on A's uncommitted key
+        while not _blocked_by(holder, "WITH started AS"):  # B waits on A's uncommitted key
             assert thread.is_alive() and time.monotonic() < deadline, outcome
             time.sleep(0.05)
     thread.join(timeout=30)
