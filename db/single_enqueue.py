@@ -24,10 +24,9 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
 from db.turns import NewTurn
+from db.world import CONVERSATION_START_FIELDS
 
 _FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
-# A new conversation's own fields, as the full path's upsert_conversations writes them (db/world.py).
-_NEW_CONVERSATION_FIELDS = ("player_id", "player_name", "story", "story_time")
 _KEY = next(  # turns' unique constraint on (tenant, idempotency_key)
     c.name
     for c in cast(Table, Turn.__table__).constraints
@@ -59,9 +58,9 @@ def create_turn_in_new_conversation(
     path decides), the character does not exist (the full path says so), or the idempotency key is
     taken (before or meanwhile). Both rows are written or neither: a refused request never leaves a
     conversation behind. For an autocommit connection (a key taken meanwhile is then no error)."""
-    if set(conversation) != set(_NEW_CONVERSATION_FIELDS):
+    if set(conversation) != set(CONVERSATION_START_FIELDS):
         raise ValueError(
-            f"a new conversation's fields are {_NEW_CONVERSATION_FIELDS}, not {sorted(conversation)}"
+            f"a new conversation's fields are {CONVERSATION_START_FIELDS}, not {sorted(conversation)}"
         )
     sql, fixed, json_fields = _insert_in_new_conversation(connection.dialect)
     values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id, "character": character}
@@ -163,7 +162,7 @@ def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list
     request took meanwhile fails the whole statement (a unique violation: the caller takes the full
     path), so a conversation is never left without its turn."""
     conv = Conversation.__table__.c
-    written = {"tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS}
+    written = {"tenant", "external_id", "character_id", *CONVERSATION_START_FIELDS}
     for column in conv:  # a compiled string fills in no Python-side default: the server must have one
         if column.key not in written and column.default is not None and column.server_default is None:
             raise TypeError(f"conversations.{column.key}: the one-statement start has no value for it")
@@ -171,11 +170,11 @@ def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list
         Turn.tenant == bindparam("tenant"), Turn.idempotency_key == bindparam("idempotency_key")
     )
     own = [bindparam(name, type_=conv[name].type) for name in ("tenant", "external_id")]
-    fields = [bindparam(name, type_=conv[name].type) for name in _NEW_CONVERSATION_FIELDS]
+    fields = [bindparam(name, type_=conv[name].type) for name in CONVERSATION_START_FIELDS]
     started = (
         insert(Conversation)
         .from_select(
-            ["tenant", "external_id", "character_id", *_NEW_CONVERSATION_FIELDS],
+            ["tenant", "external_id", "character_id", *CONVERSATION_START_FIELDS],
             select(*own, Character.id, *fields).where(Character.slug == bindparam("character"), ~key_taken),
             include_defaults=False,  # emotion and affinity: the server's defaults, the same values
         )

@@ -13,6 +13,9 @@ from sqlalchemy.orm import Session
 from core.settings import DEFAULT_TENANT
 from db.models import TURN_UNFINISHED, Character, Conversation, Message, Role, StoryEvent, Turn
 
+# What a request sets on the conversation its first turn starts, besides its id and character
+# (upsert_conversations' rows, and the single enqueue's one-statement start, db/single_enqueue.py).
+CONVERSATION_START_FIELDS = ("player_id", "player_name", "story", "story_time")
 CHARACTER_FIELDS = (
     "name",
     "language",

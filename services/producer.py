@@ -26,7 +26,7 @@ from db.turns import (
     revive_unsent,
 )
 from db.turns import get_turn as read_turn
-from db.world import find_characters, find_conversations, upsert_conversations
+from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
 from services.schemas import TurnRequest
 
 
@@ -365,9 +365,7 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
 
 def _conversation_fields(req: TurnRequest) -> dict[str, Any]:
     """What a request's first turn writes on the conversation it starts, besides its id and character."""
-    return dict(
-        player_id=req.player_id, player_name=req.player_name, story=req.story, story_time=req.story_time
-    )
+    return {name: getattr(req, name) for name in CONVERSATION_START_FIELDS}
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant: str) -> dict[str, int]:
