@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from sqlalchemy import select
 
 from core.settings import settings
+from core.text import storable_output
 from db.facts import NewFact, add_facts, closest_fact, supersede
 from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_through, release_job
 from db.models import Conversation, FactKind, FactScope, Message
@@ -26,12 +27,21 @@ from worker.embedder import embed
 logger = logging.getLogger(__name__)
 
 
+def _storable(text: str) -> str:
+    """A fact's text as it can be stored (an escaped NUL or lone surrogate in the answer would fail
+    the store, and the same answer would come back for the same lines every time)."""
+    kept = storable_output(text)
+    if not kept.strip():
+        raise ValueError("empty once NUL is left out")
+    return kept
+
+
 # Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
 # keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
 class ExtractedFact(BaseModel):
-    subject: str = Field(min_length=1, max_length=40)
+    subject: Annotated[str, AfterValidator(_storable), Field(min_length=1, max_length=40)]
     kind: Literal["player", "world", "npc"]
-    text: str = Field(min_length=1, max_length=120)
+    text: Annotated[str, AfterValidator(_storable), Field(min_length=1, max_length=120)]
     importance: int = Field(ge=1, le=10)
 
 
@@ -72,7 +82,7 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
     """The facts of the model's answer; None (logged) when it is not the schema's JSON."""
     try:
         return Extracted.model_validate(json.loads(raw)).facts
-    except (ValueError, ValidationError) as exc:
+    except (ValueError, ValidationError, RecursionError) as exc:
         logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
         return None
 

@@ -414,6 +414,33 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts("not json") is None
 
 
+def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_retried_forever() -> None:
+    """Found in review: the schema lets the model write `\\u0000` or `\\ud800` in a string; the
+    store then failed, rolling the job's progress back, and the same greedy answer came back for the
+    same lines at every reply: no fact of that conversation was ever extracted again."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    answer = (
+        '{"facts": [{"subject": "Rowan", "kind": "player", "text": "Rowan lost a key\\u0000 ring.",'
+        ' "importance": 5}, {"subject": "Ro\\ud800wan", "kind": "player", "text": "Rowan fears\\udfff owls.",'
+        ' "importance": 4}]}'
+    )
+    facts = parse_facts(answer)
+    assert facts is not None and [(f.subject, f.text) for f in facts] == [
+        ("Rowan", "Rowan lost a key ring."),
+        ("Ro\ufffdwan", "Rowan fears\ufffd owls."),
+    ]
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        counts = store_extracted(session=s, conversation=conv, facts=facts, source="t:1")
+    assert counts == {"added": 2, "duplicate": 0, "superseded": 0}
+    # A text that is only NUL is no fact: the answer is outside the schema (its lines count as read).
+    assert (
+        parse_facts('{"facts": [{"subject": "Rowan", "kind": "player", "text": "\\u0000", "importance": 5}]}')
+        is None
+    )
+
+
 def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv_id = _conversation("elara", player)

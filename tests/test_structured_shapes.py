@@ -3,6 +3,7 @@ declarations are refused up front naming the field (nothing stored); the NPC sha
 character's version; a reply that max_tokens cut is never read as valid."""
 
 import json
+import time
 
 import httpx
 import pytest
@@ -266,6 +267,61 @@ def test_a_structured_reply_keeps_no_nul_which_the_database_cannot_hold() -> Non
     read = read_reply(shape, Generation('{"a\\u0000b": ["c\\u0000", 1]}', 10, 20, "stop"))
     assert read.structured == {"ab": ["c", 1]}
     assert reply_text(" Well\x00 met. \n") == "Well met."  # free text, as stored and as streamed
+
+
+def test_a_reply_that_cannot_be_read_fails_its_turn_alone_never_its_batch_mates() -> None:
+    """Found in review: a schema the checker cannot follow, a lone surrogate, JSON nested past the
+    recursion limit and a backtracking pattern each raised out of the reader (or hung it), which
+    failed or stalled every turn of the claim's group."""
+    from worker.pipeline import keep_candidates
+
+    nested_id = {
+        "type": "object",
+        "properties": {
+            "a": {
+                "$id": "urn:sub",
+                "type": "object",
+                "properties": {"b": {"$ref": "#/$defs/x"}},
+                "required": ["b"],
+            }
+        },
+        "required": ["a"],
+        "$defs": {"x": {"type": "string"}},
+    }
+    shape = shape_of(PARAMS | {"response_format": _schema_format(nested_id)}, _character(30, []))
+    assert shape is not None
+    kept, failure = keep_candidates(shape, [(1, Generation('{"a":{"b":"x"}}', 10, 8, "stop"))])
+    assert kept == [] and failure is not None
+    assert (
+        failure.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
+        and "checked against its schema" in failure.reason
+    )
+
+    # An escaped lone surrogate is kept as U+FFFD: UTF-8 (the store, the embedder) cannot encode it.
+    shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(31, []))
+    assert shape is not None
+    read = read_reply(
+        shape, Generation('{"say":"Ah\\ud800 so.","emotion":"joy","action":null}', 10, 20, "stop")
+    )
+    assert read.text == "Ah\ufffd so." and read.structured["say"] == "Ah\ufffd so."
+    json.dumps(read.structured, ensure_ascii=False).encode("utf-8")  # raised before
+
+    shape = shape_of(PARAMS | {"response_format": {"type": "json_object"}}, _character(32, []))
+    assert shape is not None
+    deep = '{"a":' * 5000 + "1" + "}" * 5000
+    with pytest.raises(BadStructuredReply, match="not JSON"):
+        read_reply(shape, Generation(deep, 10, 20, "stop"))
+
+    # A pattern that backtracks on a reply a stop string cut: the check gives up within its limit.
+    shape = shape_of(
+        PARAMS | {"response_format": {"type": "regex", "regex": "(a|aa)+!"}, "stop": ["!"]},
+        _character(33, []),
+    )
+    assert shape is not None
+    started = time.monotonic()
+    kept, failure = keep_candidates(shape, [(1, Generation("a" * 45, 10, 45, "stop"))])
+    assert time.monotonic() - started < 30, "the pattern check did not give up"
+    assert kept == [] and failure is not None and "could not be checked against the pattern" in failure.reason
 
 
 def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_done() -> None:

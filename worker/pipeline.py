@@ -596,6 +596,12 @@ def keep_candidates(
             kept.append((seed, read_reply(shape, gen)))
         except BadStructuredReply as exc:
             bad = bad or exc
+        except Exception as exc:  # reading one reply never fails its batch-mates (the claim's group)
+            logger.warning("a structured reply could not be read", exc_info=True)
+            bad = bad or BadStructuredReply(
+                f"the reply could not be read: {type(exc).__name__}: {str(exc)[:200]}",
+                TurnErrorCode.INVALID_STRUCTURED_REPLY,
+            )
     if kept and len(kept) >= choices:
         return kept, None
     if len(generated) < choices:  # refused at submission; a turn stored before that check still fails plainly

@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any
 
 from core.settings import settings
+from core.text import storable_output
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
@@ -163,15 +164,18 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
         return gen
     try:
-        value = _without_nul(json.loads(gen.text))
-    except ValueError as exc:
-        raise _bad(gen, f"the reply is not JSON ({exc})") from None
+        value = _storable(json.loads(gen.text))
+    except (ValueError, RecursionError) as exc:  # nested past Python's recursion limit: not readable
+        raise _bad(gen, f"the reply is not JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     if shape.kind == "json_object" and not isinstance(value, dict):
         raise _bad(gen, "the reply is JSON but not an object")
     if shape.schema is not None:
         from jsonschema import Draft202012Validator
 
-        error = next(iter(Draft202012Validator(shape.schema).iter_errors(value)), None)
+        try:
+            error = next(iter(Draft202012Validator(shape.schema).iter_errors(value)), None)
+        except Exception as exc:  # a schema the checker cannot follow (a $ref under a nested $id)
+            raise _bad(gen, f"the reply could not be checked against its schema: {str(exc)[:200]}") from None
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
@@ -179,15 +183,17 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     return dataclasses.replace(gen, structured=value)
 
 
-def _without_nul(value: Any) -> Any:
-    """A parsed JSON reply without NUL in its strings (an escaped `\\u0000` decodes to one; jsonb and
-    text columns refuse it), checked against its schema as it is kept."""
+def _storable(value: Any) -> Any:
+    """A parsed JSON reply as it can be stored and embedded: strings without NUL (an escaped
+    `\\u0000` decodes to one; jsonb and text columns refuse it) and without lone surrogates (an
+    escaped `\\ud800` decodes to one; it cannot be encoded as UTF-8); checked against its schema as
+    it is kept."""
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return storable_output(value)
     if isinstance(value, list):
-        return [_without_nul(v) for v in value]
+        return [_storable(v) for v in value]
     if isinstance(value, dict):
-        return {k.replace("\x00", ""): _without_nul(v) for k, v in value.items()}
+        return {storable_output(k): _storable(v) for k, v in value.items()}
     return value
 
 
@@ -197,9 +203,18 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
     if gen.finish_reason == "length":
         raise _bad(gen, "cut")
     pattern = _compiled(shape.pattern)
-    if pattern is not None and pattern.fullmatch(gen.text) is None:
+    try:
+        # A pattern that backtracks (`(a|aa)+!`) can take hours on a reply the grammar let through
+        # and a stop string cut: the check gives up, and the turn fails alone.
+        matched = pattern is None or pattern.fullmatch(gen.text, timeout=REGEX_CHECK_S) is not None
+    except TimeoutError:
+        raise _bad(gen, f"the reply could not be checked against the pattern in {REGEX_CHECK_S} s") from None
+    if not matched:
         raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
     return gen
+
+
+REGEX_CHECK_S = 1.0
 
 
 @lru_cache(maxsize=256)
