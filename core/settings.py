@@ -340,6 +340,22 @@ class Settings(BaseSettings):
                 )
         return keys
 
+    @field_validator("api_keys")
+    @classmethod
+    def _one_name_one_tenant(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # Batches and files belong to a key's id (its name): keys of one name in two tenants would
+        # read, cancel and download each other's. One name in one tenant is a rotation: allowed.
+        tenant_of: dict[str, str] = {}
+        for key in keys:
+            seen = tenant_of.setdefault(key.id, key.tenant_id)
+            if seen != key.tenant_id:
+                raise ValueError(
+                    f"MLCHAT_API_KEYS: the name {key.id!r} is given to keys of tenants {seen!r} and "
+                    f"{key.tenant_id!r}; a name owns its batches and files, so give each tenant's keys "
+                    "their own"
+                )
+        return keys
+
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:

@@ -51,6 +51,17 @@ def test_a_key_cannot_join_another_keys_own_tenant_unless_both_name_it() -> None
     assert [key.tenant_id for key in own.api_keys] == ["shop", "solo"]
 
 
+def test_one_key_name_cannot_serve_two_tenants() -> None:
+    """Found in review: batches and files belong to a key's name, so keys named alike in two tenants
+    listed, cancelled and downloaded each other's."""
+    first = {"key": "first-key-0123456789", "name": "prod", "tenant": "a"}
+    second = {"key": "second-key-0123456789", "name": "prod", "tenant": "b"}
+    with pytest.raises(ValidationError, match="MLCHAT_API_KEYS: the name 'prod' is given to keys of tenants"):
+        Settings(api_keys=[first, second])
+    rotated = Settings(api_keys=[first, second | {"tenant": "a"}])  # one tenant's key and its successor
+    assert {(key.id, key.tenant_id) for key in rotated.api_keys} == {("prod", "a")}
+
+
 def _import_settings_with(tmp_path, name: str, value: str):  # type: ignore[no-untyped-def]
     """`import core.settings` in a fresh interpreter with one variable set: its exit and stderr."""
     import subprocess
