@@ -19,7 +19,6 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 from typing import Any
-from urllib.parse import urlparse
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -100,14 +99,9 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
 def check_callback(url: str | None) -> str | None:
     if url is None:
         return None
-    parsed = urlparse(url)
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise BatchRefused(f"callback_url: {url[:80]!r} is not an http(s) URL")
-    if settings.callback_secret is None:
-        raise BatchRefused("callback_url: set MLCHAT_CALLBACK_SECRET so callbacks can be signed")
-    from services.callbacks import refused_destination
+    from services.callbacks import callback_refusal
 
-    refused = refused_destination(url)
+    refused = callback_refusal(url)
     if refused is not None:
         raise BatchRefused(f"callback_url: {refused}")
     return url

@@ -46,6 +46,10 @@ class RefusedDestination(ValueError):
     """A callback URL whose host has no address, or one the workers may not call."""
 
 
+class ResolverUnavailable(RefusedDestination):
+    """The resolver could not answer for now (EAI_AGAIN): refused at acceptance, retried at delivery."""
+
+
 def resolve(host: str) -> list[Address]:
     """The addresses `host` resolves to, in the resolver's order: the one DNS lookup of a delivery."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -56,11 +60,21 @@ def vetted_address(url: str) -> Address:
     """The address to connect to for `url`: every address its host resolves to must be public (not
     loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API
     key cannot make the workers call into the network they run in. Raises RefusedDestination."""
-    host = urlparse(url).hostname
+    try:
+        parsed = urlparse(url)
+        parsed.port  # noqa: B018 (a port that is not a number raises here, not at the POST)
+        httpx.URL(url)  # what the delivery parses: a URL only it refuses would fail every retry
+    except (ValueError, httpx.InvalidURL) as exc:
+        raise RefusedDestination(f"is not a valid URL ({exc})") from None
+    host = parsed.hostname
     if not host:
         raise RefusedDestination("has no host")
     try:
         addresses = resolve(host)
+    except socket.gaierror as exc:
+        if exc.errno == socket.EAI_AGAIN:
+            raise ResolverUnavailable(f"host {host!r} could not be resolved for now ({exc})") from None
+        raise RefusedDestination(f"host {host!r} does not resolve") from None
     except (OSError, ValueError):
         raise RefusedDestination(f"host {host!r} does not resolve") from None
     if not addresses:
@@ -155,6 +169,9 @@ def send_once(url: str, body: bytes, *, delivery: str, record: Callable[[str | N
     destination is refused now (not retried), CallbackFailed when the receiver failed (retried)."""
     try:
         address = vetted_address(url)
+    except ResolverUnavailable as unavailable:  # a resolver hiccup is no verdict on the destination
+        record(f"not sent: {unavailable}")
+        raise CallbackFailed(str(unavailable)) from None
     except RefusedDestination as refused:
         record(f"not sent: {refused}")
         return False
@@ -185,7 +202,10 @@ def post_signed(url: str, address: Address, body: bytes, *, delivery: str) -> st
 
 def callback_refusal(url: str) -> str | None:
     """Why a callback URL given with a request is not accepted, or None (the batches' rules)."""
-    parsed = urlparse(url)
+    try:
+        parsed = urlparse(url)
+    except ValueError:  # an unclosed IPv6 bracket
+        return f"{url[:80]!r} is not a valid URL"
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         return f"{url[:80]!r} is not an http(s) URL"
     if settings.callback_secret is None:

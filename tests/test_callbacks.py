@@ -160,3 +160,43 @@ def test_an_ipv6_address_that_carries_a_public_ipv4_address_or_none_is_allowed(a
 
     monkeypatch.setattr(settings, "callback_allow_private", False)
     assert refused_destination(f"http://[{address}]/hook") is None
+
+
+def test_a_url_only_the_delivery_would_refuse_is_refused_at_acceptance_and_recorded_once(
+    services, receiver, monkeypatch
+) -> None:
+    """Found in review: a port that is not a number passed the acceptance checks (urlparse reads the
+    host) and raised httpx.InvalidURL at delivery before anything was recorded, so the sweeper sent it
+    again at every pass, ahead of every other lost callback; an unclosed IPv6 bracket was a 500."""
+    from services.batches import BatchRefused, check_callback
+    from services.callbacks import callback_refusal
+
+    _resolver(monkeypatch, "example.test", ["1.1.1.1"])
+    bad_port = "http://example.test:abc/hook"
+    assert "is not a valid URL" in (callback_refusal(bad_port) or "")
+    assert "is not a valid URL" in (callback_refusal("http://[::1") or "")
+    with pytest.raises(BatchRefused, match=r"callback_url: .*not a valid URL"):
+        check_callback("http://[::1")
+    run_id = _run_calling_back(bad_port)  # stored before this check existed
+    assert deliver(run_id) is False  # refused: not sent, not retried
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        assert run.callback_attempts == 1 and "not a valid URL" in (run.callback_error or "")
+
+
+def test_a_resolver_hiccup_at_delivery_is_retried_not_recorded_as_final(
+    services, receiver, monkeypatch
+) -> None:
+    """Found in review: EAI_AGAIN read as "does not resolve", a final refusal, so the callback was
+    never sent again."""
+    calls = []
+
+    def hiccup(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", hiccup)
+    run_id = _run_calling_back("https://hooks.example.test/done")
+    with pytest.raises(CallbackFailed, match="could not be resolved for now"):
+        deliver(run_id)
+    assert calls == ["hooks.example.test"]
