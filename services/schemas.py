@@ -153,8 +153,10 @@ def check_message(text: str) -> str:
     return text
 
 
-# Scene steps' idempotency keys (db/scenes.py): a client's key never takes one.
-SYSTEM_KEY_PREFIX = "scene:"
+# The keys mlchat gives turns itself: scene steps' (db/scenes.py), run lines' and the digest a long
+# one becomes (services/runs/submit.py). A client's key never takes one: a batch id shows its run's
+# id, and a turn posted under a line's key before the line is stored would drop that line.
+SYSTEM_KEY = re.compile(r"(scene:|run:|sha256:[0-9a-f]{64}$)")
 
 
 class TurnRequest(BaseModel):
@@ -225,8 +227,8 @@ class TurnRequest(BaseModel):
     @field_validator("idempotency_key")
     @classmethod
     def _key_is_not_the_systems(cls, value: str | None) -> str | None:
-        if value is not None and value.startswith(SYSTEM_KEY_PREFIX):
-            raise ValueError(f"keys starting with {SYSTEM_KEY_PREFIX!r} are reserved for scene steps")
+        if value is not None and SYSTEM_KEY.match(value):
+            raise ValueError("keys starting with 'scene:' or 'run:', and 'sha256:' digests, are mlchat's own")
         return value
 
     @field_validator("message")

@@ -75,6 +75,25 @@ def test_every_bad_line_is_reported_before_anything_is_enqueued(world, tmp_path)
         assert run.status == RunStatus.FAILED and "9 bad line(s)" in run.error
 
 
+def test_a_line_too_deep_or_with_a_number_too_long_is_a_bad_line_not_a_crash(world, tmp_path) -> None:
+    """Found in review: RecursionError (and the ValueError of a 5,000-digit number) escaped the line
+    check, so a CLI submission printed a traceback and a batch retried it as a server fault."""
+    path = tmp_path / "deep.jsonl"
+    lines = [
+        '{"custom_id": "a", "character": "elara", "message": "x", "params": ' + "[" * 5000 + "]" * 5000 + "}",
+        '{"custom_id": "b", "character": "elara", "message": "x", "params": {"seed": ' + "1" * 5000 + "}}",
+        '{"custom_id": "c", "character": "elara", "message": "Hello"}',
+    ]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    before = _turns()
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="deep-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [1, 2]
+    assert "nested too deeply" in reasons[1] and "not JSON that can be read" in reasons[2]
+    assert _turns() == before
+
+
 def test_skip_bad_lines_enqueues_the_good_ones(world, tmp_path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_text(BAD_FILE + "\n", encoding="utf-8")

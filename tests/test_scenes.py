@@ -1030,6 +1030,13 @@ def test_the_scene_key_prefix_is_the_systems_and_a_clash_is_never_a_skipped_step
     with pytest.raises(ValidationError) as refused:
         TurnRequest.model_validate(body | {"idempotency_key": "scene:1:2"})
     assert refused.value.errors()[0]["loc"] == ("idempotency_key",)
+    # Found in review: a run line's key (its run's id shows in a batch id) or the digest a long one
+    # becomes, taken by a turn first, dropped that line from the run without a word.
+    for key in (f"run:{uuid.uuid4()}:line-1", "sha256:" + "ab" * 32):
+        with pytest.raises(ValidationError, match="mlchat's own"):
+            TurnRequest.model_validate(body | {"idempotency_key": key})
+    for key in ("runner:1", "sha256:not-a-digest", "my-scene:1"):  # look alike, and are the client's
+        assert TurnRequest.model_validate(body | {"idempotency_key": key}).idempotency_key == key
     # A key taken some other way (stored before the prefix was reserved): the step is not skipped.
     run_id = _new_run({"clash": _scene(exchanges=3)})
     scene_id = _scene_id(run_id, "clash")

@@ -128,6 +128,9 @@ class LineReader:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # too deep, or a number too long to read
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+            raise ValueError(f"not JSON that can be read ({reason})") from None
         if not isinstance(data, dict):
             raise ValueError("each line must be a JSON object")
         name: Any = str
@@ -180,7 +183,7 @@ def detect_format(path: Path) -> FileFormat:
         if isinstance(text, str):
             try:
                 return "openai" if is_openai_line(json.loads(text)) else "native"
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # not JSON, or not JSON that can be read
                 continue
     return "native"
 
