@@ -146,14 +146,24 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
     finished. Returns {run name: what was done}."""
     done: dict[str, str] = {}
     with session_scope() as session:
-        for run in abandoned_submissions(session=session, older_than_s=older_than_s):
-            error = interrupted_message(run, run_counts(session=session, run_id=run.id))
-            if fail_submission(session=session, run_id=run.id, error=error, error_code="server_error"):
+        abandoned = sorted(
+            run.id for run in abandoned_submissions(session=session, older_than_s=older_than_s)
+        )
+        cancelling = sorted(session.scalars(select(Run.id).where(Run.status == RunStatus.CANCELLING)).all())
+    # A transaction a run: a run's row stays locked to the end of the transaction that advanced it,
+    # and a worker storing turns of several runs locks their rows in id order, so a sweep holding
+    # one run while it waited for another's could deadlock with it (and one failure rolled back all).
+    for run_id in abandoned:
+        with session_scope() as session:
+            run = session.get_one(Run, run_id)
+            error = interrupted_message(run, run_counts(session=session, run_id=run_id))
+            if fail_submission(session=session, run_id=run_id, error=error, error_code="server_error"):
                 done[run.name] = "failed: submission interrupted"
-        cancelling = session.scalars(select(Run).where(Run.status == RunStatus.CANCELLING)).all()
-        for run in cancelling:
+    for run_id in cancelling:
+        with session_scope() as session:
+            run = session.get_one(Run, run_id)
             if not submission_alive(session=session, name=run.name):
-                outcome = cancel_run(session=session, run_id=run.id)
+                outcome = cancel_run(session=session, run_id=run_id)
                 if outcome.cancelled_turns or outcome.after != outcome.before:
                     done[run.name] = f"cancel finished: {outcome.cancelled_turns} turns, now {outcome.after}"
     return done

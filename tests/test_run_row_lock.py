@@ -354,3 +354,56 @@ def test_a_store_reads_runs_and_scenes_only_for_its_turns_that_have_one(world) -
     run, statuses = _statuses(run_id)
     assert run == RunStatus.COMPLETED and statuses[run_turn] == TurnStatus.DONE
     assert any("DISTINCT turns.run_id" in s for s in reads_of_runs_or_scenes())
+
+
+def test_a_sweep_finishing_two_cancels_never_deadlocks_with_a_store_of_both_runs(world) -> None:
+    """Found in review: the sweep finished every cancelling run in one transaction, in the order the
+    table gave them, keeping each run's row locked to its end; a worker storing turns of both runs
+    locks their rows in id order. Sweep: B, then waits for A; worker: A, then waits for B."""
+    from services.sweeper import close_abandoned_runs
+
+    (first, _), (second, _) = _run_of(1), _run_of(1)
+    low, high = sorted([first, second])
+    for run_id in (high, low):  # the higher id's row version first: the order a scan returns them
+        with session_scope() as s:
+            s.execute(text("UPDATE runs SET status = 'cancelling' WHERE id = :id"), {"id": run_id})
+    worker = _session_factory()()
+    worker.execute(select(Run.id).where(Run.id == low).with_for_update())  # the worker holds A
+    worker_pid = worker.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    swept: list[object] = []
+    sweep = threading.Thread(target=lambda: swept.append(_outcome(close_abandoned_runs, older_than_s=0)))
+    sweep.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not _waits_on(worker_pid):  # the sweep is at A (having finished B first, before the fix)
+            assert time.monotonic() < deadline and sweep.is_alive(), swept
+            time.sleep(0.05)
+        worker.execute(select(Run.id).where(Run.id == high).with_for_update())  # then B, in id order
+        worker.commit()
+    finally:
+        worker.close()
+        sweep.join(timeout=60)
+    assert not isinstance(swept[0], Exception), swept[0]
+    with session_scope() as s:
+        assert {s.get_one(Run, r).status for r in (low, high)} == {RunStatus.CANCELLED}
+
+
+def _outcome(fn, **kwargs):  # type: ignore[no-untyped-def]
+    try:
+        return fn(**kwargs)
+    except Exception as exc:  # the deadlock, raised in the sweep's thread, is the test's finding
+        return exc
+
+
+def _waits_on(pid: int) -> bool:
+    """Whether another session of this database waits on the backend `pid`."""
+    with session_scope() as s:
+        return bool(
+            s.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND :pid = ANY(pg_blocking_pids(pid))"
+                ),
+                {"pid": pid},
+            )
+        )
