@@ -204,6 +204,36 @@ def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
     assert stored == plain.request_hash() != with_default.request_hash()
 
 
+def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monkeypatch) -> None:
+    """Found in review: the first request's send failed (the turn marked failed, a 503); the client's
+    retry with the same Idempotency-Key revived it as queued but sent nothing, so it waited for the
+    sweeper's visibility timeout (an hour), and the conversation's later turns behind it."""
+    from services.live_chat import start_chat_turn
+    from services.producer import EnqueueError
+
+    sent: list[list[uuid.UUID]] = []
+
+    def broker(ids, *, model, lane):  # type: ignore[no-untyped-def]
+        if not sent:
+            sent.append([])
+            raise ConnectionError("broker down")
+        sent.append(list(ids))
+
+    monkeypatch.setattr("tasks.generate.dispatch", broker)
+    conversation = new_conversation()["conversation"]
+    key = f"chat-{uuid.uuid4()}"
+    body = {"model": "elara", "messages": [{"role": "user", "content": "Is the ferry running?"}]}
+    with pytest.raises(EnqueueError):
+        start_chat_turn(
+            body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
+        )
+    turn = start_chat_turn(
+        body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
+    )
+    _cancel([turn.id])
+    assert sent == [[], [turn.id]]
+
+
 def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_one(
     base_url, short_wait
 ) -> None:
