@@ -149,13 +149,18 @@ def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]
                 )
             )
         rows = add_facts(session=session, facts=new)
-        for i, (fact, row) in enumerate(zip(facts, rows, strict=True)):
-            if fact.supersedes is not None and not supersede(
-                session=session, old_id=fact.supersedes, new_id=row.id
-            ):
-                raise FactRefused(
-                    f"facts[{i}].supersedes", f"fact {fact.supersedes} was superseded meanwhile"
-                )
+        # In the old facts' id order: two writes superseding the same facts in other orders would
+        # each hold one and wait for the other (a deadlock, answered as a 500).
+        replacing = sorted(
+            (
+                (fact.supersedes, i, row.id)
+                for i, (fact, row) in enumerate(zip(facts, rows, strict=True))
+                if fact.supersedes is not None
+            )
+        )
+        for old_id, i, new_id in replacing:
+            if not supersede(session=session, old_id=old_id, new_id=new_id):
+                raise FactRefused(f"facts[{i}].supersedes", f"fact {old_id} was superseded meanwhile")
         session.flush()
         for row in rows:
             session.refresh(row)

@@ -189,3 +189,49 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
     assert cli(["facts", "add", player, "x", "--scope", "conversation"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "mlchat: conversation: required when scope is 'conversation'"
+
+
+def test_two_writes_superseding_the_same_facts_in_other_orders_never_deadlock(world, monkeypatch) -> None:
+    """Found in review: each write superseded in its request's order, so [a, b] against [b, a] held
+    one fact each and waited for the other: PostgreSQL's deadlock, answered as a 500. Now one write
+    replaces both and the other is refused naming its field."""
+    import contextlib
+    import threading
+
+    from services import facts as facts_service
+    from services.facts import FactIn, FactRefused, write_facts
+
+    player = f"p-{uuid.uuid4().hex[:8]}"
+    a, b = (
+        v.id
+        for v in write_facts("game-a", player, [FactIn(text="Owes the smith."), FactIn(text="Has a mule.")])
+    )
+    both_hold_one = threading.Barrier(2)
+    real = facts_service.supersede
+
+    def supersede(**kwargs):  # type: ignore[no-untyped-def]
+        done = real(**kwargs)
+        # With one lock each, both go on to the other's; in id order the second waits in the database.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            both_hold_one.wait(timeout=3)
+        return done
+
+    monkeypatch.setattr(facts_service, "supersede", supersede)
+    outcomes: list[object] = []
+
+    def write(order: tuple[int, int]) -> None:
+        try:
+            outcomes.append(
+                write_facts("game-a", player, [FactIn(text=f"New {i}.", supersedes=i) for i in order])
+            )
+        except Exception as exc:  # the deadlock, or the refusal
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=write, args=(order,)) for order in ((a, b), (b, a))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    refused = [o for o in outcomes if isinstance(o, Exception)]
+    assert len(outcomes) == 2 and len(refused) == 1, outcomes
+    assert isinstance(refused[0], FactRefused) and "was superseded meanwhile" in str(refused[0])
