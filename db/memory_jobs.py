@@ -71,10 +71,12 @@ def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.
 
 
 def release_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> None:
-    """Give the job back (the next scheduling may claim it at once)."""
+    """Give the job back (the next scheduling may claim it at once). Its queued mark goes too: a
+    message that came while the job ran found it held and was dropped, and its mark would keep the
+    job's next step from being sent for `stale_s`."""
     session.execute(
         text(
-            "UPDATE memory_jobs SET token = NULL, lease_until = NULL"
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL"
             " WHERE conversation_id = :c AND kind = :k AND token = :t"
         ),
         {"c": conversation_id, "k": kind, "t": token},

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from core.services import broker_url
 from core.settings import settings
-from db.memory_jobs import SUMMARY, claim_job, release_job
+from db.memory_jobs import SUMMARY, claim_job, mark_queued, release_job
 from db.models import MemoryJob, Message, Role
 from db.session import session_scope
 from db.world import find_characters, upsert_conversations
@@ -116,6 +116,24 @@ def test_scheduling_a_due_job_twice_without_a_worker_sends_one_message(summaries
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
     assert schedule_memory([conv]) == 1  # still due: the next step is sent
     assert len(_queued(conv)) == 2
+
+
+def test_a_message_dropped_while_its_job_ran_does_not_hold_back_the_next_step(summaries_due: None) -> None:
+    """Found in review: a message sent while the job ran (its mark set) found the job held and was
+    dropped; its mark then refused the running job's next step for MLCHAT_MEMORY_JOB_LEASE_S."""
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(40)
+    with session_scope() as s:
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert token is not None
+    # A reply stored just before the claim found the job due and marks its message after it.
+    with session_scope() as s:
+        assert mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=600) == [(conv, SUMMARY)]
+    memory_tasks.memory_job(conv, SUMMARY)  # that message: the job is held, nothing runs
+    with session_scope() as s:
+        release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
+    assert schedule_memory([conv]) == 1  # the job's next step is sent
 
 
 def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
