@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
@@ -76,6 +76,24 @@ def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, 
 def extract_prompt(lines: list[tuple[str, str]], who: Speakers) -> tuple[str, str]:
     """(system, user) of the request that reads these (role, content) lines; all cleaned."""
     return EXTRACT_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(lines, who)
+
+
+def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> list[Any]:
+    """The first of these lines (at least one) whose request leaves room for the answer: the lines
+    read are the lines recorded as read, and the request's cut (memory/generate.py) would drop the
+    last ones unread. Without the model's builder (no engine loaded) every line is kept."""
+    if builder is None:
+        return list(lines)
+    from memory.generate import request_ids
+
+    budget = builder.max_model_len - EXTRACT_MAX_TOKENS
+    keep = len(lines)
+    while keep > 1:
+        system, body = extract_prompt([(str(r.role), r.content) for r in lines[:keep]], who)
+        if len(request_ids(builder, system, body)[0]) <= budget:
+            break
+        keep -= 1
+    return list(lines[:keep])
 
 
 def parse_facts(raw: str) -> list[ExtractedFact] | None:
@@ -170,9 +188,10 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             char, user = conversation.character.name, conversation.player_name
         if not lines:
             return {}
-        system, body = extract_prompt(
-            [(str(r.role), r.content) for r in lines], speakers(loaded_builder(), char, user)
-        )
+        builder = loaded_builder()
+        who = speakers(builder, char, user)
+        lines = lines_that_fit(lines, who, builder)
+        system, body = extract_prompt([(str(r.role), r.content) for r in lines], who)
         raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
         facts = parse_facts(raw)
         last = lines[-1]

@@ -19,14 +19,22 @@ def memory_messages(builder: Any, system: str, user: str) -> list[ChatMessage]:
     )
 
 
+def request_ids(builder: Any, system: str, user: str) -> tuple[list[int], Any]:
+    """The request's token ids, as the model's template renders it, and that rendering."""
+    rendered = builder.format.render(
+        builder.tokenizer, memory_messages(builder, system, user), "Memory", "User"
+    )
+    ids = builder.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
+    return list(ids), rendered
+
+
 def memory_request(builder: Any, system: str, user: str, max_tokens: int) -> tuple[list[int], Any]:
     """The request's token ids and rendering, counted with the model's tokenizer; a text too long for
     `max_model_len - max_tokens` is cut at its end (a step that could never run would block the job)."""
     tokenizer = builder.tokenizer
     budget = builder.max_model_len - max_tokens
     for _ in range(4):  # a cut can re-tokenise a token longer or shorter: measure again
-        rendered = builder.format.render(tokenizer, memory_messages(builder, system, user), "Memory", "User")
-        ids = list(tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"])
+        ids, rendered = request_ids(builder, system, user)
         over = len(ids) - budget
         if over <= 0:
             return ids, rendered

@@ -541,3 +541,65 @@ def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_bud
 
     unlimited = builder.build(PromptInput(_card(), "Rowan", "What do you know about me?", context, 32))
     assert len(unlimited.manifest["facts"]) == 8
+
+
+def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_those(
+    tokenizer, monkeypatch
+) -> None:
+    """Found in review: 24 lines with no token bound; a request too long for the context was cut at its
+    end (memory/generate.py), and yet every line was recorded as read, so the cut lines' facts were
+    never extracted."""
+    from core.settings import settings
+    from db.memory_jobs import extracted_through
+    from memory import extract
+    from memory.generate import request_ids
+
+    builder = PromptBuilder(tokenizer, settings.resolved_prompt_format, settings.max_model_len)
+    monkeypatch.setattr(extract, "loaded_builder", lambda: builder)
+    conv_id = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    words = [
+        "the",
+        "ferry",
+        "keeper",
+        "told",
+        "me",
+        "a",
+        "long",
+        "story",
+        "about",
+        "the",
+        "river",
+        "and",
+        "the",
+        "old",
+        "mill",
+        "on",
+        "the",
+        "hill",
+    ]
+    with session_scope() as s:
+        for seq in range(1, 25):
+            text = " ".join(f"{words[(seq + i) % len(words)]}{i % 7}" for i in range(120))
+            s.add(
+                Message(
+                    conversation_id=conv_id,
+                    seq=seq,
+                    role=Role.USER if seq % 2 else Role.ASSISTANT,
+                    content=text,
+                )
+            )
+    asked: list[tuple[str, str]] = []
+
+    def answer(system: str, body: str, max_tokens: int, schema: dict) -> str:
+        asked.append((system, body))
+        return '{"facts": []}'
+
+    first = extract.run_extract_job(conv_id, generate=answer)
+    with session_scope() as s:
+        read = extracted_through(session=s, conversation_id=conv_id)
+    assert 1 <= first["lines"] == read < 24  # fewer than 24 fit, and those are the lines recorded
+    system, body = asked[0]
+    assert len(request_ids(builder, system, body)[0]) <= settings.max_model_len - extract.EXTRACT_MAX_TOKENS
+    assert body.count("\n") + 1 == read  # every line read is in the request, whole
+    second = extract.run_extract_job(conv_id, generate=answer)  # the rest, from where it stopped
+    assert second["lines"] >= 1 and asked[1][1].split("\n")[0] not in body
