@@ -47,6 +47,10 @@ def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
     return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), body
 
 
+# What an empty answer's stand-in keeps: about the tokens a summary may have (~4 characters a token).
+CHARS_PER_TOKEN = 4
+
+
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
     """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
     another worker holds the job, or nothing is due)."""
@@ -80,13 +84,15 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
             system, body = summary_prompt(work, who)
             text = generate(system, body, settings.memory_summary_max_tokens)
             if not text:
+                # Seeded and greedy-ish, the same request would answer empty again, and a merge due
+                # comes before any new lines: the text it was to summarise is kept instead, cut.
                 logger.warning(
-                    "empty summary for conversation %s lines %s-%s",
+                    "empty summary for conversation %s lines %s-%s: its text kept, cut",
                     conversation_id,
                     work.first_seq,
                     work.last_seq,
                 )
-                break
+                text = body[: settings.memory_summary_max_tokens * CHARS_PER_TOKEN].strip()
             with session_scope() as session:
                 if store_summary(session=session, work=work, text_=text, token=token) is None:
                     break  # the claim lapsed (another worker has it) or the range is stored

@@ -370,6 +370,42 @@ def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
     assert (shown[0].first_seq, shown[0].last_seq) == (merge.first_seq, merge.last_seq)
 
 
+def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(monkeypatch) -> None:
+    """Found in review: an empty answer stored nothing, and a merge due always comes before new
+    lines; seeded, the same merge answered empty again at every reply, so no summary was written
+    again in that conversation."""
+    from core.settings import settings
+    from memory.summarize import run_summary_job
+
+    for name, value in (
+        ("recent_history", 12),
+        ("memory_summary_threshold_tokens", 1000),
+        ("memory_summary_chunk_tokens", 1500),
+        ("memory_summary_fanout", 4),
+    ):
+        monkeypatch.setattr(settings, name, value)
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 120)
+    with session_scope() as s:
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert token is not None
+    for i in range(4):
+        work = _work(conv)
+        assert work is not None and work.level == 0
+        with session_scope() as s:
+            store_summary(session=s, work=work, text_=f"part {i}", token=token)
+    with session_scope() as s:
+        release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
+    covered = max(last for _, _, last in _summaries(conv))
+
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # the merge
+    with session_scope() as s:
+        (top,) = summaries_for(session=s, conversation_ids=[conv])[conv]
+    assert top.level == 1 and all(f"part {i}" in top.text for i in range(4))
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # new lines next
+    assert max(last for _, _, last in _summaries(conv)) > covered
+
+
 # --- extraction's store step and the prompt ------------------------------------------------------
 
 
