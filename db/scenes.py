@@ -54,6 +54,10 @@ RUN_STOPPED = (RunStatus.CANCELLING, RunStatus.CANCELLED, RunStatus.EXPIRED)
 NEW_STEPS_KEY = "mlchat.scene_steps"
 
 
+class SceneConflict(ValueError):
+    """A scene whose conversation already holds another scene."""
+
+
 @dataclass(frozen=True)
 class NewStep:
     """A scene step's turn created in this transaction: send it on `lane` once committed."""
@@ -143,7 +147,11 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
                 else Scene.conversation_id == scene.conversation_id
             )
         )
-        assert existing is not None
+        if existing is None:  # the conversation holds a scene of its own (a live one, another run's)
+            raise SceneConflict(
+                f"scene {scene.custom_id or ''!r}: its conversation already holds another scene; "
+                "give the run another name (or the line another custom_id)"
+            )
         return int(existing), False
     session.execute(
         insert(ConversationMember),

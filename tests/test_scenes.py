@@ -1432,3 +1432,41 @@ def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> 
             ("narrator", "Narrator"),
         ]
         assert _scene_row(s, s.get_one(Scene, scene_id)).participants == [elara, luffy, "Narrator"]
+
+
+def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_it(world) -> None:
+    """Found in review: a run's scene conversation (`run:<name>:<custom_id>`) that already held a scene
+    (a live one of that name, say) failed the submission on a bare assert, at every resubmission."""
+    from db.scenes import SceneConflict
+
+    shared = f"shared-{uuid.uuid4().hex}"
+    runs = []
+    for _ in range(2):
+        with session_scope() as s:
+            run, _ = create_run(
+                session=s,
+                name=f"scenes-{uuid.uuid4().hex[:10]}",
+                model=settings.model,
+                file_hash="x",
+                total=1,
+            )
+            runs.append(run.id)
+    with session_scope() as s:
+        insert_run_scenes(
+            session=s,
+            run_id=runs[0],
+            lines=[("first", shared, SceneSpec.model_validate(_scene()))],
+            model=settings.model,
+            tenant="",
+            candidates=1,
+        )
+    refused = r"scene 'again': its conversation already holds another scene"
+    with pytest.raises(SceneConflict, match=refused), session_scope() as s:
+        insert_run_scenes(
+            session=s,
+            run_id=runs[1],
+            lines=[("again", shared, SceneSpec.model_validate(_scene()))],
+            model=settings.model,
+            tenant="",
+            candidates=1,
+        )
