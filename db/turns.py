@@ -102,6 +102,9 @@ class StoredTurn:
     status: TurnStatus
     model: str
     error_code: str | None = None
+    # Its message is still to be sent: new, revived after a failed send, or committed with its
+    # reply lost (the producer sets the last two). A plain replay's turn was sent when it was made.
+    unsent: bool = False
 
 
 @dataclass(frozen=True)
@@ -277,7 +280,8 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
     for i, t in enumerate(turns):
         key = (t.tenant, t.idempotency_key)
         if key in created:
-            out.append(StoredTurn(created[key], first[key] == i, TurnStatus.QUEUED, t.model))
+            new = first[key] == i
+            out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
             continue
         request_hash, turn_id, status, model, code = known[key]
         if request_hash != t.request_hash:

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, Field, ValidationError
 from sqlalchemy import select
 
 from core.settings import settings
@@ -27,21 +27,20 @@ from worker.embedder import embed
 logger = logging.getLogger(__name__)
 
 
-def _storable(text: str) -> str:
-    """A fact's text as it can be stored (an escaped NUL or lone surrogate in the answer would fail
-    the store, and the same answer would come back for the same lines every time)."""
-    kept = storable_output(text)
-    if not kept.strip():
-        raise ValueError("empty once NUL is left out")
-    return kept
+def _storable(value: Any) -> Any:
+    """A fact's text as it can be stored, before it is checked (an escaped NUL or lone surrogate in
+    the answer would fail the store, and the same answer would come back for the same lines every
+    time; pydantic refuses a lone surrogate outright). A text of NUL alone is then empty: the answer
+    is outside the schema, and its lines count as read."""
+    return storable_output(value) if isinstance(value, str) else value
 
 
 # Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
 # keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
 class ExtractedFact(BaseModel):
-    subject: Annotated[str, AfterValidator(_storable), Field(min_length=1, max_length=40)]
+    subject: Annotated[str, BeforeValidator(_storable), Field(min_length=1, max_length=40)]
     kind: Literal["player", "world", "npc"]
-    text: Annotated[str, AfterValidator(_storable), Field(min_length=1, max_length=120)]
+    text: Annotated[str, BeforeValidator(_storable), Field(min_length=1, max_length=120)]
     importance: int = Field(ge=1, le=10)
 
 

@@ -51,6 +51,19 @@ def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
 CHARS_PER_TOKEN = 4
 
 
+def stand_in_summary(work: SummaryWork, who: Speakers, chars: int) -> str:
+    """What an empty answer's summary keeps, on one line within `chars`: each merged part's opening
+    (an even share each: every part is marked merged), or the lines' opening."""
+    if work.parts:
+        share = max(1, chars // len(work.parts) - 1)
+        return " ".join(_one_line(who.clean(text))[:share] for _, text in work.parts)
+    return _one_line(dialogue([(str(role), content) for role, content in work.lines], who))[:chars]
+
+
+def _one_line(text: str) -> str:
+    return " / ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
     """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
     another worker holds the job, or nothing is due)."""
@@ -92,7 +105,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                     work.first_seq,
                     work.last_seq,
                 )
-                text = body[: settings.memory_summary_max_tokens * CHARS_PER_TOKEN].strip()
+                text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
             with session_scope() as session:
                 if store_summary(session=session, work=work, text_=text, token=token) is None:
                     break  # the claim lapsed (another worker has it) or the range is stored

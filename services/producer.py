@@ -165,14 +165,12 @@ def submit_turns(
                 api_key=api_key,
                 tenant=tenant,
             )
-    stored, revived = _store_or_raise(
-        parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
-    )
+    stored = _store_or_raise(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
         return stored
     fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
     for turn in stored:
-        if turn.created or turn.id in revived:
+        if turn.unsent:
             fresh.setdefault(turn.model, {})[turn.id] = None
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
     return stored
@@ -193,11 +191,11 @@ def _store_after_lost_reply(
     lost, so the key it tried can already name its turn. A queued turn under that key is sent (a
     second message is harmless: claims are exactly-once) and, when the key was the automatic one, is
     reported created: no caller can have made it before."""
-    stored, _ = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+    stored = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     turn = stored[0]
-    if automatic_key and turn.status == TurnStatus.QUEUED:
-        turn = replace(turn, created=True)
-    if send and turn.status == TurnStatus.QUEUED:  # new, revived, or committed unseen
+    if turn.status == TurnStatus.QUEUED:  # new, revived, or committed unseen
+        turn = replace(turn, created=turn.created or automatic_key, unsent=True)
+    if send and turn.unsent:
         send_new_turns({turn.model: [turn.id]}, lane=lane)
     return [turn]
 
@@ -209,7 +207,7 @@ def _store_or_raise(
     custom_ids: Sequence[str] | None,
     api_key: str | None,
     tenant: str,
-) -> tuple[list[StoredTurn], set[uuid.UUID]]:
+) -> list[StoredTurn]:
     """_store_turns, with a database outage as EnqueueError."""
     try:
         return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
@@ -227,9 +225,9 @@ def _store_turns(
     custom_ids: Sequence[str] | None,
     api_key: str | None = None,
     tenant: str = DEFAULT_TENANT,
-) -> tuple[list[StoredTurn], set[uuid.UUID]]:
+) -> list[StoredTurn]:
     """Insert the turns (and any new conversations) in one transaction; revive replays of turns that
-    were never sent. Returns each request's StoredTurn and the revived ids."""
+    were never sent (marked unsent). Returns each request's StoredTurn."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed, tenant)
         speakers = _group_speakers(session, parsed, conv_ids)
@@ -254,8 +252,10 @@ def _store_turns(
             and t.error_code == TurnErrorCode.BROKER_UNREACHABLE
         ]
         revived = set(revive_unsent(session=session, turn_ids=unsent)) if unsent else set()
-    stored = [replace(t, status=TurnStatus.QUEUED, error_code=None) if t.id in revived else t for t in stored]
-    return stored, revived
+    return [
+        replace(t, status=TurnStatus.QUEUED, error_code=None, unsent=True) if t.id in revived else t
+        for t in stored
+    ]
 
 
 def _group_speakers(
@@ -344,7 +344,7 @@ def _store_one_fast(
         return None, keyed, True
     if turn_id is None:
         return None, keyed, False
-    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model), keyed, False
+    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model, unsent=True), keyed, False
 
 
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:

@@ -156,7 +156,14 @@ def check_message(text: str) -> str:
 # The keys mlchat gives turns itself: scene steps' (db/scenes.py), run lines' and the digest a long
 # one becomes (services/runs/submit.py). A client's key never takes one: a batch id shows its run's
 # id, and a turn posted under a line's key before the line is stored would drop that line.
-SYSTEM_KEY = re.compile(r"(scene:|run:|sha256:[0-9a-f]{64}$)")
+SYSTEM_KEY = re.compile(r"scene:|run:|sha256:[0-9a-f]{64}\Z")
+
+
+def check_idempotency_key(value: str | None) -> str | None:
+    """A client's idempotency key (body field or header): never one of mlchat's own."""
+    if value is not None and SYSTEM_KEY.match(value):
+        raise ValueError("keys starting with 'scene:' or 'run:', and 'sha256:' digests, are mlchat's own")
+    return value
 
 
 class TurnRequest(BaseModel):
@@ -227,9 +234,7 @@ class TurnRequest(BaseModel):
     @field_validator("idempotency_key")
     @classmethod
     def _key_is_not_the_systems(cls, value: str | None) -> str | None:
-        if value is not None and SYSTEM_KEY.match(value):
-            raise ValueError("keys starting with 'scene:' or 'run:', and 'sha256:' digests, are mlchat's own")
-        return value
+        return check_idempotency_key(value)
 
     @field_validator("message")
     @classmethod

@@ -156,6 +156,8 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
     for run_id in abandoned:
         with session_scope() as session:
             run = session.get_one(Run, run_id)
+            if submission_alive(session=session, name=run.name):  # resumed since the list was read
+                continue
             error = interrupted_message(run, run_counts(session=session, run_id=run_id))
             if fail_submission(session=session, run_id=run_id, error=error, error_code="server_error"):
                 done[run.name] = "failed: submission interrupted"

@@ -63,6 +63,27 @@ def test_bad_requests_get_clear_errors(base_url) -> None:
     assert r.status_code == 409
 
 
+def test_mlchats_own_idempotency_keys_are_refused_in_the_header_as_in_the_body(base_url) -> None:
+    """Found in review: the header was applied without the body field's check, so a turn could still
+    take a run line's key (`run:<run id>:<custom_id>`) and drop that line."""
+    before = _turn_count()
+    for key in ("run:7f0c2b4e-0000-4000-8000-000000000000:line-1", "scene:1:2", "sha256:" + "ab" * 32):
+        r = httpx.post(
+            f"{base_url}/v1/turns",
+            json=new_conversation() | {"message": "hi"},
+            headers=KEY | {"Idempotency-Key": key},
+        )
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency-key (header)", r.text
+        assert "mlchat's own" in r.json()["message"]
+        r = httpx.post(
+            f"{base_url}/v1/turns",
+            json=new_conversation() | {"message": "hi", "idempotency_key": key},
+            headers=KEY,
+        )
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency_key", r.text
+    assert _turn_count() == before
+
+
 def test_submit_poll_reply_and_cancel_over_http(base_url, celery_worker) -> None:
     conv = new_conversation("elara") | {"player_name": "Rowan"}
     key = {"Idempotency-Key": "http-" + conv["conversation"]}

@@ -392,8 +392,8 @@ def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(mon
     for i in range(4):
         work = _work(conv)
         assert work is not None and work.level == 0
-        with session_scope() as s:
-            store_summary(session=s, work=work, text_=f"part {i}", token=token)
+        with session_scope() as s:  # each as long as a summary may be, on several lines
+            store_summary(session=s, work=work, text_=f"part {i}: " + "They talked.\n" * 60, token=token)
     with session_scope() as s:
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
     covered = max(last for _, _, last in _summaries(conv))
@@ -401,7 +401,9 @@ def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(mon
     assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # the merge
     with session_scope() as s:
         (top,) = summaries_for(session=s, conversation_ids=[conv])[conv]
-    assert top.level == 1 and all(f"part {i}" in top.text for i in range(4))
+    # Every merged part keeps its share, on one line, within a summary's length.
+    assert top.level == 1 and all(f"part {i}:" in top.text for i in range(4))
+    assert "\n" not in top.text and len(top.text) <= settings.memory_summary_max_tokens * 4
     assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # new lines next
     assert max(last for _, _, last in _summaries(conv)) > covered
 
@@ -470,11 +472,10 @@ def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_r
         conv = s.get(Conversation, conv_id)
         counts = store_extracted(session=s, conversation=conv, facts=facts, source="t:1")
     assert counts == {"added": 2, "duplicate": 0, "superseded": 0}
-    # A text that is only NUL is no fact: the answer is outside the schema (its lines count as read).
-    assert (
-        parse_facts('{"facts": [{"subject": "Rowan", "kind": "player", "text": "\\u0000", "importance": 5}]}')
-        is None
-    )
+    # A text that is only NUL is empty once it is left out: the answer is outside the schema (its
+    # lines count as read, as for any such answer).
+    only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000", "importance": 5}'
+    assert parse_facts('{"facts": [' + only_nul + "]}") is None
 
 
 def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:
@@ -590,7 +591,7 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
     from memory import extract
     from memory.generate import request_ids
 
-    builder = PromptBuilder(tokenizer, settings.resolved_prompt_format, settings.max_model_len)
+    builder = PromptBuilder(tokenizer, settings.resolved_prompt_format, 2048)  # 24 such lines never fit
     monkeypatch.setattr(extract, "loaded_builder", lambda: builder)
     conv_id = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     words = [
@@ -635,7 +636,7 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
         read = extracted_through(session=s, conversation_id=conv_id)
     assert 1 <= first["lines"] == read < 24  # fewer than 24 fit, and those are the lines recorded
     system, body = asked[0]
-    assert len(request_ids(builder, system, body)[0]) <= settings.max_model_len - extract.EXTRACT_MAX_TOKENS
+    assert len(request_ids(builder, system, body)[0]) <= 2048 - extract.EXTRACT_MAX_TOKENS
     assert body.count("\n") + 1 == read  # every line read is in the request, whole
     second = extract.run_extract_job(conv_id, generate=answer)  # the rest, from where it stopped
     assert second["lines"] >= 1 and asked[1][1].split("\n")[0] not in body

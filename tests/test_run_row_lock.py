@@ -371,7 +371,7 @@ def test_a_sweep_finishing_two_cancels_never_deadlocks_with_a_store_of_both_runs
     worker.execute(select(Run.id).where(Run.id == low).with_for_update())  # the worker holds A
     worker_pid = worker.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
     swept: list[object] = []
-    sweep = threading.Thread(target=lambda: swept.append(_outcome(close_abandoned_runs, older_than_s=0)))
+    sweep = threading.Thread(target=lambda: swept.append(_capture(close_abandoned_runs, older_than_s=0)))
     sweep.start()
     try:
         deadline = time.monotonic() + 30
@@ -388,7 +388,7 @@ def test_a_sweep_finishing_two_cancels_never_deadlocks_with_a_store_of_both_runs
         assert {s.get_one(Run, r).status for r in (low, high)} == {RunStatus.CANCELLED}
 
 
-def _outcome(fn, **kwargs):  # type: ignore[no-untyped-def]
+def _capture(fn, **kwargs):  # type: ignore[no-untyped-def]
     try:
         return fn(**kwargs)
     except Exception as exc:  # the deadlock, raised in the sweep's thread, is the test's finding

@@ -6,6 +6,7 @@ import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -13,7 +14,7 @@ from api.deps import Caller, json_body, needs
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
-from services.schemas import Text, TurnRequest
+from services.schemas import Text, TurnRequest, check_idempotency_key
 from services.turn_wait import await_finished
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
@@ -65,6 +66,11 @@ def post_turn(
     """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
     answers 200 with the turn as it stands."""
     if idempotency_key and not body.idempotency_key:
+        try:  # model_copy runs no validator: the header is checked as the body field is
+            check_idempotency_key(idempotency_key)
+        except ValueError as exc:
+            loc = ("header", "idempotency-key")
+            raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": str(exc)}]) from None
         body = body.model_copy(update={"idempotency_key": idempotency_key})
     (accepted,) = _enqueue([body], who)
     if not accepted.created:
