@@ -1,16 +1,20 @@
 """After replies are stored: send the memory jobs that are due to the bulk lane (at most one of each
-kind per conversation in flight and one on the queue: a job is sent only when its queued mark is
-taken, db/memory_jobs.py; the job's claim makes a duplicate message harmless)."""
+kind per conversation in flight, and one or two on the queue: a job is sent only when its queued
+mark is taken, db/memory_jobs.py; the job's claim makes a duplicate message harmless)."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
 
+from sqlalchemy import select
+
 from core.settings import settings
 from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued
+from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
+from services.characters import INLINE_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -22,6 +26,18 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
         return []
     jobs: list[tuple[int, str]] = []
     with session_scope() as session:
+        # The original request shape's conversations (`inline-…`: a history it keeps, and the copy
+        # a request without a conversation is answered in) are never continued: no memory for them,
+        # or every such request would summarise its whole history again on the bulk lane.
+        ids = list(
+            session.scalars(
+                select(Conversation.id).where(
+                    Conversation.id.in_(ids), ~Conversation.external_id.startswith(INLINE_PREFIX)
+                )
+            )
+        )
+        if not ids:
+            return []
         if settings.memory_summary_threshold_tokens > 0:
             jobs += [
                 (c, SUMMARY)

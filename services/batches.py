@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -424,6 +425,7 @@ def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[
 def finalize_run(run_id: uuid.UUID) -> str | None:
     """Write one finalizing run's files and end it; its name, or None if another finalizer holds it,
     it is not finalizing, or writing failed (logged; the run is tried again later)."""
+    written: list[Path] = []  # this try's files: gone again if their rows are not committed
     try:
         with session_scope() as session:
             locked = session.scalar(
@@ -435,12 +437,14 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
                 return None
             run = session.get_one(Run, run_id)
             name, callback = run.name, run.callback_url
-            output_id, error_id = _write_files(session, run)
+            output_id, error_id = _write_files(session, run, written)
             finish_finalizing(
                 session=session, run_id=run_id, output_file_id=output_id, error_file_id=error_id
             )
     except Exception as exc:
         logger.exception("run %s: writing its output files failed; trying again later", run_id)
+        for path in written:  # a file without its row would never be listed, served or deleted
+            path.unlink(missing_ok=True)
         with session_scope() as session:
             postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
         return None
@@ -477,13 +481,16 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     return [str(t) for t in due]
 
 
-def _write_files(session: Session, run: Run) -> tuple[str, str]:
+def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, str]:
+    """The run's output and error files and their rows; each path is added to `written` before it is
+    written, so the caller can remove them if the rows are not committed."""
     # Writing streams the turns and detaches the run: read what is needed of it first.
     name, api_key, expires_after_s = run.name, run.api_key, run.output_expires_after_s
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     output_id, error_id = new_file_id(), new_file_id()
     output_path = settings.batch_files_dir / f"{output_id}.jsonl"
     error_path = settings.batch_files_dir / f"{error_id}.jsonl"
+    written += [output_path, error_path]
     write_outputs(session, run, output_path, error_path, "openai")
     for file_id, path, purpose in (
         (output_id, output_path, "batch_output"),

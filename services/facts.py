@@ -4,9 +4,13 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
+from typing import Any
 
+from psycopg.errors import DeadlockDetected
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.facts import (
@@ -22,6 +26,8 @@ from db.facts import (
 from db.models import Fact, FactKind, FactScope
 from db.session import session_scope
 from services.schemas import Text
+
+logger = logging.getLogger(__name__)
 
 MAX_ID = 2**63 - 1  # a bigint key
 
@@ -119,10 +125,26 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
 
 
 def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:
-    """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one."""
+    """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one. A
+    transaction PostgreSQL ends as a deadlock's victim is run again (writes supersede in id order,
+    but fact extraction supersedes in its answer's order), at most DEADLOCK_TRIES times."""
     from worker.embedder import embed
 
     vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
+    for attempt in range(1, DEADLOCK_TRIES + 1):
+        try:
+            return _store_facts(tenant, player, facts, vectors)
+        except OperationalError as exc:
+            if not isinstance(exc.orig, DeadlockDetected) or attempt == DEADLOCK_TRIES:
+                raise
+            logger.warning("facts of player %r: a deadlock's victim, written again", player)
+    raise AssertionError("unreachable")
+
+
+DEADLOCK_TRIES = 3
+
+
+def _store_facts(tenant: str, player: str, facts: list[FactIn], vectors: Any) -> list[FactView]:
     with session_scope() as session:
         new = []
         for i, (fact, vector) in enumerate(zip(facts, vectors, strict=True)):

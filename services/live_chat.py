@@ -121,6 +121,7 @@ def start_chat_turn(
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "body"
+        where = "Idempotency-Key (header)" if where == "idempotency_key" else where  # only the header sets it
         raise ChatRejected(f"{where}: {first['msg']}") from None
     (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     if line["history"]:

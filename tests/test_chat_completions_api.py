@@ -235,6 +235,8 @@ def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monk
     )
     _cancel([turn.id])
     assert again.id == turn.id and sent == [[], [turn.id]]
+    with pytest.raises(live_chat.ChatRejected, match=r"^Idempotency-Key \(header\): .*mlchat's own"):
+        start_chat_turn(body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key="run:x:y")
 
 
 def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_one(

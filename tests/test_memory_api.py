@@ -237,3 +237,29 @@ def test_two_writes_superseding_the_same_facts_in_other_orders_never_deadlock(wo
     # The loser is refused naming its field: superseded meanwhile (it waited in the database), or
     # already superseded when it checked (it came late).
     assert isinstance(refused[0], FactRefused) and refused[0].field.endswith(".supersedes"), refused[0]
+
+
+def test_a_fact_write_a_deadlock_ended_is_written_again(world, monkeypatch) -> None:
+    """Fact extraction still supersedes in its answer's order, so a game write can still be a
+    deadlock's victim; it was a 500, and is now run again (its transaction rolled back whole)."""
+    from psycopg.errors import DeadlockDetected
+    from sqlalchemy.exc import OperationalError
+
+    from services import facts as facts_service
+    from services.facts import FactIn, list_player_facts, write_facts
+
+    player = f"p-{uuid.uuid4().hex[:8]}"
+    (old,) = write_facts("game-a", player, [FactIn(text="Owes the smith.")])
+    real, victims = facts_service.supersede, []
+
+    def supersede(**kwargs):  # type: ignore[no-untyped-def]
+        if not victims:
+            victims.append(kwargs["old_id"])
+            raise OperationalError("UPDATE facts …", {}, DeadlockDetected("deadlock detected"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(facts_service, "supersede", supersede)
+    (new,) = write_facts("game-a", player, [FactIn(text="Paid the smith.", supersedes=old.id)])
+    current = list_player_facts("game-a", player)
+    assert victims == [old.id] and [f.id for f in current] == [new.id]
+    assert len(list_player_facts("game-a", player, history=True)) == 2  # the victim's try left nothing

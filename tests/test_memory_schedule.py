@@ -27,8 +27,8 @@ from memory.summarize import run_summary_job
 pytestmark = pytest.mark.usefixtures("world")
 
 
-def _conversation(lines: int) -> int:
-    external = f"sched-{uuid.uuid4().hex[:10]}"
+def _conversation(lines: int, *, external: str = "") -> int:
+    external = external or f"sched-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         char_id = find_characters(session=s, slugs=["elara"])["elara"]
         row = {
@@ -134,6 +134,16 @@ def test_a_message_dropped_while_its_job_ran_does_not_hold_back_the_next_step(su
     with session_scope() as s:
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
     assert schedule_memory([conv]) == 1  # the job's next step is sent
+
+
+def test_the_original_request_shapes_conversations_get_no_memory_jobs(summaries_due: None) -> None:
+    """Found in review: a request of the original service's shape without a conversation is answered
+    in a copy of its history made for it alone (`inline-<digest>-<hex>`), never continued; its memory
+    jobs summarised the whole history again on the bulk lane for every such request."""
+    copy = _conversation(40, external=f"inline-{uuid.uuid4().hex[:16]}-{uuid.uuid4().hex[:12]}")
+    kept = _conversation(40)
+    assert schedule_memory([copy, kept]) == 1
+    assert _queued(copy) == [] and len(_queued(kept)) == 1
 
 
 def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(

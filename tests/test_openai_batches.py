@@ -739,10 +739,10 @@ def test_a_run_whose_files_cannot_be_written_waits_at_the_back_without_blocking_
             cancel_run(session=s, run_id=sub.id)
     real = batches._write_files
 
-    def full_disk(session, run):
+    def full_disk(session, run, written):
         if run.id == first.id:
             raise OSError(28, "No space left on device")
-        return real(session, run)
+        return real(session, run, written)
 
     monkeypatch.setattr(batches, "_write_files", full_disk)
     assert batches.finalize_runs() == [second.name]
@@ -751,6 +751,30 @@ def test_a_run_whose_files_cannot_be_written_waits_at_the_back_without_blocking_
         assert stuck.status == RunStatus.FINALIZING and "No space left" in stuck.error
     monkeypatch.setattr(batches, "_write_files", real)
     assert batches.finalize_runs() == [first.name]
+
+
+def test_a_finalizing_that_fails_after_writing_its_files_leaves_none_behind(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: the output and error files stayed on disk when their rows were not committed
+    (a database blip, a full disk at the second file), and every later try wrote two more."""
+    sub = _submit(tmp_path, "orphans-" + tmp_path.name, 1, input_file_id="file-test")
+    with session_scope() as s:
+        cancel_run(session=s, run_id=sub.id)
+    before = set(settings.batch_files_dir.iterdir()) if settings.batch_files_dir.exists() else set()
+    real = batches.add_file
+
+    def second_row_fails(**kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["filename"].endswith("_error.jsonl"):
+            raise OSError(28, "No space left on device")
+        return real(**kwargs)
+
+    monkeypatch.setattr(batches, "add_file", second_row_fails)
+    assert batches.finalize_run(sub.id) is None
+    assert set(settings.batch_files_dir.iterdir()) == before
+    monkeypatch.setattr(batches, "add_file", real)
+    assert batches.finalize_run(sub.id) == sub.name
+    assert len(set(settings.batch_files_dir.iterdir()) - before) == 2
 
 
 def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet_model, tmp_path) -> None:

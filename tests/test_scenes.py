@@ -1451,22 +1451,14 @@ def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_i
                 total=1,
             )
             runs.append(run.id)
-    with session_scope() as s:
-        insert_run_scenes(
-            session=s,
-            run_id=runs[0],
-            lines=[("first", shared, SceneSpec.model_validate(_scene()))],
-            model=settings.model,
-            tenant="",
-            candidates=1,
-        )
-    refused = r"scene 'again': its conversation already holds another scene"
-    with pytest.raises(SceneConflict, match=refused), session_scope() as s:
-        insert_run_scenes(
-            session=s,
-            run_id=runs[1],
-            lines=[("again", shared, SceneSpec.model_validate(_scene()))],
-            model=settings.model,
-            tenant="",
-            candidates=1,
-        )
+
+    def store(run_id: uuid.UUID, custom_id: str) -> None:
+        with session_scope() as s:
+            line = (custom_id, shared, SceneSpec.model_validate(_scene()))
+            insert_run_scenes(
+                session=s, run_id=run_id, lines=[line], model=settings.model, tenant="", candidates=1
+            )
+
+    store(runs[0], "first")
+    with pytest.raises(SceneConflict, match=r"scene 'again': its conversation already holds another scene"):
+        store(runs[1], "again")
