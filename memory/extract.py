@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from sqlalchemy import select
 
 from core.settings import settings
@@ -35,12 +35,22 @@ def _storable(value: Any) -> Any:
     return storable_output(value) if isinstance(value, str) else value
 
 
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("blank")
+    return text
+
+
 # Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
 # keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
 class ExtractedFact(BaseModel):
-    subject: Annotated[str, BeforeValidator(_storable), Field(min_length=1, max_length=40)]
+    subject: Annotated[
+        str, BeforeValidator(_storable), Field(min_length=1, max_length=40), AfterValidator(_not_blank)
+    ]
     kind: Literal["player", "world", "npc"]
-    text: Annotated[str, BeforeValidator(_storable), Field(min_length=1, max_length=120)]
+    text: Annotated[
+        str, BeforeValidator(_storable), Field(min_length=1, max_length=120), AfterValidator(_not_blank)
+    ]
     importance: int = Field(ge=1, le=10)
 
 

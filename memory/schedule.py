@@ -14,7 +14,7 @@ from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
-from services.characters import INLINE_PREFIX
+from services.characters import INLINE_COPY
 
 logger = logging.getLogger(__name__)
 
@@ -26,13 +26,13 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
         return []
     jobs: list[tuple[int, str]] = []
     with session_scope() as session:
-        # The original request shape's conversations (`inline-…`: a history it keeps, and the copy
-        # a request without a conversation is answered in) are never continued: no memory for them,
-        # or every such request would summarise its whole history again on the bulk lane.
+        # The copy of its history a request of the original shape without a conversation is
+        # answered in (services/original_request.py) is never continued: no memory for it, or every
+        # such request would summarise its whole history again on the bulk lane.
         ids = list(
             session.scalars(
                 select(Conversation.id).where(
-                    Conversation.id.in_(ids), ~Conversation.external_id.startswith(INLINE_PREFIX)
+                    Conversation.id.in_(ids), ~Conversation.external_id.regexp_match(INLINE_COPY)
                 )
             )
         )

@@ -443,14 +443,27 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
             )
     except Exception as exc:
         logger.exception("run %s: writing its output files failed; trying again later", run_id)
-        for path in written:  # a file without its row would never be listed, served or deleted
-            path.unlink(missing_ok=True)
+        _remove_unlisted(written)
         with session_scope() as session:
             postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
         return None
     if callback:
         send_callback(run_id)
     return name
+
+
+def _remove_unlisted(paths: list[Path]) -> None:
+    """Remove the files of a failed try that have no row (never listed, served or deleted); one whose
+    row committed after all (a COMMIT whose answer was lost) stays. Unsure (the database is down
+    too): they all stay."""
+    try:
+        with session_scope() as session:
+            unlisted = [p for p in paths if get_file(session=session, file_id=p.stem) is None]
+    except Exception:
+        logger.warning("could not check which of %d new files have rows; kept", len(paths), exc_info=True)
+        return
+    for path in unlisted:
+        path.unlink(missing_ok=True)
 
 
 def send_callback(run_id: uuid.UUID) -> None:

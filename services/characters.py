@@ -28,6 +28,9 @@ class ImportedCharacter:
 
 
 INLINE_PREFIX = "inline-"  # services/original_request.py's slugs: no other creator may take one
+# The conversation an inline request without one is answered in: its history key (a 32-hex digest)
+# and a random suffix (services/original_request.py).
+INLINE_COPY = f"^{INLINE_PREFIX}[0-9a-f]{{32}}-[0-9a-f]{{12}}$"
 
 
 def slug_for(name: str) -> str:

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
+from db.models import TurnStatus
 from db.session import session_scope
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
@@ -132,9 +133,12 @@ def start_chat_turn(
             history = [(h["role"], h["content"]) for h in line["history"]]
             append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
     # New, revived by this retry (its first send failed), or committed with its reply lost: each
-    # needs its message. A plain replay's turn was sent when it was made.
+    # needs its message. A replay of a turn still queued may follow a request that died between its
+    # commit and its send (its history append raised, say): that message is sent again.
     if stored.unsent:
         producer.send_new_turns({stored.model: [stored.id]}, lane="live")
+    elif stored.status == TurnStatus.QUEUED:
+        producer.send_again(stored, lane="live")
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from db.turns import (
 from db.turns import get_turn as read_turn
 from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
 from services.schemas import TurnRequest
+
+logger = logging.getLogger(__name__)
 
 
 class EnqueueError(RuntimeError):
@@ -361,6 +364,18 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         raise EnqueueError(
             f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
         ) from exc
+
+
+def send_again(turn: StoredTurn, *, lane: Lane) -> None:
+    """Send a queued turn's message once more: the request that stored it may have died between its
+    commit and its send. A broker error is logged and marks nothing failed (its first message may be
+    on its way); a duplicate message is harmless (claims are exactly-once)."""
+    from tasks.generate import dispatch
+
+    try:
+        dispatch([turn.id], model=turn.model, lane=lane)
+    except Exception:
+        logger.warning("turn %s: could not send its message again; the sweeper will", turn.id, exc_info=True)
 
 
 def _conversation_fields(req: TurnRequest) -> dict[str, Any]:

@@ -230,13 +230,46 @@ def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monk
     turn = start_chat_turn(
         body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
     )
-    again = start_chat_turn(  # a plain replay: its turn was sent when it was revived
+    _cancel([turn.id])
+    assert sent == [[], [turn.id]]
+    with pytest.raises(live_chat.ChatRejected, match=r"^Idempotency-Key \(header\): .*mlchat's own"):
+        start_chat_turn(body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key="run:x:y")
+
+
+def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, monkeypatch) -> None:
+    """Review of the fix above: the first request can die between its commit and its send (its
+    history append raised here); the client's retry, a plain replay, must send that turn."""
+    from services.live_chat import start_chat_turn
+
+    sent: list[uuid.UUID] = []
+    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, *, model, lane: sent.extend(ids))
+    real, failed = live_chat.append_history_if_empty, []
+
+    def append_once(**kwargs):  # type: ignore[no-untyped-def]
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("the API process died here")
+        return real(**kwargs)
+
+    monkeypatch.setattr(live_chat, "append_history_if_empty", append_once)
+    conversation = new_conversation()["conversation"]
+    key = f"chat-{uuid.uuid4()}"
+    messages = [
+        {"role": "user", "content": "Evening."},
+        {"role": "assistant", "content": "Evening, traveller."},
+        {"role": "user", "content": "Is the ferry running?"},
+    ]
+    body = {"model": "elara", "messages": messages}
+    with pytest.raises(RuntimeError):
+        start_chat_turn(
+            body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
+        )
+    assert sent == []  # stored, never sent
+    turn = start_chat_turn(
         body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
     )
     _cancel([turn.id])
-    assert again.id == turn.id and sent == [[], [turn.id]]
-    with pytest.raises(live_chat.ChatRejected, match=r"^Idempotency-Key \(header\): .*mlchat's own"):
-        start_chat_turn(body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key="run:x:y")
+    assert sent == [turn.id]
 
 
 def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_one(

@@ -474,8 +474,10 @@ def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_r
     assert counts == {"added": 2, "duplicate": 0, "superseded": 0}
     # A text that is only NUL is empty once it is left out: the answer is outside the schema (its
     # lines count as read, as for any such answer).
-    only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000", "importance": 5}'
+    only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000 ", "importance": 5}'
     assert parse_facts('{"facts": [' + only_nul + "]}") is None
+    blank = '{"subject": " ", "kind": "player", "text": "Rowan rides a mule.", "importance": 5}'
+    assert parse_facts('{"facts": [' + blank + "]}") is None
 
 
 def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:

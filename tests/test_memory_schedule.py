@@ -140,10 +140,11 @@ def test_the_original_request_shapes_conversations_get_no_memory_jobs(summaries_
     """Found in review: a request of the original service's shape without a conversation is answered
     in a copy of its history made for it alone (`inline-<digest>-<hex>`), never continued; its memory
     jobs summarised the whole history again on the bulk lane for every such request."""
-    copy = _conversation(40, external=f"inline-{uuid.uuid4().hex[:16]}-{uuid.uuid4().hex[:12]}")
+    copy = _conversation(40, external=f"inline-{uuid.uuid4().hex}-{uuid.uuid4().hex[:12]}")
     kept = _conversation(40)
-    assert schedule_memory([copy, kept]) == 1
-    assert _queued(copy) == [] and len(_queued(kept)) == 1
+    named = _conversation(40, external=f"inline-{uuid.uuid4().hex[:8]}")  # a client's own name
+    assert schedule_memory([copy, kept, named]) == 2
+    assert _queued(copy) == [] and len(_queued(kept)) == len(_queued(named)) == 1
 
 
 def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
