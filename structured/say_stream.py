@@ -14,6 +14,8 @@ import json
 import re
 from collections.abc import Callable
 
+from core.text import storable_output
+
 _OPENING = re.compile(r'\{\s*"say"\s*:\s*"')
 _HIGH_SURROGATE = re.compile(r"[dD][89abAB][0-9a-fA-F]{2}")
 
@@ -76,7 +78,7 @@ class SayText:
             self._ended = True  # not JSON's string syntax: the stored reply will say what it was
             return
         self._decoded = end
-        text = text.replace("\x00", "")  # as the stored reply keeps it (worker/structured.py)
+        text = storable_output(text)  # as the stored reply keeps it (worker/structured.py)
         if text:
             self._emit(text)
 

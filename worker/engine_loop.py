@@ -46,6 +46,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.text import storable_output
+
 logger = logging.getLogger(__name__)
 
 LIVE, BULK = 0, 1  # vLLM priority: lower runs first
@@ -78,7 +80,7 @@ def reply_text(text: str) -> str:
     """The engine's text as a reply keeps it (and its stream shows it): no NUL, which PostgreSQL's
     text and jsonb cannot hold (it would fail the store of every reply stored with it), and no
     whitespace around it."""
-    return text.replace("\x00", "").strip()
+    return storable_output(text).strip()
 
 
 @dataclass
