@@ -58,6 +58,13 @@ class Extracted(BaseModel):
     facts: list[ExtractedFact] = Field(max_length=4)
 
 
+class _Answer(BaseModel):
+    """An answer read fact by fact: a fact outside the schema (blank once made storable) is dropped
+    alone, and the answer's other facts are kept."""
+
+    facts: list[Any] = Field(max_length=4)
+
+
 EXTRACT_MAX_TOKENS = 448
 # Lines read per answer: an answer names at most 4 facts, so it reads a short stretch at a time.
 EXTRACT_LINES = 24
@@ -106,12 +113,20 @@ def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> 
 
 
 def parse_facts(raw: str) -> list[ExtractedFact] | None:
-    """The facts of the model's answer; None (logged) when it is not the schema's JSON."""
+    """The facts of the model's answer, less any fact outside the schema (logged); None (logged)
+    when the answer as a whole is not the schema's JSON."""
     try:
-        return Extracted.model_validate(json.loads(raw)).facts
+        items = _Answer.model_validate(json.loads(raw)).facts
     except (ValueError, ValidationError, RecursionError) as exc:
         logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
         return None
+    facts = []
+    for i, item in enumerate(items):
+        try:
+            facts.append(ExtractedFact.model_validate(item))
+        except ValidationError as exc:
+            logger.warning("fact extraction: facts[%d] dropped: %s", i, str(exc)[:200])
+    return facts
 
 
 def store_extracted(

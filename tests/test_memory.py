@@ -448,7 +448,8 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
         ("Rowan has no sister; Mira is his cousin.", False, "conversation", str(conv_id)),
         ("Rowan is afraid of the dark.", False, "conversation", str(conv_id)),
     ]
-    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') is None  # outside the schema
+    assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') == []  # that fact dropped
+    assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # the answer outside the schema
     assert parse_facts("not json") is None
 
 
@@ -472,12 +473,21 @@ def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_r
         conv = s.get(Conversation, conv_id)
         counts = store_extracted(session=s, conversation=conv, facts=facts, source="t:1")
     assert counts == {"added": 2, "duplicate": 0, "superseded": 0}
-    # A text that is only NUL is empty once it is left out: the answer is outside the schema (its
-    # lines count as read, as for any such answer).
+    # A text that is only NUL is empty once it is left out: that fact is outside the schema.
     only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000 ", "importance": 5}'
-    assert parse_facts('{"facts": [' + only_nul + "]}") is None
+    assert parse_facts('{"facts": [' + only_nul + "]}") == []
+
+
+def test_a_blank_fact_is_dropped_alone_and_its_answers_other_facts_are_kept() -> None:
+    """Found in review: one blank fact (a subject of spaces, a text of NUL alone) made the whole
+    answer malformed, so its other facts were lost while its lines counted as read."""
     blank = '{"subject": " ", "kind": "player", "text": "Rowan rides a mule.", "importance": 5}'
-    assert parse_facts('{"facts": [' + blank + "]}") is None
+    only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000", "importance": 5}'
+    kept = '{"subject": "Rowan", "kind": "player", "text": "Rowan owes Brann ten crowns.", "importance": 6}'
+    facts = parse_facts('{"facts": [' + ", ".join([blank, kept, only_nul]) + "]}")
+    assert facts is not None and [(f.subject, f.text) for f in facts] == [
+        ("Rowan", "Rowan owes Brann ten crowns.")
+    ]
 
 
 def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> None:
