@@ -261,7 +261,7 @@ def pick_candidate(
     chosen_edited = bool(chosen.get("edited"))
     kept_quality = {k: v for k, v in (turn.quality or {}).items() if k not in ("candidates", "regenerated")}
     usage = dict(turn.usage or {})
-    alternatives[index] = (
+    kept: dict[str, Any] = (
         {"text": turn.reply, "edited": True}
         if kept_edited
         else {
@@ -272,6 +272,8 @@ def pick_candidate(
             "quality": kept_quality,
         }
     )
+    # A structured reply's JSON goes with its text, both ways (an NPC reply's text is its `say`).
+    alternatives[index] = kept if turn.structured is None else {**kept, "structured": turn.structured}
     quality = dict(chosen.get("quality") or {})
     if turn.quality and "candidates" in turn.quality:
         quality["candidates"] = turn.quality["candidates"]
@@ -291,19 +293,28 @@ def pick_candidate(
         quality=quality,
         usage=usage,
         params={**turn.params, "seed": chosen.get("seed")},
+        structured=chosen.get("structured"),
     )
     _log(session, turn.id, "pick", by, before=turn.reply, after=chosen["text"], candidate=index)
     return new_version
 
 
 def edit_reply(
-    *, session: Session, turn_id: uuid.UUID, text: str, version: int, by: str, embedding: Any
+    *,
+    session: Session,
+    turn_id: uuid.UUID,
+    text: str,
+    version: int,
+    by: str,
+    embedding: Any,
+    structured: Any = None,
 ) -> int:
     """edit: the writer's text becomes the kept reply (the label is cleared: it was for the old
-    text). Returns the review's new version."""
+    text), with `structured`, the structured reply it reads as (None: free text, or a regex or
+    choice reply). Returns the review's new version."""
     turn = _answered(session, turn_id)
     new_version = _bump(session, turn, version, by, label=None, reason=None, edited=True)
-    _keep_text(session, turn, text, embedding)
+    _keep_text(session, turn, text, embedding, structured=structured)
     _log(session, turn.id, "edit", by, before=turn.reply, after=text)
     return new_version
 

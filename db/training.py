@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
@@ -41,7 +41,8 @@ def character_exchanges(
         )
         .join(Conversation, Conversation.id == Turn.conversation_id)
         .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
-        .join(Character, Character.id == Conversation.character_id)
+        # A scene step's (or group turn's) line is the member's who answered, not the lead's.
+        .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .where(
             Character.slug == slug,
             Turn.status == TurnStatus.DONE,

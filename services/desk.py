@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,13 +33,15 @@ from db.models import (
 )
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
-from db.scenes import TranscriptLine, members_of, run_scenes, scene_transcript
+from db.scenes import TranscriptLine, group_views, members_of, run_scenes, scene_transcript
 from db.session import session_scope
 from roleplay.quality import CHECK_KINDS
-from scenes.speakers import NARRATOR_NAME
+from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 from services.batches import rewrite_output_file
-from worker.prompt.formats import FORMATS
+from worker.engine_loop import Generation
+from worker.prompt.formats import FORMATS, escape_name_markers
 from worker.prompt.sanitize import CONTROLS, Sanitizer
+from worker.structured import BadStructuredReply, read_reply, reading_shape, say_chars
 
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
@@ -100,15 +103,22 @@ def _sanitizer() -> Sanitizer:
     return Sanitizer(AutoTokenizer.from_pretrained(resolve_model_path(settings)))
 
 
-def prompt_text(name: str, text: str, *, character: str) -> str:
+def prompt_text(
+    name: str, text: str, *, character: str, player: str = "User", members: Sequence[str] = ()
+) -> str:
     """A writer's reply, which later prompts bring back as history: refused when the prompt
     sanitiser would change it (the model's special tokens, any prompt format's role markers such as
-    `### User:` or a line opening with a speaker's name and a colon), so what is stored is what the
-    model will read."""
+    `### User:` or a line opening with a speaker's name and a colon: the character's, the player's,
+    or in a group any member's or the narrator's), so what is stored is what the model will read."""
     sanitizer = _sanitizer()
     cleaned = sanitizer.scrub(text)
+    char, user = sanitizer.label(character, "Character"), sanitizer.label(player, "User")
     for prompt_format in FORMATS.values():
-        cleaned = prompt_format.escape(cleaned, sanitizer.label(character, "Character"), "User")
+        cleaned = prompt_format.escape(cleaned, char, user)
+    if members:  # as worker/prompt/packing.py escapes a group's lines
+        cleaned = escape_name_markers(
+            cleaned, [char, user, *(sanitizer.label(n, "Someone") for n in members)]
+        )
     if cleaned != text:
         raise _bad(
             f"{name}: it holds a special token or a role marker (like <|im_end|> or '### User:') "
@@ -369,6 +379,8 @@ def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
 
 
 def _speaker(session: Session, turn: Turn) -> tuple[str, str]:
+    if turn.speaker == "narrator":  # never the conversation's lead character
+        return NARRATOR_SLUG, NARRATOR_NAME
     if turn.character_id is not None:  # a scene step or group turn: the member who answered
         row = session.execute(
             select(Character.slug, Character.name).where(Character.id == turn.character_id)
@@ -457,16 +469,49 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
         _own_line(session, who, turn_id)
         turn = session.get_one(Turn, turn_id)
         _, character = _speaker(session, turn)
-    prompt_text("reply", reply, character=character)
+        player = session.scalar(
+            select(Conversation.player_name).where(Conversation.id == turn.conversation_id)
+        )
+        group = group_views(session=session, conversation_ids=[turn.conversation_id]).get(
+            turn.conversation_id
+        )
+        members = [*group.names, *([NARRATOR_NAME] if group.narrator else [])] if group else []
+        structured = edited_structured(turn, reply)
+    prompt_text("reply", reply, character=character, player=player or "User", members=members)
     vector = _embed(reply)
     return _change(
         who,
         turn_id,
         lambda s: reviews.edit_reply(
-            session=s, turn_id=turn_id, text=reply, version=expected, by=who.key_id, embedding=vector
+            session=s,
+            turn_id=turn_id,
+            text=reply,
+            version=expected,
+            by=who.key_id,
+            embedding=vector,
+            structured=structured,
         ),
         text=True,
     )
+
+
+def edited_structured(turn: Turn, text: str) -> Any:
+    """The structured reply a writer's text for this turn reads as, checked as the engine's reply
+    would be (refused naming `reply` when it does not read): a data reply's (json_schema,
+    json_object) parsed JSON, or None for a regex or choice reply that matches; an NPC reply's JSON
+    with the text as its `say`; None for free text."""
+    shape = reading_shape(turn.params)
+    if shape is not None:
+        try:
+            return read_reply(shape, Generation(text, 0, 0, "stop")).structured
+        except BadStructuredReply as exc:
+            raise _bad(f"reply: this line is a {shape.kind} reply, and {exc}") from None
+    if turn.structured is None:
+        return None
+    limit = say_chars(int(turn.params["max_new_tokens"]))
+    if len(text) > limit:  # the NPC schema's maxLength for `say`
+        raise _bad(f"reply: {len(text)} characters; this NPC reply's spoken line holds at most {limit}")
+    return {**turn.structured, "say": text}
 
 
 def label(who: Reviewer, turn_id: uuid.UUID, verdict: str, reason: str | None, version: str | None) -> int:

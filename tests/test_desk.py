@@ -6,12 +6,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Message, Turn, TurnReview, TurnReviewChange
+from db.models import Conversation, Message, Turn, TurnReview, TurnReviewChange
 from db.session import session_scope
 from services import desk
 from services.desk import DeskError, Reviewer
@@ -494,3 +495,111 @@ def test_a_scenes_transcript_is_in_step_order_and_an_edited_line_reaches_the_exp
         with pytest.raises(DeskError) as refused:
             call()
         assert refused.value.status == 404
+
+
+def _make_structured(turn_id: uuid.UUID, *, structured: Any, candidate: Any = None, **params: Any) -> None:
+    """Give a built line a structured reply (and its candidate one), as the worker stores them."""
+    from sqlalchemy import update
+
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        alternatives = [dict(a) for a in turn.alternatives or []]
+        if candidate is not None:
+            alternatives[0]["structured"] = candidate
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                structured=structured, alternatives=alternatives or None, params={**turn.params, **params}
+            )
+        )
+
+
+def test_a_pick_or_an_edit_of_an_npc_reply_keeps_its_json_with_its_text(services, world) -> None:
+    """Found in review: a pick or an edit changed the reply's text and left its JSON (what an NPC
+    reply's OpenAI content and GET /v1/turns/{id} show) on the text before, and a pick dropped the
+    JSON of both the picked candidate and the reply it replaced."""
+    from services.runs.openai_lines import message_content
+
+    _, (first, _) = build_run("studio-a", _lines())
+    kept = {"say": "The forge the forge the forge.", "emotion": "anger", "action": None}
+    other = {
+        "say": "Down the hill, past the well.",
+        "emotion": "joy",
+        "action": {"name": "follow", "args": {"target": "you"}},
+    }
+    _make_structured(first, structured=kept, candidate=other)
+    desk.pick(WRITER, first, "1", "0")
+    turn, _, _ = _stored(first)
+    assert turn.reply == "Down the hill, past the well." and turn.structured == other
+    assert turn.alternatives[0]["structured"] == kept  # the reply it replaced keeps its JSON
+    desk.edit(WRITER, first, "Past the well, then left.", "1")
+    turn, _, _ = _stored(first)
+    assert turn.structured == {**other, "say": "Past the well, then left."}
+    assert json.loads(message_content(turn.reply, turn.structured, turn.params) or "")["say"] == turn.reply
+    desk.pick(WRITER, first, "1", "2")  # picked back: the first reply and its JSON again
+    turn, _, _ = _stored(first)
+    assert (turn.reply, turn.structured) == (kept["say"], kept)
+    assert turn.alternatives[0]["structured"] == {**other, "say": "Past the well, then left."}
+    # the spoken line stays within the NPC schema's length for it
+    with pytest.raises(DeskError, match="reply: .* holds at most") as refused:
+        desk.edit(WRITER, first, "word " * 200, "3")
+    assert refused.value.status == 400 and _stored(first)[0].structured == kept
+
+
+def test_an_edit_of_a_data_reply_is_read_against_its_format_like_the_engines(services, world) -> None:
+    """Found in review: a json_schema line could be edited into text that is not JSON, or a choice
+    line into none of its choices, and stored as if it read."""
+    _, (first, second) = build_run("studio-a", _lines())
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "count", "schema": schema}}
+    _make_structured(first, structured={"n": 1}, response_format=fmt)
+    for bad in ("Past the well.", '{"n": "two"}', "[1]"):
+        with pytest.raises(DeskError, match="reply: this line is a json_schema reply") as refused:
+            desk.edit(WRITER, first, bad, "0")
+        assert refused.value.status == 400
+    assert _stored(first)[0].structured == {"n": 1} and _stored(first)[2] == 0
+    desk.edit(WRITER, first, '{"n": 2}', "0")
+    turn, _, _ = _stored(first)
+    assert (turn.reply, turn.structured) == ('{"n": 2}', {"n": 2})
+
+    _make_structured(second, structured=None, response_format={"type": "choice", "choice": ["yes", "no"]})
+    with pytest.raises(DeskError, match="reply: this line is a choice reply"):
+        desk.edit(WRITER, second, "maybe", "0")
+    desk.edit(WRITER, second, "no", "0")
+    assert _stored(second)[0].reply == "no"
+
+
+def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_narration_is_the_narrators(
+    services, world
+) -> None:
+    """Found in review: the LoRA dataset credited every scene line to the conversation's lead; the
+    edit check let a line open with another member's or the player's name (later prompts break it,
+    so what was stored was not what the model reads); a narrator's line showed the lead's name."""
+    from sqlalchemy import update
+
+    from db.training import character_exchanges
+    from tests.desk_data import build_scene_run
+
+    replies = ["Who knocks?", "Only me.", "Come in."]
+    run_id, _, steps = build_scene_run("studio-a", ["elara", "luffy"], replies)
+    with session_scope() as s:
+        lines = {
+            slug: [x.turn_id for x in character_exchanges(session=s, slug=slug, run_id=run_id)]
+            for slug in ("elara", "luffy")
+        }
+    assert lines == {"elara": [steps[0], steps[2]], "luffy": [steps[1]]}
+
+    with pytest.raises(DeskError, match="reply: it holds a special token"):
+        desk.edit(WRITER, steps[1], "Only me.\nElara: come in, then.", "0")  # another member's turn
+    _, (first, _) = build_run("studio-a", _lines())
+    with session_scope() as s:  # the player's name opens the player's lines in the plain-text formats
+        conversation_id = s.get_one(Turn, first).conversation_id
+        s.execute(update(Conversation).where(Conversation.id == conversation_id).values(player_name="Rowan"))
+    with pytest.raises(DeskError, match="reply: it holds a special token"):
+        desk.edit(WRITER, first, "Fine.\nRowan: I take the key.", "0")
+
+    with session_scope() as s:  # a narrator's line: no character of its own
+        s.execute(update(Turn).where(Turn.id == first).values(speaker="narrator", character_id=None))
+    page = desk.line_page(WRITER, first)
+    assert (page.line.character_slug, page.line.character_name) == ("narrator", "Narrator")

@@ -63,7 +63,7 @@ def shape_of(
     max_new_tokens = int(params["max_new_tokens"])
     fmt = params.get("response_format")
     if fmt is not None and fmt["type"] != NPC:
-        return None if fmt["type"] == "text" else _format_shape(json.dumps(fmt, sort_keys=True))
+        return format_shape(params)
     if speaker == "narrator":  # the narrator has no mood and does not act
         return None
     actions = params.get("actions")
@@ -74,6 +74,24 @@ def shape_of(
             return None
         actions = []
     return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens))
+
+
+def format_shape(params: dict[str, Any]) -> ReplyShape | None:
+    """The shape a turn's data response_format asks for (json_schema, json_object, regex, choice);
+    None for text, the NPC shape, or none."""
+    fmt = params.get("response_format")
+    if fmt is None or fmt["type"] in ("text", NPC):
+        return None
+    return _format_shape(json.dumps(fmt, sort_keys=True))
+
+
+def reading_shape(params: dict[str, Any]) -> ReplyShape | None:
+    """format_shape without its guided-decoding parameters (no engine import): what a reply that
+    does not come from the engine, such as a writer's edit, is read and checked by."""
+    fmt = params.get("response_format")
+    if fmt is None or fmt["type"] in ("text", NPC):
+        return None
+    return _shape_read_by(fmt, outputs=None)
 
 
 # {character id: (version, its declared actions as canonical JSON, or None)}: the card is read once
@@ -126,10 +144,14 @@ def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
 @lru_cache(maxsize=256)
 def _format_shape(fmt_json: str) -> ReplyShape:
     fmt = json.loads(fmt_json)
+    return _shape_read_by(fmt, outputs=outputs_of(fmt))
+
+
+def _shape_read_by(fmt: dict[str, Any], outputs: Any) -> ReplyShape:
     schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else None
     return ReplyShape(
         kind=fmt["type"],
-        outputs=outputs_of(fmt),
+        outputs=outputs,
         schema=schema,
         choices=tuple(fmt.get("choice", ())),
         pattern=fmt.get("regex", ""),
