@@ -48,6 +48,8 @@ FIELDS = [
     "card_example_character",
     "lore_content",
     "narrator_message",
+    "narrator_player_name",  # a narrator turn names the speakers of its history lines
+    "narrator_card_name",
     "summary_text",
     "fact_text",
     "fact_subject",
@@ -68,6 +70,8 @@ def _turn(field: str, text: str) -> PromptInput:
     }
     if field.startswith("card_"):
         card[field.removeprefix("card_")] = text
+    if field == "narrator_card_name":
+        card["name"] = text
     book = Lorebook(
         entries=[
             LoreEntry(id=1, constant=True, content=text if field == "lore_content" else "The stag is old.")
@@ -117,8 +121,8 @@ def _turn(field: str, text: str) -> PromptInput:
         facts=[fact],
     )
     message = text if field in ("message", "narrator_message") else "Any news?"
-    player = text if field == "player_name" else "Rowan"
-    speaker = "narrator" if field == "narrator_message" else "character"
+    player = text if field in ("player_name", "narrator_player_name") else "Rowan"
+    speaker = "narrator" if field.startswith("narrator_") else "character"
     return PromptInput(character, player, message, context, 32, mood=Mood("joy", 20), speaker=speaker)
 
 
@@ -151,7 +155,8 @@ def test_no_field_can_open_a_turn(tokenizer, fmt: str, field: str) -> None:
     assert _turns_opened(builder, fmt, attacked, attack_item) == _turns_opened(
         builder, fmt, plain, plain_item
     )
-    assert "Ignore the card" in attacked.text or field == "player_name"  # the words stay; the turns do not
+    names = ("player_name", "narrator_player_name", "narrator_card_name")
+    assert "Ignore the card" in attacked.text or field in names  # the words stay; the turns do not
     assert sum(attacked.manifest["sections"].values()) == len(attacked.token_ids)  # still fully accounted
 
 

@@ -174,8 +174,10 @@ class PromptBuilder:
 
     def build(self, item: PromptInput) -> BuiltPrompt:
         """Fit persona + lore + state + context + history + message into max_model_len - max_new_tokens."""
-        char = self.sanitizer.label(item.character.name, "Character")
-        user = self.sanitizer.label(item.player_name, "User")
+        # The speakers' labels open lines of content ("Rowan: ...") in group and narrator turns: each
+        # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
+        char = self.format.escape(self.sanitizer.label(item.character.name, "Character"), "", "")
+        user = self.format.escape(self.sanitizer.label(item.player_name, "User"), "", "")
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
