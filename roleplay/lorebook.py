@@ -17,18 +17,25 @@ Semantics (SillyTavern's, as far as the V2/V3 card fields carry them):
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Literal
 
 import regex
-from pydantic import BaseModel, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+logger = logging.getLogger(__name__)
 
 # Regex keys come from uploaded cards: each search gets this long before it counts as a failure of its
 # entry (a pattern with catastrophic backtracking must not stall every turn of the worker).
 REGEX_TIMEOUT_S = 0.05
+# All regex keys of one turn's activation together: past it, entries with regex keys fail unmatched
+# (a card of a thousand slow patterns would otherwise cost each turn a thousand timeouts).
+REGEX_BUDGET_S = 0.25
 # V3 decorators mlchat honours; any other `@@name` line at the start of an entry's content is removed
 # from the prompt and listed in the manifest.
 HONOURED_DECORATORS = ("@@activate", "@@dont_activate")
@@ -76,6 +83,20 @@ class LoreEntry(BaseModel):
                 except regex.error as exc:
                     raise ValueError(f"bad regex key {key!r}: {exc}") from exc
         return keys
+
+    @model_validator(mode="after")
+    def _use_regex_keys_compile(self) -> LoreEntry:
+        """With `use_regex`, every key is a pattern: one that does not compile is refused at import,
+        not found at every turn."""
+        if self.use_regex:
+            for name, keys in (("keys", self.keys), ("secondary_keys", self.secondary_keys)):
+                for key in keys:
+                    if _as_regex(key) is None:
+                        try:
+                            regex.compile(key)
+                        except regex.error as exc:
+                            raise ValueError(f"{name}: bad regex key {key!r} (use_regex): {exc}") from exc
+        return self
 
     @model_validator(mode="after")
     def _decorators(self) -> LoreEntry:
@@ -185,6 +206,21 @@ def to_character_book(book: Lorebook) -> dict[str, Any]:
     }
 
 
+def stored_lorebook(raw: dict[str, Any]) -> Lorebook:
+    """A stored lorebook as activation reads it: an entry that no longer passes the checks (one added
+    after it was stored) is left out and logged, rather than failing every turn of its character."""
+    try:
+        return Lorebook.model_validate(raw)
+    except ValidationError:
+        entries = []
+        for i, entry in enumerate(raw.get("entries") or []):
+            try:
+                entries.append(LoreEntry.model_validate(entry))
+            except ValidationError as exc:
+                logger.warning("lorebook entries[%d] left out: %s", i, str(exc)[:200])
+        return Lorebook.model_validate({**raw, "entries": []}).model_copy(update={"entries": entries})
+
+
 @dataclass(frozen=True)
 class FiredEntry:
     entry: LoreEntry
@@ -200,8 +236,12 @@ class Activation:
     failed: list[tuple[LoreEntry, str]] = field(default_factory=list)  # a regex key timed out: not fired
 
 
-class KeyTimeout(Exception):
-    """A regex key ran past REGEX_TIMEOUT_S on this turn's text; its entry fails, not the turn."""
+class KeyFailed(Exception):
+    """A regex key that could not be matched on this turn's text; its entry fails, not the turn."""
+
+
+class KeyTimeout(KeyFailed):
+    """A regex key ran past REGEX_TIMEOUT_S on this turn's text."""
 
     def __init__(self, key: str) -> None:
         super().__init__(f"regex key {key!r} ran past {REGEX_TIMEOUT_S * 1000:.0f} ms and was stopped")
@@ -225,6 +265,8 @@ def _matches(key: str, text: str, entry: LoreEntry) -> bool:
             return regex.search(pattern, text, re_flags, timeout=REGEX_TIMEOUT_S) is not None
         except TimeoutError:
             raise KeyTimeout(key) from None
+        except regex.error as exc:  # a card stored before use_regex keys were checked at import
+            raise KeyFailed(f"regex key {key!r} does not compile: {exc}") from None
     return key in text if entry.case_sensitive else key.casefold() in text.casefold()
 
 
@@ -257,7 +299,8 @@ def activate(
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
     activation = Activation()
-    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed)
+    deadline = time.monotonic() + REGEX_BUDGET_S
+    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, deadline=deadline)
     fired = list(last_round)
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
         sources = [
@@ -265,7 +308,9 @@ def activate(
             for e, _ in last_round
             if not e.prevent_recursion
         ]
-        last_round = _scan(waiting, sources, step=step, failed=activation.failed) if sources else []
+        last_round = (
+            _scan(waiting, sources, step=step, failed=activation.failed, deadline=deadline) if sources else []
+        )
         if not last_round:
             break
         fired += last_round
@@ -289,16 +334,20 @@ def _scan(
     *,
     step: int,
     failed: list[tuple[LoreEntry, str]],
+    deadline: float,
 ) -> list[tuple[LoreEntry, str]]:
     """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
-    regex key timed out (recorded in `failed`)."""
+    regex key failed (timed out, or did not compile), or whose regex keys come after the turn's
+    time for regex keys ran out (recorded in `failed`)."""
     hits = []
     for entry in list(waiting):
         if step and entry.exclude_recursion:
             continue
         try:
+            if time.monotonic() > deadline and _has_regex(entry):
+                raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out")
             reason = _first_hit(entry, sources)
-        except KeyTimeout as exc:
+        except KeyFailed as exc:
             failed.append((entry, str(exc)))
             waiting.remove(entry)
             continue
@@ -306,6 +355,10 @@ def _scan(
             hits.append((entry, reason))
             waiting.remove(entry)
     return hits
+
+
+def _has_regex(entry: LoreEntry) -> bool:
+    return entry.use_regex or any(_as_regex(k) is not None for k in (*entry.keys, *entry.secondary_keys))
 
 
 def _first_hit(entry: LoreEntry, sources: Sequence[tuple[str, str]]) -> str | None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from roleplay.lorebook import Lorebook, LoreEntry, SelectiveLogic, activate
+from roleplay.lorebook import Lorebook, LoreEntry, SelectiveLogic, activate, stored_lorebook
 
 
 def _words(text: str) -> int:
@@ -146,3 +146,50 @@ def test_v3_decorators_are_honoured_or_listed_and_never_reach_the_prompt() -> No
     assert not second.enabled
     activation = activate(book, message="the ford?", history=[], count_tokens=lambda t: len(t.split()))
     assert [f.content for f in activation.kept] == ["The ford floods at dusk."]
+
+
+def test_a_use_regex_key_that_does_not_compile_is_refused_at_import_and_fails_only_its_entry() -> None:
+    """Found in review: a bare key of a `use_regex` entry was compiled first at match time, and its
+    regex.error failed every turn of the character."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"keys: bad regex key '\('"):
+        LoreEntry(id="x", keys=["("], use_regex=True, content="x")
+    with pytest.raises(ValidationError, match="secondary_keys: bad regex key"):
+        LoreEntry(id="x", keys=["a"], secondary_keys=["[z"], selective=True, use_regex=True, content="x")
+    # a card stored before the check: that entry is left out, the turn and the other entries go on
+    stored = {
+        "entries": [
+            {"id": "old", "keys": ["("], "use_regex": True, "content": "Never shown."},
+            {"id": "ok", "keys": ["lantern"], "content": "The lantern is brass."},
+        ]
+    }
+    activation = activate(
+        stored_lorebook(stored), message="where is the lantern? (", history=[], count_tokens=_words
+    )
+    assert [f.entry.id for f in activation.kept] == ["ok"]
+    # and one that slips past (built without the checks) fails its entry alone at match time
+    bad = LoreEntry.model_construct(**LoreEntry(id="old", keys=["x"], content="Never shown.").__dict__)
+    bad.keys, bad.use_regex = ["("], True
+    book = Lorebook.model_construct(entries=[bad], token_budget=100, scan_depth=2)
+    activation = activate(book, message="(", history=[], count_tokens=_words)
+    ((entry, reason),) = activation.failed
+    assert entry.id == "old" and "does not compile" in reason
+
+
+def test_the_regex_keys_of_one_turn_share_one_time_budget() -> None:
+    """Found in review: each regex search was stopped at 50 ms, but a card of a thousand slow
+    patterns cost every turn a thousand of them."""
+    import time
+
+    from roleplay.lorebook import REGEX_BUDGET_S
+
+    bombs = [LoreEntry(id=f"bomb-{i}", keys=["/(a|aa)+$/"], content="Never shown.") for i in range(100)]
+    book = Lorebook(entries=[*bombs, LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass.")])
+    started = time.monotonic()
+    activation = activate(book, message="a" * 40 + "! where is the lantern?", history=[], count_tokens=_words)
+    spent = time.monotonic() - started
+    assert spent < REGEX_BUDGET_S + 1.0  # 100 timeouts of 50 ms would be 5 s
+    assert [f.entry.id for f in activation.kept] == ["ok"]
+    reasons = [reason for _, reason in activation.failed]
+    assert len(reasons) == 100 and any("ms for regex keys ran out" in r for r in reasons)

@@ -314,3 +314,35 @@ def test_a_lenient_chat_template_keeps_its_roles_as_laid_out(tokenizer) -> None:
     assert builder.roles == LENIENT
     # The post-history instruction is its own system message after the player's.
     assert "Is the roof sound?<|im_end|>\n<|im_start|>system\nReply briefly.<|im_end|>" in built.text
+
+
+def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(tokenizer) -> None:
+    """Found in review: lore that left no room for the message was dropped one entry at a time, the
+    prompt rendered and tokenized again after each: a card of many small constant entries and a huge
+    lore budget cost every turn of that character thousands of renders."""
+    c = _character()
+    c.lorebook = Lorebook.model_validate(
+        {
+            "token_budget": 10**8,
+            "entries": [
+                {"id": i, "keys": [], "constant": True, "content": f"Fact {i} of the town."}
+                for i in range(1500)
+            ],
+        }
+    ).model_dump()
+    builder = PromptBuilder(tokenizer, "chat_template", 1024)
+    renders = 0
+    render = builder._render
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal renders
+        renders += 1
+        return render(*args, **kwargs)
+
+    builder._render = counted  # type: ignore[method-assign]
+    built = builder.build(PromptInput(c, "Rowan", "Any news?", TurnContext(), 32))
+    assert len(built.token_ids) <= 1024 - 32
+    kept = [e["id"] for e in built.manifest["lore"]]
+    dropped = [d["id"] for d in built.manifest["dropped"] if d["kind"] == "lore"]
+    assert kept and len(kept) + len(dropped) == 1500
+    assert renders <= 16  # a search over how many entries fit: about log2(1500) renders

@@ -10,7 +10,7 @@ from typing import Any
 
 from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
-from roleplay.lorebook import Activation, Lorebook, activate
+from roleplay.lorebook import Activation, Lorebook, activate, stored_lorebook
 from roleplay.mood import Mood, describe_toward
 from worker.prompt.formats import FORMATS, ChatMessage, escape_name_markers
 from worker.prompt.layout import (
@@ -154,10 +154,10 @@ class PromptBuilder:
     def _lorebook(self, character: Character) -> Lorebook:
         """The character's lorebook, validated (regexes compiled) once per character version."""
         if character.id is None:  # not stored (tests build characters in memory)
-            return Lorebook.model_validate(character.lorebook)
+            return stored_lorebook(character.lorebook)
         cached = self._books.get(character.id)
         if cached is None or cached[0] != character.version:
-            cached = (character.version, Lorebook.model_validate(character.lorebook))
+            cached = (character.version, stored_lorebook(character.lorebook))
             self._books[character.id] = cached
         return cached[1]
 
@@ -277,17 +277,32 @@ class PromptBuilder:
         if packed is None or len(packed.ids) + whole > budget:
             first, first_layout = list(kept), layout
             base_len = len(self._render(layout, [], [], [])[0])
-            while base_len > budget and persona and any(s == "lore" for s, _, _ in persona):
-                # Lore that would leave no room for the message goes first (the last-ranked entry).
-                drop = next(p for p in reversed(persona) if p[0] == "lore")
-                persona.remove(drop)
-                if lore is not None:
-                    moved = next(f for f in lore.kept if f.entry.id == drop[1])
-                    lore.kept.remove(moved)
-                    lore.dropped.append(moved)
-                layout = Layout(
-                    persona, state, layout.message, post, char, user, narrator, clean, **group_fields
-                )
+            lore_pieces = [p for p in persona if p[0] == "lore"]
+            if base_len > budget and lore_pieces:
+                # Lore that would leave no room for the message goes, the last-ranked entries first:
+                # the most entries that still fit, found in a few renders rather than one render per
+                # entry dropped (a card of ten thousand small constant entries).
+                def with_lore(k: int) -> Layout:
+                    kept_lore = {id(p) for p in lore_pieces[:k]}
+                    pieces = [p for p in persona if p[0] != "lore" or id(p) in kept_lore]
+                    return Layout(
+                        pieces, state, layout.message, post, char, user, narrator, clean, **group_fields
+                    )
+
+                low, high = 0, len(lore_pieces) - 1  # the most that fit lies in [low, high]
+                while low < high:
+                    mid = (low + high + 1) // 2
+                    if len(self._render(with_lore(mid), [], [], [])[0]) <= budget:
+                        low = mid
+                    else:
+                        high = mid - 1
+                for drop in lore_pieces[low:]:
+                    persona.remove(drop)
+                    if lore is not None:
+                        moved = next(f for f in lore.kept if f.entry.id == drop[1])
+                        lore.kept.remove(moved)
+                        lore.dropped.append(moved)
+                layout = with_lore(low)
                 base_len = len(self._render(layout, [], [], [])[0])
             if base_len > budget:
                 raise PromptTooLong(
