@@ -206,9 +206,10 @@ def to_character_book(book: Lorebook) -> dict[str, Any]:
     }
 
 
-def stored_lorebook(raw: dict[str, Any]) -> Lorebook:
+def stored_lorebook(raw: dict[str, Any] | None) -> Lorebook:
     """A stored lorebook as activation reads it: an entry that no longer passes the checks (one added
     after it was stored) is left out and logged, rather than failing every turn of its character."""
+    raw = raw or {}
     try:
         return Lorebook.model_validate(raw)
     except ValidationError:
