@@ -67,7 +67,13 @@ def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> 
     return RenderedPrompt(system + "\n" + "\n".join(lines) + "\nAssistant: ", True, ("\nHuman:",))
 
 
-_EEVE_MARKER = regex.compile(r"^(\s*(?:human|assistant|system))(\s*:)", regex.IGNORECASE | regex.MULTILINE)
+# Invisible format characters (U+200B, U+2060, U+FEFF, a soft hyphen) before a marker leave its
+# tokens whole: they count as the line's leading space. Between the name and its colon they break it
+# (that is the escape), so there only whitespace counts.
+LEADING = r"[\s\p{Cf}]*"
+_EEVE_MARKER = regex.compile(
+    rf"^({LEADING}(?:human|assistant|system))(\s*:)", regex.IGNORECASE | regex.MULTILINE
+)
 
 
 def _escape_eeve(text: str, char: str, user: str) -> str:
@@ -94,7 +100,7 @@ def escape_name_markers(text: str, names: Sequence[str]) -> str:
     alternatives = "|".join(regex.escape(n) for n in sorted(set(names), key=len, reverse=True) if n)
     if not alternatives:
         return text
-    marker = regex.compile(rf"^(\s*(?:{alternatives}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
+    marker = regex.compile(rf"^({LEADING}(?:{alternatives}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
     return marker.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
 
 
