@@ -6,17 +6,22 @@ could not even be encoded as JSON, and FastAPI's default handler answered such a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
 from services.producer import EnqueueError, TurnRejected
+
+logger = logging.getLogger(__name__)
 
 
 def safe(text: object) -> str:
@@ -71,8 +76,28 @@ async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_409_CONFLICT, content={"detail": safe(exc)})
 
 
+# What a client waits before trying a 503 again (an outage of the database, the broker or the
+# resolver: the request stored nothing, or only what a retry under its idempotency key replays).
+RETRY_AFTER_S = 5
+
+
 async def _unavailable(request: Request, exc: EnqueueError) -> JSONResponse:
-    return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": safe(exc)})
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": safe(exc)},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database went away under a request, or the pool had no connection for it in time: a 503
+    to retry, never a 500; the driver's text (hosts, users) stays in the log."""
+    logger.warning("%s %s: the database is unavailable", request.method, request.url.path, exc_info=exc)
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": "the database is unavailable for now; try again"},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 async def _bad_card(request: Request, exc: CardError) -> JSONResponse:
@@ -91,3 +116,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
     app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]
+    for outage in (OperationalError, InterfaceError, PoolTimeout):
+        app.add_exception_handler(outage, _database_unavailable)

@@ -56,19 +56,24 @@ def resolve(host: str) -> list[Address]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
-def vetted_address(url: str) -> Address:
-    """The address to connect to for `url`: every address its host resolves to must be public (not
-    loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API
-    key cannot make the workers call into the network they run in. Raises RefusedDestination."""
+def url_host(url: str) -> str:
+    """The host of `url`, parsed as the delivery parses it (no lookup). Raises RefusedDestination."""
     try:
         parsed = urlparse(url)
         parsed.port  # noqa: B018 (a port that is not a number raises here, not at the POST)
         httpx.URL(url)  # what the delivery parses: a URL only it refuses would fail every retry
     except (ValueError, httpx.InvalidURL) as exc:
         raise RefusedDestination(f"is not a valid URL ({exc})") from None
-    host = parsed.hostname
-    if not host:
+    if not parsed.hostname:
         raise RefusedDestination("has no host")
+    return parsed.hostname
+
+
+def vetted_address(url: str) -> Address:
+    """The address to connect to for `url`: every address its host resolves to must be public (not
+    loopback, private, link-local or reserved) unless MLCHAT_CALLBACK_ALLOW_PRIVATE is set, so an API
+    key cannot make the workers call into the network they run in. Raises RefusedDestination."""
+    host = url_host(url)
     try:
         addresses = resolve(host)
     except socket.gaierror as exc:
@@ -200,8 +205,9 @@ def post_signed(url: str, address: Address, body: bytes, *, delivery: str) -> st
         return f"{type(exc).__name__}: {exc}"[:300]
 
 
-def callback_refusal(url: str) -> str | None:
-    """Why a callback URL given with a request is not accepted, or None (the batches' rules)."""
+def callback_refusal(url: str, *, resolve: bool = True) -> str | None:
+    """Why a callback URL given with a request is not accepted, or None (the batches' rules); without
+    `resolve`, only what can be told without a DNS lookup (see callback_destinations)."""
     try:
         parsed = urlparse(url)
     except ValueError:  # an unclosed IPv6 bracket
@@ -210,4 +216,51 @@ def callback_refusal(url: str) -> str | None:
         return f"{url[:80]!r} is not an http(s) URL"
     if settings.callback_secret is None:
         return "set MLCHAT_CALLBACK_SECRET so callbacks can be signed"
+    if not resolve:
+        try:
+            url_host(url)
+        except RefusedDestination as exc:
+            return str(exc)
+        return None
     return refused_destination(url)
+
+
+# All the lookups of one request together: a resolver that does not answer in this time is an
+# outage (503, nothing stored), not a refusal of the client's URL.
+RESOLVE_BUDGET_S = 10.0
+RESOLVE_THREADS = 8
+
+
+class ResolverTooSlow(RuntimeError):
+    """The lookups of a request's callback hosts did not all answer within RESOLVE_BUDGET_S, or the
+    resolver said to try again (EAI_AGAIN): try the request again later."""
+
+
+def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
+    """Why each of these callback URLs ({index: url}) is refused, by index (absent: accepted); each
+    distinct host looked up once, a few at a time, off the API's event loop (the caller's thread).
+    Raises ResolverTooSlow when the resolver cannot answer for now."""
+    from concurrent.futures import ThreadPoolExecutor, wait
+
+    if not urls:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=min(RESOLVE_THREADS, len(set(urls.values()))))
+    try:
+        futures = {url: pool.submit(vetted_address, url) for url in dict.fromkeys(urls.values())}
+        done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
+        if pending:
+            raise ResolverTooSlow(
+                f"{len(pending)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s"
+            )
+        refused: dict[str, str] = {}
+        for url, future in futures.items():
+            exc = future.exception()
+            if isinstance(exc, ResolverUnavailable):
+                raise ResolverTooSlow("the resolver could not answer for a callback host for now")
+            if isinstance(exc, RefusedDestination):
+                refused[url] = str(exc)
+            elif exc is not None:
+                raise exc
+        return {i: refused[url] for i, url in urls.items() if url in refused}
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)

@@ -28,6 +28,7 @@ from db.turns import (
 )
 from db.turns import get_turn as read_turn
 from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
+from services.callbacks import ResolverTooSlow, callback_destinations
 from services.schemas import TurnRequest
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ def submit_turns(
     ]
     if unknown:
         raise TurnRejected(unknown)
+    _check_callback_hosts(parsed)
     if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
         automatic_key = parsed[0].idempotency_key is None
         fast, parsed[0], fast_raised = _store_one_fast(
@@ -177,6 +179,19 @@ def submit_turns(
             fresh.setdefault(turn.model, {})[turn.id] = None
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
     return stored
+
+
+def _check_callback_hosts(parsed: Sequence[TurnRequest]) -> None:
+    """Each callback URL's host looked up (its syntax was checked with the request): TurnRejected
+    naming every item whose host does not resolve or is not public; EnqueueError (try again) when
+    the resolver cannot answer for now."""
+    urls = {i: r.callback_url for i, r in enumerate(parsed) if r.callback_url}
+    try:
+        refused = callback_destinations(urls)
+    except ResolverTooSlow as exc:
+        raise EnqueueError(f"{exc}; nothing was stored (retry with the same idempotency key)") from None
+    if refused:
+        raise TurnRejected([ItemError(i, "callback_url", reason) for i, reason in sorted(refused.items())])
 
 
 def _store_after_lost_reply(
@@ -215,9 +230,9 @@ def _store_or_raise(
     try:
         return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
+        logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
         raise EnqueueError(
-            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key): "
-            f"{exc.orig}"
+            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key)"
         ) from exc
 
 
@@ -354,15 +369,21 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
     """Send committed new turns ({model: ids}); on a broker failure mark them failed, raise EnqueueError."""
     from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
 
+    sent: list[uuid.UUID] = []
     try:
         for model, ids in fresh.items():
-            dispatch(ids, model=model, lane=lane)
+            dispatch(ids, model=model, lane=lane, sent=sent)
     except Exception as exc:
-        stranded = [i for ids in fresh.values() for i in ids]
+        # Only the turns whose message did not go: a sent one may be claimed and answered already.
+        logger.warning("broker unreachable at enqueue", exc_info=True)  # its text names hosts
+        went = set(sent)
+        stranded = [i for ids in fresh.values() for i in ids if i not in went]
         with session_scope() as session:
-            fail_unsent(session=session, turn_ids=stranded, reason=f"broker unreachable at enqueue: {exc}")
+            fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
         raise EnqueueError(
-            f"could not reach the broker; {len(stranded)} turn(s) marked failed: {exc}"
+            f"could not reach the broker; {len(stranded)} turn(s) marked failed"
+            + (f", {len(went)} sent before it failed" if went else "")
+            + " (retry with the same idempotency keys: a failed turn is sent again, a sent one replayed)"
         ) from exc
 
 

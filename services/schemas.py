@@ -208,7 +208,9 @@ class TurnRequest(BaseModel):
     @field_validator("callback_url")
     @classmethod
     def _callback_may_be_sent(cls, value: str | None) -> str | None:
-        refused = callback_refusal(value) if value is not None else None
+        # No DNS lookup here: the API validates bodies on its event loop (the host is looked up by
+        # services/producer.py, in the request's thread).
+        refused = callback_refusal(value, resolve=False) if value is not None else None
         if refused is not None:
             raise ValueError(refused)
         return value

@@ -238,9 +238,16 @@ def _dispatch_with_retry(ids: list[uuid.UUID], model: str, lane: Lane, countdown
 
 
 def dispatch(
-    turn_ids: Iterable[uuid.UUID], *, model: str, lane: Lane = "live", countdown: float | None = None
+    turn_ids: Iterable[uuid.UUID],
+    *,
+    model: str,
+    lane: Lane = "live",
+    countdown: float | None = None,
+    sent: list[uuid.UUID] | None = None,
 ) -> None:
-    """Send turns to their model's queue for that lane: one per live message, a batch per bulk one."""
+    """Send turns to their model's queue for that lane: one per live message, a batch per bulk one;
+    `sent` gets the ids of each message as it goes (so a caller knows which went before a failure)."""
+    turn_ids = list(turn_ids)
     ids = [str(turn_id) for turn_id in turn_ids]
     per_message = 1 if lane == "live" else settings.batch_size
     queue = queue_for_model(model, lane)
@@ -266,3 +273,5 @@ def dispatch(
                 kwargsrepr=repr(kwargs),
             )
             app.amqp.send_task_message(producer, TASK_NAME, message, queue=queue, declare=[])
+            if sent is not None:
+                sent.extend(turn_ids[start : start + per_message])

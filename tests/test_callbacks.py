@@ -200,3 +200,71 @@ def test_a_resolver_hiccup_at_delivery_is_retried_not_recorded_as_final(
     with pytest.raises(CallbackFailed, match="could not be resolved for now"):
         deliver(run_id)
     assert calls == ["hooks.example.test"]
+
+
+def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while_its_body_is_read(
+    services, world, monkeypatch
+) -> None:
+    """Found in review: the request body's validator looked the host up, and the API validates
+    bodies on its event loop: a batch of callback URLs on a resolver that never answers froze every
+    request, stream and health check of the process. A resolver that cannot answer for now was a
+    422 on the client's URL; it is an outage (503, nothing stored)."""
+    import time
+
+    from services import callbacks
+    from services.producer import EnqueueError, TurnRejected, submit_turns
+    from services.schemas import TurnRequest
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", False)
+    looked_up: list[str] = []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        looked_up.append(name)
+        if name == "slow.example.test":
+            time.sleep(2)
+        if name == "again.example.test":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        address = {"good.example.test": "1.1.1.1", "inside.example.test": "10.0.0.7"}.get(name)
+        if address is None:
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(address, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+    def request(host: str) -> dict[str, str]:
+        return {
+            "conversation": f"cb-{uuid.uuid4().hex[:10]}",
+            "character": "elara",
+            "message": "hi",
+            "callback_url": f"https://{host}/hook",
+        }
+
+    TurnRequest.model_validate(request("slow.example.test"))  # the body alone: no lookup
+    assert looked_up == []
+
+    with pytest.raises(TurnRejected) as refused:
+        submit_turns(
+            [request("good.example.test"), request("inside.example.test"), request("nowhere.example.test")]
+            + [request("good.example.test") for _ in range(20)],
+            send=False,
+        )
+    assert [(e.index, e.field) for e in refused.value.errors] == [(1, "callback_url"), (2, "callback_url")]
+    assert (
+        "non-public" in refused.value.errors[0].reason
+        and "does not resolve" in refused.value.errors[1].reason
+    )
+    assert sorted(looked_up) == ["good.example.test", "inside.example.test", "nowhere.example.test"]
+
+    monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 0.3)
+    for host in ("slow.example.test", "again.example.test"):
+        body = request(host)
+        with pytest.raises(EnqueueError, match="nothing was stored"):
+            submit_turns([body], send=False)
+        with session_scope() as s:  # nothing stored
+            from db.models import Conversation
+
+            assert s.query(Conversation).filter(Conversation.external_id == body["conversation"]).count() == 0
+    [turn] = submit_turns([request("good.example.test")], send=False)
+    assert turn.created

@@ -192,3 +192,30 @@ def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:
     assert manifest["lore"][0]["reason"] == "key '/fox(es)?/i' in the player's message"
     assert manifest["events"][0]["id"] == event.json()["id"]
     assert sum(manifest["sections"].values()) == manifest["prompt_tokens"]
+
+
+def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the_drivers_text(
+    base_url, monkeypatch
+) -> None:
+    """Found in review: no handler mapped the database's errors, so an outage under GET, DELETE, the
+    stream, scenes, facts or files was a 500 (and the pool's own timeout one too), and no 503 said
+    when to try again."""
+    import uuid
+
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+    from services import producer
+
+    for error in (
+        OperationalError("SELECT", {}, Exception('password authentication failed for user "mlchat_prod"')),
+        PoolTimeout("QueuePool limit of size 10 overflow 0 reached, connection timed out"),
+    ):
+
+        def down(turn_id, error=error):  # type: ignore[no-untyped-def]
+            raise error
+
+        monkeypatch.setattr(producer, "get_turn", down)
+        r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers=KEY)
+        assert r.status_code == 503 and r.headers["retry-after"] == "5"
+        assert "try again" in r.json()["detail"] and "mlchat_prod" not in r.text and "QueuePool" not in r.text

@@ -441,3 +441,33 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
         raw = conn.default_channel.client.lrange(queue_for_model(stored.model, "live"), 0, -1)
     sent = [json.loads(base64.b64decode(json.loads(m)["body"]))[1]["turn_ids"] for m in raw]
     assert stored.model == unserved_model and [str(stored.id)] in sent
+
+
+def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go(world, monkeypatch) -> None:
+    """Found in review: every turn of the call was marked failed, the ones already sent too (a worker
+    may have answered them), and the 503 and each turn's error carried the broker's own text."""
+    from services.producer import EnqueueError, submit_turns
+    from tasks.app import app
+
+    published: list[int] = []
+
+    def send_task_message(*args, **kwargs):  # type: ignore[no-untyped-def]
+        published.append(1)
+        if len(published) >= 2:
+            raise ConnectionError("Error 111 connecting to redis-internal.example:6379")
+
+    monkeypatch.setattr(app.amqp, "send_task_message", send_task_message)
+    tag = new_conversation()["conversation"]
+    requests = [new_conversation() | {"message": f"Hello {i} from {tag}?"} for i in range(3)]
+    with pytest.raises(EnqueueError) as failed:
+        submit_turns(requests)  # live: one message per turn
+    assert "2 turn(s) marked failed, 1 sent before it failed" in str(failed.value)
+    assert "redis-internal" not in str(failed.value)
+    with session_scope() as s:
+        turns = {
+            t.message: (t.status, t.error)
+            for t in s.scalars(select(Turn).where(Turn.message.in_([r["message"] for r in requests])))
+        }
+    first, second, third = (turns[r["message"]] for r in requests)
+    assert first == (TurnStatus.QUEUED, None)
+    assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
