@@ -862,6 +862,11 @@ def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url
         f"{base_url}/v1/scenes/no-such-group:continue", json={"exchanges": 2}, headers=key, timeout=30
     )
     assert r.status_code == 404
+    # found in review: a NUL in the path reached PostgreSQL's text (a 500); it is a 422 naming it
+    r = httpx.get(f"{base_url}/v1/scenes/a%00b", headers=key, timeout=30)
+    assert r.status_code == 422 and "conversation (path)" in r.text
+    r = httpx.post(f"{base_url}/v1/scenes/a%00b:continue", json={"exchanges": 2}, headers=key, timeout=30)
+    assert r.status_code == 422 and "conversation (path)" in r.text
 
 
 def test_a_failed_step_fails_its_scene_and_the_run_still_completes(world) -> None:

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Path, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from scenes.spec import ContinueSpec, GroupSpec
 from services import scenes
+from services.schemas import Text
+
+# A conversation's external id, checked like the body's (no NUL or control characters: PostgreSQL's
+# text refuses a NUL, which was a 500).
+ConversationId = Annotated[Text, Path(min_length=1, max_length=200)]
 
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
@@ -25,7 +30,7 @@ async def post_scene(body: GroupSpec, who: Annotated[Caller, Depends(needs("inge
 
 @router.post("/{conversation}:continue", dependencies=[Depends(json_body)])
 async def continue_scene(
-    conversation: str, body: ContinueSpec, who: Annotated[Caller, Depends(needs("ingest"))]
+    conversation: ConversationId, body: ContinueSpec, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` lines with no player line (ambient chatter)."""
     try:
@@ -37,7 +42,9 @@ async def continue_scene(
 
 
 @router.get("/{conversation}")
-async def get_scene(conversation: str, who: Annotated[Caller, Depends(needs("ingest"))]) -> dict[str, Any]:
+async def get_scene(
+    conversation: ConversationId, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> dict[str, Any]:
     """The group's scene and its transcript so far."""
     try:
         return await run_in_threadpool(scenes.scene_view, conversation, tenant=who.tenant)
