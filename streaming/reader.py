@@ -93,9 +93,12 @@ class _Shown:
         self.claim, self.text, self.seq = "", "", 0
         self.superseded: set[str] = set()
         self.whole = False  # the reader was shown the whole stored reply (it resumes after `final`)
+        self.gap = False  # a delta of this claim never came: the rest comes with the stored reply
 
     def take(self, entry: Entry) -> list[Event]:
-        """The events a delta entry makes: none for a repeat or a superseded claim's late text."""
+        """The events a delta entry makes: none for a repeat or a superseded claim's late text, and
+        none after a delta of its claim went missing (the worker drops deltas when Redis fails it:
+        the text after the gap would not follow the text shown, and the stored reply brings it)."""
         if entry.claim in self.superseded:
             return []
         if entry.claim == self.claim and entry.seq is not None and entry.seq <= self.seq:
@@ -105,9 +108,13 @@ class _Shown:
             if self.claim:
                 self.superseded.add(self.claim)
                 out.append(restarted())
-            self.claim, self.text, self.seq = entry.claim, "", 0
+            self.claim, self.text, self.seq, self.gap = entry.claim, "", 0, False
+        if entry.seq is not None:
+            self.gap = self.gap or entry.seq != self.seq + 1
+            self.seq = entry.seq
+        if self.gap:
+            return out
         self.text += entry.text
-        self.seq = entry.seq if entry.seq is not None else self.seq
         stamp = {} if entry.t is None else {"t": entry.t}
         out.append(Event("delta", entry.id, {"text": entry.text} | stamp))
         return out

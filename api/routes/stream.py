@@ -7,7 +7,8 @@ import json
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, status
+from fastapi import APIRouter, Depends, Header
+from fastapi.exceptions import RequestValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -30,10 +31,10 @@ async def stream_turn(
     after `Last-Event-ID`; another key's turn or an unknown one is 404."""
     await run_in_threadpool(visible_turn, turn_id, who)
     if last_event_id is not None and not valid_event_id(last_event_id):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT,
-            f"Last-Event-ID: {last_event_id!r} is not an id of this stream",
-        )
+        # The shape of every other 422 (the field named, the input not echoed back).
+        loc = ("header", "Last-Event-ID")
+        msg = "not an id of this stream (a Redis stream id, each part at most 2^64-1, or 'final')"
+        raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg}])
 
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn_id, who)
