@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 import weakref
 from collections import deque
@@ -39,7 +40,15 @@ _BLOCK_MS = 1000  # a join wakes the read at once: the block only bounds an idle
 _WAKE_TTL_S = 3600
 _UNREADABLE = (RedisError, OSError)
 _RETRY_S = 0.1  # after a failed round, before the next (a new follower's)
-_STATUS_FAILURES = 3  # status queries failed in a row before the readers are failed
+# Status queries failed in a row, and for how long, before the readers are failed: a blip of the
+# database (each new follower asks for a check at once, so three can fail within a second) is ridden
+# out; an outage ends each reader with a resumable `unavailable` error (streaming/reader.py).
+_STATUS_FAILURES = 3
+_STATUS_OUTAGE_S = 15.0
+
+
+class StatusUnavailable(RuntimeError):
+    """The turns' status could not be read for _STATUS_OUTAGE_S: the database is out."""
 
 
 def _order(stream_id: str) -> tuple[int, int]:
@@ -267,7 +276,7 @@ class Hub:
                 follower._fail(None)
 
     async def _check_statuses(self) -> None:
-        failures = 0
+        failures, failing_since = 0, 0.0
         while True:
             self._check_now.clear()
             if not self._followers:
@@ -280,12 +289,13 @@ class Hub:
                 _unless_cancelled()
                 STREAM_HUB_FAILURES.labels("status").inc()
                 failures += 1
+                failing_since = failing_since or time.monotonic()
                 logger.warning("turn status check failed (%d in a row): %s", failures, exc)
-                if failures >= _STATUS_FAILURES:
+                if failures >= _STATUS_FAILURES and time.monotonic() - failing_since >= _STATUS_OUTAGE_S:
                     for follower in followers:
-                        follower._fail(RuntimeError(f"the turn's status cannot be read: {exc}"))
+                        follower._fail(StatusUnavailable("the turn's status cannot be read for now"))
             else:
-                failures = 0
+                failures, failing_since = 0, 0.0
                 for follower in followers:
                     if follower.turn_id in finished:
                         follower._checked()

@@ -71,6 +71,19 @@ def restarted() -> Event:
     )
 
 
+def unavailable() -> Event:
+    """The turn cannot be read for now (the database is out): no id, so a resume continues after
+    the last delta shown; the turn itself goes on."""
+    return Event(
+        "error",
+        None,
+        {
+            "code": "unavailable",
+            "message": "the turn cannot be read for now; resume the stream or read the turn",
+        },
+    )
+
+
 def terminal(view: TurnView) -> Event:
     """The last event of a finished turn: `done` with the stored turn (id `final`), or an `error`."""
     if view.status.value == "done":
@@ -193,6 +206,9 @@ class TurnReader:
             else:
                 async for event in self._from_stream(readers, follower, deadline):
                     yield event
+        except Exception:  # the database is out (the hub's status checks, or the stored turn's read)
+            logger.warning("turn %s: its stream ends unfinished: the turn cannot be read", self._turn_id)
+            yield unavailable()
         finally:
             readers.unfollow(follower)
 

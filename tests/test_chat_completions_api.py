@@ -213,7 +213,7 @@ def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monk
 
     sent: list[list[uuid.UUID]] = []
 
-    def broker(ids, *, model, lane):  # type: ignore[no-untyped-def]
+    def broker(ids, *, model, lane, **kwargs):  # type: ignore[no-untyped-def]
         if not sent:
             sent.append([])
             raise ConnectionError("broker down")
@@ -242,7 +242,7 @@ def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, mon
     from services.live_chat import start_chat_turn
 
     sent: list[uuid.UUID] = []
-    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, *, model, lane: sent.extend(ids))
+    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, *, model, lane, **kwargs: sent.extend(ids))
     real, failed = live_chat.append_history_if_empty, []
 
     def append_once(**kwargs):  # type: ignore[no-untyped-def]

@@ -373,3 +373,32 @@ def test_an_out_of_range_last_event_id_is_a_422_naming_it(base_url) -> None:
     # found in review: this 422 had its own shape and echoed the header back; it is every 422's
     assert r.json()["detail"][0]["field"] == "Last-Event-ID (header)", r.text
     assert "99999999999999999999" not in r.text
+
+
+def test_a_database_blip_is_ridden_out_and_an_outage_ends_readers_with_a_resumable_error(monkeypatch) -> None:
+    """Found in review: three failed status checks, which three readers joining within a second of
+    a blip could cause, failed every reader of the process with an exception (a traceback, the
+    connection cut with no last event, chat clients raising)."""
+    from sqlalchemy.exc import OperationalError
+
+    import streaming.hub
+
+    monkeypatch.setattr(settings, "stream_check_s", 0.05)
+    real = streaming.hub._finished
+    blip_until = time.monotonic() + 1.0
+
+    def flaky(turn_ids):  # type: ignore[no-untyped-def]
+        if time.monotonic() < blip_until:
+            raise OperationalError("SELECT", {}, Exception("the database restarts"))
+        return real(turn_ids)
+
+    monkeypatch.setattr(streaming.hub, "_finished", flaky)
+    request = TurnRequest(**new_conversation(), message="Tell me of the road.")
+    (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
+    _answered(stored.id, "The road is long.")
+    assert _codes(_read(stored.id)) == ["The road is long.", "done"]  # about 20 checks failed first
+
+    monkeypatch.setattr(streaming.hub, "_STATUS_OUTAGE_S", 0.3)
+    blip_until = time.monotonic() + 3600  # an outage
+    events = _read(stored.id)
+    assert [(e.kind, e.id, e.data.get("code")) for e in events] == [("error", None, "unavailable")]
