@@ -221,6 +221,28 @@ def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) ->
     assert not _messages(turn_id)
 
 
+def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, monkeypatch) -> None:
+    """Found in review: a batch that raised was handed back with every turn charged an attempt, so
+    three database blips in a turn's life failed it as out of attempts, its cause lost."""
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    def outage(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fetch_batch_context", outage)
+        for _ in range(4):  # more blips than a turn has attempts
+            with pytest.raises(OperationalError):
+                process_batch([turn_id])
+            view = get_turn(turn_id)
+            assert view.status == TurnStatus.QUEUED and view.attempts == 0
+    assert process_batch([turn_id]).done == [turn_id]
+
+
 def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> None:
     # ~8 x 750 prompt tokens: more than one engine step holds, with a seed on every turn. On CPU a
     # seeded prompt split across steps used to kill the engine; prompts are now never split there.

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from core import metrics
@@ -150,12 +152,19 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             ended = _hand_back_dead(claim.token, turns, exc, report)
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
-        except BaseException:
-            _announce(turns, _hand_back(claim.token, turns, "the batch raised; sent again", refund=False))
+        except BaseException as exc:
+            # The database going away under the batch is nobody's fault: its turns are not charged
+            # (three blips in a turn's life would otherwise fail it as out of attempts).
+            outage = isinstance(exc, DATABASE_OUTAGES)
+            reason = f"the batch raised ({type(exc).__name__}); sent again"
+            _announce(turns, _hand_back(claim.token, turns, reason, refund=outage))
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
     return report
+
+
+DATABASE_OUTAGES = (OperationalError, InterfaceError, PoolTimeout)
 
 
 def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
