@@ -593,3 +593,17 @@ def test_announcements_hold_bulk_back_no_longer_than_the_live_shield_and_then_ag
     assert fake.admitted == ["r0", "r1", "r2", "r3"], "bulk never joined again under steady announcements"
     fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1"), _Out("r2"), _Out("r3")])
     assert _all_done(futures, timeout=10)
+
+
+def test_the_busy_clock_keeps_only_the_newest_idle_gaps() -> None:
+    """Found in review: every idle-to-busy change appended a gap that only benchmarks read, so a
+    live-only worker held one per turn for its whole life (about 100 MB a million turns)."""
+    from worker.engine_loop import GAPS_KEPT, BusyClock
+
+    clock = BusyClock()
+    for _ in range(GAPS_KEPT + 1000):
+        clock.mark(True)
+        clock.mark(False)
+    busy, gaps = clock.snapshot()
+    assert len(gaps) == GAPS_KEPT and busy >= 0
+    assert all(a <= b for a, b in gaps) and gaps[-1][1] >= gaps[0][1]

@@ -103,6 +103,9 @@ class _Job:
     first_output: float = 0.0  # perf_counter when a step first returned output for it
 
 
+GAPS_KEPT = 50_000
+
+
 class BusyClock:
     """Wall time with at least one request inside the engine, and the idle gaps between."""
 
@@ -110,7 +113,9 @@ class BusyClock:
         self._lock = threading.Lock()
         self._since: float | None = None
         self.busy_s = 0.0
-        self.gaps: list[tuple[float, float]] = []  # (start, end) of each idle gap, perf_counter
+        # (start, end) of each recent idle gap, perf_counter: a benchmark reads those of its window; a
+        # live-only worker adds one a turn, so only the newest are kept.
+        self.gaps: deque[tuple[float, float]] = deque(maxlen=GAPS_KEPT)
         self._idle_since: float | None = time.perf_counter()
 
     def mark(self, busy: bool) -> None:
