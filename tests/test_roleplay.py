@@ -130,3 +130,19 @@ def test_a_reply_below_the_quality_bar_is_regenerated_once(engine, monkeypatch) 
     assert regen["first"]["below_bar"] and regen["second"]["below_bar"]  # both under the bar: one retry only
     assert regen["kept"] == "first"  # a tie keeps the first reply
     assert view.params["seed"] == 11  # the stored seed reproduces the stored reply
+
+
+def test_a_regenerated_reply_that_cannot_be_read_is_dropped_alone(monkeypatch) -> None:
+    """Found in review: the second look at a weak reply caught only BadStructuredReply from its
+    reader, so any other error there (keep_candidates catches every one) failed the whole claim."""
+    from worker import judge
+    from worker.engine import GenerationRequest
+    from worker.engine_loop import Generation
+
+    def unreadable(shape, gen):  # type: ignore[no-untyped-def]
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(judge, "read_reply", unreadable)
+    request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, (), reply_shape=object())
+    result = judge._read(request, Generation('{"say": "hi"}', 2, 3, "stop"))
+    assert isinstance(result, RecursionError)

@@ -4,6 +4,7 @@ of replies below the quality bar. Everything here works from vectors the batch a
 from __future__ import annotations
 
 import dataclasses
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ from worker.embedder import embed
 from worker.engine import Generation, GenerationRequest
 from worker.prompt import BuiltPrompt
 from worker.structured import BadStructuredReply, read_reply
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,6 +224,9 @@ def _read(request: GenerationRequest, result: Generation | Exception) -> Generat
     try:
         return read_reply(request.reply_shape, result)
     except BadStructuredReply as exc:
+        return exc
+    except Exception as exc:  # as keep_candidates: one reply that cannot be read is dropped alone
+        logger.warning("a regenerated structured reply could not be read", exc_info=True)
         return exc
 
 
