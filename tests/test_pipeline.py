@@ -134,21 +134,24 @@ def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
         row.params = {**row.params, "temperature": 5.0}
 
     report = process_batch(ids)
-    assert sorted(report.done) == sorted([ok, ids[4]]) and not report.failed
-    assert set(report.retry) == {bad_prompt, bad_params, unjudged}
+    assert sorted(report.done) == sorted([ok, ids[4]]) and set(report.failed) == {bad_params}
+    assert set(report.retry) == {bad_prompt, unjudged}
     for turn_id in (ok, ids[4]):
         assert get_turn(turn_id).status == TurnStatus.DONE and get_turn(turn_id).attempts == 1
     for turn_id in report.retry:  # queued again on their own attempts, with what went wrong
         view = get_turn(turn_id)
         assert view.status == TurnStatus.QUEUED and view.attempts == 1 and "retrying" in view.error
+    # vLLM refused the request itself (VLLMValidationError): no attempt would mend it
+    view = get_turn(bad_params)
+    assert view.status == TurnStatus.FAILED and view.attempts == 1 and view.error_code == "invalid_params"
+    assert "temperature" in view.error and "not retried" in view.error and not _messages(bad_params)
 
-    bad = [bad_prompt, bad_params, unjudged]
+    bad = [bad_prompt, unjudged]
     for _ in range(2, settings.max_attempts + 1):
         report = process_batch(bad)
     assert set(report.failed) == set(bad) and not report.done
     expected = {
         bad_prompt: ("prompt_error", "building the prompt failed: AttributeError"),
-        bad_params: ("invalid_params", "temperature"),
         unjudged: ("judge_error", "judging the reply failed: ValueError: injected"),
     }
     for turn_id, (code, text) in expected.items():
@@ -191,6 +194,26 @@ def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) ->
         and f"gave up after {settings.max_attempts} attempts" in view.error
     )
     assert not _messages(turn_id)
+
+
+def test_a_request_the_engine_refuses_as_invalid_fails_at_once_not_after_every_attempt(
+    engine, monkeypatch
+) -> None:
+    """Found in review: vLLM's refusal of the request itself (VLLMValidationError: its parameters,
+    its prompt) was retried up to the attempt cap, each retry claiming, embedding and retrieving
+    again before failing the same way."""
+    from vllm.exceptions import VLLMValidationError
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise VLLMValidationError("the prompt holds a token id past the vocabulary", parameter="prompt")
+
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", refused)
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
+    report = process_batch([turn_id])
+    view = get_turn(turn_id)
+    assert list(report.failed) == [turn_id] and not report.retry
+    assert view.status == TurnStatus.FAILED and view.attempts == 1
+    assert view.error_code == "invalid_params" and "not retried" in view.error
 
 
 def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) -> None:

@@ -300,7 +300,7 @@ def _answer(
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
             except TurnFault as fault:
-                _retry_or_fail(turn, str(fault), fault.code, report)
+                _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
     with timer("adapters"):
         _load_adapters([t for t in turns if t.id in prepared], report)
     ready = [t for t in turns if t.id in prepared and t.id not in report.failed]
@@ -399,6 +399,17 @@ class TurnFault(Exception):
     def __init__(self, stage: str, code: TurnErrorCode, error: BaseException) -> None:
         super().__init__(f"{stage} failed: {type(error).__name__}: {error}")
         self.code = code
+        self.final = refused_by_engine(error)
+
+
+def refused_by_engine(error: BaseException) -> bool:
+    """vLLM refused the request itself (its parameters, its prompt): a client error that no retry
+    mends, unlike a fault of the engine."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # no engine installed here (the API's process)
+        return False
+    return isinstance(error, VLLMClientError)
 
 
 @contextmanager
@@ -502,7 +513,10 @@ def _finish_group(
     failed_before = set(report.failed)
     for turn in group:
         if turn.id in broken:
-            _retry_or_fail(turn, f"engine error: {broken[turn.id]!r}", TurnErrorCode.ENGINE_ERROR, report)
+            error = broken[turn.id]
+            refused = refused_by_engine(error)
+            code = TurnErrorCode.INVALID_PARAMS if refused else TurnErrorCode.ENGINE_ERROR
+            _retry_or_fail(turn, f"engine error: {error!r}", code, report, final=refused)
     answered = []
     for turn in group:
         if turn.id in broken:
@@ -646,7 +660,7 @@ def _judge_each(
             with _stage("judging the reply", TurnErrorCode.JUDGE_ERROR):
                 judged += judge_candidates([(turn, made)], vectors, vector_of, context_of, prompts)
         except TurnFault as fault:
-            _retry_or_fail(turn, str(fault), fault.code, report)
+            _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
     return judged
 
 
@@ -769,10 +783,16 @@ def adapter_of(character: Any) -> Adapter | None:
     return Adapter(name, int_id, character.lora_path)
 
 
-def _retry_or_fail(turn: ClaimedTurn, reason: str, code: TurnErrorCode, report: BatchReport) -> None:
+def _retry_or_fail(
+    turn: ClaimedTurn, reason: str, code: TurnErrorCode, report: BatchReport, *, final: bool = False
+) -> None:
     """A fault of the turn's own: it is sent again while it has attempts left (a passing fault gets
-    another chance), then failed with `code`; its batch-mates' attempts are never touched."""
-    if turn.attempts < settings.max_attempts:
+    another chance), then failed with `code`; at once when it is `final` (the engine refused the
+    request itself: every attempt would fail the same way). Its batch-mates' attempts are never
+    touched."""
+    if final:
+        report.failed[turn.id] = Failure(f"{reason} (the engine refused the request; not retried)", code)
+    elif turn.attempts < settings.max_attempts:
         report.retry[turn.id] = f"{reason}; retrying"
     else:
         report.failed[turn.id] = Failure(f"{reason} (gave up after {turn.attempts} attempts)", code)
