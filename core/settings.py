@@ -139,6 +139,7 @@ class Settings(BaseSettings):
     # LoRA adapters per character (`mlchat lora register`): loaded on demand, one batch may mix them.
     enable_lora: bool = False
     max_loras: int = Field(default=4, ge=1)  # adapters resident in one engine step
+    max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept loaded (vLLM evicts the least used)
     max_lora_rank: int = Field(default=16, ge=1)
     adapters_dir: Path | None = None  # where registered adapters are kept (default <state_dir>/adapters)
 

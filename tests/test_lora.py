@@ -199,3 +199,29 @@ def test_an_adapter_that_did_not_load_for_a_passing_cause_is_tried_again(tmp_pat
     time.sleep(0.3)
     with pytest.raises(AdapterUnavailable, match="Expecting"):  # then looked at again
         engine_module.load_adapter(adapter)
+
+
+def test_an_adapter_vllm_may_have_evicted_is_loaded_again_before_a_request_names_it(monkeypatch) -> None:
+    """Found in review: a load was remembered for ever, but vLLM keeps only max_cpu_loras adapters
+    and evicts the least used; a request for an evicted one reloaded it inside an engine step, where
+    a failure (a volume blip) kills the engine core: the crash load_adapter exists to prevent."""
+    from core.settings import settings
+    from worker import engine as engine_module
+    from worker.engine import Adapter, _AdapterState
+
+    loads: list[str] = []
+
+    def add_lora(adapter):  # type: ignore[no-untyped-def]
+        loads.append(adapter.name)
+        return _AdapterState(None)
+
+    monkeypatch.setattr(engine_module, "_try_add_lora", add_lora)
+    monkeypatch.setattr(settings, "max_cpu_loras", 2)
+    tag = uuid.uuid4().hex[:6]
+    a, b, c = (Adapter(f"{x}-{tag}@v1", i, "/nowhere") for i, x in enumerate("abc", 1))
+    for adapter in (a, b, a, c):  # c evicts the least recently used: b
+        engine_module.load_adapter(adapter)
+    assert loads == [a.name, b.name, c.name]
+    engine_module.load_adapter(a)  # still loaded
+    engine_module.load_adapter(b)  # evicted: loaded (and checked) again
+    assert loads == [a.name, b.name, c.name, b.name]

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cache
@@ -156,7 +157,12 @@ def get_engine() -> LoadedEngine:
         eager["enforce_eager"] = settings.enforce_eager
     lora: dict[str, Any] = {}
     if settings.enable_lora:
-        lora = {"enable_lora": True, "max_loras": settings.max_loras, "max_lora_rank": settings.max_lora_rank}
+        lora = {
+            "enable_lora": True,
+            "max_loras": settings.max_loras,
+            "max_cpu_loras": max(settings.max_cpu_loras, settings.max_loras),
+            "max_lora_rank": settings.max_lora_rank,
+        }
     started = time.perf_counter()
     llm = LLM(
         model=path,
@@ -311,6 +317,11 @@ class _AdapterState:
 
 
 _adapters: dict[str, _AdapterState] = {}
+# The adapters loaded, least recently used first: vLLM keeps MLCHAT_MAX_CPU_LORAS of them and evicts
+# the least recently used, so one evicted here is checked and loaded again by add_lora before a request
+# names it (a request naming an evicted adapter would reload it inside an engine step, where a
+# failure kills the engine core).
+_loaded: OrderedDict[str, None] = OrderedDict()
 _adapter_locks: dict[str, threading.Lock] = {}  # one per adapter: loading one never holds up another
 _adapters_lock = threading.Lock()  # guards the two dicts above, never held across a load
 ADAPTER_LOAD_TIMEOUT_S = 300.0
@@ -338,6 +349,13 @@ def load_adapter(adapter: Adapter) -> None:
                     _adapters[adapter.name] = state
     if state.error is not None:
         raise AdapterUnavailable(state.error)
+    with _adapters_lock:
+        _loaded[adapter.name] = None
+        _loaded.move_to_end(adapter.name)
+        while len(_loaded) > settings.max_cpu_loras:
+            evicted, _ = _loaded.popitem(last=False)
+            if evicted in _adapters and _adapters[evicted].error is None:
+                del _adapters[evicted]
 
 
 def _try_add_lora(adapter: Adapter) -> _AdapterState:
