@@ -98,6 +98,8 @@ def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
         raise CardError(f"{where} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CardError(f"{where} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
+    except RecursionError:
+        raise CardError(f"{where} is nested too deeply to be a card") from None
     if not isinstance(card, dict):
         raise CardError(f"{where} holds a JSON {type(card).__name__}, not a card object")
     return card
@@ -118,6 +120,11 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
             raise CardError(f"card.data.{name} must be a string, not {type(data[name]).__name__}")
     if not (data.get("name") or "").strip():
         raise CardError("card.data.name is empty")
+    if len(data["name"].strip()) > NAME_MAX_CHARS:
+        raise CardError(
+            f"card.data.name has {len(data['name'].strip())} characters; the limit is {NAME_MAX_CHARS}"
+        )
+    _check_storable(card, "card")
     for name in ("alternate_greetings", "tags"):
         value = data.get(name, [])
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -133,6 +140,36 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
     book = data.get("character_book")
     lorebook = lorebook_from_card_book(book) if book is not None else None
     return ImportedCard(card, spec, _character_fields(data), lorebook)
+
+
+NAME_MAX_CHARS = 200  # the characters table's name column
+
+
+def _check_storable(card: Any, where: str) -> None:
+    """Every string of the card (keys too) as PostgreSQL and UTF-8 can keep it: no NUL, no lone
+    surrogate (JSON escapes can make both); CardError naming the first that is not."""
+    stack = [(card, where)]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, f"{path} (a key)"))
+                stack.append((item, f"{path}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+        elif isinstance(value, str):
+            if "\x00" in value:
+                raise CardError(f"{_printable(path)} contains a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise CardError(
+                    f"{_printable(path)} contains a lone surrogate (not valid Unicode text)"
+                ) from None
+
+
+def _printable(path: str) -> str:
+    return path.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")[:200]
 
 
 def _character_fields(data: dict[str, Any]) -> dict[str, Any]:

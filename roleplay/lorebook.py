@@ -138,6 +138,8 @@ class Lorebook(BaseModel):
             if not isinstance(e, dict):
                 raise ValueError(f"entries[{i}] must be an object")
             ext = e.get("extensions") or {}
+            if not isinstance(ext, dict):
+                raise ValueError(f"entries[{i}].extensions must be an object")
             try:
                 parsed.append(
                     LoreEntry(

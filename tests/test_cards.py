@@ -118,6 +118,16 @@ def _card(spec: str = "chara_card_v2", **data) -> bytes:
         (_png_with_chunks(Title="no card"), "no 'chara' or 'ccv3'"),
         (_png_with_chunks(chara="%%%not base64%%%"), "not base64"),
         (b"\x89PNG\r\n\x1a\n truncated", "not a readable PNG"),
+        # found in review: each of these was a 500 at POST /v1/characters:import
+        (_card(name="A\u0000B"), r"card\.data\.name contains a NUL"),
+        (_card(description="x\ud800y"), r"card\.data\.description contains a lone surrogate"),
+        (_card(tags=["ok", "\u0000"]), r"card\.data\.tags\[1\] contains a NUL"),
+        (_card(name="N" * 201), "name has 201 characters; the limit is 200"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (
+            _card(character_book={"entries": [{"keys": ["a"], "content": "x", "extensions": ["x"]}]}),
+            r"entries\[0\]\.extensions must be an object",
+        ),
     ],
 )
 def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> None:
