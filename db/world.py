@@ -183,7 +183,12 @@ def append_history_if_empty(
     embeddings: np.ndarray | None,
 ) -> int:
     """Seed a conversation's history once: nothing is written if it already has messages. Without
-    embeddings the lines are recent history only (retrieval finds embedded messages)."""
+    embeddings the lines are recent history only (retrieval finds embedded messages). The
+    conversation's row is held first: two requests seeding one new conversation at once would both
+    count none, and the second's lines would collide with the first's (a 500)."""
+    session.execute(
+        select(Conversation.id).where(Conversation.id == conversation_id).with_for_update(key_share=True)
+    )
     existing = session.scalar(select(func.count()).where(Message.conversation_id == conversation_id))
     if existing or not lines:
         return 0

@@ -345,3 +345,51 @@ def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
     assert (
         str(turn_id) in error["message"] and error_code in error["message"] and error["type"] == "turn_failed"
     )
+
+
+def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_once(world) -> None:
+    """Found in review: both counted no lines and inserted lines 1..n; the second collided with the
+    first's on (conversation, seq), a 500 after its turn was committed."""
+    import threading
+    import time
+
+    from db.models import Message
+    from db.world import append_history_if_empty, find_conversations
+    from services.producer import submit_turns
+
+    conversation = new_conversation()
+    submit_turns([conversation | {"message": "hi"}], send=False)
+    with session_scope() as s:
+        conv_id, _ = find_conversations(session=s, external_ids=[conversation["conversation"]])[
+            conversation["conversation"]
+        ]
+    lines = [("user", "Is the ferry running?"), ("assistant", "Not in this wind.")]
+    first_wrote = threading.Event()
+    outcomes: list[object] = []
+
+    def first() -> None:
+        with session_scope() as s:
+            outcomes.append(
+                append_history_if_empty(session=s, conversation_id=conv_id, lines=lines, embeddings=None)
+            )
+            first_wrote.set()
+            time.sleep(1.0)  # the second request arrives while this one has not committed
+
+    def second() -> None:
+        first_wrote.wait(10)
+        try:
+            with session_scope() as s:
+                outcomes.append(
+                    append_history_if_empty(session=s, conversation_id=conv_id, lines=lines, embeddings=None)
+                )
+        except Exception as exc:  # the collision, before the fix
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert outcomes == [2, 0]
+    with session_scope() as s:
+        assert s.query(Message).filter(Message.conversation_id == conv_id).count() == 2
