@@ -21,7 +21,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings
@@ -524,8 +524,9 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
 
 def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:
     """Rewrite a finished batch's output file from the turns as they are now (after a writer's
-    change), replacing it whole; the caller holds the run's row lock, so rewrites never interleave.
-    A file already deleted or expired stays gone."""
+    change), replacing it whole once the caller's transaction commits (a change rolled back leaves
+    the file as it was); the caller holds the run's row lock, so rewrites never interleave. A file
+    already deleted or expired stays gone."""
     row = get_file(session=session, file_id=file_id)
     if row is None:
         return
@@ -537,11 +538,22 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
     error_tmp = path.with_name(f".{path.name}.{scratch}.errors.tmp")
     try:
         write_outputs(session, run, output_tmp, error_tmp, "openai")
-        output_tmp.replace(path)
-    finally:
+    except BaseException:
         output_tmp.unlink(missing_ok=True)
+        raise
+    finally:
         error_tmp.unlink(missing_ok=True)
-    set_file_size(session=session, file_id=file_id, size=path.stat().st_size)
+    set_file_size(session=session, file_id=file_id, size=output_tmp.stat().st_size)
+
+    def publish(*_: Any) -> None:
+        if output_tmp.exists():  # not after a rollback that discarded it
+            output_tmp.replace(path)
+
+    def discard(*_: Any) -> None:
+        output_tmp.unlink(missing_ok=True)
+
+    event.listen(session, "after_commit", publish, once=True)
+    event.listen(session, "after_soft_rollback", discard, once=True)
 
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:

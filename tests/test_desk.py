@@ -603,3 +603,41 @@ def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_n
         s.execute(update(Turn).where(Turn.id == first).values(speaker="narrator", character_id=None))
     page = desk.line_page(WRITER, first)
     assert (page.line.character_slug, page.line.character_name) == ("narrator", "Narrator")
+
+
+def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
+    services, world, base_url, monkeypatch
+) -> None:
+    """Found in review: the output file was replaced before the change's transaction committed, so
+    a commit that failed (a database blip) left the download carrying text the database did not."""
+    from sqlalchemy.exc import OperationalError
+
+    from core.settings import settings
+    from db.files import get_file
+    from services.batches import finalize_run, rewrite_output_file
+
+    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
+    run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
+    finalize_run(run_id)
+    deadline = time.monotonic() + 30
+    while (output_file_id := _output_file(run_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert output_file_id is not None
+    with session_scope() as s:
+        row = get_file(session=s, file_id=output_file_id)
+        assert row is not None
+        path = settings.batch_files_dir / row.path
+    before = path.read_bytes()
+
+    def rewrite_then_blip(session, run, file_id):  # type: ignore[no-untyped-def]
+        rewrite_output_file(session, run, file_id)
+        raise OperationalError("COMMIT", {}, Exception("the connection dropped"))
+
+    monkeypatch.setattr(desk, "rewrite_output_file", rewrite_then_blip)
+    with pytest.raises(OperationalError):
+        desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    assert path.read_bytes() == before and _stored(second)[0].reply == "Morning, traveller."
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no scratch left
+    monkeypatch.undo()
+    desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    assert b"Mind the puddles" in path.read_bytes()
