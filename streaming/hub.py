@@ -89,7 +89,10 @@ class Follower:
             self._hub.wake()
         return out
 
-    def _hand(self, entries: list[Entry]) -> None:
+    def _hand(self, entries: list[Entry], read_to: str | None = None) -> None:
+        """These entries (those after the cursor); the cursor moves past them, and on to `read_to`,
+        the last id the read returned, when all were taken: past any entry that did not parse,
+        which would otherwise be read again at once, every round."""
         after = _order(self.cursor)
         fresh = [e for e in entries if _order(e.id) > after]
         room = BACKLOG - len(self._entries)
@@ -99,6 +102,8 @@ class Follower:
             self._entries.extend(fresh)
             self.cursor = fresh[-1].id
             self._ready.set()
+        if read_to is not None and not self._paused and _order(read_to) > _order(self.cursor):
+            self.cursor = read_to
 
     def _checked(self) -> None:
         self.finished_checks += 1
@@ -264,10 +269,11 @@ class Hub:
                 self._wake_cursor = _id(raw_entries[-1][0]) if raw_entries else self._wake_cursor
                 continue
             entries = _parsed(key, raw_entries)
+            read_to = _id(raw_entries[-1][0]) if raw_entries else None
             read_from = _order(streams.get(key, "0-0"))
             for follower in list(self._by_key.get(key, ())):
                 if not follower._paused and _order(follower.cursor) >= read_from:
-                    follower._hand(entries)
+                    follower._hand(entries, read_to)
 
     def _fail_streams(self) -> None:
         for followers in list(self._by_key.values()):

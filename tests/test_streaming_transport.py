@@ -402,3 +402,31 @@ def test_a_database_blip_is_ridden_out_and_an_outage_ends_readers_with_a_resumab
     blip_until = time.monotonic() + 3600  # an outage
     events = _read(stored.id)
     assert [(e.kind, e.id, e.data.get("code")) for e in events] == [("error", None, "unavailable")]
+
+
+def test_an_entry_that_does_not_parse_is_read_past_once_not_every_round() -> None:
+    """Found in review: the hub skipped an entry it could not parse, but the follower's cursor
+    stayed before it, so while it was the stream's newest every XREAD returned it at once: a tight
+    loop of reads (and a warning each) for the whole process; a resume over it was a 500."""
+    from streaming.hub import STREAM_HUB_READS
+
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    ids = _xadd(turn_id, (claim, "Well", 1))
+    redis.Redis.from_url(redis_url()).xadd(
+        stream_key(turn_id), {"kind": DELTA, "text": " met", "claim": claim, "seq": "2", "t": "not a time"}
+    )
+
+    def later() -> None:
+        time.sleep(1.5)
+        _xadd(turn_id, (claim, ".", 3))
+        _cancel(turn_id)
+        _end(turn_id)
+
+    reads_before = STREAM_HUB_READS._value.get()
+    threading.Thread(target=later, daemon=True).start()
+    events = _read(turn_id)
+    reads = STREAM_HUB_READS._value.get() - reads_before
+    assert _codes(events) == ["Well", "cancelled"]  # the unreadable delta leaves a gap: no more shown
+    assert reads < 50, reads  # about one blocking read a second, not a spin
+    assert _codes(_read(turn_id, last_event_id=ids[0])) == ["cancelled"]  # a resume over it
