@@ -41,8 +41,16 @@ def _chat_template(tokenizer: Any, messages: list[ChatMessage], char: str, user:
     return RenderedPrompt(text, False, ())
 
 
+# Chat templates whose turns are plain text rather than special tokens (Llama 2's and Mistral's
+# `[INST]` … `[/INST]`, Llama 2's `<<SYS>>`): in untrusted text each is broken like a special token,
+# whatever the model (a ChatML model reads `[​INST]` as it read `[INST]`: as text).
+_TEMPLATE_TEXT_MARKER = regex.compile(r"\[(/?INST\])|<(</?SYS>>)", regex.IGNORECASE)
+
+
 def _no_text_markers(text: str, char: str, user: str) -> str:
-    return text
+    return _TEMPLATE_TEXT_MARKER.sub(
+        lambda m: "[" + ZWSP + m.group(1) if m.group(1) else "<" + ZWSP + m.group(2), text
+    )
 
 
 def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
