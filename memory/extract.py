@@ -30,8 +30,8 @@ logger = logging.getLogger(__name__)
 def _storable(value: Any) -> Any:
     """A fact's text as it can be stored, before it is checked (an escaped NUL or lone surrogate in
     the answer would fail the store, and the same answer would come back for the same lines every
-    time; pydantic refuses a lone surrogate outright). A text of NUL alone is then empty: the answer
-    is outside the schema, and its lines count as read."""
+    time; pydantic refuses a lone surrogate outright). A text of NUL alone is then empty: that fact
+    is dropped (parse_facts), and the answer's others are kept."""
     return storable_output(value) if isinstance(value, str) else value
 
 

@@ -255,7 +255,15 @@ def _as_regex(key: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def _matches(key: str, text: str, entry: LoreEntry) -> bool:
+@dataclass
+class RegexBudget:
+    """The time one turn's regex keys may still spend searching, in seconds (only time inside the
+    searches counts: plain keys and a busy machine do not use it up)."""
+
+    left: float = REGEX_BUDGET_S
+
+
+def _matches(key: str, text: str, entry: LoreEntry, budget: RegexBudget) -> bool:
     parsed = _as_regex(key)
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
@@ -264,19 +272,27 @@ def _matches(key: str, text: str, entry: LoreEntry) -> bool:
             re_flags |= regex.DOTALL
         if "m" in flags:
             re_flags |= regex.MULTILINE
+        if budget.left <= 0:
+            raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out")
+        limit = min(REGEX_TIMEOUT_S, budget.left)
+        started = time.perf_counter()
         try:
-            return regex.search(pattern, text, re_flags, timeout=REGEX_TIMEOUT_S) is not None
+            return regex.search(pattern, text, re_flags, timeout=limit) is not None
         except TimeoutError:
+            if limit < REGEX_TIMEOUT_S:
+                raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out") from None
             raise KeyTimeout(key) from None
         except regex.error as exc:  # a card stored before use_regex keys were checked at import
             raise KeyFailed(f"regex key {key!r} does not compile: {exc}") from None
+        finally:
+            budget.left -= time.perf_counter() - started
     return key in text if entry.case_sensitive else key.casefold() in text.casefold()
 
 
-def _secondary_ok(entry: LoreEntry, text: str) -> bool:
+def _secondary_ok(entry: LoreEntry, text: str, budget: RegexBudget) -> bool:
     if not (entry.selective and entry.secondary_keys):
         return True
-    hits = [_matches(k, text, entry) for k in entry.secondary_keys]
+    hits = [_matches(k, text, entry, budget) for k in entry.secondary_keys]
     return {
         SelectiveLogic.AND_ANY: any(hits),
         SelectiveLogic.AND_ALL: all(hits),
@@ -302,8 +318,8 @@ def activate(
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
     activation = Activation()
-    deadline = time.monotonic() + REGEX_BUDGET_S
-    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, deadline=deadline)
+    budget = RegexBudget()
+    last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, budget=budget)
     fired = list(last_round)
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
         sources = [
@@ -312,7 +328,7 @@ def activate(
             if not e.prevent_recursion
         ]
         last_round = (
-            _scan(waiting, sources, step=step, failed=activation.failed, deadline=deadline) if sources else []
+            _scan(waiting, sources, step=step, failed=activation.failed, budget=budget) if sources else []
         )
         if not last_round:
             break
@@ -337,7 +353,7 @@ def _scan(
     *,
     step: int,
     failed: list[tuple[LoreEntry, str]],
-    deadline: float,
+    budget: RegexBudget,
 ) -> list[tuple[LoreEntry, str]]:
     """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
     regex key failed (timed out, or did not compile), or whose regex keys come after the turn's
@@ -347,9 +363,7 @@ def _scan(
         if step and entry.exclude_recursion:
             continue
         try:
-            if time.monotonic() > deadline and _has_regex(entry):
-                raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out")
-            reason = _first_hit(entry, sources)
+            reason = _first_hit(entry, sources, budget)
         except KeyFailed as exc:
             failed.append((entry, str(exc)))
             waiting.remove(entry)
@@ -360,16 +374,12 @@ def _scan(
     return hits
 
 
-def _has_regex(entry: LoreEntry) -> bool:
-    return entry.use_regex or any(_as_regex(k) is not None for k in (*entry.keys, *entry.secondary_keys))
-
-
-def _first_hit(entry: LoreEntry, sources: Sequence[tuple[str, str]]) -> str | None:
+def _first_hit(entry: LoreEntry, sources: Sequence[tuple[str, str]], budget: RegexBudget) -> str | None:
     scanned = "\n".join(text for _, text in sources)
-    if not _secondary_ok(entry, scanned):
+    if not _secondary_ok(entry, scanned, budget):
         return None
     for key in entry.keys:
         for where, text in sources:
-            if _matches(key, text, entry):
+            if _matches(key, text, entry, budget):
                 return f"key {key!r} in {where}"
     return None

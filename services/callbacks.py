@@ -244,23 +244,32 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
 
     if not urls:
         return {}
-    pool = ThreadPoolExecutor(max_workers=min(RESOLVE_THREADS, len(set(urls.values()))))
+    refused: dict[int, str] = {}
+    by_host: dict[str, list[int]] = {}
+    for i, url in urls.items():
+        try:
+            by_host.setdefault(url_host(url), []).append(i)
+        except RefusedDestination as exc:
+            refused[i] = str(exc)
+    if not by_host:
+        return refused
+    pool = ThreadPoolExecutor(max_workers=min(RESOLVE_THREADS, len(by_host)))
     try:
-        futures = {url: pool.submit(vetted_address, url) for url in dict.fromkeys(urls.values())}
+        # The host decides: each is looked up once, through the first URL that names it.
+        futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
         done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
         if pending:
             raise ResolverTooSlow(
                 f"{len(pending)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s"
             )
-        refused: dict[str, str] = {}
-        for url, future in futures.items():
+        for host, future in futures.items():
             exc = future.exception()
             if isinstance(exc, ResolverUnavailable):
                 raise ResolverTooSlow("the resolver could not answer for a callback host for now")
             if isinstance(exc, RefusedDestination):
-                refused[url] = str(exc)
+                refused.update(dict.fromkeys(by_host[host], str(exc)))
             elif exc is not None:
                 raise exc
-        return {i: refused[url] for i, url in urls.items() if url in refused}
+        return refused
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

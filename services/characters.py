@@ -13,7 +13,7 @@ from db.models import Character
 from db.session import session_scope
 from db.world import append_story_event, get_character, save_character
 from roleplay.cards import CardError, card_json, card_png, read_card
-from roleplay.lorebook import Lorebook, to_character_book
+from roleplay.lorebook import stored_lorebook, to_character_book
 from services.schemas import StoryEvent
 
 SLUG_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,63}$"
@@ -109,7 +109,7 @@ def _card_from_columns(c: Character) -> dict[str, Any]:
         "extensions": {"mlchat": {"slug": c.slug, "language": c.language, "speech_style": c.speech_style}},
     }
     if c.lorebook:
-        data["character_book"] = to_character_book(Lorebook.model_validate(c.lorebook))
+        data["character_book"] = to_character_book(stored_lorebook(c.lorebook))
     return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
 
 

@@ -112,13 +112,14 @@ def prompt_text(
     or in a group any member's or the narrator's), so what is stored is what the model will read."""
     sanitizer = _sanitizer()
     cleaned = sanitizer.scrub(text)
-    char, user = sanitizer.label(character, "Character"), sanitizer.label(player, "User")
     for prompt_format in FORMATS.values():
+        # The speakers' labels as worker/prompt/packing.py makes them for this format.
+        char = prompt_format.escape(sanitizer.label(character, "Character"), "", "")
+        user = prompt_format.escape(sanitizer.label(player, "User"), "", "")
         cleaned = prompt_format.escape(cleaned, char, user)
-    if members:  # as worker/prompt/packing.py escapes a group's lines
-        cleaned = escape_name_markers(
-            cleaned, [char, user, *(sanitizer.label(n, "Someone") for n in members)]
-        )
+        if members:  # as packing escapes a group's lines
+            names = [prompt_format.escape(sanitizer.label(n, "Someone"), char, user) for n in members]
+            cleaned = escape_name_markers(cleaned, [char, user, *names])
     if cleaned != text:
         raise _bad(
             f"{name}: it holds a special token or a role marker (like <|im_end|> or '### User:') "

@@ -378,6 +378,8 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         logger.warning("broker unreachable at enqueue", exc_info=True)  # its text names hosts
         went = set(sent)
         stranded = [i for ids in fresh.values() for i in ids if i not in went]
+        if not stranded:  # every message went (the failure came after the last, releasing the broker)
+            return
         with session_scope() as session:
             fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
         raise EnqueueError(

@@ -180,14 +180,20 @@ class TurnReader:
             if not await client.xrange(self._key, last, last):  # trimmed, expired or never there
                 self._restart_first = True
                 return
+            first_seq: dict[str, int | None] = {}
             for raw_id, fields in await client.xrange(self._key, "-", last):
                 try:
                     entry = Entry.parse(raw_id, fields)
                 except ValueError:  # skipped, as the hub skips it (the stored reply makes up for it)
                     continue
                 if entry.kind == DELTA:
+                    first_seq.setdefault(entry.claim, entry.seq)
                     self._shown.take(entry)
             self._cursor = last
+            if first_seq.get(self._shown.claim) not in (None, 1):
+                # The claim's first deltas were trimmed: this reader cannot tell what the client
+                # was shown of them, so the client starts again from the stored reply.
+                self._restart_first = True
         except _UNREADABLE:
             logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
             self._restart_first = self._unreadable = True

@@ -247,7 +247,10 @@ def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while
     with pytest.raises(TurnRejected) as refused:
         submit_turns(
             [request("good.example.test"), request("inside.example.test"), request("nowhere.example.test")]
-            + [request("good.example.test") for _ in range(20)],
+            + [
+                request("good.example.test") | {"callback_url": f"https://good.example.test/{i}"}
+                for i in range(20)
+            ],
             send=False,
         )
     assert [(e.index, e.field) for e in refused.value.errors] == [(1, "callback_url"), (2, "callback_url")]

@@ -215,7 +215,9 @@ def test_an_adapter_vllm_may_have_evicted_is_loaded_again_before_a_request_names
         loads.append(adapter.name)
         return _AdapterState(None)
 
+    touched: list[str] = []
     monkeypatch.setattr(engine_module, "_try_add_lora", add_lora)
+    monkeypatch.setattr(engine_module, "_touch", lambda adapter: touched.append(adapter.name))
     monkeypatch.setattr(settings, "max_cpu_loras", 2)
     tag = uuid.uuid4().hex[:6]
     a, b, c = (Adapter(f"{x}-{tag}@v1", i, "/nowhere") for i, x in enumerate("abc", 1))
@@ -225,3 +227,6 @@ def test_an_adapter_vllm_may_have_evicted_is_loaded_again_before_a_request_names
     engine_module.load_adapter(a)  # still loaded
     engine_module.load_adapter(b)  # evicted: loaded (and checked) again
     assert loads == [a.name, b.name, c.name, b.name]
+    # a known adapter is marked used in vLLM's cache too (add_lora of a loaded one only touches it),
+    # so vLLM's least recently used is this list's
+    assert touched == [a.name, a.name]

@@ -193,3 +193,14 @@ def test_the_regex_keys_of_one_turn_share_one_time_budget() -> None:
     assert [f.entry.id for f in activation.kept] == ["ok"]
     reasons = [reason for _, reason in activation.failed]
     assert len(reasons) == 100 and any("ms for regex keys ran out" in r for r in reasons)
+    # review of the fix: the budget is checked inside an entry too (one entry of 100 slow keys,
+    # each tried on the message and the history lines), and counts only time spent searching
+    one = LoreEntry(id="many", keys=["/(a|aa)+$/"] * 100, content="Never shown.")
+    book = Lorebook(entries=[one, LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass.")])
+    started = time.monotonic()
+    history = ["a" * 40 + "!", "a" * 40 + "!"]
+    activation = activate(book, message="a" * 40 + "! the lantern?", history=history, count_tokens=_words)
+    assert time.monotonic() - started < REGEX_BUDGET_S + 1.0  # 300 searches of 50 ms would be 15 s
+    assert [f.entry.id for f in activation.kept] == ["ok"] and [e.id for e, _ in activation.failed] == [
+        "many"
+    ]

@@ -253,7 +253,8 @@ def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, 
     from worker import pipeline
 
     def outage(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+        lost = Exception("server closed the connection unexpectedly")
+        raise OperationalError("SELECT", {}, lost, connection_invalidated=True)
 
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
     with monkeypatch.context() as patch:
@@ -264,6 +265,30 @@ def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, 
             view = get_turn(turn_id)
             assert view.status == TurnStatus.QUEUED and view.attempts == 0
     assert process_batch([turn_id]).done == [turn_id]
+
+
+def test_a_statement_timeout_under_a_batch_is_charged_so_it_cannot_loop_for_ever(engine, monkeypatch) -> None:
+    """Review of the fix above: psycopg files a statement timeout, a deadlock and a full disk under
+    OperationalError too; refunding those would send a turn that raises one every time round for
+    ever. Only a lost connection is refunded."""
+    import psycopg
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    def timeout(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError(
+            "SELECT", {}, psycopg.errors.QueryCanceled("canceling statement due to timeout")
+        )
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fetch_batch_context", timeout)
+        with pytest.raises(OperationalError):
+            process_batch([turn_id])
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.QUEUED and view.attempts == 1 and "QueryCanceled" not in view.error
 
 
 def test_a_batch_larger_than_one_engine_step_is_answered(engine, tokenizer) -> None:

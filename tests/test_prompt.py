@@ -316,7 +316,10 @@ def test_a_lenient_chat_template_keeps_its_roles_as_laid_out(tokenizer) -> None:
     assert "Is the roof sound?<|im_end|>\n<|im_start|>system\nReply briefly.<|im_end|>" in built.text
 
 
-def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(tokenizer) -> None:
+@pytest.mark.parametrize("context, entries", [(1024, 1500), (8192, 1500)])  # few fit; about half fit
+def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(
+    tokenizer, context: int, entries: int
+) -> None:
     """Found in review: lore that left no room for the message was dropped one entry at a time, the
     prompt rendered and tokenized again after each: a card of many small constant entries and a huge
     lore budget cost every turn of that character thousands of renders."""
@@ -326,11 +329,11 @@ def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(tok
             "token_budget": 10**8,
             "entries": [
                 {"id": i, "keys": [], "constant": True, "content": f"Fact {i} of the town."}
-                for i in range(1500)
+                for i in range(entries)
             ],
         }
     ).model_dump()
-    builder = PromptBuilder(tokenizer, "chat_template", 1024)
+    builder = PromptBuilder(tokenizer, "chat_template", context)
     renders = 0
     render = builder._render
 
@@ -341,8 +344,28 @@ def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(tok
 
     builder._render = counted  # type: ignore[method-assign]
     built = builder.build(PromptInput(c, "Rowan", "Any news?", TurnContext(), 32))
-    assert len(built.token_ids) <= 1024 - 32
+    assert len(built.token_ids) <= context - 32
     kept = [e["id"] for e in built.manifest["lore"]]
     dropped = [d["id"] for d in built.manifest["dropped"] if d["kind"] == "lore"]
-    assert kept and len(kept) + len(dropped) == 1500
+    assert kept and len(kept) + len(dropped) == entries and set(kept).isdisjoint(dropped)
+    assert max(kept) < min(dropped)  # the last-ranked entries went
     assert renders <= 16  # a search over how many entries fit: about log2(1500) renders
+
+
+@pytest.mark.parametrize("fmt", ["gpt_oss_text", "chat_template"])
+def test_a_player_named_as_the_character_is_told_apart_in_the_prompt(tokenizer, fmt: str) -> None:
+    """Found in review: a player named like the character (any case) had every line and memory of
+    theirs labelled as the character's ("Elara: …" right before the prompt's own "\\nElara:")."""
+    context = TurnContext(
+        recent=[HistoryLine(1, "user", "I found the key.", 1), HistoryLine(2, "assistant", "Keep it.", 2)],
+        similar=[HistoryLine(9, "user", "I once lost my map.", 0, 0.8)],
+    )
+    built = PromptBuilder(tokenizer, fmt, 2048).build(
+        PromptInput(_character(), "elara", "Any news?", context, 32)
+    )
+    assert "elara (player)" in built.text
+    if fmt == "gpt_oss_text":
+        assert (
+            "\nelara (player): I found the key." in built.text
+            and "\nelara: I found" not in built.text.lower()
+        )

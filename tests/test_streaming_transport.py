@@ -122,6 +122,20 @@ def test_a_resume_whose_entries_were_trimmed_starts_with_restarted() -> None:
     assert _shown(rest) == "A whole reply."
 
 
+def test_a_resume_whose_claims_first_deltas_were_trimmed_starts_again_from_the_stored_reply() -> None:
+    """Review of the dropped-delta fix: a claim whose first deltas were trimmed replays from a `seq`
+    above 1, which read as a gap; the reply then came whole with no `restarted`, and a client that
+    had shown its beginning showed it twice."""
+    turn_id = _turn()
+    claim = str(uuid.uuid4())
+    ids = _xadd(turn_id, (claim, "The road", 1), (claim, " bends", 2), (claim, " north.", 3))
+    redis.Redis.from_url(redis_url()).xtrim(stream_key(turn_id), maxlen=2, approximate=False)
+    _answered(turn_id, "The road bends north.")
+    _end(turn_id)
+    rest = _read(turn_id, last_event_id=ids[1])  # it was shown "The road bends"
+    assert _codes(rest)[0] == "restarted" and _shown(rest) == "The road bends north."
+
+
 def test_a_resume_of_a_stream_that_expired_starts_with_restarted() -> None:
     turn_id = _turn()
     (shown_id,) = _xadd(turn_id, (str(uuid.uuid4()), "Well met", 1))

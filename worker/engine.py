@@ -350,12 +350,21 @@ def load_adapter(adapter: Adapter) -> None:
     if state.error is not None:
         raise AdapterUnavailable(state.error)
     with _adapters_lock:
+        known = adapter.name in _loaded
         _loaded[adapter.name] = None
         _loaded.move_to_end(adapter.name)
         while len(_loaded) > settings.max_cpu_loras:
             evicted, _ = _loaded.popitem(last=False)
             if evicted in _adapters and _adapters[evicted].error is None:
                 del _adapters[evicted]
+    if known:
+        _touch(adapter)
+
+
+def _touch(adapter: Adapter) -> None:
+    """Mark a loaded adapter used in vLLM's cache now, as in this worker's list (add_lora of a loaded
+    adapter only moves it to the newest end): the two evict alike. Not waited for."""
+    get_loop().call("add_lora", lora_request(adapter))
 
 
 def _try_add_lora(adapter: Adapter) -> _AdapterState:

@@ -153,18 +153,32 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
         except BaseException as exc:
-            # The database going away under the batch is nobody's fault: its turns are not charged
-            # (three blips in a turn's life would otherwise fail it as out of attempts).
-            outage = isinstance(exc, DATABASE_OUTAGES)
+            # The database's connection lost under the batch is nobody's fault: its turns are not
+            # charged (three blips in a turn's life would otherwise fail it as out of attempts).
+            # Any other error, a statement timeout too, is charged: a turn that raises it every
+            # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
-            _announce(turns, _hand_back(claim.token, turns, reason, refund=outage))
+            _announce(turns, _hand_back(claim.token, turns, reason, refund=connection_lost(exc)))
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
     return report
 
 
-DATABASE_OUTAGES = (OperationalError, InterfaceError, PoolTimeout)
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` is the database's connection going away (or none to be had in time), as
+    opposed to an error of the work itself (a statement timeout, a deadlock, a full disk)."""
+    if isinstance(exc, (InterfaceError, PoolTimeout)):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    # 08: connection exceptions; 57P01-57P03: the server shut down or is not taking connections yet.
+    return (
+        bool(exc.connection_invalidated)
+        or sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03")
+    )
 
 
 def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:

@@ -60,7 +60,7 @@ def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) ->
     return RenderedPrompt(body + "### Assistant:\n", True, ("### User:", "### System:"))
 
 
-_SOLAR_MARKER = regex.compile(r"#(##\s*(?:system|user|assistant)\s*:)", regex.IGNORECASE)
+_SOLAR_MARKER = regex.compile(r"#(##[\s\p{Cf}]*(?:system|user|assistant)\s*:)", regex.IGNORECASE)
 
 
 def _escape_solar(text: str, char: str, user: str) -> str:

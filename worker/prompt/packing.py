@@ -5,6 +5,7 @@ manifest records what went in, why, and what each part cost in tokens."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -178,6 +179,8 @@ class PromptBuilder:
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char = self.format.escape(self.sanitizer.label(item.character.name, "Character"), "", "")
         user = self.format.escape(self.sanitizer.label(item.player_name, "User"), "", "")
+        if user.casefold() == char.casefold():  # a player named as the character: tell them apart
+            user = f"{user} (player)"
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
@@ -296,12 +299,18 @@ class PromptBuilder:
                         low = mid
                     else:
                         high = mid - 1
-                for drop in lore_pieces[low:]:
-                    persona.remove(drop)
-                    if lore is not None:
-                        moved = next(f for f in lore.kept if f.entry.id == drop[1])
-                        lore.kept.remove(moved)
-                        lore.dropped.append(moved)
+                gone = {id(p) for p in lore_pieces[low:]}  # one pass each, not one per entry
+                persona[:] = [p for p in persona if id(p) not in gone]
+                if lore is not None:  # the entries of the pieces dropped, by id (ids may repeat)
+                    owed = Counter(p[1] for p in lore_pieces[low:])
+                    keep: list[Any] = []
+                    for fired in reversed(lore.kept):
+                        if owed[fired.entry.id] > 0:
+                            owed[fired.entry.id] -= 1
+                            lore.dropped.append(fired)
+                        else:
+                            keep.append(fired)
+                    lore.kept[:] = keep[::-1]
                 layout = with_lore(low)
                 base_len = len(self._render(layout, [], [], [])[0])
             if base_len > budget:
