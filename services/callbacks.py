@@ -249,8 +249,8 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     for i, url in urls.items():
         try:
             by_host.setdefault(url_host(url), []).append(i)
-        except RefusedDestination as exc:
-            refused[i] = str(exc)
+        except RefusedDestination as bad_url:
+            refused[i] = str(bad_url)
     if not by_host:
         return refused
     pool = ThreadPoolExecutor(max_workers=min(RESOLVE_THREADS, len(by_host)))
