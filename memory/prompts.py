@@ -26,10 +26,9 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     not this model) only special-token-free scrubbing."""
     if builder is None:
         scrub = Sanitizer(None).scrub
-        char, user = Sanitizer(None).label(char_name, "Character"), Sanitizer(None).label(player_name, "User")
+        char, user = Sanitizer(None).speaker_labels(char_name, player_name)
         return Speakers(char, user, scrub, lambda name: Sanitizer(None).label(name, "Someone"))
-    char = builder.sanitizer.label(char_name, "Character")
-    user = builder.sanitizer.label(player_name, "User")
+    char, user = builder.sanitizer.speaker_labels(char_name, player_name)
     clean = builder.cleaner(char, user)
     return Speakers(clean(char), clean(user), clean, builder.cleaner_label(clean))
 

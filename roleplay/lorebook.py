@@ -221,7 +221,12 @@ def stored_lorebook(raw: dict[str, Any] | None) -> Lorebook:
                 entries.append(LoreEntry.model_validate(entry))
             except ValidationError as exc:
                 logger.warning("lorebook entries[%d] left out: %s", i, str(exc)[:200])
-        return Lorebook.model_validate({**raw, "entries": []}).model_copy(update={"entries": entries})
+        try:
+            book = Lorebook.model_validate({**raw, "entries": []})
+        except ValidationError as exc:  # a book-level field: its defaults, the entries kept
+            logger.warning("lorebook settings left at their defaults: %s", str(exc)[:200])
+            book = Lorebook()
+        return book.model_copy(update={"entries": entries})
 
 
 @dataclass(frozen=True)
@@ -257,10 +262,10 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 
 @dataclass
 class RegexBudget:
-    """The time one turn's regex keys may still spend searching, in seconds (only time inside the
-    searches counts: plain keys and a busy machine do not use it up)."""
+    """The time one turn's regex keys may still spend searching, in seconds (only the searches'
+    own wall time counts, not plain keys' scanning)."""
 
-    left: float = REGEX_BUDGET_S
+    left: float = field(default_factory=lambda: REGEX_BUDGET_S)
 
 
 def _matches(key: str, text: str, entry: LoreEntry, budget: RegexBudget) -> bool:

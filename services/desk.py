@@ -112,13 +112,13 @@ def prompt_text(
     or in a group any member's or the narrator's), so what is stored is what the model will read."""
     sanitizer = _sanitizer()
     cleaned = sanitizer.scrub(text)
+    labels = sanitizer.speaker_labels(character, player)
+    names = [sanitizer.label(n, "Someone") for n in members]
     for prompt_format in FORMATS.values():
         # The speakers' labels as worker/prompt/packing.py makes them for this format.
-        char = prompt_format.escape(sanitizer.label(character, "Character"), "", "")
-        user = prompt_format.escape(sanitizer.label(player, "User"), "", "")
+        char, user = (prompt_format.escape(label, "", "") for label in labels)
         cleaned = prompt_format.escape(cleaned, char, user)
         if members:  # as packing escapes a group's lines
-            names = [prompt_format.escape(sanitizer.label(n, "Someone"), char, user) for n in members]
             cleaned = escape_name_markers(cleaned, [char, user, *names])
     if cleaned != text:
         raise _bad(

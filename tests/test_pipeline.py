@@ -247,14 +247,22 @@ def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) ->
 def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, monkeypatch) -> None:
     """Found in review: a batch that raised was handed back with every turn charged an attempt, so
     three database blips in a turn's life failed it as out of attempts, its cause lost."""
+    import psycopg
     import pytest
     from sqlalchemy.exc import OperationalError
 
     from worker import pipeline
 
+    outages = [  # a connection lost mid-statement; one refused when the pool opens a new one
+        OperationalError(
+            "SELECT", {}, Exception("server closed the connection"), connection_invalidated=True
+        ),
+        OperationalError("connect", {}, psycopg.OperationalError("connection refused")),
+    ]
+
     def outage(*args, **kwargs):  # type: ignore[no-untyped-def]
-        lost = Exception("server closed the connection unexpectedly")
-        raise OperationalError("SELECT", {}, lost, connection_invalidated=True)
+        outages.append(outages.pop(0))
+        raise outages[-1]
 
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
     with monkeypatch.context() as patch:

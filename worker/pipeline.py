@@ -173,9 +173,12 @@ def connection_lost(exc: BaseException) -> bool:
     if not isinstance(exc, OperationalError):
         return False
     sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-    # 08: connection exceptions; 57P01-57P03: the server shut down or is not taking connections yet.
+    # The server reports every error of a statement with its SQLSTATE; psycopg's own errors (a
+    # connection refused, or lost before an answer) have none. 08: connection exceptions;
+    # 57P01-57P03: the server shut down or is not taking connections yet.
     return (
         bool(exc.connection_invalidated)
+        or not sqlstate
         or sqlstate.startswith("08")
         or sqlstate in ("57P01", "57P02", "57P03")
     )

@@ -177,10 +177,8 @@ class PromptBuilder:
         """Fit persona + lore + state + context + history + message into max_model_len - max_new_tokens."""
         # The speakers' labels open lines of content ("Rowan: ...") in group and narrator turns: each
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
-        char = self.format.escape(self.sanitizer.label(item.character.name, "Character"), "", "")
-        user = self.format.escape(self.sanitizer.label(item.player_name, "User"), "", "")
-        if user.casefold() == char.casefold():  # a player named as the character: tell them apart
-            user = f"{user} (player)"
+        char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
+        char, user = self.format.escape(char, "", ""), self.format.escape(user, "", "")
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
@@ -302,12 +300,12 @@ class PromptBuilder:
                 gone = {id(p) for p in lore_pieces[low:]}  # one pass each, not one per entry
                 persona[:] = [p for p in persona if id(p) not in gone]
                 if lore is not None:  # the entries of the pieces dropped, by id (ids may repeat)
-                    owed = Counter(p[1] for p in lore_pieces[low:])
+                    owed = Counter((p[1], p[2]) for p in lore_pieces[low:])
                     keep: list[Any] = []
                     for fired in reversed(lore.kept):
-                        if owed[fired.entry.id] > 0:
-                            owed[fired.entry.id] -= 1
-                            lore.dropped.append(fired)
+                        if owed[(fired.entry.id, fired.content)] > 0:
+                            owed[(fired.entry.id, fired.content)] -= 1
+                            lore.dropped.insert(0, fired)
                         else:
                             keep.append(fired)
                     lore.kept[:] = keep[::-1]

@@ -53,3 +53,9 @@ class Sanitizer:
     def label(self, name: str, default: str) -> str:
         """A speaker name made safe as a label: scrubbed and folded onto one line; `default` if empty."""
         return " ".join(self.scrub(name).split()) or default
+
+    def speaker_labels(self, char_name: str, player_name: str) -> tuple[str, str]:
+        """The character's and the player's labels, told apart when the player is named like the
+        character (any case): every prompt, the desk's check and the memory jobs use these."""
+        char, user = self.label(char_name, "Character"), self.label(player_name, "User")
+        return char, f"{user} (player)" if user.casefold() == char.casefold() else user
