@@ -230,3 +230,15 @@ def test_an_adapter_vllm_may_have_evicted_is_loaded_again_before_a_request_names
     # a known adapter is marked used in vLLM's cache too (add_lora of a loaded one only touches it),
     # so vLLM's least recently used is this list's
     assert touched == [a.name, a.name]
+
+
+def test_two_adapters_whose_names_hash_alike_get_two_ids(monkeypatch) -> None:
+    """Found in review: vLLM's id for an adapter was a 31-bit hash of its name; a second name with
+    the same hash was taken by vLLM for the first adapter, already loaded, and served its weights."""
+    from worker import pipeline
+
+    monkeypatch.setattr(pipeline, "_hashed_id", lambda name: 7)
+    tag = uuid.uuid4().hex[:6]
+    first, second = pipeline.adapter_id(f"elara-{tag}@v1"), pipeline.adapter_id(f"luffy-{tag}@v1")
+    assert first != second and 7 in (first, second)
+    assert pipeline.adapter_id(f"elara-{tag}@v1") == first  # the same name keeps its id

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -795,9 +796,32 @@ def adapter_of(character: Any) -> Adapter | None:
     if not settings.enable_lora or not character.lora_path:
         return None
     name = f"{character.slug}@v{character.lora_version}"
-    # vLLM tells adapters apart by a positive integer: stable for a name, whichever worker computes it.
-    int_id = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % (2**31 - 1) + 1
-    return Adapter(name, int_id, character.lora_path)
+    return Adapter(name, adapter_id(name), character.lora_path)
+
+
+_ADAPTER_ID_SPACE = 2**31 - 1
+_adapter_ids: dict[str, int] = {}  # this process's engine: {adapter name: vLLM's integer id}
+_adapter_names: dict[int, str] = {}
+_adapter_ids_lock = threading.Lock()
+
+
+def adapter_id(name: str) -> int:
+    """vLLM's positive integer id for an adapter, one per name in this process: its name's hash, or
+    the next free id when another name hashed to it (vLLM would take the second adapter for the
+    first, already loaded, and serve its weights)."""
+    with _adapter_ids_lock:
+        known = _adapter_ids.get(name)
+        if known is not None:
+            return known
+        int_id = _hashed_id(name)
+        while _adapter_names.get(int_id, name) != name:
+            int_id = int_id % _ADAPTER_ID_SPACE + 1
+        _adapter_ids[name], _adapter_names[int_id] = int_id, name
+        return int_id
+
+
+def _hashed_id(name: str) -> int:
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % _ADAPTER_ID_SPACE + 1
 
 
 def _retry_or_fail(
