@@ -9,6 +9,8 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.services import database_url
@@ -71,3 +73,22 @@ def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
     if not isinstance(raw, psycopg.Connection):
         raise TypeError(f"expected a psycopg 3 connection, got {type(raw).__name__}")
     return raw
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether `exc` is the database's connection going away (or none to be had in time), as
+    opposed to an error of the work itself (a statement timeout, a deadlock, a full disk)."""
+    if isinstance(exc, (InterfaceError, PoolTimeout)):
+        return True
+    if not isinstance(exc, OperationalError):
+        return False
+    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+    # The server reports every error of a statement with its SQLSTATE; psycopg's own errors (a
+    # connection refused, or lost before an answer) have none. 08: connection exceptions;
+    # 57P01-57P03: the server shut down or is not taking connections yet.
+    return (
+        bool(exc.connection_invalidated)
+        or not sqlstate
+        or sqlstate.startswith("08")
+        or sqlstate in ("57P01", "57P02", "57P03")
+    )

@@ -445,3 +445,13 @@ def _shutdown(llm: LLM) -> None:
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if client is not None and hasattr(client, "shutdown"):
         client.shutdown()
+
+
+def refused_by_engine(error: BaseException) -> bool:
+    """vLLM refused the request itself (its parameters, its prompt): a client error that no retry
+    mends, unlike a fault of the engine."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # no engine installed here (the API's process)
+        return False
+    return isinstance(error, VLLMClientError)

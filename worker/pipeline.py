@@ -22,8 +22,6 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 
 from core import metrics
@@ -31,7 +29,7 @@ from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
-from db.session import session_scope
+from db.session import connection_lost, session_scope
 from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
@@ -53,7 +51,7 @@ from services.turn_callbacks import send_turn_callbacks
 from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest
+from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest, refused_by_engine
 from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
@@ -164,25 +162,6 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
     return report
-
-
-def connection_lost(exc: BaseException) -> bool:
-    """Whether `exc` is the database's connection going away (or none to be had in time), as
-    opposed to an error of the work itself (a statement timeout, a deadlock, a full disk)."""
-    if isinstance(exc, (InterfaceError, PoolTimeout)):
-        return True
-    if not isinstance(exc, OperationalError):
-        return False
-    sqlstate = getattr(exc.orig, "sqlstate", None) or ""
-    # The server reports every error of a statement with its SQLSTATE; psycopg's own errors (a
-    # connection refused, or lost before an answer) have none. 08: connection exceptions;
-    # 57P01-57P03: the server shut down or is not taking connections yet.
-    return (
-        bool(exc.connection_invalidated)
-        or not sqlstate
-        or sqlstate.startswith("08")
-        or sqlstate in ("57P01", "57P02", "57P03")
-    )
 
 
 def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
@@ -418,16 +397,6 @@ class TurnFault(Exception):
         super().__init__(f"{stage} failed: {type(error).__name__}: {error}")
         self.code = code
         self.final = refused_by_engine(error)
-
-
-def refused_by_engine(error: BaseException) -> bool:
-    """vLLM refused the request itself (its parameters, its prompt): a client error that no retry
-    mends, unlike a fault of the engine."""
-    try:
-        from vllm.exceptions import VLLMClientError
-    except ImportError:  # no engine installed here (the API's process)
-        return False
-    return isinstance(error, VLLMClientError)
 
 
 @contextmanager
