@@ -25,8 +25,10 @@ from core import embedded
 from core.settings import settings
 from db.models import Message, Role, Turn, TurnStatus
 from db.session import session_scope
+from db.turns import mark_dispatched
 from services import producer
 from services.producer import enqueue_turns
+from services.sweeper import find_stranded
 from tasks.generate import dispatch
 from tasks.queues import queue_depth
 from tests import worker_processes as wp
@@ -72,8 +74,24 @@ def _counts(ids) -> dict[str, int]:
     }
 
 
-def _wait(ids, until, timeout: float) -> dict[str, int]:
-    deadline = time.monotonic() + timeout
+# pytest-timeout's limit for a case (pyproject.toml); a wait gives up this long before it, so a case
+# that stalls fails on its own assertion, with the counts it saw, instead of being killed blind.
+CASE_LIMIT_S = 900
+REPORT_MARGIN_S = 45
+_case_started = time.monotonic()
+
+
+@pytest.fixture(autouse=True)
+def _case_clock():
+    global _case_started
+    _case_started = time.monotonic()
+
+
+def _wait(ids, until, timeout: float, on_stall=None, stall_s: float = 90.0) -> dict[str, int]:
+    """Counts once `until(counts)` holds, or when `timeout` (or the case's time) runs out. With
+    `on_stall`, it is called each time the counts stay the same for `stall_s`."""
+    deadline = min(time.monotonic() + timeout, _case_started + CASE_LIMIT_S - REPORT_MARGIN_S)
+    last, moved_at = None, time.monotonic()
     while True:
         try:
             counts = _counts(ids)
@@ -82,7 +100,22 @@ def _wait(ids, until, timeout: float) -> dict[str, int]:
             continue
         if until(counts) or time.monotonic() > deadline:
             return counts
+        if counts != last:
+            last, moved_at = counts, time.monotonic()
+        elif on_stall is not None and time.monotonic() - moved_at > stall_s:
+            on_stall()
+            moved_at = time.monotonic()
         time.sleep(0.5)
+
+
+def _log_tail(log: Path, lines: int = 25) -> str:
+    """A worker log's last warnings and errors (batch lines and vLLM's chatter left out)."""
+    kept = [
+        line[:300]
+        for line in log.read_text(errors="replace").splitlines()
+        if (" WARNING " in line or " ERROR " in line or "Traceback" in line) and "(EngineCore" not in line
+    ]
+    return "\n".join(kept[-lines:])
 
 
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
@@ -127,10 +160,29 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
         wp.kill(victim, signal.SIGKILL)
         at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
     assert at_kill["running"] > 0, at_kill
-    _rescued(request, solo)  # the rescuer
-    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
-    print(f"SIGKILL case: at kill {at_kill}; final {final}")
-    assert final["done"] == turns and final["failed"] == 0  # zero lost
+    steady = _rescued(request, solo)  # the rescuer
+    swept: list[int] = []  # turns the sweep re-sent, per stall
+
+    def sweep() -> None:
+        # kombu's Redis transport pops a message (BRPOP) before it records it as unacked, so a SIGKILL
+        # between the two loses that message for good: its turns stay queued with nothing behind them.
+        # The turn rows are the truth, and the sweeper (the compose `sweeper` service, `mlchat sweep`)
+        # re-sends what no message can be for; run here only once nothing has moved for a while.
+        # The rows name the default model (the solo queue is the victim's alone), so the sweeper's
+        # finding is sent to the solo queue here.
+        stranded = find_stranded(older_than_s=float(VISIBILITY_S), models=[settings.model], limit=10_000)
+        lost = [t.id for group in stranded.values() for t in group if t.id in set(ids)]
+        if lost:
+            dispatch(lost, model=solo, lane="bulk")
+            with session_scope() as s:
+                mark_dispatched(session=s, turn_ids=lost)
+        swept.append(len(lost))
+
+    final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900, on_stall=sweep)
+    print(f"SIGKILL case: at kill {at_kill}; swept {swept}; final {final}")
+    assert final["done"] == turns and final["failed"] == 0, (  # zero lost
+        f"at kill {at_kill}; swept {swept}; final {final}; rescuer's log:\n{_log_tail(steady.log)}"
+    )
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
 
