@@ -590,22 +590,32 @@ def _defer(
 
 
 def _lock_claim(
-    *, session: Session, token: uuid.UUID, turn_ids: Sequence[uuid.UUID] | None = None
+    *,
+    session: Session,
+    token: uuid.UUID,
+    turn_ids: Sequence[uuid.UUID] | None = None,
+    skip_locked: bool = False,
 ) -> list[uuid.UUID]:
     """Lock the claim's running turns (those of `turn_ids`, or all) in id order; returns their ids.
 
     Every writer of a claim that runs while its LeaseKeeper may renew it takes its rows this way
-    first, as renewal and store_replies do: an UPDATE alone takes rows in scan order, and two
-    UPDATEs take them in two goes, either of which deadlocks with a renewal holding some of them."""
+    first, as store_replies does: an UPDATE alone takes rows in scan order, which deadlocks with a
+    renewal holding some of them."""
     query = select(Turn.id).where(_ours(token))
     if turn_ids is not None:
         query = query.where(Turn.id.in_(list(turn_ids)))
-    return list(session.scalars(query.order_by(Turn.id).with_for_update()))
+    return list(session.scalars(query.order_by(Turn.id).with_for_update(skip_locked=skip_locked)))
 
 
 def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
-    """Extend the lease of every turn still running under this claim; returns how many."""
-    ours = _lock_claim(session=session, token=token)
+    """Extend the lease of every turn still running under this claim and not locked by a writer;
+    returns how many.
+
+    It never waits for a row: the batch's own write takes the rows it stores, fails and hands back in
+    three goes (each in id order), so a renewal waiting for one of them while holding another could
+    deadlock with it. A row a writer holds is being finished or handed back; if that writer rolls
+    back, the next renewal (a third of a lease later) takes it."""
+    ours = _lock_claim(session=session, token=token, skip_locked=True)
     if not ours:
         return 0
     result = session.execute(

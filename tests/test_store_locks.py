@@ -12,9 +12,18 @@ import uuid
 from sqlalchemy import select, text, update
 
 from core.settings import settings
-from db.models import Turn, TurnStatus
+from db.models import Turn, TurnErrorCode, TurnStatus
 from db.session import session_scope
-from db.turns import NewTurn, TurnOutcome, claim_turns, create_turns, renew_lease, store_replies
+from db.turns import (
+    Failure,
+    NewTurn,
+    TurnOutcome,
+    claim_turns,
+    create_turns,
+    fail_turns,
+    renew_lease,
+    store_replies,
+)
 from services.producer import enqueue_turns, get_turn
 from tests.conftest import new_conversation
 
@@ -158,6 +167,37 @@ def test_lease_renewal_takes_the_rows_in_the_stores_order(world) -> None:
     renewing.join(30)
     assert not renewing.is_alive()
     assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
-    assert renewed == [0]  # it waited for the store, then found the turns done
+    assert renewed == [1]  # it renewed the turn the store did not hold yet, and waited for none
     with session_scope() as session:
         assert set(session.scalars(select(Turn.status).where(Turn.id.in_(ids)))) == {TurnStatus.DONE}
+
+
+def test_lease_renewal_never_waits_for_a_batchs_write_that_takes_its_rows_in_several_goes(world) -> None:
+    # One write transaction stores some of a claim's turns, then fails others (and hands back more),
+    # each step locking its own rows in id order. A renewal waiting in between held the smaller id
+    # the fail step wanted next: DeadlockDetected, and a stored batch rolled back.
+    token, ids = _claimed_pair()
+    low, high = sorted(ids)
+    errors: list[BaseException] = []
+    renewed: list[int] = []
+
+    def renew() -> None:
+        with session_scope() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            renewed.append(renew_lease(session=session, token=token, lease_s=60))
+
+    try:
+        with session_scope() as write:
+            write.execute(text("SET LOCAL lock_timeout = '20s'"))
+            assert store_replies(session=write, token=token, outcomes=[_outcome(high)]) == [high]
+            renewing = _in_thread(renew, errors)  # the lease keeper's renewal fires mid-write
+            renewing.join(BLOCKED_S)
+            failures = {low: Failure("the engine refused it", TurnErrorCode.ENGINE_ERROR)}
+            assert fail_turns(session=write, token=token, failures=failures) == [low]
+    except BaseException as exc:
+        errors.append(exc)
+    renewing.join(30)
+    assert not renewing.is_alive()
+    assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
+    assert renewed == [1]  # `low`, renewed; `high`, which the write held, skipped
+    assert get_turn(high).status == TurnStatus.DONE and get_turn(low).status == TurnStatus.FAILED
