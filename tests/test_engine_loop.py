@@ -253,6 +253,7 @@ class _ScriptedEngine:
         self.steps: list[set[str]] = []  # the requests inside at each step
         self.hang = threading.Event()
         self.release = threading.Event()
+        self.aborted: list[str] = []
         self._inside: set[str] = set()
         self._left: dict[str, int] = {}
 
@@ -266,6 +267,10 @@ class _ScriptedEngine:
         self.prompts[request_id] = prompt["prompt_token_ids"]
         self._inside.add(request_id)
         self._left[request_id] = self.decode_steps
+
+    def abort_request(self, request_ids: list[str]) -> None:
+        self.aborted += request_ids
+        self._inside -= set(request_ids)
 
     def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
         if self.hang.is_set():
@@ -285,15 +290,16 @@ class _ScriptedEngine:
         outputs = []
         for request_id in sorted(self._inside):
             self._left[request_id] -= 1
-            outputs.append(_Out(request_id, finished=self._left[request_id] == 0))
+            written = "a" * (self.decode_steps - self._left[request_id])  # a token a step
+            outputs.append(_Out(request_id, finished=self._left[request_id] == 0, text=written))
         self._inside = {r for r in self._inside if self._left[r]}
         return outputs
 
 
 class _Out:
-    def __init__(self, request_id: str, finished: bool = True) -> None:
+    def __init__(self, request_id: str, finished: bool = True, text: str = "ok") -> None:
         self.request_id, self.finished = request_id, finished
-        self.outputs = [type("Completion", (), {"text": "ok", "token_ids": [1], "finish_reason": "stop"})]
+        self.outputs = [type("Completion", (), {"text": text, "token_ids": [1], "finish_reason": "stop"})]
 
 
 def _loop(fake: _ScriptedEngine, **kwargs):  # type: ignore[no-untyped-def]
@@ -342,7 +348,7 @@ def test_a_request_marked_alone_never_shares_the_engine() -> None:
     (suspect,) = loop.submit([([99], None, BULK, None)], alone=True)
     others += loop.submit([([i], None, LIVE if i % 2 else BULK, None) for i in range(3, 6)])
     assert _all_done([suspect, *others], timeout=10)
-    assert all(f.result().text == "ok" for f in [suspect, *others])
+    assert all(f.result().text for f in [suspect, *others])
     steps = [sorted(fake.prompts[r][0] for r in step) for step in fake.steps]
     (suspect_step,) = [step for step in steps if 99 in step]
     assert suspect_step == [99], steps  # the engine held nothing else while it ran
@@ -416,6 +422,32 @@ def test_a_live_request_joins_the_engine_while_a_step_runs() -> None:
     fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])
     assert _all_done([bulk, live], timeout=10)
     assert live.result().text == "ok"
+
+
+def test_cancelled_requests_leave_the_engine_and_their_streams_hear_nothing_more() -> None:
+    from worker.engine_loop import RequestCancelled
+
+    fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
+    loop = _loop(fake)
+    loop.max_inflight = 2
+    heard: dict[int, list[str]] = {0: [], 1: []}
+    inside = loop.submit(
+        [([i], None, BULK, None) for i in range(2)], on_text=[heard[0].append, heard[1].append]
+    )
+    assert _until(lambda: len(fake.steps) >= 3 and heard[0]), "the requests never started decoding"
+    (kept,) = loop.submit([([7], None, LIVE, None)])
+    (waiting,) = loop.submit([([9], None, BULK, None)])  # no room for a third bulk request
+    assert _until(lambda: [7] in fake.prompts.values())
+    assert loop.cancel([*inside, waiting, kept.__class__()]) == 3  # a stranger future is no one's
+    told = {i: len(heard[i]) for i in heard}
+    assert all(isinstance(f.exception(timeout=1), RequestCancelled) for f in [*inside, waiting])
+    assert _until(lambda: sorted(fake.prompts[r][0] for r in fake.aborted) == [0, 1]), fake.aborted
+    steps_then = len(fake.steps)
+    assert _until(lambda: len(fake.steps) >= steps_then + 5)
+    assert {i: len(heard[i]) for i in heard} == told  # no text after the cancel
+    assert [9] not in fake.prompts.values()  # the waiting one never joined
+    assert loop.inside() == 1 and loop._bulk_inside == 0 and not kept.done()
+    assert loop.cancel([kept]) == 1 and loop.cancel([kept]) == 0  # done ones are left alone
 
 
 def test_a_core_that_never_returns_outputs_stalls_and_the_loop_stops_waiting_for_it() -> None:
@@ -607,3 +639,29 @@ def test_the_busy_clock_keeps_only_the_newest_idle_gaps() -> None:
     busy, gaps = clock.snapshot()
     assert len(gaps) == GAPS_KEPT and busy >= 0
     assert all(a <= b for a, b in gaps) and gaps[-1][1] >= gaps[0][1]
+
+
+def test_a_batch_handed_back_stops_its_requests_in_the_engine(engine, monkeypatch) -> None:
+    # Its claim's hold runs out mid-generation (GenerationTimeout): the turns go back to the queue, and
+    # their requests, whose replies would not be stored, no longer take engine steps and bulk room.
+    from worker.pipeline import GenerationTimeout
+
+    story = "Tell the whole long story of the road north, every village on the way."
+    ids = enqueue_turns(
+        [
+            new_conversation() | {"message": story, "params": {"max_new_tokens": 400, "seed": i}}
+            for i in range(3)
+        ],
+        send=False,
+    )
+    loop = engine_module.get_loop()
+    monkeypatch.setattr(settings, "visibility_timeout", 1)  # how long a claim may be held
+    with pytest.raises(GenerationTimeout):
+        process_batch(ids)
+    assert loop.inside() == 0
+
+    def unfinished() -> int:
+        return loop.call("get_num_unfinished_requests").result(timeout=30)
+
+    assert _until(lambda: unfinished() == 0, timeout=10), "vLLM still generates the handed-back requests"
+    assert {get_turn(t).status for t in ids} == {TurnStatus.QUEUED}

@@ -104,6 +104,7 @@ class _Job:
 
 
 GAPS_KEPT = 50_000
+ABORTED_KEPT = 10_000
 
 
 class BusyClock:
@@ -164,6 +165,8 @@ class EngineLoop:
         self._held: deque[_Job] = deque()  # bulk requests waiting for room in the engine
         self._alone: deque[_Job] = deque()  # requests waiting for an empty engine
         self._calls: deque[tuple[Any, Future[Any]]] = deque()  # (engine method, its future)
+        self._aborts: list[str] = []  # cancelled requests inside the engine, to abort between steps
+        self._aborted: set[str] = set()  # aborted in the engine: a last output of theirs is no stranger
         self._progress_at = time.monotonic()  # the last step that returned, or the first admission
         self._inside: dict[str, _Job] = {}
         self._bulk_inside = 0
@@ -243,6 +246,36 @@ class EngineLoop:
                 self._cond.notify_all()  # the loop's thread, not only a caller in wait()
         return future
 
+    def cancel(self, futures: Iterable[Future[Any]]) -> int:
+        """Stop the requests of these futures: one still waiting leaves its queue, one inside the
+        engine is aborted there (between steps), and its stream is told nothing more. Their futures
+        fail with RequestCancelled; returns how many were cancelled (done ones are left alone). A
+        batch that gives its turns back calls this, so their requests neither go on taking engine
+        steps and bulk room nor keep writing a stream under a claim that no longer holds the turn."""
+        wanted = {id(f): f for f in futures if not f.done()}
+        if not wanted:
+            return 0
+        cancelled: list[_Job] = []
+        with self._cond:
+            if self._death is not None:
+                return 0  # every future was resolved by the death
+            for waiting in (self._inbox, self._live, self._held, self._alone):
+                kept = [job for job in waiting if id(job.future) not in wanted]
+                cancelled += [job for job in waiting if id(job.future) in wanted]
+                waiting.clear()
+                waiting.extend(kept)
+            for request_id in [r for r, job in self._inside.items() if id(job.future) in wanted]:
+                job = self._forget(request_id)
+                if job is not None:
+                    cancelled.append(job)
+                    self._aborts.append(request_id)
+                    self._live_owed = self._live_owed or job.alone
+            self._cond.notify_all()
+        for job in cancelled:
+            if not job.future.done():
+                job.future.set_exception(RequestCancelled("cancelled: its batch gave its turns back"))
+        return len(cancelled)
+
     def wait(self, futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
         """Block until at least one of `futures` is done or `timeout` passes; returns the done ones.
         A death (reported, or a stall past `stall_s`) resolves every future, so this never blocks on
@@ -302,6 +335,7 @@ class EngineLoop:
                         return
                     self._sort_inbox()
                 self._run_calls()
+                self._run_aborts()
                 self._admit_waiting()
                 if not self._inside:
                     continue
@@ -356,7 +390,26 @@ class EngineLoop:
         return self._live if job.priority == LIVE else self._held
 
     def _has_work(self) -> bool:
-        return bool(self._inbox or self._inside or self._held or self._live or self._alone or self._calls)
+        return bool(
+            self._inbox
+            or self._inside
+            or self._held
+            or self._live
+            or self._alone
+            or self._calls
+            or self._aborts
+        )
+
+    def _run_aborts(self) -> None:
+        """Abort the cancelled requests inside the engine (on the loop's thread: vLLM's client is not
+        thread-safe). Their outputs already on the way are dropped without a warning."""
+        with self._cond:
+            ids, self._aborts = self._aborts, []
+            if len(self._aborted) > ABORTED_KEPT:
+                self._aborted.clear()  # vLLM seldom returns an aborted request's output at all
+            self._aborted.update(ids)
+        if ids:
+            self.engine.abort_request(ids)
 
     def _started(self, request_id: str) -> None:
         """The engine returned output for this request: its prefill is done."""
@@ -480,7 +533,8 @@ class EngineLoop:
             with self._cond:
                 self._forget(job.request_id)
                 _drop_first(waiting, job)
-            job.future.set_exception(exc)
+            if not job.future.done():  # else cancelled while it was being added
+                job.future.set_exception(exc)
             return
         with self._cond:
             _drop_first(waiting, job)
@@ -513,7 +567,8 @@ class EngineLoop:
         with self._cond:
             job = self._forget(_own_id(out.request_id))
             if job is None:
-                logger.warning("engine returned an unknown request %s", out.request_id)
+                if _own_id(out.request_id) not in self._aborted:
+                    logger.warning("engine returned an unknown request %s", out.request_id)
                 return
             self._live_owed = self._live_owed or job.alone
             self._cond.notify_all()
@@ -572,6 +627,10 @@ class EngineLoop:
         from worker.engine import EngineDead
 
         return EngineDead(f"the engine died: {self._death!r}", in_engine=in_engine)
+
+
+class RequestCancelled(RuntimeError):
+    """The request was cancelled (EngineLoop.cancel) before it finished."""
 
 
 class EngineStalled(RuntimeError):

@@ -152,6 +152,7 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
         except BaseException as exc:
+            _cancel_requests(report)
             # The database's connection lost under the batch is nobody's fault: its turns are not
             # charged (three blips in a turn's life would otherwise fail it as out of attempts).
             # Any other error, a statement timeout too, is charged: a turn that raises it every
@@ -162,6 +163,19 @@ def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> Batc
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
     return report
+
+
+def _cancel_requests(report: BatchReport) -> None:
+    """Stop the batch's requests still in the engine: its turns are handed back, so a reply to them
+    would not be stored, and a streamed one would go on writing under a claim that lost its turn."""
+    futures = [f for candidates in report.futures.values() for f in candidates if not f.done()]
+    if not futures:
+        return
+    try:
+        cancelled = engine_module.get_loop().cancel(futures)
+        logger.info("cancelled %d engine requests of a batch handed back", cancelled)
+    except Exception:  # never in the way of the hand-back
+        logger.warning("could not cancel the engine requests of a batch handed back", exc_info=True)
 
 
 def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
