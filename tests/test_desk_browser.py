@@ -268,6 +268,42 @@ def test_bad_form_values_get_a_message_and_store_nothing(browser, base_url, desk
     page.context.close()
 
 
+def test_a_refusal_the_desk_did_not_write_or_a_server_error_is_told_and_the_line_stays(
+    browser, base_url, desk_run
+) -> None:
+    # Before: a 413's JSON took the line's place on the page, and a 5xx or no answer showed nothing.
+    _, passing, _ = desk_run["lines"]
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/lines/{passing}")
+    before, changes = _reply(passing), _changes(passing)
+    line = page.locator(f"#line-{passing}")
+    line.locator("summary").click()
+    line.locator("textarea").fill("y" * 1_100_000)  # over the API's 1 MB body limit: its JSON 413
+    line.get_by_role("button", name="Save the edit").click()
+    page.get_by_text("Not saved (HTTP 413)").wait_for()
+    assert page.locator("#message").inner_text() == "Not saved (HTTP 413): request body over 1000000 bytes."
+    assert page.locator(f"#line-{passing} .reply-text").inner_text() == before  # the line is still there
+    assert "{" not in page.locator(f"#line-{passing}").inner_text()
+
+    # A server error, then no answer at all (the browser's network, cut here for the one route).
+    label = f"**/desk/lines/{passing}/label"
+    page.route(
+        label,
+        lambda route: route.fulfill(
+            status=503, content_type="application/json", body='{"detail": "the database is unavailable"}'
+        ),
+    )
+    line.get_by_role("button", name="Approve").click()
+    page.get_by_text("The server could not do this (HTTP 503): the database is unavailable").wait_for()
+    page.unroute(label)
+    page.route(label, lambda route: route.abort())
+    line.get_by_role("button", name="Approve").click()
+    page.get_by_text("No answer came from the server").wait_for()
+    assert page.locator(f"#line-{passing} .reply-text").inner_text() == before
+    assert _reply(passing) == before and _changes(passing) == changes
+    page.context.close()
+
+
 def test_keys_without_the_scope_or_of_another_tenant_see_nothing(browser, base_url, desk_run) -> None:
     page = _sign_in(browser, base_url, INGEST_KEY)
     assert "lacks the 'review' scope" in page.locator(".error-text").inner_text()
