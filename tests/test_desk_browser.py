@@ -301,6 +301,10 @@ def test_a_refusal_the_desk_did_not_write_or_a_server_error_is_told_and_the_line
     page.get_by_text("No answer came from the server").wait_for()
     assert page.locator(f"#line-{passing} .reply-text").inner_text() == before
     assert _reply(passing) == before and _changes(passing) == changes
+    page.unroute(label)  # then a change that goes through clears the bar
+    line.get_by_role("button", name="Approve").click()
+    page.locator(f"#line-{passing} .label-approved").wait_for()
+    assert page.locator("#message").inner_text() == ""
     page.context.close()
 
 
@@ -364,6 +368,18 @@ def test_the_runs_list_updates_while_a_run_is_answered(browser, base_url, desk_r
     page = _sign_in(browser, base_url, REVIEW_KEY)
     row = page.locator(f"tr[data-run='{name}']")
     assert row.locator(".status").inner_text() == "queued"
+    # A refresh that fails (a JSON 5xx, then no answer) changes nothing on the page: the next one retries.
+    failures = iter(
+        [lambda r: r.fulfill(status=503, content_type="application/json", body='{"detail": "x"}')]
+    )
+
+    def flaky(route) -> None:  # type: ignore[no-untyped-def]
+        next(failures, lambda r: r.abort())(route)
+
+    page.route("**/row", flaky)
+    page.wait_for_timeout(4_500)  # two refreshes at least
+    page.unroute("**/row")
+    assert page.locator("#message").inner_text() == "" and row.locator(".status").inner_text() == "queued"
     answer(ids, specs)
     row.locator(".status", has_text="completed").wait_for(timeout=10_000)
     assert row.get_attribute("hx-trigger") is None

@@ -29,6 +29,8 @@ from tests.conftest import new_conversation
 
 # Long enough for PostgreSQL's deadlock detector (deadlock_timeout 1 s) to have fired.
 BLOCKED_S = 1.5
+# Long enough for a renewal that never waits to have finished on a loaded machine.
+RENEWAL_S = 10.0
 
 
 def _claimed_pair() -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -124,9 +126,10 @@ def _ctid(session, turn_id: uuid.UUID) -> tuple[int, int]:  # type: ignore[no-un
     return int(page), int(item)
 
 
-def test_lease_renewal_takes_the_rows_in_the_stores_order(world) -> None:
+def test_lease_renewal_never_waits_for_a_store_holding_its_rows_in_another_order(world) -> None:
     # The store locks a claim's turns in id order. Renewal used to take them in scan order (the
     # heap's, or turn number's through the unfinished-turns index): arrange both to be the reverse.
+    # It now skips the rows a writer holds, so no order of either can deadlock them.
     for _ in range(30):
         token, ids = _claimed_pair()
         with session_scope() as session:
@@ -160,7 +163,7 @@ def test_lease_renewal_takes_the_rows_in_the_stores_order(world) -> None:
             # The store has locked its conversations and the first of its turns by id...
             store.execute(select(Turn.id).where(Turn.id == low).with_for_update())
             renewing = _in_thread(renew, errors)  # ...when the lease keeper's renewal fires
-            renewing.join(BLOCKED_S)
+            renewing.join(RENEWAL_S)  # it skips the row the store holds and returns
             assert store_replies(session=store, token=token, outcomes=outcomes)
     except BaseException as exc:
         errors.append(exc)
@@ -191,7 +194,7 @@ def test_lease_renewal_never_waits_for_a_batchs_write_that_takes_its_rows_in_sev
             write.execute(text("SET LOCAL lock_timeout = '20s'"))
             assert store_replies(session=write, token=token, outcomes=[_outcome(high)]) == [high]
             renewing = _in_thread(renew, errors)  # the lease keeper's renewal fires mid-write
-            renewing.join(BLOCKED_S)
+            renewing.join(RENEWAL_S)  # it returns at once; it blocked here before (then the deadlock)
             failures = {low: Failure("the engine refused it", TurnErrorCode.ENGINE_ERROR)}
             assert fail_turns(session=write, token=token, failures=failures) == [low]
     except BaseException as exc:

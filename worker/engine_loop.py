@@ -36,13 +36,14 @@ runs, counts as dead: vLLM's synchronous client can block for ever when its core
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -101,6 +102,7 @@ class _Job:
     started: bool = False  # a step has returned output for it: it is past its prefill
     admitted: float = 0.0  # perf_counter when add_request was called
     first_output: float = 0.0  # perf_counter when a step first returned output for it
+    cancelled: bool = False  # marked by EngineLoop.cancel; the loop's thread drops or aborts it
 
 
 GAPS_KEPT = 50_000
@@ -165,7 +167,7 @@ class EngineLoop:
         self._held: deque[_Job] = deque()  # bulk requests waiting for room in the engine
         self._alone: deque[_Job] = deque()  # requests waiting for an empty engine
         self._calls: deque[tuple[Any, Future[Any]]] = deque()  # (engine method, its future)
-        self._aborts: list[str] = []  # cancelled requests inside the engine, to abort between steps
+        self._cancelled: list[_Job] = []  # marked by cancel(), dropped or aborted by the loop's thread
         self._aborted: set[str] = set()  # aborted in the engine: a last output of theirs is no stranger
         self._progress_at = time.monotonic()  # the last step that returned, or the first admission
         self._inside: dict[str, _Job] = {}
@@ -248,33 +250,25 @@ class EngineLoop:
 
     def cancel(self, futures: Iterable[Future[Any]]) -> int:
         """Stop the requests of these futures: one still waiting leaves its queue, one inside the
-        engine is aborted there (between steps), and its stream is told nothing more. Their futures
-        fail with RequestCancelled; returns how many were cancelled (done ones are left alone). A
-        batch that gives its turns back calls this, so their requests neither go on taking engine
-        steps and bulk room nor keep writing a stream under a claim that no longer holds the turn."""
-        wanted = {id(f): f for f in futures if not f.done()}
+        engine is aborted there, and its stream is told nothing more. The loop's thread does it (it
+        owns the queues and vLLM's client) before its next admission or step; their futures then fail
+        with RequestCancelled. Returns how many were marked (done ones are left alone). A batch that
+        gives its turns back calls this, so their requests neither go on taking engine steps and bulk
+        room nor keep writing a stream under a claim that no longer holds the turn."""
+        wanted = {id(f) for f in futures if not f.done()}
         if not wanted:
             return 0
-        cancelled: list[_Job] = []
+        marked = 0
         with self._cond:
             if self._death is not None:
                 return 0  # every future was resolved by the death
-            for waiting in (self._inbox, self._live, self._held, self._alone):
-                kept = [job for job in waiting if id(job.future) not in wanted]
-                cancelled += [job for job in waiting if id(job.future) in wanted]
-                waiting.clear()
-                waiting.extend(kept)
-            for request_id in [r for r, job in self._inside.items() if id(job.future) in wanted]:
-                job = self._forget(request_id)
-                if job is not None:
-                    cancelled.append(job)
-                    self._aborts.append(request_id)
-                    self._live_owed = self._live_owed or job.alone
+            for job in [*self._inbox, *self._live, *self._held, *self._alone, *self._inside.values()]:
+                if id(job.future) in wanted and not job.cancelled:
+                    job.cancelled = True  # its stream hears nothing more from now on
+                    self._cancelled.append(job)
+                    marked += 1
             self._cond.notify_all()
-        for job in cancelled:
-            if not job.future.done():
-                job.future.set_exception(RequestCancelled("cancelled: its batch gave its turns back"))
-        return len(cancelled)
+        return marked
 
     def wait(self, futures: Sequence[Future[Any]], timeout: float | None = None) -> list[Future[Any]]:
         """Block until at least one of `futures` is done or `timeout` passes; returns the done ones.
@@ -335,7 +329,7 @@ class EngineLoop:
                         return
                     self._sort_inbox()
                 self._run_calls()
-                self._run_aborts()
+                self._drop_cancelled()
                 self._admit_waiting()
                 if not self._inside:
                     continue
@@ -343,6 +337,8 @@ class EngineLoop:
                 self._admit_until_outputs()
                 if self._death is not None:  # declared dead (stalled) while it waited for outputs
                     return
+                if not self._inside:  # cancelled while it waited: nothing to step
+                    continue
                 outputs = self.engine.step()
                 with self._cond:
                     if self._death is not None:  # declared dead (stalled) while this step blocked
@@ -381,6 +377,10 @@ class EngineLoop:
                     self._cond.wait(OUTPUT_POLL_S)  # a submit wakes it at once
                 arrived = bool(self._inbox)
                 self._sort_inbox()
+            if self._cancelled:
+                self._drop_cancelled()
+                if not self._inside:  # every request inside was cancelled: no output will come
+                    return
             if arrived:  # room for held requests only opens when a step returns: nothing else to admit
                 self._admit_waiting()
 
@@ -397,19 +397,32 @@ class EngineLoop:
             or self._live
             or self._alone
             or self._calls
-            or self._aborts
+            or self._cancelled
         )
 
-    def _run_aborts(self) -> None:
-        """Abort the cancelled requests inside the engine (on the loop's thread: vLLM's client is not
-        thread-safe). Their outputs already on the way are dropped without a warning."""
+    def _drop_cancelled(self) -> None:
+        """On the loop's thread: take the cancelled jobs out of their queues and the engine's books,
+        abort those inside in vLLM (before any further step or admission), then fail their futures."""
         with self._cond:
-            ids, self._aborts = self._aborts, []
+            jobs, self._cancelled = self._cancelled, []
+            if not jobs:
+                return
+            gone = {id(job) for job in jobs}
+            for waiting in (self._inbox, self._live, self._held, self._alone):
+                if any(id(job) in gone for job in waiting):
+                    kept = [job for job in waiting if id(job) not in gone]
+                    waiting.clear()
+                    waiting.extend(kept)
+            inside = [job for job in jobs if self._forget(job.request_id) is not None]
+            aborts = [job.request_id for job in inside]
+            self._live_owed = self._live_owed or any(job.alone for job in inside)
             if len(self._aborted) > ABORTED_KEPT:
                 self._aborted.clear()  # vLLM seldom returns an aborted request's output at all
-            self._aborted.update(ids)
-        if ids:
-            self.engine.abort_request(ids)
+            self._aborted.update(aborts)
+        if aborts:
+            self.engine.abort_request(aborts)
+        for job in jobs:
+            _resolve(job.future, error=RequestCancelled("cancelled: its batch gave its turns back"))
 
     def _started(self, request_id: str) -> None:
         """The engine returned output for this request: its prefill is done."""
@@ -506,6 +519,10 @@ class EngineLoop:
     def _admit(self, job: _Job, waiting: deque[_Job]) -> None:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
         add_request is called: a death during the call may be this request's doing."""
+        with self._cond:
+            if job.cancelled:  # marked since it was picked: the next _drop_cancelled resolves it
+                _drop_first(waiting, job)
+                return
         job.request_id = f"r{next(self._ids)}"
         job.admitted = time.perf_counter()
         with self._cond:
@@ -533,8 +550,7 @@ class EngineLoop:
             with self._cond:
                 self._forget(job.request_id)
                 _drop_first(waiting, job)
-            if not job.future.done():  # else cancelled while it was being added
-                job.future.set_exception(exc)
+            _resolve(job.future, error=exc)
             return
         with self._cond:
             _drop_first(waiting, job)
@@ -553,7 +569,7 @@ class EngineLoop:
         """Hand a streamed request's new text to its hook: the reply as it will be stored (stripped),
         so the pieces add up to it; whitespace at the end waits until text follows it."""
         job = self._inside.get(_own_id(out.request_id))
-        if job is None or job.on_text is None:
+        if job is None or job.on_text is None or job.cancelled:
             return
         visible = reply_text(out.outputs[0].text)
         if len(visible) > len(job.shown) and visible.startswith(job.shown):
@@ -573,6 +589,8 @@ class EngineLoop:
             self._live_owed = self._live_owed or job.alone
             self._cond.notify_all()
         completion = out.outputs[0]
+        if job.future.done():  # a death on another thread resolved it first
+            return
         job.future.set_result(
             Generation(
                 text=reply_text(completion.text),
@@ -644,6 +662,12 @@ def _outputs_ready(engine: Any) -> Callable[[], bool] | None:
     if outputs is None or not callable(getattr(outputs, "empty", None)):
         return None
     return lambda: not outputs.empty()
+
+
+def _resolve(future: Future[Any], *, error: BaseException) -> None:
+    """Fail `future` unless it is resolved already (a death on another thread may have been first)."""
+    with contextlib.suppress(InvalidStateError):
+        future.set_exception(error)
 
 
 def _drop_first(waiting: deque[_Job], job: _Job) -> None:
