@@ -18,7 +18,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -303,7 +303,7 @@ class Settings(BaseSettings):
     # live turns, which are stored within a few engine steps).
     bulk_store_window_s: float = Field(default=1.0, ge=0, le=5)
 
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     metrics_port: int = Field(
         default=9464, ge=0, le=65535
     )  # the worker's Prometheus endpoint; 0 turns it off
@@ -395,6 +395,11 @@ class Settings(BaseSettings):
             raise ValueError("MLCHAT_MAX_NEW_TOKENS_LIMIT must be below MLCHAT_MAX_MODEL_LEN")
         return self
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level_any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
     @field_validator("callback_secret", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
@@ -444,6 +449,11 @@ def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
     try:
         return Settings()
+    except SettingsError as exc:  # a list or mapping setting whose value is not JSON
+        found = re.search(r'field "(\w+)"', str(exc))
+        variable = f"MLCHAT_{found[1].upper()}" if found else "a setting"
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        raise SystemExit(f"mlchat: bad setting: {variable}: not valid JSON{cause}") from None
     except ValidationError as exc:
         lines = []
         for error in exc.errors():

@@ -91,3 +91,18 @@ def test_a_bad_retrieval_connection_count_is_one_line_naming_the_variable(tmp_pa
         assert result.returncode != 0
         assert result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith("mlchat: bad setting: MLCHAT_RETRIEVAL_CONNECTIONS: "), result.stderr
+
+
+def test_a_list_setting_that_is_not_json_or_an_unknown_log_level_is_one_line_naming_the_variable(
+    tmp_path,
+) -> None:
+    # Before: a traceback from pydantic-settings (SettingsError) or from logging (Unknown level).
+    for variable, bad in [
+        ("MLCHAT_API_KEYS", "notjson"),
+        ("MLCHAT_SERVED_MODELS", "a,b"),
+        ("MLCHAT_LOG_LEVEL", "verbose"),
+    ]:
+        result = _import_settings_with(tmp_path, variable, bad)
+        assert result.returncode != 0
+        assert result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"mlchat: bad setting: {variable}: "), result.stderr
