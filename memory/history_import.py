@@ -44,6 +44,7 @@ class ParsedHistory:
 
 
 NAME_MAX = 200  # conversations.player_name, external_id and player_id
+TENANT_MAX = 64  # conversations.tenant
 _SKIPPED_ROLES = ("system", "developer", "tool", "function")
 _ROLES = {
     "user": Role.USER,
@@ -78,7 +79,10 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     """SillyTavern chat JSONL: a header ({user_name, character_name, ...}) then {name, is_user, mes}."""
     lines: list[tuple[Role, str]] = []
     user_name, skipped, first = None, 0, True
-    for number, line in enumerate(raw.splitlines(), start=1):
+    # Only "\n" ends a line: JSON.stringify writes U+2028, U+2029 and U+0085 raw inside strings, and
+    # str.splitlines() would break a message there.
+    for number, line in enumerate(raw.removeprefix("\ufeff").split("\n"), start=1):
+        line = line.removesuffix("\r")
         if not line.strip():  # blank lines (leading ones too) are not lines of the chat
             continue
         item = _json(line, f"line {number}")
@@ -87,7 +91,7 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
         header, first = first and "mes" not in item, False
         if header:
             name = item.get("user_name")
-            user_name = name if isinstance(name, str) and name else None
+            user_name = _text(name, f"line {number}: user_name") if isinstance(name, str) and name else None
             if user_name is not None and len(user_name) > NAME_MAX:
                 raise HistoryRefused(f"line {number}: user_name: longer than {NAME_MAX} characters")
             continue
@@ -116,6 +120,8 @@ def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHist
         if not isinstance(item, dict):
             raise HistoryRefused(f"{where}: must be an object with role and content")
         role = item.get("role")
+        if not isinstance(role, str):
+            raise HistoryRefused(f"{where}.role: must be one of {', '.join([*_ROLES, *_SKIPPED_ROLES])}")
         # Not lines of the dialogue: instructions, tool calls and their results (OpenAI logs).
         if role in _SKIPPED_ROLES:
             skipped += 1
@@ -124,10 +130,10 @@ def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHist
             raise HistoryRefused(
                 f"{where}.role: must be one of {', '.join([*_ROLES, *_SKIPPED_ROLES])} (got {role!r})"
             )
-        if "content" not in item:
+        content = item.get("content")
+        if "content" not in item and not (item.get("tool_calls") or item.get("function_call")):
             raise HistoryRefused(f"{where}.content: missing")
-        content = item["content"]
-        if content is None:  # an assistant message that only called tools
+        if content is None:  # an assistant message that only called tools (content null or left out)
             skipped += 1
             continue
         if isinstance(content, list):  # OpenAI content parts: the text parts, joined
@@ -196,11 +202,18 @@ def import_history(
     from db.session import session_scope
     from db.world import find_characters, upsert_conversations
 
+    if not conversation:
+        raise HistoryRefused("conversation: it is empty")
+    if len(tenant) > TENANT_MAX:
+        raise HistoryRefused(f"tenant: longer than {TENANT_MAX} characters")
     for field, value in (
         ("conversation", conversation),
         ("player_id", player_id),
         ("player_name", player_name),
+        ("tenant", tenant),
     ):
+        if value is not None:
+            _text(value, field)
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)

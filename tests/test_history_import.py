@@ -120,6 +120,16 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             "line 1: user_name: longer than 200 characters",
         ),
         ("original", '{"chat_history": [\n{"role": "user",\n "content": "hi"},,\n]}', "line 3: not JSON"),
+        # A role that is not a string was a TypeError (a traceback); a NUL in the header's user_name a
+        # database error after the whole log had been embedded.
+        ("openai", json.dumps([{"role": ["user"], "content": "hi"}]), "messages[0].role: must be one of"),
+        (
+            "sillytavern",
+            json.dumps({"user_name": "R\u0000w"})
+            + "\n"
+            + json.dumps({"name": "R", "is_user": True, "mes": "hi"}),
+            "line 1: user_name: ",
+        ),
     ],
 )
 def test_a_malformed_log_is_refused_with_line_and_field_and_nothing_is_stored(
@@ -155,3 +165,21 @@ def test_leading_blank_lines_tool_and_developer_messages_are_skipped_not_refused
     assert [str(role) for role, _ in parsed.lines] == ["user", "assistant"]
     assert [text for _, text in parsed.lines] == ["Where is Mira?", "By the mill."]
     assert parsed.skipped == 3
+    # OpenAI leaves `content` out of a message that only calls tools (it was "content: missing")
+    del log[2]["content"]
+    assert parse_history(json.dumps(log), "openai").skipped == 3
+
+
+def test_a_sillytavern_line_holding_a_unicode_line_separator_is_one_line() -> None:
+    # JSON.stringify writes U+2028, U+2029 and U+0085 raw inside strings; splitlines() broke the
+    # message in two ("line 2: not JSON") and every later line number was off by one. A BOM and
+    # Windows line ends are read too.
+    from memory.history_import import parse_history
+
+    said = "Two lines\u2028in one\u2029message\u0085here."
+    raw = "\ufeff" + "\r\n".join(
+        [json.dumps({"user_name": "Rowan"}, ensure_ascii=False)]
+        + [json.dumps({"name": "Rowan", "is_user": True, "mes": said}, ensure_ascii=False)]
+    )
+    parsed = parse_history(raw, "sillytavern")
+    assert [text for _, text in parsed.lines] == [said] and parsed.user_name == "Rowan"
