@@ -27,3 +27,14 @@ def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:
     assert "non-empty list" in handler({"input": {"turns": []}})["error"]
     assert "unknown character" in handler({"input": new_conversation("nobody") | {"message": "hi"}})["error"]
     assert "message is empty" in handler({"input": new_conversation() | {"message": "  "}})["error"]
+
+
+def test_local_mode_says_when_an_event_is_not_json_and_exits_non_zero_on_an_error(capsys) -> None:
+    # Before: a JSONDecodeError traceback, and an {"error": ...} answer exited 0.
+    from worker.serverless import answer_local
+
+    assert answer_local('{"input": ') == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serverless: the event is not JSON (") and err.count("\n") == 1
+    assert answer_local('{"nope": 1}') == 1
+    assert '"error"' in capsys.readouterr().out

@@ -69,10 +69,21 @@ def main() -> None:
     try:
         import runpod  # type: ignore[import-not-found]
     except ImportError:
-        event = json.loads(sys.argv[1]) if len(sys.argv) > 1 else json.load(sys.stdin)
-        print(json.dumps(handler(event), ensure_ascii=False, indent=2))
-        return
+        raise SystemExit(answer_local(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())) from None
     runpod.serverless.start({"handler": handler})
+
+
+def answer_local(text: str) -> int:
+    """Answer one event given as JSON text (local mode): the answer on stdout; the exit status 0 when
+    it was answered, 1 when the answer is an error, 2 when the event is not JSON (one line on stderr)."""
+    try:
+        event = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or a number too long to read
+        print(f"serverless: the event is not JSON ({exc})", file=sys.stderr)
+        return 2
+    answer = handler(event)
+    print(json.dumps(answer, ensure_ascii=False, indent=2))
+    return 1 if "error" in answer else 0
 
 
 if __name__ == "__main__":
