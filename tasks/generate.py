@@ -65,11 +65,13 @@ def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
     outcome = FlushOutcome(bulk_owed=sum(bulk_turns_in((r.args, r.kwargs)) for r in requests))
     try:
-        pending, model = _pending_turns(requests)
+        pending, model_of = _pending_turns(requests)
         if not pending:
             return
+        model = model_of[pending[0][0]]  # the flush's own (a worker serves one model)
         with TurnEvents(requests[0].hostname) as events:
-            events.received(pending, model)
+            for each in dict.fromkeys(model_of.values()):
+                events.received([p for p in pending if model_of[p[0]] == each], each)
             try:
                 _answer(pending, model, events, outcome)
             except Exception:  # a bug or an outage outside a batch: hand everything back
@@ -77,7 +79,7 @@ def generate_turns(requests: list[Any]) -> None:
                 outcome.resend = [Resend(pending, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
         for item in outcome.resend:
-            _resend(item, model)
+            _resend(item, model, model_of)
         if outcome.engine_dead is not None:
             from worker.lifecycle import stop_for_dead_engine
 
@@ -177,14 +179,16 @@ def deferral_delay(deferrals: int) -> float:
     return min(settings.flush_interval * 2.0**exponent, settings.defer_max_delay_s)
 
 
-def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], str]:
-    """Every turn id of the flush, once, live lane first, otherwise in arrival order; and the model.
+def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], dict[uuid.UUID, str]]:
+    """Every turn id of the flush, once, live lane first, otherwise in arrival order; and the model
+    each one's message named (a worker that also consumes another model's queues, with Celery's
+    add_consumer, sends that model's turns back to that model's queues).
 
     A malformed message (no turn ids, an id that is not a UUID, an unknown lane) is logged and
     dropped on its own; the others go on.
     """
     seen: dict[uuid.UUID, Lane] = {}
-    model = settings.model
+    model_of: dict[uuid.UUID, str] = {}
     for request in requests:
         try:
             kwargs = request.kwargs
@@ -192,23 +196,28 @@ def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], str]:
             if lane not in ("live", "bulk"):
                 raise ValueError(f"unknown lane {lane!r}")
             ids = [uuid.UUID(str(turn_id)) for turn_id in kwargs["turn_ids"]]
-            model = kwargs.get("model", model)
+            model = kwargs.get("model", settings.model)
+            if not isinstance(model, str) or not model:
+                raise ValueError(f"bad model {model!r}")
         except Exception as exc:
             logger.error("dropping malformed message %s: %r", getattr(request, "id", "?"), exc)
             continue
         for turn_id in ids:
             seen.setdefault(turn_id, lane)
-    return sorted(seen.items(), key=lambda item: item[1] != "live"), model
+            model_of.setdefault(turn_id, model)
+    return sorted(seen.items(), key=lambda item: item[1] != "live"), model_of
 
 
-def _resend(item: Resend, model: str) -> None:
-    """Send the turns again, per lane; after retries, log the ids left to the sweeper."""
-    for lane in ("live", "bulk"):
-        ids = [t for t, t_lane in item.turns if t_lane == lane]
-        if not ids:
-            continue
+def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = None) -> None:
+    """Send the turns again, per lane, each to the model its message named (`model_of`, else
+    `model`) unless the item names one; after retries, log the ids left to the sweeper."""
+    groups: dict[tuple[str, Lane], list[uuid.UUID]] = {}
+    for turn_id, lane in item.turns:
+        target = item.model or (model_of or {}).get(turn_id, model)
+        groups.setdefault((target, lane), []).append(turn_id)
+    for (target, lane), ids in groups.items():
         try:
-            _dispatch_with_retry(ids, item.model or model, lane, item.countdown)
+            _dispatch_with_retry(ids, target, lane, item.countdown)
         except Exception:
             logger.error(
                 "could not send %d turns again; the sweeper will: %s",

@@ -96,3 +96,27 @@ def test_a_resend_that_keeps_failing_is_logged_with_its_turns_and_never_raises(
     generate._resend(generate.Resend([(ids[0], "live"), (ids[1], "bulk")]), "some-model")
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "the sweeper will" in logged and str(ids[0]) in logged and str(ids[1]) in logged
+
+
+def test_a_flush_mixing_two_models_sends_each_turn_back_to_its_own_models_queue(world) -> None:
+    # A worker that also consumes another model's queues (Celery's add_consumer, as a rescuer does)
+    # flushes both models' messages together; every re-send went to the model of the flush's last
+    # message, so the other model's turns moved to this model's queue.
+    import uuid
+    from types import SimpleNamespace
+
+    import tasks.generate as generate
+    from tasks.queues import queue_depth
+
+    first, other = (f"mix-{name}-{uuid.uuid4().hex[:6]}" for name in ("a", "b"))
+    turns = {first: uuid.uuid4(), other: uuid.uuid4()}
+    requests = [
+        SimpleNamespace(id=str(i), kwargs={"turn_ids": [str(t)], "model": m, "lane": "bulk"})
+        for i, (m, t) in enumerate(turns.items())
+    ]
+    pending, model_of = generate._pending_turns(requests)
+    assert model_of == {t: m for m, t in turns.items()}
+    generate._resend(generate.Resend(pending, countdown=None), first, model_of)
+    assert queue_depth(first, "bulk") == 1 and queue_depth(other, "bulk") == 1
+    generate._resend(generate.Resend(pending, model=other), first, model_of)  # a Resend naming one
+    assert queue_depth(first, "bulk") == 1 and queue_depth(other, "bulk") == 2
