@@ -181,14 +181,26 @@ class BulkGatedBatches(ReconnectSafeBatches):
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
         handler = super().Strategy(task, app, consumer)
         bulk_gate.attach(consumer, bulk_capacity())
+        return gated(handler, bulk_gate)
 
-        def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
-            decoded = body if body is not None else message.decode()
-            bulk_gate.received(bulk_turns_in(decoded))
-            try:
-                announce_live(message, decoded)
-            except Exception:  # an announcement only speeds a live turn up: it never loses a message
-                logger.warning("could not announce a live message to the engine loop", exc_info=True)
+
+def gated(handler: Any, gate: BulkGate) -> Any:
+    """celery-batches' message handler, counting each bulk message in `gate` as it arrives. A message
+    the handler refuses (a malformed header: Celery rejects it) never reaches a flush, which is what
+    releases the count, so it is released here."""
+
+    def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        decoded = body if body is not None else message.decode()
+        turns = bulk_turns_in(decoded)
+        gate.received(turns)
+        try:
+            announce_live(message, decoded)
+        except Exception:  # an announcement only speeds a live turn up: it never loses a message
+            logger.warning("could not announce a live message to the engine loop", exc_info=True)
+        try:
             handler(message, body, *args, **kwargs)
+        except BaseException:
+            gate.release(turns)
+            raise
 
-        return counted
+    return counted

@@ -75,3 +75,24 @@ def test_a_stopping_worker_does_not_consume_its_bulk_queue_again(monkeypatch, fl
     monkeypatch.setattr(admission, "worker_state", state)
     tick()
     assert not task_consumer.consuming_from(OWN)
+
+
+def test_a_bulk_message_the_handler_refuses_gives_its_count_back() -> None:
+    # celery-batches raises for a message it cannot take (InvalidTaskError for a malformed header;
+    # Celery then rejects it): it never reaches a flush, which is what releases the count, so each
+    # such message kept the gate that much closer to closed for the worker's life.
+    gate, _, _ = _attached(capacity=8)
+
+    def refuses(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        raise ValueError("injected: a malformed message")
+
+    def takes(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    bulk = ((), {"turn_ids": ["a", "b", "c"], "lane": "bulk"}, {})
+    message = SimpleNamespace(headers={})
+    with pytest.raises(ValueError):
+        admission.gated(refuses, gate)(message, bulk)
+    assert gate.held == 0
+    admission.gated(takes, gate)(message, bulk)
+    assert gate.held == 3  # a message the handler took waits for its flush to release it
