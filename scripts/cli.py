@@ -130,13 +130,28 @@ def sweep(
 ) -> None:
     """Re-send turns whose queue message was lost, close runs whose submission died (safe any time)."""
     from services.batches import housekeeping
-    from services.sweeper import close_abandoned_runs, resend_stranded
+    from services.sweeper import SweepIncomplete, close_abandoned_runs, resend_stranded
 
-    sent = resend_stranded(older_than_s=older_than)
-    closed = close_abandoned_runs()
-    batches = {k: v for k, v in housekeeping().items() if v}
+    # Each step on its own: one that fails (the broker away, say) leaves the others done.
+    failed: list[str] = []
+
+    def step(name: str, run: Any) -> Any:
+        try:
+            return run()
+        except SweepIncomplete as exc:
+            failed.append(str(exc))
+            return exc.sent
+        except Exception as exc:
+            failed.append(f"{name}: {_one_line(exc)}")
+            return {}
+
+    sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))
+    closed = step("closing abandoned runs", close_abandoned_runs)
+    batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
     done = {"resent": sent, "runs": closed, "batches": batches}
     _out(json.dumps(done) if sent or closed or batches else "nothing stranded")
+    if failed:
+        raise RuntimeError("sweep incomplete: " + "; ".join(failed))
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -846,10 +861,12 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"mlchat: {exc}")
         return int(getattr(exc, "exit_code", 2))
     except Exception as exc:
+        from sqlalchemy.exc import SQLAlchemyError  # the database away or refusing: one line, exit 1
+
         if isinstance(exc, _refusals()):
             _err(f"mlchat: {_one_line(exc)}")
             return 2
-        if isinstance(exc, (KeyError, LookupError, ValueError, OSError, RuntimeError)):
+        if isinstance(exc, (KeyError, LookupError, ValueError, OSError, RuntimeError, SQLAlchemyError)):
             _err(f"mlchat: {_one_line(exc)}")
             return 1
         raise

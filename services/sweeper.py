@@ -28,6 +28,7 @@ with the way to resume it, and a batch's is tried again from its stored file (se
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,6 +54,8 @@ from tasks.queues import oldest_waiting_turn_ids, queue_depth
 # Between stamping `dispatched_at` and the message reaching the queue (a commit, a broker round):
 # a queued turn counts as sent before the oldest waiting message only if it went out this much earlier.
 SEND_SLACK = timedelta(seconds=60)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,18 +90,25 @@ def find_stranded(
         Turn.created_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds),
     )
     unsent = or_(lapsed_and_unsent(Turn), step_unsent)
-    with session_scope() as session:
-        rows = session.execute(
-            select(Turn.id, Turn.model, Turn.run_id, unsent, Turn.dispatched_at)
-            .where(or_(sent_long_ago, and_(lease_gone, unsent), step_unsent), Turn.model.in_(list(models)))
-            .order_by(Turn.number)
-            .limit(limit)
-        ).all()
+    stranded = or_(sent_long_ago, and_(lease_gone, unsent), step_unsent)
     groups: dict[tuple[str, Lane], list[Stranded]] = {}
-    for turn_id, model, run_id, never_resent, dispatched_at in rows:
-        lane: Lane = "bulk" if run_id is not None else "live"
-        sent_at = None if never_resent else dispatched_at
-        groups.setdefault((model, lane), []).append(Stranded(turn_id, sent_at))
+    # One query per model and lane, each with its own limit: a run's backlog still waiting in its
+    # queue (older than the cutoff, so it matches until its queue is read below) must not fill the
+    # limit ahead of another queue's lost turns, a live player's above all.
+    with session_scope() as session:
+        for model in dict.fromkeys(models):
+            for lane, of_lane in (("live", Turn.run_id.is_(None)), ("bulk", Turn.run_id.is_not(None))):
+                rows = session.execute(
+                    select(Turn.id, unsent, Turn.dispatched_at)
+                    .where(stranded, Turn.model == model, of_lane)
+                    .order_by(Turn.number)
+                    .limit(limit)
+                ).all()
+                if rows:
+                    groups[(model, lane)] = [  # type: ignore[index]
+                        Stranded(turn_id, None if never_resent else sent_at)
+                        for turn_id, never_resent, sent_at in rows
+                    ]
     return groups
 
 
@@ -122,22 +132,44 @@ def resend_stranded(
         limit=limit,
     )
     sent: dict[str, int] = {}
+    failed: list[str] = []
     for (model, lane), turns in groups.items():
-        if queue_depth(model, lane):  # messages are waiting: only those sent before all of them are lost
-            oldest = _oldest_waiting_sent_at(model, lane)
-            turns = [
-                t
-                for t in turns
-                if t.dispatched_at is None or (oldest is not None and t.dispatched_at < oldest - SEND_SLACK)
-            ]
-        ids = [t.id for t in turns]
-        if not ids:
+        try:
+            ids = _resend_group(model, lane, turns)
+        except Exception:  # one queue's failure (the broker away) leaves the other queues swept
+            logger.warning("could not re-send the stranded turns of %s/%s", model, lane, exc_info=True)
+            failed.append(f"{model}/{lane}")
             continue
+        if ids:
+            sent[f"{model}/{lane}"] = len(ids)
+    if failed:
+        raise SweepIncomplete(f"could not re-send the stranded turns of {', '.join(failed)}", sent)
+    return sent
+
+
+class SweepIncomplete(RuntimeError):
+    """Some queues' stranded turns could not be re-sent; `sent` has what the others re-sent."""
+
+    def __init__(self, message: str, sent: dict[str, int]) -> None:
+        super().__init__(message)
+        self.sent = sent
+
+
+def _resend_group(model: str, lane: Lane, turns: list[Stranded]) -> list[uuid.UUID]:
+    """Re-send one queue's stranded turns no waiting message can be for; their ids."""
+    if queue_depth(model, lane):  # messages are waiting: only those sent before all of them are lost
+        oldest = _oldest_waiting_sent_at(model, lane)
+        turns = [
+            t
+            for t in turns
+            if t.dispatched_at is None or (oldest is not None and t.dispatched_at < oldest - SEND_SLACK)
+        ]
+    ids = [t.id for t in turns]
+    if ids:
         dispatch(ids, model=model, lane=lane)
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=ids)
-        sent[f"{model}/{lane}"] = len(ids)
-    return sent
+    return ids
 
 
 def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:

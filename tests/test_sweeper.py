@@ -138,3 +138,68 @@ def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monk
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(MODEL, "bulk"))
+
+
+def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spares_the_others(
+    world, monkeypatch
+) -> None:
+    from sqlalchemy import update
+
+    import services.sweeper as sweeper
+    from db.models import Turn
+    from db.runs import create_run
+    from db.session import session_scope
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=f"sweep-{time.time_ns()}", model=MODEL, file_hash="0" * 64, total=4
+        )
+        run_id = run.id
+    # A run's backlog, still waiting in its queue, sent long ago (older turns: first by number)...
+    backlog = enqueue_turns(
+        [new_conversation() | {"message": f"Backlog {i}.", "model": MODEL} for i in range(4)],
+        lane="bulk",
+        run_id=run_id,
+    )
+    # ...then a live turn whose message was lost.
+    (lost,) = enqueue_turns([new_conversation() | {"message": "Lost live line.", "model": MODEL}], send=False)
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_([*backlog, lost]))
+            .values(dispatched_at=func.now() - text("interval '2 hours'"))
+        )
+    real_dispatch = sweeper.dispatch
+
+    def broker_refuses_bulk(ids, *, model, lane="live", **kwargs):  # type: ignore[no-untyped-def]
+        if lane == "bulk":
+            raise ConnectionError("injected: the bulk queue's publish fails")
+        return real_dispatch(ids, model=model, lane=lane, **kwargs)
+
+    try:
+        # The limit was shared by every queue: the backlog's four filled it, and the lost live turn
+        # was never read.
+        assert sweeper.resend_stranded(older_than_s=60, models=[MODEL], limit=4) == {f"{MODEL}/live": 1}
+        assert queue_depth(MODEL, "live") == 1
+        # A queue whose re-send fails (the backlog's messages lost too, and its publish failing) no
+        # longer stops the sweep of the others; the sweep says it is incomplete.
+        with app.connection_for_write() as conn:  # both lost again
+            for lane in ("live", "bulk"):
+                conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
+        with session_scope() as s:
+            s.execute(
+                update(Turn)
+                .where(Turn.id == lost)
+                .values(dispatched_at=func.now() - text("interval '2 hours'"))
+            )
+        monkeypatch.setattr(sweeper, "dispatch", broker_refuses_bulk)
+        try:
+            sweeper.resend_stranded(older_than_s=60, models=[MODEL])
+            raise AssertionError("a failed queue went unreported")
+        except sweeper.SweepIncomplete as exc:
+            assert exc.sent == {f"{MODEL}/live": 1} and f"{MODEL}/bulk" in str(exc)
+    finally:
+        with app.connection_for_write() as conn:
+            for lane in ("live", "bulk"):
+                conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
