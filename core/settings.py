@@ -389,6 +389,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Settings:
+        # A worker holds a message it re-sent with a countdown (a turn another claim holds: up to a
+        # lease; one waiting for an earlier turn: up to defer_max_delay_s) unacked until then. Past the
+        # visibility timeout Redis hands it to another worker, which holds it again: copies multiply.
+        if self.visibility_timeout < 2 * self.lease_seconds:
+            raise ValueError("MLCHAT_VISIBILITY_TIMEOUT must be at least twice MLCHAT_LEASE_SECONDS")
+        if self.visibility_timeout <= self.defer_max_delay_s:
+            raise ValueError("MLCHAT_VISIBILITY_TIMEOUT must be above MLCHAT_DEFER_MAX_DELAY_S")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")
         if self.max_new_tokens_limit >= self.max_model_len:

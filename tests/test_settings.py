@@ -15,6 +15,11 @@ def test_bad_values_are_rejected_naming_the_variable() -> None:
         Settings(REDIS_URL="http://localhost")
     with pytest.raises(ValidationError, match="MLCHAT_MAX_NEW_TOKENS_LIMIT"):
         Settings(max_new_tokens_limit=4096, max_model_len=2048)
+    # A re-sent message held on a countdown past the visibility timeout is handed out again and again.
+    with pytest.raises(ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be at least twice"):
+        Settings(visibility_timeout=60, lease_seconds=120)
+    with pytest.raises(ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be above"):
+        Settings(visibility_timeout=30, lease_seconds=15, defer_max_delay_s=30)
 
 
 def test_urls_and_queue_are_derived() -> None:
