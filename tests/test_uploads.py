@@ -220,3 +220,45 @@ def test_the_quota_counts_what_the_key_already_holds(services, size) -> None:
         assert _add(s, key, 400, quota=1400) is not None
         fits = _add(s, key, size, quota=1400)
     assert (fits is not None) == (size <= 1000)
+
+
+def test_a_file_deleted_as_its_download_starts_is_sent_whole_never_a_500(base_url, monkeypatch) -> None:
+    # A DELETE landing between the route's look at the file and the response's read of it: the
+    # response stat-ed and opened the path itself, found it gone, and the request ended in a 500.
+    import dataclasses
+    import os
+
+    import api.routes.files as files_route
+
+    content = b'{"line": 1}\n' * 50
+    headers, body = _multipart(content)
+    uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    found_file = files_route._visible
+
+    def deleted_as_it_is_read(file_id, who):  # type: ignore[no-untyped-def]
+        found = found_file(file_id, who)
+
+        class Vanishing(type(found.path)):  # type: ignore[misc]
+            """The concurrent DELETE: the bytes go right after the route's first look at them."""
+
+            def is_file(self) -> bool:
+                there = super().is_file()
+                os.unlink(self)
+                return there
+
+            def open(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+                handle = super().open(*args, **kwargs)
+                os.unlink(self)
+                return handle
+
+        return dataclasses.replace(found, path=Vanishing(found.path))
+
+    monkeypatch.setattr(files_route, "_visible", deleted_as_it_is_read)
+    answer = httpx.get(f"{base_url}/v1/files/{file_id}/content", headers=INGEST)
+    assert answer.status_code == 200 and answer.content == content, answer.status_code
+    assert answer.headers["content-disposition"] == 'attachment; filename="b.jsonl"'
+    monkeypatch.setattr(files_route, "_visible", found_file)  # the bytes are gone now
+    gone = httpx.get(f"{base_url}/v1/files/{file_id}/content", headers=INGEST)
+    assert gone.status_code == 410 and "no longer stored" in gone.text

@@ -4,12 +4,14 @@ admin keys see all."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from starlette.datastructures import UploadFile
 
 from api.deps import Caller, needs
@@ -132,9 +134,36 @@ def get_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) 
 
 
 @router.get("/{file_id}/content")
-def get_file_content(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> FileResponse:
+def get_file_content(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> StreamingResponse:
     """The file's bytes, streamed from disk."""
     found = _visible(file_id, who)
-    if not found.path.is_file():
-        raise HTTPException(status.HTTP_410_GONE, f"file {file_id!r}: its bytes are no longer stored")
-    return FileResponse(found.path, media_type="application/jsonl", filename=found.info["filename"])
+    # Opened here, not by the response: a DELETE landing after this reads nothing away from an open
+    # file, where FileResponse would stat and open the path later (a 500 once it was gone).
+    try:
+        handle = found.path.open("rb")
+    except (FileNotFoundError, IsADirectoryError):
+        gone = f"file {file_id!r}: its bytes are no longer stored"
+        raise HTTPException(status.HTTP_410_GONE, gone) from None
+    size = os.fstat(handle.fileno()).st_size
+
+    def chunks() -> Iterator[bytes]:
+        with handle:
+            while block := handle.read(CHUNK_BYTES):
+                yield block
+
+    return StreamingResponse(
+        chunks(),
+        media_type="application/jsonl",
+        headers={"content-length": str(size), "content-disposition": _attachment(found.info["filename"])},
+    )
+
+
+CHUNK_BYTES = 64 * 1024
+
+
+def _attachment(filename: str) -> str:
+    """Content-Disposition for a download named `filename`, as Starlette's FileResponse writes it."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
