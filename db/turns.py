@@ -997,6 +997,25 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
     )
 
 
+# What a failed re-send records as the turn's last send: long enough ago for any sweep.
+SEND_FAILED_AT = datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def mark_send_failed(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
+    """A worker could not send these queued turns again (the broker away past its retries) and its
+    flush's messages are acked all the same: their last send is recorded as long ago, so the next
+    sweep sends them (it re-sends what has had no message for the visibility timeout, an hour by
+    default, and would otherwise wait that long). Returns how many were marked."""
+    if not turn_ids:
+        return 0
+    result = session.execute(
+        update(Turn)
+        .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
+        .values(dispatched_at=SEND_FAILED_AT)
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
 def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     """Record that a message for these queued turns, or running ones under an expired lease, was
     just sent (resumed submissions, the claim's order check and the sweeper read it). Rows another

@@ -10,7 +10,7 @@ one of its turns was stored or handed back.
 celery-batches acks every message of a flush when the task returns, whatever happened, so nothing
 may escape this task: a malformed message is logged and dropped alone, a batch that raises hands its
 turns back, and a re-send that fails is retried with backoff and, if it still fails, logged with the
-turn ids it leaves to the sweeper (`mlchat sweep`).
+turn ids it leaves to the sweeper (`mlchat sweep`), which is told to send them at its next run.
 """
 
 from __future__ import annotations
@@ -225,9 +225,22 @@ def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = No
                 " ".join(str(t) for t in ids),
                 exc_info=True,
             )
+            _mark_send_failed(ids)
             continue
         if item.stamp:  # unstamped, the sweeper would send them again after a lease (harmless)
             _stamp_sent(ids)
+
+
+def _mark_send_failed(ids: list[uuid.UUID]) -> None:
+    """Tell the sweeper not to wait a visibility timeout for these queued turns (db/turns.py)."""
+    from db.session import session_scope
+    from db.turns import mark_send_failed
+
+    try:
+        with session_scope() as session:
+            mark_send_failed(session=session, turn_ids=ids)
+    except Exception:  # the database is away too: the sweeper finds them after the visibility timeout
+        logger.warning("could not record %d turns as unsent", len(ids), exc_info=True)
 
 
 def _stamp_sent(ids: list[uuid.UUID]) -> None:

@@ -3,6 +3,7 @@
 import numpy as np
 from sqlalchemy import select
 
+from core.settings import settings
 from db.models import Message, TurnStatus
 from db.session import session_scope
 from services.producer import enqueue_turns, wait_for_reply
@@ -96,6 +97,43 @@ def test_a_resend_that_keeps_failing_is_logged_with_its_turns_and_never_raises(
     generate._resend(generate.Resend([(ids[0], "live"), (ids[1], "bulk")]), "some-model")
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "the sweeper will" in logged and str(ids[0]) in logged and str(ids[1]) in logged
+
+
+def test_turns_a_worker_could_not_send_again_are_the_next_sweeps_not_an_hour_later(
+    world, monkeypatch
+) -> None:
+    # Their flush's messages are acked all the same; the sweeper re-sends a queued turn only once its
+    # last send is a visibility timeout old (an hour by default), and the failed re-send had just
+    # stamped it sent (a deferral, an engine death's hand-back).
+    import tasks.generate as generate
+    from core.settings import queue_for_model
+    from db.turns import mark_dispatched
+    from services.sweeper import resend_stranded
+    from tasks.app import app
+    from tasks.queues import queue_depth
+
+    model = "sweep-after-failed-resend"
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    ids = enqueue_turns(
+        [new_conversation() | {"message": f"Deferred {i}.", "model": model} for i in range(2)], send=False
+    )
+    with session_scope() as s:
+        mark_dispatched(session=s, turn_ids=ids)  # as a deferral records the re-send it asks for
+    real = generate.dispatch
+
+    def broker_down(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("injected: broker down")
+
+    monkeypatch.setattr(generate, "dispatch", broker_down)
+    monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)
+    generate._resend(generate.Resend([(t, "live") for t in ids]), model)
+    monkeypatch.setattr(generate, "dispatch", real)
+    try:
+        assert resend_stranded(models=[model]) == {f"{model}/live": 2}  # the default: visibility timeout
+        assert queue_depth(model, "live") == 2
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "live"))
 
 
 def test_a_flush_mixing_two_models_sends_each_turn_back_to_its_own_models_queue(world) -> None:
