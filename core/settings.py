@@ -360,13 +360,12 @@ class Settings(BaseSettings):
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
-            raise ValueError(
-                f"MLCHAT_MODEL={value!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the queue)"
-            )
-        if value.endswith(BULK_QUEUE_SUFFIX):  # its live queue would be read as a bulk one
-            raise ValueError(f"MLCHAT_MODEL={value!r} must not end with {BULK_QUEUE_SUFFIX!r}")
-        return value
+        return _queue_safe("MLCHAT_MODEL", value)
+
+    @field_validator("served_models")
+    @classmethod
+    def _served_models_are_queue_safe(cls, value: list[str]) -> list[str]:
+        return [_queue_safe(f"MLCHAT_SERVED_MODELS[{i}]", name) for i, name in enumerate(value)]
 
     @field_validator("database_url")
     @classmethod
@@ -389,6 +388,12 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _limits_are_consistent(self) -> Settings:
+        window = window_seconds(self.batch_default_window)
+        if window is None or window > self.batch_max_window_hours * 3600:
+            raise ValueError(
+                f"MLCHAT_BATCH_DEFAULT_WINDOW={self.batch_default_window!r} must be a number and a unit "
+                f"(s, m or h), e.g. '24h', of at most MLCHAT_BATCH_MAX_WINDOW_HOURS"
+            )
         # A worker holds a message it re-sent with a countdown (a turn another claim holds: up to a
         # lease; one waiting for an earlier turn: up to defer_max_delay_s) unacked until then. Past the
         # visibility timeout Redis hands it to another worker, which holds it again: copies multiply.
@@ -441,6 +446,24 @@ class Settings(BaseSettings):
 
 
 BULK_QUEUE_SUFFIX = ".bulk"
+_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600}
+
+
+def window_seconds(text: str) -> int | None:
+    """A batch's completion window (`24h`, `90m`, `30s`) in seconds; None if it is not one."""
+    match = _WINDOW.match(text)
+    return int(match[1]) * _UNIT_S[match[2]] if match else None
+
+
+def _queue_safe(variable: str, value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(
+            f"{variable}={value!r} must be 1-64 letters, digits, '.', '_' or '-' (it names the queue)"
+        )
+    if value.endswith(BULK_QUEUE_SUFFIX):  # its live queue would be read as a bulk one
+        raise ValueError(f"{variable}={value!r} must not end with {BULK_QUEUE_SUFFIX!r}")
+    return value
 
 
 def queue_for_model(model: str, lane: Lane = "live") -> str:

@@ -13,7 +13,6 @@ the sweeper and a cancel all call it).
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -24,7 +23,7 @@ from typing import Any
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from core.settings import DEFAULT_TENANT, settings
+from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.files import add_file, get_file, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
@@ -55,8 +54,6 @@ from services.turn_callbacks import send_turn_callbacks
 
 logger = logging.getLogger(__name__)
 
-_WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600}
 # OpenAI's metadata limits: 16 pairs, keys up to 64 characters, values up to 512.
 _META_PAIRS, _META_KEY, _META_VALUE = 16, 64, 512
 
@@ -71,10 +68,10 @@ class BatchNotFound(LookupError):
 
 def parse_window(text: str) -> timedelta:
     """`24h`, `90m`, `30s`: up to batch_max_window_hours."""
-    match = _WINDOW.match(text)
-    if not match:
+    seconds = window_seconds(text)
+    if seconds is None:
         raise BatchRefused(f"completion_window: {text!r}; give a number and a unit, e.g. '24h', '90m'")
-    window = timedelta(seconds=int(match[1]) * _UNIT_S[match[2]])
+    window = timedelta(seconds=seconds)
     if window > timedelta(hours=settings.batch_max_window_hours):
         raise BatchRefused(f"completion_window: at most {settings.batch_max_window_hours}h")
     return window

@@ -20,6 +20,14 @@ def test_bad_values_are_rejected_naming_the_variable() -> None:
         Settings(visibility_timeout=60, lease_seconds=120)
     with pytest.raises(ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be above"):
         Settings(visibility_timeout=30, lease_seconds=15, defer_max_delay_s=30)
+    # Each served model names queues as MLCHAT_MODEL does ("x.bulk" was model x's bulk queue), and a
+    # bad default window was a 400 blaming every client's completion_window.
+    with pytest.raises(ValidationError, match=r"MLCHAT_SERVED_MODELS\[1\]='npc.bulk' must not end"):
+        Settings(served_models=["npc", "npc.bulk"])
+    for window in ("1d", "0h", "9999h"):
+        with pytest.raises(ValidationError, match="MLCHAT_BATCH_DEFAULT_WINDOW"):
+            Settings(batch_default_window=window)
+    assert Settings(batch_default_window="90m").batch_default_window == "90m"
 
 
 def test_urls_and_queue_are_derived() -> None:
