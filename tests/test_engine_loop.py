@@ -375,12 +375,13 @@ def test_an_alone_request_gets_its_turn_within_one_drain_under_steady_live_chat(
 def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding() -> None:
     from worker.engine import EngineDead
 
-    fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
+    # The engine dies as the fourth request joins it. (It used to die in the next step, set before that
+    # request was submitted: on a loaded machine the loop could step, and die, before admitting it.)
+    fake = _ScriptedEngine(die_at_admission=3, decode_steps=1000, step_s=0.005)
     loop = _loop(fake)
     decoding = loop.submit([([i], None, BULK, None) for i in range(3)])
     while len(fake.steps) < 2:  # all three have returned output: they are decoding
         time.sleep(0.01)
-    fake.die_in_step.set()
     (joining,) = loop.submit([([99], None, BULK, None)])  # the request that kills the engine
     assert loop.wait([joining], timeout=10) == [joining]
     assert _all_done(decoding, timeout=10)

@@ -419,10 +419,12 @@ class EngineLoop:
             if len(self._aborted) > ABORTED_KEPT:
                 self._aborted.clear()  # vLLM seldom returns an aborted request's output at all
             self._aborted.update(aborts)
-        if aborts:
-            self.engine.abort_request(aborts)
-        for job in jobs:
-            _resolve(job.future, error=RequestCancelled("cancelled: its batch gave its turns back"))
+        try:
+            if aborts:
+                self.engine.abort_request(aborts)
+        finally:  # an abort that raises (the engine died) still resolves them: _die no longer sees them
+            for job in jobs:
+                _resolve(job.future, error=RequestCancelled("cancelled: its batch gave its turns back"))
 
     def _started(self, request_id: str) -> None:
         """The engine returned output for this request: its prefill is done."""
@@ -610,10 +612,11 @@ class EngineLoop:
             self._death = exc
             inside = list(self._inside.values())
             suspects = [job for job in inside if not job.started] or inside
-            waiting = [*self._inbox, *self._live, *self._held, *self._alone]
+            waiting = [*self._inbox, *self._live, *self._held, *self._alone, *self._cancelled]
             calls = [future for _, future in self._calls]
             for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
                 queue.clear()
+            self._cancelled = []
             self._inside.clear()
             self._unstarted.clear()
             self._cond.notify_all()
