@@ -1002,15 +1002,18 @@ SEND_FAILED_AT = datetime(2000, 1, 1, tzinfo=UTC)
 
 
 def mark_send_failed(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
-    """A worker could not send these queued turns again (the broker away past its retries) and its
+    """A worker could not send these turns again (the broker away past its retries) and its
     flush's messages are acked all the same: their last send is recorded as long ago, so the next
     sweep sends them (it re-sends what has had no message for the visibility timeout, an hour by
     default, and would otherwise wait that long). Returns how many were marked."""
     if not turn_ids:
         return 0
+    # Queued ones, and running ones under an expired lease (a blocker the claim found stalled and
+    # stamped sent): for those the stamp also makes the next claim that waits on them send them again.
+    lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
     result = session.execute(
         update(Turn)
-        .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
+        .where(Turn.id.in_(list(turn_ids)), or_(Turn.status == TurnStatus.QUEUED, lapsed))
         .values(dispatched_at=SEND_FAILED_AT)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]

@@ -216,16 +216,18 @@ def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = No
         target = item.model or (model_of or {}).get(turn_id, model)
         groups.setdefault((target, lane), []).append(turn_id)
     for (target, lane), ids in groups.items():
+        sent: list[uuid.UUID] = []  # over every try: a message that went out is not lost
         try:
-            _dispatch_with_retry(ids, target, lane, item.countdown)
+            _dispatch_with_retry(ids, target, lane, item.countdown, sent)
         except Exception:
+            unsent = [t for t in ids if t not in set(sent)]
             logger.error(
                 "could not send %d turns again; the sweeper will: %s",
-                len(ids),
-                " ".join(str(t) for t in ids),
+                len(unsent),
+                " ".join(str(t) for t in unsent),
                 exc_info=True,
             )
-            _mark_send_failed(ids)
+            _mark_send_failed(unsent)
             continue
         if item.stamp:  # unstamped, the sweeper would send them again after a lease (harmless)
             _stamp_sent(ids)
@@ -255,8 +257,11 @@ def _stamp_sent(ids: list[uuid.UUID]) -> None:
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
-def _dispatch_with_retry(ids: list[uuid.UUID], model: str, lane: Lane, countdown: float | None) -> None:
-    dispatch(ids, model=model, lane=lane, countdown=countdown)
+def _dispatch_with_retry(
+    ids: list[uuid.UUID], model: str, lane: Lane, countdown: float | None, sent: list[uuid.UUID] | None = None
+) -> None:
+    done = set(sent or ())
+    dispatch([t for t in ids if t not in done], model=model, lane=lane, countdown=countdown, sent=sent)
 
 
 def dispatch(

@@ -105,9 +105,11 @@ def test_turns_a_worker_could_not_send_again_are_the_next_sweeps_not_an_hour_lat
     # Their flush's messages are acked all the same; the sweeper re-sends a queued turn only once its
     # last send is a visibility timeout old (an hour by default), and the failed re-send had just
     # stamped it sent (a deferral, an engine death's hand-back).
+    import time
+
     import tasks.generate as generate
     from core.settings import queue_for_model
-    from db.turns import mark_dispatched
+    from db.turns import claim_turns, mark_dispatched
     from services.sweeper import resend_stranded
     from tasks.app import app
     from tasks.queues import queue_depth
@@ -117,8 +119,14 @@ def test_turns_a_worker_could_not_send_again_are_the_next_sweeps_not_an_hour_lat
     ids = enqueue_turns(
         [new_conversation() | {"message": f"Deferred {i}.", "model": model} for i in range(2)], send=False
     )
+    # A third, running under a lease that lapsed: the earlier turn a claim found stalled and re-sends.
+    (stalled,) = enqueue_turns([new_conversation() | {"message": "Stalled.", "model": model}], send=False)
     with session_scope() as s:
-        mark_dispatched(session=s, turn_ids=ids)  # as a deferral records the re-send it asks for
+        claim_turns(session=s, turn_ids=[stalled], lease_s=1, max_attempts=3)
+    time.sleep(1.2)
+    ids.append(stalled)
+    with session_scope() as s:
+        mark_dispatched(session=s, turn_ids=ids)  # as a deferral (or the stalled check) records its re-send
     real = generate.dispatch
 
     def broker_down(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -129,8 +137,8 @@ def test_turns_a_worker_could_not_send_again_are_the_next_sweeps_not_an_hour_lat
     generate._resend(generate.Resend([(t, "live") for t in ids]), model)
     monkeypatch.setattr(generate, "dispatch", real)
     try:
-        assert resend_stranded(models=[model]) == {f"{model}/live": 2}  # the default: visibility timeout
-        assert queue_depth(model, "live") == 2
+        assert resend_stranded(models=[model]) == {f"{model}/live": 3}  # the default: visibility timeout
+        assert queue_depth(model, "live") == 3
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(model, "live"))
