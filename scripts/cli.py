@@ -149,7 +149,10 @@ def sweep(
     closed = step("closing abandoned runs", close_abandoned_runs)
     batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
     done = {"resent": sent, "runs": closed, "batches": batches}
-    _out(json.dumps(done) if sent or closed or batches else "nothing stranded")
+    if sent or closed or batches or failed:
+        _out(json.dumps(done))
+    else:
+        _out("nothing stranded")
     if failed:
         raise RuntimeError("sweep incomplete: " + "; ".join(failed))
 
@@ -463,7 +466,8 @@ def chat(
 
         (view,) = answer_now([request])
     else:
-        request["stream"] = parsed.get("n", 1) == 1  # best of n is judged whole, never streamed
+        # best of n is judged whole, never streamed (n from --params, or from --others' gen_config)
+        request["stream"] = (request.get("params") or {}).get("n", 1) == 1
         (turn_id,) = enqueue_turns([request])
         deadline = time.monotonic() + timeout  # printing and waiting share it
         if request["stream"]:

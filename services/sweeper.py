@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import and_, false, func, or_, select
 
 from core.settings import Lane, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
@@ -69,11 +69,17 @@ class Stranded:
 
 
 def find_stranded(
-    *, older_than_s: float, models: Sequence[str], limit: int
+    *,
+    older_than_s: float,
+    models: Sequence[str],
+    limit: int,
+    waiting: Mapping[tuple[str, Lane], datetime | None] | None = None,
 ) -> dict[tuple[str, Lane], list[Stranded]]:
     """Turns no worker holds: queued (or running under an expired lease and re-sent since) with no
     message sent for `older_than_s`, or running under an expired lease with none sent since it
-    expired; grouped by (model, lane), oldest first."""
+    expired; grouped by (model, lane), oldest first. `waiting` names the queues with messages waiting
+    and when the oldest of them went out (None: unknown): of those queues only turns sent before it
+    (or never re-sent) are taken, in the query itself, so a backlog never fills the limit."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     lease_gone = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
@@ -98,12 +104,14 @@ def find_stranded(
     with session_scope() as session:
         for model in dict.fromkeys(models):
             for lane, of_lane in (("live", Turn.run_id.is_(None)), ("bulk", Turn.run_id.is_not(None))):
-                rows = session.execute(
-                    select(Turn.id, unsent, Turn.dispatched_at)
-                    .where(stranded, Turn.model == model, of_lane)
-                    .order_by(Turn.number)
-                    .limit(limit)
-                ).all()
+                query = select(Turn.id, unsent, Turn.dispatched_at).where(
+                    stranded, Turn.model == model, of_lane
+                )
+                if waiting is not None and (model, lane) in waiting:
+                    oldest = waiting[(model, lane)]  # type: ignore[index]
+                    lost = Turn.dispatched_at < oldest - SEND_SLACK if oldest is not None else false()
+                    query = query.where(or_(unsent, lost))
+                rows = session.execute(query.order_by(Turn.number).limit(limit)).all()
                 if rows:
                     groups[(model, lane)] = [  # type: ignore[index]
                         Stranded(turn_id, None if never_resent else sent_at)
@@ -126,10 +134,21 @@ def resend_stranded(
     *, older_than_s: float | None = None, models: Sequence[str] | None = None, limit: int = 100_000
 ) -> dict[str, int]:
     """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}."""
+    models = list(dict.fromkeys(models or settings.models))
+    # Which queues hold messages, and since when, read before the turns: a message for a turn can
+    # only leave its queue meanwhile, never join it (a re-send would stamp the turn sent again).
+    lanes: tuple[Lane, ...] = ("live", "bulk")
+    waiting: dict[tuple[str, Lane], datetime | None] = {
+        (model, lane): _oldest_waiting_sent_at(model, lane)
+        for model in models
+        for lane in lanes
+        if queue_depth(model, lane)
+    }
     groups = find_stranded(
         older_than_s=settings.visibility_timeout if older_than_s is None else older_than_s,
-        models=models or settings.models,
+        models=models,
         limit=limit,
+        waiting=waiting,
     )
     sent: dict[str, int] = {}
     failed: list[str] = []
@@ -156,14 +175,8 @@ class SweepIncomplete(RuntimeError):
 
 
 def _resend_group(model: str, lane: Lane, turns: list[Stranded]) -> list[uuid.UUID]:
-    """Re-send one queue's stranded turns no waiting message can be for; their ids."""
-    if queue_depth(model, lane):  # messages are waiting: only those sent before all of them are lost
-        oldest = _oldest_waiting_sent_at(model, lane)
-        turns = [
-            t
-            for t in turns
-            if t.dispatched_at is None or (oldest is not None and t.dispatched_at < oldest - SEND_SLACK)
-        ]
+    """Re-send one queue's stranded turns (find_stranded left out those a waiting message may be
+    for); their ids."""
     ids = [t.id for t in turns]
     if ids:
         dispatch(ids, model=model, lane=lane)

@@ -4,6 +4,7 @@ A running turn whose lease expired is sent again once, however many sweeps follo
 """
 
 import time
+import uuid
 
 from sqlalchemy import func, text
 
@@ -150,20 +151,21 @@ def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spar
     from db.runs import create_run
     from db.session import session_scope
 
-    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    model = f"sweep-{uuid.uuid4().hex[:8]}"  # a queue of its own: no earlier case's lost turns
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
     with session_scope() as s:
         run, _ = create_run(
-            session=s, name=f"sweep-{time.time_ns()}", model=MODEL, file_hash="0" * 64, total=4
+            session=s, name=f"sweep-{time.time_ns()}", model=model, file_hash="0" * 64, total=4
         )
         run_id = run.id
     # A run's backlog, still waiting in its queue, sent long ago (older turns: first by number)...
     backlog = enqueue_turns(
-        [new_conversation() | {"message": f"Backlog {i}.", "model": MODEL} for i in range(4)],
+        [new_conversation() | {"message": f"Backlog {i}.", "model": model} for i in range(4)],
         lane="bulk",
         run_id=run_id,
     )
     # ...then a live turn whose message was lost.
-    (lost,) = enqueue_turns([new_conversation() | {"message": "Lost live line.", "model": MODEL}], send=False)
+    (lost,) = enqueue_turns([new_conversation() | {"message": "Lost live line.", "model": model}], send=False)
     with session_scope() as s:
         s.execute(
             update(Turn)
@@ -180,13 +182,13 @@ def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spar
     try:
         # The limit was shared by every queue: the backlog's four filled it, and the lost live turn
         # was never read.
-        assert sweeper.resend_stranded(older_than_s=60, models=[MODEL], limit=4) == {f"{MODEL}/live": 1}
-        assert queue_depth(MODEL, "live") == 1
+        assert sweeper.resend_stranded(older_than_s=60, models=[model], limit=4) == {f"{model}/live": 1}
+        assert queue_depth(model, "live") == 1
         # A queue whose re-send fails (the backlog's messages lost too, and its publish failing) no
         # longer stops the sweep of the others; the sweep says it is incomplete.
         with app.connection_for_write() as conn:  # both lost again
             for lane in ("live", "bulk"):
-                conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
+                conn.default_channel.queue_purge(queue_for_model(model, lane))
         with session_scope() as s:
             s.execute(
                 update(Turn)
@@ -195,11 +197,49 @@ def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spar
             )
         monkeypatch.setattr(sweeper, "dispatch", broker_refuses_bulk)
         try:
-            sweeper.resend_stranded(older_than_s=60, models=[MODEL])
+            sweeper.resend_stranded(older_than_s=60, models=[model])
             raise AssertionError("a failed queue went unreported")
         except sweeper.SweepIncomplete as exc:
-            assert exc.sent == {f"{MODEL}/live": 1} and f"{MODEL}/bulk" in str(exc)
+            assert exc.sent == {f"{model}/live": 1} and f"{model}/bulk" in str(exc)
     finally:
         with app.connection_for_write() as conn:
             for lane in ("live", "bulk"):
-                conn.default_channel.queue_purge(queue_for_model(MODEL, lane))
+                conn.default_channel.queue_purge(queue_for_model(model, lane))
+
+
+def test_a_lost_bulk_turn_is_found_behind_a_backlog_of_its_own_lane_larger_than_the_limit(
+    world, monkeypatch
+) -> None:
+    from sqlalchemy import update
+
+    from db.models import Turn
+    from db.runs import create_run
+    from db.session import session_scope
+
+    model = f"sweep-{uuid.uuid4().hex[:8]}"  # a queue of its own: no earlier case's lost turns
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=f"sweep-{time.time_ns()}", model=model, file_hash="0" * 64, total=5
+        )
+        run_id = run.id
+
+    def lines(tag: str, n: int) -> list[dict[str, str]]:
+        return [new_conversation() | {"message": f"{tag} {i}.", "model": model} for i in range(n)]
+
+    backlog = enqueue_turns(lines("Waiting", 4), lane="bulk", run_id=run_id)  # one message, waiting
+    lost = enqueue_turns(lines("Lost", 1), send=False, lane="bulk", run_id=run_id)  # made after it
+    with session_scope() as s:  # the backlog went out ten minutes ago; the lost turn's re-send failed
+        for ids, age in ((backlog, "10 minutes"), (lost, "2 hours")):
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
+            )
+    try:
+        # The backlog's four came first by number and filled the limit; then all four were left out
+        # as waiting, and the lost turn was never read.
+        assert resend_stranded(older_than_s=60, models=[model], limit=4) == {f"{model}/bulk": 1}
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "bulk"))
