@@ -235,6 +235,8 @@ def test_a_file_deleted_as_its_download_starts_is_sent_whole_never_a_500(base_ur
     uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
     assert uploaded.status_code == 200, uploaded.text
     file_id = uploaded.json()["id"]
+    ranged = httpx.get(f"{base_url}/v1/files/{file_id}/content", headers=INGEST | {"Range": "bytes=0-11"})
+    assert ranged.status_code == 206 and ranged.content == content[:12] and ranged.headers["etag"]
     found_file = files_route._visible
 
     def deleted_as_it_is_read(file_id, who):  # type: ignore[no-untyped-def]

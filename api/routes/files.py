@@ -5,13 +5,14 @@ admin keys see all."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Iterator
-from typing import Annotated, Any, Literal
-from urllib.parse import quote
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, BinaryIO, Literal
 
+import anyio
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
 
 from api.deps import Caller, needs
@@ -134,36 +135,31 @@ def get_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) 
 
 
 @router.get("/{file_id}/content")
-def get_file_content(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> StreamingResponse:
+def get_file_content(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> FileResponse:
     """The file's bytes, streamed from disk."""
     found = _visible(file_id, who)
-    # Opened here, not by the response: a DELETE landing after this reads nothing away from an open
-    # file, where FileResponse would stat and open the path later (a 500 once it was gone).
     try:
         handle = found.path.open("rb")
     except (FileNotFoundError, IsADirectoryError):
         gone = f"file {file_id!r}: its bytes are no longer stored"
         raise HTTPException(status.HTTP_410_GONE, gone) from None
-    size = os.fstat(handle.fileno()).st_size
-
-    def chunks() -> Iterator[bytes]:
-        with handle:
-            while block := handle.read(CHUNK_BYTES):
-                yield block
-
-    return StreamingResponse(
-        chunks(),
-        media_type="application/jsonl",
-        headers={"content-length": str(size), "content-disposition": _attachment(found.info["filename"])},
-    )
+    return OpenedFileResponse(handle, media_type="application/jsonl", filename=found.info["filename"])
 
 
-CHUNK_BYTES = 64 * 1024
+class OpenedFileResponse(FileResponse):
+    """Starlette's FileResponse (ranges, ETag, Last-Modified) over a file the route already opened: a
+    DELETE landing after the open reads nothing away from it, where FileResponse would stat and open
+    the path itself later (a 500 once the file was gone)."""
 
+    def __init__(self, handle: BinaryIO, **kwargs: Any) -> None:
+        self._handle = handle
+        super().__init__(handle.name, stat_result=os.fstat(handle.fileno()), **kwargs)
 
-def _attachment(filename: str) -> str:
-    """Content-Disposition for a download named `filename`, as Starlette's FileResponse writes it."""
-    quoted = quote(filename)
-    if quoted != filename:
-        return f"attachment; filename*=utf-8''{quoted}"
-    return f'attachment; filename="{filename}"'
+    @asynccontextmanager
+    async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
+        file = anyio.wrap_file(self._handle)
+        try:
+            yield file
+        finally:
+            with anyio.CancelScope(shield=True):  # closed even when the transfer is cancelled
+                await file.aclose()
