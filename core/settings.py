@@ -303,7 +303,7 @@ class Settings(BaseSettings):
     # live turns, which are stored within a few engine steps).
     bulk_store_window_s: float = Field(default=1.0, ge=0, le=5)
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL"] = "INFO"
     metrics_port: int = Field(
         default=9464, ge=0, le=65535
     )  # the worker's Prometheus endpoint; 0 turns it off
@@ -399,8 +399,11 @@ class Settings(BaseSettings):
         # visibility timeout Redis hands it to another worker, which holds it again: copies multiply.
         if self.visibility_timeout < 2 * self.lease_seconds:
             raise ValueError("MLCHAT_VISIBILITY_TIMEOUT must be at least twice MLCHAT_LEASE_SECONDS")
-        if self.visibility_timeout <= self.defer_max_delay_s:
-            raise ValueError("MLCHAT_VISIBILITY_TIMEOUT must be above MLCHAT_DEFER_MAX_DELAY_S")
+        if self.visibility_timeout <= max(self.defer_max_delay_s, self.batch_retry_delay):
+            raise ValueError(
+                "MLCHAT_VISIBILITY_TIMEOUT must be above MLCHAT_DEFER_MAX_DELAY_S and "
+                "MLCHAT_BATCH_RETRY_DELAY"
+            )
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")
         if self.max_new_tokens_limit >= self.max_model_len:

@@ -81,7 +81,7 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     user_name, skipped, first = None, 0, True
     # Only "\n" ends a line: JSON.stringify writes U+2028, U+2029 and U+0085 raw inside strings, and
     # str.splitlines() would break a message there.
-    for number, line in enumerate(raw.removeprefix("\ufeff").split("\n"), start=1):
+    for number, line in enumerate(raw.split("\n"), start=1):
         line = line.removesuffix("\r")
         if not line.strip():  # blank lines (leading ones too) are not lines of the chat
             continue
@@ -175,6 +175,7 @@ def parse_original_history(doc: Any, name: str = "chat_history") -> ParsedHistor
 
 def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
     """The log's lines, checked; raises HistoryRefused naming the line or item and the field."""
+    raw = raw.removeprefix("\ufeff")  # a byte order mark, as editors on Windows save UTF-8
     if fmt == "sillytavern":
         parsed = parse_sillytavern(raw)
     elif fmt == "openai":

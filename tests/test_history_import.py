@@ -183,3 +183,5 @@ def test_a_sillytavern_line_holding_a_unicode_line_separator_is_one_line() -> No
     )
     parsed = parse_history(raw, "sillytavern")
     assert [text for _, text in parsed.lines] == [said] and parsed.user_name == "Rowan"
+    bom_json = "\ufeff" + json.dumps([{"role": "user", "content": said}])  # the JSON formats too
+    assert [text for _, text in parse_history(bom_json, "openai").lines] == [said]

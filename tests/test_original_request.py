@@ -530,3 +530,29 @@ def test_a_conversation_of_the_inline_prefix_is_refused() -> None:
     event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation="inline-0123")
     with pytest.raises(InlineRefused, match=r"^conversation: 'inline-0123' starts with 'inline-'"):
         read_request(event)
+
+
+def test_chat_with_best_of_n_in_the_others_file_is_sent_unstreamed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `--others` may carry gen_config.n = 2; the CLI streamed according to --params alone, so the
+    # producer refused the turn ("a streamed turn generates one candidate") after the files were stored.
+    import services.producer as producer
+
+    sent: list[dict[str, Any]] = []
+    real = producer.enqueue_turns
+
+    def enqueue_unsent(requests, **kwargs):  # type: ignore[no-untyped-def]
+        sent.extend(dict(r) for r in requests)
+        return real(requests, **kwargs | {"send": False})  # stored, never sent: nothing answers it
+
+    monkeypatch.setattr(producer, "enqueue_turns", enqueue_unsent)
+    others = tmp_path / "others.json"
+    others.write_text(json.dumps({"gen_config": {"n": 2}}), encoding="utf-8")
+    persona = _persona_file(tmp_path)
+    code = cli(
+        ["chat", "--message", "hi", "--persona", str(persona), "--others", str(others), "--timeout", "1"]
+    )
+    err = capsys.readouterr().err
+    assert "stream" not in err, err
+    assert code == 1 and sent and sent[0]["stream"] is False  # queued, unanswered within a second
