@@ -74,6 +74,17 @@ def _new_turn(conversation_id: int) -> NewTurn:
     )
 
 
+def _renewal(token: uuid.UUID, renewed: list[int]):  # type: ignore[no-untyped-def]
+    """The lease keeper's renewal of the claim, as a thread's target; what it renewed goes in `renewed`."""
+
+    def renew() -> None:
+        with session_scope() as session:
+            session.execute(text("SET LOCAL lock_timeout = '20s'"))
+            renewed.append(renew_lease(session=session, token=token, lease_s=60))
+
+    return renew
+
+
 def _in_thread(target, errors: list[BaseException]) -> threading.Thread:  # type: ignore[no-untyped-def]
     def run() -> None:
         try:
@@ -150,11 +161,7 @@ def test_lease_renewal_never_waits_for_a_store_holding_its_rows_in_another_order
 
     errors: list[BaseException] = []
     renewed: list[int] = []
-
-    def renew() -> None:
-        with session_scope() as session:
-            session.execute(text("SET LOCAL lock_timeout = '20s'"))
-            renewed.append(renew_lease(session=session, token=token, lease_s=60))
+    renew = _renewal(token, renewed)
 
     outcomes = [_outcome(t) for t in ids]
     try:
@@ -183,11 +190,7 @@ def test_lease_renewal_never_waits_for_a_batchs_write_that_takes_its_rows_in_sev
     low, high = sorted(ids)
     errors: list[BaseException] = []
     renewed: list[int] = []
-
-    def renew() -> None:
-        with session_scope() as session:
-            session.execute(text("SET LOCAL lock_timeout = '20s'"))
-            renewed.append(renew_lease(session=session, token=token, lease_s=60))
+    renew = _renewal(token, renewed)
 
     try:
         with session_scope() as write:

@@ -141,6 +141,20 @@ def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monk
             conn.default_channel.queue_purge(queue_for_model(MODEL, "bulk"))
 
 
+def _model_and_run(monkeypatch):  # type: ignore[no-untyped-def]
+    """A served model of the case's own (no earlier case's lost turns share its queues) and a run."""
+    from db.runs import create_run
+    from db.session import session_scope
+
+    model = f"sweep-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=f"sweep-{time.time_ns()}", model=model, file_hash="0" * 64, total=5
+        )
+        return model, run.id
+
+
 def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spares_the_others(
     world, monkeypatch
 ) -> None:
@@ -148,16 +162,9 @@ def test_a_bulk_backlog_never_hides_a_lost_live_turn_and_one_queues_failure_spar
 
     import services.sweeper as sweeper
     from db.models import Turn
-    from db.runs import create_run
     from db.session import session_scope
 
-    model = f"sweep-{uuid.uuid4().hex[:8]}"  # a queue of its own: no earlier case's lost turns
-    monkeypatch.setattr(settings, "served_models", [settings.model, model])
-    with session_scope() as s:
-        run, _ = create_run(
-            session=s, name=f"sweep-{time.time_ns()}", model=model, file_hash="0" * 64, total=4
-        )
-        run_id = run.id
+    model, run_id = _model_and_run(monkeypatch)
     # A run's backlog, still waiting in its queue, sent long ago (older turns: first by number)...
     backlog = enqueue_turns(
         [new_conversation() | {"message": f"Backlog {i}.", "model": model} for i in range(4)],
@@ -213,16 +220,9 @@ def test_a_lost_bulk_turn_is_found_behind_a_backlog_of_its_own_lane_larger_than_
     from sqlalchemy import update
 
     from db.models import Turn
-    from db.runs import create_run
     from db.session import session_scope
 
-    model = f"sweep-{uuid.uuid4().hex[:8]}"  # a queue of its own: no earlier case's lost turns
-    monkeypatch.setattr(settings, "served_models", [settings.model, model])
-    with session_scope() as s:
-        run, _ = create_run(
-            session=s, name=f"sweep-{time.time_ns()}", model=model, file_hash="0" * 64, total=5
-        )
-        run_id = run.id
+    model, run_id = _model_and_run(monkeypatch)
 
     def lines(tag: str, n: int) -> list[dict[str, str]]:
         return [new_conversation() | {"message": f"{tag} {i}.", "model": model} for i in range(n)]
