@@ -228,6 +228,8 @@ def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = No
                 exc_info=True,
             )
             _mark_send_failed(unsent)
+            if item.stamp and sent:  # the scene steps whose message did go out
+                _stamp_sent(sent)
             continue
         if item.stamp:  # unstamped, the sweeper would send them again after a lease (harmless)
             _stamp_sent(ids)

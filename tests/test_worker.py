@@ -166,3 +166,34 @@ def test_a_flush_mixing_two_models_sends_each_turn_back_to_its_own_models_queue(
     assert queue_depth(first, "bulk") == 1 and queue_depth(other, "bulk") == 1
     generate._resend(generate.Resend(pending, model=other), first, model_of)  # a Resend naming one
     assert queue_depth(first, "bulk") == 1 and queue_depth(other, "bulk") == 2
+
+
+def test_a_part_sent_group_of_scene_steps_stamps_those_that_went_out(world, monkeypatch) -> None:
+    # A scene step is created unsent and stamped once its message is out; a group whose second message
+    # failed stamped neither, so the sweeper sent the first again after a lease (a duplicate).
+    from sqlalchemy import update
+
+    import tasks.generate as generate
+    from db.models import Turn
+    from db.turns import SEND_FAILED_AT
+
+    steps = enqueue_turns([new_conversation() | {"message": f"Step {i}."} for i in range(2)], send=False)
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id.in_(steps)).values(dispatched_at=None))
+    went: list[int] = []
+
+    def first_message_only(ids, *, model, lane, countdown=None, sent=None):  # type: ignore[no-untyped-def]
+        if not went:
+            went.append(1)
+            sent.append(ids[0])  # its message went out; the next one's publish fails
+        raise ConnectionError("injected: the broker went away")
+
+    monkeypatch.setattr(generate, "dispatch", first_message_only)
+    monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)
+    generate._resend(generate.Resend([(t, "live") for t in steps], stamp=True), "nobody-consumes-this")
+    with session_scope() as s:
+        stamped = dict(
+            s.execute(select(Turn.id, Turn.dispatched_at).where(Turn.id.in_(steps))).tuples().all()
+        )
+    assert stamped[steps[0]] is not None and stamped[steps[0]] != SEND_FAILED_AT
+    assert stamped[steps[1]] == SEND_FAILED_AT
