@@ -1010,12 +1010,16 @@ def mark_send_failed(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
         return 0
     # Queued ones, and running ones under an expired lease (a blocker the claim found stalled and
     # stamped sent): for those the stamp also makes the next claim that waits on them send them again.
+    # Rows another transaction holds (a claim taking them) are skipped, as mark_dispatched does.
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
-    result = session.execute(
-        update(Turn)
+    free = (
+        select(Turn.id)
         .where(Turn.id.in_(list(turn_ids)), or_(Turn.status == TurnStatus.QUEUED, lapsed))
-        .values(dispatched_at=SEND_FAILED_AT)
+        .order_by(Turn.id)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
     )
+    result = session.execute(update(Turn).where(Turn.id.in_(free)).values(dispatched_at=SEND_FAILED_AT))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 

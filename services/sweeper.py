@@ -135,8 +135,9 @@ def resend_stranded(
 ) -> dict[str, int]:
     """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}."""
     models = list(dict.fromkeys(models or settings.models))
-    # Which queues hold messages, and since when, read before the turns: a message for a turn can
-    # only leave its queue meanwhile, never join it (a re-send would stamp the turn sent again).
+    # Which queues hold messages, and since when, read before the turns. A message sent meanwhile
+    # (a worker's re-send, a submission's chunk) can make this sweep send a turn twice: a duplicate,
+    # which its claim finds taken or finished; nothing lost is missed, and the next sweep reads anew.
     lanes: tuple[Lane, ...] = ("live", "bulk")
     waiting: dict[tuple[str, Lane], datetime | None] = {
         (model, lane): _oldest_waiting_sent_at(model, lane)

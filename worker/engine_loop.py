@@ -630,19 +630,14 @@ class EngineLoop:
         self.busy.mark(False)
         if self._on_death is not None:
             self._on_death()
-        # Suspects first: a job being admitted is in both, and it was in the engine when it died.
+        # Suspects first: a job being admitted is in both, and it was in the engine when it died. The
+        # loop's thread may resolve one meanwhile (an admission's own failure): _resolve lets it be.
         for job in suspects:
-            if not job.future.done():
-                job.future.set_exception(self._dead_error(in_engine=True))
-        for job in inside:
-            if not job.future.done():
-                job.future.set_exception(self._dead_error(in_engine=False))
-        for job in waiting:
-            if not job.future.done():
-                job.future.set_exception(self._dead_error(in_engine=False))
+            _resolve(job.future, error=self._dead_error(in_engine=True))
+        for job in [*inside, *waiting]:
+            _resolve(job.future, error=self._dead_error(in_engine=False))
         for future in calls:
-            if not future.done():
-                future.set_exception(self._dead_error(in_engine=False))
+            _resolve(future, error=self._dead_error(in_engine=False))
 
     def _dead_error(self, *, in_engine: bool) -> BaseException:
         from worker.engine import EngineDead

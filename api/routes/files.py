@@ -155,6 +155,14 @@ class OpenedFileResponse(FileResponse):
         self._handle = handle
         super().__init__(handle.name, stat_result=os.fstat(handle.fileno()), **kwargs)
 
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        # Never the server's own file sending (ASGI pathsend): it would open the path again.
+        extensions = {k: v for k, v in scope.get("extensions", {}).items() if k != "http.response.pathsend"}
+        try:
+            await super().__call__({**scope, "extensions": extensions}, receive, send)
+        finally:  # a 416, a 400 or a disconnect before the body never reach _open_file
+            self._handle.close()
+
     @asynccontextmanager
     async def _open_file(self) -> AsyncIterator[anyio.AsyncFile[bytes]]:
         file = anyio.wrap_file(self._handle)
