@@ -7,6 +7,7 @@ exit code, never a traceback: 2 for input that was refused, 1 for an operation t
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 import uuid
@@ -373,14 +374,17 @@ def _store_original(
         if not isinstance(doc, dict):
             raise Refused(f"{others}: must be a JSON object (the rest of a request); nothing stored")
         payload.update(doc)
-    from_others = set(payload)
     payload.update({part: _read_json(path) for part, path in files.items() if path is not None})
-    payload.update({k: v for k, v in fields.items() if v})
+    given = {k: v for k, v in fields.items() if v}
+    from_others = set(payload) - set(given) - {part for part, path in files.items() if path is not None}
+    payload.update(given)
     try:
         request = read_request(payload)
         stored = store_request(request)
     except InlineRefused as exc:
-        source = files.get(exc.part) or (others if exc.part in from_others else None)
+        # A "request" error names its field first ("gen_config.temperature: ..."): the file it came from.
+        key = exc.part if exc.part != "request" else re.split(r"[.\[:]", str(exc), maxsplit=1)[0]
+        source = files.get(exc.part) or (others if key in from_others else None)
         raise Refused(f"{source}: {exc}; nothing stored" if source else f"{exc}; nothing stored") from None
     verb = "stored" if stored.character_written else "unchanged"
     story = f"; story {stored.story} ({stored.story_events_stored} events stored)" if stored.story else ""

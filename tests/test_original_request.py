@@ -556,3 +556,16 @@ def test_chat_with_best_of_n_in_the_others_file_is_sent_unstreamed(
     err = capsys.readouterr().err
     assert "stream" not in err, err
     assert code == 1 and sent and sent[0]["stream"] is False  # queued, unanswered within a second
+
+
+def test_a_bad_field_in_the_others_file_names_that_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A "request" error ("gen_config.temperature: ...") named no file, though the field came from --others.
+    others = tmp_path / "others.json"
+    others.write_text(json.dumps({"gen_config": {"temperature": "hot"}}), encoding="utf-8")
+    args = ["chat", "--message", "hi", "--persona", str(_persona_file(tmp_path)), "--others", str(others)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mlchat: {others}: gen_config.temperature: "), err
+    assert err.endswith("nothing stored")
