@@ -1005,30 +1005,23 @@ def mark_send_failed(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     """A worker could not send these turns again (the broker away past its retries) and its
     flush's messages are acked all the same: their last send is recorded as long ago, so the next
     sweep sends them (it re-sends what has had no message for the visibility timeout, an hour by
-    default, and would otherwise wait that long). Returns how many were marked."""
-    if not turn_ids:
-        return 0
-    # Queued ones, and running ones under an expired lease (a blocker the claim found stalled and
-    # stamped sent): for those the stamp also makes the next claim that waits on them send them again.
-    # Rows another transaction holds (a claim taking them) are skipped, as mark_dispatched does.
-    lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
-    free = (
-        select(Turn.id)
-        .where(Turn.id.in_(list(turn_ids)), or_(Turn.status == TurnStatus.QUEUED, lapsed))
-        .order_by(Turn.id)
-        .with_for_update(skip_locked=True)
-        .scalar_subquery()
-    )
-    result = session.execute(update(Turn).where(Turn.id.in_(free)).values(dispatched_at=SEND_FAILED_AT))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    default, and would otherwise wait that long). For a running one under an expired lease (a
+    blocker the claim found stalled) it also makes the next claim that waits on it send it again.
+    Returns how many were marked."""
+    return _stamp_send(session, turn_ids, SEND_FAILED_AT)
 
 
 def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     """Record that a message for these queued turns, or running ones under an expired lease, was
-    just sent (resumed submissions, the claim's order check and the sweeper read it). Rows another
-    transaction holds are skipped rather than waited for: a worker claiming them takes them anyway,
-    and waiting could deadlock with that claim. A store's run-advance pin (db/runs.py) never holds an
-    unsent turn, so it hides none of them from this."""
+    just sent (resumed submissions, the claim's order check and the sweeper read it). A store's
+    run-advance pin (db/runs.py) never holds an unsent turn, so it hides none of them from this."""
+    return _stamp_send(session, turn_ids, func.now())
+
+
+def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -> int:
+    """Set `dispatched_at` of the queued turns, and running ones under an expired lease, among
+    `turn_ids`. Rows another transaction holds are skipped rather than waited for: a worker claiming
+    them takes them anyway, and waiting could deadlock with that claim."""
     if not turn_ids:
         return 0
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
@@ -1039,7 +1032,7 @@ def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    result = session.execute(update(Turn).where(Turn.id.in_(free)).values(dispatched_at=func.now()))
+    result = session.execute(update(Turn).where(Turn.id.in_(free)).values(dispatched_at=sent_at))
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
