@@ -220,42 +220,36 @@ def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = No
         try:
             _dispatch_with_retry(ids, target, lane, item.countdown, sent)
         except Exception:
-            unsent = [t for t in ids if t not in set(sent)]
+            went = set(sent)
+            unsent = [t for t in ids if t not in went]
             logger.error(
                 "could not send %d turns again; the sweeper will: %s",
                 len(unsent),
                 " ".join(str(t) for t in unsent),
                 exc_info=True,
             )
-            _mark_send_failed(unsent)
-            if item.stamp and sent:  # the scene steps whose message did go out
-                _stamp_sent(sent)
+            # Unsent: the next sweep sends them (else it waits a visibility timeout); the scene
+            # steps whose message did go out are stamped sent.
+            _record_sends(unsent, failed=True)
+            if item.stamp and sent:
+                _record_sends(sent, failed=False)
             continue
         if item.stamp:  # unstamped, the sweeper would send them again after a lease (harmless)
-            _stamp_sent(ids)
+            _record_sends(ids, failed=False)
 
 
-def _mark_send_failed(ids: list[uuid.UUID]) -> None:
-    """Tell the sweeper not to wait a visibility timeout for these queued turns (db/turns.py)."""
-    from db.session import session_scope
-    from db.turns import mark_send_failed
+def _record_sends(ids: list[uuid.UUID], *, failed: bool) -> None:
+    """Stamp these turns sent now, or (`failed`) sent long ago (db/turns.py); best effort: with the
+    database away too, the sweeper finds them after the visibility timeout."""
+    from db.session import session_scope  # the worker's database, only when a send is recorded
+    from db.turns import mark_dispatched, mark_send_failed
 
+    stamp = mark_send_failed if failed else mark_dispatched
     try:
         with session_scope() as session:
-            mark_send_failed(session=session, turn_ids=ids)
-    except Exception:  # the database is away too: the sweeper finds them after the visibility timeout
-        logger.warning("could not record %d turns as unsent", len(ids), exc_info=True)
-
-
-def _stamp_sent(ids: list[uuid.UUID]) -> None:
-    from db.session import session_scope  # the worker's database, only when a step went out
-    from db.turns import mark_dispatched
-
-    try:
-        with session_scope() as session:
-            mark_dispatched(session=session, turn_ids=ids)
+            stamp(session=session, turn_ids=ids)
     except Exception:
-        logger.warning("could not record %d scene steps as sent", len(ids), exc_info=True)
+        logger.warning("could not record the sends of %d turns", len(ids), exc_info=True)
 
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
