@@ -615,8 +615,9 @@ class MemoryJob(Base):
 class VectorSpace(Base):
     """The embedder every stored vector comes from (one row; `mlchat reembed` changes it at its swap):
     its name and its weights' fingerprint (its vector of a fixed probe text; NULL until a process of
-    that name loads it). A trigger stores as NULL a vector written by a process of another embedder
-    name (migration 0020)."""
+    that name loads it), and its version, bumped when either changes. A trigger stores as NULL a vector
+    written by a process of another embedder name (migration 0020) or whose weights were checked
+    against another version (0024)."""
 
     __tablename__ = "vector_space"
     __table_args__ = (CheckConstraint("id", name="one_row"),)
@@ -624,6 +625,7 @@ class VectorSpace(Base):
     id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
     embedder: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[list[float] | None] = mapped_column(Vector())
+    version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

@@ -16,19 +16,43 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.services import database_url
 from core.settings import settings
 
+_space_version: int | None = None
+
+
+def adopt_space_version(version: int | None) -> None:
+    """The vector space's version this process's embedder weights were checked against
+    (db/vector_space.py): its connections name it from their next checkout on, and the database
+    stores as NULL any vector they write once the space has moved to another version (migration
+    0024), as it does one of another embedder name."""
+    global _space_version
+    _space_version = version
+
+
+def _set_session(dbapi_connection: Any, name: str, value: str) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SELECT set_config(%s, %s, false)", (name, value))
+    if not dbapi_connection.autocommit:
+        dbapi_connection.commit()
+
 
 def _name_embedder(engine: Engine) -> Engine:
-    """Every connection names this process's embedder (`mlchat.embedder`, for the session): the
-    database stores no vector of another embedder and retrieval compares none (db/vector_space.py).
-    Set by a statement when the connection is made, not as a startup option: the URL's own
-    `options` and PGOPTIONS stay, and a pooler that refuses unknown startup options is no matter."""
+    """Every connection names this process's embedder (`mlchat.embedder`, for the session) and, once
+    the process has checked its weights, the space version they were checked against
+    (`mlchat.space_version`): the database stores no vector of another embedder and retrieval
+    compares none (db/vector_space.py). Set by a statement, not as a startup option: the URL's own
+    `options` and PGOPTIONS stay, and a pooler that refuses unknown startup options is no matter.
+    The version costs a statement only on a connection's first checkout after it changed."""
 
     @event.listens_for(engine, "connect")
     def _connected(dbapi_connection: Any, _: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SELECT set_config('mlchat.embedder', %s, false)", (settings.embedder,))
-        if not dbapi_connection.autocommit:
-            dbapi_connection.commit()
+        _set_session(dbapi_connection, "mlchat.embedder", settings.embedder)
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, entry: Any, _: Any) -> None:
+        version = _space_version
+        if entry.info.get("space_version") != version:
+            _set_session(dbapi_connection, "mlchat.space_version", "" if version is None else str(version))
+            entry.info["space_version"] = version
 
     return engine
 

@@ -7,9 +7,13 @@ embedder in the transaction that swaps the vectors.
 
 An embedder is its name and its weights' fingerprint: its vector of a fixed probe text
 (worker/embedder.py). The name is checked by every connection (the trigger, SAME_SPACE_SQL); the
-fingerprint by each process once it has loaded its embedder (the first to embed records both),
-which is where a model of the same name and other weights comes in (a connection cannot know its
-process's weights cheaply)."""
+fingerprint by each process once it has loaded its embedder (the first to embed records both) and
+again from time to time, which is where a model of the same name and other weights comes in (a
+connection cannot know its process's weights cheaply). The record's `version` changes with the
+name or the weights; a process that checked its weights names the version it checked them against
+on its connections (db/session.py), so a connection of a process whose weights the space has left
+stores no vector and finds no similar one either (the trigger of migration 0024, SAME_SPACE_SQL),
+from the swap on and not only once the process notices."""
 
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ from db.models import Fact, Message, StoryEvent, VectorSpace
 # not: one block's weights scaled by 1% still gives 0.9999, and is taken as the same model.
 SAME_WEIGHTS_MIN_COSINE = 0.999
 
-# True when this connection's embedder is the recorded one (or either is unknown): the retrieval
+# True when this connection's embedder is the recorded one, and so is the version its process
+# checked its weights against (each part true when either side is unknown): the retrieval
 # statements' guard, evaluated once per statement.
 SAME_SPACE_SQL = (
     "coalesce((SELECT embedder FROM vector_space)"
     " = nullif(current_setting('mlchat.embedder', true), ''), true)"
+    " AND coalesce((SELECT version::text FROM vector_space)"
+    " = nullif(current_setting('mlchat.space_version', true), ''), true)"
 )
 _SAME_SPACE = text(f"SELECT {SAME_SPACE_SQL}")  # noqa: S608 - a constant, no input
 
@@ -62,12 +69,13 @@ def _other_weights(mine: ArrayLike | None, recorded: ArrayLike | None) -> bool:
     return mine is not None and recorded is not None and not same_weights(mine, recorded)
 
 
-def check(*, session: Session, embedder: str, fingerprint: ArrayLike | None = None) -> None:
+def check(*, session: Session, embedder: str, fingerprint: ArrayLike | None = None) -> int | None:
     """EmbedderMismatch when another embedder than `embedder` is recorded, or the same name with
-    other weights than `fingerprint` (when given and one is recorded); records nothing."""
-    row = session.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).first()
+    other weights than `fingerprint` (when given and one is recorded); records nothing. The
+    recorded version when `fingerprint` was checked against the recorded one, else None."""
+    row = session.execute(select(VectorSpace.embedder, VectorSpace.fingerprint, VectorSpace.version)).first()
     if row is None:
-        return
+        return None
     if row.embedder != embedder:
         raise EmbedderMismatch(
             f"MLCHAT_EMBEDDER={embedder!r} but the stored vectors come from {row.embedder!r}: set "
@@ -80,6 +88,7 @@ def check(*, session: Session, embedder: str, fingerprint: ArrayLike | None = No
             "vector of the probe text is not theirs): run the model the vectors come from, or move the "
             "database to these weights with `mlchat reembed` run with them"
         )
+    return row.version if fingerprint is not None and row.fingerprint is not None else None
 
 
 def fill_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) -> bool:
@@ -112,9 +121,10 @@ def any_vector_stored(*, session: Session) -> bool:
 
 def record_or_check(
     *, session: Session, embedder: str, fingerprint: ArrayLike, claim_stored: bool = True
-) -> None:
+) -> int:
     """Record `embedder` and its `fingerprint` when none is recorded yet (or only the fingerprint,
     when the name is recorded without one); EmbedderMismatch when another name or other weights are.
+    The version of the space these weights were checked against (db/session.adopt_space_version).
     Without `claim_stored`, a database with vectors and no record is refused (NOTHING_RECORDED)
     rather than claimed: only a worker's start takes stored vectors of unknown origin as its own."""
     vector = np.asarray(fingerprint, dtype=np.float32)
@@ -124,36 +134,52 @@ def record_or_check(
         insert(VectorSpace).values(embedder=embedder, fingerprint=vector).on_conflict_do_nothing()
     )
     fill_or_check(session=session, embedder=embedder, fingerprint=fingerprint)
+    version = check(session=session, embedder=embedder, fingerprint=fingerprint)
+    assert version is not None  # recorded above, with a fingerprint
+    return version
 
 
-def moved_away(*, session: Session, embedder: str, fingerprint: ArrayLike | None = None) -> str | None:
+def moved_away(
+    *, session: Session, embedder: str, fingerprint: ArrayLike | None = None
+) -> tuple[str | None, int | None]:
     """The embedder the stored vectors moved to when it is not `embedder`, or not the weights of
-    `fingerprint` (when given), with when (a running worker's tick); None while they are still
-    this embedder's (or none is recorded)."""
+    `fingerprint` (when given), with when (a running worker's tick), and None; or None and the
+    space's version while they are still this embedder's and these weights' (a re-embed to the
+    same weights, or away and back, changes the version and not the weights), or None and None
+    when none is recorded or no weights were compared."""
     row = session.execute(
-        select(VectorSpace.embedder, VectorSpace.fingerprint, VectorSpace.changed_at)
+        select(VectorSpace.embedder, VectorSpace.fingerprint, VectorSpace.version, VectorSpace.changed_at)
     ).first()
     if row is None:
-        return None
+        return None, None
     when = f"{row.changed_at:%Y-%m-%d %H:%M:%S %Z}"
     if row.embedder != embedder:
-        return f"the stored vectors moved to {row.embedder!r} at {when}"
+        return f"the stored vectors moved to {row.embedder!r} at {when}", None
     if _other_weights(fingerprint, row.fingerprint):
-        return f"the stored vectors moved to other weights of {embedder!r} at {when}"
-    return None
+        return f"the stored vectors moved to other weights of {embedder!r} at {when}", None
+    compared = fingerprint is not None and row.fingerprint is not None
+    return None, row.version if compared else None
 
 
 def move_to(*, session: Session, embedder: str, fingerprint: ArrayLike) -> None:
     """Record `embedder` and its weights' `fingerprint` as the stored vectors' (the re-embed's swap,
     in its transaction, which holds the writers' lock and writes the new vectors by construction:
-    it is not guarded)."""
+    it is not guarded), with a new version when the name or the weights change."""
     vector = np.asarray(fingerprint, dtype=np.float32)
     session.execute(text("SELECT set_config('mlchat.embedder', '', true)"))
+    was = session.execute(select(VectorSpace.embedder, VectorSpace.fingerprint).with_for_update()).first()
+    # A record without weights (made before migration 0022) was never a version any process checked.
+    changed = was is not None and (was.embedder != embedder or _other_weights(vector, was.fingerprint))
     session.execute(
         insert(VectorSpace)
         .values(embedder=embedder, fingerprint=vector)
         .on_conflict_do_update(
             index_elements=[VectorSpace.id],
-            set_={"embedder": embedder, "fingerprint": vector, "changed_at": text("now()")},
+            set_={
+                "embedder": embedder,
+                "fingerprint": vector,
+                "changed_at": text("now()"),
+                "version": VectorSpace.version + int(changed),
+            },
         )
     )

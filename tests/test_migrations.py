@@ -247,6 +247,8 @@ def test_the_fingerprint_migration_keeps_the_recorded_embedder_and_leaves_its_we
     _run(scratch_db, "upgrade", "0022")
     row = scratch_db.execute(text("SELECT embedder, fingerprint IS NULL FROM vector_space")).one()
     assert tuple(row) == ("bundled", True)
+    _run(scratch_db, "upgrade", "head")  # the processes' code: 0024's version starts at 1
+    assert scratch_db.execute(text("SELECT version FROM vector_space")).scalar_one() == 1
     weights = np.random.default_rng(5).standard_normal(384).astype(np.float32)
     with Session(bind=scratch_db) as session:  # the first process of that name to load its embedder
         assert fill_or_check(session=session, embedder="bundled", fingerprint=weights) is True

@@ -26,6 +26,7 @@ from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.vector_space import (
     EmbedderMismatch,
+    check,
     fill_or_check,
     move_to,
     record_or_check,
@@ -596,3 +597,126 @@ def test_a_fingerprint_missing_from_an_older_record_is_filled_once_by_racing_pro
         assert isinstance(refused, EmbedderMismatch) and "weights differ" in str(refused)
     stored = _recorded_fingerprint()
     assert stored is not None and np.allclose(stored, mine, atol=1e-7)  # the first's, exactly
+
+
+# --- the space's version: a process whose weights the space has left -----------------------------
+
+
+def _lines_with_vectors(session: Session, conv: int) -> list[bool]:
+    stored = select(Message.embedding).where(Message.conversation_id == conv).order_by(Message.seq)
+    return [v is not None for v in session.scalars(stored)]
+
+
+def test_a_process_whose_weights_a_reembed_left_stores_no_vector_from_the_swap_on(
+    recorded: str, other_weights
+) -> None:
+    from worker.embedder import fingerprint_of
+
+    with session_scope() as s:
+        checked = check(session=s, embedder=recorded, fingerprint=fingerprint())
+    assert checked is not None
+    # A connection of a process that checked its weights against that version (db/session.py).
+    with as_embedder(recorded) as s:
+        s.execute(text("SELECT set_config('mlchat.space_version', :v, false)"), {"v": str(checked)})
+        before = _conversation(s)
+        move_to(session=s, embedder=recorded, fingerprint=fingerprint())  # the same weights again
+        assert s.scalar(select(VectorSpace.version)) == checked
+        move_to(session=s, embedder=recorded, fingerprint=fingerprint_of(other_weights))  # the swap
+        assert s.scalar(select(VectorSpace.version)) == checked + 1
+        s.execute(text("SELECT set_config('mlchat.embedder', :n, true)"), {"n": recorded})  # move_to's own
+        after = _conversation(s)
+        assert _lines_with_vectors(s, before) == [True] * len(LINES)
+        assert _lines_with_vectors(s, after) == [False] * len(LINES)  # the name alone let them in
+        s.rollback()
+
+
+def test_a_process_names_the_version_it_checked_its_weights_against_on_its_connections(
+    recorded: str, monkeypatch
+) -> None:
+    from db import session as db_session
+
+    with session_scope() as s:
+        version = check(session=s, embedder=recorded, fingerprint=fingerprint())
+    monkeypatch.setattr(db_session, "_space_version", db_session._space_version)  # put back after
+    engine = db_session._name_embedder(create_engine(database_url(), pool_size=1, max_overflow=0))
+    named = text("SELECT coalesce(current_setting('mlchat.space_version', true), '')")
+    try:
+        db_session.adopt_space_version(None)
+        with engine.connect() as conn:
+            assert conn.scalar(named) == ""
+        db_session.adopt_space_version(version)
+        with engine.connect() as conn:  # the pooled connection, at its next checkout
+            assert conn.scalar(named) == str(version)
+            conn.rollback()
+        with engine.connect() as conn:  # kept across a rollback: set for the session, committed
+            assert conn.scalar(named) == str(version)
+    finally:
+        engine.dispose()
+
+
+def test_a_worker_whose_weights_the_space_left_and_came_back_to_names_the_new_version(
+    recorded: str, other_weights, monkeypatch
+) -> None:
+    from db import session as db_session
+    from worker.embedder import fingerprint_of
+    from worker.housekeeping import still_in_vector_space
+
+    monkeypatch.setattr(db_session, "_space_version", db_session._space_version)  # put back after
+    mine = fingerprint()
+    with session_scope() as s:  # uncommitted: this session's worker checks the committed row
+        was = check(session=s, embedder=recorded, fingerprint=mine)
+        move_to(session=s, embedder=recorded, fingerprint=fingerprint_of(other_weights))
+        move_to(session=s, embedder=recorded, fingerprint=mine)  # and back
+        assert still_in_vector_space(lambda: nullcontext(s), fingerprint=mine)
+        assert was is not None and db_session._space_version == was + 2
+        s.rollback()
+
+
+def test_an_api_process_checks_its_weights_again_once_the_interval_has_passed(
+    recorded: str, other_weights, monkeypatch
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from db import session as db_session
+    from tests.conftest import INGEST_KEY
+    from worker import embedder
+
+    monkeypatch.setattr(db_session, "_space_version", db_session._space_version)  # put back after
+    # An API process that checked its weights a while ago; a re-embed to other weights of the same
+    # name has run since, and this process's weights are not the stored vectors' any more.
+    monkeypatch.setattr(embedder, "_space_checked", True)
+    monkeypatch.setattr(embedder, "get_embedder", lambda: other_weights)
+    monkeypatch.setattr(embedder, "_check_again_at", time.monotonic() - 1)
+    with TestClient(create_app()) as client:
+        late = client.post(
+            "/v1/players/p-recheck/facts",
+            headers={"X-API-Key": INGEST_KEY},
+            json={"facts": [{"text": "Rowan fears wolves."}]},
+        )
+    assert late.status_code == 503
+    assert "weights differ" in late.json()["detail"]
+    with session_scope() as s:
+        stored = text("SELECT count(*) FROM facts WHERE player_id = 'p-recheck'")
+        assert s.scalar(stored) == 0
+
+
+def test_retrieval_of_a_process_whose_weights_a_reembed_left_compares_no_vectors(
+    recorded: str, other_weights
+) -> None:
+    from worker.embedder import fingerprint_of
+
+    with session_scope() as s:
+        checked = check(session=s, embedder=recorded, fingerprint=fingerprint())
+        conv = _conversation(s)
+    assert checked is not None
+    with as_embedder(recorded) as s:
+        s.execute(text("SELECT set_config('mlchat.space_version', :v, false)"), {"v": str(checked)})
+        before = _similar(s, conv, "Did anyone see a wolf?")
+        move_to(session=s, embedder=recorded, fingerprint=fingerprint_of(other_weights))
+        s.execute(text("SELECT set_config('mlchat.embedder', :n, true)"), {"n": recorded})  # move_to's own
+        after = _similar(s, conv, "Did anyone see a wolf?")
+        s.rollback()
+    assert "I saw a grey wolf by the river." in before[1]
+    assert after[1] == []  # nothing similar compared across the swap
+    assert after[0] == before[0]  # the recent window stays

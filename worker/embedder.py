@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -73,15 +75,21 @@ def check_dimension(model_dim: int | None, column_dim: int) -> None:
 
 
 _space_checked = False
+# When a process that is not a worker checks again (time.monotonic()): a re-embed may have moved
+# the space since, and the database would store its vectors as NULL (migration 0024) while it went
+# on answering as if they were kept. A worker's housekeeping checks on its own timer instead.
+_check_again_at = math.inf
 
 
 def check_space() -> None:
-    """EmbedderMismatch (checked once a process) when the stored vectors come from another
-    embedder, by name or by weights, or come from an unknown one (stored before anything recorded
-    one): the API, the CLI, the serverless and inline paths refuse rather than store vectors as
-    NULL or of other weights. Records this process's embedder on a database with no vectors yet
-    (`join_space`), so that every later process is checked against it."""
-    if _space_checked:
+    """EmbedderMismatch when the stored vectors come from another embedder, by name or by weights,
+    or come from an unknown one (stored before anything recorded one): the API, the CLI, the
+    serverless and inline paths refuse rather than store vectors as NULL or of other weights.
+    Checked at a process's first embed, and again once MLCHAT_HOUSEKEEPING_INTERVAL_S has passed
+    since (not in a worker, which housekeeping checks). Records this process's embedder on a
+    database with no vectors yet (`join_space`), so that every later process is checked against
+    it."""
+    if _space_checked and time.monotonic() < _check_again_at:
         return
     from sqlalchemy.exc import OperationalError
 
@@ -102,10 +110,11 @@ def join_space(model: SentenceTransformer, *, claim_stored: bool) -> None:
     fits the vector column (EmbedderDimensionError); EmbedderMismatch when another name or other
     weights are recorded, or, unless `claim_stored` (a worker's start), when vectors are stored and
     no embedder is recorded. The first process to embed records it, whichever it is: one that only
-    checked would let a later one of other weights record its own and then store vectors beside them."""
-    global _space_checked
+    checked would let a later one of other weights record its own and then store vectors beside them.
+    The connections then name the space version the weights were checked against."""
+    global _space_checked, _check_again_at
     from db.introspect import vector_column_dim
-    from db.session import session_scope
+    from db.session import adopt_space_version, session_scope
     from db.vector_space import record_or_check
 
     mine = fingerprint_of(model)
@@ -113,10 +122,12 @@ def join_space(model: SentenceTransformer, *, claim_stored: bool) -> None:
         column_dim = vector_column_dim(session=session, table="messages", column="embedding")
         if column_dim is not None:
             check_dimension(model.get_embedding_dimension(), column_dim)
-        record_or_check(
+        version = record_or_check(
             session=session, embedder=settings.embedder, fingerprint=mine, claim_stored=claim_stored
         )
+    adopt_space_version(version)
     _space_checked = True
+    _check_again_at = math.inf if claim_stored else time.monotonic() + settings.housekeeping_interval_s
 
 
 def embed(texts: list[str], *, any_space: bool = False) -> np.ndarray:

@@ -26,19 +26,22 @@ def still_in_vector_space(
     fingerprint: ArrayLike | None = None,
 ) -> bool:
     """False (and the worker told to stop) once the stored vectors come from another embedder, or
-    from other weights than `fingerprint` (this worker's, when given)."""
-    from db.session import session_scope
+    from other weights than `fingerprint` (this worker's, when given). While they are still its
+    weights', its connections name the space's version (a re-embed to the same weights changes it)."""
+    from db.session import adopt_space_version, session_scope
     from db.vector_space import moved_away
     from worker.lifecycle import stop_for_moved_embedder
 
     try:
         with (scope or session_scope)() as session:
-            moved = moved_away(session=session, embedder=settings.embedder, fingerprint=fingerprint)
+            moved, version = moved_away(session=session, embedder=settings.embedder, fingerprint=fingerprint)
     except Exception:
         logger.exception("could not read the stored vectors' embedder; trying again next tick")
         return True
     if moved is not None:
         stop_for_moved_embedder(moved)
+    elif version is not None:
+        adopt_space_version(version)
     return moved is None
 
 
