@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from sqlalchemy.orm import Session
 
 from core.settings import settings
+from db.introspect import vector_column_dim
 from db.reembed import (
     SOURCES,
     fill_missing,
@@ -33,7 +34,7 @@ from db.reembed import (
 )
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, check, recorded_embedder
-from worker.embedder import embed, fingerprint
+from worker.embedder import check_dimension, embed, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,10 @@ def reembed(*, chunk: int = 512, on_chunk: Callable[[str, int], None] | None = N
 
 def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: int) -> dict[str, int]:
     mine = fingerprint()
+    with session_scope() as session:  # before anything is written: the columns' size is fixed
+        column_dim = vector_column_dim(session=session, table="messages", column="embedding_next")
+    if column_dim is not None:
+        check_dimension(len(mine), column_dim)
     for table in SOURCES:
         with session_scope() as session:
             _still_alone(session, holder)

@@ -629,3 +629,19 @@ def test_a_missing_pass_with_no_embedder_recorded_is_refused_and_writes_nothing(
         if was is not None:
             with session_scope() as s:
                 s.execute(insert(VectorSpace).values(embedder=was.embedder, fingerprint=was.fingerprint))
+
+
+def test_a_reembed_into_vectors_the_columns_cannot_hold_is_refused_in_one_line_writing_nothing(
+    monkeypatch, capsys
+) -> None:
+    wide = np.ones(512, dtype=np.float32) / np.sqrt(512)  # an embedder of 512-d vectors
+    monkeypatch.setattr(memory_reembed, "fingerprint", lambda: wide)
+    monkeypatch.setattr(memory_reembed, "embed", lambda t, any_space=False: np.tile(wide, (len(t), 1)))
+    capsys.readouterr()
+    assert cli(["reembed"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "makes 512-d vectors but the database stores vector(384)" in line
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(ReembedProgress)) == 0
+        next_vectors = select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None))
+        assert s.scalar(next_vectors) == 0
