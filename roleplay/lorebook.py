@@ -82,6 +82,8 @@ class LoreEntry(BaseModel):
                     regex.compile(parsed[0])
                 except regex.error as exc:
                     raise ValueError(f"bad regex key {key!r}: {exc}") from exc
+                except RecursionError:
+                    raise ValueError(f"bad regex key {key[:40]!r}…: nested too deeply") from None
         return keys
 
     @model_validator(mode="after")
@@ -96,6 +98,10 @@ class LoreEntry(BaseModel):
                             regex.compile(key)
                         except regex.error as exc:
                             raise ValueError(f"{name}: bad regex key {key!r} (use_regex): {exc}") from exc
+                        except RecursionError:
+                            raise ValueError(
+                                f"{name}: bad regex key {key[:40]!r}… (use_regex): nested too deeply"
+                            ) from None
         return self
 
     @model_validator(mode="after")
@@ -268,7 +274,20 @@ class RegexBudget:
     left: float = field(default_factory=lambda: REGEX_BUDGET_S)
 
 
-def _matches(key: str, text: str, entry: LoreEntry, budget: RegexBudget) -> bool:
+@dataclass(frozen=True)
+class _Text:
+    """A text keys are matched in, casefolded once (not once per key and entry)."""
+
+    where: str
+    text: str
+    folded: str
+
+    @classmethod
+    def of(cls, where: str, text: str) -> _Text:
+        return cls(where, text, text.casefold())
+
+
+def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> bool:
     parsed = _as_regex(key)
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
@@ -282,22 +301,24 @@ def _matches(key: str, text: str, entry: LoreEntry, budget: RegexBudget) -> bool
         limit = min(REGEX_TIMEOUT_S, budget.left)
         started = time.perf_counter()
         try:
-            return regex.search(pattern, text, re_flags, timeout=limit) is not None
+            return regex.search(pattern, source.text, re_flags, timeout=limit) is not None
         except TimeoutError:
             if limit < REGEX_TIMEOUT_S:
                 raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out") from None
             raise KeyTimeout(key) from None
         except regex.error as exc:  # a card stored before use_regex keys were checked at import
             raise KeyFailed(f"regex key {key!r} does not compile: {exc}") from None
+        except RecursionError:
+            raise KeyFailed(f"regex key {key[:40]!r}… is nested too deeply to compile") from None
         finally:
             budget.left -= time.perf_counter() - started
-    return key in text if entry.case_sensitive else key.casefold() in text.casefold()
+    return key in source.text if entry.case_sensitive else key.casefold() in source.folded
 
 
-def _secondary_ok(entry: LoreEntry, text: str, budget: RegexBudget) -> bool:
+def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: RegexBudget) -> bool:
     if not (entry.selective and entry.secondary_keys):
         return True
-    hits = [_matches(k, text, entry, budget) for k in entry.secondary_keys]
+    hits = [_matches(k, scanned, entry, budget) for k in entry.secondary_keys]
     return {
         SelectiveLogic.AND_ANY: any(hits),
         SelectiveLogic.AND_ALL: all(hits),
@@ -362,29 +383,33 @@ def _scan(
 ) -> list[tuple[LoreEntry, str]]:
     """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
     regex key failed (timed out, or did not compile), or whose regex keys come after the turn's
-    time for regex keys ran out (recorded in `failed`)."""
-    hits = []
-    for entry in list(waiting):
+    time for regex keys ran out (recorded in `failed`). Linear in the entries: a book of thousands
+    is scanned once per step, its texts casefolded once."""
+    texts = [_Text.of(where, text) for where, text in sources]
+    scanned = _Text.of("", "\n".join(text for _, text in sources))
+    hits, left = [], []
+    for entry in waiting:
         if step and entry.exclude_recursion:
+            left.append(entry)
             continue
         try:
-            reason = _first_hit(entry, sources, budget)
+            reason = _first_hit(entry, texts, scanned, budget)
         except KeyFailed as exc:
             failed.append((entry, str(exc)))
-            waiting.remove(entry)
             continue
-        if reason is not None:
+        if reason is None:
+            left.append(entry)
+        else:
             hits.append((entry, reason))
-            waiting.remove(entry)
+    waiting[:] = left
     return hits
 
 
-def _first_hit(entry: LoreEntry, sources: Sequence[tuple[str, str]], budget: RegexBudget) -> str | None:
-    scanned = "\n".join(text for _, text in sources)
+def _first_hit(entry: LoreEntry, texts: Sequence[_Text], scanned: _Text, budget: RegexBudget) -> str | None:
     if not _secondary_ok(entry, scanned, budget):
         return None
     for key in entry.keys:
-        for where, text in sources:
-            if _matches(key, text, entry, budget):
-                return f"key {key!r} in {where}"
+        for source in texts:
+            if _matches(key, source, entry, budget):
+                return f"key {key!r} in {source.where}"
     return None

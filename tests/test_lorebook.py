@@ -204,3 +204,52 @@ def test_the_regex_keys_of_one_turn_share_one_time_budget() -> None:
     assert [f.entry.id for f in activation.kept] == ["ok"] and [e.id for e, _ in activation.failed] == [
         "many"
     ]
+
+
+def test_a_book_of_thousands_of_entries_is_scanned_without_comparing_entries_to_each_other(
+    monkeypatch,
+) -> None:
+    # found in review: each firing entry was removed from the waiting list by equality, comparing it
+    # field by field to every entry before it: 1,000 + 1,000 entries took 2 s a turn, 5,000 + 5,000
+    # about 50 s, for every turn of the character, before any of its batch was generated.
+    book = _book(
+        *[{"keys": ["never said"]} for _ in range(2000)],
+        *[{"keys": ["a"]} for _ in range(2000)],
+        token_budget=100_000,
+    )
+    compared = 0
+    equal = LoreEntry.__eq__
+
+    def counting(self, other):  # type: ignore[no-untyped-def]
+        nonlocal compared
+        compared += 1
+        return equal(self, other)
+
+    monkeypatch.setattr(LoreEntry, "__eq__", counting)
+    fired = _fired(book, "a cat")
+    assert sorted(fired) == list(range(2000, 4000))  # every keyed one, none of the others
+    assert compared == 0
+
+
+def test_recursive_scanning_casefolds_each_text_once_per_step_not_once_per_entry_and_key(monkeypatch) -> None:
+    from roleplay import lorebook
+
+    book = _book(
+        {"keys": ["start"], "content": "wolf " * 2000},
+        *[{"keys": ["dragon", "wyrm"]} for _ in range(300)],
+        recursive_scanning=True,
+        max_recursion_steps=2,
+        token_budget=100_000,
+    )
+    folded = 0
+    made = lorebook._Text.of.__func__  # type: ignore[attr-defined]
+
+    def counting(cls, where, text):  # type: ignore[no-untyped-def]
+        nonlocal folded
+        folded += 1
+        return made(cls, where, text)
+
+    monkeypatch.setattr(lorebook._Text, "of", classmethod(counting))
+    assert set(_fired(book, "start here")) == {0}
+    # step 0: the message and the joined text; step 1: the first entry's content and the joined text
+    assert folded == 4
