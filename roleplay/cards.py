@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -91,15 +92,34 @@ def _card_from_png(raw: bytes, max_text_bytes: int) -> dict[str, Any]:
     return _card_from_json(decoded, f"the PNG's {keyword!r} chunk")
 
 
+class _UnstorableNumber(ValueError):
+    """A number PostgreSQL's json cannot keep (NaN, Infinity, or a float past the double range)."""
+
+
+def _no_constant(name: str) -> float:
+    raise _UnstorableNumber(f"{name}, which JSON has no number for")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _UnstorableNumber(f"the number {text[:40]} (too large to keep)")
+    return value
+
+
 def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        card = json.loads(raw.decode("utf-8"))
+        card = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError as exc:
         raise CardError(f"{where} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CardError(f"{where} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError:
         raise CardError(f"{where} is nested too deeply to be a card") from None
+    except _UnstorableNumber as exc:
+        raise CardError(f"{where} holds {exc}; a card cannot keep it") from None
+    except ValueError as exc:  # an integer past Python's digit limit for str -> int
+        raise CardError(f"{where} holds a number too long to read: {exc}") from None
     if not isinstance(card, dict):
         raise CardError(f"{where} holds a JSON {type(card).__name__}, not a card object")
     return card

@@ -103,6 +103,14 @@ def _card(spec: str = "chara_card_v2", **data) -> bytes:
     return json.dumps({"spec": spec, "data": {"name": "A"} | data}).encode()
 
 
+def _raw_card(number: bytes) -> bytes:
+    """A card whose extensions hold `number` as written (json.dumps would not write most of these)."""
+    return b'{"spec": "chara_card_v2", "data": {"name": "A", "extensions": {"n": ' + number + b"}}}"
+
+
+DEEP_REGEX = "/" + "(" * 3000 + "a" + ")" * 3000 + "/"
+
+
 @pytest.mark.parametrize(
     "raw, match",
     [
@@ -128,6 +136,20 @@ def _card(spec: str = "chara_card_v2", **data) -> bytes:
             _card(character_book={"entries": [{"keys": ["a"], "content": "x", "extensions": ["x"]}]}),
             r"entries\[0\]\.extensions must be an object",
         ),
+        # found in review: each of these was a 500 too (RecursionError, ValueError, a json column's
+        # DataError on Infinity)
+        (_card(character_book={"entries": [{"keys": [DEEP_REGEX], "content": "x"}]}), "nested too deeply"),
+        (
+            _card(
+                character_book={"entries": [{"keys": [DEEP_REGEX[1:-1]], "content": "x", "use_regex": True}]}
+            ),
+            r"keys: bad regex key .* \(use_regex\): nested too deeply",
+        ),
+        (_raw_card(b"1" * 5000), "holds a number too long to read"),
+        (_raw_card(b"Infinity"), "holds Infinity, which JSON has no number for"),
+        (_raw_card(b"-Infinity"), "holds -Infinity, which JSON has no number for"),
+        (_raw_card(b"NaN"), "holds NaN, which JSON has no number for"),
+        (_raw_card(b"1e999"), r"holds the number 1e999 \(too large to keep\)"),
     ],
 )
 def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> None:
