@@ -40,8 +40,10 @@ INSTRUCTION_SECTIONS = ("system_prompt", "post-history instruction")
 _SENTENCE = regex.compile(r"[^.!?。！？\n]+[.!?。！？]*")
 # A reply that ends on one of these (or a closing quote or bracket after one) ended its sentence.
 _SENTENCE_END = regex.compile(r"[.!?…~。！？♪)\]*\"'”’」』\p{Emoji_Presentation}]\s*$")
-# "Name:" at the start of a line: a script line spoken by someone.
-_SPEAKER_LABEL = regex.compile(r"^\s*\**([\p{L}][\p{L} .'-]{0,38}?)\**\s*[:：]", regex.M)
+# "Name:" at the start of a line: a script line spoken by someone. The blanks around it stay on its
+# line: `\s*` ran over every newline after each line start and back (quadratic: a reply of 8,000
+# newlines took 1.8 s, per candidate).
+_SPEAKER_LABEL = regex.compile(r"^[^\S\n]*\**([\p{L}][\p{L} .'-]{0,38}?)\**[^\S\n]*[:：]", regex.M)
 _QUOTED = regex.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|「[^」]*」|『[^』]*』")
 _SECOND_PERSON = regex.compile(r"\b(?:you|your|yours|yourself|yourselves)\b|당신|너희", regex.I)
 _PLAYER_LABELS = {"user", "player", "you", "{{user}}", "나", "플레이어"}
@@ -295,12 +297,16 @@ def truncated(reply: str, finish_reason: str | None) -> bool:
 
 
 def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> str | None:
-    """The reply speaks as the player or as someone else, or (the narrator) addresses the reader."""
-    own = {char_name.casefold()} if speaker != "narrator" else set()
-    player = _PLAYER_LABELS | ({user_name.casefold()} if user_name else set())
+    """The reply speaks as the player or as someone else, or (the narrator) addresses the reader.
+    Names are compared folded onto single spaces, as the prompt's labels are; a player named like
+    the character is labelled apart in the prompt (`Name (player)`), so `Name:` is the character's."""
+    own = {_folded(char_name)} if speaker != "narrator" else set()
+    player = _PLAYER_LABELS | ({_folded(user_name)} if user_name else set())
     for match in _SPEAKER_LABEL.finditer(reply):
         label = match.group(1).strip()
-        folded = label.casefold()
+        folded = _folded(label)
+        if folded in own:
+            continue
         if folded in player:
             return f"speaks as the player ('{label}:')"
         if folded not in own and folded not in _NOT_SPEAKERS and len(label.split()) <= 3:
@@ -311,6 +317,10 @@ def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> s
         if found:
             return f"the narrator addresses the reader ('{found.group(0)}')"
     return None
+
+
+def _folded(name: str) -> str:
+    return " ".join(name.split()).casefold()
 
 
 def most_repeated_sentence(reply: str) -> int:

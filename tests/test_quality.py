@@ -173,3 +173,31 @@ def test_below_bar_reasons_name_their_check() -> None:
     assert [reason_kind(r) for r in q.below(Bar())] == ["truncated", "role"]
     echo = _score(LUFFY_POST, message="밥 먹었어?", echo_sources=SOURCES)
     assert [reason_kind(r) for r in echo.below(Bar())] == ["echo"]
+
+
+def test_a_player_named_like_the_character_or_a_name_with_odd_blanks_is_no_role_break() -> None:
+    # found in review: both were "role breaks", so the reply was regenerated, ranked last among
+    # best-of-n candidates and left out of the LoRA dataset
+    assert (
+        role_break("Rowan: Welcome home.", speaker="character", char_name="Rowan", user_name="rowan") is None
+    )
+    assert (
+        role_break(
+            "Rowan Smith: Welcome.", speaker="character", char_name="Rowan\u00a0Smith", user_name="Mira"
+        )
+        is None
+    )
+    assert (
+        role_break("Mira  Vale: hello", speaker="character", char_name="Elara", user_name="Mira Vale")
+        == "speaks as the player ('Mira  Vale:')"
+    )
+
+
+def test_a_speaker_label_is_looked_for_on_its_own_line_only() -> None:
+    from roleplay.quality import _SPEAKER_LABEL
+
+    # Blank lines before a label are not part of its match: a leading `\s*` ran over every newline
+    # after each line start and back, quadratic in a reply of blank lines (8,000: 1.8 s).
+    assert _SPEAKER_LABEL.match("\n\nTamsin: hi") is None
+    assert [m.group(1) for m in _SPEAKER_LABEL.finditer("\n\n  Tamsin: hi")] == ["Tamsin"]
+    assert _SPEAKER_LABEL.search("Tamsin\n: hi") is None
