@@ -140,8 +140,10 @@ def create_batch(
     found = find_file(input_file_id)
     if found is None or not (admin or found.api_key == api_key):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
-    if not found.path.is_file():
-        raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored")
+    try:  # hashed now: a delete or the expiry sweep may remove the bytes from here on
+        digest = file_digest(found.path)
+    except FileNotFoundError:
+        raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored") from None
     character = (meta or {}).get("character")
     if character is not None:
         with session_scope() as session:
@@ -162,7 +164,7 @@ def create_batch(
             session=session,
             name=f"batch_{run_id.hex}",
             model=settings.model,
-            file_hash=file_digest(found.path),
+            file_hash=digest,
             total=0,
             fields={
                 "id": run_id,

@@ -600,6 +600,26 @@ def _batch(tmp_path: Path, n: int, **extra) -> str:
     return created["id"]
 
 
+def test_a_batch_whose_file_is_deleted_while_it_is_created_is_refused_naming_the_file(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    # found in review: the bytes were checked, then hashed; a delete in between was a 500
+    # (FileNotFoundError), and one after the hash made a batch on bytes that were gone
+    from services.runs import validate
+
+    hashed = validate.file_digest
+
+    def deleted_first(path: Path) -> str:
+        path.unlink()
+        return hashed(path)
+
+    monkeypatch.setattr(batches, "file_digest", deleted_first)
+    with pytest.raises(
+        batches.BatchRefused, match=r"^input_file_id: the bytes of 'file-.*' are no longer stored"
+    ):
+        _batch(tmp_path, 1)
+
+
 @contextmanager
 def _broker_down(services: Path) -> Iterator[None]:
     """The embedded Redis really stopped (SIGTERM), and started again on the same port after."""
