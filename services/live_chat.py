@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -22,7 +23,7 @@ from db.session import session_scope
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
-from services.runs.openai_lines import ENDPOINT, LineOptions, message_content, to_run_line
+from services.runs.openai_lines import ENDPOINT, LineOptions, body_field, message_content, to_run_line
 from services.schemas import GenerationParams, Text, TurnRequest
 
 CONVERSATION_HEADER = "X-Mlchat-Conversation"
@@ -58,6 +59,19 @@ def _slug(value: Any, field: str) -> str:
         raise ChatRejected(f"{field}: {exc.errors()[0]['msg']}") from None
 
 
+def _named(exc: ValidationError, origin: Callable[[str], str]) -> str:
+    """The first error, named by the request field its model field came from (`origin` of the
+    model field's first part: 'max_new_tokens' is body.max_tokens here)."""
+    first = exc.errors()[0]
+    head, *rest = [str(p) for p in first["loc"]] or ["body"]
+    where = ".".join([origin(head), *rest])
+    said = first["msg"].removeprefix("Value error, ")
+    tail = where.removeprefix("body.")
+    if where.startswith("body.") and said.startswith((f"{tail}:", f"{tail}.")):
+        return f"body.{said}"  # the check named its field itself
+    return f"{where}: {said}"
+
+
 def start_chat_turn(
     body: Any,
     *,
@@ -88,6 +102,14 @@ def start_chat_turn(
         raise ChatRejected("body.user: a string")
     # A replay without a conversation must name the same one, or it would conflict with its own key.
     fresh = uuid.uuid5(uuid.NAMESPACE_URL, f"{tenant}:{idempotency_key}") if idempotency_key else uuid.uuid4()
+    # Where the conversation came from, to name it in an error (the header is checked by the route).
+    conversation_field = (
+        CONVERSATION_HEADER + " (header)"
+        if conversation
+        else "body.metadata.conversation"
+        if metadata.get("conversation")
+        else "body.user"
+    )
     conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{fresh}"
     line_body = {k: v for k, v in body.items() if k not in _LIVE_ONLY} | {"metadata": metadata or None}
     # Checked before the lookup: a NUL or a lone surrogate would fail in the database, not here.
@@ -106,13 +128,25 @@ def start_chat_turn(
         raise ChatRejected(str(exc)) from None
     if line.get("choices", 1) > 1:
         raise ChatRejected("body.n: a live chat completion has one choice")
+    origins = {
+        "conversation": conversation_field,
+        "character": "body.model",
+        "message": "body.messages[-1].content",
+        "player_name": "body.messages[-1].name",
+        "direction": "body.messages",  # its system message
+        "idempotency_key": "Idempotency-Key (header)",  # only the header sets it
+    }
+    try:
+        params = GenerationParams(**line["params"])
+    except ValidationError as exc:
+        raise ChatRejected(_named(exc, lambda field: body_field(f"params.{field}", body))) from None
     try:
         request = TurnRequest(
             conversation=conversation,
             character=line["character"],
             message=line["message"],
             player_name=line.get("player_name") or "",
-            params=GenerationParams(**line["params"]),
+            params=params,
             direction=line.get("direction"),
             stream=stream,
             idempotency_key=idempotency_key,
@@ -120,10 +154,7 @@ def start_chat_turn(
         if body.get("response_format") is None:
             request.with_default_response_format()
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "body"
-        where = "Idempotency-Key (header)" if where == "idempotency_key" else where  # only the header sets it
-        raise ChatRejected(f"{where}: {first['msg']}") from None
+        raise ChatRejected(_named(exc, lambda field: origins.get(field, f"body.{field}"))) from None
     (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     if line["history"]:
         with session_scope() as session:

@@ -129,6 +129,36 @@ def test_a_model_that_cannot_be_a_character_is_a_400_naming_it(base_url, field, 
     assert _turns_of(conversation) == []
 
 
+USER_HI = {"role": "user", "content": "hi"}
+
+
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"max_tokens": 0}, "body.max_tokens"),
+        ({"max_completion_tokens": 10**6}, "body.max_completion_tokens"),
+        ({"temperature": 9}, "body.temperature"),
+        ({"user": "u" * 201}, "body.user"),
+        ({"metadata": {"conversation": 5}}, "body.metadata.conversation"),
+        ({"response_format": {"type": "xml"}}, "body.response_format"),
+        (
+            {"messages": [{"role": "system", "content": "s" * 20_001}, {"role": "user", "content": "hi"}]},
+            "body.messages",
+        ),
+    ],
+    ids=["max_tokens", "max_completion", "temperature", "user", "metadata-conv", "response_format", "system"],
+)
+def test_a_bad_value_is_a_400_naming_the_request_field_it_came_in(base_url, change, field) -> None:
+    # found in review: these named the turn's own fields (max_new_tokens, conversation, direction)
+    # with no param, and response_format twice
+    body = {"model": "elara", "messages": [{"role": "user", "content": "hi"}]} | change
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["message"].startswith(field) and error["param"].startswith(field), error
+    assert "Value error" not in error["message"]
+
+
 def test_metadata_character_names_the_character_when_model_does_not(base_url, short_wait) -> None:
     conversation = new_conversation()["conversation"]
     body = {

@@ -13,7 +13,7 @@ the error file while the other lines run.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -62,7 +62,7 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
 IGNORED = ("user", "store", "service_tier", "stream_options", "reasoning_effort")
 
 # Our field name in a GenerationParams error → the body field the user wrote.
-_PARAM_FIELDS = {"max_new_tokens": "max_completion_tokens"}
+_PARAM_FIELDS = {"max_new_tokens": ("max_completion_tokens", "max_tokens")}  # the newer name first
 
 
 class _TextPart(BaseModel):
@@ -223,11 +223,12 @@ def message_content(reply: str | None, structured: Any, params: dict[str, Any]) 
     return reply
 
 
-def body_field(run_line_field: str) -> str:
-    """The body field a RunLine field of a mapped line came from (to name it in errors)."""
+def body_field(run_line_field: str, body: Mapping[str, Any]) -> str:
+    """The field of `body` a RunLine field of its mapped line came from (to name it in errors)."""
     head, _, rest = run_line_field.partition(".")
     if head == "params":
-        return "body." + _PARAM_FIELDS.get(rest, rest)
+        names = _PARAM_FIELDS.get(rest, (rest,))
+        return "body." + next((name for name in names if name in body), names[0])
     if head == "message":
         return "body.messages[-1].content"
     if head == "history":

@@ -135,7 +135,12 @@ class LineReader:
             raise ValueError("each line must be a JSON object")
         name: Any = str
         if self.format == "openai":
-            data, name = to_run_line(data, self.characters, self.options), body_field
+            body: dict[str, Any] = data["body"] if isinstance(data.get("body"), dict) else {}
+            data = to_run_line(data, self.characters, self.options)
+
+            def name(field: str) -> str:
+                return body_field(field, body)
+
         try:
             line = RunLine.model_validate(data)
             if line.scene is None:
