@@ -148,7 +148,15 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     report = result
     failed = {t: f.reason for t, f in report.failed.items()}
     events.finished(report.done, failed, [*report.send_again, *report.deferred])
-    outcome.resend.append(Resend([(t, lane_of[t]) for t in report.send_again], settings.flush_interval))
+    now = [t for t in report.send_again if t not in report.retry_in]
+    outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval))
+    # Retried once the worker looks at what failed them again (within the visibility timeout: a
+    # countdown message held past it would be handed out again).
+    later: dict[float, list[Pending]] = {}
+    for turn_id, wait in report.retry_in.items():
+        delay = min(max(wait, settings.flush_interval), settings.visibility_timeout / 2)
+        later.setdefault(delay, []).append((turn_id, lane_of[turn_id]))
+    outcome.resend += [Resend(turns, delay) for delay, turns in later.items()]
     # Scenes' next steps, created with the steps just stored: one message per lane's batch, so the
     # open scenes' steps reach the engine together.
     steps: dict[str, list[Pending]] = {}

@@ -242,3 +242,49 @@ def test_two_adapters_whose_names_hash_alike_get_two_ids(monkeypatch) -> None:
     first, second = pipeline.adapter_id(f"elara-{tag}@v1"), pipeline.adapter_id(f"luffy-{tag}@v1")
     assert first != second and 7 in (first, second)
     assert pipeline.adapter_id(f"elara-{tag}@v1") == first  # the same name keeps its id
+
+
+def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_never_will_fails(
+    monkeypatch,
+) -> None:
+    """Found in review: every adapter that did not load failed its turns for good, though the worker
+    looks at a passing cause (the volume away, `lora register` still copying, a slow load) again
+    after ADAPTER_RETRY_S: a minute's blip failed every turn of the character in it."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from core.settings import settings
+    from db.models import TurnErrorCode
+    from tasks.generate import FlushOutcome, _record
+    from worker import engine as engine_module
+    from worker import pipeline
+    from worker.engine import Adapter, AdapterUnavailable
+
+    passing, lasting = Adapter("copying@v1", 1, "/x"), Adapter("too-big@v1", 2, "/y")
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character: character)
+
+    def load(adapter: Adapter) -> None:
+        if adapter is passing:
+            raise AdapterUnavailable("adapter copying@v1 at /x: no adapter_config.json", retry_in=42.0)
+        raise AdapterUnavailable("adapter too-big@v1: rank 64 is over MLCHAT_MAX_LORA_RANK (16)")
+
+    monkeypatch.setattr(engine_module, "load_adapter", load)
+    first, last_try, big = (
+        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1),
+        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=settings.max_attempts),
+        SimpleNamespace(id=uuid.uuid4(), character=lasting, attempts=1),
+    )
+    report = pipeline.BatchReport()
+    pipeline._load_adapters([first, last_try, big], report)  # type: ignore[list-item]
+    assert list(report.retry) == [first.id] and report.retry_in == {first.id: pytest.approx(42.0)}
+    assert report.failed[last_try.id].code == TurnErrorCode.ADAPTER_UNAVAILABLE
+    assert "gave up after" in report.failed[last_try.id].reason
+    assert report.failed[big.id].code == TurnErrorCode.ADAPTER_UNAVAILABLE
+    assert report.failed[big.id].reason.endswith("(not retried)")
+
+    outcome = FlushOutcome()
+    chunk = [(first.id, "live"), (last_try.id, "live"), (big.id, "live")]
+    _record(chunk, report, SimpleNamespace(finished=lambda *args: None), outcome)  # type: ignore[arg-type]
+    waits = {resend.countdown: [t for t, _ in resend.turns] for resend in outcome.resend if resend.turns}
+    assert waits == {42.0: [first.id]}  # sent again when the worker looks at the adapter again

@@ -301,7 +301,12 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
 
 
 class AdapterUnavailable(RuntimeError):
-    """A character's LoRA adapter that this worker's engine cannot load."""
+    """A character's LoRA adapter that this worker's engine cannot load: for good (`retry_in` None),
+    or not before `retry_in` seconds (a cause that may pass: the volume away, a copy unfinished)."""
+
+    def __init__(self, message: str, retry_in: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_in = retry_in
 
 
 @dataclass(frozen=True)
@@ -348,7 +353,8 @@ def load_adapter(adapter: Adapter) -> None:
                 with _adapters_lock:
                     _adapters[adapter.name] = state
     if state.error is not None:
-        raise AdapterUnavailable(state.error)
+        retry_in = None if state.retry_at is None else max(0.0, state.retry_at - time.monotonic())
+        raise AdapterUnavailable(state.error, retry_in)
     with _adapters_lock:
         known = adapter.name in _loaded
         _loaded[adapter.name] = None

@@ -70,6 +70,8 @@ class BatchReport:
     done: list[uuid.UUID] = field(default_factory=list)
     failed: dict[uuid.UUID, Failure] = field(default_factory=dict)
     retry: dict[uuid.UUID, str] = field(default_factory=dict)  # back to queued after a failed attempt
+    # Of those, turns whose next message waits: {id: seconds} (an adapter looked at again only then).
+    retry_in: dict[uuid.UUID, float] = field(default_factory=dict)
     # Waits for an earlier turn of its conversation: {turn id: times deferred so far}.
     deferred: dict[uuid.UUID, int] = field(default_factory=dict)
     stalled: list[StalledTurn] = field(default_factory=list)  # such earlier turns nobody answers: send now
@@ -246,20 +248,29 @@ def _was_in_engine(future: Any) -> bool:
 
 def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
     """Load each adapted character's LoRA, once per adapter, before any request uses it; a turn whose
-    adapter does not load fails alone (adapter_unavailable). If the engine dies while one loads, the
-    turns that needed it are recorded in `report.loading` (they count that death)."""
-    needing: dict[Adapter, list[uuid.UUID]] = {}
+    adapter does not load is alone in it (adapter_unavailable): failed when it never will (a rank
+    over the engine's limit), else sent again once the worker looks at the adapter again, while it
+    has attempts left. If the engine dies while one loads, the turns that needed it are recorded in
+    `report.loading` (they count that death)."""
+    needing: dict[Adapter, list[ClaimedTurn]] = {}
     for turn in turns:
         adapter = adapter_of(turn.character)
         if adapter is not None:
-            needing.setdefault(adapter, []).append(turn.id)
-    for adapter, turn_ids in needing.items():
+            needing.setdefault(adapter, []).append(turn)
+    for adapter, adapted in needing.items():
         try:
             engine_module.load_adapter(adapter)
         except AdapterUnavailable as exc:
-            report.failed.update({t: Failure(str(exc), TurnErrorCode.ADAPTER_UNAVAILABLE) for t in turn_ids})
+            unavailable = TurnErrorCode.ADAPTER_UNAVAILABLE
+            for turn in adapted:
+                if exc.retry_in is None:  # for good: every attempt would fail the same way
+                    report.failed[turn.id] = Failure(f"{exc} (not retried)", unavailable)
+                    continue
+                _retry_or_fail(turn, str(exc), unavailable, report)
+                if turn.id in report.retry:
+                    report.retry_in[turn.id] = exc.retry_in
         except EngineDead:
-            report.loading = turn_ids
+            report.loading = [t.id for t in adapted]
             raise
 
 
@@ -314,7 +325,7 @@ def _answer(
                 _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
     with timer("adapters"):
         _load_adapters([t for t in turns if t.id in prepared], report)
-    ready = [t for t in turns if t.id in prepared and t.id not in report.failed]
+    ready = [t for t in turns if t.id in prepared and t.id not in report.failed and t.id not in report.retry]
     prompts = {t.id: prepared[t.id].prompt for t in ready}
     requests = {t.id: prepared[t.id].request for t in ready}
     vector_of = {t.id: v for t, v in zip(turns, vectors, strict=True)}
