@@ -352,6 +352,33 @@ def test_lore_over_the_context_is_dropped_in_a_few_renders_not_one_per_entry(
     assert renders <= 16  # a search over how many entries fit: about log2(1500) renders
 
 
+def test_lore_dropped_for_the_context_is_listed_as_dropped_whatever_the_cleaner_changed_in_it(
+    tokenizer,
+) -> None:
+    """Found in review: dropped lore was matched to its entries by the entry's raw text, and the
+    prompt holds it cleaned: entries written with CRLF line ends (common in cards) or a control
+    character were listed as kept in the manifest although they were not in the prompt."""
+    c = _character()
+    words = " ".join(f"word{i}" for i in range(40))
+    c.lorebook = Lorebook.model_validate(
+        {
+            "token_budget": 10**8,
+            "entries": [
+                {"id": i, "keys": [], "constant": True, "content": f"Fact {i}:\r\n{words}\x07"}
+                for i in range(12)
+            ],
+        }
+    ).model_dump()
+    built = PromptBuilder(tokenizer, "chat_template", 700).build(
+        PromptInput(c, "Rowan", "Any news?", TurnContext(), 32)
+    )
+    kept = [e["id"] for e in built.manifest["lore"]]
+    dropped = [d["id"] for d in built.manifest["dropped"] if d["kind"] == "lore"]
+    assert kept and dropped and sorted(kept + dropped) == list(range(12))
+    for i in range(12):  # the manifest says what the prompt holds
+        assert (f"Fact {i}:\n" in built.text) == (i in kept), i
+
+
 @pytest.mark.parametrize("fmt", ["gpt_oss_text", "chat_template"])
 def test_a_player_named_as_the_character_is_told_apart_in_the_prompt(tokenizer, fmt: str) -> None:
     """Found in review: a player named like the character (any case) had every line and memory of

@@ -303,8 +303,10 @@ class PromptBuilder:
                     owed = Counter((p[1], p[2]) for p in lore_pieces[low:])
                     keep: list[Any] = []
                     for fired in reversed(lore.kept):
-                        if owed[(fired.entry.id, fired.content)] > 0:
-                            owed[(fired.entry.id, fired.content)] -= 1
+                        # a piece holds its entry's text as the prompt does: macros filled, cleaned
+                        piece = (fired.entry.id, clean(fill_macros(fired.content, char, user)))
+                        if owed[piece] > 0:
+                            owed[piece] -= 1
                             lore.dropped.insert(0, fired)
                         else:
                             keep.append(fired)
