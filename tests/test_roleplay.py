@@ -146,3 +146,51 @@ def test_a_regenerated_reply_that_cannot_be_read_is_dropped_alone(monkeypatch) -
     request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, (), reply_shape=object())
     result = judge._read(request, Generation('{"say": "hi"}', 2, 3, "stop"))
     assert isinstance(result, RecursionError)
+
+
+def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -> None:
+    """Found in review: the second try of weak replies waited for the engine with no deadline (behind
+    a bulk backlog the claim's hold ran out, so nothing was stored and the turns were generated
+    again elsewhere), and any error in it (a submit, the embedder) failed the whole group."""
+    import time
+    import uuid
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import pytest
+
+    from worker import engine as engine_module
+    from worker import judge
+    from worker.engine import EngineDead, GenerationRequest, NoTimeLeft
+    from worker.engine_loop import Generation
+
+    turn = SimpleNamespace(id=uuid.uuid4(), params={})
+    request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ())
+    weak = [(turn, Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))]
+    call = (weak, {turn.id: request}, {}, {}, {})
+    real_generate = engine_module.generate
+
+    def broken(requests, deadline=None):  # type: ignore[no-untyped-def]
+        raise RuntimeError("the embedder's device went away")
+
+    monkeypatch.setattr(engine_module, "generate", broken)
+    assert judge.regenerate_weak(*call) == weak  # type: ignore[arg-type]
+
+    def dead(requests, deadline=None):  # type: ignore[no-untyped-def]
+        raise EngineDead("gone")
+
+    monkeypatch.setattr(engine_module, "generate", dead)
+    with pytest.raises(EngineDead):  # a dead engine still ends the batch (its turns go back uncharged)
+        judge.regenerate_weak(*call)  # type: ignore[arg-type]
+
+    # The deadline: a request still generating then is cancelled and answered NoTimeLeft.
+    never: Future = Future()
+    cancelled: list[object] = []
+    loop = SimpleNamespace(
+        wait=lambda futures, timeout=None: time.sleep(min(timeout or 0.01, 0.01)) or [],
+        cancel=lambda futures: cancelled.extend(futures) or len(futures),
+    )
+    monkeypatch.setattr(engine_module, "submit", lambda requests: [never])
+    monkeypatch.setattr(engine_module, "get_loop", lambda: loop)
+    (late,) = real_generate([request], deadline=time.monotonic() + 0.05)
+    assert isinstance(late, NoTimeLeft) and cancelled == [never]

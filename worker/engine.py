@@ -427,17 +427,32 @@ def stream_hook(request: GenerationRequest) -> Any:
     return SayText(hook) if shape is not None and shape.kind == NPC else hook
 
 
-def generate(requests: Sequence[GenerationRequest]) -> list[Generation | Exception]:
+class NoTimeLeft(TimeoutError):
+    """A request still generating at its caller's deadline (cancelled in the engine)."""
+
+
+def generate(
+    requests: Sequence[GenerationRequest], deadline: float | None = None
+) -> list[Generation | Exception]:
     """Generate the requests on the running engine; one result per request, in order: a Generation,
-    or the exception that failed that request alone. Raises EngineDead if the engine dies."""
+    or the exception that failed that request alone (NoTimeLeft for one still generating at
+    `deadline`, time.monotonic(), cancelled then). Raises EngineDead if the engine dies."""
     futures = submit(requests)
     loop = get_loop()
     pending = list(futures)
     while pending:
-        done = loop.wait(pending)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            loop.cancel(pending)
+            break
+        done = loop.wait(pending, timeout=left)
         pending = [f for f in pending if f not in done]
+    late = {id(f) for f in pending}
     results: list[Generation | Exception] = []
     for future in futures:
+        if id(future) in late:
+            results.append(NoTimeLeft("still generating when the claim's hold ran out; cancelled"))
+            continue
         error = future.exception()
         if isinstance(error, EngineDead):
             raise error

@@ -28,7 +28,7 @@ from roleplay.mood import (
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import Generation, GenerationRequest
+from worker.engine import EngineDead, Generation, GenerationRequest
 from worker.prompt import BuiltPrompt
 from worker.structured import BadStructuredReply, read_reply
 
@@ -164,21 +164,33 @@ def regenerate_weak(
     message_vectors: dict[uuid.UUID, Any],
     contexts: dict[uuid.UUID, TurnContext],
     prompts: dict[uuid.UUID, BuiltPrompt],
+    deadline: float | None = None,
 ) -> list[Judged]:
     """Generate once more, with the seed after the turn's candidates', every reply still below the
     bar (one engine call for all of them); keep whichever of the two is below the bar for fewer
-    reasons, preferring the first on a tie."""
+    reasons, preferring the first on a tie. A second reply still generating at `deadline` (the
+    claim's hold, time.monotonic()) is cancelled, and a regeneration that raises keeps the first
+    replies: the second look never costs the ones in hand (a dead engine still ends the batch)."""
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
     if not weak:
         return judged
     retry = [_next_seed(requests[judged[i][0].id], judged[i][0]) for i in weak]
-    results = [_read(q, r) for q, r in zip(retry, engine_module.generate(retry), strict=True)]
-    fresh = [
-        (i, r, q)
-        for i, r, q in zip(weak, results, retry, strict=True)
-        if isinstance(r, Generation) and r.text
-    ]
-    vectors: Any = embed([r.text for _, r, _ in fresh]) if fresh else []
+    try:
+        made = engine_module.generate(retry, deadline=deadline)
+        results = [_read(q, r) for q, r in zip(retry, made, strict=True)]
+        fresh = [
+            (i, r, q)
+            for i, r, q in zip(weak, results, retry, strict=True)
+            if isinstance(r, Generation) and r.text
+        ]
+        vectors: Any = embed([r.text for _, r, _ in fresh]) if fresh else []
+    except EngineDead:
+        raise
+    except Exception:
+        logger.warning(
+            "regenerating %d weak replies failed; the first replies stand", len(weak), exc_info=True
+        )
+        return judged
     out = list(judged)
     for (i, gen, request), vec in zip(fresh, vectors, strict=True):
         turn, _, _, first = judged[i]

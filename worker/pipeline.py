@@ -380,7 +380,17 @@ def _answer(
             continue
         outcomes = {t.id: _results(future_of[t.id], candidates[t.id], every=_choices(t) > 1) for t in group}
         generations += _finish_group(
-            group, outcomes, token, report, timer, requests, prompts, vector_of, context_of, shared_ms
+            group,
+            outcomes,
+            token,
+            report,
+            timer,
+            requests,
+            prompts,
+            vector_of,
+            context_of,
+            shared_ms,
+            hold_until,
         )
     report.timings = {**shared_ms, **timer.ms}
     return generations
@@ -518,8 +528,10 @@ def _finish_group(
     vector_of: dict[uuid.UUID, Any],
     context_of: dict[uuid.UUID, Any],
     shared_ms: dict[str, Any],
+    hold_until: float | None = None,
 ) -> list[Any]:
-    """Judge and store the turns whose generation just finished, in one transaction."""
+    """Judge and store the turns whose generation just finished, in one transaction (a weak reply's
+    second try ends at `hold_until`, the claim's hold)."""
     group_timer = StageTimer()
     broken = {t.id: r for t, r in ((t, results[t.id]) for t in group) if isinstance(r, Exception)}
     failed_before = set(report.failed)
@@ -549,7 +561,12 @@ def _finish_group(
         shown = [j for j in judged if _streamed(j[0])]
         with group_timer("regenerate"):
             judged = shown + regenerate_weak(
-                [j for j in judged if not _streamed(j[0])], requests, vector_of, context_of, prompts
+                [j for j in judged if not _streamed(j[0])],
+                requests,
+                vector_of,
+                context_of,
+                prompts,
+                deadline=hold_until,
             )
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
