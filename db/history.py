@@ -42,10 +42,16 @@ def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) 
     """Copy a conversation's first `count` lines, with their vectors, into an empty one; how many
     were copied."""
     lock_conversation(session=session, conversation_id=target_id)
-    # The copies' vectors are the stored space's already: written as it, whatever this process is.
-    mine = session.scalar(text("SELECT current_setting('mlchat.embedder', true)"))
+    # The copies' vectors are the stored space's already: written as it, whatever this process is
+    # (its embedder's name, and the space version it checked its weights against).
+    mine, my_version = session.execute(
+        text("SELECT current_setting('mlchat.embedder', true), current_setting('mlchat.space_version', true)")
+    ).one()
     session.execute(
-        text("SELECT set_config('mlchat.embedder', coalesce((SELECT embedder FROM vector_space), ''), true)")
+        text(
+            "SELECT set_config('mlchat.embedder', coalesce((SELECT embedder FROM vector_space), ''), true),"
+            " set_config('mlchat.space_version', '', true)"
+        )
     )
     copied = select(
         literal(target_id, BigInteger), Message.seq, Message.role, Message.content, Message.embedding
@@ -54,7 +60,12 @@ def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) 
         insert(Message).from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
     )
     copied_rows = int(result.rowcount or 0)  # type: ignore[attr-defined]
-    session.execute(text("SELECT set_config('mlchat.embedder', :mine, true)"), {"mine": mine or ""})
+    session.execute(
+        text(
+            "SELECT set_config('mlchat.embedder', :mine, true), set_config('mlchat.space_version', :v, true)"
+        ),
+        {"mine": mine or "", "v": my_version or ""},
+    )
     return copied_rows
 
 

@@ -625,7 +625,9 @@ class VectorSpace(Base):
     id: Mapped[bool] = mapped_column(Boolean, primary_key=True, server_default=text("true"))
     embedder: Mapped[str] = mapped_column(Text)
     fingerprint: Mapped[list[float] | None] = mapped_column(Vector())
-    version: Mapped[int] = mapped_column(BigInteger, server_default=text("1"))
+    version: Mapped[int] = mapped_column(
+        BigInteger, server_default=text("nextval('vector_space_version_seq')")
+    )
     changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 

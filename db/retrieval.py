@@ -75,13 +75,18 @@ _HNSW_SETTINGS_SQL = (
     " set_config('plan_cache_mode', 'force_custom_plan', true)"
 )
 _HNSW_SETTINGS = text(_HNSW_SETTINGS_SQL)
-# Sliced (connections > 1): the caller's connection also says which embedder it names, and each
-# slice's connection names the same one for its transaction, so the SAME_SPACE guard answers on
-# every slice as it would on the caller's connection (a session of another embedder, or none).
+# Sliced (connections > 1): the caller's connection also says which embedder and space version it
+# names, and each slice's connection names the same for its transaction, so the SAME_SPACE guard
+# answers on every slice as it would on the caller's connection (a session of another embedder, of
+# weights the space has left, or none).
 _HNSW_SETTINGS_AND_EMBEDDER = text(
-    _HNSW_SETTINGS_SQL + ", coalesce(current_setting('mlchat.embedder', true), '')"
+    _HNSW_SETTINGS_SQL + ", coalesce(current_setting('mlchat.embedder', true), ''),"
+    " coalesce(current_setting('mlchat.space_version', true), '')"
 )
-_SLICE_SETTINGS = text(_HNSW_SETTINGS_SQL + ", set_config('mlchat.embedder', :embedder, true)")
+_SLICE_SETTINGS = text(
+    _HNSW_SETTINGS_SQL + ", set_config('mlchat.embedder', :embedder, true),"
+    " set_config('mlchat.space_version', :space_version, true)"
+)
 
 
 @dataclass(frozen=True)
@@ -209,7 +214,9 @@ def _run_sliced(
     story_k: int,
     ef_search: int,
 ) -> list[Any]:
-    embedder = session.execute(_HNSW_SETTINGS_AND_EMBEDDER, {"ef_search": str(ef_search)}).one()[-1]
+    *_, embedder, space_version = session.execute(
+        _HNSW_SETTINGS_AND_EMBEDDER, {"ef_search": str(ef_search)}
+    ).one()
     # One pool per configured count, whatever this batch's size: a pool per slice count would keep
     # one more set of idle connections for every batch shorter than `connections`.
     engine = _slice_engine(session.get_bind().engine.url, connections - 1)
@@ -218,7 +225,10 @@ def _run_sliced(
     def run_slice(indices: range) -> Sequence[Any]:
         with Session(engine) as own:  # closing rolls its read-only transaction back
             send_vectors_binary(own)
-            own.execute(_SLICE_SETTINGS, {"ef_search": str(ef_search), "embedder": embedder})
+            own.execute(
+                _SLICE_SETTINGS,
+                {"ef_search": str(ef_search), "embedder": embedder, "space_version": space_version},
+            )
             return _run(own, queries, indices, recent_n, history_k, story_k)
 
     # Threads of this call only (psycopg waits for the server without the GIL): they end with the

@@ -28,9 +28,20 @@ def adopt_space_version(version: int | None) -> None:
     _space_version = version
 
 
-def _set_session(dbapi_connection: Any, name: str, value: str) -> None:
+def adopted_space_version() -> int | None:
+    """The version this process's connections name (None before its weights were checked)."""
+    return _space_version
+
+
+def _set_session(dbapi_connection: Any, embedder: str | None, version: int | None) -> None:
+    """Name the embedder (when given) and the space version for the connection's session."""
+    statement = "SELECT set_config('mlchat.space_version', %s, false)"
+    params: tuple[str, ...] = ("" if version is None else str(version),)
+    if embedder is not None:
+        statement += ", set_config('mlchat.embedder', %s, false)"
+        params += (embedder,)
     with dbapi_connection.cursor() as cursor:
-        cursor.execute("SELECT set_config(%s, %s, false)", (name, value))
+        cursor.execute(statement, params)
     if not dbapi_connection.autocommit:
         dbapi_connection.commit()
 
@@ -44,14 +55,16 @@ def _name_embedder(engine: Engine) -> Engine:
     The version costs a statement only on a connection's first checkout after it changed."""
 
     @event.listens_for(engine, "connect")
-    def _connected(dbapi_connection: Any, _: Any) -> None:
-        _set_session(dbapi_connection, "mlchat.embedder", settings.embedder)
+    def _connected(dbapi_connection: Any, entry: Any) -> None:  # both in the one set-up statement
+        version = _space_version
+        _set_session(dbapi_connection, settings.embedder, version)
+        entry.info["space_version"] = version
 
     @event.listens_for(engine, "checkout")
     def _checked_out(dbapi_connection: Any, entry: Any, _: Any) -> None:
         version = _space_version
         if entry.info.get("space_version") != version:
-            _set_session(dbapi_connection, "mlchat.space_version", "" if version is None else str(version))
+            _set_session(dbapi_connection, None, version)
             entry.info["space_version"] = version
 
     return engine

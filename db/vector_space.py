@@ -17,6 +17,8 @@ from the swap on and not only once the process notices."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from numpy.typing import ArrayLike
 from sqlalchemy import or_, select, text, update
@@ -42,6 +44,11 @@ SAME_SPACE_SQL = (
 _SAME_SPACE = text(f"SELECT {SAME_SPACE_SQL}")  # noqa: S608 - a constant, no input
 
 
+# The record's version comes from a sequence: a record deleted and made again gets a number no
+# process holds (migration 0024).
+NEXT_VERSION = "nextval('vector_space_version_seq')"
+
+
 class EmbedderMismatch(RuntimeError):
     """This process's embedder is not the one the stored vectors come from."""
 
@@ -49,6 +56,11 @@ class EmbedderMismatch(RuntimeError):
 def recorded_embedder(*, session: Session) -> str | None:
     """The embedder the stored vectors come from; None before anything recorded one."""
     return session.scalar(select(VectorSpace.embedder))
+
+
+def recorded_version(*, session: Session) -> int | None:
+    """The record's version (None before anything recorded one)."""
+    return session.scalar(select(VectorSpace.version))
 
 
 def same_space(*, session: Session) -> bool:
@@ -164,22 +176,19 @@ def moved_away(
 def move_to(*, session: Session, embedder: str, fingerprint: ArrayLike) -> None:
     """Record `embedder` and its weights' `fingerprint` as the stored vectors' (the re-embed's swap,
     in its transaction, which holds the writers' lock and writes the new vectors by construction:
-    it is not guarded), with a new version when the name or the weights change."""
+    it is not guarded), with a new version when the name or the weights change. The same weights
+    keep their recorded fingerprint (the cosine test is not transitive: a fingerprint rewritten by
+    each re-embed within it could drift away from the weights the version's processes hold)."""
     vector = np.asarray(fingerprint, dtype=np.float32)
     session.execute(text("SELECT set_config('mlchat.embedder', '', true)"))
     was = session.execute(select(VectorSpace.embedder, VectorSpace.fingerprint).with_for_update()).first()
-    # A record without weights (made before migration 0022) was never a version any process checked.
-    changed = was is not None and (was.embedder != embedder or _other_weights(vector, was.fingerprint))
-    session.execute(
-        insert(VectorSpace)
-        .values(embedder=embedder, fingerprint=vector)
-        .on_conflict_do_update(
-            index_elements=[VectorSpace.id],
-            set_={
-                "embedder": embedder,
-                "fingerprint": vector,
-                "changed_at": text("now()"),
-                "version": VectorSpace.version + int(changed),
-            },
-        )
-    )
+    if was is None:
+        session.execute(insert(VectorSpace).values(embedder=embedder, fingerprint=vector))
+        return
+    moved: dict[str, Any] = {"changed_at": text("now()")}
+    if was.embedder != embedder or _other_weights(vector, was.fingerprint):
+        # A new number, never one a process may hold (the sequence outlives a deleted record).
+        moved |= {"embedder": embedder, "fingerprint": vector, "version": text(NEXT_VERSION)}
+    elif was.fingerprint is None:  # recorded before migration 0022: no process checked a version
+        moved |= {"fingerprint": vector}
+    session.execute(update(VectorSpace).values(**moved))

@@ -616,7 +616,7 @@ def test_a_missing_pass_with_no_embedder_recorded_is_refused_and_writes_nothing(
     conv = _conversation()
     with session_scope() as s:
         s.execute(text("UPDATE messages SET embedding = NULL WHERE conversation_id = :c"), {"c": conv})
-        was = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint)).first()
+        was = s.execute(select(VectorSpace.embedder, VectorSpace.fingerprint, VectorSpace.version)).first()
         s.execute(delete(VectorSpace))  # as after the upgrade, before any worker started
     try:
         missing = _null_ids()
@@ -628,7 +628,12 @@ def test_a_missing_pass_with_no_embedder_recorded_is_refused_and_writes_nothing(
     finally:
         if was is not None:
             with session_scope() as s:
-                s.execute(insert(VectorSpace).values(embedder=was.embedder, fingerprint=was.fingerprint))
+                # as it was, its version too: this session's processes name it on their connections
+                s.execute(
+                    insert(VectorSpace).values(
+                        embedder=was.embedder, fingerprint=was.fingerprint, version=was.version
+                    )
+                )
 
 
 def test_a_reembed_into_vectors_the_columns_cannot_hold_is_refused_in_one_line_writing_nothing(

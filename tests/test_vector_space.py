@@ -44,17 +44,19 @@ pytestmark = pytest.mark.usefixtures("world")
 LINES = ["The mill burned down.", "I saw a grey wolf by the river.", "Nobody saw.", "Bread?", "Aye."]
 
 
-def _name(dbapi_connection, name: str) -> None:  # type: ignore[no-untyped-def]
+def _name(dbapi_connection, name: str, version: str) -> None:  # type: ignore[no-untyped-def]
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SELECT set_config('mlchat.embedder', %s, false)", (name,))
+        cursor.execute("SELECT set_config('mlchat.space_version', %s, false)", (version,))
     dbapi_connection.commit()
 
 
 @contextmanager
-def as_embedder(name: str) -> Iterator[Session]:
-    """A session on connections that name `name` as their embedder (another process, in effect)."""
+def as_embedder(name: str, version: str = "") -> Iterator[Session]:
+    """A session on connections that name `name` as their embedder and `version` as the space
+    version their weights were checked against (another process, in effect)."""
     engine = create_engine(database_url())
-    event.listen(engine, "connect", lambda dbapi, _: _name(dbapi, name))
+    event.listen(engine, "connect", lambda dbapi, _: _name(dbapi, name, version))
     try:
         with Session(engine) as session, session.begin():
             yield session
@@ -64,13 +66,19 @@ def as_embedder(name: str) -> Iterator[Session]:
 
 @pytest.fixture
 def recorded() -> Iterator[str]:
-    """The recorded embedder (this process's, with its fingerprint), put back after the test."""
-    mine = fingerprint()
+    """The recorded embedder (this process's, with its fingerprint), put back after the test with
+    its version, and the version this process names on its connections too (a test that deletes
+    the record makes the next one a new version)."""
+    from db import session as db_session
+
+    mine, named = fingerprint(), db_session.adopted_space_version()
     with session_scope() as s:
-        record_or_check(session=s, embedder=settings.embedder, fingerprint=mine)
+        version = record_or_check(session=s, embedder=settings.embedder, fingerprint=mine)
     yield settings.embedder
     with session_scope() as s:
         move_to(session=s, embedder=settings.embedder, fingerprint=mine)
+        s.execute(update(VectorSpace).values(version=version))
+    db_session.adopt_space_version(named)
 
 
 def _recorded_fingerprint() -> np.ndarray | None:
@@ -163,8 +171,8 @@ def test_retrieval_in_slices_compares_no_vectors_of_another_embedder(recorded: s
         conv = _conversation(s)
     queries = [ContextQuery(conv, None, None, v) for v in embed(["Did you see any wolves?"] * 3)]
 
-    def fetch(name: str) -> tuple[list[list[str]], list[list[str]]]:
-        with as_embedder(name) as s:
+    def fetch(name: str, version: str = "") -> tuple[list[list[str]], list[list[str]]]:
+        with as_embedder(name, version) as s:
             contexts = fetch_batch_context(
                 session=s, queries=queries, recent_n=2, history_k=3, story_k=0, connections=3
             )
@@ -176,6 +184,9 @@ def test_retrieval_in_slices_compares_no_vectors_of_another_embedder(recorded: s
     recent_other, similar_other = fetch("another-model")
     assert similar_other == [[], [], []]  # no slice compared across models
     assert recent_other == recent
+    # a process whose weights the space has left (review: the slices named the embedder only)
+    recent_left, similar_left = fetch(recorded, version="-1")
+    assert similar_left == [[], [], []] and recent_left == recent
 
 
 def test_facts_reach_a_process_of_another_embedder_without_relevance(recorded: str) -> None:
@@ -283,6 +294,12 @@ def test_copied_lines_keep_their_vectors_whoever_copies_them(recorded: str) -> N
         copy_lines(session=s, source_id=source, target_id=target, count=len(LINES))
         assert s.scalar(text("SELECT current_setting('mlchat.embedder')")) == "another-model"
     assert _stored_vectors(target) == [True] * len(LINES)
+    with session_scope() as s:
+        again = _conversation(s, [])
+    with as_embedder(recorded, version="-1") as s:  # weights the space has left (review)
+        copy_lines(session=s, source_id=source, target_id=again, count=len(LINES))
+        assert s.scalar(text("SELECT current_setting('mlchat.space_version')")) == "-1"
+    assert _stored_vectors(again) == [True] * len(LINES)
 
 
 def test_the_swap_moves_the_database_to_the_new_embedder_and_writes_as_it(recorded: str) -> None:
@@ -622,7 +639,7 @@ def test_a_process_whose_weights_a_reembed_left_stores_no_vector_from_the_swap_o
         move_to(session=s, embedder=recorded, fingerprint=fingerprint())  # the same weights again
         assert s.scalar(select(VectorSpace.version)) == checked
         move_to(session=s, embedder=recorded, fingerprint=fingerprint_of(other_weights))  # the swap
-        assert s.scalar(select(VectorSpace.version)) == checked + 1
+        assert s.scalar(select(VectorSpace.version)) not in (None, checked)
         s.execute(text("SELECT set_config('mlchat.embedder', :n, true)"), {"n": recorded})  # move_to's own
         after = _conversation(s)
         assert _lines_with_vectors(s, before) == [True] * len(LINES)
@@ -666,9 +683,11 @@ def test_a_worker_whose_weights_the_space_left_and_came_back_to_names_the_new_ve
     with session_scope() as s:  # uncommitted: this session's worker checks the committed row
         was = check(session=s, embedder=recorded, fingerprint=mine)
         move_to(session=s, embedder=recorded, fingerprint=fingerprint_of(other_weights))
-        move_to(session=s, embedder=recorded, fingerprint=mine)  # and back
+        move_to(session=s, embedder=recorded, fingerprint=mine)  # and back: a version of its own
+        now = s.scalar(select(VectorSpace.version))
+        assert now not in (None, was)
         assert still_in_vector_space(lambda: nullcontext(s), fingerprint=mine)
-        assert was is not None and db_session._space_version == was + 2
+        assert db_session._space_version == now
         s.rollback()
 
 
@@ -684,10 +703,21 @@ def test_an_api_process_checks_its_weights_again_once_the_interval_has_passed(
 
     monkeypatch.setattr(db_session, "_space_version", db_session._space_version)  # put back after
     # An API process that checked its weights a while ago; a re-embed to other weights of the same
-    # name has run since, and this process's weights are not the stored vectors' any more.
+    # name has run since (the record is at another version than the one this process checked its
+    # weights against), and this process's weights are not the stored vectors' any more.
+    with session_scope() as s:
+        version = check(session=s, embedder=recorded, fingerprint=fingerprint())
+    assert version is not None
     monkeypatch.setattr(embedder, "_space_checked", True)
-    monkeypatch.setattr(embedder, "get_embedder", lambda: other_weights)
+    loads: list[int] = []
+    monkeypatch.setattr(embedder, "get_embedder", lambda: loads.append(1) or other_weights)
     monkeypatch.setattr(embedder, "_check_again_at", time.monotonic() - 1)
+    monkeypatch.setattr(db_session, "_space_version", version)
+    embedder.check_space()  # the space it checked: one read, no probe of the weights
+    assert loads == [] and embedder._check_again_at > time.monotonic()
+    monkeypatch.setattr(embedder, "_check_again_at", time.monotonic() - 1)
+    # The space moved since it checked (this process's connections keep naming their version).
+    monkeypatch.setattr(db_session, "adopted_space_version", lambda: -version)
     with TestClient(create_app()) as client:
         late = client.post(
             "/v1/players/p-recheck/facts",
@@ -695,7 +725,7 @@ def test_an_api_process_checks_its_weights_again_once_the_interval_has_passed(
             json={"facts": [{"text": "Rowan fears wolves."}]},
         )
     assert late.status_code == 503
-    assert "weights differ" in late.json()["detail"]
+    assert "weights differ" in late.json()["detail"] and loads
     with session_scope() as s:
         stored = text("SELECT count(*) FROM facts WHERE player_id = 'p-recheck'")
         assert s.scalar(stored) == 0

@@ -86,18 +86,23 @@ def check_space() -> None:
     or come from an unknown one (stored before anything recorded one): the API, the CLI, the
     serverless and inline paths refuse rather than store vectors as NULL or of other weights.
     Checked at a process's first embed, and again once MLCHAT_HOUSEKEEPING_INTERVAL_S has passed
-    since (not in a worker, which housekeeping checks). Records this process's embedder on a
-    database with no vectors yet (`join_space`), so that every later process is checked against
-    it."""
+    since (not in a worker, which housekeeping checks): one read of the record, and the weights
+    compared again only when its version is not the one they were checked against. Records this
+    process's embedder on a database with no vectors yet (`join_space`), so that every later
+    process is checked against it."""
+    global _check_again_at
     if _space_checked and time.monotonic() < _check_again_at:
         return
     from sqlalchemy.exc import OperationalError
 
-    from db.session import session_scope
-    from db.vector_space import check
+    from db.session import adopted_space_version, session_scope
+    from db.vector_space import check, recorded_version
 
     try:
         with session_scope() as session:  # the name first: another name loads no embedder here
+            if _space_checked and recorded_version(session=session) == adopted_space_version():
+                _check_again_at = time.monotonic() + settings.housekeeping_interval_s
+                return  # the space these weights were checked against: nothing moved
             check(session=session, embedder=settings.embedder)
         join_space(get_embedder(), claim_stored=False)
     except OperationalError:  # the database is away or refused (not latched: the next embed asks again)

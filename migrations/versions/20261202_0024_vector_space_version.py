@@ -63,8 +63,17 @@ END $$
 
 
 def upgrade() -> None:
+    # A sequence, not a counter on the row: a record deleted and made again (by hand, or a database
+    # emptied and re-seeded) never gives a process's old number to other weights.
+    op.execute("CREATE SEQUENCE vector_space_version_seq AS bigint")
     op.add_column(
-        "vector_space", sa.Column("version", sa.BigInteger(), server_default=sa.text("1"), nullable=False)
+        "vector_space",
+        sa.Column(
+            "version",
+            sa.BigInteger(),
+            server_default=sa.text("nextval('vector_space_version_seq')"),
+            nullable=False,
+        ),
     )
     op.execute(GUARD)
 
@@ -72,3 +81,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.execute(NAME_ONLY_GUARD)
     op.drop_column("vector_space", "version")
+    op.execute("DROP SEQUENCE vector_space_version_seq")
