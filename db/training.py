@@ -27,7 +27,8 @@ class Exchange:
 def character_exchanges(
     *, session: Session, slug: str, run_id: uuid.UUID | None = None, chunk: int = 1000
 ) -> Iterator[Exchange]:
-    """The character's answered turns (its own voice, not the narrator's), oldest first, streamed."""
+    """The character's answered free-text turns (its own voice, not the narrator's, not a structured
+    reply), oldest first, streamed."""
     query = (
         select(
             Turn.id,
@@ -49,6 +50,9 @@ def character_exchanges(
             Turn.speaker == "character",
             Turn.prompt.is_not(None),
             Turn.reply.is_not(None),
+            # A structured turn's stored reply is its spoken line (or its JSON) against a prompt that
+            # asks for JSON: no example of the character's free voice.
+            Turn.structured.is_(None),
         )
         .order_by(Turn.number)
     )

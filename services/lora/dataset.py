@@ -42,20 +42,25 @@ def _example_hash(prompt: str, completion: str) -> str:
 def _card_examples(character: Character, tokenizer: Any) -> list[tuple[str, str]]:
     """The card's example dialogue as (prompt, completion): system prompt and the user's line through
     the model's chat template, the character's line as the completion."""
-    system = (character.system_prompt or f"You are {character.name}. Stay in character.").replace(
-        "{{char}}", character.name
-    )
+    from worker.prompt.sanitize import Sanitizer
+
+    # The card is untrusted like every prompt text: its special-token strings are broken (a card's
+    # `<|im_end|>` became a real end of turn in the training prompt, and a trained target).
+    scrub = Sanitizer(tokenizer).scrub
+    name = scrub(character.name)
+
+    def filled(text: str) -> str:
+        return scrub(text).replace("{{char}}", name).replace("{{user}}", "User")
+
+    system = filled(character.system_prompt or f"You are {name}. Stay in character.")
     out = []
     for example in character.example_dialogues or []:
         user, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()
         if not user or not reply:
             continue
-        messages = [
-            {"role": "system", "content": system.replace("{{user}}", "User")},
-            {"role": "user", "content": user.replace("{{char}}", character.name).replace("{{user}}", "User")},
-        ]
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": filled(user)}]
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append((prompt, reply.replace("{{char}}", character.name).replace("{{user}}", "User")))
+        out.append((prompt, filled(reply)))
     return out
 
 
