@@ -20,9 +20,12 @@ def add_file(
     size: int,
     path: str,
     api_key: str | None,
+    tenant: str,
     expires_after_s: int | None = None,
 ) -> StoredFile:
-    row = StoredFile(id=file_id, purpose=purpose, filename=filename, bytes=size, path=path, api_key=api_key)
+    row = StoredFile(
+        id=file_id, purpose=purpose, filename=filename, bytes=size, path=path, api_key=api_key, tenant=tenant
+    )
     if expires_after_s is not None:
         row.expires_at = func.now() + timedelta(seconds=expires_after_s)  # the database's clock
     session.add(row)
@@ -58,6 +61,7 @@ def add_file_within_quota(
     size: int,
     path: str,
     api_key: str | None,
+    tenant: str,
     quota: int,
     expires_after_s: int | None = None,
 ) -> tuple[StoredFile | None, int]:
@@ -76,9 +80,15 @@ def add_file_within_quota(
         size=size,
         path=path,
         api_key=api_key,
+        tenant=tenant,
         expires_after_s=expires_after_s,
     )
     return row, held
+
+
+def owned_in(tenant: str) -> Any:
+    """The files of `tenant`, and those recorded before files had one (their key's name decides)."""
+    return StoredFile.tenant.is_(None) | (StoredFile.tenant == tenant)
 
 
 def get_file(*, session: Session, file_id: str) -> StoredFile | None:
@@ -88,16 +98,17 @@ def get_file(*, session: Session, file_id: str) -> StoredFile | None:
 def list_files(
     *,
     session: Session,
-    api_key: str | None,
+    owner: tuple[str | None, str] | None,
     purpose: str | None,
     after: StoredFile | None,
     limit: int,
     newest_first: bool,
 ) -> list[StoredFile]:
-    """Up to `limit` files of this key (None: every key's), after the cursor file in the given order."""
+    """Up to `limit` files of this owner, (key name, tenant) (None: everyone's), after the cursor file
+    in the given order."""
     query = select(StoredFile)
-    if api_key is not None:
-        query = query.where(StoredFile.api_key == api_key)
+    if owner is not None:
+        query = query.where(StoredFile.api_key.is_not_distinct_from(owner[0]), owned_in(owner[1]))
     if purpose is not None:
         query = query.where(StoredFile.purpose == purpose)
     key = tuple_(StoredFile.created_at, StoredFile.id)

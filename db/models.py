@@ -369,6 +369,9 @@ class StoredFile(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     path: Mapped[str] = mapped_column(Text)  # under settings.files_dir
     api_key: Mapped[str | None] = mapped_column(String(64))
+    # The owner's tenant (with the key's name: a name may pass to another tenant's key over time);
+    # None for a file no run named before migration 0025: its key's name's alone.
+    tenant: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # then deleted
 

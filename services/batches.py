@@ -138,12 +138,8 @@ def create_batch(
         except BadExpiry as exc:
             raise BatchRefused(str(exc)) from None
     found = find_file(input_file_id)
-    if found is None or not (admin or found.api_key == api_key):
+    if found is None or not (admin or found.owned_by(api_key, tenant)):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
-    try:  # hashed now: a delete or the expiry sweep may remove the bytes from here on
-        digest = file_digest(found.path)
-    except FileNotFoundError:
-        raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored") from None
     character = (meta or {}).get("character")
     if character is not None:
         with session_scope() as session:
@@ -153,6 +149,10 @@ def create_batch(
         raise BatchRefused(
             f"input_file_id: {input_file_id!r} has purpose {found.info['purpose']!r}, not 'batch'"
         )
+    try:  # hashed now: a delete or the expiry sweep may remove the bytes from here on
+        digest = file_digest(found.path)
+    except FileNotFoundError:
+        raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored") from None
     options = LineOptions(
         default_character=(meta or {}).get("character"),
         allow_system_prompt=allow_system_prompt,
@@ -348,28 +348,34 @@ def batch_object(session: Session, run: Run) -> dict[str, Any]:
     }
 
 
-def _visible_run(session: Session, batch_id: str, api_key: str | None, admin: bool) -> Run:
+def _visible_run(session: Session, batch_id: str, api_key: str | None, admin: bool, tenant: str) -> Run:
+    """The batch when this key owns it: its name, in its tenant (a name passed to another tenant's
+    key is another owner)."""
     run = session.scalars(
         select(Run).where(Run.name == batch_id, Run.input_file_id.is_not(None))
     ).one_or_none()
-    if run is None or not (admin or run.api_key == api_key):
+    if run is None or not (admin or (run.api_key == api_key and run.tenant == tenant)):
         raise BatchNotFound(f"no batch {batch_id!r}")
     return run
 
 
-def get_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+def get_batch(
+    batch_id: str, *, api_key: str | None, admin: bool, tenant: str = DEFAULT_TENANT
+) -> dict[str, Any]:
     with session_scope() as session:
-        return batch_object(session, _visible_run(session, batch_id, api_key, admin))
+        return batch_object(session, _visible_run(session, batch_id, api_key, admin, tenant))
 
 
-def list_batches(*, api_key: str | None, admin: bool, after: str | None, limit: int) -> dict[str, Any]:
+def list_batches(
+    *, api_key: str | None, admin: bool, after: str | None, limit: int, tenant: str = DEFAULT_TENANT
+) -> dict[str, Any]:
     """Newest first, `limit` per page, after the batch id `after`."""
     with session_scope() as session:
         query = select(Run).where(Run.input_file_id.is_not(None))
         if not admin:
-            query = query.where(Run.api_key == api_key)
+            query = query.where(Run.api_key == api_key, Run.tenant == tenant)
         if after is not None:
-            cursor = _visible_run(session, after, api_key, admin)
+            cursor = _visible_run(session, after, api_key, admin, tenant)
             query = query.where(
                 (Run.created_at < cursor.created_at)
                 | ((Run.created_at == cursor.created_at) & (Run.id < cursor.id))
@@ -378,14 +384,16 @@ def list_batches(*, api_key: str | None, admin: bool, after: str | None, limit: 
         return list_object([batch_object(session, run) for run in rows[:limit]], len(rows) > limit)
 
 
-def cancel_batch(batch_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+def cancel_batch(
+    batch_id: str, *, api_key: str | None, admin: bool, tenant: str = DEFAULT_TENANT
+) -> dict[str, Any]:
     """Cancel the batch's unstarted requests; finished ones are kept and written to its output."""
     with session_scope() as session:
-        run = _visible_run(session, batch_id, api_key, admin)
+        run = _visible_run(session, batch_id, api_key, admin, tenant)
         run_id = run.id
         cancel_run(session=session, run_id=run_id)
     finalize_run(run_id)  # at once when nothing of it runs; housekeeping otherwise, or on failure
-    return get_batch(batch_id, api_key=api_key, admin=admin)
+    return get_batch(batch_id, api_key=api_key, admin=admin, tenant=tenant)
 
 
 # --- housekeeping: expiry, finalizing, callbacks ---------------------------------------------------
@@ -497,7 +505,7 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
     """The run's output and error files and their rows; each path is added to `written` before it is
     written, so the caller can remove them if the rows are not committed."""
     # Writing streams the turns and detaches the run: read what is needed of it first.
-    name, api_key, expires_after_s = run.name, run.api_key, run.output_expires_after_s
+    name, api_key, tenant, expires_after_s = run.name, run.api_key, run.tenant, run.output_expires_after_s
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     output_id, error_id = new_file_id(), new_file_id()
     output_path = settings.batch_files_dir / f"{output_id}.jsonl"
@@ -516,6 +524,7 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
             size=path.stat().st_size,
             path=path.name,
             api_key=api_key,
+            tenant=tenant,
             expires_after_s=expires_after_s,
         )
     return output_id, error_id

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db import files as stored
 from db.files import add_file_within_quota, get_file
 from db.models import StoredFile
@@ -118,10 +118,11 @@ async def save_upload(
     filename: str,
     purpose: str,
     api_key: str | None,
+    tenant: str = DEFAULT_TENANT,
     expires_after_s: int | None = None,
 ) -> dict[str, Any]:
     """Stream an upload to disk (refused past batch_file_max_bytes, or past the key's quota of stored
-    bytes), then record it."""
+    bytes), then record it as the key's and its tenant's."""
     from fastapi.concurrency import run_in_threadpool
 
     held = await run_in_threadpool(_held, api_key)
@@ -146,7 +147,7 @@ async def save_upload(
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
     try:
         return await run_in_threadpool(
-            _record, file_id, purpose, safe_name, size, final, api_key, expires_after_s
+            _record, file_id, purpose, safe_name, size, final, (api_key, tenant), expires_after_s
         )
     except Exception:
         final.unlink(missing_ok=True)  # refused, or the row was never stored: no orphan bytes
@@ -164,7 +165,7 @@ def _record(
     filename: str,
     size: int,
     path: Path,
-    api_key: str | None,
+    owner: tuple[str | None, str],
     expires_after_s: int | None,
 ) -> dict[str, Any]:
     with session_scope() as session:
@@ -175,7 +176,8 @@ def _record(
             filename=filename,
             size=size,
             path=path.name,
-            api_key=api_key,
+            api_key=owner[0],
+            tenant=owner[1],
             quota=settings.files_quota_bytes,
             expires_after_s=expires_after_s,
         )
@@ -184,11 +186,21 @@ def _record(
         return file_object(row)
 
 
+def _owns(file_key: str | None, file_tenant: str | None, api_key: str | None, tenant: str) -> bool:
+    """Whether this key (its name, in its tenant) owns a file: a name passed to another tenant's key
+    is another owner (a file recorded before files had a tenant is its key's name's)."""
+    return file_key == api_key and file_tenant in (None, tenant)
+
+
 @dataclass(frozen=True)
 class FoundFile:
     info: dict[str, Any]
     path: Path
     api_key: str | None
+    tenant: str | None  # None: recorded before files had one
+
+    def owned_by(self, api_key: str | None, tenant: str) -> bool:
+        return _owns(self.api_key, self.tenant, api_key, tenant)
 
 
 def find_file(file_id: str) -> FoundFile | None:
@@ -196,30 +208,37 @@ def find_file(file_id: str) -> FoundFile | None:
         row = get_file(session=session, file_id=file_id)
         if row is None:
             return None
-        return FoundFile(file_object(row), settings.batch_files_dir / row.path, row.api_key)
+        return FoundFile(file_object(row), settings.batch_files_dir / row.path, row.api_key, row.tenant)
 
 
-def _visible(session: Any, file_id: str, api_key: str | None, admin: bool) -> StoredFile:
+def _visible(session: Any, file_id: str, api_key: str | None, admin: bool, tenant: str) -> StoredFile:
     row = get_file(session=session, file_id=file_id)
-    if row is None or not (admin or row.api_key == api_key):
+    if row is None or not (admin or _owns(row.api_key, row.tenant, api_key, tenant)):
         raise FileNotFound(f"no file {file_id!r}")
     return row
 
 
 def list_files(
-    *, api_key: str | None, admin: bool, purpose: str | None, after: str | None, limit: int, order: str
+    *,
+    api_key: str | None,
+    admin: bool,
+    purpose: str | None,
+    after: str | None,
+    limit: int,
+    order: str,
+    tenant: str = DEFAULT_TENANT,
 ) -> dict[str, Any]:
     """The caller's files (an admin key's: everyone's), a page of `limit` after the file `after`."""
     with session_scope() as session:
         cursor = None
         if after is not None:
             try:
-                cursor = _visible(session, after, api_key, admin)
+                cursor = _visible(session, after, api_key, admin, tenant)
             except FileNotFound:
                 raise BadFileQuery(f"after: no file {after!r}") from None
         rows = stored.list_files(
             session=session,
-            api_key=None if admin else api_key,
+            owner=None if admin else (api_key, tenant),
             purpose=purpose,
             after=cursor,
             limit=limit + 1,
@@ -228,10 +247,12 @@ def list_files(
         return list_object([file_object(row) for row in rows[:limit]], len(rows) > limit)
 
 
-def delete_file(file_id: str, *, api_key: str | None, admin: bool) -> dict[str, Any]:
+def delete_file(
+    file_id: str, *, api_key: str | None, admin: bool, tenant: str = DEFAULT_TENANT
+) -> dict[str, Any]:
     """Delete the file's row and bytes; refused while a batch that has not ended reads it."""
     with session_scope() as session:
-        _visible(session, file_id, api_key, admin)
+        _visible(session, file_id, api_key, admin, tenant)
         row = stored.delete_file(session=session, file_id=file_id)
         if row is None:
             batch = stored.file_in_use(session=session, file_id=file_id)

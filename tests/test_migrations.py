@@ -281,3 +281,29 @@ def test_reembed_progress_recorded_before_its_fingerprint_column_is_started_over
         session.commit()
     _run(scratch_db, "downgrade", "0022")
     assert scratch_db.execute(text("SELECT last_id FROM reembed_progress")).scalar_one() == 40
+
+
+def test_files_take_the_tenant_of_the_runs_that_read_or_wrote_them(scratch_db: Connection) -> None:
+    _run(scratch_db, "upgrade", "0024")
+    for file_id in ("file-in", "file-out", "file-err", "file-alone"):
+        scratch_db.execute(
+            text(
+                "INSERT INTO files (id, purpose, filename, bytes, path, api_key)"
+                " VALUES (:id, 'batch', 'b.jsonl', 1, :path, 'k')"
+            ),
+            {"id": file_id, "path": f"{file_id}.jsonl"},
+        )
+    scratch_db.execute(
+        text(
+            "INSERT INTO runs (id, name, status, model, file_hash, total, api_key, tenant,"
+            " input_file_id, output_file_id, error_file_id)"
+            " VALUES (gen_random_uuid(), 'batch_x', 'completed', 'm', '', 0, 'k', 'tenant-a',"
+            " 'file-in', 'file-out', 'file-err')"
+        )
+    )
+    scratch_db.commit()
+    _run(scratch_db, "upgrade", "0025")
+    rows = dict(scratch_db.execute(text("SELECT id, tenant FROM files")).tuples().all())
+    assert rows == {"file-in": "tenant-a", "file-out": "tenant-a", "file-err": "tenant-a", "file-alone": None}
+    _run(scratch_db, "downgrade", "0024")
+    assert scratch_db.execute(text("SELECT count(*) FROM files")).scalar_one() == 4

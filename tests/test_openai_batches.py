@@ -587,7 +587,10 @@ def _batch(tmp_path: Path, n: int, **extra) -> str:
     async def chunks():
         yield content
 
-    stored = asyncio.run(save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k"))
+    tenant = extra.get("tenant", "")
+    stored = asyncio.run(
+        save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=tenant)
+    )
     created = batches.create_batch(
         input_file_id=stored["id"],
         endpoint="/v1/chat/completions",
@@ -598,6 +601,44 @@ def _batch(tmp_path: Path, n: int, **extra) -> str:
         **extra,
     )
     return created["id"]
+
+
+def test_a_key_name_given_to_another_tenants_key_owns_none_of_the_first_tenants_files_or_batches(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: files and batches belonged to a key's name alone. Settings refuse one name
+    in two tenants at once, not over time: a key retired from tenant A and its name given to a key
+    of tenant B read, downloaded, deleted and cancelled A's."""
+    from services import files
+
+    batch_id = _batch(tmp_path, 1, tenant="tenant-a")  # the key "k" of tenant A
+    input_id = batches.get_batch(batch_id, api_key="k", admin=False, tenant="tenant-a")["input_file_id"]
+    later = {"api_key": "k", "admin": False, "tenant": "tenant-b"}  # the name "k", now tenant B's
+    with pytest.raises(batches.BatchNotFound):
+        batches.get_batch(batch_id, **later)
+    with pytest.raises(batches.BatchNotFound):
+        batches.cancel_batch(batch_id, **later)
+    assert batch_id not in [b["id"] for b in batches.list_batches(after=None, limit=10_000, **later)["data"]]
+    assert input_id not in [
+        f["id"]
+        for f in files.list_files(purpose=None, after=None, limit=10_000, order="desc", **later)["data"]
+    ]
+    with pytest.raises(files.FileNotFound):
+        files.delete_file(input_id, **later)
+    found = files.find_file(input_id)
+    assert found is not None and not found.owned_by("k", "tenant-b") and found.owned_by("k", "tenant-a")
+    with pytest.raises(batches.BatchRefused, match="^input_file_id: no file"):  # nor make a batch of it
+        batches.create_batch(
+            input_file_id=input_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=None,
+            **later,
+        )
+    # tenant A's key of that name still owns them (and cancels it: no batch left validating)
+    first = {"api_key": "k", "admin": False, "tenant": "tenant-a"}
+    assert batch_id in [b["id"] for b in batches.list_batches(after=None, limit=10_000, **first)["data"]]
+    assert batches.cancel_batch(batch_id, **first)["status"] in ("cancelling", "cancelled")
 
 
 def test_a_batch_whose_file_is_deleted_while_it_is_created_is_refused_naming_the_file(

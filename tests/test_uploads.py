@@ -188,7 +188,7 @@ def _add(session, key: str, size: int, quota: int):  # type: ignore[no-untyped-d
     file_id = f"file-{uuid.uuid4().hex[:16]}"
     row, _ = add_file_within_quota(
         session=session, file_id=file_id, purpose="batch", filename="b.jsonl", size=size,
-        path=f"{file_id}.jsonl", api_key=key, quota=quota,
+        path=f"{file_id}.jsonl", api_key=key, tenant="", quota=quota,
     )  # fmt: skip
     return row
 

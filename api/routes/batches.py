@@ -76,7 +76,9 @@ def list_batches(
 ) -> Any:
     """The caller's batches, newest first."""
     try:
-        return batches.list_batches(api_key=who.key_id, admin=who.admin, after=after, limit=limit)
+        return batches.list_batches(
+            api_key=who.key_id, admin=who.admin, after=after, limit=limit, tenant=who.tenant
+        )
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, f"after: {exc}") from None
 
@@ -84,7 +86,7 @@ def list_batches(
 @router.get("/{batch_id}")
 def get_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     try:
-        return batches.get_batch(batch_id, api_key=who.key_id, admin=who.admin)
+        return batches.get_batch(batch_id, api_key=who.key_id, admin=who.admin, tenant=who.tenant)
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
 
@@ -93,6 +95,6 @@ def get_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))
 def cancel_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     """Cancel the requests not started yet; finished ones are kept and written to the output file."""
     try:
-        return batches.cancel_batch(batch_id, api_key=who.key_id, admin=who.admin)
+        return batches.cancel_batch(batch_id, api_key=who.key_id, admin=who.admin, tenant=who.tenant)
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None

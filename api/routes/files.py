@@ -85,6 +85,7 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
                 filename=upload.filename or "batch.jsonl",
                 purpose=str(purpose),
                 api_key=who.key_id,
+                tenant=who.tenant,
                 expires_after_s=expires_after_s,
             )
         except FileTooLarge as exc:
@@ -104,7 +105,13 @@ def get_files(
     """The caller's files, newest first unless `order=asc`; `after` a file id for the next page."""
     try:
         return list_files(
-            api_key=who.key_id, admin=who.admin, purpose=purpose, after=after, limit=limit, order=order
+            api_key=who.key_id,
+            admin=who.admin,
+            purpose=purpose,
+            after=after,
+            limit=limit,
+            order=order,
+            tenant=who.tenant,
         )
     except BadFileQuery as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
@@ -114,7 +121,7 @@ def get_files(
 def remove_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
     """Delete the file (its row and its bytes); 409 while a batch that has not ended reads it."""
     try:
-        return delete_file(file_id, api_key=who.key_id, admin=who.admin)
+        return delete_file(file_id, api_key=who.key_id, admin=who.admin, tenant=who.tenant)
     except FileNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except FileInUse as exc:
@@ -123,7 +130,7 @@ def remove_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))
 
 def _visible(file_id: str, who: Caller) -> FoundFile:
     found = find_file(file_id)
-    if found is None or not (who.admin or found.api_key == who.key_id):
+    if found is None or not (who.admin or found.owned_by(who.key_id, who.tenant)):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r}")
     return found
 
