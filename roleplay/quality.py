@@ -43,7 +43,9 @@ _SENTENCE_END = regex.compile(r"[.!?…~。！？♪)\]*\"'”’」』\p{Emoji_
 # "Name:" at the start of a line: a script line spoken by someone. The blanks around it stay on its
 # line: `\s*` ran over every newline after each line start and back (quadratic: a reply of 8,000
 # newlines took 1.8 s, per candidate).
-_SPEAKER_LABEL = regex.compile(r"^[^\S\n]*\**([\p{L}][\p{L} .'-]{0,38}?)\**[^\S\n]*[:：]", regex.M)
+_SPEAKER_LABEL = regex.compile(
+    r"^[^\S\n]*\**([\p{L}][\p{L} .'-]{0,38}?(?: \(player\))?)\**[^\S\n]*[:：]", regex.M
+)
 _QUOTED = regex.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|「[^」]*」|『[^』]*』")
 _SECOND_PERSON = regex.compile(r"\b(?:you|your|yours|yourself|yourselves)\b|당신|너희", regex.I)
 _PLAYER_LABELS = {"user", "player", "you", "{{user}}", "나", "플레이어"}
@@ -301,7 +303,7 @@ def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> s
     Names are compared folded onto single spaces, as the prompt's labels are; a player named like
     the character is labelled apart in the prompt (`Name (player)`), so `Name:` is the character's."""
     own = {_folded(char_name)} if speaker != "narrator" else set()
-    player = _PLAYER_LABELS | ({_folded(user_name)} if user_name else set())
+    player = _PLAYER_LABELS | ({_folded(user_name), f"{_folded(user_name)} (player)"} if user_name else set())
     for match in _SPEAKER_LABEL.finditer(reply):
         label = match.group(1).strip()
         folded = _folded(label)

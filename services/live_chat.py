@@ -63,8 +63,8 @@ def _named(exc: ValidationError, origin: Callable[[str], str]) -> str:
     """The first error, named by the request field its model field came from (`origin` of the
     model field's first part: 'max_new_tokens' is body.max_tokens here)."""
     first = exc.errors()[0]
-    head, *rest = [str(p) for p in first["loc"]] or ["body"]
-    where = ".".join([origin(head), *rest])
+    head, *rest = [str(p) for p in first["loc"]] or [""]
+    where = ".".join([origin(head), *rest]) if head else "body"  # a whole-model check: the body
     said = first["msg"].removeprefix("Value error, ")
     tail = where.removeprefix("body.")
     if where.startswith("body.") and said.startswith((f"{tail}:", f"{tail}.")):

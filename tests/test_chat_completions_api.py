@@ -137,6 +137,7 @@ USER_HI = {"role": "user", "content": "hi"}
     [
         ({"max_tokens": 0}, "body.max_tokens"),
         ({"max_completion_tokens": 10**6}, "body.max_completion_tokens"),
+        ({"max_completion_tokens": None, "max_tokens": 0}, "body.max_tokens"),
         ({"temperature": 9}, "body.temperature"),
         ({"user": "u" * 201}, "body.user"),
         ({"metadata": {"conversation": 5}}, "body.metadata.conversation"),
@@ -146,7 +147,16 @@ USER_HI = {"role": "user", "content": "hi"}
             "body.messages",
         ),
     ],
-    ids=["max_tokens", "max_completion", "temperature", "user", "metadata-conv", "response_format", "system"],
+    ids=[
+        "max_tokens",
+        "max_completion",
+        "max_tokens-beside-null",
+        "temperature",
+        "user",
+        "metadata-conv",
+        "response_format",
+        "system",
+    ],
 )
 def test_a_bad_value_is_a_400_naming_the_request_field_it_came_in(base_url, change, field) -> None:
     # found in review: these named the turn's own fields (max_new_tokens, conversation, direction)
@@ -179,6 +189,8 @@ def test_an_error_names_a_param_only_when_its_message_names_a_field() -> None:
         return json.loads(_error(400, message).body)["error"]["param"]
 
     assert param("body.messages[1].content: a string") == "body.messages[1].content"
+    assert param("body.messages[-1].name: too long") == "body.messages[-1].name"
+    assert param("body.stop.0: a string") == "body.stop.0"
     assert param(f"turn {uuid.uuid4()} failed (engine_error): it broke: badly") is None
     assert param(f"turn {uuid.uuid4()} is still queued; read it at /v1/turns/x") is None
 

@@ -231,7 +231,7 @@ def test_a_book_of_thousands_of_entries_is_scanned_without_comparing_entries_to_
     assert compared == 0
 
 
-def test_recursive_scanning_casefolds_each_text_once_per_step_not_once_per_entry_and_key(monkeypatch) -> None:
+def test_recursive_scanning_prepares_each_text_once_per_step_not_once_per_entry_and_key(monkeypatch) -> None:
     from roleplay import lorebook
 
     book = _book(

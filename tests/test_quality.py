@@ -191,6 +191,12 @@ def test_a_player_named_like_the_character_or_a_name_with_odd_blanks_is_no_role_
         role_break("Mira  Vale: hello", speaker="character", char_name="Elara", user_name="Mira Vale")
         == "speaks as the player ('Mira  Vale:')"
     )
+    assert (  # the player as the prompt labels them, told apart from the character
+        role_break(
+            "Aye.\nRowan (player): and then?", speaker="character", char_name="Rowan", user_name="rowan"
+        )
+        == "speaks as the player ('Rowan (player):')"
+    )
 
 
 def test_a_speaker_label_is_looked_for_on_its_own_line_only() -> None:

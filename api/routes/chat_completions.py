@@ -27,7 +27,7 @@ router = APIRouter(tags=["chat"])
 
 
 # A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
-_PARAM = re.compile(r"^(body(?:\.[A-Za-z_]\w*|\[\d+\])*):")
+_PARAM = re.compile(r"^(body(?:\.[A-Za-z_]\w*|\.\d+|\[-?\d+\])*):")
 
 
 def _error(

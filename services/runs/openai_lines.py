@@ -228,10 +228,10 @@ def body_field(run_line_field: str, body: Mapping[str, Any]) -> str:
     head, _, rest = run_line_field.partition(".")
     if head == "params":
         names = _PARAM_FIELDS.get(rest, (rest,))
-        return "body." + next((name for name in names if name in body), names[0])
+        return "body." + next((name for name in names if body.get(name) is not None), names[0])
     if head == "message":
         return "body.messages[-1].content"
-    if head == "history":
+    if head in ("history", "direction", "system_prompt", "player_name"):  # read from the messages
         return "body.messages"
     return head
 
