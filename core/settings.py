@@ -171,6 +171,10 @@ class Settings(BaseSettings):
     # all their turns are stored or handed back.
     flush_every: int = Field(default=4, ge=1)
     visibility_timeout: int = Field(default=3600, ge=10)
+    # A broker command that gets no answer for this long fails (kombu's socket_timeout), so a publish
+    # on a connection the broker left half-open (a failover, a NAT or firewall timeout) raises and is
+    # retried on a new one instead of waiting for ever; above kombu's 1 s BRPOP wait.
+    broker_socket_timeout_s: float = Field(default=30.0, gt=1)
     # A claimed turn is the claiming worker's for this long, renewed while its batch runs (up to the
     # visibility timeout in all); after that another worker may claim it.
     lease_seconds: int = Field(default=120, ge=3)

@@ -28,6 +28,12 @@ app.conf.update(
         # interval made a dead worker's turns wait up to 100 s longer than the timeout.
         "unacked_restore_interval": 1,
         "queue_order_strategy": "priority",
+        # Without these a command on a connection the broker left half-open (failover, NAT) waits
+        # for ever: a producer's publish, the sweeper's reads (the consumer's BRPOP is watched by
+        # kombu's own health check instead).
+        "socket_timeout": settings.broker_socket_timeout_s,
+        "socket_connect_timeout": min(settings.broker_socket_timeout_s, 10.0),
+        "socket_keepalive": True,
     },
     # kombu's Redis transport, with one redis-py client per channel instead of one per publish.
     broker_transport=transport_for(broker_url()),

@@ -123,3 +123,45 @@ def test_only_a_plain_redis_url_gets_the_shared_client_transport() -> None:
     # kombu decides these from the scheme: TLS defaults for rediss, the socket transport for +socket
     assert transport_for("rediss://cache.example:6380/0") is None
     assert transport_for("redis+socket:///tmp/redis.sock") is None
+
+
+def test_a_publish_to_a_broker_that_stopped_answering_fails_instead_of_waiting_for_ever() -> None:
+    """Found in review: no socket timeout was set, so a publish on a connection the broker left
+    half-open (a failover, a NAT or firewall timeout) waited for the OS to give up, minutes to hours,
+    holding the request (or the sweeper) that made it. Here the broker accepts the connection and
+    never answers."""
+    import socket
+    import threading
+    import time
+
+    from kombu import Connection
+
+    from core.settings import settings
+    from tasks.broker import transport_for
+
+    options = app.conf.broker_transport_options
+    assert options["socket_timeout"] == settings.broker_socket_timeout_s
+    assert options["socket_keepalive"] is True
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts (the kernel does), never reads or answers
+    url = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+    outcome: list[object] = []
+
+    def publish() -> None:
+        try:
+            with Connection(
+                url, transport=transport_for(url), transport_options=options | {"socket_timeout": 1.0}
+            ) as conn:
+                conn.default_channel.client.lpush("never", "x")
+            outcome.append("answered")
+        except Exception as exc:  # the timeout, as redis-py raises it
+            outcome.append(exc)
+
+    started = time.monotonic()
+    thread = threading.Thread(target=publish, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    silent.close()
+    assert outcome and "imeout" in type(outcome[0]).__name__ + str(outcome[0]), outcome
+    assert time.monotonic() - started < 30
