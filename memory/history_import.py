@@ -9,6 +9,7 @@ appended in one transaction."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -187,6 +188,23 @@ def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
     return parsed
 
 
+def already_held(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> bool:
+    """Whether the conversation holds the whole log as a run of its lines (imported before, live
+    turns since or not). A log only partly held is another log: matching a few lines at its start
+    would drop lines of a new log that happens to begin as the conversation ends."""
+    if not log:
+        return False
+
+    def key(line: tuple[Role, str]) -> bytes:
+        return hashlib.blake2b(f"{line[0].value}\x00{line[1]}".encode(), digest_size=8).digest()
+
+    wanted, stored = b"".join(map(key, log)), b"".join(map(key, held))
+    at = stored.find(wanted)
+    while at != -1 and at % 8:  # a match that straddles two lines' keys is none
+        at = stored.find(wanted, at + 1)
+    return at != -1
+
+
 def import_history(
     raw: str,
     fmt: HistoryFormat,
@@ -198,8 +216,9 @@ def import_history(
     tenant: str = "",
 ) -> tuple[int, int, int]:
     """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
-    id, first seq, last seq). Nothing is stored if any line is malformed."""
-    from db.history import append_lines
+    id, first seq, last seq), last < first when the conversation holds the log already (a log
+    imported twice is stored once). Nothing is stored if any line is malformed."""
+    from db.history import append_lines, conversation_lines, lock_conversation
     from db.session import session_scope
     from db.world import find_characters, upsert_conversations
 
@@ -232,6 +251,9 @@ def import_history(
         conv_id, char_id = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
         if char_id != found[character]:
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
+        lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
+        if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
+            return conv_id, 1, 0
         first, last = append_lines(
             session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
         )

@@ -692,7 +692,10 @@ def history_import(
         )
     except HistoryRefused as exc:
         raise Refused(f"{path}: {exc}; nothing stored") from None
-    _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
+    if last < first:
+        _out(f"conversation {conversation} ({conv_id}): holds every line of {path} already; nothing imported")
+    else:
+        _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
 
 
 @app.command()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from db.models import Conversation, Message
+from db.models import Conversation, Message, Role
 from db.session import session_scope
 from scripts.cli import main as cli
 
@@ -71,6 +71,20 @@ def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys) 
     )
     assert _import(tmp_path, openai, "openai", external) == 0  # appended after the last line
     assert _stored(external)[-1] == (4, "user", "Thanks.", True)
+    capsys.readouterr()
+    # the first log imported again, after later lines: the conversation holds it, so nothing is stored
+    assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 0
+    assert "holds every line of" in capsys.readouterr().out
+    assert len(_stored(external)) == 4
+
+
+def test_a_log_held_only_in_part_is_appended_whole() -> None:
+    from memory.history_import import already_held
+
+    a, b, c = (Role.USER, "Hi."), (Role.ASSISTANT, "Aye."), (Role.USER, "Bye.")
+    assert already_held([a, b], [c, a, b, c]) and already_held([b], [a, b])
+    assert not already_held([b, c], [a, b])  # only its first line ends the conversation: a new log
+    assert not already_held([a, c], [a, b, c]) and not already_held([], [a])
 
 
 def test_the_original_services_history_json_is_imported(tmp_path) -> None:
