@@ -42,11 +42,12 @@ def set_file_size(*, session: Session, file_id: str, size: int) -> None:
     session.execute(update(StoredFile).where(StoredFile.id == file_id).values(bytes=size))
 
 
-def stored_bytes(*, session: Session, api_key: str | None) -> int:
-    """The bytes of every file this key holds (its uploads and its batches' output and error files)."""
+def stored_bytes(*, session: Session, api_key: str | None, tenant: str) -> int:
+    """The bytes of every file this key holds in its tenant (its uploads and its batches' output and
+    error files): a name passed to another tenant's key is not charged for the first tenant's."""
     total = session.scalar(
         select(func.coalesce(func.sum(StoredFile.bytes), 0)).where(
-            StoredFile.api_key.is_not_distinct_from(api_key)
+            StoredFile.api_key.is_not_distinct_from(api_key), owned_in(tenant)
         )
     )
     return int(total or 0)
@@ -68,8 +69,9 @@ def add_file_within_quota(
     """Record an upload unless the key would then hold more than `quota` bytes: (the row or None,
     the bytes the key held before). Uploads of one key take turns on a transaction lock, so two at
     once cannot both fit into the last of the quota."""
-    session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(api_key or ""))))
-    held = stored_bytes(session=session, api_key=api_key)
+    owner = f"{tenant}/{api_key or ''}"  # a tenant holds no '/' (its settings pattern): unambiguous
+    session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(owner))))
+    held = stored_bytes(session=session, api_key=api_key, tenant=tenant)
     if held + size > quota:
         return None, held
     row = add_file(

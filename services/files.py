@@ -97,7 +97,7 @@ def _over_quota(held: int, size: int | None) -> QuotaReached:
 MULTIPART_SLACK = 64 * 1024
 
 
-def check_room(api_key: str | None, body_bytes: int | None) -> None:
+def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT) -> None:
     """Refuse an upload before its body is read: the key holds its quota already, or the request's
     declared length cannot fit in what is left of it (or under batch_file_max_bytes), with room for
     the multipart framing. `body_bytes`: the Content-Length, None for a chunked body. Raises
@@ -105,7 +105,7 @@ def check_room(api_key: str | None, body_bytes: int | None) -> None:
     file_bytes = None if body_bytes is None else body_bytes - MULTIPART_SLACK
     if file_bytes is not None and file_bytes > settings.batch_file_max_bytes:
         raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-    held = _held(api_key)
+    held = _held(api_key, tenant)
     if held >= settings.files_quota_bytes:
         raise _over_quota(held, None)
     if file_bytes is not None and held + file_bytes > settings.files_quota_bytes:
@@ -125,7 +125,7 @@ async def save_upload(
     bytes), then record it as the key's and its tenant's."""
     from fastapi.concurrency import run_in_threadpool
 
-    held = await run_in_threadpool(_held, api_key)
+    held = await run_in_threadpool(_held, api_key, tenant)
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_file_id()
     final = _path_of(file_id)
@@ -154,9 +154,9 @@ async def save_upload(
         raise
 
 
-def _held(api_key: str | None) -> int:
+def _held(api_key: str | None, tenant: str) -> int:
     with session_scope() as session:
-        return stored.stored_bytes(session=session, api_key=api_key)
+        return stored.stored_bytes(session=session, api_key=api_key, tenant=tenant)
 
 
 def _record(

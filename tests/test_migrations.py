@@ -293,14 +293,22 @@ def test_files_take_the_tenant_of_the_runs_that_read_or_wrote_them(scratch_db: C
             ),
             {"id": file_id, "path": f"{file_id}.jsonl"},
         )
-    scratch_db.execute(
-        text(
-            "INSERT INTO runs (id, name, status, model, file_hash, total, api_key, tenant,"
-            " input_file_id, output_file_id, error_file_id)"
-            " VALUES (gen_random_uuid(), 'batch_x', 'completed', 'm', '', 0, 'k', 'tenant-a',"
-            " 'file-in', 'file-out', 'file-err')"
-        )
+    runs = (  # (name, key, tenant, input, output, error, created): the first of the file's own key decides
+        ("batch_admin", "boss", "ops", "file-in", None, None, "2026-01-01"),  # an admin's batch of it
+        ("batch_x", "k", "tenant-a", "file-in", "file-out", "file-err", "2026-01-02"),
+        ("batch_later", "k", "tenant-b", "file-in", None, None, "2026-01-03"),  # the name, moved on
     )
+    for name, key, tenant, input_id, output_id, error_id, created in runs:
+        scratch_db.execute(
+            text(
+                "INSERT INTO runs (id, name, status, model, file_hash, total, api_key, tenant,"
+                " input_file_id, output_file_id, error_file_id, created_at)"
+                " VALUES (gen_random_uuid(), :name, 'completed', 'm', '', 0, :key, :tenant,"
+                " :input, :output, :error, CAST(:created AS timestamptz))"
+            ),
+            {"name": name, "key": key, "tenant": tenant, "input": input_id, "output": output_id,
+             "error": error_id, "created": created},
+        )  # fmt: skip
     scratch_db.commit()
     _run(scratch_db, "upgrade", "0025")
     rows = dict(scratch_db.execute(text("SELECT id, tenant FROM files")).tuples().all())

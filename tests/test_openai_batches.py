@@ -627,6 +627,7 @@ def test_a_key_name_given_to_another_tenants_key_owns_none_of_the_first_tenants_
         files.delete_file(input_id, **later)
     found = files.find_file(input_id)
     assert found is not None and not found.owned_by("k", "tenant-b") and found.owned_by("k", "tenant-a")
+    assert files._held("k", "tenant-b") == 0 < files._held("k", "tenant-a")  # nor charged for them
     with pytest.raises(batches.BatchRefused, match="^input_file_id: no file"):  # nor make a batch of it
         batches.create_batch(
             input_file_id=input_id,

@@ -194,3 +194,14 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
     monkeypatch.setattr(engine_module, "get_loop", lambda: loop)
     (late,) = real_generate([request], deadline=time.monotonic() + 0.05)
     assert isinstance(late, NoTimeLeft) and cancelled == [never]
+    # review: a deadline already past submits nothing; an engine death at the deadline still raises
+    submitted: list[object] = []
+    monkeypatch.setattr(engine_module, "submit", lambda requests: submitted.append(1) or [never])
+    (late,) = real_generate([request], deadline=time.monotonic() - 1)
+    assert isinstance(late, NoTimeLeft) and submitted == []
+    died: Future = Future()
+    died.set_exception(EngineDead("gone"))
+    loop.wait = lambda futures, timeout=None: time.sleep(min(timeout or 0.01, 0.01)) or []  # not seen
+    monkeypatch.setattr(engine_module, "submit", lambda requests: [died])
+    with pytest.raises(EngineDead):
+        real_generate([request], deadline=time.monotonic() + 0.05)

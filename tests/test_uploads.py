@@ -106,7 +106,7 @@ def test_a_chunked_upload_is_stored_or_refused_keeping_nothing(base_url, monkeyp
 
 def test_an_upload_past_the_keys_quota_is_403_and_keeps_nothing(base_url, monkeypatch) -> None:
     with session_scope() as s:
-        held = stored_bytes(session=s, api_key="game-a")
+        held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
     monkeypatch.setattr(settings, "files_quota_bytes", held + 3000)
     headers, body = _multipart(b"x" * 2000)
     first = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
@@ -116,7 +116,7 @@ def test_an_upload_past_the_keys_quota_is_403_and_keeps_nothing(base_url, monkey
     assert refused.status_code == 403 and "MLCHAT_FILES_QUOTA_BYTES" in refused.text, refused.text
     assert _kept() == before
     with session_scope() as s:
-        assert stored_bytes(session=s, api_key="game-a") == held + 2000
+        assert stored_bytes(session=s, api_key="game-a", tenant="game-a") == held + 2000
     deleted = httpx.delete(f"{base_url}/v1/files/{first.json()['id']}", headers=INGEST)
     assert deleted.status_code == 200
     again = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
@@ -173,7 +173,7 @@ def _answer_to_an_endless_upload(base_url: str, key: str) -> bytes:
 
 def test_a_key_at_its_quota_is_refused_before_the_body_is_read(base_url, monkeypatch) -> None:
     with session_scope() as s:
-        held = stored_bytes(session=s, api_key="game-a")
+        held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
     monkeypatch.setattr(settings, "files_quota_bytes", held)  # at its quota: nothing more fits
     answer = _answer_to_an_endless_upload(base_url, INGEST_KEY)
     assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
@@ -210,7 +210,7 @@ def test_two_uploads_at_once_cannot_both_take_the_last_of_the_quota(services) ->
     thread.join(timeout=30)
     assert results["a"] is not None and results["b"] is None
     with session_scope() as s:
-        assert stored_bytes(session=s, api_key=key) == 600
+        assert stored_bytes(session=s, api_key=key, tenant="") == 600
 
 
 @pytest.mark.parametrize("size", [1000, 1001])

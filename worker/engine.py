@@ -25,7 +25,7 @@ from core import metrics
 from core.settings import Dtype, settings
 from streaming.publisher import text_hook
 from structured.say_stream import SayText
-from worker.engine_loop import BULK, LIVE, EngineLoop, Generation
+from worker.engine_loop import BULK, LIVE, EngineLoop, Generation, RequestCancelled
 from worker.model_cache import resolve_model_path
 from worker.structured import NPC
 
@@ -373,11 +373,16 @@ def _touch(adapter: Adapter) -> None:
     get_loop().call("add_lora", lora_request(adapter))
 
 
+def _passing(error: str) -> _AdapterState:
+    """A failure that may pass, looked at again ADAPTER_RETRY_S from now (after the load's own wait,
+    up to ADAPTER_LOAD_TIMEOUT_S: a deadline taken before it would already have passed)."""
+    return _AdapterState(error, time.monotonic() + ADAPTER_RETRY_S)
+
+
 def _try_add_lora(adapter: Adapter) -> _AdapterState:
-    retry_at = time.monotonic() + ADAPTER_RETRY_S
     rank = _adapter_rank(adapter.path)
     if isinstance(rank, str):
-        return _AdapterState(f"adapter {adapter.name} at {adapter.path}: {rank}", retry_at)
+        return _passing(f"adapter {adapter.name} at {adapter.path}: {rank}")
     limit = _engine_lora_rank()
     if limit is not None and rank > limit:
         return _AdapterState(
@@ -387,16 +392,15 @@ def _try_add_lora(adapter: Adapter) -> _AdapterState:
     future = loop.call("add_lora", lora_request(adapter))
     loop.wait([future], timeout=ADAPTER_LOAD_TIMEOUT_S)
     if not future.done():
-        error = f"adapter {adapter.name}: the engine did not load it in {ADAPTER_LOAD_TIMEOUT_S:.0f} s"
-        return _AdapterState(error, retry_at)
+        waited = f"{ADAPTER_LOAD_TIMEOUT_S:.0f} s"
+        return _passing(f"adapter {adapter.name}: the engine did not load it in {waited}")
     failure = future.exception()
     if isinstance(failure, EngineDead):
         raise failure
     if failure is not None:
-        error = f"adapter {adapter.name} at {adapter.path} does not load: {failure}"[:1000]
-        return _AdapterState(error, retry_at)
+        return _passing(f"adapter {adapter.name} at {adapter.path} does not load: {failure}"[:1000])
     if future.result() is False:
-        return _AdapterState(f"adapter {adapter.name} at {adapter.path}: the engine refused it", retry_at)
+        return _passing(f"adapter {adapter.name} at {adapter.path}: the engine refused it")
     logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.path)
     return _AdapterState(None)
 
@@ -437,6 +441,9 @@ def generate(
     """Generate the requests on the running engine; one result per request, in order: a Generation,
     or the exception that failed that request alone (NoTimeLeft for one still generating at
     `deadline`, time.monotonic(), cancelled then). Raises EngineDead if the engine dies."""
+    late = NoTimeLeft("still generating when the claim's hold ran out; cancelled")
+    if deadline is not None and deadline <= time.monotonic():
+        return [late for _ in requests]  # nothing submitted: no prefill spent on replies nobody keeps
     futures = submit(requests)
     loop = get_loop()
     pending = list(futures)
@@ -447,13 +454,13 @@ def generate(
             break
         done = loop.wait(pending, timeout=left)
         pending = [f for f in pending if f not in done]
-    late = {id(f) for f in pending}
     results: list[Generation | Exception] = []
     for future in futures:
-        if id(future) in late:
-            results.append(NoTimeLeft("still generating when the claim's hold ran out; cancelled"))
-            continue
-        error = future.exception()
+        # A request cancelled at the deadline may have finished meanwhile (kept), been cancelled
+        # (late), or met the engine's death (raised below, as for any other request).
+        error = future.exception() if future.done() else late
+        if isinstance(error, RequestCancelled):
+            error = late
         if isinstance(error, EngineDead):
             raise error
         results.append(error if isinstance(error, Exception) else future.result())

@@ -230,6 +230,7 @@ def _hand_back_dead(
     for turn_id in outcome.requeued:
         report.failed.pop(turn_id, None)
         report.retry.pop(turn_id, None)
+        report.retry_in.pop(turn_id, None)
     for turn_id in outcome.crash_looped:
         report.failed[turn_id] = Failure(
             f"inside the engine at {settings.max_engine_deaths} engine deaths ({reason})",

@@ -55,7 +55,7 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             "send the file as multipart/form-data (fields file, purpose)",
         )
     try:  # before a byte of the body is read (parsing it spools the file part to disk)
-        await run_in_threadpool(check_room, who.key_id, _declared_length(request))
+        await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant)
     except FileTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except QuotaReached as exc:

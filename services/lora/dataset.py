@@ -47,12 +47,11 @@ def _card_examples(character: Character, tokenizer: Any) -> list[tuple[str, str]
     # The card is untrusted like every prompt text: its special-token strings are broken (a card's
     # `<|im_end|>` became a real end of turn in the training prompt, and a trained target).
     scrub = Sanitizer(tokenizer).scrub
-    name = scrub(character.name)
 
-    def filled(text: str) -> str:
-        return scrub(text).replace("{{char}}", name).replace("{{user}}", "User")
+    def filled(text: str) -> str:  # filled, then cleaned: a token split around a macro stays broken
+        return scrub(text.replace("{{char}}", character.name).replace("{{user}}", "User"))
 
-    system = filled(character.system_prompt or f"You are {name}. Stay in character.")
+    system = filled(character.system_prompt or "You are {{char}}. Stay in character.")
     out = []
     for example in character.example_dialogues or []:
         user, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()
