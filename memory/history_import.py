@@ -220,7 +220,7 @@ def import_history(
     imported twice is stored once). Nothing is stored if any line is malformed."""
     from db.history import append_lines, conversation_lines, lock_conversation
     from db.session import session_scope
-    from db.world import find_characters, upsert_conversations
+    from db.world import find_characters, find_conversations, upsert_conversations
 
     if not conversation:
         raise HistoryRefused("conversation: it is empty")
@@ -237,6 +237,12 @@ def import_history(
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
+    with session_scope() as session:  # held already: nothing to embed (checked again under the lock)
+        known = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
+        if conversation in known and known[conversation][1] == character:  # else refused below
+            held = conversation_lines(session=session, conversation_id=known[conversation][0])
+            if already_held(parsed.lines, held):
+                return known[conversation][0], 1, 0
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])

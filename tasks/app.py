@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from celery import Celery
 
 from core.services import broker_url
@@ -9,6 +11,12 @@ from core.settings import settings
 from tasks.broker import transport_for
 
 PREFETCH_PER_THREAD = 4
+# TCP keepalive probes: after 60 s idle, every 10 s, 3 unanswered close it (where the OS has them).
+_KEEPALIVE = {
+    getattr(socket, name): value
+    for name, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
+    if hasattr(socket, name)
+}
 
 app = Celery("mlchat", broker=broker_url(), include=["tasks.generate", "tasks.callbacks", "tasks.memory"])
 app.conf.update(
@@ -33,7 +41,9 @@ app.conf.update(
         # kombu's own health check instead).
         "socket_timeout": settings.broker_socket_timeout_s,
         "socket_connect_timeout": min(settings.broker_socket_timeout_s, 10.0),
+        # Probes after a minute idle (the OS waits two hours by default, past any NAT's idle timeout).
         "socket_keepalive": True,
+        "socket_keepalive_options": _KEEPALIVE,
     },
     # kombu's Redis transport, with one redis-py client per channel instead of one per publish.
     broker_transport=transport_for(broker_url()),

@@ -53,7 +53,7 @@ SILLYTAVERN = "\n".join(
 )
 
 
-def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys) -> None:
+def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys, monkeypatch) -> None:
     external = f"imp-{uuid.uuid4().hex[:8]}"
     assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 0
     assert "lines 1-3 imported" in capsys.readouterr().out
@@ -72,7 +72,14 @@ def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys) 
     assert _import(tmp_path, openai, "openai", external) == 0  # appended after the last line
     assert _stored(external)[-1] == (4, "user", "Thanks.", True)
     capsys.readouterr()
-    # the first log imported again, after later lines: the conversation holds it, so nothing is stored
+    # the first log imported again, after later lines: the conversation holds it, so nothing is
+    # stored, and nothing embedded
+    import memory.history_import
+
+    def never(texts):  # type: ignore[no-untyped-def]
+        raise AssertionError("embedded a log the conversation holds")
+
+    monkeypatch.setattr(memory.history_import, "embed_texts", never)
     assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 0
     assert "holds every line of" in capsys.readouterr().out
     assert len(_stored(external)) == 4

@@ -142,6 +142,7 @@ def test_a_publish_to_a_broker_that_stopped_answering_fails_instead_of_waiting_f
     options = app.conf.broker_transport_options
     assert options["socket_timeout"] == settings.broker_socket_timeout_s
     assert options["socket_keepalive"] is True
+    assert options["socket_keepalive_options"].get(socket.TCP_KEEPIDLE) == 60  # not the OS's two hours
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)  # accepts (the kernel does), never reads or answers
