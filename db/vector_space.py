@@ -107,13 +107,19 @@ def fill_or_check(*, session: Session, embedder: str, fingerprint: ArrayLike) ->
     """Record `fingerprint` for a recorded `embedder` that has none yet (whether this call did:
     of processes racing, the first to write wins and the others are checked against it);
     EmbedderMismatch when another name or other weights are recorded."""
+    filled, _ = _fill_and_check(session=session, embedder=embedder, fingerprint=fingerprint)
+    return filled
+
+
+def _fill_and_check(*, session: Session, embedder: str, fingerprint: ArrayLike) -> tuple[bool, int | None]:
+    """fill_or_check's work: whether this call filled the fingerprint, and the version checked."""
     filled = session.execute(
         update(VectorSpace)
         .where(VectorSpace.embedder == embedder, VectorSpace.fingerprint.is_(None))
         .values(fingerprint=np.asarray(fingerprint, dtype=np.float32))
     )
-    check(session=session, embedder=embedder, fingerprint=fingerprint)
-    return bool(filled.rowcount)  # type: ignore[attr-defined]
+    version = check(session=session, embedder=embedder, fingerprint=fingerprint)
+    return bool(filled.rowcount), version  # type: ignore[attr-defined]
 
 
 NOTHING_RECORDED = (
@@ -145,8 +151,7 @@ def record_or_check(
     session.execute(
         insert(VectorSpace).values(embedder=embedder, fingerprint=vector).on_conflict_do_nothing()
     )
-    fill_or_check(session=session, embedder=embedder, fingerprint=fingerprint)
-    version = check(session=session, embedder=embedder, fingerprint=fingerprint)
+    _, version = _fill_and_check(session=session, embedder=embedder, fingerprint=fingerprint)
     assert version is not None  # recorded above, with a fingerprint
     return version
 

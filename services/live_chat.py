@@ -128,14 +128,16 @@ def start_chat_turn(
         raise ChatRejected(str(exc)) from None
     if line.get("choices", 1) > 1:
         raise ChatRejected("body.n: a live chat completion has one choice")
-    origins = {
+    origins = {  # the turn's fields a batch line does not name (the others: body_field)
         "conversation": conversation_field,
         "character": "body.model",
-        "message": "body.messages[-1].content",
-        "player_name": "body.messages[-1].name",
-        "direction": "body.messages",  # its system message
         "idempotency_key": "Idempotency-Key (header)",  # only the header sets it
     }
+
+    def origin(field: str) -> str:
+        named = origins.get(field) or body_field(field, body)
+        return named if named.startswith(("body", "Idempotency", CONVERSATION_HEADER)) else f"body.{field}"
+
     try:
         params = GenerationParams(**line["params"])
     except ValidationError as exc:
@@ -154,7 +156,7 @@ def start_chat_turn(
         if body.get("response_format") is None:
             request.with_default_response_format()
     except ValidationError as exc:
-        raise ChatRejected(_named(exc, lambda field: origins.get(field, f"body.{field}"))) from None
+        raise ChatRejected(_named(exc, origin)) from None
     (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     if line["history"]:
         with session_scope() as session:

@@ -441,9 +441,12 @@ def generate(
     """Generate the requests on the running engine; one result per request, in order: a Generation,
     or the exception that failed that request alone (NoTimeLeft for one still generating at
     `deadline`, time.monotonic(), cancelled then). Raises EngineDead if the engine dies."""
-    late = NoTimeLeft("still generating when the claim's hold ran out; cancelled")
+
+    def late() -> NoTimeLeft:
+        return NoTimeLeft("still generating when the claim's hold ran out; cancelled")
+
     if deadline is not None and deadline <= time.monotonic():
-        return [late for _ in requests]  # nothing submitted: no prefill spent on replies nobody keeps
+        return [late() for _ in requests]  # nothing submitted: no prefill spent on replies nobody keeps
     futures = submit(requests)
     loop = get_loop()
     pending = list(futures)
@@ -458,9 +461,9 @@ def generate(
     for future in futures:
         # A request cancelled at the deadline may have finished meanwhile (kept), been cancelled
         # (late), or met the engine's death (raised below, as for any other request).
-        error = future.exception() if future.done() else late
+        error = future.exception() if future.done() else late()
         if isinstance(error, RequestCancelled):
-            error = late
+            error = late()
         if isinstance(error, EngineDead):
             raise error
         results.append(error if isinstance(error, Exception) else future.result())
