@@ -120,19 +120,27 @@ def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: Flu
 CHUNKS_AT_ONCE = 4
 
 
+@dataclass
+class ChunkRaised:
+    """A batch that raised mid-way (the database dropped, say); process_batch handed its turns back."""
+
+    error: Exception
+    report: Any  # the BatchReport as far as the batch got: turns it had written already are in it
+
+
 def _answer_chunk(chunk: list[Pending]) -> Any:
-    """process_batch for one chunk (one lane); the report, or the exception it raised."""
-    from worker.pipeline import process_batch  # the engine lives on worker machines only
+    """process_batch for one chunk (one lane); the report, or ChunkRaised."""
+    from worker.pipeline import BatchReport, process_batch  # the engine lives on worker machines only
 
     lane: Lane = chunk[0][1]
+    report = BatchReport()
     try:
-        return process_batch([turn_id for turn_id, _ in chunk], lane=lane)
+        return process_batch([turn_id for turn_id, _ in chunk], lane=lane, report=report)
     except Exception as exc:
-        # The batch died mid-way (the database dropped, say); process_batch handed its turns back.
         logger.exception(
             "batch of %d turns failed; sent again in %.1f s", len(chunk), settings.batch_retry_delay
         )
-        return exc
+        return ChunkRaised(exc, report)
 
 
 def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome) -> None:
@@ -141,8 +149,12 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         answered = min(len(chunk), outcome.bulk_owed)
         bulk_gate.release(answered)
         outcome.bulk_owed -= answered
-    if isinstance(result, Exception):
-        outcome.resend.append(Resend(chunk, settings.batch_retry_delay))
+    if isinstance(result, ChunkRaised):
+        # Turns whose next attempt waits (an adapter looked at again later) keep their wait: sent
+        # again with the chunk, each would be charged an attempt for a cause still passing.
+        later = result.report.retry_in
+        again = [p for p in chunk if p[0] not in later]
+        outcome.resend += [Resend(again, settings.batch_retry_delay), *_after_waits(later, lane_of)]
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
         return
     report = result
@@ -150,13 +162,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     events.finished(report.done, failed, [*report.send_again, *report.deferred])
     now = [t for t in report.send_again if t not in report.retry_in]
     outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval))
-    # Retried once the worker looks at what failed them again (within the visibility timeout: a
-    # countdown message held past it would be handed out again).
-    later: dict[float, list[Pending]] = {}
-    for turn_id, wait in report.retry_in.items():
-        delay = min(max(wait, settings.flush_interval), settings.visibility_timeout / 2)
-        later.setdefault(delay, []).append((turn_id, lane_of[turn_id]))
-    outcome.resend += [Resend(turns, delay) for delay, turns in later.items()]
+    outcome.resend += _after_waits(report.retry_in, lane_of)
     # Scenes' next steps, created with the steps just stored: one message per lane's batch, so the
     # open scenes' steps reach the engine together.
     steps: dict[str, list[Pending]] = {}
@@ -178,6 +184,16 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
     if report.engine_dead is not None:
         outcome.engine_dead = report.engine_dead
+
+
+def _after_waits(retry_in: dict[uuid.UUID, float], lane_of: dict[uuid.UUID, Lane]) -> list[Resend]:
+    """Turns retried once the worker looks at what failed them again (within the visibility
+    timeout: a countdown message held past it would be handed out again)."""
+    later: dict[float, list[Pending]] = {}
+    for turn_id, wait in retry_in.items():
+        delay = min(max(wait, settings.flush_interval), settings.visibility_timeout / 2)
+        later.setdefault(delay, []).append((turn_id, lane_of[turn_id]))
+    return [Resend(turns, delay) for delay, turns in later.items()]
 
 
 def deferral_delay(deferrals: int) -> float:

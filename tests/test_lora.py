@@ -356,3 +356,37 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
     _record(chunk, report, SimpleNamespace(finished=lambda *args: None), outcome)  # type: ignore[arg-type]
     waits = {resend.countdown: [t for t, _ in resend.turns] for resend in outcome.resend if resend.turns}
     assert waits == {42.0: [first.id]}  # sent again when the worker looks at the adapter again
+
+    # Found in review: a batch raising after it had written the early retries (the database dropped
+    # mid-way) sent its whole chunk again after batch_retry_delay, and each such turn was charged.
+    from tasks.generate import ChunkRaised
+
+    outcome = FlushOutcome()
+    raised = ChunkRaised(RuntimeError("the database dropped"), report)
+    _record(chunk, raised, SimpleNamespace(finished=lambda *args: None), outcome)  # type: ignore[arg-type]
+    waits = {resend.countdown: [t for t, _ in resend.turns] for resend in outcome.resend if resend.turns}
+    assert waits == {settings.batch_retry_delay: [last_try.id, big.id], 42.0: [first.id]}
+
+
+def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_instead_of_failing_it(
+    monkeypatch, world
+) -> None:
+    """Found in review: `mlchat chat --inline` and the serverless handler ran such a turn again at once,
+    so it spent its attempts in milliseconds and failed for a cause the worker looks at again only a
+    minute later."""
+    from db.models import TurnStatus
+    from tests.conftest import new_conversation
+    from worker import inline, pipeline
+
+    rounds: list[list[uuid.UUID]] = []
+
+    def adapter_copying(turn_ids, *, lane="live"):  # type: ignore[no-untyped-def]
+        rounds.append(list(turn_ids))
+        reason = "adapter copying@v1 unavailable; looked at again in 42 s"
+        waits = dict.fromkeys(turn_ids, 42.0)
+        return pipeline.BatchReport(retry=dict.fromkeys(turn_ids, reason), retry_in=waits)
+
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    monkeypatch.setattr(inline, "process_batch", adapter_copying)
+    (view,) = inline.answer_now([new_conversation() | {"message": "Are you there?"}])
+    assert rounds == [[view.id]] and view.status == TurnStatus.QUEUED

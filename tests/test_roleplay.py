@@ -170,13 +170,13 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
     call = (weak, {turn.id: request}, {}, {}, {})
     real_generate = engine_module.generate
 
-    def broken(requests, deadline=None):  # type: ignore[no-untyped-def]
+    def broken(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("the embedder's device went away")
 
     monkeypatch.setattr(engine_module, "generate", broken)
     assert judge.regenerate_weak(*call) == weak  # type: ignore[arg-type]
 
-    def dead(requests, deadline=None):  # type: ignore[no-untyped-def]
+    def dead(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
         raise EngineDead("gone")
 
     monkeypatch.setattr(engine_module, "generate", dead)
@@ -205,3 +205,49 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
     monkeypatch.setattr(engine_module, "submit", lambda requests: [died])
     with pytest.raises(EngineDead):
         real_generate([request], deadline=time.monotonic() + 0.05)
+
+
+def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelled_when_unread(
+    monkeypatch,
+) -> None:
+    """Found in review: the second try's requests were not among the batch's futures, so an engine
+    that died of one did not count the death against its turn (a poison second try was sent round for
+    ever), and if waiting for them raised they generated on to max_tokens with nobody reading."""
+    import uuid
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    import pytest
+
+    from worker import engine as engine_module
+    from worker import judge
+    from worker.engine import EngineDead, GenerationRequest
+    from worker.engine_loop import Generation
+    from worker.pipeline import _was_in_engine
+
+    turn = SimpleNamespace(id=uuid.uuid4(), params={})
+    request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ())
+    weak = [(turn, Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))]
+    first: Future = Future()
+    first.set_result(weak[0][1])
+    futures_of: dict = {turn.id: [first]}
+    killer: Future = Future()
+    killer.set_exception(EngineDead("gone", in_engine=True))
+    cancelled: list[object] = []
+    loop = SimpleNamespace(wait=lambda futures, timeout=None: list(futures), cancel=cancelled.extend)
+    monkeypatch.setattr(engine_module, "get_loop", lambda: loop)
+    monkeypatch.setattr(engine_module, "submit", lambda requests: [killer])
+    with pytest.raises(EngineDead):
+        judge.regenerate_weak(weak, {turn.id: request}, {}, {}, {}, futures_of=futures_of)  # type: ignore[arg-type]
+    assert futures_of[turn.id] == [first, killer] and _was_in_engine(killer)
+
+    unread: Future = Future()
+
+    def interrupted(futures, timeout=None):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # a warm shutdown while the second try generates
+
+    loop.wait = interrupted
+    monkeypatch.setattr(engine_module, "submit", lambda requests: [unread])
+    with pytest.raises(KeyboardInterrupt):
+        engine_module.generate([request])
+    assert cancelled == [unread]

@@ -15,7 +15,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -436,11 +436,17 @@ class NoTimeLeft(TimeoutError):
 
 
 def generate(
-    requests: Sequence[GenerationRequest], deadline: float | None = None
+    requests: Sequence[GenerationRequest],
+    deadline: float | None = None,
+    on_submit: Callable[[Sequence[Any]], None] | None = None,
 ) -> list[Generation | Exception]:
     """Generate the requests on the running engine; one result per request, in order: a Generation,
     or the exception that failed that request alone (NoTimeLeft for one still generating at
-    `deadline`, time.monotonic(), cancelled then). Raises EngineDead if the engine dies."""
+    `deadline`, time.monotonic(), cancelled then). Raises EngineDead if the engine dies.
+
+    `on_submit` is given the requests' futures once they are in the engine (a batch records them to
+    blame an engine death on the requests inside it, or to cancel them when it hands its turns back).
+    If waiting raises, the requests still generating are cancelled before the error goes on."""
 
     def late() -> NoTimeLeft:
         return NoTimeLeft("still generating when the claim's hold ran out; cancelled")
@@ -450,13 +456,22 @@ def generate(
     futures = submit(requests)
     loop = get_loop()
     pending = list(futures)
-    while pending:
-        left = None if deadline is None else deadline - time.monotonic()
-        if left is not None and left <= 0:
-            loop.cancel(pending)
-            break
-        done = loop.wait(pending, timeout=left)
-        pending = [f for f in pending if f not in done]
+    try:
+        if on_submit is not None:
+            on_submit(futures)
+        while pending:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                loop.cancel(pending)
+                break
+            done = loop.wait(pending, timeout=left)
+            pending = [f for f in pending if f not in done]
+    except BaseException:
+        try:
+            loop.cancel(pending)  # nobody is left to read them
+        except Exception:
+            logger.warning("could not cancel %d requests left unread", len(pending), exc_info=True)
+        raise
     results: list[Generation | Exception] = []
     for future in futures:
         # A request cancelled at the deadline may have finished meanwhile (kept), been cancelled

@@ -17,6 +17,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
 
     Turns of one conversation are answered in order across rounds, exactly as a worker would; a
     turn that cannot finish within max_attempts + len(requests) rounds is returned as it stands.
+    A turn whose next attempt must wait (an adapter that may load later: a worker sends it again only
+    then) is returned as it stands too, queued with its reason: run again at once it would spend its
+    attempts in milliseconds and fail for a cause that passes. Sending it again later runs it again.
     EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
     check_space()
@@ -26,6 +29,7 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         if not pending:
             break
         report = process_batch(pending[: settings.batch_size])
-        pending = [*report.retry, *report.deferred, *pending[settings.batch_size :]]
+        now = [t for t in report.retry if t not in report.retry_in]
+        pending = [*now, *report.deferred, *pending[settings.batch_size :]]
     views = [get_turn(turn_id) for turn_id in ids]
     return [view for view in views if view is not None]

@@ -165,18 +165,27 @@ def regenerate_weak(
     contexts: dict[uuid.UUID, TurnContext],
     prompts: dict[uuid.UUID, BuiltPrompt],
     deadline: float | None = None,
+    futures_of: dict[uuid.UUID, list[Any]] | None = None,
 ) -> list[Judged]:
     """Generate once more, with the seed after the turn's candidates', every reply still below the
     bar (one engine call for all of them); keep whichever of the two is below the bar for fewer
     reasons, preferring the first on a tie. A second reply still generating at `deadline` (the
     claim's hold, time.monotonic()) is cancelled, and a regeneration that raises keeps the first
-    replies: the second look never costs the ones in hand (a dead engine still ends the batch)."""
+    replies: the second look never costs the ones in hand (a dead engine still ends the batch).
+    Each second request's future joins its turn's in `futures_of` (the batch's report.futures), so an
+    engine death blames it and a hand-back cancels it, as for the first ones."""
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
     if not weak:
         return judged
     retry = [_next_seed(requests[judged[i][0].id], judged[i][0]) for i in weak]
+
+    def track(futures: Sequence[Any]) -> None:
+        if futures_of is not None:
+            for i, future in zip(weak, futures, strict=True):
+                futures_of.setdefault(judged[i][0].id, []).append(future)
+
     try:
-        made = engine_module.generate(retry, deadline=deadline)
+        made = engine_module.generate(retry, deadline=deadline, on_submit=track)
         results = [_read(q, r) for q, r in zip(retry, made, strict=True)]
         fresh = [
             (i, r, q)

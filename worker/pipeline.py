@@ -100,16 +100,19 @@ def get_prompt_builder() -> PromptBuilder:
     return PromptBuilder(loaded.tokenizer, settings.resolved_prompt_format, settings.max_model_len)
 
 
-def process_batch(turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live") -> BatchReport:
+def process_batch(
+    turn_ids: Sequence[uuid.UUID], *, lane: Lane = "live", report: BatchReport | None = None
+) -> BatchReport:
     """Run one batch; never raises for a single turn's fault.
 
     The batch's turns are claimed under one token and lease (kept alive while the batch runs). If
     the engine dies, they are handed back without charging an attempt and the report says so, but a
     turn inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths is failed (engine_crash_loop); if
-    anything else raises, they are handed back (the attempt counted) before the error propagates.
+    anything else raises, they are handed back (the attempt counted) before the error propagates;
+    then `report`, when given, holds what the batch had decided (turns it had written already).
     """
     timer = StageTimer()
-    report = BatchReport()
+    report = BatchReport() if report is None else report
     with timer("claim"), session_scope() as session:
         claim = claim_turns(
             session=session,
@@ -348,7 +351,9 @@ def _answer(
     loop = engine_module.get_loop()
     shared_ms["to_engine_ms"] = timer.elapsed_ms()  # from the claim until the prompts join the engine
     candidates = {t.id: prepared[t.id].candidates for t in ready}
+    # Recorded as they are submitted: a second submit that raises still leaves the first cancellable.
     future_of: dict[uuid.UUID, list[Any]] = {}
+    report.futures = future_of  # an engine death asks them which turns were inside the engine
     for alone in (False, True):  # turns that were inside an engine that died run alone
         part = [t for t in ready if prepared[t.id].request.alone is alone]
         if part:
@@ -361,7 +366,6 @@ def _answer(
                 )
             )
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
-    report.futures = future_of  # an engine death asks them which turns were inside the engine
     window = store_window(turns, priority)
     generations: list[Any] = []
     waiting = list(ready)
@@ -568,6 +572,7 @@ def _finish_group(
                 context_of,
                 prompts,
                 deadline=hold_until,
+                futures_of=report.futures,
             )
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
