@@ -379,6 +379,58 @@ def test_lore_dropped_for_the_context_is_listed_as_dropped_whatever_the_cleaner_
         assert (f"Fact {i}:\n" in built.text) == (i in kept), i
 
 
+def test_lore_over_the_context_goes_by_the_books_rank_and_says_it_left_for_the_context(tokenizer) -> None:
+    """Found in review: lore that left no room for the message went by its place in the persona
+    (insertion order, `after_char` entries last), not by the book's rank, so a priority 100 entry
+    went before a priority 1 one; and it was labelled as over the book's own token budget."""
+    c = _character()
+    words = " ".join(f"word{i}" for i in range(40))
+    entries = [  # insertion order puts the important ones last, and after the character sheet
+        {"id": i, "keys": [], "constant": True, "content": f"Fact {i}: {words}", "priority": 1}
+        for i in range(8)
+    ] + [
+        {
+            "id": 100 + i,
+            "keys": [],
+            "constant": True,
+            "content": f"Key fact {i}: {words}",
+            "priority": 100,
+            "insertion_order": 500 + i,
+            "position": "after_char",
+        }
+        for i in range(3)
+    ]
+    c.lorebook = Lorebook.model_validate({"token_budget": 10**8, "entries": entries}).model_dump()
+    built = PromptBuilder(tokenizer, "chat_template", 700).build(
+        PromptInput(c, "Rowan", "Any news?", TurnContext(), 32)
+    )
+    kept = {e["id"] for e in built.manifest["lore"]}
+    dropped = [d for d in built.manifest["dropped"] if d["kind"] == "lore"]
+    assert dropped and {100, 101, 102} <= kept  # the low-priority entries went first
+    assert {d["reason"] for d in dropped} == {"context budget"}
+
+
+def test_a_books_token_budget_is_counted_on_the_text_the_prompt_holds(tokenizer) -> None:
+    """Found in review: the budget was counted on the raw text, and the prompt holds it cleaned: a
+    special token, defanged into several ordinary tokens, made the lore exceed its own budget."""
+    c = _character()
+    marker = "<|im_start|>" * 20
+    c.lorebook = Lorebook.model_validate(
+        {
+            "token_budget": 400,
+            "entries": [
+                {"id": i, "keys": [], "constant": True, "content": f"Fact {i} {marker}"} for i in range(4)
+            ],
+        }
+    ).model_dump()
+    built = PromptBuilder(tokenizer, "chat_template", 4096).build(
+        PromptInput(c, "Rowan", "Any news?", TurnContext(), 32)
+    )
+    # raw, each entry is about 24 tokens and all four fit; as the prompt holds them, about 164
+    assert built.manifest["lore"] and built.manifest["sections"]["lore"] <= 400
+    assert {d["reason"] for d in built.manifest["dropped"] if d["kind"] == "lore"} == {"lore token budget"}
+
+
 @pytest.mark.parametrize("fmt", ["gpt_oss_text", "chat_template"])
 def test_a_player_named_as_the_character_is_told_apart_in_the_prompt(tokenizer, fmt: str) -> None:
     """Found in review: a player named like the character (any case) had every line and memory of

@@ -5,13 +5,15 @@ manifest records what went in, why, and what each part cost in tokens."""
 
 from __future__ import annotations
 
+import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
-from roleplay.lorebook import Activation, Lorebook, activate, stored_lorebook
+from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored_lorebook
 from roleplay.mood import Mood, describe_toward
 from worker.prompt.formats import FORMATS, ChatMessage, escape_name_markers
 from worker.prompt.layout import (
@@ -92,6 +94,26 @@ class _Packed:
     facts: list[Any]
 
 
+def _piece_of(fired: FiredEntry, char: str, user: str, clean: Callable[[str], str]) -> tuple[Any, str]:
+    """A fired entry as its persona piece holds it: its id, its text with macros filled, cleaned."""
+    return fired.entry.id, clean(fill_macros(fired.content, char, user))
+
+
+def _by_rank(
+    pieces: list[Any], lore: Activation | None, char: str, user: str, clean: Callable[[str], str]
+) -> list[Any]:
+    """The persona's lore pieces, best-ranked first, as the book ranked them for its token budget."""
+    if lore is None:
+        return pieces
+    rank: dict[tuple[Any, str], tuple[bool, float, float]] = {}
+    for fired in lore.kept:
+        entry = fired.entry
+        rank.setdefault(
+            _piece_of(fired, char, user, clean), (not entry.constant, -entry.priority, entry.insertion_order)
+        )
+    return sorted(pieces, key=lambda p: rank.get((p[1], p[2]), (True, math.inf, math.inf)))
+
+
 def _pack(
     ordered: list[tuple[str, Any]],
     costs: list[int],
@@ -162,14 +184,17 @@ class PromptBuilder:
             self._books[character.id] = cached
         return cached[1]
 
-    def _lore(self, item: PromptInput, char: str, user: str) -> Activation | None:
+    def _lore(
+        self, item: PromptInput, char: str, user: str, clean: Callable[[str], str]
+    ) -> Activation | None:
         if not item.character.lorebook:
             return None
         return activate(
             self._lorebook(item.character),
             message=item.message,
             history=[line.content for line in item.context.recent],
-            count_tokens=self.count_tokens,
+            # counted as the prompt holds it: a defanged special token costs more than the raw one
+            count_tokens=lambda text: self.count_tokens(clean(text)),
             fill=lambda text: fill_macros(text, char, user),
         )
 
@@ -187,7 +212,7 @@ class PromptBuilder:
             clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens
-        lore = self._lore(item, char, user)
+        lore = self._lore(item, char, user, clean)
         pieces_of = narrator_pieces if narrator else persona_pieces
         persona = pieces_of(item.character, lore, char, user, clean)
         if item.system_prompt and not narrator:
@@ -275,14 +300,16 @@ class PromptBuilder:
         kept, over_memory = _pack(ordered, costs, item.memory_tokens, used=0, budget=None)
         whole = sum(costs[i] for i in kept)
         packed = self._render_kept(layout, ordered, kept) if whole <= budget else None
+        for_context: set[int] = set()  # lore entries dropped to leave room for the message
         if packed is None or len(packed.ids) + whole > budget:
             first, first_layout = list(kept), layout
             base_len = len(self._render(layout, [], [], [])[0])
-            lore_pieces = [p for p in persona if p[0] == "lore"]
+            lore_pieces = _by_rank([p for p in persona if p[0] == "lore"], lore, char, user, clean)
             if base_len > budget and lore_pieces:
-                # Lore that would leave no room for the message goes, the last-ranked entries first:
-                # the most entries that still fit, found in a few renders rather than one render per
-                # entry dropped (a card of ten thousand small constant entries).
+                # Lore that would leave no room for the message goes, the last-ranked entries first
+                # (the book's own order: constant, then priority, then insertion order): the most
+                # entries that still fit, found in a few renders rather than one render per entry
+                # dropped (a card of ten thousand small constant entries).
                 def with_lore(k: int) -> Layout:
                     kept_lore = {id(p) for p in lore_pieces[:k]}
                     pieces = [p for p in persona if p[0] != "lore" or id(p) in kept_lore]
@@ -303,11 +330,10 @@ class PromptBuilder:
                     owed = Counter((p[1], p[2]) for p in lore_pieces[low:])
                     keep: list[Any] = []
                     for fired in reversed(lore.kept):
-                        # a piece holds its entry's text as the prompt does: macros filled, cleaned
-                        piece = (fired.entry.id, clean(fill_macros(fired.content, char, user)))
-                        if owed[piece] > 0:
-                            owed[piece] -= 1
+                        if owed[_piece_of(fired, char, user, clean)] > 0:
+                            owed[_piece_of(fired, char, user, clean)] -= 1
                             lore.dropped.insert(0, fired)
+                            for_context.add(id(fired))
                         else:
                             keep.append(fired)
                     lore.kept[:] = keep[::-1]
@@ -343,7 +369,7 @@ class PromptBuilder:
                 "kind": "lore",
                 "id": f.entry.id,
                 "name": f.entry.name,
-                "reason": "lore token budget",
+                "reason": "context budget" if id(f) in for_context else "lore token budget",
                 "tokens": f.tokens,
             }
             for f in (lore.dropped if lore else [])
