@@ -51,8 +51,10 @@ def character_exchanges(
             Turn.prompt.is_not(None),
             Turn.reply.is_not(None),
             # A structured turn's stored reply is its spoken line (or its JSON) against a prompt that
-            # asks for JSON: no example of the character's free voice.
+            # asks for JSON: no example of the character's free voice. A data format's reply may be
+            # JSON null, stored as SQL NULL: its format says what it was.
             Turn.structured.is_(None),
+            func.coalesce(Turn.params["response_format"]["type"].astext, "text").in_(["text", "npc"]),
         )
         .order_by(Turn.number)
     )

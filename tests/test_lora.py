@@ -25,10 +25,12 @@ CARD = {
 }
 
 
-def _store(replies: list[tuple[str, str, dict]], slug: str = SLUG, structured: object = None) -> None:
+def _store(
+    replies: list[tuple[str, str, dict]], slug: str = SLUG, structured: object = None, **fields: object
+) -> None:
     """Answered turns of the character, stored as a worker stores them: (prompt, reply, quality)."""
     requests = [
-        {"conversation": f"lora-{uuid.uuid4().hex[:8]}", "character": slug, "message": f"Line {i}"}
+        {"conversation": f"lora-{uuid.uuid4().hex[:8]}", "character": slug, "message": f"Line {i}", **fields}
         for i in range(len(replies))
     ]
     ids = enqueue_turns(requests, send=False)
@@ -127,13 +129,17 @@ def test_a_card_example_opens_no_turn_and_a_structured_reply_is_no_example_of_th
     good = {"below_bar": [], "persona": 0.6}
     _store([("P1", "Steel sings for me.", good)], slug=slug)
     _store([("P2 (answer in JSON)", "Take it.", good)], slug=slug, structured={"say": "Take it."})
+    # review: a JSON reply of `null` is stored as SQL NULL, like a free-text turn's
+    json_object = {"params": {"response_format": {"type": "json_object"}}}
+    _store([("P3 (answer in JSON)", "null", good)], slug=slug, structured=None, **json_object)
     report = export_dataset(slug, tmp_path / "ds", min_persona=0.3, validation_share=0.0, tokenizer=tokenizer)
     rows = [
         json.loads(x)
         for name in ("train.jsonl", "validation.jsonl")
         for x in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
     ]
-    assert report.manifest["from_turns"] == 1 and "Take it." not in [r["completion"] for r in rows]
+    assert report.manifest["from_turns"] == 1
+    assert {"Take it.", "null"}.isdisjoint(r["completion"] for r in rows)
     (card,) = [r for r in rows if r["source"] == "card example"]
     assert card["prompt"].count("<|im_start|>") == 3  # system, user, assistant: the template's own
     assert card["prompt"].count("<|im_end|>") == 2 and "<|im_end|>" not in card["completion"]
