@@ -396,3 +396,18 @@ def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_ins
     monkeypatch.setattr(inline, "process_batch", adapter_copying)
     (view,) = inline.answer_now([new_conversation() | {"message": "Are you there?"}])
     assert rounds == [[view.id]] and view.status == TurnStatus.QUEUED
+
+
+def test_an_adapter_trains_on_the_gpu_in_half_precision_when_there_is_one(monkeypatch) -> None:
+    """Found in review: `lora train` loaded the model in float32 on the CPU even on a GPU host."""
+    import torch
+
+    from services.lora.train import placement
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert placement() == ("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert placement() == ("cuda", torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
+    assert placement() == ("cuda", torch.float16)

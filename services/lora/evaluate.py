@@ -41,6 +41,7 @@ def evaluate(
     model.eval()
     for row in rows:
         ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = ids.to(model.device)
         message = row["prompt"].rsplit("user", 1)[-1][:500]  # enough of the last user turn for its script
         for label in outputs:
             torch.manual_seed(0)

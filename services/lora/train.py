@@ -77,7 +77,20 @@ def _load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: int) -> list[dict[str, Any]]:
+def placement() -> tuple[str, Any]:
+    """Where the model trains and in what dtype: a GPU in bfloat16 when there is one that has it
+    (float16 otherwise), else the CPU in float32 (the CPU's half types are slow or missing there).
+    PEFT keeps the adapter's own weights in float32 either way."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu", torch.float32
+    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _batches(
+    examples: Sequence[tuple[list[int], list[int]]], size: int, pad: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     import torch
 
     out = []
@@ -93,6 +106,7 @@ def _batches(examples: Sequence[tuple[list[int], list[int]]], size: int, pad: in
                 "labels": torch.tensor([labels + [IGNORE] * (width - len(labels)) for _, labels in chunk]),
             }
         )
+        out[-1] = {k: v.to(device) for k, v in out[-1].items()}
     return out
 
 
@@ -127,13 +141,14 @@ def train_adapter(
     manifest = json.loads((dataset_dir / MANIFEST).read_text(encoding="utf-8"))
     random.seed(config.seed)
     torch.manual_seed(config.seed)
-    if not torch.cuda.is_available():
+    device, dtype = placement()
+    if device == "cpu":
         torch.set_num_threads(config.threads or _free_cores())
     base = resolve_model_path(settings)
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model: Any = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device),  # type: ignore[arg-type]
         LoraConfig(
             r=config.rank,
             lora_alpha=config.alpha,
@@ -147,7 +162,7 @@ def train_adapter(
         encode(tokenizer, r["prompt"], r["completion"], config.max_length)
         for r in _load(dataset_dir / VALIDATION)
     ]
-    held_batches = _batches(held, config.batch_size, pad)
+    held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.learning_rate)
@@ -157,7 +172,7 @@ def train_adapter(
     while step < steps:
         order = list(train)
         random.shuffle(order)
-        for batch in _batches(order, config.batch_size, pad):
+        for batch in _batches(order, config.batch_size, pad, device):
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
