@@ -288,6 +288,8 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         {"custom_id": "both", "message": "hi", "scene": _scene()},
         {"custom_id": "twins", "scene": _scene(participants=["elara", "luffy", twin])},
         {"custom_id": "me-too", "scene": _scene(player_name=elara_name.lower())},
+        # review: step 10's turn would be named "x…x#10", over the column's 200 characters
+        {"custom_id": "x" * 198, "scene": _scene(exchanges=10)},
     ]
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
@@ -295,7 +297,7 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
     assert reasons[2].startswith("scene.participants:") and "at least 2" in reasons[2]
     assert reasons[3].startswith("scene.participants:") and "limit is 16" in reasons[3]
     assert reasons[4] == "scene.participants.1.character: unknown character 'nobody'"
@@ -304,6 +306,7 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
     assert reasons[7].startswith("message:")
     assert reasons[8].startswith("scene.participants.2.character:") and "as participants.0 is" in reasons[8]
     assert reasons[9].startswith("scene.player_name:") and "a member's name" in reasons[9]
+    assert reasons[10].startswith("custom_id: at most 197 characters on a scene line of 10 exchanges")
     with session_scope() as s:  # nothing stored
         run_id = s.scalar(select(Run.id).where(Run.name == name))
         assert s.scalar(select(func.count()).select_from(Scene).where(Scene.run_id == run_id)) == 0

@@ -32,6 +32,9 @@ FileFormat = Literal["native", "openai"]
 _BOM = b"\xef\xbb\xbf"
 
 
+CUSTOM_ID_MAX = 200  # turns.custom_id's length
+
+
 class HistoryLine(BaseModel):
     """An earlier line of a fresh conversation, seeded before the turn."""
 
@@ -46,7 +49,7 @@ class RunLine(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    custom_id: Text = Field(min_length=1, max_length=200)
+    custom_id: Text = Field(min_length=1, max_length=CUSTOM_ID_MAX)
     message: str = ""  # required, except on a scene line
     character: Text | None = Field(default=None, max_length=64)
     conversation: Text | None = Field(
@@ -163,6 +166,13 @@ class LineReader:
             extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
             if extra:
                 raise ValueError(f"{extra[0]}: a scene line names its characters in scene.participants")
+            # Each step's turn is named custom_id#step, in a column of CUSTOM_ID_MAX characters.
+            room = CUSTOM_ID_MAX - len(f"#{line.scene.exchanges}")
+            if len(line.custom_id) > room:
+                raise ValueError(
+                    f"custom_id: at most {room} characters on a scene line of {line.scene.exchanges} "
+                    f"exchanges (each step is named custom_id#step, at most {CUSTOM_ID_MAX} characters)"
+                )
             return line
         if not line.conversation and not line.character:
             raise ValueError("a line without a conversation must name a character")
