@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import false, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -429,19 +429,24 @@ def reopen_failed_scenes(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> 
 
 
 class SceneClosed(ValueError):
-    """The scene failed or was cancelled: it cannot go on (the message names its status)."""
+    """A run's scene that failed or was cancelled: it cannot go on (the message names its status)."""
 
 
-def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> tuple[Scene, list[NewStep]]:
-    """extend: a live scene goes on for `exchanges` more steps (reopened if it ended); step n+1's
-    turn is created now unless one is open, or requeued if it failed unsent (broker down). KeyError
-    if the conversation holds no scene; SceneClosed if it failed or was cancelled."""
+def extend_scene(
+    *, session: Session, conversation_id: int, exchanges: int, api_key: str | None = None
+) -> tuple[Scene, list[NewStep]]:
+    """extend: a live scene goes on for `exchanges` more steps (reopened if it ended, failed or was
+    cancelled: the game asks it to go on); step n+1's turn is created now unless one is open, or sent
+    again if it failed or was cancelled (with its attempts back: one empty reply, or a worker lost
+    three times, would otherwise close the game's group for good). KeyError if the conversation holds
+    no scene; SceneClosed for a run's scene that failed or was cancelled (the run's to retry)."""
     scene = session.scalars(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()
     if scene is None:
         raise KeyError(conversation_id)
-    if scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED):
+    closed = scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED)
+    if closed and scene.run_id is not None:
         raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
@@ -453,16 +458,26 @@ def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> t
     session.flush()
     if not pending:
         step = scene.steps_done + 1
-        unsent = session.scalar(  # its message never reached the broker: the step itself goes out again
+        # The step's message never reached the broker, or the step closed the scene: it goes out again.
+        ended_it = Turn.status.in_([TurnStatus.FAILED, TurnStatus.CANCELLED]) if closed else false()
+        unsent = session.scalar(
             update(Turn)
             .where(
                 Turn.scene_id == scene.id,
                 Turn.scene_step == step,
-                Turn.status == TurnStatus.FAILED,
-                Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value,
+                or_(
+                    (Turn.status == TurnStatus.FAILED)
+                    & (Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value),
+                    ended_it,
+                ),
             )
             .values(
-                status=TurnStatus.QUEUED, error=None, error_code=None, finished_at=None, dispatched_at=None
+                status=TurnStatus.QUEUED,
+                error=None,
+                error_code=None,
+                finished_at=None,
+                dispatched_at=None,
+                attempts=0,  # engine_deaths stay: a step that kills the engine is still stopped
             )
             .returning(Turn.id)
         )
@@ -472,7 +487,7 @@ def extend_scene(*, session: Session, conversation_id: int, exchanges: int) -> t
             tenant = (
                 session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
             )
-            _create_step(session, scene, step, tenant=tenant, sent=True)
+            _create_step(session, scene, step, tenant=tenant, sent=True, api_key=api_key)
     return scene, pop_new_steps(session)
 
 

@@ -24,7 +24,7 @@ from db.turns import mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
-from services.producer import send_new_turns
+from services.producer import EnqueueError, send_new_turns
 from services.runs.scene_lines import scene_of
 
 
@@ -62,16 +62,26 @@ def start_group(
         if not created:
             raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
         steps = pop_new_steps(session)
-    _send(steps)
+    try:
+        _send(steps)
+    except EnqueueError as exc:  # the group is stored: a second POST would find it a group already
+        raise EnqueueError(
+            f"{exc}; the group is stored: POST /v1/scenes/{spec.conversation}:continue sends its first line"
+        ) from None
     return scene_view(spec.conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
 
 
-def continue_group(conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-    """Ask the group to go on for `exchanges` more lines with no player line, on the live lane.
-    KeyError if the tenant has no such group; SceneClosed if its scene failed or was cancelled."""
+def continue_group(
+    conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT, api_key: str | None = None
+) -> dict[str, Any]:
+    """Ask the group to go on for `exchanges` more lines with no player line, on the live lane (a
+    group whose step failed or was cancelled goes on from that step). KeyError if the tenant has no
+    such group."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
-        _, steps = extend_scene(session=session, conversation_id=conv_id, exchanges=exchanges)
+        _, steps = extend_scene(
+            session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
+        )
     _send(steps)
     return scene_view(conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
 

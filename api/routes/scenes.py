@@ -34,7 +34,9 @@ async def continue_scene(
 ) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` lines with no player line (ambient chatter)."""
     try:
-        return await run_in_threadpool(scenes.continue_group, conversation, body.exchanges, tenant=who.tenant)
+        return await run_in_threadpool(
+            scenes.continue_group, conversation, body.exchanges, tenant=who.tenant, api_key=who.key_id
+        )
     except KeyError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
     except scenes.SceneClosed as exc:
