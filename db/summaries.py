@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import select, text, update
@@ -35,8 +35,16 @@ class SummaryWork:
     level: int
     first_seq: int
     last_seq: int
-    lines: list[tuple[str, str]] = field(default_factory=list)  # (role, content), oldest first
+    # (role, content, speaker: a group member's name, else None), oldest first; `seqs` theirs
+    lines: list[tuple[str, str, str | None]] = field(default_factory=list)
     parts: list[tuple[int, str]] = field(default_factory=list)  # (summary id, text), oldest first
+    seqs: list[int] = field(default_factory=list)
+
+    def first_lines(self, n: int) -> SummaryWork:
+        """The same work over its first `n` lines only (those its request has room for)."""
+        if n >= len(self.lines) or not self.seqs:
+            return self
+        return replace(self, last_seq=self.seqs[n - 1], lines=self.lines[:n], seqs=self.seqs[:n])
 
 
 @dataclass(frozen=True)
@@ -96,7 +104,7 @@ def next_summary_work(
     if last_seq is None:
         return None
     lines = session.execute(
-        select(Message.seq, Message.role, Message.content)
+        select(Message.seq, Message.role, Message.content, Message.speaker_name)
         .where(
             Message.conversation_id == conversation_id,
             Message.seq > (covered or 0),
@@ -118,7 +126,8 @@ def next_summary_work(
         0,
         taken[0].seq,
         taken[-1].seq,
-        lines=[(Role(r.role).value, r.content) for r in taken],
+        lines=[(Role(r.role).value, r.content, r.speaker_name) for r in taken],
+        seqs=[r.seq for r in taken],
     )
 
 

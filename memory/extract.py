@@ -21,7 +21,7 @@ from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_throug
 from db.models import Conversation, FactKind, FactScope, Message
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, same_space
-from memory.prompts import Speakers, dialogue, loaded_builder, speakers
+from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,14 @@ def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, 
     return generate_text(system, user, max_tokens=max_tokens, json_schema=schema)
 
 
-def extract_prompt(lines: list[tuple[str, str]], who: Speakers) -> tuple[str, str]:
-    """(system, user) of the request that reads these (role, content) lines; all cleaned."""
+def extract_prompt(lines: Sequence[Line], who: Speakers) -> tuple[str, str]:
+    """(system, user) of the request that reads these lines (memory/prompts.py); all cleaned."""
     return EXTRACT_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(lines, who)
+
+
+def _line(row: Any) -> Line:
+    """A message row as a dialogue line: a group member's under their own name."""
+    return (str(row.role), row.content, getattr(row, "speaker_name", None))
 
 
 def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> list[Any]:
@@ -105,7 +110,7 @@ def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> 
     budget = builder.max_model_len - EXTRACT_MAX_TOKENS
     keep = len(lines)
     while keep > 1:
-        system, body = extract_prompt([(str(r.role), r.content) for r in lines[:keep]], who)
+        system, body = extract_prompt([_line(r) for r in lines[:keep]], who)
         if len(request_ids(builder, system, body)[0]) <= budget:
             break
         keep -= 1
@@ -204,7 +209,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 return {}
             after = extracted_through(session=session, conversation_id=conversation_id)
             lines = session.execute(
-                select(Message.seq, Message.role, Message.content, Message.turn_id)
+                select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)
                 .order_by(Message.seq)
                 .limit(EXTRACT_LINES)
@@ -215,7 +220,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         builder = loaded_builder()
         who = speakers(builder, char, user)
         lines = lines_that_fit(lines, who, builder)
-        system, body = extract_prompt([(str(r.role), r.content) for r in lines], who)
+        system, body = extract_prompt([_line(r) for r in lines], who)
         raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
         facts = parse_facts(raw)
         last = lines[-1]

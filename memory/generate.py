@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from memory.prompts import REQUEST_SPEAKERS
 from worker import engine as engine_module
 from worker.engine import GenerationRequest
 from worker.prompt.formats import ChatMessage
@@ -15,14 +16,16 @@ def memory_messages(builder: Any, system: str, user: str) -> list[ChatMessage]:
     """The request's messages fitted to the roles the model's template accepts (as a turn's are): a
     template refusing a system message gets the instructions in the user message."""
     return fit_roles(
-        [{"role": "system", "content": system}, {"role": "user", "content": user}], builder.roles, "Memory"
+        [{"role": "system", "content": system}, {"role": "user", "content": user}],
+        builder.roles,
+        REQUEST_SPEAKERS[0],
     )
 
 
 def request_ids(builder: Any, system: str, user: str) -> tuple[list[int], Any]:
     """The request's token ids, as the model's template renders it, and that rendering."""
     rendered = builder.format.render(
-        builder.tokenizer, memory_messages(builder, system, user), "Memory", "User"
+        builder.tokenizer, memory_messages(builder, system, user), *REQUEST_SPEAKERS
     )
     ids = builder.tokenizer(rendered.text, add_special_tokens=rendered.add_special_tokens)["input_ids"]
     return list(ids), rendered

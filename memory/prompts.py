@@ -4,10 +4,11 @@ labels for names, in the instructions as in the lines."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker.prompt.formats import escape_name_markers
 from worker.prompt.sanitize import Sanitizer
 
 
@@ -21,6 +22,15 @@ class Speakers:
     label: Callable[[str], str]
 
 
+# The speakers a memory request is rendered between (memory/generate.py): in a text format such as
+# gpt_oss_text, "Memory:" or "User:" opening a line of the dialogue would open a turn of theirs.
+REQUEST_SPEAKERS = ("Memory", "User")
+
+# A line of dialogue for a memory job: (role, content) or (role, content, speaker): the speaker's
+# name where the line is a group member's (a scene's lines are each member's, not the lead's).
+Line = tuple[str, str] | tuple[str, str, str | None]
+
+
 def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     """Labels and cleaner from `builder` (a PromptBuilder); without one (a script whose generate is
     not this model) only special-token-free scrubbing."""
@@ -29,7 +39,11 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
         char, user = Sanitizer(None).speaker_labels(char_name, player_name)
         return Speakers(char, user, scrub, lambda name: Sanitizer(None).label(name, "Someone"))
     char, user = builder.sanitizer.speaker_labels(char_name, player_name)
-    clean = builder.cleaner(char, user)
+    turn_clean = builder.cleaner(char, user)
+
+    def clean(text: str) -> str:
+        return str(builder.format.escape(turn_clean(text), *REQUEST_SPEAKERS))
+
     return Speakers(clean(char), clean(user), clean, builder.cleaner_label(clean))
 
 
@@ -44,7 +58,17 @@ def loaded_builder() -> Any | None:
     return None
 
 
-def dialogue(lines: list[tuple[str, str]], who: Speakers) -> str:
-    """(role, content) lines as `Speaker: text`, every part cleaned."""
+def dialogue(lines: Sequence[Line], who: Speakers) -> str:
+    """Lines as `Speaker: text`, every part cleaned; no text opens a line as any of its speakers."""
     names = {"user": who.user, "assistant": who.char, "narrator": who.label("Narrator")}
-    return "\n".join(f"{names.get(role) or who.label(role)}: {who.clean(content)}" for role, content in lines)
+    labelled = [(_label(line, names, who), line[1]) for line in lines]
+    speaking = sorted({label for label, _ in labelled})
+    return "\n".join(f"{label}: {escape_name_markers(who.clean(text), speaking)}" for label, text in labelled)
+
+
+def _label(line: Line, names: dict[str, str], who: Speakers) -> str:
+    role = line[0]
+    speaker = line[2] if len(line) > 2 else None
+    if speaker and role != "user":  # a group member's line, or the narrator's
+        return who.label(speaker)
+    return names.get(role) or who.label(role)

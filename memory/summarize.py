@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from core.settings import settings
 from db.memory_jobs import SUMMARY, claim_job, release_job
@@ -43,8 +44,7 @@ def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
     if work.parts:
         body = "\n\n".join(who.clean(text) for _, text in work.parts)
         return MERGE_INSTRUCTIONS.format(char=who.char, user=who.user), body
-    body = dialogue([(str(role), content) for role, content in work.lines], who)
-    return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), body
+    return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(work.lines, who)
 
 
 # What an empty answer's stand-in keeps: about the tokens a summary may have (~4 characters a token).
@@ -57,11 +57,38 @@ def stand_in_summary(work: SummaryWork, who: Speakers, chars: int) -> str:
     if work.parts:
         share = max(1, chars // len(work.parts) - 1)
         return " ".join(_one_line(who.clean(text))[:share] for _, text in work.parts)
-    return _one_line(dialogue([(str(role), content) for role, content in work.lines], who))[:chars]
+    return _one_line(dialogue(work.lines, who))[:chars]
 
 
 def _one_line(text: str) -> str:
     return " / ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def fitted(work: SummaryWork, who: Speakers, builder: Any | None) -> SummaryWork:
+    """The work over as many of its lines (at least one) as its request has room for beside the
+    answer: the range stored is the range read (the request's own cut, memory/generate.py, would drop
+    the last lines unread while the summary claimed them). Chunks are sized by characters, and a
+    line's label or a script of many tokens a character does not count there. Without the model's
+    builder (no engine loaded) the work is kept whole."""
+    if builder is None or work.parts or len(work.lines) <= 1:
+        return work
+    from memory.generate import request_ids
+
+    budget = builder.max_model_len - settings.memory_summary_max_tokens
+
+    def fits(n: int) -> bool:
+        return len(request_ids(builder, *summary_prompt(work.first_lines(n), who))[0]) <= budget
+
+    if fits(len(work.lines)):
+        return work
+    low, high = 1, len(work.lines) - 1  # the most lines that fit lie in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return work.first_lines(low)
 
 
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
@@ -79,7 +106,8 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
     if token is None:
         return 0
-    who = speakers(loaded_builder(), *names)
+    builder = loaded_builder()
+    who = speakers(builder, *names)
     stored = 0
     try:
         for _ in range(max_steps):
@@ -94,6 +122,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 )
             if work is None:
                 break
+            work = fitted(work, who, builder)
             system, body = summary_prompt(work, who)
             text = generate(system, body, settings.memory_summary_max_tokens)
             if not text:
