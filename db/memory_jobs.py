@@ -23,6 +23,44 @@ RETURNING token
 )
 
 
+# A job whose request was inside this many engine deaths runs its next step without the model (a
+# stand-in summary, no facts read): one is enough, as a memory step is worth less than the engine
+# and the live turns beside it, each of which counts the death too (db/turns.py).
+MEMORY_JOB_DEATHS = 1
+
+
+def count_engine_death(*, session: Session, conversation_id: int, kind: str) -> int:
+    """The job's request was inside an engine that died: count it; the job's count now."""
+    count = session.execute(
+        text(
+            "UPDATE memory_jobs SET engine_deaths = engine_deaths + 1"
+            " WHERE conversation_id = :c AND kind = :k RETURNING engine_deaths"
+        ),
+        {"c": conversation_id, "k": kind},
+    ).scalar()
+    return int(count or 0)
+
+
+def engine_deaths(*, session: Session, conversation_id: int, kind: str) -> int:
+    """How many engine deaths the job's request was inside since its last stored step."""
+    count = session.execute(
+        text("SELECT engine_deaths FROM memory_jobs WHERE conversation_id = :c AND kind = :k"),
+        {"c": conversation_id, "k": kind},
+    ).scalar()
+    return int(count or 0)
+
+
+def clear_engine_deaths(*, session: Session, conversation_id: int, kind: str) -> None:
+    """A step was stored: the job's next request starts with no death counted against it."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET engine_deaths = 0"
+            " WHERE conversation_id = :c AND kind = :k AND engine_deaths > 0"
+        ),
+        {"c": conversation_id, "k": kind},
+    )
+
+
 def claim_job(*, session: Session, conversation_id: int, kind: str, lease_s: float) -> uuid.UUID | None:
     """Take the conversation's memory job of this kind for `lease_s`; None while another holds it."""
     token = uuid.uuid4()

@@ -17,7 +17,16 @@ from sqlalchemy import select
 from core.settings import settings
 from core.text import storable_output
 from db.facts import NewFact, add_facts, closest_fact, supersede
-from db.memory_jobs import EXTRACT, advance_extract, claim_job, extracted_through, release_job
+from db.memory_jobs import (
+    EXTRACT,
+    MEMORY_JOB_DEATHS,
+    advance_extract,
+    claim_job,
+    clear_engine_deaths,
+    engine_deaths,
+    extracted_through,
+    release_job,
+)
 from db.models import Conversation, FactKind, FactScope, Message
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, same_space
@@ -208,6 +217,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             if conversation is None:
                 return {}
             after = extracted_through(session=session, conversation_id=conversation_id)
+            blind = engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
             lines = session.execute(
                 select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)
@@ -221,7 +231,16 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         who = speakers(builder, char, user)
         lines = lines_that_fit(lines, who, builder)
         system, body = extract_prompt([_line(r) for r in lines], who)
-        raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
+        if blind >= MEMORY_JOB_DEATHS:  # this request was inside an engine that died: not again
+            logger.warning(
+                "conversation %s lines %s-%s read for no facts: their request was inside an engine that died",
+                conversation_id,
+                lines[0].seq,
+                lines[-1].seq,
+            )
+            raw = '{"facts": []}'
+        else:
+            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
         facts = parse_facts(raw)
         last = lines[-1]
         source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
@@ -230,12 +249,14 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 session=session, conversation_id=conversation_id, token=token, through=last.seq
             ):
                 return {}  # the claim lapsed: another worker reads these lines
+            clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
             conversation = session.get(Conversation, conversation_id)
             assert conversation is not None
             counts = store_extracted(
                 session=session, conversation=conversation, facts=facts or [], source=source
             )
-            return {"lines": len(lines), "malformed": int(facts is None), **counts}
+            read = {"lines": len(lines), "malformed": int(facts is None), **counts}
+            return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})
     finally:
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token)

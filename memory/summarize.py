@@ -10,7 +10,14 @@ from collections.abc import Callable
 from typing import Any
 
 from core.settings import settings
-from db.memory_jobs import SUMMARY, claim_job, release_job
+from db.memory_jobs import (
+    MEMORY_JOB_DEATHS,
+    SUMMARY,
+    claim_job,
+    clear_engine_deaths,
+    engine_deaths,
+    release_job,
+)
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
@@ -37,6 +44,10 @@ def _engine_generate(system: str, user: str, max_tokens: int) -> str:
     from memory.generate import generate_text
 
     return generate_text(system, user, max_tokens=max_tokens)
+
+
+def _no_answer(system: str, user: str, max_tokens: int) -> str:
+    return ""  # the empty answer's stand-in is stored: the lines' own text, cut
 
 
 def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
@@ -104,8 +115,16 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         )
         conversation = session.get(Conversation, conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
+        blind = engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:
         return 0
+    if blind >= MEMORY_JOB_DEATHS:  # its request was inside an engine that died: the stand-in, once
+        logger.warning(
+            "conversation %s summarised without the model: its request was inside an engine that died",
+            conversation_id,
+        )
+        generate = _no_answer
+        max_steps = 1
     builder = loaded_builder()
     who = speakers(builder, *names)
     stored = 0
@@ -138,6 +157,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
             with session_scope() as session:
                 if store_summary(session=session, work=work, text_=text, token=token) is None:
                     break  # the claim lapsed (another worker has it) or the range is stored
+                clear_engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
             stored += 1
     finally:
         with session_scope() as session:

@@ -36,6 +36,8 @@ def memory_job(conversation_id: int, kind: str) -> None:
     except EngineDead as exc:  # the worker's engine-death handling: hand the job on, stop the worker
         from worker.lifecycle import stop_for_dead_engine
 
+        if exc.in_engine:  # its request may be what killed it: the next try goes without the model
+            _count_death(conversation_id, kind)
         send_memory_jobs([(conversation_id, kind)])
         stop_for_dead_engine(exc)
         return
@@ -45,6 +47,17 @@ def memory_job(conversation_id: int, kind: str) -> None:
         from memory.schedule import schedule_memory
 
         schedule_memory([conversation_id])  # the next step, if one is due
+
+
+def _count_death(conversation_id: int, kind: str) -> None:
+    from db.memory_jobs import count_engine_death
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            count_engine_death(session=session, conversation_id=conversation_id, kind=kind)
+    except Exception:  # never in the way of the hand-off; the job may then kill one more engine
+        logger.warning("could not count the engine death of memory job %s of %s", kind, conversation_id)
 
 
 def _run_step(conversation_id: int, kind: str) -> bool:

@@ -705,3 +705,55 @@ def test_a_groups_lines_are_summarised_under_each_members_name_and_no_line_opens
     lines = body.split("\n")
     assert lines[0] == "Ann: hi" and not lines[1].startswith("Memory:")
     assert lines[2] == "Mira: I'll pay your debt." and lines[3].startswith("Rowan: Mira\u200b:")
+
+
+def test_a_memory_job_whose_request_was_inside_a_dead_engine_runs_its_next_step_without_the_model(
+    monkeypatch,
+) -> None:
+    """Found in review: a summary or extraction request that crashed the engine was sent again to the
+    next worker, which died the same way (the same seeded request), and every death also counted
+    against the live turns beside it, failing them as engine_crash_loop."""
+    from db.memory_jobs import EXTRACT, SUMMARY, engine_deaths, mark_queued
+    from memory.extract import run_extract_job
+    from memory.summarize import run_summary_job
+    from tasks import memory as memory_task
+    from worker import lifecycle
+    from worker.engine import EngineDead
+
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 40)
+    sent, stopped = [], []
+    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None: sent.extend(jobs))
+    monkeypatch.setattr(lifecycle, "stop_for_dead_engine", stopped.append)
+
+    def killer(conversation_id: int, kind: str) -> bool:
+        raise EngineDead("engine core died", in_engine=True)
+
+    monkeypatch.setattr(memory_task, "_run_step", killer)
+    for kind in (SUMMARY, EXTRACT):
+        with session_scope() as s:  # the job's row, as scheduling leaves it
+            mark_queued(session=s, jobs=[(conv, kind)], stale_s=60)
+        memory_task.memory_job(conv, kind)
+        with session_scope() as s:
+            assert engine_deaths(session=s, conversation_id=conv, kind=kind) == 1
+    assert sent == [(conv, SUMMARY), (conv, EXTRACT)] and len(stopped) == 2  # handed on, worker stopped
+
+    def never(*args: object) -> str:
+        raise AssertionError("the model was asked again")
+
+    assert run_summary_job(conv, generate=never) == 1  # the stand-in: the lines' own text, cut
+    with session_scope() as s:
+        text = s.scalars(select(Summary.text).where(Summary.conversation_id == conv)).one()
+        assert "line 1 " in text and engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0
+    read = run_extract_job(conv, generate=never)
+    assert read["lines"] >= 1 and read["without_model"] == 1 and read.get("added", 0) == 0
+    with session_scope() as s:
+        assert engine_deaths(session=s, conversation_id=conv, kind=EXTRACT) == 0
+
+    def outside(conversation_id: int, kind: str) -> bool:
+        raise EngineDead("engine core died")
+
+    monkeypatch.setattr(memory_task, "_run_step", outside)  # a death its request was not inside
+    memory_task.memory_job(conv, SUMMARY)
+    with session_scope() as s:
+        assert engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0
