@@ -195,10 +195,25 @@ def fail_submission(
     error: str,
     error_code: Literal["invalid_request", "server_error"],
     line_errors: list[dict[str, Any]] | None = None,
+    final: bool = False,
 ) -> bool:
     """fail_submission: validating → failed, with the reason, whose fault it was (`invalid_request`:
-    the file's; `server_error`: the server's) and each bad line's; False if the run moved on."""
-    return (
+    the file's; `server_error`: the server's) and each bad line's; False if the run moved on.
+    `final`: no resume will follow (an OpenAI batch): the turns its submission stored and not yet
+    started are cancelled with it, so no worker answers a batch that writes no output."""
+    if final:  # turns before the run: the lock order of every transaction that finishes turns
+        session.execute(
+            update(Turn)
+            .where(
+                Turn.run_id == run_id,
+                Turn.status == TurnStatus.QUEUED,
+                select(Run.status).where(Run.id == run_id).scalar_subquery() == RunStatus.VALIDATING,
+            )
+            .values(
+                status=TurnStatus.CANCELLED, finished_at=func.now(), error="the batch's submission failed"
+            )
+        )
+    failed = (
         session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status == RunStatus.VALIDATING)
@@ -214,6 +229,9 @@ def fail_submission(
         )
         is not None
     )
+    if failed and final:
+        cancel_open_scenes(session=session, run_id=run_id, reason="the batch's submission failed")
+    return failed
 
 
 def begin_submission_attempt(*, session: Session, run_id: uuid.UUID) -> int | None:
@@ -505,8 +523,9 @@ def cancel_run(
     if before is None:
         raise KeyError(f"no run {run_id}")
     cancellable: tuple[RunStatus, ...] = (*RUN_LIVE, RunStatus.CANCELLING)
-    if before == RunStatus.FAILED and _has_unfinished_turns(session, run_id):
-        cancellable = (*cancellable, RunStatus.FAILED)
+    resumable = session.scalar(select(Run.input_file_id.is_(None)).where(Run.id == run_id))
+    if before == RunStatus.FAILED and resumable and _has_unfinished_turns(session, run_id):
+        cancellable = (*cancellable, RunStatus.FAILED)  # a batch that failed stays failed
     if before not in cancellable:
         return CancelOutcome(before, before, 0)
     if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later

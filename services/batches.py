@@ -225,6 +225,7 @@ def _submit_batch(name: str) -> None:
                         error=gone,
                         error_code="invalid_request",
                         line_errors=[{"line": None, "message": gone}],
+                        final=True,
                     )
                 raise RunValidationError([])
             submit_run(found.path, name=name, retry_later=True, lock_held=True)
@@ -236,7 +237,7 @@ def _submit_batch(name: str) -> None:
     except (RunConflict, ValueError) as exc:  # the file (or its default character) is at fault
         with session_scope() as session:
             failed = fail_submission(
-                session=session, run_id=run_id, error=one_line(exc), error_code="invalid_request"
+                session=session, run_id=run_id, error=one_line(exc), error_code="invalid_request", final=True
             )
         if failed and callback:
             send_callback(run_id)
@@ -273,7 +274,9 @@ def _retry_later(
 
 def _give_up(run_id: uuid.UUID, callback: str | None, error: str) -> None:
     with session_scope() as session:
-        failed = fail_submission(session=session, run_id=run_id, error=error, error_code="server_error")
+        failed = fail_submission(
+            session=session, run_id=run_id, error=error, error_code="server_error", final=True
+        )
     if failed and callback:
         send_callback(run_id)
 

@@ -723,6 +723,12 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
     assert error["code"] == "server_error" and "submission failed 2 times" in error["message"]
     assert batch_id not in batches.retry_batch_submissions()  # `failed` is final: nothing resumes it
     assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    # review: the turns it had stored stayed queued (a worker would answer a batch that writes no
+    # output), and a cancel then moved the failed batch on to cancelled, with files
+    with session_scope() as s:
+        statuses = s.scalars(select(Turn.status).join(Run).where(Run.name == batch_id)).all()
+    assert statuses and set(statuses) == {TurnStatus.CANCELLED}
+    assert batches.cancel_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
 
 
 @contextmanager
