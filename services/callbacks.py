@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import httpx
 
 from core.settings import settings
-from db.models import Run
+from db.models import RUN_FINISHED, Run
 from db.runs import record_callback
 from db.session import session_scope
 
@@ -158,6 +158,8 @@ def deliver(run_id: uuid.UUID) -> bool:
     with session_scope() as session:
         run = session.get(Run, run_id)
         if run is None or not run.callback_url or run.callback_delivered_at is not None:
+            return True
+        if run.status not in RUN_FINISHED:  # a call that raced the end: the end sends its own
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
     return send_once(url, body, delivery=str(run_id), record=lambda error: _record_run(run_id, error))

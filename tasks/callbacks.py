@@ -1,9 +1,13 @@
 """The completion-callback tasks (a batch's, a turn's): every worker consumes their queue; Celery retries
-them with backoff."""
+them with backoff, when the receiver failed and when the database did (the delivery reads the run and
+records each try: a blip there must not drop a callback that a try was recorded for, as the sweep
+looks again only at callbacks never tried)."""
 
 from __future__ import annotations
 
 import uuid
+
+from sqlalchemy.exc import DBAPIError
 
 from core.settings import settings
 from services.callbacks import CallbackFailed, deliver
@@ -16,7 +20,7 @@ CALLBACK_QUEUE = "mlchat.callbacks"
 @app.task(
     name="mlchat.deliver_batch_callback",
     queue=CALLBACK_QUEUE,
-    autoretry_for=(CallbackFailed,),
+    autoretry_for=(CallbackFailed, DBAPIError),
     retry_backoff=2,  # 2 s, 4 s, 8 s … (with jitter), capped below
     retry_backoff_max=600,
     retry_jitter=True,
@@ -30,7 +34,7 @@ def deliver_batch_callback(run_id: str) -> None:
 @app.task(
     name="mlchat.deliver_turn_callback",
     queue=CALLBACK_QUEUE,
-    autoretry_for=(CallbackFailed,),
+    autoretry_for=(CallbackFailed, DBAPIError),
     retry_backoff=2,
     retry_backoff_max=600,
     retry_jitter=True,

@@ -12,10 +12,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import update
+from sqlalchemy import func, update
 
 from core.settings import settings
-from db.models import Run
+from db.models import Run, RunStatus
 from db.runs import create_run
 from db.session import session_scope
 from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, verify_signature
@@ -70,7 +70,8 @@ def _resolver(monkeypatch, host: str, answers: list[str]) -> list[str]:  # type:
 def _run_calling_back(url: str) -> uuid.UUID:
     with session_scope() as s:
         run, _ = create_run(session=s, name=f"cb-{uuid.uuid4().hex[:12]}", model="m", file_hash="h", total=0)
-        s.execute(update(Run).where(Run.id == run.id).values(callback_url=url))
+        finished = {"status": RunStatus.COMPLETED, "finished_at": func.now()}
+        s.execute(update(Run).where(Run.id == run.id).values(callback_url=url, **finished))
         return run.id
 
 
@@ -271,3 +272,43 @@ def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while
             assert s.query(Conversation).filter(Conversation.external_id == body["conversation"]).count() == 0
     [turn] = submit_turns([request("good.example.test")], send=False)
     assert turn.created
+
+
+def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its_batch_ends(
+    services, receiver, monkeypatch
+) -> None:
+    """Found in review: a database error in a retry (reading the run, recording the try) was not one
+    Celery retries, and the sweep looks only at callbacks never tried: the callback was dropped for
+    good. And a failure path that raced a cancel posted a batch still finalizing, marked delivered,
+    so its real end was never called back."""
+    from sqlalchemy.exc import OperationalError
+
+    from services import callbacks
+    from tasks.callbacks import deliver_batch_callback
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    run_id = _run_calling_back(f"http://receiver.test:{receiver}/hook")
+
+    blips: list[uuid.UUID] = []
+
+    def blip(session: object, run: Run) -> dict:
+        blips.append(run.id)
+        raise OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr("services.batches.batch_object", blip)
+    deliver_batch_callback.apply(args=[str(run_id)])  # run eagerly, a retry runs at once
+    assert blips == [run_id] * deliver_batch_callback.max_retries + [run_id]  # every try, not one
+    monkeypatch.undo()
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.FINALIZING, finished_at=None))
+    assert callbacks.deliver(run_id) is True and _Receiver.calls == []  # not yet: its end sends it
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).callback_delivered_at is None
+        s.execute(
+            update(Run).where(Run.id == run_id).values(status=RunStatus.CANCELLED, finished_at=func.now())
+        )
+    assert callbacks.deliver(run_id) is True and len(_Receiver.calls) == 1
