@@ -421,11 +421,13 @@ def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[
     transaction each (the run's row stays locked meanwhile, so two finalizers never write the same
     run); returns their names. A run whose files cannot be written goes to the back of the line."""
     done = []
+    tried: set[uuid.UUID] = set()
     for _ in range(limit):
         with session_scope() as session:
             ids = finalizing_runs(session=session, limit=1, models=models)
-            if not ids:
-                break
+        if not ids or ids[0] in tried:  # one that failed came round again: the next pass tries it
+            break
+        tried.add(ids[0])
         name = finalize_run(ids[0])
         if name is not None:
             done.append(name)
@@ -454,8 +456,11 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
     except Exception as exc:
         logger.exception("run %s: writing its output files failed; trying again later", run_id)
         _remove_unlisted(written)
-        with session_scope() as session:
-            postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
+        try:
+            with session_scope() as session:
+                postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
+        except Exception:  # the database is down too: the run stays finalizing, tried again as it is
+            logger.warning("run %s: could not record the failed finalizing", run_id, exc_info=True)
         return None
     if callback:
         send_callback(run_id)

@@ -849,6 +849,36 @@ def test_a_finalizing_that_fails_after_writing_its_files_leaves_none_behind(
     assert set(settings.batch_files_dir.iterdir()) - before == kept
 
 
+def test_a_batch_whose_files_cannot_be_written_is_tried_once_a_pass_and_a_database_blip_raises_nothing(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a run that failed to finalize went to the back of the line, and when it was
+    the only one it came straight back: ten tries a housekeeping pass. And recording the failure with
+    the database down too raised out of a cancel that had committed (a 500) and out of housekeeping."""
+    from sqlalchemy.exc import OperationalError
+
+    sub = _submit(tmp_path, "unwritable-" + tmp_path.name, 1, input_file_id="file-test")
+    with session_scope() as s:
+        cancel_run(session=s, run_id=sub.id)
+    tries: list[object] = []
+
+    def disk_full(session, run, written):  # type: ignore[no-untyped-def]
+        tries.append(run.id)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(batches, "_write_files", disk_full)
+    batches.finalize_runs()
+    assert tries.count(sub.id) == 1
+
+    def database_down(**kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE runs", {}, Exception("the database system is shutting down"))
+
+    monkeypatch.setattr(batches, "postpone_finalizing", database_down)
+    assert batches.finalize_run(sub.id) is None and tries.count(sub.id) == 2
+    with session_scope() as s:
+        assert s.get_one(Run, sub.id).status == RunStatus.FINALIZING  # tried again later, as it is
+
+
 def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet_model, tmp_path) -> None:
     import threading
 
