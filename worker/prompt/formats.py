@@ -102,6 +102,20 @@ def _escape_gpt_oss(text: str, char: str, user: str) -> str:
     return escape_name_markers(text, (char, user))
 
 
+# The prompt's own bracketed markers (worker/prompt/layout.py, packing.py): a line of untrusted text
+# opening with one would read as narration or a scene direction to every member after it.
+_BRACKET_MARKER = regex.compile(
+    rf"^({LEADING})\[(?=(?:narrator|scene|scene direction)\]|[^\]\n]{{0,200}}\bspeaks next\.\])",
+    regex.IGNORECASE | regex.MULTILINE,
+)
+
+
+def escape_bracket_markers(text: str) -> str:
+    """Break the prompt's own bracketed markers at a line's start ("[Narrator]", "[Scene]",
+    "[Scene direction]", "[Name speaks next.]") in text that is not the prompt's."""
+    return _BRACKET_MARKER.sub(lambda m: m.group(1) + "[" + ZWSP, text)
+
+
 def escape_name_markers(text: str, names: Sequence[str]) -> str:
     """Break "Name:" at a line's start for these names: in text that is not theirs, it would read as
     their line (in a group, any member's or the player's, whatever the format)."""

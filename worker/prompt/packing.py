@@ -15,7 +15,7 @@ from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored_lorebook
 from roleplay.mood import Mood, describe_toward
-from worker.prompt.formats import FORMATS, ChatMessage, escape_name_markers
+from worker.prompt.formats import FORMATS, ChatMessage, escape_bracket_markers, escape_name_markers
 from worker.prompt.layout import (
     Layout,
     Piece,
@@ -157,9 +157,11 @@ class PromptBuilder:
         self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
 
     def cleaner(self, char: str, user: str) -> Any:
-        """The one cleaning step for every untrusted text of a prompt between these two speakers."""
+        """The one cleaning step for every untrusted text of a prompt between these two speakers: no
+        special token, no role marker of the format, no line opening as the prompt's own bracketed
+        markers ("[Narrator] …", "[Scene direction]", "[… speaks next.]")."""
         escape, scrub = self.format.escape, self.sanitizer.scrub
-        return lambda text: escape(scrub(text), char, user)
+        return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
     def cleaner_label(self, clean: Any) -> Any:
         """Another speaker's name as a label: folded onto one line, then cleaned like any text."""
@@ -222,8 +224,8 @@ class PromptBuilder:
         if not direction and narrator and item.group is not None:  # the narrator answering a player
             direction = item.group.narrator_instructions
         if direction:  # after the persona, so the persona stays a shared, cached prefix
-            text = "[Scene direction]\n" + fill_macros(direction, char, user)
-            persona = [*persona, ("direction", None, clean(text))]
+            text = "[Scene direction]\n" + clean(fill_macros(direction, char, user))
+            persona = [*persona, ("direction", None, text)]
         group = item.group if not narrator else None
         label = self.cleaner_label(clean)
         # Members told apart by id: two may share a display name.
@@ -235,8 +237,8 @@ class PromptBuilder:
         message = item.message
         if group is not None:  # after the persona too: the persona stays a shared prefix
             premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
-            scene = f"[Scene]\n{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
-            persona = [*persona, ("scene", None, clean(scene))]
+            scene = f"{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
+            persona = [*persona, ("scene", None, "[Scene]\n" + clean(scene))]
             toward = [
                 describe_toward(char, label(n), item.regard.get(i, 0))
                 for n, i in zip(group.names, group.ids, strict=True)
@@ -248,9 +250,9 @@ class PromptBuilder:
         elif narrator and item.group is not None:  # the narrator of a group: the scene and who is in it
             present = ", ".join(label(n) for n in item.group.names)
             premise = f"{fill_macros(item.group.premise, char, user)}\n" if item.group.premise else ""
-            scene = f"[Scene]\n{premise}Present: {present}."
-            persona = [*persona, ("scene", None, clean(scene))]
-            message = message or "[The narrator speaks next.]"
+            scene = f"{premise}Present: {present}."
+            persona = [*persona, ("scene", None, "[Scene]\n" + clean(scene))]
+            message = clean(message) if message else "[The narrator speaks next.]"
         if item.actions and not narrator:
             persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
@@ -289,7 +291,7 @@ class PromptBuilder:
         group_fields: dict[str, Any] = dict(
             group=group is not None, speaker_id=item.character.id, label=label
         )
-        if group is None:  # a group's message is cleaned already, under the player's name
+        if item.group is None:  # a group's message is cleaned already (a member's under the player's name)
             message = clean(message)
         layout = Layout(persona, state, message, post, char, user, narrator, clean, **group_fields)
         costs = self._count(texts)
@@ -377,11 +379,13 @@ class PromptBuilder:
         sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
         if layout.post:
             sources.append(("post-history instruction", layout.post))
-        if group is not None and group.narrator:
-            others = [*others, "Narrator"]
+        if group is not None:  # a member never speaks for another, the player or the narrator
+            others = [*others, user, *(["Narrator"] if group.narrator else [])]
+            if group.narrator:
+                stop = (*stop, "\n[Narrator]")
         elif narrator and item.group is not None:  # the narrator never speaks for a member or the player
             others = [label(n) for n in item.group.names] + [user]
-        stop = stop + tuple(f"\n{name}:" for name in others)  # the model never speaks for the others
+        stop = stop + tuple(f"\n{name}:" for name in others if f"\n{name}:" not in stop)
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
     def _render_kept(self, layout: Layout, ordered: list[tuple[str, Any]], kept: list[int]) -> _Packed:
