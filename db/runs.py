@@ -567,6 +567,10 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         raise ValueError(
             f"run is {status}: only a completed or in-progress run's failed turns can be retried"
         )
+    if status == RunStatus.COMPLETED and session.scalar(
+        select(Run.input_file_id.is_not(None)).where(Run.id == run_id)
+    ):  # its output and error files are written and called back: a batch is not reopened
+        raise ValueError("run is a completed batch: submit its failed requests as a new batch")
     ids = list(
         session.scalars(
             update(Turn)

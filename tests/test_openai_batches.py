@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.settings import queue_for_model, settings
 from db.models import (
@@ -877,6 +877,19 @@ def test_a_batch_whose_files_cannot_be_written_is_tried_once_a_pass_and_a_databa
     assert batches.finalize_run(sub.id) is None and tries.count(sub.id) == 2
     with session_scope() as s:
         assert s.get_one(Run, sub.id).status == RunStatus.FINALIZING  # tried again later, as it is
+
+
+def test_a_completed_batch_is_not_reopened_to_write_its_files_a_second_time(quiet_model, tmp_path) -> None:
+    """Found in review: `mlchat run retry-failed` on a completed batch sent it through finalizing
+    again: new output and error files replaced the ids, the old rows stayed listed and counted in
+    the key's quota, and no callback said so."""
+    from db.runs import reopen_failed
+
+    sub = _submit(tmp_path, "reopen-" + tmp_path.name, 1, input_file_id="file-test")
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.COMPLETED))
+    with session_scope() as s, pytest.raises(ValueError, match="completed batch"):
+        reopen_failed(session=s, run_id=sub.id)
 
 
 def test_a_cancel_waits_for_the_chunk_being_stored_and_then_sees_its_turns(quiet_model, tmp_path) -> None:
