@@ -27,7 +27,7 @@ from db.memory_jobs import (
     extracted_through,
     release_job,
 )
-from db.models import Conversation, FactKind, FactScope, Message
+from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, same_space
 from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
@@ -189,8 +189,12 @@ def store_extracted(
             and close[1] >= settings.memory_fact_supersede_similarity
             and close[0].source != "game"
         ):
-            supersede(session=session, old_id=close[0].id, new_id=row.id)
-            counts["superseded"] += 1
+            if supersede(session=session, old_id=close[0].id, new_id=row.id):
+                counts["superseded"] += 1
+            else:  # replaced meanwhile (the game, another extraction): the newer fact stands
+                replaced_by = session.scalar(select(Fact.superseded_by).where(Fact.id == close[0].id))
+                supersede(session=session, old_id=row.id, new_id=int(replaced_by))
+                counts["duplicate"] += 1
         else:
             counts["added"] += 1
     return counts

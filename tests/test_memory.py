@@ -757,3 +757,62 @@ def test_a_memory_job_whose_request_was_inside_a_dead_engine_runs_its_next_step_
     memory_task.memory_job(conv, SUMMARY)
     with session_scope() as s:
         assert engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0
+
+
+def test_an_extracted_fact_contradicting_one_the_game_replaced_meanwhile_does_not_stand_beside_it(
+    monkeypatch,
+) -> None:
+    """Found in review: extraction ignored supersede's answer. When the game replaced the fact the
+    dialogue contradicted between the extraction's read and its write, the extracted fact stayed
+    current beside the game's replacement."""
+    from memory import extract
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        store_extracted(
+            session=s, conversation=conv, facts=_answer(("Rowan has a sister called Mira.", 8)), source="t:1"
+        )
+    read_before: list[object] = []
+    real = extract.closest_fact
+
+    def read_then_game_replaces(**kwargs: object) -> object:
+        found = real(**kwargs)  # type: ignore[arg-type]
+        read_before.append(found)
+        with session_scope() as other:  # the game's write commits between the read and the write
+            (game,) = add_facts(
+                session=other,
+                facts=[
+                    NewFact(
+                        tenant="",
+                        player_id=player,
+                        kind=FactKind.PLAYER,
+                        subject="Rowan",
+                        text="Rowan's sister Mira is dead.",
+                        source="game",
+                        importance=0.9,
+                        scope=FactScope.CONVERSATION,
+                        scope_ref=str(conv_id),
+                        embedding=embed(["Rowan: Rowan's sister Mira is dead."])[0],
+                    )
+                ],
+            )
+            assert supersede(session=other, old_id=found[0].id, new_id=game.id)  # type: ignore[index]
+        return found
+
+    monkeypatch.setattr(extract, "closest_fact", read_then_game_replaces)
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        counts = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has no sister; Mira is his cousin.", 8)),
+            source="t:2",
+        )
+    assert read_before and counts == {"added": 0, "duplicate": 1, "superseded": 0}
+    with session_scope() as s:
+        current = s.scalars(
+            select(Fact.text).where(Fact.player_id == player, Fact.superseded_by.is_(None))
+        ).all()
+    assert current == ["Rowan's sister Mira is dead."]  # the game's stands alone; the others are history
