@@ -1,6 +1,8 @@
 """The memory-job claim: one row per conversation and kind ("summary", "extract"), so at most one
 job of a kind per conversation is in flight. A claim is a token under a lease; a job's writes check
-that its claim still holds, so a worker whose lease lapsed (presumed dead) writes nothing."""
+that its token is still the job's, so a worker whose lease lapsed and whose job another claimed
+(presumed dead) writes nothing. One whose lease lapsed with nobody taking the job over still stores
+its work: a generation that waited past the lease behind bulk work is not thrown away."""
 
 from __future__ import annotations
 
@@ -97,12 +99,10 @@ def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float
 
 
 def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> bool:
-    """Whether this claim still holds the job (locks its row until the transaction ends)."""
+    """Whether the job is still this claim's: no later claim took it, whether or not its lease ran
+    out (locks its row until the transaction ends)."""
     row = session.execute(
-        text(
-            "SELECT 1 FROM memory_jobs WHERE conversation_id = :c AND kind = :k AND token = :t"
-            " AND lease_until >= now() FOR UPDATE"
-        ),
+        text("SELECT 1 FROM memory_jobs WHERE conversation_id = :c AND kind = :k AND token = :t FOR UPDATE"),
         {"c": conversation_id, "k": kind, "t": token},
     ).first()
     return row is not None
@@ -135,7 +135,7 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
     done = session.execute(
         text(
             "UPDATE memory_jobs SET done_through = GREATEST(done_through, :through)"
-            " WHERE conversation_id = :c AND kind = 'extract' AND token = :t AND lease_until >= now()"
+            " WHERE conversation_id = :c AND kind = 'extract' AND token = :t"
         ),
         {"c": conversation_id, "t": token, "through": through},
     )

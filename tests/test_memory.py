@@ -343,6 +343,22 @@ def test_a_summary_job_that_dies_midway_and_runs_again_stores_one_summary() -> N
     assert nxt is None or nxt.first_seq > first.last_seq
 
 
+def test_a_summary_that_took_longer_than_its_lease_is_stored_when_nobody_took_the_job_over() -> None:
+    """Found in review: a claim whose lease lapsed stored nothing even when no other worker had
+    claimed the job: a generation that waited past the lease behind bulk work was thrown away and
+    done again, over and over under a steady bulk load."""
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 30)
+    with session_scope() as s:
+        slow = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=0.2)
+    assert slow is not None
+    work = _work(conv)
+    time.sleep(0.4)  # the generation outlasts the lease; no other worker claims the job meanwhile
+    with session_scope() as s:
+        assert store_summary(session=s, work=work, text_="They met at the gate.", token=slow) is not None
+    assert _summaries(conv) == [(0, work.first_seq, work.last_seq)]
+
+
 def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 80)
