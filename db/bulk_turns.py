@@ -51,9 +51,15 @@ CREATE_STAGE = text(
 INSERT_CONVERSATIONS = text(
     """
     INSERT INTO conversations (tenant, external_id, character_id, player_id, player_name, story, story_time)
-    SELECT DISTINCT ON (s.conversation) :tenant, s.conversation, c.id, '', s.player_name, s.story,
-           s.story_time
+    SELECT DISTINCT ON (s.conversation) CAST(:tenant AS varchar), s.conversation, c.id, '', s.player_name,
+           s.story, s.story_time
     FROM turn_stage s JOIN characters c ON c.slug = s.character
+    -- A conversation that exists is not offered: ON CONFLICT would wait for any transaction writing
+    -- its row (a worker storing an earlier line's reply, which then waits for this run's row).
+    WHERE NOT EXISTS (
+        SELECT 1 FROM conversations v
+        WHERE v.tenant = CAST(:tenant AS varchar) AND v.external_id = s.conversation
+    )
     ORDER BY s.conversation, s.ord
     ON CONFLICT (tenant, external_id) DO NOTHING
     """

@@ -407,3 +407,41 @@ def _waits_on(pid: int) -> bool:
                 {"pid": pid},
             )
         )
+
+
+def test_a_chunk_naming_a_conversation_a_worker_is_writing_does_not_wait_for_that_worker(world) -> None:
+    """Found in review: a chunk's INSERT … ON CONFLICT of the conversations its lines name waited for
+    any transaction writing such a row: a worker storing an earlier chunk's reply (it updates the
+    conversation, then locks the run) and the chunk (it holds the run's row shared) deadlocked."""
+    name = f"convo-wait-{uuid.uuid4().hex[:10]}"
+    conversation = f"{name}-shared"
+    line = StagedTurn(
+        idempotency_key=f"run:{name}:c0",
+        request_hash=hashlib.sha256(name.encode()).hexdigest(),
+        conversation=conversation,
+        character="elara",
+        player_name="",
+        story=None,
+        story_time=None,
+        message="First.",
+        model=settings.model,
+        params={"seed": 0, "max_new_tokens": 4, "temperature": 0.7, "top_p": 0.9, "stop": []},
+        custom_id="c0",
+    )
+    with session_scope() as s:
+        run, _ = create_run(session=s, name=name, model=settings.model, file_hash="h", total=2)
+        run_id = run.id
+        insert_run_turns(session=s, run_id=run_id, turns=[line])
+    worker = _session_factory()()
+    try:  # a worker storing the first line's reply: its conversation's row is being written
+        worker.execute(
+            text("UPDATE conversations SET player_name = player_name WHERE external_id = :c"),
+            {"c": conversation},
+        )
+        with session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '2s'"))  # before the fix: LockNotAvailable
+            second = [StagedTurn(**{**line.__dict__, "idempotency_key": f"run:{name}:c1", "custom_id": "c1"})]
+            assert len(insert_run_turns(session=s, run_id=run_id, turns=second)) == 1
+    finally:
+        worker.rollback()
+        worker.close()
