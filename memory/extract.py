@@ -205,6 +205,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
     and superseded, and answers outside the schema (empty when another worker holds the job or
     nothing waits). An answer outside the schema still counts its lines as read: retrying the same
     lines would most likely fail the same way."""
+    on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
     with session_scope() as session:
         token = claim_job(
@@ -231,7 +232,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             char, user = conversation.character.name, conversation.player_name
         if not lines:
             return {}
-        builder = loaded_builder()
+        builder = loaded_builder(generating=on_engine)
         who = speakers(builder, char, user)
         lines = lines_that_fit(lines, who, builder)
         system, body = extract_prompt([_line(r) for r in lines], who)

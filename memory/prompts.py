@@ -47,11 +47,13 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     return Speakers(clean(char), clean(user), clean, builder.cleaner_label(clean))
 
 
-def loaded_builder() -> Any | None:
-    """This worker's prompt builder when its engine is loaded, else None."""
+def loaded_builder(*, generating: bool = False) -> Any | None:
+    """This worker's prompt builder when its engine is loaded, else None. `generating`: the job
+    generates with this worker's engine, so the engine is loaded now (its request then loads it
+    anyway) and the request is cleaned with the model's own special tokens, as a turn's is."""
     from worker import engine as engine_module
 
-    if engine_module.get_engine.cache_info().currsize:
+    if generating or engine_module.get_engine.cache_info().currsize:
         from worker.pipeline import get_prompt_builder
 
         return get_prompt_builder()

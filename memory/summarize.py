@@ -105,6 +105,7 @@ def fitted(work: SummaryWork, who: Speakers, builder: Any | None) -> SummaryWork
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
     """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
     another worker holds the job, or nothing is due)."""
+    on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
     with session_scope() as session:
         token = claim_job(
@@ -125,7 +126,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         )
         generate = _no_answer
         max_steps = 1
-    builder = loaded_builder()
+    builder = loaded_builder(generating=on_engine)
     who = speakers(builder, *names)
     stored = 0
     try:
