@@ -523,9 +523,17 @@ def cancel_run(
     if before is None:
         raise KeyError(f"no run {run_id}")
     cancellable: tuple[RunStatus, ...] = (*RUN_LIVE, RunStatus.CANCELLING)
-    resumable = session.scalar(select(Run.input_file_id.is_(None)).where(Run.id == run_id))
-    if before == RunStatus.FAILED and resumable and _has_unfinished_turns(session, run_id):
-        cancellable = (*cancellable, RunStatus.FAILED)  # a batch that failed stays failed
+    if before == RunStatus.FAILED and _has_unfinished_turns(session, run_id):
+        if session.scalar(select(Run.input_file_id.is_(None)).where(Run.id == run_id)):
+            cancellable = (*cancellable, RunStatus.FAILED)  # a resumable run's failed submission
+        else:  # a batch that failed stays failed; what it still holds stops (one failed before 0026)
+            dropped = session.execute(
+                update(Turn)
+                .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
+                .values(status=TurnStatus.CANCELLED, finished_at=func.now())
+            ).rowcount  # type: ignore[attr-defined]
+            cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
+            return CancelOutcome(before, before, int(dropped))
     if before not in cancellable:
         return CancelOutcome(before, before, 0)
     if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import false, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,15 @@ from scenes.speakers import NARRATOR_ID, Member, Rule, next_speaker, with_narrat
 
 # A run in one of these stops its scenes; any other (a failed submission too: it is resumed) lets them go on.
 RUN_STOPPED = (RunStatus.CANCELLING, RunStatus.CANCELLED, RunStatus.EXPIRED)
+
+
+def run_stopped() -> ColumnElement[bool]:
+    """The run (a `Run` row of the query) stops its scenes: stopping or stopped, or a batch whose
+    submission failed (no resume follows, and it writes no output)."""
+    return or_(
+        Run.status.in_(RUN_STOPPED), and_(Run.status == RunStatus.FAILED, Run.input_file_id.is_not(None))
+    )
+
 
 # Where the session keeps the steps created in its transaction, for the caller to send after commit.
 NEW_STEPS_KEY = "mlchat.scene_steps"
@@ -386,16 +395,17 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             continue
         scene.steps_done = step
         session.execute(update(Scene).where(Scene.id == scene.id).values(steps_done=step))
-        # A run whose submitter died is `failed` but resumable: its scenes go on; only a cancel stops them.
-        run_stopped = scene.run_id is not None and session.scalar(
-            select(Run.status.in_(RUN_STOPPED)).where(Run.id == scene.run_id)
+        # A run whose submitter died is `failed` but resumable: its scenes go on; a cancel stops them,
+        # and a batch whose submission failed for good.
+        stopped = scene.run_id is not None and session.scalar(
+            select(run_stopped()).where(Run.id == scene.run_id)
         )
         if scene.end_phrase and reply and scene.end_phrase.lower() in reply.lower():
             _close(session, scene.id, SceneStatus.ENDED, f"step {step} said the end phrase")
         elif step >= scene.exchanges:
             _close(session, scene.id, SceneStatus.ENDED, f"all {scene.exchanges} exchanges done")
-        elif run_stopped:
-            _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled")
+        elif stopped:
+            _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled or its batch failed")
         elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
             _close(session, scene.id, SceneStatus.ENDED, "no member may speak")
     return locked_runs
@@ -448,6 +458,18 @@ def extend_scene(
     closed = scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED)
     if closed and scene.run_id is not None:
         raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")
+    crashed = session.scalar(
+        select(Turn.id).where(
+            Turn.scene_id == scene.id,
+            Turn.scene_step == scene.steps_done + 1,
+            Turn.error_code == TurnErrorCode.ENGINE_CRASH_LOOP.value,
+        )
+    )
+    if closed and crashed is not None:  # sent again, it would kill one more engine
+        raise SceneClosed(
+            f"status: the scene is {scene.status} ({scene.ended_reason}); its step was inside the engine "
+            "at each of its deaths and is not sent again"
+        )
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )

@@ -63,7 +63,7 @@ from db.models import (
     TurnStatus,
 )
 from db.runs import advance_runs_of_turns
-from db.scenes import RUN_STOPPED, GroupView, group_views
+from db.scenes import GroupView, group_views, run_stopped
 from db.vectors import binary_vector_param
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 
@@ -492,7 +492,7 @@ def _stop_closed_scene_steps(session: Session, turn_ids: list[uuid.UUID]) -> lis
         Scene.id == Turn.scene_id,
         or_(
             Scene.status != SceneStatus.OPEN,
-            exists().where(Run.id == Scene.run_id, Run.status.in_(RUN_STOPPED)),
+            exists().where(Run.id == Scene.run_id, run_stopped()),
         ),
     )
     return list(

@@ -193,8 +193,11 @@ def store_extracted(
                 counts["superseded"] += 1
             else:  # replaced meanwhile (the game, another extraction): the newer fact stands
                 replaced_by = session.scalar(select(Fact.superseded_by).where(Fact.id == close[0].id))
-                supersede(session=session, old_id=row.id, new_id=int(replaced_by))
-                counts["duplicate"] += 1
+                if replaced_by is None:  # deleted meanwhile: nothing stands against the new one
+                    counts["added"] += 1
+                else:
+                    supersede(session=session, old_id=row.id, new_id=replaced_by)
+                    counts["duplicate"] += 1
         else:
             counts["added"] += 1
     return counts

@@ -64,7 +64,7 @@ def dialogue(lines: Sequence[Line], who: Speakers) -> str:
     """Lines as `Speaker: text`, every part cleaned; no text opens a line as any of its speakers."""
     names = {"user": who.user, "assistant": who.char, "narrator": who.label("Narrator")}
     labelled = [(_label(line, names, who), line[1]) for line in lines]
-    speaking = sorted({label for label, _ in labelled})
+    speaking = sorted({*names.values(), *(label for label, _ in labelled)})  # any speaker of the talk
     return "\n".join(f"{label}: {escape_name_markers(who.clean(text), speaking)}" for label, text in labelled)
 
 

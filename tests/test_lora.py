@@ -407,7 +407,12 @@ def test_an_adapter_trains_on_the_gpu_in_half_precision_when_there_is_one(monkey
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert placement() == ("cpu", torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert placement() == ("cuda", torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert placement() == ("cuda", torch.float16)
+    native: list[bool] = []  # review: emulated bfloat16 (a T4, a V100) is no choice
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: native.append(including_emulation is False) or True,
+    )
+    assert placement() == ("cuda", torch.bfloat16) and native == [True]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert placement() == ("cuda", torch.float32)  # float16 without a loss scaler underflows

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from core.settings import settings
@@ -826,7 +826,7 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
     conversation id is refused as a group already. Steps `:continue` created also kept no API key."""
     from db.models import TurnErrorCode
     from db.turns import Failure, fail_turns
-    from services.scenes import continue_group
+    from services.scenes import SceneClosed, continue_group
 
     conv = _group(strategy="fixed")["conversation"]
     (first,) = continue_group(conv, 2, api_key="game-key")["sent"]
@@ -844,6 +844,13 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
     step_two = _open_step(_conv_scene(conv))
     with session_scope() as s:
         assert step_two is not None and s.get_one(Turn, step_two).api_key == "game-key"
+    # review: a step that was inside the engine at each of its deaths is not sent again
+    turn, token, _ = _answer(step_two, "", store=False)
+    with session_scope() as s:
+        crash = Failure("inside the engine at 2 engine deaths", TurnErrorCode.ENGINE_CRASH_LOOP)
+        assert fail_turns(session=s, token=token, failures={turn.id: crash}) == [turn.id]
+    with pytest.raises(SceneClosed, match="not sent again"):
+        continue_group(conv, 1)
 
 
 def _conv_scene(conv: str) -> int:
@@ -948,6 +955,27 @@ def test_a_failed_step_fails_its_scene_and_the_run_still_completes(world) -> Non
         scene = s.get_one(Scene, broken)
         assert scene.status == SceneStatus.FAILED and "empty reply" in (scene.ended_reason or "")
     assert _run_status(run_id) == RunStatus.COMPLETED
+
+
+def test_a_batch_whose_submission_failed_for_good_stops_its_scenes_at_the_running_step(world) -> None:
+    """Review of the fix that cancels a failed batch's stored turns: a scene whose step was running
+    then went on to its last exchange (a failed run counted as going on, like a resumable one), for a
+    batch that writes no output, and a cancel no longer stopped it."""
+    from db.runs import fail_submission
+
+    run_id = _new_run({"long": _scene(exchanges=4)}, finish=False)
+    scene_id = _scene_id(run_id, "long")
+    turn, token, _ = _answer(_open_step(scene_id), "", store=False)  # step 1 is generating
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(input_file_id="file-scenes"))
+        assert fail_submission(
+            session=s, run_id=run_id, error="gave up", error_code="server_error", final=True
+        )
+    _store(turn, token, "Still talking.")
+    assert _open_step(scene_id) is None  # no step 2
+    with session_scope() as s:
+        assert s.get_one(Scene, scene_id).status == SceneStatus.CANCELLED
+        assert cancel_run(session=s, run_id=run_id).after == RunStatus.FAILED  # and it stays failed
 
 
 def test_a_scene_of_a_run_whose_submitter_died_goes_on_and_a_resume_finishes_it(world) -> None:

@@ -78,14 +78,16 @@ def _load(path: Path) -> list[dict[str, Any]]:
 
 
 def placement() -> tuple[str, Any]:
-    """Where the model trains and in what dtype: a GPU in bfloat16 when there is one that has it
-    (float16 otherwise), else the CPU in float32 (the CPU's half types are slow or missing there).
-    PEFT keeps the adapter's own weights in float32 either way."""
+    """Where the model trains and in what dtype: a GPU in bfloat16 when it has it natively (not
+    emulated: a T4 or V100 would be slow), else float32 there too (float16 without loss scaling lets
+    the adapter's gradients underflow); the CPU in float32. PEFT keeps the adapter's own weights in
+    float32 either way."""
     import torch
 
     if not torch.cuda.is_available():
         return "cpu", torch.float32
-    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = torch.cuda.is_bf16_supported(including_emulation=False)
+    return "cuda", torch.bfloat16 if native else torch.float32
 
 
 def _batches(
