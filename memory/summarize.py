@@ -126,10 +126,11 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         )
         generate = _no_answer
         max_steps = 1
-    builder = loaded_builder(generating=on_engine)
-    who = speakers(builder, *names)
+        on_engine = False
     stored = 0
     try:
+        builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
+        who = speakers(builder, *names)
         for _ in range(max_steps):
             with session_scope() as session:
                 work = next_summary_work(

@@ -729,6 +729,42 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
         statuses = s.scalars(select(Turn.status).join(Run).where(Run.name == batch_id)).all()
     assert statuses and set(statuses) == {TurnStatus.CANCELLED}
     assert batches.cancel_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    with session_scope() as s:  # a batch that failed before this fix still holds queued turns
+        run_id = s.scalars(select(Run.id).where(Run.name == batch_id)).one()
+        s.execute(
+            update(Turn).where(Turn.run_id == run_id).values(status=TurnStatus.QUEUED, finished_at=None)
+        )
+    with session_scope() as s:
+        outcome = cancel_run(session=s, run_id=run_id)
+    assert (outcome.before, outcome.after, outcome.cancelled_turns) == (RunStatus.FAILED, RunStatus.FAILED, 3)
+
+
+def test_a_batch_retry_that_finds_bad_lines_stops_what_an_earlier_try_stored(
+    services, quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Review of the fix above: a retry whose validation now fails (a character the file names was
+    deleted between tries) failed the batch without cancelling the turns the earlier try stored."""
+    import dataclasses
+
+    from services.runs import submit as submit_module
+    from services.runs.validate import LineError
+
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 3)
+    with _broker_down(services):
+        batches.submit_batch_by_name(batch_id)  # stored, not sent: the batch stays validating
+    real = submit_module.validate_file
+
+    def character_deleted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        check = real(*args, **kwargs)
+        return dataclasses.replace(check, errors=[LineError(1, "character: unknown character 'gone'")])
+
+    monkeypatch.setattr(submit_module, "validate_file", character_deleted)
+    assert batch_id in batches.retry_batch_submissions()
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    with session_scope() as s:
+        statuses = s.scalars(select(Turn.status).join(Run).where(Run.name == batch_id)).all()
+    assert statuses and set(statuses) == {TurnStatus.CANCELLED}
 
 
 @contextmanager

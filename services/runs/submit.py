@@ -152,6 +152,7 @@ def submit_run(
                     error=str(RunValidationError(check.errors)),
                     error_code="invalid_request",
                     line_errors=[{"line": e.line, "message": e.reason} for e in check.errors[:1000]],
+                    final=retry_later,  # a batch's try: no resume follows, what an earlier try stored stops
                 )
             else:
                 resume_submission(
