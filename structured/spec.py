@@ -15,6 +15,7 @@ import re
 from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
+import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import settings
@@ -95,6 +96,8 @@ def _refusal(schema_json: str) -> str | None:
         _check_schema(json.loads(schema_json), "")
     except SchemaRefused as exc:
         return str(exc)
+    except (TypeError, ValueError, RecursionError) as exc:  # a keyword's value of an odd type
+        return f": cannot be checked ({type(exc).__name__}: {str(exc)[:120]})"
     return None
 
 
@@ -250,6 +253,12 @@ def check_regex(pattern: str, where: str) -> str:
         _compile_regex(pattern)
     except Exception as exc:
         raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+    try:  # the reply is checked in the `regex` module too, whose parser recurses per group
+        regex.compile(pattern)
+    except RecursionError:
+        raise SchemaRefused(f"{where}: groups nested too deeply") from None
+    except regex.error:
+        pass  # a syntax only xgrammar reads: the grammar alone checks such replies
     return pattern
 
 

@@ -53,6 +53,10 @@ def _schema_format(schema: dict) -> dict:
         ({"type": "string", "const": 3}, "schema.const"),
         ({"type": "object", "default": {"uniqueItems": True}}, "schema.default.uniqueItems"),
         ({"enum": [{"a": [{"multipleOf": 2}]}]}, "schema.enum[0].a[0].multipleOf"),
+        # review: a keyword's value of an odd type, and a pattern nested past the parser's recursion,
+        # were a TypeError or RecursionError (a 500, or a whole run file failed)
+        ({"type": "object", "x-ui": {"format": ["email"]}}, "cannot be checked"),
+        ({"type": "string", "pattern": "(" * 600 + "a" + ")" * 600}, "response_format.json_schema.schema"),
     ],
 )
 def test_a_schema_the_grammar_cannot_enforce_is_refused_naming_its_place(schema, names) -> None:
@@ -338,6 +342,26 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
     assert stopped.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY and "whole pattern" in str(
         stopped.value
     )
+
+
+def test_a_schema_pattern_that_backtracks_is_given_up_on_and_the_turn_fails_alone() -> None:
+    """Found in review: a schema's `pattern` was checked in Python's `re`, with no time limit and
+    holding the interpreter: `(.|..)*!|[^!]*` on a 60-character reply the grammar let through took
+    hours, and the engine loop and the lease keeper stopped with it (another worker then claimed the
+    turn and hung the same way). It is searched in the `regex` module, time-limited, without the GIL."""
+    schema = {"type": "object", "properties": {"l": {"type": "string", "pattern": "(.|..)*!|[^!]*"}}}
+    schema["required"] = ["l"]
+    shape = shape_of(PARAMS | {"response_format": _schema_format(schema)}, _character(4, []))
+    assert shape is not None
+    reply = json.dumps({"l": "x" * 60 + "\n"})  # no "!": only the backtracking branch can answer
+    with pytest.raises(BadStructuredReply) as caught:
+        read_reply(shape, Generation(reply, 10, 30, "stop"))
+    assert "pattern check ran past" in str(caught.value)
+    fine = json.dumps({"l": "x" * 60 + "!"})  # the first branch matches at once
+    assert read_reply(shape, Generation(fine, 10, 30, "stop")).structured == {"l": "x" * 60 + "!"}
+    deep = "(" * 600 + "a" + ")" * 600  # within the pattern length limit, past the parsers' recursion
+    with pytest.raises(ValidationError, match="response_format"):
+        GenerationParams(response_format={"type": "regex", "regex": deep})
 
 
 def test_a_schema_repeated_on_many_lines_is_checked_once() -> None:

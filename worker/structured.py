@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any
 
 from core.settings import settings
@@ -192,10 +192,8 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     if shape.kind == "json_object" and not isinstance(value, dict):
         raise _bad(gen, "the reply is JSON but not an object")
     if shape.schema is not None:
-        from jsonschema import Draft202012Validator
-
         try:
-            error = next(iter(Draft202012Validator(shape.schema).iter_errors(value)), None)
+            error = next(iter(_reply_validator()(shape.schema).iter_errors(value)), None)
         except Exception as exc:  # a schema the checker cannot follow (a $ref under a nested $id)
             raise _bad(gen, f"the reply could not be checked against its schema: {str(exc)[:200]}") from None
         if error is not None:
@@ -243,6 +241,42 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
 REGEX_CHECK_S = 0.1
 
 
+@cache
+def _reply_validator() -> Any:
+    """Draft 2020-12 whose `pattern` and `patternProperties` search in the `regex` module, without
+    the GIL and within REGEX_CHECK_S: in Python's `re` (jsonschema's own), a pattern that backtracks
+    (`(.|..)*!|[^!]*`) held the interpreter for hours on a reply the grammar let through, the engine
+    loop and the lease keeper with it. A search that runs out raises: the turn fails alone."""
+    from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import ValidationError
+
+    def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not _search(patrn, instance):
+            yield ValidationError(f"{instance[:80]!r} does not match {patrn[:80]!r}")
+
+    def pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: Any) -> Any:
+        if not validator.is_type(instance, "object"):
+            return
+        for patrn, subschema in patterns.items():
+            for key, item in instance.items():
+                if _search(patrn, key):
+                    yield from validator.descend(item, subschema, path=key, schema_path=patrn)
+
+    return validators.extend(
+        Draft202012Validator, {"pattern": pattern, "patternProperties": pattern_properties}
+    )
+
+
+def _search(pattern: str, text: str) -> bool:
+    compiled = _compiled(pattern)
+    if compiled is None:  # a syntax the `regex` module reads otherwise: the grammar alone checks it
+        return True
+    try:
+        return compiled.search(text, concurrent=True, timeout=REGEX_CHECK_S) is not None
+    except TimeoutError:
+        raise TimeoutError(f"a pattern check ran past {REGEX_CHECK_S} s") from None
+
+
 @lru_cache(maxsize=256)
 def _compiled(pattern: str) -> Any:
     """The pattern in the `regex` module; None where its syntax differs from xgrammar's (the grammar
@@ -251,7 +285,7 @@ def _compiled(pattern: str) -> Any:
 
     try:
         return regex.compile(pattern)
-    except regex.error:
+    except (regex.error, RecursionError):  # groups nested past the parser's recursion: not checked here
         return None
 
 
