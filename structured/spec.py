@@ -385,6 +385,9 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
             raise SchemaRefused(f"{where}.choice: the strings must be distinct")
         if any("\x00" in c for c in parsed.choice):
             raise SchemaRefused(f"{where}.choice: a NUL character")
+        for i, c in enumerate(parsed.choice):  # a reply is read stripped: such a choice never matches
+            if c != c.strip():
+                raise SchemaRefused(f"{where}.choice[{i}]: begins or ends with whitespace")
     return parsed.model_dump(by_alias=True, exclude_none=True)
 
 
