@@ -178,6 +178,9 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             raise SchemaRefused(f"{place}: format {value!r} is not supported; one of {sorted(_FORMATS)}")
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise SchemaRefused(f"{place}: allOf with more than one schema is not supported")
+        if key in ("$id", "$anchor", "$dynamicAnchor") and depth > 0:  # the reply's checker would
+            # resolve a `$ref` beside it against it, the grammar against the root: every reply fails
+            raise SchemaRefused(f"{place}: {key} is supported at the schema's root only")
         if key == "$ref" and isinstance(value, str) and not value.startswith("#"):
             raise SchemaRefused(f"{place}: only references inside the schema ('#...') are supported")
         if (

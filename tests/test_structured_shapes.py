@@ -56,6 +56,15 @@ def _schema_format(schema: dict) -> dict:
         # review: a keyword's value of an odd type, and a pattern nested past the parser's recursion,
         # were a TypeError or RecursionError (a 500, or a whole run file failed)
         ({"type": "object", "x-ui": {"format": ["email"]}}, "cannot be checked"),
+        (  # review: the reply's checker resolved the $ref against the nested $id, and failed each reply
+            {
+                "$defs": {"b": {"type": "string"}},
+                "type": "object",
+                "properties": {"a": {"$id": "https://x.test/a", "$ref": "#/$defs/b"}},
+                "required": ["a"],
+            },
+            "schema.properties.a.$id",
+        ),
         ({"type": "string", "pattern": "(" * 600 + "a" + ")" * 600}, "response_format.json_schema.schema"),
     ],
 )
