@@ -10,7 +10,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
@@ -30,6 +30,7 @@ from db.turns import get_turn as read_turn
 from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
 from services.callbacks import ResolverTooSlow, callback_destinations
 from services.schemas import TurnRequest
+from structured.spec import shown_params
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ class TurnView(BaseModel):
     structured: Any = None  # a structured reply, parsed: JSON, or an NPC's {say, emotion, action}
     created_at: datetime
     finished_at: datetime | None
+
+    @field_validator("params")
+    @classmethod
+    def _schema_as_given(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return shown_params(params)
 
     @classmethod
     def of(cls, turn: Turn) -> TurnView:

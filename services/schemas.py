@@ -21,7 +21,7 @@ from pydantic import (
 from core.settings import settings
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
-from structured.spec import check_response_format
+from structured.spec import check_response_format, shown_params
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
@@ -259,6 +259,7 @@ class TurnRequest(BaseModel):
         skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
         skip |= {"speaker_character"} if self.speaker_character is None else set()
         body = self.model_dump(exclude=skip, mode="json")
+        body["params"] = shown_params(body["params"])  # a schema's key order never counted
         # The reply shape counts only when set, so fingerprints stored before it existed still match.
         for name in ("response_format", "actions"):
             if body["params"].get(name) is None:

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from functools import cache, lru_cache
 from typing import Annotated, Any, Literal
 
@@ -111,8 +114,34 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
         place = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
         raise SchemaRefused(f"{where}{place}: not a valid JSON Schema: {exc.message}") from None
     _check_enforced(schema, where, depth=0)
+    _built_in_time(json.dumps(schema, sort_keys=True), where)
+
+
+def _built_in_time(schema_json: str, where: str) -> None:
+    """Compile the schema's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar expands a
+    pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the worker's engine
+    would pay the same before the turn's first token. A build that runs out goes on in its thread
+    until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout) and is refused once
+    per process: the refusal is cached with the schema."""
+    timeout = settings.structured_compile_timeout_s
+    done: Future[None] = Future()
+
+    def build() -> None:
+        try:
+            _compile_json_schema(schema_json)
+            done.set_result(None)
+        except Exception as exc:
+            done.set_exception(exc)
+
+    threading.Thread(target=build, name="schema-grammar", daemon=True).start()
     try:
-        _compile_json_schema(json.dumps(schema, sort_keys=True))
+        done.result(timeout=timeout)
+    except FutureTimeout:
+        raise SchemaRefused(
+            f"{where}: the grammar took longer than {timeout:g} s to build "
+            "(MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S); long bounded repetitions in a pattern, such as "
+            "{0,9999}, cost the most"
+        ) from None
     except Exception as exc:
         raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
 
@@ -238,6 +267,12 @@ def _check_value(value: Any, where: str) -> None:
         for item, place in level:
             if isinstance(item, dict):
                 flagged = sorted(_VLLM_FLAGGED & item.keys())
+                if isinstance(item.get("allOf"), list) and len(item["allOf"]) > 1:
+                    flagged.insert(0, "allOf")
+                if isinstance(item.get("patternProperties"), dict) and (
+                    "properties" in item or len(item["patternProperties"]) > 1
+                ):
+                    flagged.insert(0, "patternProperties")
                 if flagged:
                     raise SchemaRefused(f"{place}.{flagged[0]}: a value with a schema keyword as a key")
                 nxt += [(v, f"{place}.{k}") for k, v in item.items()]
@@ -391,7 +426,30 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
         for i, c in enumerate(parsed.choice):  # a reply is read stripped: such a choice never matches
             if c != c.strip():
                 raise SchemaRefused(f"{where}.choice[{i}]: begins or ends with whitespace")
-    return parsed.model_dump(by_alias=True, exclude_none=True)
+    stored = parsed.model_dump(by_alias=True, exclude_none=True)
+    if isinstance(parsed, JsonSchemaFormat):
+        # As JSON text: a turn's params are JSONB, which keeps no key order, and the grammar fills
+        # an object's properties in the order the schema gives them (a reasoning-first schema).
+        stored["json_schema"]["schema"] = json.dumps(
+            parsed.json_schema.schema_, ensure_ascii=False, separators=(",", ":")
+        )
+    return stored
+
+
+def schema_of(response_format: dict[str, Any]) -> dict[str, Any]:
+    """A stored json_schema format's schema, its properties in the order the client gave them
+    (formats stored before that order was kept hold the schema itself, in JSONB's key order)."""
+    schema = response_format["json_schema"]["schema"]
+    return json.loads(schema) if isinstance(schema, str) else schema
+
+
+def shown_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A turn's stored params as they are shown and hashed: a json_schema as an object again."""
+    fmt = params.get("response_format")
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        return params
+    spec = fmt["json_schema"]
+    return {**params, "response_format": {**fmt, "json_schema": {**spec, "schema": schema_of(fmt)}}}
 
 
 def outputs_of(response_format: dict[str, Any]) -> Any:
@@ -399,7 +457,7 @@ def outputs_of(response_format: dict[str, Any]) -> Any:
     schema is built from the actions, worker/structured.py)."""
     kind = response_format["type"]
     if kind == "json_schema":
-        return structured_outputs_for(json_schema=response_format["json_schema"]["schema"])
+        return structured_outputs_for(json_schema=schema_of(response_format))
     if kind == "json_object":
         return structured_outputs_for(json_object=True)
     if kind == "regex":

@@ -80,7 +80,7 @@ def test_an_enforceable_schema_and_the_other_formats_are_kept_as_given() -> None
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert check_schema(schema, "s") is schema
     params = GenerationParams(response_format=_schema_format(schema)).resolved()
-    assert params["response_format"]["json_schema"]["schema"] == schema
+    assert json.loads(params["response_format"]["json_schema"]["schema"]) == schema  # as text: in order
     assert GenerationParams(response_format={"type": "choice", "choice": ["yes", "no"]}).resolved()[
         "response_format"
     ] == {"type": "choice", "choice": ["yes", "no"]}
@@ -555,3 +555,68 @@ def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(ba
     # A rule across fields (speaker and params): the message names the field, as for params.actions.
     assert r.json()["detail"][0]["msg"].startswith("params.response_format: "), r.text
     assert _turns() == turns
+
+
+def test_a_json_schemas_property_order_reaches_the_grammar_and_the_view_after_storage(world) -> None:
+    """Found in review: params are JSONB, which orders keys by length, so a reasoning-first schema
+    reached the grammar answer-first (xgrammar fills properties in the schema's order)."""
+    from services.producer import TurnView, enqueue_turns
+    from services.schemas import TurnRequest
+    from structured.spec import outputs_of
+
+    schema = {
+        "type": "object",
+        "properties": {"reasoning": {"type": "string"}, "answer": {"type": "string"}},
+        "required": ["reasoning", "answer"],
+    }
+    fmt = _schema_format(schema)
+    line = {**new_conversation(), "message": "Which door?", "params": {"response_format": fmt}}
+    [turn_id] = enqueue_turns([line], send=False)
+    with session_scope() as session:
+        turn = session.get(Turn, turn_id)
+        assert turn is not None
+        sent = outputs_of(turn.params["response_format"]).json
+        sent_schema = json.loads(sent) if isinstance(sent, str) else sent
+        assert list(sent_schema["properties"]) == ["reasoning", "answer"]
+        shown = TurnView.of(turn).params["response_format"]["json_schema"]["schema"]
+        assert shown == schema and list(shown["properties"]) == ["reasoning", "answer"]
+    # The fingerprint of a retried request goes by the schema, not its key order (as before).
+    flipped = {**schema, "properties": dict(reversed(schema["properties"].items()))}
+    again = {**line, "params": {"response_format": _schema_format(flipped)}}
+    assert TurnRequest.model_validate(again).request_hash() == TurnRequest.model_validate(line).request_hash()
+
+
+def test_a_value_holding_what_vllms_own_check_flags_is_refused_at_validation_not_at_generation() -> None:
+    """Found in review: vLLM's request check flags allOf of two or more and patternProperties beside
+    properties (or several) in any dict, values included, so such turns failed at the engine."""
+    from vllm.v1.structured_output.backend_xgrammar import has_xgrammar_unsupported_json_features
+
+    two = [{"type": "string"}, {"minLength": 1}]
+    values = {
+        "default": {"allOf": two},
+        "enum": [{"type": "object", "patternProperties": {"^a": {}}, "properties": {}}],
+        "const": {"type": "object", "patternProperties": {"^a": {}, "^b": {}}},
+        "examples": [{"allOf": two}],
+    }
+    for key, value in values.items():
+        schema = {"type": "object", "properties": {"v": {key: value}}}
+        assert has_xgrammar_unsupported_json_features(schema), key  # what the engine would refuse
+        with pytest.raises(SchemaRefused, match=rf"s\.properties\.v\.{key}.*(allOf|patternProperties)"):
+            check_schema(schema, "s")
+    kept = {"type": "object", "properties": {"v": {"default": {"allOf": [{"type": "string"}]}}}}
+    assert not has_xgrammar_unsupported_json_features(kept)
+    assert check_schema(kept, "s") is kept
+
+
+def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_setting(monkeypatch) -> None:
+    """Found in review: xgrammar expands a pattern's bounded repetitions ((ab|cd){0,9999}: 43 s), and
+    the check waited for it with no limit, holding the request (and the worker paid it again)."""
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.02)
+    slow = {"type": "object", "properties": {"code": {"type": "string", "pattern": "a{0,2500}"}}}
+    with pytest.raises(SchemaRefused, match=r"^s: the grammar took longer than 0\.02 s.*COMPILE_TIMEOUT_S"):
+        check_schema(slow, "s")
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 5.0)
+    quick = {"type": "object", "properties": {"code": {"type": "string", "pattern": "a{0,25}"}}}
+    assert check_schema(quick, "s") is quick

@@ -15,7 +15,7 @@ from core.text import storable_output
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
-from structured.spec import outputs_of, structured_outputs_for
+from structured.spec import outputs_of, schema_of, structured_outputs_for
 from worker.engine_loop import Generation
 
 NPC = "npc"
@@ -148,7 +148,7 @@ def _format_shape(fmt_json: str) -> ReplyShape:
 
 
 def _shape_read_by(fmt: dict[str, Any], outputs: Any) -> ReplyShape:
-    schema = fmt["json_schema"]["schema"] if fmt["type"] == "json_schema" else None
+    schema = schema_of(fmt) if fmt["type"] == "json_schema" else None
     return ReplyShape(
         kind=fmt["type"],
         outputs=outputs,
