@@ -56,7 +56,8 @@ UNION ALL
 SELECT 'event', q.idx, e.id, NULL, e.text, e.time, e.distance, e.scene, NULL::int, NULL
 FROM q CROSS JOIN LATERAL (
     SELECT id, text, time, scene, ev.embedding <=> q.vec AS distance FROM story_events ev
-    WHERE q.same_space AND ev.story = q.story AND (q.story_time IS NULL OR ev.time <= q.story_time)
+    WHERE q.same_space AND ev.story = q.story AND ev.embedding IS NOT NULL
+      AND (q.story_time IS NULL OR ev.time <= q.story_time)
     ORDER BY ev.embedding <=> q.vec LIMIT :story_k
 ) e
 """.replace("SAME_SPACE", SAME_SPACE_SQL)

@@ -114,3 +114,23 @@ def test_an_error_in_any_slice_raises(bad: int) -> None:
     assert not [t for t in threading.enumerate() if t.name.startswith("retrieval-slice")]
     assert _slice_engine(get_engine().url, 1).pool.checkedout() == 0  # type: ignore[attr-defined]
     assert len(_fetch(queries[2:], 2)) == 2  # the connections are fine for the next batch
+
+
+def test_a_story_event_without_a_vector_is_never_a_hit_and_never_breaks_the_batch() -> None:
+    """Found in review: the event branch did not leave out NULL vectors (a process of a stale
+    embedder stores NULL), which sort last as filler when a story has fewer than k embedded events;
+    their NULL distance then raised a TypeError that failed the whole batch."""
+    from sqlalchemy import update
+
+    from db.models import StoryEvent
+
+    story = f"null-vector-{uuid.uuid4().hex[:8]}"
+    events = [{"story": story, "ordinal": i, "time": i, "scene": "", "text": f"event {i}"} for i in range(3)]
+    with session_scope() as s:
+        upsert_story_events(session=s, events=events, embeddings=_unit(3))
+        s.execute(
+            update(StoryEvent).where(StoryEvent.story == story, StoryEvent.ordinal > 0).values(embedding=None)
+        )
+    _, conversations = _world(stories=0, conversations=1)
+    [ctx] = _fetch([ContextQuery(conversations[0], story, None, _unit(1)[0])], connections=1)
+    assert [hit.text for hit in ctx.events] == ["event 0"]
