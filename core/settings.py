@@ -37,7 +37,8 @@ class ApiKey(BaseModel):
     does everything: characters, stories, runs, every turn with its prompt.
 
     Given as `{"key": "...", "scopes": [...]}`, or stored hashed as `{"sha256": "<hex digest of the
-    key>", "scopes": [...]}`; a bare string is a key with both scopes. `name` labels the caller
+    key>", "scopes": [...]}`; a list of one bare string is that key with every scope (admin
+    included), and a bare string beside other keys is refused. `name` labels the caller
     (default: the start of the key's digest) and is recorded on the turns it enqueues. `tenant`
     (default: the key's id) namespaces its conversations and idempotency keys: keys of one tenant
     share them, keys of another never see them.
@@ -87,7 +88,10 @@ _PLACEHOLDER_DIGESTS = frozenset(
 class Settings(BaseSettings):
     """mlchat configuration: env prefix MLCHAT_, plus DATABASE_URL and REDIS_URL."""
 
-    model_config = SettingsConfigDict(env_prefix="MLCHAT_", env_file=".env", extra="ignore")
+    # An empty variable is an unset one: `.env.example` documents "(empty: the default)".
+    model_config = SettingsConfigDict(
+        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     # Services: unset means "start and use the embedded ones under state_dir".
     database_url: str | None = Field(
@@ -318,6 +322,14 @@ class Settings(BaseSettings):
     @classmethod
     def _bare_keys_have_every_scope(cls, value: object) -> object:
         if isinstance(value, list):
+            if len(value) > 1 and any(isinstance(v, str) for v in value):
+                # Every scope includes admin, which reads every tenant's turns: a list of bare keys,
+                # one per game, would give each game all the others' turns and prompts.
+                first = next(i for i, v in enumerate(value) if isinstance(v, str))
+                raise ValueError(
+                    f"item {first} is a bare key beside other keys; a bare key has every scope, admin "
+                    'included (every tenant\'s turns): write each as {"key": ..., "scopes": [...]}'
+                )
             return [{"key": v} if isinstance(v, str) else v for v in value]
         return value
 
@@ -499,7 +511,8 @@ def load_settings() -> Settings:
             msg = str(error["msg"]).removeprefix("Value error, ")
             name = str(error["loc"][0]) if error["loc"] else ""
             variable = name if name.isupper() else f"MLCHAT_{name.upper()}"
-            lines.append(msg if not name or variable in msg else f"{variable}: {msg}")
+            inside = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:])
+            lines.append(msg if not name or variable in msg else f"{variable}{inside}: {msg}")
         raise SystemExit("mlchat: bad setting: " + "; ".join(lines)) from None
 
 

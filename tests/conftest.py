@@ -45,9 +45,10 @@ REVIEW_KEY, OTHER_REVIEW_KEY = "review-key-studio-a-0123", "review-key-studio-b-
 UNICODE_REVIEW_KEY = "ключ-писателя-studio-a-✍"  # beyond Latin-1, as a cookie value cannot be
 os.environ["MLCHAT_API_KEYS"] = json.dumps(
     [
-        "test-key-1-abcdefgh",
-        "test-key-2-abcdefgh",
-        "change-me-0123456789",  # the README's key: tests/test_readme.py runs its examples as written
+        {"key": "test-key-1-abcdefgh", "scopes": ["ingest", "review", "admin"]},
+        {"key": "test-key-2-abcdefgh", "scopes": ["ingest", "review", "admin"]},
+        # the README's key: tests/test_readme.py runs its examples as written
+        {"key": "change-me-0123456789", "scopes": ["ingest", "review", "admin"]},
         {"key": INGEST_KEY, "scopes": ["ingest"], "name": "game-a"},
         {
             "sha256": hashlib.sha256(HASHED_INGEST_KEY.encode()).hexdigest(),

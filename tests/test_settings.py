@@ -119,3 +119,31 @@ def test_a_list_setting_that_is_not_json_or_an_unknown_log_level_is_one_line_nam
         assert result.returncode != 0
         assert result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith(f"mlchat: bad setting: {variable}: "), result.stderr
+
+
+def test_bare_keys_beside_others_are_refused_as_each_would_be_an_admin_of_every_tenant(tmp_path) -> None:
+    """Found in review: a bare key has every scope, admin included, and admin reads every tenant's
+    turns: two games configured as two bare keys could each read the other's turns and prompts."""
+    import json
+
+    result = _import_settings_with(
+        tmp_path, "MLCHAT_API_KEYS", json.dumps(["game-a-key-0123456789", "game-b-key-0123456789"])
+    )
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert "MLCHAT_API_KEYS: item 0 is a bare key beside other keys" in result.stderr, result.stderr
+    alone = Settings(api_keys=["solo-key-0123456789"])  # the quickstart's one key: every scope
+    assert alone.api_keys[0].scopes == ["ingest", "review", "admin"]
+    # And a bad item is named by its place in the list (before: the variable only).
+    result = _import_settings_with(
+        tmp_path, "MLCHAT_API_KEYS", json.dumps([{"key": "a-key-0123456789"}, {"key": "short"}])
+    )
+    assert "MLCHAT_API_KEYS[1].key: String should have at least 16 characters" in result.stderr, result.stderr
+
+
+def test_an_empty_variable_is_the_default_as_env_example_says(monkeypatch) -> None:
+    """Found in review: MLCHAT_ADAPTERS_DIR= became the working directory (Path('.')), and
+    MLCHAT_MAX_NUM_SEQS= refused to start, though .env.example documents "(empty: the default)"."""
+    for name in ("MLCHAT_ADAPTERS_DIR", "MLCHAT_FILES_DIR", "MLCHAT_MAX_NUM_SEQS", "MLCHAT_ENFORCE_EAGER"):
+        monkeypatch.setenv(name, "")
+    empty = Settings()
+    assert (empty.adapters_dir, empty.files_dir, empty.max_num_seqs, empty.enforce_eager) == (None,) * 4
