@@ -9,6 +9,7 @@ goes through the queue like every live turn (priority, leases, exactly-once stor
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from core.settings import settings
 from db.models import TurnStatus
 from db.session import session_scope
+from db.turns import fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
@@ -29,6 +31,8 @@ from services.schemas import GenerationParams, Text, TurnRequest
 CONVERSATION_HEADER = "X-Mlchat-Conversation"
 # OpenAI fields that mean something to a chat request here but not to a batch line.
 _LIVE_ONLY = ("stream", "stream_options", "user")
+
+logger = logging.getLogger(__name__)
 
 
 class ChatRejected(ValueError):
@@ -159,21 +163,40 @@ def start_chat_turn(
         raise ChatRejected(_named(exc, origin)) from None
     (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     if line["history"]:
-        with session_scope() as session:
-            conv_id, _ = find_conversations(session=session, external_ids=[conversation], tenant=tenant)[
-                conversation
-            ]
-            history = [(h["role"], h["content"]) for h in line["history"]]
-            append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
+        try:
+            _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in line["history"]])
+        except Exception:
+            _fail_unsent(stored.id)
+            raise
     # New, revived by this retry (its first send failed), or committed with its reply lost: each
     # needs its message. A replay of a turn still queued may follow a request that died between its
     # commit and its send (its history append raised, say): that message is sent again.
     if stored.unsent:
         producer.send_new_turns({stored.model: [stored.id]}, lane="live")
     elif stored.status == TurnStatus.QUEUED:
-        producer.send_again(stored, lane="live")
+        producer.send_again([stored], lane="live")
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
+
+
+def _seed_history(conversation: str, tenant: str, history: list[tuple[str, str]]) -> None:
+    """The request's earlier messages as the conversation's history, if it has none yet."""
+    with session_scope() as session:
+        found = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
+        conv_id, _ = found[conversation]
+        append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
+
+
+def _fail_unsent(turn_id: uuid.UUID) -> None:
+    """Mark a turn stored but never sent failed, as a broker outage at enqueue does: queued with no
+    message, it would hold every later turn of its conversation until the sweeper's hour, and the
+    official client retries without a key (a new turn, behind it). A retry with the key revives it."""
+    try:
+        with session_scope() as session:
+            reason = "its chat history could not be stored; retry"
+            fail_unsent(session=session, turn_ids=[turn_id], reason=reason)
+    except Exception:  # the database is down too: the sweeper sends it
+        logger.warning("turn %s: stored, not sent, and could not be marked failed", turn_id, exc_info=True)
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:

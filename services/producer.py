@@ -180,10 +180,14 @@ def submit_turns(
     if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
         return stored
     fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
+    replayed: dict[uuid.UUID, StoredTurn] = {}
     for turn in stored:
         if turn.unsent:
             fresh.setdefault(turn.model, {})[turn.id] = None
+        elif not turn.created and turn.status == TurnStatus.QUEUED:
+            replayed[turn.id] = turn
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
+    send_again(list(replayed.values()), lane=lane)
     return stored
 
 
@@ -395,16 +399,21 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         ) from exc
 
 
-def send_again(turn: StoredTurn, *, lane: Lane) -> None:
-    """Send a queued turn's message once more: the request that stored it may have died between its
-    commit and its send. A broker error is logged and marks nothing failed (its first message may be
-    on its way); a duplicate message is harmless (claims are exactly-once)."""
+def send_again(turns: Sequence[StoredTurn], *, lane: Lane) -> None:
+    """Send replayed queued turns' messages once more: the request that stored them may have died
+    between its commit and its send (its reply lost, its process killed). A broker error is logged
+    and marks nothing failed (a first message may be on its way); a duplicate message is harmless
+    (claims are exactly-once)."""
     from tasks.generate import dispatch
 
-    try:
-        dispatch([turn.id], model=turn.model, lane=lane)
-    except Exception:
-        logger.warning("turn %s: could not send its message again; the sweeper will", turn.id, exc_info=True)
+    by_model: dict[str, list[uuid.UUID]] = {}
+    for turn in turns:
+        by_model.setdefault(turn.model, []).append(turn.id)
+    for model, ids in by_model.items():
+        try:
+            dispatch(ids, model=model, lane=lane)
+        except Exception:
+            logger.warning("%d turn(s): could not send again; the sweeper will", len(ids), exc_info=True)
 
 
 def _conversation_fields(req: TurnRequest) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select
 
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Conversation, Turn
+from db.models import Conversation, Turn, TurnStatus
 from db.session import session_scope
 from db.turns import cancel_turns
 from services import live_chat, producer
@@ -307,6 +307,13 @@ def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, mon
             body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
         )
     assert sent == []  # stored, never sent
+    # ...and failed, so it holds no later turn of its conversation (review: queued with no message,
+    # it held them for the sweeper's hour, and the official client retries without a key)
+    with session_scope() as session:
+        stuck = session.scalars(
+            select(Turn).where(Turn.tenant == DEFAULT_TENANT, Turn.idempotency_key == key)
+        ).one()
+        assert stuck.status == TurnStatus.FAILED and "history could not be stored" in (stuck.error or "")
     turn = start_chat_turn(
         body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
     )

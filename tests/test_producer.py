@@ -198,6 +198,27 @@ def test_a_replay_of_a_turn_the_broker_never_got_sends_it_again(world) -> None:
             conn.default_channel.queue_purge(queue_for_model(model, "live"))
 
 
+def test_a_replay_of_a_turn_committed_but_never_sent_sends_it_again(world, unserved_model) -> None:
+    """Found in review: a request that died between its commit and its send (its reply lost, the API
+    process killed) left a queued turn with no message; the client's retry was answered "queued" and
+    sent nothing, so the turn (and every later turn of its conversation) waited an hour for the sweeper."""
+    from services.producer import submit_turns
+    from tasks.queues import queue_depth
+
+    req = new_conversation() | {
+        "message": "Anyone home?",
+        "idempotency_key": "unsent-" + new_conversation()["conversation"],
+    }
+    (first,) = submit_turns([req], send=False)  # committed; the message never went
+    assert queue_depth(unserved_model, "live") == 0
+    (replay,) = submit_turns([req])
+    assert replay.id == first.id and not replay.created and replay.status == TurnStatus.QUEUED
+    assert queue_depth(unserved_model, "live") == 1
+    (batch_replay, new) = submit_turns([req, new_conversation() | {"message": "And you?"}])
+    assert batch_replay.id == first.id and new.created
+    assert queue_depth(unserved_model, "live") == 3  # a duplicate is harmless: claims are exactly-once
+
+
 def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
     from services.producer import submit_turns
 
