@@ -129,3 +129,10 @@ def connection_lost(exc: BaseException) -> bool:
         or sqlstate.startswith("08")
         or sqlstate in ("57P01", "57P02", "57P03")
     )
+
+
+def rolled_back_for_a_conflict(exc: BaseException) -> bool:
+    """Whether the server rolled the transaction back for a deadlock (40P01) or a serialization
+    failure (40001): the same work run again can succeed."""
+    sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
+    return isinstance(exc, OperationalError) and sqlstate in ("40P01", "40001")

@@ -212,7 +212,9 @@ def upsert_conversations(
     """
     if not rows:
         return {}
-    stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in rows])
+    # In one order for every producer, so two creating the same new conversations never deadlock.
+    ordered = sorted(rows, key=lambda row: row["external_id"])
+    stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in ordered])
     created = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
     out = {
         ext: (conv_id, character_id)

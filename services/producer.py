@@ -16,7 +16,7 @@ from sqlalchemy.exc import OperationalError
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import speaker_for_player
-from db.session import get_autocommit_engine, session_scope
+from db.session import get_autocommit_engine, rolled_back_for_a_conflict, session_scope
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
     NewTurn,
@@ -236,14 +236,22 @@ def _store_or_raise(
     api_key: str | None,
     tenant: str,
 ) -> list[StoredTurn]:
-    """_store_turns, with a database outage as EnqueueError."""
-    try:
-        return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
-    except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
-        logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
-        raise EnqueueError(
-            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key)"
-        ) from exc
+    """_store_turns, with a database outage as EnqueueError. A transaction the server rolled back
+    for a deadlock or a serialization failure (two producers inserting the same new conversations or
+    keys in other orders) is run again, up to twice: it left nothing behind."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+        except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
+            if attempt < 3 and rolled_back_for_a_conflict(exc):
+                logger.info("enqueue rolled back (%s); storing again", type(exc.orig).__name__)
+                continue
+            logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
+            raise EnqueueError(
+                "database unreachable at enqueue; nothing was sent (retry with the same idempotency key)"
+            ) from exc
 
 
 def _store_turns(

@@ -219,6 +219,47 @@ def test_a_replay_of_a_turn_committed_but_never_sent_sends_it_again(world, unser
     assert queue_depth(unserved_model, "live") == 3  # a duplicate is harmless: claims are exactly-once
 
 
+def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_outage(
+    world, unserved_model
+) -> None:
+    """Found in review: two producers creating the same new conversations in other orders deadlock;
+    the victim's transaction was reported "database unreachable at enqueue" (503) though it left
+    nothing behind and runs through when tried again."""
+    import time
+
+    from sqlalchemy import text
+    from sqlalchemy.orm import Session
+
+    from db.session import get_engine
+    from db.world import find_characters, upsert_conversations
+    from services.producer import submit_turns
+
+    x, y = sorted(new_conversation()["conversation"] for _ in range(2))
+    with session_scope() as s:
+        elara = find_characters(session=s, slugs=["elara"])["elara"]
+    row = {"player_id": "p", "player_name": "P", "character_id": elara}
+    outcome: list = []
+
+    def batch() -> None:
+        try:
+            lines = [{"conversation": c, "character": "elara", "message": "Hi"} for c in (x, y)]
+            outcome.extend(submit_turns(lines))
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    with Session(bind=get_engine()) as theirs:  # another producer: holds y, then wants x
+        theirs.execute(text("SET deadlock_timeout = '20s'"))  # so the batch is the deadlock's victim
+        upsert_conversations(session=theirs, rows=[row | {"external_id": y}])
+        worker = threading.Thread(target=batch)
+        worker.start()  # holds x, waits for y
+        time.sleep(1.0)
+        upsert_conversations(session=theirs, rows=[row | {"external_id": x}])  # waits for x: a deadlock
+        theirs.commit()
+    worker.join(timeout=30)
+    assert len(outcome) == 2 and all(not isinstance(t, Exception) for t in outcome), outcome
+    assert all(t.status == TurnStatus.QUEUED for t in outcome)
+
+
 def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
     from services.producer import submit_turns
 
