@@ -90,9 +90,14 @@ def migrate(
     down: Annotated[bool, typer.Option("--down", help="downgrade to the revision")] = False,
 ) -> None:
     """Alembic upgrade (or --down) to a revision."""
+    from alembic.util.exc import CommandError
+
     from db.migrate import downgrade, upgrade
 
-    (downgrade if down else upgrade)(revision)
+    try:
+        (downgrade if down else upgrade)(revision)
+    except CommandError as exc:  # no such revision, or nothing below it
+        raise Refused(f"migrate {revision}: {exc}") from None
 
 
 @app.command()
@@ -877,7 +882,12 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _refusals()):
             _err(f"mlchat: {_one_line(exc)}")
             return 2
-        if isinstance(exc, (KeyError, LookupError, ValueError, OSError, RuntimeError, SQLAlchemyError)):
+        from kombu.exceptions import KombuError  # the broker away: one line too
+        from redis.exceptions import RedisError
+
+        one_line = (KeyError, LookupError, ValueError, OSError, RuntimeError, SQLAlchemyError)
+        one_line += (KombuError, RedisError)
+        if isinstance(exc, one_line):
             _err(f"mlchat: {_one_line(exc)}")
             return 1
         raise

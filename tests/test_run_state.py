@@ -296,3 +296,57 @@ def test_a_run_whose_answered_turns_carry_no_scores_reads_without_error(quiet_mo
         )
     state = run_state(sub.name)
     assert state.quality == {"scored": 0}
+
+
+def test_retry_failed_with_the_broker_down_leaves_the_turns_failed_and_says_so_in_one_line(
+    quiet_model, tmp_path, monkeypatch, capsys
+) -> None:
+    """Found in review: `mlchat run retry-failed` reopened the failed turns and committed, then the
+    send raised (a kombu error, a traceback): the turns sat queued with no message for the sweeper's
+    hour, and a second retry-failed said "re-sent 0"."""
+    from scripts.cli import main as cli
+
+    sub = submit_run(_file(tmp_path, 3), name="retry-down-" + tmp_path.name)
+    with session_scope() as s:
+        s.execute(
+            update(Turn).where(Turn.run_id == sub.id).values(status=TurnStatus.FAILED, error="x", attempts=3)
+        )
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.COMPLETED))
+    before = len(_sent_ids())
+    _broker_drops_on_send(monkeypatch, 1)
+    assert cli(["run", "retry-failed", sub.name]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "could not reach the broker; 3 turn(s) marked failed" in err, err
+    with session_scope() as s:
+        statuses = s.scalars(select(Turn.status).where(Turn.run_id == sub.id)).all()
+    assert statuses == [TurnStatus.FAILED] * 3 and len(_sent_ids()) == before
+    assert cli(["run", "retry-failed", sub.name]) == 0  # the broker back: each sent once more
+    assert "re-sent 3 failed turn(s)" in capsys.readouterr().out and len(_sent_ids()) == before + 3
+
+
+def test_a_broker_error_in_any_command_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
+    """Found in review: kombu's and redis's errors are not OSErrors or RuntimeErrors, so the CLI
+    re-raised them as a traceback."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisDown
+
+    from scripts.cli import main as cli
+
+    for error in (OperationalError("[Errno 111] Connection refused"), RedisDown("Connection refused")):
+
+        def down(ref: str, error: Exception = error) -> int:
+            raise error
+
+        monkeypatch.setattr(runs, "retry_failed", down)
+        assert cli(["run", "retry-failed", "any"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Connection refused" in err, err
+
+
+def test_migrate_to_a_revision_that_does_not_exist_is_one_line(world, capsys) -> None:
+    """Found in review: alembic's CommandError came out as a traceback."""
+    from scripts.cli import main as cli
+
+    assert cli(["migrate", "nosuchrev"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "migrate nosuchrev: " in err and "nosuchrev" in err, err

@@ -78,13 +78,15 @@ def cancel(ref: str) -> CancelOutcome:
 
 
 def retry_failed(ref: str) -> int:
-    """Send a run's failed turns again with fresh attempts; returns how many."""
-    from tasks.generate import dispatch
+    """Send a run's failed turns again with fresh attempts; returns how many. With the broker down,
+    the turns whose message did not go are failed again (broker unreachable) and EnqueueError says
+    so: run it again once the broker is back."""
+    from services.producer import send_new_turns
 
     with session_scope() as session:
         run = require_run(session, ref)
         ids, model = reopen_failed(session=session, run_id=run.id), run.model
-    dispatch(ids, model=model, lane="bulk")
+    send_new_turns({model: ids}, lane="bulk")
     return len(ids)
 
 
