@@ -13,15 +13,26 @@ FIRST_POLL_S = 0.1  # a short turn answers quickly...
 MAX_POLL_S = 1.0  # ...and a long wait costs a read a second, not ten
 
 
-async def await_finished(read: Callable[[], Awaitable[TurnView]], wait_s: float) -> TurnView:
+async def await_finished(
+    read: Callable[[], Awaitable[TurnView]],
+    wait_s: float,
+    *,
+    read_again_after: Callable[[BaseException], bool] | None = None,
+) -> TurnView:
     """The turn once it is finished, or as it stands after `wait_s` seconds; re-read 0.1 s after the
-    first read, the interval doubling up to 1 s."""
+    first read, the interval doubling up to 1 s. A read that raises an error `read_again_after`
+    accepts (a database blip) is read again until the deadline, which then raises it."""
     deadline = time.monotonic() + wait_s
     interval = FIRST_POLL_S
     while True:
-        view = await read()
+        try:
+            view: TurnView | None = await read()
+        except Exception as exc:
+            if read_again_after is None or not read_again_after(exc) or time.monotonic() >= deadline:
+                raise
+            view = None
         left = deadline - time.monotonic()
-        if view.finished or left <= 0:
+        if view is not None and (view.finished or left <= 0):
             return view
-        await asyncio.sleep(min(interval, left))
+        await asyncio.sleep(max(min(interval, left), 0))
         interval = min(interval * 2, MAX_POLL_S)

@@ -76,6 +76,40 @@ def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_ur
     assert len(stored) == 1  # the client's retries would each have queued another
 
 
+def test_a_database_blip_while_waiting_is_waited_through_never_retried_into_a_second_turn(
+    base_url, short_wait, monkeypatch
+) -> None:
+    """Found in review: a read that met a database blip while the turn was awaited was a 503 the
+    official client retries, each retry queueing another live turn in the conversation."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from api.routes import chat_completions
+
+    real, reads = chat_completions.visible_turn, []
+
+    def blip_then_down(turn_id, who):  # type: ignore[no-untyped-def]
+        reads.append(turn_id)
+        if len(reads) == 2:  # one read goes through between blips
+            return real(turn_id, who)
+        raise OperationalError("SELECT", {}, psycopg.OperationalError("server closed the connection"))
+
+    monkeypatch.setattr(chat_completions, "visible_turn", blip_then_down)
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=2)
+    conversation = new_conversation()["conversation"]
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.chat.completions.create(
+            model="elara",
+            messages=[{"role": "user", "content": "Which road leads north?"}],
+            metadata={"conversation": conversation},
+        )
+    assert raised.value.status_code == 504 and len(reads) > 2  # read again, through the blips
+    assert raised.value.response.headers["x-should-retry"] == "false"
+    stored = _turns_of(conversation)
+    _cancel(stored)
+    assert len(stored) == 1
+
+
 def test_an_idempotency_key_makes_a_retry_answer_with_the_first_turn(base_url, short_wait) -> None:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
     key = {"Idempotency-Key": f"chat-{uuid.uuid4()}"}

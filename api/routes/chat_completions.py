@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Caller, json_body, needs
 from api.routes.turns import visible_turn
 from core.settings import settings
+from db.session import connection_lost
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
@@ -71,7 +72,17 @@ async def chat_completions(
 
     if turn.stream:
         return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
-    view = await await_finished(read, settings.turn_wait_max_s)
+    try:  # a database blip while waiting is read through; a 503 would be retried into a new turn
+        view = await await_finished(read, settings.turn_wait_max_s, read_again_after=connection_lost)
+    except Exception as exc:
+        if not connection_lost(exc):
+            raise
+        return _error(
+            504,
+            f"turn {turn.id} is queued but cannot be read for now; read it at /v1/turns/{turn.id}",
+            "timeout",
+            retry=False,
+        )
     if not view.finished:
         return _error(
             504,
