@@ -21,7 +21,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from core.settings import settings
 from db.models import TurnStatus
 from db.session import session_scope
-from db.turns import fail_unsent
+from db.turns import IdempotencyConflict, fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
@@ -36,7 +36,12 @@ logger = logging.getLogger(__name__)
 
 
 class ChatRejected(ValueError):
-    """The request cannot be answered as asked; the message names the field."""
+    """The request cannot be answered as asked; the message names the field. `status`: 400, or
+    409 for an idempotency key already used for another request."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -161,7 +166,12 @@ def start_chat_turn(
             request.with_default_response_format()
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
-    (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
+    try:
+        (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
+    except producer.TurnRejected as exc:  # named as the chat request names it (not `character`)
+        raise ChatRejected("; ".join(f"{origin(e.field)}: {e.reason}" for e in exc.errors)) from None
+    except IdempotencyConflict as exc:
+        raise ChatRejected(f"Idempotency-Key (header): {exc}", status=409) from None
     if line["history"]:
         try:
             _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in line["history"]])

@@ -476,3 +476,26 @@ def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_onc
     assert outcomes == [2, 0]
     with session_scope() as s:
         assert s.query(Message).filter(Message.conversation_id == conv_id).count() == 2
+
+
+def test_a_conversation_of_another_character_or_a_reused_key_is_answered_in_openais_shape(
+    base_url, short_wait
+) -> None:
+    """Found in review: a refusal from the store (the conversation is another character's, a key
+    reused for another request) came back as mlchat's {"detail": ...}, naming `character`, which is
+    no field of a chat request; the 409 was retried by the official client."""
+    conversation = new_conversation()["conversation"]
+    headers = OWNER | {live_chat.CONVERSATION_HEADER: conversation}
+    first = {"model": "elara", "messages": [{"role": "user", "content": "Evening."}]}
+    url = f"{base_url}/v1/chat/completions"
+    assert httpx.post(url, json=first, headers=headers, timeout=30).status_code == 504
+    other = first | {"model": "luffy"}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=other, headers=headers, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body.model", r.text
+    keyed = headers | {"Idempotency-Key": f"k-{uuid.uuid4()}"}
+    httpx.post(f"{base_url}/v1/chat/completions", json=first, headers=keyed, timeout=30)
+    again = first | {"messages": [{"role": "user", "content": "Morning."}]}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=again, headers=keyed, timeout=30)
+    assert r.status_code == 409 and "different request" in r.json()["error"]["message"], r.text
+    assert r.headers["x-should-retry"] == "false"
+    _cancel(_turns_of(conversation))

@@ -64,8 +64,8 @@ async def chat_completions(
                 idempotency_key=idempotency_key,
             )
         )
-    except ChatRejected as exc:
-        return _error(400, str(exc))
+    except ChatRejected as exc:  # a 409 must not be retried: the same key would meet the same turn
+        return _error(exc.status, str(exc), retry=exc.status != 409)
 
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn.id, who)
