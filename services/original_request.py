@@ -296,7 +296,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     answers in a conversation of its own holding a copy of it, so no other request's lines, player
     or facts reach its prompt. EmbedderMismatch, with nothing stored, when the stored vectors are
     another embedder's (even a replay, which embeds nothing, is refused before it stores a turn)."""
-    from db.history import conversation_lines, copy_lines
+    from db.history import conversation_lines, copy_lines, lock_conversation
     from db.session import session_scope
     from db.world import (
         count_story_events,
@@ -357,10 +357,16 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         added = _append_missing(session, req, kept_id, kept, start, line_vectors)
         conversation = kept
         if not req.conversation:
-            conversation = f"{kept}-{uuid.uuid4().hex[:12]}"
+            # A conversation of its own per request; a retry under the same idempotency key gets the
+            # same one (its name is part of the request's fingerprint) and finds its lines there.
+            key = req.turn.idempotency_key
+            own = hashlib.sha256(key.encode()).hexdigest()[:12] if key else uuid.uuid4().hex[:12]
+            conversation = f"{kept}-{own}"
             row |= {"external_id": conversation, "story": story_key, "story_time": req.turn.story_time}
             conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
-            copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
+            lock_conversation(session=session, conversation_id=conv_id)  # two retries copy once
+            if not conversation_lines(session=session, conversation_id=conv_id):
+                copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
     return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
 
 

@@ -115,6 +115,23 @@ def test_replaying_the_same_request_stores_persona_story_and_history_once_and_tw
         assert len(vectors) == 2 and list(vectors[0]) == list(vectors[1])
 
 
+def test_a_repeated_idempotency_key_without_a_conversation_replays_the_first_turn() -> None:
+    """Found in review: each attempt answered in a conversation of a random name, and the name is part
+    of the request's fingerprint, so a retried event with its idempotency key was refused as "a
+    different request", and every try copied the history into a new conversation."""
+    name = f"루피-{uuid.uuid4().hex[:6]}"
+    key = f"retry-{uuid.uuid4().hex[:8]}"
+    stored, ids = [], []
+    for _ in range(2):
+        request = read_request(_event(name, idempotency_key=key))
+        stored.append(store_request(request))
+        ids += enqueue_turns([turn_request(request, stored[-1])], send=False)
+    first, second = stored
+    assert first.conversation == second.conversation and ids[0] == ids[1]
+    counts = _counts(first.character, first.story, first.conversation)
+    assert len(counts["lines"]) == 3 and counts["turns"] == 1  # the history copied once
+
+
 def test_a_changed_persona_is_a_new_character_and_the_same_content_the_same_one() -> None:
     name = f"루피-{uuid.uuid4().hex[:6]}"
     before = store_request(read_request(_event(name)))

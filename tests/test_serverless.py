@@ -38,3 +38,28 @@ def test_local_mode_says_when_an_event_is_not_json_and_exits_non_zero_on_an_erro
     assert err.startswith("serverless: the event is not JSON (") and err.count("\n") == 1
     assert answer_local('{"nope": 1}') == 1
     assert '"error"' in capsys.readouterr().out
+
+
+def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, monkeypatch) -> None:
+    """Found in review: a bad turn came back as pydantic's dump (the input echoed, a link, no item),
+    and a database or broker outage escaped the handler as an exception."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    import worker.inline
+
+    ok = new_conversation() | {"message": "Hello"}
+    answer = handler({"input": {"turns": [ok, ok | {"message": "   ", "params": {"top_p": 3}}]}})
+    error = answer["error"]
+    assert error.startswith("turns[1].message: ") and "turns[1].params.top_p: " in error, error
+    assert "input_value" not in error and "pydantic.dev" not in error
+    assert handler({"input": ok | {"message": ""}})["error"].startswith("message: ")
+
+    def database_down(requests):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, psycopg.OperationalError("connection refused"))
+
+    monkeypatch.setattr(worker.inline, "answer_now", database_down)
+    assert handler({"input": ok}) == {
+        "error": "temporarily unavailable (OperationalError); send the event again",
+        "retry": True,
+    }

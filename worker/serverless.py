@@ -15,12 +15,18 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
+from services.producer import EnqueueError
+from services.schemas import TurnRequest, error_line
 
 # Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
 _REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
+# Answered as {"error": ..., "retry": true}: the database or the broker away for now.
+_TRANSIENT = (EnqueueError, OperationalError, InterfaceError, PoolTimeout)
 
 
 def handler(event: dict[str, Any]) -> dict[str, Any]:
@@ -32,14 +38,36 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
         return {"error": 'the event must be {"input": {...turn...}} or {"input": {"turns": [...]}}'}
     if "persona" in payload:
         return _answer_original(payload)
+    many = "turns" in payload
     requests = payload.get("turns", [payload])
     if not isinstance(requests, list) or not requests:
         return {"error": '"turns" must be a non-empty list'}
+    parsed, errors = [], []
+    for i, item in enumerate(requests):
+        try:
+            parsed.append(TurnRequest.model_validate(item))
+        except ValidationError as exc:
+            errors.append(_named(exc, f"turns[{i}]" if many else ""))
+    if errors:
+        return {"error": "; ".join(errors)}
     try:
-        views = answer_now(requests)
+        views = answer_now(parsed)
     except _REFUSED as exc:
-        return {"error": str(exc)}
+        return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
+    except _TRANSIENT as exc:
+        return _try_again(exc)
     return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
+
+
+def _named(exc: ValidationError, where: str = "") -> str:
+    """A validation error as lines naming each field, without pydantic's echo of the input."""
+    places = [(".".join([where, *map(str, e["loc"])]).strip(".") or "input", e["msg"]) for e in exc.errors()]
+    return "; ".join(error_line(place, msg) for place, msg in places)
+
+
+def _try_again(exc: Exception) -> dict[str, Any]:
+    """The database or broker away: nothing was answered; the same event may be sent again."""
+    return {"error": f"temporarily unavailable ({type(exc).__name__}); send the event again", "retry": True}
 
 
 def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
@@ -52,11 +80,13 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         request = read_request(payload)
         stored = store_request(request)
         views = answer_now([turn_request(request, stored)])
+        if len(views) != 1:  # the turn was removed before it could be read back
+            return {"error": "the turn ran but could not be read back; send the request again"}
+        return chat_response(views[0], stored)
     except _REFUSED as exc:
-        return {"error": str(exc)}
-    if len(views) != 1:  # the turn was removed before it could be read back
-        return {"error": "the turn ran but could not be read back; send the request again"}
-    return chat_response(views[0], stored)
+        return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
+    except _TRANSIENT as exc:
+        return _try_again(exc)
 
 
 def main() -> None:
