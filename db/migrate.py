@@ -18,6 +18,9 @@ def alembic_config() -> Config:
     return cfg
 
 
+# The advisory lock a migration holds (migrations/env.py): one process migrates a database at a time.
+MIGRATION_LOCK_KEY = 0x6D6C63686174  # "mlchat"
+
 # Partitions of a partitioned table (story_events_p0..., migration 0014): their columns and indexes
 # are the parent's, which the models describe; autogenerate would otherwise offer to drop them.
 _PARTITION = re.compile(r"^story_events_p\d+$")

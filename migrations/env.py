@@ -3,10 +3,10 @@
 from logging.config import fileConfig
 
 from alembic import context
-from sqlalchemy import engine_from_config, pool
+from sqlalchemy import Connection, engine_from_config, pool, text
 
 from core.services import database_url
-from db.migrate import include_name
+from db.migrate import MIGRATION_LOCK_KEY, include_name
 from db.models import Base
 
 config = context.config
@@ -24,20 +24,32 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
-def run_migrations_online() -> None:
-    connection = config.attributes.get("connection")
-    if connection is not None:
+def _migrate(connection: Connection) -> None:
+    """Run the migrations under the database's migration lock: processes that start together (every
+    serverless container runs `upgrade` at start) migrate one after the other, and the later ones find
+    the schema at head. A session-level lock, held across the migrations' own commits."""
+    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+    connection.commit()  # the lock stays; Alembic begins its own transaction
+    try:
         context.configure(connection=connection, target_metadata=target_metadata, include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
+    finally:
+        connection.rollback()  # a failed migration's transaction, so the unlock can run
+        connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        connection.commit()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _migrate(connection)
         return
     section = config.get_section(config.config_ini_section, {})
     section["sqlalchemy.url"] = database_url()
     connectable = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     with connectable.connect() as conn:
-        context.configure(connection=conn, target_metadata=target_metadata, include_name=include_name)
-        with context.begin_transaction():
-            context.run_migrations()
+        _migrate(conn)
 
 
 if context.is_offline_mode():

@@ -315,3 +315,24 @@ def test_files_take_the_tenant_of_the_runs_that_read_or_wrote_them(scratch_db: C
     assert rows == {"file-in": "tenant-a", "file-out": "tenant-a", "file-err": "tenant-a", "file-alone": None}
     _run(scratch_db, "downgrade", "0024")
     assert scratch_db.execute(text("SELECT count(*) FROM files")).scalar_one() == 4
+
+
+def test_two_processes_migrating_at_once_take_turns(services) -> None:
+    """Found in review: every serverless container runs `upgrade` at start, with no lock; two cold
+    starts with a revision pending raced on alembic_version and the DDL, and one exited."""
+    import threading
+
+    from db.migrate import MIGRATION_LOCK_KEY, upgrade
+
+    with get_engine().connect() as other:  # another process, migrating
+        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        migrating = threading.Thread(target=upgrade, daemon=True)
+        migrating.start()
+        migrating.join(timeout=2)
+        assert migrating.is_alive()  # waits for the other to finish
+        other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        migrating.join(timeout=60)
+        assert not migrating.is_alive()
+    with get_engine().connect() as conn:  # and the lock was given back
+        assert conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}).scalar()
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
