@@ -336,3 +336,19 @@ def test_two_processes_migrating_at_once_take_turns(services) -> None:
     with get_engine().connect() as conn:  # and the lock was given back
         assert conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}).scalar()
         conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+
+
+def test_a_rerun_after_an_interrupted_concurrent_build_rebuilds_the_invalid_index(scratch_db) -> None:
+    """Found in review: an interrupted CREATE INDEX CONCURRENTLY leaves an INVALID index, which IF NOT
+    EXISTS took as built; 0018 then dropped the index it replaces, leaving turns by run and status
+    with no usable index."""
+    _run(scratch_db, "upgrade", "0017")
+    scratch_db.execute(text("CREATE INDEX ix_turns_run_status_id ON turns (run_id, status, id)"))
+    scratch_db.execute(  # what an interrupted build leaves
+        text("UPDATE pg_index SET indisvalid = false WHERE indexrelid = 'ix_turns_run_status_id'::regclass")
+    )
+    _run(scratch_db, "upgrade", "0018")
+    valid = scratch_db.execute(
+        text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_turns_run_status_id'::regclass")
+    ).scalar()
+    assert valid is True

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from migrations.concurrent_index import create_index_concurrently
+
 revision: str = "0018"
 down_revision: str | None = "0017"
 branch_labels: str | Sequence[str] | None = None
@@ -17,19 +19,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # CONCURRENTLY so writes to turns go on while the index builds (migrations run at start-up); it
-    # cannot run in a transaction, hence the autocommit block. IF (NOT) EXISTS makes a rerun after an
-    # interrupted build finish the job (an interrupted build leaves an invalid index: drop it by hand).
-    # The new index serves every query the old one did (its first two columns), so the old goes.
+    # CONCURRENTLY so writes to turns go on while the index builds; it cannot run in a transaction,
+    # hence the autocommit block. A rerun after an interrupted build finishes the job (the invalid
+    # index it left is built again). The new index serves every query the old one did (its first two
+    # columns), so the old goes.
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_turns_run_status_id",
-            "turns",
-            ["run_id", "status", "id"],
-            unique=False,
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
+        create_index_concurrently("ix_turns_run_status_id", "turns", ["run_id", "status", "id"])
         op.drop_index("ix_turns_run_status", table_name="turns", postgresql_concurrently=True, if_exists=True)
 
 

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.concurrent_index import create_index_concurrently
+
 revision: str = "0021"
 down_revision: str | None = "0020"
 branch_labels: str | Sequence[str] | None = None
@@ -20,21 +22,17 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     # CONCURRENTLY, as in 0018: fact writes go on while the indexes build.
     with op.get_context().autocommit_block():
-        op.create_index(
+        create_index_concurrently(
             "ix_facts_current_scope",
             "facts",
             ["tenant", "scope", "scope_ref"],
             postgresql_where=sa.text("superseded_by IS NULL"),
-            postgresql_concurrently=True,
-            if_not_exists=True,
         )
-        op.create_index(
+        create_index_concurrently(
             "ix_facts_current_met",
             "facts",
             ["tenant", "player_id"],
             postgresql_where=sa.text("superseded_by IS NULL AND scope = 'met'"),
-            postgresql_concurrently=True,
-            if_not_exists=True,
         )
 
 
