@@ -499,3 +499,33 @@ def test_a_conversation_of_another_character_or_a_reused_key_is_answered_in_open
     assert r.status_code == 409 and "different request" in r.json()["error"]["message"], r.text
     assert r.headers["x-should-retry"] == "false"
     _cancel(_turns_of(conversation))
+
+
+def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(monkeypatch) -> None:
+    """Found in review: an outage while streaming (the hub's status check or the stored turn's read
+    failing) ended the chat stream with a turn_error, which a chat client cannot resume: a transient
+    failure shown as final."""
+    from api.routes import chat_completions
+    from streaming.reader import Event, unavailable
+
+    turn = live_chat.ChatTurn(uuid.uuid4(), "elara", 0, stream=True)
+    calls: list[str | None] = []
+
+    async def events(turn_id, read, *, last_event_id=None):  # type: ignore[no-untyped-def]
+        calls.append(last_event_id)
+        if len(calls) == 1:
+            yield Event("delta", "1-0", {"text": "The road "})
+            yield unavailable()
+        else:
+            yield Event("delta", "2-0", {"text": "north."})
+            yield Event("done", None, {"usage": {"finish_reason": "stop"}})
+
+    monkeypatch.setattr(chat_completions, "turn_events", events)
+    monkeypatch.setattr(chat_completions, "RESUME_AFTER_S", 0.01, raising=False)
+
+    async def collect() -> list[str]:
+        return [c["data"] async for c in chat_completions._chunks(turn, None)]
+
+    sent = asyncio.run(collect())
+    texts = [json.loads(d)["choices"][0]["delta"].get("content") for d in sent[1:-2]]
+    assert calls == [None, "1-0"] and texts == ["The road ", "north."] and sent[-1] == "[DONE]", sent

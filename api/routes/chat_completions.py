@@ -3,8 +3,10 @@ with `stream: true` its `chat.completion.chunk` events and `[DONE]`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
@@ -25,6 +27,7 @@ from services.turn_wait import await_finished
 from streaming.reader import turn_events
 
 router = APIRouter(tags=["chat"])
+RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long
 
 
 # A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
@@ -103,13 +106,38 @@ def _why(view: TurnView) -> str:
 async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     """OpenAI chunks from the turn's events; a restart or a failure ends the stream with an error
     object (the stored turn stays readable at /v1/turns/{id}). A `whole` turn's content comes in one
-    chunk once stored: nothing was shown before, so a restart does not end it."""
+    chunk once stored: nothing was shown before, so a restart does not end it. An outage of the
+    stream or the database is followed through: a chat client cannot resume a stream, so it is
+    resumed here after the last delta sent, until the stream's longest."""
     yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
-    async for event in turn_events(turn.id, read):
+    deadline = time.monotonic() + settings.stream_max_s
+    last_id: str | None = None
+    while True:
+        resume = False
+        async for chunk in _chunks_from(turn, read, last_id, deadline):
+            if chunk is None:  # unavailable for now: resume after the last delta sent
+                resume = True
+            elif isinstance(chunk, str):
+                last_id = chunk
+            else:
+                yield chunk
+        if not resume:
+            return
+        await asyncio.sleep(RESUME_AFTER_S)
+
+
+async def _chunks_from(  # type: ignore[no-untyped-def]
+    turn: ChatTurn, read: Any, last_id: str | None, deadline: float
+):
+    """The chunks of the turn's events after `last_id`; a delta's event id (str) after its chunk,
+    and None when the stream is unavailable and may be resumed before `deadline`."""
+    async for event in turn_events(turn.id, read, last_event_id=last_id):
         if event.kind == "delta" and not turn.whole:
             yield {
                 "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
             }
+            if event.id is not None:
+                yield event.id
         elif event.kind == "delta" or (turn.whole and event.data.get("code") == "restarted"):
             continue
         elif event.kind == "done":
@@ -122,6 +150,9 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
             if turn.include_usage:
                 yield {"data": json.dumps(live_chat.usage_chunk(turn, event.data.get("usage")))}
             yield {"data": "[DONE]"}
+            return
+        elif event.data.get("code") == "unavailable" and time.monotonic() < deadline:
+            yield None
             return
         else:
             message = f"turn {turn.id}: {event.data.get('code')}: {event.data.get('message')}"
