@@ -3,6 +3,7 @@ participants, premise, opening line, speaker strategy, length and stop condition
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
@@ -184,12 +185,26 @@ class SceneSpec(BaseModel):
         }
 
 
+RUN_SCENE_CONVERSATION = re.compile(r"run:|sha256:[0-9a-f]{64}\Z")
+
+
 class GroupSpec(SceneSpec):
     """A live group conversation (POST /v1/scenes): the game's conversation id, and the exchanges
     to run now with no player line (0: the player speaks first)."""
 
     conversation: Text = Field(min_length=1, max_length=200)
     exchanges: int = Field(default=0, ge=0)
+
+    @field_validator("conversation")
+    @classmethod
+    def _not_a_runs(cls, value: str) -> str:
+        # A run's scene line names its conversation so (services/runs/submit.py): a live group of
+        # that name would make the line's scene fail on every submission of the run.
+        if RUN_SCENE_CONVERSATION.match(value):
+            raise ValueError(
+                "names starting with 'run:', and 'sha256:' digests, name runs' scene conversations"
+            )
+        return value
 
 
 class ContinueSpec(BaseModel):

@@ -1549,3 +1549,20 @@ def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_i
     store(runs[0], "first")
     with pytest.raises(SceneConflict, match=r"scene 'again': its conversation already holds another scene"):
         store(runs[1], "again")
+
+
+def test_a_live_group_may_not_take_the_name_of_a_runs_scene_conversation() -> None:
+    """Found in review: a live group named `run:<name>:<custom_id>` (or a long line's digest) held the
+    conversation a run's scene line stores its scene in, so that line failed every submission."""
+    from pydantic import ValidationError
+
+    from scenes.spec import GroupSpec
+
+    for name in ("run:nightly:c1", "sha256:" + "ab" * 32):
+        with pytest.raises(ValidationError, match="name runs' scene conversations") as refused:
+            GroupSpec.model_validate(_scene(conversation=name, exchanges=0))
+        assert refused.value.errors()[0]["loc"] == ("conversation",)
+    assert (
+        GroupSpec.model_validate(_scene(conversation="tavern-run:1", exchanges=0)).conversation
+        == "tavern-run:1"
+    )
