@@ -9,6 +9,7 @@ type, cannot be produced.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -132,6 +133,14 @@ def check_actions(value: Any, where: str) -> list[Action]:
         for arg, spec in action.args.items():
             if spec.enum is not None and spec.type != "string":
                 raise ValueError(f"{where}[{i}].args.{arg}.enum: only string arguments take an enum")
+    # Each field within its limit can still make a schema of a megabyte, which every turn of the
+    # character would compile and list in its prompt: held to a client schema's limit.
+    size = len(json.dumps(reply_schema(actions), ensure_ascii=False).encode())
+    if size > settings.structured_max_schema_bytes:
+        raise ValueError(
+            f"{where}: the reply schema they make is {size} bytes; the limit is "
+            f"{settings.structured_max_schema_bytes} (MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
+        )
     return actions
 
 

@@ -105,6 +105,19 @@ GIVE = {"name": "give_item", "description": "Give the player an item.", "args": 
         ([{"name": "wave", "args": {"to\n": {"type": "string"}}}], "actions[0].args['to\\n']"),
         ([GIVE, GIVE], "actions[1].name: 'give_item' is declared twice"),
         ([{"name": "wave", "args": {"n": {"type": "integer", "enum": ["1"]}}}], "actions[0].args.n.enum"),
+        (  # review: within every per-field limit, yet a schema (and a prompt section) of ~1 MB
+            [
+                {
+                    "name": f"act_{a}",
+                    "args": {
+                        f"a{g}": {"type": "string", "enum": [f"{'v' * 70}{i}" for i in range(64)]}
+                        for g in range(8)
+                    },
+                }
+                for a in range(32)
+            ],
+            "actions: the reply schema they make is ",
+        ),
     ],
 )
 def test_a_bad_declaration_is_refused_naming_the_field(actions, names) -> None:
