@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -132,8 +133,12 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
     try:
         items = _Answer.model_validate(json.loads(raw)).facts
     except (ValueError, ValidationError, RecursionError) as exc:
-        logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
-        return None
+        cut = None if isinstance(exc, ValidationError) else _finished_before_the_cut(raw)
+        if cut is None:
+            logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
+            return None
+        logger.info("fact extraction: an unfinished answer; its %d whole facts kept", len(cut))
+        items = cut
     facts = []
     for i, item in enumerate(items):
         try:
@@ -141,6 +146,29 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
         except ValidationError as exc:
             logger.warning("fact extraction: facts[%d] dropped: %s", i, str(exc)[:200])
     return facts
+
+
+_FACTS_OPEN = re.compile(r'\s*\{\s*"facts"\s*:\s*\[')
+
+
+def _finished_before_the_cut(raw: str) -> list[Any] | None:
+    """The facts an answer cut at max_tokens had written whole (guided decoding keeps it the schema's
+    JSON up to the cut): a script of many tokens a character, Korean say, runs a long answer past the
+    bound, and its first facts are as good as an uncut answer's. None when it is not such an answer."""
+    opened = _FACTS_OPEN.match(raw)
+    if opened is None:
+        return None
+    decoder, pos = json.JSONDecoder(), opened.end()
+    items: list[Any] = []
+    while len(items) < 4:
+        while pos < len(raw) and raw[pos] in " \t\r\n,":
+            pos += 1
+        try:
+            item, pos = decoder.raw_decode(raw, pos)
+        except (ValueError, RecursionError):
+            break
+        items.append(item)
+    return items
 
 
 def store_extracted(

@@ -857,3 +857,17 @@ def test_a_summary_generated_on_this_workers_engine_is_cleaned_with_its_models_t
     )
     assert summarize.run_summary_job(conv) == 1
     assert asked and "<|im_end|>" not in asked[0] and "<|im_start|>" not in asked[0]
+
+
+def test_an_answer_cut_at_max_tokens_keeps_the_facts_it_finished() -> None:
+    """Found in review: the answer's bound is in characters, so a Korean answer (many tokens to a
+    character) ran past max_tokens: the cut JSON was dropped whole, every fact lost, and its lines
+    were counted as read."""
+    whole = {"subject": "미라", "kind": "player", "text": "플레이어의 여동생 이름은 미라다.", "importance": 7}
+    also = {"subject": "루피", "kind": "npc", "text": "루피는 고기를 좋아한다.", "importance": 3}
+    raw = json.dumps({"facts": [whole, also]}, ensure_ascii=False, separators=(",", ":"))
+    cut = raw[: raw.index("루피") + 1]  # inside the second fact
+    kept = parse_facts(cut)
+    assert kept is not None and [f.subject for f in kept] == ["미라"]
+    assert parse_facts(raw[: raw.index("[") + 1]) == []  # cut before any fact: none, not an error
+    assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # a finished answer outside the schema
