@@ -69,6 +69,14 @@ class SchemaRefused(ValueError):
     """A schema (or regex) that cannot be enforced; the message names the place at fault."""
 
 
+class GrammarBusy(SchemaRefused):
+    """No grammar builder free for the schema in time: it may be enforceable; send it again."""
+
+
+MAX_BUILDS = 4  # grammar builds at once in a process, those that ran out and go on included
+_BUILDS = threading.BoundedSemaphore(MAX_BUILDS)
+
+
 def check_schema(schema: Any, where: str) -> dict[str, Any]:
     """The schema if it is a valid Draft 2020-12 JSON Schema that the grammar enforces in full and
     within the size limit; SchemaRefused naming `where` and the place inside it otherwise."""
@@ -85,7 +93,10 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
             f"{where}: {size} bytes; the limit is {settings.structured_max_schema_bytes} "
             "(MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
         )
-    refusal = _refusal(canonical)
+    try:
+        refusal = _refusal(canonical)
+    except GrammarBusy as exc:
+        raise GrammarBusy(f"{where}{exc}") from None
     if refusal is not None:
         raise SchemaRefused(f"{where}{refusal}")
     return schema
@@ -97,6 +108,8 @@ def _refusal(schema_json: str) -> str | None:
     it can."""
     try:
         _check_schema(json.loads(schema_json), "")
+    except GrammarBusy:
+        raise  # not the schema's answer: not cached
     except SchemaRefused as exc:
         return str(exc)
     except (TypeError, ValueError, RecursionError) as exc:  # a keyword's value of an odd type
@@ -121,9 +134,13 @@ def _built_in_time(schema_json: str, where: str) -> None:
     """Compile the schema's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar expands a
     pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the worker's engine
     would pay the same before the turn's first token. A build that runs out goes on in its thread
-    until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout) and is refused once
-    per process: the refusal is cached with the schema."""
+    until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout), and the refusal is
+    cached with the schema; at most MAX_BUILDS builds run at once in a process, so slow schemas hold
+    a few cores at most, and a schema that finds them all taken is refused as busy (not cached)."""
+    _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
+    if not _BUILDS.acquire(timeout=timeout):
+        raise GrammarBusy(f"{where}: the grammar builders are busy with slow schemas; send it again later")
     done: Future[None] = Future()
 
     def build() -> None:
@@ -132,8 +149,14 @@ def _built_in_time(schema_json: str, where: str) -> None:
             done.set_result(None)
         except Exception as exc:
             done.set_exception(exc)
+        finally:
+            _BUILDS.release()
 
-    threading.Thread(target=build, name="schema-grammar", daemon=True).start()
+    try:
+        threading.Thread(target=build, name="schema-grammar", daemon=True).start()
+    except RuntimeError:  # no thread to be had: as busy
+        _BUILDS.release()
+        raise GrammarBusy(f"{where}: the grammar builders are busy; send it again later") from None
     try:
         done.result(timeout=timeout)
     except FutureTimeout:

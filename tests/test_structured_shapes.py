@@ -633,3 +633,18 @@ def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_se
     monkeypatch.setattr(settings, "structured_compile_timeout_s", 5.0)
     quick = {"type": "object", "properties": {"code": {"type": "string", "pattern": "a{0,25}"}}}
     assert check_schema(quick, "s") is quick
+    # Review: builds that ran out go on in their threads, so only so many run at once; a schema
+    # finding them all taken is refused as busy, and not cached: sent again, it is checked.
+    import threading
+
+    from structured import spec
+
+    taken = threading.BoundedSemaphore(1)
+    taken.acquire()
+    monkeypatch.setattr(spec, "_BUILDS", taken)
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
+    other = {"type": "object", "properties": {"code": {"type": "string", "pattern": "b{0,25}"}}}
+    with pytest.raises(spec.GrammarBusy, match=r"^s: the grammar builders are busy"):
+        check_schema(other, "s")
+    taken.release()
+    assert check_schema(other, "s") is other
