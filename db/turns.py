@@ -105,6 +105,7 @@ class StoredTurn:
     # Its message is still to be sent: new, revived after a failed send, or committed with its
     # reply lost (the producer sets the last two). A plain replay's turn was sent when it was made.
     unsent: bool = False
+    attempts: int = 0  # claims it has had: a queued turn with none may have lost its message
 
 
 @dataclass(frozen=True)
@@ -260,8 +261,8 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
     repeated = [(t.tenant, t.idempotency_key) for t in unique if (t.tenant, t.idempotency_key) not in created]
     known = (
         {
-            (tenant, key): (request_hash, turn_id, status, model, code)
-            for tenant, key, request_hash, turn_id, status, model, code in session.execute(
+            (tenant, key): (request_hash, turn_id, status, model, code, attempts)
+            for tenant, key, request_hash, turn_id, status, model, code, attempts in session.execute(
                 select(
                     Turn.tenant,
                     Turn.idempotency_key,
@@ -270,6 +271,7 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
                     Turn.status,
                     Turn.model,
                     Turn.error_code,
+                    Turn.attempts,
                 ).where(tuple_(Turn.tenant, Turn.idempotency_key).in_(repeated))
             ).tuples()
         }
@@ -283,12 +285,12 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             new = first[key] == i
             out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
             continue
-        request_hash, turn_id, status, model, code = known[key]
+        request_hash, turn_id, status, model, code, attempts = known[key]
         if request_hash != t.request_hash:
             raise IdempotencyConflict(
                 f"idempotency key {t.idempotency_key!r} was already used for a different request"
             )
-        out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code))
+        out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code, attempts=attempts))
     return out
 
 

@@ -176,14 +176,15 @@ def start_chat_turn(
         try:
             _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in line["history"]])
         except Exception:
-            _fail_unsent(stored.id)
+            if stored.created or stored.unsent:  # a replay's turn may have been sent and be waiting
+                _fail_unsent(stored.id)
             raise
     # New, revived by this retry (its first send failed), or committed with its reply lost: each
     # needs its message. A replay of a turn still queued may follow a request that died between its
     # commit and its send (its history append raised, say): that message is sent again.
     if stored.unsent:
         producer.send_new_turns({stored.model: [stored.id]}, lane="live")
-    elif stored.status == TurnStatus.QUEUED:
+    elif stored.status == TurnStatus.QUEUED and stored.attempts == 0:
         producer.send_again([stored], lane="live")
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)

@@ -184,10 +184,12 @@ def submit_turns(
     for turn in stored:
         if turn.unsent:
             fresh.setdefault(turn.model, {})[turn.id] = None
-        elif not turn.created and turn.status == TurnStatus.QUEUED:
-            replayed[turn.id] = turn
+        elif not turn.created and turn.status == TurnStatus.QUEUED and turn.attempts == 0:
+            replayed[turn.id] = turn  # never claimed: its message may have been lost (a claimed
+            # one waiting, on an adapter's back-off say, has its message held by the broker)
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
-    send_again(list(replayed.values()), lane=lane)
+    sent = {i for ids in fresh.values() for i in ids}
+    send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
     return stored
 
 

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from db.models import Turn, TurnStatus
 from db.session import get_autocommit_engine, session_scope
@@ -217,6 +217,12 @@ def test_a_replay_of_a_turn_committed_but_never_sent_sends_it_again(world, unser
     (batch_replay, new) = submit_turns([req, new_conversation() | {"message": "And you?"}])
     assert batch_replay.id == first.id and new.created
     assert queue_depth(unserved_model, "live") == 3  # a duplicate is harmless: claims are exactly-once
+    # Review: a turn claimed before (waiting on an adapter's back-off, say) keeps its message in the
+    # broker; sent again, each replay would be claimed at once and charged an attempt.
+    with session_scope() as session:
+        session.execute(update(Turn).where(Turn.id == first.id).values(attempts=1))
+    submit_turns([req, req])
+    assert queue_depth(unserved_model, "live") == 3
 
 
 def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_outage(
