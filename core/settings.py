@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -37,8 +38,8 @@ class ApiKey(BaseModel):
     does everything: characters, stories, runs, every turn with its prompt.
 
     Given as `{"key": "...", "scopes": [...]}`, or stored hashed as `{"sha256": "<hex digest of the
-    key>", "scopes": [...]}`; a list of one bare string is that key with every scope (admin
-    included), and a bare string beside other keys is refused. `name` labels the caller
+    key>", "scopes": [...]}`; a list of one key naming no scopes (a bare string, say) is that key
+    with every scope (admin included); beside other keys, each must name its scopes. `name` labels the caller
     (default: the start of the key's digest) and is recorded on the turns it enqueues. `tenant`
     (default: the key's id) namespaces its conversations and idempotency keys: keys of one tenant
     share them, keys of another never see them.
@@ -322,13 +323,14 @@ class Settings(BaseSettings):
     @classmethod
     def _bare_keys_have_every_scope(cls, value: object) -> object:
         if isinstance(value, list):
-            if len(value) > 1 and any(isinstance(v, str) for v in value):
-                # Every scope includes admin, which reads every tenant's turns: a list of bare keys,
-                # one per game, would give each game all the others' turns and prompts.
-                first = next(i for i, v in enumerate(value) if isinstance(v, str))
+            # A key that names no scopes has every one, admin included, which reads every tenant's
+            # turns: among several keys (one per game, say) each would read all the others'.
+            unscoped = [i for i, v in enumerate(value) if not (isinstance(v, dict) and "scopes" in v)]
+            if len(value) > 1 and unscoped:
                 raise ValueError(
-                    f"item {first} is a bare key beside other keys; a bare key has every scope, admin "
-                    'included (every tenant\'s turns): write each as {"key": ..., "scopes": [...]}'
+                    f"item {unscoped[0]} names no scopes beside other keys; a key without scopes has "
+                    "every one, admin included (every tenant's turns): give each "
+                    '{"key": ..., "scopes": [...]}'
                 )
             return [{"key": v} if isinstance(v, str) else v for v in value]
         return value
@@ -496,8 +498,16 @@ def queue_for_model(model: str, lane: Lane = "live") -> str:
     return f"gen.{model}" if lane == "live" else f"gen.{model}{BULK_QUEUE_SUFFIX}"
 
 
+# Set but empty, these are mistakes, not "the default": an empty DATABASE_URL from a secret that
+# failed to render would start an embedded PostgreSQL per process, which no worker shares.
+_NEVER_EMPTY = ("DATABASE_URL", "MLCHAT_DATABASE_URL", "REDIS_URL", "MLCHAT_REDIS_URL", "MLCHAT_MODEL")
+
+
 def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
+    blank = next((name for name in _NEVER_EMPTY if name in os.environ and not os.environ[name].strip()), None)
+    if blank is not None:
+        raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
     try:
         return Settings()
     except SettingsError as exc:  # a list or mapping setting whose value is not JSON

@@ -54,21 +54,22 @@ def test_sentinel_urls_are_refused_naming_the_variable() -> None:
 
 
 def test_a_key_cannot_join_another_keys_own_tenant_unless_both_name_it() -> None:
-    shop = {"key": "shop-key-0123456789", "name": "shop"}  # its tenant is `shop` by default
-    joining = {"key": "other-key-0123456789", "name": "other", "tenant": "shop"}
+    shop = {"key": "shop-key-0123456789", "name": "shop", "scopes": ["ingest"]}  # its tenant is `shop`
+    joining = {"key": "other-key-0123456789", "name": "other", "tenant": "shop", "scopes": ["ingest"]}
     with pytest.raises(ValidationError, match="MLCHAT_API_KEYS: key 'other' names tenant 'shop'"):
         Settings(api_keys=[shop, joining])
     both = Settings(api_keys=[shop | {"tenant": "shop"}, joining])  # both say so: one tenant
     assert {key.tenant_id for key in both.api_keys} == {"shop"}
-    own = Settings(api_keys=[shop, {"key": "solo-key-0123456789", "name": "solo", "tenant": "solo"}])
+    solo = {"key": "solo-key-0123456789", "name": "solo", "tenant": "solo", "scopes": ["ingest"]}
+    own = Settings(api_keys=[shop, solo])
     assert [key.tenant_id for key in own.api_keys] == ["shop", "solo"]
 
 
 def test_one_key_name_cannot_serve_two_tenants() -> None:
     """Found in review: batches and files belong to a key's name, so keys named alike in two tenants
     listed, cancelled and downloaded each other's."""
-    first = {"key": "first-key-0123456789", "name": "prod", "tenant": "a"}
-    second = {"key": "second-key-0123456789", "name": "prod", "tenant": "b"}
+    first = {"key": "first-key-0123456789", "name": "prod", "tenant": "a", "scopes": ["ingest"]}
+    second = {"key": "second-key-0123456789", "name": "prod", "tenant": "b", "scopes": ["ingest"]}
     with pytest.raises(ValidationError, match="MLCHAT_API_KEYS: the name 'prod' is given to keys of tenants"):
         Settings(api_keys=[first, second])
     rotated = Settings(api_keys=[first, second | {"tenant": "a"}])  # one tenant's key and its successor
@@ -92,7 +93,10 @@ def _import_settings_with(tmp_path, name: str, value: str):  # type: ignore[no-u
 def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:
     import json
 
-    keys = [{"key": "shop-key-0123456789", "name": "shop"}, {"key": "x-key-0123456789", "tenant": "shop"}]
+    keys = [
+        {"key": "shop-key-0123456789", "name": "shop", "scopes": ["ingest"]},
+        {"key": "x-key-0123456789", "tenant": "shop", "scopes": ["ingest"]},
+    ]
     result = _import_settings_with(tmp_path, "MLCHAT_API_KEYS", json.dumps(keys))
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1 and "MLCHAT_API_KEYS" in result.stderr, result.stderr
@@ -130,12 +134,23 @@ def test_bare_keys_beside_others_are_refused_as_each_would_be_an_admin_of_every_
         tmp_path, "MLCHAT_API_KEYS", json.dumps(["game-a-key-0123456789", "game-b-key-0123456789"])
     )
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
-    assert "MLCHAT_API_KEYS: item 0 is a bare key beside other keys" in result.stderr, result.stderr
+    assert "MLCHAT_API_KEYS: item 0 names no scopes beside other keys" in result.stderr, result.stderr
+    with pytest.raises(ValidationError, match="item 1 names no scopes"):  # review: nor a key object
+        Settings(
+            api_keys=[
+                {"key": "game-a-key-0123456789", "scopes": ["ingest"]},
+                {"key": "game-b-key-0123456789"},
+            ]
+        )
     alone = Settings(api_keys=["solo-key-0123456789"])  # the quickstart's one key: every scope
     assert alone.api_keys[0].scopes == ["ingest", "review", "admin"]
     # And a bad item is named by its place in the list (before: the variable only).
     result = _import_settings_with(
-        tmp_path, "MLCHAT_API_KEYS", json.dumps([{"key": "a-key-0123456789"}, {"key": "short"}])
+        tmp_path,
+        "MLCHAT_API_KEYS",
+        json.dumps(
+            [{"key": "a-key-0123456789", "scopes": ["ingest"]}, {"key": "short", "scopes": ["ingest"]}]
+        ),
     )
     assert "MLCHAT_API_KEYS[1].key: String should have at least 16 characters" in result.stderr, result.stderr
 
@@ -147,3 +162,12 @@ def test_an_empty_variable_is_the_default_as_env_example_says(monkeypatch) -> No
         monkeypatch.setenv(name, "")
     empty = Settings()
     assert (empty.adapters_dir, empty.files_dir, empty.max_num_seqs, empty.enforce_eager) == (None,) * 4
+
+
+def test_an_empty_database_or_broker_url_is_refused_not_taken_for_the_embedded_default(tmp_path) -> None:
+    """Review of the empty-is-default change: DATABASE_URL= (a secret that failed to render) would
+    have started an embedded PostgreSQL in each process, which no worker shares."""
+    for name in ("DATABASE_URL", "REDIS_URL", "MLCHAT_MODEL"):
+        result = _import_settings_with(tmp_path, name, "")
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"mlchat: bad setting: {name}: set but empty"), result.stderr
