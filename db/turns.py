@@ -961,8 +961,9 @@ def cancel_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uui
 
 
 def fail_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID], reason: str) -> list[uuid.UUID]:
-    """fail_unsent: queued turns whose message could not be sent (broker down at enqueue)."""
-    return list(
+    """fail_unsent: queued turns whose message could not be sent (broker down at enqueue, or at a
+    run's retry-failed); their runs advance (a reopened run whose turns all failed again ends)."""
+    failed = list(
         session.scalars(
             update(Turn)
             .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, Turn.attempts == 0)
@@ -975,6 +976,8 @@ def fail_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID], reason: str)
             .returning(Turn.id)
         ).all()
     )
+    advance_runs_of_turns(session=session, turn_ids=failed)
+    return failed
 
 
 def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:

@@ -253,15 +253,42 @@ def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_out
         except Exception as exc:  # reported below
             outcome.append(exc)
 
+    def deadlocks() -> int:
+        with get_engine().connect() as conn:
+            count = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+            conn.execute(text("SELECT pg_stat_clear_snapshot()"))
+            return int(conn.execute(text(count)).scalar() or 0)
+
+    def waiting_on_a_lock(pid: int) -> bool:
+        with get_engine().connect() as conn:
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> :pid"
+                    ),
+                    {"pid": pid},
+                ).scalar()
+            )
+
+    before = deadlocks()
     with Session(bind=get_engine()) as theirs:  # another producer: holds y, then wants x
         theirs.execute(text("SET deadlock_timeout = '20s'"))  # so the batch is the deadlock's victim
         upsert_conversations(session=theirs, rows=[row | {"external_id": y}])
+        pid = int(theirs.execute(text("SELECT pg_backend_pid()")).scalar_one())
         worker = threading.Thread(target=batch)
         worker.start()  # holds x, waits for y
-        time.sleep(1.0)
+        for _ in range(300):
+            if waiting_on_a_lock(pid):
+                break
+            time.sleep(0.05)
         upsert_conversations(session=theirs, rows=[row | {"external_id": x}])  # waits for x: a deadlock
         theirs.commit()
     worker.join(timeout=30)
+    for _ in range(100):  # the statistics arrive a moment later
+        if deadlocks() > before:
+            break
+        time.sleep(0.05)
+    assert deadlocks() > before  # the batch was the victim of a real deadlock, and stored again
     assert len(outcome) == 2 and all(not isinstance(t, Exception) for t in outcome), outcome
     assert all(t.status == TurnStatus.QUEUED for t in outcome)
 

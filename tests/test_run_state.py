@@ -320,6 +320,7 @@ def test_retry_failed_with_the_broker_down_leaves_the_turns_failed_and_says_so_i
     with session_scope() as s:
         statuses = s.scalars(select(Turn.status).where(Turn.run_id == sub.id)).all()
     assert statuses == [TurnStatus.FAILED] * 3 and len(_sent_ids()) == before
+    assert _status(sub.id) == RunStatus.COMPLETED  # review: not left in_progress with nothing to do
     assert cli(["run", "retry-failed", sub.name]) == 0  # the broker back: each sent once more
     assert "re-sent 3 failed turn(s)" in capsys.readouterr().out and len(_sent_ids()) == before + 3
 

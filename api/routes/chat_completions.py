@@ -11,13 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from api.routes.turns import visible_turn
 from core.settings import settings
-from db.session import connection_lost
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
@@ -75,11 +75,9 @@ async def chat_completions(
 
     if turn.stream:
         return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
-    try:  # a database blip while waiting is read through; a 503 would be retried into a new turn
-        view = await await_finished(read, settings.turn_wait_max_s, read_again_after=connection_lost)
-    except Exception as exc:
-        if not connection_lost(exc):
-            raise
+    try:  # a database error while waiting is read through; a 503 would be retried into a new turn
+        view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
+    except SQLAlchemyError:
         return _error(
             504,
             f"turn {turn.id} is queued but cannot be read for now; read it at /v1/turns/{turn.id}",
@@ -97,6 +95,11 @@ async def chat_completions(
         code = failure_status(view.error_code, 502)
         return _error(code, _why(view), "turn_failed", retry=False)
     return JSONResponse(live_chat.completion(turn, view))
+
+
+def _database_error(exc: BaseException) -> bool:
+    """A read that failed in the database (a blip, a statement timeout): the turn is queued as ever."""
+    return isinstance(exc, SQLAlchemyError)
 
 
 def _why(view: TurnView) -> str:
