@@ -134,7 +134,7 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
         items = _Answer.model_validate(json.loads(raw)).facts
     except (ValueError, ValidationError, RecursionError) as exc:
         cut = None if isinstance(exc, ValidationError) else _finished_before_the_cut(raw)
-        if cut is None:
+        if not cut:  # not the schema's JSON, or cut before its first fact: an answer outside it
             logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
             return None
         logger.info("fact extraction: an unfinished answer; its %d whole facts kept", len(cut))

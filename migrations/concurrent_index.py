@@ -12,6 +12,9 @@ def create_index_concurrently(name: str, table: str, columns: list[str], **kw: A
     """CREATE INDEX CONCURRENTLY IF NOT EXISTS, inside the migration's autocommit block. A build that
     was interrupted leaves an INVALID index of that name, which IF NOT EXISTS would accept as done
     (and a migration would then drop the index it replaces): such a one is dropped and built again."""
+    if op.get_context().as_sql:  # an offline script: no catalogue to read
+        op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True, **kw)
+        return
     invalid = (
         op.get_bind()
         .execute(

@@ -1,5 +1,6 @@
 """Alembic environment: the URL comes from settings (or the embedded PostgreSQL)."""
 
+import time
 from logging.config import fileConfig
 
 from alembic import context
@@ -14,6 +15,7 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = Base.metadata
+LOCK_POLL_S = 0.5  # how often a process waiting for another's migration tries the lock again
 
 
 def run_migrations_offline() -> None:
@@ -28,8 +30,16 @@ def _migrate(connection: Connection) -> None:
     """Run the migrations under the database's migration lock: processes that start together (every
     serverless container runs `upgrade` at start) migrate one after the other, and the later ones find
     the schema at head. A session-level lock, held across the migrations' own commits."""
-    connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
-    connection.commit()  # the lock stays; Alembic begins its own transaction
+    # Polled, never waited for inside a statement: a waiting transaction holds a snapshot, which the
+    # holder's CREATE INDEX CONCURRENTLY (0018, 0021) waits out, while the waiter waits for the
+    # holder: a deadlock. Between tries this connection holds no transaction.
+    while True:
+        locked = connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK_KEY})
+        got = bool(locked.scalar())
+        connection.commit()  # the lock, once taken, stays; Alembic begins its own transaction
+        if got:
+            break
+        time.sleep(LOCK_POLL_S)
     try:
         context.configure(connection=connection, target_metadata=target_metadata, include_name=include_name)
         with context.begin_transaction():

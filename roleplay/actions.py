@@ -107,8 +107,10 @@ class Action(BaseModel):
 _ACTIONS: TypeAdapter[list[Action]] = TypeAdapter(list[Action])
 
 
-def check_actions(value: Any, where: str) -> list[Action]:
-    """The declaration as Actions; ValueError naming `where` and the place at fault."""
+def check_actions(value: Any, where: str, *, stored: bool = False) -> list[Action]:
+    """The declaration as Actions; ValueError naming `where` and the place at fault. `stored`: a
+    card's declaration read back for a turn, not held to the schema size limit, which came after
+    some cards were stored (and a worker's limit may differ from the API's that took the card)."""
     if not isinstance(value, list):
         raise ValueError(f"{where}: a list of actions is expected")
     if len(value) > settings.structured_max_actions:
@@ -135,7 +137,7 @@ def check_actions(value: Any, where: str) -> list[Action]:
                 raise ValueError(f"{where}[{i}].args.{arg}.enum: only string arguments take an enum")
     # Each field within its limit can still make a schema of a megabyte, which every turn of the
     # character would compile and list in its prompt: held to a client schema's limit.
-    size = len(json.dumps(reply_schema(actions), ensure_ascii=False).encode())
+    size = 0 if stored else len(json.dumps(reply_schema(actions), ensure_ascii=False).encode())
     if size > settings.structured_max_schema_bytes:
         raise ValueError(
             f"{where}: the reply schema they make is {size} bytes; the limit is "

@@ -161,9 +161,11 @@ class TurnReader:
         read_turn: Callable[[], Awaitable[TurnView]],
         *,
         last_event_id: str | None = None,
+        max_s: float | None = None,
     ) -> None:
         self._turn_id, self._key, self._read_turn = turn_id, stream_key(turn_id), read_turn
         self._last_event_id = last_event_id
+        self._max_s = settings.stream_max_s if max_s is None else max_s  # a resumed one: what is left
         self._shown = _Shown()
         self._cursor = "0-0"
         self._restart_first = False  # the reader was shown text this reader cannot find again
@@ -202,7 +204,7 @@ class TurnReader:
 
     async def events(self) -> AsyncIterator[Event]:
         """The turn's events after the resume point, until done, failed or timed out."""
-        deadline = time.monotonic() + settings.stream_max_s
+        deadline = time.monotonic() + self._max_s
         if self._restart_first:
             yield restarted()
         stored_only = self._last_event_id == FINAL or self._unreadable  # only the stored turn is left
@@ -284,10 +286,15 @@ class TurnReader:
 
 
 async def turn_events(
-    turn_id: uuid.UUID, read_turn: Callable[[], Awaitable[TurnView]], *, last_event_id: str | None = None
+    turn_id: uuid.UUID,
+    read_turn: Callable[[], Awaitable[TurnView]],
+    *,
+    last_event_id: str | None = None,
+    max_s: float | None = None,
 ) -> AsyncIterator[Event]:
-    """The turn's events after `last_event_id` (from the start when None), until done or failed."""
-    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id)
+    """The turn's events after `last_event_id` (from the start when None), until done or failed, or
+    `max_s` seconds (MLCHAT_STREAM_MAX_S when None)."""
+    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id, max_s=max_s)
     await reader.open()
     async for event in reader.events():
         yield event

@@ -511,7 +511,8 @@ def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(m
     turn = live_chat.ChatTurn(uuid.uuid4(), "elara", 0, stream=True)
     calls: list[str | None] = []
 
-    async def events(turn_id, read, *, last_event_id=None):  # type: ignore[no-untyped-def]
+    async def events(turn_id, read, *, last_event_id=None, max_s=None):  # type: ignore[no-untyped-def]
+        assert max_s is not None and 0 < max_s <= settings.stream_max_s  # a resume gets what is left
         calls.append(last_event_id)
         if len(calls) == 1:
             yield Event("delta", "1-0", {"text": "The road "})

@@ -869,5 +869,5 @@ def test_an_answer_cut_at_max_tokens_keeps_the_facts_it_finished() -> None:
     cut = raw[: raw.index("루피") + 1]  # inside the second fact
     kept = parse_facts(cut)
     assert kept is not None and [f.subject for f in kept] == ["미라"]
-    assert parse_facts(raw[: raw.index("[") + 1]) == []  # cut before any fact: none, not an error
+    assert parse_facts(raw[: raw.index("[") + 1]) is None  # cut before any fact: no answer
     assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # a finished answer outside the schema

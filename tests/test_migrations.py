@@ -317,25 +317,42 @@ def test_files_take_the_tenant_of_the_runs_that_read_or_wrote_them(scratch_db: C
     assert scratch_db.execute(text("SELECT count(*) FROM files")).scalar_one() == 4
 
 
-def test_two_processes_migrating_at_once_take_turns(services) -> None:
+def test_two_processes_migrating_at_once_take_turns_without_deadlocking(scratch_db: Connection) -> None:
     """Found in review: every serverless container runs `upgrade` at start, with no lock; two cold
-    starts with a revision pending raced on alembic_version and the DDL, and one exited."""
+    starts raced on alembic_version and the DDL. Review of the lock: a process waiting for it inside
+    a statement holds a snapshot, which the holder's CREATE INDEX CONCURRENTLY (0018, 0021) waits
+    out while the waiter waits for the holder: a deadlock. The lock is polled."""
     import threading
+    import time
 
-    from db.migrate import MIGRATION_LOCK_KEY, upgrade
+    import sqlalchemy
 
-    with get_engine().connect() as other:  # another process, migrating
-        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
-        migrating = threading.Thread(target=upgrade, daemon=True)
-        migrating.start()
-        migrating.join(timeout=2)
-        assert migrating.is_alive()  # waits for the other to finish
-        other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
-        migrating.join(timeout=60)
-        assert not migrating.is_alive()
-    with get_engine().connect() as conn:  # and the lock was given back
-        assert conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY}).scalar()
-        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+    from db.migrate import MIGRATION_LOCK_KEY
+
+    _run(scratch_db, "upgrade", "head")
+    engine = sqlalchemy.create_engine(scratch_db.engine.url)
+    outcome: list[object] = []
+
+    def migrate() -> None:
+        try:
+            with engine.connect() as mine:
+                _run(mine, "upgrade", "head")
+            outcome.append("done")
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as holder:  # migrating
+        holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+        waiter = threading.Thread(target=migrate)
+        waiter.start()
+        time.sleep(1.5)
+        assert outcome == []  # waits for the holder
+        holder.execute(text("CREATE INDEX CONCURRENTLY ix_lock_probe ON turns (created_at)"))  # as 0018
+        holder.execute(text("DROP INDEX CONCURRENTLY ix_lock_probe"))
+        holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
+    waiter.join(timeout=60)
+    engine.dispose()
+    assert outcome == ["done"]
 
 
 def test_a_rerun_after_an_interrupted_concurrent_build_rebuilds_the_invalid_index(scratch_db) -> None:

@@ -105,7 +105,9 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     cached = _declared.get(character.id) if character.id is not None else None
     if cached is None or cached[0] != character.version:
         raw = card_actions(character.card)
-        actions = None if raw is None else [a.model_dump() for a in check_actions(raw, "actions")]
+        actions = (
+            None if raw is None else [a.model_dump() for a in check_actions(raw, "actions", stored=True)]
+        )
         cached = (character.version, actions)
         if character.id is not None:
             _declared[character.id] = cached

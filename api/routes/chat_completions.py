@@ -11,7 +11,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -27,7 +28,8 @@ from services.turn_wait import await_finished
 from streaming.reader import turn_events
 
 router = APIRouter(tags=["chat"])
-RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long
+RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long,
+MAX_RESUMES = 120  # this many times at most (an error that is no outage would otherwise resume on)
 
 
 # A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
@@ -75,9 +77,9 @@ async def chat_completions(
 
     if turn.stream:
         return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
-    try:  # a database error while waiting is read through; a 503 would be retried into a new turn
+    try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
         view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
-    except SQLAlchemyError:
+    except _DATABASE_OUT:
         return _error(
             504,
             f"turn {turn.id} is queued but cannot be read for now; read it at /v1/turns/{turn.id}",
@@ -97,9 +99,13 @@ async def chat_completions(
     return JSONResponse(live_chat.completion(turn, view))
 
 
+# A read that failed for the database's state (a lost connection, a statement timeout, a deadlock,
+# no pooled connection in time), not for a bug: the turn is queued as ever.
+_DATABASE_OUT = (OperationalError, InterfaceError, PoolTimeout)
+
+
 def _database_error(exc: BaseException) -> bool:
-    """A read that failed in the database (a blip, a statement timeout): the turn is queued as ever."""
-    return isinstance(exc, SQLAlchemyError)
+    return isinstance(exc, _DATABASE_OUT)
 
 
 def _why(view: TurnView) -> str:
@@ -115,7 +121,7 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
     deadline = time.monotonic() + settings.stream_max_s
     last_id: str | None = None
-    while True:
+    for _ in range(MAX_RESUMES + 1):
         resume = False
         async for chunk in _chunks_from(turn, read, last_id, deadline):
             if chunk is None:  # unavailable for now: resume after the last delta sent
@@ -127,6 +133,9 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
         if not resume:
             return
         await asyncio.sleep(RESUME_AFTER_S)
+    yield {  # unavailable that many times in a row: it is not coming back soon
+        "data": json.dumps({"error": {"message": f"turn {turn.id}: unavailable", "type": "turn_error"}})
+    }
 
 
 async def _chunks_from(  # type: ignore[no-untyped-def]
@@ -134,7 +143,8 @@ async def _chunks_from(  # type: ignore[no-untyped-def]
 ):
     """The chunks of the turn's events after `last_id`; a delta's event id (str) after its chunk,
     and None when the stream is unavailable and may be resumed before `deadline`."""
-    async for event in turn_events(turn.id, read, last_event_id=last_id):
+    left = max(deadline - time.monotonic(), 0.0)
+    async for event in turn_events(turn.id, read, last_event_id=last_id, max_s=left):
         if event.kind == "delta" and not turn.whole:
             yield {
                 "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
