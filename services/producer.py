@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
@@ -223,7 +224,8 @@ def _store_after_lost_reply(
     reported created: no caller can have made it before."""
     stored = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     turn = stored[0]
-    if turn.status == TurnStatus.QUEUED:  # new, revived, or committed unseen
+    if turn.status == TurnStatus.QUEUED and turn.attempts == 0:  # new, revived, or committed unseen
+        # (one claimed before is waiting with its message held: sent again, it would be charged)
         turn = replace(turn, created=turn.created or automatic_key, unsent=True)
     if send and turn.unsent:
         send_new_turns({turn.model: [turn.id]}, lane=lane)
@@ -290,8 +292,24 @@ def _store_turns(
             and t.error_code == TurnErrorCode.BROKER_UNREACHABLE
         ]
         revived = set(revive_unsent(session=session, turn_ids=unsent)) if unsent else set()
+        # Revived by a concurrent retry of the same key: as they stand now, not as first read.
+        raced = [i for i in unsent if i not in revived]
+        now = (
+            {
+                i: (TurnStatus(status), code)
+                for i, status, code in session.execute(
+                    select(Turn.id, Turn.status, Turn.error_code).where(Turn.id.in_(raced))
+                ).tuples()
+            }
+            if raced
+            else {}
+        )
     return [
-        replace(t, status=TurnStatus.QUEUED, error_code=None, unsent=True) if t.id in revived else t
+        replace(t, status=TurnStatus.QUEUED, error_code=None, unsent=True)
+        if t.id in revived
+        else replace(t, status=now[t.id][0], error_code=now[t.id][1])
+        if t.id in now
+        else t
         for t in stored
     ]
 

@@ -155,13 +155,20 @@ def test_bare_keys_beside_others_are_refused_as_each_would_be_an_admin_of_every_
     assert "MLCHAT_API_KEYS[1].key: String should have at least 16 characters" in result.stderr, result.stderr
 
 
-def test_an_empty_variable_is_the_default_as_env_example_says(monkeypatch) -> None:
+def test_an_empty_variable_is_the_default_as_env_example_says(monkeypatch, tmp_path) -> None:
     """Found in review: MLCHAT_ADAPTERS_DIR= became the working directory (Path('.')), and
     MLCHAT_MAX_NUM_SEQS= refused to start, though .env.example documents "(empty: the default)"."""
     for name in ("MLCHAT_ADAPTERS_DIR", "MLCHAT_FILES_DIR", "MLCHAT_MAX_NUM_SEQS", "MLCHAT_ENFORCE_EAGER"):
         monkeypatch.setenv(name, "")
     empty = Settings()
     assert (empty.adapters_dir, empty.files_dir, empty.max_num_seqs, empty.enforce_eager) == (None,) * 4
+    # ...read from .env too (review: an environment-only rule missed it)
+    for name in ("MLCHAT_ADAPTERS_DIR", "MLCHAT_MAX_NUM_SEQS"):
+        monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MLCHAT_ADAPTERS_DIR=\nMLCHAT_MAX_NUM_SEQS=\n", encoding="utf-8")
+    from_file = Settings()
+    assert (from_file.adapters_dir, from_file.max_num_seqs) == (None, None)
 
 
 def test_an_empty_database_or_broker_url_is_refused_not_taken_for_the_embedded_default(tmp_path) -> None:
@@ -170,4 +177,23 @@ def test_an_empty_database_or_broker_url_is_refused_not_taken_for_the_embedded_d
     for name in ("DATABASE_URL", "REDIS_URL", "MLCHAT_MODEL"):
         result = _import_settings_with(tmp_path, name, "")
         assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
-        assert result.stderr.startswith(f"mlchat: bad setting: {name}: set but empty"), result.stderr
+        assert result.stderr.startswith(f"mlchat: bad setting: {name}"), result.stderr
+
+
+def test_one_secret_listed_twice_is_refused_naming_both_items() -> None:
+    """Found in review: a key pasted twice (or once as its sha256) with two tenants acted as the
+    last entry, so its callers became another tenant without a word."""
+    import hashlib
+
+    secret = "shared-key-0123456789"
+    twice = [
+        {"key": secret, "scopes": ["ingest"], "name": "a", "tenant": "game-a"},
+        {
+            "sha256": hashlib.sha256(secret.encode()).hexdigest(),
+            "scopes": ["admin"],
+            "name": "b",
+            "tenant": "game-b",
+        },
+    ]
+    with pytest.raises(ValidationError, match="items 0 and 1 are the same key"):
+        Settings(api_keys=twice)
