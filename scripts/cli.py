@@ -125,6 +125,8 @@ def api(
     """Serve the HTTP ingest (needs MLCHAT_API_KEYS)."""
     import uvicorn
 
+    if not settings.api_keys:  # create_app refuses too, but inside uvicorn's factory: a traceback
+        raise Refused("MLCHAT_API_KEYS: set it (a JSON list of keys) before starting the HTTP ingest")
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 
@@ -447,6 +449,8 @@ def chat(
         parsed = json.loads(params) if params else {}
     except json.JSONDecodeError as exc:
         raise Refused(f"--params: not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # a number too long to read, or nested too deeply
+        raise Refused(f"--params: cannot be read ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not isinstance(parsed, dict):
         raise Refused("--params: must be a JSON object")
     speaker = "narrator" if narrator else "character"
@@ -457,7 +461,9 @@ def chat(
             raise Refused("--persona: missing (the original service's persona JSON)")
         files = {"persona": persona, "chat_history": chat_history, "story": story}
         fields = {"message": message, "conversation": conversation, "player_name": player_name}
-        request = _store_original(files, others, fields | {"params": parsed, "speaker": speaker})
+        # --narrator when given; else the --others file's speaker, if it names one
+        said = {"speaker": speaker} if narrator else {}
+        request = _store_original(files, others, fields | {"params": parsed} | said)
         character = str(request["character"])
     elif character is None:
         raise Refused("--character: missing (or --persona with the original service's files)")
@@ -473,7 +479,10 @@ def chat(
     if inline:
         from worker.inline import answer_now
 
-        (view,) = answer_now([request])
+        answered = answer_now([request])
+        if not answered:  # removed before it could be read back
+            raise Refused("the turn ran but could not be read back; send it again")
+        (view,) = answered
     else:
         # best of n is judged whole, never streamed (n from --params, or from --others' gen_config)
         request["stream"] = (request.get("params") or {}).get("n", 1) == 1

@@ -575,6 +575,45 @@ def test_chat_with_best_of_n_in_the_others_file_is_sent_unstreamed(
     assert code == 1 and sent and sent[0]["stream"] is False  # queued, unanswered within a second
 
 
+def test_chat_keeps_the_others_files_speaker_and_names_params_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the CLI always sent speaker "character", overriding an --others file's
+    "speaker": "narrator"; and --params nested too deeply was not named (a RecursionError)."""
+    import services.producer as producer
+
+    sent: list[dict[str, Any]] = []
+    real = producer.enqueue_turns
+
+    def enqueue_unsent(requests, **kwargs):  # type: ignore[no-untyped-def]
+        sent.extend(dict(r) for r in requests)
+        return real(requests, **kwargs | {"send": False})
+
+    monkeypatch.setattr(producer, "enqueue_turns", enqueue_unsent)
+    others = tmp_path / "others.json"
+    others.write_text(json.dumps({"speaker": "narrator"}), encoding="utf-8")
+    persona = _persona_file(tmp_path)
+    story = tmp_path / "story.json"
+    story.write_text(json.dumps(STORY, ensure_ascii=False), encoding="utf-8")
+    args = [
+        "chat",
+        "--message",
+        "hi",
+        "--persona",
+        str(persona),
+        "--story",
+        str(story),
+        "--others",
+        str(others),
+    ]
+    cli([*args, "--timeout", "1"])
+    said = capsys.readouterr().err
+    assert sent and sent[0]["speaker"] == "narrator", said
+    assert cli(["chat", "--message", "hi", "--character", "elara", "--params", "[" * 100_000]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--params: cannot be read (RecursionError" in err, err
+
+
 def test_a_bad_field_in_the_others_file_names_that_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -351,3 +351,13 @@ def test_migrate_to_a_revision_that_does_not_exist_is_one_line(world, capsys) ->
     assert cli(["migrate", "nosuchrev"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "migrate nosuchrev: " in err and "nosuchrev" in err, err
+
+
+def test_the_api_without_keys_is_one_line_not_uvicorns_traceback(monkeypatch, capsys) -> None:
+    """Found in review: create_app's refusal was raised inside uvicorn's factory, a traceback."""
+    from scripts.cli import main as cli
+
+    monkeypatch.setattr(settings, "api_keys", [])
+    assert cli(["api", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("mlchat: MLCHAT_API_KEYS: set it"), err
