@@ -76,12 +76,14 @@ def create_app() -> FastAPI:
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.INGEST_REQUESTS.labels(
-            request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-        ).inc()
-        return response
+        status = "500"  # an exception no handler answered comes back through here as a raise
+        try:
+            response: Response = await call_next(request)
+            status = str(response.status_code)
+            return response
+        finally:
+            route = request.scope.get("route")
+            metrics.INGEST_REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), status).inc()
 
     metrics.register_queue_depth()  # served by api/routes/metrics.py, for admin keys unless public
     return app

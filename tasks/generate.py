@@ -25,7 +25,7 @@ from typing import Any
 from tenacity import retry, stop_after_attempt, wait_exponential
 
 from core.settings import Lane, queue_for_model, settings
-from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in
+from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in, deferred
 from tasks.app import app
 from tasks.events import TurnEvents
 
@@ -63,7 +63,9 @@ class FlushOutcome:
 )
 def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
-    outcome = FlushOutcome(bulk_owed=sum(bulk_turns_in((r.args, r.kwargs)) for r in requests))
+    # What the gate counted of this flush: its messages not deferred (a deferred one was not counted).
+    owed = sum(bulk_turns_in((r.args, r.kwargs)) for r in requests if not deferred(r.request_dict))
+    outcome = FlushOutcome(bulk_owed=owed)
     try:
         pending, model_of = _pending_turns(requests)
         if not pending:

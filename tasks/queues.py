@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Sequence
 
 from kombu.exceptions import ChannelError
 
@@ -22,6 +23,22 @@ def queue_depth(model: str, lane: Lane = "live") -> int:
             return int(declared.message_count)
         except ChannelError:
             return 0
+
+
+def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
+    """Messages waiting in each (model, lane) queue, by queue name, over one connection tried once: a
+    metrics scrape must not wait out the broker's connection retries (seconds a queue) while it is
+    away. Raises kombu's OperationalError then."""
+    depths: dict[str, int] = {}
+    with app.connection_for_read() as conn:
+        conn.ensure_connection(max_retries=0)
+        for model, lane in lanes:
+            name = queue_for_model(model, lane)
+            try:
+                depths[name] = int(conn.default_channel.queue_declare(queue=name, passive=True).message_count)
+            except ChannelError:  # Redis drops an empty list: no queue is an empty one
+                depths[name] = 0
+    return depths
 
 
 def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:

@@ -96,3 +96,43 @@ def test_a_bulk_message_the_handler_refuses_gives_its_count_back() -> None:
     assert gate.held == 0
     admission.gated(takes, gate)(message, bulk)
     assert gate.held == 3  # a message the handler took waits for its flush to release it
+
+
+def test_a_deferred_bulk_message_does_not_hold_the_gate_through_its_countdown(world, monkeypatch) -> None:
+    """Found in review: a bulk turn sent again after a back-off (an eta up to half the visibility
+    timeout) was counted from its arrival, and celery-batches holds it until its eta: enough of them
+    closed the gate for as long, with the engine idle."""
+    import uuid
+
+    from celery_batches import SimpleRequest
+
+    import tasks.generate
+
+    gate, _, _ = _attached(capacity=8)
+    monkeypatch.setattr(tasks.generate, "bulk_gate", gate)
+
+    def takes(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    eta = {"eta": "2026-12-03T05:00:00+00:00"}
+    later, now, other = ([str(uuid.uuid4()) for _ in range(n)] for n in (3, 3, 2))
+
+    def body(ids: list[str]) -> tuple:
+        return ((), {"turn_ids": ids, "lane": "bulk"}, {})
+
+    admission.gated(takes, gate)(SimpleNamespace(headers=eta), body(later))
+    assert gate.held == 0  # deferred: not held while it waits
+    admission.gated(takes, gate)(SimpleNamespace(headers={}), body(now))
+    admission.gated(takes, gate)(SimpleNamespace(headers={}), body(other))
+    assert gate.held == 5
+
+    def request(ids: list[str], headers: dict) -> SimpleRequest:
+        return SimpleRequest(
+            str(uuid.uuid4()), tasks.generate.TASK_NAME, (), {"turn_ids": ids, "lane": "bulk"}, {}, "h", True,
+            None, None, headers,
+        )  # fmt: skip
+
+    # The deferred message, once due, and one counted message flush together (the turns are unknown
+    # here, so nothing is answered): the flush gives back what was counted of it, no more.
+    tasks.generate.generate_turns([request(later, eta), request(now, {})])
+    assert gate.held == 2  # the other message's turns are still held

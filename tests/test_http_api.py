@@ -147,6 +147,49 @@ def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in body
 
 
+def test_a_request_that_raises_is_counted_as_a_500(world) -> None:
+    """Found in review: a route's unhandled exception came back through the counting middleware as a
+    raise, so no status="500" series was ever counted."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from core import metrics
+
+    app = create_app()
+
+    @app.get("/v1/raises-for-the-test")
+    def raises() -> None:
+        raise RuntimeError("a bug")
+
+    counter = metrics.INGEST_REQUESTS.labels("GET", "/v1/raises-for-the-test", "500")
+    before = counter._value.get()
+    client = TestClient(app, raise_server_exceptions=False)  # no lifespan: its end closes the hub
+    assert client.get("/v1/raises-for-the-test").status_code == 500
+    assert counter._value.get() == before + 1
+
+
+def test_a_scrape_with_the_broker_away_answers_without_waiting_out_its_retries(monkeypatch) -> None:
+    """Found in review: each queue's depth opened its own connection with the broker's retries
+    (sleeps of 2 and 4 s each), so a scrape during a Redis blip took longer than Prometheus's timeout
+    and the worker's health check (which reads /metrics within 5 s) called every worker dead."""
+    import socket
+
+    import kombu.utils.functional
+    from kombu import Connection
+
+    from core.metrics import QueueDepthCollector
+    from tasks.app import app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setattr(app, "connection_for_read", lambda: Connection(f"redis://127.0.0.1:{closed}/0"))
+    slept: list[float] = []
+    monkeypatch.setattr(kombu.utils.functional, "sleep", slept.append)
+    (family,) = QueueDepthCollector().collect()
+    assert family.name == "mlchat_queue_depth" and family.samples == [] and slept == []
+
+
 def test_the_ingest_metrics_need_an_admin_key_unless_made_public(base_url, monkeypatch) -> None:
     from tests.conftest import INGEST_KEY
 

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> None:
         "--loglevel=INFO",
         *(argv if argv is not None else sys.argv[1:]),
     ]
-    app.worker_main(args)  # returns after a shutdown, whatever Celery's own exit code was
+    # app.start, not app.worker_main, which drops Celery's exit code: non-zero when a bootstep
+    # failed (the broker unreachable past its retries), which `Restart=on-failure` must see.
+    code = app.start(args)
     from worker.engine import engine_dead
     from worker.lifecycle import EXIT_ENGINE_DEAD
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(EXIT_ENGINE_DEAD)  # non-zero, so the supervisor starts a fresh worker
     if isinstance(worker_state.should_stop, int) and worker_state.should_stop:
         sys.exit(worker_state.should_stop)  # EXIT_EMBEDDER_MOVED: restart with the new embedder
+    if code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":
