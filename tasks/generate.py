@@ -63,9 +63,10 @@ class FlushOutcome:
 )
 def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
-    # What the gate counted of this flush: its messages not deferred (a deferred one was not counted).
-    owed = sum(bulk_turns_in((r.args, r.kwargs)) for r in requests if not deferred(r.request_dict))
-    outcome = FlushOutcome(bulk_owed=owed)
+    # A deferred message was not counted on arrival (its countdown would have held the gate): it is
+    # now, for as long as this flush holds its turns.
+    bulk_gate.hold(sum(bulk_turns_in((r.args, r.kwargs)) for r in requests if deferred(r.request_dict)))
+    outcome = FlushOutcome(bulk_owed=sum(bulk_turns_in((r.args, r.kwargs)) for r in requests))
     try:
         pending, model_of = _pending_turns(requests)
         if not pending:

@@ -133,6 +133,15 @@ def test_a_deferred_bulk_message_does_not_hold_the_gate_through_its_countdown(wo
         )  # fmt: skip
 
     # The deferred message, once due, and one counted message flush together (the turns are unknown
-    # here, so nothing is answered): the flush gives back what was counted of it, no more.
+    # here, so nothing is answered): the deferred turns count while the flush holds them, and the
+    # flush gives back what it counted, no more.
+    held_during: list[int] = []
+    real = tasks.generate._pending_turns
+
+    def pending(requests):  # type: ignore[no-untyped-def]
+        held_during.append(gate.held)
+        return real(requests)
+
+    monkeypatch.setattr(tasks.generate, "_pending_turns", pending)
     tasks.generate.generate_turns([request(later, eta), request(now, {})])
-    assert gate.held == 2  # the other message's turns are still held
+    assert held_during == [8] and gate.held == 2  # the other message's turns are still held

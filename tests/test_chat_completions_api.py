@@ -60,7 +60,9 @@ def short_wait(monkeypatch):  # type: ignore[no-untyped-def]
     monkeypatch.setattr(settings, "turn_wait_max_s", 0.3)
 
 
-def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_url, short_wait) -> None:
+def _refused_through_the_client(base_url: str) -> tuple[openai.InternalServerError, str]:
+    """A chat completion asked through the official client (2 retries), expected to fail: its error
+    and the conversation it named."""
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=2)
     conversation = new_conversation()["conversation"]
     with pytest.raises(openai.InternalServerError) as raised:
@@ -69,8 +71,13 @@ def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_ur
             messages=[{"role": "user", "content": "Which road leads north?"}],
             metadata={"conversation": conversation},
         )
-    assert raised.value.status_code == 504
-    assert raised.value.response.headers["x-should-retry"] == "false"
+    return raised.value, conversation
+
+
+def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_url, short_wait) -> None:
+    error, conversation = _refused_through_the_client(base_url)
+    assert error.status_code == 504
+    assert error.response.headers["x-should-retry"] == "false"
     stored = _turns_of(conversation)
     _cancel(stored)
     assert len(stored) == 1  # the client's retries would each have queued another
@@ -95,16 +102,9 @@ def test_a_database_blip_while_waiting_is_waited_through_never_retried_into_a_se
         raise OperationalError("SELECT", {}, psycopg.OperationalError("server closed the connection"))
 
     monkeypatch.setattr(chat_completions, "visible_turn", blip_then_down)
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=2)
-    conversation = new_conversation()["conversation"]
-    with pytest.raises(openai.InternalServerError) as raised:
-        client.chat.completions.create(
-            model="elara",
-            messages=[{"role": "user", "content": "Which road leads north?"}],
-            metadata={"conversation": conversation},
-        )
-    assert raised.value.status_code == 504 and len(reads) > 2  # read again, through the blips
-    assert raised.value.response.headers["x-should-retry"] == "false"
+    error, conversation = _refused_through_the_client(base_url)
+    assert error.status_code == 504 and len(reads) > 2  # read again, through the blips
+    assert error.response.headers["x-should-retry"] == "false"
     stored = _turns_of(conversation)
     _cancel(stored)
     assert len(stored) == 1

@@ -71,3 +71,22 @@ def test_a_stale_postmaster_pid_whose_pid_another_process_holds_is_removed(tmp_p
     assert embedded.clear_stale_postmaster_pid(tmp_path)
     assert not (tmp_path / "postmaster.pid").exists()
     assert not embedded.clear_stale_postmaster_pid(tmp_path)  # none: nothing to do
+
+
+def test_a_redis_too_busy_to_answer_is_still_running_and_no_second_one_starts(tmp_path: Path) -> None:
+    """Review of the stale-pid fix: a first version judged the pid by whether Redis answered INFO in
+    time, so a stalled or saving Redis was taken for stale and a second one started on its data."""
+    import os
+    import signal
+
+    url = embedded.start_redis(tmp_path)
+    pid = embedded.redis_status(tmp_path).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # alive, answering nothing
+    try:
+        assert embedded.start_redis(tmp_path) == url
+        assert int((tmp_path / "redis" / "redis.pid").read_text()) == pid  # no second server
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        embedded.stop_redis(tmp_path)
+    assert not embedded.redis_status(tmp_path).running

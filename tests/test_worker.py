@@ -200,21 +200,26 @@ def test_a_part_sent_group_of_scene_steps_stamps_those_that_went_out(world, monk
 
 
 def test_the_worker_exits_with_celerys_code_when_celery_fails(monkeypatch) -> None:
-    """Found in review: app.worker_main drops Celery's exit code, so a worker whose consumer gave up
-    (the broker unreachable past its retries) exited 0, and `Restart=on-failure` left it down."""
+    """Found in review: app.worker_main drops Celery's exit code (so does app.start: click, not
+    standalone, returns it), so a worker whose consumer gave up (the broker unreachable past its
+    retries) exited 0, and `Restart=on-failure` left it down."""
     import pytest
 
     from tasks.app import app
     from worker.__main__ import main
 
-    started: list[list[str]] = []
+    started: list[dict] = []
 
-    def celery_failed(argv):  # type: ignore[no-untyped-def]
-        started.append(argv)
-        return 1  # what `celery worker` returns when a bootstep failed
+    class GaveUp:  # the real `celery worker` command runs; only its WorkController is this one
+        def __init__(self, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            started.append(kwargs)
+            self.exitcode = 1  # what a failed bootstep leaves
 
-    monkeypatch.setattr(app, "start", celery_failed)
+        def start(self) -> None:
+            pass
+
+    monkeypatch.setattr(app, "Worker", GaveUp)
     monkeypatch.setattr("worker.__main__.configure_logging", lambda: None)
     with pytest.raises(SystemExit) as exited:
         main([])
-    assert exited.value.code == 1 and started and started[0][0] == "worker"
+    assert exited.value.code == 1 and started and started[0]["hostname"].startswith("mlchat-")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from celery.signals import worker_init, worker_shutdown
 from celery.worker import state as worker_state
@@ -51,6 +52,20 @@ def _flush_streams(**_: object) -> None:
     flush_stream_events()
 
 
+def _run_celery(app: Any, args: list[str]) -> int:
+    """`celery worker` with `args`; its exit code (non-zero when a bootstep failed, the broker
+    unreachable past its retries, which `Restart=on-failure` must see). app.worker_main and app.start
+    drop it: click, not standalone, returns the worker's exit code rather than raising it."""
+    from celery.bin.celery import celery as celery_cli
+
+    celery_cli.params[0].default = app
+    try:
+        code = celery_cli.main(args=args, standalone_mode=False)
+    finally:
+        celery_cli.params[0].default = None
+    return code if isinstance(code, int) else 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Start the worker; extra arguments go to `celery worker`."""
     configure_logging()
@@ -70,9 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         "--loglevel=INFO",
         *(argv if argv is not None else sys.argv[1:]),
     ]
-    # app.start, not app.worker_main, which drops Celery's exit code: non-zero when a bootstep
-    # failed (the broker unreachable past its retries), which `Restart=on-failure` must see.
-    code = app.start(args)
+    code = _run_celery(app, args)
     from worker.engine import engine_dead
     from worker.lifecycle import EXIT_ENGINE_DEAD
 

@@ -29,7 +29,7 @@ from streaming.reader import turn_events
 
 router = APIRouter(tags=["chat"])
 RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long,
-MAX_RESUMES = 120  # this many times at most (an error that is no outage would otherwise resume on)
+MAX_RESUMES = 120  # this many times in a row without a delta (an error that is no outage would resume on)
 
 
 # A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
@@ -121,21 +121,27 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
     deadline = time.monotonic() + settings.stream_max_s
     last_id: str | None = None
-    for _ in range(MAX_RESUMES + 1):
-        resume = False
+    in_a_row = 0  # resumes since the last delta: an outage that does not pass ends the stream
+    while True:
+        resume, progressed = False, False
         async for chunk in _chunks_from(turn, read, last_id, deadline):
             if chunk is None:  # unavailable for now: resume after the last delta sent
                 resume = True
             elif isinstance(chunk, str):
-                last_id = chunk
+                last_id, progressed = chunk, True
             else:
                 yield chunk
         if not resume:
             return
+        in_a_row = 0 if progressed else in_a_row + 1
+        if in_a_row > MAX_RESUMES:
+            yield {
+                "data": json.dumps(
+                    {"error": {"message": f"turn {turn.id}: unavailable", "type": "turn_error"}}
+                )
+            }
+            return
         await asyncio.sleep(RESUME_AFTER_S)
-    yield {  # unavailable that many times in a row: it is not coming back soon
-        "data": json.dumps({"error": {"message": f"turn {turn.id}: unavailable", "type": "turn_error"}})
-    }
 
 
 async def _chunks_from(  # type: ignore[no-untyped-def]
