@@ -13,9 +13,8 @@ from typing import Any
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
@@ -116,5 +115,5 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
     app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]
-    for outage in (OperationalError, InterfaceError, PoolTimeout):
+    for outage in DATABASE_OUTAGES:
         app.add_exception_handler(outage, _database_unavailable)

@@ -112,6 +112,11 @@ def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
     return raw
 
 
+# What the database's state raises (a lost or refused connection, a statement timeout, a deadlock, no
+# pooled connection in time), as opposed to a bug: answered "try again", never as final.
+DATABASE_OUTAGES: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
+
+
 def connection_lost(exc: BaseException) -> bool:
     """Whether `exc` is the database's connection going away (or none to be had in time), as
     opposed to an error of the work itself (a statement timeout, a deadlock, a full disk)."""

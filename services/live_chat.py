@@ -19,7 +19,6 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
-from db.models import TurnStatus
 from db.session import session_scope
 from db.turns import IdempotencyConflict, fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
@@ -179,13 +178,7 @@ def start_chat_turn(
             if stored.created or stored.unsent:  # a replay's turn may have been sent and be waiting
                 _fail_unsent(stored.id)
             raise
-    # New, revived by this retry (its first send failed), or committed with its reply lost: each
-    # needs its message. A replay of a turn still queued may follow a request that died between its
-    # commit and its send (its history append raised, say): that message is sent again.
-    if stored.unsent:
-        producer.send_new_turns({stored.model: [stored.id]}, lane="live")
-    elif stored.status == TurnStatus.QUEUED and stored.attempts == 0:
-        producer.send_again([stored], lane="live")
+    producer.send_stored([stored], lane="live")  # after the history: the turn's prompt reads it
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
 

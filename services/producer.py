@@ -178,20 +178,26 @@ def submit_turns(
                 tenant=tenant,
             )
     stored = _store_or_raise(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
-    if not send:  # the caller runs the pipeline itself (`mlchat chat --inline`, tests)
-        return stored
+    if send:  # else the caller runs the pipeline itself (`mlchat chat --inline`, tests) or sends
+        send_stored(stored, lane=lane)
+    return stored
+
+
+def send_stored(stored: Sequence[StoredTurn], *, lane: Lane) -> None:
+    """Send what stored turns need: new or revived ones their message (send_new_turns), and a
+    replay's turn still queued and never claimed its message again, since the request that stored
+    it may have died before sending (a claimed one, waiting on an adapter's back-off say, has its
+    message held by the broker, and each claim costs an attempt). Each turn once."""
     fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
     replayed: dict[uuid.UUID, StoredTurn] = {}
     for turn in stored:
         if turn.unsent:
             fresh.setdefault(turn.model, {})[turn.id] = None
         elif not turn.created and turn.status == TurnStatus.QUEUED and turn.attempts == 0:
-            replayed[turn.id] = turn  # never claimed: its message may have been lost (a claimed
-            # one waiting, on an adapter's back-off say, has its message held by the broker)
+            replayed[turn.id] = turn
     send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
     sent = {i for ids in fresh.values() for i in ids}
     send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
-    return stored
 
 
 def _check_callback_hosts(parsed: Sequence[TurnRequest]) -> None:

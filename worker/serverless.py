@@ -15,9 +15,8 @@ import sys
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from services.producer import EnqueueError
@@ -26,7 +25,7 @@ from services.schemas import TurnRequest, error_line
 # Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
 _REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
 # Answered as {"error": ..., "retry": true}: the database or the broker away for now.
-_TRANSIENT = (EnqueueError, OperationalError, InterfaceError, PoolTimeout)
+_TRANSIENT: tuple[type[Exception], ...] = (EnqueueError, *DATABASE_OUTAGES)
 
 
 def handler(event: dict[str, Any]) -> dict[str, Any]:

@@ -11,14 +11,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from api.routes.turns import visible_turn
 from core.settings import settings
+from db.session import DATABASE_OUTAGES
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
@@ -79,7 +78,7 @@ async def chat_completions(
         return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
     try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
         view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
-    except _DATABASE_OUT:
+    except DATABASE_OUTAGES:
         return _error(
             504,
             f"turn {turn.id} is queued but cannot be read for now; read it at /v1/turns/{turn.id}",
@@ -99,13 +98,9 @@ async def chat_completions(
     return JSONResponse(live_chat.completion(turn, view))
 
 
-# A read that failed for the database's state (a lost connection, a statement timeout, a deadlock,
-# no pooled connection in time), not for a bug: the turn is queued as ever.
-_DATABASE_OUT = (OperationalError, InterfaceError, PoolTimeout)
-
-
 def _database_error(exc: BaseException) -> bool:
-    return isinstance(exc, _DATABASE_OUT)
+    """A read that failed for the database's state, not for a bug: the turn is queued as ever."""
+    return isinstance(exc, DATABASE_OUTAGES)
 
 
 def _why(view: TurnView) -> str:
