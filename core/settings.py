@@ -520,9 +520,11 @@ def _set_but_empty() -> str | None:
     """The first of _NEVER_EMPTY set to a blank value, in the environment or else in `.env`."""
     from dotenv import dotenv_values
 
-    dotenv = dotenv_values(".env") if Path(".env").is_file() else {}
+    # Any case, as the settings read them (`database_url=` is DATABASE_URL too).
+    dotenv = {k.upper(): v for k, v in (dotenv_values(".env") if Path(".env").is_file() else {}).items()}
+    environ = {k.upper(): v for k, v in os.environ.items()}
     for name in _NEVER_EMPTY:
-        value = os.environ.get(name, dotenv.get(name))
+        value = environ.get(name, dotenv.get(name))
         if value is not None and not value.strip():
             return name
     return None

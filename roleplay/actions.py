@@ -137,12 +137,13 @@ def check_actions(value: Any, where: str, *, stored: bool = False) -> list[Actio
                 raise ValueError(f"{where}[{i}].args.{arg}.enum: only string arguments take an enum")
     # Each field within its limit can still make a schema of a megabyte, which every turn of the
     # character would compile and list in its prompt: held to a client schema's limit.
-    size = 0 if stored else len(json.dumps(reply_schema(actions), ensure_ascii=False).encode())
-    if size > settings.structured_max_schema_bytes:
-        raise ValueError(
-            f"{where}: the reply schema they make is {size} bytes; the limit is "
-            f"{settings.structured_max_schema_bytes} (MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
-        )
+    if not stored:
+        size = len(json.dumps(reply_schema(actions), ensure_ascii=False).encode())
+        if size > settings.structured_max_schema_bytes:
+            raise ValueError(
+                f"{where}: the reply schema they make is {size} bytes; the limit is "
+                f"{settings.structured_max_schema_bytes} (MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
+            )
     return actions
 
 

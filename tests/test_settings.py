@@ -178,9 +178,10 @@ def test_an_empty_database_or_broker_url_is_refused_not_taken_for_the_embedded_d
         result = _import_settings_with(tmp_path, name, "")
         assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
         assert result.stderr.startswith(f"mlchat: bad setting: {name}: set but empty"), result.stderr
-    (tmp_path / ".env").write_text("DATABASE_URL=\n", encoding="utf-8")  # review: in .env too
-    result = _import_settings_with(tmp_path, "MLCHAT_LOG_LEVEL", "INFO")
-    assert result.stderr.startswith("mlchat: bad setting: DATABASE_URL: set but empty"), result.stderr
+    for line in ("DATABASE_URL=\n", "database_url=\n"):  # review: in .env too, in any case
+        (tmp_path / ".env").write_text(line, encoding="utf-8")
+        result = _import_settings_with(tmp_path, "MLCHAT_LOG_LEVEL", "INFO")
+        assert result.stderr.startswith("mlchat: bad setting: DATABASE_URL: set but empty"), result.stderr
     # review: the rest of the settings read "" as unset again, not the working directory
     (tmp_path / ".env").write_text("MLCHAT_STATE_DIR=\nMLCHAT_SERVED_MODELS=\n", encoding="utf-8")
     assert _import_settings_with(tmp_path, "MLCHAT_LOG_LEVEL", "INFO").returncode == 0
