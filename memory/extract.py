@@ -51,6 +51,9 @@ def _not_blank(text: str) -> str:
     return text
 
 
+MAX_FACTS = 4  # an answer's facts: it reads a short stretch of lines at a time
+
+
 # Bounded so that the longest answer the schema allows fits EXTRACT_MAX_TOKENS: guided decoding
 # keeps the answer inside the schema, but a reply cut at max_tokens is still unfinished JSON.
 class ExtractedFact(BaseModel):
@@ -65,14 +68,14 @@ class ExtractedFact(BaseModel):
 
 
 class Extracted(BaseModel):
-    facts: list[ExtractedFact] = Field(max_length=4)
+    facts: list[ExtractedFact] = Field(max_length=MAX_FACTS)
 
 
 class _Answer(BaseModel):
     """An answer read fact by fact: a fact outside the schema (blank once made storable) is dropped
     alone, and the answer's other facts are kept."""
 
-    facts: list[Any] = Field(max_length=4)
+    facts: list[Any] = Field(max_length=MAX_FACTS)
 
 
 EXTRACT_MAX_TOKENS = 448
@@ -160,7 +163,7 @@ def _finished_before_the_cut(raw: str) -> list[Any] | None:
         return None
     decoder, pos = json.JSONDecoder(), opened.end()
     items: list[Any] = []
-    while len(items) < 4:
+    while len(items) < MAX_FACTS:
         while pos < len(raw) and raw[pos] in " \t\r\n,":
             pos += 1
         try:

@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from kombu.exceptions import ChannelError
 
@@ -18,11 +19,15 @@ def queue_depth(model: str, lane: Lane = "live") -> int:
     # Its own short connection: the producer pool can be fully checked out by a busy worker, and a
     # metrics scrape must never wait on it.
     with app.connection_for_read() as conn:
-        try:
-            declared = conn.default_channel.queue_declare(queue=queue_for_model(model, lane), passive=True)
-            return int(declared.message_count)
-        except ChannelError:
-            return 0
+        return _depth(conn, queue_for_model(model, lane))
+
+
+def _depth(conn: Any, name: str) -> int:
+    """Messages waiting in queue `name`, read over `conn`."""
+    try:
+        return int(conn.default_channel.queue_declare(queue=name, passive=True).message_count)
+    except ChannelError:  # Redis drops an empty list: no queue is an empty one
+        return 0
 
 
 def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
@@ -34,10 +39,7 @@ def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
         conn.ensure_connection(max_retries=0)
         for model, lane in lanes:
             name = queue_for_model(model, lane)
-            try:
-                depths[name] = int(conn.default_channel.queue_declare(queue=name, passive=True).message_count)
-            except ChannelError:  # Redis drops an empty list: no queue is an empty one
-                depths[name] = 0
+            depths[name] = _depth(conn, name)
     return depths
 
 
