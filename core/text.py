@@ -13,3 +13,10 @@ def storable_output(text: str) -> str:
     """Model output without NUL and with each lone surrogate as U+FFFD: never refused, since what the
     model wrote cannot be asked again (a request's own text is refused instead: services/schemas.py)."""
     return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", ""))
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Text from a request as an error message quotes it: NUL and lone surrogates escaped (the message
+    is stored in text and jsonb columns and sent as UTF-8), and at most `limit` characters."""
+    shown = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
+    return shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"

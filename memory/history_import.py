@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from db.models import Role
-from services.schemas import storable_text
+from services.schemas import HISTORY_LINE_CHARS, storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
 EMBED_CHUNK = 256
@@ -58,6 +58,8 @@ _ROLES = {
 def _text(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise HistoryRefused(f"{where}: must be a string, got {type(value).__name__}")
+    if len(value) > HISTORY_LINE_CHARS:
+        raise HistoryRefused(f"{where}: {len(value)} characters; the limit is {HISTORY_LINE_CHARS}")
     try:
         return storable_text(value)
     except ValueError as exc:

@@ -11,11 +11,12 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import math
 import re
 from dataclasses import dataclass
 from typing import Any
 
+from core.json_numbers import UnstorableNumber, loads_finite
+from core.text import printable
 from roleplay import png_text
 from roleplay.actions import CARD_ACTIONS, card_actions, check_actions
 
@@ -92,31 +93,16 @@ def _card_from_png(raw: bytes, max_text_bytes: int) -> dict[str, Any]:
     return _card_from_json(decoded, f"the PNG's {keyword!r} chunk")
 
 
-class _UnstorableNumber(ValueError):
-    """A number PostgreSQL's json cannot keep (NaN, Infinity, or a float past the double range)."""
-
-
-def _no_constant(name: str) -> float:
-    raise _UnstorableNumber(f"{name}, which JSON has no number for")
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise _UnstorableNumber(f"the number {text[:40]} (too large to keep)")
-    return value
-
-
 def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        card = json.loads(raw.decode("utf-8"), parse_constant=_no_constant, parse_float=_finite)
+        card = loads_finite(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise CardError(f"{where} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
         raise CardError(f"{where} is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from exc
     except RecursionError:
         raise CardError(f"{where} is nested too deeply to be a card") from None
-    except _UnstorableNumber as exc:
+    except UnstorableNumber as exc:
         raise CardError(f"{where} holds {exc}; a card cannot keep it") from None
     except ValueError as exc:  # an integer past Python's digit limit for str -> int
         raise CardError(f"{where} holds a number too long to read: {exc}") from None
@@ -179,17 +165,13 @@ def _check_storable(card: Any, where: str) -> None:
             stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
         elif isinstance(value, str):
             if "\x00" in value:
-                raise CardError(f"{_printable(path)} contains a NUL character")
+                raise CardError(f"{printable(path)} contains a NUL character")
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
                 raise CardError(
-                    f"{_printable(path)} contains a lone surrogate (not valid Unicode text)"
+                    f"{printable(path)} contains a lone surrogate (not valid Unicode text)"
                 ) from None
-
-
-def _printable(path: str) -> str:
-    return path.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")[:200]
 
 
 def _character_fields(data: dict[str, Any]) -> dict[str, Any]:

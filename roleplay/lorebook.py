@@ -36,9 +36,17 @@ REGEX_TIMEOUT_S = 0.05
 # All regex keys of one turn's activation together: past it, entries with regex keys fail unmatched
 # (a card of a thousand slow patterns would otherwise cost each turn a thousand timeouts).
 REGEX_BUDGET_S = 0.25
+# All plain keys of one turn's activation together: a plain key is a substring search, cheap alone,
+# but a card of a hundred thousand keys over a recursion step's megabyte of entry text cost every
+# turn of its character tens of seconds; past this, entries whose keys were not reached fail.
+PLAIN_BUDGET_S = 0.25
 # V3 decorators mlchat honours; any other `@@name` line at the start of an entry's content is removed
 # from the prompt and listed in the manifest.
 HONOURED_DECORATORS = ("@@activate", "@@dont_activate")
+# What a card's book may hold (checked at import): each turn of its character scans every entry.
+MAX_ENTRIES = 2000
+MAX_KEYS_PER_ENTRY = 100  # primary and secondary, each
+MAX_ENTRY_CHARS = 50_000
 DEFAULT_SCAN_DEPTH = 2
 DEFAULT_TOKEN_BUDGET = 512
 MAX_RECURSION_STEPS = 3
@@ -139,10 +147,23 @@ class Lorebook(BaseModel):
         entries = book.get("entries", [])
         if not isinstance(entries, list):
             raise ValueError("entries must be a list")
+        if len(entries) > MAX_ENTRIES:
+            raise ValueError(f"entries: {len(entries)} of them; the limit is {MAX_ENTRIES}")
         parsed = []
         for i, e in enumerate(entries):
             if not isinstance(e, dict):
                 raise ValueError(f"entries[{i}] must be an object")
+            for field_name in ("keys", "secondary_keys"):
+                keys = e.get(field_name)
+                if isinstance(keys, list) and len(keys) > MAX_KEYS_PER_ENTRY:
+                    raise ValueError(
+                        f"entries[{i}].{field_name}: {len(keys)} keys; the limit is {MAX_KEYS_PER_ENTRY}"
+                    )
+            content = e.get("content")
+            if isinstance(content, str) and len(content) > MAX_ENTRY_CHARS:
+                raise ValueError(
+                    f"entries[{i}].content: {len(content)} characters; the limit is {MAX_ENTRY_CHARS}"
+                )
             ext = e.get("extensions") or {}
             if not isinstance(ext, dict):
                 raise ValueError(f"entries[{i}].extensions must be an object")
@@ -269,9 +290,10 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 @dataclass
 class RegexBudget:
     """The time one turn's regex keys may still spend searching, in seconds (only the searches'
-    own wall time counts, not plain keys' scanning)."""
+    own wall time counts), and, apart, the time its plain keys may still spend."""
 
     left: float = field(default_factory=lambda: REGEX_BUDGET_S)
+    plain_left: float = field(default_factory=lambda: PLAIN_BUDGET_S)
 
 
 @dataclass(frozen=True)
@@ -312,7 +334,13 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> 
             raise KeyFailed(f"regex key {key[:40]!r}… is nested too deeply to compile") from None
         finally:
             budget.left -= time.perf_counter() - started
-    return key in source.text if entry.case_sensitive else key.casefold() in source.folded
+    if budget.plain_left <= 0:
+        raise KeyFailed(f"the turn's {PLAIN_BUDGET_S * 1000:.0f} ms for plain keys ran out")
+    started = time.perf_counter()
+    try:
+        return key in source.text if entry.case_sensitive else key.casefold() in source.folded
+    finally:
+        budget.plain_left -= time.perf_counter() - started
 
 
 def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: RegexBudget) -> bool:

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from core.settings import settings
+from core.text import printable
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
 from structured.spec import check_response_format, shown_params
@@ -41,12 +42,19 @@ def storable_text(value: str) -> str:
 def error_line(where: str, msg: str) -> str:
     """A pydantic error at `where` as one line: without pydantic's "Value error, " and without
     naming the place twice when the message (from a nested check) already starts with it."""
-    msg = msg.removeprefix("Value error, ")
+    msg, where = printable(msg.removeprefix("Value error, "), 500), printable(where)  # keys are input
     head, _, last = where.rpartition(".")
     if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
         return f"{head}.{msg}" if head else msg
     return f"{where}: {msg}"
 
+
+# Turns in one request (POST /v1/turns:batch, a serverless event's `turns`).
+MAX_TURNS_PER_REQUEST = 1000
+
+# An earlier line of a conversation given with a request or imported (a run line's history, a live
+# chat's earlier messages, a history import): each later prompt cleans and tokenizes it again.
+HISTORY_LINE_CHARS = 20_000
 
 # A text field that is safe to store: every untrusted string field of a request uses it.
 Text = Annotated[str, AfterValidator(storable_text)]

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from functools import cache, lru_cache
+from functools import cache, lru_cache, partial
 from typing import Annotated, Any, Literal
 
 import regex
@@ -127,16 +128,17 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
         place = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
         raise SchemaRefused(f"{where}{place}: not a valid JSON Schema: {exc.message}") from None
     _check_enforced(schema, where, depth=0)
-    _built_in_time(json.dumps(schema, sort_keys=True), where)
+    _built_in_time(partial(_compile_json_schema, json.dumps(schema, sort_keys=True)), where)
 
 
-def _built_in_time(schema_json: str, where: str) -> None:
-    """Compile the schema's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar expands a
-    pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the worker's engine
-    would pay the same before the turn's first token. A build that runs out goes on in its thread
-    until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout), and the refusal is
-    cached with the schema; at most MAX_BUILDS builds run at once in a process, so slow schemas hold
-    a few cores at most, and a schema that finds them all taken is refused as busy (not cached)."""
+def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
+    """Compile a schema's or a regex's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar
+    expands a pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the
+    worker's engine would pay the same before the turn's first token. A build that runs out goes on
+    in its thread until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout), and
+    the refusal is cached with the schema or pattern; at most MAX_BUILDS builds run at once in a
+    process, so slow ones hold a few cores at most, and one that finds them all taken is refused as
+    busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
     if not _BUILDS.acquire(timeout=timeout):
@@ -145,7 +147,7 @@ def _built_in_time(schema_json: str, where: str) -> None:
 
     def build() -> None:
         try:
-            _compile_json_schema(schema_json)
+            compile_grammar()
             done.set_result(None)
         except Exception as exc:
             done.set_exception(exc)
@@ -311,16 +313,31 @@ def check_regex(pattern: str, where: str) -> str:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise SchemaRefused(f"{where}: {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
     try:
-        _compile_regex(pattern)
-    except Exception as exc:
-        raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+        refusal = _regex_refusal(pattern)
+    except GrammarBusy as exc:
+        raise GrammarBusy(f"{where}{exc}") from None
+    if refusal is not None:
+        raise SchemaRefused(f"{where}{refusal}")
+    return pattern
+
+
+@lru_cache(maxsize=512)
+def _regex_refusal(pattern: str) -> str | None:
+    """Why a pattern cannot be enforced (its grammar built in time, as a schema's), or None; once per
+    pattern, as a run file repeats it on every line."""
+    try:
+        _built_in_time(partial(_compile_regex, pattern), "")
+    except GrammarBusy:
+        raise  # not the pattern's answer: not cached
+    except SchemaRefused as exc:
+        return str(exc)
     try:  # the reply is checked in the `regex` module too, whose parser recurses per group
         regex.compile(pattern)
     except RecursionError:
-        raise SchemaRefused(f"{where}: groups nested too deeply") from None
+        return ": groups nested too deeply"
     except regex.error:
         pass  # a syntax only xgrammar reads: the grammar alone checks such replies
-    return pattern
+    return None
 
 
 def _backend_message(exc: BaseException) -> str:
@@ -429,8 +446,7 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
     model = _FORMAT_TYPES.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise SchemaRefused(f"{where}.type: {kind!r}; one of {sorted(_FORMAT_TYPES)}")
-    if _nesting(value) <= MAX_DEPTH:  # a deeper schema is refused below, naming its depth
-        check_storable(value, where)
+    check_storable(value, where)  # all of it (iterative: a schema too deep is refused below)
     try:
         parsed = model.model_validate(value)
     except ValidationError as exc:

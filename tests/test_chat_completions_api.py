@@ -180,6 +180,10 @@ USER_HI = {"role": "user", "content": "hi"}
             {"messages": [{"role": "system", "content": "s" * 20_001}, {"role": "user", "content": "hi"}]},
             "body.messages",
         ),
+        (  # found in review: an earlier line had no limit here (a run line's history has 20,000)
+            {"messages": [{"role": "assistant", "content": "a" * 20_001}, {"role": "user", "content": "hi"}]},
+            "body.messages[0].content",
+        ),
     ],
     ids=[
         "max_tokens",
@@ -190,6 +194,7 @@ USER_HI = {"role": "user", "content": "hi"}
         "metadata-conv",
         "response_format",
         "system",
+        "history-line",
     ],
 )
 def test_a_bad_value_is_a_400_naming_the_request_field_it_came_in(base_url, change, field) -> None:

@@ -132,6 +132,11 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             "messages[1].role: must be one of",
         ),
         ("openai", json.dumps([{"role": "user"}]), "messages[0].content: missing"),
+        (  # found in review: no limit, where a run line's history has one (each prompt tokenizes it)
+            "openai",
+            json.dumps([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a" * 20_001}]),
+            "messages[1].content: 20001 characters; the limit is 20000",
+        ),
         ("openai", json.dumps([{"role": "wizard", "content": "x"}]), "user, assistant, character, narrator"),
         (
             "sillytavern",

@@ -253,3 +253,30 @@ def test_recursive_scanning_prepares_each_text_once_per_step_not_once_per_entry_
     assert set(_fired(book, "start here")) == {0}
     # step 0: the message and the joined text; step 1: the first entry's content and the joined text
     assert folded == 4
+
+
+def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_import(monkeypatch) -> None:
+    """Found in review: plain keys had no time budget and a book no limits, so a card of a hundred
+    thousand keys over a recursion step's megabyte of entry text cost every turn of the character
+    tens of seconds (the batch's prompt stage, every batch-mate waiting)."""
+    from roleplay import lorebook
+
+    monkeypatch.setattr(lorebook, "PLAIN_BUDGET_S", 0.0)  # as if the turn's plain keys had spent it
+    book = Lorebook(entries=[LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass.")])
+    activation = activate(book, message="where is the lantern?", history=[], count_tokens=_words)
+    assert activation.kept == [] and [reason for _, reason in activation.failed] == [
+        "the turn's 0 ms for plain keys ran out"
+    ]
+    monkeypatch.undo()
+    assert [
+        f.entry.id for f in activate(book, message="the lantern?", history=[], count_tokens=_words).kept
+    ] == ["ok"]
+    entry = {"keys": ["a"], "content": "x"}
+    for book_json, named in (
+        ({"entries": [entry] * 2001}, "entries: 2001 of them; the limit is 2000"),
+        ({"entries": [entry | {"keys": ["k"] * 101}]}, "entries[0].keys: 101 keys; the limit is 100"),
+        ({"entries": [entry | {"secondary_keys": ["k"] * 101}]}, "entries[0].secondary_keys: 101 keys"),
+        ({"entries": [entry | {"content": "x" * 50_001}]}, "entries[0].content: 50001 characters"),
+    ):
+        with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
+            Lorebook.from_character_book(book_json)

@@ -94,6 +94,57 @@ def test_a_line_too_deep_or_with_a_number_too_long_is_a_bad_line_not_a_crash(wor
     assert _turns() == before
 
 
+def test_a_bad_lines_error_quoting_a_nul_or_a_lone_surrogate_is_stored_escaped(world, tmp_path) -> None:
+    """Found in review: an error names the place at fault, and pydantic's place holds the line's own
+    keys verbatim; a key with a NUL or a lone surrogate made the run's error (or an OpenAI line's
+    refusal) unstorable, so the submission raised a database error (a batch: retried as a server
+    fault, the line never named). A quoted value (an OpenAI line's method) was kept whole, however
+    long."""
+    good = '{"custom_id": "c", "character": "elara", "message": "Hello"}\n'
+    native = tmp_path / "keys.jsonl"
+    native.write_text(
+        '{"custom_id": "a", "character": "elara", "message": "hi", "\\u0000": 1}\n'
+        '{"custom_id": "b", "character": "elara", "message": "hi", "x\\ud800": 1}\n' + good,
+        encoding="utf-8",
+    )
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(native, name="keys-" + tmp_path.name)
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert sorted(reasons) == [1, 2]
+    # the NUL key is the place named (a lone surrogate's line is refused as a whole)
+    assert reasons[1].startswith("\\u0000: ")
+    assert _stored_line_errors("keys-" + tmp_path.name) == [reasons[1], reasons[2]]
+
+    def openai_line(custom_id: str, method: str = "POST", extra: str = "") -> str:
+        body = '{"model": "elara", "messages": [{"role": "user", "content": "hi"}]' + extra + "}"
+        return (
+            f'{{"custom_id": "{custom_id}", "method": "{method}", "url": "/v1/chat/completions", '
+            f'"body": {body}}}\n'
+        )
+
+    long_method = tmp_path / "method.jsonl"
+    long_method.write_text(openai_line("d", method="P" * 100_000) + openai_line("e"), encoding="utf-8")
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(long_method, name="method-" + tmp_path.name)
+    (stored,) = _stored_line_errors("method-" + tmp_path.name)
+    assert stored.startswith("method: 'PPP") and len(stored) <= 500
+
+    refused = tmp_path / "refused.jsonl"
+    refused.write_text(openai_line("f", extra=', "\\u0000": 1') + openai_line("g"), encoding="utf-8")
+    submit_run(refused, name="refused-" + tmp_path.name)
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == "refused-" + tmp_path.name)).one()
+        assert [r["custom_id"] for r in run.refused] == ["f"]
+        assert "body.\\u0000" in run.refused[0]["message"]
+
+
+def _stored_line_errors(name: str) -> list[str]:
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == name)).one()
+        assert run.status == RunStatus.FAILED
+        return [e["message"] for e in run.line_errors]
+
+
 def test_skip_bad_lines_enqueues_the_good_ones(world, tmp_path) -> None:
     path = tmp_path / "mixed.jsonl"
     path.write_text(BAD_FILE + "\n", encoding="utf-8")

@@ -20,7 +20,7 @@ from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from services.producer import EnqueueError
-from services.schemas import TurnRequest, error_line
+from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
 
 # Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
 _REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
@@ -41,6 +41,8 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     requests = payload.get("turns", [payload])
     if not isinstance(requests, list) or not requests:
         return {"error": '"turns" must be a non-empty list'}
+    if len(requests) > MAX_TURNS_PER_REQUEST:
+        return {"error": f'"turns": {len(requests)} items; the limit is {MAX_TURNS_PER_REQUEST} a request'}
     parsed, errors = [], []
     for i, item in enumerate(requests):
         try:

@@ -14,7 +14,7 @@ from api.deps import Caller, json_body, needs
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
-from services.schemas import Text, TurnRequest, check_idempotency_key
+from services.schemas import MAX_TURNS_PER_REQUEST, Text, TurnRequest, check_idempotency_key
 from services.turn_wait import await_finished
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
@@ -27,7 +27,7 @@ class TurnAccepted(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    turns: list[TurnRequest] = Field(min_length=1, max_length=1000)
+    turns: list[TurnRequest] = Field(min_length=1, max_length=MAX_TURNS_PER_REQUEST)
 
 
 class BatchAccepted(BaseModel):

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from db.models import TurnErrorCode
-from services.schemas import Text, check_message, error_line
+from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit
@@ -274,6 +274,9 @@ def _messages(
             text = msg.text()
             if not text.strip():
                 raise ValueError(f"{where}.content: empty")
+            if len(text) > HISTORY_LINE_CHARS:  # the last one is the message: its own limit is lower
+                limit = HISTORY_LINE_CHARS
+                raise ValueError(f"{where}.content: {len(text)} characters; the limit is {limit}")
             history.append({"role": msg.role, "content": text})
         else:
             raise ValueError(f"{where}.role: {msg.role!r}; only system, developer, user and assistant")

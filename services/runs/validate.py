@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import DEFAULT_TENANT, settings
+from core.text import printable
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
 from scenes.spec import SceneSpec, name_clash
@@ -25,7 +26,7 @@ from services.runs.openai_lines import (
     is_openai_line,
     to_run_line,
 )
-from services.schemas import GenerationParams, Int4, Text, check_message, error_line
+from services.schemas import HISTORY_LINE_CHARS, GenerationParams, Int4, Text, check_message, error_line
 
 FileFormat = Literal["native", "openai"]
 
@@ -41,7 +42,7 @@ class HistoryLine(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["user", "assistant"]
-    content: Text = Field(min_length=1, max_length=20_000)
+    content: Text = Field(min_length=1, max_length=HISTORY_LINE_CHARS)
 
 
 class RunLine(BaseModel):
@@ -71,10 +72,19 @@ class RunLine(BaseModel):
     scene: SceneSpec | None = None
 
 
+# How much of a line's error is kept: a message may quote the line's own values (a method, a key).
+REASON_CHARS = 500
+
+
 @dataclass(frozen=True)
 class LineError:
     line: int
     reason: str
+
+    def __post_init__(self) -> None:
+        # Stored in runs.error and runs.line_errors: a NUL or a lone surrogate quoted from the line
+        # would fail that write, and the whole submission with it.
+        object.__setattr__(self, "reason", printable(self.reason, REASON_CHARS))
 
 
 class RunValidationError(ValueError):
@@ -94,6 +104,9 @@ class Refusal:
     line: int
     custom_id: str
     message: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "message", printable(self.message, REASON_CHARS))
 
     def record(self) -> dict[str, Any]:
         """As the run stores it (runs.refused): the param is the field the message starts with."""

@@ -12,6 +12,8 @@ from roleplay.lorebook import Activation, FiredEntry
 from roleplay.mood import Mood
 from worker.prompt.layout import Piece
 
+LORE_FAILED_SHOWN = 50
+
 
 def _sweep(offsets: list[int | None], spans: list[tuple[int, int, int]], per_piece: list[int]) -> int:
     """Assign tokens to spans one by one (starts in any order); returns the template's count."""
@@ -96,10 +98,12 @@ def account(
             for f in fired
         ],
         # Entries that could not be evaluated (a regex key ran out of time): left out, this turn only.
+        # The first LORE_FAILED_SHOWN; a book whose time ran out may fail thousands.
         "lore_failed": [
             {"id": entry.id, "name": entry.name, "reason": reason}
-            for entry, reason in (lore.failed if lore else [])
+            for entry, reason in (lore.failed[:LORE_FAILED_SHOWN] if lore else [])
         ],
+        "lore_failed_count": len(lore.failed) if lore else 0,
         "state": {"emotion": mood.emotion, "affinity": mood.affinity} if mood else None,
         "events": [
             {"id": e.id, "score": round(e.score, 4), "tokens": items.get(("events", e.id), 0)} for e in events
