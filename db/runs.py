@@ -60,7 +60,17 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import RUN_FINISHED, RUN_LIVE, TURN_FINISHED, TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
+from db.models import (
+    RUN_FINISHED,
+    RUN_LIVE,
+    TURN_FINISHED,
+    TURN_UNFINISHED,
+    Run,
+    RunStatus,
+    Turn,
+    TurnErrorCode,
+    TurnStatus,
+)
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
 from db.session import get_engine
 
@@ -245,9 +255,13 @@ def begin_submission_attempt(*, session: Session, run_id: uuid.UUID) -> int | No
     )
 
 
-def postpone_submission(*, session: Session, run_id: uuid.UUID, error: str, delay_s: float) -> bool:
+def postpone_submission(
+    *, session: Session, run_id: uuid.UUID, error: str, delay_s: float, refund: bool = False
+) -> bool:
     """A batch's submission that hit a transient error stays validating and is due again in
-    `delay_s`, saying why; False if the run left validating."""
+    `delay_s`, saying why; False if the run left validating. `refund`: the try is not counted (the
+    broker was away: the batch waits for it, within its completion window)."""
+    attempts = func.greatest(Run.submission_attempts - 1, 0) if refund else Run.submission_attempts
     return (
         session.scalar(
             update(Run)
@@ -255,6 +269,7 @@ def postpone_submission(*, session: Session, run_id: uuid.UUID, error: str, dela
             .values(
                 error=error,
                 submission_retry_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, delay_s),
+                submission_attempts=attempts,
             )
             .returning(Run.id)
         )
@@ -457,23 +472,20 @@ def callbacks_due(
     *, session: Session, older_than_s: float, of: type[Run] | type[Turn] = Run, limit: int = 1000
 ) -> list[uuid.UUID]:
     """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
-    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended)."""
+    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended).
+    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
-    return list(
-        session.scalars(
-            select(of.id)
-            .where(
-                of.status.in_(finished),
-                of.callback_url.is_not(None),
-                of.callback_delivered_at.is_(None),
-                of.callback_attempts == 0,
-                of.finished_at < cutoff,
-            )
-            .order_by(of.finished_at)
-            .limit(limit)
-        ).all()
+    query = select(of.id).where(
+        of.status.in_(finished),
+        of.callback_url.is_not(None),
+        of.callback_delivered_at.is_(None),
+        of.callback_attempts == 0,
+        of.finished_at < cutoff,
     )
+    if of is Turn:
+        query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))
+    return list(session.scalars(query.order_by(of.finished_at).limit(limit)).all())
 
 
 def due_to_expire(
@@ -511,6 +523,13 @@ class CancelOutcome:
         return self.before != self.after or self.cancelled_turns > 0
 
 
+# What a turn of an expired run that never started says (cancel_run; a claim: db/turns.py).
+EXPIRED_TURN = {
+    "error": "the run's completion window closed before this turn started",
+    "error_code": "expired",
+}
+
+
 def cancel_run(
     *, session: Session, run_id: uuid.UUID, reason: Literal["cancelled", "expired"] = "cancelled"
 ) -> CancelOutcome:
@@ -539,11 +558,7 @@ def cancel_run(
     if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later
         reason = session.scalar(select(Run.cancel_reason).where(Run.id == run_id)) or reason  # type: ignore[assignment]
     # Turns before the run: the lock order of every transaction that finishes turns.
-    why = (
-        {"error": "the run's completion window closed before this turn started", "error_code": "expired"}
-        if reason == "expired"
-        else {}
-    )
+    why = EXPIRED_TURN if reason == "expired" else {}
     cancelled = session.execute(
         update(Turn)
         .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)

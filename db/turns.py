@@ -62,7 +62,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
-from db.runs import advance_runs_of_turns
+from db.runs import EXPIRED_TURN, advance_runs_of_turns
 from db.scenes import GroupView, group_views, run_stopped
 from db.vectors import binary_vector_param
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
@@ -221,6 +221,26 @@ def _stalled(turn: Any) -> Any:
     return or_(and_(turn.status == TurnStatus.QUEUED, turn.dispatched_at.is_(None)), lapsed_and_unsent(turn))
 
 
+def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """The earlier turns of these turns' conversations that block them and that a claim can take
+    now (queued, or running under an expired lease), oldest first: what answering in this process,
+    with no worker to send them (worker/inline.py), has to answer first."""
+    later = aliased(Turn)
+    rows = session.execute(
+        select(Turn.id, Turn.conversation_id, Turn.number)
+        .join(later, and_(later.conversation_id == Turn.conversation_id, later.number > Turn.number))
+        .where(
+            later.id.in_(list(turn_ids)),
+            ~Turn.id.in_(list(turn_ids)),
+            _blocks_later_turns(Turn),
+            _claimable(),
+        )
+        .distinct()
+        .order_by(Turn.conversation_id, Turn.number)
+    ).all()
+    return [turn_id for turn_id, _, _ in rows]
+
+
 def _ours(token: uuid.UUID) -> Any:
     return and_(Turn.status == TurnStatus.RUNNING, Turn.claim_token == token)
 
@@ -355,7 +375,7 @@ def claim_turns(
         else []
     )
     fresh = [i for i in candidates if i not in set(result.exhausted)]
-    stopped = _stop_closed_scene_steps(session, fresh)
+    stopped = _cancel_stopped(session, fresh)
     fresh = [i for i in fresh if i not in set(stopped)]
     claimed_ids = (
         session.scalars(
@@ -484,26 +504,41 @@ def claim_turns(
     return result
 
 
-def _stop_closed_scene_steps(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UUID]:
-    """Cancel, instead of generating, the scene steps among these (locked) turns whose scene is no
-    longer open or whose run is stopping: a step a store inserted after a cancel's snapshot."""
+def _cancel_stopped(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UUID]:
+    """Cancel, instead of generating, these (locked, claimable) turns whose run is stopping or
+    stopped, or that are steps of a scene no longer open: a cancel cancels what is queued at its
+    snapshot, and a turn can be queued again after it (a retry, an engine death's hand-back, a
+    reopen or a submission chunk committed just before it, a store's next scene step) or be running
+    under an expired lease, its worker gone."""
     if not turn_ids:
         return []
     # Read, not locked: turns → runs → scenes is the lock order, and the runs are locked after this.
-    closed = exists().where(
+    closed_scene = exists().where(
         Scene.id == Turn.scene_id,
         or_(
             Scene.status != SceneStatus.OPEN,
             exists().where(Run.id == Scene.run_id, run_stopped()),
         ),
     )
+    stopped_run = exists().where(Run.id == Turn.run_id, run_stopped())
+    expired = exists().where(
+        Run.id == Turn.run_id, or_(Run.status == RunStatus.EXPIRED, Run.cancel_reason == "expired")
+    )
     return list(
         session.scalars(
             update(Turn)
             .where(
-                Turn.id.in_(turn_ids), Turn.scene_id.is_not(None), Turn.status == TurnStatus.QUEUED, closed
+                Turn.id.in_(turn_ids),
+                Turn.status.in_((TurnStatus.QUEUED, TurnStatus.RUNNING)),
+                or_(closed_scene, stopped_run),
             )
-            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
+            .values(
+                status=TurnStatus.CANCELLED,
+                finished_at=func.now(),
+                lease_until=None,
+                # As cancel_run labels them: the export answers them batch_expired.
+                **{k: case((expired, v), else_=getattr(Turn, k)) for k, v in EXPIRED_TURN.items()},
+            )
             .returning(Turn.id)
         ).all()
     )
@@ -812,6 +847,8 @@ class Failure:
 
     reason: str
     code: TurnErrorCode
+    # A check that could not finish in time rather than a verdict: another attempt may pass.
+    passing: bool = False
 
 
 def fail_turns(
@@ -981,7 +1018,8 @@ def fail_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID], reason: str)
 
 
 def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """revive_unsent: turns that failed only because they were never sent go back to queued."""
+    """revive_unsent: turns that failed only because they were never sent go back to queued, their
+    callback owed again (a failure's callback sent meanwhile must not stand for the answer)."""
     return list(
         session.scalars(
             update(Turn)
@@ -996,6 +1034,9 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
                 error_code=None,
                 finished_at=None,
                 dispatched_at=func.now(),
+                callback_attempts=0,
+                callback_delivered_at=None,
+                callback_error=None,
             )
             .returning(Turn.id)
         ).all()

@@ -16,7 +16,7 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,19 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
 
 
 def check_callback(url: str | None) -> str | None:
+    """The batch's callback URL if accepted; BatchRefused naming it if not, EnqueueError (a 503: try
+    again) when the resolver cannot answer for now, as for a turn's."""
     if url is None:
         return None
-    from services.callbacks import callback_refusal
+    from services.callbacks import ResolverTooSlow, callback_destinations, callback_refusal
+    from services.producer import EnqueueError
 
-    refused = callback_refusal(url)
+    refused = callback_refusal(url, resolve=False)
+    if refused is None:
+        try:
+            refused = callback_destinations({0: url}).get(0)
+        except ResolverTooSlow as exc:
+            raise EnqueueError(f"callback_url: {exc}; nothing was stored") from None
     if refused is not None:
         raise BatchRefused(f"callback_url: {refused}")
     return url
@@ -200,7 +208,7 @@ def _submit_batch(name: str) -> None:
         run = session.scalars(select(Run).where(Run.name == name)).one_or_none()
         if run is None or run.input_file_id is None:
             return
-        run_id, file_id, callback = run.id, run.input_file_id, run.callback_url
+        run_id, file_id, callback, created_at = run.id, run.input_file_id, run.callback_url, run.created_at
     attempt: int | None = None  # unknown until counted: the database may be what broke
     try:
         # A try counts only once its submitter holds the lock: one that finds another submitter
@@ -242,28 +250,60 @@ def _submit_batch(name: str) -> None:
         if failed and callback:
             send_callback(run_id)
     except Exception as exc:
-        _retry_later(run_id, name, callback, attempt, exc)
+        waited_s = (datetime.now(UTC) - created_at).total_seconds()
+        _retry_later(run_id, name, callback, attempt, exc, waited_s)
+
+
+def _broker_away(exc: BaseException) -> bool:
+    """Whether the broker being away is what stopped a submission (the error, or what it wraps)."""
+    from kombu.exceptions import KombuError
+    from redis.exceptions import RedisError
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (KombuError, RedisError)):
+            return True
+        seen = seen.__cause__
+    return False
 
 
 def _retry_later(
-    run_id: uuid.UUID, name: str, callback: str | None, attempt: int | None, exc: Exception
+    run_id: uuid.UUID,
+    name: str,
+    callback: str | None,
+    attempt: int | None,
+    exc: Exception,
+    waited_s: float,
 ) -> None:
     """A transient error: the batch stays validating and is due again after a doubling backoff, or
-    fails as the server's fault once its tries are spent. If the database is what broke, nothing can
-    be recorded: the sweeper finds the batch stalled and tries again."""
+    fails as the server's fault once its tries are spent. The broker being away spends no try: the
+    batch waits for it (looked at again less often the longer it has waited, every 10 minutes at
+    most) until its completion window closes. If the database is what broke, nothing can be
+    recorded: the sweeper finds the batch stalled and tries again."""
     reason = one_line(exc)
     tries = attempt or 0
+    away = _broker_away(exc)
     try:
-        if tries >= settings.batch_submission_attempts:
+        if tries >= settings.batch_submission_attempts and not away:
             _give_up(run_id, callback, f"submission failed {tries} times, last: {reason}")
             return
-        delay = min(settings.batch_submission_backoff_s * 2 ** max(tries - 1, 0), 3600.0)
+        if away:
+            # Longer the longer it has waited (each try reads the whole file again): the backoff
+            # at first, 3x it after ten minutes, at most ten minutes.
+            delay = min(settings.batch_submission_backoff_s * (1 + max(waited_s, 0) / 300), 600.0)
+        else:
+            delay = min(settings.batch_submission_backoff_s * 2 ** max(tries - 1, 0), 3600.0)
         with session_scope() as session:
             postpone_submission(
                 session=session,
                 run_id=run_id,
-                error=f"submission try {tries} stopped ({reason}); trying again in {delay:.0f} s",
+                error=(
+                    f"submission waits for the broker ({reason}); trying again in {delay:.0f} s"
+                    if away
+                    else f"submission try {tries} stopped ({reason}); trying again in {delay:.0f} s"
+                ),
                 delay_s=delay,
+                refund=away,
             )
         logger.warning(
             "batch %s: submission try %s stopped (%s); again in %.0f s", name, tries, reason, delay

@@ -79,7 +79,9 @@ def generate_turns(requests: list[Any]) -> None:
                 _answer(pending, model, events, outcome)
             except Exception:  # a bug or an outage outside a batch: hand everything back
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
-                outcome.resend = [Resend(pending, settings.batch_retry_delay)]
+                # Kept: what chunks recorded already (new scene steps and stalled turns their claims
+                # stamped as sent, which nothing else would send).
+                outcome.resend.append(Resend(pending, settings.batch_retry_delay))
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
         for item in outcome.resend:
             _resend(item, model, model_of)
@@ -158,6 +160,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         later = result.report.retry_in
         again = [p for p in chunk if p[0] not in later]
         outcome.resend += [Resend(again, settings.batch_retry_delay), *_after_waits(later, lane_of)]
+        outcome.resend += _claimed_sends(result.report)
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
         return
     report = result
@@ -166,27 +169,33 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     now = [t for t in report.send_again if t not in report.retry_in]
     outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval))
     outcome.resend += _after_waits(report.retry_in, lane_of)
-    # Scenes' next steps, created with the steps just stored: one message per lane's batch, so the
-    # open scenes' steps reach the engine together.
-    steps: dict[str, list[Pending]] = {}
-    for step in report.next_steps:
-        steps.setdefault(step.model, []).append((step.turn_id, step.lane))  # type: ignore[arg-type]
-    outcome.resend += [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
+    outcome.resend += _claimed_sends(report)
     # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
     waiting: dict[float, list[Pending]] = {}
     for turn_id, deferrals in report.deferred.items():
         waiting.setdefault(deferral_delay(deferrals), []).append((turn_id, lane_of[turn_id]))
     outcome.resend += [Resend(turns, delay) for delay, turns in waiting.items()]
-    # The earlier turn they wait for lost its worker: send it now, so a claim takes it first (the claim
-    # recorded this re-send, so no other look sends it again).
-    for stalled in report.stalled:
-        lane: Lane = "bulk" if stalled.run_id is not None else "live"
-        outcome.resend.append(Resend([(stalled.id, lane)], model=stalled.model))
     # Another worker holds these under a live lease (a duplicate message): look again when it lapses.
     for turn_id, lease_left in report.held.items():
         outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
     if report.engine_dead is not None:
         outcome.engine_dead = report.engine_dead
+
+
+def _claimed_sends(report: Any) -> list[Resend]:
+    """The sends a batch took on, whether it finished or raised later: nothing else makes them.
+    Scenes' next steps, created with the steps stored (one message per model, so the open scenes'
+    steps reach the engine together); and the earlier turns its turns wait for that lost their
+    worker, sent now so a claim takes them first (the claim recorded the send, so no other look
+    sends them again)."""
+    steps: dict[str, list[Pending]] = {}
+    for step in report.next_steps:
+        steps.setdefault(step.model, []).append((step.turn_id, step.lane))
+    sends = [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
+    for stalled in report.stalled:
+        lane: Lane = "bulk" if stalled.run_id is not None else "live"
+        sends.append(Resend([(stalled.id, lane)], model=stalled.model))
+    return sends
 
 
 def _after_waits(retry_in: dict[uuid.UUID, float], lane_of: dict[uuid.UUID, Lane]) -> list[Resend]:

@@ -324,6 +324,32 @@ def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_pa
         assert lines[never]["response"] is None and lines[never]["error"]["code"] == "batch_expired"
 
 
+def test_a_turn_queued_again_after_its_run_stopped_is_cancelled_at_its_claim_not_generated(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: a cancel (or an expiry) cancels the turns queued at its snapshot; one queued
+    again after it (a retry, an engine death's hand-back, a reopen racing the cancel) was claimed and
+    generated for a stopped run, an expired batch answered past its window, and the run waited in
+    cancelling for it. Only scene steps were stopped at the claim."""
+    from db.turns import requeue_turns
+
+    sub = _submit(tmp_path, "stop-" + tmp_path.name, 3)
+    running = _claim(sub.id, 2)  # running when the window closes: the run waits in cancelling
+    assert len(running.claimed) == 2
+    with session_scope() as s:
+        s.execute(Run.__table__.update().where(Run.id == sub.id).values(expires_at=func.now()))
+    assert batches.expire_due_runs() == [str(sub.id)]
+    with session_scope() as s:  # the engine died under them: back to queued, to be sent again
+        handed = {t.id: "the engine died" for t in running.claimed}
+        assert len(requeue_turns(session=s, token=running.token, reasons=handed, refund_attempt=True)) == 2
+    again = _claim(sub.id, 3)
+    assert again.claimed == []
+    with session_scope() as s:
+        rows = s.execute(select(Turn.status, Turn.error_code).where(Turn.run_id == sub.id)).all()
+        assert rows == [(TurnStatus.CANCELLED, "expired")] * 3
+        assert s.get_one(Run, sub.id).status == RunStatus.EXPIRED
+
+
 def test_turns_stored_after_an_expiry_landed_are_labelled_expired_too(quiet_model, tmp_path) -> None:
     sub = _submit(tmp_path, "late-" + tmp_path.name, 3)
     running = _claim(sub.id, 1)  # keeps the expired run in cancelling
@@ -495,6 +521,36 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
     )
     assert httpx.get(f"{base_url}/v1/batches/batch_nope", headers=INGEST).status_code == 404
     assert httpx.get(f"{base_url}/v1/files/file-nope/content", headers=INGEST).status_code == 404
+
+
+def test_a_resolver_that_cannot_answer_for_now_is_a_503_to_retry_not_a_refused_callback(
+    base_url, quiet_model, monkeypatch
+) -> None:
+    """Found in review: a batch's callback host was looked up as a refusal, and EAI_AGAIN (the
+    resolver cannot answer for now) is one, so a resolver hiccup answered 400, which a client does
+    not retry; a turn's callback host gets a 503 for the same."""
+    import socket
+
+    file_id = _upload(base_url, json.dumps(openai_line("a", USER)).encode() + b"\n").json()["id"]
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
+    real = socket.getaddrinfo
+
+    def hiccup(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name == "hooks.example.test":
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hiccup)
+    body = {
+        "input_file_id": file_id,
+        "endpoint": "/v1/chat/completions",
+        "callback_url": "https://hooks.example.test/done",
+    }
+    response = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body)
+    assert response.status_code == 503 and response.headers["retry-after"], response.text
+    assert response.json()["detail"].startswith("callback_url: ")
+    listed = httpx.get(f"{base_url}/v1/batches", headers=INGEST, params={"limit": 100}).json()["data"]
+    assert all(b["input_file_id"] != file_id for b in listed)  # nothing stored
 
 
 def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(base_url, quiet_model) -> None:
@@ -699,8 +755,15 @@ def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_subm
         assert batch_id not in close_abandoned_runs(older_than_s=0)  # the sweeper does not fail it either
         with session_scope() as s:
             run = s.scalars(select(Run).where(Run.name == batch_id)).one()
-            assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 1)
-            assert run.submission_retry_at is not None and "trying again" in run.error
+            # Found in review: each outage try was counted, so an outage of ~7.5 minutes (5 tries at
+            # 30 s doubling) failed the batch for good, inside its 24 h window. Waiting for the
+            # broker spends no try.
+            assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)
+            assert run.submission_retry_at is not None and "waits for the broker" in run.error
+        monkeypatch.setattr(settings, "batch_submission_attempts", 1)
+        for _ in range(2):
+            assert batch_id in batches.retry_batch_submissions()
+        assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "validating"
     assert batches.housekeeping()["submissions"] == [batch_id]  # the retry, the broker back
     batch = batches.get_batch(batch_id, api_key="k", admin=False)
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 5
@@ -713,10 +776,16 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
     monkeypatch.setattr(settings, "batch_submission_attempts", 2)
     monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
     batch_id = _batch(tmp_path, 3)
-    with _broker_down(services):
-        batches.submit_batch_by_name(batch_id)
-        assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "validating"
-        assert batch_id in batches.retry_batch_submissions()  # try 2 of 2 fails too
+
+    def stops(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError("the send's disk went away")  # transient, and not the broker (which is waited for)
+
+    from services.runs import submit
+
+    monkeypatch.setattr(submit, "_send", stops)  # the lines are stored, and their send stops
+    batches.submit_batch_by_name(batch_id)
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "validating"
+    assert batch_id in batches.retry_batch_submissions()  # try 2 of 2 fails too
     batch = batches.get_batch(batch_id, api_key="k", admin=False)
     assert batch["status"] == "failed"
     (error,) = batch["errors"]["data"]

@@ -275,6 +275,34 @@ def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, 
     assert process_batch([turn_id]).done == [turn_id]
 
 
+def test_a_hand_back_the_outage_stopped_is_tried_again_while_the_lease_holds(world, monkeypatch) -> None:
+    """Found in review: the hand-back after a database outage was tried once, at the moment the
+    connection dropped, so it failed as a rule: the turns waited out their lease with the attempt
+    charged, the refund above all but never given. It is tried again while the database is away
+    (within a third of the lease); any other error is not."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    monkeypatch.setattr(pipeline, "HAND_BACK_FIRST_WAIT_S", 0.01)
+    tries: list[int] = []
+
+    def back_on_the_third(session):  # type: ignore[no-untyped-def]
+        tries.append(1)
+        if len(tries) < 3:
+            raise OperationalError("connect", {}, Exception("the database system is starting up"))
+        return ["handed back"]
+
+    assert pipeline._best_effort_hand_back([], back_on_the_third) == ["handed back"] and len(tries) == 3
+
+    def a_bug(session):  # type: ignore[no-untyped-def]
+        tries.append(1)
+        raise ValueError("not an outage")
+
+    tries.clear()
+    assert pipeline._best_effort_hand_back([], a_bug) is None and len(tries) == 1
+
+
 def test_a_statement_timeout_under_a_batch_is_charged_so_it_cannot_loop_for_ever(engine, monkeypatch) -> None:
     """Review of the fix above: psycopg files a statement timeout, a deadlock and a full disk under
     OperationalError too; refunding those would send a turn that raises one every time round for

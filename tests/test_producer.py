@@ -593,3 +593,33 @@ def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go
     first, second, third = (turns[r["message"]] for r in requests)
     assert first == (TurnStatus.QUEUED, None)
     assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
+
+
+def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answer_is_owed(world) -> None:
+    """Found in review: housekeeping POSTed a "failed" callback for a turn the broker never got (its
+    request was answered 503), and marked it delivered; a retry that revived it then never called
+    back with the answer, since a delivered callback is never sent again."""
+    from db.models import TurnErrorCode
+    from db.runs import callbacks_due
+    from db.turn_callbacks import record_turn_callback
+    from db.turns import fail_unsent, revive_unsent
+    from services.producer import submit_turns
+
+    (turn,) = submit_turns([new_conversation() | {"message": "Still there?"}], send=False)
+    with session_scope() as session:
+        session.execute(
+            update(Turn).where(Turn.id == turn.id).values(callback_url="https://game.example/hook")
+        )
+        assert fail_unsent(session=session, turn_ids=[turn.id], reason="the broker was away") == [turn.id]
+    with session_scope() as session:
+        assert turn.id not in callbacks_due(session=session, older_than_s=0, of=Turn, limit=100_000)
+        # A failure's callback sent before this rule (or by a worker that saw the failure) ...
+        record_turn_callback(session=session, turn_id=turn.id, error=None)
+    with session_scope() as session:
+        assert revive_unsent(session=session, turn_ids=[turn.id]) == [turn.id]
+    with session_scope() as session:
+        revived = session.get(Turn, turn.id)
+        assert revived is not None and revived.error_code is None
+        # ... does not stand for the answer: its callback is owed again.
+        assert revived.callback_delivered_at is None and revived.callback_attempts == 0
+        assert revived.error_code != TurnErrorCode.BROKER_UNREACHABLE.value

@@ -22,11 +22,29 @@ def test_a_sample_event_is_answered_in_conversation_order(engine) -> None:
     assert second["context"]["history"], "the second turn saw the first exchange"
 
 
+def test_an_earlier_turn_a_stopped_call_left_unanswered_is_answered_first_not_waited_on(engine) -> None:
+    """Found in review: with no queue, a turn an earlier call left unanswered (it raised mid-batch
+    and handed the turn back, or its container was stopped) was sent by nothing, and every later
+    turn of its conversation came back queued behind it, for ever, with no error."""
+    from services.producer import enqueue_turns, get_turn
+
+    conv = new_conversation("elara")
+    (left,) = enqueue_turns([conv | {"message": "Is the ford passable?"}], send=False)
+    result = handler({"input": {"conversation": conv["conversation"], "message": "And the bridge?"}})
+    (later,) = result["turns"]
+    assert later["status"] == "done", result
+    first = get_turn(left)
+    assert first is not None and first.status == "done" and first.reply
+
+
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:
     assert "input" in handler({"nope": 1})["error"]
     assert "non-empty list" in handler({"input": {"turns": []}})["error"]
     assert "unknown character" in handler({"input": new_conversation("nobody") | {"message": "hi"}})["error"]
     assert "message is empty" in handler({"input": new_conversation() | {"message": "  "}})["error"]
+    # Found in review: any number of turns ran through one inline answer (the HTTP batch takes 1,000).
+    many = [new_conversation() | {"message": "hi"}] * 1001
+    assert handler({"input": {"turns": many}})["error"] == '"turns": 1001 items; the limit is 1000 a request'
 
 
 def test_local_mode_says_when_an_event_is_not_json_and_exits_non_zero_on_an_error(capsys) -> None:

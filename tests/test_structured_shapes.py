@@ -348,6 +348,30 @@ def test_a_reply_that_cannot_be_read_fails_its_turn_alone_never_its_batch_mates(
     kept, failure = keep_candidates(shape, [(1, Generation("a" * 45, 10, 45, "stop"))])
     assert time.monotonic() - started < 30, "the pattern check did not give up"
     assert kept == [] and failure is not None and "could not be checked against the pattern" in failure.reason
+    # Found in review: the `regex` module's limit is the process's CPU time (all threads), so under
+    # load a check runs out sooner than it reads; that failed the turn for good, as a bad reply.
+    assert failure.passing, "a check that ran out is retried, not a verdict"
+    kept, failure = keep_candidates(shape, [(1, Generation("b!", 10, 2, "stop"))])
+    assert failure is not None and not failure.passing  # a reply that does not match is one
+
+
+def test_a_reply_holding_a_number_jsonb_cannot_keep_fails_its_turn_alone() -> None:
+    """Found in review: the grammar's number syntax allows `1e999`, which Python reads as inf and
+    json.dumps writes as `Infinity`; jsonb refuses it, so the group's one store statement failed and
+    every turn of the claim was handed back, again at each retry of the same seeded reply."""
+    from worker.pipeline import keep_candidates
+
+    shape = shape_of(PARAMS | {"response_format": {"type": "json_object"}}, _character(34, []))
+    assert shape is not None
+    for number in ("1e999", "-1E400", "NaN", "Infinity"):
+        kept, failure = keep_candidates(shape, [(1, Generation(f'{{"gold": {number}}}', 10, 8, "stop"))])
+        assert kept == [] and failure is not None, number
+        assert failure.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
+        assert "the reply holds" in failure.reason and (number in failure.reason), failure.reason
+    assert read_reply(shape, Generation('{"gold": 1e300, "n": 7}', 10, 8, "stop")).structured == {
+        "gold": 1e300,
+        "n": 7,
+    }
 
 
 def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_done() -> None:
@@ -378,7 +402,8 @@ def test_a_backtracking_pattern_is_given_up_and_a_deep_pattern_or_blank_edged_ch
     reply = json.dumps({"l": "x" * 60 + "\n"})  # no "!": only the backtracking branch can answer
     with pytest.raises(BadStructuredReply) as caught:
         read_reply(shape, Generation(reply, 10, 30, "stop"))
-    assert "pattern check ran past" in str(caught.value)
+    assert "could not be checked against its schema's patterns within" in str(caught.value)
+    assert caught.value.passing  # a check that ran out: the turn is retried, not failed as a bad reply
     fine = json.dumps({"l": "x" * 60 + "!"})  # the first branch matches at once
     assert read_reply(shape, Generation(fine, 10, 30, "stop")).structured == {"l": "x" * 60 + "!"}
     # review: a reply is read stripped, so a choice with blanks around it never matched: refused
@@ -648,3 +673,44 @@ def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_se
         check_schema(other, "s")
     taken.release()
     assert check_schema(other, "s") is other
+
+
+def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time_limit(monkeypatch) -> None:
+    """Found in review: a `regex` format's grammar was built with no time limit and no cache, on the
+    request's validation, and a run file built it again on every line. (The review's slow pattern,
+    `(ab|cd){0,9999}`, builds and compiles in milliseconds in this xgrammar, which expands a regex's
+    repetition lazily, unlike a JSON schema's `pattern`; the limit is the schemas' own, kept for a
+    backend that does not.)"""
+    import time as clock
+
+    from core.settings import settings
+    from structured import spec
+
+    builds: list[str] = []
+
+    def slow(pattern: str) -> None:
+        builds.append(pattern)
+        clock.sleep(0.3 if pattern.startswith("slow") else 0)
+
+    monkeypatch.setattr(spec, "_compile_regex", slow)
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
+    with pytest.raises(ValidationError, match=r"response_format\.regex: the grammar took longer than 0\.05"):
+        GenerationParams(response_format={"type": "regex", "regex": "slow[a-z]+"})
+    for _ in range(3):  # a run file's lines: one build
+        assert spec.check_regex(r"[0-9]{3}-gh", "r") == r"[0-9]{3}-gh"
+    with pytest.raises(SchemaRefused, match="took longer"):  # the refusal is kept too
+        spec.check_regex("slow[a-z]+", "r")
+    assert builds == ["slow[a-z]+", r"[0-9]{3}-gh"]
+
+
+def test_a_nul_beside_a_schema_too_deep_is_refused_naming_its_field() -> None:
+    """Found in review: the NUL and lone-surrogate check skipped the whole format when its schema
+    nested past the depth limit, and the depth check reads the schema alone: a description with a
+    NUL beside a schema just under the limit was stored, and the insert failed (a 500)."""
+    deep: dict = {"type": "string"}
+    for _ in range(31):
+        deep = {"type": "array", "items": deep}
+    for text, why in (("x\x00", "NUL"), ("x\ud800", "lone surrogate")):
+        fmt = {"type": "json_schema", "json_schema": {"name": "r", "description": text, "schema": deep}}
+        with pytest.raises(ValidationError, match=rf"response_format\.json_schema\.description: .*{why}"):
+            GenerationParams(response_format=fmt)

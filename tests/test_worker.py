@@ -223,3 +223,45 @@ def test_the_worker_exits_with_celerys_code_when_celery_fails(monkeypatch) -> No
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 1 and started and started[0]["hostname"].startswith("mlchat-")
+
+
+def test_a_bad_worker_option_is_clicks_one_line_not_a_traceback(monkeypatch, capsys) -> None:
+    """Found in review: click, not standalone, raises its usage errors, so `python -m worker
+    --no-such-option` printed a traceback instead of the usage line and exit code 2."""
+    import pytest
+
+    from worker.__main__ import main
+
+    monkeypatch.setattr("worker.__main__.configure_logging", lambda: None)
+    with pytest.raises(SystemExit) as exited:
+        main(["--no-such-option"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "No such option" in err and "--no-such-option" in err and "Traceback" not in err
+
+
+def test_a_batch_that_raised_still_sends_the_scene_steps_and_stalled_turns_its_claim_took_on() -> None:
+    """Found in review: a chunk that raised after its claim (the database dropped mid-way) re-sent
+    its own turns only. The stalled earlier turn the claim had stamped as sent, and the scene steps
+    created by groups already stored, were sent by nobody: their conversations waited for the
+    sweeper (an hour for the stalled turn). A flush raising outside a batch dropped them too."""
+    import uuid
+    from types import SimpleNamespace
+
+    from db.scenes import NewStep
+    from db.turns import StalledTurn
+    from tasks.generate import ChunkRaised, FlushOutcome, _record
+    from worker.pipeline import BatchReport
+
+    mine, step, stalled = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    report = BatchReport(
+        next_steps=[NewStep(step, "smollm2-135m", "bulk")],
+        stalled=[StalledTurn(stalled, "smollm2-135m", None)],
+    )
+    outcome = FlushOutcome()
+    events = SimpleNamespace(finished=lambda *args: None)
+    _record([(mine, "live")], ChunkRaised(RuntimeError("the database dropped"), report), events, outcome)  # type: ignore[arg-type]
+    sent = {turn: resend for resend in outcome.resend for turn, _ in resend.turns}
+    assert sent[mine].countdown == settings.batch_retry_delay
+    assert sent[step].stamp and sent[step].turns == [(step, "bulk")] and sent[step].model == "smollm2-135m"
+    assert sent[stalled].turns == [(stalled, "live")] and sent[stalled].countdown is None

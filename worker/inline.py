@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from core.settings import settings
+from db.session import session_scope
+from db.turns import claimable_before
 from services.producer import TurnView, enqueue_turns, get_turn
 from services.schemas import TurnRequest
 from worker.embedder import check_space
@@ -20,16 +22,22 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     A turn whose next attempt must wait (an adapter that may load later: a worker sends it again only
     then) is returned as it stands too, queued with its reason: run again at once it would spend its
     attempts in milliseconds and fail for a cause that passes. Sending it again later runs it again.
+    Earlier turns of the same conversations that an earlier call left unanswered (it raised, or its
+    process was stopped) are answered first, here: with no queue, nothing else would, and every later
+    turn of their conversations would wait behind them for ever.
     EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
     check_space()
     ids = enqueue_turns(requests, send=False)
-    pending = list(dict.fromkeys(ids))
+    with session_scope() as session:  # left by an earlier call that stopped part-way: nothing else sends them
+        earlier = claimable_before(session=session, turn_ids=ids)
+    pending = list(dict.fromkeys([*earlier, *ids]))
     for _ in range(settings.max_attempts + len(pending)):
         if not pending:
             break
         report = process_batch(pending[: settings.batch_size])
         now = [t for t in report.retry if t not in report.retry_in]
-        pending = [*now, *report.deferred, *pending[settings.batch_size :]]
+        stalled = [t.id for t in report.stalled]  # its claim stamped them sent: answered here, first
+        pending = list(dict.fromkeys([*stalled, *now, *report.deferred, *pending[settings.batch_size :]]))
     views = [get_turn(turn_id) for turn_id in ids]
     return [view for view in views if view is not None]

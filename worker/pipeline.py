@@ -29,7 +29,7 @@ from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
-from db.session import connection_lost, session_scope
+from db.session import DATABASE_OUTAGES, connection_lost, session_scope
 from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
@@ -184,14 +184,28 @@ def _cancel_requests(report: BatchReport) -> None:
 
 
 def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
-    """Run a hand-back write in its own transaction; None if it fails (if the database is away too,
-    the lease simply expires and the next claim takes the turns)."""
+    """Run a hand-back write in its own transaction; None if it fails. A database that went away (a
+    restart, a failover: the very error that usually stops the batch) is tried again for a third of
+    the lease, while the lease keeper still holds the turns: a hand-back tried once, at the moment
+    the connection dropped, failed as a rule, and the turns waited out their lease (two minutes)
+    with the attempt charged. Past that, the lease expires and the next claim takes the turns."""
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+
     try:
-        with session_scope() as session:
-            return write(session)
+        for attempt in Retrying(
+            retry=retry_if_exception_type(DATABASE_OUTAGES),
+            stop=stop_after_delay(settings.lease_seconds / 3),
+            wait=wait_exponential(multiplier=HAND_BACK_FIRST_WAIT_S, max=5.0),
+            reraise=True,
+        ):
+            with attempt, session_scope() as session:
+                return write(session)
     except Exception:
         logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
-        return None
+    return None
+
+
+HAND_BACK_FIRST_WAIT_S = 0.25
 
 
 def _hand_back(
@@ -555,6 +569,8 @@ def _finish_group(
         )
         if failure is None:
             answered.append((turn, made))
+        elif failure.passing:  # a check that ran out of time under load: another attempt may pass
+            _retry_or_fail(turn, failure.reason, failure.code, report)
         else:
             report.failed[turn.id] = failure
     with group_timer("embed_reply"):
@@ -670,7 +686,7 @@ def keep_candidates(
     short = f"the request asked for {choices} choices and {len(kept)} of {len(generated)} candidates read: "
     short = short if kept else ""
     if bad is not None:
-        return [], Failure(short + str(bad), bad.code)
+        return [], Failure(short + str(bad), bad.code, passing=bad.passing)
     reasons = ", ".join(sorted(set(empty)))
     return [], Failure(
         f"{short}model produced an empty reply (finish_reason={reasons})", TurnErrorCode.EMPTY_REPLY

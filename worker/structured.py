@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any
 
+from core.json_numbers import UnstorableNumber, loads_finite
 from core.settings import settings
 from core.text import storable_output
 from db.models import Character, TurnErrorCode
@@ -49,9 +50,10 @@ class ReplyShape:
 class BadStructuredReply(Exception):
     """A reply that does not parse or validate (max_tokens cut it, or a stop string did)."""
 
-    def __init__(self, message: str, code: TurnErrorCode) -> None:
+    def __init__(self, message: str, code: TurnErrorCode, *, passing: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.passing = passing  # the check ran out of time (see REGEX_CHECK_S): not a verdict
 
 
 def shape_of(
@@ -188,7 +190,9 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
         return gen
     try:
-        value = _storable(json.loads(gen.text))
+        value = _storable(loads_finite(gen.text))
+    except UnstorableNumber as exc:  # `1e999`: the grammar's number syntax allows it, jsonb does not
+        raise _bad(gen, f"the reply holds {exc}") from None
     except (ValueError, RecursionError) as exc:  # nested past Python's recursion limit: not readable
         raise _bad(gen, f"the reply is not JSON ({type(exc).__name__}: {str(exc)[:120]})") from None
     if shape.kind == "json_object" and not isinstance(value, dict):
@@ -196,6 +200,8 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     if shape.schema is not None:
         try:
             error = next(iter(_reply_validator()(shape.schema).iter_errors(value)), None)
+        except TimeoutError:  # a `pattern` search ran out (_search)
+            raise _bad(gen, _ran_out("its schema's patterns"), passing=True) from None
         except Exception as exc:  # a schema the checker cannot follow (a $ref under a nested $id)
             raise _bad(gen, f"the reply could not be checked against its schema: {str(exc)[:200]}") from None
         if error is not None:
@@ -232,15 +238,21 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
             pattern is None or pattern.fullmatch(gen.text, concurrent=True, timeout=REGEX_CHECK_S) is not None
         )
     except TimeoutError:
-        raise _bad(gen, f"the reply could not be checked against the pattern in {REGEX_CHECK_S} s") from None
+        raise _bad(gen, _ran_out("the pattern"), passing=True) from None
     if not matched:
         raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
     return gen
 
 
 # Short, and run without the GIL (`concurrent`): the engine loop and the lease keeper are threads of
-# this process, and a claim may hold several such candidates.
+# this process, and a claim may hold several such candidates. The `regex` module counts it in the
+# process's CPU time (clock()), every thread's together: under load it runs out sooner than it
+# reads, so a check that runs out is retried (another attempt), not taken for a bad reply.
 REGEX_CHECK_S = 0.1
+
+
+def _ran_out(what: str) -> str:
+    return f"the reply could not be checked against {what} within {REGEX_CHECK_S} s of CPU time"
 
 
 @cache
@@ -291,7 +303,7 @@ def _compiled(pattern: str) -> Any:
         return None
 
 
-def _bad(gen: Generation, why: str) -> BadStructuredReply:
+def _bad(gen: Generation, why: str, *, passing: bool = False) -> BadStructuredReply:
     if gen.finish_reason == "length":
         return BadStructuredReply(
             f"max_tokens ended the structured reply before it closed ({gen.completion_tokens} tokens); "
@@ -299,4 +311,4 @@ def _bad(gen: Generation, why: str) -> BadStructuredReply:
             TurnErrorCode.STRUCTURED_REPLY_CUT,
         )
     code = TurnErrorCode.INVALID_STRUCTURED_REPLY
-    return BadStructuredReply(f"{why} (finish_reason={gen.finish_reason})", code)
+    return BadStructuredReply(f"{why} (finish_reason={gen.finish_reason})", code, passing=passing)
