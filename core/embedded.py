@@ -76,18 +76,32 @@ def clear_stale_postmaster_pid(pgdata: Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
-        process = psutil.Process(pid)
-        name = process.name()
-        # A postmaster, and every backend, works in its own data directory: a postgres process of
-        # another cluster (the pid reused by it) is not ours either.
-        ours = name.startswith("postgres") and Path(process.cwd()) == pgdata.resolve()
+        name = psutil.Process(pid).name()
     except (FileNotFoundError, ValueError, psutil.Error):
-        return False  # none, unreadable, or its process gone or not ours to read: PostgreSQL decides
-    if ours:
+        return False  # none, unreadable, or its process gone: PostgreSQL handles those itself
+    # A postmaster, and every backend, works in its own data directory: a postgres process of another
+    # cluster (the pid reused by it) is not ours either. Undecided (not ours to read): kept.
+    if name.startswith("postgres") and _works_in(pid, pgdata) is not False:
         return False
     logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, now %r: removed as stale", pid, name)
     pidfile.unlink(missing_ok=True)
     return True
+
+
+def _works_in(pid: int, directory: Path) -> bool | None:
+    """Whether the process works in `directory`: the same directory, whatever path names it (a
+    symlink, a bind mount, another mount namespace); None when that cannot be told (not ours to
+    read). A wrong False would start a second server on the same data."""
+    import psutil
+
+    try:  # the kernel follows /proc/PID/cwd to the directory itself
+        return os.path.samefile(f"/proc/{pid}/cwd", directory)
+    except OSError:
+        pass
+    try:  # no /proc (macOS): its path
+        return Path(psutil.Process(pid).cwd()).resolve() == directory.resolve()
+    except (OSError, psutil.Error):
+        return None
 
 
 def _set_shared_buffers(admin_uri: str, size: str) -> bool:
@@ -181,7 +195,7 @@ def _redis_pid(state_dir: Path) -> int | None:
         ours = (
             process.name().startswith("redis-server")
             and f":{port}" in " ".join(process.cmdline())
-            and Path(process.cwd()) == rdir.resolve()  # `--dir` is its working directory
+            and _works_in(pid, rdir) is not False  # `--dir` is its working directory; undecided: ours
         )
     except (FileNotFoundError, ValueError, psutil.Error):
         return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 # A surrogate code point left alone: an escaped `\ud800` in JSON decodes to one, and UTF-8 cannot
 # encode it (the store and the embedder would raise). A valid pair decodes to one code point.
@@ -20,3 +21,56 @@ def printable(text: str, limit: int = 200) -> str:
     is stored in text and jsonb columns and sent as UTF-8), and at most `limit` characters."""
     shown = text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\u0000")
     return shown if len(shown) <= limit else shown[: limit - 1] + "\u2026"
+
+
+def unstorable_in(value: Any, where: str) -> tuple[str, str] | None:
+    """The place of the first string of a JSON value (keys too, breadth first) that PostgreSQL
+    cannot store (a NUL) or UTF-8 cannot encode (a lone surrogate), and why; None when all can be.
+    Without recursion, and each place's name is made only for the string found: a copy of the
+    parent's name for every child would cost the value's size times its depth (a key of 500 KB
+    above 250,000 items is 125 GB)."""
+    level: list[tuple[Any, _Place]] = [(value, _Place(None, where))]
+    while level:
+        nxt: list[tuple[Any, _Place]] = []
+        for item, place in level:
+            if isinstance(item, str):
+                if why := _unstorable(item):
+                    return place.name(), why
+            elif isinstance(item, dict):
+                for key, sub in item.items():
+                    if why := _unstorable(str(key)):
+                        return f"{place.name()} (a key)", why
+                    nxt.append((sub, _Place(place, str(key))))
+            elif isinstance(item, list):
+                nxt += [(sub, _Place(place, i)) for i, sub in enumerate(item)]
+        level = nxt
+    return None
+
+
+def _unstorable(text: str) -> str | None:
+    if "\x00" in text:
+        return "contains a NUL character"
+    if _LONE_SURROGATE.search(text):
+        return "contains a lone surrogate (not valid Unicode text)"
+    return None
+
+
+class _Place:
+    """A place in a JSON value: its parent and its key or index (the root: its name)."""
+
+    __slots__ = ("parent", "step")
+
+    def __init__(self, parent: _Place | None, step: str | int) -> None:
+        self.parent, self.step = parent, step
+
+    def name(self) -> str:
+        steps: list[str] = []
+        node: _Place | None = self
+        while node is not None:
+            step = node.step
+            if node.parent is None:
+                steps.append(str(step))
+            else:
+                steps.append(f"[{step}]" if isinstance(step, int) else f".{printable(step, 80)}")
+            node = node.parent
+        return "".join(reversed(steps))

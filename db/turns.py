@@ -221,10 +221,10 @@ def _stalled(turn: Any) -> Any:
     return or_(and_(turn.status == TurnStatus.QUEUED, turn.dispatched_at.is_(None)), lapsed_and_unsent(turn))
 
 
-def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """The earlier turns of these turns' conversations that block them and that a claim can take
-    now (queued, or running under an expired lease), oldest first: what answering in this process,
-    with no worker to send them (worker/inline.py), has to answer first."""
+def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID], model: str) -> list[uuid.UUID]:
+    """The earlier turns of these turns' conversations, for `model`, that block them and that a
+    claim can take now (queued, or running under an expired lease), oldest first: what answering in
+    this process, with no worker to send them (worker/inline.py), has to answer first."""
     later = aliased(Turn)
     rows = session.execute(
         select(Turn.id, Turn.conversation_id, Turn.number)
@@ -232,6 +232,7 @@ def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list
         .where(
             later.id.in_(list(turn_ids)),
             ~Turn.id.in_(list(turn_ids)),
+            Turn.model == model,
             _blocks_later_turns(Turn),
             _claimable(),
         )
@@ -353,6 +354,10 @@ def claim_turns(
             .with_for_update(skip_locked=True)
         ).all()
     )
+    # A stopped run's turn is cancelled first, at its attempt cap too (exported as its run's end, not
+    # as a server error).
+    stopped = _cancel_stopped(session, candidates)
+    candidates = [i for i in candidates if i not in set(stopped)]
     result.exhausted = (
         list(
             session.scalars(
@@ -375,8 +380,6 @@ def claim_turns(
         else []
     )
     fresh = [i for i in candidates if i not in set(result.exhausted)]
-    stopped = _cancel_stopped(session, fresh)
-    fresh = [i for i in fresh if i not in set(stopped)]
     claimed_ids = (
         session.scalars(
             update(Turn)
@@ -847,8 +850,6 @@ class Failure:
 
     reason: str
     code: TurnErrorCode
-    # A check that could not finish in time rather than a verdict: another attempt may pass.
-    passing: bool = False
 
 
 def fail_turns(

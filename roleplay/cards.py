@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.json_numbers import UnstorableNumber, loads_finite
-from core.text import printable
+from core.text import printable, unstorable_in
 from roleplay import png_text
 from roleplay.actions import CARD_ACTIONS, card_actions, check_actions
 
@@ -154,24 +154,9 @@ NAME_MAX_CHARS = 200  # the characters table's name column
 def _check_storable(card: Any, where: str) -> None:
     """Every string of the card (keys too) as PostgreSQL and UTF-8 can keep it: no NUL, no lone
     surrogate (JSON escapes can make both); CardError naming the first that is not."""
-    stack = [(card, where)]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, dict):
-            for key, item in value.items():
-                stack.append((key, f"{path} (a key)"))
-                stack.append((item, f"{path}.{key}"))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
-        elif isinstance(value, str):
-            if "\x00" in value:
-                raise CardError(f"{printable(path)} contains a NUL character")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                raise CardError(
-                    f"{printable(path)} contains a lone surrogate (not valid Unicode text)"
-                ) from None
+    found = unstorable_in(card, where)
+    if found is not None:
+        raise CardError(f"{printable(found[0])} {found[1]}")
 
 
 def _character_fields(data: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 from typing import Any, Literal
 
 import regex
@@ -36,9 +37,10 @@ REGEX_TIMEOUT_S = 0.05
 # All regex keys of one turn's activation together: past it, entries with regex keys fail unmatched
 # (a card of a thousand slow patterns would otherwise cost each turn a thousand timeouts).
 REGEX_BUDGET_S = 0.25
-# All plain keys of one turn's activation together: a plain key is a substring search, cheap alone,
-# but a card of a hundred thousand keys over a recursion step's megabyte of entry text cost every
-# turn of its character tens of seconds; past this, entries whose keys were not reached fail.
+# One turn's activation outside its regex searches (plain keys' searches, the loop over entries and
+# keys): a plain key is a substring search, cheap alone, but a card of a hundred thousand keys over a
+# recursion step's megabyte of entry text cost every turn of its character tens of seconds; past
+# this wall time, entries whose keys were not reached fail.
 PLAIN_BUDGET_S = 0.25
 # V3 decorators mlchat honours; any other `@@name` line at the start of an entry's content is removed
 # from the prompt and listed in the manifest.
@@ -282,6 +284,7 @@ class KeyTimeout(KeyFailed):
         super().__init__(f"regex key {key!r} ran past {REGEX_TIMEOUT_S * 1000:.0f} ms and was stopped")
 
 
+@lru_cache(maxsize=65536)  # asked for every key of every entry on every source, every turn
 def _as_regex(key: str) -> tuple[str, str] | None:
     m = re.fullmatch(r"/(.+)/([a-z]*)", key, flags=re.DOTALL)
     return (m.group(1), m.group(2)) if m else None
@@ -290,10 +293,15 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 @dataclass
 class RegexBudget:
     """The time one turn's regex keys may still spend searching, in seconds (only the searches'
-    own wall time counts), and, apart, the time its plain keys may still spend."""
+    own wall time counts); and the activation's start, for the time everything else may take."""
 
     left: float = field(default_factory=lambda: REGEX_BUDGET_S)
-    plain_left: float = field(default_factory=lambda: PLAIN_BUDGET_S)
+    started: float = field(default_factory=time.perf_counter)
+    given: float = field(default_factory=lambda: REGEX_BUDGET_S)
+
+    def plain_spent(self) -> float:
+        """The activation's wall time so far outside regex searches: plain keys, the loop, folding."""
+        return time.perf_counter() - self.started - (self.given - self.left)
 
 
 @dataclass(frozen=True)
@@ -334,13 +342,9 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> 
             raise KeyFailed(f"regex key {key[:40]!r}… is nested too deeply to compile") from None
         finally:
             budget.left -= time.perf_counter() - started
-    if budget.plain_left <= 0:
+    if budget.plain_spent() > PLAIN_BUDGET_S:
         raise KeyFailed(f"the turn's {PLAIN_BUDGET_S * 1000:.0f} ms for plain keys ran out")
-    started = time.perf_counter()
-    try:
-        return key in source.text if entry.case_sensitive else key.casefold() in source.folded
-    finally:
-        budget.plain_left -= time.perf_counter() - started
+    return key in source.text if entry.case_sensitive else key.casefold() in source.folded
 
 
 def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: RegexBudget) -> bool:

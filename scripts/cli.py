@@ -70,8 +70,10 @@ def services_stop() -> None:
     from core import embedded
 
     state = settings.state_dir
-    _out("redis stopped" if embedded.stop_redis(state) else "redis was not running")
-    _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
+    try:
+        _out("redis stopped" if embedded.stop_redis(state) else "redis was not running")
+    finally:  # a Redis that would not stop (one line, exit 1) still stops PostgreSQL
+        _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
 
 
 @services_app.command("status")

@@ -101,10 +101,12 @@ def main() -> int:
     finally:
         _stop_worker(worker)
         print("· worker stopped")
-        if settings.redis_url is None and not was_running["redis"]:
-            embedded.stop_redis(state)
-        if settings.database_url is None and not was_running["postgres"]:
-            embedded.stop_postgres(state)
+        try:
+            if settings.redis_url is None and not was_running["redis"]:
+                embedded.stop_redis(state)
+        finally:  # a Redis that would not stop must not leave PostgreSQL running too
+            if settings.database_url is None and not was_running["postgres"]:
+                embedded.stop_postgres(state)
         print(
             "· services stopped"
             if not any(was_running.values())

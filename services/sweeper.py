@@ -43,7 +43,7 @@ from db.runs import (
     cancel_run,
     fail_submission,
     run_counts,
-    submission_alive,
+    submission_lock,
 )
 from db.session import session_scope
 from db.turns import lapsed_and_unsent, mark_dispatched
@@ -199,19 +199,24 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
     # A transaction a run: a run's row stays locked to the end of the transaction that advanced it,
     # and a worker storing turns of several runs locks their rows in id order, so a sweep holding
     # one run while it waited for another's could deadlock with it (and one failure rolled back all).
+    # Each under the run's submission lock, taken or skipped (never read and then acted on: a resume
+    # taking the lock and committing between the look and the write had its run failed under it).
     for run_id in abandoned:
         with session_scope() as session:
-            run = session.get_one(Run, run_id)
-            if submission_alive(session=session, name=run.name):  # resumed since the list was read
+            name = session.get_one(Run, run_id).name
+        with submission_lock(name) as free, session_scope() as session:
+            if not free:  # resumed since the list was read
                 continue
+            run = session.get_one(Run, run_id)
             error = interrupted_message(run, run_counts(session=session, run_id=run_id))
             if fail_submission(session=session, run_id=run_id, error=error, error_code="server_error"):
-                done[run.name] = "failed: submission interrupted"
+                done[name] = "failed: submission interrupted"
     for run_id in cancelling:
         with session_scope() as session:
-            run = session.get_one(Run, run_id)
-            if not submission_alive(session=session, name=run.name):
+            name = session.get_one(Run, run_id).name
+        with submission_lock(name) as free, session_scope() as session:
+            if free:
                 outcome = cancel_run(session=session, run_id=run_id)
                 if outcome.cancelled_turns or outcome.after != outcome.before:
-                    done[run.name] = f"cancel finished: {outcome.cancelled_turns} turns, now {outcome.after}"
+                    done[name] = f"cancel finished: {outcome.cancelled_turns} turns, now {outcome.after}"
     return done

@@ -23,6 +23,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import settings
+from core.text import unstorable_in
 
 # Keywords whose constraint the grammar would not enforce (the reply could break the schema), or
 # that reach outside the schema. `format` is checked on its own (a few formats are enforced).
@@ -174,28 +175,9 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
 def check_storable(value: Any, where: str) -> None:
     """SchemaRefused naming the place of the first key or string PostgreSQL cannot store (a NUL) or
     UTF-8 cannot encode (a lone surrogate) in a JSON value."""
-    level = [(value, where)]
-    while level:
-        nxt: list[tuple[Any, str]] = []
-        for item, place in level:
-            if isinstance(item, str):
-                _storable(item, place)
-            elif isinstance(item, dict):
-                for key, sub in item.items():
-                    _storable(str(key), f"{place} (a key)")
-                    nxt.append((sub, f"{place}.{key}"))
-            elif isinstance(item, list):
-                nxt += [(sub, f"{place}[{i}]") for i, sub in enumerate(item)]
-        level = nxt
-
-
-def _storable(text: str, place: str) -> None:
-    if "\x00" in text:
-        raise SchemaRefused(f"{place}: contains a NUL character")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise SchemaRefused(f"{place}: contains a lone surrogate (not valid Unicode text)") from None
+    found = unstorable_in(value, where)
+    if found is not None:
+        raise SchemaRefused(f"{found[0]}: {found[1]}")
 
 
 def _nesting(value: Any) -> int:

@@ -49,6 +49,9 @@ class Resend:
 @dataclass
 class FlushOutcome:
     resend: list[Resend] = field(default_factory=list)
+    # Sends the batches' claims took on (new scene steps, stalled earlier turns): made whatever else
+    # becomes of the flush, since nothing else makes them.
+    claimed: list[Resend] = field(default_factory=list)
     engine_dead: BaseException | None = None
     bulk_owed: int = 0  # bulk turns this flush still counts against the worker's bulk admission
 
@@ -79,11 +82,9 @@ def generate_turns(requests: list[Any]) -> None:
                 _answer(pending, model, events, outcome)
             except Exception:  # a bug or an outage outside a batch: hand everything back
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
-                # Kept: what chunks recorded already (new scene steps and stalled turns their claims
-                # stamped as sent, which nothing else would send).
-                outcome.resend.append(Resend(pending, settings.batch_retry_delay))
+                outcome.resend = [Resend(pending, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
-        for item in outcome.resend:
+        for item in [*outcome.resend, *outcome.claimed]:
             _resend(item, model, model_of)
         if outcome.engine_dead is not None:
             from worker.lifecycle import stop_for_dead_engine
@@ -160,7 +161,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         later = result.report.retry_in
         again = [p for p in chunk if p[0] not in later]
         outcome.resend += [Resend(again, settings.batch_retry_delay), *_after_waits(later, lane_of)]
-        outcome.resend += _claimed_sends(result.report)
+        outcome.claimed += _claimed_sends(result.report)
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
         return
     report = result
@@ -169,7 +170,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     now = [t for t in report.send_again if t not in report.retry_in]
     outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval))
     outcome.resend += _after_waits(report.retry_in, lane_of)
-    outcome.resend += _claimed_sends(report)
+    outcome.claimed += _claimed_sends(report)
     # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
     waiting: dict[float, list[Pending]] = {}
     for turn_id, deferrals in report.deferred.items():

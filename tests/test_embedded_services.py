@@ -174,3 +174,21 @@ def _wait_for_pid_file(path: Path) -> int:
         assert time.monotonic() < deadline, f"no pid in {path}"
         time.sleep(0.05)
     return int(path.read_text().strip())
+
+
+def test_services_stop_stops_postgres_even_when_redis_would_not_stop(monkeypatch, capsys) -> None:
+    """Review of the stop fix: stop_redis now raises past its deadline, and `mlchat services stop`
+    (and the demo's cleanup) then never reached PostgreSQL."""
+    from scripts.cli import main as cli
+
+    stopped: list[Path] = []
+
+    def stuck(state: Path, timeout_s: float = 30) -> bool:
+        raise RuntimeError("embedded Redis (pid 7) did not stop within 30 s; see redis.log")
+
+    monkeypatch.setattr(embedded, "stop_redis", stuck)
+    monkeypatch.setattr(embedded, "stop_postgres", lambda state: stopped.append(state) or True)
+    assert cli(["services", "stop"]) == 1
+    out, err = capsys.readouterr()
+    assert stopped and "postgres stopped" in out
+    assert err.strip() == "mlchat: embedded Redis (pid 7) did not stop within 30 s; see redis.log"

@@ -342,6 +342,8 @@ def test_a_turn_queued_again_after_its_run_stopped_is_cancelled_at_its_claim_not
     with session_scope() as s:  # the engine died under them: back to queued, to be sent again
         handed = {t.id: "the engine died" for t in running.claimed}
         assert len(requeue_turns(session=s, token=running.token, reasons=handed, refund_attempt=True)) == 2
+        # review of the fix: one at its attempt cap is cancelled too, not failed as out of attempts
+        s.execute(Turn.__table__.update().where(Turn.id == running.claimed[0].id).values(attempts=3))
     again = _claim(sub.id, 3)
     assert again.claimed == []
     with session_scope() as s:

@@ -361,3 +361,27 @@ def test_the_api_without_keys_is_one_line_not_uvicorns_traceback(monkeypatch, ca
     assert cli(["api", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mlchat: MLCHAT_API_KEYS: set it"), err
+
+
+def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_sweeper_looked(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: the sweeper read whether a submission held the run's lock, then failed the
+    run; a resume taking the lock and committing in between had its run failed under it (its next
+    chunk then stopped as "cancelled mid-way"). The sweeper now holds the lock itself, or skips."""
+    from services import sweeper
+
+    sub = submit_run(_file(tmp_path, 2), name="resumed-" + tmp_path.name)
+    with session_scope() as s:  # as an interrupted submission leaves it
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.VALIDATING))
+    with submission_lock(sub.name) as got:  # the resume, holding the lock since just after the look
+        assert got
+        monkeypatch.setattr(sweeper, "submission_alive", lambda **_: False, raising=False)
+        with session_scope() as s:
+            looked = [s.get_one(Run, sub.id)]
+            s.expunge_all()
+        monkeypatch.setattr(sweeper, "abandoned_submissions", lambda **_: looked)
+        assert sub.name not in sweeper.close_abandoned_runs(older_than_s=0)
+        with session_scope() as s:
+            assert s.get_one(Run, sub.id).status == RunStatus.VALIDATING
+    assert sweeper.close_abandoned_runs(older_than_s=0).get(sub.name) == "failed: submission interrupted"

@@ -261,7 +261,7 @@ def test_a_batch_that_raised_still_sends_the_scene_steps_and_stalled_turns_its_c
     outcome = FlushOutcome()
     events = SimpleNamespace(finished=lambda *args: None)
     _record([(mine, "live")], ChunkRaised(RuntimeError("the database dropped"), report), events, outcome)  # type: ignore[arg-type]
-    sent = {turn: resend for resend in outcome.resend for turn, _ in resend.turns}
+    sent = {turn: resend for resend in [*outcome.resend, *outcome.claimed] for turn, _ in resend.turns}
     assert sent[mine].countdown == settings.batch_retry_delay
     assert sent[step].stamp and sent[step].turns == [(step, "bulk")] and sent[step].model == "smollm2-135m"
     assert sent[stalled].turns == [(stalled, "live")] and sent[stalled].countdown is None

@@ -30,7 +30,7 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     check_space()
     ids = enqueue_turns(requests, send=False)
     with session_scope() as session:  # left by an earlier call that stopped part-way: nothing else sends them
-        earlier = claimable_before(session=session, turn_ids=ids)
+        earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
     pending = list(dict.fromkeys([*earlier, *ids]))
     for _ in range(settings.max_attempts + len(pending)):
         if not pending:

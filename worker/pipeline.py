@@ -569,8 +569,6 @@ def _finish_group(
         )
         if failure is None:
             answered.append((turn, made))
-        elif failure.passing:  # a check that ran out of time under load: another attempt may pass
-            _retry_or_fail(turn, failure.reason, failure.code, report)
         else:
             report.failed[turn.id] = failure
     with group_timer("embed_reply"):
@@ -686,7 +684,7 @@ def keep_candidates(
     short = f"the request asked for {choices} choices and {len(kept)} of {len(generated)} candidates read: "
     short = short if kept else ""
     if bad is not None:
-        return [], Failure(short + str(bad), bad.code, passing=bad.passing)
+        return [], Failure(short + str(bad), bad.code)
     reasons = ", ".join(sorted(set(empty)))
     return [], Failure(
         f"{short}model produced an empty reply (finish_reason={reasons})", TurnErrorCode.EMPTY_REPLY

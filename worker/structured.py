@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache, lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from core.json_numbers import UnstorableNumber, loads_finite
 from core.settings import settings
@@ -50,10 +51,9 @@ class ReplyShape:
 class BadStructuredReply(Exception):
     """A reply that does not parse or validate (max_tokens cut it, or a stop string did)."""
 
-    def __init__(self, message: str, code: TurnErrorCode, *, passing: bool = False) -> None:
+    def __init__(self, message: str, code: TurnErrorCode) -> None:
         super().__init__(message)
         self.code = code
-        self.passing = passing  # the check ran out of time (see REGEX_CHECK_S): not a verdict
 
 
 def shape_of(
@@ -201,7 +201,7 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
         try:
             error = next(iter(_reply_validator()(shape.schema).iter_errors(value)), None)
         except TimeoutError:  # a `pattern` search ran out (_search)
-            raise _bad(gen, _ran_out("its schema's patterns"), passing=True) from None
+            raise _bad(gen, _ran_out("its schema's patterns")) from None
         except Exception as exc:  # a schema the checker cannot follow (a $ref under a nested $id)
             raise _bad(gen, f"the reply could not be checked against its schema: {str(exc)[:200]}") from None
         if error is not None:
@@ -234,11 +234,12 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
     try:
         # A pattern that backtracks (`(a|aa)+!`) can take hours on a reply the grammar let through
         # and a stop string cut: the check gives up, and the turn fails alone.
-        matched = (
-            pattern is None or pattern.fullmatch(gen.text, concurrent=True, timeout=REGEX_CHECK_S) is not None
+        matched = pattern is None or (
+            _within_time(lambda limit: pattern.fullmatch(gen.text, concurrent=True, timeout=limit))
+            is not None
         )
     except TimeoutError:
-        raise _bad(gen, _ran_out("the pattern"), passing=True) from None
+        raise _bad(gen, _ran_out("the pattern")) from None
     if not matched:
         raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
     return gen
@@ -246,13 +247,26 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
 
 # Short, and run without the GIL (`concurrent`): the engine loop and the lease keeper are threads of
 # this process, and a claim may hold several such candidates. The `regex` module counts it in the
-# process's CPU time (clock()), every thread's together: under load it runs out sooner than it
-# reads, so a check that runs out is retried (another attempt), not taken for a bad reply.
+# process's CPU time (clock()), every thread's together, so under load it runs out sooner than it
+# reads: a check that runs out is made once more within REGEX_RECHECK_S before the reply is failed
+# (a new attempt would regenerate the same reply: its seed is the turn's).
 REGEX_CHECK_S = 0.1
+REGEX_RECHECK_S = 1.0
+
+_T = TypeVar("_T")
+
+
+def _within_time(check: Callable[[float], _T]) -> _T:
+    """check(limit) within REGEX_CHECK_S, else once more within REGEX_RECHECK_S; TimeoutError if
+    that runs out too."""
+    try:
+        return check(REGEX_CHECK_S)
+    except TimeoutError:
+        return check(REGEX_RECHECK_S)
 
 
 def _ran_out(what: str) -> str:
-    return f"the reply could not be checked against {what} within {REGEX_CHECK_S} s of CPU time"
+    return f"the reply could not be checked against {what} within {REGEX_RECHECK_S} s of CPU time"
 
 
 @cache
@@ -286,9 +300,9 @@ def _search(pattern: str, text: str) -> bool:
     if compiled is None:  # a syntax the `regex` module reads otherwise: the grammar alone checks it
         return True
     try:
-        return compiled.search(text, concurrent=True, timeout=REGEX_CHECK_S) is not None
+        return _within_time(lambda limit: compiled.search(text, concurrent=True, timeout=limit)) is not None
     except TimeoutError:
-        raise TimeoutError(f"a pattern check ran past {REGEX_CHECK_S} s") from None
+        raise TimeoutError(f"a pattern check ran past {REGEX_RECHECK_S} s") from None
 
 
 @lru_cache(maxsize=256)
@@ -303,7 +317,7 @@ def _compiled(pattern: str) -> Any:
         return None
 
 
-def _bad(gen: Generation, why: str, *, passing: bool = False) -> BadStructuredReply:
+def _bad(gen: Generation, why: str) -> BadStructuredReply:
     if gen.finish_reason == "length":
         return BadStructuredReply(
             f"max_tokens ended the structured reply before it closed ({gen.completion_tokens} tokens); "
@@ -311,4 +325,4 @@ def _bad(gen: Generation, why: str, *, passing: bool = False) -> BadStructuredRe
             TurnErrorCode.STRUCTURED_REPLY_CUT,
         )
     code = TurnErrorCode.INVALID_STRUCTURED_REPLY
-    return BadStructuredReply(f"{why} (finish_reason={gen.finish_reason})", code, passing=passing)
+    return BadStructuredReply(f"{why} (finish_reason={gen.finish_reason})", code)
