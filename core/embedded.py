@@ -76,12 +76,14 @@ def clear_stale_postmaster_pid(pgdata: Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
-        name = psutil.Process(pid).name()
+        process = psutil.Process(pid)
+        name, zombie = process.name(), process.status() == psutil.STATUS_ZOMBIE
     except (FileNotFoundError, ValueError, psutil.Error):
         return False  # none, unreadable, or its process gone: PostgreSQL handles those itself
     # A postmaster, and every backend, works in its own data directory: a postgres process of another
-    # cluster (the pid reused by it) is not ours either. Undecided (not ours to read): kept.
-    if name.startswith("postgres") and _works_in(pid, pgdata) is not False:
+    # cluster (the pid reused by it) is not ours either. Undecided (not ours to read): kept. A zombie
+    # (a PID 1 that does not reap) has exited, though PostgreSQL's kill(pid, 0) still finds it.
+    if name.startswith("postgres") and not zombie and _works_in(pid, pgdata) is not False:
         return False
     logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, now %r: removed as stale", pid, name)
     pidfile.unlink(missing_ok=True)
@@ -100,6 +102,8 @@ def _works_in(pid: int, directory: Path) -> bool | None:
         pass
     try:  # no /proc (macOS): its path
         return Path(psutil.Process(pid).cwd()).resolve() == directory.resolve()
+    except psutil.NoSuchProcess:
+        return False  # gone meanwhile: nobody's
     except (OSError, psutil.Error):
         return None
 

@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
-from functools import lru_cache
 from typing import Any, Literal
 
 import regex
@@ -38,9 +37,9 @@ REGEX_TIMEOUT_S = 0.05
 # (a card of a thousand slow patterns would otherwise cost each turn a thousand timeouts).
 REGEX_BUDGET_S = 0.25
 # One turn's activation outside its regex searches (plain keys' searches, the loop over entries and
-# keys): a plain key is a substring search, cheap alone, but a card of a hundred thousand keys over a
-# recursion step's megabyte of entry text cost every turn of its character tens of seconds; past
-# this wall time, entries whose keys were not reached fail.
+# keys), in the thread's CPU time: a plain key is a substring search, cheap alone, but a card of a
+# hundred thousand keys over a recursion step's megabyte of entry text cost every turn of its
+# character tens of seconds; past this, entries whose keys were not reached fail.
 PLAIN_BUDGET_S = 0.25
 # V3 decorators mlchat honours; any other `@@name` line at the start of an entry's content is removed
 # from the prompt and listed in the manifest.
@@ -284,7 +283,6 @@ class KeyTimeout(KeyFailed):
         super().__init__(f"regex key {key!r} ran past {REGEX_TIMEOUT_S * 1000:.0f} ms and was stopped")
 
 
-@lru_cache(maxsize=65536)  # asked for every key of every entry on every source, every turn
 def _as_regex(key: str) -> tuple[str, str] | None:
     m = re.fullmatch(r"/(.+)/([a-z]*)", key, flags=re.DOTALL)
     return (m.group(1), m.group(2)) if m else None
@@ -296,12 +294,22 @@ class RegexBudget:
     own wall time counts); and the activation's start, for the time everything else may take."""
 
     left: float = field(default_factory=lambda: REGEX_BUDGET_S)
-    started: float = field(default_factory=time.perf_counter)
+    # This thread's CPU time, not the wall's: chunk threads, the engine loop and the lease keeper
+    # share the interpreter, and waiting for them must not fail entries (nor make which lore is in
+    # a prompt depend on the load).
+    started: float = field(default_factory=time.thread_time)
     given: float = field(default_factory=lambda: REGEX_BUDGET_S)
+    # Each key's regex form, parsed once an activation (a key is tried on every source).
+    parsed: dict[str, tuple[str, str] | None] = field(default_factory=dict)
 
     def plain_spent(self) -> float:
-        """The activation's wall time so far outside regex searches: plain keys, the loop, folding."""
-        return time.perf_counter() - self.started - (self.given - self.left)
+        """The activation's time so far outside regex searches: plain keys, the loop, folding."""
+        return time.thread_time() - self.started - (self.given - self.left)
+
+    def as_regex(self, key: str) -> tuple[str, str] | None:
+        if key not in self.parsed:
+            self.parsed[key] = _as_regex(key)
+        return self.parsed[key]
 
 
 @dataclass(frozen=True)
@@ -318,7 +326,7 @@ class _Text:
 
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> bool:
-    parsed = _as_regex(key)
+    parsed = budget.as_regex(key)
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
         re_flags = 0 if entry.case_sensitive and "i" not in flags else regex.IGNORECASE

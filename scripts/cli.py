@@ -72,8 +72,11 @@ def services_stop() -> None:
     state = settings.state_dir
     try:
         _out("redis stopped" if embedded.stop_redis(state) else "redis was not running")
-    finally:  # a Redis that would not stop (one line, exit 1) still stops PostgreSQL
+    except RuntimeError as exc:  # a Redis that would not stop: said, and PostgreSQL stopped still
+        _err(f"mlchat: {exc}")
         _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
+        raise typer.Exit(1) from None
+    _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
 
 
 @services_app.command("status")

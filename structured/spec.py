@@ -95,13 +95,18 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
             f"{where}: {size} bytes; the limit is {settings.structured_max_schema_bytes} "
             "(MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES)"
         )
+    _refuse(where, partial(_refusal, canonical))
+    return schema
+
+
+def _refuse(where: str, cached_refusal: Callable[[], str | None]) -> None:
+    """SchemaRefused naming `where` for the (cached) refusal, if any; GrammarBusy passed on, named."""
     try:
-        refusal = _refusal(canonical)
+        refusal = cached_refusal()
     except GrammarBusy as exc:
         raise GrammarBusy(f"{where}{exc}") from None
     if refusal is not None:
         raise SchemaRefused(f"{where}{refusal}")
-    return schema
 
 
 @lru_cache(maxsize=512)
@@ -294,12 +299,7 @@ def check_regex(pattern: str, where: str) -> str:
         raise SchemaRefused(f"{where}: contains a NUL character")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise SchemaRefused(f"{where}: {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
-    try:
-        refusal = _regex_refusal(pattern)
-    except GrammarBusy as exc:
-        raise GrammarBusy(f"{where}{exc}") from None
-    if refusal is not None:
-        raise SchemaRefused(f"{where}{refusal}")
+    _refuse(where, partial(_regex_refusal, pattern))
     return pattern
 
 

@@ -261,11 +261,11 @@ def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_impo
     tens of seconds (the batch's prompt stage, every batch-mate waiting)."""
     from roleplay import lorebook
 
-    monkeypatch.setattr(lorebook, "PLAIN_BUDGET_S", 0.0)  # as if the turn's plain keys had spent it
+    monkeypatch.setattr(lorebook, "PLAIN_BUDGET_S", -1.0)  # as if the turn had spent it already
     book = Lorebook(entries=[LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass.")])
     activation = activate(book, message="where is the lantern?", history=[], count_tokens=_words)
     assert activation.kept == [] and [reason for _, reason in activation.failed] == [
-        "the turn's 0 ms for plain keys ran out"
+        "the turn's -1000 ms for plain keys ran out"
     ]
     monkeypatch.undo()
     assert [

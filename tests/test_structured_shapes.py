@@ -737,3 +737,30 @@ def test_a_nul_beside_a_schema_too_deep_is_refused_naming_its_field() -> None:
         fmt = {"type": "json_schema", "json_schema": {"name": "r", "description": text, "schema": deep}}
         with pytest.raises(ValidationError, match=rf"response_format\.json_schema\.description: .*{why}"):
             GenerationParams(response_format=fmt)
+
+
+def test_a_replys_pattern_checks_made_again_share_one_second() -> None:
+    """Review of the second look: each of a reply's pattern searches could take 0.1 s and then 1 s
+    more, so a schema of many patterns (anyOf branches, patternProperties over every key) cost
+    seconds a reply. The second looks of one reply share REGEX_RECHECK_S."""
+    import time
+
+    from worker import structured
+
+    calls: list[float] = []
+
+    def never_done(limit: float) -> bool:
+        calls.append(limit)
+        time.sleep(min(limit, 0.2))
+        raise TimeoutError
+
+    token = structured._RECHECK_LEFT.set([0.3])  # as read_reply sets it, shorter
+    try:
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                structured._within_time(never_done)
+    finally:
+        structured._RECHECK_LEFT.reset(token)
+    first = structured.REGEX_CHECK_S
+    assert calls[0] == calls[2] == calls[4] == first and calls[1] == 0.3
+    assert 0 < calls[3] < 0.15 and len(calls) == 5  # the rest of it, then none left: no second look

@@ -37,7 +37,8 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
             break
         report = process_batch(pending[: settings.batch_size])
         now = [t for t in report.retry if t not in report.retry_in]
-        stalled = [t.id for t in report.stalled]  # its claim stamped them sent: answered here, first
+        # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
+        stalled = [t.id for t in report.stalled if t.model == settings.model]
         pending = list(dict.fromkeys([*stalled, *now, *report.deferred, *pending[settings.batch_size :]]))
     views = [get_turn(turn_id) for turn_id in ids]
     return [view for view in views if view is not None]

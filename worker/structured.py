@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, lru_cache
 from typing import Any, TypeVar
@@ -183,6 +185,14 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
     parse or validate: never stored as if it did."""
     if shape is None:
         return gen
+    recheck = _RECHECK_LEFT.set([REGEX_RECHECK_S])
+    try:
+        return _read(shape, gen)
+    finally:
+        _RECHECK_LEFT.reset(recheck)
+
+
+def _read(shape: ReplyShape, gen: Generation) -> Generation:
     if shape.kind == "regex":
         return _read_regex(shape, gen)
     if shape.kind == "choice":
@@ -251,18 +261,27 @@ def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
 # reads: a check that runs out is made once more within REGEX_RECHECK_S before the reply is failed
 # (a new attempt would regenerate the same reply: its seed is the turn's).
 REGEX_CHECK_S = 0.1
-REGEX_RECHECK_S = 1.0
+REGEX_RECHECK_S = 1.0  # all of one reply's checks made again together (a schema may hold many patterns)
 
 _T = TypeVar("_T")
+# What is left of the reply being read's REGEX_RECHECK_S (set by read_reply; unset: a whole one).
+_RECHECK_LEFT: ContextVar[list[float] | None] = ContextVar("recheck_left", default=None)
 
 
 def _within_time(check: Callable[[float], _T]) -> _T:
-    """check(limit) within REGEX_CHECK_S, else once more within REGEX_RECHECK_S; TimeoutError if
-    that runs out too."""
+    """check(limit) within REGEX_CHECK_S, else once more within what is left of the reply's
+    REGEX_RECHECK_S; TimeoutError if that runs out too."""
     try:
         return check(REGEX_CHECK_S)
     except TimeoutError:
-        return check(REGEX_RECHECK_S)
+        left = _RECHECK_LEFT.get() or [REGEX_RECHECK_S]
+        if left[0] <= 0:
+            raise
+        started = time.perf_counter()
+        try:
+            return check(left[0])
+        finally:
+            left[0] -= time.perf_counter() - started
 
 
 def _ran_out(what: str) -> str:
