@@ -76,18 +76,32 @@ def clear_stale_postmaster_pid(pgdata: Path) -> bool:
     pidfile = pgdata / "postmaster.pid"
     try:
         pid = int(pidfile.read_text().split("\n", 1)[0])
-        process = psutil.Process(pid)
-        name, zombie = process.name(), process.status() == psutil.STATUS_ZOMBIE
+        psutil.Process(pid)
     except (FileNotFoundError, ValueError, psutil.Error):
         return False  # none, unreadable, or its process gone: PostgreSQL handles those itself
-    # A postmaster, and every backend, works in its own data directory: a postgres process of another
-    # cluster (the pid reused by it) is not ours either. Undecided (not ours to read): kept. A zombie
-    # (a PID 1 that does not reap) has exited, though PostgreSQL's kill(pid, 0) still finds it.
-    if name.startswith("postgres") and not zombie and _works_in(pid, pgdata) is not False:
+    if _postmaster_of(pid, pgdata):
         return False
-    logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, now %r: removed as stale", pid, name)
+    logger.warning("embedded PostgreSQL: postmaster.pid names pid %d, no postmaster of it now: removed", pid)
     pidfile.unlink(missing_ok=True)
     return True
+
+
+def _postmaster_of(pid: int, pgdata: Path) -> bool:
+    """Whether `pid` may be this cluster's postmaster: a postgres process working in its data
+    directory (a postmaster, and every backend, works in its own: another cluster's is not ours),
+    undecided counting as ours (not ours to read); never a zombie (a PID 1 that does not reap), which
+    has exited though PostgreSQL's kill(pid, 0) still finds it."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if not process.name().startswith("postgres") or process.status() == psutil.STATUS_ZOMBIE:
+            return False
+    except psutil.NoSuchProcess:  # a zombie too
+        return False
+    except psutil.Error:
+        return True  # not ours to read: undecided
+    return _works_in(pid, pgdata) is not False
 
 
 def _works_in(pid: int, directory: Path) -> bool | None:
@@ -157,7 +171,7 @@ def postgres_status(state_dir: Path) -> ServiceStatus:
 
     pgdata = _pgdata(state_dir)
     info = PostmasterInfo.read_from_pgdata(pgdata) if pgdata.exists() else None
-    if info is None or not info.is_running():
+    if info is None or not info.is_running() or not _postmaster_of(info.pid, pgdata):
         return ServiceStatus("postgres", False, None, None)
     return ServiceStatus("postgres", True, info.pid, _sqlalchemy_url(info.get_uri(database=DATABASE_NAME)))
 
@@ -304,7 +318,10 @@ def stop_redis(state_dir: Path, timeout_s: float = 30) -> bool:
     pid = _redis_pid(state_dir)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return True  # it exited between the look and the signal
     deadline = time.monotonic() + timeout_s
     while _redis_pid(state_dir) is not None:
         if time.monotonic() >= deadline:

@@ -298,13 +298,13 @@ class RegexBudget:
     # share the interpreter, and waiting for them must not fail entries (nor make which lore is in
     # a prompt depend on the load).
     started: float = field(default_factory=time.thread_time)
-    given: float = field(default_factory=lambda: REGEX_BUDGET_S)
+    regex_cpu: float = 0.0  # the regex searches' share of that CPU time
     # Each key's regex form, parsed once an activation (a key is tried on every source).
     parsed: dict[str, tuple[str, str] | None] = field(default_factory=dict)
 
     def plain_spent(self) -> float:
         """The activation's time so far outside regex searches: plain keys, the loop, folding."""
-        return time.thread_time() - self.started - (self.given - self.left)
+        return time.thread_time() - self.started - self.regex_cpu
 
     def as_regex(self, key: str) -> tuple[str, str] | None:
         if key not in self.parsed:
@@ -337,7 +337,7 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> 
         if budget.left <= 0:
             raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out")
         limit = min(REGEX_TIMEOUT_S, budget.left)
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.thread_time()
         try:
             return regex.search(pattern, source.text, re_flags, timeout=limit) is not None
         except TimeoutError:
@@ -350,6 +350,7 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> 
             raise KeyFailed(f"regex key {key[:40]!r}… is nested too deeply to compile") from None
         finally:
             budget.left -= time.perf_counter() - started
+            budget.regex_cpu += time.thread_time() - started_cpu
     if budget.plain_spent() > PLAIN_BUDGET_S:
         raise KeyFailed(f"the turn's {PLAIN_BUDGET_S * 1000:.0f} ms for plain keys ran out")
     return key in source.text if entry.case_sensitive else key.casefold() in source.folded

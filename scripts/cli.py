@@ -72,7 +72,7 @@ def services_stop() -> None:
     state = settings.state_dir
     try:
         _out("redis stopped" if embedded.stop_redis(state) else "redis was not running")
-    except RuntimeError as exc:  # a Redis that would not stop: said, and PostgreSQL stopped still
+    except (RuntimeError, OSError) as exc:  # a Redis that would not stop: said, PostgreSQL stopped still
         _err(f"mlchat: {exc}")
         _out("postgres stopped" if embedded.stop_postgres(state) else "postgres was not running")
         raise typer.Exit(1) from None
