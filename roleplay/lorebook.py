@@ -289,9 +289,9 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 
 
 @dataclass
-class RegexBudget:
-    """The time one turn's regex keys may still spend searching, in seconds (only the searches'
-    own wall time counts); and the activation's start, for the time everything else may take."""
+class KeyBudget:
+    """One activation's time for its keys: what its regex keys may still spend searching, in seconds
+    (the searches' own wall time), and, from its start, the CPU time everything else may take."""
 
     left: float = field(default_factory=lambda: REGEX_BUDGET_S)
     # This thread's CPU time, not the wall's: chunk threads, the engine loop and the lease keeper
@@ -325,7 +325,7 @@ class _Text:
         return cls(where, text, text.casefold())
 
 
-def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> bool:
+def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:
     parsed = budget.as_regex(key)
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
@@ -356,7 +356,7 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: RegexBudget) -> 
     return key in source.text if entry.case_sensitive else key.casefold() in source.folded
 
 
-def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: RegexBudget) -> bool:
+def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: KeyBudget) -> bool:
     if not (entry.selective and entry.secondary_keys):
         return True
     hits = [_matches(k, scanned, entry, budget) for k in entry.secondary_keys]
@@ -385,7 +385,7 @@ def activate(
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
     activation = Activation()
-    budget = RegexBudget()
+    budget = KeyBudget()
     last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, budget=budget)
     fired = list(last_round)
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
@@ -420,7 +420,7 @@ def _scan(
     *,
     step: int,
     failed: list[tuple[LoreEntry, str]],
-    budget: RegexBudget,
+    budget: KeyBudget,
 ) -> list[tuple[LoreEntry, str]]:
     """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
     regex key failed (timed out, or did not compile), or whose regex keys come after the turn's
@@ -446,7 +446,7 @@ def _scan(
     return hits
 
 
-def _first_hit(entry: LoreEntry, texts: Sequence[_Text], scanned: _Text, budget: RegexBudget) -> str | None:
+def _first_hit(entry: LoreEntry, texts: Sequence[_Text], scanned: _Text, budget: KeyBudget) -> str | None:
     if not _secondary_ok(entry, scanned, budget):
         return None
     for key in entry.keys:

@@ -95,8 +95,7 @@ class BulkGate:
         if not turns:
             return
         with self._lock:
-            self.held += turns
-            self.peak = max(self.peak, self.held)
+            self._count(turns)
             was_closed = self.closed
             full = self.capacity is not None and self.held >= self.capacity
             if full and not was_closed:
@@ -110,8 +109,12 @@ class BulkGate:
         as received turns are; a later arrival closes the gate if this filled it."""
         if turns:
             with self._lock:
-                self.held += turns
-                self.peak = max(self.peak, self.held)
+                self._count(turns)
+
+    def _count(self, turns: int) -> None:
+        """Count turns held (under the lock)."""
+        self.held += turns
+        self.peak = max(self.peak, self.held)
 
     def release(self, turns: int) -> None:
         """Bulk turns were answered or handed back (any thread); the timer reopens the gate."""

@@ -68,8 +68,9 @@ def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
     # A deferred message was not counted on arrival (its countdown would have held the gate): it is
     # now, for as long as this flush holds its turns.
-    bulk_gate.hold(sum(bulk_turns_in((r.args, r.kwargs)) for r in requests if deferred(r.request_dict)))
-    outcome = FlushOutcome(bulk_owed=sum(bulk_turns_in((r.args, r.kwargs)) for r in requests))
+    bulk_of = [bulk_turns_in((r.args, r.kwargs)) for r in requests]
+    bulk_gate.hold(sum(n for n, r in zip(bulk_of, requests, strict=True) if deferred(r.request_dict)))
+    outcome = FlushOutcome(bulk_owed=sum(bulk_of))
     try:
         pending, model_of = _pending_turns(requests)
         if not pending:
