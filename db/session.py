@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 from core.services import database_url
 from core.settings import settings
 
+logger = logging.getLogger(__name__)
+_T = TypeVar("_T")
 _space_version: int | None = None
 
 
@@ -141,3 +145,30 @@ def rolled_back_for_a_conflict(exc: BaseException) -> bool:
     failure (40001): the same work run again can succeed."""
     sqlstate = getattr(getattr(exc, "orig", None), "sqlstate", None) or ""
     return isinstance(exc, OperationalError) and sqlstate in ("40P01", "40001")
+
+
+# Tries in all of a transaction the server keeps rolling back for conflicts: a deadlock between two
+# writers ends with one of them run again and through, so a third is rare and a fourth a bug.
+CONFLICT_TRIES = 3
+
+
+def again_on_conflict(write: Callable[[], _T], *, what: str, tries: int = CONFLICT_TRIES) -> _T:
+    """`write()`, a transaction of its own, run again when the server rolled it back for a deadlock
+    or a serialization failure (it left nothing behind), up to `tries` times in all, a short random
+    wait between (the two writers of a deadlock would meet again in step); the last conflict is
+    raised, as is any other error at once."""
+
+    def said(state: Any) -> None:
+        orig = getattr(state.outcome.exception(), "orig", None)
+        logger.info("%s rolled back (%s); run again", what, type(orig).__name__)
+
+    for attempt in Retrying(
+        retry=retry_if_exception(rolled_back_for_a_conflict),
+        stop=stop_after_attempt(tries),
+        wait=wait_random(0.0, 0.2),
+        before_sleep=said,
+        reraise=True,
+    ):
+        with attempt:
+            return write()
+    raise AssertionError("unreachable: Retrying reraises the last conflict")

@@ -8,9 +8,7 @@ import logging
 from datetime import datetime
 from typing import Any
 
-from psycopg.errors import DeadlockDetected
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.facts import (
@@ -24,7 +22,7 @@ from db.facts import (
     supersede,
 )
 from db.models import Fact, FactKind, FactScope
-from db.session import session_scope
+from db.session import again_on_conflict, session_scope
 from services.schemas import Text
 
 logger = logging.getLogger(__name__)
@@ -127,21 +125,13 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
 def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:
     """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one. A
     transaction PostgreSQL ends as a deadlock's victim is run again (writes supersede in id order,
-    but fact extraction supersedes in its answer's order), at most DEADLOCK_TRIES times."""
+    but fact extraction supersedes in its answer's order), at most CONFLICT_TRIES times in all."""
     from worker.embedder import embed
 
     vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
-    for _ in range(DEADLOCK_TRIES - 1):
-        try:
-            return _store_facts(tenant, player, facts, vectors)
-        except OperationalError as exc:
-            if not isinstance(exc.orig, DeadlockDetected):
-                raise
-            logger.warning("facts of player %r: a deadlock's victim, written again", player)
-    return _store_facts(tenant, player, facts, vectors)
-
-
-DEADLOCK_TRIES = 3
+    return again_on_conflict(
+        lambda: _store_facts(tenant, player, facts, vectors), what=f"facts of player {player!r}"
+    )
 
 
 def _store_facts(tenant: str, player: str, facts: list[FactIn], vectors: Any) -> list[FactView]:

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from pydantic import BaseModel, Field, field_validator
@@ -17,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import speaker_for_player
-from db.session import get_autocommit_engine, rolled_back_for_a_conflict, session_scope
+from db.session import again_on_conflict, get_autocommit_engine, session_scope
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
     NewTurn,
@@ -248,20 +249,17 @@ def _store_or_raise(
 ) -> list[StoredTurn]:
     """_store_turns, with a database outage as EnqueueError. A transaction the server rolled back
     for a deadlock or a serialization failure (two producers inserting the same new conversations or
-    keys in other orders) is run again, up to twice: it left nothing behind."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return _store_turns(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
-        except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
-            if attempt < 3 and rolled_back_for_a_conflict(exc):
-                logger.info("enqueue rolled back (%s); storing again", type(exc.orig).__name__)
-                continue
-            logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
-            raise EnqueueError(
-                "database unreachable at enqueue; nothing was sent (retry with the same idempotency key)"
-            ) from exc
+    keys in other orders) is run again: it left nothing behind."""
+    try:
+        store = partial(
+            _store_turns, parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
+        )
+        return again_on_conflict(store, what="enqueue")
+    except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
+        logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
+        raise EnqueueError(
+            "database unreachable at enqueue; nothing was sent (retry with the same idempotency key)"
+        ) from exc
 
 
 def _store_turns(

@@ -265,7 +265,7 @@ def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_out
                 ).scalar()
             )
 
-    caplog.set_level(logging.INFO, logger="services.producer")
+    caplog.set_level(logging.INFO, logger="db.session")
     with Session(bind=get_engine()) as theirs:  # another producer: holds y, then wants x
         theirs.execute(text("SET deadlock_timeout = '20s'"))  # so the batch is the deadlock's victim
         upsert_conversations(session=theirs, rows=[row | {"external_id": y}])
@@ -280,7 +280,7 @@ def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_out
         theirs.commit()
     worker.join(timeout=30)
     # the batch was the victim of a real deadlock, and stored again
-    assert "enqueue rolled back (DeadlockDetected); storing again" in caplog.text
+    assert "enqueue rolled back (DeadlockDetected); run again" in caplog.text
     assert len(outcome) == 2 and all(not isinstance(t, Exception) for t in outcome), outcome
     assert all(t.status == TurnStatus.QUEUED for t in outcome)
 

@@ -445,3 +445,47 @@ def test_a_chunk_naming_a_conversation_a_worker_is_writing_does_not_wait_for_tha
     finally:
         worker.rollback()
         worker.close()
+
+
+def test_a_groups_write_a_deadlock_ends_is_written_again_not_handed_back_charged(world, caplog) -> None:
+    """Found in review: a group's write takes its runs' rows in two passes (the stored turns' runs,
+    then the failed turns'). The write stores run A's last turn and fails run B's while another
+    session holds B and then wants A: a real deadlock. PostgreSQL rolled the write back and the batch
+    handed its turns back with an attempt charged; the write is now run again, and goes through."""
+    import logging
+
+    from db.models import TurnErrorCode
+    from db.turns import Failure
+    from worker.pipeline import write_group
+
+    (run_a, (a,)), (run_b, (b,)) = _run_of(1), _run_of(1)
+    token, turns = _claim([a, b])
+    caplog.set_level(logging.INFO, logger="db.session")
+    failure = Failure("engine error: injected", TurnErrorCode.ENGINE_ERROR)
+    written: list[object] = []
+    errors: list[BaseException] = []
+    theirs = _session_factory()()
+    try:
+        theirs.execute(text("SET deadlock_timeout = '20s'"))  # so the write is the deadlock's victim
+        theirs.execute(select(Run.id).where(Run.id == run_b).with_for_update())
+        pid = theirs.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        writer = _in_thread(
+            lambda: written.append(write_group(token, [_outcome(turns[a])], {b: failure}, {})), errors
+        )
+        deadline = time.monotonic() + 30
+        while not _waits_on(pid):  # the write holds A and waits for B
+            assert time.monotonic() < deadline and writer.is_alive(), errors
+            time.sleep(0.05)
+        theirs.execute(select(Run.id).where(Run.id == run_a).with_for_update())  # and B wants A
+        theirs.commit()
+    finally:
+        theirs.close()
+    writer.join(timeout=60)
+    assert not errors, errors
+    assert "rolled back (DeadlockDetected); run again" in caplog.text  # a real deadlock, and its victim
+    assert written == [([a], [])]
+    with session_scope() as s:
+        rows = {t.id: t for t in s.scalars(select(Turn).where(Turn.id.in_([a, b])))}
+        assert (rows[a].status, rows[b].status) == (TurnStatus.DONE, TurnStatus.FAILED)
+        assert rows[b].error == "engine error: injected" and {t.attempts for t in rows.values()} == {1}
+        assert {s.get_one(Run, r).status for r in (run_a, run_b)} == {RunStatus.COMPLETED}

@@ -29,7 +29,7 @@ from core.settings import Lane, settings
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
-from db.session import DATABASE_OUTAGES, connection_lost, session_scope
+from db.session import DATABASE_OUTAGES, again_on_conflict, connection_lost, session_scope
 from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
@@ -626,17 +626,14 @@ def _finish_group(
         )
     newly_failed = {t: f for t, f in report.failed.items() if t not in failed_before}
     retry = {t.id: report.retry[t.id] for t in group if t.id in report.retry}
-    with group_timer("write"), session_scope() as session:
+    with group_timer("write"):
         # Stage times of this group, and the turn's own total, recorded once they are known.
         done_ms = {**group_timer.ms}
         for outcome in outcomes:
             outcome.timings.update({k: round(v, 1) for k, v in done_ms.items()})
             outcome.timings["total_ms"] = round(outcome.timings["queue_ms"] + timer.elapsed_ms(), 1)
-        stored = store_replies(session=session, token=token, outcomes=outcomes)
+        stored, next_steps = write_group(token, outcomes, newly_failed, retry, timings=shared_ms)
         report.stores += 1
-        fail_turns(session=session, token=token, failures=newly_failed, timings=shared_ms)
-        requeue_turns(session=session, token=token, reasons=retry)
-        next_steps = pop_new_steps(session)
     report.next_steps += next_steps  # committed: the task sends them on their scene's lane
     _announce(group, [*stored, *newly_failed, *retry])
     _call_back([*stored, *newly_failed], group)
@@ -650,6 +647,31 @@ def _finish_group(
     for stage, ms in group_timer.ms.items():
         timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
     return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
+
+
+def write_group(
+    token: uuid.UUID,
+    outcomes: Sequence[TurnOutcome],
+    failures: dict[uuid.UUID, Failure],
+    retry: dict[uuid.UUID, str],
+    *,
+    timings: dict[str, Any] | None = None,
+) -> tuple[list[uuid.UUID], list[NewStep]]:
+    """Store a group's replies, fail and hand back its other turns, in one transaction: (the turns
+    stored, the scene steps created). Finishing turns advances their runs, which takes the runs' rows
+    in more than one pass (stored turns', then failed ones'), so two workers finishing turns of the
+    same runs in opposite roles can deadlock; the server then rolls one of them back, which is run
+    again (it left nothing behind) instead of handing the whole group back with an attempt charged."""
+
+    def write() -> tuple[list[uuid.UUID], list[NewStep]]:
+        with session_scope() as session:
+            stored = store_replies(session=session, token=token, outcomes=outcomes)
+            fail_turns(session=session, token=token, failures=failures, timings=timings)
+            requeue_turns(session=session, token=token, reasons=retry)
+            return stored, pop_new_steps(session)
+
+    turns = len(outcomes) + len(failures) + len(retry)
+    return again_on_conflict(write, what=f"the write of a group of {turns} turns")
 
 
 def keep_candidates(
