@@ -16,6 +16,7 @@ from api import errors
 from api.body_limit import BodySizeLimit
 from api.routes import (
     batches,
+    callbacks,
     characters,
     chat_completions,
     desk,
@@ -60,6 +61,7 @@ def create_app() -> FastAPI:
     errors.install(app)
     for module in (
         turns,
+        callbacks,
         stream,
         chat_completions,
         batches,

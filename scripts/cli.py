@@ -34,6 +34,8 @@ facts_app = typer.Typer(help="Facts NPCs may know about a player (or the world).
 app.add_typer(facts_app, name="facts")
 history_app = typer.Typer(help="Existing chat logs into conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
+callbacks_app = typer.Typer(help="Signed completion callbacks.", no_args_is_help=True)
+app.add_typer(callbacks_app, name="callbacks")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
@@ -600,6 +602,20 @@ def story_event(
 
 FactScopeName = Literal["conversation", "met", "story", "world"]
 FactKindName = Literal["player", "world", "npc"]
+
+
+@callbacks_app.command("secret")
+def callbacks_secret(
+    tenant: Annotated[str, typer.Option(help="an API key's tenant ('' for the CLI's own)")] = "",
+) -> None:
+    """Print the secret a tenant's callbacks are signed with, for its receivers to check them."""
+    from services.callbacks import tenant_secret
+
+    if settings.callback_secret is None:
+        raise Refused("callbacks are off: set MLCHAT_CALLBACK_SECRET")
+    if tenant and tenant not in {key.tenant_id for key in settings.api_keys}:
+        raise Refused(f"no key of MLCHAT_API_KEYS has the tenant {tenant!r}")
+    _out(tenant_secret(tenant))
 
 
 @facts_app.command("add")

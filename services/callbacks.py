@@ -2,9 +2,11 @@
 POST /v1/turns `callback_url`), signed with HMAC-SHA256.
 
 The `X-Mlchat-Signature` header is `t=<unix time>,v1=<hex digest>`, the digest being
-HMAC-SHA256(MLCHAT_CALLBACK_SECRET, "<t>.<raw body>"). A receiver recomputes it over the raw body
+HMAC-SHA256(<the tenant's secret>, "<t>.<raw body>"). A receiver recomputes it over the raw body
 (`verify_signature` does exactly that) and refuses an old `t`, so a captured request cannot be
-replayed later. Retries with backoff are the Celery task's (tasks/callbacks.py).
+replayed later. Each tenant's callbacks are signed with a secret of its own (`tenant_secret`), so a
+tenant that checks its callbacks cannot sign another's. Retries with backoff are the Celery task's
+(tasks/callbacks.py).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.models import RUN_FINISHED, Run
 from db.runs import record_callback
 from db.session import session_scope
@@ -132,6 +134,18 @@ def post_pinned(
         )
 
 
+def tenant_secret(tenant: str) -> str:
+    """The secret that signs `tenant`'s callbacks: MLCHAT_CALLBACK_SECRET itself for the CLI's and the
+    Python API's (the default tenant, the operator's own), else HMAC-SHA256(MLCHAT_CALLBACK_SECRET,
+    "mlchat callbacks of <tenant>") in hex. The operator keeps one secret; a tenant learns its own
+    (GET /v1/callbacks/secret, `mlchat callbacks secret`), which checks its callbacks and no other's."""
+    assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
+    master = settings.callback_secret.get_secret_value()
+    if tenant == DEFAULT_TENANT:
+        return master
+    return hmac.new(master.encode(), f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
+
+
 def sign(body: bytes, secret: str, timestamp: int) -> str:
     digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
     return f"t={timestamp},v1={digest}"
@@ -162,7 +176,10 @@ def deliver(run_id: uuid.UUID) -> bool:
         if run.status not in RUN_FINISHED:  # a call that raced the end: the end sends its own
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
-    return send_once(url, body, delivery=str(run_id), record=lambda error: _record_run(run_id, error))
+        tenant = run.tenant
+    return send_once(
+        url, body, tenant=tenant, delivery=str(run_id), record=lambda error: _record_run(run_id, error)
+    )
 
 
 def _record_run(run_id: uuid.UUID, error: str | None) -> None:
@@ -170,7 +187,9 @@ def _record_run(run_id: uuid.UUID, error: str | None) -> None:
         record_callback(session=session, run_id=run_id, error=error)
 
 
-def send_once(url: str, body: bytes, *, delivery: str, record: Callable[[str | None], None]) -> bool:
+def send_once(
+    url: str, body: bytes, *, tenant: str, delivery: str, record: Callable[[str | None], None]
+) -> bool:
     """Check `url` again (the name may resolve elsewhere by now), POST `body` signed to the address
     checked, and `record` the outcome (None: delivered); True when delivered, False when the
     destination is refused now (not retried), CallbackFailed when the receiver failed (retried)."""
@@ -182,20 +201,19 @@ def send_once(url: str, body: bytes, *, delivery: str, record: Callable[[str | N
     except RefusedDestination as refused:
         record(f"not sent: {refused}")
         return False
-    error = post_signed(url, address, body, delivery=delivery)
+    error = post_signed(url, address, body, secret=tenant_secret(tenant), delivery=delivery)
     record(error)
     if error is not None:
         raise CallbackFailed(error)
     return True
 
 
-def post_signed(url: str, address: Address, body: bytes, *, delivery: str) -> str | None:
-    """POST `body` signed to `url` once, over a connection to its vetted `address`; None when the
-    receiver answered 2xx, else why not."""
-    assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
+def post_signed(url: str, address: Address, body: bytes, *, secret: str, delivery: str) -> str | None:
+    """POST `body` signed with `secret` to `url` once, over a connection to its vetted `address`;
+    None when the receiver answered 2xx, else why not."""
     headers = {
         "content-type": "application/json",
-        SIGNATURE_HEADER: sign(body, settings.callback_secret.get_secret_value(), int(time.time())),
+        SIGNATURE_HEADER: sign(body, secret, int(time.time())),
         "X-Mlchat-Delivery": delivery,
     }
     try:

@@ -28,7 +28,10 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
             return True
         view = TurnView.of(turn).model_copy(update={"prompt": None, "context": None})
         url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
-    return send_once(url, body, delivery=str(turn_id), record=lambda error: _record(turn_id, error))
+        tenant = turn.tenant
+    return send_once(
+        url, body, tenant=tenant, delivery=str(turn_id), record=lambda error: _record(turn_id, error)
+    )
 
 
 def _record(turn_id: uuid.UUID, error: str | None) -> None:

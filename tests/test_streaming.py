@@ -317,7 +317,8 @@ def test_a_streamed_turn_under_the_quality_gate_is_stored_as_shown_and_its_callb
     assert len(received) == 2, "the callback was not posted again after its receiver's 500"
     (first, _), (body_sent, signature) = received
     assert first == body_sent  # the same turn posted twice: the retry, not a second outcome
-    assert verify_signature(signature, body_sent, "turn-callback-secret")
+    theirs = httpx.get(f"{base_url}/v1/callbacks/secret", headers=OWNER).json()["secret"]
+    assert verify_signature(signature, body_sent, theirs)  # the key's tenant's secret, not the operator's
     sent = json.loads(body_sent)
     assert sent["id"] == turn_id and sent["reply"] == stored.reply and sent["quality"] == stored.quality
     with session_scope() as session:
@@ -466,7 +467,7 @@ def _receiver(answers: list[int]) -> Iterator[tuple[str, list[tuple[bytes, str]]
 
 def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
     from db.models import Turn
-    from services.callbacks import CallbackFailed, verify_signature
+    from services.callbacks import CallbackFailed, tenant_secret, verify_signature
     from services.turn_callbacks import deliver_turn
 
     monkeypatch.setattr(signing, "callback_allow_private", True)
@@ -481,7 +482,7 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
         assert deliver_turn(stored.id) is True  # delivered already: not posted again
     assert len(received) == 2
     body, signature = received[-1]
-    assert verify_signature(signature, body, "turn-callback-secret")
+    assert verify_signature(signature, body, tenant_secret("game-a"))
     sent = json.loads(body)
     assert sent["id"] == str(stored.id) and sent["status"] == "cancelled" and sent["prompt"] is None
     with session_scope() as session:

@@ -1,0 +1,119 @@
+"""Each tenant's callbacks are signed with a secret of its own (services/callbacks.py, tenant_secret).
+
+Found in review: every callback was signed with MLCHAT_CALLBACK_SECRET itself, so a tenant holding it
+(to check its own callbacks) could sign a callback as from mlchat to any other tenant's receiver.
+Keys from tests/conftest.py: `game-a` (INGEST_KEY) and `game-b` (HASHED_INGEST_KEY) are ingest keys of
+two tenants; REVIEW_KEY is a writer's key.
+"""
+
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpx
+import pytest
+from pydantic import SecretStr
+
+from core.settings import settings
+from db.session import session_scope
+from db.turns import cancel_turns
+from scripts.cli import main as cli
+from services import producer
+from services.callbacks import SIGNATURE_HEADER, verify_signature
+from services.turn_callbacks import deliver_turn
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY, new_conversation
+
+MASTER = "the-operators-callback-secret"
+A = {"X-API-Key": INGEST_KEY}
+B = {"X-API-Key": HASHED_INGEST_KEY}
+
+
+@pytest.fixture
+def signing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(MASTER))
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+
+
+@contextmanager
+def _receiver() -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
+    """A loopback endpoint answering 204; its URL and the (body, signature) of each POST."""
+    received: list[tuple[bytes, str]] = []
+
+    class Receiver(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers["content-length"]))
+            received.append((body, self.headers[SIGNATURE_HEADER]))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/hook", received
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _secret(base_url: str, headers: dict[str, str]) -> dict:
+    r = httpx.get(f"{base_url}/v1/callbacks/secret", headers=headers)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_each_tenants_callbacks_are_signed_with_a_secret_only_its_own_keys_learn(base_url, signing) -> None:
+    a, b = _secret(base_url, A), _secret(base_url, B)
+    assert (a["tenant"], b["tenant"]) == ("game-a", "game-b")
+    assert len({a["secret"], b["secret"], MASTER}) == 3
+    assert a["signature_header"] == SIGNATURE_HEADER
+    signed = {}
+    with _receiver() as (url, received):
+        for tenant in ("game-a", "game-b"):
+            line = new_conversation() | {"message": "Bring the cart round.", "callback_url": url}
+            request = producer.TurnRequest(**line)
+            (stored,) = producer.submit_turns([request], send=False, api_key=tenant, tenant=tenant)
+            with session_scope() as session:
+                cancel_turns(session=session, turn_ids=[stored.id])
+            assert deliver_turn(stored.id) is True
+            body, signature = received[-1]
+            assert json.loads(body)["id"] == str(stored.id)
+            signed[tenant] = (body, signature)
+    body, signature = signed["game-a"]
+    assert verify_signature(signature, body, a["secret"])
+    # Before: signed with MASTER, which game-b held too (to check its own) and could sign with.
+    assert not verify_signature(signature, body, b["secret"])
+    assert not verify_signature(signature, body, MASTER)
+    body, signature = signed["game-b"]
+    assert verify_signature(signature, body, b["secret"])
+    assert not verify_signature(signature, body, a["secret"])
+
+
+def test_the_secret_is_for_keys_that_set_callbacks_and_only_while_callbacks_are_on(
+    base_url, signing, monkeypatch
+) -> None:
+    r = httpx.get(f"{base_url}/v1/callbacks/secret", headers={"X-API-Key": REVIEW_KEY})
+    assert r.status_code == 403 and "ingest" in r.text  # a writer's key sets no callback
+    assert httpx.get(f"{base_url}/v1/callbacks/secret").status_code == 401
+    monkeypatch.setattr(settings, "callback_secret", None)
+    r = httpx.get(f"{base_url}/v1/callbacks/secret", headers=A)
+    assert r.status_code == 409 and "MLCHAT_CALLBACK_SECRET" in r.text
+
+
+def test_the_cli_prints_a_tenants_secret_and_refuses_an_unknown_tenant_in_one_line(
+    base_url, signing, capsys, monkeypatch
+) -> None:
+    assert cli(["callbacks", "secret", "--tenant", "game-a"]) == 0
+    assert capsys.readouterr().out.strip() == _secret(base_url, A)["secret"]
+    assert cli(["callbacks", "secret"]) == 0  # the CLI's own tenant signs with the operator's secret
+    assert capsys.readouterr().out.strip() == MASTER
+    assert cli(["callbacks", "secret", "--tenant", "game-z"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "game-z" in err and "MLCHAT_API_KEYS" in err and "\n" not in err
+    monkeypatch.setattr(settings, "callback_secret", None)
+    assert cli(["callbacks", "secret", "--tenant", "game-a"]) == 2
+    assert "MLCHAT_CALLBACK_SECRET" in capsys.readouterr().err
