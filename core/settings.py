@@ -293,6 +293,9 @@ class Settings(BaseSettings):
     # may ask for a callback only when it is set.
     callback_secret: SecretStr | None = Field(default=None, repr=False)
     callback_max_attempts: int = Field(default=8, ge=1, le=30)
+    # After a burst of tries failed, housekeeping tries a callback again (every 15 min, then less
+    # often, up to hourly) until this long after its batch or turn finished; 0: the burst only.
+    callback_retry_window_s: float = Field(default=86400.0, ge=0)
     # Callbacks go only to public addresses unless this is set (a receiver on the same network).
     callback_allow_private: bool = False
     callback_timeout_s: float = Field(default=10.0, gt=0)

@@ -355,6 +355,8 @@ class Run(Base):
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_error: Mapped[str | None] = mapped_column(Text)
+    # When a callback its tries did not deliver is due again (None: delivered, refused, never tried).
+    callback_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StoredFile(Base):
@@ -387,6 +389,12 @@ class Turn(Base):
         Index("ix_turns_run_status_id", "run_id", "status", "id"),
         # The sweeper's scan: only unfinished turns, a small share of the table.
         Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
+        # Housekeeping's look for callbacks due again: the few a burst of tries did not deliver.
+        Index(
+            "ix_turns_callback_retry_at",
+            "callback_retry_at",
+            postgresql_where="callback_retry_at IS NOT NULL",
+        ),
         # A scene's step is one turn, ever: the exactly-once guarantee of scene runs.
         Index(
             "uq_turns_scene_step",
@@ -447,6 +455,8 @@ class Turn(Base):
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     callback_delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_error: Mapped[str | None] = mapped_column(Text)
+    # When a callback its tries did not deliver is due again (None: delivered, refused, never tried).
+    callback_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

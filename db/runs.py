@@ -61,14 +61,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import (
-    RUN_FINISHED,
     RUN_LIVE,
     TURN_FINISHED,
     TURN_UNFINISHED,
     Run,
     RunStatus,
     Turn,
-    TurnErrorCode,
     TurnStatus,
 )
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
@@ -468,26 +466,6 @@ def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str) -> N
     )
 
 
-def callbacks_due(
-    *, session: Session, older_than_s: float, of: type[Run] | type[Turn] = Run, limit: int = 1000
-) -> list[uuid.UUID]:
-    """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
-    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended).
-    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it."""
-    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
-    finished = RUN_FINISHED if of is Run else TURN_FINISHED
-    query = select(of.id).where(
-        of.status.in_(finished),
-        of.callback_url.is_not(None),
-        of.callback_delivered_at.is_(None),
-        of.callback_attempts == 0,
-        of.finished_at < cutoff,
-    )
-    if of is Turn:
-        query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))
-    return list(session.scalars(query.order_by(of.finished_at).limit(limit)).all())
-
-
 def due_to_expire(
     *, session: Session, limit: int = 100, models: Sequence[str] | None = None
 ) -> list[uuid.UUID]:
@@ -796,19 +774,3 @@ def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]
         )
     ).all()
     return [run for run in runs if not submission_alive(session=session, name=run.name)]
-
-
-def record_callback(*, session: Session, run_id: uuid.UUID, error: str | None) -> int:
-    """One delivery attempt of the run's completion callback: delivered (error None) or not, with
-    why; returns the attempts so far. A delivered callback is never recorded again."""
-    attempts = session.scalar(
-        update(Run)
-        .where(Run.id == run_id, Run.callback_delivered_at.is_(None))
-        .values(
-            callback_attempts=Run.callback_attempts + 1,
-            callback_error=error,
-            callback_delivered_at=func.now() if error is None else None,
-        )
-        .returning(Run.callback_attempts)
-    )
-    return int(attempts or 0)

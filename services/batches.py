@@ -24,12 +24,12 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
+from db.callbacks import callbacks_due, claim_retries
 from db.files import add_file, get_file, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     batch_submissions_due,
     begin_submission_attempt,
-    callbacks_due,
     cancel_run,
     create_run,
     due_to_expire,
@@ -549,6 +549,30 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     return [str(t) for t in due]
 
 
+def retry_callbacks() -> list[str]:
+    """Try once more each callback due again (a burst of tries did not deliver it, or its retry
+    message was lost), as the last try of a burst: one that fails waits for its next due time
+    instead of starting a burst of its own."""
+    from tasks.callbacks import deliver_batch_callback, deliver_turn_callback
+
+    window = settings.callback_retry_window_s
+    with session_scope() as session:
+        due = [
+            (task, row_id)
+            for task, of in ((deliver_batch_callback, Run), (deliver_turn_callback, Turn))
+            for row_id in claim_retries(session=session, of=of, window_s=window)
+        ]
+    sent = []
+    for task, row_id in due:
+        try:
+            task.apply_async(args=[str(row_id)], retries=task.max_retries)
+        except Exception:  # its due time moved on: the next look after that tries it
+            logger.warning("could not queue the callback of %s again", row_id, exc_info=True)
+            continue
+        sent.append(str(row_id))
+    return sent
+
+
 def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, str]:
     """The run's output and error files and their rows; each path is added to `written` before it is
     written, so the caller can remove them if the rows are not committed."""
@@ -622,6 +646,7 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
         "finalized": finalize_runs(models=models),
         "callbacks": redeliver_callbacks() if models is None else [],
         "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
+        "callback_retries": retry_callbacks() if models is None else [],
         "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
     }

@@ -24,8 +24,8 @@ from urllib.parse import urlparse
 import httpx
 
 from core.settings import DEFAULT_TENANT, settings
+from db.callbacks import record_attempt
 from db.models import RUN_FINISHED, Run
-from db.runs import record_callback
 from db.session import session_scope
 
 SIGNATURE_HEADER = "X-Mlchat-Signature"
@@ -178,31 +178,39 @@ def deliver(run_id: uuid.UUID) -> bool:
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
         tenant = run.tenant
     return send_once(
-        url, body, tenant=tenant, delivery=str(run_id), record=lambda error: _record_run(run_id, error)
+        url, body, tenant=tenant, delivery=str(run_id), record=lambda *outcome: _record_run(run_id, *outcome)
     )
 
 
-def _record_run(run_id: uuid.UUID, error: str | None) -> None:
+def _record_run(run_id: uuid.UUID, error: str | None, again: bool) -> None:
     with session_scope() as session:
-        record_callback(session=session, run_id=run_id, error=error)
+        record_attempt(
+            session=session,
+            of=Run,
+            row_id=run_id,
+            error=error,
+            again=again,
+            burst=settings.callback_max_attempts,
+        )
 
 
 def send_once(
-    url: str, body: bytes, *, tenant: str, delivery: str, record: Callable[[str | None], None]
+    url: str, body: bytes, *, tenant: str, delivery: str, record: Callable[[str | None, bool], None]
 ) -> bool:
     """Check `url` again (the name may resolve elsewhere by now), POST `body` signed to the address
-    checked, and `record` the outcome (None: delivered); True when delivered, False when the
-    destination is refused now (not retried), CallbackFailed when the receiver failed (retried)."""
+    checked, and `record` the outcome (None: delivered; and whether it may be tried again); True when
+    delivered, False when the destination is refused now (not retried), CallbackFailed when the
+    receiver failed (retried)."""
     try:
         address = vetted_address(url)
     except ResolverUnavailable as unavailable:  # a resolver hiccup is no verdict on the destination
-        record(f"not sent: {unavailable}")
+        record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
     except RefusedDestination as refused:
-        record(f"not sent: {refused}")
+        record(f"not sent: {refused}", False)
         return False
     error = post_signed(url, address, body, secret=tenant_secret(tenant), delivery=delivery)
-    record(error)
+    record(error, True)
     if error is not None:
         raise CallbackFailed(error)
     return True

@@ -8,9 +8,10 @@ import logging
 import uuid
 from collections.abc import Sequence
 
+from core.settings import settings
+from db.callbacks import record_attempt
 from db.models import TURN_FINISHED, Turn
 from db.session import session_scope
-from db.turn_callbacks import record_turn_callback
 from services.callbacks import send_once
 from services.producer import TurnView
 
@@ -30,13 +31,20 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
         url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
         tenant = turn.tenant
     return send_once(
-        url, body, tenant=tenant, delivery=str(turn_id), record=lambda error: _record(turn_id, error)
+        url, body, tenant=tenant, delivery=str(turn_id), record=lambda *outcome: _record(turn_id, *outcome)
     )
 
 
-def _record(turn_id: uuid.UUID, error: str | None) -> None:
+def _record(turn_id: uuid.UUID, error: str | None, again: bool) -> None:
     with session_scope() as session:
-        record_turn_callback(session=session, turn_id=turn_id, error=error)
+        record_attempt(
+            session=session,
+            of=Turn,
+            row_id=turn_id,
+            error=error,
+            again=again,
+            burst=settings.callback_max_attempts,
+        )
 
 
 def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:

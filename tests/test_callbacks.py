@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -312,3 +313,108 @@ def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its
             update(Run).where(Run.id == run_id).values(status=RunStatus.CANCELLED, finished_at=func.now())
         )
     assert callbacks.deliver(run_id) is True and len(_Receiver.calls) == 1
+
+
+def _due_in_s(of: type, row_id: uuid.UUID) -> float | None:
+    """Seconds from now until the callback is due again; None when it is not."""
+    from sqlalchemy import extract, select
+
+    with session_scope() as s:
+        wait = s.scalar(select(extract("epoch", of.callback_retry_at - func.now())).where(of.id == row_id))
+    return None if wait is None else float(wait)
+
+
+def test_a_callback_its_burst_did_not_deliver_is_tried_once_more_when_due_and_delivered(
+    services, receiver, celery_worker, monkeypatch
+) -> None:
+    """Found in review: a callback was given up after its burst of tries (MLCHAT_CALLBACK_MAX_ATTEMPTS
+    in about two to four minutes), and nothing sent it again: a receiver down for five minutes never
+    got its batch's result. Its due time now comes after any retry of the burst, and the sweeper's
+    housekeeping tries it once more then."""
+    from db.callbacks import RETRY_FIRST_S, record_attempt
+    from services import batches
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
+    run_id = _run_calling_back(f"http://127.0.0.1:{receiver}/hook")
+    burst = settings.callback_max_attempts
+    with session_scope() as s:
+        for _ in range(burst):  # the burst, its receiver down
+            record_attempt(session=s, of=Run, row_id=run_id, error="HTTP 503", burst=burst)
+    due_in = _due_in_s(Run, run_id)
+    assert due_in is not None and RETRY_FIRST_S - 60 < due_in <= RETRY_FIRST_S
+    assert str(run_id) not in batches.housekeeping()["callback_retries"]  # not due yet
+    with session_scope() as s:  # its due time has come
+        s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
+    assert str(run_id) in batches.housekeeping()["callback_retries"]
+    assert str(run_id) not in batches.housekeeping()["callback_retries"]  # taken: not sent twice
+    deadline = time.monotonic() + 60
+    while not _Receiver.calls:
+        assert time.monotonic() < deadline, "the callback was not tried again"
+        time.sleep(0.1)
+    ((headers, body),) = _Receiver.calls
+    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, SECRET)
+    deadline = time.monotonic() + 30
+    while True:
+        with session_scope() as s:
+            run = s.get_one(Run, run_id)
+            if run.callback_delivered_at is not None or time.monotonic() > deadline:
+                break
+        time.sleep(0.1)
+    assert run.callback_attempts == burst + 1 and run.callback_delivered_at is not None
+    assert run.callback_retry_at is None
+
+
+def test_a_callback_is_tried_less_often_past_its_burst_once_a_try_and_given_up_after_its_window(
+    services, monkeypatch
+) -> None:
+    from db.callbacks import RETRY_FIRST_S, RETRY_MAX_S, claim_retries, record_attempt
+    from db.models import Turn
+    from tasks.callbacks import deliver_batch_callback
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_timeout_s", 1.0)
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    run_id = _run_calling_back("http://127.0.0.1:9/hook")  # nothing listens there
+    waits = []
+    for _ in range(6):
+        with session_scope() as s:
+            record_attempt(session=s, of=Run, row_id=run_id, error="HTTP 503", burst=3)
+        waits.append(round(_due_in_s(Run, run_id) or 0, -1))
+    assert waits == [RETRY_FIRST_S] * 3 + [2 * RETRY_FIRST_S, RETRY_MAX_S, RETRY_MAX_S]
+    # A try of the housekeeper's is the last of a burst: one POST, then the next due time.
+    deliver_batch_callback.apply(args=[str(run_id)], retries=deliver_batch_callback.max_retries)
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).callback_attempts == 7
+    # A destination refused for good is not tried again.
+    with session_scope() as s:
+        record_attempt(session=s, of=Run, row_id=run_id, error="not sent: a private address", again=False)
+    assert _due_in_s(Run, run_id) is None
+    # A turn's callback past its window is given up, and says so.
+    turn_id = _turn_calling_back()
+    with session_scope() as s:
+        record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(callback_retry_at=func.now(), finished_at=func.now() - func.make_interval(0, 0, 0, 2))
+        )
+    with session_scope() as s:
+        assert turn_id not in claim_retries(session=s, of=Turn, window_s=86400)
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        assert turn.callback_retry_at is None and turn.callback_error == (
+            "HTTP 500; no more tries: its callback window closed"
+        )
+
+
+def _turn_calling_back() -> uuid.UUID:
+    from db.models import Turn
+    from db.turns import cancel_turns
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
+    with session_scope() as s:
+        cancel_turns(session=s, turn_ids=[turn_id])
+        s.execute(update(Turn).where(Turn.id == turn_id).values(callback_url="https://hooks.example.test/t"))
+    return turn_id

@@ -493,7 +493,8 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
 def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signing, monkeypatch) -> None:
     from sqlalchemy import text
 
-    from db.turn_callbacks import record_turn_callback
+    from db.callbacks import record_attempt
+    from db.models import Turn
     from services import batches
 
     monkeypatch.setattr(signing, "callback_allow_private", True)
@@ -508,7 +509,7 @@ def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signi
     )
     with session_scope() as session:
         cancel_turns(session=session, turn_ids=[lost, attempted, recent])  # finished, never sent
-        record_turn_callback(session=session, turn_id=attempted, error="HTTP 500")  # its task retries it
+        record_attempt(session=session, of=Turn, row_id=attempted, error="HTTP 500")  # its task retries it
         session.execute(
             text("UPDATE turns SET finished_at = now() - interval '10 minutes' WHERE id = ANY(:ids)"),
             {"ids": [lost, attempted]},

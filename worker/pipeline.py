@@ -26,11 +26,11 @@ from sqlalchemy.orm import Session
 
 from core import metrics
 from core.settings import Lane, settings
+from db.callbacks import with_callbacks
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
 from db.session import DATABASE_OUTAGES, again_on_conflict, connection_lost, session_scope
-from db.turn_callbacks import with_callbacks
 from db.turns import (
     ClaimedTurn,
     Failure,

@@ -1,0 +1,107 @@
+"""Completion callbacks' bookkeeping, the same for a run's (a batch's) and a turn's: each delivery
+attempt, the callbacks never attempted (their message was lost), and those due again after their
+tries failed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
+
+Owner = type[Run] | type[Turn]
+
+# A failed try makes its callback due again this long after it, longer than any of the Celery
+# burst's own retries waits (retry_backoff_max, 600 s), so the burst's retry comes first; past the
+# burst, each due time doubles this, up to RETRY_MAX_S.
+RETRY_FIRST_S = 900
+RETRY_MAX_S = 3600
+
+
+def with_callbacks(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """The turns among `turn_ids` that have a callback URL."""
+    if not turn_ids:
+        return []
+    return list(
+        session.scalars(select(Turn.id).where(Turn.id.in_(list(turn_ids)), Turn.callback_url.is_not(None)))
+    )
+
+
+def record_attempt(
+    *, session: Session, of: Owner, row_id: uuid.UUID, error: str | None, again: bool = True, burst: int = 1
+) -> int:
+    """One delivery attempt of a run's (`of` Run) or a turn's callback: delivered (error None) or
+    not, with why; returns the attempts so far. A failure that may be tried again (`again`: not a
+    destination refused for good) makes the callback due again (RETRY_FIRST_S on, doubling once its
+    attempts pass `burst`, the tries of one Celery burst). A delivered callback is never recorded again."""
+    attempts = of.callback_attempts + 1
+    retry_at = None
+    if error is not None and again:
+        wait_s = func.least(RETRY_MAX_S, RETRY_FIRST_S * func.power(2, func.greatest(0, attempts - burst)))
+        retry_at = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, wait_s)
+    recorded = session.scalar(
+        update(of)
+        .where(of.id == row_id, of.callback_delivered_at.is_(None))
+        .values(
+            callback_attempts=attempts,
+            callback_error=error,
+            callback_delivered_at=func.now() if error is None else None,
+            callback_retry_at=retry_at,
+        )
+        .returning(of.callback_attempts)
+    )
+    return int(recorded or 0)
+
+
+def callbacks_due(
+    *, session: Session, older_than_s: float, of: Owner = Run, limit: int = 1000
+) -> list[uuid.UUID]:
+    """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
+    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended).
+    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    finished = RUN_FINISHED if of is Run else TURN_FINISHED
+    query = select(of.id).where(
+        of.status.in_(finished),
+        of.callback_url.is_not(None),
+        of.callback_delivered_at.is_(None),
+        of.callback_attempts == 0,
+        of.finished_at < cutoff,
+    )
+    if of is Turn:
+        query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))
+    return list(session.scalars(query.order_by(of.finished_at).limit(limit)).all())
+
+
+def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 100) -> list[uuid.UUID]:
+    """Callbacks due again whose run or turn finished within `window_s`: their due time is moved
+    RETRY_FIRST_S on (so that another housekeeper does not take them too) and their ids returned,
+    for one more try each. One past the window is given up: its due time cleared, and its error says so."""
+    since = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, window_s)
+    session.execute(
+        update(of)
+        .where(of.callback_retry_at <= func.now(), of.finished_at < since)
+        .values(
+            callback_retry_at=None,
+            callback_error=func.concat(of.callback_error, "; no more tries: its callback window closed"),
+        )
+    )
+    due = (
+        select(of.id)
+        .where(of.callback_retry_at <= func.now(), of.callback_delivered_at.is_(None))
+        .order_by(of.callback_retry_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    later = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, RETRY_FIRST_S)
+    return list(
+        session.scalars(
+            update(of)
+            .where(of.id.in_(due.scalar_subquery()))
+            .values(callback_retry_at=later)
+            .returning(of.id)
+        )
+    )
