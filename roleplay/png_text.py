@@ -76,12 +76,14 @@ def _text(kind: bytes, data: bytes, limit: int) -> tuple[str, str]:
 
 
 def read_text(raw: bytes, keywords: tuple[str, ...], limit: int) -> dict[str, str]:
-    """The text of the chunks with these keywords (other text chunks and the image are skipped)."""
+    """The text of the first chunk of each of these keywords, as SillyTavern reads a card (a later
+    chunk of a keyword, other text chunks and the image are skipped, never inflated: a file of many
+    card chunks costs one inflation a keyword)."""
     found: dict[str, str] = {}
     for kind, data, _, _ in _chunks(raw):
-        if kind in TEXT_TYPES and data.partition(b"\x00")[0].decode("latin-1") in keywords:
-            keyword, text = _text(kind, data, limit)
-            found[keyword] = text
+        keyword = data.partition(b"\x00")[0].decode("latin-1")
+        if kind in TEXT_TYPES and keyword in keywords and keyword not in found:
+            found[keyword] = _text(kind, data, limit)[1]
     return found
 
 

@@ -89,6 +89,24 @@ def test_a_v2_png_card_is_read_from_its_chara_chunk(world) -> None:
     assert [e["name"] for e in book["entries"]] == ["River", "Whispers", "Town", "Rule"]
 
 
+def test_only_the_first_chunk_of_a_card_keyword_is_read_the_rest_never_inflated() -> None:
+    """Found in review: every `chara` chunk was inflated (up to its limit each) and the last one
+    kept, so a small file of many compressed card chunks cost their inflation all together. The
+    first is read now, as SillyTavern reads it; the later ones are skipped unread (here a chunk that
+    does not even decompress, which failed the import before)."""
+    import zlib
+
+    from roleplay.png_text import _chunk, placeholder
+
+    original = json.loads((CARDS / "mira_v2.json").read_bytes())
+    image = placeholder()
+    iend = image.rindex(b"IEND") - 4
+    first = _chunk(b"tEXt", b"chara\x00" + _b64(original).encode())
+    later = [_chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * 1000)[:-4] + b"junk") for _ in range(3)]
+    raw = image[:iend] + first + b"".join(later) + image[iend:]
+    assert read_card(raw).card == original
+
+
 def test_a_character_from_data_exports_as_a_v2_card_that_imports_back(world) -> None:
     card = json.loads(export_card("elara", "json"))
     assert card["spec"] == "chara_card_v2" and card["data"]["name"] == "Elara"
