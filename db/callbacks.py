@@ -15,10 +15,13 @@ from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
 Owner = type[Run] | type[Turn]
 
 # A failed try makes its callback due again this long after it, longer than any of the Celery
-# burst's own retries waits (retry_backoff_max, 600 s), so the burst's retry comes first; past the
-# burst, each due time doubles this, up to RETRY_MAX_S.
+# burst's own retries waits (retry_backoff_max, 600 s), so the burst's retry comes first as a rule;
+# past the burst, each due time doubles this, up to RETRY_MAX_S.
 RETRY_FIRST_S = 900
 RETRY_MAX_S = 3600
+# What a callback's error says once its window closed.
+GIVEN_UP = "no more tries: its callback window closed"
+_MAX_DOUBLINGS = 2  # RETRY_FIRST_S * 2**2 is RETRY_MAX_S: the exponent never grows past it
 
 
 def with_callbacks(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
@@ -40,7 +43,8 @@ def record_attempt(
     attempts = of.callback_attempts + 1
     retry_at = None
     if error is not None and again:
-        wait_s = func.least(RETRY_MAX_S, RETRY_FIRST_S * func.power(2, func.greatest(0, attempts - burst)))
+        doublings = func.least(_MAX_DOUBLINGS, func.greatest(0, attempts - burst))
+        wait_s = func.least(RETRY_MAX_S, RETRY_FIRST_S * func.power(2, doublings))
         retry_at = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, wait_s)
     recorded = session.scalar(
         update(of)
@@ -77,21 +81,27 @@ def callbacks_due(
 
 
 def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 100) -> list[uuid.UUID]:
-    """Callbacks due again whose run or turn finished within `window_s`: their due time is moved
-    RETRY_FIRST_S on (so that another housekeeper does not take them too) and their ids returned,
-    for one more try each. One past the window is given up: its due time cleared, and its error says so."""
+    """Callbacks due again of finished runs (or turns: `of`) that finished within `window_s`: their
+    due time is moved RETRY_FIRST_S on (so that another housekeeper does not take them too) and their
+    ids returned, for one more try each. One past the window is given up: its due time cleared, and
+    its error says so. Rows another housekeeper holds are skipped, never waited for."""
+    finished = RUN_FINISHED if of is Run else TURN_FINISHED
+    due = (of.callback_retry_at <= func.now(), of.callback_delivered_at.is_(None))
     since = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, window_s)
+    late = select(of.id).where(*due, of.finished_at < since)
     session.execute(
         update(of)
-        .where(of.callback_retry_at <= func.now(), of.finished_at < since)
+        .where(
+            of.id.in_(late.order_by(of.id).limit(limit).with_for_update(skip_locked=True).scalar_subquery())
+        )
         .values(
             callback_retry_at=None,
-            callback_error=func.concat(of.callback_error, "; no more tries: its callback window closed"),
+            callback_error=func.concat_ws("; ", of.callback_error, GIVEN_UP),
         )
     )
-    due = (
+    ready = (
         select(of.id)
-        .where(of.callback_retry_at <= func.now(), of.callback_delivered_at.is_(None))
+        .where(*due, of.status.in_(finished), of.callback_url.is_not(None), of.finished_at >= since)
         .order_by(of.callback_retry_at)
         .limit(limit)
         .with_for_update(skip_locked=True)
@@ -100,7 +110,7 @@ def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 
     return list(
         session.scalars(
             update(of)
-            .where(of.id.in_(due.scalar_subquery()))
+            .where(of.id.in_(ready.scalar_subquery()))
             .values(callback_retry_at=later)
             .returning(of.id)
         )

@@ -1038,6 +1038,7 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
                 callback_attempts=0,
                 callback_delivered_at=None,
                 callback_error=None,
+                callback_retry_at=None,
             )
             .returning(Turn.id)
         ).all()

@@ -41,7 +41,7 @@ from db.runs import (
     run_counts,
     submission_lock,
 )
-from db.session import session_scope
+from db.session import DATABASE_OUTAGES, session_scope
 from db.world import all_character_slugs
 from services.files import BadExpiry, check_expiry, delete_expired_files, find_file, new_file_id
 from services.pages import list_object
@@ -556,12 +556,16 @@ def retry_callbacks() -> list[str]:
     from tasks.callbacks import deliver_batch_callback, deliver_turn_callback
 
     window = settings.callback_retry_window_s
-    with session_scope() as session:
-        due = [
-            (task, row_id)
-            for task, of in ((deliver_batch_callback, Run), (deliver_turn_callback, Turn))
-            for row_id in claim_retries(session=session, of=of, window_s=window)
-        ]
+    try:
+        with session_scope() as session:
+            due = [
+                (task, row_id)
+                for task, of in ((deliver_batch_callback, Run), (deliver_turn_callback, Turn))
+                for row_id in claim_retries(session=session, of=of, window_s=window)
+            ]
+    except DATABASE_OUTAGES:  # the next pass looks again
+        logger.warning("could not read the callbacks due again", exc_info=True)
+        return []
     sent = []
     for task, row_id in due:
         try:
@@ -638,15 +642,14 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
 
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
-    callbacks and retry batch submissions that are due (the sweeper's, for all models), delete
-    expired files; safe to run anywhere, any time,
-    concurrently."""
+    callbacks, retry batch submissions and try again the callbacks that are due (the sweeper's, for
+    all models), delete expired files; safe to run anywhere, any time, concurrently."""
     return {
         "expired": expire_due_runs(models),
         "finalized": finalize_runs(models=models),
         "callbacks": redeliver_callbacks() if models is None else [],
         "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
-        "callback_retries": retry_callbacks() if models is None else [],
         "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
+        "callback_retries": retry_callbacks() if models is None else [],
     }

@@ -23,7 +23,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from core.settings import DEFAULT_TENANT, settings
+from core.settings import settings
 from db.callbacks import record_attempt
 from db.models import RUN_FINISHED, Run
 from db.session import session_scope
@@ -135,15 +135,14 @@ def post_pinned(
 
 
 def tenant_secret(tenant: str) -> str:
-    """The secret that signs `tenant`'s callbacks: MLCHAT_CALLBACK_SECRET itself for the CLI's and the
-    Python API's (the default tenant, the operator's own), else HMAC-SHA256(MLCHAT_CALLBACK_SECRET,
-    "mlchat callbacks of <tenant>") in hex. The operator keeps one secret; a tenant learns its own
-    (GET /v1/callbacks/secret, `mlchat callbacks secret`), which checks its callbacks and no other's."""
+    """The secret that signs `tenant`'s callbacks: HMAC-SHA256(MLCHAT_CALLBACK_SECRET, "mlchat callbacks
+    of <tenant>") in hex (the default tenant, the CLI's and the Python API's, is the empty name, which
+    no key's tenant can be). The operator keeps one secret, which signs nothing itself; a tenant learns
+    its own (GET /v1/callbacks/secret, `mlchat callbacks secret`), which checks its callbacks and no
+    other's."""
     assert settings.callback_secret is not None, "callbacks are accepted only with a secret"
-    master = settings.callback_secret.get_secret_value()
-    if tenant == DEFAULT_TENANT:
-        return master
-    return hmac.new(master.encode(), f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
+    master = settings.callback_secret.get_secret_value().encode()
+    return hmac.new(master, f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
 
 
 def sign(body: bytes, secret: str, timestamp: int) -> str:
@@ -161,7 +160,8 @@ def verify_signature(header: str, body: bytes, secret: str, *, tolerance_s: int 
     if abs(time.time() - timestamp) > tolerance_s:
         return False
     expected = sign(body, secret, timestamp).split("v1=", 1)[1]
-    return hmac.compare_digest(expected, parts.get("v1", ""))
+    # As bytes: compare_digest refuses a str with a character beyond ASCII (TypeError), a forged header's.
+    return hmac.compare_digest(expected.encode(), parts.get("v1", "").encode("utf-8", "surrogatepass"))
 
 
 def deliver(run_id: uuid.UUID) -> bool:

@@ -69,6 +69,8 @@ def _secret(base_url: str, headers: dict[str, str]) -> dict:
 def test_each_tenants_callbacks_are_signed_with_a_secret_only_its_own_keys_learn(base_url, signing) -> None:
     a, b = _secret(base_url, A), _secret(base_url, B)
     assert (a["tenant"], b["tenant"]) == ("game-a", "game-b")
+    r = httpx.get(f"{base_url}/v1/callbacks/secret", headers=A)
+    assert r.headers["cache-control"] == "no-store"
     assert len({a["secret"], b["secret"], MASTER}) == 3
     assert a["signature_header"] == SIGNATURE_HEADER
     signed = {}
@@ -109,11 +111,23 @@ def test_the_cli_prints_a_tenants_secret_and_refuses_an_unknown_tenant_in_one_li
 ) -> None:
     assert cli(["callbacks", "secret", "--tenant", "game-a"]) == 0
     assert capsys.readouterr().out.strip() == _secret(base_url, A)["secret"]
-    assert cli(["callbacks", "secret"]) == 0  # the CLI's own tenant signs with the operator's secret
-    assert capsys.readouterr().out.strip() == MASTER
-    assert cli(["callbacks", "secret", "--tenant", "game-z"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "game-z" in err and "MLCHAT_API_KEYS" in err and "\n" not in err
+    assert cli(["callbacks", "secret"]) == 0  # the CLI's own tenant's: the operator's signs nothing
+    default = capsys.readouterr().out.strip()
+    assert len({default, MASTER, _secret(base_url, A)["secret"]}) == 3
+    assert cli(["callbacks", "secret", "--tenant", "game-z"]) == 0  # a tenant no key has (any more)
+    out = capsys.readouterr()
+    assert "game-z" in out.err and "MLCHAT_API_KEYS" in out.err and out.out.strip() not in (default, MASTER)
     monkeypatch.setattr(settings, "callback_secret", None)
     assert cli(["callbacks", "secret", "--tenant", "game-a"]) == 2
     assert "MLCHAT_CALLBACK_SECRET" in capsys.readouterr().err
+
+
+def test_a_signature_header_with_characters_beyond_ascii_is_refused_not_an_error() -> None:
+    """Review: compare_digest raised TypeError on a str beyond ASCII, a forged header's."""
+    import time
+
+    from services.callbacks import sign
+
+    header = sign(b"{}", "s", int(time.time()))
+    assert verify_signature(header, b"{}", "s")
+    assert not verify_signature(header.split("v1=")[0] + "v1=é" + "0" * 63, b"{}", "s")

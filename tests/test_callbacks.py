@@ -19,7 +19,7 @@ from core.settings import settings
 from db.models import Run, RunStatus
 from db.runs import create_run
 from db.session import session_scope
-from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, verify_signature
+from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, tenant_secret, verify_signature
 
 SECRET = "callback-secret-for-tests"
 
@@ -98,7 +98,7 @@ def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeyp
     assert deliver(run_id) is True
     ((headers, body),) = _Receiver.calls
     assert headers["host"] == f"receiver.test:{receiver}" and given == ["127.0.0.1"]
-    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, SECRET)
+    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""))  # the CLI's run
 
 
 def test_over_https_the_server_name_and_certificate_are_the_hosts(
@@ -328,68 +328,73 @@ def test_a_callback_its_burst_did_not_deliver_is_tried_once_more_when_due_and_de
     services, receiver, celery_worker, monkeypatch
 ) -> None:
     """Found in review: a callback was given up after its burst of tries (MLCHAT_CALLBACK_MAX_ATTEMPTS
-    in about two to four minutes), and nothing sent it again: a receiver down for five minutes never
-    got its batch's result. Its due time now comes after any retry of the burst, and the sweeper's
-    housekeeping tries it once more then."""
+    in a few minutes), and nothing sent it again: a receiver down for five minutes never got its
+    batch's result. Its due time now comes after any retry of the burst, and the sweeper's
+    housekeeping tries it once more then, less often each time, until the receiver answers."""
     from db.callbacks import RETRY_FIRST_S, record_attempt
     from services import batches
 
     monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
-    run_id = _run_calling_back(f"http://127.0.0.1:{receiver}/hook")
+    monkeypatch.setattr(settings, "callback_timeout_s", 2.0)
+    run_id = _run_calling_back("http://127.0.0.1:9/hook")  # the receiver still down: nothing listens
     burst = settings.callback_max_attempts
     with session_scope() as s:
-        for _ in range(burst):  # the burst, its receiver down
+        for _ in range(burst):  # the burst
             record_attempt(session=s, of=Run, row_id=run_id, error="HTTP 503", burst=burst)
     due_in = _due_in_s(Run, run_id)
     assert due_in is not None and RETRY_FIRST_S - 60 < due_in <= RETRY_FIRST_S
     assert str(run_id) not in batches.housekeeping()["callback_retries"]  # not due yet
-    with session_scope() as s:  # its due time has come
-        s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
-    assert str(run_id) in batches.housekeeping()["callback_retries"]
-    assert str(run_id) not in batches.housekeeping()["callback_retries"]  # taken: not sent twice
-    deadline = time.monotonic() + 60
-    while not _Receiver.calls:
-        assert time.monotonic() < deadline, "the callback was not tried again"
-        time.sleep(0.1)
+
+    def tried_when_due(attempts: int) -> Run:
+        with session_scope() as s:  # its due time has come
+            s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
+        assert str(run_id) in batches.housekeeping()["callback_retries"]
+        deadline = time.monotonic() + 60
+        while True:  # the session's worker makes the one try
+            with session_scope() as s:
+                run = s.get_one(Run, run_id)
+            if run.callback_attempts == attempts or time.monotonic() > deadline:
+                return run
+            time.sleep(0.1)
+
+    run = tried_when_due(burst + 1)  # still down: one try, and the next due time is further off
+    assert run.callback_attempts == burst + 1 and run.callback_delivered_at is None
+    due_in = _due_in_s(Run, run_id)
+    assert due_in is not None and 2 * RETRY_FIRST_S - 60 < due_in <= 2 * RETRY_FIRST_S
+    time.sleep(1)  # a burst would have tried again by now
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).callback_attempts == burst + 1
+        s.execute(
+            update(Run).where(Run.id == run_id).values(callback_url=f"http://127.0.0.1:{receiver}/hook")
+        )
+    run = tried_when_due(burst + 2)  # the receiver is back
+    assert run.callback_delivered_at is not None and run.callback_retry_at is None
     ((headers, body),) = _Receiver.calls
-    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, SECRET)
-    deadline = time.monotonic() + 30
-    while True:
-        with session_scope() as s:
-            run = s.get_one(Run, run_id)
-            if run.callback_delivered_at is not None or time.monotonic() > deadline:
-                break
-        time.sleep(0.1)
-    assert run.callback_attempts == burst + 1 and run.callback_delivered_at is not None
-    assert run.callback_retry_at is None
+    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""))
 
 
-def test_a_callback_is_tried_less_often_past_its_burst_once_a_try_and_given_up_after_its_window(
-    services, monkeypatch
-) -> None:
-    from db.callbacks import RETRY_FIRST_S, RETRY_MAX_S, claim_retries, record_attempt
+def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_window(services) -> None:
+    from db.callbacks import GIVEN_UP, RETRY_FIRST_S, RETRY_MAX_S, claim_retries, record_attempt
     from db.models import Turn
-    from tasks.callbacks import deliver_batch_callback
 
-    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
-    monkeypatch.setattr(settings, "callback_timeout_s", 1.0)
-    monkeypatch.setattr(settings, "callback_allow_private", True)
-    run_id = _run_calling_back("http://127.0.0.1:9/hook")  # nothing listens there
+    run_id = _run_calling_back("https://hooks.example.test/done")
     waits = []
     for _ in range(6):
         with session_scope() as s:
             record_attempt(session=s, of=Run, row_id=run_id, error="HTTP 503", burst=3)
         waits.append(round(_due_in_s(Run, run_id) or 0, -1))
     assert waits == [RETRY_FIRST_S] * 3 + [2 * RETRY_FIRST_S, RETRY_MAX_S, RETRY_MAX_S]
-    # A try of the housekeeper's is the last of a burst: one POST, then the next due time.
-    deliver_batch_callback.apply(args=[str(run_id)], retries=deliver_batch_callback.max_retries)
+    with session_scope() as s:  # due: taken once, by one housekeeper
+        s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
     with session_scope() as s:
-        assert s.get_one(Run, run_id).callback_attempts == 7
+        assert run_id in claim_retries(session=s, of=Run, window_s=86400, limit=100_000)
+    with session_scope() as s:
+        assert run_id not in claim_retries(session=s, of=Run, window_s=86400, limit=100_000)
     # A destination refused for good is not tried again.
     with session_scope() as s:
         record_attempt(session=s, of=Run, row_id=run_id, error="not sent: a private address", again=False)
     assert _due_in_s(Run, run_id) is None
-    # A turn's callback past its window is given up, and says so.
+    # A turn's callback past its window is given up, and says so; a revived turn owes a fresh one.
     turn_id = _turn_calling_back()
     with session_scope() as s:
         record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
@@ -399,12 +404,31 @@ def test_a_callback_is_tried_less_often_past_its_burst_once_a_try_and_given_up_a
             .values(callback_retry_at=func.now(), finished_at=func.now() - func.make_interval(0, 0, 0, 2))
         )
     with session_scope() as s:
-        assert turn_id not in claim_retries(session=s, of=Turn, window_s=86400)
+        assert turn_id not in claim_retries(session=s, of=Turn, window_s=86400, limit=100_000)
     with session_scope() as s:
         turn = s.get_one(Turn, turn_id)
-        assert turn.callback_retry_at is None and turn.callback_error == (
-            "HTTP 500; no more tries: its callback window closed"
+        assert turn.callback_retry_at is None and turn.callback_error == f"HTTP 500; {GIVEN_UP}"
+
+
+def test_a_revived_turn_owes_its_callback_afresh_with_no_due_time_left_over(services) -> None:
+    """Review of the fix: a turn revived after a failure's callback was tried kept that try's due
+    time, so the sweeper would have posted its answer a second time beside the worker's."""
+    from db.callbacks import record_attempt
+    from db.models import Turn, TurnErrorCode, TurnStatus
+    from db.turns import revive_unsent
+
+    turn_id = _turn_calling_back()
+    with session_scope() as s:
+        record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
         )
+    assert _due_in_s(Turn, turn_id) is not None
+    with session_scope() as s:
+        assert revive_unsent(session=s, turn_ids=[turn_id]) == [turn_id]
+    assert _due_in_s(Turn, turn_id) is None
 
 
 def _turn_calling_back() -> uuid.UUID:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, status
+from fastapi import APIRouter, Depends, HTTPException, Response, status
 from pydantic import BaseModel
 
 from api.deps import Caller, needs
@@ -23,8 +23,11 @@ class CallbackSecret(BaseModel):
 
 
 @router.get("/secret", response_model=CallbackSecret)
-def get_callback_secret(who: Annotated[Caller, Depends(needs("ingest"))]) -> CallbackSecret:
+def get_callback_secret(
+    who: Annotated[Caller, Depends(needs("ingest"))], response: Response
+) -> CallbackSecret:
     """The secret this key's tenant's callbacks are signed with (HMAC-SHA256 over "<t>.<raw body>")."""
+    response.headers["Cache-Control"] = "no-store"  # a secret: never kept by a proxy or a browser
     if settings.callback_secret is None:
         raise HTTPException(
             status.HTTP_409_CONFLICT, "callbacks are off: the server has no MLCHAT_CALLBACK_SECRET"

@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
+from migrations.concurrent_index import create_index_concurrently
+
 revision: str = "0027"
 down_revision: str | None = "0026"
 branch_labels: str | Sequence[str] | None = None
@@ -27,15 +29,20 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     for table in ("runs", "turns"):
         op.add_column(table, sa.Column("callback_retry_at", sa.DateTime(timezone=True)))
-    op.create_index(
-        "ix_turns_callback_retry_at",
-        "turns",
-        ["callback_retry_at"],
-        postgresql_where=sa.text("callback_retry_at IS NOT NULL"),
-    )
+    # CONCURRENTLY, as in 0018: turns are written all the time, also while the index builds.
+    with op.get_context().autocommit_block():
+        create_index_concurrently(
+            "ix_turns_callback_retry_at",
+            "turns",
+            ["callback_retry_at"],
+            postgresql_where=sa.text("callback_retry_at IS NOT NULL"),
+        )
 
 
 def downgrade() -> None:
-    op.drop_index("ix_turns_callback_retry_at", table_name="turns")
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_turns_callback_retry_at", table_name="turns", postgresql_concurrently=True, if_exists=True
+        )
     for table in ("runs", "turns"):
         op.drop_column(table, "callback_retry_at")
