@@ -37,6 +37,63 @@ def test_an_earlier_turn_a_stopped_call_left_unanswered_is_answered_first_not_wa
     assert first is not None and first.status == "done" and first.reply
 
 
+def test_a_turn_another_call_holds_is_waited_for_and_returned_answered_not_running(engine) -> None:
+    """Found in review: two calls on one conversation at once: the later took the earlier's turn as
+    its own earlier turn and answered it, and the earlier call, finding its turn claimed, returned
+    it `running`, unanswered. It now waits for the holder; and answers the turn itself when the
+    holder's claim lapses (its container died)."""
+    import threading
+    import time
+    import uuid
+
+    from db.session import session_scope
+    from db.turns import TurnOutcome, claim_turns, store_replies
+    from services.producer import enqueue_turns
+
+    def held_by_another_call(line: dict, lease_s: float):  # type: ignore[no-untyped-def]
+        (turn_id,) = enqueue_turns([line], send=False)
+        with session_scope() as s:
+            claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=lease_s, max_attempts=3)
+        assert [t.id for t in claim.claimed] == [turn_id]
+        return claim.token, claim.claimed[0]
+
+    # This call's own turn (a replay of the line: the same idempotency key), held by another call.
+    line = new_conversation("elara") | {
+        "message": "Is the ford passable?",
+        "idempotency_key": uuid.uuid4().hex,
+    }
+    token, turn = held_by_another_call(line, lease_s=60)
+    outcome = TurnOutcome(
+        turn_id=turn.id,
+        conversation_id=turn.conversation_id,
+        user_message=turn.message,
+        user_embedding=None,
+        reply="Answered by the other call.",
+        reply_embedding=None,
+        prompt="",
+        context={},
+        usage={},
+        timings={},
+        params=turn.params,
+    )
+
+    def the_other_call_answers() -> None:
+        time.sleep(1.5)
+        with session_scope() as s:
+            assert store_replies(session=s, token=token, outcomes=[outcome]) == [turn.id]
+
+    other = threading.Thread(target=the_other_call_answers)
+    other.start()
+    (mine,) = handler({"input": line})["turns"]
+    other.join()
+    assert mine["status"] == "done" and mine["reply"] == "Answered by the other call.", mine
+    # The other call died holding it: once its claim lapses, this call answers the turn itself.
+    line = new_conversation("elara") | {"message": "And the bridge?", "idempotency_key": uuid.uuid4().hex}
+    held_by_another_call(line, lease_s=1)
+    (mine,) = handler({"input": line})["turns"]
+    assert mine["status"] == "done" and mine["reply"] and mine["attempts"] == 2, mine
+
+
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:
     assert "input" in handler({"nope": 1})["error"]
     assert "non-empty list" in handler({"input": {"turns": []}})["error"]

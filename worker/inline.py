@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from core.settings import settings
+from db.models import TurnStatus
 from db.session import session_scope
 from db.turns import claimable_before
 from services.producer import TurnView, enqueue_turns, get_turn
@@ -24,7 +26,8 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     attempts in milliseconds and fail for a cause that passes. Sending it again later runs it again.
     Earlier turns of the same conversations that an earlier call left unanswered (it raised, or its
     process was stopped) are answered first, here: with no queue, nothing else would, and every later
-    turn of their conversations would wait behind them for ever.
+    turn of their conversations would wait behind them for ever. A turn another call holds (a
+    concurrent call on the same conversation took it as its own earlier turn) is waited for.
     EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
     check_space()
@@ -40,5 +43,23 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
         stalled = [t.id for t in report.stalled if t.model == settings.model]
         pending = list(dict.fromkeys([*stalled, *now, *report.deferred, *pending[settings.batch_size :]]))
-    views = [get_turn(turn_id) for turn_id in ids]
-    return [view for view in views if view is not None]
+    return _held_elsewhere_waited_for(ids)
+
+
+# Between two looks at turns another call holds.
+HELD_POLL_S = 0.5
+
+
+def _held_elsewhere_waited_for(ids: Sequence[Any]) -> list[TurnView]:
+    """The turns as they stand once none is running: a turn still running here is held by another
+    call's claim (a concurrent call on the same conversation took it as its own earlier turn), which
+    answers it; it is waited for, for at most a lease, and taken here if that claim lapses (its
+    process died). It used to be returned `running`, unanswered."""
+    deadline = time.monotonic() + settings.lease_seconds
+    while True:
+        views = [view for view in map(get_turn, ids) if view is not None]
+        held = [view.id for view in views if view.status == TurnStatus.RUNNING]
+        if not held or time.monotonic() >= deadline:
+            return views
+        time.sleep(HELD_POLL_S)
+        process_batch(held)  # claims only what another call's lapsed claim left
