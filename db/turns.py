@@ -242,6 +242,21 @@ def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID], model: 
     return [turn_id for turn_id, _, _ in rows]
 
 
+def running_elsewhere(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> bool:
+    """Whether a turn of these turns' conversations (one of them, or one they wait behind) runs under
+    a live lease: another caller is answering it, and will finish or let its lease lapse."""
+    conversations = select(Turn.conversation_id).where(Turn.id.in_(list(turn_ids)))
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    Turn.conversation_id.in_(conversations), Turn.status == TurnStatus.RUNNING, _lease_live()
+                )
+            )
+        )
+    )
+
+
 def _ours(token: uuid.UUID) -> Any:
     return and_(Turn.status == TurnStatus.RUNNING, Turn.claim_token == token)
 

@@ -76,13 +76,15 @@ def _text(kind: bytes, data: bytes, limit: int) -> tuple[str, str]:
 
 
 def read_text(raw: bytes, keywords: tuple[str, ...], limit: int) -> dict[str, str]:
-    """The text of the first chunk of each of these keywords, as SillyTavern reads a card (a later
-    chunk of a keyword, other text chunks and the image are skipped, never inflated: a file of many
-    card chunks costs one inflation a keyword)."""
+    """The text of the first chunk of each of these (lowercase) keywords, matched in any case, as
+    SillyTavern finds a card's chunk; a later chunk of a keyword, other text chunks and the image are
+    skipped, never inflated: a file of many card chunks costs one inflation a keyword."""
     found: dict[str, str] = {}
     for kind, data, _, _ in _chunks(raw):
-        keyword = data.partition(b"\x00")[0].decode("latin-1")
-        if kind in TEXT_TYPES and keyword in keywords and keyword not in found:
+        if kind not in TEXT_TYPES:
+            continue
+        keyword = data.partition(b"\x00")[0].decode("latin-1").lower()
+        if keyword in keywords and keyword not in found:
             found[keyword] = _text(kind, data, limit)[1]
     return found
 
@@ -107,7 +109,7 @@ def write_text(image: bytes, keyword: str, text: str, replace: tuple[str, ...]) 
     IEND; every other chunk is copied byte for byte."""
     out = [SIGNATURE]
     for kind, data, start, end in _chunks(image):
-        if kind in TEXT_TYPES and data.partition(b"\x00")[0].decode("latin-1") in replace:
+        if kind in TEXT_TYPES and data.partition(b"\x00")[0].decode("latin-1").lower() in replace:
             continue
         if kind == b"IEND":
             out.append(_chunk(b"tEXt", keyword.encode("latin-1") + b"\x00" + text.encode("latin-1")))

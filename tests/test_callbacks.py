@@ -361,9 +361,7 @@ def test_a_callback_its_burst_did_not_deliver_is_tried_once_more_when_due_and_de
     assert run.callback_attempts == burst + 1 and run.callback_delivered_at is None
     due_in = _due_in_s(Run, run_id)
     assert due_in is not None and 2 * RETRY_FIRST_S - 60 < due_in <= 2 * RETRY_FIRST_S
-    time.sleep(1)  # a burst would have tried again by now
     with session_scope() as s:
-        assert s.get_one(Run, run_id).callback_attempts == burst + 1
         s.execute(
             update(Run).where(Run.id == run_id).values(callback_url=f"http://127.0.0.1:{receiver}/hook")
         )

@@ -101,7 +101,7 @@ def test_only_the_first_chunk_of_a_card_keyword_is_read_the_rest_never_inflated(
     original = json.loads((CARDS / "mira_v2.json").read_bytes())
     image = placeholder()
     iend = image.rindex(b"IEND") - 4
-    first = _chunk(b"tEXt", b"chara\x00" + _b64(original).encode())
+    first = _chunk(b"tEXt", b"Chara\x00" + _b64(original).encode())  # its keyword in any case
     later = [_chunk(b"zTXt", b"chara\x00\x00" + zlib.compress(b"A" * 1000)[:-4] + b"junk") for _ in range(3)]
     raw = image[:iend] + first + b"".join(later) + image[iend:]
     assert read_card(raw).card == original

@@ -37,11 +37,14 @@ def test_an_earlier_turn_a_stopped_call_left_unanswered_is_answered_first_not_wa
     assert first is not None and first.status == "done" and first.reply
 
 
-def test_a_turn_another_call_holds_is_waited_for_and_returned_answered_not_running(engine) -> None:
-    """Found in review: two calls on one conversation at once: the later took the earlier's turn as
-    its own earlier turn and answered it, and the earlier call, finding its turn claimed, returned
-    it `running`, unanswered. It now waits for the holder; and answers the turn itself when the
-    holder's claim lapses (its container died)."""
+def test_a_turn_another_call_holds_or_waits_behind_is_waited_for_and_returned_answered(
+    engine, monkeypatch
+) -> None:
+    """Found in review: two calls on one conversation at once. The later took the earlier's turn as
+    its own earlier turn and answered it, and the earlier call, finding its turn claimed, returned it
+    `running`, unanswered; and a call whose turn waited behind another call's returned it `queued`.
+    It now waits for the other call (looking again every HELD_POLL_S); and answers the turn itself
+    once the other call's claim lapses (its container died)."""
     import threading
     import time
     import uuid
@@ -49,6 +52,11 @@ def test_a_turn_another_call_holds_is_waited_for_and_returned_answered_not_runni
     from db.session import session_scope
     from db.turns import TurnOutcome, claim_turns, store_replies
     from services.producer import enqueue_turns
+    from worker import inline
+
+    looks: list[int] = []
+    real = inline._running_elsewhere
+    monkeypatch.setattr(inline, "_running_elsewhere", lambda ids: looks.append(1) or real(ids))
 
     def held_by_another_call(line: dict, lease_s: float):  # type: ignore[no-untyped-def]
         (turn_id,) = enqueue_turns([line], send=False)
@@ -57,41 +65,56 @@ def test_a_turn_another_call_holds_is_waited_for_and_returned_answered_not_runni
         assert [t.id for t in claim.claimed] == [turn_id]
         return claim.token, claim.claimed[0]
 
+    def answered_by_the_other_call_in(seconds: float, token, turn) -> threading.Thread:  # type: ignore[no-untyped-def]
+        outcome = TurnOutcome(
+            turn_id=turn.id,
+            conversation_id=turn.conversation_id,
+            user_message=turn.message,
+            user_embedding=None,
+            reply="Answered by the other call.",
+            reply_embedding=None,
+            prompt="",
+            context={},
+            usage={},
+            timings={},
+            params=turn.params,
+        )
+
+        def answer() -> None:
+            time.sleep(seconds)
+            with session_scope() as s:
+                stored.extend(store_replies(session=s, token=token, outcomes=[outcome]))
+
+        stored: list = []
+        thread = threading.Thread(target=answer)
+        thread.stored = stored  # type: ignore[attr-defined]
+        thread.start()
+        return thread
+
     # This call's own turn (a replay of the line: the same idempotency key), held by another call.
-    line = new_conversation("elara") | {
-        "message": "Is the ford passable?",
-        "idempotency_key": uuid.uuid4().hex,
-    }
+    key = uuid.uuid4().hex
+    line = new_conversation("elara") | {"message": "Is the ford passable?", "idempotency_key": key}
     token, turn = held_by_another_call(line, lease_s=60)
-    outcome = TurnOutcome(
-        turn_id=turn.id,
-        conversation_id=turn.conversation_id,
-        user_message=turn.message,
-        user_embedding=None,
-        reply="Answered by the other call.",
-        reply_embedding=None,
-        prompt="",
-        context={},
-        usage={},
-        timings={},
-        params=turn.params,
-    )
-
-    def the_other_call_answers() -> None:
-        time.sleep(1.5)
-        with session_scope() as s:
-            assert store_replies(session=s, token=token, outcomes=[outcome]) == [turn.id]
-
-    other = threading.Thread(target=the_other_call_answers)
-    other.start()
+    other = answered_by_the_other_call_in(1.5, token, turn)
     (mine,) = handler({"input": line})["turns"]
     other.join()
+    assert other.stored == [turn.id] and looks  # type: ignore[attr-defined]
     assert mine["status"] == "done" and mine["reply"] == "Answered by the other call.", mine
-    # The other call died holding it: once its claim lapses, this call answers the turn itself.
+    # This call's turn waits behind another call's turn of the same conversation.
+    conversation = new_conversation("elara")
+    token, turn = held_by_another_call(conversation | {"message": "Is the inn open?"}, lease_s=60)
+    looks.clear()
+    other = answered_by_the_other_call_in(1.5, token, turn)
+    (mine,) = handler({"input": conversation | {"message": "And the stables?"}})["turns"]
+    other.join()
+    assert other.stored == [turn.id] and looks  # type: ignore[attr-defined]
+    assert mine["status"] == "done" and mine["reply"], mine
+    # The other call died holding this call's turn: once its claim lapses, this call answers it.
     line = new_conversation("elara") | {"message": "And the bridge?", "idempotency_key": uuid.uuid4().hex}
-    held_by_another_call(line, lease_s=1)
+    held_by_another_call(line, lease_s=3)
+    looks.clear()
     (mine,) = handler({"input": line})["turns"]
-    assert mine["status"] == "done" and mine["reply"] and mine["attempts"] == 2, mine
+    assert looks and mine["status"] == "done" and mine["reply"] and mine["attempts"] == 2, mine
 
 
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:

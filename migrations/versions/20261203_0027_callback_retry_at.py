@@ -27,8 +27,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    # If not there yet: the autocommit block below commits them before the index is built, so an
+    # upgrade run again after an interrupted build (the revision still 0026) finds them in place.
     for table in ("runs", "turns"):
-        op.add_column(table, sa.Column("callback_retry_at", sa.DateTime(timezone=True)))
+        op.add_column(table, sa.Column("callback_retry_at", sa.DateTime(timezone=True)), if_not_exists=True)
     # CONCURRENTLY, as in 0018: turns are written all the time, also while the index builds.
     with op.get_context().autocommit_block():
         create_index_concurrently(
