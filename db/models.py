@@ -460,6 +460,8 @@ class Turn(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Attempts refunded for a lost database connection (capped: migration 0028).
+    outage_refunds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -899,12 +899,19 @@ def fail_turns(
 
 
 def requeue_turns(
-    *, session: Session, token: uuid.UUID, reasons: dict[uuid.UUID, str], refund_attempt: bool = False
+    *,
+    session: Session,
+    token: uuid.UUID,
+    reasons: dict[uuid.UUID, str],
+    refund_attempt: bool = False,
+    max_refunds: int | None = None,
 ) -> list[uuid.UUID]:
     """requeue: put turns running under this claim back to queued, keeping each one's reason.
 
-    `refund_attempt` hands the attempt back too: the turn was not at fault (its engine died).
-    The caller sends them again after the commit, so they are stamped dispatched now.
+    `refund_attempt` hands the attempt back too: the turn was not at fault (the database's
+    connection was lost under its batch), for a turn refunded fewer than `max_refunds` times so far
+    (None: no limit); each refund is counted. The caller sends them again after the commit, so they
+    are stamped dispatched now.
     """
     if not reasons:
         return []
@@ -916,13 +923,22 @@ def requeue_turns(
             .values(
                 status=TurnStatus.QUEUED,
                 error=_by_id({t: r[:ERROR_CHARS] for t, r in reasons.items()}),
-                attempts=func.greatest(Turn.attempts - 1, 0) if refund_attempt else Turn.attempts,
+                attempts=_refunded(max_refunds) if refund_attempt else Turn.attempts,
+                outage_refunds=Turn.outage_refunds + 1 if refund_attempt else Turn.outage_refunds,
                 lease_until=None,
                 dispatched_at=func.now(),
             )
             .returning(Turn.id)
         ).all()
     )
+
+
+def _refunded(max_refunds: int | None) -> Any:
+    """The attempts of a turn handed back with its attempt refunded, while it has refunds left."""
+    refunded = func.greatest(Turn.attempts - 1, 0)
+    if max_refunds is None:
+        return refunded
+    return case((Turn.outage_refunds < max_refunds, refunded), else_=Turn.attempts)
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,40 @@ def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, 
     assert process_batch([turn_id]).done == [turn_id]
 
 
+def test_a_turn_whose_batch_loses_the_connection_every_time_is_charged_past_its_refunds(
+    engine, monkeypatch
+) -> None:
+    """Found in review: the refund above had no limit, and a statement that crashes its PostgreSQL
+    backend every time looks like a lost connection: such a turn was sent round for ever, taking the
+    database down at every round. Past MLCHAT_MAX_OUTAGE_REFUNDS refunds its attempts are charged."""
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    from core.settings import settings
+    from db.models import TurnErrorCode
+    from worker import pipeline
+
+    def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError(
+            "SELECT", {}, Exception("server closed the connection"), connection_invalidated=True
+        )
+
+    monkeypatch.setattr(settings, "max_outage_refunds", 2)
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    seen = []
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "fetch_batch_context", crash)
+        for _ in range(2 + settings.max_attempts):
+            with pytest.raises(OperationalError):
+                process_batch([turn_id])
+            seen.append(get_turn(turn_id).attempts)
+    assert seen == [0, 0, *range(1, settings.max_attempts + 1)]
+    report = process_batch([turn_id])  # no attempts left: failed, not sent round again
+    view = get_turn(turn_id)
+    assert list(report.failed) == [turn_id] and view.status == TurnStatus.FAILED
+    assert view.error_code == TurnErrorCode.ATTEMPTS_EXHAUSTED
+
+
 def test_a_hand_back_the_outage_stopped_is_tried_again_while_the_lease_holds(world, monkeypatch) -> None:
     """Found in review: the hand-back after a database outage was tried once, at the moment the
     connection dropped, so it failed as a rule: the turns waited out their lease with the attempt

@@ -159,7 +159,9 @@ def process_batch(
         except BaseException as exc:
             _cancel_requests(report)
             # The database's connection lost under the batch is nobody's fault: its turns are not
-            # charged (three blips in a turn's life would otherwise fail it as out of attempts).
+            # charged (three blips in a turn's life would otherwise fail it as out of attempts), up to
+            # MLCHAT_MAX_OUTAGE_REFUNDS times a turn (a statement that crashes its backend every time
+            # looks the same, and would take the database down at every round for ever).
             # Any other error, a statement timeout too, is charged: a turn that raises it every
             # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
@@ -215,7 +217,13 @@ def _hand_back(
     reasons = {t.id: reason for t in turns}
     requeued = _best_effort_hand_back(
         turns,
-        lambda session: requeue_turns(session=session, token=token, reasons=reasons, refund_attempt=refund),
+        lambda session: requeue_turns(
+            session=session,
+            token=token,
+            reasons=reasons,
+            refund_attempt=refund,
+            max_refunds=settings.max_outage_refunds,
+        ),
     )
     return requeued or []
 
