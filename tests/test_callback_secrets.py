@@ -7,10 +7,6 @@ two tenants; REVIEW_KEY is a writer's key.
 """
 
 import json
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
@@ -23,6 +19,7 @@ from scripts.cli import main as cli
 from services import producer
 from services.callbacks import SIGNATURE_HEADER, verify_signature
 from services.turn_callbacks import deliver_turn
+from tests.callback_receiver import receiving
 from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY, new_conversation
 
 MASTER = "the-operators-callback-secret"
@@ -34,30 +31,6 @@ B = {"X-API-Key": HASHED_INGEST_KEY}
 def signing(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setattr(settings, "callback_secret", SecretStr(MASTER))
     monkeypatch.setattr(settings, "callback_allow_private", True)  # the receiver is on loopback
-
-
-@contextmanager
-def _receiver() -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
-    """A loopback endpoint answering 204; its URL and the (body, signature) of each POST."""
-    received: list[tuple[bytes, str]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            body = self.rfile.read(int(self.headers["content-length"]))
-            received.append((body, self.headers[SIGNATURE_HEADER]))
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", received
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _secret(base_url: str, headers: dict[str, str]) -> dict:
@@ -74,7 +47,7 @@ def test_each_tenants_callbacks_are_signed_with_a_secret_only_its_own_keys_learn
     assert len({a["secret"], b["secret"], MASTER}) == 3
     assert a["signature_header"] == SIGNATURE_HEADER
     signed = {}
-    with _receiver() as (url, received):
+    with receiving() as (url, received):
         for tenant in ("game-a", "game-b"):
             line = new_conversation() | {"message": "Bring the cart round.", "callback_url": url}
             request = producer.TurnRequest(**line)

@@ -371,17 +371,30 @@ def test_a_callback_its_burst_did_not_deliver_is_tried_once_more_when_due_and_de
     assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""))
 
 
-def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_window(services) -> None:
+def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_window(
+    services, monkeypatch
+) -> None:
     from db.callbacks import GIVEN_UP, RETRY_FIRST_S, RETRY_MAX_S, claim_retries, record_attempt
     from db.models import Turn
+    from tasks.callbacks import deliver_batch_callback
 
-    run_id = _run_calling_back("https://hooks.example.test/done")
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    run_id = _run_calling_back("http://127.0.0.1:9/hook")  # nothing listens there: each try fails
     waits = []
     for _ in range(6):
         with session_scope() as s:
             record_attempt(session=s, of=Run, row_id=run_id, error="HTTP 503", burst=3)
         waits.append(round(_due_in_s(Run, run_id) or 0, -1))
     assert waits == [RETRY_FIRST_S] * 3 + [2 * RETRY_FIRST_S, RETRY_MAX_S, RETRY_MAX_S]
+    # The sweeper's try (a task sent as the last try of its burst) is one try, where a first send
+    # is a burst of MLCHAT_CALLBACK_MAX_ATTEMPTS (run eagerly here: a retry runs at once).
+    deliver_batch_callback.apply(args=[str(run_id)], retries=deliver_batch_callback.max_retries)
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).callback_attempts == 7
+    deliver_batch_callback.apply(args=[str(run_id)])
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).callback_attempts == 7 + settings.callback_max_attempts
     with session_scope() as s:  # due: taken once, by one housekeeper
         s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
     with session_scope() as s:
@@ -394,13 +407,9 @@ def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_wi
     assert _due_in_s(Run, run_id) is None
     # A turn's callback past its window is given up, and says so; a revived turn owes a fresh one.
     turn_id = _turn_calling_back()
-    with session_scope() as s:
-        record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
-        s.execute(
-            update(Turn)
-            .where(Turn.id == turn_id)
-            .values(callback_retry_at=func.now(), finished_at=func.now() - func.make_interval(0, 0, 0, 2))
-        )
+    _tried_once(
+        turn_id, callback_retry_at=func.now(), finished_at=func.now() - func.make_interval(0, 0, 0, 2)
+    )
     with session_scope() as s:
         assert turn_id not in claim_retries(session=s, of=Turn, window_s=86400, limit=100_000)
     with session_scope() as s:
@@ -411,18 +420,11 @@ def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_wi
 def test_a_revived_turn_owes_its_callback_afresh_with_no_due_time_left_over(services) -> None:
     """Review of the fix: a turn revived after a failure's callback was tried kept that try's due
     time, so the sweeper would have posted its answer a second time beside the worker's."""
-    from db.callbacks import record_attempt
     from db.models import Turn, TurnErrorCode, TurnStatus
     from db.turns import revive_unsent
 
     turn_id = _turn_calling_back()
-    with session_scope() as s:
-        record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
-        s.execute(
-            update(Turn)
-            .where(Turn.id == turn_id)
-            .values(status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
-        )
+    _tried_once(turn_id, status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
     assert _due_in_s(Turn, turn_id) is not None
     with session_scope() as s:
         assert revive_unsent(session=s, turn_ids=[turn_id]) == [turn_id]
@@ -440,3 +442,13 @@ def _turn_calling_back() -> uuid.UUID:
         cancel_turns(session=s, turn_ids=[turn_id])
         s.execute(update(Turn).where(Turn.id == turn_id).values(callback_url="https://hooks.example.test/t"))
     return turn_id
+
+
+def _tried_once(turn_id: uuid.UUID, **then: object) -> None:
+    """One failed try of the turn's callback recorded, then these columns of the turn set."""
+    from db.callbacks import record_attempt
+    from db.models import Turn
+
+    with session_scope() as s:
+        record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
+        s.execute(update(Turn).where(Turn.id == turn_id).values(**then))

@@ -23,7 +23,8 @@ from db.bulk_turns import StagedTurn, insert_run_turns
 from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import cancel_run, create_run, finish_submission
 from db.session import _session_factory, session_scope
-from db.turns import ClaimedTurn, TurnOutcome, claim_turns, mark_dispatched, renew_lease, store_replies
+from db.turns import ClaimedTurn, claim_turns, mark_dispatched, renew_lease, store_replies
+from tests.outcomes import outcome_of
 
 
 def _run_of(lines: int, *, sent: int | None = None, chunks: int = 1) -> tuple[uuid.UUID, list[uuid.UUID]]:
@@ -70,24 +71,8 @@ def _claim(turn_ids: list[uuid.UUID]) -> tuple[uuid.UUID, dict[uuid.UUID, Claime
     return claim.token, {t.id: t for t in claim.claimed}
 
 
-def _outcome(turn: ClaimedTurn) -> TurnOutcome:
-    return TurnOutcome(
-        turn_id=turn.id,
-        conversation_id=turn.conversation_id,
-        user_message=turn.message,
-        user_embedding=None,
-        reply=f"Answer to {turn.message}",
-        reply_embedding=None,
-        prompt="",
-        context={},
-        usage={},
-        timings={},
-        params=turn.params,
-    )
-
-
 def _store(session: Session, token: uuid.UUID, turn: ClaimedTurn) -> None:
-    assert store_replies(session=session, token=token, outcomes=[_outcome(turn)]) == [turn.id]
+    assert store_replies(session=session, token=token, outcomes=[outcome_of(turn)]) == [turn.id]
 
 
 def _statuses(run_id: uuid.UUID) -> tuple[RunStatus, dict[uuid.UUID, TurnStatus]]:
@@ -343,7 +328,7 @@ def test_a_store_reads_runs_and_scenes_only_for_its_turns_that_have_one(world) -
         statements.clear()
         with session_scope() as s:
             stored = store_replies(
-                session=s, token=token, outcomes=[_outcome(turns[run_turn]), _outcome(turns[live_2])]
+                session=s, token=token, outcomes=[outcome_of(turns[run_turn]), outcome_of(turns[live_2])]
             )
     finally:
         event.remove(Engine, "before_cursor_execute", seen)
@@ -470,7 +455,7 @@ def test_a_groups_write_a_deadlock_ends_is_written_again_not_handed_back_charged
         theirs.execute(select(Run.id).where(Run.id == run_b).with_for_update())
         pid = theirs.connection().exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
         writer = _in_thread(
-            lambda: written.append(write_group(token, [_outcome(turns[a])], {b: failure}, {})), errors
+            lambda: written.append(write_group(token, [outcome_of(turns[a])], {b: failure}, {})), errors
         )
         deadline = time.monotonic() + 30
         while not _waits_on(pid):  # the write holds A and waits for B

@@ -1,6 +1,7 @@
 """The RunPod-style handler over the same pipeline: a sample event in, answered turns out."""
 
 from tests.conftest import new_conversation
+from tests.outcomes import outcome_of
 from worker.serverless import handler
 
 
@@ -43,78 +44,103 @@ def test_a_turn_another_call_holds_or_waits_behind_is_waited_for_and_returned_an
     """Found in review: two calls on one conversation at once. The later took the earlier's turn as
     its own earlier turn and answered it, and the earlier call, finding its turn claimed, returned it
     `running`, unanswered; and a call whose turn waited behind another call's returned it `queued`.
-    It now waits for the other call (looking again every HELD_POLL_S); and answers the turn itself
-    once the other call's claim lapses (its container died)."""
+    It now waits for the other call (looking again every HELD_POLL_S), and answers the turns itself
+    once the other call's claim lapses (its container died). The other call acts only once this call
+    has looked, so each part takes the waiting path."""
     import threading
-    import time
     import uuid
 
+    from sqlalchemy import text
+
     from db.session import session_scope
-    from db.turns import TurnOutcome, claim_turns, store_replies
-    from services.producer import enqueue_turns
+    from db.turns import claim_turns, store_replies
+    from services.producer import enqueue_turns, get_turn
     from worker import inline
 
-    looks: list[int] = []
+    looked = threading.Event()
     real = inline._running_elsewhere
-    monkeypatch.setattr(inline, "_running_elsewhere", lambda ids: looks.append(1) or real(ids))
 
-    def held_by_another_call(line: dict, lease_s: float):  # type: ignore[no-untyped-def]
+    def looking(ids):  # type: ignore[no-untyped-def]
+        looked.set()
+        return real(ids)
+
+    monkeypatch.setattr(inline, "_running_elsewhere", looking)
+
+    def held_by_another_call(line: dict):  # type: ignore[no-untyped-def]
         (turn_id,) = enqueue_turns([line], send=False)
         with session_scope() as s:
-            claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=lease_s, max_attempts=3)
+            claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
         assert [t.id for t in claim.claimed] == [turn_id]
         return claim.token, claim.claimed[0]
 
-    def answered_by_the_other_call_in(seconds: float, token, turn) -> threading.Thread:  # type: ignore[no-untyped-def]
-        outcome = TurnOutcome(
-            turn_id=turn.id,
-            conversation_id=turn.conversation_id,
-            user_message=turn.message,
-            user_embedding=None,
-            reply="Answered by the other call.",
-            reply_embedding=None,
-            prompt="",
-            context={},
-            usage={},
-            timings={},
-            params=turn.params,
-        )
+    def once_looked(act) -> threading.Thread:  # type: ignore[no-untyped-def]
+        looked.clear()
+        done: list = []
 
-        def answer() -> None:
-            time.sleep(seconds)
+        def run() -> None:
+            assert looked.wait(60), "the call never waited"
             with session_scope() as s:
-                stored.extend(store_replies(session=s, token=token, outcomes=[outcome]))
+                done.append(act(s))
 
-        stored: list = []
-        thread = threading.Thread(target=answer)
-        thread.stored = stored  # type: ignore[attr-defined]
+        thread = threading.Thread(target=run)
+        thread.done = done  # type: ignore[attr-defined]
         thread.start()
         return thread
 
-    # This call's own turn (a replay of the line: the same idempotency key), held by another call.
-    key = uuid.uuid4().hex
-    line = new_conversation("elara") | {"message": "Is the ford passable?", "idempotency_key": key}
-    token, turn = held_by_another_call(line, lease_s=60)
-    other = answered_by_the_other_call_in(1.5, token, turn)
-    (mine,) = handler({"input": line})["turns"]
+    def answers(token, turn):  # type: ignore[no-untyped-def]
+        reply = outcome_of(turn, reply="Answered by the other call.")
+        return lambda s: store_replies(session=s, token=token, outcomes=[reply])
+
+    def dies(turn):  # type: ignore[no-untyped-def]  # its claim lapses
+        return lambda s: (
+            s.execute(
+                # as a lease lapses: well after the turn's message went out
+                text(
+                    "UPDATE turns SET lease_until = now() - interval '1 second',"
+                    " dispatched_at = now() - interval '2 minutes' WHERE id = :id"
+                ),
+                {"id": turn.id},
+            ).rowcount
+        )
+
+    def call(line: dict) -> dict:
+        (view,) = handler({"input": line})["turns"]
+        return view
+
+    # 1. This call's own turn (a replay of the line: the same idempotency key), held by another call.
+    line = new_conversation("elara") | {
+        "message": "Is the ford passable?",
+        "idempotency_key": uuid.uuid4().hex,
+    }
+    token, turn = held_by_another_call(line)
+    other = once_looked(answers(token, turn))
+    mine = call(line)
     other.join()
-    assert other.stored == [turn.id] and looks  # type: ignore[attr-defined]
+    assert other.done == [[turn.id]]  # type: ignore[attr-defined]
     assert mine["status"] == "done" and mine["reply"] == "Answered by the other call.", mine
-    # This call's turn waits behind another call's turn of the same conversation.
+    # 2. This call's turn waits behind another call's turn of the same conversation.
     conversation = new_conversation("elara")
-    token, turn = held_by_another_call(conversation | {"message": "Is the inn open?"}, lease_s=60)
-    looks.clear()
-    other = answered_by_the_other_call_in(1.5, token, turn)
-    (mine,) = handler({"input": conversation | {"message": "And the stables?"}})["turns"]
+    token, turn = held_by_another_call(conversation | {"message": "Is the inn open?"})
+    other = once_looked(answers(token, turn))
+    mine = call(conversation | {"message": "And the stables?"})
     other.join()
-    assert other.stored == [turn.id] and looks  # type: ignore[attr-defined]
-    assert mine["status"] == "done" and mine["reply"], mine
-    # The other call died holding this call's turn: once its claim lapses, this call answers it.
+    assert other.done == [[turn.id]] and mine["status"] == "done" and mine["reply"], mine  # type: ignore[attr-defined]
+    # 3. The other call dies holding this call's turn: this call answers it.
     line = new_conversation("elara") | {"message": "And the bridge?", "idempotency_key": uuid.uuid4().hex}
-    held_by_another_call(line, lease_s=3)
-    looks.clear()
-    (mine,) = handler({"input": line})["turns"]
-    assert looks and mine["status"] == "done" and mine["reply"] and mine["attempts"] == 2, mine
+    _, turn = held_by_another_call(line)
+    other = once_looked(dies(turn))
+    mine = call(line)
+    other.join()
+    assert mine["status"] == "done" and mine["reply"] and mine["attempts"] == 2, mine
+    # 4. The other call dies holding the turn this call's turn waits behind: this call answers both.
+    conversation = new_conversation("elara")
+    _, turn = held_by_another_call(conversation | {"message": "Is the mill turning?"})
+    other = once_looked(dies(turn))
+    mine = call(conversation | {"message": "And the well?"})
+    other.join()
+    blocker = get_turn(turn.id)
+    assert blocker is not None and blocker.status == "done" and blocker.attempts == 2, blocker
+    assert mine["status"] == "done" and mine["reply"], mine
 
 
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:

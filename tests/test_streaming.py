@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import httpx
 import openai
@@ -18,6 +16,7 @@ from db.turns import cancel_turns
 from services import producer
 from services.schemas import TurnRequest
 from streaming.publisher import publisher
+from tests.callback_receiver import receiving
 from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, new_conversation
 
 OWNER = {"X-API-Key": INGEST_KEY}  # key "game-a"
@@ -292,7 +291,7 @@ def test_a_streamed_turn_under_the_quality_gate_is_stored_as_shown_and_its_callb
     monkeypatch.setattr(signing, "quality_regenerate", True)
     monkeypatch.setattr(signing, "quality_min_persona", 1.0)  # no reply is that close: each is below the bar
     monkeypatch.setattr(signing, "callback_allow_private", True)
-    with _receiver([500, 200]) as (url, received):
+    with receiving([500, 200]) as (url, received):
         body = new_conversation() | {
             "message": "Any rooms free tonight?",
             "stream": True,
@@ -435,43 +434,13 @@ def test_a_callback_without_a_signing_secret_is_a_422_naming_both(base_url, monk
     assert _turns_of(body["conversation"]) == 0
 
 
-@contextmanager
-def _receiver(answers: list[int]) -> Iterator[tuple[str, list[tuple[bytes, str]]]]:
-    """An HTTP endpoint on loopback that answers its POSTs with `answers` in turn; yields its URL
-    and the (body, signature) of each POST it received."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from services.callbacks import SIGNATURE_HEADER
-
-    received: list[tuple[bytes, str]] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
-            received.append(
-                (self.rfile.read(int(self.headers["content-length"])), self.headers[SIGNATURE_HEADER])
-            )
-            self.send_response(answers.pop(0))
-            self.end_headers()
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}/hook", received
-    finally:
-        server.shutdown()
-
-
 def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypatch) -> None:
     from db.models import Turn
     from services.callbacks import CallbackFailed, tenant_secret, verify_signature
     from services.turn_callbacks import deliver_turn
 
     monkeypatch.setattr(signing, "callback_allow_private", True)
-    with _receiver([500, 200]) as (url, received):
+    with receiving([500, 200]) as (url, received):
         request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
         (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
         with session_scope() as session:

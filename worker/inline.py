@@ -27,9 +27,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     process was stopped) are answered first, here: with no queue, nothing else would, and every later
     turn of their conversations would wait behind them for ever. A turn another call holds (a
     concurrent call on the same conversation took it as its own earlier turn), or one waiting behind
-    another call's turn, is waited for, HELD_POLL_S between looks, for at most MLCHAT_LEASE_SECONDS
-    without progress, and taken over if that call's claim lapses (its process died); past that it is
-    returned as it stands.
+    another call's turn, is waited for, HELD_POLL_S between looks: while the other call's claim is
+    renewed, and for at most a lease (or half the order wait limit) without progress otherwise; a turn
+    whose claim lapsed (its process died) is answered here. Past that it is returned as it stands.
     EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
     check_space()
@@ -38,7 +38,8 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
     pending = list(dict.fromkeys([*earlier, *ids]))
     rounds = settings.max_attempts + len(pending)
-    patience = time.monotonic() + settings.lease_seconds
+    patience = _patience()
+    idle_looks = 0
     while pending and rounds > 0:
         batch = pending[: settings.batch_size]
         report = process_batch(batch)
@@ -46,15 +47,26 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
         stalled = [t.id for t in report.stalled if t.model == settings.model]
         waiting = [*report.held, *report.deferred]  # another call's claim holds them, or their turn
-        pending = list(dict.fromkeys([*stalled, *now, *waiting, *pending[settings.batch_size :]]))
-        if set(batch) <= set(waiting):  # no progress this round: waiting on another call, or on nothing
-            if time.monotonic() >= patience or not _running_elsewhere(waiting):
+        # Waiting turns go last, so they never keep this call's other turns out of a batch.
+        pending = list(dict.fromkeys([*stalled, *now, *pending[settings.batch_size :], *waiting]))
+        if stalled or not set(batch) <= set(waiting):
+            rounds -= 1
+            patience, idle_looks = _patience(), 0
+        elif set(pending) <= set(waiting):  # every turn left waits: on another call, or on nothing
+            # A held turn is waited for while its holder renews its lease (its lease's end moves on).
+            patience = max(patience, time.monotonic() + max(report.held.values(), default=0.0) + HELD_POLL_S)
+            idle_looks = 0 if _running_elsewhere(waiting) else idle_looks + 1
+            # Twice nothing running, a look apart: a claim committing as we looked is seen the second time.
+            if time.monotonic() >= patience or idle_looks >= 2:
                 break
             time.sleep(HELD_POLL_S)
-        else:
-            rounds -= 1
-            patience = time.monotonic() + settings.lease_seconds
     return [view for view in map(get_turn, ids) if view is not None]
+
+
+def _patience() -> float:
+    """Until when to wait for turns of another call with no progress here: a lease, and never as long
+    as the claim's order wait limit, which would fail a waiting turn as blocked."""
+    return time.monotonic() + min(settings.lease_seconds, settings.order_wait_limit_s / 2)
 
 
 # Between two looks at turns another call holds.
