@@ -460,7 +460,8 @@ class Turn(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Attempts refunded for a lost database connection (capped: migration 0028).
+    # Hand-backs for a lost database connection; the first MLCHAT_MAX_OUTAGE_REFUNDS of them cost no
+    # attempt (migration 0028). A retry of a run's failed turns starts them afresh.
     outage_refunds: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The lease: the worker whose claim token this is owns the running turn until lease_until.
     claim_token: Mapped[uuid.UUID | None] = mapped_column(Uuid)

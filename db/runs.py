@@ -579,6 +579,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
             .values(
                 status=TurnStatus.QUEUED,
                 attempts=0,
+                outage_refunds=0,
                 error=None,
                 error_code=None,
                 finished_at=None,

@@ -243,12 +243,16 @@ def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID], model: 
 
 
 def running_elsewhere(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> bool:
-    """Whether a turn of these turns' conversations (one of them, or one they wait behind) is running:
-    another caller is answering it, or its claim lapsed and the next claim takes it over."""
+    """Whether a turn of these turns' conversations (one of them, or one they wait behind) runs under
+    a live lease: another caller is answering it, and will finish it or let its lease lapse."""
     conversations = select(Turn.conversation_id).where(Turn.id.in_(list(turn_ids)))
     return bool(
         session.scalar(
-            select(exists().where(Turn.conversation_id.in_(conversations), Turn.status == TurnStatus.RUNNING))
+            select(
+                exists().where(
+                    Turn.conversation_id.in_(conversations), Turn.status == TurnStatus.RUNNING, _lease_live()
+                )
+            )
         )
     )
 

@@ -372,7 +372,7 @@ def test_a_callback_its_burst_did_not_deliver_is_tried_once_more_when_due_and_de
 
 
 def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_window(
-    services, monkeypatch
+    world, monkeypatch
 ) -> None:
     from db.callbacks import GIVEN_UP, RETRY_FIRST_S, RETRY_MAX_S, claim_retries, record_attempt
     from db.models import Turn
@@ -388,8 +388,15 @@ def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_wi
         waits.append(round(_due_in_s(Run, run_id) or 0, -1))
     assert waits == [RETRY_FIRST_S] * 3 + [2 * RETRY_FIRST_S, RETRY_MAX_S, RETRY_MAX_S]
     # The sweeper's try (a task sent as the last try of its burst) is one try, where a first send
-    # is a burst of MLCHAT_CALLBACK_MAX_ATTEMPTS (run eagerly here: a retry runs at once).
-    deliver_batch_callback.apply(args=[str(run_id)], retries=deliver_batch_callback.max_retries)
+    # is a burst of MLCHAT_CALLBACK_MAX_ATTEMPTS (both run eagerly here: a retry runs at once).
+    from services.batches import retry_callbacks
+    from tasks.app import app
+
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(callback_retry_at=func.now()))
+    with monkeypatch.context() as eager:
+        eager.setitem(app.conf, "task_always_eager", True)
+        assert str(run_id) in retry_callbacks()
     with session_scope() as s:
         assert s.get_one(Run, run_id).callback_attempts == 7
     deliver_batch_callback.apply(args=[str(run_id)])
@@ -417,7 +424,7 @@ def test_a_callback_is_tried_less_often_past_its_burst_and_given_up_after_its_wi
         assert turn.callback_retry_at is None and turn.callback_error == f"HTTP 500; {GIVEN_UP}"
 
 
-def test_a_revived_turn_owes_its_callback_afresh_with_no_due_time_left_over(services) -> None:
+def test_a_revived_turn_owes_its_callback_afresh_with_no_due_time_left_over(world) -> None:
     """Review of the fix: a turn revived after a failure's callback was tried kept that try's due
     time, so the sweeper would have posted its answer a second time beside the worker's."""
     from db.models import Turn, TurnErrorCode, TurnStatus

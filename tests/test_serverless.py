@@ -141,6 +141,17 @@ def test_a_turn_another_call_holds_or_waits_behind_is_waited_for_and_returned_an
     blocker = get_turn(turn.id)
     assert blocker is not None and blocker.status == "done" and blocker.attempts == 2, blocker
     assert mine["status"] == "done" and mine["reply"], mine
+    # 5. More turns waiting behind another call's turn than a batch holds: looked at, not spun on.
+    conversation = new_conversation("elara")
+    token, turn = held_by_another_call(conversation | {"message": "Is the road clear?"})
+    other = once_looked(answers(token, turn))
+    lines = [
+        {"conversation": conversation["conversation"], "message": f"And the {i}th mile?"} for i in range(20)
+    ]
+    short = {"params": {"max_new_tokens": 4}}
+    views = handler({"input": {"turns": [line | short for line in lines]}})["turns"]
+    other.join()
+    assert other.done == [[turn.id]] and [v["status"] for v in views] == ["done"] * 20, views  # type: ignore[attr-defined]
 
 
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:

@@ -38,7 +38,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
     pending = list(dict.fromkeys([*earlier, *ids]))
     rounds = settings.max_attempts + len(pending)
-    patience = _patience()
+    # Waiting on other calls: until `patience` without progress, never past `give_up` in all.
+    patience, give_up = _patience(), time.monotonic() + settings.order_wait_limit_s / 2
+    seen_waiting: set[Any] = set()  # turns found waiting since the last progress
     idle_looks = 0
     while pending and rounds > 0:
         batch = pending[: settings.batch_size]
@@ -52,14 +54,25 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         if stalled or not set(batch) <= set(waiting):
             rounds -= 1
             patience, idle_looks = _patience(), 0
-        elif set(pending) <= set(waiting):  # every turn left waits: on another call, or on nothing
-            # A held turn is waited for while its holder renews its lease (its lease's end moves on).
-            patience = max(patience, time.monotonic() + max(report.held.values(), default=0.0) + HELD_POLL_S)
-            idle_looks = 0 if _running_elsewhere(waiting) else idle_looks + 1
-            # Twice nothing running, a look apart: a claim committing as we looked is seen the second time.
-            if time.monotonic() >= patience or idle_looks >= 2:
-                break
-            time.sleep(HELD_POLL_S)
+            seen_waiting.clear()
+            continue
+        seen_waiting |= set(waiting)
+        if not set(pending) <= seen_waiting:
+            continue  # turns not looked at since the last progress: their batch next
+        # Every turn left waits, on another call or on nothing: one look, then a pause.
+        seen_waiting.clear()
+        taken_over = _lapsed_blockers(pending)  # their call died: answered here, first
+        if taken_over:
+            pending = list(dict.fromkeys([*taken_over, *pending]))
+            continue
+        # A held turn is waited for while its holder renews its lease (its lease's end moves on).
+        held_for = max(report.held.values(), default=0.0) + HELD_POLL_S
+        patience = min(max(patience, time.monotonic() + held_for), give_up)
+        idle_looks = 0 if _running_elsewhere(pending) else idle_looks + 1
+        # Twice nothing running, a look apart: a claim committing as we looked is seen the second time.
+        if time.monotonic() >= patience or idle_looks >= 2:
+            break
+        time.sleep(HELD_POLL_S)
     return [view for view in map(get_turn, ids) if view is not None]
 
 
@@ -67,6 +80,13 @@ def _patience() -> float:
     """Until when to wait for turns of another call with no progress here: a lease, and never as long
     as the claim's order wait limit, which would fail a waiting turn as blocked."""
     return time.monotonic() + min(settings.lease_seconds, settings.order_wait_limit_s / 2)
+
+
+def _lapsed_blockers(turn_ids: Sequence[Any]) -> list[Any]:
+    """The earlier turns these turns wait behind that a claim can take now (queued, or running under
+    a lease that lapsed: the call that held it died)."""
+    with session_scope() as session:
+        return claimable_before(session=session, turn_ids=turn_ids, model=settings.model)
 
 
 # Between two looks at turns another call holds.
