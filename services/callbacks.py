@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import httpx
 
 from core.settings import settings
-from db.callbacks import record_attempt
+from db.callbacks import Owner, record_attempt
 from db.models import RUN_FINISHED, Run
 from db.session import session_scope
 
@@ -177,21 +177,24 @@ def deliver(run_id: uuid.UUID) -> bool:
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
         tenant = run.tenant
-    return send_once(
-        url, body, tenant=tenant, delivery=str(run_id), record=lambda *outcome: _record_run(run_id, *outcome)
-    )
+    return send_once(url, body, tenant=tenant, delivery=str(run_id), record=recorder(Run, run_id))
 
 
-def _record_run(run_id: uuid.UUID, error: str | None, again: bool) -> None:
-    with session_scope() as session:
-        record_attempt(
-            session=session,
-            of=Run,
-            row_id=run_id,
-            error=error,
-            again=again,
-            burst=settings.callback_max_attempts,
-        )
+def recorder(of: Owner, row_id: uuid.UUID) -> Callable[[str | None, bool], None]:
+    """What send_once records each try of a run's (`of` Run) or a turn's callback with."""
+
+    def record(error: str | None, again: bool) -> None:
+        with session_scope() as session:
+            record_attempt(
+                session=session,
+                of=of,
+                row_id=row_id,
+                error=error,
+                again=again,
+                burst=settings.callback_max_attempts,
+            )
+
+    return record
 
 
 def send_once(

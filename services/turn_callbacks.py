@@ -8,11 +8,9 @@ import logging
 import uuid
 from collections.abc import Sequence
 
-from core.settings import settings
-from db.callbacks import record_attempt
 from db.models import TURN_FINISHED, Turn
 from db.session import session_scope
-from services.callbacks import send_once
+from services.callbacks import recorder, send_once
 from services.producer import TurnView
 
 logger = logging.getLogger(__name__)
@@ -30,21 +28,7 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
         view = TurnView.of(turn).model_copy(update={"prompt": None, "context": None})
         url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
         tenant = turn.tenant
-    return send_once(
-        url, body, tenant=tenant, delivery=str(turn_id), record=lambda *outcome: _record(turn_id, *outcome)
-    )
-
-
-def _record(turn_id: uuid.UUID, error: str | None, again: bool) -> None:
-    with session_scope() as session:
-        record_attempt(
-            session=session,
-            of=Turn,
-            row_id=turn_id,
-            error=error,
-            again=again,
-            burst=settings.callback_max_attempts,
-        )
+    return send_once(url, body, tenant=tenant, delivery=str(turn_id), record=recorder(Turn, turn_id))
 
 
 def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:
