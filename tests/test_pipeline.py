@@ -91,6 +91,39 @@ def test_one_bad_turn_never_fails_its_batch_mates(engine) -> None:
     assert get_turn(ids[0]).status == get_turn(ids[2]).status == TurnStatus.DONE
 
 
+def test_a_deadlock_ending_the_write_of_turns_failed_before_the_engine_is_run_again(
+    engine, monkeypatch
+) -> None:
+    """A turn that fails before generation is written at once, and that write, like a group's, takes
+    runs' rows (fail_turns advances them): a deadlock there was the whole batch handed back charged."""
+    from psycopg.errors import DeadlockDetected
+    from sqlalchemy.exc import OperationalError
+
+    from db.models import Turn
+    from worker import pipeline
+
+    ok = new_conversation("elara") | {"message": "A room for the night, please."}
+    too_long = new_conversation("luffy") | {"message": "고기" * 1900}
+    ids = enqueue_turns([ok, too_long], send=False)
+    real, victims = pipeline.fail_turns, []
+
+    def fail_turns(**kwargs):  # type: ignore[no-untyped-def]
+        if kwargs["failures"] and not victims:
+            victims.append(list(kwargs["failures"]))
+            raise OperationalError("UPDATE turns …", {}, DeadlockDetected("deadlock detected"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(pipeline, "fail_turns", fail_turns)
+    report = process_batch(ids)
+    assert victims == [[ids[1]]]  # the early write was the deadlock's victim
+    assert report.done == [ids[0]] and list(report.failed) == [ids[1]]
+    with session_scope() as s:
+        rows = {t.id: t for t in s.scalars(select(Turn).where(Turn.id.in_(ids)))}
+    assert rows[ids[0]].status == TurnStatus.DONE and rows[ids[0]].attempts == 1
+    assert rows[ids[1]].status == TurnStatus.FAILED and rows[ids[1]].attempts == 1
+    assert "persona and message alone" in rows[ids[1]].error
+
+
 def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
     import uuid
 

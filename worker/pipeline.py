@@ -364,9 +364,9 @@ def _answer(
     early = {t: f for t, f in report.failed.items() if t not in failed_by_claim}
     early_retry = dict(report.retry)
     if early or early_retry:
-        with timer("write"), session_scope() as session:
-            fail_turns(session=session, token=token, failures=early, timings=shared_ms)
-            requeue_turns(session=session, token=token, reasons=early_retry)
+        with timer("write"):  # a group of no replies: run again, as any group's, if a deadlock ends it
+            _, next_steps = write_group(token, [], early, early_retry, timings=shared_ms)
+        report.next_steps += next_steps
         _announce(turns, [*early, *early_retry])
         _call_back(list(early), turns)
 
