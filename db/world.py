@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -157,6 +158,9 @@ def set_conversation_story(
     time = (
         story_time if story_time is not None else case((Conversation.story == story, Conversation.story_time))
     )
+    # A turn being stored holds the row's key-share lock until it commits, unseen by the update's
+    # snapshot: this lock waits for it, and the update (a statement of its own) then sees the turn.
+    session.execute(select(Conversation.id).where(Conversation.id == conversation_id).with_for_update())
     session.execute(
         update(Conversation)
         .where(
@@ -173,6 +177,36 @@ def set_conversation_story(
         select(Conversation.story, Conversation.story_time).where(Conversation.id == conversation_id)
     ).one()
     return current[0] == story and (story_time is None or current[1] == story_time)
+
+
+# Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
+_STORY_LOCK_NAMESPACE = 0x6D6C7374  # "mlst"
+STORY_LOCK_WAIT_S = 30
+
+
+@contextmanager
+def story_switch_lock(tenant: str, conversation: str) -> Iterator[None]:
+    """Held, on a connection of its own, from a request's story switch of a named conversation until
+    its turn is stored: a second switch waits, then finds that turn unanswered. LockNotAvailable
+    (an OperationalError) after STORY_LOCK_WAIT_S."""
+    from db.session import get_engine
+
+    key = func.hashtext(f"{tenant}\n{conversation}")
+    conn = get_engine().connect()
+    try:
+        with conn.begin():  # the wait's limit is the transaction's; the lock is the session's
+            conn.execute(select(func.set_config("lock_timeout", f"{STORY_LOCK_WAIT_S}s", True)))
+            conn.execute(select(func.pg_advisory_lock(_STORY_LOCK_NAMESPACE, key)))
+        try:
+            yield
+        finally:
+            try:
+                with conn.begin():
+                    conn.execute(select(func.pg_advisory_unlock(_STORY_LOCK_NAMESPACE, key)))
+            except Exception:  # the connection broke; the server released the lock with it
+                conn.invalidate()
+    finally:
+        conn.close()
 
 
 def append_history_if_empty(

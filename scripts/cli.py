@@ -376,11 +376,12 @@ def _read_json(path: Path) -> object:
 
 
 def _store_original(
-    files: dict[str, Path | None], others: Path | None, fields: dict[str, Any]
-) -> dict[str, Any]:
+    files: dict[str, Path | None], others: Path | None, fields: dict[str, Any], *, send: bool
+) -> tuple[dict[str, Any], uuid.UUID]:
     """The original service's inline files stored (persona, history, story; a replay stores nothing
-    new); the turn request to send. A bad file is refused naming the file and the field."""
-    from services.original_request import InlineRefused, read_request, store_request, turn_request
+    new), then the turn (sent to the workers when `send`, streamed then unless best of n): the turn
+    request and its id. A bad file is refused naming the file and the field."""
+    from services.original_request import InlineRefused, read_request, store_and_enqueue, turn_request
 
     payload: dict[str, Any] = {}
     if others is not None:
@@ -394,7 +395,8 @@ def _store_original(
     payload.update(given)
     try:
         request = read_request(payload)
-        stored = store_request(request)
+        stream = send and (request.turn.params.n or 1) == 1  # best of n is judged whole, never streamed
+        stored, turn_id = store_and_enqueue(request, send=send, stream=stream)
     except InlineRefused as exc:
         # A "request" error names its field first ("gen_config.temperature: ..."): the file it came from.
         key = exc.part if exc.part != "request" else re.split(r"[.\[:]", str(exc), maxsplit=1)[0]
@@ -406,7 +408,7 @@ def _store_original(
         f"persona: character {stored.character!r} v{stored.character_version} ({verb}){story}; "
         f"history: {stored.lines_imported} line(s) imported into conversation {stored.conversation}"
     )
-    return turn_request(request, stored).model_dump(exclude_none=True)
+    return turn_request(request, stored).model_dump(exclude_none=True) | {"stream": stream}, turn_id
 
 
 @app.command()
@@ -470,11 +472,12 @@ def chat(
         fields = {"message": message, "conversation": conversation, "player_name": player_name}
         # --narrator when given; else the --others file's speaker, if it names one
         said = {"speaker": speaker} if narrator else {}
-        request = _store_original(files, others, fields | {"params": parsed} | said)
+        request, turn_id = _store_original(files, others, fields | {"params": parsed} | said, send=not inline)
         character = str(request["character"])
     elif character is None:
         raise Refused("--character: missing (or --persona with the original service's files)")
     else:
+        turn_id = None
         request = {
             "conversation": conversation or f"cli-{character}",
             "character": character,
@@ -484,16 +487,16 @@ def chat(
             "speaker": speaker,
         }
     if inline:
-        from worker.inline import answer_now
+        from worker.inline import answer_now, answer_stored
 
-        answered = answer_now([request])
+        answered = answer_stored([turn_id]) if turn_id is not None else answer_now([request])
         if not answered:  # removed before it could be read back
             raise Refused("the turn ran but could not be read back; send it again")
         (view,) = answered
     else:
-        # best of n is judged whole, never streamed (n from --params, or from --others' gen_config)
-        request["stream"] = (request.get("params") or {}).get("n", 1) == 1
-        (turn_id,) = enqueue_turns([request])
+        if turn_id is None:  # best of n is judged whole, never streamed
+            request["stream"] = (request.get("params") or {}).get("n", 1) == 1
+            (turn_id,) = enqueue_turns([request])
         deadline = time.monotonic() + timeout  # printing and waiting share it
         if request["stream"]:
             _print_as_written(turn_id, timeout)

@@ -405,6 +405,30 @@ def _append_missing(
     return added
 
 
+def store_and_enqueue(
+    req: InlineRequest, *, send: bool, stream: bool = False
+) -> tuple[StoredInline, uuid.UUID]:
+    """store_request, then its turn (sent to the workers when `send`): (what was stored, the turn's id).
+
+    A request that points a named conversation at a story holds the conversation's story lock until
+    its turn is stored. Without it a second request could switch the story between this one's story
+    write and its turn (no turn of the conversation was unanswered yet), and this turn was answered in
+    the other story. A request without a story takes no lock: its turn runs in whatever story the
+    conversation has then, as the README says."""
+    from contextlib import nullcontext
+
+    from db.world import story_switch_lock
+    from services.producer import enqueue_turns
+
+    switching = req.conversation is not None and req.story_key is not None
+    held = story_switch_lock(DEFAULT_TENANT, req.conversation or "") if switching else nullcontext()
+    with held:
+        stored = store_request(req)
+        turn = turn_request(req, stored).model_copy(update={"stream": stream})
+        (turn_id,) = enqueue_turns([turn], send=send)
+    return stored, turn_id
+
+
 def turn_request(req: InlineRequest, stored: StoredInline) -> TurnRequest:
     """The turn to run, in the stored conversation with the stored character."""
     return req.turn.model_copy(update={"conversation": stored.conversation, "character": stored.character})

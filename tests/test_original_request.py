@@ -22,7 +22,13 @@ from roleplay.cards import CardError
 from scripts.cli import _store_original
 from scripts.cli import main as cli
 from services.characters import import_card
-from services.original_request import InlineRefused, read_request, store_request, turn_request
+from services.original_request import (
+    InlineRefused,
+    read_request,
+    store_and_enqueue,
+    store_request,
+    turn_request,
+)
 from services.producer import enqueue_turns
 from worker.embedder import embed
 from worker.serverless import handler
@@ -224,7 +230,7 @@ def test_the_cli_files_are_stored_once_on_replay(tmp_path: Path) -> None:
     others.write_text(
         json.dumps({"gen_config": {"temperature": 0.3, "max_new_tokens": 16}}), encoding="utf-8"
     )
-    requests = [_store_original(dict(files), others, {"message": "Meat?"}) for _ in range(2)]
+    requests = [_store_original(dict(files), others, {"message": "Meat?"}, send=False)[0] for _ in range(2)]
     assert requests[0]["conversation"] != requests[1]["conversation"]  # each request its own
     assert {**requests[0], "conversation": ""} == {**requests[1], "conversation": ""}
     assert requests[0]["params"]["temperature"] == 0.3 and requests[0]["params"]["max_new_tokens"] == 16
@@ -449,6 +455,107 @@ def test_a_named_conversation_changes_its_story_only_when_no_turn_of_it_is_unans
     assert changed.story != first.story and (conv.story, conv.story_time) == (changed.story, None)
 
 
+def _seen_waiting(query: str, timeout: float = 15.0, **params: Any) -> bool:
+    """Whether a backend shows up waiting on a lock, by `query` (a count), within `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope() as s:
+            if s.scalar(text(query), params):
+                return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_story_switch_waits_for_the_turn_of_the_request_that_set_the_story_before_it(monkeypatch) -> None:
+    """Found in review: a request's story is written in one transaction and its turn stored in the
+    next. A second request switching the named conversation to another story in between found no
+    unanswered turn, switched it, and the first request's turn was answered in the second's story."""
+    from db import world
+    from services import original_request
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    first = read_request(_event(name, conversation=conversation, story_time=15))
+    other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
+    second = read_request(_event(name, conversation=conversation, story=other_story))
+    real, first_stored, go = original_request.store_request, threading.Event(), threading.Event()
+
+    def store_request_then_pause(req, **kwargs):  # type: ignore[no-untyped-def]
+        stored = real(req, **kwargs)
+        if req is first:  # its turn is stored once the second request has come
+            first_stored.set()
+            go.wait(30)
+        return stored
+
+    monkeypatch.setattr(original_request, "store_request", store_request_then_pause)
+    results: list = []
+    thread = threading.Thread(target=lambda: results.append(store_and_enqueue(first, send=False)))
+    thread.start()
+    assert first_stored.wait(60)
+    refused: list[Exception] = []
+
+    def switch() -> None:
+        try:
+            store_and_enqueue(second, send=False)
+        except InlineRefused as exc:
+            refused.append(exc)
+
+    switching = threading.Thread(target=switch)
+    switching.start()
+    blocked = _seen_waiting(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted AND classid = :ns",
+        ns=world._STORY_LOCK_NAMESPACE,
+    )
+    go.set()
+    thread.join(60)
+    switching.join(60)
+    assert blocked, "the second request did not wait for the first's story lock"
+    assert [str(e) for e in refused] and str(refused[0]).startswith("story: conversation 'orig-")
+    ((stored, turn_id),) = results
+    conv = _conversation(conversation)
+    assert (conv.story, conv.story_time) == (stored.story, 15)
+    with session_scope() as s:
+        assert s.scalar(select(Turn.status).where(Turn.id == turn_id)) == TurnStatus.QUEUED
+
+
+def test_a_story_switch_waits_for_a_turn_being_stored_and_then_sees_it() -> None:
+    """Found in review: the switch's update did not see a turn stored by a transaction still open
+    (its snapshot was taken first), and switched the story under it."""
+    from sqlalchemy import insert
+
+    from db.world import set_conversation_story
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    request = read_request(_event(name, conversation=conversation))
+    stored, turn_id = store_and_enqueue(request, send=False)
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == turn_id).values(status=TurnStatus.DONE))
+        done = s.get_one(Turn, turn_id)
+        skipped = {"id", "number", "idempotency_key", "user_message_id", "reply_message_id"}
+        copy = {c.key: getattr(done, c.key) for c in Turn.__table__.columns if c.key not in skipped}
+        conv_id = done.conversation_id
+    switched: list[bool] = []
+
+    def switch() -> None:
+        with session_scope() as s2:
+            switched.append(
+                set_conversation_story(session=s2, conversation_id=conv_id, story="other", story_time=None)
+            )
+
+    thread = threading.Thread(target=switch)
+    with session_scope() as storing:
+        fresh = {"status": TurnStatus.QUEUED, "idempotency_key": uuid.uuid4().hex}
+        storing.execute(insert(Turn).values(copy | fresh))  # not committed yet
+        thread.start()
+        waited = _seen_waiting(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND query LIKE '%FROM conversations%FOR UPDATE%'"
+        )  # the turn commits as this block ends
+    thread.join(30)
+    assert waited, "the switch did not wait for the turn being stored"
+    assert switched == [False]
+    assert _conversation(conversation).story == stored.story
+
+
 def test_another_characters_conversation_is_refused_before_its_lines_are_compared() -> None:
     conversation = f"elaras-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:
@@ -537,7 +644,7 @@ def test_params_errors_name_params_and_a_lost_turn_is_a_clear_error(monkeypatch:
     assert result == {"error": "params.temperature: Input should be less than or equal to 2"}
     result = handler({"input": event | {"gen_config": {"temperature": 9}, "params": {"top_p": 0.5}}})
     assert result == {"error": "gen_config.temperature: Input should be less than or equal to 2"}
-    monkeypatch.setattr("worker.inline.answer_now", lambda requests: [])  # the turn gone before its read
+    monkeypatch.setattr("worker.inline.answer_stored", lambda ids: [])  # the turn gone before its read
     assert handler({"input": event}) == {
         "error": "the turn ran but could not be read back; send the request again"
     }

@@ -198,3 +198,51 @@ def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, m
         "error": "temporarily unavailable (OperationalError); send the event again",
         "retry": True,
     }
+
+
+def test_a_turn_another_claim_took_before_this_calls_write_is_waited_for_not_returned_running(
+    world, monkeypatch
+) -> None:
+    """Found in review: a reply whose turn another claim took meanwhile (this call's lease lapsed, a
+    concurrent call took the turn over) is not stored, and the call returned the turn `running`,
+    unanswered, though the other claim answered it moments later. It is now waited for as a turn
+    another call holds."""
+    import threading
+
+    from sqlalchemy import text
+
+    from db.session import session_scope
+    from db.turns import claim_turns, store_replies
+    from worker import inline
+    from worker.pipeline import BatchReport
+
+    real = inline.process_batch
+    others: list[threading.Timer] = []
+
+    def lost_to_another_claim(batch):  # type: ignore[no-untyped-def]
+        monkeypatch.setattr(inline, "process_batch", real)
+        (turn_id,) = batch
+        with session_scope() as s:
+            assert claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3).claimed
+            s.execute(
+                text("UPDATE turns SET lease_until = now() - interval '1 second' WHERE id = :id"),
+                {"id": turn_id},
+            )
+        with session_scope() as s:  # another call takes the lapsed turn over
+            other = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        (turn,) = other.claimed
+
+        def answer() -> None:
+            with session_scope() as s:
+                reply = outcome_of(turn, reply="Answered by the other claim.")
+                store_replies(session=s, token=other.token, outcomes=[reply])
+
+        others.append(threading.Timer(1.0, answer))
+        others[0].start()
+        return BatchReport(lost=[turn_id])
+
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    monkeypatch.setattr(inline, "process_batch", lost_to_another_claim)
+    (view,) = inline.answer_now([new_conversation("elara") | {"message": "Is the ford passable?"}])
+    others[0].join()
+    assert view.status == "done" and view.reply == "Answered by the other claim.", view

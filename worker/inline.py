@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,11 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
     """
     check_space()
-    ids = enqueue_turns(requests, send=False)
+    return answer_stored(enqueue_turns(requests, send=False))
+
+
+def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
+    """answer_now for turns stored already (and not sent): run until each is finished, in order."""
     with session_scope() as session:  # left by an earlier call that stopped part-way: nothing else sends them
         earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
     pending = list(dict.fromkeys([*earlier, *ids]))
@@ -48,7 +53,8 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
         now = [t for t in report.retry if t not in report.retry_in]
         # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
         stalled = [t.id for t in report.stalled if t.model == settings.model]
-        waiting = [*report.held, *report.deferred]  # another call's claim holds them, or their turn
+        # Another call's claim holds them, their turn is yet to come, or another claim took them from us.
+        waiting = [*report.held, *report.deferred, *report.lost]
         # Waiting turns go last, so they never keep this call's other turns out of a batch.
         pending = list(dict.fromkeys([*stalled, *now, *pending[settings.batch_size :], *waiting]))
         if stalled or not set(batch) <= set(waiting):

@@ -74,13 +74,13 @@ def _try_again(exc: Exception) -> dict[str, Any]:
 def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     """The original service's inline shape: persona, history and story stored (a replay stores
     nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
-    from services.original_request import chat_response, read_request, store_request, turn_request
-    from worker.inline import answer_now
+    from services.original_request import chat_response, read_request, store_and_enqueue
+    from worker.inline import answer_stored
 
     try:
         request = read_request(payload)
-        stored = store_request(request)
-        views = answer_now([turn_request(request, stored)])
+        stored, turn_id = store_and_enqueue(request, send=False)
+        views = answer_stored([turn_id])
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
         return chat_response(views[0], stored)
