@@ -473,7 +473,11 @@ def extend_scene(
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )
-    scene.exchanges = scene.steps_done + exchanges + int(bool(pending))
+    # At least `exchanges` more steps from where it stands; never fewer than an open scene owes already
+    # (another call's `:continue`, or the scene's own start): a call retried before the next step is
+    # stored asks for nothing twice.
+    owed = scene.exchanges if scene.status == SceneStatus.OPEN else scene.steps_done
+    scene.exchanges = max(owed, scene.steps_done + exchanges + int(bool(pending)))
     scene.status = SceneStatus.OPEN
     scene.ended_reason = None
     scene.finished_at = None
@@ -500,6 +504,7 @@ def extend_scene(
                 finished_at=None,
                 dispatched_at=None,
                 attempts=0,  # engine_deaths stay: a step that kills the engine is still stopped
+                outage_refunds=0,
             )
             .returning(Turn.id)
         )

@@ -831,6 +831,8 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
     conv = _group(strategy="fixed")["conversation"]
     (first,) = continue_group(conv, 2, api_key="game-key")["sent"]
     turn, token, _ = _answer(uuid.UUID(first), "", store=False)
+    with session_scope() as s:  # review: its outage refunds, spent, came back spent
+        s.execute(update(Turn).where(Turn.id == turn.id).values(outage_refunds=settings.max_outage_refunds))
     with session_scope() as s:
         failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
         assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
@@ -839,6 +841,7 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
     with session_scope() as s:
         again = s.get_one(Turn, turn.id)
         assert (again.status, again.attempts, again.error_code) == (TurnStatus.QUEUED, 0, None)
+        assert again.outage_refunds == 0
         assert again.api_key == "game-key"
     _answer(turn.id, "Back to it.")
     step_two = _open_step(_conv_scene(conv))
@@ -851,6 +854,51 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
         assert fail_turns(session=s, token=token, failures={turn.id: crash}) == [turn.id]
     with pytest.raises(SceneClosed, match="not sent again"):
         continue_group(conv, 1)
+
+
+def test_continue_never_leaves_an_open_group_fewer_lines_than_it_owes(world, steps_unconsumed) -> None:
+    """Found in review: `:continue` set the lines owed to "now + N", so asking an open group that owed
+    five lines for one more left it owing two, and a second game server's call replaced the first's."""
+    from services.scenes import continue_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    assert continue_group(conv, 5)["exchanges"] == 5  # step 1 sent, 5 lines owed
+    assert continue_group(conv, 1)["exchanges"] == 5  # one more line from here is owed already
+    assert continue_group(conv, 8)["exchanges"] == 9  # 8 more from here: step 1 is still open
+    assert continue_group(conv, 8)["exchanges"] == 9  # the same call retried asks for nothing twice
+
+
+def test_a_group_or_player_named_with_a_slash_is_reached_by_its_routes(base_url) -> None:
+    """Found in review: a group or player id with a "/" was accepted, then no route matched it (a
+    bare 404 for its transcript, its `:continue` and its facts)."""
+    import httpx
+
+    key = {"X-API-Key": "test-key-1-abcdefgh"}
+    conv = f"tavern/{uuid.uuid4().hex[:8]}"
+    body = {"conversation": conv, "participants": ["elara", "luffy"], "premise": "A quiet night."}
+    r = httpx.post(f"{base_url}/v1/scenes", json=body, headers=key, timeout=30)
+    assert r.status_code == 201, r.text
+    quoted = conv.replace("/", "%2F")
+    for path in (conv, quoted):
+        r = httpx.get(f"{base_url}/v1/scenes/{path}", headers=key, timeout=30)
+        assert r.status_code == 200 and r.json()["conversation"] == conv, r.text
+    # the route is matched (its body is read and refused), not a bare 404
+    r = httpx.post(
+        f"{base_url}/v1/scenes/{quoted}:continue", json={"exchanges": 10_000}, headers=key, timeout=30
+    )
+    assert r.status_code == 422 and "exchanges" in r.text, r.text
+    player = f"guild/{uuid.uuid4().hex[:8]}"
+    r = httpx.post(
+        f"{base_url}/v1/players/{player}/facts", json={"facts": [{"text": "Stole the ring."}]}, headers=key
+    )
+    assert r.status_code == 201, r.text
+    (fact,) = r.json()["facts"]
+    r = httpx.get(f"{base_url}/v1/players/{player.replace('/', '%2F')}/facts", headers=key)
+    assert r.status_code == 200 and [f["id"] for f in r.json()["facts"]] == [fact["id"]], r.text
+    r = httpx.post(
+        f"{base_url}/v1/players/{player}/facts/{fact['id']}:move", json={"scope": "world"}, headers=key
+    )
+    assert r.status_code == 200, r.text
 
 
 def _conv_scene(conv: str) -> int:

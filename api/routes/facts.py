@@ -40,7 +40,9 @@ def _refused(exc: FactRefused) -> HTTPException:
     )
 
 
-@router.post("/{player}/facts", status_code=201, response_model=FactsOut, dependencies=[Depends(json_body)])
+@router.post(
+    "/{player:path}/facts", status_code=201, response_model=FactsOut, dependencies=[Depends(json_body)]
+)
 async def post_facts(
     player: Player, body: FactsIn, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> FactsOut:
@@ -52,7 +54,7 @@ async def post_facts(
     return FactsOut(facts=stored)
 
 
-@router.get("/{player}/facts", response_model=FactsOut)
+@router.get("/{player:path}/facts", response_model=FactsOut)
 def get_facts(
     player: Player, who: Annotated[Caller, Depends(needs("ingest"))], history: bool = False
 ) -> FactsOut:
@@ -60,7 +62,9 @@ def get_facts(
     return FactsOut(facts=facts.list_player_facts(who.tenant, player, history=history))
 
 
-@router.post("/{player}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)])
+@router.post(
+    "/{player:path}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)]
+)
 def move_fact(
     player: Player, fact_id: FactId, body: FactMoveIn, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> Gossiped:

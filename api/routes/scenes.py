@@ -28,7 +28,7 @@ async def post_scene(body: GroupSpec, who: Annotated[Caller, Depends(needs("inge
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
 
 
-@router.post("/{conversation}:continue", dependencies=[Depends(json_body)])
+@router.post("/{conversation:path}:continue", dependencies=[Depends(json_body)])
 async def continue_scene(
     conversation: ConversationId, body: ContinueSpec, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> dict[str, Any]:
@@ -43,7 +43,7 @@ async def continue_scene(
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
-@router.get("/{conversation}")
+@router.get("/{conversation:path}")
 async def get_scene(
     conversation: ConversationId, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from services.schemas import StoryEventIn, Text
 router = APIRouter(prefix="/v1/stories", tags=["stories"], dependencies=[Depends(needs("admin"))])
 
 
-@router.post("/{story}/events", status_code=201, dependencies=[Depends(json_body)])
+@router.post("/{story:path}/events", status_code=201, dependencies=[Depends(json_body)])
 def add_story_event(story: Annotated[Text, Path(min_length=1, max_length=100)], body: StoryEventIn) -> Any:
     """Append an event to a story; it is embedded on write and retrieved by later turns."""
     return characters.add_story_event(story, body.text, scene=body.scene, time=body.time)
