@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import secrets
+import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -724,12 +725,18 @@ def _lock_key(name: str) -> int:
 
 
 @contextmanager
-def submission_lock(name: str) -> Iterator[bool]:
+def submission_lock(name: str, *, wait_s: float = 0.0) -> Iterator[bool]:
     """Hold the run name's submission lock on a connection of its own; yields False if another
-    process holds it (a submission of that run is going on)."""
+    process holds it (a submission of that run is going on, or housekeeping is closing the run) for
+    `wait_s` more seconds."""
     conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
     try:
-        got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _lock_key(name)))))
+        deadline = time.monotonic() + wait_s
+        while True:
+            got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _lock_key(name)))))
+            if got or time.monotonic() >= deadline:
+                break
+            time.sleep(0.1)
         try:
             yield got
         finally:

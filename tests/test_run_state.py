@@ -230,12 +230,39 @@ def test_a_fixed_file_may_replace_a_run_that_failed_validation(quiet_model, tmp_
         submit_run(_file(tmp_path, 3, name="other"), name=name)
 
 
-def test_a_second_submitter_of_the_same_run_is_refused(quiet_model, tmp_path) -> None:
+def test_a_second_submitter_of_the_same_run_is_refused(quiet_model, tmp_path, monkeypatch) -> None:
+    from services.runs import submit
+
+    monkeypatch.setattr(submit, "BUSY_WAIT_S", 0.2)
     name = "busy-" + tmp_path.name
     with submission_lock(name) as got:
         assert got
-        with pytest.raises(RunBusy):
+        with pytest.raises(RunBusy, match="is busy"):
             submit_run(_file(tmp_path, 2), name=name)
+
+
+def test_a_submission_that_meets_housekeepings_moment_on_the_run_waits_it_out(quiet_model, tmp_path) -> None:
+    """Found in review: housekeeping holds a run's submission lock for a moment (failing an abandoned
+    submission, finishing a cancel); a submission or resume landing then was refused, told another
+    process was submitting the run."""
+    import threading
+
+    name = "swept-" + tmp_path.name
+    held, release = threading.Event(), threading.Event()
+
+    def housekeeping() -> None:
+        with submission_lock(name) as got:
+            assert got
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=housekeeping)
+    thread.start()
+    assert held.wait(10)
+    threading.Timer(0.5, release.set).start()
+    submitted = submit_run(_file(tmp_path, 2), name=name)
+    thread.join()
+    assert submitted.status == RunStatus.QUEUED
 
 
 _SUBMITTER = """

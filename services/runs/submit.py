@@ -62,7 +62,12 @@ __all__ = ["CHUNK", "RunBusy", "RunConflict", "SubmissionFailed", "SubmittedRun"
 
 
 class RunBusy(RuntimeError):
-    """Another process is submitting a run of that name right now."""
+    """Another process is submitting a run of that name right now (or housekeeping is closing it)."""
+
+
+# Housekeeping holds a run's submission lock for a moment (it fails an abandoned submission, or
+# finishes a cancel): a submission or resume that meets it waits that out rather than being refused.
+BUSY_WAIT_S = 3.0
 
 
 class SubmissionFailed(RuntimeError):
@@ -127,9 +132,12 @@ def submit_run(
     `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
     """
     name = check_run_name(name or path.stem)
-    with nullcontext(True) if lock_held else submission_lock(name) as got:
+    with nullcontext(True) if lock_held else submission_lock(name, wait_s=BUSY_WAIT_S) as got:
         if not got:
-            raise RunBusy(f"run {name!r} is being submitted by another process right now")
+            raise RunBusy(
+                f"run {name!r} is busy: another process is submitting it, or housekeeping is closing it;"
+                " try again shortly"
+            )
         options = _stored_options(name) or options or LineOptions()
         tenant = _stored_tenant(name)
         check = validate_file(path, options, tenant=tenant)
