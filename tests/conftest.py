@@ -73,9 +73,14 @@ from core.settings import queue_for_model, settings  # noqa: E402
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Cases marked `whole_database` (each re-embeds every stored vector) run first, while the
     database holds the seeded world: after the other files it holds thousands of lines, and each such
-    case took 14-24 s re-embedding them. The rest keep their order."""
+    case took 14-24 s re-embedding them. Cases marked `worker_processes` run last, so that the
+    session's steady worker process lives through them alone (its housekeeping and short claims would
+    act on the other files' rows, and a case that moves the vectors to another embedder stops it). The
+    rest keep their order."""
     first = [item for item in items if item.get_closest_marker("whole_database")]
-    items[:] = first + [item for item in items if not item.get_closest_marker("whole_database")]
+    last = [item for item in items if item.get_closest_marker("worker_processes") and item not in first]
+    middle = [item for item in items if item not in first and item not in last]
+    items[:] = first + middle + last
 
 
 @pytest.fixture(scope="session")
@@ -219,6 +224,19 @@ def sent_to_nobody(monkeypatch: pytest.MonkeyPatch, queue: str) -> Iterator[None
         yield
     finally:
         redis.Redis.from_url(broker_url()).delete(queue)
+
+
+@pytest.fixture(scope="session")
+def steady_worker(world, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """One `python -m worker` process for the session's `worker_processes` cases, started when one
+    first needs it (each worker process loads an engine, ~40-65 s here). tests/test_faults.py's cases
+    hand it the queues of the workers they kill, share its queue with a second worker and restart
+    Redis and PostgreSQL under it; tests/test_lora.py's adapter case uses its LoRA slots."""
+    from tests import worker_processes as wp
+
+    logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
+    with wp.started("steady", logs, **wp.STEADY_ENV) as proc:
+        yield wp.Steady(proc, logs["steady"])
 
 
 @pytest.fixture(scope="session")

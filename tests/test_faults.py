@@ -1,9 +1,9 @@
 """Real worker processes: fault injection (with real services) and two workers on one queue. Each
 case prints what it counted.
 
-One steady worker serves the module (each worker process loads an engine): a case's own worker serves
-queues of its own, which the steady worker takes over (Celery's `add_consumer`) once that worker is
-killed or gone; and it shares its queue with a second worker.
+The session's steady worker (tests/conftest.py; each worker process loads an engine) serves the
+module: a case's own worker serves queues of its own, which the steady worker takes over (Celery's
+`add_consumer`) once that worker is killed or gone; and it shares its queue with a second worker.
 The 500-turn variants are marked slow (run them with `pytest -m slow`); CI runs the smaller case of
 each kind.
 """
@@ -11,10 +11,8 @@ each kind.
 import json
 import re
 import signal
-import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -35,15 +33,7 @@ from tasks.queues import queue_depth
 from tests import worker_processes as wp
 from tests.conftest import INGEST_KEY, new_conversation
 
-# How long Redis waits before handing a dead worker's unacked messages to another (the restoring
-# worker's setting): the SIGKILL case waits this out. Short, yet well above the slowest batch (a claim
-# is held no longer than the visibility timeout), which takes ~11 s here.
-VISIBILITY_S = "30"
-# A claim whose worker died or could not hand it back is free this long after its last renewal.
-LEASE_S = "15"
-# Every worker of the module runs with both: each restores (puts back on their queues) the messages any
-# worker has held unacked past its own visibility timeout, so one short timeout applies to them all.
-ENV = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+pytestmark = pytest.mark.worker_processes
 
 
 def _counts(ids) -> dict[str, int]:
@@ -126,7 +116,7 @@ def _log_tail(log: Path, lines: int = 25) -> str:
 def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
     turns = 32
     # Two threads: it holds 8 messages (4 a thread), one turn each; the rest wait in Redis.
-    stopping_env = ENV | {"MLCHAT_WORKER_THREADS": "2"}
+    stopping_env = wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES | {"MLCHAT_WORKER_THREADS": "2"}
     with wp.started_alone("stopping", tmp_path / "stopping.log", **stopping_env) as (stopping, solo):
         ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
@@ -157,7 +147,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     world, tmp_path, request, turns
 ) -> None:
-    with wp.started_alone(f"victim-{turns}", tmp_path / "victim.log", **ENV) as (victim, solo):
+    with wp.started_alone(f"victim-{turns}", tmp_path / "victim.log", **wp.SHORT_CLAIMS) as (victim, solo):
         # a run's messages: a batch of turn ids each
         ids = wp.send_turns(turns, "Bulk line", lane="bulk", model=solo)
         # Mid-batch: some turns stored, a batch claimed and generating.
@@ -175,7 +165,7 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
         # re-sends what no message can be for; run here only once nothing has moved for a while.
         # The rows name the default model (the solo queue is the victim's alone), so the sweeper's
         # finding is sent to the solo queue here.
-        stranded = find_stranded(older_than_s=float(VISIBILITY_S), models=[settings.model], limit=10_000)
+        stranded = find_stranded(older_than_s=float(wp.VISIBILITY_S), models=[settings.model], limit=10_000)
         lost = [t.id for group in stranded.values() for t in group if t.id in set(ids)]
         if lost:
             dispatch(lost, model=solo, lane="bulk")
@@ -225,32 +215,9 @@ def test_an_engine_that_rejects_one_prompt_fails_that_turn_alone(celery_worker, 
     assert mates_attempts == {1}  # its batch-mates were answered on their first attempt
 
 
-@dataclass
-class Steady:
-    """The module's steady worker: its process and its log."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-
-    def take_over(self, model: str) -> None:
-        wp.take_over("steady", model)
-
-
-@pytest.fixture(scope="module")
-def steady_worker(world, tmp_path_factory):
-    """One worker process for the module, started when a case first needs it: it takes over the
-    queues of the SIGKILLed workers, of the SIGTERMed one and of the dead engine's (each served
-    them alone until then), shares its queue with a second worker, then lives through both restart
-    cases (they test that it survives them). A batch whose hand-back the PostgreSQL restart cut
-    waits for its lease: a short one, not the default two minutes. One engine loaded instead of six."""
-    logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
-    with wp.started("steady", logs, **ENV) as proc:
-        yield Steady(proc, logs["steady"])
-
-
-def _rescued(request: pytest.FixtureRequest, model: str) -> Steady:
+def _rescued(request: pytest.FixtureRequest, model: str) -> wp.Steady:
     """The steady worker (started now if no case has started it yet), consuming `model`'s queues."""
-    steady: Steady = request.getfixturevalue("steady_worker")
+    steady: wp.Steady = request.getfixturevalue("steady_worker")
     steady.take_over(model)
     return steady
 
@@ -261,7 +228,8 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
     from worker.lifecycle import EXIT_ENGINE_DEAD
 
     turns = 48
-    with wp.started_alone("doomed", tmp_path / "doomed.log", **ENV) as (doomed, solo):
+    doomed_env = wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES  # its engine-core process is killed
+    with wp.started_alone("doomed", tmp_path / "doomed.log", **doomed_env) as (doomed, solo):
         ids = wp.send_turns(turns, "Night-shift line", lane="bulk", model=solo)
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]
@@ -290,7 +258,7 @@ def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world
 
 def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_worker, tmp_path) -> None:
     logs = {"second": tmp_path / "second.log"}
-    with wp.started("second", logs, **ENV):
+    with wp.started("second", logs, **wp.SHORT_CLAIMS):
         ids = enqueue_turns(
             [new_conversation() | {"message": f"Line {n}, innkeeper."} for n in range(48)], send=False
         )
@@ -327,7 +295,7 @@ def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
             for event in _events_live(response):
                 events.append(event)
 
-    with wp.started_alone("streamer", tmp_path / "streamer.log", **ENV) as (streamer, solo):
+    with wp.started_alone("streamer", tmp_path / "streamer.log", **wp.SHORT_CLAIMS) as (streamer, solo):
         (stored,) = producer.submit_turns([turn], send=False, api_key="game-a", tenant="game-a")
         reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
         reader.start()

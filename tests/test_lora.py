@@ -5,6 +5,7 @@ import json
 import uuid
 
 import numpy as np
+import pytest
 
 from db.session import session_scope
 from db.turns import TurnOutcome, claim_turns, store_replies
@@ -190,11 +191,12 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+@pytest.mark.worker_processes
 def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_engine_call(
-    world, tokenizer, tmp_path
+    world, tokenizer, tmp_path, steady_worker
 ) -> None:
-    """A worker process with MLCHAT_ENABLE_LORA: its engine must be started with LoRA slots, which the
-    session's shared engine is not."""
+    """The session's steady worker process, started with MLCHAT_ENABLE_LORA: its engine has LoRA slots,
+    which the session's in-process engine has not."""
     from services.lora.registry import register
     from services.producer import wait_for_reply
     from tasks.generate import dispatch
@@ -218,10 +220,8 @@ def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_eng
         for character in (SLUG, "elara", SLUG, "elara")
     ]
     ids = enqueue_turns(requests, send=False)
-    logs = {"lora": tmp_path / "lora.log"}
-    with wp.started("lora", logs, MLCHAT_ENABLE_LORA="true", MLCHAT_MAX_LORA_RANK="8"):
-        dispatch(ids, model=wp.QUEUE_MODEL, lane="live")  # one message: one batch, one engine call
-        views = [wait_for_reply(turn_id, timeout=600) for turn_id in ids]
+    dispatch(ids, model=wp.QUEUE_MODEL, lane="live")  # one message: one batch, one engine call
+    views = [wait_for_reply(turn_id, timeout=600) for turn_id in ids]
     assert all(v.reply for v in views), [v.error for v in views]
     expected = f"{SLUG}@v{registered.version}"
     assert [v.adapter for v in views] == [expected, None, expected, None]

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import kombu.exceptions
@@ -28,6 +29,32 @@ from worker.model_cache import resolve_model_path
 
 QUEUE_MODEL = "smollm2-135m-proc"
 
+# How long Redis waits before handing a dead worker's unacked messages to another (the restoring
+# worker's setting): the SIGKILL case waits this out. Short, yet well above the slowest batch (a claim
+# is held no longer than the visibility timeout), which takes ~11 s here.
+VISIBILITY_S = "30"
+# A claim whose worker died or could not hand it back is free this long after its last renewal.
+LEASE_S = "15"
+# Every worker process runs with both: each restores (puts back on their queues) the messages any
+# worker has held unacked past its own visibility timeout, so one short timeout applies to them all.
+SHORT_CLAIMS = {"MLCHAT_VISIBILITY_TIMEOUT": VISIBILITY_S, "MLCHAT_LEASE_SECONDS": LEASE_S}
+# vLLM's own engine-core and executor processes, as a production worker runs them: for the cases where
+# they matter (SIGTERM reaches them too; the engine-core process is the one that dies).
+ENGINE_PROCESSES = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+# The steady worker's engine has LoRA slots, so that the adapter case needs no engine of its own.
+STEADY_ENV = SHORT_CLAIMS | {"MLCHAT_ENABLE_LORA": "true", "MLCHAT_MAX_LORA_RANK": "8"}
+
+
+@dataclass
+class Steady:
+    """The session's steady worker (tests/conftest.py): its process and its log."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def take_over(self, model: str) -> None:
+        take_over("steady", model)
+
 
 def start(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
     """Start a worker named `name@<host>` in its own process group (so its engine dies with it)."""
@@ -38,6 +65,9 @@ def start(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
         "MLCHAT_LOG_LEVEL": "INFO",
         # They test process boundaries, not decode speed: an eager engine loads in about 60% of the time.
         "MLCHAT_ENFORCE_EAGER": "true",
+        # The engine in the worker's own process: torch and vLLM are loaded once, not in three
+        # processes (a start took 18-23 s here instead of 43). ENGINE_PROCESSES for a case about them.
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         **env,
     }
     return subprocess.Popen(
