@@ -12,12 +12,15 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
 from core.logging import configure_logging
 from core.settings import settings
+
+if TYPE_CHECKING:
+    from services.original_request import StoredInline
 
 app = typer.Typer(
     name="mlchat", help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -396,19 +399,23 @@ def _store_original(
     try:
         request = read_request(payload)
         stream = send and (request.turn.params.n or 1) == 1  # best of n is judged whole, never streamed
-        stored, turn_id = store_and_enqueue(request, send=send, stream=stream)
+        stored, turn_id = store_and_enqueue(request, send=send, stream=stream, on_stored=_say_stored)
     except InlineRefused as exc:
         # A "request" error names its field first ("gen_config.temperature: ..."): the file it came from.
         key = exc.part if exc.part != "request" else re.split(r"[.\[:]", str(exc), maxsplit=1)[0]
         source = files.get(exc.part) or (others if key in from_others else None)
         raise Refused(f"{source}: {exc}; nothing stored" if source else f"{exc}; nothing stored") from None
+    return turn_request(request, stored).model_dump(exclude_none=True) | {"stream": stream}, turn_id
+
+
+def _say_stored(stored: StoredInline) -> None:
+    """What an original request stored, said before its turn is stored (which may still fail)."""
     verb = "stored" if stored.character_written else "unchanged"
     story = f"; story {stored.story} ({stored.story_events_stored} events stored)" if stored.story else ""
     _err(
         f"persona: character {stored.character!r} v{stored.character_version} ({verb}){story}; "
         f"history: {stored.lines_imported} line(s) imported into conversation {stored.conversation}"
     )
-    return turn_request(request, stored).model_dump(exclude_none=True) | {"stream": stream}, turn_id
 
 
 @app.command()

@@ -15,7 +15,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -406,9 +406,14 @@ def _append_missing(
 
 
 def store_and_enqueue(
-    req: InlineRequest, *, send: bool, stream: bool = False
+    req: InlineRequest,
+    *,
+    send: bool,
+    stream: bool = False,
+    on_stored: Callable[[StoredInline], None] | None = None,
 ) -> tuple[StoredInline, uuid.UUID]:
     """store_request, then its turn (sent to the workers when `send`): (what was stored, the turn's id).
+    `on_stored` hears what was stored before the turn is, so a caller can say so if the turn fails.
 
     A request that points a named conversation at a story holds the conversation's story lock until
     its turn is stored. Without it a second request could switch the story between this one's story
@@ -424,6 +429,8 @@ def store_and_enqueue(
     held = story_switch_lock(DEFAULT_TENANT, req.conversation or "") if switching else nullcontext()
     with held:
         stored = store_request(req)
+        if on_stored is not None:
+            on_stored(stored)
         turn = turn_request(req, stored).model_copy(update={"stream": stream})
         (turn_id,) = enqueue_turns([turn], send=send)
     return stored, turn_id

@@ -682,6 +682,23 @@ def test_chat_with_best_of_n_in_the_others_file_is_sent_unstreamed(
     assert code == 1 and sent and sent[0]["stream"] is False  # queued, unanswered within a second
 
 
+def test_chat_says_what_it_stored_when_the_turn_then_cannot_be_queued(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: with the turn stored after the files (under the story lock), an enqueue that
+    failed printed only its own error, not that the persona and history were stored."""
+    import services.producer as producer
+
+    def broker_away(requests, **kwargs):  # type: ignore[no-untyped-def]
+        raise producer.EnqueueError("the broker is unreachable; nothing queued")
+
+    monkeypatch.setattr(producer, "enqueue_turns", broker_away)
+    code = cli(["chat", "--message", "hi", "--persona", str(_persona_file(tmp_path))])
+    err = capsys.readouterr().err
+    assert code == 1 and "mlchat: the broker is unreachable; nothing queued" in err, err
+    assert "persona: character 'inline-" in err and "(stored)" in err, err
+
+
 def test_chat_keeps_the_others_files_speaker_and_names_params_it_cannot_read(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
