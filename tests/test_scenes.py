@@ -40,6 +40,7 @@ from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, w
 from scenes.spec import SceneSpec
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
+from tests.outcomes import outcome_of
 from worker.prompt import PromptBuilder, PromptInput
 
 A, B, C, D = (Member(i, s, s.title(), i) for i, s in enumerate(["ann", "bram", "cass", "dov"], start=1))
@@ -435,20 +436,9 @@ def _store(turn, token, reply: str):  # type: ignore[no-untyped-def]
 
 
 def _outcome(turn, reply: str) -> TurnOutcome:  # type: ignore[no-untyped-def]
-    return TurnOutcome(
-        turn_id=turn.id,
-        conversation_id=turn.conversation_id,
-        user_message=turn.message,
-        user_embedding=None,
-        reply=reply,
-        reply_embedding=None,
-        prompt="",
-        context={},
-        usage={},
-        timings={},
-        params=turn.params,
-        speaker_id=turn.character.id,
-        speaker_name=turn.character.name,
+    """A step's reply, spoken by its speaker."""
+    return dataclasses.replace(
+        outcome_of(turn, reply), speaker_id=turn.character.id, speaker_name=turn.character.name
     )
 
 
