@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sqlalchemy import Connection, bindparam, delete, func, select, text, update
+from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
+from db.advisory_locks import advisory_lock, held_by
 from db.models import Fact, Message, ReembedProgress, StoryEvent
-from db.session import get_engine
 from db.vector_space import move_to, same_weights
 
 _LOCK_NAMESPACE = 0x6D6C7265  # "mlre"
@@ -150,37 +150,14 @@ def reembed_lock() -> Iterator[int | None]:
     """Hold the re-embed lock on a connection of its own for the block; yields the backend pid that
     holds it (for `lock_still_held`), or None (holding nothing) when another process holds it, i.e. a
     re-embed is running."""
-    conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _LOCK_KEY))))
-        try:
-            yield int(conn.scalar(select(func.pg_backend_pid())) or 0) if got else None
-        finally:
-            if got:
-                try:
-                    released = conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _LOCK_KEY)))
-                except Exception:  # the connection broke; the server released the lock with it
-                    released = False
-                except BaseException:  # interrupted: never pool a connection that may still hold it
-                    conn.invalidate()
-                    raise
-                if not released:
-                    conn.invalidate()
-    finally:
-        conn.close()
+    with advisory_lock(_LOCK_NAMESPACE, _LOCK_KEY) as holder:
+        yield holder
 
 
 def lock_still_held(*, session: Session, pid: int) -> bool:
     """Whether the re-embed lock is still held by backend `pid`: its connection can close under a
     run (a restart, a timeout, a proxy), and the server then lets the next run in."""
-    held = session.scalar(
-        text(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND classid = CAST(:ns AS oid) AND objid = CAST(:key AS oid) AND objsubid = 2 AND pid = :pid)"
-        ),
-        {"ns": _LOCK_NAMESPACE, "key": _LOCK_KEY, "pid": pid},
-    )
-    return bool(held)
+    return held_by(session=session, namespace=_LOCK_NAMESPACE, key=_LOCK_KEY, pid=pid)
 
 
 def lock_tables(*, session: Session) -> None:

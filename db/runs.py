@@ -33,10 +33,8 @@ connection: a submitter that dies (SIGKILL included) drops its connection and wi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import secrets
-import time
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -44,15 +42,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import (
-    Connection,
     and_,
     case,
-    column,
     exists,
     func,
     or_,
     select,
-    table,
     true,
     tuple_,
     union_all,
@@ -61,6 +56,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from db.advisory_locks import advisory_lock, held_by, name_key
 from db.models import (
     RUN_LIVE,
     TURN_FINISHED,
@@ -71,7 +67,6 @@ from db.models import (
     TurnStatus,
 )
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
-from db.session import get_engine
 
 logger = logging.getLogger(__name__)
 
@@ -719,57 +714,18 @@ def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) ->
         session.expunge_all()
 
 
-def _lock_key(name: str) -> int:
-    """The run name's 32-bit advisory-lock key (signed, as PostgreSQL's int4)."""
-    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
-
-
 @contextmanager
 def submission_lock(name: str, *, wait_s: float = 0.0) -> Iterator[bool]:
     """Hold the run name's submission lock on a connection of its own; yields False if another
     process holds it (a submission of that run is going on, or housekeeping is closing the run) for
     `wait_s` more seconds."""
-    conn: Connection = get_engine().connect().execution_options(isolation_level="AUTOCOMMIT")
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            got = bool(conn.scalar(select(func.pg_try_advisory_lock(_LOCK_NAMESPACE, _lock_key(name)))))
-            if got or time.monotonic() >= deadline:
-                break
-            time.sleep(0.1)
-        try:
-            yield got
-        finally:
-            if got:
-                try:
-                    conn.scalar(select(func.pg_advisory_unlock(_LOCK_NAMESPACE, _lock_key(name))))
-                except Exception:  # the connection broke; the server released the lock with it
-                    conn.invalidate()
-    finally:
-        conn.close()
-
-
-_PG_LOCKS = table(
-    "pg_locks", column("locktype"), column("classid"), column("objid"), column("objsubid"), column("granted")
-)
+    with advisory_lock(_LOCK_NAMESPACE, name_key(name), wait_s=wait_s) as holder:
+        yield holder is not None
 
 
 def submission_alive(*, session: Session, name: str) -> bool:
     """Whether some process holds the run's submission lock right now (read only)."""
-    unsigned = _lock_key(name) & 0xFFFFFFFF  # pg_locks shows the two int4 keys as oids
-    return bool(
-        session.scalar(
-            select(func.count())
-            .select_from(_PG_LOCKS)
-            .where(
-                _PG_LOCKS.c.locktype == "advisory",
-                _PG_LOCKS.c.classid == _LOCK_NAMESPACE,
-                _PG_LOCKS.c.objid == unsigned,
-                _PG_LOCKS.c.objsubid == 2,
-                _PG_LOCKS.c.granted,
-            )
-        )
-    )
+    return held_by(session=session, namespace=_LOCK_NAMESPACE, key=name_key(name))
 
 
 def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]:

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT
+from db.advisory_locks import advisory_lock, name_key
 from db.models import TURN_UNFINISHED, Character, Conversation, Message, Role, StoryEvent, Turn
 
 # What a request sets on the conversation its first turn starts, besides its id and character
@@ -179,34 +180,27 @@ def set_conversation_story(
     return current[0] == story and (story_time is None or current[1] == story_time)
 
 
-# Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
 _STORY_LOCK_NAMESPACE = 0x6D6C7374  # "mlst"
 STORY_LOCK_WAIT_S = 30
+
+
+class StoryBusy(RuntimeError):
+    """Another request held the conversation's story lock for STORY_LOCK_WAIT_S: nothing was stored."""
 
 
 @contextmanager
 def story_switch_lock(tenant: str, conversation: str) -> Iterator[None]:
     """Held, on a connection of its own, from a request's story switch of a named conversation until
-    its turn is stored: a second switch waits, then finds that turn unanswered. LockNotAvailable
-    (an OperationalError) after STORY_LOCK_WAIT_S."""
-    from db.session import get_engine
-
-    key = func.hashtext(f"{tenant}\n{conversation}")
-    conn = get_engine().connect()
-    try:
-        with conn.begin():  # the wait's limit is the transaction's; the lock is the session's
-            conn.execute(select(func.set_config("lock_timeout", f"{STORY_LOCK_WAIT_S}s", True)))
-            conn.execute(select(func.pg_advisory_lock(_STORY_LOCK_NAMESPACE, key)))
-        try:
-            yield
-        finally:
-            try:
-                with conn.begin():
-                    conn.execute(select(func.pg_advisory_unlock(_STORY_LOCK_NAMESPACE, key)))
-            except Exception:  # the connection broke; the server released the lock with it
-                conn.invalidate()
-    finally:
-        conn.close()
+    its turn is stored: a second switch waits, then finds that turn unanswered. StoryBusy after
+    STORY_LOCK_WAIT_S."""
+    key = name_key(f"{tenant}\n{conversation}")
+    with advisory_lock(_STORY_LOCK_NAMESPACE, key, wait_s=STORY_LOCK_WAIT_S) as holder:
+        if holder is None:
+            raise StoryBusy(
+                f"conversation {conversation!r}: another request is switching its story;"
+                " send the request again"
+            )
+        yield
 
 
 def append_history_if_empty(

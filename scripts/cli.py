@@ -864,6 +864,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.runs import RunConflict
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
+    from db.world import StoryBusy
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from services.runs import RunBusy, RunValidationError
@@ -878,6 +879,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         ValidationError,
         EmbedderMismatch,
         ReembedBusy,
+        StoryBusy,
     )
 
 

@@ -556,6 +556,29 @@ def test_a_story_switch_waits_for_a_turn_being_stored_and_then_sees_it() -> None
     assert _conversation(conversation).story == stored.story
 
 
+def test_a_story_switch_that_waits_out_the_lock_is_sent_back_naming_the_conversation(monkeypatch) -> None:
+    """Found in a last read: a wait for the story lock that ran out was a lock timeout, answered as
+    "temporarily unavailable (OperationalError)", as if the database were away."""
+    from core.settings import DEFAULT_TENANT
+    from db import world
+    from db.advisory_locks import advisory_lock, name_key
+
+    monkeypatch.setattr(world, "STORY_LOCK_WAIT_S", 0.3)
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    key = name_key(f"{DEFAULT_TENANT}\n{conversation}")
+    with advisory_lock(world._STORY_LOCK_NAMESPACE, key) as other_request:  # mid-switch
+        assert other_request is not None
+        result = handler({"input": _event(name, conversation=conversation)})
+    busy = f"conversation {conversation!r}: another request is switching its story; send the request again"
+    assert result == {"error": busy, "retry": True}
+    assert _conversation_id(conversation) is None  # nothing stored
+
+
+def _conversation_id(external_id: str) -> int | None:
+    with session_scope() as s:
+        return s.scalar(select(Conversation.id).where(Conversation.external_id == external_id))
+
+
 def test_another_characters_conversation_is_refused_before_its_lines_are_compared() -> None:
     conversation = f"elaras-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:

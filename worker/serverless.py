@@ -21,11 +21,14 @@ from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from services.producer import EnqueueError
 from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
+from structured.spec import GrammarBusy
+from worker.engine import EngineDead
 
 # Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
 _REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
-# Answered as {"error": ..., "retry": true}: the database or the broker away for now.
-_TRANSIENT: tuple[type[Exception], ...] = (EnqueueError, *DATABASE_OUTAGES)
+# Answered as {"error": ..., "retry": true}: the database or the broker away for now, or the grammar
+# builders busy.
+_TRANSIENT: tuple[type[Exception], ...] = (EnqueueError, GrammarBusy, *DATABASE_OUTAGES)
 
 
 def handler(event: dict[str, Any]) -> dict[str, Any]:
@@ -49,10 +52,14 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
             parsed.append(TurnRequest.model_validate(item))
         except ValidationError as exc:
             errors.append(_named(exc, f"turns[{i}]" if many else ""))
+        except GrammarBusy as exc:
+            return _try_again(exc)
     if errors:
         return {"error": "; ".join(errors)}
     try:
         views = answer_now(parsed)
+    except EngineDead as exc:
+        return _engine_died(exc)
     except _REFUSED as exc:
         return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
     except _TRANSIENT as exc:
@@ -71,9 +78,21 @@ def _try_again(exc: Exception) -> dict[str, Any]:
     return {"error": f"temporarily unavailable ({type(exc).__name__}); send the event again", "retry": True}
 
 
+def _engine_died(exc: EngineDead) -> dict[str, Any]:
+    """The engine died under the event: its unanswered turns are queued again, uncharged, and are
+    answered first by the next event on their conversations. RunPod's `refresh_worker` replaces this
+    worker with a fresh one (and so a fresh engine)."""
+    return {
+        "error": f"{exc}; its turns were queued again, uncharged: send the event again",
+        "retry": True,
+        "refresh_worker": True,
+    }
+
+
 def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     """The original service's inline shape: persona, history and story stored (a replay stores
     nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
+    from db.world import StoryBusy
     from services.original_request import chat_response, read_request, store_and_enqueue
     from worker.inline import answer_stored
 
@@ -84,6 +103,10 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
         return chat_response(views[0], stored)
+    except StoryBusy as exc:  # another request's story switch of the conversation: nothing stored
+        return {"error": str(exc), "retry": True}
+    except EngineDead as exc:
+        return _engine_died(exc)
     except _REFUSED as exc:
         return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
     except _TRANSIENT as exc:
