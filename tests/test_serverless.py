@@ -246,3 +246,35 @@ def test_a_turn_another_claim_took_before_this_calls_write_is_waited_for_not_ret
     (view,) = inline.answer_now([new_conversation("elara") | {"message": "Is the ford passable?"}])
     others[0].join()
     assert view.status == "done" and view.reply == "Answered by the other claim.", view
+
+
+def test_a_dead_engine_sends_the_event_back_with_its_turns_queued_again_and_asks_for_a_fresh_worker(
+    world, monkeypatch
+) -> None:
+    """Found in a last read: the engine's death handed the batch's turns back, and the call went on
+    feeding the dead engine, then returned them `queued`, unanswered, with no error: the container
+    answered every later event the same way."""
+    from sqlalchemy import select
+
+    from db.models import Conversation, Turn, TurnStatus
+    from db.session import session_scope
+    from worker import inline, pipeline
+    from worker.engine import EngineDead
+
+    def dies(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise EngineDead("the engine died: injected")
+
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    monkeypatch.setattr(pipeline, "_answer", dies)
+    conv = new_conversation("elara")
+    answer = handler({"input": conv | {"message": "Is the ford passable?"}})
+    assert answer == {
+        "error": "the engine died: injected; its turns were queued again, uncharged: send the event again",
+        "retry": True,
+        "refresh_worker": True,
+    }
+    with session_scope() as s:
+        turn = s.scalars(
+            select(Turn).join(Conversation).where(Conversation.external_id == conv["conversation"])
+        ).one()
+        assert (turn.status, turn.attempts) == (TurnStatus.QUEUED, 0)  # handed back, uncharged

@@ -31,7 +31,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     another call's turn, is waited for, HELD_POLL_S between looks: while the other call's claim is
     renewed, and for at most a lease (or half the order wait limit) without progress otherwise; a turn
     whose claim lapsed (its process died) is answered here. Past that it is returned as it stands.
-    EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
+    EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's. EngineDead
+    once the engine dies: the batch's turns were queued again, uncharged, and the next call on their
+    conversations answers them first (the process needs a fresh engine: a new process).
     """
     check_space()
     return answer_stored(enqueue_turns(requests, send=False))
@@ -50,6 +52,8 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
     while pending and rounds > 0:
         batch = pending[: settings.batch_size]
         report = process_batch(batch)
+        if report.engine_dead is not None:  # its turns were queued again; nothing more runs here
+            raise report.engine_dead
         now = [t for t in report.retry if t not in report.retry_in]
         # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
         stalled = [t.id for t in report.stalled if t.model == settings.model]
