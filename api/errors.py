@@ -19,6 +19,7 @@ from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
 from services.producer import EnqueueError, TurnRejected
+from structured.spec import GrammarBusy
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,14 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _grammar_busy(request: Request, exc: GrammarBusy) -> JSONResponse:
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": safe(exc)},
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _bad_card(request: Request, exc: CardError) -> JSONResponse:
     return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT, content={"detail": safe(exc)})
 
@@ -115,5 +124,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
     app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]
+    app.add_exception_handler(GrammarBusy, _grammar_busy)  # type: ignore[arg-type]
     for outage in DATABASE_OUTAGES:
         app.add_exception_handler(outage, _database_unavailable)

@@ -109,11 +109,12 @@ _ACTIONS: TypeAdapter[list[Action]] = TypeAdapter(list[Action])
 
 def check_actions(value: Any, where: str, *, stored: bool = False) -> list[Action]:
     """The declaration as Actions; ValueError naming `where` and the place at fault. `stored`: a
-    card's declaration read back for a turn, not held to the schema size limit, which came after
-    some cards were stored (and a worker's limit may differ from the API's that took the card)."""
+    card's declaration read back for a turn, not held to the count and schema size limits, which
+    came after some cards were stored (and a worker's limits may differ from the API's that took the
+    card: every turn of the character would fail otherwise)."""
     if not isinstance(value, list):
         raise ValueError(f"{where}: a list of actions is expected")
-    if len(value) > settings.structured_max_actions:
+    if not stored and len(value) > settings.structured_max_actions:
         raise ValueError(
             f"{where}: {len(value)} actions; the limit is {settings.structured_max_actions} "
             "(MLCHAT_STRUCTURED_MAX_ACTIONS)"

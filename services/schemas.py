@@ -104,6 +104,11 @@ class GenerationParams(BaseModel):
     def _one_reply_shape(self) -> GenerationParams:
         if self.actions is not None and (self.response_format or {"type": "npc"})["type"] != "npc":
             raise ValueError("actions: a turn with actions has the NPC reply shape; drop response_format")
+        kind = (self.response_format or {"type": "npc" if self.actions is not None else "text"})["type"]
+        if self.stop and kind != "text":
+            # A grammar ends the reply where its format does; a stop string could only cut it short,
+            # which fails the turn every time (a choice's own ".", a JSON object's "}").
+            raise ValueError(f"stop: a {kind} reply ends with its grammar; a stop string could only cut it")
         return self
 
     @field_validator("max_new_tokens")

@@ -71,8 +71,11 @@ class SchemaRefused(ValueError):
     """A schema (or regex) that cannot be enforced; the message names the place at fault."""
 
 
-class GrammarBusy(SchemaRefused):
-    """No grammar builder free for the schema in time: it may be enforceable; send it again."""
+class GrammarBusy(RuntimeError):
+    """No grammar builder free for the schema in time: it may be enforceable; send it again. Not a
+    ValueError, so validation passes it on instead of refusing the request for good: the API answers
+    it 503 with Retry-After, a batch's submission is tried again later, the serverless handler says
+    `retry`."""
 
 
 MAX_BUILDS = 4  # grammar builds at once in a process, those that ran out and go on included

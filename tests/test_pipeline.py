@@ -635,3 +635,24 @@ def test_the_store_window_is_short_for_live_claims_and_scene_steps_and_ends_with
     started = time.monotonic()
     _gather(2.0, [done], hold_until=started + 60)  # every reply is in: nothing to wait for
     assert time.monotonic() - started < 0.1
+
+
+def test_a_request_the_engine_ended_with_an_error_is_an_engine_error_retried_not_an_empty_reply() -> None:
+    """Found in review: vLLM ends a request whose grammar failed to compile in the engine (or whose KV
+    load failed) with finish_reason "error" and no text, which it documents as retryable; the turn
+    was failed at once, for good, as an empty reply."""
+    from concurrent.futures import Future
+
+    from worker.engine_loop import Generation
+    from worker.pipeline import EngineRequestError, _results
+
+    def done(gen: Generation) -> Future:
+        future: Future = Future()
+        future.set_result(gen)
+        return future
+
+    errored, fine = Generation("", 10, 0, "error"), Generation("Hi.", 10, 2, "stop")
+    one, two = SimpleNamespace(seed=1), SimpleNamespace(seed=2)
+    assert isinstance(_results([done(errored)], [one]), EngineRequestError)  # retried as an engine error
+    assert _results([done(errored), done(fine)], [one, two]) == [(2, fine)]  # best of n keeps the other
+    assert isinstance(_results([done(errored), done(fine)], [one, two], every=True), EngineRequestError)

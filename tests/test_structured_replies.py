@@ -4,6 +4,7 @@ emotion the mood; a character whose declared actions change between two turns an
 new declaration."""
 
 import json
+import re
 import threading
 
 from jsonschema import Draft202012Validator
@@ -37,6 +38,7 @@ LONG_STORY = {
         },
     },
 }
+CODE = r"Code: [A-Z]{3}\n"
 GIVE = {"name": "give_item", "description": "Hand the player an item.", "args": {"item": {"type": "string"}}}
 ATTACK = {"name": "attack", "description": "Draw steel on someone.", "args": {"target": {"type": "string"}}}
 
@@ -56,6 +58,9 @@ def test_one_engine_call_answers_structured_and_free_text_turns_together(engine,
         _turn("Will you help me?", response_format={"type": "choice", "choice": ["yes", "no", "maybe"]}),
         _turn("I need a weapon, friend.", actions=[GIVE, ATTACK]),
         _turn("Tell me about the road north."),
+        # Found in review: a pattern that asks for whitespace at an edge was checked against the
+        # stripped reply, and failed every time.
+        _turn("Your gate code?", response_format={"type": "regex", "regex": CODE}),
         # A reply that cannot close in its budget: failed with its code, never stored as if valid.
         _turn("Tell me a long story.", response_format=LONG_STORY, max_new_tokens=8),
     ]
@@ -75,10 +80,11 @@ def test_one_engine_call_answers_structured_and_free_text_turns_together(engine,
     report = process_batch(ids)  # one claim, one submit into the engine: a mixed batch
     assert submits == [len(requests)]  # every turn, structured or not, in one call into the engine
     assert sorted(report.done) == sorted(ids[:-1]), [(get_turn(i).reply, f) for i, f in report.failed.items()]
-    offer, obj, choice, npc, free, cut = (get_turn(i) for i in ids)
+    offer, obj, choice, npc, free, coded, cut = (get_turn(i) for i in ids)
     assert cut.status == TurnStatus.FAILED and cut.error_code == "structured_reply_cut"
     assert cut.reply is None and cut.structured is None
-    assert all(v.status == TurnStatus.DONE for v in (offer, obj, choice, npc, free))
+    assert all(v.status == TurnStatus.DONE for v in (offer, obj, choice, npc, free, coded))
+    assert re.fullmatch(CODE, coded.reply) and coded.reply.endswith("\n"), repr(coded.reply)
 
     # json_schema: the reply is the JSON text, and it validates; structured is the parsed value.
     value = json.loads(offer.reply)

@@ -263,6 +263,19 @@ def test_the_npc_shape_is_cached_per_character_version_and_a_bump_takes_the_new_
     assert shape_of(PARAMS | {"response_format": {"type": "text"}}, _character(2, [GIVE])) is None
 
 
+def test_a_stored_card_keeps_its_actions_under_a_workers_lower_action_limit(monkeypatch) -> None:
+    """Found in review: a card stored with 3 actions, then MLCHAT_STRUCTURED_MAX_ACTIONS=2 on the
+    worker, raised at every turn of the character, each retried to its last attempt."""
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "structured_max_actions", 2)
+    three = [GIVE, {"name": "attack"}, {"name": "flee"}]
+    shape = shape_of(PARAMS, _character(77, three))  # a version no other case reads (the cache's key)
+    assert shape is not None and _declared_names(shape) == {"give_item", "attack", "flee"}
+    with pytest.raises(ValueError, match=r"actions: 3 actions; the limit is 2"):
+        GenerationParams(actions=three)  # a new declaration is still held to it
+
+
 def test_a_structured_reply_is_read_and_checked_and_a_cut_one_fails_with_its_code() -> None:
     shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(3, []))
     assert shape is not None
@@ -476,6 +489,8 @@ def test_an_npc_budget_leaves_room_for_a_prompt_and_a_prompt_too_long_names_that
 
 
 def test_regex_and_choice_replies_keep_the_prompt_format_s_stop_strings_and_json_ones_drop_them() -> None:
+    """Found in review (the turn's own stop strings): a JSON reply cut by one never parses, and a
+    character's declared actions make a turn's reply JSON after the API checked its stop strings."""
     import uuid
 
     from db.turns import ClaimedTurn
@@ -497,7 +512,25 @@ def test_regex_and_choice_replies_keep_the_prompt_format_s_stop_strings_and_json
             character=_character(6, []), player_name="P", story=None, story_time=None, queued_ms=0.0,
         )  # fmt: skip
         stops[kind] = _request(turn, prompt, 1, None, uuid.uuid4(), shape_of(params, turn.character)).stop
-    assert stops == {"regex": ("END", "<|im_end|>"), "choice": ("END", "<|im_end|>"), "json_object": ("END",)}
+    assert stops == {"regex": ("END", "<|im_end|>"), "choice": ("END", "<|im_end|>"), "json_object": ()}
+
+
+def test_a_stop_string_beside_a_structured_format_is_refused_naming_stop() -> None:
+    """Found in review: `choice: ["Yes.", "No."]` with `stop: ["."]` cut every reply to "Yes", and a
+    JSON reply with `stop: ["}"]` never closed: every attempt failed, for good."""
+    from pydantic import ValidationError
+
+    formats = [
+        {"type": "choice", "choice": ["Yes.", "No."]},
+        {"type": "json_object"},
+        {"type": "regex", "regex": "[a-z]+"},
+    ]
+    for fmt in formats:
+        with pytest.raises(ValidationError, match=rf"stop: a {fmt['type']} reply ends with its grammar"):
+            GenerationParams(response_format=fmt, stop=["."])
+    with pytest.raises(ValidationError, match=r"stop: a npc reply ends with its grammar"):
+        GenerationParams(actions=[GIVE], stop=["."])
+    assert GenerationParams(response_format={"type": "text"}, stop=["."]).resolved()["stop"] == ["."]
 
 
 def _openai_params(**body: object) -> dict:
@@ -676,6 +709,76 @@ def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_se
         check_schema(other, "s")
     taken.release()
     assert check_schema(other, "s") is other
+
+
+def test_a_formats_grammar_is_built_off_the_apis_event_loop(base_url, world, monkeypatch) -> None:
+    """Found in review: FastAPI validated the body on the event loop, so a schema's grammar build (up
+    to MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S, and as long again waiting for a builder) stalled every
+    other request of the process, every tenant's."""
+    import asyncio
+    import uuid
+
+    from structured import spec
+
+    on_loop: list[bool] = []
+    real = spec._built_in_time
+
+    def watched(compile_grammar, where):  # type: ignore[no-untyped-def]
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:  # no loop runs in this thread
+            on_loop.append(False)
+        return real(compile_grammar, where)
+
+    monkeypatch.setattr(spec, "_built_in_time", watched)
+
+    def fmt() -> dict:  # a schema of its own each time: the check is cached per schema
+        schema = {"type": "object", "properties": {f"code_{uuid.uuid4().hex[:8]}": {"type": "string"}}}
+        return {"type": "json_schema", "json_schema": {"name": "code", "schema": schema}}
+
+    def turn() -> dict:
+        return new_conversation() | {"message": "The code?", "params": {"response_format": fmt()}}
+
+    group = {
+        "conversation": f"fmt-group-{uuid.uuid4().hex[:8]}",
+        "participants": ["elara", "luffy"],
+        "params": {"response_format": fmt()},
+    }
+    bodies = {"/v1/turns": turn(), "/v1/turns:batch": {"turns": [turn()]}, "/v1/scenes": group}
+    for path, body in bodies.items():
+        r = httpx.post(f"{base_url}{path}", json=body, headers=ADMIN, timeout=60)
+        assert r.status_code in (201, 202), r.text
+    assert on_loop == [False, False, False]
+    bad = {"response_format": {"type": "regex", "regex": "[a-"}}
+    body = new_conversation() | {"message": "x", "params": bad}
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "params.response_format", r.text
+
+
+def test_busy_grammar_builders_are_a_503_to_send_again_not_a_refusal(base_url, world, monkeypatch) -> None:
+    """Found in review: "busy, send it again later" was a ValueError, so the API refused the turn with
+    a 422 (a batch file's line for good, in its error file), as if the schema could not be enforced."""
+    import threading
+
+    from core.settings import settings
+    from structured import spec
+    from worker.serverless import handler
+
+    taken = threading.BoundedSemaphore(1)
+    taken.acquire()
+    monkeypatch.setattr(spec, "_BUILDS", taken)
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "c{0,26}"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "code", "schema": schema}}
+    body = new_conversation() | {"message": "The code?", "params": {"response_format": fmt}}
+    turns = _turns()
+    r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
+    assert r.status_code == 503 and r.headers["retry-after"], r.text
+    assert "response_format.json_schema.schema: the grammar builders are busy" in r.text, r.text
+    answer = handler({"input": body})
+    assert answer["retry"] is True and "GrammarBusy" in answer["error"]
+    assert _turns() == turns  # nothing stored
 
 
 def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time_limit(monkeypatch) -> None:

@@ -77,11 +77,18 @@ class Generation:
     emotion: str | None = None  # the emotion an NPC reply chose (only the NPC shape has one)
 
 
-def reply_text(text: str) -> str:
+def reply_text(text: str, *, keep_edges: bool = False) -> str:
     """The engine's text as a reply keeps it (and its stream shows it): no NUL, which PostgreSQL's
     text and jsonb cannot hold (it would fail the store of every reply stored with it), and no
-    whitespace around it."""
-    return storable_output(text).strip()
+    whitespace around it unless `keep_edges` (a regex reply: its pattern may ask for that
+    whitespace, and the reply is checked against the whole pattern)."""
+    kept = storable_output(text)
+    return kept if keep_edges else kept.strip()
+
+
+def _keeps_edges(params: Any) -> bool:
+    """Whether a request's reply is a regex reply (vLLM's structured outputs with a regex)."""
+    return getattr(getattr(params, "structured_outputs", None), "regex", None) is not None
 
 
 @dataclass
@@ -573,7 +580,7 @@ class EngineLoop:
         job = self._inside.get(_own_id(out.request_id))
         if job is None or job.on_text is None or job.cancelled:
             return
-        visible = reply_text(out.outputs[0].text)
+        visible = reply_text(out.outputs[0].text, keep_edges=_keeps_edges(job.params))
         if len(visible) > len(job.shown) and visible.startswith(job.shown):
             piece, job.shown = visible[len(job.shown) :], visible
             try:
@@ -595,7 +602,7 @@ class EngineLoop:
             return
         job.future.set_result(
             Generation(
-                text=reply_text(completion.text),
+                text=reply_text(completion.text, keep_edges=_keeps_edges(job.params)),
                 prompt_tokens=len(job.token_ids),
                 completion_tokens=len(completion.token_ids),
                 finish_reason=completion.finish_reason,

@@ -529,14 +529,22 @@ def _choices(turn: ClaimedTurn) -> int:
     return int(turn.params.get("choices", 1))
 
 
+class EngineRequestError(RuntimeError):
+    """The engine ended one request with an error of its own (finish_reason "error")."""
+
+
 def _results(futures: list[Any], requests: list[GenerationRequest], *, every: bool = False) -> Any:
     """A turn's candidates that were generated, as (seed, Generation); the first exception if none
-    was, or if any was not and `every` candidate is needed; EngineDead propagates."""
+    was, or if any was not and `every` candidate is needed; EngineDead propagates. A request the
+    engine ended with finish_reason "error" (vLLM's retryable request-level error: a grammar that
+    failed to compile there, a KV load that failed) was not generated: an engine error, retried."""
     made, errors = [], []
     for future, request in zip(futures, requests, strict=True):
         error = future.exception()
         if isinstance(error, EngineDead):
             raise error
+        if error is None and future.result().finish_reason == "error":
+            error = EngineRequestError("the engine ended the request with an internal error")
         if error is not None:
             errors.append(error)
         else:
@@ -835,10 +843,12 @@ def _request(
         top_p=p["top_p"],
         max_tokens=shape.max_tokens(p["max_new_tokens"]) if shape else p["max_new_tokens"],
         seed=p["seed"],
-        # The grammar ends a JSON reply; the format's turn markers could cut it inside a string. A
-        # regex or choice reply keeps them (its grammar may leave room for more).
-        stop=tuple(p.get("stop") or ())
-        + (() if shape and shape.kind not in ("regex", "choice") else prompt.stop),
+        # The grammar ends a JSON reply; a stop string (the format's turn markers, or the turn's own,
+        # which a character's declared actions make JSON after the API checked them) could only cut
+        # it inside a string. A regex or choice reply keeps them (its grammar may leave room for more).
+        stop=()
+        if shape and shape.kind not in ("regex", "choice")
+        else tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone

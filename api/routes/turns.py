@@ -5,12 +5,13 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
+from api.off_loop import validated
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
@@ -58,31 +59,35 @@ def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
 
 @router.post("", status_code=202, response_model=TurnAccepted, dependencies=[Depends(json_body)])
 def post_turn(
-    body: TurnRequest,
+    body: Annotated[Any, Body()],
     response: Response,
     who: Annotated[Caller, Depends(needs("ingest"))],
     idempotency_key: Annotated[Text | None, Header(max_length=200)] = None,
 ) -> TurnAccepted:
     """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
     answers 200 with the turn as it stands."""
-    if idempotency_key and not body.idempotency_key:
+    turn = validated(TurnRequest, body)  # in this thread: a format's grammar may take seconds to build
+    if idempotency_key and not turn.idempotency_key:
         try:  # model_copy runs no validator: the header is checked as the body field is
             check_idempotency_key(idempotency_key)
         except ValueError as exc:
             loc = ("header", "idempotency-key")
             raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": str(exc)}]) from None
-        body = body.model_copy(update={"idempotency_key": idempotency_key})
-    (accepted,) = _enqueue([body], who)
+        turn = turn.model_copy(update={"idempotency_key": idempotency_key})
+    (accepted,) = _enqueue([turn], who)
     if not accepted.created:
         response.status_code = status.HTTP_200_OK
     return accepted
 
 
 @router.post(":batch", status_code=202, response_model=BatchAccepted, dependencies=[Depends(json_body)])
-def post_batch(body: BatchRequest, who: Annotated[Caller, Depends(needs("ingest"))]) -> BatchAccepted:
+def post_batch(
+    body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
+) -> BatchAccepted:
     """Queue many turns at once, all or none; ids and statuses come back in request order. Every bad
     item is listed by its index."""
-    accepted = _enqueue(body.turns, who)
+    batch = validated(BatchRequest, body)  # in this thread: a format's grammar may take seconds to build
+    accepted = _enqueue(batch.turns, who)
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
 
 
