@@ -74,12 +74,21 @@ def add_facts(*, session: Session, facts: Sequence[NewFact]) -> list[Fact]:
     return rows
 
 
-def player_facts(*, session: Session, tenant: str, player_id: str, history: bool = False) -> list[Fact]:
-    """A player's facts in this tenant, oldest first; superseded ones only with `history`."""
-    query = select(Fact).where(Fact.tenant == tenant, Fact.player_id == player_id)
+def player_facts(
+    *,
+    session: Session,
+    tenant: str,
+    player_id: str,
+    history: bool = False,
+    after: int = 0,
+    limit: int | None = None,
+) -> list[Fact]:
+    """A player's facts in this tenant, oldest first, from the one after id `after`, at most `limit`;
+    superseded ones only with `history`."""
+    query = select(Fact).where(Fact.tenant == tenant, Fact.player_id == player_id, Fact.id > after)
     if not history:
         query = query.where(Fact.superseded_by.is_(None))
-    return list(session.scalars(query.order_by(Fact.id)))
+    return list(session.scalars(query.order_by(Fact.id).limit(limit)))
 
 
 def get_fact(*, session: Session, tenant: str, fact_id: int) -> Fact | None:

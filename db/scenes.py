@@ -559,8 +559,11 @@ class TranscriptLine:
     turn_id: uuid.UUID | None
 
 
-def scene_transcript(*, session: Session, scene_id: int) -> list[TranscriptLine]:
-    """The scene's stored lines in order, each with its speaker, step, emotion and turn."""
+def scene_transcript(
+    *, session: Session, scene_id: int, after: int = 0, limit: int | None = None
+) -> list[TranscriptLine]:
+    """The scene's stored lines in order, each with its speaker, step, emotion and turn: those after
+    line `after` (a seq), at most `limit`."""
     conv_id = session.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
     rows = session.execute(
         select(
@@ -573,8 +576,9 @@ def scene_transcript(*, session: Session, scene_id: int) -> list[TranscriptLine]
             Turn.state,
         )
         .outerjoin(Turn, Turn.id == Message.turn_id)
-        .where(Message.conversation_id == conv_id)
+        .where(Message.conversation_id == conv_id, Message.seq > after)
         .order_by(Message.seq)
+        .limit(limit)
     ).all()
     player = session.scalar(select(Conversation.player_name).where(Conversation.id == conv_id)) or "Player"
     out = []
@@ -588,6 +592,9 @@ def scene_transcript(*, session: Session, scene_id: int) -> list[TranscriptLine]
     return out
 
 
-def run_scenes(*, session: Session, run_id: uuid.UUID) -> list[Scene]:
-    """The run's scenes in custom_id order."""
-    return list(session.scalars(select(Scene).where(Scene.run_id == run_id).order_by(Scene.custom_id)))
+def run_scenes(
+    *, session: Session, run_id: uuid.UUID, offset: int = 0, limit: int | None = None
+) -> list[Scene]:
+    """The run's scenes in custom_id order (from `offset`, at most `limit`)."""
+    query = select(Scene).where(Scene.run_id == run_id).order_by(Scene.custom_id, Scene.id)
+    return list(session.scalars(query.offset(offset).limit(limit)))

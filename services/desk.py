@@ -33,7 +33,7 @@ from db.models import (
 )
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
 from db.runs import run_counts, run_quality
-from db.scenes import TranscriptLine, group_views, members_of, run_scenes, scene_transcript
+from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
 from roleplay.quality import CHECK_KINDS
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
@@ -217,6 +217,8 @@ class RunPage:
     page: int
     more: bool
     scenes: list[SceneRow] = field(default_factory=list)
+    scene_page: int = 1
+    more_scenes: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,8 +296,10 @@ def run_summary(who: Reviewer, run_id: uuid.UUID) -> RunRow:
         return _row(session, _run(session, who, run_id))
 
 
-def run_page(who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 1) -> RunPage:
-    """A run and one page of its lines, filtered."""
+def run_page(
+    who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 1, scene_page: int = 1
+) -> RunPage:
+    """A run, one page of its lines, filtered, and one page of its scenes."""
     with session_scope() as session:
         run = _run(session, who, run_id)
         lines = reviews.run_lines(
@@ -306,6 +310,9 @@ def run_page(who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 
             offset=(page - 1) * PAGE_SIZE,
         )
         session.expunge_all()
+        scenes = run_scenes(
+            session=session, run_id=run.id, offset=(scene_page - 1) * PAGE_SIZE, limit=PAGE_SIZE + 1
+        )
         return RunPage(
             run=_row(session, run),
             lines=lines[:PAGE_SIZE],
@@ -313,21 +320,28 @@ def run_page(who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 
             filters=filters,
             page=page,
             more=len(lines) > PAGE_SIZE,
-            scenes=[_scene_row(session, scene) for scene in run_scenes(session=session, run_id=run.id)],
+            scenes=_scene_rows(session, scenes[:PAGE_SIZE]),
+            scene_page=scene_page,
+            more_scenes=len(scenes) > PAGE_SIZE,
         )
 
 
-def _scene_row(session: Session, scene: Scene) -> SceneRow:
-    members = members_of(session=session, conversation_id=scene.conversation_id)
-    return SceneRow(
-        id=scene.id,
-        custom_id=scene.custom_id,
-        status=scene.status.value,
-        ended_reason=scene.ended_reason,
-        steps_done=scene.steps_done,
-        exchanges=scene.exchanges,
-        participants=[m.name for m in members] + ([NARRATOR_NAME] if scene.narrator else []),
-    )
+def _scene_rows(session: Session, scenes: list[Scene]) -> list[SceneRow]:
+    """The scenes' rows, their members read in one query."""
+    groups = group_views(session=session, conversation_ids=[s.conversation_id for s in scenes])
+    return [
+        SceneRow(
+            id=scene.id,
+            custom_id=scene.custom_id,
+            status=scene.status.value,
+            ended_reason=scene.ended_reason,
+            steps_done=scene.steps_done,
+            exchanges=scene.exchanges,
+            participants=[*(g.names if (g := groups.get(scene.conversation_id)) else ())]
+            + ([NARRATOR_NAME] if scene.narrator else []),
+        )
+        for scene in scenes
+    ]
 
 
 def scene_id(value: str) -> int:
@@ -349,7 +363,7 @@ def scene_page(who: Reviewer, scene_id: int) -> ScenePage:
         scene, run = found
         steps = {line.turn.id: line for line in reviews.scene_lines(session=session, scene_id=scene.id)}
         transcript = scene_transcript(session=session, scene_id=scene.id)
-        row = _scene_row(session, scene)
+        (row,) = _scene_rows(session, [scene])
         session.expunge_all()
         return ScenePage(
             scene=row,

@@ -179,12 +179,16 @@ def _store_facts(tenant: str, player: str, facts: list[FactIn], vectors: Any) ->
         return [_view(r) for r in rows]
 
 
-def list_player_facts(tenant: str, player: str, *, history: bool = False) -> list[FactView]:
-    """The player's facts in this tenant (current ones, or all with `history`)."""
+def list_player_facts(
+    tenant: str, player: str, *, history: bool = False, after: int = 0, limit: int | None = None
+) -> list[FactView]:
+    """The player's facts in this tenant (current ones, or all with `history`), oldest first, from the
+    one after id `after`, at most `limit`."""
     with session_scope() as session:
-        return [
-            _view(f) for f in player_facts(session=session, tenant=tenant, player_id=player, history=history)
-        ]
+        found = player_facts(
+            session=session, tenant=tenant, player_id=player, history=history, after=after, limit=limit
+        )
+        return [_view(f) for f in found]
 
 
 def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[FactView, list[MoveView]]:

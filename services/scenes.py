@@ -86,14 +86,26 @@ def continue_group(
     return scene_view(conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
 
 
-def scene_view(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-    """The group's scene and its transcript. KeyError if the tenant has no such group."""
+# Transcript lines a view returns at most: a long-lived group's transcript grows without end.
+PAGE_LINES = 200
+
+
+def scene_view(
+    conversation: str, *, tenant: str = DEFAULT_TENANT, after: int = 0, limit: int = PAGE_LINES
+) -> dict[str, Any]:
+    """The group's scene and a page of its transcript: the lines after line `after`, at most `limit`;
+    `next_after` is the cursor past the page's last line (for the next page, or for lines written
+    later) and `more` whether lines are waiting past it. KeyError if the tenant has no such group."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one()
-        return scene_record(scene, scene_transcript(session=session, scene_id=scene.id)) | {
+        lines = scene_transcript(session=session, scene_id=scene.id, after=after, limit=limit + 1)
+        page = lines[:limit]
+        return scene_record(scene, page) | {
             "conversation": conversation,
             "exchanges": scene.exchanges,
+            "next_after": page[-1].seq if page else after,
+            "more": len(lines) > limit,
         }
 
 

@@ -149,10 +149,11 @@ def answer(ids: list[uuid.UUID], specs: list[Spec]) -> None:
 
 
 def build_scene_run(
-    tenant: str, participants: list[str], replies: list[str]
+    tenant: str, participants: list[str], replies: list[str], *, scenes: int = 1
 ) -> tuple[uuid.UUID, int, list[uuid.UUID]]:
-    """A run of `tenant` holding one scene (custom id "scene-1") of these participants' slugs, its
-    steps answered with `replies` in order, as a worker would; (run id, scene id, step turn ids)."""
+    """A run of `tenant` holding `scenes` scenes (custom ids "scene-1", …) of these participants'
+    slugs, the first one's steps answered with `replies` in order, as a worker would; (run id, the
+    first scene's id, its step turn ids)."""
     from sqlalchemy import select
 
     from db.models import Scene, Turn, TurnStatus
@@ -166,7 +167,7 @@ def build_scene_run(
             name=f"desk-scenes-{uuid.uuid4().hex[:8]}",
             model="smollm2-135m",
             file_hash=uuid.uuid4().hex,
-            total=1,
+            total=scenes,
             fields={"tenant": tenant},
         )
         run_id = run.id
@@ -176,14 +177,14 @@ def build_scene_run(
         insert_run_scenes(
             session=s,
             run_id=run_id,
-            lines=[("scene-1", f"desk-scene-{uuid.uuid4().hex}", spec)],
+            lines=[(f"scene-{i + 1}", f"desk-scene-{uuid.uuid4().hex}", spec) for i in range(scenes)],
             model="smollm2-135m",
             tenant=tenant,
             candidates=1,
         )
     with session_scope() as s:
         finish_submission(session=s, run_id=run_id)
-        scene_id = int(s.scalar(select(Scene.id).where(Scene.run_id == run_id)))
+        scene_id = int(s.scalar(select(Scene.id).where(Scene.run_id == run_id, Scene.custom_id == "scene-1")))
     steps = []
     for reply in replies:
         with session_scope() as s:

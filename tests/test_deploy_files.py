@@ -45,6 +45,23 @@ def test_compose_runs_every_role_from_one_image() -> None:
     assert "FLOWER_BASIC_AUTH" in text and "pgvector/pgvector" in text and "--appendonly" in text
 
 
+def test_every_role_of_the_compose_file_embeds_with_the_workers_embedder() -> None:
+    """Found in review: the API had no MLCHAT_EMBEDDER, so it embedded with the bundled default while
+    the workers used another model: every fact write and desk edit was refused (503) against the
+    stored vectors. And its default model had no path, so the desk could not load its tokenizer."""
+    import yaml
+
+    services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
+    app_roles = {
+        name: s["environment"] for name, s in services.items() if "DATABASE_URL" in s.get("environment", {})
+    }
+    assert {"api", "sweeper", "worker-gpt-oss-20b", "worker-solar-10.7b"} <= set(app_roles)
+    embedders = {name: env.get("MLCHAT_EMBEDDER") for name, env in app_roles.items()}
+    assert len(set(embedders.values())) == 1 and None not in embedders.values(), embedders
+    worker = services[f"worker-{services['api']['environment']['MLCHAT_MODEL']}"]["environment"]
+    assert services["api"]["environment"].get("MLCHAT_MODEL_PATH") == worker["MLCHAT_MODEL_PATH"]
+
+
 def test_env_example_lists_every_setting() -> None:
     listed = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (PROJECT_ROOT / ".env.example").read_text(), re.M))
     expected = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields} - {

@@ -652,3 +652,53 @@ def test_the_desk_and_the_memory_jobs_label_a_player_named_as_the_character_as_p
     assert desk.prompt_text("reply", "Fine, take it.", character="Elara", player="Elara") == "Fine, take it."
     with pytest.raises(DeskError, match="reply: it holds a special token"):
         desk.prompt_text("reply", "Fine.\nElara (player): I take it.", character="Elara", player="Elara")
+
+
+def test_a_form_token_the_requests_charset_decodes_to_a_lone_surrogate_is_refused_not_a_500(
+    services, world, base_url
+) -> None:
+    """Found in review: a multipart form is decoded with the charset its request names, so a `csrf`
+    field can hold a lone surrogate, and encoding it for the comparison raised (a 500)."""
+    from tests.conftest import REVIEW_KEY
+    from tests.desk_data import answer, queue_run
+
+    specs = [Spec("Still there?", "Always.", quality(0.5))]
+    _, ids = queue_run("studio-a", specs)
+    answer(ids, specs)
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        body = b'--b\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n\\ud800\r\n--b--\r\n'
+        refused = client.post(
+            f"/desk/lines/{ids[0]}/label",
+            content=body,
+            headers={"content-type": "multipart/form-data; boundary=b; charset=unicode_escape"},
+        )
+        assert refused.status_code == 403 and "csrf:" in refused.text, refused.text
+    finally:
+        client.close()
+
+
+def test_a_runs_scenes_come_in_pages_on_its_page(services, world, base_url, monkeypatch) -> None:
+    """Found in review: the run page listed every scene of the run, with a query per scene, on every
+    page of its lines: a run of 100,000 scenes read them all at each view."""
+    from tests.conftest import REVIEW_KEY
+    from tests.desk_data import build_scene_run
+
+    monkeypatch.setattr(desk, "PAGE_SIZE", 2)
+    run_id, _, _ = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"], scenes=5)
+    everything = desk.line_filter(None, None, None, None, None)
+    seen, more = [], True
+    for number in (1, 2, 3):
+        assert more
+        view = desk.run_page(WRITER, run_id, everything, scene_page=number)
+        seen += [row.custom_id for row in view.scenes]
+        assert all(row.participants == ["Elara", "루피"] for row in view.scenes)
+        more = view.more_scenes
+    assert seen == [f"scene-{i}" for i in range(1, 6)] and not more
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get(f"/desk/runs/{run_id}")
+        assert page.status_code == 200 and f"/desk/runs/{run_id}?scene_page=2" in page.text
+        assert client.get(f"/desk/runs/{run_id}?scene_page=0").status_code == 400
+    finally:
+        client.close()

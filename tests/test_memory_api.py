@@ -69,6 +69,34 @@ def test_another_key_can_neither_read_nor_write_a_players_facts(base_url) -> Non
     assert [f["superseded_by"] for f in _facts(base_url, A, player)] == [None]  # A's fact untouched
 
 
+def test_a_players_facts_come_in_pages_and_a_bad_page_is_refused_naming_the_parameter(base_url) -> None:
+    """Found in a last read: every fact of a player (with `history=true`, every one ever superseded)
+    came back in one answer, read whole, growing with every write."""
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    texts = [f"Rowan did deed {i}." for i in range(5)]
+    posted = httpx.post(
+        f"{base_url}/v1/players/{player}/facts", headers=A, json={"facts": [{"text": t} for t in texts]}
+    )
+    assert posted.status_code == 201, posted.text
+    seen, after, pages = [], 0, 0
+    while True:
+        got = httpx.get(
+            f"{base_url}/v1/players/{player}/facts", headers=A, params={"after": after, "limit": 2}
+        ).json()
+        pages += 1
+        assert len(got["facts"]) <= 2
+        seen += [f["text"] for f in got["facts"]]
+        after = got["next_after"]
+        if not got["more"]:
+            break
+    assert (seen, pages) == (texts, 3)
+    last = httpx.get(f"{base_url}/v1/players/{player}/facts", headers=A, params={"after": after}).json()
+    assert (last["facts"], last["next_after"], last["more"]) == ([], after, False)  # nothing new since
+    for bad in ({"limit": 0}, {"limit": 1001}, {"after": -1}, {"after": "x"}):
+        refused = httpx.get(f"{base_url}/v1/players/{player}/facts", headers=A, params=bad)
+        assert refused.status_code == 422 and next(iter(bad)) in refused.text, refused.text
+
+
 def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     theirs = _conversation(_tenant("game-b"), player)

@@ -770,6 +770,31 @@ def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:
     ]
 
 
+def test_a_groups_transcript_comes_in_pages_from_a_cursor(world) -> None:
+    """Found in a last read: a live group's view returned its whole transcript, read whole, growing
+    with every line the group ever spoke."""
+    from services.producer import submit_turns
+    from services.scenes import scene_view
+
+    conv = _group()["conversation"]
+    for i in range(3):
+        (stored,) = submit_turns([{"conversation": conv, "message": f"Elara, question {i}?"}], send=False)
+        _answer(stored.id, f"Answer {i}.")
+    texts, after, pages = [], 0, 0
+    while True:
+        view = scene_view(conv, after=after, limit=4)
+        pages += 1
+        texts += [line["text"] for line in view["lines"]]
+        after = view["next_after"]
+        if not view["more"]:
+            break
+    assert pages == 2 and texts == [x for i in range(3) for x in (f"Elara, question {i}?", f"Answer {i}.")]
+    (stored,) = submit_turns([{"conversation": conv, "message": "One more?"}], send=False)
+    _answer(stored.id, "Yes.")
+    since = scene_view(conv, after=after)  # the cursor of the last page: lines written since
+    assert [line["text"] for line in since["lines"]] == ["One more?", "Yes."] and since["more"] is False
+
+
 def _conv_id(external_id: str) -> int:
     from db.models import Conversation
 
@@ -960,6 +985,9 @@ def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url
     assert r.json()["conversation"] == conv and r.json()["lines"] == [] and r.json()["sent"] == []
     r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers=key, timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "open"
+    assert (r.json()["next_after"], r.json()["more"]) == (0, False)
+    r = httpx.get(f"{base_url}/v1/scenes/{conv}", params={"limit": 5000}, headers=key, timeout=30)
+    assert r.status_code == 422 and "limit" in r.text
     r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers={"X-API-Key": "test-key-2-abcdefgh"}, timeout=30)
     assert r.status_code == 404  # another tenant's group is not there
     r = httpx.post(
@@ -1533,7 +1561,7 @@ def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> 
     assert [(x.step, x.speaker) for x in lines] == [(1, elara), (2, "Narrator"), (3, luffy), (4, elara)]
     # the desk's data: the narrator's step is the narrator's line, not the lead character's
     from db import reviews
-    from services.desk import _scene_row
+    from services.desk import _scene_rows
 
     with session_scope() as s:
         desk_lines = reviews.scene_lines(session=s, scene_id=scene_id)
@@ -1556,7 +1584,8 @@ def test_a_scene_with_a_narrator_gives_it_steps_stored_under_narrator(world) -> 
             ("luffy", luffy),
             ("narrator", "Narrator"),
         ]
-        assert _scene_row(s, s.get_one(Scene, scene_id)).participants == [elara, luffy, "Narrator"]
+        (row,) = _scene_rows(s, [s.get_one(Scene, scene_id)])
+        assert row.participants == [elara, luffy, "Narrator"]
 
 
 def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_it(world) -> None:

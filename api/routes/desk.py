@@ -109,7 +109,8 @@ async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -
     """A dependency of every change: the form token must be this writer's."""
     form = await request.form()
     token = request.headers.get("x-csrf-token") or str(form.get("csrf") or "")
-    if not hmac.compare_digest(token.encode(), desk_.csrf.encode()):
+    # surrogatepass: a form decoded with the charset the request names can hold a lone surrogate
+    if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), desk_.csrf.encode()):
         raise DeskError(403, "csrf: this form is stale or came from another site; reload the page")
     return desk_
 
@@ -221,16 +222,32 @@ async def run(
     text: str | None = None,
     label: str | None = None,
     page: str | None = None,
+    scene_page: str | None = None,
 ) -> Response:
-    """A run's lines, filtered by character, gate check, bar, label and text."""
+    """A run's lines, filtered by character, gate check, bar, label and text, and its scenes: a
+    page of each."""
     filters = desk.line_filter(character, check, bar, text, label)
     number = desk.whole_number("page", page or "1", low=1, high=100_000)
-    view = await run_in_threadpool(desk.run_page, desk_.who, desk.object_id("run", run_id), filters, number)
-    next_page = None
-    if view.more:
-        query = {**request.query_params, "page": str(number + 1)}
-        next_page = f"/desk/runs/{view.run.id}?{urlencode(query)}"
-    return _page(request, "run.html", desk=desk_, view=view, checks=desk.CHECKS, next_page=next_page)
+    scenes_at = desk.whole_number("scene_page", scene_page or "1", low=1, high=100_000)
+    view = await run_in_threadpool(
+        desk.run_page, desk_.who, desk.object_id("run", run_id), filters, number, scenes_at
+    )
+
+    def link(**changed: int) -> str:
+        query = {**request.query_params, **{k: str(v) for k, v in changed.items()}}
+        return f"/desk/runs/{view.run.id}?{urlencode(query)}"
+
+    next_page = link(page=number + 1) if view.more else None
+    next_scenes = link(scene_page=scenes_at + 1) if view.more_scenes else None
+    return _page(
+        request,
+        "run.html",
+        desk=desk_,
+        view=view,
+        checks=desk.CHECKS,
+        next_page=next_page,
+        next_scenes=next_scenes,
+    )
 
 
 @router.get("/runs/{run_id}/summary", response_class=HTMLResponse)

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
+from api.paging import Page, page
 from services import facts
 from services.facts import MAX_ID, FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
 from services.schemas import Text
@@ -26,6 +27,11 @@ class FactsIn(BaseModel):
 
 class FactsOut(BaseModel):
     facts: list[FactView]
+
+
+class FactsPage(FactsOut):
+    next_after: int = Field(description="the cursor past this page's last fact: `after` for the next page")
+    more: bool = Field(description="whether facts are waiting past this page")
 
 
 class Gossiped(BaseModel):
@@ -54,12 +60,22 @@ async def post_facts(
     return FactsOut(facts=stored)
 
 
-@router.get("/{player:path}/facts", response_model=FactsOut)
+@router.get("/{player:path}/facts", response_model=FactsPage)
 def get_facts(
-    player: Player, who: Annotated[Caller, Depends(needs("ingest"))], history: bool = False
-) -> FactsOut:
-    """The player's current facts (with `history=true`, the superseded ones too), oldest first."""
-    return FactsOut(facts=facts.list_player_facts(who.tenant, player, history=history))
+    player: Player,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    wanted: Annotated[Page, Depends(page)],
+    history: bool = False,
+) -> FactsPage:
+    """The player's current facts (with `history=true`, the superseded ones too), oldest first: those
+    after fact id `after`, at most `limit`."""
+    found = facts.list_player_facts(
+        who.tenant, player, history=history, after=wanted.after, limit=wanted.limit + 1
+    )
+    shown = found[: wanted.limit]
+    return FactsPage(
+        facts=shown, next_after=shown[-1].id if shown else wanted.after, more=len(found) > wanted.limit
+    )
 
 
 @router.post(

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
+from api.off_loop import validated
+from api.paging import Page, page
 from scenes.spec import ContinueSpec, GroupSpec
 from services import scenes
 from services.schemas import Text
@@ -20,10 +22,16 @@ router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
 
 @router.post("", status_code=201, dependencies=[Depends(json_body)])
-async def post_scene(body: GroupSpec, who: Annotated[Caller, Depends(needs("ingest"))]) -> dict[str, Any]:
+async def post_scene(
+    body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
+) -> dict[str, Any]:
     """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane)."""
+
+    def start() -> dict[str, Any]:  # validated here, in a thread: a format's grammar may take seconds
+        return scenes.start_group(validated(GroupSpec, body), tenant=who.tenant, api_key=who.key_id)
+
     try:
-        return await run_in_threadpool(scenes.start_group, body, tenant=who.tenant, api_key=who.key_id)
+        return await run_in_threadpool(start)
     except scenes.SceneRefused as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
 
@@ -45,10 +53,15 @@ async def continue_scene(
 
 @router.get("/{conversation:path}")
 async def get_scene(
-    conversation: ConversationId, who: Annotated[Caller, Depends(needs("ingest"))]
+    conversation: ConversationId,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    wanted: Annotated[Page, Depends(page)],
 ) -> dict[str, Any]:
-    """The group's scene and its transcript so far."""
+    """The group's scene and a page of its transcript: the lines after line `after` (pass the last
+    answer's `next_after` for the next page, or for lines written since), at most `limit`."""
     try:
-        return await run_in_threadpool(scenes.scene_view, conversation, tenant=who.tenant)
+        return await run_in_threadpool(
+            scenes.scene_view, conversation, tenant=who.tenant, after=wanted.after, limit=wanted.limit
+        )
     except KeyError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None

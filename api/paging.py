@@ -1,0 +1,27 @@
+"""A page of a list that grows without end (a live group's transcript, a player's facts): the items
+after a cursor, at most a limit. Each answer gives the cursor past its last item (`next_after`), for
+the next page or for items written since, and says whether more are waiting (`more`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Query
+
+PAGE_LIMIT = 200
+MAX_PAGE_LIMIT = 1000
+
+
+@dataclass(frozen=True)
+class Page:
+    after: int
+    limit: int
+
+
+def page(
+    after: Annotated[int, Query(ge=0, le=2**63 - 1, description="the cursor: items after this one")] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_LIMIT, description="items at most")] = PAGE_LIMIT,
+) -> Page:
+    """The page the query asks for."""
+    return Page(after, limit)
