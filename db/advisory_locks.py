@@ -10,11 +10,12 @@ keys never meet.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from psycopg.errors import LockNotAvailable
-from sqlalchemy import Connection, column, func, select, table
+from sqlalchemy import ColumnElement, Connection, column, func, select, table
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -36,14 +37,23 @@ def name_key(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big", signed=True)
 
 
+# A key: an int, or an int4 expression the server computes (hashtext(...), as older processes did).
+Key = int | ColumnElement[int]
+
+
 @contextmanager
-def advisory_lock(namespace: int, key: int, *, wait_s: float = 0.0) -> Iterator[int | None]:
+def advisory_lock(namespace: int, key: Key, *, wait_s: float = 0.0) -> Iterator[int | None]:
     """Hold the lock (namespace, key) for the block; yields the backend pid that holds it, or None
     (holding nothing) when another process held it for `wait_s` more seconds. A wait queues on the
     lock (first come, first served), no polling."""
     conn = get_engine().connect()
     try:
-        if not _take(conn, namespace, key, wait_s):
+        try:
+            taken = _take(conn, namespace, key, wait_s)
+        except BaseException:  # interrupted, or the server broke off: the lock may be granted already
+            conn.invalidate()
+            raise
+        if not taken:
             yield None
             return
         try:
@@ -75,13 +85,14 @@ def held_by(*, session: Session, namespace: int, key: int, pid: int | None = Non
     return bool(session.scalar(query))
 
 
-def _take(conn: Connection, namespace: int, key: int, wait_s: float) -> bool:
+def _take(conn: Connection, namespace: int, key: Key, wait_s: float) -> bool:
     if wait_s <= 0:
         with conn.begin():
             return bool(conn.scalar(select(func.pg_try_advisory_lock(namespace, key))))
     try:
         with conn.begin():  # the wait's limit is this transaction's; the lock is the session's
-            conn.execute(select(func.set_config("lock_timeout", f"{round(wait_s * 1000)}ms", True)))
+            wait_ms = max(1, math.ceil(wait_s * 1000))  # 0 would be no limit at all
+            conn.execute(select(func.set_config("lock_timeout", f"{wait_ms}ms", True)))
             conn.execute(select(func.pg_advisory_lock(namespace, key)))
     except OperationalError as exc:
         if isinstance(exc.orig, LockNotAvailable):
@@ -90,7 +101,7 @@ def _take(conn: Connection, namespace: int, key: int, wait_s: float) -> bool:
     return True
 
 
-def _release(conn: Connection, namespace: int, key: int) -> None:
+def _release(conn: Connection, namespace: int, key: Key) -> None:
     """Unlock; a connection that may still hold the lock is never pooled again."""
     try:
         with conn.begin():

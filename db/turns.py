@@ -40,6 +40,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     tuple_,
     update,
 )
@@ -1014,12 +1015,20 @@ def hand_back_after_engine_death(
     return EngineDeathOutcome(requeued, crash_looped)
 
 
-def cancel_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
-    """cancel: turns that have not started; returns those cancelled."""
+# The idempotency key a turn stored without one gets (services/producer.py); no client key has it.
+AUTO_KEY_PREFIX = "auto:"
+
+
+def cancel_turns(
+    *, session: Session, turn_ids: Sequence[uuid.UUID], unkeyed_only: bool = False
+) -> list[uuid.UUID]:
+    """cancel: turns that have not started (with `unkeyed_only`, only those stored without a client's
+    idempotency key, which a replay cannot reach); returns those cancelled."""
+    unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
     cancelled = list(
         session.scalars(
             update(Turn)
-            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
+            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, unkeyed)
             .values(status=TurnStatus.CANCELLED, finished_at=func.now())
             .returning(Turn.id)
         ).all()

@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT
-from db.advisory_locks import advisory_lock, name_key
+from db.advisory_locks import advisory_lock
 from db.models import TURN_UNFINISHED, Character, Conversation, Message, Role, StoryEvent, Turn
 
 # What a request sets on the conversation its first turn starts, besides its id and character
@@ -193,7 +193,9 @@ def story_switch_lock(tenant: str, conversation: str) -> Iterator[None]:
     """Held, on a connection of its own, from a request's story switch of a named conversation until
     its turn is stored: a second switch waits, then finds that turn unanswered. StoryBusy after
     STORY_LOCK_WAIT_S."""
-    key = name_key(f"{tenant}\n{conversation}")
+    # The server's hashtext, as the processes before the shared helper keyed it: during a rollout,
+    # old and new processes still exclude each other.
+    key = func.hashtext(f"{tenant}\n{conversation}")
     with advisory_lock(_STORY_LOCK_NAMESPACE, key, wait_s=STORY_LOCK_WAIT_S) as holder:
         if holder is None:
             raise StoryBusy(

@@ -21,6 +21,7 @@ from db.scenes import speaker_for_player
 from db.session import again_on_conflict, get_autocommit_engine, session_scope
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
+    AUTO_KEY_PREFIX,
     NewTurn,
     StoredTurn,
     cancel_turns,
@@ -357,7 +358,7 @@ def _new_turn(
     character_id: int | None = None,
 ) -> NewTurn:
     return NewTurn(
-        idempotency_key=req.idempotency_key or f"auto:{uuid.uuid4()}",
+        idempotency_key=req.idempotency_key or f"{AUTO_KEY_PREFIX}{uuid.uuid4()}",
         request_hash=req.request_hash(),
         conversation_id=conversation_id,
         message=req.message,

@@ -104,10 +104,11 @@ class GenerationParams(BaseModel):
     def _one_reply_shape(self) -> GenerationParams:
         if self.actions is not None and (self.response_format or {"type": "npc"})["type"] != "npc":
             raise ValueError("actions: a turn with actions has the NPC reply shape; drop response_format")
-        kind = (self.response_format or {"type": "npc" if self.actions is not None else "text"})["type"]
-        if self.stop and kind != "text":
-            # A grammar ends the reply where its format does; a stop string could only cut it short,
-            # which fails the turn every time (a choice's own ".", a JSON object's "}").
+        kind = (self.response_format or {"type": "text"})["type"]
+        if self.stop and kind in ("regex", "choice"):
+            # The grammar ends the reply where its format does; a stop string could only cut it short,
+            # which fails the turn every time (a choice's own "."). A JSON-shaped turn's stop strings
+            # are dropped at the worker instead (OpenAI takes `stop` beside a JSON format).
             raise ValueError(f"stop: a {kind} reply ends with its grammar; a stop string could only cut it")
         return self
 
@@ -169,13 +170,15 @@ def check_message(text: str) -> str:
 # The keys mlchat gives turns itself: scene steps' (db/scenes.py), run lines' and the digest a long
 # one becomes (services/runs/submit.py). A client's key never takes one: a batch id shows its run's
 # id, and a turn posted under a line's key before the line is stored would drop that line.
-SYSTEM_KEY = re.compile(r"scene:|run:|sha256:[0-9a-f]{64}\Z")
+SYSTEM_KEY = re.compile(r"scene:|run:|auto:|sha256:[0-9a-f]{64}\Z")
 
 
 def check_idempotency_key(value: str | None) -> str | None:
     """A client's idempotency key (body field or header): never one of mlchat's own."""
     if value is not None and SYSTEM_KEY.match(value):
-        raise ValueError("keys starting with 'scene:' or 'run:', and 'sha256:' digests, are mlchat's own")
+        raise ValueError(
+            "keys starting with 'scene:', 'run:' or 'auto:', and 'sha256:' digests, are mlchat's own"
+        )
     return value
 
 

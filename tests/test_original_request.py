@@ -559,13 +559,15 @@ def test_a_story_switch_waits_for_a_turn_being_stored_and_then_sees_it() -> None
 def test_a_story_switch_that_waits_out_the_lock_is_sent_back_naming_the_conversation(monkeypatch) -> None:
     """Found in a last read: a wait for the story lock that ran out was a lock timeout, answered as
     "temporarily unavailable (OperationalError)", as if the database were away."""
+    from sqlalchemy import func
+
     from core.settings import DEFAULT_TENANT
     from db import world
-    from db.advisory_locks import advisory_lock, name_key
+    from db.advisory_locks import advisory_lock
 
     monkeypatch.setattr(world, "STORY_LOCK_WAIT_S", 0.3)
     name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
-    key = name_key(f"{DEFAULT_TENANT}\n{conversation}")
+    key = func.hashtext(f"{DEFAULT_TENANT}\n{conversation}")
     with advisory_lock(world._STORY_LOCK_NAMESPACE, key) as other_request:  # mid-switch
         assert other_request is not None
         result = handler({"input": _event(name, conversation=conversation)})

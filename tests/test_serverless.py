@@ -248,12 +248,14 @@ def test_a_turn_another_claim_took_before_this_calls_write_is_waited_for_not_ret
     assert view.status == "done" and view.reply == "Answered by the other claim.", view
 
 
-def test_a_dead_engine_sends_the_event_back_with_its_turns_queued_again_and_asks_for_a_fresh_worker(
-    world, monkeypatch
+def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and_asks_for_a_fresh_worker(
+    engine, monkeypatch
 ) -> None:
     """Found in a last read: the engine's death handed the batch's turns back, and the call went on
     feeding the dead engine, then returned them `queued`, unanswered, with no error: the container
-    answered every later event the same way."""
+    answered every later event the same way. Found in review of the fix: "send the event again" then
+    stored a turn without an idempotency key a second time, besides the one left queued (answered
+    twice in its conversation, or never in a conversation of its own)."""
     from sqlalchemy import select
 
     from db.models import Conversation, Turn, TurnStatus
@@ -266,15 +268,28 @@ def test_a_dead_engine_sends_the_event_back_with_its_turns_queued_again_and_asks
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
     monkeypatch.setattr(pipeline, "_answer", dies)
-    conv = new_conversation("elara")
-    answer = handler({"input": conv | {"message": "Is the ford passable?"}})
-    assert answer == {
-        "error": "the engine died: injected; its turns were queued again, uncharged: send the event again",
-        "retry": True,
-        "refresh_worker": True,
+    keyed, unkeyed = new_conversation("elara"), new_conversation("elara")
+    event = {
+        "turns": [
+            keyed | {"message": "Is the ford passable?", "idempotency_key": f"k-{keyed['conversation']}"},
+            unkeyed | {"message": "And the bridge?"},
+        ]
     }
-    with session_scope() as s:
-        turn = s.scalars(
-            select(Turn).join(Conversation).where(Conversation.external_id == conv["conversation"])
-        ).one()
-        assert (turn.status, turn.attempts) == (TurnStatus.QUEUED, 0)  # handed back, uncharged
+    answer = handler({"input": event})
+    assert answer["error"].startswith("the engine died: injected; send the event again")
+    assert answer["retry"] is True and answer["refresh_worker"] is True
+    assert [t["status"] for t in answer["turns"]] == ["queued", "cancelled"]
+
+    def turn_of(conv: dict) -> Turn:
+        with session_scope() as s:
+            query = select(Turn).join(Conversation).where(Conversation.external_id == conv["conversation"])
+            return s.scalars(query).one()
+
+    assert (turn_of(keyed).status, turn_of(keyed).attempts) == (TurnStatus.QUEUED, 0)  # uncharged
+    assert turn_of(unkeyed).status == TurnStatus.CANCELLED
+    monkeypatch.undo()  # a fresh worker: the replay answers the keyed turn, the other is stored anew
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    replay = handler({"input": event})
+    assert "error" not in replay, replay
+    assert replay["turns"][0]["id"] == answer["turns"][0]["id"]  # the same turn, answered now
+    assert [t["status"] for t in replay["turns"]] == ["done", "done"]

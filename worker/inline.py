@@ -9,10 +9,11 @@ from typing import Any
 
 from core.settings import settings
 from db.session import session_scope
-from db.turns import claimable_before, running_elsewhere
+from db.turns import cancel_turns, claimable_before, running_elsewhere
 from services.producer import TurnView, enqueue_turns, get_turn
 from services.schemas import TurnRequest
 from worker.embedder import check_space
+from worker.engine import EngineDead
 from worker.pipeline import process_batch
 
 
@@ -31,9 +32,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     another call's turn, is waited for, HELD_POLL_S between looks: while the other call's claim is
     renewed, and for at most a lease (or half the order wait limit) without progress otherwise; a turn
     whose claim lapsed (its process died) is answered here. Past that it is returned as it stands.
-    EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's. EngineDead
-    once the engine dies: the batch's turns were queued again, uncharged, and the next call on their
-    conversations answers them first (the process needs a fresh engine: a new process).
+    EmbedderMismatch, with nothing stored, when the stored vectors are another embedder's.
+    EngineDiedUnderCall once the engine dies (the process needs a fresh engine: a new process): see
+    there what became of the call's turns.
     """
     check_space()
     return answer_stored(enqueue_turns(requests, send=False))
@@ -52,8 +53,8 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
     while pending and rounds > 0:
         batch = pending[: settings.batch_size]
         report = process_batch(batch)
-        if report.engine_dead is not None:  # its turns were queued again; nothing more runs here
-            raise report.engine_dead
+        if report.engine_dead is not None:  # nothing more runs in this process
+            raise _stopped_by(report.engine_dead, ids) from report.engine_dead
         now = [t for t in report.retry if t not in report.retry_in]
         # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
         stalled = [t.id for t in report.stalled if t.model == settings.model]
@@ -84,6 +85,25 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
             break
         time.sleep(HELD_POLL_S)
     return [view for view in map(get_turn, ids) if view is not None]
+
+
+class EngineDiedUnderCall(EngineDead):
+    """The engine died during a call. Its turns not yet answered were handed back uncharged; those
+    stored under a client's idempotency key stay queued (the call sent again with the same keys
+    replays them, and they are answered first), the others are cancelled: a call sent again stores
+    them anew, and a turn left queued would be answered besides (twice in its conversation), or
+    never (a conversation of its own that nothing calls again). `views`: the call's turns as they
+    stand, answered ones included."""
+
+    def __init__(self, cause: BaseException, views: list[TurnView]) -> None:
+        super().__init__(str(cause), in_engine=getattr(cause, "in_engine", False))
+        self.views = views
+
+
+def _stopped_by(cause: BaseException, ids: list[uuid.UUID]) -> EngineDiedUnderCall:
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
+    return EngineDiedUnderCall(cause, [view for view in map(get_turn, ids) if view is not None])
 
 
 def _patience() -> float:

@@ -79,14 +79,20 @@ def _try_again(exc: Exception) -> dict[str, Any]:
 
 
 def _engine_died(exc: EngineDead) -> dict[str, Any]:
-    """The engine died under the event: its unanswered turns are queued again, uncharged, and are
-    answered first by the next event on their conversations. RunPod's `refresh_worker` replaces this
-    worker with a fresh one (and so a fresh engine)."""
-    return {
-        "error": f"{exc}; its turns were queued again, uncharged: send the event again",
+    """The engine died under the event (worker/inline.py, EngineDiedUnderCall: its unanswered turns
+    under an idempotency key queued again for the replay, the others cancelled); `turns` as they
+    stand. RunPod's `refresh_worker` replaces this worker with a fresh one (and so a fresh engine)."""
+    from worker.inline import EngineDiedUnderCall
+
+    answer: dict[str, Any] = {
+        "error": f"{exc}; send the event again: its unanswered turns with an idempotency key are answered"
+        " by the replay, those without one were cancelled",
         "retry": True,
         "refresh_worker": True,
     }
+    if isinstance(exc, EngineDiedUnderCall):
+        answer["turns"] = [view.model_dump(mode="json", exclude={"prompt"}) for view in exc.views]
+    return answer
 
 
 def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
