@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response
 
 from api import errors
 from api.body_limit import BodySizeLimit
+from api.off_loop import publish_bodies
 from api.routes import (
     batches,
     callbacks,
@@ -75,6 +76,7 @@ def create_app() -> FastAPI:
     ):
         app.include_router(module.router)
     desk.install(app)  # the writers' desk: pages under /desk, GET /v1/turns/{id}/review
+    publish_bodies(app)  # the bodies validated off the event loop, in the OpenAPI document
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:

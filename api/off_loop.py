@@ -5,13 +5,15 @@ carry a structured reply format (a JSON schema or a regex) has its grammar built
 validated, which may take up to MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S and wait as long for a builder
 (structured/spec.py): on the loop that stalled every other request of the process, every tenant's.
 Such routes take the body as JSON and validate it here, in a thread, with the same 422 naming each
-field. (The OpenAPI document then shows no schema for their bodies; the README gives the fields.)
+field; their OpenAPI entries still name the model (`documented`, `publish_bodies`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
@@ -24,3 +26,34 @@ def validated(model: type[M], body: Any) -> M:
         return model.model_validate(body)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+
+
+# The models such routes take, published in the OpenAPI document's components (publish_bodies).
+_BODIES: list[type[BaseModel]] = []
+
+
+def documented(model: type[BaseModel]) -> dict[str, Any]:
+    """A route's `openapi_extra`: its JSON body is `model`."""
+    if model not in _BODIES:
+        _BODIES.append(model)
+    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def publish_bodies(app: FastAPI) -> None:
+    """Add the `documented` models (and the models they use) to the app's OpenAPI components."""
+    build: Callable[[], dict[str, Any]] = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            for model in _BODIES:
+                schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                for name, definition in schema.pop("$defs", {}).items():
+                    components.setdefault(name, definition)
+                components[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,6 +1,9 @@
 """A page of a list that grows without end (a live group's transcript, a player's facts): the items
 after a cursor, at most a limit. Each answer gives the cursor past its last item (`next_after`), for
-the next page or for items written since, and says whether more are waiting (`more`)."""
+the next page, and says whether more are waiting (`more`). A transcript's cursor also finds the lines
+written since (a conversation's lines are numbered under its lock); a fact's id comes from a sequence,
+so two writes committing out of order can put a fact behind a cursor already passed: poll facts with
+a page from the start, not from the cursor."""
 
 from __future__ import annotations
 

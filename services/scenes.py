@@ -6,10 +6,10 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Conversation, Scene, Turn
+from db.models import Conversation, Message, Scene, Turn
 from db.scenes import (
     NewScene,
     NewStep,
@@ -68,7 +68,7 @@ def start_group(
         raise EnqueueError(
             f"{exc}; the group is stored: POST /v1/scenes/{spec.conversation}:continue sends its first line"
         ) from None
-    return scene_view(spec.conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
+    return scene_view(spec.conversation, tenant=tenant, tail=True) | {"sent": [str(s.turn_id) for s in steps]}
 
 
 def continue_group(
@@ -83,7 +83,7 @@ def continue_group(
             session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
         )
     _send(steps)
-    return scene_view(conversation, tenant=tenant) | {"sent": [str(s.turn_id) for s in steps]}
+    return scene_view(conversation, tenant=tenant, tail=True) | {"sent": [str(s.turn_id) for s in steps]}
 
 
 # Transcript lines a view returns at most: a long-lived group's transcript grows without end.
@@ -91,14 +91,23 @@ PAGE_LINES = 200
 
 
 def scene_view(
-    conversation: str, *, tenant: str = DEFAULT_TENANT, after: int = 0, limit: int = PAGE_LINES
+    conversation: str,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    after: int = 0,
+    limit: int = PAGE_LINES,
+    tail: bool = False,
 ) -> dict[str, Any]:
-    """The group's scene and a page of its transcript: the lines after line `after`, at most `limit`;
-    `next_after` is the cursor past the page's last line (for the next page, or for lines written
-    later) and `more` whether lines are waiting past it. KeyError if the tenant has no such group."""
+    """The group's scene and a page of its transcript: the lines after line `after`, at most `limit`
+    (with `tail`, the last `limit` of those: what a group that goes on said last); `next_after` is the
+    cursor past the page's last line (for the next page, or for lines written later) and `more`
+    whether lines are waiting past it. KeyError if the tenant has no such group."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one()
+        if tail:  # a conversation's lines are numbered 1, 2, … without gaps
+            last = session.scalar(select(func.max(Message.seq)).where(Message.conversation_id == conv_id))
+            after = max(after, (last or 0) - limit)
         lines = scene_transcript(session=session, scene_id=scene.id, after=after, limit=limit + 1)
         page = lines[:limit]
         return scene_record(scene, page) | {

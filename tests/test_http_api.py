@@ -1,6 +1,7 @@
 """The HTTP ingest, served by a real uvicorn on loopback, called with a real HTTP client."""
 
 import json
+import re
 import time
 
 import httpx
@@ -34,8 +35,20 @@ def test_requests_without_a_valid_key_get_401_and_touch_nothing(base_url, header
 
 def test_health_and_openapi_are_published(base_url) -> None:
     assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
-    paths = httpx.get(f"{base_url}/openapi.json").json()["paths"]
+    document = httpx.get(f"{base_url}/openapi.json").json()
+    paths = document["paths"]
     assert {"/v1/turns", "/v1/turns:batch", "/v1/turns/{turn_id}", "/healthz"} <= set(paths)
+    # the bodies validated off the event loop (api/off_loop.py) are still documented, refs resolving
+    schemas = document["components"]["schemas"]
+    for path, model in (
+        ("/v1/turns", "TurnRequest"),
+        ("/v1/turns:batch", "BatchRequest"),
+        ("/v1/scenes", "GroupSpec"),
+    ):
+        body = paths[path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert body["$ref"] == f"#/components/schemas/{model}" and schemas[model]["properties"]
+    refs = set(re.findall(r'"#/components/schemas/([^"]+)"', json.dumps(document)))
+    assert refs <= set(schemas), refs - set(schemas)
 
 
 def test_bad_requests_get_clear_errors(base_url) -> None:

@@ -207,6 +207,33 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
         real_generate([request], deadline=time.monotonic() + 0.05)
 
 
+def test_a_weak_replys_second_try_the_engine_ended_with_an_error_is_never_judged(monkeypatch) -> None:
+    """Found in review: a second try that vLLM ended with finish_reason "error" (its retryable
+    request-level error) was judged on whatever text it had, and could replace the first reply."""
+    import uuid
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from worker import engine as engine_module
+    from worker import judge
+    from worker.engine import GenerationRequest
+    from worker.engine_loop import Generation
+
+    turn = SimpleNamespace(id=uuid.uuid4(), params={})
+    request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ())
+    weak = [(turn, Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))]
+    embedded: list[list[str]] = []
+    monkeypatch.setattr(
+        engine_module, "generate", lambda requests, **_: [Generation("A fine, long, in-char", 2, 6, "error")]
+    )
+    monkeypatch.setattr(
+        judge, "embed", lambda texts: embedded.append(list(texts)) or np.zeros((len(texts), 384))
+    )
+    assert judge.regenerate_weak(weak, {turn.id: request}, {}, {}, {}) == weak  # type: ignore[arg-type]
+    assert embedded == []  # never embedded to be judged
+
+
 def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelled_when_unread(
     monkeypatch,
 ) -> None:

@@ -793,6 +793,10 @@ def test_a_groups_transcript_comes_in_pages_from_a_cursor(world) -> None:
     _answer(stored.id, "Yes.")
     since = scene_view(conv, after=after)  # the cursor of the last page: lines written since
     assert [line["text"] for line in since["lines"]] == ["One more?", "Yes."] and since["more"] is False
+    # `:continue` answers with what the group said last, not with its first lines
+    last = scene_view(conv, limit=3, tail=True)
+    assert [line["text"] for line in last["lines"]] == ["Answer 2.", "One more?", "Yes."]
+    assert (last["next_after"], last["more"]) == (since["next_after"], False)
 
 
 def _conv_id(external_id: str) -> int:

@@ -4,6 +4,8 @@ json_object reply is data, so an "emotion" key in it is just data, and the gate 
 import json
 import uuid
 
+import pytest
+
 from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
@@ -12,6 +14,10 @@ from worker.engine_loop import Generation
 from worker.judge import _judge
 from worker.prompt.packing import BuiltPrompt
 from worker.structured import read_reply, shape_of
+
+# The embedder checks the stored vectors' space (db/vector_space.py) before it embeds: the schema
+# must exist, which a run of this file alone did not have (found when it ran alone).
+pytestmark = pytest.mark.usefixtures("world")
 
 BROM = Character(
     id=None,

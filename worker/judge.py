@@ -190,7 +190,8 @@ def regenerate_weak(
         fresh = [
             (i, r, q)
             for i, r, q in zip(weak, results, retry, strict=True)
-            if isinstance(r, Generation) and r.text
+            # a request the engine ended with an error of its own was not generated (worker/pipeline.py)
+            if isinstance(r, Generation) and r.text and r.finish_reason != "error"
         ]
         vectors: Any = embed([r.text for _, r, _ in fresh]) if fresh else []
     except EngineDead:

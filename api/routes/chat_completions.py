@@ -25,6 +25,7 @@ from services.runs.openai_lines import failure_status, message_content
 from services.schemas import Text
 from services.turn_wait import await_finished
 from streaming.reader import turn_events
+from structured.spec import GrammarBusy
 
 router = APIRouter(tags=["chat"])
 RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long,
@@ -70,6 +71,8 @@ async def chat_completions(
         )
     except ChatRejected as exc:  # a 409 must not be retried: the same key would meet the same turn
         return _error(exc.status, str(exc), retry=exc.status != 409)
+    except GrammarBusy as exc:  # nothing stored: the client's own retry sends it again
+        return _error(503, str(exc), "server_error")
 
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn.id, who)

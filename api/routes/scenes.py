@@ -8,7 +8,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
-from api.off_loop import validated
+from api.off_loop import documented, validated
 from api.paging import Page, page
 from scenes.spec import ContinueSpec, GroupSpec
 from services import scenes
@@ -21,7 +21,7 @@ ConversationId = Annotated[Text, Path(min_length=1, max_length=200)]
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
 
-@router.post("", status_code=201, dependencies=[Depends(json_body)])
+@router.post("", status_code=201, dependencies=[Depends(json_body)], openapi_extra=documented(GroupSpec))
 async def post_scene(
     body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> dict[str, Any]:

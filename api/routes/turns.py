@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
-from api.off_loop import validated
+from api.off_loop import documented, validated
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
@@ -57,7 +57,13 @@ def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
     return view if who.admin else view.model_copy(update={"prompt": None, "context": None})
 
 
-@router.post("", status_code=202, response_model=TurnAccepted, dependencies=[Depends(json_body)])
+@router.post(
+    "",
+    status_code=202,
+    response_model=TurnAccepted,
+    dependencies=[Depends(json_body)],
+    openapi_extra=documented(TurnRequest),
+)
 def post_turn(
     body: Annotated[Any, Body()],
     response: Response,
@@ -80,7 +86,13 @@ def post_turn(
     return accepted
 
 
-@router.post(":batch", status_code=202, response_model=BatchAccepted, dependencies=[Depends(json_body)])
+@router.post(
+    ":batch",
+    status_code=202,
+    response_model=BatchAccepted,
+    dependencies=[Depends(json_body)],
+    openapi_extra=documented(BatchRequest),
+)
 def post_batch(
     body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> BatchAccepted:
