@@ -150,7 +150,8 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
-    if not _BUILDS.acquire(timeout=timeout):
+    builds = _BUILDS  # the semaphore this build holds is the one it gives back, whatever happens meanwhile
+    if not builds.acquire(timeout=timeout):
         raise GrammarBusy(f"{where}: the grammar builders are busy with slow schemas; send it again later")
     done: Future[None] = Future()
 
@@ -161,12 +162,12 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
         except Exception as exc:
             done.set_exception(exc)
         finally:
-            _BUILDS.release()
+            builds.release()
 
     try:
         threading.Thread(target=build, name="schema-grammar", daemon=True).start()
     except RuntimeError:  # no thread to be had: as busy
-        _BUILDS.release()
+        builds.release()
         raise GrammarBusy(f"{where}: the grammar builders are busy; send it again later") from None
     try:
         done.result(timeout=timeout)

@@ -293,3 +293,27 @@ def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and
     assert "error" not in replay, replay
     assert replay["turns"][0]["id"] == answer["turns"][0]["id"]  # the same turn, answered now
     assert [t["status"] for t in replay["turns"]] == ["done", "done"]
+
+
+def test_a_dead_engine_with_the_database_away_still_asks_for_a_fresh_worker(world, monkeypatch) -> None:
+    """Found in review: the cancel after an engine death needs the database; its outage was raised in
+    place of the death and answered as a passing outage, without `refresh_worker`: the container kept
+    its dead engine."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from worker import inline, pipeline
+    from worker.engine import EngineDead
+
+    def dies(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise EngineDead("the engine died: injected")
+
+    def database_away(**kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE", {}, psycopg.OperationalError("connection refused"))
+
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    monkeypatch.setattr(pipeline, "_answer", dies)
+    monkeypatch.setattr(inline, "cancel_turns", database_away)
+    answer = handler({"input": new_conversation("elara") | {"message": "Is the ford passable?"}})
+    assert answer["error"].startswith("the engine died: injected") and answer["refresh_worker"] is True
+    assert answer["turns"] == []

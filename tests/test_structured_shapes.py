@@ -777,6 +777,7 @@ def test_busy_grammar_builders_are_a_503_to_send_again_not_a_refusal(base_url, w
     chat = {"model": "elara", "messages": [{"role": "user", "content": "The code?"}], "response_format": fmt}
     r = httpx.post(f"{base_url}/v1/chat/completions", json=chat, headers=ADMIN, timeout=60)
     assert r.status_code == 503 and "grammar builders are busy" in r.json()["error"]["message"], r.text
+    assert r.headers["retry-after"]
     assert _turns() == turns  # nothing stored
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 from core.settings import settings
-from db.session import session_scope
+from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import cancel_turns, claimable_before, running_elsewhere
 from services.producer import TurnView, enqueue_turns, get_turn
 from services.schemas import TurnRequest
 from worker.embedder import check_space
 from worker.engine import EngineDead
 from worker.pipeline import process_batch
+
+logger = logging.getLogger(__name__)
 
 
 def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnView]:
@@ -101,9 +104,17 @@ class EngineDiedUnderCall(EngineDead):
 
 
 def _stopped_by(cause: BaseException, ids: list[uuid.UUID]) -> EngineDiedUnderCall:
-    with session_scope() as session:
-        cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
-    return EngineDiedUnderCall(cause, [view for view in map(get_turn, ids) if view is not None])
+    """The call's end at an engine death; the database away meanwhile is no reason to hide the death
+    (the container must still be replaced): then no views, and the turns are as the hand-back left
+    them (a turn it could not hand back is answered once its lease lapses)."""
+    try:
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
+        views = [view for view in map(get_turn, ids) if view is not None]
+    except DATABASE_OUTAGES:
+        logger.warning("the engine died and the database is away: the call's turns stand as handed back")
+        views = []
+    return EngineDiedUnderCall(cause, views)
 
 
 def _patience() -> float:

@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
+from api.errors import RETRY_AFTER_S
 from api.routes.turns import visible_turn
 from core.settings import settings
 from db.session import DATABASE_OUTAGES
@@ -37,16 +38,25 @@ _PARAM = re.compile(r"^(body(?:\.[A-Za-z_]\w*|\.\d+|\[-?\d+\])*):")
 
 
 def _error(
-    status_code: int, message: str, kind: str = "invalid_request_error", *, retry: bool = True
+    status_code: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    *,
+    retry: bool = True,
+    retry_after_s: int | None = None,
 ) -> JSONResponse:
     """OpenAI's error shape, which its client raises as the matching exception; `param` only when the
     message names a field. `retry=False` tells the official client not to retry the POST (a retry
-    would queue another turn)."""
+    would queue another turn); `retry_after_s` how long it should wait first (its client honours
+    `Retry-After`)."""
     match = _PARAM.match(message)
+    headers = {} if retry else {"x-should-retry": "false"}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
     return JSONResponse(
         status_code=status_code,
         content={"error": {"message": message, "type": kind, "param": match and match[1], "code": None}},
-        headers=None if retry else {"x-should-retry": "false"},
+        headers=headers or None,
     )
 
 
@@ -72,7 +82,7 @@ async def chat_completions(
     except ChatRejected as exc:  # a 409 must not be retried: the same key would meet the same turn
         return _error(exc.status, str(exc), retry=exc.status != 409)
     except GrammarBusy as exc:  # nothing stored: the client's own retry sends it again
-        return _error(503, str(exc), "server_error")
+        return _error(503, str(exc), "server_error", retry_after_s=RETRY_AFTER_S)
 
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn.id, who)
