@@ -49,16 +49,14 @@ def advisory_lock(namespace: int, key: Key, *, wait_s: float = 0.0) -> Iterator[
     conn = get_engine().connect()
     try:
         try:
-            taken = _take(conn, namespace, key, wait_s)
+            pid = _take(conn, namespace, key, wait_s)
         except BaseException:  # interrupted, or the server broke off: the lock may be granted already
             conn.invalidate()
             raise
-        if not taken:
+        if pid is None:
             yield None
             return
         try:
-            with conn.begin():
-                pid = int(conn.scalar(select(func.pg_backend_pid())) or 0)
             yield pid
         finally:
             _release(conn, namespace, key)
@@ -85,20 +83,24 @@ def held_by(*, session: Session, namespace: int, key: int, pid: int | None = Non
     return bool(session.scalar(query))
 
 
-def _take(conn: Connection, namespace: int, key: Key, wait_s: float) -> bool:
+def _take(conn: Connection, namespace: int, key: Key, wait_s: float) -> int | None:
+    """The backend pid, read in the statement that takes the lock; None if it was not taken."""
     if wait_s <= 0:
         with conn.begin():
-            return bool(conn.scalar(select(func.pg_try_advisory_lock(namespace, key))))
+            taken, pid = conn.execute(
+                select(func.pg_try_advisory_lock(namespace, key), func.pg_backend_pid())
+            ).one()
+        return int(pid) if taken else None
     try:
         with conn.begin():  # the wait's limit is this transaction's; the lock is the session's
             wait_ms = max(1, math.ceil(wait_s * 1000))  # 0 would be no limit at all
             conn.execute(select(func.set_config("lock_timeout", f"{wait_ms}ms", True)))
-            conn.execute(select(func.pg_advisory_lock(namespace, key)))
+            _, pid = conn.execute(select(func.pg_advisory_lock(namespace, key), func.pg_backend_pid())).one()
     except OperationalError as exc:
         if isinstance(exc.orig, LockNotAvailable):
-            return False
+            return None
         raise
-    return True
+    return int(pid)
 
 
 def _release(conn: Connection, namespace: int, key: Key) -> None:
