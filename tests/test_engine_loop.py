@@ -256,6 +256,7 @@ class _ScriptedEngine:
         self.aborted: list[str] = []
         self._inside: set[str] = set()
         self._left: dict[str, int] = {}
+        self.errors: set[int] = set()  # a request whose prompt starts with one ends with "error"
 
     def add_request(self, request_id, prompt, params, **kwargs) -> None:  # type: ignore[no-untyped-def]
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -291,15 +292,19 @@ class _ScriptedEngine:
         for request_id in sorted(self._inside):
             self._left[request_id] -= 1
             written = "a" * (self.decode_steps - self._left[request_id])  # a token a step
-            outputs.append(_Out(request_id, finished=self._left[request_id] == 0, text=written))
+            finished = self._left[request_id] == 0
+            errored = finished and self.prompts[request_id][0] in self.errors
+            outputs.append(
+                _Out(request_id, finished=finished, text=written, reason="error" if errored else "stop")
+            )
         self._inside = {r for r in self._inside if self._left[r]}
         return outputs
 
 
 class _Out:
-    def __init__(self, request_id: str, finished: bool = True, text: str = "ok") -> None:
+    def __init__(self, request_id: str, finished: bool = True, text: str = "ok", reason: str = "stop"):
         self.request_id, self.finished = request_id, finished
-        self.outputs = [type("Completion", (), {"text": text, "token_ids": [1], "finish_reason": "stop"})]
+        self.outputs = [type("Completion", (), {"text": text, "token_ids": [1], "finish_reason": reason})]
 
 
 def _loop(fake: _ScriptedEngine, **kwargs):  # type: ignore[no-untyped-def]
@@ -321,6 +326,22 @@ def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
     assert [e.in_engine for e in errors] == [True, True, False]
     (late,) = loop.submit([([1], None, BULK, None)])
     assert isinstance(late.exception(timeout=1), EngineDead) and not late.exception().in_engine
+
+
+def test_a_request_the_engine_ended_with_an_error_fails_alone_as_a_retryable_engine_error() -> None:
+    """Found in review: vLLM ends a request whose grammar failed to compile in the engine (or whose KV
+    load failed) with finish_reason "error", which it documents as retryable. It came back as a
+    Generation, and each reader had to know: a memory job read it as an empty summary."""
+    from worker.engine_loop import EngineRequestError
+
+    fake = _ScriptedEngine(decode_steps=2)
+    fake.errors = {7}
+    loop = _loop(fake)
+    errored, fine = loop.submit([([7, 1], None, BULK, None), ([8, 1], None, LIVE, None)])
+    assert _all_done([errored, fine], timeout=10)
+    assert isinstance(errored.exception(), EngineRequestError)
+    assert fine.result().text == "aa" and fine.result().finish_reason == "stop"
+    assert loop.dead is None  # one request's error, not the engine's
 
 
 def test_an_engine_with_no_step_progress_counts_as_dead_and_its_waiters_return() -> None:

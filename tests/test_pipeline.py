@@ -638,21 +638,24 @@ def test_the_store_window_is_short_for_live_claims_and_scene_steps_and_ends_with
 
 
 def test_a_request_the_engine_ended_with_an_error_is_an_engine_error_retried_not_an_empty_reply() -> None:
-    """Found in review: vLLM ends a request whose grammar failed to compile in the engine (or whose KV
-    load failed) with finish_reason "error" and no text, which it documents as retryable; the turn
-    was failed at once, for good, as an empty reply."""
+    """Found in review: a request vLLM ended with finish_reason "error" (retryable) failed its turn at
+    once, for good, as an empty reply. The loop fails it with EngineRequestError (test_engine_loop.py);
+    best of n keeps the other candidates, and a turn needing every candidate is retried."""
     from concurrent.futures import Future
 
-    from worker.engine_loop import Generation
-    from worker.pipeline import EngineRequestError, _results
+    from worker.engine_loop import EngineRequestError, Generation
+    from worker.pipeline import _results
 
-    def done(gen: Generation) -> Future:
+    def done(gen: Generation | None = None) -> Future:
         future: Future = Future()
-        future.set_result(gen)
+        if gen is None:
+            future.set_exception(EngineRequestError("ended with an error"))
+        else:
+            future.set_result(gen)
         return future
 
-    errored, fine = Generation("", 10, 0, "error"), Generation("Hi.", 10, 2, "stop")
+    fine = Generation("Hi.", 10, 2, "stop")
     one, two = SimpleNamespace(seed=1), SimpleNamespace(seed=2)
-    assert isinstance(_results([done(errored)], [one]), EngineRequestError)  # retried as an engine error
-    assert _results([done(errored), done(fine)], [one, two]) == [(2, fine)]  # best of n keeps the other
-    assert isinstance(_results([done(errored), done(fine)], [one, two], every=True), EngineRequestError)
+    assert isinstance(_results([done()], [one]), EngineRequestError)  # retried as an engine error
+    assert _results([done(), done(fine)], [one, two]) == [(2, fine)]  # best of n keeps the other
+    assert isinstance(_results([done(), done(fine)], [one, two], every=True), EngineRequestError)

@@ -218,14 +218,14 @@ def test_a_weak_replys_second_try_the_engine_ended_with_an_error_is_never_judged
     from worker import engine as engine_module
     from worker import judge
     from worker.engine import GenerationRequest
-    from worker.engine_loop import Generation
+    from worker.engine_loop import EngineRequestError, Generation
 
     turn = SimpleNamespace(id=uuid.uuid4(), params={})
     request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ())
     weak = [(turn, Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))]
     embedded: list[list[str]] = []
     monkeypatch.setattr(
-        engine_module, "generate", lambda requests, **_: [Generation("A fine, long, in-char", 2, 6, "error")]
+        engine_module, "generate", lambda requests, **_: [EngineRequestError("ended with an error")]
     )
     monkeypatch.setattr(
         judge, "embed", lambda texts: embedded.append(list(texts)) or np.zeros((len(texts), 384))

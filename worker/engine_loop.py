@@ -600,6 +600,11 @@ class EngineLoop:
         completion = out.outputs[0]
         if job.future.done():  # a death on another thread resolved it first
             return
+        if completion.finish_reason == "error":
+            # vLLM's retryable request-level error (a grammar that failed to compile in the engine, a
+            # KV load that failed): nothing was generated, whatever text came with it.
+            _resolve(job.future, error=EngineRequestError("the engine ended the request with an error"))
+            return
         job.future.set_result(
             Generation(
                 text=reply_text(completion.text, keep_edges=_keeps_edges(job.params)),
@@ -654,6 +659,10 @@ class EngineLoop:
 
 class RequestCancelled(RuntimeError):
     """The request was cancelled (EngineLoop.cancel) before it finished."""
+
+
+class EngineRequestError(RuntimeError):
+    """The engine ended one request with an error of its own (finish_reason "error"); retryable."""
 
 
 class EngineStalled(RuntimeError):

@@ -190,8 +190,7 @@ def regenerate_weak(
         fresh = [
             (i, r, q)
             for i, r, q in zip(weak, results, retry, strict=True)
-            # a request the engine ended with an error of its own was not generated (worker/pipeline.py)
-            if isinstance(r, Generation) and r.text and r.finish_reason != "error"
+            if isinstance(r, Generation) and r.text
         ]
         vectors: Any = embed([r.text for _, r, _ in fresh]) if fresh else []
     except EngineDead:

@@ -529,22 +529,14 @@ def _choices(turn: ClaimedTurn) -> int:
     return int(turn.params.get("choices", 1))
 
 
-class EngineRequestError(RuntimeError):
-    """The engine ended one request with an error of its own (finish_reason "error")."""
-
-
 def _results(futures: list[Any], requests: list[GenerationRequest], *, every: bool = False) -> Any:
     """A turn's candidates that were generated, as (seed, Generation); the first exception if none
-    was, or if any was not and `every` candidate is needed; EngineDead propagates. A request the
-    engine ended with finish_reason "error" (vLLM's retryable request-level error: a grammar that
-    failed to compile there, a KV load that failed) was not generated: an engine error, retried."""
+    was, or if any was not and `every` candidate is needed; EngineDead propagates."""
     made, errors = [], []
     for future, request in zip(futures, requests, strict=True):
         error = future.exception()
         if isinstance(error, EngineDead):
             raise error
-        if error is None and future.result().finish_reason == "error":
-            error = EngineRequestError("the engine ended the request with an internal error")
         if error is not None:
             errors.append(error)
         else:
