@@ -592,6 +592,18 @@ def scene_transcript(
     return out
 
 
+def last_lines_after(*, session: Session, conversation_id: int, n: int) -> int:
+    """The cursor before the conversation's last `n` lines (0 if it has no more than `n`)."""
+    before = session.scalar(
+        select(Message.seq)
+        .where(Message.conversation_id == conversation_id)
+        .order_by(Message.seq.desc())
+        .offset(n)
+        .limit(1)
+    )
+    return int(before or 0)
+
+
 def run_scenes(
     *, session: Session, run_id: uuid.UUID, offset: int = 0, limit: int | None = None
 ) -> list[Scene]:

@@ -6,16 +6,18 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 
+from core.paging import cut
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Conversation, Message, Scene, Turn
+from db.models import Conversation, Scene, Turn
 from db.scenes import (
     NewScene,
     NewStep,
     SceneClosed,
     create_scene,
     extend_scene,
+    last_lines_after,
     pop_new_steps,
     scene_transcript,
 )
@@ -105,16 +107,15 @@ def scene_view(
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one()
-        if tail:  # a conversation's lines are numbered 1, 2, … without gaps
-            last = session.scalar(select(func.max(Message.seq)).where(Message.conversation_id == conv_id))
-            after = max(after, (last or 0) - limit)
+        if tail:
+            after = max(after, last_lines_after(session=session, conversation_id=conv_id, n=limit))
         lines = scene_transcript(session=session, scene_id=scene.id, after=after, limit=limit + 1)
-        page = lines[:limit]
-        return scene_record(scene, page) | {
+        page = cut(lines, after=after, limit=limit, cursor=lambda line: line.seq)
+        return scene_record(scene, page.items) | {
             "conversation": conversation,
             "exchanges": scene.exchanges,
-            "next_after": page[-1].seq if page else after,
-            "more": len(lines) > limit,
+            "next_after": page.next_after,
+            "more": page.more,
         }
 
 

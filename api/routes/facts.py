@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from api.paging import Page, page
+from core.paging import cut
 from services import facts
 from services.facts import MAX_ID, FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
 from services.schemas import Text
@@ -72,10 +73,8 @@ def get_facts(
     found = facts.list_player_facts(
         who.tenant, player, history=history, after=wanted.after, limit=wanted.limit + 1
     )
-    shown = found[: wanted.limit]
-    return FactsPage(
-        facts=shown, next_after=shown[-1].id if shown else wanted.after, more=len(found) > wanted.limit
-    )
+    shown = cut(found, after=wanted.after, limit=wanted.limit, cursor=lambda fact: fact.id)
+    return FactsPage(facts=shown.items, next_after=shown.next_after, more=shown.more)
 
 
 @router.post(
