@@ -225,6 +225,38 @@ def test_a_refused_request_fails_alone_and_the_other_lines_are_answered(quiet_mo
     assert batches.finalize_run(sub.id) == sub.name
 
 
+def test_a_file_of_endless_bad_or_refused_lines_is_named_in_part_and_counted_in_whole(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: every bad line of a file was kept (a 20 MB file of bad lines held gigabytes in
+    the API's process), and every refused one stored with its batch and read at each poll."""
+    from services.runs import validate
+
+    monkeypatch.setattr(validate, "MAX_ERRORS_NAMED", 3)
+    monkeypatch.setattr(validate, "MAX_REFUSED", 2)
+    path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + ["x"] * 7)
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="oa-many-bad-" + tmp_path.name)
+    assert [e.line for e in caught.value.errors] == [2, 3, 4]
+    assert str(caught.value).startswith("7 bad line(s): line 2: ")
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == "oa-many-bad-" + tmp_path.name)).one()
+        assert run.error.startswith("7 bad line(s)") and len(run.line_errors) == 3
+    # past MAX_REFUSED, a refused line is a bad line of the file: named, and nothing stored
+    refused = [openai_line(f"lp{i}", USER, logprobs=True) for i in range(4)]
+    path = _write(tmp_path / "refused.jsonl", [openai_line("ok", USER), *refused])
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="oa-many-refused-" + tmp_path.name)
+    assert [e.line for e in caught.value.errors] == [4, 5]
+    assert "body.logprobs" in caught.value.errors[0].reason
+    assert "more than 2 lines of the file are refused" in caught.value.errors[0].reason
+    # a submission that skips bad lines learns every one of them
+    monkeypatch.setattr(settings, "files_dir", tmp_path / "files")
+    path = _write(tmp_path / "skip.jsonl", [openai_line("ok", USER)] + ["x"] * 7)
+    sub = submit_run(path, name="oa-skip-" + tmp_path.name, skip_bad_lines=True)
+    assert sub.stored == 1 and [e.line for e in sub.skipped_lines] == list(range(2, 9))
+
+
 def test_a_line_that_is_not_a_well_formed_request_fails_the_whole_file(quiet_model, tmp_path) -> None:
     path = _write(tmp_path / "bad.jsonl", [openai_line("ok", USER)] + [line for line, _ in MALFORMED])
     with pytest.raises(RunValidationError) as caught:

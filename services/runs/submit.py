@@ -140,7 +140,7 @@ def submit_run(
             )
         options = _stored_options(name) or options or LineOptions()
         tenant = _stored_tenant(name)
-        check = validate_file(path, options, tenant=tenant)
+        check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines)
         with session_scope() as session:
             run, created = create_run(
                 session=session,
@@ -157,9 +157,9 @@ def submit_run(
                 fail_submission(
                     session=session,
                     run_id=run_id,
-                    error=str(RunValidationError(check.errors)),
+                    error=str(RunValidationError(check.errors, check.error_count)),
                     error_code="invalid_request",
-                    line_errors=[{"line": e.line, "message": e.reason} for e in check.errors[:1000]],
+                    line_errors=[{"line": e.line, "message": e.reason} for e in check.errors],
                     final=retry_later,  # a batch's try: no resume follows, what an earlier try stored stops
                 )
             else:
@@ -171,7 +171,7 @@ def submit_run(
                     refused=[r.record() for r in check.refused],
                 )
         if check.errors and not skip_bad_lines:
-            raise RunValidationError(check.errors)
+            raise RunValidationError(check.errors, check.error_count)
         try:
             stored, sent = _store_and_send(path, check, name, run_id, model, progress, tenant)
         except RunNotAccepting:

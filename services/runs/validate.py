@@ -88,13 +88,15 @@ class LineError:
 
 
 class RunValidationError(ValueError):
-    """The file has bad lines; nothing was stored or sent."""
+    """The file has bad lines; nothing was stored or sent. `count`: how many, when `errors` names
+    only the first of them."""
 
-    def __init__(self, errors: list[LineError]) -> None:
+    def __init__(self, errors: list[LineError], count: int | None = None) -> None:
         self.errors = errors
+        count = len(errors) if count is None else count
         shown = "; ".join(f"line {e.line}: {e.reason}" for e in errors[:20])
-        more = f" (+{len(errors) - 20} more)" if len(errors) > 20 else ""
-        super().__init__(f"{len(errors)} bad line(s): {shown}{more}")
+        more = f" (+{count - 20} more)" if count > 20 else ""
+        super().__init__(f"{count} bad line(s): {shown}{more}")
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,10 @@ class FileCheck:
 
     digest: str  # sha256 of the file
     good: int
-    errors: list[LineError]
+    errors: list[LineError]  # the first MAX_ERRORS_NAMED, in line order (all, if asked for)
     reader: LineReader
     refused: list[Refusal] = field(default_factory=list)
+    error_count: int = 0  # every bad line, named or not
 
     @property
     def bad_lines(self) -> set[int]:
@@ -263,11 +266,24 @@ class _ConversationUse:
     lines: list[tuple[int, str | None]] = field(default_factory=list)
 
 
+# Bad lines named (in order of the file), the rest only counted: a file of millions of bad lines
+# must not hold them all in memory. A run stores the first 1,000 of them (db/runs.py).
+MAX_ERRORS_NAMED = 1000
+# Lines refused by policy answer one by one in the run's error file and are stored with the run;
+# past this many, a refused line is a bad line (millions of refusals are a mistake of the whole file).
+MAX_REFUSED = 10_000
+
+
 def validate_file(
-    path: Path, options: LineOptions | None = None, *, tenant: str = DEFAULT_TENANT
+    path: Path,
+    options: LineOptions | None = None,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    every_error: bool = False,
 ) -> FileCheck:
     """Check every line, its character and its conversation (the tenant's, in the database) before any
-    insert."""
+    insert. The first MAX_ERRORS_NAMED bad lines are named, the rest counted (`every_error`: all are
+    named, for a submission that skips them)."""
     options = options or LineOptions()
     with session_scope() as session:
         characters = set(all_character_slugs(session=session))
@@ -285,29 +301,39 @@ def validate_file(
 
     seen: set[str] = set()
     errors: list[LineError] = []
+    error_count = 0
     refused: list[Refusal] = []
     uses: dict[str, _ConversationUse] = {}
+
+    def bad(number: int, reason: str) -> None:
+        nonlocal error_count
+        error_count += 1
+        if every_error or len(errors) < MAX_ERRORS_NAMED:
+            errors.append(LineError(number, reason))
+
     for number, text in iter_lines(path):
         if isinstance(text, BadEncoding):
-            errors.append(LineError(number, str(text)))
+            bad(number, str(text))
             continue
         try:
             line = reader.parse(text)
         except RequestRefused as exc:
             if exc.custom_id in seen:
-                errors.append(LineError(number, f"duplicate custom_id {exc.custom_id!r}"))
+                bad(number, f"duplicate custom_id {exc.custom_id!r}")
+            elif len(refused) >= MAX_REFUSED:
+                bad(number, f"{exc} (more than {MAX_REFUSED} lines of the file are refused)")
             else:
                 seen.add(exc.custom_id)
                 refused.append(Refusal(number, exc.custom_id, str(exc)))
             continue
         except ValueError as exc:
-            errors.append(LineError(number, str(exc)))
+            bad(number, str(exc))
             continue
         if line.custom_id in seen:
-            errors.append(LineError(number, f"duplicate custom_id {line.custom_id!r}"))
+            bad(number, f"duplicate custom_id {line.custom_id!r}")
             continue
         if line.character and line.character not in characters:
-            errors.append(LineError(number, f"character: unknown character {line.character!r}"))
+            bad(number, f"character: unknown character {line.character!r}")
             continue
         unknown = [
             (i, p.character)
@@ -316,24 +342,27 @@ def validate_file(
         ]
         if unknown:
             i, slug = unknown[0]
-            errors.append(LineError(number, f"scene.participants.{i}.character: unknown character {slug!r}"))
+            bad(number, f"scene.participants.{i}.character: unknown character {slug!r}")
             continue
         clash = name_clash(line.scene, _names(line.scene.slugs())) if line.scene else None
         if clash is not None:
-            errors.append(LineError(number, f"scene.{clash}"))
+            bad(number, f"scene.{clash}")
             continue
         seen.add(line.custom_id)
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
     conversation_errors = _conversation_errors(uses, tenant)
-    errors.extend(conversation_errors)
+    error_count += len(conversation_errors)
+    errors.extend(conversation_errors)  # a list of the file's size already, cut below
+    named = sorted(errors, key=lambda e: e.line)
     return FileCheck(
         file_digest(path),
         len(seen) - len(conversation_errors) - len(refused),
-        sorted(errors, key=lambda e: e.line),
+        named if every_error else named[:MAX_ERRORS_NAMED],
         reader,
         refused,
+        error_count,
     )
 
 
