@@ -204,6 +204,10 @@ def send_once(
     checked, and `record` the outcome (None: delivered; and whether it may be tried again); True when
     delivered, False when the destination is refused now (not retried), CallbackFailed when the
     receiver failed (retried)."""
+    if settings.callback_secret is None:  # the API that took the URL has one: a deployment's slip
+        unsigned = "not sent: this process has no MLCHAT_CALLBACK_SECRET to sign it with"
+        record(unsigned, True)
+        raise CallbackFailed(unsigned)
     try:
         address = vetted_address(url)
     except ResolverUnavailable as unavailable:  # a resolver hiccup is no verdict on the destination

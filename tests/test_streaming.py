@@ -459,6 +459,31 @@ def test_a_finished_turn_is_posted_signed_to_its_callback_once(signing, monkeypa
         assert turn.callback_attempts == 2 and turn.callback_delivered_at is not None
 
 
+def test_a_callback_a_worker_has_no_secret_to_sign_is_recorded_as_not_sent_not_requeued_unseen(
+    world, signing, monkeypatch
+) -> None:
+    """Found in review: the API (with a secret) took the URL; a worker without one failed an assert
+    before anything was recorded, so housekeeping queued the callback again at every pass, for ever,
+    with no error to see why."""
+    from db.models import Turn
+    from services.callbacks import CallbackFailed
+    from services.turn_callbacks import deliver_turn
+
+    monkeypatch.setattr(signing, "callback_allow_private", True)
+    with receiving([200]) as (url, received):
+        request = TurnRequest(**new_conversation(), message="Tell me of the road.", callback_url=url)
+        (stored,) = producer.submit_turns([request], send=False, api_key="game-a", tenant="game-a")
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=[stored.id])
+        monkeypatch.setattr(signing, "callback_secret", None)  # the worker's deployment lacks it
+        with pytest.raises(CallbackFailed, match="MLCHAT_CALLBACK_SECRET"):
+            deliver_turn(stored.id)
+    assert received == []
+    with session_scope() as session:
+        turn = session.get(Turn, stored.id)
+        assert turn.callback_attempts == 1 and "MLCHAT_CALLBACK_SECRET" in turn.callback_error
+
+
 def test_housekeeping_queues_a_turn_callback_whose_message_was_lost(world, signing, monkeypatch) -> None:
     from sqlalchemy import text
 
