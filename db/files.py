@@ -97,6 +97,11 @@ def get_file(*, session: Session, file_id: str) -> StoredFile | None:
     return session.scalars(select(StoredFile).where(StoredFile.id == file_id)).one_or_none()
 
 
+def past_expiry(*, session: Session, row: StoredFile) -> bool:
+    """Whether the file's expiry has passed, by the database's clock (the one that set it)."""
+    return row.expires_at is not None and bool(session.scalar(select(literal(row.expires_at) <= func.now())))
+
+
 def list_files(
     *,
     session: Session,
@@ -107,8 +112,8 @@ def list_files(
     newest_first: bool,
 ) -> list[StoredFile]:
     """Up to `limit` files of this owner, (key name, tenant) (None: everyone's), after the cursor file
-    in the given order."""
-    query = select(StoredFile)
+    in the given order; none past its expiry (the sweep deletes them later)."""
+    query = select(StoredFile).where(StoredFile.expires_at.is_(None) | (StoredFile.expires_at > func.now()))
     if owner is not None:
         query = query.where(StoredFile.api_key.is_not_distinct_from(owner[0]), owned_in(owner[1]))
     if purpose is not None:

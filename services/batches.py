@@ -146,7 +146,7 @@ def create_batch(
         except BadExpiry as exc:
             raise BatchRefused(str(exc)) from None
     found = find_file(input_file_id)
-    if found is None or not (admin or found.owned_by(api_key, tenant)):
+    if found is None or found.expired or not (admin or found.owned_by(api_key, tenant)):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
     character = (meta or {}).get("character")
     if character is not None:

@@ -198,6 +198,7 @@ class FoundFile:
     path: Path
     api_key: str | None
     tenant: str | None  # None: recorded before files had one
+    expired: bool = False  # past its expiry, not yet swept: gone to its owner (404), as at OpenAI
 
     def owned_by(self, api_key: str | None, tenant: str) -> bool:
         return _owns(self.api_key, self.tenant, api_key, tenant)
@@ -208,7 +209,9 @@ def find_file(file_id: str) -> FoundFile | None:
         row = get_file(session=session, file_id=file_id)
         if row is None:
             return None
-        return FoundFile(file_object(row), settings.batch_files_dir / row.path, row.api_key, row.tenant)
+        expired = stored.past_expiry(session=session, row=row)
+        path = settings.batch_files_dir / row.path
+        return FoundFile(file_object(row), path, row.api_key, row.tenant, expired)
 
 
 def _visible(session: Any, file_id: str, api_key: str | None, admin: bool, tenant: str) -> StoredFile:

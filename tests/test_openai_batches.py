@@ -1133,6 +1133,22 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
         )
     from services.files import find_file
 
+    # Found in review: past its expiry, a file not yet swept (here: kept for the batch reading it)
+    # was still listed, served and taken as a new batch's input.
+    admin = {"Authorization": "Bearer test-key-1-abcdefgh"}  # sees every key's files
+    assert httpx.get(f"{base_url}/v1/files/{input_id}", headers=admin).status_code == 404
+    assert httpx.get(f"{base_url}/v1/files/{input_id}/content", headers=admin).status_code == 404
+    listed = httpx.get(f"{base_url}/v1/files", params={"limit": 10_000}, headers=admin).json()["data"]
+    assert listed and input_id not in {f["id"] for f in listed}
+    with pytest.raises(batches.BatchRefused, match="^input_file_id: "):
+        batches.create_batch(
+            input_file_id=input_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=None,
+            api_key="k",
+            admin=False,
+        )
     # [] when the session's housekeeper (tests/conftest.py, every second) deleted it first
     assert batches.housekeeping(["nobody"])["files_deleted"] in ([expiring["id"]], [])
     assert find_file(expiring["id"]) is None and find_file(input_id) is not None

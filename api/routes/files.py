@@ -130,7 +130,7 @@ def remove_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))
 
 def _visible(file_id: str, who: Caller) -> FoundFile:
     found = find_file(file_id)
-    if found is None or not (who.admin or found.owned_by(who.key_id, who.tenant)):
+    if found is None or found.expired or not (who.admin or found.owned_by(who.key_id, who.tenant)):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no file {file_id!r}")
     return found
 
