@@ -41,7 +41,7 @@ from db.runs import (
     run_counts,
     submission_lock,
 )
-from db.session import DATABASE_OUTAGES, session_scope
+from db.session import DATABASE_OUTAGES, connection_lost, session_scope
 from db.world import all_character_slugs
 from services.files import BadExpiry, check_expiry, delete_expired_files, find_file, new_file_id
 from services.pages import list_object
@@ -254,17 +254,20 @@ def _submit_batch(name: str) -> None:
         _retry_later(run_id, name, callback, attempt, exc, waited_s)
 
 
-def _broker_away(exc: BaseException) -> bool:
-    """Whether the broker being away is what stopped a submission (the error, or what it wraps)."""
+def _away(exc: BaseException) -> str | None:
+    """Which service being away stopped a submission (the error, or what it wraps): "the broker",
+    "the database" (its connection lost, not an error of the work), or None."""
     from kombu.exceptions import KombuError
     from redis.exceptions import RedisError
 
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, (KombuError, RedisError)):
-            return True
+            return "the broker"
+        if connection_lost(seen):
+            return "the database"
         seen = seen.__cause__
-    return False
+    return None
 
 
 def _retry_later(
@@ -276,13 +279,14 @@ def _retry_later(
     waited_s: float,
 ) -> None:
     """A transient error: the batch stays validating and is due again after a doubling backoff, or
-    fails as the server's fault once its tries are spent. The broker being away spends no try: the
-    batch waits for it (looked at again less often the longer it has waited, every 10 minutes at
-    most) until its completion window closes. If the database is what broke, nothing can be
-    recorded: the sweeper finds the batch stalled and tries again."""
+    fails as the server's fault once its tries are spent. The broker or the database being away
+    (its connection lost) spends no try: the batch waits for it (looked at again less often the
+    longer it has waited, every 10 minutes at most) until its completion window closes. If the
+    database is still away, nothing can be recorded: the sweeper finds the batch stalled and tries
+    again."""
     reason = one_line(exc)
     tries = attempt or 0
-    away = _broker_away(exc)
+    away = _away(exc)
     try:
         if tries >= settings.batch_submission_attempts and not away:
             _give_up(run_id, callback, f"submission failed {tries} times, last: {reason}")
@@ -298,12 +302,12 @@ def _retry_later(
                 session=session,
                 run_id=run_id,
                 error=(
-                    f"submission waits for the broker ({reason}); trying again in {delay:.0f} s"
+                    f"submission waits for {away} ({reason}); trying again in {delay:.0f} s"
                     if away
                     else f"submission try {tries} stopped ({reason}); trying again in {delay:.0f} s"
                 ),
                 delay_s=delay,
-                refund=away,
+                refund=away is not None,
             )
         logger.warning(
             "batch %s: submission try %s stopped (%s); again in %.0f s", name, tries, reason, delay

@@ -804,6 +804,38 @@ def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_subm
     assert batch["errors"] is None and _unsent(batch_id) == 0
 
 
+def test_a_database_connection_lost_under_a_submission_spends_no_try(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a broker outage spent no try, but a database connection lost mid-way (a
+    failover, a restart) did: five blips over a long submission failed the batch for good, as the
+    server's fault, inside its window."""
+    from sqlalchemy.exc import OperationalError
+
+    from services.runs import submit
+
+    monkeypatch.setattr(settings, "batch_submission_attempts", 1)
+    monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
+    batch_id = _batch(tmp_path, 2)
+    validate = submit.validate_file
+
+    def blip(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(submit, "validate_file", blip)
+    batches.submit_batch_by_name(batch_id)
+    for _ in range(2):
+        assert batch_id in batches.retry_batch_submissions()
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+        assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)
+        assert "waits for the database" in run.error
+    monkeypatch.setattr(submit, "validate_file", validate)
+    assert batch_id in batches.retry_batch_submissions()
+    batch = batches.get_batch(batch_id, api_key="k", admin=False)
+    assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 2
+
+
 def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
     services, quiet_model, tmp_path, monkeypatch
 ) -> None:
