@@ -836,6 +836,38 @@ def test_a_database_connection_lost_under_a_submission_spends_no_try(
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 2
 
 
+def test_a_batch_sends_no_line_before_its_whole_file_is_stored(quiet_model, tmp_path, monkeypatch) -> None:
+    """Found in review: a batch sent each chunk as the next was stored; when storing a later chunk
+    failed for good, the batch ended `failed` with no output file, and the lines workers had
+    answered (and those still running) were never to be downloaded."""
+    from services.runs import submit
+
+    monkeypatch.setattr(settings, "batch_submission_attempts", 1)
+    monkeypatch.setattr(submit, "CHUNK", 1)
+    insert = submit._insert_chunk
+    stored: list[int] = []
+
+    def second_fails(run_id, chunk, tenant):  # type: ignore[no-untyped-def]
+        if stored:
+            raise OSError("the database's disk is full")
+        stored.append(1)
+        return insert(run_id, chunk, tenant)
+
+    monkeypatch.setattr(submit, "_insert_chunk", second_fails)
+    batch_id = _batch(tmp_path, 3)
+    batches.submit_batch_by_name(batch_id)
+    with session_scope() as s:
+        turns = s.execute(select(Turn.status, Turn.dispatched_at).join(Run).where(Run.name == batch_id)).all()
+    assert turns == [(TurnStatus.CANCELLED, None)]  # stored, never sent, cancelled with the batch
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    # a whole file stored, then sent
+    monkeypatch.setattr(submit, "_insert_chunk", insert)
+    batch_id = _batch(tmp_path, 3)
+    batches.submit_batch_by_name(batch_id)
+    assert _unsent(batch_id) == 0
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["request_counts"]["total"] == 3
+
+
 def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
     services, quiet_model, tmp_path, monkeypatch
 ) -> None:

@@ -173,7 +173,9 @@ def submit_run(
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors, check.error_count)
         try:
-            stored, sent = _store_and_send(path, check, name, run_id, model, progress, tenant)
+            stored, sent = _store_and_send(
+                path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later
+            )
         except RunNotAccepting:
             stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
         except Exception as exc:
@@ -219,6 +221,8 @@ def _store_and_send(
     model: str,
     progress: Progress | None,
     tenant: str,
+    *,
+    send_while_storing: bool = True,
 ) -> tuple[int, int]:
     """Store the lines not stored yet and send every turn not sent yet; (lines stored, turns sent).
 
@@ -226,6 +230,10 @@ def _store_and_send(
     insert; PostgreSQL works meanwhile) and another sends chunk N's messages. At most one chunk waits
     at each stage, so memory stays bounded whatever the file's size. Turns stored by an earlier try
     but never sent go out first, in input order.
+
+    Without `send_while_storing` (a batch, which is not resumed: a submission that gives up fails
+    it, and a failed batch writes no output), nothing is sent until every line is stored, so no
+    line is answered for a batch whose submission then fails.
     """
     with session_scope() as session:
         already = stored_custom_ids(session=session, run_id=run_id)
@@ -238,7 +246,7 @@ def _store_and_send(
         if progress:
             progress(counts[0], counts[1])
 
-    while leftovers := _unsent(run_id):
+    while send_while_storing and (leftovers := _unsent(run_id)):
         send(leftovers)
     candidates = check.reader.options.candidates or settings.run_candidates
     scenes: list[tuple[str, str, SceneSpec]] = []
@@ -265,7 +273,10 @@ def _store_and_send(
                 counts[0] += len(new_ids)
                 if sending is not None:
                     sending.result()
-                sending = sender.submit(send, new_ids)
+                if send_while_storing:
+                    sending = sender.submit(send, new_ids)
+                elif progress:
+                    progress(counts[0], counts[1])
             write = writer.submit(_insert_chunk, run_id, chunk, tenant) if chunk else None
         if sending is not None:
             sending.result()
@@ -280,7 +291,10 @@ def _store_and_send(
                 candidates=candidates,
             )
         counts[0] += len(first_steps)
-        send(first_steps)
+        if send_while_storing:
+            send(first_steps)
+    while not send_while_storing and (leftovers := _unsent(run_id)):
+        send(leftovers)
     return counts[0], counts[1]
 
 
