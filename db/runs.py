@@ -608,30 +608,43 @@ def find_run(*, session: Session, ref: str) -> Run | None:
 
 def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:
     """Count the run's turns by status in one query."""
+    return runs_counts(session=session, run_ids=[run_id])[run_id]
+
+
+def runs_counts(*, session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, RunCounts]:
+    """Count each run's turns by status: two queries for a page of runs, not two a run."""
+    n: dict[uuid.UUID, dict[TurnStatus, int]] = {r: dict.fromkeys(TurnStatus, 0) for r in run_ids}
+    unsent = dict.fromkeys(run_ids, 0)
     rows = session.execute(
-        select(Turn.status, func.count(), func.count().filter(Turn.dispatched_at.is_(None)))
-        .where(Turn.run_id == run_id)
-        .group_by(Turn.status)
+        select(Turn.run_id, Turn.status, func.count(), func.count().filter(Turn.dispatched_at.is_(None)))
+        .where(Turn.run_id.in_(list(run_ids)))
+        .group_by(Turn.run_id, Turn.status)
     ).all()
-    n = {status: 0 for status in TurnStatus}
-    unsent = 0
-    for status, count, not_sent in rows:
-        n[TurnStatus(status)] = int(count)
+    for run_id, status, count, not_sent in rows:
+        assert run_id is not None  # the query's filter
+        n[run_id][TurnStatus(status)] = int(count)
         if status == TurnStatus.QUEUED:
-            unsent = int(not_sent)
-    refused = session.scalar(
-        select(func.coalesce(func.jsonb_array_length(Run.refused), 0)).where(Run.id == run_id)
+            unsent[run_id] = int(not_sent)
+    refused: dict[uuid.UUID, int] = dict(
+        session.execute(
+            select(Run.id, func.coalesce(func.jsonb_array_length(Run.refused), 0)).where(
+                Run.id.in_(list(run_ids))
+            )
+        ).all()
     )
-    return RunCounts(
-        total=sum(n.values()),
-        queued=n[TurnStatus.QUEUED],
-        running=n[TurnStatus.RUNNING],
-        completed=n[TurnStatus.DONE],
-        failed=n[TurnStatus.FAILED],
-        cancelled=n[TurnStatus.CANCELLED],
-        unsent=unsent,
-        refused=int(refused or 0),
-    )
+    return {
+        r: RunCounts(
+            total=sum(n[r].values()),
+            queued=n[r][TurnStatus.QUEUED],
+            running=n[r][TurnStatus.RUNNING],
+            completed=n[r][TurnStatus.DONE],
+            failed=n[r][TurnStatus.FAILED],
+            cancelled=n[r][TurnStatus.CANCELLED],
+            unsent=unsent[r],
+            refused=int(refused.get(r) or 0),
+        )
+        for r in run_ids
+    }
 
 
 def unsent_turns(*, session: Session, run_id: uuid.UUID, limit: int) -> list[uuid.UUID]:

@@ -28,6 +28,7 @@ from db.callbacks import callbacks_due, claim_retries
 from db.files import add_file, get_file, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
+    RunCounts,
     batch_submissions_due,
     begin_submission_attempt,
     cancel_run,
@@ -39,6 +40,7 @@ from db.runs import (
     postpone_finalizing,
     postpone_submission,
     run_counts,
+    runs_counts,
     submission_lock,
 )
 from db.session import DATABASE_OUTAGES, connection_lost, session_scope
@@ -344,9 +346,9 @@ def _ts(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
 
-def batch_object(session: Session, run: Run) -> dict[str, Any]:
-    """The run as an OpenAI Batch object (plus `model`)."""
-    counts = run_counts(session=session, run_id=run.id)
+def batch_object(session: Session, run: Run, counts: RunCounts | None = None) -> dict[str, Any]:
+    """The run as an OpenAI Batch object (plus `model`); `counts`: its turns', counted already."""
+    counts = counts or run_counts(session=session, run_id=run.id)
     status = RunStatus(run.status)
     ended = {
         RunStatus.COMPLETED: "completed_at",
@@ -428,7 +430,9 @@ def list_batches(
                 | ((Run.created_at == cursor.created_at) & (Run.id < cursor.id))
             )
         rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)).all()
-        return list_object([batch_object(session, run) for run in rows[:limit]], len(rows) > limit)
+        counts = runs_counts(session=session, run_ids=[run.id for run in rows[:limit]])
+        shown = [batch_object(session, run, counts[run.id]) for run in rows[:limit]]
+        return list_object(shown, len(rows) > limit)
 
 
 def cancel_batch(

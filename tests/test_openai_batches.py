@@ -868,6 +868,31 @@ def test_a_batch_sends_no_line_before_its_whole_file_is_stored(quiet_model, tmp_
     assert batches.get_batch(batch_id, api_key="k", admin=False)["request_counts"]["total"] == 3
 
 
+def test_a_page_of_batches_counts_their_requests_in_a_fixed_number_of_queries(quiet_model, tmp_path) -> None:
+    """Found in review: each batch of a listed page counted its turns in queries of its own (two a
+    batch: 200 round trips for a page of 100)."""
+    from sqlalchemy import event
+
+    tenant = "counts-" + tmp_path.name
+    for n in (1, 2, 3):
+        batches.submit_batch_by_name(_batch(tmp_path, n, tenant=tenant))
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, *args):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", seen)
+    try:
+        one = batches.list_batches(api_key="k", admin=False, after=None, limit=1, tenant=tenant)
+        few, statements[:] = len(statements), []
+        every = batches.list_batches(api_key="k", admin=False, after=None, limit=3, tenant=tenant)
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", seen)
+    assert len(one["data"]) == 1 and len(every["data"]) == 3
+    assert len(statements) == few, statements
+    assert [b["request_counts"]["total"] for b in every["data"]] == [3, 2, 1]
+
+
 def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
     services, quiet_model, tmp_path, monkeypatch
 ) -> None:
