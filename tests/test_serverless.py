@@ -295,6 +295,46 @@ def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and
     assert [t["status"] for t in replay["turns"]] == ["done", "done"]
 
 
+def test_a_call_stopped_by_a_database_outage_leaves_no_unkeyed_turn_queued_to_be_answered_twice(
+    world, monkeypatch
+) -> None:
+    """Found in review: a call stopped by anything but an engine death (the database away mid-way, a
+    timeout) told the caller to send the event again and left its turns queued; the resend stored the
+    line anew and answered both, the first as an earlier turn of its conversation."""
+    import psycopg
+    from sqlalchemy import select
+    from sqlalchemy.exc import OperationalError
+
+    from db.models import Conversation, Turn, TurnStatus
+    from db.session import session_scope
+    from worker import inline
+
+    def database_away(ids):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE", {}, psycopg.OperationalError("server closed the connection"))
+
+    monkeypatch.setattr(inline, "check_space", lambda: None)
+    monkeypatch.setattr(inline, "process_batch", database_away)
+    keyed, unkeyed = new_conversation("elara"), new_conversation("elara")
+    event = {
+        "turns": [
+            keyed | {"message": "Is the ford passable?", "idempotency_key": f"k-{keyed['conversation']}"},
+            unkeyed | {"message": "And the bridge?"},
+        ]
+    }
+    answer = handler({"input": event})
+    assert answer["retry"] is True and "send the event again" in answer["error"]
+    with session_scope() as s:
+        states = dict(
+            s.execute(
+                select(Conversation.external_id, Turn.status)
+                .join(Conversation)
+                .where(Conversation.external_id.in_([keyed["conversation"], unkeyed["conversation"]]))
+            ).all()
+        )
+    # the keyed turn waits for the replay (answered first then); the other is stored anew by it
+    assert states == {keyed["conversation"]: TurnStatus.QUEUED, unkeyed["conversation"]: TurnStatus.CANCELLED}
+
+
 def test_a_dead_engine_with_the_database_away_still_asks_for_a_fresh_worker(world, monkeypatch) -> None:
     """Found in review: the cancel after an engine death needs the database; its outage was raised in
     place of the death and answered as a passing outage, without `refresh_worker`: the container kept

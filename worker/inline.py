@@ -44,7 +44,23 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
 
 
 def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
-    """answer_now for turns stored already (and not sent): run until each is finished, in order."""
+    """answer_now for turns stored already (and not sent): run until each is finished, in order. A
+    call that raises leaves none of its turns stored without a client's key queued (see
+    EngineDiedUnderCall): the caller is told to send it again, which stores them anew."""
+    try:
+        return _answer_in_order(ids)
+    except EngineDiedUnderCall:
+        raise  # its turns are seen to already
+    except BaseException:
+        try:
+            with session_scope() as session:
+                cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
+        except DATABASE_OUTAGES:
+            logger.warning("the call stopped and the database is away: its turns stand as handed back")
+        raise
+
+
+def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
     with session_scope() as session:  # left by an earlier call that stopped part-way: nothing else sends them
         earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
     pending = list(dict.fromkeys([*earlier, *ids]))
