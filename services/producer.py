@@ -424,9 +424,13 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         if not stranded:  # every message went (the failure came after the last, releasing the broker)
             return
         with session_scope() as session:
-            fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
+            failed = fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
+        if (
+            not failed
+        ):  # a message that went through though its send raised: a worker claimed the turn already
+            return
         raise EnqueueError(
-            f"could not reach the broker; {len(stranded)} turn(s) marked failed"
+            f"could not reach the broker; {len(failed)} turn(s) marked failed"
             + (f", {len(went)} sent before it failed" if went else "")
             + " (retry with the same idempotency keys: a failed turn is sent again, a sent one replayed)"
         ) from exc

@@ -595,6 +595,33 @@ def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go
     assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
 
 
+def test_a_message_that_went_through_its_send_raised_is_not_reported_failed_once_claimed(
+    world, monkeypatch
+) -> None:
+    """Found in review: a publish that reached Redis but whose reply was lost raised; a worker claimed
+    the turn meanwhile, so nothing was marked failed, yet the call answered 503 "1 turn(s) marked
+    failed", and a client retrying without a key stored the line twice."""
+    from db.turns import claim_turns
+    from services.producer import submit_turns
+    from tasks.app import app
+
+    mine, real_send = threading.get_ident(), app.amqp.send_task_message
+    message = f"Hello from {new_conversation()['conversation']}?"
+
+    def lands_then_raises(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != mine:  # the session's worker sending meanwhile: not this test's
+            return real_send(*args, **kwargs)
+        with session_scope() as s:  # a worker takes the message before the reply is lost
+            turn_id = s.scalar(select(Turn.id).where(Turn.message == message))
+            claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        raise ConnectionError("Error 110 reading from redis: timed out")
+
+    monkeypatch.setattr(app.amqp, "send_task_message", lands_then_raises)
+    (stored,) = submit_turns([new_conversation() | {"message": message}])
+    with session_scope() as s:
+        assert s.get(Turn, stored.id).status == TurnStatus.RUNNING
+
+
 def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answer_is_owed(world) -> None:
     """Found in review: housekeeping POSTed a "failed" callback for a turn the broker never got (its
     request was answered 503), and marked it delivered; a retry that revived it then never called
