@@ -425,9 +425,8 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
             return
         with session_scope() as session:
             failed = fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
-        if (
-            not failed
-        ):  # a message that went through though its send raised: a worker claimed the turn already
+        # None failed: their messages went though the send raised, and workers claimed them already.
+        if not failed:
             return
         raise EnqueueError(
             f"could not reach the broker; {len(failed)} turn(s) marked failed"
