@@ -295,3 +295,56 @@ def test_a_run_keeps_input_order_and_starts_conversations_from_their_first_line(
     from services.runs import cancel
 
     cancel(name)
+
+
+def test_a_submission_that_finds_its_run_cancelled_cancels_it_holding_no_lock_on_the_run(
+    world, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a submission that found its run cancelled mid-way cancelled the turns stored
+    since in the transaction that had just locked the run's row. A claim finishing one of those turns
+    locks the turn, then the run: the two could deadlock (40P01 out of the submission)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from db.runs import cancel_run
+    from db.session import get_engine
+    from db.turns import claim_turns
+    from services.runs import submit
+
+    path = tmp_path / "cancelled.jsonl"
+    path.write_text(
+        "".join(
+            json.dumps({"custom_id": f"c{i}", "character": "elara", "message": f"Hi {i}?"}) + "\n"
+            for i in range(2)
+        ),
+        encoding="utf-8",
+    )
+    store = submit._store_and_send
+
+    def cancelled_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = store(*args, **kwargs)
+        with session_scope() as s:  # a worker holds one line, and a user's cancel lands
+            first = s.scalar(select(Turn.id).where(Turn.run_id == args[3]).order_by(Turn.number).limit(1))
+            claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
+        with session_scope() as s:
+            cancel_run(session=s, run_id=args[3])
+        return out
+
+    run_locked: list[bool] = []
+
+    def cancel_run_looking(*, session, run_id, **kwargs):  # type: ignore[no-untyped-def]
+        with get_engine().connect() as other:
+            try:
+                other.execute(text("SET lock_timeout = '200ms'"))
+                other.execute(select(Run.id).where(Run.id == run_id).with_for_update(nowait=True))
+                run_locked.append(False)
+            except OperationalError:
+                run_locked.append(True)
+            other.rollback()
+        return cancel_run(session=session, run_id=run_id, **kwargs)
+
+    monkeypatch.setattr(submit, "_store_and_send", cancelled_meanwhile)
+    monkeypatch.setattr(submit, "cancel_run", cancel_run_looking)
+    submitted = submit_run(path, name="cancelled-" + tmp_path.name)
+    assert run_locked == [False]
+    assert submitted.status in (RunStatus.CANCELLING, RunStatus.CANCELLED)

@@ -194,7 +194,10 @@ def submit_run(
             ) from exc
         with session_scope() as session:
             status = finish_submission(session=session, run_id=run_id)
-            if status == RunStatus.CANCELLING:  # turns stored after the cancel landed are cancelled too
+        if status == RunStatus.CANCELLING:  # turns stored after the cancel landed are cancelled too
+            # In a transaction of its own: the one above locked the run, and a cancel locks turns
+            # before their run (as every claim finishing one does): together they could deadlock.
+            with session_scope() as session:
                 status = cancel_run(session=session, run_id=run_id).after
         return SubmittedRun(run_id, name, created, stored, sent, check.errors, status)
 
