@@ -507,11 +507,11 @@ EXPIRED_TURN = {
 def cancel_run(
     *, session: Session, run_id: uuid.UUID, reason: Literal["cancelled", "expired"] = "cancelled"
 ) -> CancelOutcome:
-    """cancel: cancel the run's queued turns, then validating | queued | in_progress → cancelling,
-    then advance (→ cancelled at once when nothing is running). A run whose submission failed keeps
-    its stored turns queued for a resume; cancelling it drops them the same way. Finished results are
-    kept; a finished run is left as it is. `expired`: the run's completion window closed; its
-    unstarted turns say so, and the run ends `expired`."""
+    """cancel: cancel the run's queued turns (and running ones whose lease lapsed), then validating |
+    queued | in_progress → cancelling, then advance (→ cancelled at once when nothing is running). A
+    run whose submission failed keeps its stored turns queued for a resume; cancelling it drops them
+    the same way. Finished results are kept; a finished run is left as it is. `expired`: the run's
+    completion window closed; its unstarted turns say so, and the run ends `expired`."""
     before = run_status(session=session, run_id=run_id)
     if before is None:
         raise KeyError(f"no run {run_id}")
@@ -531,12 +531,17 @@ def cancel_run(
         return CancelOutcome(before, before, 0)
     if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later
         reason = session.scalar(select(Run.cancel_reason).where(Run.id == run_id)) or reason  # type: ignore[assignment]
-    # Turns before the run: the lock order of every transaction that finishes turns.
+    # Turns before the run: the lock order of every transaction that finishes turns. A running turn
+    # whose lease lapsed (its worker gone) is cancelled too, as a claim would: with no worker of its
+    # model left to claim it, the run would stay cancelling for ever.
     why = EXPIRED_TURN if reason == "expired" else {}
+    lapsed = and_(
+        Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
+    )
     cancelled = session.execute(
         update(Turn)
-        .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
-        .values(status=TurnStatus.CANCELLED, finished_at=func.now(), **why)
+        .where(Turn.run_id == run_id, or_(Turn.status == TurnStatus.QUEUED, lapsed))
+        .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
         update(Run)

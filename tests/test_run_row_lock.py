@@ -474,3 +474,26 @@ def test_a_groups_write_a_deadlock_ends_is_written_again_not_handed_back_charged
         assert (rows[a].status, rows[b].status) == (TurnStatus.DONE, TurnStatus.FAILED)
         assert rows[b].error == "engine error: injected" and {t.attempts for t in rows.values()} == {1}
         assert {s.get_one(Run, r).status for r in (run_a, run_b)} == {RunStatus.COMPLETED}
+
+
+def test_a_cancel_ends_a_running_turn_whose_worker_is_gone_and_leaves_a_live_one(world) -> None:
+    """Found in review: a cancel (or an expiry) cancelled queued turns only; a running turn whose
+    worker died was cancelled by the next claim of it, and with no worker of its model left the run
+    stayed cancelling for ever, its files never written."""
+    from sqlalchemy import func, update
+
+    run_id, ids = _run_of(3)
+    token, turns = _claim(ids[:2])
+    with session_scope() as s:  # the first one's worker died: its lease lapsed
+        s.execute(
+            update(Turn).where(Turn.id == ids[0]).values(lease_until=func.now() - text("interval '1 minute'"))
+        )
+    with session_scope() as s:
+        assert cancel_run(session=s, run_id=run_id).after == RunStatus.CANCELLING
+    run, statuses = _statuses(run_id)
+    assert [statuses[t] for t in ids] == [TurnStatus.CANCELLED, TurnStatus.RUNNING, TurnStatus.CANCELLED]
+    with session_scope() as s:  # the lapsed worker, had it lived on, stores nothing
+        assert store_replies(session=s, token=token, outcomes=[outcome_of(turns[ids[0]])]) == []
+    with session_scope() as s:
+        _store(s, token, turns[ids[1]])  # the live one finishes: the run ends
+    assert _statuses(run_id)[0] == RunStatus.CANCELLED
