@@ -23,10 +23,13 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
+from functools import lru_cache
 from typing import Any, Literal
 
 import regex
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+from core.regex_size import MAX_PATTERN_CHARS, size_refusal
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class LoreEntry(BaseModel):
         for key in keys:
             parsed = _as_regex(key)
             if parsed is not None:
+                _refuse_large(parsed[0], key, "")
                 try:
                     regex.compile(parsed[0])
                 except regex.error as exc:
@@ -103,6 +107,7 @@ class LoreEntry(BaseModel):
             for name, keys in (("keys", self.keys), ("secondary_keys", self.secondary_keys)):
                 for key in keys:
                     if _as_regex(key) is None:
+                        _refuse_large(key, key, f"{name}: ")
                         try:
                             regex.compile(key)
                         except regex.error as exc:
@@ -283,6 +288,20 @@ class KeyTimeout(KeyFailed):
         super().__init__(f"regex key {key!r} ran past {REGEX_TIMEOUT_S * 1000:.0f} ms and was stopped")
 
 
+def _refuse_large(pattern: str, key: str, where: str) -> None:
+    """A pattern too long, or whose counted repeats expand too far, is refused before it compiles
+    (compiling alone could take minutes and gigabytes; no timeout covers it)."""
+    if len(pattern) > MAX_PATTERN_CHARS:
+        limit = f"{len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}"
+        raise ValueError(f"{where}regex key {key[:40]!r}…: {limit}")
+    refusal = _size_refusal(pattern)
+    if refusal is not None:
+        raise ValueError(f"{where}regex key {key[:40]!r}: {refusal}")
+
+
+_size_refusal = lru_cache(maxsize=1024)(size_refusal)  # a key is tried on every turn of its character
+
+
 def _as_regex(key: str) -> tuple[str, str] | None:
     m = re.fullmatch(r"/(.+)/([a-z]*)", key, flags=re.DOTALL)
     return (m.group(1), m.group(2)) if m else None
@@ -336,6 +355,10 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bo
             re_flags |= regex.MULTILINE
         if budget.left <= 0:
             raise KeyFailed(f"the turn's {REGEX_BUDGET_S * 1000:.0f} ms for regex keys ran out")
+        try:  # a card stored before sizes were checked at import: never compiled
+            _refuse_large(pattern, key, "")
+        except ValueError as exc:
+            raise KeyFailed(str(exc)) from None
         limit = min(REGEX_TIMEOUT_S, budget.left)
         started, started_cpu = time.perf_counter(), time.thread_time()
         try:

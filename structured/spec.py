@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.regex_size import size_refusal
 from core.settings import settings
 from core.text import unstorable_in
 
@@ -234,6 +235,13 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             and (len(value) > 1 or "properties" in node)
         ):
             raise SchemaRefused(f"{place}: only one pattern, and not beside properties, is supported")
+        patterns = [value] if key == "pattern" else []
+        if key == "patternProperties" and isinstance(value, dict):
+            patterns = list(value)
+        for pattern in patterns:
+            too_large = size_refusal(pattern) if isinstance(pattern, str) else None
+            if too_large is not None:
+                raise SchemaRefused(f"{place}: {too_large}")
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
         if key in _VALUE_KEYS:
@@ -303,6 +311,9 @@ def check_regex(pattern: str, where: str) -> str:
         raise SchemaRefused(f"{where}: contains a NUL character")
     if len(pattern) > MAX_PATTERN_CHARS:
         raise SchemaRefused(f"{where}: {len(pattern)} characters; the limit is {MAX_PATTERN_CHARS}")
+    too_large = size_refusal(pattern)  # before any build: compiling it alone could exhaust memory
+    if too_large is not None:
+        raise SchemaRefused(f"{where}: {too_large}")
     _refuse(where, partial(_regex_refusal, pattern))
     return pattern
 

@@ -126,7 +126,7 @@ def _raw_card(number: bytes) -> bytes:
     return b'{"spec": "chara_card_v2", "data": {"name": "A", "extensions": {"n": ' + number + b"}}}"
 
 
-DEEP_REGEX = "/" + "(" * 3000 + "a" + ")" * 3000 + "/"
+DEEP_REGEX = "/" + "(" * 450 + "a" + ")" * 450 + "/"  # past the parser's recursion, within the length limit
 
 
 @pytest.mark.parametrize(

@@ -177,6 +177,38 @@ def test_a_use_regex_key_that_does_not_compile_is_refused_at_import_and_fails_on
     assert entry.id == "old" and "does not compile" in reason
 
 
+def test_a_regex_key_too_large_to_compile_safely_is_refused_at_import_and_never_compiled(
+    monkeypatch,
+) -> None:
+    """Found in review: the `regex` module expands counted repeats when it compiles, nested ones
+    multiplying: a key `/(?:a{20000}){20000}/` took minutes and tens of gigabytes to compile, at
+    import in the API and again in every worker, and the keys' time limits cover matching only."""
+    from pydantic import ValidationError
+
+    from roleplay import lorebook
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a key too large reached the compiler")
+
+    monkeypatch.setattr(lorebook.regex, "compile", never)
+    monkeypatch.setattr(lorebook.regex, "search", never)
+    with pytest.raises(ValidationError, match=r"counted repeats expand to 400,000,000 copies"):
+        LoreEntry(id="x", keys=["/(?:a{20000}){20000}/"], content="x")
+    with pytest.raises(ValidationError, match=r"keys: regex key .*expand to 1,000,000 copies"):
+        LoreEntry(id="x", keys=["(?:a{1000}){1000}"], use_regex=True, content="x")
+    with pytest.raises(ValidationError, match=r"1001 characters; the limit is 1000"):
+        LoreEntry(id="x", keys=["/" + "a" * 1001 + "/"], content="x")
+    # a card stored before the check: its entry fails alone at match time, never compiled
+    bad = LoreEntry.model_construct(**LoreEntry(id="old", keys=["x"], content="Never shown.").__dict__)
+    bad.keys = ["/(?:a{20000}){20000}/"]
+    ok = LoreEntry(id="ok", keys=["lantern"], content="The lantern is brass.")
+    book = Lorebook.model_construct(entries=[bad, ok], token_budget=100, scan_depth=2)
+    activation = activate(book, message="the lantern", history=[], count_tokens=_words)
+    assert [f.entry.id for f in activation.kept] == ["ok"]
+    ((entry, reason),) = activation.failed
+    assert entry.id == "old" and "counted repeats expand" in reason
+
+
 def test_the_regex_keys_of_one_turn_share_one_time_budget() -> None:
     """Found in review: each regex search was stopped at 50 ms, but a card of a thousand slow
     patterns cost every turn a thousand of them."""

@@ -430,6 +430,30 @@ def test_a_backtracking_pattern_is_given_up_and_a_deep_pattern_or_blank_edged_ch
         GenerationParams(response_format={"type": "regex", "regex": deep})
 
 
+def test_a_pattern_whose_counted_repeats_expand_too_far_is_refused_before_anything_compiles(
+    monkeypatch,
+) -> None:
+    """Found in review: the grammar backend and the `regex` module expand a counted repeat into that
+    many copies, nested ones multiplying: `(?:a{20000}){20000}` took minutes and tens of gigabytes to
+    compile, and no time limit covers a compile."""
+    from structured import spec
+
+    def never(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise AssertionError("a pattern too large reached a compiler")
+
+    monkeypatch.setattr(spec, "_built_in_time", never)
+    monkeypatch.setattr(spec.regex, "compile", never)
+    huge = "(?:a{20000}){20000}"
+    with pytest.raises(ValidationError, match=r"response_format.*400,000,000 copies; the limit is 50,000"):
+        GenerationParams(response_format={"type": "regex", "regex": huge})
+    schema = {"type": "object", "properties": {"l": {"type": "string", "pattern": huge}}, "required": ["l"]}
+    with pytest.raises(SchemaRefused, match=r"s\.properties\.l\.pattern: its counted repeats expand"):
+        check_schema(schema, "s")
+    keyed = {"type": "object", "patternProperties": {huge: {"type": "string"}}}
+    with pytest.raises(SchemaRefused, match=r"s\.patternProperties: its counted repeats expand"):
+        check_schema(keyed, "s")
+
+
 def test_a_schema_repeated_on_many_lines_is_checked_once() -> None:
     from structured.spec import _refusal
 
