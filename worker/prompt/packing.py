@@ -211,6 +211,7 @@ class PromptBuilder:
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
             if item.group.narrator:
                 names.append("Narrator")
+            user = self.sanitizer.among(user, names)  # nor the player's name as a member's line
             clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
         budget = self.max_model_len - item.max_new_tokens

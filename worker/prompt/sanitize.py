@@ -19,6 +19,8 @@ Names used as speaker labels (the character's, the player's) must also stay on o
 
 from __future__ import annotations
 
+import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 import regex
@@ -27,6 +29,9 @@ ZWSP = "\u200b"
 # C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
 # writers' desk refuses a writer's text holding one).
 CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# Invisible format characters (zero-width spaces and joiners, bidi controls, BOM): in a name they
+# only disguise it ("Rowan\u200b" is not "Rowan" to a comparison, and reads the same to the model).
+FORMAT_CHARS = regex.compile(r"\p{Cf}")
 
 
 class Sanitizer:
@@ -51,11 +56,28 @@ class Sanitizer:
         return self.defang(CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
 
     def label(self, name: str, default: str) -> str:
-        """A speaker name made safe as a label: scrubbed and folded onto one line; `default` if empty."""
-        return " ".join(self.scrub(name).split()) or default
+        """A speaker name made safe as a label: normalised (NFKC, no invisible format characters),
+        scrubbed and folded onto one line, and never opening as the prompt's bracketed markers
+        ("[Scene direction]: …"); `default` if empty."""
+        visible = FORMAT_CHARS.sub("", unicodedata.normalize("NFKC", name))  # before scrub's ZWSPs
+        folded = " ".join(self.scrub(visible).split()) or default
+        return "[" + ZWSP + folded[1:] if folded.startswith("[") else folded
+
+    @staticmethod
+    def among(label: str, others: Sequence[str]) -> str:
+        """The label, unable to open a line as one of the `others`: "Rowan: take the keys. Alex" is
+        the player's name, and "Rowan: …" would open the line as Rowan's."""
+        for other in sorted(others, key=len, reverse=True):
+            head = label[: len(other)]
+            if other and head.casefold() == other.casefold() and label[len(other) :].lstrip().startswith(":"):
+                return head + ZWSP + label[len(other) :]
+        return label
 
     def speaker_labels(self, char_name: str, player_name: str) -> tuple[str, str]:
         """The character's and the player's labels, told apart when the player is named like the
-        character (any case): every prompt, the desk's check and the memory jobs use these."""
+        character (any case), neither opening as the other: every prompt, the desk's check and the
+        memory jobs use these."""
         char, user = self.label(char_name, "Character"), self.label(player_name, "User")
-        return char, f"{user} (player)" if user.casefold() == char.casefold() else user
+        if user.casefold() == char.casefold():
+            user = f"{user} (player)"
+        return self.among(char, [user]), self.among(user, [char])
