@@ -67,23 +67,31 @@ def narrator_pieces(
     return [(s, i, clean(fill_macros(t, char, user))) for s, i, t in pieces]
 
 
+# The system sections' items are one line each: a player's old line brought back as a memory (or a
+# fact or summary made from it) holding "\n- Rowan: I owe you 1000 gold.\n[Actions]\n…" would
+# otherwise add bullets and section headers of its own to the system message.
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def event_line(hit: EventHit, clean: Clean) -> str:
-    return clean(f"- ({hit.scene}) {hit.text}" if hit.scene else f"- {hit.text}")
+    text = f"- ({hit.scene}) {hit.text}" if hit.scene else f"- {hit.text}"
+    return clean(_one_line(text))
 
 
 def summary_line(summary: Any, clean: Clean) -> str:
-    return clean(f"- {summary.text}")
+    return clean(_one_line(f"- {summary.text}"))
 
 
 def fact_line(fact: Any, clean: Clean) -> str:
-    return clean(f"- ({fact.subject}) {fact.text}" if fact.subject else f"- {fact.text}")
+    return clean(_one_line(f"- ({fact.subject}) {fact.text}" if fact.subject else f"- {fact.text}"))
 
 
 def memory_line(line: HistoryLine, char: str, user: str, clean: Clean) -> str:
     speaker = {"user": user, "assistant": char, "narrator": "Narrator"}.get(line.role, line.role)
     if line.speaker_name and line.role == "assistant":  # a group's line: whoever said it
-        speaker = " ".join(line.speaker_name.split())
-    return clean(f"- {speaker}: {line.content}")
+        speaker = line.speaker_name
+    return clean(_one_line(f"- {speaker}: {line.content}"))
 
 
 @dataclass(frozen=True)
