@@ -78,6 +78,9 @@ def _json(text: str, where: str) -> Any:
         raise HistoryRefused(f"{where or 'line 1'}: not JSON that can be read ({reason})") from None
 
 
+_MESSAGE_KEYS = {"mes", "is_user", "name", "send_date", "is_system", "swipes"}
+
+
 def parse_sillytavern(raw: str) -> ParsedHistory:
     """SillyTavern chat JSONL: a header ({user_name, character_name, ...}) then {name, is_user, mes}."""
     lines: list[tuple[Role, str]] = []
@@ -91,7 +94,9 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
         item = _json(line, f"line {number}")
         if not isinstance(item, dict):
             raise HistoryRefused(f"line {number}: must be a JSON object")
-        header, first = first and "mes" not in item, False
+        # The header has no message keys: a first line with one (is_user, name) but no `mes` is a
+        # malformed message, not a header to skip.
+        header, first = first and not (_MESSAGE_KEYS & item.keys()), False
         if header:
             name = item.get("user_name")
             user_name = _text(name, f"line {number}: user_name") if isinstance(name, str) and name else None

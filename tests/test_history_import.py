@@ -156,6 +156,13 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             + json.dumps({"name": "R", "is_user": True, "mes": "hi"}),
             "line 1: user_name: ",
         ),
+        (  # found in review: a first message without `mes` was taken for the header and dropped
+            "sillytavern",
+            json.dumps({"name": "Alex", "is_user": True, "message": "I stole the crown."})
+            + "\n"
+            + json.dumps({"name": "R", "is_user": False, "mes": "You what?"}),
+            "line 1: mes: missing",
+        ),
     ],
 )
 def test_a_malformed_log_is_refused_with_line_and_field_and_nothing_is_stored(
