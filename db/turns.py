@@ -997,19 +997,26 @@ def hand_back_after_engine_death(
     if crash_looped:
         advance_runs_of_turns(session=session, turn_ids=crash_looped)
     rest = [t for t in turn_ids if t not in set(crash_looped)]
+    session.execute(
+        update(Turn)
+        .where(Turn.id.in_(rest), _ours(token))
+        .values(
+            status=TurnStatus.QUEUED,
+            error=reason[:ERROR_CHARS],
+            attempts=func.greatest(Turn.attempts - 1, 0),
+            engine_deaths=case((Turn.id.in_(inside), Turn.engine_deaths + 1), else_=Turn.engine_deaths),
+            lease_until=None,
+            dispatched_at=func.now(),
+        )
+    )
+    # Those queued under this claim, requeued just now or by an earlier try of this same hand-back
+    # whose COMMIT went through with its reply lost (the write is retried on a lost connection): all
+    # are the caller's to send again, or they would wait out the visibility timeout unsent.
     requeued = list(
         session.scalars(
-            update(Turn)
-            .where(Turn.id.in_(rest), _ours(token))
-            .values(
-                status=TurnStatus.QUEUED,
-                error=reason[:ERROR_CHARS],
-                attempts=func.greatest(Turn.attempts - 1, 0),
-                engine_deaths=case((Turn.id.in_(inside), Turn.engine_deaths + 1), else_=Turn.engine_deaths),
-                lease_until=None,
-                dispatched_at=func.now(),
+            select(Turn.id).where(
+                Turn.id.in_(rest), Turn.claim_token == token, Turn.status == TurnStatus.QUEUED
             )
-            .returning(Turn.id)
         ).all()
     )
     return EngineDeathOutcome(requeued, crash_looped)

@@ -95,3 +95,30 @@ def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(w
     assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
     assert get_turn(high).error_code == TurnErrorCode.ENGINE_CRASH_LOOP
     assert get_turn(low).status == TurnStatus.QUEUED
+
+
+def test_a_hand_back_tried_again_after_its_commit_went_through_still_names_every_turn_to_send(world) -> None:
+    """Found in review: the hand-back is written again when the connection drops, a COMMIT whose
+    reply was lost included; that second try found nothing under the claim, so nothing was sent
+    again and the turns waited out the visibility timeout (an hour) unsent."""
+    ids = _turns(2)
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+
+    def hand_back():  # type: ignore[no-untyped-def]
+        with session_scope() as session:
+            return hand_back_after_engine_death(
+                session=session,
+                token=claim.token,
+                turn_ids=ids,
+                in_engine=ids[:1],
+                reason="engine died: injected",
+                max_deaths=3,
+            )
+
+    assert sorted(hand_back().requeued) == sorted(ids)
+    again = hand_back()  # the same write, its first COMMIT's reply lost
+    assert sorted(again.requeued) == sorted(ids) and again.crash_looped == []
+    with session_scope() as session:  # counted once
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+    assert {t.id: t.engine_deaths for t in claim.claimed} == {ids[0]: 1, ids[1]: 0}
