@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -95,6 +96,11 @@ def owned_in(tenant: str) -> Any:
 
 def get_file(*, session: Session, file_id: str) -> StoredFile | None:
     return session.scalars(select(StoredFile).where(StoredFile.id == file_id)).one_or_none()
+
+
+def recorded_ids(*, session: Session, file_ids: Sequence[str]) -> set[str]:
+    """Those of these file ids that have a row."""
+    return set(session.scalars(select(StoredFile.id).where(StoredFile.id.in_(list(file_ids)))).all())
 
 
 def past_expiry(*, session: Session, row: StoredFile) -> bool:

@@ -45,7 +45,14 @@ from db.runs import (
 )
 from db.session import DATABASE_OUTAGES, connection_lost, session_scope
 from db.world import all_character_slugs
-from services.files import BadExpiry, check_expiry, delete_expired_files, find_file, new_file_id
+from services.files import (
+    BadExpiry,
+    check_expiry,
+    delete_expired_files,
+    delete_orphan_files,
+    find_file,
+    new_file_id,
+)
 from services.pages import list_object
 from services.runs.export import write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
@@ -659,5 +666,6 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
         "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
         "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
+        "orphan_files_deleted": delete_orphan_files(),
         "callback_retries": retry_callbacks() if models is None else [],
     }

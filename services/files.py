@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import regex
 
 from core.settings import DEFAULT_TENANT, settings
 from db import files as stored
@@ -265,6 +268,43 @@ def delete_file(
         path = settings.batch_files_dir / row.path
     path.unlink(missing_ok=True)  # after the commit: a failed delete leaves the bytes with their row
     return {"id": file_id, "object": "file", "deleted": True}
+
+
+# Bytes in the files folder with no row, left by a process that died between writing and recording
+# them (an upload, a batch's finalizing), and scratch files a death left behind. Only ones older than
+# this: anything younger may be on its way to a row (a finalizing writes for minutes, then commits).
+ORPHAN_AGE_S = 3600.0
+_OURS = regex.compile(
+    r"(file-[0-9a-f]{24})\.(?:jsonl|partial)|\.file-[0-9a-f]{24}\.jsonl\.[0-9a-f]{32}(?:\.errors)?\.tmp"
+)
+
+
+def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
+    """Delete the files folder's unrecorded bytes and scratch files older than `older_than_s`; their
+    names. Only names mlchat writes are touched."""
+    root = settings.batch_files_dir
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    scratch, named = [], {}
+    for path in root.iterdir():
+        ours = _OURS.fullmatch(path.name)
+        try:
+            old = ours is not None and path.is_file() and path.stat().st_mtime < cutoff
+        except FileNotFoundError:  # deleted meanwhile
+            continue
+        if old and ours is not None:
+            if path.suffix == ".jsonl":
+                named[ours[1]] = path
+            else:
+                scratch.append(path)
+    if named:
+        with session_scope() as session:
+            recorded = stored.recorded_ids(session=session, file_ids=list(named))
+        scratch += [path for file_id, path in named.items() if file_id not in recorded]
+    for path in scratch:
+        path.unlink(missing_ok=True)
+    return sorted(path.name for path in scratch)
 
 
 def delete_expired_files() -> list[str]:

@@ -1251,3 +1251,25 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
     assert batches.housekeeping(["nobody"])["files_deleted"] in ([input_id], [])
     assert find_file(input_id) is None and find_file(kept["id"]) is not None
     assert batches.housekeeping(["nobody"])["files_deleted"] == []
+
+
+def test_bytes_a_dead_process_left_without_a_row_are_deleted_once_old(quiet_model, tmp_path) -> None:
+    """Found in review: an upload or a finalizing killed between writing its bytes and committing
+    their row (and an upload's scratch file) left them on disk for ever: nothing scanned the folder."""
+    import os
+
+    from services.files import delete_orphan_files
+
+    recorded = batches.get_batch(_batch(tmp_path, 1), api_key="k", admin=False)["input_file_id"]
+    root = settings.batch_files_dir
+    orphan, scratch = root / f"file-{'a' * 24}.jsonl", root / f"file-{'b' * 24}.partial"
+    young, foreign = root / f"file-{'c' * 24}.jsonl", root / "notes.txt"
+    for path in (orphan, scratch, young, foreign):
+        path.write_text("x")
+    hour_ago = time.time() - 3700
+    for path in (orphan, scratch, foreign, root / f"{recorded}.jsonl"):
+        os.utime(path, (hour_ago, hour_ago))
+    # [] when the session's housekeeper (tests/conftest.py, every second) deleted them first
+    assert delete_orphan_files() in (sorted([orphan.name, scratch.name]), [])
+    assert not orphan.exists() and not scratch.exists()
+    assert young.exists() and foreign.exists() and (root / f"{recorded}.jsonl").exists()
