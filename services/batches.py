@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -443,14 +443,21 @@ def list_batches(
 
 
 def cancel_batch(
-    batch_id: str, *, api_key: str | None, admin: bool, tenant: str = DEFAULT_TENANT
+    batch_id: str,
+    *,
+    api_key: str | None,
+    admin: bool,
+    tenant: str = DEFAULT_TENANT,
+    finalize: Callable[[uuid.UUID], Any] | None = None,
 ) -> dict[str, Any]:
-    """Cancel the batch's unstarted requests; finished ones are kept and written to its output."""
+    """Cancel the batch's unstarted requests; finished ones are kept and written to its output, at
+    once when nothing of it runs (housekeeping otherwise, or on failure). `finalize`: what writes the
+    files (an HTTP request's background task: a large batch's files take minutes); at once if None."""
     with session_scope() as session:
         run = _visible_run(session, batch_id, api_key, admin, tenant)
         run_id = run.id
         cancel_run(session=session, run_id=run_id)
-    finalize_run(run_id)  # at once when nothing of it runs; housekeeping otherwise, or on failure
+    (finalize or finalize_run)(run_id)
     return get_batch(batch_id, api_key=api_key, admin=admin, tenant=tenant)
 
 

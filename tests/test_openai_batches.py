@@ -1273,3 +1273,32 @@ def test_bytes_a_dead_process_left_without_a_row_are_deleted_once_old(quiet_mode
     assert delete_orphan_files() in (sorted([orphan.name, scratch.name]), [])
     assert not orphan.exists() and not scratch.exists()
     assert young.exists() and foreign.exists() and (root / f"{recorded}.jsonl").exists()
+
+
+def test_a_batch_cancel_answers_before_its_files_are_written(
+    base_url, quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a cancel wrote the batch's output file inside the request; a large batch's
+    took minutes, the client timed out and sent the cancel again while the first still wrote."""
+    import threading
+
+    batch_id = _batch(tmp_path, 2)
+    batches.submit_batch_by_name(batch_id)
+    release, real = threading.Event(), batches.finalize_run
+
+    def slow(run_id):  # type: ignore[no-untyped-def]
+        release.wait(30)  # a large batch's files
+        return real(run_id)
+
+    monkeypatch.setattr(batches, "finalize_run", slow)
+    admin = {"Authorization": "Bearer test-key-1-abcdefgh"}  # _batch's key is no HTTP key
+    try:
+        answer = httpx.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=admin, timeout=10)
+        assert answer.status_code == 200 and answer.json()["status"] == "finalizing", answer.text
+    finally:
+        release.set()
+    deadline = time.monotonic() + 30
+    while batches.get_batch(batch_id, api_key="k", admin=False)["status"] != "cancelled":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["output_file_id"] is not None

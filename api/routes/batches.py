@@ -92,9 +92,18 @@ def get_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))
 
 
 @router.post("/{batch_id}/cancel")
-def cancel_batch(batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
-    """Cancel the requests not started yet; finished ones are kept and written to the output file."""
+def cancel_batch(
+    batch_id: BatchId, who: Annotated[Caller, Depends(needs("ingest"))], background: BackgroundTasks
+) -> Any:
+    """Cancel the requests not started yet; finished ones are kept and written to the output file
+    after the answer (a large batch's files take minutes: a client would time out and send again)."""
     try:
-        return batches.cancel_batch(batch_id, api_key=who.key_id, admin=who.admin, tenant=who.tenant)
+        return batches.cancel_batch(
+            batch_id,
+            api_key=who.key_id,
+            admin=who.admin,
+            tenant=who.tenant,
+            finalize=lambda run_id: background.add_task(batches.finalize_run, run_id),
+        )
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
