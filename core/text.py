@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 # A surrogate code point left alone: an escaped `\ud800` in JSON decodes to one, and UTF-8 cannot
@@ -74,3 +75,15 @@ class _Place:
                 steps.append(f"[{step}]" if isinstance(step, int) else f".{printable(step, 80)}")
             node = node.parent
         return "".join(reversed(steps))
+
+
+# Invisible characters that only disguise a name ("Rowan\u200b" reads as "Rowan"): zero-width
+# space, word joiner and its kin, BOM, soft hyphen, bidi controls. ZWJ and ZWNJ are not among them:
+# they spell words in Persian and Indic scripts.
+DISGUISE = re.compile("[\u00ad\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+
+
+def name_key(name: str) -> str:
+    """A speaker's name as names are compared: NFKC ("Ｒｏｗａｎ" is "Rowan"), no disguising
+    invisibles, whitespace folded, casefolded."""
+    return " ".join(unicodedata.normalize("NFKC", DISGUISE.sub("", name)).split()).casefold()

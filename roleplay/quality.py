@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import regex
 
+from core.text import name_key
+
 _WORD = regex.compile(r"\w+")
 # A unit of the instruction-echo span: one Hangul, Han or kana character, or a word of another script.
 _CJK = r"\p{Hangul}\p{Han}\p{Hiragana}\p{Katakana}"
@@ -322,7 +324,7 @@ def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> s
 
 
 def _folded(name: str) -> str:
-    return " ".join(name.split()).casefold()
+    return name_key(name)  # as the prompt's labels are told apart (worker/prompt/sanitize.py)
 
 
 def most_repeated_sentence(reply: str) -> int:

@@ -192,7 +192,9 @@ def test_a_player_name_cannot_open_a_line_as_the_character_or_a_marker(tokenizer
     marker = builder.build(_turn("player_name", "[Scene direction]"))
     assert not regex.search(r"(?m)^\[Scene direction\]", marker.text)
     assert builder.sanitizer.speaker_labels("Elara", "Elara\u200b") == ("Elara", "Elara (player)")
-    assert builder.sanitizer.speaker_labels("Elara", "Ｅｌａｒａ") == ("Elara", "Elara (player)")
+    assert builder.sanitizer.speaker_labels("Elara", "Ｅｌａｒａ") == ("Elara", "Ｅｌａｒａ (player)")
+    # ZWNJ spells Persian names: kept
+    assert builder.sanitizer.speaker_labels("Elara", "علی\u200cرضا") == ("Elara", "علی\u200cرضا")
 
 
 @pytest.mark.parametrize("field", ["memory", "event_text", "summary_text", "fact_text"])

@@ -156,6 +156,21 @@ def test_speaking_as_the_player_or_another_character_or_addressing_the_reader_is
     quoted = 'The gate creaks open. "Are you lost?" Elara asks the stranger.'
     assert role_break(quoted, speaker="narrator", char_name="Elara", user_name="") is None
     assert role_break("It is 12:30 and quiet.", speaker="character", char_name="Elara", user_name="") is None
+    # Found in review: names are compared as the prompt's labels are (NFKC, no disguising invisible
+    # characters): a character named in full-width letters whose reply opens with its name in plain
+    # ones speaks as itself, and a player named "Elara\u200b" is the player.
+    assert (
+        role_break("Alice: Welcome.", speaker="character", char_name="Ａｌｉｃｅ", user_name="Mira") is None
+    )
+    assert (
+        role_break(
+            "Elara: Welcome.\nElara (player): Hi.",
+            speaker="character",
+            char_name="Elara",
+            user_name="Elara\u200b",
+        )
+        == "speaks as the player ('Elara (player):')"
+    )
 
 
 def test_below_bar_reasons_name_their_check() -> None:

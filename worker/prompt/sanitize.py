@@ -19,19 +19,17 @@ Names used as speaker labels (the character's, the player's) must also stay on o
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 import regex
 
+from core.text import DISGUISE, name_key
+
 ZWSP = "\u200b"
 # C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
 # writers' desk refuses a writer's text holding one).
 CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-# Invisible format characters (zero-width spaces and joiners, bidi controls, BOM): in a name they
-# only disguise it ("Rowan\u200b" is not "Rowan" to a comparison, and reads the same to the model).
-FORMAT_CHARS = regex.compile(r"\p{Cf}")
 
 
 class Sanitizer:
@@ -56,21 +54,20 @@ class Sanitizer:
         return self.defang(CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
 
     def label(self, name: str, default: str) -> str:
-        """A speaker name made safe as a label: normalised (NFKC, no invisible format characters),
+        """A speaker name made safe as a label: no disguising invisible characters (core/text.py),
         scrubbed and folded onto one line, and never opening as the prompt's bracketed markers
         ("[Scene direction]: …"); `default` if empty."""
-        visible = FORMAT_CHARS.sub("", unicodedata.normalize("NFKC", name))  # before scrub's ZWSPs
-        folded = " ".join(self.scrub(visible).split()) or default
+        folded = " ".join(self.scrub(DISGUISE.sub("", name)).split()) or default  # before scrub's ZWSPs
         return "[" + ZWSP + folded[1:] if folded.startswith("[") else folded
 
     @staticmethod
     def among(label: str, others: Sequence[str]) -> str:
         """The label, unable to open a line as one of the `others`: "Rowan: take the keys. Alex" is
-        the player's name, and "Rowan: …" would open the line as Rowan's."""
-        for other in sorted(others, key=len, reverse=True):
-            head = label[: len(other)]
-            if other and head.casefold() == other.casefold() and label[len(other) :].lstrip().startswith(":"):
-                return head + ZWSP + label[len(other) :]
+        the player's name, and "Rowan: …" would open the line as Rowan's (names compared as
+        core/text.py's name_key compares them)."""
+        head, colon, rest = label.partition(":")
+        if colon and name_key(head) in {name_key(other) for other in others if other}:
+            return head + ZWSP + colon + rest
         return label
 
     def speaker_labels(self, char_name: str, player_name: str) -> tuple[str, str]:
@@ -78,6 +75,6 @@ class Sanitizer:
         character (any case), neither opening as the other: every prompt, the desk's check and the
         memory jobs use these."""
         char, user = self.label(char_name, "Character"), self.label(player_name, "User")
-        if user.casefold() == char.casefold():
+        if name_key(user) == name_key(char):
             user = f"{user} (player)"
         return self.among(char, [user]), self.among(user, [char])
