@@ -343,6 +343,7 @@ def test_a_submission_that_finds_its_run_cancelled_cancels_it_holding_no_lock_on
             other.rollback()
         return cancel_run(session=session, run_id=run_id, **kwargs)
 
+    monkeypatch.setattr(submit, "_send", lambda ids, model: None)  # the session's worker must not answer them
     monkeypatch.setattr(submit, "_store_and_send", cancelled_meanwhile)
     monkeypatch.setattr(submit, "cancel_run", cancel_run_looking)
     submitted = submit_run(path, name="cancelled-" + tmp_path.name)
