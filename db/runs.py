@@ -534,7 +534,13 @@ def cancel_run(
     # Turns before the run: the lock order of every transaction that finishes turns. A running turn
     # whose lease lapsed (its worker gone) is cancelled too, as a claim would: with no worker of its
     # model left to claim it, the run would stay cancelling for ever.
-    why = EXPIRED_TURN if reason == "expired" else {}
+    why: dict[str, Any] = {}
+    if reason == "expired":  # a turn that started (its worker gone) is told so, not "never started"
+        started = "the run's completion window closed; this turn's worker had stopped answering"
+        why = {
+            "error": case((Turn.status == TurnStatus.QUEUED, EXPIRED_TURN["error"]), else_=started),
+            "error_code": EXPIRED_TURN["error_code"],
+        }
     lapsed = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
     )
