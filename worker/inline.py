@@ -39,8 +39,13 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     EngineDiedUnderCall once the engine dies (the process needs a fresh engine: a new process): see
     there what became of the call's turns.
     """
+    return answer_stored(store_for_call(requests))
+
+
+def store_for_call(requests: Sequence[Any]) -> list[uuid.UUID]:
+    """answer_now's first step: the embedder checked, the call's turns stored unsent; their ids."""
     check_space()
-    return answer_stored(enqueue_turns(requests, send=False))
+    return enqueue_turns(requests, send=False)
 
 
 def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:

@@ -33,7 +33,7 @@ _TRANSIENT: tuple[type[Exception], ...] = (EnqueueError, GrammarBusy, *DATABASE_
 
 def handler(event: dict[str, Any]) -> dict[str, Any]:
     """Answer the event's turns; bad input comes back as {"error": ...}, never as an exception."""
-    from worker.inline import answer_now
+    from worker.inline import answer_stored, store_for_call
 
     payload = event.get("input") if isinstance(event, dict) else None
     if not isinstance(payload, dict):
@@ -56,15 +56,30 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
             return _try_again(exc)
     if errors:
         return {"error": "; ".join(errors)}
+    ids: list[Any] = []
     try:
-        views = answer_now(parsed)
+        ids = store_for_call(parsed)
+        views = answer_stored(ids)
     except EngineDead as exc:
         return _engine_died(exc)
     except _REFUSED as exc:
         return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
     except _TRANSIENT as exc:
-        return _try_again(exc)
+        return _try_again(exc) | _as_they_stand(ids)
     return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
+
+
+def _as_they_stand(ids: list[Any]) -> dict[str, Any]:
+    """The call's turns as they stand after it stopped part-way (those answered are `done`: sending
+    their lines again without idempotency keys would answer them twice); none if they cannot be read
+    (the database away) or none was stored."""
+    from services.producer import get_turn
+
+    try:
+        views = [view for view in map(get_turn, ids) if view is not None]
+    except DATABASE_OUTAGES:
+        return {}
+    return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]} if views else {}
 
 
 def _named(exc: ValidationError, where: str = "") -> str:
@@ -74,7 +89,8 @@ def _named(exc: ValidationError, where: str = "") -> str:
 
 
 def _try_again(exc: Exception) -> dict[str, Any]:
-    """The database or broker away: nothing was answered; the same event may be sent again."""
+    """The database or broker away: the same event may be sent again (lines answered already, if
+    any, come back in `turns` as `done`: leave those out, or send them with idempotency keys)."""
     return {"error": f"temporarily unavailable ({type(exc).__name__}); send the event again", "retry": True}
 
 
