@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from db.session import DATABASE_OUTAGES
+from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
@@ -92,10 +92,15 @@ async def _unavailable(request: Request, exc: EnqueueError) -> JSONResponse:
 async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """The database went away under a request, or the pool had no connection for it in time: a 503
     to retry, never a 500; the driver's text (hosts, users) stays in the log."""
-    logger.warning("%s %s: the database is unavailable", request.method, request.url.path, exc_info=exc)
+    if rolled_back_for_a_conflict(exc):  # up, but this request's write met another's: not an outage
+        logger.warning("%s %s: rolled back for a conflict", request.method, request.url.path, exc_info=exc)
+        detail = "the request's write conflicted with another's and was rolled back; try again"
+    else:
+        logger.warning("%s %s: the database is unavailable", request.method, request.url.path, exc_info=exc)
+        detail = "the database is unavailable for now; try again"
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
-        content={"detail": "the database is unavailable for now; try again"},
+        content={"detail": detail},
         headers={"Retry-After": str(RETRY_AFTER_S)},
     )
 

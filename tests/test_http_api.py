@@ -275,3 +275,15 @@ def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the
         r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers=KEY)
         assert r.status_code == 503 and r.headers["retry-after"] == "5"
         assert "try again" in r.json()["detail"] and "mlchat_prod" not in r.text and "QueuePool" not in r.text
+        assert "unavailable" in r.json()["detail"]
+
+    # a deadlock (40P01) is a write that met another's, not the database away: said so
+    import psycopg
+
+    deadlock = psycopg.errors.DeadlockDetected("deadlock detected")
+    monkeypatch.setattr(
+        producer, "get_turn", lambda turn_id: (_ for _ in ()).throw(OperationalError("UPDATE", {}, deadlock))
+    )
+    r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers=KEY)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    assert r.json()["detail"].startswith("the request's write conflicted with another's"), r.text
