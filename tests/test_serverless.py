@@ -248,6 +248,18 @@ def test_a_turn_another_claim_took_before_this_calls_write_is_waited_for_not_ret
     assert view.status == "done" and view.reply == "Answered by the other claim.", view
 
 
+def _keyed_and_unkeyed() -> tuple[dict, dict, dict]:
+    """Two new conversations and an event of one line each, the first under a client's key."""
+    keyed, unkeyed = new_conversation("elara"), new_conversation("elara")
+    event = {
+        "turns": [
+            keyed | {"message": "Is the ford passable?", "idempotency_key": f"k-{keyed['conversation']}"},
+            unkeyed | {"message": "And the bridge?"},
+        ]
+    }
+    return keyed, unkeyed, event
+
+
 def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and_asks_for_a_fresh_worker(
     engine, monkeypatch
 ) -> None:
@@ -268,13 +280,7 @@ def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
     monkeypatch.setattr(pipeline, "_answer", dies)
-    keyed, unkeyed = new_conversation("elara"), new_conversation("elara")
-    event = {
-        "turns": [
-            keyed | {"message": "Is the ford passable?", "idempotency_key": f"k-{keyed['conversation']}"},
-            unkeyed | {"message": "And the bridge?"},
-        ]
-    }
+    keyed, unkeyed, event = _keyed_and_unkeyed()
     answer = handler({"input": event})
     assert answer["error"].startswith("the engine died: injected; send the event again")
     assert answer["retry"] is True and answer["refresh_worker"] is True
@@ -314,13 +320,7 @@ def test_a_call_stopped_by_a_database_outage_leaves_no_unkeyed_turn_queued_to_be
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
     monkeypatch.setattr(inline, "process_batch", database_away)
-    keyed, unkeyed = new_conversation("elara"), new_conversation("elara")
-    event = {
-        "turns": [
-            keyed | {"message": "Is the ford passable?", "idempotency_key": f"k-{keyed['conversation']}"},
-            unkeyed | {"message": "And the bridge?"},
-        ]
-    }
+    keyed, unkeyed, event = _keyed_and_unkeyed()
     answer = handler({"input": event})
     assert answer["retry"] is True and "send the event again" in answer["error"]
     # found in review of the fix: the answer says how each line stands (one answered before the
