@@ -53,6 +53,15 @@ def _no_text_markers(text: str, char: str, user: str) -> str:
     )
 
 
+def escape_text_markers(text: str, markers: Sequence[str]) -> str:
+    """Break each of a chat template's plain-text role markers (roles.py's text_markers) in text
+    that is not the prompt's own."""
+    for marker in markers:
+        if marker in text:
+            text = text.replace(marker, marker[0] + ZWSP + marker[1:])
+    return text
+
+
 def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
     # upstage/SOLAR-10.7B-Instruct: "### System:", "### User:", "### Assistant:" blocks.
     label = {"system": "### System:", "user": "### User:", "assistant": "### Assistant:"}

@@ -5,6 +5,7 @@ manifest records what went in, why, and what each part cost in tokens."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from collections.abc import Callable
@@ -15,7 +16,13 @@ from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored_lorebook
 from roleplay.mood import Mood, describe_toward
-from worker.prompt.formats import FORMATS, ChatMessage, escape_bracket_markers, escape_name_markers
+from worker.prompt.formats import (
+    FORMATS,
+    ChatMessage,
+    escape_bracket_markers,
+    escape_name_markers,
+    escape_text_markers,
+)
 from worker.prompt.layout import (
     Layout,
     Piece,
@@ -31,7 +38,7 @@ from worker.prompt.layout import (
     system_pieces,
 )
 from worker.prompt.manifest import account
-from worker.prompt.roles import LENIENT, fit_roles, probe_roles
+from worker.prompt.roles import LENIENT, fit_roles, probe_roles, text_markers
 from worker.prompt.sanitize import Sanitizer
 
 
@@ -153,7 +160,15 @@ class PromptBuilder:
         # The text formats take any sequence of roles; a chat template may refuse some.
         self.roles = LENIENT
         if prompt_format == "chat_template":
-            self.roles = probe_roles(lambda messages: self.format.render(tokenizer, messages, "", "").text)
+            render = lambda messages: self.format.render(tokenizer, messages, "", "").text  # noqa: E731
+            self.roles = probe_roles(render)
+            # A template whose role markers are plain text (Zephyr's `<|user|>`): escaped as well.
+            markers = text_markers(render, self.sanitizer.specials, self.roles)
+            if markers:
+                escape = self.format.escape
+                self.format = dataclasses.replace(
+                    self.format, escape=lambda text, c, u: escape_text_markers(escape(text, c, u), markers)
+                )
         self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
 
     def cleaner(self, char: str, user: str) -> Any:

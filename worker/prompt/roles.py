@@ -10,8 +10,10 @@ through; whatever it refuses is folded away before rendering, keeping every text
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+import regex
 
 from worker.prompt.formats import ChatMessage
 
@@ -51,6 +53,36 @@ def probe_roles(render: Callable[[list[ChatMessage]], str]) -> TemplateRoles:
         repeated=accepts(_probe(*lead, "user", "user", "assistant", "assistant", "user")),
         assistant_first=accepts(_probe(*lead, "assistant", "user")),
     )
+
+
+_PUNCTUATION = regex.compile(r"[^\w\s]")
+
+
+def text_markers(
+    render: Callable[[list[ChatMessage]], str], specials: Sequence[str], roles: TemplateRoles
+) -> list[str]:
+    """The plain-text role markers a chat template writes around messages (Zephyr's `<|user|>`,
+    Vicuna's `USER:`, Alpaca's `### Instruction:`), which untrusted text must not hold unbroken:
+    the lines between a probe conversation's messages, its special-token strings taken out (the
+    sanitiser breaks those), each kept when it holds a mark other than a letter or digit (a role
+    word alone, `user` after a special token, marks nothing)."""
+    lead = ("system",) if roles.system else ()
+    messages = fit_roles(_probe(*lead, "user", "assistant", "user"), roles, "probe")
+    try:
+        rest = render(messages)
+    except Exception:  # a template that refuses even this is refused when a prompt is rendered
+        return []
+    between = []
+    for message in messages:
+        before, _, rest = rest.partition(message["content"])
+        between.append(before)
+    between.append(rest)
+    markers: set[str] = set()
+    for piece in between:
+        for special in specials:
+            piece = piece.replace(special, "\n")
+        markers |= {line.strip() for line in piece.splitlines() if _PUNCTUATION.search(line)}
+    return sorted((m for m in markers if len(m) > 1), key=len, reverse=True)
 
 
 def fit_roles(messages: list[ChatMessage], roles: TemplateRoles, speaker: str) -> list[ChatMessage]:

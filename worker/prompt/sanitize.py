@@ -42,6 +42,11 @@ class Sanitizer:
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
 
+    @property
+    def specials(self) -> list[str]:
+        """The tokenizer's special-token strings, longest first."""
+        return list(self._specials)
+
     def defang(self, text: str) -> str:
         """Break special-token strings so they tokenize as plain text."""
         for token in self._specials:
