@@ -8,30 +8,40 @@ from __future__ import annotations
 
 import regex
 
-# The items a pattern compiles to, its counted repeats expanded: side by side they add up, across
-# `|` the largest branch counts, and a count multiplies the item it follows. 20 x a{2500} is at the
-# limit; (?:a{1000}){1000} (a million) took 0.46 s to compile here, one key of a card.
+# The items a pattern compiles to, its counted repeats expanded: side by side and across `|` they
+# add up (every branch is built), and a count multiplies the item it follows (at least once: X{0,}
+# is X*). 20 x a{2500} is at the limit; (?:a{1000}){1000} (a million) took 0.46 s to compile here.
 MAX_REPEAT_EXPANSION = 50_000
 MAX_PATTERN_CHARS = 1000  # a lorebook key's pattern
 
 _COUNTED = regex.compile(r"\{([0-9]*)(?:(,)([0-9]*))?\}")
-# A comment, or an inline flag turning on verbose mode (x) or version 1 (V1): whitespace, `#` and
-# nested sets then mean what this reading cannot follow.
-_UNREAD = regex.compile(r"\(\?#|\(\?[a-zA-Z0-9-]*[xV]")
-_BRACED_ESCAPE = regex.compile(r"\\[xuUNpPgk]\{[^}]*\}|\\.", regex.DOTALL)
+# Escapes that own the braces after them (\x{41}, \N{DIGIT ONE}, \p{Lu}); any other escape is one
+# item, and braces after it are a count (\g{1000} is "g" a thousand times).
+_BRACED_ESCAPE = regex.compile(r"\\[xNpP]\{[^}]*\}|\\.", regex.DOTALL)
+# The opening of a group whose syntax is not an item: (?:  (?>  (?|  (?=  (?!  (?<=  (?<!  (?P<n>
+# (?<n>  (?'n'  (?flags:  and a flag setting alone, (?flags).
+_GROUP_OPEN = regex.compile(r"\(\?(?:[:>|=!]|<[=!]|P?<\w+>|'\w+'|([a-zA-Z0-9-]*):)")
+_FLAGS = regex.compile(r"\(\?([a-zA-Z0-9-]+)\)")
 _HUGE = 10**9  # a count of more digits than this is more than any limit here
+
+
+class Unmeasured(ValueError):
+    """The pattern uses syntax the reading does not follow."""
 
 
 def _count(digits: str | None) -> int:
     return _HUGE if len(digits or "") > 9 else int(digits or 0)
 
 
+def _check_flags(flags: str | None) -> None:
+    if flags and ("x" in flags or "V" in flags):
+        raise Unmeasured("the x and V1 flags are not supported")
+
+
 def repeat_expansion(pattern: str) -> int:
     """The items the pattern compiles to with its counted repeats ({m}, {m,n}, {m,}) expanded: an
-    estimate from above. ValueError for syntax it does not read (see _UNREAD)."""
-    if _UNREAD.search(pattern):
-        raise ValueError("comments and the x and V1 flags are not supported")
-    frames = [[0, 0]]  # per open group: [its largest finished branch, the branch being read]
+    estimate from above. Unmeasured for syntax it does not read (comments, the x and V1 flags)."""
+    frames = [0]  # per open group: its items so far
     last = 0  # the size of the item just read, which a count multiplies
     i, n = 0, len(pattern)
     while i < n:
@@ -47,39 +57,42 @@ def repeat_expansion(pattern: str) -> int:
                 j += 2 if pattern[j] == "\\" else 1
             i, item = j + 1, 1
         elif char == "(":
-            frames.append([0, 0])
-            i, last = i + 1, 0
+            if pattern.startswith("(?#", i):
+                raise Unmeasured("comments are not supported")
+            if flags := _FLAGS.match(pattern, i):
+                _check_flags(flags[1])
+                i, last = flags.end(), 0
+                continue
+            opening = _GROUP_OPEN.match(pattern, i)
+            if opening is not None:
+                _check_flags(opening[1])
+            frames.append(0)
+            i, last = (opening.end() if opening else i + 1), 0
             continue
         elif char == ")" and len(frames) > 1:
-            best, current = frames.pop()
-            i, item = i + 1, max(best, current)
+            i, item = i + 1, frames.pop()
         elif char == "|":
-            frame = frames[-1]
-            frame[0], frame[1] = max(frame[0], frame[1]), 0
             i, last = i + 1, 0
             continue
         elif char == "{" and (counted := _COUNTED.match(pattern, i)) and (counted[1] or counted[3]):
             low, high = _count(counted[1]), _count(counted[3])
-            times = max(low, high) if counted[2] else low
-            frames[-1][1] += last * times - last
+            times = max(low, high if counted[2] else 0, 1)
+            frames[-1] += last * times - last
             last *= times
             i = counted.end()
             continue
         else:
             i, item = i + 1, 1
-        frames[-1][1] += item
+        frames[-1] += item
         last = item
-    while len(frames) > 1:  # unclosed groups (the compiler refuses them anyway)
-        best, current = frames.pop()
-        frames[-1][1] += max(best, current)
-    return max(frames[0])
+    return sum(frames)  # unclosed groups (the compiler refuses them anyway) count as they stand
 
 
 def size_refusal(pattern: str) -> str | None:
     """Why the pattern is too large to compile safely (or written in syntax not measured), or None."""
     try:
         copies = repeat_expansion(pattern)
-    except ValueError as exc:
+    except Unmeasured as exc:
         return str(exc)
     if copies > MAX_REPEAT_EXPANSION:
         return f"its counted repeats expand to {copies:,} items; the limit is {MAX_REPEAT_EXPANSION:,}"
