@@ -6,6 +6,8 @@ import re
 import unicodedata
 from typing import Any
 
+import regex
+
 # A surrogate code point left alone: an escaped `\ud800` in JSON decodes to one, and UTF-8 cannot
 # encode it (the store and the embedder would raise). A valid pair decodes to one code point.
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
@@ -77,13 +79,14 @@ class _Place:
         return "".join(reversed(steps))
 
 
-# Invisible characters that only disguise a name ("Rowan\u200b" reads as "Rowan"): zero-width
-# space, word joiner and its kin, BOM, soft hyphen, bidi controls. ZWJ and ZWNJ are not among them:
-# they spell words in Persian and Indic scripts.
-DISGUISE = re.compile("[\u00ad\u200b\u200e\u200f\u202a-\u202e\u2060-\u2064\u2066-\u2069\ufeff]")
+# Invisible format characters (\p{Cf}: zero-width space, word joiner, BOM, soft hyphen, bidi and
+# Arabic letter marks, tag characters) only disguise a name ("Rowan\u200b" reads as "Rowan"). A
+# label keeps ZWJ and ZWNJ, which spell words in Persian and Indic scripts; a comparison drops them.
+DISGUISE = regex.compile(r"(?![\u200c\u200d])\p{Cf}")
+_FORMAT = regex.compile(r"\p{Cf}")
 
 
 def name_key(name: str) -> str:
-    """A speaker's name as names are compared: NFKC ("Ｒｏｗａｎ" is "Rowan"), no disguising
-    invisibles, whitespace folded, casefolded."""
-    return " ".join(unicodedata.normalize("NFKC", DISGUISE.sub("", name)).split()).casefold()
+    """A speaker's name as names are compared: NFKC ("Ｒｏｗａｎ" is "Rowan"), no format characters,
+    whitespace folded, casefolded."""
+    return " ".join(unicodedata.normalize("NFKC", _FORMAT.sub("", name)).split()).casefold()

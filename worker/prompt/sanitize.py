@@ -19,6 +19,7 @@ Names used as speaker labels (the character's, the player's) must also stay on o
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,20 +60,23 @@ class Sanitizer:
         return self.defang(CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
 
     def label(self, name: str, default: str) -> str:
-        """A speaker name made safe as a label: no disguising invisible characters (core/text.py),
-        scrubbed and folded onto one line, and never opening as the prompt's bracketed markers
-        ("[Scene direction]: …"); `default` if empty."""
-        folded = " ".join(self.scrub(DISGUISE.sub("", name)).split()) or default  # before scrub's ZWSPs
+        """A speaker name made safe as a label: NFKC ("Ｅｌａｒａ" is "Elara", "：" a colon), no
+        invisible characters that only disguise it (core/text.py), scrubbed and folded onto one
+        line, and never opening as the prompt's bracketed markers ("[Scene direction]: …");
+        `default` if empty."""
+        visible = unicodedata.normalize("NFKC", DISGUISE.sub("", name))  # before scrub's ZWSPs
+        folded = " ".join(self.scrub(visible).split()) or default
         return "[" + ZWSP + folded[1:] if folded.startswith("[") else folded
 
     @staticmethod
     def among(label: str, others: Sequence[str]) -> str:
         """The label, unable to open a line as one of the `others`: "Rowan: take the keys. Alex" is
         the player's name, and "Rowan: …" would open the line as Rowan's (names compared as
-        core/text.py's name_key compares them)."""
-        head, colon, rest = label.partition(":")
-        if colon and name_key(head) in {name_key(other) for other in others if other}:
-            return head + ZWSP + colon + rest
+        core/text.py's name_key compares them, at every colon: "Dr. Who: Origins: …")."""
+        names = {name_key(other) for other in others if other}
+        for at, char in enumerate(label):
+            if char == ":" and name_key(label[:at]) in names:
+                return label[:at] + ZWSP + label[at:]
         return label
 
     def speaker_labels(self, char_name: str, player_name: str) -> tuple[str, str]:
