@@ -497,11 +497,18 @@ class CancelOutcome:
         return self.before != self.after or self.cancelled_turns > 0
 
 
-# What a turn of an expired run that never started says (cancel_run; a claim: db/turns.py).
+# What a turn of an expired run says (cancel_run; a claim: db/turns.py): one that never started, or
+# one that had (its worker gone, or handed back) and was not answered.
 EXPIRED_TURN = {
     "error": "the run's completion window closed before this turn started",
     "error_code": "expired",
 }
+EXPIRED_STARTED = "the run's completion window closed before this turn was answered"
+
+
+def expired_turn_error() -> Any:
+    """The error an expired run's cancelled turn gets, as the turn stood (evaluated in the UPDATE)."""
+    return case((Turn.started_at.is_(None), EXPIRED_TURN["error"]), else_=EXPIRED_STARTED)
 
 
 def cancel_run(
@@ -535,12 +542,8 @@ def cancel_run(
     # whose lease lapsed (its worker gone) is cancelled too, as a claim would: with no worker of its
     # model left to claim it, the run would stay cancelling for ever.
     why: dict[str, Any] = {}
-    if reason == "expired":  # a turn that started (its worker gone) is told so, not "never started"
-        started = "the run's completion window closed; this turn's worker had stopped answering"
-        why = {
-            "error": case((Turn.status == TurnStatus.QUEUED, EXPIRED_TURN["error"]), else_=started),
-            "error_code": EXPIRED_TURN["error_code"],
-        }
+    if reason == "expired":  # a turn that started is not told it never did
+        why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     lapsed = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
     )

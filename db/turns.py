@@ -63,7 +63,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
-from db.runs import EXPIRED_TURN, advance_runs_of_turns
+from db.runs import EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
 from db.scenes import GroupView, group_views, run_stopped
 from db.vectors import binary_vector_param
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
@@ -556,7 +556,8 @@ def _cancel_stopped(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UU
                 finished_at=func.now(),
                 lease_until=None,
                 # As cancel_run labels them: the export answers them batch_expired.
-                **{k: case((expired, v), else_=getattr(Turn, k)) for k, v in EXPIRED_TURN.items()},
+                error=case((expired, expired_turn_error()), else_=Turn.error),
+                error_code=case((expired, EXPIRED_TURN["error_code"]), else_=Turn.error_code),
             )
             .returning(Turn.id)
         ).all()

@@ -497,3 +497,22 @@ def test_a_cancel_ends_a_running_turn_whose_worker_is_gone_and_leaves_a_live_one
     with session_scope() as s:
         _store(s, token, turns[ids[1]])  # the live one finishes: the run ends
     assert _statuses(run_id)[0] == RunStatus.CANCELLED
+
+
+def test_an_expiry_tells_a_started_turn_it_was_not_answered_not_that_it_never_started(world) -> None:
+    """Found in review: a running turn cancelled at its run's expiry (its worker gone) was told the
+    window closed "before this turn started"."""
+    from sqlalchemy import func, update
+
+    from db.runs import EXPIRED_STARTED, EXPIRED_TURN
+
+    run_id, ids = _run_of(2)
+    _claim(ids[:1])
+    with session_scope() as s:
+        s.execute(
+            update(Turn).where(Turn.id == ids[0]).values(lease_until=func.now() - text("interval '1 minute'"))
+        )
+    with session_scope() as s:
+        cancel_run(session=s, run_id=run_id, reason="expired")
+        errors = dict(s.execute(select(Turn.id, Turn.error).where(Turn.run_id == run_id)).tuples().all())
+    assert errors == {ids[0]: EXPIRED_STARTED, ids[1]: EXPIRED_TURN["error"]}

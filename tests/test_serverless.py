@@ -197,6 +197,7 @@ def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, m
     assert handler({"input": ok}) == {
         "error": "temporarily unavailable (OperationalError); send the event again",
         "retry": True,
+        "turns": [],  # nothing was stored
     }
 
 

@@ -11,6 +11,7 @@ Run it with the `runpod` package installed (`python -m worker.serverless`), or l
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -23,6 +24,8 @@ from services.producer import EnqueueError
 from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
 from structured.spec import GrammarBusy
 from worker.engine import EngineDead
+
+logger = logging.getLogger(__name__)
 
 # Answered as {"error": ...}: bad input, or a deployment whose embedder is not the stored vectors'.
 _REFUSED = (ValidationError, IdempotencyConflict, EmbedderMismatch, ValueError)
@@ -65,21 +68,25 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     except _REFUSED as exc:
         return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
     except _TRANSIENT as exc:
-        return _try_again(exc) | _as_they_stand(ids)
+        answer = _try_again(exc) | {"turns": _as_they_stand(ids)}
+        if any(turn["status"] == "done" for turn in answer["turns"]):
+            answer["error"] += " (its lines answered already are `done` in `turns`: leave them out)"
+        return answer
     return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
 
 
-def _as_they_stand(ids: list[Any]) -> dict[str, Any]:
+def _as_they_stand(ids: list[Any]) -> list[dict[str, Any]]:
     """The call's turns as they stand after it stopped part-way (those answered are `done`: sending
-    their lines again without idempotency keys would answer them twice); none if they cannot be read
-    (the database away) or none was stored."""
+    their lines again without idempotency keys would answer them twice); [] if they cannot be read
+    (the database away), as after an engine death."""
     from services.producer import get_turn
 
     try:
         views = [view for view in map(get_turn, ids) if view is not None]
-    except DATABASE_OUTAGES:
-        return {}
-    return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]} if views else {}
+    except Exception:  # the answer says "send it again" whatever stops this read
+        logger.warning("could not read the stopped call's turns", exc_info=True)
+        return []
+    return [view.model_dump(mode="json", exclude={"prompt"}) for view in views]
 
 
 def _named(exc: ValidationError, where: str = "") -> str:
