@@ -86,7 +86,7 @@ DISGUISE = regex.compile(r"(?![\u200c\u200d])\p{Cf}")
 _FORMAT = regex.compile(r"\p{Cf}")
 
 
-def name_key(name: str) -> str:
+def speaker_key(name: str) -> str:
     """A speaker's name as names are compared: NFKC ("Ｒｏｗａｎ" is "Rowan"), no format characters,
     whitespace folded, casefolded."""
     return " ".join(unicodedata.normalize("NFKC", _FORMAT.sub("", name)).split()).casefold()

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import regex
 
-from core.text import name_key
+from core.text import speaker_key
 
 _WORD = regex.compile(r"\w+")
 # A unit of the instruction-echo span: one Hangul, Han or kana character, or a word of another script.
@@ -302,13 +302,15 @@ def truncated(reply: str, finish_reason: str | None) -> bool:
 
 def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> str | None:
     """The reply speaks as the player or as someone else, or (the narrator) addresses the reader.
-    Names are compared folded onto single spaces, as the prompt's labels are; a player named like
-    the character is labelled apart in the prompt (`Name (player)`), so `Name:` is the character's."""
-    own = {_folded(char_name)} if speaker != "narrator" else set()
-    player = _PLAYER_LABELS | ({_folded(user_name), f"{_folded(user_name)} (player)"} if user_name else set())
+    Names are compared as the prompt's labels are told apart (core/text.py's speaker_key); a player
+    named like the character is labelled apart in the prompt (`Name (player)`), so `Name:` is the
+    character's."""
+    own = {speaker_key(char_name)} if speaker != "narrator" else set()
+    user = speaker_key(user_name)
+    player = _PLAYER_LABELS | ({user, f"{user} (player)"} if user_name else set())
     for match in _SPEAKER_LABEL.finditer(reply):
         label = match.group(1).strip()
-        folded = _folded(label)
+        folded = speaker_key(label)
         if folded in own:
             continue
         if folded in player:
@@ -321,10 +323,6 @@ def role_break(reply: str, *, speaker: str, char_name: str, user_name: str) -> s
         if found:
             return f"the narrator addresses the reader ('{found.group(0)}')"
     return None
-
-
-def _folded(name: str) -> str:
-    return name_key(name)  # as the prompt's labels are told apart (worker/prompt/sanitize.py)
 
 
 def most_repeated_sentence(reply: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any
 
 import regex
 
-from core.text import DISGUISE, name_key
+from core.text import DISGUISE, speaker_key
 
 ZWSP = "\u200b"
 # C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
@@ -72,10 +72,10 @@ class Sanitizer:
     def among(label: str, others: Sequence[str]) -> str:
         """The label, unable to open a line as one of the `others`: "Rowan: take the keys. Alex" is
         the player's name, and "Rowan: …" would open the line as Rowan's (names compared as
-        core/text.py's name_key compares them, at every colon: "Dr. Who: Origins: …")."""
-        names = {name_key(other) for other in others if other}
+        core/text.py's speaker_key compares them, at every colon: "Dr. Who: Origins: …")."""
+        names = {speaker_key(other) for other in others if other}
         for at, char in enumerate(label):
-            if char == ":" and name_key(label[:at]) in names:
+            if char == ":" and speaker_key(label[:at]) in names:
                 return label[:at] + ZWSP + label[at:]
         return label
 
@@ -84,6 +84,6 @@ class Sanitizer:
         character (any case), neither opening as the other: every prompt, the desk's check and the
         memory jobs use these."""
         char, user = self.label(char_name, "Character"), self.label(player_name, "User")
-        if name_key(user) == name_key(char):
+        if speaker_key(user) == speaker_key(char):
             user = f"{user} (player)"
         return self.among(char, [user]), self.among(user, [char])
