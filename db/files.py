@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, literal, select, tuple_, update
+from sqlalchemy import delete, false, func, literal, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, Run, StoredFile
@@ -103,9 +103,15 @@ def recorded_ids(*, session: Session, file_ids: Sequence[str]) -> set[str]:
     return set(session.scalars(select(StoredFile.id).where(StoredFile.id.in_(list(file_ids)))).all())
 
 
-def past_expiry(*, session: Session, row: StoredFile) -> bool:
-    """Whether the file's expiry has passed, by the database's clock (the one that set it)."""
-    return row.expires_at is not None and bool(session.scalar(select(literal(row.expires_at) <= func.now())))
+def _expired() -> Any:
+    """A file's expiry has passed, by the database's clock (the one that set it); false without one."""
+    return func.coalesce(StoredFile.expires_at <= func.now(), false())
+
+
+def get_file_and_expiry(*, session: Session, file_id: str) -> tuple[StoredFile, bool] | None:
+    """The file's row and whether its expiry has passed (not yet swept), in one statement."""
+    found = session.execute(select(StoredFile, _expired()).where(StoredFile.id == file_id)).one_or_none()
+    return None if found is None else (found[0], bool(found[1]))
 
 
 def list_files(
@@ -119,7 +125,7 @@ def list_files(
 ) -> list[StoredFile]:
     """Up to `limit` files of this owner, (key name, tenant) (None: everyone's), after the cursor file
     in the given order; none past its expiry (the sweep deletes them later)."""
-    query = select(StoredFile).where(StoredFile.expires_at.is_(None) | (StoredFile.expires_at > func.now()))
+    query = select(StoredFile).where(~_expired())
     if owner is not None:
         query = query.where(StoredFile.api_key.is_not_distinct_from(owner[0]), owned_in(owner[1]))
     if purpose is not None:
@@ -153,7 +159,7 @@ def delete_expired(*, session: Session, limit: int = 1000) -> list[StoredFile]:
     deleted rows, whose bytes the caller removes after the commit."""
     due = (
         select(StoredFile.id)
-        .where(StoredFile.expires_at <= func.now(), ~_read_by_a_running_batch())
+        .where(_expired(), ~_read_by_a_running_batch())
         .limit(limit)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

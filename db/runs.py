@@ -67,6 +67,7 @@ from db.models import (
     TurnStatus,
 )
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
+from db.turn_leases import claimable
 
 logger = logging.getLogger(__name__)
 
@@ -538,18 +539,15 @@ def cancel_run(
         return CancelOutcome(before, before, 0)
     if before == RunStatus.CANCELLING:  # what ended the run first names the turns cancelled later
         reason = session.scalar(select(Run.cancel_reason).where(Run.id == run_id)) or reason  # type: ignore[assignment]
-    # Turns before the run: the lock order of every transaction that finishes turns. A running turn
-    # whose lease lapsed (its worker gone) is cancelled too, as a claim would: with no worker of its
-    # model left to claim it, the run would stay cancelling for ever.
+    # Turns before the run: the lock order of every transaction that finishes turns. The turns a
+    # claim could take: a running one whose lease lapsed (its worker gone) too, as a claim would
+    # cancel it; with no worker of its model left to claim it, the run would stay cancelling for ever.
     why: dict[str, Any] = {}
     if reason == "expired":  # a turn that started is not told it never did
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
-    lapsed = and_(
-        Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
-    )
     cancelled = session.execute(
         update(Turn)
-        .where(Turn.run_id == run_id, or_(Turn.status == TurnStatus.QUEUED, lapsed))
+        .where(Turn.run_id == run_id, claimable())
         .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(

@@ -65,6 +65,7 @@ from db.models import (
 )
 from db.runs import EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
 from db.scenes import GroupView, group_views, run_stopped
+from db.turn_leases import claimable, lease_live
 from db.vectors import binary_vector_param
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 
@@ -174,14 +175,6 @@ def _seconds(value: float) -> Any:
     return func.make_interval(0, 0, 0, 0, 0, 0, value)
 
 
-def _lease_live() -> Any:
-    return and_(Turn.lease_until.is_not(None), Turn.lease_until > func.now())
-
-
-def _claimable() -> Any:
-    return or_(Turn.status == TurnStatus.QUEUED, and_(Turn.status == TurnStatus.RUNNING, ~_lease_live()))
-
-
 def _blocks_later_turns(turn: Any) -> Any:
     """An earlier turn holds its conversation's later ones back while it may still be answered:
     running (under any lease: one that expired is re-sent and claimed first), or queued, unless it
@@ -235,7 +228,7 @@ def claimable_before(*, session: Session, turn_ids: Sequence[uuid.UUID], model: 
             ~Turn.id.in_(list(turn_ids)),
             Turn.model == model,
             _blocks_later_turns(Turn),
-            _claimable(),
+            claimable(),
         )
         .distinct()
         .order_by(Turn.conversation_id, Turn.number)
@@ -251,7 +244,7 @@ def running_elsewhere(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> boo
         session.scalar(
             select(
                 exists().where(
-                    Turn.conversation_id.in_(conversations), Turn.status == TurnStatus.RUNNING, _lease_live()
+                    Turn.conversation_id.in_(conversations), Turn.status == TurnStatus.RUNNING, lease_live()
                 )
             )
         )
@@ -365,7 +358,7 @@ def claim_turns(
     candidates = list(
         session.scalars(
             select(Turn.id)
-            .where(Turn.id.in_(list(turn_ids)), _claimable())
+            .where(Turn.id.in_(list(turn_ids)), claimable())
             .order_by(Turn.id)
             .with_for_update(skip_locked=True)
         ).all()

@@ -13,6 +13,7 @@ the sweeper and a cancel all call it).
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
@@ -25,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.callbacks import callbacks_due, claim_retries
-from db.files import add_file, get_file, set_file_size
+from db.files import add_file, get_file, recorded_ids, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     RunCounts,
@@ -535,7 +536,8 @@ def _remove_unlisted(paths: list[Path]) -> None:
     too): they all stay."""
     try:
         with session_scope() as session:
-            unlisted = [p for p in paths if get_file(session=session, file_id=p.stem) is None]
+            recorded = recorded_ids(session=session, file_ids=[p.stem for p in paths])
+        unlisted = [p for p in paths if p.stem not in recorded]
     except Exception:
         logger.warning("could not check which of %d new files have rows; kept", len(paths), exc_info=True)
         return
@@ -662,6 +664,20 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
     event.listen(session, "after_soft_rollback", discard, once=True)
 
 
+# Looking for orphan bytes reads the whole files folder: once in this long a process, not every pass
+# (orphans are deleted an hour old; a pass runs every MLCHAT_HOUSEKEEPING_INTERVAL_S).
+ORPHAN_SWEEP_EVERY_S = 600.0
+_orphans_swept_at = [-ORPHAN_SWEEP_EVERY_S]  # monotonic; two passes at once may both look: harmless
+
+
+def _orphan_sweep_due() -> bool:
+    now = time.monotonic()
+    if now - _orphans_swept_at[0] < ORPHAN_SWEEP_EVERY_S:
+        return False
+    _orphans_swept_at[0] = now
+    return True
+
+
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
     callbacks, retry batch submissions and try again the callbacks that are due (the sweeper's, for
@@ -673,6 +689,6 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
         "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
         "submissions": retry_batch_submissions() if models is None else [],
         "files_deleted": delete_expired_files(),
-        "orphan_files_deleted": delete_orphan_files(),
+        "orphan_files_deleted": delete_orphan_files() if _orphan_sweep_due() else [],
         "callback_retries": retry_callbacks() if models is None else [],
     }

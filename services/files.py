@@ -209,10 +209,10 @@ class FoundFile:
 
 def find_file(file_id: str) -> FoundFile | None:
     with session_scope() as session:
-        row = get_file(session=session, file_id=file_id)
-        if row is None:
+        found = stored.get_file_and_expiry(session=session, file_id=file_id)
+        if found is None:
             return None
-        expired = stored.past_expiry(session=session, row=row)
+        row, expired = found
         path = settings.batch_files_dir / row.path
         return FoundFile(file_object(row), path, row.api_key, row.tenant, expired)
 
@@ -289,15 +289,17 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     scratch, named = [], {}
     for path in root.iterdir():
         ours = _OURS.fullmatch(path.name)
+        if ours is None:
+            continue
         try:
-            old = ours is not None and path.is_file() and path.stat().st_mtime < cutoff
+            if not path.is_file() or path.stat().st_mtime >= cutoff:
+                continue
         except FileNotFoundError:  # deleted meanwhile
             continue
-        if old and ours is not None:
-            if path.suffix == ".jsonl":
-                named[ours[1]] = path
-            else:
-                scratch.append(path)
+        if path.suffix == ".jsonl":
+            named[ours[1]] = path
+        else:
+            scratch.append(path)
     if named:
         with session_scope() as session:
             recorded = stored.recorded_ids(session=session, file_ids=list(named))

@@ -57,12 +57,25 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
     except EngineDiedUnderCall:
         raise  # its turns are seen to already
     except BaseException:
-        try:
-            with session_scope() as session:
-                cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
-        except DATABASE_OUTAGES:
-            logger.warning("the call stopped and the database is away: its turns stand as handed back")
+        _cancel_unkeyed(ids)
         raise
+
+
+def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:
+    """The turns as they stand, in order (one removed meanwhile left out)."""
+    return [view for view in map(get_turn, ids) if view is not None]
+
+
+def _cancel_unkeyed(ids: list[uuid.UUID]) -> bool:
+    """Cancel the call's queued turns stored without a client's key (a call sent again stores them
+    anew); False if the database is away (they stand as handed back)."""
+    try:
+        with session_scope() as session:
+            cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
+    except DATABASE_OUTAGES:
+        logger.warning("the call stopped and the database is away: its turns stand as handed back")
+        return False
+    return True
 
 
 def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
@@ -108,7 +121,7 @@ def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
         if time.monotonic() >= patience or idle_looks >= 2:
             break
         time.sleep(HELD_POLL_S)
-    return [view for view in map(get_turn, ids) if view is not None]
+    return views_of(ids)
 
 
 class EngineDiedUnderCall(EngineDead):
@@ -128,13 +141,12 @@ def _stopped_by(cause: BaseException, ids: list[uuid.UUID]) -> EngineDiedUnderCa
     """The call's end at an engine death; the database away meanwhile is no reason to hide the death
     (the container must still be replaced): then no views, and the turns are as the hand-back left
     them (a turn it could not hand back is answered once its lease lapses)."""
-    try:
-        with session_scope() as session:
-            cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
-        views = [view for view in map(get_turn, ids) if view is not None]
-    except DATABASE_OUTAGES:
-        logger.warning("the engine died and the database is away: the call's turns stand as handed back")
-        views = []
+    views: list[TurnView] = []
+    if _cancel_unkeyed(ids):
+        try:
+            views = views_of(ids)
+        except DATABASE_OUTAGES:
+            logger.warning("the engine died and the database went away: the call's turns not read")
     return EngineDiedUnderCall(cause, views)
 
 

@@ -72,21 +72,25 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
         if any(turn["status"] == "done" for turn in answer["turns"]):
             answer["error"] += " (its lines answered already are `done` in `turns`: leave them out)"
         return answer
-    return {"turns": [view.model_dump(mode="json", exclude={"prompt"}) for view in views]}
+    return {"turns": _shown(views)}
+
+
+def _shown(views: list[Any]) -> list[dict[str, Any]]:
+    """Turns as an answer shows them (without their prompts)."""
+    return [view.model_dump(mode="json", exclude={"prompt"}) for view in views]
 
 
 def _as_they_stand(ids: list[Any]) -> list[dict[str, Any]]:
     """The call's turns as they stand after it stopped part-way (those answered are `done`: sending
     their lines again without idempotency keys would answer them twice); [] if they cannot be read
     (the database away), as after an engine death."""
-    from services.producer import get_turn
+    from worker.inline import views_of
 
     try:
-        views = [view for view in map(get_turn, ids) if view is not None]
+        return _shown(views_of(ids))
     except Exception:  # the answer says "send it again" whatever stops this read
         logger.warning("could not read the stopped call's turns", exc_info=True)
         return []
-    return [view.model_dump(mode="json", exclude={"prompt"}) for view in views]
 
 
 def _named(exc: ValidationError, where: str = "") -> str:
@@ -114,7 +118,7 @@ def _engine_died(exc: EngineDead) -> dict[str, Any]:
         "refresh_worker": True,
     }
     if isinstance(exc, EngineDiedUnderCall):
-        answer["turns"] = [view.model_dump(mode="json", exclude={"prompt"}) for view in exc.views]
+        answer["turns"] = _shown(exc.views)
     return answer
 
 
