@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import types
@@ -227,16 +228,30 @@ def sent_to_nobody(monkeypatch: pytest.MonkeyPatch, queue: str) -> Iterator[None
 
 
 @pytest.fixture(scope="session")
-def steady_worker(world, tmp_path_factory):  # type: ignore[no-untyped-def]
+def steady_worker_starting(world, tmp_path_factory):  # type: ignore[no-untyped-def]
+    """The steady worker's process, started and not yet waited for: tests/test_faults.py starts it
+    beside its own cases' workers, so that their engines load together."""
+    from tests import worker_processes as wp
+
+    log = tmp_path_factory.mktemp("steady") / "steady.log"
+    proc = wp.start("steady", log, **wp.STEADY_ENV)
+    try:
+        yield wp.Steady(proc, log)
+    finally:
+        wp.kill(proc, signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def steady_worker(steady_worker_starting):  # type: ignore[no-untyped-def]
     """One `python -m worker` process for the session's `worker_processes` cases, started when one
     first needs it (each worker process loads an engine, ~40-65 s here). tests/test_faults.py's cases
     hand it the queues of the workers they kill, share its queue with a second worker and restart
     Redis and PostgreSQL under it; tests/test_lora.py's adapter case uses its LoRA slots."""
     from tests import worker_processes as wp
 
-    logs = {"steady": tmp_path_factory.mktemp("steady") / "steady.log"}
-    with wp.started("steady", logs, **wp.STEADY_ENV) as proc:
-        yield wp.Steady(proc, logs["steady"])
+    steady: wp.Steady = steady_worker_starting
+    wp.wait_ready({"steady": steady.proc}, {"steady": steady.log})
+    return steady
 
 
 @pytest.fixture(scope="session")

@@ -11,8 +11,11 @@ each kind.
 import json
 import re
 import signal
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -103,6 +106,42 @@ def _wait(ids, until, timeout: float, on_stall=None, stall_s: float = 90.0) -> d
         time.sleep(0.5)
 
 
+# The workers that run vLLM in processes of its own (ENGINE_PROCESSES) take ~45 s to start here, most
+# of it three processes importing torch and vLLM one after another: they start together with the
+# steady worker, when the module's first case runs, so that their loads overlap on the machine's cores.
+EARLY_ENV = {
+    "stopping": wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES | {"MLCHAT_WORKER_THREADS": "2"},
+    "doomed": wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES,  # its engine-core process is killed
+}
+EARLY_CASES = {
+    "stopping": "test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest",
+    "doomed": "test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits",
+}
+
+
+@dataclass
+class Early:
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def early(request, tmp_path_factory) -> Iterator[dict[str, Early]]:  # type: ignore[no-untyped-def]
+    """The early workers of the cases this session runs, started now, each to be waited for by its case."""
+    request.getfixturevalue("steady_worker_starting")
+    chosen = {item.originalname for item in request.session.items}
+    workers: dict[str, Early] = {}
+    try:
+        for name, case in EARLY_CASES.items():
+            if case in chosen:
+                log = tmp_path_factory.mktemp(name) / f"{name}.log"
+                workers[name] = Early(wp.start_alone(name, log, **EARLY_ENV[name]), log)
+        yield workers
+    finally:
+        for worker in workers.values():
+            wp.kill(worker.proc, signal.SIGTERM)
+
+
 def _log_tail(log: Path, lines: int = 25) -> str:
     """A worker log's last warnings and errors (batch lines and vLLM's chatter left out)."""
     kept = [
@@ -113,11 +152,11 @@ def _log_tail(log: Path, lines: int = 25) -> str:
     return "\n".join(kept[-lines:])
 
 
-def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, tmp_path, request) -> None:
+def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, early, request) -> None:
     turns = 32
-    # Two threads: it holds 8 messages (4 a thread), one turn each; the rest wait in Redis.
-    stopping_env = wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES | {"MLCHAT_WORKER_THREADS": "2"}
-    with wp.started_alone("stopping", tmp_path / "stopping.log", **stopping_env) as (stopping, solo):
+    # Two threads (EARLY_ENV): it holds 8 messages (4 a thread), one turn each; the rest wait in Redis.
+    mine = early["stopping"]
+    with wp.started_alone("stopping", mine.log, proc=mine.proc) as (stopping, solo):
         ids = wp.send_turns(turns, "Evening line", lane="live", model=solo)
         at_term = _wait(ids, lambda c: c["running"] > 0, timeout=600)
         assert at_term["running"] > 0, f"no batch was in hand to stop: {at_term}"
@@ -222,14 +261,14 @@ def _rescued(request: pytest.FixtureRequest, model: str) -> wp.Steady:
     return steady
 
 
-def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world, tmp_path, request) -> None:
+def test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits(world, early, request) -> None:
     import psutil
 
     from worker.lifecycle import EXIT_ENGINE_DEAD
 
     turns = 48
-    doomed_env = wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES  # its engine-core process is killed
-    with wp.started_alone("doomed", tmp_path / "doomed.log", **doomed_env) as (doomed, solo):
+    mine = early["doomed"]
+    with wp.started_alone("doomed", mine.log, proc=mine.proc) as (doomed, solo):
         ids = wp.send_turns(turns, "Night-shift line", lane="bulk", model=solo)
         at_kill = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
         cores = [p for p in psutil.Process(doomed.pid).children(recursive=True) if "EngineCore" in p.name()]

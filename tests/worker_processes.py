@@ -90,9 +90,12 @@ def node(name: str) -> str:
 
 
 @contextmanager
-def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess.Popen[bytes]]:
-    """A worker, started and answering pings; SIGTERMed (and reaped) on the way out, whatever happened."""
-    proc = start(name, logs[name], **env)
+def started(
+    name: str, logs: dict[str, Path], *, proc: subprocess.Popen[bytes] | None = None, **env: str
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A worker, started (or `proc`, started earlier with `start`) and answering pings; SIGTERMed (and
+    reaped) on the way out, whatever happened."""
+    proc = proc or start(name, logs[name], **env)
     try:
         wait_ready({name: proc}, logs)
         yield proc
@@ -101,12 +104,19 @@ def started(name: str, logs: dict[str, Path], **env: str) -> Iterator[subprocess
 
 
 @contextmanager
-def started_alone(name: str, log: Path, **env: str) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+def started_alone(
+    name: str, log: Path, *, proc: subprocess.Popen[bytes] | None = None, **env: str
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
     """A worker serving queues of its own (solo_model's): its process and that model; stopped as
-    `started` stops it."""
+    `started` stops it. `proc`: one `start_alone` started earlier."""
     model = solo_model(name)
-    with started(name, {name: log}, MLCHAT_MODEL=model, **env) as proc:
+    with started(name, {name: log}, proc=proc, MLCHAT_MODEL=model, **env) as proc:
         yield proc, model
+
+
+def start_alone(name: str, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """`start`, for a worker serving queues of its own (for `started_alone`, later)."""
+    return start(name, log, MLCHAT_MODEL=solo_model(name), **env)
 
 
 def solo_model(name: str) -> str:
