@@ -324,6 +324,14 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
     return out
 
 
+def used_for_another_request(*, session: Session, tenant: str, key: str, request_hash: str) -> bool:
+    """Whether the tenant's idempotency key names a stored turn asked with another request."""
+    stored = session.scalar(
+        select(Turn.request_hash).where(Turn.tenant == tenant, Turn.idempotency_key == key)
+    )
+    return stored is not None and stored != request_hash
+
+
 def claim_turns(
     *,
     session: Session,

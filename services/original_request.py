@@ -357,17 +357,41 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         added = _append_missing(session, req, kept_id, kept, start, line_vectors)
         conversation = kept
         if not req.conversation:
-            # A conversation of its own per request; a retry under the same idempotency key gets the
-            # same one (its name is part of the request's fingerprint) and finds its lines there.
-            key = req.turn.idempotency_key
-            own = hashlib.sha256(key.encode()).hexdigest()[:12] if key else uuid.uuid4().hex[:12]
-            conversation = f"{kept}-{own}"
+            conversation = _own_conversation(req)
             row |= {"external_id": conversation, "story": story_key, "story_time": req.turn.story_time}
             conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
             lock_conversation(session=session, conversation_id=conv_id)  # two retries copy once
             if not conversation_lines(session=session, conversation_id=conv_id):
                 copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
     return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
+
+
+def _own_conversation(req: InlineRequest) -> str:
+    """The conversation of its own a request without one answers in: a retry under the same
+    idempotency key gets the same one (its name is part of the request's fingerprint) and finds its
+    lines there."""
+    key = req.turn.idempotency_key
+    own = hashlib.sha256(key.encode()).hexdigest()[:12] if key else uuid.uuid4().hex[:12]
+    return f"{req.history_key}-{own}"
+
+
+def _refuse_a_reused_key(req: InlineRequest, stream: bool) -> None:
+    """IdempotencyConflict, before anything is stored, when the request's idempotency key names a
+    turn asked with another request: the conflict enqueue_turns would raise after the persona, story
+    and history were written."""
+    from db.session import session_scope
+    from db.turns import IdempotencyConflict, used_for_another_request
+
+    key = req.turn.idempotency_key
+    if key is None:
+        return
+    conversation = req.conversation or _own_conversation(req)
+    turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug, "stream": stream})
+    with session_scope() as session:
+        if used_for_another_request(
+            session=session, tenant=DEFAULT_TENANT, key=key, request_hash=turn.request_hash()
+        ):
+            raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
 
 
 def _not_its_own(conversation: str) -> InlineRefused:
@@ -428,6 +452,7 @@ def store_and_enqueue(
     switching = req.conversation is not None and req.story_key is not None
     held = story_switch_lock(DEFAULT_TENANT, req.conversation or "") if switching else nullcontext()
     with held:
+        _refuse_a_reused_key(req, stream)
         stored = store_request(req)
         if on_stored is not None:
             on_stored(stored)

@@ -138,6 +138,28 @@ def test_a_repeated_idempotency_key_without_a_conversation_replays_the_first_tur
     assert len(counts["lines"]) == 3 and counts["turns"] == 1  # the history copied once
 
 
+def test_a_reused_idempotency_key_is_refused_before_the_conversation_takes_its_history_or_story() -> None:
+    """Found in review: the persona, story and history were stored first and the turn's key checked
+    after, so a refused request still appended its lines to the named conversation (and could switch
+    its story)."""
+    from db.turns import IdempotencyConflict
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"named-{uuid.uuid4().hex[:8]}"
+    key = f"reused-{uuid.uuid4().hex[:8]}"
+    first = read_request(_event(name, conversation=conversation, idempotency_key=key))
+    stored, _ = store_and_enqueue(first, send=False)
+    before = _counts(stored.character, stored.story, conversation)
+    grown = {"chat_history": HISTORY["chat_history"] + [{"role": "assistant", "content": "미라? 좋은 이름!"}]}
+    reused = read_request(
+        _event(name, conversation=conversation, idempotency_key=key, chat_history=grown, message="또 만났네?")
+    )
+    with pytest.raises(IdempotencyConflict, match="already used for a different request"):
+        store_and_enqueue(reused, send=False)
+    assert _counts(stored.character, stored.story, conversation) == before  # no line appended
+    again, _ = store_and_enqueue(first, send=False)  # the same request under its key is a replay
+    assert again.lines_imported == 0 and _counts(stored.character, stored.story, conversation) == before
+
+
 def test_a_changed_persona_is_a_new_character_and_the_same_content_the_same_one() -> None:
     name = f"루피-{uuid.uuid4().hex[:6]}"
     before = store_request(read_request(_event(name)))
