@@ -91,8 +91,9 @@ class Settings(BaseSettings):
 
     # A variable set to "" is unset: its default, as `.env.example`'s "(empty: ...)" notes say (except
     # the three load_settings refuses empty).
+    # No setting means infinity: `inf` for a timeout or an interval is a typo's stall, not a choice.
     model_config = SettingsConfigDict(
-        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True
+        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True, allow_inf_nan=False
     )
 
     # Services: unset means "start and use the embedded ones under state_dir".
@@ -103,7 +104,8 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL")
     )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
-    embedded_pg_shared_buffers: str = "512MB"  # embedded PostgreSQL only; size external servers yourself
+    # Embedded PostgreSQL only; size external servers yourself. A size PostgreSQL reads (8kB to 64GB).
+    embedded_pg_shared_buffers: str = Field(default="512MB", pattern=r"^[1-9][0-9]{0,5}(kB|MB|GB)$")
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
@@ -415,7 +417,9 @@ class Settings(BaseSettings):
             raise ValueError("DATABASE_URL must be a postgresql:// URL (psycopg 3 is the driver)")
         if urlsplit(value).password in PLACEHOLDER_SECRETS:
             raise ValueError("DATABASE_URL: its password is .env.example's placeholder (POSTGRES_PASSWORD)")
-        return "postgresql+psycopg://" + value.split("://", 1)[1]
+        url = "postgresql+psycopg://" + value.split("://", 1)[1]
+        _parsed_or_refused("DATABASE_URL", url)
+        return url
 
     @field_validator("redis_url")
     @classmethod
@@ -423,6 +427,8 @@ class Settings(BaseSettings):
         if value is not None and not value.startswith(("redis://", "rediss://", "redis+socket://")):
             # sentinel:// would need Sentinel-aware clients beside Celery's (queue depth, producers).
             raise ValueError("REDIS_URL must be a redis:// or rediss:// URL (Sentinel is not supported)")
+        if value is not None:
+            _parsed_or_refused("REDIS_URL", value)
         return value
 
     @model_validator(mode="after")
@@ -498,6 +504,17 @@ def window_seconds(text: str) -> int | None:
     return int(match[1]) * _UNIT_S[match[2]] if match else None
 
 
+def _parsed_or_refused(variable: str, url: str) -> None:
+    """ValueError naming `variable` when its URL does not parse (a port that is not a number), as
+    the driver would find it at first use, far from the setting."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(url) if variable == "DATABASE_URL" else urlsplit(url).port
+    except ValueError as exc:
+        raise ValueError(f"{variable}: does not parse ({exc})") from None
+
+
 def _queue_safe(variable: str, value: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
         raise ValueError(
@@ -527,7 +544,11 @@ def _set_but_empty() -> str | None:
     from dotenv import dotenv_values
 
     # Any case, as the settings read them (`database_url=` is DATABASE_URL too).
-    dotenv = {k.upper(): v for k, v in (dotenv_values(".env") if Path(".env").is_file() else {}).items()}
+    try:
+        found = dotenv_values(".env") if Path(".env").is_file() else {}
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SystemExit(f"mlchat: bad setting: .env: cannot be read ({exc})") from None
+    dotenv = {k.upper(): v for k, v in found.items()}
     environ = {k.upper(): v for k, v in os.environ.items()}
     for name in _NEVER_EMPTY:
         value = environ.get(name, dotenv.get(name))

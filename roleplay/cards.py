@@ -95,7 +95,7 @@ def _card_from_png(raw: bytes, max_text_bytes: int) -> dict[str, Any]:
 
 def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
     try:
-        card = loads_finite(raw.decode("utf-8"))
+        card = loads_finite(raw.decode("utf-8").removeprefix("\ufeff"))  # a BOM from a Windows editor
     except UnicodeDecodeError as exc:
         raise CardError(f"{where} is not UTF-8: {exc}") from exc
     except json.JSONDecodeError as exc:
@@ -113,7 +113,7 @@ def _card_from_json(raw: bytes, where: str) -> dict[str, Any]:
 
 def _validate(card: dict[str, Any]) -> ImportedCard:
     spec = card.get("spec")
-    if spec not in SPECS:
+    if not isinstance(spec, str) or spec not in SPECS:
         raise CardError(
             f"unsupported card spec {spec!r}: expected 'chara_card_v2' or 'chara_card_v3' "
             "(V1 cards have no spec field; re-save them as V2)"

@@ -65,7 +65,7 @@ def services_start() -> None:
     """Start the embedded PostgreSQL and Redis (idempotent)."""
     from core import embedded
 
-    _out(f"postgres: {embedded.start_postgres(settings.state_dir)}")
+    _out(f"postgres: {embedded.start_postgres(settings.state_dir, settings.embedded_pg_shared_buffers)}")
     _out(f"redis:    {embedded.start_redis(settings.state_dir)}")
 
 
@@ -368,7 +368,7 @@ def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or na
 def _read_json(path: Path) -> object:
     """A JSON file, or Refused naming the file and the line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))  # a Windows editor's BOM
     except UnicodeDecodeError as exc:
         raise Refused(f"{path}: not UTF-8 text (byte {exc.start}); nothing stored") from None
     except json.JSONDecodeError as exc:
@@ -552,7 +552,8 @@ def card_import(
     """Import a V2/V3 card (JSON or PNG) as a character."""
     from services.characters import import_card
 
-    stored = import_card(file.read_bytes(), slug)
+    with file.open("rb") as f:  # one byte past the limit tells; /dev/zero is never read whole
+        stored = import_card(f.read(settings.card_max_bytes + 1), slug)
     verb = "imported" if stored.created else "updated"
     _out(f"{verb} {file} as character {stored.slug!r} (id {stored.id})")
 
@@ -867,10 +868,12 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.world import StoryBusy
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
+    from services.producer import TurnRejected
     from services.runs import RunBusy, RunValidationError
 
     return (
         Refused,
+        TurnRejected,
         RunValidationError,
         RunConflict,
         RunBusy,

@@ -23,7 +23,7 @@ from db.facts import (
 )
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
-from services.schemas import Text
+from services.schemas import Text, storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -122,12 +122,28 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
     return ""
 
 
+def _check_owner(tenant: str, player: str) -> None:
+    """FactRefused naming the player or the tenant the API's path and keys would refuse: the CLI
+    passes them as typed (before: an empty player stored, a long one refused by the database after
+    the embedding, naming nothing)."""
+    for field, value, limit in (("player", player, 200), ("tenant", tenant, 64)):
+        try:
+            storable_text(value)
+        except ValueError as exc:
+            raise FactRefused(field, str(exc)) from None
+        if len(value) > limit:
+            raise FactRefused(field, f"{len(value)} characters; the limit is {limit}")
+    if not player:
+        raise FactRefused("player", "empty")
+
+
 def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:
     """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one. A
     transaction PostgreSQL ends as a deadlock's victim is run again (writes supersede in id order,
     but fact extraction supersedes in its answer's order), at most CONFLICT_TRIES times in all."""
     from worker.embedder import embed
 
+    _check_owner(tenant, player)
     vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
     return again_on_conflict(
         lambda: _store_facts(tenant, player, facts, vectors), what=f"facts of player {player!r}"
@@ -193,6 +209,7 @@ def list_player_facts(
 
 def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[FactView, list[MoveView]]:
     """Move a fact to another scope (gossip), recorded; the fact and its moves so far."""
+    _check_owner(tenant, player)
     with session_scope() as session:
         fact = get_fact(session=session, tenant=tenant, fact_id=fact_id)
         if fact is None or fact.player_id != player:

@@ -509,6 +509,8 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["manifest", "not-a-uuid"], 2, "is not a UUID"),
         (["run", "submit", str(tmp_path / "missing.jsonl")], 2, "does not exist"),
         (["chat", "--character", "elara", "--message", "hi", "--params", "{nope", "--inline"], 2, "--params"),
+        # found in review: a refused turn exited 1, as an outage does
+        (["chat", "--character", "nobody-here", "--message", "hi"], 2, "unknown character"),
     ]
     for argv, code, names in cases:
         assert cli(argv) == code, argv

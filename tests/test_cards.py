@@ -168,6 +168,9 @@ DEEP_REGEX = "/" + "(" * 450 + "a" + ")" * 450 + "/"  # past the parser's recurs
         (_raw_card(b"-Infinity"), "holds -Infinity, which JSON has no number for"),
         (_raw_card(b"NaN"), "holds NaN, which JSON has no number for"),
         (_raw_card(b"1e999"), r"holds the number 1e999 \(too large to keep\)"),
+        # found in review: a TypeError (unhashable), a traceback in the CLI and a 500 at the API
+        (json.dumps({"spec": [], "data": {"name": "A"}}).encode(), r"unsupported card spec \[\]"),
+        (json.dumps({"spec": {"v": 2}, "data": {"name": "A"}}).encode(), "unsupported card spec"),
     ],
 )
 def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> None:
@@ -177,11 +180,20 @@ def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> Non
         assert get_character(session=s, slug="never-stored") is None
 
 
-def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys) -> None:
+def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys, monkeypatch) -> None:
+    from core.settings import settings
     from scripts.cli import main as cli
 
     assert cli(["card", "import", str(CARDS / "mira_v2.json"), "--slug", "mira-cli"]) == 0
     assert "as character 'mira-cli'" in capsys.readouterr().out
+    # Found in review: a card saved with a byte-order mark (a Windows editor) was "not JSON".
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + (CARDS / "mira_v2.json").read_bytes())
+    assert cli(["card", "import", str(with_bom), "--slug", "mira-bom"]) == 0, capsys.readouterr().err
+    # ...and an endless file is read one byte past the card limit, not whole (before: until memory ran out).
+    monkeypatch.setattr(settings, "card_max_bytes", 1024)
+    assert cli(["card", "import", "/dev/zero", "--slug", "mira-endless"]) == 2
+    assert "the file has 1025 bytes; a card may have at most 1024" in capsys.readouterr().err
     assert cli(["card", "export", "mira-cli", "--out", str(tmp_path / "mira.png")]) == 0
     assert read_card((tmp_path / "mira.png").read_bytes()).card == json.loads(
         (CARDS / "mira_v2.json").read_bytes()

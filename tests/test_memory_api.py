@@ -217,6 +217,17 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
     assert cli(["facts", "add", player, "x", "--scope", "conversation"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "mlchat: conversation: required when scope is 'conversation'"
+    # Found in review: the CLI's player and tenant went unchecked (an empty player was stored, a long
+    # one refused by the database after the embedding, naming nothing).
+    for args, said in [
+        (["", "x"], "mlchat: player: empty"),
+        (["p" * 201, "x"], "mlchat: player: 201 characters; the limit is 200"),
+        ([player, "x", "--tenant", "t" * 65], "mlchat: tenant: 65 characters; the limit is 64"),
+    ]:
+        assert cli(["facts", "add", *args]) == 2
+        assert capsys.readouterr().err.strip() == said
+    assert cli(["facts", "move", "", "1", "--scope", "world"]) == 2
+    assert capsys.readouterr().err.strip() == "mlchat: player: empty"
 
 
 def test_two_writes_superseding_the_same_facts_in_other_orders_never_deadlock(world, monkeypatch) -> None:

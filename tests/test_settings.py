@@ -204,3 +204,27 @@ def test_one_secret_listed_twice_is_refused_naming_both_items() -> None:
     ]
     with pytest.raises(ValidationError, match="items 0 and 1 are the same key"):
         Settings(api_keys=twice)
+
+
+def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_unreadable_env_file_is_one_line(
+    tmp_path,
+) -> None:
+    """Found in review: a port that is not a number surfaced at first use as "invalid literal for
+    int()", naming no variable; the embedded server's shared_buffers went unchecked into ALTER SYSTEM;
+    `inf` was taken for a timeout or an interval; a .env that is not UTF-8 was a traceback."""
+    for variable, bad in [
+        ("DATABASE_URL", "postgresql://u:secret@db:54x2/mlchat"),
+        ("REDIS_URL", "redis://broker:63x9/0"),
+        ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "lots"),
+        ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "512MB'; DROP"),
+        ("MLCHAT_BROKER_SOCKET_TIMEOUT_S", "inf"),
+        ("MLCHAT_FLUSH_INTERVAL", "inf"),
+    ]:
+        result = _import_settings_with(tmp_path, variable, bad)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, (variable, result.stderr)
+        assert result.stderr.startswith(f"mlchat: bad setting: {variable}: "), result.stderr
+    assert _import_settings_with(tmp_path, "MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "2GB").returncode == 0
+    (tmp_path / ".env").write_bytes("MLCHAT_LOG_LEVEL=INFO\n# caf\xe9\n".encode("cp1252"))
+    result = _import_settings_with(tmp_path, "MLCHAT_FLUSH_INTERVAL", "0.5")
+    assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("mlchat: bad setting: .env: cannot be read"), result.stderr
