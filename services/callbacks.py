@@ -19,8 +19,10 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from functools import partial
 from urllib.parse import urlparse
 
+import anyio
 import httpx
 
 from core.settings import settings
@@ -119,19 +121,36 @@ def refused_destination(url: str) -> str | None:
 
 def post_pinned(
     url: str, address: Address, *, content: bytes, headers: dict[str, str], timeout: float
-) -> httpx.Response:
+) -> int:
     """POST to `url` over a connection to `address`, never to a second lookup of its host (which
-    DNS rebinding could point at loopback). The URL's host stays the Host header and, over https,
-    the TLS server name: SNI and the certificate check are the host's, not the address's."""
+    DNS rebinding could point at loopback); the answer's status code. The URL's host stays the Host
+    header and, over https, the TLS server name: SNI and the certificate check are the host's, not
+    the address's.
+
+    The whole exchange has `timeout` s (TimeoutError past it), and the answer's body is never read:
+    the receiver is the tenant's to choose, and one that trickles its headers a byte at a time or
+    sends a body without end held a worker thread (httpx's timeout is per read) for as long as it
+    liked."""
+    return anyio.run(partial(_post_pinned, url, address, content, headers, timeout))
+
+
+async def _post_pinned(
+    url: str, address: Address, content: bytes, headers: dict[str, str], timeout: float
+) -> int:
     target = httpx.URL(url)
     extensions = {"sni_hostname": target.raw_host.decode("ascii")} if target.scheme == "https" else {}
-    with httpx.Client(timeout=timeout, follow_redirects=False) as client:
-        return client.post(
-            target.copy_with(host=str(address)),
-            content=content,
-            headers={**headers, "host": target.netloc.decode("ascii")},
-            extensions=extensions,
-        )
+    with anyio.fail_after(timeout):
+        async with (
+            httpx.AsyncClient(timeout=timeout, follow_redirects=False) as client,
+            client.stream(
+                "POST",
+                target.copy_with(host=str(address)),
+                content=content,
+                headers={**headers, "host": target.netloc.decode("ascii")},
+                extensions=extensions,
+            ) as response,
+        ):
+            return response.status_code
 
 
 def tenant_secret(tenant: str) -> str:
@@ -232,10 +251,10 @@ def post_signed(url: str, address: Address, body: bytes, *, secret: str, deliver
         "X-Mlchat-Delivery": delivery,
     }
     try:
-        response = post_pinned(
-            url, address, content=body, headers=headers, timeout=settings.callback_timeout_s
-        )
-        return None if response.is_success else f"HTTP {response.status_code}"
+        status = post_pinned(url, address, content=body, headers=headers, timeout=settings.callback_timeout_s)
+        return None if 200 <= status < 300 else f"HTTP {status}"
+    except TimeoutError:
+        return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s)"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
 

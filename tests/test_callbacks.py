@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from ipaddress import ip_address
 
 import pytest
 from pydantic import SecretStr
@@ -459,3 +460,60 @@ def _tried_once(turn_id: uuid.UUID, **then: object) -> None:
     with session_scope() as s:
         record_attempt(session=s, of=Turn, row_id=turn_id, error="HTTP 500")
         s.execute(update(Turn).where(Turn.id == turn_id).values(**then))
+
+
+def _trickling_receiver(answer: bytes, stop: threading.Event) -> int:
+    """A raw server on loopback that reads a request, sends `answer`, then one byte every 0.2 s
+    until `stop`; its port."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = server.accept()
+        with conn, server:
+            conn.recv(65536)
+            conn.sendall(answer)
+            while not stop.wait(0.2):
+                try:
+                    conn.sendall(b"x")
+                except OSError:
+                    return
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "answer, delivered",
+    [
+        (b"HTTP/1.1 200 OK\r\nX-Slow: ", False),  # headers without end: no answer in time
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1000000000\r\n\r\n", True),  # a body without end
+    ],
+    ids=["endless-headers", "endless-body"],
+)
+def test_a_receiver_that_trickles_forever_holds_a_delivery_no_longer_than_the_callback_timeout(
+    services, monkeypatch, answer, delivered
+) -> None:
+    """Found in review: httpx's timeout is per read and the answer's body was read whole, so a
+    receiver sending a byte every few seconds held a worker thread (a generation thread too) for as
+    long as it liked. Now the whole exchange has MLCHAT_CALLBACK_TIMEOUT_S and the body is never read."""
+    from services.callbacks import post_signed
+
+    monkeypatch.setattr(settings, "callback_timeout_s", 1.5)
+    stop = threading.Event()
+    port = _trickling_receiver(answer, stop)
+    outcome: list[str | None] = []
+    started = time.monotonic()
+    sender = threading.Thread(
+        target=lambda: outcome.append(
+            post_signed(
+                f"http://slow.test:{port}/hook", ip_address("127.0.0.1"), b"{}", secret="s", delivery="d"
+            )
+        ),
+        daemon=True,
+    )
+    sender.start()
+    sender.join(timeout=20)
+    stop.set()
+    assert not sender.is_alive(), "the delivery was still held 20 s later"
+    assert outcome == ([None] if delivered else ["no answer within MLCHAT_CALLBACK_TIMEOUT_S (1.5 s)"])
+    assert time.monotonic() - started < 10
