@@ -63,7 +63,14 @@ def announce_live(message: Any, body: Any) -> None:
 
 
 class BulkGate:
-    """Counts held bulk turns; pauses and resumes the consumer of the bulk queues around a capacity.
+    """Counts held bulk turns and messages; pauses and resumes the consumer of the bulk queues around
+    a capacity of each.
+
+    Messages are counted because each flush holds a worker thread until its turns are answered, and
+    a flush holds one message at least: bounding the bulk messages held bounds the threads bulk work
+    can take, so a live flush finds a thread free (before: with the engine's bulk capacity in the
+    hundreds of turns, bulk flushes arriving one message at a time could take every thread, and a
+    live flush waited for one of them to finish).
 
     Every bulk queue the worker consumes is paused, not only its own model's: one added at run time
     (Celery's `add_consumer`, Flower's "add consumer") feeds the same engine.
@@ -72,7 +79,9 @@ class BulkGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.held = 0
+        self.messages = 0  # bulk messages held: each in a flush (a thread) or waiting for one
         self.capacity: int | None = None  # None: not attached to a consumer (no gating)
+        self.message_capacity: int | None = None
         self.closed = False
         self.pauses = 0  # times the bulk queue was paused
         self.peak = 0  # most bulk turns held at once
@@ -80,47 +89,63 @@ class BulkGate:
         self._paused: set[str] = set()  # the bulk queues the gate stopped consuming
         self._timer: Any = None
 
-    def attach(self, consumer: Any, capacity: int) -> None:
+    def attach(self, consumer: Any, capacity: int, message_capacity: int | None = None) -> None:
         """Called on the consumer's thread each time Celery (re)builds its consumer."""
         if self._timer is not None:
             self._timer.cancel()
         with self._lock:
             self._consumer, self.capacity, self.closed = consumer, capacity, False
+            self.message_capacity = message_capacity
             self._paused = set()
         self._timer = consumer.timer.call_repeatedly(CHECK_EVERY_S, self._maybe_reopen)
-        logger.info("bulk admission: up to %d bulk turns held by this worker", capacity)
+        logger.info(
+            "bulk admission: up to %d bulk turns held by this worker, in %s bulk messages at most",
+            capacity,
+            "any number of" if message_capacity is None else message_capacity,
+        )
 
     def received(self, turns: int) -> None:
         """A bulk message arrived (consumer thread): count it, and close the gate if full."""
         if not turns:
             return
         with self._lock:
-            self._count(turns)
+            self._count(turns, 1)
             was_closed = self.closed
-            full = self.capacity is not None and self.held >= self.capacity
+            full = self._full()
             if full and not was_closed:
                 self.closed = True
                 self.pauses += 1
         if full:  # closed already, too: a bulk queue added since (add_consumer) is paused as well
             self._set_consuming(False)
 
-    def hold(self, turns: int) -> None:
-        """Deferred bulk turns, now due, joined a flush (any thread): counted until it answers them,
-        as received turns are; a later arrival closes the gate if this filled it."""
-        if turns:
+    def hold(self, turns: int, messages: int = 0) -> None:
+        """Deferred bulk turns (in `messages` messages), now due, joined a flush (any thread):
+        counted until it answers them, as received ones are; a later arrival closes the gate if
+        this filled it."""
+        if turns or messages:
             with self._lock:
-                self._count(turns)
+                self._count(turns, messages)
 
-    def _count(self, turns: int) -> None:
-        """Count turns held (under the lock)."""
+    def _count(self, turns: int, messages: int) -> None:
+        """Count turns and messages held (under the lock)."""
         self.held += turns
+        self.messages += messages
         self.peak = max(self.peak, self.held)
 
-    def release(self, turns: int) -> None:
-        """Bulk turns were answered or handed back (any thread); the timer reopens the gate."""
-        if turns:
+    def _full(self) -> bool:
+        """Whether the turns or the messages held reached their capacity (under the lock)."""
+        if self.capacity is None:
+            return False
+        too_many = self.message_capacity is not None and self.messages >= self.message_capacity
+        return self.held >= self.capacity or too_many
+
+    def release(self, turns: int, messages: int = 0) -> None:
+        """Bulk turns were answered or handed back, or a flush of `messages` bulk messages ended (any
+        thread); the timer reopens the gate."""
+        if turns or messages:
             with self._lock:
                 self.held = max(0, self.held - turns)
+                self.messages = max(0, self.messages - messages)
 
     @property
     def paused(self) -> frozenset[str]:
@@ -140,7 +165,7 @@ class BulkGate:
         if worker_state.should_stop is not None or worker_state.should_terminate is not None:
             return
         with self._lock:
-            room = self.capacity is not None and self.held < self.capacity
+            room = self.capacity is not None and not self._full()
             reopen = room and (self.closed or bool(self._paused))
             if reopen:
                 self.closed = False
@@ -190,6 +215,14 @@ def bulk_capacity() -> int:
 DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the real figure)
 
 
+def bulk_message_capacity() -> int:
+    """Bulk messages a worker may hold: its threads but a quarter (at least one) kept for live
+    flushes, memory jobs and callbacks. A GPU engine that admits more bulk turns than these messages
+    carry (MLCHAT_BATCH_SIZE each at most) needs more MLCHAT_WORKER_THREADS to be kept full."""
+    threads = settings.worker_threads
+    return max(1, threads - max(1, threads // 4))
+
+
 class BulkGatedBatches(ReconnectSafeBatches):
     """celery-batches' task whose worker pauses its bulk queue while the engine is full of bulk work."""
 
@@ -197,7 +230,17 @@ class BulkGatedBatches(ReconnectSafeBatches):
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
         handler = super().Strategy(task, app, consumer)
-        bulk_gate.attach(consumer, bulk_capacity())
+        capacity, messages = bulk_capacity(), bulk_message_capacity()
+        bulk_gate.attach(consumer, capacity, messages)
+        if capacity > messages * settings.batch_size:
+            logger.warning(
+                "bulk admission: %d bulk turns fit in the engine but %d messages carry %d at most; "
+                "raise MLCHAT_WORKER_THREADS (%d) to keep it full",
+                capacity,
+                messages,
+                messages * settings.batch_size,
+                settings.worker_threads,
+            )
         return gated(handler, bulk_gate)
 
 
@@ -219,7 +262,7 @@ def gated(handler: Any, gate: BulkGate) -> Any:
         try:
             handler(message, body, *args, **kwargs)
         except BaseException:
-            gate.release(turns)
+            gate.release(turns, 1 if turns else 0)
             raise
 
     return counted

@@ -69,7 +69,9 @@ def generate_turns(requests: list[Any]) -> None:
     # A deferred message was not counted on arrival (its countdown would have held the gate): it is
     # now, for as long as this flush holds its turns.
     bulk_of = [bulk_turns_in((r.args, r.kwargs)) for r in requests]
-    bulk_gate.hold(sum(n for n, r in zip(bulk_of, requests, strict=True) if deferred(r.request_dict)))
+    due = [n for n, r in zip(bulk_of, requests, strict=True) if n and deferred(r.request_dict)]
+    bulk_gate.hold(sum(due), len(due))
+    bulk_messages = sum(1 for n in bulk_of if n)  # each held a thread's share until this flush ends
     outcome = FlushOutcome(bulk_owed=sum(bulk_of))
     try:
         pending, model_of = _pending_turns(requests)
@@ -96,7 +98,7 @@ def generate_turns(requests: list[Any]) -> None:
             "unexpected error in a flush of %d messages; its turns are left to the sweeper", len(requests)
         )
     finally:
-        bulk_gate.release(outcome.bulk_owed)
+        bulk_gate.release(outcome.bulk_owed, bulk_messages)
 
 
 def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: FlushOutcome) -> None:

@@ -38,7 +38,7 @@ class TaskConsumer:
         pass
 
 
-def _attached(capacity: int = 8) -> tuple[BulkGate, TaskConsumer, Any]:
+def _attached(capacity: int = 8, messages: int | None = None) -> tuple[BulkGate, TaskConsumer, Any]:
     gate = BulkGate()
     task_consumer = TaskConsumer(["gen.m.live", OWN])
     ticks: list[Any] = []
@@ -47,7 +47,7 @@ def _attached(capacity: int = 8) -> tuple[BulkGate, TaskConsumer, Any]:
         app=SimpleNamespace(amqp=SimpleNamespace(queues={OWN: SimpleNamespace(name=OWN)})),
         timer=SimpleNamespace(call_repeatedly=lambda _s, fn: ticks.append(fn)),
     )
-    gate.attach(consumer, capacity)
+    gate.attach(consumer, capacity, messages)
     return gate, task_consumer, ticks[0]
 
 
@@ -145,3 +145,26 @@ def test_a_deferred_bulk_message_does_not_hold_the_gate_through_its_countdown(wo
     monkeypatch.setattr(tasks.generate, "_pending_turns", pending)
     tasks.generate.generate_turns([request(later, eta), request(now, {})])
     assert held_during == [8] and gate.held == 2  # the other message's turns are still held
+
+
+def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every_thread(monkeypatch) -> None:
+    """Found in review: only turns were counted, so with an engine admitting hundreds of bulk turns,
+    bulk messages arriving one per flush could each take a worker thread until every thread was
+    bulk's, and a live flush waited for one to finish. Messages are counted too now."""
+    gate, task_consumer, tick = _attached(capacity=1000, messages=3)
+    for _ in range(3):
+        gate.received(1)  # three single-turn messages: far under the turns' capacity
+    assert not task_consumer.consuming_from(OWN) and gate.paused == {OWN}
+    gate.release(1)  # a turn answered, its flush still running: still three messages held
+    tick()
+    assert not task_consumer.consuming_from(OWN)
+    gate.release(0, 1)  # that flush ended
+    tick()
+    assert task_consumer.consuming_from(OWN) and not gate.paused
+    gate.hold(2, 2)  # two deferred messages, due now, joined a flush: counted as they join
+    gate.received(1)
+    assert not task_consumer.consuming_from(OWN)
+    monkeypatch.setattr(admission.settings, "worker_threads", 16)
+    assert admission.bulk_message_capacity() == 12  # a quarter of the threads kept for the rest
+    monkeypatch.setattr(admission.settings, "worker_threads", 2)
+    assert admission.bulk_message_capacity() == 1
