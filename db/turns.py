@@ -1031,14 +1031,17 @@ AUTO_KEY_PREFIX = "auto:"
 def cancel_turns(
     *, session: Session, turn_ids: Sequence[uuid.UUID], unkeyed_only: bool = False
 ) -> list[uuid.UUID]:
-    """cancel: turns that have not started (with `unkeyed_only`, only those stored without a client's
-    idempotency key, which a replay cannot reach); returns those cancelled."""
+    """cancel: turns a claim could take, those not started or running under a lease that lapsed (its
+    worker gone: with no worker of its model left, such a turn stayed running, holding back its
+    conversation's later turns, and no DELETE could clear it); with `unkeyed_only`, only those stored
+    without a client's idempotency key, which a replay cannot reach. Returns those cancelled. A
+    worker that still answers one stores nothing: its writes name its claim, which needs RUNNING."""
     unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
     cancelled = list(
         session.scalars(
             update(Turn)
-            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, unkeyed)
-            .values(status=TurnStatus.CANCELLED, finished_at=func.now())
+            .where(Turn.id.in_(list(turn_ids)), claimable(), unkeyed)
+            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
             .returning(Turn.id)
         ).all()
     )

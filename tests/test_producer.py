@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import threading
+import uuid
 
 import pytest
 from pydantic import ValidationError
@@ -92,6 +93,33 @@ def test_cancel_a_queued_turn(world) -> None:
     assert cancel_turn(turn_id) is True
     assert get_turn(turn_id).status == TurnStatus.CANCELLED
     assert cancel_turn(turn_id) is False
+
+
+def test_a_running_turn_whose_worker_is_gone_can_be_cancelled_and_one_still_leased_cannot(world) -> None:
+    """Found in review: only a queued turn could be cancelled, so a turn whose worker died mid-way
+    stayed running with no worker of its model left, holding back its conversation's later turns,
+    while a run's cancel took such a turn already."""
+    from sqlalchemy import func, text
+
+    gone, leased = enqueue_turns([new_conversation() | {"message": "Hello?"} for _ in range(2)], send=False)
+    with session_scope() as s:
+        for turn_id, lease in ((gone, "-1 minute"), (leased, "2 minutes")):
+            s.execute(
+                update(Turn)
+                .where(Turn.id == turn_id)
+                .values(
+                    status=TurnStatus.RUNNING,
+                    attempts=1,
+                    claim_token=uuid.uuid4(),
+                    lease_until=func.now() + text(f"interval '{lease}'"),
+                )
+            )
+    assert cancel_turn(gone) is True
+    assert cancel_turn(leased) is False  # its worker is answering it
+    with session_scope() as s:
+        assert s.get_one(Turn, gone).lease_until is None
+    assert get_turn(gone).status == TurnStatus.CANCELLED
+    assert get_turn(leased).status == TurnStatus.RUNNING
 
 
 _ENQUEUE_ONE = """
