@@ -20,6 +20,20 @@ from core.settings import settings
 
 logger = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+# libpq's own defaults wait on a connection cut without a word (a failover, a NAT forgetting it) for
+# the kernel's two hours of keepalive silence, or its retransmissions' quarter of an hour: a request
+# or a batch thread hung that long instead of failing over. TCP keepalives find a dead peer in about
+# a minute, tcp_user_timeout bounds data sent and never acknowledged, and a connect gives up after
+# 10 s. (A Unix socket, the embedded server's, ignores the TCP ones.)
+CONNECT_ARGS = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,  # ms
+}
 _space_version: int | None = None
 
 
@@ -77,7 +91,11 @@ def _name_embedder(engine: Engine) -> Engine:
 @cache
 def get_engine() -> Engine:
     """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
-    return _name_embedder(create_engine(database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5))
+    return _name_embedder(
+        create_engine(
+            database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=CONNECT_ARGS
+        )
+    )
 
 
 @cache
@@ -85,7 +103,13 @@ def get_autocommit_engine() -> Engine:
     """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
     pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
     return _name_embedder(
-        create_engine(database_url(), pool_size=5, max_overflow=5, isolation_level="AUTOCOMMIT")
+        create_engine(
+            database_url(),
+            pool_size=5,
+            max_overflow=5,
+            isolation_level="AUTOCOMMIT",
+            connect_args=CONNECT_ARGS,
+        )
     )
 
 

@@ -197,3 +197,16 @@ def test_services_stop_stops_postgres_even_when_redis_would_not_stop(monkeypatch
         out, err = capsys.readouterr()
         assert stopped and "postgres stopped" in out
         assert err.strip() == f"mlchat: {error}"
+
+
+def test_every_database_connection_gives_up_on_a_silent_peer_in_about_a_minute(services) -> None:
+    """Found in review: no connect timeout and no keepalives, so a connection a failover or a NAT cut
+    without a word hung its request or batch thread for the kernel's defaults (hours), not a minute."""
+    from db.retrieval import _slice_engine
+    from db.session import get_autocommit_engine, get_engine
+
+    for engine in (get_engine(), get_autocommit_engine(), _slice_engine(get_engine().url, 1)):
+        with engine.connect() as conn:
+            params = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
+        assert params["connect_timeout"] == "10" and params["keepalives"] == "1", (engine, params)
+        assert params["keepalives_idle"] == "30" and params["tcp_user_timeout"] == "60000", params
