@@ -444,3 +444,42 @@ def test_an_entry_that_does_not_parse_is_read_past_once_not_every_round() -> Non
     assert _codes(events) == ["Well", "cancelled"]  # the unreadable delta leaves a gap: no more shown
     assert reads < 50, reads  # about one blocking read a second, not a spin
     assert _codes(_read(turn_id, last_event_id=ids[0])) == ["cancelled"]  # a resume over it
+
+
+def test_a_reader_that_stops_reading_ends_its_stream_instead_of_holding_it_for_ever(monkeypatch) -> None:
+    """Found in review: the SSE responses had no send timeout, so a reader keeping its connection
+    open with a zero receive window blocked the send for as long as it liked; the stream's deadline
+    and disconnect checks never ran. Here the ASGI send blocks from the second message on."""
+    import anyio
+
+    from api import sse
+
+    monkeypatch.setattr(sse, "SEND_TIMEOUT_S", 0.5)
+
+    async def events():  # type: ignore[no-untyped-def]
+        for i in range(1000):
+            yield {"data": str(i)}
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) > 1:
+            await anyio.sleep(3600)  # the reader stopped reading
+
+    async def receive() -> dict:
+        await anyio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def serve() -> str:
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "query_string": b""}
+        with anyio.fail_after(15):
+            try:
+                await sse.sse_response(events())(scope, receive, send)
+            except Exception as exc:  # sse-starlette's SendTimeoutError ends the response
+                return type(exc).__name__
+        return "returned"
+
+    ended = anyio.run(serve)
+    assert ended in ("returned", "SendTimeoutError"), ended
+    assert len(sent) == 2

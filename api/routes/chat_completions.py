@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from api.deps import Caller, json_body, needs
 from api.errors import RETRY_AFTER_S
 from api.routes.turns import visible_turn
+from api.sse import sse_response
 from core.settings import settings
 from db.session import DATABASE_OUTAGES
 from services import live_chat
@@ -88,7 +89,7 @@ async def chat_completions(
         return await run_in_threadpool(visible_turn, turn.id, who)
 
     if turn.stream:
-        return EventSourceResponse(_chunks(turn, read), ping=max(1, int(settings.stream_ping_s)))
+        return sse_response(_chunks(turn, read))
     try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
         view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
     except DATABASE_OUTAGES:

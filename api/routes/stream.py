@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, needs
 from api.routes.turns import visible_turn
-from core.settings import settings
+from api.sse import sse_response
 from services.producer import TurnView
 from streaming.reader import TurnReader, valid_event_id
 
@@ -47,4 +47,4 @@ async def stream_turn(
             frame = {"event": event.kind, "data": json.dumps(event.data, ensure_ascii=False)}
             yield frame if event.id is None else frame | {"id": event.id}
 
-    return EventSourceResponse(frames(), ping=max(1, int(settings.stream_ping_s)))
+    return sse_response(frames())
