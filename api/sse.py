@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterable
 from typing import Any
 
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
+from starlette.types import Receive, Scope, Send
 
 from core.settings import settings
+
+logger = logging.getLogger(__name__)
 
 # A reader that stops reading but keeps its connection open (a zero receive window) blocked the send
 # for as long as it liked: the stream's own deadline and disconnect checks never ran, and its
@@ -15,6 +20,16 @@ from core.settings import settings
 SEND_TIMEOUT_S = 30.0
 
 
+class _Stream(EventSourceResponse):
+    """A stream whose reader stopped reading ends with one line in the log, not a traceback."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            logger.info("a stream's reader took nothing for %g s; the stream ended", SEND_TIMEOUT_S)
+
+
 def sse_response(events: AsyncIterable[Any]) -> EventSourceResponse:
     """`events` as a text/event-stream, with pings every MLCHAT_STREAM_PING_S and SEND_TIMEOUT_S."""
-    return EventSourceResponse(events, ping=max(1, int(settings.stream_ping_s)), send_timeout=SEND_TIMEOUT_S)
+    return _Stream(events, ping=max(1, int(settings.stream_ping_s)), send_timeout=SEND_TIMEOUT_S)

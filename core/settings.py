@@ -104,7 +104,9 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("REDIS_URL", "MLCHAT_REDIS_URL")
     )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
-    # Embedded PostgreSQL only; size external servers yourself. A size PostgreSQL reads (8kB to 64GB).
+    # Embedded PostgreSQL only; size external servers yourself. A number and a unit (kB, MB, GB), as
+    # PostgreSQL writes sizes; one it cannot start with (under 128kB, past the machine's memory) still
+    # fails at the server's start.
     embedded_pg_shared_buffers: str = Field(default="512MB", pattern=r"^[1-9][0-9]{0,5}(kB|MB|GB)$")
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
@@ -303,7 +305,7 @@ class Settings(BaseSettings):
     callback_retry_window_s: float = Field(default=86400.0, ge=0)
     # Callbacks go only to public addresses unless this is set (a receiver on the same network).
     callback_allow_private: bool = False
-    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_timeout_s: float = Field(default=10.0, gt=0)  # one delivery, connect to answer, in all
     housekeeping_interval_s: float = Field(default=10.0, gt=0)  # the worker's expire/finalize timer
     # Live streaming (streaming/): one Redis stream per turn, trimmed to about stream_max_len events
     # and deleted stream_ttl_s after its last event; SSE readers get a ping every stream_ping_s and

@@ -5,6 +5,7 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 from __future__ import annotations
 
 import logging
+import re
 from datetime import datetime
 from typing import Any
 
@@ -122,6 +123,9 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
     return ""
 
 
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]*")  # a key's tenant (core/settings.py), or '' (the CLI's own)
+
+
 def _check_owner(tenant: str, player: str) -> None:
     """FactRefused naming the player or the tenant the API's path and keys would refuse: the CLI
     passes them as typed (before: an empty player stored, a long one refused by the database after
@@ -133,6 +137,8 @@ def _check_owner(tenant: str, player: str) -> None:
             raise FactRefused(field, str(exc)) from None
         if len(value) > limit:
             raise FactRefused(field, f"{len(value)} characters; the limit is {limit}")
+    if not TENANT_NAME.fullmatch(tenant):
+        raise FactRefused("tenant", "may hold only letters, digits, '.', '_' and '-'")
     if not player:
         raise FactRefused("player", "empty")
 

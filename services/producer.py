@@ -543,6 +543,7 @@ def wait_for_reply(turn_id: uuid.UUID | str, timeout: float = 120.0, poll: float
 
 
 def cancel_turn(turn_id: uuid.UUID | str) -> bool:
-    """Cancel a turn that has not started; False if it was already running or finished."""
+    """Cancel a turn that has not started or whose worker is gone (db/turns.py cancel_turns); False
+    if a worker is answering it or it finished."""
     with session_scope() as session:
         return bool(cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))]))

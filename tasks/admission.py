@@ -66,9 +66,10 @@ class BulkGate:
     """Counts held bulk turns and messages; pauses and resumes the consumer of the bulk queues around
     a capacity of each.
 
-    Messages are counted because each flush holds a worker thread until its turns are answered, and
-    a flush holds one message at least: bounding the bulk messages held bounds the threads bulk work
-    can take, so a live flush finds a thread free (before: with the engine's bulk capacity in the
+    Messages are counted because each flush holds a worker thread until its turns are answered: a
+    bulk message counts from its arrival, and once a flush takes it, that flush's messages count as
+    one until it ends (tasks/generate.py). Bounding that count bounds the threads bulk work can
+    take, so a live flush finds a thread free (before: with the engine's bulk capacity in the
     hundreds of turns, bulk flushes arriving one message at a time could take every thread, and a
     live flush waited for one of them to finish).
 
@@ -79,7 +80,7 @@ class BulkGate:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.held = 0
-        self.messages = 0  # bulk messages held: each in a flush (a thread) or waiting for one
+        self.messages = 0  # bulk messages waiting for a flush, plus bulk flushes running (a thread each)
         self.capacity: int | None = None  # None: not attached to a consumer (no gating)
         self.message_capacity: int | None = None
         self.closed = False
@@ -216,9 +217,10 @@ DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the rea
 
 
 def bulk_message_capacity() -> int:
-    """Bulk messages a worker may hold: its threads but a quarter (at least one) kept for live
-    flushes, memory jobs and callbacks. A GPU engine that admits more bulk turns than these messages
-    carry (MLCHAT_BATCH_SIZE each at most) needs more MLCHAT_WORKER_THREADS to be kept full."""
+    """Bulk messages waiting plus bulk flushes running a worker may have: its threads but a quarter
+    (at least one) kept for live flushes, memory jobs and callbacks. A GPU engine that admits more
+    bulk turns than those flushes carry (MLCHAT_FLUSH_EVERY messages of MLCHAT_BATCH_SIZE turns each
+    at most) needs more MLCHAT_WORKER_THREADS to be kept full."""
     threads = settings.worker_threads
     return max(1, threads - max(1, threads // 4))
 
@@ -232,13 +234,14 @@ class BulkGatedBatches(ReconnectSafeBatches):
         handler = super().Strategy(task, app, consumer)
         capacity, messages = bulk_capacity(), bulk_message_capacity()
         bulk_gate.attach(consumer, capacity, messages)
-        if capacity > messages * settings.batch_size:
+        carried = messages * settings.flush_every * settings.batch_size
+        if capacity > carried:
             logger.warning(
-                "bulk admission: %d bulk turns fit in the engine but %d messages carry %d at most; "
+                "bulk admission: %d bulk turns fit in the engine but %d bulk flushes carry %d at most; "
                 "raise MLCHAT_WORKER_THREADS (%d) to keep it full",
                 capacity,
                 messages,
-                messages * settings.batch_size,
+                carried,
                 settings.worker_threads,
             )
         return gated(handler, bulk_gate)

@@ -71,7 +71,10 @@ def generate_turns(requests: list[Any]) -> None:
     bulk_of = [bulk_turns_in((r.args, r.kwargs)) for r in requests]
     due = [n for n, r in zip(bulk_of, requests, strict=True) if n and deferred(r.request_dict)]
     bulk_gate.hold(sum(due), len(due))
-    bulk_messages = sum(1 for n in bulk_of if n)  # each held a thread's share until this flush ends
+    # The gate counts bulk messages waiting for a flush and bulk flushes (each holds a thread until
+    # it ends): this flush's messages count as one from now on.
+    bulk_flushes = 1 if any(bulk_of) else 0
+    bulk_gate.release(0, sum(1 for n in bulk_of if n) - bulk_flushes)
     outcome = FlushOutcome(bulk_owed=sum(bulk_of))
     try:
         pending, model_of = _pending_turns(requests)
@@ -98,7 +101,7 @@ def generate_turns(requests: list[Any]) -> None:
             "unexpected error in a flush of %d messages; its turns are left to the sweeper", len(requests)
         )
     finally:
-        bulk_gate.release(outcome.bulk_owed, bulk_messages)
+        bulk_gate.release(outcome.bulk_owed, bulk_flushes)
 
 
 def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: FlushOutcome) -> None:

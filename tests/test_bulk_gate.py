@@ -93,9 +93,9 @@ def test_a_bulk_message_the_handler_refuses_gives_its_count_back() -> None:
     message = SimpleNamespace(headers={})
     with pytest.raises(ValueError):
         admission.gated(refuses, gate)(message, bulk)
-    assert gate.held == 0
+    assert gate.held == 0 and gate.messages == 0
     admission.gated(takes, gate)(message, bulk)
-    assert gate.held == 3  # a message the handler took waits for its flush to release it
+    assert gate.held == 3 and gate.messages == 1  # a message the handler took waits for its flush
 
 
 def test_a_deferred_bulk_message_does_not_hold_the_gate_through_its_countdown(world, monkeypatch) -> None:
@@ -160,10 +160,16 @@ def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every
     assert not task_consumer.consuming_from(OWN)
     gate.release(0, 1)  # that flush ended
     tick()
-    assert task_consumer.consuming_from(OWN) and not gate.paused
+    assert task_consumer.consuming_from(OWN) and not gate.paused and gate.messages == 2
     gate.hold(2, 2)  # two deferred messages, due now, joined a flush: counted as they join
     gate.received(1)
-    assert not task_consumer.consuming_from(OWN)
+    assert not task_consumer.consuming_from(OWN) and gate.messages == 5
+    gate.release(0, 3 - 1)  # a flush took three of them: they count as one flush from now on
+    tick()
+    assert not task_consumer.consuming_from(OWN) and gate.messages == 3  # two flushes and one waiting
+    gate.release(0, 1)  # a flush ended
+    tick()
+    assert task_consumer.consuming_from(OWN) and gate.messages == 2
     monkeypatch.setattr(admission.settings, "worker_threads", 16)
     assert admission.bulk_message_capacity() == 12  # a quarter of the threads kept for the rest
     monkeypatch.setattr(admission.settings, "worker_threads", 2)

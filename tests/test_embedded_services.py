@@ -199,7 +199,7 @@ def test_services_stop_stops_postgres_even_when_redis_would_not_stop(monkeypatch
         assert err.strip() == f"mlchat: {error}"
 
 
-def test_every_database_connection_gives_up_on_a_silent_peer_in_about_a_minute(services) -> None:
+def test_the_processes_database_connections_give_up_on_a_silent_peer_in_about_a_minute(services) -> None:
     """Found in review: no connect timeout and no keepalives, so a connection a failover or a NAT cut
     without a word hung its request or batch thread for the kernel's defaults (hours), not a minute."""
     from db.retrieval import _slice_engine

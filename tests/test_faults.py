@@ -139,7 +139,8 @@ def early(request, tmp_path_factory) -> Iterator[dict[str, Early]]:  # type: ign
         yield workers
     finally:
         for worker in workers.values():
-            wp.kill(worker.proc, signal.SIGTERM)
+            if worker.proc.returncode is None:  # its case stopped and reaped it: its pid may be reused
+                wp.kill(worker.proc, signal.SIGTERM)
 
 
 def _log_tail(log: Path, lines: int = 25) -> str:

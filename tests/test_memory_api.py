@@ -223,6 +223,7 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
         (["", "x"], "mlchat: player: empty"),
         (["p" * 201, "x"], "mlchat: player: 201 characters; the limit is 200"),
         ([player, "x", "--tenant", "t" * 65], "mlchat: tenant: 65 characters; the limit is 64"),
+        ([player, "x", "--tenant", "a b"], "mlchat: tenant: may hold only letters, digits, '.', '_' and '-'"),
     ]:
         assert cli(["facts", "add", *args]) == 2
         assert capsys.readouterr().err.strip() == said

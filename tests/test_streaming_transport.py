@@ -476,10 +476,9 @@ def test_a_reader_that_stops_reading_ends_its_stream_instead_of_holding_it_for_e
         with anyio.fail_after(15):
             try:
                 await sse.sse_response(events())(scope, receive, send)
-            except Exception as exc:  # sse-starlette's SendTimeoutError ends the response
+            except Exception as exc:  # the review: it ended, but as a traceback in the server's log
                 return type(exc).__name__
         return "returned"
 
-    ended = anyio.run(serve)
-    assert ended in ("returned", "SendTimeoutError"), ended
+    assert anyio.run(serve) == "returned"
     assert len(sent) == 2

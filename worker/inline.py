@@ -67,8 +67,9 @@ def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:
 
 
 def _cancel_unkeyed(ids: list[uuid.UUID]) -> bool:
-    """Cancel the call's queued turns stored without a client's key (a call sent again stores them
-    anew); False if the database is away (they stand as handed back)."""
+    """Cancel the call's claimable turns (queued, or whose lease lapsed) stored without a client's
+    key (a call sent again stores them anew); False if the database is away (they stand as handed
+    back)."""
     try:
         with session_scope() as session:
             cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)

@@ -136,7 +136,8 @@ def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin
 
 @router.delete("/{turn_id}", response_model=Cancelled)
 def cancel_turn(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("ingest"))]) -> Cancelled:
-    """Cancel a queued turn; a running or finished one is left as it is."""
+    """Cancel a turn that has not started, or one whose worker is gone (its lease lapsed); one being
+    answered or finished is left as it is."""
     visible_turn(turn_id, who)
     cancelled = producer.cancel_turn(turn_id)
     view = visible_turn(turn_id, who)
