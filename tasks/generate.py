@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,13 +85,12 @@ def generate_turns(requests: list[Any]) -> None:
             for each in dict.fromkeys(model_of.values()):
                 events.received([p for p in pending if model_of[p[0]] == each], each)
             try:
-                _answer(pending, model, events, outcome)
+                _answer(pending, model, events, outcome, lambda: _send_owed(outcome, model, model_of))
             except Exception:  # a bug or an outage outside a batch: hand everything back
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
                 outcome.resend = [Resend(pending, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
-        for item in [*outcome.resend, *outcome.claimed]:
-            _resend(item, model, model_of)
+        _send_owed(outcome, model, model_of)
         if outcome.engine_dead is not None:
             from worker.lifecycle import stop_for_dead_engine
 
@@ -104,10 +103,25 @@ def generate_turns(requests: list[Any]) -> None:
         bulk_gate.release(outcome.bulk_owed, bulk_flushes)
 
 
-def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: FlushOutcome) -> None:
+def _send_owed(outcome: FlushOutcome, model: str, model_of: dict[uuid.UUID, str]) -> None:
+    """Make the sends `outcome` holds so far, once each."""
+    owed, outcome.resend, outcome.claimed = [*outcome.resend, *outcome.claimed], [], []
+    for item in owed:
+        _resend(item, model, model_of)
+
+
+def _answer(
+    pending: list[Pending],
+    model: str,
+    events: TurnEvents,
+    outcome: FlushOutcome,
+    send_owed: Callable[[], None] = lambda: None,
+) -> None:
     """Answer the flush's turns, `batch_size` at a time and one lane per chunk, all chunks at once:
     each chunk's prompts join the running engine as soon as they are built, so the engine never
-    waits for a chunk barrier. Records in `outcome` what to send again."""
+    waits for a chunk barrier. Records in `outcome` what to send again, and has `send_owed` send it
+    as each chunk ends: a live chunk's retries, deferred turns and a scene's next step do not wait
+    for a slower bulk chunk of the same flush."""
     from worker import engine as engine_module
 
     dead = engine_module.engine_dead()
@@ -126,6 +140,7 @@ def _answer(pending: list[Pending], model: str, events: TurnEvents, outcome: Flu
         futures = {pool.submit(_answer_chunk, chunk): chunk for chunk in chunks}
         for future in as_completed(futures):
             _record(futures[future], future.result(), events, outcome)
+            send_owed()
 
 
 # Chunks of one flush prepared side by side (their CPU stages overlap the engine and each other).

@@ -265,3 +265,67 @@ def test_a_batch_that_raised_still_sends_the_scene_steps_and_stalled_turns_its_c
     assert sent[mine].countdown == settings.batch_retry_delay
     assert sent[step].stamp and sent[step].turns == [(step, "bulk")] and sent[step].model == "smollm2-135m"
     assert sent[stalled].turns == [(stalled, "live")] and sent[stalled].countdown is None
+
+
+def test_a_live_chunks_sends_go_out_as_it_ends_not_after_a_slower_bulk_chunk_of_its_flush(
+    monkeypatch,
+) -> None:
+    """Found in review: a flush made every send (retries, deferred turns, a scene's next step) after
+    all its chunks ended, so a live chunk's follow-ups waited for a bulk chunk sharing its flush."""
+    import threading
+    import uuid
+    from types import SimpleNamespace
+
+    import tasks.generate as generate
+    from worker.pipeline import BatchReport
+
+    live, bulk = uuid.uuid4(), uuid.uuid4()
+    bulk_may_end = threading.Event()
+    sent: list[tuple[list[uuid.UUID], bool]] = []
+
+    def answer_chunk(chunk):  # type: ignore[no-untyped-def]
+        report = BatchReport()
+        if chunk[0][1] == "bulk":
+            assert bulk_may_end.wait(10), "the live chunk's send did not go out while this chunk ran"
+            report.done.append(bulk)
+        else:
+            report.retry[live] = "injected: try again"
+        return report
+
+    def resend(item, model, model_of=None):  # type: ignore[no-untyped-def]
+        sent.append(([t for t, _ in item.turns], bulk_may_end.is_set()))
+        if live in [t for t, _ in item.turns]:
+            bulk_may_end.set()
+
+    monkeypatch.setattr(generate, "_answer_chunk", answer_chunk)
+    monkeypatch.setattr(generate, "_resend", resend)
+    outcome = generate.FlushOutcome()
+    events = SimpleNamespace(started=lambda ids: list(ids), finished=lambda *parts: None)  # no task events
+    generate._answer(
+        [(live, "live"), (bulk, "bulk")],
+        "m",
+        events,  # type: ignore[arg-type]
+        outcome,
+        lambda: generate._send_owed(outcome, "m", {}),
+    )
+    assert ([live], False) in sent  # sent while the bulk chunk still ran
+
+
+def test_messages_sent_for_later_do_not_stop_the_worker_taking_a_live_turn(celery_worker) -> None:
+    """Found in review: celery-batches keeps a message with an ETA unacked until it is due, and
+    kombu counts it against the prefetch; Celery's own strategy raises the prefetch for such a
+    message, celery-batches 0.11 did not. More of them than the prefetch (turns sent again after a
+    back-off, or to look again when a lease lapses) stopped the worker taking anything, live turns
+    included, until they came due."""
+    import time
+    import uuid
+
+    from tasks.app import app
+    from tasks.generate import dispatch
+
+    prefetch = settings.worker_threads * app.conf.worker_prefetch_multiplier
+    for _ in range(prefetch + 4):  # turns nobody stored: skipped once due
+        dispatch([uuid.uuid4()], model=settings.model, lane="live", countdown=60)
+    time.sleep(2.0)  # the worker takes them in, and holds them until due
+    (turn,) = enqueue_turns([new_conversation() | {"message": "Still there, innkeeper?"}])
+    assert wait_for_reply(turn, timeout=40).status == TurnStatus.DONE
