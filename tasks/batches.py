@@ -1,4 +1,5 @@
-"""celery-batches' Batches with the broker-reconnect fix that came after its 0.11 release.
+"""celery-batches' Batches with the broker-reconnect fix that came after its 0.11 release, and
+Celery's prefetch accounting for messages sent for later.
 
 0.11 arms its interval-flush timer on the first buffered message and keeps a reference to it on the
 task, which outlives the consumer. After a broker reconnect Celery builds a new consumer (a new
@@ -6,10 +7,18 @@ event loop and timer) and calls `Strategy()` again, but the old reference stops 
 being armed on the new loop: from then on only a full batch (`flush_every` messages) flushes, and a
 partial batch waits forever (upstream issues #99 and #107, fixed by #108). Here `Strategy()` drops
 the stale timer and, if messages are already buffered, arms a fresh one at once.
+
+A message with an ETA (a turn sent again after a back-off, or to look again when another worker's
+lease lapses) waits unacked in celery-batches' buffer until due, and kombu counts it against the
+worker's prefetch. Celery's own strategy raises the prefetch by one for each such message until it
+runs; 0.11 does not, so a few dozen of them stopped the worker taking anything, live messages
+included, until they came due. Here each raises it on arrival and lowers it once flushed.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Collection
 from typing import Any
 
 from celery_batches import Batches
@@ -20,6 +29,9 @@ class ReconnectSafeBatches(Batches):
 
     abstract = True
     _tref: Any  # the flush timer entry (kombu's Entry), set by Batches
+    # Messages with an ETA that raised a consumer's prefetch: {delivery tag: that consumer's QoS}.
+    _countdowns: dict[Any, Any] = {}
+    _countdowns_lock = threading.Lock()
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
         if self._tref is not None:
@@ -28,4 +40,34 @@ class ReconnectSafeBatches(Batches):
         handler = super().Strategy(task, app, consumer)
         if not (self._buffer.empty() and self._pending.empty()):
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
-        return handler
+        return self._counting_countdowns(handler, consumer)
+
+    def _counting_countdowns(self, handler: Any, consumer: Any) -> Any:
+        def counted(message: Any, body: Any, *args: Any, **kwargs: Any) -> None:
+            tag = getattr(message, "delivery_tag", None)
+            qos = consumer.qos  # set after the strategies are built, and anew on each reconnect
+            eta = (getattr(message, "headers", None) or {}).get("eta")
+            later = tag is not None and qos is not None and bool(eta)
+            if later:
+                qos.increment_eventually()
+                with self._countdowns_lock:
+                    self._countdowns[tag] = qos
+            try:
+                handler(message, body, *args, **kwargs)
+            except BaseException:
+                if later:
+                    self._release_countdowns([tag])
+                raise
+
+        return counted
+
+    def flush(self, requests: Collection[Any]) -> Any:
+        self._release_countdowns(getattr(getattr(r, "message", None), "delivery_tag", None) for r in requests)
+        return super().flush(requests)
+
+    def _release_countdowns(self, tags: Any) -> None:
+        with self._countdowns_lock:
+            counted = [self._countdowns.pop(tag, None) for tag in tags if tag is not None]
+        for qos in counted:
+            if qos is not None:
+                qos.decrement_eventually()
