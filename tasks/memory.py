@@ -38,8 +38,10 @@ def memory_job(conversation_id: int, kind: str) -> None:
 
         if exc.in_engine:  # its request may be what killed it: the next try goes without the model
             _count_death(conversation_id, kind)
-        send_memory_jobs([(conversation_id, kind)])
-        stop_for_dead_engine(exc)
+        try:
+            send_memory_jobs([(conversation_id, kind)])
+        finally:  # the broker away too: the job's row is re-queued when stale, the worker stops anyway
+            stop_for_dead_engine(exc)
         return
     finally:
         slots.release()

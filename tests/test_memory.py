@@ -774,6 +774,17 @@ def test_a_memory_job_whose_request_was_inside_a_dead_engine_runs_its_next_step_
     with session_scope() as s:
         assert engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0
 
+    # Found in review: a hand-on that failed (the broker away) skipped the stop, and the worker ran
+    # on with a dead engine until a generation flush noticed.
+    def broker_away(jobs: object, countdown: object = None) -> None:
+        raise ConnectionError("injected: the broker went away")
+
+    monkeypatch.setattr(memory_task, "send_memory_jobs", broker_away)
+    stopped.clear()
+    with pytest.raises(ConnectionError):
+        memory_task.memory_job(conv, SUMMARY)
+    assert len(stopped) == 1
+
 
 def test_an_extracted_fact_contradicting_one_the_game_replaced_meanwhile_does_not_stand_beside_it(
     monkeypatch,
