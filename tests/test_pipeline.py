@@ -659,3 +659,31 @@ def test_a_request_the_engine_ended_with_an_error_is_an_engine_error_retried_not
     assert isinstance(_results([done()], [one]), EngineRequestError)  # retried as an engine error
     assert _results([done(), done(fine)], [one, two]) == [(2, fine)]  # best of n keeps the other
     assert isinstance(_results([done(), done(fine)], [one, two], every=True), EngineRequestError)
+
+
+def test_a_claims_lease_is_kept_while_the_callbacks_of_turns_it_ended_are_queued(engine, monkeypatch) -> None:
+    """Found in review: the callbacks of turns the claim itself ended (no attempts left, blocked) were
+    queued, one broker publish each, after the claim and before its lease keeper started; a broker
+    slow to take them let the lease of the turns just claimed lapse, and another worker took them."""
+    import time
+
+    from sqlalchemy import func
+
+    from core.settings import settings
+    from db.models import Turn
+    from worker import pipeline
+
+    monkeypatch.setattr(settings, "lease_seconds", 1.5)
+    (turn,) = enqueue_turns([new_conversation() | {"message": "Evening, innkeeper."}], send=False)
+    lease_live: list[bool | None] = []
+
+    def slow_broker(turn_ids, claimed=None) -> None:  # type: ignore[no-untyped-def]
+        if not lease_live:  # the claim's own callbacks: the first call
+            time.sleep(2.5)  # past the lease
+            with session_scope() as s:
+                lease_live.append(s.scalar(select(Turn.lease_until > func.now()).where(Turn.id == turn)))
+
+    monkeypatch.setattr(pipeline, "_call_back", slow_broker)
+    report = process_batch([turn])
+    assert lease_live == [True]
+    assert report.done == [turn]

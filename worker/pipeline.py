@@ -130,16 +130,19 @@ def process_batch(
     report.failed.update(
         {t: Failure(reason, TurnErrorCode.BLOCKED_BY_EARLIER_TURN) for t, reason in claim.blocked.items()}
     )
-    _call_back([*claim.exhausted, *claim.blocked])
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
+        _call_back([*claim.exhausted, *claim.blocked])
         report.timings = timer.ms
         if report.failed or report.deferred:
             _account(report, claimed=0, generations=[])
         return report
     answered: list[Any] = []
     with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout) as keeper:
+        # Under the lease keeper: a broker slow to take these callbacks (kombu retries each publish)
+        # must not let the lease of the turns just claimed lapse before its first renewal.
+        _call_back([*claim.exhausted, *claim.blocked])
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
             answered = _answer(
