@@ -94,6 +94,14 @@ def test_mlchats_own_idempotency_keys_are_refused_in_the_header_as_in_the_body(b
             headers=KEY,
         )
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency_key", r.text
+    # Found in review: with both, the header was ignored; a retry sending only the header was a new turn.
+    r = httpx.post(
+        f"{base_url}/v1/turns",
+        json=new_conversation() | {"message": "hi", "idempotency_key": "body-key-1"},
+        headers=KEY | {"Idempotency-Key": "header-key-1"},
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency-key (header)", r.text
+    assert "differs from the body's idempotency_key" in r.json()["message"]
     assert _turn_count() == before
 
 

@@ -73,6 +73,11 @@ def post_turn(
     """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
     answers 200 with the turn as it stands."""
     turn = validated(TurnRequest, body)  # in this thread: a format's grammar may take seconds to build
+    if idempotency_key and turn.idempotency_key and idempotency_key != turn.idempotency_key:
+        # Two keys for one request: the retry that sends only one of them must not be a new turn.
+        loc = ("header", "idempotency-key")
+        msg = "differs from the body's idempotency_key; send one key, or the same in both"
+        raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg}])
     if idempotency_key and not turn.idempotency_key:
         try:  # model_copy runs no validator: the header is checked as the body field is
             check_idempotency_key(idempotency_key)
