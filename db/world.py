@@ -12,7 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT
-from db.advisory_locks import advisory_lock
+from db.advisory_locks import advisory_lock, name_key
 from db.models import TURN_UNFINISHED, Character, Conversation, Message, Role, StoryEvent, Turn
 
 # What a request sets on the conversation its first turn starts, besides its id and character
@@ -185,7 +185,24 @@ STORY_LOCK_WAIT_S = 30
 
 
 class StoryBusy(RuntimeError):
-    """Another request held the conversation's story lock for STORY_LOCK_WAIT_S: nothing was stored."""
+    """Another request held a lock this one needs (the conversation's story switch, or its
+    idempotency key) for STORY_LOCK_WAIT_S: nothing was stored."""
+
+
+_KEY_LOCK_NAMESPACE = 0x6D6C696B  # "mlik"
+
+
+@contextmanager
+def idempotency_key_lock(tenant: str, key: str) -> Iterator[None]:
+    """Held, on a connection of its own, from an inline request's key check until its turn is
+    stored: a second request under the key waits, then finds the turn (a replay, or a conflict
+    refused before it stores anything). StoryBusy after STORY_LOCK_WAIT_S."""
+    with advisory_lock(_KEY_LOCK_NAMESPACE, name_key(f"{tenant}\n{key}"), wait_s=STORY_LOCK_WAIT_S) as holder:
+        if holder is None:
+            raise StoryBusy(
+                f"idempotency key {key!r}: another request under it is being stored; send it again"
+            )
+        yield
 
 
 @contextmanager

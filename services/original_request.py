@@ -386,7 +386,8 @@ def _refuse_a_reused_key(req: InlineRequest, stream: bool) -> None:
     if key is None:
         return
     conversation = req.conversation or _own_conversation(req)
-    turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug, "stream": stream})
+    turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug})
+    turn = turn.streamed_by_transport(stream)
     with session_scope() as session:
         if used_for_another_request(
             session=session, tenant=DEFAULT_TENANT, key=key, request_hash=turn.request_hash()
@@ -446,17 +447,21 @@ def store_and_enqueue(
     conversation has then, as the README says."""
     from contextlib import nullcontext
 
-    from db.world import story_switch_lock
+    from db.world import idempotency_key_lock, story_switch_lock
     from services.producer import enqueue_turns
 
     switching = req.conversation is not None and req.story_key is not None
     held = story_switch_lock(DEFAULT_TENANT, req.conversation or "") if switching else nullcontext()
-    with held:
+    key = req.turn.idempotency_key
+    # Two requests under one key at once: the second waits for the first's turn, then replays it or
+    # is refused before storing anything (the key lock first: no other path takes both).
+    keyed = idempotency_key_lock(DEFAULT_TENANT, key) if key else nullcontext()
+    with keyed, held:
         _refuse_a_reused_key(req, stream)
         stored = store_request(req)
         if on_stored is not None:
             on_stored(stored)
-        turn = turn_request(req, stored).model_copy(update={"stream": stream})
+        turn = turn_request(req, stored).streamed_by_transport(stream)
         (turn_id,) = enqueue_turns([turn], send=send)
     return stored, turn_id
 

@@ -263,6 +263,16 @@ class TurnRequest(BaseModel):
     # openai_lines.py); it is hashed as absent, as it was before that default, so a retry still matches.
     _default_response_format: bool = PrivateAttr(default=False)
 
+    # The original request shape's stream flag is the CLI's transport (it streams what it sends to the
+    # workers itself), not part of what was asked: a replay with --inline is the same request.
+    _stream_is_transport: bool = PrivateAttr(default=False)
+
+    def streamed_by_transport(self, stream: bool) -> TurnRequest:
+        """A copy with `stream` set as the caller's transport, left out of request_hash."""
+        copy = self.model_copy(update={"stream": stream})
+        copy._stream_is_transport = True
+        return copy
+
     def with_default_response_format(self) -> TurnRequest:
         """Mark params.response_format as the OpenAI path's default, left out of request_hash."""
         self._default_response_format = True
@@ -273,6 +283,7 @@ class TurnRequest(BaseModel):
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
         skip = {"idempotency_key"} | ({"speaker"} if self.speaker == "character" else set())
         skip |= {name for name in ("stream", "callback_url") if not getattr(self, name)}
+        skip |= {"stream"} if self._stream_is_transport else set()
         skip |= {"speaker_character"} if self.speaker_character is None else set()
         body = self.model_dump(exclude=skip, mode="json")
         body["params"] = shown_params(body["params"])  # a schema's key order never counted

@@ -160,6 +160,59 @@ def test_a_reused_idempotency_key_is_refused_before_the_conversation_takes_its_h
     assert again.lines_imported == 0 and _counts(stored.character, stored.story, conversation) == before
 
 
+def test_the_same_files_under_one_key_with_and_without_inline_are_one_request() -> None:
+    """Found in review: the CLI streams what it sends to the workers and not what it answers inline,
+    and the stream flag counted in the fingerprint, so replaying the same files with --inline was
+    refused as "a different request"."""
+    name, key = f"루피-{uuid.uuid4().hex[:6]}", f"inline-{uuid.uuid4().hex[:8]}"
+    _, sent = store_and_enqueue(read_request(_event(name, idempotency_key=key)), send=False, stream=True)
+    _, inline = store_and_enqueue(read_request(_event(name, idempotency_key=key)), send=False, stream=False)
+    assert inline == sent
+
+
+def test_two_requests_under_one_key_at_once_store_one_history(monkeypatch) -> None:
+    """Review of the key check before storing: two requests under one key with different histories,
+    at once, both passed the check before either's turn was stored, and both appended their lines."""
+    from db.turns import IdempotencyConflict
+    from services import original_request
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"named-{uuid.uuid4().hex[:8]}"
+    key = f"raced-{uuid.uuid4().hex[:8]}"
+    real_store = original_request.store_request
+
+    def slow_store(req, **kwargs):  # type: ignore[no-untyped-def]
+        stored = real_store(req, **kwargs)
+        time.sleep(1.0)  # between the history's write and the turn's: where the other one got in
+        return stored
+
+    monkeypatch.setattr(original_request, "store_request", slow_store)
+    grown = {"chat_history": HISTORY["chat_history"] + [{"role": "assistant", "content": "미라? 좋은 이름!"}]}
+    # No story: a story switch's lock would serialise the two already.
+    same = {"conversation": conversation, "idempotency_key": key, "story": None}
+    requests = [
+        read_request(_event(name, **same)),
+        read_request(_event(name, **same, chat_history=grown, message="또?")),
+    ]
+    outcomes: list[object] = [None, None]
+
+    def send(i: int) -> None:
+        try:
+            outcomes[i] = store_and_enqueue(requests[i], send=False)
+        except IdempotencyConflict as exc:
+            outcomes[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
+    threads[0].start()
+    time.sleep(0.3)  # the first has stored its history and not yet its turn
+    threads[1].start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert isinstance(outcomes[0], tuple) and isinstance(outcomes[1], IdempotencyConflict), outcomes
+    stored = outcomes[0][0]
+    lines = _counts(stored.character, stored.story, conversation)["lines"]
+    assert len(lines) == len(requests[0].lines), lines  # the refused one appended nothing
+
+
 def test_a_changed_persona_is_a_new_character_and_the_same_content_the_same_one() -> None:
     name = f"루피-{uuid.uuid4().hex[:6]}"
     before = store_request(read_request(_event(name)))
