@@ -6,9 +6,9 @@ import logging
 from collections.abc import AsyncIterable
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from core.settings import settings
 
@@ -21,12 +21,17 @@ SEND_TIMEOUT_S = 30.0
 
 
 class _Stream(EventSourceResponse):
-    """A stream whose reader stopped reading ends with one line in the log, not a traceback."""
+    """A stream whose reader stopped reading ends with one line in the log, not a traceback. Every
+    send is bounded, the closing one and the headers too (sse-starlette bounds the events' only)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def bounded(message: Message) -> None:
+            with anyio.fail_after(SEND_TIMEOUT_S):
+                await send(message)
+
         try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
+            await super().__call__(scope, receive, bounded)
+        except TimeoutError:  # sse-starlette's SendTimeoutError is one too
             logger.info("a stream's reader took nothing for %g s; the stream ended", SEND_TIMEOUT_S)
 
 
