@@ -606,7 +606,7 @@ def story_event(
     """Append an event to a story (embedded on write)."""
     from services.characters import add_story_event
 
-    _out(str(add_story_event(story, text, scene=scene, time=time)))
+    _out(str(add_story_event(story, text, scene=scene, time=time)[0]))
 
 
 # --- NPC memory: facts ---------------------------------------------------------------------------
@@ -868,11 +868,13 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.world import StoryBusy
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
+    from scripts.seed import SeedError
     from services.producer import TurnRejected
     from services.runs import RunBusy, RunValidationError
 
     return (
         Refused,
+        SeedError,
         TurnRejected,
         RunValidationError,
         RunConflict,

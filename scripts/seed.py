@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from core.settings import PROJECT_ROOT
 from db.session import session_scope
@@ -13,6 +16,48 @@ from roleplay.lorebook import Lorebook
 from worker.embedder import embed
 
 DATA_DIR = PROJECT_ROOT / "data"
+
+
+class SeedError(ValueError):
+    """A data folder's file that cannot be seeded: the file, the item and the field; nothing stored."""
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class _Character(_Open):
+    slug: str = Field(min_length=1, max_length=64)
+    name: str = Field(min_length=1)
+
+
+class _Event(_Open):
+    story: str = Field(min_length=1)
+    ordinal: int
+    text: str = Field(min_length=1)
+
+
+class _Conversation(_Open):
+    external_id: str = Field(min_length=1, max_length=200)
+    character: str
+    history: list[tuple[Literal["user", "assistant"], str]] = []
+
+
+def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:
+    """The file's JSON list, each item checked as `item`; SeedError naming the file, item and field."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
+    except OSError as exc:
+        raise SeedError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SeedError(f"{path}: not JSON that can be read ({exc})") from None
+    try:
+        checked = TypeAdapter(list[item]).validate_python(raw)  # type: ignore[valid-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
+        raise SeedError(f"{path}: item{where}: {first['msg']}") from None
+    return [one.model_dump() for one in checked]
 
 
 @dataclass(frozen=True)
@@ -25,12 +70,24 @@ class SeedCounts:
 
 def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
     """Upsert everything under data_dir; running it twice changes nothing."""
-    characters = json.loads((data_dir / "characters.json").read_text(encoding="utf-8"))
-    for c in characters:  # a lorebook in data/ is checked and normalised like one from a card
+    characters = _read(data_dir / "characters.json", _Character)
+    for i, c in enumerate(characters):  # a lorebook in data/ is checked and normalised like one from a card
         if c.get("lorebook") is not None:
-            c["lorebook"] = Lorebook.model_validate(c["lorebook"]).model_dump()
-    events = json.loads((data_dir / "story_events.json").read_text(encoding="utf-8"))
-    conversations = json.loads((data_dir / "conversations.json").read_text(encoding="utf-8"))
+            try:
+                c["lorebook"] = Lorebook.model_validate(c["lorebook"]).model_dump()
+            except ValidationError as exc:
+                raise SeedError(
+                    f"{data_dir / 'characters.json'}: item[{i}].lorebook: {exc.errors()[0]['msg']}"
+                ) from None
+    events = _read(data_dir / "story_events.json", _Event)
+    conversations = _read(data_dir / "conversations.json", _Conversation)
+    slugs = {c["slug"] for c in characters}
+    for i, conv in enumerate(conversations):
+        if conv["character"] not in slugs:
+            raise SeedError(
+                f"{data_dir / 'conversations.json'}: item[{i}].character: {conv['character']!r} is not in "
+                "characters.json"
+            )
     event_vectors = embed([e["text"] for e in events])
     history = [[(role, text) for role, text in c["history"]] for c in conversations]
     history_vectors = embed([text for lines in history for _, text in lines])

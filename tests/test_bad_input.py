@@ -562,3 +562,34 @@ def test_the_story_event_command_names_the_field(world, capsys) -> None:
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("mlchat: text:") and "NUL" in err[0]
     assert err[1].startswith("mlchat: time:")
+
+
+def test_a_data_folder_with_a_bad_file_is_refused_naming_file_item_and_field(world, tmp_path, capsys) -> None:
+    """Found in review: `mlchat seed --data DIR` printed a traceback for a malformed file (a list
+    of strings, a history line of three parts) and "mlchat: 'luffy'" for an unknown character."""
+    import shutil
+
+    from core.settings import PROJECT_ROOT
+    from scripts.cli import main as cli
+
+    cases = [
+        ("characters.json", ["x"], "characters.json: item[0]: Input should be a valid dictionary"),
+        ("story_events.json", [{"story": "s", "ordinal": "first", "text": "t"}], "item[0].ordinal"),
+        (
+            "conversations.json",
+            [{"external_id": "c", "character": "elara", "history": [["user", "a", "b"]]}],
+            "conversations.json: item[0].history[0]",
+        ),
+        (
+            "conversations.json",
+            [{"external_id": "c", "character": "nobody-here"}],
+            "item[0].character: 'nobody-here' is not in characters.json",
+        ),
+    ]
+    for i, (name, content, said) in enumerate(cases):
+        data = tmp_path / f"data-{i}"
+        shutil.copytree(PROJECT_ROOT / "data", data)
+        (data / name).write_text(json.dumps(content), encoding="utf-8")
+        assert cli(["seed", "--data", str(data)]) == 2, name
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and err.count("\n") == 1, err
