@@ -662,3 +662,18 @@ class ReembedProgress(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()
     )
+
+
+class WriteKey(Base):
+    """An idempotency key of a write that is not a turn (a player's facts, a story's event): its
+    request's fingerprint and the ids it stored, so a retry after a lost answer returns those rows
+    instead of storing them again."""
+
+    __tablename__ = "write_keys"
+
+    tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    request_hash: Mapped[str] = mapped_column(String(64))
+    ids: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -8,10 +8,15 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
 from core.settings import settings
 from db.models import Character
+from db.models import StoryEvent as StoryEventRow
 from db.session import session_scope
 from db.world import append_story_event, get_character, save_character
+from db.write_keys import record_ids, stored_ids, take_key
 from roleplay.cards import CardError, card_json, card_png, read_card
 from roleplay.lorebook import stored_lorebook, to_character_book
 from services.schemas import StoryEvent
@@ -113,13 +118,37 @@ def _card_from_columns(c: Character) -> dict[str, Any]:
     return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
 
 
-def add_story_event(story: str, text: str, *, scene: str = "", time: int | None = None) -> dict[str, Any]:
-    """Append an event to a story, embedded on write, so the next turns can retrieve it."""
+def add_story_event(
+    story: str,
+    text: str,
+    *,
+    scene: str = "",
+    time: int | None = None,
+    tenant: str = "",
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Append an event to a story, embedded on write, so the next turns can retrieve it: the event
+    (id, story, ordinal), and whether an earlier request under `idempotency_key` (the tenant's)
+    stored it (a retry stores nothing). KeyReused when that request was another event."""
     from worker.embedder import embed  # the embedder loads on first use, in the calling process
 
     event = StoryEvent(story=story, text=text, scene=scene, time=time)  # ValidationError names the field
+    digest = hashlib.sha256(event.model_dump_json().encode()).hexdigest()
+    if idempotency_key is not None:
+        with session_scope() as session:
+            known = stored_ids(
+                session=session, tenant=tenant, kind=EVENT_KEY, key=idempotency_key, request_hash=digest
+            )
+            if known is not None:
+                return _event_of(session, known[0]), True
     (vector,) = embed([event.text])
     with session_scope() as session:
+        if idempotency_key is not None:  # taken first: a second write under the key waits for this one
+            earlier = take_key(
+                session=session, tenant=tenant, kind=EVENT_KEY, key=idempotency_key, request_hash=digest
+            )
+            if earlier is not None:
+                return _event_of(session, earlier[0]), True
         event_id, ordinal = append_story_event(
             session=session,
             story=event.story,
@@ -128,4 +157,16 @@ def add_story_event(story: str, text: str, *, scene: str = "", time: int | None 
             time=event.time,
             embedding=vector,
         )
-    return {"id": event_id, "story": event.story, "ordinal": ordinal}
+        if idempotency_key is not None:
+            record_ids(session=session, tenant=tenant, kind=EVENT_KEY, key=idempotency_key, ids=[event_id])
+    return {"id": event_id, "story": event.story, "ordinal": ordinal}, False
+
+
+EVENT_KEY = "story_event"
+
+
+def _event_of(session: Session, event_id: int) -> dict[str, Any]:
+    story, ordinal = session.execute(
+        select(StoryEventRow.story, StoryEventRow.ordinal).where(StoryEventRow.id == event_id)
+    ).one()
+    return {"id": event_id, "story": story, "ordinal": ordinal}

@@ -4,6 +4,8 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 from datetime import datetime
@@ -24,6 +26,7 @@ from db.facts import (
 )
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
+from db.write_keys import record_ids, stored_ids, take_key
 from services.schemas import Text, storable_text
 
 logger = logging.getLogger(__name__)
@@ -147,17 +150,55 @@ def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]
     """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one. A
     transaction PostgreSQL ends as a deadlock's victim is run again (writes supersede in id order,
     but fact extraction supersedes in its answer's order), at most CONFLICT_TRIES times in all."""
+    return write_facts_once(tenant, player, facts, None)[0]
+
+
+def write_facts_once(
+    tenant: str, player: str, facts: list[FactIn], idempotency_key: str | None
+) -> tuple[list[FactView], bool]:
+    """write_facts under an idempotency key: (the facts, whether they were stored by an earlier
+    request under the key, and are returned as they stand now). KeyReused when that request was
+    another."""
     from worker.embedder import embed
 
     _check_owner(tenant, player)
+    digest = _request_hash(player, facts)
+    if idempotency_key is not None:  # a retry needs no embedding
+        with session_scope() as session:
+            known = stored_ids(
+                session=session, tenant=tenant, kind=FACTS_KEY, key=idempotency_key, request_hash=digest
+            )
+            if known is not None:
+                return _facts_by_id(session, tenant, known), True
     vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
     return again_on_conflict(
-        lambda: _store_facts(tenant, player, facts, vectors), what=f"facts of player {player!r}"
+        lambda: _store_facts(tenant, player, facts, vectors, idempotency_key, digest),
+        what=f"facts of player {player!r}",
     )
 
 
-def _store_facts(tenant: str, player: str, facts: list[FactIn], vectors: Any) -> list[FactView]:
+FACTS_KEY = "facts"
+
+
+def _request_hash(player: str, facts: list[FactIn]) -> str:
+    body = {"player": player, "facts": [f.model_dump(mode="json") for f in facts]}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _facts_by_id(session: Session, tenant: str, ids: list[int]) -> list[FactView]:
+    """The facts of these ids as they stand now, in that order."""
+    found = [get_fact(session=session, tenant=tenant, fact_id=i) for i in ids]
+    return [_view(f) for f in found if f is not None]
+
+
+def _store_facts(
+    tenant: str, player: str, facts: list[FactIn], vectors: Any, key: str | None, digest: str
+) -> tuple[list[FactView], bool]:
     with session_scope() as session:
+        if key is not None:  # taken first: a second write under the key waits here for this one
+            earlier = take_key(session=session, tenant=tenant, kind=FACTS_KEY, key=key, request_hash=digest)
+            if earlier is not None:
+                return _facts_by_id(session, tenant, earlier), True
         new = []
         for i, (fact, vector) in enumerate(zip(facts, vectors, strict=True)):
             prefix = f"facts[{i}]."
@@ -198,7 +239,9 @@ def _store_facts(tenant: str, player: str, facts: list[FactIn], vectors: Any) ->
         session.flush()
         for row in rows:
             session.refresh(row)
-        return [_view(r) for r in rows]
+        if key is not None:
+            record_ids(session=session, tenant=tenant, kind=FACTS_KEY, key=key, ids=[r.id for r in rows])
+        return [_view(r) for r in rows], False
 
 
 def list_player_facts(

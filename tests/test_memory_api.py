@@ -303,3 +303,41 @@ def test_a_fact_write_a_deadlock_ended_is_written_again(world, monkeypatch) -> N
     current = list_player_facts("game-a", player)
     assert victims == [old.id] and [f.id for f in current] == [new.id]
     assert len(list_player_facts("game-a", player, history=True)) == 2  # the victim's try left nothing
+
+
+def test_a_retried_write_of_facts_or_a_story_event_under_its_key_stores_nothing_twice(base_url) -> None:
+    """Found in review: facts and story events took no idempotency key, so a game that retried after
+    a lost answer (a 503, a timeout) stored them twice, and a retried supersede was refused as
+    "superseded meanwhile" though the first write had made it."""
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    url = f"{base_url}/v1/players/{player}/facts"
+    first = httpx.post(url, headers=A, json={"facts": [{"text": "Rowan's sister is called Mira."}]})
+    assert first.status_code == 201, first.text
+    old = first.json()["facts"][0]["id"]
+    key = {"Idempotency-Key": f"facts-{uuid.uuid4().hex[:8]}"}
+    body = {"facts": [{"text": "Rowan's sister is called Lina.", "supersedes": old}]}
+    written = httpx.post(url, headers=A | key, json=body)
+    retried = httpx.post(url, headers=A | key, json=body)
+    assert (written.status_code, retried.status_code) == (201, 200), retried.text
+    assert retried.json()["facts"] == written.json()["facts"]
+    assert [f["text"] for f in _facts(base_url, A, player)] == ["Rowan's sister is called Lina."]
+    other = httpx.post(url, headers=A | key, json={"facts": [{"text": "Something else."}]})
+    assert other.status_code == 409 and "already used for a different request" in other.text
+    # The key is the tenant's: another tenant's key under the same name is another write.
+    assert httpx.post(url, headers=B | key, json=body).status_code == 422  # fact `old` is not B's
+    story, admin = f"keyed-{uuid.uuid4().hex[:8]}", {"X-API-Key": "test-key-1-abcdefgh"}
+    event_key = {"Idempotency-Key": f"event-{uuid.uuid4().hex[:8]}"}
+    events = [
+        httpx.post(
+            f"{base_url}/v1/stories/{story}/events",
+            headers=admin | event_key,
+            json={"text": "The bell rang."},
+        )
+        for _ in range(2)
+    ]
+    assert [e.status_code for e in events] == [201, 200] and events[0].json() == events[1].json()
+    assert events[0].json()["ordinal"] == 1
+    again = httpx.post(
+        f"{base_url}/v1/stories/{story}/events", headers=admin, json={"text": "It rang again."}
+    )
+    assert again.json()["ordinal"] == 2  # the retry appended nothing

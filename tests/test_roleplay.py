@@ -69,10 +69,10 @@ def test_a_narrator_turn_is_stored_as_narration_and_later_turns_see_it(engine) -
 
 def test_a_story_event_added_by_the_game_is_retrieved_by_the_next_turn(engine) -> None:
     story = "test-story-" + new_conversation()["conversation"]
-    event = add_story_event(
+    event, _ = add_story_event(
         story, "A comet with a green tail split the night sky over the inn.", scene="Night"
     )
-    assert event["ordinal"] == 1 and add_story_event(story, "The comet fell.")["ordinal"] == 2
+    assert event["ordinal"] == 1 and add_story_event(story, "The comet fell.")[0]["ordinal"] == 2
     conv = new_conversation("elara") | {"player_name": "Rowan", "story": story}
     (view,) = _answer([conv | {"message": "Did you see the comet with the green tail?"}])
     assert event["id"] in [e["id"] for e in view.context["events"]]

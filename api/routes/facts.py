@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Response, status
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -51,13 +51,23 @@ def _refused(exc: FactRefused) -> HTTPException:
     "/{player:path}/facts", status_code=201, response_model=FactsOut, dependencies=[Depends(json_body)]
 )
 async def post_facts(
-    player: Player, body: FactsIn, who: Annotated[Caller, Depends(needs("ingest"))]
+    player: Player,
+    body: FactsIn,
+    response: Response,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> FactsOut:
-    """Store facts about the player (all or none), embedded on write; 422 names the field at fault."""
+    """Store facts about the player (all or none), embedded on write; 422 names the field at fault.
+    `Idempotency-Key` makes a retry safe: it answers 200 with the facts the first request stored, as
+    they stand now (409 when the key was used for other facts)."""
     try:
-        stored = await run_in_threadpool(facts.write_facts, who.tenant, player, body.facts)
+        stored, replayed = await run_in_threadpool(
+            facts.write_facts_once, who.tenant, player, body.facts, idempotency_key
+        )
     except FactRefused as exc:
         raise _refused(exc) from exc
+    if replayed:
+        response.status_code = status.HTTP_200_OK
     return FactsOut(facts=stored)
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Header, Path, Response, status
 
-from api.deps import json_body, needs
+from api.deps import Caller, json_body, needs
 from services import characters
 from services.schemas import StoryEventIn, Text
 
@@ -14,6 +14,19 @@ router = APIRouter(prefix="/v1/stories", tags=["stories"], dependencies=[Depends
 
 
 @router.post("/{story:path}/events", status_code=201, dependencies=[Depends(json_body)])
-def add_story_event(story: Annotated[Text, Path(min_length=1, max_length=100)], body: StoryEventIn) -> Any:
-    """Append an event to a story; it is embedded on write and retrieved by later turns."""
-    return characters.add_story_event(story, body.text, scene=body.scene, time=body.time)
+def add_story_event(
+    story: Annotated[Text, Path(min_length=1, max_length=100)],
+    body: StoryEventIn,
+    response: Response,
+    who: Annotated[Caller, Depends(needs("admin"))],
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+) -> Any:
+    """Append an event to a story; it is embedded on write and retrieved by later turns.
+    `Idempotency-Key` makes a retry safe: it answers 200 with the event the first request appended
+    (409 when the key was used for another event)."""
+    event, replayed = characters.add_story_event(
+        story, body.text, scene=body.scene, time=body.time, tenant=who.tenant, idempotency_key=idempotency_key
+    )
+    if replayed:
+        response.status_code = status.HTTP_200_OK
+    return event

@@ -1,0 +1,56 @@
+"""Idempotency keys of writes that are not turns (facts, story events): taken first in the write's
+transaction, so a second write under the key waits for the first to commit and then finds its ids."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from db.models import WriteKey
+from db.turns import IdempotencyConflict
+
+
+class KeyReused(IdempotencyConflict):
+    """The idempotency key was already used for a different request (a 409, as for a turn)."""
+
+
+def take_key(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:
+    """Take the key for this transaction's write: None when it is new (record the ids with
+    `record_ids` before committing), else the ids the first write under it stored. KeyReused when
+    that write was another request."""
+    taken = session.scalar(
+        insert(WriteKey)
+        .values(tenant=tenant, kind=kind, key=key, request_hash=request_hash, ids=[])
+        .on_conflict_do_nothing()
+        .returning(WriteKey.key)
+    )
+    if taken is not None:
+        return None
+    return stored_ids(session=session, tenant=tenant, kind=kind, key=key, request_hash=request_hash)
+
+
+def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:
+    """The ids a committed write under the key stored (None: no such write); KeyReused when that
+    write was another request."""
+    found = session.execute(
+        select(WriteKey.request_hash, WriteKey.ids).where(
+            WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key
+        )
+    ).first()
+    if found is None:
+        return None
+    if found[0] != request_hash:
+        raise KeyReused(f"idempotency key {key!r} was already used for a different request")
+    return list(found[1])
+
+
+def record_ids(*, session: Session, tenant: str, kind: str, key: str, ids: Sequence[int]) -> None:
+    """The ids the write under a key taken in this transaction stored."""
+    session.execute(
+        update(WriteKey)
+        .where(WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key)
+        .values(ids=list(ids))
+    )
