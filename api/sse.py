@@ -8,6 +8,7 @@ from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from core.settings import settings
@@ -20,18 +21,25 @@ logger = logging.getLogger(__name__)
 SEND_TIMEOUT_S = 30.0
 
 
+class _SendTimedOut(TimeoutError):
+    """A send this module bounded took longer than SEND_TIMEOUT_S."""
+
+
 class _Stream(EventSourceResponse):
     """A stream whose reader stopped reading ends with one line in the log, not a traceback. Every
     send is bounded, the closing one and the headers too (sse-starlette bounds the events' only)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def bounded(message: Message) -> None:
-            with anyio.fail_after(SEND_TIMEOUT_S):
-                await send(message)
+            try:
+                with anyio.fail_after(SEND_TIMEOUT_S):
+                    await send(message)
+            except TimeoutError:
+                raise _SendTimedOut from None
 
         try:
             await super().__call__(scope, receive, bounded)
-        except TimeoutError:  # sse-starlette's SendTimeoutError is one too
+        except (SendTimeoutError, _SendTimedOut):  # not a TimeoutError of the events' own
             logger.info("a stream's reader took nothing for %g s; the stream ended", SEND_TIMEOUT_S)
 
 

@@ -675,5 +675,5 @@ class WriteKey(Base):
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)
     key: Mapped[str] = mapped_column(String(200), primary_key=True)
     request_hash: Mapped[str] = mapped_column(String(64))
-    ids: Mapped[list[int]] = mapped_column(JSONB, default=list)
+    ids: Mapped[list[int]] = mapped_column(JSONB, default=list, server_default=text("'[]'"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

@@ -23,10 +23,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
-from db.turns import NewTurn
+from db.turns import NOT_STORED, NewTurn
 from db.world import CONVERSATION_START_FIELDS
 
-_FAST_TURN_FIELDS = tuple(name for name in NewTurn.__dataclass_fields__ if name != "conversation_id")
+_FAST_TURN_FIELDS = tuple(
+    name for name in NewTurn.__dataclass_fields__ if name != "conversation_id" and name not in NOT_STORED
+)
 _KEY = next(  # turns' unique constraint on (tenant, idempotency_key)
     c.name
     for c in cast(Table, Turn.__table__).constraints

@@ -93,6 +93,12 @@ class NewTurn:
     tenant: str = ""  # the caller's tenant ('' for the CLI and the Python API)
     callback_url: str | None = None
     character_id: int | None = None  # a group conversation's member who answers
+    # The request's fingerprint as a release before this one computed it, also taken as the same
+    # request (a retry across an upgrade).
+    legacy_hash: str | None = None
+
+
+NOT_STORED = frozenset({"legacy_hash"})  # NewTurn's fields that are no column of turns
 
 
 @dataclass(frozen=True)
@@ -279,7 +285,8 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             )
     unique = [turns[i] for i in first.values()]
     now = datetime.now(UTC)
-    rows = [dict(id=uuid.uuid4(), dispatched_at=now, **t.__dict__) for t in unique]
+    stored = [{k: v for k, v in t.__dict__.items() if k not in NOT_STORED} for t in unique]
+    rows = [dict(id=uuid.uuid4(), dispatched_at=now, **fields) for fields in stored]
     stmt = (
         insert(Turn)
         .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
@@ -316,7 +323,7 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
             continue
         request_hash, turn_id, status, model, code, attempts = known[key]
-        if request_hash != t.request_hash:
+        if request_hash not in (t.request_hash, t.legacy_hash):
             raise IdempotencyConflict(
                 f"idempotency key {t.idempotency_key!r} was already used for a different request"
             )
@@ -324,12 +331,13 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
     return out
 
 
-def used_for_another_request(*, session: Session, tenant: str, key: str, request_hash: str) -> bool:
-    """Whether the tenant's idempotency key names a stored turn asked with another request."""
+def used_for_another_request(*, session: Session, tenant: str, key: str, request_hashes: set[str]) -> bool:
+    """Whether the tenant's idempotency key names a stored turn asked with another request (none of
+    `request_hashes`, this request's fingerprints)."""
     stored = session.scalar(
         select(Turn.request_hash).where(Turn.tenant == tenant, Turn.idempotency_key == key)
     )
-    return stored is not None and stored != request_hash
+    return stored is not None and stored not in request_hashes
 
 
 def claim_turns(

@@ -29,18 +29,33 @@ class _Open(BaseModel):
 class _Character(_Open):
     slug: str = Field(min_length=1, max_length=64)
     name: str = Field(min_length=1)
+    description: str | None = None
+    personality: str | None = None
+    scenario: str | None = None
+    first_message: str | None = None
+    speech_style: str | None = None
+    system_prompt: str | None = None
+    post_history_instructions: str | None = None
+    language: str | None = None
+    example_dialogues: list[dict[str, str]] | None = None
 
 
 class _Event(_Open):
-    story: str = Field(min_length=1)
-    ordinal: int
+    story: str = Field(min_length=1, max_length=100)
+    ordinal: int = Field(ge=1, le=2**31 - 1)
     text: str = Field(min_length=1)
+    scene: str | None = None
+    time: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
 
 
 class _Conversation(_Open):
     external_id: str = Field(min_length=1, max_length=200)
     character: str
     history: list[tuple[Literal["user", "assistant"], str]] = []
+    player_id: str | None = None
+    player_name: str | None = None
+    story: str | None = None
+    story_time: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
 
 
 def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:
@@ -57,7 +72,7 @@ def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:
         first = exc.errors()[0]
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
         raise SeedError(f"{path}: item{where}: {first['msg']}") from None
-    return [one.model_dump() for one in checked]
+    return [one.model_dump(exclude_unset=True) for one in checked]  # nothing added that was not given
 
 
 @dataclass(frozen=True)
@@ -89,7 +104,7 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
                 "characters.json"
             )
     event_vectors = embed([e["text"] for e in events])
-    history = [[(role, text) for role, text in c["history"]] for c in conversations]
+    history = [[(role, text) for role, text in c.get("history", [])] for c in conversations]
     history_vectors = embed([text for lines in history for _, text in lines])
     added = 0
     with session_scope() as session:

@@ -360,6 +360,7 @@ def _new_turn(
     return NewTurn(
         idempotency_key=req.idempotency_key or f"{AUTO_KEY_PREFIX}{uuid.uuid4()}",
         request_hash=req.request_hash(),
+        legacy_hash=req.legacy_request_hash(),
         conversation_id=conversation_id,
         message=req.message,
         model=req.model or settings.model,

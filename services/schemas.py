@@ -273,6 +273,15 @@ class TurnRequest(BaseModel):
         copy._stream_is_transport = True
         return copy
 
+    def legacy_request_hash(self) -> str | None:
+        """The fingerprint a release that counted the transport's stream flag stored (None when it
+        would be this one's): a retry across the upgrade is still the same request."""
+        if not (self._stream_is_transport and self.stream):
+            return None
+        counted = self.model_copy()
+        counted._stream_is_transport = False
+        return counted.request_hash()
+
     def with_default_response_format(self) -> TurnRequest:
         """Mark params.response_format as the OpenAI path's default, left out of request_hash."""
         self._default_response_format = True

@@ -29,8 +29,9 @@ class ReconnectSafeBatches(Batches):
 
     abstract = True
     _tref: Any  # the flush timer entry (kombu's Entry), set by Batches
-    # Messages with an ETA that raised a consumer's prefetch: {delivery tag: that consumer's QoS}.
-    _countdowns: dict[Any, Any] = {}
+    # Messages with an ETA that raised a consumer's prefetch: {delivery tag: [(that consumer's QoS,
+    # its prefetch before any raise)]}, once per delivery (a restored message keeps its tag).
+    _countdowns: dict[Any, list[tuple[Any, int]]] = {}
     _countdowns_lock = threading.Lock()
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
@@ -50,8 +51,9 @@ class ReconnectSafeBatches(Batches):
             later = tag is not None and qos is not None and bool(eta)
             if later:
                 qos.increment_eventually()
+                base = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
                 with self._countdowns_lock:
-                    self._countdowns[tag] = qos
+                    self._countdowns.setdefault(tag, []).append((qos, base))
             try:
                 handler(message, body, *args, **kwargs)
             except BaseException:
@@ -66,8 +68,14 @@ class ReconnectSafeBatches(Batches):
         return super().flush(requests)
 
     def _release_countdowns(self, tags: Any) -> None:
+        released = []
         with self._countdowns_lock:
-            counted = [self._countdowns.pop(tag, None) for tag in tags if tag is not None]
-        for qos in counted:
-            if qos is not None:
+            for tag in tags:
+                held = self._countdowns.get(tag)
+                if held:
+                    released.append(held.pop())
+                    if not held:
+                        del self._countdowns[tag]
+        for qos, base in released:
+            if qos.value > base:  # never under the prefetch it started with (a reconnect resets it)
                 qos.decrement_eventually()

@@ -54,6 +54,7 @@ class FlushOutcome:
     claimed: list[Resend] = field(default_factory=list)
     engine_dead: BaseException | None = None
     bulk_owed: int = 0  # bulk turns this flush still counts against the worker's bulk admission
+    recorded: set[uuid.UUID] = field(default_factory=set)  # turns of the chunks recorded so far
 
 
 @app.task(
@@ -86,15 +87,17 @@ def generate_turns(requests: list[Any]) -> None:
                 events.received([p for p in pending if model_of[p[0]] == each], each)
             try:
                 _answer(pending, model, events, outcome, lambda: _send_owed(outcome, model, model_of))
-            except Exception:  # a bug or an outage outside a batch: hand everything back
+            except Exception:  # a bug or an outage outside a batch: hand back what no chunk recorded
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
-                outcome.resend = [Resend(pending, settings.batch_retry_delay)]
+                left = [p for p in pending if p[0] not in outcome.recorded]
+                outcome.resend = [*outcome.resend, Resend(left, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
+        dead, outcome.engine_dead = outcome.engine_dead, None
         _send_owed(outcome, model, model_of)
-        if outcome.engine_dead is not None:
+        if dead is not None:
             from worker.lifecycle import stop_for_dead_engine
 
-            stop_for_dead_engine(outcome.engine_dead)
+            stop_for_dead_engine(dead)
     except Exception:  # never let celery-batches see an exception: it would ack and forget the flush
         logger.exception(
             "unexpected error in a flush of %d messages; its turns are left to the sweeper", len(requests)
@@ -104,10 +107,16 @@ def generate_turns(requests: list[Any]) -> None:
 
 
 def _send_owed(outcome: FlushOutcome, model: str, model_of: dict[uuid.UUID, str]) -> None:
-    """Make the sends `outcome` holds so far, once each."""
+    """Make the sends `outcome` holds so far, once each; none while the engine is dead (the worker
+    stops after the flush, and would only take its own turns back meanwhile)."""
+    if outcome.engine_dead is not None:
+        return
     owed, outcome.resend, outcome.claimed = [*outcome.resend, *outcome.claimed], [], []
     for item in owed:
-        _resend(item, model, model_of)
+        try:
+            _resend(item, model, model_of)
+        except Exception:  # _resend logs what it leaves to the sweeper; the other sends still go
+            logger.exception("a re-send of %d turns failed; the sweeper sends them", len(item.turns))
 
 
 def _answer(
@@ -172,6 +181,7 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
 
 def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome) -> None:
     lane_of = dict(chunk)
+    outcome.recorded.update(lane_of)
     if chunk[0][1] == "bulk":  # answered or handed back: the engine has room for more bulk work
         answered = min(len(chunk), outcome.bulk_owed)
         bulk_gate.release(answered)

@@ -168,6 +168,14 @@ def test_the_same_files_under_one_key_with_and_without_inline_are_one_request() 
     _, sent = store_and_enqueue(read_request(_event(name, idempotency_key=key)), send=False, stream=True)
     _, inline = store_and_enqueue(read_request(_event(name, idempotency_key=key)), send=False, stream=False)
     assert inline == sent
+    # Review: a turn stored by the release before, whose fingerprint counted the flag, is still the
+    # same request when retried after the upgrade (before: a 409, exit code 2).
+    old_key = f"legacy-{uuid.uuid4().hex[:8]}"
+    request = read_request(_event(name, idempotency_key=old_key))
+    stored = store_request(request)
+    (before,) = enqueue_turns([turn_request(request, stored).model_copy(update={"stream": True})], send=False)
+    _, after = store_and_enqueue(read_request(_event(name, idempotency_key=old_key)), send=False, stream=True)
+    assert after == before
 
 
 def test_two_requests_under_one_key_at_once_store_one_history(monkeypatch) -> None:
