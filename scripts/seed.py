@@ -27,35 +27,39 @@ class _Open(BaseModel):
 
 
 class _Character(_Open):
+    # The columns' own types and limits (NOT NULL ones may be left out, not given as null).
     slug: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1)
-    description: str | None = None
-    personality: str | None = None
-    scenario: str | None = None
-    first_message: str | None = None
-    speech_style: str | None = None
-    system_prompt: str | None = None
-    post_history_instructions: str | None = None
-    language: str | None = None
-    example_dialogues: list[dict[str, str]] | None = None
+    name: str = Field(min_length=1, max_length=200)
+    description: str = ""
+    personality: str = ""
+    scenario: str = ""
+    first_message: str = ""
+    speech_style: str = ""
+    system_prompt: str = ""
+    post_history_instructions: str = ""
+    language: str = Field(default="", max_length=16)
+    example_dialogues: list[dict[str, str]] = []
+
+
+INT4 = {"ge": -(2**31), "le": 2**31 - 1}
 
 
 class _Event(_Open):
     story: str = Field(min_length=1, max_length=100)
     ordinal: int = Field(ge=1, le=2**31 - 1)
     text: str = Field(min_length=1)
-    scene: str | None = None
-    time: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    scene: str = Field(default="", max_length=200)
+    time: int = Field(default=0, **INT4)
 
 
 class _Conversation(_Open):
     external_id: str = Field(min_length=1, max_length=200)
     character: str
     history: list[tuple[Literal["user", "assistant"], str]] = []
-    player_id: str | None = None
-    player_name: str | None = None
-    story: str | None = None
-    story_time: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
+    player_id: str = Field(default="", max_length=200)
+    player_name: str = Field(default="", max_length=200)
+    story: str | None = Field(default=None, max_length=100)
+    story_time: int | None = Field(default=None, **INT4)
 
 
 def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:

@@ -274,11 +274,12 @@ class TurnRequest(BaseModel):
         return copy
 
     def legacy_request_hash(self) -> str | None:
-        """The fingerprint a release that counted the transport's stream flag stored (None when it
-        would be this one's): a retry across the upgrade is still the same request."""
-        if not (self._stream_is_transport and self.stream):
+        """The fingerprint a release that counted the transport's stream flag stored when it was set
+        (None when the flag is not a transport's): a retry across the upgrade, with or without the
+        flag, is still the same request."""
+        if not self._stream_is_transport:
             return None
-        counted = self.model_copy()
+        counted = self.model_copy(update={"stream": True})  # that release counted it only when set
         counted._stream_is_transport = False
         return counted.request_hash()
 

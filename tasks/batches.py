@@ -30,8 +30,8 @@ class ReconnectSafeBatches(Batches):
     abstract = True
     _tref: Any  # the flush timer entry (kombu's Entry), set by Batches
     # Messages with an ETA that raised a consumer's prefetch: {delivery tag: [(that consumer's QoS,
-    # its prefetch before any raise)]}, once per delivery (a restored message keeps its tag).
-    _countdowns: dict[Any, list[tuple[Any, int]]] = {}
+    # the consumer)]}, once per delivery (a restored message keeps its tag).
+    _countdowns: dict[Any, list[tuple[Any, Any]]] = {}
     _countdowns_lock = threading.Lock()
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
@@ -51,9 +51,8 @@ class ReconnectSafeBatches(Batches):
             later = tag is not None and qos is not None and bool(eta)
             if later:
                 qos.increment_eventually()
-                base = int(getattr(consumer, "initial_prefetch_count", 0) or 0)
                 with self._countdowns_lock:
-                    self._countdowns.setdefault(tag, []).append((qos, base))
+                    self._countdowns.setdefault(tag, []).append((qos, consumer))
             try:
                 handler(message, body, *args, **kwargs)
             except BaseException:
@@ -76,6 +75,8 @@ class ReconnectSafeBatches(Batches):
                     released.append(held.pop())
                     if not held:
                         del self._countdowns[tag]
-        for qos, base in released:
-            if qos.value > base:  # never under the prefetch it started with (a reconnect resets it)
+        for qos, consumer in released:
+            # Never under the consumer's prefetch as it stands now (a reconnect lowers it, and Celery
+            # restores it later, wiping out the raises).
+            if qos.value > int(getattr(consumer, "initial_prefetch_count", 0) or 0):
                 qos.decrement_eventually()

@@ -181,7 +181,6 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
 
 def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome) -> None:
     lane_of = dict(chunk)
-    outcome.recorded.update(lane_of)
     if chunk[0][1] == "bulk":  # answered or handed back: the engine has room for more bulk work
         answered = min(len(chunk), outcome.bulk_owed)
         bulk_gate.release(answered)
@@ -193,6 +192,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         again = [p for p in chunk if p[0] not in later]
         outcome.resend += [Resend(again, settings.batch_retry_delay), *_after_waits(later, lane_of)]
         outcome.claimed += _claimed_sends(result.report)
+        outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
         return
     report = result
@@ -212,6 +212,7 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
         outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
     if report.engine_dead is not None:
         outcome.engine_dead = report.engine_dead
+    outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
 
 
 def _claimed_sends(report: Any) -> list[Resend]:

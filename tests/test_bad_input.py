@@ -585,6 +585,12 @@ def test_a_data_folder_with_a_bad_file_is_refused_naming_file_item_and_field(wor
             [{"external_id": "c", "character": "nobody-here"}],
             "item[0].character: 'nobody-here' is not in characters.json",
         ),
+        # review: a null for a NOT NULL column passed the check and failed the insert
+        (
+            "conversations.json",
+            [{"external_id": "c", "character": "elara", "player_id": None}],
+            "item[0].player_id",
+        ),
     ]
     for i, (name, content, said) in enumerate(cases):
         data = tmp_path / f"data-{i}"

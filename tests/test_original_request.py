@@ -175,7 +175,10 @@ def test_the_same_files_under_one_key_with_and_without_inline_are_one_request() 
     stored = store_request(request)
     (before,) = enqueue_turns([turn_request(request, stored).model_copy(update={"stream": True})], send=False)
     _, after = store_and_enqueue(read_request(_event(name, idempotency_key=old_key)), send=False, stream=True)
-    assert after == before
+    _, inline_after = store_and_enqueue(
+        read_request(_event(name, idempotency_key=old_key)), send=False, stream=False
+    )
+    assert after == before == inline_after
 
 
 def test_two_requests_under_one_key_at_once_store_one_history(monkeypatch) -> None:
