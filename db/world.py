@@ -336,6 +336,14 @@ def append_story_event(
     return row.id, ordinal
 
 
+def story_event_place(*, session: Session, event_id: int) -> tuple[str, int]:
+    """The story and the ordinal of the event of this id."""
+    story, ordinal = session.execute(
+        select(StoryEvent.story, StoryEvent.ordinal).where(StoryEvent.id == event_id)
+    ).one()
+    return story, ordinal
+
+
 def register_adapter(*, session: Session, slug: str, path: str) -> int | None:
     """The character's LoRA is now the one at `path`, one version up; its new version, or None if
     there is no such character."""

@@ -8,14 +8,12 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.settings import settings
 from db.models import Character
-from db.models import StoryEvent as StoryEventRow
 from db.session import session_scope
-from db.world import append_story_event, get_character, save_character
+from db.world import append_story_event, get_character, save_character, story_event_place
 from db.write_keys import record_ids, stored_ids, take_key
 from roleplay.cards import CardError, card_json, card_png, read_card
 from roleplay.lorebook import stored_lorebook, to_character_book
@@ -166,7 +164,5 @@ EVENT_KEY = "story_event"
 
 
 def _event_of(session: Session, event_id: int) -> dict[str, Any]:
-    story, ordinal = session.execute(
-        select(StoryEventRow.story, StoryEventRow.ordinal).where(StoryEventRow.id == event_id)
-    ).one()
+    story, ordinal = story_event_place(session=session, event_id=event_id)
     return {"id": event_id, "story": story, "ordinal": ordinal}

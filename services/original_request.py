@@ -389,7 +389,7 @@ def _refuse_a_reused_key(req: InlineRequest, stream: bool) -> None:
     turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug})
     turn = turn.streamed_by_transport(stream)
     with session_scope() as session:
-        hashes = {turn.request_hash(), turn.legacy_request_hash() or turn.request_hash()}
+        hashes = {h for h in (turn.request_hash(), turn.legacy_request_hash()) if h is not None}
         if used_for_another_request(session=session, tenant=DEFAULT_TENANT, key=key, request_hashes=hashes):
             raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
 

@@ -124,7 +124,7 @@ def _answer(
     model: str,
     events: TurnEvents,
     outcome: FlushOutcome,
-    send_owed: Callable[[], None] = lambda: None,
+    send_owed: Callable[[], None],
 ) -> None:
     """Answer the flush's turns, `batch_size` at a time and one lane per chunk, all chunks at once:
     each chunk's prompts join the running engine as soon as they are built, so the engine never
