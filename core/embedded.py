@@ -318,15 +318,19 @@ def stop_redis(state_dir: Path, timeout_s: float = 30) -> bool:
     pid = _redis_pid(state_dir)
     if pid is None:
         return False
+    port = int(_redis_port_file(state_dir).read_text())
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return True  # it exited between the look and the signal
     deadline = time.monotonic() + timeout_s
-    while _redis_pid(state_dir) is not None:
+    # Redis removes its pid file before it closes its listening socket: a start in that moment found
+    # the port taken and moved to another one, so every client naming the old URL lost its broker.
+    while _redis_pid(state_dir) is not None or not _port_free(port):
         if time.monotonic() >= deadline:
+            held = "" if _redis_pid(state_dir) is not None else f" (its port {port} is still held)"
             raise RuntimeError(
-                f"embedded Redis (pid {pid}) did not stop within {timeout_s:g} s; "
+                f"embedded Redis (pid {pid}) did not stop within {timeout_s:g} s{held}; "
                 f"see {_redis_dir(state_dir) / 'redis.log'}"
             )
         time.sleep(0.05)

@@ -84,6 +84,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items[:] = first + middle + last
 
 
+_SESSION_REDIS_URL: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def services() -> Iterator[Path]:
     """Embedded PostgreSQL (migrated to head) and Redis, stopped and deleted after the session."""
@@ -91,12 +94,41 @@ def services() -> Iterator[Path]:
     from db.migrate import upgrade
 
     database_url()
-    broker_url()
+    _SESSION_REDIS_URL.append(broker_url())
     upgrade()
     yield _STATE
     embedded.stop_redis(_STATE)
     embedded.stop_postgres(_STATE)
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """After a failure, end the session if the embedded services it shares are gone: every later
+    case would fail too, many only at their timeouts (CI, stop 50: Redis came back on another port
+    and the suite ran on into CI's 90 minutes, printing no reason)."""
+    outcome = yield
+    if outcome.get_result().failed and _SESSION_REDIS_URL and "services" in item.fixturenames:
+        gone = _session_services_gone()
+        if gone:
+            item.session.shouldstop = f"{gone}; every later case needs it, so the session stops here"
+
+
+def _session_services_gone() -> str | None:
+    import redis
+
+    redis_now = embedded.redis_status(_STATE)
+    if not redis_now.running:
+        return "the session's embedded Redis is not running"
+    if redis_now.url != _SESSION_REDIS_URL[0]:
+        return f"the session's embedded Redis moved from {_SESSION_REDIS_URL[0]} to {redis_now.url}"
+    try:
+        redis.Redis.from_url(redis_now.url, socket_timeout=10).ping()
+    except redis.RedisError as exc:
+        return f"the session's embedded Redis does not answer: {exc}"
+    if not embedded.postgres_status(_STATE).running:
+        return "the session's embedded PostgreSQL is not running"
+    return None
 
 
 @pytest.fixture(scope="session")

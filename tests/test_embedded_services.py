@@ -146,6 +146,37 @@ def test_stopping_a_redis_that_does_not_stop_in_time_says_so(tmp_path: Path) -> 
     assert not embedded.redis_status(tmp_path).running
 
 
+def test_a_stop_returns_only_once_the_port_is_released(tmp_path: Path, monkeypatch) -> None:
+    """CI, stop 50: Redis removes its pid file before it closes its listening socket. stop_redis said
+    "stopped" in that moment, the restart right after found the port held and moved to another one,
+    and every later test lost its broker (the suite ran on into CI's 90 minutes). Here a process
+    stands in for Redis, and its port stays held for half a second after it exits."""
+    import socket
+    import subprocess
+    import sys
+    import threading
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = int(listener.getsockname()[1])
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "port").write_text(str(port))
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    monkeypatch.setattr(embedded, "_redis_pid", lambda state: server.pid if server.poll() is None else None)
+    release = threading.Timer(0.5, listener.close)
+    release.start()
+    try:
+        assert embedded.stop_redis(tmp_path)
+        assert server.poll() is not None and embedded._port_free(port)
+    finally:
+        release.cancel()
+        listener.close()
+        server.kill()
+        server.wait()
+
+
 def test_a_postmaster_pid_naming_another_clusters_postgres_is_removed(services: Path, tmp_path: Path) -> None:
     """Found in review: any process named postgres was taken for this cluster's postmaster, so a pid
     reused by another cluster's server or backend kept this one from ever starting."""

@@ -103,8 +103,9 @@ def test_a_publish_after_a_redis_restart_lands_once(services) -> None:
     model = "no-worker-" + uuid.uuid4().hex[:6]
     try:
         dispatch([uuid.uuid4()], model=model, lane="live")  # the channel's client holds a connection
+        url = embedded.redis_status(services).url
         embedded.stop_redis(services)
-        embedded.start_redis(services)  # same port, same data (the append-only file)
+        assert embedded.start_redis(services) == url  # same port, same data (the append-only file)
         after = uuid.uuid4()
         dispatch([after], model=model, lane="live")
         with app.connection_for_read() as conn:
