@@ -244,9 +244,15 @@ def import_history(
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
-    with session_scope() as session:  # held already: nothing to embed (checked again under the lock)
+    # Refused or held already: nothing to embed (a long log takes the embedder minutes). Each is
+    # checked again below, as the rows may change meanwhile.
+    with session_scope() as session:
+        if character not in find_characters(session=session, slugs=[character]):
+            raise HistoryRefused(f"character: no character {character!r}")
         known = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
-        if conversation in known and known[conversation][1] == character:  # else refused below
+        if conversation in known and known[conversation][1] != character:
+            raise HistoryRefused(f"conversation: {conversation!r} is another character's")
+        if conversation in known:
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
                 return known[conversation][0], 1, 0

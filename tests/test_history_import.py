@@ -218,3 +218,32 @@ def test_a_sillytavern_line_holding_a_unicode_line_separator_is_one_line() -> No
     assert [text for _, text in parsed.lines] == [said] and parsed.user_name == "Rowan"
     bom_json = "\ufeff" + json.dumps([{"role": "user", "content": said}])  # the JSON formats too
     assert [text for _, text in parse_history(bom_json, "openai").lines] == [said]
+
+
+def test_a_log_for_an_unknown_character_or_anothers_conversation_is_refused_before_it_is_embedded(
+    monkeypatch,
+) -> None:
+    """Found in review: the log was embedded whole (minutes for a long one) before the character
+    was looked up, only to be refused."""
+    from memory import history_import
+
+    def embedded(texts: list[str]) -> None:
+        raise AssertionError("embedded before the refusal")
+
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    history_import.import_history(SILLYTAVERN, "sillytavern", conversation=external, character="elara")
+    monkeypatch.setattr(history_import, "embed_texts", embedded)
+    with pytest.raises(history_import.HistoryRefused, match="^character: no character 'nobody-here'$"):
+        history_import.import_history(
+            SILLYTAVERN, "sillytavern", conversation=f"imp-{uuid.uuid4().hex[:8]}", character="nobody-here"
+        )
+    other = next(slug for slug in _character_slugs() if slug != "elara")
+    with pytest.raises(history_import.HistoryRefused, match=f"^conversation: '{external}' is another"):
+        history_import.import_history(SILLYTAVERN, "sillytavern", conversation=external, character=other)
+
+
+def _character_slugs() -> list[str]:
+    from db.world import all_character_slugs
+
+    with session_scope() as s:
+        return all_character_slugs(session=s)
