@@ -216,13 +216,19 @@ def bulk_capacity() -> int:
 DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the real figure)
 
 
-def bulk_message_capacity() -> int:
-    """Bulk messages waiting plus bulk flushes running a worker may have: its threads but a quarter
-    (at least one) kept for live flushes, memory jobs and callbacks. A GPU engine that admits more
-    bulk turns than those flushes carry (MLCHAT_FLUSH_EVERY messages of MLCHAT_BATCH_SIZE turns each
-    at most) needs more MLCHAT_WORKER_THREADS to be kept full."""
-    threads = settings.worker_threads
+def bulk_message_capacity(threads: int) -> int:
+    """Bulk messages waiting plus bulk flushes running a worker of `threads` threads may have: its
+    threads but a quarter (at least one) kept for live flushes, memory jobs and callbacks. A GPU
+    engine that admits more bulk turns than those flushes carry (MLCHAT_FLUSH_EVERY messages of
+    MLCHAT_BATCH_SIZE turns each at most) needs more threads to be kept full."""
     return max(1, threads - max(1, threads // 4))
+
+
+def pool_threads(consumer: Any) -> int:
+    """The threads the worker's pool really has: `--concurrency` given to `mlchat worker` overrides
+    MLCHAT_WORKER_THREADS, and the gate must count against the pool that runs the flushes."""
+    limit = getattr(getattr(consumer, "pool", None), "limit", None)
+    return limit if isinstance(limit, int) and limit > 0 else settings.worker_threads
 
 
 class BulkGatedBatches(ReconnectSafeBatches):
@@ -232,17 +238,18 @@ class BulkGatedBatches(ReconnectSafeBatches):
 
     def Strategy(self, task: Any, app: Any, consumer: Any) -> Any:  # noqa: N802 (Celery's name)
         handler = super().Strategy(task, app, consumer)
-        capacity, messages = bulk_capacity(), bulk_message_capacity()
+        threads = pool_threads(consumer)
+        capacity, messages = bulk_capacity(), bulk_message_capacity(threads)
         bulk_gate.attach(consumer, capacity, messages)
         carried = messages * settings.flush_every * settings.batch_size
         if capacity > carried:
             logger.warning(
                 "bulk admission: %d bulk turns fit in the engine but %d bulk flushes carry %d at most; "
-                "raise MLCHAT_WORKER_THREADS (%d) to keep it full",
+                "raise MLCHAT_WORKER_THREADS (the pool has %d threads) to keep it full",
                 capacity,
                 messages,
                 carried,
-                settings.worker_threads,
+                threads,
             )
         return gated(handler, bulk_gate)
 

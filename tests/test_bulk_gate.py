@@ -147,7 +147,7 @@ def test_a_deferred_bulk_message_does_not_hold_the_gate_through_its_countdown(wo
     assert held_during == [8] and gate.held == 2  # the other message's turns are still held
 
 
-def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every_thread(monkeypatch) -> None:
+def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every_thread() -> None:
     """Found in review: only turns were counted, so with an engine admitting hundreds of bulk turns,
     bulk messages arriving one per flush could each take a worker thread until every thread was
     bulk's, and a live flush waited for one to finish. Messages are counted too now."""
@@ -170,7 +170,40 @@ def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every
     gate.release(0, 1)  # a flush ended
     tick()
     assert task_consumer.consuming_from(OWN) and gate.messages == 2
+    assert admission.bulk_message_capacity(16) == 12  # a quarter of the threads kept for the rest
+    assert admission.bulk_message_capacity(2) == 1
+
+
+def test_the_gate_counts_against_the_pools_threads_not_the_setting(monkeypatch) -> None:
+    """Found in review: the message cap was read from MLCHAT_WORKER_THREADS, so a worker started
+    with `--concurrency=4` (it overrides the setting) let bulk messages take all four threads."""
+    from celery import Celery
+    from kombu.asynchronous.timer import Timer
+
+    app = Celery("gate-check", broker="memory://", set_as_current=False)
+
+    @app.task(base=admission.BulkGatedBatches, flush_every=8, flush_interval=0.5, shared=False)
+    def batched(requests):  # type: ignore[no-untyped-def]
+        return None
+
+    gate = BulkGate()
+    monkeypatch.setattr(admission, "bulk_gate", gate)
     monkeypatch.setattr(admission.settings, "worker_threads", 16)
-    assert admission.bulk_message_capacity() == 12  # a quarter of the threads kept for the rest
-    monkeypatch.setattr(admission.settings, "worker_threads", 2)
-    assert admission.bulk_message_capacity() == 1
+    real = batched._get_current_object()
+    for limit, expected in ((4, 3), (None, 12)):  # no pool limit read: the setting
+        timer = Timer()
+        consumer = SimpleNamespace(
+            pool=SimpleNamespace(apply_async=None, limit=limit),
+            hostname="check@localhost",
+            connection_errors=(),
+            event_dispatcher=None,
+            timer=timer,
+            task_consumer=TaskConsumer(["gen.m.live", OWN]),
+        )
+        try:
+            real.Strategy(real, app, consumer)
+            assert gate.message_capacity == expected
+        finally:
+            timer.stop()
+            if real._tref is not None:
+                real._tref.cancel()
