@@ -3,6 +3,8 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
+import hashlib
+import json
 import uuid
 from typing import Any
 
@@ -24,6 +26,7 @@ from db.scenes import (
 from db.session import session_scope
 from db.turns import mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
+from db.write_keys import record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
 from services.producer import EnqueueError, send_new_turns
@@ -34,12 +37,31 @@ class SceneRefused(ValueError):
     """The request cannot be served as asked; the message starts with the field at fault."""
 
 
+SCENES_KEY = "scenes"
+
+
 def start_group(
-    spec: GroupSpec, *, tenant: str = DEFAULT_TENANT, api_key: str | None = None
+    spec: GroupSpec,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    api_key: str | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Create the group conversation and its live scene (and its first step, if it asks for
-    exchanges now); its view. SceneRefused for an unknown character or a conversation in use."""
+    exchanges now); its view, with `replayed` true when an earlier request under `idempotency_key`
+    created it (its view as it stands now, nothing sent again). SceneRefused for an unknown character
+    or a conversation in use; KeyReused when the key was used for another group."""
     with session_scope() as session:
+        if idempotency_key is not None:  # taken first: a second start under the key waits for this one
+            digest = hashlib.sha256(
+                json.dumps(spec.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
+            ).hexdigest()
+            earlier = take_key(
+                session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, request_hash=digest
+            )
+            if earlier is not None:
+                replayed = scene_view(spec.conversation, tenant=tenant, tail=True)
+                return replayed | {"sent": [], "replayed": True}
         ids = find_characters(session=session, slugs=spec.slugs())
         for i, slug in enumerate(spec.slugs()):
             if slug not in ids:
@@ -63,6 +85,8 @@ def start_group(
         scene_id, created = create_scene(session=session, scene=scene)
         if not created:
             raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
+        if idempotency_key is not None:
+            record_ids(session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, ids=[scene_id])
         steps = pop_new_steps(session)
     try:
         _send(steps)
@@ -70,7 +94,10 @@ def start_group(
         raise EnqueueError(
             f"{exc}; the group is stored: POST /v1/scenes/{spec.conversation}:continue sends its first line"
         ) from None
-    return scene_view(spec.conversation, tenant=tenant, tail=True) | {"sent": [str(s.turn_id) for s in steps]}
+    return scene_view(spec.conversation, tenant=tenant, tail=True) | {
+        "sent": [str(s.turn_id) for s in steps],
+        "replayed": False,
+    }
 
 
 def continue_group(

@@ -1647,3 +1647,38 @@ def test_a_live_group_may_not_take_the_name_of_a_runs_scene_conversation() -> No
         GroupSpec.model_validate(_scene(conversation="tavern-run:1", exchanges=0)).conversation
         == "tavern-run:1"
     )
+
+
+def test_a_group_start_retried_under_its_key_returns_the_group_and_sends_nothing_again(
+    base_url, steps_unconsumed
+) -> None:
+    """Found in review: a game that retried `POST /v1/scenes` after a lost answer got a 422 ("a group
+    already") for the group its first request started. Under an `Idempotency-Key` the retry answers
+    200 with that group, as `POST` of facts and story events do, and its first step is sent once."""
+    import httpx
+
+    key = {"X-API-Key": "test-key-1-abcdefgh"}
+    conv = f"keyed-group-{uuid.uuid4().hex[:8]}"
+    body = {"conversation": conv, "participants": ["elara", "luffy"], "exchanges": 2}
+    keyed = key | {"Idempotency-Key": f"start-{conv}"}
+    first = httpx.post(f"{base_url}/v1/scenes", json=body, headers=keyed, timeout=30)
+    assert first.status_code == 201, first.text
+    assert len(first.json()["sent"]) == 1 and first.json()["replayed"] is False
+    again = httpx.post(f"{base_url}/v1/scenes", json=body, headers=keyed, timeout=30)
+    assert again.status_code == 200, again.text
+    assert again.json()["replayed"] is True and again.json()["sent"] == []
+    assert again.json()["conversation"] == conv and again.json()["exchanges"] == 2
+    with session_scope() as s:
+        steps = select(func.count()).select_from(Turn).where(Turn.conversation_id == _conv_id(conv))
+        assert s.scalar(steps) == 1
+    other = httpx.post(f"{base_url}/v1/scenes", json=body | {"exchanges": 3}, headers=keyed, timeout=30)
+    assert other.status_code == 409 and "already used for a different request" in other.text
+    unkeyed = httpx.post(f"{base_url}/v1/scenes", json=body, headers=key, timeout=30)
+    assert unkeyed.status_code == 422 and "is a group already" in unkeyed.text
+    elsewhere = httpx.post(  # another tenant's key of the same name is its own
+        f"{base_url}/v1/scenes",
+        json=body,
+        headers={"X-API-Key": "test-key-2-abcdefgh", "Idempotency-Key": f"start-{conv}"},
+        timeout=30,
+    )
+    assert elsewhere.status_code == 201 and elsewhere.json()["replayed"] is False, elsewhere.text

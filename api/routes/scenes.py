@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Path, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
@@ -23,17 +23,27 @@ router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
 @router.post("", status_code=201, dependencies=[Depends(json_body)], openapi_extra=documented(GroupSpec))
 async def post_scene(
-    body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
+    body: Annotated[Any, Body()],
+    response: Response,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> dict[str, Any]:
-    """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane)."""
+    """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane).
+    `Idempotency-Key` makes a retry safe: it answers 200 with the group the first request started, as
+    it stands now, and sends nothing again (409 when the key was used for another group)."""
 
     def start() -> dict[str, Any]:  # validated here, in a thread: a format's grammar may take seconds
-        return scenes.start_group(validated(GroupSpec, body), tenant=who.tenant, api_key=who.key_id)
+        return scenes.start_group(
+            validated(GroupSpec, body), tenant=who.tenant, api_key=who.key_id, idempotency_key=idempotency_key
+        )
 
     try:
-        return await run_in_threadpool(start)
+        view = await run_in_threadpool(start)
     except scenes.SceneRefused as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+    if view["replayed"]:
+        response.status_code = status.HTTP_200_OK
+    return view
 
 
 @router.post("/{conversation:path}:continue", dependencies=[Depends(json_body)])
