@@ -3,7 +3,10 @@ transaction, so a second write under the key waits for the first to commit and t
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -15,6 +18,12 @@ from db.turns import IdempotencyConflict
 
 class KeyReused(IdempotencyConflict):
     """The idempotency key was already used for a different request (a 409, as for a turn)."""
+
+
+def fingerprint(body: Any) -> str:
+    """A keyed request's hash: its JSON body with sorted keys, so a retry whose objects list their
+    fields in another order is still the same request."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 def take_key(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:

@@ -4,8 +4,6 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from datetime import datetime
@@ -26,7 +24,7 @@ from db.facts import (
 )
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
-from db.write_keys import record_ids, stored_ids, take_key
+from db.write_keys import fingerprint, record_ids, stored_ids, take_key
 from services.schemas import Text, storable_text
 
 logger = logging.getLogger(__name__)
@@ -181,8 +179,7 @@ FACTS_KEY = "facts"
 
 
 def _request_hash(player: str, facts: list[FactIn]) -> str:
-    body = {"player": player, "facts": [f.model_dump(mode="json") for f in facts]}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    return fingerprint({"player": player, "facts": [f.model_dump(mode="json") for f in facts]})
 
 
 def _facts_by_id(session: Session, tenant: str, ids: list[int]) -> list[FactView]:

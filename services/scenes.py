@@ -3,8 +3,6 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
-import hashlib
-import json
 import uuid
 from typing import Any
 
@@ -26,7 +24,7 @@ from db.scenes import (
 from db.session import session_scope
 from db.turns import mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
-from db.write_keys import record_ids, take_key
+from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
 from services.producer import EnqueueError, send_new_turns
@@ -53,9 +51,7 @@ def start_group(
     or a conversation in use; KeyReused when the key was used for another group."""
     with session_scope() as session:
         if idempotency_key is not None:  # taken first: a second start under the key waits for this one
-            digest = hashlib.sha256(
-                json.dumps(spec.model_dump(mode="json"), sort_keys=True, ensure_ascii=False).encode()
-            ).hexdigest()
+            digest = fingerprint(spec.model_dump(mode="json"))
             earlier = take_key(
                 session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, request_hash=digest
             )
