@@ -165,7 +165,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, ear
         stopping.wait(timeout=300)
         after_stop = _counts(ids)
         # Handed back: the messages of the turns not answered are in the queue again (the steady
-        # worker, which would put back messages left unacked, has not started yet).
+        # worker, which would put back messages left unacked, has not taken over this queue yet).
         waiting = queue_depth(solo, "live")
     _rescued(request, solo)  # the next worker
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
@@ -400,7 +400,8 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
         f"was back; final {final}"
     )
     assert steady_worker.proc.poll() is None, "the same worker process carried on"
-    assert first_batch_s <= 30, "the worker kept flushing batches after the broker came back"
+    # kombu's reconnect back-off (0, 2, 6, 12, 20 s) plus one batch on a busy machine: a minute.
+    assert first_batch_s <= 60, "the worker kept flushing batches after the broker came back"
     assert partial_done["done"] == 3, f"a partial batch stalled after the reconnect: {partial_done}"
     assert final["done"] == len(ids) == turns + 8 + 3 and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == len(ids) and final["duplicates"] == 0

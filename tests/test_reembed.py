@@ -357,13 +357,12 @@ def _close_the_lock_connection() -> None:
     with session_scope() as s:
         ended = s.scalar(
             text(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
+                "SELECT pg_terminate_backend(pid, 10000) FROM pg_locks WHERE locktype = 'advisory'"
                 " AND classid = CAST(:ns AS oid) AND objsubid = 2"
             ),
             {"ns": _LOCK_NAMESPACE},
         )
-    assert ended
-    time.sleep(0.5)  # the server lets the lock go with the backend
+    assert ended  # the backend is gone (waited for, up to 10 s), and its session lock with it
     with reembed_lock() as free:
         assert free  # so another run could start now: this one must not go on
 

@@ -291,8 +291,9 @@ def test_a_submitter_killed_mid_way_leaves_a_run_that_says_so_and_resumes(quiet_
     assert proc.stdout.readline().startswith("sent 20")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    time.sleep(0.5)  # the server notices the dropped connection and releases the submission lock
-    state = run_state(name)
+    deadline = time.monotonic() + 30  # the server notices the dropped connection and releases its lock
+    while not (state := run_state(name)).interrupted and time.monotonic() < deadline:
+        time.sleep(0.1)
     print(f"after SIGKILL: {state.status} interrupted={state.interrupted} {state.counts} | {state.error}")
     assert state.status == RunStatus.VALIDATING and state.interrupted
     assert "submission interrupted" in state.error and state.counts.total - state.counts.unsent == 20
