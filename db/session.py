@@ -13,6 +13,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 from core.services import database_url
@@ -111,6 +112,15 @@ def get_autocommit_engine() -> Engine:
             connect_args=CONNECT_ARGS,
         )
     )
+
+
+@cache
+def get_probe_engine() -> Engine:
+    """For health probes: a connection of its own each time (no pool), so a probe answers while the
+    request pool is exhausted by slow work, instead of queueing behind it and timing out (a
+    liveness probe that times out under load restarts a replica that was only busy)."""
+    connect_args = CONNECT_ARGS | {"connect_timeout": 5}
+    return create_engine(database_url(), poolclass=NullPool, connect_args=connect_args)
 
 
 @cache

@@ -448,6 +448,24 @@ def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, mon
     assert r.status_code == 503 and r.json() == {"status": "unhealthy", "database": "ok", "broker": "down"}
 
 
+def test_health_answers_while_slow_work_holds_every_pooled_connection(base_url) -> None:
+    """Found in review: /healthz took its connection from the request pool, so a replica whose pool
+    slow requests held answered its liveness probe only after the pool's 30 s timeout: the probe
+    timed out and a replica that was only busy was restarted."""
+    from db.session import get_engine
+
+    engine = get_engine()
+    held = []
+    try:
+        while len(held) < engine.pool.size() + engine.pool._max_overflow:  # type: ignore[attr-defined]
+            held.append(engine.connect())
+        r = httpx.get(f"{base_url}/healthz", timeout=10)
+    finally:
+        for conn in held:
+            conn.close()
+    assert r.status_code == 200 and r.json()["database"] == "ok"
+
+
 @pytest.mark.parametrize(
     "change, field",
     [
