@@ -276,11 +276,16 @@ def _row(session: Session, run: Run) -> RunRow:
     )
 
 
-def list_runs(who: Reviewer, limit: int = 100) -> list[RunRow]:
-    """The caller's runs and batches, newest first."""
+def list_runs(who: Reviewer, page: int = 1) -> tuple[list[RunRow], bool]:
+    """One page of the caller's runs and batches, newest first, and whether older ones follow."""
     with session_scope() as session:
-        runs = session.scalars(_visible_runs(who).order_by(Run.created_at.desc()).limit(limit)).all()
-        return [_row(session, run) for run in runs]
+        runs = session.scalars(
+            _visible_runs(who)
+            .order_by(Run.created_at.desc(), Run.id)
+            .offset((page - 1) * PAGE_SIZE)
+            .limit(PAGE_SIZE + 1)
+        ).all()
+        return [_row(session, run) for run in runs[:PAGE_SIZE]], len(runs) > PAGE_SIZE
 
 
 def _run(session: Session, who: Reviewer, run_id: uuid.UUID) -> Run:

@@ -177,8 +177,8 @@ def test_another_tenants_lines_and_runs_are_not_found(services, world) -> None:
         with pytest.raises(DeskError) as refused:
             call()
         assert refused.value.status == 404
-    assert run_id not in {r.id for r in desk.list_runs(OTHER_WRITER)}
-    assert run_id in {r.id for r in desk.list_runs(WRITER)}
+    assert run_id not in {r.id for r in desk.list_runs(OTHER_WRITER)[0]}
+    assert run_id in {r.id for r in desk.list_runs(WRITER)[0]}
     turn, _, changes = _stored(first)
     assert turn.reply == "The forge the forge the forge." and changes == 0
 
@@ -700,5 +700,32 @@ def test_a_runs_scenes_come_in_pages_on_its_page(services, world, base_url, monk
         page = client.get(f"/desk/runs/{run_id}")
         assert page.status_code == 200 and f"/desk/runs/{run_id}?scene_page=2" in page.text
         assert client.get(f"/desk/runs/{run_id}?scene_page=0").status_code == 400
+    finally:
+        client.close()
+
+
+def test_the_runs_list_comes_in_pages_newest_first(services, world, base_url, monkeypatch) -> None:
+    """Found in review: the runs list showed the newest 100 runs and no way to the older ones."""
+    from tests.conftest import REVIEW_KEY
+
+    monkeypatch.setattr(desk, "PAGE_SIZE", 2)
+    tenant = f"studio-pages-{uuid.uuid4().hex[:8]}"
+    made = [build_run(tenant, _lines()[:1])[0] for _ in range(5)]
+    who = Reviewer("writer-pages", tenant, admin=False)
+    seen: list[uuid.UUID] = []
+    for number in (1, 2, 3):
+        rows, more = desk.list_runs(who, number)
+        seen += [row.id for row in rows]
+        assert more == (number < 3)
+    assert seen == made[::-1]
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        first = client.get("/desk/runs")
+        assert first.status_code == 200 and 'href="/desk/runs?page=2"' in first.text
+        assert "Newer runs" not in first.text
+        second = client.get("/desk/runs?page=2")
+        assert second.status_code == 200 and 'href="/desk/runs?page=1"' in second.text
+        refused = client.get("/desk/runs?page=0")
+        assert refused.status_code == 400 and "page" in refused.text
     finally:
         client.close()

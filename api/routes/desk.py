@@ -198,10 +198,19 @@ def logout(desk_: Posted) -> Response:
 
 
 @router.get("/runs", response_class=HTMLResponse)
-async def runs(request: Request, desk_: Signed) -> Response:
-    """Runs and batches with status, counts, progress and the gate's flags; live rows refresh."""
-    rows = await run_in_threadpool(desk.list_runs, desk_.who)
-    return _page(request, "runs.html", desk=desk_, runs=rows)
+async def runs(request: Request, desk_: Signed, page: str | None = None) -> Response:
+    """Runs and batches with status, counts, progress and the gate's flags, a page at a time, newest
+    first; live rows refresh."""
+    number = desk.whole_number("page", page or "1", low=1, high=100_000)
+    rows, more = await run_in_threadpool(desk.list_runs, desk_.who, number)
+    return _page(
+        request,
+        "runs.html",
+        desk=desk_,
+        runs=rows,
+        newer_page=f"/desk/runs?page={number - 1}" if number > 1 else None,
+        older_page=f"/desk/runs?page={number + 1}" if more else None,
+    )
 
 
 @router.get("/runs/{run_id}/row", response_class=HTMLResponse)
