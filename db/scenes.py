@@ -438,6 +438,23 @@ def reopen_failed_scenes(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> 
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
+def unsent_next_step(*, session: Session, conversation_id: int) -> tuple[NewStep, bool] | None:
+    """A scene's next step whose message may never have reached the broker, and whether it failed
+    for that (broker_unreachable; False: still queued, never recorded sent); None when there is no
+    such step, or it met any other end."""
+    row = session.execute(
+        select(Turn.id, Turn.status, Turn.error_code, Turn.dispatched_at, Scene.model, Scene.lane)
+        .join(Scene, Scene.id == Turn.scene_id)
+        .where(Scene.conversation_id == conversation_id, Turn.scene_step == Scene.steps_done + 1)
+    ).first()
+    if row is None:
+        return None
+    failed = row.status == TurnStatus.FAILED and row.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
+    if not failed and not (row.status == TurnStatus.QUEUED and row.dispatched_at is None):
+        return None
+    return NewStep(row.id, row.model, row.lane), failed
+
+
 class SceneClosed(ValueError):
     """A run's scene that failed or was cancelled: it cannot go on (the message names its status)."""
 
@@ -559,6 +576,9 @@ class TranscriptLine:
     turn_id: uuid.UUID | None
 
 
+SEQ_MAX = 2**31 - 1  # messages.seq is an integer
+
+
 def scene_transcript(
     *, session: Session, scene_id: int, after: int = 0, limit: int | None = None
 ) -> list[TranscriptLine]:
@@ -576,7 +596,8 @@ def scene_transcript(
             Turn.state,
         )
         .outerjoin(Turn, Turn.id == Message.turn_id)
-        .where(Message.conversation_id == conv_id, Message.seq > after)
+        # A cursor past any line number (a 32-bit column) finds none, not PostgreSQL's out-of-range error.
+        .where(Message.conversation_id == conv_id, Message.seq > min(after, SEQ_MAX))
         .order_by(Message.seq)
         .limit(limit)
     ).all()

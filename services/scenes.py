@@ -19,10 +19,12 @@ from db.scenes import (
     extend_scene,
     last_lines_after,
     pop_new_steps,
+    reopen_failed_scenes,
     scene_transcript,
+    unsent_next_step,
 )
 from db.session import session_scope
-from db.turns import mark_dispatched
+from db.turns import mark_dispatched, revive_unsent
 from db.world import character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
@@ -36,6 +38,7 @@ class SceneRefused(ValueError):
 
 
 SCENES_KEY = "scenes"
+CONTINUE_KEY = "scene_continue"
 
 
 def start_group(
@@ -47,68 +50,113 @@ def start_group(
 ) -> dict[str, Any]:
     """Create the group conversation and its live scene (and its first step, if it asks for
     exchanges now); its view, with `replayed` true when an earlier request under `idempotency_key`
-    created it (its view as it stands now, nothing sent again). SceneRefused for an unknown character
-    or a conversation in use; KeyReused when the key was used for another group."""
+    created it (its view as it stands now; only a first step whose message never went is sent
+    again). SceneRefused for an unknown character or a conversation in use; KeyReused when the key
+    was used for another group."""
+    earlier = None
     with session_scope() as session:
         if idempotency_key is not None:  # taken first: a second start under the key waits for this one
             digest = fingerprint(spec.model_dump(mode="json"))
             earlier = take_key(
                 session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, request_hash=digest
             )
-            if earlier is not None:
-                replayed = scene_view(spec.conversation, tenant=tenant, tail=True)
-                return replayed | {"sent": [], "replayed": True}
-        ids = find_characters(session=session, slugs=spec.slugs())
-        for i, slug in enumerate(spec.slugs()):
-            if slug not in ids:
-                raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")
-        clash = name_clash(spec, character_names(session=session, slugs=spec.slugs()))
-        if clash is not None:
-            raise SceneRefused(clash)
-        lead = ids[spec.participants[0].character]
-        row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
-        conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
-        if session.scalar(select(Turn.id).where(Turn.conversation_id == conv_id).limit(1)) is not None:
-            has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
-            if has_scene is None:
-                raise SceneRefused(
-                    f"conversation: {spec.conversation!r} is a one-character conversation already"
-                )
-        scene = scene_of(
-            spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
-        )
-        scene = NewScene(**{**scene.__dict__, "lane": "live", "api_key": api_key})
-        scene_id, created = create_scene(session=session, scene=scene)
-        if not created:
-            raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
-        if idempotency_key is not None:
-            record_ids(session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, ids=[scene_id])
-        steps = pop_new_steps(session)
+        if earlier is not None:
+            steps = _unsent_step(session, _conversation_id(session, spec.conversation, tenant))
+        else:
+            steps = _create_group(session, spec, tenant=tenant, api_key=api_key, key=idempotency_key)
     try:
         _send(steps)
     except EnqueueError as exc:  # the group is stored: a second POST would find it a group already
         raise EnqueueError(
-            f"{exc}; the group is stored: POST /v1/scenes/{spec.conversation}:continue sends its first line"
+            f"{exc}; the group is stored: the same request again under its Idempotency-Key, or POST "
+            f"/v1/scenes/{spec.conversation}:continue, sends its first line"
         ) from None
     return scene_view(spec.conversation, tenant=tenant, tail=True) | {
         "sent": [str(s.turn_id) for s in steps],
-        "replayed": False,
+        "replayed": earlier is not None,
     }
 
 
+def _unsent_step(session: Any, conversation_id: int) -> list[NewStep]:
+    """A replayed call's step, when its message never went (the call answered 503, or died between
+    its commit and its send): queued again (its scene reopened) to be sent once more. A duplicate
+    message is harmless: claims are exactly-once."""
+    found = unsent_next_step(session=session, conversation_id=conversation_id)
+    if found is None:
+        return []
+    step, failed = found
+    if failed:
+        if not revive_unsent(session=session, turn_ids=[step.turn_id]):
+            return []
+        reopen_failed_scenes(session=session, turn_ids=[step.turn_id])
+    return [step]
+
+
+def _create_group(
+    session: Any, spec: GroupSpec, *, tenant: str, api_key: str | None, key: str | None
+) -> list[NewStep]:
+    """Store the group's conversation and scene (and its first step); the steps to send."""
+    ids = find_characters(session=session, slugs=spec.slugs())
+    for i, slug in enumerate(spec.slugs()):
+        if slug not in ids:
+            raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")
+    clash = name_clash(spec, character_names(session=session, slugs=spec.slugs()))
+    if clash is not None:
+        raise SceneRefused(clash)
+    lead = ids[spec.participants[0].character]
+    row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
+    conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
+    if session.scalar(select(Turn.id).where(Turn.conversation_id == conv_id).limit(1)) is not None:
+        has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
+        if has_scene is None:
+            raise SceneRefused(f"conversation: {spec.conversation!r} is a one-character conversation already")
+    scene = scene_of(
+        spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
+    )
+    scene = NewScene(**{**scene.__dict__, "lane": "live", "api_key": api_key})
+    scene_id, created = create_scene(session=session, scene=scene)
+    if not created:
+        raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
+    if key is not None:
+        record_ids(session=session, tenant=tenant, kind=SCENES_KEY, key=key, ids=[scene_id])
+    return pop_new_steps(session)
+
+
 def continue_group(
-    conversation: str, exchanges: int, *, tenant: str = DEFAULT_TENANT, api_key: str | None = None
+    conversation: str,
+    exchanges: int,
+    *,
+    tenant: str = DEFAULT_TENANT,
+    api_key: str | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` more lines with no player line, on the live lane (a
-    group whose step failed or was cancelled goes on from that step). KeyError if the tenant has no
-    such group."""
+    group whose step failed or was cancelled goes on from that step). Under an `idempotency_key` an
+    earlier call used, nothing more is asked (`replayed`; only a step whose message never went is
+    sent again). KeyError if the tenant has no such group; KeyReused when the key was used for
+    another call."""
+    earlier = None
     with session_scope() as session:
+        if idempotency_key is not None:
+            digest = fingerprint({"conversation": conversation, "exchanges": exchanges})
+            earlier = take_key(
+                session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, request_hash=digest
+            )
         conv_id = _conversation_id(session, conversation, tenant)
-        _, steps = extend_scene(
-            session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
-        )
+        if earlier is not None:
+            steps = _unsent_step(session, conv_id)
+        else:
+            scene, steps = extend_scene(
+                session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
+            )
+            if idempotency_key is not None:
+                ids = [scene.id]
+                record_ids(session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, ids=ids)
     _send(steps)
-    return scene_view(conversation, tenant=tenant, tail=True) | {"sent": [str(s.turn_id) for s in steps]}
+    return scene_view(conversation, tenant=tenant, tail=True) | {
+        "sent": [str(s.turn_id) for s in steps],
+        "replayed": earlier is not None,
+    }
 
 
 # Transcript lines a view returns at most: a long-lived group's transcript grows without end.

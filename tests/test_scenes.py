@@ -897,6 +897,22 @@ def test_continue_never_leaves_an_open_group_fewer_lines_than_it_owes(world, ste
     assert continue_group(conv, 8)["exchanges"] == 9  # the same call retried asks for nothing twice
 
 
+def test_a_continue_retried_under_its_key_asks_for_nothing_more(world, steps_unconsumed) -> None:
+    """Found in review: `:continue` took no key, and a call retried once its step was stored counted
+    that step as owed on top of the lines asked for: each retry after a lost answer cost a line."""
+    from db.write_keys import KeyReused
+    from services.scenes import continue_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    first = continue_group(conv, 3, idempotency_key="three-more")
+    assert (first["exchanges"], len(first["sent"]), first["replayed"]) == (3, 1, False)
+    again = continue_group(conv, 3, idempotency_key="three-more")
+    assert (again["exchanges"], again["sent"], again["replayed"]) == (3, [], True)
+    with pytest.raises(KeyReused):
+        continue_group(conv, 2, idempotency_key="three-more")
+    assert continue_group(conv, 3)["exchanges"] == 4  # unkeyed, the open step counts on top, as before
+
+
 def test_a_group_or_player_named_with_a_slash_is_reached_by_its_routes(base_url) -> None:
     """Found in review: a group or player id with a "/" was accepted, then no route matched it (a
     bare 404 for its transcript, its `:continue` and its facts)."""
@@ -1000,6 +1016,9 @@ def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url
     r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers=key, timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "open"
     assert (r.json()["next_after"], r.json()["more"]) == (0, False)
+    # found in review: a cursor past a 32-bit line number was PostgreSQL's out-of-range error, a 500
+    r = httpx.get(f"{base_url}/v1/scenes/{conv}", params={"after": 2**31}, headers=key, timeout=30)
+    assert r.status_code == 200 and r.json()["lines"] == [] and r.json()["next_after"] == 2**31
     r = httpx.get(f"{base_url}/v1/scenes/{conv}", params={"limit": 5000}, headers=key, timeout=30)
     assert r.status_code == 422 and "limit" in r.text
     r = httpx.get(f"{base_url}/v1/scenes/{conv}", headers={"X-API-Key": "test-key-2-abcdefgh"}, timeout=30)
@@ -1008,6 +1027,15 @@ def test_the_scenes_routes_answer_over_http_and_name_the_field_at_fault(base_url
         f"{base_url}/v1/scenes/{conv}:continue", json={"exchanges": 10_000}, headers=key, timeout=30
     )
     assert r.status_code == 422 and "exchanges" in r.text
+    keyed = key | {"Idempotency-Key": "go-on-once"}
+    go_on = f"{base_url}/v1/scenes/{conv}:continue"
+    r = httpx.post(go_on, json={"exchanges": 1}, headers=keyed, timeout=30)
+    assert r.status_code == 200 and (r.json()["replayed"], r.json()["exchanges"]) == (False, 1), r.text
+    r = httpx.post(go_on, json={"exchanges": 1}, headers=keyed, timeout=30)  # a retry: nothing more asked
+    assert r.status_code == 200
+    assert (r.json()["replayed"], r.json()["exchanges"], r.json()["sent"]) == (True, 1, [])
+    r = httpx.post(go_on, json={"exchanges": 2}, headers=keyed, timeout=30)
+    assert r.status_code == 409 and "idempotency key" in r.text
     r = httpx.post(
         f"{base_url}/v1/scenes/no-such-group:continue", json={"exchanges": 2}, headers=key, timeout=30
     )
@@ -1317,13 +1345,13 @@ from scenes.spec import GroupSpec
 from services.producer import EnqueueError
 from services.scenes import start_group
 try:
-    start_group(GroupSpec.model_validate(json.loads(sys.argv[1])))
+    start_group(GroupSpec.model_validate(json.loads(sys.argv[1])), idempotency_key=sys.argv[2])
 except EnqueueError as exc:
     print("EnqueueError:", exc)
 """
 
 
-def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(world) -> None:
+def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(world, steps_unconsumed) -> None:
     import json
     import os
     import socket
@@ -1331,6 +1359,8 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
     import sys
 
     from core.services import database_url
+    from scenes.spec import GroupSpec
+    from services.scenes import start_group
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1338,7 +1368,7 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
     conv = f"group-down-{uuid.uuid4().hex[:8]}"
     spec = {"conversation": conv, "participants": ["luffy", "elara"], "exchanges": 2}
     proc = subprocess.run(
-        [sys.executable, "-c", _START_GROUP, json.dumps(spec)],
+        [sys.executable, "-c", _START_GROUP, json.dumps(spec), "start-once"],
         env=os.environ | {"DATABASE_URL": database_url(), "REDIS_URL": f"redis://127.0.0.1:{closed}/0"},
         capture_output=True,
         text=True,
@@ -1347,12 +1377,25 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "EnqueueError: could not reach the broker; 1 turn(s) marked failed" in proc.stdout
     # review: a second POST finds the group stored, so the answer says how to send its first line
-    assert f"the group is stored: POST /v1/scenes/{conv}:continue sends its first line" in proc.stdout
+    assert "the group is stored: the same request again under its Idempotency-Key, or POST " in proc.stdout
+    assert f"/v1/scenes/{conv}:continue, sends its first line" in proc.stdout
     with session_scope() as s:
-        status, code = s.execute(
-            select(Turn.status, Turn.error_code).where(Turn.conversation_id == _conv_id(conv))
+        step, status, code = s.execute(
+            select(Turn.id, Turn.status, Turn.error_code).where(Turn.conversation_id == _conv_id(conv))
         ).one()
     assert (status, code) == (TurnStatus.FAILED, "broker_unreachable")  # never left queued and unsent
+    # Found in review: the retry the 503 asks for, under the same key, answered 200 `replayed` and sent
+    # nothing, leaving the group failed with no line to come.
+    again = start_group(GroupSpec.model_validate(spec), idempotency_key="start-once")
+    assert again["replayed"] and again["sent"] == [str(step)] and again["status"] == "open"
+    with session_scope() as s:
+        turn = s.get(Turn, step)
+        scene = s.scalars(select(Scene).where(Scene.conversation_id == _conv_id(conv))).one()
+        assert turn.status == TurnStatus.QUEUED and turn.error_code is None and turn.dispatched_at is not None
+        assert scene.exchanges == 2 and scene.steps_done == 0
+    # Its message went this time: a third try under the key replays, sending nothing.
+    third = start_group(GroupSpec.model_validate(spec), idempotency_key="start-once")
+    assert third["replayed"] and third["sent"] == []
 
 
 # --- moods between members ------------------------------------------------------------------------

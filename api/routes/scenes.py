@@ -30,7 +30,8 @@ async def post_scene(
 ) -> dict[str, Any]:
     """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane).
     `Idempotency-Key` makes a retry safe: it answers 200 with the group the first request started, as
-    it stands now, and sends nothing again (409 when the key was used for another group)."""
+    it stands now, and sends again only a first line whose message never went (409 when the key was
+    used for another group)."""
 
     def start() -> dict[str, Any]:  # validated here, in a thread: a format's grammar may take seconds
         return scenes.start_group(
@@ -48,12 +49,24 @@ async def post_scene(
 
 @router.post("/{conversation:path}:continue", dependencies=[Depends(json_body)])
 async def continue_scene(
-    conversation: ConversationId, body: ContinueSpec, who: Annotated[Caller, Depends(needs("ingest"))]
+    conversation: ConversationId,
+    body: ContinueSpec,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> dict[str, Any]:
-    """Ask the group to go on for `exchanges` lines with no player line (ambient chatter)."""
+    """Ask the group to go on for `exchanges` lines with no player line (ambient chatter).
+    `Idempotency-Key` makes a retry safe: it asks for nothing more, answers with the group as it
+    stands (`replayed`), and sends again only a line whose message never went (409 when the key was
+    used for another call)."""
     try:
         return await run_in_threadpool(
-            scenes.continue_group, conversation, body.exchanges, tenant=who.tenant, api_key=who.key_id
+            lambda: scenes.continue_group(
+                conversation,
+                body.exchanges,
+                tenant=who.tenant,
+                api_key=who.key_id,
+                idempotency_key=idempotency_key,
+            )
         )
     except KeyError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
