@@ -162,9 +162,11 @@ class TurnReader:
         *,
         last_event_id: str | None = None,
         max_s: float | None = None,
+        shown_text: str | None = None,
     ) -> None:
         self._turn_id, self._key, self._read_turn = turn_id, stream_key(turn_id), read_turn
         self._last_event_id = last_event_id
+        self._shown_text = shown_text  # what the caller itself showed up to `last_event_id`, if it knows
         self._max_s = settings.stream_max_s if max_s is None else max_s  # a resumed one: what is left
         self._shown = _Shown()
         self._cursor = "0-0"
@@ -180,7 +182,7 @@ class TurnReader:
         client = _client()
         try:
             if not await client.xrange(self._key, last, last):  # trimmed, expired or never there
-                self._restart_first = True
+                self._restart_first = not self._from_text_shown()
                 return
             first_seq: dict[str, int | None] = {}
             for raw_id, fields in await client.xrange(self._key, "-", last):
@@ -198,9 +200,20 @@ class TurnReader:
                 self._restart_first = True
         except _UNREADABLE:
             logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
-            self._restart_first = self._unreadable = True
+            self._restart_first, self._unreadable = not self._from_text_shown(), True
         finally:
             await client.aclose()
+
+    def _from_text_shown(self) -> bool:
+        """A resume that cannot find its place in the stream goes on from the stored turn after the
+        text the caller says it showed (a chat completion cannot take text back: `restarted` would end
+        it); whether the caller said. The stored reply must start with that text, or `restarted` comes."""
+        if self._shown_text is None:
+            return False
+        self._shown = _Shown()
+        self._shown.text = self._shown_text
+        self._unreadable = True  # the stored turn alone is followed from here
+        return True
 
     async def events(self) -> AsyncIterator[Event]:
         """The turn's events after the resume point, until done, failed or timed out."""
@@ -291,10 +304,12 @@ async def turn_events(
     *,
     last_event_id: str | None = None,
     max_s: float | None = None,
+    shown_text: str | None = None,
 ) -> AsyncIterator[Event]:
     """The turn's events after `last_event_id` (from the start when None), until done or failed, or
-    `max_s` seconds (MLCHAT_STREAM_MAX_S when None)."""
-    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id, max_s=max_s)
+    `max_s` seconds (MLCHAT_STREAM_MAX_S when None). `shown_text`: the text the caller showed up to
+    `last_event_id`, when it knows it; a resume whose place the stream lost then goes on from it."""
+    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id, max_s=max_s, shown_text=shown_text)
     await reader.open()
     async for event in reader.events():
         yield event

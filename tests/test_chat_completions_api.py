@@ -514,11 +514,11 @@ def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(m
     from streaming.reader import Event, unavailable
 
     turn = live_chat.ChatTurn(uuid.uuid4(), "elara", 0, stream=True)
-    calls: list[str | None] = []
+    calls: list[tuple[str | None, str | None]] = []
 
-    async def events(turn_id, read, *, last_event_id=None, max_s=None):  # type: ignore[no-untyped-def]
+    async def events(turn_id, read, *, last_event_id=None, max_s=None, shown_text=None):  # type: ignore[no-untyped-def]
         assert max_s is not None and 0 < max_s <= settings.stream_max_s  # a resume gets what is left
-        calls.append(last_event_id)
+        calls.append((last_event_id, shown_text))
         if len(calls) == 1:
             yield Event("delta", "1-0", {"text": "The road "})
             yield unavailable()
@@ -534,4 +534,6 @@ def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(m
 
     sent = asyncio.run(collect())
     texts = [json.loads(d)["choices"][0]["delta"].get("content") for d in sent[1:-2]]
-    assert calls == [None, "1-0"] and texts == ["The road ", "north."] and sent[-1] == "[DONE]", sent
+    assert texts == ["The road ", "north."] and sent[-1] == "[DONE]", sent
+    # the resume says what was sent: a stream that lost its place goes on from it, not `restarted`
+    assert calls == [(None, None), ("1-0", "The road ")]

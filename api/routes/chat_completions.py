@@ -7,6 +7,7 @@ import asyncio
 import json
 import re
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, Header
@@ -130,14 +131,15 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
     deadline = time.monotonic() + settings.stream_max_s
     last_id: str | None = None
+    shown = ""  # the text sent up to `last_id`: a resume that finds no place in the stream goes on from it
     in_a_row = 0  # resumes since the last delta: an outage that does not pass ends the stream
     while True:
         resume, progressed = False, False
-        async for chunk in _chunks_from(turn, read, last_id, deadline):
+        async for chunk in _chunks_from(turn, read, last_id, deadline, shown):
             if chunk is None:  # unavailable for now: resume after the last delta sent
                 resume = True
-            elif isinstance(chunk, str):
-                last_id, progressed = chunk, True
+            elif isinstance(chunk, _Sent):
+                last_id, shown, progressed = chunk.event_id, shown + chunk.text, True
             else:
                 yield chunk
         if not resume:
@@ -153,19 +155,29 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
         await asyncio.sleep(RESUME_AFTER_S)
 
 
+@dataclass(frozen=True)
+class _Sent:
+    """A delta's event id and text, once its chunk was sent."""
+
+    event_id: str
+    text: str
+
+
 async def _chunks_from(  # type: ignore[no-untyped-def]
-    turn: ChatTurn, read: Any, last_id: str | None, deadline: float
+    turn: ChatTurn, read: Any, last_id: str | None, deadline: float, shown: str
 ):
-    """The chunks of the turn's events after `last_id`; a delta's event id (str) after its chunk,
-    and None when the stream is unavailable and may be resumed before `deadline`."""
+    """The chunks of the turn's events after `last_id` (after `shown`, the text sent up to it); a
+    `_Sent` after each delta's chunk, and None when the stream is unavailable and may be resumed
+    before `deadline`."""
     left = max(deadline - time.monotonic(), 0.0)
-    async for event in turn_events(turn.id, read, last_event_id=last_id, max_s=left):
+    resumed = shown if last_id is not None else None
+    async for event in turn_events(turn.id, read, last_event_id=last_id, max_s=left, shown_text=resumed):
         if event.kind == "delta" and not turn.whole:
             yield {
                 "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
             }
             if event.id is not None:
-                yield event.id
+                yield _Sent(event.id, event.data["text"])
         elif event.kind == "delta" or (turn.whole and event.data.get("code") == "restarted"):
             continue
         elif event.kind == "done":
