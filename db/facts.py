@@ -46,6 +46,9 @@ class FactHit:
     importance: float
     relevance: float
     recency: float
+    # About this conversation's player, under the player's id (a game's fact written with no subject):
+    # the prompt names the player as the conversation does, never by the game's id.
+    about_player: bool = False
 
     @property
     def score(self) -> float:
@@ -163,10 +166,12 @@ WITH q AS (
     FROM unnest(CAST(:idx AS int[]), CAST(:conv AS bigint[]), CAST(:vec AS vector[]))
          AS t(idx, conversation_id, vec)
 )
-SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, f.age_s, f.distance
+SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, f.age_s, f.distance,
+       f.about_player
 FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
     SELECT id, kind, subject, text, source, scope, importance,
+           (f.subject = f.player_id AND f.player_id = c.player_id) AS about_player,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
            CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f
@@ -205,7 +210,7 @@ def facts_for_turns(
             "pool": max(pool, k),
         },
     )
-    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance in rows:
+    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, about_player in rows:
         similarity = 0.0 if distance is None else 1.0 - float(distance)
         hits[idx].append(
             FactHit(
@@ -218,6 +223,7 @@ def facts_for_turns(
                 importance=float(importance),
                 relevance=(1.0 + similarity) / 2.0,  # cosine in [-1, 1] to [0, 1]
                 recency=math.pow(0.5, max(float(age_s), 0.0) / half_life_s),
+                about_player=bool(about_player),
             )
         )
     return [sorted(h, key=lambda x: -x.score)[:k] for h in hits]

@@ -153,8 +153,9 @@ def extract_due(*, session: Session, conversation_ids: list[int], every_lines: i
 SELECT c.id FROM unnest(CAST(:conv AS bigint[])) AS c(id)
 LEFT JOIN memory_jobs j ON j.conversation_id = c.id AND j.kind = 'extract'
 WHERE (j.lease_until IS NULL OR j.lease_until < now())
-  AND (SELECT count(*) FROM messages m
-       WHERE m.conversation_id = c.id AND m.seq > COALESCE(j.done_through, 0)) >= :every
+  AND (SELECT count(*) FROM (  -- counted only as far as `every`: never a long backlog at each reply
+       SELECT 1 FROM messages m
+       WHERE m.conversation_id = c.id AND m.seq > COALESCE(j.done_through, 0) LIMIT :every) x) >= :every
 """
             ),
             {"conv": sorted(set(conversation_ids)), "every": every_lines},

@@ -58,6 +58,9 @@ class SummaryLine:
     text: str
 
 
+LINES_A_READ = 64  # the unsummarised lines next_summary_work reads at a time
+
+
 def next_summary_work(
     *,
     session: Session,
@@ -103,16 +106,28 @@ def next_summary_work(
     )
     if last_seq is None:
         return None
-    lines = session.execute(
-        select(Message.seq, Message.role, Message.content, Message.speaker_name)
-        .where(
-            Message.conversation_id == conversation_id,
-            Message.seq > (covered or 0),
-            Message.seq <= last_seq - recent_n,
-        )
-        .order_by(Message.seq)
-    ).all()
-    if sum(len(r.content) for r in lines) < threshold_tokens * CHARS_PER_TOKEN:
+    # Read a page at a time, only as far as the threshold and one chunk need: a backlog of thousands
+    # of lines (an imported log, summaries switched on late) is never read whole at each step.
+    needed = max(threshold_tokens, chunk_tokens) * CHARS_PER_TOKEN
+    lines: list[Any] = []
+    chars, after = 0, covered or 0
+    while chars < needed:
+        page = session.execute(
+            select(Message.seq, Message.role, Message.content, Message.speaker_name)
+            .where(
+                Message.conversation_id == conversation_id,
+                Message.seq > after,
+                Message.seq <= last_seq - recent_n,
+            )
+            .order_by(Message.seq)
+            .limit(LINES_A_READ)
+        ).all()
+        if not page:
+            break
+        lines += page
+        chars += sum(len(r.content) for r in page)
+        after = page[-1].seq
+    if not lines or chars < threshold_tokens * CHARS_PER_TOKEN:
         return None
     taken: list[Any] = []
     chars = 0
@@ -193,8 +208,13 @@ WHERE NOT EXISTS (
     SELECT 1 FROM memory_jobs j
     WHERE j.conversation_id = c.id AND j.kind = 'summary' AND j.lease_until >= now()
 ) AND (
-    (SELECT COALESCE(sum(length(content)), 0) FROM messages m
-     WHERE m.conversation_id = c.id AND m.seq > s.covered AND m.seq <= l.last - :recent_n) >= :chars
+    -- a running total, stopped at the first line that reaches the threshold: never the whole backlog
+    EXISTS (
+        SELECT 1 FROM (
+            SELECT sum(length(content)) OVER (ORDER BY seq) AS upto FROM messages m
+            WHERE m.conversation_id = c.id AND m.seq > s.covered AND m.seq <= l.last - :recent_n
+        ) t WHERE t.upto >= :chars
+    )
     OR EXISTS (
         SELECT 1 FROM summaries s2 WHERE s2.conversation_id = c.id AND s2.merged_into IS NULL
         GROUP BY s2.level HAVING count(*) >= :fanout

@@ -25,7 +25,7 @@ from db.facts import (
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
 from db.write_keys import fingerprint, record_ids, stored_ids, take_key
-from services.schemas import Text, storable_text
+from services.schemas import FilledText, Text, storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +51,13 @@ class Where(BaseModel):
 
     scope: FactScope = FactScope.MET
     conversation: Text | None = Field(default=None, max_length=200)
-    story: Text | None = Field(default=None, max_length=100)
+    story: FilledText | None = Field(default=None, max_length=100)
 
 
 class FactIn(Where):
-    text: Text = Field(min_length=1, max_length=1000)
+    text: FilledText = Field(min_length=1, max_length=1000)
     kind: FactKind = FactKind.PLAYER
-    subject: Text | None = Field(default=None, min_length=1, max_length=200)  # default: the player
+    subject: FilledText | None = Field(default=None, min_length=1, max_length=200)  # default: the player
     importance: float = Field(default=0.5, ge=0, le=1)
     supersedes: int | None = Field(default=None, ge=1, le=MAX_ID)  # a current fact this one replaces
 
@@ -168,7 +168,7 @@ def write_facts_once(
             )
             if known is not None:
                 return _facts_by_id(session, tenant, known), True
-    vectors = embed([f"{f.subject or player}: {f.text}" for f in facts])
+    vectors = embed([f"{f.subject}: {f.text}" if f.subject else f.text for f in facts])  # never the id
     return again_on_conflict(
         lambda: _store_facts(tenant, player, facts, vectors, idempotency_key, digest),
         what=f"facts of player {player!r}",

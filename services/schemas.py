@@ -58,6 +58,16 @@ HISTORY_LINE_CHARS = 20_000
 
 # A text field that is safe to store: every untrusted string field of a request uses it.
 Text = Annotated[str, AfterValidator(storable_text)]
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("is blank")
+    return value
+
+
+# Text that must say something: only spaces and line breaks would reach a prompt as an empty line.
+FilledText = Annotated[str, AfterValidator(storable_text), AfterValidator(_not_blank)]
 Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]
 
 

@@ -287,6 +287,50 @@ def test_summary_work_is_due_past_the_threshold_beyond_the_recent_window() -> No
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
 
 
+def test_summary_work_reads_one_chunk_of_a_long_backlog_not_all_of_it() -> None:
+    """Found in review: each summary step, and the due check after every stored reply, read a
+    conversation's whole unsummarised backlog (an imported log of thousands of lines: each of its
+    hundreds of steps read all that was left)."""
+    from sqlalchemy import event
+
+    from db.memory_jobs import extract_due
+    from db.session import get_engine
+    from db.summaries import LINES_A_READ
+
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 600)  # 588 beyond the recent window: about 60,000 tokens
+    fetched: list[int] = []
+
+    def count(conn, cursor, statement, params, context, executemany):  # type: ignore[no-untyped-def]
+        if "FROM messages" in statement and "content" in statement:
+            fetched.append(cursor.rowcount)
+
+    event.listen(get_engine(), "after_cursor_execute", count)
+    try:
+        work = _work(conv)
+    finally:
+        event.remove(get_engine(), "after_cursor_execute", count)
+    assert work is not None and work.first_seq == 1 and len(work.lines) < 600
+    assert 0 < sum(fetched) <= len(work.lines) + LINES_A_READ, fetched
+    with session_scope() as s:  # the bounded checks still find it due
+        due = conversations_due(
+            session=s, conversation_ids=[conv], recent_n=12, threshold_tokens=1000, fanout=4
+        )
+        assert due == [conv]
+        assert extract_due(session=s, conversation_ids=[conv], every_lines=600) == [conv]
+        assert extract_due(session=s, conversation_ids=[conv], every_lines=601) == []
+    # and a threshold of 0 with no line beyond the window: nothing due, not an IndexError
+    short = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(short, 3)
+    with session_scope() as s:
+        assert (
+            next_summary_work(
+                session=s, conversation_id=short, recent_n=12, threshold_tokens=0, chunk_tokens=1500, fanout=4
+            )
+            is None
+        )
+
+
 def test_two_workers_never_summarise_the_same_range() -> None:
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 30)
@@ -579,6 +623,37 @@ def _card() -> Character:
 
 def _hit(i: int, text: str, importance: float = 0.5) -> FactHit:
     return FactHit(i, "player", "Rowan", text, "game", "met", importance, 0.8, 1.0)
+
+
+def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_not_by_id(tokenizer) -> None:
+    """Found in review: a fact the game wrote with no subject was stored under the player's id, and
+    prompts showed `- (u-3f9c...) Stole the ring.`: the model could say the game's id aloud, and never
+    linked the fact to the name it calls the player. (Other players' conversations still see the id
+    of a world fact about someone else: they know no name for that player.)"""
+    from services.facts import FactIn, write_facts
+
+    player = f"u-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        char_id = find_characters(session=s, slugs=["elara"])["elara"]
+        external = f"mem-{uuid.uuid4().hex[:10]}"
+        row = {"external_id": external, "player_id": player, "player_name": "Rowan", "character_id": char_id}
+        conv = upsert_conversations(session=s, rows=[row], tenant="")[external][0]
+    stranger = _conversation("elara", f"q-{uuid.uuid4().hex[:6]}")
+    stole = FactIn(text="Stole a silver ring from the innkeeper.", scope="world")
+    (written,) = write_facts("", player, [stole])
+    vec = embed(["what did I steal?"])[0]
+    with session_scope() as s:
+        mine, theirs = facts_for_turns(
+            session=s, conversation_ids=[conv, stranger], vectors=[vec, vec], k=50, half_life_s=HALF_LIFE
+        )
+    (hit,) = [h for h in mine if h.id == written.id]
+    assert hit.about_player and not [h for h in theirs if h.id == written.id][0].about_player
+    context = TurnContext(recent=[HistoryLine(3, "user", "Hello again.", 3)], facts=[hit])
+    built = PromptBuilder(tokenizer, "chat_template", 4096).build(
+        PromptInput(_card(), "Rowan", "What did I steal?", context, 32)
+    )
+    assert "- (Rowan) Stole a silver ring from the innkeeper." in built.text
+    assert player not in built.text
 
 
 def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_budget(tokenizer) -> None:

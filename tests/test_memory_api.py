@@ -127,6 +127,10 @@ def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -
     [
         ({"facts": [{"text": "x", "importance": 2}]}, "facts[0].importance"),
         ({"facts": [{"text": ""}]}, "facts[0].text"),
+        # found in review: only spaces were stored, and shown as an empty line in every prompt in scope
+        ({"facts": [{"text": " \n "}]}, "facts[0].text"),
+        ({"facts": [{"text": "x", "subject": "   "}]}, "facts[0].subject"),
+        ({"facts": [{"text": "x", "scope": "story", "story": " "}]}, "facts[0].story"),
         ({"facts": [{"text": "x", "scope": "galaxy"}]}, "facts[0].scope"),
         ({"facts": [{"text": "x", "scope": "story"}]}, "facts[0].story"),
         ({"facts": [{"text": "x", "subject": "Ro\x00wan"}]}, "facts[0].subject"),

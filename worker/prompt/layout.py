@@ -83,8 +83,9 @@ def summary_line(summary: Any, clean: Clean) -> str:
     return clean(_one_line(f"- {summary.text}"))
 
 
-def fact_line(fact: Any, clean: Clean) -> str:
-    return clean(_one_line(f"- ({fact.subject}) {fact.text}" if fact.subject else f"- {fact.text}"))
+def fact_line(fact: Any, user: str, clean: Clean) -> str:
+    subject = user if getattr(fact, "about_player", False) else fact.subject
+    return clean(_one_line(f"- ({subject}) {fact.text}" if subject else f"- {fact.text}"))
 
 
 def memory_line(line: HistoryLine, char: str, user: str, clean: Clean) -> str:
@@ -128,7 +129,7 @@ def system_pieces(
         pieces += [("summary", s.id, summary_line(s, layout.clean)) for s in summaries]
     if facts:
         pieces.append(("facts", None, layout.clean(f"[What {layout.char} knows]")))
-        pieces += [("facts", f.id, fact_line(f, layout.clean)) for f in facts]
+        pieces += [("facts", f.id, fact_line(f, layout.user, layout.clean)) for f in facts]
     if events:
         pieces.append(("events", None, "[Story so far]"))
         pieces += [("events", e.id, event_line(e, layout.clean)) for e in events]

@@ -299,7 +299,7 @@ class PromptBuilder:
             if kind == "memory"
             else summary_line(x, clean)
             if kind == "summary"
-            else fact_line(x, clean)
+            else fact_line(x, user, clean)
             if kind == "fact"
             else clean(x.content)
             for kind, x in ordered
