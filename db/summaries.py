@@ -38,13 +38,19 @@ class SummaryWork:
     # (role, content, speaker: a group member's name, else None), oldest first; `seqs` theirs
     lines: list[tuple[str, str, str | None]] = field(default_factory=list)
     parts: list[tuple[int, str]] = field(default_factory=list)  # (summary id, text), oldest first
-    seqs: list[int] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)  # each line's seq, or each part's last seq
 
     def first_lines(self, n: int) -> SummaryWork:
         """The same work over its first `n` lines only (those its request has room for)."""
         if n >= len(self.lines) or not self.seqs:
             return self
         return replace(self, last_seq=self.seqs[n - 1], lines=self.lines[:n], seqs=self.seqs[:n])
+
+    def first_parts(self, n: int) -> SummaryWork:
+        """The same merge of its first `n` parts only (the others wait for the next merge)."""
+        if n >= len(self.parts) or not self.seqs:
+            return self
+        return replace(self, last_seq=self.seqs[n - 1], parts=self.parts[:n], seqs=self.seqs[:n])
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,7 @@ def next_summary_work(
                 parts[0].first_seq,
                 parts[-1].last_seq,
                 parts=[(r.id, r.text) for r in parts],
+                seqs=[r.last_seq for r in parts],
             )
     covered = session.scalar(
         select(Summary.last_seq)

@@ -76,30 +76,36 @@ def _one_line(text: str) -> str:
 
 
 def fitted(work: SummaryWork, who: Speakers, builder: Any | None) -> SummaryWork:
-    """The work over as many of its lines (at least one) as its request has room for beside the
-    answer: the range stored is the range read (the request's own cut, memory/generate.py, would drop
-    the last lines unread while the summary claimed them). Chunks are sized by characters, and a
-    line's label or a script of many tokens a character does not count there. Without the model's
-    builder (no engine loaded) the work is kept whole."""
-    if builder is None or work.parts or len(work.lines) <= 1:
+    """The work over as many of its lines (at least one), or of the parts it merges (at least two),
+    as its request has room for beside the answer: the range stored is the range read (the request's
+    own cut, memory/generate.py, would drop the last lines or the newest part unread while the
+    summary claimed them, and marked that part merged). Chunks are sized by characters, and a line's
+    label or a script of many tokens a character does not count there; parts are as long as their
+    model wrote them. Without the model's builder (no engine loaded) the work is kept whole."""
+    if builder is None:
+        return work
+    cut, count, least = (
+        (work.first_parts, len(work.parts), 2) if work.parts else (work.first_lines, len(work.lines), 1)
+    )
+    if count <= least:
         return work
     from memory.generate import request_ids
 
     budget = builder.max_model_len - settings.memory_summary_max_tokens
 
     def fits(n: int) -> bool:
-        return len(request_ids(builder, *summary_prompt(work.first_lines(n), who))[0]) <= budget
+        return len(request_ids(builder, *summary_prompt(cut(n), who))[0]) <= budget
 
-    if fits(len(work.lines)):
+    if fits(count):
         return work
-    low, high = 1, len(work.lines) - 1  # the most lines that fit lie in [low, high]
+    low, high = least, count - 1  # the most that fit lie in [low, high] (or `least` fits not even)
     while low < high:
         mid = (low + high + 1) // 2
         if fits(mid):
             low = mid
         else:
             high = mid - 1
-    return work.first_lines(low)
+    return cut(low)
 
 
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:

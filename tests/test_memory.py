@@ -430,6 +430,49 @@ def test_summaries_merge_up_the_hierarchy_and_the_prompt_sees_the_top() -> None:
     assert (shown[0].first_seq, shown[0].last_seq) == (merge.first_seq, merge.last_seq)
 
 
+def test_a_merge_too_long_for_its_request_merges_the_parts_that_fit_and_leaves_the_rest(
+    tokenizer, monkeypatch
+) -> None:
+    """Found in review: merges were never fitted to the request. Parts longer together than the
+    context beside the answer were cut at the request's end, the newest part lost unread, and every
+    part was still marked merged: that part of the conversation left every later prompt."""
+    from core.settings import settings
+    from memory.generate import request_ids
+    from memory.prompts import speakers
+    from memory.summarize import fitted, summary_prompt
+
+    monkeypatch.setattr(settings, "memory_summary_max_tokens", 512)
+    builder = PromptBuilder(tokenizer, settings.resolved_prompt_format, 1024)  # 512 tokens for a request
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 80)
+    with session_scope() as s:
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert token is not None
+    for i in range(4):  # four parts of about 170 tokens: two fit beside the instructions, four do not
+        work = _work(conv)
+        assert work is not None and work.level == 0, i
+        with session_scope() as s:
+            text = f"Part {i}: " + "Rowan asked Elara about the river that runs north past the mill. " * 14
+            assert store_summary(session=s, work=work, text_=text, token=token) is not None
+    merge = _work(conv)
+    assert merge is not None and len(merge.parts) == 4
+    who = speakers(builder, "Elara", "Rowan")
+    budget = 1024 - 512
+    assert len(request_ids(builder, *summary_prompt(merge, who))[0]) > budget  # as it was sent before
+    fit = fitted(merge, who, builder)
+    assert 2 <= len(fit.parts) < 4 and fit.parts == merge.parts[: len(fit.parts)]
+    assert len(request_ids(builder, *summary_prompt(fit, who))[0]) <= budget
+    with session_scope() as s:
+        stored = select(Summary.id, Summary.last_seq).where(Summary.conversation_id == conv)
+        ends = {part: last for part, last in s.execute(stored).tuples()}
+    assert (fit.first_seq, fit.last_seq) == (merge.first_seq, ends[fit.parts[-1][0]])
+    with session_scope() as s:
+        top = store_summary(session=s, work=fit, text_="the first parts merged", token=token)
+    with session_scope() as s:
+        shown = summaries_for(session=s, conversation_ids=[conv])[conv]
+    assert [x.id for x in shown] == [top] + [pid for pid, _ in merge.parts[len(fit.parts) :]]  # none lost
+
+
 def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(monkeypatch) -> None:
     """Found in review: an empty answer stored nothing, and a merge due always comes before new
     lines; seeded, the same merge answered empty again at every reply, so no summary was written
