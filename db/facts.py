@@ -100,11 +100,16 @@ def get_fact(*, session: Session, tenant: str, fact_id: int) -> Fact | None:
     return fact if fact is not None and fact.tenant == tenant else None
 
 
-def supersede(*, session: Session, old_id: int, new_id: int) -> bool:
-    """Mark a current fact as replaced by a newer one (kept as history); False if already replaced."""
-    done = session.execute(
-        update(Fact).where(Fact.id == old_id, Fact.superseded_by.is_(None)).values(superseded_by=new_id)
-    )
+def supersede(
+    *, session: Session, old_id: int, new_id: int, scope: FactScope | None = None, scope_ref: str = ""
+) -> bool:
+    """Mark a current fact as replaced by a newer one (kept as history); False if already replaced,
+    or (with `scope`) moved out of that scope and ref since it was read: a fact of one conversation
+    never replaces one gossip spread wider meanwhile."""
+    where = [Fact.id == old_id, Fact.superseded_by.is_(None)]
+    if scope is not None:
+        where += [Fact.scope == scope, Fact.scope_ref == scope_ref]
+    done = session.execute(update(Fact).where(*where).values(superseded_by=new_id))
     return bool(done.rowcount)  # type: ignore[attr-defined]
 
 

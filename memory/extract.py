@@ -184,6 +184,7 @@ def store_extracted(
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     vectors = embed([f"{f.subject}: {f.text}" for f in facts])
+    replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
     for fact, vector in zip(facts, vectors, strict=True):
         subject = fact.subject.strip()
         close = closest_fact(
@@ -220,17 +221,25 @@ def store_extracted(
             and close[1] >= settings.memory_fact_supersede_similarity
             and close[0].source != "game"
         ):
-            if supersede(session=session, old_id=close[0].id, new_id=row.id):
-                counts["superseded"] += 1
-            else:  # replaced meanwhile (the game, another extraction): the newer fact stands
-                replaced_by = session.scalar(select(Fact.superseded_by).where(Fact.id == close[0].id))
-                if replaced_by is None:  # deleted meanwhile: nothing stands against the new one
-                    counts["added"] += 1
-                else:
-                    supersede(session=session, old_id=row.id, new_id=replaced_by)
-                    counts["duplicate"] += 1
+            replaces.append((close[0].id, row.id))
         else:
             counts["added"] += 1
+    # In id order, as the facts API supersedes: two writers replacing the same facts never deadlock.
+    for old_id, new_id in sorted(replaces):
+        here = str(conversation.id)
+        if supersede(
+            session=session, old_id=old_id, new_id=new_id, scope=FactScope.CONVERSATION, scope_ref=here
+        ):
+            counts["superseded"] += 1
+            continue
+        # Replaced meanwhile (the game, another extraction, an earlier fact of this answer): the newer
+        # fact stands. Moved out of the conversation by gossip, or deleted: nothing stands against it.
+        replaced_by = session.scalar(select(Fact.superseded_by).where(Fact.id == old_id))
+        if replaced_by is None:
+            counts["added"] += 1
+        else:
+            supersede(session=session, old_id=new_id, new_id=replaced_by)
+            counts["duplicate"] += 1
     return counts
 
 

@@ -15,6 +15,7 @@ import uuid
 import pytest
 from sqlalchemy import func, select
 
+from core.settings import settings
 from db.facts import FactHit, NewFact, add_facts, fact_moves, facts_for_turns, get_fact, move_fact, supersede
 from db.memory_jobs import SUMMARY, claim_job, release_job
 from db.models import Character, Conversation, Fact, FactKind, FactScope, Message, Role, Summary
@@ -554,6 +555,96 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') == []  # that fact dropped
     assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # the answer outside the schema
     assert parse_facts("not json") is None
+
+
+def _extracted(conv_id: int, player: str, texts: list[str]) -> list[int]:
+    """Facts an earlier extraction stored in the conversation's scope, about Rowan; their ids."""
+    vectors = embed([f"Rowan: {t}" for t in texts])
+    with session_scope() as s:
+        rows = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    "Rowan",
+                    t,
+                    "t:0",
+                    0.5,
+                    FactScope.CONVERSATION,
+                    str(conv_id),
+                    v,
+                )
+                for t, v in zip(texts, vectors, strict=True)
+            ],
+        )
+        return [r.id for r in rows]
+
+
+def test_an_extraction_supersedes_in_id_order_as_the_facts_api_does(monkeypatch) -> None:
+    """Found in review: an extraction superseded in its answer's order and the facts API in id order,
+    so the two replacing the same facts could deadlock (the extraction, its victim, lost its work)."""
+    from memory import extract
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    low, high = _extracted(conv_id, player, ["Rowan rides a mule.", "Rowan owes the smith."])
+    with session_scope() as s:
+        by_id = {f.id: f for f in s.scalars(select(Fact).where(Fact.id.in_([low, high])))}
+    between = (settings.memory_fact_supersede_similarity + settings.memory_fact_dedup_similarity) / 2
+    close = iter([by_id[high], by_id[low]])  # the answer's first fact replaces the newer one
+    monkeypatch.setattr(extract, "closest_fact", lambda **_: (next(close), between))
+    order: list[int] = []
+    real = extract.supersede
+
+    def recorded(**kwargs):  # type: ignore[no-untyped-def]
+        order.append(kwargs["old_id"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(extract, "supersede", recorded)
+    with session_scope() as s:
+        facts = _answer(("Rowan paid the smith back.", 6), ("Rowan sold his mule.", 6))
+        counts = store_extracted(
+            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1"
+        )
+    assert counts == {"added": 0, "duplicate": 0, "superseded": 2} and order == [low, high]
+
+
+def test_an_extraction_never_supersedes_a_fact_gossip_spread_wider_meanwhile(monkeypatch) -> None:
+    """Found in review: the supersede's only condition was "not replaced yet". A fact gossip moved
+    to the world between the extraction's read and its write was replaced by one only this
+    conversation sees: every other NPC lost it."""
+    from memory import extract
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    (told,) = _extracted(conv_id, player, ["Rowan stole the mayor's ring."])
+    real = extract.closest_fact
+
+    def read_then_gossip(**kwargs):  # type: ignore[no-untyped-def]
+        found = real(**kwargs)
+        with session_scope() as other:  # another request, committed between the read and the write
+            assert move_fact(
+                session=other,
+                fact=get_fact(session=other, tenant="", fact_id=told),
+                to_scope=FactScope.WORLD,
+                to_ref="",
+            )
+        return found[0], (
+            settings.memory_fact_supersede_similarity + settings.memory_fact_dedup_similarity
+        ) / 2
+
+    monkeypatch.setattr(extract, "closest_fact", read_then_gossip)
+    with session_scope() as s:
+        facts = _answer(("Rowan gave the mayor's ring back.", 6))
+        counts = store_extracted(
+            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1"
+        )
+    with session_scope() as s:
+        spread = s.get(Fact, told)
+        assert (spread.scope, spread.superseded_by) == (FactScope.WORLD, None)
+    assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
 
 
 def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_retried_forever() -> None:
