@@ -694,7 +694,7 @@ def facts_move(
         {"scope": scope, "conversation": conversation, "story": story, "told_by": told_by}
     )
     try:
-        fact, moves = gossip(tenant, player, fact_id, move)
+        fact, moves, _ = gossip(tenant, player, fact_id, move)
     except FactRefused as exc:
         raise Refused(str(exc)) from None
     except FactNotFound as exc:

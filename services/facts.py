@@ -253,21 +253,43 @@ def list_player_facts(
         return [_view(f) for f in found]
 
 
-def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[FactView, list[MoveView]]:
-    """Move a fact to another scope (gossip), recorded; the fact and its moves so far."""
+MOVES_KEY = "fact_moves"
+
+
+def gossip(
+    tenant: str, player: str, fact_id: int, move: FactMoveIn, idempotency_key: str | None = None
+) -> tuple[FactView, list[MoveView], bool]:
+    """Move a fact to another scope (gossip), recorded; the fact, its moves so far, and whether an
+    earlier request under `idempotency_key` made this move (nothing is moved again: a retry after
+    another move must not take the fact back). A move to the scope the fact is in already moves and
+    records nothing. KeyReused when the key was used for another move."""
     _check_owner(tenant, player)
     with session_scope() as session:
+        earlier = None
+        if idempotency_key is not None:  # taken first: a retry under the key waits for this one
+            digest = fingerprint({"player": player, "fact_id": fact_id, "move": move.model_dump(mode="json")})
+            earlier = take_key(
+                session=session, tenant=tenant, kind=MOVES_KEY, key=idempotency_key, request_hash=digest
+            )
         fact = get_fact(session=session, tenant=tenant, fact_id=fact_id)
         if fact is None or fact.player_id != player:
             raise FactNotFound(f"no fact {fact_id} of player {player!r}")
-        ref = _scope_ref(session, tenant, player, move, "")
-        if fact.superseded_by is not None or (
-            move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=move.told_by)
-            is None
-        ):
-            raise FactRefused(
+        if earlier is None:
+            ref = _scope_ref(session, tenant, player, move, "")
+            stale = FactRefused(
                 "fact_id", f"fact {fact_id} is superseded (or moved meanwhile): move the current one"
             )
+            if fact.superseded_by is not None:
+                raise stale
+            if (fact.scope, fact.scope_ref) != (move.scope, ref):  # there already: nothing to record
+                told = move.told_by
+                if (
+                    move_fact(session=session, fact=fact, to_scope=move.scope, to_ref=ref, told_by=told)
+                    is None
+                ):
+                    raise stale
+            if idempotency_key is not None:
+                record_ids(session=session, tenant=tenant, kind=MOVES_KEY, key=idempotency_key, ids=[fact_id])
         moves = [
             MoveView(
                 fact_id=m.fact_id,
@@ -280,4 +302,4 @@ def gossip(tenant: str, player: str, fact_id: int, move: FactMoveIn) -> tuple[Fa
             )
             for m in fact_moves(session=session, fact_id=fact_id)
         ]
-        return _view(fact), moves
+        return _view(fact), moves, earlier is not None

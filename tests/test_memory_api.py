@@ -171,6 +171,29 @@ def test_gossip_over_http_records_the_move(base_url) -> None:
     ]
 
 
+def test_a_retried_move_moves_nothing_again(base_url) -> None:
+    """Found in review: a move retried after a lost answer was recorded again (from a scope to the
+    same scope), and one retried after another move took the fact back where it had been."""
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    (fact,) = httpx.post(
+        f"{base_url}/v1/players/{player}/facts", headers=A, json={"facts": [{"text": "Rowan stole a ring."}]}
+    ).json()["facts"]
+    url = f"{base_url}/v1/players/{player}/facts/{fact['id']}:move"
+    to_story = {"scope": "story", "story": "riverside", "told_by": "elara"}
+    keyed = A | {"Idempotency-Key": f"gossip-{uuid.uuid4().hex[:6]}"}
+    first = httpx.post(url, headers=keyed, json=to_story)
+    assert first.status_code == 200 and first.json()["replayed"] is False, first.text
+    again = httpx.post(url, headers=A, json=to_story)  # unkeyed, to where it is: nothing recorded
+    assert again.status_code == 200 and len(again.json()["moves"]) == 1, again.text
+    wider = httpx.post(url, headers=A, json={"scope": "world", "told_by": "luffy"})  # another server's
+    assert wider.status_code == 200 and len(wider.json()["moves"]) == 2
+    retried = httpx.post(url, headers=keyed, json=to_story)  # the first request's retry, late
+    assert retried.status_code == 200 and retried.json()["replayed"] is True, retried.text
+    assert retried.json()["fact"]["scope"] == "world" and len(retried.json()["moves"]) == 2
+    other = httpx.post(url, headers=keyed, json={"scope": "met"})
+    assert other.status_code == 409, other.text
+
+
 @pytest.mark.parametrize(
     ("player", "fact_id", "body", "field"),
     [

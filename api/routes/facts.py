@@ -38,6 +38,7 @@ class FactsPage(FactsOut):
 class Gossiped(BaseModel):
     fact: FactView
     moves: list[MoveView]
+    replayed: bool = Field(False, description="an earlier request under the Idempotency-Key made this move")
 
 
 def _refused(exc: FactRefused) -> HTTPException:
@@ -91,13 +92,19 @@ def get_facts(
     "/{player:path}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)]
 )
 def move_fact(
-    player: Player, fact_id: FactId, body: FactMoveIn, who: Annotated[Caller, Depends(needs("ingest"))]
+    player: Player,
+    fact_id: FactId,
+    body: FactMoveIn,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> Gossiped:
-    """Gossip: the fact reaches another scope's NPCs from now on; the move is recorded."""
+    """Gossip: the fact reaches another scope's NPCs from now on; the move is recorded (a move to the
+    scope it is in records nothing). `Idempotency-Key` makes a retry safe: it moves nothing again and
+    answers with the fact as it stands, `replayed` (409 when the key was used for another move)."""
     try:
-        fact, moves = facts.gossip(who.tenant, player, fact_id, body)
+        fact, moves, replayed = facts.gossip(who.tenant, player, fact_id, body, idempotency_key)
     except FactNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
     except FactRefused as exc:
         raise _refused(exc) from exc
-    return Gossiped(fact=fact, moves=moves)
+    return Gossiped(fact=fact, moves=moves, replayed=replayed)
