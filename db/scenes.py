@@ -438,21 +438,58 @@ def reopen_failed_scenes(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> 
     return int(result.rowcount)  # type: ignore[attr-defined]
 
 
-def unsent_next_step(*, session: Session, conversation_id: int) -> tuple[NewStep, bool] | None:
-    """A scene's next step whose message may never have reached the broker, and whether it failed
-    for that (broker_unreachable; False: still queued, never recorded sent); None when there is no
-    such step, or it met any other end."""
-    row = session.execute(
-        select(Turn.id, Turn.status, Turn.error_code, Turn.dispatched_at, Scene.model, Scene.lane)
-        .join(Scene, Scene.id == Turn.scene_id)
-        .where(Scene.conversation_id == conversation_id, Turn.scene_step == Scene.steps_done + 1)
-    ).first()
-    if row is None:
-        return None
-    failed = row.status == TurnStatus.FAILED and row.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
-    if not failed and not (row.status == TurnStatus.QUEUED and row.dispatched_at is None):
-        return None
-    return NewStep(row.id, row.model, row.lane), failed
+# A step whose message never reached the broker (db/turns.py fail_unsent).
+_NEVER_SENT = (Turn.status == TurnStatus.FAILED) & (Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value)
+
+
+def replay_unsent_step(*, session: Session, conversation_id: int) -> tuple[list[NewStep], list[NewStep]]:
+    """replay: a replayed call's scene step whose message never went. One failed for that
+    (broker_unreachable) is queued again, its scene reopened, to be sent as new (the first list: sent,
+    or failed again); one still queued and never recorded sent, to be sent once more with nothing
+    failed if the broker is away (the second: the worker that created it may be sending it now). The
+    scene row is locked first, as extend does."""
+    scene = session.scalars(
+        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
+    ).one_or_none()
+    if scene is None:
+        return [], []
+    step = scene.steps_done + 1
+    never_sent = (Turn.status == TurnStatus.FAILED) & (
+        Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
+    )
+    revived = _requeue_step(session, scene, step, never_sent)
+    if revived is not None:
+        if scene.status == SceneStatus.FAILED:  # that failure closed it
+            scene.status, scene.ended_reason, scene.finished_at = SceneStatus.OPEN, None, None
+        return [NewStep(revived, scene.model, scene.lane)], []
+    waiting = session.scalar(
+        select(Turn.id).where(
+            Turn.scene_id == scene.id,
+            Turn.scene_step == step,
+            Turn.status == TurnStatus.QUEUED,
+            Turn.dispatched_at.is_(None),
+        )
+    )
+    return [], [] if waiting is None else [NewStep(waiting, scene.model, scene.lane)]
+
+
+def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElement[bool]) -> uuid.UUID | None:
+    """The scene's step `step`, if `which` holds for it, queued again to be sent (its attempts and
+    refunds back; engine deaths stay: a step that kills the engine is still stopped)."""
+    return session.scalar(
+        update(Turn)
+        .where(Turn.scene_id == scene.id, Turn.scene_step == step, which)
+        .values(
+            status=TurnStatus.QUEUED,
+            error=None,
+            error_code=None,
+            finished_at=None,
+            dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
+            attempts=0,
+            outage_refunds=0,
+        )
+        .returning(Turn.id)
+    )
 
 
 class SceneClosed(ValueError):
@@ -503,28 +540,7 @@ def extend_scene(
         step = scene.steps_done + 1
         # The step's message never reached the broker, or the step closed the scene: it goes out again.
         ended_it = Turn.status.in_([TurnStatus.FAILED, TurnStatus.CANCELLED]) if closed else false()
-        unsent = session.scalar(
-            update(Turn)
-            .where(
-                Turn.scene_id == scene.id,
-                Turn.scene_step == step,
-                or_(
-                    (Turn.status == TurnStatus.FAILED)
-                    & (Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value),
-                    ended_it,
-                ),
-            )
-            .values(
-                status=TurnStatus.QUEUED,
-                error=None,
-                error_code=None,
-                finished_at=None,
-                dispatched_at=None,
-                attempts=0,  # engine_deaths stay: a step that kills the engine is still stopped
-                outage_refunds=0,
-            )
-            .returning(Turn.id)
-        )
+        unsent = _requeue_step(session, scene, step, or_(_NEVER_SENT, ended_it))
         if unsent is not None:
             session.info.setdefault(NEW_STEPS_KEY, []).append(NewStep(unsent, scene.model, scene.lane))
         else:

@@ -3,6 +3,7 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -19,18 +20,19 @@ from db.scenes import (
     extend_scene,
     last_lines_after,
     pop_new_steps,
-    reopen_failed_scenes,
+    replay_unsent_step,
     scene_transcript,
-    unsent_next_step,
 )
 from db.session import session_scope
-from db.turns import mark_dispatched, revive_unsent
+from db.turns import mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
 from services.producer import EnqueueError, send_new_turns
 from services.runs.scene_lines import scene_of
+
+logger = logging.getLogger(__name__)
 
 
 class SceneRefused(ValueError):
@@ -50,10 +52,11 @@ def start_group(
 ) -> dict[str, Any]:
     """Create the group conversation and its live scene (and its first step, if it asks for
     exchanges now); its view, with `replayed` true when an earlier request under `idempotency_key`
-    created it (its view as it stands now; only a first step whose message never went is sent
+    created it (its view as it stands now; only a next step whose message never went is sent
     again). SceneRefused for an unknown character or a conversation in use; KeyReused when the key
     was used for another group."""
-    earlier = None
+    earlier: list[int] | None = None
+    again: list[NewStep] = []
     with session_scope() as session:
         if idempotency_key is not None:  # taken first: a second start under the key waits for this one
             digest = fingerprint(spec.model_dump(mode="json"))
@@ -61,35 +64,21 @@ def start_group(
                 session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, request_hash=digest
             )
         if earlier is not None:
-            steps = _unsent_step(session, _conversation_id(session, spec.conversation, tenant))
+            conv_id = _conversation_id(session, spec.conversation, tenant)
+            steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
             steps = _create_group(session, spec, tenant=tenant, api_key=api_key, key=idempotency_key)
     try:
         _send(steps)
     except EnqueueError as exc:  # the group is stored: a second POST would find it a group already
-        raise EnqueueError(
-            f"{exc}; the group is stored: the same request again under its Idempotency-Key, or POST "
-            f"/v1/scenes/{spec.conversation}:continue, sends its first line"
-        ) from None
+        go_on = f"POST /v1/scenes/{spec.conversation}:continue"
+        if idempotency_key is not None:
+            go_on = f"the same request again under its Idempotency-Key, or {go_on},"
+        raise EnqueueError(f"{exc}; the group is stored: {go_on} sends its first line") from None
     return scene_view(spec.conversation, tenant=tenant, tail=True) | {
-        "sent": [str(s.turn_id) for s in steps],
+        "sent": [str(s.turn_id) for s in steps + _send_again(again)],
         "replayed": earlier is not None,
     }
-
-
-def _unsent_step(session: Any, conversation_id: int) -> list[NewStep]:
-    """A replayed call's step, when its message never went (the call answered 503, or died between
-    its commit and its send): queued again (its scene reopened) to be sent once more. A duplicate
-    message is harmless: claims are exactly-once."""
-    found = unsent_next_step(session=session, conversation_id=conversation_id)
-    if found is None:
-        return []
-    step, failed = found
-    if failed:
-        if not revive_unsent(session=session, turn_ids=[step.turn_id]):
-            return []
-        reopen_failed_scenes(session=session, turn_ids=[step.turn_id])
-    return [step]
 
 
 def _create_group(
@@ -135,7 +124,8 @@ def continue_group(
     earlier call used, nothing more is asked (`replayed`; only a step whose message never went is
     sent again). KeyError if the tenant has no such group; KeyReused when the key was used for
     another call."""
-    earlier = None
+    earlier: list[int] | None = None
+    again: list[NewStep] = []
     with session_scope() as session:
         if idempotency_key is not None:
             digest = fingerprint({"conversation": conversation, "exchanges": exchanges})
@@ -144,7 +134,7 @@ def continue_group(
             )
         conv_id = _conversation_id(session, conversation, tenant)
         if earlier is not None:
-            steps = _unsent_step(session, conv_id)
+            steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
             scene, steps = extend_scene(
                 session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
@@ -154,7 +144,7 @@ def continue_group(
                 record_ids(session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, ids=ids)
     _send(steps)
     return scene_view(conversation, tenant=tenant, tail=True) | {
-        "sent": [str(s.turn_id) for s in steps],
+        "sent": [str(s.turn_id) for s in steps + _send_again(again)],
         "replayed": earlier is not None,
     }
 
@@ -203,6 +193,26 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
     if conv_id is None:
         raise KeyError(f"no group conversation {conversation!r}")
     return int(conv_id)
+
+
+def _send_again(steps: list[NewStep]) -> list[NewStep]:
+    """Send queued steps never recorded sent once more; those that went (recorded sent). The broker
+    away fails nothing: the worker that created a step may be sending it now."""
+    from tasks.generate import dispatch
+
+    went = []
+    for step in steps:
+        try:
+            dispatch([step.turn_id], model=step.model, lane=step.lane)  # type: ignore[arg-type]
+        except Exception:
+            logger.warning(
+                "scene step %s: could not send again; the sweeper will", step.turn_id, exc_info=True
+            )
+            continue
+        with session_scope() as session:
+            mark_dispatched(session=session, turn_ids=[step.turn_id])
+        went.append(step)
+    return went
 
 
 def _send(steps: list[NewStep]) -> None:

@@ -897,6 +897,40 @@ def test_continue_never_leaves_an_open_group_fewer_lines_than_it_owes(world, ste
     assert continue_group(conv, 8)["exchanges"] == 9  # the same call retried asks for nothing twice
 
 
+def test_a_replay_sends_again_a_step_never_recorded_sent_and_fails_nothing_if_the_broker_is_away(
+    world, steps_unconsumed, monkeypatch
+) -> None:
+    """Found in review of the replay above: a replay sent a queued step never recorded sent as new,
+    so the broker away failed it (broker_unreachable) and closed the scene, though the worker that
+    created the step, or the start that died after its send, may have sent it."""
+    from scenes.spec import GroupSpec
+    from services.scenes import start_group
+    from tasks import generate
+
+    spec = GroupSpec.model_validate(
+        {"conversation": f"group-{uuid.uuid4().hex[:8]}", "participants": ["luffy", "elara"], "exchanges": 2}
+    )
+    (step,) = start_group(spec, idempotency_key="died-after-commit")["sent"]
+    with session_scope() as s:  # as if the start died between its commit and its send
+        s.execute(update(Turn).where(Turn.id == uuid.UUID(step)).values(dispatched_at=None))
+
+    def away(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the broker is away")
+
+    real = generate.dispatch
+    monkeypatch.setattr(generate, "dispatch", away)
+    replay = start_group(spec, idempotency_key="died-after-commit")
+    assert replay["replayed"] and replay["sent"] == [] and replay["status"] == "open"
+    with session_scope() as s:
+        turn = s.get(Turn, uuid.UUID(step))
+        assert (turn.status, turn.dispatched_at) == (TurnStatus.QUEUED, None)  # failed nothing
+    monkeypatch.setattr(generate, "dispatch", real)
+    assert start_group(spec, idempotency_key="died-after-commit")["sent"] == [step]
+    with session_scope() as s:
+        assert s.get(Turn, uuid.UUID(step)).dispatched_at is not None
+    assert start_group(spec, idempotency_key="died-after-commit")["sent"] == []  # recorded sent now
+
+
 def test_a_continue_retried_under_its_key_asks_for_nothing_more(world, steps_unconsumed) -> None:
     """Found in review: `:continue` took no key, and a call retried once its step was stored counted
     that step as owed on top of the lines asked for: each retry after a lost answer cost a line."""

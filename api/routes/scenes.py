@@ -30,7 +30,7 @@ async def post_scene(
 ) -> dict[str, Any]:
     """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane).
     `Idempotency-Key` makes a retry safe: it answers 200 with the group the first request started, as
-    it stands now, and sends again only a first line whose message never went (409 when the key was
+    it stands now, and sends again only its next line whose message never went (409 when the key was
     used for another group)."""
 
     def start() -> dict[str, Any]:  # validated here, in a thread: a format's grammar may take seconds
