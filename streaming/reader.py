@@ -15,8 +15,10 @@ Event ids are the Redis stream ids, so a reader resumes with `Last-Event-ID`; th
 up from the stored turn and `done` carry the id `final`; `restarted`, `timeout` and a failed or
 cancelled turn's `error` carry none, so a resume continues after the last delta shown (a failed turn
 sent again may yet be answered), and one after `final` gets `done` alone (the whole reply was shown).
-A resume whose id is no longer in the stream (trimmed, expired, lost) starts with `restarted` and is
-then served as a new reader.
+A resume whose id is no longer in the stream (trimmed, expired, lost), or whose stream cannot be
+read, starts with `restarted` and is then served as a new reader; unless its caller says what text it
+showed up to that id (`shown_text`: a chat completion, which cannot take text back), when it goes on
+from the stored turn after that text.
 """
 
 from __future__ import annotations
@@ -196,8 +198,9 @@ class TurnReader:
             self._cursor = last
             if first_seq.get(self._shown.claim) not in (None, 1):
                 # The claim's first deltas were trimmed: this reader cannot tell what the client
-                # was shown of them, so the client starts again from the stored reply.
-                self._restart_first = True
+                # was shown of them, so the client starts again from the stored reply (or, when it
+                # says what it showed, goes on from that).
+                self._restart_first = not self._from_text_shown()
         except _UNREADABLE:
             logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
             self._restart_first, self._unreadable = not self._from_text_shown(), True

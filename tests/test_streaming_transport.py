@@ -176,6 +176,12 @@ def test_a_resume_whose_place_is_lost_goes_on_after_the_text_its_caller_showed(m
     assert _codes(resumed) == ["runs north.", "done"]
     # text the stored reply does not start with (another claim wrote it): discarded, as before
     assert _codes(_read(turn_id, last_event_id="1-0", shown_text="A cart "))[0] == "restarted"
+    # the place is there, but the claim's first deltas were trimmed (found in review of this fix)
+    trimmed = _turn()
+    (at,) = _xadd(trimmed, (str(uuid.uuid4()), "road ", 2))  # seq 1 is gone
+    _answered(trimmed, "The road runs north.")
+    assert _codes(_read(trimmed, last_event_id=at))[0] == "restarted"
+    assert _codes(_read(trimmed, last_event_id=at, shown_text="The road ")) == ["runs north.", "done"]
     monkeypatch.setattr("streaming.reader.redis_url", lambda: "redis://127.0.0.1:1/0")  # Redis away
     assert _codes(_read(turn_id, last_event_id="1-0", shown_text="The road ")) == ["runs north.", "done"]
 
