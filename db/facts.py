@@ -46,8 +46,8 @@ class FactHit:
     importance: float
     relevance: float
     recency: float
-    # About this conversation's player, under the player's id (a game's fact written with no subject):
-    # the prompt names the player as the conversation does, never by the game's id.
+    # A game's fact written with no subject is stored under the player's id, which a prompt never
+    # shows (`subject` is then ''): one about this conversation's player names them as it does.
     about_player: bool = False
 
     @property
@@ -94,9 +94,9 @@ def player_facts(
     return list(session.scalars(query.order_by(Fact.id).limit(limit)))
 
 
-def get_fact(*, session: Session, tenant: str, fact_id: int) -> Fact | None:
-    """The fact if it belongs to this tenant."""
-    fact = session.get(Fact, fact_id)
+def get_fact(*, session: Session, tenant: str, fact_id: int, lock: bool = False) -> Fact | None:
+    """The fact if it belongs to this tenant (`lock`: its row locked until the transaction ends)."""
+    fact = session.get(Fact, fact_id, with_for_update=lock or None)
     return fact if fact is not None and fact.tenant == tenant else None
 
 
@@ -175,8 +175,9 @@ SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, 
        f.about_player
 FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
-    SELECT id, kind, subject, text, source, scope, importance,
-           (f.subject = f.player_id AND f.player_id = c.player_id) AS about_player,
+    SELECT id, kind, text, source, scope, importance,
+           CASE WHEN f.subject = f.player_id THEN '' ELSE f.subject END AS subject,
+           (f.kind = 'player' AND f.subject = f.player_id AND f.player_id = c.player_id) AS about_player,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
            CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f

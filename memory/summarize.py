@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from core.settings import settings
@@ -84,28 +85,42 @@ def fitted(work: SummaryWork, who: Speakers, builder: Any | None) -> SummaryWork
     model wrote them. Without the model's builder (no engine loaded) the work is kept whole."""
     if builder is None:
         return work
-    cut, count, least = (
-        (work.first_parts, len(work.parts), 2) if work.parts else (work.first_lines, len(work.lines), 1)
-    )
-    if count <= least:
-        return work
     from memory.generate import request_ids
 
     budget = builder.max_model_len - settings.memory_summary_max_tokens
 
-    def fits(n: int) -> bool:
-        return len(request_ids(builder, *summary_prompt(cut(n), who))[0]) <= budget
+    def fits(part: SummaryWork) -> bool:
+        return len(request_ids(builder, *summary_prompt(part, who))[0]) <= budget
 
-    if fits(count):
+    cut, count, least = (
+        (work.first_parts, len(work.parts), 2) if work.parts else (work.first_lines, len(work.lines), 1)
+    )
+    if fits(work):
         return work
     low, high = least, count - 1  # the most that fit lie in [low, high] (or `least` fits not even)
     while low < high:
         mid = (low + high + 1) // 2
-        if fits(mid):
+        if fits(cut(mid)):
             low = mid
         else:
             high = mid - 1
-    return cut(low)
+    work = cut(min(low, count))
+    if work.parts and not fits(work):  # even two parts are too long: each keeps an even share
+        return _shared(work, fits)
+    return work  # one line too long for the request: the request's own cut takes its end
+
+
+def _shared(work: SummaryWork, fits: Callable[[SummaryWork], bool]) -> SummaryWork:
+    """The merge with each part cut to the longest even length (characters) its request fits: every
+    part it marks merged is read, in part."""
+    low, high = 1, max(len(text) for _, text in work.parts)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(replace(work, parts=[(i, text[:mid]) for i, text in work.parts])):
+            low = mid
+        else:
+            high = mid - 1
+    return replace(work, parts=[(i, text[:low]) for i, text in work.parts])
 
 
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:

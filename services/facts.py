@@ -146,8 +146,9 @@ def _check_owner(tenant: str, player: str) -> None:
 
 def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:
     """Store the facts (embedded), all or none; a fact naming `supersedes` replaces that one. A
-    transaction PostgreSQL ends as a deadlock's victim is run again (writes supersede in id order,
-    but fact extraction supersedes in its answer's order), at most CONFLICT_TRIES times in all."""
+    transaction PostgreSQL ends as a deadlock's victim is run again, at most CONFLICT_TRIES times in
+    all (writes and fact extraction both supersede in id order; a deadlock with another statement
+    stays possible)."""
     return write_facts_once(tenant, player, facts, None)[0]
 
 
@@ -168,7 +169,8 @@ def write_facts_once(
             )
             if known is not None:
                 return _facts_by_id(session, tenant, known), True
-    vectors = embed([f"{f.subject}: {f.text}" if f.subject else f.text for f in facts])  # never the id
+    # As db/reembed.py embeds them: a fact stored under the player's id embeds its text alone.
+    vectors = embed([f.text if (f.subject or player) == player else f"{f.subject}: {f.text}" for f in facts])
     return again_on_conflict(
         lambda: _store_facts(tenant, player, facts, vectors, idempotency_key, digest),
         what=f"facts of player {player!r}",
@@ -271,7 +273,9 @@ def gossip(
             earlier = take_key(
                 session=session, tenant=tenant, kind=MOVES_KEY, key=idempotency_key, request_hash=digest
             )
-        fact = get_fact(session=session, tenant=tenant, fact_id=fact_id)
+        # Locked: a move to where the fact is already answers what it is, not what another move
+        # committed meanwhile changed.
+        fact = get_fact(session=session, tenant=tenant, fact_id=fact_id, lock=True)
         if fact is None or fact.player_id != player:
             raise FactNotFound(f"no fact {fact_id} of player {player!r}")
         if earlier is None:

@@ -474,6 +474,31 @@ def test_a_merge_too_long_for_its_request_merges_the_parts_that_fit_and_leaves_t
     assert [x.id for x in shown] == [top] + [pid for pid, _ in merge.parts[len(fit.parts) :]]  # none lost
 
 
+def test_a_merge_of_two_parts_too_long_for_its_request_reads_part_of_each(tokenizer, monkeypatch) -> None:
+    """Found in review of the fix above: two parts that did not fit together were still sent whole,
+    so the request's cut took the second unread (and it was marked merged)."""
+    from core.settings import settings
+    from db.summaries import SummaryWork
+    from memory.generate import request_ids
+    from memory.prompts import speakers
+    from memory.summarize import fitted, summary_prompt
+
+    monkeypatch.setattr(settings, "memory_summary_max_tokens", 512)
+    builder = PromptBuilder(tokenizer, settings.resolved_prompt_format, 1024)
+    who = speakers(builder, "Elara", "Rowan")
+    parts = [
+        (1, "Part one: " + "Rowan met Elara at the mill. " * 60),
+        (2, "Part two: " + "Mira ran north. " * 90),
+    ]
+    merge = SummaryWork(7, 1, 1, 40, parts=parts, seqs=[20, 40])
+    fit = fitted(merge, who, builder)
+    system, body = summary_prompt(fit, who)
+    assert len(request_ids(builder, system, body)[0]) <= 1024 - 512
+    assert [i for i, _ in fit.parts] == [1, 2] and (fit.first_seq, fit.last_seq) == (1, 40)
+    assert "Part two: Mira ran north." in body  # the newest part is read too
+    assert len({len(text) for _, text in fit.parts}) == 1  # an even share each
+
+
 def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(monkeypatch) -> None:
     """Found in review: an empty answer stored nothing, and a merge due always comes before new
     lines; seeded, the same merge answered empty again at every reply, so no summary was written
@@ -774,20 +799,24 @@ def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_n
         conv = upsert_conversations(session=s, rows=[row], tenant="")[external][0]
     stranger = _conversation("elara", f"q-{uuid.uuid4().hex[:6]}")
     stole = FactIn(text="Stole a silver ring from the innkeeper.", scope="world")
-    (written,) = write_facts("", player, [stole])
+    bridge = FactIn(text="The bridge to Eastmarch is out.", kind="world", scope="world")  # not about him
+    written, news = write_facts("", player, [stole, bridge])
     vec = embed(["what did I steal?"])[0]
     with session_scope() as s:
         mine, theirs = facts_for_turns(
             session=s, conversation_ids=[conv, stranger], vectors=[vec, vec], k=50, half_life_s=HALF_LIFE
         )
     (hit,) = [h for h in mine if h.id == written.id]
-    assert hit.about_player and not [h for h in theirs if h.id == written.id][0].about_player
-    context = TurnContext(recent=[HistoryLine(3, "user", "Hello again.", 3)], facts=[hit])
+    (elsewhere,) = [h for h in theirs if h.id == written.id]
+    (world,) = [h for h in mine if h.id == news.id]
+    assert hit.about_player and not elsewhere.about_player and not world.about_player
+    assert player not in elsewhere.subject + world.subject  # the id is shown nowhere
+    context = TurnContext(recent=[HistoryLine(3, "user", "Hello again.", 3)], facts=[hit, world])
     built = PromptBuilder(tokenizer, "chat_template", 4096).build(
         PromptInput(_card(), "Rowan", "What did I steal?", context, 32)
     )
     assert "- (Rowan) Stole a silver ring from the innkeeper." in built.text
-    assert player not in built.text
+    assert "- The bridge to Eastmarch is out." in built.text and player not in built.text
 
 
 def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_budget(tokenizer) -> None:

@@ -171,6 +171,39 @@ def test_gossip_over_http_records_the_move(base_url) -> None:
     ]
 
 
+def test_a_move_to_where_the_fact_was_waits_for_a_move_in_flight_and_answers_what_it_is(world) -> None:
+    """Found in review of the no-op move: the "already there" check read the fact unlocked, so a move
+    racing another answered 200 with a scope the fact had already left."""
+    import threading
+
+    from sqlalchemy import update
+
+    from db.models import Fact, FactScope
+    from services.facts import FactIn, FactMoveIn, gossip, write_facts
+
+    player = f"p-{uuid.uuid4().hex[:8]}"
+    (fact,) = write_facts("", player, [FactIn(text="Rowan stole a ring.", scope="story", story="riverside")])
+    answered: list[object] = []
+    with session_scope() as other:  # another request's move, not yet committed
+        other.execute(update(Fact).where(Fact.id == fact.id).values(scope=FactScope.WORLD, scope_ref=""))
+        mover = threading.Thread(
+            target=lambda: answered.append(
+                gossip("", player, fact.id, FactMoveIn(scope="story", story="riverside"))
+            )
+        )
+        mover.start()
+        mover.join(timeout=2)
+        assert mover.is_alive()  # it waits for the other move's transaction
+    mover.join(timeout=30)
+    (view, moves, _), *_ = answered
+    with session_scope() as s:
+        stored = s.get(Fact, fact.id)
+        assert (
+            (view.scope, view.scope_ref) == (stored.scope.value, stored.scope_ref) == ("story", "riverside")
+        )
+    assert [(m.from_scope, m.to_scope) for m in moves] == [("world", "story")]
+
+
 def test_a_retried_move_moves_nothing_again(base_url) -> None:
     """Found in review: a move retried after a lost answer was recorded again (from a scope to the
     same scope), and one retried after another move took the fact back where it had been."""
@@ -307,8 +340,8 @@ def test_two_writes_superseding_the_same_facts_in_other_orders_never_deadlock(wo
 
 
 def test_a_fact_write_a_deadlock_ended_is_written_again(world, monkeypatch) -> None:
-    """Fact extraction still supersedes in its answer's order, so a game write can still be a
-    deadlock's victim; it was a 500, and is now run again (its transaction rolled back whole)."""
+    """A game write can still be a deadlock's victim (with a statement that takes facts in another
+    order); it was a 500, and is now run again (its transaction rolled back whole)."""
     from psycopg.errors import DeadlockDetected
     from sqlalchemy.exc import OperationalError
 
