@@ -13,9 +13,10 @@ import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from psycopg.errors import LockNotAvailable
-from sqlalchemy import ColumnElement, Connection, column, func, select, table
+from sqlalchemy import ColumnElement, Connection, column, func, literal_column, select, table
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -29,6 +30,12 @@ _PG_LOCKS = table(
     column("objsubid"),
     column("granted"),
     column("pid"),
+    column("database"),
+)
+# pg_locks shows every database of the server: a lock of the same name in another (staging beside
+# production, say) is not this database's.
+_THIS_DATABASE: ColumnElement[Any] = literal_column(
+    "(SELECT oid FROM pg_database WHERE datname = current_database())"
 )
 
 
@@ -76,6 +83,7 @@ def held_by(*, session: Session, namespace: int, key: int, pid: int | None = Non
             _PG_LOCKS.c.objid == unsigned,
             _PG_LOCKS.c.objsubid == 2,  # the two-key form
             _PG_LOCKS.c.granted,
+            _PG_LOCKS.c.database == _THIS_DATABASE,
         )
     )
     if pid is not None:

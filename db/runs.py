@@ -584,10 +584,13 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         session.scalars(
             update(Turn)
             .where(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED)
-            .values(
+            .values(  # a fresh start: what counted toward its failure counts no more
                 status=TurnStatus.QUEUED,
                 attempts=0,
                 outage_refunds=0,
+                engine_deaths=0,
+                deferred_since=None,
+                deferrals=0,
                 error=None,
                 error_code=None,
                 finished_at=None,
@@ -611,11 +614,12 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
 
 
 def find_run(*, session: Session, ref: str) -> Run | None:
-    """A run by id or by name."""
+    """A run by id or by name (a name that reads as an id, a file's content hash say, too)."""
     try:
-        return session.get(Run, uuid.UUID(ref))
+        found = session.get(Run, uuid.UUID(ref))
     except ValueError:
-        return session.scalars(select(Run).where(Run.name == ref)).one_or_none()
+        found = None
+    return found or session.scalars(select(Run).where(Run.name == ref)).one_or_none()
 
 
 def run_counts(*, session: Session, run_id: uuid.UUID) -> RunCounts:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -413,3 +414,79 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
         with session_scope() as s:
             assert s.get_one(Run, sub.id).status == RunStatus.VALIDATING
     assert sweeper.close_abandoned_runs(older_than_s=0).get(sub.name) == "failed: submission interrupted"
+
+
+def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(world) -> None:
+    """Found in review: `retry_failed` reset a turn's attempts but not its engine deaths or its
+    deferral clock, so after the fix it was retried for, one unrelated engine restart (or one more
+    stall of the turn before it) failed it again at once."""
+    from db.models import TurnErrorCode
+    from db.runs import reopen_failed
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (turn_id,) = queue_run("studio-a", [Spec("Hi", "Hello.", quality(0.5))])
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        crash = Failure("inside the engine at 2 engine deaths", TurnErrorCode.ENGINE_CRASH_LOOP)
+        assert fail_turns(session=s, token=claim.token, failures={turn_id: crash}) == [turn_id]
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(engine_deaths=2, deferrals=5, deferred_since=text("now() - interval '1 hour'"))
+        )
+    with session_scope() as s:
+        assert reopen_failed(session=s, run_id=run_id) == [turn_id]
+    with session_scope() as s:
+        turn = s.get(Turn, turn_id)
+        assert (turn.status, turn.engine_deaths, turn.deferrals, turn.deferred_since) == (
+            TurnStatus.QUEUED,
+            0,
+            0,
+            None,
+        )
+
+
+def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:
+    """Found in review: a name that reads as a UUID (a file named by its content hash: the default
+    name is the file's stem) was looked up as an id only, and its run was never found by name."""
+    from db.runs import find_run
+    from tests.desk_data import Spec, quality, queue_run
+
+    name = uuid.uuid4().hex  # 32 hex characters: uuid.UUID() reads it
+    run_id, _ = queue_run("studio-a", [Spec("Hi", "Hello.", quality(0.5))], name=name)
+    with session_scope() as s:
+        assert (found := find_run(session=s, ref=name)) is not None and found.id == run_id
+        assert find_run(session=s, ref=str(run_id)).id == run_id  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["a/b", "/tmp/x", "a\\b", ".", ".."])
+def test_a_run_name_that_names_no_file_of_its_own_is_refused(tmp_path, name) -> None:
+    """Found in review: the export writes `<name>.results.jsonl` in its folder; a name with a "/" was
+    a FileNotFoundError at export, and an absolute one wrote outside the folder."""
+    from services.runs.submit import check_run_name
+
+    with pytest.raises(ValueError, match="^run name: "):
+        check_run_name(name)
+    assert check_run_name("nightly-2026.12.04") == "nightly-2026.12.04"
+
+
+def test_a_submission_lock_of_another_database_on_the_server_is_not_this_ones(world, scratch_db) -> None:
+    """Found in review: the check read pg_locks for the whole server, so a run of the same name in
+    another database (staging beside production) made a dead submission here look alive."""
+    from db.advisory_locks import held_by, name_key
+
+    namespace, key = 0x6D6C7274, name_key(f"nightly-{uuid.uuid4().hex[:6]}")
+    scratch_db.execute(text("SELECT pg_advisory_lock(:ns, :key)"), {"ns": namespace, "key": key})
+    try:
+        with session_scope() as s:
+            assert not held_by(session=s, namespace=namespace, key=key)
+        from db.session import get_engine
+
+        with get_engine().connect() as conn:  # this database's own holder: seen
+            conn.execute(text("SELECT pg_advisory_lock(:ns, :key)"), {"ns": namespace, "key": key})
+            with session_scope() as s:
+                assert held_by(session=s, namespace=namespace, key=key)
+            conn.execute(text("SELECT pg_advisory_unlock(:ns, :key)"), {"ns": namespace, "key": key})
+    finally:
+        scratch_db.execute(text("SELECT pg_advisory_unlock(:ns, :key)"), {"ns": namespace, "key": key})

@@ -107,6 +107,8 @@ def check_run_name(name: str) -> str:
         raise ValueError("run name: must not be empty")
     if len(name) > _KEY_CHARS:
         raise ValueError(f"run name: {len(name)} characters; the limit is {_KEY_CHARS}")
+    if "/" in name or "\\" in name or name in (".", ".."):  # it names the export's files
+        raise ValueError(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
     return name
 
 
