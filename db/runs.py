@@ -112,7 +112,8 @@ def create_run(
     An existing run of another file is replaced only while it holds no turns and is not live
     (its validation failed, or its submission died before storing a line); otherwise RunConflict.
     The caller holds the name's submission lock. `fields`: the run's other columns (format, options,
-    metadata, window, files, callback), set on creation and on a replacement.
+    metadata, window, files, callback), set on creation, on a replacement, and on a run of the same
+    file that holds no turns yet (a submission that failed validation, sent again with other options).
     """
     fields = fields or {}
     run_id = session.scalar(
@@ -133,6 +134,17 @@ def create_run(
         return session.get_one(Run, run_id), True
     run = session.scalars(select(Run).where(Run.name == name)).one()
     if run.file_hash == file_hash:
+        if fields:  # a run that stored no line yet takes this submission's options and columns
+            session.execute(
+                update(Run)
+                .where(
+                    Run.id == run.id,
+                    Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
+                    ~exists().where(Turn.run_id == Run.id),
+                )
+                .values(**fields)
+            )
+            session.refresh(run)
         return run, False
     replaced = session.scalar(
         update(Run)
@@ -304,9 +316,13 @@ def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
     return status
 
 
-def run_options(*, session: Session, name: str) -> dict[str, Any] | None:
-    """The line options the run of that name was created with; None if there is no such run."""
-    return session.scalar(select(Run.options).where(Run.name == name))
+def run_options(*, session: Session, name: str) -> tuple[dict[str, Any] | None, bool]:
+    """The line options the run of that name was submitted with (None if there is no such run), and
+    whether it holds turns (stored under them: a resume keeps them)."""
+    row = session.execute(
+        select(Run.options, exists().where(Turn.run_id == Run.id)).where(Run.name == name)
+    ).first()
+    return (None, False) if row is None else (row[0], bool(row[1]))
 
 
 def run_tenant(*, session: Session, name: str) -> str | None:

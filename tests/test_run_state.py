@@ -490,3 +490,20 @@ def test_a_submission_lock_of_another_database_on_the_server_is_not_this_ones(wo
             conn.execute(text("SELECT pg_advisory_unlock(:ns, :key)"), {"ns": namespace, "key": key})
     finally:
         scratch_db.execute(text("SELECT pg_advisory_unlock(:ns, :key)"), {"ns": namespace, "key": key})
+
+
+def test_a_run_that_stored_nothing_takes_the_options_it_is_sent_again_with(quiet_model, tmp_path) -> None:
+    """Found in review: the options a run was first submitted with always won, so a file refused
+    with "this run does not allow a system prompt of its own", sent again with that option as the
+    error asks, was refused the same way for good under its name."""
+    from services.runs.validate import LineOptions
+
+    path = _file(tmp_path, 3, system_prompt="You are a terse ferryman.")
+    name = "options-" + tmp_path.name
+    with pytest.raises(RunValidationError, match="system_prompt"):
+        submit_run(path, name=name)
+    sub = submit_run(path, name=name, options=LineOptions(allow_system_prompt=True))
+    assert sub.stored == 3
+    # Once it holds turns, a resume keeps the options they were stored under.
+    with session_scope() as s:
+        assert s.scalar(select(Run.options).where(Run.name == name))["allow_system_prompt"] is True

@@ -128,7 +128,8 @@ def submit_run(
     A new name creates the run. The same name and file again resumes a submission that failed or
     died, and is a no-op for one that finished. Raises RunValidationError (nothing stored), RunBusy,
     RunConflict, or SubmissionFailed (the run is `failed`; resubmit to resume). `options` say what
-    the file's lines may do (a resumed run keeps the ones it was created with); `fields` are the
+    the file's lines may do (a run holding turns keeps the ones they were stored under; one that
+    stored nothing yet takes these, or keeps its own when None); `fields` are the
     run's other columns (metadata, window, files), set when it is created. `retry_later`: a
     submission that stops leaves the run `validating` for its caller to try again (a batch's).
     `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
@@ -140,7 +141,10 @@ def submit_run(
                 f"run {name!r} is busy: another process is submitting it, or housekeeping is closing it;"
                 " try again shortly"
             )
-        options = _stored_options(name) or options or LineOptions()
+        kept, resumed = _stored_options(name)
+        # A run holding turns keeps the options they were stored under; one that stored nothing yet (its
+        # validation failed, say) takes the caller's, as its error asked.
+        options = (kept if resumed else options or kept) or LineOptions()
         tenant = _stored_tenant(name)
         check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines)
         with session_scope() as session:
@@ -204,11 +208,11 @@ def submit_run(
         return SubmittedRun(run_id, name, created, stored, sent, check.errors, status)
 
 
-def _stored_options(name: str) -> LineOptions | None:
-    """The line options a run of that name was created with (a resumed submission keeps them)."""
+def _stored_options(name: str) -> tuple[LineOptions | None, bool]:
+    """The line options a run of that name was submitted with, and whether it holds turns."""
     with session_scope() as session:
-        stored = run_options(session=session, name=name)
-    return None if stored is None else LineOptions(**stored)
+        stored, holds_turns = run_options(session=session, name=name)
+    return (None if stored is None else LineOptions(**stored)), holds_turns
 
 
 def _stored_tenant(name: str) -> str:
