@@ -448,14 +448,16 @@ def finalizing_runs(
 
 
 def finish_finalizing(
-    *, session: Session, run_id: uuid.UUID, output_file_id: str, error_file_id: str
+    *, session: Session, run_id: uuid.UUID, output_file_id: str, error_file_id: str, total_at_least: int = 0
 ) -> RunStatus | None:
     """finish_finalizing: finalizing → completed (or cancelled / expired, as the run was ended), with
-    its output and error files; None if the run was not finalizing."""
+    its output and error files, and its total raised to `total_at_least` (the requests its files
+    account for, those it never stored among them); None if the run was not finalizing."""
     status = session.scalar(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
         .values(
+            total=func.greatest(Run.total, total_at_least),
             status=case(
                 (Run.cancel_reason == "expired", RunStatus.EXPIRED.value),
                 (Run.cancel_reason == "cancelled", RunStatus.CANCELLED.value),
@@ -743,6 +745,13 @@ def run_refusals(*, session: Session, run_id: uuid.UUID) -> list[dict[str, Any]]
     """The run's well-formed requests refused by policy at submission: [{line, custom_id, message,
     param}]."""
     return list(session.scalar(select(Run.refused).where(Run.id == run_id)) or [])
+
+
+def run_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
+    """The custom ids of the run's stored turns."""
+    return set(
+        session.scalars(select(Turn.custom_id).where(Turn.run_id == run_id, Turn.custom_id.is_not(None)))
+    )
 
 
 def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:

@@ -41,6 +41,7 @@ from db.runs import (
     postpone_finalizing,
     postpone_submission,
     run_counts,
+    run_refusals,
     runs_counts,
     submission_lock,
 )
@@ -55,7 +56,7 @@ from services.files import (
     new_file_id,
 )
 from services.pages import list_object
-from services.runs.export import write_outputs
+from services.runs.export import write_never_stored, write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
 from services.runs.validate import RunValidationError, file_digest
@@ -396,7 +397,9 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
         "cancelling_at": _ts(run.cancelling_at),
         **stamps,
         "request_counts": {
-            "total": (counts.total + counts.refused) or run.total,
+            # run.total: the requests validated, or (once an ended batch's files are written) every
+            # request its files account for, those it never stored among them
+            "total": max(counts.total, run.total) + counts.refused,
             "completed": counts.completed,
             # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.
             "failed": counts.failed + counts.refused,
@@ -512,9 +515,13 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
                 return None
             run = session.get_one(Run, run_id)
             name, callback = run.name, run.callback_url
-            output_id, error_id = _write_files(session, run, written)
+            output_id, error_id, accounted = _write_files(session, run, written)
             finish_finalizing(
-                session=session, run_id=run_id, output_file_id=output_id, error_file_id=error_id
+                session=session,
+                run_id=run_id,
+                output_file_id=output_id,
+                error_file_id=error_id,
+                total_at_least=accounted,
             )
     except Exception as exc:
         logger.exception("run %s: writing its output files failed; trying again later", run_id)
@@ -601,17 +608,26 @@ def retry_callbacks() -> list[str]:
     return sent
 
 
-def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, str]:
-    """The run's output and error files and their rows; each path is added to `written` before it is
-    written, so the caller can remove them if the rows are not committed."""
+def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, str, int]:
+    """The run's output and error files and their rows, and the requests they account for (refused
+    ones aside); each path is added to `written` before it is written, so the caller can remove them
+    if the rows are not committed."""
     # Writing streams the turns and detaches the run: read what is needed of it first.
     name, api_key, tenant, expires_after_s = run.name, run.api_key, run.tenant, run.output_expires_after_s
+    run_id, reason, input_file_id = run.id, run.cancel_reason, run.input_file_id
     settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     output_id, error_id = new_file_id(), new_file_id()
     output_path = settings.batch_files_dir / f"{output_id}.jsonl"
     error_path = settings.batch_files_dir / f"{error_id}.jsonl"
     written += [output_path, error_path]
-    write_outputs(session, run, output_path, error_path, "openai")
+    stored = sum(write_outputs(session, run, output_path, error_path, "openai"))
+    stored -= len(run_refusals(session=session, run_id=run_id))
+    never = 0
+    found = find_file(input_file_id) if reason is not None and input_file_id else None
+    if found is not None and found.path.is_file():  # expired or cancelled: requests never stored too
+        never = write_never_stored(
+            session, run_id, expired=reason == "expired", input_path=found.path, errors_path=error_path
+        )
     for file_id, path, purpose in (
         (output_id, output_path, "batch_output"),
         (error_id, error_path, "batch_output"),  # OpenAI's purpose for both result files
@@ -627,7 +643,7 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
             tenant=tenant,
             expires_after_s=expires_after_s,
         )
-    return output_id, error_id
+    return output_id, error_id, stored + never
 
 
 def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:

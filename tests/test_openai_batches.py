@@ -733,6 +733,33 @@ def test_a_key_name_given_to_another_tenants_key_owns_none_of_the_first_tenants_
     assert batches.cancel_batch(batch_id, **first)["status"] in ("cancelling", "cancelled")
 
 
+def test_a_batch_ended_before_its_requests_were_stored_accounts_for_each_in_its_error_file(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: a batch cancelled or expired before its submission stored its lines (before
+    its first try, or part-way) wrote only its stored turns: the rest were in neither file, and its
+    request counts said 0 of 0."""
+    from services.files import find_file
+
+    owner = {"api_key": "k", "admin": False, "tenant": ""}
+    cancelled = _batch(tmp_path, 3)  # created, its submission not begun
+    ended = batches.cancel_batch(cancelled, **owner)
+    expired = _batch(tmp_path, 2)
+    with session_scope() as s:
+        s.execute(Run.__table__.update().where(Run.name == expired).values(expires_at=func.now()))
+    assert batches.expire_due_runs()
+    batches.finalize_runs()
+    for batch_id, n, code in ((cancelled, 3, "batch_cancelled"), (expired, 2, "batch_expired")):
+        state = batches.get_batch(batch_id, **owner)
+        assert state["status"] in ("cancelled", "expired") and state["request_counts"]["total"] == n, state
+        found = find_file(state["error_file_id"])
+        assert found is not None
+        lines = [json.loads(x) for x in found.path.read_text().splitlines()]
+        assert [x["custom_id"] for x in lines] == [f"b{i}" for i in range(n)]
+        assert all(x["response"] is None and x["error"]["code"] == code for x in lines)
+    assert ended["status"] == "cancelled"
+
+
 def test_a_batch_whose_file_is_deleted_while_it_is_created_is_refused_naming_the_file(
     quiet_model, tmp_path, monkeypatch
 ) -> None:

@@ -14,6 +14,7 @@ list, written to the error file after the turns.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from db.models import Run, Turn, TurnStatus
-from db.runs import iter_run_turns, run_refusals
+from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import session_scope
 from services.runs.control import require_run
 from services.runs.openai_lines import failure_status, message_content
@@ -73,6 +74,39 @@ def write_outputs(
             bad.write(json.dumps(refused_line(refusal, run), ensure_ascii=False) + "\n")
             n_err += 1
     return n_ok, n_err
+
+
+def write_never_stored(
+    session: Session, run_id: uuid.UUID, *, expired: bool, input_path: Path, errors_path: Path
+) -> int:
+    """Append to a batch's error file a line for each request of its input file that it neither
+    stored nor refused (it expired or was cancelled before its submission reached that line, or
+    before it began): OpenAI's `batch_expired` or `batch_cancelled`, `response: null`; how many. A
+    line that is not a JSON object with a string custom_id names no request and is left out."""
+    from services.runs.validate import iter_lines
+
+    seen = run_custom_ids(session=session, run_id=run_id)
+    seen |= {r["custom_id"] for r in run_refusals(session=session, run_id=run_id)}
+    error = {
+        "code": "batch_expired" if expired else "batch_cancelled",
+        "message": "the batch expired before this request was sent"
+        if expired
+        else "the batch was cancelled before this request was sent",
+    }
+    written = 0
+    with errors_path.open("a", encoding="utf-8") as bad:
+        for number, text in iter_lines(input_path):
+            try:
+                custom_id = json.loads(text).get("custom_id") if isinstance(text, str) else None
+            except (ValueError, RecursionError, AttributeError):  # not JSON, or not an object
+                continue
+            if not isinstance(custom_id, str) or custom_id in seen:
+                continue
+            seen.add(custom_id)
+            line = {"id": f"batch_req_{run_id.hex}-{number}", "custom_id": custom_id, "response": None}
+            bad.write(json.dumps(line | {"error": error}, ensure_ascii=False) + "\n")
+            written += 1
+    return written
 
 
 def _native_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
