@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, false, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -642,8 +642,16 @@ def last_lines_after(*, session: Session, conversation_id: int, n: int) -> int:
 
 
 def run_scenes(
-    *, session: Session, run_id: uuid.UUID, offset: int = 0, limit: int | None = None
+    *,
+    session: Session,
+    run_id: uuid.UUID,
+    offset: int = 0,
+    limit: int | None = None,
+    after: tuple[str, int] | None = None,
 ) -> list[Scene]:
-    """The run's scenes in custom_id order (from `offset`, at most `limit`)."""
+    """The run's scenes in custom_id order (from `offset`, or past the scene `after` names by its
+    (custom_id, id); at most `limit`)."""
     query = select(Scene).where(Scene.run_id == run_id).order_by(Scene.custom_id, Scene.id)
+    if after is not None:
+        query = query.where(tuple_(Scene.custom_id, Scene.id) > tuple_(literal(after[0]), literal(after[1])))
     return list(session.scalars(query.offset(offset).limit(limit)))

@@ -731,3 +731,25 @@ def test_the_runs_list_comes_in_pages_newest_first(services, world, base_url, mo
         assert refused.status_code == 400 and "page" in refused.text
     finally:
         client.close()
+
+
+def test_a_runs_scenes_are_exported_a_page_at_a_time(services, world, tmp_path, monkeypatch) -> None:
+    """Found in review: the scene export loaded every scene row of the run at once (premise, rules
+    and params each), a memory that grew with the run."""
+    from services.runs import scene_export
+    from tests.desk_data import build_scene_run
+
+    monkeypatch.setattr(scene_export, "SCENES_A_PAGE", 2)
+    limits: list[int | None] = []
+    real = scene_export.run_scenes
+
+    def paged(**kwargs):  # type: ignore[no-untyped-def]
+        limits.append(kwargs.get("limit"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(scene_export, "run_scenes", paged)
+    run_id, _, _ = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"], scenes=5)
+    path, n = scene_export.export_scenes(str(run_id), tmp_path)
+    ids = [json.loads(x)["custom_id"] for x in path.read_text().splitlines()]
+    assert n == 5 and ids == [f"scene-{i}" for i in range(1, 6)]
+    assert limits == [2, 2, 2, 2]  # three pages and the empty one after: never the whole run

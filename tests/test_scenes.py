@@ -931,6 +931,44 @@ def test_a_replay_sends_again_a_step_never_recorded_sent_and_fails_nothing_if_th
     assert start_group(spec, idempotency_key="died-after-commit")["sent"] == []  # recorded sent now
 
 
+def test_a_runs_scene_lines_are_stored_a_chunk_at_a_time_never_all_held_at_once(
+    world, steps_unconsumed, tmp_path, monkeypatch
+) -> None:
+    """Found in review: every scene line of a file (a premise of up to 20,000 characters, up to 1,000
+    rules) was kept in memory until the whole file was read; a file of many scenes could exhaust
+    the submitter's memory, and each resume then died the same way."""
+    import json
+
+    from services.runs import submit
+    from services.runs.submit import submit_run
+
+    monkeypatch.setattr(submit, "SCENE_CHUNK", 2)
+    events: list[str] = []
+    read, store = submit.good_lines, submit.insert_run_scenes
+
+    def reading(*args, **kwargs):  # type: ignore[no-untyped-def]
+        for number, text, line in read(*args, **kwargs):
+            if line.scene is not None:
+                events.append("read")
+            yield number, text, line
+
+    def storing(**kwargs):  # type: ignore[no-untyped-def]
+        events.append(f"store {len(kwargs['lines'])}")
+        return store(**kwargs)
+
+    monkeypatch.setattr(submit, "good_lines", reading)
+    monkeypatch.setattr(submit, "insert_run_scenes", storing)
+    path = tmp_path / "scenes.jsonl"
+    lines = [{"custom_id": f"sc{i}", "scene": _scene(exchanges=1)} for i in range(5)]
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+    sub = submit_run(path, name=f"chunks-{uuid.uuid4().hex[:8]}")
+    assert sub.stored == 5
+    stores = [e for e in events if e.startswith("store")]
+    assert stores == ["store 2", "store 2", "store 1"]
+    first_store = events.index("store 2")
+    assert "read" in events[first_store:], events  # the later scenes were read after the first chunk went
+
+
 def test_a_continue_retried_under_its_key_asks_for_nothing_more(world, steps_unconsumed) -> None:
     """Found in review: `:continue` took no key, and a call retried once its step was stored counted
     that step as owed on top of the lines asked for: each retry after a lost answer cost a line."""

@@ -14,19 +14,28 @@ from services.runs.control import require_run
 SceneFormat = Literal["jsonl", "md"]
 
 
+# Scenes read at a time: a run of many scenes is never loaded whole.
+SCENES_A_PAGE = 200
+
+
 def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[Path, int]:
     """Write the run's scene transcripts into out_dir; (the file, how many scenes)."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
     with session_scope() as session:
         run = require_run(session, ref)
-        path = out_dir / f"{run.name}.scenes.{fmt}"
-        scenes = run_scenes(session=session, run_id=run.id)
+        run_id, path = run.id, out_dir / f"{run.name}.scenes.{fmt}"
         with path.open("w", encoding="utf-8") as handle:
             if fmt == "md":
                 handle.write(f"# {md_inline(run.name)}\n\n")
-            for scene in scenes:
-                lines = scene_transcript(session=session, scene_id=scene.id)
-                handle.write(
-                    markdown(scene, lines) + "\n" if fmt == "md" else jsonl_line(scene, lines) + "\n"
-                )
-    return path, len(scenes)
+            after: tuple[str, int] | None = None
+            while scenes := run_scenes(session=session, run_id=run_id, after=after, limit=SCENES_A_PAGE):
+                for scene in scenes:
+                    lines = scene_transcript(session=session, scene_id=scene.id)
+                    handle.write(
+                        markdown(scene, lines) + "\n" if fmt == "md" else jsonl_line(scene, lines) + "\n"
+                    )
+                written += len(scenes)
+                after = (scenes[-1].custom_id or "", scenes[-1].id)
+                session.expunge_all()
+    return path, written

@@ -258,16 +258,26 @@ def _store_and_send(
     while send_while_storing and (leftovers := _unsent(run_id)):
         send(leftovers)
     candidates = check.reader.options.candidates or settings.run_candidates
-    scenes: list[tuple[str, str, SceneSpec]] = []
+    has_scenes = [False]
 
     def staged() -> Iterator[StagedTurn]:
         for _, text, line in good_lines(path, check):
             if line.custom_id in already:
                 continue
             if line.scene is not None:  # stored after the lines, in chunks of their own
-                scenes.append((line.custom_id, _key(f"run:{name}", line.custom_id), line.scene))
+                has_scenes[0] = True
                 continue
             yield _staged_turn(text, line, name, run_id, model, candidates)
+
+    def scene_chunks() -> Iterator[list[tuple[str, str, SceneSpec]]]:
+        """The scene lines not stored yet, read again from the file a chunk at a time: a file of
+        many long scenes is never held in memory whole."""
+        lines = (
+            (line.custom_id, _key(f"run:{name}", line.custom_id), line.scene)
+            for _, _, line in good_lines(path, check)
+            if line.scene is not None and line.custom_id not in already
+        )
+        return iter(lambda: list(islice(lines, SCENE_CHUNK)), [])
 
     lines = staged()
     with (
@@ -289,12 +299,12 @@ def _store_and_send(
             write = writer.submit(_insert_chunk, run_id, chunk, tenant) if chunk else None
         if sending is not None:
             sending.result()
-    for start in range(0, len(scenes), SCENE_CHUNK):
+    for chunk_of_scenes in scene_chunks() if has_scenes[0] else ():
         with session_scope() as session:
             first_steps = insert_run_scenes(
                 session=session,
                 run_id=run_id,
-                lines=scenes[start : start + SCENE_CHUNK],
+                lines=chunk_of_scenes,
                 model=model,
                 tenant=tenant,
                 candidates=candidates,
