@@ -320,6 +320,11 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         {"custom_id": "me-too", "scene": _scene(player_name=elara_name.lower())},
         # review: step 10's turn would be named "x…x#10", over the column's 200 characters
         {"custom_id": "x" * 198, "scene": _scene(exchanges=10)},
+        # review: the scene "ok" (3 exchanges) names its step 2 "ok#2": a plain line of that name
+        # would share it in the export; "ok#4" and "nope#1" name no step
+        {"custom_id": "ok#2", "character": "elara", "message": "hi"},
+        {"custom_id": "ok#4", "character": "elara", "message": "hi"},
+        {"custom_id": "nope#1", "character": "elara", "message": "hi"},
     ]
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
@@ -327,7 +332,8 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert reasons[11] == "custom_id: 'ok#2' is the name of step 2 of the scene on line 1"
     assert reasons[2].startswith("scene.participants:") and "at least 2" in reasons[2]
     assert reasons[3].startswith("scene.participants:") and "limit is 16" in reasons[3]
     assert reasons[4] == "scene.participants.1.character: unknown character 'nobody'"
@@ -1630,7 +1636,8 @@ def test_bad_narrator_declarations_are_refused_at_validation_with_line_and_field
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert reasons[11] == "custom_id: 'ok#2' is the name of step 2 of the scene on line 1"
     assert reasons[2] == "scene.narrator.position: 5 is past the last of 2 participants"
     assert reasons[3].startswith("scene.narrator.voice:")
     assert reasons[4].startswith("scene.narrator:")

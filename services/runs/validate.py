@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,6 +305,10 @@ def validate_file(
     error_count = 0
     refused: list[Refusal] = []
     uses: dict[str, _ConversationUse] = {}
+    scenes: dict[str, tuple[int, int]] = {}  # a scene line's custom_id: (its line, its exchanges)
+    step_named: list[
+        tuple[int, str, str, int]
+    ] = []  # a plain line named like a step: (line, id, scene, step)
 
     def bad(number: int, reason: str) -> None:
         nonlocal error_count
@@ -349,10 +354,23 @@ def validate_file(
             bad(number, f"scene.{clash}")
             continue
         seen.add(line.custom_id)
+        if line.scene is not None:
+            scenes[line.custom_id] = (number, line.scene.exchanges)
+        elif (step := _STEP_NAME.fullmatch(line.custom_id)) is not None:
+            step_named.append((number, line.custom_id, step[1], int(step[2])))
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
     conversation_errors = _conversation_errors(uses, tenant)
+    # A scene's step k is stored as `<custom_id>#k`: a plain line of that name would share it.
+    failed_lines = {e.line for e in conversation_errors}
+    conversation_errors += [
+        LineError(
+            number, f"custom_id: {cid!r} is the name of step {k} of the scene on line {scenes[base][0]}"
+        )
+        for number, cid, base, k in step_named
+        if base in scenes and 1 <= k <= scenes[base][1] and number not in failed_lines
+    ]
     error_count += len(conversation_errors)
     errors.extend(conversation_errors)  # a list of the file's size already, cut below
     named = sorted(errors, key=lambda e: e.line)
@@ -364,6 +382,9 @@ def validate_file(
         refused,
         error_count,
     )
+
+
+_STEP_NAME = re.compile(r"(.+)#([1-9][0-9]{0,5})")
 
 
 def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list[LineError]:
