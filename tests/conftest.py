@@ -108,10 +108,16 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     case would fail too, many only at their timeouts (CI, stop 50: Redis came back on another port
     and the suite ran on into CI's 90 minutes, printing no reason)."""
     outcome = yield
-    if outcome.get_result().failed and _SESSION_REDIS_URL and "services" in item.fixturenames:
-        gone = _session_services_gone()
-        if gone:
-            item.session.shouldstop = f"{gone}; every later case needs it, so the session stops here"
+    if outcome.get_result().failed:
+        item.stash[_FAILED] = True
+    # Looked at once the case's own fixtures are undone (its teardown's report): a case that failed
+    # with the network patched (socket.getaddrinfo raising, say) would find Redis "not answering".
+    looked_at = call.when == "teardown" and item.stash.get(_FAILED, False) and _SESSION_REDIS_URL
+    if looked_at and "services" in item.fixturenames and (gone := _session_services_gone()):
+        item.session.shouldstop = f"{gone}; every later case needs it, so the session stops here"
+
+
+_FAILED = pytest.StashKey[bool]()
 
 
 def _session_services_gone() -> str | None:
