@@ -606,7 +606,8 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
                 status=TurnStatus.QUEUED,
                 attempts=0,
                 outage_refunds=0,
-                engine_deaths=0,
+                # one death at most kept: a turn that killed engines runs alone first, then gets one more
+                engine_deaths=func.least(Turn.engine_deaths, 1),
                 deferred_since=None,
                 deferrals=0,
                 error=None,

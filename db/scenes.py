@@ -454,10 +454,7 @@ def replay_unsent_step(*, session: Session, conversation_id: int) -> tuple[list[
     if scene is None:
         return [], []
     step = scene.steps_done + 1
-    never_sent = (Turn.status == TurnStatus.FAILED) & (
-        Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
-    )
-    revived = _requeue_step(session, scene, step, never_sent)
+    revived = _requeue_step(session, scene, step, _NEVER_SENT)
     if revived is not None:
         if scene.status == SceneStatus.FAILED:  # that failure closed it
             scene.status, scene.ended_reason, scene.finished_at = SceneStatus.OPEN, None, None
@@ -651,7 +648,8 @@ def run_scenes(
 ) -> list[Scene]:
     """The run's scenes in custom_id order (from `offset`, or past the scene `after` names by its
     (custom_id, id); at most `limit`)."""
-    query = select(Scene).where(Scene.run_id == run_id).order_by(Scene.custom_id, Scene.id)
+    name = func.coalesce(Scene.custom_id, "")  # a NULL would compare as neither before nor after
+    query = select(Scene).where(Scene.run_id == run_id).order_by(name, Scene.id)
     if after is not None:
-        query = query.where(tuple_(Scene.custom_id, Scene.id) > tuple_(literal(after[0]), literal(after[1])))
+        query = query.where(tuple_(name, Scene.id) > tuple_(literal(after[0]), literal(after[1])))
     return list(session.scalars(query.offset(offset).limit(limit)))

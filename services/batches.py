@@ -397,9 +397,11 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
         "cancelling_at": _ts(run.cancelling_at),
         **stamps,
         "request_counts": {
-            # run.total: the requests validated, or (once an ended batch's files are written) every
-            # request its files account for, those it never stored among them
-            "total": max(counts.total, run.total) + counts.refused,
+            # An ended batch's files account for every request, those it never stored among them
+            # (run.total); any other counts what it stored (or, before storing, what it validated).
+            "total": max(counts.total, run.total) + counts.refused
+            if status in (RunStatus.CANCELLED, RunStatus.EXPIRED)
+            else (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
             # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.
             "failed": counts.failed + counts.refused,

@@ -74,7 +74,7 @@ def start_group(
         go_on = f"POST /v1/scenes/{spec.conversation}:continue"
         if idempotency_key is not None:
             go_on = f"the same request again under its Idempotency-Key, or {go_on},"
-        raise EnqueueError(f"{exc}; the group is stored: {go_on} sends its first line") from None
+        raise EnqueueError(f"{exc}; the group is stored: {go_on} sends its next line") from None
     return scene_view(spec.conversation, tenant=tenant, tail=True) | {
         "sent": [str(s.turn_id) for s in steps + _send_again(again)],
         "replayed": earlier is not None,

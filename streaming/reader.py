@@ -15,10 +15,10 @@ Event ids are the Redis stream ids, so a reader resumes with `Last-Event-ID`; th
 up from the stored turn and `done` carry the id `final`; `restarted`, `timeout` and a failed or
 cancelled turn's `error` carry none, so a resume continues after the last delta shown (a failed turn
 sent again may yet be answered), and one after `final` gets `done` alone (the whole reply was shown).
-A resume whose id is no longer in the stream (trimmed, expired, lost), or whose stream cannot be
-read, starts with `restarted` and is then served as a new reader; unless its caller says what text it
-showed up to that id (`shown_text`: a chat completion, which cannot take text back), when it goes on
-from the stored turn after that text.
+A resume whose id is no longer in the stream (trimmed, expired, lost), whose claim's first deltas
+were trimmed, or whose stream cannot be read, starts with `restarted` and is then served as a new
+reader; unless its caller says what text it showed up to that id (`shown_text`: a chat completion,
+which cannot take text back), when it goes on from the stored turn after that text.
 """
 
 from __future__ import annotations

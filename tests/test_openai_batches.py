@@ -666,13 +666,14 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
 # --- what a crash, a full disk or a race leaves behind (each failed before its fix) -----------------
 
 
-def _batch(tmp_path: Path, n: int, **extra) -> str:
+def _batch(tmp_path: Path, n: int, lines: list[dict] | None = None, **extra) -> str:
     """A batch created as the API creates one, its file stored; returns its id (the run's name)."""
     import asyncio
 
     from services.files import save_upload
 
-    lines = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(n)]
+    default = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(n)]
+    lines = lines or default
     content = "".join(json.dumps(x) + "\n" for x in lines).encode()
 
     async def chunks():
@@ -758,6 +759,39 @@ def test_a_batch_ended_before_its_requests_were_stored_accounts_for_each_in_its_
         assert [x["custom_id"] for x in lines] == [f"b{i}" for i in range(n)]
         assert all(x["response"] is None and x["error"]["code"] == code for x in lines)
     assert ended["status"] == "cancelled"
+
+
+def test_a_batch_cancelled_part_way_through_storing_names_each_request_once(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Review of the fix above: a batch cancelled while its submission stored its lines, one of them
+    refused: each request is in the error file once (the refused one as refused, the stored ones as
+    cancelled turns, the rest as never stored) and counted once."""
+    from db.runs import cancel_run
+    from services.files import find_file
+    from services.runs import submit
+
+    lines = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(6)]
+    lines.insert(1, openai_line("refused", USER, logprobs=True))
+    batch_id = _batch(tmp_path, 0, lines=lines)
+    monkeypatch.setattr(submit, "CHUNK", 2)
+    real = submit._insert_chunk
+
+    def then_cancel(run_id, staged, tenant):  # type: ignore[no-untyped-def]
+        stored = real(run_id, staged, tenant)
+        with session_scope() as s:  # the cancel lands while the submission stores its lines
+            cancel_run(session=s, run_id=run_id)
+        return stored
+
+    monkeypatch.setattr(submit, "_insert_chunk", then_cancel)
+    batches.submit_batch_by_name(batch_id)
+    batches.finalize_runs()
+    state = batches.get_batch(batch_id, api_key="k", admin=False, tenant="")
+    assert state["status"] == "cancelled" and state["request_counts"]["total"] == 7, state
+    found = find_file(state["error_file_id"])
+    assert found is not None
+    named = [json.loads(x)["custom_id"] for x in found.path.read_text().splitlines()]
+    assert sorted(named) == sorted(["refused", *(f"b{i}" for i in range(6))]), named
 
 
 def test_a_batch_whose_file_is_deleted_while_it_is_created_is_refused_naming_the_file(

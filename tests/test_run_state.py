@@ -419,7 +419,8 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
 def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(world) -> None:
     """Found in review: `retry_failed` reset a turn's attempts but not its engine deaths or its
     deferral clock, so after the fix it was retried for, one unrelated engine restart (or one more
-    stall of the turn before it) failed it again at once."""
+    stall of the turn before it) failed it again at once. One death is kept (review of the fix): a
+    turn that killed engines runs alone first, and one more death fails it."""
     from db.models import TurnErrorCode
     from db.runs import reopen_failed
     from db.turns import Failure, claim_turns, fail_turns
@@ -441,7 +442,7 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
         turn = s.get(Turn, turn_id)
         assert (turn.status, turn.engine_deaths, turn.deferrals, turn.deferred_since) == (
             TurnStatus.QUEUED,
-            0,
+            1,
             0,
             None,
         )

@@ -83,9 +83,10 @@ def write_never_stored(
     stored nor refused (it expired or was cancelled before its submission reached that line, or
     before it began): OpenAI's `batch_expired` or `batch_cancelled`, `response: null`; how many. A
     line that is not a JSON object with a string custom_id names no request and is left out."""
+    from services.runs.scene_lines import stored_scene_ids
     from services.runs.validate import iter_lines
 
-    seen = run_custom_ids(session=session, run_id=run_id)
+    seen = run_custom_ids(session=session, run_id=run_id) | stored_scene_ids(session=session, run_id=run_id)
     seen |= {r["custom_id"] for r in run_refusals(session=session, run_id=run_id)}
     error = {
         "code": "batch_expired" if expired else "batch_cancelled",

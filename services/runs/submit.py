@@ -48,6 +48,7 @@ from services.runs.validate import (
     RunLine,
     RunValidationError,
     good_lines,
+    iter_lines,
     validate_file,
 )
 from services.schemas import storable_text
@@ -258,24 +259,26 @@ def _store_and_send(
     while send_while_storing and (leftovers := _unsent(run_id)):
         send(leftovers)
     candidates = check.reader.options.candidates or settings.run_candidates
-    has_scenes = [False]
+    scene_lines: set[int] = set()  # their numbers only: a file of many long scenes is never held whole
 
     def staged() -> Iterator[StagedTurn]:
-        for _, text, line in good_lines(path, check):
+        for number, text, line in good_lines(path, check):
             if line.custom_id in already:
                 continue
             if line.scene is not None:  # stored after the lines, in chunks of their own
-                has_scenes[0] = True
+                scene_lines.add(number)
                 continue
             yield _staged_turn(text, line, name, run_id, model, candidates)
 
     def scene_chunks() -> Iterator[list[tuple[str, str, SceneSpec]]]:
-        """The scene lines not stored yet, read again from the file a chunk at a time: a file of
-        many long scenes is never held in memory whole."""
+        """The scene lines not stored yet, read again from the file (those lines alone) a chunk at
+        a time."""
         lines = (
             (line.custom_id, _key(f"run:{name}", line.custom_id), line.scene)
-            for _, _, line in good_lines(path, check)
-            if line.scene is not None and line.custom_id not in already
+            for number, text in iter_lines(path)
+            if number in scene_lines and isinstance(text, str)
+            for line in [check.reader.parse(text)]
+            if line.scene is not None
         )
         return iter(lambda: list(islice(lines, SCENE_CHUNK)), [])
 
@@ -299,7 +302,7 @@ def _store_and_send(
             write = writer.submit(_insert_chunk, run_id, chunk, tenant) if chunk else None
         if sending is not None:
             sending.result()
-    for chunk_of_scenes in scene_chunks() if has_scenes[0] else ():
+    for chunk_of_scenes in scene_chunks() if scene_lines else ():
         with session_scope() as session:
             first_steps = insert_run_scenes(
                 session=session,

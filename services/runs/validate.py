@@ -356,13 +356,13 @@ def validate_file(
         seen.add(line.custom_id)
         if line.scene is not None:
             scenes[line.custom_id] = (number, line.scene.exchanges)
-        elif (step := _STEP_NAME.fullmatch(line.custom_id)) is not None:
+        if (step := _STEP_NAME.fullmatch(line.custom_id)) is not None:  # a plain or a scene line
             step_named.append((number, line.custom_id, step[1], int(step[2])))
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
     conversation_errors = _conversation_errors(uses, tenant)
-    # A scene's step k is stored as `<custom_id>#k`: a plain line of that name would share it.
+    # A scene's step k is stored as `<custom_id>#k`: another line of that name would share it.
     failed_lines = {e.line for e in conversation_errors}
     conversation_errors += [
         LineError(
