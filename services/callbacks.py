@@ -54,6 +54,11 @@ class ResolverUnavailable(RefusedDestination):
     """The resolver could not answer for now (EAI_AGAIN): refused at acceptance, retried at delivery."""
 
 
+class Unresolved(RefusedDestination):
+    """The host has no address (NXDOMAIN and the like): refused at acceptance; at delivery, of a host
+    that resolved to a public address when the turn was accepted, most likely passing: retried."""
+
+
 def resolve(host: str) -> list[Address]:
     """The addresses `host` resolves to, in the resolver's order: the one DNS lookup of a delivery."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -83,11 +88,13 @@ def vetted_address(url: str) -> Address:
     except socket.gaierror as exc:
         if exc.errno == socket.EAI_AGAIN:
             raise ResolverUnavailable(f"host {host!r} could not be resolved for now ({exc})") from None
-        raise RefusedDestination(f"host {host!r} does not resolve") from None
-    except (OSError, ValueError):
+        raise Unresolved(f"host {host!r} does not resolve") from None
+    except OSError as exc:  # this process's trouble (out of file descriptors, say), not the host's
+        raise ResolverUnavailable(f"host {host!r} could not be resolved for now ({exc})") from None
+    except ValueError:
         raise RefusedDestination(f"host {host!r} does not resolve") from None
     if not addresses:
-        raise RefusedDestination(f"host {host!r} does not resolve")
+        raise Unresolved(f"host {host!r} does not resolve")
     if not settings.callback_allow_private:
         for address in addresses:
             if not is_public(address):
@@ -236,7 +243,7 @@ def send_once(
         raise CallbackFailed(unsigned)
     try:
         address = vetted_address(url)
-    except ResolverUnavailable as unavailable:  # a resolver hiccup is no verdict on the destination
+    except (ResolverUnavailable, Unresolved) as unavailable:  # no verdict on a host vetted before
         record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
     except RefusedDestination as refused:
@@ -318,19 +325,26 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     try:
         # The host decides: each is looked up once, through the first URL that names it.
         futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
-        done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
-        if pending:
-            raise ResolverTooSlow(
-                f"{len(pending)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s"
-            )
+        wait(futures.values(), timeout=RESOLVE_BUDGET_S)
+        unanswered: list[str] = []  # hosts the resolver gave no verdict on: out of time, or EAI_AGAIN
         for host, future in futures.items():
-            exc = future.exception()
+            exc = future.exception() if future.done() else ResolverUnavailable("")
             if isinstance(exc, ResolverUnavailable):
-                raise ResolverTooSlow("the resolver could not answer for a callback host for now")
-            if isinstance(exc, RefusedDestination):
+                unanswered.append(host)
+            elif isinstance(exc, RefusedDestination):
                 refused.update(dict.fromkeys(by_host[host], str(exc)))
             elif exc is not None:
                 raise exc
+        if unanswered and len(unanswered) == len(futures):  # the resolver is out: try again later
+            raise ResolverTooSlow(
+                f"{len(unanswered)} callback host(s) could not be resolved for now "
+                f"({', '.join(repr(h) for h in unanswered[:5])})"
+            )
+        # Others answered: these hosts are at fault (a lame or broken domain fails the same way each
+        # time), named with their items, rather than every retry of the whole request a 503.
+        for host in unanswered:
+            reason = f"host {host!r} could not be resolved, while the request's other hosts were"
+            refused.update(dict.fromkeys(by_host[host], reason))
         return refused
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

@@ -274,6 +274,30 @@ def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while
             assert s.query(Conversation).filter(Conversation.external_id == body["conversation"]).count() == 0
     [turn] = submit_turns([request("good.example.test")], send=False)
     assert turn.created
+    # Found in review: one host the resolver never answers for (a lame or DNSSEC-broken domain fails
+    # with EAI_AGAIN every time) made every retry of the whole request a 503; while the others
+    # answer, that host's items are refused by index.
+    with pytest.raises(TurnRejected) as refused:
+        submit_turns([request("good.example.test"), request("again.example.test")], send=False)
+    assert [(e.index, e.field) for e in refused.value.errors] == [(1, "callback_url")]
+    assert "could not be resolved, while the request's other hosts were" in refused.value.errors[0].reason
+
+
+def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused_for_good(
+    services, receiver, monkeypatch
+) -> None:
+    """Found in review: a host that resolved to a public address when its turn was accepted, and
+    answered NXDOMAIN (or this process ran out of file descriptors) when the callback went, was
+    recorded as a final refusal: the callback was never sent."""
+    for failure in (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), OSError(24, "EMFILE")):
+
+        def gone(name, *args, failure=failure, **kwargs):  # type: ignore[no-untyped-def]
+            raise failure
+
+        monkeypatch.setattr(socket, "getaddrinfo", gone)
+        run_id = _run_calling_back("https://hooks.example.test/done")
+        with pytest.raises(CallbackFailed, match="hooks.example.test"):
+            deliver(run_id)
 
 
 def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its_batch_ends(
