@@ -102,6 +102,17 @@ def test_mlchats_own_idempotency_keys_are_refused_in_the_header_as_in_the_body(b
     )
     assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency-key (header)", r.text
     assert "differs from the body's idempotency_key" in r.json()["message"]
+    # Found in review: the header was ignored on :batch (every retry stored every item again), and an
+    # empty one meant "no key" on a single turn.
+    items = {"turns": [new_conversation() | {"message": "hi"}]}
+    r = httpx.post(f"{base_url}/v1/turns:batch", json=items, headers=KEY | {"Idempotency-Key": "batch-1"})
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency-key (header)", r.text
+    r = httpx.post(
+        f"{base_url}/v1/turns",
+        json=new_conversation() | {"message": "hi"},
+        headers=KEY | {"Idempotency-Key": ""},
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "idempotency-key (header)", r.text
     assert _turn_count() == before
 
 

@@ -68,7 +68,7 @@ def post_turn(
     body: Annotated[Any, Body()],
     response: Response,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(max_length=200)] = None,
+    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
 ) -> TurnAccepted:
     """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
     answers 200 with the turn as it stands."""
@@ -99,10 +99,17 @@ def post_turn(
     openapi_extra=documented(BatchRequest),
 )
 def post_batch(
-    body: Annotated[Any, Body()], who: Annotated[Caller, Depends(needs("ingest"))]
+    body: Annotated[Any, Body()],
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[str | None, Header()] = None,
 ) -> BatchAccepted:
     """Queue many turns at once, all or none; ids and statuses come back in request order. Every bad
-    item is listed by its index."""
+    item is listed by its index. Each item takes its own `idempotency_key`: an `Idempotency-Key`
+    header, which would key no item, is refused naming it (a retry would store every item again)."""
+    if idempotency_key is not None:
+        loc = ("header", "idempotency-key")
+        msg = "a batch takes no key of its own; give each item its idempotency_key"
+        raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg}])
     batch = validated(BatchRequest, body)  # in this thread: a format's grammar may take seconds to build
     accepted = _enqueue(batch.turns, who)
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
