@@ -394,8 +394,17 @@ def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_ins
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
     monkeypatch.setattr(inline, "process_batch", adapter_copying)
-    (view,) = inline.answer_now([new_conversation() | {"message": "Are you there?"}])
-    assert rounds == [[view.id]] and view.status == TurnStatus.QUEUED
+    conversation = new_conversation()
+    keyed = conversation | {"message": "Are you there?", "idempotency_key": f"k-{uuid.uuid4().hex[:8]}"}
+    (view,) = inline.answer_now([keyed])
+    assert rounds == [[view.id]] and view.status == TurnStatus.QUEUED  # kept for its replay
+    # Found in review: one without a key was returned queued too, so the next call on its
+    # conversation answered it as an earlier turn besides its resend (the line answered twice).
+    rounds.clear()
+    (unkeyed,) = inline.answer_now([{"conversation": conversation["conversation"], "message": "Hello?"}])
+    assert unkeyed.status == TurnStatus.CANCELLED
+    (resent,) = inline.answer_now([{"conversation": conversation["conversation"], "message": "Hello?"}])
+    assert view.id in rounds[-1] and unkeyed.id not in rounds[-1] and resent.id in rounds[-1]
 
 
 def test_an_adapter_trains_on_the_gpu_in_half_precision_when_there_is_one(monkeypatch) -> None:

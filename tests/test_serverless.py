@@ -189,6 +189,14 @@ def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, m
     assert error.startswith("turns[1].message: ") and "turns[1].params.top_p: " in error, error
     assert "input_value" not in error and "pydantic.dev" not in error
     assert handler({"input": ok | {"message": ""}})["error"].startswith("message: ")
+    # Found in review: a callback_url was accepted and never delivered (nothing sends it here).
+    from pydantic import SecretStr
+
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
+    hooked = handler({"input": {"turns": [ok, ok | {"callback_url": "https://hooks.example.test/x"}]}})
+    assert hooked["error"].startswith("turns[1].callback_url: ") and "no callback" in hooked["error"], hooked
 
     def database_down(requests):  # type: ignore[no-untyped-def]
         raise OperationalError("INSERT", {}, psycopg.OperationalError("connection refused"))

@@ -28,6 +28,9 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
     A turn whose next attempt must wait (an adapter that may load later: a worker sends it again only
     then) is returned as it stands too, queued with its reason: run again at once it would spend its
     attempts in milliseconds and fail for a cause that passes. Sending it again later runs it again.
+    A turn returned unanswered without a client's idempotency key is cancelled (its resend is a new
+    turn; left queued, the next call on its conversation would answer it too); a keyed one stays
+    queued for the replay.
     Earlier turns of the same conversations that an earlier call left unanswered (it raised, or its
     process was stopped) are answered first, here: with no queue, nothing else would, and every later
     turn of their conversations would wait behind them for ever. A turn another call holds (a
@@ -53,12 +56,19 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
     call that raises leaves none of its turns stored without a client's key queued (see
     EngineDiedUnderCall): the caller is told to send it again, which stores them anew."""
     try:
-        return _answer_in_order(ids)
+        views = _answer_in_order(ids)
     except EngineDiedUnderCall:
         raise  # its turns are seen to already
     except BaseException:
         _cancel_unkeyed(ids)
         raise
+    if all(view.finished for view in views):
+        return views
+    # Returned unanswered (an adapter that may load later, a wait on another call that ran out): with
+    # no queue, one without a client's key left queued would be answered by the next call on its
+    # conversation as an earlier turn, besides its resend: cancelled. A keyed one stays for the replay.
+    _cancel_unkeyed(ids)
+    return views_of(ids)
 
 
 def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:

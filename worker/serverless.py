@@ -52,11 +52,17 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     parsed, errors = [], []
     for i, item in enumerate(requests):
         try:
-            parsed.append(TurnRequest.model_validate(item))
+            parsed.append(request := TurnRequest.model_validate(item))
         except ValidationError as exc:
             errors.append(_named(exc, f"turns[{i}]" if many else ""))
+            continue
         except GrammarBusy as exc:
             return _try_again(exc)
+        if request.callback_url is not None:  # nothing here would ever deliver it: refused, not lost
+            where = f"turns[{i}].callback_url" if many else "callback_url"
+            errors.append(
+                error_line(where, "the serverless handler answers in its reply and sends no callback")
+            )
     if errors:
         return {"error": "; ".join(errors)}
     ids: list[Any] = []
