@@ -1058,13 +1058,18 @@ def cancel_turns(
     return cancelled
 
 
-def fail_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID], reason: str) -> list[uuid.UUID]:
+def fail_unsent(
+    *, session: Session, turn_ids: Sequence[uuid.UUID], reason: str, unkeyed_only: bool = False
+) -> list[uuid.UUID]:
     """fail_unsent: queued turns whose message could not be sent (broker down at enqueue, or at a
-    run's retry-failed); their runs advance (a reopened run whose turns all failed again ends)."""
+    run's retry-failed), or (`unkeyed_only`) sent in a call whose other messages could not be, with
+    no client's key to replay them by; their runs advance (a reopened run whose turns all failed
+    again ends). A turn a worker took already is left to it."""
+    unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
     failed = list(
         session.scalars(
             update(Turn)
-            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, Turn.attempts == 0)
+            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, Turn.attempts == 0, unkeyed)
             .values(
                 status=TurnStatus.FAILED,
                 error=reason[:ERROR_CHARS],

@@ -426,12 +426,22 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
             return
         with session_scope() as session:
             failed = fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
-        # None failed: their messages went though the send raised, and workers claimed them already.
-        if not failed:
-            return
+            # None failed: their messages went though the send raised, and workers claimed them already.
+            if not failed:
+                return
+            # The call answers 503: a client retrying without keys would store the sent ones again, and
+            # both copies would be answered. Those not taken by a worker yet fail with the rest.
+            sent_failed = fail_unsent(
+                session=session,
+                turn_ids=list(went),
+                reason="broker unreachable at enqueue (for the call's other turns)",
+                unkeyed_only=True,
+            )
+        failed += sent_failed
+        kept = len(went) - len(sent_failed)
         raise EnqueueError(
             f"could not reach the broker; {len(failed)} turn(s) marked failed"
-            + (f", {len(went)} sent before it failed" if went else "")
+            + (f", {kept} sent before it failed and kept (keyed, or taken by a worker)" if kept else "")
             + " (retry with the same idempotency keys: a failed turn is sent again, a sent one replayed)"
         ) from exc
 

@@ -592,7 +592,10 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
 
 def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go(world, monkeypatch) -> None:
     """Found in review: every turn of the call was marked failed, the ones already sent too (a worker
-    may have answered them), and the 503 and each turn's error carried the broker's own text."""
+    may have answered them), and the 503 and each turn's error carried the broker's own text. A later
+    review: one sent without a key, still queued, was left to be answered while the client, told
+    503, sent its line again without a key (answered twice); it fails with the rest, a keyed one
+    stays for its replay."""
     from services.producer import EnqueueError, submit_turns
     from tasks.app import app
 
@@ -608,19 +611,29 @@ def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go
 
     monkeypatch.setattr(app.amqp, "send_task_message", send_task_message)
     tag = new_conversation()["conversation"]
-    requests = [new_conversation() | {"message": f"Hello {i} from {tag}?"} for i in range(3)]
-    with pytest.raises(EnqueueError) as failed:
-        submit_turns(requests)  # live: one message per turn
-    assert "2 turn(s) marked failed, 1 sent before it failed" in str(failed.value)
-    assert "redis-internal" not in str(failed.value)
-    with session_scope() as s:
-        turns = {
-            t.message: (t.status, t.error)
-            for t in s.scalars(select(Turn).where(Turn.message.in_([r["message"] for r in requests])))
-        }
-    first, second, third = (turns[r["message"]] for r in requests)
-    assert first == (TurnStatus.QUEUED, None)
-    assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
+    for keyed in (False, True):
+        published.clear()
+        requests = [new_conversation() | {"message": f"Hello {i} from {tag}, {keyed}?"} for i in range(3)]
+        if keyed:
+            requests[0]["idempotency_key"] = f"hello-{tag}"
+        with pytest.raises(EnqueueError) as failed:
+            submit_turns(requests)  # live: one message per turn
+        if keyed:
+            assert "2 turn(s) marked failed, 1 sent before it failed and kept" in str(failed.value)
+        else:
+            assert "3 turn(s) marked failed (retry" in str(failed.value)
+        assert "redis-internal" not in str(failed.value)
+        with session_scope() as s:
+            turns = {
+                t.message: (t.status, t.error)
+                for t in s.scalars(select(Turn).where(Turn.message.in_([r["message"] for r in requests])))
+            }
+        first, second, third = (turns[r["message"]] for r in requests)
+        if keyed:
+            assert first == (TurnStatus.QUEUED, None)  # its replay answers it
+        else:
+            assert first == (TurnStatus.FAILED, "broker unreachable at enqueue (for the call's other turns)")
+        assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
 
 
 def test_a_message_that_went_through_its_send_raised_is_not_reported_failed_once_claimed(
