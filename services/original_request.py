@@ -474,15 +474,22 @@ def chat_response(view: TurnView, stored: StoredInline) -> dict[str, Any]:
     """The original's ChatResponse: reply {text, embedding}, usage, retrieved [{text, score,
     source}], timing (ms); mlchat's own record of the turn under "mlchat"."""
     from db.history import line_texts, reply_embedding
-    from db.session import session_scope
+    from db.session import DATABASE_OUTAGES, session_scope
     from db.world import story_event_texts
 
     context = view.context or {}
     events, memories = context.get("events", []), context.get("memories", [])
-    with session_scope() as session:
-        embedding = reply_embedding(session=session, turn_id=view.id) if view.reply is not None else None
-        event_text = story_event_texts(session=session, ids=[e["id"] for e in events])
-        line_text = line_texts(session=session, ids=[m["id"] for m in memories])
+    embedding, event_text, line_text, missing = None, {}, {}, None
+    try:
+        with session_scope() as session:
+            embedding = reply_embedding(session=session, turn_id=view.id) if view.reply is not None else None
+            event_text = story_event_texts(session=session, ids=[e["id"] for e in events])
+            line_text = line_texts(session=session, ids=[m["id"] for m in memories])
+    except DATABASE_OUTAGES:
+        # The turn is answered: "send it again" would answer its line twice. The extras that need
+        # the database (the reply's embedding, the retrieved texts) come empty, and the answer says so.
+        embedding, event_text, line_text = None, {}, {}
+        missing = "the database was away: the reply's embedding and the retrieved texts are left out"
     retrieved = [
         {"text": line_text.get(m["id"], ""), "score": m["score"], "source": "chat_history"} for m in memories
     ] + [{"text": event_text.get(e["id"], ""), "score": e["score"], "source": "story"} for e in events]
@@ -500,5 +507,6 @@ def chat_response(view: TurnView, stored: StoredInline) -> dict[str, Any]:
             "character_version": stored.character_version,
             "story": stored.story,
             "history_lines_imported": stored.lines_imported,
-        },
+        }
+        | ({"partial": missing} if missing else {}),
     }

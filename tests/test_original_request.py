@@ -860,3 +860,29 @@ def test_a_bad_field_in_the_others_file_names_that_file(
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"mlchat: {others}: gen_config.temperature: "), err
     assert err.endswith("nothing stored")
+
+
+def test_an_answered_turn_whose_extras_cannot_be_read_is_returned_not_sent_again(world, monkeypatch) -> None:
+    """Found in review: the reply's embedding and the retrieved texts are read after the turn is
+    answered; a database blip there answered "send the event again", and an unkeyed event sent again
+    was answered a second time in its conversation."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    import db.history
+    from services.original_request import chat_response, store_and_enqueue
+    from services.producer import get_turn
+
+    request = read_request(_event(f"Luffy {uuid.uuid4().hex[:6]}"))
+    stored, turn_id = store_and_enqueue(request, send=False)
+    view = get_turn(turn_id)
+    assert view is not None
+    view = view.model_copy(update={"reply": "Meat!", "status": TurnStatus.DONE})
+
+    def blip(**_: Any) -> Any:
+        raise OperationalError("SELECT", {}, psycopg.OperationalError("the server closed the connection"))
+
+    monkeypatch.setattr(db.history, "reply_embedding", blip)
+    answer = chat_response(view, stored)
+    assert answer["reply"] == {"text": "Meat!", "embedding": None}
+    assert answer["mlchat"]["status"] == "done" and "database was away" in answer["mlchat"]["partial"]
