@@ -585,22 +585,13 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
 def _extracted(conv_id: int, player: str, texts: list[str]) -> list[int]:
     """Facts an earlier extraction stored in the conversation's scope, about Rowan; their ids."""
     vectors = embed([f"Rowan: {t}" for t in texts])
+    shared = {"tenant": "", "player_id": player, "kind": FactKind.PLAYER, "subject": "Rowan", "source": "t:0"}
+    shared |= {"importance": 0.5, "scope": FactScope.CONVERSATION, "scope_ref": str(conv_id)}
     with session_scope() as s:
         rows = add_facts(
             session=s,
             facts=[
-                NewFact(
-                    "",
-                    player,
-                    FactKind.PLAYER,
-                    "Rowan",
-                    t,
-                    "t:0",
-                    0.5,
-                    FactScope.CONVERSATION,
-                    str(conv_id),
-                    v,
-                )
+                NewFact(**shared, text=t, embedding=v)  # type: ignore[arg-type]
                 for t, v in zip(texts, vectors, strict=True)
             ],
         )
