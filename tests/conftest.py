@@ -97,6 +97,7 @@ def services() -> Iterator[Path]:
     _SESSION_REDIS_URL.append(broker_url())
     upgrade()
     yield _STATE
+    _SESSION_REDIS_URL.clear()  # stopped on purpose now: the last case's failure check must not say "gone"
     embedded.stop_redis(_STATE)
     embedded.stop_postgres(_STATE)
     shutil.rmtree(_STATE, ignore_errors=True)
