@@ -78,7 +78,8 @@ TURN_FINISHED = (TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.CANCELLED)
 class TurnErrorCode(enum.StrEnum):
     """Why a turn failed, for machines (the error text is for people)."""
 
-    BROKER_UNREACHABLE = "broker_unreachable"  # never sent: a replay with the same key sends it again
+    # never sent (or sent unkeyed in a call whose other messages were not): a keyed replay sends it again
+    BROKER_UNREACHABLE = "broker_unreachable"
     PROMPT_TOO_LONG = "prompt_too_long"
     EMPTY_REPLY = "empty_reply"
     ENGINE_ERROR = "engine_error"

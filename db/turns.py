@@ -13,7 +13,8 @@
                   for those inside the engine), or failed (engine_crash_loop) at max_engine_deaths
     cancel    queued                                   → cancelled (also at claim: a scene step
                                                          whose scene closed or whose run is stopping)
-    fail_unsent / revive_unsent: queued ↔ failed(broker_unreachable), for turns never sent
+    fail_unsent / revive_unsent: queued ↔ failed(broker_unreachable), for turns never sent (or sent
+      without a client's key in a call whose other messages could not be, and not taken yet)
 
 A worker that lost its lease (it ran past lease_until and another worker claimed the turn) changes
 nothing: every write after the claim names the claim token. A transition that finishes turns of a
@@ -329,6 +330,18 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             )
         out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code, attempts=attempts))
     return out
+
+
+def stored_request_hashes(*, session: Session, tenant: str, keys: Sequence[str]) -> dict[str, str]:
+    """The request fingerprints of the tenant's stored turns under these idempotency keys, by key."""
+    if not keys:
+        return {}
+    rows = session.execute(
+        select(Turn.idempotency_key, Turn.request_hash).where(
+            Turn.tenant == tenant, Turn.idempotency_key.in_(list(keys))
+        )
+    ).tuples()
+    return {key: digest for key, digest in rows if key is not None and digest is not None}
 
 
 def used_for_another_request(*, session: Session, tenant: str, key: str, request_hashes: set[str]) -> bool:

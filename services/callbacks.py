@@ -301,13 +301,14 @@ RESOLVE_THREADS = 8
 
 class ResolverTooSlow(RuntimeError):
     """The lookups of a request's callback hosts did not all answer within RESOLVE_BUDGET_S, or the
-    resolver said to try again (EAI_AGAIN): try the request again later."""
+    resolver said to try again (EAI_AGAIN) for every one of them: try the request again later."""
 
 
 def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     """Why each of these callback URLs ({index: url}) is refused, by index (absent: accepted); each
     distinct host looked up once, a few at a time, off the API's event loop (the caller's thread).
-    Raises ResolverTooSlow when the resolver cannot answer for now."""
+    Raises ResolverTooSlow when the resolver cannot answer for now: out of time, or no host answered;
+    a host it gave no verdict on while others answered is accepted (its delivery vets it)."""
     from concurrent.futures import ThreadPoolExecutor, wait
 
     if not urls:
@@ -325,10 +326,18 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     try:
         # The host decides: each is looked up once, through the first URL that names it.
         futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
-        wait(futures.values(), timeout=RESOLVE_BUDGET_S)
-        unanswered: list[str] = []  # hosts the resolver gave no verdict on: out of time, or EAI_AGAIN
+        done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
+        if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
+            late = [repr(host) for host, future in futures.items() if future in pending][:5]
+            raise ResolverTooSlow(
+                f"{len(pending)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s "
+                f"({', '.join(late)})"
+            )
+        unanswered: list[
+            str
+        ] = []  # hosts the resolver gave no verdict on (EAI_AGAIN, this process's OSError)
         for host, future in futures.items():
-            exc = future.exception() if future.done() else ResolverUnavailable("")
+            exc = future.exception()
             if isinstance(exc, ResolverUnavailable):
                 unanswered.append(host)
             elif isinstance(exc, RefusedDestination):
@@ -337,14 +346,12 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
                 raise exc
         if unanswered and len(unanswered) == len(futures):  # the resolver is out: try again later
             raise ResolverTooSlow(
-                f"{len(unanswered)} callback host(s) could not be resolved for now "
+                f"the resolver could not answer for {len(unanswered)} callback host(s) for now "
                 f"({', '.join(repr(h) for h in unanswered[:5])})"
             )
-        # Others answered: these hosts are at fault (a lame or broken domain fails the same way each
-        # time), named with their items, rather than every retry of the whole request a 503.
-        for host in unanswered:
-            reason = f"host {host!r} could not be resolved, while the request's other hosts were"
-            refused.update(dict.fromkeys(by_host[host], reason))
+        # The others answered: those hosts are accepted without a verdict (a lame domain fails with
+        # EAI_AGAIN every time, and would make every retry of the whole request a 503). Each delivery
+        # vets its host again and connects only to an address it vetted, and retries within its window.
         return refused
     finally:
         pool.shutdown(wait=False, cancel_futures=True)

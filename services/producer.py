@@ -28,6 +28,7 @@ from db.turns import (
     create_turns,
     fail_unsent,
     revive_unsent,
+    stored_request_hashes,
 )
 from db.turns import get_turn as read_turn
 from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
@@ -154,7 +155,7 @@ def submit_turns(
     ]
     if unknown:
         raise TurnRejected(unknown)
-    _check_callback_hosts(parsed)
+    _check_callback_hosts(parsed, tenant)
     if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
         automatic_key = parsed[0].idempotency_key is None
         fast, parsed[0], fast_raised = _store_one_fast(
@@ -202,11 +203,20 @@ def send_stored(stored: Sequence[StoredTurn], *, lane: Lane) -> None:
     send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
 
 
-def _check_callback_hosts(parsed: Sequence[TurnRequest]) -> None:
+def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
     """Each callback URL's host looked up (its syntax was checked with the request): TurnRejected
     naming every item whose host does not resolve or is not public; EnqueueError (try again) when
-    the resolver cannot answer for now."""
+    the resolver cannot answer for now. A replay (its key names a turn asked with this very request)
+    is not looked up again: it answers with its turn as it stands, whatever the host says now (the
+    delivery checks the host once more)."""
     urls = {i: r.callback_url for i, r in enumerate(parsed) if r.callback_url}
+    keys = {r.idempotency_key: i for i, r in enumerate(parsed) if i in urls and r.idempotency_key}
+    if keys:
+        with session_scope() as session:
+            stored = stored_request_hashes(session=session, tenant=tenant, keys=list(keys))
+        for key, i in keys.items():
+            if stored.get(key) in {parsed[i].request_hash(), parsed[i].legacy_request_hash()}:
+                del urls[i]
     try:
         refused = callback_destinations(urls)
     except ResolverTooSlow as exc:
@@ -424,24 +434,29 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         stranded = [i for ids in fresh.values() for i in ids if i not in went]
         if not stranded:  # every message went (the failure came after the last, releasing the broker)
             return
-        with session_scope() as session:
+        with session_scope() as session:  # committed first: none is left queued with no message
             failed = fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
-            # None failed: their messages went though the send raised, and workers claimed them already.
-            if not failed:
-                return
-            # The call answers 503: a client retrying without keys would store the sent ones again, and
-            # both copies would be answered. Those not taken by a worker yet fail with the rest.
+        # None failed: their messages went though the send raised, and workers claimed them already.
+        if not failed:
+            return
+        # The call answers 503: a client retrying without keys would store the sent ones again, and
+        # both copies would be answered. Those not taken by a worker yet fail with the rest.
+        with session_scope() as session:
             sent_failed = fail_unsent(
                 session=session,
                 turn_ids=list(went),
                 reason="broker unreachable at enqueue (for the call's other turns)",
                 unkeyed_only=True,
             )
-        failed += sent_failed
-        kept = len(went) - len(sent_failed)
+        kept = [i for i in went if i not in set(sent_failed)]
+        shown = ", ".join(str(i) for i in kept[:10]) + (", ..." if len(kept) > 10 else "")
         raise EnqueueError(
-            f"could not reach the broker; {len(failed)} turn(s) marked failed"
-            + (f", {kept} sent before it failed and kept (keyed, or taken by a worker)" if kept else "")
+            f"could not reach the broker; {len(failed) + len(sent_failed)} turn(s) marked failed"
+            + (
+                f", {len(kept)} sent before it failed and kept (keyed, or taken by a worker): {shown}"
+                if kept
+                else ""
+            )
             + " (retry with the same idempotency keys: a failed turn is sent again, a sent one replayed)"
         ) from exc
 

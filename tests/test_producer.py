@@ -590,7 +590,9 @@ def test_a_fast_insert_whose_reply_was_lost_is_sent_and_reported_new(
     assert stored.model == unserved_model and [str(stored.id)] in sent
 
 
-def test_a_broker_failing_part_way_fails_only_the_turns_whose_message_did_not_go(world, monkeypatch) -> None:
+def test_a_broker_failing_part_way_fails_every_turn_but_those_a_key_or_a_worker_keeps(
+    world, monkeypatch
+) -> None:
     """Found in review: every turn of the call was marked failed, the ones already sent too (a worker
     may have answered them), and the 503 and each turn's error carried the broker's own text. A later
     review: one sent without a key, still queued, was left to be answered while the client, told
