@@ -886,3 +886,27 @@ def test_an_answered_turn_whose_extras_cannot_be_read_is_returned_not_sent_again
     answer = chat_response(view, stored)
     assert answer["reply"] == {"text": "Meat!", "embedding": None}
     assert answer["mlchat"]["status"] == "done" and "database was away" in answer["mlchat"]["partial"]
+
+
+def test_an_event_whose_turn_was_answered_before_an_outage_is_returned_not_sent_again(
+    world, monkeypatch
+) -> None:
+    """Found in review of the fix above: a blip after the turn was answered (reading it back) still
+    answered "send the event again"; the turn is read once more and, answered, returned."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    import worker.inline
+    from worker.serverless import handler
+
+    monkeypatch.setattr(worker.inline, "check_space", lambda: None)
+
+    def answered_then_blip(ids):  # type: ignore[no-untyped-def]
+        with session_scope() as s:
+            s.execute(update(Turn).where(Turn.id.in_(ids)).values(status=TurnStatus.DONE, reply="Meat!"))
+        raise OperationalError("SELECT", {}, psycopg.OperationalError("the server closed the connection"))
+
+    monkeypatch.setattr(worker.inline, "answer_stored", answered_then_blip)
+    answer = handler({"input": _event(f"Luffy {uuid.uuid4().hex[:6]}")})
+    assert "retry" not in answer and answer["reply"]["text"] == "Meat!", answer
+    assert answer["mlchat"]["status"] == "done"

@@ -135,6 +135,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     from services.original_request import chat_response, read_request, store_and_enqueue
     from worker.inline import answer_stored
 
+    stored, turn_id = None, None
     try:
         request = read_request(payload)
         stored, turn_id = store_and_enqueue(request, send=False)
@@ -149,6 +150,19 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     except _REFUSED as exc:
         return {"error": _named(exc) if isinstance(exc, ValidationError) else str(exc)}
     except _TRANSIENT as exc:
+        # The turn may be answered already (the outage came after it): "send it again" would then
+        # answer its line twice. Read once more; answered, it is returned.
+        if stored is not None and turn_id is not None:
+            from worker.inline import views_of
+
+            try:
+                answered = [view for view in views_of([turn_id]) if view.status.value == "done"]
+            except Exception:  # still away: the answer says which turn to read
+                logger.warning("could not read the answered turn %s again", turn_id, exc_info=True)
+                answered = []
+            if answered:
+                return chat_response(answered[0], stored)
+            return _try_again(exc) | {"turn": str(turn_id)}
         return _try_again(exc)
 
 

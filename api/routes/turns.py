@@ -101,7 +101,7 @@ def post_turn(
 def post_batch(
     body: Annotated[Any, Body()],
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> BatchAccepted:
     """Queue many turns at once, all or none; ids and statuses come back in request order. Every bad
     item is listed by its index. Each item takes its own `idempotency_key`: an `Idempotency-Key`
