@@ -51,7 +51,8 @@ class RefusedDestination(ValueError):
 
 
 class ResolverUnavailable(RefusedDestination):
-    """The resolver could not answer for now (EAI_AGAIN): refused at acceptance, retried at delivery."""
+    """The resolver could not answer for now (EAI_AGAIN, or this process's OSError): at acceptance a
+    503 when no host of the request answered, else accepted without a verdict; retried at delivery."""
 
 
 class Unresolved(RefusedDestination):

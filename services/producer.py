@@ -18,7 +18,7 @@ from sqlalchemy.exc import OperationalError
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import speaker_for_player
-from db.session import again_on_conflict, get_autocommit_engine, session_scope
+from db.session import DATABASE_OUTAGES, again_on_conflict, get_autocommit_engine, session_scope
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
     AUTO_KEY_PREFIX,
@@ -210,12 +210,22 @@ def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
     is not looked up again: it answers with its turn as it stands, whatever the host says now (the
     delivery checks the host once more)."""
     urls = {i: r.callback_url for i, r in enumerate(parsed) if r.callback_url}
-    keys = {r.idempotency_key: i for i, r in enumerate(parsed) if i in urls and r.idempotency_key}
+    keys: dict[str, list[int]] = {}
+    for i, r in enumerate(parsed):
+        if i in urls and r.idempotency_key:
+            keys.setdefault(r.idempotency_key, []).append(i)
+    stored: dict[str, str] = {}
     if keys:
-        with session_scope() as session:
-            stored = stored_request_hashes(session=session, tenant=tenant, keys=list(keys))
-        for key, i in keys.items():
-            if stored.get(key) in {parsed[i].request_hash(), parsed[i].legacy_request_hash()}:
+        try:
+            with session_scope() as session:
+                stored = stored_request_hashes(session=session, tenant=tenant, keys=list(keys))
+        except DATABASE_OUTAGES:  # every host looked up; the store after answers for the database
+            logger.warning("could not read the request's keys; its callback hosts are all looked up")
+    for key, items in keys.items():
+        if (digest := stored.get(key)) is None:  # a new key: its host is looked up
+            continue
+        for i in items:
+            if digest in {h for h in (parsed[i].request_hash(), parsed[i].legacy_request_hash()) if h}:
                 del urls[i]
     try:
         refused = callback_destinations(urls)
@@ -448,7 +458,8 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
                 reason="broker unreachable at enqueue (for the call's other turns)",
                 unkeyed_only=True,
             )
-        kept = [i for i in went if i not in set(sent_failed)]
+        failed_too = set(sent_failed)
+        kept = [i for ids in fresh.values() for i in ids if i in went and i not in failed_too]  # call's order
         shown = ", ".join(str(i) for i in kept[:10]) + (", ..." if len(kept) > 10 else "")
         raise EnqueueError(
             f"could not reach the broker; {len(failed) + len(sent_failed)} turn(s) marked failed"

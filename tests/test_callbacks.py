@@ -287,7 +287,7 @@ def test_a_retry_under_its_key_answers_with_its_turn_whatever_its_callback_host_
     """Found in review: the callback host was looked up again before the replay was found, so a
     retry after a lost answer got a 422 (the host no longer resolved) or a 503 (a resolver hiccup)
     instead of its turn."""
-    from services.producer import submit_turns
+    from services.producer import TurnRejected, submit_turns
 
     monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
     monkeypatch.setattr(settings, "callback_allow_private", False)
@@ -309,6 +309,13 @@ def test_a_retry_under_its_key_answers_with_its_turn_whatever_its_callback_host_
         monkeypatch.setattr(socket, "getaddrinfo", lookup)
         [again] = submit_turns([body], send=False)
         assert (again.id, again.created) == (first.id, False)
+    # A new key, or the key with another body, is looked up as ever (review of the fix: a new key
+    # skipped the lookup, its private host accepted).
+    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port, *a, **k: real("10.0.0.7", port, *a, **k))
+    for other in (body | {"idempotency_key": f"cb-{uuid.uuid4().hex[:8]}"}, body | {"message": "hello"}):
+        with pytest.raises(TurnRejected) as refused:
+            submit_turns([other], send=False)
+        assert "non-public" in refused.value.errors[0].reason
 
 
 def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused_for_good(

@@ -633,6 +633,9 @@ def test_a_broker_failing_part_way_fails_every_turn_but_those_a_key_or_a_worker_
         first, second, third = (turns[r["message"]] for r in requests)
         if keyed:
             assert first == (TurnStatus.QUEUED, None)  # its replay answers it
+            with session_scope() as s:  # and the 503 names it
+                kept = s.scalar(select(Turn.id).where(Turn.message == requests[0]["message"]))
+            assert f"and kept (keyed, or taken by a worker): {kept}" in str(failed.value)
         else:
             assert first == (TurnStatus.FAILED, "broker unreachable at enqueue (for the call's other turns)")
         assert second == third == (TurnStatus.FAILED, "broker unreachable at enqueue")
