@@ -456,8 +456,7 @@ def replay_unsent_step(*, session: Session, conversation_id: int) -> tuple[list[
     step = scene.steps_done + 1
     revived = _requeue_step(session, scene, step, _NEVER_SENT)
     if revived is not None:
-        if scene.status == SceneStatus.FAILED:  # that failure closed it
-            scene.status, scene.ended_reason, scene.finished_at = SceneStatus.OPEN, None, None
+        reopen_failed_scenes(session=session, turn_ids=[revived])  # if that failure closed it
         return [NewStep(revived, scene.model, scene.lane)], []
     waiting = session.scalar(
         select(Turn.id).where(

@@ -225,8 +225,8 @@ def store_extracted(
         else:
             counts["added"] += 1
     # In id order, as the facts API supersedes: two writers replacing the same facts never deadlock.
+    here = str(conversation.id)
     for old_id, new_id in sorted(replaces):
-        here = str(conversation.id)
         if supersede(
             session=session, old_id=old_id, new_id=new_id, scope=FactScope.CONVERSATION, scope_ref=here
         ):

@@ -474,19 +474,28 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
 
 def send_again(turns: Sequence[StoredTurn], *, lane: Lane) -> None:
     """Send replayed queued turns' messages once more: the request that stored them may have died
-    between its commit and its send (its reply lost, its process killed). A broker error is logged
-    and marks nothing failed (a first message may be on its way); a duplicate message is harmless
-    (claims are exactly-once)."""
-    from tasks.generate import dispatch
-
+    between its commit and its send (its reply lost, its process killed). See resend."""
     by_model: dict[str, list[uuid.UUID]] = {}
     for turn in turns:
         by_model.setdefault(turn.model, []).append(turn.id)
+    resend(by_model, lane=lane)
+
+
+def resend(by_model: dict[str, list[uuid.UUID]], *, lane: Lane) -> list[uuid.UUID]:
+    """Send these queued turns' messages ({model: ids}) once more; the ids whose message went. A
+    broker error is logged and marks nothing failed (a first message may be on its way); a duplicate
+    message is harmless (claims are exactly-once)."""
+    from tasks.generate import dispatch
+
+    went: list[uuid.UUID] = []
     for model, ids in by_model.items():
         try:
             dispatch(ids, model=model, lane=lane)
         except Exception:
             logger.warning("%d turn(s): could not send again; the sweeper will", len(ids), exc_info=True)
+            continue
+        went += ids
+    return went
 
 
 def _conversation_fields(req: TurnRequest) -> dict[str, Any]:

@@ -3,7 +3,6 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
-import logging
 import uuid
 from typing import Any
 
@@ -29,10 +28,8 @@ from db.world import character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
-from services.producer import EnqueueError, send_new_turns
+from services.producer import EnqueueError, resend, send_new_turns
 from services.runs.scene_lines import scene_of
-
-logger = logging.getLogger(__name__)
 
 
 class SceneRefused(ValueError):
@@ -196,32 +193,29 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
 
 
 def _send_again(steps: list[NewStep]) -> list[NewStep]:
-    """Send queued steps never recorded sent once more; those that went (recorded sent). The broker
-    away fails nothing: the worker that created a step may be sending it now."""
-    from tasks.generate import dispatch
-
-    went = []
-    for step in steps:
-        try:
-            dispatch([step.turn_id], model=step.model, lane=step.lane)  # type: ignore[arg-type]
-        except Exception:
-            logger.warning(
-                "scene step %s: could not send again; the sweeper will", step.turn_id, exc_info=True
-            )
-            continue
+    """Send queued steps never recorded sent once more (producer.resend: the broker away fails
+    nothing, the worker that created a step may be sending it now); those that went, recorded sent."""
+    went: set[uuid.UUID] = set()
+    for lane, fresh in _by_lane(steps).items():
+        went.update(resend(fresh, lane=lane))  # type: ignore[arg-type]
+    if went:
         with session_scope() as session:
-            mark_dispatched(session=session, turn_ids=[step.turn_id])
-        went.append(step)
-    return went
+            mark_dispatched(session=session, turn_ids=list(went))
+    return [step for step in steps if step.turn_id in went]
+
+
+def _by_lane(steps: list[NewStep]) -> dict[str, dict[str, list[uuid.UUID]]]:
+    """The steps' ids by lane, then by model."""
+    by_lane: dict[str, dict[str, list[uuid.UUID]]] = {}
+    for step in steps:
+        by_lane.setdefault(step.lane, {}).setdefault(step.model, []).append(step.turn_id)
+    return by_lane
 
 
 def _send(steps: list[NewStep]) -> None:
     """Send the committed steps on their lane and record them sent; the broker unreachable: the
     steps are failed (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
-    by_lane: dict[str, dict[str, list[uuid.UUID]]] = {}
-    for step in steps:
-        by_lane.setdefault(step.lane, {}).setdefault(step.model, []).append(step.turn_id)
-    for lane, fresh in by_lane.items():
+    for lane, fresh in _by_lane(steps).items():
         send_new_turns(fresh, lane=lane)  # type: ignore[arg-type]
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])

@@ -306,9 +306,8 @@ def validate_file(
     refused: list[Refusal] = []
     uses: dict[str, _ConversationUse] = {}
     scenes: dict[str, tuple[int, int]] = {}  # a scene line's custom_id: (its line, its exchanges)
-    step_named: list[
-        tuple[int, str, str, int]
-    ] = []  # a plain line named like a step: (line, id, scene, step)
+    # Lines named like a scene's step, `<scene>#<k>`: (line, custom_id, scene, k).
+    step_named: list[tuple[int, str, str, int]] = []
 
     def bad(number: int, reason: str) -> None:
         nonlocal error_count
