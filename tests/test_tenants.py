@@ -304,3 +304,35 @@ def test_upsert_conversations_reads_back_a_row_that_exists(world) -> None:
         stored = s.scalar(select(Conversation.character_id).where(Conversation.external_id == conversation))
     assert stored == ids["elara"]
     assert again[conversation] == first[conversation] == (first[conversation][0], ids["elara"])
+
+
+def test_a_continue_or_move_key_of_one_tenant_replays_nothing_of_another(base_url) -> None:
+    """`:continue` and a fact's `:move` take an Idempotency-Key, stored per tenant: B's key that A used
+    moves B's own fact and continues B's own group, rather than answering A's call as a replay."""
+    key = f"tenant-wall-{uuid.uuid4().hex[:8]}"
+    for headers in (A, B):
+        player = f"p-{uuid.uuid4().hex[:8]}"
+        pie = {"facts": [{"text": "Stole a pie."}]}
+        made = httpx.post(f"{base_url}/v1/players/{player}/facts", headers=headers, json=pie)
+        assert made.status_code == 201, made.text
+        (fact,) = made.json()["facts"]
+        moved = httpx.post(
+            f"{base_url}/v1/players/{player}/facts/{fact['id']}:move",
+            headers=headers | {"Idempotency-Key": key},
+            json={"scope": "world"},
+        )
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["replayed"] is False and moved.json()["fact"]["scope"] == "world", moved.text
+
+        group = f"wall-{uuid.uuid4().hex[:8]}"
+        body = {"conversation": group, "participants": ["elara", "luffy"], "premise": "A quiet night."}
+        started = httpx.post(f"{base_url}/v1/scenes", headers=headers, json=body, timeout=30)
+        assert started.status_code == 201, started.text
+        went_on = httpx.post(
+            f"{base_url}/v1/scenes/{group}:continue",
+            headers=headers | {"Idempotency-Key": key},
+            json={"exchanges": 1},
+            timeout=30,
+        )
+        assert went_on.status_code == 200, went_on.text
+        assert went_on.json()["replayed"] is False and len(went_on.json()["sent"]) == 1, went_on.text
