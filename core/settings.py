@@ -105,8 +105,7 @@ class Settings(BaseSettings):
     )
     state_dir: Path = PROJECT_ROOT / ".mlchat"
     # Embedded PostgreSQL only; size external servers yourself. A number and a unit (kB, MB, GB), as
-    # PostgreSQL writes sizes; one it cannot start with (under 128kB, past the machine's memory) still
-    # fails at the server's start.
+    # PostgreSQL writes sizes, from its least (128kB) to under this machine's memory.
     embedded_pg_shared_buffers: str = Field(default="512MB", pattern=r"^[1-9][0-9]{0,5}(kB|MB|GB)$")
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
 
@@ -410,6 +409,18 @@ class Settings(BaseSettings):
     def _served_models_are_queue_safe(cls, value: list[str]) -> list[str]:
         return [_queue_safe(f"MLCHAT_SERVED_MODELS[{i}]", name) for i, name in enumerate(value)]
 
+    @field_validator("embedded_pg_shared_buffers")
+    @classmethod
+    def _shared_buffers_fit(cls, value: str) -> str:
+        number, unit = re.fullmatch(r"(\d+)(kB|MB|GB)", value).groups()  # type: ignore[union-attr]
+        size = int(number) << {"kB": 10, "MB": 20, "GB": 30}[unit]
+        if size < 128 << 10:
+            raise ValueError(f"{value}: PostgreSQL's least is 128kB")
+        memory = _physical_memory()
+        if memory is not None and size >= memory:
+            raise ValueError(f"{value}: PostgreSQL would not start (this machine has {memory >> 20}MB)")
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _database_url_is_postgres(cls, value: str | None) -> str | None:
@@ -515,6 +526,14 @@ def _parsed_or_refused(variable: str, url: str) -> None:
         make_url(url) if variable == "DATABASE_URL" else urlsplit(url).port
     except ValueError as exc:
         raise ValueError(f"{variable}: does not parse ({exc})") from None
+
+
+def _physical_memory() -> int | None:
+    """This machine's memory in bytes; None where it cannot be read."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def _queue_safe(variable: str, value: str) -> str:

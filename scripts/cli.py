@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 import uuid
@@ -930,10 +931,11 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"mlchat: {_one_line(exc)}")
             return 2
         from kombu.exceptions import KombuError  # the broker away: one line too
+        from psycopg import Error as PsycopgError  # the embedded server's own set-up, outside SQLAlchemy
         from redis.exceptions import RedisError
 
         one_line = (KeyError, LookupError, ValueError, OSError, RuntimeError, SQLAlchemyError)
-        one_line += (KombuError, RedisError)
+        one_line += (KombuError, RedisError, PsycopgError, subprocess.SubprocessError)
         if isinstance(exc, one_line):
             _err(f"mlchat: {_one_line(exc)}")
             return 1

@@ -536,6 +536,31 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         assert names in err and "Traceback" not in err, (argv, err)
 
 
+def test_a_server_that_fails_to_start_or_stop_is_one_cli_line_not_a_traceback(monkeypatch, capsys) -> None:
+    """Found in review: `pg_ctl` or `redis-server` failing (CalledProcessError, TimeoutExpired) and
+    psycopg's own errors (the embedded server's set-up) escaped main() as tracebacks."""
+    import subprocess
+
+    import psycopg
+
+    from core import embedded
+    from scripts.cli import main as cli
+
+    for failure in (
+        subprocess.CalledProcessError(1, ["pg_ctl", "start"]),
+        subprocess.TimeoutExpired(["pg_ctl", "start"], 300),
+        psycopg.OperationalError("connection refused"),
+    ):
+
+        def fail(*args: object, failure: Exception = failure) -> str:
+            raise failure
+
+        monkeypatch.setattr(embedded, "start_postgres", fail)
+        assert cli(["services", "start"]) == 1, failure
+        err = capsys.readouterr().err
+        assert err.startswith("mlchat: ") and err.count("\n") == 1, err
+
+
 def test_slugs_never_collide_silently(world) -> None:
     from services.characters import import_card
 

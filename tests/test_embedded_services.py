@@ -241,3 +241,50 @@ def test_the_processes_database_connections_give_up_on_a_silent_peer_in_about_a_
             params = conn.connection.dbapi_connection.info.get_parameters()  # type: ignore[union-attr]
         assert params["connect_timeout"] == "10" and params["keepalives"] == "1", (engine, params)
         assert params["keepalives_idle"] == "30" and params["tcp_user_timeout"] == "60000", params
+
+
+def test_a_shared_buffers_postgresql_refuses_is_one_error_naming_the_variable_and_the_server_runs_on(
+    tmp_path: Path,
+) -> None:
+    """Found in review: a size PostgreSQL refuses was a psycopg traceback; one it took but could not
+    start with stayed in postgresql.auto.conf, and the cluster never started again, even once the
+    variable was changed back (the size was set only after a start)."""
+    import pytest
+
+    url = embedded.start_postgres(tmp_path, "16MB")
+    auto = tmp_path / "pgdata" / "postgresql.auto.conf"
+    try:
+        with pytest.raises(RuntimeError, match="^MLCHAT_EMBEDDED_PG_SHARED_BUFFERS: .* 64kB"):
+            embedded.start_postgres(tmp_path, "64kB")  # below PostgreSQL's least
+        assert embedded.start_postgres(tmp_path, "16MB") == url
+        embedded.stop_postgres(tmp_path)
+        # recorded by an earlier start, and too large for the server to start with
+        auto.write_text(auto.read_text() + "shared_buffers = '1000TB'\n")
+        url = embedded.start_postgres(tmp_path, "16MB")
+        with psycopg.connect(url.replace("postgresql+psycopg://", "postgresql://")) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        assert "1000TB" not in auto.read_text()
+    finally:
+        embedded.stop_postgres(tmp_path)
+    if Path("/proc/sys/vm/overcommit_memory").read_text().strip() == "1":
+        pytest.skip("this kernel grants any shared memory: a cluster too large to start cannot be made")
+    fresh = tmp_path / "fresh"
+    try:  # a fresh cluster's restart at a size it cannot map: said, and it runs on at its former size
+        with pytest.raises(RuntimeError, match="^MLCHAT_EMBEDDED_PG_SHARED_BUFFERS: .* 4000GB"):
+            embedded.start_postgres(fresh, "4000GB")
+        assert embedded.postgres_status(fresh).running
+    finally:
+        embedded.stop_postgres(fresh)
+
+
+def test_a_redis_port_file_left_empty_starts_redis_on_a_free_port(tmp_path: Path) -> None:
+    """Found in review: a port file a kill left empty (it was written in place) raised ValueError at
+    every start, until someone deleted it."""
+    (tmp_path / "redis").mkdir()
+    (tmp_path / "redis" / "port").write_text("")
+    url = embedded.start_redis(tmp_path)
+    try:
+        assert redis.Redis.from_url(url).ping()
+        assert (tmp_path / "redis" / "port").read_text() == url.rsplit(":", 1)[1].split("/")[0]
+    finally:
+        assert embedded.stop_redis(tmp_path)

@@ -217,6 +217,9 @@ def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_un
         ("REDIS_URL", "redis://broker:63x9/0"),
         ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "lots"),
         ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "512MB'; DROP"),
+        # found in review: sizes PostgreSQL refuses, or cannot start with, passed the pattern
+        ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "64kB"),
+        ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "999999GB"),
         ("MLCHAT_BROKER_SOCKET_TIMEOUT_S", "inf"),
         ("MLCHAT_FLUSH_INTERVAL", "inf"),
     ]:
