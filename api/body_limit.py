@@ -19,6 +19,12 @@ from starlette.exceptions import HTTPException
 Scope = dict[str, Any]
 
 
+def _route_path(scope: Scope) -> str:
+    """The path routes match: under a proxy's prefix (uvicorn's --root-path), `path` holds it too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(f"{root}/") else path
+
+
 class BodySizeLimit:
     """ASGI middleware: 413 when Content-Length, or the bytes actually streamed, exceed the limit."""
 
@@ -31,7 +37,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.per_path.get(scope.get("path", ""), self.max_bytes)
+        limit = self.per_path.get(_route_path(scope), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
@@ -46,16 +48,37 @@ def _problem(code: int, errors: list[dict[str, Any]]) -> JSONResponse:
 
 
 async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = [
-        {
-            "field": safe(field_name(err.get("loc", ()))),
-            "msg": safe(err.get("msg", "invalid")).removeprefix("Value error, "),
-            "type": safe(err.get("type", "value_error")),
-            "loc": [safe(p) if isinstance(p, str) else p for p in err.get("loc", ())],
-        }
-        for err in exc.errors()
-    ]
+    errors = [_shown(err) for err in exc.errors()]
     return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+def _shown(err: dict[str, Any]) -> dict[str, Any]:
+    """One validation error as the body shows it."""
+    loc, msg = err.get("loc", ()), safe(err.get("msg", "invalid")).removeprefix("Value error, ")
+    if err.get("type") == "json_invalid":  # FastAPI puts the parser's character position in `loc`
+        where = f" at character {loc[1]}" if len(loc) > 1 else ""
+        loc, msg = ("body",), f"not valid JSON ({safe((err.get('ctx') or {}).get('error', msg))}{where})"
+    return {
+        "field": safe(field_name(loc)),
+        "msg": msg,
+        "type": safe(err.get("type", "value_error")),
+        "loc": [safe(p) if isinstance(p, str) else p for p in loc],
+    }
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """FastAPI's own answer, except for a JSON body that is not UTF-8: FastAPI's bare 400 names no
+    field, and it is a body like any other that does not validate."""
+    cause = exc.__cause__
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(cause, UnicodeDecodeError):
+        error = {
+            "field": "body",
+            "msg": f"not valid UTF-8 (byte {cause.start} of the body)",
+            "type": "json_invalid",
+            "loc": ["body"],
+        }
+        return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, [error])
+    return await http_exception_handler(request, exc)
 
 
 async def _rejected(request: Request, exc: TurnRejected) -> JSONResponse:
@@ -124,6 +147,7 @@ async def _other_embedder(request: Request, exc: EmbedderMismatch) -> JSONRespon
 def install(app: FastAPI) -> None:
     """Register the handlers on the app."""
     app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(TurnRejected, _rejected)  # type: ignore[arg-type]
     app.add_exception_handler(IdempotencyConflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]

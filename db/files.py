@@ -24,11 +24,21 @@ def add_file(
     tenant: str,
     expires_after_s: int | None = None,
 ) -> StoredFile:
+    # The database's clock at this insert, not the transaction's start: a batch's output is written
+    # within a transaction that may have opened minutes before, and a file dated then would sort
+    # behind files uploaded meanwhile, where a client paging from the newest it saw never finds it.
     row = StoredFile(
-        id=file_id, purpose=purpose, filename=filename, bytes=size, path=path, api_key=api_key, tenant=tenant
+        id=file_id,
+        purpose=purpose,
+        filename=filename,
+        bytes=size,
+        path=path,
+        api_key=api_key,
+        tenant=tenant,
+        created_at=func.clock_timestamp(),
     )
     if expires_after_s is not None:
-        row.expires_at = func.now() + timedelta(seconds=expires_after_s)  # the database's clock
+        row.expires_at = func.clock_timestamp() + timedelta(seconds=expires_after_s)
     session.add(row)
     session.flush()
     return row

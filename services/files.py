@@ -142,7 +142,9 @@ async def save_upload(
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
                 if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
                     raise _over_quota(held, size)
-                out.write(chunk)
+                # In a thread: a write that waits on a busy disk would stall every stream and
+                # request this process serves meanwhile.
+                await run_in_threadpool(out.write, chunk)
         os.replace(partial, final)
     finally:
         partial.unlink(missing_ok=True)

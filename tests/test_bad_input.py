@@ -283,7 +283,26 @@ HTTP_CASES = [
         422,
         "slug (path)",
     ),
-    ("a batch body that is not JSON", "post", "/v1/batches", b"{nope", JSON, 422, "JSON decode error"),
+    # found in review: the field was "[1]" (the parser's position) and the parser's reason was lost
+    (
+        "a batch body that is not JSON",
+        "post",
+        "/v1/batches",
+        b"{nope",
+        JSON,
+        422,
+        '"field":"body","msg":"not valid JSON (Expecting property name enclosed in double quotes',
+    ),
+    # found in review: a body that is not UTF-8 was FastAPI's bare 400, naming no field
+    (
+        "a story event body that is not UTF-8",
+        "post",
+        "/v1/stories/s-utf8/events",
+        b'{"text": "caf\xe9"}',
+        JSON,
+        422,
+        '"field":"body","msg":"not valid UTF-8 (byte 13 of the body)"',
+    ),
     (
         "a batch with an unknown field",
         "post",

@@ -75,6 +75,25 @@ def test_a_chunked_body_past_the_limit_is_413_and_stops_reading() -> None:
     assert len(got) == 900 and handed[0] == 4  # the app never saw a byte past the limit
 
 
+def test_a_paths_own_limit_holds_behind_a_proxys_root_path() -> None:
+    """Found in review: under uvicorn's --root-path the scope's path holds the prefix, the per-path
+    limit was missed, and a batch file over the 1 MB default was a 413."""
+    size = 2000
+    declared = [(b"content-length", str(size).encode())]
+    for scope in (
+        {"type": "http", "path": "/v1/files", "headers": declared},
+        {"type": "http", "path": "/mlchat/v1/files", "root_path": "/mlchat", "headers": declared},
+    ):
+        reached: list[str] = []
+
+        async def app(scope, receive, send, reached: list[str] = reached) -> None:  # type: ignore[no-untyped-def]
+            reached.append(scope["path"])
+
+        limit = BodySizeLimit(app, max_bytes=1000, per_path={"/v1/files": 5000})
+        asyncio.run(limit(scope, _stream([b"x" * size])[0], _no_send))
+        assert reached == [scope["path"]], scope
+
+
 def _multipart(content: bytes) -> tuple[dict[str, str], bytes]:
     request = httpx.Request(
         "POST", "http://x/v1/files", files={"file": ("b.jsonl", content)}, data={"purpose": "batch"}
@@ -264,3 +283,80 @@ def test_a_file_deleted_as_its_download_starts_is_sent_whole_never_a_500(base_ur
     monkeypatch.setattr(files_route, "_visible", found_file)  # the bytes are gone now
     gone = httpx.get(f"{base_url}/v1/files/{file_id}/content", headers=INGEST)
     assert gone.status_code == 410 and "no longer stored" in gone.text
+
+
+def test_a_file_written_in_a_long_transaction_is_listed_after_files_uploaded_meanwhile(services) -> None:
+    """Found in review: a file took its transaction's start as created_at; a batch's output, written
+    in a transaction opened minutes before, sorted behind files uploaded meanwhile, so a client
+    paging oldest first from the newest file it saw never found it."""
+    from sqlalchemy import text
+
+    from db.files import add_file, list_files
+    from db.models import StoredFile
+
+    key = f"order-{uuid.uuid4().hex[:8]}"
+
+    def add(session, name: str):  # type: ignore[no-untyped-def]
+        file_id = f"file-{uuid.uuid4().hex[:12]}"
+        row = {"file_id": file_id, "purpose": "batch", "filename": name, "size": 1, "path": "/x"}
+        add_file(session=session, **row, api_key=key, tenant="")
+        return file_id
+
+    with session_scope() as long_one:
+        long_one.execute(text("SELECT pg_sleep(0.05)"))  # its transaction, and now(), begin here
+        with session_scope() as meanwhile:
+            uploaded = add(meanwhile, "uploaded.jsonl")
+        output = add(long_one, "output.jsonl")
+    with session_scope() as s:
+        seen = s.get(StoredFile, uploaded)
+        after = list_files(session=s, owner=(key, ""), purpose=None, after=seen, limit=10, newest_first=False)
+        assert [f.id for f in after] == [output]
+
+
+def test_an_upload_writes_its_chunks_off_the_event_loop(services, monkeypatch) -> None:
+    """Found in review: each chunk was written on the event loop, so a write waiting on a busy disk
+    stalled every stream and request of the process. Here a write waits until the loop has run
+    something else: on the loop it waits in vain."""
+    from pathlib import Path
+
+    from services.files import save_upload
+
+    loop_ran = threading.Event()
+    waited_in_vain: list[bool] = []
+    real_open = Path.open
+
+    class SlowDisk:
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
+
+        def write(self, data: bytes) -> int:
+            waited_in_vain.append(not loop_ran.wait(5))
+            return int(self.handle.write(data))
+
+        def __enter__(self) -> SlowDisk:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+    def opened(self: Path, *args: Any, **kwargs: Any) -> Any:
+        handle = real_open(self, *args, **kwargs)
+        return SlowDisk(handle) if self.suffix == ".partial" else handle
+
+    monkeypatch.setattr(Path, "open", opened)
+
+    async def chunks() -> Any:
+        yield b'{"custom_id": "a"}\n'
+
+    async def upload_beside_other_work() -> dict[str, Any]:
+        async def other_work() -> None:
+            await asyncio.sleep(0.05)
+            loop_ran.set()
+
+        other = asyncio.create_task(other_work())
+        saved = await save_upload(chunks(), filename="a.jsonl", purpose="batch", api_key=None)
+        await other
+        return saved
+
+    saved = asyncio.run(upload_beside_other_work())
+    assert saved["bytes"] == 19 and waited_in_vain == [False]
