@@ -95,10 +95,12 @@ def _lines() -> Any:
 
 
 def run_lines(
-    *, session: Session, run_id: uuid.UUID, filters: LineFilter, limit: int, offset: int = 0
+    *, session: Session, run_id: uuid.UUID, filters: LineFilter, limit: int, after: int = 0
 ) -> list[Line]:
-    """The run's lines matching the filters, in input order."""
-    query = _lines().where(Turn.run_id == run_id)
+    """The run's lines matching the filters, in input order, from the one after turn number `after`
+    (a cursor, not an offset: a review moves a line out of a filter such as `unreviewed`, and an
+    offset would then step over as many lines)."""
+    query = _lines().where(Turn.run_id == run_id, Turn.number > after)
     below = func.coalesce(func.jsonb_array_length(Turn.quality["below_bar"]), 0)
     if filters.character:
         query = query.where(_slug == filters.character)
@@ -120,7 +122,7 @@ def run_lines(
         query = query.where(TurnReview.label.is_(None))
     elif filters.label != "any":
         query = query.where(TurnReview.label == filters.label)
-    rows = session.execute(query.order_by(Turn.number).limit(limit).offset(offset)).tuples().all()
+    rows = session.execute(query.order_by(Turn.number).limit(limit)).tuples().all()
     return [Line(turn, slug, name, review) for turn, slug, name, review in rows]
 
 

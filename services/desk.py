@@ -39,7 +39,7 @@ from roleplay.quality import CHECK_KINDS
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 from services.batches import rewrite_output_file
 from worker.engine_loop import Generation
-from worker.prompt.formats import FORMATS, escape_name_markers
+from worker.prompt.formats import FORMATS, escape_bracket_markers, escape_name_markers
 from worker.prompt.sanitize import CONTROLS, Sanitizer
 from worker.structured import BadStructuredReply, read_reply, reading_shape, say_chars
 
@@ -108,8 +108,9 @@ def prompt_text(
 ) -> str:
     """A writer's reply, which later prompts bring back as history: refused when the prompt
     sanitiser would change it (the model's special tokens, any prompt format's role markers such as
-    `### User:` or a line opening with a speaker's name and a colon: the character's, the player's,
-    or in a group any member's or the narrator's), so what is stored is what the model will read."""
+    `### User:`, a line opening as the prompt's own bracketed markers such as `[Narrator]`, or a line
+    opening with a speaker's name and a colon: the character's, the player's, or in a group any
+    member's or the narrator's), so what is stored is what the model will read."""
     sanitizer = _sanitizer()
     cleaned = sanitizer.scrub(text)
     labels = sanitizer.speaker_labels(character, player)
@@ -120,10 +121,11 @@ def prompt_text(
         cleaned = prompt_format.escape(cleaned, char, user)
         if members:  # as packing escapes a group's lines
             cleaned = escape_name_markers(cleaned, [char, user, *names])
+    cleaned = escape_bracket_markers(cleaned)  # the prompt's own "[Narrator] …" and "[Scene direction]"
     if cleaned != text:
         raise _bad(
-            f"{name}: it holds a special token or a role marker (like <|im_end|> or '### User:') "
-            "that would be broken in prompts; write it without"
+            f"{name}: it holds a special token or a role marker (like <|im_end|>, '### User:' or "
+            "'[Narrator]') that would be broken in prompts; write it without"
         )
     return text
 
@@ -214,8 +216,8 @@ class RunPage:
     lines: list[reviews.Line]
     characters: list[tuple[str, str]]
     filters: LineFilter
-    page: int
-    more: bool
+    after: int  # the lines shown follow this turn number (0: from the first)
+    more: bool  # lines match past the last one shown: the next page is after its number
     scenes: list[SceneRow] = field(default_factory=list)
     scene_page: int = 1
     more_scenes: bool = False
@@ -302,17 +304,14 @@ def run_summary(who: Reviewer, run_id: uuid.UUID) -> RunRow:
 
 
 def run_page(
-    who: Reviewer, run_id: uuid.UUID, filters: LineFilter, page: int = 1, scene_page: int = 1
+    who: Reviewer, run_id: uuid.UUID, filters: LineFilter, after: int = 0, scene_page: int = 1
 ) -> RunPage:
-    """A run, one page of its lines, filtered, and one page of its scenes."""
+    """A run, one page of its lines (filtered, from the one after turn number `after`), and one page
+    of its scenes."""
     with session_scope() as session:
         run = _run(session, who, run_id)
         lines = reviews.run_lines(
-            session=session,
-            run_id=run.id,
-            filters=filters,
-            limit=PAGE_SIZE + 1,
-            offset=(page - 1) * PAGE_SIZE,
+            session=session, run_id=run.id, filters=filters, limit=PAGE_SIZE + 1, after=after
         )
         session.expunge_all()
         scenes = run_scenes(
@@ -323,7 +322,7 @@ def run_page(
             lines=lines[:PAGE_SIZE],
             characters=reviews.run_characters(session=session, run_id=run.id),
             filters=filters,
-            page=page,
+            after=after,
             more=len(lines) > PAGE_SIZE,
             scenes=_scene_rows(session, scenes[:PAGE_SIZE]),
             scene_page=scene_page,

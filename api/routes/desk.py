@@ -230,23 +230,23 @@ async def run(
     bar: str | None = None,
     text: str | None = None,
     label: str | None = None,
-    page: str | None = None,
+    after: str | None = None,
     scene_page: str | None = None,
 ) -> Response:
     """A run's lines, filtered by character, gate check, bar, label and text, and its scenes: a
-    page of each."""
+    page of each (the lines' next page starts after the last line shown)."""
     filters = desk.line_filter(character, check, bar, text, label)
-    number = desk.whole_number("page", page or "1", low=1, high=100_000)
+    cursor = desk.whole_number("after", after or "0", low=0, high=2**63 - 1)
     scenes_at = desk.whole_number("scene_page", scene_page or "1", low=1, high=100_000)
     view = await run_in_threadpool(
-        desk.run_page, desk_.who, desk.object_id("run", run_id), filters, number, scenes_at
+        desk.run_page, desk_.who, desk.object_id("run", run_id), filters, cursor, scenes_at
     )
 
     def link(**changed: int) -> str:
         query = {**request.query_params, **{k: str(v) for k, v in changed.items()}}
         return f"/desk/runs/{view.run.id}?{urlencode(query)}"
 
-    next_page = link(page=number + 1) if view.more else None
+    next_page = link(after=view.lines[-1].turn.number) if view.more else None
     next_scenes = link(scene_page=scenes_at + 1) if view.more_scenes else None
     return _page(
         request,
