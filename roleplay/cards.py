@@ -181,11 +181,7 @@ def parse_mes_example(text: str) -> list[dict[str, str]]:
     pairs: list[dict[str, str]] = []
     for block in re.split(r"<START>", text, flags=re.IGNORECASE):
         user: str | None = None
-        for line in block.splitlines():
-            m = _EXAMPLE_LINE.match(line)
-            if not m:
-                continue
-            speaker, said = m.group(1).lower(), m.group(2).strip()
+        for speaker, said in _utterances(block):
             if speaker == "user":
                 user = said
             elif user is not None:
@@ -194,6 +190,19 @@ def parse_mes_example(text: str) -> list[dict[str, str]]:
             else:
                 pairs.append({"user": "", "character": said})
     return pairs
+
+
+def _utterances(block: str) -> list[tuple[str, str]]:
+    """(speaker, text) of an example chat; a line with no `{{user}}:`/`{{char}}:` goes on the
+    utterance before it (cards write a reply's action and its speech on lines of their own)."""
+    said: list[tuple[str, list[str]]] = []
+    for line in block.splitlines():
+        m = _EXAMPLE_LINE.match(line)
+        if m:
+            said.append((m.group(1).lower(), [m.group(2)]))
+        elif said:
+            said[-1][1].append(line)
+    return [(speaker, "\n".join(lines).strip()) for speaker, lines in said]
 
 
 def lorebook_from_card_book(book: Any) -> dict[str, Any]:

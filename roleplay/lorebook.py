@@ -2,8 +2,10 @@
 
 Semantics (SillyTavern's, as far as the V2/V3 card fields carry them):
 - An entry fires when it is enabled and is `constant`, or one of its `keys` occurs in the scanned
-  text. Keys are substrings, or regular expressions when written `/pattern/flags` or when the entry
-  has `use_regex`; matching ignores case unless `case_sensitive`.
+  text. Keys are substrings (trimmed; empty ones dropped), or regular expressions when written
+  `/pattern/flags` or when the entry has `use_regex` (not on SillyTavern's own entries: it marks
+  every exported entry so, and reads only `/…/` keys as patterns); matching ignores case unless
+  `case_sensitive`.
 - `selective` entries with `secondary_keys` also need their logic to hold: AND_ANY (default: one
   secondary key occurs), AND_ALL, NOT_ANY, NOT_ALL.
 - The scanned text is the player's message and the last `scan_depth` history lines.
@@ -83,6 +85,13 @@ class LoreEntry(BaseModel):
     exclude_recursion: bool = False
     prevent_recursion: bool = False
     ignored_decorators: list[str] = Field(default_factory=list)
+
+    @field_validator("keys", "secondary_keys")
+    @classmethod
+    def _keys_trimmed(cls, keys: list[str]) -> list[str]:
+        """Keys without their outer spaces, and none empty (an empty key would occur in every text),
+        as SillyTavern reads them."""
+        return [key.strip() for key in keys if key.strip()]
 
     @field_validator("keys", "secondary_keys")
     @classmethod
@@ -186,7 +195,10 @@ class Lorebook(BaseModel):
                         enabled=e.get("enabled", True),
                         constant=e.get("constant", False),
                         case_sensitive=e.get("case_sensitive") or ext.get("case_sensitive") or False,
-                        use_regex=e.get("use_regex", False),
+                        # SillyTavern marks every entry it exports use_regex while its scanner
+                        # reads only `/…/flags` keys as patterns: its entries (display_index is its
+                        # own) are read as it reads them.
+                        use_regex=e.get("use_regex", False) and "display_index" not in ext,
                         insertion_order=e.get("insertion_order", 100),
                         priority=e.get("priority", 10),
                         position=e.get("position") or "after_char",

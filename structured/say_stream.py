@@ -14,10 +14,13 @@ import json
 import re
 from collections.abc import Callable
 
+import regex
+
 from core.text import storable_output
 
 _OPENING = re.compile(r'\{\s*"say"\s*:\s*"')
 _HIGH_SURROGATE = re.compile(r"[dD][89abAB][0-9a-fA-F]{2}")
+_LOW_SURROGATE_ESCAPE = regex.compile(r"\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def _complete_end(raw: str, start: int) -> tuple[int, bool]:
@@ -38,12 +41,14 @@ def _complete_end(raw: str, start: int) -> tuple[int, bool]:
             continue
         if i + 6 > len(raw):
             break
-        if _HIGH_SURROGATE.fullmatch(raw, i + 2, i + 6):  # its low half must come with it
-            if i + 12 > len(raw):
-                break
-            i += 12
-        else:
-            i += 6
+        if _HIGH_SURROGATE.fullmatch(raw, i + 2, i + 6):  # its low half, if one follows, comes with it
+            follows = raw[i + 6 : i + 12]
+            if _LOW_SURROGATE_ESCAPE.fullmatch(follows):
+                i += 12
+                continue
+            if len(follows) < 6 and _LOW_SURROGATE_ESCAPE.fullmatch(follows, partial=True):
+                break  # its low half may still be on its way
+        i += 6  # a lone high half (JSON allows one) is an escape of its own
     return i, False
 
 

@@ -63,6 +63,11 @@ _FORMATS = {
 }  # fmt: skip
 # Keywords whose value is a map of names to schemas (the names are not keywords).
 _SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+# Keywords whose value is a schema or a list of them (an unknown keyword's value is not one).
+_SCHEMA_VALUED = frozenset(
+    {"items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "allOf", "oneOf"}
+    | {"not", "if", "then", "else", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
+)
 MAX_DEPTH = 32
 MAX_CHOICES = 256
 MAX_PATTERN_CHARS = 2000
@@ -206,16 +211,17 @@ def _nesting(value: Any) -> int:
     return depth - 1
 
 
-def _check_enforced(node: Any, where: str, *, depth: int) -> None:
+def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -> None:
     if depth > MAX_DEPTH:
         raise SchemaRefused(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, list):
         for i, item in enumerate(node):
-            _check_enforced(item, f"{where}[{i}]", depth=depth + 1)
+            _check_enforced(item, f"{where}[{i}]", depth=depth + 1, schema=schema)
         return
     if not isinstance(node, dict):
         return
-    _check_node(node, where)
+    if schema:
+        _check_node(node, where)
     for key, value in node.items():
         place = f"{where}.{key}"
         if key in _UNENFORCED:
@@ -253,7 +259,25 @@ def _check_enforced(node: Any, where: str, *, depth: int) -> None:
             for name, sub in value.items():
                 _check_enforced(sub, f"{place}.{name}", depth=depth + 1)
         else:
-            _check_enforced(value, place, depth=depth + 1)
+            _check_enforced(value, place, depth=depth + 1, schema=schema and key in _SCHEMA_VALUED)
+
+
+# Bounds of one type's values: on a node with no type the grammar writes any value and drops them.
+_TYPED_BOUNDS = frozenset(
+    {
+        "pattern",
+        "minLength",
+        "maxLength",
+        "format",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minItems",
+        "maxItems",
+    }
+)
 
 
 def _check_node(node: dict[str, Any], where: str) -> None:
@@ -272,15 +296,34 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         missing = [name for name in required if name not in known]
         if missing:
             raise SchemaRefused(f"{where}.required: {missing[0]!r} is not one of the properties")
-    if "type" in node and ("enum" in node or "const" in node):
+    if "enum" in node or "const" in node:
+        # The grammar writes one of the listed values and drops the node's other constraints: each
+        # value must meet them, or a reply the grammar wrote would fail its check.
         from jsonschema import Draft202012Validator
+        from referencing.exceptions import Unresolvable
 
-        of_type = Draft202012Validator({"type": node["type"]})
+        rest = {k: v for k, v in node.items() if k not in ("enum", "const")}
+        checker = Draft202012Validator(rest)
         values = node.get("enum", []) if "enum" in node else [node["const"]]
         for i, value in enumerate(values if isinstance(values, list) else []):
-            if not of_type.is_valid(value):
-                key = f"enum[{i}]" if "enum" in node else "const"
-                raise SchemaRefused(f"{where}.{key}: {json.dumps(value)[:80]} is not of type {node['type']}")
+            key = f"enum[{i}]" if "enum" in node else "const"
+            try:
+                error = next(iter(checker.iter_errors(value)), None)
+            except Unresolvable:  # a reference to elsewhere in the schema: the value's type alone
+                of_type = Draft202012Validator({"type": node["type"]} if "type" in node else {})
+                error = next(iter(of_type.iter_errors(value)), None)
+            if error is not None:
+                raise SchemaRefused(
+                    f"{where}.{key}: {json.dumps(value)[:80]} does not meet the node's own constraints "
+                    f"({error.message[:120]}); the grammar writes only the listed values"
+                )
+        return
+    typeless = sorted(_TYPED_BOUNDS & node.keys()) if "type" not in node else []
+    if typeless:
+        raise SchemaRefused(
+            f'{where}.{typeless[0]}: not enforced on a node without "type" (the grammar writes any JSON '
+            "value there); give the node its type"
+        )
 
 
 def _check_value(value: Any, where: str) -> None:

@@ -222,3 +222,14 @@ def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world,
     names, v2 = fired("Tell me about the river.")
     assert v2 == v1 + 1 and "River" not in names  # the cached lorebook of version v1 was not used
     assert "River" in fired("Tell me about the lake.")[0]
+
+
+def test_an_example_reply_on_several_lines_is_kept_whole() -> None:
+    """Found in review: lines of an example without a `{{user}}:`/`{{char}}:` marker were dropped,
+    so a reply's speech on the line after its action was lost."""
+    from roleplay.cards import parse_mes_example
+
+    text = '<START>\n{{user}}: Hi there\n{{char}}: *She looks up from the anvil.*\n"Welcome, traveler."\n'
+    assert parse_mes_example(text) == [
+        {"user": "Hi there", "character": '*She looks up from the anvil.*\n"Welcome, traveler."'}
+    ]

@@ -702,3 +702,30 @@ def test_a_batch_handed_back_stops_its_requests_in_the_engine(engine, monkeypatc
     statuses = [get_turn(t).status for t in ids]
     assert statuses.count(TurnStatus.QUEUED) == cancelled
     assert set(statuses) <= {TurnStatus.QUEUED, TurnStatus.DONE}
+
+
+def test_an_adapter_load_the_engine_dies_in_is_a_suspect_and_one_queued_behind_it_is_not() -> None:
+    """Found in review: every engine call was failed in_engine=False, and the pipeline charged the
+    death to every turn whose adapter was loading, so a load only queued behind a poison request
+    took its turns toward engine_crash_loop. The call running is a suspect now, the others are not."""
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from worker.engine import EngineDead
+
+    class _DiesInLoad(_ScriptedEngine):
+        def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
+            self.release.wait(10)  # the second call is queued behind this one meanwhile
+            raise EngineDeadError()
+
+    fake = _DiesInLoad()
+    loop = _loop(fake)
+    running = loop.call("add_lora", "first")
+    deadline = time.monotonic() + 10
+    while loop._call_since is None and time.monotonic() < deadline:  # the first call is running
+        time.sleep(0.01)
+    queued = loop.call("add_lora", "second")
+    fake.release.set()
+    assert _all_done([running, queued], timeout=30)
+    errors = [running.exception(timeout=1), queued.exception(timeout=1)]
+    assert all(isinstance(e, EngineDead) for e in errors), errors
+    assert [e.in_engine for e in errors] == [True, False]

@@ -425,3 +425,30 @@ def test_an_adapter_trains_on_the_gpu_in_half_precision_when_there_is_one(monkey
     assert placement() == ("cuda", torch.bfloat16) and native == [True]
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     assert placement() == ("cuda", torch.float32)  # float16 without a loss scaler underflows
+
+
+def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_death(monkeypatch) -> None:
+    """Found in review: a load failed EngineDead(in_engine=False) (queued behind the request that
+    killed the engine, or asked for after) still put its turns in `report.loading`, each charged the
+    death toward engine_crash_loop. Only a load that ran as the engine died is charged now."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from worker import engine as engine_module
+    from worker import pipeline
+    from worker.engine import Adapter, EngineDead
+
+    adapter = Adapter("waiting@v1", 1, "/x")
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character: character)
+    turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1)
+    for in_engine, charged in ((False, []), (True, [turn.id])):
+
+        def load(adapter: Adapter, in_engine: bool = in_engine) -> None:
+            raise EngineDead("the engine died", in_engine=in_engine)
+
+        monkeypatch.setattr(engine_module, "load_adapter", load)
+        report = pipeline.BatchReport()
+        with pytest.raises(EngineDead):
+            pipeline._load_adapters([turn], report)  # type: ignore[list-item]
+        assert report.loading == charged, in_engine

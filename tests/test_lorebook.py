@@ -339,3 +339,36 @@ def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_impo
     ):
         with pytest.raises(ValueError, match=named.replace("[", r"\[").replace("]", r"\]")):
             Lorebook.from_character_book(book_json)
+
+
+def test_keys_are_trimmed_and_an_empty_key_fires_nothing() -> None:
+    """Found in review: an empty key occurred in every text (the entry was put in every prompt), one
+    as a secondary key of NOT_ANY kept its entry out for ever, and " wyrm" needed its space."""
+    book = _book(
+        {"keys": [""]},
+        {"keys": [" wyrm "]},
+        {"keys": ["king"], "selective": True, "secondary_keys": [" "], "extensions": {"selectiveLogic": 2}},
+    )
+    assert _fired(book, "The wyrm and the king.") == {
+        1: "key 'wyrm' in the player's message",
+        2: "key 'king' in the player's message",
+    }
+
+
+def test_a_sillytavern_books_use_regex_is_read_as_sillytavern_reads_it() -> None:
+    """Found in review: SillyTavern marks every entry it exports `use_regex` and reads only
+    `/…/flags` keys as patterns; its plain keys were taken for patterns here (`*hugs*` refused the
+    card, `[Secret]` fired on "hello there", `C++` on any "c")."""
+    from roleplay.cards import lorebook_from_card_book
+
+    def st_entry(i: int, key: str) -> dict:
+        extensions = {"display_index": i, "selectiveLogic": 0, "exclude_recursion": False}
+        return {"id": i, "keys": [key], "content": f"entry {i}", "use_regex": True, "extensions": extensions}
+
+    keys = ["*hugs*", "[Secret]", "C++", "/ro+ar/"]
+    exported = {"entries": [st_entry(i, key) for i, key in enumerate(keys)]}
+    book = Lorebook.model_validate(lorebook_from_card_book(exported))
+    assert _fired(book, "hello there, cat") == {}
+    assert set(_fired(book, "She gives *hugs* and a rooar over C++ code")) == {0, 2, 3}
+    ours = {"entries": [{"id": 0, "keys": [r"\bax(e|es)\b"], "content": "x", "use_regex": True}]}
+    assert set(_fired(Lorebook.model_validate(lorebook_from_card_book(ours)), "two axes")) == {0}

@@ -82,3 +82,17 @@ def test_a_nul_in_the_say_is_left_out_as_the_stored_reply_leaves_it_out() -> Non
     for char in '{"say":"Well\\u0000 met.\\u0000","emotion":"joy"}':
         feed(char)
     assert "".join(shown) == "Well met." and all(shown)
+
+
+def test_a_lone_high_surrogate_escape_passes_the_rest_of_the_line_on() -> None:
+    """Found in review: after a high surrogate's escape the scanner jumped twelve characters without
+    looking for its low half, past the closing quote of `\\ud800ab`: the rest of the line was lost."""
+    from core.text import storable_output
+
+    reply = '{"say":"\\ud800ab then more","emotion":"joy"}'
+    for cut in range(1, len(reply)):  # the escape and what follows cut anywhere
+        shown: list[str] = []
+        feed = SayText(shown.append)
+        for piece in _pieces(reply, [cut]):
+            feed(piece)
+        assert "".join(shown) == storable_output(json.loads(reply)["say"]), cut

@@ -1,5 +1,6 @@
 """The judge of a structured reply: only an NPC reply's chosen emotion moves the mood; a json_schema /
-json_object reply is data, so an "emotion" key in it is just data, and the gate does not hold it."""
+json_object / regex / choice reply is data, so an "emotion" key in it is just data, and the gate does
+not hold it."""
 
 import json
 import uuid
@@ -62,3 +63,14 @@ def test_an_npc_reply_moves_the_mood_to_its_chosen_emotion() -> None:
     params = {"max_new_tokens": 64, "actions": [{"name": "flee"}]}
     verdict = _judged(params, '{"say": "Splendid, friend!", "emotion": "joy", "action": null}')
     assert verdict.mood is not None and verdict.mood.after.emotion == "joy"
+
+
+def test_a_choice_or_regex_reply_is_data_too() -> None:
+    """Found in review: only a reply with a parsed value counted as data, so a one-word choice moved
+    the mood, was judged for persona and language, and could be regenerated into another choice."""
+    for fmt, text in (
+        ({"type": "choice", "choice": ["flee", "fight"]}, "flee"),
+        ({"type": "regex", "regex": "[A-Z]{3}-[0-9]{2}"}, "ABC-12"),
+    ):
+        verdict = _judged({"max_new_tokens": 16, "response_format": fmt}, text)
+        assert verdict.mood is None and verdict.quality["below_bar"] == [], (fmt, verdict.quality)

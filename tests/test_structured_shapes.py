@@ -51,6 +51,17 @@ def _schema_format(schema: dict) -> dict:
         ({"type": "object", "required": ["a"]}, "schema.required: 'a'"),
         ({"type": "integer", "enum": [1, "two"]}, "schema.enum[1]"),
         ({"type": "string", "const": 3}, "schema.const"),
+        # review: the grammar writes a listed value and drops the node's other constraints, and on a
+        # node with no type writes any value: each reply below passed the grammar and failed its check
+        ({"type": "integer", "enum": [1, 7], "maximum": 3}, "schema.enum[1]: 7 does not meet"),
+        ({"type": "integer", "const": 7, "maximum": 3}, "schema.const: 7 does not meet"),
+        ({"type": "string", "enum": ["ab"], "maxLength": 1}, "schema.enum[0]"),
+        ({"type": "string", "const": "abc", "pattern": "^x"}, "schema.const"),
+        ({"type": "array", "items": {"type": "integer"}, "enum": [["x"]]}, "schema.enum[0]"),
+        ({"pattern": "^a+$"}, 'schema.pattern: not enforced on a node without "type"'),
+        ({"type": "object", "properties": {"a": {"minLength": 3}}}, "schema.properties.a.minLength"),
+        ({"maximum": 3}, "schema.maximum"),
+        ({"minItems": 2}, "schema.minItems"),
         ({"type": "object", "default": {"uniqueItems": True}}, "schema.default.uniqueItems"),
         ({"enum": [{"a": [{"multipleOf": 2}]}]}, "schema.enum[0].a[0].multipleOf"),
         # review: a keyword's value of an odd type, and a pattern nested past the parser's recursion,

@@ -28,8 +28,9 @@ one request was inside the engine: the benchmark's busy share comes from it.
 When the engine dies, every future resolves with EngineDead. `in_engine=True` marks the requests
 that may have killed it: those inside that had not yet returned any output (joining, or in their
 prefill: a request that crashes vLLM almost always does so in the first steps after it joins), or
-every request inside when all of them were already decoding. Requests decoding beside a joining one,
-and all others (waiting here, or arriving later) get in_engine=False. An engine that is alive but
+every request inside when all of them were already decoding, and the engine call (add_lora) that
+was running. Requests decoding beside a joining one, and all others (waiting here, or arriving
+later, calls queued behind the running one too) get in_engine=False. An engine that is alive but
 makes no step progress for `stall_s` while requests are inside, or while one engine call (add_lora)
 runs, counts as dead: vLLM's synchronous client can block for ever when its core hangs or dies.
 """
@@ -626,6 +627,9 @@ class EngineLoop:
             suspects = [job for job in inside if not job.started] or inside
             waiting = [*self._inbox, *self._live, *self._held, *self._alone, *self._cancelled]
             calls = [future for _, future in self._calls]
+            # The engine call running when it died may be what killed it (an adapter that crashes
+            # the engine as it loads); calls still queued behind it were never inside.
+            running_call = calls[0] if calls and self._call_since is not None else None
             for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
                 queue.clear()
             self._cancelled = []
@@ -649,7 +653,7 @@ class EngineLoop:
         for job in [*inside, *waiting]:
             _resolve(job.future, error=self._dead_error(in_engine=False))
         for future in calls:
-            _resolve(future, error=self._dead_error(in_engine=False))
+            _resolve(future, error=self._dead_error(in_engine=future is running_call))
 
     def _dead_error(self, *, in_engine: bool) -> BaseException:
         from worker.engine import EngineDead

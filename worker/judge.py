@@ -64,6 +64,9 @@ def _persona_vector(character: Character) -> np.ndarray:
     return cached[1]
 
 
+DATA_REPLIES = ("json_schema", "json_object", "regex", "choice")  # reply shapes that are not a spoken line
+
+
 def gate() -> Bar:
     """The quality bar from settings."""
     return Bar(
@@ -101,9 +104,9 @@ def _judge(
         bar=bar,
     )
     verdict = quality.as_json()
-    # A json_schema / json_object reply is data, not a line of the character: its scores are
-    # recorded, but the gate's text checks do not hold it and it does not move the mood.
-    data_reply = gen.structured is not None and gen.emotion is None
+    # A json_schema, json_object, regex or choice reply is data, not a line of the character: its
+    # scores are recorded, but the gate's text checks do not hold it and it does not move the mood.
+    data_reply = (turn.params.get("response_format") or {}).get("type") in DATA_REPLIES
     verdict["below_bar"] = [] if data_reply else quality.below(bar)
     mood = None
     if turn.speaker != "narrator" and not data_reply:

@@ -280,7 +280,7 @@ def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
     adapter does not load is alone in it (adapter_unavailable): failed when it never will (a rank
     over the engine's limit), else sent again once the worker looks at the adapter again, while it
     has attempts left. If the engine dies while one loads, the turns that needed it are recorded in
-    `report.loading` (they count that death)."""
+    `report.loading` (they count that death); not if the load was only waiting for the engine."""
     needing: dict[Adapter, list[ClaimedTurn]] = {}
     for turn in turns:
         adapter = adapter_of(turn.character)
@@ -298,8 +298,9 @@ def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
                 _retry_or_fail(turn, str(exc), unavailable, report)
                 if turn.id in report.retry:
                     report.retry_in[turn.id] = exc.retry_in
-        except EngineDead:
-            report.loading = [t.id for t in adapted]
+        except EngineDead as exc:
+            if exc.in_engine:  # its load ran when the engine died; one only queued behind is blameless
+                report.loading = [t.id for t in adapted]
             raise
 
 
