@@ -122,3 +122,30 @@ def test_a_hand_back_tried_again_after_its_commit_went_through_still_names_every
     with session_scope() as session:  # counted once
         claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
     assert {t.id: t.engine_deaths for t in claim.claimed} == {ids[0]: 1, ids[1]: 0}
+
+
+def test_turns_whose_hand_back_after_a_death_was_not_written_are_sent_again(monkeypatch) -> None:
+    """Found in review: the engine died while the database was away for longer than the hand-back's
+    retries; the claimed turns stood running under the dead worker's lease with no message for
+    them, until a sweep ran, and the ones the batch had only noted failed were announced failed."""
+    from types import SimpleNamespace
+
+    from db.turns import Failure
+    from tasks.generate import FlushOutcome, _record
+    from worker import pipeline
+    from worker.engine import EngineDead
+
+    monkeypatch.setattr(pipeline, "_best_effort_hand_back", lambda turns, write: None)
+    stored, noted_failed, waiting = (SimpleNamespace(id=uuid.uuid4()) for _ in range(3))
+    report = pipeline.BatchReport()
+    report.done.append(stored.id)
+    report.failed[noted_failed.id] = Failure("not written yet", TurnErrorCode.INVALID_STRUCTURED_REPLY)
+    turns = [stored, noted_failed, waiting]
+    assert pipeline._hand_back_dead(uuid.uuid4(), turns, EngineDead("gone"), report) == []  # type: ignore[arg-type]
+    assert report.send_again == [noted_failed.id, waiting.id] and report.failed == {}
+    report.engine_dead = EngineDead("gone")
+    outcome = FlushOutcome()
+    chunk = [(t.id, "live") for t in turns]
+    _record(chunk, report, SimpleNamespace(finished=lambda *args: None), outcome)  # type: ignore[arg-type]
+    sent = [turn_id for resend in outcome.resend for turn_id, _ in resend.turns]
+    assert sent == [noted_failed.id, waiting.id]

@@ -79,6 +79,9 @@ class BatchReport:
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
     handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
+    # The engine died and the database took no hand-back: still running under this worker's lease,
+    # sent again so a claim takes them once it lapses (nothing else would but a sweep).
+    unsettled: list[uuid.UUID] = field(default_factory=list)
     next_steps: list[NewStep] = field(default_factory=list)  # scene steps the stored replies created: send
     engine_dead: BaseException | None = None
     futures: dict[uuid.UUID, list[Any]] = field(default_factory=dict)  # each turn's engine requests
@@ -90,7 +93,7 @@ class BatchReport:
     @property
     def send_again(self) -> list[uuid.UUID]:
         """Turns that need a new message now (held turns wait for their lease, deferred ones back off)."""
-        return [*self.retry, *self.handed_back]
+        return [*self.retry, *self.handed_back, *self.unsettled]
 
 
 @cache
@@ -253,6 +256,12 @@ def _hand_back_dead(
         ),
     )
     if outcome is None:
+        stored = set(report.done)
+        report.unsettled = [t.id for t in turns if t.id not in stored]
+        for turn_id in report.unsettled:  # noted, never written: not announced as failed or retried
+            report.failed.pop(turn_id, None)
+            report.retry.pop(turn_id, None)
+            report.retry_in.pop(turn_id, None)
         return []
     report.handed_back = outcome.requeued
     for turn_id in outcome.requeued:
