@@ -116,6 +116,11 @@ def _card_from_columns(c: Character) -> dict[str, Any]:
     return {"spec": "chara_card_v2", "spec_version": "2.0", "data": data}
 
 
+class ReservedStory(ValueError):
+    """A story name kept for the inline request shape's stories: events appended to one would be
+    taken for an inline story's own, and that story's events never stored."""
+
+
 def add_story_event(
     story: str,
     text: str,
@@ -130,6 +135,8 @@ def add_story_event(
     stored it (a retry stores nothing). KeyReused when that request was another event."""
     from worker.embedder import embed  # the embedder loads on first use, in the calling process
 
+    if story.startswith(INLINE_PREFIX):  # an inline request's story, named by its events' digest
+        raise ReservedStory(f"story: {story!r} starts with {INLINE_PREFIX!r}, kept for inline requests")
     event = StoryEvent(story=story, text=text, scene=scene, time=time)  # ValidationError names the field
     digest = hashlib.sha256(event.model_dump_json().encode()).hexdigest()
     if idempotency_key is not None:

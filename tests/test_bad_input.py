@@ -293,6 +293,16 @@ HTTP_CASES = [
         422,
         '"field":"body","msg":"not valid JSON (Expecting property name enclosed in double quotes',
     ),
+    # found in review: an admin could append to an inline request's content-named story
+    (
+        "a story event for a story name kept for inline requests",
+        "post",
+        "/v1/stories/inline-0123abcd/events",
+        b'{"text": "The gate fell."}',
+        JSON,
+        422,
+        '"field":"story (path)","msg":"\'inline-0123abcd\' starts with \'inline-\'',
+    ),
     # found in review: a body that is not UTF-8 was FastAPI's bare 400, naming no field
     (
         "a story event body that is not UTF-8",

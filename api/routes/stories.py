@@ -1,10 +1,12 @@
-"""Stories: the game appends events, embedded on write. Admin keys only."""
+"""Stories: the game appends events, embedded on write. Admin keys only: a story is the deployment's,
+read by every tenant's turns that name it."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Response, status
+from fastapi.exceptions import RequestValidationError
 
 from api.deps import Caller, json_body, needs
 from services import characters
@@ -24,9 +26,18 @@ def add_story_event(
     """Append an event to a story; it is embedded on write and retrieved by later turns.
     `Idempotency-Key` makes a retry safe: it answers 200 with the event the first request appended
     (409 when the key was used for another event)."""
-    event, replayed = characters.add_story_event(
-        story, body.text, scene=body.scene, time=body.time, tenant=who.tenant, idempotency_key=idempotency_key
-    )
+    try:
+        event, replayed = characters.add_story_event(
+            story,
+            body.text,
+            scene=body.scene,
+            time=body.time,
+            tenant=who.tenant,
+            idempotency_key=idempotency_key,
+        )
+    except characters.ReservedStory as exc:
+        error = {"type": "value_error", "loc": ("path", "story"), "msg": str(exc).removeprefix("story: ")}
+        raise RequestValidationError([error]) from None
     if replayed:
         response.status_code = status.HTTP_200_OK
     return event
