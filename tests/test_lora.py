@@ -452,3 +452,38 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
         with pytest.raises(EngineDead):
             pipeline._load_adapters([turn], report)  # type: ignore[list-item]
         assert report.loading == charged, in_engine
+
+
+def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_line(tmp_path, capsys) -> None:
+    """Found in review: an adapter_config.json that was a list or had "r": null was a traceback, a
+    truncated one named no file, and a bad line of train.jsonl was reported as "line 1" (each line
+    was parsed on its own) or, without a prompt, as "mlchat: prompt"."""
+    from scripts.cli import main as cli
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_model.safetensors").write_bytes(b"")
+    for config, names in (
+        ("[]", "adapter_config.json: must hold a JSON object"),
+        ('{"peft_type": "LORA", "r": null}', "adapter_config.json: r: null is not a rank"),
+        ('{"peft_type": "LO', "adapter_config.json: not valid JSON"),
+    ):
+        (adapter / "adapter_config.json").write_text(config)
+        assert cli(["lora", "register", "elara", str(adapter)]) == 2, config
+        err = capsys.readouterr().err
+        assert names in err and err.count("\n") == 1, err
+
+    dataset = tmp_path / "dataset"
+    dataset.mkdir()
+    good = json.dumps({"prompt": "Hi", "completion": "Well met."})
+    bad_lines = (
+        ("[1, 2]", "line 3: must be a JSON object"),
+        ('{"completion": "x"}', "line 3: prompt: must be a string"),
+    )
+    for bad, names in bad_lines:
+        (dataset / "train.jsonl").write_text(f"{good}\n\n{bad}\n")
+        (dataset / "manifest.json").write_text('{"character": "elara"}')
+        assert cli(["lora", "train", str(dataset), "--out", str(tmp_path / "out")]) == 2, bad
+        err = capsys.readouterr().err  # beside its progress bar
+        (said,) = [line for line in err.splitlines() if line.startswith("mlchat: ")]
+        assert said.endswith("train.jsonl: " + names) and "Traceback" not in err, err

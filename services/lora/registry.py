@@ -16,6 +16,7 @@ from pathlib import Path
 from core.settings import settings
 from db.session import session_scope
 from db.world import register_adapter
+from services.lora.files import BadLoraFile, read_object
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,13 @@ def register(slug: str, adapter_dir: Path) -> Registered:
         raise ValueError(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
     if not any((adapter_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
         raise ValueError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_object(config_path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
-    if int(config.get("r", 0)) > settings.max_lora_rank:
+    rank = config.get("r", 0)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
+        raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a rank (a whole number)")
+    if rank > settings.max_lora_rank:
         raise ValueError(
             f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
         )

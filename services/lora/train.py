@@ -19,6 +19,7 @@ from typing import Any
 
 from core.settings import settings
 from services.lora.dataset import MANIFEST, TRAIN, VALIDATION
+from services.lora.files import BadLoraFile, read_examples, read_object
 
 IGNORE = -100  # the label of a token the loss skips
 
@@ -69,12 +70,6 @@ def _free_cores() -> int:
     from worker.cpu_affinity import engine_cpus
 
     return max(1, len(set(os.sched_getaffinity(0)) - engine_cpus()))
-
-
-def _load(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def placement() -> tuple[str, Any]:
@@ -137,10 +132,12 @@ def train_adapter(
 
     from worker.model_cache import resolve_model_path
 
-    train_rows = _load(dataset_dir / TRAIN)
+    train_rows = read_examples(dataset_dir / TRAIN)
     if not train_rows:
         raise ValueError(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
-    manifest = json.loads((dataset_dir / MANIFEST).read_text(encoding="utf-8"))
+    manifest = read_object(dataset_dir / MANIFEST)
+    if config.evaluate and not isinstance(manifest.get("character"), str):
+        raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device, dtype = placement()
@@ -162,7 +159,7 @@ def train_adapter(
     train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
     held = [
         encode(tokenizer, r["prompt"], r["completion"], config.max_length)
-        for r in _load(dataset_dir / VALIDATION)
+        for r in read_examples(dataset_dir / VALIDATION)
     ]
     held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
@@ -189,11 +186,11 @@ def train_adapter(
     if config.evaluate:
         from services.lora.evaluate import evaluate
 
-        held_rows = _load(dataset_dir / VALIDATION)
+        held_rows = read_examples(dataset_dir / VALIDATION)
         evaluation = evaluate(model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(adapter_dir)
-    record = {
+    record: dict[str, Any] = {
         "base_model": str(base),
         "character": manifest.get("character"),
         "dataset": str(dataset_dir),

@@ -1,0 +1,51 @@
+"""The files a user hands the LoRA commands (an adapter's config, a training set), read so that a
+bad one is a BadLoraFile naming the file, the line and the field, never a traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class BadLoraFile(ValueError):
+    """A file of an adapter or a training set that cannot be used as it is."""
+
+
+def read_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding one object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise BadLoraFile(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(value, dict):
+        raise BadLoraFile(f"{path}: must hold a JSON object")
+    return value
+
+
+def read_examples(path: Path) -> list[dict[str, str]]:
+    """A training set's examples, one JSON object a line with `prompt` and `completion` strings; none
+    when the file is missing."""
+    if not path.exists():
+        return []
+    examples = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadLoraFile(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise BadLoraFile(f"{path}: line {number}: must be a JSON object")
+        for field in ("prompt", "completion"):
+            if not isinstance(row.get(field), str):
+                raise BadLoraFile(f"{path}: line {number}: {field}: must be a string")
+        examples.append(row)
+    return examples
