@@ -8,7 +8,9 @@ Semantics (SillyTavern's, as far as the V2/V3 card fields carry them):
   `case_sensitive`.
 - `selective` entries with `secondary_keys` also need their logic to hold: AND_ANY (default: one
   secondary key occurs), AND_ALL, NOT_ANY, NOT_ALL.
-- The scanned text is the player's message and the last `scan_depth` history lines.
+- The scanned text is the player's message and the last `scan_depth` history lines; in a recursion
+  step, primary keys are read in the entries that fired in the step before, and secondary keys in
+  the chat and all recursed so far.
 - Recursive scanning: the content of entries that fired is scanned for the keys of the rest, up to
   `max_recursion_steps` rounds (entries with `exclude_recursion` fire only from the chat itself;
   `prevent_recursion` content never triggers others).
@@ -423,14 +425,18 @@ def activate(
     budget = KeyBudget()
     last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, budget=budget)
     fired = list(last_round)
+    seen = list(sources)  # what secondary keys are read against: the chat, and all recursed so far
     for step in range(1, (book.max_recursion_steps if book.recursive_scanning else 0) + 1):
         sources = [
             (f"recursion step {step}: entry {e.id}", e.content)
             for e, _ in last_round
             if not e.prevent_recursion
         ]
+        seen += sources
         last_round = (
-            _scan(waiting, sources, step=step, failed=activation.failed, budget=budget) if sources else []
+            _scan(waiting, sources, step=step, failed=activation.failed, budget=budget, seen=seen)
+            if sources
+            else []
         )
         if not last_round:
             break
@@ -456,13 +462,16 @@ def _scan(
     step: int,
     failed: list[tuple[LoreEntry, str]],
     budget: KeyBudget,
+    seen: Sequence[tuple[str, str]] = (),
 ) -> list[tuple[LoreEntry, str]]:
-    """Entries of `waiting` that fire on `sources`; they leave `waiting`, and so does an entry whose
-    regex key failed (timed out, or did not compile), or whose regex keys come after the turn's
-    time for regex keys ran out (recorded in `failed`). Linear in the entries: a book of thousands
-    is scanned once per step, its texts casefolded once."""
+    """Entries of `waiting` whose keys occur in `sources` and whose secondary keys hold on `seen`
+    (the chat and every text recursed so far, as SillyTavern reads them; `sources` by default);
+    they leave `waiting`, and so does an entry whose regex key failed (timed out, or did not
+    compile), or whose regex keys come after the turn's time for regex keys ran out (recorded in
+    `failed`). Linear in the entries: a book of thousands is scanned once per step, its texts
+    casefolded once."""
     texts = [_Text.of(where, text) for where, text in sources]
-    scanned = _Text.of("", "\n".join(text for _, text in sources))
+    scanned = _Text.of("", "\n".join(text for _, text in (seen or sources)))
     hits, left = [], []
     for entry in waiting:
         if step and entry.exclude_recursion:

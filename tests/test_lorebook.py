@@ -344,10 +344,12 @@ def test_plain_keys_share_a_time_budget_and_a_book_is_held_to_its_limits_at_impo
 def test_keys_are_trimmed_and_an_empty_key_fires_nothing() -> None:
     """Found in review: an empty key occurred in every text (the entry was put in every prompt), one
     as a secondary key of NOT_ANY kept its entry out for ever, and " wyrm" needed its space."""
+    king_unless_blank = {"keys": ["king"], "selective": True, "secondary_keys": [" "]}
+    king_unless_blank["selective_logic"] = SelectiveLogic.NOT_ANY
     book = _book(
         {"keys": [""]},
         {"keys": [" wyrm "]},
-        {"keys": ["king"], "selective": True, "secondary_keys": [" "], "extensions": {"selectiveLogic": 2}},
+        king_unless_blank,
     )
     assert _fired(book, "The wyrm and the king.") == {
         1: "key 'wyrm' in the player's message",
@@ -372,3 +374,22 @@ def test_a_sillytavern_books_use_regex_is_read_as_sillytavern_reads_it() -> None
     assert set(_fired(book, "She gives *hugs* and a rooar over C++ code")) == {0, 2, 3}
     ours = {"entries": [{"id": 0, "keys": [r"\bax(e|es)\b"], "content": "x", "use_regex": True}]}
     assert set(_fired(Lorebook.model_validate(lorebook_from_card_book(ours)), "two axes")) == {0}
+
+
+def test_secondary_keys_in_a_recursion_step_read_the_chat_too() -> None:
+    """Found in review: in a recursion step the secondary keys read only the recursed text, so an
+    entry kept out by NOT_ANY on the player's own words fired from another entry's content, and
+    AND_ANY on the chat never held there."""
+    castle = {"keys": ["castle"], "secondary_keys": ["ruined"], "selective": True}
+    book = _book(
+        {"constant": True, "content": "The castle looms."},
+        castle | {"selective_logic": SelectiveLogic.NOT_ANY},
+        recursive_scanning=True,
+    )
+    assert set(_fired(book, "I walk to the ruined gate.")) == {0}
+    book = _book(
+        {"constant": True, "content": "The castle looms."},
+        castle,  # AND_ANY: "ruined" said in the chat, "castle" only in the recursed content
+        recursive_scanning=True,
+    )
+    assert set(_fired(book, "I walk to the ruined gate.")) == {0, 1}
