@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -55,7 +56,7 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
     with FileLock(str(state_dir / "postgres.lock")):
         fresh = not (_pgdata(state_dir) / "PG_VERSION").exists()
         clear_stale_postmaster_pid(_pgdata(state_dir))
-        server = _started(state_dir)
+        server = _started(state_dir, shared_buffers)
         admin_uri = server.get_uri()
         try:
             changed = _set_shared_buffers(admin_uri, shared_buffers)
@@ -78,13 +79,15 @@ def start_postgres(state_dir: Path, shared_buffers: str = "512MB") -> str:
     return _sqlalchemy_url(server.get_uri(DATABASE_NAME))
 
 
-def _started(state_dir: Path) -> Any:
+def _started(state_dir: Path, shared_buffers: str) -> Any:
     """The embedded server, started if it is not running. A cluster that will not start with the
-    shared_buffers an earlier start recorded (a size since changed back) starts again without it."""
+    shared_buffers an earlier start recorded, another than the one asked for now (a size since
+    changed back), starts again without it; any other failure is said with the server's log."""
     try:
         return _running_server(state_dir)
     except subprocess.SubprocessError as exc:
-        if not _drop_recorded_shared_buffers(state_dir):
+        recorded = _recorded_shared_buffers(state_dir)
+        if recorded is None or recorded == shared_buffers or not _drop_recorded_shared_buffers(state_dir):
             why = f"the embedded PostgreSQL did not start ({type(exc).__name__})"
             raise RuntimeError(f"{why}; see {_pgdata(state_dir) / 'log'}") from None
     logger.warning("embedded PostgreSQL: did not start with its recorded shared_buffers; started without it")
@@ -100,6 +103,17 @@ def _running_server(state_dir: Path) -> Any:
     server = get_server(_pgdata(state_dir), cleanup_mode=None)
     server.ensure_postgres_running()
     return server
+
+
+def _recorded_shared_buffers(state_dir: Path) -> str | None:
+    """The shared_buffers postgresql.auto.conf holds (ALTER SYSTEM's quoting), if any."""
+
+    try:
+        text = (_pgdata(state_dir) / "postgresql.auto.conf").read_text()
+    except FileNotFoundError:
+        return None
+    found = re.findall(r"^\s*shared_buffers\s*=\s*'([^']*)'", text, re.MULTILINE)
+    return found[-1] if found else None
 
 
 def _drop_recorded_shared_buffers(state_dir: Path) -> bool:
@@ -266,17 +280,38 @@ def _redis_pid(state_dir: Path) -> int | None:
     rdir = _redis_dir(state_dir)
     try:
         pid = int((rdir / "redis.pid").read_text().strip())
-        port = int(_redis_port_file(state_dir).read_text())
+        port = _saved_port(_redis_port_file(state_dir))  # None: a kill left it empty, Redis running on
         process = psutil.Process(pid)
         alive = process.status() != psutil.STATUS_ZOMBIE
         ours = (
             process.name().startswith("redis-server")
-            and f":{port}" in " ".join(process.cmdline())
+            and (port is None or f":{port}" in " ".join(process.cmdline()))
             and _works_in(pid, rdir) is not False  # `--dir` is its working directory; undecided: ours
         )
     except (FileNotFoundError, ValueError, psutil.Error):
         return None
     return pid if alive and ours else None
+
+
+def _running_port(state_dir: Path, pid: int) -> int:
+    """The port the embedded Redis of `pid` listens on: its saved one, else read from its process
+    (the saved file left empty by a kill) and saved again."""
+    import psutil
+
+    port_file = _redis_port_file(state_dir)
+    saved = _saved_port(port_file)
+    if saved is not None:
+        return saved
+    found = re.search(r":(\d+)\b", " ".join(psutil.Process(pid).cmdline()))
+    if found is None:
+        raise RuntimeError(f"the embedded Redis (pid {pid}) runs, and its port cannot be told; stop it")
+    _save_port(port_file, int(found[1]))
+    return int(found[1])
+
+
+def _save_port(port_file: Path, port: int) -> None:
+    port_file.with_suffix(".tmp").write_text(str(port))
+    port_file.with_suffix(".tmp").replace(port_file)  # whole or not at all: every process reads it
 
 
 def _port_free(port: int) -> bool:
@@ -310,8 +345,9 @@ def start_redis(state_dir: Path) -> str:
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "redis.lock")):
         port_file = _redis_port_file(state_dir)
-        if _redis_pid(state_dir) is not None:
-            return _redis_url(int(port_file.read_text()))
+        running = _redis_pid(state_dir)
+        if running is not None:
+            return _redis_url(_running_port(state_dir, running))
         saved = _saved_port(port_file)
         # Its saved port, unless something else holds it now (another Redis would answer our PING).
         port = saved if saved is not None and _port_free(saved) else _free_port()
@@ -337,8 +373,7 @@ def start_redis(state_dir: Path) -> str:
             ],
             check=True,
         )
-        port_file.with_suffix(".tmp").write_text(str(port))
-        port_file.with_suffix(".tmp").replace(port_file)  # whole or not at all: every process reads it
+        _save_port(port_file, port)
         _wait_for_redis(redis.Redis.from_url(_redis_url(port)), rdir / "redis.log")
         if _redis_pid(state_dir) is None:  # the port taken between the check and the bind
             raise RuntimeError(
@@ -375,10 +410,9 @@ def _wait_for_redis(client: Any, log: Path) -> None:
 def redis_status(state_dir: Path) -> ServiceStatus:
     """Whether the embedded Redis runs, read from its pid file."""
     pid = _redis_pid(state_dir)
-    port_file = _redis_port_file(state_dir)
     if pid is None:
         return ServiceStatus("redis", False, None, None)
-    return ServiceStatus("redis", True, pid, _redis_url(int(port_file.read_text())))
+    return ServiceStatus("redis", True, pid, _redis_url(_running_port(state_dir, pid)))
 
 
 def stop_redis(state_dir: Path, timeout_s: float = 30) -> bool:
@@ -388,7 +422,7 @@ def stop_redis(state_dir: Path, timeout_s: float = 30) -> bool:
     pid = _redis_pid(state_dir)
     if pid is None:
         return False
-    port = int(_redis_port_file(state_dir).read_text())
+    port = _running_port(state_dir, pid)
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
