@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -257,7 +258,7 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -
             continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
-                _check_enforced(sub, f"{place}.{name}", depth=depth + 1)
+                _check_enforced(sub, f"{place}.{name}", depth=depth + 1, schema=schema)
         else:
             _check_enforced(value, place, depth=depth + 1, schema=schema and key in _SCHEMA_VALUED)
 
@@ -303,8 +304,9 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         from referencing.exceptions import Unresolvable
 
         rest = {k: v for k, v in node.items() if k not in ("enum", "const")}
-        checker = Draft202012Validator(rest)
+        checker = _listed_value_checker()(rest)
         values = node.get("enum", []) if "enum" in node else [node["const"]]
+        deadline = time.monotonic() + LISTED_VALUES_CHECK_S
         for i, value in enumerate(values if isinstance(values, list) else []):
             key = f"enum[{i}]" if "enum" in node else "const"
             try:
@@ -312,6 +314,10 @@ def _check_node(node: dict[str, Any], where: str) -> None:
             except Unresolvable:  # a reference to elsewhere in the schema: the value's type alone
                 of_type = Draft202012Validator({"type": node["type"]} if "type" in node else {})
                 error = next(iter(of_type.iter_errors(value)), None)
+            except TimeoutError:
+                raise SchemaRefused(f"{where}.{key}: its pattern could not be checked in time") from None
+            if time.monotonic() > deadline:
+                raise SchemaRefused(f"{where}: its listed values could not be checked in time")
             if error is not None:
                 raise SchemaRefused(
                     f"{where}.{key}: {json.dumps(value)[:80]} does not meet the node's own constraints "
@@ -319,11 +325,45 @@ def _check_node(node: dict[str, Any], where: str) -> None:
                 )
         return
     typeless = sorted(_TYPED_BOUNDS & node.keys()) if "type" not in node else []
+    if {"items", "prefixItems"} & node.keys():  # the grammar takes such a node for an array
+        typeless = [k for k in typeless if k not in ("minItems", "maxItems")]
     if typeless:
         raise SchemaRefused(
             f'{where}.{typeless[0]}: not enforced on a node without "type" (the grammar writes any JSON '
             "value there); give the node its type"
         )
+
+
+LISTED_VALUES_CHECK_S = 1.0  # an enum's values against its node's constraints, patterns included
+
+
+@cache
+def _listed_value_checker() -> Any:
+    """Draft 2020-12 whose patterns search in the `regex` module without the GIL and within a
+    time limit (TimeoutError past it): Python's `re`, jsonschema's own, could hold the API's
+    interpreter for hours on a small schema's pattern that backtracks."""
+    from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import ValidationError
+
+    def found(pattern: str, text: str) -> bool:
+        try:
+            return regex.search(pattern, text, concurrent=True, timeout=LISTED_VALUES_CHECK_S) is not None
+        except (regex.error, RecursionError):  # read otherwise than xgrammar reads it: not checked here
+            return True
+
+    def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "string") and not found(patrn, instance):
+            yield ValidationError(f"{instance[:80]!r} does not match {patrn[:80]!r}")
+
+    def pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: Any) -> Any:
+        if validator.is_type(instance, "object"):
+            for patrn, subschema in patterns.items():
+                for name, item in instance.items():
+                    if found(patrn, name):
+                        yield from validator.descend(item, subschema, path=name, schema_path=patrn)
+
+    keywords = {"pattern": pattern, "patternProperties": pattern_properties}
+    return validators.extend(Draft202012Validator, keywords)
 
 
 def _check_value(value: Any, where: str) -> None:

@@ -87,6 +87,33 @@ def test_a_schema_the_grammar_cannot_enforce_is_refused_naming_its_place(schema,
     assert "response_format.json_schema.schema" in error["msg"] and names in error["msg"]
 
 
+@pytest.mark.parametrize(
+    "schema",
+    [
+        # review of the typeless-bounds check: the grammar takes a node with items for an array
+        {"type": "object", "properties": {"tags": {"items": {"type": "string"}, "maxItems": 3}}},
+        {"prefixItems": [{"type": "integer"}], "minItems": 1},
+        # an unknown keyword's value is not a schema, whatever its keys
+        {"type": "object", "x-ui": {"properties": {"b": {"minLength": 1}}}},
+        {"type": "string", "enum": ["ab", "ac"], "pattern": "^a"},
+    ],
+)
+def test_a_schema_whose_bounds_the_grammar_enforces_is_accepted(schema) -> None:
+    assert GenerationParams(response_format=_schema_format(schema)).response_format is not None
+
+
+def test_a_listed_value_whose_pattern_backtracks_is_refused_in_time_not_checked_for_hours() -> None:
+    """Review of the listed-values check: it ran each value through jsonschema's own `re`, which
+    holds the interpreter; `^(a|a)*$` against forty a's and a b would take hours."""
+    import time
+
+    schema = {"type": "string", "pattern": "^(a|a)*$", "enum": ["a" * 40 + "b"]}
+    started = time.monotonic()
+    with pytest.raises(ValidationError, match="could not be checked in time"):
+        GenerationParams(response_format=_schema_format(schema))
+    assert time.monotonic() - started < 30
+
+
 def test_an_enforceable_schema_and_the_other_formats_are_kept_as_given() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert check_schema(schema, "s") is schema
