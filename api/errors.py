@@ -67,16 +67,17 @@ def _shown(err: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """FastAPI's own answer, except for a JSON body that is not UTF-8: FastAPI's bare 400 names no
-    field, and it is a body like any other that does not validate."""
+    """FastAPI's own answer, except for a JSON body that is not UTF-8 or nested past the parser's
+    depth: FastAPI's bare 400 names no field, and it is a body like any other that does not validate."""
     cause = exc.__cause__
-    if exc.status_code == status.HTTP_400_BAD_REQUEST and isinstance(cause, UnicodeDecodeError):
-        error = {
-            "field": "body",
-            "msg": f"not valid UTF-8 (byte {cause.start} of the body)",
-            "type": "json_invalid",
-            "loc": ["body"],
-        }
+    unreadable = isinstance(cause, (UnicodeDecodeError, RecursionError))
+    if exc.status_code == status.HTTP_400_BAD_REQUEST and unreadable:
+        why = (
+            f"not valid UTF-8 (byte {cause.start} of the body)"
+            if isinstance(cause, UnicodeDecodeError)
+            else "not JSON that can be read (nested too deeply)"
+        )
+        error = {"field": "body", "msg": why, "type": "json_invalid", "loc": ["body"]}
         return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, [error])
     return await http_exception_handler(request, exc)
 

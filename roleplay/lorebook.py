@@ -90,10 +90,18 @@ class LoreEntry(BaseModel):
 
     @field_validator("keys", "secondary_keys")
     @classmethod
-    def _keys_trimmed(cls, keys: list[str]) -> list[str]:
-        """Keys without their outer spaces, and none empty (an empty key would occur in every text),
-        as SillyTavern reads them."""
-        return [key.strip() for key in keys if key.strip()]
+    def _keys_not_empty(cls, keys: list[str]) -> list[str]:
+        """No empty key: it would occur in every text."""
+        return [key for key in keys if key.strip()]
+
+    @model_validator(mode="after")
+    def _plain_keys_trimmed(self) -> LoreEntry:
+        """Plain keys without their outer spaces, as SillyTavern reads them (a `use_regex` entry's
+        keys are patterns, whose spaces count)."""
+        if not self.use_regex:
+            self.keys = [key.strip() for key in self.keys]
+            self.secondary_keys = [key.strip() for key in self.secondary_keys]
+        return self
 
     @field_validator("keys", "secondary_keys")
     @classmethod
@@ -491,10 +499,10 @@ def _scan(
 
 
 def _first_hit(entry: LoreEntry, texts: Sequence[_Text], scanned: _Text, budget: KeyBudget) -> str | None:
-    if not _secondary_ok(entry, scanned, budget):
-        return None
+    """Its first primary key's hit, when its secondary keys hold too (read only then: a big book's
+    secondary keys cost the turn's key budgets only for entries whose primary key occurs)."""
     for key in entry.keys:
         for source in texts:
             if _matches(key, source, entry, budget):
-                return f"key {key!r} in {source.where}"
+                return f"key {key!r} in {source.where}" if _secondary_ok(entry, scanned, budget) else None
     return None

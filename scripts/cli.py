@@ -870,6 +870,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from scripts.seed import SeedError
+    from services.characters import ReservedStory
     from services.lora.files import BadLoraFile
     from services.producer import TurnRejected
     from services.runs import RunBusy, RunValidationError
@@ -888,6 +889,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         ReembedBusy,
         StoryBusy,
         BadLoraFile,
+        ReservedStory,
     )
 
 

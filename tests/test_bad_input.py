@@ -303,6 +303,16 @@ HTTP_CASES = [
         422,
         '"field":"story (path)","msg":"\'inline-0123abcd\' starts with \'inline-\'',
     ),
+    # review: a body nested past the parser's depth was FastAPI's bare 400 as well
+    (
+        "a body nested too deeply",
+        "post",
+        "/v1/turns",
+        b"[" * 100_000,
+        JSON,
+        422,
+        '"field":"body","msg":"not JSON that can be read (nested too deeply)',
+    ),
     # found in review: a body that is not UTF-8 was FastAPI's bare 400, naming no field
     (
         "a story event body that is not UTF-8",
@@ -556,6 +566,8 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["manifest", "not-a-uuid"], 2, "is not a UUID"),
         (["run", "submit", str(tmp_path / "missing.jsonl")], 2, "does not exist"),
         (["chat", "--character", "elara", "--message", "hi", "--params", "{nope", "--inline"], 2, "--params"),
+        # review: a story name kept for inline requests is a refusal (2), not an outage (1)
+        (["story-event", "inline-0123abcd", "The gate fell."], 2, "kept for inline requests"),
         # found in review: a refused turn exited 1, as an outage does
         (["chat", "--character", "nobody-here", "--message", "hi"], 2, "unknown character"),
     ]

@@ -130,22 +130,26 @@ def test_turns_whose_hand_back_after_a_death_was_not_written_are_sent_again(monk
     them, until a sweep ran, and the ones the batch had only noted failed were announced failed."""
     from types import SimpleNamespace
 
+    from core.settings import settings
     from db.turns import Failure
     from tasks.generate import FlushOutcome, _record
     from worker import pipeline
     from worker.engine import EngineDead
 
     monkeypatch.setattr(pipeline, "_best_effort_hand_back", lambda turns, write: None)
-    stored, noted_failed, waiting = (SimpleNamespace(id=uuid.uuid4()) for _ in range(3))
+    stored, noted_failed, waiting, adapter_later = (SimpleNamespace(id=uuid.uuid4()) for _ in range(4))
     report = pipeline.BatchReport()
     report.done.append(stored.id)
     report.failed[noted_failed.id] = Failure("not written yet", TurnErrorCode.INVALID_STRUCTURED_REPLY)
-    turns = [stored, noted_failed, waiting]
+    report.retry[adapter_later.id] = "adapter loading"
+    report.retry_in[adapter_later.id] = 42.0
+    turns = [stored, noted_failed, waiting, adapter_later]
     assert pipeline._hand_back_dead(uuid.uuid4(), turns, EngineDead("gone"), report) == []  # type: ignore[arg-type]
-    assert report.send_again == [noted_failed.id, waiting.id] and report.failed == {}
+    assert report.send_again == [noted_failed.id, waiting.id, adapter_later.id] and report.failed == {}
     report.engine_dead = EngineDead("gone")
     outcome = FlushOutcome()
     chunk = [(t.id, "live") for t in turns]
     _record(chunk, report, SimpleNamespace(finished=lambda *args: None), outcome)  # type: ignore[arg-type]
-    sent = [turn_id for resend in outcome.resend for turn_id, _ in resend.turns]
-    assert sent == [noted_failed.id, waiting.id]
+    sent = {resend.countdown: [turn_id for turn_id, _ in resend.turns] for resend in outcome.resend}
+    assert sent[settings.flush_interval] == [noted_failed.id, waiting.id]
+    assert sent[42.0] == [adapter_later.id]  # a retry that waits keeps its wait (review)

@@ -465,7 +465,8 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     for config, names in (
         ("[]", "adapter_config.json: must hold a JSON object"),
-        ('{"peft_type": "LORA", "r": null}', "adapter_config.json: r: null is not a rank"),
+        ('{"peft_type": "LORA", "r": null}', "adapter_config.json: r: null is not a positive whole number"),
+        ('{"peft_type": "LORA", "r": 0}', "adapter_config.json: r: 0 is not a positive whole number"),
         ('{"peft_type": "LO', "adapter_config.json: not valid JSON"),
     ):
         (adapter / "adapter_config.json").write_text(config)

@@ -258,10 +258,11 @@ def _hand_back_dead(
     if outcome is None:
         stored = set(report.done)
         report.unsettled = [t.id for t in turns if t.id not in stored]
-        for turn_id in report.unsettled:  # noted, never written: not announced as failed or retried
+        # Not announced as failed or retried (their outcome may never have been written); a retry
+        # that waits (an adapter looked at again later) keeps its wait.
+        for turn_id in report.unsettled:
             report.failed.pop(turn_id, None)
             report.retry.pop(turn_id, None)
-            report.retry_in.pop(turn_id, None)
         return []
     report.handed_back = outcome.requeued
     for turn_id in outcome.requeued:

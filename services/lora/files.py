@@ -32,14 +32,15 @@ def read_examples(path: Path) -> list[dict[str, str]]:
         return []
     examples = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" alone: a line may hold U+2028 and the like (JSON written unescaped).
+        lines = path.read_text(encoding="utf-8").split("\n")
     except UnicodeDecodeError as exc:
         raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json.loads(line.removesuffix("\r"))
         except json.JSONDecodeError as exc:
             raise BadLoraFile(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
         if not isinstance(row, dict):

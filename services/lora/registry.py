@@ -41,9 +41,9 @@ def register(slug: str, adapter_dir: Path) -> Registered:
     config = read_object(config_path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
-    rank = config.get("r", 0)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 0:
-        raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a rank (a whole number)")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a positive whole number")
     if rank > settings.max_lora_rank:
         raise ValueError(
             f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"

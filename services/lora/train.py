@@ -133,6 +133,7 @@ def train_adapter(
     from worker.model_cache import resolve_model_path
 
     train_rows = read_examples(dataset_dir / TRAIN)
+    held_rows = read_examples(dataset_dir / VALIDATION)  # both read before the model loads
     if not train_rows:
         raise ValueError(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
     manifest = read_object(dataset_dir / MANIFEST)
@@ -157,10 +158,7 @@ def train_adapter(
         ),
     )
     train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
-    held = [
-        encode(tokenizer, r["prompt"], r["completion"], config.max_length)
-        for r in read_examples(dataset_dir / VALIDATION)
-    ]
+    held = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in held_rows]
     held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
@@ -186,7 +184,6 @@ def train_adapter(
     if config.evaluate:
         from services.lora.evaluate import evaluate
 
-        held_rows = read_examples(dataset_dir / VALIDATION)
         evaluation = evaluate(model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens)
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(adapter_dir)
