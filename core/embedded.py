@@ -107,7 +107,6 @@ def _running_server(state_dir: Path) -> Any:
 
 def _recorded_shared_buffers(state_dir: Path) -> str | None:
     """The shared_buffers postgresql.auto.conf holds (ALTER SYSTEM's quoting), if any."""
-
     try:
         text = (_pgdata(state_dir) / "postgresql.auto.conf").read_text()
     except FileNotFoundError:
