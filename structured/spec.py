@@ -337,19 +337,12 @@ def _check_node(node: dict[str, Any], where: str) -> None:
 LISTED_VALUES_CHECK_S = 1.0  # an enum's values against its node's constraints, patterns included
 
 
-@cache
-def _listed_value_checker() -> Any:
-    """Draft 2020-12 whose patterns search in the `regex` module without the GIL and within a
-    time limit (TimeoutError past it): Python's `re`, jsonschema's own, could hold the API's
-    interpreter for hours on a small schema's pattern that backtracks."""
+def pattern_validator(found: Callable[[str, str], bool]) -> Any:
+    """Draft 2020-12 whose `pattern` and `patternProperties` search with `found` (the `regex`
+    module, without the GIL and within a time limit, in each caller): in Python's `re`, jsonschema's
+    own, a pattern that backtracks (`(.|..)*!|[^!]*`) holds the interpreter for hours."""
     from jsonschema import Draft202012Validator, validators
     from jsonschema.exceptions import ValidationError
-
-    def found(pattern: str, text: str) -> bool:
-        try:
-            return regex.search(pattern, text, concurrent=True, timeout=LISTED_VALUES_CHECK_S) is not None
-        except (regex.error, RecursionError):  # read otherwise than xgrammar reads it: not checked here
-            return True
 
     def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
         if validator.is_type(instance, "string") and not found(patrn, instance):
@@ -364,6 +357,19 @@ def _listed_value_checker() -> Any:
 
     keywords = {"pattern": pattern, "patternProperties": pattern_properties}
     return validators.extend(Draft202012Validator, keywords)
+
+
+def _found_in_time(pattern: str, text: str) -> bool:
+    """A listed value's pattern search; TimeoutError past LISTED_VALUES_CHECK_S."""
+    try:
+        return regex.search(pattern, text, concurrent=True, timeout=LISTED_VALUES_CHECK_S) is not None
+    except (regex.error, RecursionError):  # read otherwise than xgrammar reads it: not checked here
+        return True
+
+
+@cache
+def _listed_value_checker() -> Any:
+    return pattern_validator(_found_in_time)
 
 
 def _check_value(value: Any, where: str) -> None:

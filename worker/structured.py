@@ -19,7 +19,7 @@ from core.text import storable_output
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
-from structured.spec import outputs_of, schema_of, structured_outputs_for
+from structured.spec import outputs_of, pattern_validator, schema_of, structured_outputs_for
 from worker.engine_loop import Generation
 
 NPC = "npc"
@@ -290,28 +290,11 @@ def _ran_out(what: str) -> str:
 
 @cache
 def _reply_validator() -> Any:
-    """Draft 2020-12 whose `pattern` and `patternProperties` search in the `regex` module, without
-    the GIL and within REGEX_CHECK_S: in Python's `re` (jsonschema's own), a pattern that backtracks
-    (`(.|..)*!|[^!]*`) held the interpreter for hours on a reply the grammar let through, the engine
-    loop and the lease keeper with it. A search that runs out raises: the turn fails alone."""
-    from jsonschema import Draft202012Validator, validators
-    from jsonschema.exceptions import ValidationError
-
-    def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
-        if validator.is_type(instance, "string") and not _search(patrn, instance):
-            yield ValidationError(f"{instance[:80]!r} does not match {patrn[:80]!r}")
-
-    def pattern_properties(validator: Any, patterns: dict[str, Any], instance: Any, schema: Any) -> Any:
-        if not validator.is_type(instance, "object"):
-            return
-        for patrn, subschema in patterns.items():
-            for key, item in instance.items():
-                if _search(patrn, key):
-                    yield from validator.descend(item, subschema, path=key, schema_path=patrn)
-
-    return validators.extend(
-        Draft202012Validator, {"pattern": pattern, "patternProperties": pattern_properties}
-    )
+    """Draft 2020-12 whose patterns search in the `regex` module within REGEX_CHECK_S
+    (structured/spec.py::pattern_validator): a pattern that backtracks held the interpreter for
+    hours on a reply the grammar let through, the engine loop and the lease keeper with it. A search
+    that runs out raises: the turn fails alone."""
+    return pattern_validator(_search)
 
 
 def _search(pattern: str, text: str) -> bool:
