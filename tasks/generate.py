@@ -9,17 +9,20 @@ one of its turns was stored or handed back.
 
 celery-batches acks every message of a flush when the task returns, whatever happened, so nothing
 may escape this task: a malformed message is logged and dropped alone, a batch that raises hands its
-turns back, and a re-send that fails is retried with backoff and, if it still fails, logged with the
-turn ids it leaves to the sweeper (`mlchat sweep`), which is told to send them at its next run.
+turns back and they come back each in a batch of its own (a turn whose data breaks a batch-level
+stage would otherwise take its batch-mates to their attempt cap with it), and a re-send that fails
+is retried with backoff and, if it still fails, logged with the turn ids it leaves to the sweeper
+(`mlchat sweep`), which is told to send them at its next run.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from tenacity import retry, stop_after_attempt, wait_exponential
@@ -44,6 +47,7 @@ class Resend:
     countdown: float | None = None
     model: str | None = None  # None: the flush's model
     stamp: bool = False  # record the send (dispatched_at): new scene steps, created unsent
+    alone: bool = False  # each turn answered in a batch of its own: they were in a batch that raised
 
 
 @dataclass
@@ -78,7 +82,7 @@ def generate_turns(requests: list[Any]) -> None:
     bulk_gate.release(0, sum(1 for n in bulk_of if n) - bulk_flushes)
     outcome = FlushOutcome(bulk_owed=sum(bulk_of))
     try:
-        pending, model_of = _pending_turns(requests)
+        pending, model_of, alone = _pending_turns(requests)
         if not pending:
             return
         model = model_of[pending[0][0]]  # the flush's own (a worker serves one model)
@@ -86,7 +90,8 @@ def generate_turns(requests: list[Any]) -> None:
             for each in dict.fromkeys(model_of.values()):
                 events.received([p for p in pending if model_of[p[0]] == each], each)
             try:
-                _answer(pending, model, events, outcome, lambda: _send_owed(outcome, model, model_of))
+                send_owed = partial(_send_owed, outcome, model, model_of)
+                _answer(pending, model, events, outcome, send_owed, alone=alone)
             except Exception:  # a bug or an outage outside a batch: hand back what no chunk recorded
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
                 left = [p for p in pending if p[0] not in outcome.recorded]
@@ -125,12 +130,14 @@ def _answer(
     events: TurnEvents,
     outcome: FlushOutcome,
     send_owed: Callable[[], None],
+    *,
+    alone: Collection[uuid.UUID] = (),
 ) -> None:
-    """Answer the flush's turns, `batch_size` at a time and one lane per chunk, all chunks at once:
-    each chunk's prompts join the running engine as soon as they are built, so the engine never
-    waits for a chunk barrier. Records in `outcome` what to send again, and has `send_owed` send it
-    as each chunk ends: a live chunk's retries, deferred turns and a scene's next step do not wait
-    for a slower bulk chunk of the same flush."""
+    """Answer the flush's turns, `batch_size` at a time and one lane per chunk (a turn in `alone`
+    in a chunk of its own), all chunks at once: each chunk's prompts join the running engine as soon
+    as they are built, so the engine never waits for a chunk barrier. Records in `outcome` what to
+    send again, and has `send_owed` send it as each chunk ends: a live chunk's retries, deferred
+    turns and a scene's next step do not wait for a slower bulk chunk of the same flush."""
     from worker import engine as engine_module
 
     dead = engine_module.engine_dead()
@@ -141,7 +148,8 @@ def _answer(
     size = settings.batch_size
     chunks = []
     for lane in ("live", "bulk"):
-        turns = [p for p in pending if p[1] == lane]
+        chunks += [[p] for p in pending if p[1] == lane and p[0] in alone]
+        turns = [p for p in pending if p[1] == lane and p[0] not in alone]
         chunks += [turns[i : i + size] for i in range(0, len(turns), size)]
     with ThreadPoolExecutor(max_workers=min(len(chunks), CHUNKS_AT_ONCE), thread_name_prefix="chunk") as pool:
         for chunk in chunks:
@@ -188,9 +196,11 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     if isinstance(result, ChunkRaised):
         # Turns whose next attempt waits (an adapter looked at again later) keep their wait: sent
         # again with the chunk, each would be charged an attempt for a cause still passing.
+        # The others come back each alone: if one of them broke the batch, it fails on its own.
         later = result.report.retry_in
         again = [p for p in chunk if p[0] not in later]
-        outcome.resend += [Resend(again, settings.batch_retry_delay), *_after_waits(later, lane_of)]
+        outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=True))
+        outcome.resend += _after_waits(later, lane_of)
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
@@ -248,16 +258,18 @@ def deferral_delay(deferrals: int) -> float:
     return min(settings.flush_interval * 2.0**exponent, settings.defer_max_delay_s)
 
 
-def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], dict[uuid.UUID, str]]:
-    """Every turn id of the flush, once, live lane first, otherwise in arrival order; and the model
+def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], dict[uuid.UUID, str], set[uuid.UUID]]:
+    """Every turn id of the flush, once, live lane first, otherwise in arrival order; the model
     each one's message named (a worker that also consumes another model's queues, with Celery's
-    add_consumer, sends that model's turns back to that model's queues).
+    add_consumer, sends that model's turns back to that model's queues); and the turns a message
+    sent to be answered alone.
 
     A malformed message (no turn ids, an id that is not a UUID, an unknown lane) is logged and
     dropped on its own; the others go on.
     """
     seen: dict[uuid.UUID, Lane] = {}
     model_of: dict[uuid.UUID, str] = {}
+    alone: set[uuid.UUID] = set()
     for request in requests:
         try:
             kwargs = request.kwargs
@@ -274,7 +286,9 @@ def _pending_turns(requests: Sequence[Any]) -> tuple[list[Pending], dict[uuid.UU
         for turn_id in ids:
             seen.setdefault(turn_id, lane)
             model_of.setdefault(turn_id, model)
-    return sorted(seen.items(), key=lambda item: item[1] != "live"), model_of
+        if kwargs.get("alone") is True:
+            alone.update(ids)
+    return sorted(seen.items(), key=lambda item: item[1] != "live"), model_of, alone
 
 
 def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = None) -> None:
@@ -287,7 +301,7 @@ def _resend(item: Resend, model: str, model_of: dict[uuid.UUID, str] | None = No
     for (target, lane), ids in groups.items():
         sent: list[uuid.UUID] = []  # over every try: a message that went out is not lost
         try:
-            _dispatch_with_retry(ids, target, lane, item.countdown, sent)
+            _dispatch_with_retry(ids, target, lane, item.countdown, sent, alone=item.alone)
         except Exception:
             went = set(sent)
             unsent = [t for t in ids if t not in went]
@@ -323,10 +337,17 @@ def _record_sends(ids: list[uuid.UUID], *, failed: bool) -> None:
 
 @retry(stop=stop_after_attempt(4), wait=wait_exponential(multiplier=0.5, max=4), reraise=True)
 def _dispatch_with_retry(
-    ids: list[uuid.UUID], model: str, lane: Lane, countdown: float | None, sent: list[uuid.UUID] | None = None
+    ids: list[uuid.UUID],
+    model: str,
+    lane: Lane,
+    countdown: float | None,
+    sent: list[uuid.UUID] | None = None,
+    *,
+    alone: bool = False,
 ) -> None:
     done = set(sent or ())
-    dispatch([t for t in ids if t not in done], model=model, lane=lane, countdown=countdown, sent=sent)
+    left = [t for t in ids if t not in done]
+    dispatch(left, model=model, lane=lane, countdown=countdown, sent=sent, alone=alone)
 
 
 def dispatch(
@@ -336,9 +357,11 @@ def dispatch(
     lane: Lane = "live",
     countdown: float | None = None,
     sent: list[uuid.UUID] | None = None,
+    alone: bool = False,
 ) -> None:
     """Send turns to their model's queue for that lane: one per live message, a batch per bulk one;
-    `sent` gets the ids of each message as it goes (so a caller knows which went before a failure)."""
+    `sent` gets the ids of each message as it goes (so a caller knows which went before a failure);
+    `alone`: the worker answers each in a batch of its own."""
     turn_ids = list(turn_ids)
     ids = [str(turn_id) for turn_id in turn_ids]
     per_message = 1 if lane == "live" else settings.batch_size
@@ -347,7 +370,8 @@ def dispatch(
     root_id = parent and (parent.request.root_id or parent.request.id)
     with app.producer_or_acquire() as producer:
         for start in range(0, len(ids), per_message):
-            kwargs = {"turn_ids": ids[start : start + per_message], "model": model, "lane": lane}
+            kwargs: dict[str, Any] = {"turn_ids": ids[start : start + per_message], "model": model}
+            kwargs |= {"lane": lane, "alone": True} if alone else {"lane": lane}
             # apply_async's message, built by Celery's own builder and sent by its own publisher, less
             # the per-call work this task does not need: routing (the queue is named), a safe repr of
             # the arguments (ids and names), and declaring a Redis queue (a list needs none).

@@ -66,6 +66,35 @@ def test_a_batch_that_raises_hands_its_turns_back(celery_worker, monkeypatch) ->
     assert len(calls) >= 2  # raised once, then answered
 
 
+def test_a_turn_that_breaks_its_batch_fails_alone_and_its_batch_mates_are_answered(
+    celery_worker, monkeypatch
+) -> None:
+    # Found in review: the turns of a batch that raised were sent back as one bundle, so a turn whose
+    # data broke a batch-level stage took its batch-mates to their attempt cap with it.
+    import worker.pipeline
+    from tasks.generate import dispatch
+
+    real = worker.pipeline.embed
+    poison = "A line the embedding stage breaks on, every time."
+
+    def embed(texts):
+        if poison in texts:
+            raise RuntimeError("injected: a batch-level stage that breaks on this turn's data")
+        return real(texts)
+
+    monkeypatch.setattr(worker.pipeline, "embed", embed)
+    monkeypatch.setattr(settings, "batch_retry_delay", 0.5)
+    lines = ["Good morning!", poison, "Any news from the harbour?"]
+    ids = enqueue_turns([new_conversation() | {"message": line} for line in lines], send=False)
+    dispatch(ids, model=settings.model, lane="bulk")  # one message, so one batch holds all three
+    views = [wait_for_reply(i, timeout=180) for i in ids]
+    assert [v.status for v in views] == [TurnStatus.DONE, TurnStatus.FAILED, TurnStatus.DONE], [
+        v.error for v in views
+    ]
+    assert views[1].error_code == "attempts_exhausted" and views[1].attempts == settings.max_attempts
+    assert views[0].attempts == views[2].attempts == 2  # the batch that raised, then their own
+
+
 def test_a_malformed_message_is_dropped_alone_and_its_flush_mates_are_answered(celery_worker) -> None:
     from core.settings import queue_for_model, settings
     from tasks.app import app
