@@ -8,6 +8,7 @@ form value is checked here with a message naming the field; nothing is stored un
 from __future__ import annotations
 
 import functools
+import logging
 import re
 import uuid
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ from worker.engine_loop import Generation
 from worker.prompt.formats import FORMATS, escape_bracket_markers, escape_name_markers
 from worker.prompt.sanitize import CONTROLS, Sanitizer
 from worker.structured import BadStructuredReply, read_reply, reading_shape, say_chars
+
+logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
@@ -94,24 +97,46 @@ def free_text(name: str, value: str | None, *, max_chars: int, required: bool = 
     return text
 
 
+class _AnyModelsMarkers:
+    """What Sanitizer reads of a tokenizer: the special-token markers of the model families mlchat
+    serves, for a host without the line's own model (stricter: `<s>` is refused for every model)."""
+
+    all_special_tokens = ["<|", "|>", "<s>", "</s>", "<unk>", "<pad>", "[INST]", "[/INST]"]
+
+
 @functools.cache
-def _sanitizer() -> Sanitizer:
-    from transformers import AutoTokenizer
+def _sanitizer(model: str) -> Sanitizer:
+    """The prompt sanitiser of the line's model, as its worker builds it; any model's markers when
+    this host has not got that model's tokenizer (an API host without the weights)."""
+    from worker.model_cache import load_tokenizer
 
-    from worker.model_cache import resolve_model_path
-
-    return Sanitizer(AutoTokenizer.from_pretrained(resolve_model_path(settings)))
+    try:
+        return Sanitizer(load_tokenizer(settings, model))
+    except Exception:
+        logger.warning(
+            "no tokenizer of %s on this host: the desk's edit check refuses every model's special-token "
+            "markers instead of its own",
+            model,
+            exc_info=True,
+        )
+        return Sanitizer(_AnyModelsMarkers())
 
 
 def prompt_text(
-    name: str, text: str, *, character: str, player: str = "User", members: Sequence[str] = ()
+    name: str,
+    text: str,
+    *,
+    model: str,
+    character: str,
+    player: str = "User",
+    members: Sequence[str] = (),
 ) -> str:
-    """A writer's reply, which later prompts bring back as history: refused when the prompt
+    """A writer's reply, which later prompts bring back as history: refused when `model`'s prompt
     sanitiser would change it (the model's special tokens, any prompt format's role markers such as
     `### User:`, a line opening as the prompt's own bracketed markers such as `[Narrator]`, or a line
     opening with a speaker's name and a colon: the character's, the player's, or in a group any
     member's or the narrator's), so what is stored is what the model will read."""
-    sanitizer = _sanitizer()
+    sanitizer = _sanitizer(model)
     cleaned = sanitizer.scrub(text)
     labels = sanitizer.speaker_labels(character, player)
     names = [sanitizer.label(n, "Someone") for n in members]
@@ -496,7 +521,9 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
         )
         members = [*group.names, *([NARRATOR_NAME] if group.narrator else [])] if group else []
         structured = edited_structured(turn, reply)
-    prompt_text("reply", reply, character=character, player=player or "User", members=members)
+    prompt_text(
+        "reply", reply, model=turn.model, character=character, player=player or "User", members=members
+    )
     vector = _embed(reply)
     return _change(
         who,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
+from typing import Any
 
 from filelock import FileLock
 
@@ -34,6 +35,23 @@ def resolve_model_path(cfg: Settings) -> str:
     if cfg.model == BUNDLED_MODEL:
         return str(ensure_bundled_model(cfg.model_cache_dir / BUNDLED_MODEL))
     return cfg.model
+
+
+def load_tokenizer(cfg: Settings, model: str) -> Any:
+    """`model`'s tokenizer (cfg's own model, or another one a turn names), without its weights: the
+    bundled model's read from its GGUF while it is not converted (a host without a worker's cache,
+    such as the API's, converts nothing). Raises OSError or ValueError when this host lacks it."""
+    from transformers import AutoTokenizer
+
+    if model == cfg.model and cfg.model_path:
+        return AutoTokenizer.from_pretrained(cfg.model_path)
+    if model == BUNDLED_MODEL:
+        converted = cfg.model_cache_dir / BUNDLED_MODEL
+        if (converted / "config.json").exists():
+            return AutoTokenizer.from_pretrained(str(converted))
+        gguf = bundled_gguf_path()
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return AutoTokenizer.from_pretrained(model)
 
 
 def ensure_bundled_model(target: Path) -> Path:
