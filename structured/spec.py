@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from core.regex_size import size_refusal
 from core.settings import settings
 from core.text import unstorable_in
+from structured.pattern_reading import FLAGS, as_grammar_reads
 
 # Keywords whose constraint the grammar would not enforce (the reply could break the schema), or
 # that reach outside the schema. `format` is checked on its own (a few formats are enforced).
@@ -362,7 +363,10 @@ def pattern_validator(found: Callable[[str, str], bool]) -> Any:
 def _found_in_time(pattern: str, text: str) -> bool:
     """A listed value's pattern search; TimeoutError past LISTED_VALUES_CHECK_S."""
     try:
-        return regex.search(pattern, text, concurrent=True, timeout=LISTED_VALUES_CHECK_S) is not None
+        found = regex.search(
+            as_grammar_reads(pattern), text, FLAGS, concurrent=True, timeout=LISTED_VALUES_CHECK_S
+        )
+        return found is not None
     except (regex.error, RecursionError):  # read otherwise than xgrammar reads it: not checked here
         return True
 
@@ -418,7 +422,7 @@ def _regex_refusal(pattern: str) -> str | None:
     except SchemaRefused as exc:
         return str(exc)
     try:  # the reply is checked in the `regex` module too, whose parser recurses per group
-        regex.compile(pattern)
+        regex.compile(as_grammar_reads(pattern), FLAGS)
     except RecursionError:
         return ": groups nested too deeply"
     except regex.error:

@@ -445,6 +445,40 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
     )
 
 
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        (r"\S+ \S+", "Ready\u3000now? Yes"),  # a full-width space is not whitespace to the grammar
+        (r"\D+", "\u0663 coins"),  # nor an Arabic-Indic digit a digit
+        (r"\W+\w+", "é! ok"),
+        (r"[\D]+", "\u0663\u0664"),
+        (r"[^\s]+", "a\u3000b"),
+        (r"\s", "\xa0"),
+        (r"\w+", "café"),  # the grammar refuses this one: so does the check
+        (r"\d+", "\u0663"),
+        (r"Line.+", "Line one\nline two"),  # the grammar's `.` takes a line end
+        (r"\\d", "\\d"),
+        (r"[^]a]", "xa]"),  # the grammar's `]` closes even a class that has nothing in it
+    ],
+)
+def test_a_regex_reply_is_checked_as_the_grammar_reads_its_shorthand_classes(pattern: str, text: str) -> None:
+    """Found in review: xgrammar reads `\\d`, `\\w`, `\\s` as ASCII sets (and `\\s` with U+00A0) and
+    `.` as any character, the `regex` module as Unicode classes and `.` without the line end, so a
+    reply the grammar allowed failed its re-check as an invalid structured reply."""
+    import xgrammar
+    from xgrammar.testing import _is_grammar_accept_string
+
+    grammar_takes = _is_grammar_accept_string(xgrammar.Grammar.from_regex(pattern), text)
+    shape = shape_of(PARAMS | {"response_format": {"type": "regex", "regex": pattern}}, _character(4, []))
+    assert shape is not None
+    try:
+        read_reply(shape, Generation(text, 10, 8, "stop"))
+        checked = True
+    except BadStructuredReply:
+        checked = False
+    assert checked == grammar_takes
+
+
 def test_a_backtracking_pattern_is_given_up_and_a_deep_pattern_or_blank_edged_choice_refused() -> None:
     """Found in review: a schema's `pattern` was checked in Python's `re`, with no time limit and
     holding the interpreter: `(.|..)*!|[^!]*` on a 60-character reply the grammar let through took

@@ -313,8 +313,10 @@ def _compiled(pattern: str) -> Any:
     alone checks then)."""
     import regex
 
+    from structured.pattern_reading import FLAGS, as_grammar_reads
+
     try:
-        return regex.compile(pattern)
+        return regex.compile(as_grammar_reads(pattern), FLAGS)
     except (regex.error, RecursionError):  # groups nested past the parser's recursion: not checked here
         return None
 
