@@ -47,8 +47,10 @@ class FactHit:
     relevance: float
     recency: float
     # A game's fact written with no subject is stored under the player's id, which a prompt never
-    # shows (`subject` is then ''): one about this conversation's player names them as it does.
+    # shows (`subject` is then ''): one about this conversation's player names them as it does, one
+    # about another player (spread to the world, a story, or met) says it is someone else's.
     about_player: bool = False
+    about_other_player: bool = False
 
     @property
     def score(self) -> float:
@@ -172,12 +174,13 @@ WITH q AS (
          AS t(idx, conversation_id, vec)
 )
 SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, f.age_s, f.distance,
-       f.about_player
+       f.about_player, f.about_other_player
 FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
     SELECT id, kind, text, source, scope, importance,
            CASE WHEN f.subject = f.player_id THEN '' ELSE f.subject END AS subject,
            (f.kind = 'player' AND f.subject = f.player_id AND f.player_id = c.player_id) AS about_player,
+           (f.subject = f.player_id AND f.player_id NOT IN ('', c.player_id)) AS about_other_player,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
            CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f
@@ -216,7 +219,7 @@ def facts_for_turns(
             "pool": max(pool, k),
         },
     )
-    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, about_player in rows:
+    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, ours, others in rows:
         similarity = 0.0 if distance is None else 1.0 - float(distance)
         hits[idx].append(
             FactHit(
@@ -229,7 +232,8 @@ def facts_for_turns(
                 importance=float(importance),
                 relevance=(1.0 + similarity) / 2.0,  # cosine in [-1, 1] to [0, 1]
                 recency=math.pow(0.5, max(float(age_s), 0.0) / half_life_s),
-                about_player=bool(about_player),
+                about_player=bool(ours),
+                about_other_player=bool(others),
             )
         )
     return [sorted(h, key=lambda x: -x.score)[:k] for h in hits]

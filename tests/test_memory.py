@@ -778,8 +778,9 @@ def _hit(i: int, text: str, importance: float = 0.5) -> FactHit:
 def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_not_by_id(tokenizer) -> None:
     """Found in review: a fact the game wrote with no subject was stored under the player's id, and
     prompts showed `- (u-3f9c...) Stole the ring.`: the model could say the game's id aloud, and never
-    linked the fact to the name it calls the player. (Other players' conversations still see the id
-    of a world fact about someone else: they know no name for that player.)"""
+    linked the fact to the name it calls the player. A review of that fix: another player's
+    conversation showed the same world fact bare, so its NPC took it for one about the player in
+    front of it; it is said to be someone else's there."""
     from services.facts import FactIn, write_facts
 
     player = f"u-{uuid.uuid4().hex[:8]}"
@@ -801,6 +802,7 @@ def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_n
     (elsewhere,) = [h for h in theirs if h.id == written.id]
     (world,) = [h for h in mine if h.id == news.id]
     assert hit.about_player and not elsewhere.about_player and not world.about_player
+    assert elsewhere.about_other_player and not hit.about_other_player and not world.about_other_player
     assert player not in elsewhere.subject + world.subject  # the id is shown nowhere
     context = TurnContext(recent=[HistoryLine(3, "user", "Hello again.", 3)], facts=[hit, world])
     built = PromptBuilder(tokenizer, "chat_template", 4096).build(
@@ -808,6 +810,12 @@ def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_n
     )
     assert "- (Rowan) Stole a silver ring from the innkeeper." in built.text
     assert "- The bridge to Eastmarch is out." in built.text and player not in built.text
+    stranger_context = TurnContext(recent=[], facts=[elsewhere, world])
+    theirs_built = PromptBuilder(tokenizer, "chat_template", 4096).build(
+        PromptInput(_card(), "Alex", "Seen any thieves?", stranger_context, 32)
+    )
+    assert "- (someone else) Stole a silver ring from the innkeeper." in theirs_built.text
+    assert "- The bridge to Eastmarch is out." in theirs_built.text and player not in theirs_built.text
 
 
 def test_the_manifest_attributes_the_summary_and_each_fact_within_the_memory_budget(tokenizer) -> None:

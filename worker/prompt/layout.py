@@ -83,8 +83,18 @@ def summary_line(summary: Any, clean: Clean) -> str:
     return clean(_one_line(f"- {summary.text}"))
 
 
+# Who a fact about another player is about, in an NPC's prompt: the game's id for them is never shown,
+# and bare, the model would take the fact for one about the player in front of it.
+ANOTHER_PLAYER = "someone else"
+
+
 def fact_line(fact: Any, user: str, clean: Clean) -> str:
-    subject = user if getattr(fact, "about_player", False) else fact.subject
+    if getattr(fact, "about_player", False):
+        subject = user
+    elif getattr(fact, "about_other_player", False):
+        subject = ANOTHER_PLAYER
+    else:
+        subject = fact.subject
     return clean(_one_line(f"- ({subject}) {fact.text}" if subject else f"- {fact.text}"))
 
 
