@@ -14,7 +14,9 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from db.models import Role
+from sqlalchemy.orm import Session
+
+from db.models import Conversation, Role
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
@@ -212,6 +214,15 @@ def already_held(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> b
     return at != -1
 
 
+def _refuse_another_players(session: Session, conv_id: int, conversation: str, player_id: str) -> None:
+    """HistoryRefused when the import names a player and the conversation is another's: its lines
+    would become that player's memory (summaries, extracted facts stored under their id)."""
+    owner = session.get_one(Conversation, conv_id).player_id
+    if player_id and owner != player_id:
+        whose = f"player {owner!r}'s" if owner else "an anonymous player's"
+        raise HistoryRefused(f"conversation: {conversation!r} is {whose}, not player {player_id!r}'s")
+
+
 def import_history(
     raw: str,
     fmt: HistoryFormat,
@@ -253,6 +264,7 @@ def import_history(
         if conversation in known and known[conversation][1] != character:
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
         if conversation in known:
+            _refuse_another_players(session, known[conversation][0], conversation, player_id)
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
                 return known[conversation][0], 1, 0
@@ -270,6 +282,7 @@ def import_history(
         conv_id, char_id = upsert_conversations(session=session, rows=[row], tenant=tenant)[conversation]
         if char_id != found[character]:
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
+        _refuse_another_players(session, conv_id, conversation, player_id)
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
             return conv_id, 1, 0

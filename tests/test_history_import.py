@@ -242,6 +242,33 @@ def test_a_log_for_an_unknown_character_or_anothers_conversation_is_refused_befo
         history_import.import_history(SILLYTAVERN, "sillytavern", conversation=external, character=other)
 
 
+def test_a_log_for_another_players_conversation_is_refused_naming_the_conversation(services, world) -> None:
+    """Found in review: an import naming a player appended its lines to a conversation that was
+    another player's (only the character was compared), so they became that player's memory."""
+    from db.history import conversation_lines
+    from memory import history_import
+
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    conv_id, _, _ = history_import.import_history(
+        SILLYTAVERN, "sillytavern", conversation=external, character="elara", player_id="u-alice"
+    )
+    with session_scope() as s:
+        held = len(conversation_lines(session=s, conversation_id=conv_id))
+    other_log = SILLYTAVERN.replace("Ask at the mill.", "Ask at the well.")
+    assert other_log != SILLYTAVERN
+    refusal = f"^conversation: '{external}' is player 'u-alice''s, not player 'u-bob''s$"
+    with pytest.raises(history_import.HistoryRefused, match=refusal):
+        history_import.import_history(
+            other_log, "sillytavern", conversation=external, character="elara", player_id="u-bob"
+        )
+    with session_scope() as s:
+        assert len(conversation_lines(session=s, conversation_id=conv_id)) == held  # nothing appended
+    _, first, last = history_import.import_history(
+        other_log, "sillytavern", conversation=external, character="elara", player_id="u-alice"
+    )
+    assert last >= first  # its own player's log is taken
+
+
 def _character_slugs() -> list[str]:
     from db.world import all_character_slugs
 
