@@ -761,6 +761,27 @@ def test_a_batch_ended_before_its_requests_were_stored_accounts_for_each_in_its_
     assert ended["status"] == "cancelled"
 
 
+def test_a_batch_ended_before_storing_a_custom_id_of_a_lone_surrogate_is_cancelled_not_stuck_finalizing(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: a request whose custom_id is an escaped lone surrogate (valid JSON, valid
+    UTF-8 bytes) could not be written to the error file as UTF-8, so a batch cancelled before it
+    stored that line failed its finalizing at every pass and stayed `finalizing` for good."""
+    from services.files import find_file
+
+    owner = {"api_key": "k", "admin": False, "tenant": ""}
+    lines = [openai_line("\ud800x", USER), openai_line("b1", USER)]
+    batch_id = _batch(tmp_path, 0, lines=lines)
+    batches.cancel_batch(batch_id, **owner)
+    batches.finalize_runs()
+    state = batches.get_batch(batch_id, **owner)
+    assert state["status"] == "cancelled", state
+    found = find_file(state["error_file_id"])
+    assert found is not None
+    named = [json.loads(x)["custom_id"] for x in found.path.read_text(encoding="utf-8").splitlines()]
+    assert named == ["\ud800x", "b1"]  # the id as the client wrote it
+
+
 def test_a_batch_cancelled_part_way_through_storing_names_each_request_once(
     quiet_model, tmp_path, monkeypatch
 ) -> None:

@@ -105,9 +105,20 @@ def write_never_stored(
                 continue
             seen.add(custom_id)
             line = {"id": f"batch_req_{run_id.hex}-{number}", "custom_id": custom_id, "response": None}
-            bad.write(json.dumps(line | {"error": error}, ensure_ascii=False) + "\n")
+            bad.write(_json_line(line | {"error": error}))
             written += 1
     return written
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    """The record as a line of UTF-8 JSON; escaped to ASCII when it holds what UTF-8 cannot encode (a
+    custom_id read from an escaped lone surrogate, `"\\ud800"`: kept as the client wrote it)."""
+    text = json.dumps(record, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(record)
+    return text + "\n"
 
 
 def _native_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
