@@ -305,6 +305,10 @@ class Settings(BaseSettings):
     # Callbacks go only to public addresses unless this is set (a receiver on the same network).
     callback_allow_private: bool = False
     callback_timeout_s: float = Field(default=10.0, gt=0)  # one delivery, connect to answer, in all
+    # Deliveries one worker process makes at once: callbacks run in the threads that also run
+    # generation flushes, so receivers that hang hold at most this many; the others wait their turn
+    # in the queue (sent back with a short countdown, their tries not counted).
+    callback_concurrency: int = Field(default=2, ge=1, le=64)
     housekeeping_interval_s: float = Field(default=10.0, gt=0)  # the worker's expire/finalize timer
     # Live streaming (streaming/): one Redis stream per turn, trimmed to about stream_max_len events
     # and deleted stream_ttl_s after its last event; SSE readers get a ping every stream_ping_s and

@@ -590,6 +590,12 @@ def wait_for_reply(turn_id: uuid.UUID | str, timeout: float = 120.0, poll: float
 
 def cancel_turn(turn_id: uuid.UUID | str) -> bool:
     """Cancel a turn that has not started or whose worker is gone (db/turns.py cancel_turns); False
-    if a worker is answering it or it finished."""
+    if a worker is answering it or it finished. A cancelled turn that asked for a callback gets it
+    now (housekeeping would only find it 5 minutes later, as a callback whose message was lost)."""
+    from services.turn_callbacks import send_turn_callbacks
+
     with session_scope() as session:
-        return bool(cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))]))
+        cancelled = cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
+        calls_back = [t for t in cancelled if session.get_one(Turn, t).callback_url]
+    send_turn_callbacks(calls_back)
+    return bool(cancelled)

@@ -318,6 +318,35 @@ def test_a_retry_under_its_key_answers_with_its_turn_whatever_its_callback_host_
         assert "non-public" in refused.value.errors[0].reason
 
 
+def test_a_turn_cancelled_by_its_client_is_called_back_at_once(
+    services, world, receiver, monkeypatch
+) -> None:
+    """Found in review: DELETE /v1/turns/{id} queued no callback; the turn's receiver heard of the
+    cancel only when housekeeping took it for a lost message, 5 minutes later (never without a sweeper)."""
+    import json
+
+    from services.producer import cancel_turn, submit_turns
+    from tasks.callbacks import deliver_turn_callback
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    queued: list[str] = []
+    monkeypatch.setattr(deliver_turn_callback, "delay", lambda turn_id: queued.append(turn_id))
+    body = {
+        "conversation": f"cb-{uuid.uuid4().hex[:10]}",
+        "character": "elara",
+        "message": "Never mind.",
+        "callback_url": f"http://receiver.test:{receiver}/hook",
+    }
+    [turn] = submit_turns([body], send=False)
+    [quiet] = submit_turns([body | {"callback_url": None, "message": "And this."}], send=False)
+    assert cancel_turn(turn.id) and cancel_turn(quiet.id)
+    assert queued == [str(turn.id)]  # the one that asked for it, once
+    deliver_turn_callback.apply(args=queued)
+    ((headers, sent),) = _Receiver.calls
+    assert json.loads(sent)["status"] == "cancelled" and headers["x-mlchat-delivery"] == str(turn.id)
+
+
 def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused_for_good(
     services, receiver, monkeypatch
 ) -> None:
@@ -336,6 +365,68 @@ def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused
         with session_scope() as s:  # recorded as a try to make again, not a verdict
             run = s.get_one(Run, run_id)
             assert run.callback_attempts == 1 and run.callback_retry_at is not None
+
+
+def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_the_rest_back_uncounted(
+    services, monkeypatch
+) -> None:
+    """Found in review: callbacks run in the threads that run generation flushes, and their queue is
+    read first, so a tenant's receivers that accept and never answer (10 s a try, 8 tries) could take
+    every thread of every worker and hold back every tenant's live turns."""
+    import tasks.callbacks as callback_tasks
+    from tasks.callbacks import deliver_batch_callback
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    monkeypatch.setattr(settings, "callback_timeout_s", 30.0)
+    _resolver(monkeypatch, "tarpit.test", ["127.0.0.1"])
+    tarpit = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts, never answers
+    tarpit.settimeout(10)
+    url = f"http://tarpit.test:{tarpit.getsockname()[1]}/hook"
+    sent_back: list[tuple[list[str], int]] = []
+    monkeypatch.setattr(
+        callback_tasks, "_later", lambda task: sent_back.append((task.request.args, task.request.retries))
+    )
+    slots = settings.callback_concurrency
+    runs = [str(_run_calling_back(url)) for _ in range(slots + 2)]
+    hanging = [
+        threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [r]}) for r in runs[:slots]
+    ]
+    for thread in hanging:
+        thread.start()
+    held = [tarpit.accept()[0] for _ in range(slots)]  # every slot is in a POST the receiver holds
+    for run_id in runs[slots:]:
+        deliver_batch_callback.apply(args=[run_id])  # returns at once: no slot
+    assert sent_back == [([run_id], 0) for run_id in runs[slots:]]  # sent back, no try counted
+    tarpit.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        tarpit.accept()  # and none of them reached the receiver
+    for conn in held:
+        conn.close()  # the receiver hangs up: those deliveries fail and free their slots
+    tarpit.close()
+    for thread in hanging:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in hanging)
+    assert callback_tasks._SLOTS.acquire(blocking=False)  # every slot back
+    callback_tasks._SLOTS.release()
+
+
+def test_a_delivery_sent_back_for_want_of_a_slot_keeps_its_arguments_and_its_try_count(monkeypatch) -> None:
+    from celery.canvas import Signature
+
+    import tasks.callbacks as callback_tasks
+    from tasks.callbacks import deliver_turn_callback
+
+    sent: list[Signature] = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **k: sent.append(sig))
+    deliver_turn_callback.push_request(args=["a-turn"], retries=3)
+    try:
+        callback_tasks._later(deliver_turn_callback)
+    finally:
+        deliver_turn_callback.pop_request()
+    (sig,) = sent
+    assert sig.task == deliver_turn_callback.name and list(sig.args) == ["a-turn"]
+    assert sig.options["retries"] == 3 and 2.0 <= sig.options["countdown"] <= 4.0
 
 
 def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its_batch_ends(
