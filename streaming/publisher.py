@@ -41,7 +41,9 @@ class Publisher:
         self._paused_until = 0.0
         self._dropped = 0  # since the last warning
         self._seq_lock = threading.Lock()
-        self._seqs: dict[uuid.UUID, tuple[uuid.UUID, int]] = {}  # turn -> (its claim here, last seq)
+        # turn -> {claim: its last seq}: two claims of a turn in one process (a lapsed one still in
+        # the engine, the new one streaming) each number their own deltas.
+        self._seqs: dict[uuid.UUID, dict[uuid.UUID, int]] = {}
         self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
         self._thread.start()
 
@@ -80,11 +82,10 @@ class Publisher:
 
     def _next_seq(self, turn_id: uuid.UUID, claim: uuid.UUID) -> int:
         with self._seq_lock:
-            held, seq = self._seqs.get(turn_id, (claim, 0))
-            seq = seq + 1 if held == claim else 1
             if turn_id not in self._seqs and len(self._seqs) >= _SEQ_TURNS:
                 del self._seqs[next(iter(self._seqs))]  # a turn handed back and finished elsewhere
-            self._seqs[turn_id] = (claim, seq)
+            claims = self._seqs.setdefault(turn_id, {})
+            claims[claim] = seq = claims.get(claim, 0) + 1
             return seq
 
     def _put(self, key: str, fields: dict[str, str]) -> None:

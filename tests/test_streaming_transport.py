@@ -287,9 +287,14 @@ def test_the_publisher_numbers_each_claims_deltas_from_one() -> None:
     turn_id, first, second = _turn(), uuid.uuid4(), uuid.uuid4()
     for claim, text in [(first, "a"), (first, "b"), (second, "c"), (second, "d")]:
         publisher().delta(turn_id, claim, text)
+    # Found in review: the numbers were kept per turn, so a late delta of a lapsed claim still in
+    # this process's engine restarted the new claim's count, and readers dropped its next deltas as
+    # repeats (a hole in the text, then `restarted` at its end).
+    for claim, text in [(first, "late"), (second, "e"), (first, "later"), (second, "f")]:
+        publisher().delta(turn_id, claim, text)
     assert publisher().flush()
     raw: Any = redis.Redis.from_url(redis_url()).xrange(stream_key(turn_id))
-    assert [Entry.parse(i, f).seq for i, f in raw] == [1, 2, 1, 2]
+    assert [Entry.parse(i, f).seq for i, f in raw] == [1, 2, 1, 2, 3, 3, 4, 4]
 
 
 def test_the_publisher_keeps_each_stream_bounded_and_expiring(monkeypatch) -> None:
