@@ -6,6 +6,8 @@ Run with `uvicorn api.main:create_app --factory` (or `mlchat api`).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -32,11 +34,20 @@ from api.routes import (
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
+from streaming.events import redis_url
 from streaming.hub import close_hub
+
+logger = logging.getLogger(__name__)
 
 
 @asynccontextmanager
 async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    # The broker's URL, resolved once per process, starts the embedded Redis when REDIS_URL is unset:
+    # resolved here, off the event loop, the first stream reader does not start it on the loop.
+    try:
+        await asyncio.to_thread(redis_url)
+    except Exception:
+        logger.warning("no broker at startup; the requests that need one will say so", exc_info=True)
     yield
     await close_hub()  # the SSE readers' hub starts with the first reader and stops with the app
 

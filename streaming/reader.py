@@ -181,7 +181,12 @@ class TurnReader:
         self._shown.whole = last == FINAL  # only `final` events follow the whole reply
         if last is None or last == FINAL:
             return
-        client = _client()
+        try:
+            client = _client()
+        except Exception:  # the embedded Redis could not be started (its URL is resolved on demand)
+            logger.warning("turn %s: no Redis to resume from; resuming from the stored turn", self._turn_id)
+            self._restart_first, self._unreadable = not self._from_text_shown(), True
+            return
         try:
             if not await client.xrange(self._key, last, last):  # trimmed, expired or never there
                 self._restart_first = not self._from_text_shown()

@@ -339,6 +339,12 @@ def test_a_reader_whose_redis_is_unreachable_ends_with_the_stored_turn(monkeypat
     assert _codes(_read(turn_id)) == ["cancelled"]
     assert _codes(_read(turn_id, last_event_id=shown_id)) == ["restarted", "cancelled"]
 
+    def cannot_start() -> str:  # found in review: a resume whose embedded Redis could not start was a 500
+        raise RuntimeError("redis-server exited before it answered")
+
+    monkeypatch.setattr(streaming.reader, "redis_url", cannot_start)
+    assert _codes(_read(turn_id, last_event_id=shown_id)) == ["restarted", "cancelled"]
+
 
 def _dropped(why: str) -> float:
     return REGISTRY.get_sample_value("mlchat_stream_events_dropped_total", {"why": why}) or 0.0
