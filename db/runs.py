@@ -66,6 +66,7 @@ from db.models import (
     Turn,
     TurnStatus,
 )
+from db.retry_seeds import retried_params
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
 from db.turn_leases import claimable
 
@@ -603,6 +604,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
             update(Turn)
             .where(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED)
             .values(  # a fresh start: what counted toward its failure counts no more
+                params=retried_params(),  # SET reads the row as it was: its error_code too
                 status=TurnStatus.QUEUED,
                 attempts=0,
                 outage_refunds=0,

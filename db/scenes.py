@@ -45,6 +45,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
+from db.retry_seeds import retried_params
 from scenes.speakers import NARRATOR_ID, Member, Rule, next_speaker, with_narrator
 
 # A run in one of these stops its scenes; any other (a failed submission too: it is resumed) lets them go on.
@@ -199,6 +200,14 @@ def create_scene(*, session: Session, scene: NewScene) -> tuple[int, bool]:
     if scene.exchanges > 0:  # a group the player talks to may start with none
         _create_step(session, row, 1, tenant=scene.tenant, sent=scene.sent, api_key=scene.api_key)
     return int(scene_id), True
+
+
+def scene_conversations(*, session: Session, conversation_ids: Sequence[int]) -> set[int]:
+    """Which of these conversations hold a scene (a run's, or a live group)."""
+    if not conversation_ids:
+        return set()
+    holding = select(Scene.conversation_id).where(Scene.conversation_id.in_(list(conversation_ids)))
+    return set(session.scalars(holding))
 
 
 def members_of(*, session: Session, conversation_id: int) -> list[Member]:
@@ -476,6 +485,7 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
         update(Turn)
         .where(Turn.scene_id == scene.id, Turn.scene_step == step, which)
         .values(
+            params=retried_params(),
             status=TurnStatus.QUEUED,
             error=None,
             error_code=None,

@@ -428,6 +428,7 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
 
     run_id, (turn_id,) = queue_run("studio-a", [Spec("Hi", "Hello.", quality(0.5))])
     with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == turn_id).values(params=Turn.params.op("||")({"seed": 41})))
         claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
         crash = Failure("inside the engine at 2 engine deaths", TurnErrorCode.ENGINE_CRASH_LOOP)
         assert fail_turns(session=s, token=claim.token, failures={turn_id: crash}) == [turn_id]
@@ -446,6 +447,15 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
             0,
             None,
         )
+        assert turn.params["seed"] == 41  # not the reply's own failure: the seed it was asked for
+    # One the reply itself failed (empty, say) would be written again by the same seed: it moves on.
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        empty = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=claim.token, failures={turn_id: empty}) == [turn_id]
+    with session_scope() as s:
+        assert reopen_failed(session=s, run_id=run_id) == [turn_id]
+        assert s.get_one(Turn, turn_id).params["seed"] == 41 + 1_000_003
 
 
 def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:
@@ -461,10 +471,12 @@ def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:
         assert find_run(session=s, ref=str(run_id)).id == run_id  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("name", ["a/b", "/tmp/x", "a\\b", ".", ".."])
+@pytest.mark.parametrize("name", ["a/b", "/tmp/x", "a\\b", ".", "..", "nightly:x"])
 def test_a_run_name_that_names_no_file_of_its_own_is_refused(tmp_path, name) -> None:
     """Found in review: the export writes `<name>.results.jsonl` in its folder; a name with a "/" was
-    a FileNotFoundError at export, and an absolute one wrote outside the folder."""
+    a FileNotFoundError at export, and an absolute one wrote outside the folder. And a later review:
+    a line's fresh conversation is `run:<name>:<custom_id>`, so run `nightly`'s line `x:s1` and run
+    `nightly:x`'s line `s1` shared one conversation."""
     from services.runs.submit import check_run_name
 
     with pytest.raises(ValueError, match="^run name: "):

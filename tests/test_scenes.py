@@ -1373,6 +1373,44 @@ def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
         assert error.field == "conversation" and "run's scene" in error.reason
 
 
+def test_a_runs_plain_line_cannot_speak_in_a_scene_and_a_scene_line_takes_no_turn_fields(
+    world, tmp_path: Path
+) -> None:
+    """Found in review: a run's plain line naming another run's scene conversation (or a live
+    group's) was stored there, answered by the lead whatever the scene's strategy, and shown in that
+    scene's transcript and export; and a scene line's top-level params, direction, story or
+    player_name were dropped without a word (its sampling silently the default)."""
+    import json
+
+    run_id = _new_run({"closed-door": _scene(exchanges=2)})
+    with session_scope() as s:
+        conv = s.scalar(
+            select(Conversation.external_id)
+            .join(Scene, Scene.conversation_id == Conversation.id)
+            .where(Scene.id == _scene_id(run_id, "closed-door"))
+        )
+    lines = [
+        {"custom_id": "intruder", "conversation": conv, "message": "Let me in!"},
+        {"custom_id": "sampled", "scene": _scene(), "params": {"temperature": 0.2, "seed": 17}},
+        {"custom_id": "directed", "scene": _scene(), "direction": "Whisper."},
+        {"custom_id": "storied", "scene": _scene(), "story": "riverside"},
+        {"custom_id": "named", "scene": _scene(), "player_name": "Rowan"},
+        {"custom_id": "fine", "scene": _scene(params={"temperature": 0.2, "seed": 17})},
+    ]
+    path = tmp_path / "intruder.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name=f"intruder-{uuid.uuid4().hex[:8]}")
+    reasons = {e.line: e.reason for e in caught.value.errors}
+    assert reasons == {
+        1: f"conversation: {conv!r} holds a scene; a run's line cannot speak in it",
+        2: "params: a scene line takes its sampling in scene.params",
+        3: "direction: a scene line takes its direction in scene.premise",
+        4: "story: a scene line takes no story",
+        5: "player_name: a scene line takes it in scene.player_name",
+    }
+
+
 def test_retrying_a_runs_failed_step_reopens_its_scene_which_goes_on(world) -> None:
     from db.models import TurnErrorCode
     from db.runs import reopen_failed
@@ -1382,12 +1420,16 @@ def test_retrying_a_runs_failed_step_reopens_its_scene_which_goes_on(world) -> N
     scene_id = _scene_id(run_id, "retry")
     turn, token, _ = _answer(_open_step(scene_id), "", store=False)
     with session_scope() as s:
+        seed = s.get_one(Turn, turn.id).params["seed"]
         failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
         assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
     assert _run_status(run_id) == RunStatus.COMPLETED
     with session_scope() as s:
         assert reopen_failed(session=s, run_id=run_id) == [turn.id]
         assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.OPEN
+        # Found in review: the step went back with its seed and its prompt, so the seeded engine
+        # wrote the same empty reply again; a failure the reply itself made takes another seed.
+        assert s.get_one(Turn, turn.id).params["seed"] == (seed + 1_000_003) % 2**31
     _answer(turn.id, "step one, at last")
     _answer(_open_step(scene_id), "step two")  # the scene goes on after the retried step
     with session_scope() as s:

@@ -110,6 +110,8 @@ def check_run_name(name: str) -> str:
         raise ValueError(f"run name: {len(name)} characters; the limit is {_KEY_CHARS}")
     if "/" in name or "\\" in name or name in (".", ".."):  # it names the export's files
         raise ValueError(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
+    if ":" in name:  # `run:<name>:<custom_id>` names a line's fresh conversation: one name, one run
+        raise ValueError(f"run name: {name!r} must not hold ':'")
     return name
 
 

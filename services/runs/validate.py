@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import DEFAULT_TENANT, settings
 from core.text import printable
+from db.scenes import scene_conversations
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
 from scenes.spec import SceneSpec, name_clash
@@ -72,6 +73,17 @@ class RunLine(BaseModel):
     # A scene instead of a message: characters talking among themselves, step by step (scenes/).
     scene: SceneSpec | None = None
 
+
+# The fields a scene line does not take (they would be dropped without a word), and why.
+_NOT_ON_A_SCENE_LINE = {
+    "params": "a scene line takes its sampling in scene.params",
+    "player_name": "a scene line takes it in scene.player_name",
+    "direction": "a scene line takes its direction in scene.premise",
+    "story": "a scene line takes no story",
+    "story_time": "a scene line takes no story",
+    "choices": "a scene line takes no choices",
+    "system_prompt": "a scene line takes no system prompt; its characters keep their own",
+}
 
 # How much of a line's error is kept: a message may quote the line's own values (a method, a key).
 REASON_CHARS = 500
@@ -183,6 +195,9 @@ class LineReader:
             extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
             if extra:
                 raise ValueError(f"{extra[0]}: a scene line names its characters in scene.participants")
+            ignored = [f for f in _NOT_ON_A_SCENE_LINE if f in line.model_fields_set]
+            if ignored:
+                raise ValueError(f"{ignored[0]}: {_NOT_ON_A_SCENE_LINE[ignored[0]]}")
             # Each step's turn is named custom_id#step, in a column of CUSTOM_ID_MAX characters.
             room = CUSTOM_ID_MAX - len(f"#{line.scene.exchanges}")
             if len(line.custom_id) > room:
@@ -387,20 +402,27 @@ _STEP_NAME = re.compile(r"(.+)#([1-9][0-9]{0,5})")
 
 
 def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list[LineError]:
-    """Lines whose conversation is unknown to the tenant and not started in the file, or belongs to
-    another character."""
+    """Lines whose conversation is unknown to the tenant and not started in the file, belongs to
+    another character, or holds a scene (a run's scene or a live group: its speakers are the
+    scene's, and a line there would speak in another run's scene, or past the group's strategy)."""
     existing: dict[str, tuple[int, str]] = {}
+    in_scenes: set[int] = set()
     names = list(uses)
     with session_scope() as session:
         for start in range(0, len(names), 10_000):
-            existing |= find_conversations(
-                session=session, external_ids=names[start : start + 10_000], tenant=tenant
-            )
+            chunk = names[start : start + 10_000]
+            found = find_conversations(session=session, external_ids=chunk, tenant=tenant)
+            existing |= found
+            ids = [conv_id for conv_id, _ in found.values()]
+            in_scenes |= scene_conversations(session=session, conversation_ids=ids)
     errors = []
     for name, use in uses.items():
         owner = existing[name][1] if name in existing else use.first_character
         for number, character in use.lines:
-            if owner is None:
+            if name in existing and existing[name][0] in in_scenes:
+                reason = f"conversation: {name!r} holds a scene; a run's line cannot speak in it"
+                errors.append(LineError(number, reason))
+            elif owner is None:
                 reason = f"conversation: unknown conversation {name!r}; its first line must name a character"
                 errors.append(LineError(number, reason))
             elif character and character != owner:
