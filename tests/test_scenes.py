@@ -350,6 +350,32 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         s.execute(delete(Character).where(Character.slug == twin))
 
 
+def test_a_skipped_line_named_as_a_step_starts_no_conversation_and_its_followers_are_named(
+    world, tmp_path: Path
+) -> None:
+    """Found in review: with --skip-bad-lines, a line refused for taking a scene step's name still
+    counted as the one starting its conversation, so the next line of that conversation passed,
+    named a conversation nothing made, and the whole submission failed naming no line."""
+    import json
+
+    fresh = f"c-new-{uuid.uuid4().hex[:8]}"
+    lines = [
+        {"custom_id": "s", "scene": _scene(exchanges=3)},
+        {"custom_id": "s#2", "conversation": fresh, "character": "elara", "message": "hi"},
+        {"custom_id": "x", "conversation": fresh, "message": "yo"},
+        {"custom_id": "y", "character": "elara", "message": "A line of its own."},
+    ]
+    path = tmp_path / "steps.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    submitted = submit_run(path, name=f"steps-{uuid.uuid4().hex[:8]}", skip_bad_lines=True)
+    reasons = {e.line: e.reason for e in submitted.skipped_lines}
+    assert reasons == {
+        2: "custom_id: 's#2' is the name of step 2 of the scene on line 1",
+        3: f"conversation: unknown conversation {fresh!r}; its first line must name a character",
+    }
+    assert submitted.stored == 2  # the scene and the line of its own
+
+
 def test_bad_initial_moods_are_refused_at_validation_with_line_and_field(world, tmp_path: Path) -> None:
     import json
 

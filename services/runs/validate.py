@@ -375,16 +375,22 @@ def validate_file(
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
-    conversation_errors = _conversation_errors(uses, tenant)
     # A scene's step k is stored as `<custom_id>#k`: another line of that name would share it.
-    failed_lines = {e.line for e in conversation_errors}
-    conversation_errors += [
+    step_errors = [
         LineError(
             number, f"custom_id: {cid!r} is the name of step {k} of the scene on line {scenes[base][0]}"
         )
         for number, cid, base, k in step_named
-        if base in scenes and 1 <= k <= scenes[base][1] and number not in failed_lines
+        if base in scenes and 1 <= k <= scenes[base][1]
     ]
+    # Before the conversations are checked: a refused line that starts a conversation starts none,
+    # so the lines after it in that conversation are named too (with --skip-bad-lines they named a
+    # conversation nothing made, and the whole submission failed naming no line).
+    refused_lines = {e.line for e in step_errors}
+    for use in uses.values():
+        use.lines = [(number, character) for number, character in use.lines if number not in refused_lines]
+        use.first_character = use.lines[0][1] if use.lines else None
+    conversation_errors = step_errors + _conversation_errors(uses, tenant)
     error_count += len(conversation_errors)
     errors.extend(conversation_errors)  # a list of the file's size already, cut below
     named = sorted(errors, key=lambda e: e.line)
