@@ -1,4 +1,4 @@
-"""Queue depth on the broker, read without consuming (for yielding to live turns and for metrics)."""
+"""Queue depth on the broker, read without consuming (for the sweeper and for metrics)."""
 
 from __future__ import annotations
 
