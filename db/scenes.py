@@ -257,6 +257,18 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
             .order_by(Turn.number.desc())
             .limit(1)
         )
+    else:
+        # A turn not answered yet (a player's line queued, say) speaks before this step: it runs after
+        # that turn, so whoever answers that turn is the one the step follows (its text unknown yet).
+        waiting = session.execute(
+            select(Turn.character_id, Turn.speaker)
+            .where(Turn.conversation_id == scene.conversation_id, Turn.status.in_(TURN_UNFINISHED))
+            .order_by(Turn.number.desc())
+            .limit(1)
+        ).first()
+        if waiting is not None:
+            last_speaker = NARRATOR_ID if waiting.speaker == "narrator" else waiting.character_id
+            last_text = ""
     return next_speaker(
         strategy=scene.strategy,  # type: ignore[arg-type]
         members=members,

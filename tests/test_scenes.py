@@ -881,6 +881,30 @@ def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world, steps_u
     assert view["status"] == "open" and view["exchanges"] == 5 and len(view["sent"]) == 1
 
 
+def test_a_step_asked_for_behind_a_queued_player_line_follows_whoever_answers_that_line(
+    world, steps_unconsumed
+) -> None:
+    """Found in review: a step's speaker was picked from the stored lines alone, so a step asked for
+    while a player's line waited (answered by B after A's stored reply) was B's too: A, player, B, B,
+    where the fixed order promises never the last speaker again."""
+    from services.producer import submit_turns
+    from services.scenes import continue_group
+
+    conv = _group(strategy="fixed", participants=["luffy", "elara", "haneul"])["conversation"]
+
+    def said_by(turn_id: uuid.UUID) -> str:
+        with session_scope() as s:
+            spoke = select(Character.slug).join(Turn, Turn.character_id == Character.id)
+            return s.scalar(spoke.where(Turn.id == turn_id))
+
+    (first,) = submit_turns([{"conversation": conv, "message": "Evening, all."}], send=False)
+    _answer(first.id, "Evening, traveller.")
+    (second,) = submit_turns([{"conversation": conv, "message": "Any rooms left?"}], send=False)
+    assert [said_by(first.id), said_by(second.id)] == ["luffy", "elara"]
+    (step,) = continue_group(conv, 1)["sent"]  # asked for before the player's second line is answered
+    assert said_by(uuid.UUID(str(step))) == "haneul"  # after elara, who answers the line before it
+
+
 def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world, steps_unconsumed) -> None:
     """Found in review: one failed step (an empty reply, a worker lost three times) closed a live
     group for good: `:continue` answered 409 "start a new group", and a new group under the game's
