@@ -7,7 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
@@ -22,6 +22,11 @@ RETRY_MAX_S = 3600
 # What a callback's error says once its window closed.
 GIVEN_UP = "no more tries: its callback window closed"
 _MAX_DOUBLINGS = 2  # RETRY_FIRST_S * 2**2 is RETRY_MAX_S: the exponent never grows past it
+# A delivery that waits for a worker's delivery slot (sent back to the queue, its message alive)
+# keeps its callback due this far on, marked again once half of it has passed, so housekeeping takes
+# it neither for a lost message (never tried) nor for one due again; if its message is lost after
+# all, the callback falls due when the mark runs out.
+HOLD_S = 3600
 
 
 def with_callbacks(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
@@ -60,12 +65,31 @@ def record_attempt(
     return int(recorded or 0)
 
 
+def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> bool:
+    """A callback whose delivery waits for a slot: due HOLD_S from now, unless delivered or marked
+    due more than half of that on already; whether it was marked now."""
+    later = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, HOLD_S)
+    fresh = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, HOLD_S / 2)
+    marked = session.scalar(
+        update(of)
+        .where(
+            of.id == row_id,
+            of.callback_delivered_at.is_(None),
+            or_(of.callback_retry_at.is_(None), of.callback_retry_at < fresh),
+        )
+        .values(callback_retry_at=later)
+        .returning(of.id)
+    )
+    return marked is not None
+
+
 def callbacks_due(
     *, session: Session, older_than_s: float, of: Owner = Run, limit: int = 1000
 ) -> list[uuid.UUID]:
     """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
     `older_than_s` (its message was lost: the broker was down, or the process died, when it ended).
-    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it."""
+    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it; nor
+    one whose delivery waits for a slot (hold_waiting: due later, claim_retries' then)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
     query = select(of.id).where(
@@ -73,6 +97,7 @@ def callbacks_due(
         of.callback_url.is_not(None),
         of.callback_delivered_at.is_(None),
         of.callback_attempts == 0,
+        of.callback_retry_at.is_(None),
         of.finished_at < cutoff,
     )
     if of is Turn:

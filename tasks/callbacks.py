@@ -8,13 +8,19 @@ to drop a repeat.
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once, so receivers that hang (a host that
 accepts and never answers, a resolver that stalls) cannot take every thread from live turns. A
-delivery that finds no slot is sent back to the queue with a short countdown, its try not counted.
+delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
+2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
+and a newcomer tries at once. One that has waited a minute marks its callback held
+(db/callbacks.py::hold_waiting), so housekeeping does not take it for a lost message and queue it
+again.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -23,21 +29,41 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from core.settings import settings
+from db.callbacks import HOLD_S, Owner, hold_waiting
+from db.models import Run, Turn
+from db.session import session_scope
 from services.callbacks import CallbackFailed, deliver
 from services.turn_callbacks import deliver_turn
 from tasks.app import app
 
+logger = logging.getLogger(__name__)
+
 CALLBACK_QUEUE = "mlchat.callbacks"
 
 _SLOTS = threading.BoundedSemaphore(settings.callback_concurrency)
-SLOT_WAIT_S = 2.0  # a delivery that found no slot is looked at again after this (up to twice it)
+SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
+SLOT_WAIT_MAX_S = 60.0
+HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)
+_held_lock = threading.Lock()
+_held: dict[str, float] = {}  # callbacks this process marked held: id -> when to mark again (monotonic)
+_HELD_KEPT = 10_000
 
 
-def _in_a_slot(task: Any, deliver_one: Callable[[uuid.UUID], object], target: str) -> None:
+def _in_a_slot(
+    task: Any,
+    owner: Owner,
+    deliver_one: Callable[[uuid.UUID], object],
+    target: str,
+    waits: int,
+    since: float | None,
+) -> None:
     """Deliver within one of the process's slots, or send the task back for later, its try count
     as it was (a full house is not the receiver's failure)."""
     if not _SLOTS.acquire(blocking=False):
-        _later(task)
+        since = time.time() if since is None else since
+        if time.time() - since > HOLD_AFTER_S:
+            _hold(owner, target)
+        _later(task, waits + 1, since)
         return
     try:
         deliver_one(uuid.UUID(target))
@@ -45,9 +71,29 @@ def _in_a_slot(task: Any, deliver_one: Callable[[uuid.UUID], object], target: st
         _SLOTS.release()
 
 
-def _later(task: Any) -> None:
-    countdown = SLOT_WAIT_S * (1.0 + random.random())
-    task.signature_from_request(task.request, countdown=countdown, retries=task.request.retries).apply_async()
+def _later(task: Any, waits: int, since: float) -> None:
+    countdown = min(SLOT_WAIT_MAX_S, SLOT_WAIT_S * 2 ** min(waits - 1, 6)) * (1.0 + random.random())
+    kwargs = {**(task.request.kwargs or {}), "waits": waits, "since": since}
+    task.signature_from_request(
+        task.request, kwargs=kwargs, countdown=countdown, retries=task.request.retries
+    ).apply_async()
+
+
+def _hold(owner: Owner, target: str) -> None:
+    """Mark the callback held, at most once per half of HOLD_S from this process; best effort (the
+    database away: housekeeping may queue it again, at least once as ever)."""
+    now = time.monotonic()
+    with _held_lock:
+        if _held.get(target, 0.0) > now:
+            return
+        if len(_held) >= _HELD_KEPT:
+            del _held[next(iter(_held))]
+        _held[target] = now + HOLD_S / 2
+    try:
+        with session_scope() as session:
+            hold_waiting(session=session, of=owner, row_id=uuid.UUID(target))
+    except Exception:
+        logger.warning("could not mark callback %s as waiting for a delivery slot", target, exc_info=True)
 
 
 @app.task(
@@ -61,8 +107,8 @@ def _later(task: Any) -> None:
     acks_late=True,
     bind=True,
 )
-def deliver_batch_callback(self: Any, run_id: str) -> None:
-    _in_a_slot(self, deliver, run_id)
+def deliver_batch_callback(self: Any, run_id: str, waits: int = 0, since: float | None = None) -> None:
+    _in_a_slot(self, Run, deliver, run_id, waits, since)
 
 
 @app.task(
@@ -76,5 +122,5 @@ def deliver_batch_callback(self: Any, run_id: str) -> None:
     acks_late=True,
     bind=True,
 )
-def deliver_turn_callback(self: Any, turn_id: str) -> None:
-    _in_a_slot(self, deliver_turn, turn_id)
+def deliver_turn_callback(self: Any, turn_id: str, waits: int = 0, since: float | None = None) -> None:
+    _in_a_slot(self, Turn, deliver_turn, turn_id, waits, since)

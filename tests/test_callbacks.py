@@ -383,10 +383,12 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     tarpit = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts, never answers
     tarpit.settimeout(10)
     url = f"http://tarpit.test:{tarpit.getsockname()[1]}/hook"
-    sent_back: list[tuple[list[str], int]] = []
-    monkeypatch.setattr(
-        callback_tasks, "_later", lambda task: sent_back.append((task.request.args, task.request.retries))
-    )
+    sent_back: list[tuple[list[str], int, int]] = []
+
+    def later(task, waits, since):  # type: ignore[no-untyped-def]
+        sent_back.append((task.request.args, task.request.retries, waits))
+
+    monkeypatch.setattr(callback_tasks, "_later", later)
     slots = settings.callback_concurrency
     runs = [str(_run_calling_back(url)) for _ in range(slots + 2)]
     hanging = [
@@ -397,7 +399,23 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     held = [tarpit.accept()[0] for _ in range(slots)]  # every slot is in a POST the receiver holds
     for run_id in runs[slots:]:
         deliver_batch_callback.apply(args=[run_id])  # returns at once: no slot
-    assert sent_back == [([run_id], 0) for run_id in runs[slots:]]  # sent back, no try counted
+    assert sent_back == [([run_id], 0, 1) for run_id in runs[slots:]]  # sent back, no try counted
+    # Review of the slots: one that waited a minute marks its callback held, so housekeeping does not
+    # take it for a lost message (never tried) and queue it again every minute while it waits.
+    from db.callbacks import callbacks_due
+
+    with session_scope() as s:
+        ten_minutes_ago = func.now() - func.make_interval(0, 0, 0, 0, 0, 10)
+        ours = Run.id.in_([uuid.UUID(r) for r in runs])
+        s.execute(update(Run).where(ours).values(finished_at=ten_minutes_ago))
+    waiting = runs[slots]
+    deliver_batch_callback.apply(args=[waiting], kwargs={"waits": 5, "since": time.time() - 61})
+    assert sent_back[-1] == ([waiting], 0, 6)
+    with session_scope() as s:
+        due = callbacks_due(session=s, older_than_s=300, of=Run, limit=100_000)
+        held_until = s.get_one(Run, uuid.UUID(waiting)).callback_retry_at
+    assert uuid.UUID(waiting) not in due and uuid.UUID(runs[slots + 1]) in due
+    assert held_until is not None
     tarpit.settimeout(0.5)
     with pytest.raises(TimeoutError):
         tarpit.accept()  # and none of them reached the receiver
@@ -419,14 +437,18 @@ def test_a_delivery_sent_back_for_want_of_a_slot_keeps_its_arguments_and_its_try
 
     sent: list[Signature] = []
     monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **k: sent.append(sig))
-    deliver_turn_callback.push_request(args=["a-turn"], retries=3)
-    try:
-        callback_tasks._later(deliver_turn_callback)
-    finally:
-        deliver_turn_callback.pop_request()
-    (sig,) = sent
-    assert sig.task == deliver_turn_callback.name and list(sig.args) == ["a-turn"]
-    assert sig.options["retries"] == 3 and 2.0 <= sig.options["countdown"] <= 4.0
+    for waits in (1, 3, 20):
+        deliver_turn_callback.push_request(args=["a-turn"], kwargs={"waits": waits - 1}, retries=3)
+        try:
+            callback_tasks._later(deliver_turn_callback, waits, 1234.5)
+        finally:
+            deliver_turn_callback.pop_request()
+    first, third, twentieth = sent
+    assert first.task == deliver_turn_callback.name and list(first.args) == ["a-turn"]
+    assert first.kwargs == {"waits": 1, "since": 1234.5} and first.options["retries"] == 3
+    # Looked at again after 2 s, doubling with each wait, up to a minute (each up to twice that).
+    assert 2.0 <= first.options["countdown"] <= 4.0 and 8.0 <= third.options["countdown"] <= 16.0
+    assert 60.0 <= twentieth.options["countdown"] <= 120.0
 
 
 def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its_batch_ends(
