@@ -192,7 +192,8 @@ def test_a_flush_mixing_two_models_sends_each_turn_back_to_its_own_models_queue(
         SimpleNamespace(id=str(i), kwargs={"turn_ids": [str(t)], "model": m, "lane": "bulk"})
         for i, (m, t) in enumerate(turns.items())
     ]
-    pending, model_of = generate._pending_turns(requests)
+    pending, model_of, alone = generate._pending_turns(requests)
+    assert alone == set()
     assert model_of == {t: m for m, t in turns.items()}
     generate._resend(generate.Resend(pending, countdown=None), first, model_of)
     assert queue_depth(first, "bulk") == 1 and queue_depth(other, "bulk") == 1
@@ -214,7 +215,7 @@ def test_a_part_sent_group_of_scene_steps_stamps_those_that_went_out(world, monk
         s.execute(update(Turn).where(Turn.id.in_(steps)).values(dispatched_at=None))
     went: list[int] = []
 
-    def first_message_only(ids, *, model, lane, countdown=None, sent=None):  # type: ignore[no-untyped-def]
+    def first_message_only(ids, *, model, lane, countdown=None, sent=None, alone=False):  # type: ignore[no-untyped-def]
         if not went:
             went.append(1)
             sent.append(ids[0])  # its message went out; the next one's publish fails
