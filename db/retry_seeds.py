@@ -23,9 +23,8 @@ def retried_params() -> Any:
     """`Turn.params` for an UPDATE that queues failed turns again: the seed moved on by SEED_STEP
     (within 2^31) for a seeded turn that failed with one of SEEDED_FAILURES, else as they are."""
     seed = cast(Turn.params["seed"].astext, BigInteger)
-    moved = func.jsonb_set(
-        Turn.params, cast(literal("{seed}"), ARRAY(Text)), func.to_jsonb((seed + SEED_STEP) % 2**31)
-    )
+    within = seed % 2**31 + SEED_STEP  # first within 2^31: a seed near 2^63 plus the step is past bigint
+    moved = func.jsonb_set(Turn.params, cast(literal("{seed}"), ARRAY(Text)), func.to_jsonb(within % 2**31))
     seeded = and_(
         Turn.error_code.in_([code.value for code in SEEDED_FAILURES]),
         func.jsonb_typeof(Turn.params["seed"]) == "number",

@@ -5,6 +5,9 @@ ASCII spaces and U+00A0) and `.` as any character, a line end too; the `regex` m
 Unicode classes and `.` without the line end. Read as written, a reply the grammar allowed (a
 full-width space under `\\S`, an Arabic-Indic digit under `\\D`, a line end under `.`) failed its
 check. `as_grammar_reads` spells the shorthands out as xgrammar's sets; DOTALL gives `.` its reading.
+An escaped letter xgrammar has no meaning for (`\\A`, `\\Z`, `\\h`, `\\R`, …) is that letter to it, an
+anchor or a class to the `regex` module: it is written as the letter. In a class, `[` is a character
+to xgrammar (`[[:alpha:]]` is `[`, `:`, `a`… then `]`), a POSIX class to the `regex` module: escaped.
 """
 
 from __future__ import annotations
@@ -26,6 +29,11 @@ _SETS = {
 }
 
 
+# Escapes xgrammar reads as themselves in the `regex` module's reading too (controls, hex, a NUL), or
+# refuses, so a pattern holding them never reaches a reply (word boundaries, backreferences, \\p).
+_SAME_ESCAPES = set("afnrtv0xucbBkpP123456789")
+
+
 @lru_cache(maxsize=512)
 def as_grammar_reads(pattern: str) -> str:
     """The pattern with each shorthand class spelled out as xgrammar's set, in a class or out."""
@@ -38,6 +46,10 @@ def as_grammar_reads(pattern: str) -> str:
             escaped = pattern[i + 1]
             if escaped in _SETS:
                 out.append(_SETS[escaped] if in_class else f"[{_SETS[escaped]}]")
+            elif escaped == "e":
+                out.append(r"\x1b")  # xgrammar's escape character; the `regex` module has no `\e`
+            elif escaped.isascii() and escaped.isalpha() and escaped not in _SAME_ESCAPES:
+                out.append(escaped)  # a letter to xgrammar
             else:
                 out.append(pattern[i : i + 2])
             i += 2
@@ -56,6 +68,6 @@ def as_grammar_reads(pattern: str) -> str:
             continue
         if in_class and char == "]":
             in_class = False
-        out.append(char)
+        out.append("\\[" if in_class and char == "[" else char)
         i += 1
     return "".join(out)

@@ -456,6 +456,16 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
     with session_scope() as s:
         assert reopen_failed(session=s, run_id=run_id) == [turn_id]
         assert s.get_one(Turn, turn_id).params["seed"] == 41 + 1_000_003
+    # Review of that: a seed near 2^63 (GenerationParams takes up to it) plus the step was past bigint,
+    # and the whole retry-failed raised.
+    with session_scope() as s:
+        big = 2**63 - 5
+        s.execute(update(Turn).where(Turn.id == turn_id).values(params=Turn.params.op("||")({"seed": big})))
+        claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        assert fail_turns(session=s, token=claim.token, failures={turn_id: empty}) == [turn_id]
+    with session_scope() as s:
+        assert reopen_failed(session=s, run_id=run_id) == [turn_id]
+        assert s.get_one(Turn, turn_id).params["seed"] == (big % 2**31 + 1_000_003) % 2**31
 
 
 def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:

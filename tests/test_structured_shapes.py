@@ -459,6 +459,13 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
         (r"Line.+", "Line one\nline two"),  # the grammar's `.` takes a line end
         (r"\\d", "\\d"),
         (r"[^]a]", "xa]"),  # the grammar's `]` closes even a class that has nothing in it
+        # review of the fix: an escaped letter xgrammar has no meaning for is that letter to it
+        (r"\Aa", "Aa"),
+        (r"a\Z", "aZ"),
+        (r"q\hq", "qhq"),
+        (r"\e", "\x1b"),
+        (r"[[:alpha:]\d]", "a5]"),  # `[` in a class is a character to the grammar, not a POSIX class
+        (r"[[:alpha:]\d]", "[5]"),
     ],
 )
 def test_a_regex_reply_is_checked_as_the_grammar_reads_its_shorthand_classes(pattern: str, text: str) -> None:
