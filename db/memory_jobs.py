@@ -25,10 +25,11 @@ RETURNING token
 )
 
 
-# A job whose request was inside this many engine deaths runs its next step without the model (a
-# stand-in summary, no facts read): one is enough, as a memory step is worth less than the engine
-# and the live turns beside it, each of which counts the death too (db/turns.py).
-MEMORY_JOB_DEATHS = 1
+# A job whose request was inside an engine that died runs its next step alone in the engine (as a
+# turn does: the death may have been another request's); inside this many deaths, without the model
+# (a stand-in summary, no facts read): a memory step is worth less than the engine and the live
+# turns beside it, each of which counts the death too (db/turns.py).
+MEMORY_JOB_DEATHS = 2
 
 
 def count_engine_death(*, session: Session, conversation_id: int, kind: str) -> int:

@@ -92,14 +92,15 @@ EXTRACT_INSTRUCTIONS = (
     "(trivia) to 10 (life and death). Answer with JSON only; no facts: an empty list."
 )
 
-# (system, user, max_tokens, schema) -> the model's JSON text.
-GenerateJson = Callable[[str, str, int, dict[str, Any]], str]
+# (system, user, max_tokens, schema, alone) -> the model's JSON text; `alone`: in an otherwise empty
+# engine (the job's request was inside one that died).
+GenerateJson = Callable[[str, str, int, dict[str, Any], bool], str]
 
 
-def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, Any]) -> str:
+def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, Any], alone: bool) -> str:
     from memory.generate import generate_text
 
-    return generate_text(system, user, max_tokens=max_tokens, json_schema=schema)
+    return generate_text(system, user, max_tokens=max_tokens, json_schema=schema, alone=alone)
 
 
 def extract_prompt(lines: Sequence[Line], who: Speakers) -> tuple[str, str]:
@@ -279,7 +280,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         who = speakers(builder, char, user)
         lines = lines_that_fit(lines, who, builder)
         system, body = extract_prompt([_line(r) for r in lines], who)
-        if blind >= MEMORY_JOB_DEATHS:  # this request was inside an engine that died: not again
+        if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: not again
             logger.warning(
                 "conversation %s lines %s-%s read for no facts: their request was inside an engine that died",
                 conversation_id,
@@ -288,7 +289,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             )
             raw = '{"facts": []}'
         else:
-            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA)
+            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA, blind > 0)
         facts = parse_facts(raw)
         last = lines[-1]
         source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"

@@ -47,10 +47,11 @@ def memory_request(builder: Any, system: str, user: str, max_tokens: int) -> tup
 
 
 def generate_text(
-    system: str, user: str, *, max_tokens: int, json_schema: dict[str, Any] | None = None
+    system: str, user: str, *, max_tokens: int, json_schema: dict[str, Any] | None = None, alone: bool = False
 ) -> str:
     """Generate one reply to (system, user), both already cleaned; with `json_schema`, the reply is
-    constrained to it (guided decoding through vLLM's structured outputs)."""
+    constrained to it (guided decoding through vLLM's structured outputs); `alone`: in an otherwise
+    empty engine (the request was inside one that died)."""
     from worker.pipeline import get_prompt_builder
 
     builder = get_prompt_builder()
@@ -76,6 +77,7 @@ def generate_text(
         stop=() if json_schema is not None else rendered.stop,
         priority=engine_module.BULK,
         controls=controls,
+        alone=alone,
     )
     (result,) = engine_module.generate([request])
     if isinstance(result, Exception):

@@ -37,17 +37,18 @@ MERGE_INSTRUCTIONS = (
     "keeping every name, place, promise, debt and secret."
 )
 
-# (system, user, max_tokens) -> the model's text; the engine by default, any callable in a script.
-Generate = Callable[[str, str, int], str]
+# (system, user, max_tokens, alone) -> the model's text; the engine by default, any callable in a
+# script. `alone`: in an otherwise empty engine (the job's request was inside one that died).
+Generate = Callable[[str, str, int, bool], str]
 
 
-def _engine_generate(system: str, user: str, max_tokens: int) -> str:
+def _engine_generate(system: str, user: str, max_tokens: int, alone: bool) -> str:
     from memory.generate import generate_text
 
-    return generate_text(system, user, max_tokens=max_tokens)
+    return generate_text(system, user, max_tokens=max_tokens, alone=alone)
 
 
-def _no_answer(system: str, user: str, max_tokens: int) -> str:
+def _no_answer(system: str, user: str, max_tokens: int, alone: bool) -> str:
     return ""  # the empty answer's stand-in is stored: the lines' own text, cut
 
 
@@ -140,7 +141,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         blind = engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:
         return 0
-    if blind >= MEMORY_JOB_DEATHS:  # its request was inside an engine that died: the stand-in, once
+    if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: the stand-in, once
         logger.warning(
             "conversation %s summarised without the model: its request was inside an engine that died",
             conversation_id,
@@ -166,7 +167,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 break
             work = fitted(work, who, builder)
             system, body = summary_prompt(work, who)
-            text = generate(system, body, settings.memory_summary_max_tokens)
+            text = generate(system, body, settings.memory_summary_max_tokens, blind > 0)
             if not text:
                 # Seeded and greedy-ish, the same request would answer empty again, and a merge due
                 # comes before any new lines: the text it was to summarise is kept instead, cut.

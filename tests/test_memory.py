@@ -527,13 +527,13 @@ def test_an_empty_merge_keeps_its_parts_and_later_lines_are_still_summarised(mon
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token)
     covered = max(last for _, _, last in _summaries(conv))
 
-    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # the merge
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "") == 1  # the merge
     with session_scope() as s:
         (top,) = summaries_for(session=s, conversation_ids=[conv])[conv]
     # Every merged part keeps its share, on one line, within a summary's length.
     assert top.level == 1 and all(f"part {i}:" in top.text for i in range(4))
     assert "\n" not in top.text and len(top.text) <= settings.memory_summary_max_tokens * 4
-    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "") == 1  # new lines next
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "") == 1  # new lines next
     assert max(last for _, _, last in _summaries(conv)) > covered
 
 
@@ -892,7 +892,7 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
             )
     asked: list[tuple[str, str]] = []
 
-    def answer(system: str, body: str, max_tokens: int, schema: dict) -> str:
+    def answer(system: str, body: str, max_tokens: int, schema: dict, alone: bool) -> str:
         asked.append((system, body))
         return '{"facts": []}'
 
@@ -926,7 +926,7 @@ def test_a_summary_covers_only_the_lines_its_request_holds(tokenizer, monkeypatc
             s.add(Message(conversation_id=conv_id, seq=seq, role=role, content=f"{seq}번 " + "강물이 " * 60))
     asked: list[tuple[str, str]] = []
 
-    def answer(system: str, body: str, max_tokens: int) -> str:
+    def answer(system: str, body: str, max_tokens: int, alone: bool) -> str:
         asked.append((system, body))
         return "They talked about the river."
 
@@ -960,13 +960,13 @@ def test_a_groups_lines_are_summarised_under_each_members_name_and_no_line_opens
     assert lines[2] == "Mira: I'll pay your debt." and lines[3].startswith("Rowan: Mira\u200b:")
 
 
-def test_a_memory_job_whose_request_was_inside_a_dead_engine_runs_its_next_step_without_the_model(
+def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_without_the_model(
     monkeypatch,
 ) -> None:
     """Found in review: a summary or extraction request that crashed the engine was sent again to the
     next worker, which died the same way (the same seeded request), and every death also counted
     against the live turns beside it, failing them as engine_crash_loop."""
-    from db.memory_jobs import EXTRACT, SUMMARY, engine_deaths, mark_queued
+    from db.memory_jobs import EXTRACT, SUMMARY, count_engine_death, engine_deaths, mark_queued
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
     from tasks import memory as memory_task
@@ -991,9 +991,26 @@ def test_a_memory_job_whose_request_was_inside_a_dead_engine_runs_its_next_step_
             assert engine_deaths(session=s, conversation_id=conv, kind=kind) == 1
     assert sent == [(conv, SUMMARY), (conv, EXTRACT)] and len(stopped) == 2  # handed on, worker stopped
 
+    # One death may have been another request's (a live turn that joined beside it): the next step
+    # asks the model alone in the engine, as a turn's next attempt does (found in review: it stored
+    # the stand-in summary and read the lines for no facts for good).
+    asked_alone: list[bool] = []
+
+    def alone_then_dies(system: str, body: str, max_tokens: int, *rest: object) -> str:
+        asked_alone.append(bool(rest[-1]))
+        raise EngineDead("engine core died again", in_engine=True)
+
+    for kind, run in ((SUMMARY, run_summary_job), (EXTRACT, run_extract_job)):
+        with pytest.raises(EngineDead):
+            run(conv, generate=alone_then_dies)
+        with session_scope() as s:
+            count_engine_death(session=s, conversation_id=conv, kind=kind)  # as memory_job counts it
+    assert asked_alone == [True, True]
+
     def never(*args: object) -> str:
         raise AssertionError("the model was asked again")
 
+    # Inside a second death, alone: the step runs without the model.
     assert run_summary_job(conv, generate=never) == 1  # the stand-in: the lines' own text, cut
     with session_scope() as s:
         text = s.scalars(select(Summary.text).where(Summary.conversation_id == conv)).one()
@@ -1101,7 +1118,7 @@ def test_a_summary_generated_on_this_workers_engine_is_cleaned_with_its_models_t
     _lines(conv, 40, start=2)
     asked: list[str] = []
     monkeypatch.setattr(
-        summarize, "_engine_generate", lambda system, body, max_tokens: asked.append(body) or "Ok."
+        summarize, "_engine_generate", lambda system, body, max_tokens, alone: asked.append(body) or "Ok."
     )
     assert summarize.run_summary_job(conv) == 1
     assert asked and "<|im_end|>" not in asked[0] and "<|im_start|>" not in asked[0]

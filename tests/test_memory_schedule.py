@@ -78,7 +78,7 @@ def summaries_due(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 def test_a_summary_job_writes_one_summary_per_message(summaries_due: None) -> None:
     conv = _conversation(80)  # several summaries due
-    assert run_summary_job(conv, generate=lambda system, body, max_tokens: "They talked.") == 1
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
 
 
 def test_a_memory_job_finding_the_workers_slots_taken_goes_back_on_the_queue_later(
@@ -155,7 +155,7 @@ def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
     from worker import lifecycle
     from worker.engine import EngineDead
 
-    def dead(system: str, body: str, max_tokens: int) -> str:
+    def dead(system: str, body: str, max_tokens: int, alone: bool) -> str:
         raise EngineDead("the engine died: test")
 
     monkeypatch.setattr(summarize, "_engine_generate", dead)
