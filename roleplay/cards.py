@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from core.json_numbers import UnstorableNumber, loads_finite
+from core.json_shape import nesting, value_count
 from core.text import printable, unstorable_in
 from roleplay import png_text
 from roleplay.actions import CARD_ACTIONS, card_actions, check_actions
@@ -130,6 +131,12 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
         raise CardError(
             f"card.data.name has {len(data['name'].strip())} characters; the limit is {NAME_MAX_CHARS}"
         )
+    # Before any walk: a card nested near the recursion limit parses, then fails where the driver
+    # writes it (a 500); millions of small values cost each walk hundreds of megabytes.
+    if nesting(card, stop_past=CARD_MAX_DEPTH) > CARD_MAX_DEPTH:
+        raise CardError(f"card: nested deeper than {CARD_MAX_DEPTH} levels")
+    if value_count(card, stop_past=CARD_MAX_VALUES) > CARD_MAX_VALUES:
+        raise CardError(f"card: holds more than {CARD_MAX_VALUES:,} values")
     _check_storable(card, "card")
     for name in ("alternate_greetings", "tags"):
         value = data.get(name, [])
@@ -149,6 +156,8 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
 
 
 NAME_MAX_CHARS = 200  # the characters table's name column
+CARD_MAX_DEPTH = 64  # a card's objects and arrays, nested (its actions' schemas are held to 32)
+CARD_MAX_VALUES = 500_000  # a full lorebook (2,000 entries of 100 keys and 100 secondary keys) fits
 
 
 def _check_storable(card: Any, where: str) -> None:

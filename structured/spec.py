@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from core.json_shape import nesting
 from core.regex_size import size_refusal
 from core.settings import settings
 from core.text import unstorable_in
@@ -95,7 +96,7 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
     within the size limit; SchemaRefused naming `where` and the place inside it otherwise."""
     if not isinstance(schema, dict):
         raise SchemaRefused(f"{where}: a JSON Schema object is expected")
-    if _nesting(schema) > MAX_DEPTH:
+    if nesting(schema, stop_past=MAX_DEPTH) > MAX_DEPTH:
         raise SchemaRefused(f"{where}: objects and arrays nested deeper than {MAX_DEPTH} levels")
     check_storable(schema, where)
     # A run file repeats one schema on every line: the check runs once per distinct schema.
@@ -195,22 +196,6 @@ def check_storable(value: Any, where: str) -> None:
     found = unstorable_in(value, where)
     if found is not None:
         raise SchemaRefused(f"{found[0]}: {found[1]}")
-
-
-def _nesting(value: Any) -> int:
-    """How deep objects and arrays nest (without recursion: a deep one must not exhaust the stack)."""
-    depth, level = 0, [value]
-    while level:
-        level = [
-            child
-            for node in level
-            if isinstance(node, (dict, list))
-            for child in (node.values() if isinstance(node, dict) else node)
-        ]
-        depth += 1
-        if depth > MAX_DEPTH + 1:
-            break
-    return depth - 1
 
 
 def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -> None:
