@@ -163,6 +163,7 @@ def start_chat_turn(
         )
         if body.get("response_format") is None:
             request.with_default_response_format()
+        request.with_earlier_messages(line["history"])
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
     try:

@@ -298,6 +298,17 @@ class TurnRequest(BaseModel):
         self._default_response_format = True
         return self
 
+    # A chat completion's earlier messages (they seed its conversation): part of what was asked, so a
+    # key reused with other earlier messages is a conflict, not a replay that seeds them; counted only
+    # when there are some, so fingerprints stored before they counted still match.
+    _earlier: str | None = PrivateAttr(default=None)
+
+    def with_earlier_messages(self, history: list[dict[str, str]]) -> TurnRequest:
+        """Count these earlier messages in request_hash (none: nothing changes)."""
+        if history:
+            self._earlier = hashlib.sha256(json.dumps(history, ensure_ascii=False).encode()).hexdigest()
+        return self
+
     def request_hash(self) -> str:
         """Fingerprint of what was asked, to tell a retried call from a reused key."""
         # `speaker` counts only when set, so fingerprints stored before it existed still match.
@@ -313,6 +324,8 @@ class TurnRequest(BaseModel):
                 body["params"].pop(name, None)
         if self._default_response_format:
             body["params"].pop("response_format", None)
+        if self._earlier is not None:
+            body["earlier_messages"] = self._earlier
         return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 

@@ -285,6 +285,39 @@ def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
     assert stored == plain.request_hash() != with_default.request_hash()
 
 
+def test_a_key_reused_with_other_earlier_messages_is_a_conflict_not_a_replay_that_seeds_them(
+    world, monkeypatch
+) -> None:
+    """Found in review: a chat completion's fingerprint left its earlier messages out, so a request
+    reusing a key with other earlier messages was taken for a retry: answered with the first turn,
+    and its messages seeded into that turn's conversation, which the first request never sent."""
+    from db.models import Message
+    from services.live_chat import start_chat_turn
+
+    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, **kwargs: None)  # stored, never answered
+    key = f"chat-{uuid.uuid4()}"
+    first = {"model": "luffy", "messages": [{"role": "user", "content": "hi"}]}
+    earlier = [
+        {"role": "user", "content": "I burned your ship."},
+        {"role": "assistant", "content": "You WHAT?"},
+    ]
+    other = {"model": "luffy", "messages": [*earlier, {"role": "user", "content": "hi"}]}
+    turn = start_chat_turn(first, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key=key)
+    with pytest.raises(live_chat.ChatRejected) as refused:
+        start_chat_turn(other, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key=key)
+    assert refused.value.status == 409
+    with session_scope() as session:
+        conversation = session.scalar(select(Turn.conversation_id).where(Turn.id == turn.id))
+        seeded = session.scalars(select(Message.content).where(Message.conversation_id == conversation)).all()
+    assert seeded == []  # nothing of the other request's messages
+    # The same request again, earlier messages and all, is still a replay of its own turn.
+    again_key = f"chat-{uuid.uuid4()}"
+    mine = start_chat_turn(other, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key=again_key)
+    replay = start_chat_turn(other, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key=again_key)
+    assert replay.id == mine.id
+    _cancel([turn.id, mine.id])
+
+
 def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monkeypatch) -> None:
     """Found in review: the first request's send failed (the turn marked failed, a 503); the client's
     retry with the same Idempotency-Key revived it as queued but sent nothing, so it waited for the
