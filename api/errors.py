@@ -67,16 +67,18 @@ def _shown(err: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-    """FastAPI's own answer, except for a JSON body that is not UTF-8 or nested past the parser's
-    depth: FastAPI's bare 400 names no field, and it is a body like any other that does not validate."""
+    """FastAPI's own answer, except for a JSON body that is not UTF-8, nested past the parser's
+    depth, or holding a value the parser refuses (an integer past Python's 4,300 digits): FastAPI's
+    bare 400 names no field, and it is a body like any other that does not validate."""
     cause = exc.__cause__
-    unreadable = isinstance(cause, (UnicodeDecodeError, RecursionError))
+    unreadable = isinstance(cause, (ValueError, RecursionError))  # UnicodeDecodeError is a ValueError
     if exc.status_code == status.HTTP_400_BAD_REQUEST and unreadable:
-        why = (
-            f"not valid UTF-8 (byte {cause.start} of the body)"
-            if isinstance(cause, UnicodeDecodeError)
-            else "not JSON that can be read (nested too deeply)"
-        )
+        if isinstance(cause, UnicodeDecodeError):
+            why = f"not valid UTF-8 (byte {cause.start} of the body)"
+        elif isinstance(cause, RecursionError):
+            why = "not JSON that can be read (nested too deeply)"
+        else:
+            why = f"not JSON that can be read ({safe(str(cause))[:200]})"
         error = {"field": "body", "msg": why, "type": "json_invalid", "loc": ["body"]}
         return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, [error])
     return await http_exception_handler(request, exc)

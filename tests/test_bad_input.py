@@ -303,6 +303,16 @@ HTTP_CASES = [
         422,
         '"field":"story (path)","msg":"\'inline-0123abcd\' starts with \'inline-\'',
     ),
+    # review: an integer past Python's 4,300 digits was FastAPI's bare 400 too
+    (
+        "a body holding an integer of 4,301 digits",
+        "post",
+        "/v1/turns",
+        b'{"conversation": "c", "character": "elara", "message": "hi", "n": ' + b"9" * 4301 + b"}",
+        JSON,
+        422,
+        '"field":"body","msg":"not JSON that can be read (Exceeds the limit (4300 digits)',
+    ),
     # review: a body nested past the parser's depth was FastAPI's bare 400 as well
     (
         "a body nested too deeply",
