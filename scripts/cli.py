@@ -782,7 +782,12 @@ def lora_dataset(
     out: Annotated[Path, typer.Option(file_okay=False, help="output folder")],
     run: Annotated[str | None, typer.Option(help="only this run's turns (id or name)")] = None,
     min_persona: Annotated[
-        float | None, typer.Option(help="persona score at least this (default MLCHAT_QUALITY_MIN_PERSONA)")
+        float | None,
+        typer.Option(
+            min=-1.0,
+            max=1.0,
+            help="persona score at least this (default MLCHAT_QUALITY_MIN_PERSONA)",
+        ),
     ] = None,
     validation_share: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.1,
 ) -> None:
@@ -803,7 +808,7 @@ def lora_train(
     alpha: Annotated[int, typer.Option(min=1)] = 16,
     target_modules: Annotated[str, typer.Option(help="comma-separated")] = "q_proj,k_proj,v_proj,o_proj",
     epochs: Annotated[int, typer.Option(min=1)] = 1,
-    learning_rate: Annotated[float, typer.Option(min=0.0)] = 2e-4,
+    learning_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 2e-4,
     max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many steps")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     max_length: Annotated[int, typer.Option(min=16)] = 1024,

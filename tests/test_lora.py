@@ -454,7 +454,9 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
         assert report.loading == charged, in_engine
 
 
-def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_line(tmp_path, capsys) -> None:
+def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_line(
+    world, tmp_path, capsys
+) -> None:
     """Found in review: an adapter_config.json that was a list or had "r": null was a traceback, a
     truncated one named no file, and a bad line of train.jsonl was reported as "line 1" (each line
     was parsed on its own) or, without a prompt, as "mlchat: prompt"."""
@@ -480,6 +482,15 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
     bad_lines = (
         ("[1, 2]", "line 3: must be a JSON object"),
         ('{"completion": "x"}', "line 3: prompt: must be a string"),
+        # review: these were tracebacks' one line naming no file or line, or failed in the
+        # tokenizer after the model loaded
+        ("[" * 5000 + "]" * 5000, "line 3: not JSON that can be read (nested too deeply)"),
+        (
+            '{"prompt": ' + "9" * 5000 + "}",
+            "line 3: not JSON that can be read (Exceeds the limit (4300 digits)",
+        ),
+        ('{"prompt": "\\ud800", "completion": "x"}', "line 3: prompt: contains a lone surrogate"),
+        ('{"prompt": "a\\u0000b", "completion": "x"}', "line 3: prompt: contains a NUL character"),
     )
     for bad, names in bad_lines:
         (dataset / "train.jsonl").write_text(f"{good}\n\n{bad}\n")
@@ -487,4 +498,23 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         assert cli(["lora", "train", str(dataset), "--out", str(tmp_path / "out")]) == 2, bad
         err = capsys.readouterr().err  # beside its progress bar
         (said,) = [line for line in err.splitlines() if line.startswith("mlchat: ")]
-        assert said.endswith("train.jsonl: " + names) and "Traceback" not in err, err
+        assert "train.jsonl: " + names in said and "Traceback" not in err, err
+    # Review: a manifest naming a character this database lacks was found after the training, by the
+    # evaluation, and the trained adapter was thrown away; it is refused before the model loads.
+    (dataset / "train.jsonl").write_text(f"{good}\n")
+    (dataset / "manifest.json").write_text('{"character": "nobody-here"}')
+    assert cli(["lora", "train", str(dataset), "--out", str(tmp_path / "out")]) == 2
+    (said,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mlchat: ")]
+    assert said.endswith(
+        "manifest.json: character: no character 'nobody-here' here to evaluate against"
+        " (import it, or train with --no-evaluate)"
+    ), said
+    assert not (tmp_path / "out").exists()
+    # Review: click's ranges let NaN through: a NaN learning rate trained a NaN adapter, and a NaN
+    # persona bar let every reply into the dataset.
+    for command in (
+        ["lora", "train", str(dataset), "--out", str(tmp_path / "out"), "--learning-rate", "nan"],
+        ["lora", "dataset", "elara", "--out", str(tmp_path / "ds"), "--min-persona", "nan"],
+    ):
+        assert cli(command) == 2, command
+        assert f"Invalid value for '{command[-2]}'" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from services.schemas import storable_text
+
 
 class BadLoraFile(ValueError):
     """A file of an adapter or a training set that cannot be used as it is."""
@@ -20,6 +22,8 @@ def read_object(path: Path) -> dict[str, Any]:
         raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise BadLoraFile(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (ValueError, RecursionError) as exc:  # a number past 4,300 digits; nested too deeply
+        raise BadLoraFile(f"{path}: not JSON that can be read ({_reason(exc)})") from None
     if not isinstance(value, dict):
         raise BadLoraFile(f"{path}: must hold a JSON object")
     return value
@@ -43,10 +47,20 @@ def read_examples(path: Path) -> list[dict[str, str]]:
             row = json.loads(line.removesuffix("\r"))
         except json.JSONDecodeError as exc:
             raise BadLoraFile(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:
+            raise BadLoraFile(f"{path}: line {number}: not JSON that can be read ({_reason(exc)})") from None
         if not isinstance(row, dict):
             raise BadLoraFile(f"{path}: line {number}: must be a JSON object")
         for field in ("prompt", "completion"):
             if not isinstance(row.get(field), str):
                 raise BadLoraFile(f"{path}: line {number}: {field}: must be a string")
+            try:  # an escaped NUL or lone surrogate fails in the tokenizer, after the model loaded
+                storable_text(row[field])
+            except ValueError as exc:
+                raise BadLoraFile(f"{path}: line {number}: {field}: {exc}") from None
         examples.append(row)
     return examples
+
+
+def _reason(exc: BaseException) -> str:
+    return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]

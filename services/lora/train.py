@@ -9,6 +9,7 @@ a GPU with the production one (MLCHAT_MODEL_PATH).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -20,6 +21,8 @@ from typing import Any
 from core.settings import settings
 from services.lora.dataset import MANIFEST, TRAIN, VALIDATION
 from services.lora.files import BadLoraFile, read_examples, read_object
+
+logger = logging.getLogger(__name__)
 
 IGNORE = -100  # the label of a token the loss skips
 
@@ -119,6 +122,15 @@ def _mean_loss(model: Any, batches: list[dict[str, Any]]) -> float:
     return sum(losses) / len(losses)
 
 
+def character_exists(slug: str) -> bool:
+    """Whether this database holds the character (the evaluation scores against its persona)."""
+    from db.session import session_scope
+    from db.world import find_characters
+
+    with session_scope() as session:
+        return slug in find_characters(session=session, slugs=[slug])
+
+
 def train_adapter(
     dataset_dir: Path,
     adapter_dir: Path,
@@ -139,6 +151,11 @@ def train_adapter(
     manifest = read_object(dataset_dir / MANIFEST)
     if config.evaluate and not isinstance(manifest.get("character"), str):
         raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
+    if config.evaluate and not character_exists(manifest["character"]):  # before hours of training
+        raise BadLoraFile(
+            f"{dataset_dir / MANIFEST}: character: no character {manifest['character']!r} here to evaluate"
+            " against (import it, or train with --no-evaluate)"
+        )
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     device, dtype = placement()
@@ -180,11 +197,8 @@ def train_adapter(
             if step >= steps:
                 break
     losses |= {"train_last": last, "validation_after": _mean_loss(model, held_batches)}
-    evaluation = None
-    if config.evaluate:
-        from services.lora.evaluate import evaluate
-
-        evaluation = evaluate(model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens)
+    # Saved before the evaluation: a failure there (the database away, the embedder) must not throw
+    # the trained adapter away.
     adapter_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(adapter_dir)
     record: dict[str, Any] = {
@@ -197,7 +211,19 @@ def train_adapter(
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 1),
         "losses": {k: round(v, 4) for k, v in losses.items()},
-        "evaluation": evaluation,
+        "evaluation": None,
     }
-    (adapter_dir / "training_config.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return TrainReport(adapter_dir, steps, record["seconds"], record["losses"], evaluation)
+    config_file = adapter_dir / "training_config.json"
+    config_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    if config.evaluate:
+        from services.lora.evaluate import evaluate
+
+        try:
+            record["evaluation"] = evaluate(
+                model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens
+            )
+        except Exception as exc:  # the adapter stands; its config says why it has no evaluation
+            logger.warning("the adapter is saved; its evaluation failed", exc_info=True)
+            record["evaluation"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        config_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return TrainReport(adapter_dir, steps, record["seconds"], record["losses"], record["evaluation"])
