@@ -239,8 +239,9 @@ def test_the_worker_can_keep_its_threads_off_the_engines_cores(engine) -> None:
 
 
 class _ScriptedEngine:
-    """Finishes each request `decode_steps` steps after it joins (each step taking `step_s`); can die
-    at one admission or in a step, or hang in step or add_lora."""
+    """Finishes each request `decode_steps` steps after it joins (each step taking `step_s`); can be
+    found dead at one admission (as vLLM's client finds its core dead before it sends a request) or
+    die in a step, or hang in step or add_lora."""
 
     def __init__(
         self, die_at_admission: int | None = None, decode_steps: int = 1, step_s: float = 0.0
@@ -313,17 +314,39 @@ def _loop(fake: _ScriptedEngine, **kwargs):  # type: ignore[no-untyped-def]
     return EngineLoop(fake, max_inflight=8, is_dead=lambda: False, **kwargs)
 
 
+def test_an_idle_engine_whose_core_dies_is_declared_dead_and_the_worker_told(monkeypatch) -> None:
+    """Found in review: the core's liveness flag was read only while a caller waited for a request,
+    so a core killed while the engine was idle went unnoticed: the health check stayed green and the
+    worker took turns until one ran into it (and was blamed for the death)."""
+    from worker.engine import EngineDead
+    from worker.engine_loop import EngineLoop
+
+    flag = {"dead": False}
+    told: list[BaseException] = []
+    loop = EngineLoop(_ScriptedEngine(), max_inflight=8, is_dead=lambda: flag["dead"], on_death=told.append)
+    (first,) = loop.submit([([1], None, LIVE, None)])
+    assert loop.wait([first], timeout=10) == [first] and first.exception() is None  # then idle
+    flag["dead"] = True
+    deadline = time.monotonic() + 5
+    while not told and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert told and loop.dead is told[0] and "idle" in str(told[0])
+    (late,) = loop.submit([([2], None, LIVE, None)])
+    assert isinstance(late.exception(timeout=1), EngineDead) and not late.exception().in_engine
+
+
 def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
     from worker.engine import EngineDead
 
     loop = _loop(_ScriptedEngine(die_at_admission=1))
-    futures = loop.submit([([1, 2], None, LIVE, None)] * 3)  # one arrival: the second kills the engine
+    futures = loop.submit([([1, 2], None, LIVE, None)] * 3)  # one arrival: the second finds it dead
     for future in futures:
         assert loop.wait([future], timeout=30) == [future], "a request was stranded by the engine's death"
     errors = [f.exception() for f in futures]
     assert all(isinstance(e, EngineDead) for e in errors)
-    # The first two were inside the engine (the second as it died); the third never reached it.
-    assert [e.in_engine for e in errors] == [True, True, False]
+    # The first was inside the engine when it died; the second found it dead as it was added (vLLM's
+    # client sends nothing then: found in review, it was blamed for the death); the third never came.
+    assert [e.in_engine for e in errors] == [True, False, False]
     (late,) = loop.submit([([1], None, BULK, None)])
     assert isinstance(late.exception(timeout=1), EngineDead) and not late.exception().in_engine
 
@@ -396,19 +419,40 @@ def test_an_alone_request_gets_its_turn_within_one_drain_under_steady_live_chat(
 def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding() -> None:
     from worker.engine import EngineDead
 
-    # The engine dies as the fourth request joins it. (It used to die in the next step, set before that
-    # request was submitted: on a loaded machine the loop could step, and die, before admitting it.)
-    fake = _ScriptedEngine(die_at_admission=3, decode_steps=1000, step_s=0.005)
+    # The engine dies in the step a fourth request joins, before it returned anything: the joining
+    # one is the suspect, not the three decoding beside it.
+    fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)
     loop = _loop(fake)
     decoding = loop.submit([([i], None, BULK, None) for i in range(3)])
     while len(fake.steps) < 2:  # all three have returned output: they are decoding
         time.sleep(0.01)
+    real_add = fake.add_request
+
+    def kills_in_its_step(request_id, prompt, params, **kwargs):  # type: ignore[no-untyped-def]
+        real_add(request_id, prompt, params, **kwargs)
+        fake.die_in_step.set()  # its prefill kills the core: the next step raises
+
+    fake.add_request = kills_in_its_step  # type: ignore[method-assign]
     (joining,) = loop.submit([([99], None, BULK, None)])  # the request that kills the engine
     assert loop.wait([joining], timeout=10) == [joining]
     assert _all_done(decoding, timeout=10)
     assert joining.exception().in_engine
     assert [f.exception().in_engine for f in decoding] == [False] * 3
     assert all(isinstance(f.exception(), EngineDead) for f in decoding)
+
+    # A request that finds the engine dead as it is added never reached it (vLLM's client checks its
+    # liveness flag before it sends): the ones decoding inside count the death, not it. Found in
+    # review: the newcomer was blamed and the decoding ones, one of which killed the core, were not.
+    fake = _ScriptedEngine(die_at_admission=3, decode_steps=1000, step_s=0.005)
+    loop = _loop(fake)
+    decoding = loop.submit([([i], None, BULK, None) for i in range(3)])
+    while len(fake.steps) < 2:
+        time.sleep(0.01)
+    (newcomer,) = loop.submit([([99], None, BULK, None)])
+    assert loop.wait([newcomer], timeout=10) == [newcomer]
+    assert _all_done(decoding, timeout=10)
+    assert not newcomer.exception().in_engine
+    assert [f.exception().in_engine for f in decoding] == [True] * 3
 
     # With no request joining (every one decoding), each inside counts the death.
     fake = _ScriptedEngine(decode_steps=1000, step_s=0.005)

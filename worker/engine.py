@@ -26,6 +26,7 @@ from core.settings import Dtype, settings
 from streaming.publisher import text_hook
 from structured.say_stream import SayText
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation, RequestCancelled
+from worker.lifecycle import stop_for_dead_engine
 from worker.model_cache import resolve_model_path
 from worker.structured import NPC
 
@@ -206,7 +207,7 @@ def get_loop() -> EngineLoop:
         engine,
         max_inflight=inflight_limit(engine),
         is_dead=lambda: _core_reported_dead(engine),
-        on_death=lambda: metrics.ENGINE_UP.set(0),
+        on_death=stop_for_dead_engine,  # the gauge down and the worker stopping, even found while idle
         prefill_budget=_bulk_prefill_budget(engine),
         stall_s=settings.engine_stall_seconds,
     )

@@ -166,7 +166,7 @@ class EngineLoop:
         self.prefill_budget = prefill_budget
         self.stall_s = stall_s  # None: never declared stalled
         self._is_dead = is_dead  # () -> bool: the client says its engine core is gone
-        self._on_death = on_death  # () -> None, told once
+        self._on_death = on_death  # (the death) -> None, told once
         self._cond = threading.Condition()
         self._inbox: deque[_Job] = deque()
         # Every job stays in one of these (or in _inside) until its future resolves, so a death at
@@ -332,10 +332,17 @@ class EngineLoop:
                 with self._cond:
                     while not self._has_work() and self._death is None:
                         self.busy.mark(False)
-                        self._cond.wait(0.5)
+                        # An idle engine's core can die too (killed, the GPU lost): looked at each
+                        # tick, or the health check stays green until a turn runs into it.
+                        if not self._cond.wait(0.5) and self._is_dead():
+                            break
                     if self._death is not None:
                         return
+                    core_gone = not self._has_work()
                     self._sort_inbox()
+                if core_gone:
+                    self._die(RuntimeError("the engine core process is gone (found while idle)"))
+                    return
                 self._run_calls()
                 self._drop_cancelled()
                 self._admit_waiting()
@@ -528,7 +535,9 @@ class EngineLoop:
 
     def _admit(self, job: _Job, waiting: deque[_Job]) -> None:
         """Hand `job`, the first of `waiting`, to the engine. It counts as inside from the moment
-        add_request is called: a death during the call may be this request's doing."""
+        add_request is called, unless that call finds the engine dead: vLLM's client checks its
+        liveness flag before it sends anything (`ensure_alive`), so such a request never reached the
+        core, and the ones inside when it died count the death, not it."""
         with self._cond:
             if job.cancelled:  # marked since it was picked: the next _drop_cancelled resolves it
                 _drop_first(waiting, job)
@@ -556,6 +565,8 @@ class EngineLoop:
             )
         except Exception as exc:  # this request's fault (too long, bad params): it fails alone
             if _is_engine_death(exc):
+                with self._cond:
+                    self._forget(job.request_id)  # still in `waiting`: _die fails it as never inside
                 raise
             with self._cond:
                 self._forget(job.request_id)
@@ -645,7 +656,7 @@ class EngineLoop:
         )
         self.busy.mark(False)
         if self._on_death is not None:
-            self._on_death()
+            self._on_death(exc)
         # Suspects first: a job being admitted is in both, and it was in the engine when it died. The
         # loop's thread may resolve one meanwhile (an admission's own failure): _resolve lets it be.
         for job in suspects:
