@@ -218,10 +218,12 @@ DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the rea
 
 def bulk_message_capacity(threads: int) -> int:
     """Bulk messages waiting plus bulk flushes running a worker of `threads` threads may have: its
-    threads but a quarter (at least one) kept for live flushes, memory jobs and callbacks. A GPU
+    threads but a quarter (at least one) kept for live flushes, and those its memory jobs and
+    callback deliveries may hold besides (a receiver that hangs holds its thread 10 s a try). A GPU
     engine that admits more bulk turns than those flushes carry (MLCHAT_FLUSH_EVERY messages of
     MLCHAT_BATCH_SIZE turns each at most) needs more threads to be kept full."""
-    return max(1, threads - max(1, threads // 4))
+    others = settings.memory_jobs_per_worker + settings.callback_concurrency
+    return max(1, threads - max(1, threads // 4) - others)
 
 
 def pool_threads(consumer: Any) -> int:

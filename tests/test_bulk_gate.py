@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core.settings import settings
 from tasks import admission
 from tasks.admission import BulkGate
 
@@ -170,7 +171,13 @@ def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every
     gate.release(0, 1)  # a flush ended
     tick()
     assert task_consumer.consuming_from(OWN) and gate.messages == 2
-    assert admission.bulk_message_capacity(16) == 12  # a quarter of the threads kept for the rest
+    # A quarter of the threads kept for live flushes, and those memory jobs and callback deliveries
+    # may hold besides (found in review: with 8 threads, 6 bulk flushes, a memory job and two hung
+    # callbacks left a live flush none).
+    for threads in (8, 16, 32):
+        others = settings.memory_jobs_per_worker + settings.callback_concurrency
+        assert admission.bulk_message_capacity(threads) + others <= threads - max(1, threads // 4)
+    assert admission.bulk_message_capacity(16) == 9
     assert admission.bulk_message_capacity(2) == 1
 
 
@@ -190,7 +197,8 @@ def test_the_gate_counts_against_the_pools_threads_not_the_setting(monkeypatch) 
     monkeypatch.setattr(admission, "bulk_gate", gate)
     monkeypatch.setattr(admission.settings, "worker_threads", 16)
     real = batched._get_current_object()
-    for limit, expected in ((4, 3), (None, 12)):  # no pool limit read: the setting
+    # no pool limit read: the setting's 16 threads (9 for bulk); the pool's 4 leave bulk one
+    for limit, expected in ((4, 1), (None, 9)):
         timer = Timer()
         consumer = SimpleNamespace(
             pool=SimpleNamespace(apply_async=None, limit=limit),
