@@ -3,6 +3,7 @@
 import json
 import logging
 import socket
+import time
 
 import httpx
 from prometheus_client import start_http_server
@@ -58,7 +59,7 @@ def test_a_batch_logs_one_json_line_and_updates_the_scraped_metrics(engine, capl
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in after
 
 
-def test_the_worker_health_check_reads_the_engine_gauge(world) -> None:
+def test_the_worker_health_check_reads_the_engine_gauge(world, monkeypatch) -> None:
     import socket
 
     from prometheus_client import start_http_server
@@ -71,9 +72,19 @@ def test_the_worker_health_check_reads_the_engine_gauge(world) -> None:
         port = sock.getsockname()[1]
     server, thread = start_http_server(port, addr="127.0.0.1")
     before = metrics.ENGINE_UP._value.get()
+    metrics.register_queue_depth()
+
+    def broker_hangs(*args: object) -> dict:
+        time.sleep(8)  # longer than the check's 5 s timeout
+        return {}
+
+    # Found in review: the check read the whole scrape, whose queue depths come from the broker: a
+    # broker that hung timed the check out, and every worker was reported dead.
+    monkeypatch.setattr("tasks.queues.queue_depths", broker_hangs)
     try:
         metrics.ENGINE_UP.set(1)
-        assert engine_up(port) == (True, "engine up")
+        started = time.monotonic()
+        assert engine_up(port) == (True, "engine up") and time.monotonic() - started < 5
         metrics.ENGINE_UP.set(0)  # what a worker whose engine died reports until it exits
         assert engine_up(port) == (False, "engine dead or not loaded")
     finally:

@@ -16,9 +16,12 @@ from core.settings import settings
 
 
 def engine_up(port: int, timeout: float = 5.0) -> tuple[bool, str]:
-    """(healthy, why) from the worker's metrics endpoint on this host."""
+    """(healthy, why) from the worker's metrics endpoint on this host: the engine's gauge alone (a
+    whole scrape reads the queue depths from the broker, and a broker that hangs would time the
+    health check out and have every worker restarted, in-flight batches and all)."""
+    url = f"http://127.0.0.1:{port}/metrics?name[]=mlchat_engine_up"
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=timeout) as response:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             body = response.read().decode()
     except OSError as exc:
         return False, f"metrics endpoint unreachable: {exc}"
