@@ -175,6 +175,35 @@ def test_local_mode_says_when_an_event_is_not_json_and_exits_non_zero_on_an_erro
     assert '"error"' in capsys.readouterr().out
 
 
+def test_a_worker_whose_engine_cannot_load_stops_with_one_line_before_taking_an_event(
+    monkeypatch, capsys
+) -> None:
+    """Found in review: the engine was loaded by the first event, so one that could not load (a GPU
+    too small for the context) answered each event as if its input were wrong (a ValueError) or with
+    a traceback, charged its turns an attempt, and loaded again at the next event."""
+    import sys
+
+    import pytest
+
+    import worker.pipeline
+    import worker.serverless as serverless
+
+    answered: list[object] = []
+
+    def cannot_load() -> None:
+        raise ValueError("max_model_len 4096 is larger than the KV cache holds")
+
+    monkeypatch.setattr("db.migrate.upgrade", lambda: None)
+    monkeypatch.setattr(worker.pipeline, "get_prompt_builder", cannot_load)
+    monkeypatch.setattr(serverless, "handler", answered.append)
+    monkeypatch.setattr(sys, "argv", ["serverless", '{"input": {"message": "hi"}}'])
+    with pytest.raises(SystemExit) as stopped:
+        serverless.main()
+    why = "ValueError: max_model_len 4096 is larger than the KV cache holds"
+    assert str(stopped.value) == f"serverless: the engine failed to load ({why})"
+    assert answered == []
+
+
 def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, monkeypatch) -> None:
     """Found in review: a bad turn came back as pydantic's dump (the input echoed, a link, no item),
     and a database or broker outage escaped the handler as an exception."""

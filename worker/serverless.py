@@ -173,11 +173,26 @@ def main() -> None:
 
     configure_logging()
     upgrade()
+    _load_engine()
     try:
         import runpod  # type: ignore[import-not-found]
     except ImportError:
         raise SystemExit(answer_local(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())) from None
     runpod.serverless.start({"handler": handler})
+
+
+def _load_engine() -> None:
+    """Load the engine before taking events: one that cannot load (a GPU too small for the context,
+    weights missing) stops this worker with one line, for its platform to replace, instead of
+    answering each event as if its input were wrong, charging its turns, and loading again."""
+    from worker.pipeline import get_prompt_builder
+
+    try:
+        get_prompt_builder()
+    except Exception as exc:
+        logger.exception("the engine failed to load")
+        why = f"{type(exc).__name__}: {str(exc)[:300]}"
+        raise SystemExit(f"serverless: the engine failed to load ({why})") from None
 
 
 def answer_local(text: str) -> int:
