@@ -1446,6 +1446,12 @@ def test_a_runs_plain_line_cannot_speak_in_a_scene_and_a_scene_line_takes_no_tur
         {"custom_id": "storied", "scene": _scene(), "story": "riverside"},
         {"custom_id": "named", "scene": _scene(), "player_name": "Rowan"},
         {"custom_id": "fine", "scene": _scene(params={"temperature": 0.2, "seed": 17})},
+        # a writer that writes every key with its default drops nothing (review of the fix)
+        {
+            "custom_id": "every-key",
+            "scene": _scene(),
+            **{"params": {}, "direction": None, "story": None, "choices": None, "player_name": ""},
+        },
     ]
     path = tmp_path / "intruder.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")

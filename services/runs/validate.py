@@ -195,7 +195,12 @@ class LineReader:
             extra = [f for f in ("message", "character", "conversation", "history") if getattr(line, f)]
             if extra:
                 raise ValueError(f"{extra[0]}: a scene line names its characters in scene.participants")
-            ignored = [f for f in _NOT_ON_A_SCENE_LINE if f in line.model_fields_set]
+            ignored = [  # set to something other than its default (a writer that writes every key)
+                f
+                for f in _NOT_ON_A_SCENE_LINE
+                if f in line.model_fields_set
+                and getattr(line, f) != RunLine.model_fields[f].get_default(call_default_factory=True)
+            ]
             if ignored:
                 raise ValueError(f"{ignored[0]}: {_NOT_ON_A_SCENE_LINE[ignored[0]]}")
             # Each step's turn is named custom_id#step, in a column of CUSTOM_ID_MAX characters.
