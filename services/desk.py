@@ -7,9 +7,9 @@ form value is checked here with a message naming the field; nothing is stored un
 
 from __future__ import annotations
 
-import functools
 import logging
 import re
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -104,14 +104,22 @@ class _AnyModelsMarkers:
     all_special_tokens = ["<|", "|>", "<s>", "</s>", "<unk>", "<pad>", "[INST]", "[/INST]"]
 
 
-@functools.cache
+# Sanitisers by model: a model's own, kept; any model's markers in its place, until when (monotonic):
+# the tokenizer is looked for again then (a file being written, a cache being filled).
+_sanitizers: dict[str, tuple[Sanitizer, float | None]] = {}
+FALLBACK_KEPT_S = 300.0
+
+
 def _sanitizer(model: str) -> Sanitizer:
     """The prompt sanitiser of the line's model, as its worker builds it; any model's markers when
     this host has not got that model's tokenizer (an API host without the weights)."""
     from worker.model_cache import load_tokenizer
 
+    kept = _sanitizers.get(model)
+    if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
+        return kept[0]
     try:
-        return Sanitizer(load_tokenizer(settings, model))
+        sanitizer, until = Sanitizer(load_tokenizer(settings, model)), None
     except Exception:
         logger.warning(
             "no tokenizer of %s on this host: the desk's edit check refuses every model's special-token "
@@ -119,7 +127,9 @@ def _sanitizer(model: str) -> Sanitizer:
             model,
             exc_info=True,
         )
-        return Sanitizer(_AnyModelsMarkers())
+        sanitizer, until = Sanitizer(_AnyModelsMarkers()), time.monotonic() + FALLBACK_KEPT_S
+    _sanitizers[model] = (sanitizer, until)
+    return sanitizer
 
 
 def prompt_text(

@@ -89,7 +89,7 @@ def test_an_edit_is_checked_with_its_lines_models_tokens_and_any_models_where_th
     host without that model every edit raised (a 500), and a line another model wrote was checked
     against the wrong model's special tokens."""
     _, (first, second) = build_run("studio-a", _lines())
-    desk._sanitizer.cache_clear()
+    desk._sanitizers.clear()
     monkeypatch.setattr(settings, "model_path", str(tmp_path / "not-on-this-host"))
     try:
         with pytest.raises(DeskError, match="reply: it holds a special token"):
@@ -98,13 +98,21 @@ def test_an_edit_is_checked_with_its_lines_models_tokens_and_any_models_where_th
         monkeypatch.undo()
         with session_scope() as s:
             s.get_one(Turn, second).model = "a-model-this-host-has-not-got"
-        desk._sanitizer.cache_clear()
+        desk._sanitizers.clear()
         with pytest.raises(DeskError, match="reply: it holds a special token"):
             desk.edit(WRITER, second, "Fine. </s> Take it.", "0")  # a Llama-family end of sequence
         assert _stored(second)[0].reply != "Fine. </s> Take it."
         assert desk.edit(WRITER, second, "Fine, take it.", "0") == 1
+        # Review of that fix: the stand-in was kept for the process's life (one passing failure
+        # pinned it); it is kept a while, then the tokenizer is looked for again.
+        stand_in, until = desk._sanitizers["a-model-this-host-has-not-got"]
+        assert until is not None and 0 < until - time.monotonic() <= desk.FALLBACK_KEPT_S
+        desk._sanitizers["a-model-this-host-has-not-got"] = (stand_in, time.monotonic() - 1)
+        assert desk._sanitizer("a-model-this-host-has-not-got") is not stand_in  # looked for again
+        desk._sanitizer(settings.model)
+        assert desk._sanitizers[settings.model][1] is None  # a model's own is kept for good
     finally:
-        desk._sanitizer.cache_clear()
+        desk._sanitizers.clear()
 
 
 def test_an_edit_during_a_reembed_drops_the_reply_lines_next_vector(services, world) -> None:

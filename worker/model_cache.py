@@ -40,18 +40,20 @@ def resolve_model_path(cfg: Settings) -> str:
 def load_tokenizer(cfg: Settings, model: str) -> Any:
     """`model`'s tokenizer (cfg's own model, or another one a turn names), without its weights: the
     bundled model's read from its GGUF while it is not converted (a host without a worker's cache,
-    such as the API's, converts nothing). Raises OSError or ValueError when this host lacks it."""
+    such as the API's, converts nothing). From this host's files only: it is read in a request, which
+    must not wait on a download. Raises OSError or ValueError when this host lacks it."""
     from transformers import AutoTokenizer
 
+    local = {"local_files_only": True}
     if model == cfg.model and cfg.model_path:
-        return AutoTokenizer.from_pretrained(cfg.model_path)
+        return AutoTokenizer.from_pretrained(cfg.model_path, **local)
     if model == BUNDLED_MODEL:
         converted = cfg.model_cache_dir / BUNDLED_MODEL
         if (converted / "config.json").exists():
-            return AutoTokenizer.from_pretrained(str(converted))
+            return AutoTokenizer.from_pretrained(str(converted), **local)
         gguf = bundled_gguf_path()
-        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    return AutoTokenizer.from_pretrained(model)
+        return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name, **local)
+    return AutoTokenizer.from_pretrained(model, **local)
 
 
 def ensure_bundled_model(target: Path) -> Path:
