@@ -985,3 +985,25 @@ def test_a_replys_pattern_checks_made_again_share_one_second() -> None:
     assert len(looks[-1]) == 1 and len(looks) <= 5  # 0.5 s shared, up to 0.2 s a second look
     seconds = [look[1] for look in looks if len(look) == 2]
     assert seconds[0] == 0.5 and seconds == sorted(seconds, reverse=True) and len(seconds) >= 2
+
+
+def test_the_workers_per_character_caches_keep_at_most_their_bound(monkeypatch) -> None:
+    """Found in review: a worker kept every character's persona vector and declared actions it ever
+    met, for as long as it ran (a million players' own characters: gigabytes)."""
+    import numpy as np
+
+    import worker.judge as judge
+    import worker.structured as structured
+
+    monkeypatch.setattr(judge, "embed", lambda texts: np.zeros((len(texts), 4), dtype=np.float32))
+    monkeypatch.setattr(judge, "PERSONAS_KEPT", 3)
+    monkeypatch.setattr(structured, "DECLARED_KEPT", 3)
+    monkeypatch.setattr(judge, "_persona_vectors", {})
+    monkeypatch.setattr(structured, "_declared", {})
+    empty = {"description": "", "personality": "", "example_dialogues": [], "card": {}}
+    for i in range(1, 8):
+        character = Character(id=10_000_000 + i, version=1, name=f"c{i}", **empty)
+        judge._persona_vector(character)
+        structured.declared_actions(character)
+    newest = [10_000_005, 10_000_006, 10_000_007]
+    assert sorted(judge._persona_vectors) == sorted(structured._declared) == newest

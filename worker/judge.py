@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -51,16 +52,24 @@ def mood_classifier() -> MoodClassifier:
     return MoodClassifier(embed)
 
 
-# {character id: (version, persona vector)}: a re-imported character is embedded again.
+# {character id: (version, persona vector)}: a re-imported character is embedded again. At most
+# PERSONAS_KEPT, the oldest dropped first: a worker serving players' own characters meets new ones
+# for as long as it runs.
 _persona_vectors: dict[int, tuple[int, np.ndarray]] = {}
+_persona_lock = threading.Lock()
+PERSONAS_KEPT = 10_000
 
 
 def _persona_vector(character: Character) -> np.ndarray:
-    cached = _persona_vectors.get(character.id)
+    with _persona_lock:
+        cached = _persona_vectors.get(character.id)
     if cached is None or cached[0] != character.version:
         text = persona_text(character.description, character.personality, character.example_dialogues)
         cached = (character.version, embed([text or character.name])[0])
-        _persona_vectors[character.id] = cached
+        with _persona_lock:
+            while len(_persona_vectors) >= PERSONAS_KEPT:
+                del _persona_vectors[next(iter(_persona_vectors))]
+            _persona_vectors[character.id] = cached
     return cached[1]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -101,12 +102,16 @@ def reading_shape(params: dict[str, Any]) -> ReplyShape | None:
 # {character id: (version, its declared actions as canonical JSON, or None)}: the card is read once
 # per version; a version bump (every upsert) reads it again, so a changed declaration takes effect
 # at the next turn, and its new schema is a new key in npc_shape's cache and in vLLM's grammar cache.
+# At most DECLARED_KEPT characters, the oldest dropped first.
 _declared: dict[int, tuple[int, list[dict[str, Any]] | None]] = {}
+_declared_lock = threading.Lock()
+DECLARED_KEPT = 10_000
 
 
 def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     """The character's declared actions (card extension), cached per character version."""
-    cached = _declared.get(character.id) if character.id is not None else None
+    with _declared_lock:
+        cached = _declared.get(character.id) if character.id is not None else None
     if cached is None or cached[0] != character.version:
         raw = card_actions(character.card)
         actions = (
@@ -114,7 +119,10 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
         )
         cached = (character.version, actions)
         if character.id is not None:
-            _declared[character.id] = cached
+            with _declared_lock:
+                while len(_declared) >= DECLARED_KEPT:
+                    del _declared[next(iter(_declared))]
+                _declared[character.id] = cached
     return cached[1]
 
 
