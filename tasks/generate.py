@@ -156,7 +156,8 @@ def _answer(
             events.started(turn_id for turn_id, _ in chunk)
         futures = {pool.submit(_answer_chunk, chunk): chunk for chunk in chunks}
         for future in as_completed(futures):
-            _record(futures[future], future.result(), events, outcome)
+            chunk = futures[future]
+            _record(chunk, future.result(), events, outcome, alone=chunk[0][0] in alone)
             send_owed()
 
 
@@ -187,7 +188,14 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
         return ChunkRaised(exc, report)
 
 
-def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome) -> None:
+def _record(
+    chunk: list[Pending], result: Any, events: TurnEvents, outcome: FlushOutcome, *, alone: bool = False
+) -> None:
+    """What became of a chunk, and what to send again. A turn sent to be answered alone is sent
+    alone again whatever brings it back (deferred, held, its adapter looked at later): in a batch, it
+    could break its batch-mates' batch once more."""
+    from db.session import connection_lost
+
     lane_of = dict(chunk)
     if chunk[0][1] == "bulk":  # answered or handed back: the engine has room for more bulk work
         answered = min(len(chunk), outcome.bulk_owed)
@@ -196,11 +204,14 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     if isinstance(result, ChunkRaised):
         # Turns whose next attempt waits (an adapter looked at again later) keep their wait: sent
         # again with the chunk, each would be charged an attempt for a cause still passing.
-        # The others come back each alone: if one of them broke the batch, it fails on its own.
+        # The others come back each alone: if one of them broke the batch, it fails on its own. Not
+        # after the database's connection was lost (nobody's fault): every batch raised then, and
+        # every turn alone would cost the recovery a claim, an embed and a commit apiece.
         later = result.report.retry_in
         again = [p for p in chunk if p[0] not in later]
-        outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=True))
-        outcome.resend += _after_waits(later, lane_of)
+        alone_again = alone or not connection_lost(result.error)
+        outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=alone_again))
+        outcome.resend += _after_waits(later, lane_of, alone=alone)
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
         events.finished([], {}, (turn_id for turn_id, _ in chunk))
@@ -209,17 +220,17 @@ def _record(chunk: list[Pending], result: Any, events: TurnEvents, outcome: Flus
     failed = {t: f.reason for t, f in report.failed.items()}
     events.finished(report.done, failed, [*report.send_again, *report.deferred])
     now = [t for t in report.send_again if t not in report.retry_in]
-    outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval))
-    outcome.resend += _after_waits(report.retry_in, lane_of)
+    outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval, alone=alone))
+    outcome.resend += _after_waits(report.retry_in, lane_of, alone=alone)
     outcome.claimed += _claimed_sends(report)
     # Waiting for an earlier turn: looked at again later each time, not every flush_interval for ever.
     waiting: dict[float, list[Pending]] = {}
     for turn_id, deferrals in report.deferred.items():
         waiting.setdefault(deferral_delay(deferrals), []).append((turn_id, lane_of[turn_id]))
-    outcome.resend += [Resend(turns, delay) for delay, turns in waiting.items()]
+    outcome.resend += [Resend(turns, delay, alone=alone) for delay, turns in waiting.items()]
     # Another worker holds these under a live lease (a duplicate message): look again when it lapses.
     for turn_id, lease_left in report.held.items():
-        outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0))
+        outcome.resend.append(Resend([(turn_id, lane_of[turn_id])], lease_left + 1.0, alone=alone))
     if report.engine_dead is not None:
         outcome.engine_dead = report.engine_dead
     outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
@@ -241,14 +252,16 @@ def _claimed_sends(report: Any) -> list[Resend]:
     return sends
 
 
-def _after_waits(retry_in: dict[uuid.UUID, float], lane_of: dict[uuid.UUID, Lane]) -> list[Resend]:
+def _after_waits(
+    retry_in: dict[uuid.UUID, float], lane_of: dict[uuid.UUID, Lane], *, alone: bool = False
+) -> list[Resend]:
     """Turns retried once the worker looks at what failed them again (within the visibility
     timeout: a countdown message held past it would be handed out again)."""
     later: dict[float, list[Pending]] = {}
     for turn_id, wait in retry_in.items():
         delay = min(max(wait, settings.flush_interval), settings.visibility_timeout / 2)
         later.setdefault(delay, []).append((turn_id, lane_of[turn_id]))
-    return [Resend(turns, delay) for delay, turns in later.items()]
+    return [Resend(turns, delay, alone=alone) for delay, turns in later.items()]
 
 
 def deferral_delay(deferrals: int) -> float:

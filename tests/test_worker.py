@@ -300,6 +300,33 @@ def test_a_batch_that_raised_still_sends_the_scene_steps_and_stalled_turns_its_c
     assert sent[stalled].turns == [(stalled, "live")] and sent[stalled].countdown is None
 
 
+def test_a_turn_sent_alone_stays_alone_and_a_database_outage_sends_no_one_alone() -> None:
+    """Review of the fix that sends a raised batch's turns back alone: after the database's
+    connection was lost every batch raises, and every turn alone cost the recovery a claim, an embed
+    and a commit apiece; and a turn sent alone that was deferred or held came back into a batch,
+    where it could break its batch-mates' once more."""
+    import uuid
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    from tasks.generate import ChunkRaised, FlushOutcome, _record
+    from worker.pipeline import BatchReport
+
+    events = SimpleNamespace(finished=lambda *args: None)
+    lost = OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+    for error, alone in ((RuntimeError("a stage broke on this data"), True), (lost, False)):
+        pair = [(uuid.uuid4(), "bulk"), (uuid.uuid4(), "bulk")]
+        outcome = FlushOutcome()
+        _record(pair, ChunkRaised(error, BatchReport()), events, outcome)  # type: ignore[arg-type]
+        (resend,) = outcome.resend
+        assert resend.turns == pair and resend.alone is alone, error
+    poison = uuid.uuid4()
+    outcome = FlushOutcome()
+    _record([(poison, "bulk")], BatchReport(deferred={poison: 1}), events, outcome, alone=True)  # type: ignore[arg-type]
+    assert [(r.turns, r.alone) for r in outcome.resend if r.turns] == [([(poison, "bulk")], True)]
+
+
 def test_a_live_chunks_sends_go_out_as_it_ends_not_after_a_slower_bulk_chunk_of_its_flush(
     monkeypatch,
 ) -> None:
