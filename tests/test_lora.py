@@ -475,6 +475,17 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         assert cli(["lora", "register", "elara", str(adapter)]) == 2, config
         err = capsys.readouterr().err
         assert names in err and err.count("\n") == 1, err
+    # Review: the adapter was copied under the slug before the character was looked up: `../x`
+    # wrote outside the adapters folder, and an unknown slug cost a whole copy first.
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    from services.lora.registry import adapters_dir
+
+    before = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
+    for slug in ("../escaped", "nobody-here"):
+        assert cli(["lora", "register", slug, str(adapter)]) == 1, slug  # not found: exit 1
+        assert f"no character {slug!r}" in capsys.readouterr().err
+    after = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
+    assert after == before and not (adapters_dir().parent / "escaped").exists()
 
     dataset = tmp_path / "dataset"
     dataset.mkdir()

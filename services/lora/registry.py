@@ -8,6 +8,7 @@ retraining in place never changes what a running worker serves; the worker loads
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from core.settings import settings
 from db.session import session_scope
-from db.world import register_adapter
+from db.world import find_characters, register_adapter
+from services.characters import SLUG_PATTERN
 from services.lora.files import BadLoraFile, read_object
 
 
@@ -48,11 +50,20 @@ def register(slug: str, adapter_dir: Path) -> Registered:
         raise ValueError(
             f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
         )
-    target = adapters_dir() / slug / uuid.uuid4().hex
-    shutil.copytree(adapter_dir, target)
+    # The slug names a folder: checked, and the character looked up, before anything is copied (a
+    # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     with session_scope() as session:
-        version = register_adapter(session=session, slug=slug, path=str(target))
-    if version is None:
+        if not re.fullmatch(SLUG_PATTERN, slug) or slug not in find_characters(session=session, slugs=[slug]):
+            raise KeyError(f"no character {slug!r}")
+    target = adapters_dir() / slug / uuid.uuid4().hex
+    try:
+        shutil.copytree(adapter_dir, target)
+        with session_scope() as session:
+            version = register_adapter(session=session, slug=slug, path=str(target))
+    except BaseException:  # a full disk, the database away: no copy left behind
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
         raise KeyError(f"no character {slug!r}")
     return Registered(slug, version, target)
