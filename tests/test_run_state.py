@@ -20,7 +20,7 @@ from sqlalchemy import select, text, update
 
 from core.settings import queue_for_model, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
-from db.runs import submission_lock
+from db.runs import create_run, submission_lock
 from db.session import session_scope
 from services import runs
 from services.runs import RunBusy, RunConflict, RunValidationError, SubmissionFailed, run_state, submit_run
@@ -492,6 +492,22 @@ def test_a_run_name_that_names_no_file_of_its_own_is_refused(tmp_path, name) -> 
     with pytest.raises(ValueError, match="^run name: "):
         check_run_name(name)
     assert check_run_name("nightly-2026.12.04") == "nightly-2026.12.04"
+
+
+def test_a_run_named_with_a_colon_before_that_was_refused_can_still_be_resumed(world, tmp_path) -> None:
+    """Review of the refusal of ':' in run names: a run made before it could no longer be resumed."""
+    from services.runs.submit import check_run_name, submit_run
+
+    name = f"old:{uuid.uuid4().hex[:8]}"
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(json.dumps({"custom_id": "a", "character": "elara", "message": "Hi there."}) + "\n")
+    with pytest.raises(ValueError, match="must not hold ':'"):
+        submit_run(lines, name=name)  # a new one: refused
+    assert check_run_name(name, existing=True) == name
+    with session_scope() as s:
+        create_run(session=s, name=name, model=settings.model, file_hash="", total=0)  # as made before
+    resumed = submit_run(lines, name=name)
+    assert resumed.name == name and resumed.stored == 1
 
 
 def test_a_submission_lock_of_another_database_on_the_server_is_not_this_ones(world, scratch_db) -> None:

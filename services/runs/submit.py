@@ -101,8 +101,9 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     return first if len(first) <= limit else first[: limit - 1] + "…"
 
 
-def check_run_name(name: str) -> str:
-    """A run name is stored in runs.name (varchar 200) and keys every fresh conversation of the run."""
+def check_run_name(name: str, *, existing: bool = False) -> str:
+    """A run name is stored in runs.name (varchar 200) and keys every fresh conversation of the run.
+    `existing`: a run of that name is there already (made before `:` was refused: it may be resumed)."""
     storable_text(name)
     if not name.strip():
         raise ValueError("run name: must not be empty")
@@ -110,7 +111,7 @@ def check_run_name(name: str) -> str:
         raise ValueError(f"run name: {len(name)} characters; the limit is {_KEY_CHARS}")
     if "/" in name or "\\" in name or name in (".", ".."):  # it names the export's files
         raise ValueError(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
-    if ":" in name:  # `run:<name>:<custom_id>` names a line's fresh conversation: one name, one run
+    if ":" in name and not existing:  # `run:<name>:<custom_id>` names a fresh conversation: one name, one run
         raise ValueError(f"run name: {name!r} must not hold ':'")
     return name
 
@@ -137,7 +138,8 @@ def submit_run(
     submission that stops leaves the run `validating` for its caller to try again (a batch's).
     `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
     """
-    name = check_run_name(name or path.stem)
+    name = name or path.stem
+    name = check_run_name(name, existing=":" in name and _run_tenant(name) is not None)
     with nullcontext(True) if lock_held else submission_lock(name, wait_s=BUSY_WAIT_S) as got:
         if not got:
             raise RunBusy(
@@ -218,10 +220,15 @@ def _stored_options(name: str) -> tuple[LineOptions | None, bool]:
     return (None if stored is None else LineOptions(**stored)), holds_turns
 
 
-def _stored_tenant(name: str) -> str:
-    """The tenant of the run of that name (a batch's is its key's); the default one for a new CLI run."""
+def _run_tenant(name: str) -> str | None:
+    """The tenant of the run of that name (a batch's is its key's); None when there is no such run."""
     with session_scope() as session:
-        tenant = run_tenant(session=session, name=name)
+        return run_tenant(session=session, name=name)
+
+
+def _stored_tenant(name: str) -> str:
+    """The tenant of the run of that name; the default one for a new CLI run."""
+    tenant = _run_tenant(name)
     return DEFAULT_TENANT if tenant is None else tenant
 
 
