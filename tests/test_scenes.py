@@ -1406,9 +1406,8 @@ def test_the_narrator_answering_a_player_in_a_live_group_speaks_in_the_scene(wor
     assert "\nElara:" in built.stop
 
 
-def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
-    from services.producer import TurnRejected, submit_turns
-
+def _closed_door_scene_conversation() -> str:
+    """A run's scene's conversation (its external id)."""
     run_id = _new_run({"closed-door": _scene(exchanges=2)})
     with session_scope() as s:
         conv = s.scalar(
@@ -1416,6 +1415,14 @@ def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
             .join(Scene, Scene.conversation_id == Conversation.id)
             .where(Scene.id == _scene_id(run_id, "closed-door"))
         )
+    assert conv is not None
+    return conv
+
+
+def test_a_player_cannot_speak_in_a_runs_scene(world) -> None:
+    from services.producer import TurnRejected, submit_turns
+
+    conv = _closed_door_scene_conversation()
     for extra in ({}, {"speaker": "narrator"}, {"speaker_character": "elara"}):
         with pytest.raises(TurnRejected) as caught:
             submit_turns([{"conversation": conv, "message": "Let me in!", **extra}], send=False)
@@ -1432,13 +1439,7 @@ def test_a_runs_plain_line_cannot_speak_in_a_scene_and_a_scene_line_takes_no_tur
     player_name were dropped without a word (its sampling silently the default)."""
     import json
 
-    run_id = _new_run({"closed-door": _scene(exchanges=2)})
-    with session_scope() as s:
-        conv = s.scalar(
-            select(Conversation.external_id)
-            .join(Scene, Scene.conversation_id == Conversation.id)
-            .where(Scene.id == _scene_id(run_id, "closed-door"))
-        )
+    conv = _closed_door_scene_conversation()
     lines = [
         {"custom_id": "intruder", "conversation": conv, "message": "Let me in!"},
         {"custom_id": "sampled", "scene": _scene(), "params": {"temperature": 0.2, "seed": 17}},
