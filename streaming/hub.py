@@ -109,6 +109,11 @@ class Follower:
         self.finished_checks += 1
         self._ready.set()
 
+    @property
+    def hub_closed(self) -> bool:
+        """The hub stopped (the app is shutting down): no status check will come any more."""
+        return self._hub.closed
+
     def _fail(self, error: BaseException | None) -> None:
         if error is None:
             self.unreadable = True

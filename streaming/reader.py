@@ -300,6 +300,9 @@ class TurnReader:
                     },
                 )
                 return
+            if follower.hub_closed:  # the server is stopping: no status check comes to end the wait
+                yield unavailable()
+                return
             checks = follower.finished_checks
             while follower.finished_checks == checks and (left := deadline - time.monotonic()) > 0:
                 await follower.wait(left)

@@ -526,3 +526,33 @@ def test_a_reader_that_stops_reading_ends_its_stream_instead_of_holding_it_for_e
 
     assert anyio.run(serve) == "returned"
     assert len(sent) == blocked_at
+
+
+def test_a_reader_of_an_unfinished_turn_ends_when_the_hub_closes_not_at_its_deadline() -> None:
+    """Found in review: the hub's close failed its readers over to the stored turn, which then
+    waited for a status check that nothing would run any more: until the stream's 15 minutes."""
+    from streaming.hub import close_hub
+
+    turn_id = _turn()  # queued, never answered
+
+    async def read_turn() -> TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def follow_then_close() -> tuple[list[Event], float]:
+        out: list[Event] = []
+
+        async def follow() -> None:
+            async for event in turn_events(turn_id, read_turn):
+                out.append(event)
+
+        task = asyncio.create_task(follow())
+        await asyncio.sleep(0.5)  # following the stream now
+        started = time.monotonic()
+        await close_hub()
+        await asyncio.wait_for(task, 10)
+        return out, time.monotonic() - started
+
+    events, took = asyncio.run(follow_then_close())
+    assert _codes(events) == ["unavailable"] and took < 5
