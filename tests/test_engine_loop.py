@@ -333,6 +333,13 @@ def test_an_idle_engine_whose_core_dies_is_declared_dead_and_the_worker_told(mon
     assert told and loop.dead is told[0] and "idle" in str(told[0])
     (late,) = loop.submit([([2], None, LIVE, None)])
     assert isinstance(late.exception(timeout=1), EngineDead) and not late.exception().in_engine
+    # Review of that: vLLM marks its core dead as the process stops it at exit; no death is reported.
+    flag["dead"], told[:] = False, []
+    loop = EngineLoop(_ScriptedEngine(), max_inflight=8, is_dead=lambda: flag["dead"], on_death=told.append)
+    loop.shutting = True
+    flag["dead"] = True
+    time.sleep(1.2)
+    assert told == [] and loop.dead is None
 
 
 def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
@@ -773,3 +780,17 @@ def test_an_adapter_load_the_engine_dies_in_is_a_suspect_and_one_queued_behind_i
     errors = [running.exception(timeout=1), queued.exception(timeout=1)]
     assert all(isinstance(e, EngineDead) for e in errors), errors
     assert [e.in_engine for e in errors] == [True, False]
+
+
+def test_a_death_reported_during_a_warm_shutdown_keeps_its_exit_code(monkeypatch) -> None:
+    """Review: Celery's warm shutdown sets should_stop to 0, which `in (None, False)` took for "not
+    stopping", so an engine death reported meanwhile turned a clean exit into exit code 3."""
+    from types import SimpleNamespace
+
+    from worker import lifecycle
+
+    for before, after in ((0, 0), (None, lifecycle.EXIT_ENGINE_DEAD), (False, lifecycle.EXIT_ENGINE_DEAD)):
+        state = SimpleNamespace(should_stop=before)
+        monkeypatch.setattr(lifecycle, "worker_state", state)
+        lifecycle.stop_for_dead_engine(RuntimeError("the engine core process is gone"))
+        assert state.should_stop == after and type(state.should_stop) is type(after), before

@@ -489,6 +489,8 @@ def generate(
 def _shutdown(llm: LLM) -> None:
     # At interpreter exit the log streams may already be closed (pytest's capture, for one).
     logging.disable(logging.WARNING)
+    if get_loop.cache_info().currsize:
+        get_loop().shutting = True  # its core is stopped now: no death to report
     client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if client is not None and hasattr(client, "shutdown"):
         client.shutdown()

@@ -167,6 +167,9 @@ class EngineLoop:
         self.stall_s = stall_s  # None: never declared stalled
         self._is_dead = is_dead  # () -> bool: the client says its engine core is gone
         self._on_death = on_death  # (the death) -> None, told once
+        # The process is exiting (worker/engine.py::_shutdown): vLLM marks its core dead as it stops
+        # it, which is no death to report.
+        self.shutting = False
         self._cond = threading.Condition()
         self._inbox: deque[_Job] = deque()
         # Every job stays in one of these (or in _inside) until its future resolves, so a death at
@@ -334,7 +337,7 @@ class EngineLoop:
                         self.busy.mark(False)
                         # An idle engine's core can die too (killed, the GPU lost): looked at each
                         # tick, or the health check stays green until a turn runs into it.
-                        if not self._cond.wait(0.5) and self._is_dead():
+                        if not self._cond.wait(0.5) and not self.shutting and self._is_dead():
                             break
                     if self._death is not None:
                         return
@@ -655,7 +658,7 @@ class EngineLoop:
             len(waiting),
         )
         self.busy.mark(False)
-        if self._on_death is not None:
+        if self._on_death is not None and not self.shutting:
             self._on_death(exc)
         # Suspects first: a job being admitted is in both, and it was in the engine when it died. The
         # loop's thread may resolve one meanwhile (an admission's own failure): _resolve lets it be.

@@ -27,7 +27,7 @@ _STREAM_FLUSH_S = 5.0  # a stopping worker's wait for its unsent stream events (
 def stop_for_dead_engine(error: BaseException) -> None:
     """Mark the engine down for the health check and metrics, and stop the worker after this flush."""
     metrics.ENGINE_UP.set(0)
-    if worker_state.should_stop in (None, False):
+    if worker_state.should_stop is None or worker_state.should_stop is False:  # a warm shutdown's 0 stays
         logger.critical(
             "the engine died (%r): stopping this worker with exit code %d", error, EXIT_ENGINE_DEAD
         )
@@ -38,7 +38,7 @@ def stop_for_moved_embedder(why: str) -> None:
     """Stop the worker after this flush: the stored vectors are another embedder's now, so its
     retrieval finds no similar lines and its vectors are not stored; a restart with the new
     MLCHAT_EMBEDDER serves again (a restart with the old one is refused at start-up)."""
-    if worker_state.should_stop in (None, False):
+    if worker_state.should_stop is None or worker_state.should_stop is False:
         logger.critical(
             "%s: stopping this worker with exit code %d; restart it with that MLCHAT_EMBEDDER",
             why,
