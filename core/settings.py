@@ -466,8 +466,6 @@ class Settings(BaseSettings):
                 "MLCHAT_VISIBILITY_TIMEOUT must be above MLCHAT_DEFER_MAX_DELAY_S and "
                 "MLCHAT_BATCH_RETRY_DELAY"
             )
-        if self.callback_concurrency >= self.worker_threads:  # callbacks share the flushes' threads
-            raise ValueError("MLCHAT_CALLBACK_CONCURRENCY must be below MLCHAT_WORKER_THREADS")
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")
         if self.max_new_tokens_limit >= self.max_model_len:

@@ -65,9 +65,10 @@ def record_attempt(
     return int(recorded or 0)
 
 
-def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> bool:
+def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> float | None:
     """A callback whose delivery waits for a slot: due HOLD_S from now, unless delivered or marked
-    due more than half of that on already; whether it was marked now."""
+    due more than half of that on already. None when marked now (or delivered); else the seconds
+    from now until it is due as marked (by another process)."""
     later = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, HOLD_S)
     fresh = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, HOLD_S / 2)
     marked = session.scalar(
@@ -80,7 +81,14 @@ def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> bool:
         .values(callback_retry_at=later)
         .returning(of.id)
     )
-    return marked is not None
+    if marked is not None:
+        return None
+    due = session.scalar(
+        select(func.extract("epoch", of.callback_retry_at - func.now())).where(
+            of.id == row_id, of.callback_delivered_at.is_(None)
+        )
+    )
+    return None if due is None else float(due)
 
 
 def callbacks_due(

@@ -216,13 +216,20 @@ def bulk_capacity() -> int:
 DEFAULT_INFLIGHT = 64  # before the engine is loaded (its KV cache sizes the real figure)
 
 
+def callback_slots(threads: int) -> int:
+    """Callback deliveries at once in a worker of `threads` threads (tasks/callbacks.py):
+    MLCHAT_CALLBACK_CONCURRENCY, at most half its threads (they share them with generation
+    flushes), at least one."""
+    return max(1, min(settings.callback_concurrency, threads // 2))
+
+
 def bulk_message_capacity(threads: int) -> int:
     """Bulk messages waiting plus bulk flushes running a worker of `threads` threads may have: its
     threads but a quarter (at least one) kept for live flushes, and those its memory jobs and
     callback deliveries may hold besides (a receiver that hangs holds its thread 10 s a try). A GPU
     engine that admits more bulk turns than those flushes carry (MLCHAT_FLUSH_EVERY messages of
     MLCHAT_BATCH_SIZE turns each at most) needs more threads to be kept full."""
-    others = settings.memory_jobs_per_worker + settings.callback_concurrency
+    others = settings.memory_jobs_per_worker + callback_slots(threads)
     return max(1, threads - max(1, threads // 4) - others)
 
 

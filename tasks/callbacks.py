@@ -34,13 +34,15 @@ from db.models import Run, Turn
 from db.session import session_scope
 from services.callbacks import CallbackFailed, deliver
 from services.turn_callbacks import deliver_turn
+from tasks.admission import callback_slots
 from tasks.app import app
 
 logger = logging.getLogger(__name__)
 
 CALLBACK_QUEUE = "mlchat.callbacks"
 
-_SLOTS = threading.BoundedSemaphore(settings.callback_concurrency)
+
+_SLOTS = threading.BoundedSemaphore(callback_slots(settings.worker_threads))
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
 HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)
@@ -65,6 +67,9 @@ def _in_a_slot(
             _hold(owner, target)
         _later(task, waits + 1, since)
         return
+    # A try now: its retries (Celery's, from this request) start their wait for a slot afresh.
+    kwargs = task.request.kwargs or {}
+    task.request.kwargs = {k: v for k, v in kwargs.items() if k not in ("waits", "since")}
     try:
         deliver_one(uuid.UUID(target))
     finally:
@@ -91,7 +96,10 @@ def _hold(owner: Owner, target: str) -> None:
         _held[target] = now + HOLD_S / 2
     try:
         with session_scope() as session:
-            hold_waiting(session=session, of=owner, row_id=uuid.UUID(target))
+            until = hold_waiting(session=session, of=owner, row_id=uuid.UUID(target))
+        if until is not None:  # marked by another process: look again when its mark needs renewing
+            with _held_lock:
+                _held[target] = now + max(0.0, until - HOLD_S / 2)
     except Exception:
         logger.warning("could not mark callback %s as waiting for a delivery slot", target, exc_info=True)
 

@@ -175,7 +175,7 @@ def test_bulk_messages_of_a_few_turns_each_close_the_gate_before_they_take_every
     # may hold besides (found in review: with 8 threads, 6 bulk flushes, a memory job and two hung
     # callbacks left a live flush none).
     for threads in (8, 16, 32):
-        others = settings.memory_jobs_per_worker + settings.callback_concurrency
+        others = settings.memory_jobs_per_worker + admission.callback_slots(threads)
         assert admission.bulk_message_capacity(threads) + others <= threads - max(1, threads // 4)
     assert admission.bulk_message_capacity(16) == 9
     assert admission.bulk_message_capacity(2) == 1

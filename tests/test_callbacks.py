@@ -429,6 +429,23 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     callback_tasks._SLOTS.release()
 
 
+def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads_for_flushes() -> None:
+    """Review of the slots: a delivery that had waited kept its wait in its kwargs, which Celery's
+    retry of a failed try carries on, so its next wait for a slot started held and a minute long;
+    and a pool of 2 threads (MLCHAT_WORKER_THREADS' least) had both taken by two hung receivers."""
+    from types import SimpleNamespace
+
+    import tasks.callbacks as callback_tasks
+    from tasks.admission import callback_slots
+
+    request = SimpleNamespace(kwargs={"waits": 6, "since": 1234.5})
+    callback_tasks._in_a_slot(
+        SimpleNamespace(request=request), Run, lambda target: True, str(uuid.uuid4()), 6, 1234.5
+    )
+    assert request.kwargs == {}
+    assert callback_slots(16) == settings.callback_concurrency == 2 and callback_slots(2) == 1
+
+
 def test_a_delivery_sent_back_for_want_of_a_slot_keeps_its_arguments_and_its_try_count(monkeypatch) -> None:
     from celery.canvas import Signature
 

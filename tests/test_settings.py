@@ -28,10 +28,6 @@ def test_bad_values_are_rejected_naming_the_variable() -> None:
         with pytest.raises(ValidationError, match="MLCHAT_BATCH_DEFAULT_WINDOW"):
             Settings(batch_default_window=window)
     assert Settings(batch_default_window="90m").batch_default_window == "90m"
-    # Callbacks share the worker's threads with generation flushes: as many slots as threads gave
-    # every thread to receivers that hang (review of the delivery slots).
-    with pytest.raises(ValidationError, match="MLCHAT_CALLBACK_CONCURRENCY must be below MLCHAT_WORKER_T"):
-        Settings(callback_concurrency=16, worker_threads=16)
 
 
 def test_urls_and_queue_are_derived() -> None:
