@@ -157,7 +157,10 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
 
 NAME_MAX_CHARS = 200  # the characters table's name column
 CARD_MAX_DEPTH = 64  # a card's objects and arrays, nested (its actions' schemas are held to 32)
-CARD_MAX_VALUES = 500_000  # a full lorebook (2,000 entries of 100 keys and 100 secondary keys) fits
+# A lorebook at its own limits (2,000 entries of 100 keys and 100 secondary keys, with the ~45 other
+# fields an editor writes per entry) is about 490,000 values: twice that, so the book's own limits
+# are what refuse it, naming the entry.
+CARD_MAX_VALUES = 1_000_000
 
 
 def _check_storable(card: Any, where: str) -> None:

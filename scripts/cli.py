@@ -845,6 +845,9 @@ def lora_train(
 
         report = train_adapter(dataset, out, config, progress)
     _out(f"adapter -> {report.adapter_dir} ({report.steps} steps, {report.seconds} s) {report.losses}")
+    if report.evaluation and "error" in report.evaluation:  # saved, but nobody checked it: not a pass
+        _err(f"mlchat: the adapter is saved, but its evaluation failed: {report.evaluation['error']}")
+        raise typer.Exit(1)
     if report.evaluation:
         _out("held-out prompts, the quality gate: " + json.dumps(report.evaluation, ensure_ascii=False))
 

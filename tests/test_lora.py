@@ -191,6 +191,32 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+def test_an_evaluation_that_fails_keeps_the_trained_adapter_and_the_command_says_so(
+    world, tokenizer, tmp_path, monkeypatch, capsys
+) -> None:
+    """Found in review: the evaluation ran before the adapter was saved, so a failure there (the
+    database away, the embedder) threw the whole training away; and once it was saved first, the
+    command exited 0 with a failed evaluation, so `lora train && lora register` registered an
+    adapter nobody had checked."""
+    import services.lora.evaluate
+    from scripts.cli import main as cli
+
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
+
+    def database_away(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("injected: the database went away")
+
+    monkeypatch.setattr(services.lora.evaluate, "evaluate", database_away)
+    options = ["--rank", "4", "--alpha", "8", "--max-steps", "1", "--batch-size", "2", "--threads", "1"]
+    assert cli(["lora", "train", str(tmp_path / "ds"), "--out", str(tmp_path / "adapter"), *options]) == 1
+    assert "the adapter is saved, but its evaluation failed: ConnectionError" in capsys.readouterr().err
+    record = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    assert record["evaluation"]["error"].startswith("ConnectionError: injected")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.worker_processes
 def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_engine_call(
     world, tokenizer, tmp_path, steady_worker

@@ -202,6 +202,11 @@ def test_a_worker_whose_engine_cannot_load_stops_with_one_line_before_taking_an_
     why = "ValueError: max_model_len 4096 is larger than the KV cache holds"
     assert str(stopped.value) == f"serverless: the engine failed to load ({why})"
     assert answered == []
+    # Review of that: an event that is not JSON is refused before any engine loads (it waited for one).
+    monkeypatch.setattr(sys, "argv", ["serverless", '{"input": '])
+    with pytest.raises(SystemExit) as refused:
+        serverless.main()
+    assert refused.value.code == 2 and "the event is not JSON" in capsys.readouterr().err
 
 
 def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, monkeypatch) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -173,11 +174,12 @@ def main() -> None:
 
     configure_logging()
     upgrade()
-    _load_engine()
     try:
         import runpod  # type: ignore[import-not-found]
-    except ImportError:
-        raise SystemExit(answer_local(sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read())) from None
+    except ImportError:  # one event: read before the engine loads (a bad one waits for no model)
+        text = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
+        raise SystemExit(answer_local(text, before=_load_engine)) from None
+    _load_engine()
     runpod.serverless.start({"handler": handler})
 
 
@@ -195,14 +197,17 @@ def _load_engine() -> None:
         raise SystemExit(f"serverless: the engine failed to load ({why})") from None
 
 
-def answer_local(text: str) -> int:
+def answer_local(text: str, *, before: Callable[[], None] | None = None) -> int:
     """Answer one event given as JSON text (local mode): the answer on stdout; the exit status 0 when
-    it was answered, 1 when the answer is an error, 2 when the event is not JSON (one line on stderr)."""
+    it was answered, 1 when the answer is an error, 2 when the event is not JSON (one line on stderr).
+    `before`: called once the event reads as JSON (the engine's load)."""
     try:
         event = json.loads(text)
     except ValueError as exc:  # JSONDecodeError, or a number too long to read
         print(f"serverless: the event is not JSON ({exc})", file=sys.stderr)
         return 2
+    if before is not None:
+        before()
     answer = handler(event)
     print(json.dumps(answer, ensure_ascii=False, indent=2))
     return 1 if "error" in answer else 0
