@@ -304,7 +304,11 @@ class TurnReader:
                 yield unavailable()
                 return
             checks = follower.finished_checks
-            while follower.finished_checks == checks and (left := deadline - time.monotonic()) > 0:
+            while (
+                follower.finished_checks == checks
+                and not follower.hub_closed
+                and (left := deadline - time.monotonic()) > 0
+            ):
                 await follower.wait(left)
                 follower.take()  # raises what a failed status check raised
 

@@ -95,7 +95,11 @@ def generate_turns(requests: list[Any]) -> None:
             except Exception:  # a bug or an outage outside a batch: hand back what no chunk recorded
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
                 left = [p for p in pending if p[0] not in outcome.recorded]
-                outcome.resend = [*outcome.resend, Resend(left, settings.batch_retry_delay)]
+                outcome.resend = [
+                    *outcome.resend,
+                    Resend([p for p in left if p[0] not in alone], settings.batch_retry_delay),
+                    Resend([p for p in left if p[0] in alone], settings.batch_retry_delay, alone=True),
+                ]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
         dead, outcome.engine_dead = outcome.engine_dead, None
         _send_owed(outcome, model, model_of)
@@ -143,7 +147,8 @@ def _answer(
     dead = engine_module.engine_dead()
     if dead is not None:  # messages that arrived after the engine died: straight back, untouched
         outcome.engine_dead = dead
-        outcome.resend.append(Resend(pending))
+        outcome.resend.append(Resend([p for p in pending if p[0] not in alone]))
+        outcome.resend.append(Resend([p for p in pending if p[0] in alone], alone=True))
         return
     size = settings.batch_size
     chunks = []
@@ -194,8 +199,6 @@ def _record(
     """What became of a chunk, and what to send again. A turn sent to be answered alone is sent
     alone again whatever brings it back (deferred, held, its adapter looked at later): in a batch, it
     could break its batch-mates' batch once more."""
-    from db.session import connection_lost
-
     lane_of = dict(chunk)
     if chunk[0][1] == "bulk":  # answered or handed back: the engine has room for more bulk work
         answered = min(len(chunk), outcome.bulk_owed)
@@ -204,13 +207,13 @@ def _record(
     if isinstance(result, ChunkRaised):
         # Turns whose next attempt waits (an adapter looked at again later) keep their wait: sent
         # again with the chunk, each would be charged an attempt for a cause still passing.
-        # The others come back each alone: if one of them broke the batch, it fails on its own. Not
-        # after the database's connection was lost (nobody's fault): every batch raised then, and
-        # every turn alone would cost the recovery a claim, an embed and a commit apiece.
+        # The others come back each alone: if one of them broke the batch, it fails on its own. After
+        # the database's connection was lost too: a statement that crashes its backend every time
+        # looks the same as an outage, and batched, its mates would share its fate (an outage's
+        # recovery costs one round of one-turn batches).
         later = result.report.retry_in
         again = [p for p in chunk if p[0] not in later]
-        alone_again = alone or not connection_lost(result.error)
-        outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=alone_again))
+        outcome.resend.append(Resend(again, settings.batch_retry_delay, alone=True))
         outcome.resend += _after_waits(later, lane_of, alone=alone)
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest

@@ -503,6 +503,8 @@ def test_a_run_named_with_a_colon_before_that_was_refused_can_still_be_resumed(w
     lines.write_text(json.dumps({"custom_id": "a", "character": "elara", "message": "Hi there."}) + "\n")
     with pytest.raises(ValueError, match="must not hold ':'"):
         submit_run(lines, name=name)  # a new one: refused
+    with pytest.raises(ValueError, match="NUL"):  # refused as a name, before any lookup of it
+        submit_run(lines, name="bad:\x00name")
     assert check_run_name(name, existing=True) == name
     with session_scope() as s:
         create_run(session=s, name=name, model=settings.model, file_hash="", total=0)  # as made before

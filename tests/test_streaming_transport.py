@@ -540,19 +540,21 @@ def test_a_reader_of_an_unfinished_turn_ends_when_the_hub_closes_not_at_its_dead
         assert view is not None
         return view
 
-    async def follow_then_close() -> tuple[list[Event], float]:
-        out: list[Event] = []
+    async def follow_then_close() -> tuple[list[list[Event]], float]:
+        # One reader follows the stream; one resumed after `final` follows the stored turn alone (a
+        # review of the fix: its inner wait went on to the deadline).
+        outs: list[list[Event]] = [[], []]
 
-        async def follow() -> None:
-            async for event in turn_events(turn_id, read_turn):
+        async def follow(out: list[Event], last_event_id: str | None) -> None:
+            async for event in turn_events(turn_id, read_turn, last_event_id=last_event_id):
                 out.append(event)
 
-        task = asyncio.create_task(follow())
-        await asyncio.sleep(0.5)  # following the stream now
+        tasks = [asyncio.create_task(follow(outs[0], None)), asyncio.create_task(follow(outs[1], "final"))]
+        await asyncio.sleep(0.5)  # following now
         started = time.monotonic()
         await close_hub()
-        await asyncio.wait_for(task, 10)
-        return out, time.monotonic() - started
+        await asyncio.wait_for(asyncio.gather(*tasks), 10)
+        return outs, time.monotonic() - started
 
-    events, took = asyncio.run(follow_then_close())
-    assert _codes(events) == ["unavailable"] and took < 5
+    (streamed, stored), took = asyncio.run(follow_then_close())
+    assert _codes(streamed) == _codes(stored) == ["unavailable"] and took < 5

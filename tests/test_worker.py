@@ -300,11 +300,11 @@ def test_a_batch_that_raised_still_sends_the_scene_steps_and_stalled_turns_its_c
     assert sent[stalled].turns == [(stalled, "live")] and sent[stalled].countdown is None
 
 
-def test_a_turn_sent_alone_stays_alone_and_a_database_outage_sends_no_one_alone() -> None:
-    """Review of the fix that sends a raised batch's turns back alone: after the database's
-    connection was lost every batch raises, and every turn alone cost the recovery a claim, an embed
-    and a commit apiece; and a turn sent alone that was deferred or held came back into a batch,
-    where it could break its batch-mates' once more."""
+def test_a_turn_sent_alone_stays_alone_and_a_lost_connection_sends_its_batch_back_alone_too() -> None:
+    """Review of the fix that sends a raised batch's turns back alone: a turn sent alone that was
+    deferred or held came back into a batch, where it could break its batch-mates' once more. (A
+    lost database connection sends the batch back alone too: a statement that crashes its backend
+    every time looks the same as an outage.)"""
     import uuid
     from types import SimpleNamespace
 
@@ -315,7 +315,7 @@ def test_a_turn_sent_alone_stays_alone_and_a_database_outage_sends_no_one_alone(
 
     events = SimpleNamespace(finished=lambda *args: None)
     lost = OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
-    for error, alone in ((RuntimeError("a stage broke on this data"), True), (lost, False)):
+    for error, alone in ((RuntimeError("a stage broke on this data"), True), (lost, True)):
         pair = [(uuid.uuid4(), "bulk"), (uuid.uuid4(), "bulk")]
         outcome = FlushOutcome()
         _record(pair, ChunkRaised(error, BatchReport()), events, outcome)  # type: ignore[arg-type]

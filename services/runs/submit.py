@@ -138,8 +138,9 @@ def submit_run(
     submission that stops leaves the run `validating` for its caller to try again (a batch's).
     `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
     """
-    name = name or path.stem
-    name = check_run_name(name, existing=":" in name and _run_tenant(name) is not None)
+    name = check_run_name(name or path.stem, existing=True)  # every check but the one for ':' first
+    if ":" in name and _run_tenant(name) is None:
+        check_run_name(name)  # a new run: refused
     with nullcontext(True) if lock_held else submission_lock(name, wait_s=BUSY_WAIT_S) as got:
         if not got:
             raise RunBusy(
