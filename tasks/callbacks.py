@@ -6,8 +6,9 @@ recorded posts again: deliveries are at least once, and X-Mlchat-Delivery names 
 to drop a repeat.
 
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
-a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once, so receivers that hang (a host that
-accepts and never answers, a resolver that stalls) cannot take every thread from live turns. A
+a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
+receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
+thread from live turns. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
 2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
 and a newcomer tries at once. One that has waited a minute marks its callback held
