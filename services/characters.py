@@ -44,6 +44,16 @@ def slug_for(name: str) -> str:
     return slug or "c-" + _digest(name, 10)
 
 
+def character_exists(slug: str) -> bool:
+    """Whether this database holds a character of that slug (one that names no valid slug: none)."""
+    from db.world import find_characters
+
+    if not _SLUG.fullmatch(slug):
+        return False
+    with session_scope() as session:
+        return slug in find_characters(session=session, slugs=[slug])
+
+
 def _digest(name: str, length: int) -> str:
     return hashlib.sha256(name.encode()).hexdigest()[:length]
 

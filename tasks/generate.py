@@ -95,11 +95,7 @@ def generate_turns(requests: list[Any]) -> None:
             except Exception:  # a bug or an outage outside a batch: hand back what no chunk recorded
                 logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
                 left = [p for p in pending if p[0] not in outcome.recorded]
-                outcome.resend = [
-                    *outcome.resend,
-                    Resend([p for p in left if p[0] not in alone], settings.batch_retry_delay),
-                    Resend([p for p in left if p[0] in alone], settings.batch_retry_delay, alone=True),
-                ]
+                outcome.resend = [*outcome.resend, *_resends(left, alone, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
         dead, outcome.engine_dead = outcome.engine_dead, None
         _send_owed(outcome, model, model_of)
@@ -147,8 +143,7 @@ def _answer(
     dead = engine_module.engine_dead()
     if dead is not None:  # messages that arrived after the engine died: straight back, untouched
         outcome.engine_dead = dead
-        outcome.resend.append(Resend([p for p in pending if p[0] not in alone]))
-        outcome.resend.append(Resend([p for p in pending if p[0] in alone], alone=True))
+        outcome.resend += _resends(pending, alone)
         return
     size = settings.batch_size
     chunks = []
@@ -191,6 +186,14 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
             "batch of %d turns failed; sent again in %.1f s", len(chunk), settings.batch_retry_delay
         )
         return ChunkRaised(exc, report)
+
+
+def _resends(
+    turns: list[Pending], alone: Collection[uuid.UUID], countdown: float | None = None
+) -> list[Resend]:
+    """`turns` sent again: those sent to be answered alone, alone again; the others as they came."""
+    batched, single = [p for p in turns if p[0] not in alone], [p for p in turns if p[0] in alone]
+    return [Resend(batched, countdown), *([Resend(single, countdown, alone=True)] if single else [])]
 
 
 def _record(

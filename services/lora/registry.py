@@ -8,7 +8,6 @@ retraining in place never changes what a running worker serves; the worker loads
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -16,8 +15,8 @@ from pathlib import Path
 
 from core.settings import settings
 from db.session import session_scope
-from db.world import find_characters, register_adapter
-from services.characters import SLUG_PATTERN
+from db.world import register_adapter
+from services.characters import character_exists
 from services.lora.files import BadLoraFile, read_object
 
 
@@ -52,9 +51,8 @@ def register(slug: str, adapter_dir: Path) -> Registered:
         )
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
-    with session_scope() as session:
-        if not re.fullmatch(SLUG_PATTERN, slug) or slug not in find_characters(session=session, slugs=[slug]):
-            raise KeyError(f"no character {slug!r}")
+    if not character_exists(slug):
+        raise KeyError(f"no character {slug!r}")
     target = adapters_dir() / slug / uuid.uuid4().hex
     try:
         shutil.copytree(adapter_dir, target)

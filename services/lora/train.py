@@ -122,15 +122,6 @@ def _mean_loss(model: Any, batches: list[dict[str, Any]]) -> float:
     return sum(losses) / len(losses)
 
 
-def character_exists(slug: str) -> bool:
-    """Whether this database holds the character (the evaluation scores against its persona)."""
-    from db.session import session_scope
-    from db.world import find_characters
-
-    with session_scope() as session:
-        return slug in find_characters(session=session, slugs=[slug])
-
-
 def train_adapter(
     dataset_dir: Path,
     adapter_dir: Path,
@@ -151,6 +142,8 @@ def train_adapter(
     manifest = read_object(dataset_dir / MANIFEST)
     if config.evaluate and not isinstance(manifest.get("character"), str):
         raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
+    from services.characters import character_exists
+
     if config.evaluate and not character_exists(manifest["character"]):  # before hours of training
         raise BadLoraFile(
             f"{dataset_dir / MANIFEST}: character: no character {manifest['character']!r} here to evaluate"
