@@ -994,16 +994,15 @@ def test_the_workers_per_character_caches_keep_at_most_their_bound(monkeypatch) 
 
     import worker.judge as judge
     import worker.structured as structured
+    from core.versioned_cache import VersionedCache
 
     monkeypatch.setattr(judge, "embed", lambda texts: np.zeros((len(texts), 4), dtype=np.float32))
-    monkeypatch.setattr(judge, "PERSONAS_KEPT", 3)
-    monkeypatch.setattr(structured, "DECLARED_KEPT", 3)
-    monkeypatch.setattr(judge, "_persona_vectors", {})
-    monkeypatch.setattr(structured, "_declared", {})
+    monkeypatch.setattr(judge, "_persona_vectors", VersionedCache(kept=3))
+    monkeypatch.setattr(structured, "_declared", VersionedCache(kept=3))
     empty = {"description": "", "personality": "", "example_dialogues": [], "card": {}}
     for i in range(1, 8):
         character = Character(id=10_000_000 + i, version=1, name=f"c{i}", **empty)
         judge._persona_vector(character)
         structured.declared_actions(character)
     newest = [10_000_005, 10_000_006, 10_000_007]
-    assert sorted(judge._persona_vectors) == sorted(structured._declared) == newest
+    assert sorted(judge._persona_vectors.keys()) == sorted(structured._declared.keys()) == newest

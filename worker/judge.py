@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from core.settings import settings
+from core.versioned_cache import VersionedCache
 from db.models import Character
 from db.retrieval import TurnContext
 from db.turns import ClaimedTurn
@@ -52,25 +52,16 @@ def mood_classifier() -> MoodClassifier:
     return MoodClassifier(embed)
 
 
-# {character id: (version, persona vector)}: a re-imported character is embedded again. At most
-# PERSONAS_KEPT, the oldest dropped first: a worker serving players' own characters meets new ones
-# for as long as it runs.
-_persona_vectors: dict[int, tuple[int, np.ndarray]] = {}
-_persona_lock = threading.Lock()
-PERSONAS_KEPT = 10_000
+# Persona vectors by character id, per version (a re-imported character is embedded again).
+_persona_vectors: VersionedCache[np.ndarray] = VersionedCache(kept=10_000)
 
 
 def _persona_vector(character: Character) -> np.ndarray:
-    with _persona_lock:
-        cached = _persona_vectors.get(character.id)
-    if cached is None or cached[0] != character.version:
+    def make() -> np.ndarray:
         text = persona_text(character.description, character.personality, character.example_dialogues)
-        cached = (character.version, embed([text or character.name])[0])
-        with _persona_lock:
-            while len(_persona_vectors) >= PERSONAS_KEPT:
-                del _persona_vectors[next(iter(_persona_vectors))]
-            _persona_vectors[character.id] = cached
-    return cached[1]
+        return embed([text or character.name])[0]
+
+    return _persona_vectors.get(character.id, character.version, make)
 
 
 DATA_REPLIES = ("json_schema", "json_object", "regex", "choice")  # reply shapes that are not a spoken line

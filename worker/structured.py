@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 from core.json_numbers import UnstorableNumber, loads_finite
 from core.settings import settings
 from core.text import storable_output
+from core.versioned_cache import VersionedCache
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
@@ -102,28 +102,19 @@ def reading_shape(params: dict[str, Any]) -> ReplyShape | None:
 # {character id: (version, its declared actions as canonical JSON, or None)}: the card is read once
 # per version; a version bump (every upsert) reads it again, so a changed declaration takes effect
 # at the next turn, and its new schema is a new key in npc_shape's cache and in vLLM's grammar cache.
-# At most DECLARED_KEPT characters, the oldest dropped first.
-_declared: dict[int, tuple[int, list[dict[str, Any]] | None]] = {}
-_declared_lock = threading.Lock()
-DECLARED_KEPT = 10_000
+_declared: VersionedCache[list[dict[str, Any]] | None] = VersionedCache(kept=10_000)
 
 
 def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     """The character's declared actions (card extension), cached per character version."""
-    with _declared_lock:
-        cached = _declared.get(character.id) if character.id is not None else None
-    if cached is None or cached[0] != character.version:
+
+    def read() -> list[dict[str, Any]] | None:
         raw = card_actions(character.card)
-        actions = (
-            None if raw is None else [a.model_dump() for a in check_actions(raw, "actions", stored=True)]
-        )
-        cached = (character.version, actions)
-        if character.id is not None:
-            with _declared_lock:
-                while len(_declared) >= DECLARED_KEPT:
-                    del _declared[next(iter(_declared))]
-                _declared[character.id] = cached
-    return cached[1]
+        return None if raw is None else [a.model_dump() for a in check_actions(raw, "actions", stored=True)]
+
+    if character.id is None:  # not stored: nothing to key it by
+        return read()
+    return _declared.get(character.id, character.version, read)
 
 
 def say_chars(max_new_tokens: int) -> int:
