@@ -448,3 +448,38 @@ def test_a_player_named_as_the_character_is_told_apart_in_the_prompt(tokenizer, 
             "\nelara (player): I found the key." in built.text
             and "\nelara: I found" not in built.text.lower()
         )
+
+
+def test_gpt_oss_text_labels_each_line_by_its_real_speaker_in_a_narrator_turn(tokenizer) -> None:
+    """Found in review: gpt_oss_text wrote every user message under the player's name and every
+    assistant one under the character's, and cued the character: in a narrator turn the narration
+    read as Elara's, Elara's lines as the player quoting her, and the narrator was asked to speak as
+    Elara."""
+    recent = [
+        HistoryLine(1, "narrator", "Rain falls on the gate.", 1),
+        HistoryLine(2, "assistant", "Keep it.", 2),
+        HistoryLine(3, "user", "I found the key.", 3),
+    ]
+    built = PromptBuilder(tokenizer, "gpt_oss_text", 2048).build(
+        PromptInput(
+            _character(), "Rowan", "What happens next?", TurnContext(recent=recent), 32, speaker="narrator"
+        )
+    )
+    dialogue = built.text.split("\n\n")[-1]
+    assert dialogue.splitlines() == [
+        "Narrator: Rain falls on the gate.",
+        "Elara: Keep it.",
+        "Rowan: I found the key.",
+        "Rowan: What happens next?",
+        "Narrator:",
+    ]
+    one_to_one = PromptBuilder(tokenizer, "gpt_oss_text", 2048).build(
+        PromptInput(_character(), "Rowan", "Hello.", TurnContext(recent=recent), 32)
+    )
+    assert one_to_one.text.split("\n\n")[-1].splitlines() == [
+        "[Narrator] Rain falls on the gate.",
+        "Elara: Keep it.",
+        "Rowan: I found the key.",
+        "Rowan: Hello.",
+        "Elara:",
+    ]

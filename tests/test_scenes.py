@@ -244,6 +244,8 @@ def test_no_untrusted_line_opens_as_another_members_turn(tokenizer, prompt_forma
         assert forged not in text
     assert "Bram\u200b: I hand you the keys." in text and "Rowan: Bram\u200b: open the gate" in text
     assert "Cass: Cass\u200b: I agree with him." in text  # under its real speaker
+    if prompt_format == "gpt_oss_text":  # each line under its own speaker, not also under the player's
+        assert "Rowan: Cass:" not in text and "Rowan: Rowan:" not in text and "\nRowan: Fine." in text
 
 
 @pytest.mark.parametrize("prompt_format", ["gpt_oss_text", "chat_template"])

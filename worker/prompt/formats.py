@@ -16,6 +16,9 @@ import regex
 from worker.prompt.sanitize import ZWSP
 
 ChatMessage = dict[str, str]
+# A message's optional key for formats that write each line's speaker (gpt_oss_text): the label to
+# write before it, "" when its content names its speaker itself. Chat templates never see it.
+SPEAKER = "speaker"
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ class PromptFormat:
 
 
 def _chat_template(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]
+    text = tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=True)
     return RenderedPrompt(text, False, ())
 
 
@@ -101,7 +105,11 @@ def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: 
     # The original service's plain-text dialogue simulation for GPT-OSS.
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     speaker = {"user": user, "assistant": char}
-    lines = [f"{speaker[m['role']]}: {m['content']}" for m in messages if m["role"] != "system"]
+    lines = []
+    for m in messages:
+        if m["role"] != "system":
+            label = m.get(SPEAKER, speaker[m["role"]])
+            lines.append(f"{label}: {m['content']}" if label else m["content"])
     text = "--- 대화 시뮬레이션 ---\n" + system + "\n\n" + "\n".join(lines) + f"\n{char}:"
     return RenderedPrompt(text, True, (f"\n{user}:",))
 

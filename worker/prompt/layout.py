@@ -122,6 +122,8 @@ class Layout:
     group: bool = False
     speaker_id: int | None = None
     label: Clean = str
+    # The message names its speaker itself (a group's "Player: …", a "[… speaks next.]" cue).
+    message_labelled: bool = False
 
 
 def system_pieces(
@@ -149,6 +151,12 @@ def system_pieces(
             ("memories", m.id, memory_line(m, layout.char, layout.user, layout.clean)) for m in memories
         ]
     return pieces
+
+
+def labelled_in_content(layout: Layout, line: HistoryLine) -> bool:
+    """Whether history_message writes this line's speaker into its content ("Name: …", "[Narrator] …"):
+    a format that labels each line itself (gpt_oss_text) must not label it again as the player's."""
+    return layout.group or layout.narrator or line.role == "narrator"
 
 
 def history_message(layout: Layout, line: HistoryLine) -> tuple[str, str]:

@@ -18,6 +18,7 @@ from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored
 from roleplay.mood import Mood, describe_toward
 from worker.prompt.formats import (
     FORMATS,
+    SPEAKER,
     ChatMessage,
     escape_bracket_markers,
     escape_name_markers,
@@ -31,6 +32,7 @@ from worker.prompt.layout import (
     fill_macros,
     groups,
     history_message,
+    labelled_in_content,
     memory_line,
     narrator_pieces,
     persona_pieces,
@@ -250,7 +252,7 @@ class PromptBuilder:
             if group
             else []
         )
-        message = item.message
+        message, message_labelled = item.message, False
         if group is not None:  # after the persona too: the persona stays a shared prefix
             premise = f"{fill_macros(group.premise, char, user)}\n" if group.premise else ""
             scene = f"{premise}Present: {', '.join([char, *others])}. Write only {char}'s next line."
@@ -263,12 +265,14 @@ class PromptBuilder:
             if toward:
                 persona = [*persona, ("regard", None, clean("\n".join(toward)))]
             message = f"{user}: {clean(message)}" if message else f"[{char} speaks next.]"
+            message_labelled = True
         elif narrator and item.group is not None:  # the narrator of a group: the scene and who is in it
             present = ", ".join(label(n) for n in item.group.names)
             premise = f"{fill_macros(item.group.premise, char, user)}\n" if item.group.premise else ""
             scene = f"{premise}Present: {present}."
             persona = [*persona, ("scene", None, "[Scene]\n" + clean(scene))]
             message = clean(message) if message else "[The narrator speaks next.]"
+            message_labelled = not item.message
         if item.actions and not narrator:
             persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
         state = (
@@ -305,7 +309,10 @@ class PromptBuilder:
             for kind, x in ordered
         ]
         group_fields: dict[str, Any] = dict(
-            group=group is not None, speaker_id=item.character.id, label=label
+            group=group is not None,
+            speaker_id=item.character.id,
+            label=label,
+            message_labelled=message_labelled,
         )
         if item.group is None:  # a group's message is cleaned already (a member's under the player's name)
             message = clean(message)
@@ -431,14 +438,19 @@ class PromptBuilder:
         for h in history:
             role, content = history_message(layout, h)
             messages.append({"role": role, "content": content})
+            if role == "user" and labelled_in_content(layout, h):
+                messages[-1][SPEAKER] = ""
             pieces.append(("history", h.id, content))
         messages.append({"role": "user", "content": layout.message})
+        if layout.message_labelled:
+            messages[-1][SPEAKER] = ""
         pieces.append(("message", None, layout.message))
         if layout.post:
             messages.append({"role": "system", "content": layout.post})
             pieces.append(("post_history", None, layout.post))
-        messages = fit_roles(messages, self.roles, "Narrator" if layout.narrator else layout.char)
-        rendered = self.format.render(self.tokenizer, messages, layout.char, layout.user)
+        speaker = "Narrator" if layout.narrator else layout.char
+        messages = fit_roles(messages, self.roles, speaker)
+        rendered = self.format.render(self.tokenizer, messages, speaker, layout.user)
         ids, offsets = self._tokenize(rendered.text, rendered.add_special_tokens)
         return ids, rendered.text, rendered.stop, pieces, offsets
 
