@@ -507,6 +507,10 @@ class Settings(BaseSettings):
             return "solar"
         if "eeve" in name:
             return "eeve"
+        if "gpt-oss" in name or "gpt_oss" in name:
+            # Its chat template opens a harmony reply whose analysis channel, special tokens skipped,
+            # would be stored in the reply; the original service prompted it as plain dialogue.
+            return "gpt_oss_text"
         return "chat_template"
 
 

@@ -231,3 +231,16 @@ def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_un
     result = _import_settings_with(tmp_path, "MLCHAT_FLUSH_INTERVAL", "0.5")
     assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("mlchat: bad setting: .env: cannot be read"), result.stderr
+
+
+def test_auto_prompt_format_prompts_gpt_oss_as_plain_dialogue() -> None:
+    """Found in review: the README's GPU set-up (MLCHAT_MODEL=gpt-oss-20b, no prompt format) took the
+    model's harmony chat template, whose analysis channel would be stored in the reply."""
+    assert (
+        Settings(model="gpt-oss-20b", model_path="openai/gpt-oss-20b").resolved_prompt_format
+        == "gpt_oss_text"
+    )
+    assert Settings(
+        model="solar-10.7b", model_path="upstage/SOLAR-10.7B-Instruct-v1.0"
+    ).resolved_prompt_format == ("solar")
+    assert Settings(model="smollm2-135m").resolved_prompt_format == "chat_template"
