@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from core.settings import settings
+from core.text import speaker_key
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG, Rule, Strategy, rule_order
 from services.schemas import GenerationParams, Text
@@ -256,7 +257,6 @@ def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
 
 
 def _label_key(name: str, default: str) -> str:
-    # The name as the prompt labels it (Sanitizer.label less the special-token breaks), casefolded.
-    return (
-        " ".join(CONTROLS.sub("", name.replace("\r\n", "\n").replace("\r", "\n")).split()) or default
-    ).casefold()
+    # The name as the prompt labels it (Sanitizer.label less the special-token breaks), compared as
+    # speaker names are: NFKC and no invisible characters ("Ｂｒａｍ", "Bra\u200bm" are Bram).
+    return speaker_key(CONTROLS.sub("", name.replace("\r\n", "\n").replace("\r", "\n"))) or default.casefold()

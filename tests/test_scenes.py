@@ -37,7 +37,7 @@ from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import get_character, save_character
 from roleplay.mood import Mood, MoodUpdate, Regard, player_silent, toward_member
 from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, with_narrator
-from scenes.spec import SceneSpec
+from scenes.spec import SceneSpec, name_clash
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
 from tests.outcomes import outcome_of
@@ -1907,3 +1907,17 @@ def test_a_group_start_retried_under_its_key_returns_the_group_and_sends_nothing
         timeout=30,
     )
     assert elsewhere.status_code == 201 and elsewhere.json()["replayed"] is False, elsewhere.text
+
+
+@pytest.mark.parametrize("disguised", ["Ｂｒａｍ", "Bram\u200b", "B\u200bram", "  bram "])
+def test_a_player_cannot_take_a_members_name_in_full_width_or_invisible_characters(disguised: str) -> None:
+    """Found in review: the clash check compared names without NFKC or the invisible characters the
+    prompt's label drops, so a player named "Ｂｒａｍ" or "Bram\\u200b" spoke as "Bram:" in Ann's prompt."""
+    spec = SceneSpec(participants=["ann", "bram"], exchanges=2, player_name=disguised)
+    clash = name_clash(spec, {"ann": "Ann", "bram": "Bram"})
+    assert clash is not None and clash.startswith("player_name:")
+    assert name_clash(SceneSpec(participants=["ann", "bram"], exchanges=2, player_name="Rowan"), {}) is None
+    twins = SceneSpec(participants=["ann", "ann2"], exchanges=2)
+    assert (name_clash(twins, {"ann": "Ann", "ann2": "Ａｎｎ\u2060"}) or "").startswith(
+        "participants.1.character:"
+    )
