@@ -483,3 +483,19 @@ def test_gpt_oss_text_labels_each_line_by_its_real_speaker_in_a_narrator_turn(to
         "Rowan: Hello.",
         "Elara:",
     ]
+
+
+def test_recent_history_is_never_kept_with_a_hole_in_it(tokenizer) -> None:
+    """Found in review: packing skipped a history line that did not fit and kept older, shorter ones,
+    so the prompt showed L1, L2, L4, L5, L6: the answer in L4 read as the reply to L2."""
+    long = "The cart went missing on the north road and nobody in town saw anything. " * 20
+    recent = [
+        HistoryLine(i, "user" if i % 2 else "assistant", long if i == 3 else f"Line {i}.", i)
+        for i in range(1, 7)
+    ]
+    built = PromptBuilder(tokenizer, "chat_template", 420).build(
+        PromptInput(_character(), "Rowan", "And then?", TurnContext(recent=recent), 32)
+    )
+    kept = sorted(h["id"] for h in built.manifest["history"])
+    assert kept == [4, 5, 6]  # the newest lines, without a gap; line 3 did not fit, so nor do 1 and 2
+    assert {d["id"] for d in built.manifest["dropped"] if d["kind"] == "history"} == {1, 2, 3}

@@ -132,19 +132,27 @@ def _pack(
     budget: int | None,
 ) -> tuple[list[int], set[int]]:
     """The items kept, greedily in priority order: each that fits `budget` (None: no limit) after
-    `used` tokens, summaries and facts also within `memory_tokens`; and those the memory cap left out."""
+    `used` tokens, summaries and facts also within `memory_tokens`; and those the memory cap left out.
+    Recent history (newest first) stops at the first line that does not fit: an older line kept past
+    it would leave a hole the model cannot see (an answer read as the reply to the line before)."""
     kept: list[int] = []
     over_memory: set[int] = set()  # left out by the memory cap, not the whole budget
     memory_used = 0
+    history_ended = False
     for i, cost in enumerate(costs):
-        is_memory = ordered[i][0] in ("summary", "fact")
+        kind = ordered[i][0]
+        is_memory = kind in ("summary", "fact")
         if is_memory and memory_tokens is not None and memory_used + cost > memory_tokens:
             over_memory.add(i)
+            continue
+        if kind == "history" and history_ended:
             continue
         if budget is None or used + cost <= budget:
             kept.append(i)
             used += cost
             memory_used += cost if is_memory else 0
+        elif kind == "history":
+            history_ended = True
     return kept, over_memory
 
 
