@@ -20,7 +20,7 @@ from sqlalchemy import ColumnElement, Connection, column, func, literal_column, 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from db.session import get_engine
+from db.session import get_lock_engine
 
 _PG_LOCKS = table(
     "pg_locks",
@@ -53,7 +53,7 @@ def advisory_lock(namespace: int, key: Key, *, wait_s: float = 0.0) -> Iterator[
     """Hold the lock (namespace, key) for the block; yields the backend pid that holds it, or None
     (holding nothing) when another process held it for `wait_s` more seconds. A wait queues on the
     lock (first come, first served), no polling."""
-    conn = get_engine().connect()
+    conn = get_lock_engine().connect()
     try:
         try:
             pid = _take(conn, namespace, key, wait_s)

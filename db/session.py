@@ -124,6 +124,15 @@ def get_probe_engine() -> Engine:
 
 
 @cache
+def get_lock_engine() -> Engine:
+    """For advisory locks held across a block (db/advisory_locks.py): a connection of its own each
+    time, outside the request pool. A holder opens sessions inside its block, so with its lock
+    connection taken from that pool, ten submissions at once held all ten and each waited for an
+    eleventh (every request of the process with them) until the pool's timeout."""
+    return create_engine(database_url(), poolclass=NullPool, connect_args=CONNECT_ARGS)
+
+
+@cache
 def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(get_engine(), expire_on_commit=False)
 

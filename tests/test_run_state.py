@@ -533,6 +533,24 @@ def test_a_submission_lock_of_another_database_on_the_server_is_not_this_ones(wo
         scratch_db.execute(text("SELECT pg_advisory_unlock(:ns, :key)"), {"ns": namespace, "key": key})
 
 
+def test_a_submission_lock_takes_no_connection_from_the_request_pool(world) -> None:
+    """Found in review: the lock's connection came from the pool its holder's sessions use, so ten
+    OpenAI batches submitted at once held all ten connections and each waited for an eleventh (every
+    request of the API process with them) until the pool's 30 s timeout, then failed."""
+    from db.session import get_engine
+
+    pool = get_engine().pool
+    held = [get_engine().connect() for _ in range(pool.size() + get_engine().pool._max_overflow)]  # type: ignore[attr-defined]
+    try:
+        started = time.monotonic()
+        with submission_lock(f"pool-{uuid.uuid4().hex[:6]}") as got:
+            assert got
+        assert time.monotonic() - started < 10
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def test_a_run_that_stored_nothing_takes_the_options_it_is_sent_again_with(quiet_model, tmp_path) -> None:
     """Found in review: the options a run was first submitted with always won, so a file refused
     with "this run does not allow a system prompt of its own", sent again with that option as the
