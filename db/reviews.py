@@ -264,7 +264,9 @@ def pick_candidate(
     kept_quality = {k: v for k, v in (turn.quality or {}).items() if k not in ("candidates", "regenerated")}
     usage = dict(turn.usage or {})
     kept: dict[str, Any] = (
-        {"text": turn.reply, "edited": True}
+        # The model's scores go with the edit, as they stayed on the turn while it was kept: picked
+        # back, it is scored as it was (an edit picked back without them was a run unscored in all).
+        {"text": turn.reply, "edited": True, "quality": kept_quality}
         if kept_edited
         else {
             "text": turn.reply,

@@ -715,13 +715,18 @@ def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
         return {"scored": 0}
     return {
         "scored": scored,
-        "persona_mean": round(float(persona), 4),
-        "repetition_mean": round(float(repetition), 4),
-        "language_match_rate": round(float(language), 4),
+        # None where no scored reply has that score (data replies carry no persona or repetition).
+        "persona_mean": _mean(persona),
+        "repetition_mean": _mean(repetition),
+        "language_match_rate": _mean(language),
         "below_bar": below,
         "below_bar_reasons": below_bar_reasons(session=session, run_id=run_id),
         "regenerated": regenerated,
     }
+
+
+def _mean(value: Any) -> float | None:
+    return None if value is None else round(float(value), 4)
 
 
 def below_bar_reasons(*, session: Session, run_id: uuid.UUID) -> dict[str, int]:

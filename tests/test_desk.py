@@ -297,7 +297,7 @@ def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services
     desk.edit(WRITER, first, "Past the well, then left.", "0")
     desk.pick(WRITER, first, "1", "1")  # the model's candidate kept; the edit becomes candidate 1
     turn, _, _ = _stored(first)
-    assert turn.alternatives[0] == {"text": "Past the well, then left.", "edited": True}
+    assert turn.alternatives[0]["text"] == "Past the well, then left." and turn.alternatives[0]["edited"]
     client = _desk_client(base_url, REVIEW_KEY)
     try:
         page = client.get(f"/desk/lines/{first}")
@@ -312,6 +312,21 @@ def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services
     assert desk.review_record(WRITER, first)["edited"] is True
     with session_scope() as s:
         assert first not in {label.turn_id for label in writer_labels(session=s, run_id=run_id)}
+
+
+def test_an_edit_picked_back_in_a_one_line_run_keeps_the_runs_summary_and_list(services, world) -> None:
+    """Found in review: an edit moved among the candidates without scores and picked back left the
+    line's quality {"candidates": n}; the run's means came back NULL and the runs list, the run page
+    and `mlchat run status` raised (a 500) while that run was on the page."""
+    run_id, (only,) = build_run("studio-a", _lines()[:1])
+    desk.edit(WRITER, only, "Past the well, then left.", "0")
+    desk.pick(WRITER, only, "1", "1")
+    desk.pick(WRITER, only, "1", "2")  # the edit picked back
+    turn, _, _ = _stored(only)
+    assert turn.reply == "Past the well, then left." and turn.quality["persona"] == 0.31
+    summary = desk.run_summary(WRITER, run_id)
+    assert summary.scored == 1
+    assert any(row.id == run_id for row in desk.list_runs(WRITER)[0])
 
 
 def test_a_pick_of_a_candidate_whose_text_changed_is_refused(services, world) -> None:
