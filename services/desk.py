@@ -22,11 +22,11 @@ from sqlalchemy.orm import Session
 from core.settings import settings
 from db import reviews
 from db.models import (
+    RUN_FINISHED,
     Character,
     Conversation,
     ReviewLabel,
     Run,
-    RunStatus,
     Scene,
     Turn,
     TurnReview,
@@ -308,8 +308,7 @@ def _row(session: Session, run: Run) -> RunRow:
         below_bar=dict(quality.get("below_bar_reasons") or {}),
         scored=int(quality.get("scored", 0)),
         labels=reviews.run_labels(session=session, run_id=run.id),
-        live=run.status
-        in (RunStatus.VALIDATING, RunStatus.QUEUED, RunStatus.IN_PROGRESS, RunStatus.FINALIZING),
+        live=run.status not in RUN_FINISHED,  # cancelling and finalizing move on their own too
     )
 
 
@@ -517,11 +516,15 @@ def pick(who: Reviewer, turn_id: uuid.UUID, candidate: str | None, version: str 
 
 def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | None) -> int:
     """Replace the kept reply with the writer's text. Returns the new version."""
-    reply = free_text("reply", text, max_chars=settings.max_message_chars) or ""
     expected = whole_number("version", version, low=0, high=2**31 - 1)
     with session_scope() as session:
         _own_line(session, who, turn_id)
         turn = session.get_one(Turn, turn_id)
+        # A model's reply may be longer than a player's message may: its typo is fixed in place.
+        limit = max(settings.max_message_chars, len(turn.reply or ""))
+        reply = free_text("reply", text, max_chars=limit) or ""
+        if reply == turn.reply:  # saved as it was: no edit, and its label and scores stay
+            raise _bad("reply: it is the kept reply unchanged; nothing to save")
         _, character = _speaker(session, turn)
         player = session.scalar(
             select(Conversation.player_name).where(Conversation.id == turn.conversation_id)

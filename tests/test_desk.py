@@ -10,10 +10,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from core.settings import settings
-from db.models import Conversation, Message, Turn, TurnReview, TurnReviewChange
+from db.models import Conversation, Message, Run, RunStatus, Turn, TurnReview, TurnReviewChange
 from db.session import session_scope
 from services import desk
 from services.desk import DeskError, Reviewer
@@ -116,7 +116,6 @@ def test_an_edit_is_checked_with_its_lines_models_tokens_and_any_models_where_th
 
 
 def test_an_edit_during_a_reembed_drops_the_reply_lines_next_vector(services, world) -> None:
-    from sqlalchemy import update
 
     _, (first, _) = build_run("studio-a", _lines())
     _, message, _ = _stored(first)
@@ -329,6 +328,32 @@ def test_an_edit_picked_back_in_a_one_line_run_keeps_the_runs_summary_and_list(s
     assert any(row.id == run_id for row in desk.list_runs(WRITER)[0])
 
 
+def test_an_edit_saved_unchanged_is_refused_and_keeps_the_label(services, world) -> None:
+    """Found in review: saving the edit form as it opened marked the model's reply hand-edited,
+    cleared its approval and took it out of the writers' labels."""
+    _, (first, _) = build_run("studio-a", _lines())
+    desk.label(WRITER, first, "approve", "", "0")
+    with pytest.raises(DeskError) as refused:
+        desk.edit(WRITER, first, "  The forge the forge the forge.\r\n", "1")
+    assert refused.value.status == 400 and refused.value.message.startswith("reply:")
+    record = desk.review_record(WRITER, first)
+    assert record["label"] == "approved" and record["edited"] is False
+
+
+def test_a_reply_longer_than_a_players_message_can_be_corrected(services, world) -> None:
+    """Found in review: an edit was held to the player's message limit, so a model reply past it
+    could not have a typo fixed without being cut."""
+    long_reply = "The road north is long. " * 200  # ~4,800 characters
+    _, (only,) = build_run("studio-a", [Spec("Tell me of the road.", long_reply.strip(), quality(0.5))])
+    fixed = long_reply.strip().replace("road", "path", 1)  # the same length: within its limit
+    assert len(fixed) > settings.max_message_chars
+    desk.edit(WRITER, only, fixed, "0")
+    assert _stored(only)[0].reply == fixed
+    with pytest.raises(DeskError) as refused:
+        desk.edit(WRITER, only, fixed + " And more." * 30, "1")
+    assert refused.value.message.startswith("reply:") and "limit" in refused.value.message
+
+
 def test_a_pick_of_a_candidate_whose_text_changed_is_refused(services, world) -> None:
     from db.reviews import StaleReview, pick_candidate
 
@@ -421,6 +446,11 @@ def test_the_runs_list_polls_only_the_rows_of_live_runs(services, world, base_ur
         assert "hx-trigger" not in re.search(r'<div id="runs"[^>]*>', page).group(0)  # type: ignore[union-attr]
         assert 'hx-trigger="every 2s"' in row_tag(page, live)
         assert "hx-trigger" not in row_tag(page, done)
+        with session_scope() as s:  # found in review: a cancelling run stopped polling at "cancelling"
+            s.execute(update(Run).where(Run.id == live).values(status=RunStatus.CANCELLING))
+        assert 'hx-trigger="every 2s"' in row_tag(client.get(f"/desk/runs/{live}/row").text, live)
+        with session_scope() as s:
+            s.execute(update(Run).where(Run.id == live).values(status=RunStatus.IN_PROGRESS))
         answer(live_ids, specs)
         row = client.get(f"/desk/runs/{live}/row")
         assert row.status_code == 200
@@ -551,7 +581,6 @@ def test_a_scenes_transcript_is_in_step_order_and_an_edited_line_reaches_the_exp
 
 def _make_structured(turn_id: uuid.UUID, *, structured: Any, candidate: Any = None, **params: Any) -> None:
     """Give a built line a structured reply (and its candidate one), as the worker stores them."""
-    from sqlalchemy import update
 
     with session_scope() as s:
         turn = s.get_one(Turn, turn_id)
@@ -628,7 +657,6 @@ def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_n
     """Found in review: the LoRA dataset credited every scene line to the conversation's lead; the
     edit check let a line open with another member's or the player's name (later prompts break it,
     so what was stored was not what the model reads); a narrator's line showed the lead's name."""
-    from sqlalchemy import update
 
     from db.training import character_exchanges
     from tests.desk_data import build_scene_run
