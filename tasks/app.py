@@ -54,3 +54,9 @@ app.conf.update(
     # Celery's consumer, which also tells the bulk gate of a queue an operator cancels.
     worker_consumer="tasks.consumer:GatedConsumer",
 )
+
+
+def within_visibility(countdown: float) -> float:
+    """A countdown a worker holds its message unacked for, at most half the visibility timeout: past
+    it Redis hands the message to another worker as well, and each copy sends its own again."""
+    return min(countdown, settings.visibility_timeout / 2)

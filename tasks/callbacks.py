@@ -36,7 +36,7 @@ from db.session import session_scope
 from services.callbacks import CallbackFailed, deliver
 from services.turn_callbacks import deliver_turn
 from tasks.admission import callback_slots
-from tasks.app import app
+from tasks.app import app, within_visibility
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,8 @@ def _in_a_slot(
 
 
 def _later(task: Any, waits: int, since: float) -> None:
-    countdown = min(SLOT_WAIT_MAX_S, SLOT_WAIT_S * 2 ** min(waits - 1, 6)) * (1.0 + random.random())
+    wait = min(SLOT_WAIT_MAX_S, SLOT_WAIT_S * 2 ** min(waits - 1, 6)) * (1.0 + random.random())
+    countdown = within_visibility(wait)
     kwargs = {**(task.request.kwargs or {}), "waits": waits, "since": since}
     task.signature_from_request(
         task.request, kwargs=kwargs, countdown=countdown, retries=task.request.retries
@@ -110,7 +111,7 @@ def _hold(owner: Owner, target: str) -> None:
     queue=CALLBACK_QUEUE,
     autoretry_for=(CallbackFailed, DBAPIError, PoolTimeout),
     retry_backoff=2,  # 2 s, 4 s, 8 s … (with jitter), capped below
-    retry_backoff_max=600,
+    retry_backoff_max=int(within_visibility(600)),  # Celery's retry countdown, held unacked too
     retry_jitter=True,
     max_retries=settings.callback_max_attempts - 1,
     acks_late=True,
@@ -125,7 +126,7 @@ def deliver_batch_callback(self: Any, run_id: str, waits: int = 0, since: float 
     queue=CALLBACK_QUEUE,
     autoretry_for=(CallbackFailed, DBAPIError, PoolTimeout),
     retry_backoff=2,
-    retry_backoff_max=600,
+    retry_backoff_max=int(within_visibility(600)),  # Celery's retry countdown, held unacked too
     retry_jitter=True,
     max_retries=settings.callback_max_attempts - 1,
     acks_late=True,

@@ -29,7 +29,7 @@ from tenacity import retry, stop_after_attempt, wait_exponential
 
 from core.settings import Lane, queue_for_model, settings
 from tasks.admission import BulkGatedBatches, bulk_gate, bulk_turns_in, deferred
-from tasks.app import app
+from tasks.app import app, within_visibility
 from tasks.events import TurnEvents
 
 logger = logging.getLogger(__name__)
@@ -265,7 +265,7 @@ def _after_waits(
     timeout: a countdown message held past it would be handed out again)."""
     later: dict[float, list[Pending]] = {}
     for turn_id, wait in retry_in.items():
-        delay = min(max(wait, settings.flush_interval), settings.visibility_timeout / 2)
+        delay = within_visibility(max(wait, settings.flush_interval))
         later.setdefault(delay, []).append((turn_id, lane_of[turn_id]))
     return [Resend(turns, delay, alone=alone) for delay, turns in later.items()]
 

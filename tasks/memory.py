@@ -14,7 +14,7 @@ import threading
 from collections.abc import Sequence
 
 from core.settings import queue_for_model, settings
-from tasks.app import app
+from tasks.app import app, within_visibility
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ slots = threading.BoundedSemaphore(settings.memory_jobs_per_worker)
 def memory_job(conversation_id: int, kind: str) -> None:
     """Run one step of a memory job; a failure is logged (the next stored reply schedules it again)."""
     if not slots.acquire(blocking=False):
-        send_memory_jobs([(conversation_id, kind)], countdown=settings.memory_job_retry_s)
+        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(settings.memory_job_retry_s))
         return
     from worker.engine import EngineDead
 

@@ -468,6 +468,40 @@ def test_a_delivery_sent_back_for_want_of_a_slot_keeps_its_arguments_and_its_try
     assert 60.0 <= twentieth.options["countdown"] <= 120.0
 
 
+def test_no_callback_or_memory_job_countdown_outlasts_half_the_visibility_timeout(monkeypatch) -> None:
+    """Found in review: a delivery waiting for a slot (up to 120 s), a callback's retry (up to 600 s)
+    and a memory job sent back (MLCHAT_MEMORY_JOB_RETRY_S) were held unacked for their countdown
+    whatever the visibility timeout; past it Redis handed each to another worker too, and every
+    copy sent its own again."""
+    from celery.canvas import Signature
+
+    import tasks.callbacks as callback_tasks
+    import tasks.memory as memory_tasks
+    from tasks.app import within_visibility
+    from tasks.callbacks import deliver_batch_callback, deliver_turn_callback
+
+    assert deliver_turn_callback.retry_backoff_max <= settings.visibility_timeout / 2
+    assert deliver_batch_callback.retry_backoff_max <= settings.visibility_timeout / 2
+    monkeypatch.setattr(settings, "visibility_timeout", 60)
+    sent: list[Signature] = []
+    monkeypatch.setattr(Signature, "apply_async", lambda sig, *a, **k: sent.append(sig))
+    deliver_turn_callback.push_request(args=["a-turn"], kwargs={}, retries=0)
+    try:
+        callback_tasks._later(deliver_turn_callback, 20, 1234.5)
+    finally:
+        deliver_turn_callback.pop_request()
+    assert sent[0].options["countdown"] == 30.0
+    countdowns: list[float] = []
+    monkeypatch.setattr(
+        memory_tasks, "send_memory_jobs", lambda jobs, countdown: countdowns.append(countdown)
+    )
+    monkeypatch.setattr(settings, "memory_job_retry_s", 4000.0)
+    monkeypatch.setattr(memory_tasks, "slots", threading.BoundedSemaphore(1))
+    memory_tasks.slots.acquire()  # the worker's memory-job slot is taken: the job goes back
+    memory_tasks.memory_job(1, "summary")
+    assert countdowns == [30.0] and within_visibility(10.0) == 10.0
+
+
 def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its_batch_ends(
     services, receiver, monkeypatch
 ) -> None:
