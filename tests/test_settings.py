@@ -222,6 +222,11 @@ def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_un
         ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "999999GB"),
         ("MLCHAT_BROKER_SOCKET_TIMEOUT_S", "inf"),
         ("MLCHAT_FLUSH_INTERVAL", "inf"),
+        # found in review: finite but past the platform's timers (OverflowError at first use: the
+        # housekeeping thread dead, every Redis connection failing), or past pgvector's HNSW index
+        ("MLCHAT_HOUSEKEEPING_INTERVAL_S", "1e10"),
+        ("MLCHAT_BROKER_SOCKET_TIMEOUT_S", "99999999999"),
+        ("MLCHAT_EMBEDDING_DIM", "4096"),
     ]:
         result = _import_settings_with(tmp_path, variable, bad)
         assert result.returncode != 0 and result.stderr.count("\n") == 1, (variable, result.stderr)
