@@ -18,7 +18,7 @@ import regex
 
 from core.settings import DEFAULT_TENANT, settings
 from db import files as stored
-from db.files import add_file_within_quota, get_file
+from db.files import add_file_within_quota
 from db.models import StoredFile
 from db.session import session_scope
 from services.pages import list_object
@@ -220,10 +220,11 @@ def find_file(file_id: str) -> FoundFile | None:
 
 
 def _visible(session: Any, file_id: str, api_key: str | None, admin: bool, tenant: str) -> StoredFile:
-    row = get_file(session=session, file_id=file_id)
-    if row is None or not (admin or _owns(row.api_key, row.tenant, api_key, tenant)):
+    """The caller's file; past its expiry it is gone to them (not yet swept, or kept for a batch)."""
+    found = stored.get_file_and_expiry(session=session, file_id=file_id)
+    if found is None or found[1] or not (admin or _owns(found[0].api_key, found[0].tenant, api_key, tenant)):
         raise FileNotFound(f"no file {file_id!r}")
-    return row
+    return found[0]
 
 
 def list_files(

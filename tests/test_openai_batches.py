@@ -1314,6 +1314,10 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
     assert httpx.get(f"{base_url}/v1/files/{input_id}/content", headers=admin).status_code == 404
     listed = httpx.get(f"{base_url}/v1/files", params={"limit": 10_000}, headers=admin).json()["data"]
     assert listed and input_id not in {f["id"] for f in listed}
+    # Found in review: DELETE and the list's `after` cursor still took a file past its expiry.
+    assert httpx.delete(f"{base_url}/v1/files/{input_id}", headers=admin).status_code == 404
+    paged = httpx.get(f"{base_url}/v1/files", params={"after": input_id}, headers=admin)
+    assert paged.status_code == 400 and paged.json()["detail"].startswith("after:"), paged.text
     with pytest.raises(batches.BatchRefused, match="^input_file_id: "):
         batches.create_batch(
             input_file_id=input_id,
