@@ -98,8 +98,11 @@ def player_facts(
 
 def get_fact(*, session: Session, tenant: str, fact_id: int, lock: bool = False) -> Fact | None:
     """The fact if it belongs to this tenant (`lock`: its row locked until the transaction ends)."""
-    fact = session.get(Fact, fact_id, with_for_update=lock or None)
-    return fact if fact is not None and fact.tenant == tenant else None
+    # The tenant in the statement: a lock never waits on (or holds) another tenant's row.
+    query = select(Fact).where(Fact.id == fact_id, Fact.tenant == tenant)
+    if lock:
+        query = query.with_for_update().execution_options(populate_existing=True)
+    return session.scalars(query).one_or_none()
 
 
 def supersede(

@@ -1136,3 +1136,19 @@ def test_an_answer_cut_at_max_tokens_keeps_the_facts_it_finished() -> None:
     assert kept is not None and [f.subject for f in kept] == ["미라"]
     assert parse_facts(raw[: raw.index("[") + 1]) is None  # cut before any fact: no answer
     assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # a finished answer outside the schema
+
+
+def test_a_locking_read_of_another_tenants_fact_neither_waits_on_nor_locks_its_row() -> None:
+    """Found in review: the gossip route locked the fact's row before checking its tenant, so a
+    tenant naming another's fact id waited on (and held) that tenant's row."""
+    from sqlalchemy import text
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    fact = _fact(
+        "The player stole a ring.", FactScope.CONVERSATION, str(_conversation("elara", player)), player=player
+    )
+    with session_scope() as owner:
+        assert get_fact(session=owner, tenant="", fact_id=fact, lock=True) is not None  # the owner's lock
+        with session_scope() as stranger:
+            stranger.execute(text("SET LOCAL lock_timeout = '2s'"))
+            assert get_fact(session=stranger, tenant="another-tenant", fact_id=fact, lock=True) is None
