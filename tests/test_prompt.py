@@ -499,3 +499,28 @@ def test_recent_history_is_never_kept_with_a_hole_in_it(tokenizer) -> None:
     kept = sorted(h["id"] for h in built.manifest["history"])
     assert kept == [4, 5, 6]  # the newest lines, without a gap; line 3 did not fit, so nor do 1 and 2
     assert {d["id"] for d in built.manifest["dropped"] if d["kind"] == "history"} == {1, 2, 3}
+
+
+def test_sillytavern_macros_are_filled_as_sillytavern_fills_them(tokenizer) -> None:
+    """Found in review: only exact-case {{char}} and {{user}} were filled: a card's {{Char}}, legacy
+    <USER>/<BOT> and the V2 spec's {{original}} reached the prompt as written (and a system prompt
+    '{{original}} Be terse.' lost the default one)."""
+    card = _character()
+    card.system_prompt = "{{original}} Be terse."
+    card.description = "{{Char}} guards <USER>'s gate for <BOT>; {{USER}} pays."
+    card.post_history_instructions = "{{original}}Reply briefly."
+    built = PromptBuilder(tokenizer, "chat_template", 2048).build(
+        PromptInput(card, "Rowan", "Hello.", TurnContext(), 32)
+    )
+    assert "You are Elara. Stay in character. Be terse." in built.text
+    assert "Elara guards Rowan's gate for Elara; Rowan pays." in built.text
+    assert "{{" not in built.text and "<USER>" not in built.text and "<BOT>" not in built.text
+
+
+def test_example_dialogue_keeps_the_prompts_own_speaker_labels_unescaped(tokenizer) -> None:
+    """Found in review: the example dialogue's own "Elara:" labels went through the cleaner with the
+    card's text, so gpt_oss_text taught the model "Elara\\u200b:" while cueing "Elara:"."""
+    built = PromptBuilder(tokenizer, "gpt_oss_text", 2048).build(
+        PromptInput(_character(), "Rowan", "Hello.", TurnContext(), 32)
+    )
+    assert "[Example dialogue]\nUser: Any work?\nElara: Always, for a price." in built.text

@@ -42,16 +42,20 @@ def _example_hash(prompt: str, completion: str) -> str:
 def _card_examples(character: Character, tokenizer: Any) -> list[tuple[str, str]]:
     """The card's example dialogue as (prompt, completion): system prompt and the user's line through
     the model's chat template, the character's line as the completion."""
+    from worker.prompt.layout import default_system_prompt, fill_macros
     from worker.prompt.sanitize import Sanitizer
 
     # The card is untrusted like every prompt text: its special-token strings are broken (a card's
     # `<|im_end|>` became a real end of turn in the training prompt, and a trained target).
     scrub = Sanitizer(tokenizer).scrub
 
-    def filled(text: str) -> str:  # filled, then cleaned: a token split around a macro stays broken
-        return scrub(text.replace("{{char}}", character.name).replace("{{user}}", "User"))
+    def filled(
+        text: str, original: str = ""
+    ) -> str:  # then cleaned: a token split around a macro stays broken
+        return scrub(fill_macros(text, character.name, "User", original))  # as the prompt's own are filled
 
-    system = filled(character.system_prompt or "You are {{char}}. Stay in character.")
+    default = default_system_prompt(character.name)
+    system = filled(character.system_prompt or default, default)
     out = []
     for example in character.example_dialogues or []:
         user, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import regex
+
 from db.models import Character
 from db.retrieval import EventHit, HistoryLine
 from roleplay.lorebook import Activation
@@ -23,16 +25,31 @@ Piece = tuple[str, Any, str]
 Clean = Callable[[str], str]
 
 
-def fill_macros(text: str, char: str, user: str) -> str:
-    return text.replace("{{char}}", char).replace("{{user}}", user)
+# SillyTavern's macros as it reads them: {{char}} and {{user}} in any case, and the legacy <BOT>,
+# <CHAR> and <USER>; {{original}} (a card's system prompt or post-history instructions written around
+# the frontend's own) is the default system prompt in the one, nothing elsewhere.
+_MACRO = regex.compile(r"\{\{(char|user|original)\}\}|<(bot|char|user)>", regex.IGNORECASE)
+
+
+def default_system_prompt(char: str) -> str:
+    return f"You are {char}. Stay in character."
+
+
+def fill_macros(text: str, char: str, user: str, original: str = "") -> str:
+    def fill(match: regex.Match[str]) -> str:
+        name = (match.group(1) or match.group(2)).lower()
+        return user if name == "user" else original if name == "original" else char
+
+    return _MACRO.sub(fill, text)
 
 
 def persona_pieces(
     character: Character, lore: Activation | None, char: str, user: str, clean: Clean
 ) -> list[Piece]:
     """The character's system text: system prompt, lore, character sheet, example dialogue."""
+    default = default_system_prompt(char)
     pieces: list[Piece] = [
-        ("system_prompt", None, character.system_prompt or f"You are {char}. Stay in character.")
+        ("system_prompt", None, fill_macros(character.system_prompt or default, char, user, default))
     ]
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "before_char"]
@@ -46,13 +63,20 @@ def persona_pieces(
     pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
+    pieces = [
+        (s, i, clean(fill_macros(t, char, user, default if s == "system_prompt" else "")))
+        for s, i, t in pieces
+    ]
     if character.example_dialogues:
+        # The card's lines are cleaned, not the prompt's own labels: a format that escapes the
+        # speakers' "Name:" in untrusted text would teach the model "Elara\u200b:" for its own cue.
         lines = [
-            f"User: {e.get('user', '')}\n{char}: {e.get('character', '')}"
+            f"User: {clean(fill_macros(str(e.get('user', '')), char, user))}\n"
+            f"{char}: {clean(fill_macros(str(e.get('character', '')), char, user))}"
             for e in character.example_dialogues
         ]
         pieces.append(("example_dialogue", None, "[Example dialogue]\n" + "\n".join(lines)))
-    return [(s, i, clean(fill_macros(t, char, user))) for s, i, t in pieces]
+    return pieces
 
 
 def narrator_pieces(

@@ -27,6 +27,7 @@ from worker.prompt.formats import (
 from worker.prompt.layout import (
     Layout,
     Piece,
+    default_system_prompt,
     event_line,
     fact_line,
     fill_macros,
@@ -244,7 +245,8 @@ class PromptBuilder:
         pieces_of = narrator_pieces if narrator else persona_pieces
         persona = pieces_of(item.character, lore, char, user, clean)
         if item.system_prompt and not narrator:
-            own = ("system_prompt", None, clean(fill_macros(item.system_prompt, char, user)))
+            original = default_system_prompt(char)
+            own = ("system_prompt", None, clean(fill_macros(item.system_prompt, char, user, original)))
             persona = [own if section == "system_prompt" else (section, i, t) for section, i, t in persona]
         direction = item.direction
         if not direction and narrator and item.group is not None:  # the narrator answering a player
