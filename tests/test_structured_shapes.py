@@ -327,6 +327,11 @@ def test_a_structured_reply_is_read_and_checked_and_a_cut_one_fails_with_its_cod
     with pytest.raises(BadStructuredReply) as bad:
         read_reply(shape, Generation(undeclared, 10, 20, "stop"))
     assert bad.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
+    # Found in review: a say of spaces met minLength 1 and was stored as a finished reply, where the
+    # same blank as free text fails as an empty reply.
+    with pytest.raises(BadStructuredReply, match="say is blank") as blank:
+        read_reply(shape, Generation('{"say":" \\n ","emotion":"joy","action":null}', 10, 20, "stop"))
+    assert blank.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
 
 
 def test_a_structured_reply_keeps_no_nul_which_the_database_cannot_hold() -> None:

@@ -216,6 +216,8 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
+        if not value["say"].strip():  # the schema's minLength lets " " through; a free-text blank fails too
+            raise _bad(gen, "the reply's say is blank")
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
     return dataclasses.replace(gen, structured=value)
 
