@@ -43,14 +43,24 @@ def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
     return depths
 
 
+OLDEST_SCANNED = 64  # messages looked at from the oldest for one that carries turns
+
+
 def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
-    """The turn ids of the oldest message waiting in a lane queue (the next one a worker takes),
-    read without consuming; [] when the queue is empty or the message cannot be read."""
+    """The turn ids of the oldest message waiting in a lane queue that carries turns (the bulk lane
+    also carries memory jobs, which name none), read without consuming; [] when the queue is empty or
+    none of its oldest OLDEST_SCANNED messages can be read as one."""
     # kombu's Redis transport pushes on the left and pops on the right: the oldest is at index -1.
     with app.connection_for_read() as conn:
-        raw = conn.default_channel.client.lindex(queue_for_model(model, lane), -1)
-    if raw is None:
-        return []
+        raws = conn.default_channel.client.lrange(queue_for_model(model, lane), -OLDEST_SCANNED, -1)
+    for raw in reversed(raws):
+        ids = _turn_ids(raw)
+        if ids is not None:
+            return ids
+    return []
+
+
+def _turn_ids(raw: bytes) -> list[uuid.UUID] | None:
     try:
         message = json.loads(raw)
         body = message["body"]
@@ -59,4 +69,4 @@ def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
         _args, kwargs, _embed = json.loads(body)
         return [uuid.UUID(str(turn_id)) for turn_id in kwargs["turn_ids"]]
     except (ValueError, KeyError, TypeError):
-        return []
+        return None

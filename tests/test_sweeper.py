@@ -141,6 +141,42 @@ def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monk
             conn.default_channel.queue_purge(queue_for_model(MODEL, "bulk"))
 
 
+def test_lost_bulk_turns_are_found_behind_a_memory_job_at_the_head_of_the_bulk_queue(
+    world, monkeypatch
+) -> None:
+    """Found in review: the sweep read only the oldest bulk message's turns; a memory job there (the
+    bulk lane carries them, and they name no turns) made it take no queued bulk turn for lost."""
+    from sqlalchemy import update
+
+    from db.models import Turn
+    from db.session import session_scope
+    from tasks.memory import memory_job
+
+    model, run_id = _model_and_run(monkeypatch)
+
+    def lines(tag: str) -> list[dict[str, str]]:
+        return [new_conversation() | {"message": f"{tag} {i}.", "model": model} for i in range(2)]
+
+    lost = enqueue_turns(lines("Lost"), send=False, lane="bulk", run_id=run_id)
+    memory_job.apply_async(
+        kwargs={"conversation_id": 1, "kind": "summary"}, queue=queue_for_model(model, "bulk")
+    )
+    waiting = enqueue_turns(lines("Waiting"), lane="bulk", run_id=run_id)
+    with session_scope() as s:
+        for ids, age in ((lost, "2 hours"), (waiting, "10 minutes")):
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
+            )
+    try:
+        assert queue_depth(model, "bulk") == 2
+        assert resend_stranded(older_than_s=60, models=[model]) == {f"{model}/bulk": len(lost)}
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(model, "bulk"))
+
+
 def _model_and_run(monkeypatch):  # type: ignore[no-untyped-def]
     """A served model of the case's own (no earlier case's lost turns share its queues) and a run."""
     from db.runs import create_run
