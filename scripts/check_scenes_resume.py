@@ -185,6 +185,7 @@ def main() -> int:
         for i in range(args.workers)
     }
     events: list[str] = []
+    submitter_killed = killed = False
     try:
         submitter = _submit(path, name, env, work / "submit.log")
         while submitter.poll() is None:  # SIGKILL it once some scenes are stored
@@ -192,6 +193,7 @@ def main() -> int:
                 os.kill(submitter.pid, signal.SIGKILL)
                 submitter.wait()
                 events.append(f"submitter SIGKILLed with {_counts(name)}")
+                submitter_killed = True
                 break
             time.sleep(0.05)
         else:
@@ -234,6 +236,9 @@ def main() -> int:
     print(f"final counts: {json.dumps(final)}", flush=True)
     print(f"events: {json.dumps(events)}; logs in {work}", flush=True)
     checks = _verify(name, args.scenes, args.exchanges)
+    # What the check is of: a run that finished before either kill showed no resume at all.
+    checks["the submitter was SIGKILLed mid-submission"] = submitter_killed
+    checks["a worker was SIGKILLed mid-run"] = killed
     for check, ok in checks.items():
         print(f"{'ok  ' if ok else 'FAIL'} {check}", flush=True)
     return 0 if all(checks.values()) else 1

@@ -354,9 +354,10 @@ def measure_point(
         since = datetime.now(UTC)
         cpu0 = {name: _cpu_seconds(ps) for name, ps in services.items()}
         cpu0["workers"] = _cpu_seconds(worker_ps)
-        started = time.monotonic()
+        started, sent_before = time.monotonic(), sent[0]
         time.sleep(seconds)
         elapsed = time.monotonic() - started
+        live_achieved = (sent[0] - sent_before) / elapsed
         done = _done_count(since)
         services = {  # backends started during the window count too
             name: ps[:1] + [c for c in ps[0].children(recursive=True)] if name == "postgres" and ps else ps
@@ -390,6 +391,10 @@ def measure_point(
         "workers": workers,
         "stored_turns_per_s": round(done / elapsed, 1),
         "live_turns_enqueued": sent[0],
+        # The producer shares the machine's cores: a point whose live load fell short of the rate
+        # asked (below 90%) did not measure the services under that load, and the knee skips it.
+        "live_turns_per_s_achieved": round(live_achieved, 1),
+        "offered_live_load_met": live_achieved >= OFFERED_LOAD_MET * live_rate,
         # CPU share: cores' worth used over the window, as a fraction of this machine's cores.
         "db_cpu_share": round((cpu1["postgres"] - cpu0["postgres"]) / elapsed / cores, 3),
         "redis_cpu_share": round((cpu1["redis"] - cpu0["redis"]) / elapsed / cores, 3),
@@ -398,8 +403,13 @@ def measure_point(
     }
 
 
+OFFERED_LOAD_MET = 0.9
+
+
 def knee(points: list[dict[str, Any]], gain: float = 0.15) -> int | None:
-    """The worker count after which one more step adds less than `gain` of stored turns/s."""
+    """The worker count after which one more step adds less than `gain` of stored turns/s, among the
+    points that got the live load asked of them (a point short of it says nothing of the services)."""
+    points = [p for p in points if p.get("offered_live_load_met", True)]
     for before, after in zip(points, points[1:], strict=False):
         if after["stored_turns_per_s"] < before["stored_turns_per_s"] * (1 + gain):
             return int(before["workers"])

@@ -35,3 +35,17 @@ def test_the_benchmarks_stand_in_engines_take_what_the_pipeline_passes_the_engin
             inspect.signature(getattr(getattr(importlib.import_module(module), name), method)).parameters
         )
         assert wanted <= taken, f"{stand_in}.{method} lacks {sorted(wanted - taken)}"
+
+
+def test_the_knee_skips_a_point_that_did_not_get_its_live_load() -> None:
+    """Found in review: at 8 workers the producer (a thread on the same 2 cores) enqueued 475 live
+    turns against ~800 at the other points, and the knee was still named from that point."""
+    from scripts.fleet_simulator import knee
+
+    def point(workers: int, rate: float, met: bool = True) -> dict:
+        return {"workers": workers, "stored_turns_per_s": rate, "offered_live_load_met": met}
+
+    measured = [point(1, 10.3), point(2, 14.9), point(4, 32.8), point(8, 22.5, met=False)]
+    assert knee(measured) is None  # no valid point after 4 to show where it flattens
+    assert knee(measured[:3] + [point(8, 34.0)]) == 4
+    assert knee([point(1, 10.0), point(2, 11.0)]) == 1
