@@ -142,6 +142,8 @@ class RawEngine:
         """Token ids and SamplingParams as the worker built them; counts prompts whose length differs."""
         from vllm import SamplingParams
 
+        from services.schemas import SAMPLING_CONTROLS
+
         prompts, params, mismatches = [], [], 0
         for row in rows:
             ids = self.tokenizer(row.prompt, add_special_tokens=self.add_special_tokens)["input_ids"]
@@ -156,6 +158,8 @@ class RawEngine:
                     seed=p["seed"],
                     stop=list(p.get("stop") or []) + list(self.format_stop) or None,
                     skip_special_tokens=True,
+                    # The worker's sampling controls too (a penalty is decode work): same work both sides.
+                    **{name: p[name] for name in SAMPLING_CONTROLS if name in p},
                 )
             )
         return prompts, params, mismatches
