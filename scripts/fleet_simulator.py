@@ -53,6 +53,8 @@ from tenacity import retry, stop_after_delay, wait_fixed
 
 logger = logging.getLogger(__name__)
 
+BENCH_STATE_DIR = Path(__file__).resolve().parent.parent / ".mlchat" / "bench"
+
 # GPUStack performance lab, gpt-oss-20b on one H100 with vLLM 0.10.2 (see the module docstring).
 H100_GPT_OSS_20B_TOKENS_PER_S = 19_129.0
 H100_GPT_OSS_20B_TPOT_MS = 86.8
@@ -490,15 +492,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tpot-ms", type=float, default=H100_GPT_OSS_20B_TPOT_MS)
     parser.add_argument("--reply-tokens", type=int, default=48)
     args = parser.parse_args(argv)
-    if args.role == "drive":  # a worker is started by the driver, on the driver's embedded services
-        refuse_configured_services()
-    # As scripts/bench.py: the benchmark's own embedded services, never the project's.
-    os.environ.setdefault(
-        "MLCHAT_STATE_DIR", str(Path(__file__).resolve().parent.parent / ".mlchat" / "bench")
-    )
+    # As scripts/bench.py: the benchmark's own embedded services, never the project's. Set before the
+    # guard below reads the settings (which read the environment once): read first, the driver ran
+    # on the project's own state while its workers, given this variable, ran on the bench's.
+    state = os.environ.setdefault("MLCHAT_STATE_DIR", str(BENCH_STATE_DIR))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    refuse_configured_services()  # both roles: a worker started by hand would answer real turns
+    if Path(state).resolve() != BENCH_STATE_DIR:
+        raise SystemExit(
+            f"fleet_simulator: MLCHAT_STATE_DIR={state} is not the benchmark's own state "
+            f"({BENCH_STATE_DIR}); its stand-in workers take real turns and it purges the queues: unset it"
+        )
     if args.role == "worker":
         run_worker(args.index, args.gpu_tokens_per_s, args.tpot_ms, args.reply_tokens)
         return

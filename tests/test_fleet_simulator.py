@@ -49,3 +49,18 @@ def test_the_knee_skips_a_point_that_did_not_get_its_live_load() -> None:
     assert knee(measured) is None  # no valid point after 4 to show where it flattens
     assert knee(measured[:3] + [point(8, 34.0)]) == 4
     assert knee([point(1, 10.0), point(2, 11.0)]) == 1
+
+
+@pytest.mark.parametrize("role", ["drive", "worker"])
+def test_neither_role_runs_on_configured_services_or_another_state(monkeypatch, tmp_path, role) -> None:
+    """Found in review: only the driver was guarded (a worker started by hand would answer real
+    queued turns with canned lines), and the guard read the settings before the benchmark's state
+    dir was set, so a driver run directly used the project's own state."""
+    monkeypatch.setattr(settings, "database_url", "postgresql://nobody@127.0.0.1:9/none")
+    monkeypatch.setattr(settings, "redis_url", None)
+    with pytest.raises(SystemExit, match="DATABASE_URL set"):
+        main([role, "--workers", "1", "--seconds", "0.1"])
+    monkeypatch.setattr(settings, "database_url", None)
+    monkeypatch.setenv("MLCHAT_STATE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit, match="MLCHAT_STATE_DIR=.* is not the benchmark's own state"):
+        main([role, "--workers", "1", "--seconds", "0.1"])
