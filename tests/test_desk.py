@@ -762,6 +762,37 @@ def test_a_form_token_the_requests_charset_decodes_to_a_lone_surrogate_is_refuse
         client.close()
 
 
+def test_a_change_made_on_a_lines_own_page_reloads_it_with_its_history(services, world, base_url) -> None:
+    """Found in review: on a line's own page htmx swapped only the line, so its "Changes" still said
+    "None yet." and the original reply was missing until a reload: the change looked unrecorded."""
+    from tests.conftest import REVIEW_KEY
+
+    _, (first, _) = build_run("studio-a", _lines())
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get(f"/desk/lines/{first}")
+        token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        form = {"csrf": token, "verdict": "approve", "version": "0"}
+        headers = {"HX-Request": "true", "HX-Current-URL": f"{base_url}/desk/lines/{first}"}
+        answer = client.post(f"/desk/lines/{first}/label", data=form, headers=headers)
+        assert (
+            answer.status_code == 200
+            and answer.headers["HX-Redirect"] == f"/desk/lines/{first}?saved=approved"
+        )
+        assert "change" in client.get(answer.headers["HX-Redirect"]).text  # its history shows it
+        on_run_page = {"HX-Request": "true", "HX-Current-URL": f"{base_url}/desk/runs/x"}
+        again = client.post(
+            f"/desk/lines/{first}/label",
+            data=form | {"verdict": "reject", "reason": "flat", "version": "1"},
+            headers=on_run_page,
+        )
+        assert (
+            again.status_code == 200 and "HX-Redirect" not in again.headers and f"line-{first}" in again.text
+        )
+    finally:
+        client.close()
+
+
 def test_a_runs_scenes_come_in_pages_on_its_page(services, world, base_url, monkeypatch) -> None:
     """Found in review: the run page listed every scene of the run, with a query per scene, on every
     page of its lines: a run of 100,000 scenes read them all at each view."""
