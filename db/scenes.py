@@ -545,11 +545,12 @@ def extend_scene(
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )
-    # At least `exchanges` more steps from where it stands; never fewer than an open scene owes already
-    # (another call's `:continue`, or the scene's own start): a call retried before the next step is
-    # stored asks for nothing twice.
+    # At least `exchanges` more steps than it has stored (a step sent but not stored is one of them);
+    # never fewer than an open scene owes already (another call's `:continue`, or the scene's own
+    # start): a call retried before the next step is stored asks for nothing twice, the step that
+    # call itself sent included.
     owed = scene.exchanges if scene.status == SceneStatus.OPEN else scene.steps_done
-    scene.exchanges = max(owed, scene.steps_done + exchanges + int(bool(pending)))
+    scene.exchanges = max(owed, scene.steps_done + exchanges)
     scene.status = SceneStatus.OPEN
     scene.ended_reason = None
     scene.finished_at = None

@@ -950,9 +950,11 @@ def test_continue_never_leaves_an_open_group_fewer_lines_than_it_owes(world, ste
 
     conv = _group(strategy="fixed")["conversation"]
     assert continue_group(conv, 5)["exchanges"] == 5  # step 1 sent, 5 lines owed
+    # Found in review: retried before step 1 was stored, the call that sent it counted it again (6).
+    assert continue_group(conv, 5)["exchanges"] == 5
     assert continue_group(conv, 1)["exchanges"] == 5  # one more line from here is owed already
-    assert continue_group(conv, 8)["exchanges"] == 9  # 8 more from here: step 1 is still open
-    assert continue_group(conv, 8)["exchanges"] == 9  # the same call retried asks for nothing twice
+    assert continue_group(conv, 8)["exchanges"] == 8  # 8 more than stored: step 1, still open, is one
+    assert continue_group(conv, 8)["exchanges"] == 8  # the same call retried asks for nothing twice
 
 
 def test_a_replay_sends_again_a_step_never_recorded_sent_and_fails_nothing_if_the_broker_is_away(
@@ -1043,7 +1045,7 @@ def test_a_continue_retried_under_its_key_asks_for_nothing_more(world, steps_unc
     assert (again["exchanges"], again["sent"], again["replayed"]) == (3, [], True)
     with pytest.raises(KeyReused):
         continue_group(conv, 2, idempotency_key="three-more")
-    assert continue_group(conv, 3)["exchanges"] == 4  # unkeyed, the open step counts on top, as before
+    assert continue_group(conv, 3)["exchanges"] == 3  # unkeyed too: the open step is one of the three
 
 
 def test_a_group_or_player_named_with_a_slash_is_reached_by_its_routes(base_url) -> None:
