@@ -401,6 +401,10 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
             # (run.total); any other counts what it stored (or, before storing, what it validated).
             "total": max(counts.total, run.total) + counts.refused
             if status in (RunStatus.CANCELLED, RunStatus.EXPIRED)
+            # While it is stored: what it validated (a part stored, or only its refusals recorded, was
+            # once read as the whole batch: "3 of 3 failed" for a batch of 60 with 3 refused).
+            else max(counts.total, run.total) + counts.refused
+            if status == RunStatus.VALIDATING
             else (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
             # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.

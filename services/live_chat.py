@@ -92,7 +92,8 @@ def start_chat_turn(
     A replay of `idempotency_key` answers with the turn it made instead of queueing another."""
     if not isinstance(body, dict):
         raise ChatRejected("body: a JSON object is expected")
-    stream = body.get("stream", False)
+    stream = body.get("stream")
+    stream = False if stream is None else stream  # OpenAI's "boolean or null", null the default
     if not isinstance(stream, bool):
         raise ChatRejected("body.stream: true or false")
     options = body.get("stream_options")

@@ -242,6 +242,11 @@ def test_stream_options_need_a_stream(base_url) -> None:
     }
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream_options"
+    # Found in review: "stream": null, which OpenAI takes as false, was refused as body.stream.
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body | {"stream": None}, headers=OWNER)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream_options"
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body | {"stream": "yes"}, headers=OWNER)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream"
 
 
 def test_the_turn_wait_backs_off_to_a_read_a_second() -> None:

@@ -226,6 +226,27 @@ def test_a_refused_request_fails_alone_and_the_other_lines_are_answered(quiet_mo
     assert batches.finalize_run(sub.id) == sub.name
 
 
+def test_a_batch_being_stored_counts_every_request_it_validated_not_only_its_refusals(world) -> None:
+    """Found in review: while a batch's file was being stored (nothing stored yet, its refusals
+    recorded), request_counts read total 3, failed 3 for a batch of 60 with 3 refused."""
+    from db.runs import create_run
+
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=f"oa-storing-{time.time_ns()}", model=settings.model, file_hash="", total=57
+        )
+        s.execute(
+            update(Run)
+            .where(Run.id == run.id)
+            .values(
+                status=RunStatus.VALIDATING, refused=[{"custom_id": f"r{i}", "reason": "x"} for i in range(3)]
+            )
+        )
+        s.expire_all()
+        counts = batches.batch_object(s, s.get_one(Run, run.id))["request_counts"]
+    assert counts == {"total": 60, "completed": 0, "failed": 3}
+
+
 def test_a_file_of_endless_bad_or_refused_lines_is_named_in_part_and_counted_in_whole(
     quiet_model, tmp_path, monkeypatch
 ) -> None:
