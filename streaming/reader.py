@@ -122,7 +122,8 @@ class _Shown:
         if entry.claim != self.claim:
             if self.claim:
                 self.superseded.add(self.claim)
-                out.append(restarted())
+                if self.text:  # nothing of it shown (its first delta lost): nothing to take back
+                    out.append(restarted())
             self.claim, self.text, self.seq, self.gap = entry.claim, "", 0, False
         if entry.seq is not None:
             self.gap = self.gap or entry.seq != self.seq + 1
@@ -165,8 +166,10 @@ class TurnReader:
         last_event_id: str | None = None,
         max_s: float | None = None,
         shown_text: str | None = None,
+        latest_claim_only: bool = False,
     ) -> None:
         self._turn_id, self._key, self._read_turn = turn_id, stream_key(turn_id), read_turn
+        self._latest_claim_only = latest_claim_only and last_event_id is None
         self._last_event_id = last_event_id
         self._shown_text = shown_text  # what the caller itself showed up to `last_event_id`, if it knows
         self._max_s = settings.stream_max_s if max_s is None else max_s  # a resumed one: what is left
@@ -179,6 +182,8 @@ class TurnReader:
         """Replay the stream up to `Last-Event-ID`, to continue it exactly (before any response)."""
         last = self._last_event_id
         self._shown.whole = last == FINAL  # only `final` events follow the whole reply
+        if self._latest_claim_only:
+            await self._skip_replaced_claims()
         if last is None or last == FINAL:
             return
         try:
@@ -209,6 +214,30 @@ class TurnReader:
         except _UNREADABLE:
             logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
             self._restart_first, self._unreadable = not self._from_text_shown(), True
+        finally:
+            await client.aclose()
+
+    async def _skip_replaced_claims(self) -> None:
+        """A new reader that cannot take text back (a chat completion: `restarted` ends it) follows
+        only the latest claim in the stream: a claim replaced before it came is not the reply. Read
+        from the start, its text and then `restarted` failed every retry of a restarted turn's chat
+        under its key, for as long as the stream lived. Redis away: the hub's reads say so."""
+        try:
+            client = _client()
+        except Exception:
+            return
+        try:
+            claims: dict[str, None] = {}
+            for raw_id, fields in await client.xrange(self._key, "-", "+"):
+                try:
+                    entry = Entry.parse(raw_id, fields)
+                except ValueError:
+                    continue
+                if entry.kind == DELTA:
+                    claims.setdefault(entry.claim)
+            self._shown.superseded.update(list(claims)[:-1])
+        except _UNREADABLE:
+            return
         finally:
             await client.aclose()
 
@@ -320,11 +349,20 @@ async def turn_events(
     last_event_id: str | None = None,
     max_s: float | None = None,
     shown_text: str | None = None,
+    latest_claim_only: bool = False,
 ) -> AsyncIterator[Event]:
     """The turn's events after `last_event_id` (from the start when None), until done or failed, or
     `max_s` seconds (MLCHAT_STREAM_MAX_S when None). `shown_text`: the text the caller showed up to
-    `last_event_id`, when it knows it; a resume whose place the stream lost then goes on from it."""
-    reader = TurnReader(turn_id, read_turn, last_event_id=last_event_id, max_s=max_s, shown_text=shown_text)
+    `last_event_id`, when it knows it; a resume whose place the stream lost then goes on from it.
+    `latest_claim_only`: a new reader skips the claims the stream's latest replaced."""
+    reader = TurnReader(
+        turn_id,
+        read_turn,
+        last_event_id=last_event_id,
+        max_s=max_s,
+        shown_text=shown_text,
+        latest_claim_only=latest_claim_only,
+    )
     await reader.open()
     async for event in reader.events():
         yield event

@@ -186,7 +186,6 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
 
     turn_id = _queued_turn()
     publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
-    publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
     assert publisher().flush()
 
     async def read() -> producer.TurnView:
@@ -196,7 +195,13 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
 
     async def frames() -> list[str]:
         turn = ChatTurn(turn_id, "elara", int(time.time()), stream=True)
-        return [frame["data"] async for frame in _chunks(turn, read)]
+        out = []
+        async for frame in _chunks(turn, read):
+            out.append(frame["data"])
+            if "Half a rep" in frame["data"]:  # shown: now the next claim writes the reply again
+                publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
+                assert publisher().flush()
+        return out
 
     try:
         data = asyncio.run(asyncio.wait_for(frames(), 60))

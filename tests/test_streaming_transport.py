@@ -5,6 +5,7 @@ and how long a stream may stay open."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 import time
@@ -311,6 +312,49 @@ def test_the_publisher_keeps_each_stream_bounded_and_expiring(monkeypatch) -> No
     assert 16 <= client.xlen(stream_key(turn_id)) <= 16 + node < 1000
     assert client.xrevrange(stream_key(turn_id), count=1)[0][1][b"text"] == b"999 "  # the newest kept
     assert 0 < client.ttl(stream_key(turn_id)) <= 120
+
+
+def _chat(turn_id: uuid.UUID) -> list[dict]:
+    """A streamed chat completion's chunks for the turn, read from the start (a new request)."""
+    from api.routes.chat_completions import _chunks
+    from services.live_chat import ChatTurn
+
+    async def read_turn() -> TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def frames() -> list[str]:
+        return [f["data"] async for f in _chunks(ChatTurn(turn_id, "elara", 0, stream=True), read_turn)]
+
+    return [
+        json.loads(d) if d != "[DONE]" else {"done": True}
+        for d in asyncio.run(asyncio.wait_for(frames(), 20))
+    ]
+
+
+def test_a_chat_stream_read_after_a_restart_follows_the_claim_that_answered() -> None:
+    """Found in review: a chat completion retried under its key once its turn had restarted read the
+    stream from its start: the replaced claim's text, then `restarted`, which ends a chat stream; every
+    retry failed the same way for as long as the stream lived, the turn done all along. And a claim
+    whose first delta was lost showed nothing, yet its successor still sent `restarted`."""
+    for first in [("old", "Half a rep", 1), ("old", "lost after a gap", 2)]:
+        turn_id = _turn()
+        old, new = str(uuid.uuid4()), str(uuid.uuid4())
+        claims = {"old": old}
+        _xadd(turn_id, (claims[first[0]], first[1], first[2]), (new, "A whole", 1), (new, " reply.", 2))
+        _answered(turn_id, "A whole reply.")
+        _end(turn_id)
+        chunks = _chat(turn_id)
+        assert not any("error" in c for c in chunks), chunks
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if "choices" in c)
+        assert text == "A whole reply." and chunks[-1] == {"done": True}
+    gap = _turn()
+    lost_first, new = str(uuid.uuid4()), str(uuid.uuid4())
+    _xadd(gap, (lost_first, "after its lost first delta", 2), (new, "A whole", 1), (new, " reply.", 2))
+    _answered(gap, "A whole reply.")
+    _end(gap)
+    assert "restarted" not in _codes(_read(gap))  # nothing of the first claim was shown: no take-back
 
 
 def test_a_superseded_claim_that_still_writes_is_ignored() -> None:

@@ -171,7 +171,10 @@ async def _chunks_from(  # type: ignore[no-untyped-def]
     before `deadline`."""
     left = max(deadline - time.monotonic(), 0.0)
     resumed = shown if last_id is not None else None
-    async for event in turn_events(turn.id, read, last_event_id=last_id, max_s=left, shown_text=resumed):
+    events = turn_events(
+        turn.id, read, last_event_id=last_id, max_s=left, shown_text=resumed, latest_claim_only=True
+    )
+    async for event in events:
         if event.kind == "delta" and not turn.whole:
             yield {
                 "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
