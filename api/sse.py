@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import anyio
@@ -43,6 +45,47 @@ class _Stream(EventSourceResponse):
             logger.info("a stream's reader took nothing for %g s; the stream ended", SEND_TIMEOUT_S)
 
 
-def sse_response(events: AsyncIterable[Any]) -> EventSourceResponse:
-    """`events` as a text/event-stream, with pings every MLCHAT_STREAM_PING_S and SEND_TIMEOUT_S."""
-    return _Stream(events, ping=max(1, int(settings.stream_ping_s)), send_timeout=SEND_TIMEOUT_S)
+# The server's shutdown (SIGTERM, a rolling deploy): sse-starlette cancels a stream and ends its body
+# cleanly, which a chat client reads as a whole reply. Each stream's own last frame says otherwise.
+SHUTDOWN_GRACE_S = 1.0
+
+
+async def _until_shutdown(
+    events: AsyncIterable[Any], shutdown: anyio.Event, farewell: Any
+) -> AsyncIterator[Any]:
+    """`events` until the server shuts down, then `farewell` (the stream's resumable end)."""
+    iterator = aiter(events)
+    stop = asyncio.ensure_future(shutdown.wait())
+    try:
+        while True:
+            following = asyncio.ensure_future(anext(iterator))
+            await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not following.done():  # shutting down: the turn goes on, its stream ends saying so
+                following.cancel()
+                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                    await following
+                yield farewell
+                return
+            try:
+                yield following.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def sse_response(events: AsyncIterable[Any], *, on_shutdown: Any = None) -> EventSourceResponse:
+    """`events` as a text/event-stream, with pings every MLCHAT_STREAM_PING_S and SEND_TIMEOUT_S;
+    `on_shutdown`, the frame sent last when the server shuts down while the stream is open."""
+    shutdown = anyio.Event()
+    body = events if on_shutdown is None else _until_shutdown(events, shutdown, on_shutdown)
+    return _Stream(
+        body,
+        ping=max(1, int(settings.stream_ping_s)),
+        send_timeout=SEND_TIMEOUT_S,
+        shutdown_event=shutdown,
+        shutdown_grace_period=SHUTDOWN_GRACE_S,
+    )

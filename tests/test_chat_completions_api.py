@@ -554,7 +554,9 @@ def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(m
     turn = live_chat.ChatTurn(uuid.uuid4(), "elara", 0, stream=True)
     calls: list[tuple[str | None, str | None]] = []
 
-    async def events(turn_id, read, *, last_event_id=None, max_s=None, shown_text=None):  # type: ignore[no-untyped-def]
+    async def events(
+        turn_id, read, *, last_event_id=None, max_s=None, shown_text=None, latest_claim_only=False
+    ):  # type: ignore[no-untyped-def]
         assert max_s is not None and 0 < max_s <= settings.stream_max_s  # a resume gets what is left
         calls.append((last_event_id, shown_text))
         if len(calls) == 1:

@@ -90,7 +90,10 @@ async def chat_completions(
         return await run_in_threadpool(visible_turn, turn.id, who)
 
     if turn.stream:
-        return sse_response(_chunks(turn, read))
+        message = f"turn {turn.id}: the server is restarting; the turn goes on: read /v1/turns/{turn.id}"
+        error = {"message": message, "type": "turn_error", "code": "unavailable"}
+        farewell = {"data": json.dumps({"error": error})}
+        return sse_response(_chunks(turn, read), on_shutdown=farewell)
     try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
         view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
     except DATABASE_OUTAGES:

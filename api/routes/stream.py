@@ -16,7 +16,7 @@ from api.deps import Caller, needs
 from api.routes.turns import visible_turn
 from api.sse import sse_response
 from services.producer import TurnView
-from streaming.reader import TurnReader, valid_event_id
+from streaming.reader import TurnReader, unavailable, valid_event_id
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
 
@@ -47,4 +47,6 @@ async def stream_turn(
             frame = {"event": event.kind, "data": json.dumps(event.data, ensure_ascii=False)}
             yield frame if event.id is None else frame | {"id": event.id}
 
-    return sse_response(frames())
+    ending = unavailable()  # resumable: the turn goes on while this API process restarts
+    farewell = {"event": ending.kind, "data": json.dumps(ending.data, ensure_ascii=False)}
+    return sse_response(frames(), on_shutdown=farewell)
