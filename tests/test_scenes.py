@@ -328,13 +328,19 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         {"custom_id": "ok#4", "character": "elara", "message": "hi"},
         {"custom_id": "nope#1", "character": "elara", "message": "hi"},
     ]
+    name = f"bad-scenes-{uuid.uuid4().hex[:8]}"
+    # review: a plain line in the conversation the run stores its scene "ok" under was answered in
+    # that scene, and the run could not be resubmitted (its conversation then held a scene)
+    lines.append(
+        {"custom_id": "intruder", "conversation": f"run:{name}:ok", "character": "haneul", "message": "hi"}
+    )
     path = tmp_path / "scenes.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
-    name = f"bad-scenes-{uuid.uuid4().hex[:8]}"
     with pytest.raises(RunValidationError) as caught:
         submit_run(path, name=name)
     reasons = {e.line: e.reason for e in caught.value.errors}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11]
+    assert sorted(reasons) == [2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 14]
+    assert reasons[14] == f"conversation: 'run:{name}:ok' is where this run's scene line 'ok' goes"
     assert reasons[11] == "custom_id: 'ok#2' is the name of step 2 of the scene on line 1"
     assert reasons[2].startswith("scene.participants:") and "at least 2" in reasons[2]
     assert reasons[3].startswith("scene.participants:") and "limit is 16" in reasons[3]

@@ -40,6 +40,7 @@ from db.runs import (
 from db.session import session_scope
 from db.turns import mark_dispatched
 from scenes.spec import SceneSpec
+from services.runs.line_keys import KEY_CHARS, line_key, scene_conversation
 from services.runs.openai_lines import LineOptions
 from services.runs.scene_lines import insert_run_scenes, stored_scene_ids
 from services.runs.validate import (
@@ -57,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 5000  # lines per transaction and COPY
 SCENE_CHUNK = 500  # scene lines per transaction (each is a few rows)
-_KEY_CHARS = 200  # turns.idempotency_key and conversations.external_id are varchar(200)
+_KEY_CHARS = KEY_CHARS
 
 __all__ = ["CHUNK", "RunBusy", "RunConflict", "SubmissionFailed", "SubmittedRun", "submit_run"]
 
@@ -152,7 +153,7 @@ def submit_run(
         # validation failed, say) takes the caller's, as its error asked.
         options = (kept if resumed else options or kept) or LineOptions()
         tenant = _stored_tenant(name)
-        check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines)
+        check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines, run_name=name)
         with session_scope() as session:
             run, created = create_run(
                 session=session,
@@ -284,7 +285,7 @@ def _store_and_send(
         """The scene lines not stored yet, read again from the file (those lines alone) a chunk at
         a time."""
         lines = (
-            (line.custom_id, _key(f"run:{name}", line.custom_id), line.scene)
+            (line.custom_id, scene_conversation(name, line.custom_id), line.scene)
             for number, text in iter_lines(path)
             if number in scene_lines and isinstance(text, str)
             for line in [check.reader.parse(text)]
@@ -360,12 +361,6 @@ def _send(ids: list[uuid.UUID], model: str) -> None:
         mark_dispatched(session=session, turn_ids=ids)
 
 
-def _key(prefix: str, custom_id: str) -> str:
-    """`<prefix>:<custom_id>`, or its digest when that would not fit varchar(200)."""
-    key = f"{prefix}:{custom_id}"
-    return key if len(key) <= _KEY_CHARS else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
 def _staged_turn(
     raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str, candidates: int
 ) -> StagedTurn:
@@ -379,9 +374,9 @@ def _staged_turn(
     if line.choices is not None:
         params["choices"] = line.choices
     return StagedTurn(
-        idempotency_key=_key(f"run:{run_id}", line.custom_id),
+        idempotency_key=line_key(f"run:{run_id}", line.custom_id),
         request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted
-        conversation=line.conversation or _key(f"run:{run_name}", line.custom_id),
+        conversation=line.conversation or scene_conversation(run_name, line.custom_id),
         character=line.character,
         player_name=line.player_name,
         story=line.story,

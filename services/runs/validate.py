@@ -21,6 +21,7 @@ from db.scenes import scene_conversations
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
 from scenes.spec import SceneSpec, name_clash
+from services.runs.line_keys import scene_conversation
 from services.runs.openai_lines import (
     LineOptions,
     RequestRefused,
@@ -301,6 +302,7 @@ def validate_file(
     *,
     tenant: str = DEFAULT_TENANT,
     every_error: bool = False,
+    run_name: str | None = None,
 ) -> FileCheck:
     """Check every line, its character and its conversation (the tenant's, in the database) before any
     insert. The first MAX_ERRORS_NAMED bad lines are named, the rest counted (`every_error`: all are
@@ -395,7 +397,19 @@ def validate_file(
     for use in uses.values():
         use.lines = [(number, character) for number, character in use.lines if number not in refused_lines]
         use.first_character = use.lines[0][1] if use.lines else None
-    conversation_errors = step_errors + _conversation_errors(uses, tenant)
+    # A line naming the conversation the run stores one of its scene lines under would be answered
+    # in that scene (by whoever the group's step picks, the scene landing on a 1:1 conversation), and
+    # the run could not be resubmitted: the conversation would hold a scene.
+    own_scenes = {scene_conversation(run_name, cid): cid for cid in scenes} if run_name else {}
+    scene_errors = [
+        LineError(number, f"conversation: {name!r} is where this run's scene line {own_scenes[name]!r} goes")
+        for name, use in uses.items()
+        if name in own_scenes
+        for number, _ in use.lines
+    ]
+    for name in own_scenes:
+        uses.pop(name, None)
+    conversation_errors = step_errors + scene_errors + _conversation_errors(uses, tenant)
     error_count += len(conversation_errors)
     errors.extend(conversation_errors)  # a list of the file's size already, cut below
     named = sorted(errors, key=lambda e: e.line)
