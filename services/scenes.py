@@ -6,11 +6,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select, update
 
 from core.paging import cut
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Conversation, Scene, Turn
+from db.models import Conversation, Message, Scene, Turn
 from db.scenes import (
     NewScene,
     NewStep,
@@ -92,10 +92,19 @@ def _create_group(
     lead = ids[spec.participants[0].character]
     row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
     conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
-    if session.scalar(select(Turn.id).where(Turn.conversation_id == conv_id).limit(1)) is not None:
-        has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
-        if has_scene is None:
-            raise SceneRefused(f"conversation: {spec.conversation!r} is a one-character conversation already")
+    # Lines imported into it count as its own (history import, the original service's shape): its
+    # player and character would otherwise stay the stored ones, past the name-clash check.
+    has_turns = exists().where(Turn.conversation_id == conv_id)
+    holds = session.scalar(select(has_turns | exists().where(Message.conversation_id == conv_id)))
+    has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
+    if holds and has_scene is None:
+        raise SceneRefused(f"conversation: {spec.conversation!r} is a one-character conversation already")
+    if not holds:  # an empty conversation stored before (an import of nothing): it is this group's
+        session.execute(
+            update(Conversation)
+            .where(Conversation.id == conv_id)
+            .values(character_id=lead, player_name=spec.player_name)
+        )
     scene = scene_of(
         spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
     )

@@ -1929,3 +1929,26 @@ def test_a_player_cannot_take_a_members_name_in_full_width_or_invisible_characte
     assert (name_clash(twins, {"ann": "Ann", "ann2": "Ａｎｎ\u2060"}) or "").startswith(
         "participants.1.character:"
     )
+
+
+def test_a_group_is_not_started_on_a_conversation_holding_imported_lines(world) -> None:
+    """Found in review: only turns made a conversation one-character; one holding imported lines and
+    no turn became a group keeping its stored player name ("Elara", past the name-clash check) and
+    its character as the lead, a non-member."""
+    from db.models import Message, Role
+    from db.world import find_characters, upsert_conversations
+    from services.scenes import SceneRefused
+
+    imported, empty = f"tavern-{uuid.uuid4().hex[:8]}", f"tavern-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        haneul = find_characters(session=s, slugs=["haneul"])["haneul"]
+        rows = [{"external_id": c, "character_id": haneul, "player_name": "Elara"} for c in (imported, empty)]
+        convs = upsert_conversations(session=s, rows=rows)
+        s.add(Message(conversation_id=convs[imported][0], seq=1, role=Role.USER, content="An old line."))
+    with pytest.raises(SceneRefused, match="^conversation: .* one-character conversation already"):
+        _group(conversation=imported)
+    _group(conversation=empty)  # stored empty: it becomes the group's, with the group's lead and player
+    with session_scope() as s:
+        stored = s.scalars(select(Conversation).where(Conversation.external_id == empty)).one()
+        luffy = find_characters(session=s, slugs=["luffy"])["luffy"]
+        assert (stored.character_id, stored.player_name) == (luffy, "Rowan")
