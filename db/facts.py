@@ -183,7 +183,8 @@ CROSS JOIN LATERAL (
     SELECT id, kind, text, source, scope, importance,
            CASE WHEN f.subject = f.player_id THEN '' ELSE f.subject END AS subject,
            (f.kind = 'player' AND f.subject = f.player_id AND f.player_id = c.player_id) AS about_player,
-           (f.subject = f.player_id AND f.player_id NOT IN ('', c.player_id)) AS about_other_player,
+           (f.kind = 'player' AND f.subject = f.player_id AND f.player_id NOT IN ('', c.player_id))
+               AS about_other_player,
            EXTRACT(EPOCH FROM (now() - created_at)) AS age_s,
            CASE WHEN q.same_space THEN embedding <=> q.vec END AS distance
     FROM facts f

@@ -801,8 +801,11 @@ def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_n
     (hit,) = [h for h in mine if h.id == written.id]
     (elsewhere,) = [h for h in theirs if h.id == written.id]
     (world,) = [h for h in mine if h.id == news.id]
+    (world_elsewhere,) = [h for h in theirs if h.id == news.id]
     assert hit.about_player and not elsewhere.about_player and not world.about_player
     assert elsewhere.about_other_player and not hit.about_other_player and not world.about_other_player
+    # review of that fix: a world fact written with no subject read "(someone else) …" to other players
+    assert not world_elsewhere.about_player and not world_elsewhere.about_other_player
     assert player not in elsewhere.subject + world.subject  # the id is shown nowhere
     context = TurnContext(recent=[HistoryLine(3, "user", "Hello again.", 3)], facts=[hit, world])
     built = PromptBuilder(tokenizer, "chat_template", 4096).build(
@@ -810,7 +813,7 @@ def test_a_game_fact_with_no_subject_names_the_player_as_the_conversation_does_n
     )
     assert "- (Rowan) Stole a silver ring from the innkeeper." in built.text
     assert "- The bridge to Eastmarch is out." in built.text and player not in built.text
-    stranger_context = TurnContext(recent=[], facts=[elsewhere, world])
+    stranger_context = TurnContext(recent=[], facts=[elsewhere, world_elsewhere])
     theirs_built = PromptBuilder(tokenizer, "chat_template", 4096).build(
         PromptInput(_card(), "Alex", "Seen any thieves?", stranger_context, 32)
     )
@@ -1152,3 +1155,27 @@ def test_a_locking_read_of_another_tenants_fact_neither_waits_on_nor_locks_its_r
         with session_scope() as stranger:
             stranger.execute(text("SET LOCAL lock_timeout = '2s'"))
             assert get_fact(session=stranger, tenant="another-tenant", fact_id=fact, lock=True) is None
+
+
+def test_the_memory_budget_keeps_the_oldest_summary_and_the_best_facts_before_newer_summaries(
+    tokenizer,
+) -> None:
+    """Found in review: summaries ranked newest first, so three fresh level-0 summaries (about 160
+    tokens each) filled the 512-token memory budget: the level-1 summary of the conversation's start,
+    its only memory of it, and the game's facts were the first left out."""
+    long = "Rowan and Elara talked at length about the road, the weather, the mill and the harvest. " * 6
+    context = TurnContext(
+        recent=[HistoryLine(900, "user", "Hello again.", 900)],
+        summaries=[
+            SummaryLine(1, 1, 1, 400, "Rowan's sister Mira went missing at the mill; he swore to find her."),
+            *(SummaryLine(i, 0, 400 + 100 * i, 499 + 100 * i, f"({i}) {long}") for i in (2, 3, 4)),
+        ],
+        facts=[_hit(10, "Rowan stole a ring from the innkeeper."), _hit(11, "Rowan owes Bram ten coins.")],
+    )
+    built = PromptBuilder(tokenizer, "chat_template", 4096).build(
+        PromptInput(_card(), "Rowan", "What do you know about me?", context, 32, memory_tokens=420)
+    )
+    kept = [s["id"] for s in built.manifest["summary"]]
+    assert 1 in kept and 4 in kept  # the start of the conversation, and its newest summary
+    assert [f["id"] for f in built.manifest["facts"]] == [10, 11]
+    assert "Mira went missing at the mill" in built.text

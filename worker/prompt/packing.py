@@ -293,12 +293,17 @@ class PromptBuilder:
 
         # Candidates in priority order: the last two lines, the best events and memories, then the rest.
         recent_newest = list(reversed(ctx.recent))
-        # NPC memory: the summary (newest first) and the two best facts rank right after them.
-        summaries_newest = list(reversed(ctx.summaries))
+        # NPC memory ranks right after them: the oldest summary (the highest level, the only memory of
+        # the conversation's start), the newest, the two best facts, then the other summaries newest
+        # first. Newest first throughout, three fresh level-0 summaries filled the memory budget and
+        # the start of the conversation and the game's facts dropped in and out of the prompt.
+        summaries = list(ctx.summaries)  # oldest first
+        first, newest, middle = summaries[:1], summaries[1:][-1:], list(reversed(summaries[1:-1]))
         ordered: list[tuple[str, Any]] = (
             [("history", x) for x in recent_newest[:2]]
-            + [("summary", x) for x in summaries_newest]
+            + [("summary", x) for x in first + newest]
             + [("fact", x) for x in ctx.facts[:2]]
+            + [("summary", x) for x in middle]
             + [("event", x) for x in ctx.events[:2]]
             + [("memory", x) for x in ctx.similar[:2]]
             + [("history", x) for x in recent_newest[2:]]
