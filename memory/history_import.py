@@ -114,7 +114,10 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
         if item.get("is_system") is True or not text.strip():
             skipped += 1
             continue
-        lines.append((Role.USER if is_user else Role.ASSISTANT, text))
+        extra = item.get("extra")
+        # SillyTavern's narrator lines (/sys, /nar) are neither the player's nor the character's.
+        narrator = not is_user and isinstance(extra, dict) and extra.get("type") == "narrator"
+        lines.append((Role.NARRATOR if narrator else Role.USER if is_user else Role.ASSISTANT, text))
     return ParsedHistory(lines, user_name, skipped)
 
 

@@ -274,3 +274,28 @@ def _character_slugs() -> list[str]:
 
     with session_scope() as s:
         return all_character_slugs(session=s)
+
+
+def test_a_sillytavern_narrator_line_is_imported_as_the_narrators(tmp_path) -> None:
+    """Found in review: SillyTavern's narrator lines (/sys: not the user's, not hidden, extra.type
+    "narrator") were imported as the character's own, so summaries and facts credited the NPC."""
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    body = "\n".join(
+        json.dumps(x)
+        for x in [
+            {"user_name": "Rowan", "character_name": "Elara"},
+            {"name": "Elara", "is_user": False, "mes": "Welcome."},
+            {
+                "name": "System",
+                "is_user": False,
+                "is_system": False,
+                "mes": "Thunder rolls.",
+                "extra": {"type": "narrator"},
+            },
+        ]
+    )
+    assert _import(tmp_path, body, "sillytavern", external) == 0
+    assert [(role, text) for _, role, text, _ in _stored(external)] == [
+        ("assistant", "Welcome."),
+        ("narrator", "Thunder rolls."),
+    ]
