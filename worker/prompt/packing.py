@@ -298,10 +298,10 @@ class PromptBuilder:
         # first. Newest first throughout, three fresh level-0 summaries filled the memory budget and
         # the start of the conversation and the game's facts dropped in and out of the prompt.
         summaries = list(ctx.summaries)  # oldest first
-        first, newest, middle = summaries[:1], summaries[1:][-1:], list(reversed(summaries[1:-1]))
+        oldest, newest, middle = summaries[:1], summaries[1:][-1:], list(reversed(summaries[1:-1]))
         ordered: list[tuple[str, Any]] = (
             [("history", x) for x in recent_newest[:2]]
-            + [("summary", x) for x in first + newest]
+            + [("summary", x) for x in oldest + newest]
             + [("fact", x) for x in ctx.facts[:2]]
             + [("summary", x) for x in middle]
             + [("event", x) for x in ctx.events[:2]]
