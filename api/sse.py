@@ -48,33 +48,42 @@ class _Stream(EventSourceResponse):
 # The server's shutdown (SIGTERM, a rolling deploy): sse-starlette cancels a stream and ends its body
 # cleanly, which a chat client reads as a whole reply. Each stream's own last frame says otherwise.
 SHUTDOWN_GRACE_S = 1.0
+CLOSE_WAIT_S = 5.0  # for a stream's generator to finish closing
 
 
 async def _until_shutdown(
     events: AsyncIterable[Any], shutdown: anyio.Event, farewell: Any
 ) -> AsyncIterator[Any]:
-    """`events` until the server shuts down, then `farewell` (the stream's resumable end)."""
+    """`events` until the server shuts down, then `farewell` (the stream's resumable end). Each next
+    event is awaited in a task of its own (raced against the shutdown); whatever ends the stream (the
+    shutdown, the client gone, a send timed out), that task is cancelled and finished before `events`
+    is closed, so the stream's own generator is closed at once, not left running under a close."""
     iterator = aiter(events)
     stop = asyncio.ensure_future(shutdown.wait())
+    following: asyncio.Future[Any] | None = None
     try:
         while True:
             following = asyncio.ensure_future(anext(iterator))
             await asyncio.wait({following, stop}, return_when=asyncio.FIRST_COMPLETED)
             if not following.done():  # shutting down: the turn goes on, its stream ends saying so
-                following.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                    await following
                 yield farewell
                 return
+            done, following = following, None
             try:
-                yield following.result()
+                item = done.result()
             except StopAsyncIteration:
                 return
+            yield item
     finally:
         stop.cancel()
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        with anyio.move_on_after(CLOSE_WAIT_S, shield=True):  # the stream may be being cancelled itself
+            if following is not None and not following.done():
+                following.cancel()
+                with contextlib.suppress(BaseException):  # its cancellation, or what it raised
+                    await following
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def sse_response(events: AsyncIterable[Any], *, on_shutdown: Any = None) -> EventSourceResponse:
