@@ -48,9 +48,7 @@ def persona_pieces(
 ) -> list[Piece]:
     """The character's system text: system prompt, lore, character sheet, example dialogue."""
     default = default_system_prompt(char)
-    pieces: list[Piece] = [
-        ("system_prompt", None, fill_macros(character.system_prompt or default, char, user, default))
-    ]
+    pieces: list[Piece] = [("system_prompt", None, character.system_prompt or default)]  # filled once, below
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "before_char"]
     sheet = [
@@ -63,10 +61,8 @@ def persona_pieces(
     pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
-    pieces = [
-        (s, i, clean(fill_macros(t, char, user, default if s == "system_prompt" else "")))
-        for s, i, t in pieces
-    ]
+    original = {"system_prompt": default}  # {{original}} is the default there, nothing elsewhere
+    pieces = [(s, i, clean(fill_macros(t, char, user, original.get(s, "")))) for s, i, t in pieces]
     if character.example_dialogues:
         # The card's lines are cleaned, not the prompt's own labels: a format that escapes the
         # speakers' "Name:" in untrusted text would teach the model "Elara\u200b:" for its own cue.

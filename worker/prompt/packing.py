@@ -240,6 +240,8 @@ class PromptBuilder:
             user = self.sanitizer.among(user, names)  # nor the player's name as a member's line
             clean = _escaping_names(clean, [char, user, *names])
         narrator = item.speaker == "narrator"
+        if narrator and item.group is None:  # its lines are labelled too: none may open as another's
+            clean = _escaping_names(clean, [char, user, "Narrator"])
         budget = self.max_model_len - item.max_new_tokens
         lore = self._lore(item, char, user, clean)
         pieces_of = narrator_pieces if narrator else persona_pieces
@@ -423,6 +425,8 @@ class PromptBuilder:
                 stop = (*stop, "\n[Narrator]")
         elif narrator and item.group is not None:  # the narrator never speaks for a member or the player
             others = [label(n) for n in item.group.names] + [user]
+        elif narrator:  # nor, in a one-character conversation, for its character
+            others = [char, user]
         stop = stop + tuple(f"\n{name}:" for name in others if f"\n{name}:" not in stop)
         return BuiltPrompt(ids, text, stop, manifest, tuple(sources))
 
