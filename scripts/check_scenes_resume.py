@@ -210,7 +210,8 @@ def main() -> int:
             time.sleep(2)
             counts = _counts(name)
             done = counts["steps"].get("done", 0)  # type: ignore[attr-defined]
-            if not killed and done >= args.kill_worker_at * total:
+            ended = counts["run"] in ("completed", "failed", "cancelled")
+            if not killed and not ended and done >= args.kill_worker_at * total:  # mid-run, or not at all
                 victim = next(iter(workers))
                 os.killpg(workers[victim].pid, signal.SIGKILL)
                 workers[victim].wait()

@@ -54,6 +54,7 @@ from tenacity import retry, stop_after_delay, wait_fixed
 logger = logging.getLogger(__name__)
 
 BENCH_STATE_DIR = Path(__file__).resolve().parent.parent / ".mlchat" / "bench"
+DRIVER_MARK = "MLCHAT_FLEET_DRIVER"  # set by the driver for the workers it starts on its own services
 
 # GPUStack performance lab, gpt-oss-20b on one H100 with vLLM 0.10.2 (see the module docstring).
 H100_GPT_OSS_20B_TOKENS_PER_S = 19_129.0
@@ -326,7 +327,13 @@ def measure_point(
     from services.runs import cancel, submit_run
     from tasks.app import app
 
-    env = {**os.environ, "DATABASE_URL": database_url(), "REDIS_URL": broker_url()}
+    # The driver's own embedded services, named to its workers (the marker lets their guard take them).
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url(),
+        "REDIS_URL": broker_url(),
+        DRIVER_MARK: str(os.getpid()),
+    }
     command = [sys.executable, "-m", "scripts.fleet_simulator", "worker"]
     rates = ["--gpu-tokens-per-s", str(tokens_per_s), "--tpot-ms", str(tpot_ms)]
     procs = [
@@ -499,8 +506,9 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    refuse_configured_services()  # both roles: a worker started by hand would answer real turns
-    if Path(state).resolve() != BENCH_STATE_DIR:
+    if args.role == "drive" or DRIVER_MARK not in os.environ:  # a worker started by hand is refused too
+        refuse_configured_services()
+    if Path(state).resolve() != BENCH_STATE_DIR.resolve():
         raise SystemExit(
             f"fleet_simulator: MLCHAT_STATE_DIR={state} is not the benchmark's own state "
             f"({BENCH_STATE_DIR}); its stand-in workers take real turns and it purges the queues: unset it"

@@ -64,3 +64,17 @@ def test_neither_role_runs_on_configured_services_or_another_state(monkeypatch, 
     monkeypatch.setenv("MLCHAT_STATE_DIR", str(tmp_path))
     with pytest.raises(SystemExit, match="MLCHAT_STATE_DIR=.* is not the benchmark's own state"):
         main([role, "--workers", "1", "--seconds", "0.1"])
+
+
+def test_a_worker_the_driver_starts_takes_the_drivers_services(monkeypatch) -> None:
+    """Review of the guard above: the driver names its own embedded services to its workers, which
+    the guard then refused, every one of them (the fleet benchmark could not start a worker)."""
+    import scripts.fleet_simulator as fleet
+
+    started: list[int] = []
+    monkeypatch.setattr(settings, "database_url", "postgresql://bench@127.0.0.1:9/mlchat")
+    monkeypatch.setenv("MLCHAT_STATE_DIR", str(fleet.BENCH_STATE_DIR))
+    monkeypatch.setenv(fleet.DRIVER_MARK, "1234")
+    monkeypatch.setattr(fleet, "run_worker", lambda index, *rates: started.append(index))
+    main(["worker", "--index", "3"])
+    assert started == [3]
