@@ -248,8 +248,9 @@ def pick_candidate(
 ) -> int:
     """pick: keep the candidate at `index` (whose text the writer saw as `text`) instead; the reply
     kept so far takes its place among the candidates, scores and seed swapped with it. A writer's
-    edit moved there is marked `edited` and carries no scores or seed (the model's were of other
-    text), and stays edited when picked back. Returns the review's new version."""
+    edit moved there is marked `edited` and carries no seed, and the model's scores it kept (of the
+    model's text), and stays edited, with those scores, when picked back. Returns the review's new
+    version."""
     turn = _answered(session, turn_id)
     alternatives = list(turn.alternatives or [])
     if not 0 <= index < len(alternatives):

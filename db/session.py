@@ -123,13 +123,24 @@ def get_probe_engine() -> Engine:
     return create_engine(database_url(), poolclass=NullPool, connect_args=connect_args)
 
 
+LOCK_POOL_KEPT = 2
+
+
 @cache
 def get_lock_engine() -> Engine:
-    """For advisory locks held across a block (db/advisory_locks.py): a connection of its own each
-    time, outside the request pool. A holder opens sessions inside its block, so with its lock
-    connection taken from that pool, ten submissions at once held all ten and each waited for an
-    eleventh (every request of the process with them) until the pool's timeout."""
-    return create_engine(database_url(), poolclass=NullPool, connect_args=CONNECT_ARGS)
+    """For advisory locks held across a block (db/advisory_locks.py): a pool of their own, outside
+    the request pool. A holder opens sessions inside its block, so with its lock connection taken
+    from that pool, ten submissions at once held all ten and each waited for an eleventh (every
+    request of the process with them) until the pool's timeout. It never waits either (a holder may
+    take a second lock): up to LOCK_POOL_KEPT connections are kept for reuse, any more are opened and
+    closed as locks need them."""
+    return create_engine(
+        database_url(),
+        pool_size=LOCK_POOL_KEPT,
+        max_overflow=-1,
+        pool_pre_ping=True,
+        connect_args=CONNECT_ARGS,
+    )
 
 
 @cache

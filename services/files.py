@@ -219,12 +219,19 @@ def find_file(file_id: str) -> FoundFile | None:
         return FoundFile(file_object(row), path, row.api_key, row.tenant, expired)
 
 
-def _visible(session: Any, file_id: str, api_key: str | None, admin: bool, tenant: str) -> StoredFile:
-    """The caller's file; past its expiry it is gone to them (not yet swept, or kept for a batch)."""
+def _visible(
+    session: Any, file_id: str, api_key: str | None, admin: bool, tenant: str, *, expired_too: bool = False
+) -> StoredFile:
+    """The caller's file; past its expiry it is gone to them (not yet swept, or kept for a batch),
+    except as a list's cursor (`expired_too`): a page's last file expiring before the next page is
+    asked for must not break the paging (the list itself shows no expired file)."""
     found = stored.get_file_and_expiry(session=session, file_id=file_id)
-    if found is None or found[1] or not (admin or _owns(found[0].api_key, found[0].tenant, api_key, tenant)):
+    if found is None:
         raise FileNotFound(f"no file {file_id!r}")
-    return found[0]
+    row, expired = found
+    if (expired and not expired_too) or not (admin or _owns(row.api_key, row.tenant, api_key, tenant)):
+        raise FileNotFound(f"no file {file_id!r}")
+    return row
 
 
 def list_files(
@@ -242,7 +249,7 @@ def list_files(
         cursor = None
         if after is not None:
             try:
-                cursor = _visible(session, after, api_key, admin, tenant)
+                cursor = _visible(session, after, api_key, admin, tenant, expired_too=True)
             except FileNotFound:
                 raise BadFileQuery(f"after: no file {after!r}") from None
         rows = stored.list_files(

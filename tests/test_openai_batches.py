@@ -1335,10 +1335,11 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
     assert httpx.get(f"{base_url}/v1/files/{input_id}/content", headers=admin).status_code == 404
     listed = httpx.get(f"{base_url}/v1/files", params={"limit": 10_000}, headers=admin).json()["data"]
     assert listed and input_id not in {f["id"] for f in listed}
-    # Found in review: DELETE and the list's `after` cursor still took a file past its expiry.
+    # Found in review: DELETE still took a file past its expiry (a 409 here, its batch running). As a
+    # list's cursor it still pages on: the page's last file may expire before the next is asked for.
     assert httpx.delete(f"{base_url}/v1/files/{input_id}", headers=admin).status_code == 404
     paged = httpx.get(f"{base_url}/v1/files", params={"after": input_id}, headers=admin)
-    assert paged.status_code == 400 and paged.json()["detail"].startswith("after:"), paged.text
+    assert paged.status_code == 200 and input_id not in {f["id"] for f in paged.json()["data"]}, paged.text
     with pytest.raises(batches.BatchRefused, match="^input_file_id: "):
         batches.create_batch(
             input_file_id=input_id,
