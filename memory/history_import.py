@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -48,6 +49,7 @@ class ParsedHistory:
 
 NAME_MAX = 200  # conversations.player_name, external_id and player_id
 TENANT_MAX = 64  # conversations.tenant
+TENANT_CHARS = re.compile(r"[A-Za-z0-9._-]*")  # as core/settings.py checks a key's tenant
 _SKIPPED_ROLES = ("system", "developer", "tool", "function")
 _ROLES = {
     "user": Role.USER,
@@ -247,6 +249,8 @@ def import_history(
         raise HistoryRefused("conversation: it is empty")
     if len(tenant) > TENANT_MAX:
         raise HistoryRefused(f"tenant: longer than {TENANT_MAX} characters")
+    if not TENANT_CHARS.fullmatch(tenant):  # a key's tenant (core/settings.py): none other reaches it
+        raise HistoryRefused("tenant: may hold only letters, digits, '.', '_' and '-'")
     for field, value in (
         ("conversation", conversation),
         ("player_id", player_id),

@@ -299,3 +299,22 @@ def test_a_sillytavern_narrator_line_is_imported_as_the_narrators(tmp_path) -> N
         ("assistant", "Welcome."),
         ("narrator", "Thunder rolls."),
     ]
+
+
+def test_an_import_under_a_tenant_no_key_can_name_is_refused(tmp_path, capsys) -> None:
+    """Found in review: the import checked the tenant's length only, so `--tenant "Acme Corp"` stored
+    a conversation no API key could ever reach, and said it was imported."""
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    log = tmp_path / "log.sillytavern"
+    log.write_text(SILLYTAVERN, encoding="utf-8")
+    args = ["history", "import", str(log), "--format", "sillytavern", "--conversation", external]
+    assert cli([*args, "--character", "elara", "--tenant", "Acme Corp"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tenant: may hold only letters, digits" in err and len(err.splitlines()) == 1
+    with session_scope() as s:
+        assert (
+            s.scalar(
+                select(func.count()).select_from(Conversation).where(Conversation.external_id == external)
+            )
+            == 0
+        )

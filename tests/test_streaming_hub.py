@@ -161,9 +161,11 @@ def test_one_status_query_a_check_interval_serves_every_reader(monkeypatch) -> N
     statements: list[str] = []
 
     def count(_conn: Any, _cursor: Any, statement: str, *_: Any) -> None:
-        # Reads of turns only: this session's worker and its housekeeping query the same database.
+        # Reads of turns only: this session's worker and its housekeeping query the same database
+        # (one of theirs, a `session.get` of a turn by its key, was counted once on a loaded clone).
         plain = " ".join(statement.split())
-        if plain.startswith("SELECT") and "FROM turns" in plain and " FOR " not in plain:
+        by_key = "WHERE turns.id = %(pk_1)s" in plain
+        if plain.startswith("SELECT") and "FROM turns" in plain and " FOR " not in plain and not by_key:
             statements.append(plain)
 
     async def crowd() -> tuple[int, list[list[Event]]]:
@@ -180,7 +182,9 @@ def test_one_status_query_a_check_interval_serves_every_reader(monkeypatch) -> N
         return during, await asyncio.wait_for(asyncio.gather(*readers), 20)
 
     during, seen = asyncio.run(crowd())
-    assert 3 <= during <= 7, statements  # about one a 0.2 s interval, not one a reader
+    # About one a 0.2 s interval, not one a reader (20 readers: 100 in the window). A loaded clone
+    # counted 11 once (late joins' first checks, and a worker's read by key): room for that.
+    assert 3 <= during <= 12, statements
     assert all(_codes(events) == ["cancelled"] for events in seen)
 
 
