@@ -210,7 +210,10 @@ def already_held(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> b
         return False
 
     def key(line: tuple[Role, str]) -> bytes:
-        return hashlib.blake2b(f"{line[0].value}\x00{line[1]}".encode(), digest_size=8).digest()
+        # A narrator line is matched as a character's: SillyTavern's narrator lines were imported as
+        # the character's before they were read as the narrator's, and such a log sent again is held.
+        role = Role.ASSISTANT if line[0] == Role.NARRATOR else line[0]
+        return hashlib.blake2b(f"{role.value}\x00{line[1]}".encode(), digest_size=8).digest()
 
     wanted, stored = b"".join(map(key, log)), b"".join(map(key, held))
     at = stored.find(wanted)

@@ -92,6 +92,10 @@ def test_a_log_held_only_in_part_is_appended_whole() -> None:
     assert already_held([a, b], [c, a, b, c]) and already_held([b], [a, b])
     assert not already_held([b, c], [a, b])  # only its first line ends the conversation: a new log
     assert not already_held([a, c], [a, b, c]) and not already_held([], [a])
+    # review: a SillyTavern log whose narrator lines an earlier import stored as the character's is
+    # held, not appended again now that they read as the narrator's
+    narration = (Role.NARRATOR, "Thunder rolls.")
+    assert already_held([a, narration], [a, (Role.ASSISTANT, "Thunder rolls.")])
 
 
 def test_the_original_services_history_json_is_imported(tmp_path) -> None:
