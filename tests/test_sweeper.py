@@ -5,6 +5,7 @@ A running turn whose lease expired is sent again once, however many sweeps follo
 
 import time
 import uuid
+from collections.abc import Callable
 
 from sqlalchemy import func, text
 
@@ -103,10 +104,34 @@ def test_a_running_turn_is_sent_again_once_its_lease_expires_not_after_the_visib
             conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
 
 
-def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monkeypatch) -> None:
+def _lost_behind_a_backlog(
+    model: str, run_id: uuid.UUID, n: int, between: Callable[[], object] = lambda: None
+) -> list[uuid.UUID]:
+    """n bulk turns whose message was lost two hours ago, then (after `between`) a backlog of n more
+    sent ten minutes ago in one message still in the queue; the lost turns' ids."""
     from sqlalchemy import update
 
     from db.models import Turn
+    from db.session import session_scope
+
+    def lines(tag: str) -> list[dict[str, str]]:
+        return [new_conversation() | {"message": f"{tag} {i}.", "model": model} for i in range(n)]
+
+    lost = enqueue_turns(lines("Lost"), send=False, lane="bulk", run_id=run_id)
+    between()
+    waiting = enqueue_turns(lines("Waiting"), lane="bulk", run_id=run_id)  # the backlog: one message
+    with session_scope() as s:
+        for ids, age in ((lost, "2 hours"), (waiting, "10 minutes")):
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
+            )
+    return lost
+
+
+def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monkeypatch) -> None:
+
     from db.runs import create_run
     from db.session import session_scope
 
@@ -117,18 +142,7 @@ def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monk
         )
         run_id = run.id
 
-    def lines(tag: str) -> list[dict[str, str]]:
-        return [new_conversation() | {"message": f"{tag} {i}.", "model": MODEL} for i in range(3)]
-
-    lost = enqueue_turns(lines("Lost"), send=False, lane="bulk", run_id=run_id)
-    waiting = enqueue_turns(lines("Waiting"), lane="bulk", run_id=run_id)  # the backlog: one message
-    with session_scope() as s:  # the lost ones went out two hours ago, the backlog ten minutes ago
-        for ids, age in ((lost, "2 hours"), (waiting, "10 minutes")):
-            s.execute(
-                update(Turn)
-                .where(Turn.id.in_(ids))
-                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
-            )
+    lost = _lost_behind_a_backlog(MODEL, run_id, 3)
     try:
         assert queue_depth(MODEL, "bulk") == 1
         # Both are older than the sweep's age; only the lost ones went out before the backlog's message.
@@ -146,29 +160,17 @@ def test_lost_bulk_turns_are_found_behind_a_memory_job_at_the_head_of_the_bulk_q
 ) -> None:
     """Found in review: the sweep read only the oldest bulk message's turns; a memory job there (the
     bulk lane carries them, and they name no turns) made it take no queued bulk turn for lost."""
-    from sqlalchemy import update
 
-    from db.models import Turn
-    from db.session import session_scope
     from tasks.memory import memory_job
 
     model, run_id = _model_and_run(monkeypatch)
 
-    def lines(tag: str) -> list[dict[str, str]]:
-        return [new_conversation() | {"message": f"{tag} {i}.", "model": model} for i in range(2)]
+    def a_memory_job() -> None:
+        memory_job.apply_async(
+            kwargs={"conversation_id": 1, "kind": "summary"}, queue=queue_for_model(model, "bulk")
+        )
 
-    lost = enqueue_turns(lines("Lost"), send=False, lane="bulk", run_id=run_id)
-    memory_job.apply_async(
-        kwargs={"conversation_id": 1, "kind": "summary"}, queue=queue_for_model(model, "bulk")
-    )
-    waiting = enqueue_turns(lines("Waiting"), lane="bulk", run_id=run_id)
-    with session_scope() as s:
-        for ids, age in ((lost, "2 hours"), (waiting, "10 minutes")):
-            s.execute(
-                update(Turn)
-                .where(Turn.id.in_(ids))
-                .values(dispatched_at=func.now() - text(f"interval '{age}'"))
-            )
+    lost = _lost_behind_a_backlog(model, run_id, 2, between=a_memory_job)
     try:
         assert queue_depth(model, "bulk") == 2
         assert resend_stranded(older_than_s=60, models=[model]) == {f"{model}/bulk": len(lost)}
