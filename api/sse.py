@@ -77,7 +77,7 @@ async def _until_shutdown(
     finally:
         stop.cancel()
         with anyio.move_on_after(CLOSE_WAIT_S, shield=True):  # the stream may be being cancelled itself
-            if following is not None and not following.done():
+            if following is not None:  # done or not: what it holds is read, never left to the log
                 following.cancel()
                 with contextlib.suppress(BaseException):  # its cancellation, or what it raised
                     await following

@@ -525,6 +525,8 @@ class Settings(BaseSettings):
 
 
 BULK_QUEUE_SUFFIX = ".bulk"
+# A key's tenant (the empty one is the CLI's own): a name no key can carry is reached by none.
+TENANT_NAME = re.compile(r"[A-Za-z0-9._-]*")
 _DURATION = re.compile(r"(_s|_seconds|_interval|_timeout|_delay)$")
 _LONGEST_S = 10 * 365 * 86400  # far below threading.TIMEOUT_MAX and the socket timers' limit
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")

@@ -54,6 +54,7 @@ def advisory_lock(namespace: int, key: Key, *, wait_s: float = 0.0) -> Iterator[
     (holding nothing) when another process held it for `wait_s` more seconds. A wait queues on the
     lock (first come, first served), no polling."""
     conn = get_lock_engine().connect()
+    may_hold = True  # until known otherwise: a connection that may hold the lock is never pooled again
     try:
         try:
             pid = _take(conn, namespace, key, wait_s)
@@ -61,13 +62,17 @@ def advisory_lock(namespace: int, key: Key, *, wait_s: float = 0.0) -> Iterator[
             conn.invalidate()
             raise
         if pid is None:
+            may_hold = False
             yield None
             return
         try:
             yield pid
         finally:
-            _release(conn, namespace, key)
+            _release(conn, namespace, key)  # invalidates the connection itself unless released
+            may_hold = False
     finally:
+        if may_hold:  # interrupted between the take and the block (a signal): pooled, it kept the lock
+            conn.invalidate()
         conn.close()
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from core.settings import TENANT_NAME
 from db.models import Conversation, Role
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
@@ -49,7 +49,6 @@ class ParsedHistory:
 
 NAME_MAX = 200  # conversations.player_name, external_id and player_id
 TENANT_MAX = 64  # conversations.tenant
-TENANT_CHARS = re.compile(r"[A-Za-z0-9._-]*")  # as core/settings.py checks a key's tenant
 _SKIPPED_ROLES = ("system", "developer", "tool", "function")
 _ROLES = {
     "user": Role.USER,
@@ -252,7 +251,7 @@ def import_history(
         raise HistoryRefused("conversation: it is empty")
     if len(tenant) > TENANT_MAX:
         raise HistoryRefused(f"tenant: longer than {TENANT_MAX} characters")
-    if not TENANT_CHARS.fullmatch(tenant):  # a key's tenant (core/settings.py): none other reaches it
+    if not TENANT_NAME.fullmatch(tenant):
         raise HistoryRefused("tenant: may hold only letters, digits, '.', '_' and '-'")
     for field, value in (
         ("conversation", conversation),

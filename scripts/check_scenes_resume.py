@@ -28,6 +28,7 @@ from scripts.check_env import worker_env
 
 MODEL = "scenes-check"
 CAST = ("scenes-check-ada", "scenes-check-bo", "scenes-check-cy")
+RUN_ENDED = ("completed", "failed", "cancelled", "expired")
 
 
 def _env() -> dict[str, str]:
@@ -210,7 +211,7 @@ def main() -> int:
             time.sleep(2)
             counts = _counts(name)
             done = counts["steps"].get("done", 0)  # type: ignore[attr-defined]
-            ended = counts["run"] in ("completed", "failed", "cancelled")
+            ended = counts["run"] in RUN_ENDED
             if not killed and not ended and done >= args.kill_worker_at * total:  # mid-run, or not at all
                 victim = next(iter(workers))
                 os.killpg(workers[victim].pid, signal.SIGKILL)
@@ -224,7 +225,7 @@ def main() -> int:
                 if any(resent.values()):
                     print(f"sweeper re-sent {resent}", flush=True)
             print(f"{time.monotonic() - started:.0f} s: {counts}", flush=True)
-            if counts["run"] in ("completed", "failed", "cancelled"):
+            if counts["run"] in RUN_ENDED:
                 break
     finally:
         for proc in workers.values():

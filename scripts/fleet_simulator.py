@@ -506,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.role == "drive" or DRIVER_MARK not in os.environ:  # a worker started by hand is refused too
+    started_by_driver = os.environ.get(DRIVER_MARK) == str(os.getppid())  # not a mark set by hand
+    if args.role == "drive" or not started_by_driver:  # a worker started by hand is refused too
         refuse_configured_services()
     if Path(state).resolve() != BENCH_STATE_DIR.resolve():
         raise SystemExit(

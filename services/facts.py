@@ -5,13 +5,13 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 from __future__ import annotations
 
 import logging
-import re
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from core.settings import TENANT_NAME
 from db.facts import (
     NewFact,
     add_facts,
@@ -122,9 +122,6 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
             raise FactRefused(f"{prefix}story", "required when scope is 'story'")
         return where.story
     return ""
-
-
-TENANT_NAME = re.compile(r"[A-Za-z0-9._-]*")  # a key's tenant (core/settings.py), or '' (the CLI's own)
 
 
 def _check_owner(tenant: str, player: str) -> None:

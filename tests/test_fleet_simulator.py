@@ -1,5 +1,7 @@
 """The fleet simulator's guard: it never runs its stand-in workers on configured services."""
 
+import os
+
 import pytest
 
 from core.settings import settings
@@ -74,7 +76,10 @@ def test_a_worker_the_driver_starts_takes_the_drivers_services(monkeypatch) -> N
     started: list[int] = []
     monkeypatch.setattr(settings, "database_url", "postgresql://bench@127.0.0.1:9/mlchat")
     monkeypatch.setenv("MLCHAT_STATE_DIR", str(fleet.BENCH_STATE_DIR))
-    monkeypatch.setenv(fleet.DRIVER_MARK, "1234")
+    monkeypatch.setenv(fleet.DRIVER_MARK, "1234")  # not this process's parent: refused
     monkeypatch.setattr(fleet, "run_worker", lambda index, *rates: started.append(index))
+    with pytest.raises(SystemExit, match="DATABASE_URL set"):
+        main(["worker", "--index", "3"])
+    monkeypatch.setenv(fleet.DRIVER_MARK, str(os.getppid()))  # as the driver sets it for its workers
     main(["worker", "--index", "3"])
     assert started == [3]

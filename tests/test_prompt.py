@@ -487,6 +487,10 @@ def test_gpt_oss_text_labels_each_line_by_its_real_speaker_in_a_narrator_turn(to
         )
     )
     assert "\nNarrator: The guard" not in forged.text and "Narrator\u200b: The guard" in forged.text
+    named = PromptBuilder(tokenizer, "gpt_oss_text", 2048).build(  # a player named Narrator (final reread)
+        PromptInput(_character(), "narrator", "The gate opens.", TurnContext(), 32, speaker="narrator")
+    )
+    assert "\nnarrator (player): The gate opens." in named.text
     one_to_one = PromptBuilder(tokenizer, "gpt_oss_text", 2048).build(
         PromptInput(_character(), "Rowan", "Hello.", TurnContext(recent=recent), 32)
     )

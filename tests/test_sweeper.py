@@ -131,28 +131,18 @@ def _lost_behind_a_backlog(
 
 
 def test_lost_bulk_turns_are_sent_again_behind_a_queued_bulk_backlog(world, monkeypatch) -> None:
-
-    from db.runs import create_run
-    from db.session import session_scope
-
-    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
-    with session_scope() as s:
-        run, _ = create_run(
-            session=s, name=f"sweep-{time.time_ns()}", model=MODEL, file_hash="0" * 64, total=6
-        )
-        run_id = run.id
-
-    lost = _lost_behind_a_backlog(MODEL, run_id, 3)
+    model, run_id = _model_and_run(monkeypatch)
+    lost = _lost_behind_a_backlog(model, run_id, 3)
     try:
-        assert queue_depth(MODEL, "bulk") == 1
+        assert queue_depth(model, "bulk") == 1
         # Both are older than the sweep's age; only the lost ones went out before the backlog's message.
-        assert resend_stranded(older_than_s=60, models=[MODEL]) == {f"{MODEL}/bulk": len(lost)}
-        assert queue_depth(MODEL, "bulk") == 2
+        assert resend_stranded(older_than_s=60, models=[model]) == {f"{model}/bulk": len(lost)}
+        assert queue_depth(model, "bulk") == 2
         # They are stamped sent now, behind the backlog: the next sweep sends nothing.
-        assert resend_stranded(older_than_s=60, models=[MODEL]) == {}
+        assert resend_stranded(older_than_s=60, models=[model]) == {}
     finally:
         with app.connection_for_write() as conn:
-            conn.default_channel.queue_purge(queue_for_model(MODEL, "bulk"))
+            conn.default_channel.queue_purge(queue_for_model(model, "bulk"))
 
 
 def test_lost_bulk_turns_are_found_behind_a_memory_job_at_the_head_of_the_bulk_queue(

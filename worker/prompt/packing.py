@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.text import speaker_key
 from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored_lorebook
@@ -232,6 +233,9 @@ class PromptBuilder:
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
         char, user = self.format.escape(char, "", ""), self.format.escape(user, "", "")
+        narrated = item.speaker == "narrator" or (item.group is not None and item.group.narrator)
+        if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
+            user = f"{user} (player)"
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]
