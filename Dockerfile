@@ -28,6 +28,10 @@ COPY scripts ./scripts
 COPY migrations ./migrations
 COPY api ./api
 COPY roleplay ./roleplay
+COPY streaming ./streaming
+COPY memory ./memory
+COPY scenes ./scenes
+COPY structured ./structured
 RUN pip install --no-cache-dir --no-deps .
 
 FROM base AS runtime
@@ -52,6 +56,10 @@ COPY scripts ./scripts
 COPY migrations ./migrations
 COPY api ./api
 COPY roleplay ./roleplay
+COPY streaming ./streaming
+COPY memory ./memory
+COPY scenes ./scenes
+COPY structured ./structured
 COPY data ./data
 USER 10001
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state

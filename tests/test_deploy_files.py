@@ -28,6 +28,25 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path) -> None:
     assert result.returncode != 0 and "DL3007" in result.stdout  # the checker really checks
 
 
+def test_every_package_of_the_product_is_installed_and_copied_into_the_image() -> None:
+    """Found this stop: `memory`, `scenes` and `structured` were missing from pyproject's packages and,
+    with `streaming`, from both stages of the Dockerfile, so the image's worker and API could not
+    import them (the suite runs from the source tree and never noticed)."""
+    import tomllib
+
+    packages = {d.name for d in PROJECT_ROOT.iterdir() if (d / "__init__.py").is_file()} - {"tests"}
+    assert {"core", "worker", "memory", "streaming"} <= packages
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    assert packages - set(pyproject["tool"]["setuptools"]["packages"]) == set()
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text(encoding="utf-8")
+    stages = {
+        m[1]: m[2] for m in re.finditer(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S)
+    }
+    for stage in ("build", "runtime"):
+        copied = set(re.findall(r"^COPY (\w+) \./(\w+)$", stages[stage], re.M))
+        assert packages - {name for name, into in copied if name == into} == set(), stage
+
+
 def test_the_compose_file_matches_the_compose_spec(tmp_path) -> None:
     check = [str(BIN / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec"]
     result = _run(*check, "docker-compose.yml")
