@@ -409,7 +409,8 @@ class Settings(BaseSettings):
     def _durations_fit_a_timer(cls, value: Any, info: ValidationInfo) -> Any:
         # A wait or socket timeout past what the platform's timers take raises OverflowError at first
         # use (a housekeeping thread dead, every Redis connection failing), naming no variable.
-        if _DURATION.search(info.field_name or "") and isinstance(value, int | float) and value > _LONGEST_S:
+        timer = _DURATION.search(info.field_name or "") and info.field_name not in _NOT_TIMERS
+        if timer and isinstance(value, int | float) and value > _LONGEST_S:
             raise ValueError(f"{value} seconds; the limit is {_LONGEST_S} (ten years)")
         return value
 
@@ -527,6 +528,9 @@ class Settings(BaseSettings):
 BULK_QUEUE_SUFFIX = ".bulk"
 # A key's tenant (the empty one is the CLI's own): a name no key can carry is reached by none.
 TENANT_NAME = re.compile(r"[A-Za-z0-9._-]*")
+# A duration that is no wait or timeout (a decay constant): any size goes. (The callback retry
+# window is bounded all the same: now() minus it must stay a timestamp PostgreSQL can hold.)
+_NOT_TIMERS = frozenset({"memory_fact_half_life_s"})
 _DURATION = re.compile(r"(_s|_seconds|_interval|_timeout|_delay)$")
 _LONGEST_S = 10 * 365 * 86400  # far below threading.TIMEOUT_MAX and the socket timers' limit
 _WINDOW = re.compile(r"^([1-9][0-9]{0,6})([smh])$")

@@ -249,3 +249,13 @@ def test_auto_prompt_format_prompts_gpt_oss_as_plain_dialogue() -> None:
         model="solar-10.7b", model_path="upstage/SOLAR-10.7B-Instruct-v1.0"
     ).resolved_prompt_format == ("solar")
     assert Settings(model="smollm2-135m").resolved_prompt_format == "chat_template"
+
+
+def test_durations_that_are_no_timer_take_any_size() -> None:
+    """Review of the ten-year bound: a fact half-life of 1e12 s ("never fades") is a decay constant,
+    no timer, and was refused with the timers; the callback retry window stays bounded (PostgreSQL's
+    timestamps end 4713 BC: now() minus 1e12 s is out of range)."""
+    assert Settings(memory_fact_half_life_s=1e12).memory_fact_half_life_s == 1e12
+    for bounded in ("housekeeping_interval_s", "callback_retry_window_s"):
+        with pytest.raises(ValidationError, match="the limit is"):
+            Settings(**{bounded: 1e12})
