@@ -542,3 +542,19 @@ def test_example_dialogue_keeps_the_prompts_own_speaker_labels_unescaped(tokeniz
         PromptInput(_character(), "Rowan", "Hello.", TurnContext(), 32)
     )
     assert "[Example dialogue]\nUser: Any work?\nElara: Always, for a price." in built.text
+
+
+def test_lore_and_the_system_prompt_are_filled_once_so_a_players_name_stays_as_written(tokenizer) -> None:
+    """Review: lore fired filled (the lorebook fills it) was filled again with the persona, and the
+    card's system prompt twice too, so a player named "{{char}}" became the character in them."""
+    card = _character()
+    card.system_prompt = "You are {{char}}; {{user}} is your guest."
+    card.lorebook = Lorebook.model_validate(
+        {"entries": [{"id": "debt", "keys": ["debt"], "content": "{{user}} owes {{char}} a debt."}]}
+    )
+    built = PromptBuilder(tokenizer, "chat_template", 2048).build(
+        PromptInput(card, "{{char}}", "About my debt.", TurnContext(), 32)
+    )
+    assert "You are Elara; {{char}} is your guest." in built.text
+    assert "{{char}} owes Elara a debt." in built.text and "Elara owes Elara" not in built.text
+    assert sum(built.manifest["sections"].values()) == len(built.token_ids)

@@ -62,7 +62,7 @@ def persona_pieces(
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
     original = {"system_prompt": default}  # {{original}} is the default there, nothing elsewhere
-    pieces = [(s, i, clean(fill_macros(t, char, user, original.get(s, "")))) for s, i, t in pieces]
+    pieces = [(s, i, clean(_filled(s, t, char, user, original.get(s, "")))) for s, i, t in pieces]
     if character.example_dialogues:
         # The card's lines are cleaned, not the prompt's own labels: a format that escapes the
         # speakers' "Name:" in untrusted text would teach the model "Elara\u200b:" for its own cue.
@@ -84,7 +84,13 @@ def narrator_pieces(
     pieces.append(("character_sheet", None, "[Setting]\n" + setting))
     if lore is not None:  # the world's lore is the narrator's too
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept]
-    return [(s, i, clean(fill_macros(t, char, user))) for s, i, t in pieces]
+    return [(s, i, clean(_filled(s, t, char, user))) for s, i, t in pieces]
+
+
+def _filled(section: str, text: str, char: str, user: str, original: str = "") -> str:
+    # A fired lore entry comes filled already (roleplay/lorebook.py::activate): filled again, a
+    # player named "{{char}}" would become the character in it.
+    return text if section == "lore" else fill_macros(text, char, user, original)
 
 
 # The system sections' items are one line each: a player's old line brought back as a memory (or a

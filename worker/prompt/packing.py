@@ -106,8 +106,8 @@ class _Packed:
 
 
 def _piece_of(fired: FiredEntry, char: str, user: str, clean: Callable[[str], str]) -> tuple[Any, str]:
-    """A fired entry as its persona piece holds it: its id, its text with macros filled, cleaned."""
-    return fired.entry.id, clean(fill_macros(fired.content, char, user))
+    """A fired entry as its persona piece holds it: its id, its text (filled when it fired), cleaned."""
+    return fired.entry.id, clean(fired.content)
 
 
 def _by_rank(
