@@ -147,6 +147,20 @@ class _Shown:
         return [*out, terminal(view)]
 
 
+async def _deltas(client: Any, key: str, last: str) -> list[Entry]:
+    """The stream's delta entries up to `last` ("+": all), oldest first; an entry that does not
+    parse is skipped, as the hub skips it (the stored reply makes up for it)."""
+    out = []
+    for raw_id, fields in await client.xrange(key, "-", last):
+        try:
+            entry = Entry.parse(raw_id, fields)
+        except ValueError:
+            continue
+        if entry.kind == DELTA:
+            out.append(entry)
+    return out
+
+
 def _client() -> Any:
     import redis.asyncio as aioredis
 
@@ -197,14 +211,9 @@ class TurnReader:
                 self._restart_first = not self._from_text_shown()
                 return
             first_seq: dict[str, int | None] = {}
-            for raw_id, fields in await client.xrange(self._key, "-", last):
-                try:
-                    entry = Entry.parse(raw_id, fields)
-                except ValueError:  # skipped, as the hub skips it (the stored reply makes up for it)
-                    continue
-                if entry.kind == DELTA:
-                    first_seq.setdefault(entry.claim, entry.seq)
-                    self._shown.take(entry)
+            for entry in await _deltas(client, self._key, last):
+                first_seq.setdefault(entry.claim, entry.seq)
+                self._shown.take(entry)
             self._cursor = last
             if first_seq.get(self._shown.claim) not in (None, 1):
                 # The claim's first deltas were trimmed: this reader cannot tell what the client
@@ -227,15 +236,8 @@ class TurnReader:
         except Exception:
             return
         try:
-            claims: dict[str, None] = {}
-            for raw_id, fields in await client.xrange(self._key, "-", "+"):
-                try:
-                    entry = Entry.parse(raw_id, fields)
-                except ValueError:
-                    continue
-                if entry.kind == DELTA:
-                    claims.setdefault(entry.claim)
-            self._shown.superseded.update(list(claims)[:-1])
+            claims = list(dict.fromkeys(entry.claim for entry in await _deltas(client, self._key, "+")))
+            self._shown.superseded.update(claims[:-1])
         except _UNREADABLE:
             return
         finally:

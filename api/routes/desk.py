@@ -294,10 +294,9 @@ async def _changed(request: Request, desk_: Desk, turn_id: uuid.UUID, what: str)
     """After a change: htmx swaps the line in place (on a run's page); a plain form, or one sent from
     the line's own page, whose change history and original reply would otherwise stay as they were,
     goes to the line's page."""
-    on_line_page = urlsplit(request.headers.get("hx-current-url", "")).path.endswith(f"/desk/lines/{turn_id}")
-    if request.headers.get("hx-request") and on_line_page:
-        return Response(headers={"HX-Redirect": f"/desk/lines/{turn_id}?saved={what}"})
     if request.headers.get("hx-request"):
+        if urlsplit(request.headers.get("hx-current-url", "")).path.endswith(f"/desk/lines/{turn_id}"):
+            return Response(headers={"HX-Redirect": f"/desk/lines/{turn_id}?saved={what}"})
         view = await run_in_threadpool(desk.line_page, desk_.who, turn_id)
         return _page(request, "_line.html", desk=desk_, line=view.line, saved=what, compact=True)
     return RedirectResponse(f"/desk/lines/{turn_id}?saved={what}", status_code=303)

@@ -49,10 +49,9 @@ def _card_examples(character: Character, tokenizer: Any) -> list[tuple[str, str]
     # `<|im_end|>` became a real end of turn in the training prompt, and a trained target).
     scrub = Sanitizer(tokenizer).scrub
 
-    def filled(
-        text: str, original: str = ""
-    ) -> str:  # then cleaned: a token split around a macro stays broken
-        return scrub(fill_macros(text, character.name, "User", original))  # as the prompt's own are filled
+    def filled(text: str, original: str = "") -> str:
+        # As the prompt's own are filled, then cleaned: a token split around a macro stays broken.
+        return scrub(fill_macros(text, character.name, "User", original))
 
     default = default_system_prompt(character.name)
     system = filled(character.system_prompt or default, default)

@@ -14,6 +14,6 @@ def line_key(prefix: str, custom_id: str) -> str:
     return key if len(key) <= KEY_CHARS else "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
-def scene_conversation(run_name: str, custom_id: str) -> str:
-    """The conversation a run's scene line is stored under (a fresh line's too)."""
+def line_conversation(run_name: str, custom_id: str) -> str:
+    """The conversation a run line that names none is stored under: a scene line's, a fresh line's."""
     return line_key(f"run:{run_name}", custom_id)

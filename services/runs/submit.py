@@ -40,7 +40,7 @@ from db.runs import (
 from db.session import session_scope
 from db.turns import mark_dispatched
 from scenes.spec import SceneSpec
-from services.runs.line_keys import KEY_CHARS, line_key, scene_conversation
+from services.runs.line_keys import KEY_CHARS, line_conversation, line_key
 from services.runs.openai_lines import LineOptions
 from services.runs.scene_lines import insert_run_scenes, stored_scene_ids
 from services.runs.validate import (
@@ -58,7 +58,6 @@ logger = logging.getLogger(__name__)
 
 CHUNK = 5000  # lines per transaction and COPY
 SCENE_CHUNK = 500  # scene lines per transaction (each is a few rows)
-_KEY_CHARS = KEY_CHARS
 
 __all__ = ["CHUNK", "RunBusy", "RunConflict", "SubmissionFailed", "SubmittedRun", "submit_run"]
 
@@ -108,8 +107,8 @@ def check_run_name(name: str, *, existing: bool = False) -> str:
     storable_text(name)
     if not name.strip():
         raise ValueError("run name: must not be empty")
-    if len(name) > _KEY_CHARS:
-        raise ValueError(f"run name: {len(name)} characters; the limit is {_KEY_CHARS}")
+    if len(name) > KEY_CHARS:
+        raise ValueError(f"run name: {len(name)} characters; the limit is {KEY_CHARS}")
     if "/" in name or "\\" in name or name in (".", ".."):  # it names the export's files
         raise ValueError(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
     if ":" in name and not existing:  # `run:<name>:<custom_id>` names a fresh conversation: one name, one run
@@ -285,7 +284,7 @@ def _store_and_send(
         """The scene lines not stored yet, read again from the file (those lines alone) a chunk at
         a time."""
         lines = (
-            (line.custom_id, scene_conversation(name, line.custom_id), line.scene)
+            (line.custom_id, line_conversation(name, line.custom_id), line.scene)
             for number, text in iter_lines(path)
             if number in scene_lines and isinstance(text, str)
             for line in [check.reader.parse(text)]
@@ -376,7 +375,7 @@ def _staged_turn(
     return StagedTurn(
         idempotency_key=line_key(f"run:{run_id}", line.custom_id),
         request_hash=hashlib.sha256(raw.strip().encode()).hexdigest(),  # the line as submitted
-        conversation=line.conversation or scene_conversation(run_name, line.custom_id),
+        conversation=line.conversation or line_conversation(run_name, line.custom_id),
         character=line.character,
         player_name=line.player_name,
         story=line.story,

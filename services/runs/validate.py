@@ -21,7 +21,7 @@ from db.scenes import scene_conversations
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
 from scenes.spec import SceneSpec, name_clash
-from services.runs.line_keys import scene_conversation
+from services.runs.line_keys import line_conversation
 from services.runs.openai_lines import (
     LineOptions,
     RequestRefused,
@@ -400,7 +400,7 @@ def validate_file(
     # A line naming the conversation the run stores one of its scene lines under would be answered
     # in that scene (by whoever the group's step picks, the scene landing on a 1:1 conversation), and
     # the run could not be resubmitted: the conversation would hold a scene.
-    own_scenes = {scene_conversation(run_name, cid): cid for cid in scenes} if run_name else {}
+    own_scenes = {line_conversation(run_name, cid): cid for cid in scenes} if run_name else {}
     scene_errors = [
         LineError(number, f"conversation: {name!r} is where this run's scene line {own_scenes[name]!r} goes")
         for name, use in uses.items()

@@ -61,8 +61,7 @@ def persona_pieces(
     pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
-    original = {"system_prompt": default}  # {{original}} is the default there, nothing elsewhere
-    pieces = [(s, i, clean(_filled(s, t, char, user, original.get(s, "")))) for s, i, t in pieces]
+    pieces = [(s, i, clean(_filled(s, t, char, user, default))) for s, i, t in pieces]
     if character.example_dialogues:
         # The card's lines are cleaned, not the prompt's own labels: a format that escapes the
         # speakers' "Name:" in untrusted text would teach the model "Elara\u200b:" for its own cue.
@@ -87,10 +86,13 @@ def narrator_pieces(
     return [(s, i, clean(_filled(s, t, char, user))) for s, i, t in pieces]
 
 
-def _filled(section: str, text: str, char: str, user: str, original: str = "") -> str:
+def _filled(section: str, text: str, char: str, user: str, default: str = "") -> str:
     # A fired lore entry comes filled already (roleplay/lorebook.py::activate): filled again, a
-    # player named "{{char}}" would become the character in it.
-    return text if section == "lore" else fill_macros(text, char, user, original)
+    # player named "{{char}}" would become the character in it. {{original}} is the default system
+    # prompt in the system prompt, nothing elsewhere.
+    if section == "lore":
+        return text
+    return fill_macros(text, char, user, default if section == "system_prompt" else "")
 
 
 # The system sections' items are one line each: a player's old line brought back as a memory (or a

@@ -233,7 +233,8 @@ class PromptBuilder:
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
         char, user = self.format.escape(char, "", ""), self.format.escape(user, "", "")
-        narrated = item.speaker == "narrator" or (item.group is not None and item.group.narrator)
+        narrator = item.speaker == "narrator"
+        narrated = narrator or (item.group is not None and item.group.narrator)
         if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
             user = f"{user} (player)"
         clean = self.cleaner(char, user)
@@ -243,7 +244,6 @@ class PromptBuilder:
                 names.append("Narrator")
             user = self.sanitizer.among(user, names)  # nor the player's name as a member's line
             clean = _escaping_names(clean, [char, user, *names])
-        narrator = item.speaker == "narrator"
         if narrator and item.group is None:  # its lines are labelled too: none may open as another's
             clean = _escaping_names(clean, [char, user, "Narrator"])
         budget = self.max_model_len - item.max_new_tokens
