@@ -157,3 +157,37 @@ def test_a_claimed_turn_starts_its_wait_afresh(world) -> None:
     with session_scope() as session:
         row = session.get_one(Turn, later)
         assert row.deferrals == 0 and row.deferred_since is None
+
+
+def test_a_stalled_earlier_turn_is_sent_when_the_claims_commit_reply_is_lost(world, monkeypatch) -> None:
+    # The claim stamps the stalled turn sent in its own transaction: if that commit went through but
+    # its reply was lost (the connection dropped), nothing else would send the turn for a visibility
+    # timeout. The batch's report must hold it whatever the commit's fate.
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    earlier, later = _conversation_turns()
+    _claim([earlier], lease_s=0.2)
+    time.sleep(0.4)  # its worker died
+
+    @contextmanager
+    def commit_then_lose_the_reply():  # type: ignore[no-untyped-def]
+        with session_scope() as session:
+            yield session
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(pipeline, "session_scope", commit_then_lose_the_reply)
+    report = pipeline.BatchReport()
+    try:
+        pipeline.process_batch([later], report=report)
+    except OperationalError:
+        pass
+    else:
+        raise AssertionError("the lost commit reply did not reach the batch")
+    assert [s.id for s in report.stalled] == [earlier]
+    with session_scope() as session:  # committed: no later look sends it again
+        assert session.get_one(Turn, earlier).dispatched_at is not None
+    assert not _claim([later]).stalled

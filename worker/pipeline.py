@@ -124,9 +124,11 @@ def process_batch(
             max_attempts=settings.max_attempts,
             wait_limit_s=settings.order_wait_limit_s,
         )
+        # Before the commit: the claim stamped these sent, and if the commit's reply is lost (it may
+        # have gone through) the batch's report must still send them, or nothing would for an hour.
+        report.stalled = claim.stalled
         mark_dispatched(session=session, turn_ids=list(claim.deferred))  # the task sends them again
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
-    report.stalled = claim.stalled
     report.failed.update(
         {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
     )
