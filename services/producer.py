@@ -591,11 +591,19 @@ def wait_for_reply(turn_id: uuid.UUID | str, timeout: float = 120.0, poll: float
 def cancel_turn(turn_id: uuid.UUID | str) -> bool:
     """Cancel a turn that has not started or whose worker is gone (db/turns.py cancel_turns); False
     if a worker is answering it or it finished. A cancelled turn that asked for a callback gets it
-    now (housekeeping would only find it 5 minutes later, as a callback whose message was lost)."""
+    now (housekeeping would only find it 5 minutes later, as a callback whose message was lost), and
+    a streamed one's stream ends now (no worker writes its end: readers would wait for a status check)."""
     from services.turn_callbacks import send_turn_callbacks
+    from streaming.publisher import publisher
 
     with session_scope() as session:
-        cancelled = cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
-        calls_back = [t for t in cancelled if session.get_one(Turn, t).callback_url]
+        cancelled = [
+            session.get_one(Turn, t)
+            for t in cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
+        ]
+        calls_back = [t.id for t in cancelled if t.callback_url]
+        streamed = [t.id for t in cancelled if t.params.get("stream")]
+    for each in streamed:
+        publisher().end(each)
     send_turn_callbacks(calls_back)
     return bool(cancelled)

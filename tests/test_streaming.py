@@ -100,6 +100,24 @@ def test_a_long_poll_answers_when_the_turn_ends_while_it_waits(base_url) -> None
     assert 1.5 <= waited < 10, f"answered after {waited:.1f} s"  # at the turn's end, not at once or at 30 s
 
 
+def test_a_streamed_turn_cancelled_through_the_api_ends_its_stream_at_once(base_url, monkeypatch) -> None:
+    # No worker writes the end of a turn cancelled by the API: the cancel itself must, or the stream
+    # waits for the readers' next status check (MLCHAT_STREAM_CHECK_S, then as long again for the end).
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "stream_check_s", 60.0)
+    turn_id = _queued_turn()
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=90) as r:
+        time.sleep(0.5)  # the reader follows the stream
+        started = time.monotonic()
+        cancelled = httpx.delete(f"{base_url}/v1/turns/{turn_id}", headers=OWNER)
+        assert cancelled.json()["cancelled"] is True
+        events = _events(r)
+        waited = time.monotonic() - started
+    assert [(event, data["status"]) for event, _, data in events] == [("error", "cancelled")]
+    assert waited < 30, f"the stream ended {waited:.0f} s after the cancel"
+
+
 def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
     turn_id = _queued_turn()
     before = time.time()
