@@ -240,10 +240,13 @@ def _last_line(session: Session, conversation_id: int) -> tuple[int | None, str]
     return (speaker_id if role != Role.USER else None), content
 
 
-def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | None = None) -> Member | None:
+def pick_speaker(
+    *, session: Session, scene: Scene, step: int, message: str | None = None, after: int | None = None
+) -> Member | None:
     """The member who speaks at `step`: by the scene's strategy over its stored lines (and a player's
-    `message` about to be stored, whose mentions come first in natural order). The narrator, when
-    a participant, is picked for steps only: a player's line is answered by a member (or by the
+    `message` about to be stored, whose mentions come first in natural order, answering `after`, the
+    member picked for an earlier line of the same call, when there is one). The narrator, when a
+    participant, is picked for steps only: a player's line is answered by a member (or by the
     narrator when the turn names it)."""
     members = members_of(session=session, conversation_id=scene.conversation_id)
     if scene.narrator is not None and message is None:
@@ -251,11 +254,15 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
     last_speaker, last_text = _last_line(session, scene.conversation_id)
     if message is not None:
         last_text = message
-        last_speaker = session.scalar(  # the player's line answers the member who spoke last
-            select(Turn.character_id)
-            .where(Turn.conversation_id == scene.conversation_id, Turn.character_id.is_not(None))
-            .order_by(Turn.number.desc())
-            .limit(1)
+        last_speaker = (  # the player's line answers the member who spoke last
+            after
+            if after is not None
+            else session.scalar(
+                select(Turn.character_id)
+                .where(Turn.conversation_id == scene.conversation_id, Turn.character_id.is_not(None))
+                .order_by(Turn.number.desc())
+                .limit(1)
+            )
         )
     else:
         # A turn not answered yet (a player's line queued, say) speaks before this step: it runs after
@@ -282,13 +289,20 @@ def pick_speaker(*, session: Session, scene: Scene, step: int, message: str | No
 
 
 def speaker_for_player(
-    *, session: Session, conversation_id: int, message: str, slug: str | None, pick: bool = True
+    *,
+    session: Session,
+    conversation_id: int,
+    message: str,
+    slug: str | None,
+    pick: bool = True,
+    earlier: Sequence[int | None] = (),
 ) -> int | None:
     """The member who answers a player's line: `slug` if named (an unmuted member), else the group's
     strategy (mentions in the line first, in natural order); None for a one-character conversation.
     ValueError naming `speaker_character` when the named speaker cannot answer, or `conversation`
     when the group is a run's scene (the run's steps alone speak in it). `pick=False`: no member
-    answers (the narrator does), only the checks are made."""
+    answers (the narrator does), only the checks are made. `earlier`: who answers the lines of the
+    same call before this one, not stored yet (None: the narrator), which the round goes on from."""
     scene = session.scalars(select(Scene).where(Scene.conversation_id == conversation_id)).one_or_none()
     if scene is None:
         if slug is not None:
@@ -308,7 +322,14 @@ def speaker_for_player(
             raise ValueError(f"speaker_character: {slug!r} is muted in this group")
         return member.character_id
     spoken = session.scalar(select(func.count()).where(Turn.conversation_id == conversation_id)) or 0
-    picked = pick_speaker(session=session, scene=scene, step=int(spoken) + 1, message=message)
+    members_before = [m for m in earlier if m is not None]
+    picked = pick_speaker(
+        session=session,
+        scene=scene,
+        step=int(spoken) + len(earlier) + 1,
+        message=message,
+        after=members_before[-1] if members_before else None,
+    )
     if picked is None:
         raise ValueError("speaker_character: every member of this group is muted")
     return picked.character_id

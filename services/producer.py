@@ -346,18 +346,22 @@ def _group_speakers(
     every request whose named speaker cannot answer."""
     speakers: list[int | None] = []
     errors = []
+    earlier: dict[int, list[int | None]] = {}  # by conversation: who answers this call's lines so far
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
+        conversation_id = conv_ids[req.conversation]
         try:
             speakers.append(
                 speaker_for_player(
                     session=session,
-                    conversation_id=conv_ids[req.conversation],
+                    conversation_id=conversation_id,
                     message=req.message,
                     slug=req.speaker_character,
                     pick=not narrator,
+                    earlier=earlier.get(conversation_id, ()),
                 )
             )
+            earlier.setdefault(conversation_id, []).append(speakers[-1])
         except ValueError as exc:
             field, _, reason = str(exc).partition(": ")
             errors.append(ItemError(i, field, reason))

@@ -758,6 +758,20 @@ def _group(**overrides):  # type: ignore[no-untyped-def]
     return start_group(GroupSpec.model_validate(spec))
 
 
+def test_several_player_lines_to_a_group_in_one_call_go_round_it_as_sent_one_by_one(world) -> None:
+    # Each line's pick read the stored turns alone, so every line of one call went to one member.
+    from services.producer import submit_turns
+
+    conv = _group(strategy="fixed", participants=["luffy", "elara", "haneul"])["conversation"]
+    lines = [{"conversation": conv, "message": f"Line {i}."} for i in range(4)]
+    lines[2] |= {"speaker_character": "luffy"}  # a named speaker takes their place in the round
+    stored = submit_turns(lines, send=False)
+    with session_scope() as s:
+        speaker = select(Character.slug).join(Turn, Turn.character_id == Character.id)
+        slugs = [s.scalar(speaker.where(Turn.id == t.id)) for t in stored]
+    assert slugs == ["luffy", "elara", "luffy", "elara"]
+
+
 def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:
     from services.producer import TurnRejected, submit_turns
 
