@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import select, text, update
+from sqlalchemy import case, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -55,6 +55,16 @@ class FactHit:
     @property
     def score(self) -> float:
         return self.relevance * self.recency * self.importance
+
+
+# The text a fact's vector embeds: "subject: text", or the text alone for a fact stored under the
+# player's own id (a game's fact written with no subject: never the id). In SQL for a re-embed.
+EMBEDDED_TEXT = case((Fact.subject == Fact.player_id, Fact.text), else_=Fact.subject + ": " + Fact.text)
+
+
+def embedded_text(*, subject: str, text: str, player_id: str) -> str:
+    """EMBEDDED_TEXT of a fact about to be stored (its subject and text as stored)."""
+    return text if subject == player_id else f"{subject}: {text}"
 
 
 def add_facts(*, session: Session, facts: Sequence[NewFact]) -> list[Fact]:

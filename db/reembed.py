@@ -15,22 +15,22 @@ from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
-from sqlalchemy import bindparam, case, delete, func, select, text, update
+from sqlalchemy import bindparam, delete, func, select, text, update
 from sqlalchemy.orm import Session
 
 from db.advisory_locks import advisory_lock, held_by
+from db.facts import EMBEDDED_TEXT
 from db.models import Fact, Message, ReembedProgress, StoryEvent
 from db.vector_space import move_to, same_weights
 
 _LOCK_NAMESPACE = 0x6D6C7265  # "mlre"
 _LOCK_KEY = 0
 
-# Each table with vectors, and the text its vector embeds, as written (facts: "subject: text", or the
-# text alone for a game's fact written with no subject, stored under the player's id: never the id).
+# Each table with vectors, and the text its vector embeds, as written.
 SOURCES: dict[str, tuple[Any, Any]] = {
     "messages": (Message, Message.content),
     "story_events": (StoryEvent, StoryEvent.text),
-    "facts": (Fact, case((Fact.subject == Fact.player_id, Fact.text), else_=Fact.subject + ": " + Fact.text)),
+    "facts": (Fact, EMBEDDED_TEXT),
 }
 
 

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from core.settings import settings
 from core.text import storable_output
-from db.facts import NewFact, add_facts, closest_fact, supersede
+from db.facts import NewFact, add_facts, closest_fact, embedded_text, supersede
 from db.memory_jobs import (
     EXTRACT,
     MEMORY_JOB_DEATHS,
@@ -184,10 +184,11 @@ def store_extracted(
         return counts
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
-    vectors = embed([f"{f.subject}: {f.text}" for f in facts])
+    stored = [(f.subject.strip(), f.text.strip()) for f in facts]
+    player = conversation.player_id
+    vectors = embed([embedded_text(subject=s, text=t, player_id=player) for s, t in stored])
     replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
-    for fact, vector in zip(facts, vectors, strict=True):
-        subject = fact.subject.strip()
+    for fact, (subject, fact_text), vector in zip(facts, stored, vectors, strict=True):
         close = closest_fact(
             session=session,
             tenant=conversation.tenant,
@@ -207,7 +208,7 @@ def store_extracted(
                     player_id=conversation.player_id,
                     kind=FactKind(fact.kind),
                     subject=subject,
-                    text=fact.text.strip(),
+                    text=fact_text,
                     source=source,
                     importance=fact.importance / 10,
                     scope=FactScope.CONVERSATION,

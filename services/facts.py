@@ -16,6 +16,7 @@ from db.facts import (
     NewFact,
     add_facts,
     conversation_owner,
+    embedded_text,
     fact_moves,
     get_fact,
     move_fact,
@@ -166,8 +167,9 @@ def write_facts_once(
             )
             if known is not None:
                 return _facts_by_id(session, tenant, known), True
-    # As db/reembed.py embeds them: a fact stored under the player's id embeds its text alone.
-    vectors = embed([f.text if (f.subject or player) == player else f"{f.subject}: {f.text}" for f in facts])
+    vectors = embed(
+        [embedded_text(subject=f.subject or player, text=f.text, player_id=player) for f in facts]
+    )
     return again_on_conflict(
         lambda: _store_facts(tenant, player, facts, vectors, idempotency_key, digest),
         what=f"facts of player {player!r}",

@@ -548,6 +548,35 @@ def _answer(*facts: tuple[str, int]) -> list[ExtractedFact]:
     return parsed
 
 
+def test_an_extracted_facts_vector_embeds_the_text_a_reembed_embeds() -> None:
+    # Extraction embedded the model's subject and text as answered (spaces and all) and stored them
+    # stripped; a fact about the player's own id embeds its text alone in a re-embed: dedup
+    # similarities moved after a re-embed by the same model.
+    import numpy as np
+
+    from db.reembed import SOURCES
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    body = [
+        {"subject": "  Rowan ", "kind": "player", "text": " Rowan keeps a lantern lit.  ", "importance": 6},
+        {"subject": player, "kind": "player", "text": "Owes the smith ten crowns.", "importance": 6},
+    ]
+    facts = parse_facts(json.dumps({"facts": body}))
+    assert facts is not None and len(facts) == 2
+    with session_scope() as s:
+        store_extracted(session=s, conversation=s.get_one(Conversation, conv_id), facts=facts, source="t:1")
+    _, embedded = SOURCES["facts"]
+    with session_scope() as s:
+        rows = s.execute(
+            select(embedded, Fact.embedding).where(Fact.player_id == player).order_by(Fact.id)
+        ).all()
+    assert [text for text, _ in rows] == ["Rowan: Rowan keeps a lantern lit.", "Owes the smith ten crowns."]
+    again = embed([text for text, _ in rows])
+    for (_, stored), vector in zip(rows, again, strict=True):
+        assert np.allclose(np.asarray(stored), vector, atol=1e-5)
+
+
 def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv_id = _conversation("elara", player)
