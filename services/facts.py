@@ -108,7 +108,14 @@ def _view(fact: Fact) -> FactView:
 
 
 def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix: str) -> str:
-    """What the scope names, checked: a conversation must be this tenant's and this player's."""
+    """What the scope names, checked: a conversation must be this tenant's and this player's, and
+    neither is named for a scope that does not read it (the fact would reach every NPC of the scope
+    given, not the one named)."""
+    for field, scope in (("conversation", FactScope.CONVERSATION), ("story", FactScope.STORY)):
+        if getattr(where, field) is not None and where.scope is not scope:
+            raise FactRefused(
+                f"{prefix}{field}", f"given, but scope is {where.scope.value!r} (set scope {scope.value!r})"
+            )
     if where.scope is FactScope.CONVERSATION:
         if not where.conversation:
             raise FactRefused(f"{prefix}conversation", "required when scope is 'conversation'")

@@ -141,6 +141,14 @@ def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -
         ({"facts": [{"text": "x", "scope": "story", "story": "river\x00side"}]}, "facts[0].story"),
         ({"facts": [{"text": "x", "supersedes": 2**63}]}, "facts[0].supersedes"),
         ({"facts": []}, "facts"),
+        # found in review: a conversation or story the scope does not read was dropped, and the fact
+        # stored for every NPC the player met (or the whole world) instead of the one named
+        ({"facts": [{"text": "x", "conversation": "c1"}]}, "facts[0].conversation"),
+        ({"facts": [{"text": "x", "scope": "world", "story": "riverside"}]}, "facts[0].story"),
+        (
+            {"facts": [{"text": "x", "scope": "story", "story": "riverside", "conversation": "c1"}]},
+            "facts[0].conversation",
+        ),
     ],
 )
 def test_bad_facts_are_refused_naming_the_field(base_url, body: dict, field: str) -> None:
@@ -244,6 +252,20 @@ def test_a_bad_move_is_refused_naming_the_field(
     )
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"][0]["field"] == field
+
+
+def test_a_move_naming_a_conversation_its_scope_does_not_read_is_refused(base_url) -> None:
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    mine = _conversation(_tenant("game-a"), player)
+    (fact,) = httpx.post(
+        f"{base_url}/v1/players/{player}/facts", headers=A, json={"facts": [{"text": "Rowan hums."}]}
+    ).json()["facts"]
+    refused = httpx.post(
+        f"{base_url}/v1/players/{player}/facts/{fact['id']}:move", headers=A, json={"conversation": mine}
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == "conversation"
+    assert [f["scope"] for f in _facts(base_url, A, player)] == ["met"]
 
 
 def test_a_nul_in_the_player_of_a_fact_write_is_refused(base_url) -> None:
