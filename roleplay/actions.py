@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from core.settings import settings
+from core.validation import first_error
 from roleplay.mood import EMOTIONS
 
 # Names are identifiers: no prompt markers, quotes, spaces or control characters can ride in them.
@@ -122,12 +123,7 @@ def check_actions(value: Any, where: str, *, stored: bool = False) -> list[Actio
     try:
         actions = _ACTIONS.validate_python(value)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        place = "".join(
-            f"[{p}]" if isinstance(p, int) else f".{p}" if p.isidentifier() else f"[{p!r}]"
-            for p in first["loc"]
-        )
-        raise ValueError(f"{where}{place}: {first['msg']}") from None
+        raise ValueError(first_error(exc, where)) from None
     names = [a.name for a in actions]
     for i, name in enumerate(names):
         if name in names[:i]:

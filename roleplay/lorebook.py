@@ -34,6 +34,7 @@ import regex
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from core.regex_size import MAX_PATTERN_CHARS, size_refusal
+from core.validation import first_error
 
 logger = logging.getLogger(__name__)
 
@@ -218,15 +219,20 @@ class Lorebook(BaseModel):
                 )
             except KeyError as exc:
                 raise ValueError(f"entries[{i}] has no {exc.args[0]!r}") from exc
+            except ValidationError as exc:
+                raise ValueError(first_error(exc, f"entries[{i}]")) from None
             except ValueError as exc:
                 raise ValueError(f"entries[{i}]: {exc}") from exc
-        return cls(
-            name=book.get("name", ""),
-            scan_depth=book.get("scan_depth", DEFAULT_SCAN_DEPTH),
-            token_budget=book.get("token_budget", DEFAULT_TOKEN_BUDGET),
-            recursive_scanning=book.get("recursive_scanning", False),
-            entries=parsed,
-        )
+        try:
+            return cls(
+                name=book.get("name", ""),
+                scan_depth=book.get("scan_depth", DEFAULT_SCAN_DEPTH),
+                token_budget=book.get("token_budget", DEFAULT_TOKEN_BUDGET),
+                recursive_scanning=book.get("recursive_scanning", False),
+                entries=parsed,
+            )
+        except ValidationError as exc:
+            raise ValueError(first_error(exc)) from None
 
 
 def to_character_book(book: Lorebook) -> dict[str, Any]:

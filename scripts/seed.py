@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from core.settings import PROJECT_ROOT
+from core.validation import first_error
 from db.session import session_scope
 from db.world import append_history_if_empty, upsert_character, upsert_conversation, upsert_story_events
 from roleplay.lorebook import Lorebook
@@ -73,9 +74,7 @@ def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:
     try:
         checked = TypeAdapter(list[item]).validate_python(raw)  # type: ignore[valid-type]
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in first["loc"])
-        raise SeedError(f"{path}: item{where}: {first['msg']}") from None
+        raise SeedError(f"{path}: {first_error(exc, 'item')}") from None
     return [one.model_dump(exclude_unset=True) for one in checked]  # nothing added that was not given
 
 
@@ -96,7 +95,7 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
                 c["lorebook"] = Lorebook.model_validate(c["lorebook"]).model_dump()
             except ValidationError as exc:
                 raise SeedError(
-                    f"{data_dir / 'characters.json'}: item[{i}].lorebook: {exc.errors()[0]['msg']}"
+                    f"{data_dir / 'characters.json'}: {first_error(exc, f'item[{i}].lorebook')}"
                 ) from None
     events = _read(data_dir / "story_events.json", _Event)
     conversations = _read(data_dir / "conversations.json", _Conversation)

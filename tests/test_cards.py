@@ -175,11 +175,26 @@ DEEP_REGEX = "/" + "(" * 450 + "a" + ")" * 450 + "/"  # past the parser's recurs
         # found in review: a TypeError (unhashable), a traceback in the CLI and a 500 at the API
         (json.dumps({"spec": [], "data": {"name": "A"}}).encode(), r"unsupported card spec \[\]"),
         (json.dumps({"spec": {"v": 2}, "data": {"name": "A"}}).encode(), "unsupported card spec"),
+        # found in review: pydantic's report of many lines (the CLI printed "1 validation error for
+        # LoreEntry" alone, naming nothing)
+        (
+            _card(character_book={"entries": [{"keys": ["a"], "content": "x", "insertion_order": "first"}]}),
+            r"^card\.data\.character_book: entries\[0\]\.insertion_order: Input should be a valid integer",
+        ),
+        (
+            _card(character_book={"entries": [{"keys": "abc", "content": "x"}]}),
+            r"^card\.data\.character_book: entries\[0\]\.keys: Input should be a valid list$",
+        ),
+        (
+            _card(character_book={"scan_depth": -1, "entries": []}),
+            r"^card\.data\.character_book: scan_depth: Input should be greater than or equal to 0$",
+        ),
     ],
 )
 def test_bad_cards_get_a_clear_error_and_store_nothing(world, raw, match) -> None:
-    with pytest.raises(CardError, match=match):
+    with pytest.raises(CardError, match=match) as refused:
         import_card(raw, "never-stored")
+    assert "\n" not in str(refused.value)
     with session_scope() as s:
         assert get_character(session=s, slug="never-stored") is None
 

@@ -35,3 +35,20 @@ def test_sample_world_has_korean_and_english_characters_and_real_vectors(world) 
         arr = np.asarray(vec)
         assert arr.shape == (384,)
         assert abs(np.linalg.norm(arr) - 1.0) < 1e-3
+
+
+def test_a_bad_lorebook_in_the_data_is_refused_naming_its_place(tmp_path) -> None:
+    # found in review: the message alone ("Input should be a valid list"), not where in the lorebook
+    import json
+
+    import pytest
+
+    from scripts.seed import SeedError
+
+    entry = {"id": 0, "keys": "a", "content": "x"}
+    character = {"slug": "bram", "name": "Bram", "persona": "A smith.", "lorebook": {"entries": [entry]}}
+    (tmp_path / "characters.json").write_text(json.dumps([character]))
+    with pytest.raises(
+        SeedError, match=r"item\[0\]\.lorebook\.entries\[0\]\.keys: Input should be a valid list"
+    ):
+        seed_world(tmp_path)
