@@ -258,6 +258,7 @@ class _ScriptedEngine:
         self._inside: set[str] = set()
         self._left: dict[str, int] = {}
         self.errors: set[int] = set()  # a request whose prompt starts with one ends with "error"
+        self.aborts: set[int] = set()  # one whose prompt starts with one is aborted by the core
 
     def add_request(self, request_id, prompt, params, **kwargs) -> None:  # type: ignore[no-untyped-def]
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -295,9 +296,10 @@ class _ScriptedEngine:
             written = "a" * (self.decode_steps - self._left[request_id])  # a token a step
             finished = self._left[request_id] == 0
             errored = finished and self.prompts[request_id][0] in self.errors
-            outputs.append(
-                _Out(request_id, finished=finished, text=written, reason="error" if errored else "stop")
-            )
+            if self.prompts[request_id][0] in self.aborts:  # the core stopping: it ends it mid-reply
+                finished, self._left[request_id], errored = True, 0, False
+            reason = "error" if errored else "abort" if self.prompts[request_id][0] in self.aborts else "stop"
+            outputs.append(_Out(request_id, finished=finished, text=written, reason=reason))
         self._inside = {r for r in self._inside if self._left[r]}
         return outputs
 
@@ -372,6 +374,22 @@ def test_a_request_the_engine_ended_with_an_error_fails_alone_as_a_retryable_eng
     assert isinstance(errored.exception(), EngineRequestError)
     assert fine.result().text == "aa" and fine.result().finish_reason == "stop"
     assert loop.dead is None  # one request's error, not the engine's
+
+
+def test_a_request_the_engine_core_aborted_is_handed_back_not_stored_cut_short() -> None:
+    """Found in review: a stop signal that reaches vLLM's core process too makes it abort what it
+    holds, each with the text so far and finish_reason "abort"; that half sentence was stored as the
+    finished reply (and a structured reply failed for good as unreadable)."""
+    from worker.engine import EngineDead
+
+    fake = _ScriptedEngine(decode_steps=3)
+    fake.aborts = {7}
+    loop = _loop(fake)
+    aborted, fine = loop.submit([([7, 1], None, LIVE, None), ([8, 1], None, LIVE, None)])
+    assert _all_done([aborted, fine], timeout=10)
+    error = aborted.exception()
+    assert isinstance(error, EngineDead) and not error.in_engine  # sent back uncharged, blamed on no one
+    assert fine.result().text == "aaa"
 
 
 def test_an_engine_with_no_step_progress_counts_as_dead_and_its_waiters_return() -> None:

@@ -620,6 +620,14 @@ class EngineLoop:
             # KV load that failed): nothing was generated, whatever text came with it.
             _resolve(job.future, error=EngineRequestError("the engine ended the request with an error"))
             return
+        if completion.finish_reason == "abort":
+            # Not this loop's cancel (those are forgotten first): the engine core aborts what it holds
+            # when a stop signal reaches it too (a process group's, a terminal's Ctrl-C). Its text is
+            # cut short: the turn goes back uncharged, as after any death not its fault.
+            from worker.engine import EngineDead
+
+            _resolve(job.future, error=EngineDead("the engine core aborted the request (it is stopping)"))
+            return
         job.future.set_result(
             Generation(
                 text=reply_text(completion.text, keep_edges=_keeps_edges(job.params)),
