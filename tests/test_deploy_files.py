@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from core.settings import PROJECT_ROOT, Settings
+from core.settings import PROJECT_ROOT, Settings, settings
 
 BIN = Path(sys.executable).parent
 
@@ -79,6 +79,24 @@ def test_every_role_of_the_compose_file_embeds_with_the_workers_embedder() -> No
     assert len(set(embedders.values())) == 1 and None not in embedders.values(), embedders
     worker = services[f"worker-{services['api']['environment']['MLCHAT_MODEL']}"]["environment"]
     assert services["api"]["environment"].get("MLCHAT_MODEL_PATH") == worker["MLCHAT_MODEL_PATH"]
+
+
+def test_compose_gives_workers_time_to_stop_and_every_role_the_env_file() -> None:
+    """Found in review: a worker's stop was Docker's 10 s before SIGKILL (a bulk batch cut mid-way),
+    settings put in .env reached no container, and the sweeper carried the worker's health check
+    (a metrics port it never serves: unhealthy for ever)."""
+    import yaml
+
+    services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
+    workers = {name: s for name, s in services.items() if name.startswith("worker-")}
+    assert len(workers) == 3
+    for name, worker in workers.items():
+        grace = worker.get("stop_grace_period", "10s")
+        seconds = int(grace[:-1]) * {"s": 1, "m": 60, "h": 3600}[grace[-1]]
+        assert seconds >= settings.lease_seconds, (name, grace)
+    app_roles = [s for s in services.values() if "DATABASE_URL" in s.get("environment", {})]
+    assert app_roles and all({"path": ".env", "required": False} in s.get("env_file", []) for s in app_roles)
+    assert services["sweeper"]["healthcheck"] == {"disable": True}
 
 
 def test_env_example_lists_every_setting() -> None:
