@@ -684,6 +684,32 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  \n\r\n"])
+def test_a_batch_whose_file_holds_no_requests_fails_saying_so(base_url, content: bytes) -> None:
+    # found in review: it completed, with no requests and empty output and error files
+    file_id = _upload(base_url, content).json()["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    batch = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body).json()
+    deadline = time.monotonic() + 60
+    while (state := httpx.get(f"{base_url}/v1/batches/{batch['id']}", headers=INGEST).json())[
+        "status"
+    ] not in ("failed", "completed"):
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert state["status"] == "failed", state
+    (error,) = state["errors"]["data"]
+    assert "holds no requests" in error["message"] and error["code"] == "invalid_request"
+
+
+def test_a_run_of_a_file_with_no_requests_is_refused_and_nothing_stored(world, tmp_path) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(b"\n\n")
+    with pytest.raises(ValueError, match="holds no requests"):
+        submit_run(path, name="empty-" + tmp_path.name)
+    with session_scope() as s:
+        assert s.scalars(select(Run).where(Run.name == "empty-" + tmp_path.name)).one_or_none() is None
+
+
 # --- what a crash, a full disk or a race leaves behind (each failed before its fix) -----------------
 
 

@@ -337,7 +337,9 @@ def validate_file(
         if every_error or len(errors) < MAX_ERRORS_NAMED:
             errors.append(LineError(number, reason))
 
+    lines_read = 0
     for number, text in iter_lines(path):
+        lines_read += 1
         if isinstance(text, BadEncoding):
             bad(number, str(text))
             continue
@@ -382,6 +384,8 @@ def validate_file(
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
+    if not lines_read:  # a run or batch of nothing would complete at once, having done nothing
+        raise ValueError("input file: it holds no requests (it is empty, or only blank lines)")
     # A scene's step k is stored as `<custom_id>#k`: another line of that name would share it.
     step_errors = [
         LineError(
