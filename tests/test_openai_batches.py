@@ -294,6 +294,19 @@ def test_a_line_that_is_not_a_well_formed_request_fails_the_whole_file(quiet_mod
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
 
 
+@pytest.mark.parametrize(
+    "first", ["{}", "null", "[1]", '{"custom_id": "x"}', '{"custom_id": "x", "metod": "POST"}']
+)
+def test_a_first_line_that_says_no_format_is_blamed_alone(quiet_model, tmp_path, first: str) -> None:
+    # found in review: the file was read as native lines from such a first line, and every good
+    # OpenAI line after it was blamed for its method, url and body
+    path = tmp_path / "first.jsonl"
+    path.write_text(first + "\n" + "".join(json.dumps(openai_line(c, USER)) + "\n" for c in "ab"))
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="oa-first-" + tmp_path.name)
+    assert [e.line for e in caught.value.errors] == [1]
+
+
 def test_a_system_message_is_by_default_the_lines_direction_for_the_scene(quiet_model, tmp_path) -> None:
     line = openai_line(
         "d",

@@ -231,14 +231,24 @@ def parse_line(text: str) -> RunLine:
 
 
 def detect_format(path: Path) -> FileFormat:
-    """The file's format, from its first line that parses: OpenAI batch lines carry method/url/body."""
+    """The file's format, from its first line that says: an OpenAI batch line carries method, url or
+    body, a native line a field of its own. A line that says neither (`{}`, `null`, a bare custom_id,
+    not JSON) decides nothing: read as the file's format, it is named bad on its own, where deciding
+    by it blamed every good line after it for the wrong fields."""
     for _, text in iter_lines(path):
         if isinstance(text, str):
             try:
-                return "openai" if is_openai_line(json.loads(text)) else "native"
+                data = json.loads(text)
             except (ValueError, RecursionError):  # not JSON, or not JSON that can be read
                 continue
+            if is_openai_line(data):
+                return "openai"
+            if isinstance(data, dict) and data.keys() & _NATIVE_ONLY:
+                return "native"
     return "native"
+
+
+_NATIVE_ONLY = frozenset(RunLine.model_fields) - {"custom_id"}
 
 
 class BadEncoding(ValueError):
