@@ -481,7 +481,9 @@ def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:
         assert find_run(session=s, ref=str(run_id)).id == run_id  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("name", ["a/b", "/tmp/x", "a\\b", ".", "..", "nightly:x"])
+# a lone surrogate and a NUL: a file's name (the default run name) may hold them (found in review:
+# the refusal named neither the run name nor --name)
+@pytest.mark.parametrize("name", ["a/b", "/tmp/x", "a\\b", ".", "..", "nightly:x", "night\udcffly", "a\x00b"])
 def test_a_run_name_that_names_no_file_of_its_own_is_refused(tmp_path, name) -> None:
     """Found in review: the export writes `<name>.results.jsonl` in its folder; a name with a "/" was
     a FileNotFoundError at export, and an absolute one wrote outside the folder. And a later review:

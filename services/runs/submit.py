@@ -104,7 +104,10 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
 def check_run_name(name: str, *, existing: bool = False) -> str:
     """A run name is stored in runs.name (varchar 200) and keys every fresh conversation of the run.
     `existing`: a run of that name is there already (made before `:` was refused: it may be resumed)."""
-    storable_text(name)
+    try:
+        storable_text(name)
+    except ValueError as exc:  # a name taken from a file's name may hold what no text can (--name sets it)
+        raise ValueError(f"run name: {exc} (set one with --name)") from None
     if not name.strip():
         raise ValueError("run name: must not be empty")
     if len(name) > KEY_CHARS:
