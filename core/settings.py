@@ -171,7 +171,8 @@ class Settings(BaseSettings):
     # production default is sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2.
     embedder: str = "bundled"
     embedding_dim: int = Field(default=384, ge=8, le=2000)  # pgvector's HNSW index takes 2,000 at most
-    embedder_device: str | None = None
+    # A torch device the embedder loads on (unset: cpu); a misspelt one failed only at first use.
+    embedder_device: str | None = Field(default=None, pattern=r"^(cpu|mps|hpu|(cuda|xpu|npu)(:[0-9]{1,2})?)$")
 
     # Batching.
     batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim

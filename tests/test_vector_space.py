@@ -750,3 +750,20 @@ def test_retrieval_of_a_process_whose_weights_a_reembed_left_compares_no_vectors
     assert "I saw a grey wolf by the river." in before[1]
     assert after[1] == []  # nothing similar compared across the swap
     assert after[0] == before[0]  # the recent window stays
+
+
+@pytest.mark.parametrize(("embedder", "device"), [("/no/such/embedder", None), ("bundled", "cuda:7")])
+def test_an_embedder_that_cannot_load_here_is_refused_in_one_line_naming_the_setting(
+    monkeypatch, embedder: str, device: str | None
+) -> None:
+    # found in review: the loader's own error (torch's AssertionError for a device this build lacks)
+    # reached the API as a 500 and the CLI as a traceback; refused as another embedder is, it is a
+    # 503 and one line
+    from worker.embedder import EmbedderUnavailable, get_embedder
+
+    monkeypatch.setattr(settings, "embedder", embedder)
+    monkeypatch.setattr(settings, "embedder_device", device)
+    with pytest.raises(EmbedderMismatch) as refused:
+        get_embedder.__wrapped__()  # the process's own embedder stays loaded
+    assert isinstance(refused.value, EmbedderUnavailable)
+    assert "MLCHAT_EMBEDDER" in str(refused.value) and "\n" not in str(refused.value)

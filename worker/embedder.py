@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+class EmbedderUnavailable(EmbedderMismatch):
+    """The configured embedder cannot be loaded here (no such model offline, a device this machine
+    lacks): refused in one line naming the setting, like another embedder."""
+
+
 class EmbedderDimensionError(EmbedderMismatch):
     """The embedder's vectors do not fit the database's vector column: refused like another
     embedder (one line: the worker exits 2, the API answers 503, the CLI exits 2)."""
@@ -39,7 +44,15 @@ def get_embedder() -> SentenceTransformer:
 
     source = _model_source(settings)
     logger.info("loading embedder %s", source)
-    model = SentenceTransformer(source, device=settings.embedder_device or "cpu")
+    device = settings.embedder_device or "cpu"
+    try:
+        model = SentenceTransformer(source, device=device)
+    except Exception as exc:  # a missing model, an unreadable one, or a device torch cannot use here
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EmbedderUnavailable(
+            f"MLCHAT_EMBEDDER={settings.embedder!r} cannot be loaded on {device!r} "
+            f"(MLCHAT_EMBEDDER_DEVICE): {reason}"
+        ) from exc
     check_dimension(model.get_embedding_dimension(), settings.embedding_dim)
     return model
 
