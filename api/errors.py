@@ -20,6 +20,7 @@ from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from roleplay.cards import CardError
+from services.files import FilesUnwritable
 from services.producer import EnqueueError, TurnRejected
 from structured.spec import GrammarBusy
 
@@ -107,7 +108,7 @@ async def _conflict(request: Request, exc: IdempotencyConflict) -> JSONResponse:
 RETRY_AFTER_S = 5
 
 
-async def _unavailable(request: Request, exc: EnqueueError) -> JSONResponse:
+async def _unavailable(request: Request, exc: EnqueueError | FilesUnwritable) -> JSONResponse:
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
         content={"detail": safe(exc)},
@@ -154,6 +155,7 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(TurnRejected, _rejected)  # type: ignore[arg-type]
     app.add_exception_handler(IdempotencyConflict, _conflict)  # type: ignore[arg-type]
     app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(FilesUnwritable, _unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
     app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]
     app.add_exception_handler(GrammarBusy, _grammar_busy)  # type: ignore[arg-type]

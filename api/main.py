@@ -34,6 +34,7 @@ from api.routes import (
 from api.routes import metrics as metrics_routes
 from core import metrics
 from core.settings import settings
+from services.files import check_files_dir
 from streaming.events import redis_url
 from streaming.hub import close_hub
 
@@ -56,6 +57,7 @@ def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:
         raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
+    check_files_dir()  # batch files are uploaded here: an unusable folder is one line now, not a 500 later
     app = FastAPI(
         title="mlchat",
         version="0.1.0",

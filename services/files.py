@@ -6,6 +6,7 @@ in the `files` table says who owns it and what it is for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -46,6 +47,24 @@ class FileInUse(RuntimeError):
 
 class BadFileQuery(ValueError):
     """A list request's parameter names no file the caller can see."""
+
+
+class FilesUnwritable(RuntimeError):
+    """The files folder (MLCHAT_FILES_DIR) cannot be written: the deployment's to fix, a 503."""
+
+
+def check_files_dir() -> None:
+    """SystemExit in one line naming MLCHAT_FILES_DIR when its folder cannot be made or written
+    (a process serving uploads checks at start, not at its first upload)."""
+    folder = settings.batch_files_dir
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        usable = folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+        why = "is not a folder this process can write"
+    except OSError as exc:
+        usable, why = False, f"cannot be made ({exc.strerror or exc})"
+    if not usable:
+        raise SystemExit(f"mlchat: bad setting: MLCHAT_FILES_DIR: {folder} {why}")
 
 
 class BadExpiry(ValueError):
@@ -129,13 +148,19 @@ async def save_upload(
     from fastapi.concurrency import run_in_threadpool
 
     held = await run_in_threadpool(_held, api_key, tenant)
-    settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
     file_id = new_file_id()
     final = _path_of(file_id)
     partial = final.with_suffix(".partial")
     size = 0
     try:
-        with partial.open("wb") as out:
+        try:
+            settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
+            out = partial.open("wb")
+        except OSError as exc:  # the folder went away, read-only, or full since the start's check
+            raise FilesUnwritable(
+                f"MLCHAT_FILES_DIR: {settings.batch_files_dir} cannot be written ({exc.strerror or exc})"
+            ) from exc
+        with out:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
@@ -147,7 +172,8 @@ async def save_upload(
                 await run_in_threadpool(out.write, chunk)
         os.replace(partial, final)
     finally:
-        partial.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear
+            partial.unlink(missing_ok=True)
     # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
     try:

@@ -360,3 +360,27 @@ def test_an_upload_writes_its_chunks_off_the_event_loop(services, monkeypatch) -
 
     saved = asyncio.run(upload_beside_other_work())
     assert saved["bytes"] == 19 and waited_in_vain == [False]
+
+
+def test_an_unwritable_files_folder_is_one_line_at_start_and_a_503_not_a_500(
+    base_url, monkeypatch, tmp_path
+) -> None:
+    # found in review: an upload into a folder that cannot be written was a bare 500 (a traceback in
+    # the log), and nothing checked the folder at start
+    from api.main import create_app
+
+    not_a_folder = tmp_path / "files"
+    not_a_folder.write_text("a file where the folder should be")
+    monkeypatch.setattr(settings, "files_dir", not_a_folder)
+    refusal = r"^mlchat: bad setting: MLCHAT_FILES_DIR: .*/files (cannot be made|is not a folder)"
+    with pytest.raises(SystemExit, match=refusal):
+        create_app()
+    # The folder breaks under a running API (the served app checked a good one at its start).
+    answer = httpx.post(
+        f"{base_url}/v1/files",
+        headers={"X-API-Key": INGEST_KEY},
+        data={"purpose": "batch"},
+        files={"file": ("b.jsonl", b'{"custom_id": "a"}\n')},
+    )
+    assert answer.status_code == 503, answer.text
+    assert "MLCHAT_FILES_DIR" in answer.json()["detail"]
