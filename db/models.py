@@ -390,6 +390,24 @@ class Turn(Base):
         Index("ix_turns_run_status_id", "run_id", "status", "id"),
         # The sweeper's scan: only unfinished turns, a small share of the table.
         Index("ix_turns_unfinished", "number", postgresql_where="status IN ('queued', 'running')"),
+        # A claim's look for an earlier unfinished turn of the conversation (db/turns.py: the status
+        # values are written into its SQL, so that a prepared statement's plan can use this too).
+        Index(
+            "ix_turns_conversation_unfinished",
+            "conversation_id",
+            "number",
+            postgresql_where="status IN ('queued', 'running')",
+        ),
+        # A run's turns in input order, a chunk at a time (exports, a batch's output, the desk).
+        Index("ix_turns_run_id_number", "run_id", "number", postgresql_where="run_id IS NOT NULL"),
+        # Housekeeping's look for turn callbacks never attempted (db/callbacks.py callbacks_due).
+        Index(
+            "ix_turns_callback_unattempted",
+            "finished_at",
+            postgresql_where=(
+                "callback_url IS NOT NULL AND callback_delivered_at IS NULL AND callback_retry_at IS NULL"
+            ),
+        ),
         # Housekeeping's look for callbacks due again: the few a burst of tries did not deliver.
         Index(
             "ix_turns_callback_retry_at",

@@ -38,6 +38,7 @@ from sqlalchemy import (
     case,
     exists,
     func,
+    literal_column,
     or_,
     select,
     text,
@@ -188,10 +189,12 @@ def _blocks_later_turns(turn: Any) -> Any:
     was never sent and its run's submission is over (failed): nothing will send it then. A run's
     line stored and not yet stamped sent does block: its submission sends the chunk before
     stamping it, so its message may be out already."""
+    # The statuses as literals, not parameters: a prepared statement's generic plan can then use the
+    # partial index of unfinished turns (ix_turns_conversation_unfinished), as a custom plan does.
     return or_(
-        turn.status == TurnStatus.RUNNING,
+        turn.status == literal_column(f"'{TurnStatus.RUNNING.value}'"),
         and_(
-            turn.status == TurnStatus.QUEUED,
+            turn.status == literal_column(f"'{TurnStatus.QUEUED.value}'"),
             or_(
                 turn.dispatched_at.is_not(None),
                 ~exists().where(Run.id == turn.run_id, Run.status == RunStatus.FAILED),

@@ -1,0 +1,103 @@
+"""The hot reads of the turns table use an index built for them, also in a prepared statement's
+generic plan (psycopg prepares a statement run five times on a connection): each test captures the
+statement the code sends and asks PostgreSQL for its plan, sequential scans off (the test tables are
+small: the planner would rightly scan them)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, text
+
+from db.callbacks import callbacks_due
+from db.models import Turn
+from db.runs import iter_run_turns
+from db.session import get_engine, session_scope
+from db.turns import claim_turns
+from services.producer import enqueue_turns
+from tests.conftest import new_conversation
+
+
+@contextmanager
+def _sent(matching: Callable[[str], bool]) -> Iterator[list[tuple[str, Any]]]:
+    """The (statement, parameters) the code sends while the block runs, of those `matching`."""
+    seen: list[tuple[str, Any]] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
+        if matching(statement):
+            seen.append((statement, parameters))
+
+    engine = get_engine()
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def _generic_plan(statement: str, parameters: Any) -> str:
+    """PostgreSQL's generic plan of the statement (its parameters as $n, their values unknown)."""
+    names: list[str] = []
+
+    def numbered(match: re.Match[str]) -> str:
+        names.append(match[1])
+        return f"${len(names)}"
+
+    dollar = re.sub(r"%\((\w+)\)s", numbered, statement).replace("%%", "%")
+    with session_scope() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = session.connection().exec_driver_sql(f"EXPLAIN (GENERIC_PLAN) {dollar}").scalars().all()
+    return "\n".join(plan)
+
+
+def _custom_plan(statement: str, parameters: Any) -> str:
+    with session_scope() as session:
+        session.execute(text("SET LOCAL enable_seqscan = off"))
+        plan = session.connection().exec_driver_sql(f"EXPLAIN {statement}", parameters).scalars().all()
+    return "\n".join(plan)
+
+
+def test_a_claims_look_for_an_earlier_unfinished_turn_reads_only_unfinished_ones(world) -> None:
+    # found in review: it read every turn the conversation ever had (a live chat grows without end)
+    earlier, later = enqueue_turns(
+        [new_conversation() | {"message": f"Plan {i}."} for i in range(2)], send=False
+    )
+    with _sent(lambda s: "number <" in s and "conversation_id" in s) as seen, session_scope() as session:
+        claim_turns(session=session, turn_ids=[later], lease_s=60, max_attempts=3)
+    assert seen, "the claim sent no look for an earlier turn"
+    for statement, parameters in seen:
+        assert "ix_turns_conversation_unfinished" in _generic_plan(statement, parameters), statement
+
+
+def test_a_runs_turns_are_paged_through_their_own_index(world) -> None:
+    paging = _sent(lambda s: s.lstrip().startswith("SELECT") and "ORDER BY turns.number" in s)
+    with paging as seen, session_scope() as session:
+        list(iter_run_turns(session=session, run_id=uuid.uuid4()))
+    assert seen
+    for statement, parameters in seen:
+        assert "ix_turns_run_id_number" in _custom_plan(statement, parameters)
+
+
+def test_housekeepings_look_for_turn_callbacks_never_tried_reads_only_those(world) -> None:
+    with _sent(lambda s: "callback_attempts" in s) as seen, session_scope() as session:
+        callbacks_due(session=session, older_than_s=300, of=Turn)
+    assert seen
+    for statement, parameters in seen:
+        assert "ix_turns_callback_unattempted" in _generic_plan(statement, parameters)
+
+
+def test_housekeepings_sweep_of_expired_files_reads_only_files_that_expire(world) -> None:
+    # found in review: its coalesce(expires_at <= now(), false) hid the index from the planner, and
+    # every worker read the whole files table every housekeeping interval
+    from db.files import delete_expired
+
+    with _sent(lambda s: s.lstrip().startswith("DELETE FROM files")) as seen, session_scope() as session:
+        delete_expired(session=session, limit=1)
+        session.rollback()
+    assert seen
+    for statement, parameters in seen:
+        assert "ix_files_expires_at" in _generic_plan(statement, parameters)
