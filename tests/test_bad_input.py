@@ -641,11 +641,17 @@ def test_slugs_never_collide_silently(world) -> None:
     assert names == {first.slug: "루피", second.slug: "조로", twin.slug: "Mira!", other_twin.slug: "Mira?"}
 
 
-def test_key_digests_are_what_a_hashed_key_is_checked_against() -> None:
+def test_a_key_configured_by_its_digest_is_known_by_the_key_and_not_by_the_digest() -> None:
+    # found in review: this test compared the configured digest with the expression that made it
+    from api.deps import key_caller
     from core.settings import settings
 
     hashed = [k for k in settings.api_keys if k.name == "game-b"][0]
-    assert hashed.key is None and hashed.digest == hashlib.sha256(HASHED_INGEST_KEY.encode()).hexdigest()
+    assert hashed.key is None  # configured by its digest alone
+    found = key_caller(HASHED_INGEST_KEY)
+    assert found is not None and found.key_id == hashed.id and found.tenant == hashed.tenant_id
+    assert key_caller(hashlib.sha256(HASHED_INGEST_KEY.encode()).hexdigest()) is None  # the digest is no key
+    assert key_caller(HASHED_INGEST_KEY + "x") is None
 
 
 def test_the_story_event_command_names_the_field(world, capsys) -> None:

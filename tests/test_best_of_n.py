@@ -52,11 +52,20 @@ def test_a_run_with_two_candidates_exports_its_alternatives_for_writers(celery_w
     assert all(len(x["alternatives"]) == 1 and x["alternatives"][0]["seed"] != x["seed"] for x in exported)
 
 
-def test_a_batch_of_candidates_accounts_every_candidates_tokens(engine) -> None:
+def test_a_batch_of_candidates_accounts_every_candidates_tokens(engine, monkeypatch) -> None:
     """process_batch end to end in this process (no worker): it used to raise in its accounting once
-    a turn had several candidates, after storing the replies."""
+    a turn had several candidates, after storing the replies. And what it accounts is every
+    candidate's tokens (found in review: only the replies were checked, not the count)."""
+    from core import metrics
     from worker.inline import answer_now
 
+    counted: list[dict[str, int]] = []
+    record = metrics.record_batch
+    monkeypatch.setattr(
+        metrics, "record_batch", lambda *a, **kw: (counted.append(kw["tokens"]), record(*a, **kw))
+    )
     request = new_conversation("luffy") | {"message": "고기 먹자!", "params": {"n": 2, "max_new_tokens": 8}}
     (view,) = answer_now([request])
     assert view.reply and view.quality["candidates"] == 2 and len(view.alternatives) == 1
+    paid = view.usage["completion_tokens"] + view.alternatives[0]["completion_tokens"]
+    assert sum(t.get("completion", 0) for t in counted) == paid

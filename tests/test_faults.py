@@ -384,10 +384,12 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
     time.sleep(3)  # down long enough for the worker to notice
     embedded.start_redis(services)  # same port, same data directory
     back = time.monotonic()
-    done_at_restart = _counts(ids)["done"]
-    _wait(ids, lambda c: c["done"] > done_at_restart, timeout=120)
-    first_batch_s = time.monotonic() - back
-    ids += wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
+    # Turns that can reach the worker only through the reconnected broker (found in review: timing
+    # the next stored turn measured nothing, the worker held most of the run in memory already).
+    live = wp.send_turns(8, "Sent after the restart", lane="live")  # producers reconnect too
+    live_done = _wait(live, lambda c: c["done"] == 8, timeout=300)
+    live_s = time.monotonic() - back
+    ids += live
     _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
     # A partial batch (fewer messages than flush_every) after the reconnect: only the interval flush
     # can take it, and celery-batches 0.11 never re-armed that timer after a reconnect.
@@ -396,12 +398,15 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
     ids += partial
     final = _wait(ids, lambda c: c["done"] + c["failed"] == len(ids), timeout=900)
     print(
-        f"Redis restart case: at stop {at_stop}; first batch stored {first_batch_s:.1f} s after Redis "
-        f"was back; final {final}"
+        f"Redis restart case: at stop {at_stop}; 8 live turns sent after it answered {live_s:.1f} s after "
+        f"Redis was back; final {final}"
     )
     assert steady_worker.proc.poll() is None, "the same worker process carried on"
-    # kombu's reconnect back-off (0, 2, 6, 12, 20 s) plus one batch on a busy machine: a minute.
-    assert first_batch_s <= 60, "the worker kept flushing batches after the broker came back"
+    # kombu's reconnect back-off (0, 2, 6, 12, 20 s) plus live turns ahead of a bulk backlog on a busy
+    # machine: two minutes.
+    assert live_done["done"] == 8 and live_s <= 120, (
+        f"live turns after the reconnect: {live_done}, {live_s:.0f} s"
+    )
     assert partial_done["done"] == 3, f"a partial batch stalled after the reconnect: {partial_done}"
     assert final["done"] == len(ids) == turns + 8 + 3 and final["failed"] == 0  # zero lost
     assert final["reply_rows"] == len(ids) and final["duplicates"] == 0

@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
-from db.models import Turn, TurnStatus
+from db.models import Conversation, Turn, TurnStatus
 from db.session import get_autocommit_engine, session_scope
 from db.turns import IdempotencyConflict
 from services.producer import cancel_turn, enqueue_turn, enqueue_turns, get_turn
@@ -77,8 +77,19 @@ def test_reused_key_with_different_content_is_refused(world) -> None:
 )
 def test_bad_input_gets_a_clear_error_and_stores_nothing(world, change, error, match) -> None:
     req = new_conversation() | {"message": "Hello"} | change
+
+    def stored() -> tuple[int, int]:  # found in review: the name promised this and nothing checked it
+        with session_scope() as s:
+            turns = s.scalar(select(func.count()).select_from(Turn))
+            conversations = s.scalar(
+                select(func.count()).where(Conversation.external_id == req["conversation"])
+            )
+        return turns, conversations
+
+    before = stored()
     with pytest.raises(error, match=match):
         enqueue_turns([req], send=False)
+    assert stored() == before and before[1] == 0
 
 
 def test_a_conversation_keeps_its_character(world) -> None:

@@ -999,11 +999,14 @@ def test_the_workers_per_character_caches_keep_at_most_their_bound(monkeypatch) 
 
     import worker.judge as judge
     import worker.structured as structured
-    from core.versioned_cache import VersionedCache
 
+    # The worker's own caches, bounded (found in review: this test swapped in caches of its own, so
+    # an unbounded bound on the real ones passed it), tried here at a bound of 3.
+    assert judge._persona_vectors.kept == structured._declared.kept == 10_000
     monkeypatch.setattr(judge, "embed", lambda texts: np.zeros((len(texts), 4), dtype=np.float32))
-    monkeypatch.setattr(judge, "_persona_vectors", VersionedCache(kept=3))
-    monkeypatch.setattr(structured, "_declared", VersionedCache(kept=3))
+    for cache in (judge._persona_vectors, structured._declared):
+        monkeypatch.setattr(cache, "kept", 3)
+        monkeypatch.setattr(cache, "_values", {})
     empty = {"description": "", "personality": "", "example_dialogues": [], "card": {}}
     for i in range(1, 8):
         character = Character(id=10_000_000 + i, version=1, name=f"c{i}", **empty)

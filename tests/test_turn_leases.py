@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from db.models import Message, Role, Turn, TurnErrorCode, TurnStatus
 from db.session import session_scope
@@ -171,6 +171,10 @@ def test_a_refunded_requeue_gives_the_attempt_back(world) -> None:
     (turn_id,) = _turns()
     claim = _claim([turn_id])
     with session_scope() as session:
+        # Its send at enqueue stamped it already (found in review: this test asked only for a stamp)
+        sent_before = session.scalar(select(Turn.dispatched_at).where(Turn.id == turn_id))
+        asked_at = session.scalar(select(func.now()))
+    with session_scope() as session:
         assert requeue_turns(
             session=session, token=claim.token, reasons={turn_id: "engine died"}, refund_attempt=True
         ) == [turn_id]
@@ -178,7 +182,7 @@ def test_a_refunded_requeue_gives_the_attempt_back(world) -> None:
     assert view.status == TurnStatus.QUEUED and view.attempts == 0 and view.error == "engine died"
     with session_scope() as session:
         dispatched = session.scalar(select(Turn.dispatched_at).where(Turn.id == turn_id))
-    assert dispatched is not None  # stamped: the caller sends it again right away
+    assert dispatched > sent_before and dispatched >= asked_at  # stamped anew: the caller sends it now
 
 
 def test_a_running_turn_from_before_leases_is_claimable(world) -> None:

@@ -1,5 +1,7 @@
 """End to end through the queue: producer → Redis → batched Celery worker (thread pool) → PostgreSQL."""
 
+import uuid
+
 import numpy as np
 from sqlalchemy import select
 
@@ -111,6 +113,27 @@ def test_a_malformed_message_is_dropped_alone_and_its_flush_mates_are_answered(c
             )
     view = wait_for_reply(good, timeout=120)
     assert view.status == TurnStatus.DONE and view.reply
+
+
+def test_a_flush_drops_its_malformed_messages_alone(caplog) -> None:
+    """The test above cannot make both messages land in one flush (its timer may tick between them):
+    here one flush's requests hold both, and only the malformed one is dropped, named in the log."""
+    from types import SimpleNamespace
+
+    from tasks.generate import _pending_turns
+
+    good, other = uuid.uuid4(), uuid.uuid4()
+    requests = [
+        SimpleNamespace(id="m1", kwargs={"turn_ids": ["not-a-uuid"], "lane": "live"}),
+        SimpleNamespace(id="m2", kwargs={"turn_ids": [str(good)], "lane": "bulk"}),
+        SimpleNamespace(id="m3", kwargs={"turn_ids": [str(other)], "lane": "sideways"}),
+        SimpleNamespace(id="m4", kwargs={"lane": "live"}),
+    ]
+    with caplog.at_level("ERROR", logger="tasks.generate"):
+        pending, model_of, alone = _pending_turns(requests)
+    assert pending == [(good, "bulk")] and set(model_of) == {good} and not alone
+    dropped = [r.getMessage() for r in caplog.records if "dropping malformed message" in r.getMessage()]
+    assert [m.split()[3].rstrip(":") for m in dropped] == ["m1", "m3", "m4"]
 
 
 def test_a_resend_that_keeps_failing_is_logged_with_its_turns_and_never_raises(
