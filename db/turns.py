@@ -137,6 +137,7 @@ class ClaimedTurn:
     affinity: int = 0
     run_id: uuid.UUID | None = None
     engine_deaths: int = 0
+    engine_deaths_seen: int = 0
     # A group conversation's turn: who is present (its `character` is the member who speaks).
     group: GroupView | None = None
     # What retrieval searches with: the message, or for a scene step (no player line) the newest line.
@@ -513,6 +514,7 @@ def claim_turns(
                     affinity=mood_of.affinity,
                     run_id=turn.run_id,
                     engine_deaths=turn.engine_deaths,
+                    engine_deaths_seen=turn.engine_deaths_seen,
                     group=groups.get(conv.id),
                     query=turn.message or (newest.get(conv.id, "") if turn.scene_id is not None else ""),
                     regard={int(k): int(v) for k, v in member.regard.items()} if member else {},
@@ -984,12 +986,13 @@ def hand_back_after_engine_death(
     in_engine: Sequence[uuid.UUID],
     reason: str,
     max_deaths: int,
+    present: Sequence[uuid.UUID] = (),
 ) -> EngineDeathOutcome:
     """engine death: the claim's turns go back to queued with their attempt refunded (a dead engine
-    is not a turn's failed attempt), and each turn that was inside the engine counts one more engine
-    death. One that reaches `max_deaths` is failed with engine_crash_loop instead: it was inside the
-    engine every time it died, so it is likely what kills it, and sending it again would kill worker
-    after worker."""
+    is not a turn's failed attempt), and each turn that was inside the engine as a suspect counts one
+    more engine death. One that reaches `max_deaths` is failed with engine_crash_loop instead: it was
+    inside the engine every time it died, so it is likely what kills it, and sending it again would
+    kill worker after worker. One `present` (inside, not a suspect) counts a death seen."""
     if not turn_ids:
         return EngineDeathOutcome([], [])
     _lock_claim(session=session, token=token, turn_ids=turn_ids)
@@ -1031,6 +1034,10 @@ def hand_back_after_engine_death(
             error=reason[:ERROR_CHARS],
             attempts=func.greatest(Turn.attempts - 1, 0),
             engine_deaths=case((Turn.id.in_(inside), Turn.engine_deaths + 1), else_=Turn.engine_deaths),
+            engine_deaths_seen=case(
+                (Turn.id.in_([t for t in present if t not in set(inside)]), Turn.engine_deaths_seen + 1),
+                else_=Turn.engine_deaths_seen,
+            ),
             lease_until=None,
             dispatched_at=func.now(),
         )

@@ -51,6 +51,37 @@ def test_a_turn_inside_the_engine_at_two_deaths_is_dead_lettered_and_its_mates_a
     assert deaths == {inside_once: 1, waiting: 0}  # the pipeline runs inside_once alone next time
 
 
+def test_a_turn_inside_at_deaths_it_was_no_suspect_of_runs_alone_after_a_few(world) -> None:
+    # Found in review: a request that kills the engine mid-reply, on a busy worker where another
+    # request nearly always joins as it dies, was never a suspect: its attempt refunded, no death
+    # counted, sent to worker after worker for ever. The deaths it is inside for are counted, and after
+    # DEATHS_SEEN_ALONE it runs alone, where a death is its own (and counts toward engine_crash_loop).
+    from worker.pipeline import DEATHS_SEEN_ALONE, runs_alone
+
+    decoding, joining, waiting = _turns(3)
+    ids = [decoding, joining, waiting]
+    for _ in range(DEATHS_SEEN_ALONE):
+        with session_scope() as session:
+            claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+            assert not any(runs_alone(t) for t in claim.claimed)
+        with session_scope() as session:
+            outcome = hand_back_after_engine_death(
+                session=session,
+                token=claim.token,
+                turn_ids=ids,
+                in_engine=[],  # a joiner that was no suspect: a request the engine rejected as it died
+                present=[decoding],
+                reason="engine died: injected",
+                max_deaths=2,
+            )
+        assert sorted(outcome.requeued) == sorted(ids) and not outcome.crash_looped
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+    seen = {t.id: (t.engine_deaths_seen, runs_alone(t)) for t in claim.claimed}
+    assert seen == {decoding: (DEATHS_SEEN_ALONE, True), joining: (0, False), waiting: (0, False)}
+    assert get_turn(decoding).attempts == 1  # refunded each time: only this claim counts
+
+
 def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(world) -> None:
     import threading
 

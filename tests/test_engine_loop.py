@@ -464,6 +464,10 @@ def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding()
     assert joining.exception().in_engine
     assert [f.exception().in_engine for f in decoding] == [False] * 3
     assert all(isinstance(f.exception(), EngineDead) for f in decoding)
+    # Not suspects, but inside all the same (found in review: one of them killing the engine mid-reply,
+    # beside a joiner every time, was never blamed): each counts a death seen.
+    assert [f.exception().present for f in decoding] == [True] * 3
+    assert joining.exception().present
 
     # A request that finds the engine dead as it is added never reached it (vLLM's client checks its
     # liveness flag before it sends): the ones decoding inside count the death, not it. Found in
@@ -476,7 +480,7 @@ def test_a_death_counts_for_the_requests_joining_the_engine_not_those_decoding()
     (newcomer,) = loop.submit([([99], None, BULK, None)])
     assert loop.wait([newcomer], timeout=10) == [newcomer]
     assert _all_done(decoding, timeout=10)
-    assert not newcomer.exception().in_engine
+    assert not newcomer.exception().in_engine and not newcomer.exception().present
     assert [f.exception().in_engine for f in decoding] == [True] * 3
 
     # With no request joining (every one decoding), each inside counts the death.

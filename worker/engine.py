@@ -53,11 +53,13 @@ class EngineDead(RuntimeError):
     """vLLM's engine core is gone (out of memory, a device fault, killed, or one request that crashes
     it): nothing this process generates can succeed any more. The worker hands its turns back and
     exits so that its supervisor starts a fresh one. `in_engine`: this request was inside the engine
-    when it died, so it may be the one that killed it."""
+    when it died, so it may be the one that killed it; `present`: it was inside, a suspect or not
+    (one decoding already when another joined is not a suspect, but may have killed it all the same)."""
 
-    def __init__(self, message: str, *, in_engine: bool = False) -> None:
+    def __init__(self, message: str, *, in_engine: bool = False, present: bool = False) -> None:
         super().__init__(message)
         self.in_engine = in_engine
+        self.present = present or in_engine
 
 
 def engine_dead() -> BaseException | None:

@@ -672,15 +672,17 @@ class EngineLoop:
         # loop's thread may resolve one meanwhile (an admission's own failure): _resolve lets it be.
         for job in suspects:
             _resolve(job.future, error=self._dead_error(in_engine=True))
-        for job in [*inside, *waiting]:
+        for job in inside:
+            _resolve(job.future, error=self._dead_error(in_engine=False, present=True))
+        for job in waiting:
             _resolve(job.future, error=self._dead_error(in_engine=False))
         for future in calls:
             _resolve(future, error=self._dead_error(in_engine=future is running_call))
 
-    def _dead_error(self, *, in_engine: bool) -> BaseException:
+    def _dead_error(self, *, in_engine: bool, present: bool = False) -> BaseException:
         from worker.engine import EngineDead
 
-        return EngineDead(f"the engine died: {self._death!r}", in_engine=in_engine)
+        return EngineDead(f"the engine died: {self._death!r}", in_engine=in_engine, present=present)
 
 
 class RequestCancelled(RuntimeError):

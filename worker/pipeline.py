@@ -246,6 +246,7 @@ def _hand_back_dead(
     retries; one written already was announced and called back then."""
     reason = f"engine died: {error}"
     in_engine = [t for t, futures in report.futures.items() if any(map(_was_in_engine, futures))]
+    present = [t for t, futures in report.futures.items() if any(map(_was_present, futures))]
     outcome = _best_effort_hand_back(
         turns,
         lambda session: hand_back_after_engine_death(
@@ -255,6 +256,7 @@ def _hand_back_dead(
             in_engine=[*in_engine, *report.loading],
             reason=reason,
             max_deaths=settings.max_engine_deaths,
+            present=present,
         ),
     )
     if outcome is None:
@@ -285,6 +287,23 @@ def _was_in_engine(future: Any) -> bool:
     """Whether this request was a suspect inside the engine when it died (worker/engine_loop.py)."""
     error = future.exception() if future.done() else None
     return isinstance(error, EngineDead) and error.in_engine
+
+
+def _was_present(future: Any) -> bool:
+    """Whether this request was inside the engine when it died, a suspect or not."""
+    error = future.exception() if future.done() else None
+    return isinstance(error, EngineDead) and error.present
+
+
+# Deaths seen (inside, decoding, not a suspect) after which a turn runs alone: a request that kills
+# the engine mid-reply, always beside another joining, would otherwise never be blamed.
+DEATHS_SEEN_ALONE = 3
+
+
+def runs_alone(turn: ClaimedTurn) -> bool:
+    """Whether the turn runs alone in the engine, where a death is its own: it was a suspect at a
+    death, or inside at DEATHS_SEEN_ALONE of them."""
+    return turn.engine_deaths > 0 or turn.engine_deaths_seen >= DEATHS_SEEN_ALONE
 
 
 def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
@@ -859,7 +878,7 @@ def _request(
         else tuple(p.get("stop") or ()) + prompt.stop,
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
-        alone=turn.engine_deaths > 0,  # it was inside an engine that died: run it where it dies alone
+        alone=runs_alone(turn),
         stream=(turn.id, token) if _streamed(turn) else None,
         structured_outputs=shape.outputs if shape else None,
         reply_shape=shape,
