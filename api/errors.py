@@ -1,4 +1,5 @@
-"""Every refused request is a 4xx whose body names the field at fault (and the item, in a batch).
+"""Refusals as the README's *HTTP ingest* describes them: a validation 422 names the field at fault
+(and the item, in a batch); the others are a text `detail`; an outage is a 503 with Retry-After.
 
 Validation errors are rewritten without echoing the input back: an input holding a lone surrogate
 could not even be encoded as JSON, and FastAPI's default handler answered such a request with a 500.
