@@ -47,14 +47,16 @@ class Publisher:
         self._thread = threading.Thread(target=self._run, name="stream-publisher", daemon=True)
         self._thread.start()
 
-    def delta(self, turn_id: uuid.UUID, claim: uuid.UUID, text: str) -> None:
+    def delta(self, turn_id: uuid.UUID, claim: uuid.UUID, text: str, rank: int = 0) -> None:
         """Queue new text of a turn's reply, written under `claim` (never blocks), numbered within the
         claim and stamped with the wall-clock time the engine produced it (readers measure the
-        delivery cost against it)."""
+        delivery cost against it). `rank`: the claim's attempt, higher for a claim that took the
+        turn over (a lapsed claim's late text never replaces the newer one's)."""
         fields = {
             "kind": DELTA,
             "text": text,
             "claim": str(claim),
+            "rank": str(rank),
             "seq": str(self._next_seq(turn_id, claim)),
             "t": repr(time.time()),
         }
@@ -166,7 +168,7 @@ def flush_if_started(timeout: float) -> bool:
     return _publisher is None or _publisher.flush(timeout)
 
 
-def text_hook(turn_id: uuid.UUID, claim: uuid.UUID) -> Callable[[str], None]:
+def text_hook(turn_id: uuid.UUID, claim: uuid.UUID, rank: int = 0) -> Callable[[str], None]:
     """What the engine loop calls with each new piece of the turn's reply."""
     sink = publisher()
-    return lambda text: sink.delta(turn_id, claim, text)
+    return lambda text: sink.delta(turn_id, claim, text, rank)

@@ -105,7 +105,7 @@ class _Shown:
     """What the reader has been shown: the claim it follows, that claim's text and last `seq`."""
 
     def __init__(self) -> None:
-        self.claim, self.text, self.seq = "", "", 0
+        self.claim, self.text, self.seq, self.rank = "", "", 0, -1
         self.superseded: set[str] = set()
         self.whole = False  # the reader was shown the whole stored reply (it resumes after `final`)
         self.gap = False  # a delta of this claim never came: the rest comes with the stored reply
@@ -116,6 +116,9 @@ class _Shown:
         the text after the gap would not follow the text shown, and the stored reply brings it)."""
         if entry.claim in self.superseded:
             return []
+        if entry.claim != self.claim and entry.rank is not None and entry.rank < self.rank:
+            self.superseded.add(entry.claim)  # a lapsed claim writing late: the turn is another's now
+            return []
         if entry.claim == self.claim and entry.seq is not None and entry.seq <= self.seq:
             return []
         out = []
@@ -125,6 +128,7 @@ class _Shown:
                 if self.text:  # nothing of it shown (its first delta lost): nothing to take back
                     out.append(restarted())
             self.claim, self.text, self.seq, self.gap = entry.claim, "", 0, False
+            self.rank = entry.rank if entry.rank is not None else -1
         if entry.seq is not None:
             self.gap = self.gap or entry.seq != self.seq + 1
             self.seq = entry.seq
@@ -236,8 +240,12 @@ class TurnReader:
         except Exception:
             return
         try:
-            claims = list(dict.fromkeys(entry.claim for entry in await _deltas(client, self._key, "+")))
-            self._shown.superseded.update(claims[:-1])
+            ranks: dict[str, int] = {}  # each claim, in the order of its first delta, and its rank
+            for entry in await _deltas(client, self._key, "+"):
+                ranks.setdefault(entry.claim, -1 if entry.rank is None else entry.rank)
+            # The latest claim of the highest rank: a lapsed claim's late text is not the reply.
+            latest = max(enumerate(ranks), key=lambda pair: (ranks[pair[1]], pair[0]), default=None)
+            self._shown.superseded.update(c for c in ranks if latest is None or c != latest[1])
         except _UNREADABLE:
             return
         finally:

@@ -175,6 +175,28 @@ def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> 
     ]
 
 
+def test_a_lapsed_claims_late_text_never_replaces_the_claim_that_took_the_turn_over(base_url) -> None:
+    # Found in review: the claim whose delta came second was taken for the replacement, so text a
+    # stalled worker wrote late, under the claim it had lost (attempt 1), replaced the new claim's
+    # (attempt 2): a restart shown for nothing, and a chat completion (which cannot take text back)
+    # ended with an error.
+    turn_id = _queued_turn()
+    lapsed, current = uuid.uuid4(), uuid.uuid4()
+    publisher().delta(turn_id, current, "A whole ", rank=2)
+    publisher().delta(turn_id, lapsed, "Half a rep", rank=1)  # its worker woke up late
+    publisher().delta(turn_id, current, "reply.", rank=2)
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        events = _events(r)
+    assert [(e[0], e[2].get("text") or e[2].get("code")) for e in events] == [
+        ("delta", "A whole "),
+        ("delta", "reply."),
+        ("error", "cancelled"),
+    ]
+
+
 def test_an_idle_stream_is_kept_alive_with_pings(base_url, monkeypatch) -> None:
     from core.settings import settings
 

@@ -161,6 +161,9 @@ def process_batch(
             )
         except EngineDead as exc:
             report.engine_dead = exc
+            # Nothing to cancel after a death (it resolved every request); after the core aborted one
+            # (it is stopping), the batch's others must not go on writing streams of turns handed back.
+            _cancel_requests(report)
             ended = _hand_back_dead(claim.token, turns, exc, report)
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
@@ -879,7 +882,7 @@ def _request(
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=runs_alone(turn),
-        stream=(turn.id, token) if _streamed(turn) else None,
+        stream=(turn.id, token, turn.attempts) if _streamed(turn) else None,
         structured_outputs=shape.outputs if shape else None,
         reply_shape=shape,
     )
