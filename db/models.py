@@ -314,6 +314,8 @@ class Run(Base):
     """A bulk generation run (many turns from a file)."""
 
     __tablename__ = "runs"
+    # Housekeeping's looks by status (due to expire, finalizing, submissions due): runs are kept for good.
+    __table_args__ = (Index("ix_runs_status_expires_at", "status", "expires_at"),)
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)

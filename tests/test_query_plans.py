@@ -6,6 +6,7 @@ small: the planner would rightly scan them)."""
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -24,11 +25,13 @@ from tests.conftest import new_conversation
 
 @contextmanager
 def _sent(matching: Callable[[str], bool]) -> Iterator[list[tuple[str, Any]]]:
-    """The (statement, parameters) the code sends while the block runs, of those `matching`."""
+    """The (statement, parameters) this thread sends while the block runs, of those `matching` (the
+    session's worker and its housekeeping send theirs on threads of their own)."""
     seen: list[tuple[str, Any]] = []
+    here = threading.get_ident()
 
     def record(conn, cursor, statement, parameters, context, executemany) -> None:  # type: ignore[no-untyped-def]
-        if matching(statement):
+        if threading.get_ident() == here and matching(statement):
             seen.append((statement, parameters))
 
     engine = get_engine()
@@ -63,12 +66,17 @@ def _custom_plan(statement: str, parameters: Any) -> str:
 
 def test_a_claims_look_for_an_earlier_unfinished_turn_reads_only_unfinished_ones(world) -> None:
     # found in review: it read every turn the conversation ever had (a live chat grows without end)
-    earlier, later = enqueue_turns(
-        [new_conversation() | {"message": f"Plan {i}."} for i in range(2)], send=False
-    )
+    import time
+
+    conversation = new_conversation()
+    earlier, later = enqueue_turns([conversation | {"message": f"Plan {i}."} for i in range(2)], send=False)
+    with session_scope() as session:
+        claim_turns(session=session, turn_ids=[earlier], lease_s=0.2, max_attempts=3)
+    time.sleep(0.4)  # its worker died: the later turn waits on it, and the claim defers it (_defer)
     with _sent(lambda s: "number <" in s and "conversation_id" in s) as seen, session_scope() as session:
-        claim_turns(session=session, turn_ids=[later], lease_s=60, max_attempts=3)
-    assert seen, "the claim sent no look for an earlier turn"
+        claim = claim_turns(session=session, turn_ids=[later], lease_s=60, max_attempts=3)
+    assert set(claim.deferred) == {later} and [s.id for s in claim.stalled] == [earlier]
+    assert len(seen) >= 2, "the claim's check and its deferral's look at the turn it waits on"
     for statement, parameters in seen:
         assert "ix_turns_conversation_unfinished" in _generic_plan(statement, parameters), statement
 
@@ -88,6 +96,18 @@ def test_housekeepings_look_for_turn_callbacks_never_tried_reads_only_those(worl
     assert seen
     for statement, parameters in seen:
         assert "ix_turns_callback_unattempted" in _generic_plan(statement, parameters)
+
+
+def test_housekeepings_looks_for_runs_read_them_by_status(world) -> None:
+    # found in review: runs are kept for good, and each look read the whole table
+    from db.runs import due_to_expire, finalizing_runs
+
+    with _sent(lambda s: s.lstrip().startswith("SELECT runs.id")) as seen, session_scope() as session:
+        due_to_expire(session=session, limit=10)
+        finalizing_runs(session=session, limit=10)
+    assert len(seen) == 2
+    for statement, parameters in seen:
+        assert "ix_runs_status_expires_at" in _generic_plan(statement, parameters), statement
 
 
 def test_housekeepings_sweep_of_expired_files_reads_only_files_that_expire(world) -> None:
