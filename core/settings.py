@@ -172,7 +172,7 @@ class Settings(BaseSettings):
     embedder: str = "bundled"
     embedding_dim: int = Field(default=384, ge=8, le=2000)  # pgvector's HNSW index takes 2,000 at most
     # A torch device the embedder loads on (unset: cpu); a misspelt one failed only at first use.
-    embedder_device: str | None = Field(default=None, pattern=r"^(cpu|mps|hpu|(cuda|xpu|npu)(:[0-9]{1,2})?)$")
+    embedder_device: str | None = Field(default=None, pattern=r"^[a-z_]+(:[0-9]{1,3})?$")
 
     # Batching.
     batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim

@@ -211,7 +211,7 @@ def fail_submission(
     session: Session,
     run_id: uuid.UUID,
     error: str,
-    error_code: Literal["invalid_request", "server_error"],
+    error_code: Literal["invalid_request", "server_error", "empty_file"],
     line_errors: list[dict[str, Any]] | None = None,
     final: bool = False,
 ) -> bool:

@@ -138,6 +138,9 @@ def api(
 
     if not settings.api_keys:  # create_app refuses too, but inside uvicorn's factory: a traceback
         raise Refused("MLCHAT_API_KEYS: set it (a JSON list of keys) before starting the HTTP ingest")
+    from services.files import check_files_dir
+
+    check_files_dir()  # here too: with --workers, uvicorn restarts a child that exits, for ever
     uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 
@@ -881,13 +884,14 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from services.characters import ReservedStory
     from services.lora.files import BadLoraFile
     from services.producer import TurnRejected
-    from services.runs import RunBusy, RunValidationError
+    from services.runs import EmptyFile, RunBusy, RunValidationError
 
     return (
         Refused,
         SeedError,
         TurnRejected,
         RunValidationError,
+        EmptyFile,
         RunConflict,
         RunBusy,
         IdempotencyConflict,

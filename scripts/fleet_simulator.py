@@ -351,9 +351,10 @@ def measure_point(
     live = threading.Thread(target=_live_producer, args=(stop, live_rate, 500, sent), daemon=True)
     try:
         _wait_until_ready(app, workers)
-        path = _bulk_file(bulk_lines)
-        submit_run(path, name=run_name)
-        path.unlink()
+        if bulk_lines:  # --bulk-lines 0: live turns alone (a run of no lines is refused)
+            path = _bulk_file(bulk_lines)
+            submit_run(path, name=run_name)
+            path.unlink()
         live.start()
         time.sleep(warmup)
         services = _service_processes()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
@@ -59,7 +59,7 @@ from services.pages import list_object
 from services.runs.export import write_never_stored, write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
-from services.runs.validate import RunValidationError, file_digest
+from services.runs.validate import EmptyFile, RunValidationError, file_digest
 from services.schemas import storable_text
 from services.turn_callbacks import send_turn_callbacks
 
@@ -254,9 +254,12 @@ def _submit_batch(name: str) -> None:
     except RunBusy:
         pass  # another submitter is on it
     except (RunConflict, ValueError) as exc:  # the file (or its default character) is at fault
+        code: Literal["empty_file", "invalid_request"] = (  # OpenAI's codes
+            "empty_file" if isinstance(exc, EmptyFile) else "invalid_request"
+        )
         with session_scope() as session:
             failed = fail_submission(
-                session=session, run_id=run_id, error=one_line(exc), error_code="invalid_request", final=True
+                session=session, run_id=run_id, error=one_line(exc), error_code=code, final=True
             )
         if failed and callback:
             send_callback(run_id)

@@ -112,7 +112,7 @@ def _scope_ref(session: Session, tenant: str, player: str, where: Where, prefix:
     neither is named for a scope that does not read it (the fact would reach every NPC of the scope
     given, not the one named)."""
     for field, scope in (("conversation", FactScope.CONVERSATION), ("story", FactScope.STORY)):
-        if getattr(where, field) is not None and where.scope is not scope:
+        if getattr(where, field) and where.scope is not scope:
             raise FactRefused(
                 f"{prefix}{field}", f"given, but scope is {where.scope.value!r} (set scope {scope.value!r})"
             )

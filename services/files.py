@@ -67,6 +67,12 @@ def check_files_dir() -> None:
         raise SystemExit(f"mlchat: bad setting: MLCHAT_FILES_DIR: {folder} {why}")
 
 
+def _unwritable(exc: OSError) -> FilesUnwritable:
+    return FilesUnwritable(
+        f"MLCHAT_FILES_DIR: {settings.batch_files_dir} cannot be written ({exc.strerror or exc})"
+    )
+
+
 class BadExpiry(ValueError):
     """An expires_after that is not {"anchor": "created_at", "seconds": 3600..2592000}."""
 
@@ -157,9 +163,7 @@ async def save_upload(
             settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
             out = partial.open("wb")
         except OSError as exc:  # the folder went away, read-only, or full since the start's check
-            raise FilesUnwritable(
-                f"MLCHAT_FILES_DIR: {settings.batch_files_dir} cannot be written ({exc.strerror or exc})"
-            ) from exc
+            raise _unwritable(exc) from exc
         with out:
             async for chunk in chunks:
                 size += len(chunk)
@@ -169,7 +173,10 @@ async def save_upload(
                     raise _over_quota(held, size)
                 # In a thread: a write that waits on a busy disk would stall every stream and
                 # request this process serves meanwhile.
-                await run_in_threadpool(out.write, chunk)
+                try:
+                    await run_in_threadpool(out.write, chunk)
+                except OSError as exc:  # a full disk, most often
+                    raise _unwritable(exc) from exc
         os.replace(partial, final)
     finally:
         with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear

@@ -295,7 +295,7 @@ def _store_turns(
     were never sent (marked unsent). Returns each request's StoredTurn."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed, tenant)
-        speakers = _group_speakers(session, parsed, conv_ids)
+        speakers = _group_speakers(session, parsed, conv_ids, tenant)
         new = [
             _new_turn(
                 req,
@@ -340,13 +340,16 @@ def _store_turns(
 
 
 def _group_speakers(
-    session: Any, requests: Sequence[TurnRequest], conv_ids: dict[str, int]
+    session: Any, requests: Sequence[TurnRequest], conv_ids: dict[str, int], tenant: str
 ) -> list[int | None]:
     """Each request's answering member in a group conversation (None elsewhere); TurnRejected lists
-    every request whose named speaker cannot answer."""
+    every request whose named speaker cannot answer. A line of the call goes round after the lines
+    before it that make a turn: not one whose key is stored already or repeats an earlier line's."""
     speakers: list[int | None] = []
     errors = []
     earlier: dict[int, list[int | None]] = {}  # by conversation: who answers this call's lines so far
+    keys = [r.idempotency_key for r in requests if r.idempotency_key]
+    taken = set(stored_request_hashes(session=session, tenant=tenant, keys=keys)) if keys else set()
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
@@ -361,7 +364,9 @@ def _group_speakers(
                     earlier=earlier.get(conversation_id, ()),
                 )
             )
-            earlier.setdefault(conversation_id, []).append(speakers[-1])
+            if req.idempotency_key not in taken:  # a replay or a repeat makes no new turn
+                earlier.setdefault(conversation_id, []).append(speakers[-1])
+                taken |= {req.idempotency_key} if req.idempotency_key else set()
         except ValueError as exc:
             field, _, reason = str(exc).partition(": ")
             errors.append(ItemError(i, field, reason))
@@ -607,7 +612,10 @@ def cancel_turn(turn_id: uuid.UUID | str) -> bool:
         ]
         calls_back = [t.id for t in cancelled if t.callback_url]
         streamed = [t.id for t in cancelled if t.params.get("stream")]
-    for each in streamed:
-        publisher().end(each)
     send_turn_callbacks(calls_back)
+    try:  # the cancel is committed: a stream that cannot be told ends at the readers' next status check
+        for each in streamed:
+            publisher().end(each)
+    except Exception:
+        logger.warning("could not end the streams of cancelled turns %s", streamed, exc_info=True)
     return bool(cancelled)

@@ -2,6 +2,7 @@
 gate ranks first kept, the others stored as alternatives that a run export can include."""
 
 import json
+import threading
 import time
 
 from db.models import RunStatus
@@ -60,10 +61,14 @@ def test_a_batch_of_candidates_accounts_every_candidates_tokens(engine, monkeypa
     from worker.inline import answer_now
 
     counted: list[dict[str, int]] = []
-    record = metrics.record_batch
-    monkeypatch.setattr(
-        metrics, "record_batch", lambda *a, **kw: (counted.append(kw["tokens"]), record(*a, **kw))
-    )
+    record, here = metrics.record_batch, threading.get_ident()  # answer_now answers on this thread
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == here:  # not the session worker's batches
+            counted.append(kwargs["tokens"])
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(metrics, "record_batch", counting)
     request = new_conversation("luffy") | {"message": "고기 먹자!", "params": {"n": 2, "max_new_tokens": 8}}
     (view,) = answer_now([request])
     assert view.reply and view.quality["candidates"] == 2 and len(view.alternatives) == 1

@@ -95,7 +95,10 @@ def test_compose_gives_workers_time_to_stop_and_every_role_the_env_file() -> Non
         seconds = int(grace[:-1]) * {"s": 1, "m": 60, "h": 3600}[grace[-1]]
         assert seconds >= settings.lease_seconds, (name, grace)
     app_roles = [s for s in services.values() if "DATABASE_URL" in s.get("environment", {})]
-    assert app_roles and all({"path": ".env", "required": False} in s.get("env_file", []) for s in app_roles)
+    shared = {"path": "mlchat.env", "required": False}
+    assert app_roles and all(s.get("env_file") == [shared] for s in app_roles)
+    # Not .env, whose secrets would reach every container: each is passed to the roles that need it
+    assert all(s.get("env_file") in (None, [shared]) for s in services.values())
     assert services["sweeper"]["healthcheck"] == {"disable": True}
 
 

@@ -184,3 +184,33 @@ def test_turns_whose_hand_back_after_a_death_was_not_written_are_sent_again(monk
     sent = {resend.countdown: [turn_id for turn_id, _ in resend.turns] for resend in outcome.resend}
     assert sent[settings.flush_interval] == [noted_failed.id, waiting.id]
     assert sent[42.0] == [adapter_later.id]  # a retry that waits keeps its wait (review)
+
+
+def test_a_batch_handed_back_at_a_death_counts_a_death_seen_for_each_request_inside(world) -> None:
+    # The pipeline reads who was inside from its requests' futures (a review of the fix above: only
+    # the database's function was tried, so a pipeline passing no one would have passed)
+    from concurrent.futures import Future
+
+    from worker.engine import EngineDead
+    from worker.pipeline import BatchReport, _hand_back_dead
+
+    decoding, joining, waiting = _turns(3)
+    with session_scope() as session:
+        claim = claim_turns(
+            session=session, turn_ids=[decoding, joining, waiting], lease_s=60, max_attempts=3
+        )
+    died = {
+        decoding: EngineDead("died", present=True),
+        joining: EngineDead("died", in_engine=True),
+        waiting: EngineDead("died"),
+    }
+    report = BatchReport()
+    for turn_id, error in died.items():
+        future: Future = Future()
+        future.set_exception(error)
+        report.futures[turn_id] = [future]
+    _hand_back_dead(claim.token, claim.claimed, died[joining], report)
+    with session_scope() as session:
+        again = claim_turns(session=session, turn_ids=list(died), lease_s=60, max_attempts=3)
+    counts = {t.id: (t.engine_deaths, t.engine_deaths_seen) for t in again.claimed}
+    assert counts == {decoding: (0, 1), joining: (1, 0), waiting: (0, 0)}

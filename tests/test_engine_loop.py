@@ -388,7 +388,7 @@ def test_a_request_the_engine_core_aborted_is_handed_back_not_stored_cut_short()
     aborted, fine = loop.submit([([7, 1], None, LIVE, None), ([8, 1], None, LIVE, None)])
     assert _all_done([aborted, fine], timeout=10)
     error = aborted.exception()
-    assert isinstance(error, EngineDead) and not error.in_engine  # sent back uncharged, blamed on no one
+    assert isinstance(error, EngineDead) and not error.in_engine and not error.present  # uncharged, unblamed
     assert fine.result().text == "aaa"
 
 

@@ -711,7 +711,7 @@ def test_a_batch_whose_file_holds_no_requests_fails_saying_so(base_url, content:
         time.sleep(0.2)
     assert state["status"] == "failed", state
     (error,) = state["errors"]["data"]
-    assert "holds no requests" in error["message"] and error["code"] == "invalid_request"
+    assert "holds no requests" in error["message"] and error["code"] == "empty_file"
 
 
 def test_a_run_of_a_file_with_no_requests_is_refused_and_nothing_stored(world, tmp_path) -> None:

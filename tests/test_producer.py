@@ -80,10 +80,9 @@ def test_bad_input_gets_a_clear_error_and_stores_nothing(world, change, error, m
 
     def stored() -> tuple[int, int]:  # found in review: the name promised this and nothing checked it
         with session_scope() as s:
-            turns = s.scalar(select(func.count()).select_from(Turn))
-            conversations = s.scalar(
-                select(func.count()).where(Conversation.external_id == req["conversation"])
-            )
+            named = Conversation.external_id == req["conversation"]
+            turns = s.scalar(select(func.count()).select_from(Turn).join(Conversation).where(named))
+            conversations = s.scalar(select(func.count()).where(named))
         return turns, conversations
 
     before = stored()

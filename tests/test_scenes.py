@@ -770,6 +770,16 @@ def test_several_player_lines_to_a_group_in_one_call_go_round_it_as_sent_one_by_
         speaker = select(Character.slug).join(Turn, Turn.character_id == Character.id)
         slugs = [s.scalar(speaker.where(Turn.id == t.id)) for t in stored]
     assert slugs == ["luffy", "elara", "luffy", "elara"]
+    # A line repeating another's key, or one stored already, makes no turn: the round does not move
+    key = f"k-{uuid.uuid4().hex[:8]}"
+    again = [{"conversation": conv, "message": "Keyed.", "idempotency_key": key}] * 2
+    again += [{"conversation": conv, "message": "After it."}]
+    replayed = [{"conversation": conv, "message": "Keyed.", "idempotency_key": key}]
+    replayed += [{"conversation": conv, "message": "After the replay."}]
+    stored = [*submit_turns(again, send=False), *submit_turns(replayed, send=False)]
+    with session_scope() as s:
+        slugs = [s.scalar(speaker.where(Turn.id == t.id)) for t in stored]
+    assert slugs == ["haneul", "haneul", "luffy", "haneul", "elara"]
 
 
 def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:

@@ -119,7 +119,7 @@ def test_a_list_setting_that_is_not_json_or_an_unknown_log_level_is_one_line_nam
         ("MLCHAT_SERVED_MODELS", "a,b"),
         ("MLCHAT_LOG_LEVEL", "verbose"),
         # found in review: a device torch does not know failed only at the first embedding, as a 500
-        ("MLCHAT_EMBEDDER_DEVICE", "gpu"),
+        ("MLCHAT_EMBEDDER_DEVICE", "CUDA 0"),
     ]:
         result = _import_settings_with(tmp_path, variable, bad)
         assert result.returncode != 0

@@ -1012,5 +1012,8 @@ def test_the_workers_per_character_caches_keep_at_most_their_bound(monkeypatch) 
         character = Character(id=10_000_000 + i, version=1, name=f"c{i}", **empty)
         judge._persona_vector(character)
         structured.declared_actions(character)
-    newest = [10_000_005, 10_000_006, 10_000_007]
-    assert sorted(judge._persona_vectors.keys()) == sorted(structured._declared.keys()) == newest
+    # The session's worker may meet a character meanwhile (its threads share these caches): at most 3
+    # kept, and the newest of this test's among them.
+    for cache in (judge._persona_vectors, structured._declared):
+        kept = list(cache.keys())
+        assert len(kept) <= 3 and 10_000_007 in kept and 10_000_001 not in kept

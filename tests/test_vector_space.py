@@ -752,7 +752,9 @@ def test_retrieval_of_a_process_whose_weights_a_reembed_left_compares_no_vectors
     assert after[0] == before[0]  # the recent window stays
 
 
-@pytest.mark.parametrize(("embedder", "device"), [("/no/such/embedder", None), ("bundled", "cuda:7")])
+@pytest.mark.parametrize(
+    ("embedder", "device"), [("/no/such/embedder", None), ("bundled", "cuda:99"), ("bundled", "gpu")]
+)
 def test_an_embedder_that_cannot_load_here_is_refused_in_one_line_naming_the_setting(
     monkeypatch, embedder: str, device: str | None
 ) -> None:

@@ -47,7 +47,11 @@ def get_embedder() -> SentenceTransformer:
     device = settings.embedder_device or "cpu"
     try:
         model = SentenceTransformer(source, device=device)
-    except Exception as exc:  # a missing model, an unreadable one, or a device torch cannot use here
+    except (OSError, ValueError, AssertionError, RuntimeError) as exc:
+        # A missing model, an unreadable one, or a device torch cannot use here; a device out of
+        # memory for now (vLLM holds it, say) is no setting's fault and keeps its own error.
+        if type(exc).__name__ == "OutOfMemoryError":
+            raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EmbedderUnavailable(
             f"MLCHAT_EMBEDDER={settings.embedder!r} cannot be loaded on {device!r} "

@@ -186,10 +186,13 @@ def main() -> None:
 def _load_engine() -> None:
     """Load the engine before taking events: one that cannot load (a GPU too small for the context,
     weights missing) stops this worker with one line, for its platform to replace, instead of
-    answering each event as if its input were wrong, charging its turns, and loading again."""
+    answering each event as if its input were wrong, charging its turns, and loading again. The
+    embedder too: one that cannot load here would be answered to each event as a refusal."""
+    from worker.embedder import get_embedder
     from worker.pipeline import get_prompt_builder
 
     try:
+        get_embedder()
         get_prompt_builder()
     except Exception as exc:
         logger.exception("the engine failed to load")

@@ -3,10 +3,11 @@
 from services.runs.control import RunState, cancel, require_run, resume, retry_failed, run_state
 from services.runs.export import export_run
 from services.runs.submit import CHUNK, RunBusy, RunConflict, SubmissionFailed, SubmittedRun, submit_run
-from services.runs.validate import LineError, RunLine, RunValidationError, validate_file
+from services.runs.validate import EmptyFile, LineError, RunLine, RunValidationError, validate_file
 
 __all__ = [
     "CHUNK",
+    "EmptyFile",
     "LineError",
     "RunBusy",
     "RunConflict",

@@ -101,6 +101,10 @@ class LineError:
         object.__setattr__(self, "reason", printable(self.reason, REASON_CHARS))
 
 
+class EmptyFile(ValueError):
+    """The file holds no requests (empty, or blank lines only): OpenAI's `empty_file`."""
+
+
 class RunValidationError(ValueError):
     """The file has bad lines; nothing was stored or sent. `count`: how many, when `errors` names
     only the first of them."""
@@ -395,7 +399,7 @@ def validate_file(
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
     if not lines_read:  # a run or batch of nothing would complete at once, having done nothing
-        raise ValueError("input file: it holds no requests (it is empty, or only blank lines)")
+        raise EmptyFile("input file: it holds no requests (it is empty, or only blank lines)")
     # A scene's step k is stored as `<custom_id>#k`: another line of that name would share it.
     step_errors = [
         LineError(
