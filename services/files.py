@@ -177,7 +177,14 @@ async def save_upload(
                     await run_in_threadpool(out.write, chunk)
                 except OSError as exc:  # a full disk, most often
                     raise _unwritable(exc) from exc
-        os.replace(partial, final)
+            try:  # what the buffer still holds is written here: a full disk may say so only now
+                await run_in_threadpool(out.flush)
+            except OSError as exc:
+                raise _unwritable(exc) from exc
+        try:
+            os.replace(partial, final)
+        except OSError as exc:
+            raise _unwritable(exc) from exc
     finally:
         with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear
             partial.unlink(missing_ok=True)

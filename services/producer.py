@@ -612,10 +612,10 @@ def cancel_turn(turn_id: uuid.UUID | str) -> bool:
         ]
         calls_back = [t.id for t in cancelled if t.callback_url]
         streamed = [t.id for t in cancelled if t.params.get("stream")]
-    send_turn_callbacks(calls_back)
     try:  # the cancel is committed: a stream that cannot be told ends at the readers' next status check
         for each in streamed:
-            publisher().end(each)
+            publisher().end(each)  # queued, never waits (the callbacks may, on a slow broker)
     except Exception:
         logger.warning("could not end the streams of cancelled turns %s", streamed, exc_info=True)
+    send_turn_callbacks(calls_back)
     return bool(cancelled)

@@ -116,6 +116,9 @@ class _Shown:
         the text after the gap would not follow the text shown, and the stored reply brings it)."""
         if entry.claim in self.superseded:
             return []
+        # A rank below the shown claim's: a lapsed claim writing late. An unranked delta, or one after
+        # an unranked claim (-1: a worker from before ranks, in a rolling deploy), says nothing: the
+        # later claim is taken, as before ranks.
         if entry.claim != self.claim and entry.rank is not None and entry.rank < self.rank:
             self.superseded.add(entry.claim)  # a lapsed claim writing late: the turn is another's now
             return []
@@ -149,6 +152,22 @@ class _Shown:
             if view.reply != self.text:
                 out.append(Event("delta", FINAL, {"text": view.reply[len(self.text) :]}))
         return [*out, terminal(view)]
+
+
+def replaced_claims(deltas: list[Entry]) -> set[str]:
+    """The claims of a stream's deltas that are not the reply's: all but the latest claim of the
+    highest rank (a lapsed claim may write after the one that took the turn over), or, with an
+    unranked claim among them (a worker from before ranks, in a rolling deploy), all but the latest."""
+    ranks: dict[str, int] = {}  # each claim, in the order of its first delta, and its rank
+    for entry in deltas:
+        ranks.setdefault(entry.claim, -1 if entry.rank is None else entry.rank)
+    order = list(ranks)
+    if not order:
+        return set()
+    chosen = order[-1]
+    if all(rank >= 0 for rank in ranks.values()):
+        chosen = max(order, key=lambda c: (ranks[c], order.index(c)))
+    return {c for c in order if c != chosen}
 
 
 async def _deltas(client: Any, key: str, last: str) -> list[Entry]:
@@ -240,12 +259,7 @@ class TurnReader:
         except Exception:
             return
         try:
-            ranks: dict[str, int] = {}  # each claim, in the order of its first delta, and its rank
-            for entry in await _deltas(client, self._key, "+"):
-                ranks.setdefault(entry.claim, -1 if entry.rank is None else entry.rank)
-            # The latest claim of the highest rank: a lapsed claim's late text is not the reply.
-            latest = max(enumerate(ranks), key=lambda pair: (ranks[pair[1]], pair[0]), default=None)
-            self._shown.superseded.update(c for c in ranks if latest is None or c != latest[1])
+            self._shown.superseded.update(replaced_claims(await _deltas(client, self._key, "+")))
         except _UNREADABLE:
             return
         finally:

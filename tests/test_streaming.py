@@ -158,16 +158,20 @@ def test_a_reader_that_resumes_with_last_event_id_loses_and_duplicates_nothing(b
     assert rest[-1][0] == "error" and rest[-1][2]["status"] == "cancelled"
 
 
-def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> None:
-    turn_id = _queued_turn()
-    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
-    publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
+def _read_after_a_cancel(base_url: str, turn_id: uuid.UUID) -> list[tuple[str, str]]:
+    """Cancel the turn, end its stream, and read it whole: (event, its text or code) of each event."""
     with session_scope() as session:
         cancel_turns(session=session, turn_ids=[turn_id])
     publisher().end(turn_id)
     with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
-        events = _events(r)
-    assert [(e[0], e[2].get("text") or e[2].get("code")) for e in events] == [
+        return [(e[0], e[2].get("text") or e[2].get("code")) for e in _events(r)]
+
+
+def test_a_new_claim_tells_the_reader_to_discard_what_it_was_shown(base_url) -> None:
+    turn_id = _queued_turn()
+    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
+    publisher().delta(turn_id, uuid.uuid4(), "A whole reply.")
+    assert _read_after_a_cancel(base_url, turn_id) == [
         ("delta", "Half a rep"),
         ("error", "restarted"),
         ("delta", "A whole reply."),
@@ -185,16 +189,25 @@ def test_a_lapsed_claims_late_text_never_replaces_the_claim_that_took_the_turn_o
     publisher().delta(turn_id, current, "A whole ", rank=2)
     publisher().delta(turn_id, lapsed, "Half a rep", rank=1)  # its worker woke up late
     publisher().delta(turn_id, current, "reply.", rank=2)
-    with session_scope() as session:
-        cancel_turns(session=session, turn_ids=[turn_id])
-    publisher().end(turn_id)
-    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
-        events = _events(r)
-    assert [(e[0], e[2].get("text") or e[2].get("code")) for e in events] == [
+    assert _read_after_a_cancel(base_url, turn_id) == [
         ("delta", "A whole "),
         ("delta", "reply."),
         ("error", "cancelled"),
     ]
+
+
+def test_a_chat_reader_joining_late_follows_the_claim_of_the_highest_rank() -> None:
+    from streaming.events import DELTA, Entry
+    from streaming.reader import replaced_claims
+
+    def deltas(*claims: tuple[str, int | None]) -> list[Entry]:
+        return [Entry(id=f"{i}-0", kind=DELTA, text="x", claim=c, rank=r) for i, (c, r) in enumerate(claims)]
+
+    assert replaced_claims(deltas(("new", 2), ("lapsed", 1), ("new", 2))) == {"lapsed"}  # wrote last
+    assert replaced_claims(deltas(("old", 1), ("new", 2))) == {"old"}
+    # A worker from before ranks (a rolling deploy): the latest claim, as before
+    assert replaced_claims(deltas(("new", 2), ("unranked", None))) == {"new"}
+    assert replaced_claims([]) == set()
 
 
 def test_an_idle_stream_is_kept_alive_with_pings(base_url, monkeypatch) -> None:

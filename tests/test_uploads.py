@@ -333,6 +333,9 @@ def test_an_upload_writes_its_chunks_off_the_event_loop(services, monkeypatch) -
             waited_in_vain.append(not loop_ran.wait(5))
             return int(self.handle.write(data))
 
+        def flush(self) -> None:
+            self.handle.flush()
+
         def __enter__(self) -> SlowDisk:
             return self
 

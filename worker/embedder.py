@@ -50,7 +50,7 @@ def get_embedder() -> SentenceTransformer:
     except (OSError, ValueError, AssertionError, RuntimeError) as exc:
         # A missing model, an unreadable one, or a device torch cannot use here; a device out of
         # memory for now (vLLM holds it, say) is no setting's fault and keeps its own error.
-        if type(exc).__name__ == "OutOfMemoryError":
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EmbedderUnavailable(

@@ -191,13 +191,13 @@ def _load_engine() -> None:
     from worker.embedder import get_embedder
     from worker.pipeline import get_prompt_builder
 
-    try:
-        get_embedder()
-        get_prompt_builder()
-    except Exception as exc:
-        logger.exception("the engine failed to load")
-        why = f"{type(exc).__name__}: {str(exc)[:300]}"
-        raise SystemExit(f"serverless: the engine failed to load ({why})") from None
+    for what, load in (("embedder", get_embedder), ("engine", get_prompt_builder)):
+        try:
+            load()
+        except Exception as exc:
+            logger.exception("the %s failed to load", what)
+            why = f"{type(exc).__name__}: {str(exc)[:300]}"
+            raise SystemExit(f"serverless: the {what} failed to load ({why})") from None
 
 
 def answer_local(text: str, *, before: Callable[[], None] | None = None) -> int:
