@@ -322,13 +322,12 @@ def speaker_for_player(
             raise ValueError(f"speaker_character: {slug!r} is muted in this group")
         return member.character_id
     spoken = session.scalar(select(func.count()).where(Turn.conversation_id == conversation_id)) or 0
-    members_before = [m for m in earlier if m is not None]
     picked = pick_speaker(
         session=session,
         scene=scene,
         step=int(spoken) + len(earlier) + 1,
         message=message,
-        after=members_before[-1] if members_before else None,
+        after=next((m for m in reversed(earlier) if m is not None), None),
     )
     if picked is None:
         raise ValueError("speaker_character: every member of this group is muted")

@@ -1035,7 +1035,7 @@ def hand_back_after_engine_death(
             attempts=func.greatest(Turn.attempts - 1, 0),
             engine_deaths=case((Turn.id.in_(inside), Turn.engine_deaths + 1), else_=Turn.engine_deaths),
             engine_deaths_seen=case(
-                (Turn.id.in_([t for t in present if t not in set(inside)]), Turn.engine_deaths_seen + 1),
+                (Turn.id.in_(sorted(set(present) - set(inside))), Turn.engine_deaths_seen + 1),
                 else_=Turn.engine_deaths_seen,
             ),
             lease_until=None,

@@ -159,12 +159,8 @@ async def save_upload(
     partial = final.with_suffix(".partial")
     size = 0
     try:
-        try:
-            settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
-            out = partial.open("wb")
-        except OSError as exc:  # the folder went away, read-only, or full since the start's check
-            raise _unwritable(exc) from exc
-        with out:
+        settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
+        with partial.open("wb") as out:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
@@ -173,18 +169,11 @@ async def save_upload(
                     raise _over_quota(held, size)
                 # In a thread: a write that waits on a busy disk would stall every stream and
                 # request this process serves meanwhile.
-                try:
-                    await run_in_threadpool(out.write, chunk)
-                except OSError as exc:  # a full disk, most often
-                    raise _unwritable(exc) from exc
-            try:  # what the buffer still holds is written here: a full disk may say so only now
-                await run_in_threadpool(out.flush)
-            except OSError as exc:
-                raise _unwritable(exc) from exc
-        try:
-            os.replace(partial, final)
-        except OSError as exc:
-            raise _unwritable(exc) from exc
+                await run_in_threadpool(out.write, chunk)
+            await run_in_threadpool(out.flush)  # what the buffer holds: a full disk may say so only now
+        os.replace(partial, final)
+    except OSError as exc:  # the folder gone, read-only or full since the start's check: a 503
+        raise _unwritable(exc) from exc
     finally:
         with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear
             partial.unlink(missing_ok=True)

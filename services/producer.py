@@ -348,8 +348,7 @@ def _group_speakers(
     speakers: list[int | None] = []
     errors = []
     earlier: dict[int, list[int | None]] = {}  # by conversation: who answers this call's lines so far
-    keys = [r.idempotency_key for r in requests if r.idempotency_key]
-    taken = set(stored_request_hashes(session=session, tenant=tenant, keys=keys)) if keys else set()
+    taken: set[str | None] | None = None  # the call's keys stored already: read once, for a group's line
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
@@ -364,9 +363,15 @@ def _group_speakers(
                     earlier=earlier.get(conversation_id, ()),
                 )
             )
+            if speakers[-1] is None and not narrator:  # no group: no round to go on
+                continue
+            if taken is None:
+                keys = [r.idempotency_key for r in requests if r.idempotency_key]
+                taken = set(stored_request_hashes(session=session, tenant=tenant, keys=keys))
             if req.idempotency_key not in taken:  # a replay or a repeat makes no new turn
                 earlier.setdefault(conversation_id, []).append(speakers[-1])
-                taken |= {req.idempotency_key} if req.idempotency_key else set()
+                if req.idempotency_key:
+                    taken.add(req.idempotency_key)
         except ValueError as exc:
             field, _, reason = str(exc).partition(": ")
             errors.append(ItemError(i, field, reason))

@@ -250,7 +250,7 @@ def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelle
     from worker import judge
     from worker.engine import EngineDead, GenerationRequest
     from worker.engine_loop import Generation
-    from worker.pipeline import _was_in_engine
+    from worker.pipeline import _death_of
 
     turn = SimpleNamespace(id=uuid.uuid4(), params={})
     request = GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ())
@@ -266,7 +266,7 @@ def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelle
     monkeypatch.setattr(engine_module, "submit", lambda requests: [killer])
     with pytest.raises(EngineDead):
         judge.regenerate_weak(weak, {turn.id: request}, {}, {}, {}, futures_of=futures_of)  # type: ignore[arg-type]
-    assert futures_of[turn.id] == [first, killer] and _was_in_engine(killer)
+    assert futures_of[turn.id] == [first, killer] and _death_of(killer).in_engine  # type: ignore[union-attr]
 
     unread: Future = Future()
 

@@ -248,8 +248,11 @@ def _hand_back_dead(
     or for a retry, not yet written, is requeued with the rest and leaves the report's failures and
     retries; one written already was announced and called back then."""
     reason = f"engine died: {error}"
-    in_engine = [t for t, futures in report.futures.items() if any(map(_was_in_engine, futures))]
-    present = [t for t, futures in report.futures.items() if any(map(_was_present, futures))]
+    deaths = {
+        t: [d for d in map(_death_of, futures) if d is not None] for t, futures in report.futures.items()
+    }
+    in_engine = [t for t, seen in deaths.items() if any(d.in_engine for d in seen)]
+    present = [t for t, seen in deaths.items() if any(d.present for d in seen)]
     outcome = _best_effort_hand_back(
         turns,
         lambda session: hand_back_after_engine_death(
@@ -286,16 +289,11 @@ def _hand_back_dead(
     return list(outcome.crash_looped)
 
 
-def _was_in_engine(future: Any) -> bool:
-    """Whether this request was a suspect inside the engine when it died (worker/engine_loop.py)."""
+def _death_of(future: Any) -> EngineDead | None:
+    """The engine death that ended this request, if one did: whether it was inside the engine then
+    (`present`), and a suspect (`in_engine`; worker/engine_loop.py)."""
     error = future.exception() if future.done() else None
-    return isinstance(error, EngineDead) and error.in_engine
-
-
-def _was_present(future: Any) -> bool:
-    """Whether this request was inside the engine when it died, a suspect or not."""
-    error = future.exception() if future.done() else None
-    return isinstance(error, EngineDead) and error.present
+    return error if isinstance(error, EngineDead) else None
 
 
 # Deaths seen (inside, decoding, not a suspect) after which a turn runs alone: a request that kills
