@@ -178,6 +178,8 @@ class ClaimResult:
     held: dict[uuid.UUID, float] = field(default_factory=dict)
     skipped: list[uuid.UUID] = field(default_factory=list)  # done, failed, cancelled or unknown
     exhausted: list[uuid.UUID] = field(default_factory=list)  # failed now: no attempts left
+    # Finished by the claim (failed or cancelled) and streamed: no worker writes their stream's end.
+    streams_ended: list[uuid.UUID] = field(default_factory=list)
 
 
 def _seconds(value: float) -> Any:
@@ -523,8 +525,13 @@ def claim_turns(
                     callback=turn.callback_url is not None,
                 )
             )
-    if result.exhausted or result.blocked or stopped:
-        advance_runs_of_turns(session=session, turn_ids=[*result.exhausted, *result.blocked, *stopped])
+    if ended := [*result.exhausted, *result.blocked, *stopped]:
+        advance_runs_of_turns(session=session, turn_ids=ended)
+        result.streams_ended = list(
+            session.scalars(
+                select(Turn.id).where(Turn.id.in_(ended), Turn.params["stream"].as_boolean().is_(True))
+            ).all()
+        )
     taken = set(claimed_ids) | set(result.exhausted) | set(result.deferred) | set(result.blocked)
     unclaimed = [i for i in turn_ids if i not in taken]
     if unclaimed:

@@ -118,6 +118,30 @@ def test_a_streamed_turn_cancelled_through_the_api_ends_its_stream_at_once(base_
     assert waited < 30, f"the stream ended {waited:.0f} s after the cancel"
 
 
+def test_a_streamed_turn_the_claim_fails_ends_its_stream_at_once(base_url, monkeypatch) -> None:
+    # A turn out of attempts is failed by the claim, which no worker answers: the claim's batch must
+    # write the stream's end, or the stream waits for the readers' next status check (as above).
+    from sqlalchemy import update
+
+    from core.settings import settings
+    from db.models import Turn
+    from worker.pipeline import process_batch
+
+    monkeypatch.setattr(settings, "stream_check_s", 60.0)
+    turn_id = _queued_turn()
+    with session_scope() as session:
+        session.execute(update(Turn).where(Turn.id == turn_id).values(attempts=settings.max_attempts))
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=150) as r:
+        time.sleep(0.5)  # the reader follows the stream
+        started = time.monotonic()
+        report = process_batch([turn_id])
+        assert list(report.failed) == [turn_id]
+        events = _events(r)
+        waited = time.monotonic() - started
+    assert [(event, data["status"]) for event, _, data in events] == [("error", "failed")]
+    assert waited < 30, f"the stream ended {waited:.0f} s after the claim failed the turn"
+
+
 def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
     turn_id = _queued_turn()
     before = time.time()

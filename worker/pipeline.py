@@ -129,6 +129,7 @@ def process_batch(
         report.stalled = claim.stalled
         mark_dispatched(session=session, turn_ids=list(claim.deferred))  # the task sends them again
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
+    _end_streams(claim.streams_ended)  # committed: no worker writes these turns' stream ends
     report.failed.update(
         {t: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED) for t in claim.exhausted}
     )
@@ -832,9 +833,17 @@ def _streamed(turn: ClaimedTurn) -> bool:
 def _announce(turns: Sequence[ClaimedTurn], changed: Any) -> None:
     """Tell the streamed turns' readers that an outcome is committed (a reply, a failure, a retry)."""
     changed = set(changed)
-    for turn in turns:
-        if turn.id in changed and _streamed(turn):
-            publisher().end(turn.id)
+    _end_streams([turn.id for turn in turns if turn.id in changed and _streamed(turn)])
+
+
+def _end_streams(turn_ids: Sequence[uuid.UUID]) -> None:
+    """Write the end of these turns' streams (their outcomes are committed); never raises: a stream
+    that cannot be told ends at its readers' next status check."""
+    try:
+        for turn_id in turn_ids:
+            publisher().end(turn_id)
+    except Exception:
+        logger.warning("could not end the streams of %d turns", len(turn_ids), exc_info=True)
 
 
 def _call_back(turn_ids: Sequence[uuid.UUID], claimed: Sequence[ClaimedTurn] | None = None) -> None:
