@@ -167,6 +167,10 @@ REFUSED = [
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
+    (  # a reply sent back may carry its (empty) tool calls; one that made some asked for tools
+        openai_line("tc", [*USER, {"role": "assistant", "content": "Hm.", "tool_calls": [{}]}, *USER]),
+        "body.messages.1.tool_calls: tool calls are not supported",
+    ),
     (  # a NUL in a schema's property name would fail the JSONB insert of the whole chunk
         openai_line(
             "nul",
@@ -193,6 +197,45 @@ REFUSED = [
         "body.response_format.json_schema.description: contains a lone surrogate",
     ),  # fmt: skip
 ]
+
+
+def test_a_reply_sent_back_as_the_openai_client_sends_it_and_its_newer_hints_are_accepted() -> None:
+    # Found in review: the client sends a response's message back as it came (`refusal: null` and
+    # all, `model_dump(exclude_unset=True)`), and every such conversation's next request was refused.
+    from openai.types.chat import ChatCompletion
+
+    from services.runs.openai_lines import to_run_line
+
+    reply = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 0,
+        "model": "elara",
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {
+                    "role": "assistant",
+                    "content": "North, past the mill.",
+                    "refusal": None,
+                    "annotations": [],
+                    "tool_calls": None,
+                },
+            }
+        ],
+    }
+    sent_back = ChatCompletion.model_validate(reply).choices[0].message.model_dump(exclude_unset=True)
+    assert "refusal" in sent_back  # what the client sends, as its own transform does
+    hints = {"safety_identifier": "u1", "prompt_cache_key": "k", "verbosity": "low"}
+    line = openai_line("back", [*USER, sent_back, {"role": "user", "content": "And then?"}], **hints)
+    native = to_run_line(line, {"elara"}, LineOptions())
+    assert native["message"] == "And then?"
+    assert native["history"] == [
+        {"role": "user", "content": "Where is the tower?"},
+        {"role": "assistant", "content": "North, past the mill."},
+    ]
+
 
 # Lines that are not well-formed requests: the whole file fails, as at OpenAI.
 MALFORMED = [

@@ -15,9 +15,9 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from db.models import TurnErrorCode
 from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line
@@ -58,8 +58,19 @@ _UNSUPPORTED: dict[str, tuple[Any, str]] = {
     "web_search_options": (None, "web search is not supported"),
 }
 
-# Accepted and without effect here (who the end user is, storage and tier hints of OpenAI's service).
-IGNORED = ("user", "store", "service_tier", "stream_options", "reasoning_effort")
+# Accepted and without effect here (who the end user is, storage, cache and tier hints of OpenAI's
+# service, the length hint of its reasoning models).
+IGNORED = (
+    "user",
+    "safety_identifier",
+    "store",
+    "service_tier",
+    "stream_options",
+    "reasoning_effort",
+    "verbosity",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+)
 
 # Our field name in a GenerationParams error → the body field the user wrote.
 _PARAM_FIELDS = {"max_new_tokens": ("max_completion_tokens", "max_tokens")}  # the newer name first
@@ -72,12 +83,32 @@ class _TextPart(BaseModel):
     text: Text
 
 
+def _nothing(what: str) -> Any:
+    """A field of an assistant message that a reply sent back carries empty (the `openai` client
+    sends a response's message as it came): accepted when empty, refused naming it when it holds
+    something."""
+
+    def check(value: Any) -> Any:
+        if value:
+            raise ValueError(f"{what} are not supported")
+        return None
+
+    return AfterValidator(check)
+
+
 class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: str
     content: Text | list[_TextPart] | None = None
     name: Text | None = Field(default=None, max_length=64)
+    # What an assistant reply of OpenAI's shape carries besides its content (this service's own
+    # replies have `refusal: null`): read as nothing.
+    refusal: Text | None = None
+    annotations: list[Any] | None = None
+    tool_calls: Annotated[list[Any] | None, _nothing("tool calls")] = None
+    function_call: Annotated[Any, _nothing("function calls")] = None
+    audio: Annotated[Any, _nothing("audio replies")] = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
