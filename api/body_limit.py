@@ -16,6 +16,8 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
+from api.openai_errors import error_body, openai_path
+
 Scope = dict[str, Any]
 
 
@@ -43,20 +45,21 @@ class BodySizeLimit:
             try:
                 too_large = int(declared) > limit
             except ValueError:
-                await self._reply(send, 400, "Content-Length is not a number")
+                await self._reply(send, 400, "Content-Length is not a number", scope)
                 return
             if too_large:
-                await self._reply(send, 413, f"request body over {limit} bytes")
+                await self._reply(send, 413, f"request body over {limit} bytes", scope)
                 return
-            await self.app(scope, receive, send)
-            return
+        # Counted even under a declared length: a request that also says `Transfer-Encoding: chunked`
+        # is framed by its chunks (h11 passes both headers on), however small its Content-Length.
         try:
             await self.app(scope, _counted(receive, limit), send)
         except BodyTooLarge as exc:  # raised where no exception handler answers it (not a route)
-            await self._reply(send, exc.status_code, str(exc.detail))
+            await self._reply(send, exc.status_code, str(exc.detail), scope)
 
-    async def _reply(self, send: Any, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
+    async def _reply(self, send: Any, status: int, detail: str, scope: Scope) -> None:
+        shaped = openai_path(_route_path(scope))
+        body = json.dumps(error_body(status, detail) if shaped else {"detail": detail}).encode()
         await send(
             {
                 "type": "http.response.start",

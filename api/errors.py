@@ -1,5 +1,6 @@
 """Refusals as the README's *HTTP ingest* describes them: a validation 422 names the field at fault
-(and the item, in a batch); the others are a text `detail`; an outage is a 503 with Retry-After.
+(and the item, in a batch); the others are a text `detail`; an outage is a 503 with Retry-After. On
+the routes of OpenAI's API each is in OpenAI's error shape instead (api/openai_errors.py).
 
 Validation errors are rewritten without echoing the input back: an input holding a lone surrogate
 could not even be encoded as JSON, and FastAPI's default handler answered such a request with a 500.
@@ -8,7 +9,7 @@ could not even be encoded as JSON, and FastAPI's default handler answered such a
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -17,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.openai_errors import openai_path, openai_shaped
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
@@ -149,16 +151,32 @@ async def _other_embedder(request: Request, exc: EmbedderMismatch) -> JSONRespon
     return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": safe(exc)})
 
 
+Handler = Callable[[Request, Any], Awaitable[Response]]
+
+
+def _shaped(handler: Handler) -> Handler:
+    """The handler, answering on the routes of OpenAI's API in OpenAI's error shape."""
+
+    async def answer(request: Request, exc: Any) -> Response:
+        response = await handler(request, exc)
+        return openai_shaped(response) if openai_path(request.url.path) else response
+
+    return answer
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on the app."""
-    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
-    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(TurnRejected, _rejected)  # type: ignore[arg-type]
-    app.add_exception_handler(IdempotencyConflict, _conflict)  # type: ignore[arg-type]
-    app.add_exception_handler(EnqueueError, _unavailable)  # type: ignore[arg-type]
-    app.add_exception_handler(FilesUnwritable, _unavailable)  # type: ignore[arg-type]
-    app.add_exception_handler(CardError, _bad_card)  # type: ignore[arg-type]
-    app.add_exception_handler(EmbedderMismatch, _other_embedder)  # type: ignore[arg-type]
-    app.add_exception_handler(GrammarBusy, _grammar_busy)  # type: ignore[arg-type]
-    for outage in DATABASE_OUTAGES:
-        app.add_exception_handler(outage, _database_unavailable)
+    handlers: list[tuple[type[Exception], Handler]] = [
+        (RequestValidationError, _validation),
+        (StarletteHTTPException, _http_error),
+        (TurnRejected, _rejected),
+        (IdempotencyConflict, _conflict),
+        (EnqueueError, _unavailable),
+        (FilesUnwritable, _unavailable),
+        (CardError, _bad_card),
+        (EmbedderMismatch, _other_embedder),
+        (GrammarBusy, _grammar_busy),
+        *((outage, _database_unavailable) for outage in DATABASE_OUTAGES),
+    ]
+    for exc_class, handler in handlers:
+        app.add_exception_handler(exc_class, _shaped(handler))

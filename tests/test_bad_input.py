@@ -290,8 +290,8 @@ HTTP_CASES = [
         "/v1/batches",
         b"{nope",
         JSON,
-        422,
-        '"field":"body","msg":"not valid JSON (Expecting property name enclosed in double quotes',
+        400,  # a route of OpenAI's API: its error shape, and 400 for a body that does not validate
+        '"message":"body: not valid JSON (Expecting property name enclosed in double quotes',
     ),
     # found in review: an admin could append to an inline request's content-named story
     (
@@ -339,18 +339,18 @@ HTTP_CASES = [
         "/v1/batches",
         b'{"input_file_id": "f", "endpoint": "/v1/chat/completions", "colour": 1}',
         JSON,
-        422,
-        "colour",
+        400,
+        '"param":"colour"',
     ),
-    ("a batch without its file", "post", "/v1/batches", b'{"endpoint": "e"}', JSON, 422, "input_file_id"),
-    ("a page of no batches", "get", "/v1/batches?limit=0", None, {}, 422, "limit (query)"),
+    ("a batch without its file", "post", "/v1/batches", b'{"endpoint": "e"}', JSON, 400, "input_file_id"),
+    ("a page of no batches", "get", "/v1/batches?limit=0", None, {}, 400, "limit (query)"),
     (
         "a batch whose file id holds a NUL",
         "post",
         "/v1/batches",
         b'{"input_file_id": "file-\\u0000", "endpoint": "/v1/chat/completions"}',
         JSON,
-        422,
+        400,
         "input_file_id",
     ),
     (
@@ -362,8 +362,8 @@ HTTP_CASES = [
         400,
         "metadata.k: contains a NUL",
     ),
-    ("a batch id with a NUL", "get", "/v1/batches/batch%00x", None, {}, 422, "batch_id (path)"),
-    ("a file id with a NUL", "get", "/v1/files/file%00x/content", None, {}, 422, "file_id (path)"),
+    ("a batch id with a NUL", "get", "/v1/batches/batch%00x", None, {}, 400, "batch_id (path)"),
+    ("a file id with a NUL", "get", "/v1/files/file%00x/content", None, {}, 400, "file_id (path)"),
     ("a page after an unknown batch", "get", "/v1/batches?after=batch_nope", None, {}, 400, "after"),
     ("cancelling an unknown batch", "post", "/v1/batches/batch_nope/cancel", None, {}, 404, "no batch"),
     (

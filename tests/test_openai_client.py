@@ -6,9 +6,11 @@ import re
 import subprocess
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from pydantic import SecretStr
@@ -240,3 +242,29 @@ def test_the_readme_curl_round_trip_runs_as_written(celery_worker, tmp_path) -> 
         json.loads(x) for x in (tmp_path / "batch_output.jsonl").read_text(encoding="utf-8").splitlines()
     ]
     assert sorted(x["custom_id"] for x in output) == sorted(x["custom_id"] for x in lines)
+
+
+def test_the_openai_client_reads_each_refusal_of_files_and_batches_as_openai_words_it(
+    base_url, tmp_path
+) -> None:
+    # Found in review: these routes answered `{"detail": …}`, so the client's exception said only
+    # "Error code: 400" (its text is `error.message`), with no param, and a validation 422 was an
+    # UnprocessableEntityError that `except openai.BadRequestError` does not catch.
+    client = _client(base_url)
+    with pytest.raises(openai.BadRequestError) as gone:
+        client.batches.create(
+            input_file_id="file-gone", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert "file-gone" in str(gone.value) and gone.value.param == "input_file_id", gone.value.body
+    with pytest.raises(openai.BadRequestError) as bad_purpose:
+        client.files.list(purpose="user_data")
+    assert "purpose" in str(bad_purpose.value) and bad_purpose.value.param == "purpose (query)"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.batches.retrieve("batch_nope")
+    assert "batch_nope" in str(missing.value) and missing.value.type == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError) as unknown_key:
+        _client(base_url, key="no-such-key").files.list()
+    assert unknown_key.value.code == "invalid_api_key" and "API key" in str(unknown_key.value)
+    # The other routes keep their own shape.
+    refused = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers={"X-API-Key": INGEST_KEY})
+    assert refused.status_code == 404 and "detail" in refused.json()

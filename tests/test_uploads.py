@@ -4,6 +4,7 @@ and 413 past the limit; a key's stored files have a quota, and an upload past it
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import uuid
 from collections.abc import Iterator
@@ -73,6 +74,34 @@ def test_a_chunked_body_past_the_limit_is_413_and_stops_reading() -> None:
     asyncio.run(BodySizeLimit(app, max_bytes=1000)(SCOPE, receive, send))
     assert sent[0]["status"] == 413 and b"request body over 1000 bytes" in sent[1]["body"]
     assert len(got) == 900 and handed[0] == 4  # the app never saw a byte past the limit
+
+
+def test_a_small_content_length_beside_a_chunked_body_does_not_lift_the_limit() -> None:
+    # Found in review: h11 frames a request that says both by its chunks and passes both headers on;
+    # the middleware trusted the declared 5 bytes and let 3,000 through (an endless body under
+    # `--http h11`, read before the key is checked).
+    receive, handed = _stream([b"x" * 300] * 10)
+    got = bytearray()
+    sent: list[dict[str, Any]] = []
+
+    async def app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+        while True:
+            message = await receive()
+            got.extend(message["body"])
+            if not message["more_body"]:
+                return
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {**SCOPE, "path": "/v1/turns", "headers": [*CHUNKED, (b"content-length", b"5")]}
+    asyncio.run(BodySizeLimit(app, max_bytes=1000)(scope, receive, send))
+    assert sent and sent[0]["status"] == 413 and len(got) == 900 and handed[0] == 4
+    assert json.loads(sent[1]["body"]) == {"detail": "request body over 1000 bytes"}
+    # On a route of OpenAI's API the refusal is in OpenAI's shape (its client reads error.message).
+    sent.clear()
+    asyncio.run(BodySizeLimit(app, max_bytes=1000)(SCOPE, _stream([b"x" * 300] * 10)[0], send))
+    assert json.loads(sent[1]["body"])["error"]["message"] == "request body over 1000 bytes"
 
 
 def test_a_paths_own_limit_holds_behind_a_proxys_root_path() -> None:
@@ -386,4 +415,4 @@ def test_an_unwritable_files_folder_is_one_line_at_start_and_a_503_not_a_500(
         files={"file": ("b.jsonl", b'{"custom_id": "a"}\n')},
     )
     assert answer.status_code == 503, answer.text
-    assert "MLCHAT_FILES_DIR" in answer.json()["detail"]
+    assert "MLCHAT_FILES_DIR" in answer.json()["error"]["message"]

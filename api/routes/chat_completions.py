@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -17,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from api.errors import RETRY_AFTER_S
+from api.openai_errors import error_body
 from api.routes.turns import visible_turn
 from api.sse import sse_response
 from core.settings import settings
@@ -35,10 +35,6 @@ RESUME_AFTER_S = 1.0  # an unavailable stream is resumed after this long,
 MAX_RESUMES = 120  # this many times in a row without a delta (an error that is no outage would resume on)
 
 
-# A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`.
-_PARAM = re.compile(r"^(body(?:\.[A-Za-z_]\w*|\.\d+|\[-?\d+\])*):")
-
-
 def _error(
     status_code: int,
     message: str,
@@ -51,14 +47,11 @@ def _error(
     message names a field. `retry=False` tells the official client not to retry the POST (a retry
     would queue another turn); `retry_after_s` how long it should wait first (its client honours
     `Retry-After`)."""
-    match = _PARAM.match(message)
     headers = {} if retry else {"x-should-retry": "false"}
     if retry_after_s is not None:
         headers["Retry-After"] = str(retry_after_s)
     return JSONResponse(
-        status_code=status_code,
-        content={"error": {"message": message, "type": kind, "param": match and match[1], "code": None}},
-        headers=headers or None,
+        status_code=status_code, content=error_body(status_code, message, kind), headers=headers or None
     )
 
 
