@@ -37,7 +37,17 @@ Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # IPv6 ranges that carry an IPv4 address in their last 32 bits (NAT64's well-known prefix, the
 # deprecated IPv4-compatible form): the packet ends up at that IPv4 address, so it is what counts.
-_LAST_32_BITS_IPV4 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("::/96"))
+_LAST_32_BITS_IPV4 = (
+    ipaddress.ip_network("64:ff9b::/96"),
+    ipaddress.ip_network("::/96"),
+    ipaddress.ip_network("::ffff:0:0:0/96"),  # IPv4-translated (SIIT)
+)
+# Not public whatever the interpreter says: Pythons without the fix of CVE-2024-4032 take most of
+# 192.0.0.0/24 (IETF protocol assignments, a cloud's metadata address among them) for global, and
+# multicast and the reserved 240/4 are no receiver's.
+_NEVER_PUBLIC_IPV4 = tuple(
+    ipaddress.ip_network(net) for net in ("192.0.0.0/24", "224.0.0.0/4", "240.0.0.0/4")
+)
 # RFC 8215's local-use NAT64 prefix translates into the site's own network, whatever it embeds.
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
 
@@ -109,13 +119,17 @@ def is_public(address: Address) -> bool:
     if not address.is_global:
         return False
     if isinstance(address, ipaddress.IPv4Address):
-        return True
+        return _public_ipv4(address)
     if address in _LOCAL_NAT64:
         return False
     carried = [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a]
     if any(address in net for net in _LAST_32_BITS_IPV4):
         carried.append(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
-    return all(ipv4.is_global for ipv4 in carried)
+    return all(_public_ipv4(ipv4) for ipv4 in carried)
+
+
+def _public_ipv4(address: ipaddress.IPv4Address) -> bool:
+    return address.is_global and not any(address in net for net in _NEVER_PUBLIC_IPV4)
 
 
 def refused_destination(url: str) -> str | None:

@@ -147,6 +147,8 @@ def test_over_https_the_server_name_and_certificate_are_the_hosts(
         ("6to4 of the metadata address", "2002:a9fe:a9fe::1"),
         ("6to4 of a private network", "2002:c0a8:101::1"),
         ("Teredo, client loopback", "2001:0:4136:e378:8000:63bf:80ff:fffe"),
+        ("IPv4-translated (SIIT) of the IETF block", "::ffff:0:c000:c0"),
+        ("IPv4-translated (SIIT) of loopback", "::ffff:0:7f00:1"),
     ],
 )
 def test_an_ipv6_form_that_carries_a_private_ipv4_address_is_refused(form, address, monkeypatch) -> None:
@@ -155,6 +157,19 @@ def test_an_ipv6_form_that_carries_a_private_ipv4_address_is_refused(form, addre
     monkeypatch.setattr(settings, "callback_allow_private", False)
     refused = refused_destination(f"http://[{address}]/hook")
     assert refused is not None and "non-public address" in refused, form
+
+
+@pytest.mark.parametrize("address", ["192.0.0.192", "192.0.0.9", "239.1.2.3", "241.0.0.1"])
+def test_an_ipv4_address_of_a_block_no_receiver_is_in_is_refused_whatever_the_python(
+    address, monkeypatch
+) -> None:
+    # Found in review: a Python without the fix of CVE-2024-4032 (this checkout's 3.11.7) takes
+    # 192.0.0.192, a cloud's metadata address, for global.
+    from services.callbacks import refused_destination
+
+    monkeypatch.setattr(settings, "callback_allow_private", False)
+    refused = refused_destination(f"http://{address}/hook")
+    assert refused is not None and "non-public address" in refused
 
 
 @pytest.mark.parametrize("address", ["64:ff9b::101:101", "2002:101:101::1", "2606:4700:4700::1111"])
