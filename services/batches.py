@@ -297,13 +297,18 @@ def _retry_later(
     (its connection lost) spends no try: the batch waits for it (looked at again less often the
     longer it has waited, every 10 minutes at most) until its completion window closes. If the
     database is still away, nothing can be recorded: the sweeper finds the batch stalled and tries
-    again."""
+    again. The error's own text stays in the log: the batch, which its tenant reads, names the
+    service away or the error's class (a driver's message can name hosts, paths and columns)."""
     reason = one_line(exc)
+    cause: BaseException = exc
+    while cause.__cause__ is not None:  # a submission's stop wraps what stopped it
+        cause = cause.__cause__
+    shown = f"an internal error, {type(cause).__name__}; the server's log has it"
     tries = attempt or 0
     away = _away(exc)
     try:
         if tries >= settings.batch_submission_attempts and not away:
-            _give_up(run_id, callback, f"submission failed {tries} times, last: {reason}")
+            _give_up(run_id, callback, f"submission failed {tries} times, last: {shown}")
             return
         if away:
             # Longer the longer it has waited (each try reads the whole file again): the backoff
@@ -316,9 +321,9 @@ def _retry_later(
                 session=session,
                 run_id=run_id,
                 error=(
-                    f"submission waits for {away} ({reason}); trying again in {delay:.0f} s"
+                    f"submission waits for {away}; trying again in {delay:.0f} s"
                     if away
-                    else f"submission try {tries} stopped ({reason}); trying again in {delay:.0f} s"
+                    else f"submission try {tries} stopped ({shown}); trying again in {delay:.0f} s"
                 ),
                 delay_s=delay,
                 refund=away is not None,
