@@ -313,9 +313,10 @@ class Settings(BaseSettings):
     callback_concurrency: int = Field(default=2, ge=1, le=64)
     housekeeping_interval_s: float = Field(default=10.0, gt=0)  # the worker's expire/finalize timer
     # Live streaming (streaming/): one Redis stream per turn, trimmed to about stream_max_len events
-    # and deleted stream_ttl_s after its last event; SSE readers get a ping every stream_ping_s and
-    # learn every stream_check_s (one status query for all of a process's readers) whether their turn
-    # finished, then read the stored turn (the truth when the stream is silent or gone).
+    # and deleted stream_ttl_s after its last event (5 minutes at most after its end); SSE readers
+    # get a ping every stream_ping_s and learn every stream_check_s (one status query for all of a
+    # process's readers) whether their turn finished, then read the stored turn (the truth when the
+    # stream is silent or gone).
     stream_max_len: int = Field(default=4096, ge=16)
     stream_ttl_s: int = Field(default=3600, ge=1)
     stream_ping_s: float = Field(default=15.0, gt=0)

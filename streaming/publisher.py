@@ -29,6 +29,9 @@ _TRIES = 3
 _PAUSE_S = 5.0  # after a failed send, events are dropped for this long (Redis is not asked)
 _SOCKET_TIMEOUT_S = 2.0  # a hung Redis fails the send instead of holding the thread
 _SEQ_TURNS = 10_000  # turns whose delta numbers are kept (a turn's `end` forgets its own)
+# How long a stream is kept after its end: a reader that resumes later reads the stored turn, which
+# the end says is committed (an hour of every ended reply's deltas would be most of Redis's memory).
+ENDED_TTL_S = 300
 
 
 class Publisher:
@@ -130,8 +133,12 @@ class Publisher:
                 pipe = self._client.pipeline(transaction=False)
                 for key, fields in events:
                     pipe.xadd(key, fields, maxlen=settings.stream_max_len, approximate=True)
-                for key in {k for k, _ in events}:
-                    pipe.expire(key, settings.stream_ttl_s)
+                last = {key: fields["kind"] for key, fields in events}  # each stream's newest event
+                for key, kind in last.items():
+                    ended = kind == END
+                    pipe.expire(
+                        key, min(ENDED_TTL_S, settings.stream_ttl_s) if ended else settings.stream_ttl_s
+                    )
                 pipe.execute()
                 return True
             except Exception:

@@ -312,6 +312,14 @@ def test_the_publisher_keeps_each_stream_bounded_and_expiring(monkeypatch) -> No
     assert 16 <= client.xlen(stream_key(turn_id)) <= 16 + node < 1000
     assert client.xrevrange(stream_key(turn_id), count=1)[0][1][b"text"] == b"999 "  # the newest kept
     assert 0 < client.ttl(stream_key(turn_id)) <= 120
+    # Found in review: an ended stream was kept as long as a live one (an hour by default); the
+    # stored turn answers a reader that resumes after the end.
+    monkeypatch.setattr(settings, "stream_ttl_s", 3600)
+    sink.delta(turn_id, claim, "last words")
+    assert sink.flush(timeout=30) and client.ttl(stream_key(turn_id)) > 300
+    sink.end(turn_id)
+    assert sink.flush(timeout=30)
+    assert 0 < client.ttl(stream_key(turn_id)) <= streaming.publisher.ENDED_TTL_S
 
 
 def _chat(turn_id: uuid.UUID) -> list[dict]:
