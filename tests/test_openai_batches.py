@@ -665,6 +665,23 @@ def test_a_resolver_that_cannot_answer_for_now_is_a_503_to_retry_not_a_refused_c
     assert all(b["input_file_id"] != file_id for b in listed)  # nothing stored
 
 
+def test_the_openai_clients_delete_while_listing_loop_deletes_every_file(base_url) -> None:
+    # Found in review: the default page was 100 (OpenAI's is 10,000), so `for f in files.list():
+    # files.delete(f.id)` asked for its second page after a file it had deleted: a 400.
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    mine = {
+        _upload(base_url, json.dumps(openai_line(f"d{i}", USER)).encode() + b"\n").json()["id"]
+        for i in range(101)
+    }  # the key's newest: other tests' files (some read by batches still running) come after them
+    deleted = {
+        f.id for f in client.files.list(purpose="batch") if f.id in mine and client.files.delete(f.id).deleted
+    }
+    assert deleted == mine
+    assert mine.isdisjoint(f.id for f in client.files.list(purpose="batch"))
+
+
 def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(base_url, quiet_model) -> None:
     from tests.conftest import HASHED_INGEST_KEY
 

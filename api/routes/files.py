@@ -99,7 +99,9 @@ def get_files(
     who: Annotated[Caller, Depends(needs("ingest"))],
     purpose: Annotated[Literal["batch", "batch_output", "batch_error"] | None, Query()] = None,
     after: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = None,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 100,
+    # OpenAI's default: the client's `for f in files.list(): files.delete(f.id)` then reads one page,
+    # never a cursor naming a file it has deleted (a 400: the row that placed it is gone).
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
 ) -> Any:
     """The caller's files, newest first unless `order=asc`; `after` a file id for the next page."""
