@@ -77,6 +77,10 @@ class BatchNotFound(LookupError):
     """No batch (or file) of that id that the caller may see."""
 
 
+class BatchEnded(ValueError):
+    """A cancel of a batch that ended completed, failed or expired (OpenAI's 409)."""
+
+
 def parse_window(text: str) -> timedelta:
     """`24h`, `90m`, `30s`: up to batch_max_window_hours."""
     seconds = window_seconds(text)
@@ -359,6 +363,17 @@ def retry_batch_submissions(stalled_after_s: float = 60.0) -> list[str]:
 _STATUS = {RunStatus.QUEUED: "in_progress"}
 
 
+def _shown_status(status: RunStatus, cancel_reason: str | None) -> str:
+    """The status as OpenAI names it: a cancelled batch writing its files is still `cancelling` (a
+    client that cancelled waits for cancelling → cancelled), and an expiring one, which nobody
+    cancelled, is `finalizing` (not `cancelling`)."""
+    if status == RunStatus.FINALIZING and cancel_reason == "cancelled":
+        return RunStatus.CANCELLING.value
+    if status == RunStatus.CANCELLING and cancel_reason == "expired":
+        return RunStatus.FINALIZING.value
+    return _STATUS.get(status, status.value)
+
+
 def _ts(value: datetime | None) -> int | None:
     return None if value is None else int(value.timestamp())
 
@@ -395,14 +410,14 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
         "errors": error_list,
         "input_file_id": run.input_file_id,
         "completion_window": run.completion_window,
-        "status": _STATUS.get(status, status.value),
+        "status": _shown_status(status, run.cancel_reason),
         "output_file_id": run.output_file_id,
         "error_file_id": run.error_file_id,
         "created_at": _ts(run.created_at),
         "in_progress_at": _ts(run.in_progress_at),
         "expires_at": _ts(run.expires_at),
         "finalizing_at": _ts(run.finalizing_at),
-        "cancelling_at": _ts(run.cancelling_at),
+        "cancelling_at": None if run.cancel_reason == "expired" else _ts(run.cancelling_at),
         **stamps,
         "request_counts": {
             # An ended batch's files account for every request, those it never stored among them
@@ -470,11 +485,16 @@ def cancel_batch(
 ) -> dict[str, Any]:
     """Cancel the batch's unstarted requests; finished ones are kept and written to its output, at
     once when nothing of it runs (housekeeping otherwise, or on failure). `finalize`: what writes the
-    files (an HTTP request's background task: a large batch's files take minutes); at once if None."""
+    files (an HTTP request's background task: a large batch's files take minutes); at once if None.
+    A batch that ended completed, failed or expired with nothing left to stop is BatchEnded (a
+    cancelled one is answered as it is: cancelling twice is cancelling)."""
     with session_scope() as session:
         run = _visible_run(session, batch_id, api_key, admin, tenant)
         run_id = run.id
-        cancel_run(session=session, run_id=run_id)
+        outcome = cancel_run(session=session, run_id=run_id)
+        ended = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.EXPIRED)
+        if outcome.before in ended and not outcome.changed:
+            raise BatchEnded(f"Cannot cancel a batch with status {outcome.before.value!r}")
     (finalize or finalize_run)(run_id)
     return get_batch(batch_id, api_key=api_key, admin=admin, tenant=tenant)
 

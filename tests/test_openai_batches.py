@@ -665,6 +665,31 @@ def test_a_resolver_that_cannot_answer_for_now_is_a_503_to_retry_not_a_refused_c
     assert all(b["input_file_id"] != file_id for b in listed)  # nothing stored
 
 
+def test_cancelling_a_batch_that_ended_is_openais_409_and_not_retried(
+    base_url, services, quiet_model, tmp_path
+) -> None:
+    # Found in review: a cancel of a completed batch answered 200 with the batch as it was, so a
+    # client's `except openai.ConflictError` never ran; a cancelled batch is still answered as it is.
+    import openai
+
+    admin = openai.OpenAI(base_url=f"{base_url}/v1", api_key="test-key-1-abcdefgh", max_retries=2)
+    done, cancelled = _batch(tmp_path, 2), _batch(tmp_path, 1)
+    with session_scope() as s:
+        (run_id,) = s.scalars(select(Run.id).where(Run.name == done)).all()
+        s.execute(
+            update(Turn).where(Turn.run_id == run_id).values(status=TurnStatus.DONE, finished_at=func.now())
+        )
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.COMPLETED))
+    started = time.monotonic()
+    with pytest.raises(openai.ConflictError) as refused:
+        admin.batches.cancel(done)
+    assert str(refused.value).endswith("Cannot cancel a batch with status 'completed'")
+    assert time.monotonic() - started < 0.5  # x-should-retry: false (the client backs off ~1 s a retry)
+    assert batches.get_batch(done, api_key="k", admin=False)["status"] == "completed"
+    assert admin.batches.cancel(cancelled).status in ("cancelling", "cancelled")
+    assert admin.batches.cancel(cancelled).status in ("cancelling", "cancelled")  # twice is once
+
+
 def test_the_openai_clients_delete_while_listing_loop_deletes_every_file(base_url) -> None:
     # Found in review: the default page was 100 (OpenAI's is 10,000), so `for f in files.list():
     # files.delete(f.id)` asked for its second page after a file it had deleted: a 400.
@@ -883,6 +908,8 @@ def test_a_batch_ended_before_its_requests_were_stored_accounts_for_each_in_its_
         lines = [json.loads(x) for x in found.path.read_text().splitlines()]
         assert [x["custom_id"] for x in lines] == [f"b{i}" for i in range(n)]
         assert all(x["response"] is None and x["error"]["code"] == code for x in lines)
+        # review: an expired batch was stamped cancelling_at, though nobody cancelled it
+        assert (state["cancelling_at"] is None) == (batch_id == expired), state
     assert ended["status"] == "cancelled"
 
 
@@ -1132,7 +1159,9 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
     with session_scope() as s:
         statuses = s.scalars(select(Turn.status).join(Run).where(Run.name == batch_id)).all()
     assert statuses and set(statuses) == {TurnStatus.CANCELLED}
-    assert batches.cancel_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
+    with pytest.raises(batches.BatchEnded, match="status 'failed'"):  # nothing left to stop: a 409
+        batches.cancel_batch(batch_id, api_key="k", admin=False)
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["status"] == "failed"
     with session_scope() as s:  # a batch that failed before this fix still holds queued turns
         run_id = s.scalars(select(Run.id).where(Run.name == batch_id)).one()
         s.execute(
@@ -1510,7 +1539,9 @@ def test_a_batch_cancel_answers_before_its_files_are_written(
     admin = {"Authorization": "Bearer test-key-1-abcdefgh"}  # _batch's key is no HTTP key
     try:
         answer = httpx.post(f"{base_url}/v1/batches/{batch_id}/cancel", headers=admin, timeout=10)
-        assert answer.status_code == 200 and answer.json()["status"] == "finalizing", answer.text
+        # OpenAI's cancelling while its files are written (it was `finalizing`, a state a client
+        # that cancelled does not wait through)
+        assert answer.status_code == 200 and answer.json()["status"] == "cancelling", answer.text
     finally:
         release.set()
     deadline = time.monotonic() + 30

@@ -107,3 +107,5 @@ def cancel_batch(
         )
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except batches.BatchEnded as exc:  # the openai client retries a 409 unless told not to
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc), {"x-should-retry": "false"}) from None
