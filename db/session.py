@@ -89,12 +89,36 @@ def _name_embedder(engine: Engine) -> Engine:
     return engine
 
 
+# A server that cannot take writes (SQLSTATE 25006): a primary demoted by a failover that a DNS name
+# or a proxy still points at. Its connections pass the pool's pre-ping (SELECT 1) and would answer
+# every write with this error until the process restarted.
+READ_ONLY_SERVER = "25006"
+
+
+def _read_only_server_is_an_outage(engine: Engine) -> Engine:
+    """On this engine, a write refused by a read-only server drops its connection from the pool (the
+    next checkout connects anew, to wherever the name points now) and is raised as an outage, an
+    OperationalError whose connection was invalidated: a 503 to retry, an uncharged hand-back."""
+
+    @event.listens_for(engine, "handle_error", retval=True)
+    def _read_only(context: Any) -> Any:
+        orig = context.original_exception
+        if getattr(orig, "sqlstate", None) != READ_ONLY_SERVER:
+            return None
+        context.is_disconnect = True
+        return OperationalError(context.statement, context.parameters, orig, connection_invalidated=True)
+
+    return engine
+
+
 @cache
 def get_engine() -> Engine:
     """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
-    return _name_embedder(
-        create_engine(
-            database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=CONNECT_ARGS
+    return _read_only_server_is_an_outage(
+        _name_embedder(
+            create_engine(
+                database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=CONNECT_ARGS
+            )
         )
     )
 
@@ -103,13 +127,15 @@ def get_engine() -> Engine:
 def get_autocommit_engine() -> Engine:
     """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
     pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
-    return _name_embedder(
-        create_engine(
-            database_url(),
-            pool_size=5,
-            max_overflow=5,
-            isolation_level="AUTOCOMMIT",
-            connect_args=CONNECT_ARGS,
+    return _read_only_server_is_an_outage(
+        _name_embedder(
+            create_engine(
+                database_url(),
+                pool_size=5,
+                max_overflow=5,
+                isolation_level="AUTOCOMMIT",
+                connect_args=CONNECT_ARGS,
+            )
         )
     )
 

@@ -20,9 +20,10 @@ import psycopg
 from psycopg.types.json import Jsonb
 from sqlalchemy import JSON, Connection, Select, Table, UniqueConstraint, bindparam, exists, select
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
+from db.session import READ_ONLY_SERVER
 from db.turns import NOT_STORED, NewTurn
 from db.world import CONVERSATION_START_FIELDS
 
@@ -101,9 +102,12 @@ def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID 
             cursor.execute(sql, values)
             row = cursor.fetchone()
     except psycopg.Error as exc:
-        broken = driver.closed or driver.broken
+        read_only = exc.sqlstate == READ_ONLY_SERVER  # as the pooled engines' handler (db/session.py)
+        broken = driver.closed or driver.broken or read_only
         if broken:
             connection.invalidate(exc)
+        if read_only:
+            raise OperationalError(sql, values, exc, connection_invalidated=True) from exc
         raise DBAPIError.instance(
             sql, values, exc, psycopg.Error, connection_invalidated=broken, dialect=connection.dialect
         ) from exc

@@ -7,6 +7,7 @@ import time
 import httpx
 import pytest
 from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError
 
 from core.settings import settings
 from db.models import Turn, TurnStatus
@@ -306,3 +307,35 @@ def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the
     r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers=KEY)
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
     assert r.json()["detail"].startswith("the request's write conflicted with another's"), r.text
+
+
+def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base_url) -> None:
+    """Found in review: a primary demoted by a failover (a name or proxy still pointing at it) answers
+    writes with SQLSTATE 25006, an InternalError: every write was a 500 and the pool, whose pre-ping
+    a read-only server passes, kept those connections until the process restarted."""
+    from sqlalchemy import text
+
+    from db.session import connection_lost, get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"))
+        conn.commit()
+        with pytest.raises(OperationalError) as refused:
+            conn.execute(text("UPDATE turns SET message = message WHERE false"))
+        assert connection_lost(refused.value) and conn.invalidated  # dropped, not pooled again
+
+    database = get_engine().url.database
+    with get_engine().connect() as conn:
+        conn.execute(text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
+        conn.commit()
+    get_engine().dispose()  # the API's next connections are the demoted primary's
+    try:
+        r = httpx.post(f"{base_url}/v1/turns", headers=KEY, json={**new_conversation(), "message": "Hi."})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    finally:
+        with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text("SET default_transaction_read_only = off"))
+            conn.execute(text(f'ALTER DATABASE "{database}" RESET default_transaction_read_only'))
+        get_engine().dispose()
+    r = httpx.post(f"{base_url}/v1/turns", headers=KEY, json={**new_conversation(), "message": "Hi."})
+    assert r.status_code == 202, r.text
