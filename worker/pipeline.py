@@ -165,7 +165,7 @@ def process_batch(
             # Nothing to cancel after a death (it resolved every request); after the core aborted one
             # (it is stopping), the batch's others must not go on writing streams of turns handed back.
             _cancel_requests(report)
-            ended = _hand_back_dead(claim.token, turns, exc, report)
+            ended = _hand_back_dead(claim.token, turns, exc, report, until=keeper.deadline)
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
         except BaseException as exc:
@@ -177,7 +177,9 @@ def process_batch(
             # Any other error, a statement timeout too, is charged: a turn that raises it every
             # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
-            _announce(turns, _hand_back(claim.token, turns, reason, refund=connection_lost(exc)))
+            refund = connection_lost(exc)
+            handed = _hand_back(claim.token, turns, reason, refund=refund, until=keeper.deadline)
+            _announce(turns, handed)
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
@@ -197,18 +199,22 @@ def _cancel_requests(report: BatchReport) -> None:
         logger.warning("could not cancel the engine requests of a batch handed back", exc_info=True)
 
 
-def _best_effort_hand_back(turns: Sequence[ClaimedTurn], write: Callable[[Session], _T]) -> _T | None:
+def _best_effort_hand_back(
+    turns: Sequence[ClaimedTurn], write: Callable[[Session], _T], *, until: float
+) -> _T | None:
     """Run a hand-back write in its own transaction; None if it fails. A database that went away (a
-    restart, a failover: the very error that usually stops the batch) is tried again for a third of
-    the lease, while the lease keeper still holds the turns: a hand-back tried once, at the moment
-    the connection dropped, failed as a rule, and the turns waited out their lease (two minutes)
-    with the attempt charged. Past that, the lease expires and the next claim takes the turns."""
+    restart, a failover: the very error that usually stops the batch) is tried again until `until`
+    (time.monotonic()), the claim's hold limit: a hand-back tried once, at the moment the connection
+    dropped, failed as a rule, and one given up sooner than the outage (a failover of a minute) left
+    the turns to wait out their lease and be charged the attempt by the next claim, three such
+    outages failing a turn for good. The write is the claim's own (its token): one that lands after
+    the lease lapsed and another worker claimed the turns changes nothing."""
     from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type(DATABASE_OUTAGES),
-            stop=stop_after_delay(settings.lease_seconds / 3),
+            stop=stop_after_delay(max(until - time.monotonic(), 0.0)),
             wait=wait_exponential(multiplier=HAND_BACK_FIRST_WAIT_S, max=5.0),
             reraise=True,
         ):
@@ -223,7 +229,7 @@ HAND_BACK_FIRST_WAIT_S = 0.25
 
 
 def _hand_back(
-    token: uuid.UUID, turns: Sequence[ClaimedTurn], reason: str, *, refund: bool
+    token: uuid.UUID, turns: Sequence[ClaimedTurn], reason: str, *, refund: bool, until: float
 ) -> list[uuid.UUID]:
     """Requeue the batch's turns still under its claim; best effort."""
     reasons = {t.id: reason for t in turns}
@@ -236,12 +242,13 @@ def _hand_back(
             refund_attempt=refund,
             max_refunds=settings.max_outage_refunds,
         ),
+        until=until,
     )
     return requeued or []
 
 
 def _hand_back_dead(
-    token: uuid.UUID, turns: Sequence[ClaimedTurn], error: EngineDead, report: BatchReport
+    token: uuid.UUID, turns: Sequence[ClaimedTurn], error: EngineDead, report: BatchReport, *, until: float
 ) -> list[uuid.UUID]:
     """The engine died: requeue the claim's turns uncharged, counting a death for each that may have
     killed it (a request of its was a suspect inside the engine, or its adapter was loading), and fail
@@ -265,6 +272,7 @@ def _hand_back_dead(
             max_deaths=settings.max_engine_deaths,
             present=present,
         ),
+        until=until,
     )
     if outcome is None:
         stored = set(report.done)
