@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.callbacks import callbacks_due, claim_retries
-from db.files import add_file, get_file, recorded_ids, set_file_size
+from db.files import add_file, get_file, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     RunCounts,
@@ -54,6 +54,7 @@ from services.files import (
     delete_orphan_files,
     find_file,
     new_file_id,
+    remove_unlisted,
 )
 from services.pages import list_object
 from services.runs.export import write_never_stored, write_outputs
@@ -559,7 +560,7 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
             )
     except Exception as exc:
         logger.exception("run %s: writing its output files failed; trying again later", run_id)
-        _remove_unlisted(written)
+        remove_unlisted(written)
         try:
             with session_scope() as session:
                 postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
@@ -569,21 +570,6 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
     if callback:
         send_callback(run_id)
     return name
-
-
-def _remove_unlisted(paths: list[Path]) -> None:
-    """Remove the files of a failed try that have no row (never listed, served or deleted); one whose
-    row committed after all (a COMMIT whose answer was lost) stays. Unsure (the database is down
-    too): they all stay."""
-    try:
-        with session_scope() as session:
-            recorded = recorded_ids(session=session, file_ids=[p.stem for p in paths])
-        unlisted = [p for p in paths if p.stem not in recorded]
-    except Exception:
-        logger.warning("could not check which of %d new files have rows; kept", len(paths), exc_info=True)
-        return
-    for path in unlisted:
-        path.unlink(missing_ok=True)
 
 
 def send_callback(run_id: uuid.UUID) -> None:

@@ -7,6 +7,7 @@ in the `files` table says who owns it and what it is for.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import time
@@ -23,6 +24,8 @@ from db.files import add_file_within_quota
 from db.models import StoredFile
 from db.session import session_scope
 from services.pages import list_object
+
+logger = logging.getLogger(__name__)
 
 PURPOSES = ("batch",)  # what callers may upload; batch_output and batch_error are written here
 # OpenAI's bounds on expires_after / output_expires_after: an hour to 30 days, from creation.
@@ -184,8 +187,23 @@ async def save_upload(
             _record, file_id, purpose, safe_name, size, final, (api_key, tenant), expires_after_s
         )
     except Exception:
-        final.unlink(missing_ok=True)  # refused, or the row was never stored: no orphan bytes
+        remove_unlisted([final])  # refused, or the row never stored: no orphan bytes
         raise
+
+
+def remove_unlisted(paths: list[Path]) -> None:
+    """Remove these new files that have no row (never listed, served or deleted); one whose row
+    committed after all (a COMMIT whose answer was lost) stays with its row. Unsure (the database is
+    down too): they all stay, and the orphan sweep removes those that have no row later."""
+    try:
+        with session_scope() as session:
+            recorded = stored.recorded_ids(session=session, file_ids=[p.stem for p in paths])
+        unlisted = [p for p in paths if p.stem not in recorded]
+    except Exception:
+        logger.warning("could not check which of %d new files have rows; kept", len(paths), exc_info=True)
+        return
+    for path in unlisted:
+        path.unlink(missing_ok=True)
 
 
 def _held(api_key: str | None, tenant: str) -> int:

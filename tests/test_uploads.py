@@ -7,7 +7,7 @@ import asyncio
 import json
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -416,3 +416,39 @@ def test_an_unwritable_files_folder_is_one_line_at_start_and_a_503_not_a_500(
     )
     assert answer.status_code == 503, answer.text
     assert "MLCHAT_FILES_DIR" in answer.json()["error"]["message"]
+
+
+def test_an_upload_whose_commit_reply_is_lost_keeps_the_bytes_its_row_lists(world, monkeypatch) -> None:
+    # Found in review: after the row committed and its answer was lost, the upload deleted the bytes
+    # anyway: a listed file with nothing behind it (a batch over it refused, its size held against the
+    # key's quota until it expired).
+    from sqlalchemy.exc import OperationalError
+
+    from services import files
+
+    recorded: list[str] = []
+    real = files._record
+
+    def committed_then_lost(file_id, *args):  # type: ignore[no-untyped-def]
+        real(file_id, *args)
+        recorded.append(file_id)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"custom_id": "x"}\n'
+
+    monkeypatch.setattr(files, "_record", committed_then_lost)
+    with pytest.raises(OperationalError):
+        asyncio.run(files.save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=""))
+    (file_id,) = recorded
+    found = files.find_file(file_id)
+    assert found is not None and found.path.read_bytes() == b'{"custom_id": "x"}\n'
+
+    def refused(file_id, *args):  # type: ignore[no-untyped-def]
+        recorded.append(file_id)
+        raise files.FileTooLarge("file: over the quota")  # no row: the bytes go
+
+    monkeypatch.setattr(files, "_record", refused)
+    with pytest.raises(files.FileTooLarge):
+        asyncio.run(files.save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=""))
+    assert not files._path_of(recorded[-1]).exists()
