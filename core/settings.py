@@ -212,6 +212,10 @@ class Settings(BaseSettings):
 
     # Retrieval and prompt packing.
     rag_history_k: int = Field(default=4, ge=0)
+    # Similar past lines are searched among a conversation's last this many lines before the recent
+    # window (an exact search: its cost grows with what it reads); older lines reach the prompt
+    # through NPC memory's summaries and facts.
+    rag_history_scan_lines: int = Field(default=10_000, ge=1)
     rag_story_k: int = Field(default=4, ge=0)
     recent_history: int = Field(default=12, ge=0)
     # Story-event search breadth (recall vs speed). 32: recall@10 0.994 against exact search in the

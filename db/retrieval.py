@@ -12,6 +12,7 @@ import numpy as np
 from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.orm import Session
 
+from core.settings import settings
 from db.session import CONNECT_ARGS
 from db.vector_space import SAME_SPACE_SQL
 from db.vectors import VectorArray, send_vectors_binary
@@ -21,8 +22,10 @@ if TYPE_CHECKING:
     from db.summaries import SummaryLine
 
 # One statement, LATERAL per query row. History similarity is exact (btree on (conversation_id, seq)
-# narrows to one conversation, then distances are computed); story events go through the story's
-# partition of the HNSW index (run-time partition pruning), filtered by story and story time.
+# narrows to the conversation's last `history_scan` lines before the recent window, then distances
+# are computed: a conversation of 100k lines would otherwise read them all every turn); story
+# events go through the story's partition of the HNSW index (run-time partition pruning), filtered
+# by story and story time.
 # Lines inside the recent window are not "retrieved": they are in the prompt already. A connection
 # of another embedder than the stored vectors' (db/vector_space.py) gets recent lines only.
 _BATCH_CONTEXT_SQL = text(
@@ -50,7 +53,7 @@ SELECT 'similar', q.idx, s.id, s.role, s.content, s.seq, s.distance, NULL, s.spe
 FROM q JOIN last_seq l USING (idx) CROSS JOIN LATERAL (
     SELECT id, role, content, seq, speaker_id, speaker_name, m.embedding <=> q.vec AS distance FROM messages m
     WHERE q.same_space AND m.conversation_id = q.conversation_id AND m.embedding IS NOT NULL
-      AND m.seq <= l.seq - :recent_n
+      AND m.seq <= l.seq - :recent_n AND m.seq > l.seq - :recent_n - :history_scan
     ORDER BY distance LIMIT :history_k
 ) s
 UNION ALL
@@ -191,6 +194,7 @@ def _run(
         story_time=[queries[i].story_time for i in indices],
         recent_n=recent_n,
         history_k=history_k,
+        history_scan=settings.rag_history_scan_lines,
         story_k=story_k,
     )
     return session.execute(_BATCH_CONTEXT_SQL, params).all()  # one fetch, not a fetchone per row

@@ -7,11 +7,12 @@ import uuid
 
 import numpy as np
 import pytest
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 
 from core.settings import settings
 from db.history import append_lines
-from db.models import Role
+from db.models import Message, Role
 from db.retrieval import ContextQuery, TurnContext, _slice_engine, fetch_batch_context
 from db.session import get_engine, session_scope
 from db.world import find_characters, upsert_conversations, upsert_story_events
@@ -134,3 +135,22 @@ def test_a_story_event_without_a_vector_is_never_a_hit_and_never_breaks_the_batc
     _, conversations = _world(stories=0, conversations=1)
     [ctx] = _fetch([ContextQuery(conversations[0], story, None, _unit(1)[0])], connections=1)
     assert [hit.text for hit in ctx.events] == ["event 0"]
+
+
+def test_similar_lines_are_searched_among_the_conversations_last_lines_only(monkeypatch) -> None:
+    # Found in review: the exact search read every past line of the conversation on every turn (a
+    # conversation of 100k lines: ~150 MB of vectors a turn); older lines are memory's to recall.
+    _, (conv,) = _world(stories=1, conversations=1)  # 30 lines, seq 1-30
+    with session_scope() as s:
+        oldest = s.scalars(
+            select(Message.embedding).where(Message.conversation_id == conv, Message.seq == 1)
+        ).one()
+    query = ContextQuery(conv, None, None, np.asarray(oldest, dtype=np.float32))
+
+    def similar() -> list[int]:
+        (ctx,) = _fetch([query], connections=1)  # 6 recent lines: seq 25-30 are not "retrieved"
+        return sorted(line.seq for line in ctx.similar)
+
+    assert 1 in similar()  # the line itself, the closest there is
+    monkeypatch.setattr(settings, "rag_history_scan_lines", 10)
+    assert similar() and all(15 <= seq <= 24 for seq in similar())  # the 10 lines before the window
