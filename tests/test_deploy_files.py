@@ -102,6 +102,38 @@ def test_compose_gives_workers_time_to_stop_and_every_role_the_env_file() -> Non
     assert services["sweeper"]["healthcheck"] == {"disable": True}
 
 
+def test_each_gpu_worker_reserves_its_own_card_with_room_to_share_memory() -> None:
+    """Found in review: `count: 1` gives every service device 0 (Docker counts from 0), so a second
+    model's engine met the first's on one card and failed at start; and Docker's 64 MB /dev/shm is
+    too small for vLLM's engine processes and NCCL."""
+    import yaml
+
+    services = yaml.safe_load((PROJECT_ROOT / "docker-compose.yml").read_text())["services"]
+    workers = {name: s for name, s in services.items() if name.startswith("worker-")}
+    cards = []
+    for name, service in workers.items():
+        (device,) = service["deploy"]["resources"]["reservations"]["devices"]
+        assert "count" not in device and len(device["device_ids"]) == 1, name
+        cards.append(device["device_ids"][0])
+        assert service["shm_size"] == "16gb", name
+    assert len(set(cards)) == len(workers) == 3, cards  # each its own default card
+
+
+def test_the_image_can_compile_the_engines_kernels_and_keeps_its_caches() -> None:
+    """Found in review: Triton compiles vLLM's GPU kernels when the engine first runs and needs a C
+    compiler and Python's headers, which the runtime image lacked; its CUDA base (12.8) was not the
+    locked torch's CUDA (13); and the compile caches lived in the container's layer."""
+    dockerfile = (PROJECT_ROOT / "Dockerfile").read_text(encoding="utf-8")
+    lock = (PROJECT_ROOT / "requirements" / "gpu.lock").read_text(encoding="utf-8")
+    (cuda_major,) = set(re.findall(r"^cuda-toolkit==(\d+)\.", lock, re.M))
+    base = rf"^FROM nvidia/cuda:{cuda_major}\.\d+\.\d+-base-ubuntu24\.04 AS base$"
+    assert re.search(base, dockerfile, re.M)
+    for package in ("gcc", "libc6-dev", "python3.12-dev"):
+        assert re.search(rf"apt-get install [^\n]*\b{re.escape(package)}\b", dockerfile), package
+    for cache in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert f"{cache}=/models/" in dockerfile, cache
+
+
 def test_env_example_lists_every_setting() -> None:
     listed = set(re.findall(r"^#?\s*([A-Z_][A-Z0-9_]*)=", (PROJECT_ROOT / ".env.example").read_text(), re.M))
     expected = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields} - {
