@@ -344,6 +344,33 @@ def test_an_idle_engine_whose_core_dies_is_declared_dead_and_the_worker_told(mon
     assert told == [] and loop.dead is None
 
 
+def test_a_loop_error_taken_for_a_death_is_logged_with_its_traceback_a_real_death_without(caplog) -> None:
+    # Found in review: any error in the loop (a bug of its own, a step error short of a death) stops
+    # the worker as an engine death, logged as "the engine died: KeyError('x')" with no traceback.
+    import logging
+
+    from worker.engine import EngineDead
+
+    def died(fake: _ScriptedEngine) -> logging.LogRecord:
+        caplog.clear()
+        loop = _loop(fake)
+        (future,) = loop.submit([([1], None, LIVE, None)])
+        assert isinstance(future.exception(timeout=10), EngineDead)
+        (record,) = [r for r in caplog.records if r.getMessage().startswith("the engine died")]
+        return record
+
+    class _Buggy(_ScriptedEngine):
+        def step(self):  # type: ignore[no-untyped-def]
+            raise KeyError("x")
+
+    with caplog.at_level(logging.ERROR, logger="worker.engine_loop"):
+        bug = died(_Buggy())
+        assert bug.exc_info is not None and bug.exc_info[0] is KeyError
+        real = _ScriptedEngine()
+        real.die_in_step.set()
+        assert died(real).exc_info is None  # vLLM's own death: its message says it all
+
+
 def test_requests_drained_but_not_admitted_fail_when_the_engine_dies() -> None:
     from worker.engine import EngineDead
 

@@ -279,6 +279,20 @@ def test_the_worker_exits_with_celerys_code_when_celery_fails(monkeypatch) -> No
     with pytest.raises(SystemExit) as exited:
         main([])
     assert exited.value.code == 1 and started and started[0]["hostname"].startswith("mlchat-")
+    # review: Celery's --loglevel was INFO whatever MLCHAT_LOG_LEVEL said (Celery sets the root
+    # logger's level from it), so DEBUG never reached a worker's log
+    import logging
+
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "log_level", "DEBUG")
+    with pytest.raises(SystemExit):
+        main([])
+    assert started[-1]["loglevel"] == logging.DEBUG
+    monkeypatch.setattr(settings, "log_level", "WARN")  # a name Celery's option does not take
+    with pytest.raises(SystemExit):
+        main([])
+    assert started[-1]["loglevel"] == logging.WARNING
 
 
 def test_a_bad_worker_option_is_clicks_one_line_not_a_traceback(monkeypatch, capsys) -> None:

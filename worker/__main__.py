@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
         f"--queues={CALLBACK_QUEUE},{settings.queue},{queue_for_model(settings.model, 'bulk')}",
         f"--prefetch-multiplier={PREFETCH_PER_THREAD}",
         f"--hostname=mlchat-{settings.model}@%h",
-        "--loglevel=INFO",
+        # Celery sets the root logger's level from this (its names: WARNING, not WARN).
+        f"--loglevel={'WARNING' if settings.log_level == 'WARN' else settings.log_level}",
         *(argv if argv is not None else sys.argv[1:]),
     ]
     code = _run_celery(app, args)

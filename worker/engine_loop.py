@@ -664,6 +664,9 @@ class EngineLoop:
             len(inside),
             len(suspects),
             len(waiting),
+            # Anything but the engine's own death or a stall is this loop's error (or vLLM's, short of
+            # a death) taken for one: its traceback is what says where to look.
+            exc_info=None if isinstance(exc, EngineStalled) or _is_engine_death(exc) else exc,
         )
         self.busy.mark(False)
         if self._on_death is not None and not self.shutting:
