@@ -257,5 +257,10 @@ def _slice_engine(url: URL, size: int) -> Engine:
     `size` connections serve one sliced retrieval at a time, twice that two at once; a third waits
     for one to finish (milliseconds)."""
     return create_engine(
-        url, pool_size=size, max_overflow=size, pool_pre_ping=True, connect_args=CONNECT_ARGS
+        url,
+        pool_size=size,
+        max_overflow=size,
+        pool_pre_ping=True,
+        connect_args=CONNECT_ARGS,
+        hide_parameters=True,
     )

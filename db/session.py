@@ -106,7 +106,9 @@ def _read_only_server_is_an_outage(engine: Engine) -> Engine:
         if getattr(orig, "sqlstate", None) != READ_ONLY_SERVER:
             return None
         context.is_disconnect = True
-        return OperationalError(context.statement, context.parameters, orig, connection_invalidated=True)
+        return OperationalError(
+            context.statement, context.parameters, orig, connection_invalidated=True, hide_parameters=True
+        )
 
     return engine
 
@@ -117,7 +119,12 @@ def get_engine() -> Engine:
     return _read_only_server_is_an_outage(
         _name_embedder(
             create_engine(
-                database_url(), pool_pre_ping=True, pool_size=5, max_overflow=5, connect_args=CONNECT_ARGS
+                database_url(),
+                pool_pre_ping=True,
+                pool_size=5,
+                max_overflow=5,
+                connect_args=CONNECT_ARGS,
+                hide_parameters=True,
             )
         )
     )
@@ -135,6 +142,7 @@ def get_autocommit_engine() -> Engine:
                 max_overflow=5,
                 isolation_level="AUTOCOMMIT",
                 connect_args=CONNECT_ARGS,
+                hide_parameters=True,
             )
         )
     )
@@ -146,7 +154,7 @@ def get_probe_engine() -> Engine:
     request pool is exhausted by slow work, instead of queueing behind it and timing out (a
     liveness probe that times out under load restarts a replica that was only busy)."""
     connect_args = CONNECT_ARGS | {"connect_timeout": 5}
-    return create_engine(database_url(), poolclass=NullPool, connect_args=connect_args)
+    return create_engine(database_url(), poolclass=NullPool, connect_args=connect_args, hide_parameters=True)
 
 
 LOCK_POOL_KEPT = 2
@@ -166,6 +174,7 @@ def get_lock_engine() -> Engine:
         max_overflow=-1,
         pool_pre_ping=True,
         connect_args=CONNECT_ARGS,
+        hide_parameters=True,
     )
 
 

@@ -107,9 +107,17 @@ def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID 
         if broken:
             connection.invalidate(exc)
         if read_only:
-            raise OperationalError(sql, values, exc, connection_invalidated=True) from exc
+            raise OperationalError(
+                sql, values, exc, connection_invalidated=True, hide_parameters=True
+            ) from exc
         raise DBAPIError.instance(
-            sql, values, exc, psycopg.Error, connection_invalidated=broken, dialect=connection.dialect
+            sql,
+            values,
+            exc,
+            psycopg.Error,
+            connection_invalidated=broken,
+            dialect=connection.dialect,
+            hide_parameters=True,  # as the engines': a player's line in an error's text reaches the logs
         ) from exc
     return row[0] if row is not None else None
 

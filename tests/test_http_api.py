@@ -339,3 +339,17 @@ def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base
         get_engine().dispose()
     r = httpx.post(f"{base_url}/v1/turns", headers=KEY, json={**new_conversation(), "message": "Hi."})
     assert r.status_code == 202, r.text
+
+
+def test_a_database_errors_text_never_carries_a_players_words(world) -> None:
+    """Found in review: SQLAlchemy writes a failed statement's parameters into the error's text (300
+    characters a value: a player's message, a history, a prompt), and outages are logged with it."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    from db.session import get_autocommit_engine, get_engine
+
+    for engine in (get_engine(), get_autocommit_engine()):
+        with engine.connect() as conn, pytest.raises(DBAPIError) as refused:
+            conn.execute(text("SELECT CAST(:said AS text), 1 / 0"), {"said": "my sister Mira stole the ring"})
+        assert "Mira" not in str(refused.value) and "parameters hidden" in str(refused.value)
