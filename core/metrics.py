@@ -25,7 +25,8 @@ STAGE_SECONDS = Histogram(
     "mlchat_stage_seconds",
     "Wall time of one batch stage",
     ["model", "stage"],
-    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+    # A bulk batch's generate stage runs for minutes: buckets up to the visibility timeout's hour.
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
 TOKENS = Counter("mlchat_tokens", "Tokens processed by the engine (rate() gives tokens/s)", ["model", "kind"])
 ENGINE_UP = Gauge("mlchat_engine_up", "1 while this worker's inference engine is loaded and alive")
@@ -78,7 +79,9 @@ def record_batch(
     if claimed:
         BATCH_SIZE.labels(model).observe(claimed)
     for key, value in timings_ms.items():
-        if key.endswith("_ms") and key not in ("total_ms", "queue_ms", "llm_load_ms"):
+        # Not stages: the whole, the queue before it, a load, and `to_engine` (the claim until the
+        # prompts reach the engine: the stages before it again; summing the stages counted them twice).
+        if key.endswith("_ms") and key not in ("total_ms", "queue_ms", "llm_load_ms", "to_engine_ms"):
             STAGE_SECONDS.labels(model, key.removesuffix("_ms")).observe(value / 1000)
     for outcome, n in outcomes.items():
         if n:

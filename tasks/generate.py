@@ -93,7 +93,11 @@ def generate_turns(requests: list[Any]) -> None:
                 send_owed = partial(_send_owed, outcome, model, model_of)
                 _answer(pending, model, events, outcome, send_owed, alone=alone)
             except Exception:  # a bug or an outage outside a batch: hand back what no chunk recorded
-                logger.exception("flush of %d turns failed outside a batch; sending them again", len(pending))
+                logger.exception(
+                    "flush of %d turns failed outside a batch; sending them again: %s",
+                    len(pending),
+                    " ".join(str(turn_id) for turn_id, _ in pending),
+                )
                 left = [p for p in pending if p[0] not in outcome.recorded]
                 outcome.resend = [*outcome.resend, *_resends(left, alone, settings.batch_retry_delay)]
         # Re-send before this flush's messages are acked on return, so a crash in between loses nothing.
@@ -183,7 +187,10 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
         return process_batch([turn_id for turn_id, _ in chunk], lane=lane, report=report)
     except Exception as exc:
         logger.exception(
-            "batch of %d turns failed; sent again in %.1f s", len(chunk), settings.batch_retry_delay
+            "batch of %d turns failed; sent again in %.1f s: %s",
+            len(chunk),
+            settings.batch_retry_delay,
+            " ".join(str(turn_id) for turn_id, _ in chunk),
         )
         return ChunkRaised(exc, report)
 
@@ -220,7 +227,8 @@ def _record(
         outcome.resend += _after_waits(later, lane_of, alone=alone)
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
-        events.finished([], {}, (turn_id for turn_id, _ in chunk))
+        stored = set(result.report.done)  # written by its groups before it raised
+        events.finished(result.report.done, {}, (turn_id for turn_id, _ in chunk if turn_id not in stored))
         return
     report = result
     failed = {t: f.reason for t, f in report.failed.items()}

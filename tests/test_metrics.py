@@ -91,3 +91,28 @@ def test_the_worker_health_check_reads_the_engine_gauge(world, monkeypatch) -> N
         metrics.ENGINE_UP.set(before)
         server.shutdown()
     assert engine_up(port)[0] is False  # nothing listening: unhealthy, with the reason
+
+
+def test_the_stage_histogram_holds_stages_only_and_reaches_an_hour() -> None:
+    """Found in review: `to_engine` (the claim until the prompts reach the engine: the stages before
+    it again) was observed as a stage of its own, so the stages' sum counted those twice; and the top
+    bucket was 120 s, where a bulk batch's generate runs for minutes."""
+    from prometheus_client import REGISTRY
+
+    from core.metrics import record_batch
+
+    model = "stage-histogram-check"
+    record_batch(
+        model,
+        timings_ms={"claim_ms": 2.0, "to_engine_ms": 9.0, "generate_ms": 1_500_000.0},
+        claimed=1,
+        outcomes={},
+        tokens={},
+    )
+
+    def count(stage: str, le: str = "+Inf") -> float | None:
+        labels = {"model": model, "stage": stage, "le": le}
+        return REGISTRY.get_sample_value("mlchat_stage_seconds_bucket", labels)
+
+    assert count("claim") == 1 and count("to_engine") is None
+    assert count("generate", "900.0") == 0 and count("generate", "3600.0") == 1

@@ -702,3 +702,37 @@ def test_a_claims_lease_is_kept_while_the_callbacks_of_turns_it_ended_are_queued
     report = process_batch([turn])
     assert lease_live == [True]
     assert report.done == [turn]
+
+
+def test_a_batch_that_raised_is_logged_and_counted_like_any_other(world, caplog) -> None:
+    """Found in review: a batch that raised (the database dropped under it) wrote no batch log line
+    and moved no metric: during an outage the turn counters went flat, like an idle system, and the
+    traceback named no turn."""
+    import json
+    import logging
+
+    from prometheus_client import REGISTRY
+    from sqlalchemy.exc import OperationalError
+
+    from core.settings import settings
+    from worker import pipeline
+
+    def crash(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError(
+            "SELECT", {}, Exception("server closed the connection"), connection_invalidated=True
+        )
+
+    def handed_back() -> float:
+        labels = {"model": settings.model, "outcome": "handed_back"}
+        return REGISTRY.get_sample_value("mlchat_turns_total", labels) or 0.0
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    before = handed_back()
+    with pytest.MonkeyPatch.context() as patch, caplog.at_level(logging.INFO, logger="mlchat.batch"):
+        patch.setattr(pipeline, "fetch_batch_context", crash)
+        with pytest.raises(OperationalError):
+            process_batch([turn_id])
+    (line,) = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mlchat.batch"]
+    assert line["raised"] == "OperationalError" and line["handed_back"] == [str(turn_id)], line
+    assert handed_back() == before + 1
+    assert get_turn(turn_id).status == TurnStatus.QUEUED

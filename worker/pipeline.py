@@ -78,7 +78,10 @@ class BatchReport:
     held: dict[uuid.UUID, float] = field(default_factory=dict)  # another worker's: {id: lease seconds left}
     skipped: list[uuid.UUID] = field(default_factory=list)  # finished, cancelled or unknown already
     lost: list[uuid.UUID] = field(default_factory=list)  # answered, but the lease lapsed: not stored
-    handed_back: list[uuid.UUID] = field(default_factory=list)  # the engine died: queued again, uncharged
+    # Queued again: uncharged after an engine death; after the batch raised, charged unless the
+    # database's connection was lost.
+    handed_back: list[uuid.UUID] = field(default_factory=list)
+    raised: str | None = None  # the class of the error the batch raised, if it did
     # The engine died and the database took no hand-back: still running under this worker's lease,
     # sent again so a claim takes them once it lapses (nothing else would but a sweep).
     unsettled: list[uuid.UUID] = field(default_factory=list)
@@ -180,6 +183,12 @@ def process_batch(
             refund = connection_lost(exc)
             handed = _hand_back(claim.token, turns, reason, refund=refund, until=keeper.deadline)
             _announce(turns, handed)
+            report.handed_back, report.raised = handed, type(exc).__name__
+            report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
+            try:  # a batch that raised is accounted like any other (its log line, its metrics)
+                _account(report, claimed=len(turns), generations=answered)
+            except Exception:
+                logger.warning("could not account a batch that raised", exc_info=True)
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
     _account(report, claimed=len(turns), generations=answered)
@@ -806,6 +815,7 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
                 "lost": [str(t) for t in report.lost],
                 "skipped": len(report.skipped),
                 "timings_ms": timings,
+                **({"raised": report.raised} if report.raised else {}),
             },
             ensure_ascii=False,
         )
