@@ -1017,3 +1017,23 @@ def test_the_workers_per_character_caches_keep_at_most_their_bound(monkeypatch) 
     for cache in (judge._persona_vectors, structured._declared):
         kept = list(cache.keys())
         assert len(kept) <= 3 and 10_000_007 in kept and 10_000_001 not in kept
+
+
+def test_the_prompt_builders_lorebooks_are_kept_per_character_version_within_a_bound(tokenizer) -> None:
+    """Found in review: the prompt builder, which lives as long as the worker, kept every character's
+    validated lorebook it ever met (a card's book can be megabytes)."""
+    from worker.prompt.packing import LOREBOOKS_KEPT, PromptBuilder
+
+    builder = PromptBuilder(tokenizer, "chat_template", 2048)
+    assert builder._books.kept == LOREBOOKS_KEPT == 2_000
+    builder._books.kept = 3
+    book = {"entries": [{"id": 1, "keys": ["inn"], "content": "Elara owns the inn."}]}
+    empty = {"description": "", "personality": "", "example_dialogues": [], "card": {}}
+    characters = [
+        Character(id=20_000_000 + i, version=1, name=f"c{i}", lorebook=book, **empty) for i in range(7)
+    ]
+    for character in characters:
+        assert builder._lorebook(character).entries
+    assert sorted(builder._books.keys()) == [20_000_004, 20_000_005, 20_000_006]
+    bumped = Character(id=20_000_006, version=2, name="c6", lorebook={"entries": []}, **empty)
+    assert builder._lorebook(bumped).entries == []  # a new version is read anew

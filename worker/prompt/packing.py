@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.text import speaker_key
+from core.versioned_cache import VersionedCache
 from db.models import Character
 from db.retrieval import HistoryLine, TurnContext
 from roleplay.lorebook import Activation, FiredEntry, Lorebook, activate, stored_lorebook
@@ -73,6 +74,7 @@ class PromptInput:
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
 ECHO_SECTIONS = ("system_prompt", "character_sheet", "lore")
+LOREBOOKS_KEPT = 2_000  # characters whose validated lorebook a prompt builder keeps
 
 
 @dataclass
@@ -181,7 +183,9 @@ class PromptBuilder:
                 self.format = dataclasses.replace(
                     self.format, escape=lambda text, c, u: escape_text_markers(escape(text, c, u), markers)
                 )
-        self._books: dict[int, tuple[int, Lorebook]] = {}  # {character id: (version, lorebook)}
+        # {character id: lorebook at its version}, bounded: a card's lorebook can be megabytes, and a
+        # worker lives through every character of a large world.
+        self._books: VersionedCache[Lorebook] = VersionedCache(kept=LOREBOOKS_KEPT)
 
     def cleaner(self, char: str, user: str) -> Any:
         """The one cleaning step for every untrusted text of a prompt between these two speakers: no
@@ -207,11 +211,7 @@ class PromptBuilder:
         """The character's lorebook, validated (regexes compiled) once per character version."""
         if character.id is None:  # not stored (tests build characters in memory)
             return stored_lorebook(character.lorebook)
-        cached = self._books.get(character.id)
-        if cached is None or cached[0] != character.version:
-            cached = (character.version, stored_lorebook(character.lorebook))
-            self._books[character.id] = cached
-        return cached[1]
+        return self._books.get(character.id, character.version, lambda: stored_lorebook(character.lorebook))
 
     def _lore(
         self, item: PromptInput, char: str, user: str, clean: Callable[[str], str]
