@@ -684,15 +684,24 @@ def runs_counts(*, session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.
     }
 
 
-def unsent_turns(*, session: Session, run_id: uuid.UUID, limit: int) -> list[uuid.UUID]:
-    """The run's queued turns no message was sent for yet, in input order."""
+def unsent_turns(
+    *, session: Session, run_id: uuid.UUID, limit: int, after: int = 0
+) -> list[tuple[uuid.UUID, int]]:
+    """The run's queued turns no message was sent for yet, in input order, after the turn numbered
+    `after`: (id, number). A caller paging on from the last number reads each turn once (read from
+    the run's first turn each time, a batch of a million lines read each sent one again per page)."""
     return list(
-        session.scalars(
-            select(Turn.id)
-            .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED, Turn.dispatched_at.is_(None))
+        session.execute(
+            select(Turn.id, Turn.number)
+            .where(
+                Turn.run_id == run_id,
+                Turn.number > after,
+                Turn.status == TurnStatus.QUEUED,
+                Turn.dispatched_at.is_(None),
+            )
             .order_by(Turn.number)
             .limit(limit)
-        ).all()
+        ).tuples()
     )
 
 

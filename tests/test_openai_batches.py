@@ -1314,7 +1314,7 @@ def test_a_finalizing_that_fails_after_writing_its_files_leaves_none_behind(
     kept = set(settings.batch_files_dir.iterdir()) - before
     assert len(kept) == 2
     # A try whose rows did commit (the COMMIT's answer lost) keeps its files: only rowless ones go.
-    batches._remove_unlisted(sorted(kept))
+    batches.remove_unlisted(sorted(kept))
     assert set(settings.batch_files_dir.iterdir()) - before == kept
 
 
@@ -1549,3 +1549,29 @@ def test_a_batch_cancel_answers_before_its_files_are_written(
         assert time.monotonic() < deadline
         time.sleep(0.2)
     assert batches.get_batch(batch_id, api_key="k", admin=False)["output_file_id"] is not None
+
+
+def test_a_batchs_stored_turns_are_sent_a_page_at_a_time_each_read_once(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: each page of a batch's turns to send was read from its first turn, passing
+    over every turn sent already (a batch of a million lines: ~100M rows read to send it)."""
+    from db import runs
+    from services.runs import submit
+
+    monkeypatch.setattr(submit, "CHUNK", 2)
+    pages: list[tuple[int, int]] = []
+    real = runs.unsent_turns
+
+    def spied(**kwargs):  # type: ignore[no-untyped-def]
+        rows = real(**kwargs)
+        pages.append((kwargs["after"], len(rows)))
+        return rows
+
+    monkeypatch.setattr(submit, "unsent_turns", spied)
+    batch_id = _batch(tmp_path, 5)
+    batches.submit_batch_by_name(batch_id)
+    assert [n for _, n in pages] == [2, 2, 1, 0]
+    afters = [after for after, _ in pages]
+    assert afters[0] == 0 and afters == sorted(afters) and len(set(afters)) == 4  # each page on from the last
+    assert _unsent(batch_id) == 0

@@ -269,7 +269,7 @@ def _store_and_send(
         if progress:
             progress(counts[0], counts[1])
 
-    while send_while_storing and (leftovers := _unsent(run_id)):
+    for leftovers in _unsent(run_id) if send_while_storing else ():
         send(leftovers)
     candidates = check.reader.options.candidates or settings.run_candidates
     scene_lines: set[int] = set()  # their numbers only: a file of many long scenes is never held whole
@@ -328,7 +328,7 @@ def _store_and_send(
         counts[0] += len(first_steps)
         if send_while_storing:
             send(first_steps)
-    while not send_while_storing and (leftovers := _unsent(run_id)):
+    for leftovers in () if send_while_storing else _unsent(run_id):
         send(leftovers)
     return counts[0], counts[1]
 
@@ -337,11 +337,18 @@ def _chunks(lines: Iterator[StagedTurn]) -> Iterator[list[StagedTurn]]:
     return iter(lambda: list(islice(lines, CHUNK)), [])
 
 
-def _unsent(run_id: uuid.UUID) -> list[uuid.UUID]:
-    with session_scope() as session:
-        if run_status(session=session, run_id=run_id) != RunStatus.VALIDATING:
-            raise RunNotAccepting("the run left validating")
-        return unsent_turns(session=session, run_id=run_id, limit=CHUNK)
+def _unsent(run_id: uuid.UUID) -> Iterator[list[uuid.UUID]]:
+    """The run's turns not sent yet, a chunk at a time in input order, each read once."""
+    after = 0
+    while True:
+        with session_scope() as session:
+            if run_status(session=session, run_id=run_id) != RunStatus.VALIDATING:
+                raise RunNotAccepting("the run left validating")
+            rows = unsent_turns(session=session, run_id=run_id, limit=CHUNK, after=after)
+        if not rows:
+            return
+        after = rows[-1][1]
+        yield [turn_id for turn_id, _ in rows]
 
 
 def _insert_chunk(run_id: uuid.UUID, staged: list[StagedTurn], tenant: str) -> list[uuid.UUID]:
