@@ -54,7 +54,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from db.advisory_locks import advisory_lock, held_by, name_key
 from db.models import (
@@ -772,11 +772,18 @@ def run_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
 
 
 def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
-    """The run's turns in input order, streamed in chunks (bounded memory for large runs)."""
+    """The run's turns in input order, streamed in chunks (bounded memory for large runs), without
+    their prompt and retrieved context: an export never writes them, and they are most of a turn's
+    bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes)."""
     last = -1
+    unread = defer(Turn.prompt, raiseload=True), defer(Turn.context, raiseload=True)
     while True:
         rows = session.scalars(
-            select(Turn).where(Turn.run_id == run_id, Turn.number > last).order_by(Turn.number).limit(chunk)
+            select(Turn)
+            .where(Turn.run_id == run_id, Turn.number > last)
+            .order_by(Turn.number)
+            .limit(chunk)
+            .options(*unread)
         ).all()
         if not rows:
             return

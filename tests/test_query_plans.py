@@ -78,7 +78,10 @@ def test_a_claims_look_for_an_earlier_unfinished_turn_reads_only_unfinished_ones
     assert set(claim.deferred) == {later} and [s.id for s in claim.stalled] == [earlier]
     assert len(seen) >= 2, "the claim's check and its deferral's look at the turn it waits on"
     for statement, parameters in seen:
-        assert "ix_turns_conversation_unfinished" in _generic_plan(statement, parameters), statement
+        # Either partial index of unfinished turns: which one the planner takes turns on the table's
+        # statistics at that moment (an autovacuum's ANALYZE mid-suite once made it the other).
+        plan = _generic_plan(statement, parameters)
+        assert re.search(r"\bix_turns_(conversation_)?unfinished\b", plan), (statement, plan)
 
 
 def test_a_runs_turns_are_paged_through_their_own_index(world) -> None:

@@ -349,3 +349,32 @@ def test_a_submission_that_finds_its_run_cancelled_cancels_it_holding_no_lock_on
     submitted = submit_run(path, name="cancelled-" + tmp_path.name)
     assert run_locked == [False]
     assert submitted.status in (RunStatus.CANCELLING, RunStatus.CANCELLED)
+
+
+def test_a_runs_turns_are_read_for_export_without_their_prompt_and_context(world) -> None:
+    """Found in review: an export, a batch's output and every desk edit's rewrite of it read each
+    turn whole, its prompt and retrieved context too (tens of kilobytes a turn, never written)."""
+    import threading
+    import uuid
+
+    from sqlalchemy import event
+
+    from db.runs import iter_run_turns
+    from db.session import get_engine, session_scope
+
+    statements: list[str] = []
+    me = threading.get_ident()  # the session's worker threads query the turns table meanwhile
+
+    def seen(conn, cursor, statement, *args) -> None:  # type: ignore[no-untyped-def]
+        if threading.get_ident() == me:
+            statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", seen)
+    try:
+        with session_scope() as session:
+            assert list(iter_run_turns(session=session, run_id=uuid.uuid4())) == []
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", seen)
+    (select_turns,) = [s for s in statements if "FROM turns" in s]
+    columns = select_turns.split("FROM turns")[0]
+    assert "turns.reply" in columns and "turns.prompt" not in columns and "turns.context" not in columns
