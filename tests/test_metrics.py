@@ -116,3 +116,37 @@ def test_the_stage_histogram_holds_stages_only_and_reaches_an_hour() -> None:
 
     assert count("claim") == 1 and count("to_engine") is None
     assert count("generate", "900.0") == 0 and count("generate", "3600.0") == 1
+
+
+def test_a_batchs_tokens_count_every_request_the_engine_finished_not_only_the_kept_replies() -> None:
+    """Found in review: the token counter summed the candidates kept, so a structured reply that did
+    not parse, an empty one and a regeneration were the engine's work that no rate showed."""
+    import uuid
+    from concurrent.futures import Future
+
+    from prometheus_client import REGISTRY
+
+    from core.settings import settings
+    from worker.engine_loop import Generation
+    from worker.pipeline import BatchReport, _account
+
+    def done(prompt: int, completion: int, text: str = "ok") -> Future:
+        future: Future = Future()
+        future.set_result(Generation(text, prompt, completion, "stop"))
+        return future
+
+    failed: Future = Future()
+    failed.set_exception(RuntimeError("engine error"))
+    report = BatchReport()
+    kept, dropped = uuid.uuid4(), uuid.uuid4()
+    report.futures = {kept: [done(100, 20), done(100, 7, "")], dropped: [done(50, 48, "{not json"), failed]}
+    report.done, report.failed = [kept], {}
+
+    def tokens(kind: str) -> float:
+        return (
+            REGISTRY.get_sample_value("mlchat_tokens_total", {"model": settings.model, "kind": kind}) or 0.0
+        )
+
+    before = tokens("prompt"), tokens("completion")
+    _account(report, claimed=2)
+    assert (tokens("prompt") - before[0], tokens("completion") - before[1]) == (250, 75)

@@ -52,6 +52,7 @@ from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest, refused_by_engine
+from worker.engine_loop import Generation
 from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
@@ -145,16 +146,15 @@ def process_batch(
         _call_back([*claim.exhausted, *claim.blocked])
         report.timings = timer.ms
         if report.failed or report.deferred:
-            _account(report, claimed=0, generations=[])
+            _account(report, claimed=0)
         return report
-    answered: list[Any] = []
     with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout) as keeper:
         # Under the lease keeper: a broker slow to take these callbacks (kombu retries each publish)
         # must not let the lease of the turns just claimed lapse before its first renewal.
         _call_back([*claim.exhausted, *claim.blocked])
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
-            answered = _answer(
+            _answer(
                 turns,
                 claim.token,
                 report,
@@ -186,12 +186,12 @@ def process_batch(
             report.handed_back, report.raised = handed, type(exc).__name__
             report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
             try:  # a batch that raised is accounted like any other (its log line, its metrics)
-                _account(report, claimed=len(turns), generations=answered)
+                _account(report, claimed=len(turns))
             except Exception:
                 logger.warning("could not account a batch that raised", exc_info=True)
             raise
     report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
-    _account(report, claimed=len(turns), generations=answered)
+    _account(report, claimed=len(turns))
     return report
 
 
@@ -363,9 +363,9 @@ def _answer(
     failed_by_claim: set[uuid.UUID],
     priority: int,
     hold_until: float,
-) -> list[Any]:
+) -> None:
     """Embed, retrieve and build the claimed turns' prompts, hand them all to the running engine, then
-    judge and store them in small groups as they finish; returns the generations. Raises
+    judge and store them in small groups as they finish. Raises
     GenerationTimeout if replies are still missing at `hold_until` (time.monotonic()), when the
     claim's lease is no longer renewed."""
     first_batch = engine_module.get_engine.cache_info().currsize == 0  # this batch pays for the load
@@ -443,7 +443,6 @@ def _answer(
             )
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
     window = store_window(turns, priority)
-    generations: list[Any] = []
     waiting = list(ready)
     submitted = time.perf_counter()
     while waiting:
@@ -460,7 +459,7 @@ def _answer(
         if not group:  # a candidate finished, but no turn has all of its candidates yet
             continue
         outcomes = {t.id: _results(future_of[t.id], candidates[t.id], every=_choices(t) > 1) for t in group}
-        generations += _finish_group(
+        _finish_group(
             group,
             outcomes,
             token,
@@ -474,7 +473,6 @@ def _answer(
             hold_until,
         )
     report.timings = {**shared_ms, **timer.ms}
-    return generations
 
 
 # After the first reply of a group finishes, how long to wait for others finishing in the same steps.
@@ -610,7 +608,7 @@ def _finish_group(
     context_of: dict[uuid.UUID, Any],
     shared_ms: dict[str, Any],
     hold_until: float | None = None,
-) -> list[Any]:
+) -> None:
     """Judge and store the turns whose generation just finished, in one transaction (a weak reply's
     second try ends at `hold_until`, the claim's hold)."""
     group_timer = StageTimer()
@@ -708,7 +706,6 @@ def _finish_group(
         logger.warning("lease lapsed before the write; %d replies not stored: %s", len(lost), lost)
     for stage, ms in group_timer.ms.items():
         timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
-    return [gen for _, made in answered for _, gen in made]  # every candidate: the engine's work
 
 
 def write_group(
@@ -797,7 +794,21 @@ def _judge_each(
     return judged
 
 
-def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -> None:
+def _engine_tokens(report: BatchReport) -> dict[str, int]:
+    """The tokens of every request of the batch the engine finished: candidates kept or dropped
+    (a structured reply that did not parse, an empty one), regenerations: the engine's work."""
+    tokens = {"prompt": 0, "completion": 0}
+    for future in (f for candidates in report.futures.values() for f in candidates):
+        if not future.done() or future.cancelled() or future.exception() is not None:
+            continue
+        made = future.result()
+        if isinstance(made, Generation):
+            tokens["prompt"] += made.prompt_tokens
+            tokens["completion"] += made.completion_tokens
+    return tokens
+
+
+def _account(report: BatchReport, *, claimed: int) -> None:
     """One JSON log line per batch, and the Prometheus metrics."""
     timings = {k: round(v, 1) for k, v in report.timings.items()}
     batch_log.info(
@@ -831,10 +842,7 @@ def _account(report: BatchReport, *, claimed: int, generations: Sequence[Any]) -
             "deferred": len(report.deferred),
             "handed_back": len(report.handed_back),
         },
-        tokens={
-            "prompt": sum(g.prompt_tokens for g in generations),
-            "completion": sum(g.completion_tokens for g in generations),
-        },
+        tokens=_engine_tokens(report),
     )
 
 
