@@ -178,6 +178,9 @@ def test_the_ingest_publishes_prometheus_metrics(base_url) -> None:
     assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
     assert 'mlchat_queue_depth{queue="gen.smollm2-135m.bulk"}' in body
+    # review: the ingest exported a worker's engine gauge it never sets (`mlchat_engine_up 0`): an
+    # engine-down alert firing on every API target
+    assert "mlchat_engine_up" not in body and "mlchat_stream_readers" in body
 
 
 def test_a_request_that_raises_is_counted_as_a_500(world) -> None:
