@@ -33,6 +33,7 @@ from api.routes import (
 )
 from api.routes import metrics as metrics_routes
 from core import metrics
+from core.logging import configure_logging
 from core.settings import settings
 from services.files import check_files_dir
 from streaming.events import redis_url
@@ -51,12 +52,14 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
         logger.warning("no broker at startup; the requests that need one will say so", exc_info=True)
     yield
     await close_hub()  # the SSE readers' hub starts with the first reader and stops with the app
+    metrics_routes.process_ended()
 
 
 def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:
         raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
+    configure_logging()  # each of `mlchat api --workers N`'s processes: spawned, they inherit none
     check_files_dir()  # batch files are uploaded here: an unusable folder is one line now, not a 500 later
     app = FastAPI(
         title="mlchat",

@@ -33,7 +33,11 @@ ENGINE_UP = Gauge("mlchat_engine_up", "1 while this worker's inference engine is
 STREAM_EVENTS_DROPPED = Counter(
     "mlchat_stream_events_dropped", "Live stream events the worker did not send to Redis", ["why"]
 )
-STREAM_READERS = Gauge("mlchat_stream_readers", "SSE readers the readers' hubs of this process serve now")
+STREAM_READERS = Gauge(
+    "mlchat_stream_readers",
+    "SSE readers the readers' hubs of this process serve now",
+    multiprocess_mode="livesum",  # `mlchat api --workers N`: the live processes' sum (api/routes/metrics.py)
+)
 STREAM_HUB_READS = Counter(
     "mlchat_stream_hub_reads", "XREAD rounds of the readers' hubs (one round serves every reader)"
 )

@@ -6,10 +6,13 @@ exit code, never a traceback: 2 for input that was refused, 1 for an operation t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -141,7 +144,16 @@ def api(
     from services.files import check_files_dir
 
     check_files_dir()  # here too: with --workers, uvicorn restarts a child that exits, for ever
-    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
+    if workers == 1:
+        uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
+        return
+    # Several processes: the metrics they write go to files a scrape reads together (a fresh folder,
+    # unless the operator names one: prometheus_client wants it empty at start).
+    with contextlib.ExitStack() as stack:
+        if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlchat-metrics-"))
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 
 @app.command()

@@ -318,7 +318,7 @@ def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base
     a read-only server passes, kept those connections until the process restarted."""
     from sqlalchemy import text
 
-    from db.session import connection_lost, get_engine
+    from db.session import connection_lost, get_autocommit_engine, get_engine
 
     with get_engine().connect() as conn:
         conn.execute(text("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY"))
@@ -331,7 +331,8 @@ def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base
     with get_engine().connect() as conn:
         conn.execute(text(f'ALTER DATABASE "{database}" SET default_transaction_read_only = on'))
         conn.commit()
-    get_engine().dispose()  # the API's next connections are the demoted primary's
+    for engine in (get_engine(), get_autocommit_engine()):
+        engine.dispose()  # the API's next connections are the demoted primary's
     try:
         r = httpx.post(f"{base_url}/v1/turns", headers=KEY, json={**new_conversation(), "message": "Hi."})
         assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
@@ -339,7 +340,8 @@ def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base
         with get_engine().connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.execute(text("SET default_transaction_read_only = off"))
             conn.execute(text(f'ALTER DATABASE "{database}" RESET default_transaction_read_only'))
-        get_engine().dispose()
+        for engine in (get_engine(), get_autocommit_engine()):
+            engine.dispose()
     r = httpx.post(f"{base_url}/v1/turns", headers=KEY, json={**new_conversation(), "message": "Hi."})
     assert r.status_code == 202, r.text
 
@@ -356,3 +358,49 @@ def test_a_database_errors_text_never_carries_a_players_words(world) -> None:
         with engine.connect() as conn, pytest.raises(DBAPIError) as refused:
             conn.execute(text("SELECT CAST(:said AS text), 1 / 0"), {"said": "my sister Mira stole the ring"})
         assert "Mira" not in str(refused.value) and "parameters hidden" in str(refused.value)
+
+
+def test_the_ingests_metrics_under_several_processes_count_every_processs_requests(world, tmp_path) -> None:
+    """Found in review: under `mlchat api --workers N` each process kept its own counters and a
+    scrape showed whichever answered (its counter seemed to reset at every scrape). Each writes its
+    values where every scrape reads them all."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = (tmp_path / "api.log").open("w")
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    api = subprocess.Popen(
+        [sys.executable, "-m", "scripts.cli", "api", "--port", str(port), "--workers", "2"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=5).status_code in (200, 503):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()[-3000:]
+            time.sleep(0.5)
+        for _ in range(20):  # fresh connections: the processes share the listening socket
+            assert httpx.post(f"{base}/v1/turns", json={}, headers={}).status_code == 401
+        counted = re.compile(
+            r'mlchat_ingest_requests_total\{method="POST",route="/v1/turns",status="401"\} (\S+)'
+        )
+        for _ in range(6):  # whichever process answers the scrape
+            body = httpx.get(f"{base}/metrics", headers=KEY).text
+            match = counted.search(body)
+            assert match is not None and float(match[1]) == 20.0, body[-2000:]
+            assert "mlchat_engine_up" not in body and 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
+    finally:
+        api.terminate()
+        api.wait(timeout=30)

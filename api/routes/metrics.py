@@ -1,17 +1,26 @@
 """The ingest's Prometheus metrics: for admin keys, or for anyone when MLCHAT_API_METRICS_PUBLIC is set
 (a scraper on a private network). The series say which routes are used and how often, so an open
-/metrics is an opt-in."""
+/metrics is an opt-in.
+
+Under `mlchat api --workers N` each request may reach any of N processes: they write their values
+to files in PROMETHEUS_MULTIPROC_DIR (the CLI makes one), and a scrape reads every process's, so it
+shows the ingest's counts, not one child's (whose counter would seem to reset at every scrape)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
 from api.deps import metrics_reader
+from core.metrics import QueueDepthCollector
+
+MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
 router = APIRouter(tags=["health"])
 
@@ -21,14 +30,27 @@ WORKER_ONLY = frozenset({"mlchat_engine_up"})
 
 
 class _IngestSeries(Collector):
-    """The process's series less the worker's own."""
+    """Series less the worker's own: this process's, or every ingest process's and the broker's
+    queue depths (read at scrape time, not from files) under several processes."""
 
     def collect(self) -> Iterator[Metric]:
-        return (family for family in REGISTRY.collect() if family.name not in WORKER_ONLY)
+        if MULTIPROC_DIR in os.environ:
+            every = CollectorRegistry()
+            MultiProcessCollector(every)
+            families = [*every.collect(), *QueueDepthCollector().collect()]
+        else:
+            families = list(REGISTRY.collect())
+        return (family for family in families if family.name not in WORKER_ONLY)
 
 
 _INGEST = CollectorRegistry(auto_describe=False)
 _INGEST.register(_IngestSeries())
+
+
+def process_ended() -> None:
+    """Drop this process's live gauges from the shared files (its readers left with it)."""
+    if MULTIPROC_DIR in os.environ:
+        mark_process_dead(os.getpid())
 
 
 @router.get("/metrics", include_in_schema=False, dependencies=[Depends(metrics_reader)])
