@@ -2,6 +2,7 @@
 is dead-lettered (engine_crash_loop) instead of being sent to worker after worker; the turns beside
 it are requeued with their attempt refunded, and a turn that never reached the engine counts no death."""
 
+import time
 import uuid
 
 from db.models import TurnErrorCode, TurnStatus
@@ -167,7 +168,7 @@ def test_turns_whose_hand_back_after_a_death_was_not_written_are_sent_again(monk
     from worker import pipeline
     from worker.engine import EngineDead
 
-    monkeypatch.setattr(pipeline, "_best_effort_hand_back", lambda turns, write: None)
+    monkeypatch.setattr(pipeline, "_best_effort_hand_back", lambda turns, write, until: None)
     stored, noted_failed, waiting, adapter_later = (SimpleNamespace(id=uuid.uuid4()) for _ in range(4))
     report = pipeline.BatchReport()
     report.done.append(stored.id)
@@ -175,7 +176,7 @@ def test_turns_whose_hand_back_after_a_death_was_not_written_are_sent_again(monk
     report.retry[adapter_later.id] = "adapter loading"
     report.retry_in[adapter_later.id] = 42.0
     turns = [stored, noted_failed, waiting, adapter_later]
-    assert pipeline._hand_back_dead(uuid.uuid4(), turns, EngineDead("gone"), report) == []  # type: ignore[arg-type]
+    assert pipeline._hand_back_dead(uuid.uuid4(), turns, EngineDead("gone"), report, until=0.0) == []  # type: ignore[arg-type]
     assert report.send_again == [noted_failed.id, waiting.id, adapter_later.id] and report.failed == {}
     report.engine_dead = EngineDead("gone")
     outcome = FlushOutcome()
@@ -209,7 +210,7 @@ def test_a_batch_handed_back_at_a_death_counts_a_death_seen_for_each_request_ins
         future: Future = Future()
         future.set_exception(error)
         report.futures[turn_id] = [future]
-    _hand_back_dead(claim.token, claim.claimed, died[joining], report)
+    _hand_back_dead(claim.token, claim.claimed, died[joining], report, until=time.monotonic() + 30)
     with session_scope() as session:
         again = claim_turns(session=session, turn_ids=list(died), lease_s=60, max_attempts=3)
     counts = {t.id: (t.engine_deaths, t.engine_deaths_seen) for t in again.claimed}

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any, TypeVar
 
+from celery.worker import state as worker_state
 from sqlalchemy.orm import Session
 
 from core import metrics
@@ -168,7 +169,7 @@ def process_batch(
             # Nothing to cancel after a death (it resolved every request); after the core aborted one
             # (it is stopping), the batch's others must not go on writing streams of turns handed back.
             _cancel_requests(report)
-            ended = _hand_back_dead(claim.token, turns, exc, report, until=keeper.deadline)
+            ended = _hand_back_dead(claim.token, turns, exc, report, until=_hand_back_until(keeper))
             _announce(turns, [*report.handed_back, *ended])
             _call_back(ended, turns)
         except BaseException as exc:
@@ -181,9 +182,13 @@ def process_batch(
             # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
             refund = connection_lost(exc)
-            handed = _hand_back(claim.token, turns, reason, refund=refund, until=keeper.deadline)
+            handed = _hand_back(claim.token, turns, reason, refund=refund, until=_hand_back_until(keeper))
             _announce(turns, handed)
             report.handed_back, report.raised = handed, type(exc).__name__
+            for turn_id in handed:  # noted failed or for a retry, not written: queued again instead
+                report.failed.pop(turn_id, None)
+                report.retry.pop(turn_id, None)
+                report.retry_in.pop(turn_id, None)
             report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
             try:  # a batch that raised is accounted like any other (its log line, its metrics)
                 _account(report, claimed=len(turns))
@@ -208,6 +213,14 @@ def _cancel_requests(report: BatchReport) -> None:
         logger.warning("could not cancel the engine requests of a batch handed back", exc_info=True)
 
 
+def _hand_back_until(keeper: LeaseKeeper) -> float:
+    """How long a hand-back may wait for the database (time.monotonic()): while the claim is held,
+    at least a third of a lease (a batch that ran out its hold has no time left of its own) and at
+    most five leases (a worker asked to stop, or whose engine died, waits no longer than that)."""
+    now = time.monotonic()
+    return min(max(keeper.deadline, now + settings.lease_seconds / 3), now + 5 * settings.lease_seconds)
+
+
 def _best_effort_hand_back(
     turns: Sequence[ClaimedTurn], write: Callable[[Session], _T], *, until: float
 ) -> _T | None:
@@ -218,12 +231,18 @@ def _best_effort_hand_back(
     the turns to wait out their lease and be charged the attempt by the next claim, three such
     outages failing a turn for good. The write is the claim's own (its token): one that lands after
     the lease lapsed and another worker claimed the turns changes nothing."""
-    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
+    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential
+    from tenacity.stop import stop_base
+
+    class stopping(stop_base):  # a warm shutdown: the lease lapses, and the next claim takes them
+        def __call__(self, retry_state: Any) -> bool:
+            should_stop = worker_state.should_stop  # a warm shutdown sets 0 (which == False)
+            return should_stop is not None and should_stop is not False
 
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type(DATABASE_OUTAGES),
-            stop=stop_after_delay(max(until - time.monotonic(), 0.0)),
+            stop=stop_any(stop_after_delay(max(until - time.monotonic(), 0.0)), stopping()),
             wait=wait_exponential(multiplier=HAND_BACK_FIRST_WAIT_S, max=5.0),
             reraise=True,
         ):
