@@ -607,16 +607,31 @@ def _defer(
     the limit fails, naming it. A blocker running under an expired lease with no message out since
     is stamped sent here, once, and reported `stalled` for the caller to send."""
     earlier = aliased(Turn)
+    # Each turn's first blocker, and only that one read (LATERAL, LIMIT 1 on the unfinished turns'
+    # index): joining every blocker, then keeping the first, read all the turns queued ahead of each
+    # (a run of thousands of lines in one conversation: thousands of rows a look, every few seconds).
+    first = (
+        select(
+            earlier.id,
+            earlier.status,
+            _stalled(earlier).label("stalled"),
+            lapsed_and_unsent(earlier).label("lapsed"),
+        )
+        .where(
+            earlier.conversation_id == Turn.conversation_id,
+            earlier.number < Turn.number,
+            _blocks_later_turns(earlier),
+        )
+        .order_by(earlier.number)
+        .limit(1)
+        .lateral("first_blocker")
+    )
     blockers = {
         turn_id: (blocker_id, status, stalled, lapsed)
         for turn_id, blocker_id, status, stalled, lapsed in session.execute(
-            select(Turn.id, earlier.id, earlier.status, _stalled(earlier), lapsed_and_unsent(earlier))
-            .join(
-                earlier, and_(earlier.conversation_id == Turn.conversation_id, earlier.number < Turn.number)
-            )
-            .where(Turn.id.in_(turn_ids), _blocks_later_turns(earlier))
-            .distinct(Turn.id)
-            .order_by(Turn.id, earlier.number)
+            select(Turn.id, first.c.id, first.c.status, first.c.stalled, first.c.lapsed)
+            .join(first, true())
+            .where(Turn.id.in_(turn_ids))
         ).tuples()
     }
     waiting_on_stalled = [turn_id for turn_id, (_, _, stalled, _) in blockers.items() if stalled]
