@@ -104,7 +104,7 @@ def _story_partitions_scanned(session: Session, *, story: str, vector: np.ndarra
     send_vectors_binary(session)
     session.execute(_HNSW_SETTINGS, {"ef_search": "64"})
     params = dict(idx=[0], conv=[0], vec=[vector], story=[story], story_time=[4])
-    params |= dict(recent_n=4, history_k=2, story_k=3)
+    params |= dict(recent_n=4, history_k=2, history_scan=10_000, story_k=3)
     plan = session.execute(
         text(f"EXPLAIN (ANALYZE, FORMAT JSON) {_BATCH_CONTEXT_SQL.text}"), params
     ).scalar_one()[0]["Plan"]

@@ -148,9 +148,12 @@ def test_similar_lines_are_searched_among_the_conversations_last_lines_only(monk
     query = ContextQuery(conv, None, None, np.asarray(oldest, dtype=np.float32))
 
     def similar() -> list[int]:
-        (ctx,) = _fetch([query], connections=1)  # 6 recent lines: seq 25-30 are not "retrieved"
+        (ctx,) = fetch_batch_context(  # 6 recent lines: seq 25-30 are not "retrieved"
+            session=s, queries=[query], recent_n=6, history_k=30, story_k=0
+        )
         return sorted(line.seq for line in ctx.similar)
 
-    assert 1 in similar()  # the line itself, the closest there is
-    monkeypatch.setattr(settings, "rag_history_scan_lines", 10)
-    assert similar() and all(15 <= seq <= 24 for seq in similar())  # the 10 lines before the window
+    with session_scope() as s:
+        assert similar() == list(range(1, 25))  # every line before the window, the query's own first
+        monkeypatch.setattr(settings, "rag_history_scan_lines", 10)
+        assert similar() == list(range(15, 25))  # exactly the 10 lines before the window
