@@ -92,13 +92,21 @@ def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> float | N
 
 
 def callbacks_due(
-    *, session: Session, older_than_s: float, of: Owner = Run, limit: int = 1000
+    *,
+    session: Session,
+    older_than_s: float,
+    of: Owner = Run,
+    limit: int = 1000,
+    within_s: float = 86400.0,
 ) -> list[uuid.UUID]:
     """Finished runs (or turns: `of`) with a callback never attempted, finished longer ago than
-    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended).
-    Not a turn that failed unsent: its request was answered 503, and a retry of it revives it; nor
-    one whose delivery waits for a slot (hold_waiting: due later, claim_retries' then)."""
+    `older_than_s` (its message was lost: the broker was down, or the process died, when it ended)
+    and within `within_s` (the callbacks' retry window: a delivery that fails every time before its
+    attempt is recorded, a bug in it, is not queued again at every pass for ever). Not a turn that
+    failed unsent: its request was answered 503, and a retry of it revives it; nor one whose delivery
+    waits for a slot (hold_waiting: due later, claim_retries' then)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    oldest = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, max(within_s, older_than_s))
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
     query = select(of.id).where(
         of.status.in_(finished),
@@ -107,6 +115,7 @@ def callbacks_due(
         of.callback_attempts == 0,
         of.callback_retry_at.is_(None),
         of.finished_at < cutoff,
+        of.finished_at >= oldest,
     )
     if of is Turn:
         query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))

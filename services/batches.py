@@ -183,6 +183,43 @@ def create_batch(
         candidates=candidates,
     )
     run_id = uuid.uuid4()
+    try:
+        return _create_run(
+            run_id,
+            digest,
+            options,
+            meta,
+            window_text,
+            window,
+            input_file_id,
+            api_key,
+            tenant,
+            callback,
+            output_expiry,
+        )
+    except DATABASE_OUTAGES:
+        # The COMMIT may have gone through with its answer lost: the batch the client would create
+        # again on the 503 is this one, submitted by housekeeping later (two batches, both answered).
+        try:
+            return get_batch(f"batch_{run_id.hex}", api_key=api_key, admin=admin, tenant=tenant)
+        except Exception:  # not stored, or the database still away: the outage it is
+            pass
+        raise
+
+
+def _create_run(
+    run_id: uuid.UUID,
+    digest: str,
+    options: LineOptions,
+    meta: dict[str, str] | None,
+    window_text: str,
+    window: timedelta,
+    input_file_id: str,
+    api_key: str | None,
+    tenant: str,
+    callback: str | None,
+    output_expiry: int | None,
+) -> dict[str, Any]:
     with session_scope() as session:
         run, _ = create_run(
             session=session,
@@ -313,6 +350,8 @@ def _retry_later(
     away = _away(exc)
     try:
         if tries >= settings.batch_submission_attempts and not away:
+            # The batch names the error's class and says the log has it: this is that line.
+            logger.error("batch %s: submission failed %d times; giving up", name, tries, exc_info=exc)
             _give_up(run_id, callback, f"submission failed {tries} times, last: {shown}")
             return
         if away:
@@ -334,7 +373,12 @@ def _retry_later(
                 refund=away is not None,
             )
         logger.warning(
-            "batch %s: submission try %s stopped (%s); again in %.0f s", name, tries, reason, delay
+            "batch %s: submission try %s stopped (%s); again in %.0f s",
+            name,
+            tries,
+            reason,
+            delay,
+            exc_info=None if away else exc,  # an error of the work: where it came from
         )
     except Exception:
         logger.exception("batch %s: submission stopped (%s) and could not be rescheduled", name, reason)
@@ -585,7 +629,9 @@ def send_callback(run_id: uuid.UUID) -> None:
 def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished runs that were never attempted (their message was lost)."""
     with session_scope() as session:
-        due = callbacks_due(session=session, older_than_s=older_than_s)
+        due = callbacks_due(
+            session=session, older_than_s=older_than_s, within_s=settings.callback_retry_window_s
+        )
     for run_id in due:
         send_callback(run_id)
     return [str(r) for r in due]
@@ -595,7 +641,9 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished turns that were never attempted (their message was lost, or
     the turn failed before a worker saw it)."""
     with session_scope() as session:
-        due = callbacks_due(session=session, older_than_s=older_than_s, of=Turn)
+        due = callbacks_due(
+            session=session, older_than_s=older_than_s, of=Turn, within_s=settings.callback_retry_window_s
+        )
     send_turn_callbacks(due)
     return [str(t) for t in due]
 

@@ -19,7 +19,8 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
-from functools import partial
+from concurrent.futures import ThreadPoolExecutor, wait
+from functools import cache, partial
 from urllib.parse import urlparse
 
 import anyio
@@ -311,7 +312,14 @@ def callback_refusal(url: str, *, resolve: bool = True) -> str | None:
 # All the lookups of one request together: a resolver that does not answer in this time is an
 # outage (503, nothing stored), not a refusal of the client's URL.
 RESOLVE_BUDGET_S = 10.0
-RESOLVE_THREADS = 8
+# Lookups at once, for all the process's requests together: a pool per request left a thread behind
+# for every lookup a slow resolver held (each up to its own timeout), one more per request.
+RESOLVE_THREADS = 16
+
+
+@cache
+def _resolver_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="callback-resolve")
 
 
 class ResolverTooSlow(RuntimeError):
@@ -324,8 +332,6 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     distinct host looked up once, a few at a time, off the API's event loop (the caller's thread).
     Raises ResolverTooSlow when the resolver cannot answer for now: out of time, or no host answered;
     a host it gave no verdict on while others answered is accepted (its delivery vets it)."""
-    from concurrent.futures import ThreadPoolExecutor, wait
-
     if not urls:
         return {}
     refused: dict[int, str] = {}
@@ -337,10 +343,10 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
             refused[i] = str(bad_url)
     if not by_host:
         return refused
-    pool = ThreadPoolExecutor(max_workers=min(RESOLVE_THREADS, len(by_host)))
+    pool = _resolver_pool()
+    # The host decides: each is looked up once, through the first URL that names it.
+    futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
     try:
-        # The host decides: each is looked up once, through the first URL that names it.
-        futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
         done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
         if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
             late = [repr(host) for host, future in futures.items() if future in pending][:5]
@@ -369,4 +375,5 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
         # vets its host again and connects only to an address it vetted, and retries within its window.
         return refused
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        for future in futures.values():
+            future.cancel()  # those still queued behind other requests' lookups: not run for nothing

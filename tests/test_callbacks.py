@@ -17,7 +17,7 @@ from pydantic import SecretStr
 from sqlalchemy import func, update
 
 from core.settings import settings
-from db.models import Run, RunStatus
+from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import create_run
 from db.session import session_scope
 from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, tenant_secret, verify_signature
@@ -756,3 +756,55 @@ def test_a_receiver_that_trickles_forever_holds_a_delivery_no_longer_than_the_ca
     assert not sender.is_alive(), "the delivery was still held 20 s later"
     assert outcome == ([None] if delivered else ["no answer within MLCHAT_CALLBACK_TIMEOUT_S (1.5 s)"])
     assert time.monotonic() - started < 10
+
+
+def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window(world) -> None:
+    """Found in review: a delivery that failed every time before its attempt was recorded (a bug in
+    it) left the callback "never attempted", and housekeeping queued it again at every pass for ever."""
+    from db.callbacks import callbacks_due
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    turn_ids = enqueue_turns(
+        [new_conversation() | {"message": f"Call me back {i}."} for i in range(2)], send=False
+    )
+    with session_scope() as s:
+        for turn_id, ago in zip(turn_ids, (10, 3 * 24 * 60), strict=True):  # minutes
+            s.execute(
+                update(Turn)
+                .where(Turn.id == turn_id)
+                .values(
+                    status=TurnStatus.FAILED,
+                    callback_url="https://receiver.example/hook",
+                    finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, ago),
+                )
+            )
+    with session_scope() as s:
+        due = callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=86_400)
+    recent, old = turn_ids
+    assert recent in due and old not in due
+
+
+def test_lookups_a_slow_resolver_holds_never_pile_up_threads(monkeypatch) -> None:
+    """Found in review: each request's lookups had a thread pool of their own, given up (not waited
+    for) when the resolver ran out of time: every request left its lookups' threads behind, blocked
+    in the resolver, one more set per request while it stayed slow."""
+    from services import callbacks
+
+    release = threading.Event()
+
+    def stuck(url: str) -> str:
+        release.wait(10)
+        return "1.1.1.1"
+
+    monkeypatch.setattr(callbacks, "vetted_address", stuck)
+    monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 0.05)
+    before = threading.active_count()
+    try:
+        for i in range(40):
+            with pytest.raises(callbacks.ResolverTooSlow):
+                callbacks.callback_destinations({0: f"https://slow-{i}.example.test/hook"})
+        grown = threading.active_count() - before
+    finally:
+        release.set()
+    assert grown <= callbacks.RESOLVE_THREADS, f"{grown} threads left behind by 40 requests"

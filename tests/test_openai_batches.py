@@ -235,6 +235,13 @@ def test_a_reply_sent_back_as_the_openai_client_sends_it_and_its_newer_hints_are
         {"role": "user", "content": "Where is the tower?"},
         {"role": "assistant", "content": "North, past the mill."},
     ]
+    # review: a refusal sent back (content null) was "content: empty"; it is what the model said
+    refusal = {"role": "assistant", "content": None, "refusal": "I won't say."}
+    line = openai_line("refused-back", [*USER, refusal, {"role": "user", "content": "Why not?"}])
+    assert to_run_line(line, {"elara"}, LineOptions())["history"][1] == {
+        "role": "assistant",
+        "content": "I won't say.",
+    }
 
 
 # Lines that are not well-formed requests: the whole file fails, as at OpenAI.
@@ -747,6 +754,7 @@ def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(b
     batch = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body).json()
     refused = httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=INGEST)
     assert refused.status_code == 409 and batch["id"] in refused.json()["error"]["message"]
+    assert refused.headers["x-should-retry"] == "false"  # review: the openai client retried it twice
     assert httpx.delete(f"{base_url}/v1/files/{ids[0]}", headers=stranger).status_code == 404
     httpx.post(f"{base_url}/v1/batches/{batch['id']}/cancel", headers=INGEST).raise_for_status()
     deadline = time.monotonic() + 30
@@ -1131,7 +1139,7 @@ def test_a_page_of_batches_counts_their_requests_in_a_fixed_number_of_queries(qu
 
 
 def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed(
-    services, quiet_model, tmp_path, monkeypatch
+    services, quiet_model, tmp_path, monkeypatch, caplog
 ) -> None:
     monkeypatch.setattr(settings, "batch_submission_attempts", 2)
     monkeypatch.setattr(settings, "batch_submission_backoff_s", 0.0)
@@ -1150,6 +1158,8 @@ def test_a_batch_whose_tries_run_out_fails_as_the_servers_fault_and_stays_failed
     assert batch["status"] == "failed"
     (error,) = batch["errors"]["data"]
     assert error["code"] == "server_error" and "submission failed 2 times" in error["message"]
+    gave_up = [r for r in caplog.records if "giving up" in r.getMessage()]  # the log it points to
+    assert gave_up and gave_up[0].exc_info is not None and "disk went away" in caplog.text
     # Found in review: the error's own text reached the tenant (a driver's names hosts and paths).
     assert "disk went away" not in error["message"] and "OSError" in error["message"], error
     assert batch_id not in batches.retry_batch_submissions()  # `failed` is final: nothing resumes it
@@ -1575,3 +1585,54 @@ def test_a_batchs_stored_turns_are_sent_a_page_at_a_time_each_read_once(
     afters = [after for after, _ in pages]
     assert afters[0] == 0 and afters == sorted(afters) and len(set(afters)) == 4  # each page on from the last
     assert _unsent(batch_id) == 0
+
+
+def test_a_batch_whose_commit_answer_was_lost_is_answered_not_created_twice(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a batch's row committed with the COMMIT's answer lost was a 503; the client
+    created the batch again, and housekeeping later submitted the first too: both answered."""
+    import asyncio
+
+    from sqlalchemy.exc import OperationalError
+
+    from services.files import save_upload
+
+    content = json.dumps(openai_line("lost", USER)).encode() + b"\n"
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        yield content
+
+    stored = asyncio.run(save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=""))
+    real = batches._create_run
+
+    def committed_then_lost(*args, **kwargs):  # type: ignore[no-untyped-def]
+        real(*args, **kwargs)
+        raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(batches, "_create_run", committed_then_lost)
+    created = batches.create_batch(
+        input_file_id=stored["id"],
+        endpoint="/v1/chat/completions",
+        completion_window="24h",
+        metadata=None,
+        api_key="k",
+        admin=False,
+    )
+    assert created["status"] == "validating" and created["input_file_id"] == stored["id"]
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Run).where(Run.input_file_id == stored["id"])) == 1
+
+    def never_stored(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
+
+    monkeypatch.setattr(batches, "_create_run", never_stored)
+    with pytest.raises(OperationalError):  # nothing stored: the outage it is (a 503)
+        batches.create_batch(
+            input_file_id=stored["id"],
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            metadata=None,
+            api_key="k",
+            admin=False,
+        )

@@ -127,7 +127,8 @@ def remove_file(file_id: FileId, who: Annotated[Caller, Depends(needs("ingest"))
     except FileNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except FileInUse as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+        # The openai client retries a 409 unless told not to: the batch still reads the file.
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc), {"x-should-retry": "false"}) from None
 
 
 def _visible(file_id: str, who: Caller) -> FoundFile:

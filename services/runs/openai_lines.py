@@ -113,7 +113,7 @@ class _Message(BaseModel):
     def text(self) -> str:
         if isinstance(self.content, list):
             return "\n".join(part.text for part in self.content)
-        return self.content or ""
+        return self.content or self.refusal or ""  # a refusal sent back: what the model said
 
 
 class _Body(BaseModel):
