@@ -32,33 +32,55 @@ RETURNING token
 MEMORY_JOB_DEATHS = 2
 
 
-def count_engine_death(*, session: Session, conversation_id: int, kind: str) -> int:
-    """The job's request was inside an engine that died: count it; the job's count now."""
+# Deaths a job's request was inside for, decoding already (no suspect), before it runs alone, where a
+# death is its own (as a turn's: worker/pipeline.py DEATHS_SEEN_ALONE).
+DEATHS_SEEN_ALONE = 3
+
+
+def count_engine_death(*, session: Session, conversation_id: int, kind: str, suspect: bool = True) -> int:
+    """The job's request was inside an engine that died, a suspect (joining it) or not (decoding
+    already): count it; the job's count of that kind now."""
     count = session.execute(
         text(
-            "UPDATE memory_jobs SET engine_deaths = engine_deaths + 1"
-            " WHERE conversation_id = :c AND kind = :k RETURNING engine_deaths"
+            "UPDATE memory_jobs SET engine_deaths = engine_deaths + CASE WHEN :suspect THEN 1 ELSE 0 END,"
+            " engine_deaths_seen = engine_deaths_seen + CASE WHEN :suspect THEN 0 ELSE 1 END"
+            " WHERE conversation_id = :c AND kind = :k"
+            " RETURNING CASE WHEN :suspect THEN engine_deaths ELSE engine_deaths_seen END"
         ),
-        {"c": conversation_id, "k": kind},
+        {"c": conversation_id, "k": kind, "suspect": suspect},
     ).scalar()
     return int(count or 0)
 
 
 def engine_deaths(*, session: Session, conversation_id: int, kind: str) -> int:
-    """How many engine deaths the job's request was inside since its last stored step."""
-    count = session.execute(
-        text("SELECT engine_deaths FROM memory_jobs WHERE conversation_id = :c AND kind = :k"),
+    """How many engine deaths the job's request was inside as a suspect since its last stored step."""
+    return _deaths(session, conversation_id, kind)[0]
+
+
+def runs_alone(*, session: Session, conversation_id: int, kind: str) -> bool:
+    """Whether the job's next request runs alone in the engine: it was a suspect of a death, or
+    inside DEATHS_SEEN_ALONE of them, since its last stored step."""
+    deaths, seen = _deaths(session, conversation_id, kind)
+    return deaths > 0 or seen >= DEATHS_SEEN_ALONE
+
+
+def _deaths(session: Session, conversation_id: int, kind: str) -> tuple[int, int]:
+    row = session.execute(
+        text(
+            "SELECT engine_deaths, engine_deaths_seen FROM memory_jobs"
+            " WHERE conversation_id = :c AND kind = :k"
+        ),
         {"c": conversation_id, "k": kind},
-    ).scalar()
-    return int(count or 0)
+    ).one_or_none()
+    return (int(row[0]), int(row[1])) if row is not None else (0, 0)
 
 
 def clear_engine_deaths(*, session: Session, conversation_id: int, kind: str) -> None:
     """A step was stored: the job's next request starts with no death counted against it."""
     session.execute(
         text(
-            "UPDATE memory_jobs SET engine_deaths = 0"
-            " WHERE conversation_id = :c AND kind = :k AND engine_deaths > 0"
+            "UPDATE memory_jobs SET engine_deaths = 0, engine_deaths_seen = 0"
+            " WHERE conversation_id = :c AND kind = :k AND (engine_deaths > 0 OR engine_deaths_seen > 0)"
         ),
         {"c": conversation_id, "k": kind},
     )

@@ -651,8 +651,10 @@ class MemoryJob(Base):
     done_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # A message for this job is on the queue (not yet run) until then: no second one is sent.
     queued_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Engine deaths with this job's request inside, since its last stored step (migration 0026).
+    # Engine deaths with this job's request inside, since its last stored step (migration 0026): as
+    # a suspect (joining the engine), and present but no suspect (decoding already; migration 0033).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    engine_deaths_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class VectorSpace(Base):

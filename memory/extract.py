@@ -27,6 +27,7 @@ from db.memory_jobs import (
     engine_deaths,
     extracted_through,
     release_job,
+    runs_alone,
 )
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import session_scope
@@ -268,6 +269,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
                 return {}
             after = extracted_through(session=session, conversation_id=conversation_id)
             blind = engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
+            alone = runs_alone(session=session, conversation_id=conversation_id, kind=EXTRACT)
             lines = session.execute(
                 select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)
@@ -290,7 +292,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             )
             raw = '{"facts": []}'
         else:
-            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA, blind > 0)
+            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA, alone)
         facts = parse_facts(raw)
         last = lines[-1]
         source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"

@@ -18,6 +18,7 @@ from db.memory_jobs import (
     clear_engine_deaths,
     engine_deaths,
     release_job,
+    runs_alone,
 )
 from db.models import Conversation
 from db.session import session_scope
@@ -139,6 +140,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         conversation = session.get(Conversation, conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
         blind = engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
+        alone = runs_alone(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:
         return 0
     if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: the stand-in, once
@@ -167,7 +169,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 break
             work = fitted(work, who, builder)
             system, body = summary_prompt(work, who)
-            text = generate(system, body, settings.memory_summary_max_tokens, blind > 0)
+            text = generate(system, body, settings.memory_summary_max_tokens, alone)
             if not text:
                 # Seeded and greedy-ish, the same request would answer empty again, and a merge due
                 # comes before any new lines: the text it was to summarise is kept instead, cut.

@@ -36,8 +36,10 @@ def memory_job(conversation_id: int, kind: str) -> None:
     except EngineDead as exc:  # the worker's engine-death handling: hand the job on, stop the worker
         from worker.lifecycle import stop_for_dead_engine
 
-        if exc.in_engine:  # its request may be what killed it: the next try goes without the model
-            _count_death(conversation_id, kind)
+        # Its request may be what killed it: joining the engine (a suspect), the next try goes alone,
+        # then without the model; decoding already (present), after a few such deaths it goes alone.
+        if exc.present:
+            _count_death(conversation_id, kind, suspect=exc.in_engine)
         try:
             send_memory_jobs([(conversation_id, kind)])
         finally:  # the broker away too: the job's row is re-queued when stale, the worker stops anyway
@@ -51,13 +53,13 @@ def memory_job(conversation_id: int, kind: str) -> None:
         schedule_memory([conversation_id])  # the next step, if one is due
 
 
-def _count_death(conversation_id: int, kind: str) -> None:
+def _count_death(conversation_id: int, kind: str, *, suspect: bool) -> None:
     from db.memory_jobs import count_engine_death
     from db.session import session_scope
 
     try:
         with session_scope() as session:
-            count_engine_death(session=session, conversation_id=conversation_id, kind=kind)
+            count_engine_death(session=session, conversation_id=conversation_id, kind=kind, suspect=suspect)
     except Exception:  # never in the way of the hand-off; the job may then kill one more engine
         logger.warning("could not count the engine death of memory job %s of %s", kind, conversation_id)
 

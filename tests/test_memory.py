@@ -1208,3 +1208,43 @@ def test_the_memory_budget_keeps_the_oldest_summary_and_the_best_facts_before_ne
     assert 1 in kept and 4 in kept  # the start of the conversation, and its newest summary
     assert [f["id"] for f in built.manifest["facts"]] == [10, 11]
     assert "Mira went missing at the mill" in built.text
+
+
+def test_a_memory_job_inside_deaths_it_was_no_suspect_of_runs_alone_after_a_few(monkeypatch) -> None:
+    """Carried from review: a job's request that kills the engine mid-reply (decoding already when
+    another request joined) was never blamed: only a suspect's death counted. Deaths it was inside
+    for count too, and after DEATHS_SEEN_ALONE of them it runs alone, where a death is its own."""
+    from db.memory_jobs import DEATHS_SEEN_ALONE, SUMMARY, engine_deaths, mark_queued, runs_alone
+    from memory.summarize import run_summary_job
+    from tasks import memory as memory_task
+    from worker import lifecycle
+    from worker.engine import EngineDead
+
+    conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
+    _lines(conv, 40)
+    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None: None)
+    monkeypatch.setattr(lifecycle, "stop_for_dead_engine", lambda exc: None)
+
+    def decoding_when_it_died(conversation_id: int, kind: str) -> bool:
+        raise EngineDead("engine core died", present=True)
+
+    monkeypatch.setattr(memory_task, "_run_step", decoding_when_it_died)
+    with session_scope() as s:
+        mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=60)
+    alone_after = []
+    for _ in range(DEATHS_SEEN_ALONE):
+        memory_task.memory_job(conv, SUMMARY)
+        with session_scope() as s:
+            alone_after.append(runs_alone(session=s, conversation_id=conv, kind=SUMMARY))
+            assert engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0  # no suspect
+    assert alone_after == [False] * (DEATHS_SEEN_ALONE - 1) + [True]
+
+    asked_alone: list[bool] = []
+
+    def answers(system: str, body: str, max_tokens: int, alone: bool) -> str:
+        asked_alone.append(alone)
+        return "Rowan and Elara talked at the inn."
+
+    assert run_summary_job(conv, generate=answers) >= 1 and asked_alone and asked_alone[0] is True
+    with session_scope() as s:  # a stored step starts the job's count afresh
+        assert not runs_alone(session=s, conversation_id=conv, kind=SUMMARY)
