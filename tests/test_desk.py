@@ -895,3 +895,39 @@ def test_approving_a_page_of_unreviewed_lines_skips_none_of_the_next_page(
         assert client.get(f"/desk/runs/{run_id}?after=-1").status_code == 400
     finally:
         client.close()
+
+
+def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, base_url) -> None:
+    """Found in review: the cookie held the review key itself (base64), with no expiry: a cookie that
+    leaked (a proxy that served the desk over plain http) opened the whole API until the key was
+    rotated. It is a session of 12 hours, signed with the key's digest, naming the key only by id."""
+    import base64
+
+    import httpx
+
+    from api.routes.desk import COOKIE, SESSION_S, _session_cookie
+    from core.settings import settings
+    from tests.conftest import REVIEW_KEY
+
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        cookie = client.cookies[COOKIE]
+        old_cookie = base64.urlsafe_b64encode(REVIEW_KEY.encode()).decode()  # the key itself
+        assert REVIEW_KEY not in cookie and old_cookie not in cookie
+        assert client.get("/desk/runs").status_code == 200
+        named, expires, mac = cookie.split(".")
+        for forged in (
+            f"{named}.{int(expires) + 3600}.{mac}",  # a later expiry under the old signature
+            f"{named}.{expires}.{'0' * len(mac)}",
+            old_cookie,
+        ):
+            answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: forged})
+            assert answer.status_code == 303 and answer.headers["location"] == "/desk/login", forged
+        (review,) = [k for k in settings.api_keys if k.key == REVIEW_KEY]
+        expired = _session_cookie(review, now=time.time() - SESSION_S - 1)
+        answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: expired})
+        assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
+        fresh = _session_cookie(review)
+        assert httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: fresh}).status_code == 200
+    finally:
+        client.close()

@@ -16,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import time
 import uuid
 from pathlib import Path
 from typing import Annotated, Any
@@ -29,6 +30,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, key_caller, needs
+from core.settings import ApiKey, settings
 from services import desk
 from services.desk import DeskError, Reviewer
 
@@ -53,8 +55,20 @@ def static_files() -> StaticFiles:
     return StaticFiles(directory=HERE / "static" / "desk")
 
 
-def _csrf(key: str) -> str:
-    return hmac.new(key.encode("utf-8", "surrogatepass"), b"mlchat-desk-form", hashlib.sha256).hexdigest()
+# A desk session: the cookie names the key and an expiry, signed with the key's digest (known to
+# the server for every key, plain or hashed), never the key itself: a cookie that leaks (sent over
+# plain http by a proxy's misconfiguration, say) opens the desk until it expires, not the whole API
+# until the key is rotated; rotating the key ends its sessions.
+SESSION_S = 12 * 3600
+
+
+def _csrf(digest: str) -> str:
+    return hmac.new(bytes.fromhex(digest), b"mlchat-desk-form", hashlib.sha256).hexdigest()
+
+
+def _session_mac(digest: str, key_id: str, expires: int) -> str:
+    message = f"mlchat-desk-session\x00{key_id}\x00{expires}".encode("utf-8", "surrogatepass")
+    return hmac.new(bytes.fromhex(digest), message, hashlib.sha256).hexdigest()
 
 
 class NotSignedIn(Exception):
@@ -64,24 +78,38 @@ class NotSignedIn(Exception):
 class Desk:
     """The signed-in writer of a request: who (for the services) and the form token."""
 
-    def __init__(self, caller: Caller, key: str) -> None:
+    def __init__(self, caller: Caller, digest: str) -> None:
         self.caller = caller
         self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
-        self.csrf = _csrf(key)
+        self.csrf = _csrf(digest)
 
 
-def _cookie_value(key: str) -> str:
-    return base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii")
+def _session_cookie(key: ApiKey, now: float | None = None) -> str:
+    """The cookie of a session of this key: `<key id, base64>.<expiry>.<signature>`, ASCII."""
+    expires = int(now if now is not None else time.time()) + SESSION_S
+    named = base64.urlsafe_b64encode(key.id.encode("utf-8", "surrogatepass")).decode("ascii")
+    return f"{named}.{expires}.{_session_mac(key.digest, key.id, expires)}"
 
 
-def _cookie_key(value: str | None) -> str | None:
-    if not value or len(value) > 6 * KEY_MAX_CHARS:  # base64 of at most 4 UTF-8 bytes a character
+def _session_key(value: str | None) -> ApiKey | None:
+    """The configured key of a session cookie that is its own and has not expired, else None."""
+    if not value or len(value) > 1024:
         return None
+    named, _, rest = value.partition(".")
+    expires_text, _, mac = rest.partition(".")
     try:
-        key = base64.urlsafe_b64decode(value.encode("ascii")).decode("utf-8")
+        key_id = base64.urlsafe_b64decode(named.encode("ascii")).decode("utf-8")
+        expires = int(expires_text)
     except (UnicodeError, binascii.Error, ValueError):
         return None
-    return key if len(key) <= KEY_MAX_CHARS else None
+    if expires < time.time():
+        return None
+    match = None
+    for key in settings.api_keys:  # every key looked at: the time does not say which one matched
+        expected = _session_mac(key.digest, key.id, expires)
+        if key.id == key_id and hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode()):
+            match = key
+    return match
 
 
 def _same_site(request: Request) -> bool:
@@ -97,12 +125,11 @@ def _same_site(request: Request) -> bool:
 
 
 def signed_in(request: Request) -> Desk:
-    """A dependency: the writer whose key the cookie holds (review or admin scope)."""
-    key = _cookie_key(request.cookies.get(COOKIE))
-    found = key_caller(key) if key else None
-    if found is None or not ({"review", "admin"} & found.scopes):
+    """A dependency: the writer whose session the cookie holds (review or admin scope)."""
+    key = _session_key(request.cookies.get(COOKIE))
+    if key is None or not ({"review", "admin"} & set(key.scopes)):
         raise NotSignedIn
-    return Desk(found, key)  # type: ignore[arg-type]
+    return Desk(Caller(key.id, frozenset(key.scopes), key.tenant_id), key.digest)
 
 
 async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -> Desk:
@@ -174,10 +201,12 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
     if not ({"review", "admin"} & found.scopes):
         message = "key: this API key lacks the 'review' scope the desk needs"
         return _page(request, "login.html", 403, message=message, desk=None)
+    (configured,) = [k for k in settings.api_keys if k.id == found.key_id]
     response = RedirectResponse("/desk/runs", status_code=303)
     response.set_cookie(
         COOKIE,
-        _cookie_value(key),
+        _session_cookie(configured),
+        max_age=SESSION_S,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
