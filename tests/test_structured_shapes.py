@@ -1025,7 +1025,7 @@ def test_the_prompt_builders_lorebooks_are_kept_per_character_version_within_a_b
     from worker.prompt.packing import LOREBOOKS_KEPT, PromptBuilder
 
     builder = PromptBuilder(tokenizer, "chat_template", 2048)
-    assert builder._books.kept == LOREBOOKS_KEPT == 2_000
+    assert builder._books.kept == LOREBOOKS_KEPT == 256
     builder._books.kept = 3
     book = {"entries": [{"id": 1, "keys": ["inn"], "content": "Elara owns the inn."}]}
     empty = {"description": "", "personality": "", "example_dialogues": [], "card": {}}

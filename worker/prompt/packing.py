@@ -74,7 +74,7 @@ class PromptInput:
 
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
 ECHO_SECTIONS = ("system_prompt", "character_sheet", "lore")
-LOREBOOKS_KEPT = 2_000  # characters whose validated lorebook a prompt builder keeps
+LOREBOOKS_KEPT = 256  # characters whose validated lorebook a prompt builder keeps (a book: up to MBs)
 
 
 @dataclass
