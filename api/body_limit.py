@@ -16,15 +16,9 @@ from typing import Any
 
 from starlette.exceptions import HTTPException
 
-from api.openai_errors import error_body, openai_path
+from api.openai_errors import error_body, openai_path, route_path
 
 Scope = dict[str, Any]
-
-
-def _route_path(scope: Scope) -> str:
-    """The path routes match: under a proxy's prefix (uvicorn's --root-path), `path` holds it too."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    return path[len(root) :] if root and path.startswith(f"{root}/") else path
 
 
 class BodySizeLimit:
@@ -39,7 +33,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.per_path.get(_route_path(scope), self.max_bytes)
+        limit = self.per_path.get(route_path(scope), self.max_bytes)
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None:
             try:
@@ -58,7 +52,7 @@ class BodySizeLimit:
             await self._reply(send, exc.status_code, str(exc.detail), scope)
 
     async def _reply(self, send: Any, status: int, detail: str, scope: Scope) -> None:
-        shaped = openai_path(_route_path(scope))
+        shaped = openai_path(route_path(scope))
         body = json.dumps(error_body(status, detail) if shaped else {"detail": detail}).encode()
         await send(
             {

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from api.openai_errors import openai_path, openai_shaped
+from api.openai_errors import openai_path, openai_shaped, route_path
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
@@ -159,7 +159,7 @@ def _shaped(handler: Handler) -> Handler:
 
     async def answer(request: Request, exc: Any) -> Response:
         response = await handler(request, exc)
-        return openai_shaped(response) if openai_path(request.url.path) else response
+        return openai_shaped(response) if openai_path(route_path(request.scope)) else response
 
     return answer
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -16,8 +17,14 @@ OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/chat/completions")
 _PARAM = re.compile(r"^((?:body|[a-z_]+)(?:\.[A-Za-z_]\w*|\.\d+|\[-?\d+\])*):")
 
 
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path routes match: under a proxy's prefix (uvicorn's --root-path), `path` holds it too."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(f"{root}/") else path
+
+
 def openai_path(path: str) -> bool:
-    """Whether a request path is one of OpenAI's routes (its clients read its error shape)."""
+    """Whether a route path is one of OpenAI's routes (its clients read its error shape)."""
     return any(path == p or path.startswith(f"{p}/") for p in OPENAI_PATHS)
 
 
@@ -47,7 +54,9 @@ def openai_shaped(response: Response) -> Response:
         fields = [e for e in detail if isinstance(e, dict)]
         message = body.get("message") or "; ".join(f"{e.get('field')}: {e.get('msg')}" for e in fields)
         content = error_body(status_code, str(message))
-        content["error"]["param"] = fields[0].get("field") if fields else None
+        # OpenAI names a query or path field as itself (`purpose`), not as `purpose (query)`.
+        param = str(fields[0].get("field")) if fields else None
+        content["error"]["param"] = param and re.sub(r" \((query|path|header)\)$", "", param)
     else:
         content = error_body(status_code, str(detail))
     headers = {

@@ -153,6 +153,9 @@ def api(
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlchat-metrics-"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
+        else:  # an earlier run's values would be summed in
+            for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+                stale.unlink(missing_ok=True)
         uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 

@@ -187,7 +187,9 @@ async def save_upload(
             _record, file_id, purpose, safe_name, size, final, (api_key, tenant), expires_after_s
         )
     except Exception:
-        remove_unlisted([final])  # refused, or the row never stored: no orphan bytes
+        # Refused, or the row never stored: no orphan bytes. In a thread: it asks the database, and a
+        # failover would hold every request and stream of this process's event loop meanwhile.
+        await run_in_threadpool(remove_unlisted, [final])
         raise
 
 

@@ -404,3 +404,32 @@ def test_the_ingests_metrics_under_several_processes_count_every_processs_reques
     finally:
         api.terminate()
         api.wait(timeout=30)
+
+
+def test_a_scrape_under_several_processes_sums_every_processs_values_and_forgets_the_dead(
+    tmp_path, monkeypatch
+) -> None:
+    """The same, without leaving which process answers to chance: two processes that wrote their
+    values (one of them gone without its shutdown, as uvicorn kills a child that hangs) are summed
+    by any scrape, and the gone one's live readers are not."""
+    import os
+    import subprocess
+    import sys
+
+    from prometheus_client import generate_latest
+
+    from api.routes import metrics as metrics_route
+
+    child = (
+        "from core import metrics\n"
+        "metrics.INGEST_REQUESTS.labels('POST', '/v1/turns', '401').inc(5)\n"
+        "metrics.STREAM_READERS.inc(3)\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    for _ in range(2):
+        subprocess.run([sys.executable, "-c", child], env=env, check=True, capture_output=True, timeout=120)
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    body = generate_latest(metrics_route._INGEST).decode()
+    assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"} 10.0' in body
+    assert "mlchat_stream_readers 0.0" in body or "mlchat_stream_readers " not in body  # both gone
+    assert "mlchat_engine_up" not in body and 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body

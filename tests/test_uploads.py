@@ -449,6 +449,16 @@ def test_an_upload_whose_commit_reply_is_lost_keeps_the_bytes_its_row_lists(worl
         raise files.FileTooLarge("file: over the quota")  # no row: the bytes go
 
     monkeypatch.setattr(files, "_record", refused)
+    checked_in: list[threading.Thread] = []
+    real_check = files.remove_unlisted
+
+    def check(paths):  # type: ignore[no-untyped-def]
+        checked_in.append(threading.current_thread())
+        return real_check(paths)
+
+    monkeypatch.setattr(files, "remove_unlisted", check)
     with pytest.raises(files.FileTooLarge):
         asyncio.run(files.save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=""))
     assert not files._path_of(recorded[-1]).exists()
+    # review: the check asks the database; on the event loop's thread a failover held every request
+    assert checked_in and checked_in[0] is not threading.current_thread()

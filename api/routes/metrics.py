@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
@@ -35,6 +36,7 @@ class _IngestSeries(Collector):
 
     def collect(self) -> Iterator[Metric]:
         if MULTIPROC_DIR in os.environ:
+            _forget_dead_processes(os.environ[MULTIPROC_DIR])
             every = CollectorRegistry()
             MultiProcessCollector(every)
             families = [*every.collect(), *QueueDepthCollector().collect()]
@@ -45,6 +47,21 @@ class _IngestSeries(Collector):
 
 _INGEST = CollectorRegistry(auto_describe=False)
 _INGEST.register(_IngestSeries())
+
+
+def _forget_dead_processes(folder: str) -> None:
+    """Drop the live gauges of processes gone without their shutdown (uvicorn kills a child that
+    hangs): their readers are gone with them, and their last count would be summed in for ever."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            mark_process_dead(int(pid), folder)
+        except PermissionError:  # alive, another user's
+            pass
 
 
 def process_ended() -> None:
