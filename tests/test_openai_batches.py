@@ -826,23 +826,31 @@ def test_a_run_of_a_file_with_no_requests_is_refused_and_nothing_stored(world, t
 
 def _batch(tmp_path: Path, n: int, lines: list[dict] | None = None, **extra) -> str:
     """A batch created as the API creates one, its file stored; returns its id (the run's name)."""
+    default = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(n)]
+    return _create(_stored_file(lines or default, extra.get("tenant", "")), **extra)["id"]
+
+
+def _stored_file(lines: list[dict], tenant: str = "") -> str:
+    """The lines uploaded as the API stores a batch file (key "k"); its id."""
     import asyncio
 
     from services.files import save_upload
 
-    default = [openai_line(f"b{i}", [{"role": "user", "content": f"Batch line {i}?"}]) for i in range(n)]
-    lines = lines or default
     content = "".join(json.dumps(x) + "\n" for x in lines).encode()
 
     async def chunks():
         yield content
 
-    tenant = extra.get("tenant", "")
     stored = asyncio.run(
         save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=tenant)
     )
-    created = batches.create_batch(
-        input_file_id=stored["id"],
+    return stored["id"]
+
+
+def _create(file_id: str, **extra) -> dict:
+    """A batch over the stored file, as POST /v1/batches creates it (key "k")."""
+    return batches.create_batch(
+        input_file_id=file_id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
         metadata=None,
@@ -850,7 +858,6 @@ def _batch(tmp_path: Path, n: int, lines: list[dict] | None = None, **extra) -> 
         admin=False,
         **extra,
     )
-    return created["id"]
 
 
 def test_a_key_name_given_to_another_tenants_key_owns_none_of_the_first_tenants_files_or_batches(
@@ -1592,18 +1599,9 @@ def test_a_batch_whose_commit_answer_was_lost_is_answered_not_created_twice(
 ) -> None:
     """Found in review: a batch's row committed with the COMMIT's answer lost was a 503; the client
     created the batch again, and housekeeping later submitted the first too: both answered."""
-    import asyncio
-
     from sqlalchemy.exc import OperationalError
 
-    from services.files import save_upload
-
-    content = json.dumps(openai_line("lost", USER)).encode() + b"\n"
-
-    async def chunks():  # type: ignore[no-untyped-def]
-        yield content
-
-    stored = asyncio.run(save_upload(chunks(), filename="b.jsonl", purpose="batch", api_key="k", tenant=""))
+    file_id = _stored_file([openai_line("lost", USER)])
     real = batches._create_run
 
     def committed_then_lost(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -1611,28 +1609,14 @@ def test_a_batch_whose_commit_answer_was_lost_is_answered_not_created_twice(
         raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(batches, "_create_run", committed_then_lost)
-    created = batches.create_batch(
-        input_file_id=stored["id"],
-        endpoint="/v1/chat/completions",
-        completion_window="24h",
-        metadata=None,
-        api_key="k",
-        admin=False,
-    )
-    assert created["status"] == "validating" and created["input_file_id"] == stored["id"]
+    created = _create(file_id)
+    assert created["status"] == "validating" and created["input_file_id"] == file_id
     with session_scope() as s:
-        assert s.scalar(select(func.count()).select_from(Run).where(Run.input_file_id == stored["id"])) == 1
+        assert s.scalar(select(func.count()).select_from(Run).where(Run.input_file_id == file_id)) == 1
 
     def never_stored(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OperationalError("INSERT", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(batches, "_create_run", never_stored)
     with pytest.raises(OperationalError):  # nothing stored: the outage it is (a 503)
-        batches.create_batch(
-            input_file_id=stored["id"],
-            endpoint="/v1/chat/completions",
-            completion_window="24h",
-            metadata=None,
-            api_key="k",
-            admin=False,
-        )
+        _create(file_id)
