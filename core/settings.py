@@ -304,6 +304,9 @@ class Settings(BaseSettings):
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
     # may ask for a callback only when it is set.
     callback_secret: SecretStr | None = Field(default=None, repr=False)
+    # Signs the writers' desk's sessions with the key's digest (api/routes/desk.py): without it, a
+    # reader of MLCHAT_API_KEYS, where a hashed key's digest is, could forge a session of that key.
+    desk_secret: SecretStr | None = Field(default=None, repr=False)
     callback_max_attempts: int = Field(default=8, ge=1, le=30)
     # After a burst of tries failed, housekeeping tries a callback again (every 15 min, then less
     # often, up to hourly) until this long after its batch or turn finished; 0: the burst only.

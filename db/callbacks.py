@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
+from core.settings import settings
 from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
 
 Owner = type[Run] | type[Turn]
@@ -106,7 +107,10 @@ def callbacks_due(
     failed unsent: its request was answered 503, and a retry of it revives it; nor one whose delivery
     waits for a slot (hold_waiting: due later, claim_retries' then)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
-    oldest = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, max(within_s, older_than_s))
+    # Counted from the cutoff, never narrower than two housekeeping passes (a window of 0, "the
+    # burst only", would otherwise match nothing: these callbacks never had their burst).
+    span = older_than_s + max(within_s, 2 * settings.housekeeping_interval_s)
+    oldest = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, span)
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
     query = select(of.id).where(
         of.status.in_(finished),

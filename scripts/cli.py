@@ -154,8 +154,10 @@ def api(
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlchat-metrics-"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
         else:  # an earlier run's values would be summed in
-            for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
-                stale.unlink(missing_ok=True)
+            folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            for kind in ("counter", "gauge", "histogram", "summary"):  # prometheus_client's own files
+                for stale in folder.glob(f"{kind}_*.db"):
+                    stale.unlink(missing_ok=True)
         uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
 
 

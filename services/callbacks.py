@@ -16,6 +16,7 @@ import hmac
 import ipaddress
 import json
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -313,8 +314,10 @@ def callback_refusal(url: str, *, resolve: bool = True) -> str | None:
 # outage (503, nothing stored), not a refusal of the client's URL.
 RESOLVE_BUDGET_S = 10.0
 # Lookups at once, for all the process's requests together: a pool per request left a thread behind
-# for every lookup a slow resolver held (each up to its own timeout), one more per request.
+# for every lookup a slow resolver held (each up to its own timeout), one more per request; and at
+# most RESOLVE_PER_REQUEST of them for one request.
 RESOLVE_THREADS = 16
+RESOLVE_PER_REQUEST = 4
 
 
 @cache
@@ -343,29 +346,42 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
             refused[i] = str(bad_url)
     if not by_host:
         return refused
-    pool = _resolver_pool()
-    # The host decides: each is looked up once, through the first URL that names it.
-    futures = {host: pool.submit(vetted_address, urls[items[0]]) for host, items in by_host.items()}
+    hosts = list(by_host)
+    outcome: dict[str, BaseException | None] = {}  # each host's verdict: None, or why not
+    over = threading.Event()
+
+    def resolve(group: list[str]) -> None:
+        for host in group:
+            if over.is_set():  # the request gave up: the pool's thread goes back to the others
+                return
+            try:  # the host decides: each is looked up once, through the first URL that names it
+                vetted_address(urls[by_host[host][0]])
+                outcome[host] = None
+            except Exception as exc:
+                outcome[host] = exc
+
+    # At most RESOLVE_PER_REQUEST of the shared pool's threads for one request, each looking its
+    # hosts up in turn: a request of a thousand slow hosts cannot queue the others' lookups behind it.
+    groups = [hosts[i::RESOLVE_PER_REQUEST] for i in range(min(RESOLVE_PER_REQUEST, len(hosts)))]
+    futures = [_resolver_pool().submit(resolve, group) for group in groups]
     try:
-        done, pending = wait(futures.values(), timeout=RESOLVE_BUDGET_S)
+        _, pending = wait(futures, timeout=RESOLVE_BUDGET_S)
         if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
-            late = [repr(host) for host, future in futures.items() if future in pending][:5]
+            late = [host for host in hosts if host not in outcome]
             raise ResolverTooSlow(
-                f"{len(pending)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s "
-                f"({', '.join(late)})"
+                f"{len(late)} callback host(s) could not be resolved in {RESOLVE_BUDGET_S:.0f} s "
+                f"({', '.join(repr(h) for h in late[:5])})"
             )
-        unanswered: list[
-            str
-        ] = []  # hosts the resolver gave no verdict on (EAI_AGAIN, this process's OSError)
-        for host, future in futures.items():
-            exc = future.exception()
+        unanswered: list[str] = []  # hosts the resolver gave no verdict on (EAI_AGAIN, an OSError here)
+        for host in hosts:
+            exc = outcome[host]
             if isinstance(exc, ResolverUnavailable):
                 unanswered.append(host)
             elif isinstance(exc, RefusedDestination):
                 refused.update(dict.fromkeys(by_host[host], str(exc)))
             elif exc is not None:
                 raise exc
-        if unanswered and len(unanswered) == len(futures):  # the resolver is out: try again later
+        if unanswered and len(unanswered) == len(hosts):  # the resolver is out: try again later
             raise ResolverTooSlow(
                 f"the resolver could not answer for {len(unanswered)} callback host(s) for now "
                 f"({', '.join(repr(h) for h in unanswered[:5])})"
@@ -375,5 +391,6 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
         # vets its host again and connects only to an address it vetted, and retries within its window.
         return refused
     finally:
-        for future in futures.values():
+        over.set()
+        for future in futures:
             future.cancel()  # those still queued behind other requests' lookups: not run for nothing

@@ -897,13 +897,14 @@ def test_approving_a_page_of_unreviewed_lines_skips_none_of_the_next_page(
         client.close()
 
 
-def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, base_url) -> None:
+def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, base_url, monkeypatch) -> None:
     """Found in review: the cookie held the review key itself (base64), with no expiry: a cookie that
     leaked (a proxy that served the desk over plain http) opened the whole API until the key was
     rotated. It is a session of 12 hours, signed with the key's digest, naming the key only by id."""
     import base64
 
     import httpx
+    from pydantic import SecretStr
 
     from api.routes.desk import COOKIE, SESSION_S, _session_cookie
     from core.settings import settings
@@ -929,5 +930,17 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
         assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
         fresh = _session_cookie(review)
         assert httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: fresh}).status_code == 200
+    finally:
+        client.close()
+    # review: with MLCHAT_DESK_SECRET set, the digest alone (in MLCHAT_API_KEYS for a hashed key)
+    # signs no session; and a key rotated under the same name signs in (it was a 500)
+    monkeypatch.setattr(settings, "desk_secret", SecretStr("a-desk-secret-0123456789"))
+    answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: fresh})
+    assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
+    rotated = review.model_copy(update={"key": "a-rotated-review-key-0123", "sha256": None})
+    monkeypatch.setattr(settings, "api_keys", [*settings.api_keys, rotated])
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        assert client.get("/desk/runs").status_code == 200
     finally:
         client.close()

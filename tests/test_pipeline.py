@@ -384,10 +384,16 @@ def test_a_hand_back_the_outage_stopped_is_tried_again_while_the_claim_is_held(w
     assert pipeline._best_effort_hand_back([], back_after_two_seconds, until=started + 0.3) is None
     assert time.monotonic() - started < 1.5  # given up at the hold limit
     # review: a worker asked to stop (a warm shutdown sets 0) waits for no database: its lease lapses
-    monkeypatch.setattr(pipeline, "worker_state", SimpleNamespace(should_stop=0))  # not Celery's own
+    warm, cold = {"should_stop": 0, "should_terminate": None}, {"should_stop": None, "should_terminate": 0}
+    for warm_or_cold in (warm, cold):
+        monkeypatch.setattr(pipeline, "worker_state", SimpleNamespace(**warm_or_cold))  # not Celery's own
+        started = time.monotonic()
+        assert pipeline._best_effort_hand_back([], back_after_two_seconds, until=started + 30) is None
+        assert time.monotonic() - started < 1.5
+    # review: an engine death sets its exit code before its hand-back, which must still wait
+    monkeypatch.setattr(pipeline, "worker_state", SimpleNamespace(should_stop=3, should_terminate=None))
     started = time.monotonic()
-    assert pipeline._best_effort_hand_back([], back_after_two_seconds, until=started + 30) is None
-    assert time.monotonic() - started < 1.5
+    assert pipeline._best_effort_hand_back([], back_after_two_seconds, until=started + 30) == ["handed back"]
 
 
 def test_a_statement_timeout_under_a_batch_is_charged_so_it_cannot_loop_for_ever(engine, monkeypatch) -> None:

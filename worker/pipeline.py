@@ -234,10 +234,17 @@ def _best_effort_hand_back(
     from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential
     from tenacity.stop import stop_base
 
-    class stopping(stop_base):  # a warm shutdown: the lease lapses, and the next claim takes them
+    class stopping(stop_base):  # a shutdown: the lease lapses, and the next claim takes the turns
         def __call__(self, retry_state: Any) -> bool:
-            should_stop = worker_state.should_stop  # a warm shutdown sets 0 (which == False)
-            return should_stop is not None and should_stop is not False
+            # A warm shutdown sets should_stop 0 (== False, hence `is not False`); a cold one
+            # should_terminate. An engine death's own exit code (3) is set before its hand-back,
+            # which waits for the database as long as _hand_back_until allows.
+            should_stop = worker_state.should_stop
+            warm = should_stop is not None and should_stop is not False and should_stop == 0
+            # The process exiting (the interpreter joining this thread; threading's own flag, set
+            # before it joins executors' threads): no one waits for this batch any more.
+            exiting = getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive()
+            return warm or worker_state.should_terminate is not None or exiting
 
     try:
         for attempt in Retrying(

@@ -2,12 +2,12 @@
 scenes' transcripts, pick another candidate, edit a reply, approve or reject it (a scene's step is a
 turn, changed the same way); and GET /v1/turns/{id}/review for the record.
 
-The key is entered once in a login form and kept, base64url-encoded (a cookie value is ASCII; a
-key need not be), in an HttpOnly, SameSite=Strict cookie (Secure over HTTPS). The login form is
+The key is entered once in a login form, which sets a session cookie (the key's id and an expiry,
+signed; never the key) that is HttpOnly, SameSite=Strict (Secure over HTTPS). The login form is
 refused when the browser says it was posted from another site (its Origin), so no site can sign a
 writer in under the attacker's key. Every form that changes something carries a token derived from
-the key, checked on each POST, so another site cannot post on a writer's behalf. The pages need a
-`review` or `admin` key; the prompt view an admin key.
+the session's signing key, checked on each POST, so another site cannot post on a writer's behalf.
+The pages need a `review` or `admin` key; the prompt view an admin key.
 """
 
 from __future__ import annotations
@@ -62,13 +62,22 @@ def static_files() -> StaticFiles:
 SESSION_S = 12 * 3600
 
 
+def _signing_key(digest: str) -> bytes:
+    """What signs a key's sessions and form tokens: its digest, under MLCHAT_DESK_SECRET when set (a
+    hashed key's digest is in MLCHAT_API_KEYS, which others than the server may read)."""
+    secret = settings.desk_secret
+    if secret is None:
+        return bytes.fromhex(digest)
+    return hmac.new(secret.get_secret_value().encode("utf-8"), bytes.fromhex(digest), hashlib.sha256).digest()
+
+
 def _csrf(digest: str) -> str:
-    return hmac.new(bytes.fromhex(digest), b"mlchat-desk-form", hashlib.sha256).hexdigest()
+    return hmac.new(_signing_key(digest), b"mlchat-desk-form", hashlib.sha256).hexdigest()
 
 
 def _session_mac(digest: str, key_id: str, expires: int) -> str:
     message = f"mlchat-desk-session\x00{key_id}\x00{expires}".encode("utf-8", "surrogatepass")
-    return hmac.new(bytes.fromhex(digest), message, hashlib.sha256).hexdigest()
+    return hmac.new(_signing_key(digest), message, hashlib.sha256).hexdigest()
 
 
 class NotSignedIn(Exception):
@@ -107,6 +116,7 @@ def _session_key(value: str | None) -> ApiKey | None:
     match = None
     for key in settings.api_keys:  # every key looked at: the time does not say which one matched
         expected = _session_mac(key.digest, key.id, expires)
+        # Two keys may share a name (a rotation): the signature tells whose session it is.
         if key.id == key_id and hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode()):
             match = key
     return match
@@ -201,7 +211,9 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
     if not ({"review", "admin"} & found.scopes):
         message = "key: this API key lacks the 'review' scope the desk needs"
         return _page(request, "login.html", 403, message=message, desk=None)
-    (configured,) = [k for k in settings.api_keys if k.id == found.key_id]
+    # The configured key by its digest, unique (two keys of one name: a rotation in progress).
+    presented = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    configured = next(k for k in settings.api_keys if hmac.compare_digest(k.digest, presented))
     response = RedirectResponse("/desk/runs", status_code=303)
     response.set_cookie(
         COOKIE,

@@ -58,8 +58,8 @@ def _forget_dead_processes(folder: str) -> None:
             continue
         try:
             os.kill(int(pid), 0)
-        except ProcessLookupError:
-            mark_process_dead(int(pid), folder)
+        except ProcessLookupError:  # two scrapes at once may both find it: missing_ok
+            path.unlink(missing_ok=True)
         except PermissionError:  # alive, another user's
             pass
 
