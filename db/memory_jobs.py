@@ -57,11 +57,17 @@ def engine_deaths(*, session: Session, conversation_id: int, kind: str) -> int:
     return _deaths(session, conversation_id, kind)[0]
 
 
-def runs_alone(*, session: Session, conversation_id: int, kind: str) -> bool:
-    """Whether the job's next request runs alone in the engine: it was a suspect of a death, or
-    inside DEATHS_SEEN_ALONE of them, since its last stored step."""
+def death_record(*, session: Session, conversation_id: int, kind: str) -> tuple[int, bool]:
+    """(the engine deaths the job's request was inside as a suspect since its last stored step,
+    whether its next request runs alone in the engine: a suspect of a death, or inside
+    DEATHS_SEEN_ALONE of them), in one read."""
     deaths, seen = _deaths(session, conversation_id, kind)
-    return deaths > 0 or seen >= DEATHS_SEEN_ALONE
+    return deaths, deaths > 0 or seen >= DEATHS_SEEN_ALONE
+
+
+def runs_alone(*, session: Session, conversation_id: int, kind: str) -> bool:
+    """Whether the job's next request runs alone in the engine (see death_record)."""
+    return death_record(session=session, conversation_id=conversation_id, kind=kind)[1]
 
 
 def _deaths(session: Session, conversation_id: int, kind: str) -> tuple[int, int]:

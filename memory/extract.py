@@ -24,10 +24,9 @@ from db.memory_jobs import (
     advance_extract,
     claim_job,
     clear_engine_deaths,
-    engine_deaths,
+    death_record,
     extracted_through,
     release_job,
-    runs_alone,
 )
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import session_scope
@@ -268,8 +267,7 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
             if conversation is None:
                 return {}
             after = extracted_through(session=session, conversation_id=conversation_id)
-            blind = engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
-            alone = runs_alone(session=session, conversation_id=conversation_id, kind=EXTRACT)
+            blind, alone = death_record(session=session, conversation_id=conversation_id, kind=EXTRACT)
             lines = session.execute(
                 select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
                 .where(Message.conversation_id == conversation_id, Message.seq > after)

@@ -16,9 +16,8 @@ from db.memory_jobs import (
     SUMMARY,
     claim_job,
     clear_engine_deaths,
-    engine_deaths,
+    death_record,
     release_job,
-    runs_alone,
 )
 from db.models import Conversation
 from db.session import session_scope
@@ -139,8 +138,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         )
         conversation = session.get(Conversation, conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
-        blind = engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
-        alone = runs_alone(session=session, conversation_id=conversation_id, kind=SUMMARY)
+        blind, alone = death_record(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:
         return 0
     if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: the stand-in, once

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from celery.worker import state as worker_state
 from sqlalchemy.orm import Session
+from tenacity.stop import stop_base
 
 from core import metrics
 from core.settings import Lane, settings
@@ -184,11 +185,8 @@ def process_batch(
             refund = connection_lost(exc)
             handed = _hand_back(claim.token, turns, reason, refund=refund, until=_hand_back_until(keeper))
             _announce(turns, handed)
-            report.handed_back, report.raised = handed, type(exc).__name__
-            for turn_id in handed:  # noted failed or for a retry, not written: queued again instead
-                report.failed.pop(turn_id, None)
-                report.retry.pop(turn_id, None)
-                report.retry_in.pop(turn_id, None)
+            _requeued(report, handed)
+            report.raised = type(exc).__name__
             report.timings = {**report.timings, **timer.ms, "total_ms": timer.elapsed_ms()}
             try:  # a batch that raised is accounted like any other (its log line, its metrics)
                 _account(report, claimed=len(turns))
@@ -213,6 +211,30 @@ def _cancel_requests(report: BatchReport) -> None:
         logger.warning("could not cancel the engine requests of a batch handed back", exc_info=True)
 
 
+def _requeued(report: BatchReport, turn_ids: list[uuid.UUID]) -> None:
+    """These turns were handed back: a failure or retry the batch had only noted (not written) is
+    queued again instead."""
+    report.handed_back = turn_ids
+    for turn_id in turn_ids:
+        report.failed.pop(turn_id, None)
+        report.retry.pop(turn_id, None)
+        report.retry_in.pop(turn_id, None)
+
+
+class _ShuttingDown(stop_base):
+    """A hand-back's retries stop at a warm shutdown (should_stop 0, which == False: hence the
+    `is not False`), a cold one (should_terminate), or the process's exit (threading's own flag, set
+    before the interpreter joins this thread): no one waits for the batch then, its lease lapses and
+    the next claim takes its turns. An engine death's exit code (3) is set before its hand-back,
+    which waits for the database as long as _hand_back_until allows."""
+
+    def __call__(self, retry_state: Any) -> bool:
+        should_stop = worker_state.should_stop
+        warm = should_stop == 0 and should_stop is not False
+        exiting = getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive()
+        return warm or worker_state.should_terminate is not None or exiting
+
+
 def _hand_back_until(keeper: LeaseKeeper) -> float:
     """How long a hand-back may wait for the database (time.monotonic()): while the claim is held,
     at least a third of a lease (a batch that ran out its hold has no time left of its own) and at
@@ -232,24 +254,11 @@ def _best_effort_hand_back(
     outages failing a turn for good. The write is the claim's own (its token): one that lands after
     the lease lapsed and another worker claimed the turns changes nothing."""
     from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential
-    from tenacity.stop import stop_base
-
-    class stopping(stop_base):  # a shutdown: the lease lapses, and the next claim takes the turns
-        def __call__(self, retry_state: Any) -> bool:
-            # A warm shutdown sets should_stop 0 (== False, hence `is not False`); a cold one
-            # should_terminate. An engine death's own exit code (3) is set before its hand-back,
-            # which waits for the database as long as _hand_back_until allows.
-            should_stop = worker_state.should_stop
-            warm = should_stop is not None and should_stop is not False and should_stop == 0
-            # The process exiting (the interpreter joining this thread; threading's own flag, set
-            # before it joins executors' threads): no one waits for this batch any more.
-            exiting = getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive()
-            return warm or worker_state.should_terminate is not None or exiting
 
     try:
         for attempt in Retrying(
             retry=retry_if_exception_type(DATABASE_OUTAGES),
-            stop=stop_any(stop_after_delay(max(until - time.monotonic(), 0.0)), stopping()),
+            stop=stop_any(stop_after_delay(max(until - time.monotonic(), 0.0)), _ShuttingDown()),
             wait=wait_exponential(multiplier=HAND_BACK_FIRST_WAIT_S, max=5.0),
             reraise=True,
         ):
@@ -318,11 +327,7 @@ def _hand_back_dead(
             report.failed.pop(turn_id, None)
             report.retry.pop(turn_id, None)
         return []
-    report.handed_back = outcome.requeued
-    for turn_id in outcome.requeued:
-        report.failed.pop(turn_id, None)
-        report.retry.pop(turn_id, None)
-        report.retry_in.pop(turn_id, None)
+    _requeued(report, outcome.requeued)
     for turn_id in outcome.crash_looped:
         report.failed[turn_id] = Failure(
             f"inside the engine at {settings.max_engine_deaths} engine deaths ({reason})",
