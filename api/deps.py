@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from core.settings import Scope, settings
+from core.settings import ApiKey, Scope, settings
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _bearer = HTTPBearer(auto_error=False)
@@ -50,16 +50,24 @@ def caller(
     return found
 
 
-def key_caller(presented: str) -> Caller | None:
-    """The caller a presented key names, or None for a wrong key (the desk's login uses it too)."""
+def configured_key(presented: str) -> ApiKey | None:
+    """The configured key a presented key is, or None for a wrong key (the desk's login uses it too)."""
     digest = hashlib.sha256(presented.encode("utf-8", "surrogatepass")).hexdigest()
     match = None
     for key in settings.api_keys:  # every key compared, so the time does not say which one matched
         if hmac.compare_digest(digest, key.digest):
             match = key
-    if match is None:
-        return None
-    return Caller(match.id, frozenset(match.scopes), match.tenant_id)
+    return match
+
+
+def caller_of(key: ApiKey) -> Caller:
+    return Caller(key.id, frozenset(key.scopes), key.tenant_id)
+
+
+def key_caller(presented: str) -> Caller | None:
+    """The caller a presented key names, or None for a wrong key."""
+    match = configured_key(presented)
+    return None if match is None else caller_of(match)
 
 
 def needs(scope: Scope):  # type: ignore[no-untyped-def]

@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Caller, key_caller, needs
+from api.deps import Caller, caller_of, configured_key, needs
 from core.settings import ApiKey, settings
 from services import desk
 from services.desk import DeskError, Reviewer
@@ -139,7 +139,7 @@ def signed_in(request: Request) -> Desk:
     key = _session_key(request.cookies.get(COOKIE))
     if key is None or not ({"review", "admin"} & set(key.scopes)):
         raise NotSignedIn
-    return Desk(Caller(key.id, frozenset(key.scopes), key.tenant_id), key.digest)
+    return Desk(caller_of(key), key.digest)
 
 
 async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -> Desk:
@@ -205,15 +205,12 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
     key = key.strip()
     if not key:
         return _page(request, "login.html", 400, message="key: enter your API key", desk=None)
-    found = key_caller(key) if len(key) <= KEY_MAX_CHARS else None
-    if found is None:
+    configured = configured_key(key) if len(key) <= KEY_MAX_CHARS else None
+    if configured is None:
         return _page(request, "login.html", 401, message="key: not a valid API key", desk=None)
-    if not ({"review", "admin"} & found.scopes):
+    if not ({"review", "admin"} & set(configured.scopes)):
         message = "key: this API key lacks the 'review' scope the desk needs"
         return _page(request, "login.html", 403, message=message, desk=None)
-    # The configured key by its digest, unique (two keys of one name: a rotation in progress).
-    presented = hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-    configured = next(k for k in settings.api_keys if hmac.compare_digest(k.digest, presented))
     response = RedirectResponse("/desk/runs", status_code=303)
     response.set_cookie(
         COOKIE,
