@@ -286,6 +286,9 @@ class Settings(BaseSettings):
     card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
     # The ingest's /metrics needs an admin key unless this is set (a scraper on a private network).
     api_metrics_public: bool = False
+    # Jobs a request starts after its answer (a batch's submission, its output files) run on threads
+    # of their own, at most this many at once in each API process; the rest wait their turn.
+    api_background_threads: int = Field(default=4, ge=1, le=64)
 
     # OpenAI-style batches over HTTP (api/routes/files.py, batches.py). Uploaded and output files
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.

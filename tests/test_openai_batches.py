@@ -672,6 +672,51 @@ def test_a_resolver_that_cannot_answer_for_now_is_a_503_to_retry_not_a_refused_c
     assert all(b["input_file_id"] != file_id for b in listed)  # nothing stored
 
 
+def test_a_burst_of_batch_submissions_leaves_the_api_its_threads(base_url, quiet_model, monkeypatch) -> None:
+    """Found in review: a batch's submission ran after the answer on the threads every synchronous
+    route runs on (40 in all): forty-one large batches created at once held every one of them, and a
+    plain GET of a batch waited until a submission ended. They run on threads of their own now, at
+    most MLCHAT_API_BACKGROUND_THREADS at once."""
+    real_submit = batches.submit_batch_by_name
+    release = threading.Event()
+    lock = threading.Lock()
+    at_once = {"now": 0, "peak": 0}
+
+    def slow_submit(name: str) -> None:  # a large file's submission, held until released
+        with lock:
+            at_once["now"] += 1
+            at_once["peak"] = max(at_once["peak"], at_once["now"])
+        release.wait(60)
+        with lock:
+            at_once["now"] -= 1
+        real_submit(name)
+
+    monkeypatch.setattr(batches, "submit_batch_by_name", slow_submit)
+    file_id = _upload(base_url, json.dumps(openai_line("a", USER)).encode() + b"\n").json()["id"]
+    body = {"input_file_id": file_id, "endpoint": "/v1/chat/completions"}
+    ids = []
+    try:
+        for _ in range(41):
+            created = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body)
+            assert created.status_code == 200, created.text
+            ids.append(created.json()["id"])
+        deadline = time.monotonic() + 10
+        while at_once["now"] < settings.api_background_threads and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answered = httpx.get(f"{base_url}/v1/batches/{ids[0]}", headers=INGEST, timeout=10)
+        assert answered.status_code == 200 and answered.json()["status"] == "validating"
+        assert at_once["peak"] == settings.api_background_threads == 4
+    finally:
+        release.set()
+    deadline = time.monotonic() + 60  # every submission still runs, in its turn
+    while time.monotonic() < deadline:
+        statuses = {batches.get_batch(b, api_key=None, admin=True)["status"] for b in ids}
+        if "validating" not in statuses:
+            break
+        time.sleep(0.2)
+    assert statuses == {"in_progress"}, statuses
+
+
 def test_cancelling_a_batch_that_ended_is_openais_409_and_not_retried(
     base_url, services, quiet_model, tmp_path
 ) -> None:

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.background import run_after_answer
 from api.deps import Caller, json_body, needs
 from services import batches
 from services.batches import BatchNotFound, BatchRefused
@@ -64,7 +65,7 @@ def create_batch(
         )
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
-    background.add_task(batches.submit_batch_by_name, batch["id"])
+    run_after_answer(background, batches.submit_batch_by_name, batch["id"])
     return batch
 
 
@@ -103,7 +104,7 @@ def cancel_batch(
             api_key=who.key_id,
             admin=who.admin,
             tenant=who.tenant,
-            finalize=lambda run_id: background.add_task(batches.finalize_run, run_id),
+            finalize=lambda run_id: run_after_answer(background, batches.finalize_run, run_id),
         )
     except BatchNotFound as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
