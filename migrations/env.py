@@ -1,12 +1,15 @@
 """Alembic environment: the URL comes from settings (or the embedded PostgreSQL)."""
 
+import logging
 import time
 from logging.config import fileConfig
 
 from alembic import context
 from sqlalchemy import Connection, engine_from_config, pool, text
+from sqlalchemy.exc import DBAPIError
 
 from core.services import database_url
+from core.settings import settings
 from db.migrate import MIGRATION_LOCK_KEY, include_name
 from db.models import Base
 
@@ -16,6 +19,8 @@ if config.config_file_name is not None and config.attributes.get("configure_logg
 
 target_metadata = Base.metadata
 LOCK_POLL_S = 0.5  # how often a process waiting for another's migration tries the lock again
+LOCK_NOT_AVAILABLE = "55P03"  # SQLSTATE of a statement that gave up waiting (lock_timeout)
+logger = logging.getLogger("mlchat.migrate")
 
 
 def run_migrations_offline() -> None:
@@ -41,13 +46,45 @@ def _migrate(connection: Connection) -> None:
             break
         time.sleep(LOCK_POLL_S)
     try:
-        context.configure(connection=connection, target_metadata=target_metadata, include_name=include_name)
-        with context.begin_transaction():
-            context.run_migrations()
+        _run_giving_way(connection)
     finally:
         connection.rollback()  # a failed migration's transaction, so the unlock can run
+        connection.execute(text("RESET lock_timeout"))
         connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
         connection.commit()
+
+
+def _run_giving_way(connection: Connection) -> None:
+    """Run the pending migrations; one whose statement waits past the lock timeout (a long transaction
+    holds the table: every query after it would queue behind its ALTER) gives way, rolled back, and
+    the upgrade is tried again after a pause, for MLCHAT_MIGRATION_RETRY_S in all."""
+    timeout_ms = max(1, round(settings.migration_lock_timeout_s * 1000))
+    connection.execute(text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": f"{timeout_ms}ms"})
+    connection.commit()
+    deadline, pause = time.monotonic() + settings.migration_retry_s, 1.0
+    while True:
+        context.configure(connection=connection, target_metadata=target_metadata, include_name=include_name)
+        try:
+            with context.begin_transaction():
+                context.run_migrations()
+            return
+        except DBAPIError as exc:
+            if getattr(exc.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            connection.rollback()
+            if time.monotonic() + pause > deadline:
+                raise RuntimeError(
+                    f"a migration waited for a table's lock for MLCHAT_MIGRATION_RETRY_S="
+                    f"{settings.migration_retry_s:g} s: a long transaction holds it (see pg_stat_activity);"
+                    " nothing was changed past the last finished revision: run it again"
+                ) from None
+            logger.warning(
+                "a migration gave way after %g s waiting for a table's lock; trying again in %g s",
+                settings.migration_lock_timeout_s,
+                pause,
+            )
+            time.sleep(pause)
+            pause = min(pause * 2, 30.0)
 
 
 def run_migrations_online() -> None:

@@ -369,3 +369,49 @@ def test_a_rerun_after_an_interrupted_concurrent_build_rebuilds_the_invalid_inde
         text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_turns_run_status_id'::regclass")
     ).scalar()
     assert valid is True
+
+
+def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
+    scratch_db: Connection, monkeypatch
+) -> None:
+    """Found in review: a migration's ALTER TABLE turns (0031's new column) waited for its lock behind
+    any long transaction reading turns (an export writing its file), and every query on turns queued
+    behind the waiting ALTER: claims, stores and reads stood still until the export ended. The ALTER
+    gives up after MLCHAT_MIGRATION_LOCK_TIMEOUT_S and the upgrade is tried again after a pause."""
+    import threading
+    import time
+
+    import sqlalchemy
+
+    from core.settings import settings
+
+    _run(scratch_db, "upgrade", "0030")
+    monkeypatch.setattr(settings, "migration_lock_timeout_s", 0.3)
+    engine = sqlalchemy.create_engine(scratch_db.engine.url)
+    outcome: list[object] = []
+
+    def migrate() -> None:
+        try:
+            with engine.connect() as mine:
+                _run(mine, "upgrade", "0031")
+            outcome.append("done")
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    with engine.connect() as export:  # a long transaction reading turns
+        export.execute(text("SELECT count(*) FROM turns")).scalar()
+        waiter = threading.Thread(target=migrate)
+        waiter.start()
+        time.sleep(1.0)  # the migration has asked for turns' lock by now
+        with engine.connect() as fleet:  # a worker's claim, say: answered, not queued behind the ALTER
+            fleet.execute(text("SET statement_timeout = '3s'"))
+            assert fleet.execute(text("SELECT count(*) FROM turns")).scalar() == 0
+            fleet.rollback()
+        assert outcome == []  # the migration still waits its turn
+        export.rollback()
+    waiter.join(timeout=60)
+    engine.dispose()
+    assert outcome == ["done"]
+    columns = {c["name"] for c in inspect(scratch_db).get_columns("turns")}
+    assert "engine_deaths_seen" in columns
+    assert scratch_db.execute(text("SHOW lock_timeout")).scalar() == "0"  # not left on a caller's connection
