@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import re
+from functools import cache
 
 from alembic import command
 from alembic.config import Config
+from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, create_engine
+from sqlalchemy.pool import NullPool
 
+from core.services import database_url
 from core.settings import PROJECT_ROOT
+
+logger = logging.getLogger(__name__)
 
 
 def alembic_config() -> Config:
@@ -31,8 +40,74 @@ def include_name(name: str | None, type_: str, parent_names: dict[str, str | Non
     return not (type_ == "table" and name is not None and _PARTITION.match(name))
 
 
+class SchemaBehind(RuntimeError):
+    """The database's schema is older than this code's migrations: `mlchat migrate` first."""
+
+
+@cache
+def code_head() -> str:
+    """The newest revision this code's migrations know."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None  # the project has migrations
+    return head
+
+
+def _known(revision: str) -> bool:
+    try:
+        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except Exception:  # alembic's "Can't locate revision"
+        return False
+
+
+def schema_ahead(connection: Connection) -> str | None:
+    """The database's revision when this code does not know it (a newer release migrated it: this is
+    a rollback), else None. A database behind this code raises SchemaBehind, naming both revisions."""
+    current = MigrationContext.configure(connection).get_current_revision()
+    if current == code_head():
+        return None
+    if current is None:
+        raise SchemaBehind("the database has no schema yet: run `mlchat migrate` first")
+    if _known(current):
+        raise SchemaBehind(
+            f"the database's schema is at revision {current}, this code needs {code_head()}:"
+            " run `mlchat migrate` first"
+        )
+    return current
+
+
+def check_schema(connection: Connection) -> None:
+    """Refuse a database behind this code (SchemaBehind: every claim of a new column would fail
+    later, one by one); one ahead of it is said and allowed: a rollback to the release before, whose
+    code reads a schema that newer revisions only added to."""
+    ahead = schema_ahead(connection)
+    if ahead is not None:
+        logger.warning(
+            "the database's schema is at revision %s, newer than this code's %s (a rollback?); going on",
+            ahead,
+            code_head(),
+        )
+
+
 def upgrade(revision: str = "head") -> None:
-    """Migrate the database up to `revision`."""
+    """Migrate the database up to `revision`. To head, a database a newer release already migrated
+    past this code's head is left as it is, said in one line (rolling back to an older image must
+    not fail its start-up migration)."""
+    if revision == "head":
+        engine = create_engine(database_url(), poolclass=NullPool)
+        try:
+            with engine.connect() as connection:
+                ahead = schema_ahead(connection)
+        except SchemaBehind:
+            ahead = None  # what the upgrade is for
+        finally:
+            engine.dispose()
+        if ahead is not None:
+            logger.warning(
+                "the database's schema is at revision %s, newer than this code's head %s: not migrating",
+                ahead,
+                code_head(),
+            )
+            return
     command.upgrade(alembic_config(), revision)
 
 

@@ -494,7 +494,12 @@ def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, mon
 
     monkeypatch.setattr(health, "_broker_up", lambda: False)
     r = httpx.get(f"{base_url}/healthz")
-    assert r.status_code == 503 and r.json() == {"status": "unhealthy", "database": "ok", "broker": "down"}
+    assert r.status_code == 503 and r.json() == {
+        "status": "unhealthy",
+        "database": "ok",
+        "schema": "ok",
+        "broker": "down",
+    }
 
 
 def test_health_answers_while_slow_work_holds_every_pooled_connection(base_url) -> None:

@@ -35,7 +35,12 @@ def test_requests_without_a_valid_key_get_401_and_touch_nothing(base_url, header
 
 
 def test_health_and_openapi_are_published(base_url) -> None:
-    assert httpx.get(f"{base_url}/healthz").json() == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert httpx.get(f"{base_url}/healthz").json() == {
+        "status": "ok",
+        "database": "ok",
+        "schema": "ok",
+        "broker": "ok",
+    }
     document = httpx.get(f"{base_url}/openapi.json").json()
     paths = document["paths"]
     assert {"/v1/turns", "/v1/turns:batch", "/v1/turns/{turn_id}", "/healthz"} <= set(paths)
@@ -433,3 +438,24 @@ def test_a_scrape_under_several_processes_sums_every_processs_values_and_forgets
     assert 'mlchat_ingest_requests_total{method="POST",route="/v1/turns",status="401"} 10.0' in body
     assert "mlchat_stream_readers 0.0" in body or "mlchat_stream_readers " not in body  # both gone
     assert "mlchat_engine_up" not in body and 'mlchat_queue_depth{queue="gen.smollm2-135m"}' in body
+
+
+def test_a_worker_and_a_replica_started_before_the_migration_say_so(base_url, monkeypatch) -> None:
+    """Found in review: a worker started against a database behind its code passed its start-up check
+    (only the vector column's size) and loaded its engine for minutes, then failed every claim on a
+    column the schema lacked; an API replica answered /healthz 200 and then 500s."""
+    from api.routes import health
+    from db import migrate
+    from db.migrate import SchemaBehind
+    from worker.startup import check_and_warm_up
+
+    monkeypatch.setattr(migrate, "code_head", lambda: "0099")  # this code is newer than the database
+    monkeypatch.setattr(health, "_schema_seen_current", False)
+    with pytest.raises(SchemaBehind, match="this code needs 0099: run `mlchat migrate` first"):
+        check_and_warm_up(load_engine=False)
+    r = httpx.get(f"{base_url}/healthz")
+    assert r.status_code == 503 and r.json()["schema"] == "behind", r.text
+    monkeypatch.undo()
+    monkeypatch.setattr(health, "_schema_seen_current", False)
+    r = httpx.get(f"{base_url}/healthz")
+    assert r.status_code == 200 and r.json()["schema"] == "ok", r.text

@@ -415,3 +415,31 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
     columns = {c["name"] for c in inspect(scratch_db).get_columns("turns")}
     assert "engine_deaths_seen" in columns
     assert scratch_db.execute(text("SHOW lock_timeout")).scalar() == "0"  # not left on a caller's connection
+
+
+def test_a_database_behind_this_code_is_refused_and_one_ahead_is_left_as_it_is(
+    scratch_db: Connection, monkeypatch, caplog
+) -> None:
+    """Found in review: nothing compared the database's revision with this code's. A worker started
+    before `mlchat migrate` ran loaded its engine, then failed every claim on a column it lacked; and
+    rolling back to the release before failed its start-up migration (alembic does not know the
+    newer revision), so no service of the older image started."""
+    from db import migrate
+    from db.migrate import SchemaBehind, check_schema, code_head, upgrade
+
+    _run(scratch_db, "upgrade", "0030")
+    with pytest.raises(SchemaBehind, match=f"at revision 0030, this code needs {code_head()}: run `mlchat"):
+        check_schema(scratch_db)
+    _run(scratch_db, "upgrade", "head")
+    with caplog.at_level("WARNING", logger="db.migrate"):
+        check_schema(scratch_db)  # at head: nothing to say
+    assert caplog.text == ""
+    scratch_db.execute(text("UPDATE alembic_version SET version_num = '9999'"))  # a newer release's
+    scratch_db.commit()
+    with caplog.at_level("WARNING", logger="db.migrate"):
+        check_schema(scratch_db)
+        scratch_url = scratch_db.engine.url.render_as_string(hide_password=False)
+        monkeypatch.setattr(migrate, "database_url", lambda: scratch_url)
+        upgrade()  # the older image's start-up migration: said, not failed
+    assert "at revision 9999, newer than this code's head" in caplog.text
+    assert scratch_db.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999"

@@ -15,12 +15,13 @@ from core.settings import queue_for_model, settings
 
 @worker_init.connect
 def _warm_up(**_: object) -> None:
+    from db.migrate import SchemaBehind
     from db.vector_space import EmbedderMismatch
     from worker.startup import check_and_warm_up
 
     try:
         check_and_warm_up()
-    except EmbedderMismatch as exc:  # a setting that does not fit the database: one line, no traceback
+    except (EmbedderMismatch, SchemaBehind) as exc:  # does not fit the database: one line, no traceback
         logging.getLogger(__name__).critical("%s", exc)
         sys.exit(2)
     except Exception:  # Celery would log it and run on, with no housekeeping: exit instead

@@ -6,7 +6,8 @@ import logging
 
 from core.settings import settings
 from db.introspect import vector_column_dim
-from db.session import session_scope
+from db.migrate import check_schema
+from db.session import get_engine, session_scope
 from db.vector_space import check
 from worker.embedder import get_embedder, join_space
 
@@ -16,7 +17,10 @@ logger = logging.getLogger(__name__)
 def check_and_warm_up(load_engine: bool = True) -> None:
     """Check embedder and database agree on the vector size and on the embedder the stored vectors
     come from, its name before loading it and its weights after (EmbedderMismatch); load the
-    embedder and the engine."""
+    embedder and the engine. A schema behind this code's migrations is refused first (SchemaBehind):
+    every claim would otherwise fail on a column it lacks, after minutes of loading."""
+    with get_engine().connect() as connection:
+        check_schema(connection)
     with session_scope() as session:
         column_dim = vector_column_dim(session=session, table="messages", column="embedding")
     if column_dim is None:

@@ -16,16 +16,29 @@ router = APIRouter(tags=["health"])
 _PROBE_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="healthz")
 
 
-def _database_up() -> bool:
+_schema_seen_current = False  # once at this code's head, a schema never goes back: not read again
+
+
+def _database_state() -> dict[str, str]:
+    """`database`: ok or down; `schema`: ok, behind (this code's migrations have not run on it yet),
+    or unknown (the database does not answer)."""
+    global _schema_seen_current
+    from db.migrate import SchemaBehind, schema_ahead
     from db.session import get_probe_engine
 
     try:
         with get_probe_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
-        return True
+            if not _schema_seen_current:
+                try:
+                    _schema_seen_current = schema_ahead(conn) is None
+                except SchemaBehind as exc:
+                    logger.warning("health: %s", exc)
+                    return {"database": "ok", "schema": "behind"}
+        return {"database": "ok", "schema": "ok"}
     except Exception:
         logger.warning("health: the database does not answer", exc_info=True)
-        return False
+        return {"database": "down", "schema": "unknown"}
 
 
 def _broker_up() -> bool:
@@ -40,16 +53,17 @@ def _broker_up() -> bool:
         return False
 
 
-def _checks() -> dict[str, bool]:
-    return {"database": _database_up(), "broker": _broker_up()}
+def _checks() -> dict[str, str]:
+    return _database_state() | {"broker": "ok" if _broker_up() else "down"}
 
 
 @router.get("/healthz")
 async def healthz() -> JSONResponse:
-    """200 when the database and the broker both answer; 503 naming the one that does not. Neither
-    the request pool's connections nor its threads are used: a busy replica still answers."""
+    """200 when the database and the broker both answer and the database's schema is not behind this
+    code's migrations (`schema`: a replica started before `mlchat migrate` ran takes no traffic);
+    503 naming what is not. Neither the request pool's connections nor its threads are used: a busy
+    replica still answers."""
     checks = await asyncio.get_running_loop().run_in_executor(_PROBE_THREADS, _checks)
-    body = {"status": "ok" if all(checks.values()) else "unhealthy"} | {
-        name: "ok" if up else "down" for name, up in checks.items()
-    }
-    return JSONResponse(body, status_code=200 if all(checks.values()) else 503)
+    healthy = all(state == "ok" for state in checks.values())
+    body = {"status": "ok" if healthy else "unhealthy"} | checks
+    return JSONResponse(body, status_code=200 if healthy else 503)
