@@ -206,6 +206,25 @@ def test_a_player_name_cannot_open_a_line_as_the_character_or_a_marker(tokenizer
     assert builder.sanitizer.speaker_labels("Elara", "علی\u200cرضا") == ("Elara", "علی\u200cرضا")
 
 
+def test_a_name_disguised_by_a_blank_letter_or_mark_is_told_apart_and_korean_jamo_stay_as_written(
+    tokenizer,
+) -> None:
+    """Found in review: only format characters (\\p{Cf}) counted as disguise, but some characters that
+    show nothing are letters or marks: the Hangul filler U+3164, which Korean players use as a blank
+    nickname, its halfwidth U+FFA0, variation selectors, the combining grapheme joiner. "Elara\\u3164"
+    read as "Elara" and was labelled so, not "Elara (player)"; a name of the filler alone was an
+    invisible label. And NFKC turned a nickname's compatibility jamo ("ㅋㅋ민수") into conjoining
+    jamo, a name the player never wrote and the NPC would repeat."""
+    sanitizer = PromptBuilder(tokenizer, "gpt_oss_text", 4096).sanitizer
+    for blank in ("\u3164", "\uffa0", "\u115f", "\ufe0f", "\u034f", "\U000e0100"):
+        assert sanitizer.speaker_labels("Elara", f"Elara{blank}") == ("Elara", "Elara (player)"), blank
+    assert sanitizer.label("\u3164", "User") == "User"
+    for nickname in ("ㅋㅋ민수", "ㅇㅅㅇ", "ㅎㅏ"):
+        assert sanitizer.label(nickname, "User") == nickname
+    assert sanitizer.label("Ｒｏｗａｎ ㅋㅋ", "User") == "Rowan ㅋㅋ"  # the rest still NFKC
+    assert sanitizer.speaker_labels("Elara", "👩\u200d🚀") == ("Elara", "👩\u200d🚀")  # ZWJ kept
+
+
 @pytest.mark.parametrize("field", ["memory", "event_text", "summary_text", "fact_text"])
 def test_a_system_sections_item_stays_one_line_and_adds_no_bullet_or_header(tokenizer, field: str) -> None:
     """Found in review: an old player line brought back as a memory (or a fact, a summary or an

@@ -31,6 +31,14 @@ ZWSP = "\u200b"
 # C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
 # writers' desk refuses a writer's text holding one).
 CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+# A label is NFKC-normalised except its Korean compatibility jamo (U+3130-U+318F, halfwidth
+# U+FFA0-U+FFDC): NFKC turns "ㅋㅋ" into conjoining jamo the NPC would then repeat, a name the player
+# never wrote and many game fonts cannot draw.
+_NOT_JAMO = regex.compile(r"[^\u3130-\u318f\uffa0-\uffdc]+")
+
+
+def _nfkc(run: regex.Match[str]) -> str:
+    return unicodedata.normalize("NFKC", run.group())
 
 
 class Sanitizer:
@@ -60,11 +68,12 @@ class Sanitizer:
         return self.defang(CONTROLS.sub("", text.replace("\r\n", "\n").replace("\r", "\n")))
 
     def label(self, name: str, default: str) -> str:
-        """A speaker name made safe as a label: NFKC ("Ｅｌａｒａ" is "Elara", "：" a colon), no
+        """A speaker name made safe as a label: NFKC ("Ｅｌａｒａ" is "Elara", "：" a colon; Korean
+        compatibility jamo kept as written, "ㅋㅋ민수" not turned into conjoining jamo), no
         invisible characters that only disguise it (core/text.py), scrubbed and folded onto one
         line, and never opening as the prompt's bracketed markers ("[Scene direction]: …");
         `default` if empty."""
-        visible = unicodedata.normalize("NFKC", DISGUISE.sub("", name))  # before scrub's ZWSPs
+        visible = _NOT_JAMO.sub(_nfkc, DISGUISE.sub("", name))  # before scrub's ZWSPs
         folded = " ".join(self.scrub(visible).split()) or default
         return "[" + ZWSP + folded[1:] if folded.startswith("[") else folded
 
