@@ -182,7 +182,7 @@ def score(
     grams = _ngram_list(reply, 3)
     self_repetition = 1.0 - len(set(grams)) / len(grams) if grams else 0.0
     message_script, reply_script = dominant_script(message), dominant_script(reply)
-    match = message_script is None or reply_script is None or message_script == reply_script
+    match = same_script(message_script, reply_script)
     return Quality(
         persona,
         repetition,
@@ -345,15 +345,30 @@ def _trigrams(text: str) -> set[tuple[str, ...]]:
     return set(_ngram_list(text, 3))
 
 
+# Japanese writes kana and kanji in one sentence: a text with any kana is "japanese", its kanji
+# included; kanji alone may be either language, so "han" matches "japanese" (same_script).
+_KANA = ("HIRAGANA", "KATAKANA", "KATAKANA-HIRAGANA")  # the last: the long-vowel mark "ー"
+
+
 def dominant_script(text: str) -> str | None:
     """The script most of the text's letters are written in (from Unicode character names)."""
     counts: Counter[str] = Counter(_script(ch) for ch in text if ch.isalpha())
+    if any(counts[kana] for kana in _KANA):
+        counts["JAPANESE"] = sum(counts.pop(script, 0) for script in (*_KANA, "HAN"))
     return counts.most_common(1)[0][0].lower() if counts else None
+
+
+def same_script(a: str | None, b: str | None) -> bool:
+    """Whether two dominant scripts match (either unknown: nothing to compare)."""
+    return a is None or b is None or a == b or {a, b} == {"han", "japanese"}
 
 
 @lru_cache(maxsize=4096)
 def _script(letter: str) -> str:
-    """A letter's script: the first word of its Unicode name (Han for CJK ideographs)."""
-    name = unicodedata.name(letter, "")
-    script = name.split(" ", 1)[0] if name else "UNKNOWN"
+    """A letter's script: the first word of its Unicode name (Han for CJK ideographs), after
+    HALFWIDTH or FULLWIDTH ("ｱ" is katakana, "ａ" Latin)."""
+    words = unicodedata.name(letter, "").split(" ")
+    if words[0] in ("HALFWIDTH", "FULLWIDTH") and len(words) > 1:
+        words = words[1:]
+    script = words[0] or "UNKNOWN"
     return "HAN" if script == "CJK" else script
