@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -361,7 +362,7 @@ class KeyBudget:
 
 @dataclass(frozen=True)
 class _Text:
-    """A text keys are matched in, casefolded once (not once per key and entry)."""
+    """A text keys are matched in, normalised and casefolded once (not once per key and entry)."""
 
     where: str
     text: str
@@ -369,7 +370,19 @@ class _Text:
 
     @classmethod
     def of(cls, where: str, text: str) -> _Text:
-        return cls(where, text, text.casefold())
+        # Normalised as the keys are (_plain_key): text pasted decomposed (NFD, as macOS writes "서울")
+        # or in full-width forms ("ｃａｆｅ") still matches the key a writer typed.
+        return cls(where, unicodedata.normalize("NFC", text), _caseless(text))
+
+
+def _caseless(text: str) -> str:
+    return unicodedata.normalize("NFKC", text).casefold()
+
+
+@lru_cache(maxsize=4096)
+def _plain_key(key: str, case_sensitive: bool) -> str:
+    """A plain key as the scanned text is normalised: NFC when case counts, else NFKC casefolded."""
+    return unicodedata.normalize("NFC", key) if case_sensitive else _caseless(key)
 
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:
@@ -404,7 +417,8 @@ def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bo
             budget.regex_cpu += time.thread_time() - started_cpu
     if budget.plain_spent() > PLAIN_BUDGET_S:
         raise KeyFailed(f"the turn's {PLAIN_BUDGET_S * 1000:.0f} ms for plain keys ran out")
-    return key in source.text if entry.case_sensitive else key.casefold() in source.folded
+    plain = _plain_key(key, entry.case_sensitive)
+    return plain in source.text if entry.case_sensitive else plain in source.folded
 
 
 def _secondary_ok(entry: LoreEntry, scanned: _Text, budget: KeyBudget) -> bool:

@@ -26,6 +26,18 @@ def test_keys_match_case_insensitively_unless_the_entry_says_so() -> None:
     assert set(_fired(book, "a Dragon flew over")) == {0, 1}
 
 
+def test_keys_match_text_written_decomposed_or_in_full_width_forms() -> None:
+    """Found in review: keys and text were casefolded, not normalised: "서울" did not fire on the same
+    word pasted decomposed (NFD, as macOS writes it), nor "cafe" on "ｃａｆｅ"."""
+    import unicodedata
+
+    book = _book({"keys": ["서울"]}, {"keys": ["が"], "case_sensitive": True}, {"keys": ["cafe"]})
+    decomposed = unicodedata.normalize("NFD", "서울에 가자, がんばって")
+    assert decomposed != "서울에 가자, がんばって"
+    assert set(_fired(book, decomposed)) == {0, 1}
+    assert set(_fired(book, "ｃａｆｅ に行こう")) == {2}
+
+
 def test_regex_keys_with_flags_and_use_regex() -> None:
     book = _book({"keys": ["/sw(or)?d/i"]}, {"keys": [r"\bax(e|es)\b"], "use_regex": True})
     assert set(_fired(book, "My SWD and my axes")) == {0, 1}
