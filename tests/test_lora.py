@@ -480,6 +480,20 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
         assert report.loading == charged, in_engine
 
 
+def test_an_adapter_config_and_a_training_set_saved_with_a_bom_and_crlf_are_read(tmp_path) -> None:
+    """Found in review: every other reader of files takes a UTF-8 BOM (Windows editors write one);
+    these two refused it: "line 1: not valid JSON (Unexpected UTF-8 BOM)"."""
+    from services.lora.files import read_examples, read_object
+
+    config = tmp_path / "adapter_config.json"
+    config.write_bytes(b"\xef\xbb\xbf" + b'{"peft_type": "LORA", "r": 4}\r\n')
+    assert read_object(config) == {"peft_type": "LORA", "r": 4}
+    train = tmp_path / "train.jsonl"
+    line = json.dumps({"prompt": "안녕?", "completion": "어서 오게."}, ensure_ascii=False)
+    train.write_bytes(b"\xef\xbb\xbf" + (line + "\r\n" + line + "\r\n").encode())
+    assert read_examples(train) == [{"prompt": "안녕?", "completion": "어서 오게."}] * 2
+
+
 def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_line(
     world, tmp_path, capsys
 ) -> None:

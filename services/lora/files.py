@@ -17,7 +17,7 @@ class BadLoraFile(ValueError):
 def read_object(path: Path) -> dict[str, Any]:
     """A JSON file holding one object."""
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))  # a BOM taken, as every reader here does
     except UnicodeDecodeError as exc:
         raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -37,7 +37,7 @@ def read_examples(path: Path) -> list[dict[str, str]]:
     examples = []
     try:
         # Lines end at "\n" alone: a line may hold U+2028 and the like (JSON written unescaped).
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM taken, as every reader here does
     except UnicodeDecodeError as exc:
         raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):
