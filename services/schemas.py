@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     PrivateAttr,
@@ -58,6 +59,22 @@ HISTORY_LINE_CHARS = 20_000
 
 # A text field that is safe to store: every untrusted string field of a request uses it.
 Text = Annotated[str, AfterValidator(storable_text)]
+
+
+def utf8_header_value(value: object) -> object:
+    """A header value as its sender wrote it: the server decodes header bytes as Latin-1, so a UTF-8
+    value ("민수-npc1") arrives as mojibake, 11 characters for 7, and would name another conversation
+    than the same id in a body. Bytes that are not UTF-8 stay as Latin-1 read them."""
+    if not isinstance(value, str) or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # a character past Latin-1 (not from the wire), or Latin-1 text itself
+        return value
+
+
+# A header's text: decoded as UTF-8 first, so its length counts characters, as a body field's does.
+HeaderText = Annotated[str, BeforeValidator(utf8_header_value), AfterValidator(storable_text)]
 
 
 def _not_blank(value: str) -> str:

@@ -444,6 +444,33 @@ def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_o
     _cancel(turns)
 
 
+def test_a_utf8_conversation_header_names_the_conversation_its_body_twin_names(base_url, short_wait) -> None:
+    """Found in review: header bytes are decoded as Latin-1, so "민수-…" sent as UTF-8 in the header
+    arrived as mojibake and named another conversation than the same id in `metadata.conversation`;
+    and its length counted bytes (67 Hangul were 201 characters: a 422 the body accepts)."""
+    conversation = "민수-" + new_conversation()["conversation"]
+    body = {"model": "elara", "messages": [{"role": "user", "content": "Hello?"}]}
+    in_body = body | {"metadata": {"conversation": conversation}}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=in_body, headers=OWNER, timeout=30)
+    assert r.status_code == 504, r.text  # queued, no worker here
+    headers = OWNER | {live_chat.CONVERSATION_HEADER: conversation.encode()}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 504, r.text
+    turns = _turns_of(conversation)
+    assert len(turns) == 2  # one conversation
+    long_id = "가" * 67  # 201 bytes, 67 characters
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        json=body,
+        headers=OWNER | {live_chat.CONVERSATION_HEADER: long_id.encode()},
+        timeout=30,
+    )
+    assert r.status_code == 504, r.text
+    turns += _turns_of(long_id)
+    assert len(turns) == 3
+    _cancel(turns)
+
+
 @pytest.mark.parametrize(("error_code", "status"), [("attempts_exhausted", 502), ("prompt_too_long", 400)])
 def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
     base_url, short_wait, error_code, status

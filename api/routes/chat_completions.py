@@ -25,7 +25,7 @@ from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
 from services.producer import TurnView
 from services.runs.openai_lines import failure_status, message_content
-from services.schemas import Text
+from services.schemas import HeaderText
 from services.turn_wait import await_finished
 from streaming.reader import turn_events
 from structured.spec import GrammarBusy
@@ -59,8 +59,10 @@ def _error(
 async def chat_completions(
     body: Annotated[Any, Body()],
     who: Annotated[Caller, Depends(needs("ingest"))],
-    conversation: Annotated[str | None, Header(alias=live_chat.CONVERSATION_HEADER, max_length=200)] = None,
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    conversation: Annotated[
+        HeaderText | None, Header(alias=live_chat.CONVERSATION_HEADER, max_length=200)
+    ] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> JSONResponse | EventSourceResponse:
     """A live turn through the queue; answers once it is stored, or streams it as it is written.
     `Idempotency-Key` makes a retry answer with the turn the first attempt queued."""

@@ -14,7 +14,7 @@ from api.paging import Page, page
 from core.paging import cut
 from services import facts
 from services.facts import MAX_ID, FactIn, FactMoveIn, FactNotFound, FactRefused, FactView, MoveView
-from services.schemas import Text
+from services.schemas import HeaderText, Text
 
 router = APIRouter(prefix="/v1/players", tags=["facts"])
 
@@ -56,7 +56,7 @@ async def post_facts(
     body: FactsIn,
     response: Response,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> FactsOut:
     """Store facts about the player (all or none), embedded on write; 422 names the field at fault.
     `Idempotency-Key` makes a retry safe: it answers 200 with the facts the first request stored, as
@@ -96,7 +96,7 @@ def move_fact(
     fact_id: FactId,
     body: FactMoveIn,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> Gossiped:
     """Gossip: the fact reaches another scope's NPCs from now on; the move is recorded (a move to the
     scope it is in records nothing). `Idempotency-Key` makes a retry safe: it moves nothing again and

@@ -12,7 +12,7 @@ from api.off_loop import documented, validated
 from api.paging import Page, page
 from scenes.spec import ContinueSpec, GroupSpec
 from services import scenes
-from services.schemas import Text
+from services.schemas import HeaderText, Text
 
 # A conversation's external id, checked like the body's (no NUL or control characters: PostgreSQL's
 # text refuses a NUL, which was a 500).
@@ -26,7 +26,7 @@ async def post_scene(
     body: Annotated[Any, Body()],
     response: Response,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> dict[str, Any]:
     """Start a group conversation; with `exchanges` > 0 its members start talking at once (live lane).
     `Idempotency-Key` makes a retry safe: it answers 200 with the group the first request started, as
@@ -52,7 +52,7 @@ async def continue_scene(
     conversation: ConversationId,
     body: ContinueSpec,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> dict[str, Any]:
     """Ask the group to go on for `exchanges` lines with no player line (ambient chatter).
     `Idempotency-Key` makes a retry safe: it asks for nothing more, answers with the group as it

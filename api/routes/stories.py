@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from api.deps import Caller, json_body, needs
 from services import characters
-from services.schemas import StoryEventIn, Text
+from services.schemas import HeaderText, StoryEventIn, Text
 
 router = APIRouter(prefix="/v1/stories", tags=["stories"], dependencies=[Depends(needs("admin"))])
 
@@ -21,7 +21,7 @@ def add_story_event(
     body: StoryEventIn,
     response: Response,
     who: Annotated[Caller, Depends(needs("admin"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> Any:
     """Append an event to a story; it is embedded on write and retrieved by later turns.
     `Idempotency-Key` makes a retry safe: it answers 200 with the event the first request appended

@@ -15,7 +15,7 @@ from api.off_loop import documented, validated
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
-from services.schemas import MAX_TURNS_PER_REQUEST, Text, TurnRequest, check_idempotency_key
+from services.schemas import MAX_TURNS_PER_REQUEST, HeaderText, TurnRequest, check_idempotency_key
 from services.turn_wait import await_finished
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
@@ -68,7 +68,7 @@ def post_turn(
     body: Annotated[Any, Body()],
     response: Response,
     who: Annotated[Caller, Depends(needs("ingest"))],
-    idempotency_key: Annotated[Text | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> TurnAccepted:
     """Queue one turn (202); `Idempotency-Key` (header or body field) makes retries safe: a replay
     answers 200 with the turn as it stands."""
