@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from functools import cache
 from typing import Any, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Connection, Select, Table, UniqueConstraint, bindparam, exists, select
+from sqlalchemy import JSON, Connection, Select, Table, UniqueConstraint, bindparam, exists, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -83,10 +82,7 @@ def _turn_values(turn: NewTurn, fixed: dict[str, Any], json_fields: list[str]) -
     for name in json_fields:
         if values[name] is not None:
             values[name] = Jsonb(values[name])
-    return values | {
-        "id": uuid.uuid4(),
-        "dispatched_at": datetime.now(UTC),  # sent right after, as create_turns stamps it
-    }
+    return values | {"id": uuid.uuid4()}
 
 
 def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID | None:
@@ -145,7 +141,12 @@ def _turn_insert(
     joins and filters)."""
     inserted, fixed, json_fields = _turn_columns()
     columns = Turn.__table__.c
-    source = select(*(bindparam(name, type_=columns[name].type) for name in inserted), conversation_id)
+    # dispatched_at (sent right after, as create_turns stamps it) on the database's clock
+    values = [
+        func.now() if name == "dispatched_at" else bindparam(name, type_=columns[name].type)
+        for name in inserted
+    ]
+    source = select(*values, conversation_id)
     return insert(Turn).from_select([*inserted, "conversation_id"], narrow(source)), fixed, json_fields
 
 

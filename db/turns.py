@@ -291,11 +291,13 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
                 f"items {j} and {i} use idempotency key {t.idempotency_key!r} for different requests"
             )
     unique = [turns[i] for i in first.values()]
-    now = datetime.now(UTC)
     stored = [{k: v for k, v in t.__dict__.items() if k not in NOT_STORED} for t in unique]
-    rows = [dict(id=uuid.uuid4(), dispatched_at=now, **fields) for fields in stored]
+    rows = [dict(id=uuid.uuid4(), **fields) for fields in stored]
     stmt = (
         insert(Turn)
+        # The database's clock, as every lease and sweep compares it with: an API host's clock ahead
+        # of it hid a dead worker's turn as "sent after its claim" from the sweeper for an hour.
+        .values(dispatched_at=func.now())
         .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
         .returning(Turn.tenant, Turn.idempotency_key, Turn.id)
     )
@@ -840,9 +842,9 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     stored = [o for o in outcomes if o.reply_role in inserted.get(o.turn_id, {})]
     if not stored:
         return []
-    finished_at = datetime.now(UTC)
     session.execute(
-        update(Turn).where(_ours(token)),
+        # finished_at on the database's clock, as started_at and every other end is
+        update(Turn).where(_ours(token)).values(finished_at=func.now()),
         [
             dict(
                 id=o.turn_id,
@@ -862,7 +864,6 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
                 error_code=None,
                 user_message_id=inserted[o.turn_id].get(Role.USER),
                 reply_message_id=inserted[o.turn_id][o.reply_role],
-                finished_at=finished_at,
                 lease_until=None,
             )
             for o in stored

@@ -207,3 +207,42 @@ def test_lease_renewal_never_waits_for_a_batchs_write_that_takes_its_rows_in_sev
     assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
     assert renewed == [1]  # `low`, renewed; `high`, which the write held, skipped
     assert get_turn(high).status == TurnStatus.DONE and get_turn(low).status == TurnStatus.FAILED
+
+
+def test_send_and_end_times_are_the_databases_whatever_the_hosts_clock(world, monkeypatch) -> None:
+    """Found in review (time and clocks): a turn's send time was the API host's clock, a stored
+    reply's end time the worker's, while claims, leases and sweeps use the database's. With the API
+    host 180 s ahead, a claimed turn whose worker died read as sent after its claim, so the sweeper's
+    "lease gone and not sent again" never matched it (an hour's wait, not two minutes); with the
+    worker 400 s behind, a reply ended before it started and its callback looked lost at once."""
+    import datetime as dt
+
+    from db import single_enqueue, turns
+    from services.producer import enqueue_turn
+
+    class Skewed(dt.datetime):
+        offset = dt.timedelta(seconds=180)  # the API host's clock, ahead
+
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def,override]
+            return dt.datetime.now(tz) + cls.offset
+
+    for module in (turns, single_enqueue):
+        monkeypatch.setattr(module, "datetime", Skewed, raising=False)
+    conv = new_conversation()
+    ids = [enqueue_turn(conv | {"message": "First, starting it."}), enqueue_turn(conv | {"message": "Next."})]
+    ids += enqueue_turns([new_conversation() | {"message": f"Listed {i}."} for i in range(2)], send=False)
+    with session_scope() as session:
+        late = session.execute(
+            select(Turn.id).where(Turn.id.in_(ids), Turn.dispatched_at > text("now() + interval '5 s'"))
+        ).all()
+        assert late == []  # stamped sent on the database's clock
+        claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+    claimed = [t.id for t in claim.claimed]
+    assert len(claimed) == 3  # the conversation's second waits for its first
+    Skewed.offset = dt.timedelta(seconds=-400)  # the worker's clock, behind
+    with session_scope() as session:
+        store_replies(session=session, token=claim.token, outcomes=[_outcome(t) for t in claimed])
+    with session_scope() as session:
+        ended = session.execute(select(Turn.started_at, Turn.finished_at).where(Turn.id.in_(claimed))).all()
+    assert len(ended) == 3 and all(finished >= started for started, finished in ended), ended
