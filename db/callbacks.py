@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.settings import settings
 from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
 
 Owner = type[Run] | type[Turn]
@@ -92,6 +91,11 @@ def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> float | N
     return None if due is None else float(due)
 
 
+# How long after the cutoff a callback never attempted is still queued again, whatever the retry
+# window: many sweeps' worth, since nothing else sends it.
+LOST_WINDOW_FLOOR_S = 3600.0
+
+
 def callbacks_due(
     *,
     session: Session,
@@ -107,9 +111,10 @@ def callbacks_due(
     failed unsent: its request was answered 503, and a retry of it revives it; nor one whose delivery
     waits for a slot (hold_waiting: due later, claim_retries' then)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
-    # Counted from the cutoff, never narrower than two housekeeping passes (a window of 0, "the
-    # burst only", would otherwise match nothing: these callbacks never had their burst).
-    span = older_than_s + max(within_s, 2 * settings.housekeeping_interval_s)
+    # Counted from the cutoff, never narrower than LOST_WINDOW_FLOOR_S: a window of 0, "the burst
+    # only", would otherwise match nothing (these callbacks never had their burst), and this runs in
+    # `mlchat sweep` alone, as often as its operator runs it (a minute apart in compose).
+    span = older_than_s + max(within_s, LOST_WINDOW_FLOOR_S)
     oldest = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, span)
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
     query = select(of.id).where(
