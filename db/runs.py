@@ -466,7 +466,8 @@ def finish_finalizing(
             ),
             output_file_id=output_file_id,
             error_file_id=error_file_id,
-            finished_at=func.now(),
+            # when the files are written (they may take minutes in this transaction), not when it began
+            finished_at=func.clock_timestamp(),
         )
         .returning(Run.status)
     )

@@ -559,6 +559,36 @@ def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> N
     assert sorted(x["custom_id"] for x in lines) == ["r0", "r1"]
 
 
+def test_a_batch_whose_files_took_long_to_write_ends_when_they_are_committed(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review (time and clocks): a finalized batch's end was now() of the transaction that
+    wrote its files, that is when the writing began: minutes before the files existed (their rows
+    read clock_timestamp()). Its completed_at came before its output file's created_at, and a sweep
+    right after the commit took a callback queued seconds ago for one lost long ago."""
+    from sqlalchemy import text
+
+    from db.models import StoredFile
+
+    (tmp_path / "files").mkdir()
+    sub = _submit(tmp_path, "slow-fin-" + tmp_path.name, 1, input_file_id="file-test")
+    claim = _claim(sub.id, 1)
+    _fail(claim, [t.id for t in claim.claimed])
+    real = batches._write_files
+
+    def slow(session, run, written):  # type: ignore[no-untyped-def]
+        session.execute(text("SELECT pg_sleep(1.5)"))  # a large batch's files take a while
+        return real(session, run, written)
+
+    monkeypatch.setattr(batches, "_write_files", slow)
+    assert batches.finalize_run(sub.id) == sub.name
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        written = s.scalar(select(StoredFile.created_at).where(StoredFile.id == run.output_file_id))
+        assert run.status == RunStatus.COMPLETED and written is not None
+        assert run.finished_at >= written, (run.finished_at, written)
+
+
 def test_a_cancelled_batch_is_finalized_as_cancelled_with_its_files(quiet_model, tmp_path) -> None:
     sub = _submit(tmp_path, "can-" + tmp_path.name, 3, input_file_id="file-test")
     with session_scope() as s:
