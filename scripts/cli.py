@@ -144,6 +144,10 @@ def api(
     from services.files import check_files_dir
 
     check_files_dir()  # here too: with --workers, uvicorn restarts a child that exits, for ever
+    named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if named is not None and not (Path(named).is_dir() and os.access(named, os.W_OK | os.X_OK)):
+        # each process would die importing its metrics (prometheus_client opens its files there)
+        raise Refused(f"PROMETHEUS_MULTIPROC_DIR: {named!r} is not a folder this user can write")
     if workers == 1:
         uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
         return

@@ -459,3 +459,25 @@ def test_a_worker_and_a_replica_started_before_the_migration_say_so(base_url, mo
     monkeypatch.setattr(health, "_schema_seen_current", False)
     r = httpx.get(f"{base_url}/healthz")
     assert r.status_code == 200 and r.json()["schema"] == "ok", r.text
+
+
+def test_an_unusable_metrics_folder_is_one_line_before_any_process_starts(world, monkeypatch, capsys) -> None:
+    """Found in review: a PROMETHEUS_MULTIPROC_DIR that does not exist (or that the user cannot write)
+    was not checked: each child of `mlchat api --workers N` died importing its metrics, uvicorn
+    started it again for ever with a traceback each time, and with one process the error was a bare
+    "[Errno 2] …" naming no variable."""
+    import uvicorn
+
+    from scripts.cli import main as cli
+
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))  # nothing must start
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/nonexistent/mlchat-metrics")
+    for workers in ("1", "2"):
+        assert cli(["api", "--workers", workers]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(
+            "mlchat: PROMETHEUS_MULTIPROC_DIR: '/nonexistent/mlchat-metrics' is not a folder"
+        )
+        assert err.count("\n") == 1, err
+    assert started == []
