@@ -405,6 +405,30 @@ def _submit(tmp_path: Path, name: str, n: int, **fields):
     return submit_run(path, name=name, fields=fields)
 
 
+def test_a_run_with_a_long_korean_name_exports_to_files_the_filesystem_takes(quiet_model, tmp_path) -> None:
+    """Found in review: a run name holds 200 characters, but a file name 255 bytes: a run of 82 Hangul
+    (246 bytes) and ".results.jsonl" could not be exported ("File name too long")."""
+    from services.runs.scene_export import export_scenes
+
+    names = ["가" * 82, "가" * 81 + "나"]  # two long names alike up to the cut
+    paths = []
+    for name in names:
+        lines = [openai_line("r0", [{"role": "user", "content": "안녕?"}])]
+        sub = submit_run(_write(tmp_path / f"{len(paths)}.jsonl", lines), name=name)
+        claim = _claim(sub.id, 1)
+        _fail(claim, [t.id for t in claim.claimed])
+        results, errors, _, n_err = export_run(name, tmp_path / "out", "openai")
+        scenes, _ = export_scenes(name, tmp_path / "out")
+        assert n_err == 1 and results.exists() and errors.exists() and scenes.exists()
+        assert all(
+            len(p.name.encode()) <= 255 and p.name.startswith("가" * 70) for p in (results, errors, scenes)
+        )
+        paths.append(results)
+    assert paths[0] != paths[1]
+    short = _submit(tmp_path, "짧은-이름-" + tmp_path.name, 1)  # a name that fits is the stem as it is
+    assert export_run(short.name, tmp_path / "out", "openai")[0].name == f"{short.name}.results.jsonl"
+
+
 def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_path) -> None:
     sub = _submit(tmp_path, "exp-" + tmp_path.name, 4, expires_at=func.now() + timedelta(hours=1))
     first = _claim(sub.id, 1)

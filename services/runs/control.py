@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,20 @@ from db.runs import (
     submission_alive,
 )
 from db.session import session_scope
+
+# A file name is at most 255 bytes on Linux and macOS; the longest suffix an export adds is 14
+# (".results.jsonl"). A run name holds 200 characters, which in Korean is 600 bytes.
+_NAME_BYTES = 255 - len(".results.jsonl")
+
+
+def export_stem(name: str) -> str:
+    """The run's name as its export files' stem: whole when it fits a file name, else cut at a
+    character and told apart from other long names by a digest of the whole."""
+    if len(name.encode()) <= _NAME_BYTES:
+        return name
+    tag = "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
+    cut = name.encode()[: _NAME_BYTES - len(tag)].decode("utf-8", errors="ignore")
+    return cut + tag
 
 
 def require_run(session: Session, ref: str) -> Run:

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import session_scope
-from services.runs.control import require_run
+from services.runs.control import export_stem, require_run
 from services.runs.openai_lines import failure_status, message_content
 
 ExportFormat = Literal["native", "openai"]
@@ -41,8 +41,8 @@ def export_run(
     out_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
         run = require_run(session, ref)
-        results_path = out_dir / f"{run.name}.results.jsonl"
-        errors_path = out_dir / f"{run.name}.errors.jsonl"
+        results_path = out_dir / f"{export_stem(run.name)}.results.jsonl"
+        errors_path = out_dir / f"{export_stem(run.name)}.errors.jsonl"
         n_ok, n_err = write_outputs(session, run, results_path, errors_path, fmt, alternatives=alternatives)
     return results_path, errors_path, n_ok, n_err
 

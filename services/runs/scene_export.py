@@ -9,7 +9,7 @@ from typing import Literal
 from db.scenes import run_scenes, scene_transcript
 from db.session import session_scope
 from scenes.transcript import jsonl_line, markdown, md_inline
-from services.runs.control import require_run
+from services.runs.control import export_stem, require_run
 
 SceneFormat = Literal["jsonl", "md"]
 
@@ -24,7 +24,7 @@ def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[
     written = 0
     with session_scope() as session:
         run = require_run(session, ref)
-        run_id, path = run.id, out_dir / f"{run.name}.scenes.{fmt}"
+        run_id, path = run.id, out_dir / f"{export_stem(run.name)}.scenes.{fmt}"
         with path.open("w", encoding="utf-8") as handle:
             if fmt == "md":
                 handle.write(f"# {md_inline(run.name)}\n\n")
