@@ -449,11 +449,17 @@ def finalizing_runs(
 
 
 def finish_finalizing(
-    *, session: Session, run_id: uuid.UUID, output_file_id: str, error_file_id: str, total_at_least: int = 0
+    *,
+    session: Session,
+    run_id: uuid.UUID,
+    output_file_id: str | None,
+    error_file_id: str | None,
+    total_at_least: int = 0,
 ) -> RunStatus | None:
     """finish_finalizing: finalizing → completed (or cancelled / expired, as the run was ended), with
-    its output and error files, and its total raised to `total_at_least` (the requests its files
-    account for, those it never stored among them); None if the run was not finalizing."""
+    its output and error files (None: no line to write), and its total raised to `total_at_least`
+    (the requests its files account for, those it never stored among them); None if the run was not
+    finalizing."""
     status = session.scalar(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)

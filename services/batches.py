@@ -676,10 +676,11 @@ def retry_callbacks() -> list[str]:
     return sent
 
 
-def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, str, int]:
+def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str | None, str | None, int]:
     """The run's output and error files and their rows, and the requests they account for (refused
     ones aside); each path is added to `written` before it is written, so the caller can remove them
-    if the rows are not committed."""
+    if the rows are not committed. A file with no line is not kept: its id is None, as OpenAI leaves
+    `error_file_id` of a batch without errors (clients test it to learn whether any request failed)."""
     # Writing streams the turns and detaches the run: read what is needed of it first.
     name, api_key, tenant, expires_after_s = run.name, run.api_key, run.tenant, run.output_expires_after_s
     run_id, reason, input_file_id = run.id, run.cancel_reason, run.input_file_id
@@ -696,10 +697,16 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
         never = write_never_stored(
             session, run_id, expired=reason == "expired", input_path=found.path, errors_path=error_path
         )
+    kept: dict[str, str | None] = {}
     for file_id, path, purpose in (
         (output_id, output_path, "batch_output"),
         (error_id, error_path, "batch_output"),  # OpenAI's purpose for both result files
     ):
+        if path.stat().st_size == 0:
+            path.unlink()
+            kept[file_id] = None
+            continue
+        kept[file_id] = file_id
         add_file(
             session=session,
             file_id=file_id,
@@ -711,7 +718,7 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str, 
             tenant=tenant,
             expires_after_s=expires_after_s,
         )
-    return output_id, error_id, stored + never
+    return kept[output_id], kept[error_id], stored + never
 
 
 def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:

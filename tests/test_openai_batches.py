@@ -577,8 +577,8 @@ def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> N
         output, errors = run.output_file_id, run.error_file_id
     from services.files import find_file
 
-    assert find_file(output).info["purpose"] == find_file(errors).info["purpose"] == "batch_output"
-    assert find_file(output).path.read_text() == ""
+    assert output is None  # no request answered: no output file, as OpenAI leaves output_file_id
+    assert find_file(errors).info["purpose"] == "batch_output"
     lines = [json.loads(x) for x in find_file(errors).path.read_text().splitlines()]
     assert sorted(x["custom_id"] for x in lines) == ["r0", "r1"]
 
@@ -608,7 +608,7 @@ def test_a_batch_whose_files_took_long_to_write_ends_when_they_are_committed(
     assert batches.finalize_run(sub.id) == sub.name
     with session_scope() as s:
         run = s.get_one(Run, sub.id)
-        written = s.scalar(select(StoredFile.created_at).where(StoredFile.id == run.output_file_id))
+        written = s.scalar(select(StoredFile.created_at).where(StoredFile.id == run.error_file_id))
         assert run.status == RunStatus.COMPLETED and written is not None
         assert run.finished_at >= written, (run.finished_at, written)
 
@@ -1428,7 +1428,7 @@ def test_a_finalizing_that_fails_after_writing_its_files_leaves_none_behind(
     monkeypatch.setattr(batches, "add_file", real)
     assert batches.finalize_run(sub.id) == sub.name
     kept = set(settings.batch_files_dir.iterdir()) - before
-    assert len(kept) == 2
+    assert len(kept) == 1  # the error file; the output file had no line, so none is kept
     # A try whose rows did commit (the COMMIT's answer lost) keeps its files: only rowless ones go.
     batches.remove_unlisted(sorted(kept))
     assert set(settings.batch_files_dir.iterdir()) - before == kept
@@ -1609,8 +1609,9 @@ def test_files_expire_as_asked_but_never_under_a_running_batch(base_url, quiet_m
     batches.cancel_batch(batch_id, api_key="k", admin=False)
     ended = batches.get_batch(batch_id, api_key="k", admin=False)
     assert ended["status"] == "cancelled"
-    output = find_file(ended["output_file_id"]).info
-    assert output["expires_at"] - output["created_at"] in (7200, 7201)
+    assert ended["output_file_id"] is None  # nothing answered: no output file
+    errors = find_file(ended["error_file_id"]).info
+    assert errors["expires_at"] - errors["created_at"] in (7200, 7201)
     assert batches.housekeeping(["nobody"])["files_deleted"] in ([input_id], [])
     assert find_file(input_id) is None and find_file(kept["id"]) is not None
     assert batches.housekeeping(["nobody"])["files_deleted"] == []
@@ -1664,7 +1665,7 @@ def test_a_batch_cancel_answers_before_its_files_are_written(
     while batches.get_batch(batch_id, api_key="k", admin=False)["status"] != "cancelled":
         assert time.monotonic() < deadline
         time.sleep(0.2)
-    assert batches.get_batch(batch_id, api_key="k", admin=False)["output_file_id"] is not None
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["error_file_id"] is not None
 
 
 def test_a_batchs_stored_turns_are_sent_a_page_at_a_time_each_read_once(

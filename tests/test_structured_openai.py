@@ -163,6 +163,7 @@ def test_a_plain_openai_request_to_a_character_with_actions_is_answered_in_text_
     assert done.status == "completed", done
     output = {x["custom_id"]: x["response"]["body"] for x in _jsonl(client, done.output_file_id)}
     assert set(output) == {"plain", "npc"}, _jsonl(client, done.error_file_id)
+    assert done.error_file_id is None  # no request failed: no error file, as OpenAI leaves it null
     plain = output["plain"]["choices"][0]["message"]["content"]
     assert plain.strip() and _json_object(plain) is None, plain
     npc = _json_object(output["npc"]["choices"][0]["message"]["content"])
