@@ -234,7 +234,6 @@ def facts_for_turns(
         },
     )
     for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, ours, others in rows:
-        similarity = 0.0 if distance is None else 1.0 - float(distance)
         hits[idx].append(
             FactHit(
                 id=fid,
@@ -244,13 +243,28 @@ def facts_for_turns(
                 source=source,
                 scope=scope,
                 importance=float(importance),
-                relevance=(1.0 + similarity) / 2.0,  # cosine in [-1, 1] to [0, 1]
+                relevance=_relevance(distance),
                 recency=math.pow(0.5, max(float(age_s), 0.0) / half_life_s),
                 about_player=bool(ours),
                 about_other_player=bool(others),
             )
         )
     return [sorted(h, key=lambda x: -x.score)[:k] for h in hits]
+
+
+# A fact's relevance when no similarity could be computed (a process of another embedder): the same
+# for every fact, so recency and importance rank them.
+NO_SIMILARITY = 0.5
+
+
+def _relevance(distance: float | None) -> float:
+    """The cosine similarity to the player's message, below zero as zero. Not (1 + cos) / 2: an
+    unrelated line is about 0 to 0.15 of cosine with a sentence embedder, which that mapping made
+    0.5 to 0.57, so relevance moved a score less than 2x while importance moves it 10x, and six
+    important facts on other matters pushed out the one that answered the question."""
+    if distance is None:
+        return NO_SIMILARITY
+    return max(1.0 - float(distance), 0.0)
 
 
 def closest_fact(

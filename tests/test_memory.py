@@ -220,6 +220,51 @@ def test_facts_rank_by_relevance_recency_and_importance() -> None:
     assert hits[0].score == pytest.approx(hits[0].relevance * hits[0].recency * hits[0].importance)
 
 
+def test_a_fact_that_answers_the_question_is_not_pushed_out_by_important_facts_on_other_matters() -> None:
+    """Found in review (numeric correctness): relevance was the cosine mapped to 0..1 as (1 + cos) / 2,
+    and unrelated lines are 0 to 0.15 of cosine: every fact had relevance 0.5 or more, so relevance
+    moved a score less than 2x and importance 10x. Six important facts on other matters (0.9) pushed
+    out the one that answered the player's question (0.3)."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv = _conversation("elara", player)
+    texts = [
+        "The player lost their sword at the old mill.",
+        "The player is the son of the king.",
+        "The blacksmith owes the player ten gold.",
+        "The player's horse is called Ash.",
+        "The player fears deep water.",
+        "The player was born in winter.",
+        "The player dislikes onions.",
+    ]
+    vectors = embed(texts)
+    with session_scope() as s:
+        stored = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    FactKind.PLAYER,
+                    player,
+                    t,
+                    "game",
+                    0.3 if i == 0 else 0.9,
+                    FactScope.MET,
+                    "",
+                    v,
+                )
+                for i, (t, v) in enumerate(zip(texts, vectors, strict=True))
+            ],
+        )
+        answer = stored[0].id
+    question = embed(["Where did I leave my sword?"])[0]
+    with session_scope() as s:
+        (hits,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=6, half_life_s=HALF_LIFE
+        )
+    assert answer in [h.id for h in hits], [(h.text, round(h.score, 3)) for h in hits]
+
+
 # --- rolling summaries ---------------------------------------------------------------------------
 
 
