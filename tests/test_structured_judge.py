@@ -74,3 +74,32 @@ def test_a_choice_or_regex_reply_is_data_too() -> None:
     ):
         verdict = _judged({"max_new_tokens": 16, "response_format": fmt}, text)
         assert verdict.mood is None and verdict.quality["below_bar"] == [], (fmt, verdict.quality)
+
+
+def test_in_a_group_another_members_words_are_not_the_speaker_repeating_itself() -> None:
+    """Found in review (numeric correctness): the repetition check took every assistant line of the
+    recent history as the speaker's own, and in a group every member's line is one: a member picking
+    up another's words ("the river is rising fast") was held below the bar for repeating itself."""
+    from db.retrieval import HistoryLine
+    from db.scenes import GroupView
+
+    ada, brom = 7, 8
+    said = "The bridge at the old mill collapsed last night, and the river is rising fast."
+    reply = "The bridge at the old mill collapsed? Then we cross at the ford before the river is rising fast."
+    fields = ("slug", "name", "version", "description", "personality", "example_dialogues", "card")
+    speaker = Character(id=brom, **{field: getattr(BROM, field) for field in fields})
+    group = GroupView(premise="", names=("Ada", "Brom"), ids=(ada, brom))
+    turn = ClaimedTurn(
+        id=uuid.uuid4(), conversation_id=1, message="What now?", params={"max_new_tokens": 64}, attempts=0,
+        character=speaker, player_name="Player", story=None, story_time=None, queued_ms=0.0, group=group,
+    )  # fmt: skip
+    message_vec, reply_vec = embed([turn.message, reply])
+    gen = Generation(reply, 10, 20, "stop")
+
+    def judged(line_by: int) -> list[str]:
+        line = HistoryLine(1, "assistant", said, 1, None, line_by, "Ada" if line_by == ada else "Brom")
+        ctx = TurnContext(recent=[line])
+        return _judge(turn, gen, reply_vec, message_vec, ctx, PROMPT).quality["below_bar"]
+
+    assert not any(r.startswith("repetition") for r in judged(ada))  # Ada's words, picked up
+    assert any(r.startswith("repetition") for r in judged(brom))  # Brom's own words, said again

@@ -79,6 +79,17 @@ def gate() -> Bar:
     )
 
 
+def _own_lines(turn: ClaimedTurn, ctx: TurnContext, own_role: str) -> list[str]:
+    """The speaker's own recent lines. In a group every member's line is an assistant line: only the
+    speaking member's count as it repeating itself, not another member's words it picks up."""
+    mine = turn.character.id if turn.group is not None and own_role == "assistant" else None
+    return [
+        line.content
+        for line in ctx.recent
+        if line.role == own_role and (mine is None or line.speaker_id == mine)
+    ]
+
+
 def _judge(
     turn: ClaimedTurn,
     gen: Generation,
@@ -95,7 +106,7 @@ def _judge(
         message=turn.message,
         reply_vec=reply_vec,
         persona_vec=_persona_vector(turn.character),
-        own_recent_lines=[line.content for line in ctx.recent if line.role == own_role],
+        own_recent_lines=_own_lines(turn, ctx, own_role),
         finish_reason=gen.finish_reason,
         echo_sources=prompt.echo_sources,
         speaker=turn.speaker,
