@@ -79,14 +79,14 @@ class _Place:
         return "".join(reversed(steps))
 
 
-# Characters that show nothing (Unicode's default-ignorable code points: the format characters, zero-
+# Characters that show nothing (the format characters and Unicode's default-ignorable code points: zero-
 # width space, word joiner, BOM, soft hyphen, bidi marks, tag characters, and the letters and marks
 # that render blank: the Hangul fillers U+3164 and U+FFA0 that Korean players use as a blank name,
 # variation selectors, the combining grapheme joiner) only disguise a name: "Rowan\u3164" reads as
 # "Rowan". A label keeps ZWJ and ZWNJ, which spell words in Persian and Indic scripts (and emoji
 # sequences); a comparison drops them.
-DISGUISE = regex.compile(r"(?![\u200c\u200d])\p{Default_Ignorable_Code_Point}")
-_FORMAT = regex.compile(r"\p{Default_Ignorable_Code_Point}")
+DISGUISE = regex.compile(r"(?![\u200c\u200d])[\p{Cf}\p{Default_Ignorable_Code_Point}]")
+_FORMAT = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # neither is a superset
 
 
 def speaker_key(name: str) -> str:

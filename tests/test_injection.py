@@ -216,7 +216,7 @@ def test_a_name_disguised_by_a_blank_letter_or_mark_is_told_apart_and_korean_jam
     invisible label. And NFKC turned a nickname's compatibility jamo ("ㅋㅋ민수") into conjoining
     jamo, a name the player never wrote and the NPC would repeat."""
     sanitizer = PromptBuilder(tokenizer, "gpt_oss_text", 4096).sanitizer
-    for blank in ("\u3164", "\uffa0", "\u115f", "\ufe0f", "\u034f", "\U000e0100"):
+    for blank in ("\u3164", "\uffa0", "\u115f", "\ufe0f", "\u034f", "\U000e0100", "\ufffb", "\u0600"):
         assert sanitizer.speaker_labels("Elara", f"Elara{blank}") == ("Elara", "Elara (player)"), blank
     assert sanitizer.label("\u3164", "User") == "User"
     for nickname in ("ㅋㅋ민수", "ㅇㅅㅇ", "ㅎㅏ"):
