@@ -125,6 +125,8 @@ def callbacks_due(
         of.callback_retry_at.is_(None),
         of.finished_at < cutoff,
         of.finished_at >= oldest,
+        # given up (its wait for a slot outlasted the retry window): never queued again
+        or_(of.callback_error.is_(None), ~of.callback_error.contains(GIVEN_UP, autoescape=True)),
     )
     if of is Turn:
         query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))

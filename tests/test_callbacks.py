@@ -762,7 +762,7 @@ def test_a_receiver_that_trickles_forever_holds_a_delivery_no_longer_than_the_ca
 def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window(world) -> None:
     """Found in review: a delivery that failed every time before its attempt was recorded (a bug in
     it) left the callback "never attempted", and housekeeping queued it again at every pass for ever."""
-    from db.callbacks import callbacks_due
+    from db.callbacks import GIVEN_UP, callbacks_due
     from services.producer import enqueue_turns
     from tests.conftest import new_conversation
 
@@ -792,6 +792,11 @@ def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window
             just = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, ago_s)
             s.execute(update(Turn).where(Turn.id == recent).values(finished_at=just))
             assert recent in callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0)
+    # review of that floor: one given up (its wait for a slot outlasted a short window) is not queued
+    # again within the hour
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == recent).values(callback_error=GIVEN_UP))
+        assert recent not in callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0)
 
 
 def test_lookups_a_slow_resolver_holds_never_pile_up_threads(monkeypatch) -> None:
