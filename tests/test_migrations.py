@@ -394,6 +394,7 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
         try:
             with engine.connect() as mine:
                 _run(mine, "upgrade", "0031")
+                outcome.append(mine.execute(text("SHOW lock_timeout")).scalar())  # not left set
             outcome.append("done")
         except Exception as exc:  # reported below
             outcome.append(exc)
@@ -411,21 +412,66 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
         export.rollback()
     waiter.join(timeout=60)
     engine.dispose()
-    assert outcome == ["done"]
+    assert outcome == ["0", "done"]  # the migration's connection has no lock timeout left on it
     columns = {c["name"] for c in inspect(scratch_db).get_columns("turns")}
     assert "engine_deaths_seen" in columns
-    assert scratch_db.execute(text("SHOW lock_timeout")).scalar() == "0"  # not left on a caller's connection
+
+
+def test_a_concurrent_index_build_waits_out_a_long_transaction_without_the_lock_timeout(
+    scratch_db: Connection, monkeypatch
+) -> None:
+    """Review of the lock timeout: CREATE INDEX CONCURRENTLY waits for every older transaction to
+    end (blocking no query meanwhile), and the timeout cut it short: each try left an INVALID index
+    and scanned the table again, and the upgrade failed behind any transaction open for 5 s (0030's
+    indexes behind a batch's finalizing). Concurrent builds and drops wait without it."""
+    import threading
+    import time
+
+    import sqlalchemy
+
+    from core.settings import settings
+
+    _run(scratch_db, "upgrade", "0029")
+    monkeypatch.setattr(settings, "migration_lock_timeout_s", 0.3)
+    monkeypatch.setattr(settings, "migration_retry_s", 0.5)  # no second try: the first must wait
+    engine = sqlalchemy.create_engine(scratch_db.engine.url)
+    outcome: list[object] = []
+
+    def migrate() -> None:
+        try:
+            with engine.connect() as mine:
+                _run(mine, "upgrade", "0030")
+            outcome.append("done")
+        except Exception as exc:  # reported below
+            outcome.append(exc)
+
+    # a long transaction holding a snapshot (a batch's finalizing reads its turns in one), on another
+    # table: a concurrent build waits for it to end
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as finalizing:
+        finalizing.execute(text("SELECT count(*) FROM runs")).scalar()
+        waiter = threading.Thread(target=migrate)
+        waiter.start()
+        try:
+            time.sleep(1.5)
+            waited = list(outcome)
+        finally:
+            finalizing.rollback()
+            waiter.join(timeout=60)
+    engine.dispose()
+    assert waited == []  # the build waited
+    assert outcome == ["done"]
+    invalid = scratch_db.execute(text("SELECT count(*) FROM pg_index WHERE NOT indisvalid")).scalar()
+    assert invalid == 0
 
 
 def test_a_database_behind_this_code_is_refused_and_one_ahead_is_left_as_it_is(
-    scratch_db: Connection, monkeypatch, caplog
+    scratch_db: Connection, caplog
 ) -> None:
     """Found in review: nothing compared the database's revision with this code's. A worker started
     before `mlchat migrate` ran loaded its engine, then failed every claim on a column it lacked; and
     rolling back to the release before failed its start-up migration (alembic does not know the
     newer revision), so no service of the older image started."""
-    from db import migrate
-    from db.migrate import SchemaBehind, check_schema, code_head, upgrade
+    from db.migrate import SchemaBehind, check_schema, code_head
 
     _run(scratch_db, "upgrade", "0030")
     with pytest.raises(SchemaBehind, match=f"at revision 0030, this code needs {code_head()}: run `mlchat"):
@@ -436,10 +482,9 @@ def test_a_database_behind_this_code_is_refused_and_one_ahead_is_left_as_it_is(
     assert caplog.text == ""
     scratch_db.execute(text("UPDATE alembic_version SET version_num = '9999'"))  # a newer release's
     scratch_db.commit()
-    with caplog.at_level("WARNING", logger="db.migrate"):
+    with caplog.at_level("WARNING"):
         check_schema(scratch_db)
-        scratch_url = scratch_db.engine.url.render_as_string(hide_password=False)
-        monkeypatch.setattr(migrate, "database_url", lambda: scratch_url)
-        upgrade()  # the older image's start-up migration: said, not failed
+        _run(scratch_db, "upgrade", "head")  # the older image's start-up migration: said, not failed
+    assert "at revision 9999, newer than this code's 0" in caplog.text
     assert "at revision 9999, newer than this code's head" in caplog.text
     assert scratch_db.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999"

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.concurrent_index import create_index_concurrently
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0018"
 down_revision: str | None = "0017"
@@ -25,19 +25,10 @@ def upgrade() -> None:
     # columns), so the old goes.
     with op.get_context().autocommit_block():
         create_index_concurrently("ix_turns_run_status_id", "turns", ["run_id", "status", "id"])
-        op.drop_index("ix_turns_run_status", table_name="turns", postgresql_concurrently=True, if_exists=True)
+        drop_index_concurrently("ix_turns_run_status", "turns")
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.create_index(
-            "ix_turns_run_status",
-            "turns",
-            ["run_id", "status"],
-            unique=False,
-            postgresql_concurrently=True,
-            if_not_exists=True,
-        )
-        op.drop_index(
-            "ix_turns_run_status_id", table_name="turns", postgresql_concurrently=True, if_exists=True
-        )
+        create_index_concurrently("ix_turns_run_status", "turns", ["run_id", "status"])
+        drop_index_concurrently("ix_turns_run_status_id", "turns")

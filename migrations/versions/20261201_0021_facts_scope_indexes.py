@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.concurrent_index import create_index_concurrently
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0021"
 down_revision: str | None = "0020"
@@ -39,4 +39,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.get_context().autocommit_block():
         for name in ("ix_facts_current_met", "ix_facts_current_scope"):
-            op.drop_index(name, table_name="facts", postgresql_concurrently=True, if_exists=True)
+            drop_index_concurrently(name, "facts")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.concurrent_index import create_index_concurrently
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0027"
 down_revision: str | None = "0026"
@@ -43,8 +43,6 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.drop_index(
-            "ix_turns_callback_retry_at", table_name="turns", postgresql_concurrently=True, if_exists=True
-        )
+        drop_index_concurrently("ix_turns_callback_retry_at", "turns")
     for table in ("runs", "turns"):
         op.drop_column(table, "callback_retry_at")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from migrations.concurrent_index import create_index_concurrently
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0030"
 down_revision: str | None = "0029"
@@ -47,4 +47,4 @@ def upgrade() -> None:
 def downgrade() -> None:
     with op.get_context().autocommit_block():
         for name in reversed(INDEXES):
-            op.drop_index(name, table_name="turns", postgresql_concurrently=True, if_exists=True)
+            drop_index_concurrently(name, "turns")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from alembic import op
 
-from migrations.concurrent_index import create_index_concurrently
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
 
 revision: str = "0032"
 down_revision: str | None = "0031"
@@ -28,4 +28,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
-        op.drop_index("ix_runs_status_expires_at", table_name="runs", postgresql_concurrently=True, if_exists=True)
+        drop_index_concurrently("ix_runs_status_expires_at", "runs")
