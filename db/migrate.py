@@ -10,10 +10,8 @@ from alembic import command
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, create_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy import Connection
 
-from core.services import database_url
 from core.settings import PROJECT_ROOT
 
 logger = logging.getLogger(__name__)
@@ -52,6 +50,7 @@ def code_head() -> str:
     return head
 
 
+@cache
 def _known(revision: str) -> bool:
     try:
         return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
@@ -90,24 +89,8 @@ def check_schema(connection: Connection) -> None:
 
 def upgrade(revision: str = "head") -> None:
     """Migrate the database up to `revision`. To head, a database a newer release already migrated
-    past this code's head is left as it is, said in one line (rolling back to an older image must
-    not fail its start-up migration)."""
-    if revision == "head":
-        engine = create_engine(database_url(), poolclass=NullPool)
-        try:
-            with engine.connect() as connection:
-                ahead = schema_ahead(connection)
-        except SchemaBehind:
-            ahead = None  # what the upgrade is for
-        finally:
-            engine.dispose()
-        if ahead is not None:
-            logger.warning(
-                "the database's schema is at revision %s, newer than this code's head %s: not migrating",
-                ahead,
-                code_head(),
-            )
-            return
+    past this code's head is left as it is, said in one line (migrations/env.py): rolling back to an
+    older image must not fail its start-up migration."""
     command.upgrade(alembic_config(), revision)
 
 

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 from core.services import database_url
 from core.settings import settings
-from db.migrate import MIGRATION_LOCK_KEY, include_name
+from db.migrate import MIGRATION_LOCK_KEY, SchemaBehind, code_head, include_name, schema_ahead
 from db.models import Base
 
 config = context.config
@@ -46,12 +46,36 @@ def _migrate(connection: Connection) -> None:
             break
         time.sleep(LOCK_POLL_S)
     try:
-        _run_giving_way(connection)
+        if not _newer_than_this_code(connection):
+            _run_giving_way(connection)
     finally:
         connection.rollback()  # a failed migration's transaction, so the unlock can run
         connection.execute(text("RESET lock_timeout"))
         connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK_KEY})
         connection.commit()
+
+
+def _newer_than_this_code(connection: Connection) -> bool:
+    """An upgrade to head of a database that a newer release migrated past this code's head (a
+    rollback to an older image): said in one line and left as it is, where alembic would fail on a
+    revision it does not know. Read under the migration lock: a newer release may have migrated it
+    while this process waited."""
+    if context.get_revision_argument() not in ("head", "heads", code_head()):  # "head" comes resolved
+        return False
+    try:
+        ahead = schema_ahead(connection)
+    except SchemaBehind:  # what the upgrade is for
+        return False
+    finally:
+        connection.commit()  # the read's transaction: Alembic begins its own
+    if ahead is None:
+        return False
+    logger.warning(
+        "the database's schema is at revision %s, newer than this code's head %s: not migrating",
+        ahead,
+        code_head(),
+    )
+    return True
 
 
 def _run_giving_way(connection: Connection) -> None:

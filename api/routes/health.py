@@ -16,7 +16,7 @@ router = APIRouter(tags=["health"])
 _PROBE_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="healthz")
 
 
-_schema_seen_current = False  # once at this code's head, a schema never goes back: not read again
+_schema_seen_current = False  # once not behind this code, a schema never goes back: not read again
 
 
 def _database_state() -> dict[str, str]:
@@ -31,7 +31,8 @@ def _database_state() -> dict[str, str]:
             conn.execute(text("SELECT 1"))
             if not _schema_seen_current:
                 try:
-                    _schema_seen_current = schema_ahead(conn) is None
+                    schema_ahead(conn)
+                    _schema_seen_current = True  # current, or ahead (a rollback): neither goes back
                 except SchemaBehind as exc:
                     logger.warning("health: %s", exc)
                     return {"database": "ok", "schema": "behind"}
