@@ -60,13 +60,36 @@ def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
     return []
 
 
+def held_turn_ids() -> set[uuid.UUID]:
+    """The turns whose messages workers hold, read without consuming: prefetched, waiting in a
+    batch, or due later with a countdown. kombu's Redis transport keeps each such message in its
+    unacked hash, as [message, exchange, routing key], until the worker acks it."""
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        raws = channel.client.hvals(channel.unacked_key)
+    held: set[uuid.UUID] = set()
+    for raw in raws:
+        try:
+            message = json.loads(raw)[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        held.update(_message_turn_ids(message) or ())
+    return held
+
+
 def _turn_ids(raw: bytes) -> list[uuid.UUID] | None:
     try:
-        message = json.loads(raw)
+        return _message_turn_ids(json.loads(raw))
+    except ValueError:
+        return None
+
+
+def _message_turn_ids(message: Any) -> list[uuid.UUID] | None:
+    try:
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
             body = base64.b64decode(body)
         _args, kwargs, _embed = json.loads(body)
         return [uuid.UUID(str(turn_id)) for turn_id in kwargs["turn_ids"]]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None

@@ -271,3 +271,52 @@ def test_a_lost_bulk_turn_is_found_behind_a_backlog_of_its_own_lane_larger_than_
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(model, "bulk"))
+
+
+def test_a_queued_turn_whose_message_was_lost_is_sent_again_a_lease_later_not_an_hour(
+    world, monkeypatch
+) -> None:
+    """Found in review (Redis as a store): a turn whose message Redis lost (a failover's asynchronous
+    replica dropped the last writes, an eviction, a flush) stayed queued until the sweeper's cutoff,
+    the visibility timeout (an hour), and every later turn of its conversation waited behind it. A
+    queued turn of a queue with nothing waiting, sent more than a lease ago and held by no worker
+    (kombu's unacked hash: prefetched, batched, or due later), is sent again at the next sweep."""
+    import json
+
+    from sqlalchemy import select, update
+
+    from db.models import Turn
+    from db.session import session_scope
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    (lost,) = enqueue_turns(
+        [new_conversation() | {"message": "Lost in a failover.", "model": MODEL}], send=False
+    )
+    (held,) = enqueue_turns([new_conversation() | {"message": "Prefetched.", "model": MODEL}])  # sent
+    queue = queue_for_model(MODEL, "live")
+    with app.connection_for_write() as conn:  # a worker took `held`'s message: the list to unacked
+        channel = conn.default_channel
+        raw = channel.client.rpop(queue)
+        assert raw is not None
+        channel.client.hset(channel.unacked_key, "sweep-check-tag", json.dumps([json.loads(raw), "", queue]))
+        unacked_key = channel.unacked_key
+    with session_scope() as s:  # both went out four minutes ago
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_([lost, held]))
+            .values(dispatched_at=func.now() - text("interval '4 minutes'"))
+        )
+    try:
+        assert queue_depth(MODEL, "live") == 0
+        assert resend_stranded(models=[MODEL]) == {f"{MODEL}/live": 1}  # the default cutoff: an hour
+        with session_scope() as s:
+            recent = s.scalar(
+                select(Turn.dispatched_at > func.now() - text("interval '1 minute'")).where(Turn.id == lost)
+            )
+        assert recent  # `lost` was sent again; `held` was left to its worker
+        assert queue_depth(MODEL, "live") == 1
+        assert resend_stranded(models=[MODEL]) == {}  # its message waits now
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.client.hdel(unacked_key, "sweep-check-tag")
+            conn.default_channel.queue_purge(queue)
