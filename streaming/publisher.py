@@ -18,6 +18,8 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from redis.exceptions import ReadOnlyError
+
 from core import metrics
 from core.settings import settings
 from streaming.events import DELTA, END, redis_url, stream_key
@@ -141,7 +143,12 @@ class Publisher:
                     )
                 pipe.execute()
                 return True
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, ReadOnlyError):
+                    # A failover demoted the server these connections reach, and the name now points
+                    # at the new primary: redis-py keeps a connection that answers READONLY, so drop
+                    # them all; the next try connects anew.
+                    self._client.connection_pool.disconnect()
                 if attempt == _TRIES - 1:
                     logger.warning("Redis did not take stream events", exc_info=True)
                     self._paused_until = time.monotonic() + _PAUSE_S

@@ -435,6 +435,71 @@ def test_the_publisher_gives_up_on_a_redis_that_never_answers(monkeypatch) -> No
         hung.close()
 
 
+def _failed_over_front(primary: tuple[str, int]) -> tuple[socket.socket, list[int]]:
+    """A Redis address whose first connection reaches a demoted server (every command answered
+    READONLY, as a primary a failover turned into a replica answers writes) and whose later ones reach
+    `primary` (the name now points at the new primary). Returns the listener and its connections."""
+    front = socket.socket()
+    front.bind(("127.0.0.1", 0))
+    front.listen(16)
+    accepted: list[int] = []
+
+    def demoted(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                lines, at, commands = data.split(b"\r\n"), 0, 0
+                while at < len(lines) and lines[at].startswith(
+                    b"*"
+                ):  # each command: *n, then n $len/arg pairs
+                    at, commands = at + 1 + 2 * int(lines[at][1:]), commands + 1
+                conn.sendall(b"-READONLY You can't write against a read only replica.\r\n" * commands)
+
+    def pipe(source: socket.socket, sink: socket.socket) -> None:
+        with source, sink:
+            while data := source.recv(65536):
+                sink.sendall(data)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = front.accept()
+            except OSError:
+                return
+            accepted.append(1)
+            if len(accepted) == 1:
+                threading.Thread(target=demoted, args=(conn,), daemon=True).start()
+            else:
+                upstream = socket.create_connection(primary)
+                threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
+                threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return front, accepted
+
+
+def test_the_publisher_reconnects_after_a_failover_demoted_its_server() -> None:
+    """Found in review (Redis as a store): redis-py keeps a connection that answers READONLY (only its
+    Sentinel mode drops one), so after a failover that moved the name to the new primary every round
+    of stream events failed, paused 5 s, and failed again until the worker restarted: no streamed
+    turn of that worker showed text. The publisher drops its connections on READONLY."""
+    primary = redis.Redis.from_url(redis_url())
+    address = primary.connection_pool.connection_kwargs
+    if "path" in address:
+        pytest.skip("the session's Redis listens on a unix socket only")
+    front, accepted = _failed_over_front((address.get("host", "127.0.0.1"), int(address["port"])))
+    try:
+        port = front.getsockname()[1]
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
+        sink = Publisher(client)
+        turn_id, claim = uuid.uuid4(), uuid.uuid4()
+        sink.delta(turn_id, claim, "after the failover")
+        assert sink.flush(timeout=15)
+        assert len(accepted) >= 2  # connected anew, past the demoted server
+        assert [f[b"text"] for _, f in primary.xrange(stream_key(turn_id))] == [b"after the failover"]
+    finally:
+        front.close()
+
+
 def test_concurrent_first_calls_start_one_publisher(monkeypatch) -> None:
     monkeypatch.setattr(streaming.publisher, "_publisher", None)
     barrier, got = threading.Barrier(16), []
