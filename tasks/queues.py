@@ -43,6 +43,27 @@ def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
     return depths
 
 
+def eviction_risk() -> str | None:
+    """One line saying that the broker may evict queued messages, or None. Under a maxmemory policy
+    of `allkeys-*` (the default of some managed Redis services) a full Redis drops whole keys: a lane
+    queue's list, kombu's unacked hash. `volatile-*` evicts only keys with a TTL (the turn streams,
+    which readers can do without; queue lists have none). A Redis that refuses CONFIG says nothing."""
+    try:
+        with app.connection_for_read() as conn:
+            answer = conn.default_channel.client.config_get("maxmemory-policy")
+    except Exception:
+        return None
+    policy = answer.get("maxmemory-policy") or answer.get(b"maxmemory-policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if not policy or not str(policy).startswith("allkeys"):
+        return None
+    return (
+        f"the broker's Redis has maxmemory-policy {policy}: once full it may evict queued messages"
+        " (their turns then wait for `mlchat sweep`); set noeviction, or a volatile-* policy"
+    )
+
+
 OLDEST_SCANNED = 64  # messages looked at from the oldest for one that carries turns
 
 

@@ -320,3 +320,23 @@ def test_a_queued_turn_whose_message_was_lost_is_sent_again_a_lease_later_not_an
         with app.connection_for_write() as conn:
             conn.default_channel.client.hdel(unacked_key, "sweep-check-tag")
             conn.default_channel.queue_purge(queue)
+
+
+def test_a_broker_that_may_evict_queued_messages_is_named_at_worker_start(world) -> None:
+    """Found in review (Redis as a store): nothing read the broker's maxmemory-policy; under allkeys-*
+    (the default of some managed Redis services) a full Redis drops a whole lane queue or kombu's
+    unacked hash, silently. A worker says so in one line at start (python -m worker)."""
+    from tasks.queues import eviction_risk
+
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        before = client.config_get("maxmemory-policy")["maxmemory-policy"]
+        try:
+            assert eviction_risk() is None  # the embedded Redis: noeviction
+            client.config_set("maxmemory-policy", "allkeys-lru")
+            risk = eviction_risk()
+            assert risk is not None and "maxmemory-policy allkeys-lru" in risk and "noeviction" in risk
+            client.config_set("maxmemory-policy", "volatile-lru")  # evicts keys with a TTL only
+            assert eviction_risk() is None
+        finally:
+            client.config_set("maxmemory-policy", before)

@@ -27,8 +27,12 @@ def _warm_up(**_: object) -> None:
     except Exception:  # Celery would log it and run on, with no housekeeping: exit instead
         logging.getLogger(__name__).critical("the worker could not start", exc_info=True)
         sys.exit(1)
+    from tasks.queues import eviction_risk
     from worker.housekeeping import Housekeeper
 
+    risk = eviction_risk()
+    if risk is not None:  # said once at start: the operator's setting, not this worker's to change
+        logging.getLogger(__name__).warning("%s", risk)
     Housekeeper().start()
     if settings.metrics_port:
         from prometheus_client import start_http_server
