@@ -126,7 +126,7 @@ def callbacks_due(
         of.finished_at < cutoff,
         of.finished_at >= oldest,
         # given up (its wait for a slot outlasted the retry window): never queued again
-        or_(of.callback_error.is_(None), ~of.callback_error.contains(GIVEN_UP, autoescape=True)),
+        func.coalesce(func.strpos(of.callback_error, GIVEN_UP), 0) == 0,
     )
     if of is Turn:
         query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))
