@@ -58,13 +58,18 @@ def attitude(affinity: int) -> str:
     return "warm" if affinity < 60 else "devoted"
 
 
-def moved_affinity(affinity: int, tone: float) -> int | None:
-    """The affinity after a line of this tone (friendly minus hostile similarity); None when the
-    line reads neither friendly nor hostile enough to move it."""
+def affinity_step(tone: float) -> int | None:
+    """How far a line of this tone (friendly minus hostile similarity) moves an affinity; None when
+    it reads neither friendly nor hostile enough to move it."""
     if abs(tone) < MIN_TONE_MARGIN:
         return None
-    step = int(np.clip(round(tone * 40), -MAX_STEP, MAX_STEP))
-    return int(np.clip(affinity + step, AFFINITY_MIN, AFFINITY_MAX))
+    return int(np.clip(round(tone * 40), -MAX_STEP, MAX_STEP))
+
+
+def moved_affinity(affinity: int, tone: float) -> int | None:
+    """The affinity after a line of this tone, within its bounds; None when the line does not move it."""
+    step = affinity_step(tone)
+    return None if step is None else int(np.clip(affinity + step, AFFINITY_MIN, AFFINITY_MAX))
 
 
 def describe_toward(char: str, other: str, affinity: int) -> str:
@@ -88,12 +93,16 @@ class Mood:
 
 @dataclass(frozen=True)
 class Regard:
-    """A group member's affinity toward another member, before and after the line it answered."""
+    """A group member's affinity toward another member, before and after the line it answered, and
+    the line's step unbounded: the store adds the step to the regard as it is then (another writer
+    may have moved it since the claim) and bounds the sum, not after - before, which was bounded
+    against the value read at the claim."""
 
     character_id: int
     name: str
     before: int
     after: int
+    step: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class MoodUpdate:
                 "name": self.toward.name,
                 "before": self.toward.before,
                 "after": self.toward.after,
+                "step": self.toward.step,
             }
         return out
 
@@ -127,13 +137,14 @@ def toward_member(update: MoodUpdate, *, character_id: int, name: str, regard: i
     """The update of a line that answers another member's line: that line's tone moves the regard
     toward its speaker, and the affinity toward the player stays (the player did not speak)."""
     notes = [n for n in update.notes if not n.startswith("affinity unchanged")]
-    after = moved_affinity(regard, update.tone)
-    if after is None:
-        after = regard
+    step = affinity_step(update.tone)
+    if step is None:
+        step = 0
         notes.append(f"regard toward {name} unchanged: the line reads neither friendly nor hostile")
     notes.append(f"affinity toward the player unchanged: the line answered was {name}'s")
     mood = Mood(update.after.emotion, update.before.affinity)
-    regard_update = Regard(character_id, name, regard, after)
+    after = int(np.clip(regard + step, AFFINITY_MIN, AFFINITY_MAX))
+    regard_update = Regard(character_id, name, regard, after, step)
     return MoodUpdate(update.before, mood, update.emotion_scores, update.tone, notes, regard_update)
 
 

@@ -1618,9 +1618,15 @@ def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(worl
 def test_a_line_answering_another_member_moves_the_regard_toward_them_not_the_player() -> None:
     friendly = MoodUpdate(Mood("neutral", 5), Mood("joy", 13), {}, 0.2, [])  # the classifier's reading
     moved = toward_member(friendly, character_id=2, name="Bram", regard=-30)
-    assert moved.toward == Regard(2, "Bram", -30, -22)
+    assert moved.toward == Regard(2, "Bram", -30, -22, 8)
     assert moved.after == Mood("joy", 5)  # the emotion moves; the affinity toward the player stays
-    assert moved.as_json()["toward"] == {"character_id": 2, "name": "Bram", "before": -30, "after": -22}
+    assert moved.as_json()["toward"] == {
+        "character_id": 2,
+        "name": "Bram",
+        "before": -30,
+        "after": -22,
+        "step": 8,
+    }
     hostile = MoodUpdate(Mood(), Mood(), {}, -1.0, [])
     assert toward_member(hostile, character_id=3, name="Cass", regard=-95).toward.after == -100  # bounded
     faint = MoodUpdate(Mood(), Mood(), {}, 0.01, [])
@@ -1661,10 +1667,11 @@ def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(wor
     turn, token, _ = _answer(_open_step(scene_id), "", store=False)  # then elara answers haneul
     assert turn.character.slug == "elara" and turn.answers is not None
     assert turn.answers[0] != ids["luffy"] and turn.regard == {ids["luffy"]: -30}
-    # Elara answers haneul's line: a friendly reading moves her regard toward haneul, from 0.
+    # Elara answers haneul's line: a friendly reading moves her regard toward haneul, read at 95 at
+    # the claim (so bounded to 100 there: after - before is +5).
     other_id, other_name = turn.answers
     update = toward_member(
-        MoodUpdate(Mood(), Mood("joy", 8), {}, 0.2, []), character_id=other_id, name=other_name, regard=0
+        MoodUpdate(Mood(), Mood("joy", 8), {}, 0.2, []), character_id=other_id, name=other_name, regard=95
     )
     with session_scope() as s:  # meanwhile her row moves (another writer): the step keeps that
         conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
@@ -1681,7 +1688,8 @@ def test_a_step_answering_another_member_moves_the_stored_regard_toward_them(wor
     with session_scope() as s:
         conv_id = s.scalar(select(Scene.conversation_id).where(Scene.id == scene_id))
         row = s.get_one(ConversationMember, (conv_id, ids["elara"]))
-        # the line's +8 lands on the regard as it is now; the affinity toward the player is not written
+        # the line's +8 lands on the regard as it is now (review: not the +5 bounded against the 95
+        # read at the claim); the affinity toward the player is not written
         assert row.regard == {str(ids["luffy"]): -10, str(other_id): 58}
         assert (row.emotion, row.affinity) == ("joy", 20)
     turn, _, _ = _answer(_open_step(scene_id), "", store=False)  # luffy next, answering elara
