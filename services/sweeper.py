@@ -49,7 +49,7 @@ from db.session import session_scope
 from db.turns import lapsed_and_unsent, mark_dispatched
 from services.runs.control import interrupted_message
 from tasks.generate import dispatch
-from tasks.queues import held_turn_ids, oldest_waiting_turn_ids, queue_depth
+from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
 
 # Between stamping `dispatched_at` and the message reaching the queue (a commit, a broker round):
 # a queued turn counts as sent before the oldest waiting message only if it went out this much earlier.
@@ -77,17 +77,20 @@ def find_stranded(
     models: Sequence[str],
     limit: int,
     waiting: Mapping[tuple[str, Lane], datetime | None] | None = None,
-    held: set[uuid.UUID] | None = None,
+    held: tuple[set[uuid.UUID], set[tuple[str, Lane]]] | None = None,
 ) -> dict[tuple[str, Lane], list[Stranded]]:
     """Turns no worker holds: queued (or running under an expired lease and re-sent since) with no
     message sent for `older_than_s`, or running under an expired lease with none sent since it
     expired; grouped by (model, lane), oldest first. `waiting` names the queues with messages waiting
     and when the oldest of them went out (None: unknown): of those queues only turns sent before it
     (or never re-sent) are taken, in the query itself, so a backlog never fills the limit.
-    `held`: the turns whose messages workers hold (unacked), when read: a queued turn of a queue
-    with nothing waiting, sent a lease ago and held by no worker, has lost its message (a Redis
-    failover dropped the last writes, an eviction, a flush) and is taken too, without waiting out
-    `older_than_s` (an hour by default, its conversation stalled behind it meanwhile)."""
+    `held`: the turns whose messages workers hold (unacked) and the queues that hold nothing, read
+    together (tasks/queues.py::held_and_empty): a queued turn of such a queue, sent a lease ago and
+    held by no worker, has lost its message (a Redis failover dropped the last writes, an eviction,
+    a flush) and is taken too, without waiting out `older_than_s` (an hour by default, its
+    conversation stalled behind it meanwhile). A turn of no run is taken for the live lane, but may
+    have gone out on the bulk one (the Python API's `lane`): behind a bulk backlog it counts as lost
+    only if it went out before the backlog's oldest message."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     lease_gone = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
@@ -119,12 +122,16 @@ def find_stranded(
                     oldest = waiting[(model, lane)]  # type: ignore[index]
                     lost = Turn.dispatched_at < oldest - SEND_SLACK if oldest is not None else false()
                     query = query.where(or_(unsent, lost))
-                elif held is not None:  # nothing waits in this queue
-                    message_lost = and_(
-                        Turn.status == TurnStatus.QUEUED,
-                        Turn.dispatched_at < func.now() - LOST_AFTER,
-                        Turn.id.not_in(held),
-                    )
+                elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
+                    before = [Turn.dispatched_at < func.now() - LOST_AFTER]
+                    if lane == "live" and waiting is not None and (model, "bulk") in waiting:
+                        oldest_bulk = waiting[(model, "bulk")]
+                        before.append(
+                            Turn.dispatched_at < oldest_bulk - SEND_SLACK
+                            if oldest_bulk is not None
+                            else false()
+                        )
+                    message_lost = and_(Turn.status == TurnStatus.QUEUED, *before, Turn.id.not_in(held[0]))
                     query = select(Turn.id, unsent, Turn.dispatched_at).where(
                         or_(stranded, message_lost), Turn.model == model, of_lane
                     )
@@ -162,13 +169,13 @@ def resend_stranded(
         for lane in lanes
         if queue_depth(model, lane)
     }
-    empty = len(waiting) < len(models) * len(lanes)
+    every_lane = [(model, lane) for model in models for lane in lanes]
     groups = find_stranded(
         older_than_s=settings.visibility_timeout if older_than_s is None else older_than_s,
         models=models,
         limit=limit,
         waiting=waiting,
-        held=held_turn_ids() if empty else None,  # read after the queues: a message taken meanwhile is held
+        held=held_and_empty(every_lane) if len(waiting) < len(every_lane) else None,
     )
     sent: dict[str, int] = {}
     failed: list[str] = []

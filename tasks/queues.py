@@ -81,21 +81,36 @@ def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
     return []
 
 
-def held_turn_ids() -> set[uuid.UUID]:
-    """The turns whose messages workers hold, read without consuming: prefetched, waiting in a
-    batch, or due later with a countdown. kombu's Redis transport keeps each such message in its
-    unacked hash, as [message, exchange, routing key], until the worker acks it."""
+def held_and_empty(lanes: Sequence[tuple[str, Lane]]) -> tuple[set[uuid.UUID], set[tuple[str, Lane]]]:
+    """The turns whose messages workers hold (prefetched, waiting in a batch, or due later with a
+    countdown: kombu's Redis transport keeps each in its unacked hash, as [message, exchange, routing
+    key], until the worker acks it), and which of these lanes' queues hold no message, read in one
+    MULTI: a message moving between a queue and the hash meanwhile (taken by a worker, or re-sent by
+    one that acks its old message after) is seen in one place or the other, never in neither."""
     with app.connection_for_read() as conn:
         channel = conn.default_channel
-        raws = channel.client.hvals(channel.unacked_key)
+        client = channel.client
+        with client.pipeline(transaction=True) as pipe:
+            for model, lane in lanes:
+                for priority in channel.priority_steps:  # as kombu counts a queue: each priority's list
+                    pipe.llen(channel._q_for_pri(queue_for_model(model, lane), priority))
+            # HVALS is not among the commands kombu's client prefixes: the prefix is added here
+            pipe.hvals(getattr(channel, "global_keyprefix", "") + channel.unacked_key)
+            answers = pipe.execute()
+    steps = len(channel.priority_steps)
+    empty = {
+        lanes[i]
+        for i in range(len(lanes))
+        if not any(n for n in answers[i * steps : (i + 1) * steps] if isinstance(n, int))
+    }
     held: set[uuid.UUID] = set()
-    for raw in raws:
+    for raw in answers[-1]:
         try:
             message = json.loads(raw)[0]
-        except (ValueError, IndexError, TypeError):
+        except (ValueError, IndexError, TypeError, KeyError):
             continue
         held.update(_message_turn_ids(message) or ())
-    return held
+    return held, empty
 
 
 def _turn_ids(raw: bytes) -> list[uuid.UUID] | None:

@@ -340,3 +340,38 @@ def test_a_broker_that_may_evict_queued_messages_is_named_at_worker_start(world)
             assert eviction_risk() is None
         finally:
             client.config_set("maxmemory-policy", before)
+
+
+def test_a_turn_of_no_run_sent_on_the_bulk_lane_is_not_taken_for_lost_behind_a_bulk_backlog(
+    world, monkeypatch
+) -> None:
+    """Review of the quick re-send: a turn of no run is taken for the live lane, but the Python API's
+    `lane` sends one on the bulk lane; with the live queue empty, a bulk backlog of such turns would
+    have been re-sent on the live lane at every sweep. Behind a bulk backlog such a turn counts as
+    lost only if it went out before the backlog's oldest message."""
+    from sqlalchemy import update
+
+    from db.models import Turn
+    from db.session import session_scope
+
+    model = "sweep-lanes"
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    (lost,) = enqueue_turns([new_conversation() | {"message": "Long lost.", "model": model}], send=False)
+    (waiting,) = enqueue_turns(
+        [new_conversation() | {"message": "In the bulk backlog.", "model": model}], lane="bulk"
+    )
+    with session_scope() as s:
+        for turn_id, minutes in ((lost, 10), (waiting, 4)):
+            s.execute(
+                update(Turn)
+                .where(Turn.id == turn_id)
+                .values(dispatched_at=func.now() - func.make_interval(0, 0, 0, 0, 0, minutes))
+            )
+    try:
+        assert queue_depth(model, "live") == 0 and queue_depth(model, "bulk") == 1
+        assert resend_stranded(models=[model]) == {f"{model}/live": 1}  # `lost` only
+        assert queue_depth(model, "bulk") == 1  # `waiting` still waits where it was sent
+    finally:
+        with app.connection_for_write() as conn:
+            for lane in ("live", "bulk"):
+                conn.default_channel.queue_purge(queue_for_model(model, lane))
