@@ -9,19 +9,23 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
+from core.settings import settings
+
 
 @contextmanager
-def no_lock_timeout() -> Iterator[None]:
-    """Without the migration's lock timeout (migrations/env.py): CREATE or DROP INDEX CONCURRENTLY
-    waits for every transaction older than it to end, blocking no query meanwhile, and one that gave
-    up after the timeout would leave an INVALID index for every write to maintain, then scan the
-    table again on each retry, and fail the upgrade behind any long transaction."""
+def concurrent_lock_timeout() -> Iterator[None]:
+    """The lock timeout of a CREATE or DROP INDEX CONCURRENTLY: MLCHAT_MIGRATION_RETRY_S, not the
+    migration's short one (migrations/env.py). Such a build waits for every transaction older than
+    it to end, blocking no query meanwhile; cut short after seconds, it would leave an INVALID index
+    for every write to maintain, scan the table again on each retry, and fail behind any long
+    transaction. Bounded still: an idle transaction never ending fails the upgrade in one line."""
     if op.get_context().as_sql:  # an offline script: nothing to set
         yield
         return
     bind = op.get_bind()
     before = bind.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar()
-    bind.execute(sa.text("SELECT set_config('lock_timeout', '0', false)"))
+    patient = f"{round(settings.migration_retry_s * 1000)}ms"
+    bind.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": patient})
     try:
         yield
     finally:
@@ -29,21 +33,21 @@ def no_lock_timeout() -> Iterator[None]:
 
 
 def create_index_concurrently(name: str, table: str, columns: list[str], **kw: Any) -> None:
-    """CREATE INDEX CONCURRENTLY IF NOT EXISTS, inside the migration's autocommit block, waiting
-    without a lock timeout. A build that was interrupted leaves an INVALID index of that name, which
+    """CREATE INDEX CONCURRENTLY IF NOT EXISTS, inside the migration's autocommit block, under
+    concurrent_lock_timeout. A build that was interrupted leaves an INVALID index of that name, which
     IF NOT EXISTS would accept as done (and a migration would then drop the index it replaces): such
     a one is dropped and built again."""
     if op.get_context().as_sql:  # an offline script: no catalogue to read
         op.create_index(name, table, columns, postgresql_concurrently=True, if_not_exists=True, **kw)
         return
-    with no_lock_timeout():
+    with concurrent_lock_timeout():
         _create(name, table, columns, **kw)
 
 
 def drop_index_concurrently(name: str, table: str) -> None:
-    """DROP INDEX CONCURRENTLY IF EXISTS, inside the migration's autocommit block, waiting without a
-    lock timeout."""
-    with no_lock_timeout():
+    """DROP INDEX CONCURRENTLY IF EXISTS, inside the migration's autocommit block, under
+    concurrent_lock_timeout."""
+    with concurrent_lock_timeout():
         op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
 
 

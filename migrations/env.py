@@ -60,7 +60,12 @@ def _newer_than_this_code(connection: Connection) -> bool:
     rollback to an older image): said in one line and left as it is, where alembic would fail on a
     revision it does not know. Read under the migration lock: a newer release may have migrated it
     while this process waited."""
-    if context.get_revision_argument() not in ("head", "heads", code_head()):  # "head" comes resolved
+    try:
+        target = context.get_revision_argument()  # "head" comes resolved to its revision
+    except KeyError:  # a command that migrates nothing (revision --autogenerate, check, current)
+        return False
+    targets = set(target) if isinstance(target, tuple) else {target}  # "heads": a tuple
+    if not targets <= {"head", "heads", code_head()}:
         return False
     try:
         ahead = schema_ahead(connection)
