@@ -64,7 +64,9 @@ def _in_a_slot(
     as it was (a full house is not the receiver's failure)."""
     if not _SLOTS.acquire(blocking=False):
         since = time.time() if since is None else since
-        if time.time() - since > HOLD_AFTER_S:
+        # `since` is another worker's clock: the waits' own least length decides too, so a worker
+        # whose clock is behind still marks a callback held once it has waited a minute
+        if time.time() - since > HOLD_AFTER_S or _least_waited(waits) > HOLD_AFTER_S:
             _hold(owner, target)
         _later(task, waits + 1, since)
         return
@@ -77,8 +79,18 @@ def _in_a_slot(
         _SLOTS.release()
 
 
+def _least_wait(waits: int) -> float:
+    """The shortest the `waits`th wait for a slot lasts (each lasts up to twice that)."""
+    return min(SLOT_WAIT_MAX_S, SLOT_WAIT_S * 2 ** min(waits - 1, 6))
+
+
+def _least_waited(waits: int) -> float:
+    """The least time `waits` waits for a slot took, whatever the clocks say."""
+    return sum(_least_wait(i) for i in range(1, waits + 1))
+
+
 def _later(task: Any, waits: int, since: float) -> None:
-    wait = min(SLOT_WAIT_MAX_S, SLOT_WAIT_S * 2 ** min(waits - 1, 6)) * (1.0 + random.random())
+    wait = _least_wait(waits) * (1.0 + random.random())
     countdown = within_visibility(wait)
     kwargs = {**(task.request.kwargs or {}), "waits": waits, "since": since}
     task.signature_from_request(

@@ -462,6 +462,28 @@ def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads
     assert callback_slots(16) == settings.callback_concurrency == 2 and callback_slots(2) == 1
 
 
+def test_a_callback_that_waited_a_minute_for_a_slot_is_held_whatever_the_workers_clocks(monkeypatch) -> None:
+    """Found in review (time and clocks): the wait for a slot was measured from `since`, another
+    worker's clock carried in the message: a worker 240 s behind never marked the callback held
+    before the sweep's look at five minutes, which took it for lost and queued it a second time.
+    The waits' own least length (2 + 4 + 8 + 16 + 32 s after five) decides too."""
+    from types import SimpleNamespace
+
+    import tasks.callbacks as callback_tasks
+
+    held: list[str] = []
+    monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: held.append(target))
+    monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: None)
+    full = threading.BoundedSemaphore(1)
+    full.acquire()
+    monkeypatch.setattr(callback_tasks, "_SLOTS", full)
+    task = SimpleNamespace(request=SimpleNamespace(kwargs={}))
+    behind = time.time() + 240  # `since` as a worker 240 s ahead of this one wrote it
+    for waits, target in ((4, "after 30 s"), (5, "after 62 s")):
+        callback_tasks._in_a_slot(task, Run, lambda t: None, target, waits, behind)
+    assert held == ["after 62 s"]
+
+
 def test_a_delivery_sent_back_for_want_of_a_slot_keeps_its_arguments_and_its_try_count(monkeypatch) -> None:
     from celery.canvas import Signature
 
