@@ -747,3 +747,19 @@ def test_a_batch_that_raised_is_logged_and_counted_like_any_other(world, caplog)
     assert line["raised"] == "OperationalError" and line["handed_back"] == [str(turn_id)], line
     assert handed_back() == before + 1
     assert get_turn(turn_id).status == TurnStatus.QUEUED
+
+
+def test_the_generation_stage_leaves_out_the_earlier_groups_judging_and_writing() -> None:
+    """Found in review (numeric correctness): a batch's generate_ms ran from submission to its last
+    reply, across the earlier groups' judging and writing, which are stages of their own too: the
+    stages summed past the batch's wall time (the stage histogram counted that time twice)."""
+    import time
+
+    from worker.stage_timer import GenerationSpan
+
+    span = GenerationSpan()
+    time.sleep(0.02)  # generating
+    with span.other_stages():
+        time.sleep(0.5)  # the first group's judging and writing, while the others generate
+    time.sleep(0.02)
+    assert span.ms() < 300  # about 40 ms; 540 counted the group's stages again

@@ -58,7 +58,7 @@ from worker.engine_loop import Generation
 from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
-from worker.stage_timer import StageTimer
+from worker.stage_timer import GenerationSpan, StageTimer
 from worker.structured import BadStructuredReply, ReplyShape, actions_prompt, read_reply, shape_of
 
 logger = logging.getLogger(__name__)
@@ -475,7 +475,7 @@ def _answer(
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
     window = store_window(turns, priority)
     waiting = list(ready)
-    submitted = time.perf_counter()
+    span = GenerationSpan()
     while waiting:
         # Until one more is done (or the engine died), and no longer than the claim is held.
         pending = [f for t in waiting for f in future_of[t.id] if not f.done()]
@@ -484,25 +484,26 @@ def _answer(
         _gather(window, [f for t in waiting for f in future_of[t.id]], hold_until)
         finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
         # From admission until the batch's last reply: its turns' generation, shared with other batches.
-        timer.ms["generate_ms"] = (time.perf_counter() - submitted) * 1000
+        timer.ms["generate_ms"] = span.ms()
         group = [t for t in waiting if t.id in finished]
         waiting = [t for t in waiting if t.id not in finished]
         if not group:  # a candidate finished, but no turn has all of its candidates yet
             continue
         outcomes = {t.id: _results(future_of[t.id], candidates[t.id], every=_choices(t) > 1) for t in group}
-        _finish_group(
-            group,
-            outcomes,
-            token,
-            report,
-            timer,
-            requests,
-            prompts,
-            vector_of,
-            context_of,
-            shared_ms,
-            hold_until,
-        )
+        with span.other_stages():
+            _finish_group(
+                group,
+                outcomes,
+                token,
+                report,
+                timer,
+                requests,
+                prompts,
+                vector_of,
+                context_of,
+                shared_ms,
+                hold_until,
+            )
     report.timings = {**shared_ms, **timer.ms}
 
 

@@ -24,3 +24,26 @@ class StageTimer:
 
     def elapsed_ms(self) -> float:
         return (time.perf_counter() - self.started) * 1000
+
+
+class GenerationSpan:
+    """The generation stage of a batch whose replies are judged and written group by group as they
+    finish: from submission to the last reply, less the time this thread spent on the earlier groups
+    meanwhile (those are their own stages: the stages then add up to the batch, none counted twice)."""
+
+    def __init__(self) -> None:
+        self._submitted = time.perf_counter()
+        self._elsewhere = 0.0
+
+    @contextmanager
+    def other_stages(self) -> Iterator[None]:
+        """Time spent on a finished group's stages, taken out of the span."""
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._elsewhere += time.perf_counter() - begin
+
+    def ms(self) -> float:
+        """The span so far, in milliseconds."""
+        return (time.perf_counter() - self._submitted - self._elsewhere) * 1000
