@@ -550,6 +550,11 @@ def test_request_counts_leave_out_cancelled_requests_and_usage_counts_every_cand
     )
     usage = _openai_ok(turn, Run(model=MODEL, created_at=now))["response"]["body"]["usage"]
     assert usage == {"prompt_tokens": 50, "completion_tokens": 19, "total_tokens": 69}
+    # Found in review (numeric correctness): a candidate dropped as unreadable (a structured reply of
+    # 500 tokens that did not parse) was paid for by the engine and counted by the metrics, not here.
+    turn.usage = {**turn.usage, "generated_completion_tokens": 519}
+    usage = _openai_ok(turn, Run(model=MODEL, created_at=now))["response"]["body"]["usage"]
+    assert usage == {"prompt_tokens": 50, "completion_tokens": 519, "total_tokens": 569}
 
 
 def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:

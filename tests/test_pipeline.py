@@ -763,3 +763,24 @@ def test_the_generation_stage_leaves_out_the_earlier_groups_judging_and_writing(
         time.sleep(0.5)  # the first group's judging and writing, while the others generate
     time.sleep(0.02)
     assert span.ms() < 300  # about 40 ms; 540 counted the group's stages again
+
+
+def test_a_turns_generated_tokens_count_every_candidate_the_engine_finished() -> None:
+    """Review (numeric correctness): what a turn cost is every candidate the engine finished for it,
+    kept or dropped (empty, unreadable), as the metrics count it; not a cancelled or failed one."""
+    from concurrent.futures import Future
+
+    from worker.engine_loop import Generation
+    from worker.pipeline import _generations
+
+    def finished(result: object) -> Future:
+        future: Future = Future()
+        future.set_result(result)
+        return future
+
+    kept, dropped = Generation("Well met.", 40, 12, "stop"), Generation("{not json", 40, 500, "length")
+    cancelled, failed = Future(), Future()
+    cancelled.cancel()
+    failed.set_exception(RuntimeError("engine error"))
+    futures = [finished(kept), finished(dropped), cancelled, failed]
+    assert sum(g.completion_tokens for g in _generations(futures)) == 512

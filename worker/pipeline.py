@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -703,6 +703,10 @@ def _finish_group(
                     "completion_tokens": gen.completion_tokens,
                     "total_tokens": gen.prompt_tokens + gen.completion_tokens,
                     "finish_reason": gen.finish_reason,
+                    # every candidate the engine finished for it, kept or dropped: what it cost
+                    "generated_completion_tokens": sum(
+                        g.completion_tokens for g in _generations(report.futures.get(turn.id, ()))
+                    ),
                 },
                 timings=timings,
                 params={**turn.params, "seed": verdict.seed},
@@ -826,17 +830,23 @@ def _judge_each(
     return judged
 
 
-def _engine_tokens(report: BatchReport) -> dict[str, int]:
-    """The tokens of every request of the batch the engine finished: candidates kept or dropped
-    (a structured reply that did not parse, an empty one), regenerations: the engine's work."""
-    tokens = {"prompt": 0, "completion": 0}
-    for future in (f for candidates in report.futures.values() for f in candidates):
+def _generations(futures: Iterable[Any]) -> Iterator[Generation]:
+    """What the engine finished of these requests: candidates kept or dropped (a structured reply
+    that did not parse, an empty one), regenerations."""
+    for future in futures:
         if not future.done() or future.cancelled() or future.exception() is not None:
             continue
         made = future.result()
         if isinstance(made, Generation):
-            tokens["prompt"] += made.prompt_tokens
-            tokens["completion"] += made.completion_tokens
+            yield made
+
+
+def _engine_tokens(report: BatchReport) -> dict[str, int]:
+    """The tokens of every request of the batch the engine finished: the engine's work."""
+    tokens = {"prompt": 0, "completion": 0}
+    for made in _generations(f for candidates in report.futures.values() for f in candidates):
+        tokens["prompt"] += made.prompt_tokens
+        tokens["completion"] += made.completion_tokens
     return tokens
 
 

@@ -206,9 +206,13 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
         }
         for i, alt in enumerate(others, start=1)
     ]
-    # Every candidate generated is paid for, returned or not (best of n costs n, a regeneration too).
-    completion = usage.get("completion_tokens", 0) + sum(
-        a.get("completion_tokens", 0) for a in turn.alternatives or []
+    # Every candidate generated is paid for, returned or not (best of n costs n, a regeneration too),
+    # those dropped as empty or unreadable among them (`generated_completion_tokens`; turns stored
+    # before it was recorded: the kept reply and the alternatives).
+    completion = max(
+        usage.get("completion_tokens", 0)
+        + sum(a.get("completion_tokens", 0) for a in turn.alternatives or []),
+        usage.get("generated_completion_tokens", 0),
     )
     body = {
         "id": f"chatcmpl-{turn.id.hex}",
