@@ -24,7 +24,14 @@ from db.turns import IdempotencyConflict, fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
-from services.runs.openai_lines import ENDPOINT, LineOptions, body_field, message_content, to_run_line
+from services.runs.openai_lines import (
+    ENDPOINT,
+    LineOptions,
+    body_field,
+    message_content,
+    paid_completion_tokens,
+    to_run_line,
+)
 from services.schemas import GenerationParams, Text, TurnRequest
 
 CONVERSATION_HEADER = "X-Mlchat-Conversation"
@@ -226,7 +233,7 @@ def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:
                 "finish_reason": _finish_reason(usage),
             }
         ],
-        "usage": _usage(usage),
+        "usage": _usage(usage, view.alternatives),
     }
 
 
@@ -235,8 +242,9 @@ def usage_chunk(turn: ChatTurn, usage: dict[str, Any] | None) -> dict[str, Any]:
     return {**chunk(turn, {}), "choices": [], "usage": _usage(usage or {})}
 
 
-def _usage(usage: dict[str, Any]) -> dict[str, int]:
-    return {k: usage.get(k, 0) for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+def _usage(usage: dict[str, Any], alternatives: list[dict[str, Any]] | None = None) -> dict[str, int]:
+    prompt, completion = usage.get("prompt_tokens", 0), paid_completion_tokens(usage, alternatives)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def chunk(turn: ChatTurn, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:

@@ -604,3 +604,16 @@ def test_a_stream_the_database_drops_is_resumed_after_its_last_delta_not_ended(m
     assert texts == ["The road ", "north."] and sent[-1] == "[DONE]", sent
     # the resume says what was sent: a stream that lost its place goes on from it, not `restarted`
     assert calls == [(None, None), ("1-0", "The road ")]
+
+
+def test_a_live_answers_usage_pays_for_every_candidate_as_a_batch_lines_does() -> None:
+    """Review (numeric correctness): a chat completion's usage counted the kept reply only, while a
+    batch line's counts every candidate generated (a weak reply's regeneration, one dropped as
+    unreadable): one rule for both (services/runs/openai_lines.py::paid_completion_tokens)."""
+    stored = {"prompt_tokens": 50, "completion_tokens": 12, "generated_completion_tokens": 512}
+    assert live_chat._usage(stored) == {"prompt_tokens": 50, "completion_tokens": 512, "total_tokens": 562}
+    regenerated = [{"text": "First try.", "completion_tokens": 30}]  # a turn stored before the record
+    assert (
+        live_chat._usage({"prompt_tokens": 50, "completion_tokens": 12}, regenerated)["completion_tokens"]
+        == 42
+    )

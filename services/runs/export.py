@@ -25,7 +25,7 @@ from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import session_scope
 from services.runs.control import export_stem, require_run
-from services.runs.openai_lines import failure_status, message_content
+from services.runs.openai_lines import failure_status, message_content, paid_completion_tokens
 
 ExportFormat = Literal["native", "openai"]
 
@@ -206,14 +206,7 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
         }
         for i, alt in enumerate(others, start=1)
     ]
-    # Every candidate generated is paid for, returned or not (best of n costs n, a regeneration too),
-    # those dropped as empty or unreadable among them (`generated_completion_tokens`; turns stored
-    # before it was recorded: the kept reply and the alternatives).
-    completion = max(
-        usage.get("completion_tokens", 0)
-        + sum(a.get("completion_tokens", 0) for a in turn.alternatives or []),
-        usage.get("generated_completion_tokens", 0),
-    )
+    completion = paid_completion_tokens(usage, turn.alternatives)
     body = {
         "id": f"chatcmpl-{turn.id.hex}",
         "object": "chat.completion",

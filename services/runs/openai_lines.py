@@ -245,6 +245,15 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
     return run_line
 
 
+def paid_completion_tokens(usage: dict[str, Any], alternatives: list[dict[str, Any]] | None) -> int:
+    """An answer's `usage.completion_tokens`: every candidate generated is paid for, returned or not
+    (best of n costs n, a regeneration too), those dropped as empty or unreadable among them
+    (`generated_completion_tokens`; a turn stored before it was recorded: the reply and the
+    alternatives)."""
+    kept = usage.get("completion_tokens", 0) + sum(a.get("completion_tokens", 0) for a in alternatives or [])
+    return max(kept, usage.get("generated_completion_tokens", 0))
+
+
 def message_content(reply: str | None, structured: Any, params: dict[str, Any]) -> str | None:
     """An answer's `message.content`: the reply; for an NPC reply (`response_format` npc, or none on
     a turn stored before OpenAI lines said text), the whole of it as JSON, so that the action and
