@@ -14,17 +14,21 @@ from core.settings import settings
 
 @contextmanager
 def concurrent_lock_timeout() -> Iterator[None]:
-    """The lock timeout of a CREATE or DROP INDEX CONCURRENTLY: MLCHAT_MIGRATION_RETRY_S, not the
-    migration's short one (migrations/env.py). Such a build waits for every transaction older than
-    it to end, blocking no query meanwhile; cut short after seconds, it would leave an INVALID index
-    for every write to maintain, scan the table again on each retry, and fail behind any long
-    transaction. Bounded still: an idle transaction never ending fails the upgrade in one line."""
+    """The lock timeout of a CREATE or DROP INDEX CONCURRENTLY: MLCHAT_MIGRATION_RETRY_S (each such
+    statement's own), not the migration's short one (migrations/env.py). Such a build waits for
+    every transaction older than it to end, blocking no query meanwhile; cut short after seconds, it
+    would leave an INVALID index for every write to maintain, scan the table again on each retry,
+    and fail behind any long transaction. Bounded still: an idle transaction never ending fails the
+    upgrade in one line."""
     if op.get_context().as_sql:  # an offline script: nothing to set
         yield
         return
     bind = op.get_bind()
     before = bind.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar()
-    patient = f"{round(settings.migration_retry_s * 1000)}ms"
+    # at least the statements' own timeout (a retry window of 0 is no "0ms", which means no timeout),
+    # at most what PostgreSQL takes (2^31 - 1 ms)
+    seconds = max(settings.migration_retry_s, settings.migration_lock_timeout_s)
+    patient = f"{min(round(seconds * 1000), 2**31 - 1)}ms"
     bind.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": patient})
     try:
         yield

@@ -88,9 +88,10 @@ def find_stranded(
     together (tasks/queues.py::held_and_empty): a queued turn of such a queue, sent a lease ago and
     held by no worker, has lost its message (a Redis failover dropped the last writes, an eviction,
     a flush) and is taken too, without waiting out `older_than_s` (an hour by default, its
-    conversation stalled behind it meanwhile). A turn of no run is taken for the live lane, but may
-    have gone out on the bulk one (the Python API's `lane`): behind a bulk backlog it counts as lost
-    only if it went out before the backlog's oldest message."""
+    conversation stalled behind it meanwhile). A turn of no run is taken for the live lane; one the
+    Python API sent on the bulk lane (`lane`) and still waiting behind a bulk backlog is then sent
+    on the live lane too, and answered from whichever copy a worker takes first (turns record no
+    lane: a bulk backlog must not hide a lost player's turn)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     lease_gone = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
@@ -123,15 +124,11 @@ def find_stranded(
                     lost = Turn.dispatched_at < oldest - SEND_SLACK if oldest is not None else false()
                     query = query.where(or_(unsent, lost))
                 elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
-                    before = [Turn.dispatched_at < func.now() - LOST_AFTER]
-                    if lane == "live" and waiting is not None and (model, "bulk") in waiting:
-                        oldest_bulk = waiting[(model, "bulk")]
-                        before.append(
-                            Turn.dispatched_at < oldest_bulk - SEND_SLACK
-                            if oldest_bulk is not None
-                            else false()
-                        )
-                    message_lost = and_(Turn.status == TurnStatus.QUEUED, *before, Turn.id.not_in(held[0]))
+                    message_lost = and_(
+                        Turn.status == TurnStatus.QUEUED,
+                        Turn.dispatched_at < func.now() - LOST_AFTER,
+                        Turn.id.not_in(held[0]),
+                    )
                     query = select(Turn.id, unsent, Turn.dispatched_at).where(
                         or_(stranded, message_lost), Turn.model == model, of_lane
                     )

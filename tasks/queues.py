@@ -85,8 +85,9 @@ def held_and_empty(lanes: Sequence[tuple[str, Lane]]) -> tuple[set[uuid.UUID], s
     """The turns whose messages workers hold (prefetched, waiting in a batch, or due later with a
     countdown: kombu's Redis transport keeps each in its unacked hash, as [message, exchange, routing
     key], until the worker acks it), and which of these lanes' queues hold no message, read in one
-    MULTI: a message moving between a queue and the hash meanwhile (taken by a worker, or re-sent by
-    one that acks its old message after) is seen in one place or the other, never in neither."""
+    MULTI: a message a worker re-sends (the new one queued, the old one acked after) is seen in one
+    place or the other. Not closed: kombu's own step between popping a message and recording it
+    unacked (a sweep that falls in it sends that turn a second time, which costs a claim)."""
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         client = channel.client

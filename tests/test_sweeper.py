@@ -342,26 +342,25 @@ def test_a_broker_that_may_evict_queued_messages_is_named_at_worker_start(world)
             client.config_set("maxmemory-policy", before)
 
 
-def test_a_turn_of_no_run_sent_on_the_bulk_lane_is_not_taken_for_lost_behind_a_bulk_backlog(
-    world, monkeypatch
-) -> None:
-    """Review of the quick re-send: a turn of no run is taken for the live lane, but the Python API's
-    `lane` sends one on the bulk lane; with the live queue empty, a bulk backlog of such turns would
-    have been re-sent on the live lane at every sweep. Behind a bulk backlog such a turn counts as
-    lost only if it went out before the backlog's oldest message."""
-    from sqlalchemy import update
+def test_a_lost_player_turn_is_sent_again_behind_a_bulk_backlog(world, monkeypatch) -> None:
+    """Review of the quick re-send: a guard that took a turn of no run for lost only if it went out
+    before a bulk backlog's oldest message (in case the Python API had sent it on the bulk lane) hid
+    every lost player turn while a batch drained. Turns record no lane: the player's turn goes."""
+    from sqlalchemy import select, update
 
     from db.models import Turn
     from db.session import session_scope
 
     model = "sweep-lanes"
     monkeypatch.setattr(settings, "served_models", [settings.model, model])
-    (lost,) = enqueue_turns([new_conversation() | {"message": "Long lost.", "model": model}], send=False)
-    (waiting,) = enqueue_turns(
-        [new_conversation() | {"message": "In the bulk backlog.", "model": model}], lane="bulk"
+    (lost,) = enqueue_turns(
+        [new_conversation() | {"message": "Lost in a failover.", "model": model}], send=False
+    )
+    (backlog,) = enqueue_turns(
+        [new_conversation() | {"message": "A batch's line, waiting.", "model": model}], lane="bulk"
     )
     with session_scope() as s:
-        for turn_id, minutes in ((lost, 10), (waiting, 4)):
+        for turn_id, minutes in ((lost, 5), (backlog, 30)):  # the backlog's oldest went out long before
             s.execute(
                 update(Turn)
                 .where(Turn.id == turn_id)
@@ -369,8 +368,16 @@ def test_a_turn_of_no_run_sent_on_the_bulk_lane_is_not_taken_for_lost_behind_a_b
             )
     try:
         assert queue_depth(model, "live") == 0 and queue_depth(model, "bulk") == 1
-        assert resend_stranded(models=[model]) == {f"{model}/live": 1}  # `lost` only
-        assert queue_depth(model, "bulk") == 1  # `waiting` still waits where it was sent
+        # the player's turn, not waited out; and the backlog's turn of no run, sent on the live lane
+        # too (the README's caveat: answered once, from whichever copy a worker takes first)
+        assert resend_stranded(models=[model]) == {f"{model}/live": 2}
+        assert queue_depth(model, "live") == 2 and queue_depth(model, "bulk") == 1
+        with session_scope() as s:
+            recent = func.now() - func.make_interval(0, 0, 0, 0, 0, 1)
+            resent = s.scalars(
+                select(Turn.id).where(Turn.id.in_([lost, backlog]), Turn.dispatched_at > recent)
+            )
+            assert set(resent) == {lost, backlog}
     finally:
         with app.connection_for_write() as conn:
             for lane in ("live", "bulk"):
