@@ -176,41 +176,24 @@ def test_a_superseded_fact_leaves_the_prompt_and_stays_as_history() -> None:
         assert row is not None and row.superseded_by == new
 
 
+def _game_facts(player: str, facts: list[tuple[str, float]]) -> list[int]:
+    """Facts the game wrote about the player (scope met), each with its importance: their ids."""
+    vectors = embed([text for text, _ in facts])
+    with session_scope() as s:
+        stored = add_facts(
+            session=s,
+            facts=[
+                NewFact("", player, FactKind.PLAYER, player, text, "game", importance, FactScope.MET, "", vec)
+                for (text, importance), vec in zip(facts, vectors, strict=True)
+            ],
+        )
+        return [fact.id for fact in stored]
+
+
 def test_facts_rank_by_relevance_recency_and_importance() -> None:
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv = _conversation("elara", player)
-    (vec_ring, vec_weather) = embed(["The player stole a ring.", "It rained on Tuesday."])
-    with session_scope() as s:
-        ring, weather = add_facts(
-            session=s,
-            facts=[
-                NewFact(
-                    "",
-                    player,
-                    FactKind.PLAYER,
-                    player,
-                    "The player stole a ring.",
-                    "game",
-                    0.9,
-                    FactScope.MET,
-                    "",
-                    vec_ring,
-                ),
-                NewFact(
-                    "",
-                    player,
-                    FactKind.PLAYER,
-                    player,
-                    "It rained on Tuesday.",
-                    "game",
-                    0.1,
-                    FactScope.MET,
-                    "",
-                    vec_weather,
-                ),
-            ],
-        )
-        ids = ring.id, weather.id
+    ids = _game_facts(player, [("The player stole a ring.", 0.9), ("It rained on Tuesday.", 0.1)])
     vec = embed(["Who took my ring?"])[0]
     with session_scope() as s:
         (hits,) = facts_for_turns(
@@ -236,27 +219,7 @@ def test_a_fact_that_answers_the_question_is_not_pushed_out_by_important_facts_o
         "The player was born in winter.",
         "The player dislikes onions.",
     ]
-    vectors = embed(texts)
-    with session_scope() as s:
-        stored = add_facts(
-            session=s,
-            facts=[
-                NewFact(
-                    "",
-                    player,
-                    FactKind.PLAYER,
-                    player,
-                    t,
-                    "game",
-                    0.3 if i == 0 else 0.9,
-                    FactScope.MET,
-                    "",
-                    v,
-                )
-                for i, (t, v) in enumerate(zip(texts, vectors, strict=True))
-            ],
-        )
-        answer = stored[0].id
+    answer = _game_facts(player, [(t, 0.3 if i == 0 else 0.9) for i, t in enumerate(texts)])[0]
     question = embed(["Where did I leave my sword?"])[0]
     with session_scope() as s:
         (hits,) = facts_for_turns(

@@ -1,5 +1,8 @@
 """Alembic owns the schema: up, down to base and up again on a scratch database; models match."""
 
+import threading
+from typing import Any
+
 import numpy as np
 import pytest
 from alembic import command
@@ -21,6 +24,25 @@ def _run(connection: Connection, action: str, revision: str | None) -> None:
     connection.commit()
     getattr(command, action)(cfg, *(() if revision is None else (revision,)))
     connection.commit()
+
+
+def _migrating(engine: Any, revision: str, outcome: list[object]) -> threading.Thread:
+    """An upgrade to `revision` on a connection of its own, in a thread (started): "done" goes in
+    `outcome` when it ends, its lock timeout before that (the setting left on its connection), or the
+    exception it raised."""
+
+    def migrate() -> None:
+        try:
+            with engine.connect() as mine:
+                _run(mine, "upgrade", revision)
+                outcome.append(mine.execute(text("SHOW lock_timeout")).scalar())
+            outcome.append("done")
+        except Exception as exc:  # reported by the caller's assertions
+            outcome.append(exc)
+
+    thread = threading.Thread(target=migrate)
+    thread.start()
+    return thread
 
 
 def test_upgrade_downgrade_upgrade(scratch_db: Connection) -> None:
@@ -322,7 +344,6 @@ def test_two_processes_migrating_at_once_take_turns_without_deadlocking(scratch_
     starts raced on alembic_version and the DDL. Review of the lock: a process waiting for it inside
     a statement holds a snapshot, which the holder's CREATE INDEX CONCURRENTLY (0018, 0021) waits
     out while the waiter waits for the holder: a deadlock. The lock is polled."""
-    import threading
     import time
 
     import sqlalchemy
@@ -333,18 +354,9 @@ def test_two_processes_migrating_at_once_take_turns_without_deadlocking(scratch_
     engine = sqlalchemy.create_engine(scratch_db.engine.url)
     outcome: list[object] = []
 
-    def migrate() -> None:
-        try:
-            with engine.connect() as mine:
-                _run(mine, "upgrade", "head")
-            outcome.append("done")
-        except Exception as exc:  # reported below
-            outcome.append(exc)
-
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as holder:  # migrating
         holder.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
-        waiter = threading.Thread(target=migrate)
-        waiter.start()
+        waiter = _migrating(engine, "head", outcome)
         time.sleep(1.5)
         assert outcome == []  # waits for the holder
         holder.execute(text("CREATE INDEX CONCURRENTLY ix_lock_probe ON turns (created_at)"))  # as 0018
@@ -352,7 +364,7 @@ def test_two_processes_migrating_at_once_take_turns_without_deadlocking(scratch_
         holder.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK_KEY})
     waiter.join(timeout=60)
     engine.dispose()
-    assert outcome == ["done"]
+    assert outcome == ["0", "done"]
 
 
 def test_a_rerun_after_an_interrupted_concurrent_build_rebuilds_the_invalid_index(scratch_db) -> None:
@@ -378,7 +390,6 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
     any long transaction reading turns (an export writing its file), and every query on turns queued
     behind the waiting ALTER: claims, stores and reads stood still until the export ended. The ALTER
     gives up after MLCHAT_MIGRATION_LOCK_TIMEOUT_S and the upgrade is tried again after a pause."""
-    import threading
     import time
 
     import sqlalchemy
@@ -390,19 +401,9 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
     engine = sqlalchemy.create_engine(scratch_db.engine.url)
     outcome: list[object] = []
 
-    def migrate() -> None:
-        try:
-            with engine.connect() as mine:
-                _run(mine, "upgrade", "0031")
-                outcome.append(mine.execute(text("SHOW lock_timeout")).scalar())  # not left set
-            outcome.append("done")
-        except Exception as exc:  # reported below
-            outcome.append(exc)
-
     with engine.connect() as export:  # a long transaction reading turns
         export.execute(text("SELECT count(*) FROM turns")).scalar()
-        waiter = threading.Thread(target=migrate)
-        waiter.start()
+        waiter = _migrating(engine, "0031", outcome)
         time.sleep(1.0)  # the migration has asked for turns' lock by now
         with engine.connect() as fleet:  # a worker's claim, say: answered, not queued behind the ALTER
             fleet.execute(text("SET statement_timeout = '3s'"))
@@ -425,7 +426,6 @@ def test_a_concurrent_index_build_waits_out_a_long_transaction_without_the_lock_
     and scanned the table again, and the upgrade failed behind any transaction open for 5 s (0030's
     indexes behind a batch's finalizing). Concurrent builds and drops wait up to
     MLCHAT_MIGRATION_RETRY_S instead, in one try."""
-    import threading
     import time
 
     import sqlalchemy
@@ -438,14 +438,6 @@ def test_a_concurrent_index_build_waits_out_a_long_transaction_without_the_lock_
     engine = sqlalchemy.create_engine(scratch_db.engine.url)
     outcome: list[object] = []
 
-    def migrate() -> None:
-        try:
-            with engine.connect() as mine:
-                _run(mine, "upgrade", "0030")
-            outcome.append("done")
-        except Exception as exc:  # reported below
-            outcome.append(exc)
-
     # a long transaction holding a snapshot (a batch's finalizing reads its turns in one), on another
     # table: a concurrent build waits for it to end
     with (
@@ -453,8 +445,7 @@ def test_a_concurrent_index_build_waits_out_a_long_transaction_without_the_lock_
         engine.connect().execution_options(isolation_level="REPEATABLE READ") as finalizing,
     ):
         finalizing.execute(text("SELECT count(*) FROM runs")).scalar()
-        waiter = threading.Thread(target=migrate)
-        waiter.start()
+        waiter = _migrating(engine, "0030", outcome)
         try:
             time.sleep(1.5)
             waited = list(outcome)
@@ -463,7 +454,7 @@ def test_a_concurrent_index_build_waits_out_a_long_transaction_without_the_lock_
             waiter.join(timeout=60)
     engine.dispose()
     assert waited == []  # the build waited
-    assert outcome == ["done"]
+    assert outcome == ["0", "done"]
     assert "gave way" not in caplog.text  # in its one try, not cut short and built again
     invalid = scratch_db.execute(text("SELECT count(*) FROM pg_index WHERE NOT indisvalid")).scalar()
     assert invalid == 0
