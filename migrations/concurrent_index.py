@@ -28,7 +28,7 @@ def concurrent_lock_timeout() -> Iterator[None]:
     # at least the statements' own timeout (a retry window of 0 is no "0ms", which means no timeout),
     # at most what PostgreSQL takes (2^31 - 1 ms)
     seconds = max(settings.migration_retry_s, settings.migration_lock_timeout_s)
-    patient = f"{min(round(seconds * 1000), 2**31 - 1)}ms"
+    patient = f"{max(1, min(round(seconds * 1000), 2**31 - 1))}ms"
     bind.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": patient})
     try:
         yield

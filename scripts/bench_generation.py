@@ -255,6 +255,7 @@ def _prefix_case(loaded: Any, n: int, tag: str) -> dict[str, float]:
         contexts = session.scalars(select(Turn.context).where(Turn.id.in_(timed_ids))).all()
     return {
         "pipeline_s": round(pipeline_s, 3),
+        # the batch's generate stage: less its earlier groups' judging and writing (their own stages)
         "pipeline_generate_s": round(report.timings["generate_ms"] / 1000, 3),
         "raw_s": round(raw_s, 3),
         "persona_share": statistics.mean(c["persona_tokens"] / c["prompt_tokens"] for c in contexts),

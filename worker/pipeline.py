@@ -483,7 +483,8 @@ def _answer(
             raise GenerationTimeout(f"{len(waiting)} turns had no reply when the claim's hold ran out")
         _gather(window, [f for t in waiting for f in future_of[t.id]], hold_until)
         finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
-        # From admission until the batch's last reply: its turns' generation, shared with other batches.
+        # From admission until the batch's last reply, less the time spent on its earlier groups (their
+        # own stages): its turns' generation, shared with other batches.
         timer.ms["generate_ms"] = span.ms()
         group = [t for t in waiting if t.id in finished]
         waiting = [t for t in waiting if t.id not in finished]

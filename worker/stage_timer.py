@@ -29,7 +29,8 @@ class StageTimer:
 class GenerationSpan:
     """The generation stage of a batch whose replies are judged and written group by group as they
     finish: from submission to the last reply, less the time this thread spent on the earlier groups
-    meanwhile (those are their own stages: the stages then add up to the batch, none counted twice)."""
+    meanwhile (those are their own stages: no time is counted in two; the bookkeeping between them,
+    announcing and calling back, is in none)."""
 
     def __init__(self) -> None:
         self._submitted = time.perf_counter()
