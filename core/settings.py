@@ -112,7 +112,8 @@ class Settings(BaseSettings):
     # Migrations (migrations/env.py): a statement that waits longer than migration_lock_timeout_s for
     # a table's lock gives up, and the upgrade is tried again after a pause, for migration_retry_s in
     # all: a long transaction on `turns` (an export, say) delays the migration, not every query that
-    # would queue behind its ALTER.
+    # would queue behind its ALTER. A concurrent index build or drop, which blocks no query while it
+    # waits, waits up to migration_retry_s instead (migrations/concurrent_index.py).
     migration_lock_timeout_s: float = Field(default=5.0, gt=0, le=600)
     migration_retry_s: float = Field(default=900.0, ge=0)
 

@@ -86,10 +86,16 @@ class _Place:
 # "Rowan". A label keeps ZWJ and ZWNJ, which spell words in Persian and Indic scripts (and emoji
 # sequences); a comparison drops them.
 DISGUISE = regex.compile(r"(?![\u200c\u200d])[\p{Cf}\p{Default_Ignorable_Code_Point}]")
-_FORMAT = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # neither is a superset
+_SHOWS_NOTHING = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # neither is a superset
+
+
+def caseless(text: str) -> str:
+    """Text as it is matched whatever its case and form: NFKC ("Ｒｏｗａｎ" is "Rowan", a word pasted
+    decomposed is composed), casefolded."""
+    return unicodedata.normalize("NFKC", text).casefold()
 
 
 def speaker_key(name: str) -> str:
-    """A speaker's name as names are compared: NFKC ("Ｒｏｗａｎ" is "Rowan"), no format characters,
-    whitespace folded, casefolded."""
-    return " ".join(unicodedata.normalize("NFKC", _FORMAT.sub("", name)).split()).casefold()
+    """A speaker's name as names are compared: caseless, without the characters that show nothing,
+    whitespace folded."""
+    return " ".join(caseless(_SHOWS_NOTHING.sub("", name)).split())

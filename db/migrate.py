@@ -43,9 +43,14 @@ class SchemaBehind(RuntimeError):
 
 
 @cache
+def _scripts() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
+
+
+@cache
 def code_head() -> str:
     """The newest revision this code's migrations know."""
-    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = _scripts().get_current_head()
     assert head is not None  # the project has migrations
     return head
 
@@ -53,7 +58,7 @@ def code_head() -> str:
 @cache
 def _known(revision: str) -> bool:
     try:
-        return ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+        return _scripts().get_revision(revision) is not None
     except Exception:  # alembic's "Can't locate revision"
         return False
 
@@ -74,17 +79,20 @@ def schema_ahead(connection: Connection) -> str | None:
     return current
 
 
+def newer_schema(revision: str) -> str:
+    """What a database ahead of this code is, in one line (a rollback to an older release)."""
+    return (
+        f"the database's schema is at revision {revision}, newer than this code's {code_head()} (a rollback?)"
+    )
+
+
 def check_schema(connection: Connection) -> None:
     """Refuse a database behind this code (SchemaBehind: every claim of a new column would fail
     later, one by one); one ahead of it is said and allowed: a rollback to the release before, whose
     code reads a schema that newer revisions only added to."""
     ahead = schema_ahead(connection)
     if ahead is not None:
-        logger.warning(
-            "the database's schema is at revision %s, newer than this code's %s (a rollback?); going on",
-            ahead,
-            code_head(),
-        )
+        logger.warning("%s; going on", newer_schema(ahead))
 
 
 def upgrade(revision: str = "head") -> None:

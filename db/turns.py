@@ -895,8 +895,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
             if toward is not None:
                 key = str(toward["character_id"])
                 now = func.coalesce(ConversationMember.regard.op("->>")(key).cast(Integer), 0)
-                # the line's step (states stored before it was recorded: after - before)
-                delta = int(toward.get("step", int(toward["after"]) - int(toward["before"])))
+                delta = int(toward["step"])  # the line's own, bounded here against the row as it is
                 after = func.greatest(AFFINITY_MIN, func.least(AFFINITY_MAX, now + delta))
                 values["regard"] = ConversationMember.regard.op("||")(func.jsonb_build_object(key, after))
             session.execute(

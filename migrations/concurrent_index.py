@@ -12,6 +12,13 @@ from alembic import op
 from core.settings import settings
 
 
+def set_lock_timeout(bind: Any, seconds: float) -> None:
+    """This connection's lock timeout, for its session: never "0ms" (which is no timeout), never
+    past what PostgreSQL takes (2^31 - 1 ms)."""
+    ms = max(1, min(round(seconds * 1000), 2**31 - 1))
+    bind.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": f"{ms}ms"})
+
+
 @contextmanager
 def concurrent_lock_timeout() -> Iterator[None]:
     """The lock timeout of a CREATE or DROP INDEX CONCURRENTLY: MLCHAT_MIGRATION_RETRY_S (each such
@@ -25,11 +32,8 @@ def concurrent_lock_timeout() -> Iterator[None]:
         return
     bind = op.get_bind()
     before = bind.execute(sa.text("SELECT current_setting('lock_timeout')")).scalar()
-    # at least the statements' own timeout (a retry window of 0 is no "0ms", which means no timeout),
-    # at most what PostgreSQL takes (2^31 - 1 ms)
-    seconds = max(settings.migration_retry_s, settings.migration_lock_timeout_s)
-    patient = f"{max(1, min(round(seconds * 1000), 2**31 - 1))}ms"
-    bind.execute(sa.text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": patient})
+    # at least the statements' own timeout (a retry window of 0 is not "no timeout")
+    set_lock_timeout(bind, max(settings.migration_retry_s, settings.migration_lock_timeout_s))
     try:
         yield
     finally:

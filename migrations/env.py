@@ -10,8 +10,9 @@ from sqlalchemy.exc import DBAPIError
 
 from core.services import database_url
 from core.settings import settings
-from db.migrate import MIGRATION_LOCK_KEY, SchemaBehind, code_head, include_name, schema_ahead
+from db.migrate import MIGRATION_LOCK_KEY, SchemaBehind, code_head, include_name, newer_schema, schema_ahead
 from db.models import Base
+from migrations.concurrent_index import set_lock_timeout
 
 config = context.config
 if config.config_file_name is not None and config.attributes.get("configure_logger", True):
@@ -75,11 +76,7 @@ def _newer_than_this_code(connection: Connection) -> bool:
         connection.commit()  # the read's transaction: Alembic begins its own
     if ahead is None:
         return False
-    logger.warning(
-        "the database's schema is at revision %s, newer than this code's head %s: not migrating",
-        ahead,
-        code_head(),
-    )
+    logger.warning("%s: not migrating", newer_schema(ahead))
     return True
 
 
@@ -87,8 +84,7 @@ def _run_giving_way(connection: Connection) -> None:
     """Run the pending migrations; one whose statement waits past the lock timeout (a long transaction
     holds the table: every query after it would queue behind its ALTER) gives way, rolled back, and
     the upgrade is tried again after a pause, for MLCHAT_MIGRATION_RETRY_S in all."""
-    timeout_ms = max(1, round(settings.migration_lock_timeout_s * 1000))
-    connection.execute(text("SELECT set_config('lock_timeout', :ms, false)"), {"ms": f"{timeout_ms}ms"})
+    set_lock_timeout(connection, settings.migration_lock_timeout_s)
     connection.commit()
     deadline, pause = time.monotonic() + settings.migration_retry_s, 1.0
     while True:

@@ -35,6 +35,7 @@ import regex
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from core.regex_size import MAX_PATTERN_CHARS, size_refusal
+from core.text import caseless
 from core.validation import first_error
 
 logger = logging.getLogger(__name__)
@@ -372,17 +373,13 @@ class _Text:
     def of(cls, where: str, text: str) -> _Text:
         # Normalised as the keys are (_plain_key): text pasted decomposed (NFD, as macOS writes "서울")
         # or in full-width forms ("ｃａｆｅ") still matches the key a writer typed.
-        return cls(where, unicodedata.normalize("NFC", text), _caseless(text))
-
-
-def _caseless(text: str) -> str:
-    return unicodedata.normalize("NFKC", text).casefold()
+        return cls(where, unicodedata.normalize("NFC", text), caseless(text))
 
 
 @lru_cache(maxsize=4096)
 def _plain_key(key: str, case_sensitive: bool) -> str:
     """A plain key as the scanned text is normalised: NFC when case counts, else NFKC casefolded."""
-    return unicodedata.normalize("NFC", key) if case_sensitive else _caseless(key)
+    return unicodedata.normalize("NFC", key) if case_sensitive else caseless(key)
 
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:

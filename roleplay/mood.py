@@ -102,7 +102,7 @@ class Regard:
     name: str
     before: int
     after: int
-    step: int = 0
+    step: int
 
 
 @dataclass(frozen=True)
@@ -137,14 +137,13 @@ def toward_member(update: MoodUpdate, *, character_id: int, name: str, regard: i
     """The update of a line that answers another member's line: that line's tone moves the regard
     toward its speaker, and the affinity toward the player stays (the player did not speak)."""
     notes = [n for n in update.notes if not n.startswith("affinity unchanged")]
-    step = affinity_step(update.tone)
-    if step is None:
-        step = 0
+    step = affinity_step(update.tone) or 0
+    if not step:
         notes.append(f"regard toward {name} unchanged: the line reads neither friendly nor hostile")
     notes.append(f"affinity toward the player unchanged: the line answered was {name}'s")
     mood = Mood(update.after.emotion, update.before.affinity)
-    after = int(np.clip(regard + step, AFFINITY_MIN, AFFINITY_MAX))
-    regard_update = Regard(character_id, name, regard, after, step)
+    after = moved_affinity(regard, update.tone) if step else regard
+    regard_update = Regard(character_id, name, regard, regard if after is None else after, step)
     return MoodUpdate(update.before, mood, update.emotion_scores, update.tone, notes, regard_update)
 
 

@@ -33,6 +33,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import and_, false, func, or_, select
 
@@ -54,9 +55,6 @@ from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
 # Between stamping `dispatched_at` and the message reaching the queue (a commit, a broker round):
 # a queued turn counts as sent before the oldest waiting message only if it went out this much earlier.
 SEND_SLACK = timedelta(seconds=60)
-# A queued turn whose queue holds nothing and no worker holds: its message is lost once this long has
-# passed since it went out (a lease: a worker that took it would have claimed it well before).
-LOST_AFTER = timedelta(seconds=settings.lease_seconds) + SEND_SLACK
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +107,10 @@ def find_stranded(
     )
     unsent = or_(lapsed_and_unsent(Turn), step_unsent)
     stranded = or_(sent_long_ago, and_(lease_gone, unsent), step_unsent)
+    # A queued turn whose queue holds nothing and that no worker holds has lost its message once a
+    # lease and the send slack have passed since it went out (a worker that took it would have
+    # claimed it well before).
+    lost_after = func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds + SEND_SLACK.total_seconds())
     groups: dict[tuple[str, Lane], list[Stranded]] = {}
     # One query per model and lane, each with its own limit: a run's backlog still waiting in its
     # queue (older than the cutoff, so it matches until its queue is read below) must not fill the
@@ -116,22 +118,19 @@ def find_stranded(
     with session_scope() as session:
         for model in dict.fromkeys(models):
             for lane, of_lane in (("live", Turn.run_id.is_(None)), ("bulk", Turn.run_id.is_not(None))):
-                query = select(Turn.id, unsent, Turn.dispatched_at).where(
-                    stranded, Turn.model == model, of_lane
-                )
+                found: Any = stranded
                 if waiting is not None and (model, lane) in waiting:
                     oldest = waiting[(model, lane)]  # type: ignore[index]
                     lost = Turn.dispatched_at < oldest - SEND_SLACK if oldest is not None else false()
-                    query = query.where(or_(unsent, lost))
+                    found = and_(stranded, or_(unsent, lost))
                 elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
                     message_lost = and_(
                         Turn.status == TurnStatus.QUEUED,
-                        Turn.dispatched_at < func.now() - LOST_AFTER,
+                        Turn.dispatched_at < func.now() - lost_after,
                         Turn.id.not_in(held[0]),
                     )
-                    query = select(Turn.id, unsent, Turn.dispatched_at).where(
-                        or_(stranded, message_lost), Turn.model == model, of_lane
-                    )
+                    found = or_(stranded, message_lost)
+                query = select(Turn.id, unsent, Turn.dispatched_at).where(found, Turn.model == model, of_lane)
                 rows = session.execute(query.order_by(Turn.number).limit(limit)).all()
                 if rows:
                     groups[(model, lane)] = [  # type: ignore[index]
@@ -159,20 +158,18 @@ def resend_stranded(
     # Which queues hold messages, and since when, read before the turns. A message sent meanwhile
     # (a worker's re-send, a submission's chunk) can make this sweep send a turn twice: a duplicate,
     # which its claim finds taken or finished; nothing lost is missed, and the next sweep reads anew.
-    lanes: tuple[Lane, ...] = ("live", "bulk")
+    lanes: list[tuple[str, Lane]] = [(model, lane) for model in models for lane in ("live", "bulk")]
     waiting: dict[tuple[str, Lane], datetime | None] = {
         (model, lane): _oldest_waiting_sent_at(model, lane)
-        for model in models
-        for lane in lanes
+        for model, lane in lanes
         if queue_depth(model, lane)
     }
-    every_lane = [(model, lane) for model in models for lane in lanes]
     groups = find_stranded(
         older_than_s=settings.visibility_timeout if older_than_s is None else older_than_s,
         models=models,
         limit=limit,
         waiting=waiting,
-        held=held_and_empty(every_lane) if len(waiting) < len(every_lane) else None,
+        held=held_and_empty(lanes) if len(waiting) < len(lanes) else None,
     )
     sent: dict[str, int] = {}
     failed: list[str] = []
