@@ -435,10 +435,11 @@ def test_the_publisher_gives_up_on_a_redis_that_never_answers(monkeypatch) -> No
         hung.close()
 
 
-def _failed_over_front(primary: tuple[str, int]) -> tuple[socket.socket, list[int]]:
+def _failed_over_front(primary: dict[str, Any]) -> tuple[socket.socket, list[int]]:
     """A Redis address whose first connection reaches a demoted server (every command answered
     READONLY, as a primary a failover turned into a replica answers writes) and whose later ones reach
-    `primary` (the name now points at the new primary). Returns the listener and its connections."""
+    `primary` (redis-py's connection kwargs: a host and port, or a unix socket's path; the name now
+    points at the new primary). Returns the listener and its connections."""
     front = socket.socket()
     front.bind(("127.0.0.1", 0))
     front.listen(16)
@@ -469,7 +470,13 @@ def _failed_over_front(primary: tuple[str, int]) -> tuple[socket.socket, list[in
             if len(accepted) == 1:
                 threading.Thread(target=demoted, args=(conn,), daemon=True).start()
             else:
-                upstream = socket.create_connection(primary)
+                if "path" in primary:
+                    upstream = socket.socket(socket.AF_UNIX)
+                    upstream.connect(primary["path"])
+                else:
+                    upstream = socket.create_connection(
+                        (primary.get("host", "127.0.0.1"), int(primary["port"]))
+                    )
                 threading.Thread(target=pipe, args=(conn, upstream), daemon=True).start()
                 threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
 
@@ -483,10 +490,7 @@ def test_the_publisher_reconnects_after_a_failover_demoted_its_server() -> None:
     of stream events failed, paused 5 s, and failed again until the worker restarted: no streamed
     turn of that worker showed text. The publisher drops its connections on READONLY."""
     primary = redis.Redis.from_url(redis_url())
-    address = primary.connection_pool.connection_kwargs
-    if "path" in address:
-        pytest.skip("the session's Redis listens on a unix socket only")
-    front, accepted = _failed_over_front((address.get("host", "127.0.0.1"), int(address["port"])))
+    front, accepted = _failed_over_front(primary.connection_pool.connection_kwargs)
     try:
         port = front.getsockname()[1]
         client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
