@@ -758,6 +758,19 @@ class TurnOutcome:
     structured: Any = None  # the structured reply, parsed (None for free text)
 
 
+# One index probe per conversation (max over its (conversation_id, seq) key): a max() under GROUP BY
+# would read every line of each conversation, O(n) for each reply of a long one.
+_LAST_SEQS = text(
+    "SELECT c.id, COALESCE((SELECT max(m.seq) FROM messages m WHERE m.conversation_id = c.id), 0)"
+    " FROM unnest(CAST(:ids AS bigint[])) AS c(id)"
+)
+
+
+def last_seqs(session: Session, conv_ids: Sequence[int]) -> dict[int, int]:
+    """The last line number of each conversation (0: none yet)."""
+    return {int(c): int(n) for c, n in session.execute(_LAST_SEQS, {"ids": list(conv_ids)}).tuples()}
+
+
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:
     """complete: write each turn's user line and reply and mark it done, in the caller's transaction.
 
@@ -793,15 +806,7 @@ def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[Turn
     outcomes = [o for o in outcomes if o.turn_id in owned]
     if not outcomes:
         return []
-    next_seq = dict(
-        session.execute(
-            select(Message.conversation_id, func.coalesce(func.max(Message.seq), 0))
-            .where(Message.conversation_id.in_(conv_ids))
-            .group_by(Message.conversation_id)
-        )
-        .tuples()
-        .all()
-    )
+    next_seq = last_seqs(session, conv_ids)
     rows = []
     for o in outcomes:
         seq = next_seq.get(o.conversation_id, 0)

@@ -236,7 +236,7 @@ def append_history_if_empty(
     session.execute(
         select(Conversation.id).where(Conversation.id == conversation_id).with_for_update(key_share=True)
     )
-    existing = session.scalar(select(func.count()).where(Message.conversation_id == conversation_id))
+    existing = session.scalar(select(exists().where(Message.conversation_id == conversation_id)))
     if existing or not lines:
         return 0
     vectors = list(embeddings) if embeddings is not None else [None] * len(lines)

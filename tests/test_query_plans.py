@@ -152,3 +152,92 @@ def test_a_deferred_turns_look_at_its_blocker_reads_one_earlier_turn_not_all_of_
             if node.get("Alias") == "turns_1":  # the earlier turns
                 read.append(node["Actual Rows"] * node["Actual Loops"])
         assert read and sum(read) <= 1, (read, len(earlier))
+
+
+def _rows_read(statement: str, parameters: Any, relation: str) -> list[float]:
+    """The rows each scan of `relation` read when the statement ran (EXPLAIN ANALYZE)."""
+    import json
+
+    with session_scope() as session:
+        plan = (
+            session.connection()
+            .exec_driver_sql(f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters)
+            .scalar_one()
+        )
+    nodes, read = [json.loads(plan)[0]["Plan"] if isinstance(plan, str) else plan[0]["Plan"]], []
+    while nodes:
+        node = nodes.pop()
+        nodes += node.get("Plans", [])
+        if node.get("Relation Name") == relation:
+            read.append(node["Actual Rows"] * node["Actual Loops"])
+    return read
+
+
+def test_a_replys_store_reads_one_line_of_its_conversation_for_the_next_line_number(world) -> None:
+    """Found in review: the store took each conversation's last line number with max() under GROUP BY,
+    which reads every line of the conversation: O(n) for each reply, O(n²) over a run's lines that
+    share one conversation. One index probe per conversation now."""
+    from sqlalchemy import insert
+
+    from db.models import Message, Role
+    from db.turns import store_replies
+    from tests.outcomes import outcome_of
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello."}], send=False)
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        (turn,) = claim.claimed
+        session.execute(
+            insert(Message),
+            [
+                {
+                    "conversation_id": turn.conversation_id,
+                    "seq": i,
+                    "role": Role.USER,
+                    "content": f"Line {i}.",
+                }
+                for i in range(1, 201)
+            ],
+        )
+    looks = _sent(lambda s: re.search(r"max\((messages|m)\.seq\)", s) is not None)
+    with looks as seen, session_scope() as session:
+        assert store_replies(session=session, token=claim.token, outcomes=[outcome_of(turn)]) == [turn_id]
+    assert seen
+    for statement, parameters in seen:
+        read = _rows_read(statement, parameters, "messages")
+        assert read and sum(read) <= 1, (statement, read)
+    with session_scope() as session:
+        seqs = session.scalars(
+            text("SELECT seq FROM messages WHERE conversation_id = :c AND seq > 200 ORDER BY seq"),
+            {"c": turn.conversation_id},
+        ).all()
+    assert seqs == [201, 202]
+
+
+def test_seeding_a_conversations_history_reads_one_of_its_lines_to_know_it_has_some(world) -> None:
+    """Found in review: a chat request naming a conversation counted all of its lines (under the
+    conversation's lock, which a reply's store needs) only to see whether it had any."""
+    from sqlalchemy import insert
+
+    from db.models import Message, Role
+    from db.world import append_history_if_empty
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello."}], send=False)
+    with session_scope() as session:
+        conversation_id = session.get(Turn, turn_id).conversation_id
+        session.execute(
+            insert(Message),
+            [
+                {"conversation_id": conversation_id, "seq": i, "role": Role.USER, "content": f"Line {i}."}
+                for i in range(1, 201)
+            ],
+        )
+    looks = _sent(lambda s: "FROM messages" in s)
+    with looks as seen, session_scope() as session:
+        stored = append_history_if_empty(
+            session=session, conversation_id=conversation_id, lines=[("user", "Again.")], embeddings=None
+        )
+    assert stored == 0 and seen
+    for statement, parameters in seen:
+        read = _rows_read(statement, parameters, "messages")
+        assert read and sum(read) <= 1, (statement, read)
