@@ -137,6 +137,66 @@ def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.
     return row is not None
 
 
+def renew_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID, lease_s: float) -> bool:
+    """Extend the job's lease while this claim holds it (a generation waiting behind live work keeps
+    its job: a lease that lapsed while it waited let the next reply's scheduling hand the job to
+    another worker, and the answer was thrown away); False once another claim took it."""
+    row = session.execute(
+        text(
+            "UPDATE memory_jobs SET lease_until = now() + make_interval(secs => :lease_s)"
+            " WHERE conversation_id = :c AND kind = :k AND token = :t RETURNING 1"
+        ),
+        {"c": conversation_id, "k": kind, "t": token, "lease_s": lease_s},
+    ).first()
+    return row is not None
+
+
+def unmark_queued(*, session: Session, jobs: list[tuple[int, str]]) -> None:
+    """Take back the queued marks of jobs whose messages could not be sent: the next scheduling
+    sends them again, rather than none for a lease's length."""
+    if jobs:
+        session.execute(
+            text(
+                "UPDATE memory_jobs SET queued_until = NULL FROM"
+                " unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)"
+                " WHERE conversation_id = j.c AND kind = j.k"
+            ),
+            {"conv": [c for c, _ in jobs], "kind": [k for _, k in jobs]},
+        )
+
+
+# A lapsed claim is taken back only a whole lease after it lapsed: its worker renews it every third
+# of a lease while it runs, so by then it has died (or lost the database that long).
+_TAKE_BACK_SQL = text(
+    """
+WITH stalled AS (
+    SELECT conversation_id, kind FROM memory_jobs
+    WHERE queued_until < now()
+       OR (token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s))
+    ORDER BY conversation_id, kind
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE memory_jobs j SET queued_until = NULL,
+    token = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL ELSE j.token END,
+    lease_until = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL
+                       ELSE j.lease_until END
+FROM stalled s WHERE j.conversation_id = s.conversation_id AND j.kind = s.kind
+RETURNING j.conversation_id
+"""
+)
+
+
+def take_back_stalled(*, session: Session, lease_s: float, limit: int) -> list[int]:
+    """Free the memory jobs whose messages went missing and return their conversations: a job marked
+    queued longer ago than the mark lasts and never run (the broker lost its message), or claimed by
+    a worker whose lease lapsed a lease ago (it died holding it). Nothing else would send them again
+    before the conversation's next reply; the caller schedules them, and a job that is no longer
+    due is left free (each is found once)."""
+    rows = session.scalars(_TAKE_BACK_SQL, {"lease_s": lease_s, "limit": limit})
+    return sorted({int(c) for c in rows})
+
+
 def release_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> None:
     """Give the job back (the next scheduling may claim it at once). Its queued mark goes too: a
     message that came while the job ran found it held and was dropped, and its mark would keep the

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,7 @@ from db.memory_jobs import (
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, same_space
+from memory.claim import keeping
 from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
 
@@ -262,51 +264,57 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
     if token is None:
         return {}
     try:
-        with session_scope() as session:
-            conversation = session.get(Conversation, conversation_id)
-            if conversation is None:
-                return {}
-            after = extracted_through(session=session, conversation_id=conversation_id)
-            blind, alone = death_record(session=session, conversation_id=conversation_id, kind=EXTRACT)
-            lines = session.execute(
-                select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
-                .where(Message.conversation_id == conversation_id, Message.seq > after)
-                .order_by(Message.seq)
-                .limit(EXTRACT_LINES)
-            ).all()
-            char, user = conversation.character.name, conversation.player_name
-        if not lines:
-            return {}
-        builder = loaded_builder(generating=on_engine)
-        who = speakers(builder, char, user)
-        lines = lines_that_fit(lines, who, builder)
-        system, body = extract_prompt([_line(r) for r in lines], who)
-        if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: not again
-            logger.warning(
-                "conversation %s lines %s-%s read for no facts: their request was inside an engine that died",
-                conversation_id,
-                lines[0].seq,
-                lines[-1].seq,
-            )
-            raw = '{"facts": []}'
-        else:
-            raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA, alone)
-        facts = parse_facts(raw)
-        last = lines[-1]
-        source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
-        with session_scope() as session:
-            if not advance_extract(
-                session=session, conversation_id=conversation_id, token=token, through=last.seq
-            ):
-                return {}  # the claim lapsed: another worker reads these lines
-            clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
-            conversation = session.get(Conversation, conversation_id)
-            assert conversation is not None
-            counts = store_extracted(
-                session=session, conversation=conversation, facts=facts or [], source=source
-            )
-            read = {"lines": len(lines), "malformed": int(facts is None), **counts}
-            return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})
+        with keeping(conversation_id, EXTRACT, token):
+            return _extract_step(conversation_id, token, generate, on_engine=on_engine)
     finally:
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token)
+
+
+def _extract_step(
+    conversation_id: int, token: uuid.UUID, generate: GenerateJson, *, on_engine: bool
+) -> dict[str, int]:
+    """One stretch of lines read under the job's claim (run_extract_job)."""
+    with session_scope() as session:
+        conversation = session.get(Conversation, conversation_id)
+        if conversation is None:
+            return {}
+        after = extracted_through(session=session, conversation_id=conversation_id)
+        blind, alone = death_record(session=session, conversation_id=conversation_id, kind=EXTRACT)
+        lines = session.execute(
+            select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
+            .where(Message.conversation_id == conversation_id, Message.seq > after)
+            .order_by(Message.seq)
+            .limit(EXTRACT_LINES)
+        ).all()
+        char, user = conversation.character.name, conversation.player_name
+    if not lines:
+        return {}
+    builder = loaded_builder(generating=on_engine)
+    who = speakers(builder, char, user)
+    lines = lines_that_fit(lines, who, builder)
+    system, body = extract_prompt([_line(r) for r in lines], who)
+    if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: not again
+        logger.warning(
+            "conversation %s lines %s-%s read for no facts: their request was inside an engine that died",
+            conversation_id,
+            lines[0].seq,
+            lines[-1].seq,
+        )
+        raw = '{"facts": []}'
+    else:
+        raw = generate(system, body, EXTRACT_MAX_TOKENS, FACTS_SCHEMA, alone)
+    facts = parse_facts(raw)
+    last = lines[-1]
+    source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
+    with session_scope() as session:
+        if not advance_extract(
+            session=session, conversation_id=conversation_id, token=token, through=last.seq
+        ):
+            return {}  # the claim lapsed: another worker reads these lines
+        clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
+        conversation = session.get(Conversation, conversation_id)
+        assert conversation is not None
+        counts = store_extracted(session=session, conversation=conversation, facts=facts or [], source=source)
+        read = {"lines": len(lines), "malformed": int(facts is None), **counts}
+        return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from sqlalchemy import select
 
 from core.settings import settings
-from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued
+from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued, take_back_stalled, unmark_queued
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
@@ -60,18 +60,39 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
 
 def schedule_memory(conversation_ids: Sequence[int]) -> int:
     """Send the due memory jobs; how many were sent. Never raises (memory can wait for the next turn)."""
+    marked: list[tuple[int, str]] = []
     try:
         jobs = due_jobs(conversation_ids)
         if jobs:
             with session_scope() as session:
-                jobs = mark_queued(session=session, jobs=jobs, stale_s=settings.memory_job_lease_s)
-        if jobs:
+                marked = mark_queued(session=session, jobs=jobs, stale_s=settings.memory_job_lease_s)
+        if marked:
             from tasks.memory import send_memory_jobs
 
-            send_memory_jobs(jobs)
-        return len(jobs)
+            send_memory_jobs(marked)
+        return len(marked)
     except Exception:
         logger.warning(
             "could not schedule memory jobs for %d conversations", len(conversation_ids), exc_info=True
         )
+        _unmark(marked)
         return 0
+
+
+def _unmark(jobs: list[tuple[int, str]]) -> None:
+    """The marks of jobs whose send failed (some may have gone out: a duplicate is harmless)."""
+    if not jobs:
+        return
+    try:
+        with session_scope() as session:
+            unmark_queued(session=session, jobs=jobs)
+    except Exception:  # the database away too: the marks lapse after a lease (stalled_conversations)
+        logger.warning("could not take back the queued marks of %d memory jobs", len(jobs), exc_info=True)
+
+
+def reschedule_stalled(limit: int = 1000) -> int:
+    """Send again the memory jobs whose messages went missing (a broker lost them, a worker died
+    holding one); how many were sent (`mlchat sweep`)."""
+    with session_scope() as session:
+        stalled = take_back_stalled(session=session, lease_s=settings.memory_job_lease_s, limit=limit)
+    return schedule_memory(stalled) if stalled else 0

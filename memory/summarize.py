@@ -22,6 +22,7 @@ from db.memory_jobs import (
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
+from memory.claim import keeping
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
 logger = logging.getLogger(__name__)
@@ -151,38 +152,39 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         on_engine = False
     stored = 0
     try:
-        builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
-        who = speakers(builder, *names)
-        for _ in range(max_steps):
-            with session_scope() as session:
-                work = next_summary_work(
-                    session=session,
-                    conversation_id=conversation_id,
-                    recent_n=settings.recent_history,
-                    threshold_tokens=settings.memory_summary_threshold_tokens,
-                    chunk_tokens=settings.memory_summary_chunk_tokens,
-                    fanout=settings.memory_summary_fanout,
-                )
-            if work is None:
-                break
-            work = fitted(work, who, builder)
-            system, body = summary_prompt(work, who)
-            text = generate(system, body, settings.memory_summary_max_tokens, alone)
-            if not text:
-                # Seeded and greedy-ish, the same request would answer empty again, and a merge due
-                # comes before any new lines: the text it was to summarise is kept instead, cut.
-                logger.warning(
-                    "empty summary for conversation %s lines %s-%s: its text kept, cut",
-                    conversation_id,
-                    work.first_seq,
-                    work.last_seq,
-                )
-                text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
-            with session_scope() as session:
-                if store_summary(session=session, work=work, text_=text, token=token) is None:
-                    break  # the claim lapsed (another worker has it) or the range is stored
-                clear_engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
-            stored += 1
+        with keeping(conversation_id, SUMMARY, token):
+            builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
+            who = speakers(builder, *names)
+            for _ in range(max_steps):
+                with session_scope() as session:
+                    work = next_summary_work(
+                        session=session,
+                        conversation_id=conversation_id,
+                        recent_n=settings.recent_history,
+                        threshold_tokens=settings.memory_summary_threshold_tokens,
+                        chunk_tokens=settings.memory_summary_chunk_tokens,
+                        fanout=settings.memory_summary_fanout,
+                    )
+                if work is None:
+                    break
+                work = fitted(work, who, builder)
+                system, body = summary_prompt(work, who)
+                text = generate(system, body, settings.memory_summary_max_tokens, alone)
+                if not text:
+                    # Seeded and greedy-ish, the same request would answer empty again, and a merge due
+                    # comes before any new lines: the text it was to summarise is kept instead, cut.
+                    logger.warning(
+                        "empty summary for conversation %s lines %s-%s: its text kept, cut",
+                        conversation_id,
+                        work.first_seq,
+                        work.last_seq,
+                    )
+                    text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
+                with session_scope() as session:
+                    if store_summary(session=session, work=work, text_=text, token=token) is None:
+                        break  # the claim lapsed (another worker has it) or the range is stored
+                    clear_engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
+                stored += 1
     finally:
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)

@@ -171,7 +171,9 @@ def sweep(
         float | None, typer.Option(min=0, help="seconds untouched (default: the visibility timeout)")
     ] = None,
 ) -> None:
-    """Re-send turns whose queue message was lost, close runs whose submission died (safe any time)."""
+    """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died
+    (safe any time)."""
+    from memory.schedule import reschedule_stalled
     from services.batches import housekeeping
     from services.sweeper import SweepIncomplete, close_abandoned_runs, resend_stranded
 
@@ -191,8 +193,9 @@ def sweep(
     sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))
     closed = step("closing abandoned runs", close_abandoned_runs)
     batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
-    done = {"resent": sent, "runs": closed, "batches": batches}
-    if sent or closed or batches or failed:
+    memory = step("re-sending stalled memory jobs", reschedule_stalled)
+    done = {"resent": sent, "runs": closed, "batches": batches} | ({"memory_jobs": memory} if memory else {})
+    if sent or closed or batches or memory or failed:
         _out(json.dumps(done))
     else:
         _out("nothing stranded")

@@ -166,3 +166,85 @@ def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
     memory_tasks.memory_job(conv, SUMMARY)
     assert state.should_stop == lifecycle.EXIT_ENGINE_DEAD  # the worker stops, as after an engine death
     assert len(_queued(conv)) == 1  # and the job is on the queue for another worker
+
+
+def test_a_job_whose_generation_outlasts_its_lease_keeps_its_claim(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a memory job's lease was never renewed, so a generation waiting longer than
+    a lease behind live work was taken for a dead worker's: the conversation's next reply sent the
+    job again, another worker claimed it, and the first answer was thrown away (over and over under
+    load). The job's lease is renewed while it runs, as a batch's turns' are."""
+    import time
+
+    from db.models import Summary
+
+    monkeypatch.setattr(settings, "memory_job_lease_s", 0.6)
+    conv = _conversation(80)
+    taken: list[object] = []
+
+    def slow(system: str, body: str, max_tokens: int, alone: bool) -> str:
+        time.sleep(1.0)  # past its lease; meanwhile another worker tries to take the job over
+        with session_scope() as s:
+            taken.append(claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60))
+        time.sleep(0.5)
+        return "They met at the gate."
+
+    assert run_summary_job(conv, generate=slow) == 1
+    assert taken == [None]
+    with session_scope() as s:
+        stored = s.scalars(select(Summary.text).where(Summary.conversation_id == conv)).all()
+    assert stored == ["They met at the gate."]
+
+
+def test_a_memory_job_whose_message_could_not_be_sent_is_sent_by_the_next_scheduling(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a send that failed (the broker away) left the job marked queued, so no reply
+    sent it again for a lease's length (10 minutes), and nothing else ever did."""
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+    send = memory_tasks.send_memory_jobs
+
+    def away(jobs: object, **kw: object) -> None:
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(memory_tasks, "send_memory_jobs", away)
+    assert schedule_memory([conv]) == 0
+    monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)
+    assert schedule_memory([conv]) == 1
+    assert len(_queued(conv)) == 1
+
+
+def test_the_sweep_sends_again_a_memory_job_whose_message_was_lost_or_whose_worker_died(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: nothing re-sent a memory job whose message a broker lost (marked queued,
+    never run) or whose worker died holding it: its conversation's summaries and facts waited for
+    the player's next reply, and a player who had gone quiet never got them."""
+    from sqlalchemy import text
+
+    from memory.schedule import reschedule_stalled
+
+    lost, orphaned, running = _conversation(80), _conversation(80), _conversation(80)
+    monkeypatch.setattr(settings, "memory_job_lease_s", 30)
+    with session_scope() as s:
+        assert mark_queued(session=s, jobs=[(lost, SUMMARY)], stale_s=30) == [(lost, SUMMARY)]
+        dead = claim_job(session=s, conversation_id=orphaned, kind=SUMMARY, lease_s=30)
+        alive = claim_job(session=s, conversation_id=running, kind=SUMMARY, lease_s=30)
+        assert dead is not None and alive is not None
+    reschedule_stalled()  # neither is stalled yet (other tests' conversations may be)
+    assert not _queued(lost) and not _queued(orphaned)
+    lapse = "UPDATE memory_jobs SET {} = now() - interval '{} seconds' WHERE conversation_id = :c"
+    with session_scope() as s:  # the mark lapsed, the dead claim a lease ago, the live one just now
+        for column, seconds, conv in (
+            ("queued_until", 1, lost),
+            ("lease_until", 31, orphaned),
+            ("lease_until", 1, running),
+        ):
+            s.execute(text(lapse.format(column, seconds)), {"c": conv})
+    assert reschedule_stalled() >= 2
+    assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1 and not _queued(running)
+    reschedule_stalled()  # each is found once: sent now, they are marked queued afresh
+    assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1

@@ -11,6 +11,9 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
 
 from db.session import session_scope
 from db.turns import renew_lease
@@ -19,11 +22,19 @@ logger = logging.getLogger(__name__)
 
 
 class LeaseKeeper:
-    """`with LeaseKeeper(token, lease_s, max_hold_s): ...` renews the claim's lease in the background."""
+    """`with LeaseKeeper(token, lease_s, max_hold_s): ...` renews the claim's lease in the background:
+    a batch's turns, or with `renew` another claim under that token (a memory job's)."""
 
-    def __init__(self, token: uuid.UUID, lease_s: float, max_hold_s: float) -> None:
+    def __init__(
+        self,
+        token: uuid.UUID,
+        lease_s: float,
+        max_hold_s: float,
+        renew: Callable[[Session], object] | None = None,
+    ) -> None:
         self.token = token
         self.lease_s = lease_s
+        self.renew = renew or (lambda session: renew_lease(session=session, token=token, lease_s=lease_s))
         self.deadline = time.monotonic() + max_hold_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{token.hex[:8]}", daemon=True)
@@ -43,6 +54,6 @@ class LeaseKeeper:
                 return
             try:
                 with session_scope() as session:
-                    renew_lease(session=session, token=self.token, lease_s=self.lease_s)
+                    self.renew(session)
             except Exception:  # the database is away: the next renewal tries again
                 logger.warning("could not renew the lease of claim %s", self.token, exc_info=True)
