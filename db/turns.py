@@ -48,7 +48,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
-from sqlalchemy.orm import Session, aliased, lazyload
+from sqlalchemy.orm import Session, aliased, defer, lazyload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from db.models import (
     TURN_FINISHED,
@@ -470,8 +471,16 @@ def claim_turns(
             .where(Turn.id.in_(claimed_ids))
             .order_by(Turn.number)
             # The speaker is joined above; the rows' own joined-eager characters would load it twice more.
-            .options(lazyload(Conversation.character), lazyload(ConversationMember.character))
+            # Its card and lorebook (a book can run to megabytes) are read once per character below, not
+            # once per turn.
+            .options(
+                lazyload(Conversation.character),
+                lazyload(ConversationMember.character),
+                defer(Character.card),
+                defer(Character.lorebook),
+            )
         ).all()
+        _load_books(session, {char.id: char for _, _, char, _, _ in rows})
         # A group is told by its scene, not by the speaker's member row: a member who left keeps the
         # step created for them before they left, which still speaks in the group; and the narrator
         # answering a player's turn (no member, no step) speaks in it too.
@@ -769,6 +778,15 @@ _LAST_SEQS = text(
 def last_seqs(session: Session, conv_ids: Sequence[int]) -> dict[int, int]:
     """The last line number of each conversation (0: none yet)."""
     return {int(c): int(n) for c, n in session.execute(_LAST_SEQS, {"ids": list(conv_ids)}).tuples()}
+
+
+def _load_books(session: Session, characters: dict[int, Character]) -> None:
+    """The card and lorebook of each claimed speaker, one row per character (the claim defers them)."""
+    for char_id, card, lorebook in session.execute(
+        select(Character.id, Character.card, Character.lorebook).where(Character.id.in_(list(characters)))
+    ).tuples():
+        set_committed_value(characters[char_id], "card", card)
+        set_committed_value(characters[char_id], "lorebook", lorebook)
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:

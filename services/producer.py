@@ -17,7 +17,7 @@ from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
-from db.scenes import speaker_for_player
+from db.scenes import scene_conversations, speaker_for_player
 from db.session import DATABASE_OUTAGES, again_on_conflict, get_autocommit_engine, session_scope
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
@@ -349,9 +349,15 @@ def _group_speakers(
     errors = []
     earlier: dict[int, list[int | None]] = {}  # by conversation: who answers this call's lines so far
     taken: set[str | None] | None = None  # the call's keys stored already: read once, for a group's line
+    # Which conversations are groups, read once for the call (not once per line): a line of a
+    # one-character conversation naming no speaker has none, and needs no look of its own.
+    groups = scene_conversations(session=session, conversation_ids=sorted(set(conv_ids.values())))
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
+        if conversation_id not in groups and req.speaker_character is None:
+            speakers.append(None)
+            continue
         try:
             speakers.append(
                 speaker_for_player(

@@ -241,3 +241,48 @@ def test_seeding_a_conversations_history_reads_one_of_its_lines_to_know_it_has_s
     for statement, parameters in seen:
         read = _rows_read(statement, parameters, "messages")
         assert read and sum(read) <= 1, (statement, read)
+
+
+def test_a_claim_reads_each_characters_card_and_lorebook_once_not_once_per_turn(world) -> None:
+    """Found in review: the claim's rows each carried the speaker's card and lorebook (a book can run
+    to megabytes), decoded once per turn of the batch inside the claim's transaction."""
+    from sqlalchemy import event as sa_event
+
+    conversation = new_conversation()
+    ids = enqueue_turns(
+        [
+            new_conversation() | {"character": conversation["character"], "message": f"Hi {i}."}
+            for i in range(8)
+        ],
+        send=False,
+    )
+    rows: list[int] = []
+
+    def count(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if re.search(r"characters(_\d+)?\.(card|lorebook)", statement):
+            rows.append(cursor.rowcount)
+
+    sa_event.listen(get_engine(), "after_cursor_execute", count)
+    try:
+        with session_scope() as session:
+            claim = claim_turns(session=session, turn_ids=ids, lease_s=60, max_attempts=3)
+            claimed = {t.id: (t.character.card, t.character.lorebook) for t in claim.claimed}
+    finally:
+        sa_event.remove(get_engine(), "after_cursor_execute", count)
+    assert sorted(claimed) == sorted(ids)
+    with session_scope() as session:
+        stored = session.execute(
+            text("SELECT card, lorebook FROM characters WHERE slug = :slug"),
+            {"slug": conversation["character"]},
+        ).one()
+    assert all(book == (stored.card, stored.lorebook) for book in claimed.values())
+    assert rows and sum(rows) == 1, rows
+
+
+def test_a_batch_enqueue_looks_for_group_conversations_once_not_once_per_line(world) -> None:
+    """Found in review: each line of a batch enqueue (up to 1,000) looked up its conversation's scene
+    on its own, inside the enqueue's transaction."""
+    with _sent(lambda s: "FROM scenes" in s) as seen:
+        ids = enqueue_turns([new_conversation() | {"message": f"Hi {i}."} for i in range(50)], send=False)
+    assert len(ids) == 50
+    assert len(seen) == 1, len(seen)
