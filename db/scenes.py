@@ -28,7 +28,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, and_, false, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, lazyload
 
 from db.models import (
     TURN_UNFINISHED,
@@ -217,6 +217,9 @@ def members_of(*, session: Session, conversation_id: int) -> list[Member]:
         .join(Character, Character.id == ConversationMember.character_id)
         .where(ConversationMember.conversation_id == conversation_id)
         .order_by(ConversationMember.position)
+        # the slug and name are joined above; the member's own eager character would bring its card
+        # and lorebook (megabytes, maybe) for every member at every line
+        .options(lazyload(ConversationMember.character))
     ).all()
     return [
         Member(m.character_id, slug, name, m.position, m.talkativeness, m.muted) for m, slug, name in rows

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import case, exists, func, literal_column, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from core.settings import DEFAULT_TENANT
 from db.advisory_locks import advisory_lock, name_key
@@ -220,6 +220,16 @@ def story_switch_lock(tenant: str, conversation: str) -> Iterator[None]:
                 " send the request again"
             )
         yield
+
+
+def conversation_for_memory(*, session: Session, conversation_id: int) -> Conversation | None:
+    """The conversation with its character's name alone (a memory job's prompt names the speakers):
+    not the card and lorebook the character's eager load would bring (megabytes, maybe) at each step."""
+    return session.get(
+        Conversation,
+        conversation_id,
+        options=[joinedload(Conversation.character).load_only(Character.name, Character.slug)],
+    )
 
 
 def append_history_if_empty(

@@ -32,6 +32,7 @@ from db.memory_jobs import (
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, same_space
+from db.world import conversation_for_memory
 from memory.claim import keeping
 from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
@@ -276,7 +277,7 @@ def _extract_step(
 ) -> dict[str, int]:
     """One stretch of lines read under the job's claim (run_extract_job)."""
     with session_scope() as session:
-        conversation = session.get(Conversation, conversation_id)
+        conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         if conversation is None:
             return {}
         after = extracted_through(session=session, conversation_id=conversation_id)
@@ -313,7 +314,7 @@ def _extract_step(
         ):
             return {}  # the claim lapsed: another worker reads these lines
         clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
-        conversation = session.get(Conversation, conversation_id)
+        conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         assert conversation is not None
         counts = store_extracted(session=session, conversation=conversation, facts=facts or [], source=source)
         read = {"lines": len(lines), "malformed": int(facts is None), **counts}

@@ -19,9 +19,9 @@ from db.memory_jobs import (
     death_record,
     release_job,
 )
-from db.models import Conversation
 from db.session import session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
+from db.world import conversation_for_memory
 from memory.claim import keeping
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
@@ -137,7 +137,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
             kind=SUMMARY,
             lease_s=settings.memory_job_lease_s,
         )
-        conversation = session.get(Conversation, conversation_id)
+        conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
         blind, alone = death_record(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:

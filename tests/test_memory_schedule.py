@@ -248,3 +248,27 @@ def test_the_sweep_sends_again_a_memory_job_whose_message_was_lost_or_whose_work
     assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1 and not _queued(running)
     reschedule_stalled()  # each is found once: sent now, they are marked queued afresh
     assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1
+
+
+def test_a_memory_jobs_steps_leave_the_characters_card_and_lorebook_out(summaries_due: None) -> None:
+    """Found in review: each step of a summary or an extraction loaded the conversation with its
+    character's card and lorebook (the eager load), for the character's name alone."""
+    from sqlalchemy import event
+
+    from db.session import get_engine
+    from memory.extract import run_extract_job
+
+    conv = _conversation(80)
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        statements.append(statement)
+
+    event.listen(get_engine(), "before_cursor_execute", seen)
+    try:
+        assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
+        assert run_extract_job(conv, generate=lambda *args: '{"facts": []}').get("lines")
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", seen)
+    assert any("FROM conversations" in s for s in statements)
+    assert not [s for s in statements if "lorebook" in s]

@@ -286,3 +286,17 @@ def test_a_batch_enqueue_looks_for_group_conversations_once_not_once_per_line(wo
         ids = enqueue_turns([new_conversation() | {"message": f"Hi {i}."} for i in range(50)], send=False)
     assert len(ids) == 50
     assert len(seen) == 1, len(seen)
+
+
+def test_a_groups_member_list_leaves_the_members_cards_and_lorebooks_out(world) -> None:
+    """Found in review: the member list (read at each player line and scene step) brought each
+    member's card and lorebook through the member's eager character, for the slug and name alone."""
+    from db.scenes import members_of
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello."}], send=False)
+    with session_scope() as session:
+        conversation_id = session.get(Turn, turn_id).conversation_id
+    with _sent(lambda s: "conversation_members" in s) as seen, session_scope() as session:
+        members_of(session=session, conversation_id=conversation_id)
+    assert seen
+    assert not [s for s, _ in seen if re.search(r"\.(card|lorebook)\b", s)]
