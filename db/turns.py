@@ -491,17 +491,8 @@ def claim_turns(
         player_last: set[int] = set()  # scene conversations whose newest line is the player's
         if step_convs:
             for conv_id, content, role, by_id, by_name in session.execute(
-                select(
-                    Message.conversation_id,
-                    Message.content,
-                    Message.role,
-                    Message.speaker_id,
-                    Message.speaker_name,
-                )
-                .where(Message.conversation_id.in_(step_convs))
-                .order_by(Message.conversation_id, Message.seq.desc())
-                .distinct(Message.conversation_id)
-            ).all():
+                _NEWEST_LINES, {"ids": step_convs}
+            ).tuples():
                 newest[conv_id] = content
                 if role == Role.USER:
                     player_last.add(conv_id)
@@ -778,6 +769,20 @@ _LAST_SEQS = text(
 def last_seqs(session: Session, conv_ids: Sequence[int]) -> dict[int, int]:
     """The last line number of each conversation (0: none yet)."""
     return {int(c): int(n) for c, n in session.execute(_LAST_SEQS, {"ids": list(conv_ids)}).tuples()}
+
+
+# Each conversation's newest line by one backward probe of its (conversation_id, seq) key: DISTINCT ON
+# sorted every line of the conversation, text and all, at each step of a scene.
+_NEWEST_LINES = text(
+    """
+SELECT c.id, m.content, m.role, m.speaker_id, m.speaker_name
+FROM unnest(CAST(:ids AS bigint[])) AS c(id)
+CROSS JOIN LATERAL (
+    SELECT content, role, speaker_id, speaker_name FROM messages
+    WHERE conversation_id = c.id ORDER BY seq DESC LIMIT 1
+) m
+"""
+)
 
 
 def _load_books(session: Session, characters: dict[int, Character]) -> None:

@@ -300,3 +300,50 @@ def test_a_groups_member_list_leaves_the_members_cards_and_lorebooks_out(world) 
         members_of(session=session, conversation_id=conversation_id)
     assert seen
     assert not [s for s, _ in seen if re.search(r"\.(card|lorebook)\b", s)]
+
+
+def test_a_scene_steps_claim_reads_one_line_of_each_scene_for_the_line_it_answers(world) -> None:
+    """Found in review: a claim found the line each scene step answers with DISTINCT ON over every
+    line of the batch's scenes, sorted with their text: O(n) at each step, O(n²) over a long scene."""
+    from sqlalchemy import insert
+
+    from db.models import Message, Role
+    from tests.test_scenes import _answer, _new_run, _open_step, _scene, _scene_id
+
+    run_id = _new_run({"north": _scene(exchanges=4), "south": _scene(exchanges=4)})
+    steps = []
+    for name in ("north", "south"):
+        scene_id = _scene_id(run_id, name)
+        _answer(_open_step(scene_id), f"{name} line 1")
+        steps.append(_open_step(scene_id))
+    with session_scope() as session:
+        for name, step in zip(("north", "south"), steps, strict=True):
+            conversation_id, last = session.execute(
+                text(
+                    "SELECT t.conversation_id, max(m.seq) FROM turns t JOIN messages m"
+                    " ON m.conversation_id = t.conversation_id WHERE t.id = :t GROUP BY t.conversation_id"
+                ),
+                {"t": step},
+            ).one()
+            session.execute(
+                insert(Message),
+                [
+                    {
+                        "conversation_id": conversation_id,
+                        "seq": last + i,
+                        "role": Role.ASSISTANT,
+                        "content": f"{name} aside {i}.",
+                    }
+                    for i in range(1, 201)
+                ],
+            )
+    with _sent(lambda s: "FROM messages" in s and "DESC" in s) as seen, session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=steps, lease_s=60, max_attempts=3)
+    assert sorted(t.query for t in claim.claimed) == [
+        "north aside 200.",
+        "south aside 200.",
+    ]  # the newest lines
+    assert seen
+    for statement, parameters in seen:
+        read = _rows_read(statement, parameters, "messages")
+        assert read and sum(read) <= 2, (statement, read)  # one line of each scene
