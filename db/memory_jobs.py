@@ -231,6 +231,18 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
     return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
+def reread_from(*, session: Session, conversation_id: int, seq: int) -> None:
+    """Fact extraction reads the conversation again from this line (its text changed after it was
+    read); facts already drawn from the lines after it are found again as duplicates, not added."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET done_through = :before"
+            " WHERE conversation_id = :c AND kind = 'extract' AND done_through > :before"
+        ),
+        {"c": conversation_id, "before": seq - 1},
+    )
+
+
 def extract_due(*, session: Session, conversation_ids: list[int], every_lines: int) -> list[int]:
     """The conversations with at least `every_lines` lines extraction has not read, not in flight."""
     if not conversation_ids or every_lines <= 0:

@@ -23,6 +23,7 @@ from sqlalchemy import case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
 from sqlalchemy.orm import Session
 
+from db.memory_jobs import reread_from
 from db.models import (
     Character,
     Conversation,
@@ -34,6 +35,7 @@ from db.models import (
     TurnReviewChange,
     TurnStatus,
 )
+from db.summaries import forget_line
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 
 Bar = Literal["any", "below", "above"]
@@ -222,12 +224,16 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
         .execution_options(synchronize_session=False)
     )
     if turn.reply_message_id is not None:
-        session.execute(
+        line = session.execute(
             update(Message)
             .where(Message.id == turn.reply_message_id)
             .values(content=text, embedding=embedding, embedding_next=None)  # see db/reembed.py write_next
+            .returning(Message.conversation_id, Message.seq)
             .execution_options(synchronize_session=False)
-        )
+        ).first()
+        if line is not None:  # the conversation's memory told the old text: summarised and read again
+            forget_line(session=session, conversation_id=line.conversation_id, seq=line.seq)
+            reread_from(session=session, conversation_id=line.conversation_id, seq=line.seq)
 
 
 def _log(session: Session, turn_id: uuid.UUID, action: str, by: str, **values: Any) -> None:

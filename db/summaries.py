@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import delete, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -177,6 +177,19 @@ def store_summary(*, session: Session, work: SummaryWork, text_: str, token: uui
             .values(merged_into=new_id)
         )
     return new_id
+
+
+def forget_line(*, session: Session, conversation_id: int, seq: int) -> int:
+    """Drop the summaries that cover this line (its level-0 summary and each one it was merged up
+    into), after its text changed: they told the old text. The summaries merged into a dropped one
+    stand on their own again (merged_into is set NULL), and the line's range is summarised anew by
+    the next summary job. How many were dropped."""
+    result = session.execute(
+        delete(Summary).where(
+            Summary.conversation_id == conversation_id, Summary.first_seq <= seq, Summary.last_seq >= seq
+        )
+    )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def summaries_for(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, list[SummaryLine]]:

@@ -944,3 +944,45 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
         assert client.get("/desk/runs").status_code == 200
     finally:
         client.close()
+
+
+def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) -> None:
+    """Found in review: a writer's edit (or pick) of a line in a conversation whose memory had
+    covered it left the summaries and the facts read from the rejected text: the NPC's "earlier in
+    this conversation" still told it. The summaries that cover the line are dropped (the others
+    merged with them stand again) and extraction reads the conversation again from the line."""
+    from db.models import MemoryJob, Summary
+    from db.reviews import edit_reply
+
+    _, (first, _) = build_run("studio-a", _lines())
+    _, line, _ = _stored(first)
+    conv, seq = line.conversation_id, line.seq
+    with session_scope() as s:
+        covering = Summary(
+            conversation_id=conv, level=0, first_seq=1, last_seq=seq, text="The forge, thrice."
+        )
+        after = Summary(
+            conversation_id=conv, level=0, first_seq=seq + 1, last_seq=seq + 8, text="Later talk."
+        )
+        top = Summary(conversation_id=conv, level=1, first_seq=1, last_seq=seq + 8, text="All of it.")
+        s.add_all([covering, after, top])
+        s.flush()
+        covering.merged_into = after.merged_into = top.id
+        s.add(MemoryJob(conversation_id=conv, kind="extract", done_through=seq + 8))
+        elsewhere = Summary(
+            conversation_id=conv, level=0, first_seq=seq + 9, last_seq=seq + 12, text="Other."
+        )
+        s.add(elsewhere)
+    with session_scope() as s:
+        edit_reply(
+            session=s, turn_id=first, text="Down the hill, past the well.", version=0, by="w", embedding=None
+        )
+    with session_scope() as s:
+        left = s.execute(
+            select(Summary.text, Summary.merged_into)
+            .where(Summary.conversation_id == conv)
+            .order_by(Summary.first_seq)
+        ).all()
+        done = s.scalar(select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv))
+    assert [tuple(r) for r in left] == [("Later talk.", None), ("Other.", None)]
+    assert done == seq - 1
