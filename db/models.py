@@ -624,6 +624,10 @@ class Summary(Base):
     __tablename__ = "summaries"
     __table_args__ = (
         UniqueConstraint("conversation_id", "level", "first_seq", "last_seq", name="uq_summaries_range"),
+        # The summaries a prompt shows (not merged into another), in order (migration 0034).
+        Index(
+            "ix_summaries_unmerged", "conversation_id", "first_seq", postgresql_where="merged_into IS NULL"
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -641,6 +645,11 @@ class MemoryJob(Base):
     and, for extraction, how far the conversation's lines have been read."""
 
     __tablename__ = "memory_jobs"
+    __table_args__ = (
+        # The sweep's look for jobs whose message went missing (db/memory_jobs.py take_back_stalled).
+        Index("ix_memory_jobs_queued_until", "queued_until", postgresql_where="queued_until IS NOT NULL"),
+        Index("ix_memory_jobs_claimed_lease", "lease_until", postgresql_where="token IS NOT NULL"),
+    )
 
     conversation_id: Mapped[int] = mapped_column(
         ForeignKey("conversations.id", ondelete="CASCADE"), primary_key=True

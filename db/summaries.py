@@ -101,7 +101,7 @@ def next_summary_work(
             )
     covered = session.scalar(
         select(Summary.last_seq)
-        .where(Summary.conversation_id == conversation_id)
+        .where(Summary.conversation_id == conversation_id, Summary.merged_into.is_(None))
         .order_by(Summary.last_seq.desc())
         .limit(1)
     )
@@ -219,7 +219,9 @@ _DUE_SQL = text(
 SELECT c.id
 FROM unnest(CAST(:conv AS bigint[])) AS c(id)
 CROSS JOIN LATERAL (
-    SELECT COALESCE(max(last_seq), 0) AS covered FROM summaries s WHERE s.conversation_id = c.id
+    -- the newest covered line is an unmerged summary's (the one it was merged up into covers it too)
+    SELECT COALESCE(max(last_seq), 0) AS covered FROM summaries s
+    WHERE s.conversation_id = c.id AND s.merged_into IS NULL
 ) s
 CROSS JOIN LATERAL (
     SELECT COALESCE(max(seq), 0) AS last FROM messages m WHERE m.conversation_id = c.id

@@ -347,3 +347,42 @@ def test_a_scene_steps_claim_reads_one_line_of_each_scene_for_the_line_it_answer
     for statement, parameters in seen:
         read = _rows_read(statement, parameters, "messages")
         assert read and sum(read) <= 2, (statement, read)  # one line of each scene
+
+
+def test_a_conversations_summaries_are_read_without_the_ones_merged_into_others(world) -> None:
+    """Found in review: the summaries a prompt shows (those not merged into another) and the last
+    line they cover were found by reading every summary of the conversation, merged ones included:
+    thousands in a long conversation, read at every turn to keep a dozen."""
+    from db.models import Summary
+    from db.summaries import conversations_due, summaries_for
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Hello."}], send=False)
+    with session_scope() as session:
+        conv = session.get(Turn, turn_id).conversation_id
+        tops = [
+            Summary(conversation_id=conv, level=1, first_seq=1 + 40 * i, last_seq=40 * (i + 1), text="t")
+            for i in range(3)
+        ]
+        session.add_all(tops)
+        session.flush()
+        session.add_all(
+            Summary(
+                conversation_id=conv,
+                level=0,
+                first_seq=1 + 4 * i,
+                last_seq=4 * (i + 1),
+                text="p",
+                merged_into=tops[i // 10].id,
+            )
+            for i in range(30)
+        )
+    with _sent(lambda s: "FROM summaries" in s) as seen, session_scope() as session:
+        shown = summaries_for(session=session, conversation_ids=[conv])[conv]
+        conversations_due(
+            session=session, conversation_ids=[conv], recent_n=12, threshold_tokens=1000, fanout=4
+        )
+    assert [s.level for s in shown] == [1, 1, 1]
+    assert len(seen) == 2
+    for statement, parameters in seen:
+        read = _rows_read(statement, parameters, "summaries")
+        assert read and sum(read) <= 3 * 2, (statement, read)  # the unmerged three, at most twice
