@@ -53,6 +53,7 @@ from sqlalchemy.orm.attributes import set_committed_value
 
 from db.models import (
     TURN_FINISHED,
+    TURN_UNFINISHED,
     Character,
     Conversation,
     ConversationMember,
@@ -1221,6 +1222,23 @@ def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -
     )
     result = session.execute(update(Turn).where(Turn.id.in_(free)).values(dispatched_at=sent_at))
     return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+def answering_claim(*, session: Session, turn_id: uuid.UUID) -> tuple[bool, uuid.UUID | None]:
+    """(whether the turn is still to be answered, the claim answering it now): the claim's token
+    while it runs under a live lease; None while it is queued or its lease lapsed (no claim is
+    answering it: the next one will), and once it is finished."""
+    row = session.execute(
+        select(Turn.status, Turn.claim_token, and_(Turn.status == TurnStatus.RUNNING, lease_live())).where(
+            Turn.id == turn_id
+        )
+    ).first()
+    if row is None:
+        return False, None
+    status, token, live = row
+    if status not in TURN_UNFINISHED:
+        return False, None
+    return True, token if live else None
 
 
 def get_turn(*, session: Session, turn_id: uuid.UUID) -> Turn | None:

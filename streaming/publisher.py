@@ -132,7 +132,9 @@ class Publisher:
     def _send(self, events: list[tuple[str, dict[str, str]]]) -> bool:
         for attempt in range(_TRIES):
             try:
-                pipe = self._client.pipeline(transaction=False)
+                # MULTI … EXEC: a round cut off mid-send applies nothing (a non-transactional pipeline
+                # ran its first chunk of XADDs, creating the stream, and never reached its EXPIRE).
+                pipe = self._client.pipeline(transaction=True)
                 for key, fields in events:
                     pipe.xadd(key, fields, maxlen=settings.stream_max_len, approximate=True)
                 last = {key: fields["kind"] for key, fields in events}  # each stream's newest event

@@ -23,6 +23,7 @@ which cannot take text back), when it goes on from the stored turn after that te
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -253,17 +254,28 @@ class TurnReader:
         """A new reader that cannot take text back (a chat completion: `restarted` ends it) follows
         only the latest claim in the stream: a claim replaced before it came is not the reply. Read
         from the start, its text and then `restarted` failed every retry of a restarted turn's chat
-        under its key, for as long as the stream lived. Redis away: the hub's reads say so."""
+        under its key, for as long as the stream lived. While the turn is still to be answered, every
+        claim but the one answering it now is skipped: a retry of a chat whose worker died (the turn
+        queued again, or its lease lapsed) was shown the dead claim's text, then `restarted` when the
+        next claim wrote. Redis away: the hub's reads say so."""
         try:
             client = _client()
         except Exception:
             return
         try:
-            self._shown.superseded.update(replaced_claims(await _deltas(client, self._key, "+")))
+            deltas = await _deltas(client, self._key, "+")
         except _UNREADABLE:
             return
         finally:
             await client.aclose()
+        replaced = replaced_claims(deltas)
+        try:
+            open_, answering = await asyncio.to_thread(_answering_claim, self._turn_id)
+        except Exception:  # the database away: the stream's own order tells
+            open_, answering = False, None
+        if open_:  # the turn's own claim decides: the stream's latest may be a dead worker's
+            replaced = {e.claim for e in deltas} - {str(answering)}
+        self._shown.superseded.update(replaced)
 
     def _from_text_shown(self) -> bool:
         """A resume that cannot find its place in the stream goes on from the stored turn after the
@@ -390,3 +402,11 @@ async def turn_events(
     await reader.open()
     async for event in reader.events():
         yield event
+
+
+def _answering_claim(turn_id: uuid.UUID) -> tuple[bool, uuid.UUID | None]:
+    from db.session import session_scope
+    from db.turns import answering_claim
+
+    with session_scope() as session:
+        return answering_claim(session=session, turn_id=turn_id)

@@ -4,6 +4,7 @@ OpenAI-compatible live endpoint with the official client (the last ones on the r
 from __future__ import annotations
 
 import json
+import threading
 import time
 import uuid
 
@@ -258,11 +259,16 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
     stream with an error object; the stored turn stays readable at /v1/turns/{id}."""
     import asyncio
 
+    from sqlalchemy import text
+
     from api.routes.chat_completions import _chunks
+    from db.turns import claim_turns
     from services.live_chat import ChatTurn
 
     turn_id = _queued_turn()
-    publisher().delta(turn_id, uuid.uuid4(), "Half a rep")  # the worker that wrote this died
+    with session_scope() as session:  # the claim answering it when the reader comes; its worker dies next
+        claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+    publisher().delta(turn_id, claim.token, "Half a rep")
     assert publisher().flush()
 
     async def read() -> producer.TurnView:
@@ -284,6 +290,7 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
         data = asyncio.run(asyncio.wait_for(frames(), 60))
     finally:
         with session_scope() as session:
+            session.execute(text("UPDATE turns SET lease_until = now() WHERE id = :t"), {"t": turn_id})
             cancel_turns(session=session, turn_ids=[turn_id])
     chunks = [json.loads(d) for d in data]
     assert [c["choices"][0]["delta"] for c in chunks[:2]] == [
@@ -292,6 +299,62 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
     ]
     assert len(chunks) == 3 and chunks[2]["error"]["code"] == "restarted", chunks
     assert "[DONE]" not in data
+
+
+def test_a_chat_retried_after_its_worker_died_is_shown_the_claim_answering_it_alone(world) -> None:
+    """Found in review: a retry of a chat (the same Idempotency-Key, as the README advises) whose
+    worker had died mid-stream followed the stream's latest claim, the dead one: it was shown text
+    the stored reply never held, then `restarted` ended it once the next claim wrote. A reader that
+    cannot take text back follows the claim answering the turn now, and no claim while it has none."""
+    import asyncio
+
+    from sqlalchemy import text
+
+    from api.routes.chat_completions import _chunks
+    from db.turns import claim_turns, store_replies
+    from services.live_chat import ChatTurn
+    from tests.outcomes import outcome_of
+
+    turn_id = _queued_turn()
+    publisher().delta(turn_id, uuid.uuid4(), "Half a rep", rank=0)  # its worker died; the turn went back
+    assert publisher().flush()
+    with session_scope() as session:  # the next claim answers it
+        claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+
+    def next_claim_writes() -> None:
+        publisher().delta(turn_id, claim.token, "A whole ", rank=1)
+        publisher().delta(turn_id, claim.token, "reply.", rank=1)
+        assert publisher().flush()
+        with session_scope() as session:
+            stored = store_replies(
+                session=session, token=claim.token, outcomes=[outcome_of(claim.claimed[0], "A whole reply.")]
+            )
+        assert stored == [turn_id]
+        publisher().end(turn_id)
+        assert publisher().flush()
+
+    async def read() -> producer.TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def frames() -> list[str]:
+        turn = ChatTurn(turn_id, "elara", int(time.time()), stream=True)
+        return [frame["data"] async for frame in _chunks(turn, read)]
+
+    writer = threading.Timer(1.0, next_claim_writes)  # after the retry's reader opened
+    writer.start()
+    try:
+        data = asyncio.run(asyncio.wait_for(frames(), 60))
+    finally:
+        writer.join()
+        with session_scope() as session:
+            session.execute(text("UPDATE turns SET lease_until = now() WHERE id = :t"), {"t": turn_id})
+            cancel_turns(session=session, turn_ids=[turn_id])
+    chunks = [json.loads(d) for d in data if d != "[DONE]"]
+    assert not [c for c in chunks if "error" in c], chunks
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "A whole reply."
+    assert data[-1] == "[DONE]"
 
 
 def test_a_streamed_turn_refuses_best_of_n(base_url) -> None:

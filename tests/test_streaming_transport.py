@@ -679,3 +679,33 @@ def test_a_reader_of_an_unfinished_turn_ends_when_the_hub_closes_not_at_its_dead
 
     (streamed, stored), took = asyncio.run(follow_then_close())
     assert _codes(streamed) == _codes(stored) == ["unavailable"] and took < 5
+
+
+def test_a_round_of_stream_events_cut_off_mid_send_leaves_no_stream_without_an_expiry(monkeypatch) -> None:
+    """Found in review: a round of events went out as a non-transactional pipeline, every XADD first
+    and the EXPIREs last. redis-py sends a long pipeline in chunks that Redis runs as they come, so a
+    connection cut after the first chunk created the stream with no expiry; a turn that then ended
+    (or whose worker died) before another round got through left it in Redis for good."""
+    from redis.backoff import NoBackoff
+    from redis.connection import Connection
+    from redis.retry import Retry
+
+    client = redis.Redis.from_url(redis_url(), retry=Retry(NoBackoff(), 0))
+    sink = Publisher(client)
+    turn_id, claim = uuid.uuid4(), uuid.uuid4()
+    whole = Connection.send_packed_command
+
+    def first_chunk_only(self: Connection, command: Any, check_health: bool = True) -> None:
+        chunks = [command] if isinstance(command, (bytes, str)) else list(command)
+        if len(chunks) > 1:  # a long round: its first chunk reaches Redis, then the connection goes
+            whole(self, chunks[:1], check_health)
+            self.disconnect()
+            raise redis.ConnectionError("cut off mid-send")
+        whole(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", first_chunk_only)
+    for i in range(200):
+        sink.delta(turn_id, claim, f"word {i} of a long reply ")
+    assert sink.flush(timeout=15)
+    monkeypatch.setattr(Connection, "send_packed_command", whole)
+    assert redis.Redis.from_url(redis_url()).ttl(stream_key(turn_id)) != -1  # -2 (none), never -1 (no expiry)
