@@ -40,6 +40,8 @@ _BLOCK_MS = 1000  # a join wakes the read at once: the block only bounds an idle
 _WAKE_TTL_S = 3600
 _UNREADABLE = (RedisError, OSError)
 _RETRY_S = 0.1  # after a failed round, before the next (a new follower's)
+_REREAD_S = 0.5  # between reads while they fail, before the followers give up on the stream
+_READ_OUTAGE_S = 10.0  # reads failing this long: the followers follow their stored turns instead
 # Status queries failed in a row, and for how long, before the readers are failed: a blip of the
 # database (each new follower asks for a check at once, so three can fail within a second) is ridden
 # out; an outage ends each reader with a resumable `unavailable` error (streaming/reader.py).
@@ -227,6 +229,7 @@ class Hub:
 
     async def _read_streams(self) -> None:
         try:
+            failing_since: float | None = None  # the reads have failed since then
             while True:
                 self._joined.clear()
                 streams = self._streams()
@@ -244,23 +247,27 @@ class Hub:
                     self._reading = False
                     STREAM_HUB_READS.inc()
                     self._hand(answer, streams)
+                    failing_since = None
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:
                     self._reading = False
                     _unless_cancelled()
                     STREAM_HUB_FAILURES.labels("read").inc()
-                    if isinstance(exc, _UNREADABLE):
-                        logger.warning(
-                            "the turn streams are unreadable; their readers follow the stored turns"
-                        )
+                    now = time.monotonic()
+                    failing_since = now if failing_since is None else failing_since
+                    # A blip (a restart, a failover's READONLY or UNBLOCKED) is read through: the
+                    # followers keep their places and the next connection reads on from them. Only
+                    # a lasting failure sends them to the stored turns.
+                    if now - failing_since < _READ_OUTAGE_S:
+                        logger.warning("a read of the turn streams failed; trying again: %s", exc)
                     else:
-                        logger.exception(
-                            "the readers' hub failed a round; its readers follow the stored turns"
-                        )
-                    self._fail_streams()
+                        log = logger.warning if isinstance(exc, _UNREADABLE) else logger.exception
+                        log("the turn streams are unreadable; their readers follow the stored turns")
+                        self._fail_streams()
+                        failing_since = None
                     await self._drop_client()
-                    await asyncio.sleep(_RETRY_S)
+                    await asyncio.sleep(_RETRY_S if failing_since is None else _REREAD_S)
         finally:
             await self._drop_client()
 

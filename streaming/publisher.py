@@ -2,10 +2,12 @@
 
 The engine loop only appends to a bounded in-process queue (never a Redis call, never a block);
 this thread drains it in pipelined rounds. Nothing is dropped while Redis answers and the queue has
-room. When Redis is unreachable or hung, the queue fills and events are dropped (logged, counted in
-`mlchat_stream_events_dropped`), and after a failed send every event is dropped for a few seconds
-before Redis is tried again; the stored turn stays the truth, which every reader falls back to.
-A retried send may reach Redis twice: each delta's `seq` lets readers drop the repeat.
+room. A round Redis did not take (unreachable, hung, a failover's READONLY) is kept and sent again
+after a pause of a few seconds, with what was queued meanwhile, so a reader resumes where it was once
+Redis is back (its next delta's number follows the last it showed). Events are dropped (logged,
+counted in `mlchat_stream_events_dropped`) only when the queue is full, the outage having lasted
+that long; the stored turn stays the truth, which every reader falls back to. A retried send may
+reach Redis twice: each delta's `seq` lets readers drop the repeat.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _ROUND = 512  # events sent in one pipelined round trip at most
 _TRIES = 3
-_PAUSE_S = 5.0  # after a failed send, events are dropped for this long (Redis is not asked)
+_PAUSE_S = 5.0  # after a failed send, Redis is not asked for this long (events wait in the queue)
 _SOCKET_TIMEOUT_S = 2.0  # a hung Redis fails the send instead of holding the thread
 _SEQ_TURNS = 10_000  # turns whose delta numbers are kept (a turn's `end` forgets its own)
 # How long a stream is kept after its end: a reader that resumes later reads the stored turn, which
@@ -44,6 +46,7 @@ class Publisher:
         size = settings.stream_queue_max if max_queued is None else max_queued
         self._queue: queue.Queue[tuple[str, dict[str, str]] | threading.Event] = queue.Queue(size)
         self._paused_until = 0.0
+        self._failing = False  # the last round Redis was asked to take failed
         self._dropped = 0  # since the last warning
         self._seq_lock = threading.Lock()
         # turn -> {claim: its last seq}: two claims of a turn in one process (a lapsed one still in
@@ -96,9 +99,6 @@ class Publisher:
             return seq
 
     def _put(self, key: str, fields: dict[str, str]) -> None:
-        if time.monotonic() < self._paused_until:
-            self._drop(1, "paused")
-            return
         try:
             self._queue.put_nowait((key, fields))
         except queue.Full:
@@ -112,22 +112,38 @@ class Publisher:
             logger.warning("stream events dropped (%s); readers fall back to the stored turn", why)
 
     def _run(self) -> None:
+        held: list[tuple[str, dict[str, str]]] = []  # a round Redis did not take, sent again first
         while True:
-            batch = [self._queue.get()]
+            try:  # while a round is held, wake when the pause ends even if nothing new comes
+                wait = max(self._paused_until - time.monotonic(), 0.0) if held else None
+                batch = [self._queue.get(timeout=wait)]
+            except queue.Empty:
+                batch = []
             while len(batch) < _ROUND:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            events = [item for item in batch if not isinstance(item, threading.Event)]
+            events = held + [item for item in batch if not isinstance(item, threading.Event)]
+            held = []
             if events and time.monotonic() < self._paused_until:
-                self._drop(len(events), "paused")
-            elif events and self._send(events) and self._dropped:
-                logger.warning("stream events sent again; %d were dropped", self._dropped)
-                self._dropped = 0
+                held = self._held(events)
+            elif events and self._send(events):
+                if self._failing or self._dropped:
+                    logger.warning("stream events sent again; %d were dropped", self._dropped)
+                    self._failing, self._dropped = False, 0
+            elif events:
+                held = self._held(events)
             for item in batch:
                 if isinstance(item, threading.Event):
                     item.set()
+
+    def _held(self, events: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
+        """The newest events that fit the queue's bound, kept for the next try; the rest dropped."""
+        keep = max(self._queue.maxsize, _ROUND)
+        if len(events) > keep:
+            self._drop(len(events) - keep, "queue_full")
+        return events[-keep:]
 
     def _send(self, events: list[tuple[str, dict[str, str]]]) -> bool:
         for attempt in range(_TRIES):
@@ -152,9 +168,10 @@ class Publisher:
                     # them all; the next try connects anew.
                     self._client.connection_pool.disconnect()
                 if attempt == _TRIES - 1:
-                    logger.warning("Redis did not take stream events", exc_info=True)
+                    if not self._failing:
+                        logger.warning("Redis did not take stream events; trying again", exc_info=True)
+                    self._failing = True
                     self._paused_until = time.monotonic() + _PAUSE_S
-                    self._drop(len(events), "redis_error")
                     return False
                 time.sleep(0.1 * 2**attempt)
         return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -220,30 +221,49 @@ def _closed_port_client() -> Any:
     return aioredis.Redis.from_url(url, socket_connect_timeout=1, retry=None)
 
 
-def test_the_hub_survives_a_redis_failure_and_serves_the_next_reader() -> None:
+def test_a_reader_reads_through_a_redis_blip_from_where_it_was() -> None:
+    """Found in review: one failed read (a restart, a failover's READONLY or UNBLOCKED) sent every
+    reader of the API process to its stored turn for good: each reply in progress stopped mid-line
+    and came whole at its end. The readers keep their places through a blip; the next connection
+    reads on from them."""
     turn_id = _turn()
     ids = _xadd(turn_id, str(uuid.uuid4()), "Well", " met")
     connects = [_closed_port_client, _client]
 
-    async def twice() -> tuple[bool, list[str]]:
+    async def through() -> tuple[bool, list[str]]:
         readers = Hub(lambda: connects.pop(0)())
-        first = readers.follow(turn_id, stream_key(turn_id))
-        await _until(lambda: first.unreadable)
-        readers.unfollow(first)
-        second = readers.follow(turn_id, stream_key(turn_id))
+        follower = readers.follow(turn_id, stream_key(turn_id))
         got: list[str] = []
         async with asyncio.timeout(10):
             while len(got) < 2:
-                await second.wait(1)
-                got += [e.id for e in second.take()]
+                await follower.wait(1)
+                got += [e.id for e in follower.take()]
+        unreadable = follower.unreadable  # before the close, which ends every follower
         await readers.close()
-        return first.unreadable, got
+        return unreadable, got
 
     failed = _sample("mlchat_stream_hub_failures_total", part="read")
     reads = _sample("mlchat_stream_hub_reads_total")
-    assert asyncio.run(twice()) == (True, ids)
+    assert asyncio.run(through()) == (False, ids)
     assert _sample("mlchat_stream_hub_failures_total", part="read") >= failed + 1
     assert _sample("mlchat_stream_hub_reads_total") >= reads + 1
+
+
+def test_readers_whose_redis_stays_away_follow_their_stored_turns(monkeypatch) -> None:
+    monkeypatch.setattr(streaming.hub, "_READ_OUTAGE_S", 1.0)
+    turn_id = _turn()
+
+    async def away() -> tuple[bool, float]:
+        readers = Hub(_closed_port_client)
+        follower = readers.follow(turn_id, stream_key(turn_id))
+        started = time.monotonic()
+        await _until(lambda: follower.unreadable)
+        waited = time.monotonic() - started
+        await readers.close()
+        return follower.unreadable, waited
+
+    unreadable, waited = asyncio.run(away())
+    assert unreadable and waited >= 0.9  # not at the first failed read: after the outage lasted
 
 
 def test_the_hub_stops_with_the_app() -> None:

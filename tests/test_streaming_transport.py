@@ -413,10 +413,46 @@ def test_the_publisher_drops_rather_than_holds_events_while_redis_is_away() -> N
         assert sink._queue.qsize() <= 16
     assert time.monotonic() - started < 10  # the engine loop never waits on Redis (1 s a send if it did)
     assert _dropped("queue_full") > full
-    assert sink.flush(timeout=10)  # the failed send is given up on, in bounded time
-    paused = _dropped("paused")
-    sink.delta(turn_id, claim, "after")  # within the pause after a failed send: not even queued
-    assert _dropped("paused") == paused + 1 and sink._queue.qsize() == 0
+    assert sink.flush(timeout=10)  # the failed send is given up on for now, in bounded time
+    sink.delta(turn_id, claim, "after")  # within the pause after a failed send: queued for the next try
+    assert sink._queue.qsize() == 1
+
+
+def test_a_round_redis_did_not_take_is_sent_again_once_it_is_back(monkeypatch) -> None:
+    """Found in review: after a failed round (a failover's READONLY, an outage past the client's own
+    retries) the round and every event of the next 5 s were dropped: each reader saw a delta number
+    skip and showed no more live text of that reply. The round is kept and sent again after the
+    pause, with what was queued meanwhile."""
+    from redis.exceptions import ReadOnlyError
+
+    monkeypatch.setattr(streaming.publisher, "_PAUSE_S", 0.3)
+    client = redis.Redis.from_url(redis_url())
+    refusals = [3]  # the first round's three tries are answered READONLY, as a demoted primary does
+    pipeline = client.pipeline
+
+    def demoted_then_promoted(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        if refusals[0]:
+            refusals[0] -= 1
+
+            def refuse() -> None:
+                raise ReadOnlyError("You can't write against a read only replica.")
+
+            pipe.execute = refuse
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", demoted_then_promoted)
+    sink = Publisher(client)
+    turn_id, claim = uuid.uuid4(), uuid.uuid4()
+    sink.delta(turn_id, claim, "Well ")
+    assert sink.flush(timeout=10)
+    sink.delta(turn_id, claim, "met.")
+    assert sink.flush(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(client.xrange(stream_key(turn_id))) < 2:
+        time.sleep(0.05)
+    entries = client.xrange(stream_key(turn_id))
+    assert [(f[b"seq"], f[b"text"]) for _, f in entries] == [(b"1", b"Well "), (b"2", b"met.")]
 
 
 def test_the_publisher_gives_up_on_a_redis_that_never_answers(monkeypatch) -> None:
