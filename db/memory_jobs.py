@@ -166,7 +166,8 @@ def unmark_queued(*, session: Session, jobs: list[tuple[int, str]]) -> None:
 
 
 # A lapsed claim is taken back only a whole lease after it lapsed: its worker renews it every third
-# of a lease while it runs, so by then it has died (or lost the database that long).
+# of a lease while it runs (for the broker's visibility timeout at most), so by then it has died,
+# hung past that bound, or lost the database that long.
 _TAKE_BACK_SQL = text(
     """
 WITH stalled AS (
@@ -177,24 +178,26 @@ WITH stalled AS (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-UPDATE memory_jobs j SET queued_until = NULL,
+UPDATE memory_jobs j SET queued_until = now() + make_interval(secs => :lease_s),
     token = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL ELSE j.token END,
     lease_until = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL
                        ELSE j.lease_until END
 FROM stalled s WHERE j.conversation_id = s.conversation_id AND j.kind = s.kind
-RETURNING j.conversation_id
+RETURNING j.conversation_id, j.kind
 """
 )
 
 
-def take_back_stalled(*, session: Session, lease_s: float, limit: int) -> list[int]:
-    """Free the memory jobs whose messages went missing and return their conversations: a job marked
-    queued longer ago than the mark lasts and never run (the broker lost its message), or claimed by
-    a worker whose lease lapsed a lease ago (it died holding it). Nothing else would send them again
-    before the conversation's next reply; the caller schedules them, and a job that is no longer
-    due is left free (each is found once)."""
-    rows = session.scalars(_TAKE_BACK_SQL, {"lease_s": lease_s, "limit": limit})
-    return sorted({int(c) for c in rows})
+def take_back_stalled(*, session: Session, lease_s: float, limit: int) -> list[tuple[int, str]]:
+    """The memory jobs whose messages went missing, marked queued afresh for the caller to send:
+    a job marked queued longer ago than the mark lasts and never run (the broker lost its message,
+    or it waits behind a bulk backlog that long: a duplicate, which its claim makes harmless), or
+    claimed by a worker whose lease lapsed a lease ago (it died holding it; its claim is freed).
+    Nothing else would send them again before the conversation's next reply. A send that fails
+    leaves the fresh mark to lapse, and a later sweep finds the job again; a job no longer due runs
+    and finds nothing to do."""
+    rows = session.execute(_TAKE_BACK_SQL, {"lease_s": lease_s, "limit": limit}).tuples()
+    return sorted({(int(c), str(k)) for c, k in rows})
 
 
 def release_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> None:
@@ -231,13 +234,17 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
     return bool(done.rowcount)  # type: ignore[attr-defined]
 
 
-def reread_from(*, session: Session, conversation_id: int, seq: int) -> None:
-    """Fact extraction reads the conversation again from this line (its text changed after it was
-    read); facts already drawn from the lines after it are found again as duplicates, not added."""
+def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
+    """A line's text changed: the conversation's memory jobs are taken back from any claim (a job in
+    flight read the old text: its writes then find their claim gone and store nothing) and fact
+    extraction reads again from the line (facts already drawn from the lines after it are found
+    again as duplicates, not added)."""
     session.execute(
         text(
-            "UPDATE memory_jobs SET done_through = :before"
-            " WHERE conversation_id = :c AND kind = 'extract' AND done_through > :before"
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
+            " done_through = CASE WHEN kind = 'extract' THEN LEAST(done_through, :before)"
+            " ELSE done_through END"
+            " WHERE conversation_id = :c"
         ),
         {"c": conversation_id, "before": seq - 1},
     )

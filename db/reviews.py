@@ -23,7 +23,7 @@ from sqlalchemy import case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
 from sqlalchemy.orm import Session
 
-from db.memory_jobs import reread_from
+from db.memory_jobs import interrupt_jobs
 from db.models import (
     Character,
     Conversation,
@@ -231,9 +231,9 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
             .returning(Message.conversation_id, Message.seq)
             .execution_options(synchronize_session=False)
         ).first()
-        if line is not None:  # the conversation's memory told the old text: summarised and read again
+        if line is not None and text != turn.reply:  # its memory told the old text: summarised, read again
+            interrupt_jobs(session=session, conversation_id=line.conversation_id, seq=line.seq)
             forget_line(session=session, conversation_id=line.conversation_id, seq=line.seq)
-            reread_from(session=session, conversation_id=line.conversation_id, seq=line.seq)
 
 
 def _log(session: Session, turn_id: uuid.UUID, action: str, by: str, **values: Any) -> None:

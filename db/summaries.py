@@ -180,14 +180,13 @@ def store_summary(*, session: Session, work: SummaryWork, text_: str, token: uui
 
 
 def forget_line(*, session: Session, conversation_id: int, seq: int) -> int:
-    """Drop the summaries that cover this line (its level-0 summary and each one it was merged up
-    into), after its text changed: they told the old text. The summaries merged into a dropped one
-    stand on their own again (merged_into is set NULL), and the line's range is summarised anew by
-    the next summary job. How many were dropped."""
+    """Drop the summaries that cover this line or come after it (its text changed: they told the old
+    text, or were summarised after it), so that summarising resumes below the line: those wholly
+    before it stand again (merged_into is set NULL by its foreign key). How many were dropped. The
+    caller takes the conversation's memory jobs back first (db/memory_jobs.py interrupt_jobs), so a
+    job in flight stores nothing of the old text, and the locks follow the store's order."""
     result = session.execute(
-        delete(Summary).where(
-            Summary.conversation_id == conversation_id, Summary.first_seq <= seq, Summary.last_seq >= seq
-        )
+        delete(Summary).where(Summary.conversation_id == conversation_id, Summary.last_seq >= seq)
     )
     return int(result.rowcount)  # type: ignore[attr-defined]
 

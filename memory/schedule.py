@@ -92,7 +92,12 @@ def _unmark(jobs: list[tuple[int, str]]) -> None:
 
 def reschedule_stalled(limit: int = 1000) -> int:
     """Send again the memory jobs whose messages went missing (a broker lost them, a worker died
-    holding one); how many were sent (`mlchat sweep`)."""
+    holding one); how many were sent (`mlchat sweep`). Raises when they cannot be sent (the sweep
+    says so); their marks lapse and the next sweep finds them again."""
     with session_scope() as session:
         stalled = take_back_stalled(session=session, lease_s=settings.memory_job_lease_s, limit=limit)
-    return schedule_memory(stalled) if stalled else 0
+    if stalled:
+        from tasks.memory import send_memory_jobs
+
+        send_memory_jobs(stalled)
+    return len(stalled)

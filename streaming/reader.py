@@ -257,7 +257,9 @@ class TurnReader:
         under its key, for as long as the stream lived. While the turn is still to be answered, every
         claim but the one answering it now is skipped: a retry of a chat whose worker died (the turn
         queued again, or its lease lapsed) was shown the dead claim's text, then `restarted` when the
-        next claim wrote. Redis away: the hub's reads say so."""
+        next claim wrote. (A worker killed outright holds its lease until it lapses: a retry within
+        that time still follows it. A worker alive past its lapsed lease is skipped too: the reply
+        then comes whole at its end.) Redis away: the hub's reads say so."""
         try:
             client = _client()
         except Exception:
@@ -268,6 +270,8 @@ class TurnReader:
             return
         finally:
             await client.aclose()
+        if not deltas:
+            return
         replaced = replaced_claims(deltas)
         try:
             open_, answering = await asyncio.to_thread(_answering_claim, self._turn_id)

@@ -42,7 +42,7 @@ def memory_job(conversation_id: int, kind: str) -> None:
             _count_death(conversation_id, kind, suspect=exc.in_engine)
         try:
             send_memory_jobs([(conversation_id, kind)])
-        finally:  # the broker away too: `mlchat sweep` sends it again once its lease lapsed; stop anyway
+        finally:  # the broker away too: the job waits for the conversation's next reply; stop anyway
             stop_for_dead_engine(exc)
         return
     finally:

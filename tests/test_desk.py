@@ -948,31 +948,35 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
 
 def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) -> None:
     """Found in review: a writer's edit (or pick) of a line in a conversation whose memory had
-    covered it left the summaries and the facts read from the rejected text: the NPC's "earlier in
-    this conversation" still told it. The summaries that cover the line are dropped (the others
-    merged with them stand again) and extraction reads the conversation again from the line."""
+    covered it left the summaries and the extraction's progress as they were: the NPC's "earlier in
+    this conversation" still told the rejected text. The summaries that cover the line or come after
+    it are dropped (those wholly before it stand again, so summarising resumes below the line), a
+    memory job in flight loses its claim (it read the old text), and extraction reads from the line
+    again."""
+    from db.memory_jobs import EXTRACT, SUMMARY, advance_extract, claim_job
     from db.models import MemoryJob, Summary
     from db.reviews import edit_reply
 
     _, (first, _) = build_run("studio-a", _lines())
     _, line, _ = _stored(first)
     conv, seq = line.conversation_id, line.seq
+    assert seq >= 2  # the player's line comes first
     with session_scope() as s:
-        covering = Summary(
-            conversation_id=conv, level=0, first_seq=1, last_seq=seq, text="The forge, thrice."
-        )
-        after = Summary(
-            conversation_id=conv, level=0, first_seq=seq + 1, last_seq=seq + 8, text="Later talk."
-        )
+        parts = [
+            Summary(conversation_id=conv, level=0, first_seq=1, last_seq=seq - 1, text="Before it."),
+            Summary(conversation_id=conv, level=0, first_seq=seq, last_seq=seq, text="The forge, thrice."),
+            Summary(conversation_id=conv, level=0, first_seq=seq + 1, last_seq=seq + 8, text="Later talk."),
+        ]
         top = Summary(conversation_id=conv, level=1, first_seq=1, last_seq=seq + 8, text="All of it.")
-        s.add_all([covering, after, top])
+        s.add_all([*parts, top])
         s.flush()
-        covering.merged_into = after.merged_into = top.id
-        s.add(MemoryJob(conversation_id=conv, kind="extract", done_through=seq + 8))
-        elsewhere = Summary(
-            conversation_id=conv, level=0, first_seq=seq + 9, last_seq=seq + 12, text="Other."
-        )
-        s.add(elsewhere)
+        for part in parts:
+            part.merged_into = top.id
+        s.add(MemoryJob(conversation_id=conv, kind=EXTRACT, done_through=seq + 8))
+    with session_scope() as s:  # jobs in flight, reading the old text
+        reading = claim_job(session=s, conversation_id=conv, kind=EXTRACT, lease_s=60)
+        summarising = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    assert reading is not None and summarising is not None
     with session_scope() as s:
         edit_reply(
             session=s, turn_id=first, text="Down the hill, past the well.", version=0, by="w", embedding=None
@@ -983,6 +987,13 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
             .where(Summary.conversation_id == conv)
             .order_by(Summary.first_seq)
         ).all()
-        done = s.scalar(select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv))
-    assert [tuple(r) for r in left] == [("Later talk.", None), ("Other.", None)]
-    assert done == seq - 1
+        jobs = dict(
+            s.execute(select(MemoryJob.kind, MemoryJob.token).where(MemoryJob.conversation_id == conv)).all()
+        )
+        done = s.scalar(
+            select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+        )
+        late = advance_extract(session=s, conversation_id=conv, token=reading, through=seq + 8)
+    assert [tuple(r) for r in left] == [("Before it.", None)]
+    assert jobs == {EXTRACT: None, SUMMARY: None} and done == seq - 1
+    assert not late  # the job that read the old text records nothing

@@ -179,12 +179,12 @@ def test_a_job_whose_generation_outlasts_its_lease_keeps_its_claim(
 
     from db.models import Summary
 
-    monkeypatch.setattr(settings, "memory_job_lease_s", 0.6)
+    monkeypatch.setattr(settings, "memory_job_lease_s", 2.0)  # renewed every 0.67 s
     conv = _conversation(80)
     taken: list[object] = []
 
     def slow(system: str, body: str, max_tokens: int, alone: bool) -> str:
-        time.sleep(1.0)  # past its lease; meanwhile another worker tries to take the job over
+        time.sleep(3.0)  # past its lease; meanwhile another worker tries to take the job over
         with session_scope() as s:
             taken.append(claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60))
         time.sleep(0.5)
@@ -248,6 +248,45 @@ def test_the_sweep_sends_again_a_memory_job_whose_message_was_lost_or_whose_work
     assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1 and not _queued(running)
     reschedule_stalled()  # each is found once: sent now, they are marked queued afresh
     assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1
+
+
+def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review of the fix above: the sweep freed a stalled job before sending it, and a
+    send that failed (the broker away) then lost it for good, with the sweep saying nothing stranded."""
+    from sqlalchemy import text
+
+    from memory.schedule import reschedule_stalled
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+    with session_scope() as s:
+        assert mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=1) == [(conv, SUMMARY)]
+        s.execute(
+            text(
+                "UPDATE memory_jobs SET queued_until = now() - interval '1 second' WHERE conversation_id = :c"
+            ),
+            {"c": conv},
+        )
+    send = memory_tasks.send_memory_jobs
+
+    def away(jobs: object, **kw: object) -> None:
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(memory_tasks, "send_memory_jobs", away)
+    with pytest.raises(ConnectionError):
+        reschedule_stalled()
+    monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)
+    with session_scope() as s:  # its fresh mark lapses (a lease later)
+        s.execute(
+            text(
+                "UPDATE memory_jobs SET queued_until = now() - interval '1 second' WHERE conversation_id = :c"
+            ),
+            {"c": conv},
+        )
+    reschedule_stalled()
+    assert len(_queued(conv)) == 1
 
 
 def test_a_memory_jobs_steps_leave_the_characters_card_and_lorebook_out(summaries_due: None) -> None:

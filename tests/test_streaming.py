@@ -305,7 +305,8 @@ def test_a_chat_retried_after_its_worker_died_is_shown_the_claim_answering_it_al
     """Found in review: a retry of a chat (the same Idempotency-Key, as the README advises) whose
     worker had died mid-stream followed the stream's latest claim, the dead one: it was shown text
     the stored reply never held, then `restarted` ended it once the next claim wrote. A reader that
-    cannot take text back follows the claim answering the turn now, and no claim while it has none."""
+    cannot take text back follows the claim answering the turn now, and no claim while it has none
+    (here: the turn is queued again when the retry's reader opens; the next claim writes after)."""
     import asyncio
 
     from sqlalchemy import text
@@ -318,10 +319,12 @@ def test_a_chat_retried_after_its_worker_died_is_shown_the_claim_answering_it_al
     turn_id = _queued_turn()
     publisher().delta(turn_id, uuid.uuid4(), "Half a rep", rank=0)  # its worker died; the turn went back
     assert publisher().flush()
-    with session_scope() as session:  # the next claim answers it
-        claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+    claims = []
 
     def next_claim_writes() -> None:
+        with session_scope() as session:  # the next claim takes the turn, after the retry's reader opened
+            claims.append(claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3))
+        (claim,) = claims
         publisher().delta(turn_id, claim.token, "A whole ", rank=1)
         publisher().delta(turn_id, claim.token, "reply.", rank=1)
         assert publisher().flush()

@@ -739,9 +739,14 @@ def test_a_round_of_stream_events_cut_off_mid_send_leaves_no_stream_without_an_e
             raise redis.ConnectionError("cut off mid-send")
         whole(self, command, check_health)
 
+    events = [
+        (
+            stream_key(turn_id),
+            {"kind": DELTA, "text": f"word {i} of a long reply ", "claim": str(claim), "seq": str(i + 1)},
+        )
+        for i in range(200)
+    ]
     monkeypatch.setattr(Connection, "send_packed_command", first_chunk_only)
-    for i in range(200):
-        sink.delta(turn_id, claim, f"word {i} of a long reply ")
-    assert sink.flush(timeout=15)
+    assert not sink._send(events)  # one long round, as the publisher's thread sends it
     monkeypatch.setattr(Connection, "send_packed_command", whole)
     assert redis.Redis.from_url(redis_url()).ttl(stream_key(turn_id)) != -1  # -2 (none), never -1 (no expiry)

@@ -1,4 +1,5 @@
-"""Keep a batch's claim alive while it runs: renew its lease from a thread.
+"""Keep a claim alive while it runs: renew its lease from a thread (a batch's turns; a memory job's
+claim through memory/claim.py).
 
 The lease is what tells other workers that a running turn is still being answered. It is renewed
 every third of its length while the batch runs, and no longer than `max_hold_s` in all, so a worker
