@@ -472,7 +472,14 @@ def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False
             version = int(apply(session))
             if text and output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
-            return version
+            conversation_id = session.scalar(select(Turn.conversation_id).where(Turn.id == turn_id))
+        if text and conversation_id is not None:
+            # The change dropped what memory held of the old text: summarise and read it again now,
+            # not at the conversation's next reply (a finished run's may never have one).
+            from memory.schedule import schedule_memory
+
+            schedule_memory([conversation_id])
+        return version
     except NotAnswered as exc:
         raise DeskError(409, str(exc)) from None
     except NotReviewable as exc:

@@ -997,3 +997,16 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
     assert [tuple(r) for r in left] == [("Before it.", None)]
     assert jobs == {EXTRACT: None, SUMMARY: None} and done == seq - 1
     assert not late  # the job that read the old text records nothing
+
+
+def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, world, monkeypatch) -> None:
+    """Found in review: an edit dropped what memory held of the old text, but nothing scheduled the
+    memory jobs again: a finished run's conversation, which gets no more replies, was never
+    summarised or read for facts again."""
+    import memory.schedule
+
+    scheduled: list[list[int]] = []
+    monkeypatch.setattr(memory.schedule, "schedule_memory", lambda ids: scheduled.append(list(ids)) or 0)
+    _, (first, _) = build_run("studio-a", _lines())
+    desk.edit(WRITER, first, "Down the hill, past the well.", "0")
+    assert scheduled == [[_stored(first)[0].conversation_id]]
