@@ -244,7 +244,8 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
             " done_through = CASE WHEN kind = 'extract' THEN LEAST(done_through, :before)"
             " ELSE done_through END"
-            " WHERE conversation_id = :c"
+            " WHERE conversation_id = :c AND kind IN ("  # its rows locked in kind order, as mark_queued's
+            "   SELECT kind FROM memory_jobs WHERE conversation_id = :c ORDER BY kind FOR UPDATE)"
         ),
         {"c": conversation_id, "before": seq - 1},
     )

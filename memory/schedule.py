@@ -96,6 +96,11 @@ def reschedule_stalled(limit: int = 1000) -> int:
     says so); their marks lapse and the next sweep finds them again."""
     with session_scope() as session:
         stalled = take_back_stalled(session=session, lease_s=settings.memory_job_lease_s, limit=limit)
+    on = {
+        SUMMARY: settings.memory_summary_threshold_tokens > 0,
+        EXTRACT: settings.memory_extract_every_lines > 0,
+    }
+    stalled = [(conversation, kind) for conversation, kind in stalled if on.get(kind)]  # what is switched on
     if stalled:
         from tasks.memory import send_memory_jobs
 

@@ -234,6 +234,7 @@ class Hub:
                 self._joined.clear()
                 streams = self._streams()
                 if not streams:
+                    failing_since = None  # an outage is timed for the followers it met, not the next ones
                     await self._joined.wait()
                     continue
                 try:

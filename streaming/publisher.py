@@ -2,12 +2,14 @@
 
 The engine loop only appends to a bounded in-process queue (never a Redis call, never a block);
 this thread drains it in pipelined rounds. Nothing is dropped while Redis answers and the queue has
-room. A round Redis did not take (unreachable, hung, a failover's READONLY) is kept and sent again
-after a pause of a few seconds, with what was queued meanwhile, so a reader resumes where it was once
-Redis is back (its next delta's number follows the last it showed). Events are dropped (logged,
-counted in `mlchat_stream_events_dropped`) only when the queue is full, the outage having lasted
-that long; the stored turn stays the truth, which every reader falls back to. A retried send may
-reach Redis twice: each delta's `seq` lets readers drop the repeat.
+room. A round Redis did not take because it was away (unreachable, hung, a failover's READONLY) is
+kept and tried again after a pause of a few seconds, then what was queued meanwhile, in order, so a
+reader resumes where it was once Redis is back (its next delta's number follows the last it
+showed). Events are dropped (logged, counted in `mlchat_stream_events_dropped`) when the queue is
+full (the outage lasted that long) or Redis refused the round itself; the stored turn stays the
+truth, which every reader falls back to. A retried send may reach Redis twice: each delta's `seq`
+lets readers drop the repeat. `flush` waits for what was queued before it to be sent or dropped:
+a round held through an outage is neither.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import ReadOnlyError
+from redis.exceptions import BusyLoadingError, ConnectionError, ReadOnlyError, TimeoutError
 
 from core import metrics
 from core.settings import settings
@@ -36,6 +38,9 @@ _SEQ_TURNS = 10_000  # turns whose delta numbers are kept (a turn's `end` forget
 # How long a stream is kept after its end: a reader that resumes later reads the stored turn, which
 # the end says is committed (an hour of every ended reply's deltas would be most of Redis's memory).
 ENDED_TTL_S = 300
+_SENT, _HELD, _DROPPED = "sent", "held", "dropped"  # what became of a round
+# Redis away or not writing for now (a restart, a failover): the round waits for it, not dropped.
+_OUT_FOR_NOW = (ConnectionError, TimeoutError, ReadOnlyError, BusyLoadingError, OSError)
 
 
 class Publisher:
@@ -113,39 +118,37 @@ class Publisher:
 
     def _run(self) -> None:
         held: list[tuple[str, dict[str, str]]] = []  # a round Redis did not take, sent again first
+        flushes: list[threading.Event] = []  # set once every event queued before them was sent or dropped
         while True:
-            try:  # while a round is held, wake when the pause ends even if nothing new comes
-                wait = max(self._paused_until - time.monotonic(), 0.0) if held else None
-                batch = [self._queue.get(timeout=wait)]
-            except queue.Empty:
-                batch = []
-            while len(batch) < _ROUND:
+            if held:  # wait out the pause; what comes meanwhile waits in the bounded queue
+                time.sleep(max(self._paused_until - time.monotonic(), 0.0))
+            batch = [] if held else [self._queue.get()]
+            while len(held) + len(batch) < _ROUND:
                 try:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
             events = held + [item for item in batch if not isinstance(item, threading.Event)]
+            flushes += [item for item in batch if isinstance(item, threading.Event)]
             held = []
-            if events and time.monotonic() < self._paused_until:
-                held = self._held(events)
-            elif events and self._send(events):
-                if self._failing or self._dropped:
+            if events:
+                outcome = self._send(events)
+                if outcome == _HELD:
+                    held = events
+                elif outcome == _DROPPED:
+                    self._drop(len(events), "redis_error")
+                elif self._failing or self._dropped:
                     logger.warning("stream events sent again; %d were dropped", self._dropped)
                     self._failing, self._dropped = False, 0
-            elif events:
-                held = self._held(events)
-            for item in batch:
-                if isinstance(item, threading.Event):
-                    item.set()
+            if not held:
+                for flushed in flushes:
+                    flushed.set()
+                flushes = []
 
-    def _held(self, events: list[tuple[str, dict[str, str]]]) -> list[tuple[str, dict[str, str]]]:
-        """The newest events that fit the queue's bound, kept for the next try; the rest dropped."""
-        keep = max(self._queue.maxsize, _ROUND)
-        if len(events) > keep:
-            self._drop(len(events) - keep, "queue_full")
-        return events[-keep:]
-
-    def _send(self, events: list[tuple[str, dict[str, str]]]) -> bool:
+    def _send(self, events: list[tuple[str, dict[str, str]]]) -> str:
+        """_SENT; _HELD when Redis could not be reached or would not write (a restart, a failover's
+        READONLY: the round is tried again after the pause); _DROPPED when it refused the round
+        itself (a wrong-typed key, say: held, it would stall every stream for good)."""
         for attempt in range(_TRIES):
             try:
                 # MULTI … EXEC: a round cut off mid-send applies nothing (a non-transactional pipeline
@@ -160,7 +163,7 @@ class Publisher:
                         key, min(ENDED_TTL_S, settings.stream_ttl_s) if ended else settings.stream_ttl_s
                     )
                 pipe.execute()
-                return True
+                return _SENT
             except Exception as exc:
                 if isinstance(exc, ReadOnlyError):
                     # A failover demoted the server these connections reach, and the name now points
@@ -169,12 +172,12 @@ class Publisher:
                     self._client.connection_pool.disconnect()
                 if attempt == _TRIES - 1:
                     if not self._failing:
-                        logger.warning("Redis did not take stream events; trying again", exc_info=True)
+                        logger.warning("Redis did not take stream events", exc_info=True)
                     self._failing = True
                     self._paused_until = time.monotonic() + _PAUSE_S
-                    return False
+                    return _HELD if isinstance(exc, _OUT_FOR_NOW) else _DROPPED
                 time.sleep(0.1 * 2**attempt)
-        return False
+        return _DROPPED
 
 
 _publisher: Publisher | None = None

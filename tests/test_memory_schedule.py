@@ -311,3 +311,26 @@ def test_a_memory_jobs_steps_leave_the_characters_card_and_lorebook_out(summarie
         event.remove(get_engine(), "before_cursor_execute", seen)
     assert any("FROM conversations" in s for s in statements)
     assert not [s for s in statements if "lorebook" in s]
+
+
+def test_the_sweep_sends_no_memory_job_of_a_kind_switched_off(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: the sweep sent a stalled job as it was, without the checks scheduling makes:
+    with summaries switched off, a stale row still had a summary generated."""
+    from sqlalchemy import text
+
+    from memory.schedule import reschedule_stalled
+
+    conv = _conversation(80)
+    with session_scope() as s:
+        assert mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=1) == [(conv, SUMMARY)]
+        s.execute(
+            text(
+                "UPDATE memory_jobs SET queued_until = now() - interval '1 second' WHERE conversation_id = :c"
+            ),
+            {"c": conv},
+        )
+    monkeypatch.setattr(settings, "memory_summary_threshold_tokens", 0)
+    reschedule_stalled()
+    assert not _queued(conv)

@@ -266,6 +266,33 @@ def test_readers_whose_redis_stays_away_follow_their_stored_turns(monkeypatch) -
     assert unreadable and waited >= 0.9  # not at the first failed read: after the outage lasted
 
 
+def test_an_outage_the_hub_met_before_it_went_idle_does_not_cut_the_next_readers_short(monkeypatch) -> None:
+    """Found in review: the outage's clock kept running while no one read; the next reader, minutes
+    later, was sent to its stored turn at its first failed read."""
+    monkeypatch.setattr(streaming.hub, "_READ_OUTAGE_S", 1.0)
+    turn_id = _turn()
+    ids = _xadd(turn_id, str(uuid.uuid4()), "Well", " met")
+    connects = [_closed_port_client, _closed_port_client, _client]
+
+    async def later() -> tuple[bool, list[str]]:
+        readers = Hub(lambda: connects.pop(0)())
+        first = readers.follow(turn_id, stream_key(turn_id))
+        await _until(lambda: len(connects) < 3)  # its read failed
+        readers.unfollow(first)
+        await asyncio.sleep(1.5)  # idle past the outage's length
+        second = readers.follow(turn_id, stream_key(turn_id))
+        got: list[str] = []
+        async with asyncio.timeout(10):
+            while len(got) < 2:
+                await second.wait(1)
+                got += [e.id for e in second.take()]
+        unreadable = second.unreadable
+        await readers.close()
+        return unreadable, got
+
+    assert asyncio.run(later()) == (False, ids)
+
+
 def test_the_hub_stops_with_the_app() -> None:
     from api.main import create_app
 
