@@ -261,14 +261,7 @@ def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_s
     from tasks import memory as memory_tasks
 
     conv = _conversation(80)
-    with session_scope() as s:
-        assert mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=1) == [(conv, SUMMARY)]
-        s.execute(
-            text(
-                "UPDATE memory_jobs SET queued_until = now() - interval '1 second' WHERE conversation_id = :c"
-            ),
-            {"c": conv},
-        )
+    _marked_long_ago(conv)
     send = memory_tasks.send_memory_jobs
 
     def away(jobs: object, **kw: object) -> None:
@@ -318,11 +311,20 @@ def test_the_sweep_sends_no_memory_job_of_a_kind_switched_off(
 ) -> None:
     """Found in review: the sweep sent a stalled job as it was, without the checks scheduling makes:
     with summaries switched off, a stale row still had a summary generated."""
-    from sqlalchemy import text
 
     from memory.schedule import reschedule_stalled
 
     conv = _conversation(80)
+    _marked_long_ago(conv)
+    monkeypatch.setattr(settings, "memory_summary_threshold_tokens", 0)
+    reschedule_stalled()
+    assert not _queued(conv)
+
+
+def _marked_long_ago(conv: int) -> None:
+    """The conversation's summary job marked queued, the mark past its time (its message lost)."""
+    from sqlalchemy import text
+
     with session_scope() as s:
         assert mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=1) == [(conv, SUMMARY)]
         s.execute(
@@ -331,6 +333,3 @@ def test_the_sweep_sends_no_memory_job_of_a_kind_switched_off(
             ),
             {"c": conv},
         )
-    monkeypatch.setattr(settings, "memory_summary_threshold_tokens", 0)
-    reschedule_stalled()
-    assert not _queued(conv)

@@ -254,6 +254,17 @@ def test_an_idle_stream_is_kept_alive_with_pings(base_url, monkeypatch) -> None:
     assert pings == 2, f"{pings} pings in {time.monotonic() - started:.1f} s"
 
 
+def _stored_view(turn_id: uuid.UUID):  # type: ignore[no-untyped-def]
+    """The chat stream's read of the stored turn."""
+
+    async def read() -> producer.TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    return read
+
+
 def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(world) -> None:
     """The documented path: OpenAI's chunk format has no way to take text back, so a restart ends the
     stream with an error object; the stored turn stays readable at /v1/turns/{id}."""
@@ -271,10 +282,7 @@ def test_a_chat_completion_stream_whose_worker_died_ends_with_an_error_object(wo
     publisher().delta(turn_id, claim.token, "Half a rep")
     assert publisher().flush()
 
-    async def read() -> producer.TurnView:
-        view = producer.get_turn(turn_id)
-        assert view is not None
-        return view
+    read = _stored_view(turn_id)
 
     async def frames() -> list[str]:
         turn = ChatTurn(turn_id, "elara", int(time.time()), stream=True)
@@ -336,10 +344,7 @@ def test_a_chat_retried_after_its_worker_died_is_shown_the_claim_answering_it_al
         publisher().end(turn_id)
         assert publisher().flush()
 
-    async def read() -> producer.TurnView:
-        view = producer.get_turn(turn_id)
-        assert view is not None
-        return view
+    read = _stored_view(turn_id)
 
     async def frames() -> list[str]:
         turn = ChatTurn(turn_id, "elara", int(time.time()), stream=True)

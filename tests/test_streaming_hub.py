@@ -233,11 +233,7 @@ def test_a_reader_reads_through_a_redis_blip_from_where_it_was() -> None:
     async def through() -> tuple[bool, list[str]]:
         readers = Hub(lambda: connects.pop(0)())
         follower = readers.follow(turn_id, stream_key(turn_id))
-        got: list[str] = []
-        async with asyncio.timeout(10):
-            while len(got) < 2:
-                await follower.wait(1)
-                got += [e.id for e in follower.take()]
+        got = await _take_ids(follower, 2)
         unreadable = follower.unreadable  # before the close, which ends every follower
         await readers.close()
         return unreadable, got
@@ -281,11 +277,7 @@ def test_an_outage_the_hub_met_before_it_went_idle_does_not_cut_the_next_readers
         readers.unfollow(first)
         await asyncio.sleep(1.5)  # idle past the outage's length
         second = readers.follow(turn_id, stream_key(turn_id))
-        got: list[str] = []
-        async with asyncio.timeout(10):
-            while len(got) < 2:
-                await second.wait(1)
-                got += [e.id for e in second.take()]
+        got = await _take_ids(second, 2)
         unreadable = second.unreadable
         await readers.close()
         return unreadable, got
@@ -313,7 +305,7 @@ def test_the_hub_stops_with_the_app() -> None:
 
 async def _take_ids(follower: streaming.hub.Follower, n: int, got: list[str] | None = None) -> list[str]:
     got = [] if got is None else got
-    async with asyncio.timeout(5):
+    async with asyncio.timeout(10):
         while len(got) < n:
             await follower.wait(1)
             got += [e.id for e in follower.take()]
