@@ -153,11 +153,11 @@ def renew_job(*, session: Session, conversation_id: int, kind: str, token: uuid.
 
 def unmark_queued(*, session: Session, jobs: list[tuple[int, str]]) -> None:
     """Take back the queued marks of jobs whose messages could not be sent: the next scheduling
-    sends them again, rather than none for a lease's length."""
+    (or `mlchat sweep`) sends them again, rather than none for a lease's length."""
     if jobs:
         session.execute(
-            text(
-                "UPDATE memory_jobs SET queued_until = NULL FROM"
+            text(  # lapsed at once: the next scheduling, or the next sweep, sends them again
+                "UPDATE memory_jobs SET queued_until = now() FROM"
                 " unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)"
                 " WHERE conversation_id = j.c AND kind = j.k"
             ),
@@ -232,6 +232,17 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
         {"c": conversation_id, "t": token, "through": through},
     )
     return bool(done.rowcount)  # type: ignore[attr-defined]
+
+
+def keeps_memory(*, session: Session, conversation_id: int) -> bool:
+    """Whether the conversation keeps a memory (a job of it was ever scheduled: a live conversation's;
+    a batch run's lines schedule none)."""
+    return bool(
+        session.scalar(
+            text("SELECT EXISTS (SELECT 1 FROM memory_jobs WHERE conversation_id = :c)"),
+            {"c": conversation_id},
+        )
+    )
 
 
 def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:

@@ -1,4 +1,5 @@
-"""After replies are stored: send the memory jobs that are due to the bulk lane (at most one of each
+"""After replies are stored, a line is edited at the desk, or a sweep finds a job's message lost:
+send the memory jobs that are due to the bulk lane (at most one of each
 kind per conversation in flight, and one or two on the queue: a job is sent only when its queued
 mark is taken, db/memory_jobs.py; the job's claim makes a duplicate message harmless)."""
 
@@ -86,7 +87,9 @@ def _unmark(jobs: list[tuple[int, str]]) -> None:
     try:
         with session_scope() as session:
             unmark_queued(session=session, jobs=jobs)
-    except Exception:  # the database away too: the marks lapse after a lease (stalled_conversations)
+    except (
+        Exception
+    ):  # the database away too: the marks lapse after a lease (mlchat sweep: reschedule_stalled)
         logger.warning("could not take back the queued marks of %d memory jobs", len(jobs), exc_info=True)
 
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.settings import settings
 from db import reviews
+from db.memory_jobs import keeps_memory
 from db.models import (
     RUN_FINISHED,
     Character,
@@ -472,13 +473,13 @@ def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False
             version = int(apply(session))
             if text and output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
-            conversation_id = session.scalar(select(Turn.conversation_id).where(Turn.id == turn_id))
-        if text and conversation_id is not None:
+            remembering = _remembering(session, turn_id) if text else None
+        if remembering is not None:
             # The change dropped what memory held of the old text: summarise and read it again now,
-            # not at the conversation's next reply (a finished run's may never have one).
+            # not at the conversation's next reply (which may never come).
             from memory.schedule import schedule_memory
 
-            schedule_memory([conversation_id])
+            schedule_memory([remembering])
         return version
     except NotAnswered as exc:
         raise DeskError(409, str(exc)) from None
@@ -486,6 +487,13 @@ def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False
         raise _bad(str(exc)) from None
     except StaleReview as exc:
         raise DeskError(409, str(exc)) from None
+
+
+def _remembering(session: Session, turn_id: uuid.UUID) -> int | None:
+    """The line's conversation if it keeps a memory (a live conversation a run's line named), else
+    None: a batch run's own conversations get no summaries or facts."""
+    conversation_id = session.get_one(Turn, turn_id).conversation_id
+    return conversation_id if keeps_memory(session=session, conversation_id=conversation_id) else None
 
 
 def _embed(text: str) -> Any:

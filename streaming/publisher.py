@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 _ROUND = 512  # events sent in one pipelined round trip at most
 _TRIES = 3
-_PAUSE_S = 5.0  # after a failed send, Redis is not asked for this long (events wait in the queue)
+_PAUSE_S = 5.0  # after a held round, Redis is not asked for this long (events wait in the queue)
 _SOCKET_TIMEOUT_S = 2.0  # a hung Redis fails the send instead of holding the thread
 _SEQ_TURNS = 10_000  # turns whose delta numbers are kept (a turn's `end` forgets its own)
 # How long a stream is kept after its end: a reader that resumes later reads the stored turn, which
@@ -165,6 +165,9 @@ class Publisher:
                 pipe.execute()
                 return _SENT
             except Exception as exc:
+                if not isinstance(exc, _OUT_FOR_NOW):  # refused (run, maybe in part, at EXEC): not again
+                    logger.warning("Redis refused a round of stream events", exc_info=True)
+                    return _DROPPED
                 if isinstance(exc, ReadOnlyError):
                     # A failover demoted the server these connections reach, and the name now points
                     # at the new primary: redis-py keeps a connection that answers READONLY, so drop
@@ -175,9 +178,9 @@ class Publisher:
                         logger.warning("Redis did not take stream events", exc_info=True)
                     self._failing = True
                     self._paused_until = time.monotonic() + _PAUSE_S
-                    return _HELD if isinstance(exc, _OUT_FOR_NOW) else _DROPPED
+                    return _HELD
                 time.sleep(0.1 * 2**attempt)
-        return _DROPPED
+        return _HELD
 
 
 _publisher: Publisher | None = None

@@ -252,7 +252,8 @@ class TurnReader:
 
     async def _skip_replaced_claims(self) -> None:
         """A new reader that cannot take text back (a chat completion: `restarted` ends it) follows
-        only the latest claim in the stream: a claim replaced before it came is not the reply. Read
+        only the claim answering the turn (or, the database away, the stream's latest claim): a claim
+        replaced before it came is not the reply. Read
         from the start, its text and then `restarted` failed every retry of a restarted turn's chat
         under its key, for as long as the stream lived. While the turn is still to be answered, every
         claim but the one answering it now is skipped: a retry of a chat whose worker died (the turn

@@ -1001,12 +1001,18 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
 
 def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, world, monkeypatch) -> None:
     """Found in review: an edit dropped what memory held of the old text, but nothing scheduled the
-    memory jobs again: a finished run's conversation, which gets no more replies, was never
-    summarised or read for facts again."""
+    memory jobs again until the conversation's next reply, which may never come. Only a
+    conversation that keeps a memory (a live one a run's line named) is scheduled: a batch run's own
+    conversations get no summaries or facts."""
     import memory.schedule
+    from db.models import MemoryJob
 
     scheduled: list[list[int]] = []
     monkeypatch.setattr(memory.schedule, "schedule_memory", lambda ids: scheduled.append(list(ids)) or 0)
-    _, (first, _) = build_run("studio-a", _lines())
+    _, (first, second) = build_run("studio-a", _lines())
+    remembered = _stored(first)[0].conversation_id
+    with session_scope() as s:  # a live conversation the run's line named: it keeps a memory
+        s.add(MemoryJob(conversation_id=remembered, kind="extract", done_through=0))
     desk.edit(WRITER, first, "Down the hill, past the well.", "0")
-    assert scheduled == [[_stored(first)[0].conversation_id]]
+    desk.edit(WRITER, second, "Good morning to you too.", "0")  # a run's own conversation: no memory
+    assert scheduled == [[remembered]]

@@ -9,6 +9,7 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -202,17 +203,9 @@ def test_a_memory_job_whose_message_could_not_be_sent_is_sent_by_the_next_schedu
 ) -> None:
     """Found in review: a send that failed (the broker away) left the job marked queued, so no reply
     sent it again for a lease's length (10 minutes), and nothing else ever did."""
-    from tasks import memory as memory_tasks
-
     conv = _conversation(80)
-    send = memory_tasks.send_memory_jobs
-
-    def away(jobs: object, **kw: object) -> None:
-        raise ConnectionError("broker away")
-
-    monkeypatch.setattr(memory_tasks, "send_memory_jobs", away)
-    assert schedule_memory([conv]) == 0
-    monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)
+    with _broker_away(monkeypatch):
+        assert schedule_memory([conv]) == 0
     assert schedule_memory([conv]) == 1
     assert len(_queued(conv)) == 1
 
@@ -258,19 +251,11 @@ def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_s
     from sqlalchemy import text
 
     from memory.schedule import reschedule_stalled
-    from tasks import memory as memory_tasks
 
     conv = _conversation(80)
     _marked_long_ago(conv)
-    send = memory_tasks.send_memory_jobs
-
-    def away(jobs: object, **kw: object) -> None:
-        raise ConnectionError("broker away")
-
-    monkeypatch.setattr(memory_tasks, "send_memory_jobs", away)
-    with pytest.raises(ConnectionError):
+    with _broker_away(monkeypatch), pytest.raises(ConnectionError):
         reschedule_stalled()
-    monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)
     with session_scope() as s:  # its fresh mark lapses (a lease later)
         s.execute(
             text(
@@ -333,3 +318,34 @@ def _marked_long_ago(conv: int) -> None:
             ),
             {"c": conv},
         )
+
+
+def test_a_memory_job_whose_send_failed_is_found_by_the_next_sweep(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in the final reread: a failed send took its mark back to NULL, which the sweep never
+    looks at: a quiet player's conversation was then never sent again. The mark lapses at once."""
+    from memory.schedule import reschedule_stalled
+
+    conv = _conversation(80)
+    with _broker_away(monkeypatch):
+        assert schedule_memory([conv]) == 0
+    reschedule_stalled()  # the player says nothing more: the sweep sends it
+    assert len(_queued(conv)) == 1
+
+
+@contextmanager
+def _broker_away(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Memory jobs cannot be sent while inside (the broker away)."""
+    from tasks import memory as memory_tasks
+
+    send = memory_tasks.send_memory_jobs
+
+    def away(jobs: object, **kw: object) -> None:
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(memory_tasks, "send_memory_jobs", away)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)

@@ -268,14 +268,19 @@ def test_an_outage_the_hub_met_before_it_went_idle_does_not_cut_the_next_readers
     monkeypatch.setattr(streaming.hub, "_READ_OUTAGE_S", 1.0)
     turn_id = _turn()
     ids = _xadd(turn_id, str(uuid.uuid4()), "Well", " met")
-    connects = [_closed_port_client, _closed_port_client, _client]
+    failed = _sample("mlchat_stream_hub_failures_total", part="read")
+    connects: list[Callable[[], Any]] = []  # the closed port until the second reader's first read
+
+    def connect() -> Any:
+        return connects.pop(0)() if connects else _closed_port_client()
 
     async def later() -> tuple[bool, list[str]]:
-        readers = Hub(lambda: connects.pop(0)())
+        readers = Hub(connect)
         first = readers.follow(turn_id, stream_key(turn_id))
-        await _until(lambda: len(connects) < 3)  # its read failed
+        await _until(lambda: _sample("mlchat_stream_hub_failures_total", part="read") > failed)  # it failed
         readers.unfollow(first)
         await asyncio.sleep(1.5)  # idle past the outage's length
+        connects.extend([_closed_port_client, _client])  # a blip: one failed read, then Redis is back
         second = readers.follow(turn_id, stream_key(turn_id))
         got = await _take_ids(second, 2)
         unreadable = second.unreadable
