@@ -156,7 +156,7 @@ def unmark_queued(*, session: Session, jobs: list[tuple[int, str]]) -> None:
     (or `mlchat sweep`) sends them again, rather than none for a lease's length."""
     if jobs:
         session.execute(
-            text(  # lapsed at once: the next scheduling, or the next sweep, sends them again
+            text(
                 "UPDATE memory_jobs SET queued_until = now() FROM"
                 " unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)"
                 " WHERE conversation_id = j.c AND kind = j.k"
@@ -171,7 +171,9 @@ def unmark_queued(*, session: Session, jobs: list[tuple[int, str]]) -> None:
 _TAKE_BACK_SQL = text(
     """
 WITH stalled AS (
-    SELECT conversation_id, kind FROM memory_jobs
+    SELECT conversation_id, kind,
+           token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s) AS dead
+    FROM memory_jobs
     WHERE queued_until < now()
        OR (token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s))
     ORDER BY conversation_id, kind
@@ -179,9 +181,8 @@ WITH stalled AS (
     FOR UPDATE SKIP LOCKED
 )
 UPDATE memory_jobs j SET queued_until = now() + make_interval(secs => :lease_s),
-    token = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL ELSE j.token END,
-    lease_until = CASE WHEN j.lease_until < now() - make_interval(secs => :lease_s) THEN NULL
-                       ELSE j.lease_until END
+    token = CASE WHEN s.dead THEN NULL ELSE j.token END,
+    lease_until = CASE WHEN s.dead THEN NULL ELSE j.lease_until END
 FROM stalled s WHERE j.conversation_id = s.conversation_id AND j.kind = s.kind
 RETURNING j.conversation_id, j.kind
 """

@@ -20,6 +20,12 @@ from services.characters import INLINE_COPY
 logger = logging.getLogger(__name__)
 
 
+def switched_on() -> set[str]:
+    """The kinds of memory job the settings run (0 switches summaries or extraction off)."""
+    on = {SUMMARY} if settings.memory_summary_threshold_tokens > 0 else set()
+    return on | ({EXTRACT} if settings.memory_extract_every_lines > 0 else set())
+
+
 def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
     """(conversation id, kind) of every memory job due for these conversations."""
     ids = sorted(set(conversation_ids))
@@ -39,7 +45,8 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
         )
         if not ids:
             return []
-        if settings.memory_summary_threshold_tokens > 0:
+        kinds = switched_on()
+        if SUMMARY in kinds:
             jobs += [
                 (c, SUMMARY)
                 for c in conversations_due(
@@ -50,12 +57,13 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
                     fanout=settings.memory_summary_fanout,
                 )
             ]
-        jobs += [
-            (c, EXTRACT)
-            for c in extract_due(
-                session=session, conversation_ids=ids, every_lines=settings.memory_extract_every_lines
-            )
-        ]
+        if EXTRACT in kinds:
+            jobs += [
+                (c, EXTRACT)
+                for c in extract_due(
+                    session=session, conversation_ids=ids, every_lines=settings.memory_extract_every_lines
+                )
+            ]
     return jobs
 
 
@@ -87,9 +95,8 @@ def _unmark(jobs: list[tuple[int, str]]) -> None:
     try:
         with session_scope() as session:
             unmark_queued(session=session, jobs=jobs)
-    except (
-        Exception
-    ):  # the database away too: the marks lapse after a lease (mlchat sweep: reschedule_stalled)
+    # The database away too: the marks lapse after a lease, and `mlchat sweep` finds them then.
+    except Exception:
         logger.warning("could not take back the queued marks of %d memory jobs", len(jobs), exc_info=True)
 
 
@@ -99,11 +106,8 @@ def reschedule_stalled(limit: int = 1000) -> int:
     says so); their marks lapse and the next sweep finds them again."""
     with session_scope() as session:
         stalled = take_back_stalled(session=session, lease_s=settings.memory_job_lease_s, limit=limit)
-    on = {
-        SUMMARY: settings.memory_summary_threshold_tokens > 0,
-        EXTRACT: settings.memory_extract_every_lines > 0,
-    }
-    stalled = [(conversation, kind) for conversation, kind in stalled if on.get(kind)]  # what is switched on
+    kinds = switched_on()
+    stalled = [(conversation, kind) for conversation, kind in stalled if kind in kinds]
     if stalled:
         from tasks.memory import send_memory_jobs
 
