@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import case, select, text, update
+from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -31,6 +31,8 @@ class NewFact:
     scope: FactScope
     scope_ref: str
     embedding: np.ndarray | None
+    # Extracted: the conversation and the first and last line (seq) of the stretch it was read from.
+    read_from: tuple[int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,12 +83,30 @@ def add_facts(*, session: Session, facts: Sequence[NewFact]) -> list[Fact]:
             scope=f.scope,
             scope_ref=f.scope_ref,
             embedding=None if f.embedding is None else np.asarray(f.embedding, dtype=np.float32),
+            source_conversation_id=f.read_from[0] if f.read_from else None,
+            source_first_seq=f.read_from[1] if f.read_from else None,
+            source_last_seq=f.read_from[2] if f.read_from else None,
         )
         for f in facts
     ]
     session.add_all(rows)
     session.flush()
     return rows
+
+
+def forget_read_facts(*, session: Session, conversation_id: int, seq: int) -> int | None:
+    """A line's text changed: drop the facts read from the stretches of the conversation's lines
+    that hold it or come after it (they told the old text, or were read after it), wherever gossip
+    moved them; a fact one of them replaced stands again (superseded_by is set NULL by its foreign
+    key). Returns the first line of those stretches, from which extraction must read again (None:
+    no fact was read there). The caller takes the memory jobs back first (db/memory_jobs.py
+    interrupt_jobs), so an extraction in flight stores nothing of the old text."""
+    firsts = session.scalars(
+        delete(Fact)
+        .where(Fact.source_conversation_id == conversation_id, Fact.source_last_seq >= seq)
+        .returning(Fact.source_first_seq)
+    ).all()
+    return min((first for first in firsts if first is not None), default=None)
 
 
 def player_facts(

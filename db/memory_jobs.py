@@ -249,8 +249,8 @@ def keeps_memory(*, session: Session, conversation_id: int) -> bool:
 def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
     """A line's text changed: the conversation's memory jobs are taken back from any claim (a job in
     flight read the old text: its writes then find their claim gone and store nothing) and fact
-    extraction reads again from the line (facts already drawn from the lines after it are found
-    again as duplicates, not added)."""
+    extraction reads again from the line (db/facts.py forget_read_facts drops what was read from it
+    and after it; `reread_from` then goes back to the start of the stretch that held it)."""
     session.execute(
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
@@ -258,6 +258,18 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
             " ELSE done_through END"
             " WHERE conversation_id = :c AND kind IN ("  # its rows locked in kind order, as mark_queued's
             "   SELECT kind FROM memory_jobs WHERE conversation_id = :c ORDER BY kind FOR UPDATE)"
+        ),
+        {"c": conversation_id, "before": seq - 1},
+    )
+
+
+def reread_from(*, session: Session, conversation_id: int, seq: int) -> None:
+    """Fact extraction reads the conversation's lines again from `seq` (its job row is the caller's
+    already: interrupt_jobs locked it)."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET done_through = LEAST(done_through, :before)"
+            " WHERE conversation_id = :c AND kind = 'extract'"
         ),
         {"c": conversation_id, "before": seq - 1},
     )

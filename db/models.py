@@ -584,6 +584,13 @@ class Fact(Base):
             "player_id",
             postgresql_where=text("superseded_by IS NULL AND scope = 'met'"),
         ),
+        # A writer's edit of a line drops the facts read from it and after it (db/facts.py forget_read_facts).
+        Index(
+            "ix_facts_read_from_lines",
+            "source_conversation_id",
+            "source_last_seq",
+            postgresql_where=text("source_conversation_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -593,6 +600,10 @@ class Fact(Base):
     subject: Mapped[str] = mapped_column(String(200))
     text: Mapped[str] = mapped_column(Text)
     source: Mapped[str] = mapped_column(String(64))  # "game", or "turn:<uuid>" when extracted
+    # An extracted fact's lines: the conversation and the stretch of its lines (seq) it was read from.
+    source_conversation_id: Mapped[int | None] = mapped_column(BigInteger)
+    source_first_seq: Mapped[int | None] = mapped_column(Integer)
+    source_last_seq: Mapped[int | None] = mapped_column(Integer)
     importance: Mapped[float] = mapped_column(Float, default=0.5)
     scope: Mapped[FactScope] = mapped_column(_enum(FactScope, "fact_scope"))
     scope_ref: Mapped[str] = mapped_column(String(200), default="", server_default="")

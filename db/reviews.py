@@ -23,7 +23,8 @@ from sqlalchemy import case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
 from sqlalchemy.orm import Session
 
-from db.memory_jobs import interrupt_jobs
+from db.facts import forget_read_facts
+from db.memory_jobs import interrupt_jobs, reread_from
 from db.models import (
     Character,
     Conversation,
@@ -232,8 +233,12 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
             .execution_options(synchronize_session=False)
         ).first()
         if line is not None and text != turn.reply:  # its memory told the old text: summarised, read again
-            interrupt_jobs(session=session, conversation_id=line.conversation_id, seq=line.seq)
-            forget_line(session=session, conversation_id=line.conversation_id, seq=line.seq)
+            conversation_id, seq = line
+            interrupt_jobs(session=session, conversation_id=conversation_id, seq=seq)
+            forget_line(session=session, conversation_id=conversation_id, seq=seq)
+            first = forget_read_facts(session=session, conversation_id=conversation_id, seq=seq)
+            if first is not None and first < seq:  # the stretch that held the line is read whole again
+                reread_from(session=session, conversation_id=conversation_id, seq=first)
 
 
 def _log(session: Session, turn_id: uuid.UUID, action: str, by: str, **values: Any) -> None:

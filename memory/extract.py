@@ -179,9 +179,15 @@ def _finished_before_the_cut(raw: str) -> list[Any] | None:
 
 
 def store_extracted(
-    *, session: Any, conversation: Conversation, facts: list[ExtractedFact], source: str
+    *,
+    session: Any,
+    conversation: Conversation,
+    facts: list[ExtractedFact],
+    source: str,
+    lines: tuple[int, int] | None = None,
 ) -> dict[str, int]:
-    """Deduplicate, supersede or add each fact; counts of each outcome."""
+    """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
+    line (seq) of the conversation they were read from (an edit of one drops them again)."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
@@ -217,6 +223,7 @@ def store_extracted(
                     scope=FactScope.CONVERSATION,
                     scope_ref=str(conversation.id),
                     embedding=vector,
+                    read_from=None if lines is None else (conversation.id, *lines),
                 )
             ],
         )
@@ -316,6 +323,12 @@ def _extract_step(
         clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
         conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         assert conversation is not None
-        counts = store_extracted(session=session, conversation=conversation, facts=facts or [], source=source)
+        counts = store_extracted(
+            session=session,
+            conversation=conversation,
+            facts=facts or [],
+            source=source,
+            lines=(lines[0].seq, last.seq),
+        )
         read = {"lines": len(lines), "malformed": int(facts is None), **counts}
         return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})

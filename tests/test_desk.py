@@ -999,6 +999,58 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
     assert not late  # the job that read the old text records nothing
 
 
+def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> None:
+    """Found in review: the facts extracted from a line a writer then edited stayed, so the NPC went
+    on knowing what the writer had rejected. The facts read from the stretch of lines that held it,
+    and from the stretches after it, are dropped wherever gossip had moved them; a fact one of them
+    had replaced stands again; extraction reads again from the start of that stretch; facts read
+    before it, and the game's, stay."""
+    from db.facts import NewFact, add_facts, move_fact, supersede
+    from db.memory_jobs import EXTRACT
+    from db.models import Fact, FactKind, FactScope, MemoryJob
+    from db.reviews import edit_reply
+
+    _, (first, _) = build_run("studio-a", _lines())
+    _, line, _ = _stored(first)
+    conv, seq = line.conversation_id, line.seq
+    assert seq >= 2  # the player's line comes first
+
+    def fact(text: str, read_from: tuple[int, int] | None) -> NewFact:
+        return NewFact(
+            "studio-a", "p1", FactKind.PLAYER, "p1", text, "game" if read_from is None else "turn:x", 0.5,
+            FactScope.CONVERSATION, str(conv), None, None if read_from is None else (conv, *read_from),
+        )  # fmt: skip
+
+    with session_scope() as s:
+        before, replaced, held, after, canon = add_facts(
+            session=s,
+            facts=[
+                fact("Read before the line.", (1, seq - 1)),
+                fact("Replaced by the old text.", (1, seq - 1)),
+                fact("Told by the old text.", (seq, seq + 3)),
+                fact("Read after the line.", (seq + 4, seq + 8)),
+                fact("The game's own.", None),
+            ],
+        )
+        ids = {f.text: f.id for f in (before, replaced, held, after, canon)}
+        assert supersede(session=s, old_id=replaced.id, new_id=held.id)
+        assert move_fact(session=s, fact=after, to_scope=FactScope.WORLD, to_ref="", told_by="x")
+        s.add(MemoryJob(conversation_id=conv, kind=EXTRACT, done_through=seq + 8))
+    with session_scope() as s:
+        edit_reply(
+            session=s, turn_id=first, text="Down the hill, past the well.", version=0, by="w", embedding=None
+        )
+    with session_scope() as s:
+        left = dict(
+            s.execute(select(Fact.text, Fact.superseded_by).where(Fact.id.in_(ids.values()))).tuples().all()
+        )
+        done = s.scalar(
+            select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+        )
+    assert left == {"Read before the line.": None, "Replaced by the old text.": None, "The game's own.": None}
+    assert done == seq - 1
+
+
 def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, world, monkeypatch) -> None:
     """Found in review: an edit dropped what memory held of the old text, but nothing scheduled the
     memory jobs again until the conversation's next reply, which may never come. Only a

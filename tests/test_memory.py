@@ -934,7 +934,10 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
 
     def answer(system: str, body: str, max_tokens: int, schema: dict, alone: bool) -> str:
         asked.append((system, body))
-        return '{"facts": []}'
+        told = ["Rowan's mill burned down last winter.", "Rowan keeps bees behind the chapel."][
+            len(asked) - 1
+        ]
+        return json.dumps({"facts": [{"subject": "Rowan", "kind": "player", "text": told, "importance": 5}]})
 
     first = extract.run_extract_job(conv_id, generate=answer)
     with session_scope() as s:
@@ -945,6 +948,16 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
     assert body.count("\n") + 1 == read  # every line read is in the request, whole
     second = extract.run_extract_job(conv_id, generate=answer)  # the rest, from where it stopped
     assert second["lines"] >= 1 and asked[1][1].split("\n")[0] not in body
+    with session_scope() as s:  # each fact records the stretch of lines it was read from
+        spans = s.execute(
+            select(Fact.text, Fact.source_conversation_id, Fact.source_first_seq, Fact.source_last_seq)
+            .where(Fact.scope_ref == str(conv_id))
+            .order_by(Fact.id)
+        ).all()
+    assert [tuple(row) for row in spans] == [
+        ("Rowan's mill burned down last winter.", conv_id, 1, read),
+        ("Rowan keeps bees behind the chapel.", conv_id, read + 1, read + second["lines"]),
+    ]
 
 
 def test_a_summary_covers_only_the_lines_its_request_holds(tokenizer, monkeypatch) -> None:
