@@ -131,7 +131,23 @@ def _same_site(request: Request) -> bool:
     if origin is None:
         return True
     host = request.headers.get("host", "")
-    return bool(host) and urlsplit(origin).netloc.lower() == host.lower()
+    return bool(host) and _netloc(origin) == host.lower()
+
+
+def _netloc(url: str) -> str | None:
+    """The URL's host and port, lower-cased; None for one that cannot be read (`http://[`)."""
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:
+        return None
+
+
+def _path(url: str) -> str:
+    """The URL's path; '' for one that cannot be read."""
+    try:
+        return urlsplit(url).path
+    except ValueError:
+        return ""
 
 
 def signed_in(request: Request) -> Desk:
@@ -333,7 +349,7 @@ async def _changed(request: Request, desk_: Desk, turn_id: uuid.UUID, what: str)
     the line's own page, whose change history and original reply would otherwise stay as they were,
     goes to the line's page."""
     if request.headers.get("hx-request"):
-        if urlsplit(request.headers.get("hx-current-url", "")).path.endswith(f"/desk/lines/{turn_id}"):
+        if _path(request.headers.get("hx-current-url", "")).endswith(f"/desk/lines/{turn_id}"):
             return Response(headers={"HX-Redirect": f"/desk/lines/{turn_id}?saved={what}"})
         view = await run_in_threadpool(desk.line_page, desk_.who, turn_id)
         return _page(request, "_line.html", desk=desk_, line=view.line, saved=what, compact=True)
