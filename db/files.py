@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, false, func, literal, select, tuple_, update
+from sqlalchemy import delete, false, func, literal, literal_column, select, tuple_, update
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, Run, StoredFile
@@ -46,11 +46,28 @@ def add_file(
 
 # Advisory locks are per database: the two-key form with a namespace keeps these apart from others.
 _QUOTA_LOCK_NAMESPACE = 0x6D6C6671  # "mlfq"
+_REWRITE_LOCK_NAMESPACE = 0x6D6C6677  # "mlfw"
 
 
-def set_file_size(*, session: Session, file_id: str, size: int) -> None:
-    """A rewritten file's new size."""
-    session.execute(update(StoredFile).where(StoredFile.id == file_id).values(bytes=size))
+def set_file_size(*, session: Session, file_id: str, size: int) -> str | None:
+    """A rewritten file's new size; returns the row version this write made (its xmin), which names
+    the rewrite once committed (`latest_rewrite`). None: no such file."""
+    return session.scalar(
+        update(StoredFile)
+        .where(StoredFile.id == file_id)
+        .values(bytes=size)
+        .returning(literal_column("xmin::text"))
+    )
+
+
+def latest_rewrite(*, session: Session, file_id: str) -> str | None:
+    """The row version of the file's last committed rewrite (set_file_size's answer), with the file's
+    rewrites locked until the caller's transaction ends: whoever holds it may put its rewrite in place
+    knowing no later one is being put there at once. None: the file is gone."""
+    session.execute(select(func.pg_advisory_xact_lock(_REWRITE_LOCK_NAMESPACE, func.hashtext(file_id))))
+    return session.scalar(
+        select(literal_column("xmin::text")).select_from(StoredFile).where(StoredFile.id == file_id)
+    )
 
 
 def stored_bytes(*, session: Session, api_key: str | None, tenant: str) -> int:

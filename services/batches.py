@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import event, func, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.callbacks import callbacks_due, claim_retries
-from db.files import add_file, get_file, set_file_size
+from db.files import add_file, get_file, latest_rewrite, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     RunCounts,
@@ -724,8 +725,9 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str |
 def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:
     """Rewrite a finished batch's output file from the turns as they are now (after a writer's
     change), replacing it whole once the caller's transaction commits (a change rolled back leaves
-    the file as it was); the caller holds the run's row lock, so rewrites never interleave. A file
-    already deleted or expired stays gone."""
+    the file as it was); the caller holds the run's row lock, so rewrites never interleave, and a
+    rewrite is put in place only while no later one has committed (`_publish`). A file already
+    deleted or expired stays gone."""
     row = get_file(session=session, file_id=file_id)
     if row is None:
         return
@@ -742,17 +744,35 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
         raise
     finally:
         error_tmp.unlink(missing_ok=True)
-    set_file_size(session=session, file_id=file_id, size=output_tmp.stat().st_size)
+    rewrite = set_file_size(session=session, file_id=file_id, size=output_tmp.stat().st_size)
 
     def publish(*_: Any) -> None:
         if output_tmp.exists():  # not after a rollback that discarded it
-            output_tmp.replace(path)
+            _publish(file_id, output_tmp, path, rewrite)
 
     def discard(*_: Any) -> None:
         output_tmp.unlink(missing_ok=True)
 
     event.listen(session, "after_commit", publish, once=True)
     event.listen(session, "after_soft_rollback", discard, once=True)
+
+
+def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> None:
+    """Put a committed rewrite in place, unless a later one has committed since. The run's row lock
+    orders the rewrites' transactions but not their renames, which come after the commits: a
+    rewrite whose process stalled between its commit and its rename would put its older file over a
+    later one's (a writer's change missing from the download for good). Each rename is made under
+    the file's rewrite lock, by the rewrite the file's row names last."""
+    try:
+        with session_scope() as session:
+            if latest_rewrite(session=session, file_id=file_id) == rewrite:
+                scratch.replace(path)
+    except SQLAlchemyError:  # the change is committed: its file goes in place unchecked (a race is rarer)
+        logger.warning("batch file %s: its rewrite goes in place unchecked", file_id, exc_info=True)
+        if scratch.exists():
+            scratch.replace(path)
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 # Looking for orphan bytes reads the whole files folder: once in this long a process, not every pass

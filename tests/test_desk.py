@@ -724,6 +724,63 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     assert b"Mind the puddles" in path.read_bytes()
 
 
+def test_two_changes_whose_renames_come_in_the_other_order_leave_both_in_the_batchs_output_file(
+    services, world, monkeypatch
+) -> None:
+    """Found in review: the run's row lock ordered two writers' rewrites of a finished batch's file,
+    but each rename came after its commit, unordered: a rewrite stalled between its commit and its
+    rename put its older file (line 1 changed, line 2 not) over the later one's, and the download
+    lost the second change for good. Here the first rename waits until the second change commits."""
+    import pathlib
+    import threading
+
+    from core.settings import settings
+    from db.files import get_file
+    from services.batches import finalize_run
+
+    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
+    run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
+    finalize_run(run_id)
+    deadline = time.monotonic() + 30
+    while (output_file_id := _output_file(run_id)) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert output_file_id is not None
+    with session_scope() as s:
+        row = get_file(session=s, file_id=output_file_id)
+        assert row is not None
+        path = settings.batch_files_dir / row.path
+    second_committed = threading.Event()
+    replace = pathlib.Path.replace
+    stalled: list[pathlib.Path] = []
+
+    def stalling_replace(self: pathlib.Path, target: Any) -> Any:
+        if not stalled:  # the first change's rename: its process stalls until the second commits
+            stalled.append(self)
+            assert second_committed.wait(30)
+        return replace(self, target)
+
+    def watch_second() -> None:
+        while time.monotonic() < deadline + 30:
+            if _stored(second)[0].reply == "Morning! Mind the puddles.":
+                second_committed.set()
+                return
+            time.sleep(0.05)
+
+    monkeypatch.setattr(pathlib.Path, "replace", stalling_replace)
+    watcher = threading.Thread(target=watch_second)
+    watcher.start()
+    first_edit = threading.Thread(target=desk.edit, args=(WRITER, first, "The forge, then left.", "0"))
+    first_edit.start()
+    while not stalled and first_edit.is_alive():
+        time.sleep(0.05)
+    assert stalled  # the first change committed and is putting its file in place
+    desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    first_edit.join(30)
+    watcher.join(30)
+    kept = path.read_text()
+    assert "The forge, then left." in kept and "Mind the puddles" in kept
+
+
 def test_the_desk_and_the_memory_jobs_label_a_player_named_as_the_character_as_prompts_do() -> None:
     """Review of the fix that tells such a player apart in prompts: the desk's check and the memory
     jobs' prompts still labelled the player as the character."""
