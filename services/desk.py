@@ -79,18 +79,31 @@ def _bad(message: str) -> DeskError:
 # --- form values -------------------------------------------------------------------------------
 
 
-def free_text(name: str, value: str | None, *, max_chars: int, required: bool = True) -> str | None:
-    """A writer's text: line ends as LF, trimmed; refused when empty (if required), too long, or
-    holding control characters. Angle brackets are text ("<sigh>", "x<y"): every page escapes them."""
-    text = (value or "").replace("\r\n", "\n").replace("\r", "\n").strip()
+def as_written(value: str, *, trim: bool = True) -> str:
+    """Text as a writer's form keeps it: line ends as LF, and trimmed unless `trim` is False (a
+    regex reply's pattern may ask for its spaces and line ends)."""
+    text = value.replace("\r\n", "\n").replace("\r", "\n")
+    return text.strip() if trim else text
+
+
+def free_text(
+    name: str, value: str | None, *, max_chars: int, required: bool = True, trim: bool = True
+) -> str | None:
+    """A writer's text, as_written; refused when empty (if required), too long, or holding control
+    characters (the first named, where it is). Angle brackets are text ("<sigh>", "x<y"): every page
+    escapes them."""
+    text = as_written(value or "", trim=trim)
     if not text:
         if required:
             raise _bad(f"{name}: it is empty; write something")
         return None
     if len(text) > max_chars:
         raise _bad(f"{name}: {len(text)} characters; the limit is {max_chars}")
-    if CONTROLS.search(text):
-        raise _bad(f"{name}: control characters are not allowed")
+    if found := CONTROLS.search(text):
+        raise _bad(
+            f"{name}: control characters are not allowed (U+{ord(found.group()):04X} at character "
+            f"{found.start() + 1}); remove it"
+        )
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -537,8 +550,12 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
         turn = session.get_one(Turn, turn_id)
         # A model's reply may be longer than a player's message may: its typo is fixed in place.
         limit = max(settings.max_message_chars, len(turn.reply or ""))
-        reply = free_text("reply", text, max_chars=limit) or ""
-        if reply == turn.reply:  # saved as it was: no edit, and its label and scores stay
+        shape = reading_shape(turn.params)
+        trim = shape is None or shape.kind != "regex"  # a regex reply keeps the edges its pattern asks for
+        reply = free_text("reply", text, max_chars=limit, trim=trim) or ""
+        if reply == as_written(
+            turn.reply or "", trim=trim
+        ):  # saved as it was: no edit; label and scores stay
             raise _bad("reply: it is the kept reply unchanged; nothing to save")
         _, character = _speaker(session, turn)
         player = session.scalar(

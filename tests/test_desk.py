@@ -652,6 +652,35 @@ def test_an_edit_of_a_data_reply_is_read_against_its_format_like_the_engines(ser
     assert _stored(second)[0].reply == "no"
 
 
+def test_a_regex_reply_keeps_the_edges_its_pattern_asks_for_and_is_compared_as_written(
+    services, world
+) -> None:
+    """Found in review: an edit was trimmed (and its line ends made LF) before the pattern read it,
+    while the stored reply it was compared with was not: a regex line whose pattern ends in a line
+    end could never be corrected, and a reply with edge spaces or CRLF saved unchanged counted as an
+    edit (its label dropped). A control character is named where it is."""
+    _, (first, second) = build_run("studio-a", _lines())
+    _make_structured(first, structured=None, response_format={"type": "regex", "regex": "(yes|no)\n"})
+    _make_structured(second, structured=None, response_format={"type": "regex", "regex": "\\s*(yes|no)\\s*"})
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == first).values(reply="yes\n"))
+        s.execute(update(Turn).where(Turn.id == second).values(reply=" yes"))
+    desk.edit(WRITER, first, "no\r\n", "0")  # as a browser posts a textarea
+    assert _stored(first)[0].reply == "no\n"
+    desk.label(WRITER, second, "approve", "", "0")
+    with pytest.raises(DeskError, match="reply: it is the kept reply unchanged") as unchanged:
+        desk.edit(WRITER, second, " yes", "1")
+    assert unchanged.value.status == 400
+    with session_scope() as s:
+        review = s.get_one(TurnReview, second)
+        assert (review.label, review.edited, review.version) == ("approved", False, 1)
+    assert _stored(second)[0].reply == " yes"
+    with pytest.raises(
+        DeskError, match=r"reply: control characters are not allowed \(U\+000C at character 4\)"
+    ):
+        desk.edit(WRITER, second, " no\x0c", "1")
+
+
 def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_narration_is_the_narrators(
     services, world
 ) -> None:
