@@ -41,6 +41,18 @@ def _check_flags(flags: str | None) -> None:
 def repeat_expansion(pattern: str) -> int:
     """The items the pattern compiles to with its counted repeats ({m}, {m,n}, {m,}) expanded: an
     estimate from above. Unmeasured for syntax it does not read (comments, the x and V1 flags)."""
+    return _measure(pattern)[0]
+
+
+def largest_count(pattern: str) -> int:
+    """The largest number written in any of the pattern's counted repeats (0: none). Unmeasured as
+    repeat_expansion."""
+    return _measure(pattern)[1]
+
+
+def _measure(pattern: str) -> tuple[int, int]:
+    """(repeat_expansion, largest_count) in one reading."""
+    largest = 0
     frames = [0]  # per open group: its items so far
     last = 0  # the size of the item just read, which a count multiplies
     i, n = 0, len(pattern)
@@ -76,6 +88,7 @@ def repeat_expansion(pattern: str) -> int:
             continue
         elif char == "{" and (counted := _COUNTED.match(pattern, i)) and (counted[1] or counted[3]):
             low, high = _count(counted[1]), _count(counted[3])
+            largest = max(largest, low, high)
             times = max(low, high if counted[2] else 0, 1)
             frames[-1] += last * times - last
             last *= times
@@ -85,7 +98,7 @@ def repeat_expansion(pattern: str) -> int:
             i, item = i + 1, 1
         frames[-1] += item
         last = item
-    return sum(frames)  # unclosed groups (the compiler refuses them anyway) count as they stand
+    return sum(frames), largest  # unclosed groups (the compiler refuses them anyway) count as they stand
 
 
 def size_refusal(pattern: str) -> str | None:

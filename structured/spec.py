@@ -24,7 +24,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.json_shape import nesting
-from core.regex_size import size_refusal
+from core.regex_size import largest_count, size_refusal
 from core.settings import settings
 from core.text import unstorable_in
 from structured.pattern_reading import FLAGS, as_grammar_reads
@@ -72,6 +72,11 @@ _SCHEMA_VALUED = frozenset(
     | {"not", "if", "then", "else", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
 )
 MAX_DEPTH = 32
+# A count past this in a JSON schema's `pattern` (`[A-Za-z ]{1,200}`): the grammar builds without
+# a tokenizer (the check here), but vLLM's compiler of xgrammar 0.2.8, with its cache on, fails on
+# it every time, and the turn ended as an unnamed engine error after its retries. A regex
+# response_format compiles through another path, which takes such counts.
+MAX_SCHEMA_PATTERN_COUNT = 128
 MAX_CHOICES = 256
 MAX_PATTERN_CHARS = 2000
 
@@ -235,6 +240,12 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -
             too_large = size_refusal(pattern) if isinstance(pattern, str) else None
             if too_large is not None:
                 raise SchemaRefused(f"{place}: {too_large}")
+            if isinstance(pattern, str) and (count := largest_count(pattern)) > MAX_SCHEMA_PATTERN_COUNT:
+                raise SchemaRefused(
+                    f"{place}: a counted repeat of {count} is not supported in a schema's pattern (at most"
+                    f" {MAX_SCHEMA_PATTERN_COUNT}: the engine cannot build a grammar past it); use + or *"
+                    " and let the reply's length bound it"
+                )
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
         if key in _VALUE_KEYS:

@@ -514,6 +514,46 @@ def test_a_backtracking_pattern_is_given_up_and_a_deep_pattern_or_blank_edged_ch
         GenerationParams(response_format={"type": "regex", "regex": deep})
 
 
+def test_a_schema_pattern_counting_past_what_the_engines_compiler_builds_is_refused(tokenizer) -> None:
+    """Found in review: `[A-Za-z ]{1,200}` in a schema's pattern passed the check (a grammar built
+    without a tokenizer), but vLLM's compiler (xgrammar with its cache on) fails on any count past
+    128, every time: each such turn was retried as an engine error and ended naming no field."""
+    import xgrammar as xgr
+
+    # As vLLM's xgrammar backend builds its compiler, and compiles a schema (whitespace off).
+    compiler = xgr.GrammarCompiler(
+        xgr.TokenizerInfo.from_huggingface(tokenizer), max_threads=2, cache_enabled=True
+    )
+
+    def schema(pattern: str) -> dict:
+        return {
+            "type": "object",
+            "properties": {"name": {"type": "string", "pattern": pattern}},
+            "required": ["name"],
+        }
+
+    def engine_builds(pattern: str) -> bool:
+        try:
+            compiler.compile_json_schema(
+                json.dumps(schema(pattern)), any_whitespace=False, separators=(",", ":")
+            )
+        except RuntimeError:
+            return False
+        return True
+
+    for fine in ("^[A-Za-z ]{1,128}$", "([0-9]{100}){2}"):  # the count written, not what it multiplies to
+        assert engine_builds(fine)
+        check_schema(schema(fine), "s")
+    for past in ("^[A-Za-z ]{1,200}$", "(ab){129}", "a{129,}", "x|y{0,129}"):
+        assert not engine_builds(past)
+        with pytest.raises(
+            SchemaRefused, match=r"s\.properties\.name\.pattern: a counted repeat of [12]\d\d is not"
+        ):
+            check_schema(schema(past), "s")
+    # A regex response_format is compiled another way, which takes the count.
+    GenerationParams(response_format={"type": "regex", "regex": "[A-Za-z ]{1,200}"})
+
+
 def test_a_pattern_whose_counted_repeats_expand_too_far_is_refused_before_anything_compiles(
     monkeypatch,
 ) -> None:
@@ -798,7 +838,7 @@ def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_se
     from core.settings import settings
 
     monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.02)
-    slow = {"type": "object", "properties": {"code": {"type": "string", "pattern": "a{0,2500}"}}}
+    slow = {"type": "object", "properties": {"code": {"type": "string", "pattern": "((ab|cb){0,60}){0,100}"}}}
     with pytest.raises(SchemaRefused, match=r"^s: the grammar took longer than 0\.02 s.*COMPILE_TIMEOUT_S"):
         check_schema(slow, "s")
     monkeypatch.setattr(settings, "structured_compile_timeout_s", 5.0)
