@@ -263,10 +263,13 @@ class TurnRequest(BaseModel):
         if self.speaker == "narrator" and self.params.actions is not None:
             raise ValueError("params.actions: the narrator does not act; actions are for the character")
         fmt = self.params.response_format
-        if self.speaker == "narrator" and fmt is not None and fmt.get("type") == "npc":
-            # It would be answered as free text (the narrator has no NPC shape), not as asked.
+        if self.speaker == "narrator" and fmt is not None and fmt.get("type") != "text":
+            # npc would be answered as free text (the narrator has no NPC shape), not as asked; a data
+            # reply (json_schema, json_object, regex, choice) would be stored as a line of narration,
+            # as a scene's narrator refuses it (scenes/spec.py).
+            kind = fmt.get("type")
             raise ValueError(
-                "params.response_format: the narrator speaks free text; npc is for the character"
+                f"params.response_format: the narrator speaks free text; {kind} is for the character"
             )
         return self
 

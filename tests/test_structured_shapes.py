@@ -767,18 +767,29 @@ def test_more_choices_than_candidates_is_refused_at_validation_and_named_at_the_
     assert failure.reason == "the request asked for 3 choices but only 2 candidates were generated"
 
 
-def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(base_url) -> None:
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "npc"},
+        # Review: a data reply was stored as a line of narration (a scene's narrator refuses it).
+        {"type": "json_object"},
+        {"type": "choice", "choice": ["dark", "bright"]},
+    ],
+)
+def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(base_url, fmt) -> None:
     turns = _turns()
     body = new_conversation() | {
         "message": "Describe the tavern.",
         "speaker": "narrator",
-        "params": {"response_format": {"type": "npc"}},
+        "params": {"response_format": fmt},
     }
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
     assert r.status_code == 422, r.text
     # A rule across fields (speaker and params): the message names the field, as for params.actions.
     assert r.json()["detail"][0]["msg"].startswith("params.response_format: "), r.text
     assert _turns() == turns
+    text = {**body, "params": {"response_format": {"type": "text"}}}  # free text is the narrator's
+    assert httpx.post(f"{base_url}/v1/turns", json=text, headers=ADMIN, timeout=60).status_code == 202
 
 
 def test_a_json_schemas_property_order_reaches_the_grammar_and_the_view_after_storage(world) -> None:
