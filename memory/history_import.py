@@ -230,6 +230,18 @@ def _refuse_another_players(session: Session, conv_id: int, conversation: str, p
         raise HistoryRefused(f"conversation: {conversation!r} is {whose}, not player {player_id!r}'s")
 
 
+def _refuse_a_scene(session: Session, conv_id: int, conversation: str) -> None:
+    """HistoryRefused when the conversation holds a scene (a run's or a live group's): its lines name
+    their speakers, which a log's lines do not (they would read "?" in its transcript, "Someone" in
+    prompts)."""
+    from db.scenes import scene_conversations
+
+    if scene_conversations(session=session, conversation_ids=[conv_id]):
+        raise HistoryRefused(
+            f"conversation: {conversation!r} holds a scene; a chat log cannot be added to it"
+        )
+
+
 def import_history(
     raw: str,
     fmt: HistoryFormat,
@@ -274,6 +286,7 @@ def import_history(
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
         if conversation in known:
             _refuse_another_players(session, known[conversation][0], conversation, player_id)
+            _refuse_a_scene(session, known[conversation][0], conversation)
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
                 return known[conversation][0], 1, 0
@@ -292,6 +305,7 @@ def import_history(
         if char_id != found[character]:
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
         _refuse_another_players(session, conv_id, conversation, player_id)
+        _refuse_a_scene(session, conv_id, conversation)
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
             return conv_id, 1, 0

@@ -322,3 +322,19 @@ def test_an_import_under_a_tenant_no_key_can_name_is_refused(tmp_path, capsys) -
             )
             == 0
         )
+
+
+def test_a_log_is_not_added_to_a_scenes_conversation(tmp_path, capsys) -> None:
+    """Found in review: an import appended a chat log to a live group's (or a run's scene's)
+    conversation, whose lines name their speakers: the log's lines read "?" in its transcript and
+    "Someone" in its prompts. Refused in one line naming `conversation`, nothing appended."""
+    from scenes.spec import GroupSpec
+    from services.scenes import start_group
+
+    external = f"group-{uuid.uuid4().hex[:10]}"
+    start_group(GroupSpec.model_validate({"conversation": external, "participants": ["elara", "luffy"]}))
+    before = _stored(external)
+    assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"conversation: {external!r} holds a scene" in err and len(err.splitlines()) == 1
+    assert _stored(external) == before
