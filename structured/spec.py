@@ -14,9 +14,11 @@ import json
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache, lru_cache, partial
 from typing import Annotated, Any, Literal
 
@@ -116,8 +118,27 @@ def check_schema(schema: Any, where: str) -> dict[str, Any]:
     return schema
 
 
+# Set while a run file's lines are parsed again once its validation passed them (passed_already):
+# their grammars were built and found fine then. Built again (a verdict fallen out of the cache, a
+# file of more distinct schemas than it holds), a build near the time limit or finding the builders
+# busy would answer otherwise, and the submission stop half-stored.
+_PASSED = ContextVar("grammars_passed", default=False)
+
+
+@contextmanager
+def passed_already() -> Iterator[None]:
+    """Within the block, the grammar builds are taken as passed (a line validated already)."""
+    token = _PASSED.set(True)
+    try:
+        yield
+    finally:
+        _PASSED.reset(token)
+
+
 def _refuse(where: str, cached_refusal: Callable[[], str | None]) -> None:
     """SchemaRefused naming `where` for the (cached) refusal, if any; GrammarBusy passed on, named."""
+    if _PASSED.get():
+        return
     try:
         refusal = cached_refusal()
     except GrammarBusy as exc:

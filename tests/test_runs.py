@@ -378,3 +378,51 @@ def test_a_runs_turns_are_read_for_export_without_their_prompt_and_context(world
     (select_turns,) = [s for s in statements if "FROM turns" in s]
     columns = select_turns.split("FROM turns")[0]
     assert "turns.reply" in columns and "turns.prompt" not in columns and "turns.context" not in columns
+
+
+def test_lines_validation_passed_are_stored_though_their_grammars_would_not_build_again(
+    world, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a line was parsed again to be stored, and its response format's grammar
+    built again when its verdict had left the cache (a file of more distinct schemas than it holds):
+    a build near the time limit, or finding the builders busy, then raised mid-submission, and the
+    run stopped half-stored as failed, naming no line. Lines validation passed are stored as passed."""
+    import services.runs.submit as submit
+    from structured import spec
+
+    def schema(n: int) -> dict:
+        props = {f"k{n}": {"type": "string"}}
+        return {
+            "type": "json_schema",
+            "json_schema": {"name": "r", "schema": {"type": "object", "properties": props}},
+        }
+
+    path = tmp_path / "formats.jsonl"
+    lines = [
+        {
+            "custom_id": f"s{n}",
+            "character": "elara",
+            "message": "Well?",
+            "params": {"response_format": schema(n)},
+        }
+        for n in range(3)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    validate = submit.validate_file
+
+    def validated_then_evicted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        check = validate(*args, **kwargs)
+        spec._refusal.cache_clear()  # as a file of more than 512 distinct schemas would
+
+        def busy(*_, **__):  # type: ignore[no-untyped-def]
+            raise spec.GrammarBusy(": the grammar builders are busy")
+
+        monkeypatch.setattr(spec, "_built_in_time", busy)
+        return check
+
+    monkeypatch.setattr(submit, "validate_file", validated_then_evicted)
+    name = "passed-" + tmp_path.name
+    submitted = submit_run(path, name=name)
+    assert submitted.stored == 3 and submitted.status != RunStatus.FAILED
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == submitted.id)) == 3

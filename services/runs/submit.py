@@ -50,6 +50,7 @@ from services.runs.validate import (
     RunValidationError,
     good_lines,
     iter_lines,
+    parse_again,
     validate_file,
 )
 from services.schemas import storable_text
@@ -290,7 +291,7 @@ def _store_and_send(
             (line.custom_id, line_conversation(name, line.custom_id), line.scene)
             for number, text in iter_lines(path)
             if number in scene_lines and isinstance(text, str)
-            for line in [check.reader.parse(text)]
+            for line in [parse_again(check, text)]
             if line.scene is not None
         )
         return iter(lambda: list(islice(lines, SCENE_CHUNK)), [])

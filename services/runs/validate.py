@@ -30,6 +30,7 @@ from services.runs.openai_lines import (
     to_run_line,
 )
 from services.schemas import HISTORY_LINE_CHARS, GenerationParams, Int4, Text, check_message, error_line
+from structured.spec import passed_already
 
 FileFormat = Literal["native", "openai"]
 
@@ -285,7 +286,14 @@ def good_lines(path: Path, check: FileCheck) -> Iterator[tuple[int, str, RunLine
     bad = check.bad_lines
     for number, text in iter_lines(path):
         if number not in bad and isinstance(text, str):
-            yield number, text, check.reader.parse(text)
+            yield number, text, parse_again(check, text)
+
+
+def parse_again(check: FileCheck, text: str) -> RunLine:
+    """A line validation passed, parsed again as it was then: its formats' grammars are not built
+    again (structured/spec.py passed_already)."""
+    with passed_already():
+        return check.reader.parse(text)
 
 
 def file_digest(path: Path) -> str:
