@@ -205,6 +205,7 @@ def store_extracted(
             scope_ref=str(conversation.id),
             subject=subject,
             vector=vector,
+            read_from=conversation.id,
         )
         if close is not None and close[1] >= settings.memory_fact_dedup_similarity:
             counts["duplicate"] += 1

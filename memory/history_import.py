@@ -305,8 +305,8 @@ def import_history(
         if char_id != found[character]:
             raise HistoryRefused(f"conversation: {conversation!r} is another character's")
         _refuse_another_players(session, conv_id, conversation, player_id)
-        _refuse_a_scene(session, conv_id, conversation)
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
+        _refuse_a_scene(session, conv_id, conversation)  # under the lock: a group made meanwhile is seen
         if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
             return conv_id, 1, 0
         first, last = append_lines(

@@ -46,7 +46,7 @@ from db.runs import (
     runs_counts,
     submission_lock,
 )
-from db.session import DATABASE_OUTAGES, connection_lost, session_scope
+from db.session import DATABASE_OUTAGES, connection_lost, get_lock_engine, session_scope
 from db.world import all_character_slugs
 from services.files import (
     BadExpiry,
@@ -763,8 +763,13 @@ def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> No
     rewrite whose process stalled between its commit and its rename would put its older file over a
     later one's (a writer's change missing from the download for good). Each rename is made under
     the file's rewrite lock, by the rewrite the file's row names last."""
+    if rewrite is None:  # the file's row was deleted meanwhile: it stays gone
+        scratch.unlink(missing_ok=True)
+        return
     try:
-        with session_scope() as session:
+        # The lock pool's connection: this runs while the committing session still holds its own,
+        # and ten such at once would hold the request pool and wait for an eleventh.
+        with Session(get_lock_engine()) as session, session.begin():
             if latest_rewrite(session=session, file_id=file_id) == rewrite:
                 scratch.replace(path)
     except SQLAlchemyError:  # the change is committed: its file goes in place unchecked (a race is rarer)

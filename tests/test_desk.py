@@ -809,6 +809,46 @@ def test_two_changes_whose_renames_come_in_the_other_order_leave_both_in_the_bat
     kept = path.read_text()
     assert "The forge, then left." in kept and "Mind the puddles" in kept
 
+    # A rewrite stalled between its commit and its turn at the lock finds a later one committed: it
+    # leaves the later file in place and discards its own.
+    import services.batches as batches
+
+    monkeypatch.undo()
+    later_committed = threading.Event()
+    latest = batches.latest_rewrite
+    stalled_at_lock: list[bool] = []
+
+    def stalling_latest(**kwargs: Any) -> Any:
+        if not stalled_at_lock:  # the first rewrite, committed, stalls before its turn at the lock
+            stalled_at_lock.append(True)
+            assert later_committed.wait(30)
+        return latest(**kwargs)
+
+    monkeypatch.setattr(batches, "latest_rewrite", stalling_latest)
+    late = threading.Thread(target=desk.edit, args=(WRITER, first, "The forge, at last.", "1"))
+    late.start()
+    while not stalled_at_lock and late.is_alive():
+        time.sleep(0.05)
+    assert stalled_at_lock
+    desk.edit(WRITER, second, "Morning! Mind the ice.", "1")
+    later_committed.set()
+    late.join(30)
+    kept = path.read_text()
+    assert "The forge, at last." in kept and "Mind the ice" in kept
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no scratch left
+
+
+def test_a_rewrite_of_a_file_deleted_meanwhile_is_discarded(services, tmp_path) -> None:
+    """Review of the rewrite ordering: a file row deleted between the rewrite's read of it and its
+    size update left the rewrite naming no row version, which the missing row's matched (None), and
+    the rewrite was put back where the deleted file had been."""
+    from services.batches import _publish
+
+    scratch, path = tmp_path / ".out.jsonl.x.tmp", tmp_path / "out.jsonl"
+    scratch.write_text("{}\n")
+    _publish(f"file-{uuid.uuid4().hex}", scratch, path, None)
+    assert not path.exists() and not scratch.exists()
+
 
 def test_the_desk_and_the_memory_jobs_label_a_player_named_as_the_character_as_prompts_do() -> None:
     """Review of the fix that tells such a player apart in prompts: the desk's check and the memory
@@ -1123,7 +1163,7 @@ def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> No
             facts=[
                 fact("Read before the line.", (1, seq - 1)),
                 fact("Replaced by the old text.", (1, seq - 1)),
-                fact("Told by the old text.", (seq, seq + 3)),
+                fact("Told by the old text.", (seq - 1, seq + 3)),  # its stretch began before the line
                 fact("Read after the line.", (seq + 4, seq + 8)),
                 fact("The game's own.", None),
             ],
@@ -1144,7 +1184,7 @@ def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> No
             select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
         )
     assert left == {"Read before the line.": None, "Replaced by the old text.": None, "The game's own.": None}
-    assert done == seq - 1
+    assert done == seq - 2  # the stretch that held the line is read again whole
 
 
 def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, world, monkeypatch) -> None:

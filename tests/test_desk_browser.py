@@ -435,3 +435,30 @@ def test_a_writer_opens_a_runs_scene_and_edits_one_of_its_lines(browser, base_ur
     page.goto(f"{base_url}/desk/scenes/{scene_id}")
     assert page.locator(".error-text").inner_text() == "scene: no such scene"
     page.context.close()
+
+
+def test_the_edit_box_holds_the_reply_as_stored_edges_and_all(browser, base_url, world) -> None:
+    """Review of the regex edit fix: the HTML parser drops one line end right after <textarea>, so a
+    reply opening with one came back without it, and saving it unchanged counted as an edit (or was
+    refused by its pattern)."""
+    from sqlalchemy import update
+
+    run_id, (turn_id,) = build_run(
+        "studio-a", [Spec("Yes or no?", "yes", quality(0.5))], name=f"desk-edges-{uuid.uuid4().hex[:6]}"
+    )
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        fmt = {"type": "regex", "regex": "\\s*(yes|no)\\s*"}
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(reply="\nyes ", params={**turn.params, "response_format": fmt})
+        )
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/lines/{turn_id}")
+    line = page.locator(f"#line-{turn_id}")
+    line.locator("summary").click() if not line.locator("textarea").is_visible() else None
+    assert line.locator("textarea").input_value() == "\nyes "
+    line.get_by_role("button", name="Save the edit").click()
+    page.get_by_text("reply: it is the kept reply unchanged; nothing to save").wait_for()
+    assert _reply(turn_id) == "\nyes " and _changes(turn_id) == 0

@@ -585,6 +585,35 @@ def test_an_extracted_facts_vector_embeds_the_text_a_reembed_embeds() -> None:
         assert np.allclose(np.asarray(stored), vector, atol=1e-5)
 
 
+def test_a_fact_gossip_brought_from_another_conversation_is_no_duplicate_of_this_ones_own() -> None:
+    """Review of the desk's forgetting of edited lines: a fact gossip moved from A into B's scope
+    counted as the duplicate of B's own fact of the same, which was then never stored, and an edit of
+    A's line dropped the gossiped fact: B's NPC forgot what its own dialogue had said."""
+    from db.facts import forget_read_facts
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    a, b = _conversation("elara", player), _conversation("luffy", player)
+    told = _answer(("Rowan has a sister called Mira.", 8))
+    with session_scope() as s:
+        store_extracted(
+            session=s, conversation=s.get_one(Conversation, a), facts=told, source="t:a", lines=(1, 4)
+        )
+        (gossip,) = s.scalars(select(Fact).where(Fact.scope_ref == str(a))).all()
+        assert move_fact(
+            session=s, fact=gossip, to_scope=FactScope.CONVERSATION, to_ref=str(b), told_by="elara"
+        )
+    with session_scope() as s:
+        counts = store_extracted(
+            session=s, conversation=s.get_one(Conversation, b), facts=told, source="t:b", lines=(1, 2)
+        )
+    assert counts["added"] == 1 and counts["duplicate"] == 0
+    with session_scope() as s:
+        assert forget_read_facts(session=s, conversation_id=a, seq=3) == 1  # the dropped stretch began at 1
+    with session_scope() as s:
+        left = s.execute(select(Fact.text, Fact.source_conversation_id).where(Fact.scope_ref == str(b))).all()
+    assert [tuple(row) for row in left] == [("Rowan has a sister called Mira.", b)]
+
+
 def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv_id = _conversation("elara", player)

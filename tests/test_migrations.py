@@ -488,3 +488,28 @@ def test_a_database_behind_this_code_is_refused_and_one_ahead_is_left_as_it_is(
     assert f"{said}: not migrating" in caplog.text  # the start-up migration
 
     assert scratch_db.execute(text("SELECT version_num FROM alembic_version")).scalar() == "9999"
+
+
+def test_0035_runs_again_after_its_index_build_was_cut_off(scratch_db) -> None:
+    """Found in review: 0035 adds the facts' source columns, then builds an index concurrently in an
+    autocommit block, which commits the columns first; a build cut off (a lock timeout, a container
+    killed) left them there under revision 0034, and every later upgrade failed on them (a duplicate
+    column) until the schema was mended by hand."""
+    _run(scratch_db, "upgrade", "0034")
+    scratch_db.execute(
+        text("ALTER TABLE facts ADD COLUMN source_conversation_id bigint")
+    )  # what the cut left
+    scratch_db.execute(text("ALTER TABLE facts ADD COLUMN source_first_seq integer"))
+    scratch_db.execute(text("ALTER TABLE facts ADD COLUMN source_last_seq integer"))
+    scratch_db.commit()
+    _run(scratch_db, "upgrade", "0035")
+    assert scratch_db.execute(
+        text("SELECT indisvalid FROM pg_index WHERE indexrelid = 'ix_facts_read_from_lines'::regclass")
+    ).scalar()
+    _run(scratch_db, "downgrade", "0034")
+    assert not scratch_db.execute(
+        text(
+            "SELECT count(*) FROM information_schema.columns"
+            " WHERE table_name = 'facts' AND column_name IN ('source_conversation_id', 'source_last_seq')"
+        )
+    ).scalar()

@@ -32,8 +32,10 @@ COLUMNS = {
 
 
 def upgrade() -> None:
-    for name, type_ in COLUMNS.items():  # nullable, no default: no rewrite of the table
-        op.add_column("facts", sa.Column(name, type_, nullable=True))
+    # Nullable, no default: no rewrite of the table. if_not_exists, as in 0027: the autocommit block
+    # below commits them first, so an index build cut off makes the retry find them there.
+    for name, type_ in COLUMNS.items():
+        op.add_column("facts", sa.Column(name, type_, nullable=True), if_not_exists=True)
     # CONCURRENTLY, as in 0034: facts are written at every extraction.
     with op.get_context().autocommit_block():
         create_index_concurrently(
@@ -48,4 +50,4 @@ def downgrade() -> None:
     with op.get_context().autocommit_block():
         drop_index_concurrently("ix_facts_read_from_lines", "facts")
     for name in reversed(COLUMNS):
-        op.drop_column("facts", name)
+        op.drop_column("facts", name, if_exists=True)
