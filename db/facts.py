@@ -101,10 +101,14 @@ def forget_read_facts(*, session: Session, conversation_id: int, seq: int) -> in
     key). Returns the first line of those stretches, from which extraction must read again (None:
     no fact was read there). The caller takes the memory jobs back first (db/memory_jobs.py
     interrupt_jobs), so an extraction in flight stores nothing of the old text."""
-    firsts = session.scalars(
-        delete(Fact)
+    doomed = (  # locked in id order, as supersede and the re-embed lock facts: never a deadlock with them
+        select(Fact.id)
         .where(Fact.source_conversation_id == conversation_id, Fact.source_last_seq >= seq)
-        .returning(Fact.source_first_seq)
+        .order_by(Fact.id)
+        .with_for_update()
+    )
+    firsts = session.scalars(
+        delete(Fact).where(Fact.id.in_(doomed.scalar_subquery())).returning(Fact.source_first_seq)
     ).all()
     return min((first for first in firsts if first is not None), default=None)
 

@@ -1298,3 +1298,63 @@ def test_a_memory_job_inside_deaths_it_was_no_suspect_of_runs_alone_after_a_few(
     assert run_summary_job(conv, generate=answers) >= 1 and asked_alone and asked_alone[0] is True
     with session_scope() as s:  # a stored step starts the job's count afresh
         assert not runs_alone(session=s, conversation_id=conv, kind=SUMMARY)
+
+
+def test_facts_dropped_for_an_edited_line_are_locked_in_id_order() -> None:
+    """Found in review: the desk's drop of the facts read from an edited line deleted them in the
+    order its plan visited them (the stretch index: by last line), while supersede and the re-embed
+    lock facts in id order; one holding the lower id and wanting the higher deadlocked with it."""
+    import threading
+
+    from sqlalchemy import text
+
+    from db.facts import forget_read_facts
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv = _conversation("elara", player)
+    with session_scope() as s:
+        shared = dict(kind=FactKind.PLAYER, subject=player, source="turn:x", importance=0.5, embedding=None)
+        low, high = add_facts(
+            session=s,
+            facts=[
+                NewFact(
+                    "",
+                    player,
+                    text=t,
+                    scope=FactScope.CONVERSATION,
+                    scope_ref=str(conv),
+                    read_from=span,
+                    **shared,
+                )  # type: ignore[arg-type]
+                for t, span in (("Read last.", (conv, 9, 10)), ("Read first.", (conv, 4, 5)))
+            ],
+        )
+        low_id, high_id = low.id, high.id
+    assert low_id < high_id
+    errors: list[BaseException] = []
+    low_held, dropped = threading.Event(), threading.Event()
+
+    def drop() -> None:
+        low_held.wait(10)
+        try:
+            with session_scope() as s:  # the plan that visits the stretch index, by last line
+                s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
+                forget_read_facts(session=s, conversation_id=conv, seq=3)
+            dropped.set()
+        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
+            errors.append(exc)
+
+    dropper = threading.Thread(target=drop)
+    dropper.start()
+    try:
+        with session_scope() as s:  # a supersede's order: the lower id, then the higher
+            s.execute(select(Fact.id).where(Fact.id == low_id).with_for_update())
+            low_held.set()
+            time.sleep(1.5)  # the drop now waits on the lower id (or holds the higher)
+            s.execute(select(Fact.id).where(Fact.id == high_id).with_for_update())
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+    dropper.join(30)
+    assert not errors and dropped.is_set()
+    with session_scope() as s:
+        assert not s.scalars(select(Fact.id).where(Fact.id.in_([low_id, high_id]))).all()
