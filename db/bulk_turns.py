@@ -48,11 +48,14 @@ CREATE_STAGE = text(
 
 # A run never rewrites a conversation that exists; new ones take the first line that names them.
 # Conversations and idempotency keys are the run's tenant's: a line never reaches another tenant's.
+# Inserted in code point order (COLLATE "C"), as a producer's upsert_conversations sorts them in
+# Python: in a database of another collation ("alice" before "Bob") the two created the same new
+# conversations in opposite orders and could deadlock.
 INSERT_CONVERSATIONS = text(
     """
     INSERT INTO conversations (tenant, external_id, character_id, player_id, player_name, story, story_time)
-    SELECT DISTINCT ON (s.conversation) CAST(:tenant AS varchar), s.conversation, c.id, '', s.player_name,
-           s.story, s.story_time
+    SELECT DISTINCT ON (s.conversation COLLATE "C") CAST(:tenant AS varchar), s.conversation, c.id, '',
+           s.player_name, s.story, s.story_time
     FROM turn_stage s JOIN characters c ON c.slug = s.character
     -- A conversation that exists is not offered: ON CONFLICT would wait for any transaction writing
     -- its row (a worker storing an earlier line's reply, which then waits for this run's row).
@@ -60,7 +63,7 @@ INSERT_CONVERSATIONS = text(
         SELECT 1 FROM conversations v
         WHERE v.tenant = CAST(:tenant AS varchar) AND v.external_id = s.conversation
     )
-    ORDER BY s.conversation, s.ord
+    ORDER BY s.conversation COLLATE "C", s.ord
     ON CONFLICT (tenant, external_id) DO NOTHING
     """
 )
