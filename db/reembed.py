@@ -162,8 +162,11 @@ def lock_still_held(*, session: Session, pid: int) -> bool:
 
 
 def lock_tables(*, session: Session) -> None:
-    """Hold off writers of every table with vectors until the swap commits (reads go on)."""
-    session.execute(text("LOCK TABLE messages, story_events, facts IN SHARE ROW EXCLUSIVE MODE"))
+    """Hold off writers of every table with vectors until the swap commits (reads go on). EXCLUSIVE,
+    not SHARE ROW EXCLUSIVE: that one let a row lock in (gossip's SELECT … FOR UPDATE of a fact), whose
+    holder then waited for the table as the swap waited for its row, a deadlock. In the order the
+    original request shape's store writes them (story events, then messages)."""
+    session.execute(text("LOCK TABLE story_events, messages, facts IN EXCLUSIVE MODE"))
 
 
 def swap(*, session: Session, embedder: str, fingerprint: ArrayLike) -> dict[str, int]:
