@@ -312,6 +312,42 @@ def test_a_database_outage_under_a_batch_hands_its_turns_back_uncharged(engine, 
     assert process_batch([turn_id]).done == [turn_id]
 
 
+def test_a_claim_rolled_back_for_a_deadlock_is_run_again_and_a_batch_that_keeps_meeting_them_is_uncharged(
+    engine, monkeypatch
+) -> None:
+    """Found in review: a claim ending a run's or a scene's turns locks their rows, and a deadlock
+    with another worker's store raised from the batch (its chunk sent again alone, every turn of it
+    a batch of its own thereafter); a batch whose writes kept meeting deadlocks was handed back with
+    every turn charged an attempt, as if its turns were at fault."""
+    import pytest
+    from psycopg.errors import DeadlockDetected
+    from sqlalchemy.exc import OperationalError
+
+    from worker import pipeline
+
+    def deadlock() -> OperationalError:
+        return OperationalError("UPDATE runs …", {}, DeadlockDetected("deadlock detected"))
+
+    real_claim, claims = pipeline.claim_turns, []
+
+    def claim_turns(**kwargs):  # type: ignore[no-untyped-def]
+        claims.append(1)
+        if len(claims) == 1:
+            raise deadlock()
+        return real_claim(**kwargs)
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "claim_turns", claim_turns)
+        patch.setattr(pipeline, "fetch_batch_context", lambda **_: (_ for _ in ()).throw(deadlock()))
+        with pytest.raises(OperationalError):
+            process_batch([turn_id])
+    assert len(claims) == 2  # the claim rolled back was run again, and went through
+    view = get_turn(turn_id)
+    assert view.status == TurnStatus.QUEUED and view.attempts == 0  # handed back uncharged
+    assert process_batch([turn_id]).done == [turn_id]
+
+
 def test_a_turn_whose_batch_loses_the_connection_every_time_is_charged_past_its_refunds(
     engine, monkeypatch
 ) -> None:

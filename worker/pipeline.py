@@ -32,9 +32,16 @@ from db.callbacks import with_callbacks
 from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
-from db.session import DATABASE_OUTAGES, again_on_conflict, connection_lost, session_scope
+from db.session import (
+    DATABASE_OUTAGES,
+    again_on_conflict,
+    connection_lost,
+    rolled_back_for_a_conflict,
+    session_scope,
+)
 from db.turns import (
     ClaimedTurn,
+    ClaimResult,
     Failure,
     StalledTurn,
     TurnOutcome,
@@ -122,18 +129,28 @@ def process_batch(
     """
     timer = StageTimer()
     report = BatchReport() if report is None else report
-    with timer("claim"), session_scope() as session:
-        claim = claim_turns(
-            session=session,
-            turn_ids=list(turn_ids),
-            lease_s=settings.lease_seconds,
-            max_attempts=settings.max_attempts,
-            wait_limit_s=settings.order_wait_limit_s,
-        )
-        # Before the commit: the claim stamped these sent, and if the commit's reply is lost (it may
-        # have gone through) the batch's report must still send them, or nothing would for an hour.
-        report.stalled = claim.stalled
-        mark_dispatched(session=session, turn_ids=list(claim.deferred))  # the task sends them again
+
+    def claim_them() -> ClaimResult:
+        with session_scope() as session:
+            claimed = claim_turns(
+                session=session,
+                turn_ids=list(turn_ids),
+                lease_s=settings.lease_seconds,
+                max_attempts=settings.max_attempts,
+                wait_limit_s=settings.order_wait_limit_s,
+            )
+            # Before the commit: the claim stamped these sent, and if the commit's reply is lost (it
+            # may have gone through) the batch's report must still send them, or nothing would for
+            # an hour.
+            report.stalled = claimed.stalled
+            mark_dispatched(session=session, turn_ids=list(claimed.deferred))  # the task sends them again
+        return claimed
+
+    # A claim ending a run's or a scene's turns locks their rows: a deadlock with another worker's
+    # store rolls it back whole, and it is run again (it was the batch sent again alone, every turn
+    # of a bulk chunk then a batch of its own).
+    with timer("claim"):
+        claim = again_on_conflict(claim_them, what="a batch's claim")
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
     _end_streams(claim.streams_ended)  # committed: no worker writes these turns' stream ends
     report.failed.update(
@@ -178,11 +195,13 @@ def process_batch(
             # The database's connection lost under the batch is nobody's fault: its turns are not
             # charged (three blips in a turn's life would otherwise fail it as out of attempts), up to
             # MLCHAT_MAX_OUTAGE_REFUNDS times a turn (a statement that crashes its backend every time
-            # looks the same, and would take the database down at every round for ever).
+            # looks the same, and would take the database down at every round for ever). So is a
+            # write the server kept rolling back for deadlocks with other workers' (each write is run
+            # again first: db/session.py again_on_conflict).
             # Any other error, a statement timeout too, is charged: a turn that raises it every
             # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
-            refund = connection_lost(exc)
+            refund = connection_lost(exc) or rolled_back_for_a_conflict(exc)
             handed = _hand_back(claim.token, turns, reason, refund=refund, until=_hand_back_until(keeper))
             _announce(turns, handed)
             _requeued(report, handed)
