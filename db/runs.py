@@ -206,6 +206,14 @@ def resume_submission(
     )
 
 
+def _locked_in_id_order(*where: Any) -> Any:
+    """Turn.id IN (the turns matching `where`, row-locked in id order): an UPDATE over a whole run's
+    turns, which a cancel, an expiry in every worker's housekeeping and a failing submission may run
+    at once, otherwise locks them in its plan's order (a status index visits queued turns before
+    running ones), and two such, or one and a worker's store (in id order), deadlocked."""
+    return Turn.id.in_(select(Turn.id).where(*where).order_by(Turn.id).with_for_update().scalar_subquery())
+
+
 def fail_submission(
     *,
     session: Session,
@@ -220,13 +228,14 @@ def fail_submission(
     `final`: no resume will follow (an OpenAI batch): the turns its submission stored and not yet
     started are cancelled with it, so no worker answers a batch that writes no output."""
     if final:  # turns before the run: the lock order of every transaction that finishes turns
+        mine = (
+            Turn.run_id == run_id,
+            Turn.status == TurnStatus.QUEUED,
+            select(Run.status).where(Run.id == run_id).scalar_subquery() == RunStatus.VALIDATING,
+        )
         session.execute(
             update(Turn)
-            .where(
-                Turn.run_id == run_id,
-                Turn.status == TurnStatus.QUEUED,
-                select(Run.status).where(Run.id == run_id).scalar_subquery() == RunStatus.VALIDATING,
-            )
+            .where(*mine, _locked_in_id_order(*mine))
             .values(
                 status=TurnStatus.CANCELLED, finished_at=func.now(), error="the batch's submission failed"
             )
@@ -554,9 +563,10 @@ def cancel_run(
         if session.scalar(select(Run.input_file_id.is_(None)).where(Run.id == run_id)):
             cancellable = (*cancellable, RunStatus.FAILED)  # a resumable run's failed submission
         else:  # a batch that failed stays failed; what it still holds stops (one failed before 0026)
+            queued = (Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
             dropped = session.execute(
                 update(Turn)
-                .where(Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
+                .where(*queued, _locked_in_id_order(*queued))
                 .values(status=TurnStatus.CANCELLED, finished_at=func.now())
             ).rowcount  # type: ignore[attr-defined]
             cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
@@ -573,7 +583,7 @@ def cancel_run(
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     cancelled = session.execute(
         update(Turn)
-        .where(Turn.run_id == run_id, claimable())
+        .where(Turn.run_id == run_id, claimable(), _locked_in_id_order(Turn.run_id == run_id, claimable()))
         .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
@@ -609,7 +619,11 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     ids = list(
         session.scalars(
             update(Turn)
-            .where(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED)
+            .where(
+                Turn.run_id == run_id,
+                Turn.status == TurnStatus.FAILED,
+                _locked_in_id_order(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED),
+            )
             .values(  # a fresh start: what counted toward its failure counts no more
                 params=retried_params(),  # SET reads the row as it was: its error_code too
                 status=TurnStatus.QUEUED,

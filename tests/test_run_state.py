@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 
 from core.settings import queue_for_model, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
@@ -565,3 +565,65 @@ def test_a_run_that_stored_nothing_takes_the_options_it_is_sent_again_with(quiet
     # Once it holds turns, a resume keeps the options they were stored under.
     with session_scope() as s:
         assert s.scalar(select(Run.options).where(Run.name == name))["allow_system_prompt"] is True
+
+
+def test_a_cancel_locks_the_runs_turns_in_id_order(world) -> None:
+    """Found in review: a cancel (an expiry in every worker's housekeeping, a failing batch
+    submission, a retry of failed turns) updated a whole run's turns in its plan's order (by turn
+    number, or queued before running): with a lower-id turn running under a lapsed lease and a
+    higher-id one queued ahead of it in that order, the cancel took the higher first and waited for
+    the lower, while a worker writing both in id order held the lower and waited for the higher."""
+    import threading
+
+    from db.runs import cancel_run
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, ids = queue_run("studio-a", [Spec("One?", "1", quality(0.5)), Spec("Two?", "2", quality(0.5))])
+    low, high = sorted(ids)
+    with session_scope() as s:
+        # Turn numbers follow insertion, ids (uuid4 from the producer) do not: the lower id numbered
+        # after the higher, as half of such pairs are, so the run's (run_id, number) index visits
+        # the higher id first.
+        s.execute(
+            update(Turn)
+            .where(Turn.id == low)
+            .values(number=select(func.max(Turn.number) + 1).scalar_subquery())
+        )
+        # The lower one's worker went quiet: running under a lapsed lease.
+        s.execute(
+            update(Turn)
+            .where(Turn.id == low)
+            .values(
+                status=TurnStatus.RUNNING,
+                claim_token=uuid.uuid4(),
+                lease_until=text("now() - interval '1 minute'"),
+            )
+        )
+    errors: list[BaseException] = []
+    low_held, cancelled = threading.Event(), threading.Event()
+
+    def cancel() -> None:
+        low_held.wait(10)
+        try:
+            with session_scope() as s:  # the plan through the status index: queued, then running
+                s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
+                cancel_run(session=s, run_id=run_id)
+            cancelled.set()
+        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
+            errors.append(exc)
+
+    canceller = threading.Thread(target=cancel)
+    canceller.start()
+    try:
+        with session_scope() as s:  # a worker's write in id order: the lower turn, then the higher
+            s.execute(select(Turn.id).where(Turn.id == low).with_for_update())
+            low_held.set()
+            time.sleep(1.5)
+            s.execute(select(Turn.id).where(Turn.id == high).with_for_update())
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+    canceller.join(30)
+    assert not errors and cancelled.is_set()
+    with session_scope() as s:
+        statuses = set(s.scalars(select(Turn.status).where(Turn.id.in_(ids))))
+    assert statuses == {TurnStatus.CANCELLED}
