@@ -63,6 +63,7 @@ from db.models import (
     TURN_UNFINISHED,
     Run,
     RunStatus,
+    Scene,
     Turn,
     TurnStatus,
 )
@@ -360,19 +361,11 @@ def advance_runs(
     # other state takes the locked path (queued → in_progress must be written; the rest are rare).
     # A run whose row this transaction holds gains nothing from a pin, and its queued turns may be
     # the scene steps it just created, which a pin would hide from mark_dispatched (SKIP LOCKED).
-    unpinnable = set(locked)
-    in_progress = [
-        r
-        for r in session.scalars(
-            select(Run.id).where(Run.id.in_(ids), Run.status == RunStatus.IN_PROGRESS)
-        ).all()
-        if r not in unpinnable
-    ]
-    pinned = {r for r in in_progress if _pin_queued_turn(session, r)}
+    pinned = _pin_runs(session, [r for r in ids if r not in set(locked)])
     ids = [r for r in ids if r not in pinned]
     if not ids:
         return
-    session.execute(select(Run.id).where(Run.id.in_(ids)).order_by(Run.id).with_for_update())
+    _lock_runs(session, ids)
     unfinished = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED))
     finished_any = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_FINISHED))
     ending = case(
@@ -396,6 +389,21 @@ def advance_runs(
         )
         .execution_options(synchronize_session=False)
     )
+
+
+def _pin_runs(session: Session, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
+    """The in-progress runs of these a pinned queued turn shows cannot end in this transaction (a pin
+    never waits: SKIP LOCKED)."""
+    in_progress = session.scalars(
+        select(Run.id).where(Run.id.in_(list(run_ids)), Run.status == RunStatus.IN_PROGRESS)
+    ).all()
+    return {r for r in in_progress if _pin_queued_turn(session, r)}
+
+
+def _lock_runs(session: Session, run_ids: Collection[uuid.UUID]) -> None:
+    """The runs' rows locked in id order, in one statement: two passes (a scene's runs, then the
+    others) each in order are not one order, and two transactions taking them so deadlocked."""
+    session.execute(select(Run.id).where(Run.id.in_(list(run_ids))).order_by(Run.id).with_for_update())
 
 
 def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
@@ -512,12 +520,26 @@ def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) ->
     """advance the runs these turns belong to (after a transition finished them)."""
     if not turn_ids:
         return
+    runs = {
+        r
+        for r in session.scalars(
+            select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
+        ).all()
+        if r is not None
+    }
+    # Every run these turns may lock, in one pass in id order, before the scenes' hook locks its
+    # runs and the advance the others: the runs of scenes whose steps they are (never pinned: their
+    # queued turns may be the steps about to be created), and the others no pin shows going on.
+    steps = select(Turn.scene_id).where(Turn.id.in_(list(turn_ids)), Turn.scene_id.is_not(None))
+    of_scenes = {
+        r for r in session.scalars(select(Scene.run_id).where(Scene.id.in_(steps))).all() if r is not None
+    }
+    pinned = _pin_runs(session, sorted(runs - of_scenes))
+    locked = (runs | of_scenes) - pinned
+    _lock_runs(session, locked)
     # A scene's next step is created first: the run never completes between two steps.
-    locked = advance_scenes_of_turns(session=session, turn_ids=turn_ids)
-    run_ids = session.scalars(
-        select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
-    ).all()
-    advance_runs(session=session, run_ids=[r for r in run_ids if r is not None], locked=locked)
+    locked |= set(advance_scenes_of_turns(session=session, turn_ids=turn_ids))
+    advance_runs(session=session, run_ids=sorted(runs - pinned), locked=locked)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import select, text, update
 
 from core.settings import queue_for_model, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
@@ -584,11 +584,11 @@ def test_a_cancel_locks_the_runs_turns_in_id_order(world) -> None:
         # Turn numbers follow insertion, ids (uuid4 from the producer) do not: the lower id numbered
         # after the higher, as half of such pairs are, so the run's (run_id, number) index visits
         # the higher id first.
-        s.execute(
-            update(Turn)
-            .where(Turn.id == low)
-            .values(number=select(func.max(Turn.number) + 1).scalar_subquery())
-        )
+        low_n, high_n = (s.scalar(select(Turn.number).where(Turn.id == t)) for t in (low, high))
+        if low_n < high_n:  # swapped through a number no turn holds (never one the sequence gives out)
+            s.execute(update(Turn).where(Turn.id == low).values(number=-low_n))
+            s.execute(update(Turn).where(Turn.id == high).values(number=low_n))
+            s.execute(update(Turn).where(Turn.id == low).values(number=high_n))
         # The lower one's worker went quiet: running under a lapsed lease.
         s.execute(
             update(Turn)
@@ -627,3 +627,47 @@ def test_a_cancel_locks_the_runs_turns_in_id_order(world) -> None:
     with session_scope() as s:
         statuses = set(s.scalars(select(Turn.status).where(Turn.id.in_(ids))))
     assert statuses == {TurnStatus.CANCELLED}
+
+
+def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world) -> None:
+    """Found in review: a write ending a scene's step and another run's line locked the scene's run
+    first (the scene hook) and the other run after (the advance), each pass in id order but not the
+    two together; a worker storing lines of both runs in id order held the lower and waited for the
+    higher while this held the higher and waited for the lower: a deadlock."""
+    import threading
+
+    from db.runs import advance_runs_of_turns
+    from tests.desk_data import Spec, answer, build_scene_run, quality, queue_run
+
+    scene_run, _, (step,) = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"])
+    specs = [Spec("Hello?", "Hi.", quality(0.5))]
+    for _ in range(40):  # a plain run whose id sorts below the scene's run (ids are random)
+        plain_run, (line,) = queue_run("studio-a", specs)
+        if plain_run < scene_run:
+            break
+    assert plain_run < scene_run
+    answer([line], specs)  # its only line done: nothing to pin, so the advance locks its run
+    errors: list[BaseException] = []
+    lower_held, advanced = threading.Event(), threading.Event()
+
+    def advance() -> None:
+        lower_held.wait(10)
+        try:
+            with session_scope() as s:
+                advance_runs_of_turns(session=s, turn_ids=[step, line])
+            advanced.set()
+        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
+            errors.append(exc)
+
+    advancing = threading.Thread(target=advance)
+    advancing.start()
+    try:
+        with session_scope() as s:  # another worker's store: the runs in id order
+            s.execute(select(Run.id).where(Run.id == plain_run).with_for_update())
+            lower_held.set()
+            time.sleep(1.5)
+            s.execute(select(Run.id).where(Run.id == scene_run).with_for_update())
+    except BaseException as exc:  # noqa: BLE001
+        errors.append(exc)
+    advancing.join(30)
+    assert not errors and advanced.is_set()
