@@ -200,8 +200,9 @@ class Settings(BaseSettings):
     # A turn inside the engine at this many engine deaths is failed (engine_crash_loop) instead of
     # killing worker after worker; after its first it runs alone in the engine (worker/engine_loop.py).
     max_engine_deaths: int = Field(default=2, ge=1)
-    # A batch stopped by a lost database connection costs its turns no attempt, this many times a
-    # turn; past that it is charged (a statement that crashes its backend every time looks the same).
+    # A batch stopped by a lost database connection (or by writes the server kept rolling back for
+    # deadlocks) costs its turns no attempt, this many times a turn; past that it is charged (a
+    # statement that crashes its backend every time looks the same).
     max_outage_refunds: int = Field(default=10, ge=0)
     # An engine with requests inside and no step returned for this long is treated as dead.
     engine_stall_seconds: float = Field(default=300.0, gt=0)

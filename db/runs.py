@@ -212,7 +212,11 @@ def _locked_in_id_order(*where: Any) -> Any:
     turns, which a cancel, an expiry in every worker's housekeeping and a failing submission may run
     at once, otherwise locks them in its plan's order (a status index visits queued turns before
     running ones), and two such, or one and a worker's store (in id order), deadlocked."""
-    return Turn.id.in_(select(Turn.id).where(*where).order_by(Turn.id).with_for_update().scalar_subquery())
+    # FOR NO KEY UPDATE, as the UPDATE itself takes: a foreign key's key-share lock (a review change
+    # recorded on one of the turns) does not wait for it.
+    return Turn.id.in_(
+        select(Turn.id).where(*where).order_by(Turn.id).with_for_update(key_share=True).scalar_subquery()
+    )
 
 
 def fail_submission(
@@ -361,11 +365,12 @@ def advance_runs(
     # other state takes the locked path (queued → in_progress must be written; the rest are rare).
     # A run whose row this transaction holds gains nothing from a pin, and its queued turns may be
     # the scene steps it just created, which a pin would hide from mark_dispatched (SKIP LOCKED).
-    pinned = _pin_runs(session, [r for r in ids if r not in set(locked)])
+    held = set(locked)
+    pinned = _pin_runs(session, [r for r in ids if r not in held])
     ids = [r for r in ids if r not in pinned]
     if not ids:
         return
-    _lock_runs(session, ids)
+    _lock_runs(session, [r for r in ids if r not in held])
     unfinished = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED))
     finished_any = exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_FINISHED))
     ending = case(
@@ -394,6 +399,8 @@ def advance_runs(
 def _pin_runs(session: Session, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     """The in-progress runs of these a pinned queued turn shows cannot end in this transaction (a pin
     never waits: SKIP LOCKED)."""
+    if not run_ids:
+        return set()
     in_progress = session.scalars(
         select(Run.id).where(Run.id.in_(list(run_ids)), Run.status == RunStatus.IN_PROGRESS)
     ).all()
@@ -403,7 +410,8 @@ def _pin_runs(session: Session, run_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
 def _lock_runs(session: Session, run_ids: Collection[uuid.UUID]) -> None:
     """The runs' rows locked in id order, in one statement: two passes (a scene's runs, then the
     others) each in order are not one order, and two transactions taking them so deadlocked."""
-    session.execute(select(Run.id).where(Run.id.in_(list(run_ids))).order_by(Run.id).with_for_update())
+    if run_ids:
+        session.execute(select(Run.id).where(Run.id.in_(list(run_ids))).order_by(Run.id).with_for_update())
 
 
 def _pin_queued_turn(session: Session, run_id: uuid.UUID) -> bool:
@@ -520,20 +528,18 @@ def advance_runs_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) ->
     """advance the runs these turns belong to (after a transition finished them)."""
     if not turn_ids:
         return
-    runs = {
-        r
-        for r in session.scalars(
-            select(Turn.run_id).where(Turn.id.in_(list(turn_ids)), Turn.run_id.is_not(None)).distinct()
-        ).all()
-        if r is not None
-    }
     # Every run these turns may lock, in one pass in id order, before the scenes' hook locks its
     # runs and the advance the others: the runs of scenes whose steps they are (never pinned: their
     # queued turns may be the steps about to be created), and the others no pin shows going on.
-    steps = select(Turn.scene_id).where(Turn.id.in_(list(turn_ids)), Turn.scene_id.is_not(None))
-    of_scenes = {
-        r for r in session.scalars(select(Scene.run_id).where(Scene.id.in_(steps))).all() if r is not None
-    }
+    # (A transaction that advances twice, a group's store and then its failures, locks in two
+    # passes still: again_on_conflict runs it again after a deadlock.)
+    rows = session.execute(
+        select(Turn.run_id, Scene.run_id)
+        .outerjoin(Scene, Scene.id == Turn.scene_id)
+        .where(Turn.id.in_(list(turn_ids)), or_(Turn.run_id.is_not(None), Scene.run_id.is_not(None)))
+    ).all()
+    runs = {run for run, _ in rows if run is not None}
+    of_scenes = {run for _, run in rows if run is not None}
     pinned = _pin_runs(session, sorted(runs - of_scenes))
     locked = (runs | of_scenes) - pinned
     _lock_runs(session, locked)

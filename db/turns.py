@@ -990,7 +990,8 @@ def requeue_turns(
     """requeue: put turns running under this claim back to queued, keeping each one's reason.
 
     `refund_attempt` hands the attempt back too: the turn was not at fault (the database's
-    connection was lost under its batch), for a turn refunded fewer than `max_refunds` times so far
+    connection was lost under its batch, or its writes kept meeting deadlocks), for a turn refunded
+    fewer than `max_refunds` times so far
     (None: no limit); each refund is counted. The caller sends them again after the commit, so they
     are stamped dispatched now.
     """

@@ -641,10 +641,14 @@ def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world
 
     scene_run, _, (step,) = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"])
     specs = [Spec("Hello?", "Hi.", quality(0.5))]
+    from db.runs import cancel_run
+
     for _ in range(40):  # a plain run whose id sorts below the scene's run (ids are random)
         plain_run, (line,) = queue_run("studio-a", specs)
         if plain_run < scene_run:
             break
+        with session_scope() as s:  # not left queued for a later test's worker
+            cancel_run(session=s, run_id=plain_run)
     assert plain_run < scene_run
     answer([line], specs)  # its only line done: nothing to pin, so the advance locks its run
     errors: list[BaseException] = []

@@ -131,6 +131,7 @@ def process_batch(
     report = BatchReport() if report is None else report
 
     def claim_them() -> ClaimResult:
+        report.stalled = []  # not an attempt's rolled back
         with session_scope() as session:
             claimed = claim_turns(
                 session=session,
