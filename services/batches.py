@@ -46,7 +46,13 @@ from db.runs import (
     runs_counts,
     submission_lock,
 )
-from db.session import DATABASE_OUTAGES, connection_lost, get_lock_engine, session_scope
+from db.session import (
+    DATABASE_OUTAGES,
+    connection_lost,
+    get_lock_engine,
+    rolled_back_for_a_conflict,
+    session_scope,
+)
 from db.world import all_character_slugs
 from services.files import (
     BadExpiry,
@@ -313,7 +319,9 @@ def _submit_batch(name: str) -> None:
 
 def _away(exc: BaseException) -> str | None:
     """Which service being away stopped a submission (the error, or what it wraps): "the broker",
-    "the database" (its connection lost, not an error of the work), or None."""
+    "the database" (its connection lost, not an error of the work), another writer (a transaction
+    the server rolled back for a deadlock or a serialization failure: the same work goes through
+    when run again), or None."""
     from kombu.exceptions import KombuError
     from redis.exceptions import RedisError
 
@@ -323,6 +331,8 @@ def _away(exc: BaseException) -> str | None:
             return "the broker"
         if connection_lost(seen):
             return "the database"
+        if rolled_back_for_a_conflict(seen):
+            return "another writer (a deadlock)"
         seen = seen.__cause__
     return None
 

@@ -1158,12 +1158,15 @@ def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_subm
     assert batch["errors"] is None and _unsent(batch_id) == 0
 
 
+@pytest.mark.parametrize("stop", ["connection lost", "deadlock"])
 def test_a_database_connection_lost_under_a_submission_spends_no_try(
-    quiet_model, tmp_path, monkeypatch
+    quiet_model, tmp_path, monkeypatch, stop
 ) -> None:
     """Found in review: a broker outage spent no try, but a database connection lost mid-way (a
     failover, a restart) did: five blips over a long submission failed the batch for good, as the
-    server's fault, inside its window."""
+    server's fault, inside its window. Review: so did a deadlock with another writer (a producer
+    creating the same new conversations), which run again goes through."""
+    from psycopg.errors import DeadlockDetected
     from sqlalchemy.exc import OperationalError
 
     from services.runs import submit
@@ -1174,6 +1177,8 @@ def test_a_database_connection_lost_under_a_submission_spends_no_try(
     validate = submit.validate_file
 
     def blip(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if stop == "deadlock":
+            raise OperationalError("INSERT INTO conversations …", {}, DeadlockDetected("deadlock detected"))
         raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
 
     monkeypatch.setattr(submit, "validate_file", blip)
@@ -1183,7 +1188,7 @@ def test_a_database_connection_lost_under_a_submission_spends_no_try(
     with session_scope() as s:
         run = s.scalars(select(Run).where(Run.name == batch_id)).one()
         assert (run.status, run.submission_attempts) == (RunStatus.VALIDATING, 0)
-        assert "waits for the database" in run.error
+        assert ("waits for another writer" if stop == "deadlock" else "waits for the database") in run.error
     monkeypatch.setattr(submit, "validate_file", validate)
     assert batch_id in batches.retry_batch_submissions()
     batch = batches.get_batch(batch_id, api_key="k", admin=False)
