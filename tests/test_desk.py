@@ -715,16 +715,10 @@ def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_n
     assert (page.line.character_slug, page.line.character_name) == ("narrator", "Narrator")
 
 
-def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
-    services, world, base_url, monkeypatch
-) -> None:
-    """Found in review: the output file was replaced before the change's transaction committed, so
-    a commit that failed (a database blip) left the download carrying text the database did not."""
-    from sqlalchemy.exc import OperationalError
-
-    from core.settings import settings
+def _finished_batch() -> tuple[uuid.UUID, uuid.UUID, Any]:
+    """A finalized batch of _lines(): its two lines and its output file's path."""
     from db.files import get_file
-    from services.batches import finalize_run, rewrite_output_file
+    from services.batches import finalize_run
 
     admin = next(k for k in settings.api_keys if "admin" in k.scopes)
     run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
@@ -736,7 +730,19 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     with session_scope() as s:
         row = get_file(session=s, file_id=output_file_id)
         assert row is not None
-        path = settings.batch_files_dir / row.path
+        return first, second, settings.batch_files_dir / row.path
+
+
+def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
+    services, world, base_url, monkeypatch
+) -> None:
+    """Found in review: the output file was replaced before the change's transaction committed, so
+    a commit that failed (a database blip) left the download carrying text the database did not."""
+    from sqlalchemy.exc import OperationalError
+
+    from services.batches import rewrite_output_file
+
+    first, second, path = _finished_batch()
     before = path.read_bytes()
 
     def rewrite_then_blip(session, run, file_id):  # type: ignore[no-untyped-def]
@@ -763,21 +769,7 @@ def test_two_changes_whose_renames_come_in_the_other_order_leave_both_in_the_bat
     import pathlib
     import threading
 
-    from core.settings import settings
-    from db.files import get_file
-    from services.batches import finalize_run
-
-    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
-    run_id, (first, second) = build_run("studio-a", _lines(), batch_key=admin.id)
-    finalize_run(run_id)
-    deadline = time.monotonic() + 30
-    while (output_file_id := _output_file(run_id)) is None and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert output_file_id is not None
-    with session_scope() as s:
-        row = get_file(session=s, file_id=output_file_id)
-        assert row is not None
-        path = settings.batch_files_dir / row.path
+    first, second, path = _finished_batch()
     second_committed = threading.Event()
     replace = pathlib.Path.replace
     stalled: list[pathlib.Path] = []
@@ -788,8 +780,10 @@ def test_two_changes_whose_renames_come_in_the_other_order_leave_both_in_the_bat
             assert second_committed.wait(30)
         return replace(self, target)
 
+    deadline = time.monotonic() + 60
+
     def watch_second() -> None:
-        while time.monotonic() < deadline + 30:
+        while time.monotonic() < deadline:
             if _stored(second)[0].reply == "Morning! Mind the puddles.":
                 second_committed.set()
                 return

@@ -1304,11 +1304,14 @@ def test_facts_dropped_for_an_edited_line_are_locked_in_id_order() -> None:
     """Found in review: the desk's drop of the facts read from an edited line deleted them in the
     order its plan visited them (the stretch index: by last line), while supersede and the re-embed
     lock facts in id order; one holding the lower id and wanting the higher deadlocked with it."""
-    import threading
+    from collections.abc import Callable
+    from typing import Any
 
     from sqlalchemy import text
+    from sqlalchemy.orm import Session
 
     from db.facts import forget_read_facts
+    from tests.lock_order import errors_beside
 
     player = f"p-{uuid.uuid4().hex[:6]}"
     conv = _conversation("elara", player)
@@ -1331,30 +1334,16 @@ def test_facts_dropped_for_an_edited_line_are_locked_in_id_order() -> None:
         )
         low_id, high_id = low.id, high.id
     assert low_id < high_id
-    errors: list[BaseException] = []
-    low_held, dropped = threading.Event(), threading.Event()
 
     def drop() -> None:
-        low_held.wait(10)
-        try:
-            with session_scope() as s:  # the plan that visits the stretch index, by last line
-                s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
-                forget_read_facts(session=s, conversation_id=conv, seq=3)
-            dropped.set()
-        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
-            errors.append(exc)
+        with session_scope() as s:  # the plan that visits the stretch index, by last line
+            s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
+            forget_read_facts(session=s, conversation_id=conv, seq=3)
 
-    dropper = threading.Thread(target=drop)
-    dropper.start()
-    try:
-        with session_scope() as s:  # a supersede's order: the lower id, then the higher
-            s.execute(select(Fact.id).where(Fact.id == low_id).with_for_update())
-            low_held.set()
-            time.sleep(1.5)  # the drop now waits on the lower id (or holds the higher)
-            s.execute(select(Fact.id).where(Fact.id == high_id).with_for_update())
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
-    dropper.join(30)
-    assert not errors and dropped.is_set()
+    def lock(fact_id: int) -> Callable[[Session], Any]:
+        return lambda s: s.execute(select(Fact.id).where(Fact.id == fact_id).with_for_update())
+
+    # A supersede's order: the lower id, then the higher.
+    assert errors_beside(drop, first=lock(low_id), then=lock(high_id)) == []
     with session_scope() as s:
         assert not s.scalars(select(Fact.id).where(Fact.id.in_([low_id, high_id]))).all()

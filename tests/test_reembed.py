@@ -656,55 +656,29 @@ def test_the_swaps_table_lock_lets_no_row_lock_in_to_deadlock_with_it() -> None:
     row lock in: gossip locks its fact (SELECT … FOR UPDATE), the swap's update of the facts then
     waited for that row while gossip's update of it waited for the table: a deadlock, and the
     re-embed failed at its last step. Now the swap waits for the row's holder to finish first."""
-    import threading
-
     from db.models import Fact
     from db.reembed import lock_tables
+    from tests.lock_order import errors_beside
 
+    debt = NewFact(
+        "", "p-lock", FactKind.PLAYER, "p-lock", "Owes a debt.", "game", 0.5, FactScope.WORLD, "", None
+    )
     with session_scope() as s:
-        (fact,) = add_facts(
-            session=s,
-            facts=[
-                NewFact(
-                    "",
-                    "p-lock",
-                    FactKind.PLAYER,
-                    "p-lock",
-                    "Owes a debt.",
-                    "game",
-                    0.5,
-                    FactScope.WORLD,
-                    "",
-                    None,
-                )
-            ],
-        )
+        (fact,) = add_facts(session=s, facts=[debt])
         fact_id = fact.id
-    errors: list[BaseException] = []
-    row_held = threading.Event()
+    row = {"id": fact_id}
 
     def the_swap() -> None:
-        row_held.wait(10)
-        try:
-            with session_scope() as s:
-                lock_tables(session=s)
-                s.execute(
-                    text("UPDATE facts SET importance = importance WHERE id = :id"), {"id": fact_id}
-                )  # as swap
-        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
-            errors.append(exc)
+        with session_scope() as s:
+            lock_tables(session=s)
+            s.execute(text("UPDATE facts SET importance = importance WHERE id = :id"), row)  # as swap's
 
-    swapping = threading.Thread(target=the_swap)
-    swapping.start()
-    try:
-        with session_scope() as s:  # gossip: the fact locked, then moved
-            s.execute(select(Fact.id).where(Fact.id == fact_id).with_for_update())
-            row_held.set()
-            time.sleep(1.5)  # the swap takes (or waits for) its table locks
-            s.execute(text("UPDATE facts SET scope_ref = scope_ref WHERE id = :id"), {"id": fact_id})
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
-    swapping.join(30)
-    assert not errors and not swapping.is_alive()
+    # Gossip: the fact locked, then moved.
+    locked = errors_beside(
+        the_swap,
+        first=lambda s: s.execute(select(Fact.id).where(Fact.id == fact_id).with_for_update()),
+        then=lambda s: s.execute(text("UPDATE facts SET scope_ref = scope_ref WHERE id = :id"), row),
+    )
+    assert locked == []
     with session_scope() as s:
         s.execute(delete(Fact).where(Fact.id == fact_id))

@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text, update
@@ -26,6 +28,7 @@ from services import runs
 from services.runs import RunBusy, RunConflict, RunValidationError, SubmissionFailed, run_state, submit_run
 from tasks.app import app
 from tasks.queues import queue_depth
+from tests.lock_order import errors_beside
 
 MODEL = "runs-check"  # a queue no worker consumes
 
@@ -573,8 +576,6 @@ def test_a_cancel_locks_the_runs_turns_in_id_order(world) -> None:
     number, or queued before running): with a lower-id turn running under a lapsed lease and a
     higher-id one queued ahead of it in that order, the cancel took the higher first and waited for
     the lower, while a worker writing both in id order held the lower and waited for the higher."""
-    import threading
-
     from db.runs import cancel_run
     from tests.desk_data import Spec, quality, queue_run
 
@@ -599,31 +600,14 @@ def test_a_cancel_locks_the_runs_turns_in_id_order(world) -> None:
                 lease_until=text("now() - interval '1 minute'"),
             )
         )
-    errors: list[BaseException] = []
-    low_held, cancelled = threading.Event(), threading.Event()
 
     def cancel() -> None:
-        low_held.wait(10)
-        try:
-            with session_scope() as s:  # the plan through the status index: queued, then running
-                s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
-                cancel_run(session=s, run_id=run_id)
-            cancelled.set()
-        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
-            errors.append(exc)
+        with session_scope() as s:  # the plan through the (run_id, number) index
+            s.execute(text("SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off"))
+            cancel_run(session=s, run_id=run_id)
 
-    canceller = threading.Thread(target=cancel)
-    canceller.start()
-    try:
-        with session_scope() as s:  # a worker's write in id order: the lower turn, then the higher
-            s.execute(select(Turn.id).where(Turn.id == low).with_for_update())
-            low_held.set()
-            time.sleep(1.5)
-            s.execute(select(Turn.id).where(Turn.id == high).with_for_update())
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
-    canceller.join(30)
-    assert not errors and cancelled.is_set()
+    # A worker's write in id order: the lower turn, then the higher.
+    assert errors_beside(cancel, first=_lock(Turn, low), then=_lock(Turn, high)) == []
     with session_scope() as s:
         statuses = set(s.scalars(select(Turn.status).where(Turn.id.in_(ids))))
     assert statuses == {TurnStatus.CANCELLED}
@@ -634,14 +618,11 @@ def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world
     first (the scene hook) and the other run after (the advance), each pass in id order but not the
     two together; a worker storing lines of both runs in id order held the lower and waited for the
     higher while this held the higher and waited for the lower: a deadlock."""
-    import threading
-
-    from db.runs import advance_runs_of_turns
+    from db.runs import advance_runs_of_turns, cancel_run
     from tests.desk_data import Spec, answer, build_scene_run, quality, queue_run
 
     scene_run, _, (step,) = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"])
     specs = [Spec("Hello?", "Hi.", quality(0.5))]
-    from db.runs import cancel_run
 
     for _ in range(40):  # a plain run whose id sorts below the scene's run (ids are random)
         plain_run, (line,) = queue_run("studio-a", specs)
@@ -651,27 +632,15 @@ def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world
             cancel_run(session=s, run_id=plain_run)
     assert plain_run < scene_run
     answer([line], specs)  # its only line done: nothing to pin, so the advance locks its run
-    errors: list[BaseException] = []
-    lower_held, advanced = threading.Event(), threading.Event()
 
     def advance() -> None:
-        lower_held.wait(10)
-        try:
-            with session_scope() as s:
-                advance_runs_of_turns(session=s, turn_ids=[step, line])
-            advanced.set()
-        except BaseException as exc:  # noqa: BLE001 - the deadlock's victim, reported below
-            errors.append(exc)
+        with session_scope() as s:
+            advance_runs_of_turns(session=s, turn_ids=[step, line])
 
-    advancing = threading.Thread(target=advance)
-    advancing.start()
-    try:
-        with session_scope() as s:  # another worker's store: the runs in id order
-            s.execute(select(Run.id).where(Run.id == plain_run).with_for_update())
-            lower_held.set()
-            time.sleep(1.5)
-            s.execute(select(Run.id).where(Run.id == scene_run).with_for_update())
-    except BaseException as exc:  # noqa: BLE001
-        errors.append(exc)
-    advancing.join(30)
-    assert not errors and advanced.is_set()
+    # Another worker's store: the runs in id order.
+    assert errors_beside(advance, first=_lock(Run, plain_run), then=_lock(Run, scene_run)) == []
+
+
+def _lock(model: Any, row_id: uuid.UUID) -> Callable[[Any], Any]:
+    """A row of `model` locked FOR UPDATE in the session given."""
+    return lambda s: s.execute(select(model.id).where(model.id == row_id).with_for_update())
