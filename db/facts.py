@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from sqlalchemy import case, delete, or_, select, text, true, update
+from sqlalchemy import case, delete, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -299,20 +299,11 @@ def closest_fact(
     scope_ref: str,
     subject: str,
     vector: np.ndarray,
-    read_from: int | None = None,
 ) -> tuple[Fact, float] | None:
     """The current fact of this scope, scope ref and subject closest to `vector`, with its cosine
-    similarity (facts of another scope reach other NPCs or players: never compared). `read_from`: of
-    those, only the ones read from that conversation's lines or from none (the game's): a fact gossip
-    brought from another conversation goes if that one's line is edited (forget_read_facts), and a
-    fact of this one's own dialogue counted as its duplicate would go with it."""
+    similarity (facts of another scope reach other NPCs or players: never compared)."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
-    ours = (
-        or_(Fact.source_conversation_id.is_(None), Fact.source_conversation_id == read_from)
-        if read_from is not None
-        else true()
-    )
     row = session.execute(
         select(Fact, distance)
         .where(
@@ -322,7 +313,6 @@ def closest_fact(
             Fact.subject == subject,
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),
-            ours,
             text(SAME_SPACE_SQL),
         )
         .order_by(distance)

@@ -162,7 +162,8 @@ def lock_still_held(*, session: Session, pid: int) -> bool:
 
 
 def lock_tables(*, session: Session) -> None:
-    """Hold off writers of every table with vectors until the swap commits (reads go on). EXCLUSIVE,
+    """Hold off writers of every table with vectors until the swap commits (plain reads go on; row
+    locks and foreign-key checks on their rows wait, as writes do). EXCLUSIVE,
     not SHARE ROW EXCLUSIVE: that one let a row lock in (gossip's SELECT … FOR UPDATE of a fact), whose
     holder then waited for the table as the swap waited for its row, a deadlock. In the order the
     original request shape's store writes them (story events, then messages)."""

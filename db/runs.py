@@ -208,15 +208,16 @@ def resume_submission(
 
 
 def _locked_in_id_order(*where: Any) -> Any:
-    """Turn.id IN (the turns matching `where`, row-locked in id order): an UPDATE over a whole run's
-    turns, which a cancel, an expiry in every worker's housekeeping and a failing submission may run
-    at once, otherwise locks them in its plan's order (a status index visits queued turns before
-    running ones), and two such, or one and a worker's store (in id order), deadlocked."""
+    """The turns matching `where`, those of them row-locked in id order first: the WHERE of an
+    UPDATE over a whole run's turns, which a cancel, an expiry in every worker's housekeeping and a
+    failing submission may run at once, and which otherwise locks them in its plan's order (by turn
+    number, or queued before running): two such, or one and a worker's store (in id order),
+    deadlocked. The conditions stand in the UPDATE too (written once, here), checked again on the
+    rows as locked."""
     # FOR NO KEY UPDATE, as the UPDATE itself takes: a foreign key's key-share lock (a review change
     # recorded on one of the turns) does not wait for it.
-    return Turn.id.in_(
-        select(Turn.id).where(*where).order_by(Turn.id).with_for_update(key_share=True).scalar_subquery()
-    )
+    locked = select(Turn.id).where(*where).order_by(Turn.id).with_for_update(key_share=True)
+    return and_(*where, Turn.id.in_(locked.scalar_subquery()))
 
 
 def fail_submission(
@@ -240,7 +241,7 @@ def fail_submission(
         )
         session.execute(
             update(Turn)
-            .where(*mine, _locked_in_id_order(*mine))
+            .where(_locked_in_id_order(*mine))
             .values(
                 status=TurnStatus.CANCELLED, finished_at=func.now(), error="the batch's submission failed"
             )
@@ -357,7 +358,7 @@ def advance_runs(
     """advance: queued → in_progress once a turn finished; → completed (or cancelling → cancelled)
     once none is queued or running. Locks the runs first, unless a pinned turn shows the run cannot
     end in this transaction: see the module's docstring. `locked`: runs this transaction has locked
-    already (the scene hook), which are never pinned."""
+    already (advance_runs_of_turns locks every run it advances in one pass), never pinned."""
     ids = sorted(set(run_ids))
     if not ids:
         return
@@ -594,7 +595,7 @@ def cancel_run(
             queued = (Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
             dropped = session.execute(
                 update(Turn)
-                .where(*queued, _locked_in_id_order(*queued))
+                .where(_locked_in_id_order(*queued))
                 .values(status=TurnStatus.CANCELLED, finished_at=func.now())
             ).rowcount  # type: ignore[attr-defined]
             cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
@@ -611,7 +612,7 @@ def cancel_run(
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     cancelled = session.execute(
         update(Turn)
-        .where(Turn.run_id == run_id, claimable(), _locked_in_id_order(Turn.run_id == run_id, claimable()))
+        .where(_locked_in_id_order(Turn.run_id == run_id, claimable()))
         .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
@@ -647,11 +648,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     ids = list(
         session.scalars(
             update(Turn)
-            .where(
-                Turn.run_id == run_id,
-                Turn.status == TurnStatus.FAILED,
-                _locked_in_id_order(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED),
-            )
+            .where(_locked_in_id_order(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED))
             .values(  # a fresh start: what counted toward its failure counts no more
                 params=retried_params(),  # SET reads the row as it was: its error_code too
                 status=TurnStatus.QUEUED,

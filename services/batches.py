@@ -319,9 +319,9 @@ def _submit_batch(name: str) -> None:
 
 def _away(exc: BaseException) -> str | None:
     """Which service being away stopped a submission (the error, or what it wraps): "the broker",
-    "the database" (its connection lost, not an error of the work), another writer (a transaction
+    "the database" (its connection lost, not an error of the work), "another writer" (a transaction
     the server rolled back for a deadlock or a serialization failure: the same work goes through
-    when run again), or None."""
+    when run again), or None: what stopped it was not the submission's own fault."""
     from kombu.exceptions import KombuError
     from redis.exceptions import RedisError
 
@@ -332,7 +332,7 @@ def _away(exc: BaseException) -> str | None:
         if connection_lost(seen):
             return "the database"
         if rolled_back_for_a_conflict(seen):
-            return "another writer (a deadlock)"
+            return "another writer (a deadlock or a serialization failure)"
         seen = seen.__cause__
     return None
 

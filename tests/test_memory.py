@@ -588,7 +588,8 @@ def test_an_extracted_facts_vector_embeds_the_text_a_reembed_embeds() -> None:
 def test_a_fact_gossip_brought_from_another_conversation_is_no_duplicate_of_this_ones_own() -> None:
     """Review of the desk's forgetting of edited lines: a fact gossip moved from A into B's scope
     counted as the duplicate of B's own fact of the same, which was then never stored, and an edit of
-    A's line dropped the gossiped fact: B's NPC forgot what its own dialogue had said."""
+    A's line dropped the gossiped fact: B's NPC forgot what its own dialogue had said. B's own now
+    replaces the gossiped copy (the prompt still holds one), and stands after A's edit."""
     from db.facts import forget_read_facts
 
     player = f"p-{uuid.uuid4().hex[:6]}"
@@ -606,12 +607,21 @@ def test_a_fact_gossip_brought_from_another_conversation_is_no_duplicate_of_this
         counts = store_extracted(
             session=s, conversation=s.get_one(Conversation, b), facts=told, source="t:b", lines=(1, 2)
         )
-    assert counts["added"] == 1 and counts["duplicate"] == 0
+    assert counts["superseded"] == 1 and counts["duplicate"] == 0
+
+    def current_in_b() -> list[tuple]:
+        with session_scope() as s:
+            rows = s.execute(
+                select(Fact.text, Fact.source_conversation_id).where(
+                    Fact.scope_ref == str(b), Fact.superseded_by.is_(None)
+                )
+            ).all()
+        return [tuple(row) for row in rows]
+
+    assert current_in_b() == [("Rowan has a sister called Mira.", b)]  # one copy, B's own
     with session_scope() as s:
         assert forget_read_facts(session=s, conversation_id=a, seq=3) == 1  # the dropped stretch began at 1
-    with session_scope() as s:
-        left = s.execute(select(Fact.text, Fact.source_conversation_id).where(Fact.scope_ref == str(b))).all()
-    assert [tuple(row) for row in left] == [("Rowan has a sister called Mira.", b)]
+    assert current_in_b() == [("Rowan has a sister called Mira.", b)]
 
 
 def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:

@@ -510,6 +510,7 @@ def test_0035_runs_again_after_its_index_build_was_cut_off(scratch_db) -> None:
     assert not scratch_db.execute(
         text(
             "SELECT count(*) FROM information_schema.columns"
-            " WHERE table_name = 'facts' AND column_name IN ('source_conversation_id', 'source_last_seq')"
+            " WHERE table_name = 'facts'"
+            " AND column_name IN ('source_conversation_id', 'source_first_seq', 'source_last_seq')"
         )
     ).scalar()

@@ -1159,7 +1159,7 @@ def test_a_broker_outage_keeps_a_batch_validating_and_a_retry_completes_its_subm
 
 
 @pytest.mark.parametrize("stop", ["connection lost", "deadlock"])
-def test_a_database_connection_lost_under_a_submission_spends_no_try(
+def test_a_database_connection_lost_or_a_deadlock_under_a_submission_spends_no_try(
     quiet_model, tmp_path, monkeypatch, stop
 ) -> None:
     """Found in review: a broker outage spent no try, but a database connection lost mid-way (a

@@ -776,7 +776,7 @@ def test_more_choices_than_candidates_is_refused_at_validation_and_named_at_the_
         {"type": "choice", "choice": ["dark", "bright"]},
     ],
 )
-def test_a_narrator_turn_asking_the_npc_shape_is_a_422_naming_response_format(base_url, fmt) -> None:
+def test_a_narrator_turn_asking_for_a_format_but_text_is_a_422_naming_response_format(base_url, fmt) -> None:
     turns = _turns()
     body = new_conversation() | {
         "message": "Describe the tavern.",

@@ -124,7 +124,9 @@ def process_batch(
     The batch's turns are claimed under one token and lease (kept alive while the batch runs). If
     the engine dies, they are handed back without charging an attempt and the report says so, but a
     turn inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths is failed (engine_crash_loop); if
-    anything else raises, they are handed back (the attempt counted) before the error propagates;
+    anything else raises, they are handed back before the error propagates, the attempt counted
+    (refunded for a lost database connection or writes that kept meeting deadlocks, within
+    MLCHAT_MAX_OUTAGE_REFUNDS);
     then `report`, when given, holds what the batch had decided (turns it had written already).
     """
     timer = StageTimer()
