@@ -30,7 +30,7 @@ from db.memory_jobs import (
     release_job,
 )
 from db.models import Conversation, Fact, FactKind, FactScope, Message
-from db.session import session_scope
+from db.session import again_on_conflict, session_scope
 from db.vector_space import EmbedderMismatch, same_space
 from db.world import conversation_for_memory
 from memory.claim import keeping
@@ -320,20 +320,28 @@ def _extract_step(
     facts = parse_facts(raw)
     last = lines[-1]
     source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
-    with session_scope() as session:
-        if not advance_extract(
-            session=session, conversation_id=conversation_id, token=token, through=last.seq
-        ):
-            return {}  # the claim lapsed: another worker reads these lines
-        clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
-        conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
-        assert conversation is not None
-        counts = store_extracted(
-            session=session,
-            conversation=conversation,
-            facts=facts or [],
-            source=source,
-            lines=(lines[0].seq, last.seq),
-        )
-        read = {"lines": len(lines), "malformed": int(facts is None), **counts}
-        return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})
+
+    def store() -> dict[str, int] | None:
+        with session_scope() as session:
+            if not advance_extract(
+                session=session, conversation_id=conversation_id, token=token, through=last.seq
+            ):
+                return None  # the claim lapsed: another worker reads these lines
+            clear_engine_deaths(session=session, conversation_id=conversation_id, kind=EXTRACT)
+            conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
+            assert conversation is not None
+            return store_extracted(
+                session=session,
+                conversation=conversation,
+                facts=facts or [],
+                source=source,
+                lines=(lines[0].seq, last.seq),
+            )
+
+    # Its own transaction, run again after a deadlock (facts are locked by the desk's drop of an
+    # edited line's, by supersede and gossip): the generation is not thrown away for one.
+    counts = again_on_conflict(store, what="an extraction's store")
+    if counts is None:
+        return {}
+    read = {"lines": len(lines), "malformed": int(facts is None), **counts}
+    return read | ({"without_model": 1} if blind >= MEMORY_JOB_DEATHS else {})

@@ -6,8 +6,10 @@ transaction, only while the claim holds, and once per range (db/summaries.py).""
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 from core.settings import settings
@@ -19,7 +21,7 @@ from db.memory_jobs import (
     death_record,
     release_job,
 )
-from db.session import session_scope
+from db.session import again_on_conflict, session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
 from db.world import conversation_for_memory
 from memory.claim import keeping
@@ -180,12 +182,20 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                         work.last_seq,
                     )
                     text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
-                with session_scope() as session:
-                    if store_summary(session=session, work=work, text_=text, token=token) is None:
-                        break  # the claim lapsed (another worker has it) or the range is stored
-                    clear_engine_deaths(session=session, conversation_id=conversation_id, kind=SUMMARY)
+                if not again_on_conflict(partial(_store, work, text, token), what="a summary's store"):
+                    break  # the claim lapsed (another worker has it) or the range is stored
                 stored += 1
     finally:
         with session_scope() as session:
             release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)
     return stored
+
+
+def _store(work: SummaryWork, text: str, token: uuid.UUID) -> bool:
+    """Store one summary under the job's claim, a transaction of its own (run again after a deadlock:
+    a generation is not thrown away for one); False when the claim lapsed or the range is stored."""
+    with session_scope() as session:
+        if store_summary(session=session, work=work, text_=text, token=token) is None:
+            return False
+        clear_engine_deaths(session=session, conversation_id=work.conversation_id, kind=SUMMARY)
+    return True

@@ -349,3 +349,51 @@ def _broker_away(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
     finally:
         monkeypatch.setattr(memory_tasks, "send_memory_jobs", send)
+
+
+def test_a_memory_jobs_store_rolled_back_for_a_deadlock_is_run_again_not_its_generation(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a summary's or an extraction's store met by a deadlock (facts are locked by
+    the desk's drop of an edited line's, by supersede and by gossip) raised, and the job's generation,
+    a bulk-lane request behind live work, was thrown away and asked again. The store is run again."""
+    from psycopg.errors import DeadlockDetected
+    from sqlalchemy.exc import OperationalError
+
+    from db.models import Fact, Summary
+    from memory import extract, summarize
+    from memory.extract import run_extract_job
+
+    def once_a_deadlock(real):  # type: ignore[no-untyped-def]
+        met: list[int] = []
+
+        def call(**kwargs):  # type: ignore[no-untyped-def]
+            if not met:
+                met.append(1)
+                raise OperationalError("UPDATE facts …", {}, DeadlockDetected("deadlock detected"))
+            return real(**kwargs)
+
+        return call
+
+    conv = _conversation(80)
+    asked: list[str] = []
+
+    def summary(system: str, body: str, max_tokens: int, alone: bool) -> str:
+        asked.append("summary")
+        return "They talked."
+
+    monkeypatch.setattr(summarize, "store_summary", once_a_deadlock(summarize.store_summary))
+    assert run_summary_job(conv, generate=summary) == 1 and asked == ["summary"]
+
+    def facts(system: str, body: str, max_tokens: int, schema: dict, alone: bool) -> str:
+        asked.append("facts")
+        told = {"subject": "Rowan", "kind": "player", "text": "Rowan keeps bees.", "importance": 5}
+        return json.dumps({"facts": [told]})
+
+    monkeypatch.setattr(extract, "store_extracted", once_a_deadlock(extract.store_extracted))
+    assert run_extract_job(conv, generate=facts)["added"] == 1 and asked == ["summary", "facts"]
+    with session_scope() as s:
+        assert s.scalars(select(Summary.text).where(Summary.conversation_id == conv)).all() == [
+            "They talked."
+        ]
+        assert s.scalars(select(Fact.text).where(Fact.scope_ref == str(conv))).all() == ["Rowan keeps bees."]
