@@ -368,8 +368,9 @@ def test_a_memory_jobs_store_rolled_back_for_a_deadlock_is_run_again_not_its_gen
         met: list[int] = []
 
         def call(**kwargs):  # type: ignore[no-untyped-def]
-            if not met:
+            if not met:  # the first attempt writes, then the server rolls it back
                 met.append(1)
+                real(**kwargs)
                 raise OperationalError("UPDATE facts …", {}, DeadlockDetected("deadlock detected"))
             return real(**kwargs)
 
