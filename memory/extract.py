@@ -209,8 +209,9 @@ def store_extracted(
         # A fact gossip brought from another conversation's lines is no duplicate: an edit there
         # drops it (forget_read_facts), and this conversation's own would go with it. This one
         # replaces it instead, so the prompt still holds one.
-        same = close is not None and close[1] >= settings.memory_fact_dedup_similarity
-        told_elsewhere = same and close[0].source_conversation_id not in (None, conversation.id)  # type: ignore[index]
+        similarity = close[1] if close is not None else 0.0
+        told_elsewhere = close is not None and close[0].source_conversation_id not in (None, conversation.id)
+        same = similarity >= settings.memory_fact_dedup_similarity
         if same and not told_elsewhere:
             counts["duplicate"] += 1
             continue
@@ -235,7 +236,7 @@ def store_extracted(
         # The game's own facts are canon: dialogue never replaces them.
         if (
             close is not None
-            and (close[1] >= settings.memory_fact_supersede_similarity or told_elsewhere)
+            and (similarity >= settings.memory_fact_supersede_similarity or same)
             and close[0].source != "game"
         ):
             replaces.append((close[0].id, row.id))
