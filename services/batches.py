@@ -296,7 +296,7 @@ def _submit_batch(name: str) -> None:
                         final=True,
                     )
                 raise RunValidationError([])
-            submit_run(found.path, name=name, retry_later=True, lock_held=True)
+            submit_run(found.path, name=name, retry_later=True, lock_held=True, file_is_ours=True)
     except RunValidationError:
         if callback:  # the batch ended here: failed
             send_callback(run_id)

@@ -309,6 +309,32 @@ def test_a_submitter_killed_mid_way_leaves_a_run_that_says_so_and_resumes(quiet_
     )
 
 
+def test_a_file_changed_after_its_validation_stores_only_what_was_validated(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    # The file is read once to be validated and again to be stored: lines edited in between (here two
+    # changed and one added, which no check read) were stored unchecked.
+    import services.runs.submit as submit_module
+
+    path = _file(tmp_path, 2)
+    validated = submit_module.validate_file
+
+    def validate_then_edit(*args: Any, **kwargs: Any) -> Any:
+        check = validated(*args, **kwargs)
+        edited = [
+            {"custom_id": f"c{i}", "character": "elara", "message": "edited after validation"}
+            for i in range(3)
+        ]
+        path.write_text("".join(json.dumps(line) + "\n" for line in edited), encoding="utf-8")
+        return check
+
+    monkeypatch.setattr(submit_module, "validate_file", validate_then_edit)
+    sub = submit_run(path, name="edited-" + tmp_path.name)
+    with session_scope() as s:
+        messages = s.scalars(select(Turn.message).where(Turn.run_id == sub.id).order_by(Turn.number)).all()
+    assert sub.stored == 2 and messages == [f"Line {i}, {tmp_path.name}." for i in range(2)]
+
+
 def test_queue_depth_counts_the_runs_messages(quiet_model, tmp_path) -> None:
     sub = submit_run(_file(tmp_path, 20), name="depth-" + tmp_path.name)
     assert queue_depth(MODEL, "bulk") == -(-20 // settings.batch_size) and sub.sent == 20

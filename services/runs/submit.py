@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from itertools import chain, islice
 from pathlib import Path
@@ -130,6 +132,7 @@ def submit_run(
     fields: dict[str, Any] | None = None,
     retry_later: bool = False,
     lock_held: bool = False,
+    file_is_ours: bool = False,
 ) -> SubmittedRun:
     """Validate the whole file, then store and send it on the bulk lane.
 
@@ -141,8 +144,35 @@ def submit_run(
     run's other columns (metadata, window, files), set when it is created. `retry_later`: a
     submission that stops leaves the run `validating` for its caller to try again (a batch's).
     `lock_held`: the caller holds the run's submission lock already (a batch counts its try there).
+    `file_is_ours`: the file is one the service stored and never writes again (a batch's input);
+    any other is read from a private copy, so lines changed after validation are never stored.
     """
-    name = check_run_name(name or path.stem, existing=True)  # every check but the one for ':' first
+    name = check_run_name(name or path.stem, existing=True)
+    with nullcontext(path) if file_is_ours else _private_copy(path) as held:
+        return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
+
+
+@contextmanager
+def _private_copy(path: Path) -> Iterator[Path]:
+    """A copy of the file no one else writes, under the same name (its stem names a run): the file
+    is read several times (its format, its validation, its storing), and a line edited between
+    those readings would be stored unchecked."""
+    with tempfile.TemporaryDirectory(prefix="mlchat-submit-") as folder:
+        copy = Path(folder) / path.name
+        shutil.copyfile(path, copy)
+        yield copy
+
+
+def _submit(
+    path: Path,
+    name: str,
+    skip_bad_lines: bool,
+    progress: Progress | None,
+    options: LineOptions | None,
+    fields: dict[str, Any] | None,
+    retry_later: bool,
+    lock_held: bool,
+) -> SubmittedRun:  # every check but the one for ':' first
     if ":" in name and _run_tenant(name) is None:
         check_run_name(name)  # a new run: refused
     with nullcontext(True) if lock_held else submission_lock(name, wait_s=BUSY_WAIT_S) as got:
