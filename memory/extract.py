@@ -184,7 +184,7 @@ def store_extracted(
     conversation: Conversation,
     facts: list[ExtractedFact],
     source: str,
-    lines: tuple[int, int] | None = None,
+    lines: tuple[int, int],
 ) -> dict[str, int]:
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
     line (seq) of the conversation they were read from (an edit of one drops them again)."""
@@ -229,7 +229,7 @@ def store_extracted(
                     scope=FactScope.CONVERSATION,
                     scope_ref=str(conversation.id),
                     embedding=vector,
-                    read_from=None if lines is None else (conversation.id, *lines),
+                    read_from=(conversation.id, *lines),
                 )
             ],
         )

@@ -573,7 +573,9 @@ def test_an_extracted_facts_vector_embeds_the_text_a_reembed_embeds() -> None:
     facts = parse_facts(json.dumps({"facts": body}))
     assert facts is not None and len(facts) == 2
     with session_scope() as s:
-        store_extracted(session=s, conversation=s.get_one(Conversation, conv_id), facts=facts, source="t:1")
+        store_extracted(
+            session=s, conversation=s.get_one(Conversation, conv_id), facts=facts, source="t:1", lines=(1, 1)
+        )
     _, embedded = SOURCES["facts"]
     with session_scope() as s:
         rows = s.execute(
@@ -630,7 +632,11 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     with session_scope() as s:
         conv = s.get(Conversation, conv_id)
         first = store_extracted(
-            session=s, conversation=conv, facts=_answer(("Rowan has a sister called Mira.", 8)), source="t:1"
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has a sister called Mira.", 8)),
+            source="t:1",
+            lines=(1, 1),
         )
     with session_scope() as s:
         conv = s.get(Conversation, conv_id)
@@ -643,6 +649,7 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
                 ("Rowan is afraid of the dark.", 3),  # new
             ),
             source="t:2",
+            lines=(1, 1),
         )
         rows = s.scalars(select(Fact).where(Fact.player_id == player).order_by(Fact.id)).all()
         facts = [(r.text, r.superseded_by is not None, r.scope.value, r.scope_ref) for r in rows]
@@ -698,7 +705,7 @@ def test_an_extraction_supersedes_in_id_order_as_the_facts_api_does(monkeypatch)
     with session_scope() as s:
         facts = _answer(("Rowan paid the smith back.", 6), ("Rowan sold his mule.", 6))
         counts = store_extracted(
-            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1"
+            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1", lines=(1, 1)
         )
     assert counts == {"added": 0, "duplicate": 0, "superseded": 2} and order == [low, high]
 
@@ -731,7 +738,7 @@ def test_an_extraction_never_supersedes_a_fact_gossip_spread_wider_meanwhile(mon
     with session_scope() as s:
         facts = _answer(("Rowan gave the mayor's ring back.", 6))
         counts = store_extracted(
-            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1"
+            session=s, conversation=s.get(Conversation, conv_id), facts=facts, source="t:1", lines=(1, 1)
         )
     with session_scope() as s:
         spread = s.get(Fact, told)
@@ -757,7 +764,7 @@ def test_an_extracted_fact_with_an_escaped_nul_or_lone_surrogate_is_stored_not_r
     ]
     with session_scope() as s:
         conv = s.get(Conversation, conv_id)
-        counts = store_extracted(session=s, conversation=conv, facts=facts, source="t:1")
+        counts = store_extracted(session=s, conversation=conv, facts=facts, source="t:1", lines=(1, 1))
     assert counts == {"added": 2, "duplicate": 0, "superseded": 0}
     # A text that is only NUL is empty once it is left out: that fact is outside the schema.
     only_nul = '{"subject": "Rowan", "kind": "player", "text": "\\u0000 ", "importance": 5}'
@@ -807,6 +814,7 @@ def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> 
             conversation=conv,
             facts=_answer(("Rowan has no sister; Mira is his cousin.", 8)),
             source="t:1",
+            lines=(1, 1),
         )
     with session_scope() as s:
         assert s.get(Fact, met_id).superseded_by is None
@@ -824,6 +832,7 @@ def test_anonymous_players_do_not_share_extracted_facts() -> None:
                 conversation=conv,
                 facts=_answer(("Rowan has a sister called Mira.", 8)),
                 source="t",
+                lines=(1, 1),
             )
         assert counts == {"added": 1, "duplicate": 0, "superseded": 0}, conv_id
     with session_scope() as s:
@@ -1145,7 +1154,11 @@ def test_an_extracted_fact_contradicting_one_the_game_replaced_meanwhile_does_no
     with session_scope() as s:
         conv = s.get(Conversation, conv_id)
         store_extracted(
-            session=s, conversation=conv, facts=_answer(("Rowan has a sister called Mira.", 8)), source="t:1"
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has a sister called Mira.", 8)),
+            source="t:1",
+            lines=(1, 1),
         )
     read_before: list[object] = []
     real = extract.closest_fact
@@ -1182,6 +1195,7 @@ def test_an_extracted_fact_contradicting_one_the_game_replaced_meanwhile_does_no
             conversation=conv,
             facts=_answer(("Rowan has no sister; Mira is his cousin.", 8)),
             source="t:2",
+            lines=(1, 1),
         )
     assert read_before and counts == {"added": 0, "duplicate": 1, "superseded": 0}
     with session_scope() as s:

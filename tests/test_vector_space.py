@@ -279,7 +279,9 @@ def test_a_fact_extraction_in_another_space_stores_nothing(recorded: str) -> Non
     with as_embedder("another-model") as s:
         conversation = s.get(Conversation, conv)
         with pytest.raises(EmbedderMismatch):
-            store_extracted(session=s, conversation=conversation, facts=[found], source="turn:x")
+            store_extracted(
+                session=s, conversation=conversation, facts=[found], source="turn:x", lines=(1, 1)
+            )
     with session_scope() as s:
         assert s.scalar(text("SELECT count(*) FROM facts WHERE scope_ref = :c"), {"c": str(conv)}) == 0
 
