@@ -253,6 +253,8 @@ class Scene(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "custom_id", name="uq_scenes_run_id_custom_id"),
         CheckConstraint("steps_done >= 0 AND steps_done <= exchanges", name="steps_bounded"),
+        # A run's scenes in custom_id order (db/scenes.py run_scenes; migration 0036).
+        Index("ix_scenes_run_custom_id_order", "run_id", text("coalesce(custom_id, '')"), "id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -314,8 +316,12 @@ class Run(Base):
     """A bulk generation run (many turns from a file)."""
 
     __tablename__ = "runs"
-    # Housekeeping's looks by status (due to expire, finalizing, submissions due): runs are kept for good.
-    __table_args__ = (Index("ix_runs_status_expires_at", "status", "expires_at"),)
+    __table_args__ = (
+        # Housekeeping's looks by status (due to expire, finalizing, submissions due): runs are kept for good.
+        Index("ix_runs_status_expires_at", "status", "expires_at"),
+        # A tenant's runs newest first (the desk, GET /v1/batches), read backwards (migration 0036).
+        Index("ix_runs_tenant_created_at", "tenant", "created_at", "id"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
     name: Mapped[str] = mapped_column(String(200), unique=True)

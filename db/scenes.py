@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, literal, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, and_, false, func, literal, literal_column, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, lazyload
 
@@ -693,7 +693,9 @@ def run_scenes(
 ) -> list[Scene]:
     """The run's scenes in custom_id order (from `offset`, or past the scene `after` names by its
     (custom_id, id); at most `limit`)."""
-    name = func.coalesce(Scene.custom_id, "")  # a NULL would compare as neither before nor after
+    # A NULL would compare as neither before nor after; written as the index's expression (0036),
+    # the empty string inline, so the planner matches it.
+    name = func.coalesce(Scene.custom_id, literal_column("''"))
     query = select(Scene).where(Scene.run_id == run_id).order_by(name, Scene.id)
     if after is not None:
         query = query.where(tuple_(name, Scene.id) > tuple_(literal(after[0]), literal(after[1])))

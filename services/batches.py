@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-from sqlalchemy import event, func, select
+from sqlalchemy import event, func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
@@ -521,10 +521,8 @@ def list_batches(
             query = query.where(Run.api_key == api_key, Run.tenant == tenant)
         if after is not None:
             cursor = _visible_run(session, after, api_key, admin, tenant)
-            query = query.where(
-                (Run.created_at < cursor.created_at)
-                | ((Run.created_at == cursor.created_at) & (Run.id < cursor.id))
-            )
+            # A row comparison: the index (ix_runs_tenant_created_at) starts at the cursor.
+            query = query.where(tuple_(Run.created_at, Run.id) < tuple_(cursor.created_at, cursor.id))
         rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)).all()
         counts = runs_counts(session=session, run_ids=[run.id for run in rows[:limit]])
         shown = [batch_object(session, run, counts[run.id]) for run in rows[:limit]]

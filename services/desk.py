@@ -331,7 +331,7 @@ def list_runs(who: Reviewer, page: int = 1) -> tuple[list[RunRow], bool]:
     with session_scope() as session:
         runs = session.scalars(
             _visible_runs(who)
-            .order_by(Run.created_at.desc(), Run.id)
+            .order_by(Run.created_at.desc(), Run.id.desc())  # ix_runs_tenant_created_at
             .offset((page - 1) * PAGE_SIZE)
             .limit(PAGE_SIZE + 1)
         ).all()

@@ -379,3 +379,32 @@ def test_a_conversations_summaries_are_read_without_the_ones_merged_into_others(
     for statement, parameters in seen:
         read = _rows_read(statement, parameters, "summaries")
         assert read and sum(read) <= 3 * 2, (statement, read)  # the unmerged three, at most twice
+
+
+def test_a_tenants_runs_and_batches_are_listed_newest_first_through_their_index(world) -> None:
+    # found in review: no index served the order, so every page sorted every run of the table
+    from services.batches import list_batches
+    from services.desk import Reviewer, list_runs
+
+    with _sent(lambda s: s.lstrip().startswith("SELECT") and "ORDER BY runs.created_at DESC" in s) as seen:
+        list_runs(Reviewer(key_id="k", tenant="plans", admin=False))
+        list_batches(api_key="k", admin=False, after=None, limit=5, tenant="plans")
+    assert len(seen) == 2
+    with session_scope() as session:
+        session.execute(text("ANALYZE runs"))
+    for statement, parameters in seen:
+        assert "ix_runs_tenant_created_at" in _generic_plan(statement, parameters), statement
+
+
+def test_a_runs_scenes_are_paged_in_custom_id_order_through_their_index(world) -> None:
+    # found in review: each page (the desk's, the scene export's) sorted every scene of the run
+    from db.scenes import run_scenes
+
+    paging = _sent(lambda s: s.lstrip().startswith("SELECT") and "FROM scenes" in s and "ORDER BY" in s)
+    with paging as seen, session_scope() as session:
+        run_scenes(session=session, run_id=uuid.uuid4(), offset=50, limit=51)
+        run_scenes(session=session, run_id=uuid.uuid4(), after=("scene-7", 12), limit=100)
+    assert len(seen) == 2
+    for statement, parameters in seen:
+        plan = _custom_plan(statement, parameters)
+        assert "ix_scenes_run_custom_id_order" in plan and "Sort" not in plan, (statement, plan)
