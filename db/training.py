@@ -25,10 +25,11 @@ class Exchange:
 
 
 def character_exchanges(
-    *, session: Session, slug: str, run_id: uuid.UUID | None = None, chunk: int = 1000
+    *, session: Session, slug: str, tenant: str, run_id: uuid.UUID | None = None, chunk: int = 1000
 ) -> Iterator[Exchange]:
-    """The character's answered free-text turns (its own voice, not the narrator's, not a structured
-    reply), oldest first, streamed."""
+    """The character's answered free-text turns in the tenant's conversations (its own voice, not the
+    narrator's, not a structured reply), oldest first, streamed. One tenant's: a prompt holds its
+    players' history, memories and names, which an adapter trained on it would speak to others."""
     query = (
         select(
             Turn.id,
@@ -46,6 +47,7 @@ def character_exchanges(
         .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .where(
             Character.slug == slug,
+            Conversation.tenant == tenant,
             Turn.status == TurnStatus.DONE,
             Turn.speaker == "character",
             Turn.prompt.is_not(None),

@@ -817,12 +817,16 @@ def lora_dataset(
         ),
     ] = None,
     validation_share: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.1,
+    tenant: Annotated[
+        str, typer.Option(help="whose conversations: an API key's tenant ('' for the CLI's own)")
+    ] = "",
 ) -> None:
-    """The character's kept replies (none below the bar) and card examples, as prompt/completion JSONL."""
+    """The character's kept replies (none below the bar) and card examples, as prompt/completion JSONL:
+    one tenant's conversations only (a prompt holds its players' history and names)."""
     from services.lora.dataset import export_dataset
 
     report = export_dataset(
-        character, out, run=run, min_persona=min_persona, validation_share=validation_share
+        character, out, run=run, min_persona=min_persona, validation_share=validation_share, tenant=tenant
     )
     _out(json.dumps(report.manifest, ensure_ascii=False, indent=2))
 

@@ -695,7 +695,9 @@ def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_n
     run_id, _, steps = build_scene_run("studio-a", ["elara", "luffy"], replies)
     with session_scope() as s:
         lines = {
-            slug: [x.turn_id for x in character_exchanges(session=s, slug=slug, run_id=run_id)]
+            slug: [
+                x.turn_id for x in character_exchanges(session=s, slug=slug, tenant="studio-a", run_id=run_id)
+            ]
             for slug in ("elara", "luffy")
         }
     assert lines == {"elara": [steps[0], steps[2]], "luffy": [steps[1]]}

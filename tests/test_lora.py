@@ -12,7 +12,7 @@ from db.turns import TurnOutcome, claim_turns, store_replies
 from db.world import upsert_character
 from services.lora.dataset import export_dataset
 from services.lora.train import IGNORE, TrainConfig, encode, train_adapter
-from services.producer import enqueue_turns
+from services.producer import enqueue_turns, submit_turns
 
 SLUG = "lora-voice"
 CARD = {
@@ -27,14 +27,18 @@ CARD = {
 
 
 def _store(
-    replies: list[tuple[str, str, dict]], slug: str = SLUG, structured: object = None, **fields: object
+    replies: list[tuple[str, str, dict]],
+    slug: str = SLUG,
+    structured: object = None,
+    tenant: str = "",
+    **fields: object,
 ) -> None:
     """Answered turns of the character, stored as a worker stores them: (prompt, reply, quality)."""
     requests = [
         {"conversation": f"lora-{uuid.uuid4().hex[:8]}", "character": slug, "message": f"Line {i}", **fields}
         for i in range(len(replies))
     ]
-    ids = enqueue_turns(requests, send=False)
+    ids = [t.id for t in submit_turns(requests, send=False, tenant=tenant)]
     vec = list(np.full(384, 0.05, dtype=np.float32))
     with session_scope() as s:
         claim = claim_turns(session=s, turn_ids=ids, lease_s=60, max_attempts=3)
@@ -115,6 +119,65 @@ def test_the_dataset_keeps_good_replies_once_adds_the_card_and_says_what_it_left
     )
     again = export_dataset(SLUG, tmp_path / "ds2", min_persona=0.3, validation_share=0.0, tokenizer=tokenizer)
     assert again.manifest["dataset_sha256"] == m["dataset_sha256"]  # stable across exports
+
+
+def test_a_training_set_holds_one_tenants_conversations(world, tokenizer, tmp_path) -> None:
+    """Found in review: the set read every tenant's conversations with the character, so their
+    players' history and names went into one adapter, served to every tenant."""
+    slug = "lora-tenants"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    good = {"below_bar": [], "persona": 0.6}
+    _store([("Our player Aldous asks.", "Steel for Aldous.", good)], slug=slug)
+    _store([("Studio player Mirela asks.", "Steel for Mirela.", good)], slug=slug, tenant="studio-b")
+    ours = export_dataset(slug, tmp_path / "ours", validation_share=0.0, tokenizer=tokenizer)
+    theirs = export_dataset(
+        slug, tmp_path / "b", validation_share=0.0, tokenizer=tokenizer, tenant="studio-b"
+    )
+
+    def completions(folder: str) -> set[str]:
+        return {
+            json.loads(line)["completion"]
+            for name in ("train.jsonl", "validation.jsonl")
+            for line in (tmp_path / folder / name).read_text(encoding="utf-8").splitlines()
+        }
+
+    assert "Steel for Aldous." in completions("ours") and "Steel for Mirela." not in completions("ours")
+    assert "Steel for Mirela." in completions("b") and "Steel for Aldous." not in completions("b")
+    assert (ours.manifest["tenant"], theirs.manifest["tenant"]) == ("", "studio-b")
+
+
+def test_a_training_set_is_written_as_it_is_read_not_held_in_memory(
+    world, tokenizer, tmp_path, monkeypatch
+) -> None:
+    """Found in review: every selected example (prompts of tens of kilobytes) was kept in memory until
+    the files were written: a character of a million answered turns took tens of GB. 300 exchanges of
+    100 KB prompts (30 MB) are exported within a few MB of memory."""
+    import tracemalloc
+
+    import services.lora.dataset as dataset
+    from db.training import Exchange
+
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+
+    def many(**_: object):
+        for i in range(300):
+            prompt = f"{i:06d}" + "x" * 100_000
+            yield Exchange(uuid.uuid4(), None, prompt, f"Reply {i}.", {"below_bar": [], "persona": 0.9})
+
+    monkeypatch.setattr(dataset, "character_exchanges", many)
+    tracemalloc.start()
+    try:
+        report = export_dataset(SLUG, tmp_path / "ds", validation_share=0.2, tokenizer=tokenizer)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.train + report.validation == 302 and report.validation > 0
+    assert peak < 5_000_000, peak
+    lines = (tmp_path / "ds" / "train.jsonl").read_bytes().count(b"\n")
+    lines += (tmp_path / "ds" / "validation.jsonl").read_bytes().count(b"\n")
+    assert lines == 302 and not list((tmp_path / "ds").glob(".*.part"))
 
 
 def test_a_card_example_opens_no_turn_and_a_structured_reply_is_no_example_of_the_voice(

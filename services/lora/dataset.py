@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.models import Character, ReviewLabel
 from db.session import session_scope
 from db.training import character_exchanges
@@ -74,11 +75,11 @@ def export_dataset(
     min_persona: float | None = None,
     validation_share: float = 0.1,
     tokenizer: Any = None,
+    tenant: str = DEFAULT_TENANT,
 ) -> DatasetReport:
-    """Write train.jsonl, validation.jsonl and manifest.json for the character; KeyError if the
-    character (or the run) does not exist, ValueError if nothing could be selected."""
-    from services.runs import require_run
-
+    """Write train.jsonl, validation.jsonl and manifest.json for the character from the tenant's
+    conversations; KeyError if the character (or the tenant's run) does not exist, ValueError if
+    nothing could be selected."""
     threshold = settings.quality_min_persona if min_persona is None else min_persona
     if tokenizer is None:
         from transformers import AutoTokenizer
@@ -86,68 +87,55 @@ def export_dataset(
         from worker.model_cache import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings))
-    left_out: Counter[str] = Counter()
-    examples: dict[str, dict[str, Any]] = {}
-    approved = 0
-    with session_scope() as session:
-        character = session.query(Character).filter(Character.slug == slug).one_or_none()
-        if character is None:
-            raise KeyError(f"no character {slug!r}")
-        run_id = require_run(session, run).id if run else None
-        for exchange in character_exchanges(session=session, slug=slug, run_id=run_id):
-            q = exchange.quality
-            # A writer's verdict on the desk replaces the gate's.
-            if exchange.label == ReviewLabel.REJECTED:
-                left_out["rejected by a writer"] += 1
-                continue
-            if exchange.label != ReviewLabel.APPROVED:
-                if exchange.edited:
-                    left_out["edited by a writer, not approved"] += 1
-                    continue
-                if q.get("below_bar"):
-                    left_out["below the bar"] += 1
-                    continue
-                if q.get("persona", -1.0) < threshold:
-                    left_out[f"persona below {threshold}"] += 1
-                    continue
-            approved += exchange.label == ReviewLabel.APPROVED
-            key = _example_hash(exchange.prompt, exchange.reply)
-            if key in examples:
-                left_out["duplicate"] += 1
-                continue
-            examples[key] = {
-                "prompt": exchange.prompt,
-                "completion": exchange.reply,
-                "source": "turn",
-                "turn_id": str(exchange.turn_id),
-                "persona": q.get("persona"),
-                "label": exchange.label,
-            }
-        stored = len(examples)
-        for prompt, completion in _card_examples(character, tokenizer):
-            key = _example_hash(prompt, completion)
-            if key in examples:
-                left_out["duplicate"] += 1
-                continue
-            examples[key] = {"prompt": prompt, "completion": completion, "source": "card example"}
-    if not examples:
-        raise ValueError(f"no exchange of {slug!r} passed the selection ({dict(left_out) or 'none stored'})")
     out_dir.mkdir(parents=True, exist_ok=True)
-    buckets: dict[str, list[str]] = {TRAIN: [], VALIDATION: []}
-    for key in sorted(examples):
-        held = int(key[:8], 16) / 0xFFFFFFFF < validation_share
-        buckets[VALIDATION if held else TRAIN].append(key)
-    if not buckets[VALIDATION] and len(buckets[TRAIN]) > 1:  # keep at least one example to validate on
-        buckets[VALIDATION].append(buckets[TRAIN].pop())
-    digest = hashlib.sha256()
-    for name, keys in buckets.items():
-        with (out_dir / name).open("w", encoding="utf-8") as out:
-            for key in keys:
-                line = json.dumps(examples[key], ensure_ascii=False) + "\n"
-                digest.update(line.encode())
-                out.write(line)
+    with _Split(out_dir, validation_share) as split:
+        left_out: Counter[str] = Counter()
+        approved = 0
+        with session_scope() as session:
+            character = session.query(Character).filter(Character.slug == slug).one_or_none()
+            if character is None:
+                raise KeyError(f"no character {slug!r}")
+            run_id = _tenants_run(session, run, tenant) if run else None
+            for exchange in character_exchanges(session=session, slug=slug, tenant=tenant, run_id=run_id):
+                q = exchange.quality
+                # A writer's verdict on the desk replaces the gate's.
+                if exchange.label == ReviewLabel.REJECTED:
+                    left_out["rejected by a writer"] += 1
+                    continue
+                if exchange.label != ReviewLabel.APPROVED:
+                    if exchange.edited:
+                        left_out["edited by a writer, not approved"] += 1
+                        continue
+                    if q.get("below_bar"):
+                        left_out["below the bar"] += 1
+                        continue
+                    if q.get("persona", -1.0) < threshold:
+                        left_out[f"persona below {threshold}"] += 1
+                        continue
+                approved += exchange.label == ReviewLabel.APPROVED
+                example = {
+                    "prompt": exchange.prompt,
+                    "completion": exchange.reply,
+                    "source": "turn",
+                    "turn_id": str(exchange.turn_id),
+                    "persona": q.get("persona"),
+                    "label": exchange.label,
+                }
+                if not split.add(_example_hash(exchange.prompt, exchange.reply), example):
+                    left_out["duplicate"] += 1
+            stored = split.written
+            for prompt, completion in _card_examples(character, tokenizer):
+                example = {"prompt": prompt, "completion": completion, "source": "card example"}
+                if not split.add(_example_hash(prompt, completion), example):
+                    left_out["duplicate"] += 1
+        if not split.written:
+            raise ValueError(
+                f"no exchange of {slug!r} passed the selection ({dict(left_out) or 'none stored'})"
+            )
+        counts, digest = split.finish()
     manifest = {
         "character": slug,
+        "tenant": tenant,
         "run": run,
         "selection": {
             "below_bar": "none",
@@ -156,13 +144,81 @@ def export_dataset(
         },
         "writer_approved": approved,
         "from_turns": stored,
-        "from_card_examples": len(examples) - stored,
+        "from_card_examples": split.written - stored,
         "left_out": dict(left_out),
-        "train": len(buckets[TRAIN]),
-        "validation": len(buckets[VALIDATION]),
-        "dataset_sha256": digest.hexdigest(),
+        "train": counts[TRAIN],
+        "validation": counts[VALIDATION],
+        "dataset_sha256": digest,
     }
     (out_dir / MANIFEST).write_text(
         json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
     )
-    return DatasetReport(out_dir, len(buckets[TRAIN]), len(buckets[VALIDATION]), manifest)
+    return DatasetReport(out_dir, counts[TRAIN], counts[VALIDATION], manifest)
+
+
+def _tenants_run(session: Any, ref: str, tenant: str) -> uuid.UUID:
+    from services.runs import require_run
+
+    found = require_run(session, ref)
+    if found.tenant != tenant:
+        raise KeyError(f"no run {ref!r} of the tenant {tenant!r}")
+    return found.id
+
+
+class _Split:
+    """The train and validation files, written as examples arrive (a character of a million answered
+    turns is never held in memory: only the hashes that drop duplicates are), each example's side
+    decided by its hash (stable across exports). Written under part names and renamed by `finish`:
+    an export that stops leaves no dataset that looks whole."""
+
+    def __init__(self, out_dir: Path, validation_share: float) -> None:
+        self.paths = {name: out_dir / name for name in (TRAIN, VALIDATION)}
+        self.parts = {name: out_dir / f".{name}.part" for name in (TRAIN, VALIDATION)}
+        self.share = validation_share
+        self.seen: set[bytes] = set()
+        self.counts = {TRAIN: 0, VALIDATION: 0}
+        self.last_train = (0, b"")  # where the last train line starts, and the line
+
+    @property
+    def written(self) -> int:
+        return self.counts[TRAIN] + self.counts[VALIDATION]
+
+    def __enter__(self) -> _Split:
+        self.files = {name: path.open("wb") for name, path in self.parts.items()}
+        return self
+
+    def add(self, key: str, example: dict[str, Any]) -> bool:
+        """Write the example to its side; False for a duplicate (nothing written)."""
+        digest = bytes.fromhex(key)
+        if digest in self.seen:
+            return False
+        self.seen.add(digest)
+        side = VALIDATION if int(key[:8], 16) / 0xFFFFFFFF < self.share else TRAIN
+        line = (json.dumps(example, ensure_ascii=False) + "\n").encode()
+        if side == TRAIN:
+            self.last_train = (self.files[TRAIN].tell(), line)
+        self.files[side].write(line)
+        self.counts[side] += 1
+        return True
+
+    def finish(self) -> tuple[dict[str, int], str]:
+        """Put the files in place; (examples on each side, sha256 of train's bytes then validation's)."""
+        if not self.counts[VALIDATION] and self.counts[TRAIN] > 1:  # keep at least one to validate on
+            offset, line = self.last_train
+            self.files[TRAIN].truncate(offset)
+            self.files[VALIDATION].write(line)
+            self.counts[TRAIN] -= 1
+            self.counts[VALIDATION] += 1
+        digest = hashlib.sha256()
+        for name in (TRAIN, VALIDATION):
+            self.files[name].close()
+            with self.parts[name].open("rb") as part:
+                while block := part.read(1 << 20):
+                    digest.update(block)
+            self.parts[name].replace(self.paths[name])
+        return dict(self.counts), digest.hexdigest()
+
+    def __exit__(self, *exc: object) -> None:
+        for name, handle in self.files.items():
+            handle.close()
+            self.parts[name].unlink(missing_ok=True)
