@@ -37,7 +37,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,6 +69,7 @@ from db.models import (
 )
 from db.retry_seeds import retried_params
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
+from db.session import session_scope
 from db.turn_leases import claimable
 
 logger = logging.getLogger(__name__)
@@ -817,25 +818,28 @@ def run_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
     )
 
 
-def iter_run_turns(*, session: Session, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
+def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
     """The run's turns in input order, streamed in chunks (bounded memory for large runs), without
     their prompt and retrieved context: an export never writes them, and they are most of a turn's
-    bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes)."""
+    bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes).
+    `session` None: each chunk is read in a transaction of its own, so an export that takes minutes
+    holds none open meanwhile (a migration's lock would wait for it)."""
     last = -1
     unread = defer(Turn.prompt, raiseload=True), defer(Turn.context, raiseload=True)
     while True:
-        rows = session.scalars(
-            select(Turn)
-            .where(Turn.run_id == run_id, Turn.number > last)
-            .order_by(Turn.number)
-            .limit(chunk)
-            .options(*unread)
-        ).all()
+        with nullcontext(session) if session is not None else session_scope() as reading:
+            rows = reading.scalars(
+                select(Turn)
+                .where(Turn.run_id == run_id, Turn.number > last)
+                .order_by(Turn.number)
+                .limit(chunk)
+                .options(*unread)
+            ).all()
+            reading.expunge_all()
         if not rows:
             return
         yield from rows
         last = rows[-1].number
-        session.expunge_all()
 
 
 @contextmanager

@@ -1002,6 +1002,64 @@ def test_a_runs_scenes_are_exported_a_page_at_a_time(services, world, tmp_path, 
     assert limits == [2, 2, 2, 2]  # three pages and the empty one after: never the whole run
 
 
+def test_an_export_holds_no_transaction_while_it_writes_and_one_that_stops_leaves_the_last_whole(
+    services, world, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a run's export held one transaction open for its whole length (minutes for a
+    large run: a migration's lock waited behind it), and an export, a scene export too, wrote over
+    the last one's files as it went, so one that stopped left them cut short."""
+    from contextlib import contextmanager
+
+    import db.runs
+    from services.runs import export as run_export
+    from services.runs import scene_export
+    from tests.desk_data import build_scene_run
+
+    run_id, _ = build_run("studio-a", _lines())
+    scene_run, _, _ = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"], scenes=3)
+    results, errors, n_ok, _ = run_export.export_run(str(run_id), tmp_path)
+    scenes, n_scenes = scene_export.export_scenes(str(scene_run), tmp_path)
+    before = results.read_bytes(), errors.read_bytes(), scenes.read_bytes()
+    assert n_ok == 2 and n_scenes == 3
+
+    open_scopes = [0]
+    real_scope = session_scope
+
+    @contextmanager
+    def counted(*args: Any, **kwargs: Any):  # type: ignore[no-untyped-def]
+        open_scopes[0] += 1
+        try:
+            with real_scope(*args, **kwargs) as session:
+                yield session
+        finally:
+            open_scopes[0] -= 1
+
+    for module in (db.runs, run_export, scene_export):
+        monkeypatch.setattr(module, "session_scope", counted, raising=False)
+    ok_line, error_line = run_export._FORMATS["native"]
+    written: list[int] = []
+
+    def writing(turn: Turn, run: Run) -> dict[str, Any]:
+        written.append(open_scopes[0])
+        if len(written) == 2:
+            raise RuntimeError("the disk filled")
+        return ok_line(turn, run)
+
+    monkeypatch.setitem(run_export._FORMATS, "native", (writing, error_line))
+    with pytest.raises(RuntimeError, match="the disk filled"):
+        run_export.export_run(str(run_id), tmp_path)
+    assert written == [0, 0]  # no transaction open while a line is written
+
+    def transcript_cut(*args: Any) -> str:
+        raise RuntimeError("the disk filled")
+
+    monkeypatch.setattr(scene_export, "jsonl_line", transcript_cut)
+    with pytest.raises(RuntimeError, match="the disk filled"):
+        scene_export.export_scenes(str(scene_run), tmp_path)
+    assert (results.read_bytes(), errors.read_bytes(), scenes.read_bytes()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([results.name, errors.name, scenes.name])
+
+
 def test_approving_a_page_of_unreviewed_lines_skips_none_of_the_next_page(
     services, world, base_url, monkeypatch
 ) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import DEFAULT_TENANT, settings
+from core.whole_files import replaced_whole
 from db.models import Character, ReviewLabel
 from db.session import session_scope
 from db.training import character_exchanges
@@ -88,7 +89,11 @@ def export_dataset(
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings))
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _Split(out_dir, validation_share) as split:
+    files = (out_dir / TRAIN, out_dir / VALIDATION, out_dir / MANIFEST)
+    with (
+        replaced_whole(*files) as (train, validation, manifest_part),
+        _Split(train, validation, validation_share) as split,
+    ):
         left_out: Counter[str] = Counter()
         approved = 0
         with session_scope() as session:
@@ -133,26 +138,24 @@ def export_dataset(
                 f"no exchange of {slug!r} passed the selection ({dict(left_out) or 'none stored'})"
             )
         counts, digest = split.finish()
-    manifest = {
-        "character": slug,
-        "tenant": tenant,
-        "run": run,
-        "selection": {
-            "below_bar": "none",
-            "min_persona": threshold,
-            "writers": "approved replies kept, rejected ones left out, whatever the gate said",
-        },
-        "writer_approved": approved,
-        "from_turns": stored,
-        "from_card_examples": split.written - stored,
-        "left_out": dict(left_out),
-        "train": counts[TRAIN],
-        "validation": counts[VALIDATION],
-        "dataset_sha256": digest,
-    }
-    (out_dir / MANIFEST).write_text(
-        json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
+        manifest = {
+            "character": slug,
+            "tenant": tenant,
+            "run": run,
+            "selection": {
+                "below_bar": "none",
+                "min_persona": threshold,
+                "writers": "approved replies kept, rejected ones left out, whatever the gate said",
+            },
+            "writer_approved": approved,
+            "from_turns": stored,
+            "from_card_examples": split.written - stored,
+            "left_out": dict(left_out),
+            "train": counts[TRAIN],
+            "validation": counts[VALIDATION],
+            "dataset_sha256": digest,
+        }
+        manifest_part.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return DatasetReport(out_dir, counts[TRAIN], counts[VALIDATION], manifest)
 
 
@@ -168,12 +171,10 @@ def _tenants_run(session: Any, ref: str, tenant: str) -> uuid.UUID:
 class _Split:
     """The train and validation files, written as examples arrive (a character of a million answered
     turns is never held in memory: only the hashes that drop duplicates are), each example's side
-    decided by its hash (stable across exports). Written under part names and renamed by `finish`:
-    an export that stops leaves no dataset that looks whole."""
+    decided by its hash (stable across exports)."""
 
-    def __init__(self, out_dir: Path, validation_share: float) -> None:
-        self.paths = {name: out_dir / name for name in (TRAIN, VALIDATION)}
-        self.parts = {name: out_dir / f".{name}.part" for name in (TRAIN, VALIDATION)}
+    def __init__(self, train: Path, validation: Path, validation_share: float) -> None:
+        self.paths = {TRAIN: train, VALIDATION: validation}
         self.share = validation_share
         self.seen: set[bytes] = set()
         self.counts = {TRAIN: 0, VALIDATION: 0}
@@ -184,7 +185,7 @@ class _Split:
         return self.counts[TRAIN] + self.counts[VALIDATION]
 
     def __enter__(self) -> _Split:
-        self.files = {name: path.open("wb") for name, path in self.parts.items()}
+        self.files = {name: path.open("wb") for name, path in self.paths.items()}
         return self
 
     def add(self, key: str, example: dict[str, Any]) -> bool:
@@ -202,7 +203,7 @@ class _Split:
         return True
 
     def finish(self) -> tuple[dict[str, int], str]:
-        """Put the files in place; (examples on each side, sha256 of train's bytes then validation's)."""
+        """Close the files; (examples on each side, sha256 of train's bytes then validation's)."""
         if not self.counts[VALIDATION] and self.counts[TRAIN] > 1:  # keep at least one to validate on
             offset, line = self.last_train
             self.files[TRAIN].truncate(offset)
@@ -212,13 +213,11 @@ class _Split:
         digest = hashlib.sha256()
         for name in (TRAIN, VALIDATION):
             self.files[name].close()
-            with self.parts[name].open("rb") as part:
+            with self.paths[name].open("rb") as part:
                 while block := part.read(1 << 20):
                     digest.update(block)
-            self.parts[name].replace(self.paths[name])
         return dict(self.counts), digest.hexdigest()
 
     def __exit__(self, *exc: object) -> None:
-        for name, handle in self.files.items():
+        for handle in self.files.values():
             handle.close()
-            self.parts[name].unlink(missing_ok=True)

@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from core.whole_files import replaced_whole
 from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import session_scope
@@ -37,18 +39,22 @@ def export_run(
     ref: str, out_dir: Path, fmt: ExportFormat = "native", *, alternatives: bool = False
 ) -> tuple[Path, Path, int, int]:
     """Write <name>.results.jsonl and <name>.errors.jsonl into out_dir; (paths, results, errors).
-    `alternatives`: native lines also carry the candidates that were not kept (best of n)."""
+    `alternatives`: native lines also carry the candidates that were not kept (best of n). Each chunk
+    of turns is read in a transaction of its own, and the two files are put in place whole at the end
+    (an export that stops leaves the earlier one as it was)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
         run = require_run(session, ref)
-        results_path = out_dir / f"{export_stem(run.name)}.results.jsonl"
-        errors_path = out_dir / f"{export_stem(run.name)}.errors.jsonl"
-        n_ok, n_err = write_outputs(session, run, results_path, errors_path, fmt, alternatives=alternatives)
+        session.expunge(run)
+    results_path = out_dir / f"{export_stem(run.name)}.results.jsonl"
+    errors_path = out_dir / f"{export_stem(run.name)}.errors.jsonl"
+    with replaced_whole(results_path, errors_path) as (results_part, errors_part):
+        n_ok, n_err = write_outputs(None, run, results_part, errors_part, fmt, alternatives=alternatives)
     return results_path, errors_path, n_ok, n_err
 
 
 def write_outputs(
-    session: Session,
+    session: Session | None,
     run: Run,
     results_path: Path,
     errors_path: Path,
@@ -56,7 +62,8 @@ def write_outputs(
     *,
     alternatives: bool = False,
 ) -> tuple[int, int]:
-    """Stream the run's finished turns into the two files; (results written, errors written)."""
+    """Stream the run's finished turns into the two files; (results written, errors written).
+    `session` None: each read in a transaction of its own."""
     ok_line, error_line = _FORMATS[fmt]
     if alternatives and fmt == "native":
         ok_line = _native_with_alternatives
@@ -70,7 +77,9 @@ def write_outputs(
                 bad.write(json.dumps(error_line(turn, run), ensure_ascii=False) + "\n")
                 n_err += 1
         refused_line = _openai_refused if fmt == "openai" else _native_refused
-        for refusal in run_refusals(session=session, run_id=run.id):
+        with nullcontext(session) if session is not None else session_scope() as reading:
+            refusals = run_refusals(session=reading, run_id=run.id)
+        for refusal in refusals:
             bad.write(json.dumps(refused_line(refusal, run), ensure_ascii=False) + "\n")
             n_err += 1
     return n_ok, n_err

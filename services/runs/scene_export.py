@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from core.whole_files import replaced_whole
 from db.scenes import run_scenes, scene_transcript
 from db.session import session_scope
 from scenes.transcript import jsonl_line, markdown, md_inline
@@ -19,23 +20,28 @@ SCENES_A_PAGE = 200
 
 
 def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[Path, int]:
-    """Write the run's scene transcripts into out_dir; (the file, how many scenes)."""
+    """Write the run's scene transcripts into out_dir; (the file, how many scenes). Each page of
+    scenes is read in a transaction of its own, and the file is put in place whole at the end."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     with session_scope() as session:
         run = require_run(session, ref)
-        run_id, path = run.id, out_dir / f"{export_stem(run.name)}.scenes.{fmt}"
-        with path.open("w", encoding="utf-8") as handle:
-            if fmt == "md":
-                handle.write(f"# {md_inline(run.name)}\n\n")
-            after: tuple[str, int] | None = None
-            while scenes := run_scenes(session=session, run_id=run_id, after=after, limit=SCENES_A_PAGE):
+        run_id, name = run.id, run.name
+    path = out_dir / f"{export_stem(name)}.scenes.{fmt}"
+    with replaced_whole(path) as (part,), part.open("w", encoding="utf-8") as handle:
+        if fmt == "md":
+            handle.write(f"# {md_inline(name)}\n\n")
+        after: tuple[str, int] | None = None
+        while True:
+            with session_scope() as session:
+                scenes = run_scenes(session=session, run_id=run_id, after=after, limit=SCENES_A_PAGE)
                 for scene in scenes:
                     lines = scene_transcript(session=session, scene_id=scene.id)
                     handle.write(
                         markdown(scene, lines) + "\n" if fmt == "md" else jsonl_line(scene, lines) + "\n"
                     )
-                written += len(scenes)
-                after = (scenes[-1].custom_id or "", scenes[-1].id)
-                session.expunge_all()
+            if not scenes:
+                break
+            written += len(scenes)
+            after = (scenes[-1].custom_id or "", scenes[-1].id)
     return path, written
