@@ -1242,9 +1242,15 @@ def answering_claim(*, session: Session, turn_id: uuid.UUID) -> tuple[bool, uuid
     return True, token if live else None
 
 
-def get_turn(*, session: Session, turn_id: uuid.UUID) -> Turn | None:
-    """The turn row, or None."""
-    return session.get(Turn, turn_id)
+def get_turn(*, session: Session, turn_id: uuid.UUID, with_prompt: bool = True) -> Turn | None:
+    """The turn row, or None; without `with_prompt`, its prompt and context left unread (None)."""
+    if with_prompt:
+        return session.get(Turn, turn_id)
+    turn = session.get(Turn, turn_id, options=[defer(Turn.prompt), defer(Turn.context)])
+    if turn is not None and "prompt" not in turn.__dict__:  # not loaded by an earlier read: say None
+        set_committed_value(turn, "prompt", None)
+        set_committed_value(turn, "context", None)
+    return turn
 
 
 def finished_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:

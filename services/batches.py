@@ -436,7 +436,7 @@ def _ts(value: datetime | None) -> int | None:
 
 def batch_object(session: Session, run: Run, counts: RunCounts | None = None) -> dict[str, Any]:
     """The run as an OpenAI Batch object (plus `model`); `counts`: its turns', counted already."""
-    counts = counts or run_counts(session=session, run_id=run.id)
+    counts = counts or run_counts(session=session, run_id=run.id, unsent=False)
     status = RunStatus(run.status)
     ended = {
         RunStatus.COMPLETED: "completed_at",
@@ -524,7 +524,7 @@ def list_batches(
             # A row comparison: the index (ix_runs_tenant_created_at) starts at the cursor.
             query = query.where(tuple_(Run.created_at, Run.id) < tuple_(cursor.created_at, cursor.id))
         rows = session.scalars(query.order_by(Run.created_at.desc(), Run.id.desc()).limit(limit + 1)).all()
-        counts = runs_counts(session=session, run_ids=[run.id for run in rows[:limit]])
+        counts = runs_counts(session=session, run_ids=[run.id for run in rows[:limit]], unsent=False)
         shown = [batch_object(session, run, counts[run.id]) for run in rows[:limit]]
         return list_object(shown, len(rows) > limit)
 

@@ -587,10 +587,12 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
     return out
 
 
-def get_turn(turn_id: uuid.UUID | str) -> TurnView | None:
-    """The turn's status, reply, usage and timings, or None if there is no such turn."""
+def get_turn(turn_id: uuid.UUID | str, *, with_prompt: bool = True) -> TurnView | None:
+    """The turn's status, reply, usage and timings, or None if there is no such turn. Without
+    `with_prompt` its prompt and retrieved context (tens of KB, stored out of line) are not read:
+    only an admin sees them, and a long poll reads the turn every second."""
     with session_scope() as session:
-        turn = read_turn(session=session, turn_id=uuid.UUID(str(turn_id)))
+        turn = read_turn(session=session, turn_id=uuid.UUID(str(turn_id)), with_prompt=with_prompt)
         return TurnView.of(turn) if turn else None
 
 

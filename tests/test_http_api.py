@@ -296,7 +296,7 @@ def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the
         PoolTimeout("QueuePool limit of size 10 overflow 0 reached, connection timed out"),
     ):
 
-        def down(turn_id, error=error):  # type: ignore[no-untyped-def]
+        def down(turn_id, error=error, **_):  # type: ignore[no-untyped-def]
             raise error
 
         monkeypatch.setattr(producer, "get_turn", down)
@@ -310,7 +310,9 @@ def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the
 
     deadlock = psycopg.errors.DeadlockDetected("deadlock detected")
     monkeypatch.setattr(
-        producer, "get_turn", lambda turn_id: (_ for _ in ()).throw(OperationalError("UPDATE", {}, deadlock))
+        producer,
+        "get_turn",
+        lambda turn_id, **_: (_ for _ in ()).throw(OperationalError("UPDATE", {}, deadlock)),
     )
     r = httpx.get(f"{base_url}/v1/turns/{uuid.uuid4()}", headers=KEY)
     assert r.status_code == 503 and r.headers["retry-after"] == "5"

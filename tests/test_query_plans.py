@@ -408,3 +408,44 @@ def test_a_runs_scenes_are_paged_in_custom_id_order_through_their_index(world) -
     for statement, parameters in seen:
         plan = _custom_plan(statement, parameters)
         assert "ix_scenes_run_custom_id_order" in plan and "Sort" not in plan, (statement, plan)
+
+
+def test_a_turn_read_by_an_ingest_key_does_not_read_its_prompt_or_context(world) -> None:
+    # found in review: every read (a long poll's once a second) read the prompt and retrieved context,
+    # tens of KB stored out of line, for a caller who is never shown them
+    from api.deps import Caller
+    from api.routes.turns import visible_turn
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Read me."}], send=False)
+
+    def reads():  # type: ignore[no-untyped-def]
+        return _sent(lambda s: s.lstrip().startswith("SELECT") and "FROM turns" in s)
+
+    with reads() as seen:
+        ingest = visible_turn(turn_id, Caller("k", frozenset({"ingest"}), ""))
+    assert seen and not any("turns.prompt" in s or "turns.context" in s for s, _ in seen)
+    assert ingest.id == turn_id and ingest.prompt is None and ingest.context is None
+    with reads() as seen:
+        admin = visible_turn(turn_id, Caller("a", frozenset({"admin"}), ""))
+    assert any("turns.prompt" in s for s, _ in seen) and admin.id == turn_id
+
+
+def test_a_batch_is_counted_from_the_index_of_turns_by_run_and_status_alone(world) -> None:
+    # found in review: the count asked which queued turns were sent, in the row only: every poll of a
+    # batch (its GET, each page of the list) read every row of its turns, a million-line batch's too
+    from services.batches import get_batch, list_batches
+    from tests.desk_data import Spec, quality, queue_run
+
+    key, tenant = "plans-key", f"plans-{uuid.uuid4().hex[:6]}"
+    name = f"batch_{uuid.uuid4().hex}"
+    queue_run(tenant, [Spec("Count me.", "Counted.", quality(0.5))], name, batch_key=key)
+    with session_scope() as session:  # the planner's choice on the table as it is
+        session.execute(text("ANALYZE turns"))
+    counting = _sent(lambda s: "count(" in s and "FROM turns" in s)
+    with counting as seen:
+        get_batch(name, api_key=key, admin=False, tenant=tenant)
+        list_batches(api_key=key, admin=False, after=None, limit=5, tenant=tenant)
+    assert len(seen) == 2
+    for statement, parameters in seen:
+        plan = _custom_plan(statement, parameters)
+        assert "Index Only Scan using ix_turns_run_status_id" in plan, (statement, plan)

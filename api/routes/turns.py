@@ -51,7 +51,7 @@ def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
     """The turn as this caller may see it: every turn for admin, its tenant's turns (without the
     prompt and its manifest) for an ingest key, as idempotency keys are the tenant's; 404 for
     anything else, so ids reveal nothing."""
-    view = producer.get_turn(turn_id)
+    view = producer.get_turn(turn_id, with_prompt=who.admin)
     if view is None or not (who.admin or view.tenant == who.tenant):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
     return view if who.admin else view.model_copy(update={"prompt": None, "context": None})
