@@ -292,6 +292,8 @@ class Settings(BaseSettings):
     # Character cards (HTTP upload, CLI): the whole file, and the card text inside a PNG once inflated.
     card_max_bytes: int = Field(default=8_000_000, ge=1024)
     card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
+    # A chat log `mlchat history import` reads (whole: its import is all or nothing).
+    history_max_bytes: int = Field(default=100_000_000, ge=1024)
     # The ingest's /metrics needs an admin key unless this is set (a scraper on a private network).
     api_metrics_public: bool = False
     # Jobs a request starts after its answer (a batch's submission, its output files) run on threads

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tempfile
@@ -393,10 +394,24 @@ def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or na
 # --- turns, cards, stories -------------------------------------------------------------------
 
 
+def _read_capped(path: Path, limit: int, setting: str) -> bytes:
+    """A file read whole, or Refused: not a regular file (a device or a pipe never ends), or longer
+    than `limit` bytes, named by its setting."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        raise Refused(f"{path}: not a regular file; nothing stored")
+    with path.open("rb") as handle:
+        raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise Refused(f"{path}: longer than {setting} ({limit:,} bytes); nothing stored")
+    return raw
+
+
 def _read_json(path: Path) -> object:
-    """A JSON file, or Refused naming the file and the line."""
+    """A JSON file of at most MLCHAT_API_MAX_BODY_BYTES (as the same request over HTTP), or Refused
+    naming the file and the line."""
+    raw = _read_capped(path, settings.api_max_body_bytes, "MLCHAT_API_MAX_BODY_BYTES")
     try:
-        return json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))  # a Windows editor's BOM
+        return json.loads(raw.decode("utf-8").removeprefix("\ufeff"))  # a Windows editor's BOM
     except UnicodeDecodeError as exc:
         raise Refused(f"{path}: not UTF-8 text (byte {exc.start}); nothing stored") from None
     except json.JSONDecodeError as exc:
@@ -600,7 +615,11 @@ def card_export(
     """Export a character as a card (the imported card as it was, unknown fields included)."""
     from services.characters import export_card
 
-    data = export_card(slug, "png" if out.suffix == ".png" else "json", image.read_bytes() if image else None)
+    data = export_card(
+        slug,
+        "png" if out.suffix == ".png" else "json",
+        _read_capped(image, settings.card_max_bytes, "MLCHAT_CARD_MAX_BYTES") if image else None,
+    )
     out.write_bytes(data)
     _out(f"wrote {out} ({len(data)} bytes)")
 
@@ -751,7 +770,7 @@ def history_import(
     from memory.history_import import HistoryRefused, import_history
 
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = _read_capped(path, settings.history_max_bytes, "MLCHAT_HISTORY_MAX_BYTES").decode("utf-8")
     except UnicodeDecodeError as exc:
         raise Refused(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:

@@ -592,6 +592,33 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         assert names in err and "Traceback" not in err, (argv, err)
 
 
+def test_a_cli_file_that_never_ends_or_is_too_long_is_one_line_naming_the_file(
+    world, tmp_path, capsys, monkeypatch
+) -> None:
+    """Found in review: a file read whole (a chat log to import, an inline request's persona) had no
+    bound: /dev/zero or a log of gigabytes ended in a MemoryError traceback or the OOM killer; a run
+    file that is a device was copied until the temporary folder filled."""
+    from core.settings import settings
+    from scripts.cli import main as cli
+
+    monkeypatch.setattr(settings, "history_max_bytes", 2048)
+    long_log = tmp_path / "long.jsonl"
+    long_log.write_text(json.dumps({"name": "Rowan", "is_user": True, "mes": "x" * 3000}) + "\n")
+    persona = tmp_path / "persona.json"
+    persona.write_text(json.dumps({"name": "Big", "description": "x" * (settings.api_max_body_bytes + 10)}))
+    history = ["history", "import", "--conversation", f"never-{tmp_path.name}", "--character", "elara"]
+    cases = [
+        ([*history, "/dev/zero"], "/dev/zero: not a regular file"),
+        ([*history, str(long_log)], "longer than MLCHAT_HISTORY_MAX_BYTES (2,048 bytes)"),
+        (["chat", "--message", "hi", "--persona", str(persona)], "longer than MLCHAT_API_MAX_BODY_BYTES"),
+        (["run", "submit", "/dev/zero", "--name", f"zero-{tmp_path.name}"], "/dev/zero: not a regular file"),
+    ]
+    for argv, names in cases:
+        assert cli(argv) in (1, 2), argv
+        err = capsys.readouterr().err
+        assert names in err and "Traceback" not in err and err.strip().count("\n") == 0, (argv, err)
+
+
 def test_a_server_that_fails_to_start_or_stop_is_one_cli_line_not_a_traceback(monkeypatch, capsys) -> None:
     """Found in review: `pg_ctl` or `redis-server` failing (CalledProcessError, TimeoutExpired) and
     psycopg's own errors (the embedded server's set-up) escaped main() as tracebacks."""

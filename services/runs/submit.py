@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -157,8 +158,18 @@ def _private_copy(path: Path) -> Iterator[Path]:
     """A copy of the file no one else writes, under the same name (its stem names a run): the file
     is read several times (its format, its validation, its storing), and a line edited between
     those readings would be stored unchecked."""
-    with tempfile.TemporaryDirectory(prefix="mlchat-submit-") as folder:
-        copy = Path(folder) / path.name
+    found = path.stat()
+    size = found.st_size
+    if not stat.S_ISREG(found.st_mode):  # a device or a pipe: never ends, or reads once
+        raise ValueError(f"{path}: not a regular file")
+    folder = Path(tempfile.gettempdir())
+    if shutil.disk_usage(folder).free < size + (64 << 20):
+        raise ValueError(
+            f"{path}: no room for its copy in {folder} ({size:,} bytes and 64 MB to spare);"
+            " point TMPDIR at a folder with room"
+        )
+    with tempfile.TemporaryDirectory(prefix="mlchat-submit-") as private:
+        copy = Path(private) / path.name
         shutil.copyfile(path, copy)
         yield copy
 
