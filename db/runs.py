@@ -113,7 +113,8 @@ def create_run(
     """create: a run in `validating`, or the existing one of that name; (run, created).
 
     An existing run of another file is replaced only while it holds no turns and is not live
-    (its validation failed, or its submission died before storing a line); otherwise RunConflict.
+    (its validation failed, its submission died before storing a line, or every line of its file
+    was skipped or refused); otherwise RunConflict.
     The caller holds the name's submission lock. `fields`: the run's other columns (format, options,
     metadata, window, files, callback), set on creation, on a replacement, and on a run of the same
     file that holds no turns yet (a submission that failed validation, sent again with other options).
@@ -136,6 +137,8 @@ def create_run(
     if run_id is not None:
         return session.get_one(Run, run_id), True
     run = session.scalars(select(Run).where(Run.name == name)).one()
+    if _reopen_empty(session=session, run_id=run.id):
+        session.refresh(run)
     if run.file_hash == file_hash:
         if fields:  # a run that stored no line yet takes this submission's options and columns
             session.execute(
@@ -174,6 +177,24 @@ def create_run(
         )
     session.refresh(run)
     return run, True
+
+
+def _reopen_empty(*, session: Session, run_id: uuid.UUID) -> bool:
+    """reopen_empty: a run that completed holding no turn (every line of its file skipped or refused)
+    goes back to validating, to take its file again (with other options) or another one; not a
+    batch's, whose output a client may have read. False if the run is no such one."""
+    reopened = session.scalar(
+        update(Run)
+        .where(
+            Run.id == run_id,
+            Run.status == RunStatus.COMPLETED,
+            Run.input_file_id.is_(None),
+            ~exists().where(Turn.run_id == Run.id),
+        )
+        .values(status=RunStatus.VALIDATING, finished_at=None, refused=None, line_errors=None, error=None)
+        .returning(Run.id)
+    )
+    return reopened is not None
 
 
 def resume_submission(

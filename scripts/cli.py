@@ -213,6 +213,13 @@ def _print_submitted(sub: object) -> None:
     assert isinstance(sub, SubmittedRun)
     for err in sub.skipped_lines:
         _err(f"skipped line {err.line}: {err.reason}")
+    for refusal in sub.refused:
+        _err(f"refused line {refusal['line']}: {refusal['message']}")
+    if sub.lines_to_answer == 0:
+        raise Refused(
+            f"run {sub.name}: no line stored (each was skipped or refused); submit the file again, "
+            "mended or with other options, under the same name"
+        )
     if sub.stored or sub.sent or sub.created:
         _out(f"{sub.id}")
         _err(f"run {sub.name}: {sub.stored} lines stored, {sub.sent} turns sent; status {sub.status.value}")

@@ -85,6 +85,36 @@ def test_a_run_whose_every_line_was_skipped_completes_at_once(quiet_model, tmp_p
     assert skipped.status == RunStatus.COMPLETED and len(skipped.skipped_lines) == 2
 
 
+def test_a_cli_run_whose_every_line_is_refused_says_so_and_takes_its_file_again(
+    quiet_model, tmp_path, capsys
+) -> None:
+    """Found in review: an OpenAI file whose lines name no character (a model's name instead) was
+    refused line by line, silently: the run completed empty, exit 0; the same file again with
+    `--character` was "already submitted", and a mended one a conflict with turns it never held."""
+    from scripts.cli import main as cli
+
+    path = tmp_path / "openai.jsonl"
+    lines = [
+        {
+            "custom_id": f"r{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"Hello {i}."}]},
+        }
+        for i in range(2)
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    name = "all-refused-" + tmp_path.name
+    assert cli(["run", "submit", str(path), "--name", name]) == 2
+    err = capsys.readouterr().err
+    assert "refused line 1: " in err and "refused line 2: " in err and "no line stored" in err
+    assert run_state(name).counts.total == 0
+    assert cli(["run", "submit", str(path), "--name", name, "--character", "elara"]) == 0
+    err = capsys.readouterr().err
+    assert "2 lines stored, 2 turns sent" in err and "refused line" not in err
+    assert run_state(name).counts.total == 2
+
+
 def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(runs.submit, "CHUNK", 10)
     path = _file(tmp_path, 60)

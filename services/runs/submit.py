@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -89,6 +89,8 @@ class SubmittedRun:
     sent: int  # turns sent by this call
     skipped_lines: list[LineError]
     status: RunStatus
+    refused: list[dict[str, Any]] = field(default_factory=list)  # lines refused by policy (their records)
+    lines_to_answer: int | None = None  # the file's lines neither skipped nor refused (None: not read)
 
     @property
     def enqueued(self) -> int:
@@ -256,7 +258,8 @@ def _submit(
             # before their run (as every claim finishing one does): together they could deadlock.
             with session_scope() as session:
                 status = cancel_run(session=session, run_id=run_id).after
-        return SubmittedRun(run_id, name, created, stored, sent, check.errors, status)
+        refused = [r.record() for r in check.refused]
+        return SubmittedRun(run_id, name, created, stored, sent, check.errors, status, refused, check.good)
 
 
 def _stored_options(name: str) -> tuple[LineOptions | None, bool]:
