@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-from sqlalchemy import case, delete, select, text, update
+from sqlalchemy import case, delete, func, literal, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -211,7 +212,7 @@ WITH q AS (
          AS t(idx, conversation_id, vec)
 )
 SELECT q.idx, f.id, f.kind, f.subject, f.text, f.source, f.scope, f.importance, f.age_s, f.distance,
-       f.about_player, f.about_other_player
+       f.about_player, f.about_other_player, q.same_space
 FROM q JOIN conversations c ON c.id = q.conversation_id
 CROSS JOIN LATERAL (
     SELECT id, kind, text, source, scope, importance,
@@ -228,7 +229,7 @@ CROSS JOIN LATERAL (
         OR (f.scope = 'met' AND c.player_id <> '' AND f.player_id = c.player_id)
         OR (f.scope = 'story' AND f.scope_ref = c.story)
     )
-    ORDER BY distance NULLS LAST, importance DESC, created_at DESC LIMIT :pool
+    ORDER BY distance NULLS LAST, importance DESC, created_at DESC, id DESC LIMIT :pool
 ) f
 """.replace("SAME_SPACE", SAME_SPACE_SQL)
 )
@@ -257,7 +258,7 @@ def facts_for_turns(
             "pool": max(pool, k),
         },
     )
-    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, ours, others in rows:
+    for idx, fid, kind, subject, body, source, scope, importance, age_s, distance, ours, others, same in rows:
         hits[idx].append(
             FactHit(
                 id=fid,
@@ -267,13 +268,14 @@ def facts_for_turns(
                 source=source,
                 scope=scope,
                 importance=float(importance),
-                relevance=_relevance(distance),
+                relevance=_relevance(distance, same_space=bool(same)),
                 recency=math.pow(0.5, max(float(age_s), 0.0) / half_life_s),
                 about_player=bool(ours),
                 about_other_player=bool(others),
             )
         )
-    return [sorted(h, key=lambda x: -x.score)[:k] for h in hits]
+    # Ties (facts written together, the same importance) broken by id: a retry packs the same facts.
+    return [sorted(h, key=lambda x: (-x.score, -x.id))[:k] for h in hits]
 
 
 # A fact's relevance when no similarity could be computed (a process of another embedder): the same
@@ -281,14 +283,22 @@ def facts_for_turns(
 NO_SIMILARITY = 0.5
 
 
-def _relevance(distance: float | None) -> float:
+def _relevance(distance: float | None, *, same_space: bool) -> float:
     """The cosine similarity to the player's message, below zero as zero. Not (1 + cos) / 2: an
     unrelated line is about 0 to 0.15 of cosine with a sentence embedder, which that mapping made
     0.5 to 0.57, so relevance moved a score less than 2x while importance moves it 10x, and six
-    important facts on other matters pushed out the one that answered the question."""
+    important facts on other matters pushed out the one that answered the question. A fact with no
+    vector where the others are compared (stored while a reembed's swap moved the space, until
+    `mlchat reembed --missing`) is as unrelated, not NO_SIMILARITY: that would outrank the answers."""
     if distance is None:
-        return NO_SIMILARITY
+        return 0.0 if same_space else NO_SIMILARITY
     return max(1.0 - float(distance), 0.0)
+
+
+def _folded(subject: Any) -> Any:
+    """A subject in lower case with its runs of whitespace as one space, folded by the database on
+    both sides of a comparison (its lower() and Python's differ past ASCII)."""
+    return func.lower(func.regexp_replace(subject, r"\s+", " ", "g"))
 
 
 def closest_fact(
@@ -300,8 +310,9 @@ def closest_fact(
     subject: str,
     vector: np.ndarray,
 ) -> tuple[Fact, float] | None:
-    """The current fact of this scope, scope ref and subject closest to `vector`, with its cosine
-    similarity (facts of another scope reach other NPCs or players: never compared)."""
+    """The current fact of this scope, scope ref and subject (in any case and spacing) closest to
+    `vector`, with its cosine similarity (facts of another scope reach other NPCs or players: never
+    compared)."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
     row = session.execute(
@@ -310,7 +321,9 @@ def closest_fact(
             Fact.tenant == tenant,
             Fact.scope == scope,
             Fact.scope_ref == scope_ref,
-            Fact.subject == subject,
+            # One subject in any case or spacing ("Rowan", "rowan ", "ROWAN"): a model names it
+            # differently from one answer to the next.
+            _folded(Fact.subject) == _folded(literal(subject)),
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),
             text(SAME_SPACE_SQL),

@@ -10,7 +10,7 @@ from sqlalchemy import exists, select, update
 
 from core.paging import cut
 from core.settings import DEFAULT_TENANT, settings
-from db.models import Conversation, Message, Scene, Turn
+from db.models import Conversation, Fact, FactScope, Message, Scene, Turn
 from db.scenes import (
     NewScene,
     NewStep,
@@ -93,9 +93,13 @@ def _create_group(
     row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
     conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
     # Lines imported into it count as its own (history import, the original service's shape): its
-    # player and character would otherwise stay the stored ones, past the name-clash check.
+    # player and character would otherwise stay the stored ones, past the name-clash check. So does a
+    # fact of its own scope: what its one NPC knows of its player, which every member would then know.
     has_turns = exists().where(Turn.conversation_id == conv_id)
-    holds = session.scalar(select(has_turns | exists().where(Message.conversation_id == conv_id)))
+    has_facts = exists().where(
+        Fact.tenant == tenant, Fact.scope == FactScope.CONVERSATION, Fact.scope_ref == str(conv_id)
+    )
+    holds = session.scalar(select(has_turns | has_facts | exists().where(Message.conversation_id == conv_id)))
     has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))
     if holds and has_scene is None:
         raise SceneRefused(f"conversation: {spec.conversation!r} is a one-character conversation already")

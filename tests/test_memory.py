@@ -665,6 +665,38 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts("not json") is None
 
 
+def test_an_extracted_facts_subject_is_compared_in_any_case_and_spacing() -> None:
+    """Found in review: only a subject written exactly alike was compared, so "rowan" or "Rowan  the
+    player" after "Rowan" stacked a copy beside the fact, and contradictions never superseded."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+
+    def said(subject: str, text: str) -> list[ExtractedFact]:
+        body = {"facts": [{"subject": subject, "kind": "player", "text": text, "importance": 8}]}
+        parsed = parse_facts(json.dumps(body))
+        assert parsed is not None
+        return parsed
+
+    counts = []
+    for subject, text in (
+        ("Rowan the player", "Rowan has a sister called Mira."),
+        ("rowan  THE player", "Rowan has a sister called Mira."),
+        ("ROWAN the Player", "Rowan has no sister; Mira is his cousin."),
+    ):
+        with session_scope() as s:
+            conv = s.get_one(Conversation, conv_id)
+            counts.append(
+                store_extracted(
+                    session=s, conversation=conv, facts=said(subject, text), source="t", lines=(1, 1)
+                )
+            )
+    assert counts == [
+        {"added": 1, "duplicate": 0, "superseded": 0},
+        {"added": 0, "duplicate": 1, "superseded": 0},
+        {"added": 0, "duplicate": 0, "superseded": 1},
+    ]
+
+
 def _extracted(conv_id: int, player: str, texts: list[str]) -> list[int]:
     """Facts an earlier extraction stored in the conversation's scope, about Rowan; their ids."""
     vectors = embed([f"Rowan: {t}" for t in texts])

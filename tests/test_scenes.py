@@ -1967,18 +1967,38 @@ def test_a_group_is_not_started_on_a_conversation_holding_imported_lines(world) 
     """Found in review: only turns made a conversation one-character; one holding imported lines and
     no turn became a group keeping its stored player name ("Elara", past the name-clash check) and
     its character as the lead, a non-member."""
-    from db.models import Message, Role
+    from db.facts import NewFact, add_facts
+    from db.models import FactKind, FactScope, Message, Role
     from db.world import find_characters, upsert_conversations
     from services.scenes import SceneRefused
 
-    imported, empty = f"tavern-{uuid.uuid4().hex[:8]}", f"tavern-{uuid.uuid4().hex[:8]}"
+    imported, empty, told = (f"tavern-{uuid.uuid4().hex[:8]}" for _ in range(3))
     with session_scope() as s:
         haneul = find_characters(session=s, slugs=["haneul"])["haneul"]
-        rows = [{"external_id": c, "character_id": haneul, "player_name": "Elara"} for c in (imported, empty)]
+        rows = [
+            {"external_id": c, "character_id": haneul, "player_name": "Elara"}
+            for c in (imported, empty, told)
+        ]
         convs = upsert_conversations(session=s, rows=rows)
         s.add(Message(conversation_id=convs[imported][0], seq=1, role=Role.USER, content="An old line."))
-    with pytest.raises(SceneRefused, match="^conversation: .* one-character conversation already"):
-        _group(conversation=imported)
+        # found in review: a conversation holding no line but a fact of its own (what its one NPC
+        # knows of its player) became a group, and that fact reached every member's prompt
+        secret = NewFact(
+            tenant="",
+            kind=FactKind.PLAYER,
+            subject="Elara",
+            text="Elara told Haneul where the key is hidden.",
+            source="game",
+            importance=0.9,
+            scope=FactScope.CONVERSATION,
+            scope_ref=str(convs[told][0]),
+            player_id="",
+            embedding=None,
+        )
+        add_facts(session=s, facts=[secret])
+    for held in (imported, told):
+        with pytest.raises(SceneRefused, match="^conversation: .* one-character conversation already"):
+            _group(conversation=held)
     _group(conversation=empty)  # stored empty: it becomes the group's, with the group's lead and player
     with session_scope() as s:
         stored = s.scalars(select(Conversation).where(Conversation.external_id == empty)).one()

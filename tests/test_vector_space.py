@@ -209,6 +209,33 @@ def test_facts_reach_a_process_of_another_embedder_without_relevance(recorded: s
     assert other_fact.relevance == 0.5  # no similarity: the fact still reaches the prompt
 
 
+def test_a_fact_without_a_vector_is_not_ranked_above_the_facts_that_answer(recorded: str) -> None:
+    """Found in review: a fact stored without a vector (written while a reembed's swap moved the
+    space) was given the relevance of "no similarity could be computed", 0.5, in a process that
+    compares every other fact: it outranked the facts that answer the question."""
+    from dataclasses import replace
+
+    tenant = f"space-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        external = f"space-{uuid.uuid4().hex[:8]}"
+        elara = find_characters(session=s, slugs=["elara"])["elara"]
+        row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": elara}
+        conv = upsert_conversations(session=s, rows=[row], tenant=tenant)[external][0]
+        answers = replace(_fact(conv, "Rowan fears wolves."), tenant=tenant)
+        unembedded = replace(_fact(conv, "Rowan keeps a grey cat."), tenant=tenant, embedding=None)
+        add_facts(session=s, facts=[answers, unembedded])
+    question = embed(["What am I afraid of?"])[0]
+    with as_embedder(recorded) as s:
+        (hits,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=4, half_life_s=3600
+        )
+    assert [(f.text, f.relevance > 0.2) for f in hits] == [
+        ("Rowan fears wolves.", True),
+        ("Rowan keeps a grey cat.", False),
+    ]
+    assert hits[1].relevance == 0.0
+
+
 def test_another_embedder_is_refused_naming_the_setting(recorded: str) -> None:
     with session_scope() as s, pytest.raises(EmbedderMismatch, match=r"MLCHAT_EMBEDDER='another-model' but"):
         record_or_check(session=s, embedder="another-model", fingerprint=fingerprint())
@@ -771,3 +798,27 @@ def test_an_embedder_that_cannot_load_here_is_refused_in_one_line_naming_the_set
         get_embedder.__wrapped__()  # the process's own embedder stays loaded
     assert isinstance(refused.value, EmbedderUnavailable)
     assert "MLCHAT_EMBEDDER" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_facts_tied_in_score_are_packed_newest_id_first_on_every_retry(recorded: str) -> None:
+    """Found in review: facts written in one call share their time and often their importance; with
+    no similarity to tell them apart (a process of another embedder) their order was the rows'
+    physical order, which a rewrite of the table moves: a retry of a turn could pack other facts."""
+    from dataclasses import replace
+
+    tenant = f"ties-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        external = f"ties-{uuid.uuid4().hex[:8]}"
+        elara = find_characters(session=s, slugs=["elara"])["elara"]
+        row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": elara}
+        conv = upsert_conversations(session=s, rows=[row], tenant=tenant)[external][0]
+        said = [f"Rowan owns lantern number {i}." for i in range(6)]
+        ids = [
+            r.id for r in add_facts(session=s, facts=[replace(_fact(conv, t), tenant=tenant) for t in said])
+        ]
+    question = embed(["What do I own?"])[0]
+    with as_embedder("another-model") as s:
+        (hits,) = facts_for_turns(
+            session=s, conversation_ids=[conv], vectors=[question], k=3, half_life_s=3600
+        )
+    assert [f.id for f in hits] == sorted(ids, reverse=True)[:3]
