@@ -83,7 +83,11 @@ def save_character_if_changed(
     return int(same[0]), int(same[1]), False
 
 
-def upsert_conversation(
+class ConversationTaken(ValueError):
+    """The conversation exists with another character or player: its message names the field."""
+
+
+def add_conversation(
     *,
     session: Session,
     external_id: str,
@@ -94,7 +98,10 @@ def upsert_conversation(
     story_time: int | None = None,
     tenant: str = DEFAULT_TENANT,
 ) -> int:
-    """Insert or update a conversation by the tenant's external id; returns its id."""
+    """The conversation of the tenant's external id, inserted with these values; or the stored one,
+    when it is this character's with this player: its story then moves to this one as a turn's does
+    (set_conversation_story: not while a turn of it is unanswered, StoryBusy). ConversationTaken
+    when it is another character's or player's: its lines, facts and queued turns are theirs."""
     values = dict(
         character_id=character_id,
         player_id=player_id,
@@ -102,11 +109,30 @@ def upsert_conversation(
         story=story,
         story_time=story_time,
     )
-    stmt = insert(Conversation).values(tenant=tenant, external_id=external_id, **values)
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[Conversation.tenant, Conversation.external_id], set_=values
+    inserted = session.scalar(
+        insert(Conversation)
+        .values(tenant=tenant, external_id=external_id, **values)
+        .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+        .returning(Conversation.id)
     )
-    return int(session.execute(stmt.returning(Conversation.id)).scalar_one())
+    if inserted is not None:
+        return int(inserted)
+    stored = session.execute(
+        select(Conversation.id, Conversation.character_id, Conversation.player_id).where(
+            Conversation.tenant == tenant, Conversation.external_id == external_id
+        )
+    ).one()
+    if stored.character_id != character_id:
+        raise ConversationTaken(f"character: conversation {external_id!r} is another character's")
+    if stored.player_id != player_id:
+        raise ConversationTaken(f"player_id: conversation {external_id!r} is another player's")
+    if story is not None and not set_conversation_story(
+        session=session, conversation_id=stored.id, story=story, story_time=story_time
+    ):
+        raise StoryBusy(
+            f"story: conversation {external_id!r} has a turn unanswered; its story moves after it"
+        )
+    return int(stored.id)
 
 
 def upsert_story_events(*, session: Session, events: Sequence[dict[str, Any]], embeddings: np.ndarray) -> int:

@@ -7,13 +7,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
 
 from core.settings import PROJECT_ROOT
 from core.validation import first_error
 from db.session import session_scope
-from db.world import append_history_if_empty, upsert_character, upsert_conversation, upsert_story_events
+from db.world import (
+    ConversationTaken,
+    StoryBusy,
+    add_conversation,
+    append_history_if_empty,
+    upsert_character,
+    upsert_story_events,
+)
 from roleplay.lorebook import Lorebook
+from services.characters import INLINE_PREFIX, SLUG_PATTERN
+from services.schemas import Text
 from worker.embedder import embed
 
 DATA_DIR = PROJECT_ROOT / "data"
@@ -28,38 +37,46 @@ class _Open(BaseModel):
 
 
 class _Character(_Open):
-    # The columns' own types and limits (NOT NULL ones may be left out, not given as null).
-    slug: str = Field(min_length=1, max_length=64)
-    name: str = Field(min_length=1, max_length=200)
-    description: str = ""
-    personality: str = ""
-    scenario: str = ""
-    first_message: str = ""
-    speech_style: str = ""
-    system_prompt: str = ""
-    post_history_instructions: str = ""
-    language: str = Field(default="", max_length=16)
-    example_dialogues: list[dict[str, str]] = []
+    # The columns' own types and limits (NOT NULL ones may be left out, not given as null), and the
+    # checks every other way in makes: a slug as cards get one, text that can be stored.
+    slug: str = Field(min_length=1, max_length=64, pattern=SLUG_PATTERN)
+    name: Text = Field(min_length=1, max_length=200)
+    description: Text = ""
+    personality: Text = ""
+    scenario: Text = ""
+    first_message: Text = ""
+    speech_style: Text = ""
+    system_prompt: Text = ""
+    post_history_instructions: Text = ""
+    language: Text = Field(default="", max_length=16)
+    example_dialogues: list[dict[str, Text]] = []
+
+    @field_validator("slug")
+    @classmethod
+    def _not_inline(cls, slug: str) -> str:
+        if slug.startswith(INLINE_PREFIX):
+            raise ValueError(f"slugs starting with {INLINE_PREFIX!r} are kept for inline requests")
+        return slug
 
 
 INT4 = {"ge": -(2**31), "le": 2**31 - 1}
 
 
 class _Event(_Open):
-    story: str = Field(min_length=1, max_length=100)
+    story: Text = Field(min_length=1, max_length=100)
     ordinal: int = Field(ge=1, le=2**31 - 1)
-    text: str = Field(min_length=1)
-    scene: str = Field(default="", max_length=200)
+    text: Text = Field(min_length=1)
+    scene: Text = Field(default="", max_length=200)
     time: int = Field(default=0, **INT4)
 
 
 class _Conversation(_Open):
-    external_id: str = Field(min_length=1, max_length=200)
+    external_id: Text = Field(min_length=1, max_length=200)
     character: str
-    history: list[tuple[Literal["user", "assistant"], str]] = []
-    player_id: str = Field(default="", max_length=200)
-    player_name: str = Field(default="", max_length=200)
-    story: str | None = Field(default=None, max_length=100)
+    history: list[tuple[Literal["user", "assistant"], Text]] = []
+    player_id: Text = Field(default="", max_length=200)
+    player_name: Text = Field(default="", max_length=200)
+    story: Text | None = Field(default=None, max_length=100)
     story_time: int | None = Field(default=None, **INT4)
 
 
@@ -110,22 +127,26 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
     history = [[(role, text) for role, text in c.get("history", [])] for c in conversations]
     history_vectors = embed([text for lines in history for _, text in lines])
     added = 0
+    conversations_file = data_dir / "conversations.json"
     with session_scope() as session:
         char_ids = {
             c["slug"]: upsert_character(session=session, slug=c["slug"], fields=c) for c in characters
         }
         upsert_story_events(session=session, events=events, embeddings=event_vectors)
         offset = 0
-        for conv, lines in zip(conversations, history, strict=True):
-            conv_id = upsert_conversation(
-                session=session,
-                external_id=conv["external_id"],
-                character_id=char_ids[conv["character"]],
-                player_id=conv.get("player_id", ""),
-                player_name=conv.get("player_name", ""),
-                story=conv.get("story"),
-                story_time=conv.get("story_time"),
-            )
+        for i, (conv, lines) in enumerate(zip(conversations, history, strict=True)):
+            try:
+                conv_id = add_conversation(
+                    session=session,
+                    external_id=conv["external_id"],
+                    character_id=char_ids[conv["character"]],
+                    player_id=conv.get("player_id", ""),
+                    player_name=conv.get("player_name", ""),
+                    story=conv.get("story"),
+                    story_time=conv.get("story_time"),
+                )
+            except (ConversationTaken, StoryBusy) as exc:  # the transaction rolls back: nothing stored
+                raise SeedError(f"{conversations_file}: item[{i}].{exc}; nothing stored") from None
             added += append_history_if_empty(
                 session=session,
                 conversation_id=conv_id,

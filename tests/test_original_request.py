@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text, update
 from db.history import append_lines
 from db.models import Character, Conversation, Message, Role, StoryEvent, Turn, TurnStatus
 from db.session import session_scope
-from db.world import save_character_if_changed, upsert_conversation
+from db.world import add_conversation, save_character_if_changed
 from roleplay.cards import CardError
 from scripts.cli import _store_original
 from scripts.cli import main as cli
@@ -399,7 +399,7 @@ def test_a_refusal_after_the_files_are_read_stores_none_of_them() -> None:
     name, conversation = f"bad-{uuid.uuid4().hex[:8]}", f"elaras-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:  # another character's conversation, found only inside the transaction
         elara = s.scalar(select(Character.id).where(Character.slug == "elara"))
-        upsert_conversation(session=s, external_id=conversation, character_id=elara)
+        add_conversation(session=s, external_id=conversation, character_id=elara)
     event = {
         "persona": _persona(name),
         "chat_history": [{"role": "user", "content": "BAD-LINE-" + name}],
@@ -671,7 +671,7 @@ def test_another_characters_conversation_is_refused_before_its_lines_are_compare
     conversation = f"elaras-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:
         elara = s.scalar(select(Character.id).where(Character.slug == "elara"))
-        conv_id = upsert_conversation(session=s, external_id=conversation, character_id=elara)
+        conv_id = add_conversation(session=s, external_id=conversation, character_id=elara)
         line = [(Role.USER, "Elara's own first line")]
         append_lines(session=s, conversation_id=conv_id, lines=line, vectors=embed([line[0][1]]))
     event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation=conversation)

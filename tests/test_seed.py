@@ -52,3 +52,41 @@ def test_a_bad_lorebook_in_the_data_is_refused_naming_its_place(tmp_path) -> Non
         SeedError, match=r"item\[0\]\.lorebook\.entries\[0\]\.keys: Input should be a valid list"
     ):
         seed_world(tmp_path)
+
+
+def test_seed_never_hands_a_conversation_to_another_character_and_checks_text_as_every_way_in(
+    world, tmp_path
+) -> None:
+    """Found in review: seeding overwrote a stored conversation's character, player and story in one
+    unconditional UPDATE (its queued turn was then answered by another character), and its text
+    fields took a NUL, which failed at the INSERT after every line was embedded, naming no field."""
+    import json
+
+    import pytest
+
+    from scripts.seed import SeedError
+
+    character = {"slug": "seed-bram", "name": "Bram", "description": "A smith."}
+    (tmp_path / "characters.json").write_text(json.dumps([character, {"slug": "seed-ida", "name": "Ida"}]))
+    (tmp_path / "story_events.json").write_text("[]")
+    conversation = {"external_id": "demo-luffy-1", "character": "seed-bram", "player_id": "player-1"}
+    (tmp_path / "conversations.json").write_text(json.dumps([conversation]))
+    before = _counts()
+    with pytest.raises(
+        SeedError, match=r"item\[0\]\.character: conversation 'demo-luffy-1' is another character's"
+    ):
+        seed_world(tmp_path)
+    assert _counts() == before  # the two characters neither
+    with session_scope() as s:
+        luffy = s.scalar(
+            select(Character.slug)
+            .join(Conversation, Conversation.character_id == Character.id)
+            .where(Conversation.external_id == "demo-luffy-1")
+        )
+    assert luffy == "luffy"
+    (tmp_path / "characters.json").write_text(json.dumps([character | {"description": "A\u0000smith."}]))
+    with pytest.raises(SeedError, match=r"characters.json: item\[0\]\.description: "):
+        seed_world(tmp_path)
+    (tmp_path / "characters.json").write_text(json.dumps([{"slug": "inline-bram", "name": "Bram"}]))
+    with pytest.raises(SeedError, match=r"item\[0\]\.slug: "):
+        seed_world(tmp_path)
