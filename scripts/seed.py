@@ -36,6 +36,13 @@ class _Open(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+def _not_inline(name: str | None) -> str | None:
+    """A character's or story's name; refused when it starts as the inline request shape's do."""
+    if name is not None and name.startswith(INLINE_PREFIX):
+        raise ValueError(f"names starting with {INLINE_PREFIX!r} are kept for inline requests")
+    return name
+
+
 class _Character(_Open):
     # The columns' own types and limits (NOT NULL ones may be left out, not given as null), and the
     # checks every other way in makes: a slug as cards get one, text that can be stored.
@@ -51,12 +58,7 @@ class _Character(_Open):
     language: Text = Field(default="", max_length=16)
     example_dialogues: list[dict[str, Text]] = []
 
-    @field_validator("slug")
-    @classmethod
-    def _not_inline(cls, slug: str) -> str:
-        if slug.startswith(INLINE_PREFIX):
-            raise ValueError(f"slugs starting with {INLINE_PREFIX!r} are kept for inline requests")
-        return slug
+    _slug_not_inline = field_validator("slug")(_not_inline)
 
 
 INT4 = {"ge": -(2**31), "le": 2**31 - 1}
@@ -69,6 +71,8 @@ class _Event(_Open):
     scene: Text = Field(default="", max_length=200)
     time: int = Field(default=0, **INT4)
 
+    _story_not_inline = field_validator("story")(_not_inline)
+
 
 class _Conversation(_Open):
     external_id: Text = Field(min_length=1, max_length=200)
@@ -78,6 +82,8 @@ class _Conversation(_Open):
     player_name: Text = Field(default="", max_length=200)
     story: Text | None = Field(default=None, max_length=100)
     story_time: int | None = Field(default=None, **INT4)
+
+    _story_not_inline = field_validator("story")(_not_inline)
 
 
 def _read(path: Path, item: type[_Open]) -> list[dict[str, Any]]:

@@ -88,5 +88,13 @@ def test_seed_never_hands_a_conversation_to_another_character_and_checks_text_as
     with pytest.raises(SeedError, match=r"characters.json: item\[0\]\.description: "):
         seed_world(tmp_path)
     (tmp_path / "characters.json").write_text(json.dumps([{"slug": "inline-bram", "name": "Bram"}]))
-    with pytest.raises(SeedError, match=r"item\[0\]\.slug: "):
+    with pytest.raises(SeedError, match=r"item\[0\]\.slug: names starting with 'inline-' are kept"):
+        seed_world(tmp_path)
+    (tmp_path / "characters.json").write_text(json.dumps([character]))
+    (tmp_path / "story_events.json").write_text(
+        json.dumps([{"story": "inline-x", "ordinal": 1, "text": "Rain."}])
+    )
+    with pytest.raises(
+        SeedError, match=r"story_events.json: item\[0\]\.story: names starting with 'inline-'"
+    ):
         seed_world(tmp_path)
