@@ -301,7 +301,7 @@ def _visible_runs(who: Reviewer) -> Any:
 
 
 def _row(session: Session, run: Run) -> RunRow:
-    counts = run_counts(session=session, run_id=run.id)
+    counts = run_counts(session=session, run_id=run.id, unsent=False)  # from the index alone
     quality = run_quality(session=session, run_id=run.id)
     total = max(run.total, counts.total)
     return RunRow(

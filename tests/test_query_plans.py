@@ -432,20 +432,24 @@ def test_a_turn_read_by_an_ingest_key_does_not_read_its_prompt_or_context(world)
 
 def test_a_batch_is_counted_from_the_index_of_turns_by_run_and_status_alone(world) -> None:
     # found in review: the count asked which queued turns were sent, in the row only: every poll of a
-    # batch (its GET, each page of the list) read every row of its turns, a million-line batch's too
+    # batch (its GET, each page of the list, the desk's row) read every row of its turns, a
+    # million-line batch's too
     from services.batches import get_batch, list_batches
+    from services.desk import Reviewer, run_summary
     from tests.desk_data import Spec, quality, queue_run
 
     key, tenant = "plans-key", f"plans-{uuid.uuid4().hex[:6]}"
     name = f"batch_{uuid.uuid4().hex}"
-    queue_run(tenant, [Spec("Count me.", "Counted.", quality(0.5))], name, batch_key=key)
+    run_id, _ = queue_run(tenant, [Spec("Count me.", "Counted.", quality(0.5))], name, batch_key=key)
     with session_scope() as session:  # the planner's choice on the table as it is
         session.execute(text("ANALYZE turns"))
-    counting = _sent(lambda s: "count(" in s and "FROM turns" in s)
-    with counting as seen:
+    counting = _sent(lambda s: "GROUP BY turns.run_id, turns.status" in s)
+    asking_sent = _sent(lambda s: "dispatched_at" in s and "FROM turns" in s)
+    with counting as seen, asking_sent as sent:
         get_batch(name, api_key=key, admin=False, tenant=tenant)
         list_batches(api_key=key, admin=False, after=None, limit=5, tenant=tenant)
-    assert len(seen) == 2
+        run_summary(Reviewer(key_id=key, tenant=tenant, admin=False), run_id)  # the desk's row, every 2 s
+    assert len(seen) == 3 and not sent
     for statement, parameters in seen:
         plan = _custom_plan(statement, parameters)
         assert "Index Only Scan using ix_turns_run_status_id" in plan, (statement, plan)
