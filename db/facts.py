@@ -296,9 +296,9 @@ def _relevance(distance: float | None, *, same_space: bool) -> float:
 
 
 def _folded(subject: Any) -> Any:
-    """A subject in lower case with its runs of whitespace as one space, folded by the database on
-    both sides of a comparison (its lower() and Python's differ past ASCII)."""
-    return func.lower(func.regexp_replace(subject, r"\s+", " ", "g"))
+    """A subject in lower case, trimmed, its runs of whitespace as one space: folded by the database
+    on both sides of a comparison (its lower() and Python's differ past ASCII)."""
+    return func.lower(func.btrim(func.regexp_replace(subject, r"\s+", " ", "g")))
 
 
 def closest_fact(

@@ -96,8 +96,11 @@ def _create_group(
     # player and character would otherwise stay the stored ones, past the name-clash check. So does a
     # fact of its own scope: what its one NPC knows of its player, which every member would then know.
     has_turns = exists().where(Turn.conversation_id == conv_id)
-    has_facts = exists().where(
-        Fact.tenant == tenant, Fact.scope == FactScope.CONVERSATION, Fact.scope_ref == str(conv_id)
+    has_facts = exists().where(  # current ones (ix_facts_current_scope): a superseded one reaches no prompt
+        Fact.tenant == tenant,
+        Fact.scope == FactScope.CONVERSATION,
+        Fact.scope_ref == str(conv_id),
+        Fact.superseded_by.is_(None),
     )
     holds = session.scalar(select(has_turns | has_facts | exists().where(Message.conversation_id == conv_id)))
     has_scene = session.scalar(select(Scene.id).where(Scene.conversation_id == conv_id))

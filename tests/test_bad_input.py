@@ -597,21 +597,26 @@ def test_a_cli_file_that_never_ends_or_is_too_long_is_one_line_naming_the_file(
 ) -> None:
     """Found in review: a file read whole (a chat log to import, an inline request's persona) had no
     bound: /dev/zero or a log of gigabytes ended in a MemoryError traceback or the OOM killer; a run
-    file that is a device was copied until the temporary folder filled."""
+    file that is a device was copied until the temporary folder filled, or hashed for ever by a
+    resume."""
     from core.settings import settings
+    from db.runs import create_run
     from scripts.cli import main as cli
 
     monkeypatch.setattr(settings, "history_max_bytes", 2048)
+    with session_scope() as s:  # a run whose submission a resume would go on with (its digest read first)
+        create_run(session=s, name=f"resume-{tmp_path.name}", model="m", file_hash="0" * 64, total=1)
     long_log = tmp_path / "long.jsonl"
     long_log.write_text(json.dumps({"name": "Rowan", "is_user": True, "mes": "x" * 3000}) + "\n")
     persona = tmp_path / "persona.json"
     persona.write_text(json.dumps({"name": "Big", "description": "x" * (settings.api_max_body_bytes + 10)}))
     history = ["history", "import", "--conversation", f"never-{tmp_path.name}", "--character", "elara"]
     cases = [
-        ([*history, "/dev/zero"], "/dev/zero: not a regular file"),
+        ([*history, "/dev/zero"], "/dev/zero: longer than MLCHAT_HISTORY_MAX_BYTES"),
         ([*history, str(long_log)], "longer than MLCHAT_HISTORY_MAX_BYTES (2,048 bytes)"),
         (["chat", "--message", "hi", "--persona", str(persona)], "longer than MLCHAT_API_MAX_BODY_BYTES"),
         (["run", "submit", "/dev/zero", "--name", f"zero-{tmp_path.name}"], "/dev/zero: not a regular file"),
+        (["run", "resume", f"resume-{tmp_path.name}", "/dev/zero"], "/dev/zero: not a regular file"),
     ]
     for argv, names in cases:
         assert cli(argv) in (1, 2), argv

@@ -107,12 +107,13 @@ def retry_failed(ref: str) -> int:
 
 def resume(ref: str, path: Path) -> Any:
     """Resume a run's submission from its file (the same file: checked by its hash)."""
-    from services.runs.submit import submit_run
+    from services.runs.submit import regular_file, submit_run
     from services.runs.validate import file_digest
 
     with session_scope() as session:
         run = require_run(session, ref)
         name, digest = run.name, run.file_hash
+    regular_file(path)  # before its digest: /dev/zero's would never end
     if file_digest(path) != digest:
         raise ValueError(f"{path} is not the file run {name!r} was submitted from (its sha256 differs)")
     return submit_run(path, name=name)

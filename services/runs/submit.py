@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import shutil
 import stat
 import tempfile
@@ -155,15 +156,21 @@ def submit_run(
         return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
 
 
+def regular_file(path: Path) -> os.stat_result:
+    """The file's status; ValueError for a device or a pipe (a run file is read several times: one
+    never ends, the other reads once)."""
+    found = path.stat()
+    if not stat.S_ISREG(found.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    return found
+
+
 @contextmanager
 def _private_copy(path: Path) -> Iterator[Path]:
     """A copy of the file no one else writes, under the same name (its stem names a run): the file
     is read several times (its format, its validation, its storing), and a line edited between
     those readings would be stored unchecked."""
-    found = path.stat()
-    size = found.st_size
-    if not stat.S_ISREG(found.st_mode):  # a device or a pipe: never ends, or reads once
-        raise ValueError(f"{path}: not a regular file")
+    size = regular_file(path).st_size
     folder = Path(tempfile.gettempdir())
     if shutil.disk_usage(folder).free < size + (64 << 20):
         raise ValueError(
