@@ -321,6 +321,7 @@ class Run(Base):
         Index("ix_runs_status_expires_at", "status", "expires_at"),
         # A tenant's runs newest first (the desk, GET /v1/batches), read backwards (migration 0036).
         Index("ix_runs_tenant_created_at", "tenant", "created_at", "id"),
+        Index("ix_runs_created_at", "created_at", "id"),  # an admin's, every tenant's
     )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)

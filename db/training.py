@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
+from db.session import session_scope
 
 
 @dataclass(frozen=True)
@@ -25,7 +27,7 @@ class Exchange:
 
 
 def character_exchanges(
-    *, session: Session, slug: str, tenant: str, run_id: uuid.UUID | None = None, chunk: int = 1000
+    *, session: Session | None, slug: str, tenant: str, run_id: uuid.UUID | None = None, chunk: int = 1000
 ) -> Iterator[Exchange]:
     """The character's answered free-text turns in the tenant's conversations (its own voice, not the
     narrator's, not a structured reply), oldest first, streamed. One tenant's: a prompt holds its
@@ -63,8 +65,9 @@ def character_exchanges(
     if run_id is not None:
         query = query.where(Turn.run_id == run_id)
     last = -1
-    while True:
-        rows = session.execute(query.where(Turn.number > last).limit(chunk)).all()
+    while True:  # `session` None: each chunk read in a transaction of its own (its reader writes files)
+        with nullcontext(session) if session is not None else session_scope() as reading:
+            rows = reading.execute(query.where(Turn.number > last).limit(chunk)).all()
         if not rows:
             return
         for turn_id, run, prompt, reply, quality, label, edited, _ in rows:

@@ -147,6 +147,47 @@ def test_a_training_set_holds_one_tenants_conversations(world, tokenizer, tmp_pa
     assert (ours.manifest["tenant"], theirs.manifest["tenant"]) == ("", "studio-b")
 
 
+def test_a_training_set_holds_no_transaction_while_it_writes_and_an_unknown_character_leaves_no_folder(
+    world, tokenizer, tmp_path, monkeypatch
+) -> None:
+    """Found in review: the set was read in one transaction that stayed open while every example was
+    written (a migration's lock waited behind it); an unknown character left an empty folder."""
+    from contextlib import contextmanager
+
+    import db.training
+    import services.lora.dataset as dataset
+
+    with pytest.raises(KeyError, match="no character"):
+        export_dataset("nobody-here", tmp_path / "none", tokenizer=tokenizer)
+    assert not (tmp_path / "none").exists()
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    _store([("Held open?", "Never while writing.", {"below_bar": [], "persona": 0.6})])
+    open_scopes = [0]
+
+    @contextmanager
+    def counted(*args: object, **kwargs: object):  # type: ignore[no-untyped-def]
+        open_scopes[0] += 1
+        try:
+            with session_scope(*args, **kwargs) as session:  # type: ignore[arg-type]
+                yield session
+        finally:
+            open_scopes[0] -= 1
+
+    for module in (db.training, dataset):
+        monkeypatch.setattr(module, "session_scope", counted, raising=False)
+    writing: list[int] = []
+    add = dataset._Split.add
+
+    def recorded(self, key, example):  # type: ignore[no-untyped-def]
+        writing.append(open_scopes[0])
+        return add(self, key, example)
+
+    monkeypatch.setattr(dataset._Split, "add", recorded)
+    export_dataset(SLUG, tmp_path / "ds", validation_share=0.0, tokenizer=tokenizer)
+    assert writing and set(writing) == {0}
+
+
 def test_a_training_set_is_written_as_it_is_read_not_held_in_memory(
     world, tokenizer, tmp_path, monkeypatch
 ) -> None:

@@ -88,6 +88,11 @@ def export_dataset(
         from worker.model_cache import resolve_model_path
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(settings))
+    with session_scope() as session:
+        character = session.query(Character).filter(Character.slug == slug).one_or_none()
+        if character is None:
+            raise KeyError(f"no character {slug!r}")
+        run_id = _tenants_run(session, run, tenant) if run else None
     out_dir.mkdir(parents=True, exist_ok=True)
     files = (out_dir / TRAIN, out_dir / VALIDATION, out_dir / MANIFEST)
     with (
@@ -96,43 +101,39 @@ def export_dataset(
     ):
         left_out: Counter[str] = Counter()
         approved = 0
-        with session_scope() as session:
-            character = session.query(Character).filter(Character.slug == slug).one_or_none()
-            if character is None:
-                raise KeyError(f"no character {slug!r}")
-            run_id = _tenants_run(session, run, tenant) if run else None
-            for exchange in character_exchanges(session=session, slug=slug, tenant=tenant, run_id=run_id):
-                q = exchange.quality
-                # A writer's verdict on the desk replaces the gate's.
-                if exchange.label == ReviewLabel.REJECTED:
-                    left_out["rejected by a writer"] += 1
+        # Each chunk of exchanges is read in a transaction of its own: none is open while writing.
+        for exchange in character_exchanges(session=None, slug=slug, tenant=tenant, run_id=run_id):
+            q = exchange.quality
+            # A writer's verdict on the desk replaces the gate's.
+            if exchange.label == ReviewLabel.REJECTED:
+                left_out["rejected by a writer"] += 1
+                continue
+            if exchange.label != ReviewLabel.APPROVED:
+                if exchange.edited:
+                    left_out["edited by a writer, not approved"] += 1
                     continue
-                if exchange.label != ReviewLabel.APPROVED:
-                    if exchange.edited:
-                        left_out["edited by a writer, not approved"] += 1
-                        continue
-                    if q.get("below_bar"):
-                        left_out["below the bar"] += 1
-                        continue
-                    if q.get("persona", -1.0) < threshold:
-                        left_out[f"persona below {threshold}"] += 1
-                        continue
-                approved += exchange.label == ReviewLabel.APPROVED
-                example = {
-                    "prompt": exchange.prompt,
-                    "completion": exchange.reply,
-                    "source": "turn",
-                    "turn_id": str(exchange.turn_id),
-                    "persona": q.get("persona"),
-                    "label": exchange.label,
-                }
-                if not split.add(_example_hash(exchange.prompt, exchange.reply), example):
-                    left_out["duplicate"] += 1
-            stored = split.written
-            for prompt, completion in _card_examples(character, tokenizer):
-                example = {"prompt": prompt, "completion": completion, "source": "card example"}
-                if not split.add(_example_hash(prompt, completion), example):
-                    left_out["duplicate"] += 1
+                if q.get("below_bar"):
+                    left_out["below the bar"] += 1
+                    continue
+                if q.get("persona", -1.0) < threshold:
+                    left_out[f"persona below {threshold}"] += 1
+                    continue
+            approved += exchange.label == ReviewLabel.APPROVED
+            example = {
+                "prompt": exchange.prompt,
+                "completion": exchange.reply,
+                "source": "turn",
+                "turn_id": str(exchange.turn_id),
+                "persona": q.get("persona"),
+                "label": exchange.label,
+            }
+            if not split.add(_example_hash(exchange.prompt, exchange.reply), example):
+                left_out["duplicate"] += 1
+        stored = split.written
+        for prompt, completion in _card_examples(character, tokenizer):
+            example = {"prompt": prompt, "completion": completion, "source": "card example"}
+            if not split.add(_example_hash(prompt, completion), example):
+                left_out["duplicate"] += 1
         if not split.written:
             raise ValueError(
                 f"no exchange of {slug!r} passed the selection ({dict(left_out) or 'none stored'})"
