@@ -81,6 +81,7 @@ DEFAULT_TENANT = ""
 
 # The example values of .env.example: a deployment that copied the file unchanged must not start.
 PLACEHOLDER_SECRETS = ("change-me",)
+MIN_SECRET_CHARS = 32  # a master every tenant holds an HMAC of (MLCHAT_CALLBACK_SECRET, MLCHAT_DESK_SECRET)
 _PLACEHOLDER_DIGESTS = frozenset(
     hashlib.sha256(key.encode()).hexdigest()
     for key in ("change-me-ingest-0123456789", "change-me-admin-0123456789")
@@ -514,6 +515,21 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("callback_secret", "desk_secret")
+    @classmethod
+    def _secret_not_guessable(cls, value: SecretStr | None) -> SecretStr | None:
+        # Every tenant holds an HMAC made with it (its callback secret, a desk session) beside the
+        # text it signed: a short master could be guessed offline, and with it every tenant's.
+        secret = None if value is None else value.get_secret_value()
+        if secret is None:
+            return value
+        if len(secret) < MIN_SECRET_CHARS or secret in PLACEHOLDER_SECRETS or len(set(secret)) < 8:
+            raise ValueError(
+                f"at least {MIN_SECRET_CHARS} characters, of at least 8 different ones (`openssl rand -hex"
+                " 32`): every tenant holds an HMAC made with it, from which a short one can be guessed"
+            )
+        return value
 
     @property
     def models(self) -> list[str]:

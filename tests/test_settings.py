@@ -261,3 +261,19 @@ def test_durations_that_are_no_timer_take_any_size() -> None:
     for bounded in ("housekeeping_interval_s", "callback_retry_window_s"):
         with pytest.raises(ValidationError, match="the limit is"):
             Settings(**{bounded: 1e12})
+
+
+def test_a_master_secret_that_could_be_guessed_is_one_line_naming_the_variable(tmp_path) -> None:
+    """Found in review: any length passed, while every tenant holds an HMAC of MLCHAT_CALLBACK_SECRET
+    beside what it signed (its own callback secret): a short master could be guessed offline, and
+    every tenant's secret made from it. The desk's session secret is held the same way."""
+    for name in ("MLCHAT_CALLBACK_SECRET", "MLCHAT_DESK_SECRET"):
+        for bad in ("mlchat-prod", "change-me", "a" * 64):
+            result = _import_settings_with(tmp_path, name, bad)
+            assert result.returncode != 0 and result.stderr.count("\n") == 1, result.stderr
+            assert result.stderr.startswith(f"mlchat: bad setting: {name}: at least 32 characters"), (
+                result.stderr
+            )
+            assert bad not in result.stderr  # the secret is never echoed
+        good = _import_settings_with(tmp_path, name, "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c")
+        assert good.returncode == 0, good.stderr
