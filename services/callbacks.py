@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import ipaddress
 import json
+import logging
 import socket
 import threading
 import time
@@ -31,6 +32,8 @@ from core.settings import settings
 from db.callbacks import Owner, record_attempt
 from db.models import RUN_FINISHED, Run
 from db.session import session_scope
+
+logger = logging.getLogger(__name__)
 
 SIGNATURE_HEADER = "X-Mlchat-Signature"
 
@@ -52,6 +55,9 @@ _NEVER_PUBLIC_IPV4 = tuple(
 )
 # RFC 8215's local-use NAT64 prefix translates into the site's own network, whatever it embeds.
 _LOCAL_NAT64 = ipaddress.ip_network("64:ff9b:1::/48")
+# IPv6 the interpreter takes for global that no receiver is at: the deprecated site-local block
+# (still routed inside some sites) and multicast.
+_NEVER_PUBLIC_IPV6 = tuple(ipaddress.ip_network(net) for net in ("fec0::/10", "ff00::/8"))
 
 
 class CallbackFailed(RuntimeError):
@@ -101,18 +107,25 @@ def vetted_address(url: str) -> Address:
     except socket.gaierror as exc:
         if exc.errno == socket.EAI_AGAIN:
             raise ResolverUnavailable(f"host {host!r} could not be resolved for now ({exc})") from None
-        raise Unresolved(f"host {host!r} does not resolve") from None
+        raise Unresolved(_NOT_PUBLIC.format(host=host)) from None
     except OSError as exc:  # this process's trouble (out of file descriptors, say), not the host's
         raise ResolverUnavailable(f"host {host!r} could not be resolved for now ({exc})") from None
     except ValueError:
-        raise RefusedDestination(f"host {host!r} does not resolve") from None
+        raise RefusedDestination(_NOT_PUBLIC.format(host=host)) from None
     if not addresses:
-        raise Unresolved(f"host {host!r} does not resolve")
+        raise Unresolved(_NOT_PUBLIC.format(host=host))
     if not settings.callback_allow_private:
         for address in addresses:
             if not is_public(address):
-                raise RefusedDestination(f"host {host!r} resolves to a non-public address ({address})")
+                logger.info("callback host %r refused: it resolves to %s", host, address)
+                raise RefusedDestination(_NOT_PUBLIC.format(host=host))
     return addresses[0]
+
+
+# One answer whether a host resolves to nothing or to an address inside: the address, or telling
+# the two apart, would map the network the workers run in for any tenant that asks (names, then
+# addresses), refused at no cost. The operator's log has the address.
+_NOT_PUBLIC = "host {host!r} does not resolve to a public address"
 
 
 def is_public(address: Address) -> bool:
@@ -122,7 +135,7 @@ def is_public(address: Address) -> bool:
         return False
     if isinstance(address, ipaddress.IPv4Address):
         return _public_ipv4(address)
-    if address in _LOCAL_NAT64:
+    if address in _LOCAL_NAT64 or any(address in net for net in _NEVER_PUBLIC_IPV6):
         return False
     carried = [a for a in (address.ipv4_mapped, address.sixtofour, *(address.teredo or ())) if a]
     if any(address in net for net in _LAST_32_BITS_IPV4):

@@ -695,7 +695,7 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
     assert response.status_code == 400
     assert (
         response.json()["error"]["message"]
-        == "callback_url: host '127.0.0.1' resolves to a non-public address (127.0.0.1)"
+        == "callback_url: host '127.0.0.1' does not resolve to a public address"
     )
     assert httpx.get(f"{base_url}/v1/batches/batch_nope", headers=INGEST).status_code == 404
     assert httpx.get(f"{base_url}/v1/files/file-nope/content", headers=INGEST).status_code == 404
