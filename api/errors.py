@@ -123,10 +123,11 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     """The database went away under a request, or the pool had no connection for it in time: a 503
     to retry, never a 500; the driver's text (hosts, users) stays in the log."""
     if rolled_back_for_a_conflict(exc):  # up, but this request's write met another's: not an outage
-        logger.warning("%s %s: rolled back for a conflict", request.method, request.url.path, exc_info=exc)
+        logger.warning("%s %r: rolled back for a conflict", request.method, request.url.path, exc_info=exc)
         detail = "the request's write conflicted with another's and was rolled back; try again"
     else:
-        logger.warning("%s %s: the database is unavailable", request.method, request.url.path, exc_info=exc)
+        # The path as repr: a client's control characters (%1b, decoded) never reach the log raw.
+        logger.warning("%s %r: the database is unavailable", request.method, request.url.path, exc_info=exc)
         detail = "the database is unavailable for now; try again"
     return JSONResponse(
         status_code=status.HTTP_503_SERVICE_UNAVAILABLE,

@@ -55,6 +55,9 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     metrics_routes.process_ended()
 
 
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:
@@ -103,7 +106,10 @@ def create_app() -> FastAPI:
             return response
         finally:
             route = request.scope.get("route")
-            metrics.INGEST_REQUESTS.labels(request.method, getattr(route, "path", "unmatched"), status).inc()
+            # The method as a known one or "other": an HTTP parser that takes any token (h11) would
+            # otherwise let each client's made-up method start a series of its own.
+            method = request.method if request.method in KNOWN_METHODS else "other"
+            metrics.INGEST_REQUESTS.labels(method, getattr(route, "path", "unmatched"), status).inc()
 
     metrics.register_queue_depth()  # served by api/routes/metrics.py, for admin keys unless public
     return app

@@ -209,6 +209,21 @@ def test_a_request_that_raises_is_counted_as_a_500(world) -> None:
     assert counter._value.get() == before + 1
 
 
+def test_a_made_up_http_method_is_counted_as_other_not_as_a_series_of_its_own(world) -> None:
+    """Found in review: the method was a label as the client sent it; behind an HTTP parser that takes
+    any token (h11), each made-up method started a series, without bound."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from core import metrics
+
+    client = TestClient(create_app(), raise_server_exceptions=False)  # no lifespan: its end closes the hub
+    for n in range(3):
+        client.request(f"FOO{n}", "/v1/turns")
+    series = {sample.labels["method"] for sample in metrics.INGEST_REQUESTS.collect()[0].samples}
+    assert "other" in series and not any(m.startswith("FOO") for m in series), series
+
+
 def test_a_scrape_with_the_broker_away_answers_without_waiting_out_its_retries(monkeypatch) -> None:
     """Found in review: each queue's depth opened its own connection with the broker's retries
     (sleeps of 2 and 4 s each), so a scrape during a Redis blip took longer than Prometheus's timeout
