@@ -8,7 +8,8 @@ to drop a repeat.
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
 receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
-thread from live turns. A
+thread from live turns; and one tenant's deliveries hold all those slots but one, so its hanging
+receivers cannot hold back every other tenant's callbacks. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
 2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
 and a newcomer tries at once. One that has waited a minute marks its callback held
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -43,7 +45,10 @@ logger = logging.getLogger(__name__)
 CALLBACK_QUEUE = "mlchat.callbacks"
 
 
-_SLOTS = threading.BoundedSemaphore(callback_slots(settings.worker_threads))
+_SLOT_COUNT = callback_slots(settings.worker_threads)
+_SLOTS = threading.BoundedSemaphore(_SLOT_COUNT)
+_shares_lock = threading.Lock()
+_shares: dict[str | None, threading.BoundedSemaphore] = {}  # a tenant's share of the slots (one a tenant)
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
 HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)
@@ -60,23 +65,51 @@ def _in_a_slot(
     waits: int,
     since: float | None,
 ) -> None:
-    """Deliver within one of the process's slots, or send the task back for later, its try count
-    as it was (a full house is not the receiver's failure)."""
+    """Deliver within one of the process's slots, and within its tenant's share of them, or send the
+    task back for later, its try count as it was (a full house is not the receiver's failure)."""
     if not _SLOTS.acquire(blocking=False):
-        since = time.time() if since is None else since
-        # `since` is another worker's clock: the waits' own least length decides too, so a worker
-        # whose clock is behind still marks a callback held once it has waited a minute
-        if time.time() - since > HOLD_AFTER_S or _least_waited(waits) > HOLD_AFTER_S:
-            _hold(owner, target)
-        _later(task, waits + 1, since)
+        _send_back(task, owner, target, waits, since)
         return
-    # A try now: its retries (Celery's, from this request) start their wait for a slot afresh.
-    kwargs = task.request.kwargs or {}
-    task.request.kwargs = {k: v for k, v in kwargs.items() if k not in ("waits", "since")}
     try:
-        deliver_one(uuid.UUID(target))
+        share = _tenant_share(_tenant_of(owner, target))
+        if not share.acquire(blocking=False):
+            _send_back(task, owner, target, waits, since)
+            return
+        try:
+            # A try now: its retries (Celery's, from this request) start their wait for a slot afresh.
+            kwargs = task.request.kwargs or {}
+            task.request.kwargs = {k: v for k, v in kwargs.items() if k not in ("waits", "since")}
+            deliver_one(uuid.UUID(target))
+        finally:
+            share.release()
     finally:
         _SLOTS.release()
+
+
+def _send_back(task: Any, owner: Owner, target: str, waits: int, since: float | None) -> None:
+    since = time.time() if since is None else since
+    # `since` is another worker's clock: the waits' own least length decides too, so a worker whose
+    # clock is behind still marks a callback held once it has waited a minute
+    if time.time() - since > HOLD_AFTER_S or _least_waited(waits) > HOLD_AFTER_S:
+        _hold(owner, target)
+    _later(task, waits + 1, since)
+
+
+def _tenant_of(owner: Owner, target: str) -> str | None:
+    """The tenant of the run or turn calling back (None: gone, its delivery finds nothing to send)."""
+    with session_scope() as session:
+        return session.scalar(select(owner.tenant).where(owner.id == uuid.UUID(target)))
+
+
+def _tenant_share(tenant: str | None) -> threading.BoundedSemaphore:
+    """The slots one tenant's deliveries may hold at once in this process: all but one (at least one),
+    so a tenant whose receivers hang (10 s a try, 8 tries, then housekeeping's for a day) leaves a slot
+    to every other tenant's callbacks."""
+    with _shares_lock:
+        share = _shares.get(tenant)
+        if share is None:
+            share = _shares[tenant] = threading.BoundedSemaphore(max(1, _SLOT_COUNT - 1))
+        return share
 
 
 def _least_wait(waits: int) -> float:

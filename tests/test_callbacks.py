@@ -70,10 +70,10 @@ def _resolver(monkeypatch, host: str, answers: list[str]) -> list[str]:  # type:
     return given
 
 
-def _run_calling_back(url: str) -> uuid.UUID:
+def _run_calling_back(url: str, tenant: str = "") -> uuid.UUID:
     with session_scope() as s:
         run, _ = create_run(session=s, name=f"cb-{uuid.uuid4().hex[:12]}", model="m", file_hash="h", total=0)
-        finished = {"status": RunStatus.COMPLETED, "finished_at": func.now()}
+        finished = {"status": RunStatus.COMPLETED, "finished_at": func.now(), "tenant": tenant}
         s.execute(update(Run).where(Run.id == run.id).values(callback_url=url, **finished))
         return run.id
 
@@ -410,7 +410,9 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
 
     monkeypatch.setattr(callback_tasks, "_later", later)
     slots = settings.callback_concurrency
-    runs = [str(_run_calling_back(url)) for _ in range(slots + 2)]
+    # the hanging ones of as many tenants (one tenant holds all the slots but one: the next test)
+    runs = [str(_run_calling_back(url, tenant=f"tarpit-{i}")) for i in range(slots)]
+    runs += [str(_run_calling_back(url)) for _ in range(2)]
     hanging = [
         threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [r]}) for r in runs[:slots]
     ]
@@ -445,6 +447,48 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     for thread in hanging:
         thread.join(timeout=60)
     assert not any(thread.is_alive() for thread in hanging)
+    assert callback_tasks._SLOTS.acquire(blocking=False)  # every slot back
+    callback_tasks._SLOTS.release()
+
+
+def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(
+    services, monkeypatch
+) -> None:
+    """Found in review: the slots were every tenant's: one tenant's callbacks to a receiver that never
+    answers (10 s a try, 8 tries, then housekeeping's for a day) held them all, and every other
+    tenant's callbacks waited behind for hours."""
+    import tasks.callbacks as callback_tasks
+    from tasks.callbacks import deliver_batch_callback
+
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    monkeypatch.setattr(settings, "callback_timeout_s", 30.0)
+    _resolver(monkeypatch, "tarpit.test", ["127.0.0.1"])
+    tarpit = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts, never answers
+    tarpit.settimeout(10)
+    url = f"http://tarpit.test:{tarpit.getsockname()[1]}/hook"
+    sent_back: list[str] = []
+    monkeypatch.setattr(
+        callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.request.args[0])
+    )
+    slots = settings.callback_concurrency
+    assert slots == 2
+    greedy = [str(_run_calling_back(url, tenant="greedy")) for _ in range(slots)]
+    first = threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [greedy[0]]})
+    first.start()
+    held = [tarpit.accept()[0]]  # the greedy tenant's first delivery hangs in its POST
+    deliver_batch_callback.apply(args=[greedy[1]])  # a slot is free, but not the greedy tenant's
+    assert sent_back == [greedy[1]]
+    other = str(_run_calling_back(url, tenant="patient"))
+    second = threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [other]})
+    second.start()
+    held.append(tarpit.accept()[0])  # another tenant's delivery took the slot left
+    assert sent_back == [greedy[1]]
+    for conn in held:
+        conn.close()
+    tarpit.close()
+    for thread in (first, second):
+        thread.join(timeout=60)
     assert callback_tasks._SLOTS.acquire(blocking=False)  # every slot back
     callback_tasks._SLOTS.release()
 
