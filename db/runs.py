@@ -229,17 +229,23 @@ def resume_submission(
     )
 
 
-def _locked_in_id_order(*where: Any) -> Any:
-    """The turns matching `where`, those of them row-locked in id order first: the WHERE of an
-    UPDATE over a whole run's turns, which a cancel, an expiry in every worker's housekeeping and a
-    failing submission may run at once, and which otherwise locks them in its plan's order (by turn
-    number, or queued before running): two such, or one and a worker's store (in id order),
-    deadlocked. The conditions stand in the UPDATE too (written once, here), checked again on the
-    rows as locked."""
+def _locked_in_id_order(session: Session, *where: Any) -> tuple[Any, ...]:
+    """Row-lock the turns matching `where` in id order; the conditions, for the UPDATE over them that
+    follows. Such an UPDATE over a whole run's turns (a cancel, an expiry in every worker's
+    housekeeping, a failing submission, a retry of failed lines) otherwise locks them in its plan's
+    order (by turn number, or queued before running): two such, or one and a worker's store (in id
+    order), deadlocked. The conditions stand in the UPDATE too, checked again on the rows as locked
+    (a row matching only since, as a lease lapses, is locked by the UPDATE itself).
+
+    A statement of its own, counting what it locked: as the UPDATE's `id IN (locking subquery)`, the
+    planner, reading a run's rows just inserted as one row (no statistics yet), joined the two in a
+    nested loop that ran the locking subquery again for every row: a 100,000-line run's cancel ran
+    for more than ten minutes, a million-line one's for hours."""
     # FOR NO KEY UPDATE, as the UPDATE itself takes: a foreign key's key-share lock (a review change
     # recorded on one of the turns) does not wait for it.
-    locked = select(Turn.id).where(*where).order_by(Turn.id).with_for_update(key_share=True)
-    return and_(*where, Turn.id.in_(locked.scalar_subquery()))
+    locking = select(Turn.id).where(*where).order_by(Turn.id).with_for_update(key_share=True).subquery()
+    session.execute(select(func.count()).select_from(locking))
+    return where
 
 
 def fail_submission(
@@ -263,7 +269,7 @@ def fail_submission(
         )
         session.execute(
             update(Turn)
-            .where(_locked_in_id_order(*mine))
+            .where(*_locked_in_id_order(session, *mine))
             .values(
                 status=TurnStatus.CANCELLED, finished_at=func.now(), error="the batch's submission failed"
             )
@@ -617,7 +623,7 @@ def cancel_run(
             queued = (Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
             dropped = session.execute(
                 update(Turn)
-                .where(_locked_in_id_order(*queued))
+                .where(*_locked_in_id_order(session, *queued))
                 .values(status=TurnStatus.CANCELLED, finished_at=func.now())
             ).rowcount  # type: ignore[attr-defined]
             cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
@@ -634,7 +640,7 @@ def cancel_run(
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     cancelled = session.execute(
         update(Turn)
-        .where(_locked_in_id_order(Turn.run_id == run_id, claimable()))
+        .where(*_locked_in_id_order(session, Turn.run_id == run_id, claimable()))
         .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
@@ -670,7 +676,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     ids = list(
         session.scalars(
             update(Turn)
-            .where(_locked_in_id_order(Turn.run_id == run_id, Turn.status == TurnStatus.FAILED))
+            .where(*_locked_in_id_order(session, Turn.run_id == run_id, Turn.status == TurnStatus.FAILED))
             .values(  # a fresh start: what counted toward its failure counts no more
                 params=retried_params(),  # SET reads the row as it was: its error_code too
                 status=TurnStatus.QUEUED,

@@ -461,3 +461,47 @@ def test_a_batch_is_counted_from_the_index_of_turns_by_run_and_status_alone(worl
     for statement, parameters in seen:
         plan = _custom_plan(statement, parameters)
         assert "Index Only Scan using ix_turns_run_status_id" in plan, (statement, plan)
+
+
+def test_a_cancel_of_a_run_just_stored_reads_its_turns_a_bounded_number_of_times(world) -> None:
+    """Found running the bench: a cancel locked the run's turns in id order inside its UPDATE
+    (`id IN (SELECT … ORDER BY id FOR NO KEY UPDATE)`), and the planner, taking the rows of a run
+    just stored for a handful, joined the two in a nested loop that ran the locking subquery again for
+    every row: a 100,000-line run's cancel ran for more than ten minutes. The turns are locked by a
+    statement of their own now, and each statement's nodes handle each of them a few times."""
+    import json
+
+    from sqlalchemy.orm import Session
+
+    from db.runs import cancel_run
+    from tests.desk_data import Spec, quality, queue_run
+
+    lines = 1500
+    run_id, _ = queue_run(
+        f"cancel-{uuid.uuid4().hex[:6]}", [Spec(f"Line {i}.", "", quality(0.5)) for i in range(lines)]
+    )
+    run_wide = _sent(
+        lambda s: (
+            "FROM turns" in s and "run_id" in s and "FOR NO KEY UPDATE" in s or s.startswith("UPDATE turns")
+        )
+    )
+    with run_wide as seen, Session(get_engine()) as session:
+        cancel_run(session=session, run_id=run_id)
+        session.rollback()  # the cancel's statements only: each is measured below, rolled back too
+    assert seen
+    for statement, parameters in seen:
+        with get_engine().connect() as conn:
+            # The join the planner picks for rows it has no statistics for (seen in the bench): each
+            # statement must stay linear whatever join it is given, and one with no join does.
+            conn.exec_driver_sql("SET LOCAL enable_hashjoin = off")
+            conn.exec_driver_sql("SET LOCAL enable_mergejoin = off")
+            plan = conn.exec_driver_sql(
+                f"EXPLAIN (ANALYZE, FORMAT JSON) {statement}", parameters
+            ).scalar_one()
+            conn.rollback()
+        nodes, read = [(json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]], 0.0
+        while nodes:
+            node = nodes.pop()
+            nodes += node.get("Plans", [])
+            read += node["Actual Rows"] * node["Actual Loops"]  # a rescanned inner side's too
+        assert read <= 10 * lines, (read, statement)
