@@ -234,8 +234,10 @@ def _locked_in_id_order(session: Session, *where: Any) -> tuple[Any, ...]:
     follows. Such an UPDATE over a whole run's turns (a cancel, an expiry in every worker's
     housekeeping, a failing submission, a retry of failed lines) otherwise locks them in its plan's
     order (by turn number, or queued before running): two such, or one and a worker's store (in id
-    order), deadlocked. The conditions stand in the UPDATE too, checked again on the rows as locked
-    (a row matching only since, as a lease lapses, is locked by the UPDATE itself).
+    order), deadlocked. The conditions stand in the UPDATE too, checked again on the rows as locked;
+    a row another transaction made match between the two statements (a turn handed back to queued,
+    one a concurrent submission stored) is locked by the UPDATE itself, in its plan's order: a
+    narrow window, left.
 
     A statement of its own, counting what it locked: as the UPDATE's `id IN (locking subquery)`, the
     planner, reading a run's rows just inserted as one row (no statistics yet), joined the two in a

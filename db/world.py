@@ -100,8 +100,9 @@ def add_conversation(
 ) -> int:
     """The conversation of the tenant's external id, inserted with these values; or the stored one,
     when it is this character's with this player: its story then moves to this one as a turn's does
-    (set_conversation_story: not while a turn of it is unanswered, StoryBusy). ConversationTaken
-    when it is another character's or player's: its lines, facts and queued turns are theirs."""
+    (set_conversation_story: not while a turn of it is unanswered, StoryBusy), and its player name
+    stays the one its turns gave it. ConversationTaken when it is another character's or player's:
+    its lines, facts and queued turns are theirs."""
     values = dict(
         character_id=character_id,
         player_id=player_id,

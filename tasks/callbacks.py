@@ -8,8 +8,8 @@ to drop a repeat.
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
 receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
-thread from live turns; and one tenant's deliveries hold all those slots but one, so its hanging
-receivers cannot hold back every other tenant's callbacks. A
+thread from live turns; and a tenant whose last delivery failed or was slow holds all those slots but
+one, so its hanging receivers cannot hold back every other tenant's callbacks. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
 2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
 and a newcomer tries at once. One that has waited a minute marks its callback held
@@ -48,7 +48,8 @@ CALLBACK_QUEUE = "mlchat.callbacks"
 _SLOT_COUNT = callback_slots(settings.worker_threads)
 _SLOTS = threading.BoundedSemaphore(_SLOT_COUNT)
 _shares_lock = threading.Lock()
-_shares: dict[str | None, threading.BoundedSemaphore] = {}  # a tenant's share of the slots (one a tenant)
+_holding: dict[str | None, int] = {}  # deliveries of each tenant in a slot now
+_struggling: dict[str | None, float] = {}  # tenants whose last delivery failed or was slow: until when
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
 HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)
@@ -65,24 +66,33 @@ def _in_a_slot(
     waits: int,
     since: float | None,
 ) -> None:
-    """Deliver within one of the process's slots, and within its tenant's share of them, or send the
-    task back for later, its try count as it was (a full house is not the receiver's failure)."""
+    """Deliver within one of the process's slots, and within its tenant's share of them while its
+    receivers struggle, or send the task back for later, its try count as it was (a full house is
+    not the receiver's failure)."""
     if not _SLOTS.acquire(blocking=False):
         _send_back(task, owner, target, waits, since)
         return
+    # A try now (unless sent back below, which says its waits again): its retries (Celery's, from
+    # this request, a failed lookup's too) start their wait for a slot afresh.
+    kwargs = task.request.kwargs or {}
+    task.request.kwargs = {k: v for k, v in kwargs.items() if k not in ("waits", "since")}
     try:
-        share = _tenant_share(_tenant_of(owner, target))
-        if not share.acquire(blocking=False):
-            _send_back(task, owner, target, waits, since)
-            return
-        try:
-            # A try now: its retries (Celery's, from this request) start their wait for a slot afresh.
-            kwargs = task.request.kwargs or {}
-            task.request.kwargs = {k: v for k, v in kwargs.items() if k not in ("waits", "since")}
-            deliver_one(uuid.UUID(target))
-        finally:
-            share.release()
+        tenant = _tenant_of(owner, target)
+        admitted = _admit(tenant)
+    except BaseException:
+        _SLOTS.release()
+        raise
+    if not admitted:
+        _SLOTS.release()  # first: the slot kept for other tenants is not held while this one waits
+        _send_back(task, owner, target, waits, since)
+        return
+    started = time.monotonic()
+    struggled = True
+    try:
+        deliver_one(uuid.UUID(target))
+        struggled = time.monotonic() - started > settings.callback_timeout_s / 2
     finally:
+        _release(tenant, struggled)
         _SLOTS.release()
 
 
@@ -101,15 +111,37 @@ def _tenant_of(owner: Owner, target: str) -> str | None:
         return session.scalar(select(owner.tenant).where(owner.id == uuid.UUID(target)))
 
 
-def _tenant_share(tenant: str | None) -> threading.BoundedSemaphore:
-    """The slots one tenant's deliveries may hold at once in this process: all but one (at least one),
-    so a tenant whose receivers hang (10 s a try, 8 tries, then housekeeping's for a day) leaves a slot
-    to every other tenant's callbacks."""
+# A tenant whose last delivery failed or took over half its timeout holds at most all the slots but
+# one for this long: its receivers that never answer (10 s a try, 8 tries, then housekeeping's for a
+# day) leave a slot to every other tenant's callbacks, while a tenant whose receivers answer uses
+# every slot (one tenant alone, the usual deployment, is not halved). No reserve with one slot.
+STRUGGLING_FOR_S = 120.0
+
+
+def _admit(tenant: str | None) -> bool:
+    """Count a delivery of the tenant in, unless its receivers struggle and it holds its share."""
     with _shares_lock:
-        share = _shares.get(tenant)
-        if share is None:
-            share = _shares[tenant] = threading.BoundedSemaphore(max(1, _SLOT_COUNT - 1))
-        return share
+        holding = _holding.get(tenant, 0)
+        struggling = _struggling.get(tenant, 0.0) > time.monotonic()
+        if struggling and holding >= max(1, _SLOT_COUNT - 1):
+            return False
+        _holding[tenant] = holding + 1
+        return True
+
+
+def _release(tenant: str | None, struggled: bool) -> None:
+    with _shares_lock:
+        left = _holding.get(tenant, 1) - 1
+        if left:
+            _holding[tenant] = left
+        else:
+            _holding.pop(tenant, None)
+        if struggled:
+            if len(_struggling) >= _HELD_KEPT:
+                del _struggling[next(iter(_struggling))]
+            _struggling[tenant] = time.monotonic() + STRUGGLING_FOR_S
+        else:
+            _struggling.pop(tenant, None)
 
 
 def _least_wait(waits: int) -> float:

@@ -451,49 +451,74 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     callback_tasks._SLOTS.release()
 
 
-def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(
-    services, monkeypatch
-) -> None:
+def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeypatch) -> None:
     """Found in review: the slots were every tenant's: one tenant's callbacks to a receiver that never
     answers (10 s a try, 8 tries, then housekeeping's for a day) held them all, and every other
-    tenant's callbacks waited behind for hours."""
+    tenant's callbacks waited behind for hours. A tenant whose last delivery failed holds all the
+    slots but one; one whose receivers answer uses them all (review: a lone tenant was halved)."""
+    from types import SimpleNamespace
+
     import tasks.callbacks as callback_tasks
-    from tasks.callbacks import deliver_batch_callback
 
-    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
-    monkeypatch.setattr(settings, "callback_allow_private", True)
-    monkeypatch.setattr(settings, "callback_timeout_s", 30.0)
-    _resolver(monkeypatch, "tarpit.test", ["127.0.0.1"])
-    tarpit = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts, never answers
-    tarpit.settimeout(10)
-    url = f"http://tarpit.test:{tarpit.getsockname()[1]}/hook"
+    ids = {name: str(uuid.uuid4()) for name in ("p1", "p2", "g0", "g1", "g2", "o1", "o2")}
+    tenant_of = {target: name[0] for name, target in ids.items()}  # p: patient, g: greedy, o: other
+    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target])
+    monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(2))
+    monkeypatch.setattr(callback_tasks, "_SLOT_COUNT", 2)
+    monkeypatch.setattr(callback_tasks, "_holding", {})
+    monkeypatch.setattr(callback_tasks, "_struggling", {})
+    monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: None)
     sent_back: list[str] = []
-    monkeypatch.setattr(
-        callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.request.args[0])
-    )
-    slots = settings.callback_concurrency
-    assert slots == 2
-    greedy = [str(_run_calling_back(url, tenant="greedy")) for _ in range(slots)]
-    first = threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [greedy[0]]})
-    first.start()
-    held = [tarpit.accept()[0]]  # the greedy tenant's first delivery hangs in its POST
-    deliver_batch_callback.apply(args=[greedy[1]])  # a slot is free, but not the greedy tenant's
-    assert sent_back == [greedy[1]]
-    other = str(_run_calling_back(url, tenant="patient"))
-    second = threading.Thread(target=deliver_batch_callback.apply, kwargs={"args": [other]})
-    second.start()
-    held.append(tarpit.accept()[0])  # another tenant's delivery took the slot left
-    assert sent_back == [greedy[1]]
-    for conn in held:
-        conn.close()
-    tarpit.close()
-    for thread in (first, second):
-        thread.join(timeout=60)
-    assert callback_tasks._SLOTS.acquire(blocking=False)  # every slot back
-    callback_tasks._SLOTS.release()
+    monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.target))
+    answer = threading.Event()
+
+    def hangs(target: uuid.UUID) -> None:  # a receiver that answers once `answer` is set
+        assert answer.wait(30)
+
+    def refuses(target: uuid.UUID) -> None:
+        raise CallbackFailed("connection refused")
+
+    def deliver(name: str, receiver=hangs) -> threading.Thread:  # type: ignore[no-untyped-def]
+        task = SimpleNamespace(request=SimpleNamespace(kwargs={}), target=ids[name])
+        thread = threading.Thread(
+            target=callback_tasks._in_a_slot, args=(task, Run, receiver, ids[name], 0, None)
+        )
+        thread.start()
+        return thread
+
+    def holding(tenant: str, n: int) -> None:
+        deadline = time.monotonic() + 10
+        while callback_tasks._holding.get(tenant, 0) != n and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert callback_tasks._holding.get(tenant, 0) == n
+
+    # A tenant whose receivers answer may hold every slot.
+    patient = [deliver("p1"), deliver("p2")]
+    holding("p", 2)
+    answer.set()
+    for thread in patient:
+        thread.join(timeout=30)
+    assert sent_back == [] and not callback_tasks._struggling
+    # One whose last delivery failed holds all the slots but one.
+    answer.clear()
+    deliver("g0", refuses).join(timeout=30)
+    greedy = deliver("g1")
+    holding("g", 1)
+    deliver("g2").join(timeout=30)  # a slot is free, but not the greedy tenant's
+    assert sent_back == [ids["g2"]]
+    other = deliver("o1")  # another tenant's delivery takes the slot left
+    holding("o", 1)
+    deliver("o2").join(timeout=30)  # and then no slot is free
+    assert sent_back == [ids["g2"], ids["o2"]]
+    answer.set()
+    for thread in (greedy, other):
+        thread.join(timeout=30)
+    assert not callback_tasks._holding and callback_tasks._SLOTS.acquire(blocking=False)
 
 
-def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads_for_flushes() -> None:
+def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads_for_flushes(
+    monkeypatch,
+) -> None:
     """Review of the slots: a delivery that had waited kept its wait in its kwargs, which Celery's
     retry of a failed try carries on, so its next wait for a slot started held and a minute long;
     and a pool of 2 threads (MLCHAT_WORKER_THREADS' least) had both taken by two hung receivers."""
@@ -503,6 +528,7 @@ def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads
     from tasks.admission import callback_slots
 
     request = SimpleNamespace(kwargs={"waits": 6, "since": 1234.5})
+    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: None)  # no database here
     callback_tasks._in_a_slot(
         SimpleNamespace(request=request), Run, lambda target: True, str(uuid.uuid4()), 6, 1234.5
     )
