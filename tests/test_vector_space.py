@@ -110,6 +110,14 @@ def _embed_as(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(embedder, "settings", settings.model_copy(update={"embedder": name}))
 
 
+def _conversation_of(session: Session, tenant: str) -> int:
+    """An empty conversation of Elara's with Rowan in a tenant of its own (no other test's facts)."""
+    external = f"{tenant}-{uuid.uuid4().hex[:8]}"
+    elara = find_characters(session=session, slugs=["elara"])["elara"]
+    row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": elara}
+    return upsert_conversations(session=session, rows=[row], tenant=tenant)[external][0]
+
+
 def _fact(conv: int, said: str) -> NewFact:
     return NewFact(
         tenant=DEFAULT_TENANT,
@@ -217,10 +225,7 @@ def test_a_fact_without_a_vector_is_not_ranked_above_the_facts_that_answer(recor
 
     tenant = f"space-{uuid.uuid4().hex[:6]}"
     with session_scope() as s:
-        external = f"space-{uuid.uuid4().hex[:8]}"
-        elara = find_characters(session=s, slugs=["elara"])["elara"]
-        row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": elara}
-        conv = upsert_conversations(session=s, rows=[row], tenant=tenant)[external][0]
+        conv = _conversation_of(s, tenant)
         answers = replace(_fact(conv, "Rowan fears wolves."), tenant=tenant)
         unembedded = replace(_fact(conv, "Rowan keeps a grey cat."), tenant=tenant, embedding=None)
         add_facts(session=s, facts=[answers, unembedded])
@@ -808,10 +813,7 @@ def test_facts_tied_in_score_are_packed_newest_id_first_on_every_retry(recorded:
 
     tenant = f"ties-{uuid.uuid4().hex[:6]}"
     with session_scope() as s:
-        external = f"ties-{uuid.uuid4().hex[:8]}"
-        elara = find_characters(session=s, slugs=["elara"])["elara"]
-        row = {"external_id": external, "player_id": "p-space", "player_name": "Rowan", "character_id": elara}
-        conv = upsert_conversations(session=s, rows=[row], tenant=tenant)[external][0]
+        conv = _conversation_of(s, tenant)
         said = [f"Rowan owns lantern number {i}." for i in range(6)]
         ids = [
             r.id for r in add_facts(session=s, facts=[replace(_fact(conv, t), tenant=tenant) for t in said])
