@@ -462,17 +462,20 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
 
     ids = {name: str(uuid.uuid4()) for name in ("p1", "p2", "g0", "g1", "g2", "o1", "o2")}
     tenant_of = {target: name[0] for name, target in ids.items()}  # p: patient, g: greedy, o: other
-    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target])
+    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target], raising=False)
     monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(2))
-    monkeypatch.setattr(callback_tasks, "_SLOT_COUNT", 2)
-    monkeypatch.setattr(callback_tasks, "_holding", {})
-    monkeypatch.setattr(callback_tasks, "_struggling", {})
+    for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {})):
+        monkeypatch.setattr(callback_tasks, name, fresh, raising=False)  # (absent before the fix)
     monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: None)
     sent_back: list[str] = []
     monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.target))
     answer = threading.Event()
 
+    inside: dict[str, int] = {}
+
     def hangs(target: uuid.UUID) -> None:  # a receiver that answers once `answer` is set
+        tenant = tenant_of[str(target)]
+        inside[tenant] = inside.get(tenant, 0) + 1
         assert answer.wait(30)
 
     def refuses(target: uuid.UUID) -> None:
@@ -486,11 +489,11 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
         thread.start()
         return thread
 
-    def holding(tenant: str, n: int) -> None:
+    def holding(tenant: str, n: int) -> None:  # the tenant's deliveries inside their receivers
         deadline = time.monotonic() + 10
-        while callback_tasks._holding.get(tenant, 0) != n and time.monotonic() < deadline:
+        while inside.get(tenant, 0) != n and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert callback_tasks._holding.get(tenant, 0) == n
+        assert inside.get(tenant, 0) == n
 
     # A tenant whose receivers answer may hold every slot.
     patient = [deliver("p1"), deliver("p2")]
@@ -513,7 +516,7 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
     answer.set()
     for thread in (greedy, other):
         thread.join(timeout=30)
-    assert not callback_tasks._holding and callback_tasks._SLOTS.acquire(blocking=False)
+    assert not getattr(callback_tasks, "_holding", {}) and callback_tasks._SLOTS.acquire(blocking=False)
 
 
 def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads_for_flushes(
