@@ -111,10 +111,11 @@ def _tenant_of(owner: Owner, target: str) -> str | None:
         return session.scalar(select(owner.tenant).where(owner.id == uuid.UUID(target)))
 
 
-# A tenant whose last delivery failed or took over half its timeout holds at most all the slots but
-# one for this long: its receivers that never answer (10 s a try, 8 tries, then housekeeping's for a
-# day) leave a slot to every other tenant's callbacks, while a tenant whose receivers answer uses
-# every slot (one tenant alone, the usual deployment, is not halved). No reserve with one slot.
+# A tenant one of whose deliveries failed or took over half its timeout holds at most all the slots
+# but one for this long after it: its receivers that never answer (10 s a try, 8 tries, then
+# housekeeping's for a day) leave a slot to every other tenant's callbacks, while a tenant whose
+# receivers answer uses every slot (one tenant alone, the usual deployment, is not halved). No
+# reserve with one slot.
 STRUGGLING_FOR_S = 120.0
 
 
@@ -136,12 +137,10 @@ def _release(tenant: str | None, struggled: bool) -> None:
             _holding[tenant] = left
         else:
             _holding.pop(tenant, None)
-        if struggled:
-            if len(_struggling) >= _HELD_KEPT:
+        if struggled:  # only the time ends it: a quick delivery of the same tenant between hung ones does not
+            if len(_struggling) >= _HELD_KEPT and tenant not in _struggling:
                 del _struggling[next(iter(_struggling))]
             _struggling[tenant] = time.monotonic() + STRUGGLING_FOR_S
-        else:
-            _struggling.pop(tenant, None)
 
 
 def _least_wait(waits: int) -> float:

@@ -481,12 +481,20 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
     def refuses(target: uuid.UUID) -> None:
         raise CallbackFailed("connection refused")
 
+    failed: list[str] = []
+    started: list[threading.Thread] = []
+
+    def in_a_slot(task, receiver, target) -> None:  # type: ignore[no-untyped-def]
+        try:
+            callback_tasks._in_a_slot(task, Run, receiver, target, 0, None)
+        except CallbackFailed:  # the failed try Celery would retry
+            failed.append(target)
+
     def deliver(name: str, receiver=hangs) -> threading.Thread:  # type: ignore[no-untyped-def]
         task = SimpleNamespace(request=SimpleNamespace(kwargs={}), target=ids[name])
-        thread = threading.Thread(
-            target=callback_tasks._in_a_slot, args=(task, Run, receiver, ids[name], 0, None)
-        )
+        thread = threading.Thread(target=in_a_slot, args=(task, receiver, ids[name]))
         thread.start()
+        started.append(thread)
         return thread
 
     def holding(tenant: str, n: int) -> None:  # the tenant's deliveries inside their receivers
@@ -495,27 +503,33 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
             time.sleep(0.01)
         assert inside.get(tenant, 0) == n
 
-    # A tenant whose receivers answer may hold every slot.
-    patient = [deliver("p1"), deliver("p2")]
-    holding("p", 2)
-    answer.set()
-    for thread in patient:
-        thread.join(timeout=30)
-    assert sent_back == [] and not callback_tasks._struggling
-    # One whose last delivery failed holds all the slots but one.
-    answer.clear()
-    deliver("g0", refuses).join(timeout=30)
-    greedy = deliver("g1")
-    holding("g", 1)
-    deliver("g2").join(timeout=30)  # a slot is free, but not the greedy tenant's
-    assert sent_back == [ids["g2"]]
-    other = deliver("o1")  # another tenant's delivery takes the slot left
-    holding("o", 1)
-    deliver("o2").join(timeout=30)  # and then no slot is free
-    assert sent_back == [ids["g2"], ids["o2"]]
-    answer.set()
-    for thread in (greedy, other):
-        thread.join(timeout=30)
+    try:
+        # A tenant whose receivers answer may hold every slot.
+        patient = [deliver("p1"), deliver("p2")]
+        holding("p", 2)
+        answer.set()
+        for thread in patient:
+            thread.join(timeout=30)
+        assert sent_back == [] and not callback_tasks._struggling
+        # One whose last delivery failed holds all the slots but one.
+        answer.clear()
+        deliver("g0", refuses).join(timeout=30)
+        assert failed == [ids["g0"]]
+        greedy = deliver("g1")
+        holding("g", 1)
+        deliver("g2").join(timeout=30)  # a slot is free, but not the greedy tenant's
+        assert sent_back == [ids["g2"]]
+        other = deliver("o1")  # another tenant's delivery takes the slot left
+        holding("o", 1)
+        deliver("o2").join(timeout=30)  # and then no slot is free
+        assert sent_back == [ids["g2"], ids["o2"]]
+        answer.set()
+        for thread in (greedy, other):
+            thread.join(timeout=30)
+    finally:  # no thread left waiting on a receiver into a later test
+        answer.set()
+        for thread in started:
+            thread.join(timeout=30)
     assert not getattr(callback_tasks, "_holding", {}) and callback_tasks._SLOTS.acquire(blocking=False)
 
 

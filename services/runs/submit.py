@@ -151,7 +151,7 @@ def submit_run(
     `file_is_ours`: the file is one the service stored and never writes again (a batch's input);
     any other is read from a private copy, so lines changed after validation are never stored.
     """
-    name = check_run_name(name or path.stem, existing=True)
+    name = check_run_name(name or path.stem, existing=True)  # every check but the one for ':' first
     with nullcontext(path) if file_is_ours else _private_copy(path) as held:
         return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
 
@@ -192,7 +192,7 @@ def _submit(
     fields: dict[str, Any] | None,
     retry_later: bool,
     lock_held: bool,
-) -> SubmittedRun:  # every check but the one for ':' first
+) -> SubmittedRun:
     if ":" in name and _run_tenant(name) is None:
         check_run_name(name)  # a new run: refused
     with nullcontext(True) if lock_held else submission_lock(name, wait_s=BUSY_WAIT_S) as got:
