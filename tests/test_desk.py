@@ -271,7 +271,7 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
         def apply_chat_template(self, messages, **_: object) -> str:  # type: ignore[no-untyped-def]
             return "\n".join(m["content"] for m in messages)
 
-    report = export_dataset(slug, tmp_path, run=str(run_id), tokenizer=NoTemplate())
+    report = export_dataset(slug, tmp_path, run=str(run_id), tokenizer=NoTemplate(), tenant="studio-a")
     kept = [
         json.loads(line)
         for name in ("train.jsonl", "validation.jsonl")
