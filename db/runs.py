@@ -37,7 +37,7 @@ import logging
 import secrets
 import uuid
 from collections.abc import Collection, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,7 +69,7 @@ from db.models import (
 )
 from db.retry_seeds import retried_params
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
-from db.session import session_scope
+from db.session import given_or_own
 from db.turn_leases import claimable
 
 logger = logging.getLogger(__name__)
@@ -766,7 +766,7 @@ def runs_counts(
             completed=n[r][TurnStatus.DONE],
             failed=n[r][TurnStatus.FAILED],
             cancelled=n[r][TurnStatus.CANCELLED],
-            unsent=int(not_sent[r]),
+            unsent=not_sent[r],
             refused=int(refused.get(r) or 0),
         )
         for r in run_ids
@@ -869,7 +869,7 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
     last = -1
     unread = defer(Turn.prompt, raiseload=True), defer(Turn.context, raiseload=True)
     while True:
-        with nullcontext(session) if session is not None else session_scope() as reading:
+        with given_or_own(session) as reading:
             rows = reading.scalars(
                 select(Turn)
                 .where(Turn.run_id == run_id, Turn.number > last)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from functools import cache
 from typing import Any, TypeVar
 
@@ -195,6 +195,13 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+def given_or_own(session: Session | None) -> AbstractContextManager[Session]:
+    """The caller's session, or one of its own (session_scope): a reader that writes files as it
+    streams passes None, so each chunk is read in a transaction of its own and none stays open while
+    it writes (a migration's lock would wait behind one)."""
+    return nullcontext(session) if session is not None else session_scope()
 
 
 def psycopg_connection(session: Session) -> psycopg.Connection[Any]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
-from db.session import session_scope
+from db.session import given_or_own
 
 
 @dataclass(frozen=True)
@@ -65,8 +64,8 @@ def character_exchanges(
     if run_id is not None:
         query = query.where(Turn.run_id == run_id)
     last = -1
-    while True:  # `session` None: each chunk read in a transaction of its own (its reader writes files)
-        with nullcontext(session) if session is not None else session_scope() as reading:
+    while True:  # `session` None: each chunk in a transaction of its own (given_or_own)
+        with given_or_own(session) as reading:
             rows = reading.execute(query.where(Turn.number > last).limit(chunk)).all()
         if not rows:
             return

@@ -8,8 +8,8 @@ to drop a repeat.
 Callbacks run in the worker threads that also run generation flushes, and their queue is read first;
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
 receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
-thread from live turns; and a tenant whose last delivery failed or was slow holds all those slots but
-one, so its hanging receivers cannot hold back every other tenant's callbacks. A
+thread from live turns; and a tenant one of whose deliveries failed or was slow holds all those slots
+but one for two minutes, so its hanging receivers cannot hold back every other tenant's callbacks. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
 2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
 and a newcomer tries at once. One that has waited a minute marks its callback held
@@ -49,7 +49,7 @@ _SLOT_COUNT = callback_slots(settings.worker_threads)
 _SLOTS = threading.BoundedSemaphore(_SLOT_COUNT)
 _shares_lock = threading.Lock()
 _holding: dict[str | None, int] = {}  # deliveries of each tenant in a slot now
-_struggling: dict[str | None, float] = {}  # tenants whose last delivery failed or was slow: until when
+_struggling: dict[str | None, float] = {}  # tenants a delivery of which failed or was slow: until when
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
 HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)

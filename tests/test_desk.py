@@ -1011,6 +1011,7 @@ def test_an_export_holds_no_transaction_while_it_writes_and_one_that_stops_leave
     from contextlib import contextmanager
 
     import db.runs
+    import db.session
     from services.runs import export as run_export
     from services.runs import scene_export
     from tests.desk_data import build_scene_run
@@ -1034,7 +1035,7 @@ def test_an_export_holds_no_transaction_while_it_writes_and_one_that_stops_leave
         finally:
             open_scopes[0] -= 1
 
-    for module in (db.runs, run_export, scene_export):
+    for module in (db.session, db.runs, run_export, scene_export):  # db.session's: given_or_own's
         monkeypatch.setattr(module, "session_scope", counted, raising=False)
     ok_line, error_line = run_export._FORMATS["native"]
     written: list[int] = []

@@ -154,6 +154,7 @@ def test_a_training_set_holds_no_transaction_while_it_writes_and_an_unknown_char
     written (a migration's lock waited behind it); an unknown character left an empty folder."""
     from contextlib import contextmanager
 
+    import db.session
     import db.training
     import services.lora.dataset as dataset
 
@@ -174,7 +175,7 @@ def test_a_training_set_holds_no_transaction_while_it_writes_and_an_unknown_char
         finally:
             open_scopes[0] -= 1
 
-    for module in (db.training, dataset):
+    for module in (db.session, db.training, dataset):  # db.session's: given_or_own's
         monkeypatch.setattr(module, "session_scope", counted, raising=False)
     writing: list[int] = []
     add = dataset._Split.add

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session
 from core.whole_files import replaced_whole
 from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
-from db.session import session_scope
+from db.session import given_or_own, session_scope
 from services.runs.control import export_stem, require_run
 from services.runs.openai_lines import failure_status, message_content, paid_completion_tokens
 
@@ -77,7 +76,7 @@ def write_outputs(
                 bad.write(json.dumps(error_line(turn, run), ensure_ascii=False) + "\n")
                 n_err += 1
         refused_line = _openai_refused if fmt == "openai" else _native_refused
-        with nullcontext(session) if session is not None else session_scope() as reading:
+        with given_or_own(session) as reading:
             refusals = run_refusals(session=reading, run_id=run.id)
         for refusal in refusals:
             bad.write(json.dumps(refused_line(refusal, run), ensure_ascii=False) + "\n")
