@@ -731,3 +731,13 @@ class WriteKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     ids: Mapped[list[int]] = mapped_column(JSONB, default=list, server_default=text("'[]'"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class DeskSignOut(Base):
+    """A desk session its writer signed out of: its cookie's signature until the cookie's expiry, so
+    a copy of the cookie no longer opens the desk."""
+
+    __tablename__ = "desk_sign_outs"
+
+    session_mac: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -687,16 +687,15 @@ def run_scenes(
     *,
     session: Session,
     run_id: uuid.UUID,
-    offset: int = 0,
     limit: int | None = None,
     after: tuple[str, int] | None = None,
 ) -> list[Scene]:
-    """The run's scenes in custom_id order (from `offset`, or past the scene `after` names by its
-    (custom_id, id); at most `limit`)."""
+    """The run's scenes in custom_id order (past the scene `after` names by its (custom_id, id);
+    at most `limit`)."""
     # A NULL would compare as neither before nor after; written as the index's expression (0036),
     # the empty string inline, so the planner matches it.
     name = func.coalesce(Scene.custom_id, literal_column("''"))
     query = select(Scene).where(Scene.run_id == run_id).order_by(name, Scene.id)
     if after is not None:
         query = query.where(tuple_(name, Scene.id) > tuple_(literal(after[0]), literal(after[1])))
-    return list(session.scalars(query.offset(offset).limit(limit)))
+    return list(session.scalars(query.limit(limit)))

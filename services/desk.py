@@ -13,14 +13,14 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import literal, select, tuple_
 from sqlalchemy.orm import Session
 
 from core.settings import settings
-from db import reviews
+from db import desk_sessions, reviews
 from db.memory_jobs import keeps_memory
 from db.models import (
     RUN_FINISHED,
@@ -268,8 +268,7 @@ class RunPage:
     after: int  # the lines shown follow this turn number (0: from the first)
     more: bool  # lines match past the last one shown: the next page is after its number
     scenes: list[SceneRow] = field(default_factory=list)
-    scene_page: int = 1
-    more_scenes: bool = False
+    more_scenes: bool = False  # scenes follow the last one shown: their page starts past its id
 
 
 @dataclass(frozen=True)
@@ -293,6 +292,20 @@ class LinePage:
     line: reviews.Line
     run: Run
     changes: list[TurnReviewChange] = field(default_factory=list)
+
+
+def sign_out(session_mac: str, expires: int) -> None:
+    """End a desk session: its cookie, wherever a copy of it is, no longer opens the desk."""
+    with session_scope() as session:
+        desk_sessions.sign_out(
+            session=session, session_mac=session_mac, expires_at=datetime.fromtimestamp(expires, UTC)
+        )
+
+
+def signed_out(session_mac: str) -> bool:
+    """Whether the desk session was ended by signing out."""
+    with session_scope() as session:
+        return desk_sessions.signed_out(session=session, session_mac=session_mac)
 
 
 def _visible_runs(who: Reviewer) -> Any:
@@ -326,16 +339,72 @@ def _row(session: Session, run: Run) -> RunRow:
     )
 
 
-def list_runs(who: Reviewer, page: int = 1) -> tuple[list[RunRow], bool]:
-    """One page of the caller's runs and batches, newest first, and whether older ones follow."""
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class RunsAt:
+    """A place in the runs list: a run's (created_at, id), which a page starts past. Written into the
+    page's links as `<microseconds since 1970>.<id hex>`, so a run deleted since still marks it."""
+
+    created_at: datetime
+    id: uuid.UUID
+
+    @classmethod
+    def of(cls, row: RunRow) -> RunsAt:
+        return cls(row.created_at, row.id)
+
+    def token(self) -> str:
+        return f"{(self.created_at - _EPOCH) // timedelta(microseconds=1)}.{self.id.hex}"
+
+    @classmethod
+    def parse(cls, name: str, value: str) -> RunsAt:
+        """A place from a link's parameter `name`; a 400 naming it when it is not one."""
+        micros, _, hexed = value.strip().partition(".")
+        try:
+            if not (micros.isascii() and micros.isdigit() and len(micros) <= 17 and len(hexed) == 32):
+                raise ValueError(value)
+            return cls(_EPOCH + timedelta(microseconds=int(micros)), uuid.UUID(hex=hexed))
+        except (ValueError, OverflowError):
+            raise _bad(f"{name}: not a place in the runs list; open the list again") from None
+
+
+@dataclass(frozen=True)
+class RunsPage:
+    """A page of the runs list, newest first, and where the pages on either side of it start."""
+
+    rows: list[RunRow]
+    older_than: RunsAt | None  # older runs follow: their page starts past this one's last row
+    newer_than: RunsAt | None  # newer runs precede: their page ends before this one's first row
+
+
+def list_runs(who: Reviewer, older_than: RunsAt | None = None, newer_than: RunsAt | None = None) -> RunsPage:
+    """A page of the caller's runs and batches, newest first: the newest, those older than a place
+    or those newer than one. Paged by position, not offset, so a run started while a writer pages
+    neither repeats a row on the next page nor hides one."""
+    order = (Run.created_at, Run.id)  # ix_runs_tenant_created_at, ix_runs_created_at
     with session_scope() as session:
-        runs = session.scalars(
-            _visible_runs(who)
-            .order_by(Run.created_at.desc(), Run.id.desc())  # ix_runs_tenant_created_at
-            .offset((page - 1) * PAGE_SIZE)
-            .limit(PAGE_SIZE + 1)
-        ).all()
-        return [_row(session, run) for run in runs[:PAGE_SIZE]], len(runs) > PAGE_SIZE
+        if newer_than is not None:
+            newest = session.scalars(
+                _visible_runs(who)
+                .where(tuple_(*order) > tuple_(literal(newer_than.created_at), literal(newer_than.id)))
+                .order_by(*(c.asc() for c in order))
+                .limit(PAGE_SIZE + 1)
+            ).all()
+            if len(newest) > PAGE_SIZE:  # not the newest page yet
+                rows = [_row(session, run) for run in reversed(newest[:PAGE_SIZE])]
+                return RunsPage(rows, RunsAt.of(rows[-1]), RunsAt.of(rows[0]))
+            older_than = None  # the newest page is a whole one
+        query = _visible_runs(who).order_by(*(c.desc() for c in order)).limit(PAGE_SIZE + 1)
+        if older_than is not None:
+            query = query.where(
+                tuple_(*order) < tuple_(literal(older_than.created_at), literal(older_than.id))
+            )
+        runs = session.scalars(query).all()
+        rows = [_row(session, run) for run in runs[:PAGE_SIZE]]
+        older = RunsAt.of(rows[-1]) if len(runs) > PAGE_SIZE else None
+        newer = (RunsAt.of(rows[0]) if rows else older_than) if older_than is not None else None
+        return RunsPage(rows, older, newer)
 
 
 def _run(session: Session, who: Reviewer, run_id: uuid.UUID) -> Run:
@@ -352,18 +421,28 @@ def run_summary(who: Reviewer, run_id: uuid.UUID) -> RunRow:
 
 
 def run_page(
-    who: Reviewer, run_id: uuid.UUID, filters: LineFilter, after: int = 0, scene_page: int = 1
+    who: Reviewer, run_id: uuid.UUID, filters: LineFilter, after: int = 0, scenes_after: int | None = None
 ) -> RunPage:
     """A run, one page of its lines (filtered, from the one after turn number `after`), and one page
-    of its scenes."""
+    of its scenes (in custom_id order, from the one after the scene `scenes_after`)."""
     with session_scope() as session:
         run = _run(session, who, run_id)
         lines = reviews.run_lines(
             session=session, run_id=run.id, filters=filters, limit=PAGE_SIZE + 1, after=after
         )
         session.expunge_all()
+        past = None
+        if scenes_after is not None:
+            past = session.execute(
+                select(Scene.custom_id, Scene.id).where(Scene.id == scenes_after, Scene.run_id == run.id)
+            ).first()
+            if past is None:
+                raise _bad("scenes_after: no such scene of this run")
         scenes = run_scenes(
-            session=session, run_id=run.id, offset=(scene_page - 1) * PAGE_SIZE, limit=PAGE_SIZE + 1
+            session=session,
+            run_id=run.id,
+            after=(past[0] or "", past[1]) if past is not None else None,
+            limit=PAGE_SIZE + 1,
         )
         return RunPage(
             run=_row(session, run),
@@ -373,7 +452,6 @@ def run_page(
             after=after,
             more=len(lines) > PAGE_SIZE,
             scenes=_scene_rows(session, scenes[:PAGE_SIZE]),
-            scene_page=scene_page,
             more_scenes=len(scenes) > PAGE_SIZE,
         )
 

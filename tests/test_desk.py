@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.settings import settings
-from db.models import Conversation, Message, Run, RunStatus, Turn, TurnReview, TurnReviewChange
+from db.models import Conversation, Message, Run, RunStatus, Scene, Turn, TurnReview, TurnReviewChange
 from db.session import session_scope
 from services import desk
 from services.desk import DeskError, Reviewer
@@ -213,8 +213,8 @@ def test_another_tenants_lines_and_runs_are_not_found(services, world) -> None:
         with pytest.raises(DeskError) as refused:
             call()
         assert refused.value.status == 404
-    assert run_id not in {r.id for r in desk.list_runs(OTHER_WRITER)[0]}
-    assert run_id in {r.id for r in desk.list_runs(WRITER)[0]}
+    assert run_id not in {r.id for r in desk.list_runs(OTHER_WRITER).rows}
+    assert run_id in {r.id for r in desk.list_runs(WRITER).rows}
     turn, _, changes = _stored(first)
     assert turn.reply == "The forge the forge the forge." and changes == 0
 
@@ -325,7 +325,7 @@ def test_an_edit_picked_back_in_a_one_line_run_keeps_the_runs_summary_and_list(s
     assert turn.reply == "Past the well, then left." and turn.quality["persona"] == 0.31
     summary = desk.run_summary(WRITER, run_id)
     assert summary.scored == 1
-    assert any(row.id == run_id for row in desk.list_runs(WRITER)[0])
+    assert any(row.id == run_id for row in desk.list_runs(WRITER).rows)
 
 
 def test_an_edit_saved_unchanged_is_refused_and_keeps_the_label(services, world) -> None:
@@ -927,32 +927,64 @@ def test_a_change_made_on_a_lines_own_page_reloads_it_with_its_history(services,
 
 def test_a_runs_scenes_come_in_pages_on_its_page(services, world, base_url, monkeypatch) -> None:
     """Found in review: the run page listed every scene of the run, with a query per scene, on every
-    page of its lines: a run of 100,000 scenes read them all at each view."""
+    page of its lines: a run of 100,000 scenes read them all at each view. Then (review): the pages
+    were offsets, so a scene stored while a writer paged (a submission still storing) shifted the
+    rest, one of them skipped; a page now starts past the last scene shown."""
     from tests.conftest import REVIEW_KEY
     from tests.desk_data import build_scene_run
 
     monkeypatch.setattr(desk, "PAGE_SIZE", 2)
     run_id, _, _ = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"], scenes=5)
     everything = desk.line_filter(None, None, None, None, None)
-    seen, more = [], True
+    seen, more, past = [], True, None
     for number in (1, 2, 3):
         assert more
-        view = desk.run_page(WRITER, run_id, everything, scene_page=number)
+        view = desk.run_page(WRITER, run_id, everything, scenes_after=past)
         seen += [row.custom_id for row in view.scenes]
         assert all(row.participants == ["Elara", "루피"] for row in view.scenes)
-        more = view.more_scenes
+        more, past = view.more_scenes, view.scenes[-1].id
+        if number == 1:  # a scene stored while the writer reads the first page, sorting before it
+            with session_scope() as session:
+                (first,) = session.scalars(
+                    select(Scene).where(Scene.run_id == run_id, Scene.custom_id == "scene-1")
+                )
+                talk = session.get_one(Conversation, first.conversation_id)
+                later = Conversation(
+                    tenant=talk.tenant, external_id=f"{talk.external_id}-0", character_id=talk.character_id
+                )
+                session.add(later)
+                session.flush()
+                session.add(
+                    Scene(
+                        run_id=run_id,
+                        conversation_id=later.id,
+                        custom_id="scene-0",
+                        strategy=first.strategy,
+                        exchanges=first.exchanges,
+                        model=first.model,
+                    )
+                )
     assert seen == [f"scene-{i}" for i in range(1, 6)] and not more
     client = _desk_client(base_url, REVIEW_KEY)
     try:
         page = client.get(f"/desk/runs/{run_id}")
-        assert page.status_code == 200 and f"/desk/runs/{run_id}?scene_page=2" in page.text
-        assert client.get(f"/desk/runs/{run_id}?scene_page=0").status_code == 400
+        assert page.status_code == 200
+        first_page = desk.run_page(WRITER, run_id, everything)
+        assert [row.custom_id for row in first_page.scenes] == ["scene-0", "scene-1"]
+        assert f"/desk/runs/{run_id}?scenes_after={first_page.scenes[-1].id}" in page.text
+        second = client.get(f"/desk/runs/{run_id}?scenes_after={first_page.scenes[-1].id}")
+        assert second.status_code == 200 and "scene-2" in second.text and "scene-0" not in second.text
+        for bad in ("0", "x", str(2**62)):  # not a number, or no scene of this run
+            refused = client.get(f"/desk/runs/{run_id}?scenes_after={bad}")
+            assert refused.status_code == 400 and "scenes_after" in refused.text, bad
     finally:
         client.close()
 
 
 def test_the_runs_list_comes_in_pages_newest_first(services, world, base_url, monkeypatch) -> None:
-    """Found in review: the runs list showed the newest 100 runs and no way to the older ones."""
+    """Found in review: the runs list showed the newest 100 runs and no way to the older ones. Then
+    (review): its pages were offsets, so a run started while a writer paged pushed the last row of a
+    page onto the next one, shown twice. A page starts past the last run shown, either way."""
     from tests.conftest import REVIEW_KEY
 
     monkeypatch.setattr(desk, "PAGE_SIZE", 2)
@@ -960,22 +992,36 @@ def test_the_runs_list_comes_in_pages_newest_first(services, world, base_url, mo
     made = [build_run(tenant, _lines()[:1])[0] for _ in range(5)]
     who = Reviewer("writer-pages", tenant, admin=False)
     seen: list[uuid.UUID] = []
+    listed = desk.list_runs(who)
+    assert listed.newer_than is None
     for number in (1, 2, 3):
-        rows, more = desk.list_runs(who, number)
-        seen += [row.id for row in rows]
-        assert more == (number < 3)
+        seen += [row.id for row in listed.rows]
+        assert (listed.older_than is not None) == (number < 3)
+        if number == 1:
+            started = build_run(tenant, _lines()[:1])[0]  # a run started while the writer pages
+        if listed.older_than is not None:
+            listed = desk.list_runs(who, older_than=listed.older_than)
     assert seen == made[::-1]
+    # back towards the newest: the page before the last, then the newest page, whole
+    back = desk.list_runs(who, newer_than=desk.RunsAt.of(listed.rows[0]))
+    assert [row.id for row in back.rows] == made[2:0:-1] and back.newer_than and back.older_than
+    nearer = desk.list_runs(who, newer_than=back.newer_than)
+    assert [row.id for row in nearer.rows] == made[4:2:-1] and nearer.newer_than
+    newest = desk.list_runs(who, newer_than=nearer.newer_than)  # one newer run: the newest page, whole
+    assert [row.id for row in newest.rows] == [started, made[-1]] and newest.newer_than is None
     for _ in range(3):  # the review key's own tenant has more than a page, whatever ran before
         build_run("studio-a", _lines()[:1])
     client = _desk_client(base_url, REVIEW_KEY)
     try:
         first = client.get("/desk/runs")
-        assert first.status_code == 200 and 'href="/desk/runs?page=2"' in first.text
-        assert "Newer runs" not in first.text
-        second = client.get("/desk/runs?page=2")
-        assert second.status_code == 200 and 'href="/desk/runs?page=1"' in second.text
-        refused = client.get("/desk/runs?page=0")
-        assert refused.status_code == 400 and "page" in refused.text
+        assert first.status_code == 200 and "Newer runs" not in first.text
+        older = first.text.split('class="older-runs" href="', 1)[1].split('"', 1)[0]
+        assert older.startswith("/desk/runs?older_than=")
+        second = client.get(older)
+        assert second.status_code == 200 and 'href="/desk/runs?newer_than=' in second.text
+        for bad in ("older_than=1", "older_than=x.y", f"newer_than=99999999999999999999.{uuid.uuid4().hex}"):
+            refused = client.get(f"/desk/runs?{bad}")
+            assert refused.status_code == 400 and bad.split("=")[0] in refused.text, bad
     finally:
         client.close()
 
@@ -1107,10 +1153,11 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
         old_cookie = base64.urlsafe_b64encode(REVIEW_KEY.encode()).decode()  # the key itself
         assert REVIEW_KEY not in cookie and old_cookie not in cookie
         assert client.get("/desk/runs").status_code == 200
-        named, expires, mac = cookie.split(".")
+        named, expires, nonce, mac = cookie.split(".")
         for forged in (
-            f"{named}.{int(expires) + 3600}.{mac}",  # a later expiry under the old signature
-            f"{named}.{expires}.{'0' * len(mac)}",
+            f"{named}.{int(expires) + 3600}.{nonce}.{mac}",  # a later expiry under the old signature
+            f"{named}.{expires}.{'0' * len(nonce)}.{mac}",  # another session under the signature
+            f"{named}.{expires}.{nonce}.{'0' * len(mac)}",
             old_cookie,
         ):
             answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: forged})
@@ -1135,6 +1182,44 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
         assert client.get("/desk/runs").status_code == 200
     finally:
         client.close()
+
+
+def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(services, world, base_url) -> None:
+    """Found in review: signing out deleted the cookie from the browser, but the session is signed,
+    not stored, so a copy of the cookie (a shared machine's jar, a proxy's log) opened the desk for
+    the rest of its twelve hours. Signing out records the session; a copy is sent to the login form,
+    and the key's other sessions (another browser) stay signed in."""
+    import httpx
+
+    from api.routes.desk import COOKIE
+    from tests.conftest import REVIEW_KEY
+
+    client, other = _desk_client(base_url, REVIEW_KEY), _desk_client(base_url, REVIEW_KEY)
+    try:
+        copy = client.cookies[COOKIE]
+        page = client.get("/desk/runs")
+        assert page.status_code == 200
+        token = page.text.split('name="csrf" value="', 1)[1].split('"', 1)[0]
+        out = client.post("/desk/logout", data={"csrf": token})
+        assert out.status_code == 303 and out.headers["location"] == "/desk/login"
+        assert COOKIE not in client.cookies
+        answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: copy})
+        assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
+        hx = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: copy}, headers={"HX-Request": "true"})
+        assert hx.status_code == 401 and hx.headers["hx-redirect"] == "/desk/login"
+        # signing out twice (a second tab's stale button) is no error; the other browser is unmoved
+        again = httpx.post(
+            f"{base_url}/desk/logout",
+            cookies={COOKIE: copy},
+            data={"csrf": token},
+            headers={"Origin": base_url},
+        )
+        assert again.status_code == 303 and again.headers["location"] == "/desk/login"
+        assert other.cookies[COOKIE] != copy  # a session of its own, even signed in the same second
+        assert other.get("/desk/runs").status_code == 200
+    finally:
+        client.close()
+        other.close()
 
 
 def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) -> None:

@@ -16,8 +16,10 @@ import base64
 import binascii
 import hashlib
 import hmac
+import secrets
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
@@ -75,8 +77,8 @@ def _csrf(digest: str) -> str:
     return hmac.new(_signing_key(digest), b"mlchat-desk-form", hashlib.sha256).hexdigest()
 
 
-def _session_mac(digest: str, key_id: str, expires: int) -> str:
-    message = f"mlchat-desk-session\x00{key_id}\x00{expires}".encode("utf-8", "surrogatepass")
+def _session_mac(digest: str, key_id: str, expires: int, nonce: str) -> str:
+    message = f"mlchat-desk-session\x00{key_id}\x00{expires}\x00{nonce}".encode("utf-8", "surrogatepass")
     return hmac.new(_signing_key(digest), message, hashlib.sha256).hexdigest()
 
 
@@ -84,28 +86,42 @@ class NotSignedIn(Exception):
     """No usable desk cookie: the page sends the browser to the login form."""
 
 
+@dataclass(frozen=True)
+class _Session:
+    """A desk cookie that is its key's own and has not expired: the key, its signature and expiry."""
+
+    key: ApiKey
+    mac: str
+    expires: int
+
+
 class Desk:
     """The signed-in writer of a request: who (for the services) and the form token."""
 
-    def __init__(self, caller: Caller, digest: str) -> None:
+    def __init__(self, caller: Caller, session: _Session) -> None:
         self.caller = caller
         self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
-        self.csrf = _csrf(digest)
+        self.csrf = _csrf(session.key.digest)
+        self.session = session
 
 
 def _session_cookie(key: ApiKey, now: float | None = None) -> str:
-    """The cookie of a session of this key: `<key id, base64>.<expiry>.<signature>`, ASCII."""
+    """The cookie of a session of this key: `<key id, base64>.<expiry>.<nonce>.<signature>`, ASCII;
+    the nonce tells two sessions of one key and second apart, so signing out of one ends only it."""
     expires = int(now if now is not None else time.time()) + SESSION_S
     named = base64.urlsafe_b64encode(key.id.encode("utf-8", "surrogatepass")).decode("ascii")
-    return f"{named}.{expires}.{_session_mac(key.digest, key.id, expires)}"
+    nonce = secrets.token_hex(16)
+    return f"{named}.{expires}.{nonce}.{_session_mac(key.digest, key.id, expires, nonce)}"
 
 
-def _session_key(value: str | None) -> ApiKey | None:
-    """The configured key of a session cookie that is its own and has not expired, else None."""
+def _session_of(value: str | None) -> _Session | None:
+    """The session of a desk cookie that is its key's own and has not expired, else None (signed out
+    or not: that is `signed_in`'s read)."""
     if not value or len(value) > 1024:
         return None
     named, _, rest = value.partition(".")
-    expires_text, _, mac = rest.partition(".")
+    expires_text, _, rest = rest.partition(".")
+    nonce, _, mac = rest.partition(".")
     try:
         key_id = base64.urlsafe_b64decode(named.encode("ascii")).decode("utf-8")
         expires = int(expires_text)
@@ -115,10 +131,10 @@ def _session_key(value: str | None) -> ApiKey | None:
         return None
     match = None
     for key in settings.api_keys:  # every key looked at: the time does not say which one matched
-        expected = _session_mac(key.digest, key.id, expires)
+        expected = _session_mac(key.digest, key.id, expires, nonce)
         # Two keys may share a name (a rotation): the signature tells whose session it is.
         if key.id == key_id and hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode()):
-            match = key
+            match = _Session(key, expected, expires)
     return match
 
 
@@ -152,10 +168,12 @@ def _path(url: str) -> str:
 
 def signed_in(request: Request) -> Desk:
     """A dependency: the writer whose session the cookie holds (review or admin scope)."""
-    key = _session_key(request.cookies.get(COOKIE))
-    if key is None or not ({"review", "admin"} & set(key.scopes)):
+    session = _session_of(request.cookies.get(COOKIE))
+    if session is None or not ({"review", "admin"} & set(session.key.scopes)):
         raise NotSignedIn
-    return Desk(caller_of(key), key.digest)
+    if desk.signed_out(session.mac):
+        raise NotSignedIn
+    return Desk(caller_of(session.key), session)
 
 
 async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -> Desk:
@@ -242,7 +260,8 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
 
 @router.post("/logout")
 def logout(desk_: Posted) -> Response:
-    """Forget the key."""
+    """End the session: the cookie is deleted, and a copy of it left anywhere is refused."""
+    desk.sign_out(desk_.session.mac, desk_.session.expires)
     response = RedirectResponse("/desk/login", status_code=303)
     response.delete_cookie(COOKIE, path="/desk")
     return response
@@ -252,18 +271,21 @@ def logout(desk_: Posted) -> Response:
 
 
 @router.get("/runs", response_class=HTMLResponse)
-async def runs(request: Request, desk_: Signed, page: str | None = None) -> Response:
+async def runs(
+    request: Request, desk_: Signed, older_than: str | None = None, newer_than: str | None = None
+) -> Response:
     """Runs and batches with status, counts, progress and the gate's flags, a page at a time, newest
     first; live rows refresh."""
-    number = desk.whole_number("page", page or "1", low=1, high=100_000)
-    rows, more = await run_in_threadpool(desk.list_runs, desk_.who, number)
+    older = desk.RunsAt.parse("older_than", older_than) if older_than is not None else None
+    newer = desk.RunsAt.parse("newer_than", newer_than) if newer_than is not None else None
+    listed = await run_in_threadpool(desk.list_runs, desk_.who, older, newer)
     return _page(
         request,
         "runs.html",
         desk=desk_,
-        runs=rows,
-        newer_page=f"/desk/runs?page={number - 1}" if number > 1 else None,
-        older_page=f"/desk/runs?page={number + 1}" if more else None,
+        runs=listed.rows,
+        newer_page=f"/desk/runs?newer_than={listed.newer_than.token()}" if listed.newer_than else None,
+        older_page=f"/desk/runs?older_than={listed.older_than.token()}" if listed.older_than else None,
     )
 
 
@@ -285,13 +307,17 @@ async def run(
     text: str | None = None,
     label: str | None = None,
     after: str | None = None,
-    scene_page: str | None = None,
+    scenes_after: str | None = None,
 ) -> Response:
     """A run's lines, filtered by character, gate check, bar, label and text, and its scenes: a
     page of each (the lines' next page starts after the last line shown)."""
     filters = desk.line_filter(character, check, bar, text, label)
     cursor = desk.whole_number("after", after or "0", low=0, high=2**63 - 1)
-    scenes_at = desk.whole_number("scene_page", scene_page or "1", low=1, high=100_000)
+    scenes_at = (
+        desk.whole_number("scenes_after", scenes_after, low=1, high=2**63 - 1)
+        if scenes_after is not None
+        else None
+    )
     view = await run_in_threadpool(
         desk.run_page, desk_.who, desk.object_id("run", run_id), filters, cursor, scenes_at
     )
@@ -301,7 +327,7 @@ async def run(
         return f"/desk/runs/{view.run.id}?{urlencode(query)}"
 
     next_page = link(after=view.lines[-1].turn.number) if view.more else None
-    next_scenes = link(scene_page=scenes_at + 1) if view.more_scenes else None
+    next_scenes = link(scenes_after=view.scenes[-1].id) if view.more_scenes else None
     return _page(
         request,
         "run.html",
