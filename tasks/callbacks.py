@@ -79,6 +79,13 @@ def _in_a_slot(
     try:
         tenant = _tenant_of(owner, target)
         admitted = _admit(tenant)
+    except (DBAPIError, PoolTimeout):  # the database, not the receiver: no try of the callback spent
+        _SLOTS.release()
+        logger.warning(
+            "callback %s: its tenant could not be read; it waits for a slot again", target, exc_info=True
+        )
+        _send_back(task, owner, target, waits, since)
+        return
     except BaseException:
         _SLOTS.release()
         raise
@@ -111,22 +118,24 @@ def _tenant_of(owner: Owner, target: str) -> str | None:
         return session.scalar(select(owner.tenant).where(owner.id == uuid.UUID(target)))
 
 
-# A tenant one of whose deliveries failed or took over half its timeout holds at most all the slots
-# but one for this long after it: its receivers that never answer (10 s a try, 8 tries, then
-# housekeeping's for a day) leave a slot to every other tenant's callbacks, while a tenant whose
-# receivers answer uses every slot (one tenant alone, the usual deployment, is not halved). No
-# reserve with one slot.
+# A tenant one of whose deliveries failed or took over half its timeout is struggling for this
+# long after it, and the struggling tenants together hold at most all the slots but one: receivers
+# that never answer (10 s a try, 8 tries, then housekeeping's for a day), one tenant's or several's,
+# leave a slot to every other tenant's callbacks, while tenants whose receivers answer use every
+# slot (one tenant alone, the usual deployment, is not halved). No reserve with one slot.
 STRUGGLING_FOR_S = 120.0
 
 
 def _admit(tenant: str | None) -> bool:
-    """Count a delivery of the tenant in, unless its receivers struggle and it holds its share."""
+    """Count a delivery of the tenant in, unless its receivers struggle and the struggling tenants
+    hold their share of the slots."""
     with _shares_lock:
-        holding = _holding.get(tenant, 0)
-        struggling = _struggling.get(tenant, 0.0) > time.monotonic()
-        if struggling and holding >= max(1, _SLOT_COUNT - 1):
-            return False
-        _holding[tenant] = holding + 1
+        now = time.monotonic()
+        if _struggling.get(tenant, 0.0) > now:
+            held = sum(n for t, n in _holding.items() if _struggling.get(t, 0.0) > now)
+            if held >= max(1, _SLOT_COUNT - 1):
+                return False
+        _holding[tenant] = _holding.get(tenant, 0) + 1
         return True
 
 

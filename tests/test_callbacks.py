@@ -451,17 +451,20 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     callback_tasks._SLOTS.release()
 
 
-def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeypatch) -> None:
+def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeypatch) -> None:
     """Found in review: the slots were every tenant's: one tenant's callbacks to a receiver that never
     answers (10 s a try, 8 tries, then housekeeping's for a day) held them all, and every other
     tenant's callbacks waited behind for hours. A tenant whose last delivery failed holds all the
-    slots but one; one whose receivers answer uses them all (review: a lone tenant was halved)."""
+    slots but one; one whose receivers answer uses them all (review: a lone tenant was halved).
+    Then (review): the share was each struggling tenant's, so two of them took every slot; the
+    struggling tenants hold all the slots but one together."""
     from types import SimpleNamespace
 
     import tasks.callbacks as callback_tasks
 
-    ids = {name: str(uuid.uuid4()) for name in ("p1", "p2", "g0", "g1", "g2", "o1", "o2")}
-    tenant_of = {target: name[0] for name, target in ids.items()}  # p: patient, g: greedy, o: other
+    names = ("p1", "p2", "g0", "g1", "g2", "h0", "h1", "o1", "o2", "o3")
+    ids = {name: str(uuid.uuid4()) for name in names}
+    tenant_of = {target: name[0] for name, target in ids.items()}  # p: patient, g, h: greedy, o: other
     monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target], raising=False)
     monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(2))
     for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {})):
@@ -526,11 +529,48 @@ def test_one_tenants_hanging_receivers_leave_a_slot_to_every_other_tenants_callb
         answer.set()
         for thread in (greedy, other):
             thread.join(timeout=30)
+        # A second struggling tenant: the two together still leave a slot to every other tenant.
+        answer.clear()
+        inside.clear()
+        deliver("h0", refuses).join(timeout=30)
+        greedy = deliver("g1")
+        holding("g", 1)
+        deliver("h1").join(timeout=30)  # a slot is free, but not the struggling tenants'
+        assert sent_back[2:] == [ids["h1"]]
+        other = deliver("o3")
+        holding("o", 1)
+        answer.set()
+        for thread in (greedy, other):
+            thread.join(timeout=30)
     finally:  # no thread left waiting on a receiver into a later test
         answer.set()
         for thread in started:
             thread.join(timeout=30)
     assert not getattr(callback_tasks, "_holding", {}) and callback_tasks._SLOTS.acquire(blocking=False)
+
+
+def test_a_callback_whose_tenant_cannot_be_read_waits_for_a_slot_again_its_tries_unspent(monkeypatch) -> None:
+    """Found in review: the tenant is read inside a slot before each delivery, and a database error
+    there went to Celery's retry, spending one of the receiver's tries (8 in all) on an outage of
+    the database, nothing sent. The delivery waits for a slot again, its try count as it was."""
+    from types import SimpleNamespace
+
+    from sqlalchemy.exc import OperationalError
+
+    import tasks.callbacks as callback_tasks
+
+    def database_away(owner, target):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT runs.tenant", {}, Exception("server closed the connection"))
+
+    monkeypatch.setattr(callback_tasks, "_tenant_of", database_away)
+    monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(1))
+    later: list[int] = []
+    monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: later.append(waits))
+    delivered: list[uuid.UUID] = []
+    task = SimpleNamespace(request=SimpleNamespace(kwargs={}, retries=3))
+    callback_tasks._in_a_slot(task, Run, delivered.append, str(uuid.uuid4()), 2, None)
+    assert later == [3] and delivered == [] and task.request.retries == 3
+    assert callback_tasks._SLOTS.acquire(blocking=False)  # the slot was given back
 
 
 def test_a_delivery_that_gets_a_slot_retries_afresh_and_small_pools_keep_threads_for_flushes(
