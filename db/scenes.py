@@ -26,9 +26,22 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, false, func, literal, literal_column, or_, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, lazyload
+from sqlalchemy.orm import Session, aliased, lazyload
 
 from db.models import (
     TURN_UNFINISHED,
@@ -515,11 +528,20 @@ def replay_unsent_step(*, session: Session, conversation_id: int) -> tuple[list[
 
 def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElement[bool]) -> uuid.UUID | None:
     """The scene's step `step`, if `which` holds for it, queued again to be sent (its attempts and
-    refunds back; engine deaths stay: a step that kills the engine is still stopped)."""
+    refunds back; engine deaths stay: a step that kills the engine is still stopped). A turn of the
+    conversation stored after it (a player's line to the group while the step was failed) moves it
+    to the end of the conversation's order: answered after that turn, with it in its history, never
+    beside it (a turn waits only for those numbered before it)."""
+    later = aliased(Turn)
+    overtaken = exists().where(later.conversation_id == Turn.conversation_id, later.number > Turn.number)
+    renumbered = case(
+        (overtaken, func.nextval(func.pg_get_serial_sequence("turns", "number"))), else_=Turn.number
+    )
     return session.scalar(
         update(Turn)
         .where(Turn.scene_id == scene.id, Turn.scene_step == step, which)
         .values(
+            number=renumbered,
             params=retried_params(),
             status=TurnStatus.QUEUED,
             error=None,
@@ -589,7 +611,11 @@ def extend_scene(
             tenant = (
                 session.scalar(select(Conversation.tenant).where(Conversation.id == conversation_id)) or ""
             )
-            _create_step(session, scene, step, tenant=tenant, sent=True, api_key=api_key)
+            created = _create_step(session, scene, step, tenant=tenant, sent=True, api_key=api_key)
+            if created is None and not session.scalar(
+                select(exists().where(Turn.scene_id == scene.id, Turn.scene_step == step))
+            ):  # nobody may speak (every member left): open, it would owe lines no step ever writes
+                raise SceneClosed("status: no member of the group may speak; start a new group")
     return scene, pop_new_steps(session)
 
 

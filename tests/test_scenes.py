@@ -973,6 +973,67 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
         continue_group(conv, 1)
 
 
+def test_a_failed_step_sent_again_after_a_players_line_is_answered_after_that_line(
+    world, steps_unconsumed
+) -> None:
+    """Found in review: a failed step sent again kept its turn number, and a conversation's turns
+    are answered in number order: a player's line to the group stored while the step was failed
+    (numbered after it) and the revived step ran side by side, neither in the other's history. The
+    revived step now comes after every turn of the conversation stored before it went out again."""
+    from db.models import TurnErrorCode
+    from db.turns import Failure, fail_turns
+    from services.producer import submit_turns
+    from services.scenes import continue_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    (first,) = continue_group(conv, 2)["sent"]
+    turn, token, _ = _answer(uuid.UUID(first), "", store=False)
+    with session_scope() as s:
+        failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+    (player,) = submit_turns([{"conversation": conv, "message": "Hello? Anyone?"}], send=False)
+    assert continue_group(conv, 2)["sent"] == [first]
+    with session_scope() as s:
+        numbers = dict(s.execute(select(Turn.id, Turn.number).where(Turn.id.in_([turn.id, player.id]))).all())
+    assert numbers[turn.id] > numbers[player.id]
+    with session_scope() as s:  # claimed while the player's line is unanswered: it waits for it
+        assert claim_turns(session=s, turn_ids=[turn.id], lease_s=30, max_attempts=5).claimed == []
+    # a step failed and sent again with nothing stored after it keeps its place
+    conv = _group(strategy="fixed")["conversation"]
+    (first,) = continue_group(conv, 2)["sent"]
+    turn, token, _ = _answer(uuid.UUID(first), "", store=False)
+    with session_scope() as s:
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+        before = s.get_one(Turn, turn.id).number
+    assert continue_group(conv, 2)["sent"] == [first]
+    with session_scope() as s:
+        assert s.get_one(Turn, turn.id).number == before
+
+
+def test_continue_of_a_group_no_member_may_speak_in_is_refused_not_left_open_owing_lines(world) -> None:
+    """Found in review: `:continue` reopened the scene and raised what it owes before it created the
+    next step, and a step nobody may speak (every member gone or muted) was no step: 200, nothing
+    sent, the group open and owing lines for good. Refused (409), the scene as it was."""
+    from db.models import ConversationMember
+    from services.scenes import SceneClosed, continue_group
+
+    conv = _group()["conversation"]
+    with session_scope() as s:
+        s.execute(
+            update(ConversationMember)
+            .where(ConversationMember.conversation_id == _conv_id(conv))
+            .values(muted=True)
+        )
+        before = s.execute(select(Scene.status, Scene.exchanges).where(Scene.id == _conv_scene(conv))).one()
+    with pytest.raises(SceneClosed, match="no member of the group may speak"):
+        continue_group(conv, 2)
+    with session_scope() as s:
+        assert (
+            s.execute(select(Scene.status, Scene.exchanges).where(Scene.id == _conv_scene(conv))).one()
+            == before
+        )
+
+
 def test_continue_never_leaves_an_open_group_fewer_lines_than_it_owes(world, steps_unconsumed) -> None:
     """Found in review: `:continue` set the lines owed to "now + N", so asking an open group that owed
     five lines for one more left it owing two, and a second game server's call replaced the first's."""
@@ -1895,6 +1956,24 @@ def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_i
     store(runs[0], "first")
     with pytest.raises(SceneConflict, match=r"scene 'again': its conversation already holds another scene"):
         store(runs[1], "again")
+    # review: a conversation of that name holding no scene (a player's, another run's plain line's)
+    # was made the group, every member reading its history and its player's facts
+    from services.producer import submit_turns
+
+    players = f"players-{uuid.uuid4().hex}"
+    submit_turns([{"conversation": players, "character": "elara", "message": "Mine."}], send=False)
+    with session_scope() as s:
+        before = s.scalar(select(func.count()).select_from(Scene))
+    refused = pytest.raises(
+        SceneConflict, match=rf"scene 'third': its conversation '{players}' exists already"
+    )
+    with refused, session_scope() as s:
+        line = ("third", players, SceneSpec.model_validate(_scene()))
+        insert_run_scenes(
+            session=s, run_id=runs[1], lines=[line], model=settings.model, tenant="", candidates=1
+        )
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Scene)) == before
 
 
 def test_a_live_group_may_not_take_the_name_of_a_runs_scene_conversation() -> None:

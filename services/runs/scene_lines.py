@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 
 from db.bulk_turns import RunNotAccepting
 from db.models import Run, RunStatus, Scene, Turn
-from db.scenes import NewMember, NewScene, create_scene
-from db.world import find_characters, upsert_conversations
+from db.scenes import NewMember, NewScene, SceneConflict, create_scene
+from db.world import find_characters, find_conversations, upsert_conversations
 from scenes.spec import SceneSpec
 
 
@@ -66,6 +66,7 @@ def insert_run_scenes(
     status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
     if status != RunStatus.VALIDATING:
         raise RunNotAccepting(f"run is {status}")
+    _refuse_conversations_of_others(session, lines, tenant)
     ids = find_characters(session=session, slugs=sorted({s for _, _, spec in lines for s in spec.slugs()}))
     lead = {conv: ids[spec.participants[0].character] for _, conv, spec in lines}
     convs = upsert_conversations(
@@ -92,6 +93,29 @@ def insert_run_scenes(
             select(Turn.id).where(Turn.scene_id.in_(created), Turn.scene_step == 1).order_by(Turn.number)
         )
     )
+
+
+def _refuse_conversations_of_others(
+    session: Session, lines: Sequence[tuple[str, str, SceneSpec]], tenant: str
+) -> None:
+    """A scene line's conversation is its own, made for it: one that exists already and holds no
+    scene (a player's conversation, a history import's, another run's plain line under that name)
+    is refused, never made a group over someone else's history. (One holding a scene is
+    create_scene's refusal.)"""
+    found = find_conversations(session=session, external_ids=[conv for _, conv, _ in lines], tenant=tenant)
+    if not found:
+        return
+    grouped = set(
+        session.scalars(
+            select(Scene.conversation_id).where(Scene.conversation_id.in_([i for i, _ in found.values()]))
+        )
+    )
+    for custom_id, conv, _ in lines:
+        if conv in found and found[conv][0] not in grouped:
+            raise SceneConflict(
+                f"scene {custom_id!r}: its conversation {conv!r} exists already (a player's, or another "
+                "run's line); give the run another name (or the line another custom_id)"
+            )
 
 
 def stored_scene_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
