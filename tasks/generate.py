@@ -182,7 +182,7 @@ def _answer_chunk(chunk: list[Pending]) -> Any:
     from worker.pipeline import BatchReport, process_batch  # the engine lives on worker machines only
 
     lane: Lane = chunk[0][1]
-    report = BatchReport()
+    report = BatchReport(send_stalled=_send_stalled)
     try:
         return process_batch([turn_id for turn_id, _ in chunk], lane=lane, report=report)
     except Exception as exc:
@@ -254,16 +254,28 @@ def _claimed_sends(report: Any) -> list[Resend]:
     """The sends a batch took on, whether it finished or raised later: nothing else makes them.
     Scenes' next steps, created with the steps stored (one message per model, so the open scenes'
     steps reach the engine together); and the earlier turns its turns wait for that lost their
-    worker, sent now so a claim takes them first (the claim recorded the send, so no other look
-    sends them again)."""
+    worker, if the batch did not send them as its claim committed (the claim recorded the send, so
+    no other look sends them again)."""
     steps: dict[str, list[Pending]] = {}
     for step in report.next_steps:
         steps.setdefault(step.model, []).append((step.turn_id, step.lane))
     sends = [Resend(turns, model=model, stamp=True) for model, turns in steps.items()]
-    for stalled in report.stalled:
-        lane: Lane = "bulk" if stalled.run_id is not None else "live"
-        sends.append(Resend([(stalled.id, lane)], model=stalled.model))
-    return sends
+    return sends + _stalled_sends(report.stalled)
+
+
+def _stalled_sends(stalled: list[Any]) -> list[Resend]:
+    """Earlier turns that lost their worker, each to its model's queue, so that a claim takes them
+    first."""
+    return [
+        Resend([(turn.id, "bulk" if turn.run_id is not None else "live")], model=turn.model)
+        for turn in stalled
+    ]
+
+
+def _send_stalled(stalled: list[Any]) -> None:
+    """A batch's claim found these stalled and stamped them sent: sent now, before its replies."""
+    for item in _stalled_sends(stalled):
+        _resend(item, settings.model)
 
 
 def _after_waits(

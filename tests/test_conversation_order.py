@@ -10,6 +10,7 @@ it stayed stalled past the limit.
 import time
 import uuid
 
+import pytest
 from sqlalchemy import update
 
 from core.settings import settings
@@ -157,6 +158,53 @@ def test_a_claimed_turn_starts_its_wait_afresh(world) -> None:
     with session_scope() as session:
         row = session.get_one(Turn, later)
         assert row.deferrals == 0 and row.deferred_since is None
+
+
+def test_a_stalled_earlier_turn_is_sent_as_the_claim_commits_not_after_the_batchs_replies(
+    world, monkeypatch
+) -> None:
+    """Found in review: the claim stamps a stalled earlier turn sent, but its message went out only
+    once the whole chunk was answered (seconds live, minutes bulk): a worker killed meanwhile left it
+    stamped and unsent, its conversation held back for a visibility timeout (an hour). It is sent
+    as the claim commits, before the batch's turns are answered."""
+    from worker import pipeline
+
+    earlier, later = _conversation_turns()
+    _claim([earlier], lease_s=0.2)
+    time.sleep(0.4)  # its worker died
+    (other,) = _conversation_turns(1)  # another conversation's turn in the same batch, claimed
+    happened: list[str] = []
+
+    def answering(*args, **kwargs):  # type: ignore[no-untyped-def]
+        happened.append("answering")
+        raise RuntimeError("the worker dies here")
+
+    monkeypatch.setattr(pipeline, "_answer", answering)
+    sent: list[list[uuid.UUID]] = []
+    report = pipeline.BatchReport(
+        send_stalled=lambda stalled: (sent.append([s.id for s in stalled]), happened.append("sent"))
+    )
+    with pytest.raises(RuntimeError, match="the worker dies here"):
+        pipeline.process_batch([later, other], report=report)
+    assert happened == ["sent", "answering"] and sent == [[earlier]]
+    assert report.stalled == []  # sent: the batch's end does not send it again
+    # and through a flush's chunk: its report sends them, to their model's queue, as its claim commits
+    from tasks import generate
+
+    earlier, later = _conversation_turns()
+    _claim([earlier], lease_s=0.2)
+    time.sleep(0.4)
+    (other,) = _conversation_turns(1)
+    happened.clear()
+
+    def resend(item, model, model_of=None):  # type: ignore[no-untyped-def]
+        happened.append(f"sent {[t for t, _ in item.turns]} to {item.model}")
+
+    monkeypatch.setattr(generate, "_resend", resend)
+    raised = generate._answer_chunk([(later, "live"), (other, "live")])
+    assert isinstance(raised, generate.ChunkRaised) and raised.report.stalled == []
+    assert happened == [f"sent {[earlier]} to {settings.model}", "answering"]
+    assert generate._claimed_sends(raised.report) == []  # not sent a second time at the chunk's end
 
 
 def test_a_stalled_earlier_turn_is_sent_when_the_claims_commit_reply_is_lost(world, monkeypatch) -> None:

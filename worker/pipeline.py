@@ -102,6 +102,15 @@ class BatchReport:
     loading: list[uuid.UUID] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     stores: int = 0  # the transactions that stored its finished turns' replies (one a group)
+    # Sends the stalled earlier turns as soon as the claim committed (the caller's): they were stamped
+    # sent there, so nothing else sends them; waiting for the batch's end, a worker killed meanwhile
+    # left them unsent for a visibility timeout. What it sent leaves `stalled`.
+    send_stalled: Callable[[list[StalledTurn]], None] | None = field(default=None, repr=False)
+
+    def stalled_sent_now(self) -> None:
+        if self.stalled and self.send_stalled is not None:
+            stalled, self.stalled = self.stalled, []
+            self.send_stalled(stalled)
 
     @property
     def send_again(self) -> list[uuid.UUID]:
@@ -165,14 +174,16 @@ def process_batch(
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
+        report.stalled_sent_now()
         _call_back([*claim.exhausted, *claim.blocked])
         report.timings = timer.ms
         if report.failed or report.deferred:
             _account(report, claimed=0)
         return report
     with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout) as keeper:
-        # Under the lease keeper: a broker slow to take these callbacks (kombu retries each publish)
-        # must not let the lease of the turns just claimed lapse before its first renewal.
+        # Under the lease keeper: a broker slow to take these sends and callbacks (kombu retries each
+        # publish) must not let the lease of the turns just claimed lapse before its first renewal.
+        report.stalled_sent_now()
         _call_back([*claim.exhausted, *claim.blocked])
         try:
             priority = engine_module.LIVE if lane == "live" else engine_module.BULK
