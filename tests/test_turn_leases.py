@@ -195,3 +195,26 @@ def test_a_running_turn_from_before_leases_is_claimable(world) -> None:
             .values(status=TurnStatus.RUNNING, attempts=1, lease_until=None)
         )
     assert [t.id for t in _claim([turn_id]).claimed] == [turn_id]
+
+
+def test_a_failure_or_retry_the_write_did_not_make_is_neither_announced_nor_sent_again(world) -> None:
+    """Found in review: a group's write dropped what its fail and requeue changed, so a turn whose
+    lease had lapsed and another worker now held was still announced failed, called back and sent
+    again from the report (a chain of duplicate messages). The write says what it changed, and the
+    report keeps only that."""
+    from worker.pipeline import BatchReport, write_group
+
+    failing, retried, ours = _turns(3)
+    old = _claim([failing, retried, ours], lease_s=0.2).token
+    time.sleep(0.4)  # the lease lapsed: another worker claims two of them
+    assert {t.id for t in _claim([failing, retried]).claimed} == {failing, retried}
+    failure = Failure("engine error: injected", TurnErrorCode.ENGINE_ERROR)
+    report = BatchReport(
+        failed={failing: failure, ours: failure}, retry={retried: "empty reply"}, retry_in={retried: 5.0}
+    )
+    written = write_group(old, [], {failing: failure, ours: failure}, {retried: "empty reply"})
+    assert (written.failed, written.requeued) == ([ours], [])
+    written.keep_written(report, [failing, ours], [retried])
+    assert list(report.failed) == [ours] and report.retry == {} and report.retry_in == {}
+    assert sorted(report.lost) == sorted([failing, retried]) and report.send_again == []
+    assert get_turn(failing).status == TurnStatus.RUNNING and get_turn(retried).status == TurnStatus.RUNNING

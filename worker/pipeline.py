@@ -483,10 +483,11 @@ def _answer(
     early_retry = dict(report.retry)
     if early or early_retry:
         with timer("write"):  # a group of no replies: run again, as any group's, if a deadlock ends it
-            _, next_steps = write_group(token, [], early, early_retry, timings=shared_ms)
-        report.next_steps += next_steps
-        _announce(turns, [*early, *early_retry])
-        _call_back(list(early), turns)
+            written = write_group(token, [], early, early_retry, timings=shared_ms)
+        written.keep_written(report, early, early_retry)
+        report.next_steps += written.next_steps
+        _announce(turns, [*written.failed, *written.requeued])
+        _call_back(written.failed, turns)
 
     loop = engine_module.get_loop()
     shared_ms["to_engine_ms"] = timer.elapsed_ms()  # from the claim until the prompts join the engine
@@ -762,11 +763,13 @@ def _finish_group(
         for outcome in outcomes:
             outcome.timings.update({k: round(v, 1) for k, v in done_ms.items()})
             outcome.timings["total_ms"] = round(outcome.timings["queue_ms"] + timer.elapsed_ms(), 1)
-        stored, next_steps = write_group(token, outcomes, newly_failed, retry, timings=shared_ms)
+        written = write_group(token, outcomes, newly_failed, retry, timings=shared_ms)
         report.stores += 1
-    report.next_steps += next_steps  # committed: the task sends them on their scene's lane
-    _announce(group, [*stored, *newly_failed, *retry])
-    _call_back([*stored, *newly_failed], group)
+    written.keep_written(report, newly_failed, retry)
+    stored = written.stored
+    report.next_steps += written.next_steps  # committed: the task sends them on their scene's lane
+    _announce(group, [*stored, *written.failed, *written.requeued])
+    _call_back([*stored, *written.failed], group)
     stored_ids = set(stored)
     schedule_memory([t.conversation_id for t in group if t.id in stored_ids and t.run_id is None])
     report.done += stored
@@ -778,6 +781,35 @@ def _finish_group(
         timer.ms[stage] = timer.ms.get(stage, 0.0) + ms
 
 
+@dataclass(frozen=True)
+class Written:
+    """What a group's write changed: a turn left out had left this claim (its lease lapsed and another
+    claim took it), which now answers it."""
+
+    stored: list[uuid.UUID]
+    failed: list[uuid.UUID]
+    requeued: list[uuid.UUID]
+    next_steps: list[NewStep]  # the scene steps the stored replies created
+
+    def keep_written(
+        self, report: BatchReport, failures: Iterable[uuid.UUID], retry: Iterable[uuid.UUID]
+    ) -> None:
+        """Take out of `report` the failures and retries that were not written: another claim's now,
+        they are neither announced, called back nor sent again from here."""
+        unwritten = [*(set(failures) - set(self.failed)), *(set(retry) - set(self.requeued))]
+        for turn_id in unwritten:
+            report.failed.pop(turn_id, None)
+            report.retry.pop(turn_id, None)
+            report.retry_in.pop(turn_id, None)
+        if unwritten:
+            report.lost += unwritten
+            logger.warning(
+                "lease lapsed before the write; %d turns not failed or handed back: %s",
+                len(unwritten),
+                unwritten,
+            )
+
+
 def write_group(
     token: uuid.UUID,
     outcomes: Sequence[TurnOutcome],
@@ -785,19 +817,19 @@ def write_group(
     retry: dict[uuid.UUID, str],
     *,
     timings: dict[str, Any] | None = None,
-) -> tuple[list[uuid.UUID], list[NewStep]]:
-    """Store a group's replies, fail and hand back its other turns, in one transaction: (the turns
-    stored, the scene steps created). Finishing turns advances their runs, which takes the runs' rows
-    in more than one pass (stored turns', then failed ones'), so two workers finishing turns of the
-    same runs in opposite roles can deadlock; the server then rolls one of them back, which is run
-    again (it left nothing behind) instead of handing the whole group back with an attempt charged."""
+) -> Written:
+    """Store a group's replies, fail and hand back its other turns, in one transaction. Finishing
+    turns advances their runs, which takes the runs' rows in more than one pass (stored turns', then
+    failed ones'), so two workers finishing turns of the same runs in opposite roles can deadlock;
+    the server then rolls one of them back, which is run again (it left nothing behind) instead of
+    handing the whole group back with an attempt charged."""
 
-    def write() -> tuple[list[uuid.UUID], list[NewStep]]:
+    def write() -> Written:
         with session_scope() as session:
             stored = store_replies(session=session, token=token, outcomes=outcomes)
-            fail_turns(session=session, token=token, failures=failures, timings=timings)
-            requeue_turns(session=session, token=token, reasons=retry)
-            return stored, pop_new_steps(session)
+            failed = fail_turns(session=session, token=token, failures=failures, timings=timings)
+            requeued = requeue_turns(session=session, token=token, reasons=retry)
+            return Written(stored, failed, requeued, pop_new_steps(session))
 
     turns = len(outcomes) + len(failures) + len(retry)
     return again_on_conflict(write, what=f"the write of a group of {turns} turns")
