@@ -365,6 +365,34 @@ def test_a_file_changed_after_its_validation_stores_only_what_was_validated(
     assert sub.stored == 2 and messages == [f"Line {i}, {tmp_path.name}." for i in range(2)]
 
 
+def test_a_run_file_still_growing_is_refused_not_copied_for_as_long_as_it_grows(
+    tmp_path, monkeypatch
+) -> None:
+    """Found in review: the private copy checked the file's size by name, then copied by name to
+    its end: a file still being written (or a name swapped for a device meanwhile) was copied past
+    the room checked for it. One open file is checked and at most its checked size copied; a file
+    that grew meanwhile is refused, naming it."""
+    import shutil
+
+    import services.runs.submit as submit_module
+
+    path = _file(tmp_path, 2)
+    disk_usage = shutil.disk_usage
+
+    def room_then_the_writer_appends(folder):  # type: ignore[no-untyped-def]
+        with path.open("a", encoding="utf-8") as more:
+            more.write(json.dumps({"custom_id": "late", "character": "elara", "message": "Late."}) + "\n")
+        return disk_usage(folder)
+
+    monkeypatch.setattr(submit_module.shutil, "disk_usage", room_then_the_writer_appends)
+    refused = pytest.raises(ValueError, match=r"changed while it was read; submit it once it is written")
+    with refused, submit_module._private_copy(path):
+        raise AssertionError("a growing file was copied")
+    monkeypatch.setattr(submit_module.shutil, "disk_usage", disk_usage)
+    with submit_module._private_copy(path) as copy:  # written: copied whole
+        assert copy.read_bytes() == path.read_bytes() and copy != path
+
+
 def test_queue_depth_counts_the_runs_messages(quiet_model, tmp_path) -> None:
     sub = submit_run(_file(tmp_path, 20), name="depth-" + tmp_path.name)
     assert queue_depth(MODEL, "bulk") == -(-20 // settings.batch_size) and sub.sent == 20

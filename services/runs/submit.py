@@ -170,17 +170,30 @@ def _private_copy(path: Path) -> Iterator[Path]:
     """A copy of the file no one else writes, under the same name (its stem names a run): the file
     is read several times (its format, its validation, its storing), and a line edited between
     those readings would be stored unchecked."""
-    size = regular_file(path).st_size
-    folder = Path(tempfile.gettempdir())
-    if shutil.disk_usage(folder).free < size + (64 << 20):
-        raise ValueError(
-            f"{path}: no room for its copy in {folder} ({size:,} bytes and 64 MB to spare);"
-            " point TMPDIR at a folder with room"
-        )
-    with tempfile.TemporaryDirectory(prefix="mlchat-submit-") as private:
-        copy = Path(private) / path.name
-        shutil.copyfile(path, copy)
-        yield copy
+    # One open file, checked and copied: a name swapped for a device or a link between a check by
+    # name and the copy is not followed; at most the size checked is copied, and a file still
+    # growing (being written) is refused rather than copied for as long as it grows.
+    with path.open("rb") as source:
+        found = os.fstat(source.fileno())
+        if not stat.S_ISREG(found.st_mode):
+            raise ValueError(f"{path}: not a regular file")
+        size = found.st_size
+        folder = Path(tempfile.gettempdir())
+        if shutil.disk_usage(folder).free < size + (64 << 20):
+            raise ValueError(
+                f"{path}: no room for its copy in {folder} ({size:,} bytes and 64 MB to spare);"
+                " point TMPDIR at a folder with room"
+            )
+        with tempfile.TemporaryDirectory(prefix="mlchat-submit-") as private:
+            copy = Path(private) / path.name
+            with copy.open("wb") as target:
+                left = size
+                while left and (chunk := source.read(min(left, 1 << 20))):
+                    target.write(chunk)
+                    left -= len(chunk)
+            if source.read(1) or os.fstat(source.fileno()).st_size != size:
+                raise ValueError(f"{path}: the file changed while it was read; submit it once it is written")
+            yield copy
 
 
 def _submit(
