@@ -410,10 +410,31 @@ def _read_capped(path: Path, limit: int, setting: str) -> bytes:
     return raw
 
 
-def _read_json(path: Path) -> object:
-    """A JSON file of at most MLCHAT_API_MAX_BODY_BYTES (as the same request over HTTP), or Refused
-    naming the file and the line."""
-    raw = _read_capped(path, settings.api_max_body_bytes, "MLCHAT_API_MAX_BODY_BYTES")
+class _Budget:
+    """The bytes one request's files may still hold together: MLCHAT_API_MAX_BODY_BYTES, as the same
+    request over HTTP (one body), not that much for each of its files."""
+
+    def __init__(self) -> None:
+        self.left = settings.api_max_body_bytes
+
+    def read(self, path: Path) -> bytes:
+        with path.open("rb") as handle:
+            raw = handle.read(self.left + 1)
+        if len(raw) > self.left:
+            limit = settings.api_max_body_bytes
+            together = "" if self.left == limit else " with the request's other files"
+            raise Refused(
+                f"{path}: longer{together} than MLCHAT_API_MAX_BODY_BYTES ({limit:,} bytes); nothing stored"
+            )
+        self.left -= len(raw)
+        return raw
+
+
+def _read_json(path: Path, budget: _Budget | None = None) -> object:
+    """A JSON file within one request's MLCHAT_API_MAX_BODY_BYTES (as the same request over HTTP: the
+    bytes `budget` has left, shared by the request's files), or Refused naming the file and the
+    line."""
+    raw = (budget or _Budget()).read(path)
     try:
         return json.loads(raw.decode("utf-8").removeprefix("\ufeff"))  # a Windows editor's BOM
     except UnicodeDecodeError as exc:
@@ -434,12 +455,13 @@ def _store_original(
     from services.original_request import InlineRefused, read_request, store_and_enqueue, turn_request
 
     payload: dict[str, Any] = {}
+    budget = _Budget()
     if others is not None:
-        doc = _read_json(others)
+        doc = _read_json(others, budget)
         if not isinstance(doc, dict):
             raise Refused(f"{others}: must be a JSON object (the rest of a request); nothing stored")
         payload.update(doc)
-    payload.update({part: _read_json(path) for part, path in files.items() if path is not None})
+    payload.update({part: _read_json(path, budget) for part, path in files.items() if path is not None})
     given = {k: v for k, v in fields.items() if v}
     from_others = set(payload) - set(given) - {part for part, path in files.items() if path is not None}
     payload.update(given)

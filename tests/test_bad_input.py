@@ -610,11 +610,20 @@ def test_a_cli_file_that_never_ends_or_is_too_long_is_one_line_naming_the_file(
     long_log.write_text(json.dumps({"name": "Rowan", "is_user": True, "mes": "x" * 3000}) + "\n")
     persona = tmp_path / "persona.json"
     persona.write_text(json.dumps({"name": "Big", "description": "x" * (settings.api_max_body_bytes + 10)}))
+    # review: each file was bounded alone, so a request of three files could be thrice the HTTP body
+    half = tmp_path / "half-persona.json"
+    half.write_text(json.dumps({"name": "Half", "description": "x" * (settings.api_max_body_bytes // 2)}))
+    story = tmp_path / "half-story.json"
+    story.write_text(json.dumps({"story": "x" * (settings.api_max_body_bytes // 2)}))
     history = ["history", "import", "--conversation", f"never-{tmp_path.name}", "--character", "elara"]
     cases = [
         ([*history, "/dev/zero"], "/dev/zero: longer than MLCHAT_HISTORY_MAX_BYTES"),
         ([*history, str(long_log)], "longer than MLCHAT_HISTORY_MAX_BYTES (2,048 bytes)"),
         (["chat", "--message", "hi", "--persona", str(persona)], "longer than MLCHAT_API_MAX_BODY_BYTES"),
+        (
+            ["chat", "--message", "hi", "--persona", str(half), "--story", str(story)],
+            "half-story.json: longer with the request's other files than MLCHAT_API_MAX_BODY_BYTES",
+        ),
         (["run", "submit", "/dev/zero", "--name", f"zero-{tmp_path.name}"], "/dev/zero: not a regular file"),
         (["run", "resume", f"resume-{tmp_path.name}", "/dev/zero"], "/dev/zero: not a regular file"),
     ]
