@@ -1974,6 +1974,17 @@ def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_i
         )
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Scene)) == before
+    # review: a participant deleted between validation and storing was a bare KeyError
+    gone = pytest.raises(SceneConflict, match=r"scene 'fourth': participants: no character 'ghost-[0-9a-f]+'")
+    with gone, session_scope() as s:
+        line = (
+            "fourth",
+            f"ghosts-{uuid.uuid4().hex}",
+            SceneSpec.model_validate(_scene(participants=["elara", f"ghost-{uuid.uuid4().hex[:6]}"])),
+        )
+        insert_run_scenes(
+            session=s, run_id=runs[1], lines=[line], model=settings.model, tenant="", candidates=1
+        )
 
 
 def test_a_live_group_may_not_take_the_name_of_a_runs_scene_conversation() -> None:

@@ -68,6 +68,11 @@ def insert_run_scenes(
         raise RunNotAccepting(f"run is {status}")
     _refuse_conversations_of_others(session, lines, tenant)
     ids = find_characters(session=session, slugs=sorted({s for _, _, spec in lines for s in spec.slugs()}))
+    for custom_id, _, spec in lines:  # a character deleted since the file was validated
+        if gone := [slug for slug in spec.slugs() if slug not in ids]:
+            raise SceneConflict(
+                f"scene {custom_id!r}: participants: no character {gone[0]!r} (deleted since validation)"
+            )
     lead = {conv: ids[spec.participants[0].character] for _, conv, spec in lines}
     convs = upsert_conversations(
         session=session,
