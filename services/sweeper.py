@@ -169,7 +169,13 @@ def resend_stranded(
         models=models,
         limit=limit,
         waiting=waiting,
-        held=held_and_empty(lanes) if len(waiting) < len(lanes) else None,
+        # A message a worker holds (kombu's unacked hash) is its for a lease and the send slack after
+        # its delivery or its countdown's end: a worker that took it would have claimed its turn well
+        # before; past it, the worker died holding it, and kombu would give it back only after the
+        # visibility timeout.
+        held=held_and_empty(lanes, held_for_s=settings.lease_seconds + SEND_SLACK.total_seconds())
+        if len(waiting) < len(lanes)
+        else None,
     )
     sent: dict[str, int] = {}
     failed: list[str] = []

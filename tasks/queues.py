@@ -6,6 +6,7 @@ import base64
 import json
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from kombu.exceptions import ChannelError
@@ -81,13 +82,20 @@ def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
     return []
 
 
-def held_and_empty(lanes: Sequence[tuple[str, Lane]]) -> tuple[set[uuid.UUID], set[tuple[str, Lane]]]:
+def held_and_empty(
+    lanes: Sequence[tuple[str, Lane]], *, held_for_s: float | None = None
+) -> tuple[set[uuid.UUID], set[tuple[str, Lane]]]:
     """The turns whose messages workers hold (prefetched, waiting in a batch, or due later with a
     countdown: kombu's Redis transport keeps each in its unacked hash, as [message, exchange, routing
     key], until the worker acks it), and which of these lanes' queues hold no message, read in one
     MULTI: a message a worker re-sends (the new one queued, the old one acked after) is seen in one
     place or the other. Not closed: kombu's own step between popping a message and recording it
-    unacked (a sweep that falls in it sends that turn a second time, which costs a claim)."""
+    unacked (a sweep that falls in it sends that turn a second time, which costs a claim).
+
+    `held_for_s`: a message counts as held for that long after its delivery (kombu's unacked index)
+    or after its countdown's end, no longer: past it, its worker died holding it (killed, its node
+    lost) and kombu gives it back only after the visibility timeout, an hour by default, its
+    conversation stalled behind it meanwhile. A message with no delivery time counts as held."""
     with app.connection_for_read() as conn:
         channel = conn.default_channel
         client = channel.client
@@ -95,8 +103,11 @@ def held_and_empty(lanes: Sequence[tuple[str, Lane]]) -> tuple[set[uuid.UUID], s
             for model, lane in lanes:
                 for priority in channel.priority_steps:  # as kombu counts a queue: each priority's list
                     pipe.llen(channel._q_for_pri(queue_for_model(model, lane), priority))
-            # HVALS is not among the commands kombu's client prefixes: the prefix is added here
-            pipe.hvals(getattr(channel, "global_keyprefix", "") + channel.unacked_key)
+            # HGETALL and TIME are not among the commands kombu's client prefixes (ZRANGE is): the
+            # prefix is added here
+            pipe.hgetall(getattr(channel, "global_keyprefix", "") + channel.unacked_key)
+            pipe.zrange(channel.unacked_index_key, 0, -1, withscores=True)
+            pipe.time()
             answers = pipe.execute()
     steps = len(channel.priority_steps)
     empty = {
@@ -104,14 +115,30 @@ def held_and_empty(lanes: Sequence[tuple[str, Lane]]) -> tuple[set[uuid.UUID], s
         for i in range(len(lanes))
         if not any(n for n in answers[i * steps : (i + 1) * steps] if isinstance(n, int))
     }
+    unacked, delivered_at, (seconds, micros) = answers[-3], dict(answers[-2]), answers[-1]
+    cutoff = seconds + micros / 1e6 - held_for_s if held_for_s is not None else None
     held: set[uuid.UUID] = set()
-    for raw in answers[-1]:
+    for tag, raw in unacked.items():
         try:
             message = json.loads(raw)[0]
         except (ValueError, IndexError, TypeError, KeyError):
             continue
+        if cutoff is not None and _let_go(message, delivered_at.get(tag), cutoff):
+            continue
         held.update(_message_turn_ids(message) or ())
     return held, empty
+
+
+def _let_go(message: Any, delivered_at: float | None, cutoff: float) -> bool:
+    """Whether a held message was delivered, and due, before `cutoff` (Unix seconds)."""
+    if delivered_at is None or delivered_at >= cutoff:
+        return False
+    try:
+        eta = (message.get("headers") or {}).get("eta")
+        due = datetime.fromisoformat(eta).timestamp() if eta else None
+    except (AttributeError, TypeError, ValueError):
+        return False  # a countdown that cannot be read: held, as before
+    return due is None or due < cutoff
 
 
 def _turn_ids(raw: bytes) -> list[uuid.UUID] | None:
