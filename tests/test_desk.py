@@ -1344,3 +1344,25 @@ def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, 
     desk.edit(WRITER, first, "Down the hill, past the well.", "0")
     desk.edit(WRITER, second, "Good morning to you too.", "0")  # a run's own conversation: no memory
     assert scheduled == [[remembered]]
+
+
+def test_a_part_file_a_killed_export_left_is_removed_by_the_next_writer_into_its_folder(tmp_path) -> None:
+    """Found in review: an export or training set killed outright (SIGKILL, the OOM killer) left its
+    hidden part file, which nothing removed: a folder of exports filled with them. The next writer
+    into the folder removes part files no one has written to for a day; a fresh one (a live export's)
+    and other files are left."""
+    import os
+
+    from core.whole_files import STALE_PART_S, replaced_whole
+
+    dead, live = tmp_path / ".mlchat-dead-0.part", tmp_path / ".mlchat-live-0.part"
+    other = tmp_path / "notes.part"
+    for path in (dead, live, other):
+        path.write_text("half")
+    old = time.time() - STALE_PART_S - 60
+    os.utime(dead, (old, old))
+    os.utime(other, (old, old))
+    with replaced_whole(tmp_path / "export.jsonl") as (part,):
+        part.write_text("whole\n")
+    assert (tmp_path / "export.jsonl").read_text() == "whole\n"
+    assert not dead.exists() and live.exists() and other.exists()
