@@ -305,6 +305,9 @@ class Settings(BaseSettings):
     # live under files_dir (default: <state_dir>/files), which the API, workers and sweeper share.
     files_dir: Path | None = None
     batch_file_max_bytes: int = Field(default=200_000_000, ge=1024)  # OpenAI's own limit
+    # One line of a run or batch file: a longer one is named bad unread (no request fits past this,
+    # and one line is read and parsed whole, several times: a line of 200 MB held the process).
+    run_line_max_bytes: int = Field(default=32_000_000, ge=1024)
     # Bytes of files one API key may hold (its uploads and its batches' output and error files);
     # an upload that would pass it is refused with a 403 until files are deleted.
     files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)

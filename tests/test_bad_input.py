@@ -565,6 +565,39 @@ def test_run_lines_name_the_line_and_the_byte(world, tmp_path) -> None:
     )  # the BOM on line 1 was fine
 
 
+def test_a_run_line_too_long_to_be_a_request_is_named_bad_unread(world, tmp_path, monkeypatch) -> None:
+    """Found in review: a line was read and parsed whole, several times (its format, its validation,
+    its storing), so one line of 200 MB (a junk field no request needs) held the API process's
+    memory and its GIL for seconds a parse, four such batches at once enough to get it killed. A
+    line longer than MLCHAT_RUN_LINE_MAX_BYTES is named bad, never read whole; the lines around it
+    (one exactly at the bound, CRLF or not, and the last with no line end) are read as ever."""
+    from core.settings import settings
+    from services.runs import RunValidationError, submit_run
+    from services.runs.validate import iter_lines
+
+    def line(custom_id: str, size: int) -> bytes:  # a request of `size` bytes, its message padded
+        empty = len(json.dumps({"custom_id": custom_id, "character": "elara", "message": ""}))
+        return json.dumps(
+            {"custom_id": custom_id, "character": "elara", "message": "y" * (size - empty)}
+        ).encode()
+
+    limit = 2048  # a message's own bound is 4,000 characters
+    monkeypatch.setattr(settings, "run_line_max_bytes", limit)
+    path = tmp_path / "run.jsonl"
+    long = line("long", 3 * (1 << 20))  # past the bound and past readline's chunk, read past whole
+    path.write_bytes(
+        line("a", limit) + b"\r\n" + long + b"\n" + line("b", limit + 1) + b"\n" + line("c", limit)
+    )
+    read = list(iter_lines(path))
+    assert [n for n, text in read if isinstance(text, str)] == [1, 4]
+    assert [n for n, text in read if not isinstance(text, str)] == [2, 3]
+    with pytest.raises(RunValidationError) as caught:
+        submit_run(path, name="long-" + tmp_path.name)
+    assert [(e.line, e.reason) for e in caught.value.errors] == [
+        (n, "longer than MLCHAT_RUN_LINE_MAX_BYTES (2,048 bytes); not read") for n in (2, 3)
+    ]
+
+
 def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -> None:
     from scripts.cli import main as cli
 

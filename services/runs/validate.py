@@ -11,7 +11,7 @@ import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -257,14 +257,34 @@ _NATIVE_ONLY = frozenset(RunLine.model_fields) - {"custom_id"}
 
 
 class BadEncoding(ValueError):
-    """A line that is not UTF-8."""
+    """A line that is not UTF-8, or longer than MLCHAT_RUN_LINE_MAX_BYTES (not read)."""
+
+
+def _raw_lines(handle: BinaryIO, limit: int) -> Iterator[bytes | None]:
+    """The file's lines as bytes, each read at most `limit` bytes (and its line end) at a time: None
+    for a longer one, whose rest is read past, never held."""
+    while raw := handle.readline(limit + 2):  # room for "\r\n" after `limit` bytes
+        if len(raw.rstrip(b"\r\n")) <= limit and (len(raw) <= limit or raw.endswith(b"\n")):
+            yield raw
+            continue
+        while not raw.endswith(b"\n") and (raw := handle.readline(1 << 20)):
+            pass
+        yield None
 
 
 def iter_lines(path: Path) -> Iterator[tuple[int, str | BadEncoding]]:
-    """(line number, text) for every non-blank line; a BadEncoding in place of text that is not UTF-8.
-    A UTF-8 byte-order mark at the start of the file is skipped."""
+    """(line number, text) for every non-blank line; a BadEncoding in place of text that is not UTF-8
+    or is longer than MLCHAT_RUN_LINE_MAX_BYTES. A UTF-8 byte-order mark at the start of the file is
+    skipped."""
+    limit = settings.run_line_max_bytes
     with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(_raw_lines(handle, limit), start=1):
+            if raw is None:
+                yield (
+                    number,
+                    BadEncoding(f"longer than MLCHAT_RUN_LINE_MAX_BYTES ({limit:,} bytes); not read"),
+                )
+                continue
             if number == 1 and raw.startswith(_BOM):
                 raw = raw[len(_BOM) :]
             try:
