@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -16,6 +17,18 @@ from starlette.types import Message, Receive, Scope, Send
 from core.settings import settings
 
 logger = logging.getLogger(__name__)
+
+# Line ends JSON leaves unescaped: an SSE parser splits lines on CR and LF alone, but a client that
+# splits the body's text with str.splitlines (httpx's aiter_lines, requests' iter_lines) cuts a reply
+# holding one of these (text pasted from the web) into two lines, neither of them JSON.
+_LINE_ENDS_JSON_KEEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def event_json(data: Any) -> str:
+    """An event's data as JSON on one line for every client (text as it is, but the line ends JSON
+    keeps escaped)."""
+    return json.dumps(data, ensure_ascii=False).translate(_LINE_ENDS_JSON_KEEPS)
+
 
 # A reader that stops reading but keeps its connection open (a zero receive window) blocked the send
 # for as long as it liked: the stream's own deadline and disconnect checks never ran, and its

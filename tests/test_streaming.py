@@ -158,6 +158,22 @@ def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
     assert before <= delta[2]["t"] <= after  # the delivery benchmark's reference (scripts/bench_streaming.py)
 
 
+def test_a_delta_holding_a_unicode_line_end_stays_one_data_line_for_every_client(base_url) -> None:
+    """Found in review: JSON leaves U+2028, U+2029 and U+0085 unescaped, and a client that splits the
+    body's text with str.splitlines (httpx's iter_lines, as here; requests' iter_lines) cut a reply
+    holding one (text pasted from the web) into two lines, neither of them JSON. They are escaped."""
+    turn_id = _queued_turn()
+    text = "Line one.\u2028Line two.\u2029Para.\x85Next."
+    publisher().delta(turn_id, uuid.uuid4(), text)
+    assert publisher().flush()
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+    publisher().end(turn_id)
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
+        (delta, *_) = _events(r)
+    assert delta[0] == "delta" and delta[2]["text"] == text
+
+
 def test_a_reader_that_resumes_with_last_event_id_loses_and_duplicates_nothing(base_url) -> None:
     turn_id = _queued_turn()
     claim = uuid.uuid4()

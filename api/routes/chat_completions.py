@@ -4,7 +4,6 @@ with `stream: true` its `chat.completion.chunk` events and `[DONE]`."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -18,7 +17,7 @@ from api.deps import Caller, json_body, needs
 from api.errors import RETRY_AFTER_S
 from api.openai_errors import error_body
 from api.routes.turns import visible_turn
-from api.sse import sse_response
+from api.sse import event_json, sse_response
 from core.settings import settings
 from db.session import DATABASE_OUTAGES
 from services import live_chat
@@ -87,7 +86,7 @@ async def chat_completions(
     if turn.stream:
         message = f"turn {turn.id}: the server is restarting; the turn goes on: read /v1/turns/{turn.id}"
         error = {"message": message, "type": "turn_error", "code": "unavailable"}
-        farewell = {"data": json.dumps({"error": error})}
+        farewell = {"data": event_json({"error": error})}
         return sse_response(_chunks(turn, read), on_shutdown=farewell)
     try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
         view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
@@ -126,7 +125,7 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
     chunk once stored: nothing was shown before, so a restart does not end it. An outage of the
     stream or the database is followed through: a chat client cannot resume a stream, so it is
     resumed here after the last delta sent, until the stream's longest."""
-    yield {"data": json.dumps(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
+    yield {"data": event_json(live_chat.chunk(turn, {"role": "assistant", "content": ""}))}
     deadline = time.monotonic() + settings.stream_max_s
     last_id: str | None = None
     shown = ""  # the text sent up to `last_id`: a resume that finds no place in the stream goes on from it
@@ -145,7 +144,7 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
         in_a_row = 0 if progressed else in_a_row + 1
         if in_a_row > MAX_RESUMES:
             yield {
-                "data": json.dumps(
+                "data": event_json(
                     {"error": {"message": f"turn {turn.id}: unavailable", "type": "turn_error"}}
                 )
             }
@@ -174,9 +173,7 @@ async def _chunks_from(  # type: ignore[no-untyped-def]
     )
     async for event in events:
         if event.kind == "delta" and not turn.whole:
-            yield {
-                "data": json.dumps(live_chat.chunk(turn, {"content": event.data["text"]}), ensure_ascii=False)
-            }
+            yield {"data": event_json(live_chat.chunk(turn, {"content": event.data["text"]}))}
             if event.id is not None:
                 yield _Sent(event.id, event.data["text"])
         elif event.kind == "delta" or (turn.whole and event.data.get("code") == "restarted"):
@@ -185,11 +182,11 @@ async def _chunks_from(  # type: ignore[no-untyped-def]
             if turn.whole:
                 data = event.data
                 content = message_content(data.get("reply"), data.get("structured"), data.get("params") or {})
-                yield {"data": json.dumps(live_chat.chunk(turn, {"content": content}), ensure_ascii=False)}
+                yield {"data": event_json(live_chat.chunk(turn, {"content": content}))}
             reason = "length" if (event.data.get("usage") or {}).get("finish_reason") == "length" else "stop"
-            yield {"data": json.dumps(live_chat.chunk(turn, {}, reason))}
+            yield {"data": event_json(live_chat.chunk(turn, {}, reason))}
             if turn.include_usage:
-                yield {"data": json.dumps(live_chat.usage_chunk(turn, event.data.get("usage")))}
+                yield {"data": event_json(live_chat.usage_chunk(turn, event.data.get("usage")))}
             yield {"data": "[DONE]"}
             return
         elif event.data.get("code") == "unavailable" and time.monotonic() < deadline:
@@ -198,7 +195,7 @@ async def _chunks_from(  # type: ignore[no-untyped-def]
         else:
             message = f"turn {turn.id}: {event.data.get('code')}: {event.data.get('message')}"
             yield {
-                "data": json.dumps(
+                "data": event_json(
                     {"error": {"message": message, "type": "turn_error", "code": event.data.get("code")}}
                 )
             }

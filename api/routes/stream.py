@@ -3,7 +3,6 @@ comes, in which order)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated
 
@@ -14,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, needs
 from api.routes.turns import visible_turn
-from api.sse import sse_response
+from api.sse import event_json, sse_response
 from services.producer import TurnView
 from streaming.reader import TurnReader, unavailable, valid_event_id
 
@@ -44,9 +43,9 @@ async def stream_turn(
 
     async def frames():  # type: ignore[no-untyped-def]
         async for event in reader.events():
-            frame = {"event": event.kind, "data": json.dumps(event.data, ensure_ascii=False)}
+            frame = {"event": event.kind, "data": event_json(event.data)}
             yield frame if event.id is None else frame | {"id": event.id}
 
     ending = unavailable()  # resumable: the turn goes on while this API process restarts
-    farewell = {"event": ending.kind, "data": json.dumps(ending.data, ensure_ascii=False)}
+    farewell = {"event": ending.kind, "data": event_json(ending.data)}
     return sse_response(frames(), on_shutdown=farewell)
