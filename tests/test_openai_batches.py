@@ -144,6 +144,32 @@ def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_pa
 
 LONG = "x" * (settings.max_message_chars + 1)
 
+
+def test_the_off_values_tooling_sends_by_default_are_accepted_and_any_other_refused() -> None:
+    """Found in review: `top_logprobs: 0`, `logit_bias: {}`, `tools: []` and `tool_choice: "none"`,
+    which wrappers send as their defaults and which ask for nothing, were refused as if set."""
+    from services.runs.openai_lines import RequestRefused, to_run_line
+
+    off = {
+        "top_logprobs": 0,
+        "logit_bias": {},
+        "tools": [],
+        "tool_choice": "none",
+        "parallel_tool_calls": True,
+    }
+    off |= {"functions": [], "function_call": "none", "logprobs": False, "stream": False, "audio": None}
+    line = to_run_line(openai_line("off", USER, **off), ["elara"], LineOptions())
+    assert line["character"] == "elara"
+    for name, value in [
+        ("top_logprobs", 3),
+        ("logit_bias", {"50256": -100}),
+        ("tool_choice", "auto"),
+        ("logprobs", 0),
+    ]:
+        with pytest.raises((ValueError, RequestRefused), match=f"body.{name}: "):
+            to_run_line(openai_line("on", USER, **{name: value}), ["elara"], LineOptions())
+
+
 # Well-formed requests mlchat refuses by its own policy: each is answered alone in the error file.
 REFUSED = [
     (openai_line("long", [{"role": "user", "content": LONG}]), "body.messages[0].content: "),

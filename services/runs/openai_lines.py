@@ -41,22 +41,28 @@ def failure_status(error_code: str | None, server_status: int) -> int:
     return 400 if error_code in REQUEST_FAULTS else server_status
 
 
-# Body fields that ask for something a batch here cannot give: refused when set to anything but
-# their "off" value.
-_UNSUPPORTED: dict[str, tuple[Any, str]] = {
-    "stream": (False, "streaming is not available in a batch"),
-    "logprobs": (False, "log probabilities are not returned"),
-    "top_logprobs": (None, "log probabilities are not returned"),
-    "tools": (None, "tool calls are not supported"),
-    "tool_choice": (None, "tool calls are not supported"),
-    "functions": (None, "function calls are not supported"),
-    "function_call": (None, "function calls are not supported"),
-    "parallel_tool_calls": (None, "tool calls are not supported"),
-    "logit_bias": (None, "logit bias is not supported"),
-    "audio": (None, "only text replies"),
-    "prediction": (None, "predicted outputs are not supported"),
-    "web_search_options": (None, "web search is not supported"),
+# Body fields that ask for something a batch here cannot give: refused when set to anything but an
+# "off" value (absent and null are off too; wrappers send the empty and zero ones as defaults).
+_UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "stream": ((False,), "streaming is not available in a batch"),
+    "logprobs": ((False,), "log probabilities are not returned"),
+    "top_logprobs": ((0,), "log probabilities are not returned"),
+    "tools": (([],), "tool calls are not supported"),
+    "tool_choice": (("none",), "tool calls are not supported"),
+    "functions": (([],), "function calls are not supported"),
+    "function_call": (("none",), "function calls are not supported"),
+    "parallel_tool_calls": ((False, True), "tool calls are not supported"),  # moot with no tools
+    "logit_bias": (({},), "logit bias is not supported"),
+    "audio": ((), "only text replies"),
+    "prediction": ((), "predicted outputs are not supported"),
+    "web_search_options": ((), "web search is not supported"),
 }
+
+
+def _is_off(value: Any, offs: tuple[Any, ...]) -> bool:
+    """Whether a body field's value is one of its off values (of the same JSON type: 0 is not false)."""
+    return value is None or any(type(value) is type(off) and value == off for off in offs)
+
 
 # Accepted and without effect here (who the end user is, storage, cache and tier hints of OpenAI's
 # service, the length hint of its reasoning models).
@@ -191,8 +197,8 @@ def to_run_line(data: dict[str, Any], characters: Collection[str], options: Line
 
 
 def _request(line: _Line, characters: Collection[str], options: LineOptions) -> dict[str, Any]:
-    for name, (off, why) in _UNSUPPORTED.items():
-        if line.body.get(name, off) not in (off, None):
+    for name, (offs, why) in _UNSUPPORTED.items():
+        if not _is_off(line.body.get(name), offs):
             raise ValueError(f"body.{name}: {why}")
     body_dict = {k: v for k, v in line.body.items() if k not in IGNORED and k not in _UNSUPPORTED}
     try:
