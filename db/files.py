@@ -7,9 +7,10 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, false, func, literal, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from db.models import RUN_FINISHED, Run, StoredFile
+from db.models import RUN_FINISHED, FileTombstone, Run, StoredFile
 
 
 def add_file(
@@ -146,7 +147,7 @@ def list_files(
     session: Session,
     owner: tuple[str | None, str] | None,
     purpose: str | None,
-    after: StoredFile | None,
+    after: StoredFile | FileTombstone | None,
     limit: int,
     newest_first: bool,
 ) -> list[StoredFile]:
@@ -176,9 +177,41 @@ def _read_by_a_running_batch() -> Any:
 def delete_file(*, session: Session, file_id: str) -> StoredFile | None:
     """Delete the file's row unless a batch that has not ended reads it (its input); the deleted row,
     or None when there was nothing to delete or a batch still needs it (file_in_use says which)."""
-    return session.scalars(
+    row = session.scalars(
         delete(StoredFile).where(StoredFile.id == file_id, ~_read_by_a_running_batch()).returning(StoredFile)
     ).one_or_none()
+    _leave_tombstones(session, [row] if row is not None else [])
+    return row
+
+
+# A deleted file's place in the list is kept this long: a client pages through its files in far less.
+TOMBSTONE_DAYS = 7
+
+
+def _leave_tombstones(session: Session, rows: Sequence[StoredFile]) -> None:
+    """Keep the deleted files' places in the list (and drop a few places kept past their week)."""
+    if not rows:
+        return
+    session.execute(
+        insert(FileTombstone)
+        .values(
+            [{"id": r.id, "api_key": r.api_key, "tenant": r.tenant, "created_at": r.created_at} for r in rows]
+        )
+        .on_conflict_do_nothing()
+    )
+    old = (
+        select(FileTombstone.id)
+        .where(FileTombstone.deleted_at < func.now() - timedelta(days=TOMBSTONE_DAYS))
+        .limit(len(rows) + 100)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    session.execute(delete(FileTombstone).where(FileTombstone.id.in_(old)))
+
+
+def tombstone(*, session: Session, file_id: str) -> FileTombstone | None:
+    """A deleted file's place in the list, if kept."""
+    return session.get(FileTombstone, file_id)
 
 
 def delete_expired(*, session: Session, limit: int = 1000) -> list[StoredFile]:
@@ -192,7 +225,9 @@ def delete_expired(*, session: Session, limit: int = 1000) -> list[StoredFile]:
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     )
-    return list(session.scalars(delete(StoredFile).where(StoredFile.id.in_(due)).returning(StoredFile)))
+    rows = list(session.scalars(delete(StoredFile).where(StoredFile.id.in_(due)).returning(StoredFile)))
+    _leave_tombstones(session, rows)
+    return rows
 
 
 def file_in_use(*, session: Session, file_id: str) -> str | None:

@@ -741,3 +741,18 @@ class DeskSignOut(Base):
 
     session_mac: Mapped[str] = mapped_column(String(64), primary_key=True)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class FileTombstone(Base):
+    """A deleted file's place in the files list (its id, owner and creation time), kept a week: a
+    page that starts past it still finds where."""
+
+    __tablename__ = "file_tombstones"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key: Mapped[str | None] = mapped_column(String(64))
+    tenant: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deleted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )

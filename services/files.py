@@ -295,12 +295,17 @@ def list_files(
 ) -> dict[str, Any]:
     """The caller's files (an admin key's: everyone's), a page of `limit` after the file `after`."""
     with session_scope() as session:
-        cursor = None
+        cursor: Any = None
         if after is not None:
             try:
                 cursor = _visible(session, after, api_key, admin, tenant, expired_too=True)
             except FileNotFound:
-                raise BadFileQuery(f"after: no file {after!r}") from None
+                # Deleted between two pages (by the client paging, an admin, the expiry sweep): its
+                # place in the list is kept a week, the owner's to page from like the file's.
+                place = stored.tombstone(session=session, file_id=after)
+                if place is None or not (admin or _owns(place.api_key, place.tenant, api_key, tenant)):
+                    raise BadFileQuery(f"after: no file {after!r}") from None
+                cursor = place
         rows = stored.list_files(
             session=session,
             owner=None if admin else (api_key, tenant),

@@ -844,6 +844,33 @@ def test_the_openai_clients_delete_while_listing_loop_deletes_every_file(base_ur
     assert mine.isdisjoint(f.id for f in client.files.list(purpose="batch"))
 
 
+def test_a_page_of_files_starts_past_a_file_deleted_since_the_last_page(base_url) -> None:
+    """Found in review: a page started from its cursor file's row, so the cursor deleted between two
+    pages (by the client itself, paging 3 at a time here; an admin; the expiry sweep) made the next
+    page a 400, and the `openai` client's paginator stopped there. A deleted file keeps its place in
+    the list a week, its owner's alone to page from."""
+    import openai
+
+    from tests.conftest import HASHED_INGEST_KEY
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    mine = [
+        _upload(base_url, json.dumps(openai_line(f"p{i}", USER)).encode() + b"\n").json()["id"]
+        for i in range(7)
+    ]  # the key's newest
+    deleted = [
+        f.id
+        for f in client.files.list(purpose="batch", limit=3)
+        if f.id in mine and client.files.delete(f.id).deleted
+    ]
+    assert sorted(deleted) == sorted(mine)
+    # another key cannot page from a place that was not its file's: a 400, as for any id not its own
+    stranger = openai.OpenAI(base_url=f"{base_url}/v1", api_key=HASHED_INGEST_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError, match="after: no file"):
+        stranger.files.list(after=mine[0], limit=3)
+    assert client.files.list(after=mine[0], limit=3).data is not None  # the owner still can
+
+
 def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(base_url, quiet_model) -> None:
     from tests.conftest import HASHED_INGEST_KEY
 
