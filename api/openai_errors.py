@@ -11,7 +11,7 @@ from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/chat/completions")
+OPENAI_PATHS = ("/v1/files", "/v1/batches", "/v1/chat/completions", "/v1/models")
 
 # A field a refusal names: `body.model: ...`, `body.messages[1].content: ...`, `purpose: ...`.
 _PARAM = re.compile(r"^((?:body|[a-z_]+)(?:\.[A-Za-z_]\w*|\.\d+|\[-?\d+\])*):")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -340,6 +341,14 @@ def find_characters(*, session: Session, slugs: Sequence[str]) -> dict[str, int]
 def all_character_slugs(*, session: Session) -> list[str]:
     """Every character's slug."""
     return list(session.scalars(select(Character.slug)).all())
+
+
+def character_listing(*, session: Session, slug: str | None = None) -> list[tuple[str, datetime]]:
+    """(slug, created_at) of every character (or of the one `slug` names), by slug."""
+    query = select(Character.slug, Character.created_at).order_by(Character.slug)
+    if slug is not None:
+        query = query.where(Character.slug == slug)
+    return list(session.execute(query).tuples())
 
 
 def character_names(*, session: Session, slugs: Sequence[str]) -> dict[str, str]:

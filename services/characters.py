@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from core.settings import settings
 from db.models import Character
 from db.session import session_scope
-from db.world import append_story_event, get_character, save_character, story_event_place
+from db.world import append_story_event, character_listing, get_character, save_character, story_event_place
 from db.write_keys import record_ids, stored_ids, take_key
 from roleplay.cards import CardError, card_json, card_png, read_card
 from roleplay.lorebook import stored_lorebook, to_character_book
@@ -52,6 +52,17 @@ def character_exists(slug: str) -> bool:
         return False
     with session_scope() as session:
         return slug in find_characters(session=session, slugs=[slug])
+
+
+def as_models(slug: str | None = None) -> list[dict[str, Any]]:
+    """The characters as OpenAI's model objects (a chat completion's `model` names a character):
+    every one, or the one `slug` names (none: not a character)."""
+    with session_scope() as session:
+        rows = character_listing(session=session, slug=slug)
+    return [
+        {"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "mlchat"}
+        for name, created in rows
+    ]
 
 
 def _digest(name: str, length: int) -> str:

@@ -273,6 +273,22 @@ def test_the_openai_client_reads_each_refusal_of_files_and_batches_as_openai_wor
     assert refused.status_code == 404 and "detail" in refused.json()
 
 
+def test_the_openai_client_lists_the_characters_as_its_models(base_url) -> None:
+    """Found in review: there was no /v1/models, which `client.models.list()` and the tools built on
+    OpenAI's API (a UI's model picker, a proxy's health check) read before they talk: a 404 in this
+    API's own shape. The characters are the models a chat completion names."""
+    client = _client(base_url)
+    listed = {m.id: m for m in client.models.list()}
+    assert {"elara", "luffy"} <= set(listed) and listed["elara"].object == "model"
+    assert listed["elara"].owned_by == "mlchat" and listed["elara"].created > 0
+    assert client.models.retrieve("elara").id == "elara"
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("gpt-nobody")
+    assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    with pytest.raises(openai.AuthenticationError):
+        _client(base_url, key="no-such-key").models.list()
+
+
 def test_a_refusal_on_an_openai_route_behind_a_proxys_prefix_is_in_openais_shape_too() -> None:
     # Review: the shape was chosen by the request's path, which under uvicorn's --root-path holds
     # the prefix: /mlchat/v1/files answered mlchat's own 422.
