@@ -295,6 +295,8 @@ class Settings(BaseSettings):
     card_max_text_bytes: int = Field(default=2_000_000, ge=1024)
     # A chat log `mlchat history import` reads (whole: its import is all or nothing).
     history_max_bytes: int = Field(default=100_000_000, ge=1024)
+    # ... and at most this many lines of it (each embedded and stored in one transaction).
+    history_max_lines: int = Field(default=100_000, ge=1)
     # The ingest's /metrics needs an admin key unless this is set (a scraper on a private network).
     api_metrics_public: bool = False
     # Jobs a request starts after its answer (a batch's submission, its output files) run on threads

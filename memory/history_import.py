@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from core.settings import TENANT_NAME
+from core.settings import TENANT_NAME, settings
 from db.models import Conversation, Role
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
@@ -198,6 +198,12 @@ def parse_history(raw: str, fmt: HistoryFormat) -> ParsedHistory:
         parsed = parse_json_messages(raw, ORIGINAL_KEYS)
     if not parsed.lines:
         raise HistoryRefused("the log holds no user or assistant lines")
+    limit = settings.history_max_lines
+    if len(parsed.lines) > limit:  # each is embedded, and all are stored in one transaction
+        raise HistoryRefused(
+            f"the log holds {len(parsed.lines):,} lines, more than MLCHAT_HISTORY_MAX_LINES ({limit:,}); "
+            "import it in parts, oldest first"
+        )
     return parsed
 
 

@@ -186,6 +186,29 @@ def test_a_malformed_log_is_refused_with_line_and_field_and_nothing_is_stored(
         )
 
 
+def test_a_log_of_more_lines_than_one_import_takes_is_refused_unembedded(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """Found in review: a log was bounded in bytes alone, so 100 MB of short lines were millions of
+    rows: hours of embedding, every vector held at once, then one INSERT of millions under the
+    conversation's lock. MLCHAT_HISTORY_MAX_LINES bounds it, refused before a line is embedded."""
+    import memory.history_import as history_import
+    from core.settings import settings
+
+    monkeypatch.setattr(settings, "history_max_lines", 3)
+    embedded: list[int] = []
+    monkeypatch.setattr(history_import, "embed_texts", lambda texts: embedded.append(len(texts)))
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    body = "\n".join(json.dumps({"name": "A", "is_user": i % 2 == 0, "mes": f"Line {i}."}) for i in range(4))
+    assert _import(tmp_path, body, "sillytavern", external) == 2
+    err = capsys.readouterr().err
+    assert (
+        "4 lines, more than MLCHAT_HISTORY_MAX_LINES (3)" in err
+        and embedded == []
+        and _stored(external) == []
+    )
+
+
 def test_leading_blank_lines_tool_and_developer_messages_are_skipped_not_refused() -> None:
     from memory.history_import import parse_history
 
