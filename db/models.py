@@ -486,6 +486,8 @@ class Turn(Base):
     # When a callback its tries did not deliver is due again (None: delivered, refused, never tried).
     callback_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Every claim it has had, never back (attempts go back on a refund): a stream's rank of claims.
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Deaths it was inside the engine for without being a suspect (it had started decoding while

@@ -152,6 +152,7 @@ class ClaimedTurn:
     # player said nothing, so the affinity toward the player stays.
     player_spoke: bool = True
     callback: bool = False  # it has a callback_url (POSTed its outcome once finished)
+    claims: int = 0  # its claims so far, this one included: its stream's rank (never goes back)
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,7 @@ def claim_turns(
             .values(
                 status=TurnStatus.RUNNING,
                 attempts=Turn.attempts + 1,
+                claims=Turn.claims + 1,
                 started_at=func.now(),
                 claim_token=result.token,
                 lease_until=func.now() + _seconds(lease_s),
@@ -526,6 +528,7 @@ def claim_turns(
                     answers=answered if answered is not None and answered[0] != char.id else None,
                     player_spoke=turn.scene_id is None or conv.id in player_last,
                     callback=turn.callback_url is not None,
+                    claims=turn.claims,
                 )
             )
     if ended := [*result.exhausted, *result.blocked, *stopped]:

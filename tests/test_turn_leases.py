@@ -8,6 +8,7 @@ their age, and storing set `done` with no condition).
 import threading
 import time
 import uuid
+from dataclasses import replace
 
 from sqlalchemy import func, select, update
 
@@ -218,3 +219,29 @@ def test_a_failure_or_retry_the_write_did_not_make_is_neither_announced_nor_sent
     assert list(report.failed) == [ours] and report.retry == {} and report.retry_in == {}
     assert sorted(report.lost) == sorted([failing, retried]) and report.send_again == []
     assert get_turn(failing).status == TurnStatus.RUNNING and get_turn(retried).status == TurnStatus.RUNNING
+
+
+def test_a_claim_that_takes_a_refunded_turn_over_outranks_the_claim_it_replaced(world) -> None:
+    """Found in review: a streamed delta's rank (a reader follows the claim of the highest) was the
+    turn's attempts, which a refund takes back (an engine death, a lost connection): the claim that
+    took the turn over ranked as the one it replaced, and the dead claim's late text won. The rank is
+    the turn's claims, which never go back."""
+    from worker.pipeline import _request
+
+    (turn_id,) = _turns()
+    first = _claim([turn_id])
+    with session_scope() as session:
+        requeue_turns(
+            session=session, token=first.token, reasons={turn_id: "engine died"}, refund_attempt=True
+        )
+    second = _claim([turn_id])
+    (was,), (now,) = first.claimed, second.claimed
+    assert was.attempts == now.attempts == 1  # the tie the rank had
+    assert now.claims == was.claims + 1
+
+    class Prompt:
+        token_ids, stop = [1, 2], ()
+
+    streamed = replace(now, params={**now.params, "stream": True})
+    request = _request(streamed, Prompt(), 0, None, second.token)  # type: ignore[arg-type]
+    assert request.stream == (turn_id, second.token, now.claims)

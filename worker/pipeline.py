@@ -1023,7 +1023,7 @@ def _request(
         controls={name: p[name] for name in SAMPLING_CONTROLS if name in p},
         adapter=adapter,
         alone=runs_alone(turn),
-        stream=(turn.id, token, turn.attempts) if _streamed(turn) else None,
+        stream=(turn.id, token, turn.claims) if _streamed(turn) else None,
         structured_outputs=shape.outputs if shape else None,
         reply_shape=shape,
     )
