@@ -262,6 +262,9 @@ class Settings(BaseSettings):
     # job finding them taken goes back on the queue for memory_job_retry_s.
     memory_jobs_per_worker: int = Field(default=1, ge=1)
     memory_job_retry_s: float = Field(default=5.0, gt=0)
+    # A memory job step that raises is sent again after a backoff (30 s, doubling, at most 30 min),
+    # and given up after this many failures in a row (until `mlchat memory retry`).
+    memory_job_max_failures: int = Field(default=5, ge=1)
     # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
     structured_max_schema_bytes: int = Field(default=32_768, ge=256)
     structured_max_actions: int = Field(default=32, ge=1, le=256)

@@ -7,6 +7,7 @@ its work: a generation that waited past the lease behind bulk work is not thrown
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
@@ -108,21 +109,32 @@ SELECT c, k, now() + make_interval(secs => :stale_s)
 FROM unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)
 ON CONFLICT (conversation_id, kind) DO UPDATE
 SET queued_until = excluded.queued_until
-WHERE memory_jobs.queued_until IS NULL OR memory_jobs.queued_until < now()
+WHERE (memory_jobs.queued_until IS NULL OR memory_jobs.queued_until < now())
+  AND (memory_jobs.retry_after IS NULL OR memory_jobs.retry_after < now())  -- backing off: its send is made
+  AND memory_jobs.failures < :max_failures  -- given up until `mlchat memory retry`
 RETURNING conversation_id, kind
 """
 )
 
 
-def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float) -> list[tuple[int, str]]:
+def mark_queued(
+    *, session: Session, jobs: list[tuple[int, str]], stale_s: float, max_failures: int = 2**31 - 1
+) -> list[tuple[int, str]]:
     """Mark these jobs as having a message on the queue; the ones marked now (send only those). A
-    mark older than `stale_s` (its message lost) may be taken again; running the job clears it."""
+    mark older than `stale_s` (its message lost) may be taken again; running the job clears it. A job
+    backing off after a failure (its send is made, with its delay) or failed `max_failures` times in
+    a row (given up) is not marked."""
     if not jobs:
         return []
     unique = sorted(set(jobs))
     rows = session.execute(
         _QUEUE_SQL,
-        {"conv": [c for c, _ in unique], "kind": [k for _, k in unique], "stale_s": stale_s},
+        {
+            "conv": [c for c, _ in unique],
+            "kind": [k for _, k in unique],
+            "stale_s": stale_s,
+            "max_failures": max_failures,
+        },
     )
     return sorted((int(c), str(k)) for c, k in rows)
 
@@ -174,8 +186,9 @@ WITH stalled AS (
     SELECT conversation_id, kind,
            token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s) AS dead
     FROM memory_jobs
-    WHERE queued_until < now()
-       OR (token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s))
+    WHERE (queued_until < now()
+           OR (token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s)))
+      AND failures < :max_failures AND kind = ANY(CAST(:kinds AS text[]))
     ORDER BY conversation_id, kind
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -189,7 +202,14 @@ RETURNING j.conversation_id, j.kind
 )
 
 
-def take_back_stalled(*, session: Session, lease_s: float, limit: int) -> list[tuple[int, str]]:
+def take_back_stalled(
+    *,
+    session: Session,
+    lease_s: float,
+    limit: int,
+    kinds: Sequence[str] = (SUMMARY, EXTRACT),
+    max_failures: int = 2**31 - 1,
+) -> list[tuple[int, str]]:
     """The memory jobs whose messages went missing, marked queued afresh for the caller to send:
     a job marked queued longer ago than the mark lasts and never run (the broker lost its message,
     or it waits behind a bulk backlog that long: a duplicate, which its claim makes harmless), or
@@ -197,7 +217,10 @@ def take_back_stalled(*, session: Session, lease_s: float, limit: int) -> list[t
     Nothing else would send them again before the conversation's next reply. A send that fails
     leaves the fresh mark to lapse, and a later sweep finds the job again; a job no longer due runs
     and finds nothing to do."""
-    rows = session.execute(_TAKE_BACK_SQL, {"lease_s": lease_s, "limit": limit}).tuples()
+    rows = session.execute(
+        _TAKE_BACK_SQL,
+        {"lease_s": lease_s, "limit": limit, "kinds": list(kinds), "max_failures": max_failures},
+    ).tuples()
     return sorted({(int(c), str(k)) for c, k in rows})
 
 
@@ -212,6 +235,65 @@ def release_job(*, session: Session, conversation_id: int, kind: str, token: uui
         ),
         {"c": conversation_id, "k": kind, "t": token},
     )
+
+
+# A failed step's next try waits this long, doubling with each failure in a row, at most the cap.
+FAILURE_BACKOFF_S = 30.0
+FAILURE_BACKOFF_MAX_S = 1800.0
+
+
+def record_failure(
+    *, session: Session, conversation_id: int, kind: str, error: str, lease_s: float
+) -> tuple[int, float]:
+    """A step of the job raised: counted, its error kept, and its next try put off by a backoff
+    (its queued mark held that long and a lease more, so no scheduling sends it meanwhile, and the
+    sweep sends it if the delayed message is lost); (failures in a row, the backoff in seconds)."""
+    failures = session.execute(
+        text(
+            "INSERT INTO memory_jobs (conversation_id, kind, failures, last_error) VALUES (:c, :k, 1, :e)"
+            " ON CONFLICT (conversation_id, kind) DO UPDATE"
+            " SET failures = memory_jobs.failures + 1, last_error = excluded.last_error"
+            " RETURNING failures"
+        ),
+        {"c": conversation_id, "k": kind, "e": error[:2000]},
+    ).scalar_one()
+    backoff = min(FAILURE_BACKOFF_S * 2 ** (failures - 1), FAILURE_BACKOFF_MAX_S)
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET retry_after = now() + make_interval(secs => :b),"
+            " queued_until = now() + make_interval(secs => :b + :lease)"
+            " WHERE conversation_id = :c AND kind = :k"
+        ),
+        {"c": conversation_id, "k": kind, "b": backoff, "lease": lease_s},
+    )
+    return int(failures), backoff
+
+
+def clear_failures(*, session: Session, conversation_id: int, kind: str) -> None:
+    """A step of the job stored its work: its failures in a row are over."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET failures = 0, last_error = NULL, retry_after = NULL"
+            " WHERE conversation_id = :c AND kind = :k AND failures > 0"
+        ),
+        {"c": conversation_id, "k": kind},
+    )
+
+
+def retry_given_up(*, session: Session, max_failures: int) -> list[tuple[int, str, str | None]]:
+    """Give every job given up (failed `max_failures` times in a row) another go: its failures are
+    cleared; (conversation id, kind, last error) of each, for the caller to schedule."""
+    rows = session.execute(
+        text(
+            "WITH given_up AS (SELECT conversation_id, kind, last_error FROM memory_jobs"
+            " WHERE failures >= :n ORDER BY conversation_id, kind FOR UPDATE)"
+            " UPDATE memory_jobs j SET failures = 0, retry_after = NULL, queued_until = NULL"
+            " FROM given_up g WHERE j.conversation_id = g.conversation_id AND j.kind = g.kind"
+            " RETURNING j.conversation_id, j.kind, g.last_error"
+        ),
+        {"n": max_failures},
+    ).tuples()
+    return sorted((int(c), str(k), e) for c, k, e in rows)
 
 
 def extracted_through(*, session: Session, conversation_id: int) -> int:
@@ -254,6 +336,7 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
     session.execute(
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
+            " failures = 0, retry_after = NULL,"  # the text it failed on changed: another go
             " done_through = CASE WHEN kind = 'extract' THEN LEAST(done_through, :before)"
             " ELSE done_through END"
             " WHERE conversation_id = :c AND kind IN ("  # its rows locked in kind order, as mark_queued's

@@ -684,6 +684,11 @@ class MemoryJob(Base):
     # a suspect (joining the engine), and present but no suspect (decoding already; migration 0033).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     engine_deaths_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Steps that raised since its last stored one (migration 0040), the last one's error, and when it
+    # may run again (a backoff); at MLCHAT_MEMORY_JOB_MAX_FAILURES it is given up until retried.
+    failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)
+    retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class VectorSpace(Base):

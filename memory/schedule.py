@@ -11,7 +11,15 @@ from collections.abc import Sequence
 from sqlalchemy import select
 
 from core.settings import settings
-from db.memory_jobs import EXTRACT, SUMMARY, extract_due, mark_queued, take_back_stalled, unmark_queued
+from db.memory_jobs import (
+    EXTRACT,
+    SUMMARY,
+    extract_due,
+    mark_queued,
+    retry_given_up,
+    take_back_stalled,
+    unmark_queued,
+)
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
@@ -74,7 +82,12 @@ def schedule_memory(conversation_ids: Sequence[int]) -> int:
         jobs = due_jobs(conversation_ids)
         if jobs:
             with session_scope() as session:
-                marked = mark_queued(session=session, jobs=jobs, stale_s=settings.memory_job_lease_s)
+                marked = mark_queued(
+                    session=session,
+                    jobs=jobs,
+                    stale_s=settings.memory_job_lease_s,
+                    max_failures=settings.memory_job_max_failures,
+                )
         if marked:
             from tasks.memory import send_memory_jobs
 
@@ -104,12 +117,29 @@ def reschedule_stalled(limit: int = 1000) -> int:
     """Send again the memory jobs whose messages went missing (a broker lost them, a worker died
     holding one); how many were sent (`mlchat sweep`). Raises when they cannot be sent (the sweep
     says so); their marks lapse and the next sweep finds them again."""
+    # Only the kinds switched on, and none given up: taken back and never sent, they were marked
+    # again at every sweep and filled its limit ahead of the jobs that run (found in review).
     with session_scope() as session:
-        stalled = take_back_stalled(session=session, lease_s=settings.memory_job_lease_s, limit=limit)
-    kinds = switched_on()
-    stalled = [(conversation, kind) for conversation, kind in stalled if kind in kinds]
+        stalled = take_back_stalled(
+            session=session,
+            lease_s=settings.memory_job_lease_s,
+            limit=limit,
+            kinds=sorted(switched_on()),
+            max_failures=settings.memory_job_max_failures,
+        )
     if stalled:
         from tasks.memory import send_memory_jobs
 
         send_memory_jobs(stalled)
     return len(stalled)
+
+
+def retry_given_up_jobs() -> list[tuple[int, str, str | None]]:
+    """Give the memory jobs given up after MLCHAT_MEMORY_JOB_MAX_FAILURES failures in a row another
+    go, each sent now if it is still due (`mlchat memory retry`); (conversation id, kind, its last
+    error) of each."""
+    with session_scope() as session:
+        jobs = retry_given_up(session=session, max_failures=settings.memory_job_max_failures)
+    if jobs:
+        schedule_memory([conversation for conversation, _, _ in jobs])
+    return jobs

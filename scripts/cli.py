@@ -43,6 +43,8 @@ history_app = typer.Typer(help="Existing chat logs into conversations.", no_args
 app.add_typer(history_app, name="history")
 callbacks_app = typer.Typer(help="Signed completion callbacks.", no_args_is_help=True)
 app.add_typer(callbacks_app, name="callbacks")
+memory_app = typer.Typer(help="NPC memory jobs (rolling summaries, fact extraction).", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
 
 
 ExportFormat = Literal["native", "openai"]  # services/runs/export.py
@@ -680,6 +682,17 @@ def story_event(
     from services.characters import add_story_event
 
     _out(str(add_story_event(story, text, scene=scene, time=time)[0]))
+
+
+@memory_app.command("retry")
+def memory_retry() -> None:
+    """Give the memory jobs given up (MLCHAT_MEMORY_JOB_MAX_FAILURES failures in a row) another go."""
+    from memory.schedule import retry_given_up_jobs
+
+    jobs = retry_given_up_jobs()
+    for conversation, kind, error in jobs:
+        _out(f"conversation {conversation}: {kind} (last error: {error or 'none recorded'})")
+    _out(f"{len(jobs)} memory job(s) given another go")
 
 
 # --- NPC memory: facts ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ def memory_job(conversation_id: int, kind: str) -> None:
     if did:
         from memory.schedule import schedule_memory
 
+        _failures_over(conversation_id, kind)
         schedule_memory([conversation_id])  # the next step, if one is due
 
 
@@ -83,9 +84,61 @@ def _run_step(conversation_id: int, kind: str) -> bool:
         logger.warning("unknown memory job kind %r dropped", kind)
     except EngineDead:
         raise
-    except Exception:
+    except Exception as exc:
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
+        _failed(conversation_id, kind, exc)
     return False
+
+
+def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
+    """A step raised: counted, and sent again after a backoff, or given up (said in the log) after
+    MLCHAT_MEMORY_JOB_MAX_FAILURES in a row. Nothing else would send it again but the conversation's
+    next reply, which an idle conversation never has; and one failing every time ran at every reply."""
+    from db.memory_jobs import record_failure
+    from db.session import session_scope
+
+    error = f"{type(exc).__name__}: {exc}"
+    try:
+        with session_scope() as session:
+            failures, backoff = record_failure(
+                session=session,
+                conversation_id=conversation_id,
+                kind=kind,
+                error=error,
+                lease_s=settings.memory_job_lease_s,
+            )
+    except Exception:  # the database away too: the sweep finds the job once its lease or mark lapses
+        logger.warning(
+            "could not record the failure of memory job %s of %s", kind, conversation_id, exc_info=True
+        )
+        return
+    if failures >= settings.memory_job_max_failures:
+        logger.error(
+            "memory job %s of conversation %s failed %d times in a row and is given up until "
+            "`mlchat memory retry`; last error: %s",
+            kind,
+            conversation_id,
+            failures,
+            error,
+        )
+        return
+    try:
+        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(backoff))
+    except Exception:  # its mark lapses after the backoff and a lease, and the sweep sends it
+        logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
+
+
+def _failures_over(conversation_id: int, kind: str) -> None:
+    from db.memory_jobs import clear_failures
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            clear_failures(session=session, conversation_id=conversation_id, kind=kind)
+    except Exception:  # its count stays: at worst it is given up one failure early
+        logger.warning(
+            "could not clear the failures of memory job %s of %s", kind, conversation_id, exc_info=True
+        )
 
 
 def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from core.services import broker_url
 from core.settings import settings
@@ -398,3 +398,57 @@ def test_a_memory_jobs_store_rolled_back_for_a_deadlock_is_run_again_not_its_gen
             "They talked."
         ]
         assert s.scalars(select(Fact.text).where(Fact.scope_ref == str(conv))).all() == ["Rowan keeps bees."]
+
+
+def test_a_memory_job_that_raises_is_sent_again_after_a_backoff_and_given_up_after_its_failures(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: a step that raised (the database or the engine away a moment) was logged and
+    given back with its queued mark cleared: nothing sent it again but the conversation's next reply,
+    which an idle conversation never has (a transient failure, final); and one that failed every time
+    ran again at every reply, unseen. It is counted and sent again after a backoff, no scheduling
+    sends it meanwhile, and after MLCHAT_MEMORY_JOB_MAX_FAILURES in a row it is given up, said in the
+    log, until `mlchat memory retry`; a stored step clears the count."""
+    import logging
+
+    from memory import summarize
+    from memory.schedule import reschedule_stalled
+    from tasks import memory as memory_tasks
+
+    monkeypatch.setattr(settings, "memory_job_max_failures", 2)
+    conv = _conversation(80)
+
+    def engine_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        raise ConnectionError("the engine is away")
+
+    original = summarize.run_summary_job
+    monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: original(c, generate=engine_away, **kw))
+
+    def job() -> MemoryJob:
+        with session_scope() as s:
+            return s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+
+    memory_tasks.memory_job(conv, SUMMARY)
+    (headers,) = _queued(conv)
+    assert headers["eta"] is not None  # sent again, after its backoff
+    row = job()
+    assert row.failures == 1 and "the engine is away" in (row.last_error or "")
+    assert schedule_memory([conv]) == 0 and reschedule_stalled() == 0  # backing off: not sent twice
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    caplog.set_level(logging.ERROR, logger="tasks.memory")
+    memory_tasks.memory_job(conv, SUMMARY)  # its delayed message runs, and fails again: given up
+    assert not _queued(conv) and job().failures == 2
+    assert "given up until `mlchat memory retry`" in caplog.text
+    with session_scope() as s:  # its backoff long past: still not sent, by scheduling or the sweep
+        s.execute(
+            update(MemoryJob)
+            .where(MemoryJob.conversation_id == conv)
+            .values(retry_after=None, queued_until=None)
+        )
+    assert schedule_memory([conv]) == 0 and reschedule_stalled() == 0 and not _queued(conv)
+    from memory.schedule import retry_given_up_jobs
+
+    monkeypatch.setattr(summarize, "run_summary_job", original)
+    retried = [(c, k) for c, k, _ in retry_given_up_jobs()]
+    assert (conv, SUMMARY) in retried and len(_queued(conv)) == 1 and job().failures == 0
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
