@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, delete, func, literal, select, text, update
+from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -299,6 +299,43 @@ def _folded(subject: Any) -> Any:
     """A subject in lower case, trimmed, its runs of whitespace as one space: folded by the database
     on both sides of a comparison (its lower() and Python's differ past ASCII)."""
     return func.lower(func.btrim(func.regexp_replace(subject, r"\s+", " ", "g")))
+
+
+def known_elsewhere(
+    *,
+    session: Session,
+    tenant: str,
+    player_id: str,
+    story: str | None,
+    subject: str,
+    vector: np.ndarray,
+    similarity: float,
+) -> bool:
+    """Whether a conversation of this player (and story) already sees a current fact of the subject
+    at least this similar in another scope than its own (the player's every NPC, the story, the
+    world): extraction adds no copy of it, which would take a second of the prompt's few fact slots."""
+    send_vectors_binary(session)
+    scopes = [Fact.scope == FactScope.WORLD]
+    if player_id:
+        scopes.append(and_(Fact.scope == FactScope.MET, Fact.player_id == player_id))
+    if story:
+        scopes.append(and_(Fact.scope == FactScope.STORY, Fact.scope_ref == story))
+    distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    Fact.tenant == tenant,
+                    or_(*scopes),
+                    _folded(Fact.subject) == _folded(literal(subject)),
+                    Fact.superseded_by.is_(None),
+                    Fact.embedding.is_not(None),
+                    text(SAME_SPACE_SQL),
+                    distance <= 1.0 - similarity,
+                )
+            )
+        )
+    )
 
 
 def closest_fact(

@@ -18,7 +18,7 @@ from sqlalchemy import select
 
 from core.settings import settings
 from core.text import storable_output
-from db.facts import NewFact, add_facts, closest_fact, embedded_text, supersede
+from db.facts import NewFact, add_facts, closest_fact, embedded_text, known_elsewhere, supersede
 from db.memory_jobs import (
     EXTRACT,
     MEMORY_JOB_DEATHS,
@@ -213,6 +213,20 @@ def store_extracted(
         told_elsewhere = close is not None and close[0].source_conversation_id not in (None, conversation.id)
         same = similarity >= settings.memory_fact_dedup_similarity
         if same and not told_elsewhere:
+            counts["duplicate"] += 1
+            continue
+        # Known to this conversation already in a wider scope (the game's fact for every NPC the player
+        # met, gossip that moved this conversation's own, the story's, the world's): no copy, which
+        # would take a second of the prompt's few fact slots; never a replacement of it either.
+        if not same and known_elsewhere(
+            session=session,
+            tenant=conversation.tenant,
+            player_id=player,
+            story=conversation.story,
+            subject=subject,
+            vector=vector,
+            similarity=settings.memory_fact_dedup_similarity,
+        ):
             counts["duplicate"] += 1
             continue
         (row,) = add_facts(

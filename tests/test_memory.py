@@ -854,6 +854,46 @@ def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> 
     assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
 
 
+def test_dialogue_adds_no_copy_of_a_fact_its_conversation_knows_in_a_wider_scope() -> None:
+    """Found in review: extraction compared a fact only with its own conversation's, so a fact the
+    game wrote for every NPC the player met (or gossip moved out of this very conversation) was
+    stored again in the conversation's scope when the dialogue said it, and the prompt carried it
+    twice, in two of its few fact slots. It is a duplicate; a fact of the world reached this way too,
+    and another player's is none of this conversation's."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    said = "Rowan has a sister called Mira."
+    (vec,) = embed([f"Rowan: {said}"])
+    with session_scope() as s:
+        add_facts(
+            session=s,
+            facts=[NewFact("", player, FactKind.PLAYER, "Rowan", said, "game", 0.8, FactScope.MET, "", vec)],
+        )
+
+    def extract(text: str) -> dict[str, int]:
+        with session_scope() as s:
+            conv = s.get(Conversation, conv_id)
+            return store_extracted(
+                session=s, conversation=conv, facts=_answer((text, 8)), source="t:1", lines=(1, 1)
+            )
+
+    assert extract(said) == {"added": 0, "duplicate": 1, "superseded": 0}
+    with session_scope() as s:
+        own = s.scalar(
+            select(func.count())
+            .select_from(Fact)
+            .where(Fact.scope == FactScope.CONVERSATION, Fact.scope_ref == str(conv_id))
+        )
+    assert own == 0
+    other = _conversation("elara", f"q-{uuid.uuid4().hex[:6]}")  # another player's is not this one's
+    with session_scope() as s:
+        conv = s.get(Conversation, other)
+        counts = store_extracted(
+            session=s, conversation=conv, facts=_answer((said, 8)), source="t:2", lines=(1, 1)
+        )
+    assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
+
+
 def test_anonymous_players_do_not_share_extracted_facts() -> None:
     first, second = _conversation("elara", ""), _conversation("elara", "")
     for conv_id in (first, second):
