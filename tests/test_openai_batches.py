@@ -679,6 +679,23 @@ def _upload(base_url: str, content: bytes, purpose: str = "batch") -> httpx.Resp
     )
 
 
+def test_an_upload_the_temporary_folder_cannot_hold_is_a_503_in_openais_shape(
+    base_url, tmp_path, monkeypatch
+) -> None:
+    """Found in review: the multipart parser spools an upload's file part (past 1 MB) to the system's
+    temporary folder before the route sees it, and that folder full or unwritable raised inside the
+    parse: a plain-text 500, which the `openai` client retried twice, sending the whole file again
+    each time. A 503 in OpenAI's shape (the deployment's to fix), nothing stored."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "gone"))  # as a full or unwritable folder
+    big = (json.dumps(openai_line("t", USER)).encode() + b"\n") * 8000  # past the 1 MB spooled in memory
+    answer = _upload(base_url, big)
+    assert answer.status_code == 503, answer.text
+    error = answer.json()["error"]
+    assert "temporary folder" in error["message"] and error["type"] == "server_error"
+
+
 def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
     base_url, quiet_model, monkeypatch
 ) -> None:

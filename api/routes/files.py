@@ -4,7 +4,9 @@ admin keys see all."""
 
 from __future__ import annotations
 
+import logging
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated, Any, BinaryIO, Literal
@@ -37,6 +39,7 @@ router = APIRouter(prefix="/v1/files", tags=["files"])
 
 FileId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
+logger = logging.getLogger(__name__)
 _CHUNK = 1 << 20
 
 
@@ -60,7 +63,15 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except QuotaReached as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
-    async with request.form(max_files=1, max_fields=4) as form:
+    try:  # Starlette spools the file part to the temporary folder as it parses the body
+        form = await request.form(max_files=1, max_fields=4)
+    except OSError as exc:  # that folder full or unwritable: the deployment's, and a 503 says so
+        logger.error("an upload could not be spooled to %s: %s", tempfile.gettempdir(), exc)
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            "the upload could not be written to the server's temporary folder; try again later",
+        ) from None
+    try:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose not in PURPOSES:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, f"purpose: must be one of {list(PURPOSES)}")
@@ -92,6 +103,8 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
         except QuotaReached as exc:
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+    finally:
+        await form.close()  # the spooled part's temporary file
 
 
 @router.get("")
@@ -99,8 +112,8 @@ def get_files(
     who: Annotated[Caller, Depends(needs("ingest"))],
     purpose: Annotated[Literal["batch", "batch_output", "batch_error"] | None, Query()] = None,
     after: Annotated[str | None, Query(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")] = None,
-    # OpenAI's default: the client's `for f in files.list(): files.delete(f.id)` then reads one page,
-    # never a cursor naming a file it has deleted (a 400: the row that placed it is gone).
+    # OpenAI's default (the client's `for f in files.list(): files.delete(f.id)` reads one page; a
+    # cursor naming a file deleted since pages from the place it kept, migration 0038).
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     order: Annotated[Literal["asc", "desc"], Query()] = "desc",
 ) -> Any:
