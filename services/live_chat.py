@@ -42,12 +42,14 @@ logger = logging.getLogger(__name__)
 
 
 class ChatRejected(ValueError):
-    """The request cannot be answered as asked; the message names the field. `status`: 400, or
-    409 for an idempotency key already used for another request."""
+    """The request cannot be answered as asked; the message names the field. `status`: 400, 404
+    for a model that names no character (`code` model_not_found, as OpenAI answers it), or 409 for
+    an idempotency key already used for another request."""
 
-    def __init__(self, message: str, *, status: int = 400) -> None:
+    def __init__(self, message: str, *, status: int = 400, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,12 @@ def start_chat_turn(
         slugs.append(_slug(metadata["character"], "body.metadata.character"))
     with session_scope() as session:
         known = find_characters(session=session, slugs=slugs)
+    if len(slugs) == 1 and slugs[0] not in known:  # OpenAI's answer, which its client raises as NotFoundError
+        raise ChatRejected(
+            f"body.model: the model {slugs[0]!r} does not exist (a character: GET /v1/models lists them)",
+            status=404,
+            code="model_not_found",
+        )
     try:
         line = to_run_line(
             {"custom_id": "live", "method": "POST", "url": ENDPOINT, "body": line_body}, known, LineOptions()

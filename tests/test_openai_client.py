@@ -287,6 +287,10 @@ def test_the_openai_client_lists_the_characters_as_its_models(base_url) -> None:
     assert missing.value.code == "model_not_found" and missing.value.param == "model"
     with pytest.raises(openai.AuthenticationError):
         _client(base_url, key="no-such-key").models.list()
+    # and a chat completion naming no character is OpenAI's 404 too (it was a 400 BadRequestError)
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Hello?"}])
+    assert unknown.value.code == "model_not_found" and "gpt-4o" in str(unknown.value)
 
 
 def test_a_refusal_on_an_openai_route_behind_a_proxys_prefix_is_in_openais_shape_too() -> None:

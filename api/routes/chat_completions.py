@@ -41,6 +41,7 @@ def _error(
     *,
     retry: bool = True,
     retry_after_s: int | None = None,
+    code: str | None = None,
 ) -> JSONResponse:
     """OpenAI's error shape, which its client raises as the matching exception; `param` only when the
     message names a field. `retry=False` tells the official client not to retry the POST (a retry
@@ -49,9 +50,10 @@ def _error(
     headers = {} if retry else {"x-should-retry": "false"}
     if retry_after_s is not None:
         headers["Retry-After"] = str(retry_after_s)
-    return JSONResponse(
-        status_code=status_code, content=error_body(status_code, message, kind), headers=headers or None
-    )
+    content = error_body(status_code, message, kind)
+    if code is not None:
+        content["error"]["code"] = code
+    return JSONResponse(status_code=status_code, content=content, headers=headers or None)
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(json_body)], response_model=None)
@@ -76,7 +78,7 @@ async def chat_completions(
             )
         )
     except ChatRejected as exc:  # a 409 must not be retried: the same key would meet the same turn
-        return _error(exc.status, str(exc), retry=exc.status != 409)
+        return _error(exc.status, str(exc), retry=exc.status != 409, code=exc.code)
     except GrammarBusy as exc:  # nothing stored: the client's own retry sends it again
         return _error(503, str(exc), "server_error", retry_after_s=RETRY_AFTER_S)
 
