@@ -153,6 +153,7 @@ class ClaimedTurn:
     player_spoke: bool = True
     callback: bool = False  # it has a callback_url (POSTed its outcome once finished)
     claims: int = 0  # its claims so far, this one included: its stream's rank (never goes back)
+    tenant: str = ""  # whose turn (a character's adapter trained on one tenant's dialogue answers it alone)
 
 
 @dataclass(frozen=True)
@@ -529,6 +530,7 @@ def claim_turns(
                     player_spoke=turn.scene_id is None or conv.id in player_last,
                     callback=turn.callback_url is not None,
                     claims=turn.claims,
+                    tenant=turn.tenant,
                 )
             )
     if ended := [*result.exhausted, *result.blocked, *stopped]:

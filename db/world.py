@@ -390,12 +390,12 @@ def story_event_place(*, session: Session, event_id: int) -> tuple[str, int]:
     return story, ordinal
 
 
-def register_adapter(*, session: Session, slug: str, path: str) -> int | None:
-    """The character's LoRA is now the one at `path`, one version up; its new version, or None if
-    there is no such character."""
+def register_adapter(*, session: Session, slug: str, path: str, tenant: str | None = None) -> int | None:
+    """The character's LoRA is now the one at `path`, one version up, answering `tenant`'s turns
+    alone (None: every tenant's); its new version, or None if there is no such character."""
     return session.scalar(
         update(Character)
         .where(Character.slug == slug)
-        .values(lora_path=path, lora_version=Character.lora_version + 1)
+        .values(lora_path=path, lora_version=Character.lora_version + 1, lora_tenant=tenant)
         .returning(Character.lora_version)
     )

@@ -945,12 +945,21 @@ def lora_train(
 def lora_register(
     character: Annotated[str, typer.Argument(help="the character's slug")],
     adapter: Annotated[Path, typer.Argument(exists=True, file_okay=False, help="a `lora train` folder")],
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="the tenant whose turns it answers (default: whose dialogue trained it)"),
+    ] = None,
+    every_tenant: Annotated[
+        bool, typer.Option(help="serve an adapter trained on one tenant's dialogue to every tenant")
+    ] = False,
 ) -> None:
-    """Make the adapter the character's voice (a new version); workers with MLCHAT_ENABLE_LORA serve it."""
+    """Make the adapter the character's voice (a new version); workers with MLCHAT_ENABLE_LORA serve it,
+    to the turns of the tenant whose dialogue trained it alone."""
     from services.lora.registry import register
 
-    done = register(character, adapter)
-    _out(f"{done.slug}@v{done.version} -> {done.path}")
+    done = register(character, adapter, tenant=tenant, every_tenant=every_tenant)
+    whose = "every tenant" if done.tenant is None else f"tenant {done.tenant!r}"
+    _out(f"{done.slug}@v{done.version} -> {done.path} (answers {whose}'s turns)")
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -969,6 +978,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from scripts.seed import SeedError
     from services.characters import ReservedStory
     from services.lora.files import BadLoraFile
+    from services.lora.registry import TrainedOnATenant
     from services.producer import TurnRejected
     from services.runs import EmptyFile, RunBusy, RunValidationError
 
@@ -987,6 +997,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         ReembedBusy,
         StoryBusy,
         BadLoraFile,
+        TrainedOnATenant,
         ReservedStory,
     )
 

@@ -467,7 +467,7 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
     from worker.engine import Adapter, AdapterUnavailable
 
     passing, lasting = Adapter("copying@v1", 1, "/x"), Adapter("too-big@v1", 2, "/y")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character: character)
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant: character)
 
     def load(adapter: Adapter) -> None:
         if adapter is passing:
@@ -476,9 +476,9 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
 
     monkeypatch.setattr(engine_module, "load_adapter", load)
     first, last_try, big = (
-        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1),
-        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=settings.max_attempts),
-        SimpleNamespace(id=uuid.uuid4(), character=lasting, attempts=1),
+        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1, tenant=""),
+        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=settings.max_attempts, tenant=""),
+        SimpleNamespace(id=uuid.uuid4(), character=lasting, attempts=1, tenant=""),
     )
     report = pipeline.BatchReport()
     pipeline._load_adapters([first, last_try, big], report)  # type: ignore[list-item]
@@ -571,8 +571,8 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
     from worker.engine import Adapter, EngineDead
 
     adapter = Adapter("waiting@v1", 1, "/x")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character: character)
-    turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1)
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant: character)
+    turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1, tenant="")
     for in_engine, charged in ((False, []), (True, [turn.id])):
 
         def load(adapter: Adapter, in_engine: bool = in_engine) -> None:
@@ -674,3 +674,48 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
     ):
         assert cli(command) == 2, command
         assert f"Invalid value for '{command[-2]}'" in capsys.readouterr().err
+
+
+def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alone(
+    world, tmp_path, monkeypatch, capsys
+) -> None:
+    """Found in review: a training set is one tenant's conversations (stop 61), but the adapter trained
+    on it was served to every tenant's turns of the character: one studio's players' history and
+    names, in a voice answering another's. Registered, it answers the tenant whose dialogue trained
+    it alone (its training record says whose), unless --every-tenant says otherwise aloud; one
+    trained on the card's examples alone answers every tenant, as before."""
+    from core.settings import settings
+    from db.world import get_character
+    from scripts.cli import main as cli
+    from worker.pipeline import adapter_of
+
+    slug = f"voice-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
+    monkeypatch.setattr(settings, "enable_lora", True)
+
+    def serving() -> tuple[bool, bool]:
+        with session_scope() as s:
+            character = get_character(session=s, slug=slug)
+            return adapter_of(character, "studio-a") is not None, adapter_of(
+                character, "studio-b"
+            ) is not None
+
+    assert cli(["lora", "register", slug, str(adapter)]) == 0
+    assert "answers tenant 'studio-b''s turns" in capsys.readouterr().out
+    assert serving() == (False, True)
+    assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 2  # another's data
+    assert "trained on tenant 'studio-b'" in capsys.readouterr().err
+    assert serving() == (False, True)
+    assert cli(["lora", "register", slug, str(adapter), "--every-tenant"]) == 0
+    assert serving() == (True, True)
+    (adapter / "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 0}))
+    assert cli(["lora", "register", slug, str(adapter)]) == 0  # the card's examples alone: every tenant
+    assert serving() == (True, True)
+    assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 0  # or one, as asked
+    assert serving() == (True, False)

@@ -25,15 +25,42 @@ class Registered:
     slug: str
     version: int
     path: Path
+    tenant: str | None = None  # whose turns it answers (None: every tenant's)
 
 
 def adapters_dir() -> Path:
     return settings.adapters_dir or settings.state_dir / "adapters"
 
 
-def register(slug: str, adapter_dir: Path) -> Registered:
-    """Copy the adapter in and make it the character's; ValueError for a folder that is not a PEFT
-    LoRA the engine can load, KeyError for an unknown character."""
+class TrainedOnATenant(ValueError):
+    """An adapter trained on one tenant's dialogue, asked to answer another tenant's turns."""
+
+
+def served_to(adapter_dir: Path, *, tenant: str | None, every_tenant: bool) -> str | None:
+    """Whose turns the adapter answers (None: every tenant's). One trained on a tenant's dialogue (its
+    training_config.json, from `mlchat lora train`, says whose) answers that tenant's alone, unless
+    `every_tenant` says aloud to serve their players' history to all; never another tenant alone.
+    One trained on the card's examples alone, or of no record (trained elsewhere: its provenance is
+    the operator's), answers `tenant`'s, or every tenant's."""
+    record_path = adapter_dir / "training_config.json"
+    record = read_object(record_path) if record_path.is_file() else {}
+    trained_on = record.get("tenant") if record.get("from_turns") else None
+    if not isinstance(trained_on, str):
+        return None if every_tenant else tenant
+    if tenant is not None and tenant != trained_on:
+        raise TrainedOnATenant(
+            f"{adapter_dir}: trained on tenant {trained_on!r}'s dialogue ({record['from_turns']} exchanges), "
+            f"not tenant {tenant!r}'s: it answers {trained_on!r}'s turns (or, with --every-tenant, all)"
+        )
+    return None if every_tenant else trained_on
+
+
+def register(
+    slug: str, adapter_dir: Path, *, tenant: str | None = None, every_tenant: bool = False
+) -> Registered:
+    """Copy the adapter in and make it the character's, answering `tenant`'s turns alone (served_to
+    says whose by default); ValueError for a folder that is not a PEFT LoRA the engine can load or
+    one trained on a tenant's dialogue asked to serve all unsaid, KeyError for an unknown character."""
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
         raise ValueError(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
@@ -53,15 +80,16 @@ def register(slug: str, adapter_dir: Path) -> Registered:
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     if not character_exists(slug):
         raise KeyError(f"no character {slug!r}")
+    serving = served_to(adapter_dir, tenant=tenant, every_tenant=every_tenant)
     target = adapters_dir() / slug / uuid.uuid4().hex
     try:
         shutil.copytree(adapter_dir, target)
         with session_scope() as session:
-            version = register_adapter(session=session, slug=slug, path=str(target))
+            version = register_adapter(session=session, slug=slug, path=str(target), tenant=serving)
     except BaseException:  # a full disk, the database away: no copy left behind
         shutil.rmtree(target, ignore_errors=True)
         raise
     if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
         raise KeyError(f"no character {slug!r}")
-    return Registered(slug, version, target)
+    return Registered(slug, version, target, serving)

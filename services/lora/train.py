@@ -197,6 +197,9 @@ def train_adapter(
     record: dict[str, Any] = {
         "base_model": str(base),
         "character": manifest.get("character"),
+        # whose dialogue it learnt from (none but the card's examples: from_turns 0): whom it may answer
+        "tenant": manifest.get("tenant"),
+        "from_turns": manifest.get("from_turns"),
         "dataset": str(dataset_dir),
         "dataset_sha256": manifest.get("dataset_sha256"),
         "examples": {"train": len(train), "validation": len(held)},
