@@ -34,7 +34,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from core.settings import settings
 from db.callbacks import HOLD_S, Owner, hold_waiting
 from db.models import Run, Turn
-from db.session import session_scope
+from db.session import DATABASE_OUTAGES, session_scope
 from services.callbacks import CallbackFailed, deliver
 from services.turn_callbacks import deliver_turn
 from tasks.admission import callback_slots
@@ -79,7 +79,7 @@ def _in_a_slot(
     try:
         tenant = _tenant_of(owner, target)
         admitted = _admit(tenant)
-    except (DBAPIError, PoolTimeout):  # the database, not the receiver: no try of the callback spent
+    except DATABASE_OUTAGES:  # the database away (a pool timeout too), not the receiver: no try spent
         _SLOTS.release()
         logger.warning(
             "callback %s: its tenant could not be read; it waits for a slot again", target, exc_info=True

@@ -23,10 +23,11 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # A constant default: no rewrite of the table. An unfinished turn counts on from its attempts, so
-    # a claim made after this revision outranks one made before it (finished turns are not read).
+    # A constant default: no rewrite of the table. An unfinished turn counts on from past its attempts
+    # (a refund may have taken one back after its claim published), so a claim made after this
+    # revision outranks every one made before it (finished turns are not read).
     op.add_column("turns", sa.Column("claims", sa.Integer(), server_default="0", nullable=False))
-    op.execute("UPDATE turns SET claims = attempts WHERE status IN ('queued', 'running') AND attempts > 0")
+    op.execute("UPDATE turns SET claims = attempts + 1 WHERE status IN ('queued', 'running')")
 
 
 def downgrade() -> None:
