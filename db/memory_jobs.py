@@ -309,7 +309,7 @@ def advance_extract(*, session: Session, conversation_id: int, token: uuid.UUID,
     """Record that extraction read the lines up to `through`, if this claim still holds the job."""
     done = session.execute(
         text(
-            "UPDATE memory_jobs SET done_through = GREATEST(done_through, :through), reread = false"
+            "UPDATE memory_jobs SET done_through = GREATEST(done_through, :through)"
             " WHERE conversation_id = :c AND kind = 'extract' AND token = :t"
         ),
         {"c": conversation_id, "t": token, "through": through},
@@ -337,8 +337,10 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
             " failures = 0, retry_after = NULL,"  # the text it failed on changed: another go
-            # a line extraction had read: due at once, however few lines follow it
-            " reread = reread OR (kind = 'extract' AND done_through > :before),"
+            # a line extraction had read: due at once, however few lines follow it, until it has read
+            # as far as it had (the edit dropped the facts of every line after it too)
+            " reread_through = CASE WHEN kind = 'extract' AND done_through > :before"
+            " THEN GREATEST(reread_through, done_through) ELSE reread_through END,"
             " done_through = CASE WHEN kind = 'extract' THEN LEAST(done_through, :before)"
             " ELSE done_through END"
             " WHERE conversation_id = :c AND kind IN ("  # its rows locked in kind order, as mark_queued's
@@ -361,8 +363,8 @@ def reread_from(*, session: Session, conversation_id: int, seq: int) -> None:
 
 
 def extract_due(*, session: Session, conversation_ids: list[int], every_lines: int) -> list[int]:
-    """The conversations with at least `every_lines` lines extraction has not read, or a line it had
-    read edited since (`reread`), not in flight."""
+    """The conversations with at least `every_lines` lines extraction has not read, or not yet read as
+    far as it had before an edit of a line it had read (`reread_through`), not in flight."""
     if not conversation_ids or every_lines <= 0:
         return []
     return list(
@@ -372,7 +374,7 @@ def extract_due(*, session: Session, conversation_ids: list[int], every_lines: i
 SELECT c.id FROM unnest(CAST(:conv AS bigint[])) AS c(id)
 LEFT JOIN memory_jobs j ON j.conversation_id = c.id AND j.kind = 'extract'
 WHERE (j.lease_until IS NULL OR j.lease_until < now())
-  AND (COALESCE(j.reread, false)  -- an edited line it had read: due at once
+  AND (j.done_through < j.reread_through  -- an edited line it had read: due until read that far again
        OR (SELECT count(*) FROM (  -- counted only as far as `every`: never a long backlog at each reply
            SELECT 1 FROM messages m
            WHERE m.conversation_id = c.id AND m.seq > COALESCE(j.done_through, 0) LIMIT :every) x) >= :every)

@@ -691,8 +691,9 @@ class MemoryJob(Base):
     failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     retry_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # Extraction is due whatever its unread lines: a line it had read was edited (migration 0041).
-    reread: Mapped[bool] = mapped_column(Boolean, default=False, server_default="false")
+    # How far extraction had read when a line it had read was edited (migration 0041): due, whatever
+    # its unread lines, until it has read that far again.
+    reread_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class VectorSpace(Base):

@@ -1274,20 +1274,25 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
     assert jobs == {EXTRACT: None, SUMMARY: None} and done == seq - 1
     assert not late  # the job that read the old text records nothing
     # Review: extraction was due only once MLCHAT_MEMORY_EXTRACT_EVERY_LINES unread lines gathered,
-    # so a finished conversation (no next line) never read the edited text: due at once now, until
-    # it reads again.
+    # so a finished conversation (no next line) never read the edited text, nor the lines after it
+    # whose facts the edit dropped: due at once now, step after step, until it has read as far as it
+    # had (seq + 8), then no longer.
     from db.memory_jobs import extract_due
 
-    with session_scope() as s:
-        assert extract_due(session=s, conversation_ids=[conv], every_lines=1000) == [conv]
-        again = claim_job(session=s, conversation_id=conv, kind=EXTRACT, lease_s=60)
-        assert again is not None
-        assert advance_extract(session=s, conversation_id=conv, token=again, through=seq + 8)
-        s.execute(
-            update(MemoryJob).where(MemoryJob.conversation_id == conv).values(token=None, lease_until=None)
-        )
-    with session_scope() as s:
-        assert extract_due(session=s, conversation_ids=[conv], every_lines=1000) == []
+    for through, due in ((seq + 3, [conv]), (seq + 8, [])):
+        with session_scope() as s:
+            assert extract_due(session=s, conversation_ids=[conv], every_lines=1000) == [conv]
+            again = claim_job(session=s, conversation_id=conv, kind=EXTRACT, lease_s=60)
+            assert again is not None
+            assert advance_extract(session=s, conversation_id=conv, token=again, through=through)
+            free = (
+                update(MemoryJob)
+                .where(MemoryJob.conversation_id == conv)
+                .values(token=None, lease_until=None)
+            )
+            s.execute(free)
+        with session_scope() as s:
+            assert extract_due(session=s, conversation_ids=[conv], every_lines=1000) == due, through
 
 
 def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> None:
