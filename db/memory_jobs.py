@@ -110,20 +110,18 @@ FROM unnest(CAST(:conv AS bigint[]), CAST(:kind AS text[])) AS j(c, k)
 ON CONFLICT (conversation_id, kind) DO UPDATE
 SET queued_until = excluded.queued_until
 WHERE (memory_jobs.queued_until IS NULL OR memory_jobs.queued_until < now())
-  AND (memory_jobs.retry_after IS NULL OR memory_jobs.retry_after < now())  -- backing off: its send is made
-  AND memory_jobs.failures < :max_failures  -- given up until `mlchat memory retry`
+  -- backing off (its send is made), or given up (for a day, or until `mlchat memory retry`)
+  AND (memory_jobs.retry_after IS NULL OR memory_jobs.retry_after < now())
 RETURNING conversation_id, kind
 """
 )
 
 
-def mark_queued(
-    *, session: Session, jobs: list[tuple[int, str]], stale_s: float, max_failures: int = 2**31 - 1
-) -> list[tuple[int, str]]:
+def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float) -> list[tuple[int, str]]:
     """Mark these jobs as having a message on the queue; the ones marked now (send only those). A
     mark older than `stale_s` (its message lost) may be taken again; running the job clears it. A job
-    backing off after a failure (its send is made, with its delay) or failed `max_failures` times in
-    a row (given up) is not marked."""
+    backing off after a failure (its send is made, with its delay) or given up (record_failure) is
+    not marked until its `retry_after`."""
     if not jobs:
         return []
     unique = sorted(set(jobs))
@@ -133,7 +131,6 @@ def mark_queued(
             "conv": [c for c, _ in unique],
             "kind": [k for _, k in unique],
             "stale_s": stale_s,
-            "max_failures": max_failures,
         },
     )
     return sorted((int(c), str(k)) for c, k in rows)
@@ -240,10 +237,13 @@ def release_job(*, session: Session, conversation_id: int, kind: str, token: uui
 # A failed step's next try waits this long, doubling with each failure in a row, at most the cap.
 FAILURE_BACKOFF_S = 30.0
 FAILURE_BACKOFF_MAX_S = 1800.0
+# A job given up (MLCHAT_MEMORY_JOB_MAX_FAILURES in a row) is tried again by the conversation's next
+# reply this long after (a cause that lasted hours may be gone), or at once by `mlchat memory retry`.
+GIVEN_UP_S = 86400.0
 
 
 def record_failure(
-    *, session: Session, conversation_id: int, kind: str, error: str, lease_s: float
+    *, session: Session, conversation_id: int, kind: str, error: str, lease_s: float, max_failures: int
 ) -> tuple[int, float]:
     """A step of the job raised: counted, its error kept, and its next try put off by a backoff
     (its queued mark held that long and a lease more, so no scheduling sends it meanwhile, and the
@@ -257,6 +257,15 @@ def record_failure(
         ),
         {"c": conversation_id, "k": kind, "e": error[:2000]},
     ).scalar_one()
+    if failures >= max_failures:  # given up: nothing sends it for a day (the sweep never)
+        session.execute(
+            text(
+                "UPDATE memory_jobs SET retry_after = now() + make_interval(secs => :b), queued_until = NULL"
+                " WHERE conversation_id = :c AND kind = :k"
+            ),
+            {"c": conversation_id, "k": kind, "b": GIVEN_UP_S},
+        )
+        return int(failures), GIVEN_UP_S
     backoff = min(FAILURE_BACKOFF_S * 2 ** (failures - 1), FAILURE_BACKOFF_MAX_S)
     session.execute(
         text(

@@ -82,12 +82,7 @@ def schedule_memory(conversation_ids: Sequence[int]) -> int:
         jobs = due_jobs(conversation_ids)
         if jobs:
             with session_scope() as session:
-                marked = mark_queued(
-                    session=session,
-                    jobs=jobs,
-                    stale_s=settings.memory_job_lease_s,
-                    max_failures=settings.memory_job_max_failures,
-                )
+                marked = mark_queued(session=session, jobs=jobs, stale_s=settings.memory_job_lease_s)
         if marked:
             from tasks.memory import send_memory_jobs
 

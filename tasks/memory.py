@@ -50,7 +50,6 @@ def memory_job(conversation_id: int, kind: str) -> None:
     if did:
         from memory.schedule import schedule_memory
 
-        _failures_over(conversation_id, kind)
         schedule_memory([conversation_id])  # the next step, if one is due
 
 
@@ -68,26 +67,40 @@ def _count_death(conversation_id: int, kind: str, *, suspect: bool) -> None:
 def _run_step(conversation_id: int, kind: str) -> bool:
     """One step of the job; whether it did any work."""
     from db.memory_jobs import EXTRACT, SUMMARY
+    from db.vector_space import EmbedderMismatch
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
     from worker.engine import EngineDead
 
+    if kind not in (SUMMARY, EXTRACT):
+        logger.warning("unknown memory job kind %r dropped", kind)
+        return False
     try:
         if kind == SUMMARY:
             stored = run_summary_job(conversation_id)
             logger.info("summaries stored for conversation %s: %s", conversation_id, stored)
-            return stored > 0
-        if kind == EXTRACT:
+            did = stored > 0
+        else:
             counts = run_extract_job(conversation_id)
             logger.info("facts from conversation %s: %s", conversation_id, counts)
-            return bool(counts)
-        logger.warning("unknown memory job kind %r dropped", kind)
+            did = bool(counts)
     except EngineDead:
         raise
+    except EmbedderMismatch:  # a reembed's swap: a worker of the stored vectors' embedder does it
+        logger.warning(
+            "memory job %s of conversation %s: this worker's embedder is not the stored vectors'; "
+            "sent again for a worker whose is",
+            kind,
+            conversation_id,
+        )
+        _send_later(conversation_id, kind, settings.memory_job_retry_s * 12)
+        return False
     except Exception as exc:
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)
-    return False
+        return False
+    _failures_over(conversation_id, kind)  # it ran without raising, whether or not anything was due
+    return did
 
 
 def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
@@ -106,6 +119,7 @@ def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
                 kind=kind,
                 error=error,
                 lease_s=settings.memory_job_lease_s,
+                max_failures=settings.memory_job_max_failures,
             )
     except Exception:  # the database away too: the sweep finds the job once its lease or mark lapses
         logger.warning(
@@ -115,16 +129,20 @@ def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
     if failures >= settings.memory_job_max_failures:
         logger.error(
             "memory job %s of conversation %s failed %d times in a row and is given up until "
-            "`mlchat memory retry`; last error: %s",
+            "`mlchat memory retry` (or, a day on, the conversation's next reply); last error: %s",
             kind,
             conversation_id,
             failures,
             error,
         )
         return
+    _send_later(conversation_id, kind, backoff)
+
+
+def _send_later(conversation_id: int, kind: str, delay_s: float) -> None:
     try:
-        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(backoff))
-    except Exception:  # its mark lapses after the backoff and a lease, and the sweep sends it
+        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s))
+    except Exception:  # its mark lapses, and the sweep or the next reply sends it
         logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
 
 

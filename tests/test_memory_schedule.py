@@ -10,11 +10,12 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 import redis
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from core.services import broker_url
 from core.settings import settings
@@ -439,16 +440,53 @@ def test_a_memory_job_that_raises_is_sent_again_after_a_backoff_and_given_up_aft
     memory_tasks.memory_job(conv, SUMMARY)  # its delayed message runs, and fails again: given up
     assert not _queued(conv) and job().failures == 2
     assert "given up until `mlchat memory retry`" in caplog.text
-    with session_scope() as s:  # its backoff long past: still not sent, by scheduling or the sweep
+    with session_scope() as s:  # its mark long lapsed: the sweep never sends a job given up
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(queued_until=func.now()))
+    assert schedule_memory([conv]) == 0 and reschedule_stalled() == 0 and not _queued(conv)
+    with session_scope() as s:  # a day on (review: given up for good), the next reply tries it again
         s.execute(
             update(MemoryJob)
             .where(MemoryJob.conversation_id == conv)
-            .values(retry_after=None, queued_until=None)
+            .values(retry_after=func.now() - timedelta(seconds=1), queued_until=None)
         )
-    assert schedule_memory([conv]) == 0 and reschedule_stalled() == 0 and not _queued(conv)
+    assert schedule_memory([conv]) == 1
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    with session_scope() as s:
+        s.execute(
+            update(MemoryJob).where(MemoryJob.conversation_id == conv).values(failures=2, queued_until=None)
+        )
     from memory.schedule import retry_given_up_jobs
 
     monkeypatch.setattr(summarize, "run_summary_job", original)
     retried = [(c, k) for c, k, _ in retry_given_up_jobs()]
     assert (conv, SUMMARY) in retried and len(_queued(conv)) == 1 and job().failures == 0
     assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
+
+
+def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and_a_clean_step_clears_failures(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the failures above: a worker still on the old embedder during a reembed's swap (its
+    step raises EmbedderMismatch, by design left to a worker of the stored vectors' embedder) was
+    counted a failure, five of them giving the job up; and a step that ran without raising but found
+    nothing due left the count, so a later single failure gave the job up early."""
+    from db.vector_space import EmbedderMismatch
+    from memory import summarize
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+
+    def swapped(c, **kw):  # type: ignore[no-untyped-def]
+        raise EmbedderMismatch("the stored vectors moved to another embedder")
+
+    monkeypatch.setattr(summarize, "run_summary_job", swapped)
+    memory_tasks.memory_job(conv, SUMMARY)
+    (headers,) = _queued(conv)
+    assert headers["eta"] is not None  # sent on, for a worker whose embedder is the stored one
+    with session_scope() as s:
+        assert s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)) in (None, 0)
+        s.merge(MemoryJob(conversation_id=conv, kind=SUMMARY, failures=3))
+    monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: 0)  # ran; nothing was due
+    memory_tasks.memory_job(conv, SUMMARY)
+    with session_scope() as s:
+        assert s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)) == 0
