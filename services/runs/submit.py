@@ -170,13 +170,21 @@ def _private_copy(path: Path) -> Iterator[Path]:
     """A copy of the file no one else writes, under the same name (its stem names a run): the file
     is read several times (its format, its validation, its storing), and a line edited between
     those readings would be stored unchecked."""
-    # One open file, checked and copied: a name swapped for a device or a link between a check by
-    # name and the copy is not followed; at most the size checked is copied, and a file still
-    # growing (being written) is refused rather than copied for as long as it grows.
-    with path.open("rb") as source:
-        found = os.fstat(source.fileno())
+    # One open file, checked and copied: a name swapped for a device between a check by name and the
+    # copy is not copied; at most the size checked is copied, and a file still growing (being
+    # written) is refused rather than copied for as long as it grows. Opened without blocking: a
+    # pipe with no writer would hold the open for ever, before its check could refuse it.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        found = os.fstat(fd)
         if not stat.S_ISREG(found.st_mode):
             raise ValueError(f"{path}: not a regular file")
+        os.set_blocking(fd, True)
+        source = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with source:
         size = found.st_size
         folder = Path(tempfile.gettempdir())
         if shutil.disk_usage(folder).free < size + (64 << 20):
