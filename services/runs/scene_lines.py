@@ -10,9 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.bulk_turns import RunNotAccepting
-from db.models import Run, RunStatus, Scene, Turn
+from db.models import Conversation, Fact, FactScope, Message, Run, RunStatus, Scene, Turn
 from db.scenes import NewMember, NewScene, SceneConflict, create_scene
-from db.world import find_characters, find_conversations, upsert_conversations
+from db.world import find_characters, upsert_conversations
 from scenes.spec import SceneSpec
 
 
@@ -66,7 +66,6 @@ def insert_run_scenes(
     status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
     if status != RunStatus.VALIDATING:
         raise RunNotAccepting(f"run is {status}")
-    _refuse_conversations_of_others(session, lines, tenant)
     ids = find_characters(session=session, slugs=sorted({s for _, _, spec in lines for s in spec.slugs()}))
     for custom_id, _, spec in lines:  # a character deleted since the file was validated
         if gone := [slug for slug in spec.slugs() if slug not in ids]:
@@ -82,6 +81,7 @@ def insert_run_scenes(
         ],
         tenant=tenant,
     )
+    _refuse_conversations_of_others(session, lines, {conv: convs[conv][0] for _, conv, _ in lines})
     created: list[int] = []
     for custom_id, conv, spec in lines:
         scene = scene_of(
@@ -101,22 +101,27 @@ def insert_run_scenes(
 
 
 def _refuse_conversations_of_others(
-    session: Session, lines: Sequence[tuple[str, str, SceneSpec]], tenant: str
+    session: Session, lines: Sequence[tuple[str, str, SceneSpec]], conversation_ids: dict[str, int]
 ) -> None:
-    """A scene line's conversation is its own, made for it: one that exists already and holds no
-    scene (a player's conversation, a history import's, another run's plain line under that name)
-    is refused, never made a group over someone else's history. (One holding a scene is
-    create_scene's refusal.)"""
-    found = find_conversations(session=session, external_ids=[conv for _, conv, _ in lines], tenant=tenant)
-    if not found:
-        return
-    grouped = set(
-        session.scalars(
-            select(Scene.conversation_id).where(Scene.conversation_id.in_([i for i, _ in found.values()]))
-        )
+    """A scene line's conversation is its own, made for it: one that holds lines, turns or facts of
+    its own and no scene (a player's conversation, a history import's, another run's plain line
+    under that name) is refused, never made a group over someone else's history. Checked after the
+    upsert, its rows locked (in id order): a conversation another writer makes or fills meanwhile is
+    seen here, or waits for this transaction. (One holding a scene is create_scene's refusal.)"""
+    ids = sorted(set(conversation_ids.values()))
+    session.execute(
+        select(Conversation.id).where(Conversation.id.in_(ids)).order_by(Conversation.id).with_for_update()
     )
+    scoped = (Fact.scope == FactScope.CONVERSATION) & Fact.scope_ref.in_([str(i) for i in ids])
+    scoped &= Fact.superseded_by.is_(None)  # a superseded one reaches no prompt
+    held = set(
+        session.scalars(select(Message.conversation_id).where(Message.conversation_id.in_(ids)).distinct())
+    )
+    held |= set(session.scalars(select(Turn.conversation_id).where(Turn.conversation_id.in_(ids)).distinct()))
+    held |= {int(ref) for ref in session.scalars(select(Fact.scope_ref).where(scoped).distinct())}
+    grouped = set(session.scalars(select(Scene.conversation_id).where(Scene.conversation_id.in_(ids))))
     for custom_id, conv, _ in lines:
-        if conv in found and found[conv][0] not in grouped:
+        if conversation_ids[conv] in held - grouped:
             raise SceneConflict(
                 f"scene {custom_id!r}: its conversation {conv!r} exists already (a player's, or another "
                 "run's line); give the run another name (or the line another custom_id)"
