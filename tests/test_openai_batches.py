@@ -871,10 +871,12 @@ def test_a_page_of_files_starts_past_a_file_deleted_since_the_last_page(base_url
     from tests.conftest import HASHED_INGEST_KEY
 
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
-    mine = [
-        _upload(base_url, json.dumps(openai_line(f"p{i}", USER)).encode() + b"\n").json()["id"]
-        for i in range(7)
-    ]  # the key's newest
+
+    def uploaded(name: str) -> str:
+        return _upload(base_url, json.dumps(openai_line(name, USER)).encode() + b"\n").json()["id"]
+
+    kept = [uploaded(f"k{i}") for i in range(2)]
+    mine = [uploaded(f"p{i}") for i in range(7)]  # the key's newest
     deleted = [
         f.id
         for f in client.files.list(purpose="batch", limit=3)
@@ -885,7 +887,8 @@ def test_a_page_of_files_starts_past_a_file_deleted_since_the_last_page(base_url
     stranger = openai.OpenAI(base_url=f"{base_url}/v1", api_key=HASHED_INGEST_KEY, max_retries=0)
     with pytest.raises(openai.BadRequestError, match="after: no file"):
         stranger.files.list(after=mine[0], limit=3)
-    assert client.files.list(after=mine[0], limit=3).data is not None  # the owner still can
+    # the owner still can: the page after the newest deleted file starts at the files kept, older
+    assert [f.id for f in client.files.list(after=mine[-1], limit=2).data] == kept[::-1]
 
 
 def test_files_are_listed_by_page_and_deleted_once_no_running_batch_reads_them(base_url, quiet_model) -> None:
