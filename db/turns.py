@@ -437,7 +437,8 @@ def claim_turns(
             .values(
                 status=TurnStatus.RUNNING,
                 attempts=Turn.attempts + 1,
-                claims=Turn.claims + 1,
+                # never back, and past the attempts a claim of before migration 0039 ranked by
+                claims=func.greatest(Turn.claims, Turn.attempts + 1) + 1,
                 started_at=func.now(),
                 claim_token=result.token,
                 lease_until=func.now() + _seconds(lease_s),

@@ -245,3 +245,12 @@ def test_a_claim_that_takes_a_refunded_turn_over_outranks_the_claim_it_replaced(
     streamed = replace(now, params={**now.params, "stream": True})
     request = _request(streamed, Prompt(), 0, None, second.token)  # type: ignore[arg-type]
     assert request.stream == (turn_id, second.token, now.claims)
+    # A turn claimed before the count existed (claims 0): its old claims ranked by attempts (2 here,
+    # one since refunded), and the next claim outranks them (review: no backfill under the lock).
+    with session_scope() as session:
+        requeue_turns(
+            session=session, token=second.token, reasons={turn_id: "engine died"}, refund_attempt=True
+        )
+        session.execute(update(Turn).where(Turn.id == turn_id).values(claims=0, attempts=1))
+    (third,) = _claim([turn_id]).claimed
+    assert third.claims > 2

@@ -23,11 +23,10 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    # A constant default: no rewrite of the table. An unfinished turn counts on from past its attempts
-    # (a refund may have taken one back after its claim published), so a claim made after this
-    # revision outranks every one made before it (finished turns are not read).
+    # A constant default: no rewrite of the table, and no backfill under its lock: a claim counts on
+    # from past the turn's attempts (db/turns.py), so one made after this revision outranks every one
+    # made before it, whose rank was its attempts (a refund may have taken one back since).
     op.add_column("turns", sa.Column("claims", sa.Integer(), server_default="0", nullable=False))
-    op.execute("UPDATE turns SET claims = attempts + 1 WHERE status IN ('queued', 'running')")
 
 
 def downgrade() -> None:
