@@ -221,16 +221,22 @@ def take_back_stalled(
     return sorted({(int(c), str(k)) for c, k in rows})
 
 
-def release_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> None:
+def release_job(
+    *, session: Session, conversation_id: int, kind: str, token: uuid.UUID, ran: bool = False
+) -> None:
     """Give the job back (the next scheduling may claim it at once). Its queued mark goes too: a
     message that came while the job ran found it held and was dropped, and its mark would keep the
-    job's next step from being sent for `stale_s`."""
+    job's next step from being sent for `stale_s`. `ran`: this claim's step ran without raising,
+    which ends the job's failures in a row (record_failure)."""
     session.execute(
         text(
-            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL"
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
+            " failures = CASE WHEN :ran THEN 0 ELSE failures END,"
+            " last_error = CASE WHEN :ran THEN NULL ELSE last_error END,"
+            " retry_after = CASE WHEN :ran THEN NULL ELSE retry_after END"
             " WHERE conversation_id = :c AND kind = :k AND token = :t"
         ),
-        {"c": conversation_id, "k": kind, "t": token},
+        {"c": conversation_id, "k": kind, "t": token, "ran": ran},
     )
 
 
@@ -276,17 +282,6 @@ def record_failure(
         {"c": conversation_id, "k": kind, "b": backoff, "lease": lease_s},
     )
     return int(failures), backoff
-
-
-def clear_failures(*, session: Session, conversation_id: int, kind: str) -> None:
-    """A step of the job stored its work: its failures in a row are over."""
-    session.execute(
-        text(
-            "UPDATE memory_jobs SET failures = 0, last_error = NULL, retry_after = NULL"
-            " WHERE conversation_id = :c AND kind = :k AND failures > 0"
-        ),
-        {"c": conversation_id, "k": kind},
-    )
 
 
 def retry_given_up(*, session: Session, max_failures: int) -> list[tuple[int, str, str | None]]:

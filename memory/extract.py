@@ -291,12 +291,15 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         )
     if token is None:
         return {}
+    ran = False
     try:
         with keeping(conversation_id, EXTRACT, token):
-            return _extract_step(conversation_id, token, generate, on_engine=on_engine)
+            counts = _extract_step(conversation_id, token, generate, on_engine=on_engine)
+        ran = True
+        return counts
     finally:
         with session_scope() as session:
-            release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token)
+            release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token, ran=ran)
 
 
 def _extract_step(

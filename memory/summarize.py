@@ -152,7 +152,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         generate = _no_answer
         max_steps = 1
         on_engine = False
-    stored = 0
+    stored, ran = 0, False
     try:
         with keeping(conversation_id, SUMMARY, token):
             builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
@@ -185,9 +185,10 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
                 if not again_on_conflict(partial(_store, work, text, token), what="a summary's store"):
                     break  # the claim lapsed (another worker has it) or the range is stored
                 stored += 1
+        ran = True
     finally:
         with session_scope() as session:
-            release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token)
+            release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token, ran=ran)
     return stored
 
 

@@ -86,7 +86,12 @@ def _run_step(conversation_id: int, kind: str) -> bool:
             did = bool(counts)
     except EngineDead:
         raise
-    except EmbedderMismatch:  # a reembed's swap: a worker of the stored vectors' embedder does it
+    except EmbedderMismatch as exc:
+        if type(exc) is not EmbedderMismatch:  # the embedder unavailable, of another dimension: counted
+            logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
+            _failed(conversation_id, kind, exc)
+            return False
+        # a reembed's swap: a worker of the stored vectors' embedder does it
         logger.warning(
             "memory job %s of conversation %s: this worker's embedder is not the stored vectors'; "
             "sent again for a worker whose is",
@@ -99,8 +104,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)
         return False
-    _failures_over(conversation_id, kind)  # it ran without raising, whether or not anything was due
-    return did
+    return did  # a step this worker's claim ran without raising ended the failures (release_job)
 
 
 def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
@@ -144,19 +148,6 @@ def _send_later(conversation_id: int, kind: str, delay_s: float) -> None:
         send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s))
     except Exception:  # its mark lapses, and the sweep or the next reply sends it
         logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
-
-
-def _failures_over(conversation_id: int, kind: str) -> None:
-    from db.memory_jobs import clear_failures
-    from db.session import session_scope
-
-    try:
-        with session_scope() as session:
-            clear_failures(session=session, conversation_id=conversation_id, kind=kind)
-    except Exception:  # its count stays: at worst it is given up one failure early
-        logger.warning(
-            "could not clear the failures of memory job %s of %s", kind, conversation_id, exc_info=True
-        )
 
 
 def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:

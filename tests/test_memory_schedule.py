@@ -475,6 +475,10 @@ def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and
     from tasks import memory as memory_tasks
 
     conv = _conversation(80)
+    real = summarize.run_summary_job
+
+    def talked(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        return "They talked."
 
     def swapped(c, **kw):  # type: ignore[no-untyped-def]
         raise EmbedderMismatch("the stored vectors moved to another embedder")
@@ -486,7 +490,16 @@ def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and
     with session_scope() as s:
         assert s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)) in (None, 0)
         s.merge(MemoryJob(conversation_id=conv, kind=SUMMARY, failures=3))
-    monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: 0)  # ran; nothing was due
+
+    def failures() -> int:
+        with session_scope() as s:
+            return int(s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)))
+
+    # another worker holds the job (review: a step that never claimed it cleared the count)
+    monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: 0)
     memory_tasks.memory_job(conv, SUMMARY)
-    with session_scope() as s:
-        assert s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)) == 0
+    assert failures() == 3
+    # this worker's claim runs a step without raising (a summary stored): the failures in a row end
+    monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: real(c, generate=talked, **kw))
+    memory_tasks.memory_job(conv, SUMMARY)
+    assert failures() == 0
