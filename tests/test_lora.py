@@ -719,3 +719,15 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     assert serving() == (True, True)
     assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 0  # or one, as asked
     assert serving() == (True, False)
+    # review: a record that does not say whose dialogue (trained elsewhere; or before records said,
+    # its data set's manifest gone) was served to every tenant unsaid; it must be told
+    (adapter / "training_config.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))
+    assert cli(["lora", "register", slug, str(adapter)]) == 2
+    assert "does not say whose dialogue" in capsys.readouterr().err
+    assert serving() == (True, False)  # unchanged
+    (tmp_path / "ds").mkdir()  # a record of before: its data set's manifest says
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 5}))
+    (adapter / "training_config.json").write_text(json.dumps({"dataset": str(tmp_path / "ds")}))
+    assert cli(["lora", "register", slug, str(adapter)]) == 0
+    assert serving() == (False, True)
+    assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-b", "--every-tenant"]) == 2

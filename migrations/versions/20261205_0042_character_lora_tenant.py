@@ -8,7 +8,10 @@ Create Date: 2026-12-05 20:00:00
 them was served to every tenant's turns of the character (characters are the deployment's): one
 studio's players' history and names, in a voice answering another's. `lora_tenant` names the tenant
 whose dialogue trained the registered adapter; other tenants' turns of the character get the base
-model. NULL: trained on the card alone (or registered to serve every tenant), as before.
+model. NULL: trained on the card alone (or registered to serve every tenant), as before. Adapters
+registered before this revision stay NULL, every tenant's: register them again (`mlchat lora
+register`) to have each answer the tenant whose dialogue trained it. A downgrade drops the column,
+and every adapter answers every tenant again.
 """
 
 from collections.abc import Sequence

@@ -33,23 +33,51 @@ def adapters_dir() -> Path:
 
 
 class TrainedOnATenant(ValueError):
-    """An adapter trained on one tenant's dialogue, asked to answer another tenant's turns."""
+    """An adapter trained on one tenant's dialogue asked to answer another tenant's turns, or one
+    whose record does not say whose dialogue it learnt from, registered without saying whom it
+    answers."""
+
+
+def _trained_on(adapter_dir: Path) -> tuple[bool, str | None, int]:
+    """What the adapter's training record says of its data: (whether it says, the tenant whose
+    dialogue it learnt from, how many exchanges of it). A record of before it said reads its data
+    set's manifest, whose path it keeps."""
+    record_path = adapter_dir / "training_config.json"
+    if not record_path.is_file():
+        return False, None, 0
+    record = read_object(record_path)
+    if "from_turns" not in record and isinstance(record.get("dataset"), str):
+        manifest_path = Path(record["dataset"]) / "manifest.json"
+        record = read_object(manifest_path) if manifest_path.is_file() else record
+    if "from_turns" not in record:
+        return False, None, 0
+    turns = record.get("from_turns")
+    tenant = record.get("tenant")
+    return True, tenant if isinstance(tenant, str) else None, turns if isinstance(turns, int) else 1
 
 
 def served_to(adapter_dir: Path, *, tenant: str | None, every_tenant: bool) -> str | None:
     """Whose turns the adapter answers (None: every tenant's). One trained on a tenant's dialogue (its
-    training_config.json, from `mlchat lora train`, says whose) answers that tenant's alone, unless
-    `every_tenant` says aloud to serve their players' history to all; never another tenant alone.
-    One trained on the card's examples alone, or of no record (trained elsewhere: its provenance is
-    the operator's), answers `tenant`'s, or every tenant's."""
-    record_path = adapter_dir / "training_config.json"
-    record = read_object(record_path) if record_path.is_file() else {}
-    trained_on = record.get("tenant") if record.get("from_turns") else None
-    if not isinstance(trained_on, str):
+    training record, from `mlchat lora train`, or its data set's manifest says whose) answers that
+    tenant's alone, unless `every_tenant` says aloud to serve their players' history to all; never
+    another tenant alone. One trained on the card's examples alone answers `tenant`'s, or every
+    tenant's. One whose record does not say (trained elsewhere, or its data set gone) must be told:
+    `tenant` or `every_tenant`."""
+    if tenant is not None and every_tenant:
+        raise TrainedOnATenant("--tenant and --every-tenant: one or the other")
+    says, trained_on, turns = _trained_on(adapter_dir)
+    if says and not turns:  # the card's examples alone
         return None if every_tenant else tenant
+    if not says or trained_on is None:
+        if tenant is None and not every_tenant:
+            raise TrainedOnATenant(
+                f"{adapter_dir}: its training record does not say whose dialogue it learnt from; "
+                "pass --tenant (the tenant whose turns it answers) or --every-tenant"
+            )
+        return tenant
     if tenant is not None and tenant != trained_on:
         raise TrainedOnATenant(
-            f"{adapter_dir}: trained on tenant {trained_on!r}'s dialogue ({record['from_turns']} exchanges), "
+            f"{adapter_dir}: trained on tenant {trained_on!r}'s dialogue ({turns} exchanges), "
             f"not tenant {tenant!r}'s: it answers {trained_on!r}'s turns (or, with --every-tenant, all)"
         )
     return None if every_tenant else trained_on
