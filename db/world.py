@@ -287,10 +287,15 @@ def append_history_if_empty(
 
 
 def upsert_conversations(
-    *, session: Session, rows: Sequence[dict[str, Any]], tenant: str = DEFAULT_TENANT
+    *,
+    session: Session,
+    rows: Sequence[dict[str, Any]],
+    tenant: str = DEFAULT_TENANT,
+    created: set[str] | None = None,
 ) -> dict[str, tuple[int, int]]:
     """Create the tenant's conversations that do not exist yet; {external_id: (id, character id)} of
-    each row's conversation as it stands.
+    each row's conversation as it stands (`created`, when given, gets the external ids this call
+    made).
 
     A conversation that another producer created meanwhile is left as it is (never reassigned to
     this row's character or player): the caller compares the character id it gets back.
@@ -300,13 +305,15 @@ def upsert_conversations(
     # In one order for every producer, so two creating the same new conversations never deadlock.
     ordered = sorted(rows, key=lambda row: row["external_id"])
     stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in ordered])
-    created = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+    new_only = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
     out = {
         ext: (conv_id, character_id)
         for ext, conv_id, character_id in session.execute(
-            created.returning(Conversation.external_id, Conversation.id, Conversation.character_id)
+            new_only.returning(Conversation.external_id, Conversation.id, Conversation.character_id)
         ).tuples()
     }
+    if created is not None:
+        created.update(out)
     raced = [row["external_id"] for row in rows if row["external_id"] not in out]
     if raced:  # a new statement: it sees the rows the other producer committed while we waited
         out |= {

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.bulk_turns import RunNotAccepting
-from db.models import Conversation, Fact, FactScope, Message, Run, RunStatus, Scene, Turn
+from db.models import Run, RunStatus, Scene, Turn
 from db.scenes import NewMember, NewScene, SceneConflict, create_scene
 from db.world import find_characters, upsert_conversations
 from scenes.spec import SceneSpec
@@ -73,6 +73,7 @@ def insert_run_scenes(
                 f"scene {custom_id!r}: participants: no character {gone[0]!r} (deleted since validation)"
             )
     lead = {conv: ids[spec.participants[0].character] for _, conv, spec in lines}
+    made: set[str] = set()
     convs = upsert_conversations(
         session=session,
         rows=[
@@ -80,8 +81,11 @@ def insert_run_scenes(
             for _, conv, spec in lines
         ],
         tenant=tenant,
+        created=made,
     )
-    _refuse_conversations_of_others(session, lines, {conv: convs[conv][0] for _, conv, _ in lines})
+    _refuse_conversations_of_others(
+        session, lines, {conv: convs[conv][0] for _, conv, _ in lines if conv not in made}
+    )
     created: list[int] = []
     for custom_id, conv, spec in lines:
         scene = scene_of(
@@ -101,27 +105,20 @@ def insert_run_scenes(
 
 
 def _refuse_conversations_of_others(
-    session: Session, lines: Sequence[tuple[str, str, SceneSpec]], conversation_ids: dict[str, int]
+    session: Session, lines: Sequence[tuple[str, str, SceneSpec]], found: dict[str, int]
 ) -> None:
-    """A scene line's conversation is its own, made for it: one that holds lines, turns or facts of
-    its own and no scene (a player's conversation, a history import's, another run's plain line
-    under that name) is refused, never made a group over someone else's history. Checked after the
-    upsert, its rows locked (in id order): a conversation another writer makes or fills meanwhile is
-    seen here, or waits for this transaction. (One holding a scene is create_scene's refusal.)"""
-    ids = sorted(set(conversation_ids.values()))
-    session.execute(
-        select(Conversation.id).where(Conversation.id.in_(ids)).order_by(Conversation.id).with_for_update()
+    """A scene line's conversation is its own, made for it by this submission's upsert (the lines of
+    a scene stored already are not here: a resumed submission skips them). One `found` there, made
+    by someone else (a player's conversation, a history import's, another run's plain line under
+    that name, even one holding nothing yet: its lead and player are another's), is refused, never
+    made a group; one holding a scene is create_scene's refusal, naming that."""
+    if not found:
+        return
+    grouped = set(
+        session.scalars(select(Scene.conversation_id).where(Scene.conversation_id.in_(list(found.values()))))
     )
-    scoped = (Fact.scope == FactScope.CONVERSATION) & Fact.scope_ref.in_([str(i) for i in ids])
-    scoped &= Fact.superseded_by.is_(None)  # a superseded one reaches no prompt
-    held = set(
-        session.scalars(select(Message.conversation_id).where(Message.conversation_id.in_(ids)).distinct())
-    )
-    held |= set(session.scalars(select(Turn.conversation_id).where(Turn.conversation_id.in_(ids)).distinct()))
-    held |= {int(ref) for ref in session.scalars(select(Fact.scope_ref).where(scoped).distinct())}
-    grouped = set(session.scalars(select(Scene.conversation_id).where(Scene.conversation_id.in_(ids))))
     for custom_id, conv, _ in lines:
-        if conversation_ids[conv] in held - grouped:
+        if conv in found and found[conv] not in grouped:
             raise SceneConflict(
                 f"scene {custom_id!r}: its conversation {conv!r} exists already (a player's, or another "
                 "run's line); give the run another name (or the line another custom_id)"
