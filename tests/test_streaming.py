@@ -143,27 +143,10 @@ def test_a_streamed_turn_the_claim_fails_ends_its_stream_at_once(base_url, monke
     assert waited < 30, f"the stream ended {waited:.0f} s after the claim failed the turn"
 
 
-def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
+def _first_delta_of_a_turn_that_wrote(base_url: str, text: str) -> tuple[str, str, dict]:
+    """A turn's stream that holds one delta of `text` (the turn then cancelled, its stream ended), as
+    a reader gets its first event."""
     turn_id = _queued_turn()
-    before = time.time()
-    publisher().delta(turn_id, uuid.uuid4(), "Well met.")
-    after = time.time()
-    assert publisher().flush()
-    with session_scope() as session:
-        cancel_turns(session=session, turn_ids=[turn_id])
-    publisher().end(turn_id)
-    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
-        (delta, *_) = _events(r)
-    assert delta[0] == "delta" and delta[2]["text"] == "Well met."
-    assert before <= delta[2]["t"] <= after  # the delivery benchmark's reference (scripts/bench_streaming.py)
-
-
-def test_a_delta_holding_a_unicode_line_end_stays_one_data_line_for_every_client(base_url) -> None:
-    """Found in review: JSON leaves U+2028, U+2029 and U+0085 unescaped, and a client that splits the
-    body's text with str.splitlines (httpx's iter_lines, as here; requests' iter_lines) cut a reply
-    holding one (text pasted from the web) into two lines, neither of them JSON. They are escaped."""
-    turn_id = _queued_turn()
-    text = "Line one.\u2028Line two.\u2029Para.\x85Next."
     publisher().delta(turn_id, uuid.uuid4(), text)
     assert publisher().flush()
     with session_scope() as session:
@@ -171,6 +154,24 @@ def test_a_delta_holding_a_unicode_line_end_stays_one_data_line_for_every_client
     publisher().end(turn_id)
     with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=30) as r:
         (delta, *_) = _events(r)
+    return delta
+
+
+def test_each_delta_carries_when_the_worker_wrote_it(base_url) -> None:
+    before = time.time()
+    delta = _first_delta_of_a_turn_that_wrote(base_url, "Well met.")
+    assert delta[0] == "delta" and delta[2]["text"] == "Well met."
+    assert (
+        before <= delta[2]["t"] <= time.time()
+    )  # the delivery benchmark's reference (scripts/bench_streaming.py)
+
+
+def test_a_delta_holding_a_unicode_line_end_stays_one_data_line_for_every_client(base_url) -> None:
+    """Found in review: JSON leaves U+2028, U+2029 and U+0085 unescaped, and a client that splits the
+    body's text with str.splitlines (httpx's iter_lines, as here; requests' iter_lines) cut a reply
+    holding one (text pasted from the web) into two lines, neither of them JSON. They are escaped."""
+    text = "Line one.\u2028Line two.\u2029Para.\x85Next."
+    delta = _first_delta_of_a_turn_that_wrote(base_url, text)
     assert delta[0] == "delta" and delta[2]["text"] == text
 
 
@@ -389,7 +390,7 @@ def test_a_streamed_turn_refuses_best_of_n(base_url) -> None:
 
 def test_chat_completions_refuse_what_they_cannot_answer_with_a_4xx(base_url) -> None:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="body.model"):
+    with pytest.raises(openai.NotFoundError, match="body.model"):  # as OpenAI answers an unknown model
         client.chat.completions.create(model="nobody", messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.BadRequestError, match="last message"):
         client.chat.completions.create(model="elara", messages=[{"role": "assistant", "content": "hi"}])
