@@ -725,9 +725,18 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     assert cli(["lora", "register", slug, str(adapter)]) == 2
     assert "does not say whose dialogue" in capsys.readouterr().err
     assert serving() == (True, False)  # unchanged
-    (tmp_path / "ds").mkdir()  # a record of before: its data set's manifest says
-    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 5}))
-    (adapter / "training_config.json").write_text(json.dumps({"dataset": str(tmp_path / "ds")}))
+    (tmp_path / "ds").mkdir()  # a record of before: its data set's manifest says, if it is that set
+    manifest = {"character": slug, "tenant": "studio-b", "from_turns": 5, "dataset_sha256": "abc"}
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest))
+    record = {"character": slug, "dataset": str(tmp_path / "ds"), "dataset_sha256": "abc"}
+    (adapter / "training_config.json").write_text(json.dumps(record))
     assert cli(["lora", "register", slug, str(adapter)]) == 0
     assert serving() == (False, True)
+    # review: the folder written over with another set since (another digest) says nothing of this one
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps(manifest | {"dataset_sha256": "def"}))
+    assert cli(["lora", "register", slug, str(adapter)]) == 2
+    assert "does not say whose dialogue" in capsys.readouterr().err
+    (tmp_path / "ds" / "manifest.json").write_text("{not json")  # unreadable: told, it registers
+    assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 0
+    assert serving() == (True, False)
     assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-b", "--every-tenant"]) == 2

@@ -12,6 +12,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from core.settings import settings
 from db.session import session_scope
@@ -47,13 +48,24 @@ def _trained_on(adapter_dir: Path) -> tuple[bool, str | None, int]:
         return False, None, 0
     record = read_object(record_path)
     if "from_turns" not in record and isinstance(record.get("dataset"), str):
-        manifest_path = Path(record["dataset"]) / "manifest.json"
-        record = read_object(manifest_path) if manifest_path.is_file() else record
+        record = _its_manifest(record)
     if "from_turns" not in record:
         return False, None, 0
     turns = record.get("from_turns")
     tenant = record.get("tenant")
     return True, tenant if isinstance(tenant, str) else None, turns if isinstance(turns, int) else 1
+
+
+def _its_manifest(record: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the data set a training record of before records said names, if it is still
+    that data set (its digest and character the record's: the folder may hold another set since);
+    else the record as it is (it does not say)."""
+    try:
+        manifest = read_object(Path(record["dataset"]) / "manifest.json")
+    except (BadLoraFile, OSError):  # gone, unreadable, not JSON: the record does not say
+        return record
+    same = manifest.get("dataset_sha256") and manifest.get("dataset_sha256") == record.get("dataset_sha256")
+    return manifest if same and manifest.get("character") == record.get("character") else record
 
 
 def served_to(adapter_dir: Path, *, tenant: str | None, every_tenant: bool) -> str | None:
