@@ -495,6 +495,22 @@ def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and
         with session_scope() as s:
             return int(s.scalar(select(MemoryJob.failures).where(MemoryJob.conversation_id == conv)))
 
+    # review: the embedder unavailable (a subclass of the swap's error) is a failure, counted
+    from worker.embedder import EmbedderUnavailable
+
+    def unavailable(c, **kw):  # type: ignore[no-untyped-def]
+        raise EmbedderUnavailable("the embedder's weights are not on this machine")
+
+    monkeypatch.setattr(summarize, "run_summary_job", unavailable)
+    memory_tasks.memory_job(conv, SUMMARY)
+    assert failures() == 4
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    with session_scope() as s:  # its backoff over, for the steps below
+        s.execute(
+            update(MemoryJob)
+            .where(MemoryJob.conversation_id == conv)
+            .values(failures=3, retry_after=None, queued_until=None)
+        )
     # another worker holds the job (review: a step that never claimed it cleared the count)
     monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: 0)
     memory_tasks.memory_job(conv, SUMMARY)

@@ -1974,6 +1974,20 @@ def test_a_scene_line_whose_conversation_holds_another_scene_is_refused_naming_i
         )
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Scene)) == before
+    # review: one holding nothing yet was adopted with its lead and player (another's); and the check
+    # is the upsert's own, not a read before it
+    from db.world import find_characters, upsert_conversations
+
+    empty = f"empty-{uuid.uuid4().hex}"
+    with session_scope() as s:
+        luffy = find_characters(session=s, slugs=["luffy"])["luffy"]
+        upsert_conversations(session=s, rows=[{"external_id": empty, "character_id": luffy}], tenant="")
+    adopted = pytest.raises(SceneConflict, match=rf"scene 'fifth': its conversation '{empty}' exists already")
+    with adopted, session_scope() as s:
+        line = ("fifth", empty, SceneSpec.model_validate(_scene()))
+        insert_run_scenes(
+            session=s, run_id=runs[1], lines=[line], model=settings.model, tenant="", candidates=1
+        )
     # review: a participant deleted between validation and storing was a bare KeyError
     gone = pytest.raises(SceneConflict, match=r"scene 'fourth': participants: no character 'ghost-[0-9a-f]+'")
     with gone, session_scope() as s:
