@@ -28,13 +28,15 @@ def openai_path(path: str) -> bool:
     return any(path == p or path.startswith(f"{p}/") for p in OPENAI_PATHS)
 
 
-def error_body(status_code: int, message: str, kind: str | None = None) -> dict[str, Any]:
+def error_body(
+    status_code: int, message: str, kind: str | None = None, *, code: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error object for a refusal; `param` only when a refusal's message opens by naming a
-    field."""
+    field; `code` OpenAI's own for it (`model_not_found`), else `invalid_api_key` for a 401."""
     match = _PARAM.match(message) if status_code < 500 else None
     if kind is None:
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
-    code = "invalid_api_key" if status_code == 401 else None
+    code = code or ("invalid_api_key" if status_code == 401 else None)
     return {"error": {"message": message, "type": kind, "param": match and match[1], "code": code}}
 
 

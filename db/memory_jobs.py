@@ -127,11 +127,7 @@ def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float
     unique = sorted(set(jobs))
     rows = session.execute(
         _QUEUE_SQL,
-        {
-            "conv": [c for c, _ in unique],
-            "kind": [k for _, k in unique],
-            "stale_s": stale_s,
-        },
+        {"conv": [c for c, _ in unique], "kind": [k for _, k in unique], "stale_s": stale_s},
     )
     return sorted((int(c), str(k)) for c, k in rows)
 
@@ -204,8 +200,8 @@ def take_back_stalled(
     session: Session,
     lease_s: float,
     limit: int,
-    kinds: Sequence[str] = (SUMMARY, EXTRACT),
-    max_failures: int = 2**31 - 1,
+    kinds: Sequence[str],
+    max_failures: int,
 ) -> list[tuple[int, str]]:
     """The memory jobs whose messages went missing, marked queued afresh for the caller to send:
     a job marked queued longer ago than the mark lasts and never run (the broker lost its message,

@@ -488,7 +488,8 @@ class Turn(Base):
     # When a callback its tries did not deliver is due again (None: delivered, refused, never tried).
     callback_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    # Every claim it has had, never back (attempts go back on a refund): a stream's rank of claims.
+    # Its latest claim's rank in its stream, raised at every claim past the attempts (which go back on a
+    # refund), never back: a later claim of the turn always outranks an earlier one.
     claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Engine deaths this turn was inside the engine for, apart from attempts (those are refunded).
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -152,7 +152,7 @@ class ClaimedTurn:
     # player said nothing, so the affinity toward the player stays.
     player_spoke: bool = True
     callback: bool = False  # it has a callback_url (POSTed its outcome once finished)
-    claims: int = 0  # its claims so far, this one included: its stream's rank (never goes back)
+    claims: int = 0  # this claim's rank in its stream: above every earlier claim's (turns.claims)
     tenant: str = ""  # whose turn (a character's adapter trained on one tenant's dialogue answers it alone)
 
 

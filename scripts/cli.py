@@ -402,13 +402,15 @@ def run_retry_failed(run: Annotated[str, typer.Argument(help="the run's id or na
 # --- turns, cards, stories -------------------------------------------------------------------
 
 
-def _read_capped(path: Path, limit: int, setting: str) -> bytes:
+def _read_capped(path: Path, limit: int, setting: str, *, bound: int | None = None) -> bytes:
     """A file read whole, or Refused when longer than `limit` bytes, named by its setting (a pipe,
-    /dev/stdin, reads as one; /dev/zero is cut at the bound)."""
+    /dev/stdin, reads as one; /dev/zero is cut at the bound). `bound`: the setting's own value, when
+    `limit` is what other files of the same request left of it."""
     with path.open("rb") as handle:
         raw = handle.read(limit + 1)
     if len(raw) > limit:
-        raise Refused(f"{path}: longer than {setting} ({limit:,} bytes); nothing stored")
+        together = "" if bound in (None, limit) else " with the request's other files"
+        raise Refused(f"{path}: longer{together} than {setting} ({bound or limit:,} bytes); nothing stored")
     return raw
 
 
@@ -420,14 +422,7 @@ class _Budget:
         self.left = settings.api_max_body_bytes
 
     def read(self, path: Path) -> bytes:
-        with path.open("rb") as handle:
-            raw = handle.read(self.left + 1)
-        if len(raw) > self.left:
-            limit = settings.api_max_body_bytes
-            together = "" if self.left == limit else " with the request's other files"
-            raise Refused(
-                f"{path}: longer{together} than MLCHAT_API_MAX_BODY_BYTES ({limit:,} bytes); nothing stored"
-            )
+        raw = _read_capped(path, self.left, "MLCHAT_API_MAX_BODY_BYTES", bound=settings.api_max_body_bytes)
         self.left -= len(raw)
         return raw
 

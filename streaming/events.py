@@ -2,7 +2,7 @@
 
 An entry is `delta` (new text of the reply, with the claim that wrote it: a new claim after a crash
 or a retry starts the reply again, `seq`, its number within that claim from 1, `t`, the worker's
-wall-clock time when the engine wrote it, and `rank`, the turn's claims so far, which orders claims: a
+wall-clock time when the engine wrote it, and `rank`, the claim's rank (turns.claims), which orders claims: a
 lapsed claim may write after the one that took the turn over) or `end` (the worker committed the
 turn's outcome: the reader re-reads the stored turn, which is the truth).
 """
@@ -38,7 +38,7 @@ class Entry:
     claim: str = ""
     t: float | None = None  # when the engine wrote a delta (Unix seconds, the worker's clock)
     seq: int | None = None  # a delta's number within its claim: a re-sent one repeats it
-    rank: int | None = None  # the turn's claims so far: a later claim of the turn has a higher one
+    rank: int | None = None  # the claim's rank (turns.claims): a later claim of the turn has a higher one
 
     @classmethod
     def parse(cls, entry_id: bytes | str, fields: dict[bytes, bytes]) -> Entry:

@@ -63,7 +63,7 @@ class Publisher:
     def delta(self, turn_id: uuid.UUID, claim: uuid.UUID, text: str, rank: int = 0) -> None:
         """Queue new text of a turn's reply, written under `claim` (never blocks), numbered within the
         claim and stamped with the wall-clock time the engine produced it (readers measure the
-        delivery cost against it). `rank`: the turn's claims so far, higher for a claim that took the
+        delivery cost against it). `rank`: the claim's rank (turns.claims), higher for a claim that took the
         turn over (a lapsed claim's late text never replaces the newer one's)."""
         fields = {
             "kind": DELTA,

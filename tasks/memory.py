@@ -86,21 +86,18 @@ def _run_step(conversation_id: int, kind: str) -> bool:
             did = bool(counts)
     except EngineDead:
         raise
-    except EmbedderMismatch as exc:
-        if type(exc) is not EmbedderMismatch:  # the embedder unavailable, of another dimension: counted
-            logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
-            _failed(conversation_id, kind, exc)
-            return False
-        # a reembed's swap: a worker of the stored vectors' embedder does it
-        logger.warning(
-            "memory job %s of conversation %s: this worker's embedder is not the stored vectors'; "
-            "sent again for a worker whose is",
-            kind,
-            conversation_id,
-        )
-        _send_later(conversation_id, kind, settings.memory_job_retry_s * 12)
-        return False
     except Exception as exc:
+        # A reembed's swap (not its subclasses: the embedder unavailable, of another dimension): a
+        # worker of the stored vectors' embedder does it, uncounted.
+        if type(exc) is EmbedderMismatch:
+            logger.warning(
+                "memory job %s of conversation %s: this worker's embedder is not the stored vectors'; "
+                "sent again for a worker whose is",
+                kind,
+                conversation_id,
+            )
+            _send_later(conversation_id, kind, settings.memory_job_retry_s * 12)
+            return False
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)
         return False

@@ -83,7 +83,7 @@ def oldest_waiting_turn_ids(model: str, lane: Lane = "live") -> list[uuid.UUID]:
 
 
 def held_and_empty(
-    lanes: Sequence[tuple[str, Lane]], *, held_for_s: float | None = None
+    lanes: Sequence[tuple[str, Lane]], *, held_for_s: float
 ) -> tuple[set[uuid.UUID], set[tuple[str, Lane]]]:
     """The turns whose messages workers hold (prefetched, waiting in a batch, or due later with a
     countdown: kombu's Redis transport keeps each in its unacked hash, as [message, exchange, routing
@@ -116,14 +116,14 @@ def held_and_empty(
         if not any(n for n in answers[i * steps : (i + 1) * steps] if isinstance(n, int))
     }
     unacked, delivered_at, (seconds, micros) = answers[-3], dict(answers[-2]), answers[-1]
-    cutoff = seconds + micros / 1e6 - held_for_s if held_for_s is not None else None
+    cutoff = seconds + micros / 1e6 - held_for_s
     held: set[uuid.UUID] = set()
     for tag, raw in unacked.items():
         try:
             message = json.loads(raw)[0]
         except (ValueError, IndexError, TypeError, KeyError):
             continue
-        if cutoff is not None and _let_go(message, delivered_at.get(tag), cutoff):
+        if _let_go(message, delivered_at.get(tag), cutoff):
             continue
         held.update(_message_turn_ids(message) or ())
     return held, empty

@@ -82,7 +82,7 @@ class GenerationRequest:
     controls: dict[str, Any] = field(default_factory=dict)
     adapter: Adapter | None = None  # the character's LoRA; None: the base model
     alone: bool = False  # run in an otherwise empty engine (it was inside one that died)
-    # (turn id, claim token, the turn's claims so far): whose stream gets the text, under which claim
+    # (turn id, claim token, the claim's rank: turns.claims): whose stream gets the text, under which claim
     stream: tuple[uuid.UUID, uuid.UUID, int] | None = None
     # Guided decoding: vLLM's StructuredOutputsParams (structured.spec.structured_outputs_for).
     structured_outputs: Any = None

@@ -50,10 +50,11 @@ def _error(
     headers = {} if retry else {"x-should-retry": "false"}
     if retry_after_s is not None:
         headers["Retry-After"] = str(retry_after_s)
-    content = error_body(status_code, message, kind)
-    if code is not None:
-        content["error"]["code"] = code
-    return JSONResponse(status_code=status_code, content=content, headers=headers or None)
+    return JSONResponse(
+        status_code=status_code,
+        content=error_body(status_code, message, kind, code=code),
+        headers=headers or None,
+    )
 
 
 @router.post("/v1/chat/completions", dependencies=[Depends(json_body)], response_model=None)

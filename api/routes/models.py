@@ -28,7 +28,7 @@ async def get_model(model: Annotated[str, Path(max_length=200)], who: Reader) ->
     """One character as a model object; a 404 naming `model` when no character has that slug."""
     found = await run_in_threadpool(characters.as_models, model)
     if not found:  # as OpenAI answers it: its client raises NotFoundError
-        body = error_body(status.HTTP_404_NOT_FOUND, f"model: the model {model!r} does not exist")
-        body["error"]["code"] = "model_not_found"
+        message = f"model: the model {model!r} does not exist"
+        body = error_body(status.HTTP_404_NOT_FOUND, message, code="model_not_found")
         return JSONResponse(body, status_code=status.HTTP_404_NOT_FOUND)
     return found[0]

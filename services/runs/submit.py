@@ -156,10 +156,10 @@ def submit_run(
         return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
 
 
-def regular_file(path: Path) -> os.stat_result:
-    """The file's status; ValueError for a device or a pipe (a run file is read several times: one
-    never ends, the other reads once)."""
-    found = path.stat()
+def regular_file(path: Path, found: os.stat_result | None = None) -> os.stat_result:
+    """The file's status (`found`, when the caller read it from its open file); ValueError for a
+    device or a pipe (a run file is read several times: one never ends, the other reads once)."""
+    found = path.stat() if found is None else found
     if not stat.S_ISREG(found.st_mode):
         raise ValueError(f"{path}: not a regular file")
     return found
@@ -176,9 +176,7 @@ def _private_copy(path: Path) -> Iterator[Path]:
     # pipe with no writer would hold the open for ever, before its check could refuse it.
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        found = os.fstat(fd)
-        if not stat.S_ISREG(found.st_mode):
-            raise ValueError(f"{path}: not a regular file")
+        found = regular_file(path, os.fstat(fd))
         os.set_blocking(fd, True)
         source = os.fdopen(fd, "rb")
     except BaseException:
