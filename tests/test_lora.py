@@ -740,3 +740,6 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 0
     assert serving() == (True, False)
     assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-b", "--every-tenant"]) == 2
+    for bad in ("studio\x00b", "x" * 65, "stu dio"):  # never a tenant's name: refused, not a database error
+        assert cli(["lora", "register", slug, str(adapter), "--tenant", bad]) == 2, bad
+        assert "--tenant: " in capsys.readouterr().err

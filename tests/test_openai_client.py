@@ -285,6 +285,9 @@ def test_the_openai_client_lists_the_characters_as_its_models(base_url) -> None:
     with pytest.raises(openai.NotFoundError) as missing:
         client.models.retrieve("gpt-nobody")
     assert missing.value.code == "model_not_found" and missing.value.param == "model"
+    for odd in ("el%00ara", "el%ED%A0%80ara", "x" * 200):  # a NUL, a lone surrogate's bytes: no 500
+        answer = httpx.get(f"{base_url}/v1/models/{odd}", headers={"Authorization": f"Bearer {INGEST_KEY}"})
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "model_not_found", odd
     with pytest.raises(openai.AuthenticationError):
         _client(base_url, key="no-such-key").models.list()
     # and a chat completion naming no character is OpenAI's 404 too (it was a 400 BadRequestError)

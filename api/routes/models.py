@@ -3,6 +3,7 @@ and tools built for OpenAI list before they talk (`client.models.list()`, a UI's
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, status
@@ -12,6 +13,7 @@ from fastapi.responses import JSONResponse
 from api.deps import Caller, needs
 from api.openai_errors import error_body
 from services import characters
+from services.characters import SLUG_PATTERN
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 Reader = Annotated[Caller, Depends(needs("ingest"))]
@@ -26,7 +28,9 @@ async def list_models(who: Reader) -> dict[str, Any]:
 @router.get("/{model}")
 async def get_model(model: Annotated[str, Path(max_length=200)], who: Reader) -> Any:
     """One character as a model object; a 404 naming `model` when no character has that slug."""
-    found = await run_in_threadpool(characters.as_models, model)
+    # A name no slug can be (a NUL, 200 characters) is no model: not looked up (the database refuses
+    # a NUL in a string, a 500).
+    found = await run_in_threadpool(characters.as_models, model) if re.fullmatch(SLUG_PATTERN, model) else []
     if not found:  # as OpenAI answers it: its client raises NotFoundError
         message = f"model: the model {model!r} does not exist"
         body = error_body(status.HTTP_404_NOT_FOUND, message, code="model_not_found")

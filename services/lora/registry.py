@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.settings import settings
+from core.settings import TENANT_NAME, settings
 from db.session import session_scope
 from db.world import register_adapter
 from services.characters import character_exists
@@ -77,6 +77,10 @@ def served_to(adapter_dir: Path, *, tenant: str | None, every_tenant: bool) -> s
     `tenant` or `every_tenant`."""
     if tenant is not None and every_tenant:
         raise TrainedOnATenant("--tenant and --every-tenant: one or the other")
+    if tenant is not None and not (len(tenant) <= 64 and TENANT_NAME.fullmatch(tenant)):  # '': the CLI's
+        raise TrainedOnATenant(
+            f"--tenant: {tenant[:80]!r} is no tenant's name (letters, digits, '.', '_', '-')"
+        )
     says, trained_on, turns = _trained_on(adapter_dir)
     if says and not turns:  # the card's examples alone
         return None if every_tenant else tenant
