@@ -318,4 +318,9 @@ def import_history(
         first, last = append_lines(
             session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
         )
+    # The log's memory (summaries, facts) is built now on the bulk lane, not when the player next
+    # speaks: that turn would be answered without it.
+    from memory.schedule import schedule_memory
+
+    schedule_memory([conv_id])
     return conv_id, first, last

@@ -519,3 +519,22 @@ def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and
     monkeypatch.setattr(summarize, "run_summary_job", lambda c, **kw: real(c, generate=talked, **kw))
     memory_tasks.memory_job(conv, SUMMARY)
     assert failures() == 0
+
+
+def test_an_imported_log_has_its_memory_jobs_sent_without_waiting_for_the_next_turn(
+    summaries_due: None,
+) -> None:
+    """Found in review: `mlchat history import` scheduled no memory job, so the first turn after
+    a long import was answered with none of the log's summaries or facts (the job was sent only
+    when that turn's reply was stored). A log imported again, held already, sends nothing more."""
+    from memory.history_import import import_history
+
+    external = f"imp-{uuid.uuid4().hex[:10]}"
+    log = json.dumps(
+        [{"role": "user" if n % 2 else "assistant", "content": f"line {n} " + "x" * 400} for n in range(40)]
+    )
+    conv, first, last = import_history(log, "openai", conversation=external, character="elara")
+    assert (first, last) == (1, 40)
+    assert len(_queued(conv)) == 1
+    assert import_history(log, "openai", conversation=external, character="elara")[1:] == (1, 0)
+    assert len(_queued(conv)) == 1
