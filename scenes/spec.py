@@ -166,6 +166,17 @@ class SceneSpec(BaseModel):
             raise ValueError(f"rules: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _two_voices(self) -> SceneSpec:
+        # Nobody but its members speaks in a scene run: one voice would talk to itself.
+        voices = sum(not p.muted for p in self.participants) + (self.narrator is not None)
+        if voices < 2:
+            raise ValueError(
+                "participants: only one of them can speak (the others are muted) and there is no "
+                "narrator; a scene needs two voices"
+            )
+        return self
+
     def rule_list(self) -> list[Rule]:
         """The rules as the picker takes them."""
         return [Rule(r.speaker, r.after) for r in self.rules]
@@ -195,6 +206,9 @@ class GroupSpec(SceneSpec):
 
     conversation: Text = Field(min_length=1, max_length=200)
     exchanges: int = Field(default=0, ge=0)
+
+    def _two_voices(self) -> GroupSpec:
+        return self  # the player is a group's other voice
 
     @field_validator("conversation")
     @classmethod

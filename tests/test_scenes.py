@@ -358,6 +358,35 @@ def test_bad_scene_lines_are_refused_at_validation_with_line_and_field(world, tm
         s.execute(delete(Character).where(Character.slug == twin))
 
 
+def test_a_scene_run_line_with_one_voice_is_refused_a_group_with_one_member_voice_is_not(
+    world, tmp_path: Path
+) -> None:
+    """Found in review: a scene line whose participants were all muted but one passed validation,
+    and its one voice then wrote every exchange talking to itself. A narrator is a second voice; a
+    live group's player is too."""
+    import json
+
+    from scenes.spec import GroupSpec
+
+    alone = [{"character": "elara"}, {"character": "luffy", "muted": True}]
+    lines = [
+        {"custom_id": "alone", "scene": _scene(participants=alone)},
+        {"custom_id": "narrated", "scene": _scene(participants=alone, narrator=True)},
+    ]
+    path = tmp_path / "voices.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    submitted = submit_run(path, name=f"voices-{uuid.uuid4().hex[:8]}", skip_bad_lines=True)
+    assert [(e.line, e.reason) for e in submitted.skipped_lines] == [
+        (
+            1,
+            "scene: participants: only one of them can speak (the others are muted) and there is no "
+            "narrator; a scene needs two voices",
+        )
+    ]
+    assert submitted.stored == 1
+    assert GroupSpec.model_validate({"participants": alone, "conversation": "g"}).slugs() == ["elara", "luffy"]
+
+
 def test_a_skipped_line_named_as_a_step_starts_no_conversation_and_its_followers_are_named(
     world, tmp_path: Path
 ) -> None:
