@@ -443,6 +443,9 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
     with pytest.raises(BadStructuredReply) as cut:  # max_tokens ended it inside the pattern
         read_reply(shape, Generation("555-12", 10, 6, "length"))
     assert cut.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT
+    # Found in review: a reply whose last token was both the pattern's last and the last one
+    # max_tokens allowed ("length") was failed as cut although it matches the whole pattern.
+    assert read_reply(shape, Generation("555-1234", 10, 8, "length")).text == "555-1234"
     with pytest.raises(BadStructuredReply) as stopped:  # a stop string ended it inside the pattern
         read_reply(shape, Generation("555-", 10, 4, "stop"))
     assert stopped.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY and "whole pattern" in str(
