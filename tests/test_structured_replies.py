@@ -144,3 +144,14 @@ def test_a_character_whose_actions_change_between_two_turns_answers_under_the_ne
     assert "attack(target: string)" in second.prompt and "give_item(" not in second.prompt
     assert second.structured["action"] is None or second.structured["action"]["name"] == "attack"
     assert second.reply == second.structured["say"]
+
+
+def test_the_engine_gives_a_regex_grammar_well_over_the_checks_time_to_build(engine) -> None:
+    """Found in review: vLLM's own limit on building a regex grammar (5 s) was the API check's
+    (MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S, 5 s): a pattern built in 4 s on an idle API host and
+    rebuilt on a busy worker failed its turn, accepted with a 202, as invalid for time."""
+    from vllm import envs
+
+    from core.settings import settings
+
+    assert envs.VLLM_REGEX_COMPILATION_TIMEOUT_S >= 4 * settings.structured_compile_timeout_s

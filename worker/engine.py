@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import multiprocessing.util
 import os
 import threading
@@ -123,11 +124,20 @@ CPU_BULK_PREFILL_TOKENS = 1024
 LIVE_RESERVE = 8
 
 
+def engine_regex_build_limit_s() -> int:
+    """vLLM's limit on building a regex reply's grammar (5 s by default, in whole seconds), set well
+    above the API's check (MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S): a pattern the check built in time on
+    an idle API host, rebuilt at the engine on a busy worker, would otherwise fail its turn, accepted
+    with a 202, as invalid for taking too long."""
+    return max(20, math.ceil(4 * settings.structured_compile_timeout_s))
+
+
 @cache
 def get_engine() -> LoadedEngine:
     """Load the model once per process (vLLM starts its engine-core process here)."""
     # vLLM reads its CPU KV-cache size from the environment; give it ours unless the operator set one.
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(settings.cpu_kvcache_gib))
+    os.environ.setdefault("VLLM_REGEX_COMPILATION_TIMEOUT_S", str(engine_regex_build_limit_s()))
     from vllm import LLM
     from vllm.platforms import current_platform
 
