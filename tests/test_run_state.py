@@ -228,6 +228,27 @@ def test_a_submission_that_fails_part_way_is_resumed_by_resubmitting(
     assert submit_run(path, name=name).sent == 0  # a third submission has nothing left to do
 
 
+def test_a_run_submitted_skipping_bad_lines_resumes_skipping_them(quiet_model, tmp_path, monkeypatch) -> None:
+    """Found in review: `mlchat run resume` (and the file sent again, as the failure says) validated
+    without --skip-bad-lines, so a run submitted with it that stopped part-way failed for good on
+    the very lines it had skipped, its stored turns left as they were."""
+    import tasks.generate
+
+    monkeypatch.setattr(runs.submit, "CHUNK", 10)
+    path = _file(tmp_path, 30)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"custom_id": "bad", "character": "elara", "message": ""}) + "\n")
+    name = "skip-resume-" + tmp_path.name
+    real = _broker_drops_on_send(monkeypatch, 2)
+    with pytest.raises(SubmissionFailed):
+        submit_run(path, name=name, skip_bad_lines=True)
+    monkeypatch.setattr(tasks.generate, "dispatch", real)
+    resumed = runs.resume(name, path)
+    assert resumed.status == RunStatus.QUEUED and resumed.sent == 20
+    assert [e.line for e in resumed.skipped_lines] == [31]
+    assert sorted(_sent_ids()) == sorted(_turn_ids(resumed.id)) and len(_turn_ids(resumed.id)) == 30
+
+
 def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(
     quiet_model, tmp_path, monkeypatch
 ) -> None:

@@ -220,10 +220,13 @@ def _submit(
                 f"run {name!r} is busy: another process is submitting it, or housekeeping is closing it;"
                 " try again shortly"
             )
-        kept, resumed = _stored_options(name)
+        kept, kept_skip, resumed = _stored_options(name)
         # A run holding turns keeps the options they were stored under; one that stored nothing yet (its
-        # validation failed, say) takes the caller's, as its error asked.
+        # validation failed, say) takes the caller's, as its error asked. So does --skip-bad-lines:
+        # resumed without it (`mlchat run resume`, or the file sent again as the failure says), a run
+        # submitted with it failed on the very lines it had skipped.
         options = (kept if resumed else options or kept) or LineOptions()
+        skip_bad_lines = skip_bad_lines or (resumed and kept_skip)
         tenant = _stored_tenant(name)
         check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines, run_name=name)
         with session_scope() as session:
@@ -233,7 +236,11 @@ def _submit(
                 model=settings.model,
                 file_hash=check.digest,
                 total=check.good,
-                fields=(fields or {}) | {"input_format": check.reader.format, "options": asdict(options)},
+                fields=(fields or {})
+                | {
+                    "input_format": check.reader.format,
+                    "options": asdict(options) | {SKIP_BAD_LINES: skip_bad_lines},
+                },
             )
             run_id, model, status = run.id, run.model, run.status
             if status not in (RunStatus.VALIDATING, RunStatus.FAILED):  # submitted already: nothing to do
@@ -288,11 +295,18 @@ def _submit(
         return SubmittedRun(run_id, name, created, stored, sent, check.errors, status, refused, check.good)
 
 
-def _stored_options(name: str) -> tuple[LineOptions | None, bool]:
-    """The line options a run of that name was submitted with, and whether it holds turns."""
+SKIP_BAD_LINES = "skip_bad_lines"  # kept with the run's line options: whether its bad lines were skipped
+
+
+def _stored_options(name: str) -> tuple[LineOptions | None, bool, bool]:
+    """The line options a run of that name was submitted with, whether its bad lines were skipped,
+    and whether it holds turns."""
     with session_scope() as session:
         stored, holds_turns = run_options(session=session, name=name)
-    return (None if stored is None else LineOptions(**stored)), holds_turns
+    if stored is None:
+        return None, False, holds_turns
+    skipped = bool(stored.pop(SKIP_BAD_LINES, False))
+    return LineOptions(**stored), skipped, holds_turns
 
 
 def _run_tenant(name: str) -> str | None:
