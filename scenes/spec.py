@@ -207,6 +207,7 @@ class GroupSpec(SceneSpec):
     conversation: Text = Field(min_length=1, max_length=200)
     exchanges: int = Field(default=0, ge=0)
 
+    @model_validator(mode="after")
     def _two_voices(self) -> GroupSpec:
         return self  # the player is a group's other voice
 

@@ -249,6 +249,55 @@ def test_a_run_submitted_skipping_bad_lines_resumes_skipping_them(quiet_model, t
     assert sorted(_sent_ids()) == sorted(_turn_ids(resumed.id)) and len(_turn_ids(resumed.id)) == 30
 
 
+def test_a_line_whose_own_conversation_another_run_made_is_refused_naming_its_custom_id(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: a line naming no conversation goes under `run:<name>:<custom_id>`; one
+    that existed (another run's line had named it) was joined silently, so the line was answered by
+    that conversation's character in its history, and a scene line's failed the whole submission
+    after the plain lines were sent. Refused at validation, naming the line; a run's own
+    conversations (a resubmission's) are not."""
+    from services.runs.validate import validate_file
+
+    name = "own-conv-" + tmp_path.name
+    squatter = tmp_path / "squatter.jsonl"
+    squatter.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "custom_id": cid,
+                    "conversation": f"run:{name}:{cid}",
+                    "character": "luffy",
+                    "message": "Yo.",
+                }
+            )
+            + "\n"
+            for cid in ("c1", "scene")
+        ),
+        encoding="utf-8",
+    )
+    assert submit_run(squatter, name="squatter-" + tmp_path.name).stored == 2
+    path = _file(tmp_path, 3)
+    scene = {"participants": ["elara", "luffy"], "premise": "A rainy night.", "exchanges": 2}
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps({"custom_id": "scene", "scene": scene}) + "\n")
+    reason = (
+        "custom_id: its conversation 'run:{name}:{cid}' exists already (a player's, or another run's line "
+        "named it); give the run another name, or the line another custom_id"
+    )
+    submitted = submit_run(path, name=name, skip_bad_lines=True)
+    assert [(e.line, e.reason) for e in submitted.skipped_lines] == [
+        (2, reason.format(name=name, cid="c1")),
+        (4, reason.format(name=name, cid="scene")),
+    ]
+    assert submitted.stored == 2  # c0 and c2, each in a conversation of its own
+    with session_scope() as s:
+        convs = s.scalars(select(Turn.conversation_id).where(Turn.run_id == submitted.id)).all()
+    assert len(set(convs)) == 2
+    again = validate_file(path, run_name=name, every_error=True)  # its own two are not refused
+    assert [e.line for e in again.errors] == [2, 4] and again.good == 2
+
+
 def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(
     quiet_model, tmp_path, monkeypatch
 ) -> None:

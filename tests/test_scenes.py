@@ -384,7 +384,10 @@ def test_a_scene_run_line_with_one_voice_is_refused_a_group_with_one_member_voic
         )
     ]
     assert submitted.stored == 1
-    assert GroupSpec.model_validate({"participants": alone, "conversation": "g"}).slugs() == ["elara", "luffy"]
+    assert GroupSpec.model_validate({"participants": alone, "conversation": "g"}).slugs() == [
+        "elara",
+        "luffy",
+    ]
 
 
 def test_a_skipped_line_named_as_a_step_starts_no_conversation_and_its_followers_are_named(

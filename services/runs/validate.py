@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import DEFAULT_TENANT, settings
 from core.text import printable
+from db.runs import conversations_of_others
 from db.scenes import scene_conversations
 from db.session import session_scope
 from db.world import all_character_slugs, character_names, find_conversations
@@ -372,6 +373,7 @@ def validate_file(
     scenes: dict[str, tuple[int, int]] = {}  # a scene line's custom_id: (its line, its exchanges)
     # Lines named like a scene's step, `<scene>#<k>`: (line, custom_id, scene, k).
     step_named: list[tuple[int, str, str, int]] = []
+    fresh: list[tuple[int, str]] = []  # (line, custom_id) of lines the run makes a conversation for
 
     def bad(number: int, reason: str) -> None:
         nonlocal error_count
@@ -426,6 +428,8 @@ def validate_file(
         if line.conversation:
             use = uses.setdefault(line.conversation, _ConversationUse(line.character))
             use.lines.append((number, line.character))
+        elif run_name:
+            fresh.append((number, line.custom_id))
     if not lines_read:  # a run or batch of nothing would complete at once, having done nothing
         raise EmptyFile("input file: it holds no requests (it is empty, or only blank lines)")
     # A scene's step k is stored as `<custom_id>#k`: another line of that name would share it.
@@ -456,6 +460,9 @@ def validate_file(
     for name in own_scenes:
         uses.pop(name, None)
     conversation_errors = step_errors + scene_errors + _conversation_errors(uses, tenant)
+    if run_name:
+        fresh = [(number, cid) for number, cid in fresh if number not in refused_lines]
+        conversation_errors += _fresh_conversations_taken(fresh, run_name, tenant)
     error_count += len(conversation_errors)
     errors.extend(conversation_errors)  # a list of the file's size already, cut below
     named = sorted(errors, key=lambda e: e.line)
@@ -470,6 +477,31 @@ def validate_file(
 
 
 _STEP_NAME = re.compile(r"(.+)#([1-9][0-9]{0,5})")
+
+
+def _fresh_conversations_taken(fresh: list[tuple[int, str]], run_name: str, tenant: str) -> list[LineError]:
+    """Lines naming no conversation whose own (`run:<name>:<custom_id>`) exists already and is not
+    this run's: a player's, a history import's, another run's line that named it. Joined, the line
+    was answered by that conversation's character, in its history (the line's own dropped); a scene
+    line's failed the whole submission after its plain lines were sent."""
+    errors: list[LineError] = []
+    with session_scope() as session:
+        for start in range(0, len(fresh), 10_000):
+            chunk = {
+                line_conversation(run_name, cid): number for number, cid in fresh[start : start + 10_000]
+            }
+            taken = conversations_of_others(
+                session=session, tenant=tenant, external_ids=list(chunk), run_name=run_name
+            )
+            errors += [
+                LineError(
+                    chunk[name],
+                    f"custom_id: its conversation {name!r} exists already (a player's, or another run's "
+                    "line named it); give the run another name, or the line another custom_id",
+                )
+                for name in sorted(taken, key=chunk.__getitem__)
+            ]
+    return errors
 
 
 def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list[LineError]:
