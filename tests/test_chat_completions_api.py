@@ -500,6 +500,23 @@ def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
     )
 
 
+def test_a_cancelled_turn_is_answered_409_cancelled_not_a_server_failure(base_url, short_wait) -> None:
+    """Found in review: a turn cancelled with DELETE /v1/turns/{id} came back as 502 turn_failed,
+    a server failure, naming no cause."""
+    body = {"model": "elara", "messages": [{"role": "user", "content": "Which road leads east?"}]}
+    headers = OWNER | {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)
+    assert r.status_code == 504, r.text
+    turn_id = uuid.UUID(r.json()["error"]["message"].split()[1])
+    _cancel([turn_id])
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)  # the replay
+    assert r.status_code == 409, r.text
+    assert r.headers["x-should-retry"] == "false"
+    error = r.json()["error"]
+    assert (error["type"], error["code"]) == ("turn_cancelled", "cancelled")
+    assert error["message"].startswith(f"turn {turn_id} was cancelled")
+
+
 def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_once(world) -> None:
     """Found in review: both counted no lines and inserted lines 1..n; the second collided with the
     first's on (conversation, seq), a 500 after its turn was committed."""

@@ -19,6 +19,7 @@ from api.openai_errors import error_body
 from api.routes.turns import visible_turn
 from api.sse import event_json, sse_response
 from core.settings import settings
+from db.models import TurnStatus
 from db.session import DATABASE_OUTAGES
 from services import live_chat
 from services.live_chat import ChatRejected, ChatTurn
@@ -106,6 +107,13 @@ async def chat_completions(
             f"turn {turn.id} is still {view.status.value}; read it at /v1/turns/{turn.id}",
             "timeout",
             retry=False,
+        )
+    if (
+        view.status == TurnStatus.CANCELLED
+    ):  # cancelled on purpose (DELETE, its run's cancel): no server fault
+        said = f": {view.error}" if view.error else ""
+        return _error(
+            409, f"turn {view.id} was cancelled{said}", "turn_cancelled", retry=False, code="cancelled"
         )
     if view.status.value != "done":
         code = failure_status(view.error_code, 502)
