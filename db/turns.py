@@ -1167,16 +1167,31 @@ def fail_unsent(
 
 def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """revive_unsent: turns that failed only because they were never sent go back to queued, their
-    callback owed again (a failure's callback sent meanwhile must not stand for the answer)."""
-    return list(
-        session.scalars(
+    callback owed again (a failure's callback sent meanwhile must not stand for the answer). A turn
+    of the conversation that went on after it (accepted once the broker was back) moves it to the end
+    of the conversation's order: answered after that turn, with it in its history, never beside it (a
+    claim waits only for the turns numbered before it), as a scene's requeued step is. One statement
+    per turn, in their order: the ones of a conversation keep theirs."""
+    unsent = (Turn.status == TurnStatus.FAILED) & (Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value)
+    later = aliased(Turn)
+    overtaken = exists().where(
+        later.conversation_id == Turn.conversation_id,
+        later.number > Turn.number,
+        ~((later.status == TurnStatus.FAILED) & (later.error_code == TurnErrorCode.BROKER_UNREACHABLE.value)),
+    )
+    ordered = session.scalars(
+        select(Turn.id).where(Turn.id.in_(list(turn_ids)), unsent).order_by(Turn.number)
+    ).all()
+    revived: list[uuid.UUID] = []
+    for turn_id in ordered:
+        revived += session.scalars(
             update(Turn)
-            .where(
-                Turn.id.in_(list(turn_ids)),
-                Turn.status == TurnStatus.FAILED,
-                Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value,
-            )
+            .where(Turn.id == turn_id, unsent)
             .values(
+                number=case(
+                    (overtaken, func.nextval(func.pg_get_serial_sequence("turns", "number"))),
+                    else_=Turn.number,
+                ),
                 status=TurnStatus.QUEUED,
                 error=None,
                 error_code=None,
@@ -1189,7 +1204,7 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
             )
             .returning(Turn.id)
         ).all()
-    )
+    return revived
 
 
 # What a failed re-send records as the turn's last send: long enough ago for any sweep.

@@ -355,6 +355,50 @@ def test_a_retry_racing_another_retry_reports_the_turn_as_it_stands(
     assert replay.status == TurnStatus.QUEUED and replay.error_code is None
 
 
+def test_a_revived_turn_goes_after_a_turn_its_conversation_took_meanwhile_never_beside_it(
+    world, unserved_model
+) -> None:
+    """Found in review: a turn failed unsent (the broker away) and revived by its retry kept its
+    number, so a later turn of its conversation already running did not hold its claim back: the two
+    were generated side by side, each prompt without the other's exchange, and the second store's
+    mood overwrote the first's. Revived after that turn; two revived together keep their order."""
+    from db.models import TurnErrorCode
+    from db.turns import revive_unsent
+    from services.producer import submit_turns
+
+    conv = new_conversation()
+    first, second = submit_turns(
+        [conv | {"message": "One."}, {"conversation": conv["conversation"], "message": "Two."}], send=False
+    )
+    with session_scope() as session:
+        session.execute(
+            update(Turn)
+            .where(Turn.id.in_([first.id, second.id]))
+            .values(status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
+        )
+    (later,) = submit_turns([{"conversation": conv["conversation"], "message": "Three."}], send=False)
+    with session_scope() as session:
+        assert revive_unsent(session=session, turn_ids=[second.id, first.id]) == [first.id, second.id]
+    with session_scope() as session:
+        rows = session.execute(
+            select(Turn.id, Turn.number).where(Turn.id.in_([first.id, second.id, later.id]))
+        )
+        numbers = {turn_id: number for turn_id, number in rows}
+    assert numbers[later.id] < numbers[first.id] < numbers[second.id]
+    # Alone in its conversation, a revived turn keeps its place.
+    (alone,) = submit_turns([new_conversation() | {"message": "Solo."}], send=False)
+    with session_scope() as session:
+        session.execute(
+            update(Turn)
+            .where(Turn.id == alone.id)
+            .values(status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
+        )
+        before = session.scalar(select(Turn.number).where(Turn.id == alone.id))
+    with session_scope() as session:
+        assert revive_unsent(session=session, turn_ids=[alone.id]) == [alone.id]
+        assert session.scalar(select(Turn.number).where(Turn.id == alone.id)) == before
+
+
 def test_one_key_twice_in_one_batch_is_one_turn_or_a_conflict(world) -> None:
     from services.producer import submit_turns
 
