@@ -3,6 +3,7 @@ with no player line, read its transcript. The player talks to it through the tur
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -22,7 +23,7 @@ from db.scenes import (
     replay_unsent_step,
     scene_transcript,
 )
-from db.session import session_scope
+from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
@@ -30,6 +31,8 @@ from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
 from services.producer import EnqueueError, resend, send_new_turns
 from services.runs.scene_lines import scene_of
+
+logger = logging.getLogger(__name__)
 
 
 class SceneRefused(ValueError):
@@ -65,16 +68,13 @@ def start_group(
             steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
             steps = _create_group(session, spec, tenant=tenant, api_key=api_key, key=idempotency_key)
-    try:
-        _send(steps)
-    except EnqueueError as exc:  # the group is stored: a second POST would find it a group already
-        go_on = f"POST /v1/scenes/{spec.conversation}:continue"
-        if idempotency_key is not None:
-            go_on = f"the same request again under its Idempotency-Key, or {go_on},"
-        raise EnqueueError(f"{exc}; the group is stored: {go_on} sends its next line") from None
-    return scene_view(spec.conversation, tenant=tenant, tail=True) | {
-        "sent": [str(s.turn_id) for s in steps + _send_again(again)],
-        "replayed": earlier is not None,
+    go_on = f"POST /v1/scenes/{spec.conversation}:continue"
+    if idempotency_key is not None:
+        go_on = f"the same request again under its Idempotency-Key, or {go_on},"
+    go_on += " sends its next line"
+    # the group is stored: a second POST would find it a group already
+    return _sent_view(spec.conversation, tenant, steps, again, stored="the group is stored", go_on=go_on) | {
+        "replayed": earlier is not None
     }
 
 
@@ -155,11 +155,39 @@ def continue_group(
             if idempotency_key is not None:
                 ids = [scene.id]
                 record_ids(session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, ids=ids)
-    _send(steps)
-    return scene_view(conversation, tenant=tenant, tail=True) | {
-        "sent": [str(s.turn_id) for s in steps + _send_again(again)],
-        "replayed": earlier is not None,
+    go_on = (
+        "the same request again under its Idempotency-Key sends the next line"
+        if idempotency_key is not None
+        else f"POST /v1/scenes/{conversation}:continue again would ask for more lines still"
+    )
+    stored = f"{exchanges} more lines are asked for" if earlier is None else "nothing more is asked for"
+    return _sent_view(conversation, tenant, steps, again, stored=stored, go_on=go_on) | {
+        "replayed": earlier is not None
     }
+
+
+def _sent_view(
+    conversation: str, tenant: str, steps: list[NewStep], again: list[NewStep], *, stored: str, go_on: str
+) -> dict[str, Any]:
+    """Send the committed steps (and those to send again) and read the group's view, with `sent`.
+    What the request stored is committed: a broker or a database that goes away now is a 503 that
+    says so (`stored`) and what to do (`go_on`), never the plain "try again" of a request that stored
+    nothing (a retry without a key would find the group a group already, or ask for its lines twice)."""
+    try:
+        _send(steps)
+        sent = steps + _send_again(again)
+        view = scene_view(conversation, tenant=tenant, tail=True)
+    except EnqueueError as exc:
+        raise EnqueueError(f"{exc}; {stored}: {go_on}") from None
+    except DATABASE_OUTAGES:
+        logger.warning(
+            "scene %r: the database went away after the request was stored", conversation, exc_info=True
+        )
+        raise EnqueueError(
+            f"the database went away once the request was stored ({stored}): GET "
+            f"/v1/scenes/{conversation} reads the group once it is back; {go_on}"
+        ) from None
+    return view | {"sent": [str(s.turn_id) for s in sent]}
 
 
 # Transcript lines a view returns at most: a long-lived group's transcript grows without end.

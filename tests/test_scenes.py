@@ -1658,6 +1658,42 @@ except EnqueueError as exc:
 """
 
 
+def test_a_database_gone_after_a_group_is_stored_is_a_503_saying_it_is_stored(
+    world, steps_unconsumed, monkeypatch
+) -> None:
+    """Found in review: the database going away after the group's transaction committed (recording
+    its first line sent, or reading its view) was the plain 503 "try again"; the retry, without a
+    key, found the group a group already (422), and a `:continue` retried asked for its lines twice."""
+    from sqlalchemy.exc import OperationalError
+
+    from services import scenes as scene_service
+    from services.producer import EnqueueError
+
+    def database_gone(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+
+    conv = f"group-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setattr(scene_service, "scene_view", database_gone)
+    with pytest.raises(EnqueueError) as started:
+        _group(conversation=conv, exchanges=1)
+    assert str(started.value) == (
+        "the database went away once the request was stored (the group is stored): GET "
+        f"/v1/scenes/{conv} reads the group once it is back; "
+        f"POST /v1/scenes/{conv}:continue sends its next line"
+    )
+    with pytest.raises(EnqueueError, match=r"\(2 more lines are asked for\): GET /v1/scenes/"):
+        scene_service.continue_group(conv, 2)
+    assert _conversation_scene_exists(conv)
+
+
+def _conversation_scene_exists(conversation: str) -> bool:
+    with session_scope() as s:
+        return (
+            s.scalar(select(Scene.id).join(Conversation).where(Conversation.external_id == conversation))
+            is not None
+        )
+
+
 def test_a_live_groups_step_the_broker_never_got_is_failed_and_answered_503(world, steps_unconsumed) -> None:
     import json
     import os
