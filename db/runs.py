@@ -278,7 +278,10 @@ def fail_submission(
             update(Turn)
             .where(*_locked_in_id_order(session, *mine))
             .values(
-                status=TurnStatus.CANCELLED, finished_at=func.now(), error="the batch's submission failed"
+                status=TurnStatus.CANCELLED,
+                finished_at=func.now(),
+                error="the batch's submission failed",
+                error_code=None,
             )
         )
     failed = (
@@ -627,6 +630,11 @@ EXPIRED_TURN = {
 EXPIRED_STARTED = "the run's completion window closed before this turn was answered"
 
 
+# A cancelled turn's error is the cancel's, not an earlier attempt's (a batch that raised, an engine
+# death: written on the turn as it went back to the queue), which the exports showed as its outcome.
+CANCEL_CLEARS: dict[str, Any] = {"error": None, "error_code": None}
+
+
 def expired_turn_error() -> Any:
     """The error an expired run's cancelled turn gets, as the turn stood (evaluated in the UPDATE)."""
     return case((Turn.started_at.is_(None), EXPIRED_TURN["error"]), else_=EXPIRED_STARTED)
@@ -652,7 +660,7 @@ def cancel_run(
             dropped = session.execute(
                 update(Turn)
                 .where(*_locked_in_id_order(session, *queued))
-                .values(status=TurnStatus.CANCELLED, finished_at=func.now())
+                .values(status=TurnStatus.CANCELLED, finished_at=func.now(), **CANCEL_CLEARS)
             ).rowcount  # type: ignore[attr-defined]
             cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
             return CancelOutcome(before, before, int(dropped))
@@ -663,7 +671,7 @@ def cancel_run(
     # Turns before the run: the lock order of every transaction that finishes turns. The turns a
     # claim could take: a running one whose lease lapsed (its worker gone) too, as a claim would
     # cancel it; with no worker of its model left to claim it, the run would stay cancelling for ever.
-    why: dict[str, Any] = {}
+    why: dict[str, Any] = dict(CANCEL_CLEARS)
     if reason == "expired":  # a turn that started is not told it never did
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     cancelled = session.execute(

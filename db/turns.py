@@ -67,7 +67,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
-from db.runs import EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
+from db.runs import CANCEL_CLEARS, EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
 from db.scenes import GroupView, group_views, run_stopped
 from db.turn_leases import claimable, lease_live
 from db.vectors import binary_vector_param
@@ -599,8 +599,8 @@ def _cancel_stopped(session: Session, turn_ids: list[uuid.UUID]) -> list[uuid.UU
                 finished_at=func.now(),
                 lease_until=None,
                 # As cancel_run labels them: the export answers them batch_expired.
-                error=case((expired, expired_turn_error()), else_=Turn.error),
-                error_code=case((expired, EXPIRED_TURN["error_code"]), else_=Turn.error_code),
+                error=case((expired, expired_turn_error()), else_=None),
+                error_code=case((expired, EXPIRED_TURN["error_code"]), else_=None),
             )
             .returning(Turn.id)
         ).all()
@@ -1131,7 +1131,7 @@ def cancel_turns(
         session.scalars(
             update(Turn)
             .where(Turn.id.in_(list(turn_ids)), claimable(), unkeyed)
-            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
+            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **CANCEL_CLEARS)
             .returning(Turn.id)
         ).all()
     )

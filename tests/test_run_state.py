@@ -298,6 +298,28 @@ def test_a_line_whose_own_conversation_another_run_made_is_refused_naming_its_cu
     assert [e.line for e in again.errors] == [2, 4] and again.good == 2
 
 
+def test_a_cancelled_turn_says_nothing_of_an_earlier_attempts_error(quiet_model, tmp_path) -> None:
+    """Found in review: a turn put back in the queue with its attempt's error (the batch raised, the
+    engine died) kept that text when its run was cancelled, and the exports gave it as the outcome:
+    `{"code": "batch_cancelled", "message": "engine died: ..."}`. Cleared by every cancel."""
+    from db.turns import cancel_turns
+
+    submitted = submit_run(_file(tmp_path, 2), name="stale-" + tmp_path.name)
+    one, two = (uuid.UUID(i) for i in _turn_ids(submitted.id))
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_([one, two]))
+            .values(error="the batch raised (RuntimeError: boom)", error_code="server_error")
+        )
+    with session_scope() as s:
+        assert cancel_turns(session=s, turn_ids=[one]) == [one]
+    runs.cancel(submitted.name)
+    with session_scope() as s:
+        rows = s.execute(select(Turn.status, Turn.error, Turn.error_code).where(Turn.id.in_([one, two]))).all()
+    assert [tuple(r) for r in rows] == [(TurnStatus.CANCELLED, None, None)] * 2
+
+
 def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(
     quiet_model, tmp_path, monkeypatch
 ) -> None:
