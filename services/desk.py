@@ -34,12 +34,13 @@ from db.models import (
     TurnReviewChange,
 )
 from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
-from db.runs import run_counts, run_quality
+from db.runs import run_counts
 from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
 from roleplay.quality import CHECK_KINDS
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 from services.batches import rewrite_output_file
+from services.runs.quality_summary import quality_summary
 from worker.engine_loop import Generation
 from worker.prompt.formats import FORMATS, escape_bracket_markers, escape_name_markers
 from worker.prompt.sanitize import CONTROLS, Sanitizer
@@ -315,7 +316,8 @@ def _visible_runs(who: Reviewer) -> Any:
 
 def _row(session: Session, run: Run) -> RunRow:
     counts = run_counts(session=session, run_id=run.id, unsent=False)  # from the index alone
-    quality = run_quality(session=session, run_id=run.id)
+    live = run.status not in RUN_FINISHED  # cancelling and finalizing move on their own too
+    quality = quality_summary(session=session, run_id=run.id, live=live)
     total = max(run.total, counts.total)
     return RunRow(
         id=run.id,
@@ -335,7 +337,7 @@ def _row(session: Session, run: Run) -> RunRow:
         below_bar=dict(quality.get("below_bar_reasons") or {}),
         scored=int(quality.get("scored", 0)),
         labels=reviews.run_labels(session=session, run_id=run.id),
-        live=run.status not in RUN_FINISHED,  # cancelling and finalizing move on their own too
+        live=live,
     )
 
 

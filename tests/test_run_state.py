@@ -316,8 +316,39 @@ def test_a_cancelled_turn_says_nothing_of_an_earlier_attempts_error(quiet_model,
         assert cancel_turns(session=s, turn_ids=[one]) == [one]
     runs.cancel(submitted.name)
     with session_scope() as s:
-        rows = s.execute(select(Turn.status, Turn.error, Turn.error_code).where(Turn.id.in_([one, two]))).all()
+        rows = s.execute(
+            select(Turn.status, Turn.error, Turn.error_code).where(Turn.id.in_([one, two]))
+        ).all()
     assert [tuple(r) for r in rows] == [(TurnStatus.CANCELLED, None, None)] * 2
+
+
+def test_a_live_runs_quality_is_read_once_per_refresh_while_polled_a_finished_runs_afresh(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: `run status --watch` (every second) and the desk's live rows (every 2 s
+    each) read every answered turn's quality at each poll: a million-line run's turns in full."""
+    from services.runs import quality_summary
+
+    reads: list[uuid.UUID] = []
+    real = quality_summary.run_quality
+
+    def counted(**kwargs):  # type: ignore[no-untyped-def]
+        reads.append(kwargs["run_id"])
+        return real(**kwargs)
+
+    monkeypatch.setattr(quality_summary, "run_quality", counted)
+    submitted = submit_run(_file(tmp_path, 2), name="polled-" + tmp_path.name)
+    for _ in range(3):
+        assert run_state(submitted.name).quality == {"scored": 0}
+    assert len(reads) == 1
+    monkeypatch.setattr(quality_summary, "LIVE_REFRESH_S", 0.0)
+    run_state(submitted.name)
+    assert len(reads) == 2
+    runs.cancel(submitted.name)
+    monkeypatch.setattr(quality_summary, "LIVE_REFRESH_S", 3600.0)
+    run_state(submitted.name)
+    run_state(submitted.name)
+    assert len(reads) == 4  # finished: read afresh each time
 
 
 def test_a_run_whose_submission_failed_can_be_cancelled_with_its_stored_turns(

@@ -18,10 +18,10 @@ from db.runs import (
     find_run,
     reopen_failed,
     run_counts,
-    run_quality,
     submission_alive,
 )
 from db.session import session_scope
+from services.runs.quality_summary import quality_summary
 
 # A file name is at most 255 bytes on Linux and macOS; the longest suffix an export adds is 14
 # (".results.jsonl"). A run name holds 200 characters, which in Korean is 600 bytes.
@@ -78,7 +78,7 @@ def run_state(ref: str) -> RunState:
     with session_scope() as session:
         run = require_run(session, ref)
         counts = run_counts(session=session, run_id=run.id)
-        quality = run_quality(session=session, run_id=run.id)
+        quality = quality_summary(session=session, run_id=run.id, live=run.status not in RUN_FINISHED)
         interrupted = run.status == RunStatus.VALIDATING and not submission_alive(
             session=session, name=run.name
         )
