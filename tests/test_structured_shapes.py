@@ -443,9 +443,15 @@ def test_a_regex_reply_cut_by_max_tokens_or_a_stop_string_is_never_stored_as_don
     with pytest.raises(BadStructuredReply) as cut:  # max_tokens ended it inside the pattern
         read_reply(shape, Generation("555-12", 10, 6, "length"))
     assert cut.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT
-    # Found in review: a reply whose last token was both the pattern's last and the last one
-    # max_tokens allowed ("length") was failed as cut although it matches the whole pattern.
-    assert read_reply(shape, Generation("555-1234", 10, 8, "length")).text == "555-1234"
+    # Review: a reply max_tokens ended is cut even where it matches the whole pattern, since an
+    # open-ended pattern matches a sentence cut in the middle (only the grammar knows it had ended).
+    prose = shape_of(
+        PARAMS | {"response_format": {"type": "regex", "regex": r"[A-Za-z ,.']+"}}, _character(4, [])
+    )
+    assert prose is not None
+    with pytest.raises(BadStructuredReply) as mid_sentence:
+        read_reply(prose, Generation("Well, I suppose the road east is", 10, 8, "length"))
+    assert mid_sentence.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT
     with pytest.raises(BadStructuredReply) as stopped:  # a stop string ended it inside the pattern
         read_reply(shape, Generation("555-", 10, 4, "stop"))
     assert stopped.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY and "whole pattern" in str(

@@ -238,24 +238,20 @@ def _storable(value: Any) -> Any:
 
 def _read_regex(shape: ReplyShape, gen: Generation) -> Generation:
     """A regex reply, kept only if the whole text matches (max_tokens or a stop string can end it
-    part-way through the pattern, where the grammar has not finished). A reply that max_tokens ended
-    is cut only if it does not match: vLLM says "length" when the pattern's last token was also the
-    last one allowed."""
+    part-way through the pattern, where the grammar has not finished)."""
+    if gen.finish_reason == "length":
+        raise _bad(gen, "cut")
     pattern = _compiled(shape.pattern)
-    if pattern is None:  # the grammar alone checked it: a reply max_tokens ended may be part-way
-        if gen.finish_reason == "length":
-            raise _bad(gen, "cut")
-        return gen
     try:
         # A pattern that backtracks (`(a|aa)+!`) can take hours on a reply the grammar let through
         # and a stop string cut: the check gives up, and the turn fails alone.
-        matched = (
+        matched = pattern is None or (
             _within_time(lambda limit: pattern.fullmatch(gen.text, concurrent=True, timeout=limit))
             is not None
         )
     except TimeoutError:
         raise _bad(gen, _ran_out("the pattern")) from None
-    if not matched:  # as cut when max_tokens ended it (_bad)
+    if not matched:
         raise _bad(gen, f"the reply {gen.text[:80]!r} does not match the whole pattern")
     return gen
 
