@@ -73,9 +73,11 @@ def start_group(
         go_on = f"the same request again under its Idempotency-Key, or {go_on},"
     go_on += " sends its next line"
     # the group is stored: a second POST would find it a group already
-    return _sent_view(spec.conversation, tenant, steps, again, stored="the group is stored", go_on=go_on) | {
-        "replayed": earlier is not None
-    }
+    keyed = idempotency_key is not None
+    view = _sent_view(
+        spec.conversation, tenant, steps, again, stored="the group is stored", go_on=go_on, keyed=keyed
+    )
+    return view | {"replayed": earlier is not None}
 
 
 def _create_group(
@@ -161,18 +163,28 @@ def continue_group(
         else f"POST /v1/scenes/{conversation}:continue again would ask for more lines still"
     )
     stored = f"{exchanges} more lines are asked for" if earlier is None else "nothing more is asked for"
-    return _sent_view(conversation, tenant, steps, again, stored=stored, go_on=go_on) | {
-        "replayed": earlier is not None
-    }
+    view = _sent_view(
+        conversation, tenant, steps, again, stored=stored, go_on=go_on, keyed=idempotency_key is not None
+    )
+    return view | {"replayed": earlier is not None}
 
 
 def _sent_view(
-    conversation: str, tenant: str, steps: list[NewStep], again: list[NewStep], *, stored: str, go_on: str
+    conversation: str,
+    tenant: str,
+    steps: list[NewStep],
+    again: list[NewStep],
+    *,
+    stored: str,
+    go_on: str,
+    keyed: bool,
 ) -> dict[str, Any]:
     """Send the committed steps (and those to send again) and read the group's view, with `sent`.
-    What the request stored is committed: a broker or a database that goes away now is a 503 that
-    says so (`stored`) and what to do (`go_on`), never the plain "try again" of a request that stored
-    nothing (a retry without a key would find the group a group already, or ask for its lines twice)."""
+    What the request stored is committed: a broker or a database that fails now is a 503 that says
+    so (`stored`) and what to do, never the plain "try again" of a request that stored nothing (a
+    retry without a key would find the group a group already, or ask for its lines twice). The
+    broker away: no line went, and `go_on` sends it. The database failing once the lines' messages
+    went (recording them sent, or reading the view): nothing is to be asked again, only read."""
     try:
         _send(steps)
         sent = steps + _send_again(again)
@@ -181,11 +193,13 @@ def _sent_view(
         raise EnqueueError(f"{exc}; {stored}: {go_on}") from None
     except DATABASE_OUTAGES:
         logger.warning(
-            "scene %r: the database went away after the request was stored", conversation, exc_info=True
+            "scene %r: the database failed after the request was stored", conversation, exc_info=True
         )
+        went = "; its next line was sent" if steps else ""
+        replay = "; the same request again under its Idempotency-Key answers with it" if keyed else ""
         raise EnqueueError(
-            f"the database went away once the request was stored ({stored}): GET "
-            f"/v1/scenes/{conversation} reads the group once it is back; {go_on}"
+            f"the database failed once the request was stored ({stored}{went}): GET "
+            f"/v1/scenes/{conversation} reads the group when it answers{replay}"
         ) from None
     return view | {"sent": [str(s.turn_id) for s in sent]}
 

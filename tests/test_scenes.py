@@ -1677,12 +1677,17 @@ def test_a_database_gone_after_a_group_is_stored_is_a_503_saying_it_is_stored(
     with pytest.raises(EnqueueError) as started:
         _group(conversation=conv, exchanges=1)
     assert str(started.value) == (
-        "the database went away once the request was stored (the group is stored): GET "
-        f"/v1/scenes/{conv} reads the group once it is back; "
-        f"POST /v1/scenes/{conv}:continue sends its next line"
+        "the database failed once the request was stored (the group is stored; its next line was "
+        f"sent): GET /v1/scenes/{conv} reads the group when it answers"
     )
-    with pytest.raises(EnqueueError, match=r"\(2 more lines are asked for\): GET /v1/scenes/"):
-        scene_service.continue_group(conv, 2)
+    with pytest.raises(EnqueueError) as continued:
+        scene_service.continue_group(conv, 2, idempotency_key=f"k-{conv}")
+    assert str(continued.value) == (
+        # its first line is still on its way: the lines asked for follow it, none sent now
+        "the database failed once the request was stored (2 more lines are asked for): GET "
+        f"/v1/scenes/{conv} reads the group when it answers; the same request again under its "
+        "Idempotency-Key answers with it"
+    )
     assert _conversation_scene_exists(conv)
 
 
