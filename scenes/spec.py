@@ -169,13 +169,16 @@ class SceneSpec(BaseModel):
     @model_validator(mode="after")
     def _two_voices(self) -> SceneSpec:
         # Nobody but its members speaks in a scene run: one voice would talk to itself.
-        voices = sum(not p.muted for p in self.participants) + (self.narrator is not None)
-        if voices < 2:
+        if self.voices() < 2:
             raise ValueError(
                 "participants: only one of them can speak (the others are muted) and there is no "
                 "narrator; a scene needs two voices"
             )
         return self
+
+    def voices(self) -> int:
+        """Who may speak: the participants not muted, and the narrator."""
+        return sum(not p.muted for p in self.participants) + (self.narrator is not None)
 
     def rule_list(self) -> list[Rule]:
         """The rules as the picker takes them."""
@@ -209,7 +212,14 @@ class GroupSpec(SceneSpec):
 
     @model_validator(mode="after")
     def _two_voices(self) -> GroupSpec:
-        return self  # the player is a group's other voice
+        # The player is a group's other voice, but the exchanges asked for now run with no player line
+        # between them.
+        if self.voices() < 2 and self.exchanges > 1:
+            raise ValueError(
+                "exchanges: only one participant can speak (the others are muted) and there is no "
+                "narrator; such a group runs at most 1 exchange without the player"
+            )
+        return self
 
     @field_validator("conversation")
     @classmethod

@@ -388,6 +388,12 @@ def test_a_scene_run_line_with_one_voice_is_refused_a_group_with_one_member_voic
         "elara",
         "luffy",
     ]
+    assert (
+        GroupSpec.model_validate({"participants": alone, "conversation": "g", "exchanges": 1}).exchanges == 1
+    )
+    # review: the exchanges a group runs now have no player line between them
+    with pytest.raises(ValueError, match="exchanges: only one participant can speak"):
+        GroupSpec.model_validate({"participants": alone, "conversation": "g", "exchanges": 3})
 
 
 def test_a_skipped_line_named_as_a_step_starts_no_conversation_and_its_followers_are_named(
