@@ -44,7 +44,8 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     def clean(text: str) -> str:
         return str(builder.format.escape(turn_clean(text), *REQUEST_SPEAKERS))
 
-    return Speakers(clean(char), clean(user), clean, builder.cleaner_label(clean))
+    label = builder.name_label(*REQUEST_SPEAKERS)
+    return Speakers(label(char), label(user), clean, label)
 
 
 def loaded_builder(*, generating: bool = False) -> Any | None:

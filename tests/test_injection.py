@@ -338,3 +338,41 @@ def test_a_memory_request_from_a_long_korean_history_fits_the_models_context(tok
     ids, rendered = memory_request(builder, system, body, 160)
     assert len(ids) <= 1024 - 160
     assert "로완" in rendered.text and body[:200] in rendered.text  # the instructions and the start kept
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"),
+    [("solar", "### System"), ("solar", "### Assistant"), ("eeve", "Assistant"), ("eeve", "Human")],
+)
+@pytest.mark.parametrize("field", ["player_name", "narrator_player_name", "narrator_card_name", "card_name"])
+def test_a_name_that_is_a_role_marker_without_its_colon_opens_no_turn_as_a_label(
+    tokenizer, fmt: str, name: str, field: str
+) -> None:
+    """Found in review: a speaker's name was escaped alone, and every format's marker ends in a colon,
+    so "### System" (SOLAR) or "Assistant" (EEVE) passed; the prompt then wrote "### System: ..." as
+    the label of each of that speaker's lines (a narrator turn's history, a card's example dialogue):
+    a turn of that role."""
+    builder = PromptBuilder(tokenizer, fmt, 4096)
+    plain_item, named_item = _turn(field, "Rowan" if "player" in field else "Elara"), _turn(field, name)
+    plain, named = builder.build(plain_item), builder.build(named_item)
+    assert _turns_opened(builder, fmt, named, named_item) == _turns_opened(builder, fmt, plain, plain_item)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "name"), [("solar", "### System"), ("eeve", "Assistant"), ("gpt_oss_text", "Memory")]
+)
+def test_a_player_named_as_a_memory_requests_marker_opens_no_turn_in_it(
+    tokenizer, fmt: str, name: str
+) -> None:
+    """Found in review: the memory jobs' dialogue labels each line with its speaker's name, escaped
+    without its colon: a player named "Memory" (the gpt_oss_text request's own speaker), "Assistant"
+    (EEVE) or "### System" (SOLAR) opened a turn of the request at each of their lines."""
+    builder = PromptBuilder(tokenizer, fmt, 4096)
+    markers = {"solar": r"### (?:System|User|Assistant)", "eeve": "(?:Human|Assistant|System)"}
+    marker = markers.get(fmt, "(?:Memory|User)")
+
+    def opened(text: str) -> int:
+        return len(regex.findall(rf"(?im)^[\s\p{{Cf}}]*{marker}\s*:", text))
+
+    plain, named = _memory_requests(builder, PLAIN, "Rowan"), _memory_requests(builder, PLAIN, name)
+    assert [opened(t) for t in named] == [opened(t) for t in plain]

@@ -133,6 +133,14 @@ def escape_bracket_markers(text: str) -> str:
     return _BRACKET_MARKER.sub(lambda m: m.group(1) + "[" + ZWSP, text)
 
 
+def escaped_label(escape: Callable[[str], str], name: str) -> str:
+    """A speaker's name as the label of a line (`{label}: ...`), escaped with the colon the prompt puts
+    after it: the formats' markers end in a colon, so the name alone ("### System", "Assistant",
+    "Memory") passed every escape and then opened a turn of that role. `escape` is a text's cleaning."""
+    escaped = escape(name + ":")
+    return escaped[:-1] if escaped.endswith(":") else escaped
+
+
 def escape_name_markers(text: str, names: Sequence[str]) -> str:
     """Break "Name:" at a line's start for these names: in text that is not theirs, it would read as
     their line (in a group, any member's or the player's, whatever the format)."""

@@ -25,6 +25,7 @@ from worker.prompt.formats import (
     escape_bracket_markers,
     escape_name_markers,
     escape_text_markers,
+    escaped_label,
 )
 from worker.prompt.layout import (
     Layout,
@@ -194,9 +195,17 @@ class PromptBuilder:
         escape, scrub = self.format.escape, self.sanitizer.scrub
         return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
-    def cleaner_label(self, clean: Any) -> Any:
-        """Another speaker's name as a label: folded onto one line, then cleaned like any text."""
-        return lambda name: clean(self.sanitizer.label(name, "Someone"))
+    def name_label(self, *request_speakers: str) -> Callable[[str], str]:
+        """A speaker's name as the label of its lines: folded onto one line, cleaned of special tokens
+        and bracketed markers, and escaped with the colon the label takes (every format's role
+        marker ends in one), against the format's markers and `request_speakers` (a memory
+        request's own); never against the other speakers' names, each of which labels its own."""
+        clean, escape = self.cleaner("", ""), self.format.escape
+
+        def cleaned(text: str) -> str:
+            return str(escape(clean(text), *request_speakers)) if request_speakers else str(clean(text))
+
+        return lambda name: escaped_label(cleaned, self.sanitizer.label(name, "Someone"))
 
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -232,7 +241,7 @@ class PromptBuilder:
         # The speakers' labels open lines of content ("Rowan: ...") in group and narrator turns: each
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
-        char, user = self.format.escape(char, "", ""), self.format.escape(user, "", "")
+        char, user = (escaped_label(lambda t: self.format.escape(t, "", ""), name) for name in (char, user))
         narrator = item.speaker == "narrator"
         narrated = narrator or (item.group is not None and item.group.narrator)
         if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
@@ -261,7 +270,7 @@ class PromptBuilder:
             text = "[Scene direction]\n" + clean(fill_macros(direction, char, user))
             persona = [*persona, ("direction", None, text)]
         group = item.group if not narrator else None
-        label = self.cleaner_label(clean)
+        label = self.name_label()
         # Members told apart by id: two may share a display name.
         others = (
             [label(n) for n, i in zip(group.names, group.ids, strict=True) if i != item.character.id]
