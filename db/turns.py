@@ -1235,9 +1235,13 @@ def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -
     if not turn_ids:
         return 0
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
+    # One array parameter, not a bind per id: a sweep re-sends up to 100,000 turns of a queue at once,
+    # past the 65,535 parameters a statement may carry, and its stamp failed after the messages went
+    # (each later sweep then found them lost again and sent them once more).
+    ids = bindparam("stamp_ids", list(turn_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
     free = (
         select(Turn.id)
-        .where(Turn.id.in_(list(turn_ids)), or_(Turn.status == TurnStatus.QUEUED, lapsed))
+        .where(Turn.id == any_(ids), or_(Turn.status == TurnStatus.QUEUED, lapsed))
         .order_by(Turn.id)
         .with_for_update(skip_locked=True)
         .scalar_subquery()

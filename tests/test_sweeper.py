@@ -412,3 +412,23 @@ def test_a_lost_player_turn_is_sent_again_behind_a_bulk_backlog(world, monkeypat
         with app.connection_for_write() as conn:
             for lane in ("live", "bulk"):
                 conn.default_channel.queue_purge(queue_for_model(model, lane))
+
+
+def test_a_sweeps_stamp_of_more_turns_than_a_statement_has_parameters_records_them_sent(world) -> None:
+    """Found in review: a sweep re-sends up to 100,000 turns of a queue and then stamps them sent in
+    one statement, a parameter per id; past 65,535 the stamp raised after the messages went, and every
+    later sweep found them lost again and sent them once more."""
+    from sqlalchemy import select
+
+    from db.models import Turn
+    from db.session import session_scope
+    from db.turns import mark_dispatched
+    from services.producer import submit_turns
+
+    stored = submit_turns([new_conversation() | {"message": f"Lost {i}."} for i in range(3)], send=False)
+    ids = [t.id for t in stored] + [uuid.uuid4() for _ in range(70_000)]  # the rest finished or gone
+    with session_scope() as s:
+        assert mark_dispatched(session=s, turn_ids=ids) == 3
+    with session_scope() as s:
+        sent = s.scalars(select(Turn.dispatched_at).where(Turn.id.in_([t.id for t in stored]))).all()
+    assert all(at is not None for at in sent)
