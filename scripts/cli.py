@@ -176,7 +176,7 @@ def sweep(
     """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died
     (safe any time)."""
     from memory.schedule import reschedule_stalled
-    from services.batches import housekeeping
+    from services.batches import HousekeepingIncomplete, housekeeping
     from services.sweeper import SweepIncomplete, close_abandoned_runs, resend_stranded
 
     # Each step on its own: one that fails (the broker away, say) leaves the others done.
@@ -188,6 +188,9 @@ def sweep(
         except SweepIncomplete as exc:
             failed.append(str(exc))
             return exc.sent
+        except HousekeepingIncomplete as exc:
+            failed.append(str(exc))
+            return exc.done
         except Exception as exc:
             failed.append(f"{name}: {_one_line(exc)}")
             return {}

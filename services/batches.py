@@ -802,17 +802,41 @@ def _orphan_sweep_due() -> bool:
     return True
 
 
+class HousekeepingIncomplete(RuntimeError):
+    """Some housekeeping steps raised; `done` has what every step did (nothing for those)."""
+
+    def __init__(self, message: str, done: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.done = done
+
+
 def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     """Expire what is due, finalize what is finished (runs of these models; None: all), queue lost
     callbacks, retry batch submissions and try again the callbacks that are due (the sweeper's, for
-    all models), delete expired files; safe to run anywhere, any time, concurrently."""
-    return {
-        "expired": expire_due_runs(models),
-        "finalized": finalize_runs(models=models),
-        "callbacks": redeliver_callbacks() if models is None else [],
-        "turn_callbacks": redeliver_turn_callbacks() if models is None else [],
-        "submissions": retry_batch_submissions() if models is None else [],
-        "files_deleted": delete_expired_files(),
-        "orphan_files_deleted": delete_orphan_files() if _orphan_sweep_due() else [],
-        "callback_retries": retry_callbacks() if models is None else [],
-    }
+    all models), delete expired files; safe to run anywhere, any time, concurrently. Each step on its
+    own: one that raises (a folder unreadable, a batch whose finalizing fails) leaves the others done,
+    and HousekeepingIncomplete names it once all have run (the callback retries came last, and any
+    step before them that raised kept them from ever running)."""
+    everywhere = models is None
+    steps: list[tuple[str, Callable[[], list[str]]]] = [
+        ("expired", lambda: expire_due_runs(models)),
+        ("finalized", lambda: finalize_runs(models=models)),
+        ("callbacks", redeliver_callbacks if everywhere else list),
+        ("turn_callbacks", redeliver_turn_callbacks if everywhere else list),
+        ("submissions", retry_batch_submissions if everywhere else list),
+        ("files_deleted", delete_expired_files),
+        ("orphan_files_deleted", lambda: delete_orphan_files() if _orphan_sweep_due() else []),
+        ("callback_retries", retry_callbacks if everywhere else list),
+    ]
+    done: dict[str, list[str]] = {}
+    failed: list[str] = []
+    for name, step in steps:
+        try:
+            done[name] = step()
+        except Exception as exc:
+            logger.warning("housekeeping: %s failed", name, exc_info=True)
+            done[name] = []
+            failed.append(f"{name}: {one_line(exc)}")
+    if failed:
+        raise HousekeepingIncomplete("housekeeping incomplete: " + "; ".join(failed), done)
+    return done

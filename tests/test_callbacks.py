@@ -1017,3 +1017,33 @@ def test_a_request_of_many_slow_callback_hosts_does_not_hold_up_another_requests
     finally:
         release.set()
         greedy.join(15)
+
+
+def test_a_housekeeping_step_that_raises_leaves_the_later_ones_done_and_is_named(world, monkeypatch) -> None:
+    """Found in review: housekeeping ran its steps in one expression, so any step that raised (a
+    finalizing that failed, an orphan sweep past a statement's parameters) kept the callback retries,
+    which come last, from ever running."""
+    from services import batches
+
+    tried: list[bool] = []
+
+    def finalizing_fails(**kwargs: object) -> list[str]:
+        raise OSError("the files folder is unreadable")
+
+    monkeypatch.setattr(batches, "finalize_runs", finalizing_fails)
+    monkeypatch.setattr(batches, "retry_callbacks", lambda: tried.append(True) or ["run-x"])
+    with pytest.raises(batches.HousekeepingIncomplete) as incomplete:
+        batches.housekeeping()
+    assert str(incomplete.value) == "housekeeping incomplete: finalized: the files folder is unreadable"
+    assert tried == [True] and incomplete.value.done["callback_retries"] == ["run-x"]
+    assert incomplete.value.done["finalized"] == []
+
+
+def test_the_orphan_sweep_reads_a_folder_of_more_files_than_a_statement_has_parameters(world) -> None:
+    """Found in review: the orphan sweep asked which of the folder's files have rows with a parameter
+    per file; past 65,535 files it failed at every pass."""
+    from db.files import recorded_ids
+
+    ids = [f"file-{uuid.uuid4().hex[:24]}" for _ in range(70_000)]
+    with session_scope() as s:
+        assert recorded_ids(session=s, file_ids=ids) == set()
