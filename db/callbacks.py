@@ -96,7 +96,7 @@ def hold_waiting(*, session: Session, of: Owner, row_id: uuid.UUID) -> float | N
 LOST_WINDOW_FLOOR_S = 3600.0
 
 
-def callbacks_due(
+def claim_lost_callbacks(
     *,
     session: Session,
     older_than_s: float,
@@ -109,7 +109,12 @@ def callbacks_due(
     and within `within_s` (the callbacks' retry window: a delivery that fails every time before its
     attempt is recorded, a bug in it, is not queued again at every pass for ever). Not a turn that
     failed unsent: its request was answered 503, and a retry of it revives it; nor one whose delivery
-    waits for a slot (hold_waiting: due later, claim_retries' then)."""
+    waits for a slot (hold_waiting: due later, claim_retries' then).
+
+    Each is claimed for the caller to queue: made due again RETRY_FIRST_S on, so a later pass (or
+    another sweeper) does not queue it once more while its message waits for a worker (each copy
+    would POST it, or start a burst of its own); the message's delivery records its attempt, and a
+    message lost again makes it claim_retries' once due. Rows another sweeper holds are skipped."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     # Counted from the cutoff, never narrower than LOST_WINDOW_FLOOR_S: a window of 0, "the burst
     # only", would otherwise match nothing (these callbacks never had their burst), and this runs in
@@ -130,7 +135,11 @@ def callbacks_due(
     )
     if of is Turn:
         query = query.where(Turn.error_code.is_distinct_from(TurnErrorCode.BROKER_UNREACHABLE.value))
-    return list(session.scalars(query.order_by(of.finished_at).limit(limit)).all())
+    lost = query.order_by(of.finished_at).limit(limit).with_for_update(skip_locked=True).scalar_subquery()
+    later = func.now() + func.make_interval(0, 0, 0, 0, 0, 0, RETRY_FIRST_S)
+    return list(
+        session.scalars(update(of).where(of.id.in_(lost)).values(callback_retry_at=later).returning(of.id))
+    )
 
 
 def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 100) -> list[uuid.UUID]:

@@ -411,7 +411,7 @@ class Turn(Base):
         ),
         # A run's turns in input order, a chunk at a time (exports, a batch's output, the desk).
         Index("ix_turns_run_id_number", "run_id", "number", postgresql_where="run_id IS NOT NULL"),
-        # Housekeeping's look for turn callbacks never attempted (db/callbacks.py callbacks_due).
+        # Housekeeping's look for turn callbacks never attempted (db/callbacks.py claim_lost_callbacks).
         Index(
             "ix_turns_callback_unattempted",
             "finished_at",

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
-from db.callbacks import callbacks_due, claim_retries
+from db.callbacks import claim_lost_callbacks, claim_retries
 from db.files import add_file, get_file, latest_rewrite, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
@@ -638,7 +638,7 @@ def send_callback(run_id: uuid.UUID) -> None:
 def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished runs that were never attempted (their message was lost)."""
     with session_scope() as session:
-        due = callbacks_due(
+        due = claim_lost_callbacks(
             session=session, older_than_s=older_than_s, within_s=settings.callback_retry_window_s
         )
     for run_id in due:
@@ -650,7 +650,7 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished turns that were never attempted (their message was lost, or
     the turn failed before a worker saw it)."""
     with session_scope() as session:
-        due = callbacks_due(
+        due = claim_lost_callbacks(
             session=session, older_than_s=older_than_s, of=Turn, within_s=settings.callback_retry_window_s
         )
     send_turn_callbacks(due)

@@ -424,7 +424,7 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     assert sent_back == [([run_id], 0, 1) for run_id in runs[slots:]]  # sent back, no try counted
     # Review of the slots: one that waited a minute marks its callback held, so housekeeping does not
     # take it for a lost message (never tried) and queue it again every minute while it waits.
-    from db.callbacks import callbacks_due
+    from db.callbacks import claim_lost_callbacks
 
     with session_scope() as s:
         ten_minutes_ago = func.now() - func.make_interval(0, 0, 0, 0, 0, 10)
@@ -434,7 +434,7 @@ def test_a_worker_delivers_at_most_its_callback_concurrency_at_once_and_sends_th
     deliver_batch_callback.apply(args=[waiting], kwargs={"waits": 5, "since": time.time() - 61})
     assert sent_back[-1] == ([waiting], 0, 6)
     with session_scope() as s:
-        due = callbacks_due(session=s, older_than_s=300, of=Run, limit=100_000)
+        due = claim_lost_callbacks(session=s, older_than_s=300, of=Run, limit=100_000)
         held_until = s.get_one(Run, uuid.UUID(waiting)).callback_retry_at
     assert uuid.UUID(waiting) not in due and uuid.UUID(runs[slots + 1]) in due
     assert held_until is not None
@@ -927,7 +927,7 @@ def test_a_receiver_that_trickles_forever_holds_a_delivery_no_longer_than_the_ca
 def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window(world) -> None:
     """Found in review: a delivery that failed every time before its attempt was recorded (a bug in
     it) left the callback "never attempted", and housekeeping queued it again at every pass for ever."""
-    from db.callbacks import GIVEN_UP, callbacks_due
+    from db.callbacks import GIVEN_UP, claim_lost_callbacks
     from services.producer import enqueue_turns
     from tests.conftest import new_conversation
 
@@ -946,7 +946,7 @@ def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window
                 )
             )
     with session_scope() as s:
-        due = callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=86_400)
+        due = claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=86_400)
     recent, old = turn_ids
     assert recent in due and old not in due
     # review: a window of 0 ("the burst only") matched nothing, and a lost callback never went out;
@@ -955,13 +955,19 @@ def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window
     for ago_s in (305, 359, 3000):
         with session_scope() as s:
             just = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, ago_s)
-            s.execute(update(Turn).where(Turn.id == recent).values(finished_at=just))
-            assert recent in callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0)
+            s.execute(update(Turn).where(Turn.id == recent).values(finished_at=just, callback_retry_at=None))
+            assert recent in claim_lost_callbacks(
+                session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0
+            )
     # review of that floor: one given up (its wait for a slot outlasted a short window) is not queued
     # again within the hour
     with session_scope() as s:
-        s.execute(update(Turn).where(Turn.id == recent).values(callback_error=GIVEN_UP))
-        assert recent not in callbacks_due(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0)
+        s.execute(
+            update(Turn).where(Turn.id == recent).values(callback_error=GIVEN_UP, callback_retry_at=None)
+        )
+        assert recent not in claim_lost_callbacks(
+            session=s, older_than_s=300, of=Turn, limit=100_000, within_s=0
+        )
 
 
 def test_lookups_a_slow_resolver_holds_never_pile_up_threads(monkeypatch) -> None:
@@ -1047,3 +1053,31 @@ def test_the_orphan_sweep_reads_a_folder_of_more_files_than_a_statement_has_para
     ids = [f"file-{uuid.uuid4().hex[:24]}" for _ in range(70_000)]
     with session_scope() as s:
         assert recorded_ids(session=s, file_ids=ids) == set()
+
+
+def test_a_lost_callback_is_queued_once_not_at_every_sweep_while_its_message_waits(world) -> None:
+    """Found in review: the look for callbacks never attempted only read, so each `mlchat sweep` pass
+    (a minute apart in compose) queued one more message for a callback whose message waited for a
+    worker (workers restarting, say); each copy then POSTed it, or started a burst of its own. Claimed
+    once, it is due again later: a message lost once more makes it a retry then."""
+    from db.callbacks import RETRY_FIRST_S, claim_lost_callbacks
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.FAILED,
+                callback_url="https://receiver.example/hook",
+                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
+            )
+        )
+    with session_scope() as s:
+        assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
+    with session_scope() as s:
+        assert turn_id not in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
+    due_in = _due_in_s(Turn, turn_id)
+    assert due_in is not None and RETRY_FIRST_S - 60 < due_in <= RETRY_FIRST_S

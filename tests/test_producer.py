@@ -726,7 +726,7 @@ def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answ
     """Found in review: housekeeping POSTed a "failed" callback for a turn the broker never got (its
     request was answered 503), and marked it delivered; a retry that revived it then never called
     back with the answer, since a delivered callback is never sent again."""
-    from db.callbacks import callbacks_due, record_attempt
+    from db.callbacks import claim_lost_callbacks, record_attempt
     from db.models import TurnErrorCode
     from db.turns import fail_unsent, revive_unsent
     from services.producer import submit_turns
@@ -738,7 +738,7 @@ def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answ
         )
         assert fail_unsent(session=session, turn_ids=[turn.id], reason="the broker was away") == [turn.id]
     with session_scope() as session:
-        assert turn.id not in callbacks_due(session=session, older_than_s=0, of=Turn, limit=100_000)
+        assert turn.id not in claim_lost_callbacks(session=session, older_than_s=0, of=Turn, limit=100_000)
         # A failure's callback sent before this rule (or by a worker that saw the failure) ...
         record_attempt(session=session, of=Turn, row_id=turn.id, error=None)
     with session_scope() as session:

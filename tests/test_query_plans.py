@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import event, text
 
-from db.callbacks import callbacks_due
+from db.callbacks import claim_lost_callbacks
 from db.models import Turn
 from db.runs import iter_run_turns
 from db.session import get_engine, session_scope
@@ -104,7 +104,7 @@ def test_a_runs_turns_are_paged_through_their_own_index(world) -> None:
 
 def test_housekeepings_look_for_turn_callbacks_never_tried_reads_only_those(world) -> None:
     with _sent(lambda s: "callback_attempts" in s) as seen, session_scope() as session:
-        callbacks_due(session=session, older_than_s=300, of=Turn)
+        claim_lost_callbacks(session=session, older_than_s=300, of=Turn)
     assert seen
     for statement, parameters in seen:
         assert "ix_turns_callback_unattempted" in _generic_plan(statement, parameters)
