@@ -125,13 +125,22 @@ def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> 
     from memory.generate import request_ids
 
     budget = builder.max_model_len - EXTRACT_MAX_TOKENS
-    keep = len(lines)
-    while keep > 1:
-        system, body = extract_prompt([_line(r) for r in lines[:keep]], who)
-        if len(request_ids(builder, system, body)[0]) <= budget:
-            break
-        keep -= 1
-    return list(lines[:keep])
+
+    def fits(count: int) -> bool:
+        return len(request_ids(builder, *extract_prompt([_line(r) for r in lines[:count]], who))[0]) <= budget
+
+    if fits(len(lines)):
+        return list(lines)
+    # The most that fit lie in [low, high]: found by halving (one line at a time, 24 long lines meant
+    # 23 renderings and tokenizations of the whole request per step), at least one line kept.
+    low, high = 1, len(lines) - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return list(lines[:low])
 
 
 def parse_facts(raw: str) -> list[ExtractedFact] | None:

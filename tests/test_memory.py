@@ -1059,10 +1059,20 @@ def test_fact_extraction_reads_only_the_lines_its_request_holds_and_records_thos
         ]
         return json.dumps({"facts": [{"subject": "Rowan", "kind": "player", "text": told, "importance": 5}]})
 
+    rendered: list[int] = []
+    real_prompt = extract.extract_prompt
+
+    def counted_prompt(lines, who):  # type: ignore[no-untyped-def]
+        rendered.append(len(lines))
+        return real_prompt(lines, who)
+
+    monkeypatch.setattr(extract, "extract_prompt", counted_prompt)
     first = extract.run_extract_job(conv_id, generate=answer)
     with session_scope() as s:
         read = extracted_through(session=s, conversation_id=conv_id)
     assert 1 <= first["lines"] == read < 24  # fewer than 24 fit, and those are the lines recorded
+    # review: the lines that fit are found by halving, not one line at a time (18 renderings here)
+    assert len(rendered) <= 8 and read + 1 in rendered  # the most that fit: one more did not
     system, body = asked[0]
     assert len(request_ids(builder, system, body)[0]) <= 2048 - extract.EXTRACT_MAX_TOKENS
     assert body.count("\n") + 1 == read  # every line read is in the request, whole
