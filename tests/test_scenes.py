@@ -167,6 +167,46 @@ def _scene_prompt(tokenizer, other_name: str, regard: dict[int, int] | None = No
     return builder, builder.build(item)
 
 
+def test_a_groups_history_is_packed_on_its_cost_with_the_speakers_labels(tokenizer, monkeypatch) -> None:
+    """Found in review: a group's history lines were costed without the labels the prompt puts before
+    them ("Rowan: ..."); with a long player name the estimate fell short by thousands of tokens, and
+    the prompt was rendered and tokenized again once per item dropped to make up for it."""
+    from db.retrieval import EventHit
+
+    ann, bram, cass = _character(1, "Ann"), _character(2, "Bram"), _character(3, "Cass")
+    player = "로완" * 100  # a long name, a few hundred tokens
+    recent = []
+    for seq in range(1, 13):
+        if seq % 2:
+            recent.append(HistoryLine(seq, "user", f"Line {seq}: the gate, again.", seq))
+        else:
+            recent.append(HistoryLine(seq, "assistant", f"Reply {seq}.", seq, None, 2, "Bram"))
+    events = [
+        EventHit(100 + i, "Gate", f"Event {i}: the guard changed at dusk.", i, 0.9 - i / 100)
+        for i in range(6)
+    ]
+    item = PromptInput(
+        ann,
+        player,
+        "",
+        TurnContext(recent=recent, events=events),
+        32,
+        group=GroupView("Night at the city gate.", (ann.name, bram.name, cass.name), (1, 2, 3)),
+    )
+    builder = PromptBuilder(tokenizer, "chat_template", 2048)
+    renders: list[int] = []
+    real = builder._render_kept
+
+    def counted(layout, ordered, kept):  # type: ignore[no-untyped-def]
+        renders.append(len(kept))
+        return real(layout, ordered, kept)
+
+    monkeypatch.setattr(builder, "_render_kept", counted)
+    built = builder.build(item)
+    assert len(built.token_ids) <= 2048 - 32
+    assert len(renders) <= 2  # the estimate held: at most one render past the first
+
+
 def test_a_three_character_prompt_puts_each_line_under_its_speaker(tokenizer) -> None:
     _, built = _scene_prompt(tokenizer, "Bram")
     text = built.text

@@ -326,18 +326,6 @@ class PromptBuilder:
             + [("memory", x) for x in ctx.similar[2:]]
             + [("fact", x) for x in ctx.facts[2:]]
         )
-        texts = [
-            event_line(x, clean)
-            if kind == "event"
-            else memory_line(x, char, user, clean)
-            if kind == "memory"
-            else summary_line(x, clean)
-            if kind == "summary"
-            else fact_line(x, user, clean)
-            if kind == "fact"
-            else clean(x.content)
-            for kind, x in ordered
-        ]
         group_fields: dict[str, Any] = dict(
             group=group is not None,
             speaker_id=item.character.id,
@@ -347,6 +335,19 @@ class PromptBuilder:
         if item.group is None:  # a group's message is cleaned already (a member's under the player's name)
             message = clean(message)
         layout = Layout(persona, state, message, post, char, user, narrator, clean, **group_fields)
+        texts = [
+            event_line(x, clean)
+            if kind == "event"
+            else memory_line(x, char, user, clean)
+            if kind == "memory"
+            else summary_line(x, clean)
+            if kind == "summary"
+            else fact_line(x, user, clean)
+            if kind == "fact"
+            # as the prompt holds it: in a group or a narrator turn, under its speaker's label
+            else history_message(layout, x)[1]
+            for kind, x in ordered
+        ]
         costs = self._count(texts)
         # Most prompts fit whole: every item the memory cap leaves, rendered once, still leaves room
         # for each item's estimated cost. The persona-and-message prompt is a part of that one (its
