@@ -50,6 +50,11 @@ class Sanitizer:
             getattr(tokenizer, "get_added_vocab", dict)().keys()
         )
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
+        # One search for any of them: most texts hold none, and a tokenizer may have hundreds of
+        # special tokens (Llama 3 reserves 256), each otherwise looked for in every text cleaned.
+        self._any_special = (
+            regex.compile("|".join(regex.escape(s) for s in self._specials)) if self._specials else None
+        )
 
     @property
     def specials(self) -> list[str]:
@@ -58,6 +63,8 @@ class Sanitizer:
 
     def defang(self, text: str) -> str:
         """Break special-token strings so they tokenize as plain text."""
+        if self._any_special is None or not self._any_special.search(text):
+            return text
         for token in self._specials:
             if token in text:
                 text = text.replace(token, token[0] + ZWSP + token[1:])
