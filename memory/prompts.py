@@ -44,8 +44,8 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     def clean(text: str) -> str:
         return str(builder.format.escape(turn_clean(text), *REQUEST_SPEAKERS))
 
-    label = builder.name_label(*REQUEST_SPEAKERS)
-    return Speakers(label(char), label(user), clean, label)
+    char_label, user_label = (builder.as_label(clean(name), *REQUEST_SPEAKERS) for name in (char, user))
+    return Speakers(char_label, user_label, clean, builder.name_label(clean, *REQUEST_SPEAKERS))
 
 
 def loaded_builder(*, generating: bool = False) -> Any | None:

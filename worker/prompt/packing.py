@@ -195,17 +195,18 @@ class PromptBuilder:
         escape, scrub = self.format.escape, self.sanitizer.scrub
         return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
-    def name_label(self, *request_speakers: str) -> Callable[[str], str]:
-        """A speaker's name as the label of its lines: folded onto one line, cleaned of special tokens
-        and bracketed markers, and escaped with the colon the label takes (every format's role
-        marker ends in one), against the format's markers and `request_speakers` (a memory
-        request's own); never against the other speakers' names, each of which labels its own."""
-        clean, escape = self.cleaner("", ""), self.format.escape
+    def as_label(self, name: str, *request_speakers: str) -> str:
+        """A cleaned name as the label of its lines (`{label}: ...`): escaped with the colon the label
+        takes against the format's role markers and `request_speakers` (a memory request's own), every
+        one of which ends in a colon ("### System", "Assistant" alone passed any escape); never
+        against the speakers' own names, each of which labels its own lines."""
+        speakers = request_speakers or ("", "")
+        return escaped_label(lambda text: str(self.format.escape(text, *speakers)), name)
 
-        def cleaned(text: str) -> str:
-            return str(escape(clean(text), *request_speakers)) if request_speakers else str(clean(text))
-
-        return lambda name: escaped_label(cleaned, self.sanitizer.label(name, "Someone"))
+    def name_label(self, clean: Callable[[str], str], *request_speakers: str) -> Callable[[str], str]:
+        """Another speaker's name as a label: folded onto one line, cleaned like any text (`clean`: a
+        name holding another speaker's "Name:" opens no line as theirs), then as_label."""
+        return lambda name: self.as_label(clean(self.sanitizer.label(name, "Someone")), *request_speakers)
 
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
@@ -241,7 +242,7 @@ class PromptBuilder:
         # The speakers' labels open lines of content ("Rowan: ...") in group and narrator turns: each
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
-        char, user = (escaped_label(lambda t: self.format.escape(t, "", ""), name) for name in (char, user))
+        char, user = self.as_label(char), self.as_label(user)
         narrator = item.speaker == "narrator"
         narrated = narrator or (item.group is not None and item.group.narrator)
         if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
@@ -270,7 +271,7 @@ class PromptBuilder:
             text = "[Scene direction]\n" + clean(fill_macros(direction, char, user))
             persona = [*persona, ("direction", None, text)]
         group = item.group if not narrator else None
-        label = self.name_label()
+        label = self.name_label(clean)
         # Members told apart by id: two may share a display name.
         others = (
             [label(n) for n, i in zip(group.names, group.ids, strict=True) if i != item.character.id]
