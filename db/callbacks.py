@@ -142,6 +142,21 @@ def claim_lost_callbacks(
     )
 
 
+def release_lost_claims(*, session: Session, of: Owner, row_ids: Sequence[uuid.UUID]) -> None:
+    """Give back claim_lost_callbacks' claims of these callbacks (their message could not be queued):
+    never attempted, they are lost callbacks again for the next pass."""
+    session.execute(
+        update(of)
+        .where(
+            of.id.in_(list(row_ids)),
+            of.callback_attempts == 0,
+            of.callback_delivered_at.is_(None),
+            of.callback_retry_at.is_not(None),
+        )
+        .values(callback_retry_at=None)
+    )
+
+
 def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 100) -> list[uuid.UUID]:
     """Callbacks due again of finished runs (or turns: `of`) that finished within `window_s`: their
     due time is moved RETRY_FIRST_S on (so that another housekeeper does not take them too) and their

@@ -26,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
-from db.callbacks import claim_lost_callbacks, claim_retries
+from db.callbacks import claim_lost_callbacks, claim_retries, release_lost_claims
 from db.files import add_file, get_file, latest_rewrite, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
@@ -625,14 +625,17 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
     return name
 
 
-def send_callback(run_id: uuid.UUID) -> None:
-    """Queue the run's completion callback; if the broker is down, housekeeping queues it later."""
+def send_callback(run_id: uuid.UUID) -> bool:
+    """Queue the run's completion callback; whether it went (if the broker is down, housekeeping
+    queues it later)."""
     from tasks.callbacks import deliver_batch_callback
 
     try:
         deliver_batch_callback.delay(str(run_id))
+        return True
     except Exception:
         logger.warning("run %s: could not queue its callback; housekeeping will", run_id, exc_info=True)
+        return False
 
 
 def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
@@ -641,9 +644,9 @@ def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
         due = claim_lost_callbacks(
             session=session, older_than_s=older_than_s, within_s=settings.callback_retry_window_s
         )
-    for run_id in due:
-        send_callback(run_id)
-    return [str(r) for r in due]
+    unsent = [run_id for run_id in due if not send_callback(run_id)]
+    _unclaim(Run, unsent)
+    return [str(r) for r in due if r not in unsent]
 
 
 def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
@@ -653,8 +656,23 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
         due = claim_lost_callbacks(
             session=session, older_than_s=older_than_s, of=Turn, within_s=settings.callback_retry_window_s
         )
-    send_turn_callbacks(due)
-    return [str(t) for t in due]
+    unsent = send_turn_callbacks(due)
+    _unclaim(Turn, unsent)
+    return [str(t) for t in due if t not in unsent]
+
+
+def _unclaim(of: Any, unsent: list[uuid.UUID]) -> None:
+    """Give back the claims of lost callbacks whose message could not be queued (the broker still
+    away): the next pass takes them again, rather than the retries in a quarter of an hour, which
+    give up those past a short window never having sent them. The database away too: they wait for
+    the retries."""
+    if not unsent:
+        return
+    try:
+        with session_scope() as session:
+            release_lost_claims(session=session, of=of, row_ids=unsent)
+    except Exception:
+        logger.warning("could not give back the claims of %d lost callbacks", len(unsent), exc_info=True)
 
 
 def retry_callbacks() -> list[str]:

@@ -31,13 +31,17 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
     return send_once(url, body, tenant=tenant, delivery=str(turn_id), record=recorder(Turn, turn_id))
 
 
-def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> None:
-    """Queue the callbacks of finished turns that asked for one; a message lost to a broker outage
-    is queued again by housekeeping (services/batches.py redeliver_turn_callbacks)."""
+def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Queue the callbacks of finished turns that asked for one; those that could not be queued (a
+    message lost to a broker outage is queued again by housekeeping: services/batches.py
+    redeliver_turn_callbacks)."""
     from tasks.callbacks import deliver_turn_callback
 
+    unsent = []
     for turn_id in turn_ids:
         try:
             deliver_turn_callback.delay(str(turn_id))
         except Exception:
             logger.warning("turn %s: could not queue its callback", turn_id, exc_info=True)
+            unsent.append(turn_id)
+    return unsent

@@ -1081,3 +1081,35 @@ def test_a_lost_callback_is_queued_once_not_at_every_sweep_while_its_message_wai
         assert turn_id not in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
     due_in = _due_in_s(Turn, turn_id)
     assert due_in is not None and RETRY_FIRST_S - 60 < due_in <= RETRY_FIRST_S
+
+
+def test_a_lost_callback_that_cannot_be_queued_is_given_back_for_the_next_pass(world, monkeypatch) -> None:
+    """Review of the claim: a lost callback claimed with the broker still away was not queued, and
+    waited for the retries a quarter of an hour on, which give up one past a short retry window
+    never having sent it. Its claim is given back: the next pass takes it again."""
+    from db.callbacks import claim_lost_callbacks
+    from services import batches
+    from services.producer import enqueue_turns
+    from tasks.callbacks import deliver_turn_callback
+    from tests.conftest import new_conversation
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.FAILED,
+                callback_url="https://receiver.example/hook",
+                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
+            )
+        )
+
+    def broker_away(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("the broker is away")
+
+    monkeypatch.setattr(deliver_turn_callback, "delay", broker_away)
+    assert str(turn_id) not in batches.redeliver_turn_callbacks()
+    assert _due_in_s(Turn, turn_id) is None  # given back, not due in a quarter of an hour
+    with session_scope() as s:
+        assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)

@@ -56,7 +56,7 @@ class Housekeeper(threading.Thread):
         self.fingerprint = fingerprint()  # the weights this worker loaded at its start
 
     def run(self) -> None:
-        from services.batches import housekeeping
+        from services.batches import HousekeepingIncomplete, housekeeping
 
         while not self.stopped.wait(self.interval_s):
             if not still_in_vector_space(fingerprint=self.fingerprint):
@@ -65,6 +65,8 @@ class Housekeeper(threading.Thread):
                 done = housekeeping(self.models)
                 if done["expired"] or done["finalized"]:
                     logger.info("housekeeping: %s", done)
+            except HousekeepingIncomplete as exc:  # each failed step logged its traceback already
+                logger.warning("%s; trying again in %.0f s (done: %s)", exc, self.interval_s, exc.done)
             except Exception:
                 logger.exception("housekeeping failed; trying again in %.0f s", self.interval_s)
 
