@@ -587,6 +587,19 @@ def extend_scene(
             f"status: the scene is {scene.status} ({scene.ended_reason}); its step was inside the engine "
             "at each of its deaths and is not sent again"
         )
+    voices = (scene.narrator is not None) + (
+        session.scalar(
+            select(func.count()).where(
+                ConversationMember.conversation_id == conversation_id, ~ConversationMember.muted
+            )
+        )
+        or 0
+    )
+    if voices == 1 and exchanges > 1:  # lines with no player line between them: it would talk to itself
+        raise SceneClosed(
+            "exchanges: only one member of the group may speak (the others are muted) and there is no "
+            "narrator; ask for 1 exchange at a time"
+        )
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
     )

@@ -185,9 +185,10 @@ def _sent_view(
     retry without a key would find the group a group already, or ask for its lines twice). The
     broker away: no line went, and `go_on` sends it. The database failing once the lines' messages
     went (recording them sent, or reading the view): nothing is to be asked again, only read."""
+    went: list[uuid.UUID] = []  # the lines whose messages went, recorded sent or not
     try:
-        _send(steps)
-        sent = steps + _send_again(again)
+        _send(steps, went)
+        sent = steps + _send_again(again, went)
         view = scene_view(conversation, tenant=tenant, tail=True)
     except EnqueueError as exc:
         raise EnqueueError(f"{exc}; {stored}: {go_on}") from None
@@ -195,10 +196,12 @@ def _sent_view(
         logger.warning(
             "scene %r: the database failed after the request was stored", conversation, exc_info=True
         )
-        went = "; its next line was sent" if steps else ""
+        # Said only of what went: the broker away and then the database failing the steps' failure
+        # sent nothing (the sweeper or a replay sends them).
+        went_too = "; its next line was sent" if went else ""
         replay = "; the same request again under its Idempotency-Key answers with it" if keyed else ""
         raise EnqueueError(
-            f"the database failed once the request was stored ({stored}{went}): GET "
+            f"the database failed once the request was stored ({stored}{went_too}): GET "
             f"/v1/scenes/{conversation} reads the group when it answers{replay}"
         ) from None
     return view | {"sent": [str(s.turn_id) for s in sent]}
@@ -250,12 +253,15 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
     return int(conv_id)
 
 
-def _send_again(steps: list[NewStep]) -> list[NewStep]:
+def _send_again(steps: list[NewStep], went_ids: list[uuid.UUID] | None = None) -> list[NewStep]:
     """Send queued steps never recorded sent once more (producer.resend: the broker away fails
-    nothing, the worker that created a step may be sending it now); those that went, recorded sent."""
+    nothing, the worker that created a step may be sending it now); those that went, recorded sent
+    (and added to `went_ids` before that record)."""
     went: set[uuid.UUID] = set()
     for lane, fresh in _by_lane(steps).items():
         went.update(resend(fresh, lane=lane))  # type: ignore[arg-type]
+    if went_ids is not None:
+        went_ids += sorted(went)
     if went:
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=list(went))
@@ -270,11 +276,14 @@ def _by_lane(steps: list[NewStep]) -> dict[str, dict[str, list[uuid.UUID]]]:
     return by_lane
 
 
-def _send(steps: list[NewStep]) -> None:
-    """Send the committed steps on their lane and record them sent; the broker unreachable: the
-    steps are failed (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
+def _send(steps: list[NewStep], went: list[uuid.UUID] | None = None) -> None:
+    """Send the committed steps on their lane and record them sent (each lane's ids added to `went`
+    once its messages went, before that record); the broker unreachable: the steps are failed
+    (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
     for lane, fresh in _by_lane(steps).items():
         send_new_turns(fresh, lane=lane)  # type: ignore[arg-type]
+        if went is not None:
+            went += [i for ids in fresh.values() for i in ids]
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])
 

@@ -207,6 +207,34 @@ def test_a_groups_history_is_packed_on_its_cost_with_the_speakers_labels(tokeniz
     assert len(renders) <= 2  # the estimate held: at most one render past the first
 
 
+def test_a_one_to_one_history_is_packed_on_its_cost_with_the_labels_a_format_writes(
+    tokenizer, monkeypatch
+) -> None:
+    """Review of the label costs: gpt_oss_text writes each line of a one-to-one chat under its
+    speaker's name too ("{player}: ..."), which the estimate left out."""
+    from db.retrieval import EventHit
+
+    ann = _character(1, "Ann")
+    recent = [
+        HistoryLine(seq, "user" if seq % 2 else "assistant", f"Line {seq}: the gate, again.", seq)
+        for seq in range(1, 13)
+    ]
+    events = [EventHit(100 + i, "Gate", f"Event {i}: the guard changed.", i, 0.9 - i / 100) for i in range(6)]
+    item = PromptInput(ann, "로완" * 100, "Any news?", TurnContext(recent=recent, events=events), 32)
+    builder = PromptBuilder(tokenizer, "gpt_oss_text", 2048)
+    renders: list[int] = []
+    real = builder._render_kept
+
+    def counted(layout, ordered, kept):  # type: ignore[no-untyped-def]
+        renders.append(len(kept))
+        return real(layout, ordered, kept)
+
+    monkeypatch.setattr(builder, "_render_kept", counted)
+    built = builder.build(item)
+    assert len(built.token_ids) <= 2048 - 32
+    assert len(renders) <= 2
+
+
 def test_a_three_character_prompt_puts_each_line_under_its_speaker(tokenizer) -> None:
     _, built = _scene_prompt(tokenizer, "Bram")
     text = built.text
@@ -434,6 +462,17 @@ def test_a_scene_run_line_with_one_voice_is_refused_a_group_with_one_member_voic
     # review: the exchanges a group runs now have no player line between them
     with pytest.raises(ValueError, match="exchanges: only one participant can speak"):
         GroupSpec.model_validate({"participants": alone, "conversation": "g", "exchanges": 3})
+
+
+def test_continue_of_a_group_of_one_voice_asks_for_one_exchange_at_a_time(world, steps_unconsumed) -> None:
+    """Review of the one-voice refusal: `:continue` asked a group whose one member may speak for
+    several lines with no player line between them, the member talking to itself."""
+    from services.scenes import SceneClosed, continue_group
+
+    conv = _group(participants=["luffy", {"character": "elara", "muted": True}])["conversation"]
+    with pytest.raises(SceneClosed, match="^exchanges: only one member of the group may speak"):
+        continue_group(conv, 3)
+    assert len(continue_group(conv, 1)["sent"]) == 1
 
 
 def test_a_skipped_line_named_as_a_step_starts_no_conversation_and_its_followers_are_named(
