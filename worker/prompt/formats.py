@@ -37,6 +37,9 @@ class PromptFormat:
 
     render: Renderer
     escape: Callable[[str, str, str], str]  # (text, character label, player label) -> text
+    # The renderer writes each line of dialogue under its speaker's label ("Elara: ..."), which the
+    # packer's estimate of a history line's cost then counts.
+    labels_lines: bool = False
 
 
 def _chat_template(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
@@ -155,6 +158,6 @@ FORMATS: dict[str, PromptFormat] = {
     "chat_template": PromptFormat(_chat_template, _no_text_markers),
     "solar": PromptFormat(_solar, _escape_solar),
     "eeve": PromptFormat(_eeve, _escape_eeve),
-    "gpt_oss_text": PromptFormat(_gpt_oss_text, _escape_gpt_oss),
+    "gpt_oss_text": PromptFormat(_gpt_oss_text, _escape_gpt_oss, labels_lines=True),
 }
 RENDERERS: dict[str, Renderer] = {name: fmt.render for name, fmt in FORMATS.items()}

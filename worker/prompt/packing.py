@@ -208,6 +208,14 @@ class PromptBuilder:
         name holding another speaker's "Name:" opens no line as theirs), then as_label."""
         return lambda name: self.as_label(clean(self.sanitizer.label(name, "Someone")), *request_speakers)
 
+    def _history_cost_text(self, layout: Layout, line: Any) -> str:
+        """A history line as the prompt holds it, to be counted: under the label a group or narrator
+        turn gives it, or the one a format that labels each line writes (gpt_oss_text)."""
+        role, content = history_message(layout, line)
+        if self.format.labels_lines and not (layout.group or layout.narrator):
+            return f"{layout.char if role == 'assistant' else layout.user}: {content}"
+        return content
+
     def _count(self, texts: list[str]) -> list[int]:
         if not texts:
             return []
@@ -346,7 +354,7 @@ class PromptBuilder:
             else fact_line(x, user, clean)
             if kind == "fact"
             # as the prompt holds it: in a group or a narrator turn, under its speaker's label
-            else history_message(layout, x)[1]
+            else self._history_cost_text(layout, x)
             for kind, x in ordered
         ]
         costs = self._count(texts)
