@@ -295,7 +295,7 @@ def import_history(
             _refuse_a_scene(session, known[conversation][0], conversation)
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
-                return known[conversation][0], 1, 0
+                return _memory_scheduled(known[conversation][0], 1, 0)
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])
@@ -314,12 +314,18 @@ def import_history(
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         _refuse_a_scene(session, conv_id, conversation)  # under the lock: a group made meanwhile is seen
         if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
-            return conv_id, 1, 0
+            return _memory_scheduled(conv_id, 1, 0)
         first, last = append_lines(
             session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
         )
-    # The log's memory (summaries, facts) is built now on the bulk lane, not when the player next
-    # speaks: that turn would be answered without it.
+    return _memory_scheduled(conv_id, first, last)
+
+
+def _memory_scheduled(conv_id: int, first: int, last: int) -> tuple[int, int, int]:
+    """The import's answer, once the conversation's due memory jobs (summaries, facts) are sent to
+    the bulk lane: built now, not when the player next speaks (that turn would be answered without
+    them). A log imported again, held already, sends them too: its first import's send may have
+    failed (the broker away), and importing it again is what its operator does."""
     from memory.schedule import schedule_memory
 
     schedule_memory([conv_id])
