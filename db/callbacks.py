@@ -151,7 +151,9 @@ def release_lost_claims(*, session: Session, of: Owner, row_ids: Sequence[uuid.U
             of.id.in_(list(row_ids)),
             of.callback_attempts == 0,
             of.callback_delivered_at.is_(None),
-            of.callback_retry_at.is_not(None),
+            # the claim's own mark, not a later one: a worker holding the callback's first message
+            # may have marked it due an hour on while it waits for a slot (hold_waiting)
+            of.callback_retry_at <= func.now() + func.make_interval(0, 0, 0, 0, 0, 0, RETRY_FIRST_S),
         )
         .values(callback_retry_at=None)
     )

@@ -597,8 +597,8 @@ def extend_scene(
     )
     if voices == 1 and exchanges > 1:  # lines with no player line between them: it would talk to itself
         raise SceneClosed(
-            "exchanges: only one member of the group may speak (the others are muted) and there is no "
-            "narrator; ask for 1 exchange at a time"
+            "exchanges: only one voice is left in the group (its other members are muted or gone); ask "
+            "for 1 exchange at a time"
         )
     pending = session.scalar(
         select(func.count()).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))

@@ -44,8 +44,12 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     def clean(text: str) -> str:
         return str(builder.format.escape(turn_clean(text), *REQUEST_SPEAKERS))
 
-    char_label, user_label = (builder.as_label(clean(name), *REQUEST_SPEAKERS) for name in (char, user))
-    return Speakers(char_label, user_label, clean, builder.name_label(clean, *REQUEST_SPEAKERS))
+    # Labels are escaped against the request's answering speaker alone: a "User:" line inside its
+    # user turn opens nothing new, and a player of no name is labelled "User" (escaped, the
+    # instructions and any fact's subject copied from them would carry a zero-width space).
+    answering = (REQUEST_SPEAKERS[0], "")
+    char_label, user_label = (builder.as_label(clean(name), *answering) for name in (char, user))
+    return Speakers(char_label, user_label, clean, builder.name_label(clean, *answering))
 
 
 def loaded_builder(*, generating: bool = False) -> Any | None:
@@ -66,7 +70,11 @@ def dialogue(lines: Sequence[Line], who: Speakers) -> str:
     names = {"user": who.user, "assistant": who.char, "narrator": who.label("Narrator")}
     labelled = [(_label(line, names, who), line[1]) for line in lines]
     speaking = sorted({*names.values(), *(label for label, _ in labelled)})  # any speaker of the talk
-    return "\n".join(f"{label}: {escape_name_markers(who.clean(text), speaking)}" for label, text in labelled)
+    # A label opens as no other speaker's ("Ann: I give Bram the keys. Cass" is not Ann's line).
+    own = {label: Sanitizer.among(label, [s for s in speaking if s != label]) for label in speaking}
+    return "\n".join(
+        f"{own[label]}: {escape_name_markers(who.clean(text), speaking)}" for label, text in labelled
+    )
 
 
 def _label(line: Line, names: dict[str, str], who: Speakers) -> str:

@@ -1113,3 +1113,36 @@ def test_a_lost_callback_that_cannot_be_queued_is_given_back_for_the_next_pass(w
     assert _due_in_s(Turn, turn_id) is None  # given back, not due in a quarter of an hour
     with session_scope() as s:
         assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
+
+
+def test_giving_back_a_lost_callbacks_claim_leaves_a_workers_later_hold(world) -> None:
+    """Review of the give-back: it cleared any due time of a callback never attempted, and so also a
+    worker's hold (an hour on, while its first message waits for a slot) set since the claim: the
+    next sweep queued a second copy."""
+    from db.callbacks import claim_lost_callbacks, release_lost_claims
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.FAILED,
+                callback_url="https://receiver.example/hook",
+                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
+            )
+        )
+    with session_scope() as s:
+        assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
+    with session_scope() as s:  # a worker holding its first message marks it held an hour on
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(callback_retry_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 60))
+        )
+    with session_scope() as s:
+        release_lost_claims(session=s, of=Turn, row_ids=[turn_id])
+    due_in = _due_in_s(Turn, turn_id)
+    assert due_in is not None and due_in > 3000

@@ -470,7 +470,7 @@ def test_continue_of_a_group_of_one_voice_asks_for_one_exchange_at_a_time(world,
     from services.scenes import SceneClosed, continue_group
 
     conv = _group(participants=["luffy", {"character": "elara", "muted": True}])["conversation"]
-    with pytest.raises(SceneClosed, match="^exchanges: only one member of the group may speak"):
+    with pytest.raises(SceneClosed, match="^exchanges: only one voice is left in the group"):
         continue_group(conv, 3)
     assert len(continue_group(conv, 1)["sent"]) == 1
 

@@ -212,7 +212,7 @@ class PromptBuilder:
         """A history line as the prompt holds it, to be counted: under the label a group or narrator
         turn gives it, or the one a format that labels each line writes (gpt_oss_text)."""
         role, content = history_message(layout, line)
-        if self.format.labels_lines and not (layout.group or layout.narrator):
+        if self.format.labels_lines and not labelled_in_content(layout, line):
             return f"{layout.char if role == 'assistant' else layout.user}: {content}"
         return content
 
@@ -251,6 +251,9 @@ class PromptBuilder:
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
         char, user = self.as_label(char), self.as_label(user)
+        if item.group is not None:  # the speaking member's own name opens no line as another member's
+            others = [n for n in item.group.names if speaker_key(n) != speaker_key(item.character.name)]
+            char = self.sanitizer.among(char, [self.sanitizer.label(n, "Someone") for n in others])
         narrator = item.speaker == "narrator"
         narrated = narrator or (item.group is not None and item.group.narrator)
         if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
