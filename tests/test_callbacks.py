@@ -928,23 +928,8 @@ def test_a_callback_never_attempted_is_queued_again_only_within_the_retry_window
     """Found in review: a delivery that failed every time before its attempt was recorded (a bug in
     it) left the callback "never attempted", and housekeeping queued it again at every pass for ever."""
     from db.callbacks import GIVEN_UP, claim_lost_callbacks
-    from services.producer import enqueue_turns
-    from tests.conftest import new_conversation
 
-    turn_ids = enqueue_turns(
-        [new_conversation() | {"message": f"Call me back {i}."} for i in range(2)], send=False
-    )
-    with session_scope() as s:
-        for turn_id, ago in zip(turn_ids, (10, 3 * 24 * 60), strict=True):  # minutes
-            s.execute(
-                update(Turn)
-                .where(Turn.id == turn_id)
-                .values(
-                    status=TurnStatus.FAILED,
-                    callback_url="https://receiver.example/hook",
-                    finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, ago),
-                )
-            )
+    turn_ids = _turns_with_lost_callbacks(10, 3 * 24 * 60)
     with session_scope() as s:
         due = claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000, within_s=86_400)
     recent, old = turn_ids
@@ -1061,20 +1046,8 @@ def test_a_lost_callback_is_queued_once_not_at_every_sweep_while_its_message_wai
     worker (workers restarting, say); each copy then POSTed it, or started a burst of its own. Claimed
     once, it is due again later: a message lost once more makes it a retry then."""
     from db.callbacks import RETRY_FIRST_S, claim_lost_callbacks
-    from services.producer import enqueue_turns
-    from tests.conftest import new_conversation
 
-    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
-    with session_scope() as s:
-        s.execute(
-            update(Turn)
-            .where(Turn.id == turn_id)
-            .values(
-                status=TurnStatus.FAILED,
-                callback_url="https://receiver.example/hook",
-                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
-            )
-        )
+    turn_id = _turn_with_a_lost_callback()
     with session_scope() as s:
         assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
     with session_scope() as s:
@@ -1089,21 +1062,9 @@ def test_a_lost_callback_that_cannot_be_queued_is_given_back_for_the_next_pass(w
     never having sent it. Its claim is given back: the next pass takes it again."""
     from db.callbacks import claim_lost_callbacks
     from services import batches
-    from services.producer import enqueue_turns
     from tasks.callbacks import deliver_turn_callback
-    from tests.conftest import new_conversation
 
-    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
-    with session_scope() as s:
-        s.execute(
-            update(Turn)
-            .where(Turn.id == turn_id)
-            .values(
-                status=TurnStatus.FAILED,
-                callback_url="https://receiver.example/hook",
-                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
-            )
-        )
+    turn_id = _turn_with_a_lost_callback()
 
     def broker_away(*args: object, **kwargs: object) -> None:
         raise ConnectionError("the broker is away")
@@ -1120,20 +1081,8 @@ def test_giving_back_a_lost_callbacks_claim_leaves_a_workers_later_hold(world) -
     worker's hold (an hour on, while its first message waits for a slot) set since the claim: the
     next sweep queued a second copy."""
     from db.callbacks import claim_lost_callbacks, release_lost_claims
-    from services.producer import enqueue_turns
-    from tests.conftest import new_conversation
 
-    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Call me back."}], send=False)
-    with session_scope() as s:
-        s.execute(
-            update(Turn)
-            .where(Turn.id == turn_id)
-            .values(
-                status=TurnStatus.FAILED,
-                callback_url="https://receiver.example/hook",
-                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
-            )
-        )
+    turn_id = _turn_with_a_lost_callback()
     with session_scope() as s:
         assert turn_id in claim_lost_callbacks(session=s, older_than_s=300, of=Turn, limit=100_000)
     with session_scope() as s:  # a worker holding its first message marks it held an hour on
@@ -1146,3 +1095,31 @@ def test_giving_back_a_lost_callbacks_claim_leaves_a_workers_later_hold(world) -
         release_lost_claims(session=s, of=Turn, row_ids=[turn_id])
     due_in = _due_in_s(Turn, turn_id)
     assert due_in is not None and due_in > 3000
+
+
+def _turn_with_a_lost_callback() -> uuid.UUID:
+    """A turn that failed ten minutes ago with a callback never attempted (its message lost)."""
+    (turn_id,) = _turns_with_lost_callbacks(10)
+    return turn_id
+
+
+def _turns_with_lost_callbacks(*minutes_ago: int) -> list[uuid.UUID]:
+    """Turns that failed these minutes ago, each with a callback never attempted (its message lost)."""
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    turn_ids = enqueue_turns(
+        [new_conversation() | {"message": f"Call me back {i}."} for i in range(len(minutes_ago))], send=False
+    )
+    with session_scope() as s:
+        for turn_id, ago in zip(turn_ids, minutes_ago, strict=True):
+            s.execute(
+                update(Turn)
+                .where(Turn.id == turn_id)
+                .values(
+                    status=TurnStatus.FAILED,
+                    callback_url="https://receiver.example/hook",
+                    finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, ago),
+                )
+            )
+    return turn_ids

@@ -194,14 +194,7 @@ def test_a_groups_history_is_packed_on_its_cost_with_the_speakers_labels(tokeniz
         group=GroupView("Night at the city gate.", (ann.name, bram.name, cass.name), (1, 2, 3)),
     )
     builder = PromptBuilder(tokenizer, "chat_template", 2048)
-    renders: list[int] = []
-    real = builder._render_kept
-
-    def counted(layout, ordered, kept):  # type: ignore[no-untyped-def]
-        renders.append(len(kept))
-        return real(layout, ordered, kept)
-
-    monkeypatch.setattr(builder, "_render_kept", counted)
+    renders = _counted_renders(builder, monkeypatch)
     built = builder.build(item)
     assert len(built.token_ids) <= 2048 - 32
     assert len(renders) <= 2  # the estimate held: at most one render past the first
@@ -222,6 +215,14 @@ def test_a_one_to_one_history_is_packed_on_its_cost_with_the_labels_a_format_wri
     events = [EventHit(100 + i, "Gate", f"Event {i}: the guard changed.", i, 0.9 - i / 100) for i in range(6)]
     item = PromptInput(ann, "로완" * 100, "Any news?", TurnContext(recent=recent, events=events), 32)
     builder = PromptBuilder(tokenizer, "gpt_oss_text", 2048)
+    renders = _counted_renders(builder, monkeypatch)
+    built = builder.build(item)
+    assert len(built.token_ids) <= 2048 - 32
+    assert len(renders) <= 2
+
+
+def _counted_renders(builder, monkeypatch) -> list[int]:  # type: ignore[no-untyped-def]
+    """The builder's renders of a prompt with its kept items, one entry (the items' count) each."""
     renders: list[int] = []
     real = builder._render_kept
 
@@ -230,9 +231,7 @@ def test_a_one_to_one_history_is_packed_on_its_cost_with_the_labels_a_format_wri
         return real(layout, ordered, kept)
 
     monkeypatch.setattr(builder, "_render_kept", counted)
-    built = builder.build(item)
-    assert len(built.token_ids) <= 2048 - 32
-    assert len(renders) <= 2
+    return renders
 
 
 def test_a_three_character_prompt_puts_each_line_under_its_speaker(tokenizer) -> None:
