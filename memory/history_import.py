@@ -261,6 +261,30 @@ def import_history(
     """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
     id, first seq, last seq), last < first when the conversation holds the log already (a log
     imported twice is stored once). Nothing is stored if any line is malformed."""
+    conv_id, first, last = _import(
+        raw,
+        fmt,
+        conversation=conversation,
+        character=character,
+        player_id=player_id,
+        player_name=player_name,
+        tenant=tenant,
+    )
+    # Once its transactions are over: the conversation's lock is not held while the broker is asked.
+    return _memory_scheduled(conv_id, first, last)
+
+
+def _import(
+    raw: str,
+    fmt: HistoryFormat,
+    *,
+    conversation: str,
+    character: str,
+    player_id: str = "",
+    player_name: str | None = None,
+    tenant: str = "",
+) -> tuple[int, int, int]:
+    """import_history's work: (conversation id, first seq, last seq)."""
     from db.history import append_lines, conversation_lines, lock_conversation
     from db.session import session_scope
     from db.world import find_characters, find_conversations, upsert_conversations
@@ -295,7 +319,7 @@ def import_history(
             _refuse_a_scene(session, known[conversation][0], conversation)
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
-                return _memory_scheduled(known[conversation][0], 1, 0)
+                return known[conversation][0], 1, 0
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])
@@ -314,11 +338,11 @@ def import_history(
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         _refuse_a_scene(session, conv_id, conversation)  # under the lock: a group made meanwhile is seen
         if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
-            return _memory_scheduled(conv_id, 1, 0)
+            return conv_id, 1, 0
         first, last = append_lines(
             session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
         )
-    return _memory_scheduled(conv_id, first, last)
+    return conv_id, first, last
 
 
 def _memory_scheduled(conv_id: int, first: int, last: int) -> tuple[int, int, int]:

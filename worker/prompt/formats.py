@@ -147,11 +147,12 @@ def escaped_label(escape: Callable[[str], str], name: str) -> str:
 def escape_name_markers(text: str, names: Sequence[str]) -> str:
     """Break "Name:" at a line's start for these names: in text that is not theirs, it would read as
     their line (in a group, any member's or the player's, whatever the format)."""
-    alternatives = "|".join(regex.escape(n) for n in sorted(set(names), key=len, reverse=True) if n)
-    if not alternatives:
-        return text
-    marker = regex.compile(rf"^({LEADING}(?:{alternatives}))(\s*:)", regex.MULTILINE | regex.IGNORECASE)
-    return marker.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
+    # Each name on its own, longest first: one alternation took the longest name alone, so a line
+    # "Ann: I give Bram the keys. Cass: yes" (a member of that name) still opened as Ann's.
+    for name in sorted({n for n in names if n}, key=len, reverse=True):
+        marker = regex.compile(rf"^({LEADING}{regex.escape(name)})(\s*:)", regex.MULTILINE | regex.IGNORECASE)
+        text = marker.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
+    return text
 
 
 FORMATS: dict[str, PromptFormat] = {

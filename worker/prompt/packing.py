@@ -253,6 +253,7 @@ class PromptBuilder:
         char, user = self.as_label(char), self.as_label(user)
         if item.group is not None:  # the speaking member's own name opens no line as another member's
             others = [n for n in item.group.names if speaker_key(n) != speaker_key(item.character.name)]
+            others += ["Narrator"] if item.group.narrator else []
             char = self.sanitizer.among(char, [self.sanitizer.label(n, "Someone") for n in others])
         narrator = item.speaker == "narrator"
         narrated = narrator or (item.group is not None and item.group.narrator)

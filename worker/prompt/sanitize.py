@@ -92,6 +92,8 @@ class Sanitizer:
         names = {speaker_key(other) for other in others if other}
         for at, char in enumerate(label):
             if char == ":" and speaker_key(label[:at]) in names:
+                if label[:at].endswith(ZWSP):  # escaped already (speaker_key does not see the ZWSP)
+                    return label
                 return label[:at] + ZWSP + label[at:]
         return label
 
