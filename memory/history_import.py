@@ -261,30 +261,6 @@ def import_history(
     """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
     id, first seq, last seq), last < first when the conversation holds the log already (a log
     imported twice is stored once). Nothing is stored if any line is malformed."""
-    conv_id, first, last = _import(
-        raw,
-        fmt,
-        conversation=conversation,
-        character=character,
-        player_id=player_id,
-        player_name=player_name,
-        tenant=tenant,
-    )
-    # Once its transactions are over: the conversation's lock is not held while the broker is asked.
-    return _memory_scheduled(conv_id, first, last)
-
-
-def _import(
-    raw: str,
-    fmt: HistoryFormat,
-    *,
-    conversation: str,
-    character: str,
-    player_id: str = "",
-    player_name: str | None = None,
-    tenant: str = "",
-) -> tuple[int, int, int]:
-    """import_history's work: (conversation id, first seq, last seq)."""
     from db.history import append_lines, conversation_lines, lock_conversation
     from db.session import session_scope
     from db.world import find_characters, find_conversations, upsert_conversations
@@ -306,6 +282,7 @@ def _import(
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
     parsed = parse_history(raw, fmt)
+    held_already: int | None = None
     # Refused or held already: nothing to embed (a long log takes the embedder minutes). Each is
     # checked again below, as the rows may change meanwhile.
     with session_scope() as session:
@@ -319,7 +296,11 @@ def _import(
             _refuse_a_scene(session, known[conversation][0], conversation)
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
-                return known[conversation][0], 1, 0
+                held_already = known[conversation][0]
+    # The memory jobs are sent once the transactions are over: the conversation's lock (below) is not
+    # held while the broker is asked.
+    if held_already is not None:
+        return _memory_scheduled(held_already, 1, 0)
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character])
@@ -337,12 +318,12 @@ def _import(
         _refuse_another_players(session, conv_id, conversation, player_id)
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         _refuse_a_scene(session, conv_id, conversation)  # under the lock: a group made meanwhile is seen
-        if already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
-            return conv_id, 1, 0
-        first, last = append_lines(
-            session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
-        )
-    return conv_id, first, last
+        first, last = 1, 0
+        if not already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
+            first, last = append_lines(
+                session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
+            )
+    return _memory_scheduled(conv_id, first, last)
 
 
 def _memory_scheduled(conv_id: int, first: int, last: int) -> tuple[int, int, int]:
