@@ -6,23 +6,12 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import (
-    String,
-    any_,
-    bindparam,
-    delete,
-    false,
-    func,
-    literal,
-    literal_column,
-    select,
-    tuple_,
-    update,
-)
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy import String, delete, false, func, literal, literal_column, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, FileTombstone, Run, StoredFile
+from db.params import any_of
 
 
 def add_file(
@@ -140,10 +129,9 @@ def get_file(*, session: Session, file_id: str) -> StoredFile | None:
 
 def recorded_ids(*, session: Session, file_ids: Sequence[str]) -> set[str]:
     """Those of these file ids that have a row."""
-    # One array parameter: a folder of more than 65,535 files (they need not expire) was past the
-    # parameters a statement may carry, and the orphan sweep failed at every pass.
-    ids = bindparam("file_ids", list(file_ids), type_=ARRAY(String))
-    return set(session.scalars(select(StoredFile.id).where(StoredFile.id == any_(ids))).all())
+    # A folder may hold more than 65,535 files (they need not expire): with a bind per id the orphan
+    # sweep failed at every pass.
+    return set(session.scalars(select(StoredFile.id).where(any_of(StoredFile.id, file_ids, String))).all())
 
 
 def _expired() -> Any:

@@ -33,7 +33,6 @@ from typing import Any
 from sqlalchemy import (
     Integer,
     and_,
-    any_,
     bindparam,
     case,
     exists,
@@ -46,8 +45,8 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, aliased, defer, lazyload
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -67,6 +66,7 @@ from db.models import (
     TurnErrorCode,
     TurnStatus,
 )
+from db.params import any_of
 from db.runs import CANCEL_CLEARS, EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
 from db.scenes import GroupView, group_views, run_stopped
 from db.turn_leases import claimable, lease_live
@@ -1172,12 +1172,16 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
     of the conversation's order: answered after that turn, with it in its history, never beside it (a
     claim waits only for the turns numbered before it), as a scene's requeued step is. One statement
     per turn, in their order: the ones of a conversation keep theirs."""
-    unsent = (Turn.status == TurnStatus.FAILED) & (Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value)
+
+    def failed_unsent(turn: Any) -> Any:
+        return (turn.status == TurnStatus.FAILED) & (
+            turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
+        )
+
+    unsent = failed_unsent(Turn)
     later = aliased(Turn)
     overtaken = exists().where(
-        later.conversation_id == Turn.conversation_id,
-        later.number > Turn.number,
-        ~((later.status == TurnStatus.FAILED) & (later.error_code == TurnErrorCode.BROKER_UNREACHABLE.value)),
+        later.conversation_id == Turn.conversation_id, later.number > Turn.number, ~failed_unsent(later)
     )
     ordered = session.scalars(
         select(Turn.id).where(Turn.id.in_(list(turn_ids)), unsent).order_by(Turn.number)
@@ -1235,13 +1239,13 @@ def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -
     if not turn_ids:
         return 0
     lapsed = and_(Turn.status == TurnStatus.RUNNING, _lapsed(Turn) <= func.now())
-    # One array parameter, not a bind per id: a sweep re-sends up to 100,000 turns of a queue at once,
-    # past the 65,535 parameters a statement may carry, and its stamp failed after the messages went
-    # (each later sweep then found them lost again and sent them once more).
-    ids = bindparam("stamp_ids", list(turn_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
+    # A sweep re-sends up to 100,000 turns of a queue at once: with a bind per id its stamp failed
+    # after the messages went (each later sweep then found them lost again and sent them once more).
     free = (
         select(Turn.id)
-        .where(Turn.id == any_(ids), or_(Turn.status == TurnStatus.QUEUED, lapsed))
+        .where(
+            any_of(Turn.id, turn_ids, PG_UUID(as_uuid=True)), or_(Turn.status == TurnStatus.QUEUED, lapsed)
+        )
         .order_by(Turn.id)
         .with_for_update(skip_locked=True)
         .scalar_subquery()
@@ -1280,8 +1284,9 @@ def get_turn(*, session: Session, turn_id: uuid.UUID, with_prompt: bool = True) 
 
 def finished_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> set[uuid.UUID]:
     """Which of these turns are finished (done, failed or cancelled): one light query for many readers."""
-    # One array parameter (`= ANY`), not one per id: the same statement text for any number of
-    # readers, so the driver prepares it once.
-    ids = bindparam("turn_ids", list(turn_ids), type_=ARRAY(PG_UUID(as_uuid=True)))
-    rows = session.execute(select(Turn.id).where(Turn.id == any_(ids), Turn.status.in_(TURN_FINISHED)))
+    rows = session.execute(
+        select(Turn.id).where(
+            any_of(Turn.id, turn_ids, PG_UUID(as_uuid=True)), Turn.status.in_(TURN_FINISHED)
+        )
+    )
     return set(rows.scalars())

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.prompt.formats import escape_name_markers
+from worker.prompt.formats import escape_name_markers, escaped_label
 from worker.prompt.sanitize import Sanitizer
 
 
@@ -48,7 +48,7 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     # user turn opens nothing new, and a player of no name is labelled "User" (escaped, the
     # instructions and any fact's subject copied from them would carry a zero-width space).
     answering = (REQUEST_SPEAKERS[0], "")
-    char_label, user_label = (builder.as_label(clean(name), *answering) for name in (char, user))
+    char_label, user_label = (escaped_label(builder.format, clean(name), *answering) for name in (char, user))
     return Speakers(char_label, user_label, clean, builder.name_label(clean, *answering))
 
 

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import partial
 from typing import Any
 
 from sqlalchemy import literal, select, tuple_
@@ -168,7 +167,7 @@ def prompt_text(
     names = [sanitizer.label(n, "Someone") for n in members]
     for prompt_format in FORMATS.values():
         # The speakers' labels as worker/prompt/packing.py makes them for this format.
-        char, user = (escaped_label(partial(_escape_alone, prompt_format), label) for label in labels)
+        char, user = (escaped_label(prompt_format, label) for label in labels)
         cleaned = prompt_format.escape(cleaned, char, user)
         if members:  # as packing escapes a group's lines
             cleaned = escape_name_markers(cleaned, [char, user, *names])
@@ -731,8 +730,3 @@ def review_record(who: Reviewer, turn_id: uuid.UUID) -> dict[str, Any]:
                 for c in reviews.review_changes(session=session, turn_id=turn_id)
             ],
         }
-
-
-def _escape_alone(prompt_format: Any, text: str) -> str:
-    """Text escaped by a format with no speakers' names (a label's own escape)."""
-    return str(prompt_format.escape(text, "", ""))

@@ -253,15 +253,14 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
     return int(conv_id)
 
 
-def _send_again(steps: list[NewStep], went_ids: list[uuid.UUID] | None = None) -> list[NewStep]:
+def _send_again(steps: list[NewStep], went_ids: list[uuid.UUID]) -> list[NewStep]:
     """Send queued steps never recorded sent once more (producer.resend: the broker away fails
     nothing, the worker that created a step may be sending it now); those that went, recorded sent
     (and added to `went_ids` before that record)."""
     went: set[uuid.UUID] = set()
     for lane, fresh in _by_lane(steps).items():
         went.update(resend(fresh, lane=lane))  # type: ignore[arg-type]
-    if went_ids is not None:
-        went_ids += sorted(went)
+    went_ids += sorted(went)
     if went:
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=list(went))
@@ -276,14 +275,13 @@ def _by_lane(steps: list[NewStep]) -> dict[str, dict[str, list[uuid.UUID]]]:
     return by_lane
 
 
-def _send(steps: list[NewStep], went: list[uuid.UUID] | None = None) -> None:
+def _send(steps: list[NewStep], went: list[uuid.UUID]) -> None:
     """Send the committed steps on their lane and record them sent (each lane's ids added to `went`
     once its messages went, before that record); the broker unreachable: the steps are failed
     (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
     for lane, fresh in _by_lane(steps).items():
         send_new_turns(fresh, lane=lane)  # type: ignore[arg-type]
-        if went is not None:
-            went += [i for ids in fresh.values() for i in ids]
+        went += [i for ids in fresh.values() for i in ids]
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])
 

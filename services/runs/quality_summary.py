@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from db.runs import run_quality
 
 LIVE_REFRESH_S = 15.0
-_MAX_RUNS = 1024  # runs kept; the least recently read goes first
+_MAX_RUNS = 1024  # runs kept; the one read longest ago goes first
 
 _read: dict[uuid.UUID, tuple[float, dict[str, Any]]] = {}  # run -> (read at, summary)
 _lock = threading.Lock()

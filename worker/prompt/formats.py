@@ -136,11 +136,13 @@ def escape_bracket_markers(text: str) -> str:
     return _BRACKET_MARKER.sub(lambda m: m.group(1) + "[" + ZWSP, text)
 
 
-def escaped_label(escape: Callable[[str], str], name: str) -> str:
-    """A speaker's name as the label of a line (`{label}: ...`), escaped with the colon the prompt puts
-    after it: the formats' markers end in a colon, so the name alone ("### System", "Assistant",
-    "Memory") passed every escape and then opened a turn of that role. `escape` is a text's cleaning."""
-    escaped = escape(name + ":")
+def escaped_label(fmt: PromptFormat, name: str, *speakers: str) -> str:
+    """A cleaned name as the label of a line (`{label}: ...`), escaped by the format with the colon
+    the prompt puts after it, against its role markers and `speakers` (a memory request's own): the
+    markers end in a colon, so the name alone ("### System", "Assistant", "Memory") passed every
+    escape and then opened a turn of that role. Never against the speakers' own names, each of
+    which labels its own lines."""
+    escaped = fmt.escape(name + ":", *(speakers or ("", "")))
     return escaped[:-1] if escaped.endswith(":") else escaped
 
 

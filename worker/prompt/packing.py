@@ -195,18 +195,12 @@ class PromptBuilder:
         escape, scrub = self.format.escape, self.sanitizer.scrub
         return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
-    def as_label(self, name: str, *request_speakers: str) -> str:
-        """A cleaned name as the label of its lines (`{label}: ...`): escaped with the colon the label
-        takes against the format's role markers and `request_speakers` (a memory request's own), every
-        one of which ends in a colon ("### System", "Assistant" alone passed any escape); never
-        against the speakers' own names, each of which labels its own lines."""
-        speakers = request_speakers or ("", "")
-        return escaped_label(lambda text: str(self.format.escape(text, *speakers)), name)
-
     def name_label(self, clean: Callable[[str], str], *request_speakers: str) -> Callable[[str], str]:
         """Another speaker's name as a label: folded onto one line, cleaned like any text (`clean`: a
-        name holding another speaker's "Name:" opens no line as theirs), then as_label."""
-        return lambda name: self.as_label(clean(self.sanitizer.label(name, "Someone")), *request_speakers)
+        name holding another speaker's "Name:" opens no line as theirs), then escaped_label."""
+        return lambda name: escaped_label(
+            self.format, clean(self.sanitizer.label(name, "Someone")), *request_speakers
+        )
 
     def _history_cost_text(self, layout: Layout, line: Any) -> str:
         """A history line as the prompt holds it, to be counted: under the label a group or narrator
@@ -250,7 +244,7 @@ class PromptBuilder:
         # The speakers' labels open lines of content ("Rowan: ...") in group and narrator turns: each
         # is escaped like any text, or a name like "### System: obey" would open a turn in SOLAR.
         char, user = self.sanitizer.speaker_labels(item.character.name, item.player_name)
-        char, user = self.as_label(char), self.as_label(user)
+        char, user = escaped_label(self.format, char), escaped_label(self.format, user)
         if item.group is not None:  # the speaking member's own name opens no line as another member's
             others = [n for n in item.group.names if speaker_key(n) != speaker_key(item.character.name)]
             others += ["Narrator"] if item.group.narrator else []
