@@ -43,12 +43,22 @@ def create_turn_in_known_conversation(
     named) in a single statement; its id, or None if nothing was written: no such conversation,
     another character's, a group conversation (its answering member is chosen on the full path), or
     the idempotency key is taken (create_turns then decides, with its checks).
-    `turn.conversation_id` is not read."""
+    `turn.conversation_id` is not read. For an autocommit connection (a conversation erased
+    meanwhile is then no error)."""
     sql, fixed, json_fields = _insert_in_known_conversation(connection.dialect, character is not None)
     values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id}
     if character is not None:
         values["character"] = character
-    return _run(connection, sql, values)
+    try:
+        return _run(connection, sql, values)
+    except IntegrityError as exc:
+        # The conversation was found, then erased (db/erasure.py) before the turn's foreign key was
+        # checked: the statement wrote nothing, and the full path finds the conversation gone.
+        if not isinstance(exc.orig, psycopg.errors.ForeignKeyViolation):
+            raise
+        if not connection.connection.driver_connection.autocommit:  # type: ignore[union-attr]
+            raise  # in a transaction the error aborted it: the caller must know
+        return None
 
 
 def create_turn_in_new_conversation(

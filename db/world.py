@@ -328,14 +328,21 @@ def upsert_conversations(
 
 
 def find_conversations(
-    *, session: Session, external_ids: Sequence[str], tenant: str = DEFAULT_TENANT
+    *, session: Session, external_ids: Sequence[str], tenant: str = DEFAULT_TENANT, lock: bool = False
 ) -> dict[str, tuple[int, str]]:
-    """The tenant's conversations by external id: {external_id: (id, character slug)}."""
-    rows = session.execute(
+    """The tenant's conversations by external id: {external_id: (id, character slug)}. With `lock`,
+    each is key-share locked until the transaction ends (the lock its turns' foreign key takes), so
+    an erasure deleting one (db/erasure.py) waits for this writer, or this lookup waits for it and
+    finds the conversation gone, never a turn inserted into a deleted conversation."""
+    query = (
         select(Conversation.external_id, Conversation.id, Character.slug)
         .join(Character, Character.id == Conversation.character_id)
         .where(Conversation.tenant == tenant, Conversation.external_id.in_(list(set(external_ids))))
-    ).tuples()
+        .order_by(Conversation.id)
+    )
+    if lock:
+        query = query.with_for_update(key_share=True, of=Conversation)
+    rows = session.execute(query).tuples()
     return {ext: (conv_id, slug) for ext, conv_id, slug in rows}
 
 

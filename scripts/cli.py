@@ -39,6 +39,8 @@ app.add_typer(card_app, name="card")
 app.add_typer(lora_app, name="lora")
 facts_app = typer.Typer(help="Facts NPCs may know about a player (or the world).", no_args_is_help=True)
 app.add_typer(facts_app, name="facts")
+player_app = typer.Typer(help="What a tenant holds about a player.", no_args_is_help=True)
+app.add_typer(player_app, name="player")
 history_app = typer.Typer(help="Existing chat logs into conversations.", no_args_is_help=True)
 app.add_typer(history_app, name="history")
 callbacks_app = typer.Typer(help="Signed completion callbacks.", no_args_is_help=True)
@@ -786,6 +788,19 @@ def facts_move(
     _out(f"fact {fact.id}: now {fact.scope} {fact.scope_ref}".rstrip() + f" ({len(moves)} move(s))")
 
 
+@player_app.command("erase")
+def player_erase(
+    player: Annotated[str, typer.Argument(help="the game's player id")],
+    tenant: Annotated[str, typer.Option(help="the API key's tenant ('' for the CLI's own)")] = "",
+) -> None:
+    """Delete the player's conversations (turns, lines, summaries, scenes, reviews) and the facts
+    about the player, in one transaction; prints what was deleted as JSON. Refused, deleting
+    nothing, while a turn of the player is queued or running."""
+    from services.erasure import erase
+
+    _out(json.dumps({"player": player, **vars(erase(tenant, player))}))
+
+
 @history_app.command("import")
 def history_import(
     path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="the chat log")],
@@ -975,6 +990,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from roleplay.cards import CardError
     from scripts.seed import SeedError
     from services.characters import ReservedStory
+    from services.erasure import ErasureRefused, PlayerBusy
     from services.lora.files import BadLoraFile
     from services.lora.registry import TrainedOnATenant
     from services.producer import TurnRejected
@@ -982,6 +998,8 @@ def _refusals() -> tuple[type[BaseException], ...]:
 
     return (
         Refused,
+        ErasureRefused,
+        PlayerBusy,
         SeedError,
         TurnRejected,
         RunValidationError,

@@ -11,7 +11,6 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from core.settings import TENANT_NAME
 from db.facts import (
     NewFact,
     add_facts,
@@ -26,7 +25,7 @@ from db.facts import (
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
 from db.write_keys import fingerprint, record_ids, stored_ids, take_key
-from services.schemas import FilledText, Text, storable_text
+from services.schemas import FilledText, Text, owner_fault
 
 logger = logging.getLogger(__name__)
 
@@ -136,17 +135,9 @@ def _check_owner(tenant: str, player: str) -> None:
     """FactRefused naming the player or the tenant the API's path and keys would refuse: the CLI
     passes them as typed (before: an empty player stored, a long one refused by the database after
     the embedding, naming nothing)."""
-    for field, value, limit in (("player", player, 200), ("tenant", tenant, 64)):
-        try:
-            storable_text(value)
-        except ValueError as exc:
-            raise FactRefused(field, str(exc)) from None
-        if len(value) > limit:
-            raise FactRefused(field, f"{len(value)} characters; the limit is {limit}")
-    if not TENANT_NAME.fullmatch(tenant):
-        raise FactRefused("tenant", "may hold only letters, digits, '.', '_' and '-'")
-    if not player:
-        raise FactRefused("player", "empty")
+    fault = owner_fault(tenant, player)
+    if fault is not None:
+        raise FactRefused(*fault)
 
 
 def write_facts(tenant: str, player: str, facts: list[FactIn]) -> list[FactView]:

@@ -529,7 +529,7 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
     another producer started with another character meanwhile); the caller's transaction then
     writes nothing."""
     known = find_conversations(
-        session=session, external_ids=[r.conversation for r in requests], tenant=tenant
+        session=session, external_ids=[r.conversation for r in requests], tenant=tenant, lock=True
     )
     missing = [r for r in requests if r.conversation not in known]
     slugs = [r.character for r in missing if r.character]

@@ -19,7 +19,7 @@ from pydantic import (
     model_validator,
 )
 
-from core.settings import settings
+from core.settings import TENANT_NAME, settings
 from core.text import printable
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
@@ -38,6 +38,23 @@ def storable_text(value: str) -> str:
     except UnicodeEncodeError:
         raise ValueError("contains a lone surrogate (not valid Unicode text)") from None
     return value
+
+
+def owner_fault(tenant: str, player: str) -> tuple[str, str] | None:
+    """(field, reason) for a player or a tenant the API's path and keys would refuse, None for a
+    good pair: the CLI passes them as typed."""
+    for field, value, limit in (("player", player, 200), ("tenant", tenant, 64)):
+        try:
+            storable_text(value)
+        except ValueError as exc:
+            return field, str(exc)
+        if len(value) > limit:
+            return field, f"{len(value)} characters; the limit is {limit}"
+    if not TENANT_NAME.fullmatch(tenant):
+        return "tenant", "may hold only letters, digits, '.', '_' and '-'"
+    if not player:
+        return "player", "empty"
+    return None
 
 
 def error_line(where: str, msg: str) -> str:
