@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
@@ -31,19 +31,52 @@ def character_exchanges(
     """The character's answered free-text turns in the tenant's conversations (its own voice, not the
     narrator's, not a structured reply), oldest first, streamed. One tenant's: a prompt holds its
     players' history, memories and names, which an adapter trained on it would speak to others."""
-    query = (
-        select(
-            Turn.id,
-            Turn.run_id,
-            Turn.prompt,
-            Turn.reply,
-            Turn.quality,
-            TurnReview.label,
-            TurnReview.edited,
-            Turn.number,
-        )
-        .join(Conversation, Conversation.id == Turn.conversation_id)
-        .outerjoin(TurnReview, TurnReview.turn_id == Turn.id)
+    columns = (
+        Turn.id,
+        Turn.run_id,
+        Turn.prompt,
+        Turn.reply,
+        Turn.quality,
+        TurnReview.label,
+        TurnReview.edited,
+    )
+    query = _of_character(
+        select(*columns, Turn.number).outerjoin(TurnReview, TurnReview.turn_id == Turn.id), slug, tenant
+    ).order_by(Turn.number)
+    if run_id is not None:
+        query = query.where(Turn.run_id == run_id)
+    last = -1
+    while True:  # `session` None: each chunk in a transaction of its own (given_or_own)
+        with given_or_own(session) as reading:
+            rows = reading.execute(query.where(Turn.number > last).limit(chunk)).all()
+        if not rows:
+            return
+        for turn_id, run, prompt, reply, quality, label, edited, _ in rows:
+            yield Exchange(turn_id, run, prompt, reply, quality or {}, label, bool(edited))
+        last = rows[-1].number
+
+
+def writers_refused(*, session: Session, slug: str, tenant: str) -> Iterator[tuple[str, str]]:
+    """(prompt, reply) of every exchange of the character a writer refused in the tenant's runs: a
+    rejected line's reply (kept and first), and the model's reply a writer replaced (an edit, a
+    pick), in any run: a twin of one (the same file run twice with the same seeds) is no better."""
+    query = _of_character(
+        select(Turn.prompt, Turn.reply, TurnReview.original_reply, TurnReview.label).join(
+            TurnReview, TurnReview.turn_id == Turn.id
+        ),
+        slug,
+        tenant,
+    ).where(or_(TurnReview.label == "rejected", TurnReview.original_reply != Turn.reply))
+    for prompt, reply, original, label in session.execute(query).tuples():
+        yield prompt, original
+        if label == "rejected":
+            yield prompt, reply
+
+
+def _of_character(query: Any, slug: str, tenant: str) -> Any:
+    """The character's answered free-text turns in the tenant's conversations."""
+    return (
+        query.join(Conversation, Conversation.id == Turn.conversation_id)
         # A scene step's (or group turn's) line is the member's who answered, not the lead's.
         .join(Character, Character.id == func.coalesce(Turn.character_id, Conversation.character_id))
         .where(
@@ -59,16 +92,4 @@ def character_exchanges(
             Turn.structured.is_(None),
             func.coalesce(Turn.params["response_format"]["type"].astext, "text").in_(["text", "npc"]),
         )
-        .order_by(Turn.number)
     )
-    if run_id is not None:
-        query = query.where(Turn.run_id == run_id)
-    last = -1
-    while True:  # `session` None: each chunk in a transaction of its own (given_or_own)
-        with given_or_own(session) as reading:
-            rows = reading.execute(query.where(Turn.number > last).limit(chunk)).all()
-        if not rows:
-            return
-        for turn_id, run, prompt, reply, quality, label, edited, _ in rows:
-            yield Exchange(turn_id, run, prompt, reply, quality or {}, label, bool(edited))
-        last = rows[-1].number

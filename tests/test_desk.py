@@ -288,6 +288,43 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
     assert {rid for rid, _, _ in _load()} < set(items)  # labels.jsonl's, and the writers' besides
 
 
+def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_through_its_twin(
+    services, world, tmp_path
+) -> None:
+    """Found in review: a rejected line was left out of the training set, but the same prompt and
+    reply in another run (the same file run twice with the same seeds), unreviewed and passing the
+    gate, went in: the text a writer refused was trained on. So did the model's reply a writer had
+    replaced by an edit."""
+    from services.lora.dataset import export_dataset
+    from tests.desk_data import character
+
+    slug = f"desk-twin-{uuid.uuid4().hex[:6]}"
+    character(slug, "Dara")
+    specs = [
+        Spec("Hi", "Greetings, mortal.", quality(0.5), character=slug, prompt="p1"),
+        Spec("Bye", "Begone, mortal.", quality(0.5), character=slug, prompt="p2"),
+        Spec("Why?", "Because.", quality(0.5), character=slug, prompt="p3"),
+    ]
+    _, (rejected, edited, _) = build_run("studio-a", specs)
+    build_run("studio-a", specs)  # the twins, unreviewed
+    desk.label(WRITER, rejected, "reject", "out of character", "0")
+    desk.edit(WRITER, edited, "Safe travels, friend.", "0")
+
+    class NoTemplate:
+        def apply_chat_template(self, messages, **_: object) -> str:  # type: ignore[no-untyped-def]
+            return "\n".join(m["content"] for m in messages)
+
+    report = export_dataset(slug, tmp_path, tokenizer=NoTemplate(), tenant="studio-a")
+    completions = {
+        json.loads(line)["completion"]
+        for name in ("train.jsonl", "validation.jsonl")
+        for line in (tmp_path / name).read_text().splitlines()
+        if json.loads(line)["source"] == "turn"
+    }
+    assert completions == {"Because."}  # its twin dropped as a duplicate
+    assert report.manifest["left_out"]["the same as a reply a writer rejected or replaced"] == 2
+
+
 def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world, base_url) -> None:
     from db.reviews import writer_labels
     from tests.conftest import REVIEW_KEY

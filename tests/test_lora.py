@@ -322,6 +322,36 @@ def test_an_evaluation_that_fails_keeps_the_trained_adapter_and_the_command_says
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 
 
+def test_weights_saved_over_an_earlier_adapter_never_stand_beside_its_training_record(
+    world, tokenizer, tmp_path, monkeypatch
+) -> None:
+    """Found in review: training into an adapter's folder saved the new weights, then rewrote the
+    record; a process stopped between the two left new weights (a tenant's dialogue) beside the old
+    record (a card-only adapter's), and `lora register` served them to every tenant."""
+    import peft
+
+    from services.lora.registry import TrainedOnATenant, served_to
+
+    with session_scope() as s:
+        upsert_character(session=s, slug=SLUG, fields=CARD)
+    export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "training_config.json").write_text(json.dumps({"tenant": None, "from_turns": 0}))
+    assert served_to(adapter, tenant=None, every_tenant=False) is None  # card-only: every tenant
+
+    def stopped_half_way(self: object, folder: object, *args: object, **kwargs: object) -> None:
+        (adapter / "adapter_model.safetensors").write_bytes(b"new weights")
+        raise KeyboardInterrupt("injected: the process stopped while saving")
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", stopped_half_way)
+    config = TrainConfig(rank=4, alpha=8, max_steps=1, batch_size=2, threads=1, evaluate=False)
+    with pytest.raises(KeyboardInterrupt):
+        train_adapter(tmp_path / "ds", adapter, config)
+    with pytest.raises(TrainedOnATenant, match="does not say whose dialogue"):
+        served_to(adapter, tenant=None, every_tenant=False)  # register asks; it never guesses
+
+
 @pytest.mark.worker_processes
 def test_a_batch_mixing_an_adapted_character_with_another_is_answered_in_one_engine_call(
     world, tokenizer, tmp_path, steady_worker
@@ -449,6 +479,33 @@ def test_two_adapters_whose_names_hash_alike_get_two_ids(monkeypatch) -> None:
     assert pipeline.adapter_id(f"elara-{tag}@v1") == first  # the same name keeps its id
 
 
+def test_a_narrators_turn_speaks_in_the_base_models_voice_not_the_lead_characters_adapter(
+    monkeypatch,
+) -> None:
+    """Found in review: a narrator's turn is claimed with its conversation's lead character, and was
+    generated (and stored as written) with that character's adapter, trained on its first-person
+    lines only."""
+    from types import SimpleNamespace
+
+    from core.settings import settings
+    from worker import engine as engine_module
+    from worker import pipeline
+
+    monkeypatch.setattr(settings, "enable_lora", True)
+    loaded: list[str] = []
+    monkeypatch.setattr(engine_module, "load_adapter", lambda adapter: loaded.append(adapter.name))
+    elara = SimpleNamespace(slug="elara", lora_path="/adapters/elara", lora_tenant=None, lora_version=3)
+
+    def turn(speaker: str) -> SimpleNamespace:
+        return SimpleNamespace(id=uuid.uuid4(), character=elara, attempts=1, tenant="", speaker=speaker)
+
+    report = pipeline.BatchReport()
+    pipeline._load_adapters([turn("narrator")], report)  # type: ignore[list-item]
+    assert loaded == [] and not report.failed
+    pipeline._load_adapters([turn("character")], report)  # type: ignore[list-item]
+    assert loaded == ["elara@v3"]
+
+
 def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_never_will_fails(
     monkeypatch,
 ) -> None:
@@ -467,7 +524,7 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
     from worker.engine import Adapter, AdapterUnavailable
 
     passing, lasting = Adapter("copying@v1", 1, "/x"), Adapter("too-big@v1", 2, "/y")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant: character)
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
 
     def load(adapter: Adapter) -> None:
         if adapter is passing:
@@ -476,9 +533,11 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
 
     monkeypatch.setattr(engine_module, "load_adapter", load)
     first, last_try, big = (
-        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1, tenant=""),
-        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=settings.max_attempts, tenant=""),
-        SimpleNamespace(id=uuid.uuid4(), character=lasting, attempts=1, tenant=""),
+        SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1, tenant="", speaker="character"),
+        SimpleNamespace(
+            id=uuid.uuid4(), character=passing, attempts=settings.max_attempts, tenant="", speaker="character"
+        ),
+        SimpleNamespace(id=uuid.uuid4(), character=lasting, attempts=1, tenant="", speaker="character"),
     )
     report = pipeline.BatchReport()
     pipeline._load_adapters([first, last_try, big], report)  # type: ignore[list-item]
@@ -571,8 +630,8 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
     from worker.engine import Adapter, EngineDead
 
     adapter = Adapter("waiting@v1", 1, "/x")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant: character)
-    turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1, tenant="")
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
+    turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1, tenant="", speaker="character")
     for in_engine, charged in ((False, []), (True, [turn.id])):
 
         def load(adapter: Adapter, in_engine: bool = in_engine) -> None:

@@ -559,9 +559,9 @@ def test_a_turn_failed_in_a_claim_whose_engine_then_died_is_handed_back_not_repo
     this_thread, real_adapter_of = threading.current_thread(), pipeline.adapter_of
     real_load_adapter = engine_module.load_adapter
 
-    def adapter_of(character, tenant):  # type: ignore[no-untyped-def]
+    def adapter_of(character, tenant, speaker="character"):  # type: ignore[no-untyped-def]
         if threading.current_thread() is not this_thread:  # the session's worker: unchanged
-            return real_adapter_of(character, tenant)
+            return real_adapter_of(character, tenant, speaker)
         return engine_module.Adapter(f"{character.slug}@v1", 1 + (character.slug == second_slug), "/none")
 
     def load_adapter(adapter):  # type: ignore[no-untyped-def]

@@ -397,7 +397,7 @@ def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
     `report.loading` (they count that death); not if the load was only waiting for the engine."""
     needing: dict[Adapter, list[ClaimedTurn]] = {}
     for turn in turns:
-        adapter = adapter_of(turn.character, turn.tenant)
+        adapter = adapter_of(turn.character, turn.tenant, turn.speaker)
         if adapter is not None:
             needing.setdefault(adapter, []).append(turn)
     for adapter, adapted in needing.items():
@@ -627,7 +627,7 @@ def _prepare(
             )
         )
     with _stage("naming the LoRA adapter", TurnErrorCode.ADAPTER_ERROR):
-        adapter = adapter_of(turn.character, turn.tenant)
+        adapter = adapter_of(turn.character, turn.tenant, turn.speaker)
         lora = engine_module.lora_request(adapter)
     with _stage("checking the sampling parameters", TurnErrorCode.INVALID_PARAMS):
         request = _request(turn, prompt, priority, adapter, token, shape)
@@ -1033,10 +1033,12 @@ def _adapter_name(request: GenerationRequest) -> str | None:
     return request.adapter.name if request.adapter is not None else None
 
 
-def adapter_of(character: Any, tenant: str) -> Adapter | None:
+def adapter_of(character: Any, tenant: str, speaker: str = "character") -> Adapter | None:
     """The character's registered LoRA when the engine serves adapters and it answers this tenant's
-    turns (one trained on a tenant's dialogue answers that tenant's alone); None: the base model."""
-    if not settings.enable_lora or not character.lora_path:
+    turns (one trained on a tenant's dialogue answers that tenant's alone); None: the base model.
+    A narrator's turn (`speaker`) is claimed with the conversation's lead character, whose voice
+    the adapter learnt: the narrator speaks in the base model's."""
+    if not settings.enable_lora or not character.lora_path or speaker == "narrator":
         return None
     if character.lora_tenant is not None and character.lora_tenant != tenant:
         return None

@@ -24,7 +24,7 @@ from core.settings import DEFAULT_TENANT, settings
 from core.whole_files import replaced_whole
 from db.models import Character, ReviewLabel
 from db.session import session_scope
-from db.training import character_exchanges
+from db.training import character_exchanges, writers_refused
 
 TRAIN, VALIDATION, MANIFEST = "train.jsonl", "validation.jsonl", "manifest.json"
 
@@ -93,6 +93,12 @@ def export_dataset(
         if character is None:
             raise KeyError(f"no character {slug!r}")
         run_id = _tenants_run(session, run, tenant) if run else None
+        # A writer's refusal holds for the same exchange anywhere: its twin in another run (the same
+        # file run twice with the same seeds) would bring the refused text back unreviewed.
+        refused = {
+            _example_hash(prompt, reply)
+            for prompt, reply in writers_refused(session=session, slug=slug, tenant=tenant)
+        }
     out_dir.mkdir(parents=True, exist_ok=True)
     files = (out_dir / TRAIN, out_dir / VALIDATION, out_dir / MANIFEST)
     with (
@@ -108,7 +114,11 @@ def export_dataset(
             if exchange.label == ReviewLabel.REJECTED:
                 left_out["rejected by a writer"] += 1
                 continue
+            digest = _example_hash(exchange.prompt, exchange.reply)
             if exchange.label != ReviewLabel.APPROVED:
+                if digest in refused:
+                    left_out["the same as a reply a writer rejected or replaced"] += 1
+                    continue
                 if exchange.edited:
                     left_out["edited by a writer, not approved"] += 1
                     continue
@@ -127,7 +137,7 @@ def export_dataset(
                 "persona": q.get("persona"),
                 "label": exchange.label,
             }
-            if not split.add(_example_hash(exchange.prompt, exchange.reply), example):
+            if not split.add(digest, example):
                 left_out["duplicate"] += 1
         stored = split.written
         for prompt, completion in _card_examples(character, tokenizer):

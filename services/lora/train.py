@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from core.settings import settings
+from core.whole_files import replaced_whole
 from services.lora.dataset import MANIFEST, TRAIN, VALIDATION
 from services.lora.files import BadLoraFile, read_examples, read_object
 
@@ -110,6 +111,12 @@ def _batches(
     return out
 
 
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    """The training record, put in place whole: a reader (`lora register`) never sees part of one."""
+    with replaced_whole(path) as (part,):
+        part.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
 def _mean_loss(model: Any, batches: list[dict[str, Any]]) -> float:
     import torch
 
@@ -193,6 +200,11 @@ def train_adapter(
     # Saved before the evaluation: a failure there (the database away, the embedder) must not throw
     # the trained adapter away.
     adapter_dir.mkdir(parents=True, exist_ok=True)
+    config_file = adapter_dir / "training_config.json"
+    # An earlier adapter's record goes first: these weights saved beside it, and the saving stopped
+    # before the new record, `lora register` would read whose turns they answer from the old one
+    # (a card-only adapter's: every tenant's). Without a record, register asks.
+    config_file.unlink(missing_ok=True)
     model.save_pretrained(adapter_dir)
     record: dict[str, Any] = {
         "base_model": str(base),
@@ -209,8 +221,7 @@ def train_adapter(
         "losses": {k: round(v, 4) for k, v in losses.items()},
         "evaluation": None,
     }
-    config_file = adapter_dir / "training_config.json"
-    config_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    _write_record(config_file, record)
     if config.evaluate:
         from services.lora.evaluate import evaluate
 
@@ -221,5 +232,5 @@ def train_adapter(
         except Exception as exc:  # the adapter stands; its config says why it has no evaluation
             logger.warning("the adapter is saved; its evaluation failed", exc_info=True)
             record["evaluation"] = {"error": f"{type(exc).__name__}: {str(exc)[:500]}"}
-        config_file.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        _write_record(config_file, record)
     return TrainReport(adapter_dir, steps, record["seconds"], record["losses"], record["evaluation"])
