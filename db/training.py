@@ -21,6 +21,7 @@ class Exchange:
     prompt: str  # the prompt exactly as the engine was given it (chat template applied)
     reply: str
     quality: dict[str, Any]
+    message: str = ""  # the player's line it answers
     label: str | None = None  # a writer's verdict on the desk: approved, rejected
     edited: bool = False  # the reply is a writer's text (its quality scores are of the model's)
 
@@ -37,6 +38,7 @@ def character_exchanges(
         Turn.prompt,
         Turn.reply,
         Turn.quality,
+        Turn.message,
         TurnReview.label,
         TurnReview.edited,
     )
@@ -51,8 +53,8 @@ def character_exchanges(
             rows = reading.execute(query.where(Turn.number > last).limit(chunk)).all()
         if not rows:
             return
-        for turn_id, run, prompt, reply, quality, label, edited, _ in rows:
-            yield Exchange(turn_id, run, prompt, reply, quality or {}, label, bool(edited))
+        for turn_id, run, prompt, reply, quality, message, label, edited, _ in rows:
+            yield Exchange(turn_id, run, prompt, reply, quality or {}, message or "", label, bool(edited))
         last = rows[-1].number
 
 

@@ -41,31 +41,51 @@ def _example_hash(prompt: str, completion: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{completion}".encode()).hexdigest()
 
 
-def _card_examples(character: Character, tokenizer: Any) -> list[tuple[str, str]]:
-    """The card's example dialogue as (prompt, completion): system prompt and the user's line through
-    the model's chat template, the character's line as the completion."""
+def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> list[tuple[str, str, str]]:
+    """The card's example dialogue as (prompt, completion, message): the system prompt and the user's
+    line laid out in the prompt format the worker serves (SOLAR's, EEVE's, gpt-oss's text, or the
+    model's chat template), the character's line as the completion."""
+    from worker.prompt.formats import FORMATS, escaped_label
     from worker.prompt.layout import default_system_prompt, fill_macros
+    from worker.prompt.packing import text_cleaner
     from worker.prompt.sanitize import Sanitizer
 
-    # The card is untrusted like every prompt text: its special-token strings are broken (a card's
-    # `<|im_end|>` became a real end of turn in the training prompt, and a trained target).
-    scrub = Sanitizer(tokenizer).scrub
+    fmt, sanitizer = FORMATS[prompt_format], Sanitizer(tokenizer)
+    char, user = sanitizer.speaker_labels(character.name, "User")
+    char, user = escaped_label(fmt, char), escaped_label(fmt, user)
+    # The card is untrusted like every prompt text: its special-token strings and the format's role
+    # markers are broken (a card's `<|im_end|>` became a real end of turn in the training prompt).
+    clean = text_cleaner(fmt, sanitizer, char, user)
 
     def filled(text: str, original: str = "") -> str:
         # As the prompt's own are filled, then cleaned: a token split around a macro stays broken.
-        return scrub(fill_macros(text, character.name, "User", original))
+        return clean(fill_macros(text, char, user, original))
 
-    default = default_system_prompt(character.name)
+    default = default_system_prompt(char)
     system = filled(character.system_prompt or default, default)
     out = []
     for example in character.example_dialogues or []:
-        user, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()
-        if not user or not reply:
+        line, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()
+        if not line or not reply:
             continue
-        messages = [{"role": "system", "content": system}, {"role": "user", "content": filled(user)}]
-        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        out.append((prompt, filled(reply)))
+        messages: list[Any] = [
+            {"role": "system", "content": system},
+            {"role": "user", "content": filled(line)},
+        ]
+        rendered = fmt.render(tokenizer, messages, char, user)
+        # The completion is the voice to learn: its special-token strings broken, no marker escaped.
+        out.append((rendered.text, sanitizer.scrub(fill_macros(reply, char, user)), line))
     return out
+
+
+def served_layout(tokenizer: Any, prompt_format: str) -> dict[str, Any]:
+    """How the worker hands this format's prompts to the engine: its name, and whether the tokenizer
+    adds its special tokens (BOS for SOLAR, EEVE and gpt-oss's text) to the prompt's tokens, which
+    training and its evaluation must add as the engine was given them."""
+    from worker.prompt.formats import FORMATS
+
+    probe = FORMATS[prompt_format].render(tokenizer, [{"role": "user", "content": "x"}], "A", "B")
+    return {"prompt_format": prompt_format, "add_special_tokens": probe.add_special_tokens}
 
 
 def export_dataset(
@@ -82,6 +102,7 @@ def export_dataset(
     conversations; KeyError if the character (or the tenant's run) does not exist, ValueError if
     nothing could be selected."""
     threshold = settings.quality_min_persona if min_persona is None else min_persona
+    prompt_format = settings.resolved_prompt_format
     if tokenizer is None:
         from transformers import AutoTokenizer
 
@@ -132,6 +153,7 @@ def export_dataset(
             example = {
                 "prompt": exchange.prompt,
                 "completion": exchange.reply,
+                "message": exchange.message,
                 "source": "turn",
                 "turn_id": str(exchange.turn_id),
                 "persona": q.get("persona"),
@@ -140,8 +162,13 @@ def export_dataset(
             if not split.add(digest, example):
                 left_out["duplicate"] += 1
         stored = split.written
-        for prompt, completion in _card_examples(character, tokenizer):
-            example = {"prompt": prompt, "completion": completion, "source": "card example"}
+        for prompt, completion, message in _card_examples(character, tokenizer, prompt_format):
+            example = {
+                "prompt": prompt,
+                "completion": completion,
+                "message": message,
+                "source": "card example",
+            }
             if not split.add(_example_hash(prompt, completion), example):
                 left_out["duplicate"] += 1
         if not split.written:
@@ -165,6 +192,8 @@ def export_dataset(
             "train": counts[TRAIN],
             "validation": counts[VALIDATION],
             "dataset_sha256": digest,
+            # how the worker's engine was given these prompts: training tokenizes them the same way
+            **served_layout(tokenizer, prompt_format),
         }
         manifest_part.write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return DatasetReport(out_dir, counts[TRAIN], counts[VALIDATION], manifest)

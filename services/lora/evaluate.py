@@ -25,10 +25,26 @@ def _persona(slug: str) -> tuple[str, Any]:
     return name, embed([text])[0]
 
 
+def player_line(row: dict[str, Any]) -> str:
+    """The player's line an example answers, for the gate's language check: the data set's own
+    (`message`); a set written before it was kept, the prompt's text after its last "user" (a chat
+    template's role name; enough of the line for its script)."""
+    message = row.get("message")
+    return (
+        message[:500] if isinstance(message, str) and message else row["prompt"].rsplit("user", 1)[-1][:500]
+    )
+
+
 def evaluate(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], slug: str, max_new_tokens: int = 48
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    slug: str,
+    max_new_tokens: int = 48,
+    add_special_tokens: bool = False,
 ) -> dict[str, Any]:
-    """{"with_adapter": {...}, "without_adapter": {...}} over the rows' prompts."""
+    """{"with_adapter": {...}, "without_adapter": {...}} over the rows' prompts, tokenized as the
+    engine was given them (`add_special_tokens`: the data set's manifest's)."""
     import torch
 
     from worker.embedder import embed
@@ -40,9 +56,11 @@ def evaluate(
     outputs: dict[str, list[tuple[str, str | None, str]]] = {"with_adapter": [], "without_adapter": []}
     model.eval()
     for row in rows:
-        ids = tokenizer(row["prompt"], add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = tokenizer(row["prompt"], add_special_tokens=add_special_tokens, return_tensors="pt")[
+            "input_ids"
+        ]
         ids = ids.to(model.device)
-        message = row["prompt"].rsplit("user", 1)[-1][:500]  # enough of the last user turn for its script
+        message = player_line(row)
         for label in outputs:
             torch.manual_seed(0)
             with torch.no_grad():

@@ -58,14 +58,27 @@ class TrainReport:
     evaluation: dict[str, Any] | None = None
 
 
-def encode(tokenizer: Any, prompt: str, completion: str, max_length: int) -> tuple[list[int], list[int]]:
+def encode(
+    tokenizer: Any, prompt: str, completion: str, max_length: int, add_special_tokens: bool = False
+) -> tuple[list[int], list[int]]:
     """(input ids, labels): the prompt's labels masked, the reply's and its end-of-turn token kept.
-    When too long, the prompt loses its start; the reply is never cut."""
+    With `add_special_tokens` (the manifest's: the worker tokenized this format's prompts so), the
+    prompt opens with what the tokenizer adds before it (BOS), as the engine was given it. When too
+    long, the prompt loses its start after those; the reply is never cut."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    opening = prompt_opening(tokenizer, prompt, prompt_ids) if add_special_tokens else []
     reply_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    reply_ids = reply_ids[:max_length]
-    prompt_ids = prompt_ids[max(0, len(prompt_ids) + len(reply_ids) - max_length) :]
+    reply_ids = reply_ids[: max(max_length - len(opening), 1)]
+    room = max(max_length - len(opening) - len(reply_ids), 0)
+    prompt_ids = opening + prompt_ids[max(0, len(prompt_ids) - room) :]
     return prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids
+
+
+def prompt_opening(tokenizer: Any, prompt: str, prompt_ids: list[int]) -> list[int]:
+    """The tokens the tokenizer puts before `prompt`'s own when it adds its special tokens (BOS)."""
+    full = list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    cut = len(full) - len(prompt_ids)
+    return full[:cut] if cut > 0 and full[cut:] == list(prompt_ids) else []
 
 
 def _free_cores() -> int:
@@ -174,8 +187,9 @@ def train_adapter(
             task_type="CAUSAL_LM",
         ),
     )
-    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in train_rows]
-    held = [encode(tokenizer, r["prompt"], r["completion"], config.max_length) for r in held_rows]
+    specials = manifest.get("add_special_tokens") is True
+    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in train_rows]
+    held = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in held_rows]
     held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
@@ -227,7 +241,7 @@ def train_adapter(
 
         try:
             record["evaluation"] = evaluate(
-                model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens
+                model, tokenizer, held_rows, manifest["character"], config.eval_max_new_tokens, specials
             )
         except Exception as exc:  # the adapter stands; its config says why it has no evaluation
             logger.warning("the adapter is saved; its evaluation failed", exc_info=True)
