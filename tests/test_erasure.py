@@ -16,19 +16,30 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.settings import settings
 from db.erasure import erase_player
 from db.facts import NewFact, add_facts
-from db.models import Conversation, Fact, FactKind, FactScope, MemoryJob, Message, Summary, Turn
+from db.models import (
+    Conversation,
+    Fact,
+    FactKind,
+    FactScope,
+    MemoryJob,
+    Message,
+    Summary,
+    Turn,
+    TurnStatus,
+)
 from db.session import get_engine, session_scope
 from db.world import append_history_if_empty, find_characters, upsert_conversations
 from scripts.cli import main as cli
 from services.erasure import PlayerBusy, erase
 from services.producer import cancel_turn, submit_turns
 from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY
+from tests.lock_order import errors_beside
 
 A = {"X-API-Key": INGEST_KEY}
 B = {"X-API-Key": HASHED_INGEST_KEY}
@@ -171,6 +182,65 @@ def test_an_enqueue_racing_an_erasure_starts_the_conversation_afresh_never_a_500
         conv = s.scalars(select(Conversation).where(Conversation.external_id == held["external"])).one()
         assert conv.id != held["id"] and conv.player_id == ""  # a fresh conversation, of no player
         assert s.get_one(Turn, outcome[0].id).conversation_id == conv.id
+
+
+def _erase_unretried(player: str) -> None:
+    """The erasure's transaction alone, not run again after a deadlock: a deadlock shows."""
+    with session_scope() as s:
+        erase_player(session=s, tenant="", player_id=player)
+
+
+def _lock(model: Any, *where: Any) -> Any:
+    return lambda s: s.execute(select(model).where(*where).with_for_update())
+
+
+def test_an_erasure_takes_its_locks_in_the_order_a_desk_edit_and_a_summarys_store_take_theirs(world) -> None:
+    """Found in review of the erasure: it deleted the facts before the conversations, and took the
+    memory jobs' rows last (in the cascade); a writer's edit of a line (its turn, then the facts read
+    from it) and a summary's store (its job, then its row's key on the conversation) each waited for
+    the erasure while it waited for them: a deadlock, one of them rolled back."""
+    from db.models import Fact as F
+
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    held = _held("", player)
+    _fact("", player, "Rowan has a sister.", read_from=(held["id"], 1, 2))
+    desk_edit = errors_beside(
+        lambda: _erase_unretried(player),
+        first=_lock(Turn, Turn.id == held["turn"]),
+        then=_lock(F, F.source_conversation_id == held["id"]),
+    )
+    assert desk_edit == []
+    assert _counts(held["id"]) == (0, 0, 0, 0, 0)
+
+    held = _held("", player)
+
+    def summary_insert(s: Any) -> None:
+        s.add(Summary(conversation_id=held["id"], level=0, first_seq=1, last_seq=1, text="A sister."))
+        s.flush()
+
+    summary_store = errors_beside(
+        lambda: _erase_unretried(player),
+        first=_lock(MemoryJob, MemoryJob.conversation_id == held["id"]),
+        then=summary_insert,
+    )
+    assert summary_store == []
+    assert _counts(held["id"]) == (0, 0, 0, 0, 0)  # the summary stored first went with the rest
+
+
+def test_a_turn_requeued_while_the_erasure_looks_is_seen_in_flight(world) -> None:
+    """Found in review of the erasure: its check read the turns unlocked under the conversations'
+    lock, which a run's retry of a failed line (an UPDATE to queued) never takes: the line was
+    deleted queued, and its run never ended."""
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    held = _held("", player)
+
+    def requeue(s: Any) -> None:
+        s.execute(update(Turn).where(Turn.id == held["turn"]).values(status=TurnStatus.QUEUED))
+
+    errors = errors_beside(lambda: erase("", player), first=requeue, then=lambda s: None)
+    assert [type(e) for e in errors] == [PlayerBusy], errors
+    assert _counts(held["id"])[:2] == (1, 1)
+    assert cancel_turn(held["turn"])
 
 
 def test_over_http_a_key_erases_its_own_tenants_player_alone(base_url) -> None:
