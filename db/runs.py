@@ -49,6 +49,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     true,
     tuple_,
     union_all,
@@ -695,6 +696,37 @@ def _has_unfinished_turns(session: Session, run_id: uuid.UUID) -> bool:
     )
 
 
+# Reopened turns a turn of their conversation went past while they were failed (a later line of
+# the run answered, or running now) move to the end of the conversation's order, from the first one
+# overtaken on, keeping their own order (nextval over the rows in number order): a claim waits only
+# for the turns numbered before it, so in place the retry ran beside that turn, neither prompt with
+# the other's exchange (as revive_unsent and a scene's requeued step move theirs).
+_RENUMBER_OVERTAKEN = text(
+    """
+WITH reopened AS (
+  SELECT id, conversation_id, number FROM turns WHERE id = ANY(CAST(:ids AS uuid[]))
+), first_overtaken AS (
+  SELECT r.conversation_id, min(r.number) AS from_number
+  FROM reopened r
+  WHERE EXISTS (
+    SELECT 1 FROM turns l
+    WHERE l.conversation_id = r.conversation_id AND l.number > r.number
+      AND l.id <> ALL(CAST(:ids AS uuid[]))
+  )
+  GROUP BY r.conversation_id
+), moved AS (
+  SELECT id, nextval(pg_get_serial_sequence('turns', 'number')) AS number
+  FROM (
+    SELECT r.id FROM reopened r JOIN first_overtaken f USING (conversation_id)
+    WHERE r.number >= f.from_number
+    ORDER BY r.number
+  ) in_order
+)
+UPDATE turns SET number = moved.number FROM moved WHERE turns.id = moved.id
+"""
+)
+
+
 def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     """reopen: a finished (or still running) run's failed turns go back to queued with fresh attempts,
     and the run to in_progress; returns their ids. Refused (ValueError) for runs in other states."""
@@ -730,6 +762,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         ).all()
     )
     if ids:
+        session.execute(_RENUMBER_OVERTAKEN, {"ids": ids})
         moved = session.scalar(
             update(Run)
             .where(Run.id == run_id, Run.status.in_((RunStatus.COMPLETED, RunStatus.IN_PROGRESS)))

@@ -623,6 +623,46 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
     assert sweeper.close_abandoned_runs(older_than_s=0).get(sub.name) == "failed: submission interrupted"
 
 
+def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_them(world) -> None:
+    """Found in review: `run retry-failed` put a failed line back in the queue with its number, so
+    while a later line of its conversation was running the retry was claimed beside it (a claim
+    waits only for the turns numbered before it): neither prompt held the other's exchange. The
+    retried lines move after those, keeping their own order."""
+    from db.models import TurnErrorCode
+    from db.runs import reopen_failed
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (first, done, third, running) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(4)]
+    )
+    with session_scope() as s:
+        conversation = s.get_one(Turn, first).conversation_id
+        s.execute(
+            update(Turn).where(Turn.id.in_([done, third, running])).values(conversation_id=conversation)
+        )
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
+        assert fail_turns(
+            session=s, token=claim.token, failures={first: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        ) == [first]
+        s.execute(update(Turn).where(Turn.id == done).values(status=TurnStatus.DONE))
+        claim = claim_turns(session=s, turn_ids=[third], lease_s=60, max_attempts=3)
+        assert fail_turns(
+            session=s, token=claim.token, failures={third: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        ) == [third]
+        assert [
+            t.id for t in claim_turns(session=s, turn_ids=[running], lease_s=60, max_attempts=3).claimed
+        ] == [running]
+    with session_scope() as s:
+        assert sorted(reopen_failed(session=s, run_id=run_id)) == sorted([first, third])
+    with session_scope() as s:
+        numbers = {t: s.get_one(Turn, t).number for t in (first, done, third, running)}
+        assert numbers[running] < numbers[first] < numbers[third]  # after it, in their own order
+        retry = claim_turns(session=s, turn_ids=[first, third], lease_s=60, max_attempts=3)
+        assert retry.claimed == []  # both wait: the running line, then each other
+
+
 def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(world) -> None:
     """Found in review: `retry_failed` reset a turn's attempts but not its engine deaths or its
     deferral clock, so after the fix it was retried for, one unrelated engine restart (or one more
