@@ -550,6 +550,11 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
             dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
             attempts=0,
             outage_refunds=0,
+            # a fresh start, as a run's retried line: no wait counted from before, no claim's token
+            # (a stale claimant's hand-back after its engine died finds it by that token)
+            deferred_since=None,
+            deferrals=0,
+            claim_token=None,
         )
         .returning(Turn.id)
     )

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from core.settings import settings
@@ -1066,6 +1066,13 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
     turn, token, _ = _answer(uuid.UUID(first), "", store=False)
     with session_scope() as s:  # review: its outage refunds, spent, came back spent
         s.execute(update(Turn).where(Turn.id == turn.id).values(outage_refunds=settings.max_outage_refunds))
+        # review: and its wait clock (it had waited an hour behind a stalled turn) came back running:
+        # the first look behind a stalled turn failed it at once
+        s.execute(
+            update(Turn)
+            .where(Turn.id == turn.id)
+            .values(deferrals=4, deferred_since=text("now() - interval '1 hour'"))
+        )
     with session_scope() as s:
         failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
         assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
@@ -1075,6 +1082,7 @@ def test_a_live_group_whose_step_failed_goes_on_from_that_step_when_asked(world,
         again = s.get_one(Turn, turn.id)
         assert (again.status, again.attempts, again.error_code) == (TurnStatus.QUEUED, 0, None)
         assert again.outage_refunds == 0
+        assert (again.deferrals, again.deferred_since, again.claim_token) == (0, None, None)
         assert again.api_key == "game-key"
     _answer(turn.id, "Back to it.")
     step_two = _open_step(_conv_scene(conv))
