@@ -268,9 +268,11 @@ def fail_submission(
     `final`: no resume will follow (an OpenAI batch): the turns its submission stored and not yet
     started are cancelled with it, so no worker answers a batch that writes no output."""
     if final:  # turns before the run: the lock order of every transaction that finishes turns
+        # A running turn whose lease lapsed too (its worker gone), as cancel_run takes it: left
+        # running, only a worker of its model claiming it again would end it.
         mine = (
             Turn.run_id == run_id,
-            Turn.status == TurnStatus.QUEUED,
+            claimable(),
             select(Run.status).where(Run.id == run_id).scalar_subquery() == RunStatus.VALIDATING,
         )
         session.execute(
@@ -279,6 +281,7 @@ def fail_submission(
             .values(
                 status=TurnStatus.CANCELLED,
                 finished_at=func.now(),
+                lease_until=None,
                 error="the batch's submission failed",
                 error_code=None,
             )
@@ -655,11 +658,13 @@ def cancel_run(
         if session.scalar(select(Run.input_file_id.is_(None)).where(Run.id == run_id)):
             cancellable = (*cancellable, RunStatus.FAILED)  # a resumable run's failed submission
         else:  # a batch that failed stays failed; what it still holds stops (one failed before 0026)
-            queued = (Turn.run_id == run_id, Turn.status == TurnStatus.QUEUED)
+            stopping = (Turn.run_id == run_id, claimable())  # a lapsed lease's too, as below
             dropped = session.execute(
                 update(Turn)
-                .where(*_locked_in_id_order(session, *queued))
-                .values(status=TurnStatus.CANCELLED, finished_at=func.now(), **CANCEL_CLEARS)
+                .where(*_locked_in_id_order(session, *stopping))
+                .values(
+                    status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **CANCEL_CLEARS
+                )
             ).rowcount  # type: ignore[attr-defined]
             cancel_open_scenes(session=session, run_id=run_id, reason=f"the run was {reason}")
             return CancelOutcome(before, before, int(dropped))

@@ -623,6 +623,54 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
     assert sweeper.close_abandoned_runs(older_than_s=0).get(sub.name) == "failed: submission interrupted"
 
 
+def test_a_failed_batchs_line_whose_worker_died_is_cancelled_with_it_not_left_running(world) -> None:
+    """Found in review: a batch whose submission failed for good cancelled its queued lines only;
+    one a worker died holding (its lease lapsed) stayed running in the batch's counts, ended only if
+    a worker of its model claimed it again. Cancelling such a batch skipped it the same way."""
+    from db.runs import cancel_run, fail_submission
+    from db.turns import claim_turns
+    from services.producer import submit_turns
+    from tests.conftest import new_conversation
+
+    def batch_with_a_lapsed_line() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+        with session_scope() as s:
+            run, _ = create_run(
+                session=s,
+                name=f"lapsed-{uuid.uuid4().hex[:8]}",
+                model=settings.model,
+                file_hash=uuid.uuid4().hex,
+                total=2,
+                fields={"input_file_id": f"file-{uuid.uuid4().hex}", "api_key": "k"},
+            )
+            run_id = run.id
+        lines = [new_conversation() | {"message": "Hi"} for _ in range(2)]
+        queued, lapsed = (t.id for t in submit_turns(lines, send=False, lane="bulk", run_id=run_id))
+        with session_scope() as s:
+            assert claim_turns(session=s, turn_ids=[lapsed], lease_s=60, max_attempts=3).claimed
+            s.execute(
+                update(Turn).where(Turn.id == lapsed).values(lease_until=text("now() - interval '1 minute'"))
+            )
+        return run_id, queued, lapsed
+
+    def statuses(*ids: uuid.UUID) -> list[TurnStatus]:
+        with session_scope() as s:
+            return [s.get_one(Turn, i).status for i in ids]
+
+    run_id, queued, lapsed = batch_with_a_lapsed_line()
+    with session_scope() as s:
+        assert fail_submission(
+            session=s, run_id=run_id, error="gave up", error_code="server_error", final=True
+        )
+    assert statuses(queued, lapsed) == [TurnStatus.CANCELLED, TurnStatus.CANCELLED]
+
+    run_id, queued, lapsed = batch_with_a_lapsed_line()
+    with session_scope() as s:  # failed before its lines were cancelled with it (before migration 0026)
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.FAILED))
+    with session_scope() as s:
+        assert cancel_run(session=s, run_id=run_id).cancelled_turns == 2
+    assert statuses(queued, lapsed) == [TurnStatus.CANCELLED, TurnStatus.CANCELLED]
+
+
 def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_them(world) -> None:
     """Found in review: `run retry-failed` put a failed line back in the queue with its number, so
     while a later line of its conversation was running the retry was claimed beside it (a claim
