@@ -265,6 +265,9 @@ class Settings(BaseSettings):
     # A memory job step that raises is sent again after a backoff (30 s, doubling, at most 30 min),
     # and given up after this many failures in a row (until `mlchat memory retry`).
     memory_job_max_failures: int = Field(default=5, ge=1)
+    # An idempotency key of a write that is not a turn (facts, story events) answers its retries this
+    # long; older ones are pruned as new keys are taken (db/write_keys.py), so the table stays bounded.
+    write_key_ttl_s: int = Field(default=7 * 86400, ge=3600)
     # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
     structured_max_schema_bytes: int = Field(default=32_768, ge=256)
     structured_max_actions: int = Field(default=32, ge=1, le=256)

@@ -737,6 +737,8 @@ class WriteKey(Base):
     instead of storing them again."""
 
     __tablename__ = "write_keys"
+    # The oldest first, for the pruning of keys past MLCHAT_WRITE_KEY_TTL_S (migration 0043).
+    __table_args__ = (Index("ix_write_keys_created_at", "created_at"),)
 
     tenant: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), primary_key=True)

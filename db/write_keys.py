@@ -1,5 +1,6 @@
 """Idempotency keys of writes that are not turns (facts, story events): taken first in the write's
-transaction, so a second write under the key waits for the first to commit and then finds its ids."""
+transaction, so a second write under the key waits for the first to commit and then finds its ids.
+Kept MLCHAT_WRITE_KEY_TTL_S: each new key taken deletes some of those past it."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core.settings import settings
 from db.models import WriteKey
 from db.turns import IdempotencyConflict
 
@@ -37,8 +39,28 @@ def take_key(*, session: Session, tenant: str, kind: str, key: str, request_hash
         .returning(WriteKey.key)
     )
     if taken is not None:
+        _prune_expired(session)
         return None
     return stored_ids(session=session, tenant=tenant, kind=kind, key=key, request_hash=request_hash)
+
+
+# Keys past MLCHAT_WRITE_KEY_TTL_S deleted with each new one taken: never more than the writes made.
+PRUNED_PER_KEY = 100
+
+
+def _prune_expired(session: Session) -> None:
+    """Delete up to PRUNED_PER_KEY keys past their time, the oldest first (their index), skipping
+    any a write holds now (a late retry of one waits for nobody)."""
+    expired = (
+        select(WriteKey.tenant, WriteKey.kind, WriteKey.key)
+        .where(
+            WriteKey.created_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.write_key_ttl_s)
+        )
+        .order_by(WriteKey.created_at)
+        .limit(PRUNED_PER_KEY)
+        .with_for_update(skip_locked=True)
+    )
+    session.execute(delete(WriteKey).where(tuple_(WriteKey.tenant, WriteKey.kind, WriteKey.key).in_(expired)))
 
 
 def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:

@@ -423,3 +423,39 @@ def test_a_retried_write_of_facts_or_a_story_event_under_its_key_stores_nothing_
         f"{base_url}/v1/stories/{story}/events", headers=admin, json={"text": "It rang again."}
     )
     assert again.json()["ordinal"] == 2  # the retry appended nothing
+
+
+def test_write_keys_past_their_time_are_pruned_as_new_ones_are_taken(base_url) -> None:
+    """Found in review: every key of a fact or story-event write was kept for ever (a row per keyed
+    write, never read after its retries). A new key taken deletes some of those past
+    MLCHAT_WRITE_KEY_TTL_S, oldest first; a key within it still answers its retry."""
+    from sqlalchemy import select, text
+
+    from db.models import WriteKey
+
+    tenant = _tenant("game-a")
+    stale, fresh = f"stale-{uuid.uuid4().hex[:8]}", f"fresh-{uuid.uuid4().hex[:8]}"
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    url = f"{base_url}/v1/players/{player}/facts"
+    body = {"facts": [{"text": "Rowan keeps bees."}]}
+    for key in (stale, fresh):
+        assert httpx.post(url, headers=A | {"Idempotency-Key": key}, json=body).status_code == 201
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE write_keys SET created_at = now() - make_interval(secs => :age) WHERE key = :k"),
+            [
+                {"age": settings.write_key_ttl_s + 60, "k": stale},
+                {"age": settings.write_key_ttl_s - 3600, "k": fresh},
+            ],
+        )
+    taken = httpx.post(url, headers=A | {"Idempotency-Key": f"new-{uuid.uuid4().hex[:8]}"}, json=body)
+    assert taken.status_code == 201, taken.text
+    with session_scope() as s:
+        left = set(
+            s.scalars(select(WriteKey.key).where(WriteKey.tenant == tenant, WriteKey.key.in_([stale, fresh])))
+        )
+    assert left == {fresh}
+    assert httpx.post(url, headers=A | {"Idempotency-Key": fresh}, json=body).status_code == 200  # a replay
+    assert (
+        httpx.post(url, headers=A | {"Idempotency-Key": stale}, json=body).status_code == 201
+    )  # written again
