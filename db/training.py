@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
@@ -58,21 +59,46 @@ def character_exchanges(
         last = rows[-1].number
 
 
-def writers_refused(*, session: Session, slug: str, tenant: str) -> Iterator[tuple[str, str]]:
-    """(prompt, reply) of every exchange of the character a writer refused in the tenant's runs: a
-    rejected line's reply (kept and first), and the model's reply a writer replaced (an edit, a
-    pick), in any run: a twin of one (the same file run twice with the same seeds) is no better."""
+def exchange_digest(prompt: str, reply: str) -> str:
+    """An exchange's identity in a training set (duplicates and refused twins are dropped by it)."""
+    return hashlib.sha256(f"{prompt}\x00{reply}".encode()).hexdigest()
+
+
+def _digest_sql(prompt: Any, reply: Any) -> Any:
+    """exchange_digest computed by the server: a refused exchange's prompt is never sent over."""
+    joined = (
+        func.convert_to(prompt, "UTF8").op("||")(literal(b"\x00")).op("||")(func.convert_to(reply, "UTF8"))
+    )
+    return func.encode(func.sha256(joined), "hex")
+
+
+@dataclass(frozen=True)
+class Refused:
+    """exchange_digest of every exchange of a character a writer refused in a tenant's runs."""
+
+    rejected: set[str]  # a rejected line's, as kept and as the model first wrote it
+    replaced: set[str]  # the model's reply a writer replaced (an edit, a pick), not rejected
+
+
+def writers_refused(*, session: Session, slug: str, tenant: str) -> Refused:
+    """The exchanges of the character writers refused, in any of the tenant's runs: a twin of one
+    (the same file run twice with the same seeds) is no better."""
     query = _of_character(
-        select(Turn.prompt, Turn.reply, TurnReview.original_reply, TurnReview.label).join(
-            TurnReview, TurnReview.turn_id == Turn.id
-        ),
+        select(
+            _digest_sql(Turn.prompt, Turn.reply),
+            _digest_sql(Turn.prompt, TurnReview.original_reply),
+            TurnReview.label,
+        ).join(TurnReview, TurnReview.turn_id == Turn.id),
         slug,
         tenant,
     ).where(or_(TurnReview.label == "rejected", TurnReview.original_reply != Turn.reply))
-    for prompt, reply, original, label in session.execute(query).tuples():
-        yield prompt, original
+    refused = Refused(set(), set())
+    for kept, original, label in session.execute(query).tuples():
         if label == "rejected":
-            yield prompt, reply
+            refused.rejected.update((kept, original))
+        else:
+            refused.replaced.add(original)
+    return refused
 
 
 def _of_character(query: Any, slug: str, tenant: str) -> Any:

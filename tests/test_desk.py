@@ -307,8 +307,11 @@ def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_thr
     ]
     _, (rejected, edited, _) = build_run("studio-a", specs)
     build_run("studio-a", specs)  # the twins, unreviewed
+    _, (approved_twin, _, _) = build_run("studio-a", specs)
     desk.label(WRITER, rejected, "reject", "out of character", "0")
     desk.edit(WRITER, edited, "Safe travels, friend.", "0")
+    # review: another writer's approval of a rejected reply's twin does not bring it back
+    desk.label(WRITER, approved_twin, "approve", "", "0")
 
     class NoTemplate:
         def apply_chat_template(self, messages, **_: object) -> str:  # type: ignore[no-untyped-def]
@@ -321,8 +324,9 @@ def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_thr
         for line in (tmp_path / name).read_text().splitlines()
         if json.loads(line)["source"] == "turn"
     }
-    assert completions == {"Because."}  # its twin dropped as a duplicate
-    assert report.manifest["left_out"]["the same as a reply a writer rejected or replaced"] == 2
+    assert completions == {"Because."}  # its twins dropped as duplicates
+    assert report.manifest["left_out"]["the same as a reply a writer rejected"] == 2
+    assert report.manifest["left_out"]["the same as a reply a writer replaced"] == 2
 
 
 def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world, base_url) -> None:

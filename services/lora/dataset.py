@@ -24,7 +24,7 @@ from core.settings import DEFAULT_TENANT, settings
 from core.whole_files import replaced_whole
 from db.models import Character, ReviewLabel
 from db.session import session_scope
-from db.training import character_exchanges, writers_refused
+from db.training import character_exchanges, exchange_digest, writers_refused
 
 TRAIN, VALIDATION, MANIFEST = "train.jsonl", "validation.jsonl", "manifest.json"
 
@@ -35,10 +35,6 @@ class DatasetReport:
     train: int
     validation: int
     manifest: dict[str, Any]
-
-
-def _example_hash(prompt: str, completion: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{completion}".encode()).hexdigest()
 
 
 def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> list[tuple[str, str, str]]:
@@ -116,10 +112,7 @@ def export_dataset(
         run_id = _tenants_run(session, run, tenant) if run else None
         # A writer's refusal holds for the same exchange anywhere: its twin in another run (the same
         # file run twice with the same seeds) would bring the refused text back unreviewed.
-        refused = {
-            _example_hash(prompt, reply)
-            for prompt, reply in writers_refused(session=session, slug=slug, tenant=tenant)
-        }
+        refused = writers_refused(session=session, slug=slug, tenant=tenant)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = (out_dir / TRAIN, out_dir / VALIDATION, out_dir / MANIFEST)
     with (
@@ -135,10 +128,13 @@ def export_dataset(
             if exchange.label == ReviewLabel.REJECTED:
                 left_out["rejected by a writer"] += 1
                 continue
-            digest = _example_hash(exchange.prompt, exchange.reply)
+            digest = exchange_digest(exchange.prompt, exchange.reply)
+            if digest in refused.rejected:  # a writer's rejection outweighs another's approval of its twin
+                left_out["the same as a reply a writer rejected"] += 1
+                continue
             if exchange.label != ReviewLabel.APPROVED:
-                if digest in refused:
-                    left_out["the same as a reply a writer rejected or replaced"] += 1
+                if digest in refused.replaced:
+                    left_out["the same as a reply a writer replaced"] += 1
                     continue
                 if exchange.edited:
                     left_out["edited by a writer, not approved"] += 1
@@ -169,7 +165,7 @@ def export_dataset(
                 "message": message,
                 "source": "card example",
             }
-            if not split.add(_example_hash(prompt, completion), example):
+            if not split.add(exchange_digest(prompt, completion), example):
                 left_out["duplicate"] += 1
         if not split.written:
             raise ValueError(
