@@ -5,10 +5,11 @@ members), and every fact about the player or read from those lines, in one trans
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, delete, func, or_, select
+from sqlalchemy import BigInteger, String, and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
 from db.models import (
@@ -55,15 +56,41 @@ class PlayerBusy(Exception):
         )
 
 
-def erase_player(*, session: Session, tenant: str, player_id: str) -> Erased:
-    """Delete the tenant's data about `player_id` (PlayerBusy while any of it is in flight; nothing
-    is deleted then). Locks in the order the other writers take them: the conversations' memory
-    jobs (a summary's store holds its job, then its insert key-shares the conversation), the
-    conversations (an enqueue into one waits for the erasure and then finds it gone, db/world.py
-    find_conversations; a turn stored before is seen here), their turns, and facts last."""
+class AnotherPlayers(ValueError):
+    """A conversation the erasure was told to take is recorded as another player's."""
+
+    def __init__(self, index: int, name: str) -> None:
+        super().__init__(f"conversation {name!r} is another player's")
+        self.index, self.name = index, name
+
+
+# How long the erasure waits for any one lock before it gives way (rolled back, run again by its
+# caller): shorter than PostgreSQL's deadlock_timeout (1 s by default), so in any cycle of waits
+# with a writer that takes these rows in another order (the desk's edit of a line: its turn, then
+# its memory jobs; a reply's store: the conversation, then its turns), the erasure is the one that
+# yields, never a writer's transaction rolled back for a deadlock.
+LOCK_TIMEOUT_MS = 500
+
+
+def erase_player(
+    *, session: Session, tenant: str, player_id: str, conversations: Sequence[str] = ()
+) -> Erased:
+    """Delete the tenant's data about `player_id`: its conversations recorded with the player's id,
+    and those named in `conversations` (the game's ids: a live group, a run's line, a conversation
+    started without a player id record none; AnotherPlayers for one recorded as another's; a name
+    the tenant does not hold is no error, so a retry goes through). PlayerBusy while any of it is
+    in flight; nothing is deleted then. Locks: the conversations' memory jobs, the conversations (an
+    enqueue into one waits for the erasure and then finds it gone, db/world.py find_conversations;
+    a turn stored before is seen here), their turns, then facts; any wait past LOCK_TIMEOUT_MS
+    raises (LockNotAvailable) and the caller runs it again."""
     if not player_id:  # '' is every conversation that named no player
         raise ValueError("an erasure names a player")
-    theirs = (Conversation.tenant == tenant, Conversation.player_id == player_id)
+    session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
+    names = list(dict.fromkeys(conversations))
+    theirs = (
+        Conversation.tenant == tenant,
+        or_(Conversation.player_id == player_id, any_of(Conversation.external_id, names, String)),
+    )
     session.execute(
         select(MemoryJob.conversation_id)
         .join(Conversation, Conversation.id == MemoryJob.conversation_id)
@@ -71,11 +98,16 @@ def erase_player(*, session: Session, tenant: str, player_id: str) -> Erased:
         .order_by(MemoryJob.conversation_id, MemoryJob.kind)
         .with_for_update(of=MemoryJob)
     )
-    ids = list(
-        session.scalars(
-            select(Conversation.id).where(*theirs).order_by(Conversation.id).with_for_update()
-        ).all()
-    )
+    rows = session.execute(
+        select(Conversation.id, Conversation.external_id, Conversation.player_id)
+        .where(*theirs)
+        .order_by(Conversation.id)
+        .with_for_update()
+    ).all()
+    for _, external_id, owner in rows:
+        if owner not in ("", player_id):
+            raise AnotherPlayers(names.index(external_id), external_id)
+    ids = [conv_id for conv_id, _, _ in rows]
 
     def of_them(column: Any) -> Any:
         return any_of(column, ids, BigInteger)
@@ -105,9 +137,9 @@ def erase_player(*, session: Session, tenant: str, player_id: str) -> Erased:
     messages = count(of_them(Message.conversation_id))
     summaries = count(of_them(Summary.conversation_id))
     # The conversations (and all below them) before the facts: the desk's edit of a line and a fact
-    # extraction's store lock its turn, lines and memory job first and facts last; the other way
-    # round, each waited for the other (a deadlock). Facts read from them keep their id: no key.
-    conversations = session.scalars(
+    # extraction's store lock its turn, lines and memory job first and facts last. Facts read from
+    # them keep their id: no key.
+    conversations_deleted = session.scalars(
         delete(Conversation).where(of_them(Conversation.id)).returning(Conversation.id)
     ).all()
     read_from_them = and_(Fact.source_conversation_id.is_not(None), of_them(Fact.source_conversation_id))
@@ -116,4 +148,4 @@ def erase_player(*, session: Session, tenant: str, player_id: str) -> Erased:
         .where(Fact.tenant == tenant, or_(Fact.player_id == player_id, read_from_them))
         .returning(Fact.id)
     ).all()
-    return Erased(len(conversations), len(turn_states), messages, summaries, len(facts))
+    return Erased(len(conversations_deleted), len(turn_states), messages, summaries, len(facts))

@@ -791,14 +791,19 @@ def facts_move(
 @player_app.command("erase")
 def player_erase(
     player: Annotated[str, typer.Argument(help="the game's player id")],
+    conversation: Annotated[
+        list[str] | None,
+        typer.Option(help="a conversation of the player's that records no player id (repeatable)"),
+    ] = None,
     tenant: Annotated[str, typer.Option(help="the API key's tenant ('' for the CLI's own)")] = "",
 ) -> None:
-    """Delete the player's conversations (turns, lines, summaries, scenes, reviews) and the facts
-    about the player, in one transaction; prints what was deleted as JSON. Refused, deleting
-    nothing, while a turn of the player is queued or running."""
+    """Delete the player's conversations (those recorded with its id, and those named; their turns,
+    lines, summaries, scenes, reviews) and the facts about the player, in one transaction; prints
+    what was deleted as JSON. Refused, deleting nothing, while a turn of the player is queued or
+    running."""
     from services.erasure import erase
 
-    _out(json.dumps({"player": player, **vars(erase(tenant, player))}))
+    _out(json.dumps({"player": player, **vars(erase(tenant, player, conversation or []))}))
 
 
 @history_app.command("import")
@@ -990,7 +995,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from roleplay.cards import CardError
     from scripts.seed import SeedError
     from services.characters import ReservedStory
-    from services.erasure import ErasureRefused, PlayerBusy
+    from services.erasure import ErasureContended, ErasureRefused, PlayerBusy
     from services.lora.files import BadLoraFile
     from services.lora.registry import TrainedOnATenant
     from services.producer import TurnRejected
@@ -999,6 +1004,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     return (
         Refused,
         ErasureRefused,
+        ErasureContended,
         PlayerBusy,
         SeedError,
         TurnRejected,
