@@ -106,7 +106,7 @@ def erase_player(
     ).all()
     for _, external_id, owner in rows:
         if owner not in ("", player_id):
-            raise AnotherPlayers(names.index(external_id), external_id)
+            raise AnotherPlayers(list(conversations).index(external_id), external_id)
     ids = [conv_id for conv_id, _, _ in rows]
 
     def of_them(column: Any) -> Any:

@@ -701,11 +701,13 @@ def _has_unfinished_turns(session: Session, run_id: uuid.UUID) -> bool:
     )
 
 
-# Reopened turns a turn of their conversation went past while they were failed (a later line of
-# the run answered, or running now) move to the end of the conversation's order, from the first one
+# Reopened turns a turn of their conversation went past while they were failed (a later turn that
+# started: answered, or running now) move to the end of the conversation's order, from the first one
 # overtaken on, keeping their own order (nextval over the rows in number order): a claim waits only
 # for the turns numbered before it, so in place the retry ran beside that turn, neither prompt with
-# the other's exchange (as revive_unsent and a scene's requeued step move theirs).
+# the other's exchange (as revive_unsent and a scene's requeued step move theirs). A later turn not
+# yet started waits for the retry in place, as it would have. The later turns are share-locked: a
+# claim of one racing the reopen is waited for, and seen started.
 _RENUMBER_OVERTAKEN = text(
     """
 WITH reopened AS (
@@ -716,7 +718,8 @@ WITH reopened AS (
   WHERE EXISTS (
     SELECT 1 FROM turns l
     WHERE l.conversation_id = r.conversation_id AND l.number > r.number
-      AND l.id <> ALL(CAST(:ids AS uuid[]))
+      AND l.id <> ALL(CAST(:ids AS uuid[])) AND l.started_at IS NOT NULL
+    FOR SHARE
   )
   GROUP BY r.conversation_id
 ), moved AS (

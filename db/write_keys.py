@@ -9,7 +9,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import delete, func, select, tuple_, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -32,35 +32,47 @@ def take_key(*, session: Session, tenant: str, kind: str, key: str, request_hash
     """Take the key for this transaction's write: None when it is new (record the ids with
     `record_ids` before committing), else the ids the first write under it stored. KeyReused when
     that write was another request."""
-    taken = session.scalar(
-        insert(WriteKey)
-        .values(tenant=tenant, kind=kind, key=key, request_hash=request_hash, ids=[])
-        .on_conflict_do_nothing()
-        .returning(WriteKey.key)
-    )
-    if taken is not None:
-        _prune_expired(session)
-        return None
-    return stored_ids(session=session, tenant=tenant, kind=kind, key=key, request_hash=request_hash)
+    for _ in range(2):  # the key found, then pruned before it was read: taken afresh
+        taken = session.scalar(
+            insert(WriteKey)
+            .values(tenant=tenant, kind=kind, key=key, request_hash=request_hash, ids=[])
+            .on_conflict_do_nothing()
+            .returning(WriteKey.key)
+        )
+        if taken is not None:
+            _prune_expired(session)
+            return None
+        found = stored_ids(session=session, tenant=tenant, kind=kind, key=key, request_hash=request_hash)
+        if found is not None:
+            return found
+    raise RuntimeError(f"idempotency key {key!r}: neither taken nor found twice")
 
 
 # Keys past MLCHAT_WRITE_KEY_TTL_S deleted with each new one taken: never more than the writes made.
 PRUNED_PER_KEY = 100
 
 
+_PRUNE_SQL = text(
+    """
+WITH doomed AS MATERIALIZED (
+  SELECT tenant, kind, key FROM write_keys
+  WHERE created_at < now() - make_interval(secs => :ttl_s)
+  ORDER BY created_at
+  LIMIT :n
+  FOR UPDATE SKIP LOCKED
+)
+DELETE FROM write_keys w USING doomed d
+WHERE w.tenant = d.tenant AND w.kind = d.kind AND w.key = d.key
+"""
+)
+
+
 def _prune_expired(session: Session) -> None:
     """Delete up to PRUNED_PER_KEY keys past their time, the oldest first (their index), skipping
-    any a write holds now (a late retry of one waits for nobody)."""
-    expired = (
-        select(WriteKey.tenant, WriteKey.kind, WriteKey.key)
-        .where(
-            WriteKey.created_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.write_key_ttl_s)
-        )
-        .order_by(WriteKey.created_at)
-        .limit(PRUNED_PER_KEY)
-        .with_for_update(skip_locked=True)
-    )
-    session.execute(delete(WriteKey).where(tuple_(WriteKey.tenant, WriteKey.kind, WriteKey.key).in_(expired)))
+    any another transaction holds (this write never waits on one; a retry whose key is being pruned
+    waits for this transaction, then takes the key afresh). Picked once (MATERIALIZED): a locking
+    LIMIT subquery inside the DELETE could be run again per row."""
+    session.execute(_PRUNE_SQL, {"ttl_s": settings.write_key_ttl_s, "n": PRUNED_PER_KEY})
 
 
 def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:

@@ -73,7 +73,8 @@ def erase(tenant: str, player: str, conversations: Sequence[str] = ()) -> Erased
             except AnotherPlayers as exc:
                 raise ErasureRefused(f"conversations[{exc.index}]", str(exc)) from None
             except OperationalError as exc:
-                if _lock_timed_out(exc) and attempt.retry_state.attempt_number >= LOCK_TRIES:
+                contended = _lock_timed_out(exc) or rolled_back_for_a_conflict(exc)
+                if contended and attempt.retry_state.attempt_number >= LOCK_TRIES:
                     raise ErasureContended(
                         "other writers held the player's rows throughout (a reply being stored, a "
                         "writer's edit); nothing was erased: try again"

@@ -324,10 +324,10 @@ def test_conversations_the_game_names_are_erased_with_the_players_and_another_pl
     tenant = _tenant("game-a")
     recorded, unrecorded, others = _held(tenant, player), _held(tenant, ""), _held(tenant, other)
     url = f"{base_url}/v1/players/{player}:erase"
-    refused = httpx.post(url, headers=A, json={"conversations": [unrecorded["external"], others["external"]]})
-    assert refused.status_code == 422 and refused.json()["detail"][0]["field"] == "conversations[1]", (
-        refused.text
-    )
+    twice = [unrecorded["external"], unrecorded["external"], others["external"]]
+    refused = httpx.post(url, headers=A, json={"conversations": twice})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["field"] == "conversations[2]"
     assert _counts(recorded["id"])[0] == _counts(unrecorded["id"])[0] == 1  # nothing erased
     named = {"conversations": [unrecorded["external"], "never-held"]}
     erased = httpx.post(url, headers=A, json=named)
@@ -337,6 +337,25 @@ def test_conversations_the_game_names_are_erased_with_the_players_and_another_pl
     assert httpx.post(url, headers=A, json=named).json()["conversations"] == 0  # the retry
     bad = httpx.post(url, headers=A, json={"conversations": ["x", ""]})
     assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "conversations[1]", bad.text
+
+
+def test_an_erasure_that_keeps_meeting_writers_is_a_409_not_a_500(world, monkeypatch) -> None:
+    """Review: at its last try a deadlock's or a serialization failure's rollback was raised as it
+    was (a 500); only a lock wait's was said as contention."""
+    from sqlalchemy.exc import OperationalError
+
+    import services.erasure as erasure
+
+    class Deadlock(Exception):
+        sqlstate = "40P01"
+
+    def rolled_back(**_: object) -> None:
+        raise OperationalError("DELETE …", {}, Deadlock())
+
+    monkeypatch.setattr(erasure, "erase_player", rolled_back)
+    monkeypatch.setattr(erasure, "LOCK_TRIES", 2)
+    with pytest.raises(erasure.ErasureContended, match="try again"):
+        erasure.erase("", "rowan")
 
 
 def test_an_erasure_names_a_player(world) -> None:

@@ -427,35 +427,77 @@ def test_a_retried_write_of_facts_or_a_story_event_under_its_key_stores_nothing_
 
 def test_write_keys_past_their_time_are_pruned_as_new_ones_are_taken(base_url) -> None:
     """Found in review: every key of a fact or story-event write was kept for ever (a row per keyed
-    write, never read after its retries). A new key taken deletes some of those past
+    write, never read after its retries). A new key taken deletes at most a hundred of those past
     MLCHAT_WRITE_KEY_TTL_S, oldest first; a key within it still answers its retry."""
-    from sqlalchemy import select, text
+    from sqlalchemy import insert, select, text
 
     from db.models import WriteKey
+    from db.write_keys import PRUNED_PER_KEY
 
     tenant = _tenant("game-a")
-    stale, fresh = f"stale-{uuid.uuid4().hex[:8]}", f"fresh-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    stale = [f"stale-{tag}-{i:03d}" for i in range(PRUNED_PER_KEY + 1)]  # [0] the oldest
+    fresh = f"fresh-{tag}"
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     url = f"{base_url}/v1/players/{player}/facts"
     body = {"facts": [{"text": "Rowan keeps bees."}]}
-    for key in (stale, fresh):
-        assert httpx.post(url, headers=A | {"Idempotency-Key": key}, json=body).status_code == 201
+    assert httpx.post(url, headers=A | {"Idempotency-Key": fresh}, json=body).status_code == 201
+    ttl = settings.write_key_ttl_s
     with session_scope() as s:
         s.execute(
+            insert(WriteKey),
+            [{"tenant": tenant, "kind": "facts", "key": k, "request_hash": "x", "ids": []} for k in stale],
+        )
+        s.execute(
             text("UPDATE write_keys SET created_at = now() - make_interval(secs => :age) WHERE key = :k"),
-            [
-                {"age": settings.write_key_ttl_s + 60, "k": stale},
-                {"age": settings.write_key_ttl_s - 3600, "k": fresh},
-            ],
+            [{"age": ttl + 1000 - i, "k": k} for i, k in enumerate(stale)]
+            + [{"age": ttl - 3600, "k": fresh}],
         )
-    taken = httpx.post(url, headers=A | {"Idempotency-Key": f"new-{uuid.uuid4().hex[:8]}"}, json=body)
-    assert taken.status_code == 201, taken.text
-    with session_scope() as s:
-        left = set(
-            s.scalars(select(WriteKey.key).where(WriteKey.tenant == tenant, WriteKey.key.in_([stale, fresh])))
-        )
-    assert left == {fresh}
+
+    def left() -> set[str]:
+        with session_scope() as s:
+            keys = [*stale, fresh]
+            return set(
+                s.scalars(select(WriteKey.key).where(WriteKey.tenant == tenant, WriteKey.key.in_(keys)))
+            )
+
+    new = {"Idempotency-Key": f"new-{uuid.uuid4().hex[:8]}"}
+    assert httpx.post(url, headers=A | new, json=body).status_code == 201
+    assert left() == {stale[-1], fresh}  # a hundred, the oldest first
+    assert httpx.post(url, headers=A | new, json=body).status_code == 200  # a replay prunes nothing
+    assert left() == {stale[-1], fresh}
+    assert httpx.post(url, headers=A | {"Idempotency-Key": f"n2-{tag}"}, json=body).status_code == 201
+    assert left() == {fresh}
     assert httpx.post(url, headers=A | {"Idempotency-Key": fresh}, json=body).status_code == 200  # a replay
-    assert (
-        httpx.post(url, headers=A | {"Idempotency-Key": stale}, json=body).status_code == 201
-    )  # written again
+    written_again = httpx.post(url, headers=A | {"Idempotency-Key": stale[0]}, json=body)
+    assert written_again.status_code == 201  # a pruned key's retry writes again
+
+
+def test_a_key_pruned_between_a_retrys_conflict_and_its_read_is_taken_afresh(world, monkeypatch) -> None:
+    """Review of the pruning: a retry whose insert met the expired key, which a pruner then deleted
+    before the retry read it, was told the key was its own, though no row held it: its write was
+    recorded under no key, and a later retry wrote again."""
+    from sqlalchemy import delete, select
+
+    import db.write_keys as write_keys
+    from db.models import WriteKey
+
+    key = f"raced-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        assert write_keys.take_key(session=s, tenant="", kind="facts", key=key, request_hash="h") is None
+    real = write_keys.stored_ids
+    pruned: list[str] = []
+
+    def pruned_first(**kwargs: object) -> list[int] | None:
+        if not pruned:  # the pruner's delete commits between the conflict and the read
+            with session_scope() as other:
+                other.execute(delete(WriteKey).where(WriteKey.key == key))
+            pruned.append(key)
+        return real(**kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(write_keys, "stored_ids", pruned_first)
+    with session_scope() as s:
+        assert write_keys.take_key(session=s, tenant="", kind="facts", key=key, request_hash="h") is None
+        write_keys.record_ids(session=s, tenant="", kind="facts", key=key, ids=[7])
+    with session_scope() as s:
+        assert s.scalars(select(WriteKey.ids).where(WriteKey.key == key)).all() == [[7]]

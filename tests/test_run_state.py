@@ -711,6 +711,33 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
         assert retry.claimed == []  # both wait: the running line, then each other
 
 
+def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:
+    """Review of the renumbering: any later turn of the conversation moved a retried line after it,
+    a queued one never started too, which then was answered first, without the retried exchange
+    that came before it in the file. Only a later line that started goes first."""
+    from db.models import TurnErrorCode
+    from db.runs import reopen_failed
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (first, later) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)]
+    )
+    with session_scope() as s:
+        conversation = s.get_one(Turn, first).conversation_id
+        s.execute(update(Turn).where(Turn.id == later).values(conversation_id=conversation))
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
+        failure = Failure("empty", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=claim.token, failures={first: failure}) == [first]
+    with session_scope() as s:
+        before = s.get_one(Turn, first).number
+        assert reopen_failed(session=s, run_id=run_id) == [first]
+    with session_scope() as s:
+        assert s.get_one(Turn, first).number == before < s.get_one(Turn, later).number
+        assert claim_turns(session=s, turn_ids=[later], lease_s=60, max_attempts=3).claimed == []  # waits
+
+
 def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(world) -> None:
     """Found in review: `retry_failed` reset a turn's attempts but not its engine deaths or its
     deferral clock, so after the fix it was retried for, one unrelated engine restart (or one more

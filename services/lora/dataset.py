@@ -179,7 +179,8 @@ def export_dataset(
             "selection": {
                 "below_bar": "none",
                 "min_persona": threshold,
-                "writers": "approved replies kept, rejected ones left out, whatever the gate said",
+                "writers": "approved replies kept, rejected ones left out, whatever the gate said;"
+                " a twin of a rejected reply left out even if approved, of a replaced one unless approved",
             },
             "writer_approved": approved,
             "from_turns": stored,
