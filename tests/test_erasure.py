@@ -244,19 +244,17 @@ def test_a_turn_requeued_while_the_erasure_looks_is_seen_in_flight(world) -> Non
     assert cancel_turn(held["turn"])
 
 
+def _one_held(player: str) -> dict[str, Any]:
+    """What erasing one conversation `_held` made answers."""
+    return {"player": player, "conversations": 1, "turns": 1, "messages": 2, "summaries": 1, "facts": 1}
+
+
 def test_over_http_a_key_erases_its_own_tenants_player_alone(base_url) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     ours, theirs = _held(_tenant("game-a"), player), _held(_tenant("game-b"), player)
     erased = httpx.post(f"{base_url}/v1/players/{player}:erase", headers=A)
     assert erased.status_code == 200, erased.text
-    assert erased.json() == {
-        "player": player,
-        "conversations": 1,
-        "turns": 1,
-        "messages": 2,
-        "summaries": 1,
-        "facts": 1,
-    }
+    assert erased.json() == _one_held(player)
     assert _counts(ours["id"]) == (0, 0, 0, 0, 0)
     assert _counts(theirs["id"]) == (1, 1, 2, 1, 1) and _facts_left(theirs["fact"]) == {theirs["fact"]}
     assert httpx.post(f"{base_url}/v1/players/{player}:erase", headers=A).json()["conversations"] == 0
@@ -295,14 +293,7 @@ def test_the_cli_erases_and_refuses_in_one_line(capsys, world) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     held = _held("", player)
     assert cli(["player", "erase", player]) == 0
-    assert json.loads(capsys.readouterr().out) == {
-        "player": player,
-        "conversations": 1,
-        "turns": 1,
-        "messages": 2,
-        "summaries": 1,
-        "facts": 1,
-    }
+    assert json.loads(capsys.readouterr().out) == _one_held(player)
     assert _counts(held["id"])[0] == 0
     for args, said in [
         ([""], "mlchat: player: empty"),
