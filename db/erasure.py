@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy import BigInteger, String, and_, delete, func, or_, select, text
 from sqlalchemy.orm import Session
 
+from db.advisory_locks import name_key
 from db.models import (
     TURN_UNFINISHED,
     Conversation,
@@ -64,11 +65,22 @@ class AnotherPlayers(ValueError):
         self.index, self.name = index, name
 
 
+_PLAYER_LOCK_NAMESPACE = 0x6D6C6572  # "mler"
+
+
+def hold_player(*, session: Session, tenant: str, player_id: str, shared: bool = True) -> None:
+    """The player's lock for this transaction: shared by each write of facts about the player, held
+    alone by an erasure, so a fact written while the erasure runs waits for it and is written after
+    (never one slipping in after its delete read the facts, left behind by an erasure that said done)."""
+    lock = func.pg_advisory_xact_lock_shared if shared else func.pg_advisory_xact_lock
+    session.execute(select(lock(_PLAYER_LOCK_NAMESPACE, name_key(f"{tenant}\n{player_id}"))))
+
+
 # How long the erasure waits for any one lock before it gives way (rolled back, run again by its
 # caller): shorter than PostgreSQL's deadlock_timeout (1 s by default), so in any cycle of waits
 # with a writer that takes these rows in another order (the desk's edit of a line: its turn, then
-# its memory jobs; a reply's store: the conversation, then its turns), the erasure is the one that
-# yields, never a writer's transaction rolled back for a deadlock.
+# its memory jobs; a reply's store: the conversation, then its turns), the erasure is normally the
+# one that yields (a writer that began waiting well before it may still be the deadlock's victim).
 LOCK_TIMEOUT_MS = 500
 
 
@@ -86,6 +98,7 @@ def erase_player(
     if not player_id:  # '' is every conversation that named no player
         raise ValueError("an erasure names a player")
     session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
+    hold_player(session=session, tenant=tenant, player_id=player_id, shared=False)
     names = list(dict.fromkeys(conversations))
     theirs = (
         Conversation.tenant == tenant,

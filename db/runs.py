@@ -702,12 +702,21 @@ def _has_unfinished_turns(session: Session, run_id: uuid.UUID) -> bool:
 
 
 # Reopened turns a turn of their conversation went past while they were failed (a later turn that
-# started: answered, or running now) move to the end of the conversation's order, from the first one
-# overtaken on, keeping their own order (nextval over the rows in number order): a claim waits only
-# for the turns numbered before it, so in place the retry ran beside that turn, neither prompt with
-# the other's exchange (as revive_unsent and a scene's requeued step move theirs). A later turn not
-# yet started waits for the retry in place, as it would have. The later turns are share-locked: a
-# claim of one racing the reopen is waited for, and seen started.
+# is running or answered) move after it, from the first one overtaken on, in number order, and with
+# them the conversation's later turns not yet started (they came after the retried line in input,
+# and still do): nextval over the rows in number order. A claim waits only for the turns numbered
+# before it, so in place the retry ran beside the running turn, neither prompt with the other's
+# exchange (as revive_unsent and a scene's requeued step move theirs). The later turns are
+# share-locked first, in a statement of their own: a claim of one that was under way is waited for
+# and then read as it committed (one that starts after it still races the reopen, as any two claims
+# of one conversation's turns do).
+_LOCK_LATER_TURNS = text(
+    """
+SELECT l.id FROM turns l JOIN turns r ON r.conversation_id = l.conversation_id AND l.number > r.number
+WHERE r.id = ANY(CAST(:ids AS uuid[])) AND l.id <> ALL(CAST(:ids AS uuid[]))
+ORDER BY l.id FOR SHARE OF l
+"""
+)
 _RENUMBER_OVERTAKEN = text(
     """
 WITH reopened AS (
@@ -718,16 +727,15 @@ WITH reopened AS (
   WHERE EXISTS (
     SELECT 1 FROM turns l
     WHERE l.conversation_id = r.conversation_id AND l.number > r.number
-      AND l.id <> ALL(CAST(:ids AS uuid[])) AND l.started_at IS NOT NULL
-    FOR SHARE
+      AND l.id <> ALL(CAST(:ids AS uuid[])) AND l.status IN ('running', 'done')
   )
   GROUP BY r.conversation_id
 ), moved AS (
   SELECT id, nextval(pg_get_serial_sequence('turns', 'number')) AS number
   FROM (
-    SELECT r.id FROM reopened r JOIN first_overtaken f USING (conversation_id)
-    WHERE r.number >= f.from_number
-    ORDER BY r.number
+    SELECT t.id FROM turns t JOIN first_overtaken f USING (conversation_id)
+    WHERE t.number >= f.from_number AND (t.id = ANY(CAST(:ids AS uuid[])) OR t.status = 'queued')
+    ORDER BY t.number
   ) in_order
 )
 UPDATE turns SET number = moved.number FROM moved WHERE turns.id = moved.id
@@ -770,6 +778,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         ).all()
     )
     if ids:
+        session.execute(_LOCK_LATER_TURNS, {"ids": ids})
         session.execute(_RENUMBER_OVERTAKEN, {"ids": ids})
         moved = session.scalar(
             update(Run)
@@ -934,7 +943,9 @@ def run_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:
 
 
 def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1000) -> Iterator[Turn]:
-    """The run's turns in input order, streamed in chunks (bounded memory for large runs), without
+    """The run's turns in number order (input order, but for a line retried after a later line of
+    its conversation went past it, which reopen_failed moved after it), streamed in chunks (bounded
+    memory for large runs), without
     their prompt and retrieved context: an export never writes them, and they are most of a turn's
     bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes).
     `session` None: each chunk is read in a transaction of its own, so an export that takes minutes

@@ -11,6 +11,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
+from db.erasure import hold_player
 from db.facts import (
     NewFact,
     add_facts,
@@ -191,6 +192,7 @@ def _store_facts(
     tenant: str, player: str, facts: list[FactIn], vectors: Any, key: str | None, digest: str
 ) -> tuple[list[FactView], bool]:
     with session_scope() as session:
+        hold_player(session=session, tenant=tenant, player_id=player)  # an erasure of the player waits
         if key is not None:  # taken first: a second write under the key waits here for this one
             earlier = take_key(session=session, tenant=tenant, kind=FACTS_KEY, key=key, request_hash=digest)
             if earlier is not None:

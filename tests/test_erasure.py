@@ -249,6 +249,39 @@ def _one_held(player: str) -> dict[str, Any]:
     return {"player": player, "conversations": 1, "turns": 1, "messages": 2, "summaries": 1, "facts": 1}
 
 
+def test_a_fact_written_while_the_erasure_runs_is_erased_with_the_rest_not_left_behind(
+    world, monkeypatch
+) -> None:
+    """Review of the erasure: a fact about the player being written as the erasure ran (its insert
+    not yet committed when the erasure read the facts) was left behind by an erasure that answered
+    done. Each write of the player's facts holds the player's lock shared, the erasure alone."""
+    import db.facts
+    from services.facts import FactIn, write_facts
+
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    held = _held("", player)
+    real_add = db.facts.add_facts
+    inserted = threading.Event()
+
+    def slow_add(**kwargs: Any) -> Any:
+        rows = real_add(**kwargs)
+        inserted.set()
+        time.sleep(1.5)  # the write's transaction stays open while the erasure runs
+        return rows
+
+    monkeypatch.setattr("services.facts.add_facts", slow_add)
+    written: list[Any] = []
+    writer = threading.Thread(
+        target=lambda: written.extend(write_facts("", player, [FactIn(text="Rowan owes Mira.")]))
+    )
+    writer.start()
+    assert inserted.wait(30)
+    erased = erase("", player)
+    writer.join(30)
+    assert [f.text for f in written] == ["Rowan owes Mira."] and erased.facts == 2  # held's and this one
+    assert _facts_left(written[0].id, held["fact"]) == set()
+
+
 def test_over_http_a_key_erases_its_own_tenants_player_alone(base_url) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     ours, theirs = _held(_tenant("game-a"), player), _held(_tenant("game-b"), player)

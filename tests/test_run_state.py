@@ -675,20 +675,21 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
     """Found in review: `run retry-failed` put a failed line back in the queue with its number, so
     while a later line of its conversation was running the retry was claimed beside it (a claim
     waits only for the turns numbered before it): neither prompt held the other's exchange. The
-    retried lines move after those, keeping their own order."""
+    retried lines move after those, keeping their own order, and the conversation's later lines not
+    yet started move with them (review: they came after the retried line, and were answered before
+    it without its exchange)."""
     from db.models import TurnErrorCode
     from db.runs import reopen_failed
     from db.turns import Failure, claim_turns, fail_turns
     from tests.desk_data import Spec, quality, queue_run
 
-    run_id, (first, done, third, running) = queue_run(
-        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(4)]
+    run_id, (first, done, third, running, waiting) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(5)]
     )
     with session_scope() as s:
         conversation = s.get_one(Turn, first).conversation_id
-        s.execute(
-            update(Turn).where(Turn.id.in_([done, third, running])).values(conversation_id=conversation)
-        )
+        later = [done, third, running, waiting]
+        s.execute(update(Turn).where(Turn.id.in_(later)).values(conversation_id=conversation))
     with session_scope() as s:
         claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
         assert fail_turns(
@@ -705,10 +706,11 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
     with session_scope() as s:
         assert sorted(reopen_failed(session=s, run_id=run_id)) == sorted([first, third])
     with session_scope() as s:
-        numbers = {t: s.get_one(Turn, t).number for t in (first, done, third, running)}
-        assert numbers[running] < numbers[first] < numbers[third]  # after it, in their own order
-        retry = claim_turns(session=s, turn_ids=[first, third], lease_s=60, max_attempts=3)
-        assert retry.claimed == []  # both wait: the running line, then each other
+        numbers = {t: s.get_one(Turn, t).number for t in (first, done, third, running, waiting)}
+        # after it, in their own order, the line not yet started still after them
+        assert numbers[done] < numbers[running] < numbers[first] < numbers[third] < numbers[waiting]
+        retry = claim_turns(session=s, turn_ids=[first, third, waiting], lease_s=60, max_attempts=3)
+        assert retry.claimed == []  # each waits: the running line, then the one before it
 
 
 def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:

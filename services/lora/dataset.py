@@ -41,17 +41,20 @@ def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> 
     """The card's example dialogue as (prompt, completion, message): the system prompt and the user's
     line laid out in the prompt format the worker serves (SOLAR's, EEVE's, gpt-oss's text, or the
     model's chat template), the character's line as the completion."""
-    from worker.prompt.formats import FORMATS, escaped_label
+    from worker.prompt.formats import escaped_label
     from worker.prompt.layout import default_system_prompt, fill_macros
-    from worker.prompt.packing import text_cleaner
-    from worker.prompt.sanitize import Sanitizer
+    from worker.prompt.packing import PromptBuilder
+    from worker.prompt.roles import fit_roles
 
-    fmt, sanitizer = FORMATS[prompt_format], Sanitizer(tokenizer)
+    # The worker's own builder: its format escapes a chat template's plain-text role markers too
+    # (Zephyr's `<|user|>`), and it knows which roles the template takes.
+    builder = PromptBuilder(tokenizer, prompt_format, settings.max_model_len)
+    fmt, sanitizer = builder.format, builder.sanitizer
     char, user = sanitizer.speaker_labels(character.name, "User")
     char, user = escaped_label(fmt, char), escaped_label(fmt, user)
     # The card is untrusted like every prompt text: its special-token strings and the format's role
     # markers are broken (a card's `<|im_end|>` became a real end of turn in the training prompt).
-    clean = text_cleaner(fmt, sanitizer, char, user)
+    clean = builder.cleaner(char, user)
 
     def filled(text: str, original: str = "") -> str:
         # As the prompt's own are filled, then cleaned: a token split around a macro stays broken.
@@ -68,7 +71,7 @@ def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> 
             {"role": "system", "content": system},
             {"role": "user", "content": filled(line)},
         ]
-        rendered = fmt.render(tokenizer, messages, char, user)
+        rendered = fmt.render(tokenizer, fit_roles(messages, builder.roles, char), char, user)
         # The completion is the voice to learn: its special-token strings broken, no marker escaped.
         out.append((rendered.text, sanitizer.scrub(fill_macros(reply, char, user)), line))
     return out

@@ -22,7 +22,6 @@ from worker.prompt.formats import (
     FORMATS,
     SPEAKER,
     ChatMessage,
-    PromptFormat,
     escape_bracket_markers,
     escape_name_markers,
     escape_text_markers,
@@ -77,14 +76,6 @@ class PromptInput:
 # Sections of the persona that instruct the model: a reply reproducing one of them leaks the prompt.
 ECHO_SECTIONS = ("system_prompt", "character_sheet", "lore")
 LOREBOOKS_KEPT = 256  # characters whose validated lorebook a prompt builder keeps (a book: up to MBs)
-
-
-def text_cleaner(fmt: PromptFormat, sanitizer: Sanitizer, char: str, user: str) -> Callable[[str], str]:
-    """The one cleaning step for every untrusted text of a prompt in `fmt` between these two
-    speakers: no special token, no role marker of the format, no line opening as the prompt's own
-    bracketed markers ("[Narrator] …", "[Scene direction]", "[… speaks next.]")."""
-    escape, scrub = fmt.escape, sanitizer.scrub
-    return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
 
 @dataclass
@@ -198,9 +189,11 @@ class PromptBuilder:
         self._books: VersionedCache[Lorebook] = VersionedCache(kept=LOREBOOKS_KEPT)
 
     def cleaner(self, char: str, user: str) -> Any:
-        """The one cleaning step for every untrusted text of a prompt between these two speakers
-        (text_cleaner)."""
-        return text_cleaner(self.format, self.sanitizer, char, user)
+        """The one cleaning step for every untrusted text of a prompt between these two speakers: no
+        special token, no role marker of the format, no line opening as the prompt's own bracketed
+        markers ("[Narrator] …", "[Scene direction]", "[… speaks next.]")."""
+        escape, scrub = self.format.escape, self.sanitizer.scrub
+        return lambda text: escape_bracket_markers(escape(scrub(text), char, user))
 
     def name_label(self, clean: Callable[[str], str], *request_speakers: str) -> Callable[[str], str]:
         """Another speaker's name as a label: folded onto one line, cleaned like any text (`clean`: a
