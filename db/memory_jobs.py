@@ -219,21 +219,23 @@ def take_back_stalled(
 
 def release_job(
     *, session: Session, conversation_id: int, kind: str, token: uuid.UUID, ran: bool = False
-) -> None:
+) -> bool:
     """Give the job back (the next scheduling may claim it at once). Its queued mark goes too: a
     message that came while the job ran found it held and was dropped, and its mark would keep the
     job's next step from being sent for `stale_s`. `ran`: this claim's step ran without raising,
-    which ends the job's failures in a row (record_failure)."""
-    session.execute(
+    which ends the job's failures in a row (record_failure). Whether this claim still held it (False:
+    its lease lapsed and another claim took the job, which is that claim's now)."""
+    released = session.execute(
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
             " failures = CASE WHEN :ran THEN 0 ELSE failures END,"
             " last_error = CASE WHEN :ran THEN NULL ELSE last_error END,"
             " retry_after = CASE WHEN :ran THEN NULL ELSE retry_after END"
-            " WHERE conversation_id = :c AND kind = :k AND token = :t"
+            " WHERE conversation_id = :c AND kind = :k AND token = :t RETURNING 1"
         ),
         {"c": conversation_id, "k": kind, "t": token, "ran": ran},
-    )
+    ).first()
+    return released is not None
 
 
 # A failed step's next try waits this long, doubling with each failure in a row, at most the cap.

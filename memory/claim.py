@@ -5,10 +5,45 @@ worker's and handed to another (whose answer would then be thrown away in turn).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from core.settings import settings
-from db.memory_jobs import renew_job
+from db.memory_jobs import release_job, renew_job
+from db.session import session_scope
 from worker.lease import LeaseKeeper
+
+
+class ClaimLapsed(Exception):
+    """A memory job's step raised after its claim had lapsed and another claim took the job: the
+    failure is not the job's to count (the other claim's step may have run, and cleared its count)."""
+
+
+@contextmanager
+def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None]:
+    """The job given back when the block ends: as run (its failures in a row ended) when the block
+    ends without raising. A step that raised after another claim took the job raises ClaimLapsed
+    instead (an engine's death as it was: that is counted apart, tasks/memory.py)."""
+    from worker.engine import EngineDead
+
+    try:
+        yield
+    except EngineDead:
+        _release(conversation_id, kind, token, ran=False)
+        raise
+    except Exception as exc:
+        if not _release(conversation_id, kind, token, ran=False):
+            raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
+        raise
+    except BaseException:
+        _release(conversation_id, kind, token, ran=False)
+        raise
+    _release(conversation_id, kind, token, ran=True)
+
+
+def _release(conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool) -> bool:
+    with session_scope() as session:
+        return release_job(session=session, conversation_id=conversation_id, kind=kind, token=token, ran=ran)
 
 
 def keeping(conversation_id: int, kind: str, token: uuid.UUID) -> LeaseKeeper:

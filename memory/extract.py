@@ -27,13 +27,12 @@ from db.memory_jobs import (
     clear_engine_deaths,
     death_record,
     extracted_through,
-    release_job,
 )
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import again_on_conflict, session_scope
 from db.vector_space import EmbedderMismatch, same_space
 from db.world import conversation_for_memory
-from memory.claim import keeping
+from memory.claim import keeping, released
 from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
 
@@ -300,15 +299,8 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
         )
     if token is None:
         return {}
-    ran = False
-    try:
-        with keeping(conversation_id, EXTRACT, token):
-            counts = _extract_step(conversation_id, token, generate, on_engine=on_engine)
-        ran = True
-        return counts
-    finally:
-        with session_scope() as session:
-            release_job(session=session, conversation_id=conversation_id, kind=EXTRACT, token=token, ran=ran)
+    with released(conversation_id, EXTRACT, token), keeping(conversation_id, EXTRACT, token):
+        return _extract_step(conversation_id, token, generate, on_engine=on_engine)
 
 
 def _extract_step(

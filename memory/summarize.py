@@ -19,12 +19,11 @@ from db.memory_jobs import (
     claim_job,
     clear_engine_deaths,
     death_record,
-    release_job,
 )
 from db.session import again_on_conflict, session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
 from db.world import conversation_for_memory
-from memory.claim import keeping
+from memory.claim import keeping, released
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
 logger = logging.getLogger(__name__)
@@ -152,43 +151,38 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         generate = _no_answer
         max_steps = 1
         on_engine = False
-    stored, ran = 0, False
-    try:
-        with keeping(conversation_id, SUMMARY, token):
-            builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
-            who = speakers(builder, *names)
-            for _ in range(max_steps):
-                with session_scope() as session:
-                    work = next_summary_work(
-                        session=session,
-                        conversation_id=conversation_id,
-                        recent_n=settings.recent_history,
-                        threshold_tokens=settings.memory_summary_threshold_tokens,
-                        chunk_tokens=settings.memory_summary_chunk_tokens,
-                        fanout=settings.memory_summary_fanout,
-                    )
-                if work is None:
-                    break
-                work = fitted(work, who, builder)
-                system, body = summary_prompt(work, who)
-                text = generate(system, body, settings.memory_summary_max_tokens, alone)
-                if not text:
-                    # Seeded and greedy-ish, the same request would answer empty again, and a merge due
-                    # comes before any new lines: the text it was to summarise is kept instead, cut.
-                    logger.warning(
-                        "empty summary for conversation %s lines %s-%s: its text kept, cut",
-                        conversation_id,
-                        work.first_seq,
-                        work.last_seq,
-                    )
-                    text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
-                if not again_on_conflict(partial(_store, work, text, token), what="a summary's store"):
-                    break  # the claim lapsed (another worker has it) or the range is stored
-                stored += 1
-        ran = True
-    finally:
-        with session_scope() as session:
-            release_job(session=session, conversation_id=conversation_id, kind=SUMMARY, token=token, ran=ran)
+    stored = 0
+    with released(conversation_id, SUMMARY, token), keeping(conversation_id, SUMMARY, token):
+        builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
+        who = speakers(builder, *names)
+        for _ in range(max_steps):
+            with session_scope() as session:
+                work = next_summary_work(
+                    session=session,
+                    conversation_id=conversation_id,
+                    recent_n=settings.recent_history,
+                    threshold_tokens=settings.memory_summary_threshold_tokens,
+                    chunk_tokens=settings.memory_summary_chunk_tokens,
+                    fanout=settings.memory_summary_fanout,
+                )
+            if work is None:
+                break
+            work = fitted(work, who, builder)
+            system, body = summary_prompt(work, who)
+            text = generate(system, body, settings.memory_summary_max_tokens, alone)
+            if not text:
+                # Seeded and greedy-ish, the same request would answer empty again, and a merge due
+                # comes before any new lines: the text it was to summarise is kept instead, cut.
+                logger.warning(
+                    "empty summary for conversation %s lines %s-%s: its text kept, cut",
+                    conversation_id,
+                    work.first_seq,
+                    work.last_seq,
+                )
+                text = stand_in_summary(work, who, settings.memory_summary_max_tokens * CHARS_PER_TOKEN)
+            if not again_on_conflict(partial(_store, work, text, token), what="a summary's store"):
+                break  # the claim lapsed (another worker has it) or the range is stored
+            stored += 1
     return stored
 
 

@@ -68,6 +68,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
     """One step of the job; whether it did any work."""
     from db.memory_jobs import EXTRACT, SUMMARY
     from db.vector_space import EmbedderMismatch
+    from memory.claim import ClaimLapsed
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
     from worker.engine import EngineDead
@@ -86,6 +87,9 @@ def _run_step(conversation_id: int, kind: str) -> bool:
             did = bool(counts)
     except EngineDead:
         raise
+    except ClaimLapsed as exc:  # another worker holds the job now: its failures are its own to count
+        logger.warning("%s; its claim had lapsed and another worker took the job: not counted", exc)
+        return False
     except Exception as exc:
         # A reembed's swap (not its subclasses: the embedder unavailable, of another dimension): a
         # worker of the stored vectors' embedder does it, uncounted.

@@ -463,6 +463,41 @@ def test_a_memory_job_that_raises_is_sent_again_after_a_backoff_and_given_up_aft
     assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
 
 
+def test_a_step_failing_after_another_claim_took_its_job_counts_no_failure_against_it(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a step's failure was recorded against whoever held the job by then. A claim
+    whose lease lapsed while it generated, failing after another claim had taken the job and run it
+    cleanly, counted a failure and backed the job off (given up for a day at the limit)."""
+    from db.memory_jobs import claim_job, release_job
+    from memory import summarize
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+
+    def taken_over_then_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        with session_scope() as s:  # this claim's lease lapses; another worker claims and runs it
+            s.execute(
+                update(MemoryJob).where(MemoryJob.conversation_id == conv).values(lease_until=func.now())
+            )
+        with session_scope() as s:
+            other = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=600)
+            assert other is not None
+        with session_scope() as s:
+            assert release_job(session=s, conversation_id=conv, kind=SUMMARY, token=other, ran=True)
+        raise ConnectionError("the engine is away")
+
+    original = summarize.run_summary_job
+    monkeypatch.setattr(
+        summarize, "run_summary_job", lambda c, **kw: original(c, generate=taken_over_then_away, **kw)
+    )
+    memory_tasks.memory_job(conv, SUMMARY)
+    with session_scope() as s:
+        job = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (job.failures, job.retry_after, job.last_error) == (0, None, None)
+    assert not _queued(conv)  # not sent again after a backoff either: the job is the other claim's
+
+
 def test_a_memory_job_meeting_another_embedders_vectors_is_sent_on_uncounted_and_a_clean_step_clears_failures(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
