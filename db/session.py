@@ -248,18 +248,25 @@ def rolled_back_for_a_conflict(exc: BaseException) -> bool:
 CONFLICT_TRIES = 3
 
 
-def again_on_conflict(write: Callable[[], _T], *, what: str, tries: int = CONFLICT_TRIES) -> _T:
+def again_on_conflict(
+    write: Callable[[], _T],
+    *,
+    what: str,
+    tries: int = CONFLICT_TRIES,
+    also: Callable[[BaseException], bool] = lambda exc: False,
+) -> _T:
     """`write()`, a transaction of its own, run again when the server rolled it back for a deadlock
-    or a serialization failure (it left nothing behind), up to `tries` times in all, a short random
-    wait between (the two writers of a deadlock would meet again in step); the last conflict is
-    raised, as is any other error at once."""
+    or a serialization failure (it left nothing behind), or for what `also` says (a lock waited for
+    past the transaction's own lock_timeout), up to `tries` times in all, a short random wait
+    between (the two writers of a deadlock would meet again in step); the last conflict is raised,
+    as is any other error at once."""
 
     def said(state: Any) -> None:
         orig = getattr(state.outcome.exception(), "orig", None)
         logger.info("%s rolled back (%s); run again", what, type(orig).__name__)
 
     for attempt in Retrying(
-        retry=retry_if_exception(rolled_back_for_a_conflict),
+        retry=retry_if_exception(lambda exc: rolled_back_for_a_conflict(exc) or also(exc)),
         stop=stop_after_attempt(tries),
         wait=wait_random(0.0, 0.2),
         before_sleep=said,

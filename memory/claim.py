@@ -28,15 +28,10 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
 
     try:
         yield
-    except EngineDead:
-        _release(conversation_id, kind, token, ran=False)
-        raise
-    except Exception as exc:
-        if not _release(conversation_id, kind, token, ran=False):
+    except BaseException as exc:
+        held = _release(conversation_id, kind, token, ran=False)
+        if not held and isinstance(exc, Exception) and not isinstance(exc, EngineDead):
             raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
-        raise
-    except BaseException:
-        _release(conversation_id, kind, token, ran=False)
         raise
     _release(conversation_id, kind, token, ran=True)
 

@@ -7,11 +7,10 @@ import logging
 from collections.abc import Sequence
 
 from sqlalchemy.exc import OperationalError
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
 
 from db.erasure import AnotherPlayers, Erased, PlayerBusy, erase_player
-from db.session import rolled_back_for_a_conflict, session_scope
-from services.schemas import owner_fault, storable_text
+from db.session import again_on_conflict, rolled_back_for_a_conflict, session_scope
+from services.schemas import owner_fault, text_fault
 
 logger = logging.getLogger(__name__)
 
@@ -48,38 +47,25 @@ def erase(tenant: str, player: str, conversations: Sequence[str] = ()) -> Erased
     if len(conversations) > MAX_CONVERSATIONS:
         raise ErasureRefused("conversations", f"{len(conversations)} named; the limit is {MAX_CONVERSATIONS}")
     for i, name in enumerate(conversations):
-        if not name or len(name) > 200:
-            raise ErasureRefused(
-                f"conversations[{i}]", "empty" if not name else f"{len(name)} characters; the limit is 200"
-            )
-        try:
-            storable_text(name)
-        except ValueError as exc:
-            raise ErasureRefused(f"conversations[{i}]", str(exc)) from None
+        wrong = text_fault(name, 200)
+        if wrong is not None:
+            raise ErasureRefused(f"conversations[{i}]", wrong)
 
     def write() -> Erased:
         with session_scope() as session:
             return erase_player(session=session, tenant=tenant, player_id=player, conversations=conversations)
 
-    for attempt in Retrying(
-        retry=retry_if_exception(lambda exc: rolled_back_for_a_conflict(exc) or _lock_timed_out(exc)),
-        stop=stop_after_attempt(LOCK_TRIES),
-        wait=wait_random(0.05, 0.3),
-        reraise=True,
-    ):
-        with attempt:
-            try:
-                erased = write()
-            except AnotherPlayers as exc:
-                raise ErasureRefused(f"conversations[{exc.index}]", str(exc)) from None
-            except OperationalError as exc:
-                contended = _lock_timed_out(exc) or rolled_back_for_a_conflict(exc)
-                if contended and attempt.retry_state.attempt_number >= LOCK_TRIES:
-                    raise ErasureContended(
-                        "other writers held the player's rows throughout (a reply being stored, a "
-                        "writer's edit); nothing was erased: try again"
-                    ) from exc
-                raise
+    try:
+        erased = again_on_conflict(write, what="a player's erasure", tries=LOCK_TRIES, also=_lock_timed_out)
+    except AnotherPlayers as exc:
+        raise ErasureRefused(f"conversations[{exc.index}]", str(exc)) from None
+    except OperationalError as exc:
+        if _lock_timed_out(exc) or rolled_back_for_a_conflict(exc):  # at every try
+            raise ErasureContended(
+                "other writers held the player's rows throughout (a reply being stored, a "
+                "writer's edit); nothing was erased: try again"
+            ) from exc
+        raise
     # No player id in its own log line: the record of an erasure should not keep what it erased.
     logger.info("erased a player of tenant %r: %s", tenant, erased)
     return erased

@@ -40,16 +40,25 @@ def storable_text(value: str) -> str:
     return value
 
 
+def text_fault(value: str, limit: int, *, empty_ok: bool = False) -> str | None:
+    """Why a text the CLI passes as typed would not be stored (storable_text, `limit` characters,
+    empty unless `empty_ok`); None for a good one."""
+    try:
+        storable_text(value)
+    except ValueError as exc:
+        return str(exc)
+    if len(value) > limit:
+        return f"{len(value)} characters; the limit is {limit}"
+    return None if value or empty_ok else "empty"
+
+
 def owner_fault(tenant: str, player: str) -> tuple[str, str] | None:
     """(field, reason) for a player or a tenant the API's path and keys would refuse, None for a
     good pair: the CLI passes them as typed."""
     for field, value, limit in (("player", player, 200), ("tenant", tenant, 64)):
-        try:
-            storable_text(value)
-        except ValueError as exc:
-            return field, str(exc)
-        if len(value) > limit:
-            return field, f"{len(value)} characters; the limit is {limit}"
+        fault = text_fault(value, limit, empty_ok=True)
+        if fault is not None:
+            return field, fault
     if not TENANT_NAME.fullmatch(tenant):
         return "tenant", "may hold only letters, digits, '.', '_' and '-'"
     if not player:
