@@ -601,6 +601,38 @@ def test_a_running_worker_stops_once_the_vectors_move_to_other_weights_of_its_na
     assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
 
 
+def test_a_running_workers_check_compares_the_embedder_it_loaded_not_the_setting_read_again(
+    recorded: str, monkeypatch
+) -> None:
+    """CI, stop 64: a test that set MLCHAT_EMBEDDER in this process for a moment stopped the session's
+    worker, whose housekeeping read the setting again at its next tick and found the stored vectors
+    "moved" away from a name it had never loaded."""
+    from services import batches
+    from worker import lifecycle
+    from worker.housekeeping import Housekeeper
+
+    state = SimpleNamespace(should_stop=None)
+    monkeypatch.setattr(lifecycle, "worker_state", state)
+    ticks: list[int] = []
+    monkeypatch.setattr(
+        batches, "housekeeping", lambda models: ticks.append(1) or {"expired": 0, "finalized": 0}
+    )
+    housekeeper = Housekeeper(interval_s=0.05)
+    monkeypatch.setattr(settings, "embedder", "/no/such/embedder")
+    housekeeper.start()
+    deadline = time.monotonic() + 10
+    while len(ticks) < 3 and housekeeper.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    housekeeper.stop()
+    housekeeper.join(timeout=10)
+    assert len(ticks) >= 3 and state.should_stop is None  # it ticked on, its worker kept
+    with session_scope() as s:  # uncommitted, as above: a move it loaded is still seen
+        move_to(session=s, embedder="another-model", fingerprint=fingerprint())
+        assert not housekeeper.in_vector_space(lambda: nullcontext(s))
+        s.rollback()
+    assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
+
+
 def _waiting_for_a_lock() -> bool:
     with session_scope() as s:
         waiting = text(
@@ -795,12 +827,12 @@ def test_an_embedder_that_cannot_load_here_is_refused_in_one_line_naming_the_set
     # found in review: the loader's own error (torch's AssertionError for a device this build lacks)
     # reached the API as a 500 and the CLI as a traceback; refused as another embedder is, it is a
     # 503 and one line
-    from worker.embedder import EmbedderUnavailable, get_embedder
+    from worker.embedder import EmbedderUnavailable, load_embedder
 
-    monkeypatch.setattr(settings, "embedder", embedder)
-    monkeypatch.setattr(settings, "embedder_device", device)
+    # Not this process's settings: the session's worker and pooled connections read those.
+    cfg = settings.model_copy(update={"embedder": embedder, "embedder_device": device})
     with pytest.raises(EmbedderMismatch) as refused:
-        get_embedder.__wrapped__()  # the process's own embedder stays loaded
+        load_embedder(cfg)
     assert isinstance(refused.value, EmbedderUnavailable)
     assert "MLCHAT_EMBEDDER" in str(refused.value) and "\n" not in str(refused.value)
 

@@ -40,11 +40,16 @@ def _model_source(cfg: Settings) -> str:
 @cache
 def get_embedder() -> SentenceTransformer:
     """The process's embedder, loaded once (offline for the bundled default)."""
+    return load_embedder(settings)
+
+
+def load_embedder(cfg: Settings) -> SentenceTransformer:
+    """The embedder `cfg` names, loaded, or refused in one line naming the setting."""
     from sentence_transformers import SentenceTransformer
 
-    source = _model_source(settings)
+    source = _model_source(cfg)
     logger.info("loading embedder %s", source)
-    device = settings.embedder_device or "cpu"
+    device = cfg.embedder_device or "cpu"
     try:
         model = SentenceTransformer(source, device=device)
     except (OSError, ValueError, AssertionError, RuntimeError) as exc:
@@ -54,10 +59,10 @@ def get_embedder() -> SentenceTransformer:
             raise
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EmbedderUnavailable(
-            f"MLCHAT_EMBEDDER={settings.embedder!r} cannot be loaded on {device!r} "
+            f"MLCHAT_EMBEDDER={cfg.embedder!r} cannot be loaded on {device!r} "
             f"(MLCHAT_EMBEDDER_DEVICE): {reason}"
         ) from exc
-    check_dimension(model.get_embedding_dimension(), settings.embedding_dim)
+    check_dimension(model.get_embedding_dimension(), cfg.embedding_dim, cfg.embedder)
     return model
 
 
@@ -82,11 +87,11 @@ def fingerprint() -> np.ndarray:
     return fingerprint_of(get_embedder())
 
 
-def check_dimension(model_dim: int | None, column_dim: int) -> None:
+def check_dimension(model_dim: int | None, column_dim: int, embedder: str | None = None) -> None:
     """Fail with a clear message when the embedder and the vector column disagree."""
     if model_dim != column_dim:
         raise EmbedderDimensionError(
-            f"embedder {settings.embedder!r} makes {model_dim}-d vectors but the database stores "
+            f"embedder {embedder or settings.embedder!r} makes {model_dim}-d vectors but the database stores "
             f"vector({column_dim}); set MLCHAT_EMBEDDING_DIM and migrate, or pick a {column_dim}-d embedder"
         )
 

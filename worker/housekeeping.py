@@ -24,17 +24,21 @@ logger = logging.getLogger(__name__)
 def still_in_vector_space(
     scope: Callable[[], AbstractContextManager[Session]] | None = None,
     fingerprint: ArrayLike | None = None,
+    embedder: str | None = None,
 ) -> bool:
-    """False (and the worker told to stop) once the stored vectors come from another embedder, or
-    from other weights than `fingerprint` (this worker's, when given). While they are still its
-    weights', its connections name the space's version (a re-embed to the same weights changes it)."""
+    """False (and the worker told to stop) once the stored vectors come from another embedder than
+    `embedder` (MLCHAT_EMBEDDER when not given), or from other weights than `fingerprint` (this
+    worker's, when given). While they are still its weights', its connections name the space's
+    version (a re-embed to the same weights changes it)."""
     from db.session import adopt_space_version, session_scope
     from db.vector_space import moved_away
     from worker.lifecycle import stop_for_moved_embedder
 
     try:
         with (scope or session_scope)() as session:
-            moved, version = moved_away(session=session, embedder=settings.embedder, fingerprint=fingerprint)
+            moved, version = moved_away(
+                session=session, embedder=embedder or settings.embedder, fingerprint=fingerprint
+            )
     except Exception:
         logger.exception("could not read the stored vectors' embedder; trying again next tick")
         return True
@@ -53,13 +57,19 @@ class Housekeeper(threading.Thread):
         self.interval_s = interval_s or settings.housekeeping_interval_s
         self.models = [model or settings.model]
         self.stopped = threading.Event()
-        self.fingerprint = fingerprint()  # the weights this worker loaded at its start
+        # The embedder this worker loaded at its start, by name and weights: the setting is read
+        # once, as the loaded embedder was (a later change of it in this process moves nothing).
+        self.embedder = settings.embedder
+        self.fingerprint = fingerprint()
+
+    def in_vector_space(self, scope: Callable[[], AbstractContextManager[Session]] | None = None) -> bool:
+        return still_in_vector_space(scope, fingerprint=self.fingerprint, embedder=self.embedder)
 
     def run(self) -> None:
         from services.batches import HousekeepingIncomplete, housekeeping
 
         while not self.stopped.wait(self.interval_s):
-            if not still_in_vector_space(fingerprint=self.fingerprint):
+            if not self.in_vector_space():
                 return
             try:
                 done = housekeeping(self.models)
