@@ -984,7 +984,8 @@ def lora_register(
 
 
 def _refusals() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean "your input was refused": one line, exit code 2."""
+    """Exceptions that mean "your input was refused" (a name that finds nothing included): one
+    line, exit code 2."""
     from pydantic import ValidationError
 
     from db.runs import RunConflict
@@ -994,14 +995,18 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from scripts.seed import SeedError
-    from services.characters import ReservedStory
+    from services.characters import CharacterNotFound, ReservedStory
     from services.erasure import ErasureContended, ErasureRefused, PlayerBusy
     from services.lora.files import BadLoraFile
     from services.lora.registry import TrainedOnATenant
     from services.producer import TurnRejected
-    from services.runs import EmptyFile, RunBusy, RunValidationError
+    from services.runs import EmptyFile, RunBusy, RunNotFound, RunValidationError
+    from services.runs.submit import NotARegularFile
 
     return (
+        RunNotFound,
+        CharacterNotFound,
+        NotARegularFile,
         Refused,
         ErasureRefused,
         ErasureContended,

@@ -101,12 +101,16 @@ def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
     raise CardError(f"no free slug for {name!r}: both {base!r} and its suffixed form are taken; pass a slug")
 
 
+class CharacterNotFound(KeyError):
+    """No character of that slug: the caller's input, refused (the CLI's exit 2, the API's 404)."""
+
+
 def export_card(slug: str, fmt: Literal["json", "png"] = "json", image: bytes | None = None) -> bytes:
     """The character as a card: the imported card as it was, or a V2 card built from data/ fields."""
     with session_scope() as session:
         character = get_character(session=session, slug=slug)
         if character is None:
-            raise LookupError(f"unknown character {slug!r}")
+            raise CharacterNotFound(f"unknown character {slug!r}")
         card = character.card or _card_from_columns(character)
     return card_png(card, image) if fmt == "png" else card_json(card)
 

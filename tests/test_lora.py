@@ -749,6 +749,9 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    # a folder that is no adapter is refused input, not a failed operation (exit 2, stop 65)
+    assert cli(["lora", "register", "elara", str(adapter)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     for config, names in (
         ("[]", "adapter_config.json: must hold a JSON object"),
@@ -767,7 +770,7 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
 
     before = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
     for slug in ("../escaped", "nobody-here"):
-        assert cli(["lora", "register", slug, str(adapter)]) == 1, slug  # not found: exit 1
+        assert cli(["lora", "register", slug, str(adapter)]) == 2, slug  # not found: refused
         assert f"no character {slug!r}" in capsys.readouterr().err
     after = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
     assert after == before and not (adapters_dir().parent / "escaped").exists()

@@ -200,11 +200,11 @@ def export_dataset(
 
 
 def _tenants_run(session: Any, ref: str, tenant: str) -> uuid.UUID:
-    from services.runs import require_run
+    from services.runs import RunNotFound, require_run
 
     found = require_run(session, ref)
     if found.tenant != tenant:
-        raise KeyError(f"no run {ref!r} of the tenant {tenant!r}")
+        raise RunNotFound(f"no run {ref!r} of the tenant {tenant!r}")
     return found.id
 
 

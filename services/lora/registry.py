@@ -17,7 +17,7 @@ from typing import Any
 from core.settings import TENANT_NAME, settings
 from db.session import session_scope
 from db.world import register_adapter
-from services.characters import character_exists
+from services.characters import CharacterNotFound, character_exists
 from services.lora.files import BadLoraFile, read_object
 
 
@@ -103,13 +103,14 @@ def register(
     slug: str, adapter_dir: Path, *, tenant: str | None = None, every_tenant: bool = False
 ) -> Registered:
     """Copy the adapter in and make it the character's, answering `tenant`'s turns alone (served_to
-    says whose by default); ValueError for a folder that is not a PEFT LoRA the engine can load or
-    one trained on a tenant's dialogue asked to serve all unsaid, KeyError for an unknown character."""
+    says whose by default); ValueError (BadLoraFile) for a folder that is not a PEFT LoRA the engine
+    can load or one trained on a tenant's dialogue asked to serve all unsaid, CharacterNotFound for
+    an unknown character."""
     config_path = adapter_dir / "adapter_config.json"
     if not config_path.is_file():
-        raise ValueError(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
+        raise BadLoraFile(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
     if not any((adapter_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise ValueError(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
+        raise BadLoraFile(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
     config = read_object(config_path)
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
@@ -123,7 +124,7 @@ def register(
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     if not character_exists(slug):
-        raise KeyError(f"no character {slug!r}")
+        raise CharacterNotFound(f"no character {slug!r}")
     serving = served_to(adapter_dir, tenant=tenant, every_tenant=every_tenant)
     target = adapters_dir() / slug / uuid.uuid4().hex
     try:
@@ -135,5 +136,5 @@ def register(
         raise
     if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
-        raise KeyError(f"no character {slug!r}")
+        raise CharacterNotFound(f"no character {slug!r}")
     return Registered(slug, version, target, serving)

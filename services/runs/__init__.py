@@ -1,6 +1,6 @@
 """Bulk NPC dialogue runs: validate a file, submit it (resumably), watch, cancel, retry, export."""
 
-from services.runs.control import RunState, cancel, require_run, resume, retry_failed, run_state
+from services.runs.control import RunNotFound, RunState, cancel, require_run, resume, retry_failed, run_state
 from services.runs.export import export_run
 from services.runs.submit import CHUNK, RunBusy, RunConflict, SubmissionFailed, SubmittedRun, submit_run
 from services.runs.validate import EmptyFile, LineError, RunLine, RunValidationError, validate_file
@@ -12,6 +12,7 @@ __all__ = [
     "RunBusy",
     "RunConflict",
     "RunLine",
+    "RunNotFound",
     "RunState",
     "RunValidationError",
     "SubmissionFailed",

@@ -38,11 +38,15 @@ def export_stem(name: str) -> str:
     return cut + tag
 
 
+class RunNotFound(KeyError):
+    """No run of that id or name (of that tenant): the caller's input, refused (the CLI's exit 2)."""
+
+
 def require_run(session: Session, ref: str) -> Run:
-    """The run by id or name; KeyError if there is none."""
+    """The run by id or name; RunNotFound if there is none."""
     run = find_run(session=session, ref=ref)
     if run is None:
-        raise KeyError(f"no run {ref!r}")
+        raise RunNotFound(f"no run {ref!r}")
     return run
 
 

@@ -156,12 +156,16 @@ def submit_run(
         return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
 
 
+class NotARegularFile(ValueError):
+    """A run file that is a device or a pipe: refused (the CLI's exit 2)."""
+
+
 def regular_file(path: Path, found: os.stat_result | None = None) -> os.stat_result:
-    """The file's status (`found`, when the caller read it from its open file); ValueError for a
-    device or a pipe (a run file is read several times: one never ends, the other reads once)."""
+    """The file's status (`found`, when the caller read it from its open file); NotARegularFile for
+    a device or a pipe (a run file is read several times: one never ends, the other reads once)."""
     found = path.stat() if found is None else found
     if not stat.S_ISREG(found.st_mode):
-        raise ValueError(f"{path}: not a regular file")
+        raise NotARegularFile(f"{path}: not a regular file")
     return found
 
 
