@@ -74,11 +74,17 @@ from core.settings import queue_for_model, settings  # noqa: E402
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Cases marked `whole_database` (each re-embeds every stored vector) run first, while the
     database holds the seeded world: after the other files it holds thousands of lines, and each such
-    case took 14-24 s re-embedding them. Cases marked `worker_processes` run last, so that the
+    case took 14-24 s re-embedding them. Cases marked `before_session_worker` run next: they change
+    this process's embedder state (its module's settings and weights, the space version its
+    connections name), which the session's in-process worker would read mid-case (CI, stop 64: it
+    stopped). Cases marked `worker_processes` run last, so that the
     session's steady worker process lives through them alone (its housekeeping and short claims would
     act on the other files' rows, and a case that moves the vectors to another embedder stops it). The
     rest keep their order."""
     first = [item for item in items if item.get_closest_marker("whole_database")]
+    first += [
+        item for item in items if item.get_closest_marker("before_session_worker") and item not in first
+    ]
     last = [item for item in items if item.get_closest_marker("worker_processes") and item not in first]
     middle = [item for item in items if item not in first and item not in last]
     items[:] = first + middle + last

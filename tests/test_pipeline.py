@@ -210,14 +210,30 @@ def test_a_turn_answered_twice_is_stored_once(engine) -> None:
     assert len(replies) == 1
 
 
+_REFUSED_SEED = 737_373
+_REFUSED_TURN = {"message": "Will this work?", "params": {"seed": _REFUSED_SEED}}
+
+
+def _refusing(engine, error: Exception):  # type: ignore[no-untyped-def]
+    """The engine's add_request, raising `error` for requests of _REFUSED_SEED only: the session's
+    in-process worker drives the same engine, and its requests of that moment pass."""
+    real = engine.llm.llm_engine.add_request
+
+    def add_request(request_id, prompt, params, **kwargs):  # type: ignore[no-untyped-def]
+        if params.seed == _REFUSED_SEED:
+            raise error
+        return real(request_id, prompt, params, **kwargs)
+
+    return add_request
+
+
 def test_an_engine_failure_is_retried_then_dead_lettered(engine, monkeypatch) -> None:
     from core.settings import settings
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("injected engine fault")
-
-    monkeypatch.setattr(engine.llm.llm_engine, "add_request", broken)  # the engine refuses the request
-    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
+    # The engine refuses this turn's requests alone (by seed): the session's worker shares it.
+    broken = _refusing(engine, RuntimeError("injected engine fault"))
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", broken)
+    (turn_id,) = enqueue_turns([new_conversation() | _REFUSED_TURN], send=False)
     for attempt in range(1, settings.max_attempts):
         report = process_batch([turn_id])
         assert list(report.retry) == [turn_id] and not report.failed
@@ -241,11 +257,9 @@ def test_a_request_the_engine_refuses_as_invalid_fails_at_once_not_after_every_a
     again before failing the same way."""
     from vllm.exceptions import VLLMValidationError
 
-    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise VLLMValidationError("the prompt holds a token id past the vocabulary", parameter="prompt")
-
-    monkeypatch.setattr(engine.llm.llm_engine, "add_request", refused)
-    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Will this work?"}], send=False)
+    invalid = VLLMValidationError("the prompt holds a token id past the vocabulary", parameter="prompt")
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", _refusing(engine, invalid))
+    (turn_id,) = enqueue_turns([new_conversation() | _REFUSED_TURN], send=False)
     report = process_batch([turn_id])
     view = get_turn(turn_id)
     assert list(report.failed) == [turn_id] and not report.retry

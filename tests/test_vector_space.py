@@ -39,7 +39,7 @@ from worker.embedder import embed, fingerprint
 NOTHING_RECORDED_START = "no embedder is recorded for the stored vectors yet, so this process"
 WEIGHTS_DIFFER = r"MLCHAT_EMBEDDER='[^']+' names the stored vectors' embedder but its weights differ"
 
-pytestmark = pytest.mark.usefixtures("world")
+pytestmark = [pytest.mark.usefixtures("world"), pytest.mark.before_session_worker]
 
 LINES = ["The mill burned down.", "I saw a grey wolf by the river.", "Nobody saw.", "Bread?", "Aye."]
 
@@ -102,8 +102,9 @@ def _conversation(session: Session, lines: list[str] = LINES) -> int:
 
 
 def _embed_as(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
-    """This process embeds as `name`: only the embedder module's settings change, since this
-    session's worker (tests/conftest.py) reads the shared ones and would stop on a moved embedder."""
+    """This process embeds as `name`: only the embedder module's settings change (the database
+    session's connections are named by the shared ones); this file runs before the session's
+    in-process worker starts, which embeds through this module too (tests/conftest.py)."""
     from worker import embedder
 
     monkeypatch.setattr(embedder, "_space_checked", False)
@@ -608,7 +609,7 @@ def test_a_running_workers_check_compares_the_embedder_it_loaded_not_the_setting
     worker, whose housekeeping read the setting again at its next tick and found the stored vectors
     "moved" away from a name it had never loaded."""
     from services import batches
-    from worker import lifecycle
+    from worker import housekeeping, lifecycle
     from worker.housekeeping import Housekeeper
 
     state = SimpleNamespace(should_stop=None)
@@ -618,7 +619,11 @@ def test_a_running_workers_check_compares_the_embedder_it_loaded_not_the_setting
         batches, "housekeeping", lambda models: ticks.append(1) or {"expired": 0, "finalized": 0}
     )
     housekeeper = Housekeeper(interval_s=0.05)
-    monkeypatch.setattr(settings, "embedder", "/no/such/embedder")
+    # The module's reference, not the shared settings: a connection opened meanwhile would keep
+    # the name for the session (db/session.py names each at its connect).
+    monkeypatch.setattr(
+        housekeeping, "settings", settings.model_copy(update={"embedder": "/no/such/embedder"})
+    )
     housekeeper.start()
     deadline = time.monotonic() + 10
     while len(ticks) < 3 and housekeeper.is_alive() and time.monotonic() < deadline:
