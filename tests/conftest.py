@@ -12,7 +12,7 @@ import tempfile
 import threading
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,21 +249,40 @@ def _session_worker_stays_up(request: pytest.FixtureRequest) -> Iterator[None]:
         )
 
 
+def _on_the_session_worker() -> bool:
+    """This call runs on one of the session's worker's threads: a task's, one of its flush's chunk
+    threads, or its housekeeping's."""
+    from tasks.app import app
+
+    thread = threading.current_thread().name
+    return app.current_worker_task is not None or thread.startswith(("chunk", "mlchat-housekeeping"))
+
+
+def off_the_worker(real: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
+    """`fake` for the test's own calls, `real` for the session's worker's (a broker faked away for a
+    test would lose the worker's resends of that moment: no sweeper runs in the session)."""
+
+    def either(*args: Any, **kwargs: Any) -> Any:
+        return (real if _on_the_session_worker() else fake)(*args, **kwargs)
+
+    return either
+
+
 @contextmanager
 def sent_to_nobody(monkeypatch: pytest.MonkeyPatch, queue: str) -> Iterator[None]:
     """Turns sent meanwhile go to `queue`, which no worker consumes (deleted after): a test that reads
     them as still queued, or claims them as a worker would, races the session's worker otherwise. The
-    session's worker's own sends (its tasks' resends) still go to their model's queue."""
+    session's worker's own sends (its tasks' resends, from a task's thread or one of its flush's
+    chunk threads, and its housekeeping's) still go to their model's queue."""
     import redis
 
     from core.services import broker_url
     from tasks import generate
-    from tasks.app import app
 
     real = generate.queue_for_model
 
     def routed(model: str, lane: str = "live") -> str:
-        return real(model, lane) if app.current_worker_task is not None else queue  # type: ignore[arg-type]
+        return real(model, lane) if _on_the_session_worker() else queue  # type: ignore[arg-type]
 
     monkeypatch.setattr(generate, "queue_for_model", routed)
     try:

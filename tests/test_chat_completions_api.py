@@ -20,7 +20,8 @@ from services import live_chat, producer
 from services.producer import TurnView
 from services.schemas import TurnRequest
 from services.turn_wait import await_finished
-from tests.conftest import INGEST_KEY, new_conversation
+from tasks import generate
+from tests.conftest import INGEST_KEY, new_conversation, off_the_worker
 
 OWNER = {"X-API-Key": INGEST_KEY}
 
@@ -299,7 +300,8 @@ def test_a_key_reused_with_other_earlier_messages_is_a_conflict_not_a_replay_tha
     from db.models import Message
     from services.live_chat import start_chat_turn
 
-    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, **kwargs: None)  # stored, never answered
+    never = off_the_worker(generate.dispatch, lambda ids, **kwargs: None)  # stored, never answered
+    monkeypatch.setattr(generate, "dispatch", never)
     key = f"chat-{uuid.uuid4()}"
     first = {"model": "luffy", "messages": [{"role": "user", "content": "hi"}]}
     earlier = [
@@ -338,7 +340,7 @@ def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monk
             raise ConnectionError("broker down")
         sent.append(list(ids))
 
-    monkeypatch.setattr("tasks.generate.dispatch", broker)
+    monkeypatch.setattr(generate, "dispatch", off_the_worker(generate.dispatch, broker))
     conversation = new_conversation()["conversation"]
     key = f"chat-{uuid.uuid4()}"
     body = {"model": "elara", "messages": [{"role": "user", "content": "Is the ferry running?"}]}
@@ -361,7 +363,8 @@ def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, mon
     from services.live_chat import start_chat_turn
 
     sent: list[uuid.UUID] = []
-    monkeypatch.setattr("tasks.generate.dispatch", lambda ids, *, model, lane, **kwargs: sent.extend(ids))
+    kept = off_the_worker(generate.dispatch, lambda ids, *, model, lane, **kwargs: sent.extend(ids))
+    monkeypatch.setattr(generate, "dispatch", kept)
     real, failed = live_chat.append_history_if_empty, []
 
     def append_once(**kwargs):  # type: ignore[no-untyped-def]

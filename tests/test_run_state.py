@@ -28,6 +28,7 @@ from services import runs
 from services.runs import RunBusy, RunConflict, RunValidationError, SubmissionFailed, run_state, submit_run
 from tasks.app import app
 from tasks.queues import queue_depth
+from tests.conftest import off_the_worker
 from tests.lock_order import errors_beside
 
 MODEL = "runs-check"  # a queue no worker consumes
@@ -200,7 +201,7 @@ def _broker_drops_on_send(monkeypatch, nth: int):
             raise ConnectionError("injected: broker connection lost")
         return real(ids, **kwargs)
 
-    monkeypatch.setattr(tasks.generate, "dispatch", dispatch)
+    monkeypatch.setattr(tasks.generate, "dispatch", off_the_worker(real, dispatch))
     return real
 
 

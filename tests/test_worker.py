@@ -9,7 +9,7 @@ from core.settings import settings
 from db.models import Message, TurnStatus
 from db.session import session_scope
 from services.producer import enqueue_turns, wait_for_reply
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, off_the_worker
 
 
 def test_turns_go_through_the_queue_in_batches(celery_worker) -> None:
@@ -21,7 +21,9 @@ def test_turns_go_through_the_queue_in_batches(celery_worker) -> None:
     views = [wait_for_reply(i, timeout=240) for i in ids]
     assert [v.status for v in views] == [TurnStatus.DONE] * len(ids), [v.error for v in views]
     assert all(v.reply and v.usage["completion_tokens"] > 0 for v in views)
-    assert [v.timings["batch_size"] for v in views] == [len(ids)] * len(ids)  # one batch took them all
+    # One batch took them all (a turn an earlier case left queued in the lane may have joined it).
+    sizes = {v.timings["batch_size"] for v in views}
+    assert len(sizes) == 1 and sizes.pop() >= len(ids), [v.timings["batch_size"] for v in views]
     assert all(v.attempts == 1 for v in views)
     with session_scope() as s:
         stored = s.scalars(select(Message).where(Message.turn_id.in_(ids))).all()
@@ -146,7 +148,7 @@ def test_a_resend_that_keeps_failing_is_logged_with_its_turns_and_never_raises(
     def broker_down(*args, **kwargs):
         raise ConnectionError("injected: broker down")
 
-    monkeypatch.setattr(generate, "dispatch", broker_down)
+    monkeypatch.setattr(generate, "dispatch", off_the_worker(generate.dispatch, broker_down))
     monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)  # no real backoff waits
     ids = [uuid.uuid4(), uuid.uuid4()]
     generate._resend(generate.Resend([(ids[0], "live"), (ids[1], "bulk")]), "some-model")
@@ -187,7 +189,7 @@ def test_turns_a_worker_could_not_send_again_are_the_next_sweeps_not_an_hour_lat
     def broker_down(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise ConnectionError("injected: broker down")
 
-    monkeypatch.setattr(generate, "dispatch", broker_down)
+    monkeypatch.setattr(generate, "dispatch", off_the_worker(real, broker_down))
     monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)
     generate._resend(generate.Resend([(t, "live") for t in ids]), model)
     monkeypatch.setattr(generate, "dispatch", real)
@@ -244,7 +246,7 @@ def test_a_part_sent_group_of_scene_steps_stamps_those_that_went_out(world, monk
             sent.append(ids[0])  # its message went out; the next one's publish fails
         raise ConnectionError("injected: the broker went away")
 
-    monkeypatch.setattr(generate, "dispatch", first_message_only)
+    monkeypatch.setattr(generate, "dispatch", off_the_worker(generate.dispatch, first_message_only))
     monkeypatch.setattr(generate._dispatch_with_retry.retry, "sleep", lambda _: None)
     generate._resend(generate.Resend([(t, "live") for t in steps], stamp=True), "nobody-consumes-this")
     with session_scope() as s:
