@@ -440,6 +440,21 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
     }
     for scene_id, step, status, reply, error, tenant, api_key in finished:
         scene = scenes[scene_id]  # type: ignore[index]
+        if (
+            scene.status == SceneStatus.CANCELLED
+            and status == TurnStatus.DONE
+            and step == scene.steps_done + 1
+        ):
+            # Claimed as a run's cancel closed the scene (it saw the step queued): a step generated
+            # is kept, so it is counted; nothing follows it.
+            session.execute(
+                update(Scene)
+                .where(
+                    Scene.id == scene.id, Scene.status == SceneStatus.CANCELLED, Scene.steps_done == step - 1
+                )
+                .values(steps_done=step)
+            )
+            continue
         if scene.status != SceneStatus.OPEN or step != scene.steps_done + 1:
             continue  # a scene closed already, or a step seen before
         if status == TurnStatus.CANCELLED:

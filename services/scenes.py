@@ -24,7 +24,7 @@ from db.scenes import (
     scene_transcript,
 )
 from db.session import DATABASE_OUTAGES, session_scope
-from db.turns import mark_dispatched
+from db.turns import IdempotencyConflict, mark_dispatched
 from db.world import character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
@@ -64,7 +64,7 @@ def start_group(
                 session=session, tenant=tenant, kind=SCENES_KEY, key=idempotency_key, request_hash=digest
             )
         if earlier is not None:
-            conv_id = _conversation_id(session, spec.conversation, tenant)
+            conv_id = _started_group(session, spec.conversation, tenant, scene_id=earlier[0])
             steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
             steps = _create_group(session, spec, tenant=tenant, api_key=api_key, key=idempotency_key)
@@ -236,6 +236,23 @@ def scene_view(
             "next_after": page.next_after,
             "more": page.more,
         }
+
+
+def _started_group(session: Any, conversation: str, tenant: str, *, scene_id: int) -> int:
+    """The group conversation a keyed start's first request started (its scene `scene_id`);
+    IdempotencyConflict (409) once it is gone (a player's erasure named it) or its name is another
+    group's now: the retry would answer with what the key never started."""
+    conv_id = session.scalar(
+        select(Conversation.id)
+        .join(Scene, Scene.conversation_id == Conversation.id)
+        .where(Scene.id == scene_id, Conversation.tenant == tenant, Conversation.external_id == conversation)
+    )
+    if conv_id is None:
+        raise IdempotencyConflict(
+            f"Idempotency-Key (header): the group {conversation!r} this key started is gone (erased);"
+            " start it again under a new key"
+        )
+    return int(conv_id)
 
 
 def _conversation_id(session: Any, conversation: str, tenant: str) -> int:

@@ -40,6 +40,7 @@ from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, w
 from scenes.spec import SceneSpec, name_clash
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
+from tests.conftest import off_the_worker
 from tests.outcomes import outcome_of
 from worker.prompt import PromptBuilder, PromptInput
 
@@ -1193,7 +1194,7 @@ def test_a_replay_sends_again_a_step_never_recorded_sent_and_fails_nothing_if_th
         raise ConnectionError("the broker is away")
 
     real = generate.dispatch
-    monkeypatch.setattr(generate, "dispatch", away)
+    monkeypatch.setattr(generate, "dispatch", off_the_worker(real, away))
     replay = start_group(spec, idempotency_key="died-after-commit")
     assert replay["replayed"] and replay["sent"] == [] and replay["status"] == "open"
     with session_scope() as s:
@@ -1501,6 +1502,26 @@ def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated
         assert s.scalar(select(Turn.status).where(Turn.id == next_step)) == TurnStatus.CANCELLED
         assert s.scalar(select(Scene.status).where(Scene.id == scene_id)) == SceneStatus.CANCELLED
     assert _run_status(run_id) == RunStatus.CANCELLED
+
+
+def test_a_step_claimed_as_a_cancel_closed_its_scene_is_counted_once_it_is_stored(world) -> None:
+    """Found in review (stop 65): a run's cancel closes a scene whose step it saw queued; a claim
+    that read the scene open before that cancel committed generates the step, which is stored and
+    kept in the transcript, but the scene's step count missed it."""
+    run_id = _new_run({"closing": _scene(exchanges=4)})
+    scene_id = _scene_id(run_id, "closing")
+    running, token, _ = _answer(_open_step(scene_id), "", store=False)
+    with session_scope() as s:  # the cancel's close, as it commits after the claim read the scene open
+        s.execute(
+            update(Scene)
+            .where(Scene.id == scene_id)
+            .values(status=SceneStatus.CANCELLED, ended_reason="the run was cancelled")
+        )
+    assert _store(running, token, "step one") == [running.id]
+    with session_scope() as s:
+        scene = s.get(Scene, scene_id)
+        assert (scene.status, scene.steps_done) == (SceneStatus.CANCELLED, 1)
+        assert s.scalar(select(func.count()).select_from(Turn).where(Turn.scene_id == scene_id)) == 1
 
 
 def test_a_step_stored_but_never_sent_is_found_by_the_default_sweep_a_lease_later(world) -> None:
@@ -2216,6 +2237,30 @@ def test_a_group_start_retried_under_its_key_returns_the_group_and_sends_nothing
         timeout=30,
     )
     assert elsewhere.status_code == 201 and elsewhere.json()["replayed"] is False, elsewhere.text
+
+
+def test_a_group_start_retried_after_its_group_was_erased_is_a_conflict_naming_the_key(world) -> None:
+    """Found in review (stop 65): a keyed start retried after a player's erasure named its group
+    found no group and answered 500 (a KeyError); retried after a new group took the name, it
+    answered with that group, which the key never started."""
+    from db.turns import IdempotencyConflict
+    from scenes.spec import GroupSpec
+    from services.erasure import erase
+    from services.scenes import start_group
+
+    tenant, conv = f"t-{uuid.uuid4().hex[:8]}", f"erased-group-{uuid.uuid4().hex[:8]}"
+    spec = GroupSpec.model_validate(
+        {"conversation": conv, "participants": ["elara", "luffy"], "exchanges": 0}
+    )
+    assert start_group(spec, tenant=tenant, idempotency_key="start-once")["replayed"] is False
+    assert start_group(spec, tenant=tenant, idempotency_key="start-once")["replayed"] is True
+    assert erase(tenant, "p-erased", conversations=[conv]).conversations == 1
+    gone = r"^Idempotency-Key \(header\): the group .* this key started is gone"
+    with pytest.raises(IdempotencyConflict, match=gone):
+        start_group(spec, tenant=tenant, idempotency_key="start-once")
+    assert start_group(spec, tenant=tenant)["replayed"] is False  # the name started afresh, unkeyed
+    with pytest.raises(IdempotencyConflict, match=gone):  # not the group the key started
+        start_group(spec, tenant=tenant, idempotency_key="start-once")
 
 
 @pytest.mark.parametrize("disguised", ["Ｂｒａｍ", "Bram\u200b", "B\u200bram", "  bram "])
