@@ -34,14 +34,20 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
 def send_turn_callbacks(turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """Queue the callbacks of finished turns that asked for one; those that could not be queued (a
     message lost to a broker outage is queued again by housekeeping: services/batches.py
-    redeliver_turn_callbacks)."""
+    redeliver_turn_callbacks). After the first publish that fails, the rest are not tried: each try
+    at a broker away waits out its connection retries, and a worker's flush or a cancel waits on
+    them all."""
     from tasks.callbacks import deliver_turn_callback
 
-    unsent = []
-    for turn_id in turn_ids:
+    for i, turn_id in enumerate(turn_ids):
         try:
             deliver_turn_callback.delay(str(turn_id))
         except Exception:
-            logger.warning("turn %s: could not queue its callback", turn_id, exc_info=True)
-            unsent.append(turn_id)
-    return unsent
+            logger.warning(
+                "turn %s: could not queue its callback; %d more left to housekeeping",
+                turn_id,
+                len(turn_ids) - i - 1,
+                exc_info=True,
+            )
+            return list(turn_ids[i:])
+    return []

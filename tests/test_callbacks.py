@@ -1123,3 +1123,23 @@ def _turns_with_lost_callbacks(*minutes_ago: int) -> list[uuid.UUID]:
                 )
             )
     return turn_ids
+
+
+def test_turn_callbacks_stop_publishing_at_the_first_broker_failure_and_leave_the_rest(monkeypatch) -> None:
+    """Found in review (stop 65): every turn's callback was published even after one publish had
+    failed, each waiting out the broker's connection retries: a worker's flush, a cancel or the sweep
+    of a thousand lost callbacks waited on them all. The rest are left to housekeeping, unclaimed."""
+    from services.turn_callbacks import send_turn_callbacks
+    from tasks.callbacks import deliver_turn_callback
+    from tests.conftest import off_the_worker
+
+    tried: list[str] = []
+
+    def away(turn_id: str) -> None:
+        tried.append(turn_id)
+        raise ConnectionError("injected: the broker is away")
+
+    monkeypatch.setattr(deliver_turn_callback, "delay", off_the_worker(deliver_turn_callback.delay, away))
+    ids = [uuid.uuid4() for _ in range(3)]
+    assert send_turn_callbacks(ids) == ids
+    assert tried == [str(ids[0])]
