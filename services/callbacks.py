@@ -271,34 +271,71 @@ def send_once(
         unsigned = "not sent: this process has no MLCHAT_CALLBACK_SECRET to sign it with"
         record(unsigned, True)
         raise CallbackFailed(unsigned)
+    deadline = time.monotonic() + settings.callback_timeout_s  # the lookup and the POST, together
     try:
-        address = vetted_address(url)
+        address = _vetted_in_time(url, settings.callback_timeout_s)
     except (ResolverUnavailable, Unresolved) as unavailable:  # no verdict on a host vetted before
         record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
     except RefusedDestination as refused:
         record(f"not sent: {refused}", False)
         return False
-    error = post_signed(url, address, body, secret=tenant_secret(tenant), delivery=delivery)
+    left = max(deadline - time.monotonic(), _POST_AT_LEAST_S)
+    error = post_signed(url, address, body, secret=tenant_secret(tenant), delivery=delivery, timeout=left)
     record(error, True)
     if error is not None:
         raise CallbackFailed(error)
     return True
 
 
-def post_signed(url: str, address: Address, body: bytes, *, secret: str, delivery: str) -> str | None:
-    """POST `body` signed with `secret` to `url` once, over a connection to its vetted `address`;
-    None when the receiver answered 2xx, else why not."""
+# A lookup at delivery that outlives its time is an outage of the resolver, not the host's verdict:
+# the thread it holds is left to finish (getaddrinfo cannot be stopped), the delivery slot is not.
+_DELIVERY_LOOKUPS = 8
+_POST_AT_LEAST_S = 1.0  # a lookup that took nearly the whole timeout still leaves the POST this
+
+
+@cache
+def _delivery_resolver_pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=_DELIVERY_LOOKUPS, thread_name_prefix="callback-deliver-resolve")
+
+
+def _vetted_in_time(url: str, timeout: float) -> Address:
+    """vetted_address(url), or ResolverUnavailable once `timeout` s have passed (MLCHAT_CALLBACK_TIMEOUT_S
+    bounds one delivery in all: a resolver that stopped answering held a delivery slot for its own
+    timeouts, up to half a minute a try)."""
+    future = _delivery_resolver_pool().submit(vetted_address, url)
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
+        future.cancel()  # still queued behind stuck lookups: never run
+        raise ResolverUnavailable(
+            f"host {url_host(url)!r} could not be resolved within MLCHAT_CALLBACK_TIMEOUT_S ({timeout:g} s)"
+        ) from None
+
+
+def post_signed(
+    url: str,
+    address: Address,
+    body: bytes,
+    *,
+    secret: str,
+    delivery: str,
+    timeout: float | None = None,
+) -> str | None:
+    """POST `body` signed with `secret` to `url` once, over a connection to its vetted `address`,
+    within `timeout` s (MLCHAT_CALLBACK_TIMEOUT_S when not given); None when the receiver answered
+    2xx, else why not."""
+    timeout = settings.callback_timeout_s if timeout is None else timeout
     headers = {
         "content-type": "application/json",
         SIGNATURE_HEADER: sign(body, secret, int(time.time())),
         "X-Mlchat-Delivery": delivery,
     }
     try:
-        status = post_pinned(url, address, content=body, headers=headers, timeout=settings.callback_timeout_s)
+        status = post_pinned(url, address, content=body, headers=headers, timeout=timeout)
         return None if 200 <= status < 300 else f"HTTP {status}"
     except TimeoutError:
-        return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s)"
+        return f"no answer within MLCHAT_CALLBACK_TIMEOUT_S ({settings.callback_timeout_s:g} s in all)"
     except httpx.HTTPError as exc:
         return f"{type(exc).__name__}: {exc}"[:300]
 

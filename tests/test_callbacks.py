@@ -920,7 +920,7 @@ def test_a_receiver_that_trickles_forever_holds_a_delivery_no_longer_than_the_ca
     sender.join(timeout=20)
     stop.set()
     assert not sender.is_alive(), "the delivery was still held 20 s later"
-    assert outcome == ([None] if delivered else ["no answer within MLCHAT_CALLBACK_TIMEOUT_S (1.5 s)"])
+    assert outcome == ([None] if delivered else ["no answer within MLCHAT_CALLBACK_TIMEOUT_S (1.5 s in all)"])
     assert time.monotonic() - started < 10
 
 
@@ -1143,3 +1143,46 @@ def test_turn_callbacks_stop_publishing_at_the_first_broker_failure_and_leave_th
     ids = [uuid.uuid4() for _ in range(3)]
     assert send_turn_callbacks(ids) == ids
     assert tried == [str(ids[0])]
+
+
+def test_a_delivery_whose_host_lookup_hangs_ends_within_the_callback_timeout(monkeypatch) -> None:
+    """Found in review (stop 65): the lookup at delivery had no deadline of its own (only the POST
+    was under MLCHAT_CALLBACK_TIMEOUT_S): a resolver that stopped answering held the delivery slot
+    for its own timeouts each try. The lookup and the POST share the timeout now."""
+    from services import callbacks
+    from services.callbacks import send_once
+
+    monkeypatch.setattr(
+        callbacks,
+        "settings",
+        settings.model_copy(update={"callback_secret": SecretStr(SECRET), "callback_timeout_s": 0.5}),
+    )
+    real, released, ended = socket.getaddrinfo, threading.Event(), []
+
+    def getaddrinfo(name, port, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if name != "hangs.example":
+            return real(name, port, *args, **kwargs)
+        released.wait(10)
+        ended.append(name)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    recorded: list[tuple[str | None, bool]] = []
+    try:
+        with pytest.raises(CallbackFailed, match="could not be resolved within MLCHAT_CALLBACK_TIMEOUT_S"):
+            send_once(
+                "https://hangs.example/cb",
+                b"{}",
+                tenant="t",
+                delivery="d",
+                record=lambda error, again: recorded.append((error, again)),
+            )
+        assert ended == []  # it gave up while the lookup still hung
+    finally:
+        released.set()
+    assert recorded == [
+        (
+            "not sent: host 'hangs.example' could not be resolved within MLCHAT_CALLBACK_TIMEOUT_S (0.5 s)",
+            True,
+        )
+    ]
