@@ -117,7 +117,7 @@ def check_metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
     return dict(metadata)
 
 
-def check_callback(url: str | None) -> str | None:
+def check_callback(url: str | None, tenant: str = DEFAULT_TENANT) -> str | None:
     """The batch's callback URL if accepted; BatchRefused naming it if not, EnqueueError (a 503: try
     again) when the resolver cannot answer for now, as for a turn's."""
     if url is None:
@@ -128,7 +128,7 @@ def check_callback(url: str | None) -> str | None:
     refused = callback_refusal(url, resolve=False)
     if refused is None:
         try:
-            refused = callback_destinations({0: url}).get(0)
+            refused = callback_destinations({0: url}, tenant).get(0)
         except ResolverTooSlow as exc:
             raise EnqueueError(f"callback_url: {exc}; nothing was stored") from None
     if refused is not None:
@@ -157,7 +157,7 @@ def create_batch(
     window_text = completion_window or settings.batch_default_window
     window = parse_window(window_text)
     meta = check_metadata(metadata)
-    callback = check_callback(callback_url)
+    callback = check_callback(callback_url, tenant)
     output_expiry = None
     if output_expires_after is not None:
         try:

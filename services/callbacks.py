@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache, partial
@@ -28,7 +29,7 @@ from urllib.parse import urlparse
 import anyio
 import httpx
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.callbacks import Owner, record_attempt
 from db.models import RUN_FINISHED, Run
 from db.session import session_scope
@@ -380,11 +381,34 @@ class ResolverTooSlow(RuntimeError):
     resolver said to try again (EAI_AGAIN) for every one of them: try the request again later."""
 
 
-def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
+# The shared pool's threads each tenant's lookups hold, counted until each lookup ends (a request
+# that gave up leaves its thread blocked in the resolver, counted still): one tenant's hosts that
+# never answer hold at most RESOLVE_PER_REQUEST of the pool, and other tenants' lookups go on.
+_HELD_BY: Counter[str] = Counter()
+_HELD_LOCK = threading.Lock()
+
+
+def _hold(tenant: str, wanted: int) -> int:
+    """Up to `wanted` of the pool's threads for `tenant`, within its share; how many (0: none left)."""
+    with _HELD_LOCK:
+        granted = max(0, min(wanted, RESOLVE_PER_REQUEST - _HELD_BY[tenant]))
+        _HELD_BY[tenant] += granted
+        return granted
+
+
+def _let_go(tenant: str) -> None:
+    with _HELD_LOCK:
+        _HELD_BY[tenant] -= 1
+        if _HELD_BY[tenant] <= 0:
+            del _HELD_BY[tenant]
+
+
+def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) -> dict[int, str]:
     """Why each of these callback URLs ({index: url}) is refused, by index (absent: accepted); each
     distinct host looked up once, a few at a time, off the API's event loop (the caller's thread).
-    Raises ResolverTooSlow when the resolver cannot answer for now: out of time, or no host answered;
-    a host it gave no verdict on while others answered is accepted (its delivery vets it)."""
+    Raises ResolverTooSlow when the resolver cannot answer for now: out of time, or no host answered,
+    or `tenant`'s earlier lookups still hold its share of the resolver's threads; a host it gave no
+    verdict on while others answered is accepted (its delivery vets it)."""
     if not urls:
         return {}
     refused: dict[int, str] = {}
@@ -401,18 +425,24 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     over = threading.Event()
 
     def resolve(group: list[str]) -> None:
-        for host in group:
-            if over.is_set():  # the request gave up: the pool's thread goes back to the others
-                return
-            try:  # the host decides: each is looked up once, through the first URL that names it
-                vetted_address(urls[by_host[host][0]])
-                outcome[host] = None
-            except Exception as exc:
-                outcome[host] = exc
+        try:
+            for host in group:
+                if over.is_set():  # the request gave up: the pool's thread goes back to the others
+                    return
+                try:  # the host decides: each is looked up once, through the first URL that names it
+                    vetted_address(urls[by_host[host][0]])
+                    outcome[host] = None
+                except Exception as exc:
+                    outcome[host] = exc
+        finally:
+            _let_go(tenant)
 
-    # At most RESOLVE_PER_REQUEST of the shared pool's threads for one request, each looking its
+    # At most RESOLVE_PER_REQUEST of the shared pool's threads for one tenant, each looking its
     # hosts up in turn: a request of a thousand slow hosts cannot queue the others' lookups behind it.
-    groups = [hosts[i::RESOLVE_PER_REQUEST] for i in range(min(RESOLVE_PER_REQUEST, len(hosts)))]
+    threads = _hold(tenant, min(RESOLVE_PER_REQUEST, len(hosts)))
+    if threads == 0:
+        raise ResolverTooSlow("this tenant's earlier callback hosts still hold the resolver; try again later")
+    groups = [hosts[i::threads] for i in range(threads)]
     futures = [_resolver_pool().submit(resolve, group) for group in groups]
     try:
         _, pending = wait(futures, timeout=RESOLVE_BUDGET_S)
@@ -443,4 +473,5 @@ def callback_destinations(urls: dict[int, str]) -> dict[int, str]:
     finally:
         over.set()
         for future in futures:
-            future.cancel()  # those still queued behind other requests' lookups: not run for nothing
+            if future.cancel():  # still queued behind other requests' lookups: not run for nothing
+                _let_go(tenant)

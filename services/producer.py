@@ -228,7 +228,7 @@ def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
             if digest in {h for h in (parsed[i].request_hash(), parsed[i].legacy_request_hash()) if h}:
                 del urls[i]
     try:
-        refused = callback_destinations(urls)
+        refused = callback_destinations(urls, tenant)
     except ResolverTooSlow as exc:
         raise EnqueueError(f"{exc}; nothing was stored (retry with the same idempotency key)") from None
     if refused:

@@ -1004,10 +1004,44 @@ def test_a_request_of_many_slow_callback_hosts_does_not_hold_up_another_requests
     try:
         greedy.start()
         time.sleep(0.1)  # its lookups are on the pool
-        assert callbacks.callback_destinations({0: "https://fast.example.test/hook"}) == {}
+        assert callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "another") == {}
     finally:
         release.set()
         greedy.join(15)
+
+
+def test_a_tenants_callback_hosts_that_never_answer_hold_its_own_share_of_the_resolver_alone(
+    monkeypatch,
+) -> None:
+    """Found in review (stop 65): the resolver's threads were shared with no count per tenant, and a
+    request that gave up left its lookups blocked on them: one tenant's few requests naming hosts
+    that never answer filled the pool, and every other tenant's callback URLs were 503s. A tenant's
+    lookups still blocked count against it until they end."""
+    from services import callbacks
+
+    release = threading.Event()
+
+    def lookup(url: str) -> str:
+        if "never-" in url:
+            release.wait(10)
+        return "1.1.1.1"
+
+    monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 0.2)
+    try:
+        for request in range(callbacks.RESOLVE_THREADS // callbacks.RESOLVE_PER_REQUEST):
+            never = {i: f"https://never-{request}-{i}.example.test/hook" for i in range(8)}
+            with pytest.raises(callbacks.ResolverTooSlow):
+                callbacks.callback_destinations(never, "greedy")
+        assert callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "another") == {}
+        with pytest.raises(callbacks.ResolverTooSlow, match="this tenant's earlier callback hosts"):
+            callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "greedy")
+    finally:
+        release.set()
+    deadline = time.monotonic() + 10
+    while callbacks._HELD_BY.get("greedy") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "greedy") == {}
 
 
 def test_a_housekeeping_step_that_raises_leaves_the_later_ones_done_and_is_named(world, monkeypatch) -> None:

@@ -1450,7 +1450,7 @@ def test_a_batch_with_bad_lines_calls_back_that_it_failed(quiet_model, tmp_path,
     sent = []
     monkeypatch.setattr(batches, "send_callback", sent.append)
     monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
-    monkeypatch.setattr("services.callbacks.callback_destinations", lambda urls: {})  # no DNS here
+    monkeypatch.setattr("services.callbacks.callback_destinations", lambda urls, tenant="": {})  # no DNS here
     batch_id = _batch(tmp_path, 2, callback_url="https://receiver.example/hook")
     with session_scope() as s:  # the file turns bad: a line the run cannot honour
         run = s.scalars(select(Run).where(Run.name == batch_id)).one()
