@@ -8,7 +8,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import case, exists, func, literal_column, or_, select, update
+from sqlalchemy import case, exists, func, literal_column, or_, select, true, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, joinedload
 
@@ -346,20 +346,38 @@ def find_conversations(
     return {ext: (conv_id, slug) for ext, conv_id, slug in rows}
 
 
-def find_characters(*, session: Session, slugs: Sequence[str]) -> dict[str, int]:
-    """Character ids by slug."""
-    rows = session.execute(select(Character.slug, Character.id).where(Character.slug.in_(list(set(slugs)))))
-    return dict(rows.tuples().all())
+# The characters (and stories) of the original service's inline request shape (a persona sent with
+# each request, services/original_request.py): the default tenant's own, made from one caller's
+# persona. No other creator may take the prefix, and no API key's tenant names, lists or uses them.
+INLINE_PREFIX = "inline-"
 
 
-def all_character_slugs(*, session: Session) -> list[str]:
-    """Every character's slug."""
-    return list(session.scalars(select(Character.slug)).all())
+def _named_by(tenant: str) -> Any:
+    """Which characters `tenant` may name: every one for the default tenant (the CLI, the inline
+    shape), every one but the inline personas for an API key's."""
+    return true() if tenant == DEFAULT_TENANT else ~Character.slug.startswith(INLINE_PREFIX, autoescape=True)
 
 
-def character_listing(*, session: Session, slug: str | None = None) -> list[tuple[str, datetime]]:
-    """(slug, created_at) of every character (or of the one `slug` names), by slug."""
-    query = select(Character.slug, Character.created_at).order_by(Character.slug)
+def find_characters(
+    *, session: Session, slugs: Sequence[str], tenant: str = DEFAULT_TENANT
+) -> dict[str, int]:
+    """Character ids by slug (of those `tenant` may name)."""
+    named = select(Character.slug, Character.id).where(
+        Character.slug.in_(list(set(slugs))), _named_by(tenant)
+    )
+    return dict(session.execute(named).tuples().all())
+
+
+def all_character_slugs(*, session: Session, tenant: str = DEFAULT_TENANT) -> list[str]:
+    """Every character's slug (that `tenant` may name)."""
+    return list(session.scalars(select(Character.slug).where(_named_by(tenant))).all())
+
+
+def character_listing(
+    *, session: Session, slug: str | None = None, tenant: str = DEFAULT_TENANT
+) -> list[tuple[str, datetime]]:
+    """(slug, created_at) of every character `tenant` may name (or of the one `slug` names), by slug."""
+    query = select(Character.slug, Character.created_at).where(_named_by(tenant)).order_by(Character.slug)
     if slug is not None:
         query = query.where(Character.slug == slug)
     return list(session.execute(query).tuples())

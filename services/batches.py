@@ -174,7 +174,7 @@ def create_batch(
     character = (meta or {}).get("character")
     if character is not None:
         with session_scope() as session:
-            if character not in all_character_slugs(session=session):
+            if character not in all_character_slugs(session=session, tenant=tenant):
                 raise BatchRefused(f"metadata.character: unknown character {character!r}")
     if found.info["purpose"] != "batch":
         raise BatchRefused(

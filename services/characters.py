@@ -10,10 +10,17 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
-from core.settings import settings
+from core.settings import DEFAULT_TENANT, settings
 from db.models import Character
 from db.session import session_scope
-from db.world import append_story_event, character_listing, get_character, save_character, story_event_place
+from db.world import (
+    INLINE_PREFIX,
+    append_story_event,
+    character_listing,
+    get_character,
+    save_character,
+    story_event_place,
+)
 from db.write_keys import record_ids, stored_ids, take_key
 from roleplay.cards import CardError, card_json, card_png, read_card
 from roleplay.lorebook import stored_lorebook, to_character_book
@@ -30,7 +37,6 @@ class ImportedCharacter:
     created: bool
 
 
-INLINE_PREFIX = "inline-"  # services/original_request.py's slugs: no other creator may take one
 # The conversation an inline request without one is answered in: its history key (a 32-hex digest)
 # and a random suffix (services/original_request.py).
 INLINE_COPY = f"^{INLINE_PREFIX}[0-9a-f]{{32}}-[0-9a-f]{{12}}$"
@@ -54,11 +60,11 @@ def character_exists(slug: str) -> bool:
         return slug in find_characters(session=session, slugs=[slug])
 
 
-def as_models(slug: str | None = None) -> list[dict[str, Any]]:
+def as_models(slug: str | None = None, tenant: str = DEFAULT_TENANT) -> list[dict[str, Any]]:
     """The characters as OpenAI's model objects (a chat completion's `model` names a character):
-    every one, or the one `slug` names (none: not a character)."""
+    every one `tenant` may name, or the one `slug` names (none: not a character)."""
     with session_scope() as session:
-        rows = character_listing(session=session, slug=slug)
+        rows = character_listing(session=session, slug=slug, tenant=tenant)
     return [
         {"id": name, "object": "model", "created": int(created.timestamp()), "owned_by": "mlchat"}
         for name, created in rows

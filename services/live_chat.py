@@ -137,7 +137,7 @@ def start_chat_turn(
     if metadata.get("character") is not None:
         slugs.append(_slug(metadata["character"], "body.metadata.character"))
     with session_scope() as session:
-        known = find_characters(session=session, slugs=slugs)
+        known = find_characters(session=session, slugs=slugs, tenant=tenant)
     if len(slugs) == 1 and slugs[0] not in known:  # OpenAI's answer, which its client raises as NotFoundError
         raise ChatRejected(
             f"body.model: the model {slugs[0]!r} does not exist (a character: GET /v1/models lists them)",

@@ -533,7 +533,7 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
     )
     missing = [r for r in requests if r.conversation not in known]
     slugs = [r.character for r in missing if r.character]
-    characters = find_characters(session=session, slugs=slugs) if slugs else {}
+    characters = find_characters(session=session, slugs=slugs, tenant=tenant) if slugs else {}
     started_here: dict[str, str] = {}
     for r in missing:
         if r.character:

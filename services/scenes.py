@@ -84,7 +84,7 @@ def _create_group(
     session: Any, spec: GroupSpec, *, tenant: str, api_key: str | None, key: str | None
 ) -> list[NewStep]:
     """Store the group's conversation and scene (and its first step); the steps to send."""
-    ids = find_characters(session=session, slugs=spec.slugs())
+    ids = find_characters(session=session, slugs=spec.slugs(), tenant=tenant)
     for i, slug in enumerate(spec.slugs()):
         if slug not in ids:
             raise SceneRefused(f"participants.{i}.character: unknown character {slug!r}")

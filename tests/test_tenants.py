@@ -336,3 +336,40 @@ def test_a_continue_or_move_key_of_one_tenant_replays_nothing_of_another(base_ur
         )
         assert went_on.status_code == 200, went_on.text
         assert went_on.json()["replayed"] is False and len(went_on.json()["sent"]) == 1, went_on.text
+
+
+def test_an_inline_persona_is_the_default_tenants_own_never_listed_or_named_by_a_key(base_url) -> None:
+    """Found in review (stop 65): the original service's inline shape stores each caller's persona as
+    a character `inline-…` of the default tenant; every API key's `GET /v1/models` listed them, and a
+    turn, a chat completion, a group or a batch naming one was answered with that persona's system
+    prompt and scenario in its prompt. To a key they do not exist."""
+    from db.world import all_character_slugs, upsert_character
+
+    slug = f"inline-secret-{uuid.uuid4().hex[:8]}"
+    with session_scope() as s:
+        upsert_character(
+            session=s, slug=slug, fields={"name": "Secret", "description": "Knows the vault code."}
+        )
+    models = httpx.get(f"{base_url}/v1/models", headers=A)
+    assert models.status_code == 200 and slug not in {m["id"] for m in models.json()["data"]}
+    assert httpx.get(f"{base_url}/v1/models/{slug}", headers=A).status_code == 404
+    turn = _post(base_url, A, new_conversation() | {"character": slug, "message": "The code?"})
+    assert turn.status_code == 422 and f"unknown character {slug!r}" in turn.text, turn.text
+    chat = httpx.post(
+        f"{base_url}/v1/chat/completions",
+        headers=A,
+        json={"model": slug, "messages": [{"role": "user", "content": "The code?"}]},
+    )
+    assert chat.status_code == 404 and "does not exist" in chat.text, chat.text
+    group = httpx.post(
+        f"{base_url}/v1/scenes",
+        headers=A,
+        json={"conversation": f"g-{uuid.uuid4().hex[:8]}", "participants": [slug, "elara"], "exchanges": 0},
+    )
+    assert group.status_code == 422 and "participants.0.character: unknown character" in group.text, (
+        group.text
+    )
+    with session_scope() as s:  # the default tenant's own path (the inline shape, the CLI) finds it
+        assert slug in find_characters(session=s, slugs=[slug])
+        assert slug not in find_characters(session=s, slugs=[slug], tenant="game-a")
+        assert slug not in all_character_slugs(session=s, tenant="game-a")  # a batch file's lines

@@ -22,7 +22,7 @@ Reader = Annotated[Caller, Depends(needs("ingest"))]
 @router.get("")
 async def list_models(who: Reader) -> dict[str, Any]:
     """Every character, as a model object."""
-    return {"object": "list", "data": await run_in_threadpool(characters.as_models)}
+    return {"object": "list", "data": await run_in_threadpool(characters.as_models, None, who.tenant)}
 
 
 @router.get("/{model}")
@@ -30,7 +30,8 @@ async def get_model(model: Annotated[str, Path(max_length=200)], who: Reader) ->
     """One character as a model object; a 404 naming `model` when no character has that slug."""
     # A name no slug can be (a NUL, 200 characters) is no model: not looked up (the database refuses
     # a NUL in a string, a 500).
-    found = await run_in_threadpool(characters.as_models, model) if re.fullmatch(SLUG_PATTERN, model) else []
+    named = re.fullmatch(SLUG_PATTERN, model)
+    found = await run_in_threadpool(characters.as_models, model, who.tenant) if named else []
     if not found:  # as OpenAI answers it: its client raises NotFoundError
         message = f"model: the model {model!r} does not exist"
         body = error_body(status.HTTP_404_NOT_FOUND, message, code="model_not_found")

@@ -352,7 +352,7 @@ def validate_file(
     named, for a submission that skips them)."""
     options = options or LineOptions()
     with session_scope() as session:
-        characters = set(all_character_slugs(session=session))
+        characters = set(all_character_slugs(session=session, tenant=tenant))
     if options.default_character is not None and options.default_character not in characters:
         raise ValueError(f"default character: unknown character {options.default_character!r}")
     reader = LineReader(detect_format(path), characters, options)
