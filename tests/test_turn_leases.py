@@ -168,6 +168,30 @@ def test_the_lease_keeper_renews_while_the_batch_runs(world) -> None:
     assert [t.id for t in _claim([turn_id]).claimed] == [turn_id]
 
 
+def test_a_lease_renewal_that_failed_is_tried_again_soon_not_a_third_of_a_lease_later(
+    world, monkeypatch
+) -> None:
+    """Found in review (stop 65): after a failed renewal (the database away) the keeper waited a
+    third of a lease before the next; a lease that lapsed in a long outage stayed lapsed up to that
+    long after the database came back, and a sweep or a later turn's claim took the turns over,
+    charging them an attempt (on the last one: failed) and dropping the reply being written."""
+    from worker import lease
+
+    tried: list[float] = []
+    renewed = threading.Event()
+
+    def renew(session) -> None:  # type: ignore[no-untyped-def]
+        tried.append(time.monotonic())
+        if len(tried) == 1:
+            raise ConnectionError("injected: the database is away")
+        renewed.set()
+
+    monkeypatch.setattr(lease, "AGAIN_AFTER_FAILURE_S", 0.1)
+    with LeaseKeeper(uuid.uuid4(), lease_s=6.0, max_hold_s=30, renew=renew):
+        assert renewed.wait(10)
+    assert tried[1] - tried[0] < 1.0, tried  # a third of the lease is 2 s
+
+
 def test_a_refunded_requeue_gives_the_attempt_back(world) -> None:
     (turn_id,) = _turns()
     claim = _claim([turn_id])
