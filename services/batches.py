@@ -321,14 +321,19 @@ def _away(exc: BaseException) -> str | None:
     """Which service being away stopped a submission (the error, or what it wraps): "the broker",
     "the database" (its connection lost, not an error of the work), "another writer" (a transaction
     the server rolled back for a deadlock or a serialization failure: the same work goes through
-    when run again), or None: what stopped it was not the submission's own fault."""
+    when run again), "the grammar builders" (none free in time for a line's schema: it may well be
+    enforceable), or None: what stopped it was not the submission's own fault."""
     from kombu.exceptions import KombuError
     from redis.exceptions import RedisError
+
+    from structured.spec import GrammarBusy
 
     seen: BaseException | None = exc
     while seen is not None:
         if isinstance(seen, (KombuError, RedisError)):
             return "the broker"
+        if isinstance(seen, GrammarBusy):
+            return "the grammar builders"
         if connection_lost(seen):
             return "the database"
         if rolled_back_for_a_conflict(seen):

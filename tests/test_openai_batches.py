@@ -5,6 +5,7 @@ callbacks. The round trip with the `openai` client on the real worker is in test
 import json
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
@@ -1803,3 +1804,24 @@ def test_a_batch_whose_commit_answer_was_lost_is_answered_not_created_twice(
     monkeypatch.setattr(batches, "_create_run", never_stored)
     with pytest.raises(OperationalError):  # nothing stored: the outage it is (a 503)
         _create(file_id)
+
+
+def test_a_submission_stopped_by_busy_grammar_builders_waits_for_them_spending_no_try(monkeypatch) -> None:
+    """Found in review (stop 65): no grammar builder free in time for a line's schema (GrammarBusy,
+    "send it again") counted as a failed try of the batch's submission; a file of a few slow schemas
+    spent every try on it and the batch failed as the server's fault, its stored lines cancelled.
+    Like the broker or the database away, it spends no try: the batch waits for them."""
+    from services import batches
+    from structured.spec import GrammarBusy
+
+    postponed: list[dict] = []
+    given_up: list[str] = []
+    monkeypatch.setattr(batches, "postpone_submission", lambda **kwargs: postponed.append(kwargs))
+    monkeypatch.setattr(batches, "_give_up", lambda run_id, callback, error: given_up.append(error))
+    busy = RuntimeError("line 7 stopped")
+    busy.__cause__ = GrammarBusy("no grammar builder free within 10 s")
+    spent = settings.batch_submission_attempts
+    batches._retry_later(uuid.uuid4(), "b", None, spent, busy, waited_s=30.0)
+    assert given_up == []
+    (later,) = postponed
+    assert later["refund"] is True and "waits for the grammar builders" in later["error"]
