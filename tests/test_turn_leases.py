@@ -278,3 +278,44 @@ def test_a_claim_that_takes_a_refunded_turn_over_outranks_the_claim_it_replaced(
         session.execute(update(Turn).where(Turn.id == turn_id).values(claims=0, attempts=1))
     (third,) = _claim([turn_id]).claimed
     assert third.claims > 2
+
+
+def test_a_turn_whose_adapter_cannot_load_for_now_is_handed_back_with_its_attempt(world, monkeypatch) -> None:
+    """Found in review (stop 65): a passing adapter outage (`lora register` still copying, a file
+    being replaced) charged the turn an attempt at each look, a minute apart: a turn arriving then
+    failed `adapter_unavailable` about two minutes later, which the README says costs its wait, not
+    its life. Its attempt is handed back as for a database outage, up to MLCHAT_MAX_OUTAGE_REFUNDS
+    times; then it is charged."""
+    from types import SimpleNamespace
+
+    from core.settings import settings
+    from worker import engine as engine_module
+    from worker import pipeline
+    from worker.engine import Adapter, AdapterUnavailable
+
+    copying = Adapter("copying@v1", 1, "/x")
+    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
+
+    def load(adapter: Adapter) -> None:
+        raise AdapterUnavailable("adapter copying@v1 at /x: no adapter_config.json", retry_in=60.0)
+
+    monkeypatch.setattr(engine_module, "load_adapter", load)
+    fresh, spent = _turns(2)
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == spent).values(outage_refunds=settings.max_outage_refunds))
+    claim = _claim([fresh, spent])
+    turns = [
+        SimpleNamespace(id=t.id, character=copying, attempts=t.attempts, tenant="", speaker="character")
+        for t in claim.claimed
+    ]
+    report = pipeline.BatchReport()
+    pipeline._load_adapters(turns, report)  # type: ignore[arg-type]
+    written = pipeline.write_group(claim.token, [], {}, report.retry, refund=report.refund)
+    assert sorted(written.requeued) == sorted([fresh, spent])
+    with session_scope() as s:
+        rows = {
+            t.id: (t.status, t.attempts, t.outage_refunds)
+            for t in s.scalars(select(Turn).where(Turn.id.in_([fresh, spent])))
+        }
+    assert rows[fresh] == (TurnStatus.QUEUED, 0, 1)  # its attempt handed back
+    assert rows[spent][:2] == (TurnStatus.QUEUED, 1)  # no refunds left: charged

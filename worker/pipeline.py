@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -82,6 +82,9 @@ class BatchReport:
     retry: dict[uuid.UUID, str] = field(default_factory=dict)  # back to queued after a failed attempt
     # Of those, turns whose next message waits: {id: seconds} (an adapter looked at again only then).
     retry_in: dict[uuid.UUID, float] = field(default_factory=dict)
+    # Of those, turns not at fault (their adapter not loadable for now): the attempt handed back, up
+    # to MLCHAT_MAX_OUTAGE_REFUNDS times, so a passing outage costs them their wait, not their life.
+    refund: set[uuid.UUID] = field(default_factory=set)
     # Waits for an earlier turn of its conversation: {turn id: times deferred so far}.
     deferred: dict[uuid.UUID, int] = field(default_factory=dict)
     stalled: list[StalledTurn] = field(default_factory=list)  # such earlier turns nobody answers: send now
@@ -412,6 +415,7 @@ def _load_adapters(turns: Sequence[ClaimedTurn], report: BatchReport) -> None:
                 _retry_or_fail(turn, str(exc), unavailable, report)
                 if turn.id in report.retry:
                     report.retry_in[turn.id] = exc.retry_in
+                    report.refund.add(turn.id)
         except EngineDead as exc:
             if exc.in_engine:  # its load ran when the engine died; one only queued behind is blameless
                 report.loading = [t.id for t in adapted]
@@ -483,7 +487,7 @@ def _answer(
     early_retry = dict(report.retry)
     if early or early_retry:
         with timer("write"):  # a group of no replies: run again, as any group's, if a deadlock ends it
-            written = write_group(token, [], early, early_retry, timings=shared_ms)
+            written = write_group(token, [], early, early_retry, timings=shared_ms, refund=report.refund)
         written.keep_written(report, early, early_retry)
         report.next_steps += written.next_steps
         _announce(turns, [*written.failed, *written.requeued])
@@ -817,8 +821,10 @@ def write_group(
     retry: dict[uuid.UUID, str],
     *,
     timings: dict[str, Any] | None = None,
+    refund: Collection[uuid.UUID] = (),
 ) -> Written:
-    """Store a group's replies, fail and hand back its other turns, in one transaction. Finishing
+    """Store a group's replies, fail and hand back its other turns (those in `refund` with their
+    attempt handed back, within MLCHAT_MAX_OUTAGE_REFUNDS), in one transaction. Finishing
     turns advances their runs, which takes the runs' rows in more than one pass (stored turns', then
     failed ones'), so two workers finishing turns of the same runs in opposite roles can deadlock;
     the server then rolls one of them back, which is run again (it left nothing behind) instead of
@@ -828,7 +834,16 @@ def write_group(
         with session_scope() as session:
             stored = store_replies(session=session, token=token, outcomes=outcomes)
             failed = fail_turns(session=session, token=token, failures=failures, timings=timings)
-            requeued = requeue_turns(session=session, token=token, reasons=retry)
+            charged = {t: r for t, r in retry.items() if t not in refund}
+            refunded = {t: r for t, r in retry.items() if t in refund}
+            requeued = requeue_turns(session=session, token=token, reasons=charged)
+            requeued += requeue_turns(
+                session=session,
+                token=token,
+                reasons=refunded,
+                refund_attempt=True,
+                max_refunds=settings.max_outage_refunds,
+            )
             return Written(stored, failed, requeued, pop_new_steps(session))
 
     turns = len(outcomes) + len(failures) + len(retry)
