@@ -268,6 +268,27 @@ def off_the_worker(real: Callable[..., Any], fake: Callable[..., Any]) -> Callab
     return either
 
 
+def fake_lookups(monkeypatch: pytest.MonkeyPatch, fake: Callable[..., Any]) -> None:
+    """socket.getaddrinfo is `fake` for the test's host names, the real resolver for an address or
+    localhost: the session's worker reconnecting to Redis or PostgreSQL meanwhile resolves as ever."""
+    import ipaddress
+    import socket
+
+    real = socket.getaddrinfo
+
+    def lookup(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            ipaddress.ip_address(host)
+            is_address = True
+        except ValueError:
+            is_address = False
+        if host is None or is_address or host == "localhost":
+            return real(host, port, *args, **kwargs)
+        return fake(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+
+
 @contextmanager
 def sent_to_nobody(monkeypatch: pytest.MonkeyPatch, queue: str) -> Iterator[None]:
     """Turns sent meanwhile go to `queue`, which no worker consumes (deleted after): a test that reads

@@ -22,6 +22,7 @@ from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import create_run
 from db.session import session_scope
 from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, tenant_secret, verify_signature
+from tests.conftest import fake_lookups
 
 SECRET = "callback-secret-for-tests"
 
@@ -217,7 +218,7 @@ def test_a_resolver_hiccup_at_delivery_is_retried_not_recorded_as_final(
         calls.append(name)
         raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
 
-    monkeypatch.setattr(socket, "getaddrinfo", hiccup)
+    fake_lookups(monkeypatch, hiccup)
     run_id = _run_calling_back("https://hooks.example.test/done")
     with pytest.raises(CallbackFailed, match="could not be resolved for now"):
         deliver(run_id)
@@ -253,7 +254,7 @@ def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
         return real(address, port, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    fake_lookups(monkeypatch, getaddrinfo)
 
     def request(host: str) -> dict[str, str]:
         return {
@@ -312,7 +313,7 @@ def test_a_retry_under_its_key_answers_with_its_turn_whatever_its_callback_host_
     monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
     monkeypatch.setattr(settings, "callback_allow_private", False)
     real = socket.getaddrinfo
-    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port, *a, **k: real("1.1.1.1", port, *a, **k))
+    fake_lookups(monkeypatch, lambda name, port, *a, **k: real("1.1.1.1", port, *a, **k))
     body = {
         "conversation": f"cb-{uuid.uuid4().hex[:10]}",
         "character": "elara",
@@ -326,12 +327,12 @@ def test_a_retry_under_its_key_answers_with_its_turn_whatever_its_callback_host_
         def lookup(*args, failure=failure, **kwargs):  # type: ignore[no-untyped-def]
             raise failure
 
-        monkeypatch.setattr(socket, "getaddrinfo", lookup)
+        fake_lookups(monkeypatch, lookup)
         [again] = submit_turns([body], send=False)
         assert (again.id, again.created) == (first.id, False)
     # A new key, or the key with another body, is looked up as ever (review of the fix: a new key
     # skipped the lookup, its private host accepted).
-    monkeypatch.setattr(socket, "getaddrinfo", lambda name, port, *a, **k: real("10.0.0.7", port, *a, **k))
+    fake_lookups(monkeypatch, lambda name, port, *a, **k: real("10.0.0.7", port, *a, **k))
     for other in (body | {"idempotency_key": f"cb-{uuid.uuid4().hex[:8]}"}, body | {"message": "hello"}):
         with pytest.raises(TurnRejected) as refused:
             submit_turns([other], send=False)
@@ -378,7 +379,7 @@ def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused
         def gone(name, *args, failure=failure, **kwargs):  # type: ignore[no-untyped-def]
             raise failure
 
-        monkeypatch.setattr(socket, "getaddrinfo", gone)
+        fake_lookups(monkeypatch, gone)
         run_id = _run_calling_back("https://hooks.example.test/done")
         with pytest.raises(CallbackFailed, match="hooks.example.test"):
             deliver(run_id)

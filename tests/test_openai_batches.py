@@ -37,7 +37,7 @@ from services.runs import RunValidationError, export_run, submit_run
 from services.runs.openai_lines import LineOptions
 from services.runs.validate import file_digest
 from tasks.app import app
-from tests.conftest import INGEST_KEY
+from tests.conftest import INGEST_KEY, fake_lookups
 
 MODEL = "batches-check"  # a queue no worker consumes
 
@@ -762,7 +762,7 @@ def test_a_resolver_that_cannot_answer_for_now_is_a_503_to_retry_not_a_refused_c
             raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
         return real(name, *args, **kwargs)
 
-    monkeypatch.setattr(socket, "getaddrinfo", hiccup)
+    fake_lookups(monkeypatch, hiccup)
     body = {
         "input_file_id": file_id,
         "endpoint": "/v1/chat/completions",
