@@ -274,7 +274,7 @@ def send_once(
         raise CallbackFailed(unsigned)
     deadline = time.monotonic() + settings.callback_timeout_s  # the lookup and the POST, together
     try:
-        address = _vetted_in_time(url, settings.callback_timeout_s)
+        address = _vetted_in_time(url, settings.callback_timeout_s, tenant)
     except (ResolverUnavailable, Unresolved) as unavailable:  # no verdict on a host vetted before
         record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
@@ -300,15 +300,26 @@ def _delivery_resolver_pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=_DELIVERY_LOOKUPS, thread_name_prefix="callback-deliver-resolve")
 
 
-def _vetted_in_time(url: str, timeout: float) -> Address:
+def _vetted_in_time(url: str, timeout: float, tenant: str) -> Address:
     """vetted_address(url), or ResolverUnavailable once `timeout` s have passed (MLCHAT_CALLBACK_TIMEOUT_S
     bounds one delivery in all: a resolver that stopped answering held a delivery slot for its own
-    timeouts, up to half a minute a try)."""
-    future = _delivery_resolver_pool().submit(vetted_address, url)
+    timeouts, up to half a minute a try), or at once while `tenant`'s lookups left blocked hold its
+    share of the pool (retried, as any lookup that did not answer)."""
+    if _DELIVERY_SHARES.hold(tenant, 1) == 0:
+        raise ResolverUnavailable(f"host {url_host(url)!r}: this tenant's earlier lookups still hang")
+
+    def vetted() -> Address:
+        try:
+            return vetted_address(url)
+        finally:
+            _DELIVERY_SHARES.let_go(tenant)
+
+    future = _delivery_resolver_pool().submit(vetted)
     try:
         return future.result(timeout=timeout)
     except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
-        future.cancel()  # still queued behind stuck lookups: never run
+        if future.cancel():  # still queued: never run, so its share is given back here
+            _DELIVERY_SHARES.let_go(tenant)
         raise ResolverUnavailable(
             f"host {url_host(url)!r} could not be resolved within MLCHAT_CALLBACK_TIMEOUT_S ({timeout:g} s)"
         ) from None
@@ -381,26 +392,42 @@ class ResolverTooSlow(RuntimeError):
     resolver said to try again (EAI_AGAIN) for every one of them: try the request again later."""
 
 
-# The shared pool's threads each tenant's lookups hold, counted until each lookup ends (a request
-# that gave up leaves its thread blocked in the resolver, counted still): one tenant's hosts that
-# never answer hold at most RESOLVE_PER_REQUEST of the pool, and other tenants' lookups go on.
-_HELD_BY: Counter[str] = Counter()
-_HELD_LOCK = threading.Lock()
+class TenantShares:
+    """The threads of a shared pool each tenant's lookups hold, counted until each lookup ends (one
+    its caller gave up on stays blocked in the resolver, counted still): a tenant's hosts that never
+    answer hold its own share of the pool alone, and other tenants' lookups go on."""
+
+    def __init__(self, per_tenant: int) -> None:
+        self.per_tenant = per_tenant
+        self._held: Counter[str] = Counter()
+        self._freed = threading.Condition()
+
+    def hold(self, tenant: str, wanted: int, wait_s: float = 0.0) -> int:
+        """Up to `wanted` threads for `tenant` within its share, waiting up to `wait_s` for one to
+        come free; how many (0: none came free in time)."""
+        deadline = time.monotonic() + wait_s
+        with self._freed:
+            while (granted := min(wanted, self.per_tenant - self._held[tenant])) <= 0:
+                if (left := deadline - time.monotonic()) <= 0:
+                    return 0
+                self._freed.wait(left)
+            self._held[tenant] += granted
+            return granted
+
+    def let_go(self, tenant: str) -> None:
+        with self._freed:
+            self._held[tenant] -= 1
+            if self._held[tenant] <= 0:
+                del self._held[tenant]
+            self._freed.notify_all()
+
+    def held(self, tenant: str) -> int:
+        with self._freed:
+            return self._held[tenant]
 
 
-def _hold(tenant: str, wanted: int) -> int:
-    """Up to `wanted` of the pool's threads for `tenant`, within its share; how many (0: none left)."""
-    with _HELD_LOCK:
-        granted = max(0, min(wanted, RESOLVE_PER_REQUEST - _HELD_BY[tenant]))
-        _HELD_BY[tenant] += granted
-        return granted
-
-
-def _let_go(tenant: str) -> None:
-    with _HELD_LOCK:
-        _HELD_BY[tenant] -= 1
-        if _HELD_BY[tenant] <= 0:
-            del _HELD_BY[tenant]
+_ACCEPTANCE_SHARES = TenantShares(RESOLVE_PER_REQUEST)
+_DELIVERY_SHARES = TenantShares(2)  # of the delivery pool's 8 lookups, blocked ones counted
 
 
 def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) -> dict[int, str]:
@@ -435,17 +462,20 @@ def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) ->
                 except Exception as exc:
                     outcome[host] = exc
         finally:
-            _let_go(tenant)
+            _ACCEPTANCE_SHARES.let_go(tenant)
 
     # At most RESOLVE_PER_REQUEST of the shared pool's threads for one tenant, each looking its
     # hosts up in turn: a request of a thousand slow hosts cannot queue the others' lookups behind it.
-    threads = _hold(tenant, min(RESOLVE_PER_REQUEST, len(hosts)))
+    # The tenant's own lookups under way (another request's, or ones left blocked) leave this one
+    # what is free of its share; it waits for one within its budget.
+    deadline = time.monotonic() + RESOLVE_BUDGET_S
+    threads = _ACCEPTANCE_SHARES.hold(tenant, min(RESOLVE_PER_REQUEST, len(hosts)), wait_s=RESOLVE_BUDGET_S)
     if threads == 0:
         raise ResolverTooSlow("this tenant's earlier callback hosts still hold the resolver; try again later")
     groups = [hosts[i::threads] for i in range(threads)]
     futures = [_resolver_pool().submit(resolve, group) for group in groups]
     try:
-        _, pending = wait(futures, timeout=RESOLVE_BUDGET_S)
+        _, pending = wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
         if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
             late = [host for host in hosts if host not in outcome]
             raise ResolverTooSlow(
@@ -474,4 +504,4 @@ def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) ->
         over.set()
         for future in futures:
             if future.cancel():  # still queued behind other requests' lookups: not run for nothing
-                _let_go(tenant)
+                _ACCEPTANCE_SHARES.let_go(tenant)

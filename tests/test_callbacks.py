@@ -972,13 +972,23 @@ def test_lookups_a_slow_resolver_holds_never_pile_up_threads(monkeypatch) -> Non
     monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 0.05)
     before = threading.active_count()
     try:
-        for i in range(40):
+        for i in range(40):  # forty tenants: each one's share of the pool is its own (review)
             with pytest.raises(callbacks.ResolverTooSlow):
-                callbacks.callback_destinations({0: f"https://slow-{i}.example.test/hook"})
+                callbacks.callback_destinations({0: f"https://slow-{i}.example.test/hook"}, f"t{i}")
         grown = threading.active_count() - before
     finally:
         release.set()
+        _lookups_end([f"t{i}" for i in range(40)])
     assert grown <= callbacks.RESOLVE_THREADS, f"{grown} threads left behind by 40 requests"
+
+
+def _lookups_end(tenants: list[str]) -> None:
+    """Wait for these tenants' lookups left blocked to end (the next case starts with the pool free)."""
+    from services import callbacks
+
+    deadline = time.monotonic() + 15
+    while any(callbacks._ACCEPTANCE_SHARES.held(t) for t in tenants) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def test_a_request_of_many_slow_callback_hosts_does_not_hold_up_another_requests_lookups(monkeypatch) -> None:
@@ -1039,10 +1049,66 @@ def test_a_tenants_callback_hosts_that_never_answer_hold_its_own_share_of_the_re
             callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "greedy")
     finally:
         release.set()
-    deadline = time.monotonic() + 10
-    while callbacks._HELD_BY.get("greedy") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _lookups_end(["greedy"])
     assert callbacks.callback_destinations({0: "https://fast.example.test/hook"}, "greedy") == {}
+
+
+def test_a_tenants_requests_at_once_wait_for_its_share_of_the_resolver_not_a_503(monkeypatch) -> None:
+    """Review of the share: a game's five requests at once, each with a callback URL, found the
+    share taken by the first four and the fifth was a 503 while the resolver answered well. A
+    request waits for a thread of its share within its budget."""
+    from services import callbacks
+
+    def lookup(url: str) -> str:
+        time.sleep(0.2)
+        return "1.1.1.1"
+
+    monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    outcomes: list[object] = []
+
+    def request(i: int) -> None:
+        try:
+            outcomes.append(
+                callbacks.callback_destinations({0: f"https://busy-{i}.example.test/hook"}, "one-game")
+            )
+        except Exception as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(callbacks.RESOLVE_PER_REQUEST * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(15)
+    assert outcomes == [{}] * len(threads)
+
+
+def test_a_tenants_deliveries_whose_lookups_hang_hold_its_own_share_of_the_delivery_pool(monkeypatch) -> None:
+    """Review of the bounded delivery lookup: the lookups it gave up on keep their thread of a pool
+    all tenants share, and one tenant's hook domain that never answers filled it: every other
+    tenant's delivery then timed out in the queue. A tenant's blocked lookups hold its share alone."""
+    from services import callbacks
+
+    release = threading.Event()
+
+    def lookup(url: str) -> str:
+        if "never" in url:
+            release.wait(10)
+        return "1.1.1.1"
+
+    monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    try:
+        for _ in range(2):
+            with pytest.raises(callbacks.ResolverUnavailable, match="within MLCHAT_CALLBACK_TIMEOUT_S"):
+                callbacks._vetted_in_time("https://never.example.test/hook", 0.1, "stuck-game")
+        with pytest.raises(callbacks.ResolverUnavailable, match="this tenant's earlier lookups still hang"):
+            callbacks._vetted_in_time("https://never.example.test/hook", 0.1, "stuck-game")
+        assert str(callbacks._vetted_in_time("https://fine.example.test/hook", 5, "other-game")) == "1.1.1.1"
+    finally:
+        release.set()
+    deadline = time.monotonic() + 15
+    while callbacks._DELIVERY_SHARES.held("stuck-game") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert callbacks._DELIVERY_SHARES.held("stuck-game") == 0
 
 
 def test_a_housekeeping_step_that_raises_leaves_the_later_ones_done_and_is_named(world, monkeypatch) -> None:
