@@ -286,7 +286,7 @@ def import_history(
     # Refused or held already: nothing to embed (a long log takes the embedder minutes). Each is
     # checked again below, as the rows may change meanwhile.
     with session_scope() as session:
-        if character not in find_characters(session=session, slugs=[character]):
+        if character not in find_characters(session=session, slugs=[character], tenant=tenant):
             raise HistoryRefused(f"character: no character {character!r}")
         known = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
         if conversation in known and known[conversation][1] != character:
@@ -303,7 +303,7 @@ def import_history(
         return _memory_scheduled(held_already, 1, 0)
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
-        found = find_characters(session=session, slugs=[character])
+        found = find_characters(session=session, slugs=[character], tenant=tenant)
         if character not in found:
             raise HistoryRefused(f"character: no character {character!r}")
         row = {

@@ -317,6 +317,10 @@ def _submit_batch(name: str) -> None:
         _retry_later(run_id, name, callback, attempt, exc, waited_s)
 
 
+_BUILDERS = "the grammar builders"
+_BUILDERS_WAIT_S = 3600.0
+
+
 def _away(exc: BaseException) -> str | None:
     """Which service being away stopped a submission (the error, or what it wraps): "the broker",
     "the database" (its connection lost, not an error of the work), "another writer" (a transaction
@@ -333,7 +337,7 @@ def _away(exc: BaseException) -> str | None:
         if isinstance(seen, (KombuError, RedisError)):
             return "the broker"
         if isinstance(seen, GrammarBusy):
-            return "the grammar builders"
+            return _BUILDERS
         if connection_lost(seen):
             return "the database"
         if rolled_back_for_a_conflict(seen):
@@ -364,6 +368,10 @@ def _retry_later(
     shown = f"an internal error, {type(cause).__name__}; the server's log has it"
     tries = attempt or 0
     away = _away(exc)
+    if away == _BUILDERS and waited_s > _BUILDERS_WAIT_S:
+        # Builds a file's own slow schemas keep busy can make it wait on itself: past an hour it
+        # spends its tries again, and fails as the server's fault once they are spent.
+        away = None
     try:
         if tries >= settings.batch_submission_attempts and not away:
             # The batch names the error's class and says the log has it: this is that line.

@@ -249,8 +249,8 @@ def _started_group(session: Any, conversation: str, tenant: str, *, scene_id: in
     )
     if conv_id is None:
         raise IdempotencyConflict(
-            f"Idempotency-Key (header): the group {conversation!r} this key started is gone (erased);"
-            " start it again under a new key"
+            f"Idempotency-Key (header): the group {conversation!r} this key started is gone (erased, or"
+            " the name is another group's now); start it again under a new key"
         )
     return int(conv_id)
 

@@ -258,6 +258,18 @@ def _on_the_session_worker() -> bool:
     return app.current_worker_task is not None or thread.startswith(("chunk", "mlchat-housekeeping"))
 
 
+def patch_on_this_thread(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, fake: Any) -> None:
+    """`module.name` is `fake` on this test's thread only: the session's in-process worker calls the
+    same modules (a memory job's generation, a batch's adapters), and a fault faked for it would
+    fail its turns or stop it."""
+    real, mine = getattr(module, name), threading.get_ident()
+
+    def either(*args: Any, **kwargs: Any) -> Any:
+        return (fake if threading.get_ident() == mine else real)(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, either)
+
+
 def off_the_worker(real: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
     """`fake` for the test's own calls, `real` for the session's worker's (a broker faked away for a
     test would lose the worker's resends of that moment: no sweeper runs in the session)."""

@@ -614,6 +614,7 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["run", "status", "no-such-run"], 2, "no run 'no-such-run'"),
         (["run", "cancel", "no-such-run"], 2, "no run 'no-such-run'"),
         (["lora", "dataset", "elara", "--run", "no-such-run", "--out", str(tmp_path / "ds")], 2, "no run"),
+        (["lora", "dataset", "nobody-here", "--out", str(tmp_path / "ds2")], 2, "no character 'nobody-here'"),
         (["manifest", "not-a-uuid"], 2, "is not a UUID"),
         (["run", "submit", str(tmp_path / "missing.jsonl")], 2, "does not exist"),
         (["chat", "--character", "elara", "--message", "hi", "--params", "{nope", "--inline"], 2, "--params"),

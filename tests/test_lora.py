@@ -754,6 +754,13 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
     assert "no adapter_config.json" in capsys.readouterr().err
     (adapter / "adapter_model.safetensors").write_bytes(b"")
     for config, names in (
+        ('{"peft_type": "IA3", "r": 4}', "a IA3 adapter; only LoRA is served"),
+        ('{"peft_type": "LORA", "r": 4096}', "rank 4096 is over MLCHAT_MAX_LORA_RANK"),
+    ):
+        (adapter / "adapter_config.json").write_text(config)
+        assert cli(["lora", "register", "elara", str(adapter)]) == 2, config
+        assert names in capsys.readouterr().err
+    for config, names in (
         ("[]", "adapter_config.json: must hold a JSON object"),
         ('{"peft_type": "LORA", "r": null}', "adapter_config.json: r: null is not a positive whole number"),
         ('{"peft_type": "LORA", "r": 0}', "adapter_config.json: r: 0 is not a positive whole number"),

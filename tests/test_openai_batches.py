@@ -1825,3 +1825,7 @@ def test_a_submission_stopped_by_busy_grammar_builders_waits_for_them_spending_n
     assert given_up == []
     (later,) = postponed
     assert later["refund"] is True and "waits for the grammar builders" in later["error"]
+    # Review: a file whose own slow schemas keep the builders busy would wait on itself for its whole
+    # window; past an hour of waiting its stops spend tries again.
+    batches._retry_later(uuid.uuid4(), "b", None, spent, busy, waited_s=3601.0)
+    assert len(given_up) == 1 and "GrammarBusy" in given_up[0]

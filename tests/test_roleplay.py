@@ -1,7 +1,6 @@
 """Roleplay depth on the real pipeline (engine, embedder, PostgreSQL): an imported card with its
 lorebook, the manifest, a narrator turn, story events appended by the game, mood and quality."""
 
-import threading
 from pathlib import Path
 
 from sqlalchemy import select, update
@@ -11,7 +10,7 @@ from db.session import session_scope
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN, EMOTIONS, MAX_STEP
 from services.characters import add_story_event, import_card
 from services.producer import enqueue_turns, get_turn
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, patch_on_this_thread
 from worker.pipeline import process_batch
 
 CARDS = Path(__file__).parent / "fixtures" / "cards"
@@ -149,17 +148,6 @@ def test_a_regenerated_reply_that_cannot_be_read_is_dropped_alone(monkeypatch) -
     assert isinstance(result, RecursionError)
 
 
-def _patch_on_this_thread(monkeypatch, module, name: str, fake) -> None:  # type: ignore[no-untyped-def]
-    """`module.name` is `fake` on this test's thread only: the session's in-process worker calls the
-    engine module too (a memory job's generation), and a death faked for it would stop the worker."""
-    real, mine = getattr(module, name), threading.get_ident()
-
-    def either(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return (fake if threading.get_ident() == mine else real)(*args, **kwargs)
-
-    monkeypatch.setattr(module, name, either)
-
-
 def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -> None:
     """Found in review: the second try of weak replies waited for the engine with no deadline (behind
     a bulk backlog the claim's hold ran out, so nothing was stored and the turns were generated
@@ -185,13 +173,13 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
     def broken(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
         raise RuntimeError("the embedder's device went away")
 
-    _patch_on_this_thread(monkeypatch, engine_module, "generate", broken)
+    patch_on_this_thread(monkeypatch, engine_module, "generate", broken)
     assert judge.regenerate_weak(*call) == weak  # type: ignore[arg-type]
 
     def dead(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
         raise EngineDead("gone")
 
-    _patch_on_this_thread(monkeypatch, engine_module, "generate", dead)
+    patch_on_this_thread(monkeypatch, engine_module, "generate", dead)
     with pytest.raises(EngineDead):  # a dead engine still ends the batch (its turns go back uncharged)
         judge.regenerate_weak(*call)  # type: ignore[arg-type]
 
@@ -202,13 +190,13 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
         wait=lambda futures, timeout=None: time.sleep(min(timeout or 0.01, 0.01)) or [],
         cancel=lambda futures: cancelled.extend(futures) or len(futures),
     )
-    _patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [never])
-    _patch_on_this_thread(monkeypatch, engine_module, "get_loop", lambda: loop)
+    patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [never])
+    patch_on_this_thread(monkeypatch, engine_module, "get_loop", lambda: loop)
     (late,) = real_generate([request], deadline=time.monotonic() + 0.05)
     assert isinstance(late, NoTimeLeft) and cancelled == [never]
     # review: a deadline already past submits nothing; an engine death at the deadline still raises
     submitted: list[object] = []
-    _patch_on_this_thread(
+    patch_on_this_thread(
         monkeypatch, engine_module, "submit", lambda requests: submitted.append(1) or [never]
     )
     (late,) = real_generate([request], deadline=time.monotonic() - 1)
@@ -216,7 +204,7 @@ def test_a_weak_replys_second_try_never_costs_the_replies_in_hand(monkeypatch) -
     died: Future = Future()
     died.set_exception(EngineDead("gone"))
     loop.wait = lambda futures, timeout=None: time.sleep(min(timeout or 0.01, 0.01)) or []  # not seen
-    _patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [died])
+    patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [died])
     with pytest.raises(EngineDead):
         real_generate([request], deadline=time.monotonic() + 0.05)
 
@@ -276,8 +264,8 @@ def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelle
     killer.set_exception(EngineDead("gone", in_engine=True))
     cancelled: list[object] = []
     loop = SimpleNamespace(wait=lambda futures, timeout=None: list(futures), cancel=cancelled.extend)
-    _patch_on_this_thread(monkeypatch, engine_module, "get_loop", lambda: loop)
-    _patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [killer])
+    patch_on_this_thread(monkeypatch, engine_module, "get_loop", lambda: loop)
+    patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [killer])
     with pytest.raises(EngineDead):
         judge.regenerate_weak(weak, {turn.id: request}, {}, {}, {}, futures_of=futures_of)  # type: ignore[arg-type]
     assert futures_of[turn.id] == [first, killer] and _death_of(killer).in_engine  # type: ignore[union-attr]
@@ -288,7 +276,7 @@ def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelle
         raise KeyboardInterrupt  # a warm shutdown while the second try generates
 
     loop.wait = interrupted
-    _patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [unread])
+    patch_on_this_thread(monkeypatch, engine_module, "submit", lambda requests: [unread])
     with pytest.raises(KeyboardInterrupt):
         engine_module.generate([request])
     assert cancelled == [unread]

@@ -344,6 +344,7 @@ def test_an_inline_persona_is_the_default_tenants_own_never_listed_or_named_by_a
     turn, a chat completion, a group or a batch naming one was answered with that persona's system
     prompt and scenario in its prompt. To a key they do not exist."""
     from db.world import all_character_slugs, upsert_character
+    from memory.history_import import HistoryRefused, import_history
 
     slug = f"inline-secret-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:
@@ -373,3 +374,10 @@ def test_an_inline_persona_is_the_default_tenants_own_never_listed_or_named_by_a
         assert slug in find_characters(session=s, slugs=[slug])
         assert slug not in find_characters(session=s, slugs=[slug], tenant="game-a")
         assert slug not in all_character_slugs(session=s, tenant="game-a")  # a batch file's lines
+    log = json.dumps({"name": "Rowan", "is_user": True, "mes": "The code?"})
+    with pytest.raises(
+        HistoryRefused, match=f"character: no character {slug!r}"
+    ):  # an import for a key's tenant
+        import_history(
+            log, "sillytavern", conversation=f"h-{uuid.uuid4().hex[:8]}", character=slug, tenant="game-a"
+        )

@@ -23,7 +23,7 @@ from db.turns import (
     store_replies,
 )
 from services.producer import enqueue_turns, get_turn
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, patch_on_this_thread
 from worker.lease import LeaseKeeper
 
 LEASE = 60.0
@@ -294,12 +294,12 @@ def test_a_turn_whose_adapter_cannot_load_for_now_is_handed_back_with_its_attemp
     from worker.engine import Adapter, AdapterUnavailable
 
     copying = Adapter("copying@v1", 1, "/x")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
+    patch_on_this_thread(monkeypatch, pipeline, "adapter_of", lambda character, tenant, speaker: character)
 
     def load(adapter: Adapter) -> None:
         raise AdapterUnavailable("adapter copying@v1 at /x: no adapter_config.json", retry_in=60.0)
 
-    monkeypatch.setattr(engine_module, "load_adapter", load)
+    patch_on_this_thread(monkeypatch, engine_module, "load_adapter", load)
     fresh, spent = _turns(2)
     with session_scope() as s:
         s.execute(update(Turn).where(Turn.id == spent).values(outage_refunds=settings.max_outage_refunds))

@@ -64,6 +64,12 @@ class LeaseKeeper:
                 with session_scope() as session:
                     self.renew(session)
                 wait = period
-            except Exception:  # the database is away: tried again soon
-                logger.warning("could not renew the lease of claim %s", self.token, exc_info=True)
+            except Exception as exc:  # the database is away: tried again soon, its traceback logged once
+                first = wait == period
+                logger.warning(
+                    "could not renew the lease of claim %s%s",
+                    self.token,
+                    "" if first else f" (again: {type(exc).__name__})",
+                    exc_info=first,
+                )
                 wait = min(period, AGAIN_AFTER_FAILURE_S)

@@ -25,6 +25,7 @@ from core.whole_files import replaced_whole
 from db.models import Character, ReviewLabel
 from db.session import session_scope
 from db.training import character_exchanges, exchange_digest, writers_refused
+from services.characters import CharacterNotFound
 
 TRAIN, VALIDATION, MANIFEST = "train.jsonl", "validation.jsonl", "manifest.json"
 
@@ -111,7 +112,7 @@ def export_dataset(
     with session_scope() as session:
         character = session.query(Character).filter(Character.slug == slug).one_or_none()
         if character is None:
-            raise KeyError(f"no character {slug!r}")
+            raise CharacterNotFound(f"no character {slug!r}")
         run_id = _tenants_run(session, run, tenant) if run else None
         # A writer's refusal holds for the same exchange anywhere: its twin in another run (the same
         # file run twice with the same seeds) would bring the refused text back unreviewed.

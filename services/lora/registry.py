@@ -113,12 +113,12 @@ def register(
         raise BadLoraFile(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
     config = read_object(config_path)
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
+        raise BadLoraFile(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a positive whole number")
     if rank > settings.max_lora_rank:
-        raise ValueError(
+        raise BadLoraFile(
             f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
         )
     # The slug names a folder: checked, and the character looked up, before anything is copied (a

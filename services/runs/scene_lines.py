@@ -66,7 +66,8 @@ def insert_run_scenes(
     status = session.scalar(select(Run.status).where(Run.id == run_id).with_for_update(read=True))
     if status != RunStatus.VALIDATING:
         raise RunNotAccepting(f"run is {status}")
-    ids = find_characters(session=session, slugs=sorted({s for _, _, spec in lines for s in spec.slugs()}))
+    slugs = sorted({s for _, _, spec in lines for s in spec.slugs()})
+    ids = find_characters(session=session, slugs=slugs, tenant=tenant)
     for custom_id, _, spec in lines:  # a character deleted since the file was validated
         if gone := [slug for slug in spec.slugs() if slug not in ids]:
             raise SceneConflict(
