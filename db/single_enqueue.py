@@ -10,7 +10,6 @@ of the producer's CPU per enqueue, and psycopg prepares a statement it runs ofte
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Callable
 from functools import cache
@@ -27,18 +26,15 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
-    literal_column,
-    or_,
     select,
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from core.settings import DEFAULT_TENANT
 from db.models import Character, Conversation, ConversationMember, Turn, TurnStatus
 from db.session import READ_ONLY_SERVER
 from db.turns import NOT_STORED, NewTurn
-from db.world import CONVERSATION_START_FIELDS, INLINE_PREFIX
+from db.world import CONVERSATION_START_FIELDS, named_by
 
 _FAST_TURN_FIELDS = tuple(
     name for name in NewTurn.__dataclass_fields__ if name != "conversation_id" and name not in NOT_STORED
@@ -210,13 +206,7 @@ def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list
     )
     own = [bindparam(name, type_=conv[name].type) for name in ("tenant", "external_id")]
     fields = [bindparam(name, type_=conv[name].type) for name in CONVERSATION_START_FIELDS]
-    # An inline persona is the default tenant's alone (db/world.py): to a key's tenant, no character.
-    # Literals, not parameters: the statement is compiled once to a string run with the request's values.
-    assert re.fullmatch(r"[a-z-]*", DEFAULT_TENANT + INLINE_PREFIX)  # nothing to quote or escape
-    named = or_(
-        bindparam("tenant") == literal_column(f"'{DEFAULT_TENANT}'"),
-        ~Character.slug.like(literal_column(f"'{INLINE_PREFIX}%'")),
-    )
+    named = named_by(bindparam("tenant"))  # an inline persona is no character to a key's tenant
     started = (
         insert(Conversation)
         .from_select(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -352,32 +353,36 @@ def find_conversations(
 INLINE_PREFIX = "inline-"
 
 
-def _named_by(tenant: str) -> Any:
+def named_by(tenant: Any) -> Any:
     """Which characters `tenant` may name: every one for the default tenant (the CLI, the inline
-    shape), every one but the inline personas for an API key's."""
-    return true() if tenant == DEFAULT_TENANT else ~Character.slug.startswith(INLINE_PREFIX, autoescape=True)
+    shape), every one but the inline personas for an API key's. `tenant` is a value or a SQL
+    expression (a statement compiled once names the request's tenant by a parameter); the
+    constants are literals, so such a statement carries no parameter of its own."""
+    assert re.fullmatch(r"[a-z-]*", DEFAULT_TENANT + INLINE_PREFIX)  # nothing to quote or escape
+    not_inline = ~Character.slug.like(literal_column(f"'{INLINE_PREFIX}%'"))
+    if isinstance(tenant, str):
+        return true() if tenant == DEFAULT_TENANT else not_inline
+    return or_(tenant == literal_column(f"'{DEFAULT_TENANT}'"), not_inline)
 
 
 def find_characters(
     *, session: Session, slugs: Sequence[str], tenant: str = DEFAULT_TENANT
 ) -> dict[str, int]:
     """Character ids by slug (of those `tenant` may name)."""
-    named = select(Character.slug, Character.id).where(
-        Character.slug.in_(list(set(slugs))), _named_by(tenant)
-    )
+    named = select(Character.slug, Character.id).where(Character.slug.in_(list(set(slugs))), named_by(tenant))
     return dict(session.execute(named).tuples().all())
 
 
 def all_character_slugs(*, session: Session, tenant: str = DEFAULT_TENANT) -> list[str]:
     """Every character's slug (that `tenant` may name)."""
-    return list(session.scalars(select(Character.slug).where(_named_by(tenant))).all())
+    return list(session.scalars(select(Character.slug).where(named_by(tenant))).all())
 
 
 def character_listing(
     *, session: Session, slug: str | None = None, tenant: str = DEFAULT_TENANT
 ) -> list[tuple[str, datetime]]:
     """(slug, created_at) of every character `tenant` may name (or of the one `slug` names), by slug."""
-    query = select(Character.slug, Character.created_at).where(_named_by(tenant)).order_by(Character.slug)
+    query = select(Character.slug, Character.created_at).where(named_by(tenant)).order_by(Character.slug)
     if slug is not None:
         query = query.where(Character.slug == slug)
     return list(session.execute(query).tuples())
