@@ -982,6 +982,24 @@ def test_lookups_a_slow_resolver_holds_never_pile_up_threads(monkeypatch) -> Non
     assert grown <= callbacks.RESOLVE_THREADS, f"{grown} threads left behind by 40 requests"
 
 
+def _lookups_hang(monkeypatch, marker: str, budget_s: float | None = None) -> threading.Event:  # type: ignore[no-untyped-def]
+    """Callback hosts whose URL holds `marker` hang in the lookup until the event is set (10 s at
+    most); the others resolve to a public address at once. `budget_s`: the requests' lookup budget."""
+    from services import callbacks
+
+    release = threading.Event()
+
+    def lookup(url: str) -> str:
+        if marker in url:
+            release.wait(10)
+        return "1.1.1.1"
+
+    monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    if budget_s is not None:
+        monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", budget_s)
+    return release
+
+
 def _lookups_end(tenants: list[str]) -> None:
     """Wait for these tenants' lookups left blocked to end (the next case starts with the pool free)."""
     from services import callbacks
@@ -996,15 +1014,7 @@ def test_a_request_of_many_slow_callback_hosts_does_not_hold_up_another_requests
     it, and every other request's lookups waited behind them (503s for other tenants)."""
     from services import callbacks
 
-    release = threading.Event()
-
-    def lookup(url: str) -> str:
-        if "slow-" in url:
-            release.wait(10)
-        return "1.1.1.1"
-
-    monkeypatch.setattr(callbacks, "vetted_address", lookup)
-    monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 1.0)
+    release = _lookups_hang(monkeypatch, "slow-", budget_s=1.0)
     slow = {i: f"https://slow-{i}.example.test/hook" for i in range(100)}
 
     def hog() -> None:  # its own outcome is not the point: it lasts as long as the resolver holds it
@@ -1030,15 +1040,7 @@ def test_a_tenants_callback_hosts_that_never_answer_hold_its_own_share_of_the_re
     lookups still blocked count against it until they end."""
     from services import callbacks
 
-    release = threading.Event()
-
-    def lookup(url: str) -> str:
-        if "never-" in url:
-            release.wait(10)
-        return "1.1.1.1"
-
-    monkeypatch.setattr(callbacks, "vetted_address", lookup)
-    monkeypatch.setattr(callbacks, "RESOLVE_BUDGET_S", 0.2)
+    release = _lookups_hang(monkeypatch, "never-", budget_s=0.2)
     try:
         for request in range(callbacks.RESOLVE_THREADS // callbacks.RESOLVE_PER_REQUEST):
             never = {i: f"https://never-{request}-{i}.example.test/hook" for i in range(8)}
@@ -1088,14 +1090,7 @@ def test_a_tenants_deliveries_whose_lookups_hang_hold_its_own_share_of_the_deliv
     tenant's delivery then timed out in the queue. A tenant's blocked lookups hold its share alone."""
     from services import callbacks
 
-    release = threading.Event()
-
-    def lookup(url: str) -> str:
-        if "never" in url:
-            release.wait(10)
-        return "1.1.1.1"
-
-    monkeypatch.setattr(callbacks, "vetted_address", lookup)
+    release = _lookups_hang(monkeypatch, "never")
     try:
         for _ in range(2):
             with pytest.raises(callbacks.ResolverUnavailable, match="within MLCHAT_CALLBACK_TIMEOUT_S"):
