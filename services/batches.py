@@ -369,8 +369,9 @@ def _retry_later(
     tries = attempt or 0
     away = _away(exc)
     if away == _BUILDERS and waited_s > _BUILDERS_WAIT_S:
-        # Builds a file's own slow schemas keep busy can make it wait on itself: past an hour it
-        # spends its tries again, and fails as the server's fault once they are spent.
+        # Builds a file's own slow schemas keep busy can make it wait on itself: an hour after the
+        # batch was created a stop for them spends a try again (whoever's schemas hold them), and
+        # the batch fails as the server's fault once its tries are spent.
         away = None
     try:
         if tries >= settings.batch_submission_attempts and not away:

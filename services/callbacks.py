@@ -22,8 +22,9 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import cache, partial
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import anyio
@@ -305,21 +306,14 @@ def _vetted_in_time(url: str, timeout: float, tenant: str) -> Address:
     bounds one delivery in all: a resolver that stopped answering held a delivery slot for its own
     timeouts, up to half a minute a try), or at once while `tenant`'s lookups left blocked hold its
     share of the pool (retried, as any lookup that did not answer)."""
-    if _DELIVERY_SHARES.hold(tenant, 1) == 0:
+    deadline = time.monotonic() + timeout
+    if _DELIVERY_SHARES.hold(tenant, 1, wait_s=timeout, left_at_least_s=min(timeout / 2, 1.0)) == 0:
         raise ResolverUnavailable(f"host {url_host(url)!r}: this tenant's earlier lookups still hang")
-
-    def vetted() -> Address:
-        try:
-            return vetted_address(url)
-        finally:
-            _DELIVERY_SHARES.let_go(tenant)
-
-    future = _delivery_resolver_pool().submit(vetted)
+    future = _DELIVERY_SHARES.submit(_delivery_resolver_pool(), tenant, vetted_address, url)
     try:
-        return future.result(timeout=timeout)
+        return cast(Address, future.result(timeout=max(deadline - time.monotonic(), 0.0)))
     except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
-        if future.cancel():  # still queued: never run, so its share is given back here
-            _DELIVERY_SHARES.let_go(tenant)
+        _DELIVERY_SHARES.cancel(future, tenant)
         raise ResolverUnavailable(
             f"host {url_host(url)!r} could not be resolved within MLCHAT_CALLBACK_TIMEOUT_S ({timeout:g} s)"
         ) from None
@@ -400,19 +394,57 @@ class TenantShares:
     def __init__(self, per_tenant: int) -> None:
         self.per_tenant = per_tenant
         self._held: Counter[str] = Counter()
+        self._waiting: Counter[str] = Counter()
         self._freed = threading.Condition()
 
-    def hold(self, tenant: str, wanted: int, wait_s: float = 0.0) -> int:
+    def hold(self, tenant: str, wanted: int, wait_s: float = 0.0, *, left_at_least_s: float = 0.0) -> int:
         """Up to `wanted` threads for `tenant` within its share, waiting up to `wait_s` for one to
-        come free; how many (0: none came free in time)."""
+        come free with at least `left_at_least_s` of it left for the work; how many (0: none came
+        free in time). As many callers of a tenant wait as its share holds, the others get 0 at
+        once: a caller waits on a thread of the API's or a worker's that every tenant needs."""
         deadline = time.monotonic() + wait_s
         with self._freed:
-            while (granted := min(wanted, self.per_tenant - self._held[tenant])) <= 0:
-                if (left := deadline - time.monotonic()) <= 0:
-                    return 0
-                self._freed.wait(left)
+            if self._held[tenant] >= self.per_tenant and self._waiting[tenant] >= self.per_tenant:
+                return 0
+            self._waiting[tenant] += 1
+            try:
+                while (granted := min(wanted, self.per_tenant - self._held[tenant])) <= 0:
+                    if (left := deadline - time.monotonic()) <= 0:
+                        return 0
+                    self._freed.wait(left)
+            finally:
+                self._waiting[tenant] -= 1
+                if self._waiting[tenant] <= 0:
+                    del self._waiting[tenant]
+            if wait_s and deadline - time.monotonic() < left_at_least_s:
+                self._freed.notify_all()  # not taken: another waiter may have time for it
+                return 0
             self._held[tenant] += granted
             return granted
+
+    def submit(
+        self, pool: ThreadPoolExecutor, tenant: str, fn: Callable[..., Any], *args: Any
+    ) -> Future[Any]:
+        """fn(*args) on `pool`, in a thread `tenant` holds, given back when it ends (here, when it
+        cannot be submitted)."""
+
+        def run() -> Any:
+            try:
+                return fn(*args)
+            finally:
+                self.let_go(tenant)
+
+        try:
+            return pool.submit(run)
+        except BaseException:
+            self.let_go(tenant)
+            raise
+
+    def cancel(self, future: Future[Any], tenant: str) -> None:
+        """Cancel `future` if it has not started, giving its thread back (one that started gives it
+        back as it ends)."""
+        if future.cancel():
+            self.let_go(tenant)
 
     def let_go(self, tenant: str) -> None:
         with self._freed:
@@ -452,29 +484,33 @@ def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) ->
     over = threading.Event()
 
     def resolve(group: list[str]) -> None:
-        try:
-            for host in group:
-                if over.is_set():  # the request gave up: the pool's thread goes back to the others
-                    return
-                try:  # the host decides: each is looked up once, through the first URL that names it
-                    vetted_address(urls[by_host[host][0]])
-                    outcome[host] = None
-                except Exception as exc:
-                    outcome[host] = exc
-        finally:
-            _ACCEPTANCE_SHARES.let_go(tenant)
+        for host in group:
+            if over.is_set():  # the request gave up: the pool's thread goes back to the others
+                return
+            try:  # the host decides: each is looked up once, through the first URL that names it
+                vetted_address(urls[by_host[host][0]])
+                outcome[host] = None
+            except Exception as exc:
+                outcome[host] = exc
 
     # At most RESOLVE_PER_REQUEST of the shared pool's threads for one tenant, each looking its
     # hosts up in turn: a request of a thousand slow hosts cannot queue the others' lookups behind it.
     # The tenant's own lookups under way (another request's, or ones left blocked) leave this one
     # what is free of its share; it waits for one within its budget.
     deadline = time.monotonic() + RESOLVE_BUDGET_S
-    threads = _ACCEPTANCE_SHARES.hold(tenant, min(RESOLVE_PER_REQUEST, len(hosts)), wait_s=RESOLVE_BUDGET_S)
+    wanted = min(RESOLVE_PER_REQUEST, len(hosts))
+    threads = _ACCEPTANCE_SHARES.hold(
+        tenant, wanted, wait_s=RESOLVE_BUDGET_S, left_at_least_s=RESOLVE_BUDGET_S / 5
+    )
     if threads == 0:
         raise ResolverTooSlow("this tenant's earlier callback hosts still hold the resolver; try again later")
     groups = [hosts[i::threads] for i in range(threads)]
-    futures = [_resolver_pool().submit(resolve, group) for group in groups]
+    futures: list[Future[Any]] = []
+    tried = 0  # submits tried: one that raised gave its thread back itself
     try:
+        for group in groups:
+            tried += 1
+            futures.append(_ACCEPTANCE_SHARES.submit(_resolver_pool(), tenant, resolve, group))
         _, pending = wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
         if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
             late = [host for host in hosts if host not in outcome]
@@ -502,6 +538,7 @@ def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) ->
         return refused
     finally:
         over.set()
-        for future in futures:
-            if future.cancel():  # still queued behind other requests' lookups: not run for nothing
-                _ACCEPTANCE_SHARES.let_go(tenant)
+        for future in futures:  # still queued behind other requests' lookups: not run for nothing
+            _ACCEPTANCE_SHARES.cancel(future, tenant)
+        for _ in range(threads - tried):  # never submitted (a submit raised)
+            _ACCEPTANCE_SHARES.let_go(tenant)

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from ipaddress import ip_address
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -987,9 +988,11 @@ def _lookups_hang(monkeypatch, marker: str, budget_s: float | None = None) -> th
     most); the others resolve to a public address at once. `budget_s`: the requests' lookup budget."""
     from services import callbacks
 
-    release = threading.Event()
+    release, real = threading.Event(), callbacks.vetted_address
 
-    def lookup(url: str) -> str:
+    def lookup(url: str) -> Any:
+        if ".example.test/" not in url:  # another case's delivery by the session's worker, as ever
+            return real(url)
         if marker in url:
             release.wait(10)
         return "1.1.1.1"
@@ -1082,6 +1085,44 @@ def test_a_tenants_requests_at_once_wait_for_its_share_of_the_resolver_not_a_503
     for thread in threads:
         thread.join(15)
     assert outcomes == [{}] * len(threads)
+
+
+def test_a_tenants_requests_waiting_for_its_share_are_as_many_as_it_holds_the_rest_refused_at_once(
+    monkeypatch,
+) -> None:
+    """Final reread (stop 65): each request waiting for its tenant's share holds one of the API's
+    threads, which every tenant's requests need: a tenant whose hosts never answer, sending on, held
+    them all. As many of its requests wait as its share holds; the others are refused at once."""
+    from services import callbacks
+
+    release = _lookups_hang(monkeypatch, "never-", budget_s=1.5)
+    outcomes: list[tuple[float, object]] = []
+    try:
+        with pytest.raises(callbacks.ResolverTooSlow):  # its share, held by hosts that never answer
+            callbacks.callback_destinations(
+                {i: f"https://never-{i}.example.test/hook" for i in range(callbacks.RESOLVE_PER_REQUEST)}, "x"
+            )
+        started = time.monotonic()
+
+        def request(i: int) -> None:
+            try:
+                callbacks.callback_destinations({0: f"https://fine-{i}.example.test/hook"}, "x")
+                outcomes.append((time.monotonic() - started, "answered"))
+            except callbacks.ResolverTooSlow:
+                outcomes.append((time.monotonic() - started, "refused"))
+
+        more = callbacks.RESOLVE_PER_REQUEST + 2
+        threads = [threading.Thread(target=request, args=(i,)) for i in range(more)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(15)
+    finally:
+        release.set()
+        _lookups_end(["x"])
+    assert [what for _, what in outcomes] == ["refused"] * more
+    at_once = [took for took, _ in outcomes if took < 0.75]
+    assert len(at_once) == 2, outcomes  # the others waited out their budget for a thread of the share
 
 
 def test_a_tenants_deliveries_whose_lookups_hang_hold_its_own_share_of_the_delivery_pool(monkeypatch) -> None:

@@ -55,7 +55,7 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         period = self.lease_s / 3
-        wait = period
+        wait, failing = period, False
         while not self._stop.wait(wait):
             if time.monotonic() >= self.deadline:
                 logger.warning("claim %s held past its limit; its lease is left to expire", self.token)
@@ -63,13 +63,12 @@ class LeaseKeeper:
             try:
                 with session_scope() as session:
                     self.renew(session)
-                wait = period
+                wait, failing = period, False
             except Exception as exc:  # the database is away: tried again soon, its traceback logged once
-                first = wait == period
                 logger.warning(
                     "could not renew the lease of claim %s%s",
                     self.token,
-                    "" if first else f" (again: {type(exc).__name__})",
-                    exc_info=first,
+                    f" (again: {type(exc).__name__})" if failing else "",
+                    exc_info=not failing,
                 )
-                wait = min(period, AGAIN_AFTER_FAILURE_S)
+                wait, failing = min(period, AGAIN_AFTER_FAILURE_S), True
