@@ -24,6 +24,7 @@ from typing import Any, Literal
 from sqlalchemy import event, func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
+from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.callbacks import claim_lost_callbacks, claim_retries, release_lost_claims
@@ -317,6 +318,7 @@ def _submit_batch(name: str) -> None:
         _retry_later(run_id, name, callback, attempt, exc, waited_s)
 
 
+POSTPONE_WITHIN_S = 30.0  # how long a stopped try's postponement waits for the database
 _BUILDERS = "the grammar builders"
 _BUILDERS_WAIT_S = 3600.0
 
@@ -357,10 +359,11 @@ def _retry_later(
     """A transient error: the batch stays validating and is due again after a doubling backoff, or
     fails as the server's fault once its tries are spent. The broker or the database being away
     (its connection lost) spends no try: the batch waits for it (looked at again less often the
-    longer it has waited, every 10 minutes at most) until its completion window closes. If the
-    database is still away, nothing can be recorded: the sweeper finds the batch stalled and tries
-    again. The error's own text stays in the log: the batch, which its tenant reads, names the
-    service away or the error's class (a driver's message can name hosts, paths and columns)."""
+    longer it has waited, every 10 minutes at most) until its completion window closes. The
+    postponement waits up to POSTPONE_WITHIN_S for a database still away; past that nothing is
+    recorded, and the sweeper finds the batch stalled and tries again. The error's own text stays
+    in the log: the batch, which its tenant reads, names the service away or the error's class (a
+    driver's message can name hosts, paths and columns)."""
     reason = one_line(exc)
     cause: BaseException = exc
     while cause.__cause__ is not None:  # a submission's stop wraps what stopped it
@@ -385,18 +388,24 @@ def _retry_later(
             delay = min(settings.batch_submission_backoff_s * (1 + max(waited_s, 0) / 300), 600.0)
         else:
             delay = min(settings.batch_submission_backoff_s * 2 ** max(tries - 1, 0), 3600.0)
-        with session_scope() as session:
-            postpone_submission(
-                session=session,
-                run_id=run_id,
-                error=(
-                    f"submission waits for {away}; trying again in {delay:.0f} s"
-                    if away
-                    else f"submission try {tries} stopped ({shown}); trying again in {delay:.0f} s"
-                ),
-                delay_s=delay,
-                refund=away is not None,
-            )
+        error = (
+            f"submission waits for {away}; trying again in {delay:.0f} s"
+            if away
+            else f"submission try {tries} stopped ({shown}); trying again in {delay:.0f} s"
+        )
+        # The outage that stopped the try is often still on: recorded once the database is back
+        # (within a bound), or the try a refund was owed stays counted and a flapping database
+        # fails the batch as the server's fault.
+        for recording in Retrying(
+            retry=retry_if_exception_type(DATABASE_OUTAGES),
+            stop=stop_after_delay(POSTPONE_WITHIN_S),
+            wait=wait_exponential(multiplier=0.25, max=5.0),
+            reraise=True,
+        ):
+            with recording, session_scope() as session:
+                postpone_submission(
+                    session=session, run_id=run_id, error=error, delay_s=delay, refund=away is not None
+                )
         logger.warning(
             "batch %s: submission try %s stopped (%s); again in %.0f s",
             name,

@@ -1829,3 +1829,29 @@ def test_a_submission_stopped_by_busy_grammar_builders_waits_for_them_spending_n
     # window; past an hour of waiting its stops spend tries again.
     batches._retry_later(uuid.uuid4(), "b", None, spent, busy, waited_s=3601.0)
     assert len(given_up) == 1 and "GrammarBusy" in given_up[0]
+
+
+def test_a_stopped_submission_try_is_postponed_once_the_database_is_back_not_left_counted(
+    monkeypatch,
+) -> None:
+    """Found in review (stop 65): the try a database outage stopped was postponed (its try refunded)
+    in one go, at the moment the connection dropped, which the same outage failed: the try stayed
+    counted, the next sweep counted another, and a flapping database failed the batch as the
+    server's fault after five. The postponement waits for the database, within a bound."""
+    from sqlalchemy.exc import OperationalError
+
+    from services import batches
+
+    postponed: list[dict] = []
+
+    def away_twice(**kwargs: object) -> None:
+        if len(postponed) < 2:
+            postponed.append({})
+            raise OperationalError("UPDATE runs", {}, ConnectionError("server closed the connection"))
+        postponed.append(dict(kwargs))
+
+    monkeypatch.setattr(batches, "postpone_submission", away_twice)
+    dropped = OperationalError("INSERT INTO turns", {}, ConnectionError("server closed the connection"))
+    batches._retry_later(uuid.uuid4(), "b", None, 1, dropped, waited_s=5.0)
+    assert len(postponed) == 3
+    assert postponed[2]["refund"] is True and "waits for the database" in str(postponed[2]["error"])
