@@ -23,7 +23,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from functools import cache, partial
+from functools import partial
 from typing import Any, cast
 from urllib.parse import urlparse
 
@@ -292,13 +292,7 @@ def send_once(
 
 # A lookup at delivery that outlives its time is an outage of the resolver, not the host's verdict:
 # the thread it holds is left to finish (getaddrinfo cannot be stopped), the delivery slot is not.
-_DELIVERY_LOOKUPS = 8
 _POST_AT_LEAST_S = 1.0  # a lookup that took nearly the whole timeout still leaves the POST this
-
-
-@cache
-def _delivery_resolver_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=_DELIVERY_LOOKUPS, thread_name_prefix="callback-deliver-resolve")
 
 
 def _vetted_in_time(url: str, timeout: float, tenant: str) -> Address:
@@ -309,7 +303,7 @@ def _vetted_in_time(url: str, timeout: float, tenant: str) -> Address:
     deadline = time.monotonic() + timeout
     if _DELIVERY_SHARES.hold(tenant, 1, wait_s=timeout, left_at_least_s=min(timeout / 2, 1.0)) == 0:
         raise ResolverUnavailable(f"host {url_host(url)!r}: this tenant's earlier lookups still hang")
-    future = _DELIVERY_SHARES.submit(_delivery_resolver_pool(), tenant, vetted_address, url)
+    future = _DELIVERY_SHARES.submit(tenant, vetted_address, url)
     try:
         return cast(Address, future.result(timeout=max(deadline - time.monotonic(), 0.0)))
     except TimeoutError:  # concurrent.futures' own, the builtin since Python 3.11
@@ -371,14 +365,9 @@ def callback_refusal(url: str, *, resolve: bool = True) -> str | None:
 RESOLVE_BUDGET_S = 10.0
 # Lookups at once, for all the process's requests together: a pool per request left a thread behind
 # for every lookup a slow resolver held (each up to its own timeout), one more per request; and at
-# most RESOLVE_PER_REQUEST of them for one request.
+# most RESOLVE_PER_REQUEST of them for one tenant.
 RESOLVE_THREADS = 16
 RESOLVE_PER_REQUEST = 4
-
-
-@cache
-def _resolver_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=RESOLVE_THREADS, thread_name_prefix="callback-resolve")
 
 
 class ResolverTooSlow(RuntimeError):
@@ -387,15 +376,18 @@ class ResolverTooSlow(RuntimeError):
 
 
 class TenantShares:
-    """The threads of a shared pool each tenant's lookups hold, counted until each lookup ends (one
-    its caller gave up on stays blocked in the resolver, counted still): a tenant's hosts that never
-    answer hold its own share of the pool alone, and other tenants' lookups go on."""
+    """A pool of `threads` lookup threads all tenants share, and the threads each tenant holds,
+    counted until each lookup ends (one its caller gave up on stays blocked in the resolver, counted
+    still): a tenant's hosts that never answer hold its own share of the pool alone, and other
+    tenants' lookups go on."""
 
-    def __init__(self, per_tenant: int) -> None:
+    def __init__(self, threads: int, per_tenant: int, name: str) -> None:
         self.per_tenant = per_tenant
         self._held: Counter[str] = Counter()
         self._waiting: Counter[str] = Counter()
         self._freed = threading.Condition()
+        self._make_pool = partial(ThreadPoolExecutor, max_workers=threads, thread_name_prefix=name)
+        self._pool: ThreadPoolExecutor | None = None  # made at the first lookup
 
     def hold(self, tenant: str, wanted: int, wait_s: float = 0.0, *, left_at_least_s: float = 0.0) -> int:
         """Up to `wanted` threads for `tenant` within its share, waiting up to `wait_s` for one to
@@ -422,10 +414,8 @@ class TenantShares:
             self._held[tenant] += granted
             return granted
 
-    def submit(
-        self, pool: ThreadPoolExecutor, tenant: str, fn: Callable[..., Any], *args: Any
-    ) -> Future[Any]:
-        """fn(*args) on `pool`, in a thread `tenant` holds, given back when it ends (here, when it
+    def submit(self, tenant: str, fn: Callable[..., Any], *args: Any) -> Future[Any]:
+        """fn(*args) on the pool, in a thread `tenant` holds, given back when it ends (here, when it
         cannot be submitted)."""
 
         def run() -> Any:
@@ -434,6 +424,10 @@ class TenantShares:
             finally:
                 self.let_go(tenant)
 
+        with self._freed:
+            if self._pool is None:
+                self._pool = self._make_pool()
+            pool = self._pool
         try:
             return pool.submit(run)
         except BaseException:
@@ -458,8 +452,8 @@ class TenantShares:
             return self._held[tenant]
 
 
-_ACCEPTANCE_SHARES = TenantShares(RESOLVE_PER_REQUEST)
-_DELIVERY_SHARES = TenantShares(2)  # of the delivery pool's 8 lookups, blocked ones counted
+_ACCEPTANCE_SHARES = TenantShares(RESOLVE_THREADS, RESOLVE_PER_REQUEST, "callback-resolve")
+_DELIVERY_SHARES = TenantShares(8, 2, "callback-deliver-resolve")  # a worker's delivery lookups
 
 
 def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) -> dict[int, str]:
@@ -510,7 +504,7 @@ def callback_destinations(urls: dict[int, str], tenant: str = DEFAULT_TENANT) ->
     try:
         for group in groups:
             tried += 1
-            futures.append(_ACCEPTANCE_SHARES.submit(_resolver_pool(), tenant, resolve, group))
+            futures.append(_ACCEPTANCE_SHARES.submit(tenant, resolve, group))
         _, pending = wait(futures, timeout=max(deadline - time.monotonic(), 0.0))
         if pending:  # out of time (lookups queued behind others, or slow): the resolver's, not a host's
             late = [host for host in hosts if host not in outcome]
