@@ -826,6 +826,33 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         assert f"Invalid value for '{command[-2]}'" in capsys.readouterr().err
 
 
+def test_a_training_set_whose_files_are_not_of_its_manifests_export_is_refused_before_the_model_loads(
+    world, tmp_path, capsys
+) -> None:
+    """Found in review (carried since stop 63): the three files of a set are each put in place whole,
+    not the three at once; a train file of one export beside another's manifest (an export killed
+    between its renames, or read meanwhile) trained an adapter recorded as the manifest's tenant's,
+    which then answered that tenant's turns with another's dialogue."""
+    from scripts.cli import main as cli
+    from services.lora.files import files_digest
+
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    (dataset / "train.jsonl").write_text('{"prompt": "Hi", "completion": "Well met."}\n')
+    (dataset / "validation.jsonl").write_text('{"prompt": "Ho", "completion": "Away."}\n')
+    manifest = {"character": "nobody-here", "tenant": "studio-b"}
+    digest = files_digest(dataset / "train.jsonl", dataset / "validation.jsonl")
+    (dataset / "manifest.json").write_text(json.dumps(manifest | {"dataset_sha256": digest}))
+    out = ["lora", "train", str(dataset), "--out", str(tmp_path / "out")]
+    assert cli(out) == 2  # the files are the manifest's: the next check (its character) speaks
+    assert "no character 'nobody-here'" in capsys.readouterr().err
+    (dataset / "train.jsonl").write_text('{"prompt": "Hi", "completion": "Another tenant said this."}\n')
+    assert cli(out) == 2
+    (said,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("mlchat: ")]
+    assert "manifest.json: dataset_sha256: does not match train.jsonl and validation.jsonl" in said, said
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alone(
     world, tmp_path, monkeypatch, capsys
 ) -> None:

@@ -12,7 +12,6 @@ manifest.json says what was selected, what was left out and why.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections import Counter
@@ -26,6 +25,7 @@ from db.models import Character, ReviewLabel
 from db.session import session_scope
 from db.training import character_exchanges, exchange_digest, writers_refused
 from services.characters import CharacterNotFound
+from services.lora.files import files_digest
 
 TRAIN, VALIDATION, MANIFEST = "train.jsonl", "validation.jsonl", "manifest.json"
 
@@ -251,13 +251,9 @@ class _Split:
             self.files[VALIDATION].write(line)
             self.counts[TRAIN] -= 1
             self.counts[VALIDATION] += 1
-        digest = hashlib.sha256()
         for name in (TRAIN, VALIDATION):
             self.files[name].close()
-            with self.paths[name].open("rb") as part:
-                while block := part.read(1 << 20):
-                    digest.update(block)
-        return dict(self.counts), digest.hexdigest()
+        return dict(self.counts), files_digest(self.paths[TRAIN], self.paths[VALIDATION])
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.files.values():

@@ -3,6 +3,7 @@ bad one is a BadLoraFile naming the file, the line and the field, never a traceb
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,16 @@ def read_examples(path: Path) -> list[dict[str, str]]:
 
 def _reason(exc: BaseException) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+
+
+def files_digest(*paths: Path) -> str:
+    """sha256 of the files' bytes one after another (a missing one adds none): a training set's
+    `dataset_sha256`, of its train file then its validation file."""
+    digest = hashlib.sha256()
+    for path in paths:
+        if not path.exists():
+            continue
+        with path.open("rb") as part:
+            while block := part.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()

@@ -21,7 +21,7 @@ from typing import Any
 from core.settings import settings
 from core.whole_files import replaced_whole
 from services.lora.dataset import MANIFEST, TRAIN, VALIDATION
-from services.lora.files import BadLoraFile, read_examples, read_object
+from services.lora.files import BadLoraFile, files_digest, read_examples, read_object
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,23 @@ def _batches(
     return out
 
 
+def _same_export(dataset_dir: Path, manifest: dict[str, Any]) -> None:
+    """BadLoraFile unless the train and validation files are those the manifest was written with:
+    each of the three files is put in place whole, but not the three at once, and a reader between
+    two renames (or an export killed there) would pair one export's lines with another's manifest,
+    whose `tenant` says whose turns the adapter may answer. A hand-made manifest without
+    `dataset_sha256` vouches for no files."""
+    recorded = manifest.get("dataset_sha256")
+    if recorded is None:
+        return
+    if recorded != files_digest(dataset_dir / TRAIN, dataset_dir / VALIDATION):
+        raise BadLoraFile(
+            f"{dataset_dir / MANIFEST}: dataset_sha256: does not match {TRAIN} and {VALIDATION} (written by"
+            " another export, or edited since): export the set again, or delete dataset_sha256 from the"
+            " manifest to train on edited files"
+        )
+
+
 def _write_record(path: Path, record: dict[str, Any]) -> None:
     """The training record, put in place whole: a reader (`lora register`) never sees part of one."""
     with replaced_whole(path) as (part,):
@@ -160,6 +177,7 @@ def train_adapter(
     if not train_rows:
         raise ValueError(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
     manifest = read_object(dataset_dir / MANIFEST)
+    _same_export(dataset_dir, manifest)
     if config.evaluate and not isinstance(manifest.get("character"), str):
         raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
     from services.characters import character_exists
