@@ -31,7 +31,7 @@ from pydantic import (
 )
 
 from core.settings import DEFAULT_TENANT
-from db.models import Role
+from db.models import Conversation, Role
 from memory.history_import import HistoryRefused, embed_texts, parse_original_history
 from services.characters import INLINE_PREFIX, slug_for
 from services.producer import TurnView
@@ -243,6 +243,9 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     # An empty story is no story: nothing to store, and the conversation keeps the one it has.
     story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")
+    if conversation is not None and (not isinstance(conversation, str) or not conversation.strip()):
+        # Read as "no conversation", a request meant to go on with one was answered statelessly.
+        raise InlineRefused("request", "conversation: must be a non-empty string (or left out)")
     if isinstance(conversation, str) and conversation.startswith(INLINE_PREFIX):
         raise InlineRefused(
             "request",
@@ -271,7 +274,12 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
         raise InlineRefused("request", error_line(where or "input", first["msg"])) from None
     if not request.message.strip():
         raise InlineRefused("request", "message: is empty")
-    return InlineRequest(persona, lines, story, request, conversation)
+    inline = InlineRequest(persona, lines, story, request, conversation)
+    # The history and the story are what was asked too: a key reused with others is a conflict, not
+    # a replay (it stored them, moved a named conversation to the story, and returned the old reply).
+    asked = [{"role": role.value, "content": text} for role, text in lines]
+    request.with_earlier_messages(asked + ([{"story": inline.story_key}] if inline.story_key else []))
+    return inline
 
 
 def _missing_from(lines: list[tuple[Role, str]], stored: list[tuple[Role, str]], conversation: str) -> int:
@@ -299,6 +307,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     from db.history import conversation_lines, copy_lines, lock_conversation
     from db.session import session_scope
     from db.world import (
+        StoryBusy,
         count_story_events,
         find_conversations,
         save_character_if_changed,
@@ -349,10 +358,10 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
                 session=session, conversation_id=kept_id, story=story_key, story_time=req.turn.story_time
             )
         ):
-            raise InlineRefused(
-                "story",
+            # A turn in flight, not the request, is in the way (as add_conversation says): try again.
+            raise StoryBusy(
                 f"story: conversation {kept!r} has unanswered turns with another story or story_time; "
-                "send this one when they are answered, or pass another conversation",
+                "send this one again when they are answered, or pass another conversation"
             )
         added = _append_missing(session, req, kept_id, kept, start, line_vectors)
         conversation = kept
@@ -419,6 +428,14 @@ def _append_missing(
     if now_held < start:  # lines only ever grow; this is a history rewritten under us
         raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
     added = len(req.lines) - now_held
+    owner = session.get_one(Conversation, conv_id).player_id
+    if added and req.turn.player_id and owner != req.turn.player_id:
+        # As a history import refuses it: the lines would become that player's memory.
+        whose = f"player {owner!r}'s" if owner else "an anonymous player's"
+        raise InlineRefused(
+            "request",
+            f"player_id: conversation {conversation!r} is {whose}, not player {req.turn.player_id!r}'s",
+        )
     if added:
         append_lines(
             session=session,

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text, update
 from db.history import append_lines
 from db.models import Character, Conversation, Message, Role, StoryEvent, Turn, TurnStatus
 from db.session import session_scope
-from db.world import add_conversation, save_character_if_changed
+from db.world import StoryBusy, add_conversation, save_character_if_changed
 from roleplay.cards import CardError
 from scripts.cli import _store_original
 from scripts.cli import main as cli
@@ -158,6 +158,62 @@ def test_a_reused_idempotency_key_is_refused_before_the_conversation_takes_its_h
     assert _counts(stored.character, stored.story, conversation) == before  # no line appended
     again, _ = store_and_enqueue(first, send=False)  # the same request under its key is a replay
     assert again.lines_imported == 0 and _counts(stored.character, stored.story, conversation) == before
+
+
+def test_a_key_reused_with_another_story_or_history_and_the_same_message_is_refused() -> None:
+    """Found in review: the fingerprint left out the story and the history, so the same key and message
+    with another story replayed the first turn (answered in the first story) after storing the new
+    story and moving the named conversation to it; another history appended its lines the same way."""
+    from db.turns import IdempotencyConflict
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"named-{uuid.uuid4().hex[:8]}"
+    key = f"reused-{uuid.uuid4().hex[:8]}"
+    first = read_request(_event(name, conversation=conversation, idempotency_key=key))
+    stored, turn_id = store_and_enqueue(first, send=False)
+    with session_scope() as s:  # answered: a story switch would be allowed
+        s.execute(update(Turn).where(Turn.id == turn_id).values(status=TurnStatus.DONE))
+    before = _counts(stored.character, stored.story, conversation)
+    other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
+    grown = HISTORY["chat_history"] + [{"role": "assistant", "content": "미라? 좋은 이름!"}]
+    for changed in ({"story": other_story}, {"chat_history": {"chat_history": grown}}):
+        reused = read_request(_event(name, conversation=conversation, idempotency_key=key, **changed))
+        with pytest.raises(IdempotencyConflict, match="already used for a different request"):
+            store_and_enqueue(reused, send=False)
+        assert _counts(stored.character, stored.story, conversation) == before, changed
+        assert _conversation(conversation).story == stored.story
+    # Without a conversation too: another story under the same key is another request.
+    lone = f"lone-{uuid.uuid4().hex[:8]}"
+    store_and_enqueue(read_request(_event(name, idempotency_key=lone)), send=False)
+    with pytest.raises(IdempotencyConflict):
+        store_and_enqueue(read_request(_event(name, idempotency_key=lone, story=other_story)), send=False)
+    again, replayed = store_and_enqueue(first, send=False)  # the same request is still a replay
+    assert replayed == turn_id and again.lines_imported == 0
+
+
+def test_history_for_another_players_conversation_or_a_conversation_that_is_no_name_is_refused() -> None:
+    """Found in review: a named conversation of player p1 took p2's chat_history as its own lines (a
+    history import refuses it: they would become p1's memory); and "conversation": 0, [] or false was
+    read as no conversation, answering statelessly a request meant to go on with one."""
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"owned-{uuid.uuid4().hex[:8]}"
+    stored = store_request(read_request(_event(name, conversation=conversation, player_id="p1")))
+    before = _counts(stored.character, stored.story, conversation)
+    grown = HISTORY["chat_history"] + [{"role": "user", "content": "내 여동생 이름은 미라야."}]
+    request = read_request(
+        _event(name, conversation=conversation, player_id="p2", chat_history={"chat_history": grown})
+    )
+    with pytest.raises(
+        InlineRefused, match=f"^player_id: conversation '{conversation}' is player 'p1''s, not player 'p2''s"
+    ):
+        store_request(request)
+    assert _counts(stored.character, stored.story, conversation) == before
+    # The same player's grown history is taken, as before.
+    same = read_request(
+        _event(name, conversation=conversation, player_id="p1", chat_history={"chat_history": grown})
+    )
+    assert store_request(same).lines_imported == 1
+    for bad in (0, False, [], {}, "", "  "):
+        with pytest.raises(InlineRefused, match="^conversation: must be a non-empty string"):
+            read_request(_event(name, conversation=bad))
 
 
 def test_the_same_files_under_one_key_with_and_without_inline_are_one_request() -> None:
@@ -526,7 +582,9 @@ def test_a_named_conversation_changes_its_story_only_when_no_turn_of_it_is_unans
     first = store_request(first_request)
     (turn_id,) = enqueue_turns([turn_request(first_request, first)], send=False)
     other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
-    with pytest.raises(InlineRefused, match=r"^story: conversation 'orig-.*' has unanswered turns"):
+    # Review: answered as a final error before; the turn in the way passes, so it is StoryBusy (the
+    # serverless handler's {"retry": true}, as the conversation's own story switch answers it).
+    with pytest.raises(StoryBusy, match=r"^story: conversation 'orig-.*' has unanswered turns"):
         store_request(read_request(_event(name, conversation=conversation, story=other_story)))
     conv = _conversation(conversation)
     assert (conv.story, conv.story_time) == (first.story, 15)
@@ -582,7 +640,7 @@ def test_a_story_switch_waits_for_the_turn_of_the_request_that_set_the_story_bef
     def switch() -> None:
         try:
             store_and_enqueue(second, send=False)
-        except InlineRefused as exc:
+        except StoryBusy as exc:
             refused.append(exc)
 
     switching = threading.Thread(target=switch)
