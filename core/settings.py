@@ -506,10 +506,21 @@ class Settings(BaseSettings):
         # visibility timeout Redis hands it to another worker, which holds it again: copies multiply.
         if self.visibility_timeout < 2 * self.lease_seconds:
             raise ValueError("MLCHAT_VISIBILITY_TIMEOUT must be at least twice MLCHAT_LEASE_SECONDS")
-        if self.visibility_timeout <= max(self.defer_max_delay_s, self.batch_retry_delay):
+        # Held for the countdown, then for the flush that re-sends it: at most half the timeout, as
+        # every other countdown (tasks/app.py within_visibility).
+        if self.visibility_timeout < 2 * max(
+            self.defer_max_delay_s, self.batch_retry_delay, self.flush_interval
+        ):
             raise ValueError(
-                "MLCHAT_VISIBILITY_TIMEOUT must be above MLCHAT_DEFER_MAX_DELAY_S and "
-                "MLCHAT_BATCH_RETRY_DELAY"
+                "MLCHAT_VISIBILITY_TIMEOUT must be at least twice MLCHAT_DEFER_MAX_DELAY_S, "
+                "MLCHAT_BATCH_RETRY_DELAY and MLCHAT_FLUSH_INTERVAL"
+            )
+        # Every process sends to its own model's queues (memory jobs, a sweeper's resends): one outside
+        # the served models sent to a queue no worker reads.
+        if self.served_models and self.model not in self.served_models:
+            raise ValueError(
+                f"MLCHAT_MODEL={self.model!r} must be one of MLCHAT_SERVED_MODELS when that is set "
+                f"({', '.join(self.served_models)})"
             )
         if self.max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")

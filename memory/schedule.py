@@ -92,12 +92,15 @@ def schedule_memory(conversation_ids: Sequence[int]) -> int:
         logger.warning(
             "could not schedule memory jobs for %d conversations", len(conversation_ids), exc_info=True
         )
-        _unmark(marked)
+        unmark_jobs(marked)
         return 0
 
 
-def _unmark(jobs: list[tuple[int, str]]) -> None:
-    """The marks of jobs whose send failed (some may have gone out: a duplicate is harmless)."""
+def unmark_jobs(jobs: list[tuple[int, str]]) -> None:
+    """Take back the marks of jobs whose send failed (some may have gone out: a duplicate is
+    harmless): the next sweep, or the conversation's next reply, sends them. A job its step released
+    has no mark to lapse, so without this one whose hand-on failed waited for a reply that may never
+    come."""
     if not jobs:
         return
     try:

@@ -42,7 +42,10 @@ def memory_job(conversation_id: int, kind: str) -> None:
             _count_death(conversation_id, kind, suspect=exc.in_engine)
         try:
             send_memory_jobs([(conversation_id, kind)])
-        finally:  # the broker away too: the job waits for the conversation's next reply; stop anyway
+        except Exception:  # the broker away too: marked for the sweep to send; stop anyway
+            logger.warning("could not hand memory job %s of %s on", kind, conversation_id, exc_info=True)
+            _unmark_one(conversation_id, kind)
+        finally:
             stop_for_dead_engine(exc)
         return
     finally:
@@ -100,7 +103,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
                 kind,
                 conversation_id,
             )
-            _send_later(conversation_id, kind, settings.memory_job_retry_s * 12)
+            _send_later(conversation_id, kind, settings.memory_job_retry_s * 12, marked=False)
             return False
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)
@@ -141,14 +144,25 @@ def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
             error,
         )
         return
-    _send_later(conversation_id, kind, backoff)
+    _send_later(conversation_id, kind, backoff, marked=True)
 
 
-def _send_later(conversation_id: int, kind: str, delay_s: float) -> None:
+def _send_later(conversation_id: int, kind: str, delay_s: float, *, marked: bool) -> None:
+    """Send the job again after `delay_s`. `marked`: its queued mark holds until then and a lease
+    more (record_failure), and the sweep sends it once that lapses; a job its step released has no
+    mark, and one is put on it for the sweep (or the next reply) to find."""
     try:
         send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s))
-    except Exception:  # its mark lapses, and the sweep or the next reply sends it
+    except Exception:
         logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
+        if not marked:
+            _unmark_one(conversation_id, kind)
+
+
+def _unmark_one(conversation_id: int, kind: str) -> None:
+    from memory.schedule import unmark_jobs
+
+    unmark_jobs([(conversation_id, kind)])
 
 
 def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:

@@ -18,8 +18,23 @@ def test_bad_values_are_rejected_naming_the_variable() -> None:
     # A re-sent message held on a countdown past the visibility timeout is handed out again and again.
     with pytest.raises(ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be at least twice"):
         Settings(visibility_timeout=60, lease_seconds=120)
-    with pytest.raises(ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be above"):
-        Settings(visibility_timeout=30, lease_seconds=15, defer_max_delay_s=30)
+    # Review: held up to the countdown and then for the flush that re-sends it, a countdown just under
+    # the timeout (290 s of 300) was handed to a second worker while the first still held it.
+    for held in ({"defer_max_delay_s": 30}, {"defer_max_delay_s": 20}, {"batch_retry_delay": 16}):
+        with pytest.raises(
+            ValidationError, match="MLCHAT_VISIBILITY_TIMEOUT must be at least twice MLCHAT_DEFER"
+        ):
+            Settings(visibility_timeout=30, lease_seconds=15, **held)
+    assert Settings(visibility_timeout=30, lease_seconds=15, defer_max_delay_s=15).defer_max_delay_s == 15
+    # Review: compose's sweeper served three models under the default MLCHAT_MODEL, and sent the memory
+    # jobs it took back to that model's bulk queue, which no worker reads.
+    with pytest.raises(
+        ValidationError, match="MLCHAT_MODEL='smollm2-135m' must be one of MLCHAT_SERVED_MODELS"
+    ):
+        Settings(model="smollm2-135m", served_models=["gpt-oss-20b", "solar-10.7b"])
+    assert (
+        Settings(model="solar-10.7b", served_models=["gpt-oss-20b", "solar-10.7b"]).models[1] == "solar-10.7b"
+    )
     # Each served model names queues as MLCHAT_MODEL does ("x.bulk" was model x's bulk queue), and a
     # bad default window was a 400 blaming every client's completion_window.
     with pytest.raises(ValidationError, match=r"MLCHAT_SERVED_MODELS\[1\]='npc.bulk' must not end"):
