@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
@@ -14,20 +13,16 @@ from sse_starlette import EventSourceResponse
 from sse_starlette.sse import SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
+from core.json_lines import one_line_json
 from core.settings import settings
 
 logger = logging.getLogger(__name__)
 
-# Line ends JSON leaves unescaped: an SSE parser splits lines on CR and LF alone, but a client that
-# splits the body's text with str.splitlines (httpx's aiter_lines, requests' iter_lines) cuts a reply
-# holding one of these (text pasted from the web) into two lines, neither of them JSON.
-_LINE_ENDS_JSON_KEEPS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
-
 
 def event_json(data: Any) -> str:
-    """An event's data as JSON on one line for every client (text as it is, but the line ends JSON
-    keeps escaped)."""
-    return json.dumps(data, ensure_ascii=False).translate(_LINE_ENDS_JSON_KEEPS)
+    """An event's data as JSON on one line for every client (an SSE parser splits lines on CR and LF
+    alone, a client reading the body's lines with str.splitlines on more: core/json_lines.py)."""
+    return one_line_json(data)
 
 
 # A reader that stops reading but keeps its connection open (a zero receive window) blocked the send

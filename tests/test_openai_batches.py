@@ -456,6 +456,32 @@ def test_a_run_with_a_long_korean_name_exports_to_files_the_filesystem_takes(qui
     assert export_run(short.name, tmp_path / "out", "openai")[0].name == f"{short.name}.results.jsonl"
 
 
+def test_output_and_error_lines_holding_unicode_line_ends_stay_one_line_for_splitlines_readers(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: the files were written with U+2028, U+2029 and NEL unescaped (JSON allows
+    them), and a client reading a file's lines as the openai client's iter_lines does (httpx splits on
+    them, as str.splitlines does) got a line in two pieces, neither of them JSON: that request's result
+    was lost to it. The SSE stream escaped them already."""
+    name = "ends-" + tmp_path.name
+    custom_ids = ["r\u2029one", "r\x85two", "plain"]
+    lines = [openai_line(c, [{"role": "user", "content": "Hi?"}]) for c in custom_ids]
+    sub = submit_run(_write(tmp_path / "in.jsonl", lines), name=name)
+    claim = _claim(sub.id, 3)
+    with session_scope() as s:
+        fail_turns(
+            session=s,
+            token=claim.token,
+            failures={t.id: Failure("fell\u2028over", TurnErrorCode.ENGINE_ERROR) for t in claim.claimed},
+        )
+    for fmt in ("openai", "native"):
+        _, errors, _, n_err = export_run(name, tmp_path / fmt, fmt)
+        read = [json.loads(line) for line in errors.read_text(encoding="utf-8").splitlines()]
+        assert n_err == len(read) == 3, fmt
+        assert sorted(r["custom_id"] for r in read) == sorted(custom_ids)
+        assert "fell\u2028over" in json.dumps(read, ensure_ascii=False)
+
+
 def test_a_run_past_its_window_expires_keeping_what_finished(quiet_model, tmp_path) -> None:
     sub = _submit(tmp_path, "exp-" + tmp_path.name, 4, expires_at=func.now() + timedelta(hours=1))
     first = _claim(sub.id, 1)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from core.json_lines import json_line
 from core.settings import DEFAULT_TENANT, settings
 from core.whole_files import replaced_whole
 from db.models import Character, ReviewLabel
@@ -236,7 +237,7 @@ class _Split:
             return False
         self.seen.add(digest)
         side = VALIDATION if int(key[:8], 16) / 0xFFFFFFFF < self.share else TRAIN
-        line = (json.dumps(example, ensure_ascii=False) + "\n").encode()
+        line = json_line(example).encode()
         if side == TRAIN:
             self.last_train = (self.files[TRAIN].tell(), line)
         self.files[side].write(line)

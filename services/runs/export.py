@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from core.json_lines import json_line
 from core.whole_files import replaced_whole
 from db.models import Run, Turn, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
@@ -70,16 +71,16 @@ def write_outputs(
     with results_path.open("w", encoding="utf-8") as ok, errors_path.open("w", encoding="utf-8") as bad:
         for turn in iter_run_turns(session=session, run_id=run.id):
             if turn.status == TurnStatus.DONE:
-                ok.write(json.dumps(ok_line(turn, run), ensure_ascii=False) + "\n")
+                ok.write(json_line(ok_line(turn, run)))
                 n_ok += 1
             elif turn.status in (TurnStatus.FAILED, TurnStatus.CANCELLED):
-                bad.write(json.dumps(error_line(turn, run), ensure_ascii=False) + "\n")
+                bad.write(json_line(error_line(turn, run)))
                 n_err += 1
         refused_line = _openai_refused if fmt == "openai" else _native_refused
         with given_or_own(session) as reading:
             refusals = run_refusals(session=reading, run_id=run.id)
         for refusal in refusals:
-            bad.write(json.dumps(refused_line(refusal, run), ensure_ascii=False) + "\n")
+            bad.write(json_line(refused_line(refusal, run)))
             n_err += 1
     return n_ok, n_err
 
@@ -113,20 +114,9 @@ def write_never_stored(
                 continue
             seen.add(custom_id)
             line = {"id": f"batch_req_{run_id.hex}-{number}", "custom_id": custom_id, "response": None}
-            bad.write(_json_line(line | {"error": error}))
+            bad.write(json_line(line | {"error": error}))
             written += 1
     return written
-
-
-def _json_line(record: dict[str, Any]) -> str:
-    """The record as a line of UTF-8 JSON; escaped to ASCII when it holds what UTF-8 cannot encode (a
-    custom_id read from an escaped lone surrogate, `"\\ud800"`: kept as the client wrote it)."""
-    text = json.dumps(record, ensure_ascii=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        text = json.dumps(record)
-    return text + "\n"
 
 
 def _native_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
