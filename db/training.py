@@ -8,10 +8,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, literal, or_, select
+from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session
 
-from db.models import Character, Conversation, Turn, TurnReview, TurnStatus
+from db.models import Character, Conversation, Turn, TurnReview, TurnReviewChange, TurnStatus
 from db.session import given_or_own
 
 
@@ -98,6 +98,22 @@ def writers_refused(*, session: Session, slug: str, tenant: str) -> Refused:
             refused.rejected.update((kept, original))
         else:
             refused.replaced.add(original)
+    # A text rejected once stays refused after the line moved on (an edit or a pick clears the label,
+    # and a reply picked, rejected and replaced by another pick was nowhere else): unless it is the
+    # line's reply now, approved (a writer changed their mind on that very text).
+    ever_rejected = _of_character(
+        select(_digest_sql(Turn.prompt, TurnReviewChange.before))
+        .select_from(Turn)
+        .join(TurnReviewChange, TurnReviewChange.turn_id == Turn.id)
+        .join(TurnReview, TurnReview.turn_id == Turn.id),
+        slug,
+        tenant,
+    ).where(
+        TurnReviewChange.action == "reject",
+        TurnReviewChange.before.is_not(None),
+        ~and_(TurnReview.label == "approved", Turn.reply == TurnReviewChange.before),
+    )
+    refused.rejected.update(session.scalars(ever_rejected))
     return refused
 
 

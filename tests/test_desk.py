@@ -327,6 +327,26 @@ def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_thr
     assert completions == {"Because."}  # its twins dropped as duplicates
     assert report.manifest["left_out"]["the same as a reply a writer rejected"] == 2
     assert report.manifest["left_out"]["the same as a reply a writer replaced"] == 2
+    # Review: the rejection was read from the label alone, so a rejected line edited since (the label
+    # cleared) let the rejected text back in through its approved twin; a reply rejected between two
+    # picks was nowhere. Each stays refused, unless approved again as the line's very reply.
+    desk.edit(WRITER, rejected, "Well met, traveller.", "1")
+    hail = Spec("Hi", "Hail, mortal.", quality(0.5), character=slug, prompt="p1")
+    picks = [("Hail, mortal.", quality(0.5)), ("Salute, mortal.", quality(0.5))]
+    _, (picked,) = build_run("studio-a", [Spec("Hi", "Ho, mortal.", quality(0.5), picks, slug, "p1")])
+    build_run("studio-a", [hail])  # a twin of the candidate to be rejected, unreviewed
+    desk.pick(WRITER, picked, "1", "0")  # "Hail, mortal." kept
+    desk.label(WRITER, picked, "reject", "flat", "1")
+    desk.pick(WRITER, picked, "2", "2")  # "Salute, mortal." kept: the rejected reply is a candidate now
+    again = export_dataset(slug, tmp_path / "again", tokenizer=NoTemplate(), tenant="studio-a")
+    completions = {
+        json.loads(line)["completion"]
+        for name in ("train.jsonl", "validation.jsonl")
+        for line in (tmp_path / "again" / name).read_text().splitlines()
+        if json.loads(line)["source"] == "turn"
+    }
+    assert "Greetings, mortal." not in completions and "Hail, mortal." not in completions, completions
+    assert again.manifest["left_out"]["the same as a reply a writer rejected"] >= 2
 
 
 def test_an_edited_reply_picked_back_stays_edited_and_out_of_the_labels(services, world, base_url) -> None:
