@@ -946,6 +946,32 @@ def test_a_form_token_the_requests_charset_decodes_to_a_lone_surrogate_is_refuse
         client.close()
 
 
+def test_a_form_token_is_its_sessions_own_and_desk_pages_are_never_cached(services, world, base_url) -> None:
+    """Found in review: the form token was one per key for the key's life, so a page rendered for a
+    session long signed out (a shared machine's cache or history) carried a token every later session
+    of the key took; pages were cacheable; and a change posted from a sibling site (which SameSite
+    lets through) was refused only by that token."""
+    from tests.conftest import REVIEW_KEY
+
+    _, (first, _) = build_run("studio-a", _lines())
+    one, two = _desk_client(base_url, REVIEW_KEY), _desk_client(base_url, REVIEW_KEY)
+    try:
+        pages = [client.get(f"/desk/lines/{first}") for client in (one, two)]
+        assert all(p.status_code == 200 and p.headers["cache-control"] == "no-store" for p in pages)
+        tokens = [p.text.split('name="csrf" value="', 1)[1].split('"', 1)[0] for p in pages]
+        assert tokens[0] != tokens[1]
+        form = {"csrf": tokens[0], "verdict": "approve", "version": "0"}
+        refused = two.post(f"/desk/lines/{first}/label", data=form)  # the other session's token
+        assert refused.status_code == 403 and "csrf:" in refused.text
+        sibling = {"Origin": "https://evil.example"}
+        refused = one.post(f"/desk/lines/{first}/label", data=form, headers=sibling)
+        assert refused.status_code == 403 and "origin:" in refused.text
+        assert one.post(f"/desk/lines/{first}/label", data=form).status_code == 303
+    finally:
+        one.close()
+        two.close()
+
+
 def test_a_change_made_on_a_lines_own_page_reloads_it_with_its_history(services, world, base_url) -> None:
     """Found in review: on a line's own page htmx swapped only the line, so its "Changes" still said
     "None yet." and the original reply was missing until a reload: the change looked unrecorded."""

@@ -73,8 +73,11 @@ def _signing_key(digest: str) -> bytes:
     return hmac.new(secret.get_secret_value().encode("utf-8"), bytes.fromhex(digest), hashlib.sha256).digest()
 
 
-def _csrf(digest: str) -> str:
-    return hmac.new(_signing_key(digest), b"mlchat-desk-form", hashlib.sha256).hexdigest()
+def _csrf(key: ApiKey, session_mac: str) -> str:
+    """The form token of one session: a page rendered for another session (a signed-out one's, kept
+    in a browser's cache or history on a shared machine) carries a token no later session takes."""
+    message = b"mlchat-desk-form\x00" + session_mac.encode("ascii")
+    return hmac.new(_signing_key(key.digest), message, hashlib.sha256).hexdigest()
 
 
 def _session_mac(digest: str, key_id: str, expires: int, nonce: str) -> str:
@@ -101,7 +104,7 @@ class Desk:
     def __init__(self, caller: Caller, session: _Session) -> None:
         self.caller = caller
         self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
-        self.csrf = _csrf(session.key.digest)
+        self.csrf = _csrf(session.key, session.mac)
         self.session = session
 
 
@@ -178,6 +181,8 @@ def signed_in(request: Request) -> Desk:
 
 async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -> Desk:
     """A dependency of every change: the form token must be this writer's."""
+    if not _same_site(request):  # a sibling site SameSite lets through, holding a token it read
+        raise DeskError(403, "origin: changes are made from the desk's own pages; reload the page")
     form = await request.form()
     token = request.headers.get("x-csrf-token") or str(form.get("csrf") or "")
     # surrogatepass: a form decoded with the charset the request names can hold a lone surrogate
@@ -191,7 +196,10 @@ Posted = Annotated[Desk, Depends(posted)]
 
 
 def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTMLResponse:
-    return templates.TemplateResponse(request, name, context, status_code=status)
+    response = templates.TemplateResponse(request, name, context, status_code=status)
+    # Players' lines and the form token: kept by no cache, nor shown again from history after signing out.
+    response.headers["Cache-Control"] = "no-store"
+    return response
 
 
 def install(app: Any) -> None:
