@@ -25,7 +25,8 @@ turns and is never written from a read path.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -213,6 +214,21 @@ def _blocks_later_turns(turn: Any) -> Any:
 def _lapsed(turn: Any) -> Any:
     """When the running turn's lease expired (a turn from before leases: when it started)."""
     return func.coalesce(turn.lease_until, turn.started_at)
+
+
+_RESEND_LOCK_NAMESPACE = 0x6D6C7273  # "mlrs"
+
+
+@contextmanager
+def resend_lock() -> Iterator[bool]:
+    """Hold the deployment's one re-send of stranded turns for the block; yields False (holding
+    nothing) when another sweep holds it: two at once (cron beside compose's loop, an operator's
+    `mlchat sweep`) each read the queues and the turns before the other's sends and stamps, and sent
+    every stranded turn twice."""
+    from db.advisory_locks import advisory_lock
+
+    with advisory_lock(_RESEND_LOCK_NAMESPACE, 0) as holder:
+        yield holder is not None
 
 
 def lapsed_and_unsent(turn: Any) -> Any:

@@ -47,7 +47,7 @@ from db.runs import (
     submission_lock,
 )
 from db.session import session_scope
-from db.turns import lapsed_and_unsent, mark_dispatched
+from db.turns import lapsed_and_unsent, mark_dispatched, resend_lock
 from services.runs.control import interrupted_message
 from tasks.generate import dispatch
 from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
@@ -153,7 +153,16 @@ def _oldest_waiting_sent_at(model: str, lane: Lane) -> datetime | None:
 def resend_stranded(
     *, older_than_s: float | None = None, models: Sequence[str] | None = None, limit: int = 100_000
 ) -> dict[str, int]:
-    """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}."""
+    """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}
+    (nothing when another sweep is re-sending: said in the log)."""
+    with resend_lock() as mine:
+        if not mine:
+            logger.info("another sweep is re-sending stranded turns; this one leaves them to it")
+            return {}
+        return _resend_stranded(older_than_s, models, limit)
+
+
+def _resend_stranded(older_than_s: float | None, models: Sequence[str] | None, limit: int) -> dict[str, int]:
     models = list(dict.fromkeys(models or settings.models))
     # Which queues hold messages, and since when, read before the turns. A message sent meanwhile
     # (a worker's re-send, a submission's chunk) can make this sweep send a turn twice: a duplicate,

@@ -432,3 +432,42 @@ def test_a_sweeps_stamp_of_more_turns_than_a_statement_has_parameters_records_th
     with session_scope() as s:
         sent = s.scalars(select(Turn.dispatched_at).where(Turn.id.in_([t.id for t in stored]))).all()
     assert all(at is not None for at in sent)
+
+
+def test_two_sweeps_at_once_send_each_stranded_turn_once(world, monkeypatch) -> None:
+    """Found in review: the re-send took no lock, so a second sweep (cron beside compose's loop, an
+    operator's `mlchat sweep`) reading the queues and the turns while the first was sending found the
+    same turns stranded and sent each twice. The second now leaves them to the first."""
+    import threading
+
+    from services import sweeper
+
+    monkeypatch.setattr(settings, "served_models", [settings.model, MODEL])
+    ids = enqueue_turns(
+        [new_conversation() | {"message": f"Lost line {i}.", "model": MODEL} for i in range(3)], send=False
+    )
+    time.sleep(1.1)
+    sending, go = threading.Event(), threading.Event()
+    real = sweeper.dispatch
+
+    def slow(turn_ids, **kw):  # type: ignore[no-untyped-def]
+        sending.set()
+        go.wait(5)
+        real(turn_ids, **kw)
+
+    monkeypatch.setattr(sweeper, "dispatch", slow)
+    first: list[dict[str, int]] = []
+    thread = threading.Thread(target=lambda: first.append(resend_stranded(older_than_s=1, models=[MODEL])))
+    try:
+        thread.start()
+        assert sending.wait(10)
+        second = resend_stranded(older_than_s=1, models=[MODEL])
+        go.set()
+        thread.join(30)
+        assert second == {} and len(first) == 1  # earlier cases' lost turns of MODEL are sent too
+        sent = first[0][f"{MODEL}/live"]
+        assert sent >= len(ids) and queue_depth(MODEL, "live") == sent  # each once
+    finally:
+        go.set()
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
