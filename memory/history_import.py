@@ -17,6 +17,7 @@ from typing import Any, Literal
 from sqlalchemy.orm import Session
 
 from core.settings import TENANT_NAME, settings
+from core.text import printable
 from db.models import Conversation, Role
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
@@ -88,6 +89,7 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
     """SillyTavern chat JSONL: a header ({user_name, character_name, ...}) then {name, is_user, mes}."""
     lines: list[tuple[Role, str]] = []
     user_name, skipped, first = None, 0, True
+    speaker: str | None = None  # the character's name: the header's, else its first line's
     # Only "\n" ends a line: JSON.stringify writes U+2028, U+2029 and U+0085 raw inside strings, and
     # str.splitlines() would break a message there.
     for number, line in enumerate(raw.split("\n"), start=1):
@@ -105,6 +107,8 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
             user_name = _text(name, f"line {number}: user_name") if isinstance(name, str) and name else None
             if user_name is not None and len(user_name) > NAME_MAX:
                 raise HistoryRefused(f"line {number}: user_name: longer than {NAME_MAX} characters")
+            named = item.get("character_name")
+            speaker = named if isinstance(named, str) and named else None
             continue
         if "mes" not in item:
             raise HistoryRefused(f"line {number}: mes: missing")
@@ -118,6 +122,16 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
         extra = item.get("extra")
         # SillyTavern's narrator lines (/sys, /nar) are neither the player's nor the character's.
         narrator = not is_user and isinstance(extra, dict) and extra.get("type") == "narrator"
+        name = item.get("name")
+        if not is_user and not narrator and isinstance(name, str) and name:
+            # A group chat's members each speak under their own name: read as the one character's,
+            # one member's lines would be summarised and remembered as another's.
+            if speaker is not None and name != speaker:
+                raise HistoryRefused(
+                    f"line {number}: name: {printable(name, 60)!r} is not the log's character "
+                    f"({printable(speaker, 60)!r}); a group chat's log cannot be imported as one character's"
+                )
+            speaker = name
         lines.append((Role.NARRATOR if narrator else Role.USER if is_user else Role.ASSISTANT, text))
     return ParsedHistory(lines, user_name, skipped)
 
@@ -211,20 +225,51 @@ def already_held(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> b
     """Whether the conversation holds the whole log as a run of its lines (imported before, live
     turns since or not). A log only partly held is another log: matching a few lines at its start
     would drop lines of a new log that happens to begin as the conversation ends."""
-    if not log:
-        return False
+    return bool(log) and held_start(log, held) == len(log)
 
-    def key(line: tuple[Role, str]) -> bytes:
-        # A narrator line is matched as a character's: SillyTavern's narrator lines were imported as
-        # the character's before they were read as the narrator's, and such a log sent again is held.
-        role = Role.ASSISTANT if line[0] == Role.NARRATOR else line[0]
-        return hashlib.blake2b(f"{role.value}\x00{line[1]}".encode(), digest_size=8).digest()
 
-    wanted, stored = b"".join(map(key, log)), b"".join(map(key, held))
-    at = stored.find(wanted)
-    while at != -1 and at % 8:  # a match that straddles two lines' keys is none
-        at = stored.find(wanted, at + 1)
-    return at != -1
+def _line_key(line: tuple[Role, str]) -> bytes:
+    # A narrator line is matched as a character's: SillyTavern's narrator lines were imported as the
+    # character's before they were read as the narrator's, and such a log sent again is held.
+    role = Role.ASSISTANT if line[0] == Role.NARRATOR else line[0]
+    return hashlib.blake2b(f"{role.value}\x00{line[1]}".encode(), digest_size=8).digest()
+
+
+def held_start(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> int:
+    """How many of the log's first lines the conversation holds as a run of its lines (the whole
+    log's count: all of it)."""
+    keys, stored = [_line_key(line) for line in log], b"".join(map(_line_key, held))
+
+    def holds(count: int) -> bool:
+        wanted = b"".join(keys[:count])
+        at = stored.find(wanted)
+        while at != -1 and at % 8:  # a match that straddles two lines' keys is none
+            at = stored.find(wanted, at + 1)
+        return at != -1
+
+    low, high = 0, len(keys)  # a run of the first k lines holds the first k - 1 too: halved
+    while low < high:
+        mid = (low + high + 1) // 2
+        if holds(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+# A log whose first lines (this many at least, the rest not) are a run of the conversation's is a
+# grown export of one imported before: appended whole, those lines were stored twice (summarised and
+# read for facts twice, retrieved in pairs). Fewer may be a new log that begins as an old one did.
+GROWN_LOG_LINES = 2
+
+
+def _refuse_a_grown_log(log: list[tuple[Role, str]], held: list[tuple[Role, str]], conversation: str) -> None:
+    start = held_start(log, held)
+    if GROWN_LOG_LINES <= start < len(log):
+        raise HistoryRefused(
+            f"conversation: {conversation!r} holds the log's first {start} lines already (an earlier "
+            f"import of it?); import a log of the lines after them ({start + 1}-{len(log)}) alone"
+        )
 
 
 def _refuse_another_players(session: Session, conv_id: int, conversation: str, player_id: str) -> None:
@@ -297,6 +342,8 @@ def import_history(
             held = conversation_lines(session=session, conversation_id=known[conversation][0])
             if already_held(parsed.lines, held):
                 held_already = known[conversation][0]
+            else:
+                _refuse_a_grown_log(parsed.lines, held, conversation)
     # The memory jobs are sent once the transactions are over: the conversation's lock (below) is not
     # held while the broker is asked.
     if held_already is not None:
@@ -319,7 +366,9 @@ def import_history(
         lock_conversation(session=session, conversation_id=conv_id)  # held lines read and appended as one
         _refuse_a_scene(session, conv_id, conversation)  # under the lock: a group made meanwhile is seen
         first, last = 1, 0
-        if not already_held(parsed.lines, conversation_lines(session=session, conversation_id=conv_id)):
+        held = conversation_lines(session=session, conversation_id=conv_id)
+        if not already_held(parsed.lines, held):
+            _refuse_a_grown_log(parsed.lines, held, conversation)
             first, last = append_lines(
                 session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
             )

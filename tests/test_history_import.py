@@ -96,6 +96,50 @@ def test_a_log_held_only_in_part_is_appended_whole() -> None:
     # held, not appended again now that they read as the narrator's
     narration = (Role.NARRATOR, "Thunder rolls.")
     assert already_held([a, narration], [a, (Role.ASSISTANT, "Thunder rolls.")])
+    from memory.history_import import held_start
+
+    assert held_start([a, b, c, a], [c, a, b]) == 2 and held_start([b, c], [a, b]) == 1
+    assert held_start([a, b], [a, b, c]) == 2 and held_start([c], []) == 0
+
+
+def test_a_grown_export_of_a_log_imported_before_is_refused_not_stored_twice(tmp_path, capsys) -> None:
+    """Found in review: a log imported, then its export grown by the player's later lines imported
+    again, was appended whole (only a log held whole was known): its first lines were stored twice,
+    summarised and read for facts twice, and retrieved in pairs."""
+    external = f"grown-{uuid.uuid4().hex[:8]}"
+    assert _import(tmp_path, SILLYTAVERN, "sillytavern", external) == 0
+    capsys.readouterr()
+    later = [
+        {"name": "Rowan", "is_user": True, "mes": "The mill was empty."},
+        {"name": "Elara", "is_user": False, "mes": "Then try the chapel."},
+    ]
+    grown = SILLYTAVERN + "\n" + "\n".join(json.dumps(x) for x in later)
+    assert _import(tmp_path, grown, "sillytavern", external) == 2
+    err = capsys.readouterr().err
+    assert "holds the log's first 3 lines already" in err and "(4-5) alone" in err, err
+    assert len(_stored(external)) == 3
+    rest = "\n".join(json.dumps(x) for x in later)  # the lines after them, alone: appended
+    assert _import(tmp_path, rest, "sillytavern", external) == 0
+    assert [line[2] for line in _stored(external)][3:] == ["The mill was empty.", "Then try the chapel."]
+
+
+def test_a_sillytavern_group_chat_is_refused_naming_the_line_of_another_speaker(tmp_path, capsys) -> None:
+    """Found in review: a group chat's lines (Elara, Bram, Mira) were all imported as the one
+    character's: summaries and facts said Elara said Bram's lines."""
+    external = f"group-{uuid.uuid4().hex[:8]}"
+    group = "\n".join(
+        json.dumps(x)
+        for x in [
+            {"user_name": "Rowan", "character_name": "Elara"},
+            {"name": "Elara", "is_user": False, "mes": "Welcome."},
+            {"name": "Rowan", "is_user": True, "mes": "Evening, all."},
+            {"name": "Bram", "is_user": False, "mes": "Evening."},
+        ]
+    )
+    assert _import(tmp_path, group, "sillytavern", external) == 2
+    err = capsys.readouterr().err
+    assert "line 4: name: 'Bram' is not the log's character ('Elara')" in err and "nothing stored" in err, err
+    assert _stored(external) == []
 
 
 def test_the_original_services_history_json_is_imported(tmp_path) -> None:
@@ -281,7 +325,8 @@ def test_a_log_for_another_players_conversation_is_refused_naming_the_conversati
     )
     with session_scope() as s:
         held = len(conversation_lines(session=s, conversation_id=conv_id))
-    other_log = SILLYTAVERN.replace("Ask at the mill.", "Ask at the well.")
+    # its own opening: a log opening as the one held is a grown export of it (refused, tested above)
+    other_log = SILLYTAVERN.replace("Welcome to the Gilded Stag.", "Welcome back.")
     assert other_log != SILLYTAVERN
     refusal = f"^conversation: '{external}' is player 'u-alice''s, not player 'u-bob''s$"
     with pytest.raises(history_import.HistoryRefused, match=refusal):
