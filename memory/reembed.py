@@ -45,6 +45,10 @@ class ReembedBusy(RuntimeError):
     """Another `mlchat reembed` (a full run or a missing pass) is running."""
 
 
+class ReembedOutpaced(RuntimeError):
+    """Rows were written faster than the catch-up embedded them: nothing swapped, the run resumes."""
+
+
 @contextmanager
 def _alone() -> Iterator[int]:
     """The re-embed lock for the block (its holder's backend pid), or ReembedBusy before anything
@@ -118,6 +122,12 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
                 caught += _catch_up(session, table, chunk)[0]
         if caught < chunk:
             break
+    else:  # the rest would be embedded under the writers' lock, every worker's store waiting on it
+        raise ReembedOutpaced(
+            f"rows are written faster than the re-embed catches up ({CATCH_UP_PASSES} passes each found a "
+            "chunk or more); nothing swapped and the writers never waited: run it again in a quieter hour "
+            "(it resumes, the next vectors stored so far kept)"
+        )
     with session_scope() as session:
         lock_tables(session=session)
         _still_alone(session, holder)

@@ -682,3 +682,23 @@ def test_the_swaps_table_lock_lets_no_row_lock_in_to_deadlock_with_it() -> None:
     assert locked == []
     with session_scope() as s:
         s.execute(delete(Fact).where(Fact.id == fact_id))
+
+
+def test_writes_that_outpace_the_catch_up_stop_the_run_before_the_writers_lock(monkeypatch, capsys) -> None:
+    """Found in review: the catch-up's passes had no end but their count: writes that kept pace with
+    it fell through after 20 passes to the writers' lock with a backlog of any size, embedded on the
+    CPU while every worker's store waited. It stops there instead, nothing swapped, and resumes."""
+    _conversation()
+    taken: list[str] = []
+    monkeypatch.setattr(memory_reembed, "_catch_up", lambda session, table, chunk: (chunk, chunk))
+    monkeypatch.setattr(memory_reembed, "lock_tables", lambda *, session: taken.append("lock"))
+    with pytest.raises(memory_reembed.ReembedOutpaced, match="faster than the re-embed catches up"):
+        reembed(chunk=_chunk())
+    assert taken == []
+    assert cli(["reembed", "--chunk", str(_chunk())]) == 1  # one line, to be run again
+    err = capsys.readouterr().err
+    assert "run it again in a quieter hour" in err and "Traceback" not in err
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None)))
+    monkeypatch.undo()  # a quiet hour: the run resumes and swaps
+    assert reembed(chunk=_chunk())["messages"] >= 1
