@@ -258,17 +258,20 @@ def _requeued(report: BatchReport, turn_ids: list[uuid.UUID]) -> None:
 
 
 class _ShuttingDown(stop_base):
-    """A hand-back's retries stop at a warm shutdown (should_stop 0, which == False: hence the
-    `is not False`), a cold one (should_terminate), or the process's exit (threading's own flag, set
-    before the interpreter joins this thread): no one waits for the batch then, its lease lapses and
-    the next claim takes its turns. An engine death's exit code (3) is set before its hand-back,
-    which waits for the database as long as _hand_back_until allows."""
+    """A hand-back's retries stop at a cold shutdown (should_terminate) or the process's exit
+    (threading's own flag, set before the interpreter joins this thread): no one waits for the batch
+    then, its lease lapses and the next claim takes its turns, charged the attempt. A warm shutdown
+    (should_stop 0, which == False: hence the `is not False`) drains its running tasks, so a deploy
+    during a failover keeps trying for a third of a lease (the refund an outage is owed; repeated
+    deploys in an outage ran turns out of attempts), then stops. An engine death's exit code (3) is
+    set before its hand-back, which waits for the database as long as _hand_back_until allows."""
 
     def __call__(self, retry_state: Any) -> bool:
         should_stop = worker_state.should_stop
         warm = should_stop == 0 and should_stop is not False
         exiting = getattr(threading, "_SHUTTING_DOWN", False) or not threading.main_thread().is_alive()
-        return warm or worker_state.should_terminate is not None or exiting
+        warm_and_waited = warm and retry_state.seconds_since_start >= settings.lease_seconds / 3
+        return warm_and_waited or worker_state.should_terminate is not None or exiting
 
 
 def _hand_back_until(keeper: LeaseKeeper) -> float:
