@@ -509,8 +509,9 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
             if status == RunStatus.VALIDATING
             else (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
-            # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed.
-            "failed": counts.failed + counts.refused,
+            # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed, and
+            # so did a request cancelled alone in a batch that went on (its error file says so).
+            "failed": counts.failed + counts.refused + (counts.cancelled if run.cancel_reason is None else 0),
         },
         "metadata": run.metadata_,
     }

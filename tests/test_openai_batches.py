@@ -610,6 +610,38 @@ def test_request_counts_leave_out_cancelled_requests_and_usage_counts_every_cand
     assert usage == {"prompt_tokens": 50, "completion_tokens": 519, "total_tokens": 569}
 
 
+def test_a_request_cancelled_alone_in_a_batch_that_completes_is_its_own_failure_not_the_batchs_cancel(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: a request cancelled by itself (DELETE /v1/turns/{id}, which a tenant's key may
+    do) in a batch that then completed was written as "batch_cancelled: the batch was cancelled", and
+    counted neither completed nor failed: a client reconciling the counts of a completed batch found
+    a request missing."""
+    from db.turns import cancel_turns
+
+    (tmp_path / "files").mkdir()
+    sub = _submit(tmp_path, "alone-" + tmp_path.name, 3, input_file_id="file-test")
+    with session_scope() as s:
+        (first,) = s.scalars(select(Turn.id).where(Turn.run_id == sub.id, Turn.custom_id == "r0")).all()
+        assert cancel_turns(session=s, turn_ids=[first]) == [first]
+    claim = _claim(sub.id, 3)
+    _fail(claim, [t.id for t in claim.claimed])
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        counts = batches.batch_object(s, run)["request_counts"]
+    assert counts == {"total": 3, "completed": 0, "failed": 3}
+    assert batches.finalize_run(sub.id) == sub.name
+    from services.files import find_file
+
+    with session_scope() as s:
+        errors = s.get_one(Run, sub.id).error_file_id
+    lines = {x["custom_id"]: x for x in map(json.loads, find_file(errors).path.read_text().splitlines())}
+    assert lines["r0"]["error"] == {
+        "code": "request_cancelled",
+        "message": "this request was cancelled before it started",
+    }
+
+
 def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:
     (tmp_path / "files").mkdir()
     sub = _submit(tmp_path, "fin-" + tmp_path.name, 2, input_file_id="file-test")

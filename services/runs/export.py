@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.json_lines import json_line
 from core.whole_files import replaced_whole
-from db.models import Run, Turn, TurnStatus
+from db.models import Run, Turn, TurnErrorCode, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import given_or_own, session_scope
 from services.runs.control import export_stem, require_run
@@ -236,8 +236,12 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
 def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
     line = {"id": f"batch_req_{turn.id.hex}", "custom_id": turn.custom_id}
     if turn.status == TurnStatus.CANCELLED:  # never ran
-        code = _OPENAI_CODES.get(turn.error_code or "", "batch_cancelled")
-        message = turn.error or "the batch was cancelled before this request started"
+        if run.cancel_reason is None and turn.error_code != TurnErrorCode.EXPIRED:
+            # This request alone (DELETE /v1/turns/{id}), in a batch that went on: not the batch's end.
+            code, message = "request_cancelled", "this request was cancelled before it started"
+        else:
+            code = _OPENAI_CODES.get(turn.error_code or "", "batch_cancelled")
+            message = turn.error or "the batch was cancelled before this request started"
         return line | {"response": None, "error": {"code": code, "message": message}}
     code, message = turn.error_code or "server_error", turn.error or "the request failed"
     status = failure_status(code, 500)
