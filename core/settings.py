@@ -599,7 +599,7 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600}
 
 def window_seconds(text: str) -> int | None:
     """A batch's completion window (`24h`, `90m`, `30s`) in seconds; None if it is not one."""
-    match = _WINDOW.match(text)
+    match = _WINDOW.fullmatch(text)  # `$` alone let "24h\n" through
     return int(match[1]) * _UNIT_S[match[2]] if match else None
 
 

@@ -155,7 +155,7 @@ def create_batch(
     validated, stored and sent there). Raises BatchRefused."""
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
-    window_text = completion_window or settings.batch_default_window
+    window_text = settings.batch_default_window if completion_window is None else completion_window
     window = parse_window(window_text)
     meta = check_metadata(metadata)
     callback = check_callback(callback_url, tenant)

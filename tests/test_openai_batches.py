@@ -774,6 +774,15 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
             {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "9999h"},
             "completion_window",
         ),
+        # review: an empty window was read as the default, "24h\n" as 24h
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": ""},
+            "completion_window",
+        ),
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h\n"},
+            "completion_window",
+        ),
         ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}, "input_file_id"),
         ({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "metadata": {"k": 1}}, "metadata.k"),
         (
