@@ -39,6 +39,7 @@ import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -533,6 +534,12 @@ def finalizing_runs(
             query.order_by(Run.finalizing_at).limit(limit).with_for_update(skip_locked=True)
         ).all()
     )
+
+
+def oldest_finalizing_since(*, session: Session) -> datetime | None:
+    """When the run longest in `finalizing` entered it (None: none is): the files a finalizing writes
+    are recorded only when it ends, and until then look like no one's."""
+    return session.scalar(select(func.min(Run.finalizing_at)).where(Run.status == RunStatus.FINALIZING))
 
 
 def finish_finalizing(

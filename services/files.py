@@ -22,6 +22,7 @@ from core.settings import DEFAULT_TENANT, settings
 from db import files as stored
 from db.files import add_file_within_quota
 from db.models import StoredFile
+from db.runs import oldest_finalizing_since
 from db.session import session_scope
 from services.pages import list_object
 
@@ -367,10 +368,26 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     if named:
         with session_scope() as session:
             recorded = stored.recorded_ids(session=session, file_ids=list(named))
-        scratch += [path for file_id, path in named.items() if file_id not in recorded]
+            finalizing = oldest_finalizing_since(session=session)
+        # A finalizing that runs past the hour (a batch of millions on a busy database) writes into
+        # files it records only at its end, whose mtime a buffered writer may not move: one made since
+        # the oldest running finalizing began may be its (a minute of slack for the hosts' clocks).
+        since = None if finalizing is None else finalizing.timestamp() - 60
+        scratch += [
+            path
+            for file_id, path in named.items()
+            if file_id not in recorded and (since is None or _mtime(path) < since)
+        ]
     for path in scratch:
         path.unlink(missing_ok=True)
     return sorted(path.name for path in scratch)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:  # deleted meanwhile: nothing to spare
+        return 0.0
 
 
 def delete_expired_files() -> list[str]:

@@ -1790,6 +1790,42 @@ def test_bytes_a_dead_process_left_without_a_row_are_deleted_once_old(quiet_mode
     assert young.exists() and foreign.exists() and (root / f"{recorded}.jsonl").exists()
 
 
+def test_a_finalizings_unrecorded_files_are_spared_by_the_orphan_sweep_however_long_it_runs(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review: the orphan sweep took an unrecorded file older than an hour for a dead
+    process's; a finalizing running past the hour (a batch of millions on a busy database) writes its
+    files through a buffer that may leave the mtime where it was, and records them at its end: the
+    sweep unlinked them under it, and the batch stayed finalizing, or lost its error lines."""
+    import os
+    from datetime import UTC, datetime
+
+    from services.files import delete_orphan_files
+
+    (tmp_path / "files").mkdir()
+    sub = _submit(tmp_path, "long-fin-" + tmp_path.name, 1, input_file_id="file-test")
+    claim = _claim(sub.id, 1)
+    _fail(claim, [t.id for t in claim.claimed])
+    with session_scope() as s:
+        assert s.get_one(Run, sub.id).status == RunStatus.FINALIZING
+        s.execute(update(Run).where(Run.id == sub.id).values(finalizing_at=func.now() - timedelta(hours=2)))
+    root = settings.batch_files_dir
+    root.mkdir(parents=True, exist_ok=True)
+    writing, dead = root / f"file-{uuid.uuid4().hex[:24]}.jsonl", root / f"file-{uuid.uuid4().hex[:24]}.jsonl"
+    for path, age_s in (
+        (writing, 5400),
+        (dead, 10 * 86400),
+    ):  # made after the finalizing began, or long before
+        path.write_text("x")
+        then = datetime.now(UTC).timestamp() - age_s
+        os.utime(path, (then, then))
+    delete_orphan_files()
+    assert writing.exists() and not dead.exists()
+    with session_scope() as s:  # finished: what is still unrecorded is no one's
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.COMPLETED))
+    assert writing.name in delete_orphan_files() or not writing.exists()
+
+
 def test_a_batch_cancel_answers_before_its_files_are_written(
     base_url, quiet_model, tmp_path, monkeypatch
 ) -> None:
