@@ -233,12 +233,17 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
             .execution_options(synchronize_session=False)
         ).first()
         if line is not None and text != turn.reply:  # its memory told the old text: summarised, read again
-            conversation_id, seq = line
-            interrupt_jobs(session=session, conversation_id=conversation_id, seq=seq)
-            forget_line(session=session, conversation_id=conversation_id, seq=seq)
-            first = forget_read_facts(session=session, conversation_id=conversation_id, seq=seq)
-            if first is not None and first < seq:  # the stretch that held the line is read whole again
-                reread_from(session=session, conversation_id=conversation_id, seq=first)
+            _read_again(session, *line)
+
+
+def _read_again(session: Session, conversation_id: int, seq: int) -> None:
+    """What memory made of the line at `seq` and after is dropped, and read again: the summaries that
+    cover it or come after it, the facts read from its stretch on; a job in flight loses its claim."""
+    interrupt_jobs(session=session, conversation_id=conversation_id, seq=seq)
+    forget_line(session=session, conversation_id=conversation_id, seq=seq)
+    first = forget_read_facts(session=session, conversation_id=conversation_id, seq=seq)
+    if first is not None and first < seq:  # the stretch that held the line is read whole again
+        reread_from(session=session, conversation_id=conversation_id, seq=first)
 
 
 def _log(session: Session, turn_id: uuid.UUID, action: str, by: str, **values: Any) -> None:
@@ -340,7 +345,17 @@ def label_reply(
 ) -> int:
     """approve / reject: the writer's verdict on the kept reply. Returns the review's new version."""
     turn = _answered(session, turn_id)
+    was = session.scalar(select(TurnReview.label).where(TurnReview.turn_id == turn.id))
     new_version = _bump(session, turn, version, by, label=label.value, reason=reason)
+    rejected = ReviewLabel.REJECTED.value
+    if (was == rejected) != (label == ReviewLabel.REJECTED) and turn.reply_message_id is not None:
+        # Memory leaves a rejected reply out (db/memory_lines.py): what it read is read again without
+        # it, or, the rejection withdrawn, with it.
+        line = session.execute(
+            select(Message.conversation_id, Message.seq).where(Message.id == turn.reply_message_id)
+        ).first()
+        if line is not None:
+            _read_again(session, *line)
     action = "approve" if label == ReviewLabel.APPROVED else "reject"
     _log(session, turn.id, action, by, before=turn.reply, reason=reason)
     return new_version

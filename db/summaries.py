@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.memory_jobs import SUMMARY, holds_job
+from db.memory_lines import memory_may_read
 from db.models import Message, Role, Summary
 
 # Tokens are estimated from characters where no tokenizer is at hand (scheduling, in SQL).
@@ -125,6 +126,7 @@ def next_summary_work(
                 Message.conversation_id == conversation_id,
                 Message.seq > after,
                 Message.seq <= last_seq - recent_n,
+                memory_may_read(),
             )
             .order_by(Message.seq)
             .limit(LINES_A_READ)

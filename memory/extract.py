@@ -28,6 +28,7 @@ from db.memory_jobs import (
     death_record,
     extracted_through,
 )
+from db.memory_lines import memory_may_read
 from db.models import Conversation, Fact, FactKind, FactScope, Message
 from db.session import again_on_conflict, session_scope
 from db.vector_space import EmbedderMismatch, same_space
@@ -315,7 +316,7 @@ def _extract_step(
         blind, alone = death_record(session=session, conversation_id=conversation_id, kind=EXTRACT)
         lines = session.execute(
             select(Message.seq, Message.role, Message.content, Message.turn_id, Message.speaker_name)
-            .where(Message.conversation_id == conversation_id, Message.seq > after)
+            .where(Message.conversation_id == conversation_id, Message.seq > after, memory_may_read())
             .order_by(Message.seq)
             .limit(EXTRACT_LINES)
         ).all()

@@ -556,9 +556,12 @@ def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
 # --- changes -----------------------------------------------------------------------------------
 
 
-def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False) -> int:
+def _change(
+    who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False, memory: bool = False
+) -> int:
     """Apply one change in one transaction; a `text` change of a finished batch's line also
-    rewrites the batch's output file, so its download carries the kept text."""
+    rewrites the batch's output file, so its download carries the kept text. A `text` or `memory`
+    change (a label: memory leaves rejected replies out) has the line's memory jobs sent after."""
     try:
         with session_scope() as session:
             run_id = _own_line(session, who, turn_id).id
@@ -566,7 +569,7 @@ def _change(who: Reviewer, turn_id: uuid.UUID, apply: Any, *, text: bool = False
             version = int(apply(session))
             if text and output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
-            remembering = _remembering(session, turn_id) if text else None
+            remembering = _remembering(session, turn_id) if text or memory else None
         if remembering is not None:
             # The change dropped what memory held of the old text: summarise and read it again now,
             # not at the conversation's next reply (which may never come).
@@ -699,6 +702,7 @@ def label(who: Reviewer, turn_id: uuid.UUID, verdict: str, reason: str | None, v
         lambda s: reviews.label_reply(
             session=s, turn_id=turn_id, label=chosen, reason=why, version=expected, by=who.key_id
         ),
+        memory=True,
     )
 
 

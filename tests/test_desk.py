@@ -1382,6 +1382,63 @@ def test_an_edited_line_is_summarised_and_read_for_facts_again(services, world) 
             assert extract_due(session=s, conversation_ids=[conv], every_lines=1000) == due, through
 
 
+def test_a_rejected_reply_leaves_memory_and_is_read_again_once_the_rejection_is_withdrawn(
+    services, world, monkeypatch
+) -> None:
+    """Found in review (carried since stop 63): a reject changed the label alone, so the summaries
+    covering the line and the facts read from it stayed, and later jobs read it too: the NPC went on
+    remembering what a writer refused. Rejected, what memory made of it is dropped and read again
+    without it (the line stays in the conversation); approved after all, it is read again with it."""
+    from db.memory_jobs import EXTRACT
+    from db.models import MemoryJob, Summary
+    from db.summaries import next_summary_work
+    from memory.extract import run_extract_job
+    from services import desk as desk_service
+
+    _, (first, _) = build_run("studio-a", _lines())
+    _, line, _ = _stored(first)
+    conv, seq = line.conversation_id, line.seq
+    with session_scope() as s:
+        s.add(Summary(conversation_id=conv, level=0, first_seq=1, last_seq=seq, text="The forge, thrice."))
+        s.add(MemoryJob(conversation_id=conv, kind=EXTRACT, done_through=seq))
+    scheduled: list[int] = []
+    monkeypatch.setattr("memory.schedule.schedule_memory", lambda ids: scheduled.extend(ids) or 0)
+    monkeypatch.setattr(desk_service, "_remembering", lambda session, turn_id: conv)
+    desk.label(WRITER, first, "reject", "loops", "0")
+    assert scheduled == [conv]
+    with session_scope() as s:
+        assert not s.scalars(select(Summary.text).where(Summary.conversation_id == conv)).all()
+        done = s.scalar(
+            select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+        )
+        work = next_summary_work(
+            session=s, conversation_id=conv, recent_n=0, threshold_tokens=1, chunk_tokens=1000, fanout=99
+        )
+    assert done < seq
+    assert work is not None and [text for _, text, _ in work.lines] == ["Where is the forge?"]
+    read: list[str] = []
+
+    def capture(system: str, body: str, max_tokens: int, schema: object, alone: bool) -> str:
+        read.append(body)
+        return '{"facts": []}'
+
+    with session_scope() as s:  # from the start: the player's line before it is read, the reply not
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(done_through=0))
+    run_extract_job(conv, generate=capture)
+    assert read and "Where is the forge?" in read[0] and "The forge the forge" not in read[0]
+    desk.label(WRITER, first, "approve", "", "1")  # withdrawn: read again, with the line
+    with session_scope() as s:
+        done = s.scalar(
+            select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+        )
+    assert done < seq and scheduled == [conv, conv]
+    read.clear()
+    with session_scope() as s:
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(done_through=0))
+    run_extract_job(conv, generate=capture)
+    assert read and "The forge the forge" in read[0]
+
+
 def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> None:
     """Found in review: the facts extracted from a line a writer then edited stayed, so the NPC went
     on knowing what the writer had rejected. The facts read from the stretch of lines that held it,

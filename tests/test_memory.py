@@ -1218,8 +1218,7 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
 
     monkeypatch.setattr(memory_task, "send_memory_jobs", broker_away)
     stopped.clear()
-    with pytest.raises(ConnectionError):
-        memory_task.memory_job(conv, SUMMARY)
+    memory_task.memory_job(conv, SUMMARY)  # said in the log, the job marked for the sweep (stop 66)
     assert len(stopped) == 1
 
 
