@@ -67,6 +67,14 @@ def stale_rows(*, session: Session, table: str, limit: int) -> list[tuple[int, s
     return [(int(i), str(t)) for i, t in rows]
 
 
+def stale_count(*, session: Session, table: str) -> int:
+    """How many of the table's rows have no next vector yet."""
+    model, _ = SOURCES[table]
+    return int(
+        session.scalar(select(func.count()).select_from(model).where(model.embedding_next.is_(None))) or 0
+    )
+
+
 def write_next(
     *,
     session: Session,

@@ -111,7 +111,8 @@ def writers_refused(*, session: Session, slug: str, tenant: str) -> Refused:
     ).where(
         TurnReviewChange.action == "reject",
         TurnReviewChange.before.is_not(None),
-        ~and_(TurnReview.label == "approved", Turn.reply == TurnReviewChange.before),
+        # NULL-safe: a line picked or edited back to the rejected text has no label (NOT of NULL dropped it)
+        ~and_(TurnReview.label.is_not_distinct_from("approved"), Turn.reply == TurnReviewChange.before),
     )
     refused.rejected.update(session.scalars(ever_rejected))
     return refused

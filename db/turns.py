@@ -100,10 +100,10 @@ class NewTurn:
     character_id: int | None = None  # a group conversation's member who answers
     # The request's fingerprint as a release before this one computed it, also taken as the same
     # request (a retry across an upgrade).
-    legacy_hash: str | None = None
+    legacy_hashes: tuple[str, ...] = ()  # what earlier releases stored for the same request
 
 
-NOT_STORED = frozenset({"legacy_hash"})  # NewTurn's fields that are no column of turns
+NOT_STORED = frozenset({"legacy_hashes"})  # NewTurn's fields that are no column of turns
 
 
 @dataclass(frozen=True)
@@ -352,7 +352,7 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
             continue
         request_hash, turn_id, status, model, code, attempts = known[key]
-        if request_hash not in (t.request_hash, t.legacy_hash):
+        if request_hash not in (t.request_hash, *t.legacy_hashes):
             raise IdempotencyConflict(
                 f"idempotency key {t.idempotency_key!r} was already used for a different request"
             )

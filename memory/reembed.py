@@ -28,6 +28,7 @@ from db.reembed import (
     next_chunk,
     progress,
     reembed_lock,
+    stale_count,
     stale_rows,
     swap,
     write_next,
@@ -73,6 +74,12 @@ def _still_alone(session: Session, holder: int) -> None:
         )
 
 
+def _waiting() -> int:
+    """Rows of every table with no next vector yet."""
+    with session_scope() as session:
+        return sum(stale_count(session=session, table=table) for table in SOURCES)
+
+
 def _catch_up(session: Session, table: str, chunk: int) -> tuple[int, int]:
     """Embed up to `chunk` of the table's rows that have no next vector yet; how many were read and
     how many stored (fewer when a row's text changed meanwhile: read again by the next pass)."""
@@ -114,7 +121,11 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
     # Rows written while the tables were passed: caught up without the lock, a chunk per
     # transaction, until one pass finds less than a chunk; only that last little rest is embedded
     # under the lock (writers wait for it and the swap).
-    for _ in range(CATCH_UP_PASSES):
+    # A backlog of any size drains (each pass embeds a chunk of each table, and fewer rows wait after
+    # it); writes that keep it from shrinking for CATCH_UP_PASSES passes in a row would leave the rest to
+    # be embedded under the writers' lock, every worker's store waiting on it: the run stops instead.
+    waiting, stalled = _waiting(), 0
+    while True:
         caught = 0
         for table in SOURCES:
             with session_scope() as session:
@@ -122,12 +133,15 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
                 caught += _catch_up(session, table, chunk)[0]
         if caught < chunk:
             break
-    else:  # the rest would be embedded under the writers' lock, every worker's store waiting on it
-        raise ReembedOutpaced(
-            f"rows are written faster than the re-embed catches up ({CATCH_UP_PASSES} passes each found a "
-            "chunk or more); nothing swapped and the writers never waited: run it again in a quieter hour "
-            "(it resumes, the next vectors stored so far kept)"
-        )
+        now_waiting = _waiting()
+        stalled = stalled + 1 if now_waiting >= waiting else 0
+        waiting = now_waiting
+        if stalled >= CATCH_UP_PASSES:
+            raise ReembedOutpaced(
+                "rows are written faster than the re-embed catches up (no fewer waited after "
+                f"{CATCH_UP_PASSES} passes in a row); nothing swapped and the writers never waited: run it "
+                "again in a quieter hour (it resumes, the next vectors stored so far kept)"
+            )
     with session_scope() as session:
         lock_tables(session=session)
         _still_alone(session, holder)

@@ -278,7 +278,9 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     # The history and the story are what was asked too: a key reused with others is a conflict, not
     # a replay (it stored them, moved a named conversation to the story, and returned the old reply).
     asked = [{"role": role.value, "content": text} for role, text in lines]
-    request.with_earlier_messages(asked + ([{"story": inline.story_key}] if inline.story_key else []))
+    request.with_earlier_messages(
+        asked + ([{"story": inline.story_key}] if inline.story_key else []), new_to_the_hash=True
+    )
     return inline
 
 
@@ -398,7 +400,7 @@ def _refuse_a_reused_key(req: InlineRequest, stream: bool) -> None:
     turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug})
     turn = turn.streamed_by_transport(stream)
     with session_scope() as session:
-        hashes = {h for h in (turn.request_hash(), turn.legacy_request_hash()) if h is not None}
+        hashes = {turn.request_hash(), *turn.legacy_request_hashes()}
         if used_for_another_request(session=session, tenant=DEFAULT_TENANT, key=key, request_hashes=hashes):
             raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
 

@@ -225,7 +225,7 @@ def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
         if (digest := stored.get(key)) is None:  # a new key: its host is looked up
             continue
         for i in items:
-            if digest in {h for h in (parsed[i].request_hash(), parsed[i].legacy_request_hash()) if h}:
+            if digest in {parsed[i].request_hash(), *parsed[i].legacy_request_hashes()}:
                 del urls[i]
     try:
         refused = callback_destinations(urls, tenant)
@@ -400,7 +400,7 @@ def _new_turn(
     return NewTurn(
         idempotency_key=req.idempotency_key or f"{AUTO_KEY_PREFIX}{uuid.uuid4()}",
         request_hash=req.request_hash(),
-        legacy_hash=req.legacy_request_hash(),
+        legacy_hashes=req.legacy_request_hashes(),
         conversation_id=conversation_id,
         message=req.message,
         model=req.model or settings.model,

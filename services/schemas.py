@@ -329,15 +329,25 @@ class TurnRequest(BaseModel):
         copy._stream_is_transport = True
         return copy
 
-    def legacy_request_hash(self) -> str | None:
-        """The fingerprint a release that counted the transport's stream flag stored when it was set
-        (None when the flag is not a transport's): a retry across the upgrade, with or without the
-        flag, is still the same request."""
-        if not self._stream_is_transport:
-            return None
-        counted = self.model_copy(update={"stream": True})  # that release counted it only when set
-        counted._stream_is_transport = False
-        return counted.request_hash()
+    def legacy_request_hashes(self) -> tuple[str, ...]:
+        """The fingerprints earlier releases stored for this same request: one that counted the
+        transport's stream flag when it was set, and, for the original request shape, one that did not
+        count its history and story yet (stop 66): a retry across the upgrade is still the same
+        request. Empty when neither applies."""
+        variants = [self]
+        if self._earlier_counted_since_upgrade and self._earlier is not None:
+            uncounted = self.model_copy()
+            uncounted._earlier = None
+            variants.append(uncounted)
+        hashes = []
+        for variant in variants:
+            if variant is not self:
+                hashes.append(variant.request_hash())
+            if variant._stream_is_transport:
+                counted = variant.model_copy(update={"stream": True})  # that release counted it only when set
+                counted._stream_is_transport = False
+                hashes.append(counted.request_hash())
+        return tuple(dict.fromkeys(hashes))
 
     def with_default_response_format(self) -> TurnRequest:
         """Mark params.response_format as the OpenAI path's default, left out of request_hash."""
@@ -348,11 +358,18 @@ class TurnRequest(BaseModel):
     # key reused with other earlier messages is a conflict, not a replay that seeds them; counted only
     # when there are some, so fingerprints stored before they counted still match.
     _earlier: str | None = PrivateAttr(default=None)
+    # Counted since stop 66 only (the original request shape's history and story): a turn stored
+    # before that has a fingerprint without them (legacy_request_hashes).
+    _earlier_counted_since_upgrade: bool = PrivateAttr(default=False)
 
-    def with_earlier_messages(self, history: list[dict[str, str]]) -> TurnRequest:
-        """Count these earlier messages in request_hash (none: nothing changes)."""
+    def with_earlier_messages(
+        self, history: list[dict[str, str]], *, new_to_the_hash: bool = False
+    ) -> TurnRequest:
+        """Count these earlier messages in request_hash (none: nothing changes). `new_to_the_hash`: a
+        release before this one did not count them for this kind of request."""
         if history:
             self._earlier = hashlib.sha256(json.dumps(history, ensure_ascii=False).encode()).hexdigest()
+            self._earlier_counted_since_upgrade = new_to_the_hash
         return self
 
     def request_hash(self) -> str:

@@ -338,6 +338,11 @@ def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_thr
     desk.pick(WRITER, picked, "1", "0")  # "Hail, mortal." kept
     desk.label(WRITER, picked, "reject", "flat", "1")
     desk.pick(WRITER, picked, "2", "2")  # "Salute, mortal." kept: the rejected reply is a candidate now
+    # review: picked back to the rejected text, the line has no label (the pick cleared it)
+    _, (back,) = build_run("studio-a", [Spec("Why?", "Because I said so.", quality(0.5), picks, slug, "p3")])
+    desk.label(WRITER, back, "reject", "rude", "0")
+    desk.pick(WRITER, back, "1", "1")  # "Hail, mortal." kept
+    desk.pick(WRITER, back, "1", "2")  # "Because I said so." picked back: rejected, unlabelled now
     again = export_dataset(slug, tmp_path / "again", tokenizer=NoTemplate(), tenant="studio-a")
     completions = {
         json.loads(line)["completion"]
@@ -346,6 +351,7 @@ def test_a_reply_a_writer_rejected_or_replaced_stays_out_of_the_lora_dataset_thr
         if json.loads(line)["source"] == "turn"
     }
     assert "Greetings, mortal." not in completions and "Hail, mortal." not in completions, completions
+    assert "Because I said so." not in completions, completions
     assert again.manifest["left_out"]["the same as a reply a writer rejected"] >= 2
 
 

@@ -702,3 +702,25 @@ def test_writes_that_outpace_the_catch_up_stop_the_run_before_the_writers_lock(m
         assert s.scalar(select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None)))
     monkeypatch.undo()  # a quiet hour: the run resumes and swaps
     assert reembed(chunk=_chunk())["messages"] >= 1
+
+
+def test_a_backlog_of_many_chunks_with_no_writer_is_caught_up_not_taken_for_outpacing(monkeypatch) -> None:
+    """Review of the fix above: it counted passes, and a pass embeds a chunk of each table, so a
+    backlog over that many chunks (lines written while the long later tables were passed) stopped the
+    run though nothing was being written. A backlog that shrinks is caught up to the end."""
+    conv = _conversation()
+    monkeypatch.setattr(memory_reembed, "CATCH_UP_PASSES", 1)
+    chunk = _chunk()
+    written: list[str] = []
+
+    def many_lines_after_the_messages(table: str, last_id: int) -> None:
+        if table != "messages" and not written:
+            with session_scope() as s:
+                lines = [(Role.USER, f"Late line {i}.") for i in range(2 * chunk + 1)]
+                append_lines(session=s, conversation_id=conv, lines=lines, vectors=_old_vectors(len(lines)))
+            written.append(table)
+
+    swapped = reembed(chunk=chunk, on_chunk=many_lines_after_the_messages)
+    assert written and swapped["messages"] >= 2 * chunk + 1
+    texts, after = _vectors(conv)
+    assert np.allclose(after, embed(texts), atol=1e-4)
