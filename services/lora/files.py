@@ -30,15 +30,17 @@ def read_object(path: Path) -> dict[str, Any]:
     return value
 
 
-def read_examples(path: Path) -> list[dict[str, str]]:
+def read_examples(path: Path, data: bytes | None = None) -> list[dict[str, str]]:
     """A training set's examples, one JSON object a line with `prompt` and `completion` strings; none
-    when the file is missing."""
-    if not path.exists():
-        return []
+    when the file is missing. `data`: the file's bytes, read already."""
+    if data is None:
+        if not path.exists():
+            return []
+        data = path.read_bytes()
     examples = []
     try:
         # Lines end at "\n" alone: a line may hold U+2028 and the like (JSON written unescaped).
-        lines = path.read_text(encoding="utf-8-sig").split("\n")  # a BOM taken, as every reader here does
+        lines = data.decode("utf-8-sig").split("\n")  # a BOM taken, as every reader here does
     except UnicodeDecodeError as exc:
         raise BadLoraFile(f"{path}: not valid UTF-8 (byte {exc.start})") from None
     for number, line in enumerate(lines, start=1):
@@ -65,6 +67,22 @@ def read_examples(path: Path) -> list[dict[str, str]]:
 
 def _reason(exc: BaseException) -> str:
     return "nested too deeply" if isinstance(exc, RecursionError) else str(exc)[:200]
+
+
+def read_whole(path: Path) -> bytes:
+    """A file's bytes; none when it is missing (as read_examples and files_digest take it)."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def bytes_digest(*parts: bytes) -> str:
+    """sha256 of the parts one after another: files_digest of bytes read already."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
 
 
 def files_digest(*paths: Path) -> str:

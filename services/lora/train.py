@@ -21,7 +21,7 @@ from typing import Any
 from core.settings import settings
 from core.whole_files import replaced_whole
 from services.lora.dataset import MANIFEST, TRAIN, VALIDATION
-from services.lora.files import BadLoraFile, files_digest, read_examples, read_object
+from services.lora.files import BadLoraFile, bytes_digest, read_examples, read_object, read_whole
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def _batches(
     return out
 
 
-def _same_export(dataset_dir: Path, manifest: dict[str, Any]) -> None:
+def _same_export(dataset_dir: Path, manifest: dict[str, Any], digest: str) -> None:
     """BadLoraFile unless the train and validation files are those the manifest was written with:
     each of the three files is put in place whole, but not the three at once, and a reader between
     two renames (or an export killed there) would pair one export's lines with another's manifest,
@@ -133,7 +133,7 @@ def _same_export(dataset_dir: Path, manifest: dict[str, Any]) -> None:
     recorded = manifest.get("dataset_sha256")
     if recorded is None:
         return
-    if recorded != files_digest(dataset_dir / TRAIN, dataset_dir / VALIDATION):
+    if recorded != digest:
         raise BadLoraFile(
             f"{dataset_dir / MANIFEST}: dataset_sha256: does not match {TRAIN} and {VALIDATION} (written by"
             " another export, or edited since): export the set again, or delete dataset_sha256 from the"
@@ -172,12 +172,15 @@ def train_adapter(
 
     from worker.model_cache import resolve_model_path
 
-    train_rows = read_examples(dataset_dir / TRAIN)
-    held_rows = read_examples(dataset_dir / VALIDATION)  # both read before the model loads
+    # Each file read once, its rows and its digest from the same bytes: read twice, an export renaming
+    # its files in between paired one export's rows with another's manifest.
+    train_bytes, held_bytes = read_whole(dataset_dir / TRAIN), read_whole(dataset_dir / VALIDATION)
+    train_rows = read_examples(dataset_dir / TRAIN, train_bytes)
+    held_rows = read_examples(dataset_dir / VALIDATION, held_bytes)  # both read before the model loads
     if not train_rows:
         raise ValueError(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
     manifest = read_object(dataset_dir / MANIFEST)
-    _same_export(dataset_dir, manifest)
+    _same_export(dataset_dir, manifest, bytes_digest(train_bytes, held_bytes))
     if config.evaluate and not isinstance(manifest.get("character"), str):
         raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
     from services.characters import character_exists
