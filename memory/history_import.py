@@ -108,7 +108,8 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
             if user_name is not None and len(user_name) > NAME_MAX:
                 raise HistoryRefused(f"line {number}: user_name: longer than {NAME_MAX} characters")
             named = item.get("character_name")
-            speaker = named if isinstance(named, str) and named else None
+            # A group chat's header names no character ("unused"): its first character line does.
+            speaker = named if isinstance(named, str) and named and named != "unused" else None
             continue
         if "mes" not in item:
             raise HistoryRefused(f"line {number}: mes: missing")
@@ -129,7 +130,8 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
             if speaker is not None and name != speaker:
                 raise HistoryRefused(
                     f"line {number}: name: {printable(name, 60)!r} is not the log's character "
-                    f"({printable(speaker, 60)!r}); a group chat's log cannot be imported as one character's"
+                    f"({printable(speaker, 60)!r}); a log of several characters (a group chat, a character "
+                    "renamed mid-chat) cannot be imported as one character's"
                 )
             speaker = name
         lines.append((Role.NARRATOR if narrator else Role.USER if is_user else Role.ASSISTANT, text))
@@ -259,8 +261,9 @@ def held_start(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> int
 
 # A log whose first lines (this many at least, the rest not) are a run of the conversation's is a
 # grown export of one imported before: appended whole, those lines were stored twice (summarised and
-# read for facts twice, retrieved in pairs). Fewer may be a new log that begins as an old one did.
-GROWN_LOG_LINES = 2
+# read for facts twice, retrieved in pairs). Fewer may be a new log that begins as an old one did (a
+# greeting and its answer).
+GROWN_LOG_LINES = 3
 
 
 def _refuse_a_grown_log(log: list[tuple[Role, str]], held: list[tuple[Role, str]], conversation: str) -> None:

@@ -222,7 +222,9 @@ def main() -> int:
                 killed = True
             if killed:
                 resent = resend_stranded(models=[MODEL])  # the default timing, as `mlchat sweep`
-                if any(resent.values()):
+                if resent is None:
+                    print("another sweep was re-sending; this one left it to that", flush=True)
+                elif any(resent.values()):
                     print(f"sweeper re-sent {resent}", flush=True)
             print(f"{time.monotonic() - started:.0f} s: {counts}", flush=True)
             if counts["run"] in RUN_ENDED:

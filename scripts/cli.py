@@ -198,6 +198,8 @@ def sweep(
             return {}
 
     sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))
+    if sent is None:  # not "nothing stranded": another sweep holds the re-send
+        sent = "skipped: another sweep is re-sending stranded turns"
     closed = step("closing abandoned runs", close_abandoned_runs)
     batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
     memory = step("re-sending stalled memory jobs", reschedule_stalled)

@@ -65,7 +65,7 @@ from services.files import (
     remove_unlisted,
 )
 from services.pages import list_object
-from services.runs.export import write_never_stored, write_outputs
+from services.runs.export import cancelled_alone, write_never_stored, write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
 from services.runs.validate import EmptyFile, RunValidationError, file_digest
@@ -511,7 +511,7 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
             "completed": counts.completed,
             # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed, and
             # so did a request cancelled alone in a batch that went on (its error file says so).
-            "failed": counts.failed + counts.refused + (counts.cancelled if run.cancel_reason is None else 0),
+            "failed": counts.failed + counts.refused + (counts.cancelled if cancelled_alone(run) else 0),
         },
         "metadata": run.metadata_,
     }

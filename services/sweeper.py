@@ -152,13 +152,13 @@ def _oldest_waiting_sent_at(model: str, lane: Lane) -> datetime | None:
 
 def resend_stranded(
     *, older_than_s: float | None = None, models: Sequence[str] | None = None, limit: int = 100_000
-) -> dict[str, int]:
-    """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent}
-    (nothing when another sweep is re-sending: said in the log)."""
+) -> dict[str, int] | None:
+    """Re-send stranded turns no message in their queue can be for; returns {queue: turns re-sent},
+    or None when another sweep is re-sending them (this one leaves them to it)."""
     with resend_lock() as mine:
         if not mine:
             logger.info("another sweep is re-sending stranded turns; this one leaves them to it")
-            return {}
+            return None
         return _resend_stranded(older_than_s, models, limit)
 
 

@@ -139,6 +139,10 @@ def test_a_sillytavern_group_chat_is_refused_naming_the_line_of_another_speaker(
     assert _import(tmp_path, group, "sillytavern", external) == 2
     err = capsys.readouterr().err
     assert "line 4: name: 'Bram' is not the log's character ('Elara')" in err and "nothing stored" in err, err
+    # SillyTavern's group chat header names no character ("unused"): the first character line does
+    unnamed = group.replace('"character_name": "Elara"', '"character_name": "unused"')
+    assert _import(tmp_path, unnamed, "sillytavern", external) == 2
+    assert "line 4: name: 'Bram' is not the log's character ('Elara')" in capsys.readouterr().err
     assert _stored(external) == []
 
 

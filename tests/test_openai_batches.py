@@ -638,7 +638,7 @@ def test_a_request_cancelled_alone_in_a_batch_that_completes_is_its_own_failure_
     lines = {x["custom_id"]: x for x in map(json.loads, find_file(errors).path.read_text().splitlines())}
     assert lines["r0"]["error"] == {
         "code": "request_cancelled",
-        "message": "this request was cancelled before it started",
+        "message": "this request was cancelled before it was answered",
     }
 
 

@@ -434,7 +434,7 @@ def test_a_sweeps_stamp_of_more_turns_than_a_statement_has_parameters_records_th
     assert all(at is not None for at in sent)
 
 
-def test_two_sweeps_at_once_send_each_stranded_turn_once(world, monkeypatch) -> None:
+def test_two_sweeps_at_once_send_each_stranded_turn_once(world, monkeypatch, capsys) -> None:
     """Found in review: the re-send took no lock, so a second sweep (cron beside compose's loop, an
     operator's `mlchat sweep`) reading the queues and the turns while the first was sending found the
     same turns stranded and sent each twice. The second now leaves them to the first."""
@@ -456,15 +456,21 @@ def test_two_sweeps_at_once_send_each_stranded_turn_once(world, monkeypatch) -> 
         real(turn_ids, **kw)
 
     monkeypatch.setattr(sweeper, "dispatch", slow)
-    first: list[dict[str, int]] = []
+    first: list[dict[str, int] | None] = []
     thread = threading.Thread(target=lambda: first.append(resend_stranded(older_than_s=1, models=[MODEL])))
     try:
         thread.start()
         assert sending.wait(10)
         second = resend_stranded(older_than_s=1, models=[MODEL])
+        from scripts.cli import main as cli
+
+        capsys.readouterr()
+        cli(["sweep", "--older-than", "1"])  # says it left them to the other, not "nothing stranded"
+        assert "skipped: another sweep is re-sending stranded turns" in capsys.readouterr().out
         go.set()
         thread.join(30)
-        assert second == {} and len(first) == 1  # earlier cases' lost turns of MODEL are sent too
+        assert second is None and len(first) == 1  # earlier cases' lost turns of MODEL are sent too
+        assert first[0] is not None
         sent = first[0][f"{MODEL}/live"]
         assert sent >= len(ids) and queue_depth(MODEL, "live") == sent  # each once
     finally:

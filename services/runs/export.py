@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from core.json_lines import json_line
 from core.whole_files import replaced_whole
-from db.models import Run, Turn, TurnErrorCode, TurnStatus
+from db.models import Run, RunStatus, Turn, TurnErrorCode, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import given_or_own, session_scope
 from services.runs.control import export_stem, require_run
@@ -236,9 +236,9 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
 def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
     line = {"id": f"batch_req_{turn.id.hex}", "custom_id": turn.custom_id}
     if turn.status == TurnStatus.CANCELLED:  # never ran
-        if run.cancel_reason is None and turn.error_code != TurnErrorCode.EXPIRED:
+        if cancelled_alone(run) and turn.error_code != TurnErrorCode.EXPIRED:
             # This request alone (DELETE /v1/turns/{id}), in a batch that went on: not the batch's end.
-            code, message = "request_cancelled", "this request was cancelled before it started"
+            code, message = "request_cancelled", "this request was cancelled before it was answered"
         else:
             code = _OPENAI_CODES.get(turn.error_code or "", "batch_cancelled")
             message = turn.error or "the batch was cancelled before this request started"
@@ -246,6 +246,12 @@ def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
     code, message = turn.error_code or "server_error", turn.error or "the request failed"
     status = failure_status(code, 500)
     return line | {"response": _error_response(status, str(turn.id), code, message, None), "error": None}
+
+
+def cancelled_alone(run: Run) -> bool:
+    """Whether the run's cancelled requests were each cancelled alone: it was neither cancelled nor
+    expired, nor failed (whose leftovers its cancel ends)."""
+    return run.cancel_reason is None and run.status != RunStatus.FAILED
 
 
 _FORMATS: dict[str, tuple[Callable[[Turn, Run], dict[str, Any]], Callable[[Turn, Run], dict[str, Any]]]] = {
