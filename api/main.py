@@ -60,6 +60,13 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
+# How uvicorn serves the app (the CLI and the tests alike). h11, not httptools (installed beside
+# uvicorn, and picked by default): httptools grows a request's URL and each header value without a
+# bound, on the event loop, so one connection with no key could fill the memory and stall every
+# tenant; h11 answers 400 and closes once a request's line and headers pass this size.
+SERVER_OPTIONS: dict[str, object] = {"http": "h11", "h11_max_incomplete_event_size": 64 * 1024}
+
+
 def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:

@@ -152,8 +152,10 @@ def api(
     if named is not None and not (Path(named).is_dir() and os.access(named, os.W_OK | os.X_OK)):
         # each process would die importing its metrics (prometheus_client opens its files there)
         raise Refused(f"PROMETHEUS_MULTIPROC_DIR: {named!r} is not a folder this user can write")
+    from api.main import SERVER_OPTIONS
+
     if workers == 1:
-        uvicorn.run("api.main:create_app", factory=True, host=host, port=port)
+        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, **SERVER_OPTIONS)  # type: ignore[arg-type]
         return
     # Several processes: the metrics they write go to files a scrape reads together (a fresh folder,
     # unless the operator names one: prometheus_client wants it empty at start).
@@ -166,7 +168,14 @@ def api(
             for kind in ("counter", "gauge", "histogram", "summary"):  # prometheus_client's own files
                 for stale in folder.glob(f"{kind}_*.db"):
                     stale.unlink(missing_ok=True)
-        uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers)
+        uvicorn.run(
+            "api.main:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            **SERVER_OPTIONS,  # type: ignore[arg-type]
+        )
 
 
 @app.command()

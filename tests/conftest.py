@@ -375,13 +375,14 @@ def serving_api(port: int = 0) -> Iterator[str]:
 
     import uvicorn
 
-    from api.main import create_app
+    from api.main import SERVER_OPTIONS, create_app
 
     if not port:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(), host="127.0.0.1", port=port, log_level="warning", **SERVER_OPTIONS)  # type: ignore[arg-type]
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

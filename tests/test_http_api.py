@@ -498,3 +498,28 @@ def test_an_unusable_metrics_folder_is_one_line_before_any_process_starts(world,
         )
         assert err.count("\n") == 1, err
     assert started == []
+
+
+def test_a_request_line_or_header_past_the_bound_is_refused_before_it_fills_the_memory(base_url) -> None:
+    """Found in review: uvicorn served with httptools (installed beside it and picked by default),
+    which grows a request's URL and each header value without a bound on the event loop: one
+    connection with no key could send a URL or an Idempotency-Key of a gigabyte, filling the memory
+    and stalling every tenant, and no 414 or 431 ever came. Served with h11, it is refused at 64 KiB."""
+    import socket
+    from urllib.parse import urlsplit
+
+    where = urlsplit(base_url)
+    for head in (
+        b"GET /v1/turns/" + b"a" * 32_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nIdempotency-Key: " + b"k" * 32_000_000 + b"\r\n\r\n",
+    ):
+        with socket.create_connection((where.hostname, where.port), timeout=10) as sock:
+            sent = 0
+            try:
+                while sent < len(head):
+                    sent += sock.send(head[sent : sent + 65536])
+            except OSError:  # refused and closed under the sending: what is wanted
+                pass
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
+        assert sent < len(head), "the whole oversized request was read"
