@@ -14,6 +14,7 @@ from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from core.settings import ApiKey, Scope, settings
+from services.schemas import utf8_header_value
 
 _api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
 _bearer = HTTPBearer(auto_error=False)
@@ -44,6 +45,9 @@ def caller(
 ) -> Caller:
     """The calling key; 401 without a valid one."""
     presented = api_key or (bearer.credentials if bearer else None)
+    # Header bytes arrive decoded as Latin-1: a key beyond it, sent as UTF-8, is read as its sender
+    # wrote it (as the desk's login form reads it), not as mojibake no key's digest matches.
+    presented = utf8_header_value(presented) if presented else presented  # type: ignore[assignment]
     found = key_caller(presented) if presented else None
     if found is None:
         raise _unauthorized()
@@ -101,7 +105,15 @@ def json_body(request: Request) -> None:
     """A dependency of routes that read JSON: 415 for a body of another declared content type."""
     declared = request.headers.get("content-type")
     if declared is None:
-        return  # no declaration: parsed as JSON, and a body that is not JSON gets its 422
+        has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers
+        if not has_body:
+            return
+        # FastAPI hands an undeclared body on as bytes, not JSON: a valid object was refused as "not
+        # a valid dictionary", which blamed the body for what its header left out.
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            "content-type: missing; send JSON with content-type: application/json",
+        )
     media = declared.split(";", 1)[0].strip().lower()
     if media not in JSON_TYPES and not media.endswith("+json"):
         raise HTTPException(

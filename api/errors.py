@@ -17,6 +17,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from api.openai_errors import openai_path, openai_shaped, route_path
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
@@ -152,6 +153,15 @@ async def _other_embedder(request: Request, exc: EmbedderMismatch) -> JSONRespon
     return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": safe(exc)})
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # An upload the client broke off (a timeout, a cancelled page): nobody reads this answer, but it
+    # is no server error (it was a 500, a traceback in the log and a 5xx in the metrics).
+    logger.info(
+        "%s %s: the client closed the connection before its body was read", request.method, request.url.path
+    )
+    return JSONResponse(status_code=status.HTTP_400_BAD_REQUEST, content={"detail": "the client went away"})
+
+
 Handler = Callable[[Request, Any], Awaitable[Response]]
 
 
@@ -177,6 +187,7 @@ def install(app: FastAPI) -> None:
         (CardError, _bad_card),
         (EmbedderMismatch, _other_embedder),
         (GrammarBusy, _grammar_busy),
+        (ClientDisconnect, _client_gone),
         *((outage, _database_unavailable) for outage in DATABASE_OUTAGES),
     ]
     for exc_class, handler in handlers:

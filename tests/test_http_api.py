@@ -523,3 +523,67 @@ def test_a_request_line_or_header_past_the_bound_is_refused_before_it_fills_the_
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
         assert sent < len(head), "the whole oversized request was read"
+
+
+def test_an_upload_the_client_breaks_off_is_no_server_error(world) -> None:
+    """Found in review: a client closing the connection mid-body (a timeout, a cancelled upload of a
+    batch file or a card) raised Starlette's ClientDisconnect through every route that reads a body:
+    a traceback in the log and a 500 in the metrics, for what the client did."""
+    import asyncio
+
+    from api.main import create_app
+    from core import metrics
+
+    app = create_app()
+    counter = metrics.INGEST_REQUESTS.labels("POST", "/v1/characters:import", "500")
+    before = counter._value.get()
+    parts = [
+        {"type": "http.request", "body": b'{"message": "Ha', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return parts.pop(0) if parts else {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/characters:import",
+        "raw_path": b"/v1/characters:import",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"x"),
+            (b"content-type", b"application/json"),
+            (b"content-length", b"5000"),
+            (b"x-api-key", b"test-key-1-abcdefgh"),  # an admin key
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, receive, send))
+    (start,) = [m for m in sent if m["type"] == "http.response.start"]
+    assert start["status"] == 400 and counter._value.get() == before
+
+
+def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_latin1_works_in_a_header(
+    base_url,
+) -> None:
+    """Found in review: FastAPI hands a body with no content-type on as bytes, so a valid turn sent so
+    (requests' data=json.dumps(...)) was told it was not an object; and a key beyond Latin-1, which
+    signs in at the desk, was a 401 in a header (read as Latin-1 mojibake)."""
+    from tests.conftest import INGEST_KEY, UNICODE_REVIEW_KEY
+
+    turn = json.dumps(new_conversation() | {"message": "Hello?"}).encode()
+    answer = httpx.post(f"{base_url}/v1/turns", headers={"X-API-Key": INGEST_KEY}, content=turn)
+    assert answer.status_code == 415 and answer.json()["detail"].startswith("content-type: missing"), (
+        answer.text
+    )
+    unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
+    assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
