@@ -558,3 +558,18 @@ def test_lore_and_the_system_prompt_are_filled_once_so_a_players_name_stays_as_w
     assert "You are Elara; {{char}} is your guest." in built.text
     assert "{{char}} owes Elara a debt." in built.text and "Elara owes Elara" not in built.text
     assert sum(built.manifest["sections"].values()) == len(built.token_ids)
+    # Review: a card named "{{user}}" was put into the default system prompt, the sheet's name and the
+    # narrator's setting before their fill, and filled again into the player's name ("You are Rowan.").
+    named = _character()
+    named.name, named.system_prompt = "{{user}}", None
+    for speaker in ("character", "narrator"):
+        built = PromptBuilder(tokenizer, "chat_template", 2048).build(
+            PromptInput(named, "Rowan", "Hello?", TurnContext(), 32, speaker=speaker)
+        )
+        assert "Rowan." not in built.text.split("<|im_end|>")[0], speaker
+        told = (
+            ("You are {{user}}.", "Name: {{user}}")
+            if speaker == "character"
+            else ("Main character: {{user}}",)
+        )
+        assert all(t in built.text for t in told), (speaker, built.text[:400])

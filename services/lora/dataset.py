@@ -44,7 +44,7 @@ def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> 
     line laid out in the prompt format the worker serves (SOLAR's, EEVE's, gpt-oss's text, or the
     model's chat template), the character's line as the completion."""
     from worker.prompt.formats import escaped_label
-    from worker.prompt.layout import default_system_prompt, fill_macros
+    from worker.prompt.layout import CHAR_MACRO, default_system_prompt, fill_macros
     from worker.prompt.packing import PromptBuilder
     from worker.prompt.roles import fit_roles
 
@@ -62,8 +62,8 @@ def _card_examples(character: Character, tokenizer: Any, prompt_format: str) -> 
         # As the prompt's own are filled, then cleaned: a token split around a macro stays broken.
         return clean(fill_macros(text, char, user, original))
 
-    default = default_system_prompt(char)
-    system = filled(character.system_prompt or default, default)
+    default = default_system_prompt(char)  # inserted as it is for {{original}}; the name filled once
+    system = filled(character.system_prompt or default_system_prompt(CHAR_MACRO), default)
     out = []
     for example in character.example_dialogues or []:
         line, reply = str(example.get("user", "")).strip(), str(example.get("character", "")).strip()

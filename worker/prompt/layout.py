@@ -31,6 +31,9 @@ Clean = Callable[[str], str]
 _MACRO = regex.compile(r"\{\{(char|user|original)\}\}|<(bot|char|user)>", regex.IGNORECASE)
 
 
+CHAR_MACRO = "{{char}}"  # the prompt's own mention of the character, filled with the rest
+
+
 def default_system_prompt(char: str) -> str:
     return f"You are {char}. Stay in character."
 
@@ -48,11 +51,14 @@ def persona_pieces(
 ) -> list[Piece]:
     """The character's system text: system prompt, lore, character sheet, example dialogue."""
     default = default_system_prompt(char)
-    pieces: list[Piece] = [("system_prompt", None, character.system_prompt or default)]  # filled once, below
+    # The name goes in by the one fill below ({{char}}), never before it: a card named "{{user}}" was
+    # filled again into the player's name ("You are Rowan."). {{original}} is inserted as it is.
+    own = character.system_prompt or default_system_prompt(CHAR_MACRO)
+    pieces: list[Piece] = [("system_prompt", None, own)]  # filled once, below
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "before_char"]
     sheet = [
-        ("Name", char),
+        ("Name", CHAR_MACRO),
         ("Description", character.description),
         ("Personality", character.personality),
         ("Speech style", character.speech_style),
@@ -79,7 +85,7 @@ def narrator_pieces(
 ) -> list[Piece]:
     """The narrator's system text: instructions, the setting, and the world's lore."""
     pieces: list[Piece] = [("system_prompt", None, NARRATOR_INSTRUCTIONS)]
-    setting = "\n".join(x for x in (character.scenario, f"Main character: {char}") if x)
+    setting = "\n".join(x for x in (character.scenario, f"Main character: {CHAR_MACRO}") if x)
     pieces.append(("character_sheet", None, "[Setting]\n" + setting))
     if lore is not None:  # the world's lore is the narrator's too
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept]
