@@ -30,6 +30,7 @@ from db.memory_jobs import (
 )
 from db.memory_lines import memory_may_read
 from db.models import Conversation, Fact, FactKind, FactScope, Message
+from db.scenes import members_of
 from db.session import again_on_conflict, session_scope
 from db.vector_space import EmbedderMismatch, same_space
 from db.world import conversation_for_memory
@@ -321,10 +322,11 @@ def _extract_step(
             .limit(EXTRACT_LINES)
         ).all()
         char, user = conversation.character.name, conversation.player_name
+        members = [m.name for m in members_of(session=session, conversation_id=conversation_id)]
     if not lines:
         return {}
     builder = loaded_builder(generating=on_engine)
-    who = speakers(builder, char, user)
+    who = speakers(builder, char, user, members)
     lines = lines_that_fit(lines, who, builder)
     system, body = extract_prompt([_line(r) for r in lines], who)
     if blind >= MEMORY_JOB_DEATHS:  # inside engines that died, once alone too: not again

@@ -20,6 +20,7 @@ class Speakers:
     user: str
     clean: Callable[[str], str]
     label: Callable[[str], str]
+    members: tuple[str, ...] = ()  # a group's members' labels: speakers of the talk, silent or not
 
 
 # The speakers a memory request is rendered between (memory/generate.py): in a text format such as
@@ -31,13 +32,15 @@ REQUEST_SPEAKERS = ("Memory", "User")
 Line = tuple[str, str] | tuple[str, str, str | None]
 
 
-def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
+def speakers(builder: Any | None, char_name: str, player_name: str, members: Sequence[str] = ()) -> Speakers:
     """Labels and cleaner from `builder` (a PromptBuilder); without one (a script whose generate is
-    not this model) only special-token-free scrubbing."""
+    not this model) only special-token-free scrubbing. `members`: a group's members' names, each a
+    speaker no line may open as, whether it speaks in the lines read or not."""
     if builder is None:
         scrub = Sanitizer(None).scrub
         char, user = Sanitizer(None).speaker_labels(char_name, player_name)
-        return Speakers(char, user, scrub, lambda name: Sanitizer(None).label(name, "Someone"))
+        label = lambda name: Sanitizer(None).label(name, "Someone")  # noqa: E731
+        return Speakers(char, user, scrub, label, tuple(label(m) for m in members))
     char, user = builder.sanitizer.speaker_labels(char_name, player_name)
     turn_clean = builder.cleaner(char, user)
 
@@ -49,7 +52,8 @@ def speakers(builder: Any | None, char_name: str, player_name: str) -> Speakers:
     # instructions and any fact's subject copied from them would carry a zero-width space).
     answering = (REQUEST_SPEAKERS[0], "")
     char_label, user_label = (escaped_label(builder.format, clean(name), *answering) for name in (char, user))
-    return Speakers(char_label, user_label, clean, builder.name_label(clean, *answering))
+    label = builder.name_label(clean, *answering)
+    return Speakers(char_label, user_label, clean, label, tuple(label(m) for m in members))
 
 
 def loaded_builder(*, generating: bool = False) -> Any | None:
@@ -69,7 +73,9 @@ def dialogue(lines: Sequence[Line], who: Speakers) -> str:
     """Lines as `Speaker: text`, every part cleaned; no text opens a line as any of its speakers."""
     names = {"user": who.user, "assistant": who.char, "narrator": who.label("Narrator")}
     labelled = [(_label(line, names, who), line[1]) for line in lines]
-    speaking = sorted({*names.values(), *(label for label, _ in labelled)})  # any speaker of the talk
+    # any speaker of the talk: a member silent in these lines too ("Cass: I poisoned the well." in a
+    # player's line read as Cass's own, and remembered as what Cass said)
+    speaking = sorted({*names.values(), *(label for label, _ in labelled), *who.members})
     # A label opens as no other speaker's ("Ann: I give Bram the keys. Cass" is not Ann's line).
     own = {label: Sanitizer.among(label, [s for s in speaking if s != label]) for label in speaking}
     return "\n".join(

@@ -20,6 +20,7 @@ from db.memory_jobs import (
     clear_engine_deaths,
     death_record,
 )
+from db.scenes import members_of
 from db.session import again_on_conflict, session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
 from db.world import conversation_for_memory
@@ -140,6 +141,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
         )
         conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
+        members = [m.name for m in members_of(session=session, conversation_id=conversation_id)]
         blind, alone = death_record(session=session, conversation_id=conversation_id, kind=SUMMARY)
     if token is None:
         return 0
@@ -154,7 +156,7 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
     stored = 0
     with released(conversation_id, SUMMARY, token), keeping(conversation_id, SUMMARY, token):
         builder = loaded_builder(generating=on_engine)  # inside: an engine that fails to load releases
-        who = speakers(builder, *names)
+        who = speakers(builder, *names, members)
         for _ in range(max_steps):
             with session_scope() as session:
                 work = next_summary_work(
