@@ -175,6 +175,23 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
     _built_in_time(partial(_compile_json_schema, json.dumps(schema, sort_keys=True)), where)
 
 
+# A request's budget for building new grammars, all of its formats together (the deadline, on
+# time.monotonic()): a batch of a thousand items, each a new pattern taking seconds, held an API
+# thread and a builder for an hour. Past it the request is told to send itself again (GrammarBusy,
+# a 503): what it built is cached, so the next try goes further.
+_BUILD_DEADLINE: ContextVar[float | None] = ContextVar("grammar_build_deadline", default=None)
+
+
+@contextmanager
+def build_budget(seconds: float) -> Iterator[None]:
+    """Within the block, new grammars are built for `seconds` at most, together."""
+    token = _BUILD_DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _BUILD_DEADLINE.reset(token)
+
+
 def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     """Compile a schema's or a regex's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar
     expands a pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the
@@ -185,8 +202,17 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
+    deadline = _BUILD_DEADLINE.get()
+    left = None if deadline is None else deadline - time.monotonic()
+    spent = (
+        f"{where}: this request's new formats took their {settings.structured_compile_timeout_s * 3:g} s "
+        "to build; send it again (those built are kept, and the next try goes further)"
+    )
+    if left is not None and left <= 0:
+        raise GrammarBusy(spent)
+    wait = timeout if left is None else min(timeout, left)  # a wait cut by the budget is no verdict
     builds = _BUILDS  # the semaphore this build holds is the one it gives back, whatever happens meanwhile
-    if not builds.acquire(timeout=timeout):
+    if not builds.acquire(timeout=wait):
         raise GrammarBusy(f"{where}: the grammar builders are busy with slow schemas; send it again later")
     done: Future[None] = Future()
 
@@ -205,8 +231,10 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
         builds.release()
         raise GrammarBusy(f"{where}: the grammar builders are busy; send it again later") from None
     try:
-        done.result(timeout=timeout)
+        done.result(timeout=wait)
     except FutureTimeout:
+        if wait < timeout:  # the request's budget ran out, not the pattern's time: not cached
+            raise GrammarBusy(spent) from None
         raise SchemaRefused(
             f"{where}: the grammar took longer than {timeout:g} s to build "
             "(MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S); long bounded repetitions in a pattern, such as "

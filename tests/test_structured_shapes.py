@@ -984,6 +984,40 @@ def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time
     assert builds == ["slow[a-z]+", r"[0-9]{3}-gh"]
 
 
+def test_a_batch_of_many_new_slow_formats_is_sent_back_once_its_build_budget_is_spent(
+    base_url, world, monkeypatch
+) -> None:
+    """Found in review: each item of a `:batch` could bring a new pattern taking up to the build limit
+    (5 s), with no budget for the request: a thousand of them held an API thread and a grammar builder
+    for over an hour, and four such requests every other tenant's structured request. The request
+    builds for three limits at most, then is a 503 to send again; what it built is cached, so each try
+    goes further and the last is accepted."""
+    import time as clock
+    import uuid
+
+    from core.settings import settings
+    from structured import spec
+
+    monkeypatch.setattr(spec, "_compile_regex", lambda pattern: clock.sleep(0.3))
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.5)  # each builds in time; 1.5 s for all
+    tag = uuid.uuid4().hex[:8]
+    items = [
+        new_conversation()
+        | {"message": "Code?", "params": {"response_format": {"type": "regex", "regex": f"{tag}{i}[a-z]+"}}}
+        for i in range(12)
+    ]
+    answers = []
+    for _ in range(6):
+        started = clock.monotonic()
+        r = httpx.post(f"{base_url}/v1/turns:batch", json={"turns": items}, headers=ADMIN, timeout=60)
+        answers.append((r.status_code, round(clock.monotonic() - started, 1)))
+        if r.status_code == 202:
+            break
+        assert r.status_code == 503 and "send it again" in r.text and r.headers["retry-after"], r.text
+        assert clock.monotonic() - started < 4, answers
+    assert answers[0][0] == 503 and answers[-1][0] == 202, answers
+
+
 def test_the_storable_check_names_a_place_without_copying_a_path_for_every_item() -> None:
     """Review of the fix below (which runs the check on every format): each item's place was built
     by copying its parent's, so a 50 KB key above 2,000 items held 100 MB, and a 500 KB key above

@@ -17,6 +17,7 @@ from services import producer
 from services.producer import TurnView
 from services.schemas import MAX_TURNS_PER_REQUEST, HeaderText, TurnRequest, check_idempotency_key
 from services.turn_wait import await_finished
+from structured.spec import build_budget
 
 router = APIRouter(prefix="/v1/turns", tags=["turns"])
 
@@ -110,7 +111,10 @@ def post_batch(
         loc = ("header", "idempotency-key")
         msg = "a batch takes no key of its own; give each item its idempotency_key"
         raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg}])
-    batch = validated(BatchRequest, body)  # in this thread: a format's grammar may take seconds to build
+    # In this thread: a format's grammar may take seconds to build, and all of them together no longer
+    # than three builds may (past that, a 503 to send it again: the grammars built are kept).
+    with build_budget(3 * settings.structured_compile_timeout_s):
+        batch = validated(BatchRequest, body)
     accepted = _enqueue(batch.turns, who)
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
 
