@@ -39,7 +39,12 @@ def _unauthorized() -> HTTPException:
     )
 
 
-def caller(
+# The dependencies of every route are `async`: they hash a key and read headers, on the event loop. As
+# plain functions they ran on the thread pool the sync routes hold, so while a database stall kept
+# its 40 threads waiting, the stream, long-poll and chat routes could not even authenticate.
+
+
+async def caller(
     api_key: str | None = Security(_api_key_header),
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
 ) -> Caller:
@@ -77,7 +82,7 @@ def key_caller(presented: str) -> Caller | None:
 def needs(scope: Scope):  # type: ignore[no-untyped-def]
     """A dependency: the caller, who must hold `scope` (admin holds every scope); 403 otherwise."""
 
-    def check(who: Caller = Depends(caller)) -> Caller:
+    async def check(who: Caller = Depends(caller)) -> Caller:
         if scope not in who.scopes and not who.admin:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"this API key lacks the {scope!r} scope")
         return who
@@ -85,14 +90,14 @@ def needs(scope: Scope):  # type: ignore[no-untyped-def]
     return check
 
 
-def metrics_reader(
+async def metrics_reader(
     api_key: str | None = Security(_api_key_header),
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
 ) -> None:
     """A dependency for /metrics: anyone when MLCHAT_API_METRICS_PUBLIC is set, else an admin key."""
     if settings.api_metrics_public:
         return
-    if not caller(api_key, bearer).admin:
+    if not (await caller(api_key, bearer)).admin:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "/metrics needs an admin key (or MLCHAT_API_METRICS_PUBLIC=true)"
         )
@@ -101,7 +106,7 @@ def metrics_reader(
 JSON_TYPES = ("application/json",)
 
 
-def json_body(request: Request) -> None:
+async def json_body(request: Request) -> None:
     """A dependency of routes that read JSON: 415 for a body of another declared content type."""
     declared = request.headers.get("content-type")
     if declared is None:

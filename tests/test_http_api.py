@@ -587,3 +587,41 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
     )
     unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
     assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
+
+
+def test_a_request_is_authenticated_while_the_sync_routes_hold_every_thread(world) -> None:
+    """Found in review: the key check and the body-type check were plain functions, run on the thread
+    pool the sync routes share; while a database stall kept its 40 threads waiting, the stream,
+    long-poll and chat routes (async) could not even tell a caller it had no key."""
+    import threading
+    import uuid
+
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    app = create_app()
+    release, inside = threading.Event(), threading.Semaphore(0)
+
+    @app.get("/v1/holds-a-thread-for-the-test")
+    def holds() -> None:
+        inside.release()
+        release.wait(30)
+
+    with TestClient(app, raise_server_exceptions=False) as client:  # one loop, its thread pool of 40
+        holders = [
+            threading.Thread(target=client.get, args=("/v1/holds-a-thread-for-the-test",)) for _ in range(40)
+        ]
+        try:
+            for thread in holders:
+                thread.start()
+            for _ in range(40):
+                assert inside.acquire(timeout=30)
+            started = time.monotonic()
+            answer = client.get(f"/v1/turns/{uuid.uuid4()}/stream")  # async, behind the key check
+            took = time.monotonic() - started
+        finally:
+            release.set()
+            for thread in holders:
+                thread.join(30)
+    assert answer.status_code == 401 and took < 5, (answer.status_code, took)
