@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from sqlalchemy import select
 
+from core.halving import most_passing
 from core.settings import settings
 from core.text import storable_output
 from db.facts import NewFact, add_facts, closest_fact, embedded_text, known_elsewhere, supersede
@@ -134,14 +135,7 @@ def lines_that_fit(lines: Sequence[Any], who: Speakers, builder: Any | None) -> 
         return list(lines)
     # The most that fit lie in [low, high]: found by halving (one line at a time, 24 long lines meant
     # 23 renderings and tokenizations of the whole request per step), at least one line kept.
-    low, high = 1, len(lines) - 1
-    while low < high:
-        mid = (low + high + 1) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return list(lines[:low])
+    return list(lines[: most_passing(1, len(lines) - 1, fits)])
 
 
 def parse_facts(raw: str) -> list[ExtractedFact] | None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from sqlalchemy.orm import Session
 
+from core.halving import most_passing
 from core.settings import TENANT_NAME, settings
 from core.text import printable
 from db.models import Conversation, Role
@@ -249,14 +250,7 @@ def held_start(log: list[tuple[Role, str]], held: list[tuple[Role, str]]) -> int
             at = stored.find(wanted, at + 1)
         return at != -1
 
-    low, high = 0, len(keys)  # a run of the first k lines holds the first k - 1 too: halved
-    while low < high:
-        mid = (low + high + 1) // 2
-        if holds(mid):
-            low = mid
-        else:
-            high = mid - 1
-    return low
+    return most_passing(0, len(keys), holds)  # a run of the first k lines holds the first k - 1 too
 
 
 # A log whose first lines (this many at least, the rest not) are a run of the conversation's is a

@@ -41,6 +41,10 @@ def _import(tmp_path: Path, body: str, fmt: str, external: str) -> int:
     )
 
 
+def _jsonl(*items: object) -> str:
+    return "\n".join(json.dumps(x) for x in items)
+
+
 SILLYTAVERN = "\n".join(
     json.dumps(x)
     for x in [
@@ -127,14 +131,11 @@ def test_a_sillytavern_group_chat_is_refused_naming_the_line_of_another_speaker(
     """Found in review: a group chat's lines (Elara, Bram, Mira) were all imported as the one
     character's: summaries and facts said Elara said Bram's lines."""
     external = f"group-{uuid.uuid4().hex[:8]}"
-    group = "\n".join(
-        json.dumps(x)
-        for x in [
-            {"user_name": "Rowan", "character_name": "Elara"},
-            {"name": "Elara", "is_user": False, "mes": "Welcome."},
-            {"name": "Rowan", "is_user": True, "mes": "Evening, all."},
-            {"name": "Bram", "is_user": False, "mes": "Evening."},
-        ]
+    group = _jsonl(
+        {"user_name": "Rowan", "character_name": "Elara"},
+        {"name": "Elara", "is_user": False, "mes": "Welcome."},
+        {"name": "Rowan", "is_user": True, "mes": "Evening, all."},
+        {"name": "Bram", "is_user": False, "mes": "Evening."},
     )
     assert _import(tmp_path, group, "sillytavern", external) == 2
     err = capsys.readouterr().err
@@ -356,19 +357,16 @@ def test_a_sillytavern_narrator_line_is_imported_as_the_narrators(tmp_path) -> N
     """Found in review: SillyTavern's narrator lines (/sys: not the user's, not hidden, extra.type
     "narrator") were imported as the character's own, so summaries and facts credited the NPC."""
     external = f"imp-{uuid.uuid4().hex[:8]}"
-    body = "\n".join(
-        json.dumps(x)
-        for x in [
-            {"user_name": "Rowan", "character_name": "Elara"},
-            {"name": "Elara", "is_user": False, "mes": "Welcome."},
-            {
-                "name": "System",
-                "is_user": False,
-                "is_system": False,
-                "mes": "Thunder rolls.",
-                "extra": {"type": "narrator"},
-            },
-        ]
+    body = _jsonl(
+        {"user_name": "Rowan", "character_name": "Elara"},
+        {"name": "Elara", "is_user": False, "mes": "Welcome."},
+        {
+            "name": "System",
+            "is_user": False,
+            "is_system": False,
+            "mes": "Thunder rolls.",
+            "extra": {"type": "narrator"},
+        },
     )
     assert _import(tmp_path, body, "sillytavern", external) == 0
     assert [(role, text) for _, role, text, _ in _stored(external)] == [

@@ -168,32 +168,17 @@ def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
     memory_tasks.memory_job(conv, SUMMARY)
     assert state.should_stop == lifecycle.EXIT_ENGINE_DEAD  # the worker stops, as after an engine death
     assert len(_queued(conv)) == 1  # and the job is on the queue for another worker
-
-
-def test_a_memory_job_whose_hand_on_fails_after_its_engine_died_is_left_for_the_sweep(
-    summaries_due: None, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Found in review: the step released the job (its claim and queued mark gone) before it was
-    handed on; with the broker away too, nothing had a mark to find lapsed, and the job waited for
-    the conversation's next reply, which a player who had gone quiet never sent."""
-    from memory import summarize
+    # Found in review: the step released the job (its claim and queued mark gone) before it was handed
+    # on; with the broker away too, nothing had a mark to find lapsed, and the job waited for the
+    # conversation's next reply, which a player who had gone quiet never sent. The sweep finds it.
     from memory.schedule import reschedule_stalled
-    from tasks import memory as memory_tasks
-    from worker import lifecycle
-    from worker.engine import EngineDead
 
-    def dead(system: str, body: str, max_tokens: int, alone: bool) -> str:
-        raise EngineDead("the engine died: test")
-
-    monkeypatch.setattr(summarize, "_engine_generate", dead)
-    state = SimpleNamespace(should_stop=None)
-    monkeypatch.setattr(lifecycle, "worker_state", state)
-    conv = _conversation(40)
+    state.should_stop, lost = None, _conversation(40)
     with _broker_away(monkeypatch):
-        memory_tasks.memory_job(conv, SUMMARY)
-    assert state.should_stop == lifecycle.EXIT_ENGINE_DEAD and not _queued(conv)
-    assert reschedule_stalled() >= 1  # the sweep finds it at once
-    assert len(_queued(conv)) == 1
+        memory_tasks.memory_job(lost, SUMMARY)
+    assert state.should_stop == lifecycle.EXIT_ENGINE_DEAD and not _queued(lost)
+    assert reschedule_stalled() >= 1
+    assert len(_queued(lost)) == 1
 
 
 def test_a_job_whose_generation_outlasts_its_lease_keeps_its_claim(
