@@ -1,7 +1,8 @@
 """The HTTP ingest app: routes per resource (api/routes/), the key dependency (api/deps.py), error
 handlers (api/errors.py). OpenAPI at /openapi.json.
 
-Run with `uvicorn api.main:create_app --factory` (or `mlchat api`).
+Run with `mlchat api` (or `uvicorn api.main:create_app --factory --http h11
+--h11-max-incomplete-event-size 65536`: SERVER_OPTIONS below).
 """
 
 from __future__ import annotations

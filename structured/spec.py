@@ -179,13 +179,16 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
 # time.monotonic()): a batch of a thousand items, each a new pattern taking seconds, held an API
 # thread and a builder for an hour. Past it the request is told to send itself again (GrammarBusy,
 # a 503): what it built is cached, so the next try goes further.
-_BUILD_DEADLINE: ContextVar[float | None] = ContextVar("grammar_build_deadline", default=None)
+_BUILD_DEADLINE: ContextVar[tuple[float, float] | None] = ContextVar("grammar_build_deadline", default=None)
+REQUEST_BUILD_LIMITS = 3  # a request's budget, in MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S
 
 
 @contextmanager
-def build_budget(seconds: float) -> Iterator[None]:
-    """Within the block, new grammars are built for `seconds` at most, together."""
-    token = _BUILD_DEADLINE.set(time.monotonic() + seconds)
+def build_budget(seconds: float | None = None) -> Iterator[None]:
+    """Within the block, new grammars are built for `seconds` at most, together (by default
+    REQUEST_BUILD_LIMITS build limits)."""
+    seconds = REQUEST_BUILD_LIMITS * settings.structured_compile_timeout_s if seconds is None else seconds
+    token = _BUILD_DEADLINE.set((time.monotonic() + seconds, seconds))
     try:
         yield
     finally:
@@ -202,11 +205,11 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
-    deadline = _BUILD_DEADLINE.get()
-    left = None if deadline is None else deadline - time.monotonic()
+    budget = _BUILD_DEADLINE.get()
+    left = None if budget is None else budget[0] - time.monotonic()
     spent = (
-        f"{where}: this request's new formats took their {settings.structured_compile_timeout_s * 3:g} s "
-        "to build; send it again (those built are kept, and the next try goes further)"
+        f"{where}: this request's new formats took their {budget[1] if budget else 0:g} s to build; "
+        "send it again (those built are kept, and the next try goes further)"
     )
     if left is not None and left <= 0:
         raise GrammarBusy(spent)

@@ -523,6 +523,10 @@ def test_a_request_line_or_header_past_the_bound_is_refused_before_it_fills_the_
             answer = sock.recv(65536)
         assert answer.startswith(b"HTTP/1.1 4"), answer[:200]
         assert sent < len(head), "the whole oversized request was read"
+    # A path as HTTP has it, percent-encoded, reaches the app (a 401 of its own, no key); raw UTF-8
+    # bytes are refused by h11 before it (said in the README).
+    encoded = httpx.get(f"{base_url}/v1/players/%EB%AF%BC%EC%88%98/facts")
+    assert encoded.status_code == 401 and encoded.json()["detail"] == "missing or invalid API key"
 
 
 def test_an_upload_the_client_breaks_off_is_no_server_error(world) -> None:
@@ -581,10 +585,11 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
     from tests.conftest import INGEST_KEY, UNICODE_REVIEW_KEY
 
     turn = json.dumps(new_conversation() | {"message": "Hello?"}).encode()
-    answer = httpx.post(f"{base_url}/v1/turns", headers={"X-API-Key": INGEST_KEY}, content=turn)
-    assert answer.status_code == 415 and answer.json()["detail"].startswith("content-type: missing"), (
-        answer.text
-    )
+    erase = json.dumps({"conversations": ["nobody-here"]}).encode()
+    for path, body in (("/v1/turns", turn), ("/v1/players/p-none:erase", erase)):
+        answer = httpx.post(f"{base_url}{path}", headers={"X-API-Key": INGEST_KEY}, content=body)
+        missing = answer.status_code == 415 and answer.json()["detail"].startswith("content-type: missing")
+        assert missing, (path, answer.text)
     unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
     assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
 

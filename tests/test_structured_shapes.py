@@ -1016,6 +1016,15 @@ def test_a_batch_of_many_new_slow_formats_is_sent_back_once_its_build_budget_is_
         assert r.status_code == 503 and "send it again" in r.text and r.headers["retry-after"], r.text
         assert clock.monotonic() - started < 4, answers
     assert answers[0][0] == 503 and answers[-1][0] == 202, answers
+    # the serverless handler's event of many turns, the same
+    from worker.serverless import handler
+
+    fresh = [
+        item | {"params": {"response_format": {"type": "regex", "regex": f"{tag}s{i}[a-z]+"}}}
+        for i, item in enumerate(items)
+    ]
+    answer = handler({"input": {"turns": fresh}})
+    assert answer.get("retry") is True and "GrammarBusy" in answer["error"], answer
 
 
 def test_the_storable_check_names_a_place_without_copying_a_path_for_every_item() -> None:

@@ -23,7 +23,7 @@ from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
 from services.producer import EnqueueError
 from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
-from structured.spec import GrammarBusy
+from structured.spec import GrammarBusy, build_budget
 from worker.engine import EngineDead
 
 logger = logging.getLogger(__name__)
@@ -51,19 +51,20 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     if len(requests) > MAX_TURNS_PER_REQUEST:
         return {"error": f'"turns": {len(requests)} items; the limit is {MAX_TURNS_PER_REQUEST} a request'}
     parsed, errors = [], []
-    for i, item in enumerate(requests):
-        try:
-            parsed.append(request := TurnRequest.model_validate(item))
-        except ValidationError as exc:
-            errors.append(_named(exc, f"turns[{i}]" if many else ""))
-            continue
-        except GrammarBusy as exc:
-            return _try_again(exc)
-        if request.callback_url is not None:  # nothing here would ever deliver it: refused, not lost
-            where = f"turns[{i}].callback_url" if many else "callback_url"
-            errors.append(
-                error_line(where, "the serverless handler answers in its reply and sends no callback")
-            )
+    with build_budget():  # as a `:batch` over HTTP: the event's new formats, all together
+        for i, item in enumerate(requests):
+            try:
+                parsed.append(request := TurnRequest.model_validate(item))
+            except ValidationError as exc:
+                errors.append(_named(exc, f"turns[{i}]" if many else ""))
+                continue
+            except GrammarBusy as exc:
+                return _try_again(exc)
+            if request.callback_url is not None:  # nothing here would ever deliver it: refused, not lost
+                where = f"turns[{i}].callback_url" if many else "callback_url"
+                errors.append(
+                    error_line(where, "the serverless handler answers in its reply and sends no callback")
+                )
     if errors:
         return {"error": "; ".join(errors)}
     ids: list[Any] = []

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Path, status
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import Caller, needs
+from api.deps import Caller, json_body, needs
 from services import erasure
 from services.erasure import MAX_CONVERSATIONS
 from services.schemas import Text
@@ -39,7 +39,7 @@ class ErasedOut(BaseModel):
     facts: int = Field(description="facts about the player, or read from those lines")
 
 
-@router.post("/{player:path}:erase", response_model=ErasedOut)
+@router.post("/{player:path}:erase", response_model=ErasedOut, dependencies=[Depends(json_body)])
 async def erase_player(
     player: Player,
     who: Annotated[Caller, Depends(needs("ingest"))],

@@ -113,7 +113,7 @@ def post_batch(
         raise RequestValidationError([{"type": "value_error", "loc": loc, "msg": msg}])
     # In this thread: a format's grammar may take seconds to build, and all of them together no longer
     # than three builds may (past that, a 503 to send it again: the grammars built are kept).
-    with build_budget(3 * settings.structured_compile_timeout_s):
+    with build_budget():
         batch = validated(BatchRequest, body)
     accepted = _enqueue(batch.turns, who)
     return BatchAccepted(ids=[t.id for t in accepted], turns=accepted)
