@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from core.halving import most_passing
 from core.settings import settings
@@ -317,6 +317,21 @@ def _extract_step(
         ).all()
         char, user = conversation.character.name, conversation.player_name
         members = [m.name for m in members_of(session=session, conversation_id=conversation_id)]
+        # Only rejected replies left to read: read past them, or the job stayed due and was sent
+        # again at every scheduling to read nothing.
+        rejected_through = (
+            None
+            if lines
+            else session.scalar(
+                select(func.max(Message.seq)).where(
+                    Message.conversation_id == conversation_id, Message.seq > after, ~memory_may_read()
+                )
+            )
+        )
+        if rejected_through is not None:
+            advance_extract(
+                session=session, conversation_id=conversation_id, token=token, through=rejected_through
+            )
     if not lines:
         return {}
     builder = loaded_builder(generating=on_engine)

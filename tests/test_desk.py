@@ -1428,6 +1428,14 @@ def test_a_rejected_reply_leaves_memory_and_is_read_again_once_the_rejection_is_
         read.append(body)
         return '{"facts": []}'
 
+    # review: with only the rejected reply left to read, extraction reads past it (it stayed due, and was
+    # sent again at every scheduling to read nothing)
+    run_extract_job(conv, generate=capture)
+    with session_scope() as s:
+        done = s.scalar(
+            select(MemoryJob.done_through).where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+        )
+    assert not read and done == seq
     with session_scope() as s:  # from the start: the player's line before it is read, the reply not
         s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(done_through=0))
     run_extract_job(conv, generate=capture)
