@@ -198,8 +198,17 @@ def _answered(session: Session, turn_id: uuid.UUID) -> Turn:
     return turn
 
 
-def _bump(session: Session, turn: Turn, version: int, by: str, **values: Any) -> int:
+@dataclass(frozen=True)
+class _Bumped:
+    version: int  # the review's new version
+    # Whether the reply went into or out of `rejected`, which memory leaves out (db/memory_lines.py):
+    # what it read of the line is read again, with or without it, whatever changed the label.
+    rejection_flipped: bool
+
+
+def _bump(session: Session, turn: Turn, version: int, by: str, **values: Any) -> _Bumped:
     """The review row on `version` moved to the next one with `values`; StaleReview otherwise."""
+    was = session.scalar(select(TurnReview.label).where(TurnReview.turn_id == turn.id))
     session.execute(
         insert(TurnReview)
         .values(turn_id=turn.id, original_reply=turn.reply, original_quality=turn.quality, version=0)
@@ -214,10 +223,15 @@ def _bump(session: Session, turn: Turn, version: int, by: str, **values: Any) ->
     )
     if new_version is None:
         raise StaleReview("this reply was changed by someone else since you opened it; reload and try again")
-    return int(new_version)
+    rejected = ReviewLabel.REJECTED.value
+    return _Bumped(int(new_version), (was == rejected) != (values["label"] == rejected))
 
 
-def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_values: Any) -> None:
+def _keep_text(
+    session: Session, turn: Turn, text: str, embedding: Any, *, reread: bool, **turn_values: Any
+) -> None:
+    """The kept reply becomes `text`; what memory read of the line is read again when the text changed
+    or `reread` (its rejection flipped)."""
     session.execute(
         update(Turn)
         .where(Turn.id == turn.id, Turn.status == TurnStatus.DONE)
@@ -232,7 +246,7 @@ def _keep_text(session: Session, turn: Turn, text: str, embedding: Any, **turn_v
             .returning(Message.conversation_id, Message.seq)
             .execution_options(synchronize_session=False)
         ).first()
-        if line is not None and text != turn.reply:  # its memory told the old text: summarised, read again
+        if line is not None and (text != turn.reply or reread):  # memory told the old text, or left it out
             _read_again(session, *line)
 
 
@@ -304,12 +318,13 @@ def pick_candidate(
         completion_tokens=chosen.get("completion_tokens", 0),
         total_tokens=prompt_tokens + chosen.get("completion_tokens", 0),
     )
-    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=chosen_edited)
+    bumped = _bump(session, turn, version, by, label=None, reason=None, edited=chosen_edited)
     _keep_text(
         session,
         turn,
         chosen["text"],
         embedding,
+        reread=bumped.rejection_flipped,
         alternatives=alternatives,
         quality=quality,
         usage=usage,
@@ -317,7 +332,7 @@ def pick_candidate(
         structured=chosen.get("structured"),
     )
     _log(session, turn.id, "pick", by, before=turn.reply, after=chosen["text"], candidate=index)
-    return new_version
+    return bumped.version
 
 
 def edit_reply(
@@ -334,10 +349,10 @@ def edit_reply(
     text), with `structured`, the structured reply it reads as (None: free text, or a regex or
     choice reply). Returns the review's new version."""
     turn = _answered(session, turn_id)
-    new_version = _bump(session, turn, version, by, label=None, reason=None, edited=True)
-    _keep_text(session, turn, text, embedding, structured=structured)
+    bumped = _bump(session, turn, version, by, label=None, reason=None, edited=True)
+    _keep_text(session, turn, text, embedding, reread=bumped.rejection_flipped, structured=structured)
     _log(session, turn.id, "edit", by, before=turn.reply, after=text)
-    return new_version
+    return bumped.version
 
 
 def label_reply(
@@ -345,12 +360,8 @@ def label_reply(
 ) -> int:
     """approve / reject: the writer's verdict on the kept reply. Returns the review's new version."""
     turn = _answered(session, turn_id)
-    was = session.scalar(select(TurnReview.label).where(TurnReview.turn_id == turn.id))
-    new_version = _bump(session, turn, version, by, label=label.value, reason=reason)
-    rejected = ReviewLabel.REJECTED.value
-    if (was == rejected) != (label == ReviewLabel.REJECTED) and turn.reply_message_id is not None:
-        # Memory leaves a rejected reply out (db/memory_lines.py): what it read is read again without
-        # it, or, the rejection withdrawn, with it.
+    bumped = _bump(session, turn, version, by, label=label.value, reason=reason)
+    if bumped.rejection_flipped and turn.reply_message_id is not None:
         line = session.execute(
             select(Message.conversation_id, Message.seq).where(Message.id == turn.reply_message_id)
         ).first()
@@ -358,7 +369,7 @@ def label_reply(
             _read_again(session, *line)
     action = "approve" if label == ReviewLabel.APPROVED else "reject"
     _log(session, turn.id, action, by, before=turn.reply, reason=reason)
-    return new_version
+    return bumped.version
 
 
 @dataclass(frozen=True)

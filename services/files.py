@@ -351,18 +351,20 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     if not root.is_dir():
         return []
     cutoff = time.time() - older_than_s
-    scratch, named = [], {}
+    scratch: list[Path] = []
+    named: dict[str, tuple[Path, float]] = {}  # file id: its path and mtime
     for path in root.iterdir():
         ours = _OURS.fullmatch(path.name)
         if ours is None:
             continue
         try:
-            if not path.is_file() or path.stat().st_mtime >= cutoff:
+            mtime = path.stat().st_mtime
+            if not path.is_file() or mtime >= cutoff:
                 continue
         except FileNotFoundError:  # deleted meanwhile
             continue
         if path.suffix == ".jsonl":
-            named[ours[1]] = path
+            named[ours[1]] = (path, mtime)
         else:
             scratch.append(path)
     if named:
@@ -375,19 +377,12 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
         since = None if finalizing is None else finalizing.timestamp() - 60
         scratch += [
             path
-            for file_id, path in named.items()
-            if file_id not in recorded and (since is None or _mtime(path) < since)
+            for file_id, (path, mtime) in named.items()
+            if file_id not in recorded and (since is None or mtime < since)
         ]
     for path in scratch:
         path.unlink(missing_ok=True)
     return sorted(path.name for path in scratch)
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:  # deleted meanwhile: nothing to spare
-        return 0.0
 
 
 def delete_expired_files() -> list[str]:

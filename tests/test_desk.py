@@ -1451,6 +1451,24 @@ def test_a_rejected_reply_leaves_memory_and_is_read_again_once_the_rejection_is_
         s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(done_through=0))
     run_extract_job(conv, generate=capture)
     assert read and "The forge the forge" in read[0]
+    # Reread of the change: a pick (or an edit) clears the label too; a rejected reply replaced by a
+    # candidate of the very same text stayed out of memory for good (only a changed text was read again).
+    same = Spec("Hi?", "Well met.", quality(0.5), (("Well met.", quality(0.5)),))
+    _, (twin,) = build_run("studio-a", [same])
+    _, twin_line, _ = _stored(twin)
+    desk.label(WRITER, twin, "reject", "flat", "0")
+    with session_scope() as s:  # read past it since
+        s.add(
+            MemoryJob(conversation_id=twin_line.conversation_id, kind=EXTRACT, done_through=twin_line.seq + 5)
+        )
+    desk.pick(WRITER, twin, "1", "1")
+    with session_scope() as s:
+        done = s.scalar(
+            select(MemoryJob.done_through).where(
+                MemoryJob.conversation_id == twin_line.conversation_id, MemoryJob.kind == EXTRACT
+            )
+        )
+    assert done < twin_line.seq
 
 
 def test_an_edited_lines_facts_are_dropped_and_read_again(services, world) -> None:
