@@ -164,11 +164,11 @@ def _shape_read_by(fmt: dict[str, Any], outputs: Any) -> ReplyShape:
 
 
 def actions_prompt(shape: ReplyShape | None, char: str) -> str | None:
-    """The prompt section that tells the model its reply shape and the actions it may take."""
+    """The prompt section that tells the model its reply shape and the actions it may take (its header
+    is the prompt builder's: worker/prompt/layout.py's ACTIONS_HEADER)."""
     if shape is None or shape.kind != NPC:
         return None
     lines = [
-        "[Actions]",
         f'{char} answers in JSON: {{"say": what {char} says, "emotion": one of {", ".join(EMOTIONS)}, '
         '"action": null, or one of the actions below as {"name": ..., "args": {...}}}.',
     ]

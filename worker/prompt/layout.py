@@ -38,6 +38,9 @@ def default_system_prompt(char: str) -> str:
     return f"You are {char}. Stay in character."
 
 
+ACTIONS_HEADER = "[Actions]\n"  # over worker/structured.py's actions_prompt, put on after it is cleaned
+
+
 def fill_macros(text: str, char: str, user: str, original: str = "") -> str:
     def fill(match: regex.Match[str]) -> str:
         name = (match.group(1) or match.group(2)).lower()
@@ -64,10 +67,11 @@ def persona_pieces(
         ("Speech style", character.speech_style),
         ("Scenario", character.scenario),
     ]
-    pieces.append(("character_sheet", None, "[Character]\n" + "\n".join(f"{k}: {v}" for k, v in sheet if v)))
+    pieces.append(("character_sheet", None, "\n".join(f"{k}: {v}" for k, v in sheet if v)))
     if lore is not None:
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept if f.entry.position == "after_char"]
     pieces = [(s, i, clean(_filled(s, t, char, user, default))) for s, i, t in pieces]
+    pieces = _headed(pieces, "[Character]")
     if character.example_dialogues:
         # The card's lines are cleaned, not the prompt's own labels: a format that escapes the
         # speakers' "Name:" in untrusted text would teach the model "Elara\u200b:" for its own cue.
@@ -86,10 +90,16 @@ def narrator_pieces(
     """The narrator's system text: instructions, the setting, and the world's lore."""
     pieces: list[Piece] = [("system_prompt", None, NARRATOR_INSTRUCTIONS)]
     setting = "\n".join(x for x in (character.scenario, f"Main character: {CHAR_MACRO}") if x)
-    pieces.append(("character_sheet", None, "[Setting]\n" + setting))
+    pieces.append(("character_sheet", None, setting))
     if lore is not None:  # the world's lore is the narrator's too
         pieces += [("lore", f.entry.id, f.content) for f in lore.kept]
-    return [(s, i, clean(_filled(s, t, char, user))) for s, i, t in pieces]
+    return _headed([(s, i, clean(_filled(s, t, char, user))) for s, i, t in pieces], "[Setting]")
+
+
+def _headed(pieces: list[Piece], header: str) -> list[Piece]:
+    """The character sheet under its header, put on after the sheet is cleaned: the cleaner breaks a
+    section header opening a line of untrusted text, and would break the prompt's own."""
+    return [(s, i, f"{header}\n{t}" if s == "character_sheet" else t) for s, i, t in pieces]
 
 
 def _filled(section: str, text: str, char: str, user: str, default: str = "") -> str:
@@ -174,7 +184,7 @@ def system_pieces(
         pieces.append(("summary", None, "[Earlier in this conversation]"))
         pieces += [("summary", s.id, summary_line(s, layout.clean)) for s in summaries]
     if facts:
-        pieces.append(("facts", None, layout.clean(f"[What {layout.char} knows]")))
+        pieces.append(("facts", None, f"[What {layout.clean(layout.char)} knows]"))
         pieces += [("facts", f.id, fact_line(f, layout.user, layout.clean)) for f in facts]
     if events:
         pieces.append(("events", None, "[Story so far]"))

@@ -28,6 +28,7 @@ from worker.prompt.formats import (
     escaped_label,
 )
 from worker.prompt.layout import (
+    ACTIONS_HEADER,
     Layout,
     Piece,
     default_system_prompt,
@@ -306,7 +307,10 @@ class PromptBuilder:
             message = clean(message) if message else "[The narrator speaks next.]"
             message_labelled = not item.message
         if item.actions and not narrator:
-            persona = [*persona, ("actions", None, clean(fill_macros(item.actions, char, user)))]
+            persona = [
+                *persona,
+                ("actions", None, ACTIONS_HEADER + clean(fill_macros(item.actions, char, user))),
+            ]
         state = (
             [] if narrator or item.mood is None else [("state", None, clean(item.mood.describe(char, user)))]
         )
