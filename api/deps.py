@@ -106,8 +106,10 @@ async def metrics_reader(
 JSON_TYPES = ("application/json",)
 
 
-async def json_body(request: Request) -> None:
-    """A dependency of routes that read JSON: 415 for a body of another declared content type."""
+async def json_body(request: Request, _: Caller = Depends(caller)) -> None:
+    """A dependency of routes that read JSON: 415 for a body of another declared content type. After
+    the key check (`caller`, computed once a request): a keyless request is told it has no key, not
+    how to send a body."""
     declared = request.headers.get("content-type")
     if declared is None:
         has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers

@@ -590,6 +590,9 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
         answer = httpx.post(f"{base_url}{path}", headers={"X-API-Key": INGEST_KEY}, content=body)
         missing = answer.status_code == 415 and answer.json()["detail"].startswith("content-type: missing")
         assert missing, (path, answer.text)
+        # review: the body's check came before the key's, so a keyless request was told about its body
+        keyless = httpx.post(f"{base_url}{path}", content=body)
+        assert keyless.status_code == 401, (path, keyless.text)
     unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
     assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
 
