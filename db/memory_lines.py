@@ -18,3 +18,10 @@ def memory_may_read() -> Any:
         TurnReview.label == ReviewLabel.REJECTED.value,
         Message.role != Role.USER,
     )
+
+
+# The same condition in SQL, on a `messages` row named m (the due queries are SQL text).
+MEMORY_MAY_READ_SQL = (
+    "NOT EXISTS (SELECT 1 FROM turn_reviews r"
+    " WHERE r.turn_id = m.turn_id AND r.label = 'rejected' AND m.role <> 'user')"
+)

@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from db.memory_jobs import SUMMARY, holds_job
-from db.memory_lines import memory_may_read
+from db.memory_lines import MEMORY_MAY_READ_SQL, memory_may_read
 from db.models import Message, Role, Summary
 
 # Tokens are estimated from characters where no tokenizer is at hand (scheduling, in SQL).
@@ -216,7 +216,7 @@ def summaries_for(*, session: Session, conversation_ids: Sequence[int]) -> dict[
 
 
 _DUE_SQL = text(
-    """
+    f"""
 SELECT c.id
 FROM unnest(CAST(:conv AS bigint[])) AS c(id)
 CROSS JOIN LATERAL (
@@ -236,6 +236,7 @@ WHERE NOT EXISTS (
         SELECT 1 FROM (
             SELECT sum(length(content)) OVER (ORDER BY seq) AS upto FROM messages m
             WHERE m.conversation_id = c.id AND m.seq > s.covered AND m.seq <= l.last - :recent_n
+              AND {MEMORY_MAY_READ_SQL}  -- as next_summary_work reads: rejected replies due nothing
         ) t WHERE t.upto >= :chars
     )
     OR EXISTS (
@@ -243,7 +244,7 @@ WHERE NOT EXISTS (
         GROUP BY s2.level HAVING count(*) >= :fanout
     )
 )
-"""
+"""  # noqa: S608 (a constant of db/memory_lines.py, no input)
 )
 
 

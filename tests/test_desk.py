@@ -1395,9 +1395,11 @@ def test_a_rejected_reply_leaves_memory_and_is_read_again_once_the_rejection_is_
     covering the line and the facts read from it stayed, and later jobs read it too: the NPC went on
     remembering what a writer refused. Rejected, what memory made of it is dropped and read again
     without it (the line stays in the conversation); approved after all, it is read again with it."""
+    from functools import partial
+
     from db.memory_jobs import EXTRACT
     from db.models import MemoryJob, Summary
-    from db.summaries import next_summary_work
+    from db.summaries import CHARS_PER_TOKEN, conversations_due, next_summary_work
     from memory.extract import run_extract_job
     from services import desk as desk_service
 
@@ -1422,6 +1424,13 @@ def test_a_rejected_reply_leaves_memory_and_is_read_again_once_the_rejection_is_
         )
     assert done < seq
     assert work is not None and [text for _, text, _ in work.lines] == ["Where is the forge?"]
+    # review: the due query counted the rejected reply, so a summary job was sent after every reply
+    # to find nothing to summarise (next_summary_work leaves it out): due only on what it may read
+    readable = sum(len(text) for _, text, _ in work.lines)
+    with session_scope() as s:
+        due = partial(conversations_due, session=s, conversation_ids=[conv], recent_n=0, fanout=99)
+        assert due(threshold_tokens=readable // CHARS_PER_TOKEN + 1) == []
+        assert due(threshold_tokens=max(readable // CHARS_PER_TOKEN, 1)) == [conv]
     read: list[str] = []
 
     def capture(system: str, body: str, max_tokens: int, schema: object, alone: bool) -> str:
