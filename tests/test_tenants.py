@@ -381,3 +381,32 @@ def test_an_inline_persona_is_the_default_tenants_own_never_listed_or_named_by_a
         import_history(
             log, "sillytavern", conversation=f"h-{uuid.uuid4().hex[:8]}", character=slug, tenant="game-a"
         )
+
+
+def test_two_tenants_turns_never_share_a_cached_prompt_prefix(engine, monkeypatch) -> None:
+    """Found in review: vLLM's prefix cache was shared by every prompt, so a turn whose prompt began
+    like another tenant's cached one answered its first token sooner, and its timings (first_token_ms,
+    a stream's first delta) told whether that tenant's conversation began with a guessed history.
+    Each tenant's prompts carry a cache salt of their own; one tenant's still share theirs."""
+    from services.producer import submit_turns
+    from worker.pipeline import process_batch, tenant_salt
+
+    real = engine.llm.llm_engine.add_request
+    salts: dict[int, str | None] = {}
+
+    def recording(request_id, prompt, params, **kwargs):  # type: ignore[no-untyped-def]
+        salts[params.seed] = prompt.get("cache_salt")
+        return real(request_id, prompt, params, **kwargs)
+
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", recording)
+    same = {"player_name": "Rowan", "message": "Is the north road safe tonight?"}
+    turns = [
+        submit_turns([new_conversation() | same | {"params": {"seed": seed}}], send=False, tenant=tenant)[
+            0
+        ].id
+        for seed, tenant in ((11, "game-a"), (12, "game-b"), (13, "game-a"))
+    ]
+    report = process_batch(turns)
+    assert sorted(report.done) == sorted(turns), report.failed  # the engine took the salted prompts
+    assert salts == {11: tenant_salt("game-a"), 12: tenant_salt("game-b"), 13: tenant_salt("game-a")}
+    assert tenant_salt("game-a") != tenant_salt("game-b")

@@ -88,6 +88,11 @@ class GenerationRequest:
     # Guided decoding: vLLM's StructuredOutputsParams (structured.spec.structured_outputs_for).
     structured_outputs: Any = None
     reply_shape: Any = None  # worker/structured.py's ReplyShape: how the reply is read; None: free text
+    # Which requests may reuse each other's cached prompt prefix (vLLM's cache_salt): a turn's tenant.
+    # Shared across tenants, a prefix already cached answers its first token sooner, and a turn's
+    # timings (first_token_ms, and a stream's first delta) would tell one tenant whether another's
+    # prompt began with a guessed history. None: shared with every request that has none.
+    cache_salt: str | None = None
 
 
 @dataclass
@@ -312,6 +317,7 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
                 ((r.token_ids, sampling_params(r), r.priority, lora_request(r.adapter)) for _, r in part),
                 alone=alone,
                 on_text=[stream_hook(r) for _, r in part],
+                salts=[r.cache_salt for _, r in part],
             )
             futures.update(zip((i for i, _ in part), made, strict=True))
     return [futures[i] for i in range(len(requests))]

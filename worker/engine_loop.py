@@ -111,6 +111,7 @@ class _Job:
     admitted: float = 0.0  # perf_counter when add_request was called
     first_output: float = 0.0  # perf_counter when a step first returned output for it
     cancelled: bool = False  # marked by EngineLoop.cancel; the loop's thread drops or aborts it
+    cache_salt: str | None = None  # who may share its cached prompt prefix (GenerationRequest.cache_salt)
 
 
 GAPS_KEPT = 50_000
@@ -212,17 +213,20 @@ class EngineLoop:
         alone: bool = False,
         on_text: Sequence[Any] = (),
         ends_notice: Sequence[bool] = (),
+        salts: Sequence[str | None] = (),
     ) -> list[Future[Generation]]:
         """Queue (token ids, sampling params, priority, LoRA request or None) requests; one future
         each, in order. `alone`: each runs in an otherwise empty engine. `on_text[i]`, when given and
         not None, is told request i's new text as the engine writes it. `ends_notice[i]`: live request
         i is the one its turn's announcement waits for (a turn's first candidate: a turn is announced
-        once); none is, unless given."""
+        once); none is, unless given. `salts[i]`: request i's cache salt, when given."""
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
         for job, hook in zip(jobs, on_text, strict=False):
             job.on_text = hook
+        for job, salt in zip(jobs, salts, strict=False):
+            job.cache_salt = salt
         if ends_notice:
             for job, ends in zip(jobs, ends_notice, strict=True):
                 job.ends_notice = ends
@@ -561,7 +565,8 @@ class EngineLoop:
         try:
             self.engine.add_request(
                 job.request_id,
-                {"prompt_token_ids": job.token_ids},
+                {"prompt_token_ids": job.token_ids}
+                | ({"cache_salt": job.cache_salt} if job.cache_salt else {}),
                 job.params,
                 lora_request=job.lora,
                 priority=job.priority,

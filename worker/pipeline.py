@@ -511,6 +511,7 @@ def _answer(
                     alone=alone,
                     on_text=[engine_module.stream_hook(r) for t in part for r in candidates[t.id]],
                     ends_notice=[k == 0 for t in part for k in range(len(candidates[t.id]))],
+                    salts=[r.cache_salt for t in part for r in candidates[t.id]],
                 )
             )
             future_of.update({t.id: [next(futures) for _ in candidates[t.id]] for t in part})
@@ -1044,7 +1045,13 @@ def _request(
         stream=(turn.id, token, turn.claims) if _streamed(turn) else None,
         structured_outputs=shape.outputs if shape else None,
         reply_shape=shape,
+        cache_salt=tenant_salt(turn.tenant),
     )
+
+
+def tenant_salt(tenant: str) -> str:
+    """The cache salt of a tenant's turns: its prompts share cached prefixes with each other alone."""
+    return f"tenant:{tenant}"
 
 
 def _adapter_name(request: GenerationRequest) -> str | None:
