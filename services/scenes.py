@@ -147,10 +147,11 @@ def continue_group(
             earlier = take_key(
                 session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, request_hash=digest
             )
-        conv_id = _conversation_id(session, conversation, tenant)
-        if earlier is not None:
+        if earlier is not None:  # the group the key's first call continued, not one named so since
+            conv_id = _started_group(session, conversation, tenant, scene_id=earlier[0], did="continued")
             steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
+            conv_id = _conversation_id(session, conversation, tenant)
             scene, steps = extend_scene(
                 session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
             )
@@ -238,10 +239,13 @@ def scene_view(
         }
 
 
-def _started_group(session: Any, conversation: str, tenant: str, *, scene_id: int) -> int:
-    """The group conversation a keyed start's first request started (its scene `scene_id`);
-    IdempotencyConflict (409) once it is gone (a player's erasure named it) or its name is another
-    group's now: the retry would answer with what the key never started."""
+def _started_group(
+    session: Any, conversation: str, tenant: str, *, scene_id: int, did: str = "started"
+) -> int:
+    """The group conversation a keyed start's (or continue's) first request started (its scene
+    `scene_id`); IdempotencyConflict (409) once it is gone (a player's erasure named it) or its name
+    is another group's now: the retry would answer with (or send again a step of) what the key never
+    asked for."""
     conv_id = session.scalar(
         select(Conversation.id)
         .join(Scene, Scene.conversation_id == Conversation.id)
@@ -249,8 +253,9 @@ def _started_group(session: Any, conversation: str, tenant: str, *, scene_id: in
     )
     if conv_id is None:
         raise IdempotencyConflict(
-            f"Idempotency-Key (header): the group {conversation!r} this key started is gone (erased, or"
-            " the name is another group's now); start it again under a new key"
+            f"Idempotency-Key (header): the group {conversation!r} this key {did} is gone (erased, or"
+            f" the name is another group's now); {'start' if did == 'started' else 'continue'} it again"
+            " under a new key"
         )
     return int(conv_id)
 

@@ -2318,3 +2318,32 @@ def test_a_group_is_not_started_on_a_conversation_holding_imported_lines(world) 
         stored = s.scalars(select(Conversation).where(Conversation.external_id == empty)).one()
         luffy = find_characters(session=s, slugs=["luffy"])["luffy"]
         assert (stored.character_id, stored.player_name) == (luffy, "Rowan")
+
+
+def test_a_continue_retried_after_its_group_was_erased_and_named_again_is_a_conflict(
+    world, steps_unconsumed
+) -> None:
+    """Found in review: a keyed `:continue` replayed whatever group now bore the name, so one retried
+    after an erasure and a new group of the same name answered `replayed` for a group the key never
+    asked anything of, and could send that group's unsent step again."""
+    from db.models import Conversation
+    from db.turns import IdempotencyConflict, cancel_turns
+    from scenes.spec import GroupSpec
+    from services.erasure import erase
+    from services.scenes import continue_group, start_group
+
+    tenant, conv = f"t-{uuid.uuid4().hex[:8]}", f"continued-{uuid.uuid4().hex[:8]}"
+    spec = GroupSpec.model_validate(
+        {"conversation": conv, "participants": ["elara", "luffy"], "exchanges": 0}
+    )
+    start_group(spec, tenant=tenant)
+    assert continue_group(conv, 1, tenant=tenant, idempotency_key="one-more")["replayed"] is False
+    assert continue_group(conv, 1, tenant=tenant, idempotency_key="one-more")["replayed"] is True
+    with session_scope() as s:  # the step it asked for, unanswered: an erasure waits for it otherwise
+        step = s.scalars(select(Turn.id).join(Conversation).where(Conversation.external_id == conv)).all()
+        assert cancel_turns(session=s, turn_ids=step) == step
+    assert erase(tenant, "p-erased", conversations=[conv]).conversations == 1
+    start_group(spec, tenant=tenant)  # the name is another group's now
+    gone = r"^Idempotency-Key \(header\): the group .* this key continued is gone"
+    with pytest.raises(IdempotencyConflict, match=gone):
+        continue_group(conv, 1, tenant=tenant, idempotency_key="one-more")
