@@ -637,3 +637,29 @@ def test_a_live_answers_usage_pays_for_every_candidate_as_a_batch_lines_does() -
         live_chat._usage({"prompt_tokens": 50, "completion_tokens": 12}, regenerated)["completion_tokens"]
         == 42
     )
+
+
+def test_a_chat_completion_cannot_speak_into_a_group(world) -> None:
+    """Found in review: a chat completion naming a live group's conversation was taken (its lead's
+    name passed as `model`), the group's picker chose another member to answer while the completion
+    said the lead spoke, and its earlier messages were seeded with no speaker. It is refused naming
+    where the conversation came from, as a run's line is."""
+    from scenes.spec import GroupSpec
+    from services.live_chat import start_chat_turn
+    from services.scenes import start_group
+
+    conv = f"tavern-{uuid.uuid4().hex[:8]}"
+    start_group(GroupSpec.model_validate({"conversation": conv, "participants": ["luffy", "elara"]}))
+    body = {"model": "luffy", "messages": [{"role": "user", "content": "Elara, is the road safe?"}]}
+    for named in ({"conversation": conv}, {}):
+        asked = body | ({} if named else {"metadata": {"conversation": conv}})
+        with pytest.raises(live_chat.ChatRejected, match="holds a scene") as refused:
+            start_chat_turn(asked, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, **named)
+        where = live_chat.CONVERSATION_HEADER if named else "body.metadata.conversation"
+        assert str(refused.value).startswith(where) and refused.value.status == 400
+    with session_scope() as session:
+        conversation = session.scalar(select(Conversation.id).where(Conversation.external_id == conv))
+        asked_turns = session.scalar(
+            select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation)
+        )
+    assert asked_turns == 0  # the group started with no exchange: no turn stored by either refusal
