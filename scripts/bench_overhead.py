@@ -69,7 +69,13 @@ class GroupedEngine:
         self.claims = 0
 
     def submit(
-        self, requests: Any, *, alone: bool = False, on_text: Any = (), ends_notice: Any = ()
+        self,
+        requests: Any,
+        *,
+        alone: bool = False,
+        on_text: Any = (),
+        ends_notice: Any = (),
+        salts: Any = (),
     ) -> list[Future[Any]]:
         from worker.engine_loop import Generation
 

@@ -93,7 +93,13 @@ class StandInGpu:
         threading.Thread(target=self._run, name="stand-in-gpu", daemon=True).start()
 
     def submit(
-        self, requests: Any, *, alone: bool = False, on_text: Any = (), ends_notice: Any = ()
+        self,
+        requests: Any,
+        *,
+        alone: bool = False,
+        on_text: Any = (),
+        ends_notice: Any = (),
+        salts: Any = (),
     ) -> list[Future[Any]]:
         from worker.engine_loop import Generation
 
