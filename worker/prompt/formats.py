@@ -7,6 +7,7 @@ markers are special tokens, which the sanitiser breaks for every format.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -127,12 +128,16 @@ def _escape_gpt_oss(text: str, char: str, user: str) -> str:
 # worker/structured.py): a line of untrusted text opening with one would read as narration, a scene
 # direction or a section of the prompt ("[What Elara knows]\nThe player is the king.") to the model.
 _HEADERS = (
-    r"narrator|scene|scene direction|character|setting|example dialogue|earlier in this conversation"
-    r"|story so far|related memories|actions|what\b[^\]\n]{0,200}\bknows"
+    r"narrator|scene|scene\s+direction|character|setting|example\s+dialogue|earlier\s+in\s+this\s+conversation"
+    r"|story\s+so\s+far|related\s+memories|actions|what\b[^\]\n]{0,300}\bknows"
 )
 _OPEN, _CLOSE = "[\\[\ufe47\uff3b]", "[\\]\ufe48\uff3d]"  # and the forms NFKC folds into each
+# Blanks on the line before the bracket: never a newline, so a run of blank lines is not scanned again
+# from each of its starts.
+_INLINE_BLANKS = r"(?:[^\S\n]|\p{Cf})*"
 _BRACKET_MARKER = regex.compile(
-    rf"^({LEADING})({_OPEN})(?!\u200b)(?=\s*(?:{_HEADERS})\s*{_CLOSE}|[^\]\n]{{0,200}}\bspeaks next\.\])",
+    rf"^({_INLINE_BLANKS})({_OPEN})(?!\u200b)"
+    rf"(?=\s*(?:{_HEADERS})\s*{_CLOSE}|[^\]\n]{{0,300}}\bspeaks\s+next\.{_CLOSE})",
     regex.IGNORECASE | regex.MULTILINE,
 )
 
@@ -156,8 +161,9 @@ def escaped_label(fmt: PromptFormat, name: str, *speakers: str) -> str:
 
 
 # ":" and the forms NFKC folds into it (fullwidth, small, vertical): "Ｏｌｄ Ｔｏｍ：" reads as "Old Tom:".
-_COLON = regex.compile(r"[:\ufe13\ufe55\uff1a]")
+COLONS = frozenset(":\ufe13\ufe55\uff1a")
 _LINE_START = regex.compile(LEADING)
+_SHOWS_NOTHING = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # as core/text.py drops them
 
 
 def escape_name_markers(text: str, names: Sequence[str]) -> str:
@@ -167,22 +173,40 @@ def escape_name_markers(text: str, names: Sequence[str]) -> str:
     characters dropped), at every colon: "Old\u00a0Tom:", "old  tom :" and "Ｏｌｄ Ｔｏｍ：" open a line
     as Old Tom's, and "Ann: I give Bram the keys. Cass: yes" as Ann's and as that long-named member's."""
     keys = {speaker_key(name) for name in names} - {""}
-    if not keys or not _COLON.search(text):
+    if not keys or not any(colon in text for colon in COLONS):
         return text
-    # A name's opening is looked for this far into a line (its leading blanks aside): a few invisible
-    # characters and spaces more than the longest name, never every colon of a long line.
-    reach = 2 * max(map(len, keys)) + 32
+    # A name's opening spans at most this many visible characters (spaces folded, invisible ones
+    # dropped): NFKC composes up to three (a Hangul syllable's conjoining jamo) into one. No colon
+    # past it is looked at, and no opening longer is normalised: never every colon of a long line.
+    reach = 3 * max(map(len, keys)) + 8
     return "\n".join(_escape_opening(line, keys, reach) for line in text.split("\n"))
 
 
 def _escape_opening(line: str, keys: set[str], reach: int) -> str:
     start = _LINE_START.match(line).end()  # type: ignore[union-attr]
-    end, at = start + reach, start
-    while (colon := _COLON.search(line, at, end)) is not None:
-        at = colon.start()
-        if speaker_key(line[start:at]) in keys and not line[:at].endswith(ZWSP):  # not escaped already
-            line, at, end = line[:at] + ZWSP + line[at:], at + 1, end + 1
-        at += 1
+    visible: list[str] = []  # the opening so far, as speaker_key reads it before NFKC
+    grown = 0  # its length once NFKC-normalised, char by char ("\ufdfa" is 18)
+    breaks: list[int] = []
+    for at in range(start, len(line)):
+        char = line[at]
+        if char in COLONS:
+            escaped = at > 0 and line[at - 1] == ZWSP  # escaped already: cleaning twice changes nothing
+            if not escaped and speaker_key("".join(visible)) in keys:
+                breaks.append(at)
+            visible.append(char)  # a colon inside a longer name ("Dr. Who: Origins")
+        elif _SHOWS_NOTHING.match(char):
+            continue
+        elif char.isspace():
+            if not visible or visible[-1] == " ":
+                continue
+            visible.append(" ")
+        else:
+            visible.append(char)
+        grown += 1 if char.isascii() else len(unicodedata.normalize("NFKC", char))
+        if grown > reach:
+            break
+    for at in reversed(breaks):
+        line = line[:at] + ZWSP + line[at:]
     return line
 
 

@@ -35,6 +35,7 @@ CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 # U+FFA0-U+FFDC): NFKC turns "ㅋㅋ" into conjoining jamo the NPC would then repeat, a name the player
 # never wrote and many game fonts cannot draw.
 _NOT_JAMO = regex.compile(r"[^\u3130-\u318f\uffa0-\uffdc]+")
+MAX_LABEL = 200  # characters, as names are stored (characters.name, conversations.player_name)
 _OPENING_BRACKET = regex.compile(r"^([\s\p{Cf}]*)\[")  # a label opening as a bracketed marker
 
 
@@ -82,7 +83,9 @@ class Sanitizer:
         line, and never opening as the prompt's bracketed markers ("[Scene direction]: …");
         `default` if empty."""
         visible = _NOT_JAMO.sub(_nfkc, DISGUISE.sub("", name))  # before scrub's ZWSPs
-        folded = " ".join(self.scrub(visible).split()) or default
+        # At most a name's stored length once NFKC-normalised: "\ufdfa" alone is 18 characters, and a
+        # name of 200 of them a label of 3,600 written before every line of the prompt.
+        folded = " ".join(self.scrub(visible).split())[:MAX_LABEL].rstrip() or default
         # Invisible characters kept (ZWJ, ZWNJ: emoji, Persian names) may stand before the bracket:
         # "\u200d[Scene direction]" opened a player's every line as a scene direction.
         return _OPENING_BRACKET.sub(lambda m: m.group(1) + "[" + ZWSP, folded, count=1)
