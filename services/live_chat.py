@@ -19,8 +19,6 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
-from core.text import printable
-from db.scenes import scene_conversations
 from db.session import session_scope
 from db.turns import IdempotencyConflict, fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
@@ -182,15 +180,10 @@ def start_chat_turn(
         if body.get("response_format") is None:
             request.with_default_response_format()
         request.with_earlier_messages(line["history"])
+        # As a run's line is refused there: a group's picker, not `model`, would choose who answers.
+        request.to_one_character()
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
-    with session_scope() as session:  # its name checked (a NUL would fail in the database)
-        grouped = _holds_a_scene(session, request.conversation, tenant)
-    if grouped:  # as a run's line is refused: the group's picker, not `model`, would choose who answers
-        raise ChatRejected(
-            f"{conversation_field}: {printable(conversation, 80)!r} holds a scene; a chat completion "
-            "cannot speak in it (a player's line to a group: POST /v1/turns)"
-        )
     try:
         (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
     except producer.TurnRejected as exc:  # named as the chat request names it (not `character`)
@@ -207,13 +200,6 @@ def start_chat_turn(
     producer.send_stored([stored], lane="live")  # after the history: the turn's prompt reads it
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
-
-
-def _holds_a_scene(session: Any, conversation: str, tenant: str) -> bool:
-    found = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
-    return conversation in found and bool(
-        scene_conversations(session=session, conversation_ids=[found[conversation][0]])
-    )
 
 
 def _seed_history(conversation: str, tenant: str, history: list[tuple[str, str]]) -> None:

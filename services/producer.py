@@ -16,6 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from core.settings import DEFAULT_TENANT, Lane, settings
+from core.text import printable
 from db.models import TURN_FINISHED, Turn, TurnErrorCode, TurnStatus
 from db.scenes import scene_conversations, speaker_for_player
 from db.session import DATABASE_OUTAGES, again_on_conflict, get_autocommit_engine, session_scope
@@ -355,6 +356,11 @@ def _group_speakers(
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
+        if conversation_id in groups and req.one_character:  # read in the storing transaction: no race
+            reason = f"{printable(req.conversation, 80)!r} holds a scene; only a player's line speaks in it"
+            errors.append(ItemError(i, "conversation", f"{reason} (POST /v1/turns)"))
+            speakers.append(None)
+            continue
         if conversation_id not in groups and req.speaker_character is None:
             speakers.append(None)
             continue

@@ -349,6 +349,19 @@ class TurnRequest(BaseModel):
                 hashes.append(counted.request_hash())
         return tuple(dict.fromkeys(hashes))
 
+    # A request that speaks to its conversation's one character (a chat completion names it as `model`):
+    # refused in a group conversation, whose picker would choose another member to answer it.
+    _one_character: bool = PrivateAttr(default=False)
+
+    def to_one_character(self) -> TurnRequest:
+        """Mark the request as speaking to the conversation's one character (no group's member)."""
+        self._one_character = True
+        return self
+
+    @property
+    def one_character(self) -> bool:
+        return self._one_character
+
     def with_default_response_format(self) -> TurnRequest:
         """Mark params.response_format as the OpenAI path's default, left out of request_hash."""
         self._default_response_format = True
