@@ -5,12 +5,12 @@ relevance × recency × importance among the facts the turn's NPC may know."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, text, update
+from sqlalchemy import and_, case, delete, exists, func, literal, or_, select, text, true, update
 from sqlalchemy.orm import Session
 
 from db.models import Conversation, Fact, FactKind, FactMove, FactScope
@@ -346,15 +346,17 @@ def closest_fact(
     scope_ref: str,
     subject: str,
     vector: np.ndarray,
+    besides: Collection[int] = (),
 ) -> tuple[Fact, float] | None:
     """The current fact of this scope, scope ref and subject (in any case and spacing) closest to
     `vector`, with its cosine similarity (facts of another scope reach other NPCs or players: never
-    compared)."""
+    compared); none of the facts `besides`."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
     row = session.execute(
         select(Fact, distance)
         .where(
+            Fact.id.not_in(list(besides)) if besides else true(),
             Fact.tenant == tenant,
             Fact.scope == scope,
             Fact.scope_ref == scope_ref,

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from core.halving import most_passing
 from core.settings import settings
-from core.text import storable_output
+from core.text import speaker_key, storable_output
 from db.facts import NewFact, add_facts, closest_fact, embedded_text, known_elsewhere, supersede
 from db.memory_jobs import (
     EXTRACT,
@@ -201,7 +201,17 @@ def store_extracted(
     player = conversation.player_id
     vectors = embed([embedded_text(subject=s, text=t, player_id=player) for s, t in stored])
     replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
+    # Facts of one answer are read from the same lines: one never replaces another ("a sister called
+    # Mira" and "a brother called Tom" are close enough for this embedder to be taken for a change),
+    # and one said twice in it is a duplicate by its words.
+    added_here: set[int] = set()
+    said_here: set[tuple[str, str]] = set()
     for fact, (subject, fact_text), vector in zip(facts, stored, vectors, strict=True):
+        words = (speaker_key(subject), speaker_key(fact_text))
+        if words in said_here:
+            counts["duplicate"] += 1
+            continue
+        said_here.add(words)
         close = closest_fact(
             session=session,
             tenant=conversation.tenant,
@@ -209,6 +219,7 @@ def store_extracted(
             scope_ref=str(conversation.id),
             subject=subject,
             vector=vector,
+            besides=added_here,
         )
         # A fact gossip brought from another conversation's lines is no duplicate: an edit there
         # drops it (forget_read_facts), and this conversation's own would go with it. This one
@@ -251,6 +262,7 @@ def store_extracted(
                 )
             ],
         )
+        added_here.add(row.id)
         # The game's own facts are canon: dialogue never replaces them.
         if (
             close is not None

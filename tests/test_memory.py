@@ -665,6 +665,34 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts("not json") is None
 
 
+def test_facts_of_one_answer_never_replace_each_other() -> None:
+    """Found in review: each fact of an answer was compared with the ones stored before it in the same
+    answer, and this embedder scores "a sister called Mira" and "a brother called Tom" about Rowan
+    above the supersede threshold: the second was stored as a change of the first, which left the
+    prompt. Facts read from the same lines stand together; one said twice in them is a duplicate."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    answer = _answer(
+        ("Rowan has a sister called Mira.", 8),
+        ("Rowan has a brother called Tom.", 8),
+        ("Rowan owes Elara 10 gold.", 5),
+        ("rowan has a sister called  Mira.", 8),  # said twice in the answer, in other case and spacing
+    )
+    with session_scope() as s:
+        counts = store_extracted(
+            session=s, conversation=s.get_one(Conversation, conv_id), facts=answer, source="t:1", lines=(1, 4)
+        )
+        current = s.scalars(
+            select(Fact.text).where(Fact.player_id == player, Fact.superseded_by.is_(None)).order_by(Fact.id)
+        ).all()
+    assert counts == {"added": 3, "duplicate": 1, "superseded": 0}
+    assert current == [
+        "Rowan has a sister called Mira.",
+        "Rowan has a brother called Tom.",
+        "Rowan owes Elara 10 gold.",
+    ]
+
+
 def test_an_extracted_facts_subject_is_compared_in_any_case_and_spacing() -> None:
     """Found in review: only a subject written exactly alike was compared, so "rowan" or "Rowan  the
     player" after "Rowan" stacked a copy beside the fact, and contradictions never superseded."""
