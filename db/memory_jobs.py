@@ -17,7 +17,10 @@ EXTRACT = "extract"
 _CLAIM_SQL = text(
     """
 INSERT INTO memory_jobs (conversation_id, kind, token, lease_until)
-VALUES (:conversation_id, :kind, :token, now() + make_interval(secs => :lease_s))
+SELECT :conversation_id, :kind, :token, now() + make_interval(secs => :lease_s)
+-- a conversation erased since the job's message was sent: no job, not a foreign-key error logged as
+-- the job's failure (the lock keeps an erasure from deleting it until this claim commits)
+WHERE EXISTS (SELECT 1 FROM conversations WHERE id = :conversation_id FOR KEY SHARE)
 ON CONFLICT (conversation_id, kind) DO UPDATE
 SET token = excluded.token, lease_until = excluded.lease_until, queued_until = NULL
 WHERE memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now()
@@ -94,7 +97,8 @@ def clear_engine_deaths(*, session: Session, conversation_id: int, kind: str) ->
 
 
 def claim_job(*, session: Session, conversation_id: int, kind: str, lease_s: float) -> uuid.UUID | None:
-    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it."""
+    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it, or
+    when the conversation is gone (erased)."""
     token = uuid.uuid4()
     got = session.execute(
         _CLAIM_SQL, {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}

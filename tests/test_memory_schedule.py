@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import redis
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from core.services import broker_url
 from core.settings import settings
@@ -590,3 +590,26 @@ def test_an_imported_log_has_its_memory_jobs_sent_without_waiting_for_the_next_t
         s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(queued_until=None))
     assert import_history(log, "openai", conversation=external, character="elara")[1:] == (1, 0)
     assert len(_queued(conv)) == 1
+
+
+def test_a_memory_job_of_a_conversation_erased_since_its_message_went_is_dropped_quietly(
+    summaries_due: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Found in review: a job's message still queued when its player was erased claimed a job row for
+    a conversation that was gone, a foreign-key error logged as the job's failure, and the failure's
+    own record failed the same way. The claim finds no conversation and the step is dropped."""
+    import logging
+
+    from db.models import Conversation
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+    with session_scope() as s:
+        s.execute(delete(MemoryJob).where(MemoryJob.conversation_id == conv))
+        s.execute(delete(Conversation).where(Conversation.id == conv))  # as an erasure's cascade leaves it
+    with caplog.at_level(logging.WARNING, logger="tasks.memory"):
+        assert memory_tasks._run_step(conv, SUMMARY) is False
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    with session_scope() as s:
+        assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60) is None
+        assert s.scalar(select(func.count()).where(MemoryJob.conversation_id == conv)) == 0
