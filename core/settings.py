@@ -253,8 +253,10 @@ class Settings(BaseSettings):
     memory_budget_tokens: int = Field(default=512, ge=0)
     # Fact extraction from dialogue (a bulk-lane job) once this many new lines wait; 0: off.
     memory_extract_every_lines: int = Field(default=0, ge=0)
-    # An extracted fact this similar to a current one of the same subject is a duplicate; similar
-    # down to memory_fact_supersede_similarity, it replaces that one (kept as history).
+    # An extracted fact this similar to one of the same subject that the conversation knows in a wider
+    # scope (met, story, world) is no copy of it; one similar down to memory_fact_supersede_similarity
+    # to a current fact of the conversation's own replaces that one (kept as history); the same words
+    # are a duplicate.
     memory_fact_dedup_similarity: float = Field(default=0.97, gt=0, le=1)
     memory_fact_supersede_similarity: float = Field(default=0.8, gt=0, le=1)
     memory_job_lease_s: float = Field(default=600.0, gt=0)

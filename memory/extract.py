@@ -226,7 +226,11 @@ def store_extracted(
         # replaces it instead, so the prompt still holds one.
         similarity = close[1] if close is not None else 0.0
         told_elsewhere = close is not None and close[0].source_conversation_id not in (None, conversation.id)
-        same = similarity >= settings.memory_fact_dedup_similarity
+        # A duplicate says the same words. A restatement however close replaces the fact (kept as
+        # history): this embedder scores "owes Elara 10 gold" against "20 gold" 0.977, "is alive"
+        # against "is dead" 0.970, and a change taken for a duplicate was lost for good (its lines
+        # read), the NPC holding the old one.
+        same = close is not None and speaker_key(close[0].text) == words[1]
         if same and not told_elsewhere:
             counts["duplicate"] += 1
             continue

@@ -644,7 +644,7 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
             session=s,
             conversation=conv,
             facts=_answer(
-                ("Rowan has a sister named Mira.", 8),  # a paraphrase: a duplicate
+                ("rowan has a sister  called Mira.", 8),  # the same words: a duplicate
                 ("Rowan has no sister; Mira is his cousin.", 8),  # close but other: supersedes
                 ("Rowan is afraid of the dark.", 3),  # new
             ),
@@ -690,6 +690,37 @@ def test_facts_of_one_answer_never_replace_each_other() -> None:
         "Rowan has a sister called Mira.",
         "Rowan has a brother called Tom.",
         "Rowan owes Elara 10 gold.",
+    ]
+
+
+def test_a_changed_fact_replaces_the_old_one_however_close_their_words() -> None:
+    """Found in review: a fact scoring 0.97 or more against the current one was dropped as its
+    duplicate, and this embedder scores "owes Elara 10 gold" against "20 gold" 0.977: the change was
+    lost for good (its lines read) and the NPC held the old sum. Only the same words are a duplicate;
+    a restatement however close replaces the fact, kept as history."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+    counts = []
+    for said in ("Rowan owes Elara 10 gold.", "Rowan owes Elara 20 gold.", "Rowan owes Elara 20 gold."):
+        with session_scope() as s:
+            conv = s.get_one(Conversation, conv_id)
+            counts.append(
+                store_extracted(
+                    session=s, conversation=conv, facts=_answer((said, 6)), source="t", lines=(1, 1)
+                )
+            )
+    with session_scope() as s:
+        rows = s.execute(
+            select(Fact.text, Fact.superseded_by.is_(None)).where(Fact.player_id == player).order_by(Fact.id)
+        ).all()
+    assert counts == [
+        {"added": 1, "duplicate": 0, "superseded": 0},
+        {"added": 0, "duplicate": 0, "superseded": 1},
+        {"added": 0, "duplicate": 1, "superseded": 0},
+    ]
+    assert [tuple(r) for r in rows] == [
+        ("Rowan owes Elara 10 gold.", False),
+        ("Rowan owes Elara 20 gold.", True),
     ]
 
 
