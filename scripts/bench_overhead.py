@@ -68,15 +68,7 @@ class GroupedEngine:
     def __init__(self) -> None:
         self.claims = 0
 
-    def submit(
-        self,
-        requests: Any,
-        *,
-        alone: bool = False,
-        on_text: Any = (),
-        ends_notice: Any = (),
-        salts: Any = (),
-    ) -> list[Future[Any]]:
+    def submit(self, requests: Any, **_: Any) -> list[Future[Any]]:  # the loop's options mean nothing here
         from worker.engine_loop import Generation
 
         jobs = list(requests)
