@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal
 
+import regex
 from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, ValidationError
 from sqlalchemy import func, select
 
@@ -182,6 +183,11 @@ def _finished_before_the_cut(raw: str) -> list[Any] | None:
     return items
 
 
+def _words(text: str) -> str:
+    """A fact's words as a duplicate is told: any case and spacing, punctuation left out."""
+    return " ".join(regex.findall(r"\w+", speaker_key(text)))
+
+
 def store_extracted(
     *,
     session: Any,
@@ -203,11 +209,12 @@ def store_extracted(
     replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
     # Facts of one answer are read from the same lines: one never replaces another ("a sister called
     # Mira" and "a brother called Tom" are close enough for this embedder to be taken for a change),
-    # and one said twice in it is a duplicate by its words.
+    # nor a stored fact another of them says again; one said twice in it is a duplicate by its words.
     added_here: set[int] = set()
+    confirmed: set[int] = set()  # stored facts this answer says again
     said_here: set[tuple[str, str]] = set()
     for fact, (subject, fact_text), vector in zip(facts, stored, vectors, strict=True):
-        words = (speaker_key(subject), speaker_key(fact_text))
+        words = (_words(subject), _words(fact_text))
         if words in said_here:
             counts["duplicate"] += 1
             continue
@@ -230,8 +237,14 @@ def store_extracted(
         # history): this embedder scores "owes Elara 10 gold" against "20 gold" 0.977, "is alive"
         # against "is dead" 0.970, and a change taken for a duplicate was lost for good (its lines
         # read), the NPC holding the old one.
-        same = close is not None and speaker_key(close[0].text) == words[1]
-        if same and not told_elsewhere:
+        same = close is not None and _words(close[0].text) == words[1]
+        # The game's fact is canon: one this close is it again, never a copy beside it.
+        canon = close is not None and close[0].source == "game"
+        again = (same and not told_elsewhere) or (
+            canon and similarity >= settings.memory_fact_dedup_similarity
+        )
+        if close is not None and again:
+            confirmed.add(close[0].id)
             counts["duplicate"] += 1
             continue
         # Known to this conversation already in a wider scope (the game's fact for every NPC the player
@@ -271,7 +284,8 @@ def store_extracted(
         if (
             close is not None
             and (similarity >= settings.memory_fact_supersede_similarity or same)
-            and close[0].source != "game"
+            and not canon
+            and close[0].id not in confirmed
         ):
             replaces.append((close[0].id, row.id))
         else:
@@ -287,7 +301,7 @@ def store_extracted(
         # Replaced meanwhile (the game, another extraction, an earlier fact of this answer): the newer
         # fact stands. Moved out of the conversation by gossip, or deleted: nothing stands against it.
         replaced_by = session.scalar(select(Fact.superseded_by).where(Fact.id == old_id))
-        if replaced_by is None:
+        if replaced_by is None or replaced_by in added_here:  # a sibling of this answer replaced it
             counts["added"] += 1
         else:
             supersede(session=session, old_id=new_id, new_id=replaced_by)
@@ -297,9 +311,9 @@ def store_extracted(
 
 def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = None) -> dict[str, int]:
     """Extract facts from the lines not read yet; the counts of lines read, facts added, duplicate
-    and superseded, and answers outside the schema (empty when another worker holds the job or
-    nothing waits). An answer outside the schema still counts its lines as read: retrying the same
-    lines would most likely fail the same way."""
+    and superseded, and answers outside the schema (empty when another worker holds the job, its
+    conversation is gone, or nothing waits). An answer outside the schema still counts its lines as
+    read: retrying the same lines would most likely fail the same way."""
     on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
     with session_scope() as session:

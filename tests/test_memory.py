@@ -13,7 +13,7 @@ import time
 import uuid
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 
 from core.settings import settings
 from db.facts import FactHit, NewFact, add_facts, fact_moves, facts_for_turns, get_fact, move_fact, supersede
@@ -644,17 +644,26 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
             session=s,
             conversation=conv,
             facts=_answer(
-                ("rowan has a sister  called Mira.", 8),  # the same words: a duplicate
                 ("Rowan has no sister; Mira is his cousin.", 8),  # close but other: supersedes
                 ("Rowan is afraid of the dark.", 3),  # new
             ),
             source="t:2",
             lines=(1, 1),
         )
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        third = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(("rowan has no sister, Mira is his  cousin", 8)),  # the same words: a duplicate
+            source="t:3",
+            lines=(1, 1),
+        )
         rows = s.scalars(select(Fact).where(Fact.player_id == player).order_by(Fact.id)).all()
         facts = [(r.text, r.superseded_by is not None, r.scope.value, r.scope_ref) for r in rows]
     assert first == {"added": 1, "duplicate": 0, "superseded": 0}
-    assert second == {"added": 1, "duplicate": 1, "superseded": 1}
+    assert second == {"added": 1, "duplicate": 0, "superseded": 1}
+    assert third == {"added": 0, "duplicate": 1, "superseded": 0}
     assert facts == [
         ("Rowan has a sister called Mira.", True, "conversation", str(conv_id)),  # history kept
         ("Rowan has no sister; Mira is his cousin.", False, "conversation", str(conv_id)),
@@ -691,6 +700,41 @@ def test_facts_of_one_answer_never_replace_each_other() -> None:
         "Rowan has a brother called Tom.",
         "Rowan owes Elara 10 gold.",
     ]
+
+
+def test_facts_of_one_answer_close_to_one_stored_fact_do_not_replace_each_other() -> None:
+    """Second review: two facts of one answer close to the same stored fact both replaced it, and the
+    second, finding it replaced already, was superseded by the first (it left the prompt); a fact the
+    answer said again was replaced by another of its facts."""
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player)
+
+    def store(*said: tuple[str, int]) -> dict[str, int]:
+        with session_scope() as s:
+            conv = s.get_one(Conversation, conv_id)
+            return store_extracted(
+                session=s, conversation=conv, facts=_answer(*said), source="t", lines=(1, 1)
+            )
+
+    def current() -> list[str]:
+        with session_scope() as s:
+            return list(
+                s.scalars(
+                    select(Fact.text)
+                    .where(Fact.player_id == player, Fact.superseded_by.is_(None))
+                    .order_by(Fact.id)
+                )
+            )
+
+    store(("Rowan has a sister called Mira.", 8))
+    counts = store(("Rowan has no sister; Mira is his cousin.", 8), ("Rowan has a brother called Tom.", 8))
+    assert counts == {"added": 1, "duplicate": 0, "superseded": 1}
+    assert current() == ["Rowan has no sister; Mira is his cousin.", "Rowan has a brother called Tom."]
+    counts = store(
+        ("Rowan has a brother called Tom", 8), ("Rowan has a brother called Tim.", 8)
+    )  # said again
+    assert counts == {"added": 1, "duplicate": 1, "superseded": 0}
+    assert "Rowan has a brother called Tom." in current() and "Rowan has a brother called Tim." in current()
 
 
 def test_a_changed_fact_replaces_the_old_one_however_close_their_words() -> None:
@@ -911,6 +955,21 @@ def test_dialogue_never_supersedes_a_game_fact_nor_a_fact_of_another_scope() -> 
         assert s.get(Fact, met_id).superseded_by is None
         assert s.get(Fact, own_id).superseded_by is None
     assert counts == {"added": 1, "duplicate": 0, "superseded": 0}
+    # Second review: once only the same words were a duplicate, the game's fact of this conversation
+    # alone said again in other case or punctuation was stored beside it, a copy in a second of the
+    # prompt's fact slots.
+    with session_scope() as s:
+        s.execute(delete(Fact).where(Fact.id == met_id))
+    with session_scope() as s:
+        conv = s.get(Conversation, conv_id)
+        again = store_extracted(
+            session=s,
+            conversation=conv,
+            facts=_answer(("Rowan has a sister called mira!", 8), ("Rowan has a Sister named Mira", 8)),
+            source="t:2",
+            lines=(2, 2),
+        )
+    assert again == {"added": 0, "duplicate": 2, "superseded": 0}
 
 
 def test_dialogue_adds_no_copy_of_a_fact_its_conversation_knows_in_a_wider_scope() -> None:
