@@ -19,8 +19,9 @@ _CLAIM_SQL = text(
 INSERT INTO memory_jobs (conversation_id, kind, token, lease_until)
 SELECT :conversation_id, :kind, :token, now() + make_interval(secs => :lease_s)
 -- a conversation erased since the job's message was sent: no job, not a foreign-key error logged as
--- the job's failure (the lock keeps an erasure from deleting it until this claim commits)
-WHERE EXISTS (SELECT 1 FROM conversations WHERE id = :conversation_id FOR KEY SHARE)
+-- the job's failure. No lock on it: an erasure locks the job rows before the conversation, and this
+-- claim would take them the other way round; one erasing in the instant between is the old error.
+WHERE EXISTS (SELECT 1 FROM conversations WHERE id = :conversation_id)
 ON CONFLICT (conversation_id, kind) DO UPDATE
 SET token = excluded.token, lease_until = excluded.lease_until, queued_until = NULL
 WHERE memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now()

@@ -129,7 +129,7 @@ def _shared(work: SummaryWork, fits: Callable[[SummaryWork], bool]) -> SummaryWo
 
 def run_summary_job(conversation_id: int, *, generate: Generate | None = None, max_steps: int = 1) -> int:
     """Write up to `max_steps` of the conversation's due summaries; how many were stored (0 when
-    another worker holds the job, or nothing is due)."""
+    another worker holds the job, its conversation is gone, or nothing is due)."""
     on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
     with session_scope() as session:

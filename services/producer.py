@@ -356,7 +356,7 @@ def _group_speakers(
     for i, req in enumerate(requests):
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
-        if conversation_id in groups and req.one_character:  # read in the storing transaction: no race
+        if conversation_id in groups and req.one_character:  # read as the turn is stored, not before
             reason = f"{printable(req.conversation, 80)!r} holds a scene; only a player's line speaks in it"
             errors.append(ItemError(i, "conversation", f"{reason} (POST /v1/turns)"))
             speakers.append(None)
