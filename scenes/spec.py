@@ -13,7 +13,7 @@ from core.text import speaker_key
 from roleplay.mood import AFFINITY_MAX, AFFINITY_MIN
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG, Rule, Strategy, rule_order
 from services.schemas import GenerationParams, Text
-from worker.prompt.sanitize import CONTROLS
+from worker.prompt.sanitize import Sanitizer
 
 
 class Participant(BaseModel):
@@ -281,7 +281,11 @@ def name_clash(spec: SceneSpec, names: dict[str, str]) -> str | None:
     return None
 
 
+_LABELS = Sanitizer(None)  # labels as the prompt writes them, less any tokenizer's special-token breaks
+
+
 def _label_key(name: str, default: str) -> str:
-    # The name as the prompt labels it (Sanitizer.label less the special-token breaks), compared as
-    # speaker names are: NFKC and no invisible characters ("Ｂｒａｍ", "Bra\u200bm" are Bram).
-    return speaker_key(CONTROLS.sub("", name.replace("\r\n", "\n").replace("\r", "\n"))) or default.casefold()
+    # The name as the prompt labels it (Sanitizer.label: NFKC, no invisible characters, cut to its
+    # length), compared as speaker names are ("Ｂｒａｍ", "Bra\u200bm" are Bram; two names alike in
+    # their first 200 characters once normalised are one label).
+    return speaker_key(_LABELS.label(name, default))

@@ -2347,3 +2347,14 @@ def test_a_continue_retried_after_its_group_was_erased_and_named_again_is_a_conf
     gone = r"^Idempotency-Key \(header\): the group .* this key continued is gone"
     with pytest.raises(IdempotencyConflict, match=gone):
         continue_group(conv, 1, tenant=tenant, idempotency_key="one-more")
+
+
+def test_names_alike_in_their_whole_label_clash_though_they_differ_past_it() -> None:
+    """Review of the label's length cap: a label is at most 200 characters once NFKC-normalised, and the
+    clash check compared the names whole, so two members (or a member and the player) whose labels
+    are one were let in, each speaking as the other."""
+    long_a, long_b = "\u2026" * 67 + "A", "\u2026" * 67 + "B"  # "…" is "..." once normalised: 201 and more
+    twins = SceneSpec(participants=["ann", "bram"], exchanges=2)
+    assert (name_clash(twins, {"ann": long_a, "bram": long_b}) or "").startswith("participants.")
+    player = SceneSpec(participants=["ann", "bram"], exchanges=2, player_name=long_b)
+    assert (name_clash(player, {"ann": long_a, "bram": "Bram"}) or "").startswith("player_name:")
