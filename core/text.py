@@ -86,7 +86,7 @@ class _Place:
 # "Rowan". A label keeps ZWJ and ZWNJ, which spell words in Persian and Indic scripts (and emoji
 # sequences); a comparison drops them.
 DISGUISE = regex.compile(r"(?![\u200c\u200d])[\p{Cf}\p{Default_Ignorable_Code_Point}]")
-_SHOWS_NOTHING = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # neither is a superset
+SHOWS_NOTHING = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # neither is a superset
 
 
 def caseless(text: str) -> str:
@@ -98,4 +98,4 @@ def caseless(text: str) -> str:
 def speaker_key(name: str) -> str:
     """A speaker's name as names are compared: caseless, without the characters that show nothing,
     whitespace folded."""
-    return " ".join(caseless(_SHOWS_NOTHING.sub("", name)).split())
+    return " ".join(caseless(SHOWS_NOTHING.sub("", name)).split())

@@ -14,7 +14,7 @@ from typing import Any
 
 import regex
 
-from core.text import speaker_key
+from core.text import SHOWS_NOTHING, speaker_key
 from worker.prompt.sanitize import ZWSP
 
 ChatMessage = dict[str, str]
@@ -163,7 +163,6 @@ def escaped_label(fmt: PromptFormat, name: str, *speakers: str) -> str:
 # ":" and the forms NFKC folds into it (fullwidth, small, vertical): "Ｏｌｄ Ｔｏｍ：" reads as "Old Tom:".
 COLONS = frozenset(":\ufe13\ufe55\uff1a")
 _LINE_START = regex.compile(LEADING)
-_SHOWS_NOTHING = regex.compile(r"[\p{Cf}\p{Default_Ignorable_Code_Point}]")  # as core/text.py drops them
 
 
 def escape_name_markers(text: str, names: Sequence[str]) -> str:
@@ -194,7 +193,7 @@ def _escape_opening(line: str, keys: set[str], reach: int) -> str:
             if not escaped and speaker_key("".join(visible)) in keys:
                 breaks.append(at)
             visible.append(char)  # a colon inside a longer name ("Dr. Who: Origins")
-        elif _SHOWS_NOTHING.match(char):
+        elif SHOWS_NOTHING.match(char):  # as speaker_key drops them
             continue
         elif char.isspace():
             if not visible or visible[-1] == " ":
