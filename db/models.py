@@ -27,10 +27,11 @@ from sqlalchemy import (
     UniqueConstraint,
     Uuid,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column, relationship
 
 from core.settings import settings
 
@@ -513,6 +514,16 @@ class Turn(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Who answers, by slug: a group's member, else the conversation's own character; None when the
+    # narrator does. Read where a view of the turn is made (db/turns.py get_turn undefers it).
+    character_slug: Mapped[str | None] = column_property(
+        select(Character.slug)
+        .select_from(Conversation)
+        .join(Character, Character.id == func.coalesce(character_id, Conversation.character_id))
+        .where(Conversation.id == conversation_id, speaker != "narrator")
+        .scalar_subquery(),
+        deferred=True,
+    )
 
 
 class ReviewLabel(enum.StrEnum):

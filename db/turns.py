@@ -48,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, aliased, defer, lazyload
+from sqlalchemy.orm import Session, aliased, defer, lazyload, undefer
 from sqlalchemy.orm.attributes import set_committed_value
 
 from db.models import (
@@ -1289,9 +1289,10 @@ def answering_claim(*, session: Session, turn_id: uuid.UUID) -> tuple[bool, uuid
 
 def get_turn(*, session: Session, turn_id: uuid.UUID, with_prompt: bool = True) -> Turn | None:
     """The turn row, or None; without `with_prompt`, its prompt and context left unread (None)."""
+    answered_by = undefer(Turn.character_slug)
     if with_prompt:
-        return session.get(Turn, turn_id)
-    turn = session.get(Turn, turn_id, options=[defer(Turn.prompt), defer(Turn.context)])
+        return session.get(Turn, turn_id, options=[answered_by])
+    turn = session.get(Turn, turn_id, options=[defer(Turn.prompt), defer(Turn.context), answered_by])
     if turn is not None and "prompt" not in turn.__dict__:  # not loaded by an earlier read: say None
         set_committed_value(turn, "prompt", None)
         set_committed_value(turn, "context", None)

@@ -11,7 +11,7 @@ from datetime import datetime
 from functools import partial
 from typing import Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
@@ -69,6 +69,8 @@ class TurnView(BaseModel):
     custom_id: str | None
     model: str
     speaker: str
+    # The character who answers, by slug (in a group, the member picked); None when the narrator does.
+    character: str | None = Field(validation_alias=AliasChoices("character_slug", "character"))
     message: str
     reply: str | None
     params: dict[str, Any]

@@ -949,6 +949,18 @@ def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:
         ("user", None, "Elara, is the road safe?"),
         ("assistant", "Elara", "The road is safe enough."),
     ]
+    # Found in a last read: the turn's view did not name the member who answered (only "character"),
+    # so a game had to match the transcript to know who spoke.
+    from services.producer import get_turn
+
+    view = get_turn(first)
+    assert view is not None and (view.speaker, view.character) == ("character", "elara")
+    assert view.model_dump(mode="json")["character"] == "elara"
+    (solo,) = submit_turns(
+        [{"conversation": f"solo-{uuid.uuid4().hex[:8]}", "character": "luffy", "message": "hi"}], send=False
+    )
+    view = get_turn(solo.id, with_prompt=False)
+    assert view is not None and view.character == "luffy"  # one to one: the conversation's character
 
 
 def test_a_groups_transcript_comes_in_pages_from_a_cursor(world) -> None:
@@ -1628,6 +1640,10 @@ def test_the_narrator_answering_a_player_in_a_live_group_speaks_in_the_scene(wor
     )
     turn, _, _ = _answer(stored.id, "", store=False)
     assert turn.speaker == "narrator" and turn.group is not None and turn.group.narrator
+    from services.producer import get_turn
+
+    view = get_turn(stored.id)
+    assert view is not None and (view.speaker, view.character) == ("narrator", None)
     built = PromptBuilder(tokenizer, "chat_template", 4096).build(
         PromptInput(
             turn.character,
