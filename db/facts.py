@@ -301,19 +301,25 @@ def _folded(subject: Any) -> Any:
     return func.lower(func.btrim(func.regexp_replace(subject, r"\s+", " ", "g")))
 
 
+def _subject_in(subjects: Sequence[str]) -> Any:
+    """A fact's subject is one of these, in any case and spacing."""
+    return or_(*(_folded(Fact.subject) == _folded(literal(subject)) for subject in subjects))
+
+
 def known_elsewhere(
     *,
     session: Session,
     tenant: str,
     player_id: str,
     story: str | None,
-    subject: str,
+    subjects: Sequence[str],
     vector: np.ndarray,
     similarity: float,
 ) -> bool:
     """Whether a conversation of this player (and story) already sees a current fact of the subject
-    at least this similar in another scope than its own (the player's every NPC, the story, the
-    world): extraction adds no copy of it, which would take a second of the prompt's few fact slots."""
+    (any of `subjects`, its names) at least this similar in another scope than its own (the player's
+    every NPC, the story, the world): extraction adds no copy of it, which would take a second of the
+    prompt's few fact slots."""
     send_vectors_binary(session)
     scopes = [Fact.scope == FactScope.WORLD]
     if player_id:
@@ -327,7 +333,7 @@ def known_elsewhere(
                 exists().where(
                     Fact.tenant == tenant,
                     or_(*scopes),
-                    _folded(Fact.subject) == _folded(literal(subject)),
+                    _subject_in(subjects),
                     Fact.superseded_by.is_(None),
                     Fact.embedding.is_not(None),
                     text(SAME_SPACE_SQL),
@@ -344,13 +350,13 @@ def closest_fact(
     tenant: str,
     scope: FactScope,
     scope_ref: str,
-    subject: str,
+    subjects: Sequence[str],
     vector: np.ndarray,
     besides: Collection[int] = (),
 ) -> tuple[Fact, float] | None:
-    """The current fact of this scope, scope ref and subject (in any case and spacing) closest to
-    `vector`, with its cosine similarity (facts of another scope reach other NPCs or players: never
-    compared); none of the facts `besides`."""
+    """The current fact of this scope, scope ref and subject (any of `subjects`, in any case and
+    spacing) closest to `vector`, with its cosine similarity (facts of another scope reach other NPCs
+    or players: never compared); none of the facts `besides`."""
     send_vectors_binary(session)
     distance = Fact.embedding.cosine_distance(np.asarray(vector, dtype=np.float32))
     row = session.execute(
@@ -362,7 +368,7 @@ def closest_fact(
             Fact.scope_ref == scope_ref,
             # One subject in any case or spacing ("Rowan", "rowan ", "ROWAN"): a model names it
             # differently from one answer to the next.
-            _folded(Fact.subject) == _folded(literal(subject)),
+            _subject_in(subjects),
             Fact.superseded_by.is_(None),
             Fact.embedding.is_not(None),
             text(SAME_SPACE_SQL),

@@ -195,16 +195,31 @@ def store_extracted(
     facts: list[ExtractedFact],
     source: str,
     lines: tuple[int, int],
+    player_label: str = "",
 ) -> dict[str, int]:
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
-    line (seq) of the conversation they were read from (an edit of one drops them again)."""
+    line (seq) of the conversation they were read from (an edit of one drops them again).
+    `player_label`: the player's name as the request showed it."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
-    stored = [(f.subject.strip(), f.text.strip()) for f in facts]
     player = conversation.player_id
+    # The player is one subject however named. The game's fact about the player, written with no
+    # subject, is stored under their id; the model names them as the dialogue did. A fact whose
+    # subject is the player's name is stored as the game's is (embedded, compared and shown alike),
+    # and compared with facts under any of the player's names: else dialogue restating the game's
+    # fact added a copy of it, and a changed one never replaced the old.
+    names = [n for n in dict.fromkeys((conversation.player_name, player_label)) if n.strip()]
+    player_keys = {speaker_key(n) for n in names}
+    stored = [
+        (
+            player if player and speaker_key(f.subject.strip()) in player_keys else f.subject.strip(),
+            f.text.strip(),
+        )
+        for f in facts
+    ]
     vectors = embed([embedded_text(subject=s, text=t, player_id=player) for s, t in stored])
     replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
     # Facts of one answer are read from the same lines: one never replaces another ("a sister called
@@ -214,6 +229,8 @@ def store_extracted(
     confirmed: set[int] = set()  # stored facts this answer says again
     said_here: set[tuple[str, str]] = set()
     for fact, (subject, fact_text), vector in zip(facts, stored, vectors, strict=True):
+        about_player = bool(player) and subject == player
+        subjects = [player, *names] if about_player else [subject]
         words = (_words(subject), _words(fact_text))
         if words in said_here:
             counts["duplicate"] += 1
@@ -224,7 +241,7 @@ def store_extracted(
             tenant=conversation.tenant,
             scope=FactScope.CONVERSATION,
             scope_ref=str(conversation.id),
-            subject=subject,
+            subjects=subjects,
             vector=vector,
             besides=added_here,
         )
@@ -255,7 +272,7 @@ def store_extracted(
             tenant=conversation.tenant,
             player_id=player,
             story=conversation.story,
-            subject=subject,
+            subjects=subjects,
             vector=vector,
             similarity=settings.memory_fact_dedup_similarity,
         ):
@@ -267,7 +284,7 @@ def store_extracted(
                 NewFact(
                     tenant=conversation.tenant,
                     player_id=conversation.player_id,
-                    kind=FactKind(fact.kind),
+                    kind=FactKind.PLAYER if about_player else FactKind(fact.kind),
                     subject=subject,
                     text=fact_text,
                     source=source,
@@ -397,6 +414,7 @@ def _extract_step(
                 facts=facts or [],
                 source=source,
                 lines=(lines[0].seq, last.seq),
+                player_label=who.user,
             )
 
     # Its own transaction, run again after a deadlock (facts are locked by the desk's drop of an

@@ -33,14 +33,16 @@ pytestmark = pytest.mark.usefixtures("world")
 HALF_LIFE = 30 * 86400.0
 
 
-def _conversation(character: str, player: str, *, tenant: str = "", story: str | None = None) -> int:
+def _conversation(
+    character: str, player: str, *, tenant: str = "", story: str | None = None, name: str | None = None
+) -> int:
     with session_scope() as s:
         char_id = find_characters(session=s, slugs=[character])[character]
         external = f"mem-{uuid.uuid4().hex[:10]}"
         row = {
             "external_id": external,
             "player_id": player,
-            "player_name": player.title(),
+            "player_name": player.title() if name is None else name,
             "character_id": char_id,
             "story": story,
         }
@@ -1570,3 +1572,48 @@ def test_facts_dropped_for_an_edited_line_are_locked_in_id_order() -> None:
     assert errors_beside(drop, first=lock(low_id), then=lock(high_id)) == []
     with session_scope() as s:
         assert not s.scalars(select(Fact.id).where(Fact.id.in_([low_id, high_id]))).all()
+
+
+def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_names_them() -> None:
+    """Found in a last read: the game's fact about the player, written with no subject, is stored
+    under the player's id, an extracted one under the name the model gave: dialogue saying the game's
+    fact again added a copy beside it, in a second of the prompt's few fact slots, and a changed one
+    stood beside the old. A fact whose subject is the player's name (or the label a nameless player
+    is shown under) is now stored as the game's is, and compared with facts under any of those names."""
+    from services.facts import FactIn, write_facts
+
+    player = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", player, name="Rowan")
+    (met,) = write_facts("", player, [FactIn(text="Stole the innkeeper's silver ring.", importance=0.9)])
+    assert met.subject == player  # no subject: the game's fact is about the player
+
+    def extract(subject: str, text: str, label: str = "") -> dict[str, int]:
+        body = {"facts": [{"subject": subject, "kind": "world", "text": text, "importance": 8}]}
+        parsed = parse_facts(json.dumps(body))
+        assert parsed is not None
+        with session_scope() as s:
+            conv = s.get_one(Conversation, conv_id)
+            return store_extracted(
+                session=s, conversation=conv, facts=parsed, source="t:1", lines=(1, 1), player_label=label
+            )
+
+    assert extract(" ROWAN ", "Stole the innkeeper's silver ring.") == {
+        "added": 0,
+        "duplicate": 1,
+        "superseded": 0,
+    }
+    assert extract("Brann", "Stole the innkeeper's silver ring.")["added"] == 1  # another subject
+    # A new fact about the player by the label the request showed: stored as the game's would be.
+    assert extract("Wanderer", "Fears deep water.", label="Wanderer")["added"] == 1
+    with session_scope() as s:
+        rows = s.execute(
+            select(Fact.subject, Fact.kind, Fact.text)
+            .where(Fact.scope == FactScope.CONVERSATION, Fact.scope_ref == str(conv_id))
+            .order_by(Fact.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("Brann", FactKind.WORLD, "Stole the innkeeper's silver ring."),
+        (player, FactKind.PLAYER, "Fears deep water."),
+    ]
+    # ... so the dialogue changing it replaces it, however it names the player.
+    assert extract("Rowan", "No longer fears deep water; swims the river daily.")["superseded"] == 1
