@@ -70,6 +70,7 @@ def _count_death(conversation_id: int, kind: str, *, suspect: bool) -> None:
 def _run_step(conversation_id: int, kind: str) -> bool:
     """One step of the job; whether it did any work."""
     from db.memory_jobs import EXTRACT, SUMMARY
+    from db.session import connection_lost, rolled_back_for_a_conflict
     from db.vector_space import EmbedderMismatch
     from memory.claim import ClaimLapsed
     from memory.extract import run_extract_job
@@ -104,6 +105,18 @@ def _run_step(conversation_id: int, kind: str) -> bool:
                 conversation_id,
             )
             _send_later(conversation_id, kind, settings.memory_job_retry_s * 12, marked=False)
+            return False
+        # The database away a moment, or a deadlock run again until its tries ran out: no fault of the
+        # job's, which is sent again uncounted (five in an outage of minutes gave it up for a day,
+        # where a turn has its outage refunded).
+        if connection_lost(exc) or rolled_back_for_a_conflict(exc):
+            logger.warning(
+                "memory job %s of conversation %s: %s; sent again, not counted as its failure",
+                kind,
+                conversation_id,
+                "the database was away" if connection_lost(exc) else "a deadlock outlasted its tries",
+            )
+            _send_later(conversation_id, kind, settings.memory_job_retry_s * 6, marked=False)
             return False
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)

@@ -474,6 +474,43 @@ def test_a_memory_job_that_raises_is_sent_again_after_a_backoff_and_given_up_aft
     assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
 
 
+def test_a_memory_job_failing_for_a_database_away_or_a_deadlock_is_sent_again_uncounted(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in a deadlock review: a step whose database went away, or whose deadlock outlasted its
+    tries, was counted as the job's failure: five in an outage of minutes gave the job up for a day,
+    where a turn has its outage refunded. It is sent again after a delay, uncounted."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from memory import summarize
+    from tasks import memory as memory_tasks
+
+    monkeypatch.setattr(settings, "memory_job_max_failures", 2)
+    conv = _conversation(80)
+    causes = [
+        psycopg.errors.DeadlockDetected("deadlock detected"),
+        psycopg.OperationalError("server closed the connection unexpectedly"),
+    ] * 2
+
+    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE memory_jobs …", {}, causes.pop(0))
+
+    original = summarize.run_summary_job
+    monkeypatch.setattr(
+        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
+    )
+    for _ in range(4):  # twice the failures that give a job up
+        memory_tasks.memory_job(conv, SUMMARY)
+        (headers,) = _queued(conv)
+        assert headers["eta"] is not None  # sent again, after a delay
+        redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+        with session_scope() as s:
+            row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+            assert (row.failures, row.token) == (0, None)
+    assert not causes
+
+
 def test_a_step_failing_after_another_claim_took_its_job_counts_no_failure_against_it(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
