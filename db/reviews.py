@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from sqlalchemy import case, cast, func, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import JSONB, JSONPATH, insert
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from db.facts import forget_read_facts
@@ -169,10 +170,24 @@ def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
     return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
 
 
-def lock_line_run(*, session: Session, run_id: uuid.UUID) -> str | None:
+class RunBusy(Exception):
+    """The run's row stayed locked past the wait (another change rewriting its file, its finalizer)."""
+
+
+def lock_line_run(*, session: Session, run_id: uuid.UUID, wait_ms: int) -> str | None:
     """Lock the run a changed line belongs to (so a change and the batch's finalizer, or two
-    changes' rewrites of its output file, never interleave); its output file's id, if written."""
-    return session.scalar(select(Run.output_file_id).where(Run.id == run_id).with_for_update())
+    changes' rewrites of its output file, never interleave), waiting at most `wait_ms` (RunBusy
+    after it, the transaction then to be rolled back); its output file's id, if written."""
+    prior = session.scalar(select(func.current_setting("lock_timeout")))
+    session.execute(select(func.set_config("lock_timeout", f"{wait_ms}ms", True)))
+    try:
+        file_id = session.scalar(select(Run.output_file_id).where(Run.id == run_id).with_for_update())
+    except OperationalError as exc:
+        if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
+            raise RunBusy(str(run_id)) from None
+        raise
+    session.execute(select(func.set_config("lock_timeout", prior, True)))
+    return file_id
 
 
 def review_changes(*, session: Session, turn_id: uuid.UUID) -> list[TurnReviewChange]:

@@ -33,7 +33,7 @@ from db.models import (
     TurnReview,
     TurnReviewChange,
 )
-from db.reviews import LineFilter, NotAnswered, NotReviewable, StaleReview
+from db.reviews import LineFilter, NotAnswered, NotReviewable, RunBusy, StaleReview
 from db.runs import run_counts
 from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 PAGE_SIZE = 50
 REASON_MAX_CHARS = 500
+# How long a text change waits for another's rewrite of its batch's output file (or the finalizer's
+# writing it): a rewrite of a large batch takes seconds, and every writer waiting holds a connection.
+RUN_LOCK_WAIT_MS = 5000
 TEXT_FILTER_MAX_CHARS = 200
 CHECKS = CHECK_KINDS  # the gate's checks a run's lines can be filtered by
 _SLUG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -565,9 +568,16 @@ def _change(
     try:
         with session_scope() as session:
             run_id = _own_line(session, who, turn_id).id
-            output_file_id = reviews.lock_line_run(session=session, run_id=run_id)
-            version = int(apply(session))
-            if text and output_file_id is not None:
+            version = int(apply(session))  # the line's row locked first, as every writer of turns and runs
+            # Only a text change rewrites the batch's file, under the run's lock (a change and the
+            # finalizer, or two rewrites, never interleave); a label waits for no rewrite, and a text
+            # change waits a bounded time: each waiting writer holds one of the API's connections.
+            output_file_id = (
+                reviews.lock_line_run(session=session, run_id=run_id, wait_ms=RUN_LOCK_WAIT_MS)
+                if text
+                else None
+            )
+            if output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
             remembering = _remembering(session, turn_id) if text or memory else None
         if remembering is not None:
@@ -583,6 +593,10 @@ def _change(
         raise _bad(str(exc)) from None
     except StaleReview as exc:
         raise DeskError(409, str(exc)) from None
+    except RunBusy:
+        raise DeskError(
+            503, "line: the batch's output file is being rewritten by another change; send this one again"
+        ) from None
 
 
 def _remembering(session: Session, turn_id: uuid.UUID) -> int | None:

@@ -1571,3 +1571,45 @@ def test_a_part_file_a_killed_export_left_is_removed_by_the_next_writer_into_its
         part.write_text("whole\n")
     assert (tmp_path / "export.jsonl").read_text() == "whole\n"
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
+    services, world, monkeypatch
+) -> None:
+    """Found in a deadlock review: every desk change locked the batch's run first and waited for it
+    without end, a label too, while another change (or the finalizer) rewrote the batch's output
+    file: each waiting writer held one of the API's pooled connections, and ten writers on one large
+    batch took them all. The run's lock was also taken before the line's, the reverse of every other
+    writer of turns and runs. A label now takes no run lock; a text change takes it after the line's
+    and waits at most RUN_LOCK_WAIT_MS, then is a 503 that stores nothing."""
+    import threading
+
+    first, second, path = _finished_batch()
+    run_id = _stored(first)[0].run_id
+    monkeypatch.setattr(desk, "RUN_LOCK_WAIT_MS", 300, raising=False)
+    outcome: dict[str, Any] = {}
+
+    def change(name: str, call: Any) -> threading.Thread:
+        def run() -> None:
+            try:
+                outcome[name] = call()
+            except DeskError as exc:
+                outcome[name] = exc
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    with session_scope() as holder:  # a rewrite in progress: the run's row held
+        holder.execute(select(Run.id).where(Run.id == run_id).with_for_update())
+        labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
+        edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
+        labelled.join(15)
+        edited.join(15)
+        assert not labelled.is_alive() and not edited.is_alive()
+    assert outcome["label"] == 1
+    busy = outcome["edit"]
+    assert isinstance(busy, DeskError) and busy.status == 503 and "send this one again" in str(busy)
+    assert _stored(second)[0].reply == "Morning, traveller." and b"Mind the puddles" not in path.read_bytes()
+    assert desk.edit(WRITER, second, "Morning! Mind the puddles.", "0") == 1  # the lock gone: through
+    assert b"Mind the puddles" in path.read_bytes()
