@@ -234,10 +234,11 @@ def resume_submission(
     )
 
 
-def _locked_in_id_order(session: Session, *where: Any) -> tuple[Any, ...]:
+def locked_in_id_order(session: Session, *where: Any) -> tuple[Any, ...]:
     """Row-lock the turns matching `where` in id order; the conditions, for the UPDATE over them that
     follows. Such an UPDATE over a whole run's turns (a cancel, an expiry in every worker's
-    housekeeping, a failing submission, a retry of failed lines) otherwise locks them in its plan's
+    housekeeping, a failing submission, a retry of failed lines; a cancel of given turns, a failed
+    send: db/turns.py) otherwise locks them in its plan's
     order (by turn number, or queued before running): two such, or one and a worker's store (in id
     order), deadlocked. The conditions stand in the UPDATE too, checked again on the rows as locked;
     a row another transaction made match between the two statements (a turn handed back to queued,
@@ -278,7 +279,7 @@ def fail_submission(
         )
         session.execute(
             update(Turn)
-            .where(*_locked_in_id_order(session, *mine))
+            .where(*locked_in_id_order(session, *mine))
             .values(
                 status=TurnStatus.CANCELLED,
                 finished_at=func.now(),
@@ -668,7 +669,7 @@ def cancel_run(
             stopping = (Turn.run_id == run_id, claimable())  # a lapsed lease's too, as below
             dropped = session.execute(
                 update(Turn)
-                .where(*_locked_in_id_order(session, *stopping))
+                .where(*locked_in_id_order(session, *stopping))
                 .values(
                     status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **CANCEL_CLEARS
                 )
@@ -687,7 +688,7 @@ def cancel_run(
         why = {"error": expired_turn_error(), "error_code": EXPIRED_TURN["error_code"]}
     cancelled = session.execute(
         update(Turn)
-        .where(*_locked_in_id_order(session, Turn.run_id == run_id, claimable()))
+        .where(*locked_in_id_order(session, Turn.run_id == run_id, claimable()))
         .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
     ).rowcount  # type: ignore[attr-defined]
     session.execute(
@@ -765,7 +766,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     ids = list(
         session.scalars(
             update(Turn)
-            .where(*_locked_in_id_order(session, Turn.run_id == run_id, Turn.status == TurnStatus.FAILED))
+            .where(*locked_in_id_order(session, Turn.run_id == run_id, Turn.status == TurnStatus.FAILED))
             .values(  # a fresh start: what counted toward its failure counts no more
                 params=retried_params(),  # SET reads the row as it was: its error_code too
                 status=TurnStatus.QUEUED,

@@ -68,7 +68,7 @@ from db.models import (
     TurnStatus,
 )
 from db.params import any_of
-from db.runs import CANCEL_CLEARS, EXPIRED_TURN, advance_runs_of_turns, expired_turn_error
+from db.runs import CANCEL_CLEARS, EXPIRED_TURN, advance_runs_of_turns, expired_turn_error, locked_in_id_order
 from db.scenes import GroupView, group_views, run_stopped
 from db.turn_leases import claimable, lease_live
 from db.vectors import binary_vector_param
@@ -1146,7 +1146,7 @@ def cancel_turns(
     cancelled = list(
         session.scalars(
             update(Turn)
-            .where(Turn.id.in_(list(turn_ids)), claimable(), unkeyed)
+            .where(*locked_in_id_order(session, Turn.id.in_(list(turn_ids)), claimable(), unkeyed))
             .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **CANCEL_CLEARS)
             .returning(Turn.id)
         ).all()
@@ -1167,7 +1167,15 @@ def fail_unsent(
     failed = list(
         session.scalars(
             update(Turn)
-            .where(Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED, Turn.attempts == 0, unkeyed)
+            .where(
+                *locked_in_id_order(
+                    session,
+                    Turn.id.in_(list(turn_ids)),
+                    Turn.status == TurnStatus.QUEUED,
+                    Turn.attempts == 0,
+                    unkeyed,
+                )
+            )
             .values(
                 status=TurnStatus.FAILED,
                 error=reason[:ERROR_CHARS],

@@ -246,3 +246,57 @@ def test_send_and_end_times_are_the_databases_whatever_the_hosts_clock(world, mo
     with session_scope() as session:
         ended = session.execute(select(Turn.started_at, Turn.finished_at).where(Turn.id.in_(claimed))).all()
     assert len(ended) == 3 and all(finished >= started for started, finished in ended), ended
+
+
+def _out_of_id_order() -> tuple[uuid.UUID, uuid.UUID]:
+    """Two queued turns (a, b), a before b in the heap and b's id the smaller."""
+    for _ in range(20):
+        ids = enqueue_turns(
+            [new_conversation() | {"message": f"Lock order check {i}."} for i in range(4)], send=False
+        )
+        with session_scope() as session:
+            heap = sorted(ids, key=lambda t: _ctid(session, t))
+        pair = next(((a, b) for i, a in enumerate(heap) for b in heap[i + 1 :] if b < a), None)
+        if pair is not None:
+            return pair
+    raise AssertionError("no pair of turns out of id order in the heap in 20 tries")
+
+
+def test_a_cancel_or_a_failed_send_of_given_turns_locks_them_in_id_order(world) -> None:
+    """Found in a deadlock review: cancelling given turns and failing those whose message could not be
+    sent locked them in their plan's order (the heap's, in a scan), while every other writer of turns
+    locks in id order: a retry of a run's failed lines failing for a broker away while its run was
+    cancelled could deadlock. Here the scan is forced to the heap's order, the heap's first turn of the
+    two has the larger id, and another session holds the smaller: in id order the statement waits
+    for it holding nothing, so the larger is free."""
+    from db.turns import cancel_turns, fail_unsent
+
+    operations = {
+        "cancel": lambda s, ids: cancel_turns(session=s, turn_ids=ids),
+        "fail": lambda s, ids: fail_unsent(session=s, turn_ids=ids, reason="the broker is away"),
+    }
+    for name, operation in operations.items():
+        a, b = _out_of_id_order()
+        errors: list[BaseException] = []
+        done: list[list[uuid.UUID]] = []
+
+        def run(operation=operation, a=a, b=b, done=done) -> None:  # type: ignore[no-untyped-def]
+            with session_scope() as session:
+                session.execute(text("SET LOCAL enable_indexscan = off"))
+                session.execute(text("SET LOCAL enable_bitmapscan = off"))
+                session.execute(text("SET LOCAL lock_timeout = '20s'"))
+                done.append(operation(session, [a, b]))
+
+        with session_scope() as holder:
+            holder.execute(select(Turn.id).where(Turn.id == b).with_for_update())
+            waiting = _in_thread(run, errors)
+            waiting.join(BLOCKED_S)
+            assert waiting.is_alive()  # waiting for b
+            with session_scope() as probe:
+                free = probe.execute(
+                    select(Turn.id).where(Turn.id == a).with_for_update(skip_locked=True)
+                ).scalar_one_or_none()
+            assert free == a, f"{name}: the larger id was locked before the smaller"
+        waiting.join(30)
+        assert not waiting.is_alive() and errors == [], errors
+        assert sorted(done[0]) == sorted([a, b])
