@@ -188,6 +188,35 @@ def _words(text: str) -> str:
     return " ".join(regex.findall(r"\w+", speaker_key(text)))
 
 
+def player_names(player_name: str, player_label: str) -> list[str]:
+    """The names the player goes by in a conversation: as stored, and as the request showed it."""
+    return [n for n in dict.fromkeys((player_name, player_label)) if n.strip()]
+
+
+def as_stored(
+    facts: Sequence[ExtractedFact], *, player_id: str, names: Sequence[str]
+) -> list[tuple[str, str]]:
+    """Each fact's (subject, text) as stored. The player is one subject however named: the game's
+    fact about the player, written with no subject, is stored under their id, and the model names
+    them as the dialogue did. A fact whose subject is one of the player's `names` is stored as the
+    game's is (embedded, compared and shown alike): else dialogue restating the game's fact added a
+    copy of it, and a changed one never replaced the old."""
+    keys = {speaker_key(n) for n in names}
+    return [
+        (
+            player_id if player_id and speaker_key(f.subject.strip()) in keys else f.subject.strip(),
+            f.text.strip(),
+        )
+        for f in facts
+    ]
+
+
+def fact_vectors(stored: Sequence[tuple[str, str]], *, player_id: str) -> dict[tuple[str, str], Any]:
+    """The vectors of facts as stored (as_stored), by (subject, text)."""
+    vectors = embed([embedded_text(subject=s, text=t, player_id=player_id) for s, t in stored])
+    return dict(zip(stored, vectors, strict=True))
+
+
 def store_extracted(
     *,
     session: Any,
@@ -196,31 +225,25 @@ def store_extracted(
     source: str,
     lines: tuple[int, int],
     player_label: str = "",
+    vectors: dict[tuple[str, str], Any] | None = None,
 ) -> dict[str, int]:
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
     line (seq) of the conversation they were read from (an edit of one drops them again).
-    `player_label`: the player's name as the request showed it."""
+    `player_label`: the player's name as the request showed it. `vectors`: the facts' (fact_vectors),
+    embedded before the caller's transaction; any fact not in them (none given, or the player renamed
+    meanwhile) is embedded here."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     player = conversation.player_id
-    # The player is one subject however named. The game's fact about the player, written with no
-    # subject, is stored under their id; the model names them as the dialogue did. A fact whose
-    # subject is the player's name is stored as the game's is (embedded, compared and shown alike),
-    # and compared with facts under any of the player's names: else dialogue restating the game's
-    # fact added a copy of it, and a changed one never replaced the old.
-    names = [n for n in dict.fromkeys((conversation.player_name, player_label)) if n.strip()]
-    player_keys = {speaker_key(n) for n in names}
-    stored = [
-        (
-            player if player and speaker_key(f.subject.strip()) in player_keys else f.subject.strip(),
-            f.text.strip(),
-        )
-        for f in facts
-    ]
-    vectors = embed([embedded_text(subject=s, text=t, player_id=player) for s, t in stored])
+    names = player_names(conversation.player_name, player_label)
+    stored = as_stored(facts, player_id=player, names=names)
+    given = vectors or {}
+    missing = [pair for pair in stored if pair not in given]
+    known = given | (fact_vectors(missing, player_id=player) if missing else {})
+    in_order = [known[pair] for pair in stored]
     replaces: list[tuple[int, int]] = []  # (old fact, new fact): applied in old id order, after the adds
     # Facts of one answer are read from the same lines: one never replaces another ("a sister called
     # Mira" and "a brother called Tom" are close enough for this embedder to be taken for a change),
@@ -228,7 +251,7 @@ def store_extracted(
     added_here: set[int] = set()
     confirmed: set[int] = set()  # stored facts this answer says again
     said_here: set[tuple[str, str]] = set()
-    for fact, (subject, fact_text), vector in zip(facts, stored, vectors, strict=True):
+    for fact, (subject, fact_text), vector in zip(facts, stored, in_order, strict=True):
         about_player = bool(player) and subject == player
         subjects = [player, *names] if about_player else [subject]
         words = (_words(subject), _words(fact_text))
@@ -363,6 +386,7 @@ def _extract_step(
             .limit(EXTRACT_LINES)
         ).all()
         char, user = conversation.character.name, conversation.player_name
+        player_id = conversation.player_id
         members = [m.name for m in members_of(session=session, conversation_id=conversation_id)]
         # Only rejected replies left to read: read past them, or the job stayed due and was sent
         # again at every scheduling to read nothing.
@@ -399,6 +423,16 @@ def _extract_step(
     last = lines[-1]
     source = f"turn:{last.turn_id}" if last.turn_id else f"lines:{lines[0].seq}-{last.seq}"
 
+    # Embedded before the store's transaction, which holds the job's row (and, once it writes facts,
+    # theirs): a desk change or an erasure waiting on them would wait for the embedder too.
+    vectors = (
+        fact_vectors(
+            as_stored(facts, player_id=player_id, names=player_names(user, who.user)), player_id=player_id
+        )
+        if facts
+        else None
+    )
+
     def store() -> dict[str, int] | None:
         with session_scope() as session:
             if not advance_extract(
@@ -415,6 +449,7 @@ def _extract_step(
                 source=source,
                 lines=(lines[0].seq, last.seq),
                 player_label=who.user,
+                vectors=vectors,
             )
 
     # Its own transaction, run again after a deadlock (facts are locked by the desk's drop of an

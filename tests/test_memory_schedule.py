@@ -650,3 +650,35 @@ def test_a_memory_job_of_a_conversation_erased_since_its_message_went_is_dropped
     with session_scope() as s:
         assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60) is None
         assert s.scalar(select(func.count()).where(MemoryJob.conversation_id == conv)) == 0
+
+
+def test_an_extractions_facts_are_embedded_before_its_store_holds_the_jobs_row(monkeypatch) -> None:
+    """Found in a deadlock review: the facts were embedded inside the store's transaction, after it
+    had updated the job's row: a desk change or an erasure waiting on that row waited for the
+    embedder too, and each deadlock retry of the store embedded again. They are embedded first."""
+    from db.memory_jobs import EXTRACT
+    from db.models import MemoryJob
+    from memory import extract
+    from memory.extract import run_extract_job
+
+    conv = _conversation(80)
+    held: list[bool] = []
+    real = extract.embed
+
+    def watching(texts):  # type: ignore[no-untyped-def]
+        with session_scope() as probe:
+            free = probe.scalar(
+                select(MemoryJob.conversation_id)
+                .where(MemoryJob.conversation_id == conv, MemoryJob.kind == EXTRACT)
+                .with_for_update(skip_locked=True)
+            )
+        held.append(free is None)
+        return real(texts)
+
+    def facts(system: str, body: str, max_tokens: int, schema: dict, alone: bool) -> str:
+        told = {"subject": "Rowan", "kind": "player", "text": "Rowan keeps bees.", "importance": 5}
+        return json.dumps({"facts": [told]})
+
+    monkeypatch.setattr(extract, "embed", watching)
+    assert run_extract_job(conv, generate=facts)["added"] == 1
+    assert held == [False]
