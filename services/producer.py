@@ -359,8 +359,7 @@ def _group_speakers(
         narrator = req.speaker == "narrator" and req.speaker_character is None  # the narrator is no member
         conversation_id = conv_ids[req.conversation]
         if conversation_id in groups and req.one_character:  # read as the turn is stored, not before
-            reason = f"{printable(req.conversation, 80)!r} holds a scene; only a player's line speaks in it"
-            errors.append(ItemError(i, "conversation", f"{reason} (POST /v1/turns)"))
+            errors.append(_holds_a_scene(i, req))
             speakers.append(None)
             continue
         if conversation_id not in groups and req.speaker_character is None:
@@ -531,6 +530,26 @@ def _conversation_fields(req: TurnRequest) -> dict[str, Any]:
     return {name: getattr(req, name) for name in CONVERSATION_START_FIELDS}
 
 
+def _holds_a_scene(i: int, req: TurnRequest) -> ItemError:
+    """A request that speaks as one character (a chat completion) into a group conversation."""
+    reason = f"{printable(req.conversation, 80)!r} holds a scene; only a player's line speaks in it"
+    return ItemError(i, "conversation", f"{reason} (POST /v1/turns)")
+
+
+def _not_its_character(i: int, req: TurnRequest, slug: str, *, group: bool) -> ItemError:
+    """A request naming a character its known conversation was not started with."""
+    named = printable(req.conversation, 80)
+    if not group:
+        return ItemError(
+            i, "character", f"conversation {named!r} belongs to character {slug!r}, not {req.character!r}"
+        )
+    if req.one_character:  # a chat completion: its `model` is the character, and a group has several
+        return _holds_a_scene(i, req)
+    return ItemError(
+        i, "character", f"conversation {named!r} is a group; name the member who answers in speaker_character"
+    )
+
+
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant: str) -> dict[str, int]:
     """Ids of the tenant's conversations the requests name; new ones are created in one statement.
     TurnRejected lists every request whose character or conversation does not fit (also one that
@@ -549,14 +568,14 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
     out: dict[str, int] = {}
     errors: list[ItemError] = []
     new_rows: dict[str, dict[str, Any]] = {}
+    # A group named with a member who is not its lead: told as a group, not as another's conversation.
+    clashing = {known[r.conversation][0] for r in requests if r.conversation in known and r.character}
+    groups = scene_conversations(session=session, conversation_ids=sorted(clashing)) if clashing else set()
     for i, req in enumerate(requests):
         if req.conversation in known:
             conv_id, slug = known[req.conversation]
             if req.character and req.character != slug:
-                reason = (
-                    f"conversation {req.conversation!r} belongs to character {slug!r}, not {req.character!r}"
-                )
-                errors.append(ItemError(i, "character", reason))
+                errors.append(_not_its_character(i, req, slug, group=conv_id in groups))
             out[req.conversation] = conv_id
         elif not req.character:
             if req.conversation not in started_here:

@@ -657,6 +657,12 @@ def test_a_chat_completion_cannot_speak_into_a_group(world) -> None:
             start_chat_turn(asked, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, **named)
         where = live_chat.CONVERSATION_HEADER if named else "body.metadata.conversation"
         assert str(refused.value).startswith(where) and refused.value.status == 400
+    # review: naming a member who is not the lead was refused as another character's conversation
+    with pytest.raises(live_chat.ChatRejected, match="holds a scene") as refused:
+        start_chat_turn(
+            body | {"model": "elara"}, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conv
+        )
+    assert str(refused.value).startswith(live_chat.CONVERSATION_HEADER)
     with session_scope() as session:
         conversation = session.scalar(select(Conversation.id).where(Conversation.external_id == conv))
         asked_turns = session.scalar(
