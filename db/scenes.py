@@ -275,7 +275,13 @@ def pick_speaker(
             if after is not None
             else session.scalar(
                 select(Turn.character_id)
-                .where(Turn.conversation_id == scene.conversation_id, Turn.character_id.is_not(None))
+                .where(
+                    Turn.conversation_id == scene.conversation_id,
+                    Turn.character_id.is_not(None),
+                    # a member whose turn failed or was cancelled did not speak (a failed step sent
+                    # again after this line picks its speaker again: _requeue_step)
+                    Turn.status.not_in([TurnStatus.FAILED, TurnStatus.CANCELLED]),
+                )
                 .order_by(Turn.number.desc())
                 .limit(1)
             )
@@ -370,7 +376,7 @@ def _create_step(
             id=uuid.uuid4(),
             tenant=tenant,
             idempotency_key=key,
-            request_hash=hashlib.sha256(json.dumps([key, speaker.character_id]).encode()).hexdigest(),
+            request_hash=_step_hash(key, speaker.character_id),
             conversation_id=scene.conversation_id,
             run_id=scene.run_id,
             custom_id=custom_id,
@@ -552,7 +558,16 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
     renumbered = case(
         (overtaken, func.nextval(func.pg_get_serial_sequence("turns", "number"))), else_=Turn.number
     )
-    return session.scalar(
+    # Overtaken, it follows whoever answers the turns stored after it: its speaker is picked again
+    # (kept, it could repeat the member who answered the player's line meanwhile).
+    speaker = (
+        pick_speaker(session=session, scene=scene, step=step)
+        if session.scalar(
+            select(exists().where(Turn.scene_id == scene.id, Turn.scene_step == step, which, overtaken))
+        )
+        else None
+    )
+    revived = session.scalar(
         update(Turn)
         .where(Turn.scene_id == scene.id, Turn.scene_step == step, which)
         .values(
@@ -573,6 +588,26 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
         )
         .returning(Turn.id)
     )
+    if revived is not None and speaker is not None:
+        _speak_as(session, scene, session.get_one(Turn, revived, populate_existing=True), speaker)
+    return revived
+
+
+def _speak_as(session: Session, scene: Scene, turn: Turn, speaker: Member) -> None:
+    """The step's turn answered by `speaker`, as _create_step would have made it."""
+    narrator = speaker.character_id == NARRATOR_ID
+    params = {k: v for k, v in turn.params.items() if k != "direction"}
+    if narrator and scene.narrator and scene.narrator.get("instructions"):
+        params["direction"] = scene.narrator["instructions"]
+    turn.speaker = "narrator" if narrator else "character"
+    turn.character_id = None if narrator else speaker.character_id
+    turn.request_hash = _step_hash(turn.idempotency_key, speaker.character_id)
+    turn.params = params
+    session.flush()
+
+
+def _step_hash(key: str, speaker_id: int) -> str:
+    return hashlib.sha256(json.dumps([key, speaker_id]).encode()).hexdigest()
 
 
 class SceneClosed(ValueError):

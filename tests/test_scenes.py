@@ -5,6 +5,8 @@ a card change and a member leaving mid-scene), all without the engine (replies s
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import time
 import uuid
 from collections import Counter
@@ -1151,6 +1153,50 @@ def test_a_failed_step_sent_again_after_a_players_line_is_answered_after_that_li
     assert continue_group(conv, 2)["sent"] == [first]
     with session_scope() as s:
         assert s.get_one(Turn, turn.id).number == before
+
+
+def test_a_member_whose_step_failed_did_not_speak_and_its_step_sent_again_picks_its_speaker_again(
+    world, steps_unconsumed
+) -> None:
+    """Found in review: "who spoke last" counted a failed step's member, so a player's line after it
+    went to the member who had truly spoken last (natural order promises never the last speaker
+    again); and the failed step sent again after that line kept its speaker, picked before the line.
+    Now the failed step's member did not speak, and the step sent again follows whoever answered."""
+    from db.models import TurnErrorCode
+    from db.turns import Failure, fail_turns
+    from services.producer import submit_turns
+    from services.scenes import continue_group
+
+    conv = _group(strategy="natural", participants=["luffy", "elara"])["conversation"]
+
+    def said_by(turn_id: uuid.UUID) -> str:
+        with session_scope() as s:
+            spoke = select(Character.slug).join(Turn, Turn.character_id == Character.id)
+            return s.scalar(spoke.where(Turn.id == turn_id))
+
+    (first,) = continue_group(conv, 2)["sent"]
+    _answer(uuid.UUID(first), "A quiet night.")
+    second = _open_step(_conv_scene(conv))
+    assert second is not None
+    spoke, failing = said_by(uuid.UUID(first)), said_by(second)
+    assert spoke != failing  # natural order: never the last speaker again
+    turn, token, _ = _answer(second, "", store=False)
+    with session_scope() as s:
+        failure = Failure("model produced an empty reply", TurnErrorCode.EMPTY_REPLY)
+        assert fail_turns(session=s, token=token, failures={turn.id: failure}) == [turn.id]
+    (player,) = submit_turns([{"conversation": conv, "message": "Anything to eat?"}], send=False)
+    assert said_by(player.id) == failing  # not `spoke` again: the failed step's member never spoke
+    assert continue_group(conv, 2)["sent"] == [str(second)]
+    assert said_by(second) == spoke  # after whoever answers the player's line, not before it
+    with session_scope() as s:  # as a step made for that speaker
+        revived = s.get_one(Turn, second)
+        assert (revived.speaker, revived.status) == ("character", TurnStatus.QUEUED)
+        assert (
+            revived.request_hash
+            == hashlib.sha256(
+                json.dumps([revived.idempotency_key, revived.character_id]).encode()
+            ).hexdigest()
+        )
 
 
 def test_continue_of_a_group_no_member_may_speak_in_is_refused_not_left_open_owing_lines(world) -> None:
