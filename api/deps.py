@@ -31,7 +31,7 @@ class Caller:
         return "admin" in self.scopes
 
 
-def _unauthorized() -> HTTPException:
+def unauthorized() -> HTTPException:
     return HTTPException(
         status_code=status.HTTP_401_UNAUTHORIZED,
         detail="missing or invalid API key",
@@ -49,14 +49,24 @@ async def caller(
     bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
 ) -> Caller:
     """The calling key; 401 without a valid one."""
-    presented = api_key or (bearer.credentials if bearer else None)
+    found = _presented_caller(api_key or (bearer.credentials if bearer else None))
+    if found is None:
+        raise unauthorized()
+    return found
+
+
+def _presented_caller(presented: str | None) -> Caller | None:
     # Header bytes arrive decoded as Latin-1: a key beyond it, sent as UTF-8, is read as its sender
     # wrote it (as the desk's login form reads it), not as mojibake no key's digest matches.
-    presented = utf8_header_value(presented) if presented else presented  # type: ignore[assignment]
-    found = key_caller(presented) if presented else None
-    if found is None:
-        raise _unauthorized()
-    return found
+    return key_caller(str(utf8_header_value(presented))) if presented else None
+
+
+def has_a_key(request: Request) -> bool:
+    """Whether the request's headers name a valid key, as `caller` reads them: for an answer made
+    before the route's dependencies ran (a body FastAPI could not parse)."""
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    bearer = credentials.strip() if scheme.lower() == "bearer" else None
+    return _presented_caller(request.headers.get("x-api-key") or bearer) is not None
 
 
 def configured_key(presented: str) -> ApiKey | None:

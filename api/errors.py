@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from api.deps import has_a_key, unauthorized
 from api.openai_errors import openai_path, openai_shaped, route_path
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
@@ -52,9 +53,18 @@ def _problem(code: int, errors: list[dict[str, Any]]) -> JSONResponse:
     return JSONResponse(status_code=code, content={"detail": errors, "message": summary})
 
 
-async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation(request: Request, exc: RequestValidationError) -> Response:
     errors = [_shown(err) for err in exc.errors()]
+    if any(e["type"] == "json_invalid" for e in errors) and not has_a_key(request):
+        return await _keyless(request)
     return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
+
+
+async def _keyless(request: Request) -> Response:
+    """A body FastAPI parses before any dependency runs (malformed JSON, not UTF-8): a request with
+    no valid key is told it has none (401), as every other body of every JSON route is, not how its
+    body failed."""
+    return await http_exception_handler(request, unauthorized())
 
 
 def _shown(err: dict[str, Any]) -> dict[str, Any]:
@@ -78,6 +88,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     cause = exc.__cause__
     unreadable = isinstance(cause, (ValueError, RecursionError))  # UnicodeDecodeError is a ValueError
     if exc.status_code == status.HTTP_400_BAD_REQUEST and unreadable:
+        if not has_a_key(request):
+            return await _keyless(request)
         if isinstance(cause, UnicodeDecodeError):
             why = f"not valid UTF-8 (byte {cause.start} of the body)"
         elif isinstance(cause, RecursionError):

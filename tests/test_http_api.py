@@ -593,6 +593,15 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
         # review: the body's check came before the key's, so a keyless request was told about its body
         keyless = httpx.post(f"{base_url}{path}", content=body)
         assert keyless.status_code == 401, (path, keyless.text)
+        # review: a keyless body FastAPI could not parse (before any dependency) was told why, not 401
+        for broken in (b'{"message": ', b"\xff\xfe{}"):
+            headers = {"content-type": "application/json"}
+            keyless = httpx.post(f"{base_url}{path}", content=broken, headers=headers)
+            assert keyless.status_code == 401, (path, broken, keyless.text)
+            keyed = httpx.post(
+                f"{base_url}{path}", content=broken, headers=headers | {"X-API-Key": INGEST_KEY}
+            )
+            assert keyed.status_code == 422 and keyed.json()["detail"][0]["field"] == "body", keyed.text
     unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
     assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
 
