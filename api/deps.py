@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from functools import cache
 
 from fastapi import Depends, HTTPException, Request, Security, status
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
@@ -89,6 +90,7 @@ def key_caller(presented: str) -> Caller | None:
     return None if match is None else caller_of(match)
 
 
+@cache  # one dependency per scope: FastAPI computes it once a request, however many ask for it
 def needs(scope: Scope):  # type: ignore[no-untyped-def]
     """A dependency: the caller, who must hold `scope` (admin holds every scope); 403 otherwise."""
 
@@ -116,10 +118,23 @@ async def metrics_reader(
 JSON_TYPES = ("application/json",)
 
 
-async def json_body(request: Request, _: Caller = Depends(caller)) -> None:
-    """A dependency of routes that read JSON: 415 for a body of another declared content type. After
-    the key check (`caller`, computed once a request): a keyless request is told it has no key, not
+@cache
+def json_body(scope: Scope):  # type: ignore[no-untyped-def]
+    """A dependency of routes that read JSON, whose callers must hold `scope`: 415 for a body of
+    another declared content type. After the key and scope checks (computed once a request): a
+    keyless request is told it has no key (401), a key without the scope that it lacks it (403), not
     how to send a body."""
+
+    scoped = Depends(needs(scope))
+
+    async def check(request: Request, _: Caller = scoped) -> None:
+        _json_declared(request)
+
+    return check
+
+
+def _json_declared(request: Request) -> None:
+    """HTTPException 415 unless the request's body is declared JSON (or there is none)."""
     declared = request.headers.get("content-type")
     if declared is None:
         has_body = request.headers.get("content-length", "0") != "0" or "transfer-encoding" in request.headers

@@ -582,7 +582,7 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
     """Found in review: FastAPI hands a body with no content-type on as bytes, so a valid turn sent so
     (requests' data=json.dumps(...)) was told it was not an object; and a key beyond Latin-1, which
     signs in at the desk, was a 401 in a header (read as Latin-1 mojibake)."""
-    from tests.conftest import INGEST_KEY, UNICODE_REVIEW_KEY
+    from tests.conftest import INGEST_KEY, REVIEW_KEY, UNICODE_REVIEW_KEY
 
     turn = json.dumps(new_conversation() | {"message": "Hello?"}).encode()
     erase = json.dumps({"conversations": ["nobody-here"]}).encode()
@@ -602,6 +602,11 @@ def test_a_json_body_sent_without_a_content_type_is_told_so_and_a_key_beyond_lat
                 f"{base_url}{path}", content=broken, headers=headers | {"X-API-Key": INGEST_KEY}
             )
             assert keyed.status_code == 422 and keyed.json()["detail"][0]["field"] == "body", keyed.text
+        # review: a key without the route's scope sending another content type was told about the type
+        unscoped = httpx.post(
+            f"{base_url}{path}", content=body, headers={"X-API-Key": REVIEW_KEY, "content-type": "text/plain"}
+        )
+        assert unscoped.status_code == 403, (path, unscoped.text)
     unicode_key = {"X-API-Key": UNICODE_REVIEW_KEY.encode("utf-8")}
     assert httpx.get(f"{base_url}/v1/turns/{'0' * 32}/review", headers=unicode_key).status_code == 404
 

@@ -38,7 +38,7 @@ class BatchCreate(BaseModel):
     candidates: int | None = Field(default=None, ge=1, le=8)  # best of n per request
 
 
-@router.post("", dependencies=[Depends(json_body)])
+@router.post("", dependencies=[Depends(json_body("ingest"))])
 def create_batch(
     body: BatchCreate, background: BackgroundTasks, who: Annotated[Caller, Depends(needs("ingest"))]
 ) -> Any:

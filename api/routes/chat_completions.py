@@ -58,7 +58,7 @@ def _error(
     )
 
 
-@router.post("/v1/chat/completions", dependencies=[Depends(json_body)], response_model=None)
+@router.post("/v1/chat/completions", dependencies=[Depends(json_body("ingest"))], response_model=None)
 async def chat_completions(
     body: Annotated[Any, Body()],
     who: Annotated[Caller, Depends(needs("ingest"))],

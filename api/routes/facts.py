@@ -49,7 +49,10 @@ def _refused(exc: FactRefused) -> HTTPException:
 
 
 @router.post(
-    "/{player:path}/facts", status_code=201, response_model=FactsOut, dependencies=[Depends(json_body)]
+    "/{player:path}/facts",
+    status_code=201,
+    response_model=FactsOut,
+    dependencies=[Depends(json_body("ingest"))],
 )
 async def post_facts(
     player: Player,
@@ -89,7 +92,9 @@ def get_facts(
 
 
 @router.post(
-    "/{player:path}/facts/{fact_id}:move", response_model=Gossiped, dependencies=[Depends(json_body)]
+    "/{player:path}/facts/{fact_id}:move",
+    response_model=Gossiped,
+    dependencies=[Depends(json_body("ingest"))],
 )
 def move_fact(
     player: Player,

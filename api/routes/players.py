@@ -39,7 +39,7 @@ class ErasedOut(BaseModel):
     facts: int = Field(description="facts about the player, or read from those lines")
 
 
-@router.post("/{player:path}:erase", response_model=ErasedOut, dependencies=[Depends(json_body)])
+@router.post("/{player:path}:erase", response_model=ErasedOut, dependencies=[Depends(json_body("ingest"))])
 async def erase_player(
     player: Player,
     who: Annotated[Caller, Depends(needs("ingest"))],

@@ -21,7 +21,9 @@ ConversationId = Annotated[Text, Path(min_length=1, max_length=200)]
 router = APIRouter(prefix="/v1/scenes", tags=["scenes"])
 
 
-@router.post("", status_code=201, dependencies=[Depends(json_body)], openapi_extra=documented(GroupSpec))
+@router.post(
+    "", status_code=201, dependencies=[Depends(json_body("ingest"))], openapi_extra=documented(GroupSpec)
+)
 async def post_scene(
     body: Annotated[Any, Body()],
     response: Response,
@@ -47,7 +49,7 @@ async def post_scene(
     return view
 
 
-@router.post("/{conversation:path}:continue", dependencies=[Depends(json_body)])
+@router.post("/{conversation:path}:continue", dependencies=[Depends(json_body("ingest"))])
 async def continue_scene(
     conversation: ConversationId,
     body: ContinueSpec,

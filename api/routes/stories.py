@@ -15,7 +15,7 @@ from services.schemas import HeaderText, StoryEventIn, Text
 router = APIRouter(prefix="/v1/stories", tags=["stories"], dependencies=[Depends(needs("admin"))])
 
 
-@router.post("/{story:path}/events", status_code=201, dependencies=[Depends(json_body)])
+@router.post("/{story:path}/events", status_code=201, dependencies=[Depends(json_body("admin"))])
 def add_story_event(
     story: Annotated[Text, Path(min_length=1, max_length=100)],
     body: StoryEventIn,

@@ -62,7 +62,7 @@ def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
     "",
     status_code=202,
     response_model=TurnAccepted,
-    dependencies=[Depends(json_body)],
+    dependencies=[Depends(json_body("ingest"))],
     openapi_extra=documented(TurnRequest),
 )
 def post_turn(
@@ -96,7 +96,7 @@ def post_turn(
     ":batch",
     status_code=202,
     response_model=BatchAccepted,
-    dependencies=[Depends(json_body)],
+    dependencies=[Depends(json_body("ingest"))],
     openapi_extra=documented(BatchRequest),
 )
 def post_batch(
