@@ -234,6 +234,7 @@ def release_job(
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
             " failures = CASE WHEN :ran THEN 0 ELSE failures END,"
+            " outage_retries = CASE WHEN :ran THEN 0 ELSE outage_retries END,"
             " last_error = CASE WHEN :ran THEN NULL ELSE last_error END,"
             " retry_after = CASE WHEN :ran THEN NULL ELSE retry_after END"
             " WHERE conversation_id = :c AND kind = :k AND token = :t RETURNING 1"
@@ -249,6 +250,21 @@ FAILURE_BACKOFF_MAX_S = 1800.0
 # A job given up (MLCHAT_MEMORY_JOB_MAX_FAILURES in a row) is tried again by the conversation's next
 # reply this long after (a cause that lasted hours may be gone), or at once by `mlchat memory retry`.
 GIVEN_UP_S = 86400.0
+
+
+def count_outage(*, session: Session, conversation_id: int, kind: str) -> int:
+    """A step failed for the database away or a deadlock past its tries: counted apart from the
+    job's failures; how many in a row since its last stored step."""
+    return int(
+        session.execute(
+            text(
+                "INSERT INTO memory_jobs (conversation_id, kind, outage_retries) VALUES (:c, :k, 1)"
+                " ON CONFLICT (conversation_id, kind) DO UPDATE"
+                " SET outage_retries = memory_jobs.outage_retries + 1 RETURNING outage_retries"
+            ),
+            {"c": conversation_id, "k": kind},
+        ).scalar_one()
+    )
 
 
 def record_failure(

@@ -706,6 +706,9 @@ class MemoryJob(Base):
     # How far extraction had read when a line it had read was edited (migration 0041): due, whatever
     # its unread lines, until it has read that far again.
     reread_through: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Steps a database outage or a deadlock failed since its last stored one (migration 0044): sent
+    # again uncounted, up to MLCHAT_MAX_OUTAGE_REFUNDS in a row.
+    outage_retries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class VectorSpace(Base):

@@ -107,14 +107,16 @@ def _run_step(conversation_id: int, kind: str) -> bool:
             _send_later(conversation_id, kind, settings.memory_job_retry_s * 12, marked=False)
             return False
         # The database away a moment, or a deadlock run again until its tries ran out: no fault of the
-        # job's, which is sent again uncounted (five in an outage of minutes gave it up for a day,
-        # where a turn has its outage refunded).
-        if connection_lost(exc) or rolled_back_for_a_conflict(exc):
+        # job's, which is sent again uncounted (five in an outage of minutes gave it up for a day),
+        # as a turn has its outage refunded, up to MLCHAT_MAX_OUTAGE_REFUNDS in a row; past them it
+        # counts (a deadlock every time is a bug, not an outage).
+        if (connection_lost(exc) or rolled_back_for_a_conflict(exc)) and _outage(conversation_id, kind):
             logger.warning(
                 "memory job %s of conversation %s: %s; sent again, not counted as its failure",
                 kind,
                 conversation_id,
                 "the database was away" if connection_lost(exc) else "a deadlock outlasted its tries",
+                exc_info=True,
             )
             _send_later(conversation_id, kind, settings.memory_job_retry_s * 6, marked=False)
             return False
@@ -122,6 +124,20 @@ def _run_step(conversation_id: int, kind: str) -> bool:
         _failed(conversation_id, kind, exc)
         return False
     return did  # a step this worker's claim ran without raising ended the failures (release_job)
+
+
+def _outage(conversation_id: int, kind: str) -> bool:
+    """Whether this outage's failure is still sent again uncounted (counted apart; the database away
+    still: yes, and the sweep finds the job once its claim's lease lapses)."""
+    from db.memory_jobs import count_outage
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            retries = count_outage(session=session, conversation_id=conversation_id, kind=kind)
+    except Exception:
+        return True
+    return retries <= settings.max_outage_refunds
 
 
 def _failed(conversation_id: int, kind: str, exc: Exception) -> None:

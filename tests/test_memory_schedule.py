@@ -479,19 +479,22 @@ def test_a_memory_job_failing_for_a_database_away_or_a_deadlock_is_sent_again_un
 ) -> None:
     """Found in a deadlock review: a step whose database went away, or whose deadlock outlasted its
     tries, was counted as the job's failure: five in an outage of minutes gave the job up for a day,
-    where a turn has its outage refunded. It is sent again after a delay, uncounted."""
+    where a turn has its outage refunded. It is sent again after a delay, uncounted, up to
+    MLCHAT_MAX_OUTAGE_REFUNDS in a row (review: unbounded, a deadlock every time regenerated for
+    ever); past them it counts, and a stored step clears both counts."""
     import psycopg
     from sqlalchemy.exc import OperationalError
 
     from memory import summarize
     from tasks import memory as memory_tasks
 
-    monkeypatch.setattr(settings, "memory_job_max_failures", 2)
+    monkeypatch.setattr(settings, "memory_job_max_failures", 3)
+    monkeypatch.setattr(settings, "max_outage_refunds", 4)
     conv = _conversation(80)
     causes = [
         psycopg.errors.DeadlockDetected("deadlock detected"),
         psycopg.OperationalError("server closed the connection unexpectedly"),
-    ] * 2
+    ] * 3
 
     def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
         raise OperationalError("UPDATE memory_jobs …", {}, causes.pop(0))
@@ -500,15 +503,21 @@ def test_a_memory_job_failing_for_a_database_away_or_a_deadlock_is_sent_again_un
     monkeypatch.setattr(
         summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
     )
-    for _ in range(4):  # twice the failures that give a job up
+    for n in range(1, 7):  # twice the failures that would give a job up, and past the refunds
         memory_tasks.memory_job(conv, SUMMARY)
         (headers,) = _queued(conv)
         assert headers["eta"] is not None  # sent again, after a delay
         redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
         with session_scope() as s:
             row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
-            assert (row.failures, row.token) == (0, None)
+            assert (row.failures, row.token, row.outage_retries) == (max(0, n - 4), None, n)
+            s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(retry_after=None))
     assert not causes
+    monkeypatch.setattr(summarize, "run_summary_job", original)
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.failures, row.outage_retries) == (0, 0)
 
 
 def test_a_step_failing_after_another_claim_took_its_job_counts_no_failure_against_it(
