@@ -188,9 +188,12 @@ def _words(text: str) -> str:
     return " ".join(regex.findall(r"\w+", speaker_key(text)))
 
 
-def player_names(player_name: str, player_label: str) -> list[str]:
-    """The names the player goes by in a conversation: as stored, and as the request showed it."""
-    return [n for n in dict.fromkeys((player_name, player_label)) if n.strip()]
+def player_names(player_name: str, player_label: str, character: str) -> list[str]:
+    """The names the player goes by in a conversation: as stored, and as the request showed it;
+    never the character's (a player named as the character is shown as "Elara (player)", and a
+    fact about "Elara" is the character's)."""
+    taken = speaker_key(character)
+    return [n for n in dict.fromkeys((player_name, player_label)) if n.strip() and speaker_key(n) != taken]
 
 
 def as_stored(
@@ -238,7 +241,7 @@ def store_extracted(
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     player = conversation.player_id
-    names = player_names(conversation.player_name, player_label)
+    names = player_names(conversation.player_name, player_label, conversation.character.name)
     stored = as_stored(facts, player_id=player, names=names)
     given = vectors or {}
     missing = [pair for pair in stored if pair not in given]
@@ -427,7 +430,8 @@ def _extract_step(
     # theirs): a desk change or an erasure waiting on them would wait for the embedder too.
     vectors = (
         fact_vectors(
-            as_stored(facts, player_id=player_id, names=player_names(user, who.user)), player_id=player_id
+            as_stored(facts, player_id=player_id, names=player_names(user, who.user, char)),
+            player_id=player_id,
         )
         if facts
         else None

@@ -1617,3 +1617,16 @@ def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_n
     ]
     # ... so the dialogue changing it replaces it, however it names the player.
     assert extract("Rowan", "No longer fears deep water; swims the river daily.")["superseded"] == 1
+    # Review: a player named as the character is shown as "Elara (player)"; a fact about "Elara" is
+    # the character's, never the player's.
+    namesake = f"p-{uuid.uuid4().hex[:6]}"
+    conv_id = _conversation("elara", namesake, name="elara")
+    assert extract("Elara", "Elara is captain of the guard.", label="elara (player)")["added"] == 1
+    assert extract("Elara (player)", "Has a sister called Mira.", label="elara (player)")["added"] == 1
+    with session_scope() as s:
+        rows = s.execute(
+            select(Fact.subject, Fact.kind)
+            .where(Fact.scope == FactScope.CONVERSATION, Fact.scope_ref == str(conv_id))
+            .order_by(Fact.id)
+        ).all()
+    assert [tuple(r) for r in rows] == [("Elara", FactKind.WORLD), (namesake, FactKind.PLAYER)]
