@@ -170,6 +170,11 @@ def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
     return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
 
 
+def lock_line(*, session: Session, turn_id: uuid.UUID) -> None:
+    """Lock a line's turn row for a desk change (before its run's, as stores lock turns then runs)."""
+    session.execute(select(Turn.id).where(Turn.id == turn_id).with_for_update())
+
+
 class RunBusy(Exception):
     """The run's row stayed locked past the wait (another change rewriting its file, its finalizer)."""
 

@@ -568,15 +568,17 @@ def _change(
     try:
         with session_scope() as session:
             run_id = _own_line(session, who, turn_id).id
-            version = int(apply(session))  # the line's row locked first, as every writer of turns and runs
+            reviews.lock_line(session=session, turn_id=turn_id)  # first, as every writer of turns and runs
             # Only a text change rewrites the batch's file, under the run's lock (a change and the
-            # finalizer, or two rewrites, never interleave); a label waits for no rewrite, and a text
-            # change waits a bounded time: each waiting writer holds one of the API's connections.
+            # finalizer, or two rewrites, never interleave), taken before the change's other rows (its
+            # line, memory jobs, facts), which nobody waits for meanwhile; a label waits for no
+            # rewrite, and a text change a bounded time: each waiting writer holds an API connection.
             output_file_id = (
                 reviews.lock_line_run(session=session, run_id=run_id, wait_ms=RUN_LOCK_WAIT_MS)
                 if text
                 else None
             )
+            version = int(apply(session))
             if output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
             remembering = _remembering(session, turn_id) if text or memory else None

@@ -1581,12 +1581,13 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
     file: each waiting writer held one of the API's pooled connections, and ten writers on one large
     batch took them all. The run's lock was also taken before the line's, the reverse of every other
     writer of turns and runs. A label now takes no run lock; a text change takes it after the line's
-    and waits at most RUN_LOCK_WAIT_MS, then is a 503 that stores nothing."""
+    and waits at most RUN_LOCK_WAIT_MS, then is a 503 that stores nothing; while it waits it holds the
+    line's row and none of the rows it changes (review: its reply line, memory jobs and facts)."""
     import threading
 
     first, second, path = _finished_batch()
     run_id = _stored(first)[0].run_id
-    monkeypatch.setattr(desk, "RUN_LOCK_WAIT_MS", 300, raising=False)
+    monkeypatch.setattr(desk, "RUN_LOCK_WAIT_MS", 3000)
     outcome: dict[str, Any] = {}
 
     def change(name: str, call: Any) -> threading.Thread:
@@ -1605,6 +1606,13 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
         labelled.join(15)
+        time.sleep(1.0)  # the edit waits for the run: holding its line's row, and nothing it changes
+        reply_line = _stored(second)[0].reply_message_id
+        with session_scope() as probe:
+            free = lambda entity, key: probe.scalar(  # noqa: E731
+                select(entity.id).where(entity.id == key).with_for_update(skip_locked=True)
+            )
+            assert free(Turn, second) is None and free(Message, reply_line) == reply_line
         edited.join(15)
         assert not labelled.is_alive() and not edited.is_alive()
     assert outcome["label"] == 1
