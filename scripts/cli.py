@@ -678,7 +678,7 @@ def manifest(
         raise Refused(f"turn id: {turn_id!r} is not a UUID") from None
     view = get_turn(parsed)
     if view is None:
-        raise LookupError(f"no turn {turn_id}")
+        raise Refused(f"turn id: no turn {turn_id}")
     _out(json.dumps(view.context, ensure_ascii=False, indent=2) if as_json else render_manifest(view))
 
 
@@ -795,7 +795,7 @@ def facts_move(
     except FactRefused as exc:
         raise Refused(str(exc)) from None
     except FactNotFound as exc:
-        raise LookupError(str(exc)) from None
+        raise Refused(str(exc)) from None
     _out(f"fact {fact.id}: now {fact.scope} {fact.scope_ref}".rstrip() + f" ({len(moves)} move(s))")
 
 
@@ -1013,8 +1013,10 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from services.producer import TurnRejected
     from services.runs import EmptyFile, RunBusy, RunNotFound, RunValidationError
     from services.runs.submit import NotARegularFile
+    from services.runs.validate import SubmissionRefused
 
     return (
+        SubmissionRefused,
         RunNotFound,
         CharacterNotFound,
         NotARegularFile,

@@ -604,6 +604,12 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
 
     bad = tmp_path / "bad.json"
     bad.write_bytes(b'{"spec": "chara_card_v9"}')
+    lines = tmp_path / "lines.jsonl"
+    lines.write_text(json.dumps({"custom_id": "a", "character": "elara", "message": "hi"}) + "\n")
+    empty_set = tmp_path / "empty-set"
+    empty_set.mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (empty_set / name).write_text("")
     cases = [
         (["card", "import", str(bad)], 2, "unsupported card spec"),
         (
@@ -622,6 +628,12 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["story-event", "inline-0123abcd", "The gate fell."], 2, "kept for inline requests"),
         # found in review: a refused turn exited 1, as an outage does
         (["chat", "--character", "nobody-here", "--message", "hi"], 2, "unknown character"),
+        # CLI review: these refusals exited 1, as an outage does
+        (["manifest", "00000000-0000-0000-0000-000000000000"], 2, "turn id: no turn"),
+        (["facts", "move", "p-nobody", "999999999", "--scope", "world"], 2, "999999999"),
+        (["run", "submit", str(lines), "--name", "bad:name"], 2, "must not hold ':'"),
+        (["run", "submit", str(lines), "--character", "nobody-here"], 2, "unknown character 'nobody-here'"),
+        (["lora", "train", str(empty_set), "--out", str(tmp_path / "adapter")], 2, "no examples"),
     ]
     for argv, code, names in cases:
         assert cli(argv) == code, argv
@@ -668,6 +680,8 @@ def test_a_cli_file_that_never_ends_or_is_too_long_is_one_line_naming_the_file(
         # that open for ever
         (["run", "submit", str(fifo), "--name", f"fifo-{tmp_path.name}"], f"{fifo}: not a regular file"),
         (["run", "resume", f"resume-{tmp_path.name}", "/dev/zero"], "/dev/zero: not a regular file"),
+        # CLI review: another file than the run's exited 1, as an outage does
+        (["run", "resume", f"resume-{tmp_path.name}", str(long_log)], "is not the file run"),
     ]
     for argv, names in cases:
         assert cli(argv) == 2, argv

@@ -178,7 +178,7 @@ def train_adapter(
     train_rows = read_examples(dataset_dir / TRAIN, train_bytes)
     held_rows = read_examples(dataset_dir / VALIDATION, held_bytes)  # both read before the model loads
     if not train_rows:
-        raise ValueError(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
+        raise BadLoraFile(f"{dataset_dir / TRAIN}: no examples (write one with `mlchat lora dataset`)")
     manifest = read_object(dataset_dir / MANIFEST)
     _same_export(dataset_dir, manifest, bytes_digest(train_bytes, held_bytes))
     if config.evaluate and not isinstance(manifest.get("character"), str):

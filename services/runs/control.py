@@ -22,6 +22,7 @@ from db.runs import (
 )
 from db.session import session_scope
 from services.runs.quality_summary import quality_summary
+from services.runs.validate import SubmissionRefused
 
 # A file name is at most 255 bytes on Linux and macOS; the longest suffix an export adds is 14
 # (".results.jsonl"). A run name holds 200 characters, which in Korean is 600 bytes.
@@ -119,5 +120,7 @@ def resume(ref: str, path: Path) -> Any:
         name, digest = run.name, run.file_hash
     regular_file(path)  # before its digest: /dev/zero's would never end
     if file_digest(path) != digest:
-        raise ValueError(f"{path} is not the file run {name!r} was submitted from (its sha256 differs)")
+        raise SubmissionRefused(
+            f"{path} is not the file run {name!r} was submitted from (its sha256 differs)"
+        )
     return submit_run(path, name=name)

@@ -52,6 +52,7 @@ from services.runs.validate import (
     LineError,
     RunLine,
     RunValidationError,
+    SubmissionRefused,
     good_lines,
     iter_lines,
     parse_again,
@@ -114,15 +115,15 @@ def check_run_name(name: str, *, existing: bool = False) -> str:
     try:
         storable_text(name)
     except ValueError as exc:  # a name taken from a file's name may hold what no text can (--name sets it)
-        raise ValueError(f"run name: {exc} (set one with --name)") from None
+        raise SubmissionRefused(f"run name: {exc} (set one with --name)") from None
     if not name.strip():
-        raise ValueError("run name: must not be empty")
+        raise SubmissionRefused("run name: must not be empty")
     if len(name) > KEY_CHARS:
-        raise ValueError(f"run name: {len(name)} characters; the limit is {KEY_CHARS}")
+        raise SubmissionRefused(f"run name: {len(name)} characters; the limit is {KEY_CHARS}")
     if "/" in name or "\\" in name or name in (".", ".."):  # it names the export's files
-        raise ValueError(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
+        raise SubmissionRefused(f"run name: {name!r} must not hold '/' or '\\', nor be '.' or '..'")
     if ":" in name and not existing:  # `run:<name>:<custom_id>` names a fresh conversation: one name, one run
-        raise ValueError(f"run name: {name!r} must not hold ':'")
+        raise SubmissionRefused(f"run name: {name!r} must not hold ':'")
     return name
 
 

@@ -103,6 +103,10 @@ class LineError:
         object.__setattr__(self, "reason", printable(self.reason, REASON_CHARS))
 
 
+class SubmissionRefused(ValueError):
+    """A run's name, file or options refused before anything is stored."""
+
+
 class EmptyFile(ValueError):
     """The file holds no requests (empty, or blank lines only): OpenAI's `empty_file`."""
 
@@ -354,7 +358,7 @@ def validate_file(
     with session_scope() as session:
         characters = set(all_character_slugs(session=session, tenant=tenant))
     if options.default_character is not None and options.default_character not in characters:
-        raise ValueError(f"default character: unknown character {options.default_character!r}")
+        raise SubmissionRefused(f"default character: unknown character {options.default_character!r}")
     reader = LineReader(detect_format(path), characters, options)
     known_names: dict[str, str] = {}
 
