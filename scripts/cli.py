@@ -237,11 +237,11 @@ def _print_submitted(sub: object) -> None:
             f"run {sub.name}: no line stored (each was skipped or refused); submit the file again, "
             "mended or with other options, under the same name"
         )
+    _out(f"{sub.id}")  # the id alone on stdout, for `id=$(mlchat run submit …)`; the rest on stderr
     if sub.stored or sub.sent or sub.created:
-        _out(f"{sub.id}")
         _err(f"run {sub.name}: {sub.stored} lines stored, {sub.sent} turns sent; status {sub.status.value}")
     else:
-        _out(f"{sub.id} (already submitted; nothing to do, status {sub.status.value})")
+        _err(f"run {sub.name}: already submitted; nothing to do, status {sub.status.value}")
 
 
 @run_app.command("submit")

@@ -111,9 +111,14 @@ def test_a_cli_run_whose_every_line_is_refused_says_so_and_takes_its_file_again(
     assert "refused line 1: " in err and "refused line 2: " in err and "no line stored" in err
     assert run_state(name).counts.total == 0
     assert cli(["run", "submit", str(path), "--name", name, "--character", "elara"]) == 0
-    err = capsys.readouterr().err
-    assert "2 lines stored, 2 turns sent" in err and "refused line" not in err
+    said = capsys.readouterr()
+    assert "2 lines stored, 2 turns sent" in said.err and "refused line" not in said.err
     assert run_state(name).counts.total == 2
+    # CLI review: submitted again, stdout held the id and a note, not the id alone
+    run_id = said.out.strip()
+    assert cli(["run", "submit", str(path), "--name", name, "--character", "elara"]) == 0
+    again = capsys.readouterr()
+    assert again.out.strip() == run_id == str(uuid.UUID(run_id)) and "already submitted" in again.err
 
 
 def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, monkeypatch) -> None:
