@@ -369,12 +369,20 @@ def run_export(
         bool, typer.Option(help="native lines: each reply's other candidates (best of n), for writers")
     ] = False,
 ) -> None:
-    """results.jsonl in input order (keyed by custom_id) and errors.jsonl."""
+    """<name>.results.jsonl and <name>.errors.jsonl (keyed by custom_id, in the order the lines were
+    answered). A run not finished yet exports the lines finished so far, and says so on stderr."""
     from services.runs import export_run, run_state
 
+    before = run_state(run)
     results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
-    reasons = run_state(run).quality.get("below_bar_reasons")
+    if not before.finished:
+        left = before.counts.total - before.counts.finished
+        _err(
+            f"run {before.name} is {before.status.value}: {left} line(s) not finished were left out; "
+            "export again once it ends"
+        )
+    reasons = before.quality.get("below_bar_reasons")
     if reasons:
         _out("below the bar: " + " ".join(f"{k}={v}" for k, v in reasons.items()))
 

@@ -121,6 +121,18 @@ def test_a_cli_run_whose_every_line_is_refused_says_so_and_takes_its_file_again(
     assert again.out.strip() == run_id == str(uuid.UUID(run_id)) and "already submitted" in again.err
 
 
+def test_an_export_of_a_run_not_finished_says_what_it_left_out(quiet_model, tmp_path, capsys) -> None:
+    """Found in a CLI review: exporting a run still going wrote the lines finished so far and exited
+    0 with no word: a partial OpenAI-format export looked complete."""
+    from scripts.cli import main as cli
+
+    sub = submit_run(_file(tmp_path, 3), name="partial-" + tmp_path.name)  # a model no worker serves
+    assert cli(["run", "export", sub.name, "--out", str(tmp_path / "out")]) == 0
+    said = capsys.readouterr()
+    assert "0 results" in said.out
+    assert f"run {sub.name} is queued: 3 line(s) not finished were left out" in said.err
+
+
 def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(runs.submit, "CHUNK", 10)
     path = _file(tmp_path, 60)
