@@ -6,11 +6,14 @@ its work: a generation that waited past the lease behind bulk work is not thrown
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Sequence
 
 from sqlalchemy import text
 from sqlalchemy.orm import Session
+
+logger = logging.getLogger(__name__)
 
 SUMMARY = "summary"
 EXTRACT = "extract"
@@ -191,13 +194,23 @@ WITH stalled AS (
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
 )
-UPDATE memory_jobs j SET queued_until = now() + make_interval(secs => :lease_s),
+UPDATE memory_jobs j SET
     token = CASE WHEN s.dead THEN NULL ELSE j.token END,
-    lease_until = CASE WHEN s.dead THEN NULL ELSE j.lease_until END
+    lease_until = CASE WHEN s.dead THEN NULL ELSE j.lease_until END,
+    failures = j.failures + CAST(s.dead AS int),
+    last_error = CASE WHEN s.dead THEN :died ELSE j.last_error END,
+    queued_until = CASE WHEN s.dead AND j.failures + 1 >= :max_failures THEN NULL
+                        ELSE now() + make_interval(secs => :lease_s) END,
+    retry_after = CASE WHEN s.dead AND j.failures + 1 >= :max_failures
+                       THEN now() + make_interval(secs => :given_up_s) ELSE j.retry_after END
 FROM stalled s WHERE j.conversation_id = s.conversation_id AND j.kind = s.kind
-RETURNING j.conversation_id, j.kind
+RETURNING j.conversation_id, j.kind, j.failures < :max_failures AS send
 """
 )
+
+# A claim whose worker stopped holding it (the process killed, or hung past its lease): counted as a
+# failure of the job, so one whose step kills its worker every time is given up, not sent for ever.
+DIED = "its worker stopped while it ran (the process died, or hung past its lease)"
 
 
 def take_back_stalled(
@@ -211,15 +224,31 @@ def take_back_stalled(
     """The memory jobs whose messages went missing, marked queued afresh for the caller to send:
     a job marked queued longer ago than the mark lasts and never run (the broker lost its message,
     or it waits behind a bulk backlog that long: a duplicate, which its claim makes harmless), or
-    claimed by a worker whose lease lapsed a lease ago (it died holding it; its claim is freed).
+    claimed by a worker whose lease lapsed a lease ago (it died holding it; its claim is freed, and
+    that counts as a failure of the job: one given up so is not returned, and said in the log).
     Nothing else would send them again before the conversation's next reply. A send that fails
     leaves the fresh mark to lapse, and a later sweep finds the job again; a job no longer due runs
     and finds nothing to do."""
-    rows = session.execute(
+    rows = session.execute(  # read whole: read twice below
         _TAKE_BACK_SQL,
-        {"lease_s": lease_s, "limit": limit, "kinds": list(kinds), "max_failures": max_failures},
-    ).tuples()
-    return sorted({(int(c), str(k)) for c, k in rows})
+        {
+            "lease_s": lease_s,
+            "limit": limit,
+            "kinds": list(kinds),
+            "max_failures": max_failures,
+            "died": DIED,
+            "given_up_s": GIVEN_UP_S,
+        },
+    ).all()
+    given_up = sorted((int(c), str(k)) for c, k, send in rows if not send)
+    if given_up:
+        logger.error(
+            "memory jobs given up after %d failures in a row, the last its worker dying as it ran, "
+            "until `mlchat memory retry`: %s",
+            max_failures,
+            given_up,
+        )
+    return sorted({(int(c), str(k)) for c, k, send in rows if send})
 
 
 def release_job(
@@ -310,7 +339,8 @@ def retry_given_up(*, session: Session, max_failures: int) -> list[tuple[int, st
         text(
             "WITH given_up AS (SELECT conversation_id, kind, last_error FROM memory_jobs"
             " WHERE failures >= :n ORDER BY conversation_id, kind FOR UPDATE)"
-            " UPDATE memory_jobs j SET failures = 0, retry_after = NULL, queued_until = NULL"
+            " UPDATE memory_jobs j SET failures = 0, outage_retries = 0, retry_after = NULL,"
+            " queued_until = NULL"
             " FROM given_up g WHERE j.conversation_id = g.conversation_id AND j.kind = g.kind"
             " RETURNING j.conversation_id, j.kind, g.last_error"
         ),
@@ -359,7 +389,7 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
     session.execute(
         text(
             "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
-            " failures = 0, retry_after = NULL,"  # the text it failed on changed: another go
+            " failures = 0, outage_retries = 0, retry_after = NULL,"  # the text it failed on changed
             # a line extraction had read: due at once, however few lines follow it, until it has read
             # as far as it had (the edit dropped the facts of every line after it too)
             " reread_through = CASE WHEN kind = 'extract' AND done_through > :before"

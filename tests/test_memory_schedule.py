@@ -255,6 +255,40 @@ def test_the_sweep_sends_again_a_memory_job_whose_message_was_lost_or_whose_work
     assert len(_queued(lost)) == 1 and len(_queued(orphaned)) == 1
 
 
+def test_a_memory_job_whose_worker_dies_as_it_runs_is_counted_and_given_up_not_sent_for_ever(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in a poison review: the sweep sent again a job whose worker had died holding it, counting
+    nothing, so a step that kills its worker (a process killed for memory, a native crash) was sent,
+    and killed a worker, for ever. Each such death counts as a failure of the job; at the limit it is
+    given up, said in the log, and no longer sent."""
+    from sqlalchemy import text
+
+    from db.memory_jobs import DIED
+    from memory.schedule import reschedule_stalled
+
+    monkeypatch.setattr(settings, "memory_job_lease_s", 30)
+    monkeypatch.setattr(settings, "memory_job_max_failures", 2)
+    conv = _conversation(80)
+    for deaths in (1, 2):
+        with session_scope() as s:
+            assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=30) is not None
+            s.execute(
+                text(
+                    "UPDATE memory_jobs SET lease_until = now() - interval '31 s' WHERE conversation_id = :c"
+                ),
+                {"c": conv},
+            )
+        reschedule_stalled()
+        with session_scope() as s:
+            row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+            assert (row.failures, row.last_error, row.token) == (deaths, DIED, None)
+            given_up = row.retry_after is not None and row.queued_until is None
+        assert len(_queued(conv)) == (0 if deaths == 2 else 1) and given_up == (deaths == 2)
+        redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    assert reschedule_stalled() >= 0 and not _queued(conv)  # given up: no sweep sends it
+
+
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -513,6 +547,17 @@ def test_a_memory_job_failing_for_a_database_away_or_a_deadlock_is_sent_again_un
             assert (row.failures, row.token, row.outage_retries) == (max(0, n - 4), None, n)
             s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(retry_after=None))
     assert not causes
+    # review: `mlchat memory retry` cleared the failures and left the outages, so the next blip counted
+    from memory.schedule import retry_given_up_jobs
+
+    with session_scope() as s:
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(failures=3))
+    assert (conv, SUMMARY) in [(c, k) for c, k, _ in retry_given_up_jobs()]
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.failures, row.outage_retries) == (0, 0)
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(outage_retries=5))
     monkeypatch.setattr(summarize, "run_summary_job", original)
     assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
     with session_scope() as s:
