@@ -29,7 +29,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     and_,
-    case,
     exists,
     false,
     func,
@@ -41,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.orm import Session, aliased, lazyload
+from sqlalchemy.orm import Session, lazyload
 
 from db.models import (
     TURN_UNFINISHED,
@@ -553,20 +552,23 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
     conversation stored after it (a player's line to the group while the step was failed) moves it
     to the end of the conversation's order: answered after that turn, with it in its history, never
     beside it (a turn waits only for those numbered before it)."""
-    later = aliased(Turn)
-    overtaken = exists().where(later.conversation_id == Turn.conversation_id, later.number > Turn.number)
-    renumbered = case(
-        (overtaken, func.nextval(func.pg_get_serial_sequence("turns", "number"))), else_=Turn.number
+    failed = session.scalar(
+        select(Turn.number).where(Turn.scene_id == scene.id, Turn.scene_step == step, which)
+    )
+    if failed is None:
+        return None
+    # Decided once, by this read: a turn stored after it from here on is answered after it, as its
+    # speaker was picked before that turn.
+    overtaken = bool(
+        session.scalar(
+            select(exists().where(Turn.conversation_id == scene.conversation_id, Turn.number > failed))
+        )
     )
     # Overtaken, it follows whoever answers the turns stored after it: its speaker is picked again
-    # (kept, it could repeat the member who answered the player's line meanwhile).
-    speaker = (
-        pick_speaker(session=session, scene=scene, step=step)
-        if session.scalar(
-            select(exists().where(Turn.scene_id == scene.id, Turn.scene_step == step, which, overtaken))
-        )
-        else None
-    )
+    # (kept, it could repeat the member who answered the player's line meanwhile); with nobody left
+    # who may speak, it keeps its own.
+    speaker = pick_speaker(session=session, scene=scene, step=step) if overtaken else None
+    renumbered = func.nextval(func.pg_get_serial_sequence("turns", "number")) if overtaken else Turn.number
     revived = session.scalar(
         update(Turn)
         .where(Turn.scene_id == scene.id, Turn.scene_step == step, which)

@@ -188,12 +188,14 @@ def _words(text: str) -> str:
     return " ".join(regex.findall(r"\w+", speaker_key(text)))
 
 
-def player_names(player_name: str, player_label: str, character: str) -> list[str]:
+def player_names(player_name: str, player_label: str, speakers: Sequence[str]) -> list[str]:
     """The names the player goes by in a conversation: as stored, and as the request showed it;
-    never the character's (a player named as the character is shown as "Elara (player)", and a
-    fact about "Elara" is the character's)."""
-    taken = speaker_key(character)
-    return [n for n in dict.fromkeys((player_name, player_label)) if n.strip() and speaker_key(n) != taken]
+    never a character's among `speakers` (a player named as the character is shown as "Elara
+    (player)", and a fact about "Elara" is the character's; in a group, any member's)."""
+    taken = {speaker_key(name) for name in speakers}
+    return [
+        n for n in dict.fromkeys((player_name, player_label)) if n.strip() and speaker_key(n) not in taken
+    ]
 
 
 def as_stored(
@@ -228,20 +230,23 @@ def store_extracted(
     source: str,
     lines: tuple[int, int],
     player_label: str = "",
+    names: Sequence[str] | None = None,
     vectors: dict[tuple[str, str], Any] | None = None,
 ) -> dict[str, int]:
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
     line (seq) of the conversation they were read from (an edit of one drops them again).
-    `player_label`: the player's name as the request showed it. `vectors`: the facts' (fact_vectors),
-    embedded before the caller's transaction; any fact not in them (none given, or the player renamed
-    meanwhile) is embedded here."""
+    `player_label`: the player's name as the request showed it; `names`: the player's names
+    (player_names), when the caller has them (a group's members taken out too). `vectors`: the
+    facts' (fact_vectors), embedded before the caller's transaction; any fact not in them (none
+    given, or the player renamed meanwhile) is embedded here."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
     if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     player = conversation.player_id
-    names = player_names(conversation.player_name, player_label, conversation.character.name)
+    if names is None:
+        names = player_names(conversation.player_name, player_label, [conversation.character.name])
     stored = as_stored(facts, player_id=player, names=names)
     given = vectors or {}
     missing = [pair for pair in stored if pair not in given]
@@ -428,11 +433,9 @@ def _extract_step(
 
     # Embedded before the store's transaction, which holds the job's row (and, once it writes facts,
     # theirs): a desk change or an erasure waiting on them would wait for the embedder too.
+    names = player_names(user, who.user, [char, *members])
     vectors = (
-        fact_vectors(
-            as_stored(facts, player_id=player_id, names=player_names(user, who.user, char)),
-            player_id=player_id,
-        )
+        fact_vectors(as_stored(facts, player_id=player_id, names=names), player_id=player_id)
         if facts
         else None
     )
@@ -453,6 +456,7 @@ def _extract_step(
                 source=source,
                 lines=(lines[0].seq, last.seq),
                 player_label=who.user,
+                names=names,
                 vectors=vectors,
             )
 

@@ -545,9 +545,8 @@ def _not_its_character(i: int, req: TurnRequest, slug: str, *, group: bool) -> I
         )
     if req.one_character:  # a chat completion: its `model` is the character, and a group has several
         return _holds_a_scene(i, req)
-    return ItemError(
-        i, "character", f"conversation {named!r} is a group; name the member who answers in speaker_character"
-    )
+    reason = f"conversation {named!r} is a group led by {slug!r}: leave character out, and name the member"
+    return ItemError(i, "character", f"{reason} who answers in speaker_character")
 
 
 def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant: str) -> dict[str, int]:
@@ -569,7 +568,11 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
     errors: list[ItemError] = []
     new_rows: dict[str, dict[str, Any]] = {}
     # A group named with a member who is not its lead: told as a group, not as another's conversation.
-    clashing = {known[r.conversation][0] for r in requests if r.conversation in known and r.character}
+    clashing = {
+        known[r.conversation][0]
+        for r in requests
+        if r.conversation in known and r.character and r.character != known[r.conversation][1]
+    }
     groups = scene_conversations(session=session, conversation_ids=sorted(clashing)) if clashing else set()
     for i, req in enumerate(requests):
         if req.conversation in known:

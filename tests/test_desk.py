@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from core.settings import settings
 from db.models import Conversation, Message, Run, RunStatus, Scene, Turn, TurnReview, TurnReviewChange
@@ -1606,7 +1606,15 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
         labelled.join(15)
-        time.sleep(1.0)  # the edit waits for the run: holding its line's row, and nothing it changes
+        waiting = (  # the edit waits for the run: holding its line's row, and nothing it changes
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with session_scope() as look:
+                if look.scalar(text(waiting)):
+                    break
+            time.sleep(0.05)
         reply_line = _stored(second)[0].reply_message_id
         with session_scope() as probe:
             free = lambda entity, key: probe.scalar(  # noqa: E731

@@ -1630,3 +1630,8 @@ def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_n
             .order_by(Fact.id)
         ).all()
     assert [tuple(r) for r in rows] == [("Elara", FactKind.WORLD), (namesake, FactKind.PLAYER)]
+    from memory.extract import player_names
+
+    # review: in a group, any member's name is a character's, not the player's
+    assert player_names("Luffy", "Luffy", ["Elara", "luffy"]) == []
+    assert player_names("Rowan", "Rowan", ["Elara", "Luffy"]) == ["Rowan"]

@@ -940,9 +940,7 @@ def test_a_player_speaks_to_the_group_through_the_turn_api(world) -> None:
     with pytest.raises(TurnRejected) as caught:  # a member named as the conversation's character
         submit_turns([{"conversation": conv, "character": "elara", "message": "hi"}], send=False)
     (error,) = caught.value.errors
-    assert error.field == "character" and "is a group; name the member who answers in speaker_character" in (
-        error.reason
-    )
+    assert error.field == "character" and "is a group led by 'luffy': leave character out" in error.reason
     # The player's line is stored as the player's, the reply under the member who gave it.
     with session_scope() as s:
         first = s.scalar(select(Turn.id).where(Turn.conversation_id == _conv_id(conv)).order_by(Turn.number))
