@@ -155,3 +155,37 @@ def test_the_engine_gives_a_regex_grammar_well_over_the_checks_time_to_build(eng
     from core.settings import settings
 
     assert 4 * settings.structured_compile_timeout_s <= envs.VLLM_REGEX_COMPILATION_TIMEOUT_S
+
+
+def test_a_structured_request_the_engine_ended_with_an_error_names_its_format(engine, monkeypatch) -> None:
+    """Found in a poison review: the engine core compiles a request's grammar against the model's
+    vocabulary (the door's build has no tokenizer), and a grammar it cannot build ends the request
+    with an error: the turn was retried and failed as "engine error: EngineRequestError(...)", naming
+    nothing the game could mend. The error now names `response_format`; a free-text turn's does not."""
+    from concurrent.futures import Future
+
+    from worker.engine_loop import EngineRequestError
+
+    ids = enqueue_turns(
+        [_turn("Your gate code?", response_format={"type": "regex", "regex": CODE}), _turn("Evening.")],
+        send=False,
+    )
+    loop, mine = engine_module.get_loop(), threading.get_ident()
+    real_submit = loop.submit
+
+    def ended_with_an_error(jobs, **kwargs):  # type: ignore[no-untyped-def]
+        if threading.get_ident() != mine:  # the session's worker submits through the same loop
+            return real_submit(jobs, **kwargs)
+        futures = []
+        for _ in list(jobs):
+            future: Future = Future()
+            future.set_exception(EngineRequestError("the engine ended the request with an error"))
+            futures.append(future)
+        return futures
+
+    monkeypatch.setattr(loop, "submit", ended_with_an_error)
+    process_batch(ids)
+    structured, free = (get_turn(i) for i in ids)
+    assert structured is not None and free is not None
+    assert structured.status == TurnStatus.QUEUED and "response_format" in (structured.error or "")
+    assert free.status == TurnStatus.QUEUED and "response_format" not in (free.error or "")

@@ -61,7 +61,7 @@ from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest, refused_by_engine
-from worker.engine_loop import Generation
+from worker.engine_loop import EngineRequestError, Generation
 from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
@@ -694,7 +694,13 @@ def _finish_group(
             error = broken[turn.id]
             refused = refused_by_engine(error)
             code = TurnErrorCode.INVALID_PARAMS if refused else TurnErrorCode.ENGINE_ERROR
-            _retry_or_fail(turn, f"engine error: {error!r}", code, report, final=refused)
+            reason = f"engine error: {error!r}"
+            request = requests.get(turn.id)
+            if isinstance(error, EngineRequestError) and request is not None and request.structured_outputs:
+                # The engine core compiles a request's grammar against the model's vocabulary, which
+                # the door's build (no tokenizer) cannot; a grammar it cannot build ends it so.
+                reason += " (response_format: the engine may be unable to build its grammar)"
+            _retry_or_fail(turn, reason, code, report, final=refused)
     answered = []
     for turn in group:
         if turn.id in broken:
