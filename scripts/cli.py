@@ -104,7 +104,7 @@ def services_status() -> None:
 
 @app.command()
 def migrate(
-    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+    revision: Annotated[str | None, typer.Argument(help="target revision (default: head)")] = None,
     down: Annotated[bool, typer.Option("--down", help="downgrade to the revision")] = False,
 ) -> None:
     """Alembic upgrade (or --down) to a revision."""
@@ -112,6 +112,9 @@ def migrate(
 
     from db.migrate import downgrade, upgrade
 
+    if down and revision is None:  # to "head" it would do nothing and say nothing
+        raise Refused("migrate --down: name the revision to go down to (e.g. -1, or 0042)")
+    revision = revision or "head"
     try:
         (downgrade if down else upgrade)(revision)
     except CommandError as exc:  # no such revision, or nothing below it
@@ -302,6 +305,7 @@ def run_status(
     """Status, request counts and quality summary (--watch: a live progress bar)."""
     import time
 
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from services.runs import run_state
@@ -314,7 +318,8 @@ def run_status(
         TextColumn("{task.fields[rate]}"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, transient=not watch) as bar:
+    # On stderr, as submit's and lora train's: stdout keeps the status line for scripts.
+    with Progress(*columns, transient=not watch, console=Console(stderr=True)) as bar:
         task = bar.add_task(state.name, total=state.counts.total or None, rate="")
         started, start_done = time.monotonic(), state.counts.finished
         while True:
@@ -660,14 +665,19 @@ def card_export(
     ] = None,
 ) -> None:
     """Export a character as a card (the imported card as it was, unknown fields included)."""
+    from core.whole_files import replaced_whole
     from services.characters import export_card
 
+    png = out.suffix.lower() == ".png"
+    if image is not None and not png:
+        raise Refused(f"--image: a PNG export's avatar; --out {out} is not a .png file")
     data = export_card(
         slug,
-        "png" if out.suffix == ".png" else "json",
+        "png" if png else "json",
         _read_capped(image, settings.card_max_bytes, "MLCHAT_CARD_MAX_BYTES") if image else None,
     )
-    out.write_bytes(data)
+    with replaced_whole(out) as (part,):  # written whole or not at all (Ctrl-C, a full disk)
+        part.write_bytes(data)
     _out(f"wrote {out} ({len(data)} bytes)")
 
 
@@ -769,17 +779,29 @@ def facts_add(
     _out(str(stored.id))
 
 
+FACTS_PAGE = 500  # facts read at a time by `facts list`: a player's whole history is never held at once
+
+
 @facts_app.command("list")
 def facts_list(
     player: Annotated[str, typer.Argument(help="the game's player id")],
     history: Annotated[bool, typer.Option(help="superseded facts too")] = False,
     tenant: str = "",
 ) -> None:
-    """A player's facts, one JSON object a line, oldest first."""
-    from services.facts import list_player_facts
+    """A player's facts, one JSON object a line, oldest first (read a page at a time)."""
+    from services.facts import FactRefused, list_player_facts
 
-    for fact in list_player_facts(tenant, player, history=history):
-        _out(fact.model_dump_json())
+    after = 0
+    while True:
+        try:
+            page = list_player_facts(tenant, player, history=history, after=after, limit=FACTS_PAGE)
+        except FactRefused as exc:
+            raise Refused(str(exc)) from None
+        for fact in page:
+            _out(fact.model_dump_json())
+        if len(page) < FACTS_PAGE:
+            return
+        after = page[-1].id
 
 
 @facts_app.command("move")
@@ -1058,7 +1080,8 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, RunValidationError):
         for err in exc.errors:
             _err(f"line {err.line}: {err.reason}")
-        return f"rejected: {len(exc.errors)} bad line(s), nothing stored"
+        listed = f" (the first {len(exc.errors):,} listed)" if exc.count > len(exc.errors) else ""
+        return f"rejected: {exc.count:,} bad line(s){listed}, nothing stored"
     if isinstance(exc, ValidationError):
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "input"

@@ -246,7 +246,8 @@ def list_player_facts(
     tenant: str, player: str, *, history: bool = False, after: int = 0, limit: int | None = None
 ) -> list[FactView]:
     """The player's facts in this tenant (current ones, or all with `history`), oldest first, from the
-    one after id `after`, at most `limit`."""
+    one after id `after`, at most `limit`. FactRefused for a player or tenant no key could name."""
+    _check_owner(tenant, player)
     with session_scope() as session:
         found = player_facts(
             session=session, tenant=tenant, player_id=player, history=history, after=after, limit=limit

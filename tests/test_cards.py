@@ -217,6 +217,15 @@ def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys, monkeypatch)
     assert read_card((tmp_path / "mira.png").read_bytes()).card == json.loads(
         (CARDS / "mira_v2.json").read_bytes()
     )
+    # CLI review: `.PNG` wrote JSON (the suffix compared as written), `--image` beside a JSON export
+    # was dropped unsaid, and the file was written in place (a Ctrl-C left half a card)
+    assert cli(["card", "export", "mira-cli", "--out", str(tmp_path / "MIRA.PNG")]) == 0
+    assert (tmp_path / "MIRA.PNG").read_bytes().startswith(b"\x89PNG")
+    capsys.readouterr()
+    image = tmp_path / "mira.png"
+    assert cli(["card", "export", "mira-cli", "--image", str(image), "--out", str(tmp_path / "m.json")]) == 2
+    assert "--image: a PNG export's avatar" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    assert not list(tmp_path.glob(".mlchat-*.part"))
 
 
 def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world, tokenizer) -> None:

@@ -287,7 +287,7 @@ def test_moving_a_superseded_fact_is_refused_naming_the_field(base_url) -> None:
     assert [f["scope"] for f in history if f["id"] == old["id"]] == ["met"]  # not moved
 
 
-def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
+def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world, monkeypatch) -> None:
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     assert cli(["facts", "add", player, "Rowan's sister is called Mira.", "--importance", "0.8"]) == 0
     fact_id = int(capsys.readouterr().out.strip())
@@ -311,6 +311,15 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world) -> None:
         assert capsys.readouterr().err.strip() == said
     assert cli(["facts", "move", "", "1", "--scope", "world"]) == 2
     assert capsys.readouterr().err.strip() == "mlchat: player: empty"
+    # CLI review: `facts list` checked neither (an empty player listed nothing, exit 0), and read a
+    # player's whole history at once: it reads a page at a time
+    assert cli(["facts", "list", ""]) == 2
+    assert capsys.readouterr().err.strip() == "mlchat: player: empty"
+    monkeypatch.setattr("scripts.cli.FACTS_PAGE", 1)
+    assert cli(["facts", "list", player, "--history"]) == 0
+    assert [json.loads(line)["id"] for line in capsys.readouterr().out.strip().splitlines()] == [
+        f["id"] for f in listed
+    ]
 
 
 def test_two_writes_superseding_the_same_facts_in_other_orders_never_deadlock(world, monkeypatch) -> None:

@@ -172,6 +172,10 @@ def test_cancelling_a_finished_run_is_a_no_op_that_says_so(quiet_model, tmp_path
     assert not outcome.changed and outcome.after == RunStatus.COMPLETED == _status(sub.id)
     assert cli(["run", "cancel", sub.name]) == 0
     assert "run is completed: nothing to cancel" in capsys.readouterr().out
+    # CLI review: --watch drew its progress bar on stdout, which scripts read for the status line
+    assert cli(["run", "status", sub.name, "--watch"]) == 0
+    said = capsys.readouterr()
+    assert said.out.splitlines()[0].startswith(f"{sub.id} completed total=") and sub.name in said.err
 
 
 def test_what_would_fail_the_insert_is_caught_by_validation_with_the_line(quiet_model, tmp_path) -> None:
@@ -986,3 +990,17 @@ def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world
 def _lock(model: Any, row_id: uuid.UUID) -> Callable[[Any], Any]:
     """A row of `model` locked FOR UPDATE in the session given."""
     return lambda s: s.execute(select(model.id).where(model.id == row_id).with_for_update())
+
+
+def test_a_file_with_more_bad_lines_than_are_named_counts_them_all(quiet_model, tmp_path, capsys) -> None:
+    """Found in a CLI review: the one line counted the bad lines named (at most 1,000), so a file of
+    1,005 bad lines said 1000."""
+    from scripts.cli import main as cli
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text(
+        "".join(json.dumps({"custom_id": f"c{i}", "character": "nobody"}) + "\n" for i in range(1005))
+    )
+    assert cli(["run", "submit", str(path), "--name", "many-bad-" + tmp_path.name]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last == "mlchat: rejected: 1,005 bad line(s) (the first 1,000 listed), nothing stored", last

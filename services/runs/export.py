@@ -42,10 +42,10 @@ def export_run(
     `alternatives`: native lines also carry the candidates that were not kept (best of n). Each chunk
     of turns is read in a transaction of its own, and the two files are put in place whole at the end
     (an export that stops leaves the earlier one as it was)."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     with session_scope() as session:
         run = require_run(session, ref)
         session.expunge(run)
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the run is found: a mistyped name leaves no folder
     results_path = out_dir / f"{export_stem(run.name)}.results.jsonl"
     errors_path = out_dir / f"{export_stem(run.name)}.errors.jsonl"
     with replaced_whole(results_path, errors_path) as (results_part, errors_part):

@@ -22,11 +22,11 @@ SCENES_A_PAGE = 200
 def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[Path, int]:
     """Write the run's scene transcripts into out_dir; (the file, how many scenes). Each page of
     scenes is read in a transaction of its own, and the file is put in place whole at the end."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     written = 0
     with session_scope() as session:
         run = require_run(session, ref)
         run_id, name = run.id, run.name
+    out_dir.mkdir(parents=True, exist_ok=True)  # once the run is found: a mistyped name leaves no folder
     path = out_dir / f"{export_stem(name)}.scenes.{fmt}"
     with replaced_whole(path) as (part,), part.open("w", encoding="utf-8") as handle:
         if fmt == "md":

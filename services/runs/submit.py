@@ -152,7 +152,7 @@ def submit_run(
     `file_is_ours`: the file is one the service stored and never writes again (a batch's input);
     any other is read from a private copy, so lines changed after validation are never stored.
     """
-    name = check_run_name(name or path.stem, existing=True)  # every check but the one for ':' first
+    name = check_run_name(path.stem if name is None else name, existing=True)  # all but ':' first
     with nullcontext(path) if file_is_ours else _private_copy(path) as held:
         return _submit(held, name, skip_bad_lines, progress, options, fields, retry_later, lock_held)
 

@@ -117,7 +117,7 @@ class RunValidationError(ValueError):
 
     def __init__(self, errors: list[LineError], count: int | None = None) -> None:
         self.errors = errors
-        count = len(errors) if count is None else count
+        self.count = count = len(errors) if count is None else count
         shown = "; ".join(f"line {e.line}: {e.reason}" for e in errors[:20])
         more = f" (+{count - 20} more)" if count > 20 else ""
         super().__init__(f"{count} bad line(s): {shown}{more}")
