@@ -302,12 +302,15 @@ def run_status(
     run: Annotated[str, typer.Argument(help="the run's id or name")],
     watch: Annotated[bool, typer.Option(help="follow until the run finishes")] = False,
 ) -> None:
-    """Status, request counts and quality summary (--watch: a live progress bar)."""
+    """Status, request counts and quality summary (--watch: a live progress bar, then exit code 0
+    when the run completed, 1 when it ended otherwise: failed, cancelled, expired, its submission
+    interrupted)."""
     import time
 
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from db.models import RunStatus
     from services.runs import run_state
 
     state = run_state(run)
@@ -350,6 +353,9 @@ def run_status(
             _out("below the bar: " + " ".join(f"{k}={v}" for k, v in reasons.items()))
     if state.error:
         _out(state.error)
+    if watch and (state.interrupted or state.status != RunStatus.COMPLETED):
+        # A script waiting on --watch tells a run that completed from one that did not by the code.
+        raise typer.Exit(1)
 
 
 @run_app.command("list")

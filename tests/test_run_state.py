@@ -176,6 +176,12 @@ def test_cancelling_a_finished_run_is_a_no_op_that_says_so(quiet_model, tmp_path
     assert cli(["run", "status", sub.name, "--watch"]) == 0
     said = capsys.readouterr()
     assert said.out.splitlines()[0].startswith(f"{sub.id} completed total=") and sub.name in said.err
+    # ...and exits 0 only for a run that completed: a script waiting on it reads the code
+    cancelled = submit_run(_file(tmp_path, 2, name="cancelled"), name="cancelled-" + tmp_path.name)
+    assert runs.cancel(cancelled.name).changed
+    assert cli(["run", "status", cancelled.name]) == 0  # a look, not a wait
+    assert cli(["run", "status", cancelled.name, "--watch"]) == 1
+    assert "cancelled" in capsys.readouterr().out
 
 
 def test_what_would_fail_the_insert_is_caught_by_validation_with_the_line(quiet_model, tmp_path) -> None:
