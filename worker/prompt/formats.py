@@ -14,7 +14,7 @@ from typing import Any
 
 import regex
 
-from core.text import SHOWS_NOTHING, speaker_key
+from core.text import SHOWS_NOTHING, caseless, speaker_key
 from worker.prompt.sanitize import ZWSP
 
 ChatMessage = dict[str, str]
@@ -131,23 +131,37 @@ _HEADERS = (
     r"narrator|scene|scene\s+direction|character|setting|example\s+dialogue|earlier\s+in\s+this\s+conversation"
     r"|story\s+so\s+far|related\s+memories|actions|what\b[^\]\n]{0,300}\bknows"
 )
-_OPEN, _CLOSE = "[\\[\ufe47\uff3b]", "[\\]\ufe48\uff3d]"  # and the forms NFKC folds into each
-# Blanks on the line before the bracket: never a newline, so a run of blank lines is not scanned again
-# from each of its starts.
-_INLINE_BLANKS = r"(?:[^\S\n]|\p{Cf})*"
-_BRACKET_MARKER = regex.compile(
-    rf"^({_INLINE_BLANKS})({_OPEN})(?!\u200b)"
-    rf"(?=\s*(?:{_HEADERS})\s*{_CLOSE}|[^\]\n]{{0,300}}\bspeaks\s+next\.{_CLOSE})",
-    regex.IGNORECASE | regex.MULTILINE,
+_OPEN = "[\\[\ufe47\uff3b]"  # and the forms NFKC folds into it
+# Before the bracket on its line: blanks and characters that show nothing (a Hangul filler, a
+# zero-width joiner), never a newline, so a run of blank lines is not scanned again from each start.
+_BRACKET_OPENING = regex.compile(
+    rf"^((?:[^\S\n]|[\p{{Cf}}\p{{Default_Ignorable_Code_Point}}])*)({_OPEN})(?!\u200b)", regex.MULTILINE
 )
+# What follows the bracket, read as the model would (NFKC: full-width letters, brackets and periods
+# folded; characters that show nothing dropped; any case).
+_HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\]\n]{{0,300}}\bspeaks\s+next\s*\.?\s*\]")
+_HEADER_REACH = 400  # characters after the bracket read: the longest header (a name of 300) and room
+_CLOSING = regex.compile("[\\]\ufe48\uff3d]")
 
 
 def escape_bracket_markers(text: str) -> str:
     """Break the prompt's own bracketed markers and section headers at a line's start ("[Narrator]",
     "[Scene direction]", "[Name speaks next.]", "[Character]", "[What Name knows]", "[Actions]", …)
-    in text that is not the prompt's. The prompt's own headers are added after their bodies are
-    cleaned, never cleaned with them."""
-    return _BRACKET_MARKER.sub(lambda m: m.group(1) + m.group(2) + ZWSP, text)
+    in text that is not the prompt's, however written: spaced, in full-width letters or brackets,
+    with characters that show nothing before or inside it. The prompt's own headers are added after
+    their bodies are cleaned, never cleaned with them."""
+    if not any(bracket in text for bracket in "[\ufe47\uff3b"):
+        return text
+
+    def escape(found: regex.Match[str]) -> str:
+        # Up to the first closing bracket, where every marker ends (none within reach: no marker).
+        closing = _CLOSING.search(text, found.end(), found.end() + _HEADER_REACH)
+        if closing is None:
+            return found.group(0)
+        read = caseless(SHOWS_NOTHING.sub("", text[found.end() : closing.end()]))
+        return found.group(0) + ZWSP if _HEADER_AFTER.match(read) else found.group(0)
+
+    return _BRACKET_OPENING.sub(escape, text)
 
 
 def escaped_label(fmt: PromptFormat, name: str, *speakers: str) -> str:
