@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from core.settings import settings
+
 logger = logging.getLogger(__name__)
 
 SUMMARY = "summary"
@@ -27,7 +29,10 @@ SELECT :conversation_id, :kind, :token, now() + make_interval(secs => :lease_s)
 WHERE EXISTS (SELECT 1 FROM conversations WHERE id = :conversation_id)
 ON CONFLICT (conversation_id, kind) DO UPDATE
 SET token = excluded.token, lease_until = excluded.lease_until, queued_until = NULL
-WHERE memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now()
+WHERE (memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now())
+  -- given up (until `mlchat memory retry`, or a day on): a message the broker delivers again (an
+  -- unacked one, after its visibility timeout) would run, and kill, it once more
+  AND NOT (memory_jobs.failures >= :max_failures AND memory_jobs.retry_after > now())
 RETURNING token
 """
 )
@@ -100,13 +105,16 @@ def clear_engine_deaths(*, session: Session, conversation_id: int, kind: str) ->
     )
 
 
-def claim_job(*, session: Session, conversation_id: int, kind: str, lease_s: float) -> uuid.UUID | None:
-    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it, or
-    when the conversation is gone (erased)."""
+def claim_job(
+    *, session: Session, conversation_id: int, kind: str, lease_s: float, max_failures: int | None = None
+) -> uuid.UUID | None:
+    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it,
+    when it is given up (`max_failures` in a row, MLCHAT_MEMORY_JOB_MAX_FAILURES by default), or when
+    the conversation is gone (erased)."""
     token = uuid.uuid4()
-    got = session.execute(
-        _CLAIM_SQL, {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}
-    ).scalar()
+    limit = settings.memory_job_max_failures if max_failures is None else max_failures
+    params = {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}
+    got = session.execute(_CLAIM_SQL, params | {"max_failures": limit}).scalar()
     return token if got is not None else None
 
 
@@ -187,9 +195,11 @@ WITH stalled AS (
     SELECT conversation_id, kind,
            token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s) AS dead
     FROM memory_jobs
-    WHERE (queued_until < now()
+    -- a dead claim even of a job given up: run again after its day, it died again, and is given up
+    -- for another day (left held, every reply's message would find it free once its lease lapsed)
+    WHERE ((queued_until < now() AND failures < :max_failures)
            OR (token IS NOT NULL AND lease_until < now() - make_interval(secs => :lease_s)))
-      AND failures < :max_failures AND kind = ANY(CAST(:kinds AS text[]))
+      AND kind = ANY(CAST(:kinds AS text[]))
     ORDER BY conversation_id, kind
     LIMIT :limit
     FOR UPDATE SKIP LOCKED

@@ -4,6 +4,7 @@ worker's and handed to another (whose answer would then be thrown away in turn).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +30,30 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
     try:
         yield
     except BaseException as exc:
-        held = _release(conversation_id, kind, token, ran=False)
+        held = _release_when_back(conversation_id, kind, token)
         if not held and isinstance(exc, Exception) and not isinstance(exc, EngineDead):
             raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
         raise
     _release(conversation_id, kind, token, ran=True)
+
+
+# A step that failed for the database away gives its claim back once the database is back (a restart
+# takes seconds): a claim left held lapses, and the sweep then takes it back as its worker's death,
+# counted as a failure of the job (db/memory_jobs.py), which an outage is not.
+RELEASE_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+def _release_when_back(conversation_id: int, kind: str, token: uuid.UUID) -> bool:
+    from db.session import connection_lost
+
+    for wait in RELEASE_WAITS_S:
+        try:
+            return _release(conversation_id, kind, token, ran=False)
+        except Exception as exc:
+            if not connection_lost(exc):
+                raise
+        time.sleep(wait)
+    return _release(conversation_id, kind, token, ran=False)  # the last try: its error is raised
 
 
 def _release(conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool) -> bool:

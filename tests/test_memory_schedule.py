@@ -286,7 +286,67 @@ def test_a_memory_job_whose_worker_dies_as_it_runs_is_counted_and_given_up_not_s
             given_up = row.retry_after is not None and row.queued_until is None
         assert len(_queued(conv)) == (0 if deaths == 2 else 1) and given_up == (deaths == 2)
         redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
-    assert reschedule_stalled() >= 0 and not _queued(conv)  # given up: no sweep sends it
+    reschedule_stalled()
+    assert not _queued(conv)  # given up: no sweep sends it
+    # review: nor does a claim take it (a message the broker delivers again, unacked an hour on)
+    with session_scope() as s:
+        assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=30) is None
+        s.execute(
+            text("UPDATE memory_jobs SET retry_after = now() - interval '1 s' WHERE conversation_id = :c"),
+            {"c": conv},
+        )
+    # a day on, it runs again and dies again: counted, and given up for another day
+    with session_scope() as s:
+        assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=30) is not None
+        s.execute(
+            text("UPDATE memory_jobs SET lease_until = now() - interval '31 s' WHERE conversation_id = :c"),
+            {"c": conv},
+        )
+    reschedule_stalled()
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.failures, row.token, row.queued_until) == (3, None, None)
+        assert s.scalar(select(MemoryJob.retry_after > func.now()).where(MemoryJob.conversation_id == conv))
+    assert not _queued(conv)
+
+
+def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_back(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the count of a dead worker's jobs: a step whose database went away tried once to give
+    its claim back, failed (the database still away), and the claim, left held, lapsed; the sweep
+    then took it back as its worker's death and counted it, which an outage is not. The release is
+    tried again while the database comes back."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from memory import claim, summarize
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+    monkeypatch.setattr(claim, "RELEASE_WAITS_S", (0.01, 0.01, 0.01))
+    real_release, refused = claim._release, []
+
+    def away_twice(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if len(refused) < 2:
+            refused.append(1)
+            raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+        return real_release(*args, **kwargs)
+
+    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
+
+    monkeypatch.setattr(claim, "_release", away_twice)
+    original = summarize.run_summary_job
+    monkeypatch.setattr(
+        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
+    )
+    memory_tasks.memory_job(conv, SUMMARY)
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    assert refused == [1, 1]
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.token, row.failures, row.outage_retries) == (None, 0, 1)
 
 
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
