@@ -236,9 +236,9 @@ def store_extracted(
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
     line (seq) of the conversation they were read from (an edit of one drops them again).
     `player_label`: the player's name as the request showed it; `names`: the player's names
-    (player_names), when the caller has them (a group's members taken out too). `vectors`: the
-    facts' (fact_vectors), embedded before the caller's transaction; any fact not in them (none
-    given, or the player renamed meanwhile) is embedded here."""
+    (player_names) as the caller read them with the lines (a group's members taken out too). `vectors`:
+    the facts' (fact_vectors), embedded before the caller's transaction; any fact not in them (none
+    given) is embedded here."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts

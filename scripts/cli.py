@@ -113,7 +113,7 @@ def migrate(
     from db.migrate import downgrade, upgrade
 
     if down and revision is None:  # to "head" it would do nothing and say nothing
-        raise Refused("migrate --down: name the revision to go down to (e.g. -1, or 0042)")
+        raise Refused("migrate --down: name the revision to go down to (e.g. 0042)")
     revision = revision or "head"
     try:
         (downgrade if down else upgrade)(revision)
@@ -682,8 +682,11 @@ def card_export(
         "png" if png else "json",
         _read_capped(image, settings.card_max_bytes, "MLCHAT_CARD_MAX_BYTES") if image else None,
     )
-    with replaced_whole(out) as (part,):  # written whole or not at all (Ctrl-C, a full disk)
-        part.write_bytes(data)
+    if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: as named
+        out.write_bytes(data)
+    else:
+        with replaced_whole(out) as (part,):  # a file written whole or not at all (Ctrl-C, a full disk)
+            part.write_bytes(data)
     _out(f"wrote {out} ({len(data)} bytes)")
 
 
@@ -794,7 +797,8 @@ def facts_list(
     history: Annotated[bool, typer.Option(help="superseded facts too")] = False,
     tenant: str = "",
 ) -> None:
-    """A player's facts, one JSON object a line, oldest first (read a page at a time)."""
+    """A player's facts, one JSON object a line, oldest first (read a page at a time, each page as it
+    stands when read: a fact replaced meanwhile may be listed with its replacement)."""
     from services.facts import FactRefused, list_player_facts
 
     after = 0

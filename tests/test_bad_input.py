@@ -865,6 +865,7 @@ def test_the_clis_one_line_logs_give_way_to_tracebacks_in_the_worker_and_api_it_
     done = subprocess.run(
         [sys.executable, "-c", snippet],
         cwd=Path(__file__).resolve().parent.parent,
+        env=os.environ | {"MLCHAT_LOG_LEVEL": "INFO"},  # DEBUG shows tracebacks in both
         capture_output=True,
         text=True,
         timeout=60,

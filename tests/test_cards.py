@@ -226,6 +226,11 @@ def test_the_cli_imports_and_exports_cards(world, tmp_path, capsys, monkeypatch)
     assert cli(["card", "export", "mira-cli", "--image", str(image), "--out", str(tmp_path / "m.json")]) == 2
     assert "--image: a PNG export's avatar" in capsys.readouterr().err and not (tmp_path / "m.json").exists()
     assert not list(tmp_path.glob(".mlchat-*.part"))
+    # review of that: a target that is not a plain file (/dev/stdout, a link) is written as named
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    assert cli(["card", "export", "mira-cli", "--out", str(link)]) == 0
+    assert link.is_symlink() and json.loads((tmp_path / "target.json").read_bytes())["data"]["name"]
 
 
 def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world, tokenizer) -> None:

@@ -1607,14 +1607,15 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
         labelled.join(15)
         waiting = (  # the edit waits for the run: holding its line's row, and nothing it changes
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
         )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
+        deadline, seen = time.monotonic() + 15, 0
+        while not seen and time.monotonic() < deadline:
             with session_scope() as look:
-                if look.scalar(text(waiting)):
-                    break
+                seen = look.scalar(text(waiting)) or 0
             time.sleep(0.05)
+        assert seen, "the edit never waited for the run's lock"
         reply_line = _stored(second)[0].reply_message_id
         with session_scope() as probe:
             free = lambda entity, key: probe.scalar(  # noqa: E731

@@ -315,8 +315,15 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world, monkeypatch
     # player's whole history at once: it reads a page at a time
     assert cli(["facts", "list", ""]) == 2
     assert capsys.readouterr().err.strip() == "mlchat: player: empty"
+    from services import facts as facts_service
+
     monkeypatch.setattr("scripts.cli.FACTS_PAGE", 1)
+    real_list, pages = facts_service.list_player_facts, []
+    monkeypatch.setattr(
+        facts_service, "list_player_facts", lambda *a, **kw: pages.append(kw["limit"]) or real_list(*a, **kw)
+    )
     assert cli(["facts", "list", player, "--history"]) == 0
+    assert pages == [1, 1, 1]  # two facts, a page of one each, and the empty page that ends it
     assert [json.loads(line)["id"] for line in capsys.readouterr().out.strip().splitlines()] == [
         f["id"] for f in listed
     ]

@@ -699,7 +699,10 @@ def _finish_group(
             if isinstance(error, EngineRequestError) and request is not None and request.structured_outputs:
                 # The engine core compiles a request's grammar against the model's vocabulary, which
                 # the door's build (no tokenizer) cannot; a grammar it cannot build ends it so.
-                reason += " (response_format: the engine may be unable to build its grammar)"
+                reason += (
+                    " (its structured reply, response_format or the character's actions: the engine may"
+                    " be unable to build its grammar)"
+                )
             _retry_or_fail(turn, reason, code, report, final=refused)
     answered = []
     for turn in group:

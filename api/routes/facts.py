@@ -84,9 +84,12 @@ def get_facts(
 ) -> FactsPage:
     """The player's current facts (with `history=true`, the superseded ones too), oldest first: those
     after fact id `after`, at most `limit`."""
-    found = facts.list_player_facts(
-        who.tenant, player, history=history, after=wanted.after, limit=wanted.limit + 1
-    )
+    try:  # its checks are the path's and the key's: one drifting apart is a 422, not a 500
+        found = facts.list_player_facts(
+            who.tenant, player, history=history, after=wanted.after, limit=wanted.limit + 1
+        )
+    except FactRefused as exc:
+        raise _refused(exc) from None
     shown = cut(found, after=wanted.after, limit=wanted.limit, cursor=lambda fact: fact.id)
     return FactsPage(facts=shown.items, next_after=shown.next_after, more=shown.more)
 
