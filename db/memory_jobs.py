@@ -32,7 +32,7 @@ SET token = excluded.token, lease_until = excluded.lease_until, queued_until = N
 WHERE (memory_jobs.lease_until IS NULL OR memory_jobs.lease_until < now())
   -- given up (until `mlchat memory retry`, or a day on): a message the broker delivers again (an
   -- unacked one, after its visibility timeout) would run, and kill, it once more
-  AND NOT (memory_jobs.failures >= :max_failures AND memory_jobs.retry_after > now())
+  AND NOT (memory_jobs.failures >= :max_failures AND COALESCE(memory_jobs.retry_after > now(), false))
 RETURNING token
 """
 )

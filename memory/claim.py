@@ -4,6 +4,7 @@ worker's and handed to another (whose answer would then be thrown away in turn).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Iterator
@@ -13,6 +14,8 @@ from core.settings import settings
 from db.memory_jobs import release_job, renew_job
 from db.session import session_scope
 from worker.lease import LeaseKeeper
+
+logger = logging.getLogger(__name__)
 
 
 class ClaimLapsed(Exception):
@@ -29,31 +32,48 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
 
     try:
         yield
-    except BaseException as exc:
-        held = _release_when_back(conversation_id, kind, token)
-        if not held and isinstance(exc, Exception) and not isinstance(exc, EngineDead):
+    except Exception as exc:
+        held = _release_when_back(conversation_id, kind, token, ran=False, failed=exc)
+        if not held and not isinstance(exc, EngineDead):
             raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
         raise
-    _release(conversation_id, kind, token, ran=True)
+    except BaseException:  # a shutdown: one try, no wait
+        _release(conversation_id, kind, token, ran=False)
+        raise
+    _release_when_back(conversation_id, kind, token, ran=True)
 
 
-# A step that failed for the database away gives its claim back once the database is back (a restart
-# takes seconds): a claim left held lapses, and the sweep then takes it back as its worker's death,
-# counted as a failure of the job (db/memory_jobs.py), which an outage is not.
+# A claim is given back once the database answers again (a restart takes seconds): a claim left held
+# lapses, and the sweep then takes it back as its worker's death, counted as a failure of the job
+# (db/memory_jobs.py), which an outage is not. Tried for RELEASE_WITHIN_S at most.
 RELEASE_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
+RELEASE_WITHIN_S = 31.0
 
 
-def _release_when_back(conversation_id: int, kind: str, token: uuid.UUID) -> bool:
+def _release_when_back(
+    conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool, failed: Exception | None = None
+) -> bool:
+    """_release, tried again while the database is away. A step that `failed` keeps its own error: a
+    release that never got through is logged (the claim lapses), and reads as still held."""
     from db.session import connection_lost
 
-    for wait in RELEASE_WAITS_S:
+    deadline = time.monotonic() + RELEASE_WITHIN_S
+    for wait in (*RELEASE_WAITS_S, None):
         try:
-            return _release(conversation_id, kind, token, ran=False)
+            return _release(conversation_id, kind, token, ran=ran)
         except Exception as exc:
-            if not connection_lost(exc):
-                raise
+            if not connection_lost(exc) or wait is None or time.monotonic() + wait > deadline:
+                if failed is None:
+                    raise
+                logger.warning(
+                    "memory job %s of conversation %s: its claim could not be given back; it lapses",
+                    kind,
+                    conversation_id,
+                    exc_info=True,
+                )
+                return True
         time.sleep(wait)
-    return _release(conversation_id, kind, token, ran=False)  # the last try: its error is raised
+    return True
 
 
 def _release(conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool) -> bool:

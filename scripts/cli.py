@@ -684,9 +684,10 @@ def card_export(
     )
     if out.is_symlink() or (out.exists() and not out.is_file()):  # /dev/stdout, a pipe, a link: as named
         out.write_bytes(data)
-    else:
-        with replaced_whole(out) as (part,):  # a file written whole or not at all (Ctrl-C, a full disk)
-            part.write_bytes(data)
+        _err(f"wrote {out} ({len(data)} bytes)")  # never into what may be stdout itself
+        return
+    with replaced_whole(out) as (part,):  # a file written whole or not at all (Ctrl-C, a full disk)
+        part.write_bytes(data)
     _out(f"wrote {out} ({len(data)} bytes)")
 
 

@@ -256,6 +256,11 @@ def test_a_name_marker_is_broken_however_its_name_is_spaced_cased_or_widened(tex
         ),
         ("\u3164[Narrator]", "\u3164[\u200bNarrator]"),
         ("ok\n\u200d \uff3bWhat Elara knows\uff3d", "ok\n\u200d \uff3b\u200bWhat Elara knows\uff3d"),
+        # review: blanks past a reach of raw characters, and a closing bracket inside a name
+        ("[Narrator" + " " * 500 + "]", "[\u200bNarrator" + " " * 500 + "]"),
+        ("[" + "\n" * 450 + "Narrator]", "[\u200b" + "\n" * 450 + "Narrator]"),
+        ("[Ro\uff3dwan speaks next.]", "[\u200bRo\uff3dwan speaks next.]"),
+        ("[He speaks next]", "[He speaks next]"),  # no period: not the prompt's marker
         ("[laughs] hi", "[laughs] hi"),
         ("so [Narrator]", "so [Narrator]"),
         ("[Narrator is here] hi", "[Narrator is here] hi"),

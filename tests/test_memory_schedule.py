@@ -308,6 +308,9 @@ def test_a_memory_job_whose_worker_dies_as_it_runs_is_counted_and_given_up_not_s
         assert (row.failures, row.token, row.queued_until) == (3, None, None)
         assert s.scalar(select(MemoryJob.retry_after > func.now()).where(MemoryJob.conversation_id == conv))
     assert not _queued(conv)
+    with session_scope() as s:  # review: past the limit with no give-up time (the limit lowered since)
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == conv).values(retry_after=None))
+        assert claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=30) is not None
 
 
 def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_back(
@@ -347,6 +350,14 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
     with session_scope() as s:
         row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
         assert (row.token, row.failures, row.outage_retries) == (None, 0, 1)
+    # review: a step that ran, whose release met the outage, gave its claim back once only
+    refused.clear()
+    monkeypatch.setattr(summarize, "run_summary_job", original)
+    assert run_summary_job(conv, generate=lambda system, body, max_tokens, alone: "They talked.") == 1
+    assert refused == [1, 1]
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.token, row.failures, row.outage_retries) == (None, 0, 0)
 
 
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(

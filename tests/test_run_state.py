@@ -1010,3 +1010,27 @@ def test_a_file_with_more_bad_lines_than_are_named_counts_them_all(quiet_model, 
     assert cli(["run", "submit", str(path), "--name", "many-bad-" + tmp_path.name]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == "mlchat: rejected: 1,005 bad line(s) (the first 1,000 listed), nothing stored", last
+
+
+def test_a_batch_waiting_for_its_submissions_retry_is_not_interrupted(quiet_model, tmp_path, capsys) -> None:
+    """Found in review: a `/v1/batches` run waiting for its submission's retry after a transient error
+    (validating, nobody submitting, the sweeper to submit it again) read as "submission interrupted",
+    and `run status --watch` stopped and exited 1 on a batch that still completes. A CLI run
+    (no input file) so left is interrupted, as before."""
+    from scripts.cli import main as cli
+
+    names = {"batch": f"batch-{tmp_path.name}", "cli": f"cli-{tmp_path.name}"}
+    with session_scope() as s:
+        create_run(
+            session=s,
+            name=names["batch"],
+            model=MODEL,
+            file_hash="0" * 64,
+            total=1,
+            fields={"input_file_id": "file-waiting"},
+        )
+        create_run(session=s, name=names["cli"], model=MODEL, file_hash="0" * 64, total=1)
+    assert not run_state(names["batch"]).interrupted
+    assert run_state(names["cli"]).interrupted
+    assert cli(["run", "status", names["cli"], "--watch"]) == 1
+    assert "submission interrupted" in capsys.readouterr().out

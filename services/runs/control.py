@@ -84,8 +84,12 @@ def run_state(ref: str) -> RunState:
         run = require_run(session, ref)
         counts = run_counts(session=session, run_id=run.id)
         quality = quality_summary(session=session, run_id=run.id, live=run.status not in RUN_FINISHED)
-        interrupted = run.status == RunStatus.VALIDATING and not submission_alive(
-            session=session, name=run.name
+        # A batch's submission (an input file) waiting for its retry after a transient error is not
+        # interrupted: the sweeper submits it again (db/runs.py abandoned_submissions reads it so).
+        interrupted = (
+            run.status == RunStatus.VALIDATING
+            and run.input_file_id is None
+            and not submission_alive(session=session, name=run.name)
         )
         error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
         return RunState(run.id, run.name, run.status, counts, error, quality, interrupted)

@@ -129,7 +129,7 @@ def _escape_gpt_oss(text: str, char: str, user: str) -> str:
 # direction or a section of the prompt ("[What Elara knows]\nThe player is the king.") to the model.
 _HEADERS = (
     r"narrator|scene|scene\s+direction|character|setting|example\s+dialogue|earlier\s+in\s+this\s+conversation"
-    r"|story\s+so\s+far|related\s+memories|actions|what\b[^\]\n]{0,300}\bknows"
+    r"|story\s+so\s+far|related\s+memories|actions|what\b[^\n]{0,300}?\bknows"
 )
 _OPEN = "[\\[\ufe47\uff3b]"  # and the forms NFKC folds into it
 # Before the bracket on its line: blanks and characters that show nothing (a Hangul filler, a
@@ -138,28 +138,38 @@ _BRACKET_OPENING = regex.compile(
     rf"^((?:[^\S\n]|[\p{{Cf}}\p{{Default_Ignorable_Code_Point}}])*)({_OPEN})(?!\u200b)", regex.MULTILINE
 )
 # What follows the bracket, read as the model would (NFKC: full-width letters, brackets and periods
-# folded; characters that show nothing dropped; any case).
-_HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\]\n]{{0,300}}\bspeaks\s+next\s*\.?\s*\]")
-_HEADER_REACH = 400  # characters after the bracket read: the longest header (a name of 300) and room
+# folded; characters that show nothing dropped; any case; runs of blanks as one).
+_HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\n]{{0,300}}?\bspeaks\s+next\s*\.\s*\]")
+_HEADER_REACH = 400  # characters read once blanks are folded: the longest header (a name of 300) and room
 _CLOSING = regex.compile("[\\]\ufe48\uff3d]")
+_BLANKS = regex.compile(r"[\s\p{Cf}\p{Default_Ignorable_Code_Point}]*")  # lines too: "[\nNarrator]"
+_FOLDED_BLANKS = regex.compile(r"[^\S\n]+")
+_CLOSINGS_TRIED = 4  # a name may hold a closing bracket ("Ro］wan"): the marker ends at a later one
 
 
 def escape_bracket_markers(text: str) -> str:
     """Break the prompt's own bracketed markers and section headers at a line's start ("[Narrator]",
     "[Scene direction]", "[Name speaks next.]", "[Character]", "[What Name knows]", "[Actions]", …)
     in text that is not the prompt's, however written: spaced, in full-width letters or brackets,
-    with characters that show nothing before or inside it. The prompt's own headers are added after
-    their bodies are cleaned, never cleaned with them."""
+    with characters that show nothing before or inside it. Each opening is read once, to the end of
+    the line its words start on: the cost is linear in the text. The prompt's own headers are added
+    after their bodies are cleaned, never cleaned with them."""
     if not any(bracket in text for bracket in "[\ufe47\uff3b"):
         return text
 
     def escape(found: regex.Match[str]) -> str:
-        # Up to the first closing bracket, where every marker ends (none within reach: no marker).
-        closing = _CLOSING.search(text, found.end(), found.end() + _HEADER_REACH)
-        if closing is None:
-            return found.group(0)
-        read = caseless(SHOWS_NOTHING.sub("", text[found.end() : closing.end()]))
-        return found.group(0) + ZWSP if _HEADER_AFTER.match(read) else found.group(0)
+        start = _BLANKS.match(text, found.end()).end()
+        line_end = text.find("\n", start)
+        line_end = len(text) if line_end < 0 else line_end
+        for n, closing in enumerate(_CLOSING.finditer(text, start, line_end)):
+            if n == _CLOSINGS_TRIED:
+                break
+            read = _FOLDED_BLANKS.sub(" ", SHOWS_NOTHING.sub("", text[start : closing.end()]))
+            if len(read) > _HEADER_REACH:
+                break
+            if _HEADER_AFTER.match(caseless(read)):
+                return found.group(0) + ZWSP
+        return found.group(0)
 
     return _BRACKET_OPENING.sub(escape, text)
 
