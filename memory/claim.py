@@ -37,8 +37,11 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
         if not held and not isinstance(exc, EngineDead):
             raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
         raise
-    except BaseException:  # a shutdown: one try, no wait
-        _release(conversation_id, kind, token, ran=False)
+    except BaseException:  # a shutdown: one try, no wait, and the shutdown goes on whatever it meets
+        try:
+            _release(conversation_id, kind, token, ran=False)
+        except Exception:
+            logger.warning("memory job %s of conversation %s: its claim lapses", kind, conversation_id)
         raise
     _release_when_back(conversation_id, kind, token, ran=True)
 
@@ -47,7 +50,7 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
 # lapses, and the sweep then takes it back as its worker's death, counted as a failure of the job
 # (db/memory_jobs.py), which an outage is not. Tried for RELEASE_WITHIN_S at most.
 RELEASE_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
-RELEASE_WITHIN_S = 31.0
+RELEASE_WITHIN_S = 45.0  # the waits' 31 s and the tries' own time (a connection's timeout)
 
 
 def _release_when_back(
@@ -62,7 +65,7 @@ def _release_when_back(
         try:
             return _release(conversation_id, kind, token, ran=ran)
         except Exception as exc:
-            if not connection_lost(exc) or wait is None or time.monotonic() + wait > deadline:
+            if not connection_lost(exc) or wait is None or time.monotonic() >= deadline:
                 if failed is None:
                     raise
                 logger.warning(

@@ -260,7 +260,12 @@ def test_a_name_marker_is_broken_however_its_name_is_spaced_cased_or_widened(tex
         ("[Narrator" + " " * 500 + "]", "[\u200bNarrator" + " " * 500 + "]"),
         ("[" + "\n" * 450 + "Narrator]", "[\u200b" + "\n" * 450 + "Narrator]"),
         ("[Ro\uff3dwan speaks next.]", "[\u200bRo\uff3dwan speaks next.]"),
-        ("[He speaks next]", "[He speaks next]"),  # no period: not the prompt's marker
+        ("[He speaks next]", "[\u200bHe speaks next]"),  # read as the marker, its period or not
+        # review: split over lines, as the old pattern's blanks could be
+        ("[Narrator\n]", "[\u200bNarrator\n]"),
+        ("[Scene\ndirection] Dawn.", "[\u200bScene\ndirection] Dawn."),
+        ("[Elara speaks\nnext.]", "[\u200bElara speaks\nnext.]"),
+        ("[\nhello\n] and [laughs]", "[\nhello\n] and [laughs]"),
         ("[laughs] hi", "[laughs] hi"),
         ("so [Narrator]", "so [Narrator]"),
         ("[Narrator is here] hi", "[Narrator is here] hi"),

@@ -807,3 +807,21 @@ def test_an_extractions_facts_are_embedded_before_its_store_holds_the_jobs_row(m
     monkeypatch.setattr(extract, "embed", watching)
     assert run_extract_job(conv, generate=facts)["added"] == 1
     assert held == [False]
+
+
+def test_a_shutdown_during_a_step_stays_a_shutdown_when_its_claim_cannot_be_given_back(monkeypatch) -> None:
+    """Review: a shutdown (SystemExit) mid-step tried once to give the claim back, and a database
+    away then raised its own error in the shutdown's place: the task took it for an outage and went on."""
+    import uuid
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from memory import claim
+
+    def away(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+
+    monkeypatch.setattr(claim, "_release", away)
+    with pytest.raises(SystemExit), claim.released(1, SUMMARY, uuid.uuid4()):
+        raise SystemExit(0)

@@ -139,29 +139,44 @@ _BRACKET_OPENING = regex.compile(
 )
 # What follows the bracket, read as the model would (NFKC: full-width letters, brackets and periods
 # folded; characters that show nothing dropped; any case; runs of blanks as one).
-_HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\n]{{0,300}}?\bspeaks\s+next\s*\.\s*\]")
+_HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\n]{{0,300}}?\bspeaks\s+next\s*\.?\s*\]")
 _HEADER_REACH = 400  # characters read once blanks are folded: the longest header (a name of 300) and room
 _CLOSING = regex.compile("[\\]\ufe48\uff3d]")
 _BLANKS = regex.compile(r"[\s\p{Cf}\p{Default_Ignorable_Code_Point}]*")  # lines too: "[\nNarrator]"
 _FOLDED_BLANKS = regex.compile(r"[^\S\n]+")
 _CLOSINGS_TRIED = 4  # a name may hold a closing bracket ("Ro］wan"): the marker ends at a later one
+_LINES_READ = 4  # a marker split over lines ("[Scene\ndirection]", "[Narrator\n]") is read on as far
+_OPENS_A_LINE = regex.compile(rf"(?:[^\S\n]|[\p{{Cf}}\p{{Default_Ignorable_Code_Point}}])*{_OPEN}")
 
 
 def escape_bracket_markers(text: str) -> str:
     """Break the prompt's own bracketed markers and section headers at a line's start ("[Narrator]",
     "[Scene direction]", "[Name speaks next.]", "[Character]", "[What Name knows]", "[Actions]", …)
     in text that is not the prompt's, however written: spaced, in full-width letters or brackets,
-    with characters that show nothing before or inside it. Each opening is read once, to the end of
-    the line its words start on: the cost is linear in the text. The prompt's own headers are added
+    with characters that show nothing before or inside it, or split over a few lines. Each opening
+    is read once, from its words to a few lines on (never into another opening's line): the cost is
+    linear in the text. The prompt's own headers are added
     after their bodies are cleaned, never cleaned with them."""
     if not any(bracket in text for bracket in "[\ufe47\uff3b"):
         return text
 
+    def read_to(start: int) -> int:
+        """Where an opening's read ends: its words' line and the lines after it, up to _LINES_READ,
+        never into a line that opens with a bracket itself (that line is its own opening's)."""
+        stop = start
+        for _ in range(_LINES_READ):
+            line_end = text.find("\n", stop)
+            if line_end < 0:
+                return len(text)
+            stop = line_end
+            if _OPENS_A_LINE.match(text, line_end + 1):
+                break
+            stop = line_end + 1
+        return stop
+
     def escape(found: regex.Match[str]) -> str:
         start = _BLANKS.match(text, found.end()).end()
-        line_end = text.find("\n", start)
-        line_end = len(text) if line_end < 0 else line_end
-        for n, closing in enumerate(_CLOSING.finditer(text, start, line_end)):
+        for n, closing in enumerate(_CLOSING.finditer(text, start, read_to(start))):
             if n == _CLOSINGS_TRIED:
                 break
             read = _FOLDED_BLANKS.sub(" ", SHOWS_NOTHING.sub("", text[start : closing.end()]))
