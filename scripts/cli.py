@@ -384,6 +384,8 @@ def run_export(
     answered). A run not finished yet exports the lines finished so far, and says so on stderr."""
     from services.runs import export_run, run_state
 
+    if alternatives and format != "native":  # OpenAI's output lines have no place for them
+        raise Refused("--alternatives: native lines only (--format native)")
     before = run_state(run)
     results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
@@ -980,10 +982,13 @@ def lora_train(
 
     from services.lora.train import TrainConfig, train_adapter
 
+    modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
+    if not modules:  # else PEFT refuses it only after the base model has loaded
+        raise Refused(f"--target-modules: {target_modules!r} names no module (e.g. q_proj,v_proj)")
     config = TrainConfig(
         rank=rank,
         alpha=alpha,
-        target_modules=tuple(m.strip() for m in target_modules.split(",") if m.strip()),
+        target_modules=modules,
         epochs=epochs,
         learning_rate=learning_rate,
         max_steps=max_steps,

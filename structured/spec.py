@@ -197,12 +197,13 @@ def build_budget(seconds: float | None = None) -> Iterator[None]:
 
 def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     """Compile a schema's or a regex's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar
-    expands a pattern's bounded repetition (`(ab|cd){0,9999}` takes 43 s on this CPU), and the
-    worker's engine would pay the same before the turn's first token. A build that runs out goes on
-    in its thread until xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout), and
-    the refusal is cached with the schema or pattern; at most MAX_BUILDS builds run at once in a
-    process, so slow ones hold a few cores at most, and one that finds them all taken is refused as
-    busy (not cached)."""
+    has expanded a pattern's bounded repetition (`(ab|cd){0,9999}` took 43 s on this CPU when this
+    was written; under 1 ms with the xgrammar installed now: a build's cost is the backend's, so the
+    limit stays), and the worker's engine would pay the same before the turn's first token. A build
+    that runs out goes on in its thread until xgrammar returns (it cannot be stopped, as in vLLM's
+    own regex timeout), and the refusal is cached with the schema or pattern; at most MAX_BUILDS
+    builds run at once in a process, so slow ones hold a few cores at most, and one that finds them
+    all taken is refused as busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
     budget = _BUILD_DEADLINE.get()

@@ -634,6 +634,12 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["run", "submit", str(lines), "--name", "bad:name"], 2, "must not hold ':'"),
         (["run", "submit", str(lines), "--name", ""], 2, "run name: must not be empty"),  # not the stem
         (["migrate", "--down"], 2, "name the revision to go down to"),  # was a silent no-op
+        (
+            ["lora", "train", str(empty_set), "--out", str(tmp_path / "a2"), "--target-modules", ","],
+            2,
+            "names no module",
+        ),
+        (["run", "export", "no-such-run", "--format", "openai", "--alternatives"], 2, "native lines only"),
         (["run", "submit", str(lines), "--character", "nobody-here"], 2, "unknown character 'nobody-here'"),
         (["lora", "train", str(empty_set), "--out", str(tmp_path / "adapter")], 2, "no examples"),
     ]
