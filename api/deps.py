@@ -62,12 +62,14 @@ def _presented_caller(presented: str | None) -> Caller | None:
     return key_caller(str(utf8_header_value(presented))) if presented else None
 
 
-def has_a_key(request: Request) -> bool:
-    """Whether the request's headers name a valid key, as `caller` reads them: for an answer made
-    before the route's dependencies ran (a body FastAPI could not parse)."""
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    bearer = credentials.strip() if scheme.lower() == "bearer" else None
-    return _presented_caller(request.headers.get("x-api-key") or bearer) is not None
+async def has_a_key(request: Request) -> bool:
+    """Whether the request's headers name a valid key, read by `caller`'s own readers: for an answer
+    made before the route's dependencies ran (a body FastAPI could not parse)."""
+    bearer = await _bearer(request)
+    return (
+        _presented_caller(await _api_key_header(request) or (bearer.credentials if bearer else None))
+        is not None
+    )
 
 
 def configured_key(presented: str) -> ApiKey | None:

@@ -55,7 +55,7 @@ def _problem(code: int, errors: list[dict[str, Any]]) -> JSONResponse:
 
 async def _validation(request: Request, exc: RequestValidationError) -> Response:
     errors = [_shown(err) for err in exc.errors()]
-    if any(e["type"] == "json_invalid" for e in errors) and not has_a_key(request):
+    if any(e["type"] == "json_invalid" for e in errors) and not await has_a_key(request):
         return await _keyless(request)
     return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, errors)
 
@@ -88,7 +88,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
     cause = exc.__cause__
     unreadable = isinstance(cause, (ValueError, RecursionError))  # UnicodeDecodeError is a ValueError
     if exc.status_code == status.HTTP_400_BAD_REQUEST and unreadable:
-        if not has_a_key(request):
+        if not await has_a_key(request):
             return await _keyless(request)
         if isinstance(cause, UnicodeDecodeError):
             why = f"not valid UTF-8 (byte {cause.start} of the body)"
