@@ -207,14 +207,9 @@ WITH stalled AS (
 UPDATE memory_jobs j SET
     token = CASE WHEN s.dead THEN NULL ELSE j.token END,
     lease_until = CASE WHEN s.dead THEN NULL ELSE j.lease_until END,
-    failures = j.failures + CAST(s.dead AS int),
-    last_error = CASE WHEN s.dead THEN :died ELSE j.last_error END,
-    queued_until = CASE WHEN s.dead AND j.failures + 1 >= :max_failures THEN NULL
-                        ELSE now() + make_interval(secs => :lease_s) END,
-    retry_after = CASE WHEN s.dead AND j.failures + 1 >= :max_failures
-                       THEN now() + make_interval(secs => :given_up_s) ELSE j.retry_after END
+    queued_until = CASE WHEN s.dead THEN j.queued_until ELSE now() + make_interval(secs => :lease_s) END
 FROM stalled s WHERE j.conversation_id = s.conversation_id AND j.kind = s.kind
-RETURNING j.conversation_id, j.kind, j.failures < :max_failures AS send
+RETURNING j.conversation_id, j.kind, s.dead
 """
 )
 
@@ -230,27 +225,38 @@ def take_back_stalled(
     limit: int,
     kinds: Sequence[str],
     max_failures: int,
-) -> list[tuple[int, str]]:
-    """The memory jobs whose messages went missing, marked queued afresh for the caller to send:
-    a job marked queued longer ago than the mark lasts and never run (the broker lost its message,
-    or it waits behind a bulk backlog that long: a duplicate, which its claim makes harmless), or
-    claimed by a worker whose lease lapsed a lease ago (it died holding it; its claim is freed, and
-    that counts as a failure of the job: one given up so is not returned, and said in the log).
-    Nothing else would send them again before the conversation's next reply. A send that fails
-    leaves the fresh mark to lapse, and a later sweep finds the job again; a job no longer due runs
-    and finds nothing to do."""
-    rows = session.execute(  # read whole: read twice below
+) -> list[tuple[int, str, float]]:
+    """The memory jobs whose messages went missing, marked queued afresh for the caller to send, with
+    the seconds to wait first: a job marked queued longer ago than the mark lasts and never run (the
+    broker lost its message, or it waits behind a bulk backlog that long: a duplicate, which its
+    claim makes harmless), at once; or claimed by a worker whose lease lapsed a lease ago (it died
+    holding it): its claim is freed and the death is the job's failure (record_failure: backed off,
+    or given up, said in the log, and not returned). Nothing else would send them again before the
+    conversation's next reply. A send that fails leaves the fresh mark to lapse, and a later sweep
+    finds the job again; a job no longer due runs and finds nothing to do."""
+    rows = session.execute(
         _TAKE_BACK_SQL,
-        {
-            "lease_s": lease_s,
-            "limit": limit,
-            "kinds": list(kinds),
-            "max_failures": max_failures,
-            "died": DIED,
-            "given_up_s": GIVEN_UP_S,
-        },
+        {"lease_s": lease_s, "limit": limit, "kinds": list(kinds), "max_failures": max_failures},
     ).all()
-    given_up = sorted((int(c), str(k)) for c, k, send in rows if not send)
+    due: list[tuple[int, str, float]] = []
+    given_up: list[tuple[int, str]] = []
+    for conversation_id, kind, dead in sorted(rows):
+        job = (int(conversation_id), str(kind))
+        if not dead:
+            due.append((*job, 0.0))
+            continue
+        failures, backoff = record_failure(
+            session=session,
+            conversation_id=job[0],
+            kind=job[1],
+            error=DIED,
+            lease_s=lease_s,
+            max_failures=max_failures,
+        )
+        if failures >= max_failures:
+            given_up.append(job)
+        else:
+            due.append((*job, backoff))
     if given_up:
         logger.error(
             "memory jobs given up after %d failures in a row, the last its worker dying as it ran, "
@@ -258,7 +264,7 @@ def take_back_stalled(
             max_failures,
             given_up,
         )
-    return sorted({(int(c), str(k)) for c, k, send in rows if send})
+    return due
 
 
 def release_job(

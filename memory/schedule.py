@@ -126,9 +126,12 @@ def reschedule_stalled(limit: int = 1000) -> int:
             max_failures=settings.memory_job_max_failures,
         )
     if stalled:
+        from tasks.app import within_visibility
         from tasks.memory import send_memory_jobs
 
-        send_memory_jobs(stalled)
+        for wait_s in sorted({wait for _, _, wait in stalled}):  # a dead worker's job backs off
+            jobs = [(conversation, kind) for conversation, kind, wait in stalled if wait == wait_s]
+            send_memory_jobs(jobs, countdown=within_visibility(wait_s) if wait_s else None)
     return len(stalled)
 
 

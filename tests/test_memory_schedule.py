@@ -261,7 +261,8 @@ def test_a_memory_job_whose_worker_dies_as_it_runs_is_counted_and_given_up_not_s
     """Found in a poison review: the sweep sent again a job whose worker had died holding it, counting
     nothing, so a step that kills its worker (a process killed for memory, a native crash) was sent,
     and killed a worker, for ever. Each such death counts as a failure of the job; at the limit it is
-    given up, said in the log, and no longer sent."""
+    given up, said in the log, and no longer sent. Found in a reread: a death was sent again at once,
+    where a raised step waits out a backoff; one rule (record_failure) decides both now."""
     from sqlalchemy import text
 
     from db.memory_jobs import DIED
@@ -284,7 +285,14 @@ def test_a_memory_job_whose_worker_dies_as_it_runs_is_counted_and_given_up_not_s
             row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
             assert (row.failures, row.last_error, row.token) == (deaths, DIED, None)
             given_up = row.retry_after is not None and row.queued_until is None
+            # reread: sent again after the backoff a raised step gets (record_failure), not at once
+            backing_off = s.scalar(
+                select(MemoryJob.retry_after > func.now() + text("interval '20 s'")).where(
+                    MemoryJob.conversation_id == conv
+                )
+            )
         assert len(_queued(conv)) == (0 if deaths == 2 else 1) and given_up == (deaths == 2)
+        assert backing_off and all(headers["eta"] for headers in _queued(conv))
         redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
     reschedule_stalled()
     assert not _queued(conv)  # given up: no sweep sends it
@@ -327,7 +335,7 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
     from tasks import memory as memory_tasks
 
     conv = _conversation(80)
-    monkeypatch.setattr(claim, "RELEASE_WAITS_S", (0.01, 0.01, 0.01))
+    monkeypatch.setattr(claim, "RELEASE_FIRST_WAIT_S", 0.01)
     real_release, refused = claim._release, []
 
     def away_twice(*args, **kwargs):  # type: ignore[no-untyped-def]
