@@ -14,7 +14,16 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random
+from tenacity import (
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_any,
+    stop_before_delay,
+    wait_exponential,
+    wait_random,
+)
+from tenacity.stop import stop_base
 
 from core.services import database_url
 from core.settings import settings
@@ -234,6 +243,29 @@ def connection_lost(exc: BaseException) -> bool:
         or sqlstate.startswith("08")
         or sqlstate in ("57P01", "57P02", "57P03")
     )
+
+
+def again_while_away(
+    write: Callable[[], _T],
+    *,
+    within_s: float,
+    first_wait_s: float,
+    max_wait_s: float,
+    stop: stop_base | None = None,
+) -> _T:
+    """`write()`, run again while the database is away (connection_lost: a restart, a failover),
+    waiting `first_wait_s` then twice as long each time up to `max_wait_s`, no try begun past
+    `within_s` (nor once `stop` says so); the last error raised, as is any other error at once."""
+    stops = stop_before_delay(max(within_s, 0.0))
+    for attempt in Retrying(
+        retry=retry_if_exception(connection_lost),
+        stop=stops if stop is None else stop_any(stops, stop),
+        wait=wait_exponential(multiplier=first_wait_s, max=max_wait_s),
+        reraise=True,
+    ):
+        with attempt:
+            return write()
+    raise AssertionError("unreachable: Retrying reraises the last error")
 
 
 def rolled_back_for_a_conflict(exc: BaseException) -> bool:

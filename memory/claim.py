@@ -5,14 +5,13 @@ worker's and handed to another (whose answer would then be thrown away in turn).
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from core.settings import settings
 from db.memory_jobs import release_job, renew_job
-from db.session import session_scope
+from db.session import again_while_away, session_scope
 from worker.lease import LeaseKeeper
 
 logger = logging.getLogger(__name__)
@@ -48,9 +47,9 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
 
 # A claim is given back once the database answers again (a restart takes seconds): a claim left held
 # lapses, and the sweep then takes it back as its worker's death, counted as a failure of the job
-# (db/memory_jobs.py), which an outage is not. Tried for RELEASE_WITHIN_S at most.
-RELEASE_WAITS_S = (1.0, 2.0, 4.0, 8.0, 16.0)
-RELEASE_WITHIN_S = 45.0  # the waits' 31 s and the tries' own time (a connection's timeout)
+# (db/memory_jobs.py), which an outage is not. Waits of 1 s doubling to 16 s, none begun past 45 s.
+RELEASE_FIRST_WAIT_S = 1.0
+RELEASE_WITHIN_S = 45.0
 
 
 def _release_when_back(
@@ -58,25 +57,23 @@ def _release_when_back(
 ) -> bool:
     """_release, tried again while the database is away. A step that `failed` keeps its own error: a
     release that never got through is logged (the claim lapses), and reads as still held."""
-    from db.session import connection_lost
-
-    deadline = time.monotonic() + RELEASE_WITHIN_S
-    for wait in (*RELEASE_WAITS_S, None):
-        try:
-            return _release(conversation_id, kind, token, ran=ran)
-        except Exception as exc:
-            if not connection_lost(exc) or wait is None or time.monotonic() >= deadline:
-                if failed is None:
-                    raise
-                logger.warning(
-                    "memory job %s of conversation %s: its claim could not be given back; it lapses",
-                    kind,
-                    conversation_id,
-                    exc_info=True,
-                )
-                return True
-        time.sleep(wait)
-    return True
+    try:
+        return again_while_away(
+            lambda: _release(conversation_id, kind, token, ran=ran),
+            within_s=RELEASE_WITHIN_S,
+            first_wait_s=RELEASE_FIRST_WAIT_S,
+            max_wait_s=16 * RELEASE_FIRST_WAIT_S,
+        )
+    except Exception:
+        if failed is None:
+            raise
+        logger.warning(
+            "memory job %s of conversation %s: its claim could not be given back; it lapses",
+            kind,
+            conversation_id,
+            exc_info=True,
+        )
+        return True
 
 
 def _release(conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool) -> bool:

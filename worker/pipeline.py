@@ -33,8 +33,8 @@ from db.models import Role, TurnErrorCode
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.scenes import NewStep, pop_new_steps
 from db.session import (
-    DATABASE_OUTAGES,
     again_on_conflict,
+    again_while_away,
     connection_lost,
     rolled_back_for_a_conflict,
     session_scope,
@@ -292,17 +292,19 @@ def _best_effort_hand_back(
     the turns to wait out their lease and be charged the attempt by the next claim, three such
     outages failing a turn for good. The write is the claim's own (its token): one that lands after
     the lease lapsed and another worker claimed the turns changes nothing."""
-    from tenacity import Retrying, retry_if_exception_type, stop_after_delay, stop_any, wait_exponential
+
+    def in_own_session() -> _T:
+        with session_scope() as session:
+            return write(session)
 
     try:
-        for attempt in Retrying(
-            retry=retry_if_exception_type(DATABASE_OUTAGES),
-            stop=stop_any(stop_after_delay(max(until - time.monotonic(), 0.0)), _ShuttingDown()),
-            wait=wait_exponential(multiplier=HAND_BACK_FIRST_WAIT_S, max=5.0),
-            reraise=True,
-        ):
-            with attempt, session_scope() as session:
-                return write(session)
+        return again_while_away(
+            in_own_session,
+            within_s=until - time.monotonic(),
+            first_wait_s=HAND_BACK_FIRST_WAIT_S,
+            max_wait_s=5.0,
+            stop=_ShuttingDown(),
+        )
     except Exception:
         logger.warning("could not hand back %d turns; their lease will expire", len(turns), exc_info=True)
     return None
