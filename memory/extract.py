@@ -229,14 +229,13 @@ def store_extracted(
     facts: list[ExtractedFact],
     source: str,
     lines: tuple[int, int],
-    player_label: str = "",
     names: Sequence[str] | None = None,
     vectors: dict[tuple[str, str], Any] | None = None,
 ) -> dict[str, int]:
     """Deduplicate, supersede or add each fact; counts of each outcome. `lines`: the first and last
     line (seq) of the conversation they were read from (an edit of one drops them again).
-    `player_label`: the player's name as the request showed it; `names`: the player's names
-    (player_names) as the caller read them with the lines (a group's members taken out too). `vectors`:
+    `names`: the player's names (player_names) as the caller read them with the lines (as the request
+    showed them too, a group's members taken out; none given: the stored name). `vectors`:
     the facts' (fact_vectors), embedded before the caller's transaction; any fact not in them (none
     given) is embedded here."""
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
@@ -246,7 +245,7 @@ def store_extracted(
         raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
     player = conversation.player_id
     if names is None:
-        names = player_names(conversation.player_name, player_label, [conversation.character.name])
+        names = player_names(conversation.player_name, "", [conversation.character.name])
     stored = as_stored(facts, player_id=player, names=names)
     given = vectors or {}
     missing = [pair for pair in stored if pair not in given]
@@ -455,7 +454,6 @@ def _extract_step(
                 facts=facts or [],
                 source=source,
                 lines=(lines[0].seq, last.seq),
-                player_label=who.user,
                 names=names,
                 vectors=vectors,
             )

@@ -24,7 +24,7 @@ from db.session import session_scope
 from db.summaries import SummaryLine, conversations_due, next_summary_work, store_summary, summaries_for
 from db.world import find_characters, upsert_conversations
 from memory.context import attach_memory
-from memory.extract import ExtractedFact, parse_facts, store_extracted
+from memory.extract import ExtractedFact, parse_facts, player_names, store_extracted
 from worker.embedder import embed
 from worker.prompt import PromptBuilder, PromptInput
 
@@ -1593,8 +1593,9 @@ def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_n
         assert parsed is not None
         with session_scope() as s:
             conv = s.get_one(Conversation, conv_id)
+            names = player_names(conv.player_name, label, [conv.character.name])
             return store_extracted(
-                session=s, conversation=conv, facts=parsed, source="t:1", lines=(1, 1), player_label=label
+                session=s, conversation=conv, facts=parsed, source="t:1", lines=(1, 1), names=names
             )
 
     assert extract(" ROWAN ", "Stole the innkeeper's silver ring.") == {
@@ -1630,7 +1631,6 @@ def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_n
             .order_by(Fact.id)
         ).all()
     assert [tuple(r) for r in rows] == [("Elara", FactKind.WORLD), (namesake, FactKind.PLAYER)]
-    from memory.extract import player_names
 
     # review: in a group, any member's name is a character's, not the player's
     assert player_names("Luffy", "Luffy", ["Elara", "luffy"]) == []
