@@ -46,6 +46,11 @@ class ReembedBusy(RuntimeError):
     """Another `mlchat reembed` (a full run or a missing pass) is running."""
 
 
+class ReembedLockLost(RuntimeError):
+    """The run's lock connection closed under it (a restart, a timeout): it stopped before writing
+    more; run again, it resumes (a failure of the database's, not input refused)."""
+
+
 class ReembedOutpaced(RuntimeError):
     """Rows were written faster than the catch-up embedded them: nothing swapped, the run resumes."""
 
@@ -64,11 +69,11 @@ def _alone() -> Iterator[int]:
 
 
 def _still_alone(session: Session, holder: int) -> None:
-    """ReembedBusy when the lock's connection closed under this run (another run may have started):
+    """ReembedLockLost when the lock's connection closed under this run (another may have started):
     checked in every transaction that writes next vectors, in the swap's, and in every transaction
     of a --missing pass that fills vectors."""
     if not lock_still_held(session=session, pid=holder):
-        raise ReembedBusy(
+        raise ReembedLockLost(
             "this mlchat reembed lost its lock (its connection to PostgreSQL closed) and stopped before "
             "writing more: run it again to resume"
         )

@@ -531,7 +531,9 @@ def chat(
         str | None, typer.Option(help="generation params as JSON, e.g. '{\"seed\": 1}'")
     ] = None,
     inline: Annotated[bool, typer.Option(help="run the pipeline in this process, no worker needed")] = False,
-    timeout: Annotated[float, typer.Option(min=1)] = 300.0,
+    timeout: Annotated[
+        float | None, typer.Option(min=1, help="seconds to wait for a worker's reply (default 300)")
+    ] = None,
     narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
     persona: Annotated[
         Path | None,
@@ -572,6 +574,8 @@ def chat(
         raise Refused(f"--params: cannot be read ({type(exc).__name__}: {str(exc)[:80]})") from None
     if not isinstance(parsed, dict):
         raise Refused("--params: must be a JSON object")
+    if inline and timeout is not None:  # it was taken and never applied: the turn ran to its end
+        raise Refused("--timeout: waits for a worker's reply; --inline answers here, to the end")
     speaker = "narrator" if narrator else "character"
     if persona or chat_history or story or others:
         if character:
@@ -607,6 +611,7 @@ def chat(
         if turn_id is None:  # best of n is judged whole, never streamed
             request["stream"] = (request.get("params") or {}).get("n", 1) == 1
             (turn_id,) = enqueue_turns([request])
+        timeout = 300.0 if timeout is None else timeout
         deadline = time.monotonic() + timeout  # printing and waiting share it
         if request["stream"]:
             _print_as_written(turn_id, timeout)

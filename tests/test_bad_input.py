@@ -624,6 +624,8 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["manifest", "not-a-uuid"], 2, "is not a UUID"),
         (["run", "submit", str(tmp_path / "missing.jsonl")], 2, "does not exist"),
         (["chat", "--character", "elara", "--message", "hi", "--params", "{nope", "--inline"], 2, "--params"),
+        # carried since stop 68: taken and never applied (the inline turn ran to its end)
+        (["chat", "--character", "elara", "--message", "hi", "--inline", "--timeout", "5"], 2, "--timeout"),
         # review: a story name kept for inline requests is a refusal (2), not an outage (1)
         (["story-event", "inline-0123abcd", "The gate fell."], 2, "kept for inline requests"),
         # found in review: a refused turn exited 1, as an outage does

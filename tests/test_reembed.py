@@ -27,7 +27,7 @@ from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.vector_space import EmbedderMismatch, record_or_check, recorded_embedder
 from db.world import find_characters, upsert_conversations, upsert_story_events
-from memory.reembed import ReembedBusy, reembed, reembed_missing
+from memory.reembed import ReembedBusy, ReembedLockLost, reembed, reembed_missing
 from scripts.cli import main as cli
 from tests.test_vector_space import as_embedder
 from worker.embedder import embed, fingerprint
@@ -378,10 +378,15 @@ def test_a_run_whose_lock_connection_closes_stops_before_writing_more(capsys) ->
             _close_the_lock_connection()
             at_loss.append(_reembed_state())
 
-    with pytest.raises(ReembedBusy, match="lost its lock"):
+    with pytest.raises(ReembedLockLost, match="lost its lock"):
         reembed(chunk=chunk, on_chunk=lose_the_lock)
     assert len(chunks) == 1  # nothing written after the lock was lost, and no swap
     assert _reembed_state() == at_loss[0]
+    # carried since stop 68: the command said so with exit code 2, a refusal, for a database's failure
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory_reembed, "lock_still_held", lambda **kw: False)
+        assert cli(["reembed", "--chunk", str(chunk)]) == 1
+    assert "lost its lock" in capsys.readouterr().err
     assert cli(["reembed", "--chunk", str(chunk)]) == 0  # run again: resumes and swaps
     assert "re-embedded with" in capsys.readouterr().out
 
@@ -557,7 +562,7 @@ def test_a_missing_pass_whose_lock_connection_closes_stops_before_writing_more(r
             _close_the_lock_connection()
             at_loss.append(_null_ids())
 
-    with pytest.raises(ReembedBusy, match="lost its lock"):
+    with pytest.raises(ReembedLockLost, match="lost its lock"):
         reembed_missing(chunk=2, on_chunk=lose_the_lock)
     assert len(chunks) == 1 and at_loss[0]  # NULL vectors were left to fill
     assert _null_ids() == at_loss[0]  # nothing filled after the lock was lost
