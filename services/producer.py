@@ -105,6 +105,26 @@ class TurnView(BaseModel):
     def finished(self) -> bool:
         return self.status in TURN_FINISHED
 
+    def as_its_tenant_sees(self) -> TurnView:
+        """The turn without what only an operator reads: its prompt, the context the prompt was
+        built from, and the size of the worker's batch (other tenants' turns shared it)."""
+        return self.model_copy(
+            update={"prompt": None, "context": None, "timings": tenant_timings(self.timings)}
+        )
+
+
+# A turn's timing that counts the worker's whole batch, other tenants' turns with it: one tenant
+# sending a turn a second read a rival game's traffic from it (tenant review). Operators have it in
+# the mlchat_batch_size metric, the batch's log line and an admin key's view.
+_OPERATORS_ONLY_TIMINGS = ("batch_size",)
+
+
+def tenant_timings(timings: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A turn's timings as its tenant reads them (see _OPERATORS_ONLY_TIMINGS)."""
+    if timings is None:
+        return None
+    return {k: v for k, v in timings.items() if k not in _OPERATORS_ONLY_TIMINGS}
+
 
 def _as_request(item: TurnRequest | dict[str, Any]) -> TurnRequest:
     return item if isinstance(item, TurnRequest) else TurnRequest.model_validate(item)

@@ -25,7 +25,7 @@ def deliver_turn(turn_id: uuid.UUID) -> bool:
             return True
         if turn.status not in TURN_FINISHED:
             return True
-        view = TurnView.of(turn).model_copy(update={"prompt": None, "context": None})
+        view = TurnView.of(turn).as_its_tenant_sees()
         url, body = turn.callback_url, json.dumps(view.model_dump(mode="json"), ensure_ascii=False).encode()
         tenant = turn.tenant
     return send_once(url, body, tenant=tenant, delivery=str(turn_id), record=recorder(Turn, turn_id))

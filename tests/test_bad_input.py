@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import zlib
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -488,6 +489,21 @@ def test_an_ingest_key_reads_only_its_own_turns_and_never_a_prompt(base_url) -> 
     )
     with session_scope() as s:
         assert s.get(Turn, turn_id).api_key == "game-a"
+    # tenant review: the size of the worker's batch counts other tenants' turns; a tenant's own view,
+    # callback and export lines leave it out, an operator's keeps it
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        turn.timings, turn.reply = {"batch_size": 7, "total_ms": 12.5}, "Well met."
+    own = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=mine).json()
+    assert own["timings"] == {"total_ms": 12.5}
+    assert httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=ADMIN).json()["timings"]["batch_size"] == 7
+    from services.runs import export
+
+    with session_scope() as s:
+        turn = s.get_one(Turn, turn_id)
+        run = SimpleNamespace(created_at=turn.created_at, model=turn.model)
+        for line in (export._native_ok(turn, run), export._openai_ok(turn, run)):  # type: ignore[arg-type]
+            assert "batch_size" not in json.dumps(line), line
 
 
 def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, monkeypatch) -> None:

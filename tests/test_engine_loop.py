@@ -351,21 +351,26 @@ def test_a_loop_error_taken_for_a_death_is_logged_with_its_traceback_a_real_deat
 
     from worker.engine import EngineDead
 
+    told_turns: list[str] = []
+
     def died(fake: _ScriptedEngine) -> logging.LogRecord:
         caplog.clear()
         loop = _loop(fake)
         (future,) = loop.submit([([1], None, LIVE, None)])
         assert isinstance(future.exception(timeout=10), EngineDead)
+        told_turns[:] = [str(future.exception())]
         (record,) = [r for r in caplog.records if r.getMessage().startswith("the engine died")]
         return record
 
     class _Buggy(_ScriptedEngine):
         def step(self):  # type: ignore[no-untyped-def]
-            raise KeyError("x")
+            raise KeyError("x: a request's own words")
 
     with caplog.at_level(logging.ERROR, logger="worker.engine_loop"):
         bug = died(_Buggy())
         assert bug.exc_info is not None and bug.exc_info[0] is KeyError
+        # tenant review: every turn inside is told the death, other tenants' with it: the kind only
+        assert "own words" in bug.getMessage() and told_turns == ["the engine died: KeyError"]
         real = _ScriptedEngine()
         real.die_in_step.set()
         assert died(real).exc_info is None  # vLLM's own death: its message says it all

@@ -223,9 +223,10 @@ class EngineLoop:
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
-        for job, hook in zip(jobs, on_text, strict=False):
+        # Paired strictly: one list out of step would stream one turn's text into another's.
+        for job, hook in zip(jobs, on_text, strict=True) if on_text else ():
             job.on_text = hook
-        for job, salt in zip(jobs, salts, strict=False):
+        for job, salt in zip(jobs, salts, strict=True) if salts else ():
             job.cache_salt = salt
         if ends_notice:
             for job, ends in zip(jobs, ends_notice, strict=True):
@@ -690,7 +691,16 @@ class EngineLoop:
     def _dead_error(self, *, in_engine: bool, present: bool = False) -> BaseException:
         from worker.engine import EngineDead
 
-        return EngineDead(f"the engine died: {self._death!r}", in_engine=in_engine, present=present)
+        return EngineDead(f"the engine died: {_said(self._death)}", in_engine=in_engine, present=present)
+
+
+def _said(death: BaseException | None) -> str:
+    """A death as every turn inside it is told (other tenants' among them): its kind, and the text
+    only of this loop's own stall; another error's text may quote the request it met (tenant review),
+    and the log keeps it whole."""
+    if isinstance(death, EngineStalled):
+        return repr(death)
+    return type(death).__name__
 
 
 class RequestCancelled(RuntimeError):

@@ -55,7 +55,7 @@ def visible_turn(turn_id: uuid.UUID, who: Caller) -> TurnView:
     view = producer.get_turn(turn_id, with_prompt=who.admin)
     if view is None or not (who.admin or view.tenant == who.tenant):
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no turn {turn_id}")
-    return view if who.admin else view.model_copy(update={"prompt": None, "context": None})
+    return view if who.admin else view.as_its_tenant_sees()
 
 
 @router.post(

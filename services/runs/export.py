@@ -26,6 +26,7 @@ from core.whole_files import replaced_whole
 from db.models import Run, RunStatus, Turn, TurnErrorCode, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import given_or_own, session_scope
+from services.producer import tenant_timings
 from services.runs.control import export_stem, require_run
 from services.runs.openai_lines import failure_status, message_content, paid_completion_tokens
 
@@ -158,7 +159,7 @@ def _native_ok(turn: Turn, run: Run) -> dict[str, Any]:
             "reply": turn.reply,
             "usage": turn.usage,
             "seed": turn.params.get("seed"),
-            "timings": turn.timings,
+            "timings": tenant_timings(turn.timings),
             "quality": turn.quality,
             "state": turn.state,
             "adapter": turn.adapter,
@@ -222,7 +223,7 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
             "turn_id": str(turn.id),
             "seed": turn.params.get("seed"),
             "quality": turn.quality,
-            "timings": turn.timings,
+            "timings": tenant_timings(turn.timings),
         },
     }
     return {
