@@ -69,6 +69,17 @@ def test_a_turn_that_cannot_fit_fails_with_a_clear_reason(tokenizer) -> None:
     builder = PromptBuilder(tokenizer, "chat_template", 512)
     with pytest.raises(PromptTooLong, match="persona and message alone"):
         builder.build(PromptInput(_character(), "Rowan", "word " * 600, TurnContext(), 64))
+    # poison review: a scene's premise too long for every prompt of its group is named as the cause
+    import dataclasses
+
+    from db.scenes import GroupView
+
+    char = _character()
+    char.id = 1
+    group = GroupView(premise="The storm rolls in. " * 200, names=("Elara", "Brom"), ids=(1, 2))
+    item = dataclasses.replace(PromptInput(char, "Rowan", "", TurnContext(), 64), group=group)
+    with pytest.raises(PromptTooLong, match=r"message alone \([0-9]+ of them the scene's premise\)"):
+        builder.build(item)
 
 
 def test_a_player_cannot_open_a_system_turn(tokenizer) -> None:

@@ -407,9 +407,14 @@ class PromptBuilder:
                 layout = with_lore(low)
                 base_len = len(self._render(layout, [], [], [])[0])
             if base_len > budget:
+                # A scene's premise is in every prompt of its group: said, so its author knows which
+                # of the scene's texts to shorten (every step and line would fail for it alike).
+                premise = item.group.premise if item.group is not None else ""
+                of_premise = f" ({self.count_tokens(premise)} of them the scene's premise)" if premise else ""
                 raise PromptTooLong(
-                    f"prompt needs {base_len} tokens for persona and message alone but only {budget} fit "
-                    f"(max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept for the reply)"
+                    f"prompt needs {base_len} tokens for persona and message alone{of_premise} but only "
+                    f"{budget} fit (max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept "
+                    "for the reply)"
                 )
             kept, over_memory = _pack(ordered, costs, item.memory_tokens, used=base_len, budget=budget)
             if packed is None or kept != first or layout is not first_layout:  # else rendered already
