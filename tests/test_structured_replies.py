@@ -189,3 +189,11 @@ def test_a_structured_request_the_engine_ended_with_an_error_names_its_format(en
     assert structured is not None and free is not None
     assert structured.status == TurnStatus.QUEUED and "response_format" in (structured.error or "")
     assert free.status == TurnStatus.QUEUED and "response_format" not in (free.error or "")
+    # poison review: it was compiled again and failed so at every attempt, as an engine error; ended so
+    # twice, it is its grammar: failed for its params, where a free-text turn keeps its attempts
+    process_batch(ids)
+    structured, free = (get_turn(i) for i in ids)
+    assert structured is not None and free is not None
+    assert structured.status == TurnStatus.FAILED and structured.error_code == "invalid_params"
+    assert "response_format" in (structured.error or "") and "twice" in (structured.error or "")
+    assert free.status == TurnStatus.QUEUED

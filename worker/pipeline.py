@@ -705,6 +705,12 @@ def _finish_group(
                     " (its structured reply, response_format or the character's actions: the engine may"
                     " be unable to build its grammar)"
                 )
+                # Sent again once (a passing fault); ended so twice, it is its grammar: every further
+                # attempt compiled it again for nothing (poison review), and it failed an engine error.
+                if turn.attempts >= 2:
+                    reason = f"{reason}; ended so twice, not retried"
+                    report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
+                    continue
             _retry_or_fail(turn, reason, code, report, final=refused)
     answered = []
     for turn in group:
