@@ -173,19 +173,21 @@ CHUNKS_AT_ONCE = 4
 class ChunkRaised:
     """A batch that raised mid-way (the database dropped, say); process_batch handed its turns back."""
 
-    error: Exception
+    error: BaseException
     report: Any  # the BatchReport as far as the batch got: turns it had written already are in it
 
 
 def _answer_chunk(chunk: list[Pending]) -> Any:
     """process_batch for one chunk (one lane); the report, or ChunkRaised."""
-    from worker.pipeline import BatchReport, process_batch  # the engine lives on worker machines only
+    from worker.pipeline import BatchReport, fenced, process_batch  # the engine is on workers only
 
     lane: Lane = chunk[0][1]
     report = BatchReport(send_stalled=_send_stalled)
     try:
         return process_batch([turn_id for turn_id, _ in chunk], lane=lane, report=report)
-    except Exception as exc:
+    except BaseException as exc:  # a native panic too: its turns come back each alone, as for any error
+        if not fenced(exc):
+            raise
         logger.exception(
             "batch of %d turns failed; sent again in %.1f s: %s",
             len(chunk),

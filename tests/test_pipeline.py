@@ -148,9 +148,12 @@ def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
         upsert_character(session=s, slug=f"unjudged-{tag}", fields=elara | {"description": "UNJUDGED"})
     real_persona_text = judge.persona_text
 
+    class Panic(BaseException):  # as a Rust library's (pyo3's PanicException): no Exception
+        pass
+
     def persona_text(description, personality, examples):  # the one patched function, one character
-        if description == "UNJUDGED":
-            raise ValueError("injected: this persona cannot be scored")
+        if description == "UNJUDGED":  # poison review: a native panic passed every fence
+            raise Panic("injected: this persona cannot be scored")
         return real_persona_text(description, personality, examples)
 
     monkeypatch.setattr(judge, "persona_text", persona_text)
@@ -189,7 +192,7 @@ def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
     assert set(report.failed) == set(bad) and not report.done
     expected = {
         bad_prompt: ("prompt_error", "building the prompt failed: AttributeError"),
-        unjudged: ("judge_error", "judging the reply failed: ValueError: injected"),
+        unjudged: ("judge_error", "judging the reply failed: Panic: injected"),
     }
     for turn_id, (code, text) in expected.items():
         view = get_turn(turn_id)
@@ -815,6 +818,32 @@ def test_a_batch_that_raised_is_logged_and_counted_like_any_other(world, caplog)
     assert line["raised"] == "OperationalError" and line["handed_back"] == [str(turn_id)], line
     assert handed_back() == before + 1
     assert get_turn(turn_id).status == TurnStatus.QUEUED
+
+
+def test_a_chunk_whose_batch_panics_comes_back_to_be_sent_again_and_an_exit_goes_on(monkeypatch) -> None:
+    """Poison review: a native library's panic (pyo3's PanicException derives from BaseException)
+    passed the chunk's fence, so its turns' re-sends, alone, were never made."""
+    import uuid
+
+    from tasks import generate
+    from worker import pipeline
+
+    class Panic(BaseException):
+        pass
+
+    def panics(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
+        raise Panic("called `Option::unwrap()` on a `None` value")
+
+    monkeypatch.setattr(pipeline, "process_batch", panics)
+    result = generate._answer_chunk([(uuid.uuid4(), "live")])
+    assert isinstance(result, generate.ChunkRaised) and isinstance(result.error, Panic)
+
+    def exits(turn_ids, **kwargs):  # type: ignore[no-untyped-def]
+        raise SystemExit(1)
+
+    monkeypatch.setattr(pipeline, "process_batch", exits)
+    with pytest.raises(SystemExit):
+        generate._answer_chunk([(uuid.uuid4(), "live")])
 
 
 def test_the_generation_stage_leaves_out_the_earlier_groups_judging_and_writing() -> None:

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import uuid
+from asyncio import CancelledError
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -590,15 +591,27 @@ class TurnFault(Exception):
         self.final = refused_by_engine(error)
 
 
+def fenced(exc: BaseException) -> bool:
+    """Whether `exc` is the fault of the input it met, fenced to that input: any Exception, and a
+    native library's panic (a Rust tokenizer's: pyo3's PanicException derives from BaseException;
+    poison review: it passed every fence, and the batch's turns came back together with it, charged,
+    until each was out of attempts); never the process's own exit or a cancel."""
+    return isinstance(exc, Exception) or not isinstance(
+        exc, (KeyboardInterrupt, SystemExit, GeneratorExit, CancelledError)
+    )
+
+
 @contextmanager
 def _stage(stage: str, code: TurnErrorCode) -> Iterator[None]:
     """Turn any error of this turn's stage into its TurnFault (a prompt too long and a dead engine
-    keep their own handling)."""
+    keep their own handling), a native panic too."""
     try:
         yield
     except (PromptTooLong, EngineDead):
         raise
-    except Exception as exc:
+    except BaseException as exc:
+        if not fenced(exc):
+            raise
         raise TurnFault(stage, code, exc) from exc
 
 
@@ -887,7 +900,9 @@ def keep_candidates(
             kept.append((seed, read_reply(shape, gen)))
         except BadStructuredReply as exc:
             bad = bad or exc
-        except Exception as exc:  # reading one reply never fails its batch-mates (the claim's group)
+        except BaseException as exc:  # reading one reply never fails its batch-mates (the claim's group)
+            if not fenced(exc):
+                raise
             logger.warning("a structured reply could not be read", exc_info=True)
             bad = bad or BadStructuredReply(
                 f"the reply could not be read: {type(exc).__name__}: {str(exc)[:200]}",
