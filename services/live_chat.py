@@ -258,7 +258,8 @@ def _usage(usage: dict[str, Any], alternatives: list[dict[str, Any]] | None = No
 
 
 def chunk(turn: ChatTurn, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-    """One OpenAI `chat.completion.chunk`."""
+    """One OpenAI `chat.completion.chunk`: with `stream_options.include_usage`, each carries
+    `"usage": null` as OpenAI's do (the last, usage_chunk, the usage)."""
     return {
         "id": f"chatcmpl-{turn.id}",
         "object": "chat.completion.chunk",
@@ -266,6 +267,7 @@ def chunk(turn: ChatTurn, delta: dict[str, Any], finish_reason: str | None = Non
         "model": turn.character,
         "system_fingerprint": settings.model,
         "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        **({"usage": None} if turn.include_usage else {}),
     }
 
 

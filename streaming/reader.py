@@ -24,12 +24,14 @@ which cannot take text back), when it goes on from the stored turn after that te
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -193,6 +195,27 @@ def _client() -> Any:
     )
 
 
+# A turn finished longer ago than this has its last deltas on the stream already, if they ever get
+# there (its end entry expired, or was never written): a reader ends at once, without waiting a
+# status check for them (review: every reader of a turn finished minutes ago waited one out).
+GRACE_WITHIN_S = 10.0
+
+
+def _just_finished(view: TurnView) -> bool:
+    if view.finished_at is None:
+        return True
+    age = (datetime.now(UTC) - view.finished_at).total_seconds()
+    return age < max(GRACE_WITHIN_S, 2 * settings.stream_check_s)
+
+
+async def _close(client: Any) -> None:
+    """Give a connection back; one that cannot close cleanly (a peer that stopped answering: redis-py
+    raises its timeout) is dropped, and the resume goes on without it (streaming review: a `/stream`
+    with Last-Event-ID answered 500, and a chat stream broke off with no error and no [DONE])."""
+    with contextlib.suppress(*_UNREADABLE):
+        await client.aclose()
+
+
 class TurnReader:
     """One reader of one turn: `open()` finds where a resume continues, `events()` yields the rest."""
 
@@ -248,7 +271,7 @@ class TurnReader:
             logger.warning("turn %s: its stream is unreadable; resuming from the stored turn", self._turn_id)
             self._restart_first, self._unreadable = not self._from_text_shown(), True
         finally:
-            await client.aclose()
+            await _close(client)
 
     async def _skip_replaced_claims(self) -> None:
         """A new reader that cannot take text back (a chat completion: `restarted` ends it) follows
@@ -270,7 +293,7 @@ class TurnReader:
         except _UNREADABLE:
             return
         finally:
-            await client.aclose()
+            await _close(client)
         if not deltas:
             return
         replaced = replaced_claims(deltas)
@@ -342,7 +365,7 @@ class TurnReader:
             view = await self._read_turn()  # the full stored turn, only once it has finished
             if not view.finished:
                 continue
-            if view.params.get("stream") and not ended and not graced:
+            if view.params.get("stream") and not ended and not graced and _just_finished(view):
                 graced = True  # its last deltas may still be on their way: wait for its end
                 continue
             for event in shown.finish(view):

@@ -4,6 +4,7 @@ idempotency, refusals of bad `model` values, OpenAI's error `param`; and the tur
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 
@@ -248,6 +249,16 @@ def test_stream_options_need_a_stream(base_url) -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream_options"
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body | {"stream": "yes"}, headers=OWNER)
     assert r.status_code == 400 and r.json()["error"]["param"] == "body.stream"
+
+
+def test_with_include_usage_every_chunk_carries_usage_null_as_openais_do() -> None:
+    """Streaming review: the chunks before the last had no `usage` key, where OpenAI's carry null."""
+    from services.live_chat import ChatTurn, chunk, usage_chunk
+
+    asked = ChatTurn(id=uuid.uuid4(), character="elara", created=0, stream=True, include_usage=True)
+    assert chunk(asked, {"content": "Hi"})["usage"] is None
+    assert usage_chunk(asked, {"prompt_tokens": 3})["usage"]["total_tokens"] == 3
+    assert "usage" not in chunk(dataclasses.replace(asked, include_usage=False), {"content": "Hi"})
 
 
 def test_the_turn_wait_backs_off_to_a_read_a_second() -> None:

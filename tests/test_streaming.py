@@ -143,6 +143,66 @@ def test_a_streamed_turn_the_claim_fails_ends_its_stream_at_once(base_url, monke
     assert waited < 30, f"the stream ended {waited:.0f} s after the claim failed the turn"
 
 
+def test_a_reader_of_a_turn_finished_long_ago_ends_at_once(base_url, monkeypatch) -> None:
+    """Streaming review: a streamed turn finished minutes ago has no end entry left on its stream
+    (it expires after ENDED_TTL_S); every reader that came then waited a status check more for the
+    last deltas, which had long been written, before its `done`."""
+    from sqlalchemy import text, update
+
+    from core.settings import settings
+    from db.models import Turn, TurnStatus
+
+    monkeypatch.setattr(settings, "stream_check_s", 60.0)
+    turn_id = _queued_turn()
+    with session_scope() as session:
+        session.execute(
+            update(Turn)
+            .where(Turn.id == turn_id)
+            .values(
+                status=TurnStatus.DONE,
+                reply="The road is long.",
+                finished_at=text("now() - interval '10 min'"),
+            )
+        )
+    started = time.monotonic()
+    with httpx.stream("GET", f"{base_url}/v1/turns/{turn_id}/stream", headers=OWNER, timeout=150) as r:
+        events = _events(r)
+    waited = time.monotonic() - started
+    assert events[-1][0] == "done" and events[-1][2]["status"] == "done", events
+    assert waited < 30, f"the stream ended {waited:.0f} s after it was opened"
+
+
+def test_a_resume_whose_redis_connection_will_not_close_goes_on(world, monkeypatch) -> None:
+    """Streaming review: closing the resume's own connection was unguarded; a peer that stopped
+    answering made redis-py's close raise its timeout, and the resume with it (a 500 on `/stream`)."""
+    import asyncio
+
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    from streaming import reader
+
+    class WontClose:
+        async def xrange(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return []  # the id is gone: the resume starts again from the stored reply
+
+        async def aclose(self) -> None:
+            raise RedisTimeout("Timeout closing the connection")
+
+    monkeypatch.setattr(reader, "_client", WontClose)
+    turn_id = _queued_turn()
+
+    async def read() -> producer.TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    opened = reader.TurnReader(turn_id, read, last_event_id="1-0")
+    asyncio.run(opened.open())
+    assert opened._restart_first  # it went on: the client is told to start again from the stored turn
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])
+
+
 def _first_delta_of_a_turn_that_wrote(base_url: str, text: str) -> tuple[str, str, dict]:
     """A turn's stream that holds one delta of `text` (the turn then cancelled, its stream ended), as
     a reader gets its first event."""
