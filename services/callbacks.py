@@ -80,6 +80,13 @@ class Unresolved(RefusedDestination):
     that resolved to a public address when the turn was accepted, most likely passing: retried."""
 
 
+class ResolvesInside(RefusedDestination):
+    """The host resolves to an address the workers may not call: refused at acceptance; at delivery,
+    of a host that resolved to a public one when the turn was accepted, retried (never posted to):
+    a resolver answering 0.0.0.0 or loopback for a name it blocks or cannot look up, or a move of the
+    host's DNS, ended the callback for good (streaming review)."""
+
+
 def resolve(host: str) -> list[Address]:
     """The addresses `host` resolves to, in the resolver's order: the one DNS lookup of a delivery."""
     infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
@@ -120,7 +127,7 @@ def vetted_address(url: str) -> Address:
         for address in addresses:
             if not is_public(address):
                 logger.info("callback host %r refused: it resolves to %s", host, address)
-                raise RefusedDestination(_NOT_PUBLIC.format(host=host))
+                raise ResolvesInside(_NOT_PUBLIC.format(host=host))
     return addresses[0]
 
 
@@ -276,7 +283,7 @@ def send_once(
     deadline = time.monotonic() + settings.callback_timeout_s  # the lookup and the POST, together
     try:
         address = _vetted_in_time(url, settings.callback_timeout_s, tenant)
-    except (ResolverUnavailable, Unresolved) as unavailable:  # no verdict on a host vetted before
+    except (ResolverUnavailable, Unresolved, ResolvesInside) as unavailable:  # vetted before: passing
         record(f"not sent: {unavailable}", True)
         raise CallbackFailed(str(unavailable)) from None
     except RefusedDestination as refused:

@@ -224,6 +224,18 @@ def test_a_resolver_hiccup_at_delivery_is_retried_not_recorded_as_final(
     with pytest.raises(CallbackFailed, match="could not be resolved for now"):
         deliver(run_id)
     assert calls == ["hooks.example.test"]
+    # streaming review: a host vetted at acceptance that resolves inside at delivery (a resolver that
+    # answers 0.0.0.0 for what it blocks or cannot look up) ended the callback for good; it is
+    # retried, and never posted to
+    monkeypatch.setattr(settings, "callback_allow_private", False)
+    _resolver(monkeypatch, "moved.example.test", ["0.0.0.0"])
+    moved = _run_calling_back(f"http://moved.example.test:{receiver}/hook")
+    with pytest.raises(CallbackFailed, match="does not resolve to a public address"):
+        deliver(moved)
+    assert _Receiver.calls == []
+    with session_scope() as s:
+        run = s.get_one(Run, moved)
+        assert run.callback_retry_at is not None and run.callback_delivered_at is None
 
 
 def test_a_turns_callback_host_is_looked_up_at_enqueue_once_per_host_never_while_its_body_is_read(
