@@ -614,6 +614,32 @@ def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:
         fake.release.set()
 
 
+def test_requests_inside_an_engine_whose_call_hung_are_present_not_suspects() -> None:
+    """Poison review: an adapter load that hung past the stall limit killed the engine, and every
+    request inside was charged the death as a suspect (sent alone, toward engine_crash_loop) for the
+    load's fault. A call runs between steps: the call is the suspect, the requests were present."""
+    from worker.engine import EngineDead
+
+    class _HangsInLoad(_ScriptedEngine):
+        def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
+            self.release.wait(30)
+            return True
+
+    fake = _HangsInLoad(decode_steps=10**6)
+    loop = _loop(fake, stall_s=0.5)
+    try:
+        (request,) = loop.submit([([1], None, LIVE, None)])
+        assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+        call = loop.call("add_lora", None)
+        assert loop.wait([call], timeout=10) == [call], "wait() blocked on a hung engine call"
+        assert _all_done([request], timeout=10)
+        inside, load = request.exception(timeout=1), call.exception(timeout=1)
+        assert isinstance(inside, EngineDead) and isinstance(load, EngineDead)
+        assert (inside.in_engine, inside.present, load.in_engine) == (False, True, True)
+    finally:
+        fake.release.set()
+
+
 def test_an_announced_live_turn_holds_new_bulk_requests_back_until_it_joins() -> None:
     fake = _CoreStepsOnItsOwn()
     loop = _loop(fake)

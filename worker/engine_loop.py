@@ -652,12 +652,15 @@ class EngineLoop:
                 return
             self._death = exc
             inside = list(self._inside.values())
-            suspects = [job for job in inside if not job.started] or inside
             waiting = [*self._inbox, *self._live, *self._held, *self._alone, *self._cancelled]
             calls = [future for _, future in self._calls]
             # The engine call running when it died may be what killed it (an adapter that crashes
             # the engine as it loads); calls still queued behind it were never inside.
             running_call = calls[0] if calls and self._call_since is not None else None
+            # A call runs between steps, the last of which returned: the requests inside were
+            # present, not suspects (poison review: a load that hung past the stall limit charged a
+            # death to every request inside, and sent each alone, for the adapter's fault).
+            suspects = [] if running_call is not None else [j for j in inside if not j.started] or inside
             for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
                 queue.clear()
             self._cancelled = []
