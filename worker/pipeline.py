@@ -41,6 +41,7 @@ from db.session import (
     session_scope,
 )
 from db.turns import (
+    DEATHS_SEEN_ALONE,
     ClaimedTurn,
     ClaimResult,
     Failure,
@@ -387,14 +388,9 @@ def _death_of(future: Any) -> EngineDead | None:
     return error if isinstance(error, EngineDead) else None
 
 
-# Deaths seen (inside, decoding, not a suspect) after which a turn runs alone: a request that kills
-# the engine mid-reply, always beside another joining, would otherwise never be blamed.
-DEATHS_SEEN_ALONE = 3
-
-
 def runs_alone(turn: ClaimedTurn) -> bool:
     """Whether the turn runs alone in the engine, where a death is its own: it was a suspect at a
-    death, or inside at DEATHS_SEEN_ALONE of them."""
+    death, or inside at DEATHS_SEEN_ALONE of them (db/turns.py), its worker gone as it ran among them."""
     return turn.engine_deaths > 0 or turn.engine_deaths_seen >= DEATHS_SEEN_ALONE
 
 
