@@ -252,13 +252,15 @@ def again_while_away(
     first_wait_s: float,
     max_wait_s: float,
     stop: stop_base | None = None,
+    also: Callable[[BaseException], bool] = lambda exc: False,
 ) -> _T:
-    """`write()`, run again while the database is away (connection_lost: a restart, a failover),
-    waiting `first_wait_s` then twice as long each time up to `max_wait_s`, no try begun past
-    `within_s` (nor once `stop` says so); the last error raised, as is any other error at once."""
+    """`write()`, run again while the database is away (connection_lost: a restart, a failover), or
+    for what `also` says (a deadlock), waiting `first_wait_s` then twice as long each time up to
+    `max_wait_s`, no try begun past `within_s` (nor once `stop` says so); the last error raised, as is
+    any other error at once."""
     stops = stop_before_delay(max(within_s, 0.0))
     for attempt in Retrying(
-        retry=retry_if_exception(connection_lost),
+        retry=retry_if_exception(lambda exc: connection_lost(exc) or also(exc)),
         stop=stops if stop is None else stop_any(stops, stop),
         wait=wait_exponential(multiplier=first_wait_s, max=max_wait_s),
         reraise=True,

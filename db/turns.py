@@ -155,6 +155,7 @@ class ClaimedTurn:
     # player said nothing, so the affinity toward the player stays.
     player_spoke: bool = True
     callback: bool = False  # it has a callback_url (POSTed its outcome once finished)
+    last_error: str | None = None  # why its last attempt came back, if one did (the stored error)
     claims: int = 0  # this claim's rank in its stream: above every earlier claim's (turns.claims)
     tenant: str = ""  # whose turn (a character's adapter trained on one tenant's dialogue answers it alone)
 
@@ -567,6 +568,7 @@ def claim_turns(
                     answers=answered if answered is not None and answered[0] != char.id else None,
                     player_spoke=turn.scene_id is None or conv.id in player_last,
                     callback=turn.callback_url is not None,
+                    last_error=turn.error,
                     claims=turn.claims,
                     tenant=turn.tenant,
                 )
@@ -1314,6 +1316,15 @@ def answering_claim(*, session: Session, turn_id: uuid.UUID) -> tuple[bool, uuid
     if status not in TURN_UNFINISHED:
         return False, None
     return True, token if live else None
+
+
+def finished_within(*, session: Session, turn_id: uuid.UUID, seconds: float) -> bool:
+    """Whether the turn finished less than `seconds` ago (or is not finished), on the database's clock,
+    which stamped it: another host's runs ahead or behind by as much as it likes."""
+    long_ago = session.scalar(
+        select(Turn.finished_at < func.now() - _seconds(seconds)).where(Turn.id == turn_id)
+    )
+    return not long_ago
 
 
 def get_turn(*, session: Session, turn_id: uuid.UUID, with_prompt: bool = True) -> Turn | None:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from core.panics import fenced
 from core.settings import settings
 from db.memory_jobs import release_job, renew_job
 from db.session import again_while_away, session_scope
@@ -31,16 +32,17 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
 
     try:
         yield
-    except Exception as exc:
+    except BaseException as exc:
+        if not fenced(exc):  # a shutdown: one try, no wait, and the shutdown goes on whatever it meets
+            try:
+                _release(conversation_id, kind, token, ran=False)
+            except Exception:
+                logger.warning("memory job %s of conversation %s: its claim lapses", kind, conversation_id)
+            raise
+        # the step's error, a native panic's too (review: one was taken for a shutdown, never counted)
         held = _release_when_back(conversation_id, kind, token, ran=False, failed=exc)
         if not held and not isinstance(exc, EngineDead):
             raise ClaimLapsed(f"memory job {kind} of conversation {conversation_id}: {exc!r}") from exc
-        raise
-    except BaseException:  # a shutdown: one try, no wait, and the shutdown goes on whatever it meets
-        try:
-            _release(conversation_id, kind, token, ran=False)
-        except Exception:
-            logger.warning("memory job %s of conversation %s: its claim lapses", kind, conversation_id)
         raise
     _release_when_back(conversation_id, kind, token, ran=True)
 
@@ -53,7 +55,7 @@ RELEASE_WITHIN_S = 45.0
 
 
 def _release_when_back(
-    conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool, failed: Exception | None = None
+    conversation_id: int, kind: str, token: uuid.UUID, *, ran: bool, failed: BaseException | None = None
 ) -> bool:
     """_release, tried again while the database is away. A step that `failed` keeps its own error: a
     release that never got through is logged (the claim lapses), and reads as still held."""

@@ -127,8 +127,18 @@ def vetted_address(url: str) -> Address:
         for address in addresses:
             if not is_public(address):
                 logger.info("callback host %r refused: it resolves to %s", host, address)
+                if _literal(host):  # an address, not a name: no lookup will move it (review)
+                    raise RefusedDestination(_NOT_PUBLIC.format(host=host))
                 raise ResolvesInside(_NOT_PUBLIC.format(host=host))
     return addresses[0]
+
+
+def _literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 # One answer whether a host resolves to nothing or to an address inside: the address, or telling

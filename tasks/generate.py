@@ -179,7 +179,8 @@ class ChunkRaised:
 
 def _answer_chunk(chunk: list[Pending]) -> Any:
     """process_batch for one chunk (one lane); the report, or ChunkRaised."""
-    from worker.pipeline import BatchReport, fenced, process_batch  # the engine is on workers only
+    from core.panics import fenced
+    from worker.pipeline import BatchReport, process_batch  # the engine lives on worker machines only
 
     lane: Lane = chunk[0][1]
     report = BatchReport(send_stalled=_send_stalled)

@@ -69,6 +69,7 @@ def _count_death(conversation_id: int, kind: str, *, suspect: bool) -> None:
 
 def _run_step(conversation_id: int, kind: str) -> bool:
     """One step of the job; whether it did any work."""
+    from core.panics import fenced
     from db.memory_jobs import EXTRACT, SUMMARY
     from db.session import connection_lost, rolled_back_for_a_conflict
     from db.vector_space import EmbedderMismatch
@@ -94,7 +95,9 @@ def _run_step(conversation_id: int, kind: str) -> bool:
     except ClaimLapsed as exc:  # another worker holds the job now: its failures are its own to count
         logger.warning("%s; its claim had lapsed and another worker took the job: not counted", exc)
         return False
-    except Exception as exc:
+    except BaseException as exc:
+        if not fenced(exc):  # the process's exit: not the job's failure
+            raise
         # A reembed's swap (not its subclasses: the embedder unavailable, of another dimension): a
         # worker of the stored vectors' embedder does it, uncounted.
         if type(exc) is EmbedderMismatch:
@@ -140,7 +143,7 @@ def _outage(conversation_id: int, kind: str) -> bool:
     return retries <= settings.max_outage_refunds
 
 
-def _failed(conversation_id: int, kind: str, exc: Exception) -> None:
+def _failed(conversation_id: int, kind: str, exc: BaseException) -> None:
     """A step raised: counted, and sent again after a backoff, or given up (said in the log) after
     MLCHAT_MEMORY_JOB_MAX_FAILURES in a row. Nothing else would send it again but the conversation's
     next reply, which an idle conversation never has; and one failing every time ran at every reply."""

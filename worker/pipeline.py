@@ -16,7 +16,6 @@ import logging
 import threading
 import time
 import uuid
-from asyncio import CancelledError
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from sqlalchemy.orm import Session
 from tenacity.stop import stop_base
 
 from core import metrics
+from core.panics import fenced
 from core.settings import Lane, settings
 from db.callbacks import with_callbacks
 from db.models import Role, TurnErrorCode
@@ -302,6 +302,7 @@ def _best_effort_hand_back(
     try:
         return again_while_away(
             in_own_session,
+            also=rolled_back_for_a_conflict,  # a deadlock with another worker's write: run again
             within_s=until - time.monotonic(),
             first_wait_s=HAND_BACK_FIRST_WAIT_S,
             max_wait_s=5.0,
@@ -587,16 +588,6 @@ class TurnFault(Exception):
         self.final = refused_by_engine(error)
 
 
-def fenced(exc: BaseException) -> bool:
-    """Whether `exc` is the fault of the input it met, fenced to that input: any Exception, and a
-    native library's panic (a Rust tokenizer's: pyo3's PanicException derives from BaseException;
-    poison review: it passed every fence, and the batch's turns came back together with it, charged,
-    until each was out of attempts); never the process's own exit or a cancel."""
-    return isinstance(exc, Exception) or not isinstance(
-        exc, (KeyboardInterrupt, SystemExit, GeneratorExit, CancelledError)
-    )
-
-
 @contextmanager
 def _stage(stage: str, code: TurnErrorCode) -> Iterator[None]:
     """Turn any error of this turn's stage into its TurnFault (a prompt too long and a dead engine
@@ -711,12 +702,13 @@ def _finish_group(
                 # The engine core compiles a request's grammar against the model's vocabulary, which
                 # the door's build (no tokenizer) cannot; a grammar it cannot build ends it so.
                 reason += (
-                    " (its structured reply, response_format or the character's actions: the engine may"
-                    " be unable to build its grammar)"
+                    f" (its structured reply, response_format or the character's actions: {_NO_GRAMMAR})"
                 )
                 # Sent again once (a passing fault); ended so twice, it is its grammar: every further
                 # attempt compiled it again for nothing (poison review), and it failed an engine error.
-                if turn.attempts >= 2:
+                # Its last attempt's own error tells (review: an attempt spent otherwise, a judge's
+                # fault, was taken for the first).
+                if _NO_GRAMMAR in (turn.last_error or ""):
                     reason = f"{reason}; ended so twice, not retried"
                     report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
                     continue
@@ -1122,6 +1114,9 @@ def adapter_id(name: str) -> int:
 
 def _hashed_id(name: str) -> int:
     return int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big") % _ADAPTER_ID_SPACE + 1
+
+
+_NO_GRAMMAR = "the engine may be unable to build its grammar"
 
 
 def _retry_or_fail(

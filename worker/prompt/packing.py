@@ -410,7 +410,8 @@ class PromptBuilder:
                 # A scene's premise is in every prompt of its group: said, so its author knows which
                 # of the scene's texts to shorten (every step and line would fail for it alike).
                 premise = item.group.premise if item.group is not None else ""
-                of_premise = f" ({self.count_tokens(premise)} of them the scene's premise)" if premise else ""
+                shown = clean(fill_macros(premise, char, user))  # as the prompt holds it
+                of_premise = f" ({self.count_tokens(shown)} of them the scene's premise)" if premise else ""
                 raise PromptTooLong(
                     f"prompt needs {base_len} tokens for persona and message alone{of_premise} but only "
                     f"{budget} fit (max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept "
