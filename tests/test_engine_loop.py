@@ -833,6 +833,8 @@ def test_a_batch_handed_back_stops_its_requests_in_the_engine(engine, monkeypatc
     statuses = [get_turn(t).status for t in ids]
     assert statuses.count(TurnStatus.QUEUED) == cancelled
     assert set(statuses) <= {TurnStatus.QUEUED, TurnStatus.DONE}
+    # poison review: an engine too busy to answer within the hold is no fault of the turns': refunded
+    assert all(get_turn(t).attempts == 0 for t in ids if get_turn(t).status == TurnStatus.QUEUED)
 
 
 def test_an_adapter_load_the_engine_dies_in_is_a_suspect_and_one_queued_behind_it_is_not() -> None:

@@ -217,10 +217,14 @@ def process_batch(
             # looks the same, and would take the database down at every round for ever). So is a
             # write the server kept rolling back for deadlocks with other workers' (each write is run
             # again first: db/session.py again_on_conflict).
+            # So is an engine too busy to answer while the claim was held (poison review: an hour's
+            # backlog charged every turn in it), within the same refunds.
             # Any other error, a statement timeout too, is charged: a turn that raises it every
             # time is dead-lettered at its attempt cap, not sent round for ever.
             reason = f"the batch raised ({type(exc).__name__}); sent again"
-            refund = connection_lost(exc) or rolled_back_for_a_conflict(exc)
+            refund = (
+                connection_lost(exc) or rolled_back_for_a_conflict(exc) or isinstance(exc, GenerationTimeout)
+            )
             handed = _hand_back(claim.token, turns, reason, refund=refund, until=_hand_back_until(keeper))
             _announce(turns, handed)
             _requeued(report, handed)
