@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session, lazyload
 
+from db.history import lock_conversation
 from db.models import (
     TURN_UNFINISHED,
     Character,
@@ -524,7 +525,8 @@ def replay_unsent_step(*, session: Session, conversation_id: int) -> tuple[list[
     (broker_unreachable) is queued again, its scene reopened, to be sent as new (the first list: sent,
     or failed again); one still queued and never recorded sent, to be sent once more with nothing
     failed if the broker is away (the second: the worker that created it may be sending it now). The
-    scene row is locked first, as extend does."""
+    scene row is locked first, as extend does (after its conversation's, as extend's)."""
+    lock_conversation(session=session, conversation_id=conversation_id)
     scene = session.scalars(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()
@@ -623,7 +625,11 @@ def extend_scene(
     cancelled: the game asks it to go on); step n+1's turn is created now unless one is open, or sent
     again if it failed or was cancelled (with its attempts back: one empty reply, or a worker lost
     three times, would otherwise close the game's group for good). KeyError if the conversation holds
-    no scene; SceneClosed for a run's scene that failed or was cancelled (the run's to retry)."""
+    no scene; SceneClosed for a run's scene that failed or was cancelled (the run's to retry).
+    The conversation's row is locked first, as a player's line and a step's store lock it (before
+    the scene's, as the store's order is): a step requeued or created here is numbered and its
+    speaker picked seeing a line committed just before, never beside it (scenes review)."""
+    lock_conversation(session=session, conversation_id=conversation_id)
     scene = session.scalars(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()

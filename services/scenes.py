@@ -11,6 +11,7 @@ from sqlalchemy import exists, select, update
 
 from core.paging import cut
 from core.settings import DEFAULT_TENANT, settings
+from db.history import lock_conversation
 from db.models import Conversation, Fact, FactScope, Message, Scene, Turn
 from db.scenes import (
     NewScene,
@@ -94,6 +95,9 @@ def _create_group(
     lead = ids[spec.participants[0].character]
     row = {"external_id": spec.conversation, "character_id": lead, "player_name": spec.player_name}
     conv_id, _ = upsert_conversations(session=session, rows=[row], tenant=tenant)[spec.conversation]
+    # Held before what it holds is read: a line appended meanwhile (an import, a one-character
+    # turn) is seen, not overlaid by a group (scenes review).
+    lock_conversation(session=session, conversation_id=conv_id)
     # Lines imported into it count as its own (history import, the original service's shape): its
     # player and character would otherwise stay the stored ones, past the name-clash check. So does a
     # fact of its own scope: what its one NPC knows of its player, which every member would then know.
@@ -226,7 +230,9 @@ def scene_view(
     whether lines are waiting past it. KeyError if the tenant has no such group."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
-        scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one()
+        scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one_or_none()
+        if scene is None:  # erased since the line above (review: a 500)
+            raise KeyError(f"no group conversation {conversation!r}")
         if tail:
             after = max(after, last_lines_after(session=session, conversation_id=conv_id, n=limit))
         lines = scene_transcript(session=session, scene_id=scene.id, after=after, limit=limit + 1)

@@ -1025,6 +1025,58 @@ def steps_unconsumed(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
         yield
 
 
+def test_a_continue_and_a_new_group_take_the_conversations_row_a_players_line_holds(
+    world, steps_unconsumed
+) -> None:
+    """Scenes review: `:continue` locked the scene row alone, so a step it requeued or created was
+    numbered, and its speaker picked, beside a player's line committing meanwhile (the two answered
+    side by side, neither seeing the other); a new group read what its conversation holds before
+    locking it, so a line appended meanwhile was overlaid by the group. Both take the conversation's
+    row first, as a player's line and a step's store do: each waits for the other."""
+    import threading
+    import time
+
+    import numpy as np
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from db.history import append_lines, lock_conversation
+    from db.models import Role
+    from db.scenes import extend_scene
+    from db.world import find_characters, upsert_conversations
+    from services.scenes import SceneRefused
+
+    conv = _group(strategy="fixed")["conversation"]
+    with session_scope() as holder:  # a player's line in flight: the conversation's row held
+        lock_conversation(session=holder, conversation_id=_conv_id(conv))
+        with pytest.raises(OperationalError, match="lock timeout"), session_scope() as s:
+            s.execute(text("SET LOCAL lock_timeout = '300ms'"))
+            extend_scene(session=s, conversation_id=_conv_id(conv), exchanges=1)
+    empty = f"group-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:  # an empty conversation stored before (an import of nothing)
+        luffy = find_characters(session=s, slugs=["luffy"])["luffy"]
+        upsert_conversations(session=s, rows=[{"external_id": empty, "character_id": luffy}], tenant="")
+    outcome: list[object] = []
+
+    def start() -> None:
+        try:
+            outcome.append(_group(conversation=empty))
+        except Exception as exc:
+            outcome.append(exc)
+
+    with session_scope() as importer:  # a line imported into it, committing after the start began
+        vectors = np.zeros((1, 384), dtype=np.float32)
+        append_lines(
+            session=importer, conversation_id=_conv_id(empty), lines=[(Role.USER, "Hello?")], vectors=vectors
+        )
+        starter = threading.Thread(target=start)
+        starter.start()
+        time.sleep(0.5)  # the start waits on the conversation's row meanwhile
+    starter.join(timeout=30)
+    (result,) = outcome
+    assert isinstance(result, SceneRefused) and "one-character conversation already" in str(result), result
+
+
 def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world, steps_unconsumed) -> None:
     from services.scenes import continue_group
 
