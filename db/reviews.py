@@ -170,29 +170,43 @@ def line_run(*, session: Session, turn_id: uuid.UUID) -> Run | None:
     return session.scalar(select(Run).join(Turn, Turn.run_id == Run.id).where(Turn.id == turn_id))
 
 
-def lock_line(*, session: Session, turn_id: uuid.UUID) -> None:
-    """Lock a line's turn row for a desk change (before its run's, as stores lock turns then runs)."""
-    session.execute(select(Turn.id).where(Turn.id == turn_id).with_for_update())
-
-
 class RunBusy(Exception):
     """The run's row stayed locked past the wait (another change rewriting its file, its finalizer)."""
+
+
+class LineBusy(RunBusy):
+    """The line's row stayed locked past the wait (another change of it rewriting its batch's file)."""
+
+
+def lock_line(*, session: Session, turn_id: uuid.UUID, wait_ms: int) -> None:
+    """Lock a line's turn row for a desk change (before its run's, as stores lock turns then runs),
+    waiting at most `wait_ms` (LineBusy after it): a second change of a line whose first rewrites a
+    large batch's file held an API connection for the whole rewrite (desk review)."""
+    _within(
+        session, wait_ms, select(Turn.id).where(Turn.id == turn_id).with_for_update(), LineBusy(str(turn_id))
+    )
 
 
 def lock_line_run(*, session: Session, run_id: uuid.UUID, wait_ms: int) -> str | None:
     """Lock the run a changed line belongs to (so a change and the batch's finalizer, or two
     changes' rewrites of its output file, never interleave), waiting at most `wait_ms` (RunBusy
     after it, the transaction then to be rolled back); its output file's id, if written."""
+    locked = select(Run.output_file_id).where(Run.id == run_id).with_for_update()
+    return _within(session, wait_ms, locked, RunBusy(str(run_id)))
+
+
+def _within(session: Session, wait_ms: int, statement: Any, busy: RunBusy) -> Any:
+    """statement's one value, its locks waited for `wait_ms` at most (`busy` raised after it)."""
     prior = session.scalar(select(func.current_setting("lock_timeout")))
     session.execute(select(func.set_config("lock_timeout", f"{wait_ms}ms", True)))
     try:
-        file_id = session.scalar(select(Run.output_file_id).where(Run.id == run_id).with_for_update())
+        value = session.scalar(statement)
     except OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
-            raise RunBusy(str(run_id)) from None
+            raise busy from None
         raise
     session.execute(select(func.set_config("lock_timeout", prior, True)))
-    return file_id
+    return value
 
 
 def review_changes(*, session: Session, turn_id: uuid.UUID) -> list[TurnReviewChange]:

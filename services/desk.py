@@ -568,7 +568,8 @@ def _change(
     try:
         with session_scope() as session:
             run_id = _own_line(session, who, turn_id).id
-            reviews.lock_line(session=session, turn_id=turn_id)  # first, as every writer of turns and runs
+            # first, as every writer of turns and runs; a bounded wait, as the run's below
+            reviews.lock_line(session=session, turn_id=turn_id, wait_ms=RUN_LOCK_WAIT_MS)
             # Only a text change rewrites the batch's file, under the run's lock (a change and the
             # finalizer, or two rewrites, never interleave), taken before the change's other rows (its
             # line, memory jobs, facts), which nobody waits for meanwhile; a label waits for no
@@ -595,7 +596,7 @@ def _change(
         raise _bad(str(exc)) from None
     except StaleReview as exc:
         raise DeskError(409, str(exc)) from None
-    except RunBusy:
+    except RunBusy:  # the line's or its run's row (LineBusy is one)
         raise DeskError(
             503, "line: the batch's output file is being rewritten by another change; send this one again"
         ) from None

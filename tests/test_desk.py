@@ -964,6 +964,9 @@ def test_a_form_token_is_its_sessions_own_and_desk_pages_are_never_cached(servic
     try:
         pages = [client.get(f"/desk/lines/{first}") for client in (one, two)]
         assert all(p.status_code == 200 and p.headers["cache-control"] == "no-store" for p in pages)
+        # desk review: no page of it is framed by another (a click on "Approve" under a decoy)
+        assert all(p.headers["x-frame-options"] == "DENY" for p in pages)
+        assert all(p.headers["content-security-policy"] == "frame-ancestors 'none'" for p in pages)
         tokens = [p.text.split('name="csrf" value="', 1)[1].split('"', 1)[0] for p in pages]
         assert tokens[0] != tokens[1]
         form = {"csrf": tokens[0], "verdict": "approve", "version": "0"}
@@ -1265,7 +1268,18 @@ def test_the_desk_cookie_is_an_expiring_session_never_the_key(services, world, b
         client.close()
     # review: with MLCHAT_DESK_SECRET set, the digest alone (in MLCHAT_API_KEYS for a hashed key)
     # signs no session; and a key rotated under the same name signs in (it was a 500)
+    # desk review: without it, a key configured by its sha256 (that digest readable in MLCHAT_API_KEYS)
+    # signs no session, forged or asked for; one given whole still does
+    hashed = review.model_copy(update={"key": None, "sha256": review.digest})
+    monkeypatch.setattr(settings, "api_keys", [k for k in settings.api_keys if k is not review] + [hashed])
+    answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: _session_cookie(hashed)})
+    assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
+    refused = httpx.post(f"{base_url}/desk/login", data={"key": REVIEW_KEY})
+    assert refused.status_code == 403 and "MLCHAT_DESK_SECRET" in refused.text
     monkeypatch.setattr(settings, "desk_secret", SecretStr("a-desk-secret-0123456789"))
+    signed = httpx.post(f"{base_url}/desk/login", data={"key": REVIEW_KEY})
+    assert signed.status_code == 303 and signed.headers["location"] == "/desk/runs"
+    monkeypatch.setattr(settings, "api_keys", [k for k in settings.api_keys if k is not hashed] + [review])
     answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: fresh})
     assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
     rotated = review.model_copy(update={"key": "a-rotated-review-key-0123", "sha256": None})
@@ -1630,3 +1644,12 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
     assert _stored(second)[0].reply == "Morning, traveller." and b"Mind the puddles" not in path.read_bytes()
     assert desk.edit(WRITER, second, "Morning! Mind the puddles.", "0") == 1  # the lock gone: through
     assert b"Mind the puddles" in path.read_bytes()
+    # desk review: a second change of a line whose first is rewriting the file waited for it without
+    # end (a double-click, a second writer); it waits RUN_LOCK_WAIT_MS too, then a 503
+    monkeypatch.setattr(desk, "RUN_LOCK_WAIT_MS", 300)
+    with session_scope() as holder:  # the first change, mid-rewrite: its line's row held
+        holder.execute(select(Turn.id).where(Turn.id == second).with_for_update())
+        started = time.monotonic()
+        with pytest.raises(DeskError) as caught:
+            desk.label(WRITER, second, "approve", None, "1")
+        assert caught.value.status == 503 and time.monotonic() - started < 10

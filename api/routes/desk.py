@@ -64,6 +64,15 @@ def static_files() -> StaticFiles:
 SESSION_S = 12 * 3600
 
 
+def signs_sessions(key: ApiKey) -> bool:
+    """Whether the desk may sign this key's sessions: with MLCHAT_DESK_SECRET, always; without it,
+    only a key given whole (its digest is no more than the key, which MLCHAT_API_KEYS holds anyway).
+    A key given by its sha256 has that digest in MLCHAT_API_KEYS, which others than the server may
+    read (a deploy's config, a secret manager's viewers): its sessions would be theirs to forge
+    (desk review: an admin key's, every tenant's desk)."""
+    return settings.desk_secret is not None or key.key is not None
+
+
 def _signing_key(digest: str) -> bytes:
     """What signs a key's sessions and form tokens: its digest, under MLCHAT_DESK_SECRET when set (a
     hashed key's digest is in MLCHAT_API_KEYS, which others than the server may read)."""
@@ -134,6 +143,8 @@ def _session_of(value: str | None) -> _Session | None:
         return None
     match = None
     for key in settings.api_keys:  # every key looked at: the time does not say which one matched
+        if not signs_sessions(key):
+            continue
         expected = _session_mac(key.digest, key.id, expires, nonce)
         # Two keys may share a name (a rotation): the signature tells whose session it is.
         if key.id == key_id and hmac.compare_digest(mac.encode("ascii", "replace"), expected.encode()):
@@ -199,6 +210,10 @@ def _page(request: Request, name: str, status: int = 200, **context: Any) -> HTM
     response = templates.TemplateResponse(request, name, context, status_code=status)
     # Players' lines and the form token: kept by no cache, nor shown again from history after signing out.
     response.headers["Cache-Control"] = "no-store"
+    # Never inside another page's frame (desk review: a same-site page, a sibling subdomain's, could
+    # frame it under SameSite=Strict and have a writer click "Approve").
+    response.headers["X-Frame-Options"] = "DENY"
+    response.headers["Content-Security-Policy"] = "frame-ancestors 'none'"
     return response
 
 
@@ -252,6 +267,12 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
         return _page(request, "login.html", 401, message="key: not a valid API key", desk=None)
     if not ({"review", "admin"} & set(configured.scopes)):
         message = "key: this API key lacks the 'review' scope the desk needs"
+        return _page(request, "login.html", 403, message=message, desk=None)
+    if not signs_sessions(configured):
+        message = (
+            "key: this key is configured by its sha256, and MLCHAT_DESK_SECRET is unset: the desk "
+            "cannot sign its sessions safely (ask the operator to set MLCHAT_DESK_SECRET)"
+        )
         return _page(request, "login.html", 403, message=message, desk=None)
     response = RedirectResponse("/desk/runs", status_code=303)
     response.set_cookie(
