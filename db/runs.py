@@ -992,11 +992,18 @@ def submission_alive(*, session: Session, name: str) -> bool:
 
 def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]:
     """Runs other than batches left in `validating` longer than `older_than_s` with no live
-    submitter (read only). A batch's submission is retried instead: batch_submissions_due."""
+    submitter (read only): none of their turns stored or sent within that time either (review: a
+    submitter whose lock's idle connection a pooler or `idle_session_timeout` closed went on storing,
+    and had its run failed under it as interrupted). A batch's submission is retried instead:
+    batch_submissions_due."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
+    active = exists().where(Turn.run_id == Run.id, or_(Turn.created_at > cutoff, Turn.dispatched_at > cutoff))
     runs = session.scalars(
         select(Run).where(
-            Run.status == RunStatus.VALIDATING, Run.created_at < cutoff, Run.input_file_id.is_(None)
+            Run.status == RunStatus.VALIDATING,
+            Run.created_at < cutoff,
+            Run.input_file_id.is_(None),
+            ~active,
         )
     ).all()
     return [run for run in runs if not submission_alive(session=session, name=run.name)]

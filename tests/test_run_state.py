@@ -651,6 +651,41 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
     assert sweeper.close_abandoned_runs(older_than_s=0).get(sub.name) == "failed: submission interrupted"
 
 
+def test_the_sweeper_never_fails_a_run_whose_submitter_stores_on_after_losing_its_locks_connection(
+    quiet_model, tmp_path
+) -> None:
+    """Poison review: the submission lock sits on an idle connection of its own, which a pooler, a
+    NAT or `idle_session_timeout` may close while the submitter goes on storing; the sweeper took the
+    run for an interrupted one and failed it under the submitter. A run whose turns were stored or
+    sent within the sweep's age is not abandoned."""
+    from sqlalchemy import text
+
+    from db.runs import abandoned_submissions
+
+    sub = submit_run(_file(tmp_path, 2), name="lockless-" + tmp_path.name)
+    with session_scope() as s:  # validating, its lock gone, created long ago: its last chunk just stored
+        s.execute(
+            update(Run)
+            .where(Run.id == sub.id)
+            .values(status=RunStatus.VALIDATING, created_at=text("now() - interval '1 hour'"))
+        )
+        s.execute(
+            text(
+                "UPDATE turns SET created_at = now() - interval '1 hour', dispatched_at = now()"
+                " WHERE run_id = :r"
+            ),
+            {"r": sub.id},
+        )
+    with session_scope() as s:
+        assert sub.id not in {r.id for r in abandoned_submissions(session=s, older_than_s=60)}
+        s.execute(
+            text("UPDATE turns SET dispatched_at = now() - interval '1 hour' WHERE run_id = :r"),
+            {"r": sub.id},
+        )
+    with session_scope() as s:  # nothing for a minute: the submitter is gone
+        assert sub.id in {r.id for r in abandoned_submissions(session=s, older_than_s=60)}
+
+
 def test_a_failed_batchs_line_whose_worker_died_is_cancelled_with_it_not_left_running(world) -> None:
     """Found in review: a batch whose submission failed for good cancelled its queued lines only;
     one a worker died holding (its lease lapsed) stayed running in the batch's counts, ended only if
