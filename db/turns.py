@@ -761,15 +761,18 @@ def _lock_claim(
     return list(session.scalars(query.order_by(Turn.id).with_for_update(skip_locked=skip_locked)))
 
 
-def renew_lease(*, session: Session, token: uuid.UUID, lease_s: float) -> int:
-    """Extend the lease of every turn still running under this claim and not locked by a writer;
-    returns how many.
+def renew_lease(
+    *, session: Session, token: uuid.UUID, lease_s: float, turn_ids: Sequence[uuid.UUID] | None = None
+) -> int:
+    """Extend the lease of every turn still running under this claim (of `turn_ids`, the claim's:
+    found by id, where a look by token alone read every unfinished turn, a bulk backlog's million at
+    each renewal of each batch; fleet review) and not locked by a writer; returns how many.
 
     It never waits for a row: the batch's own write takes the rows it stores, fails and hands back in
     three goes (each in id order), so a renewal waiting for one of them while holding another could
     deadlock with it. A row a writer holds is being finished or handed back; if that writer rolls
     back, the next renewal (a third of a lease later) takes it."""
-    ours = _lock_claim(session=session, token=token, skip_locked=True)
+    ours = _lock_claim(session=session, token=token, turn_ids=turn_ids, skip_locked=True)
     if not ours:
         return 0
     result = session.execute(

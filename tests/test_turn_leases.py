@@ -170,6 +170,33 @@ def test_the_lease_keeper_renews_while_the_batch_runs(world) -> None:
     assert [t.id for t in _claim([turn_id]).claimed] == [turn_id]
 
 
+def test_a_batchs_lease_is_renewed_by_its_turns_ids_not_by_a_look_through_every_unfinished_turn(
+    world, monkeypatch
+) -> None:
+    """Fleet review: the renewal found the claim's turns by its token alone, which no index serves:
+    each renewal of each batch read every unfinished turn (a million-line backlog at every third of a
+    lease). It names the batch's turns; a turn of the claim not named is not renewed."""
+    from db.turns import renew_lease
+    from worker import lease as lease_module
+
+    first, second = _turns(2)
+    claim = _claim([first, second])
+    with session_scope() as session:
+        assert renew_lease(session=session, token=claim.token, lease_s=60, turn_ids=[first]) == 1
+    named: list[object] = []
+    real = lease_module.renew_lease
+
+    def recorded(**kwargs):  # type: ignore[no-untyped-def]
+        named.append(kwargs.get("turn_ids"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(lease_module, "renew_lease", recorded)
+    keeper = lease_module.LeaseKeeper(claim.token, lease_s=3, max_hold_s=30, turn_ids=[first, second])
+    with keeper:
+        time.sleep(1.5)
+    assert named and all(sorted(ids) == sorted([first, second]) for ids in named)  # type: ignore[arg-type]
+
+
 def test_a_lease_renewal_that_failed_is_tried_again_soon_not_a_third_of_a_lease_later(
     world, monkeypatch, caplog
 ) -> None:

@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from sqlalchemy.orm import Session
 
@@ -37,10 +37,13 @@ class LeaseKeeper:
         lease_s: float,
         max_hold_s: float,
         renew: Callable[[Session], object] | None = None,
+        turn_ids: Sequence[uuid.UUID] | None = None,
     ) -> None:
         self.token = token
         self.lease_s = lease_s
-        self.renew = renew or (lambda session: renew_lease(session=session, token=token, lease_s=lease_s))
+        self.renew = renew or (
+            lambda session: renew_lease(session=session, token=token, lease_s=lease_s, turn_ids=turn_ids)
+        )
         self.deadline = time.monotonic() + max_hold_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{token.hex[:8]}", daemon=True)

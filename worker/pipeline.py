@@ -185,7 +185,10 @@ def process_batch(
         if report.failed or report.deferred:
             _account(report, claimed=0)
         return report
-    with LeaseKeeper(claim.token, settings.lease_seconds, settings.visibility_timeout) as keeper:
+    ids = [t.id for t in turns]
+    with LeaseKeeper(
+        claim.token, settings.lease_seconds, settings.visibility_timeout, turn_ids=ids
+    ) as keeper:
         # Under the lease keeper: a broker slow to take these sends and callbacks (kombu retries each
         # publish) must not let the lease of the turns just claimed lapse before its first renewal.
         report.stalled_sent_now()
