@@ -163,6 +163,8 @@ class Conversation(Base):
     __table_args__ = (
         CheckConstraint("affinity BETWEEN -100 AND 100", name="affinity_bounded"),
         UniqueConstraint("tenant", "external_id", name="uq_conversations_tenant_external_id"),
+        # An erasure's look for a player's conversations (db/erasure.py; migration 0045).
+        Index("ix_conversations_tenant_player", "tenant", "player_id"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
@@ -412,6 +414,9 @@ class Turn(Base):
         ),
         # A run's turns in input order, a chunk at a time (exports, a batch's output, the desk).
         Index("ix_turns_run_id_number", "run_id", "number", postgresql_where="run_id IS NOT NULL"),
+        # A deleted line's turn, set free (ON DELETE SET NULL: an erasure deletes a player's lines, one
+        # lookup each; migration 0045).
+        Index("ix_turns_user_message_id", "user_message_id", postgresql_where="user_message_id IS NOT NULL"),
         # Housekeeping's look for turn callbacks never attempted (db/callbacks.py claim_lost_callbacks).
         Index(
             "ix_turns_callback_unattempted",
@@ -593,6 +598,8 @@ class Fact(Base):
     __table_args__ = (
         CheckConstraint("importance BETWEEN 0 AND 1", name="importance_bounded"),
         Index("ix_facts_tenant_player", "tenant", "player_id"),
+        # The fact a deleted one superseded, set free (ON DELETE SET NULL; migration 0045).
+        Index("ix_facts_superseded_by", "superseded_by", postgresql_where="superseded_by IS NOT NULL"),
         # What an NPC may know: an index scan per scope over current facts (db/facts.py).
         Index(
             "ix_facts_current_scope",
@@ -662,6 +669,8 @@ class Summary(Base):
         Index(
             "ix_summaries_unmerged", "conversation_id", "first_seq", postgresql_where="merged_into IS NULL"
         ),
+        # The summaries a deleted one had merged, set free (ON DELETE SET NULL; migration 0045).
+        Index("ix_summaries_merged_into", "merged_into", postgresql_where="merged_into IS NOT NULL"),
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True)

@@ -385,3 +385,27 @@ def test_an_erasure_that_keeps_meeting_writers_is_a_409_not_a_500(world, monkeyp
 def test_an_erasure_names_a_player(world) -> None:
     with session_scope() as s, pytest.raises(ValueError, match="names a player"):
         erase_player(session=s, tenant="", player_id="")  # '' is every conversation that named none
+
+
+@pytest.mark.parametrize(
+    ("lookup", "index"),
+    [
+        # what PostgreSQL runs for each deleted row (ON DELETE SET NULL), and an erasure's own look
+        ("UPDATE turns SET user_message_id = NULL WHERE user_message_id = 1", "ix_turns_user_message_id"),
+        ("UPDATE summaries SET merged_into = NULL WHERE merged_into = 1", "ix_summaries_merged_into"),
+        ("UPDATE facts SET superseded_by = NULL WHERE superseded_by = 1", "ix_facts_superseded_by"),
+        (
+            "SELECT id FROM conversations WHERE tenant = 't' AND player_id = 'p'",
+            "ix_conversations_tenant_player",
+        ),
+    ],
+)
+def test_an_erasures_lookups_are_index_scans_not_one_table_scan_a_deleted_row(world, lookup, index) -> None:
+    """Fleet review: the keys that point at a deleted line, summary or fact had no index, so an
+    erasure of a player of 5,000 lines scanned `turns` 5,000 times in one transaction holding their
+    conversations; and a player's conversations were found by scanning the tenant's (migration 0045)."""
+    with session_scope() as s:
+        s.execute(text("SET LOCAL enable_seqscan = off"))  # a table of a test's few rows: else a scan wins
+        plan = "\n".join(s.scalars(text(f"EXPLAIN {lookup}")).all())
+        s.rollback()
+    assert index in plan, plan
