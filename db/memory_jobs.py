@@ -46,7 +46,7 @@ MEMORY_JOB_DEATHS = 2
 
 
 # Deaths a job's request was inside for, decoding already (no suspect), before it runs alone, where a
-# death is its own (as a turn's: db/turns.py DEATHS_SEEN_ALONE).
+# death is its own (as a turn's: worker/pipeline.py DEATHS_SEEN_ALONE).
 DEATHS_SEEN_ALONE = 3
 
 

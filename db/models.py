@@ -501,7 +501,7 @@ class Turn(Base):
     engine_deaths: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Deaths it was inside the engine for without being a suspect (it had started decoding while
     # another request joined): a request that kills the engine mid-reply is blamed only once it runs
-    # alone, which these send it to after a few (db/turns.py DEATHS_SEEN_ALONE).
+    # alone, which these send it to after a few (worker/pipeline.py DEATHS_SEEN_ALONE).
     engine_deaths_seen: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Hand-backs for a lost database connection; the first MLCHAT_MAX_OUTAGE_REFUNDS of them cost no
     # attempt (migration 0028). A retry of a run's failed turns starts them afresh.

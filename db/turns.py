@@ -1,9 +1,7 @@
 """The turn state machine, and every query on turns. Each transition is one conditional UPDATE:
 
     create                      → queued
-    claim     queued, or running with an expired lease → running (new token and lease, attempts + 1;
-              an expired lease, of a turn not yet run alone: the attempt it died in refunded instead,
-              a death seen + 1)
+    claim     queued, or running with an expired lease → running (new token and lease, attempts + 1)
     exhaust   claimable with no attempts left          → failed (attempts_exhausted)
     defer     claimable behind an earlier open turn    → deferrals + 1, or, that turn stalled past
                                                          the wait limit → failed (blocked_by_earlier_turn)
@@ -384,23 +382,6 @@ def used_for_another_request(*, session: Session, tenant: str, key: str, request
     return stored is not None and stored not in request_hashes
 
 
-# Deaths seen (inside, decoding, not a suspect; or its worker gone as it ran) after which a turn runs
-# alone in the engine (worker/pipeline.py runs_alone): a request that kills the engine mid-reply,
-# always beside another joining, would otherwise never be blamed.
-DEATHS_SEEN_ALONE = 3
-
-
-def _died_unblamed() -> Any:
-    """A claimable turn still running (under a lease that lapsed: its worker was killed, ran out of
-    memory, or hung past it) that has not run alone yet: the process died with a whole batch in it,
-    and which turn killed it (if any did: a deploy's kill, a host lost) cannot be told. It is not
-    charged the attempt it died in (poison review: three such deaths failed every batch-mate of one
-    turn that kills its worker, attempts_exhausted); it counts a death seen, and runs alone after
-    DEATHS_SEEN_ALONE of them, where a death is its own and charged."""
-    run_alone = or_(Turn.engine_deaths > 0, Turn.engine_deaths_seen >= DEATHS_SEEN_ALONE)
-    return and_(Turn.status == TurnStatus.RUNNING, ~run_alone)
-
-
 def claim_turns(
     *,
     session: Session,
@@ -448,7 +429,7 @@ def claim_turns(
         list(
             session.scalars(
                 update(Turn)
-                .where(Turn.id.in_(candidates), Turn.attempts >= max_attempts, ~_died_unblamed())
+                .where(Turn.id.in_(candidates), Turn.attempts >= max_attempts)
                 .values(
                     status=TurnStatus.FAILED,
                     error_code=TurnErrorCode.ATTEMPTS_EXHAUSTED.value,
@@ -472,9 +453,7 @@ def claim_turns(
             .where(Turn.id.in_(fresh), ~blocked)
             .values(
                 status=TurnStatus.RUNNING,
-                attempts=Turn.attempts + case((_died_unblamed(), 0), else_=1),
-                engine_deaths_seen=Turn.engine_deaths_seen
-                + case((Turn.status == TurnStatus.RUNNING, 1), else_=0),
+                attempts=Turn.attempts + 1,
                 # never back, and past the attempts a claim of before migration 0039 ranked by
                 claims=func.greatest(Turn.claims, Turn.attempts + 1) + 1,
                 started_at=func.now(),

@@ -83,46 +83,6 @@ def test_a_turn_inside_at_deaths_it_was_no_suspect_of_runs_alone_after_a_few(wor
     assert get_turn(decoding).attempts == 1  # refunded each time: only this claim counts
 
 
-def test_a_turn_whose_worker_died_as_it_ran_is_not_charged_until_it_has_run_alone(world) -> None:
-    """Poison review: a worker process killed (out of memory, a native crash, a deploy's kill) with a
-    batch inside charged every turn of it the attempt, at each claim that took the lapsed leases over:
-    a turn that kills its worker failed all its batch-mates, attempts_exhausted, in three deaths.
-    Which turn killed it cannot be told: each counts a death seen, uncharged, and after
-    DEATHS_SEEN_ALONE runs alone, where a death is its own and charged."""
-    from sqlalchemy import text
-
-    from worker.pipeline import DEATHS_SEEN_ALONE, runs_alone
-
-    (turn_id,) = _turns(1)
-
-    def died_then_claimed() -> tuple[int, int, bool]:
-        with session_scope() as session:
-            session.execute(
-                text("UPDATE turns SET lease_until = now() - interval '1 s' WHERE id = :i"), {"i": turn_id}
-            )
-        with session_scope() as session:
-            claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
-        (turn,) = claim.claimed
-        return turn.attempts, turn.engine_deaths_seen, runs_alone(turn)
-
-    with session_scope() as session:
-        assert claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3).claimed
-    seen = [died_then_claimed() for _ in range(DEATHS_SEEN_ALONE)]
-    assert seen == [(1, n, n >= DEATHS_SEEN_ALONE) for n in range(1, DEATHS_SEEN_ALONE + 1)]
-    assert [died_then_claimed() for _ in range(2)] == [  # alone now: its deaths are its own
-        (2, DEATHS_SEEN_ALONE + 1, True),
-        (3, DEATHS_SEEN_ALONE + 2, True),
-    ]
-    with session_scope() as session:
-        session.execute(
-            text("UPDATE turns SET lease_until = now() - interval '1 s' WHERE id = :i"), {"i": turn_id}
-        )
-        claim = claim_turns(session=session, turn_ids=[turn_id], lease_s=60, max_attempts=3)
-    assert claim.exhausted == [turn_id] and not claim.claimed
-    view = get_turn(turn_id)
-    assert view.status == TurnStatus.FAILED and view.error_code == TurnErrorCode.ATTEMPTS_EXHAUSTED
-
-
 def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(world) -> None:
     import threading
 

@@ -41,7 +41,6 @@ from db.session import (
     session_scope,
 )
 from db.turns import (
-    DEATHS_SEEN_ALONE,
     ClaimedTurn,
     ClaimResult,
     Failure,
@@ -139,8 +138,8 @@ def process_batch(
     the engine dies, they are handed back without charging an attempt and the report says so, but a
     turn inside the engine at MLCHAT_MAX_ENGINE_DEATHS deaths is failed (engine_crash_loop); if
     anything else raises, they are handed back before the error propagates, the attempt counted
-    (refunded for a lost database connection or writes that kept meeting deadlocks, within
-    MLCHAT_MAX_OUTAGE_REFUNDS);
+    (refunded for a lost database connection, writes that kept meeting deadlocks, or an engine that
+    did not answer while the claim was held, within MLCHAT_MAX_OUTAGE_REFUNDS);
     then `report`, when given, holds what the batch had decided (turns it had written already).
     """
     timer = StageTimer()
@@ -396,9 +395,14 @@ def _death_of(future: Any) -> EngineDead | None:
     return error if isinstance(error, EngineDead) else None
 
 
+# Deaths seen (inside, decoding, not a suspect) after which a turn runs alone: a request that kills
+# the engine mid-reply, always beside another joining, would otherwise never be blamed.
+DEATHS_SEEN_ALONE = 3
+
+
 def runs_alone(turn: ClaimedTurn) -> bool:
     """Whether the turn runs alone in the engine, where a death is its own: it was a suspect at a
-    death, or inside at DEATHS_SEEN_ALONE of them (db/turns.py), its worker gone as it ran among them."""
+    death, or inside at DEATHS_SEEN_ALONE of them."""
     return turn.engine_deaths > 0 or turn.engine_deaths_seen >= DEATHS_SEEN_ALONE
 
 
