@@ -990,6 +990,18 @@ def submission_alive(*, session: Session, name: str) -> bool:
     return held_by(session=session, namespace=_LOCK_NAMESPACE, key=name_key(name))
 
 
+def _stored_or_sent_since(cutoff: Any) -> Any:
+    """A run's turn stored or sent after `cutoff` (its submitter storing on; a worker's re-send too)."""
+    return exists().where(Turn.run_id == Run.id, or_(Turn.created_at > cutoff, Turn.dispatched_at > cutoff))
+
+
+def submission_went_on(*, session: Session, run_id: uuid.UUID, within_s: float) -> bool:
+    """Whether a turn of the run was stored or sent within `within_s`: read again by the sweeper under
+    the run's lock, before it fails the run (a chunk stored since its look)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, within_s)
+    return bool(session.scalar(select(_stored_or_sent_since(cutoff)).where(Run.id == run_id)))
+
+
 def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]:
     """Runs other than batches left in `validating` longer than `older_than_s` with no live
     submitter (read only): none of their turns stored or sent within that time either (review: a
@@ -997,13 +1009,12 @@ def abandoned_submissions(*, session: Session, older_than_s: float) -> list[Run]
     and had its run failed under it as interrupted). A batch's submission is retried instead:
     batch_submissions_due."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
-    active = exists().where(Turn.run_id == Run.id, or_(Turn.created_at > cutoff, Turn.dispatched_at > cutoff))
     runs = session.scalars(
         select(Run).where(
             Run.status == RunStatus.VALIDATING,
             Run.created_at < cutoff,
             Run.input_file_id.is_(None),
-            ~active,
+            ~_stored_or_sent_since(cutoff),
         )
     ).all()
     return [run for run in runs if not submission_alive(session=session, name=run.name)]

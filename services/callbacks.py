@@ -134,10 +134,14 @@ def vetted_address(url: str) -> Address:
 
 
 def _literal(host: str) -> bool:
+    """Whether `host` is an address, in any form the resolver reads as one (`127.1`, `2130706433`)."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:
+            socket.inet_aton(host)
+        except OSError:
+            return False
     return True
 
 

@@ -45,6 +45,7 @@ from db.runs import (
     fail_submission,
     run_counts,
     submission_lock,
+    submission_went_on,
 )
 from db.session import session_scope
 from db.turns import lapsed_and_unsent, mark_dispatched, resend_lock
@@ -241,6 +242,9 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
             name = session.get_one(Run, run_id).name
         with submission_lock(name) as free, session_scope() as session:
             if not free:  # resumed since the list was read
+                continue
+            # its turns read again under the lock: a chunk stored since the look (review)
+            if submission_went_on(session=session, run_id=run_id, within_s=older_than_s):
                 continue
             run = session.get_one(Run, run_id)
             error = interrupted_message(run, run_counts(session=session, run_id=run_id))

@@ -652,7 +652,7 @@ def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_swee
 
 
 def test_the_sweeper_never_fails_a_run_whose_submitter_stores_on_after_losing_its_locks_connection(
-    quiet_model, tmp_path
+    quiet_model, tmp_path, monkeypatch
 ) -> None:
     """Poison review: the submission lock sits on an idle connection of its own, which a pooler, a
     NAT or `idle_session_timeout` may close while the submitter goes on storing; the sweeper took the
@@ -684,6 +684,17 @@ def test_the_sweeper_never_fails_a_run_whose_submitter_stores_on_after_losing_it
         )
     with session_scope() as s:  # nothing for a minute: the submitter is gone
         assert sub.id in {r.id for r in abandoned_submissions(session=s, older_than_s=60)}
+    # review: read again under the run's lock before it is failed (a chunk stored since the look)
+    from services import sweeper
+
+    with session_scope() as s:
+        looked = [s.get_one(Run, sub.id)]
+        s.expunge_all()
+        s.execute(text("UPDATE turns SET dispatched_at = now() WHERE run_id = :r"), {"r": sub.id})
+    monkeypatch.setattr(sweeper, "abandoned_submissions", lambda **_: looked)
+    assert sub.name not in sweeper.close_abandoned_runs(older_than_s=60)
+    with session_scope() as s:
+        assert s.get_one(Run, sub.id).status == RunStatus.VALIDATING
 
 
 def test_a_failed_batchs_line_whose_worker_died_is_cancelled_with_it_not_left_running(world) -> None:

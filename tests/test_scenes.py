@@ -1071,7 +1071,18 @@ def test_a_continue_and_a_new_group_take_the_conversations_row_a_players_line_ho
         )
         starter = threading.Thread(target=start)
         starter.start()
-        time.sleep(0.5)  # the start waits on the conversation's row meanwhile
+        # the start waits on a row lock meanwhile (review: a fixed sleep let it pass unfixed when
+        # the start had not reached its reads yet)
+        waiting = (
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        deadline, seen = time.monotonic() + 15, 0
+        while not seen and time.monotonic() < deadline:
+            with session_scope() as look:
+                seen = look.scalar(text(waiting)) or 0
+            time.sleep(0.05)
+        assert seen, "the start never waited on the conversation's row"
     starter.join(timeout=30)
     (result,) = outcome
     assert isinstance(result, SceneRefused) and "one-character conversation already" in str(result), result

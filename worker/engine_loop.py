@@ -657,10 +657,12 @@ class EngineLoop:
             # The engine call running when it died may be what killed it (an adapter that crashes
             # the engine as it loads); calls still queued behind it were never inside.
             running_call = calls[0] if calls and self._call_since is not None else None
-            # A call runs between steps, the last of which returned: the requests inside were
-            # present, not suspects (poison review: a load that hung past the stall limit charged a
-            # death to every request inside, and sent each alone, for the adapter's fault).
-            suspects = [] if running_call is not None else [j for j in inside if not j.started] or inside
+            # A call that hung past the stall limit is what stopped the engine: the requests inside
+            # were present, not suspects (poison review: a hung adapter load charged a death to every
+            # request inside, and sent each alone). Any other death while a call ran keeps its
+            # joiners suspects: a multiprocess core steps on its own, beside the call (review).
+            call_stalled = running_call is not None and isinstance(exc, EngineStalled)
+            suspects = [] if call_stalled else [j for j in inside if not j.started] or inside
             for queue in (self._inbox, self._live, self._held, self._alone, self._calls):
                 queue.clear()
             self._cancelled = []

@@ -70,7 +70,10 @@ def signs_sessions(key: ApiKey) -> bool:
     A key given by its sha256 has that digest in MLCHAT_API_KEYS, which others than the server may
     read (a deploy's config, a secret manager's viewers): its sessions would be theirs to forge
     (desk review: an admin key's, every tenant's desk)."""
-    return settings.desk_secret is not None or key.key is not None
+    if settings.desk_secret is not None:
+        return True
+    # given whole, and not also by its sha256 (a move to hashed keys): that entry's digest is this one's
+    return key.key is not None and not any(other.sha256 == key.digest for other in settings.api_keys)
 
 
 def _signing_key(digest: str) -> bytes:
