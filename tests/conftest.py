@@ -361,6 +361,28 @@ def tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(resolve_model_path(settings))
 
 
+def another_session_waits_on_a_lock(timeout_s: float = 15.0) -> bool:
+    """Whether another session of the test database comes to wait on a lock within `timeout_s`
+    (a writer started on a thread has reached the row a test holds)."""
+    import time
+
+    from sqlalchemy import text
+
+    from db.session import session_scope
+
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        " AND datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with session_scope() as look:
+            if look.scalar(waiting):
+                return True
+        time.sleep(0.05)
+    return False
+
+
 def new_conversation(character: str = "elara") -> dict[str, str]:
     """A fresh conversation id for one test, so tests never share history."""
     return {"conversation": f"test-{character}-{uuid.uuid4().hex[:10]}", "character": character}

@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import func, select, update
 
 from core.settings import settings
 from db.models import Conversation, Message, Run, RunStatus, Scene, Turn, TurnReview, TurnReviewChange
 from db.session import session_scope
 from services import desk
 from services.desk import DeskError, Reviewer
+from tests.conftest import another_session_waits_on_a_lock
 from tests.desk_data import Spec, build_run, quality
 
 WRITER = Reviewer("writer-a", "studio-a", admin=False)
@@ -1625,16 +1626,8 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
         labelled.join(15)
-        waiting = (  # the edit waits for the run: holding its line's row, and nothing it changes
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        deadline, seen = time.monotonic() + 15, 0
-        while not seen and time.monotonic() < deadline:
-            with session_scope() as look:
-                seen = look.scalar(text(waiting)) or 0
-            time.sleep(0.05)
-        assert seen, "the edit never waited for the run's lock"
+        # the edit waits for the run: holding its line's row, and nothing it changes
+        assert another_session_waits_on_a_lock(), "the edit never waited for the run's lock"
         reply_line = _stored(second)[0].reply_message_id
         with session_scope() as probe:
             free = lambda entity, key: probe.scalar(  # noqa: E731

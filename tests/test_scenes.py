@@ -42,7 +42,7 @@ from scenes.speakers import Member, Rule, RuleCycle, next_speaker, rule_order, w
 from scenes.spec import SceneSpec, name_clash
 from services.runs import RunValidationError, submit_run
 from services.runs.scene_lines import insert_run_scenes
-from tests.conftest import off_the_worker
+from tests.conftest import another_session_waits_on_a_lock, off_the_worker
 from tests.outcomes import outcome_of
 from worker.prompt import PromptBuilder, PromptInput
 
@@ -1034,7 +1034,6 @@ def test_a_continue_and_a_new_group_take_the_conversations_row_a_players_line_ho
     locking it, so a line appended meanwhile was overlaid by the group. Both take the conversation's
     row first, as a player's line and a step's store do: each waits for the other."""
     import threading
-    import time
 
     import numpy as np
     from sqlalchemy import text
@@ -1073,16 +1072,7 @@ def test_a_continue_and_a_new_group_take_the_conversations_row_a_players_line_ho
         starter.start()
         # the start waits on a row lock meanwhile (review: a fixed sleep let it pass unfixed when
         # the start had not reached its reads yet)
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND datname = current_database() AND pid <> pg_backend_pid()"
-        )
-        deadline, seen = time.monotonic() + 15, 0
-        while not seen and time.monotonic() < deadline:
-            with session_scope() as look:
-                seen = look.scalar(text(waiting)) or 0
-            time.sleep(0.05)
-        assert seen, "the start never waited on the conversation's row"
+        assert another_session_waits_on_a_lock(), "the start never waited on the conversation's row"
     starter.join(timeout=30)
     (result,) = outcome
     assert isinstance(result, SceneRefused) and "one-character conversation already" in str(result), result
