@@ -134,19 +134,18 @@ _HEADERS = (
 _OPEN = "[\\[\ufe47\uff3b]"  # and the forms NFKC folds into it
 # Before the bracket on its line: blanks and characters that show nothing (a Hangul filler, a
 # zero-width joiner), never a newline, so a run of blank lines is not scanned again from each start.
-_BRACKET_OPENING = regex.compile(
-    rf"^((?:[^\S\n]|[\p{{Cf}}\p{{Default_Ignorable_Code_Point}}])*)({_OPEN})(?!\u200b)", regex.MULTILINE
-)
+_BEFORE_OPENING = rf"(?:[^\S\n]|{SHOWS_NOTHING.pattern})*"
+_BRACKET_OPENING = regex.compile(rf"^({_BEFORE_OPENING})({_OPEN})(?!\u200b)", regex.MULTILINE)
 # What follows the bracket, read as the model would (NFKC: full-width letters, brackets and periods
 # folded; characters that show nothing dropped; any case; runs of blanks as one).
 _HEADER_AFTER = regex.compile(rf"\s*(?:{_HEADERS})\s*\]|[^\n]{{0,300}}?\bspeaks\s+next\s*\.?\s*\]")
 _HEADER_REACH = 400  # characters read once blanks are folded: the longest header (a name of 300) and room
 _CLOSING = regex.compile("[\\]\ufe48\uff3d]")
-_BLANKS = regex.compile(r"[\s\p{Cf}\p{Default_Ignorable_Code_Point}]*")  # lines too: "[\nNarrator]"
+_BLANKS = regex.compile(rf"(?:\s|{SHOWS_NOTHING.pattern})*")  # lines too: "[\nNarrator]"
 _FOLDED_BLANKS = regex.compile(r"[^\S\n]+")
 _CLOSINGS_TRIED = 4  # a name may hold a closing bracket ("Ro］wan"): the marker ends at a later one
 _LINES_READ = 4  # a marker split over lines ("[Scene\ndirection]", "[Narrator\n]") is read on as far
-_OPENS_A_LINE = regex.compile(rf"(?:[^\S\n]|[\p{{Cf}}\p{{Default_Ignorable_Code_Point}}])*{_OPEN}")
+_OPENS_A_LINE = regex.compile(rf"{_BEFORE_OPENING}{_OPEN}")
 
 
 def escape_bracket_markers(text: str) -> str:
