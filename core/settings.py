@@ -273,7 +273,7 @@ class Settings(BaseSettings):
     # Structured replies (structured/): limits on a turn's JSON schema and on declared NPC actions.
     structured_max_schema_bytes: int = Field(default=32_768, ge=256)
     structured_max_actions: int = Field(default=32, ge=1, le=256)
-    # Seconds a schema's grammar may take to build at validation (structured/spec.py).
+    # CPU seconds a schema's grammar may take to build at validation (structured/spec.py).
     structured_compile_timeout_s: float = Field(default=5.0, gt=0)
 
     # Reply quality (roleplay/quality.py): a reply below the bar is regenerated once, with another

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import cache, lru_cache, partial
@@ -196,14 +195,18 @@ def build_budget(seconds: float | None = None) -> Iterator[None]:
 
 
 def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
-    """Compile a schema's or a regex's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S. xgrammar
-    has expanded a pattern's bounded repetition (`(ab|cd){0,9999}` took 43 s on this CPU when this
-    was written; under 1 ms with the xgrammar installed now: a build's cost is the backend's, so the
-    limit stays), and the worker's engine would pay the same before the turn's first token. A build
-    that runs out goes on in its thread until xgrammar returns (it cannot be stopped, as in vLLM's
-    own regex timeout), and the refusal is cached with the schema or pattern; at most MAX_BUILDS
-    builds run at once in a process, so slow ones hold a few cores at most, and one that finds them
-    all taken is refused as busy (not cached)."""
+    """Compile a schema's or a regex's grammar within MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S of the
+    build's own CPU time. xgrammar has expanded a pattern's bounded repetition (`(ab|cd){0,9999}`
+    took 43 s on this CPU when this was written; under 1 ms with the xgrammar installed now: a
+    build's cost is the backend's, so the limit stays), and the worker's engine would pay the same
+    before the turn's first token. A build that spends the limit goes on in its thread until
+    xgrammar returns (it cannot be stopped, as in vLLM's own regex timeout), and the refusal is
+    cached with the schema or pattern. The limit is CPU time, not the wall clock's: on a loaded
+    machine a quick build waits for a core, and a wall-clock verdict cached a refusal of a schema
+    that builds in milliseconds for the replica's life. A build the machine cannot give its CPU
+    time within REQUEST_BUILD_LIMITS limits (or the request's budget) is busy, not refused, and not
+    cached. At most MAX_BUILDS builds run at once in a process, so slow ones hold a few cores at
+    most, and one that finds them all taken is refused as busy (not cached)."""
     _xgrammar()  # the first import (torch with it) takes seconds: never counted against a schema
     timeout = settings.structured_compile_timeout_s
     budget = _BUILD_DEADLINE.get()
@@ -219,6 +222,7 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
     if not builds.acquire(timeout=wait):
         raise GrammarBusy(f"{where}: the grammar builders are busy with slow schemas; send it again later")
     done: Future[None] = Future()
+    read = threading.Event()  # the build's thread lives until its CPU clock is read for the last time
 
     def build() -> None:
         try:
@@ -228,24 +232,57 @@ def _built_in_time(compile_grammar: Callable[[], Any], where: str) -> None:
             done.set_exception(exc)
         finally:
             builds.release()
+            read.wait()
 
+    thread = threading.Thread(target=build, name="schema-grammar", daemon=True)
     try:
-        threading.Thread(target=build, name="schema-grammar", daemon=True).start()
+        thread.start()
     except RuntimeError:  # no thread to be had: as busy
         builds.release()
         raise GrammarBusy(f"{where}: the grammar builders are busy; send it again later") from None
     try:
-        done.result(timeout=wait)
-    except FutureTimeout:
-        if wait < timeout:  # the request's budget ran out, not the pattern's time: not cached
-            raise GrammarBusy(spent) from None
-        raise SchemaRefused(
-            f"{where}: the grammar took longer than {timeout:g} s to build "
-            "(MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S); long bounded repetitions in a pattern, such as "
-            "{0,9999}, cost the most"
-        ) from None
-    except Exception as exc:
-        raise SchemaRefused(f"{where}: the grammar backend refuses it: {_backend_message(exc)}") from None
+        assert thread.ident is not None  # set once start() returns
+        _await_build(done, time.pthread_getcpuclockid(thread.ident), where, timeout, left, spent)
+    finally:
+        read.set()
+
+
+def _await_build(
+    done: Future[None], cpu_clock: int, where: str, timeout: float, left: float | None, spent: str
+) -> None:
+    """Wait for a build until it ends, spends `timeout` of CPU time (refused), or runs past its wall
+    time (busy: REQUEST_BUILD_LIMITS limits, or what is left of the request's budget)."""
+    started = time.monotonic()
+    wall = REQUEST_BUILD_LIMITS * timeout
+    cut_by_budget = left is not None and left < wall
+    give_up = started + (min(left, wall) if left is not None else wall)
+    step = timeout
+    while True:
+        try:
+            done.result(timeout=max(0.0, min(step, give_up - time.monotonic())))
+            return
+        except Exception:
+            if done.done():  # the build's own error (a TimeoutError of the backend's too), or none
+                if (exc := done.exception()) is None:
+                    return
+                raise SchemaRefused(
+                    f"{where}: the grammar backend refuses it: {_backend_message(exc)}"
+                ) from None
+        cpu_s = time.clock_gettime(cpu_clock)
+        if cpu_s >= timeout:
+            raise SchemaRefused(
+                f"{where}: the grammar took longer than {timeout:g} s to build "
+                "(MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S); long bounded repetitions in a pattern, such as "
+                "{0,9999}, cost the most"
+            )
+        if time.monotonic() >= give_up:
+            if cut_by_budget:
+                raise GrammarBusy(spent)
+            raise GrammarBusy(
+                f"{where}: the machine is too busy to build the grammar in time ({cpu_s:.2g} s of CPU "
+                f"in {time.monotonic() - started:.2g} s); send it again later"
+            )
+        step = timeout / 4  # past the first limit, the build's CPU time is read four times a limit
 
 
 def check_storable(value: Any, where: str) -> None:

@@ -968,9 +968,11 @@ def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time
 
     builds: list[str] = []
 
-    def slow(pattern: str) -> None:
+    def slow(pattern: str) -> None:  # a slow build spends CPU time (a thread waiting for a core does not)
         builds.append(pattern)
-        clock.sleep(0.3 if pattern.startswith("slow") else 0)
+        started = clock.thread_time()
+        while pattern.startswith("slow") and clock.thread_time() - started < 0.3:
+            pass
 
     spec._regex_refusal.cache_clear()  # another test may have checked these patterns already
     monkeypatch.setattr(spec, "_compile_regex", slow)
@@ -982,6 +984,31 @@ def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time
     with pytest.raises(SchemaRefused, match="took longer"):  # the refusal is kept too
         spec.check_regex("slow[a-z]+", "r")
     assert builds == ["slow[a-z]+", r"[0-9]{3}-gh"]
+
+
+def test_a_build_slow_only_because_the_machine_is_loaded_is_not_refused(monkeypatch) -> None:
+    """Found in review: the build limit was wall-clock time, so on a loaded machine (a worker's
+    engine, many requests) a schema that builds in milliseconds ran out of it, and its refusal was
+    cached for the replica's life: every later request with that schema refused for good. The limit
+    is the build's CPU time; a build waiting for a core (a sleep here) is waited for, and one the
+    machine cannot serve at all is busy, not refused, and not cached."""
+    import time as clock
+
+    from core.settings import settings
+    from structured import spec
+
+    waits = {"loaded[a-z]+": 0.15, "starved[a-z]+": 2.0}  # seconds each build waits for a core, once
+
+    def waiting(pattern: str) -> None:
+        clock.sleep(waits.pop(pattern, 0.0))
+
+    spec._regex_refusal.cache_clear()
+    monkeypatch.setattr(spec, "_compile_regex", waiting)
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
+    assert spec.check_regex("loaded[a-z]+", "r") == "loaded[a-z]+"  # 3 limits of wall time, little CPU
+    with pytest.raises(spec.GrammarBusy, match=r"^r: the machine is too busy to build the grammar in time"):
+        spec.check_regex("starved[a-z]+", "r")
+    assert spec.check_regex("starved[a-z]+", "r") == "starved[a-z]+"  # not cached: built when sent again
 
 
 def test_a_batch_of_many_new_slow_formats_is_sent_back_once_its_build_budget_is_spent(
