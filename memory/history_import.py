@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from sqlalchemy.orm import Session
 
@@ -20,6 +20,7 @@ from core.halving import most_passing
 from core.settings import TENANT_NAME, settings
 from core.text import printable
 from db.models import Conversation, Role
+from db.vector_space import same_space
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
@@ -47,6 +48,17 @@ class ParsedHistory:
     lines: list[tuple[Role, str]]
     user_name: str | None = None
     skipped: int = 0  # system, developer and tool lines, tool-call-only and empty messages
+
+
+class Imported(NamedTuple):
+    """An import's answer: the conversation's id, and the seqs of the lines stored (last < first:
+    none, the conversation held the log already); `skipped`: messages that are no line of the
+    dialogue (system, developer and tool messages, tool calls, empty ones)."""
+
+    conversation_id: int
+    first: int
+    last: int
+    skipped: int
 
 
 NAME_MAX = 200  # conversations.player_name, external_id and player_id
@@ -105,9 +117,9 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
         header, first = first and not (_MESSAGE_KEYS & item.keys()), False
         if header:
             name = item.get("user_name")
-            user_name = _text(name, f"line {number}: user_name") if isinstance(name, str) and name else None
-            if user_name is not None and len(user_name) > NAME_MAX:
+            if isinstance(name, str) and len(name) > NAME_MAX:
                 raise HistoryRefused(f"line {number}: user_name: longer than {NAME_MAX} characters")
+            user_name = _text(name, f"line {number}: user_name") if isinstance(name, str) and name else None
             named = item.get("character_name")
             # A group chat's header names no character ("unused"): its first character line does.
             speaker = named if isinstance(named, str) and named and named != "unused" else None
@@ -162,20 +174,49 @@ def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHist
                 f"{where}.role: must be one of {', '.join([*_ROLES, *_SKIPPED_ROLES])} (got {role!r})"
             )
         content = item.get("content")
-        if "content" not in item and not (item.get("tool_calls") or item.get("function_call")):
-            raise HistoryRefused(f"{where}.content: missing")
+        called_tools = bool(item.get("tool_calls") or item.get("function_call"))
+        if content is None and isinstance(item.get("refusal"), str):  # what the model said, refusing
+            content = item["refusal"]
+        if content is None and not called_tools:
+            raise HistoryRefused(f"{where}.content: {'null' if 'content' in item else 'missing'}")
         if content is None:  # an assistant message that only called tools (content null or left out)
             skipped += 1
             continue
         if isinstance(content, list):  # OpenAI content parts: the text parts, joined
-            parts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-            content = "\n".join(p for p in parts if isinstance(p, str))
+            content = "\n".join(_part_texts(content, f"{where}.content"))
         text = _text(content, f"{where}.content")
         if not text.strip():
             skipped += 1
             continue
         lines.append((_ROLES[role], text))
     return ParsedHistory(lines, None, skipped)
+
+
+# OpenAI content parts holding text (Chat Completions' and the Responses API's), and those that hold
+# none the dialogue could keep (an image, a sound, a file): left out of the line.
+_TEXT_PARTS = {"text": "text", "input_text": "text", "output_text": "text", "refusal": "refusal"}
+_OTHER_PARTS = ("image_url", "input_image", "input_audio", "file", "input_file")
+
+
+def _part_texts(parts: list[Any], where: str) -> list[str]:
+    """The text of a message's content parts, each checked; HistoryRefused naming the part."""
+    texts = []
+    for j, part in enumerate(parts):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise HistoryRefused(f"{at}: must be an object with type and text")
+        kind = part.get("type")
+        if kind in _OTHER_PARTS:
+            continue
+        if kind not in _TEXT_PARTS:
+            known = ", ".join([*_TEXT_PARTS, *_OTHER_PARTS])
+            shown = f" (got {printable(kind, 40)!r})" if isinstance(kind, str) else ""
+            raise HistoryRefused(f"{at}.type: must be one of {known}{shown}")
+        key = _TEXT_PARTS[kind]
+        if not isinstance(part.get(key), str):
+            raise HistoryRefused(f"{at}.{key}: must be a string")
+        texts.append(part[key])
+    return texts
 
 
 def parse_json_messages(raw: str, keys: tuple[str, ...]) -> ParsedHistory:
@@ -299,10 +340,10 @@ def import_history(
     player_id: str = "",
     player_name: str | None = None,
     tenant: str = "",
-) -> tuple[int, int, int]:
-    """Parse, embed and append a chat log to the tenant's conversation (made if new); (conversation
-    id, first seq, last seq), last < first when the conversation holds the log already (a log
-    imported twice is stored once). Nothing is stored if any line is malformed."""
+) -> Imported:
+    """Parse, embed and append a chat log to the tenant's conversation (made if new); last < first
+    when the conversation holds the log already (a log imported twice is stored once). Nothing is
+    stored if any line is malformed."""
     from db.history import append_lines, conversation_lines, lock_conversation
     from db.session import session_scope
     from db.world import find_characters, find_conversations, upsert_conversations
@@ -319,10 +360,10 @@ def import_history(
         ("player_name", player_name),
         ("tenant", tenant),
     ):
-        if value is not None:
-            _text(value, field)
         if value is not None and len(value) > NAME_MAX:
             raise HistoryRefused(f"{field}: longer than {NAME_MAX} characters")
+        if value is not None:
+            _text(value, field)
     parsed = parse_history(raw, fmt)
     held_already: int | None = None
     # Refused or held already: nothing to embed (a long log takes the embedder minutes). Each is
@@ -344,7 +385,7 @@ def import_history(
     # The memory jobs are sent once the transactions are over: the conversation's lock (below) is not
     # held while the broker is asked.
     if held_already is not None:
-        return _memory_scheduled(held_already, 1, 0)
+        return _memory_scheduled(Imported(held_already, 1, 0, parsed.skipped))
     vectors = embed_texts([t for _, t in parsed.lines])
     with session_scope() as session:
         found = find_characters(session=session, slugs=[character], tenant=tenant)
@@ -369,15 +410,20 @@ def import_history(
             first, last = append_lines(
                 session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
             )
-    return _memory_scheduled(conv_id, first, last)
+            if not same_space(session=session):  # the rows' vectors were stored NULL (migration 0020)
+                raise HistoryRefused(
+                    "the stored vectors moved to another embedder while the log was embedded (a re-embed "
+                    "swapped them in); run the import again"
+                )
+    return _memory_scheduled(Imported(conv_id, first, last, parsed.skipped))
 
 
-def _memory_scheduled(conv_id: int, first: int, last: int) -> tuple[int, int, int]:
+def _memory_scheduled(imported: Imported) -> Imported:
     """The import's answer, once the conversation's due memory jobs (summaries, facts) are sent to
     the bulk lane: built now, not when the player next speaks (that turn would be answered without
     them). A log imported again, held already, sends them too: its first import's send may have
     failed (the broker away), and importing it again is what its operator does."""
     from memory.schedule import schedule_memory
 
-    schedule_memory([conv_id])
-    return conv_id, first, last
+    schedule_memory([imported.conversation_id])
+    return imported

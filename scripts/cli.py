@@ -890,7 +890,7 @@ def history_import(
     except UnicodeDecodeError as exc:
         raise Refused(f"{path}: not UTF-8 text (byte {exc.start})") from None
     try:
-        conv_id, first, last = import_history(
+        conv_id, first, last, skipped = import_history(
             raw,
             format,
             conversation=conversation,
@@ -901,10 +901,14 @@ def history_import(
         )
     except HistoryRefused as exc:
         raise Refused(f"{path}: {exc}; nothing stored") from None
+    plural = "s" if skipped != 1 else ""
+    left_out = (
+        f" ({skipped} message{plural} left out: system, developer, tool and empty ones)" if skipped else ""
+    )
     if last < first:
         _out(f"conversation {conversation} ({conv_id}): holds every line of {path} already; nothing imported")
     else:
-        _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported")
+        _out(f"conversation {conversation} ({conv_id}): lines {first}-{last} imported{left_out}")
 
 
 @app.command()

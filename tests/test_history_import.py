@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from db.models import Conversation, Message, Role
 from db.session import session_scope
@@ -74,6 +74,8 @@ def test_a_sillytavern_chat_is_imported_embedded_and_appended(tmp_path, capsys, 
         {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "Thanks."}]}
     )
     assert _import(tmp_path, openai, "openai", external) == 0  # appended after the last line
+    # review: the messages left out were counted, and the count never shown
+    assert "(1 message left out: system, developer, tool and empty ones)" in capsys.readouterr().out
     assert _stored(external)[-1] == (4, "user", "Thanks.", True)
     capsys.readouterr()
     # the first log imported again, after later lines: the conversation holds it, so nothing is
@@ -209,6 +211,25 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             + json.dumps({"name": "R", "is_user": True, "mes": "hi"}),
             "line 1: user_name: ",
         ),
+        # Found in review: content parts that were not Chat Completions' text parts (the Responses
+        # API's, a bare string, a text that is not one) and a null content with no tool call were
+        # dropped as empty messages, and the import said it was whole.
+        (
+            "openai",
+            json.dumps([{"role": "assistant", "content": ["Aye."]}]),
+            "messages[0].content[0]: must be",
+        ),
+        (
+            "openai",
+            json.dumps([{"role": "user", "content": [{"type": "input_text", "text": 5}]}]),
+            "messages[0].content[0].text: must be a string",
+        ),
+        (
+            "openai",
+            json.dumps([{"role": "user", "content": "hi"}, {"role": "user", "content": [{"type": "video"}]}]),
+            "messages[1].content[0].type: must be one of text, input_text, output_text, refusal",
+        ),
+        ("openai", json.dumps([{"role": "user", "content": None}]), "messages[0].content: null"),
         (  # found in review: a first message without `mes` was taken for the header and dropped
             "sillytavern",
             json.dumps({"name": "Alex", "is_user": True, "message": "I stole the crown."})
@@ -279,6 +300,62 @@ def test_leading_blank_lines_tool_and_developer_messages_are_skipped_not_refused
     assert parse_history(json.dumps(log), "openai").skipped == 3
 
 
+def test_responses_api_parts_and_a_refusal_are_read_as_the_lines_they_hold() -> None:
+    """Found in review: the Responses API's parts (`input_text`, `output_text`) and an assistant's
+    `refusal` (content null) were taken for empty messages and left out."""
+    from memory.history_import import parse_history
+
+    log = [
+        {"role": "user", "content": [{"type": "input_text", "text": "Seen"}, {"type": "input_image"}]},
+        {"role": "assistant", "content": [{"type": "output_text", "text": "Aye."}]},
+        {"role": "user", "content": "And the ring?"},
+        {"role": "assistant", "content": None, "refusal": "I won't say."},
+        {"role": "assistant", "content": [{"type": "refusal", "refusal": "Nor that."}]},
+    ]
+    parsed = parse_history(json.dumps({"messages": log}), "openai")
+    assert [text for _, text in parsed.lines] == [
+        "Seen",
+        "Aye.",
+        "And the ring?",
+        "I won't say.",
+        "Nor that.",
+    ]
+    assert parsed.skipped == 0
+
+
+def test_a_log_whose_vectors_moved_to_another_embedder_while_it_was_embedded_is_refused_whole(
+    monkeypatch,
+) -> None:
+    """Found in review: a re-embed's swap committed between the log's embedding and its insert, and
+    the lines were stored with NULL vectors (the guard trigger) while the import said they were
+    imported; imported again, the log was "held already", never to be found by similarity."""
+    import memory.history_import as history_import
+    from db.models import VectorSpace
+
+    real = history_import.embed_texts
+
+    def then_the_swap(texts):  # type: ignore[no-untyped-def]
+        vectors = real(texts)
+        with session_scope() as s:  # what the swap's transaction commits: the record's new version
+            s.execute(update(VectorSpace).values(version=VectorSpace.version + 1000))
+        return vectors
+
+    with session_scope() as s:
+        version = s.scalar(select(VectorSpace.version))
+    assert version is not None, "the embedder's record (the world fixture embeds)"
+    external = f"imp-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(history_import, "embed_texts", then_the_swap)
+    try:
+        with pytest.raises(history_import.HistoryRefused, match="moved to another embedder"):
+            history_import.import_history(
+                SILLYTAVERN, "sillytavern", conversation=external, character="elara"
+            )
+    finally:
+        with session_scope() as s:
+            s.execute(update(VectorSpace).values(version=version))
+    assert _stored(external) == []
+
+
 def test_a_sillytavern_line_holding_a_unicode_line_separator_is_one_line() -> None:
     # JSON.stringify writes U+2028, U+2029 and U+0085 raw inside strings; splitlines() broke the
     # message in two ("line 2: not JSON") and every later line number was off by one. A BOM and
@@ -325,7 +402,7 @@ def test_a_log_for_another_players_conversation_is_refused_naming_the_conversati
     from memory import history_import
 
     external = f"imp-{uuid.uuid4().hex[:8]}"
-    conv_id, _, _ = history_import.import_history(
+    conv_id, *_ = history_import.import_history(
         SILLYTAVERN, "sillytavern", conversation=external, character="elara", player_id="u-alice"
     )
     with session_scope() as s:
@@ -340,7 +417,7 @@ def test_a_log_for_another_players_conversation_is_refused_naming_the_conversati
         )
     with session_scope() as s:
         assert len(conversation_lines(session=s, conversation_id=conv_id)) == held  # nothing appended
-    _, first, last = history_import.import_history(
+    _, first, last, _ = history_import.import_history(
         other_log, "sillytavern", conversation=external, character="elara", player_id="u-alice"
     )
     assert last >= first  # its own player's log is taken
