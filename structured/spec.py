@@ -146,7 +146,14 @@ def _refuse(where: str, cached_refusal: Callable[[], str | None]) -> None:
         raise SchemaRefused(f"{where}{refusal}")
 
 
-@lru_cache(maxsize=512)
+# Verdicts kept per process: more than one request's formats (MAX_TURNS_PER_REQUEST, 1,000), so a
+# request sent back with its build budget spent finds those it built when it comes again (at 512, a
+# thousand new formats evicted each verdict just before it was needed, and every try was a 503).
+# At most 2,048 schemas of MLCHAT_STRUCTURED_MAX_SCHEMA_BYTES each (64 MiB at the default 32 KiB).
+VERDICTS_KEPT = 2048
+
+
+@lru_cache(maxsize=VERDICTS_KEPT)
 def _refusal(schema_json: str) -> str | None:
     """Why a schema (canonical JSON) cannot be enforced, its place relative to the schema; None if
     it can."""
@@ -156,7 +163,7 @@ def _refusal(schema_json: str) -> str | None:
         raise  # not the schema's answer: not cached
     except SchemaRefused as exc:
         return str(exc)
-    except (TypeError, ValueError, RecursionError) as exc:  # a keyword's value of an odd type
+    except Exception as exc:  # a keyword's value of an odd type (never a 500)
         return f": cannot be checked ({type(exc).__name__}: {str(exc)[:120]})"
     return None
 
@@ -170,7 +177,12 @@ def _check_schema(schema: dict[str, Any], where: str) -> None:
     except SchemaError as exc:
         place = "".join(f"[{p!r}]" if isinstance(p, int) else f".{p}" for p in exc.path)
         raise SchemaRefused(f"{where}{place}: not a valid JSON Schema: {exc.message}") from None
-    _check_enforced(schema, where, depth=0)
+    _check_enforced(schema, where, depth=0, nodes=False)
+    token = _LISTED_BUDGET.set(ListedValuesBudget())
+    try:
+        _check_enforced(schema, where, depth=0)
+    finally:
+        _LISTED_BUDGET.reset(token)
     _built_in_time(partial(_compile_json_schema, json.dumps(schema, sort_keys=True)), where)
 
 
@@ -293,16 +305,19 @@ def check_storable(value: Any, where: str) -> None:
         raise SchemaRefused(f"{found[0]}: {found[1]}")
 
 
-def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -> None:
+def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True, nodes: bool = True) -> None:
+    """Refuse what the grammar would not enforce; `nodes` False: each keyword alone (references,
+    pattern sizes), a pass made before any node's listed values are checked against the node's
+    constraints, which compiles its patterns and follows its references."""
     if depth > MAX_DEPTH:
         raise SchemaRefused(f"{where}: nested deeper than {MAX_DEPTH} levels")
     if isinstance(node, list):
         for i, item in enumerate(node):
-            _check_enforced(item, f"{where}[{i}]", depth=depth + 1, schema=schema)
+            _check_enforced(item, f"{where}[{i}]", depth=depth + 1, schema=schema, nodes=nodes)
         return
     if not isinstance(node, dict):
         return
-    if schema:
+    if schema and nodes:
         _check_node(node, where)
     for key, value in node.items():
         place = f"{where}.{key}"
@@ -345,9 +360,11 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True) -
             continue
         if key in _SCHEMA_MAPS and isinstance(value, dict):
             for name, sub in value.items():
-                _check_enforced(sub, f"{place}.{name}", depth=depth + 1, schema=schema)
+                _check_enforced(sub, f"{place}.{name}", depth=depth + 1, schema=schema, nodes=nodes)
         else:
-            _check_enforced(value, place, depth=depth + 1, schema=schema and key in _SCHEMA_VALUED)
+            _check_enforced(
+                value, place, depth=depth + 1, schema=schema and key in _SCHEMA_VALUED, nodes=nodes
+            )
 
 
 # Bounds of one type's values: on a node with no type the grammar writes any value and drops them.
@@ -393,18 +410,20 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         rest = {k: v for k, v in node.items() if k not in ("enum", "const")}
         checker = _listed_value_checker()(rest)
         values = node.get("enum", []) if "enum" in node else [node["const"]]
-        deadline = time.monotonic() + LISTED_VALUES_CHECK_S
+        budget = _LISTED_BUDGET.get() or ListedValuesBudget()
         for i, value in enumerate(values if isinstance(values, list) else []):
             key = f"enum[{i}]" if "enum" in node else "const"
-            try:
-                error = next(iter(checker.iter_errors(value)), None)
-            except Unresolvable:  # a reference to elsewhere in the schema: the value's type alone
-                of_type = Draft202012Validator({"type": node["type"]} if "type" in node else {})
-                error = next(iter(of_type.iter_errors(value)), None)
-            except TimeoutError:
-                raise SchemaRefused(f"{where}.{key}: its pattern could not be checked in time") from None
-            if time.monotonic() > deadline:
-                raise SchemaRefused(f"{where}: its listed values could not be checked in time")
+            while True:  # a search the `regex` module stopped is made again while this thread has time
+                try:
+                    error = next(iter(checker.iter_errors(value)), None)
+                    break
+                except Unresolvable:  # a reference to elsewhere in the schema: the value's type alone
+                    of_type = Draft202012Validator({"type": node["type"]} if "type" in node else {})
+                    error = next(iter(of_type.iter_errors(value)), None)
+                    break
+                except TimeoutError:
+                    budget.refuse_or_busy(f"{where}.{key}", "its pattern could not be checked in time")
+            budget.refuse_or_busy(where, "its listed values could not be checked in time")
             if error is not None:
                 raise SchemaRefused(
                     f"{where}.{key}: {json.dumps(value)[:80]} does not meet the node's own constraints "
@@ -421,7 +440,33 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         )
 
 
-LISTED_VALUES_CHECK_S = 1.0  # an enum's values against its node's constraints, patterns included
+LISTED_VALUES_CHECK_S = 1.0  # a schema's listed values against their nodes' constraints, patterns included
+
+
+class ListedValuesBudget:
+    """The CPU time of this thread a schema's listed-values checks may spend, every node's together:
+    spent, the schema is refused (a pattern that backtracks on a value costs it wherever it runs);
+    past REQUEST_BUILD_LIMITS times as long on the wall clock first, the host is too busy, and the
+    request is sent back (not cached). The `regex` module's own timeout counts every thread of the
+    process, so a search it stops on a loaded API host is judged by this thread's time too."""
+
+    def __init__(self, seconds: float | None = None) -> None:
+        self.seconds = LISTED_VALUES_CHECK_S if seconds is None else seconds
+        self.cpu_until = time.thread_time() + self.seconds
+        self.wall_until = time.monotonic() + REQUEST_BUILD_LIMITS * self.seconds
+
+    def refuse_or_busy(self, where: str, refusal: str) -> None:
+        """SchemaRefused naming `where` once the CPU time is spent; GrammarBusy past the wall time;
+        else nothing."""
+        if time.thread_time() >= self.cpu_until:
+            raise SchemaRefused(f"{where}: {refusal} ({self.seconds:g} s of CPU time)")
+        if time.monotonic() >= self.wall_until:
+            raise GrammarBusy(
+                f"{where}: the host is too busy to check its listed values in time; send it again later"
+            )
+
+
+_LISTED_BUDGET: ContextVar[ListedValuesBudget | None] = ContextVar("listed_values_budget", default=None)
 
 
 def pattern_validator(found: Callable[[str, str], bool]) -> Any:
@@ -430,6 +475,7 @@ def pattern_validator(found: Callable[[str, str], bool]) -> Any:
     own, a pattern that backtracks (`(.|..)*!|[^!]*`) holds the interpreter for hours."""
     from jsonschema import Draft202012Validator, validators
     from jsonschema.exceptions import ValidationError
+    from referencing import Registry
 
     def pattern(validator: Any, patrn: str, instance: Any, schema: Any) -> Any:
         if validator.is_type(instance, "string") and not found(patrn, instance):
@@ -443,7 +489,9 @@ def pattern_validator(found: Callable[[str, str], bool]) -> Any:
                         yield from validator.descend(item, subschema, path=name, schema_path=patrn)
 
     keywords = {"pattern": pattern, "patternProperties": pattern_properties}
-    return validators.extend(Draft202012Validator, keywords)
+    # An empty registry: a `$ref` outside the schema is unresolvable, never fetched. jsonschema's
+    # default retrieves it (urlopen, no timeout, file:// too) before the reference is refused.
+    return partial(validators.extend(Draft202012Validator, keywords), registry=Registry())
 
 
 def _found_in_time(pattern: str, text: str) -> bool:
@@ -497,7 +545,7 @@ def check_regex(pattern: str, where: str) -> str:
     return pattern
 
 
-@lru_cache(maxsize=512)
+@lru_cache(maxsize=VERDICTS_KEPT)
 def _regex_refusal(pattern: str) -> str | None:
     """Why a pattern cannot be enforced (its grammar built in time, as a schema's), or None; once per
     pattern, as a run file repeats it on every line."""
@@ -508,11 +556,20 @@ def _regex_refusal(pattern: str) -> str | None:
     except SchemaRefused as exc:
         return str(exc)
     try:  # the reply is checked in the `regex` module too, whose parser recurses per group
-        regex.compile(as_grammar_reads(pattern), FLAGS)
+        compiled = regex.compile(as_grammar_reads(pattern), FLAGS)
     except RecursionError:
         return ": groups nested too deeply"
     except regex.error:
-        pass  # a syntax only xgrammar reads: the grammar alone checks such replies
+        return None  # a syntax only xgrammar reads: the grammar alone checks such replies
+    try:
+        empty = compiled.fullmatch("", timeout=LISTED_VALUES_CHECK_S) is not None
+    except TimeoutError:
+        empty = False
+    if empty:  # the grammar lets the engine end at once, and an empty reply fails its turn
+        return (
+            ": it matches an empty reply, which fails its turn (empty_reply); make it match at least "
+            "one character"
+        )
     return None
 
 

@@ -114,6 +114,79 @@ def test_a_listed_value_whose_pattern_backtracks_is_refused_in_time_not_checked_
     assert time.monotonic() - started < 30
 
 
+def test_a_reference_outside_the_schema_is_refused_never_fetched(tmp_path) -> None:
+    """Found in review: a node's listed values were checked against its constraints by jsonschema,
+    whose default registry fetches a `$ref` it cannot resolve (urlopen, no timeout, file:// too)
+    before the reference was refused: the API host read a path or an internal URL the caller named,
+    and the file's content came back in the 422."""
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"enum": ["secret-from-file"]}))
+    schema = {
+        "type": "object",
+        "enum": [{"a": 1}],
+        "properties": {"a": {"$ref": secret.as_uri()}},
+    }
+    with pytest.raises(ValidationError) as refused:
+        GenerationParams(response_format=_schema_format(schema))
+    message = str(refused.value)
+    assert "properties.a.$ref: only references inside the schema" in message, message
+    assert "secret-from-file" not in message
+
+
+def test_a_listed_values_pattern_too_large_to_compile_is_refused_before_it_is_compiled() -> None:
+    """Found in review: a node's listed values were searched with its pattern before the pattern's
+    size was checked, so a pattern whose counted repeats expand to millions of items was compiled
+    first (minutes and gigabytes at the scale the size check exists for)."""
+    schema = {"type": "string", "pattern": "(?:a{2000}){200}", "enum": ["a"]}
+    with pytest.raises(ValidationError, match=r"pattern: .*expand"):
+        GenerationParams(response_format=_schema_format(schema))
+
+
+def test_a_listed_values_check_the_host_cannot_give_its_time_is_busy_not_refused(monkeypatch) -> None:
+    """Found in review: a listed value's pattern search stopped by the `regex` module (its timeout
+    counts every thread of the process) refused the schema, and the refusal was cached for the
+    replica's life: load shown as a final verdict. The search is made again while this thread has
+    CPU time left; a host that cannot give it that time within three limits is busy (not cached)."""
+    import time as clock
+
+    from structured import spec
+
+    def starved(pattern: str, text: str) -> bool:  # the module stopped it; this thread waited meanwhile
+        clock.sleep(0.02)
+        raise TimeoutError
+
+    schema = {"type": "string", "pattern": "^q", "enum": ["quail", "quill"]}
+    monkeypatch.setattr(spec, "LISTED_VALUES_CHECK_S", 0.1)
+    monkeypatch.setattr(spec, "_found_in_time", starved)
+    spec._listed_value_checker.cache_clear()
+    try:
+        with pytest.raises(spec.GrammarBusy, match=r"enum\[0\]: the host is too busy"):
+            check_schema(schema, "s")
+    finally:
+        monkeypatch.undo()
+        spec._listed_value_checker.cache_clear()
+    assert check_schema(schema, "s") is schema  # not cached: checked again, and kept
+
+
+def test_the_verdicts_kept_outnumber_one_requests_formats() -> None:
+    """Found in review: 512 verdicts were kept, and a request may hold 1,000 formats: sent back with
+    its build budget spent, it evicted each verdict just before it needed it, and every try was a
+    503, where the answer says the next try goes further."""
+    from services.schemas import MAX_TURNS_PER_REQUEST
+    from structured import spec
+
+    for cached in (spec._refusal, spec._regex_refusal):
+        assert (cached.cache_info().maxsize or 0) > MAX_TURNS_PER_REQUEST
+
+
+def test_a_regex_that_matches_an_empty_reply_is_refused() -> None:
+    """Found in review: `(yes)?` was accepted, the grammar let the engine end at once, and the empty
+    reply failed its turn for good (empty_reply)."""
+    with pytest.raises(ValidationError, match=r"response_format\.regex: it matches an empty reply"):
+        GenerationParams(response_format={"type": "regex", "regex": "(yes)?"})
+    assert GenerationParams(response_format={"type": "regex", "regex": "(yes)+"}).response_format
+
+
 def test_an_enforceable_schema_and_the_other_formats_are_kept_as_given() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert check_schema(schema, "s") is schema
@@ -1004,8 +1077,8 @@ def test_a_build_slow_only_because_the_machine_is_loaded_is_not_refused(monkeypa
 
     spec._regex_refusal.cache_clear()
     monkeypatch.setattr(spec, "_compile_regex", waiting)
-    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
-    assert spec.check_regex("loaded[a-z]+", "r") == "loaded[a-z]+"  # 3 limits of wall time, little CPU
+    monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.1)
+    assert spec.check_regex("loaded[a-z]+", "r") == "loaded[a-z]+"  # past the limit, within 3, little CPU
     with pytest.raises(spec.GrammarBusy, match=r"^r: the machine is too busy to build the grammar in time"):
         spec.check_regex("starved[a-z]+", "r")
     assert spec.check_regex("starved[a-z]+", "r") == "starved[a-z]+"  # not cached: built when sent again
