@@ -85,13 +85,16 @@ def _waiting() -> int:
         return sum(stale_count(session=session, table=table) for table in SOURCES)
 
 
-def _catch_up(session: Session, table: str, chunk: int) -> tuple[int, int]:
+def _catch_up(session: Session, table: str, chunk: int, holder: int) -> tuple[int, int]:
     """Embed up to `chunk` of the table's rows that have no next vector yet; how many were read and
-    how many stored (fewer when a row's text changed meanwhile: read again by the next pass)."""
+    how many stored (fewer when a row's text changed meanwhile: read again by the next pass). The
+    lock is checked once the chunk is embedded, as the passes do: a run that lost it while embedding
+    (another may have started, with other weights) writes nothing."""
     rows = stale_rows(session=session, table=table, limit=chunk)
     if not rows:
         return 0, 0
     vectors = embed([t for _, t in rows], any_space=True)
+    _still_alone(session, holder)
     return len(rows), write_next(session=session, table=table, rows=rows, vectors=vectors, last_id=None)
 
 
@@ -135,7 +138,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
         for table in SOURCES:
             with session_scope() as session:
                 _still_alone(session, holder)
-                caught += _catch_up(session, table, chunk)[0]
+                caught += _catch_up(session, table, chunk, holder)[0]
         if caught < chunk:
             break
         now_waiting = _waiting()
@@ -151,7 +154,7 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
         lock_tables(session=session)
         _still_alone(session, holder)
         for table in SOURCES:  # no writer can change a text now: every row read is stored
-            while (caught := _catch_up(session, table, chunk))[0]:
+            while (caught := _catch_up(session, table, chunk, holder))[0]:
                 if caught[1] < caught[0]:
                     raise RuntimeError(
                         f"re-embed: {caught[0] - caught[1]} of {caught[0]} {table} rows kept no next "

@@ -391,6 +391,48 @@ def test_a_run_whose_lock_connection_closes_stops_before_writing_more(capsys) ->
     assert "re-embedded with" in capsys.readouterr().out
 
 
+def test_a_run_that_loses_its_lock_while_a_catch_up_chunk_is_embedded_writes_none_of_it() -> None:
+    """Found in review: the catch-up checked its lock before it embedded a chunk, not before it wrote
+    it: a run whose lock connection closed meanwhile (another run, of other weights, could start and
+    pass those rows) wrote its vectors over theirs, and the swap mixed two models."""
+    conv = _conversation()
+    late: list[int] = []
+
+    def write_a_line_after_the_messages(table: str, last_id: int) -> None:
+        if table != "messages" and not late:  # the messages were passed: only the catch-up reads it
+            with session_scope() as s:
+                late.extend(
+                    append_lines(
+                        session=s,
+                        conversation_id=conv,
+                        lines=[(Role.USER, "Past the mill.")],
+                        vectors=_old_vectors(1),
+                    )
+                )
+
+    real_embed = memory_reembed.embed
+
+    def losing_the_lock_while_the_late_line_is_embedded(texts, **kwargs):  # type: ignore[no-untyped-def]
+        vectors = real_embed(texts, **kwargs)
+        if "Past the mill." in texts:
+            _close_the_lock_connection()
+        return vectors
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(memory_reembed, "embed", losing_the_lock_while_the_late_line_is_embedded)
+        with pytest.raises(ReembedLockLost, match="lost its lock"):
+            reembed(chunk=_chunk(), on_chunk=write_a_line_after_the_messages)
+    assert late, "the late line was written while a later table was passed"
+    with session_scope() as s:
+        kept = s.scalar(
+            select(Message.embedding_next).where(Message.conversation_id == conv, Message.seq == late[0])
+        )
+    assert kept is None  # nothing written once the lock was lost
+    reembed(chunk=_chunk())  # run again: resumes and swaps, the late line too
+    texts, after = _vectors(conv)
+    assert texts[-1] == "Past the mill." and np.allclose(after, embed(texts), atol=1e-4)
+
+
 HOLD_THE_LOCK = """
 import time
 from db.reembed import reembed_lock
@@ -695,7 +737,7 @@ def test_writes_that_outpace_the_catch_up_stop_the_run_before_the_writers_lock(m
     CPU while every worker's store waited. It stops there instead, nothing swapped, and resumes."""
     _conversation()
     taken: list[str] = []
-    monkeypatch.setattr(memory_reembed, "_catch_up", lambda session, table, chunk: (chunk, chunk))
+    monkeypatch.setattr(memory_reembed, "_catch_up", lambda session, table, chunk, holder: (chunk, chunk))
     monkeypatch.setattr(memory_reembed, "lock_tables", lambda *, session: taken.append("lock"))
     with pytest.raises(memory_reembed.ReembedOutpaced, match="faster than the re-embed catches up"):
         reembed(chunk=_chunk())
