@@ -216,14 +216,15 @@ def parse_story(doc: Any) -> list[StoryEventItem]:
     return events
 
 
-def parse_chat_history(doc: Any) -> list[tuple[Role, str]]:
-    """The history's lines (the original's list of {role, content}); InlineRefused names the item."""
+def parse_chat_history(doc: Any, key: str = "chat_history") -> list[tuple[Role, str]]:
+    """The history's lines (the original's list of {role, content}, sent under `key`); InlineRefused
+    names the item under that key."""
     if doc is None:
         return []
     try:
-        return parse_original_history(doc, "chat_history").lines
+        return parse_original_history(doc, key).lines
     except HistoryRefused as exc:
-        raise InlineRefused("chat_history", str(exc)) from None
+        raise InlineRefused(key, str(exc)) from None
 
 
 _TURN_FIELDS = ("player_id", "player_name", "story_time", "idempotency_key", "speaker")
@@ -239,7 +240,9 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     if "persona" not in payload:
         raise InlineRefused("persona", "persona: missing")
     persona = parse_persona(payload["persona"])
-    lines = parse_chat_history(payload.get("chat_history", payload.get("history")))
+    # The key the request used, named in a refusal (`history`: the original's other name for it).
+    key = next((k for k in ("chat_history", "history") if payload.get(k) is not None), "chat_history")
+    lines = parse_chat_history(payload.get(key), key)
     # An empty story is no story: nothing to store, and the conversation keeps the one it has.
     story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")

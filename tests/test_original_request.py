@@ -461,6 +461,26 @@ def test_a_malformed_file_is_refused_naming_the_file_and_field_and_nothing_is_st
     _nothing_stored(name)
 
 
+def test_a_history_sent_as_history_is_named_so_in_its_refusal(tmp_path: Path, capsys) -> None:
+    """Found in review: a history sent under `history` (the original's other name for it) was refused
+    as `chat_history[0]...`, a field the caller never sent, and `mlchat chat --others` named no file;
+    `chat_history: null` beside a `history` dropped the history without a word."""
+    name = f"bad-{uuid.uuid4().hex[:8]}"
+    bad = [{"role": "bot", "content": "x"}]
+    event = {"persona": _persona(name), "history": bad, "message": "hi"}
+    result = handler({"input": event})
+    assert result["error"].startswith("history[0].role: must be one of"), result
+    result = handler({"input": event | {"chat_history": None}})
+    assert result["error"].startswith("history[0].role: must be one of"), result
+    others = tmp_path / "others.json"
+    others.write_text(json.dumps({"history": bad}), encoding="utf-8")
+    args = ["chat", "--message", "hi", "--persona", str(_persona_file(tmp_path)), "--others", str(others)]
+    assert cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"mlchat: {others}: history[0].role: must be one of"), err
+    _nothing_stored(name)
+
+
 def test_a_refusal_after_the_files_are_read_stores_none_of_them() -> None:
     name, conversation = f"bad-{uuid.uuid4().hex[:8]}", f"elaras-{uuid.uuid4().hex[:8]}"
     with session_scope() as s:  # another character's conversation, found only inside the transaction
