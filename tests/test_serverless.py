@@ -173,6 +173,42 @@ def test_local_mode_says_when_an_event_is_not_json_and_exits_non_zero_on_an_erro
     assert err.startswith("serverless: the event is not JSON (") and err.count("\n") == 1
     assert answer_local('{"nope": 1}') == 1
     assert '"error"' in capsys.readouterr().out
+    # Found in review: JSON nested past Python's recursion was a RecursionError traceback.
+    assert answer_local("[" * 200_000) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("serverless: the event is not JSON (RecursionError") and err.count("\n") == 1
+
+
+def test_local_mode_with_the_database_away_or_an_event_not_utf8_says_so_in_one_line(
+    monkeypatch, capsys
+) -> None:
+    """Found in review: the local mode migrated with no guard (a database away was a psycopg traceback
+    naming a socket) and read stdin as text outside any guard (bytes not UTF-8: a traceback)."""
+    import io
+    import sys
+
+    import psycopg
+    import pytest
+    from sqlalchemy.exc import OperationalError
+
+    import worker.serverless as serverless
+
+    def away() -> None:
+        raise OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused"))
+
+    monkeypatch.setattr("db.migrate.upgrade", away)
+    monkeypatch.setattr(sys, "argv", ["serverless", '{"input": {"message": "hi"}}'])
+    with pytest.raises(SystemExit) as stopped:
+        serverless.main()
+    assert str(stopped.value).startswith("serverless: the database is unreachable (DATABASE_URL;")
+    assert "connection refused" in str(stopped.value)
+    monkeypatch.setattr("db.migrate.upgrade", lambda: None)
+    monkeypatch.setattr(sys, "argv", ["serverless"])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"input": "\xff"}')))
+    with pytest.raises(SystemExit) as refused:
+        serverless.main()
+    assert refused.value.code == 2
+    assert capsys.readouterr().err == "serverless: the event is not UTF-8 text (byte 11)\n"
 
 
 def test_a_worker_whose_engine_cannot_load_stops_with_one_line_before_taking_an_event(

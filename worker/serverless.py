@@ -174,14 +174,39 @@ def main() -> None:
     from db.migrate import upgrade
 
     configure_logging()
-    upgrade()
+    _migrated(upgrade)
     try:
         import runpod  # type: ignore[import-not-found]
     except ImportError:  # one event: read before the engine loads (a bad one waits for no model)
-        text = sys.argv[1] if len(sys.argv) > 1 else sys.stdin.read()
+        if len(sys.argv) > 1:
+            text = sys.argv[1]
+        else:
+            try:
+                text = sys.stdin.buffer.read().decode("utf-8")
+            except UnicodeDecodeError as exc:
+                print(f"serverless: the event is not UTF-8 text (byte {exc.start})", file=sys.stderr)
+                raise SystemExit(2) from None
         raise SystemExit(answer_local(text, before=_load_engine)) from None
     _load_engine()
     runpod.serverless.start({"handler": handler})
+
+
+def _migrated(upgrade: Callable[[], None]) -> None:
+    """The schema brought up to date; a database away is one line naming its setting, for the
+    platform to start the worker again (a psycopg traceback named a socket, not DATABASE_URL)."""
+    from sqlalchemy.exc import DBAPIError
+
+    from db.session import connection_lost
+
+    try:
+        upgrade()
+    except DBAPIError as exc:
+        if not connection_lost(exc):
+            raise
+        why = f"{type(exc.orig).__name__}: {str(exc.orig).strip().splitlines()[0][:300]}"
+        raise SystemExit(
+            f"serverless: the database is unreachable (DATABASE_URL; unset: the embedded server): {why}"
+        ) from None
 
 
 def _load_engine() -> None:
@@ -196,7 +221,8 @@ def _load_engine() -> None:
         try:
             load()
         except Exception as exc:
-            logger.exception("the %s failed to load", what)
+            # A refusal of the embedder's setting is its one line; any other failure keeps its traceback.
+            logger.error("the %s failed to load", what, exc_info=not isinstance(exc, EmbedderMismatch))
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             raise SystemExit(f"serverless: the {what} failed to load ({why})") from None
 
@@ -207,8 +233,8 @@ def answer_local(text: str, *, before: Callable[[], None] | None = None) -> int:
     `before`: called once the event reads as JSON (the engine's load)."""
     try:
         event = json.loads(text)
-    except ValueError as exc:  # JSONDecodeError, or a number too long to read
-        print(f"serverless: the event is not JSON ({exc})", file=sys.stderr)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, a number too long, nested too deep
+        print(f"serverless: the event is not JSON ({type(exc).__name__}: {str(exc)[:200]})", file=sys.stderr)
         return 2
     if before is not None:
         before()
