@@ -81,6 +81,12 @@ DEFAULT_TENANT = ""
 
 # The example values of .env.example: a deployment that copied the file unchanged must not start.
 PLACEHOLDER_SECRETS = ("change-me",)
+# vLLM's LoRA ranks (vllm/config/lora.py, MaxLoRARanks): the engine refuses any other at start.
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+# A fact extraction's answer, at most (memory/extract.py bounds its schema to fit it).
+EXTRACT_MAX_TOKENS = 448
+# What a memory job's request needs beside its answer: its instructions and at least a line.
+MEMORY_INSTRUCTIONS_TOKENS = 256
 MIN_SECRET_CHARS = 32  # a master every tenant holds an HMAC of (MLCHAT_CALLBACK_SECRET, MLCHAT_DESK_SECRET)
 _PLACEHOLDER_DIGESTS = frozenset(
     hashlib.sha256(key.encode()).hexdigest()
@@ -153,12 +159,12 @@ class Settings(BaseSettings):
     cpu_kvcache_gib: int = Field(default=2, ge=1)
     # On a CPU, keep the worker's own threads off the cores vLLM bound its engine to.
     pin_worker_cpus: bool = True
-    engine_seed: int = 0
+    engine_seed: int = Field(default=0, ge=0, lt=2**32)  # vLLM seeds numpy with it
     # LoRA adapters per character (`mlchat lora register`): loaded on demand, one batch may mix them.
     enable_lora: bool = False
     max_loras: int = Field(default=4, ge=1)  # adapters resident in one engine step
     max_cpu_loras: int = Field(default=32, ge=1)  # adapters kept loaded (vLLM evicts the least used)
-    max_lora_rank: int = Field(default=16, ge=1)
+    max_lora_rank: int = Field(default=16, ge=1)  # one of LORA_RANKS
     adapters_dir: Path | None = None  # where registered adapters are kept (default <state_dir>/adapters)
 
     # Default generation parameters (each turn may override them).
@@ -180,7 +186,7 @@ class Settings(BaseSettings):
     embedder: str = "bundled"
     embedding_dim: int = Field(default=384, ge=8, le=2000)  # pgvector's HNSW index takes 2,000 at most
     # A torch device the embedder loads on (unset: cpu); a misspelt one failed only at first use.
-    embedder_device: str | None = Field(default=None, pattern=r"^[a-z_]+(:[0-9]{1,3})?$")
+    embedder_device: str | None = Field(default=None, pattern=r"^(cpu|mps|hpu|(cuda|xpu|npu)(:[0-9]{1,3})?)$")
 
     # Batching.
     batch_size: int = Field(default=16, ge=1)  # turns per bulk message, and per claim
@@ -322,7 +328,7 @@ class Settings(BaseSettings):
     # an upload that would pass it is refused with a 403 until files are deleted.
     files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)
     batch_default_window: str = "24h"
-    batch_max_window_hours: int = Field(default=24 * 7, ge=1)
+    batch_max_window_hours: int = Field(default=24 * 7, ge=1, le=10 * 365 * 24)  # timedelta's range
     # A batch whose submission hits a transient database or broker error stays `validating` and is
     # tried again after batch_submission_backoff_s, doubling each time (at most an hour), up to this
     # many tries in all; only then is it `failed` (error code `server_error`).
@@ -450,6 +456,13 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} seconds; the limit is {_LONGEST_S} (ten years)")
         return value
 
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _lora_rank_is_vllms(cls, value: int) -> int:
+        if value not in LORA_RANKS:
+            raise ValueError(f"{value}: vLLM takes one of {', '.join(map(str, LORA_RANKS))}")
+        return value
+
     @field_validator("model")
     @classmethod
     def _model_is_queue_safe(cls, value: str) -> str:
@@ -528,7 +541,41 @@ class Settings(BaseSettings):
             raise ValueError("MLCHAT_MAX_NEW_TOKENS must not exceed MLCHAT_MAX_NEW_TOKENS_LIMIT")
         if self.max_new_tokens_limit >= self.max_model_len:
             raise ValueError("MLCHAT_MAX_NEW_TOKENS_LIMIT must be below MLCHAT_MAX_MODEL_LEN")
+        self._engine_step_holds_a_request()
+        self._memory_answers_fit()
         return self
+
+    def _engine_step_holds_a_request(self) -> None:
+        # vLLM refuses these when the engine starts, naming its own parameters, after the worker
+        # loaded its embedder; a worker restarted for ever never said which variable to change.
+        step = self.max_num_batched_tokens
+        if step is None:
+            return
+        if self.max_num_seqs is not None and step < self.max_num_seqs:
+            raise ValueError("MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_NUM_SEQS")
+        if step < self.max_model_len and self.enable_chunked_prefill is not True:
+            raise ValueError(
+                "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN unless "
+                "MLCHAT_ENABLE_CHUNKED_PREFILL=true (a prompt not split must fit one engine step; on a "
+                "CPU, where it is off by default, seeded requests crash with it on)"
+            )
+
+    def _memory_answers_fit(self) -> None:
+        # A memory job's answer and its instructions share the context window: past it every step
+        # failed with "the memory instructions alone exceed the context", naming no setting.
+        room = self.max_model_len - MEMORY_INSTRUCTIONS_TOKENS
+        if self.memory_summary_threshold_tokens and self.memory_summary_max_tokens > room:
+            raise ValueError(
+                f"MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave {MEMORY_INSTRUCTIONS_TOKENS} tokens of "
+                "MLCHAT_MAX_MODEL_LEN to the summary's instructions and lines (or summaries off: "
+                "MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
+            )
+        if self.memory_extract_every_lines and room < EXTRACT_MAX_TOKENS:
+            raise ValueError(
+                f"MLCHAT_MAX_MODEL_LEN must be at least {EXTRACT_MAX_TOKENS + MEMORY_INSTRUCTIONS_TOKENS} "
+                f"with fact extraction on (its answer takes up to {EXTRACT_MAX_TOKENS} tokens; or "
+                "MLCHAT_MEMORY_EXTRACT_EVERY_LINES=0)"
+            )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from sqlalchemy import Engine, create_engine, event
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
@@ -224,6 +224,19 @@ def psycopg_connection(session: Session) -> psycopg.Connection[Any]:
 # What the database's state raises (a lost or refused connection, a statement timeout, a deadlock, no
 # pooled connection in time), as opposed to a bug: answered "try again", never as final.
 DATABASE_OUTAGES: tuple[type[Exception], ...] = (OperationalError, InterfaceError, PoolTimeout)
+
+
+DATABASE_AWAY = "the database is unreachable (DATABASE_URL; unset: the embedded server)"
+
+
+def database_away(exc: BaseException) -> str | None:
+    """One line naming the setting to look at when `exc` (or its cause) is the database away: a
+    driver's text names a host or a socket, not DATABASE_URL; None otherwise."""
+    lost = next((c for c in (exc, exc.__cause__) if isinstance(c, DBAPIError) and connection_lost(c)), None)
+    if lost is None:
+        return None
+    why = str(lost.orig).strip().splitlines()[0][:300] if str(lost.orig).strip() else type(lost.orig).__name__
+    return f"{DATABASE_AWAY}: {why}"
 
 
 def connection_lost(exc: BaseException) -> bool:

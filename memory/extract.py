@@ -18,7 +18,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, Field, Validati
 from sqlalchemy import func, select
 
 from core.halving import most_passing
-from core.settings import settings
+from core.settings import EXTRACT_MAX_TOKENS, settings
 from core.text import speaker_key, storable_output
 from db.facts import NewFact, add_facts, closest_fact, embedded_text, known_elsewhere, supersede
 from db.memory_jobs import (
@@ -84,7 +84,6 @@ class _Answer(BaseModel):
     facts: list[Any] = Field(max_length=MAX_FACTS)
 
 
-EXTRACT_MAX_TOKENS = 448
 # Lines read per answer: an answer names at most 4 facts, so it reads a short stretch at a time.
 EXTRACT_LINES = 24
 

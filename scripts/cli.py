@@ -1120,16 +1120,18 @@ def _unreachable(exc: BaseException) -> str:
     """The setting to look at when `exc` is a server away (its text names hosts, not the variable)."""
     from kombu.exceptions import OperationalError as BrokerAway
     from redis.exceptions import ConnectionError as RedisAway
-    from sqlalchemy.exc import DBAPIError
 
-    from db.session import connection_lost
+    from db.session import DATABASE_AWAY, database_away
 
     causes = [exc, exc.__cause__]
-    if any(isinstance(c, DBAPIError) and connection_lost(c) for c in causes):
-        return "the database is unreachable (DATABASE_URL; unset: the embedded server): "
+    if database_away(exc) is not None:
+        return f"{DATABASE_AWAY}: "
     if any(isinstance(c, (BrokerAway, RedisAway)) for c in causes):
         return "the broker is unreachable (REDIS_URL; unset: the embedded server): "
     return ""
+
+
+INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIGINT)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1141,7 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(done.exit_code)
     except typer.Abort:
         _err("aborted")
-        return 130
+        return INTERRUPTED
     except typer.TyperException as exc:  # usage errors: Typer's own message, exit code 2
         show = getattr(exc, "show", None)
         if show is not None:
@@ -1165,6 +1167,8 @@ def main(argv: list[str] | None = None) -> int:
             _err(f"mlchat: {_unreachable(exc)}{_one_line(exc)}")
             return 1
         raise
+    if result == INTERRUPTED:  # Typer turns Ctrl-C into this exit code, silently
+        _err("mlchat: interrupted; what was stored is kept (a run submitted again resumes)")
     return int(result) if isinstance(result, int) else 0
 
 

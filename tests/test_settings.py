@@ -292,3 +292,47 @@ def test_a_master_secret_that_could_be_guessed_is_one_line_naming_the_variable(t
             assert bad not in result.stderr  # the secret is never echoed
         good = _import_settings_with(tmp_path, name, "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822c")
         assert good.returncode == 0, good.stderr
+
+
+def test_settings_vllm_or_a_memory_job_would_refuse_later_are_refused_naming_the_variable() -> None:
+    """Found in review: values that passed here failed only when the engine started (vLLM naming its
+    own parameter, after the embedder had loaded, the worker restarted for ever) or at every memory
+    job's step ("the memory instructions alone exceed the context"), or at every batch's creation (a
+    window past timedelta's range, a 500)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    from core.settings import LORA_RANKS
+
+    assert get_args(MaxLoRARanks) == LORA_RANKS  # the engine's own list
+    with pytest.raises(ValidationError, match=r"max_lora_rank\n.*4: vLLM takes one of 1, 8, 16"):
+        Settings(max_lora_rank=4)
+    assert Settings(max_lora_rank=8).max_lora_rank == 8
+    for seed in (-1, 2**32):
+        with pytest.raises(ValidationError, match="engine_seed"):
+            Settings(engine_seed=seed)
+    with pytest.raises(
+        ValidationError, match="MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN"
+    ):
+        Settings(max_num_batched_tokens=1024, max_model_len=2048)
+    assert Settings(max_num_batched_tokens=1024, enable_chunked_prefill=True).max_num_batched_tokens == 1024
+    with pytest.raises(
+        ValidationError, match="MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_NUM_SEQS"
+    ):
+        Settings(max_num_batched_tokens=4096, max_num_seqs=8192)
+    with pytest.raises(ValidationError, match="MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave 256 tokens"):
+        Settings(memory_summary_max_tokens=2048)
+    assert Settings(
+        memory_summary_max_tokens=2048, memory_summary_threshold_tokens=0
+    ).memory_summary_max_tokens
+    with pytest.raises(
+        ValidationError, match="MLCHAT_MAX_MODEL_LEN must be at least 704 with fact extraction"
+    ):
+        Settings(max_model_len=512, max_new_tokens_limit=256, memory_extract_every_lines=8)
+    for device in ("gpu", "cude", "meta"):
+        with pytest.raises(ValidationError, match="embedder_device"):
+            Settings(embedder_device=device)
+    assert Settings(embedder_device="cuda:1").embedder_device == "cuda:1"
+    with pytest.raises(ValidationError, match="batch_max_window_hours"):
+        Settings(batch_max_window_hours=99_999_999_999)

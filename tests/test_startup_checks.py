@@ -17,3 +17,43 @@ def test_the_live_schema_and_the_embedder_agree(services) -> None:
 def test_a_mismatch_is_a_clear_start_up_error(services) -> None:
     with pytest.raises(EmbedderDimensionError, match=r"768-d vectors but the database stores vector\(384\)"):
         check_dimension(768, 384)
+
+
+def test_a_worker_whose_database_is_away_at_start_says_so_in_one_line(monkeypatch, caplog) -> None:
+    """Found in review: a worker whose database was away at start logged "the worker could not
+    start" with a psycopg traceback naming a socket, not DATABASE_URL, at every restart."""
+    import logging
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    import worker.__main__ as worker_main
+    import worker.startup
+
+    def away() -> None:
+        raise OperationalError("SELECT 1", {}, psycopg.OperationalError("connection refused\nIs it running?"))
+
+    monkeypatch.setattr(worker.startup, "check_and_warm_up", away)
+    with caplog.at_level(logging.CRITICAL), pytest.raises(SystemExit) as stopped:
+        worker_main._warm_up()
+    assert stopped.value.code == 1
+    (record,) = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert record.getMessage() == (
+        "the worker could not start: the database is unreachable (DATABASE_URL; unset: the embedded "
+        "server): connection refused"
+    )
+    assert record.exc_info is None
+
+
+def test_ctrl_c_in_a_command_says_so(monkeypatch, capsys) -> None:
+    """Found in review: Typer turns Ctrl-C into exit code 130 without a word, so `mlchat run submit`
+    interrupted said nothing of what was kept or how to go on."""
+    import db.runs
+    from scripts.cli import main as cli
+
+    def interrupted(**_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(db.runs, "list_runs", interrupted)
+    assert cli(["run", "list"]) == 130
+    assert capsys.readouterr().err.startswith("mlchat: interrupted; what was stored is kept")

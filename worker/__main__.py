@@ -24,8 +24,14 @@ def _warm_up(**_: object) -> None:
     except (EmbedderMismatch, SchemaBehind) as exc:  # does not fit the database: one line, no traceback
         logging.getLogger(__name__).critical("%s", exc)
         sys.exit(2)
-    except Exception:  # Celery would log it and run on, with no housekeeping: exit instead
-        logging.getLogger(__name__).critical("the worker could not start", exc_info=True)
+    except Exception as exc:  # Celery would log it and run on, with no housekeeping: exit instead
+        from db.session import database_away
+
+        away = database_away(exc)
+        if away is not None:  # a setting or a server to look at: one line
+            logging.getLogger(__name__).critical("the worker could not start: %s", away)
+        else:
+            logging.getLogger(__name__).critical("the worker could not start", exc_info=True)
         sys.exit(1)
     from tasks.queues import eviction_risk
     from worker.housekeeping import Housekeeper

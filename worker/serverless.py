@@ -194,19 +194,15 @@ def main() -> None:
 def _migrated(upgrade: Callable[[], None]) -> None:
     """The schema brought up to date; a database away is one line naming its setting, for the
     platform to start the worker again (a psycopg traceback named a socket, not DATABASE_URL)."""
-    from sqlalchemy.exc import DBAPIError
-
-    from db.session import connection_lost
+    from db.session import database_away
 
     try:
         upgrade()
-    except DBAPIError as exc:
-        if not connection_lost(exc):
+    except Exception as exc:
+        away = database_away(exc)
+        if away is None:
             raise
-        why = f"{type(exc.orig).__name__}: {str(exc.orig).strip().splitlines()[0][:300]}"
-        raise SystemExit(
-            f"serverless: the database is unreachable (DATABASE_URL; unset: the embedded server): {why}"
-        ) from None
+        raise SystemExit(f"serverless: {away}") from None
 
 
 def _load_engine() -> None:
