@@ -409,6 +409,11 @@ def run_tenant(*, session: Session, name: str) -> str | None:
     return session.scalar(select(Run.tenant).where(Run.name == name))
 
 
+def is_http_batch(*, session: Session, name: str) -> bool:
+    """Whether the run of that name is a batch of the HTTP API (its input a file of /v1/files)."""
+    return bool(session.scalar(select(Run.input_file_id.is_not(None)).where(Run.name == name)))
+
+
 def run_status(*, session: Session, run_id: uuid.UUID) -> RunStatus | None:
     """The run's stored status."""
     status = session.scalar(select(Run.status).where(Run.id == run_id))

@@ -1958,3 +1958,32 @@ def test_a_stopped_submission_try_is_postponed_once_the_database_is_back_not_lef
     batches._retry_later(uuid.uuid4(), "b", None, 1, dropped, waited_s=5.0)
     assert len(postponed) == 3
     assert postponed[2]["refund"] is True and "waits for the database" in str(postponed[2]["error"])
+
+
+def test_a_batch_is_never_submitted_or_resumed_from_the_cli(quiet_model, tmp_path, capsys) -> None:
+    """Found in review: `mlchat run resume batch_<id> FILE` moved a failed batch (its client called
+    back `failed`) to validating and sent its file, and `run submit --name batch_<id> other.jsonl`
+    replaced the file its input_file_id names; both also ran a batch waiting for its retry with its
+    lines sent before the whole file was stored. The service alone submits a batch."""
+    from scripts.cli import main as cli
+    from services.files import find_file
+
+    from db.runs import fail_submission
+
+    file_id = _stored_file([openai_line("a", USER), openai_line("b", USER)])
+    batch_id = _create(file_id)["id"]
+    with session_scope() as s:  # as its tries running out fails it (its client is called back `failed`)
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+        failed = "submission failed 3 times"
+        assert fail_submission(session=s, run_id=run.id, error=failed, error_code="server_error", final=True)
+    found = find_file(file_id)
+    assert found is not None
+    path = found.path
+    other = _write(tmp_path / "other.jsonl", [openai_line("z", USER)])
+    for args in (["run", "resume", batch_id, str(path)], ["run", "submit", "--name", batch_id, str(other)]):
+        assert cli(args) == 2, args
+        assert "is a batch of the HTTP API (/v1/batches)" in capsys.readouterr().err
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+        assert run.status == RunStatus.FAILED and run.input_file_id == file_id and run.error == failed
+        assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0

@@ -34,6 +34,7 @@ from db.runs import (
     create_run,
     fail_submission,
     finish_submission,
+    is_http_batch,
     resume_submission,
     run_options,
     run_status,
@@ -225,6 +226,8 @@ def _submit(
                 f"run {name!r} is busy: another process is submitting it, or housekeeping is closing it;"
                 " try again shortly"
             )
+        if not retry_later:
+            _refuse_a_batch(name)
         kept, kept_skip, resumed = _stored_options(name)
         # A run holding turns keeps the options they were stored under; one that stored nothing yet (its
         # validation failed, say) takes the caller's, as its error asked. So does --skip-bad-lines:
@@ -301,6 +304,21 @@ def _submit(
 
 
 SKIP_BAD_LINES = "skip_bad_lines"  # kept with the run's line options: whether its bad lines were skipped
+
+
+def _refuse_a_batch(name: str) -> None:
+    """SubmissionRefused for a batch of the HTTP API: the service submits its file and owns its
+    status (`mlchat run resume` brought a failed one, whose client was told so, back to life; `run
+    submit` of another file replaced the file its input_file_id names; either, on one waiting for its
+    retry, sent lines before the whole file was stored)."""
+    with session_scope() as session:
+        batch = is_http_batch(session=session, name=name)
+    if batch:
+        raise SubmissionRefused(
+            f"run {name!r} is a batch of the HTTP API (/v1/batches): the service submits it, never "
+            "`mlchat run submit` or `run resume`; create a new batch, or submit the file as a run of "
+            "another name"
+        )
 
 
 def _stored_options(name: str) -> tuple[LineOptions | None, bool, bool]:
