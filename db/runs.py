@@ -457,7 +457,11 @@ def advance_runs(
         )
         .values(
             status=case((unfinished, RunStatus.IN_PROGRESS.value), else_=ending),
-            in_progress_at=func.coalesce(Run.in_progress_at, func.now()),
+            # A run cancelled before it started (its submission's) ends with none: it never started.
+            in_progress_at=case(
+                (Run.status == RunStatus.CANCELLING, Run.in_progress_at),
+                else_=func.coalesce(Run.in_progress_at, func.now()),
+            ),
             finalizing_at=case((and_(~unfinished, Run.input_file_id.is_not(None)), func.now()), else_=None),
             finished_at=case((or_(unfinished, Run.input_file_id.is_not(None)), None), else_=func.now()),
         )

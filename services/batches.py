@@ -68,7 +68,7 @@ from services.pages import list_object
 from services.runs.export import cancelled_alone, write_never_stored, write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
-from services.runs.validate import EmptyFile, RunValidationError, file_digest
+from services.runs.validate import EmptyFile, RunValidationError, file_digest, param_of
 from services.schemas import storable_text
 from services.turn_callbacks import send_turn_callbacks
 
@@ -476,7 +476,8 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
         error_list = {
             "object": "list",
             "data": [
-                {"code": code, "line": e["line"], "message": e["message"], "param": None} for e in errors
+                {"code": code, "line": e["line"], "message": e["message"], "param": param_of(e["message"])}
+                for e in errors
             ],
         }
     else:

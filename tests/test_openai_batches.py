@@ -1037,6 +1037,8 @@ def test_a_batch_whose_file_has_bad_lines_fails_listing_each(base_url, quiet_mod
     assert [e["line"] for e in errors] == [2, 3]
     assert "not valid JSON" in errors[0]["message"] and "url: '/v1/embeddings'" in errors[1]["message"]
     assert {e["code"] for e in errors} == {"invalid_request"}  # the file's fault
+    # Found in review: `param` was null, though the message names the field (OpenAI's BatchError.param)
+    assert [e["param"] for e in errors] == [None, "url"]
     assert state["request_counts"] == {"total": 0, "completed": 0, "failed": 0}
 
 
@@ -1192,6 +1194,9 @@ def test_a_batch_ended_before_storing_a_custom_id_of_a_lone_surrogate_is_cancell
     assert found is not None
     named = [json.loads(x)["custom_id"] for x in found.path.read_text(encoding="utf-8").splitlines()]
     assert named == ["\ud800x", "b1"]  # the id as the client wrote it
+    # Found in review: a batch cancelled before it started carried an in_progress_at (OpenAI's: when
+    # the batch started processing).
+    assert state["in_progress_at"] is None and state["cancelled_at"] is not None, state
 
 
 def test_a_batch_cancelled_part_way_through_storing_names_each_request_once(
@@ -1965,10 +1970,9 @@ def test_a_batch_is_never_submitted_or_resumed_from_the_cli(quiet_model, tmp_pat
     back `failed`) to validating and sent its file, and `run submit --name batch_<id> other.jsonl`
     replaced the file its input_file_id names; both also ran a batch waiting for its retry with its
     lines sent before the whole file was stored. The service alone submits a batch."""
+    from db.runs import fail_submission
     from scripts.cli import main as cli
     from services.files import find_file
-
-    from db.runs import fail_submission
 
     file_id = _stored_file([openai_line("a", USER), openai_line("b", USER)])
     batch_id = _create(file_id)["id"]

@@ -136,8 +136,19 @@ class Refusal:
 
     def record(self) -> dict[str, Any]:
         """As the run stores it (runs.refused): the param is the field the message starts with."""
-        param = self.message.split(":", 1)[0] if ":" in self.message else None
+        param = param_of(self.message)
         return {"line": self.line, "custom_id": self.custom_id, "message": self.message, "param": param}
+
+
+# A message that starts by naming a field ("body.temperature: ...", "messages[2].role: ..."); one of
+# the file's own ("not valid JSON: ...") names none.
+_PARAM = re.compile(r"([A-Za-z_$][\w$]*(?:\[\d+\]|\.[A-Za-z_$][\w$]*)*): ")
+
+
+def param_of(message: str) -> str | None:
+    """The field an error message names first (OpenAI's `param`), or None."""
+    found = _PARAM.match(message)
+    return found[1] if found else None
 
 
 @dataclass(frozen=True)
