@@ -271,6 +271,7 @@ def _submit_batch(name: str) -> None:
             return
         run_id, file_id, callback, created_at = run.id, run.input_file_id, run.callback_url, run.created_at
     attempt: int | None = None  # unknown until counted: the database may be what broke
+    counting = False  # the try's count was written (its commit's answer may still be lost)
     try:
         # A try counts only once its submitter holds the lock: one that finds another submitter
         # at work (a sweep racing the background submission) is no try at all.
@@ -279,6 +280,7 @@ def _submit_batch(name: str) -> None:
                 raise RunBusy(f"run {name!r} is being submitted by another process right now")
             with session_scope() as session:
                 attempt = begin_submission_attempt(session=session, run_id=run_id)
+                counting = True
             if attempt is None:
                 return  # submitted, cancelled or failed meanwhile
             if attempt > settings.batch_submission_attempts:  # the last try died without a word
@@ -315,7 +317,7 @@ def _submit_batch(name: str) -> None:
             send_callback(run_id)
     except Exception as exc:
         waited_s = (datetime.now(UTC) - created_at).total_seconds()
-        _retry_later(run_id, name, callback, attempt, exc, waited_s)
+        _retry_later(run_id, name, callback, attempt, exc, waited_s, counted=counting)
 
 
 POSTPONE_WITHIN_S = 30.0  # how long a stopped try's postponement waits for the database
@@ -355,6 +357,8 @@ def _retry_later(
     attempt: int | None,
     exc: Exception,
     waited_s: float,
+    *,
+    counted: bool = True,
 ) -> None:
     """A transient error: the batch stays validating and is due again after a doubling backoff, or
     fails as the server's fault once its tries are spent. The broker or the database being away
@@ -363,7 +367,9 @@ def _retry_later(
     postponement waits up to POSTPONE_WITHIN_S for a database still away; past that nothing is
     recorded, and the sweeper finds the batch stalled and tries again. The error's own text stays
     in the log: the batch, which its tenant reads, names the service away or the error's class (a
-    driver's message can name hosts, paths and columns)."""
+    driver's message can name hosts, paths and columns). `counted`: this try's count was written; a
+    stop before it (the lock or the count's own statement lost to the database) refunds none, or an
+    earlier try, counted for its own error, would be given back."""
     reason = one_line(exc)
     cause: BaseException = exc
     while cause.__cause__ is not None:  # a submission's stop wraps what stopped it
@@ -404,7 +410,11 @@ def _retry_later(
         ):
             with recording, session_scope() as session:
                 postpone_submission(
-                    session=session, run_id=run_id, error=error, delay_s=delay, refund=away is not None
+                    session=session,
+                    run_id=run_id,
+                    error=error,
+                    delay_s=delay,
+                    refund=away is not None and counted,
                 )
         logger.warning(
             "batch %s: submission try %s stopped (%s); again in %.0f s",

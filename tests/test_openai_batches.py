@@ -1991,3 +1991,32 @@ def test_a_batch_is_never_submitted_or_resumed_from_the_cli(quiet_model, tmp_pat
         run = s.scalars(select(Run).where(Run.name == batch_id)).one()
         assert run.status == RunStatus.FAILED and run.input_file_id == file_id and run.error == failed
         assert s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run.id)) == 0
+
+
+def test_a_database_blip_before_a_try_is_counted_refunds_no_earlier_try(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a try stopped by the database before its count was written (taking the
+    submission lock) was postponed with a refund, which gave back an earlier try counted for its own
+    error: with a flapping database a batch whose file fails every try never ran out of tries."""
+    from contextlib import contextmanager
+
+    from sqlalchemy.exc import OperationalError
+
+    batch_id = _batch(tmp_path, 0, lines=[openai_line("a", USER)])
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.name == batch_id).values(submission_attempts=2))
+
+    @contextmanager
+    def away(name: str, **_: object):  # type: ignore[no-untyped-def]
+        raise OperationalError(
+            "SELECT pg_try_advisory_lock", {}, ConnectionError("server closed the connection")
+        )
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(batches, "submission_lock", away)
+    batches.submit_batch_by_name(batch_id)
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == batch_id)).one()
+    assert run.status == RunStatus.VALIDATING and "waits for the database" in (run.error or "")
+    assert run.submission_attempts == 2  # the earlier tries stay counted
