@@ -47,6 +47,21 @@ def small_bulk_limit(engine):
     loop.max_inflight = before
 
 
+def test_a_bulk_limit_set_past_the_live_reserve_is_lowered_to_it(engine, monkeypatch, caplog) -> None:
+    """Found in review: MLCHAT_MAX_INFLIGHT was taken as set, so a value past the engine's sequences
+    less the live reserve let bulk fill every slot; vLLM then admits nothing more (it preempts for KV
+    blocks, not for priority), and live turns waited behind bulk decodes, nothing logged."""
+    from core.settings import settings
+
+    max_seqs = engine.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+    monkeypatch.setattr(settings, "max_inflight", max_seqs + 24)
+    with caplog.at_level("WARNING", logger="worker.engine"):
+        assert engine_module.inflight_limit(engine.llm.llm_engine) == max_seqs - engine_module.LIVE_RESERVE
+    assert "leaves no live reserve" in caplog.text
+    monkeypatch.setattr(settings, "max_inflight", 2)
+    assert engine_module.inflight_limit(engine.llm.llm_engine) == 2
+
+
 def test_a_live_request_overtakes_a_bulk_backlog_inside_the_engine(engine, small_bulk_limit) -> None:
     from worker.engine_loop import _outputs_ready
 

@@ -253,13 +253,23 @@ def inflight_limit(engine: Any) -> int:
     """How many bulk requests may be inside the engine at once: MLCHAT_MAX_INFLIGHT, or what the KV
     cache holds at a typical request size (half the context window), leaving LIVE_RESERVE of vLLM's
     max_num_seqs to live requests."""
-    if settings.max_inflight:
-        return settings.max_inflight
     config = getattr(engine, "vllm_config", None)
+    max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
+    if settings.max_inflight:
+        # Set past what leaves the live reserve, bulk would fill every sequence slot: vLLM admits
+        # nothing more then (it preempts for KV blocks, not for priority), and live turns wait.
+        reserved = max(1, max_seqs - LIVE_RESERVE)
+        if settings.max_inflight > reserved:
+            logger.warning(
+                "MLCHAT_MAX_INFLIGHT=%d leaves no live reserve of the engine's %d sequences: %d used",
+                settings.max_inflight,
+                max_seqs,
+                reserved,
+            )
+        return min(settings.max_inflight, reserved)
     cache_config = getattr(config, "cache_config", None)
     blocks = getattr(cache_config, "num_gpu_blocks", None) or 0
     block_size = getattr(cache_config, "block_size", None) or 16
-    max_seqs = getattr(getattr(config, "scheduler_config", None), "max_num_seqs", None) or 256
     by_kv = (blocks * block_size) // max(settings.max_model_len // 2, 1) if blocks else max_seqs
     limit = max(1, min(max_seqs - LIVE_RESERVE, by_kv))
     logger.info("engine loop: up to %d bulk requests inside the engine (KV blocks %s)", limit, blocks or "?")
