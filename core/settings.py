@@ -456,6 +456,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{value} seconds; the limit is {_LONGEST_S} (ten years)")
         return value
 
+    @field_validator("state_dir", "model_cache_dir", "adapters_dir", "files_dir")
+    @classmethod
+    def _paths_are_absolute(cls, value: Path | None) -> Path | None:
+        # A relative one was recorded as given (an adapter's path in the database, a batch file's),
+        # and a process started from another directory found nothing there, or started embedded
+        # servers of its own.
+        return None if value is None else value.expanduser().resolve()
+
     @field_validator("max_lora_rank")
     @classmethod
     def _lora_rank_is_vllms(cls, value: int) -> int:

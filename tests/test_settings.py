@@ -336,3 +336,18 @@ def test_settings_vllm_or_a_memory_job_would_refuse_later_are_refused_naming_the
     assert Settings(embedder_device="cuda:1").embedder_device == "cuda:1"
     with pytest.raises(ValidationError, match="batch_max_window_hours"):
         Settings(batch_max_window_hours=99_999_999_999)
+
+
+def test_a_relative_directory_setting_is_taken_from_where_the_process_starts(tmp_path, monkeypatch) -> None:
+    """Found in review: MLCHAT_STATE_DIR=.mlchat (or MLCHAT_ADAPTERS_DIR) was kept relative, so an
+    adapter registered from one directory was recorded by a path a worker started elsewhere could not
+    load, and each directory started embedded servers of its own."""
+    monkeypatch.chdir(tmp_path)
+    made = Settings(state_dir=".mlchat", adapters_dir="~/adapters", files_dir="files", model_cache_dir="m")
+    assert made.state_dir == tmp_path / ".mlchat"
+    assert made.files_dir == tmp_path / "files" and made.model_cache_dir == tmp_path / "m"
+    assert (
+        made.adapters_dir is not None
+        and made.adapters_dir.is_absolute()
+        and "~" not in str(made.adapters_dir)
+    )
