@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from celery.signals import worker_init
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -47,6 +48,20 @@ CALLBACK_QUEUE = "mlchat.callbacks"
 
 _SLOT_COUNT = callback_slots(settings.worker_threads)
 _SLOTS = threading.BoundedSemaphore(_SLOT_COUNT)
+
+
+@worker_init.connect
+def _slots_of_this_pool(sender: Any = None, **_: object) -> None:
+    """The slots as a share of the pool the worker really has: `--concurrency` given to `mlchat
+    worker` overrides MLCHAT_WORKER_THREADS, and the bulk admission counts these slots against it
+    (tasks/admission.py::pool_threads). Sent before the worker takes a task."""
+    global _SLOT_COUNT, _SLOTS
+    threads = getattr(sender, "concurrency", None)
+    if isinstance(threads, int) and threads > 0:
+        _SLOT_COUNT = callback_slots(threads)
+        _SLOTS = threading.BoundedSemaphore(_SLOT_COUNT)
+
+
 _shares_lock = threading.Lock()
 _holding: dict[str | None, int] = {}  # deliveries of each tenant in a slot now
 _struggling: dict[str | None, float] = {}  # tenants a delivery of which failed or was slow: until when

@@ -1340,3 +1340,27 @@ def test_a_delivery_whose_host_lookup_hangs_ends_within_the_callback_timeout(mon
             True,
         )
     ]
+
+
+def test_the_callback_slots_are_a_share_of_the_pool_the_worker_really_has(monkeypatch) -> None:
+    """Found in review: the slots were sized from MLCHAT_WORKER_THREADS at import, while `mlchat
+    worker --concurrency=2` runs a pool of 2 and the bulk admission counts 1 slot of it: receivers
+    that hang held every thread, and live flushes waited."""
+    from types import SimpleNamespace
+
+    from celery.signals import worker_init
+
+    import tasks.callbacks as callback_tasks
+    from tasks.admission import callback_slots
+
+    assert any(
+        getattr(receiver(), "__name__", "") == "_slots_of_this_pool" for _, receiver in worker_init.receivers
+    )
+    monkeypatch.setattr(callback_tasks, "_SLOT_COUNT", callback_tasks._SLOT_COUNT)
+    monkeypatch.setattr(callback_tasks, "_SLOTS", callback_tasks._SLOTS)
+    monkeypatch.setattr(settings, "callback_concurrency", 8)
+    monkeypatch.setattr(settings, "worker_threads", 16)
+    callback_tasks._slots_of_this_pool(sender=SimpleNamespace(concurrency=2))  # the worker's pool
+    assert callback_tasks._SLOT_COUNT == callback_slots(2) == 1
+    assert callback_tasks._SLOTS.acquire(blocking=False) and not callback_tasks._SLOTS.acquire(blocking=False)
+    callback_tasks._SLOTS.release()
