@@ -507,6 +507,9 @@ def test_an_api_process_whose_embedder_does_not_fit_the_column_answers_503_in_on
 def test_a_process_whose_first_check_meets_a_database_error_checks_again_at_its_next_embed(
     recorded: str, monkeypatch
 ) -> None:
+    """And embeds nothing meanwhile (found in review: the first check's database error was logged
+    and the embed went on unchecked, so a process of another model, one embed long, stored its
+    vectors beside the recorded ones when the connection named no version)."""
     from sqlalchemy.exc import OperationalError
 
     import db.session
@@ -525,7 +528,8 @@ def test_a_process_whose_first_check_meets_a_database_error_checks_again_at_its_
 
     monkeypatch.setattr(db.session, "session_scope", away_once)
     _embed_as(monkeypatch, "another-model")
-    embed(["stored while the database was away"])  # the check could not run: not latched
+    with pytest.raises(OperationalError):  # the check could not run: an outage, nothing embedded
+        embed(["stored while the database was away"])
     assert embedder._space_checked is False
     with pytest.raises(EmbedderMismatch, match="MLCHAT_EMBEDDER='another-model' but"):
         embed(["the next embed"])

@@ -127,7 +127,10 @@ def check_space() -> None:
                 return  # the space these weights were checked against: nothing moved
             check(session=session, embedder=settings.embedder)
         join_space(get_embedder(), claim_stored=False)
-    except OperationalError:  # the database is away or refused (not latched: the next embed asks again)
+    except OperationalError:
+        if not _space_checked:  # never checked: nothing may be embedded for storing until it is
+            raise
+        # Checked before: the database is away or refused (not latched: the next embed asks again).
         logger.warning("could not read the stored vectors' embedder; checked again at the next embed")
 
 
