@@ -111,10 +111,20 @@ def parse_sillytavern(raw: str) -> ParsedHistory:
             continue
         item = _json(line, f"line {number}")
         if not isinstance(item, dict):
-            raise HistoryRefused(f"line {number}: must be a JSON object")
+            hint = (
+                "; a list of messages is --format openai or original"
+                if first and line.lstrip()[:1] == "["
+                else ""
+            )
+            raise HistoryRefused(f"line {number}: must be a JSON object (a SillyTavern chat line){hint}")
         # The header has no message keys: a first line with one (is_user, name) but no `mes` is a
         # malformed message, not a header to skip.
         header, first = first and not (_MESSAGE_KEYS & item.keys()), False
+        if header and any(isinstance(item.get(key), list) for key in ORIGINAL_KEYS):
+            raise HistoryRefused(
+                f"line {number}: a document of messages, not a SillyTavern chat; pass --format openai "
+                "(or original)"
+            )
         if header:
             name = item.get("user_name")
             if isinstance(name, str) and len(name) > NAME_MAX:

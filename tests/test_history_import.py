@@ -230,6 +230,18 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             "messages[1].content[0].type: must be one of text, input_text, output_text, refusal",
         ),
         ("openai", json.dumps([{"role": "user", "content": None}]), "messages[0].content: null"),
+        # Found in review: another format's file read as SillyTavern's (the default) was "the log
+        # holds no user or assistant lines" or "line 1: not JSON", naming no format.
+        (
+            "sillytavern",
+            json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+            "line 1: a document of messages, not a SillyTavern chat; pass --format openai",
+        ),
+        (
+            "sillytavern",
+            json.dumps([{"role": "user", "content": "hi"}]),
+            "a list of messages is --format openai or original",
+        ),
         (  # found in review: a first message without `mes` was taken for the header and dropped
             "sillytavern",
             json.dumps({"name": "Alex", "is_user": True, "message": "I stole the crown."})
