@@ -491,6 +491,30 @@ def test_an_adapter_that_did_not_load_for_a_passing_cause_is_tried_again(tmp_pat
         engine_module.load_adapter(adapter)
 
 
+def test_an_adapter_whose_config_the_engine_refuses_fails_its_turns_at_once_not_retried(
+    tmp_path, monkeypatch
+) -> None:
+    """Found in review: a worker checked only an adapter's `r`, so one vLLM refuses (a bias, DoRA, a
+    rank_pattern over the limit) was sent to the engine, its refusal taken for a passing fault, and
+    every turn of the character sent again for minutes."""
+    import pytest
+
+    from worker import engine as engine_module
+    from worker.engine import Adapter, AdapterUnavailable
+
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "all"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(engine_module, "_engine_lora_rank", lambda: 16)
+
+    def never():  # type: ignore[no-untyped-def]
+        raise AssertionError("sent to the engine")
+
+    monkeypatch.setattr(engine_module, "get_loop", never)
+    with pytest.raises(AdapterUnavailable, match="the engine refuses it: Adapter bias") as refused:
+        engine_module.load_adapter(Adapter(f"biased@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path)))
+    assert refused.value.retry_in is None  # final: the turn fails at once
+
+
 def test_a_load_that_timed_out_is_looked_at_again_a_while_after_the_wait_not_at_once(monkeypatch) -> None:
     """Review: the time to look again was taken before the load's own wait (up to 300 s), so after
     a timeout it had passed already: each turn of the character was sent again at once, and each
@@ -506,7 +530,7 @@ def test_a_load_that_timed_out_is_looked_at_again_a_while_after_the_wait_not_at_
 
     monkeypatch.setattr(engine_module, "ADAPTER_LOAD_TIMEOUT_S", 0.4)
     monkeypatch.setattr(engine_module, "ADAPTER_RETRY_S", 0.3)
-    monkeypatch.setattr(engine_module, "_adapter_rank", lambda path: 8)
+    monkeypatch.setattr(engine_module, "_adapter_config", lambda path: {"r": 8})
     monkeypatch.setattr(engine_module, "_engine_lora_rank", lambda: None)
     loop = SimpleNamespace(
         call=lambda *args: Future(), wait=lambda futures, timeout=None: time.sleep(timeout)
@@ -772,7 +796,22 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         assert names in err and err.count("\n") == 1, err
     # Review: the adapter was copied under the slug before the character was looked up: `../x`
     # wrote outside the adapters folder, and an unknown slug cost a whole copy first.
-    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    # Found in review: registration read only `r`; vLLM refuses more at load (a rank_pattern entry
+    # over the limit, a bias, DoRA, a missing lora_alpha), and every turn of the character was then
+    # retried as a passing fault for minutes before it failed.
+    plain = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+    for changed, names in (
+        ({"rank_pattern": {"q_proj": 64}}, "LoRA rank 64 is greater than max_lora_rank 16"),
+        ({"bias": "all"}, "Adapter bias is not supported"),
+        ({"use_dora": True}, "vLLM does not yet support DoRA"),
+        ({"lora_alpha": None} | {"drop": "lora_alpha"}, "Missing required configuration fields"),
+    ):
+        config_of = {k: v for k, v in (plain | changed).items() if k not in (changed.get("drop"), "drop")}
+        (adapter / "adapter_config.json").write_text(json.dumps(config_of))
+        assert cli(["lora", "register", "elara", str(adapter)]) == 2, changed
+        err = capsys.readouterr().err
+        assert "adapter_config.json: the engine would refuse it: " in err and names in err, err
+    (adapter / "adapter_config.json").write_text(json.dumps(plain))
     from services.lora.registry import adapters_dir
 
     before = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
@@ -871,7 +910,8 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
         upsert_character(session=s, slug=slug, fields=CARD)
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4}')
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
     (adapter / "adapter_model.safetensors").write_bytes(b"weights")
     (adapter / "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
     monkeypatch.setattr(settings, "enable_lora", True)

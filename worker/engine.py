@@ -413,14 +413,20 @@ def _passing(error: str) -> _AdapterState:
 
 
 def _try_add_lora(adapter: Adapter) -> _AdapterState:
-    rank = _adapter_rank(adapter.path)
-    if isinstance(rank, str):
-        return _passing(f"adapter {adapter.name} at {adapter.path}: {rank}")
+    from services.lora.engine_check import engine_refusal
+
+    config = _adapter_config(adapter.path)
+    if isinstance(config, str):
+        return _passing(f"adapter {adapter.name} at {adapter.path}: {config}")
     limit = _engine_lora_rank()
-    if limit is not None and rank > limit:
+    rank = config.get("r")
+    if limit is not None and isinstance(rank, int) and rank > limit:
         return _AdapterState(
             f"adapter {adapter.name}: rank {rank} is over this worker's MLCHAT_MAX_LORA_RANK ({limit})"
         )
+    refusal = None if limit is None else engine_refusal(config, limit)
+    if refusal is not None:  # the engine's own verdict on its config: final, never a passing fault
+        return _AdapterState(f"adapter {adapter.name}: the engine refuses it: {refusal}")
     loop = get_loop()
     future = loop.call("add_lora", lora_request(adapter))
     loop.wait([future], timeout=ADAPTER_LOAD_TIMEOUT_S)
@@ -445,13 +451,13 @@ def _engine_lora_rank() -> int | None:
     return int(rank) if rank is not None else None
 
 
-def _adapter_rank(path: str) -> int | str:
-    """The adapter's rank from its adapter_config.json, or why it cannot be read."""
+def _adapter_config(path: str) -> dict[str, Any] | str:
+    """The adapter's adapter_config.json, or why it cannot be read (a volume briefly away: passing)."""
     try:
         config = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
-        return int(config.get("r", 0))
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError) as exc:
         return f"cannot read adapter_config.json ({exc})"
+    return config if isinstance(config, dict) else "adapter_config.json holds no JSON object"
 
 
 def stream_hook(request: GenerationRequest) -> Any:

@@ -18,6 +18,7 @@ from core.settings import TENANT_NAME, settings
 from db.session import session_scope
 from db.world import register_adapter
 from services.characters import CharacterNotFound, character_exists
+from services.lora.engine_check import engine_refusal
 from services.lora.files import BadLoraFile, read_object
 
 
@@ -121,6 +122,9 @@ def register(
         raise BadLoraFile(
             f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
         )
+    refusal = engine_refusal(config, settings.max_lora_rank)
+    if refusal is not None:  # registered, every turn of the character was retried for minutes
+        raise BadLoraFile(f"{config_path}: the engine would refuse it: {refusal}")
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     if not character_exists(slug):
