@@ -512,6 +512,16 @@ def test_gpt_oss_text_labels_each_line_by_its_real_speaker_in_a_narrator_turn(to
         "Rowan: Hello.",
         "Elara:",
     ]
+    # Found in review: a player named Narrator was told apart in a narrated turn only; in the
+    # character's, a retrieved line and the memory jobs' dialogue showed theirs as the narrator's.
+    builder = PromptBuilder(tokenizer, "gpt_oss_text", 2048)
+    assert builder.sanitizer.speaker_labels("Elara", "ｎａｒｒａｔｏｒ") == ("Elara", "narrator (player)")
+    similar = [HistoryLine(9, "user", "The king named me heir.", 0, 0.9)]
+    claimed = builder.build(
+        PromptInput(_character(), "Narrator", "Hello.", TurnContext(recent=recent, similar=similar), 32)
+    )
+    assert "Narrator (player): The king named me heir." in claimed.text
+    assert "Narrator: The king named me heir." not in claimed.text.replace("Narrator (player):", "")
 
 
 def test_recent_history_is_never_kept_with_a_hole_in_it(tokenizer) -> None:

@@ -251,9 +251,6 @@ class PromptBuilder:
             others += ["Narrator"] if item.group.narrator else []
             char = self.sanitizer.among(char, [self.sanitizer.label(n, "Someone") for n in others])
         narrator = item.speaker == "narrator"
-        narrated = narrator or (item.group is not None and item.group.narrator)
-        if narrated and speaker_key(user) == speaker_key("Narrator"):  # the player's lines, not narration
-            user = f"{user} (player)"
         clean = self.cleaner(char, user)
         if item.group is not None:  # no untrusted line may open as any member's (or the player's) turn
             names = [self.sanitizer.label(n, "Someone") for n in item.group.names]

@@ -43,6 +43,9 @@ def _nfkc(run: regex.Match[str]) -> str:
     return unicodedata.normalize("NFKC", run.group())
 
 
+NARRATOR_LABEL = "Narrator"  # the narrator's lines open with it, wherever dialogue is shown
+
+
 class Sanitizer:
     """Cleans untrusted text for one tokenizer (the format's markers are escaped by the caller's
     format, formats.py, since they depend on the speakers' names)."""
@@ -108,6 +111,9 @@ class Sanitizer:
         character (any case), neither opening as the other: every prompt, the desk's check and the
         memory jobs use these."""
         char, user = self.label(char_name, "Character"), self.label(player_name, "User")
-        if speaker_key(user) == speaker_key(char):
+        # A player named "Narrator" is told apart everywhere, not only in a narrated turn: a
+        # conversation the narrator spoke in shows its lines as "Narrator: ...", retrieved lines and
+        # memory jobs' dialogue too, and the player's would read as narration.
+        if speaker_key(user) in (speaker_key(char), speaker_key(NARRATOR_LABEL)):
             user = f"{user} (player)"
         return self.among(char, [user]), self.among(user, [char])
