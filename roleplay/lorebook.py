@@ -161,6 +161,11 @@ class LoreEntry(BaseModel):
         return self
 
 
+# A first part this many characters a token left is enough to tell an entry overflows the budget
+# (about four characters a token in the scripts measured; a text of longer tokens is counted whole).
+CHARS_COUNTED_PER_TOKEN = 8
+
+
 class Lorebook(BaseModel):
     name: str = ""
     scan_depth: int = Field(default=DEFAULT_SCAN_DEPTH, ge=0)
@@ -298,6 +303,8 @@ class FiredEntry:
     reason: str  # e.g. "key 'dragon' in the player's message", "constant", "recursion step 1: key 'x'"
     content: str  # macros filled
     tokens: int
+    # Dropped with the budget spent, its first part alone counted: `tokens` is at least that many.
+    partly_counted: bool = False
 
 
 @dataclass
@@ -305,6 +312,7 @@ class Activation:
     kept: list[FiredEntry] = field(default_factory=list)  # in insertion order
     dropped: list[FiredEntry] = field(default_factory=list)  # fired, but over the token budget
     failed: list[tuple[LoreEntry, str]] = field(default_factory=list)  # a regex key timed out: not fired
+    room_limits: bool = False  # the prompt's room, smaller than the book's budget, was the limit
 
 
 class KeyFailed(Exception):
@@ -437,8 +445,10 @@ def activate(
     history: Sequence[str],
     count_tokens: Callable[[str], int],
     fill: Callable[[str], str] = lambda s: s,
+    room: int | None = None,
 ) -> Activation:
-    """Which entries fire for this turn, and which of them fit the book's token budget."""
+    """Which entries fire for this turn, and which of them fit the book's token budget, and `room`
+    (the prompt's: no budget a card sets takes more than the context holds)."""
     sources = [("the player's message", message)] + [
         (f"history line -{i}", line)
         for i, line in enumerate(reversed(history[-book.scan_depth :] if book.scan_depth else []), 1)
@@ -467,11 +477,25 @@ def activate(
             break
         fired += last_round
     ranked = sorted(fired, key=lambda f: (not f[0].constant, -f[0].priority, f[0].insertion_order))
+    limit = book.token_budget if room is None else min(book.token_budget, max(room, 0))
+    activation.room_limits = limit < book.token_budget
+    # What one turn reads of the entries, at most: a card of thousands of long entries (or a budget
+    # of a billion) had every entry that fired filled, cleaned and tokenised at every turn of its
+    # character. Past what is left of the budget a first part of an entry is counted, and once this
+    # much text was counted the rest are dropped uncounted.
+    allowance = (limit + 1) * CHARS_COUNTED_PER_TOKEN * 4
     used = 0
     for entry, reason in ranked:
-        content = fill(entry.content)
-        item = FiredEntry(entry, reason, content, count_tokens(content))
-        if used + item.tokens <= book.token_budget:
+        content = fill(entry.content) if allowance > 0 else entry.content
+        head = content[: min((limit - used + 1) * CHARS_COUNTED_PER_TOKEN, max(allowance, 0))]
+        tokens = count_tokens(head) if head else 0
+        allowance -= len(head)
+        partly = len(head) < len(content) and (tokens > limit - used or allowance <= 0)
+        if not partly and len(head) < len(content):
+            tokens = count_tokens(content)
+            allowance -= len(content) - len(head)
+        item = FiredEntry(entry, reason, content, tokens, partly)
+        if not partly and used + item.tokens <= limit:
             activation.kept.append(item)
             used += item.tokens
         else:

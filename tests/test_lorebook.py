@@ -405,3 +405,33 @@ def test_secondary_keys_in_a_recursion_step_read_the_chat_too() -> None:
         recursive_scanning=True,
     )
     assert set(_fired(book, "I walk to the ruined gate.")) == {0, 1}
+
+
+def test_a_book_of_many_long_entries_costs_what_the_context_holds_not_the_whole_book() -> None:
+    """Found in review: every entry that fired was filled, cleaned and tokenised at every turn, the
+    book's own budget unbounded ("token_budget": 1e9 kept all of an 8 MB card, then rendered the
+    prompt a dozen times to drop it): a card could stall every turn of its character for seconds.
+    Entries are counted against the prompt's room too, and past what is left a first part only."""
+    counted: list[int] = []
+
+    def count(text: str) -> int:
+        counted.append(len(text))
+        return _words(text)
+
+    long = " ".join(["word"] * 800)  # 800 tokens, 3,999 characters
+    for budget, room, kept in ((1_000_000_000, 2048, 2), (512, None, 0)):
+        counted.clear()
+        book = _book(*({"constant": True, "content": long} for _ in range(2000)), token_budget=budget)
+        act = activate(book, message="hi", history=[], count_tokens=count, room=room)
+        limit = min(budget, room or budget)
+        assert len(act.kept) == kept and len(act.kept) + len(act.dropped) == 2000
+        assert sum(counted) <= (limit + 1) * 8 * 4 + 4000  # not the book's 8 MB
+        assert sum(f.partly_counted for f in act.dropped) >= len(act.dropped) - 10
+        assert not any(f.partly_counted for f in act.kept)
+    # A book within the room is counted as before: whole entries, its own budget.
+    small = _book(
+        {"constant": True, "content": "a b c"}, {"constant": True, "content": "d e"}, token_budget=4
+    )
+    small_act = activate(small, message="hi", history=[], count_tokens=_words, room=2048)
+    assert [f.tokens for f in small_act.kept] == [3] and [f.tokens for f in small_act.dropped] == [2]
+    assert not small_act.dropped[0].partly_counted

@@ -238,6 +238,7 @@ class PromptBuilder:
             # counted as the prompt holds it: a defanged special token costs more than the raw one
             count_tokens=lambda text: self.count_tokens(clean(text)),
             fill=lambda text: fill_macros(text, char, user),
+            room=self.max_model_len - item.max_new_tokens,
         )
 
     def build(self, item: PromptInput) -> BuiltPrompt:
@@ -439,9 +440,12 @@ class PromptBuilder:
                 "kind": "lore",
                 "id": f.entry.id,
                 "name": f.entry.name,
-                "reason": "context budget" if id(f) in for_context else "lore token budget",
+                "reason": "context budget"
+                if id(f) in for_context or (lore is not None and lore.room_limits)
+                else "lore token budget",
                 "tokens": f.tokens,
             }
+            | ({"tokens_at_least": True} if f.partly_counted else {})
             for f in (lore.dropped if lore else [])
         ]
         sources = [(s, t) for s, _, t in layout.persona if s in ECHO_SECTIONS and t]
