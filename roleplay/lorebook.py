@@ -341,8 +341,13 @@ _size_refusal = lru_cache(maxsize=1024)(size_refusal)  # a key is tried on every
 
 
 def _as_regex(key: str) -> tuple[str, str] | None:
-    m = re.fullmatch(r"/(.+)/([a-z]*)", key, flags=re.DOTALL)
-    return (m.group(1), m.group(2)) if m else None
+    """(pattern, flags) of a key written `/pattern/flags`, read as SillyTavern reads it: flags of
+    `gimsuy` only, and no unescaped `/` inside the pattern (`/me/please` is a plain key there, not
+    the pattern `me` that fired on nearly every line)."""
+    m = re.fullmatch(r"/([\s\S]+?)/([gimsuy]*)", key)
+    if m is None or re.search(r"(^|[^\\])/", m.group(1)):
+        return None
+    return m.group(1), m.group(2)
 
 
 @dataclass

@@ -435,3 +435,13 @@ def test_a_book_of_many_long_entries_costs_what_the_context_holds_not_the_whole_
     small_act = activate(small, message="hi", history=[], count_tokens=_words, room=2048)
     assert [f.tokens for f in small_act.kept] == [3] and [f.tokens for f in small_act.dropped] == [2]
     assert not small_act.dropped[0].partly_counted
+
+
+def test_a_key_with_slashes_is_a_regex_only_as_sillytavern_reads_one() -> None:
+    """Found in review: any `/x/y` key was a regex (`/me/please` the pattern `me`, flags `please`,
+    firing on "me", "time", "home" in nearly every line), and `/a(/b` refused the whole card at import.
+    SillyTavern reads a key as a regex only with flags of `gimsuy` and no unescaped `/` inside."""
+    book = _book({"keys": ["/me/please"]}, {"keys": ["/a(/b"]}, {"keys": ["/dra(g|k)on/i"]})
+    assert set(_fired(book, "It is time to go home")) == set()
+    assert set(_fired(book, "type /me/please and /a(/b here")) == {0, 1}
+    assert set(_fired(book, "A DRAKON!")) == {2}
