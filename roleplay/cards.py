@@ -172,8 +172,18 @@ def _check_storable(card: Any, where: str) -> None:
 
 
 def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
-    """mlchat's character columns from a card's data (the card itself is kept as is)."""
-    return {
+    """mlchat's character columns from a card's data (the card itself is kept as is); the speech
+    style and language mlchat's own export writes under extensions.mlchat come back with it."""
+    extensions = data.get("extensions")
+    ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
+    ours = ours if isinstance(ours, dict) else {}
+    own: dict[str, Any] = {}
+    if isinstance(ours.get("speech_style"), str):
+        own["speech_style"] = ours["speech_style"]
+    language = ours.get("language")
+    if isinstance(language, str) and 0 < len(language.strip()) <= LANGUAGE_MAX:
+        own["language"] = language.strip()
+    return own | {
         "name": data["name"].strip(),
         "description": data.get("description", ""),
         "personality": data.get("personality", ""),
@@ -183,6 +193,9 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
         "system_prompt": data.get("system_prompt", ""),
         "post_history_instructions": data.get("post_history_instructions", ""),
     }
+
+
+LANGUAGE_MAX = 16  # characters.language
 
 
 _EXAMPLE_LINE = re.compile(r"^\s*\{\{(user|char)\}\}\s*:\s*(.*)$", re.IGNORECASE)

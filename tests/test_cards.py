@@ -3,6 +3,7 @@
 import base64
 import io
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -115,6 +116,15 @@ def test_a_character_from_data_exports_as_a_v2_card_that_imports_back(world) -> 
         copy, source = get_character(session=s, slug=slug), get_character(session=s, slug="elara")
         assert copy.example_dialogues == source.example_dialogues
         assert copy.description == source.description
+        # Found in review: the speech style and language the export writes (extensions.mlchat) were
+        # not read back: a copy lost its prompt's "Speech style:" line and its language.
+        assert source.speech_style and copy.speech_style == source.speech_style
+        assert copy.language == source.language
+    odd = {"speech_style": 5, "language": "x" * 40}
+    odd_card = card | {"data": card["data"] | {"extensions": {"mlchat": odd}}}
+    plain = import_card(json.dumps(odd_card).encode(), f"elara-odd-{uuid.uuid4().hex[:6]}").slug
+    with session_scope() as s:
+        assert get_character(session=s, slug=plain).speech_style == ""  # a value of no use: left out
 
 
 def _card(spec: str = "chara_card_v2", **data) -> bytes:
