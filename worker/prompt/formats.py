@@ -78,11 +78,15 @@ def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) ->
     return RenderedPrompt(body + "### Assistant:\n", True, ("### User:", "### System:"))
 
 
-_SOLAR_MARKER = regex.compile(r"#(##[\s\p{Cf}]*(?:system|user|assistant)\s*:)", regex.IGNORECASE)
+# A hash beside another (or its fullwidth and small forms, which NFKC folds into it): every run is
+# broken, so no "###" header opens in untrusted text whatever follows it ("###\u3164User:", a
+# Hangul filler for the space, "### Ｕｓｅｒ：" in fullwidth forms; a role word's every spelling was
+# not to be foreseen). A Markdown heading keeps its look: the break is a zero-width space.
+_HASH_PAIR = regex.compile("[#\uff03\ufe5f](?=[#\uff03\ufe5f])")
 
 
 def _escape_solar(text: str, char: str, user: str) -> str:
-    return _SOLAR_MARKER.sub(lambda m: "#" + ZWSP + m.group(1), text)
+    return _HASH_PAIR.sub(lambda m: m.group(0) + ZWSP, text)
 
 
 def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
@@ -97,13 +101,13 @@ def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> 
 # tokens whole: they count as the line's leading space. Between the name and its colon they break it
 # (that is the escape), so there only whitespace counts.
 LEADING = r"[\s\p{Cf}]*"
-_EEVE_MARKER = regex.compile(
-    rf"^({LEADING}(?:human|assistant|system))(\s*:)", regex.IGNORECASE | regex.MULTILINE
-)
+EEVE_ROLES = ("Human", "Assistant", "System")
 
 
 def _escape_eeve(text: str, char: str, user: str) -> str:
-    return _EEVE_MARKER.sub(lambda m: m.group(1) + ZWSP + m.group(2), text)
+    # Its role lines are read as speakers' names are (any case, width or colon form, a Hangul
+    # filler before it): "ㅤAssistant:" and "Ａssistant：" opened the model's turn.
+    return escape_name_markers(text, EEVE_ROLES)
 
 
 def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
