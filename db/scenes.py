@@ -618,14 +618,19 @@ class SceneClosed(ValueError):
     """A run's scene that failed or was cancelled: it cannot go on (the message names its status)."""
 
 
+class SceneNotFound(LookupError):
+    """No group conversation of that name (for that tenant): the message names it."""
+
+
 def extend_scene(
     *, session: Session, conversation_id: int, exchanges: int, api_key: str | None = None
 ) -> tuple[Scene, list[NewStep]]:
     """extend: a live scene goes on for `exchanges` more steps (reopened if it ended, failed or was
     cancelled: the game asks it to go on); step n+1's turn is created now unless one is open, or sent
     again if it failed or was cancelled (with its attempts back: one empty reply, or a worker lost
-    three times, would otherwise close the game's group for good). KeyError if the conversation holds
-    no scene; SceneClosed for a run's scene that failed or was cancelled (the run's to retry).
+    three times, would otherwise close the game's group for good). SceneNotFound if the conversation
+    holds no scene (erased meanwhile); SceneClosed for a run's scene that failed or was cancelled
+    (the run's to retry).
     The conversation's row is locked first, as a player's line and a step's store lock it (before
     the scene's, as the store's order is): a step requeued or created here is numbered and its
     speaker picked seeing a line committed just before, never beside it (scenes review)."""
@@ -634,7 +639,7 @@ def extend_scene(
         select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
     ).one_or_none()
     if scene is None:
-        raise KeyError(conversation_id)
+        raise SceneNotFound(f"no group conversation of id {conversation_id}")
     closed = scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED)
     if closed and scene.run_id is not None:
         raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")

@@ -287,6 +287,18 @@ def append_history_if_empty(
     return len(rows)
 
 
+def adopt_empty_conversation(
+    *, session: Session, conversation_id: int, character_id: int, player_name: str
+) -> None:
+    """An empty conversation stored before (an import of nothing) becomes a new group's: its lead
+    character and player, as a new one would have. The caller holds its lock and saw it empty."""
+    session.execute(
+        update(Conversation)
+        .where(Conversation.id == conversation_id)
+        .values(character_id=character_id, player_name=player_name)
+    )
+
+
 def upsert_conversations(
     *,
     session: Session,

@@ -7,7 +7,7 @@ import logging
 import uuid
 from typing import Any
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select
 
 from core.paging import cut
 from core.settings import DEFAULT_TENANT, settings
@@ -17,6 +17,7 @@ from db.scenes import (
     NewScene,
     NewStep,
     SceneClosed,
+    SceneNotFound,
     create_scene,
     extend_scene,
     last_lines_after,
@@ -26,7 +27,7 @@ from db.scenes import (
 )
 from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import IdempotencyConflict, mark_dispatched
-from db.world import character_names, find_characters, upsert_conversations
+from db.world import adopt_empty_conversation, character_names, find_characters, upsert_conversations
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
@@ -113,10 +114,8 @@ def _create_group(
     if holds and has_scene is None:
         raise SceneRefused(f"conversation: {spec.conversation!r} is a one-character conversation already")
     if not holds:  # an empty conversation stored before (an import of nothing): it is this group's
-        session.execute(
-            update(Conversation)
-            .where(Conversation.id == conv_id)
-            .values(character_id=lead, player_name=spec.player_name)
+        adopt_empty_conversation(
+            session=session, conversation_id=conv_id, character_id=lead, player_name=spec.player_name
         )
     scene = scene_of(
         spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
@@ -141,7 +140,7 @@ def continue_group(
     """Ask the group to go on for `exchanges` more lines with no player line, on the live lane (a
     group whose step failed or was cancelled goes on from that step). Under an `idempotency_key` an
     earlier call used, nothing more is asked (`replayed`; only a step whose message never went is
-    sent again). KeyError if the tenant has no such group; KeyReused when the key was used for
+    sent again). SceneNotFound if the tenant has no such group; KeyReused when the key was used for
     another call."""
     earlier: list[int] | None = None
     again: list[NewStep] = []
@@ -156,9 +155,12 @@ def continue_group(
             steps, again = replay_unsent_step(session=session, conversation_id=conv_id)
         else:
             conv_id = _conversation_id(session, conversation, tenant)
-            scene, steps = extend_scene(
-                session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
-            )
+            try:
+                scene, steps = extend_scene(
+                    session=session, conversation_id=conv_id, exchanges=exchanges, api_key=api_key
+                )
+            except SceneNotFound:  # erased since it was looked up
+                raise SceneNotFound(f"no group conversation {conversation!r}") from None
             if idempotency_key is not None:
                 ids = [scene.id]
                 record_ids(session=session, tenant=tenant, kind=CONTINUE_KEY, key=idempotency_key, ids=ids)
@@ -227,12 +229,12 @@ def scene_view(
     """The group's scene and a page of its transcript: the lines after line `after`, at most `limit`
     (with `tail`, the last `limit` of those: what a group that goes on said last); `next_after` is the
     cursor past the page's last line (for the next page, or for lines written later) and `more`
-    whether lines are waiting past it. KeyError if the tenant has no such group."""
+    whether lines are waiting past it. SceneNotFound if the tenant has no such group."""
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         scene = session.scalars(select(Scene).where(Scene.conversation_id == conv_id)).one_or_none()
         if scene is None:  # erased since the line above (review: a 500)
-            raise KeyError(f"no group conversation {conversation!r}")
+            raise SceneNotFound(f"no group conversation {conversation!r}")
         if tail:
             after = max(after, last_lines_after(session=session, conversation_id=conv_id, n=limit))
         lines = scene_transcript(session=session, scene_id=scene.id, after=after, limit=limit + 1)
@@ -277,7 +279,7 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
         )
     )
     if conv_id is None:
-        raise KeyError(f"no group conversation {conversation!r}")
+        raise SceneNotFound(f"no group conversation {conversation!r}")
     return int(conv_id)
 
 
@@ -314,4 +316,4 @@ def _send(steps: list[NewStep], went: list[uuid.UUID]) -> None:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])
 
 
-__all__ = ["SceneClosed", "SceneRefused", "continue_group", "scene_view", "start_group"]
+__all__ = ["SceneClosed", "SceneNotFound", "SceneRefused", "continue_group", "scene_view", "start_group"]

@@ -2477,3 +2477,36 @@ def test_names_alike_in_their_whole_label_clash_though_they_differ_past_it() -> 
     assert (name_clash(twins, {"ann": long_a, "bram": long_b}) or "").startswith("participants.")
     player = SceneSpec(participants=["ann", "bram"], exchanges=2, player_name=long_b)
     assert (name_clash(player, {"ann": long_a, "bram": "Bram"}) or "").startswith("player_name:")
+
+
+def test_a_group_erased_between_its_lookup_and_its_continue_is_not_found_by_its_name(
+    world, monkeypatch
+) -> None:
+    """Found in review: the continue's lookup and its extend are two reads; a group erased between
+    them raised a bare KeyError of the internal id, answered as a 404 saying "1234", and the route's
+    `except KeyError` took any KeyError (a bug's, the view's) for "not found"."""
+    import services.scenes as scene_service
+    from db.scenes import SceneNotFound
+    from scenes.spec import GroupSpec
+    from services.erasure import erase
+
+    tenant, conv = f"t-{uuid.uuid4().hex[:8]}", f"gone-group-{uuid.uuid4().hex[:8]}"
+    spec = GroupSpec.model_validate(
+        {"conversation": conv, "participants": ["elara", "luffy"], "exchanges": 0}
+    )
+    scene_service.start_group(spec, tenant=tenant)
+    real = scene_service._conversation_id
+
+    def erased_right_after(session, conversation, tenant):  # type: ignore[no-untyped-def]
+        found = real(session, conversation, tenant)
+        with session_scope() as other:
+            other.execute(delete(Scene).where(Scene.conversation_id == found))
+        return found
+
+    monkeypatch.setattr(scene_service, "_conversation_id", erased_right_after)
+    with pytest.raises(SceneNotFound, match=f"^no group conversation {conv!r}$"):
+        scene_service.continue_group(conv, 1, tenant=tenant)
+    monkeypatch.undo()
+    assert erase(tenant, "p", conversations=[conv]).conversations == 1
+    with pytest.raises(SceneNotFound, match=f"^no group conversation {conv!r}$"):
+        scene_service.scene_view(conv, tenant=tenant)

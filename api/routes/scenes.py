@@ -70,8 +70,8 @@ async def continue_scene(
                 idempotency_key=idempotency_key,
             )
         )
-    except KeyError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+    except scenes.SceneNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     except scenes.SceneClosed as exc:
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
@@ -88,5 +88,5 @@ async def get_scene(
         return await run_in_threadpool(
             scenes.scene_view, conversation, tenant=who.tenant, after=wanted.after, limit=wanted.limit
         )
-    except KeyError as exc:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc.args[0])) from None
+    except scenes.SceneNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
