@@ -439,6 +439,11 @@ def story_event_place(*, session: Session, event_id: int) -> tuple[str, int]:
     return story, ordinal
 
 
+def registered_adapter_path(*, session: Session, slug: str) -> str | None:
+    """The path of the character's registered LoRA, if any."""
+    return session.scalar(select(Character.lora_path).where(Character.slug == slug))
+
+
 def register_adapter(*, session: Session, slug: str, path: str, tenant: str | None = None) -> int | None:
     """The character's LoRA is now the one at `path`, one version up, answering `tenant`'s turns
     alone (None: every tenant's); its new version, or None if there is no such character."""

@@ -960,3 +960,58 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     for bad in ("studio\x00b", "x" * 65, "stu dio"):  # never a tenant's name: refused, not a database error
         assert cli(["lora", "register", slug, str(adapter), "--tenant", bad]) == 2, bad
         assert "--tenant: " in capsys.readouterr().err
+
+
+def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_folder(
+    world, tmp_path, monkeypatch
+) -> None:
+    """Found in review: `register` checked the user's folder and copied it afterwards, so a folder
+    retrained in place meanwhile (an adapter of the card's examples becoming one of a tenant's
+    dialogue) was registered to answer every tenant; and a registration whose COMMIT answer was lost
+    deleted the copy the character's row then named."""
+    import shutil
+    from contextlib import contextmanager
+    from pathlib import Path
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from db.world import get_character
+    from services.lora import registry
+
+    slug = f"inplace-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"card examples")
+    (adapter / "training_config.json").write_text(json.dumps({"from_turns": 0}))  # every tenant's
+    real_copy = shutil.copytree
+
+    def retrained_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
+        real_copy(src, dst, **kw)
+        Path(dst, "adapter_model.safetensors").write_bytes(b"studio-b dialogue")
+        Path(dst, "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
+
+    monkeypatch.setattr(registry.shutil, "copytree", retrained_while_copied)
+    registered = registry.register(slug, adapter)
+    assert registered.tenant == "studio-b"  # as the copy the workers load says, not every tenant
+    monkeypatch.undo()
+
+    real_scope = registry.session_scope
+
+    @contextmanager
+    def commit_answer_lost():  # type: ignore[no-untyped-def]
+        with real_scope() as session:
+            yield session
+        raise OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection"))
+
+    monkeypatch.setattr(registry, "session_scope", commit_answer_lost)
+    with pytest.raises(OperationalError):
+        registry.register(slug, adapter, every_tenant=True)
+    monkeypatch.undo()
+    with session_scope() as s:
+        path = get_character(session=s, slug=slug).lora_path
+    assert path is not None and path != str(registered.path) and Path(path, "adapter_config.json").is_file()

@@ -16,7 +16,7 @@ from typing import Any
 
 from core.settings import TENANT_NAME, settings
 from db.session import session_scope
-from db.world import register_adapter
+from db.world import register_adapter, registered_adapter_path
 from services.characters import CharacterNotFound, character_exists
 from services.lora.engine_check import engine_refusal
 from services.lora.files import BadLoraFile, read_object
@@ -69,35 +69,78 @@ def _its_manifest(record: dict[str, Any]) -> dict[str, Any]:
     return manifest if same and manifest.get("character") == record.get("character") else record
 
 
-def served_to(adapter_dir: Path, *, tenant: str | None, every_tenant: bool) -> str | None:
+def served_to(
+    adapter_dir: Path, *, tenant: str | None, every_tenant: bool, shown: Path | None = None
+) -> str | None:
     """Whose turns the adapter answers (None: every tenant's). One trained on a tenant's dialogue (its
     training record, from `mlchat lora train`, or its data set's manifest says whose) answers that
     tenant's alone, unless `every_tenant` says aloud to serve their players' history to all; never
     another tenant alone. One trained on the card's examples alone answers `tenant`'s, or every
     tenant's. One whose record does not say (trained elsewhere, or its data set gone) must be told:
-    `tenant` or `every_tenant`."""
+    `tenant` or `every_tenant`. Messages name `shown` (the folder the user gave, when this is its copy)."""
     if tenant is not None and every_tenant:
         raise TrainedOnATenant("--tenant and --every-tenant: one or the other")
     if tenant is not None and not (len(tenant) <= 64 and TENANT_NAME.fullmatch(tenant)):  # '': the CLI's
         raise TrainedOnATenant(
             f"--tenant: {tenant[:80]!r} is no tenant's name (letters, digits, '.', '_', '-')"
         )
-    says, trained_on, turns = _trained_on(adapter_dir)
+    named = shown or adapter_dir
+    try:
+        says, trained_on, turns = _trained_on(adapter_dir)
+    except BadLoraFile as exc:
+        raise BadLoraFile(str(exc).replace(str(adapter_dir), str(named))) from None
     if says and not turns:  # the card's examples alone
         return None if every_tenant else tenant
     if not says or trained_on is None:
         if tenant is None and not every_tenant:
             raise TrainedOnATenant(
-                f"{adapter_dir}: its training record does not say whose dialogue it learnt from; "
+                f"{named}: its training record does not say whose dialogue it learnt from; "
                 "pass --tenant (the tenant whose turns it answers) or --every-tenant"
             )
         return tenant
     if tenant is not None and tenant != trained_on:
         raise TrainedOnATenant(
-            f"{adapter_dir}: trained on tenant {trained_on!r}'s dialogue ({turns} exchanges), "
+            f"{named}: trained on tenant {trained_on!r}'s dialogue ({turns} exchanges), "
             f"not tenant {tenant!r}'s: it answers {trained_on!r}'s turns (or, with --every-tenant, all)"
         )
     return None if every_tenant else trained_on
+
+
+def _registered_at(slug: str, target: Path) -> bool:
+    """Whether the character's LoRA is the copy at `target` after all (a commit whose answer was lost
+    registered it): its folder is then kept. Unknown (the database still away): kept too, an orphan
+    copy costing disk where a deleted one would fail every turn of the character."""
+    try:
+        with session_scope() as session:
+            return registered_adapter_path(session=session, slug=slug) == str(target)
+    except Exception:
+        return True
+
+
+def _check_adapter(folder: Path, shown: Path) -> None:
+    """BadLoraFile unless `folder` holds a PEFT LoRA the engine can load; messages name `shown` (the
+    folder the user gave, when `folder` is its copy)."""
+    try:
+        config_path = folder / "adapter_config.json"
+        if not config_path.is_file():
+            raise BadLoraFile(f"{folder}: no adapter_config.json (train one with `mlchat lora train`)")
+        if not any((folder / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise BadLoraFile(f"{folder}: no adapter weights (adapter_model.safetensors)")
+        config = read_object(config_path)
+        if config.get("peft_type") != "LORA":
+            raise BadLoraFile(f"{folder}: a {config.get('peft_type')} adapter; only LoRA is served")
+        rank = config.get("r")
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a positive whole number")
+        if rank > settings.max_lora_rank:
+            raise BadLoraFile(
+                f"{folder}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
+            )
+        refusal = engine_refusal(config, settings.max_lora_rank)
+        if refusal is not None:  # registered, every turn of the character was retried for minutes
+            raise BadLoraFile(f"{config_path}: the engine would refuse it: {refusal}")
+    except BadLoraFile as exc:
+        raise BadLoraFile(str(exc).replace(str(folder), str(shown))) from None
 
 
 def register(
@@ -107,36 +150,25 @@ def register(
     says whose by default); ValueError (BadLoraFile) for a folder that is not a PEFT LoRA the engine
     can load or one trained on a tenant's dialogue asked to serve all unsaid, CharacterNotFound for
     an unknown character."""
-    config_path = adapter_dir / "adapter_config.json"
-    if not config_path.is_file():
-        raise BadLoraFile(f"{adapter_dir}: no adapter_config.json (train one with `mlchat lora train`)")
-    if not any((adapter_dir / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise BadLoraFile(f"{adapter_dir}: no adapter weights (adapter_model.safetensors)")
-    config = read_object(config_path)
-    if config.get("peft_type") != "LORA":
-        raise BadLoraFile(f"{adapter_dir}: a {config.get('peft_type')} adapter; only LoRA is served")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise BadLoraFile(f"{config_path}: r: {json.dumps(rank)[:40]} is not a positive whole number")
-    if rank > settings.max_lora_rank:
-        raise BadLoraFile(
-            f"{adapter_dir}: rank {config['r']} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank})"
-        )
-    refusal = engine_refusal(config, settings.max_lora_rank)
-    if refusal is not None:  # registered, every turn of the character was retried for minutes
-        raise BadLoraFile(f"{config_path}: the engine would refuse it: {refusal}")
+    _check_adapter(adapter_dir, adapter_dir)  # refused before a copy is made: an unknown slug costs none
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     if not character_exists(slug):
         raise CharacterNotFound(f"no character {slug!r}")
-    serving = served_to(adapter_dir, tenant=tenant, every_tenant=every_tenant)
+    served_to(adapter_dir, tenant=tenant, every_tenant=every_tenant)  # its refusals, before a copy too
     target = adapters_dir() / slug / uuid.uuid4().hex
     try:
         shutil.copytree(adapter_dir, target)
+        # What is registered is the copy, checked again as copied: a folder retrained in place while
+        # it was copied (its weights and record replaced) is judged by what the workers will load,
+        # and whose turns it answers by the record copied with it.
+        _check_adapter(target, adapter_dir)
+        serving = served_to(target, tenant=tenant, every_tenant=every_tenant, shown=adapter_dir)
         with session_scope() as session:
             version = register_adapter(session=session, slug=slug, path=str(target), tenant=serving)
-    except BaseException:  # a full disk, the database away: no copy left behind
-        shutil.rmtree(target, ignore_errors=True)
+    except BaseException:  # refused, a full disk, the database away: no copy left behind
+        if not _registered_at(slug, target):
+            shutil.rmtree(target, ignore_errors=True)
         raise
     if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
