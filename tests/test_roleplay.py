@@ -280,3 +280,51 @@ def test_a_weak_replys_second_request_is_blamed_for_an_engine_death_and_cancelle
     with pytest.raises(KeyboardInterrupt):
         engine_module.generate([request])
     assert cancelled == [unread]
+
+
+def test_a_weak_replys_second_try_loads_its_adapter_first(monkeypatch) -> None:
+    """Found in review: the second try of weak replies named their adapters without loading them;
+    vLLM may have evicted one since the batch loaded it (other threads' adapters, more than it keeps),
+    and a request naming an evicted adapter reloads it inside an engine step, where a volume blip
+    kills the engine core: every tenant's turns handed back. One that cannot load keeps its first."""
+    import uuid
+    from types import SimpleNamespace
+
+    from worker import engine as engine_module
+    from worker import judge
+    from worker.engine import Adapter, AdapterUnavailable, GenerationRequest
+    from worker.engine_loop import Generation
+
+    voiced, unreadable = Adapter("voice@v1", 1, "/a"), Adapter("gone@v2", 2, "/b")
+    turns = [SimpleNamespace(id=uuid.uuid4(), params={}) for _ in range(3)]
+    requests = {
+        t.id: GenerationRequest([1, 2], 0.7, 0.9, 32, 7, (), adapter=a)
+        for t, a in zip(turns, (voiced, unreadable, None), strict=True)
+    }
+    weak = [
+        (t, Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))
+        for t in turns
+    ]
+    loads: list[str] = []
+
+    def load_adapter(adapter):  # type: ignore[no-untyped-def]
+        loads.append(adapter.name)
+        if adapter is unreadable:
+            raise AdapterUnavailable("cannot read adapter_config.json", retry_in=60.0)
+
+    asked: list[object] = []
+
+    def generate(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
+        asked.extend(r.adapter for r in requests)
+        return [Generation("Well met, traveller.", 2, 5, "stop") for _ in requests]
+
+    patch_on_this_thread(monkeypatch, engine_module, "load_adapter", load_adapter)
+    patch_on_this_thread(monkeypatch, engine_module, "generate", generate)
+    patch_on_this_thread(monkeypatch, judge, "embed", lambda texts: [[0.0]] * len(texts))
+    patch_on_this_thread(monkeypatch, judge, "_judge", lambda *a: judge.Verdict(None, {"below_bar": []}))
+    each = {t.id: None for t in turns}
+    out = judge.regenerate_weak(weak, requests, each, each, each)  # type: ignore[arg-type]
+    assert sorted(loads) == ["gone@v2", "voice@v1"]
+    assert asked == [voiced, None]  # the turn whose adapter did not load keeps its first reply
+    assert out[1] == weak[1]
+    assert out[0][1].text == "Well met, traveller." and out[2][1].text == "Well met, traveller."

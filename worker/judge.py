@@ -29,7 +29,7 @@ from roleplay.mood import (
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import EngineDead, Generation, GenerationRequest
+from worker.engine import AdapterUnavailable, EngineDead, Generation, GenerationRequest
 from worker.prompt import BuiltPrompt
 from worker.structured import BadStructuredReply, read_reply
 
@@ -189,6 +189,11 @@ def regenerate_weak(
     Each second request's future joins its turn's in `futures_of` (the batch's report.futures), so an
     engine death blames it and a hand-back cancels it, as for the first ones."""
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
+    # Their adapters loaded again (vLLM may have evicted one since the batch loaded it: a request
+    # naming an evicted adapter reloads it inside an engine step, where a failure kills the engine);
+    # a turn whose adapter cannot be loaded now keeps its first reply.
+    loaded = _loaded({requests[judged[i][0].id].adapter for i in weak} - {None})
+    weak = [i for i in weak if requests[judged[i][0].id].adapter in loaded | {None}]
     if not weak:
         return judged
     retry = [_next_seed(requests[judged[i][0].id], judged[i][0]) for i in weak]
@@ -250,6 +255,19 @@ def regenerate_weak(
         else:
             out[i] = (turn, first_gen, first_vec, Verdict(first.mood, record, first.seed, alternatives))
     return out
+
+
+def _loaded(adapters: set[Any]) -> set[Any]:
+    """The adapters loaded now (a load is a touch for one loaded already); EngineDead passed on."""
+    loaded = set()
+    for adapter in adapters:
+        try:
+            engine_module.load_adapter(adapter)
+        except AdapterUnavailable as exc:
+            logger.warning("no second try for the weak replies of %s: %s", adapter.name, exc)
+            continue
+        loaded.add(adapter)
+    return loaded
 
 
 def _read(request: GenerationRequest, result: Generation | Exception) -> Generation | Exception:
