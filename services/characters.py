@@ -118,7 +118,14 @@ def export_card(slug: str, fmt: Literal["json", "png"] = "json", image: bytes | 
         if character is None:
             raise CharacterNotFound(f"unknown character {slug!r}")
         card = character.card or _card_from_columns(character)
-    return card_png(card, image) if fmt == "png" else card_json(card)
+    if fmt == "json":
+        return card_json(card)
+    png = card_png(card, image)
+    try:  # what is exported imports: its text as a base64 chunk is a third longer than its JSON
+        read_card(png, max_bytes=settings.card_max_bytes, max_text_bytes=settings.card_max_text_bytes)
+    except CardError as exc:
+        raise CardError(f"a PNG of this card would not import here ({exc}); export it as JSON") from None
+    return png
 
 
 def _card_from_columns(c: Character) -> dict[str, Any]:

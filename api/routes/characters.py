@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, Res
 from pydantic import BaseModel
 
 from api.deps import needs
+from roleplay.cards import CardError
 from services import characters
 from services.characters import SLUG_PATTERN
 
@@ -45,4 +46,6 @@ def export_character(slug: Slug, format: Literal["json", "png"] = "json") -> Res
         data = characters.export_card(slug, format)
     except LookupError as exc:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from exc
+    except CardError as exc:  # a PNG that would not import back: the JSON export is the way
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(exc)) from None
     return Response(data, media_type="image/png" if format == "png" else "application/json")
