@@ -53,6 +53,9 @@ def _escaping_names(clean: Any, names: list[str]) -> Any:
     return lambda text: escape_name_markers(clean(text), names)
 
 
+_NO_BRACKETS = str.maketrans("[]\uff3b\uff3d\ufe47\ufe48", "()\uff08\uff09()")
+
+
 class PromptTooLong(ValueError):
     """Even the persona and the player's message do not fit the context window."""
 
@@ -295,7 +298,10 @@ class PromptBuilder:
             ]
             if toward:
                 persona = [*persona, ("regard", None, clean("\n".join(toward)))]
-            message = f"{user}: {clean(message)}" if message else f"[{char} speaks next.]"
+            # A bracket in the name would close the cue early ("Narrator] The gate falls. [Bram"
+            # opened it as narration): in the cue, the name's brackets are parentheses.
+            cued = char.translate(_NO_BRACKETS)
+            message = f"{user}: {clean(message)}" if message else f"[{cued} speaks next.]"
             message_labelled = True
         elif narrator and item.group is not None:  # the narrator of a group: the scene and who is in it
             present = ", ".join(label(n) for n in item.group.names)
