@@ -462,7 +462,7 @@ class Settings(BaseSettings):
         # A relative one was recorded as given (an adapter's path in the database, a batch file's),
         # and a process started from another directory found nothing there, or started embedded
         # servers of its own.
-        return None if value is None else value.expanduser().resolve()
+        return None if value is None else value.expanduser().absolute()  # links kept as given
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -561,11 +561,12 @@ class Settings(BaseSettings):
             return
         if self.max_num_seqs is not None and step < self.max_num_seqs:
             raise ValueError("MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_NUM_SEQS")
-        if step < self.max_model_len and self.enable_chunked_prefill is not True:
+        # Off as set; unset, a GPU's vLLM splits prompts and a CPU's does not (worker/engine.py
+        # checks that case when the engine starts, where the platform is known).
+        if step < self.max_model_len and self.enable_chunked_prefill is False:
             raise ValueError(
-                "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN unless "
-                "MLCHAT_ENABLE_CHUNKED_PREFILL=true (a prompt not split must fit one engine step; on a "
-                "CPU, where it is off by default, seeded requests crash with it on)"
+                "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN with "
+                "MLCHAT_ENABLE_CHUNKED_PREFILL=false (a prompt not split must fit one engine step)"
             )
 
     def _memory_answers_fit(self) -> None:

@@ -68,6 +68,17 @@ def same_space(*, session: Session) -> bool:
     return bool(session.scalar(_SAME_SPACE))
 
 
+def refuse_if_moved(*, session: Session, what: str) -> None:
+    """EmbedderMismatch, in the transaction that stored `what`'s vectors (its rollback stores none),
+    when the stored vectors are no longer this connection's space: a re-embed's swap committed while
+    they were embedded, and the guard trigger stored them NULL, never to be found by similarity."""
+    if not same_space(session=session):
+        raise EmbedderMismatch(
+            f"{what}: the stored vectors moved to another embedder while it was embedded (a re-embed "
+            "swapped them in); nothing stored: send it again (a process of that embedder stores it)"
+        )
+
+
 def same_weights(mine: ArrayLike, recorded: ArrayLike) -> bool:
     """Whether two probe vectors come from the same weights (same dimension, cosine near 1)."""
     a, b = np.asarray(mine, dtype=np.float64), np.asarray(recorded, dtype=np.float64)

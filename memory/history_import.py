@@ -20,7 +20,7 @@ from core.halving import most_passing
 from core.settings import TENANT_NAME, settings
 from core.text import printable
 from db.models import Conversation, Role
-from db.vector_space import same_space
+from db.vector_space import refuse_if_moved
 from services.schemas import HISTORY_LINE_CHARS, storable_text
 
 HistoryFormat = Literal["sillytavern", "openai", "original"]
@@ -420,11 +420,7 @@ def import_history(
             first, last = append_lines(
                 session=session, conversation_id=conv_id, lines=parsed.lines, vectors=vectors
             )
-            if not same_space(session=session):  # the rows' vectors were stored NULL (migration 0020)
-                raise HistoryRefused(
-                    "the stored vectors moved to another embedder while the log was embedded (a re-embed "
-                    "swapped them in); run the import again"
-                )
+            refuse_if_moved(session=session, what="the log")
     return _memory_scheduled(Imported(conv_id, first, last, parsed.skipped))
 
 

@@ -491,8 +491,12 @@ def activate(
     allowance = (limit + 1) * CHARS_COUNTED_PER_TOKEN * 4
     used = 0
     for entry, reason in ranked:
-        content = fill(entry.content) if allowance > 0 else entry.content
-        head = content[: min((limit - used + 1) * CHARS_COUNTED_PER_TOKEN, max(allowance, 0))]
+        # Past the allowance an entry no longer than the tokens left is still read (a short one
+        # ranked after long ones fits): what that reads is bounded by what is left, entry by entry.
+        short = len(entry.content) <= limit - used
+        content = fill(entry.content) if allowance > 0 or short else entry.content
+        reach = len(content) if short else max(allowance, 0)
+        head = content[: min((limit - used + 1) * CHARS_COUNTED_PER_TOKEN, reach)]
         tokens = count_tokens(head) if head else 0
         allowance -= len(head)
         partly = len(head) < len(content) and (tokens > limit - used or allowance <= 0)

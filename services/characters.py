@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from core.settings import DEFAULT_TENANT, settings
 from db.models import Character
 from db.session import session_scope
+from db.vector_space import refuse_if_moved
 from db.world import (
     INLINE_PREFIX,
     append_story_event,
@@ -200,6 +201,7 @@ def add_story_event(
             time=event.time,
             embedding=vector,
         )
+        refuse_if_moved(session=session, what="the story event")
         if idempotency_key is not None:
             record_ids(session=session, tenant=tenant, kind=EVENT_KEY, key=idempotency_key, ids=[event_id])
     return {"id": event_id, "story": event.story, "ordinal": ordinal}, False

@@ -311,6 +311,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     another embedder's (even a replay, which embeds nothing, is refused before it stores a turn)."""
     from db.history import conversation_lines, copy_lines, lock_conversation
     from db.session import session_scope
+    from db.vector_space import refuse_if_moved
     from db.world import (
         StoryBusy,
         count_story_events,
@@ -369,6 +370,8 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
                 "send this one again when they are answered, or pass another conversation"
             )
         added = _append_missing(session, req, kept_id, kept, start, line_vectors)
+        # Before a copy, which names the stored vectors' embedder to copy them as they are.
+        refuse_if_moved(session=session, what="the request's history and story")
         conversation = kept
         if not req.conversation:
             conversation = _own_conversation(req)

@@ -163,7 +163,7 @@ def _refusal(schema_json: str) -> str | None:
         raise  # not the schema's answer: not cached
     except SchemaRefused as exc:
         return str(exc)
-    except Exception as exc:  # a keyword's value of an odd type (never a 500)
+    except (TypeError, ValueError, LookupError, RecursionError) as exc:  # a keyword's value of an odd type
         return f": cannot be checked ({type(exc).__name__}: {str(exc)[:120]})"
     return None
 
@@ -414,6 +414,7 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         for i, value in enumerate(values if isinstance(values, list) else []):
             key = f"enum[{i}]" if "enum" in node else "const"
             while True:  # a search the `regex` module stopped is made again while this thread has time
+                searched_from = time.thread_time()
                 try:
                     error = next(iter(checker.iter_errors(value)), None)
                     break
@@ -422,7 +423,7 @@ def _check_node(node: dict[str, Any], where: str) -> None:
                     error = next(iter(of_type.iter_errors(value)), None)
                     break
                 except TimeoutError:
-                    budget.refuse_or_busy(f"{where}.{key}", "its pattern could not be checked in time")
+                    budget.search_stopped(f"{where}.{key}", time.thread_time() - searched_from)
             budget.refuse_or_busy(where, "its listed values could not be checked in time")
             if error is not None:
                 raise SchemaRefused(
@@ -448,22 +449,42 @@ class ListedValuesBudget:
     spent, the schema is refused (a pattern that backtracks on a value costs it wherever it runs);
     past REQUEST_BUILD_LIMITS times as long on the wall clock first, the host is too busy, and the
     request is sent back (not cached). The `regex` module's own timeout counts every thread of the
-    process, so a search it stops on a loaded API host is judged by this thread's time too."""
+    process: a search it stops before this thread spent the limit in it was stopped by the others'
+    work, is no verdict, and its time is not counted (`stopped`); it is made again while time is left."""
 
     def __init__(self, seconds: float | None = None) -> None:
         self.seconds = LISTED_VALUES_CHECK_S if seconds is None else seconds
-        self.cpu_until = time.thread_time() + self.seconds
+        self.cpu_started = time.thread_time()
+        self.stopped = 0.0  # this thread's CPU time in searches the module stopped early
         self.wall_until = time.monotonic() + REQUEST_BUILD_LIMITS * self.seconds
+
+    def search_stopped(self, where: str, search_cpu_s: float) -> None:
+        """A search the module stopped after `search_cpu_s` of this thread's CPU time: SchemaRefused
+        when that is the limit's worth (the thread had the process to itself: the pattern's verdict),
+        GrammarBusy past the wall time, else nothing (made again)."""
+        if search_cpu_s >= STOPPED_ALONE * LISTED_VALUES_CHECK_S:
+            raise SchemaRefused(
+                f"{where}: its pattern could not be checked in time ({LISTED_VALUES_CHECK_S:g} s)"
+            )
+        self.stopped += search_cpu_s
+        self._busy_past_wall(where)
 
     def refuse_or_busy(self, where: str, refusal: str) -> None:
         """SchemaRefused naming `where` once the CPU time is spent; GrammarBusy past the wall time;
         else nothing."""
-        if time.thread_time() >= self.cpu_until:
+        if time.thread_time() - self.cpu_started - self.stopped >= self.seconds:
             raise SchemaRefused(f"{where}: {refusal} ({self.seconds:g} s of CPU time)")
+        self._busy_past_wall(where)
+
+    def _busy_past_wall(self, where: str) -> None:
         if time.monotonic() >= self.wall_until:
             raise GrammarBusy(
                 f"{where}: the host is too busy to check its listed values in time; send it again later"
             )
+
+
+# A search stopped after this share of the limit in its own thread's CPU time ran alone, or nearly.
+STOPPED_ALONE = 0.8
 
 
 _LISTED_BUDGET: ContextVar[ListedValuesBudget | None] = ContextVar("listed_values_budget", default=None)

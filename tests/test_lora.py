@@ -805,6 +805,7 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         ({"bias": "all"}, "Adapter bias is not supported"),
         ({"use_dora": True}, "vLLM does not yet support DoRA"),
         ({"lora_alpha": None} | {"drop": "lora_alpha"}, "Missing required configuration fields"),
+        ({"rank_pattern": ["q_proj"]}, "AttributeError"),  # review: a traceback, not a refusal
     ):
         config_of = {k: v for k, v in (plain | changed).items() if k not in (changed.get("drop"), "drop")}
         (adapter / "adapter_config.json").write_text(json.dumps(config_of))
@@ -998,19 +999,33 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
     monkeypatch.setattr(registry.shutil, "copytree", retrained_while_copied)
     registered = registry.register(slug, adapter)
     assert registered.tenant == "studio-b"  # as the copy the workers load says, not every tenant
+    folders = set(registered.path.parent.iterdir())
+
+    def broken_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
+        real_copy(src, dst, **kw)
+        Path(dst, "adapter_config.json").write_text(json.dumps(config | {"r": 4096}))
+
+    monkeypatch.setattr(registry.shutil, "copytree", broken_while_copied)
+    with pytest.raises(registry.BadLoraFile, match=f"^{adapter}: rank 4096 is over"):  # named as given
+        registry.register(slug, adapter)
+    assert set(registered.path.parent.iterdir()) == folders  # the refused copy is gone
     monkeypatch.undo()
 
     real_scope = registry.session_scope
+    scopes: list[str] = []
 
     @contextmanager
     def commit_answer_lost():  # type: ignore[no-untyped-def]
+        scopes.append("opened")
         with real_scope() as session:
             yield session
-        raise OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection"))
+        if len(scopes) == 1:  # the registration's: committed, its answer lost; the check after it reads
+            raise OperationalError("COMMIT", {}, psycopg.OperationalError("server closed the connection"))
 
     monkeypatch.setattr(registry, "session_scope", commit_answer_lost)
     with pytest.raises(OperationalError):
         registry.register(slug, adapter, every_tenant=True)
+    assert len(scopes) == 2  # the look at what the character names after the lost answer was made
     monkeypatch.undo()
     with session_scope() as s:
         path = get_character(session=s, slug=slug).lora_path

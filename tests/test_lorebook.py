@@ -428,6 +428,15 @@ def test_a_book_of_many_long_entries_costs_what_the_context_holds_not_the_whole_
         assert sum(counted) <= (limit + 1) * 8 * 4 + 4000  # not the book's 8 MB
         assert sum(f.partly_counted for f in act.dropped) >= len(act.dropped) - 10
         assert not any(f.partly_counted for f in act.kept)
+    # Review: once the long entries ranked first spent what a turn reads, a short one after them
+    # that fits was dropped uncounted; it is read, and kept.
+    book = _book(
+        *({"constant": True, "content": long} for _ in range(5)),
+        {"constant": True, "content": "a b c", "priority": -1},
+        token_budget=512,
+    )
+    act = activate(book, message="hi", history=[], count_tokens=count)
+    assert [f.content for f in act.kept] == ["a b c"] and len(act.dropped) == 5
     # A book within the room is counted as before: whole entries, its own budget.
     small = _book(
         {"constant": True, "content": "a b c"}, {"constant": True, "content": "d e"}, token_budget=4

@@ -998,3 +998,27 @@ def test_an_event_whose_turn_was_answered_before_an_outage_is_returned_not_sent_
     answer = handler({"input": _event(f"Luffy {uuid.uuid4().hex[:6]}")})
     assert "retry" not in answer and answer["reply"]["text"] == "Meat!", answer
     assert answer["mlchat"]["status"] == "done"
+
+
+def test_a_request_whose_vectors_moved_while_it_was_embedded_stores_nothing(monkeypatch) -> None:
+    """Found in review of the history import's fix: the original shape's history and story, and a
+    story event written alone, were stored with NULL vectors (the guard trigger) when a re-embed's
+    swap committed while they were embedded, and the request said it was stored."""
+    from db.vector_space import EmbedderMismatch
+    from services.characters import add_story_event
+
+    monkeypatch.setattr("db.vector_space.same_space", lambda session: False)  # the swap committed meanwhile
+    name = f"moved-{uuid.uuid4().hex[:8]}"
+    event = {
+        "persona": _persona(name),
+        "chat_history": [{"role": "user", "content": "BAD-LINE-" + name}],
+        "story": [{"text": "BAD-STORY-" + name}],
+        "message": "hi",
+    }
+    with pytest.raises(EmbedderMismatch, match="^the request's history and story: the stored vectors moved"):
+        store_request(read_request(event))
+    _nothing_stored(name)
+    story = f"moved-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(EmbedderMismatch, match="^the story event: the stored vectors moved"):
+        add_story_event(story, "BAD-STORY-" + name)
+    _nothing_stored(name)

@@ -315,8 +315,11 @@ def test_settings_vllm_or_a_memory_job_would_refuse_later_are_refused_naming_the
     with pytest.raises(
         ValidationError, match="MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN"
     ):
-        Settings(max_num_batched_tokens=1024, max_model_len=2048)
+        Settings(max_num_batched_tokens=1024, max_model_len=2048, enable_chunked_prefill=False)
     assert Settings(max_num_batched_tokens=1024, enable_chunked_prefill=True).max_num_batched_tokens == 1024
+    # Review: unset is vLLM's default, which splits prompts on a GPU: a GPU's configuration, taken
+    # (a CPU's engine refuses it at its start, naming the variable: worker/engine.py).
+    assert Settings(max_num_batched_tokens=1024, max_model_len=2048).max_num_batched_tokens == 1024
     with pytest.raises(
         ValidationError, match="MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_NUM_SEQS"
     ):

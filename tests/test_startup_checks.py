@@ -57,3 +57,19 @@ def test_ctrl_c_in_a_command_says_so(monkeypatch, capsys) -> None:
     monkeypatch.setattr(db.runs, "list_runs", interrupted)
     assert cli(["run", "list"]) == 130
     assert capsys.readouterr().err.startswith("mlchat: interrupted; what was stored is kept")
+
+
+def test_an_engine_step_too_small_for_a_prompt_on_a_cpu_is_one_line_naming_the_variable(monkeypatch) -> None:
+    """Review of the settings' check: unset, chunked prefill is vLLM's default, which splits prompts
+    on a GPU (taken by the settings) and is off on a CPU; there the engine refused the step's size
+    at its start naming its own parameter, in a traceback. It is a BadEngineSetting, one line."""
+    from core.settings import settings
+    from worker import engine as engine_module
+
+    monkeypatch.setattr(settings, "enable_chunked_prefill", None)
+    monkeypatch.setattr(settings, "max_num_batched_tokens", 1024)
+    monkeypatch.setattr(settings, "max_model_len", 2048)
+    with pytest.raises(
+        engine_module.BadEngineSetting, match="^MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least"
+    ):
+        engine_module.get_engine.__wrapped__()

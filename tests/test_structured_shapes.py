@@ -155,11 +155,23 @@ def test_a_listed_values_check_the_host_cannot_give_its_time_is_busy_not_refused
         clock.sleep(0.02)
         raise TimeoutError
 
+    def shared(pattern: str, text: str) -> bool:  # stopped early: the process's other threads' CPU counted
+        started = clock.thread_time()
+        while clock.thread_time() - started < 0.03:
+            pass
+        raise TimeoutError
+
     schema = {"type": "string", "pattern": "^q", "enum": ["quail", "quill"]}
     monkeypatch.setattr(spec, "LISTED_VALUES_CHECK_S", 0.1)
     monkeypatch.setattr(spec, "_found_in_time", starved)
     spec._listed_value_checker.cache_clear()
     try:
+        with pytest.raises(spec.GrammarBusy, match=r"enum\[0\]: the host is too busy"):
+            check_schema(schema, "s")
+        # Review of that: each try spent this thread's CPU, and the tries together reached the
+        # schema's 0.1 s, so a search other threads kept stopping early was refused (and cached).
+        monkeypatch.setattr(spec, "_found_in_time", shared)
+        spec._listed_value_checker.cache_clear()
         with pytest.raises(spec.GrammarBusy, match=r"enum\[0\]: the host is too busy"):
             check_schema(schema, "s")
     finally:
@@ -929,8 +941,12 @@ def test_a_schema_whose_grammar_takes_too_long_to_build_is_refused_naming_the_se
     """Found in review: xgrammar expands a pattern's bounded repetitions ((ab|cd){0,9999}: 43 s), and
     the check waited for it with no limit, holding the request (and the worker paid it again)."""
     from core.settings import settings
+    from structured import spec as built
 
     monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.02)
+    # The verdict is the build's CPU time: wall time enough for it on a loaded machine (3 limits
+    # of 0.02 s were 0.06 s of wall clock for 0.02 s of CPU).
+    monkeypatch.setattr(built, "REQUEST_BUILD_LIMITS", 500)
     slow = {"type": "object", "properties": {"code": {"type": "string", "pattern": "((ab|cb){0,60}){0,100}"}}}
     with pytest.raises(SchemaRefused, match=r"^s: the grammar took longer than 0\.02 s.*COMPILE_TIMEOUT_S"):
         check_schema(slow, "s")
@@ -1050,6 +1066,7 @@ def test_a_regex_formats_grammar_is_built_once_a_pattern_within_the_schemas_time
     spec._regex_refusal.cache_clear()  # another test may have checked these patterns already
     monkeypatch.setattr(spec, "_compile_regex", slow)
     monkeypatch.setattr(settings, "structured_compile_timeout_s", 0.05)
+    monkeypatch.setattr(spec, "REQUEST_BUILD_LIMITS", 200)  # wall time for its CPU on a loaded machine
     with pytest.raises(ValidationError, match=r"response_format\.regex: the grammar took longer than 0\.05"):
         GenerationParams(response_format={"type": "regex", "regex": "slow[a-z]+"})
     for _ in range(3):  # a run file's lines: one build

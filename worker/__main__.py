@@ -17,11 +17,12 @@ from core.settings import queue_for_model, settings
 def _warm_up(**_: object) -> None:
     from db.migrate import SchemaBehind
     from db.vector_space import EmbedderMismatch
+    from worker.engine import BadEngineSetting
     from worker.startup import check_and_warm_up
 
     try:
         check_and_warm_up()
-    except (EmbedderMismatch, SchemaBehind) as exc:  # does not fit the database: one line, no traceback
+    except (EmbedderMismatch, SchemaBehind, BadEngineSetting) as exc:  # one line, no traceback
         logging.getLogger(__name__).critical("%s", exc)
         sys.exit(2)
     except Exception as exc:  # Celery would log it and run on, with no housekeeping: exit instead

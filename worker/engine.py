@@ -166,6 +166,11 @@ def get_engine() -> LoadedEngine:
     if max_num_seqs is not None:
         scheduling["max_num_seqs"] = max_num_seqs
     if settings.max_num_batched_tokens is not None:
+        if chunked is False and settings.max_num_batched_tokens < settings.max_model_len:
+            raise BadEngineSetting(
+                "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN on a CPU, where "
+                "prompts are never split (chunked prefill crashes seeded requests there)"
+            )
         scheduling["max_num_batched_tokens"] = settings.max_num_batched_tokens
     elif chunked is False:
         # A prompt is never split, so one step must hold the longest prompt (and a few more).
@@ -331,6 +336,10 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
             )
             futures.update(zip((i for i, _ in part), made, strict=True))
     return [futures[i] for i in range(len(requests))]
+
+
+class BadEngineSetting(ValueError):
+    """Settings the engine would refuse on this platform, named by their variables (one line)."""
 
 
 class AdapterUnavailable(RuntimeError):

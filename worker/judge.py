@@ -192,7 +192,13 @@ def regenerate_weak(
     # Their adapters loaded again (vLLM may have evicted one since the batch loaded it: a request
     # naming an evicted adapter reloads it inside an engine step, where a failure kills the engine);
     # a turn whose adapter cannot be loaded now keeps its first reply.
-    loaded = _loaded({requests[judged[i][0].id].adapter for i in weak} - {None})
+    try:
+        loaded = _loaded({requests[judged[i][0].id].adapter for i in weak} - {None})
+    except EngineDead:
+        raise
+    except Exception:  # the second look never costs the replies in hand
+        logger.warning("loading the weak replies' adapters failed; the first replies stand", exc_info=True)
+        return judged
     weak = [i for i in weak if requests[judged[i][0].id].adapter in loaded | {None}]
     if not weak:
         return judged

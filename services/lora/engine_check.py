@@ -16,6 +16,8 @@ def engine_refusal(config: dict[str, Any], max_rank: int) -> str | None:
 
     try:
         PEFTHelper.from_dict(dict(config)).validate_legal(LoRAConfig(max_lora_rank=max_rank))  # type: ignore[arg-type]
-    except (ValueError, TypeError) as exc:
-        return str(exc)[:500]
+    except Exception as exc:  # a field of another type (`rank_pattern` a list: AttributeError) too
+        return (
+            f"{type(exc).__name__}: {str(exc)[:500]}" if not isinstance(exc, ValueError) else str(exc)[:500]
+        )
     return None

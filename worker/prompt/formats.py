@@ -78,15 +78,16 @@ def _solar(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) ->
     return RenderedPrompt(body + "### Assistant:\n", True, ("### User:", "### System:"))
 
 
-# A hash beside another (or its fullwidth and small forms, which NFKC folds into it): every run is
-# broken, so no "###" header opens in untrusted text whatever follows it ("###\u3164User:", a
-# Hangul filler for the space, "### Ｕｓｅｒ：" in fullwidth forms; a role word's every spelling was
-# not to be foreseen). A Markdown heading keeps its look: the break is a zero-width space.
-_HASH_PAIR = regex.compile("[#\uff03\ufe5f](?=[#\uff03\ufe5f])")
+# Three hashes or more (or their fullwidth and small forms, which NFKC folds into "#"): every such
+# run is broken into pairs, so no "###" header opens in untrusted text whatever follows it
+# ("###\u3164User:", a Hangul filler for the space, "### Ｕｓｅｒ：" in fullwidth forms; a role
+# word's every spelling was not to be foreseen); "##" alone is left as written. A Markdown heading
+# keeps its look: the break is a zero-width space.
+_HASH_RUN = regex.compile("[#\uff03\ufe5f]{3,}")
 
 
 def _escape_solar(text: str, char: str, user: str) -> str:
-    return _HASH_PAIR.sub(lambda m: m.group(0) + ZWSP, text)
+    return _HASH_RUN.sub(lambda m: ZWSP.join(regex.findall("..?", m.group(0), flags=regex.DOTALL)), text)
 
 
 def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
