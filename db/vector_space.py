@@ -53,6 +53,11 @@ class EmbedderMismatch(RuntimeError):
     """This process's embedder is not the one the stored vectors come from."""
 
 
+class SpaceMoved(EmbedderMismatch):
+    """The stored vectors moved to another embedder while a write's were embedded: nothing stored,
+    and the write goes through sent again (to a process of the new embedder)."""
+
+
 def recorded_embedder(*, session: Session) -> str | None:
     """The embedder the stored vectors come from; None before anything recorded one."""
     return session.scalar(select(VectorSpace.embedder))
@@ -73,7 +78,7 @@ def refuse_if_moved(*, session: Session, what: str) -> None:
     when the stored vectors are no longer this connection's space: a re-embed's swap committed while
     they were embedded, and the guard trigger stored them NULL, never to be found by similarity."""
     if not same_space(session=session):
-        raise EmbedderMismatch(
+        raise SpaceMoved(
             f"{what}: the stored vectors moved to another embedder while it was embedded (a re-embed "
             "swapped them in); nothing stored: send it again (a process of that embedder stores it)"
         )

@@ -489,16 +489,21 @@ def activate(
     # character. Past what is left of the budget a first part of an entry is counted, and once this
     # much text was counted the rest are dropped uncounted.
     allowance = (limit + 1) * CHARS_COUNTED_PER_TOKEN * 4
+    short_allowance = allowance  # past it, for entries no longer than the tokens left (they may fit)
     used = 0
     for entry, reason in ranked:
         # Past the allowance an entry no longer than the tokens left is still read (a short one
-        # ranked after long ones fits): what that reads is bounded by what is left, entry by entry.
-        short = len(entry.content) <= limit - used
+        # ranked after long ones fits), within an allowance of its own: scripts of more tokens
+        # than characters would otherwise have every short entry read and dropped.
+        short = allowance <= 0 and len(entry.content) <= limit - used and short_allowance > 0
         content = fill(entry.content) if allowance > 0 or short else entry.content
         reach = len(content) if short else max(allowance, 0)
         head = content[: min((limit - used + 1) * CHARS_COUNTED_PER_TOKEN, reach)]
         tokens = count_tokens(head) if head else 0
-        allowance -= len(head)
+        if short:
+            short_allowance -= len(head)
+        else:
+            allowance -= len(head)
         partly = len(head) < len(content) and (tokens > limit - used or allowance <= 0)
         if not partly and len(head) < len(content):
             tokens = count_tokens(content)

@@ -25,6 +25,7 @@ from db.facts import (
 )
 from db.models import Fact, FactKind, FactScope
 from db.session import again_on_conflict, session_scope
+from db.vector_space import refuse_if_moved
 from db.write_keys import fingerprint, record_ids, stored_ids, take_key
 from services.schemas import FilledText, Text, owner_fault
 
@@ -222,6 +223,7 @@ def _store_facts(
                 )
             )
         rows = add_facts(session=session, facts=new)
+        refuse_if_moved(session=session, what="the facts")
         # In the old facts' id order: two writes superseding the same facts in other orders would
         # each hold one and wait for the other (a deadlock, answered as a 500).
         replacing = sorted(

@@ -413,8 +413,8 @@ def _check_node(node: dict[str, Any], where: str) -> None:
         budget = _LISTED_BUDGET.get() or ListedValuesBudget()
         for i, value in enumerate(values if isinstance(values, list) else []):
             key = f"enum[{i}]" if "enum" in node else "const"
+            budget.where = f"{where}.{key}"
             while True:  # a search the `regex` module stopped is made again while this thread has time
-                searched_from = time.thread_time()
                 try:
                     error = next(iter(checker.iter_errors(value)), None)
                     break
@@ -422,8 +422,8 @@ def _check_node(node: dict[str, Any], where: str) -> None:
                     of_type = Draft202012Validator({"type": node["type"]} if "type" in node else {})
                     error = next(iter(of_type.iter_errors(value)), None)
                     break
-                except TimeoutError:
-                    budget.search_stopped(f"{where}.{key}", time.thread_time() - searched_from)
+                except SearchStopped as stopped:
+                    budget.search_stopped(f"{where}.{key}", stopped)
             budget.refuse_or_busy(where, "its listed values could not be checked in time")
             if error is not None:
                 raise SchemaRefused(
@@ -448,25 +448,35 @@ class ListedValuesBudget:
     """The CPU time of this thread a schema's listed-values checks may spend, every node's together:
     spent, the schema is refused (a pattern that backtracks on a value costs it wherever it runs);
     past REQUEST_BUILD_LIMITS times as long on the wall clock first, the host is too busy, and the
-    request is sent back (not cached). The `regex` module's own timeout counts every thread of the
+    request is sent back (not cached). The `regex` module's timeout counts every thread of the
     process: a search it stops before this thread spent the limit in it was stopped by the others'
-    work, is no verdict, and its time is not counted (`stopped`); it is made again while time is left."""
+    work; it is no verdict, its time is not counted, and it is made again with a timeout scaled by
+    the process's share of it, so that this thread gets the limit of its own (a pattern that
+    backtracks is refused on a busy host too, in a try or two)."""
 
     def __init__(self, seconds: float | None = None) -> None:
         self.seconds = LISTED_VALUES_CHECK_S if seconds is None else seconds
         self.cpu_started = time.thread_time()
         self.stopped = 0.0  # this thread's CPU time in searches the module stopped early
         self.wall_until = time.monotonic() + REQUEST_BUILD_LIMITS * self.seconds
+        self.scale = 1.0  # process CPU a second of this thread's: the last stopped search's
+        self.where = ""  # the listed value being checked
 
-    def search_stopped(self, where: str, search_cpu_s: float) -> None:
-        """A search the module stopped after `search_cpu_s` of this thread's CPU time: SchemaRefused
-        when that is the limit's worth (the thread had the process to itself: the pattern's verdict),
-        GrammarBusy past the wall time, else nothing (made again)."""
-        if search_cpu_s >= STOPPED_ALONE * LISTED_VALUES_CHECK_S:
+    def next_search_s(self) -> float:
+        """The next search's timeout (the module's, process CPU); SchemaRefused or GrammarBusy
+        first when the schema's time is spent."""
+        self.refuse_or_busy(self.where, "its listed values could not be checked in time")
+        return min(LISTED_VALUES_CHECK_S * self.scale, LISTED_VALUES_CHECK_S * REQUEST_BUILD_LIMITS * 4)
+
+    def search_stopped(self, where: str, stopped: SearchStopped) -> None:
+        """A search the module stopped: SchemaRefused when this thread spent the limit's worth in it
+        (the pattern's verdict), GrammarBusy past the wall time, else nothing (made again, scaled)."""
+        if stopped.thread_s >= STOPPED_ALONE * LISTED_VALUES_CHECK_S:
             raise SchemaRefused(
                 f"{where}: its pattern could not be checked in time ({LISTED_VALUES_CHECK_S:g} s)"
             )
-        self.stopped += search_cpu_s
+        self.stopped += stopped.thread_s
+        self.scale = max(1.0, stopped.process_s / max(stopped.thread_s, 1e-3))
         self._busy_past_wall(where)
 
     def refuse_or_busy(self, where: str, refusal: str) -> None:
@@ -516,14 +526,27 @@ def pattern_validator(found: Callable[[str, str], bool]) -> Any:
 
 
 def _found_in_time(pattern: str, text: str) -> bool:
-    """A listed value's pattern search; TimeoutError past LISTED_VALUES_CHECK_S."""
+    """A listed value's pattern search, within what the schema's budget leaves (its whole-schema
+    limit holds inside one value too: an array of a thousand strings is a thousand searches);
+    SearchStopped when the `regex` module stops it."""
+    budget = _LISTED_BUDGET.get()
+    timeout = LISTED_VALUES_CHECK_S if budget is None else budget.next_search_s()
+    thread_from, process_from = time.thread_time(), time.process_time()
     try:
-        found = regex.search(
-            as_grammar_reads(pattern), text, FLAGS, concurrent=True, timeout=LISTED_VALUES_CHECK_S
-        )
+        found = regex.search(as_grammar_reads(pattern), text, FLAGS, concurrent=True, timeout=timeout)
         return found is not None
     except (regex.error, RecursionError):  # read otherwise than xgrammar reads it: not checked here
         return True
+    except TimeoutError:
+        raise SearchStopped(time.thread_time() - thread_from, time.process_time() - process_from) from None
+
+
+class SearchStopped(TimeoutError):
+    """A search the `regex` module stopped: the CPU time this thread and the whole process spent in it."""
+
+    def __init__(self, thread_s: float, process_s: float) -> None:
+        super().__init__("a pattern search ran out of time")
+        self.thread_s, self.process_s = thread_s, process_s
 
 
 @cache

@@ -437,6 +437,23 @@ def test_a_book_of_many_long_entries_costs_what_the_context_holds_not_the_whole_
     )
     act = activate(book, message="hi", history=[], count_tokens=count)
     assert [f.content for f in act.kept] == ["a b c"] and len(act.dropped) == 5
+    # Review of that: short entries of more tokens than characters (a script whose characters are
+    # tokens each) were all read and dropped; they have an allowance of their own.
+    counted.clear()
+    dense = "가" * 300  # 300 characters, counted below as 600 tokens: never fits 512
+    book = _book(
+        *({"constant": True, "content": long} for _ in range(5)),
+        *({"constant": True, "content": dense, "priority": -1} for _ in range(2000)),
+        token_budget=512,
+    )
+
+    def dense_count(text: str) -> int:
+        counted.append(len(text))
+        return _words(text) if " " in text else 2 * len(text)
+
+    act = activate(book, message="hi", history=[], count_tokens=dense_count)
+    assert not act.kept and len(act.dropped) == 2005
+    assert sum(counted) <= 3 * (512 + 1) * 8 * 4  # not 2,000 entries read
     # A book within the room is counted as before: whole entries, its own budget.
     small = _book(
         {"constant": True, "content": "a b c"}, {"constant": True, "content": "d e"}, token_budget=4

@@ -1018,7 +1018,17 @@ def test_a_request_whose_vectors_moved_while_it_was_embedded_stores_nothing(monk
     with pytest.raises(EmbedderMismatch, match="^the request's history and story: the stored vectors moved"):
         store_request(read_request(event))
     _nothing_stored(name)
+    answer = handler({"input": event})  # review: a serverless caller is told to send it again
+    assert answer["retry"] is True and "the stored vectors moved" in answer["error"], answer
+    _nothing_stored(name)
     story = f"moved-{uuid.uuid4().hex[:8]}"
     with pytest.raises(EmbedderMismatch, match="^the story event: the stored vectors moved"):
         add_story_event(story, "BAD-STORY-" + name)
     _nothing_stored(name)
+    from db.models import Fact
+    from services.facts import FactIn, write_facts
+
+    with pytest.raises(EmbedderMismatch, match="^the facts: the stored vectors moved"):  # review: facts too
+        write_facts("", f"p-{name}", [FactIn(text="BAD-FACT-" + name)])
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Fact).where(Fact.text == "BAD-FACT-" + name)) == 0

@@ -319,6 +319,8 @@ def test_a_weak_replys_second_try_loads_its_adapter_first(monkeypatch) -> None:
         return [Generation("Well met, traveller.", 2, 5, "stop") for _ in requests]
 
     patch_on_this_thread(monkeypatch, engine_module, "load_adapter", load_adapter)
+    in_hand = {voiced.name, unreadable.name}  # review: one not in hand is not loaded anew (a wait)
+    patch_on_this_thread(monkeypatch, engine_module, "adapter_in_hand", lambda a: a.name in in_hand)
     patch_on_this_thread(monkeypatch, engine_module, "generate", generate)
     patch_on_this_thread(monkeypatch, judge, "embed", lambda texts: [[0.0]] * len(texts))
     patch_on_this_thread(monkeypatch, judge, "_judge", lambda *a: judge.Verdict(None, {"below_bar": []}))
@@ -328,3 +330,8 @@ def test_a_weak_replys_second_try_loads_its_adapter_first(monkeypatch) -> None:
     assert asked == [voiced, None]  # the turn whose adapter did not load keeps its first reply
     assert out[1] == weak[1]
     assert out[0][1].text == "Well met, traveller." and out[2][1].text == "Well met, traveller."
+    loads.clear()
+    in_hand.clear()
+    asked.clear()
+    out = judge.regenerate_weak(weak, requests, each, each, each)  # type: ignore[arg-type]
+    assert loads == [] and asked == [None] and out[0] == weak[0]

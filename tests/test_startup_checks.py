@@ -66,10 +66,11 @@ def test_an_engine_step_too_small_for_a_prompt_on_a_cpu_is_one_line_naming_the_v
     from core.settings import settings
     from worker import engine as engine_module
 
-    monkeypatch.setattr(settings, "enable_chunked_prefill", None)
     monkeypatch.setattr(settings, "max_num_batched_tokens", 1024)
     monkeypatch.setattr(settings, "max_model_len", 2048)
     with pytest.raises(
         engine_module.BadEngineSetting, match="^MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least"
     ):
-        engine_module.get_engine.__wrapped__()
+        engine_module.check_engine_step(False)  # a CPU's chunked prefill, unset
+    engine_module.check_engine_step(None)  # a GPU's default splits prompts: taken
+    engine_module.check_engine_step(True)

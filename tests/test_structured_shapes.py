@@ -153,13 +153,13 @@ def test_a_listed_values_check_the_host_cannot_give_its_time_is_busy_not_refused
 
     def starved(pattern: str, text: str) -> bool:  # the module stopped it; this thread waited meanwhile
         clock.sleep(0.02)
-        raise TimeoutError
+        raise spec.SearchStopped(0.0, 0.1)
 
     def shared(pattern: str, text: str) -> bool:  # stopped early: the process's other threads' CPU counted
         started = clock.thread_time()
         while clock.thread_time() - started < 0.03:
             pass
-        raise TimeoutError
+        raise spec.SearchStopped(clock.thread_time() - started, 0.1)
 
     schema = {"type": "string", "pattern": "^q", "enum": ["quail", "quill"]}
     monkeypatch.setattr(spec, "LISTED_VALUES_CHECK_S", 0.1)
@@ -189,6 +189,41 @@ def test_the_verdicts_kept_outnumber_one_requests_formats() -> None:
 
     for cached in (spec._refusal, spec._regex_refusal):
         assert (cached.cache_info().maxsize or 0) > MAX_TURNS_PER_REQUEST
+
+
+def test_a_listed_value_whose_pattern_backtracks_is_refused_on_a_busy_host_too(monkeypatch) -> None:
+    """Review of the busy rule: a search the `regex` module stopped early (its timeout counts every
+    thread of the process) was no verdict, so with another thread busy a pattern that backtracks
+    was sent back as busy at every try, never refused. The next try's timeout is scaled by the
+    process's share, so this thread gets the limit of its own: refused in a try or two."""
+    import threading
+    import time as clock
+
+    from structured import spec
+
+    monkeypatch.setattr(spec, "LISTED_VALUES_CHECK_S", 0.2)
+    monkeypatch.setattr(spec, "REQUEST_BUILD_LIMITS", 50)  # wall time for it on a loaded machine
+    done = threading.Event()
+
+    def busy() -> None:  # another request's work in the same process
+        x = 0
+        while not done.is_set():
+            x += 1
+
+    other = threading.Thread(target=busy, daemon=True)
+    other.start()
+    try:
+        schema = {
+            "type": "string",
+            "pattern": "^(a|a)*$",
+            "enum": ["a" * 40 + "b"],
+            "title": f"busy-{clock.time_ns()}",
+        }
+        with pytest.raises(SchemaRefused, match=r"enum\[0\]: its pattern could not be checked in time"):
+            check_schema(schema, "s")
+    finally:
+        done.set()
+        other.join()
 
 
 def test_a_regex_that_matches_an_empty_reply_is_refused() -> None:

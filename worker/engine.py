@@ -153,10 +153,11 @@ def get_engine() -> LoadedEngine:
         # The operator may set it back. Read when the engine compiles, so set before it starts.
         os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
 
-    path = resolve_model_path(settings)
     chunked = settings.enable_chunked_prefill
     if chunked is None and current_platform.is_cpu():
         chunked = False
+    check_engine_step(chunked)  # before the model is looked for (a first conversion takes minutes)
+    path = resolve_model_path(settings)
     scheduling: dict[str, Any] = {}
     if chunked is not None:
         scheduling["enable_chunked_prefill"] = chunked
@@ -166,11 +167,6 @@ def get_engine() -> LoadedEngine:
     if max_num_seqs is not None:
         scheduling["max_num_seqs"] = max_num_seqs
     if settings.max_num_batched_tokens is not None:
-        if chunked is False and settings.max_num_batched_tokens < settings.max_model_len:
-            raise BadEngineSetting(
-                "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN on a CPU, where "
-                "prompts are never split (chunked prefill crashes seeded requests there)"
-            )
         scheduling["max_num_batched_tokens"] = settings.max_num_batched_tokens
     elif chunked is False:
         # A prompt is never split, so one step must hold the longest prompt (and a few more).
@@ -342,6 +338,17 @@ class BadEngineSetting(ValueError):
     """Settings the engine would refuse on this platform, named by their variables (one line)."""
 
 
+def check_engine_step(chunked: bool | None) -> None:
+    """BadEngineSetting when an engine step cannot hold a whole prompt and prompts are not split
+    (`chunked`: chunked prefill as this platform resolves it; off on a CPU unless set)."""
+    step = settings.max_num_batched_tokens
+    if chunked is False and step is not None and step < settings.max_model_len:
+        raise BadEngineSetting(
+            "MLCHAT_MAX_NUM_BATCHED_TOKENS must be at least MLCHAT_MAX_MODEL_LEN where prompts are never "
+            "split (a CPU's default: chunked prefill crashes seeded requests there)"
+        )
+
+
 class AdapterUnavailable(RuntimeError):
     """A character's LoRA adapter that this worker's engine cannot load: for good (`retry_in` None),
     or not before `retry_in` seconds (a cause that may pass: the volume away, a copy unfinished)."""
@@ -407,6 +414,14 @@ def load_adapter(adapter: Adapter) -> None:
                 del _adapters[evicted]
     if known:
         _touch(adapter)
+
+
+def adapter_in_hand(adapter: Adapter) -> bool:
+    """Whether this worker loaded the adapter and still counts it among those vLLM keeps: a load of it
+    is then a touch, never a wait (a second look at weak replies loads nothing anew)."""
+    with _adapters_lock:
+        state = _adapters.get(adapter.name)
+        return state is not None and state.error is None and state.current() and adapter.name in _loaded
 
 
 def _touch(adapter: Adapter) -> None:

@@ -29,7 +29,7 @@ from roleplay.mood import (
 from roleplay.quality import Bar, persona_text, score
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import AdapterUnavailable, EngineDead, Generation, GenerationRequest
+from worker.engine import EngineDead, Generation, GenerationRequest
 from worker.prompt import BuiltPrompt
 from worker.structured import BadStructuredReply, read_reply
 
@@ -264,12 +264,19 @@ def regenerate_weak(
 
 
 def _loaded(adapters: set[Any]) -> set[Any]:
-    """The adapters loaded now (a load is a touch for one loaded already); EngineDead passed on."""
+    """The adapters in hand, touched (vLLM keeps the least recently used longest): one this worker no
+    longer counts as loaded is not loaded anew here (a load waits up to minutes, past the claim's
+    hold), and its turns keep their first replies; EngineDead passed on."""
     loaded = set()
     for adapter in adapters:
+        if not engine_module.adapter_in_hand(adapter):
+            logger.info("no second try for the weak replies of %s: its adapter is not in hand", adapter.name)
+            continue
         try:
             engine_module.load_adapter(adapter)
-        except AdapterUnavailable as exc:
+        except EngineDead:
+            raise
+        except Exception as exc:
             logger.warning("no second try for the weak replies of %s: %s", adapter.name, exc)
             continue
         loaded.add(adapter)

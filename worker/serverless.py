@@ -20,11 +20,11 @@ from pydantic import ValidationError
 
 from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
-from db.vector_space import EmbedderMismatch
+from db.vector_space import EmbedderMismatch, SpaceMoved
 from services.producer import EnqueueError
 from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
 from structured.spec import GrammarBusy, build_budget
-from worker.engine import EngineDead
+from worker.engine import BadEngineSetting, EngineDead
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
         return chat_response(views[0], stored)
-    except StoryBusy as exc:  # another request's story switch of the conversation: nothing stored
+    except (StoryBusy, SpaceMoved) as exc:  # another's story switch, or a re-embed's swap: nothing stored
         return {"error": str(exc), "retry": True}
     except EngineDead as exc:
         return _engine_died(exc)
@@ -218,7 +218,8 @@ def _load_engine() -> None:
             load()
         except Exception as exc:
             # A refusal of the embedder's setting is its one line; any other failure keeps its traceback.
-            logger.error("the %s failed to load", what, exc_info=not isinstance(exc, EmbedderMismatch))
+            one_line = isinstance(exc, (EmbedderMismatch, BadEngineSetting))
+            logger.error("the %s failed to load", what, exc_info=not one_line)
             why = f"{type(exc).__name__}: {str(exc)[:300]}"
             raise SystemExit(f"serverless: the {what} failed to load ({why})") from None
 

@@ -14,10 +14,11 @@ def engine_refusal(config: dict[str, Any], max_rank: int) -> str | None:
     from vllm.config.lora import LoRAConfig
     from vllm.lora.peft_helper import PEFTHelper
 
+    engine = LoRAConfig(max_lora_rank=max_rank)  # type: ignore[arg-type]  # outside: vLLM's own fault raises
     try:
-        PEFTHelper.from_dict(dict(config)).validate_legal(LoRAConfig(max_lora_rank=max_rank))  # type: ignore[arg-type]
-    except Exception as exc:  # a field of another type (`rank_pattern` a list: AttributeError) too
-        return (
-            f"{type(exc).__name__}: {str(exc)[:500]}" if not isinstance(exc, ValueError) else str(exc)[:500]
-        )
+        PEFTHelper.from_dict(dict(config)).validate_legal(engine)
+    except ValueError as exc:
+        return str(exc)[:500]
+    except (TypeError, AttributeError, KeyError) as exc:  # a field of another type (`rank_pattern` a list)
+        return f"{type(exc).__name__}: {str(exc)[:500]}"
     return None
