@@ -3,6 +3,7 @@ split) and a tiny LoRA trained on the bundled model with the loss on the replies
 
 import json
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -893,6 +894,21 @@ def test_a_training_set_whose_files_are_not_of_its_manifests_export_is_refused_b
     assert not (tmp_path / "out").exists()
 
 
+def _character_and_adapter(tmp_path: Path, prefix: str, record: dict) -> tuple[str, Path, dict]:
+    """A new character, and an adapter folder the engine would load (its weights a stand-in) with
+    this training record: (slug, folder, adapter_config)."""
+    slug = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    (adapter / "training_config.json").write_text(json.dumps(record))
+    return slug, adapter, config
+
+
 def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alone(
     world, tmp_path, monkeypatch, capsys
 ) -> None:
@@ -906,15 +922,7 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     from scripts.cli import main as cli
     from worker.pipeline import adapter_of
 
-    slug = f"voice-{uuid.uuid4().hex[:6]}"
-    with session_scope() as s:
-        upsert_character(session=s, slug=slug, fields=CARD)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
-    (adapter / "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
+    slug, adapter, _ = _character_and_adapter(tmp_path, "voice", {"tenant": "studio-b", "from_turns": 3})
     monkeypatch.setattr(settings, "enable_lora", True)
 
     def serving() -> tuple[bool, bool]:
@@ -980,15 +988,7 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
     from db.world import get_character
     from services.lora import registry
 
-    slug = f"inplace-{uuid.uuid4().hex[:6]}"
-    with session_scope() as s:
-        upsert_character(session=s, slug=slug, fields=CARD)
-    adapter = tmp_path / "adapter"
-    adapter.mkdir()
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
-    (adapter / "adapter_config.json").write_text(json.dumps(config))
-    (adapter / "adapter_model.safetensors").write_bytes(b"card examples")
-    (adapter / "training_config.json").write_text(json.dumps({"from_turns": 0}))  # every tenant's
+    slug, adapter, config = _character_and_adapter(tmp_path, "inplace", {"from_turns": 0})  # every tenant's
     real_copy = shutil.copytree
 
     def retrained_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
