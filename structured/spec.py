@@ -466,7 +466,7 @@ class ListedValuesBudget:
         """The next search's timeout (the module's, process CPU); SchemaRefused or GrammarBusy
         first when the schema's time is spent."""
         self.refuse_or_busy(self.where, "its listed values could not be checked in time")
-        return min(LISTED_VALUES_CHECK_S * self.scale, LISTED_VALUES_CHECK_S * REQUEST_BUILD_LIMITS * 4)
+        return LISTED_VALUES_CHECK_S * min(self.scale, MAX_SEARCH_SCALE)
 
     def search_stopped(self, where: str, stopped: SearchStopped) -> None:
         """A search the module stopped: SchemaRefused when this thread spent the limit's worth in it
@@ -495,6 +495,10 @@ class ListedValuesBudget:
 
 # A search stopped after this share of the limit in its own thread's CPU time ran alone, or nearly.
 STOPPED_ALONE = 0.8
+# A search made again gets at most this many limits of the process's CPU: a thread that holds the
+# interpreter (pure Python work) starves the search of it, and a scale by that share would wait
+# for seconds; past it the host is busy, said at the wall limit.
+MAX_SEARCH_SCALE = 4.0
 
 
 _LISTED_BUDGET: ContextVar[ListedValuesBudget | None] = ContextVar("listed_values_budget", default=None)
