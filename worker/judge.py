@@ -189,9 +189,9 @@ def regenerate_weak(
     Each second request's future joins its turn's in `futures_of` (the batch's report.futures), so an
     engine death blames it and a hand-back cancels it, as for the first ones."""
     weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
-    # Their adapters loaded again (vLLM may have evicted one since the batch loaded it: a request
-    # naming an evicted adapter reloads it inside an engine step, where a failure kills the engine);
-    # a turn whose adapter cannot be loaded now keeps its first reply.
+    # Their adapters touched, those still in hand only (vLLM may have evicted one since the batch
+    # loaded it: a request naming an evicted adapter reloads it inside an engine step, where a
+    # failure kills the engine); a turn whose adapter is not in hand keeps its first reply.
     try:
         loaded = _loaded({requests[judged[i][0].id].adapter for i in weak} - {None})
     except EngineDead:
@@ -264,7 +264,7 @@ def regenerate_weak(
 
 
 def _loaded(adapters: set[Any]) -> set[Any]:
-    """The adapters in hand, touched (vLLM keeps the least recently used longest): one this worker no
+    """The adapters in hand, touched (vLLM evicts the least recently used first): one this worker no
     longer counts as loaded is not loaded anew here (a load waits up to minutes, past the claim's
     hold), and its turns keep their first replies; EngineDead passed on."""
     loaded = set()
