@@ -74,9 +74,10 @@ def same_space(*, session: Session) -> bool:
 
 
 def refuse_if_moved(*, session: Session, what: str) -> None:
-    """EmbedderMismatch, in the transaction that stored `what`'s vectors (its rollback stores none),
-    when the stored vectors are no longer this connection's space: a re-embed's swap committed while
-    they were embedded, and the guard trigger stored them NULL, never to be found by similarity."""
+    """SpaceMoved (an EmbedderMismatch), in the transaction that stored `what`'s vectors (its
+    rollback stores none), when the stored vectors are no longer this connection's space: a
+    re-embed's swap committed while they were embedded, and the guard trigger stored them NULL,
+    never to be found by similarity."""
     if not same_space(session=session):
         raise SpaceMoved(
             f"{what}: the stored vectors moved to another embedder while it was embedded (a re-embed "
