@@ -294,6 +294,11 @@ def _by_id(values: dict[uuid.UUID, Any]) -> Any:
     return case({turn_id: value for turn_id, value in values.items()}, value=Turn.id)
 
 
+class IdempotencyRace(RuntimeError):
+    """A key the insert found taken whose turn was gone when read back: an erasure deleted it between
+    the two statements. The transaction is run again (the key is free then); never a 500."""
+
+
 def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTurn]:
     """Insert turns, deduplicating on (tenant, idempotency key); one StoredTurn per request, in input order.
 
@@ -352,6 +357,11 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
             new = first[key] == i
             out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
             continue
+        if key not in known:  # taken at the insert, gone at the read (a player's erasure between)
+            raise IdempotencyRace(
+                f"idempotency key {t.idempotency_key!r}: its turn was removed while this request was "
+                "stored; run again"
+            )
         request_hash, turn_id, status, model, code, attempts = known[key]
         if request_hash not in (t.request_hash, *t.legacy_hashes):
             raise IdempotencyConflict(

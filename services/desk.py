@@ -37,6 +37,7 @@ from db.reviews import LineFilter, NotAnswered, NotReviewable, RunBusy, StaleRev
 from db.runs import run_counts
 from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
+from db.vector_space import SpaceMoved, refuse_if_moved
 from roleplay.quality import CHECK_KINDS
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 from services.batches import rewrite_output_file
@@ -580,6 +581,8 @@ def _change(
                 else None
             )
             version = int(apply(session))
+            if text:  # the new text's vector, embedded before: stored NULL if a re-embed swapped since
+                refuse_if_moved(session=session, what="reply")
             if output_file_id is not None:
                 rewrite_output_file(session, run_id, output_file_id)
             remembering = _remembering(session, turn_id) if text or memory else None
@@ -596,6 +599,8 @@ def _change(
         raise _bad(str(exc)) from None
     except StaleReview as exc:
         raise DeskError(409, str(exc)) from None
+    except SpaceMoved as exc:
+        raise DeskError(503, str(exc)) from None
     except RunBusy:  # the line's or its run's row (LineBusy is one)
         raise DeskError(
             503, "line: the batch's output file is being rewritten by another change; send this one again"

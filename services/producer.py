@@ -23,6 +23,7 @@ from db.session import DATABASE_OUTAGES, again_on_conflict, get_autocommit_engin
 from db.single_enqueue import create_turn_in_known_conversation, create_turn_in_new_conversation
 from db.turns import (
     AUTO_KEY_PREFIX,
+    IdempotencyRace,
     NewTurn,
     StoredTurn,
     cancel_turns,
@@ -298,7 +299,7 @@ def _store_or_raise(
         store = partial(
             _store_turns, parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
         )
-        return again_on_conflict(store, what="enqueue")
+        return again_on_conflict(store, what="enqueue", also=lambda exc: isinstance(exc, IdempotencyRace))
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
         logger.warning("database unreachable at enqueue", exc_info=True)  # its text names hosts and users
         raise EnqueueError(

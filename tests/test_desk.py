@@ -129,6 +129,22 @@ def test_an_edit_during_a_reembed_drops_the_reply_lines_next_vector(services, wo
         assert s.scalar(select(Message.embedding_next).where(Message.id == message.id)) is None
 
 
+def test_an_edit_whose_vector_moved_to_another_embedder_meanwhile_is_refused_storing_nothing(
+    services, world, monkeypatch
+) -> None:
+    """Found in review: the desk's edit and pick store the new text's vector embedded before their
+    transaction; a re-embed's swap committed between stored it NULL (the guard trigger), the line
+    never found by similarity again, and the desk said it was saved. Refused whole, a 503."""
+    _, (first, _) = build_run("studio-a", _lines())
+    before, _, _ = _stored(first)
+    monkeypatch.setattr("db.vector_space.same_space", lambda session: False)  # the swap committed meanwhile
+    with pytest.raises(DeskError) as refused:
+        desk.edit(WRITER, first, "Past the well, then left.", "0")
+    assert refused.value.status == 503 and "the stored vectors moved" in refused.value.message
+    after, message, _ = _stored(first)
+    assert after.reply == before.reply and message.content == before.reply  # nothing stored
+
+
 def test_a_change_from_a_stale_form_is_refused_and_stores_nothing(services, world) -> None:
     _, (first, _) = build_run("studio-a", _lines())
     desk.label(WRITER, first, "reject", "too repetitive", "0")

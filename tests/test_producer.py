@@ -749,3 +749,30 @@ def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answ
         # ... does not stand for the answer: its callback is owed again.
         assert revived.callback_delivered_at is None and revived.callback_attempts == 0
         assert revived.error_code != TurnErrorCode.BROKER_UNREACHABLE.value
+
+
+def test_a_replay_whose_turn_is_erased_between_the_insert_and_the_read_back_is_stored_anew(world) -> None:
+    """Found in review: a key the insert found taken was read back in a second statement; a player's
+    erasure deleting that turn between the two left the key out of the read, and the request was a
+    500 (a KeyError). The transaction is run again (IdempotencyRace): the key is free then."""
+    from sqlalchemy import delete, event
+
+    from db.session import get_autocommit_engine, get_engine
+    from services.producer import submit_turns
+
+    req = new_conversation() | {"message": "Still there?", "idempotency_key": f"erased-{uuid.uuid4().hex}"}
+    (first,) = submit_turns([req], send=False)
+    erased: list[int] = []
+
+    def erase_before_the_read_back(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        if not erased and "turns.request_hash" in statement and "turns.idempotency_key) IN" in statement:
+            with get_autocommit_engine().connect() as other:
+                erased.append(other.execute(delete(Turn).where(Turn.id == first.id)).rowcount)
+
+    event.listen(get_engine(), "before_cursor_execute", erase_before_the_read_back)
+    try:
+        (again,) = submit_turns([req], send=False)
+    finally:
+        event.remove(get_engine(), "before_cursor_execute", erase_before_the_read_back)
+    assert erased == [1]  # the turn was gone between the insert and the read
+    assert again.created and again.id != first.id  # run again: stored anew, no 500
