@@ -1019,15 +1019,25 @@ def test_the_runs_a_write_ends_turns_of_are_locked_in_one_pass_in_id_order(world
     from db.runs import advance_runs_of_turns, cancel_run
     from tests.desk_data import Spec, answer, build_scene_run, quality, queue_run
 
-    scene_run, _, (step,) = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"])
-    specs = [Spec("Hello?", "Hi.", quality(0.5))]
+    def drop(run_id: uuid.UUID) -> None:
+        with session_scope() as s:  # not left queued for a later test's worker
+            cancel_run(session=s, run_id=run_id)
 
-    for _ in range(40):  # a plain run whose id sorts below the scene's run (ids are random)
+    # Ids are random: a scene run in the upper half first, so that each plain run that follows
+    # sorts below it at least half the time (one pick of 40 plain runs failed in CI: the scene
+    # run's id was 015e…).
+    for _ in range(40):
+        scene_run, _, (step,) = build_scene_run("studio-a", ["elara", "luffy"], ["Who knocks?"])
+        if scene_run.int >> 127:
+            break
+        drop(scene_run)
+    assert scene_run.int >> 127
+    specs = [Spec("Hello?", "Hi.", quality(0.5))]
+    for _ in range(40):
         plain_run, (line,) = queue_run("studio-a", specs)
         if plain_run < scene_run:
             break
-        with session_scope() as s:  # not left queued for a later test's worker
-            cancel_run(session=s, run_id=plain_run)
+        drop(plain_run)
     assert plain_run < scene_run
     answer([line], specs)  # its only line done: nothing to pin, so the advance locks its run
 
