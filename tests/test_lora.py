@@ -516,6 +516,29 @@ def test_an_adapter_whose_config_the_engine_refuses_fails_its_turns_at_once_not_
     assert refused.value.retry_in is None  # final: the turn fails at once
 
 
+def test_an_adapter_trained_on_another_model_fails_its_turns_at_once_never_loaded(
+    tmp_path, monkeypatch
+) -> None:
+    """Review: nothing checked an adapter was trained on the model the workers serve (one registered on
+    a host without the model, or the workers' model changed since): vLLM loads a narrower model's
+    matrices into a corner of its buffers and the character speaks noise. Refused for good, unloaded."""
+    from worker import engine as engine_module
+    from worker.engine import Adapter, AdapterUnavailable
+
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["v_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    _fitting_weights(tmp_path, ("v_proj",), narrower_by=32)
+    monkeypatch.setattr(engine_module, "_engine_lora_rank", lambda: 16)
+
+    def never():  # type: ignore[no-untyped-def]
+        raise AssertionError("sent to the engine")
+
+    monkeypatch.setattr(engine_module, "get_loop", never)
+    with pytest.raises(AdapterUnavailable, match="does not fit the served model: .*v_proj.lora_A") as refused:
+        engine_module.load_adapter(Adapter(f"narrow@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path)))
+    assert refused.value.retry_in is None  # final: the turn fails at once
+
+
 def test_a_load_that_timed_out_is_looked_at_again_a_while_after_the_wait_not_at_once(monkeypatch) -> None:
     """Review: the time to look again was taken before the load's own wait (up to 300 s), so after
     a timeout it had passed already: each turn of the character was sent again at once, and each
@@ -814,6 +837,16 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         err = capsys.readouterr().err
         assert "adapter_config.json: the engine would refuse it: " in err and names in err, err
     (adapter / "adapter_config.json").write_text(json.dumps(plain))
+    # Review: nothing checked an adapter was trained on the model the workers serve: vLLM copies a
+    # narrower model's matrices into a corner of its buffers and serves noise. Its weights are read.
+    assert cli(["lora", "register", "elara", str(adapter)]) == 2  # b"": no safetensors file
+    assert "adapter_model.safetensors: not a safetensors file that can be read" in capsys.readouterr().err
+    _fitting_weights(adapter, ("q_proj", "v_proj"), narrower_by=64)
+    assert cli(["lora", "register", "elara", str(adapter)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the served model" in err and err.count("\n") == 1, err
+    assert "q_proj.lora_A.weight: shape [8, 512] has input size 512 where the served model's" in err, err
+    _fitting_weights(adapter, ("q_proj", "v_proj"))
     from services.lora.registry import adapters_dir
 
     before = sorted(adapters_dir().rglob("*")) if adapters_dir().exists() else []
@@ -904,9 +937,30 @@ def _character_and_adapter(tmp_path: Path, prefix: str, record: dict) -> tuple[s
     adapter.mkdir()
     config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
     (adapter / "adapter_config.json").write_text(json.dumps(config))
-    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    _fitting_weights(adapter, ("q_proj",))
     (adapter / "training_config.json").write_text(json.dumps(record))
     return slug, adapter, config
+
+
+def _fitting_weights(
+    folder: Path, modules: tuple[str, ...], *, narrower_by: int = 0, fill: float = 0.0
+) -> None:
+    """Stand-in LoRA weights (rank 8, layer 0's attention) of the served model's shapes, or of a model
+    `narrower_by` narrower."""
+    from safetensors.numpy import save_file
+
+    from core.settings import settings
+    from services.lora.shapes import served_weights
+    from worker.model_cache import resolve_model_path
+
+    served = served_weights(Path(resolve_model_path(settings)))
+    tensors = {}
+    for module in modules:
+        out_size, in_size = served[f"model.layers.0.self_attn.{module}.weight"]
+        name = f"base_model.model.model.layers.0.self_attn.{module}"
+        tensors[f"{name}.lora_A.weight"] = np.full((8, in_size - narrower_by), fill, np.float32)
+        tensors[f"{name}.lora_B.weight"] = np.full((out_size - narrower_by, 8), fill, np.float32)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
 
 
 def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alone(
@@ -993,7 +1047,7 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
 
     def retrained_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
         real_copy(src, dst, **kw)
-        Path(dst, "adapter_model.safetensors").write_bytes(b"studio-b dialogue")
+        _fitting_weights(Path(dst), ("q_proj",), fill=0.5)  # studio-b's dialogue
         Path(dst, "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
 
     monkeypatch.setattr(registry.shutil, "copytree", retrained_while_copied)

@@ -28,7 +28,7 @@ from streaming.publisher import text_hook
 from structured.say_stream import SayText
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation, RequestCancelled
 from worker.lifecycle import stop_for_dead_engine
-from worker.model_cache import resolve_model_path
+from worker.model_cache import local_model_dir, resolve_model_path
 from worker.structured import NPC
 
 if TYPE_CHECKING:
@@ -451,6 +451,9 @@ def _try_add_lora(adapter: Adapter) -> _AdapterState:
     refusal = None if limit is None else engine_refusal(config, limit)
     if refusal is not None:  # the engine's own verdict on its config: final, never a passing fault
         return _AdapterState(f"adapter {adapter.name}: the engine refuses it: {refusal}")
+    misfit = _misfit(adapter)
+    if misfit is not None:
+        return misfit
     loop = get_loop()
     future = loop.call("add_lora", lora_request(adapter))
     loop.wait([future], timeout=ADAPTER_LOAD_TIMEOUT_S)
@@ -466,6 +469,26 @@ def _try_add_lora(adapter: Adapter) -> _AdapterState:
         return _passing(f"adapter {adapter.name} at {adapter.path}: the engine refused it")
     logger.info("loaded LoRA adapter %s from %s", adapter.name, adapter.path)
     return _AdapterState(None)
+
+
+def _misfit(adapter: Adapter) -> _AdapterState | None:
+    """Why the adapter cannot adapt the model this worker serves (trained on another: vLLM would load
+    its matrices into a corner of its buffers and serve noise), final; None if it fits."""
+    from services.lora.files import BadLoraFile
+    from services.lora.shapes import served_weights, shape_refusal
+
+    model_dir = local_model_dir(settings)
+    if model_dir is None:  # a hub name: vLLM's own load checks what it can
+        return None
+    try:
+        misfit = shape_refusal(Path(adapter.path), served_weights(model_dir))
+    except BadLoraFile as exc:
+        return _AdapterState(f"adapter {adapter.name}: {exc}"[:1000])
+    except OSError as exc:  # the volume briefly away
+        return _passing(f"adapter {adapter.name} at {adapter.path}: cannot read its weights ({exc})")
+    if misfit is None:
+        return None
+    return _AdapterState(f"adapter {adapter.name}: does not fit the served model: {misfit}"[:1000])
 
 
 def _engine_lora_rank() -> int | None:

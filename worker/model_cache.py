@@ -37,6 +37,18 @@ def resolve_model_path(cfg: Settings) -> str:
     return cfg.model
 
 
+def local_model_dir(cfg: Settings) -> Path | None:
+    """The served model's folder on this host without converting or fetching anything: MLCHAT_MODEL_PATH
+    or the converted bundled model, where its config.json is; None where this host lacks it."""
+    if cfg.model_path:
+        folder = Path(cfg.model_path)
+    elif cfg.model == BUNDLED_MODEL:
+        folder = cfg.model_cache_dir / BUNDLED_MODEL
+    else:
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
 def load_tokenizer(cfg: Settings, model: str) -> Any:
     """`model`'s tokenizer (cfg's own model, or another one a turn names), without its weights: the
     bundled model's read from its GGUF while it is not converted (a host without a worker's cache,

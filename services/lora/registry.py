@@ -20,6 +20,8 @@ from db.world import register_adapter, registered_adapter_path
 from services.characters import CharacterNotFound, character_exists
 from services.lora.engine_check import engine_refusal
 from services.lora.files import BadLoraFile, read_object
+from services.lora.shapes import served_weights, shape_refusal
+from worker.model_cache import local_model_dir
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,11 @@ def _check_adapter(folder: Path, shown: Path) -> None:
         refusal = engine_refusal(config, settings.max_lora_rank)
         if refusal is not None:  # registered, every turn of the character was retried for minutes
             raise BadLoraFile(f"{config_path}: the engine would refuse it: {refusal}")
+        model_dir = local_model_dir(settings)  # on a host without the model, the worker checks it
+        if model_dir is not None:
+            misfit = shape_refusal(folder, served_weights(model_dir))
+            if misfit is not None:
+                raise BadLoraFile(f"{folder}: does not fit the served model ({model_dir}): {misfit}")
     except BadLoraFile as exc:
         raise BadLoraFile(str(exc).replace(str(folder), str(shown))) from None
 
