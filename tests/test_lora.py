@@ -596,6 +596,44 @@ def test_an_adapter_vllm_may_have_evicted_is_loaded_again_before_a_request_names
     assert touched == [a.name, a.name]
 
 
+def test_a_version_a_restored_database_numbers_again_is_another_adapter_in_the_worker(monkeypatch) -> None:
+    """Review: the worker knew an adapter by `slug@vN` alone (and vLLM knows a LoRARequest by its name),
+    so after a database restored from a backup numbered a character's versions again, the new v3 (a
+    folder of its own) was served the weights loaded as the old v3."""
+    from types import SimpleNamespace
+
+    from core.settings import settings
+    from worker import engine as engine_module
+    from worker.engine import _AdapterState, lora_request
+    from worker.pipeline import adapter_of
+
+    monkeypatch.setattr(settings, "enable_lora", True)
+    slug = f"restored-{uuid.uuid4().hex[:6]}"
+    old, new = (
+        adapter_of(
+            SimpleNamespace(
+                slug=slug, lora_version=3, lora_path=f"/adapters/{slug}/{folder}", lora_tenant=None
+            ),
+            "t",
+        )
+        for folder in ("aaaa", "bbbb")
+    )
+    assert old is not None and new is not None and old.name == new.name == f"{slug}@v3"  # as turns record
+    assert old.int_id != new.int_id
+    assert lora_request(old) != lora_request(new)  # vLLM's equality: the request's name
+    loads: list[str] = []
+
+    def add_lora(adapter):  # type: ignore[no-untyped-def]
+        loads.append(adapter.path)
+        return _AdapterState(None)
+
+    monkeypatch.setattr(engine_module, "_try_add_lora", add_lora)
+    monkeypatch.setattr(engine_module, "_touch", lambda adapter: None)
+    for adapter in (old, new, old):
+        engine_module.load_adapter(adapter)
+    assert loads == [old.path, new.path]
+
+
 def test_two_adapters_whose_names_hash_alike_get_two_ids(monkeypatch) -> None:
     """Found in review: vLLM's id for an adapter was a 31-bit hash of its name; a second name with
     the same hash was taken by vLLM for the first adapter, already loaded, and served its weights."""

@@ -285,11 +285,24 @@ def _core_reported_dead(engine: Any) -> bool:
 
 @dataclass(frozen=True)
 class Adapter:
-    """A registered LoRA: its name (slug@vN), vLLM's integer id for it, and its folder."""
+    """A registered LoRA: its name (slug@vN, what a turn records), vLLM's integer id for it, and its
+    folder."""
 
     name: str
     int_id: int
     path: str
+
+    @property
+    def key(self) -> str:
+        return adapter_key(self.name, self.path)
+
+
+def adapter_key(name: str, path: str) -> str:
+    """What tells an adapter's weights apart in this process and in vLLM (which knows a LoRARequest by
+    its name): its name and its folder. A name alone repeats where a restored database numbers
+    versions again, and the worker served the weights it loaded under that name first; each
+    registration copies into a folder of its own."""
+    return f"{name} {path}"
 
 
 def lora_request(adapter: Adapter | None) -> Any:
@@ -297,7 +310,7 @@ def lora_request(adapter: Adapter | None) -> Any:
         return None
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(adapter.name, adapter.int_id, adapter.path)
+    return LoRARequest(adapter.key, adapter.int_id, adapter.path)
 
 
 def sampling_params(request: GenerationRequest) -> Any:
@@ -391,23 +404,23 @@ def load_adapter(adapter: Adapter) -> None:
     for ADAPTER_RETRY_S or for good when the cause cannot pass), and EngineDead if the engine dies
     meanwhile."""
     with _adapters_lock:
-        state = _adapters.get(adapter.name)
-        lock = _adapter_locks.setdefault(adapter.name, threading.Lock())
+        state = _adapters.get(adapter.key)
+        lock = _adapter_locks.setdefault(adapter.key, threading.Lock())
     if state is None or not state.current():
         with lock:
             with _adapters_lock:
-                state = _adapters.get(adapter.name)
+                state = _adapters.get(adapter.key)
             if state is None or not state.current():  # else another thread loaded it meanwhile
                 state = _try_add_lora(adapter)
                 with _adapters_lock:
-                    _adapters[adapter.name] = state
+                    _adapters[adapter.key] = state
     if state.error is not None:
         retry_in = None if state.retry_at is None else max(0.0, state.retry_at - time.monotonic())
         raise AdapterUnavailable(state.error, retry_in)
     with _adapters_lock:
-        known = adapter.name in _loaded
-        _loaded[adapter.name] = None
-        _loaded.move_to_end(adapter.name)
+        known = adapter.key in _loaded
+        _loaded[adapter.key] = None
+        _loaded.move_to_end(adapter.key)
         while len(_loaded) > settings.max_cpu_loras:
             evicted, _ = _loaded.popitem(last=False)
             if evicted in _adapters and _adapters[evicted].error is None:
@@ -420,8 +433,8 @@ def adapter_in_hand(adapter: Adapter) -> bool:
     """Whether this worker loaded the adapter and still counts it among those vLLM keeps: a load of it
     is then a touch, never a wait (a second look at weak replies loads nothing anew)."""
     with _adapters_lock:
-        state = _adapters.get(adapter.name)
-        return state is not None and state.error is None and state.current() and adapter.name in _loaded
+        state = _adapters.get(adapter.key)
+        return state is not None and state.error is None and state.current() and adapter.key in _loaded
 
 
 def _touch(adapter: Adapter) -> None:

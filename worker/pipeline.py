@@ -61,7 +61,14 @@ from services.turn_callbacks import send_turn_callbacks
 from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
-from worker.engine import Adapter, AdapterUnavailable, EngineDead, GenerationRequest, refused_by_engine
+from worker.engine import (
+    Adapter,
+    AdapterUnavailable,
+    EngineDead,
+    GenerationRequest,
+    adapter_key,
+    refused_by_engine,
+)
 from worker.engine_loop import EngineRequestError, Generation
 from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
@@ -1099,27 +1106,27 @@ def adapter_of(character: Any, tenant: str, speaker: str = "character") -> Adapt
     if character.lora_tenant is not None and character.lora_tenant != tenant:
         return None
     name = f"{character.slug}@v{character.lora_version}"
-    return Adapter(name, adapter_id(name), character.lora_path)
+    return Adapter(name, adapter_id(adapter_key(name, character.lora_path)), character.lora_path)
 
 
 _ADAPTER_ID_SPACE = 2**31 - 1
-_adapter_ids: dict[str, int] = {}  # this process's engine: {adapter name: vLLM's integer id}
+_adapter_ids: dict[str, int] = {}  # this process's engine: {adapter key: vLLM's integer id}
 _adapter_names: dict[int, str] = {}
 _adapter_ids_lock = threading.Lock()
 
 
-def adapter_id(name: str) -> int:
-    """vLLM's positive integer id for an adapter, one per name in this process: its name's hash, or
-    the next free id when another name hashed to it (vLLM would take the second adapter for the
+def adapter_id(key: str) -> int:
+    """vLLM's positive integer id for an adapter, one per key (`adapter_key`) in this process: its
+    hash, or the next free id when another key hashed to it (vLLM would take the second adapter for the
     first, already loaded, and serve its weights)."""
     with _adapter_ids_lock:
-        known = _adapter_ids.get(name)
+        known = _adapter_ids.get(key)
         if known is not None:
             return known
-        int_id = _hashed_id(name)
-        while _adapter_names.get(int_id, name) != name:
+        int_id = _hashed_id(key)
+        while _adapter_names.get(int_id, key) != key:
             int_id = int_id % _ADAPTER_ID_SPACE + 1
-        _adapter_ids[name], _adapter_names[int_id] = int_id, name
+        _adapter_ids[key], _adapter_names[int_id] = int_id, key
         return int_id
 
 
