@@ -278,11 +278,24 @@ def test_a_run_keeps_input_order_and_starts_conversations_from_their_first_line(
     ]
     path = tmp_path / "chain.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
-    from services import runs
+    from services.runs import submit
+
+    real_chunks = submit._chunks
+    sizes: list[int] = []
+
+    def chunks(lines):  # type: ignore[no-untyped-def]
+        for chunk in real_chunks(lines):
+            sizes.append(len(chunk))
+            yield chunk
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(runs, "CHUNK", 5)  # several chunks, so the pipelined writer and sender are exercised
+        # Several chunks, so the pipelined writer and sender are exercised, and the conversation's
+        # later lines are stored in chunks after the one holding its character (review: the package's
+        # re-exported CHUNK was patched, not the one the chunker reads: one chunk of 12).
+        mp.setattr(submit, "CHUNK", 5)
+        mp.setattr(submit, "_chunks", chunks)
         submitted = submit_run(path, name=name)
+    assert sizes == [5, 5, 2]
     assert submitted.enqueued == 12
     with session_scope() as s:
         rows = s.execute(
