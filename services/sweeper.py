@@ -36,9 +36,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, false, func, or_, select
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 
 from core.settings import Lane, settings
 from db.models import Run, RunStatus, Turn, TurnStatus
+from db.params import any_of
 from db.runs import (
     abandoned_submissions,
     cancel_run,
@@ -84,13 +86,13 @@ def find_stranded(
     and when the oldest of them went out (None: unknown): of those queues only turns sent before it
     (or never re-sent) are taken, in the query itself, so a backlog never fills the limit.
     `held`: the turns whose messages workers hold (unacked) and the queues that hold nothing, read
-    together (tasks/queues.py::held_and_empty): a queued turn of such a queue, sent a lease ago and
-    held by no worker, has lost its message (a Redis failover dropped the last writes, an eviction,
-    a flush) and is taken too, without waiting out `older_than_s` (an hour by default, its
-    conversation stalled behind it meanwhile). A turn of no run is taken for the live lane; one the
-    Python API sent on the bulk lane (`lane`) and still waiting behind a bulk backlog is then sent
-    on the live lane too, and answered from whichever copy a worker takes first (turns record no
-    lane: a bulk backlog must not hide a lost player's turn)."""
+    together (tasks/queues.py::held_and_empty): a queued turn of such a queue (or a running one under an
+    expired lease, re-sent since), sent a lease ago and held by no worker, has lost its message (a Redis
+    failover dropped the last writes, an eviction, a flush) and is taken too, without waiting out
+    `older_than_s` (an hour by default, its conversation stalled meanwhile). A turn of no run is taken for
+    the live lane; one the Python API sent on the bulk lane (`lane`) and still waiting behind a bulk
+    backlog is then sent on the live lane too, and answered from whichever copy a worker takes first
+    (turns record no lane: a bulk backlog must not hide a lost player's turn)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_s)
     lease_gone = and_(
         Turn.status == TurnStatus.RUNNING, func.coalesce(Turn.lease_until, Turn.started_at) < func.now()
@@ -126,9 +128,13 @@ def find_stranded(
                     found = and_(stranded, or_(unsent, lost))
                 elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
                     message_lost = and_(
-                        Turn.status == TurnStatus.QUEUED,
+                        # A running turn whose lease lapsed and that was sent again since (review:
+                        # queued alone, so its lost re-send waited for `sent_long_ago`, an hour).
+                        or_(Turn.status == TurnStatus.QUEUED, lease_gone),
                         Turn.dispatched_at < func.now() - lost_after,
-                        Turn.id.not_in(held[0]),
+                        # One array parameter (review: a bind per held id went past 65,535 with a
+                        # bulk run's deferred lines held, and every sweep failed).
+                        ~any_of(Turn.id, held[0], PG_UUID(as_uuid=True)),
                     )
                     found = or_(stranded, message_lost)
                 query = select(Turn.id, unsent, Turn.dispatched_at).where(found, Turn.model == model, of_lane)

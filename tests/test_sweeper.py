@@ -477,3 +477,38 @@ def test_two_sweeps_at_once_send_each_stranded_turn_once(world, monkeypatch, cap
         go.set()
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(MODEL, "live"))
+
+
+def test_a_lost_message_is_found_past_65535_held_ids_and_for_a_lapsed_turn_sent_again(
+    world, monkeypatch
+) -> None:
+    """Review: the quick path for a lost message (its queue empty, no worker holding it) bound one
+    parameter per held message, and a bulk run's deferred lines held by workers took it past the
+    protocol's 65,535: every sweep failed and nothing lost was sent again. And it took queued turns
+    alone: a running turn whose lease lapsed, sent again since and that message lost, waited for
+    the hour's cutoff while its conversation stalled behind it."""
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from services.sweeper import find_stranded
+
+    model = f"sweep-held-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    queued, lapsed, held = enqueue_turns(
+        [new_conversation() | {"message": f"Lost line {i}.", "model": model} for i in range(3)], send=False
+    )
+    went_out = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds + 120)
+    lapsed_at = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds + 300)
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id.in_([queued, lapsed, held])).values(dispatched_at=went_out))
+        s.execute(
+            update(Turn)
+            .where(Turn.id == lapsed)
+            .values(status=TurnStatus.RUNNING, started_at=lapsed_at, lease_until=lapsed_at)
+        )  # its lease lapsed, then it was sent again (went_out): not "lapsed and unsent"
+    others = {uuid.uuid4() for _ in range(70_000)}  # messages held for other turns
+    found = find_stranded(
+        older_than_s=3600, models=[model], limit=10, held=(others | {held}, {(model, "live")})
+    )
+    assert {t.id for t in found[(model, "live")]} == {queued, lapsed}  # the held one is a worker's
