@@ -673,27 +673,61 @@ def send_callback(run_id: uuid.UUID) -> bool:
         return False
 
 
+# One sweep's pages of callbacks to queue again, of each kind: pages until one is short, a publish
+# fails (the broker away) or this time is spent (review: one page a pass, a hundred retries a minute,
+# left a long outage's backlog to be given up at the window's end, never tried again).
+CALLBACK_PASS_S = 30.0
+LOST_PAGE = 1000
+RETRY_PAGE = 100
+
+
+def _in_pages(
+    claim: Callable[[], list[uuid.UUID]], send: Callable[[list[uuid.UUID]], list[uuid.UUID]], page: int
+) -> list[str]:
+    """Claim a page and send it, again while pages come full and every one of them was sent; the ids
+    sent."""
+    sent: list[str] = []
+    deadline = time.monotonic() + CALLBACK_PASS_S
+    while True:
+        claimed = claim()
+        done = send(claimed)
+        sent += [str(row_id) for row_id in done]
+        if len(claimed) < page or len(done) < len(claimed) or time.monotonic() > deadline:
+            return sent
+
+
+def _lost(of: Any, older_than_s: float) -> list[uuid.UUID]:
+    with session_scope() as session:
+        return claim_lost_callbacks(
+            session=session,
+            older_than_s=older_than_s,
+            of=of,
+            limit=LOST_PAGE,
+            within_s=settings.callback_retry_window_s,
+        )
+
+
 def redeliver_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished runs that were never attempted (their message was lost)."""
-    with session_scope() as session:
-        due = claim_lost_callbacks(
-            session=session, older_than_s=older_than_s, within_s=settings.callback_retry_window_s
-        )
-    unsent = [run_id for run_id in due if not send_callback(run_id)]
-    _unclaim(Run, unsent)
-    return [str(r) for r in due if r not in unsent]
+
+    def send(due: list[uuid.UUID]) -> list[uuid.UUID]:
+        unsent = [run_id for run_id in due if not send_callback(run_id)]
+        _unclaim(Run, unsent)
+        return [run_id for run_id in due if run_id not in unsent]
+
+    return _in_pages(lambda: _lost(Run, older_than_s), send, LOST_PAGE)
 
 
 def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     """Queue the callbacks of finished turns that were never attempted (their message was lost, or
     the turn failed before a worker saw it)."""
-    with session_scope() as session:
-        due = claim_lost_callbacks(
-            session=session, older_than_s=older_than_s, of=Turn, within_s=settings.callback_retry_window_s
-        )
-    unsent = send_turn_callbacks(due)
-    _unclaim(Turn, unsent)
-    return [str(t) for t in due if t not in unsent]
+
+    def send(due: list[uuid.UUID]) -> list[uuid.UUID]:
+        unsent = send_turn_callbacks(due)
+        _unclaim(Turn, unsent)
+        return [turn_id for turn_id in due if turn_id not in set(unsent)]
+
+    return _in_pages(lambda: _lost(Turn, older_than_s), send, LOST_PAGE)
 
 
 def _unclaim(of: Any, unsent: list[uuid.UUID]) -> None:
@@ -717,24 +751,29 @@ def retry_callbacks() -> list[str]:
     from tasks.callbacks import deliver_batch_callback, deliver_turn_callback
 
     window = settings.callback_retry_window_s
-    try:
-        with session_scope() as session:
-            due = [
-                (task, row_id)
-                for task, of in ((deliver_batch_callback, Run), (deliver_turn_callback, Turn))
-                for row_id in claim_retries(session=session, of=of, window_s=window)
-            ]
-    except DATABASE_OUTAGES:  # the next pass looks again
-        logger.warning("could not read the callbacks due again", exc_info=True)
-        return []
-    sent = []
-    for task, row_id in due:
+    sent: list[str] = []
+    for task, of in ((deliver_batch_callback, Run), (deliver_turn_callback, Turn)):
+
+        def claim(of: Any = of) -> list[uuid.UUID]:
+            with session_scope() as session:
+                return claim_retries(session=session, of=of, window_s=window, limit=RETRY_PAGE)
+
+        def send(due: list[uuid.UUID], task: Any = task) -> list[uuid.UUID]:
+            queued = []
+            for row_id in due:
+                try:
+                    task.apply_async(args=[str(row_id)], retries=task.max_retries)
+                except Exception:  # its due time moved on: the next look after that tries it
+                    logger.warning("could not queue the callback of %s again", row_id, exc_info=True)
+                    continue
+                queued.append(row_id)
+            return queued
+
         try:
-            task.apply_async(args=[str(row_id)], retries=task.max_retries)
-        except Exception:  # its due time moved on: the next look after that tries it
-            logger.warning("could not queue the callback of %s again", row_id, exc_info=True)
-            continue
-        sent.append(str(row_id))
+            sent += _in_pages(claim, send, RETRY_PAGE)
+        except DATABASE_OUTAGES:  # the next pass looks again
+            logger.warning("could not read the callbacks due again", exc_info=True)
+            break
     return sent
 
 

@@ -1364,3 +1364,47 @@ def test_the_callback_slots_are_a_share_of_the_pool_the_worker_really_has(monkey
     assert callback_tasks._SLOT_COUNT == callback_slots(2) == 1
     assert callback_tasks._SLOTS.acquire(blocking=False) and not callback_tasks._SLOTS.acquire(blocking=False)
     callback_tasks._SLOTS.release()
+
+
+def test_a_long_outages_backlog_of_callbacks_due_again_is_queued_in_one_pass(world, monkeypatch) -> None:
+    """Review: a pass queued at most 100 callbacks due again (and 1,000 lost ones) and the sweeper
+    runs once a minute, so the backlog of a receiver down for hours drained slower than it came due
+    and the window's end gave up thousands never tried against the receiver back up."""
+    from db.models import Turn
+    from db.turns import cancel_turns
+    from services import batches
+    from services.producer import enqueue_turns
+    from tasks.callbacks import deliver_turn_callback
+    from tests.conftest import new_conversation
+
+    ids = enqueue_turns([new_conversation() | {"message": f"Call {i}."} for i in range(250)], send=False)
+    with session_scope() as s:
+        cancel_turns(session=s, turn_ids=ids)
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_(ids))
+            .values(
+                callback_url="https://hooks.example.test/t",
+                callback_attempts=3,
+                callback_retry_at=func.now(),
+                finished_at=func.now(),
+            )
+        )
+    queued: list[str] = []
+    monkeypatch.setattr(deliver_turn_callback, "apply_async", lambda args, **kw: queued.append(args[0]))
+    assert {str(i) for i in ids} <= set(batches.retry_callbacks())
+    assert {str(i) for i in ids} <= set(queued)
+    # Lost ones (never attempted) likewise, past a page of their own.
+    monkeypatch.setattr(batches, "LOST_PAGE", 100)
+    with session_scope() as s:
+        s.execute(
+            update(Turn)
+            .where(Turn.id.in_(ids))
+            .values(
+                callback_attempts=0,
+                callback_retry_at=None,
+                finished_at=func.now() - func.make_interval(0, 0, 0, 0, 0, 10),
+            )
+        )
+    monkeypatch.setattr(batches, "send_turn_callbacks", lambda due: [])  # every one queued
+    assert {str(i) for i in ids} <= set(batches.redeliver_turn_callbacks())
