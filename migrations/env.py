@@ -26,7 +26,11 @@ logger = logging.getLogger("mlchat.migrate")
 
 def run_migrations_offline() -> None:
     context.configure(
-        url=database_url(), target_metadata=target_metadata, literal_binds=True, include_name=include_name
+        url=database_url(),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        include_name=include_name,
+        transaction_per_migration=True,
     )
     with context.begin_transaction():
         context.run_migrations()
@@ -88,7 +92,16 @@ def _run_giving_way(connection: Connection) -> None:
     connection.commit()
     deadline, pause = time.monotonic() + settings.migration_retry_s, 1.0
     while True:
-        context.configure(connection=connection, target_metadata=target_metadata, include_name=include_name)
+        # Each revision a transaction of its own: one upgrade's first revision held its tables'
+        # locks (0039's new column on turns) while a later one waited for another table (0043's
+        # index on write_keys), and the fleet's every query on turns stood still behind it; a lock
+        # timeout now rolls back the waiting revision alone.
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            include_name=include_name,
+            transaction_per_migration=True,
+        )
         try:
             with context.begin_transaction():
                 context.run_migrations()

@@ -418,6 +418,42 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
     assert "engine_deaths_seen" in columns
 
 
+def test_each_revision_commits_before_the_next_waits_for_a_lock(scratch_db: Connection, monkeypatch) -> None:
+    """Found in review: an upgrade ran every pending revision in one transaction, so the locks of the
+    first (0039 adds a column to turns: ACCESS EXCLUSIVE) were held while a later one (0042's column on
+    characters) waited for its table, and every claim, store and read of turns stood still behind it.
+    Each revision is a transaction of its own."""
+    import time
+
+    import sqlalchemy
+
+    from core.settings import settings
+
+    _run(scratch_db, "upgrade", "0038")
+    monkeypatch.setattr(settings, "migration_lock_timeout_s", 20)
+    engine = sqlalchemy.create_engine(scratch_db.engine.url)
+    outcome: list[object] = []
+    waiting = text("SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'characters'::regclass")
+    with engine.connect() as reader:  # a transaction reading characters: 0042's ALTER waits for it
+        reader.execute(text("SELECT count(*) FROM characters")).scalar()
+        waiter = _migrating(engine, "0042", outcome)
+        with engine.connect() as fleet:
+            for _ in range(600):
+                if fleet.execute(waiting).scalar():
+                    break
+                fleet.rollback()
+                time.sleep(0.1)
+            fleet.rollback()
+            assert outcome == [], outcome  # the migration waits for characters
+            fleet.execute(text("SET lock_timeout = '1s'"))  # a claim: answered, not queued behind 0039
+            assert fleet.execute(text("SELECT count(*) FROM turns")).scalar() == 0
+            fleet.rollback()
+        reader.rollback()
+    waiter.join(timeout=60)
+    engine.dispose()
+    assert outcome[-1] == "done", outcome
+
+
 def test_a_concurrent_index_build_waits_out_a_long_transaction_under_the_retry_window(
     scratch_db: Connection, monkeypatch, caplog
 ) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
+from migrations.concurrent_index import create_index_concurrently, drop_index_concurrently
+
 revision: str = "0043"
 down_revision: str | None = "0042"
 branch_labels: str | Sequence[str] | None = None
@@ -21,8 +23,12 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
-    op.create_index("ix_write_keys_created_at", "write_keys", ["created_at"])
+    # CONCURRENTLY (review): the table this index is for is the one that grew for ever, and a plain
+    # build held every keyed write of facts and story events for its length.
+    with op.get_context().autocommit_block():
+        create_index_concurrently("ix_write_keys_created_at", "write_keys", ["created_at"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_write_keys_created_at", table_name="write_keys")
+    with op.get_context().autocommit_block():
+        drop_index_concurrently("ix_write_keys_created_at", "write_keys")
