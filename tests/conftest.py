@@ -361,23 +361,26 @@ def tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(resolve_model_path(settings))
 
 
-def another_session_waits_on_a_lock(timeout_s: float = 15.0) -> bool:
+def another_session_waits_on_a_lock(timeout_s: float = 15.0, *, held_by: Any = None) -> bool:
     """Whether another session of the test database comes to wait on a lock within `timeout_s`
-    (a writer started on a thread has reached the row a test holds)."""
+    (a writer started on a thread has reached the row a test holds); with `held_by` (a session),
+    on a lock that session holds (the session's worker waiting on a lock of its own is not it)."""
     import time
 
     from sqlalchemy import text
 
     from db.session import session_scope
 
+    holder = None if held_by is None else held_by.scalar(text("SELECT pg_backend_pid()"))
     waiting = text(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
         " AND datname = current_database() AND pid <> pg_backend_pid()"
+        " AND (CAST(:holder AS int) IS NULL OR CAST(:holder AS int) = ANY(pg_blocking_pids(pid)))"
     )
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with session_scope() as look:
-            if look.scalar(waiting):
+            if look.scalar(waiting, {"holder": holder}):
                 return True
         time.sleep(0.05)
     return False

@@ -7,6 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from db.session import session_scope
@@ -33,8 +34,13 @@ def errors_beside(
     try:
         with session_scope() as session:
             first(session)
+            mine = session.scalar(text("SELECT pg_backend_pid()"))
             started.set()
-            time.sleep(1.5)  # the other transaction takes (or waits for) its locks
+            # The other transaction has taken its locks when it waits for one of `first`'s (or ended
+            # needing none): a fixed pause let a slow start cross nothing, and the test pass unproven.
+            deadline = time.monotonic() + 15
+            while not (finished.is_set() or errors or _waits_for(mine)) and time.monotonic() < deadline:
+                time.sleep(0.05)
             then(session)
     except BaseException as exc:  # noqa: BLE001
         errors.append(exc)
@@ -42,3 +48,14 @@ def errors_beside(
     if not finished.is_set() and not errors:
         errors.append(TimeoutError("the other transaction did not finish"))
     return errors
+
+
+def _waits_for(pid: int) -> bool:
+    """Whether another backend waits for a lock that backend `pid` holds."""
+    with session_scope() as look:
+        return bool(
+            look.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                {"pid": pid},
+            )
+        )

@@ -84,12 +84,16 @@ def test_a_turn_inside_at_deaths_it_was_no_suspect_of_runs_alone_after_a_few(wor
 
 
 def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(world) -> None:
+    """The hand-back locks its claim's rows in id order before it writes any, as the lease keeper's
+    renewal and every writer of turns do. (Review: this test let a renewal wait for the hand-back,
+    and renewal has skipped rows others hold since, so it could no longer fail: the hand-back is now
+    held at the smaller id, and the larger must still be free.)"""
     import threading
 
     from sqlalchemy import select, text
 
     from db.models import Turn
-    from db.turns import renew_lease
+    from tests.conftest import another_session_waits_on_a_lock
 
     low, high = sorted(_turns(2))
     with session_scope() as session:
@@ -100,7 +104,7 @@ def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(w
         try:
             with session_scope() as session:
                 session.execute(text("SET LOCAL lock_timeout = '20s'"))
-                hand_back_after_engine_death(  # fails `high` first (its last death), then requeues `low`
+                hand_back_after_engine_death(  # fails `high` (its last death), requeues `low`
                     session=session,
                     token=claim.token,
                     turn_ids=[low, high],
@@ -112,16 +116,14 @@ def test_handing_back_after_a_death_takes_the_rows_in_the_lease_renewals_order(w
             errors.append(exc)
 
     handing = threading.Thread(target=hand_back, daemon=True)
-    try:
-        with session_scope() as renewal:
-            renewal.execute(text("SET LOCAL lock_timeout = '20s'"))
-            # The lease keeper's renewal has locked the first row by id when the engine dies...
-            renewal.execute(select(Turn.id).where(Turn.id == low).with_for_update())
-            handing.start()
-            handing.join(1.5)  # past PostgreSQL's 1 s deadlock_timeout
-            renew_lease(session=renewal, token=claim.token, lease_s=60)  # ...and goes on to the next
-    except BaseException as exc:
-        errors.append(exc)
+    with session_scope() as holder:  # a writer holding the smaller id (the renewal, a store)
+        holder.execute(select(Turn.id).where(Turn.id == low).with_for_update())
+        handing.start()
+        assert another_session_waits_on_a_lock(held_by=holder)
+        assert handing.is_alive()  # waiting for `low`...
+        with session_scope() as probe:  # ...holding nothing of its claim yet
+            free = probe.execute(select(Turn.id).where(Turn.id == high).with_for_update(skip_locked=True))
+            assert free.scalar_one_or_none() == high, "the larger id was locked before the smaller"
     handing.join(30)
     assert not handing.is_alive()
     assert errors == [], f"{[type(e).__name__ for e in errors]}: {errors}"
