@@ -257,8 +257,11 @@ def test_two_requests_under_one_key_at_once_store_one_history(monkeypatch) -> No
     key = f"raced-{uuid.uuid4().hex[:8]}"
     real_store = original_request.store_request
 
+    history_stored = threading.Event()
+
     def slow_store(req, **kwargs):  # type: ignore[no-untyped-def]
         stored = real_store(req, **kwargs)
+        history_stored.set()
         time.sleep(1.0)  # between the history's write and the turn's: where the other one got in
         return stored
 
@@ -280,7 +283,7 @@ def test_two_requests_under_one_key_at_once_store_one_history(monkeypatch) -> No
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(2)]
     threads[0].start()
-    time.sleep(0.3)  # the first has stored its history and not yet its turn
+    assert history_stored.wait(30)  # the first has stored its history and not yet its turn
     threads[1].start()
     for thread in threads:
         thread.join(timeout=60)

@@ -1594,6 +1594,7 @@ def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated
     import threading
 
     from db.session import _session_factory
+    from tests.conftest import another_session_waits_on_a_lock
 
     run_id = _new_run({"race": _scene(exchanges=4)})
     scene_id = _scene_id(run_id, "race")
@@ -1612,7 +1613,9 @@ def test_a_step_stored_while_a_cancel_runs_is_cancelled_at_claim_never_generated
 
         thread = threading.Thread(target=cancel, daemon=True)
         thread.start()
-        thread.join(timeout=1.0)  # its turn UPDATE has run; it waits on the run the store holds
+        # Its turn UPDATE has run once it waits on the run the store holds (review: a 1 s pause let
+        # a slow start run the cancel after the commit instead).
+        assert another_session_waits_on_a_lock(held_by=store)
         assert thread.is_alive()
         store.commit()
     finally:
