@@ -66,6 +66,23 @@ def test_upgrade_downgrade_upgrade(scratch_db: Connection) -> None:
     assert "turns" in inspect(scratch_db).get_table_names()
 
 
+def test_a_database_created_for_another_embedders_dimension_stores_its_vectors(
+    scratch_db: Connection, monkeypatch
+) -> None:
+    """Found in review: the migrations wrote vector(384) whatever MLCHAT_EMBEDDING_DIM said, so a
+    768-d embedder could never be stored, and the worker's refusal told the operator to set the
+    setting and migrate, which they had done."""
+    from core.settings import settings
+    from db.introspect import vector_column_dim
+
+    monkeypatch.setattr(settings, "embedding_dim", 768)
+    _run(scratch_db, "upgrade", "head")
+    columns = [(t, c) for t in ("messages", "story_events", "facts") for c in ("embedding", "embedding_next")]
+    with Session(scratch_db) as session:
+        dims = {c: vector_column_dim(session=session, table=c[0], column=c[1]) for c in columns}
+    assert set(dims.values()) == {768}, dims
+
+
 def test_models_and_migrations_agree(services) -> None:
     with get_engine().connect() as conn:
         context = MigrationContext.configure(conn, opts={"include_name": include_name})

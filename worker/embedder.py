@@ -98,7 +98,8 @@ def check_dimension(model_dim: int | None, column_dim: int, embedder: str | None
     if model_dim != column_dim:
         raise EmbedderDimensionError(
             f"embedder {embedder or settings.embedder!r} makes {model_dim}-d vectors but the database stores "
-            f"vector({column_dim}); set MLCHAT_EMBEDDING_DIM and migrate, or pick a {column_dim}-d embedder"
+            f"vector({column_dim}), fixed when it was created: pick a {column_dim}-d embedder, or create "
+            f"a new database with MLCHAT_EMBEDDING_DIM={model_dim} set before its first migrate"
         )
 
 

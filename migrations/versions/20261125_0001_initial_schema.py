@@ -10,6 +10,10 @@ from collections.abc import Sequence
 import pgvector.sqlalchemy
 import sqlalchemy as sa
 from alembic import op
+
+# The vectors' dimension is MLCHAT_EMBEDDING_DIM's when the database is created (review: 384 was
+# written here, so any other embedder's dimension could never be stored, whatever the setting).
+from core.settings import settings
 from sqlalchemy.dialects import postgresql
 
 revision: str = '0001'
@@ -56,7 +60,7 @@ def upgrade() -> None:
     sa.Column('scene', sa.String(length=200), nullable=False),
     sa.Column('time', sa.Integer(), nullable=False),
     sa.Column('text', sa.Text(), nullable=False),
-    sa.Column('embedding', pgvector.sqlalchemy.vector.VECTOR(dim=384), nullable=True),
+    sa.Column('embedding', pgvector.sqlalchemy.vector.VECTOR(dim=settings.embedding_dim), nullable=True),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_story_events')),
     sa.UniqueConstraint('story', 'ordinal', name='uq_story_events_story_ordinal')
     )
@@ -114,7 +118,7 @@ def upgrade() -> None:
     sa.Column('seq', sa.Integer(), nullable=False),
     sa.Column('role', sa.Enum('user', 'assistant', 'narrator', 'system', name='message_role', native_enum=False, length=16), nullable=False),
     sa.Column('content', sa.Text(), nullable=False),
-    sa.Column('embedding', pgvector.sqlalchemy.vector.VECTOR(dim=384), nullable=True),
+    sa.Column('embedding', pgvector.sqlalchemy.vector.VECTOR(dim=settings.embedding_dim), nullable=True),
     sa.Column('turn_id', sa.Uuid(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.ForeignKeyConstraint(['conversation_id'], ['conversations.id'], name=op.f('fk_messages_conversation_id_conversations'), ondelete='CASCADE'),

@@ -12,6 +12,10 @@ import pgvector.sqlalchemy
 import sqlalchemy as sa
 from alembic import op
 
+# The vectors' dimension is MLCHAT_EMBEDDING_DIM's when the database is created (review: 384 was
+# written here, so any other embedder's dimension could never be stored, whatever the setting).
+from core.settings import settings
+
 revision: str = "0016"
 down_revision: str | None = "0015"
 branch_labels: str | Sequence[str] | None = None
@@ -39,7 +43,7 @@ def upgrade() -> None:
             nullable=False,
         ),
         sa.Column("scope_ref", sa.String(200), server_default="", nullable=False),
-        sa.Column("embedding", pgvector.sqlalchemy.vector.VECTOR(dim=384), nullable=True),
+        sa.Column("embedding", pgvector.sqlalchemy.vector.VECTOR(dim=settings.embedding_dim), nullable=True),
         sa.Column("superseded_by", sa.BigInteger(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False),
         sa.CheckConstraint("importance BETWEEN 0 AND 1", name=op.f("ck_facts_importance_bounded")),
@@ -109,7 +113,7 @@ def upgrade() -> None:
 
     for table in ("messages", "story_events", "facts"):
         op.add_column(
-            table, sa.Column("embedding_next", pgvector.sqlalchemy.vector.VECTOR(dim=384), nullable=True)
+            table, sa.Column("embedding_next", pgvector.sqlalchemy.vector.VECTOR(dim=settings.embedding_dim), nullable=True)
         )
     op.create_table(
         "reembed_progress",
