@@ -95,11 +95,14 @@ def sample_requests(n: int, tag: str, max_new_tokens: Any, offset: int = 0) -> l
 
 
 def _sage_requests(n: int, tag: str) -> list[dict[str, Any]]:
+    """Requests to one character whose messages are each their own (review: the warm and the timed
+    batch sent the same eight messages, so the prefix cache held whole prompts, not the persona
+    alone, and the gain measured was of whole-prompt hits)."""
     return [
         dict(
             conversation=f"bench-{tag}-{i}",
             character=SAGE["slug"],
-            message=SAGE_MESSAGES[i % len(SAGE_MESSAGES)],
+            message=f"{SAGE_MESSAGES[i % len(SAGE_MESSAGES)]} (Ask {tag}-{i}.)",
             player_name="Wren",
             params={"seed": i, "max_new_tokens": 16},
         )

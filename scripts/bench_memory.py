@@ -348,17 +348,19 @@ PATHS = ("summary", "fact", "retrieved", "recent")
 
 def _recall(
     conv_ids: list[int], probes: list[list[tuple[str, str]]], card: Character, with_memory: bool
-) -> tuple[int, int, list[int], bool, dict[str, int]]:
-    """(recalled, asked, prompt tokens of each conversation's first probe, every prompt within budget,
-    recalled probes per path that carried the answer (a probe counts under each path that did), and
-    under `memory_only` those only a summary or a fact carried)."""
+) -> tuple[int, int, list[int], int, dict[str, int]]:
+    """(recalled, asked, prompt tokens of each conversation's first probe, the most tokens of summaries
+    and facts one prompt showed (its manifest's count of what was rendered: the builder packs by an
+    estimate, so this can pass MLCHAT_MEMORY_BUDGET_TOKENS), recalled probes per path that carried
+    the answer (a probe counts under each path that did), and under `memory_only` those only a
+    summary or a fact carried)."""
     from worker.pipeline import get_prompt_builder
     from worker.prompt import PromptInput
 
     builder = get_prompt_builder()
     recalled = asked = 0
     tokens: list[int] = []
-    within = True
+    memory_most = 0
     via = dict.fromkeys((*PATHS, "memory_only"), 0)
     for conv, asks in zip(conv_ids, probes, strict=True):
         vectors = embed([q for q, _ in asks])
@@ -395,10 +397,11 @@ def _recall(
             for path in paths:
                 via[path] += 1
             via["memory_only"] += int(bool(paths) and paths <= {"summary", "fact"})
-            within = within and len(built.token_ids) <= settings.max_model_len - settings.max_new_tokens
+            shown = [*built.manifest.get("summary", []), *built.manifest.get("facts", [])]
+            memory_most = max(memory_most, sum(part["tokens"] for part in shown))
             if i == 0:
                 tokens.append(len(built.token_ids))
-    return recalled, asked, tokens, within, via
+    return recalled, asked, tokens, memory_most, via
 
 
 def _stored(conv_ids: list[int], probes: list[list[tuple[str, str]]]) -> dict[str, int]:
@@ -484,9 +487,7 @@ def measure_memory(
         conv_ids.append(conv)
         probes.append(asks)
 
-    base_recalled, asked, base_tokens, base_within, base_via = _recall(
-        conv_ids, probes, card, with_memory=False
-    )
+    base_recalled, asked, base_tokens, _, base_via = _recall(conv_ids, probes, card, with_memory=False)
 
     alone = [_live_probe_s(builder, card) for _ in range(probes_live)]
     summaries = extracted = 0
@@ -515,7 +516,7 @@ def measure_memory(
     worker.join()
     jobs_s = time.perf_counter() - started
 
-    mem_recalled, _, mem_tokens, mem_within, mem_via = _recall(conv_ids, probes, card, with_memory=True)
+    mem_recalled, _, mem_tokens, mem_most, mem_via = _recall(conv_ids, probes, card, with_memory=True)
     held = _stored(conv_ids, probes)
     return {
         "scaled_down": {
@@ -540,7 +541,11 @@ def measure_memory(
         "prompt_tokens_with_memory": round(statistics.mean(mem_tokens), 1),
         "prompt_tokens_without_memory": round(statistics.mean(base_tokens), 1),
         "prompt_tokens_ratio": round(statistics.mean(mem_tokens) / statistics.mean(base_tokens), 3),
-        "budget_held": mem_within and base_within,
+        # Review: "budget_held" compared each prompt with the context the builder never passes (it
+        # raises instead): it could not be false. The memory budget is the one packing estimates.
+        "memory_budget_tokens": settings.memory_budget_tokens,
+        "memory_tokens_most_in_a_prompt": mem_most,
+        "memory_within_budget": mem_most <= settings.memory_budget_tokens,
         "live_probe_alone_s": round(statistics.median(alone), 3),
         "live_probe_during_memory_jobs_s": round(statistics.median(during), 3) if during else None,
         "live_latency_ratio": round(statistics.median(during) / statistics.median(alone), 3)
