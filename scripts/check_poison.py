@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -47,10 +46,16 @@ def _env(adapters: Path) -> dict[str, str]:
 
 def _prepare(work: Path) -> None:
     """The three characters, and a broken adapter registered for one of them."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from core.settings import settings
     from db.migrate import upgrade
     from db.session import session_scope
-    from db.world import register_adapter, upsert_character
-    from services.lora.registry import adapters_dir
+    from db.world import upsert_character
+    from services.lora.registry import register
+    from services.lora.shapes import served_weights
+    from worker.model_cache import resolve_model_path
 
     upgrade()
     with session_scope() as session:
@@ -70,14 +75,22 @@ def _prepare(work: Path) -> None:
         "base_model_name_or_path": "unused",
     }
     (broken / "adapter_config.json").write_text(json.dumps(config), encoding="utf-8")
-    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file" * 64)
-    # Past `lora register`'s checks, which refuse such weights now: what a volume that broke after
-    # the registration leaves the workers.
-    target = adapters_dir() / POISONED / uuid.uuid4().hex
-    shutil.copytree(broken, target)
-    with session_scope() as session:
-        version = register_adapter(session=session, slug=POISONED, path=str(target), tenant=None)
-    print(f"registered a broken adapter for {POISONED}: v{version} at {target}", flush=True)
+    # Matrices that fit the served model (every check before the engine passes them) beside one
+    # tensor vLLM's load refuses ("unsupported LoRA weight"): the load's own failure is what this
+    # check is about, never reached by weights the worker's shape check refuses first.
+    served = served_weights(Path(resolve_model_path(settings)))
+    q = "model.layers.0.self_attn.q_proj"
+    out_size, in_size = served[f"{q}.weight"]
+    tensors = {
+        f"base_model.model.{q}.lora_A.weight": np.zeros((8, in_size), np.float32),
+        f"base_model.model.{q}.lora_B.weight": np.zeros((out_size, 8), np.float32),
+        f"base_model.model.{q}.lora_C.weight": np.zeros((8, 8), np.float32),
+    }
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    registered = register(POISONED, broken)
+    print(
+        f"registered a broken adapter for {POISONED}: v{registered.version} at {registered.path}", flush=True
+    )
 
 
 def _start(name: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:

@@ -529,6 +529,7 @@ def test_an_adapter_trained_on_another_model_fails_its_turns_at_once_never_loade
     """Review: nothing checked an adapter was trained on the model the workers serve (one registered on
     a host without the model, or the workers' model changed since): vLLM loads a narrower model's
     matrices into a corner of its buffers and the character speaks noise. Refused for good, unloaded."""
+    from tests.conftest import patch_on_this_thread
     from worker import engine as engine_module
     from worker.engine import Adapter, AdapterUnavailable
 
@@ -540,10 +541,63 @@ def test_an_adapter_trained_on_another_model_fails_its_turns_at_once_never_loade
     def never():  # type: ignore[no-untyped-def]
         raise AssertionError("sent to the engine")
 
-    monkeypatch.setattr(engine_module, "get_loop", never)
+    patch_on_this_thread(monkeypatch, engine_module, "get_loop", never)  # the session's worker's own
     with pytest.raises(AdapterUnavailable, match="does not fit the served model: .*v_proj.lora_A") as refused:
         engine_module.load_adapter(Adapter(f"narrow@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path)))
     assert refused.value.retry_in is None  # final: the turn fails at once
+
+
+def test_the_shape_check_refuses_a_misfit_and_leaves_what_it_cannot_judge_to_the_engine(
+    tmp_path, monkeypatch
+) -> None:
+    """Review of the shape check: a model whose weights are no safetensors, a quantized checkpoint
+    (`q_proj.qweight`) and a mixture of experts' blocks (PEFT's `experts.base_layer`) hold no
+    `<module>.weight`, and every adapter of theirs was refused for good as trained on another model;
+    and a hub id (compose's default model) was never checked at all."""
+    from safetensors.numpy import save_file
+
+    from core.settings import settings
+    from services.lora.shapes import shape_refusal
+    from worker.model_cache import local_model_dir
+
+    def adapter(**tensors: tuple[int, int]) -> Path:
+        folder = tmp_path / uuid.uuid4().hex
+        folder.mkdir()
+        save_file(
+            {k: np.zeros(v, np.float32) for k, v in tensors.items()},
+            str(folder / "adapter_model.safetensors"),
+        )
+        return folder
+
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    narrow = adapter(**{f"{q}.lora_A.weight": (8, 512), f"{q}.lora_B.weight": (512, 8)})
+    plain = {"model.layers.0.self_attn.q_proj.weight": [576, 576]}
+    assert "input size 512" in (shape_refusal(narrow, plain) or "")
+    assert shape_refusal(narrow, {}) is None  # a `.bin` model: nothing read to judge by
+    quantized = {
+        "model.layers.0.self_attn.q_proj.qweight": [576, 72],
+        "model.layers.0.self_attn.q_proj.scales": [4, 576],
+    }
+    assert shape_refusal(narrow, quantized) is None
+    experts = adapter(**{"base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight": (8, 576)})
+    assert shape_refusal(experts, {"model.layers.0.mlp.experts.gate_up_proj_blocks": [32, 5760, 90]}) is None
+    deeper = adapter(**{"base_model.model.model.layers.40.self_attn.q_proj.lora_A.weight": (8, 576)})
+    assert "has no module model.layers.40.self_attn.q_proj" in (shape_refusal(deeper, plain) or "")
+
+    # A hub id whose snapshot the host's cache holds (as vLLM downloaded it) is read from there.
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--studio--tiny-npc" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (cache / "models--studio--tiny-npc" / "refs").mkdir()
+    (cache / "models--studio--tiny-npc" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(settings, "model_path", "studio/tiny-npc")
+    assert local_model_dir(settings) == snapshot
+    monkeypatch.setattr(settings, "model_path", "studio/not-downloaded")
+    assert local_model_dir(settings) is None
 
 
 def test_a_load_that_timed_out_is_looked_at_again_a_while_after_the_wait_not_at_once(monkeypatch) -> None:
@@ -883,7 +937,12 @@ def test_a_bad_adapter_config_or_training_set_is_one_line_naming_the_file_and_li
         assert "adapter_config.json: the engine would refuse it: " in err and names in err, err
     (adapter / "adapter_config.json").write_text(json.dumps(plain))
     # Review: nothing checked an adapter was trained on the model the workers serve: vLLM copies a
-    # narrower model's matrices into a corner of its buffers and serves noise. Its weights are read.
+    # narrower model's matrices into a corner of its buffers and serves noise. Its weights are read
+    # (where the model is on this host: converted first, as a worker's start does).
+    from core.settings import settings
+    from worker.model_cache import resolve_model_path
+
+    resolve_model_path(settings)
     assert cli(["lora", "register", "elara", str(adapter)]) == 2  # b"": no safetensors file
     assert "adapter_model.safetensors: not a safetensors file that can be read" in capsys.readouterr().err
     _fitting_weights(adapter, ("q_proj", "v_proj"), narrower_by=64)
@@ -1077,7 +1136,6 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
     retrained in place meanwhile (an adapter of the card's examples becoming one of a tenant's
     dialogue) was registered to answer every tenant; and a registration whose COMMIT answer was lost
     deleted the copy the character's row then named."""
-    import shutil
     from contextlib import contextmanager
     from pathlib import Path
 
@@ -1088,23 +1146,28 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
     from services.lora import registry
 
     slug, adapter, config = _character_and_adapter(tmp_path, "inplace", {"from_turns": 0})  # every tenant's
-    real_copy = shutil.copytree
+    real_copy = registry._copy_adapter
 
     def retrained_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
         real_copy(src, dst, **kw)
         _fitting_weights(Path(dst), ("q_proj",), fill=0.5)  # studio-b's dialogue
         Path(dst, "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 3}))
 
-    monkeypatch.setattr(registry.shutil, "copytree", retrained_while_copied)
+    monkeypatch.setattr(registry, "_copy_adapter", retrained_while_copied)
+    (adapter / "checkpoint-1").mkdir()  # a training folder's leftovers: not copied (review)
+    (adapter / "checkpoint-1" / "optimizer.pt").write_bytes(b"state")
+    (adapter / "train.jsonl").write_text("{}\n")
     registered = registry.register(slug, adapter)
     assert registered.tenant == "studio-b"  # as the copy the workers load says, not every tenant
+    copied = {p.name for p in registered.path.iterdir()}
+    assert copied == {"adapter_config.json", "adapter_model.safetensors", "training_config.json"}, copied
     folders = set(registered.path.parent.iterdir())
 
     def broken_while_copied(src, dst, **kw):  # type: ignore[no-untyped-def]
         real_copy(src, dst, **kw)
         Path(dst, "adapter_config.json").write_text(json.dumps(config | {"r": 4096}))
 
-    monkeypatch.setattr(registry.shutil, "copytree", broken_while_copied)
+    monkeypatch.setattr(registry, "_copy_adapter", broken_while_copied)
     with pytest.raises(registry.BadLoraFile, match=f"^{adapter}: rank 4096 is over"):  # named as given
         registry.register(slug, adapter)
     assert set(registered.path.parent.iterdir()) == folders  # the refused copy is gone

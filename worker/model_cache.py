@@ -39,14 +39,26 @@ def resolve_model_path(cfg: Settings) -> str:
 
 def local_model_dir(cfg: Settings) -> Path | None:
     """The served model's folder on this host without converting or fetching anything: MLCHAT_MODEL_PATH
-    or the converted bundled model, where its config.json is; None where this host lacks it."""
-    if cfg.model_path:
-        folder = Path(cfg.model_path)
-    elif cfg.model == BUNDLED_MODEL:
+    (a folder, or a hub id whose snapshot this host's cache holds, as vLLM downloaded it), or the
+    converted bundled model, where its config.json is; None where this host lacks it."""
+    folder: Path | None
+    if cfg.model == BUNDLED_MODEL and not cfg.model_path:
         folder = cfg.model_cache_dir / BUNDLED_MODEL
     else:
+        name = cfg.model_path or cfg.model
+        folder = Path(name) if Path(name).is_dir() else _cached_snapshot(name)
+    return folder if folder is not None and (folder / "config.json").is_file() else None
+
+
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The folder of a hub model's snapshot in this host's cache; None if it holds none (or the
+    name is no hub id)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached, not a repo id (HFValidationError), an unreadable cache
         return None
-    return folder if (folder / "config.json").is_file() else None
 
 
 def load_tokenizer(cfg: Settings, model: str) -> Any:

@@ -150,6 +150,25 @@ def _check_adapter(folder: Path, shown: Path) -> None:
         raise BadLoraFile(str(exc).replace(str(folder), str(shown))) from None
 
 
+# What a registered adapter is: what vLLM loads (its config and weights) and the record of whose
+# dialogue trained it. Nothing else of the folder is copied (review: a training folder's checkpoints,
+# data and logs were copied whole, links followed).
+ADAPTER_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "adapter_model.pt",
+    "training_config.json",
+)
+
+
+def _copy_adapter(adapter_dir: Path, target: Path) -> None:
+    target.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copyfile(adapter_dir / name, target / name)
+
+
 def register(
     slug: str, adapter_dir: Path, *, tenant: str | None = None, every_tenant: bool = False
 ) -> Registered:
@@ -165,7 +184,7 @@ def register(
     served_to(adapter_dir, tenant=tenant, every_tenant=every_tenant)  # its refusals, before a copy too
     target = adapters_dir() / slug / uuid.uuid4().hex
     try:
-        shutil.copytree(adapter_dir, target)
+        _copy_adapter(adapter_dir, target)
         # What is registered is the copy, checked again as copied: a folder retrained in place while
         # it was copied (its weights and record replaced) is judged by what the workers will load,
         # and whose turns it answers by the record copied with it.

@@ -49,10 +49,13 @@ def _adapter_matrices(path: Path) -> Iterator[tuple[str, list[int]]]:
 
 def shape_refusal(adapter_dir: Path, served: dict[str, list[int]]) -> str | None:
     """Why an adapter (its folder) does not fit the model whose weight shapes are `served`; None if
-    each matrix fits. Only safetensors weights are read (a `.bin` is pickled: not opened here).
-    BadLoraFile for weights that cannot be read."""
+    each matrix fits, or where this cannot be judged: a model whose weights are no safetensors (a
+    `.bin`), a module kept as other tensors than one `.weight` (a quantized checkpoint's `qweight`,
+    a mixture of experts' `experts.*` blocks), a matrix not of two dimensions. Only safetensors
+    adapter weights are read (a `.bin` is pickled: not opened here). BadLoraFile for weights that
+    cannot be read."""
     path = adapter_dir / WEIGHTS
-    if not path.is_file():
+    if not served or not path.is_file():
         return None
     for name, shape in _adapter_matrices(path):
         found = _LORA_NAME.fullmatch(name.removeprefix(_PREFIX))
@@ -63,9 +66,11 @@ def shape_refusal(adapter_dir: Path, served: dict[str, list[int]]) -> str | None
         if base is None and module == "lm_head":  # tied to the input embeddings (SmolLM2's)
             base = served.get("model.embed_tokens.weight")
         if base is None:
-            return f"{name}: the served model has no weight {module}.weight (trained on another model?)"
+            if _stands_for(module, served):
+                continue  # stored as other tensors (quantized, experts): vLLM's load judges it
+            return f"{name}: the served model has no module {module} (trained on another model?)"
         if len(shape) != 2 or len(base) != 2:
-            return f"{name}: shape {shape} does not adapt {module}.weight of shape {base}"
+            continue
         out_size, in_size = base
         if found["embedding"] is not None:  # an embedding's weight is (vocabulary, width)
             out_size, in_size = in_size, out_size
@@ -77,3 +82,10 @@ def shape_refusal(adapter_dir: Path, served: dict[str, list[int]]) -> str | None
                 f"{module}.weight {base} has {expected} (trained on another model?)"
             )
     return None
+
+
+def _stands_for(module: str, served: dict[str, list[int]]) -> bool:
+    """Whether the served model holds tensors of `module` (or of the module it is a part of, as PEFT
+    names a mixture of experts' `experts.base_layer`) other than a `.weight`."""
+    path = module.removesuffix(".base_layer")
+    return any(name.startswith(path + ".") for name in served)
