@@ -1,12 +1,15 @@
 """Completion callbacks: the batch object POSTed to the batch's callback URL (or a turn to its own,
 POST /v1/turns `callback_url`), signed with HMAC-SHA256.
 
-The `X-Mlchat-Signature` header is `t=<unix time>,v1=<hex digest>`, the digest being
-HMAC-SHA256(<the tenant's secret>, "<t>.<raw body>"). A receiver recomputes it over the raw body
-(`verify_signature` does exactly that) and refuses an old `t`, so a captured request cannot be
-replayed later. Each tenant's callbacks are signed with a secret of its own (`tenant_secret`), so a
-tenant that checks its callbacks cannot sign another's. Retries with backoff are the Celery task's
-(tasks/callbacks.py).
+The `X-Mlchat-Signature` header is `t=<unix time>,v1=<hex digest>,v2=<hex digest>`, v1 being
+HMAC-SHA256(<the tenant's secret>, "<t>.<raw body>") and v2 the same over "<t>.<delivery>.<raw
+body>", the delivery being the `X-Mlchat-Delivery` header a receiver drops repeats by (v1 alone left
+it unsigned: a captured request replayed with another delivery id passed as new, or made the
+receiver drop a real one as a repeat). A receiver recomputes it over the raw body
+(`verify_signature` does exactly that, v2 when given the delivery) and refuses an old `t`, so a
+captured request cannot be replayed later. Each tenant's callbacks are signed with a secret of its
+own (`tenant_secret`), so a tenant that checks its callbacks cannot sign another's. Retries with
+backoff are the Celery task's (tasks/callbacks.py).
 """
 
 from __future__ import annotations
@@ -231,13 +234,22 @@ def tenant_secret(tenant: str) -> str:
     return hmac.new(master, f"mlchat callbacks of {tenant}".encode(), hashlib.sha256).hexdigest()
 
 
-def sign(body: bytes, secret: str, timestamp: int) -> str:
-    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return f"t={timestamp},v1={digest}"
+def sign(body: bytes, secret: str, timestamp: int, delivery: str | None = None) -> str:
+    header = f"t={timestamp},v1={_digest(secret, f'{timestamp}.', body)}"
+    if delivery is not None:
+        header += f",v2={_digest(secret, f'{timestamp}.{delivery}.', body)}"
+    return header
 
 
-def verify_signature(header: str, body: bytes, secret: str, *, tolerance_s: int = 300) -> bool:
-    """Whether `header` signs `body` with `secret`, made within `tolerance_s` of now."""
+def _digest(secret: str, prefix: str, body: bytes) -> str:
+    return hmac.new(secret.encode(), prefix.encode() + body, hashlib.sha256).hexdigest()
+
+
+def verify_signature(
+    header: str, body: bytes, secret: str, *, delivery: str | None = None, tolerance_s: int = 300
+) -> bool:
+    """Whether `header` signs `body` with `secret`, made within `tolerance_s` of now; with `delivery`
+    (the request's `X-Mlchat-Delivery`), whether its v2 signs that delivery id too."""
     try:
         parts = dict(item.split("=", 1) for item in header.split(","))
         timestamp = int(parts["t"])
@@ -245,9 +257,12 @@ def verify_signature(header: str, body: bytes, secret: str, *, tolerance_s: int 
         return False
     if abs(int(time.time()) - timestamp) > tolerance_s:  # as ints: a forged 400-digit t overflows a float
         return False
-    expected = sign(body, secret, timestamp).split("v1=", 1)[1]
+    if delivery is None:
+        expected, given = _digest(secret, f"{timestamp}.", body), parts.get("v1", "")
+    else:
+        expected, given = _digest(secret, f"{timestamp}.{delivery}.", body), parts.get("v2", "")
     # As bytes: compare_digest refuses a str with a character beyond ASCII (TypeError), a forged header's.
-    return hmac.compare_digest(expected.encode(), parts.get("v1", "").encode("utf-8", "surrogatepass"))
+    return hmac.compare_digest(expected.encode(), given.encode("utf-8", "surrogatepass"))
 
 
 def deliver(run_id: uuid.UUID) -> bool:
@@ -349,7 +364,7 @@ def post_signed(
     timeout = settings.callback_timeout_s if timeout is None else timeout
     headers = {
         "content-type": "application/json",
-        SIGNATURE_HEADER: sign(body, secret, int(time.time())),
+        SIGNATURE_HEADER: sign(body, secret, int(time.time()), delivery),
         "X-Mlchat-Delivery": delivery,
     }
     try:
