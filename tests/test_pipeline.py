@@ -461,7 +461,7 @@ def test_a_hand_back_the_outage_stopped_is_tried_again_while_the_claim_is_held(w
     monkeypatch.setattr(pipeline, "worker_state", SimpleNamespace(**warm))
     started = time.monotonic()
     assert pipeline._best_effort_hand_back([], back_after_two_seconds, until=started + 30) is None
-    assert 0.9 < time.monotonic() - started < 1.9  # a third of the lease (1 s), and the last wait
+    assert 0.9 < time.monotonic() - started < 10  # a third of the lease (1 s), and the last wait, not 30 s
     started = time.monotonic()
 
     def back_after_half_a_second(session):  # type: ignore[no-untyped-def]
@@ -868,12 +868,16 @@ def test_the_generation_stage_leaves_out_the_earlier_groups_judging_and_writing(
 
     from worker.stage_timer import GenerationSpan
 
+    started = time.perf_counter()
     span = GenerationSpan()
     time.sleep(0.02)  # generating
     with span.other_stages():
         time.sleep(0.5)  # the first group's judging and writing, while the others generate
     time.sleep(0.02)
-    assert span.ms() < 300  # about 40 ms; 540 counted the group's stages again
+    wall_ms = (time.perf_counter() - started) * 1000
+    # About 40 ms; the whole wall time (540 or more) counted the group's stages again. Against the wall
+    # time measured, not a fixed bound (review: a loaded host stretches the short sleeps too).
+    assert span.ms() < wall_ms - 400, (span.ms(), wall_ms)
 
 
 def test_a_turns_generated_tokens_count_every_candidate_the_engine_finished() -> None:
@@ -895,3 +899,27 @@ def test_a_turns_generated_tokens_count_every_candidate_the_engine_finished() ->
     failed.set_exception(RuntimeError("engine error"))
     futures = [finished(kept), finished(dropped), cancelled, failed]
     assert sum(g.completion_tokens for g in _generations(futures)) == 512
+
+
+def test_a_reply_that_finished_while_the_last_group_was_written_is_taken_without_waiting() -> None:
+    """Found in review: the store loop waited for one more of the futures still running, so a turn
+    whose reply finished while the previous group was judged and written waited for its slowest
+    batch-mate, and at the claim's hold its finished reply was thrown away with the rest."""
+    import time
+    from concurrent.futures import FIRST_COMPLETED, Future
+    from concurrent.futures import wait as wait_any
+    from types import SimpleNamespace
+
+    from worker.pipeline import GenerationTimeout, next_group
+
+    loop = SimpleNamespace(
+        wait=lambda futures, timeout=None: list(wait_any(futures, timeout, FIRST_COMPLETED).done)
+    )
+    done_already, never = Future(), Future()  # type: ignore[var-annotated]
+    done_already.set_result("a reply")
+    short, long = SimpleNamespace(id=uuid.uuid4()), SimpleNamespace(id=uuid.uuid4())
+    future_of = {short.id: [done_already], long.id: [never]}
+    hold = time.monotonic() + 2.0  # the long one never ends: the hold runs out in two seconds
+    assert next_group(loop, [short, long], future_of, 0.0, hold) == [short]
+    with pytest.raises(GenerationTimeout):
+        next_group(loop, [long], future_of, 0.0, hold)

@@ -223,6 +223,8 @@ class EngineLoop:
         jobs = [
             _Job(ids, params, priority, Future(), lora, alone) for ids, params, priority, lora in requests
         ]
+        for job in jobs:  # a waiter wakes once the result is set, not at its next 50 ms look (review)
+            job.future.add_done_callback(self._wake)
         # Paired strictly: one list out of step would stream one turn's text into another's.
         for job, hook in zip(jobs, on_text, strict=True) if on_text else ():
             job.on_text = hook
@@ -304,6 +306,10 @@ class EngineLoop:
                 return []
             with self._cond:
                 self._cond.wait(0.05)
+
+    def _wake(self, _: Future[Any]) -> None:
+        with self._cond:  # reentrant: a future resolved under the lock wakes its waiters too
+            self._cond.notify_all()
 
     def check_health(self) -> None:
         """Declare the engine dead if its client says so, or if requests are inside and no step has

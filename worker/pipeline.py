@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -537,17 +537,12 @@ def _answer(
     waiting = list(ready)
     span = GenerationSpan()
     while waiting:
-        # Until one more is done (or the engine died), and no longer than the claim is held.
-        pending = [f for t in waiting for f in future_of[t.id] if not f.done()]
-        if not loop.wait(pending, timeout=max(hold_until - time.monotonic(), 0.0)) and pending:
-            raise GenerationTimeout(f"{len(waiting)} turns had no reply when the claim's hold ran out")
-        _gather(window, [f for t in waiting for f in future_of[t.id]], hold_until)
-        finished = {t.id for t in waiting if all(f.done() for f in future_of[t.id])}
+        group = next_group(loop, waiting, future_of, window, hold_until)
         # From admission until the batch's last reply, less the time spent on its earlier groups (their
         # own stages): its turns' generation, shared with other batches.
         timer.ms["generate_ms"] = span.ms()
-        group = [t for t in waiting if t.id in finished]
-        waiting = [t for t in waiting if t.id not in finished]
+        taken = {t.id for t in group}
+        waiting = [t for t in waiting if t.id not in taken]
         if not group:  # a candidate finished, but no turn has all of its candidates yet
             continue
         outcomes = {t.id: _results(future_of[t.id], candidates[t.id], every=_choices(t) > 1) for t in group}
@@ -566,6 +561,31 @@ def _answer(
                 hold_until,
             )
     report.timings = {**shared_ms, **timer.ms}
+
+
+def next_group(
+    loop: Any,
+    waiting: Sequence[ClaimedTurn],
+    future_of: Mapping[uuid.UUID, Sequence[Any]],
+    window: float,
+    hold_until: float,
+) -> list[ClaimedTurn]:
+    """The waiting turns whose every candidate is done, once one is (or none, when a candidate finished
+    and no turn has all of its own yet), after `window` for more to join; GenerationTimeout when
+    none is done by the claim's hold. A turn that finished while the last group was being judged and
+    written is taken at once (review: the wait was for one more of the futures still running, so such
+    a turn waited for its slowest batch-mate, and at the hold its reply was thrown away)."""
+
+    def finished() -> list[ClaimedTurn]:
+        return [t for t in waiting if all(f.done() for f in future_of[t.id])]
+
+    if not finished():
+        # Until one more is done (or the engine died), and no longer than the claim is held.
+        pending = [f for t in waiting for f in future_of[t.id] if not f.done()]
+        if not loop.wait(pending, timeout=max(hold_until - time.monotonic(), 0.0)) and pending:
+            raise GenerationTimeout(f"{len(waiting)} turns had no reply when the claim's hold ran out")
+    _gather(window, [f for t in waiting for f in future_of[t.id]], hold_until)
+    return finished()
 
 
 # After the first reply of a group finishes, how long to wait for others finishing in the same steps.
