@@ -44,18 +44,17 @@ def _env(adapters: Path) -> dict[str, str]:
     )
 
 
-def _prepare(work: Path) -> None:
-    """The three characters, and a broken adapter registered for one of them."""
+def _prepare(work: Path, model_path: Path) -> None:
+    """The three characters, and a broken adapter registered for one of them (its matrices of the
+    workers' model, at `model_path`)."""
     import numpy as np
     from safetensors.numpy import save_file
 
-    from core.settings import settings
     from db.migrate import upgrade
     from db.session import session_scope
     from db.world import upsert_character
     from services.lora.registry import register
     from services.lora.shapes import served_weights
-    from worker.model_cache import resolve_model_path
 
     upgrade()
     with session_scope() as session:
@@ -78,7 +77,7 @@ def _prepare(work: Path) -> None:
     # Matrices that fit the served model (every check before the engine passes them) beside one
     # tensor vLLM's load refuses ("unsupported LoRA weight"): the load's own failure is what this
     # check is about, never reached by weights the worker's shape check refuses first.
-    served = served_weights(Path(resolve_model_path(settings)))
+    served = served_weights(model_path)
     q = "model.layers.0.self_attn.q_proj"
     out_size, in_size = served[f"{q}.weight"]
     tensors = {
@@ -87,7 +86,7 @@ def _prepare(work: Path) -> None:
         f"base_model.model.{q}.lora_C.weight": np.zeros((8, 8), np.float32),
     }
     save_file(tensors, str(broken / "adapter_model.safetensors"))
-    registered = register(POISONED, broken)
+    registered = register(POISONED, broken, every_tenant=True)  # no training record says whose
     print(
         f"registered a broken adapter for {POISONED}: v{registered.version} at {registered.path}", flush=True
     )
@@ -139,7 +138,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="mlchat-poison-"))
     env = _env(adapters_dir())  # the CLI's folder is the workers' (compose shares it as a volume)
-    _prepare(work)
+    _prepare(work, Path(env["MLCHAT_MODEL_PATH"]))
 
     from services.producer import enqueue_turns
     from tasks.generate import dispatch

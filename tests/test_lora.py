@@ -505,21 +505,25 @@ def test_an_adapter_whose_config_the_engine_refuses_fails_its_turns_at_once_not_
     """Found in review: a worker checked only an adapter's `r`, so one vLLM refuses (a bias, DoRA, a
     rank_pattern over the limit) was sent to the engine, its refusal taken for a passing fault, and
     every turn of the character sent again for minutes."""
-    import pytest
+    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "all"}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    _refused_before_the_engine(monkeypatch, tmp_path, "the engine refuses it: Adapter bias")
 
+
+def _refused_before_the_engine(monkeypatch: pytest.MonkeyPatch, folder: Path, match: str) -> None:
+    """The adapter in `folder` fails its turns at once (not retried), never sent to the engine."""
+    from tests.conftest import patch_on_this_thread
     from worker import engine as engine_module
     from worker.engine import Adapter, AdapterUnavailable
 
-    config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"], "bias": "all"}
-    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     monkeypatch.setattr(engine_module, "_engine_lora_rank", lambda: 16)
 
     def never():  # type: ignore[no-untyped-def]
         raise AssertionError("sent to the engine")
 
-    monkeypatch.setattr(engine_module, "get_loop", never)
-    with pytest.raises(AdapterUnavailable, match="the engine refuses it: Adapter bias") as refused:
-        engine_module.load_adapter(Adapter(f"biased@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path)))
+    patch_on_this_thread(monkeypatch, engine_module, "get_loop", never)  # the session's worker's own
+    with pytest.raises(AdapterUnavailable, match=match) as refused:
+        engine_module.load_adapter(Adapter(f"refused@v{uuid.uuid4().hex[:6]}", 7, str(folder)))
     assert refused.value.retry_in is None  # final: the turn fails at once
 
 
@@ -529,22 +533,10 @@ def test_an_adapter_trained_on_another_model_fails_its_turns_at_once_never_loade
     """Review: nothing checked an adapter was trained on the model the workers serve (one registered on
     a host without the model, or the workers' model changed since): vLLM loads a narrower model's
     matrices into a corner of its buffers and the character speaks noise. Refused for good, unloaded."""
-    from tests.conftest import patch_on_this_thread
-    from worker import engine as engine_module
-    from worker.engine import Adapter, AdapterUnavailable
-
     config = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["v_proj"]}
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     _fitting_weights(tmp_path, ("v_proj",), narrower_by=32)
-    monkeypatch.setattr(engine_module, "_engine_lora_rank", lambda: 16)
-
-    def never():  # type: ignore[no-untyped-def]
-        raise AssertionError("sent to the engine")
-
-    patch_on_this_thread(monkeypatch, engine_module, "get_loop", never)  # the session's worker's own
-    with pytest.raises(AdapterUnavailable, match="does not fit the served model: .*v_proj.lora_A") as refused:
-        engine_module.load_adapter(Adapter(f"narrow@v{uuid.uuid4().hex[:6]}", 7, str(tmp_path)))
-    assert refused.value.retry_in is None  # final: the turn fails at once
+    _refused_before_the_engine(monkeypatch, tmp_path, "does not fit the served model: .*v_proj.lora_A")
 
 
 def test_the_shape_check_refuses_a_misfit_and_leaves_what_it_cannot_judge_to_the_engine(
@@ -593,6 +585,11 @@ def test_the_shape_check_refuses_a_misfit_and_leaves_what_it_cannot_judge_to_the
     (snapshot / "config.json").write_text("{}")
     (cache / "models--studio--tiny-npc" / "refs").mkdir()
     (cache / "models--studio--tiny-npc" / "refs" / "main").write_text("abc123")
+    # Its listing names files vLLM never fetched (review: a snapshot short of them read as absent).
+    from huggingface_hub._tree_cache import TreeCacheEntry, write_tree_cache
+
+    listed = {name: TreeCacheEntry(1, "0" * 40) for name in ("config.json", "README.md", "original/x.bin")}
+    write_tree_cache(str(cache / "models--studio--tiny-npc"), "abc123", listed)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(settings, "model_path", "studio/tiny-npc")
     assert local_model_dir(settings) == snapshot

@@ -51,14 +51,17 @@ def local_model_dir(cfg: Settings) -> Path | None:
 
 
 def _cached_snapshot(repo_id: str) -> Path | None:
-    """The folder of a hub model's snapshot in this host's cache; None if it holds none (or the
-    name is no hub id)."""
-    from huggingface_hub import snapshot_download
+    """The folder of a hub model's snapshot in this host's cache (where its config.json is); None if
+    it holds none (or the name is no hub id). Not `snapshot_download(local_files_only=True)`: it
+    refuses a snapshot missing any file of the repo's listing, and vLLM fetches the weights and
+    configs alone (review: every hub model read as absent, and its adapters went unchecked)."""
+    from huggingface_hub import try_to_load_from_cache
 
     try:
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached, not a repo id (HFValidationError), an unreadable cache
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # not a repo id (HFValidationError), an unreadable cache
         return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def load_tokenizer(cfg: Settings, model: str) -> Any:
