@@ -19,6 +19,18 @@ def test_a_mismatch_is_a_clear_start_up_error(services) -> None:
         check_dimension(768, 384)
 
 
+def test_an_embedder_of_another_dimension_than_the_setting_names_the_setting(services) -> None:
+    """Review: the embedder's check against MLCHAT_EMBEDDING_DIM said the database stored that size,
+    sending an operator whose host lacked the setting to pick another embedder or a new database."""
+    from core.settings import settings
+    from worker.embedder import load_embedder
+
+    with pytest.raises(
+        EmbedderDimensionError, match="makes 384-d vectors but MLCHAT_EMBEDDING_DIM is 768: set it"
+    ):
+        load_embedder(settings.model_copy(update={"embedding_dim": 768}))
+
+
 def test_a_worker_whose_database_is_away_at_start_says_so_in_one_line(monkeypatch, caplog) -> None:
     """Found in review: a worker whose database was away at start logged "the worker could not
     start" with a psycopg traceback naming a socket, not DATABASE_URL, at every restart."""

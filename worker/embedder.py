@@ -68,7 +68,12 @@ def load_embedder(cfg: Settings) -> SentenceTransformer:
             f"MLCHAT_EMBEDDER={cfg.embedder!r} cannot be loaded on {device!r} "
             f"(MLCHAT_EMBEDDER_DEVICE): {reason}"
         ) from exc
-    check_dimension(model.get_embedding_dimension(), cfg.embedding_dim, cfg.embedder)
+    made = model.get_embedding_dimension()
+    if made != cfg.embedding_dim:  # the setting, not the database (review: named as the database's)
+        raise EmbedderDimensionError(
+            f"MLCHAT_EMBEDDER={cfg.embedder!r} makes {made}-d vectors but MLCHAT_EMBEDDING_DIM is "
+            f"{cfg.embedding_dim}: set it to {made} (it must equal the database's vector columns)"
+        )
     return model
 
 

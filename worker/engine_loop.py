@@ -258,6 +258,7 @@ class EngineLoop:
         """Run `engine.<method>(*args)` on the loop's thread, between steps (vLLM's client is not
         thread-safe); its result, or its exception, on the future."""
         future: Future[Any] = Future()
+        future.add_done_callback(self._wake)
         with self._cond:
             if self._death is not None:
                 future.set_exception(self._dead_error(in_engine=False))
@@ -304,8 +305,9 @@ class EngineLoop:
             self.check_health()
             if deadline is not None and time.monotonic() >= deadline:
                 return []
-            with self._cond:
-                self._cond.wait(0.05)
+            with self._cond:  # looked at under the lock `_wake` takes: a result set since is seen
+                if not any(f.done() for f in futures):
+                    self._cond.wait(0.05)
 
     def _wake(self, _: Future[Any]) -> None:
         with self._cond:  # reentrant: a future resolved under the lock wakes its waiters too
