@@ -40,6 +40,10 @@ def _env(adapters: Path) -> dict[str, str]:
         MLCHAT_MAX_LORA_RANK="8",
         MLCHAT_ADAPTERS_DIR=str(adapters),
         MLCHAT_PIN_WORKER_CPUS="false",
+        # A load failure may pass, so the poisoned turns are sent again a minute apart; with the
+        # default ten refunds before their own attempts count, they would fail after some 13 minutes,
+        # past the check's time (found running it this stop: 8 turns still queued at 400 s).
+        MLCHAT_MAX_OUTAGE_REFUNDS="0",
         MLCHAT_CPU_KVCACHE_GIB=os.environ.get("MLCHAT_CPU_KVCACHE_GIB", "1"),
     )
 
