@@ -9,7 +9,9 @@ the turns across the three characters, mixed in the same bulk batches. A worker 
 restarted, as compose's `restart:` would, and counted. It prints the counts and exits 1 unless every
 turn of the other characters was answered, every turn of the poisoned one failed with a clear code
 (adapter_unavailable, or engine_crash_loop if a request ever reached the engine and killed it), and
-the workers stayed up (at most --max-restarts restarts). Replies are four tokens long.
+the workers stayed up (at most --max-restarts restarts). Replies are four tokens long. The workers
+run with MLCHAT_MAX_OUTAGE_REFUNDS=0: a load failure may pass, so the default ten refunds, a minute
+apart, would keep the poisoned turns queued some 13 minutes before their own attempts count.
 """
 
 from __future__ import annotations
@@ -138,11 +140,18 @@ def main() -> int:
     from core.logging import configure_logging
 
     configure_logging()
+    from core.settings import settings
     from services.lora.registry import adapters_dir
+    from worker.model_cache import local_model_dir
 
     work = Path(tempfile.mkdtemp(prefix="mlchat-poison-"))
     env = _env(adapters_dir())  # the CLI's folder is the workers' (compose shares it as a volume)
-    _prepare(work, Path(env["MLCHAT_MODEL_PATH"]))
+    model_dir = local_model_dir(settings.model_copy(update={"model_path": env["MLCHAT_MODEL_PATH"]}))
+    if model_dir is None:
+        raise SystemExit(
+            f"check_poison: no folder of {env['MLCHAT_MODEL_PATH']} on this host to fit an adapter to"
+        )
+    _prepare(work, model_dir)
 
     from services.producer import enqueue_turns
     from tasks.generate import dispatch

@@ -576,6 +576,24 @@ def test_the_shape_check_refuses_a_misfit_and_leaves_what_it_cannot_judge_to_the
     deeper = adapter(**{"base_model.model.model.layers.40.self_attn.q_proj.lora_A.weight": (8, 576)})
     assert "has no module model.layers.40.self_attn.q_proj" in (shape_refusal(deeper, plain) or "")
 
+    # A model whose download is under way (a shard its index names still missing) is not judged,
+    # nor kept as the whole model (review: its shards there were taken for all of it).
+    from services.lora.shapes import INDEX, served_weights
+
+    downloading = tmp_path / "downloading"
+    downloading.mkdir()
+    shard = {"model.layers.0.self_attn.q_proj.weight": np.zeros((576, 576), np.float32)}
+    save_file(shard, str(downloading / "model-00001-of-00002.safetensors"))
+    weight_map = {"model.layers.0.self_attn.q_proj.weight": "model-00001-of-00002.safetensors"}
+    weight_map["model.layers.40.self_attn.q_proj.weight"] = "model-00002-of-00002.safetensors"
+    (downloading / INDEX).write_text(json.dumps({"weight_map": weight_map}))
+    assert served_weights(downloading) == {} and shape_refusal(deeper, served_weights(downloading)) is None
+    save_file(
+        {"model.layers.40.self_attn.q_proj.weight": np.zeros((576, 576), np.float32)},
+        str(downloading / weight_map["model.layers.40.self_attn.q_proj.weight"]),
+    )
+    assert shape_refusal(deeper, served_weights(downloading)) is None  # read once whole, and it fits
+
     # A hub id whose snapshot the host's cache holds (as vLLM downloaded it) is read from there.
     import huggingface_hub.constants
 
@@ -1124,6 +1142,23 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     for bad in ("studio\x00b", "x" * 65, "stu dio"):  # never a tenant's name: refused, not a database error
         assert cli(["lora", "register", slug, str(adapter), "--tenant", bad]) == 2, bad
         assert "--tenant: " in capsys.readouterr().err
+
+
+def test_a_fleet_of_several_models_registers_an_adapter_this_hosts_model_does_not_fit(
+    world, tmp_path, monkeypatch
+) -> None:
+    """Review: with several models served (compose's three), `lora register` on the API's host checked
+    an adapter against that host's model alone, and refused one trained for another model the
+    character's turns name; each worker refuses a misfit of its own instead."""
+    from core.settings import settings
+    from services.lora import registry
+
+    slug, adapter, _ = _character_and_adapter(tmp_path, "fleet", {"from_turns": 0})
+    _fitting_weights(adapter, ("q_proj",), narrower_by=64)
+    with pytest.raises(registry.BadLoraFile, match="does not fit the served model"):
+        registry.register(slug, adapter)  # one model served: this host's is the one
+    monkeypatch.setattr(settings, "served_models", [settings.model, "another-model"])
+    assert registry.register(slug, adapter).version == 1
 
 
 def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_folder(

@@ -141,7 +141,11 @@ def _check_adapter(folder: Path, shown: Path) -> None:
         refusal = engine_refusal(config, settings.max_lora_rank)
         if refusal is not None:  # registered, every turn of the character was retried for minutes
             raise BadLoraFile(f"{config_path}: the engine would refuse it: {refusal}")
-        model_dir = local_model_dir(settings)  # on a host without the model, the worker checks it
+        # Against this host's model where the fleet serves that one alone: with several (compose's
+        # three), an adapter is for whichever its character's turns name, and each worker refuses a
+        # misfit of its own (review: an adapter for SOLAR was refused on the API's gpt-oss). On a
+        # host without the model's folder, the workers check it too.
+        model_dir = local_model_dir(settings) if len(settings.models) == 1 else None
         if model_dir is not None:
             misfit = shape_refusal(folder, served_weights(model_dir))
             if misfit is not None:

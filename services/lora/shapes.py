@@ -5,8 +5,8 @@ without a word and changes every reply of its character into noise."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
-from functools import cache
 from pathlib import Path
 
 import regex
@@ -22,17 +22,34 @@ _LORA_NAME = regex.compile(
 )
 
 
-@cache
+_SERVED: dict[Path, dict[str, list[int]]] = {}
+INDEX = "model.safetensors.index.json"
+
+
 def served_weights(model_dir: Path) -> dict[str, list[int]]:
     """The served model's weight shapes by name, from its safetensors files' headers (read once a
-    process: the workers' model does not change under them)."""
+    process: the workers' model does not change under them); none, and not kept, while a shard its
+    index names is missing (a download still under way: review, the shards that were there were
+    taken for the whole model, and an adapter of its other layers refused as another model's)."""
+    known = _SERVED.get(model_dir)
+    if known is not None:
+        return known
     from safetensors import safe_open
 
+    index = model_dir / INDEX
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+        if not all(isinstance(shard, str) and (model_dir / shard).is_file() for shard in shards):
+            return {}
     shapes: dict[str, list[int]] = {}
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as weights:
             for name in weights.keys():  # noqa: SIM118  (a safe_open handle is no mapping)
                 shapes[name] = weights.get_slice(name).get_shape()
+    _SERVED[model_dir] = shapes
     return shapes
 
 
