@@ -725,7 +725,8 @@ def redeliver_turn_callbacks(older_than_s: float = 300.0) -> list[str]:
     def send(due: list[uuid.UUID]) -> list[uuid.UUID]:
         unsent = send_turn_callbacks(due)
         _unclaim(Turn, unsent)
-        return [turn_id for turn_id in due if turn_id not in set(unsent)]
+        kept_back = set(unsent)
+        return [turn_id for turn_id in due if turn_id not in kept_back]
 
     return _in_pages(lambda: _lost(Turn, older_than_s), send, LOST_PAGE)
 

@@ -491,7 +491,7 @@ def _misfit(adapter: Adapter) -> _AdapterState | None:
     from services.lora.shapes import served_weights, shape_refusal
 
     model_dir = local_model_dir(settings)
-    if model_dir is None:  # a hub name: vLLM's own load checks what it can
+    if model_dir is None:  # this host holds no folder of the model to read: vLLM's load checks what it can
         return None
     try:
         misfit = shape_refusal(Path(adapter.path), served_weights(model_dir))

@@ -10,11 +10,11 @@ from collections.abc import Sequence
 import pgvector.sqlalchemy
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 # The vectors' dimension is MLCHAT_EMBEDDING_DIM's when the database is created (review: 384 was
 # written here, so any other embedder's dimension could never be stored, whatever the setting).
 from core.settings import settings
-from sqlalchemy.dialects import postgresql
 
 revision: str = '0001'
 down_revision: str | None = None
