@@ -39,7 +39,7 @@ def errors_beside(
             # The other transaction has taken its locks when it waits for one of `first`'s (or ended
             # needing none): a fixed pause let a slow start cross nothing, and the test pass unproven.
             deadline = time.monotonic() + 15
-            while not (finished.is_set() or errors or _waits_for(mine)) and time.monotonic() < deadline:
+            while not (finished.is_set() or errors or waits_on(mine)) and time.monotonic() < deadline:
                 time.sleep(0.05)
             then(session)
     except BaseException as exc:  # noqa: BLE001
@@ -50,7 +50,7 @@ def errors_beside(
     return errors
 
 
-def _waits_for(pid: int) -> bool:
+def waits_on(pid: int) -> bool:
     """Whether another backend waits for a lock that backend `pid` holds."""
     with session_scope() as look:
         return bool(

@@ -39,7 +39,7 @@ from scripts.cli import main as cli
 from services.erasure import PlayerBusy, erase
 from services.producer import cancel_turn, submit_turns
 from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY
-from tests.lock_order import errors_beside
+from tests.lock_order import errors_beside, waits_on
 
 A = {"X-API-Key": INGEST_KEY}
 B = {"X-API-Key": HASHED_INGEST_KEY}
@@ -135,16 +135,6 @@ def test_a_player_with_a_turn_in_flight_is_refused_naming_it_and_nothing_is_eras
     assert erase("", player).turns == 2
 
 
-def _waiting_on_a_lock(pid: int) -> bool:
-    """Whether a backend waits for a lock the backend `pid` (the erasure's) holds."""
-    with get_engine().connect() as conn:
-        waiting = conn.execute(
-            text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
-            {"pid": pid},
-        ).scalar()
-    return bool(waiting)
-
-
 @pytest.mark.parametrize("lines", [1, 2], ids=["one-statement-enqueue", "batch-enqueue"])
 def test_an_enqueue_racing_an_erasure_starts_the_conversation_afresh_never_a_500(world, lines: int) -> None:
     """Found in review of the erasure: an enqueue that had found the conversation before the erasure
@@ -171,7 +161,7 @@ def test_an_enqueue_racing_an_erasure_starts_the_conversation_afresh_never_a_500
         racer = threading.Thread(target=enqueue)
         racer.start()
         for _ in range(300):
-            if _waiting_on_a_lock(pid):
+            if waits_on(pid):
                 break
             time.sleep(0.05)
         else:

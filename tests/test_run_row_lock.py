@@ -25,6 +25,7 @@ from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import cancel_run, create_run, finish_submission
 from db.session import _session_factory, session_scope
 from db.turns import ClaimedTurn, claim_turns, mark_dispatched, renew_lease, store_replies
+from tests.lock_order import waits_on
 from tests.outcomes import outcome_of
 
 
@@ -369,7 +370,7 @@ def test_a_sweep_finishing_two_cancels_never_deadlocks_with_a_store_of_both_runs
     sweep.start()
     try:
         deadline = time.monotonic() + 30
-        while not _waits_on(worker_pid):  # the sweep is at A (having finished B first, before the fix)
+        while not waits_on(worker_pid):  # the sweep is at A (having finished B first, before the fix)
             assert time.monotonic() < deadline and sweep.is_alive(), swept
             time.sleep(0.05)
         worker.execute(select(Run.id).where(Run.id == high).with_for_update())  # then B, in id order
@@ -387,20 +388,6 @@ def _capture(fn, **kwargs):  # type: ignore[no-untyped-def]
         return fn(**kwargs)
     except Exception as exc:  # the deadlock, raised in the sweep's thread, is the test's finding
         return exc
-
-
-def _waits_on(pid: int) -> bool:
-    """Whether another session of this database waits on the backend `pid`."""
-    with session_scope() as s:
-        return bool(
-            s.scalar(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND :pid = ANY(pg_blocking_pids(pid))"
-                ),
-                {"pid": pid},
-            )
-        )
 
 
 def test_a_chunk_naming_a_conversation_a_worker_is_writing_does_not_wait_for_that_worker(world) -> None:
@@ -467,7 +454,7 @@ def test_a_groups_write_a_deadlock_ends_is_written_again_not_handed_back_charged
             lambda: written.append(write_group(token, [outcome_of(turns[a])], {b: failure}, {})), errors
         )
         deadline = time.monotonic() + 30
-        while not _waits_on(pid):  # the write holds A and waits for B
+        while not waits_on(pid):  # the write holds A and waits for B
             assert time.monotonic() < deadline and writer.is_alive(), errors
             time.sleep(0.05)
         theirs.execute(select(Run.id).where(Run.id == run_a).with_for_update())  # and B wants A
