@@ -132,6 +132,43 @@ def test_a_reply_below_the_quality_bar_is_regenerated_once(engine, monkeypatch) 
     assert view.params["seed"] == 11  # the stored seed reproduces the stored reply
 
 
+def test_a_kept_second_try_leaves_the_turns_generate_ms_its_first_generations(engine, monkeypatch) -> None:
+    """Found in review: a turn whose second try was kept recorded the second generation as its
+    generate_ms (already in the group's regenerate_ms) and the first one nowhere."""
+    import dataclasses
+
+    from core.settings import settings
+    from worker import judge, pipeline
+
+    monkeypatch.setattr(settings, "quality_regenerate", True)
+    monkeypatch.setattr(settings, "quality_min_persona", 1.0)  # every first reply is below the bar
+    real_judge, real_regenerate = judge._judge, pipeline.regenerate_weak
+
+    def second_passes(turn, gen, vec, message_vec, ctx, prompt, seed=None):  # type: ignore[no-untyped-def]
+        verdict = real_judge(turn, gen, vec, message_vec, ctx, prompt, seed)
+        if seed == 11:
+            return verdict
+        return dataclasses.replace(verdict, quality={**verdict.quality, "below_bar": []})
+
+    seen = {}
+
+    def regenerate(judged, *args, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_regenerate(judged, *args, **kwargs)
+        seen["first"], seen["kept"] = judged[0][1], out[0][1]
+        return out
+
+    monkeypatch.setattr(judge, "_judge", second_passes)
+    monkeypatch.setattr(pipeline, "regenerate_weak", regenerate)
+    conv = new_conversation("elara") | {"player_name": "Rowan"}
+    (view,) = _answer([conv | {"message": "Any rooms free tonight?", "params": {"seed": 11}}])
+    assert view.quality["regenerated"]["kept"] == "second" and view.reply == seen["kept"].text
+    first = seen["first"]
+    assert seen["kept"] is not first
+    assert view.timings["generate_ms"] == round(first.seconds * 1000, 1)
+    assert view.timings["first_token_ms"] == round(first.first_token_s * 1000, 1)
+    assert view.timings["regenerate_ms"] >= round(seen["kept"].seconds * 1000, 1)
+
+
 def test_a_regenerated_reply_that_cannot_be_read_is_dropped_alone(monkeypatch) -> None:
     """Found in review: the second look at a weak reply caught only BadStructuredReply from its
     reader, so any other error there (keep_candidates catches every one) failed the whole claim."""

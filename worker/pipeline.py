@@ -766,6 +766,9 @@ def _finish_group(
         reply_vectors = embed([g.text for _, made in answered for _, g in made])
     with group_timer("quality"):
         judged = _judge_each(answered, reply_vectors, vector_of, context_of, prompts, report)
+    # A turn's generation stage is its first generation's, even when its second try's reply is kept:
+    # the second try's time is the group's regenerate_ms.
+    first_of = {turn.id: gen for turn, gen, _, _ in judged}
     if settings.quality_regenerate:
         # A streamed reply is never regenerated: the player has read it already (README, Streaming).
         shown = [j for j in judged if _streamed(j[0])]
@@ -782,10 +785,11 @@ def _finish_group(
     outcomes = []
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
-        timings["generate_ms"] = round(gen.seconds * 1000, 1)
+        first = first_of[turn.id]
+        timings["generate_ms"] = round(first.seconds * 1000, 1)
         # Inside the engine loop: waiting to be admitted, and from submission to the first token.
-        timings["engine_wait_ms"] = round(gen.admit_s * 1000, 1)
-        timings["first_token_ms"] = round(gen.first_token_s * 1000, 1)
+        timings["engine_wait_ms"] = round(first.admit_s * 1000, 1)
+        timings["first_token_ms"] = round(first.first_token_s * 1000, 1)
         timings["queue_ms"] = round(turn.queued_ms, 1)
         outcomes.append(
             TurnOutcome(
