@@ -613,6 +613,26 @@ def _until(condition, timeout: float = 10.0, step: float = 0.01) -> bool:  # typ
     return True
 
 
+def test_a_waiter_wakes_when_its_result_is_set_not_at_its_next_health_look(monkeypatch) -> None:
+    """wait() looks at the engine's health every WAIT_SLICE_S; a result set meanwhile (a request's, a
+    call's) must wake it at once, or each live reply waits up to a slice more. With the slice made a
+    minute long, both come back in seconds."""
+    from worker import engine_loop
+
+    class _SlowLoad(_ScriptedEngine):
+        def add_lora(self, lora) -> bool:  # type: ignore[no-untyped-def]
+            time.sleep(0.5)
+            return True
+
+    monkeypatch.setattr(engine_loop, "WAIT_SLICE_S", 60.0)
+    loop = _loop(_SlowLoad(decode_steps=5, step_s=0.1))  # each result comes a while after its wait begins
+    for start in (lambda: loop.submit([([1], None, LIVE, None)])[0], lambda: loop.call("add_lora", None)):
+        future = start()
+        started = time.monotonic()
+        assert loop.wait([future]) == [future]
+        assert time.monotonic() - started < 20, "the waiter slept its whole slice"
+
+
 def test_an_engine_call_that_hangs_counts_as_a_stall() -> None:
     from worker.engine import EngineDead
     from worker.engine_loop import EngineStalled

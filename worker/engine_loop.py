@@ -62,6 +62,8 @@ LIVE_NOTICE_S = 0.5
 # How often the loop looks for a step's outputs while it waits for them: a new request wakes it at
 # once, and the engine core steps on without it, so this only delays collecting outputs a little.
 OUTPUT_POLL_S = 0.002
+# A caller's wait() looks at the engine's health this often; a result set meanwhile wakes it at once.
+WAIT_SLICE_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -307,7 +309,7 @@ class EngineLoop:
                 return []
             with self._cond:  # looked at under the lock `_wake` takes: a result set since is seen
                 if not any(f.done() for f in futures):
-                    self._cond.wait(0.05)
+                    self._cond.wait(WAIT_SLICE_S)
 
     def _wake(self, _: Future[Any]) -> None:
         with self._cond:  # reentrant: a future resolved under the lock wakes its waiters too
