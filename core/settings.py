@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -63,7 +64,7 @@ class ApiKey(BaseModel):
     @property
     def digest(self) -> str:
         """The key's sha256 (hex): what a presented key is compared with."""
-        return self.sha256 or hashlib.sha256(self.key.encode()).hexdigest()  # type: ignore[union-attr]
+        return self.sha256 or _sha256_hex(self.key)  # type: ignore[arg-type]
 
     @property
     def id(self) -> str:
@@ -73,6 +74,13 @@ class ApiKey(BaseModel):
     def tenant_id(self) -> str:
         """The tenant whose conversations and idempotency keys this key reads and writes."""
         return self.tenant or self.id
+
+
+@lru_cache(maxsize=4096)
+def _sha256_hex(text: str) -> str:
+    """A key's digest, hashed once: every request compares the presented key with every key's digest
+    (and the desk's session check, before sign-in, with each key's again)."""
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 # The CLI and the Python API (no key) act as this tenant; no key's tenant can be empty.

@@ -1667,3 +1667,28 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         with pytest.raises(DeskError) as caught:
             desk.label(WRITER, second, "approve", None, "1")
         assert caught.value.status == 503 and time.monotonic() - started < 10
+
+
+def test_a_forged_desk_cookie_costs_a_look_at_each_key_not_at_each_pair(monkeypatch) -> None:
+    """Desk review: a made-up cookie, sent with no key, looked at every key's digest once per key
+    (n² SHA-256s before sign-in: 0.6 s a request with 1,000 keys, the whole API's GIL held)."""
+    import base64
+
+    from api.routes.desk import _session_cookie, _session_of
+    from core.settings import ApiKey
+
+    keys = [ApiKey(key=f"a-plain-review-key-{i:06d}", scopes=["review"], name=f"k{i}") for i in range(300)]
+    monkeypatch.setattr(settings, "api_keys", keys)
+    monkeypatch.setattr(settings, "desk_secret", None)
+    real, looks = ApiKey.digest, [0]
+
+    def counted(self: ApiKey) -> str:
+        looks[0] += 1
+        return real.fget(self)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(ApiKey, "digest", property(counted))
+    named = base64.urlsafe_b64encode(b"nobody").decode()
+    assert _session_of(f"{named}.9999999999.abc.def") is None
+    assert looks[0] <= 4 * len(keys), f"{looks[0]} looks at digests for {len(keys)} keys"
+    found = _session_of(_session_cookie(keys[123]))  # a real session still signs in, as its own key
+    assert found is not None and found.key is keys[123]

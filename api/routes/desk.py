@@ -64,16 +64,22 @@ def static_files() -> StaticFiles:
 SESSION_S = 12 * 3600
 
 
-def signs_sessions(key: ApiKey) -> bool:
+def signs_sessions(key: ApiKey, hashed: set[str] | None = None) -> bool:
     """Whether the desk may sign this key's sessions: with MLCHAT_DESK_SECRET, always; without it,
     only a key given whole (its digest is no more than the key, which MLCHAT_API_KEYS holds anyway).
     A key given by its sha256 has that digest in MLCHAT_API_KEYS, which others than the server may
     read (a deploy's config, a secret manager's viewers): its sessions would be theirs to forge
-    (desk review: an admin key's, every tenant's desk)."""
+    (desk review: an admin key's, every tenant's desk). `hashed`: the digests of the keys given by
+    their sha256 (`hashed_digests()`), when the caller looks at every key."""
     if settings.desk_secret is not None:
         return True
     # given whole, and not also by its sha256 (a move to hashed keys): that entry's digest is this one's
-    return key.key is not None and not any(other.sha256 == key.digest for other in settings.api_keys)
+    return key.key is not None and key.digest not in (hashed_digests() if hashed is None else hashed)
+
+
+def hashed_digests() -> set[str]:
+    """The digests MLCHAT_API_KEYS holds as such (keys given by their sha256)."""
+    return {key.sha256 for key in settings.api_keys if key.sha256 is not None}
 
 
 def _signing_key(digest: str) -> bytes:
@@ -145,8 +151,9 @@ def _session_of(value: str | None) -> _Session | None:
     if expires < time.time():
         return None
     match = None
+    hashed = hashed_digests()  # once, not once a key (desk review: a forged cookie cost n² hashes)
     for key in settings.api_keys:  # every key looked at: the time does not say which one matched
-        if not signs_sessions(key):
+        if not signs_sessions(key, hashed):
             continue
         expected = _session_mac(key.digest, key.id, expires, nonce)
         # Two keys may share a name (a rotation): the signature tells whose session it is.
