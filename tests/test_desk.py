@@ -1692,3 +1692,28 @@ def test_a_forged_desk_cookie_costs_a_look_at_each_key_not_at_each_pair(monkeypa
     assert looks[0] <= 4 * len(keys), f"{looks[0]} looks at digests for {len(keys)} keys"
     found = _session_of(_session_cookie(keys[123]))  # a real session still signs in, as its own key
     assert found is not None and found.key is keys[123]
+
+
+def test_a_second_desk_cookie_set_by_a_site_beside_the_desk_signs_nobody_in(services, monkeypatch) -> None:
+    """Desk security review: a sibling subdomain can set a cookie of the desk's name for the parent
+    domain; the parser kept the last one, so the writer's desk ran under the other cookie's session
+    (another tenant's key, its approvals landing there)."""
+    from starlette.requests import Request
+
+    from api.routes.desk import COOKIE, _session_cookie, signed_in
+    from core.settings import ApiKey
+
+    writer = ApiKey(key="the-writers-own-review-key", scopes=["review"], name="writer", tenant="studio")
+    other = ApiKey(key="another-tenants-review-key", scopes=["review"], name="other", tenant="rival")
+    monkeypatch.setattr(settings, "api_keys", [writer, other])
+
+    def request(cookie: str) -> Request:
+        return Request(
+            {"type": "http", "method": "GET", "path": "/desk/runs", "headers": [(b"cookie", cookie.encode())]}
+        )
+
+    own, planted = _session_cookie(writer), _session_cookie(other)
+    assert signed_in(request(f"{COOKIE}={own}")).caller.tenant == "studio"
+    with pytest.raises(DeskError) as refused:
+        signed_in(request(f"{COOKIE}={own}; theme=dark; {COOKIE}={planted}"))
+    assert refused.value.status == 400 and refused.value.message.startswith("cookie: two")

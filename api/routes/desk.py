@@ -190,8 +190,27 @@ def _path(url: str) -> str:
         return ""
 
 
+def _cookies_named(request: Request, name: str) -> int:
+    """How many cookies of this name the request carries (its parsed cookies keep one)."""
+    pairs = (
+        pair.partition("=")[0].strip()
+        for value in request.headers.getlist("cookie")
+        for pair in value.split(";")
+    )
+    return sum(1 for each in pairs if each == name)
+
+
 def signed_in(request: Request) -> Desk:
     """A dependency: the writer whose session the cookie holds (review or admin scope)."""
+    if _cookies_named(request, COOKIE) > 1:
+        # A site beside this one (a sibling subdomain) can set a cookie of this name for the parent
+        # domain, and the parser keeps the last: its session (another tenant's key) would be the
+        # writer's, its approvals landing there (desk security review).
+        raise DeskError(
+            400,
+            f"cookie: two {COOKIE} cookies came with this page; another site under this domain set "
+            "one. Clear this site's cookies and sign in again",
+        )
     session = _session_of(request.cookies.get(COOKIE))
     if session is None or not ({"review", "admin"} & set(session.key.scopes)):
         raise NotSignedIn
