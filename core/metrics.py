@@ -90,6 +90,11 @@ def record_batch(
     for outcome, n in outcomes.items():
         if n:
             TURNS.labels(model, outcome).inc(n)
+    record_tokens(model, tokens)
+
+
+def record_tokens(model: str, tokens: dict[str, int]) -> None:
+    """Tokens the engine processed, by kind (prompt, completion): a batch's, or a memory job's."""
     for kind, n in tokens.items():
         if n:
             TOKENS.labels(model, kind).inc(n)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from core import metrics
+from core.settings import settings
 from memory.prompts import REQUEST_SPEAKERS
 from worker import engine as engine_module
 from worker.engine import GenerationRequest
@@ -82,4 +84,8 @@ def generate_text(
     (result,) = engine_module.generate([request])
     if isinstance(result, Exception):
         raise result
+    # The engine's work as a batch's is (review: mlchat_tokens_total left every memory job out).
+    metrics.record_tokens(
+        settings.model, {"prompt": result.prompt_tokens, "completion": result.completion_tokens}
+    )
     return str(result.text).strip()

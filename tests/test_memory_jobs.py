@@ -81,9 +81,18 @@ def test_a_summary_job_on_the_engine_stores_one_summary_that_the_next_prompt_sho
 
 
 def test_fact_extraction_on_the_engine_answers_in_the_schema_and_keeps_facts_in_the_conversation() -> None:
+    from prometheus_client import REGISTRY
+
+    def tokens(kind: str) -> float:
+        labels = {"model": settings.model, "kind": kind}
+        return REGISTRY.get_sample_value("mlchat_tokens_total", labels) or 0.0
+
     conv = _conversation_with_lines(8)
+    before = tokens("prompt"), tokens("completion")
     counts = run_extract_job(conv)
     assert counts["lines"] == 8 and counts["malformed"] == 0  # guided decoding kept it in the schema
+    # review: the engine's work for memory counted as a batch's is
+    assert tokens("prompt") - before[0] > 100 and tokens("completion") - before[1] > 0
     with session_scope() as s:
         assert extracted_through(session=s, conversation_id=conv) == 8
         facts = s.scalars(select(Fact).where(Fact.scope_ref == str(conv))).all()
