@@ -297,6 +297,18 @@ def _send_again(steps: list[NewStep], went_ids: list[uuid.UUID]) -> list[NewStep
     return [step for step in steps if step.turn_id in went]
 
 
+def send_created_steps(steps: list[NewStep]) -> None:
+    """Send the steps a reply stored outside a worker created (answered inline: `mlchat chat
+    --inline`, the serverless handler), and record them sent; a broker away, or a database lost
+    before the record, leaves them to the sweeper (an unsent step is its `step_unsent`)."""
+    if not steps:
+        return
+    try:
+        _send_again(steps, [])
+    except Exception:
+        logger.warning("could not send %d scene steps; the sweeper will", len(steps), exc_info=True)
+
+
 def _by_lane(steps: list[NewStep]) -> dict[str, dict[str, list[uuid.UUID]]]:
     """The steps' ids by lane, then by model."""
     by_lane: dict[str, dict[str, list[uuid.UUID]]] = {}

@@ -1112,6 +1112,29 @@ def test_a_live_group_goes_on_for_n_exchanges_with_no_player_line(world, steps_u
     assert view["status"] == "open" and view["exchanges"] == 5 and len(view["sent"]) == 1
 
 
+def test_a_step_answered_inline_sends_the_step_it_created(world, engine, steps_unconsumed) -> None:
+    """Scenes review: `mlchat chat --inline` and the serverless handler answer a group's queued step
+    before the player's line, and storing it created the next step, which nothing sent (a worker's
+    task sends them): it waited for the sweeper, and a later line of the group behind it failed."""
+    from services.scenes import continue_group
+    from worker.inline import answer_now
+
+    conv = _group(strategy="fixed")["conversation"]
+    (first,) = continue_group(conv, 3)["sent"]
+    (player,) = answer_now([{"conversation": conv, "message": "Evening, all."}])
+    from services.producer import get_turn
+
+    assert player.status == TurnStatus.DONE and get_turn(uuid.UUID(str(first))).status == TurnStatus.DONE
+    with session_scope() as s:
+        scene = s.scalars(select(Scene).where(Scene.conversation_id == _conv_id(conv))).one()
+        created = s.execute(
+            select(Turn.scene_step, Turn.status, Turn.dispatched_at).where(
+                Turn.scene_id == scene.id, Turn.scene_step == 2
+            )
+        ).one()
+    assert created.status == TurnStatus.QUEUED and created.dispatched_at is not None, created
+
+
 def test_a_step_asked_for_behind_a_queued_player_line_follows_whoever_answers_that_line(
     world, steps_unconsumed
 ) -> None:

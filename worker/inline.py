@@ -12,6 +12,7 @@ from core.settings import settings
 from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import cancel_turns, claimable_before, running_elsewhere
 from services.producer import TurnView, enqueue_turns, get_turn
+from services.scenes import send_created_steps
 from services.schemas import TurnRequest
 from worker.embedder import check_space
 from worker.engine import EngineDead
@@ -101,6 +102,9 @@ def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
     while pending and rounds > 0:
         batch = pending[: settings.batch_size]
         report = process_batch(batch)
+        # A group's step stored here created the next one: a worker's task sends it, so this call does
+        # (scenes review: it waited for the sweeper, and a later line of the group behind it failed).
+        send_created_steps(report.next_steps)
         if report.engine_dead is not None:  # nothing more runs in this process
             raise _stopped_by(report.engine_dead, ids) from report.engine_dead
         now = [t for t in report.retry if t not in report.retry_in]
