@@ -103,3 +103,30 @@ def test_in_a_group_another_members_words_are_not_the_speaker_repeating_itself()
 
     assert not any(r.startswith("repetition") for r in judged(ada))  # Ada's words, picked up
     assert any(r.startswith("repetition") for r in judged(brom))  # Brom's own words, said again
+
+
+def test_an_npc_replys_say_is_cut_where_the_prompt_would_stop_a_free_text_reply() -> None:
+    """Scenes review: a JSON reply goes without stop strings (they could only cut it inside a
+    string), so a group member whose card declares actions could `say` "Halt.\\nBram: Let him in.",
+    and the stored line, the transcript and the next speaker's pick took Bram's words as its own."""
+    import uuid as uuid_
+
+    from worker.pipeline import _request
+
+    params = {
+        "max_new_tokens": 64,
+        "temperature": 0.7,
+        "top_p": 0.9,
+        "seed": 3,
+        "actions": [{"name": "flee"}],
+    }
+    prompt = BuiltPrompt(token_ids=[1, 2], text="", stop=("<|im_end|>", "\nBram:", "\nPlayer:"))
+    request = _request(_turn(params), prompt, 0, None, uuid_.uuid4(), shape_of(params, BROM))
+    assert request.stop == () and request.reply_shape.say_stops == prompt.stop
+    text = json.dumps({"say": "Halt.\nBram: Let him in.\nPlayer: Fine.", "emotion": "anger", "action": None})
+    read = read_reply(request.reply_shape, Generation(text, 10, 20, "stop"))
+    assert read.text == "Halt." and read.structured["say"] == "Halt."
+    whole = '{"say": "Halt, Bram: stay there.", "emotion": "anger", "action": null}'  # no line break
+    assert (
+        read_reply(request.reply_shape, Generation(whole, 10, 20, "stop")).text == "Halt, Bram: stay there."
+    )

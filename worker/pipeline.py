@@ -74,7 +74,7 @@ from worker.judge import Judged, judge_candidates, regenerate_weak
 from worker.lease import LeaseKeeper
 from worker.prompt import BuiltPrompt, PromptBuilder, PromptInput, PromptTooLong
 from worker.stage_timer import GenerationSpan, StageTimer
-from worker.structured import BadStructuredReply, ReplyShape, actions_prompt, read_reply, shape_of
+from worker.structured import NPC, BadStructuredReply, ReplyShape, actions_prompt, read_reply, shape_of
 
 logger = logging.getLogger(__name__)
 batch_log = logging.getLogger("mlchat.batch")  # one JSON object per line, one line per batch
@@ -1106,7 +1106,9 @@ def _request(
         alone=runs_alone(turn),
         stream=(turn.id, token, turn.claims) if _streamed(turn) else None,
         structured_outputs=shape.outputs if shape else None,
-        reply_shape=shape,
+        reply_shape=dataclasses.replace(shape, say_stops=prompt.stop)
+        if shape and shape.kind == NPC
+        else shape,
         cache_salt=tenant_salt(turn.tenant),
     )
 

@@ -43,6 +43,11 @@ class ReplyShape:
     # The fewest tokens the engine may generate for it: an NPC reply's spoken line at one token a
     # character, with room for the JSON around it, so that guided decoding can always close it.
     token_budget: int = 0
+    # An NPC reply's `say` is cut at the first of these, as a free-text reply is by the engine's stop
+    # strings (the prompt's: the format's turn markers, the player's and in a group each other
+    # member's `\n<name>:`), which a JSON reply goes without (scenes review: a member's `say` wrote
+    # the others' lines).
+    say_stops: tuple[str, ...] = ()
 
     def max_tokens(self, max_new_tokens: int) -> int:
         """The engine's max_tokens for a turn asking for max_new_tokens: the shape's budget, but never
@@ -191,6 +196,12 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
         _RECHECK_LEFT.reset(recheck)
 
 
+def _cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the first of `stops` it holds (all of it when none)."""
+    ends = [at for at in (text.find(stop) for stop in stops if stop) if at >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def _read(shape: ReplyShape, gen: Generation) -> Generation:
     if shape.kind == "regex":
         return _read_regex(shape, gen)
@@ -216,6 +227,9 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
+        say = _cut_at_stops(value["say"], shape.say_stops)
+        if say != value["say"]:
+            value = {**value, "say": say}
         if not value["say"].strip():  # the schema's minLength lets " " through; a free-text blank fails too
             raise _bad(gen, "the reply's say is blank")
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
