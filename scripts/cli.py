@@ -308,6 +308,7 @@ def run_status(
     import time
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from db.models import RunStatus
@@ -323,17 +324,18 @@ def run_status(
     )
     # On stderr, as submit's and lora train's: stdout keeps the status line for scripts.
     with Progress(*columns, transient=not watch, console=Console(stderr=True)) as bar:
-        task = bar.add_task(state.name, total=state.counts.total or None, rate="")
+        task = bar.add_task(escape(state.name), total=state.lines or None, rate="")
         started, start_done = time.monotonic(), state.counts.finished
         while True:
             c = state.counts
             rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
             bar.update(
                 task,
-                total=c.total or None,
+                total=state.lines or None,  # the file's lines: the bar never runs back as chunks are stored
                 completed=c.finished,
                 rate=f"{rate:.1f} turns/s",
-                description=f"{state.name} [{state.status.value}] ok={c.completed} failed={c.failed}",
+                # escaped: rich read "[queued]" as a style and dropped it (CLI review)
+                description=escape(f"{state.name} [{state.status.value}] ok={c.completed} failed={c.failed}"),
             )
             if not watch or state.finished or state.interrupted:
                 break
@@ -342,7 +344,7 @@ def run_status(
     c = state.counts
     status = state.status.value + (" (submission interrupted)" if state.interrupted else "")
     _out(
-        f"{state.id} {status} total={c.total} completed={c.completed} failed={c.failed} "
+        f"{state.id} {status} total={state.lines} completed={c.completed} failed={c.failed} "
         f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent}"
     )
     if state.quality.get("scored"):
@@ -380,8 +382,9 @@ def run_export(
         bool, typer.Option(help="native lines: each reply's other candidates (best of n), for writers")
     ] = False,
 ) -> None:
-    """<name>.results.jsonl and <name>.errors.jsonl (keyed by custom_id, in the order the lines were
-    answered). A run not finished yet exports the lines finished so far, and says so on stderr."""
+    """<name>.results.jsonl and <name>.errors.jsonl (keyed by custom_id, in input order; a retried
+    line where its retry was numbered). A run not finished yet exports the lines finished so far, and
+    says so on stderr, as it says which lines of its file a stopped submission never stored."""
     from services.runs import export_run, run_state
 
     if alternatives and format != "native":  # OpenAI's output lines have no place for them
@@ -389,11 +392,16 @@ def run_export(
     before = run_state(run)
     results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
-    if not before.finished:
-        left = before.counts.total - before.counts.finished
+    left = before.counts.total - before.counts.finished
+    if not before.finished and left:
         _err(
             f"run {before.name} is {before.status.value}: {left} line(s) not finished were left out; "
             "export again once it ends"
+        )
+    if before.never_stored:  # a cancel or failure during the submission (CLI review: said nowhere)
+        _err(
+            f"run {before.name} is {before.status.value}: {before.never_stored} line(s) of its file were "
+            "never stored (its submission stopped) and are not in the export"
         )
     reasons = before.quality.get("below_bar_reasons")
     if reasons:

@@ -69,6 +69,12 @@ class RunState:
     quality: dict[str, Any]
     # `validating` with nobody submitting: the submission died (resubmit the file, or `run resume`).
     interrupted: bool = False
+    lines: int = 0  # the lines the run holds or will: its file's good lines, or its stored turns if more
+
+    @property
+    def never_stored(self) -> int:
+        """Lines of its file the run never stored (a cancel or failure during the submission)."""
+        return max(self.lines - self.counts.total, 0)
 
     @property
     def finished(self) -> bool:
@@ -92,7 +98,8 @@ def run_state(ref: str) -> RunState:
             and not submission_alive(session=session, name=run.name)
         )
         error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
-        return RunState(run.id, run.name, run.status, counts, error, quality, interrupted)
+        lines = max(run.total or 0, counts.total)
+        return RunState(run.id, run.name, run.status, counts, error, quality, interrupted, lines)
 
 
 def cancel(ref: str) -> CancelOutcome:
