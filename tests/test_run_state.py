@@ -288,6 +288,23 @@ def test_a_run_submitted_skipping_bad_lines_resumes_skipping_them(quiet_model, t
     assert resumed.status == RunStatus.QUEUED and resumed.sent == 20
     assert [e.line for e in resumed.skipped_lines] == [31]
     assert sorted(_sent_ids()) == sorted(_turn_ids(resumed.id)) and len(_turn_ids(resumed.id)) == 30
+    # CLI review: stopped before its first chunk was stored, it resumed without skipping (refused)
+    first = "skip-resume-first-" + tmp_path.name
+    real_insert, calls = runs.submit._insert_chunk, []
+
+    def dies_once(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("the database went away")
+        return real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(runs.submit, "_insert_chunk", dies_once)
+    with pytest.raises(SubmissionFailed):
+        submit_run(path, name=first, skip_bad_lines=True)
+    assert run_state(first).counts.total == 0
+    resumed = runs.resume(first, path)
+    assert resumed.status == RunStatus.QUEUED and [e.line for e in resumed.skipped_lines] == [31]
+    assert len(_turn_ids(resumed.id)) == 30
 
 
 def test_a_line_whose_own_conversation_another_run_made_is_refused_naming_its_custom_id(

@@ -230,11 +230,12 @@ def _submit(
             _refuse_a_batch(name)
         kept, kept_skip, resumed = _stored_options(name)
         # A run holding turns keeps the options they were stored under; one that stored nothing yet (its
-        # validation failed, say) takes the caller's, as its error asked. So does --skip-bad-lines:
-        # resumed without it (`mlchat run resume`, or the file sent again as the failure says), a run
-        # submitted with it failed on the very lines it had skipped.
+        # validation failed, say) takes the caller's, as its error asked. --skip-bad-lines is kept
+        # either way: resumed without it (`mlchat run resume`, or the file sent again as the failure
+        # says), a run submitted with it failed on the very lines it had skipped, its first chunk
+        # interrupted too (CLI review). A run whose validation failed was not skipping.
         options = (kept if resumed else options or kept) or LineOptions()
-        skip_bad_lines = skip_bad_lines or (resumed and kept_skip)
+        skip_bad_lines = skip_bad_lines or kept_skip
         tenant = _stored_tenant(name)
         check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines, run_name=name)
         with session_scope() as session:
