@@ -307,6 +307,40 @@ def test_a_run_submitted_skipping_bad_lines_resumes_skipping_them(quiet_model, t
     assert len(_turn_ids(resumed.id)) == 30
 
 
+def test_a_file_sent_again_to_its_failed_run_leaves_the_run_naming_its_bad_lines_now(
+    quiet_model, tmp_path
+) -> None:
+    """CLI review: a run failed for two bad lines, sent again once one was mended (its character
+    imported), kept the first failure's error and lines: `run status` named a line that was fine."""
+    from services.characters import import_card
+
+    ghost = f"ghost-{uuid.uuid4().hex[:8]}"
+    lines = [
+        {"custom_id": "a", "character": "elara", "message": "Fine."},
+        {"custom_id": "b", "character": ghost, "message": "Boo?"},
+        {"custom_id": "c", "character": "elara", "message": ""},
+    ]
+    path = tmp_path / "two-bad.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    name = "fail-again-" + tmp_path.name
+    with pytest.raises(RunValidationError):
+        submit_run(path, name=name)
+    with session_scope() as s:
+        assert [e["line"] for e in s.scalars(select(Run.line_errors).where(Run.name == name)).one()] == [2, 3]
+    card = {
+        "spec": "chara_card_v2",
+        "spec_version": "2.0",
+        "data": {"name": "Ghost", "description": "A ghost."},
+    }
+    import_card(json.dumps(card).encode(), ghost)
+    with pytest.raises(RunValidationError, match="line 3"):
+        submit_run(path, name=name)
+    with session_scope() as s:
+        run = s.scalars(select(Run).where(Run.name == name)).one()
+        assert run.status == RunStatus.FAILED and [e["line"] for e in run.line_errors] == [3]
+        assert "line 2" not in run.error
+
+
 def test_a_line_whose_own_conversation_another_run_made_is_refused_naming_its_custom_id(
     quiet_model, tmp_path
 ) -> None:

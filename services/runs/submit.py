@@ -255,6 +255,8 @@ def _submit(
             if status not in (RunStatus.VALIDATING, RunStatus.FAILED):  # submitted already: nothing to do
                 return SubmittedRun(run_id, name, False, 0, 0, [], status)
             if check.errors and not skip_bad_lines:
+                if status == RunStatus.FAILED:  # failed before: the error it keeps is this file's now
+                    resume_submission(session=session, run_id=run_id)  # (CLI review: the old one stayed)
                 fail_submission(
                     session=session,
                     run_id=run_id,
