@@ -161,6 +161,37 @@ def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, 
     assert " cancelled total=60 " in capsys.readouterr().out
 
 
+def test_a_submission_whose_run_failed_under_it_fails_not_reads_as_cancelled(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """CLI review: the run failed under its submission (housekeeping took it for abandoned) was taken
+    for a cancel: "0 lines stored; status failed", exit 0."""
+    from db.runs import fail_submission
+    from scripts.cli import main as cli
+
+    monkeypatch.setattr(runs.submit, "CHUNK", 10)
+    path = _file(tmp_path, 30)
+    real_insert, failed = runs.submit._insert_chunk, []
+
+    def then_failed(run_id, *args, **kwargs):  # type: ignore[no-untyped-def]
+        ids = real_insert(run_id, *args, **kwargs)
+        if not failed:
+            with session_scope() as s:  # another process's transaction, after the first chunk
+                failed.append(
+                    fail_submission(session=s, run_id=run_id, error="abandoned", error_code="server_error")
+                )
+        return ids
+
+    monkeypatch.setattr(runs.submit, "_insert_chunk", then_failed)
+    name = "failed-mid-" + tmp_path.name
+    with pytest.raises(SubmissionFailed, match="failed during its submission: abandoned"):
+        submit_run(path, name=name)
+    assert failed == [True] and run_state(name).status == RunStatus.FAILED
+    failed.clear()
+    assert cli(["run", "submit", str(path), "--name", "failed-mid-cli-" + tmp_path.name]) == 1
+    assert failed == [True]
+
+
 def test_reading_a_run_never_writes_it(quiet_model, tmp_path) -> None:
     sub = submit_run(_file(tmp_path, 3), name="read-only-" + tmp_path.name)
     with session_scope() as s:  # every turn finished, but no transition has advanced the run yet

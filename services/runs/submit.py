@@ -27,7 +27,7 @@ from typing import Any
 
 from core.settings import DEFAULT_TENANT, settings
 from db.bulk_turns import RunNotAccepting, StagedTurn, insert_run_turns, stored_custom_ids
-from db.models import RunStatus
+from db.models import Run, RunStatus
 from db.runs import (
     RunConflict,
     cancel_run,
@@ -280,7 +280,7 @@ def _submit(
                 path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later
             )
         except RunNotAccepting:
-            stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started
+            stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started; or failed
         except Exception as exc:
             reason = one_line(exc)
             if not retry_later:
@@ -297,6 +297,11 @@ def _submit(
             ) from exc
         with session_scope() as session:
             status = finish_submission(session=session, run_id=run_id)
+            if status == RunStatus.FAILED:  # failed under it (housekeeping found it abandoned, say)
+                error = session.get(Run, run_id).error  # type: ignore[union-attr]
+        if status == RunStatus.FAILED and not retry_later:  # CLI review: taken for a cancel, exit 0
+            # (a batch's try: whoever failed it told its client)
+            raise SubmissionFailed(f"run {name!r} failed during its submission: {error}")
         if status == RunStatus.CANCELLING:  # turns stored after the cancel landed are cancelled too
             # In a transaction of its own: the one above locked the run, and a cancel locks turns
             # before their run (as every claim finishing one does): together they could deadlock.
