@@ -277,7 +277,10 @@ def release_job(
     its lease lapsed and another claim took the job, which is that claim's now)."""
     released = session.execute(
         text(
-            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
+            # its mark lapsed, not cleared: the caller schedules the jobs once this commits, and if
+            # that never happens (its process killed, the database lost) the sweep still finds them
+            # (memory review: a cleared mark and no claim left them for the conversation's next reply)
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = now(),"
             " failures = CASE WHEN :ran THEN 0 ELSE failures END,"
             " outage_retries = CASE WHEN :ran THEN 0 ELSE outage_retries END,"
             " last_error = CASE WHEN :ran THEN NULL ELSE last_error END,"
@@ -404,7 +407,10 @@ def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
     and after it; `reread_from` then goes back to the start of the stretch that held it)."""
     session.execute(
         text(
-            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
+            # its mark lapsed, not cleared: the caller schedules the jobs once this commits, and if
+            # that never happens (its process killed, the database lost) the sweep still finds them
+            # (memory review: a cleared mark and no claim left them for the conversation's next reply)
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = now(),"
             " failures = 0, outage_retries = 0, retry_after = NULL,"  # the text it failed on changed
             # a line extraction had read: due at once, however few lines follow it, until it has read
             # as far as it had (the edit dropped the facts of every line after it too)

@@ -1585,6 +1585,19 @@ def test_an_edit_at_the_desk_schedules_the_conversations_memory_again(services, 
     desk.edit(WRITER, first, "Down the hill, past the well.", "0")
     desk.edit(WRITER, second, "Good morning to you too.", "0")  # a run's own conversation: no memory
     assert scheduled == [[remembered]]
+    # memory review: the schedule after the commit never ran (scheduling patched out here, as a
+    # process killed between the two): the sweep finds the job, its mark lapsed, not taken for none
+    # (the sweep's own test for a lapsed mark, on this row alone: a sweep here would mark other tests' jobs)
+    from db.memory_jobs import _TAKE_BACK_SQL
+
+    assert "queued_until < now() AND failures < :max_failures" in _TAKE_BACK_SQL.text
+    with session_scope() as s:
+        lapsed = s.scalar(
+            select(MemoryJob.queued_until < func.now()).where(
+                MemoryJob.conversation_id == remembered, MemoryJob.kind == "extract"
+            )
+        )
+    assert lapsed is True
 
 
 def test_a_part_file_a_killed_export_left_is_removed_by_the_next_writer_into_its_folder(tmp_path) -> None:
