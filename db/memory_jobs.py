@@ -277,10 +277,7 @@ def release_job(
     its lease lapsed and another claim took the job, which is that claim's now)."""
     released = session.execute(
         text(
-            # its mark lapsed, not cleared: the caller schedules the jobs once this commits, and if
-            # that never happens (its process killed, the database lost) the sweep still finds them
-            # (memory review: a cleared mark and no claim left them for the conversation's next reply)
-            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = now(),"
+            "UPDATE memory_jobs SET token = NULL, lease_until = NULL, queued_until = NULL,"
             " failures = CASE WHEN :ran THEN 0 ELSE failures END,"
             " outage_retries = CASE WHEN :ran THEN 0 ELSE outage_retries END,"
             " last_error = CASE WHEN :ran THEN NULL ELSE last_error END,"
