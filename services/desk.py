@@ -337,7 +337,7 @@ def _row(session: Session, run: Run) -> RunRow:
             "failed": counts.failed,
             "cancelled": counts.cancelled,
         },
-        progress=round(100 * counts.finished / total) if total else 0,
+        progress=100 * counts.finished // total if total else 0,  # 199 of 200 is 99%, not 100 (review)
         below_bar=dict(quality.get("below_bar_reasons") or {}),
         scored=int(quality.get("scored", 0)),
         labels=reviews.run_labels(session=session, run_id=run.id),

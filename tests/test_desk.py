@@ -1730,3 +1730,14 @@ def test_a_second_desk_cookie_set_by_a_site_beside_the_desk_signs_nobody_in(serv
     with pytest.raises(DeskError) as refused:
         signed_in(request(f"{COOKIE}={own}; theme=dark; {COOKIE}={planted}"))
     assert refused.value.status == 400 and refused.value.message.startswith("cookie: two")
+
+
+def test_a_run_one_line_short_of_finished_is_not_shown_at_100_percent(services, world, monkeypatch) -> None:
+    """Observability review: progress was rounded, so 199 of 200 lines finished read "100%"."""
+    from db.runs import RunCounts
+
+    run_id, _ = build_run("studio-a", _lines())
+    monkeypatch.setattr(desk, "run_counts", lambda **kw: RunCounts(200, 0, 1, 199, 0, 0))
+    assert desk.run_summary(WRITER, run_id).progress == 99
+    monkeypatch.setattr(desk, "run_counts", lambda **kw: RunCounts(200, 0, 0, 200, 0, 0))
+    assert desk.run_summary(WRITER, run_id).progress == 100
