@@ -1,15 +1,17 @@
 """Per-turn task events for Flower and other event consumers.
 
 celery-batches runs one task call per flush and sends no task events of its own, so monitoring would
-see nothing per turn. The generation task reports each turn as a task named `mlchat.turn` whose id is
-the turn id: received when its flush starts, started with its batch, then succeeded, failed or
-retried. Events are buffered and sent as one message per stage of a batch. They are best effort: a
-failure to send one is logged and turns events off for the flush; it never touches the turns.
+see nothing per turn. The generation task reports each turn as a task named `mlchat.turn` whose id
+is the turn id: received when its flush starts, started with its batch, then succeeded, failed or
+retried, or revoked when its claim found it finished already (cancelled, say). Events are buffered
+and sent as one message per stage of a batch. They are best effort: a failure to send one is logged
+and turns events off for the flush; it never touches the turns.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Iterable
 from typing import Any
@@ -29,6 +31,7 @@ class TurnEvents:
         self.enabled = bool(app.conf.worker_send_task_events)
         self._conn: Any = None
         self._dispatcher: Any = None
+        self._started: dict[str, float] = {}  # when each turn's batch started: its runtime's start
 
     def __enter__(self) -> TurnEvents:
         return self
@@ -79,16 +82,34 @@ class TurnEvents:
         )
 
     def started(self, turn_ids: Iterable[uuid.UUID]) -> None:
-        self._emit(("task-started", dict(uuid=str(t))) for t in turn_ids)
+        ids = [str(t) for t in turn_ids]
+        now = time.monotonic()
+        self._started.update((t, now) for t in ids)
+        self._emit(("task-started", dict(uuid=t)) for t in ids)
 
     def finished(
-        self, done: Iterable[uuid.UUID], failed: dict[uuid.UUID, str], again: Iterable[uuid.UUID]
+        self,
+        done: Iterable[uuid.UUID],
+        failed: dict[uuid.UUID, str],
+        again: Iterable[uuid.UUID],
+        ended: Iterable[uuid.UUID] = (),
     ) -> None:
+        """`ended`: turns the claim found finished already (a cancelled run's, a duplicate message's):
+        revoked, which Flower never lets overwrite a success or a failure (observability review:
+        they stayed STARTED for ever, and Flower's runtime of every turn was 0)."""
+        now = time.monotonic()
+
+        def runtime(turn_id: uuid.UUID) -> float:
+            return round(now - self._started.pop(str(turn_id), now), 3)
+
         events: list[tuple[str, dict[str, Any]]] = []
-        events += [("task-succeeded", dict(uuid=str(t), result="'done'", runtime=0.0)) for t in done]
+        events += [("task-succeeded", dict(uuid=str(t), result="'done'", runtime=runtime(t))) for t in done]
         events += [
             ("task-failed", dict(uuid=str(t), exception=reason[:500], traceback=""))
             for t, reason in failed.items()
         ]
         events += [("task-retried", dict(uuid=str(t), exception="sent again", traceback="")) for t in again]
+        events += [
+            ("task-revoked", dict(uuid=str(t), terminated=False, signum=None, expired=False)) for t in ended
+        ]
         self._emit(events)

@@ -231,11 +231,16 @@ def _record(
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
         stored = set(result.report.done)  # written by its groups before it raised
-        events.finished(result.report.done, {}, (turn_id for turn_id, _ in chunk if turn_id not in stored))
+        # What is left of its failures was written (the hand-back took the others out): failed, not
+        # retried (observability review)
+        failed = {t: f.reason for t, f in result.report.failed.items() if t not in stored}
+        ended = set(result.report.skipped)
+        retried = [t for t, _ in chunk if t not in stored and t not in failed and t not in ended]
+        events.finished(result.report.done, failed, retried, result.report.skipped)
         return
     report = result
     failed = {t: f.reason for t, f in report.failed.items()}
-    events.finished(report.done, failed, [*report.send_again, *report.deferred])
+    events.finished(report.done, failed, [*report.send_again, *report.deferred], report.skipped)
     now = [t for t in report.send_again if t not in report.retry_in]
     outcome.resend.append(Resend([(t, lane_of[t]) for t in now], settings.flush_interval, alone=alone))
     outcome.resend += _after_waits(report.retry_in, lane_of, alone=alone)

@@ -60,6 +60,8 @@ def test_flower_lists_the_worker_and_each_turn_as_a_task(celery_worker, tmp_path
         assert tasks, (tmp_path / "flower.log").read_text()[-2000:]
         assert {tasks[i]["name"] for i in ids} == {"mlchat.turn"}
         assert {tasks[i]["worker"] for i in ids} == {celery_worker.hostname}
+        # observability review: every turn's runtime was sent as 0, which Flower leaves out
+        assert all((tasks[i].get("runtime") or 0) > 0 for i in ids), [tasks[i].get("runtime") for i in ids]
         print(f"flower saw {len(tasks)} task(s); turns {ids} all SUCCESS on {celery_worker.hostname}")
     finally:
         flower.terminate()
@@ -83,3 +85,37 @@ def test_turn_events_stop_for_the_flush_when_the_broker_drops_mid_way(services, 
         monkeypatch.setattr(events._dispatcher.producer, "publish", broker_gone)
         events.finished([uuid.uuid4()], {}, [])
         assert not events.enabled  # off for the rest of the flush
+
+
+def test_a_chunk_reports_its_written_failures_as_failed_and_its_finished_turns_as_revoked() -> None:
+    """Observability review: a chunk that raised reported the failures it had written (no attempts
+    left, blocked) as retried, and the turns its claim found finished already (a cancelled run's)
+    got no last event: Flower showed them STARTED for ever."""
+    from db.models import TurnErrorCode
+    from tasks.generate import ChunkRaised, FlushOutcome, _record
+    from worker.pipeline import BatchReport, Failure
+
+    class Seen:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def finished(self, done, failed, again, ended=()) -> None:  # type: ignore[no-untyped-def]
+            self.calls.append((list(done), dict(failed), list(again), list(ended)))
+
+    done, failed, handed, cancelled = (uuid.uuid4() for _ in range(4))
+    chunk = [(t, "live") for t in (done, failed, handed, cancelled)]
+
+    def report() -> BatchReport:
+        made = BatchReport()
+        made.done, made.skipped = [done], [cancelled]
+        made.failed = {failed: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED)}
+        return made
+
+    seen = Seen()
+    _record(chunk, ChunkRaised(RuntimeError("the database went away"), report()), seen, FlushOutcome())  # type: ignore[arg-type]
+    assert seen.calls == [([done], {failed: "no attempts left"}, [handed], [cancelled])]
+    answered = report()
+    answered.handed_back = [handed]
+    seen = Seen()
+    _record(chunk, answered, seen, FlushOutcome())  # type: ignore[arg-type]
+    assert seen.calls == [([done], {failed: "no attempts left"}, [handed], [cancelled])]
