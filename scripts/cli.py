@@ -137,6 +137,13 @@ def worker(ctx: typer.Context) -> None:
     worker_main(list(ctx.args))
 
 
+def _empty_metrics_folder(folder: Path) -> None:
+    """prometheus_client's own files in the folder removed: it wants the folder empty at start."""
+    for kind in ("counter", "gauge", "histogram", "summary"):
+        for stale in folder.glob(f"{kind}_*.db"):
+            stale.unlink(missing_ok=True)
+
+
 @app.command()
 def api(
     host: str = "127.0.0.1",
@@ -155,7 +162,9 @@ def api(
     if named is not None and not (Path(named).is_dir() and os.access(named, os.W_OK | os.X_OK)):
         # each process would die importing its metrics (prometheus_client opens its files there)
         raise Refused(f"PROMETHEUS_MULTIPROC_DIR: {named!r} is not a folder this user can write")
-    from api.main import SERVER_OPTIONS
+    if named is not None:  # an earlier run's values would be summed in (with one process too: review)
+        _empty_metrics_folder(Path(named))
+    from api.main import SERVER_OPTIONS  # imports the metrics: after the folder is emptied
 
     if workers == 1:
         uvicorn.run("api.main:create_app", factory=True, host=host, port=port, **SERVER_OPTIONS)  # type: ignore[arg-type]
@@ -166,11 +175,6 @@ def api(
         if "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="mlchat-metrics-"))
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder
-        else:  # an earlier run's values would be summed in
-            folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-            for kind in ("counter", "gauge", "histogram", "summary"):  # prometheus_client's own files
-                for stale in folder.glob(f"{kind}_*.db"):
-                    stale.unlink(missing_ok=True)
         uvicorn.run(
             "api.main:create_app",
             factory=True,

@@ -647,3 +647,21 @@ def test_a_request_is_authenticated_while_the_sync_routes_hold_every_thread(worl
             for thread in holders:
                 thread.join(30)
     assert answer.status_code == 401 and took < 5, (answer.status_code, took)
+
+
+def test_a_named_metrics_folder_is_emptied_for_one_process_too(world, monkeypatch, tmp_path) -> None:
+    """Observability review: only `--workers N` emptied PROMETHEUS_MULTIPROC_DIR of an earlier run's
+    files; with one process they were summed in (a gauge of a dead process under a reused pid read
+    back as this one's)."""
+    import uvicorn
+
+    from scripts.cli import main as cli
+
+    stale, kept = tmp_path / "gauge_livesum_1.db", tmp_path / "notes.txt"
+    stale.write_bytes(b"old")
+    kept.write_text("an operator's")
+    started: list[object] = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    assert cli(["api"]) == 0
+    assert started and not stale.exists() and kept.exists()
