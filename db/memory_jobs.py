@@ -397,6 +397,21 @@ def keeps_memory(*, session: Session, conversation_id: int) -> bool:
     )
 
 
+def conversation_models(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, str]:
+    """The model each conversation's turns are answered by (one of its turns': a conversation keeps
+    its model), for those that have turns: its memory jobs run on that model's workers."""
+    if not conversation_ids:
+        return {}
+    rows = session.execute(
+        text(
+            "SELECT c.id, (SELECT t.model FROM turns t WHERE t.conversation_id = c.id LIMIT 1)"
+            " FROM unnest(CAST(:ids AS bigint[])) AS c(id)"
+        ),
+        {"ids": sorted(set(conversation_ids))},
+    ).all()
+    return {int(c): str(model) for c, model in rows if model is not None}
+
+
 def interrupt_jobs(*, session: Session, conversation_id: int, seq: int) -> None:
     """A line's text changed: the conversation's memory jobs are taken back from any claim (a job in
     flight read the old text: its writes then find their claim gone and store nothing) and fact

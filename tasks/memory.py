@@ -198,9 +198,23 @@ def _unmark_one(conversation_id: int, kind: str) -> None:
 
 
 def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:
-    """Queue memory jobs on this model's bulk lane (after `countdown` seconds if given)."""
-    queue = queue_for_model(settings.model, "bulk")
+    """Queue memory jobs on the bulk lane of each conversation's model (after `countdown` seconds if
+    given); this process's model for a conversation with no turns (a history imported alone). Sent
+    from the API (the desk, an import) or the sweep, they went to the sender's model, and each step
+    went on there (memory review)."""
+    from db.memory_jobs import conversation_models
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            model_of = conversation_models(session=session, conversation_ids=[c for c, _ in jobs])
+    except Exception:  # the database away (a step's outage path sends it later): this model's lane
+        logger.warning(
+            "could not read the models of %d memory jobs; sending on %s", len(jobs), settings.model
+        )
+        model_of = {}
     for conversation_id, kind in jobs:
+        queue = queue_for_model(model_of.get(conversation_id, settings.model), "bulk")
         memory_job.apply_async(
             kwargs={"conversation_id": conversation_id, "kind": kind}, queue=queue, countdown=countdown
         )

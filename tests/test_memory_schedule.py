@@ -841,3 +841,26 @@ def test_a_shutdown_during_a_step_stays_a_shutdown_when_its_claim_cannot_be_give
     monkeypatch.setattr(claim, "_release", away)
     with pytest.raises(SystemExit), claim.released(1, SUMMARY, uuid.uuid4()):
         raise SystemExit(0)
+
+
+def test_a_memory_job_goes_to_its_conversations_model_whoever_sends_it(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory review: a job sent by the API (a desk edit, an import) or the sweep went to the
+    sender's model's lane, and each later step went on there: another model summarised the
+    conversation, or none did (no worker of the sender's model)."""
+    from db.models import Turn
+    from services.producer import enqueue_turns
+    from tasks import memory as memory_tasks
+
+    lanes: list[str] = []
+    monkeypatch.setattr(
+        memory_tasks, "queue_for_model", lambda model, lane="live": lanes.append(model) or QUIET_QUEUE
+    )
+    external = f"sched-{uuid.uuid4().hex[:10]}"
+    answered, alone = _conversation(80, external=external), _conversation(80)
+    enqueue_turns([{"conversation": external, "message": "Hello?"}], send=False)
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.conversation_id == answered).values(model="eeve-10.8b"))
+    assert schedule_memory([answered]) == 1 and lanes == ["eeve-10.8b"]
+    assert schedule_memory([alone]) == 1 and lanes[-1] == settings.model  # no turns: the sender's
