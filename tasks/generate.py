@@ -231,9 +231,10 @@ def _record(
         outcome.claimed += _claimed_sends(result.report)
         outcome.recorded.update(lane_of)  # only once its sends are queued: the catch-all sends the rest
         stored = set(result.report.done)  # written by its groups before it raised
-        # What is left of its failures was written (the hand-back took the others out): failed, not
-        # retried (observability review)
-        failed = {t: f.reason for t, f in result.report.failed.items() if t not in stored}
+        # Its failures that were written (the claim's, a group's): failed, not retried (observability
+        # review); one it only noted is sent again with the rest (its hand-back may not have reached it)
+        written = result.report.failed_written
+        failed = {t: f.reason for t, f in result.report.failed.items() if t in written and t not in stored}
         ended = set(result.report.skipped)
         retried = [t for t, _ in chunk if t not in stored and t not in failed and t not in ended]
         events.finished(result.report.done, failed, retried, result.report.skipped)

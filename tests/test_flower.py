@@ -109,10 +109,17 @@ def test_a_chunk_reports_its_written_failures_as_failed_and_its_finished_turns_a
         made = BatchReport()
         made.done, made.skipped = [done], [cancelled]
         made.failed = {failed: Failure("no attempts left", TurnErrorCode.ATTEMPTS_EXHAUSTED)}
+        made.failed_written = {failed}
         return made
 
     seen = Seen()
     _record(chunk, ChunkRaised(RuntimeError("the database went away"), report()), seen, FlushOutcome())  # type: ignore[arg-type]
+    assert seen.calls == [([done], {failed: "no attempts left"}, [handed], [cancelled])]
+    # review: a failure only noted (its write never came; the hand-back could not reach it) is retried
+    noted = report()
+    noted.failed[handed] = Failure("the prompt cannot fit", TurnErrorCode.PROMPT_TOO_LONG)
+    seen = Seen()
+    _record(chunk, ChunkRaised(RuntimeError("the database went away"), noted), seen, FlushOutcome())  # type: ignore[arg-type]
     assert seen.calls == [([done], {failed: "no attempts left"}, [handed], [cancelled])]
     answered = report()
     answered.handed_back = [handed]

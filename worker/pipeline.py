@@ -102,6 +102,9 @@ class BatchReport:
     # Queued again: uncharged after an engine death; after the batch raised, charged unless the
     # database's connection was lost.
     handed_back: list[uuid.UUID] = field(default_factory=list)
+    # Of `failed`, those committed failed (by the claim or a group's write): a batch that raised later
+    # may hold failures it only noted, whose turns its hand-back could not reach.
+    failed_written: set[uuid.UUID] = field(default_factory=set)
     raised: str | None = None  # the class of the error the batch raised, if it did
     # The engine died and the database took no hand-back: still running under this worker's lease,
     # sent again so a claim takes them once it lapses (nothing else would but a sweep).
@@ -182,6 +185,7 @@ def process_batch(
     report.failed.update(
         {t: Failure(reason, TurnErrorCode.BLOCKED_BY_EARLIER_TURN) for t, reason in claim.blocked.items()}
     )
+    report.failed_written.update([*claim.exhausted, *claim.blocked])
     # A character's turns side by side: their prompts share the persona prefix in vLLM's cache.
     turns = sorted(claim.claimed, key=lambda t: t.character.id)
     if not turns:
@@ -864,6 +868,7 @@ class Written:
     ) -> None:
         """Take out of `report` the failures and retries that were not written: another claim's now,
         they are neither announced, called back nor sent again from here."""
+        report.failed_written.update(self.failed)
         unwritten = [*(set(failures) - set(self.failed)), *(set(retry) - set(self.requeued))]
         for turn_id in unwritten:
             report.failed.pop(turn_id, None)
