@@ -341,6 +341,8 @@ class Settings(BaseSettings):
     # tried again after batch_submission_backoff_s, doubling each time (at most an hour), up to this
     # many tries in all; only then is it `failed` (error code `server_error`).
     batch_submission_attempts: int = Field(default=5, ge=1, le=50)
+    # A batch whose output files failed to be written this long, at every housekeeping pass, fails.
+    finalize_give_up_hours: float = Field(default=24.0, gt=0, le=24 * 365)
     batch_submission_backoff_s: float = Field(default=30.0, ge=0)
     # Completion callbacks are POSTed with an HMAC-SHA256 signature made with this secret; a batch
     # may ask for a callback only when it is set.

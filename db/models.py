@@ -365,6 +365,8 @@ class Run(Base):
     tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")  # its lines' conversations
     in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The first of its finalizing's failures in a row (migration 0046): past a limit, it fails.
+    finalize_failed_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

@@ -10,6 +10,8 @@
     advance            queued → in_progress → completed;  cancelling → cancelled (or expired);
                        a run that writes output files (an HTTP batch) goes to finalizing instead
     finish_finalizing  finalizing → completed | cancelled | expired, once its files are written
+    postpone_finalizing  finalizing → finalizing (its files failed: tried again later), or → failed
+                       once they have failed for MLCHAT_FINALIZE_GIVE_UP_HOURS (`server_error`)
     cancel             validating | queued | in_progress → cancelling (→ cancelled once nothing runs)
     expire             the same, for live runs past expires_at: their unstarted turns are cancelled
     reopen             completed | in_progress → in_progress (failed turns queued again)
@@ -584,13 +586,26 @@ def finish_finalizing(
     return None if status is None else RunStatus(status)
 
 
-def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str) -> None:
-    """A finalizing run whose files could not be written goes to the back of the line, saying why."""
-    session.execute(
+def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str, give_up_s: float) -> bool:
+    """A finalizing run whose files could not be written goes to the back of the line, saying why;
+    one whose files have failed for `give_up_s` since the first failure in a row fails instead
+    (finalizing → failed, `server_error`: a fault that passes has had its time). Whether it failed."""
+    since = func.coalesce(Run.finalize_failed_since, func.now())
+    given_up = since < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, give_up_s)
+    status = session.scalar(
         update(Run)
         .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
-        .values(finalizing_at=func.now(), error=error)
+        .values(
+            finalizing_at=func.now(),
+            finalize_failed_since=since,
+            status=case((given_up, RunStatus.FAILED.value), else_=Run.status),
+            error=case((given_up, func.concat("gave up writing its files: ", error)), else_=error),
+            error_code=case((given_up, "server_error"), else_=Run.error_code),
+            finished_at=case((given_up, func.now()), else_=Run.finished_at),
+        )
+        .returning(Run.status)
     )
+    return status is not None and RunStatus(status) == RunStatus.FAILED
 
 
 def due_to_expire(

@@ -651,9 +651,26 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
         remove_unlisted(written)
         try:
             with session_scope() as session:
-                postpone_finalizing(session=session, run_id=run_id, error=f"finalizing: {one_line(exc)}")
+                failed = postpone_finalizing(
+                    session=session,
+                    run_id=run_id,
+                    error=f"finalizing: {one_line(exc)}",
+                    give_up_s=settings.finalize_give_up_hours * 3600,
+                )
+                callback = (
+                    session.scalar(select(Run.callback_url).where(Run.id == run_id)) if failed else None
+                )
         except Exception:  # the database is down too: the run stays finalizing, tried again as it is
             logger.warning("run %s: could not record the failed finalizing", run_id, exc_info=True)
+            return None
+        if (
+            failed
+        ):  # review: a fault that never passes was tried at every pass for ever, its client told nothing
+            logger.error(
+                "run %s: its files failed for %s h; the batch failed", run_id, settings.finalize_give_up_hours
+            )
+            if callback:
+                send_callback(run_id)
         return None
     if callback:
         send_callback(run_id)

@@ -1625,6 +1625,45 @@ def test_a_batch_whose_files_cannot_be_written_is_tried_once_a_pass_and_a_databa
         assert s.get_one(Run, sub.id).status == RunStatus.FINALIZING  # tried again later, as it is
 
 
+def test_a_batch_whose_files_keep_failing_fails_once_the_give_up_time_has_passed(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Review: a batch whose files could never be written (a fault that does not pass) was tried at
+    every housekeeping pass for ever, its client never told. From its first failure in a row, after
+    MLCHAT_FINALIZE_GIVE_UP_HOURS, it fails with the last reason, and its callback is queued."""
+    from datetime import timedelta
+
+    sub = _submit(tmp_path, "give-up-" + tmp_path.name, 1, input_file_id="file-test")
+    with session_scope() as s:
+        cancel_run(session=s, run_id=sub.id)
+        s.execute(update(Run).where(Run.id == sub.id).values(callback_url="https://example.com/done"))
+
+    def never(session, run, written):  # type: ignore[no-untyped-def]
+        raise ValueError("line 7 cannot be written")
+
+    called: list[uuid.UUID] = []
+    monkeypatch.setattr(batches, "_write_files", never)
+    monkeypatch.setattr(batches, "send_callback", called.append)
+    assert batches.finalize_run(sub.id) is None
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.status == RunStatus.FINALIZING and run.finalize_failed_since is not None
+        first = run.finalize_failed_since
+    assert batches.finalize_run(sub.id) is None  # a second failure keeps the first one's time
+    with session_scope() as s:
+        assert s.get_one(Run, sub.id).finalize_failed_since == first
+        hours = timedelta(hours=settings.finalize_give_up_hours, minutes=1)
+        s.execute(update(Run).where(Run.id == sub.id).values(finalize_failed_since=first - hours))
+    assert called == [] and batches.finalize_run(sub.id) is None
+    with session_scope() as s:
+        run = s.get_one(Run, sub.id)
+        assert run.status == RunStatus.FAILED and run.error_code == "server_error"
+        assert run.error == "gave up writing its files: finalizing: line 7 cannot be written"
+    assert called == [sub.id]
+    view = batches.get_batch(sub.name, api_key=None, admin=True)
+    assert view["status"] == "failed" and "line 7 cannot be written" in view["errors"]["data"][0]["message"]
+
+
 def test_a_completed_batch_is_not_reopened_to_write_its_files_a_second_time(quiet_model, tmp_path) -> None:
     """Found in review: `mlchat run retry-failed` on a completed batch sent it through finalizing
     again: new output and error files replaced the ids, the old rows stayed listed and counted in
