@@ -5,7 +5,10 @@ reply is that `say` string, decoded (the action and emotion come with the stored
 writes `{"say":"...","emotion":...}` (guided decoding puts `say` first, as the schema lists it); the
 string's text is passed on as soon as it is whole, an escape (`\\n`, `\\u00e9`, a surrogate pair) once
 all of it is written. A reply that does not open with `say` passes nothing on: its reader gets the
-stored reply whole when the turn is done.
+stored reply whole when the turn is done. The stored `say` is cut at the first of the prompt's stop
+strings (worker/structured.py): the stream stops there too, holding back as much text as a stop
+string could still be beginning, as vLLM does for a free-text reply (diff review: the reader was
+shown the line a group's other member was given, then a restart).
 """
 
 from __future__ import annotations
@@ -55,12 +58,16 @@ def _complete_end(raw: str, start: int) -> tuple[int, bool]:
 class SayText:
     """Fed the reply's JSON piece by piece; tells `emit` each new piece of its `say` string."""
 
-    def __init__(self, emit: Callable[[str], None]) -> None:
+    def __init__(self, emit: Callable[[str], None], stops: tuple[str, ...] = ()) -> None:
         self._emit = emit
         self._raw = ""
         self._body = -1  # where the say string's body starts in the JSON, once seen
-        self._decoded = 0  # the body's characters passed on (decoded) so far end here
+        self._decoded = 0  # the body's characters decoded so far end here
         self._ended = False
+        self._stops = tuple(stop for stop in stops if stop)
+        self._hold = max((len(stop) for stop in self._stops), default=1) - 1
+        self._said = ""  # the say string decoded so far
+        self._sent = 0  # of it, the characters passed on
 
     def __call__(self, piece: str) -> None:
         if self._ended:
@@ -75,17 +82,22 @@ class SayText:
             self._body = self._decoded = opening.end()
         end, closed = _complete_end(self._raw, self._decoded)
         self._ended = closed
-        if end == self._decoded:
-            return
-        try:
-            text = json.loads(f'"{self._raw[self._decoded : end]}"', strict=False)
-        except ValueError:
-            self._ended = True  # not JSON's string syntax: the stored reply will say what it was
-            return
-        self._decoded = end
-        text = storable_output(text)  # as the stored reply keeps it (worker/structured.py)
-        if text:
-            self._emit(text)
+        if end > self._decoded:
+            try:
+                text = json.loads(f'"{self._raw[self._decoded : end]}"', strict=False)
+            except ValueError:
+                self._ended = True  # not JSON's string syntax: the stored reply will say what it was
+                return
+            self._decoded = end
+            self._said += storable_output(text)  # as the stored reply keeps it (worker/structured.py)
+        cuts = [at for at in (self._said.find(stop) for stop in self._stops) if at >= 0]
+        if cuts:
+            self._ended, upto = True, min(cuts)
+        else:
+            upto = len(self._said) if closed else max(len(self._said) - self._hold, self._sent)
+        if upto > self._sent:
+            piece, self._sent = self._said[self._sent : upto], upto
+            self._emit(piece)
 
 
 def _could_open(raw: str) -> bool:

@@ -96,3 +96,27 @@ def test_a_lone_high_surrogate_escape_passes_the_rest_of_the_line_on() -> None:
         for piece in _pieces(reply, [cut]):
             feed(piece)
         assert "".join(shown) == storable_output(json.loads(reply)["say"]), cut
+
+
+@pytest.mark.parametrize("ascii_only", [True, False])
+def test_the_stream_stops_where_the_stored_say_is_cut_and_never_shows_a_stop(ascii_only) -> None:
+    """Diff review: the stored say is cut at the prompt's stop strings (a group's other members'
+    `\\n<name>:`), but the stream went on past it: the reader saw another member's line, then a
+    restart. Wherever the JSON is cut, the pieces add up to the cut say; a say holding no stop, or
+    only part of one, streams whole."""
+    from worker.structured import _cut_at_stops
+
+    stops = ("<|im_end|>", "\nBram:", "\nRowan:")
+    for say in ("Halt.\nBram: Let him in.\nRowan: Fine.", "Halt, Bram: stay.\nBra", "caf\u00e9 \U0001f600"):
+        reply = json.dumps({"say": say, "emotion": "anger", "action": None}, ensure_ascii=ascii_only)
+        for cut in range(1, len(reply)):
+            shown: list[str] = []
+            feed = SayText(shown.append, stops)
+            for piece in _pieces(reply, [cut]):
+                feed(piece)
+            assert "".join(shown) == _cut_at_stops(say, stops), f"cut at {cut}"
+        shown = []
+        feed = SayText(shown.append, stops)
+        for char in reply:
+            feed(char)
+        assert "".join(shown) == _cut_at_stops(say, stops) and not any("Bram:" in s for s in shown[:1])

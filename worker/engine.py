@@ -527,7 +527,7 @@ def stream_hook(request: GenerationRequest) -> Any:
         return None
     hook = text_hook(*request.stream)
     shape = request.reply_shape
-    return SayText(hook) if shape is not None and shape.kind == NPC else hook
+    return SayText(hook, shape.say_stops) if shape is not None and shape.kind == NPC else hook
 
 
 class NoTimeLeft(TimeoutError):
