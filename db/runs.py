@@ -376,13 +376,18 @@ def finish_submission(*, session: Session, run_id: uuid.UUID) -> RunStatus:
     return status
 
 
-def run_options(*, session: Session, name: str) -> tuple[dict[str, Any] | None, bool]:
-    """The line options the run of that name was submitted with (None if there is no such run), and
-    whether it holds turns (stored under them: a resume keeps them)."""
+def run_options(*, session: Session, name: str) -> tuple[dict[str, Any] | None, bool, bool]:
+    """The line options the run of that name was submitted with (None if there is no such run);
+    whether it holds turns (stored under them: a resume keeps them); and whether its submission
+    stopped part-way (still validating, or failed by the server's fault, not the file's)."""
+    stopped = or_(
+        Run.status == RunStatus.VALIDATING,
+        and_(Run.status == RunStatus.FAILED, Run.error_code == "server_error"),
+    )
     row = session.execute(
-        select(Run.options, exists().where(Turn.run_id == Run.id)).where(Run.name == name)
+        select(Run.options, exists().where(Turn.run_id == Run.id), stopped).where(Run.name == name)
     ).first()
-    return (None, False) if row is None else (row[0], bool(row[1]))
+    return (None, False, False) if row is None else (row[0], bool(row[1]), bool(row[2]))
 
 
 def conversations_of_others(

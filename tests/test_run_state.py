@@ -336,6 +336,19 @@ def test_a_run_submitted_skipping_bad_lines_resumes_skipping_them(quiet_model, t
     resumed = runs.resume(first, path)
     assert resumed.status == RunStatus.QUEUED and [e.line for e in resumed.skipped_lines] == [31]
     assert len(_turn_ids(resumed.id)) == 30
+    # diff review: not for a run that ended: one left empty by skipping every line takes a mended file
+    # without the flag, and its bad line is refused, nothing stored
+    monkeypatch.setattr(runs.submit, "_insert_chunk", real_insert)
+    empty, bad = "skip-empty-" + tmp_path.name, {"custom_id": "bad", "character": "elara", "message": ""}
+    all_bad = tmp_path / "all-bad.jsonl"
+    all_bad.write_text(json.dumps(bad) + "\n", encoding="utf-8")
+    assert submit_run(all_bad, name=empty, skip_bad_lines=True).status == RunStatus.COMPLETED
+    mended = tmp_path / "mended.jsonl"
+    good = {"custom_id": "ok", "character": "elara", "message": "Fine."}
+    mended.write_text(json.dumps(good) + "\n" + json.dumps(bad) + "\n", encoding="utf-8")
+    with pytest.raises(RunValidationError):
+        submit_run(mended, name=empty)
+    assert run_state(empty).counts.total == 0
 
 
 def test_a_file_sent_again_to_its_failed_run_leaves_the_run_naming_its_bad_lines_now(

@@ -230,10 +230,10 @@ def _submit(
             _refuse_a_batch(name)
         kept, kept_skip, resumed = _stored_options(name)
         # A run holding turns keeps the options they were stored under; one that stored nothing yet (its
-        # validation failed, say) takes the caller's, as its error asked. --skip-bad-lines is kept
-        # either way: resumed without it (`mlchat run resume`, or the file sent again as the failure
+        # validation failed, say) takes the caller's, as its error asked. --skip-bad-lines is kept for
+        # a resume: resumed without it (`mlchat run resume`, or the file sent again as the failure
         # says), a run submitted with it failed on the very lines it had skipped, its first chunk
-        # interrupted too (CLI review). A run whose validation failed was not skipping.
+        # interrupted too (CLI review); not for a run that ended (an empty one taking a new file).
         options = (kept if resumed else options or kept) or LineOptions()
         skip_bad_lines = skip_bad_lines or kept_skip
         tenant = _stored_tenant(name)
@@ -330,13 +330,14 @@ def _refuse_a_batch(name: str) -> None:
 
 
 def _stored_options(name: str) -> tuple[LineOptions | None, bool, bool]:
-    """The line options a run of that name was submitted with, whether its bad lines were skipped,
-    and whether it holds turns."""
+    """The line options a run of that name was submitted with, whether its bad lines are still
+    skipped (they were, and it holds turns or its submission stopped part-way: a resume), and whether
+    it holds turns."""
     with session_scope() as session:
-        stored, holds_turns = run_options(session=session, name=name)
+        stored, holds_turns, stopped = run_options(session=session, name=name)
     if stored is None:
         return None, False, holds_turns
-    skipped = bool(stored.pop(SKIP_BAD_LINES, False))
+    skipped = bool(stored.pop(SKIP_BAD_LINES, False)) and (holds_turns or stopped)
     return LineOptions(**stored), skipped, holds_turns
 
 
