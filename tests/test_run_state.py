@@ -383,6 +383,9 @@ def test_a_file_sent_again_to_its_failed_run_leaves_the_run_naming_its_bad_lines
         run = s.scalars(select(Run).where(Run.name == name)).one()
         assert run.status == RunStatus.FAILED and [e["line"] for e in run.line_errors] == [3]
         assert "line 2" not in run.error
+    # diff review: a file refused at validation was never to be stored: no line "never stored"
+    state = run_state(name)
+    assert state.lines == 0 and state.never_stored == 0
 
 
 def test_a_line_whose_own_conversation_another_run_made_is_refused_naming_its_custom_id(

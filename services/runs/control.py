@@ -73,7 +73,10 @@ class RunState:
 
     @property
     def never_stored(self) -> int:
-        """Lines of its file the run never stored (a cancel or failure during the submission)."""
+        """Lines of its file the run never stored because its submission stopped (a cancel or a
+        failure during it, or the submitter gone); none while a submission is still storing them."""
+        if self.status == RunStatus.VALIDATING and not self.interrupted:
+            return 0
         return max(self.lines - self.counts.total, 0)
 
     @property
@@ -98,7 +101,9 @@ def run_state(ref: str) -> RunState:
             and not submission_alive(session=session, name=run.name)
         )
         error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
-        lines = max(run.total or 0, counts.total)
+        # A file refused at validation was never to be stored (its `total` is the good lines found)
+        refused = run.status == RunStatus.FAILED and run.error_code == "invalid_request"
+        lines = counts.total if refused else max(run.total or 0, counts.total)
         return RunState(run.id, run.name, run.status, counts, error, quality, interrupted, lines)
 
 
