@@ -1730,6 +1730,40 @@ def test_a_second_desk_cookie_set_by_a_site_beside_the_desk_signs_nobody_in(serv
     with pytest.raises(DeskError) as refused:
         signed_in(request(f"{COOKIE}={own}; theme=dark; {COOKIE}={planted}"))
     assert refused.value.status == 400 and refused.value.message.startswith("cookie: two")
+    # diff review: once the writer's own cookie is gone (signed out, expired) the planted one alone
+    # signed them in. Over HTTPS the session is a `__Host-` cookie, which no sibling can set.
+    from api.routes.desk import HOST_COOKIE, NotSignedIn
+
+    def over_https(cookie: str) -> Request:
+        headers = [(b"cookie", cookie.encode()), (b"host", b"desk.example.com")]
+        return Request(
+            {"type": "http", "scheme": "https", "method": "GET", "path": "/desk/runs", "headers": headers}
+        )
+
+    with pytest.raises(NotSignedIn):
+        signed_in(over_https(f"{COOKIE}={planted}"))
+    assert signed_in(over_https(f"{HOST_COOKIE}={own}")).caller.tenant == "studio"
+
+
+def test_a_desk_signed_in_over_https_gets_a_host_only_cookie(services, world) -> None:
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+    from api.routes.desk import HOST_COOKIE
+    from tests.conftest import REVIEW_KEY
+
+    base = "https://desk.example.com"
+    client = TestClient(create_app(), base_url=base, raise_server_exceptions=False, follow_redirects=False)
+    signed = client.post("/desk/login", data={"key": REVIEW_KEY}, headers={"Origin": base})
+    assert signed.status_code == 303, signed.text
+    cookie = signed.headers["set-cookie"]
+    assert cookie.startswith(f"{HOST_COOKIE}=") and "Path=/;" in cookie and "Secure" in cookie
+    assert "Domain" not in cookie and "HttpOnly" in cookie
+    assert client.get("/desk/runs").status_code == 200
+    token = client.get("/desk/runs").text.split('name="csrf" value="')[1].split('"')[0]
+    gone = client.post("/desk/logout", data={"csrf": token}, headers={"Origin": base})
+    assert gone.status_code == 303 and gone.headers["set-cookie"].startswith(f'{HOST_COOKIE}=""')
+    assert "Secure" in gone.headers["set-cookie"] and "Path=/;" in gone.headers["set-cookie"]
 
 
 def test_a_run_one_line_short_of_finished_is_not_shown_at_100_percent(services, world, monkeypatch) -> None:

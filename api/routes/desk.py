@@ -38,6 +38,17 @@ from services.desk import DeskError, Reviewer
 
 HERE = Path(__file__).resolve().parent.parent
 COOKIE = "mlchat_desk"
+# Over HTTPS the cookie is a `__Host-` one: a browser takes it only from this host, Secure and for
+# the path /, so no sibling subdomain can plant one (a Domain cookie of the plain name would be read
+# as the writer's session, another tenant's key's: desk security review).
+HOST_COOKIE = "__Host-mlchat_desk"
+
+
+def _cookie_of(request: Request) -> tuple[str, str]:
+    """The session cookie's name and path for this request's scheme."""
+    return (HOST_COOKIE, "/") if request.url.scheme == "https" else (COOKIE, "/desk")
+
+
 KEY_MAX_CHARS = 1024
 # Autoescaped everywhere: a reply, a character's name or a card field is text, never markup.
 templates = Jinja2Templates(
@@ -202,16 +213,17 @@ def _cookies_named(request: Request, name: str) -> int:
 
 def signed_in(request: Request) -> Desk:
     """A dependency: the writer whose session the cookie holds (review or admin scope)."""
-    if _cookies_named(request, COOKIE) > 1:
+    name, _ = _cookie_of(request)
+    if _cookies_named(request, name) > 1:
         # A site beside this one (a sibling subdomain) can set a cookie of this name for the parent
         # domain, and the parser keeps the last: its session (another tenant's key) would be the
         # writer's, its approvals landing there (desk security review).
         raise DeskError(
             400,
-            f"cookie: two {COOKIE} cookies came with this page; another site under this domain set "
+            f"cookie: two {name} cookies came with this page; another site under this domain set "
             "one. Clear this site's cookies and sign in again",
         )
-    session = _session_of(request.cookies.get(COOKIE))
+    session = _session_of(request.cookies.get(name))
     if session is None or not ({"review", "admin"} & set(session.key.scopes)):
         raise NotSignedIn
     if desk.signed_out(session.mac):
@@ -304,24 +316,27 @@ def login(request: Request, key: Annotated[str, Form()] = "") -> Response:
         )
         return _page(request, "login.html", 403, message=message, desk=None)
     response = RedirectResponse("/desk/runs", status_code=303)
+    name, path = _cookie_of(request)
     response.set_cookie(
-        COOKIE,
+        name,
         _session_cookie(configured),
         max_age=SESSION_S,
         httponly=True,
         samesite="strict",
         secure=request.url.scheme == "https",
-        path="/desk",
+        path=path,
     )
     return response
 
 
 @router.post("/logout")
-def logout(desk_: Posted) -> Response:
+def logout(request: Request, desk_: Posted) -> Response:
     """End the session: the cookie is deleted, and a copy of it left anywhere is refused."""
     desk.sign_out(desk_.session.mac, desk_.session.expires)
     response = RedirectResponse("/desk/login", status_code=303)
-    response.delete_cookie(COOKIE, path="/desk")
+    name, path = _cookie_of(request)
+    https = request.url.scheme == "https"
+    response.delete_cookie(name, path=path, secure=https, httponly=True, samesite="strict")
     return response
 
 
