@@ -5,6 +5,7 @@ worker's and handed to another (whose answer would then be thrown away in turn).
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,6 +17,17 @@ from db.session import again_while_away, session_scope
 from worker.lease import LeaseKeeper
 
 logger = logging.getLogger(__name__)
+
+
+_this_thread = threading.local()
+
+
+def claim_left_held() -> bool:
+    """Whether the last step on this thread that raised left its claim held: its release never got
+    through (the database away longer than RELEASE_WITHIN_S). A message sent before its lease lapses
+    would find the job taken and be dropped, and the sweep would take the claim back as its worker's
+    death (memory review): the step's resend waits the lease out."""
+    return bool(getattr(_this_thread, "left_held", False))
 
 
 class ClaimLapsed(Exception):
@@ -30,6 +42,7 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
     instead (an engine's death as it was: that is counted apart, tasks/memory.py)."""
     from worker.engine import EngineDead
 
+    _this_thread.left_held = False
     try:
         yield
     except BaseException as exc:
@@ -75,6 +88,7 @@ def _release_when_back(
             conversation_id,
             exc_info=True,
         )
+        _this_thread.left_held = True
         return True
 
 

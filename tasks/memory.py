@@ -73,7 +73,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
     from db.memory_jobs import EXTRACT, SUMMARY
     from db.session import connection_lost, rolled_back_for_a_conflict
     from db.vector_space import EmbedderMismatch
-    from memory.claim import ClaimLapsed
+    from memory.claim import ClaimLapsed, claim_left_held
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
     from worker.engine import EngineDead
@@ -121,7 +121,10 @@ def _run_step(conversation_id: int, kind: str) -> bool:
                 "the database was away" if connection_lost(exc) else "a deadlock outlasted its tries",
                 exc_info=True,
             )
-            _send_later(conversation_id, kind, settings.memory_job_retry_s * 6, marked=False)
+            delay = settings.memory_job_retry_s * 6
+            if claim_left_held():  # its claim lapses first: taken then, uncounted
+                delay += settings.memory_job_lease_s
+            _send_later(conversation_id, kind, delay, marked=False)
             return False
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)

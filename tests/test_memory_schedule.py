@@ -368,6 +368,45 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
         assert (row.token, row.failures, row.outage_retries) == (None, 0, 0)
 
 
+def test_a_step_whose_claim_stayed_held_through_an_outage_is_sent_again_once_its_lease_lapses(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Memory review: past RELEASE_WITHIN_S of outage the claim stayed held, and the step was sent
+    again 30 s on: that message found the job taken and was dropped, and the sweep later took the
+    claim back as its worker's death (counted). Sent once its lease has lapsed, it is taken uncounted."""
+    from datetime import UTC, datetime
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from memory import claim, summarize
+    from tasks import memory as memory_tasks
+
+    conv = _conversation(80)
+    monkeypatch.setattr(claim, "RELEASE_WITHIN_S", 0.0)
+
+    def away(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+
+    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
+
+    monkeypatch.setattr(claim, "_release", away)
+    original = summarize.run_summary_job
+    monkeypatch.setattr(
+        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
+    )
+    started = datetime.now(UTC)
+    memory_tasks.memory_job(conv, SUMMARY)
+    (headers,) = _queued(conv)
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    eta = datetime.fromisoformat(headers["eta"])
+    assert (eta - started).total_seconds() >= settings.memory_job_lease_s, headers["eta"]
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert row.token is not None and row.failures == 0  # held still, and nothing counted
+
+
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
