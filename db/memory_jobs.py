@@ -398,13 +398,14 @@ def keeps_memory(*, session: Session, conversation_id: int) -> bool:
 
 
 def conversation_models(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, str]:
-    """The model each conversation's turns are answered by (one of its turns': a conversation keeps
-    its model), for those that have turns: its memory jobs run on that model's workers."""
+    """The model of each conversation's newest turn, for those that have turns: its memory jobs run
+    on that model's workers (a conversation may have moved to another model since its first turn)."""
     if not conversation_ids:
         return {}
     rows = session.execute(
         text(
-            "SELECT c.id, (SELECT t.model FROM turns t WHERE t.conversation_id = c.id LIMIT 1)"
+            "SELECT c.id, (SELECT t.model FROM turns t WHERE t.conversation_id = c.id"
+            " ORDER BY t.number DESC LIMIT 1)"
             " FROM unnest(CAST(:ids AS bigint[])) AS c(id)"
         ),
         {"ids": sorted(set(conversation_ids))},

@@ -138,10 +138,25 @@ def worker(ctx: typer.Context) -> None:
 
 
 def _empty_metrics_folder(folder: Path) -> None:
-    """prometheus_client's own files in the folder removed: it wants the folder empty at start."""
+    """prometheus_client's own files in the folder removed (it wants the folder empty at start): an
+    earlier run's, and this pid's (a container's process is pid 1 each time); a live process's
+    beside it (another `mlchat api` given the same folder) are kept (review)."""
     for kind in ("counter", "gauge", "histogram", "summary"):
         for stale in folder.glob(f"{kind}_*.db"):
+            pid = stale.stem.rsplit("_", 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+                continue
             stale.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 @app.command()

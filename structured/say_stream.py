@@ -91,10 +91,13 @@ class SayText:
             self._decoded = end
             self._said += storable_output(text)  # as the stored reply keeps it (worker/structured.py)
         cuts = [at for at in (self._said.find(stop) for stop in self._stops) if at >= 0]
-        if cuts:
-            self._ended, upto = True, min(cuts)
-        else:
-            upto = len(self._said) if closed else max(len(self._said) - self._hold, self._sent)
+        # Text a stop string could still be beginning is held back (a longer stop may open before a
+        # cut found already, and end later), unless the string is closed.
+        safe = len(self._said) if closed else len(self._said) - self._hold
+        cut = min(cuts, default=len(self._said))
+        upto = max(min(cut, safe), self._sent)
+        if cuts and safe >= cut:
+            self._ended = True
         if upto > self._sent:
             piece, self._sent = self._said[self._sent : upto], upto
             self._emit(piece)

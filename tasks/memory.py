@@ -201,10 +201,11 @@ def _unmark_one(conversation_id: int, kind: str) -> None:
 
 
 def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:
-    """Queue memory jobs on the bulk lane of each conversation's model (after `countdown` seconds if
-    given); this process's model for a conversation with no turns (a history imported alone). Sent
-    from the API (the desk, an import) or the sweep, they went to the sender's model, and each step
-    went on there (memory review)."""
+    """Queue memory jobs on the bulk lane of each conversation's model, its newest turn's (after
+    `countdown` seconds if given); this process's model for a conversation with no turns (a history
+    imported alone) or whose model is no longer among MLCHAT_SERVED_MODELS. Sent from the API (the
+    desk, an import) or the sweep, they went to the sender's model, and each step went on there
+    (memory review)."""
     from db.memory_jobs import conversation_models
     from db.session import session_scope
 
@@ -216,8 +217,12 @@ def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None
             "could not read the models of %d memory jobs; sending on %s", len(jobs), settings.model
         )
         model_of = {}
+    served = set(settings.served_models)
     for conversation_id, kind in jobs:
-        queue = queue_for_model(model_of.get(conversation_id, settings.model), "bulk")
+        model = model_of.get(conversation_id, settings.model)
+        if served and model not in served:  # a model no longer served (review: its queue has no worker)
+            model = settings.model
+        queue = queue_for_model(model, "bulk")
         memory_job.apply_async(
             kwargs={"conversation_id": conversation_id, "kind": kind}, queue=queue, countdown=countdown
         )

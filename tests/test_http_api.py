@@ -653,15 +653,30 @@ def test_a_named_metrics_folder_is_emptied_for_one_process_too(world, monkeypatc
     """Observability review: only `--workers N` emptied PROMETHEUS_MULTIPROC_DIR of an earlier run's
     files; with one process they were summed in (a gauge of a dead process under a reused pid read
     back as this one's)."""
+    import os
+    import subprocess
+    import sys
+
     import uvicorn
 
     from scripts.cli import main as cli
 
-    stale, kept = tmp_path / "gauge_livesum_1.db", tmp_path / "notes.txt"
-    stale.write_bytes(b"old")
-    kept.write_text("an operator's")
-    started: list[object] = []
-    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))
-    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
-    assert cli(["api"]) == 0
-    assert started and not stale.exists() and kept.exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        stale, own = tmp_path / f"gauge_livesum_{dead.pid}.db", tmp_path / f"counter_{os.getpid()}.db"
+        # review: another `mlchat api` given the same folder keeps its files
+        beside, kept = tmp_path / f"counter_{live.pid}.db", tmp_path / "notes.txt"
+        for path in (stale, own, beside):
+            path.write_bytes(b"old")
+        kept.write_text("an operator's")
+        started: list[object] = []
+        monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))
+        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+        assert cli(["api"]) == 0
+        assert started and not stale.exists() and beside.exists() and kept.exists()
+        assert not own.exists() or own.read_bytes() != b"old"  # this process may write its own anew
+    finally:
+        live.kill()
+        live.wait(timeout=60)

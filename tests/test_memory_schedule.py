@@ -901,5 +901,27 @@ def test_a_memory_job_goes_to_its_conversations_model_whoever_sends_it(
     enqueue_turns([{"conversation": external, "message": "Hello?"}], send=False)
     with session_scope() as s:
         s.execute(update(Turn).where(Turn.conversation_id == answered).values(model="eeve-10.8b"))
+    monkeypatch.setattr(settings, "served_models", [settings.model, "eeve-10.8b"])
     assert schedule_memory([answered]) == 1 and lanes == ["eeve-10.8b"]
     assert schedule_memory([alone]) == 1 and lanes[-1] == settings.model  # no turns: the sender's
+    # review: its newest turn's model, and never one no longer served (no worker reads its queue)
+    with session_scope() as s:
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == answered).values(queued_until=None))
+    enqueue_turns([{"conversation": external, "message": "Still there?"}], send=False)
+    with session_scope() as s:  # the first turn's model retired since
+        first = s.scalar(select(func.min(Turn.number)).where(Turn.conversation_id == answered))
+        s.execute(
+            update(Turn)
+            .where(Turn.conversation_id == answered, Turn.number == first)
+            .values(model="retired-x")
+        )
+        s.execute(
+            update(Turn)
+            .where(Turn.conversation_id == answered, Turn.number > first)
+            .values(model="eeve-10.8b")
+        )
+    assert schedule_memory([answered]) == 1 and lanes[-1] == "eeve-10.8b"
+    with session_scope() as s:
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == answered).values(queued_until=None))
+        s.execute(update(Turn).where(Turn.conversation_id == answered).values(model="retired-x"))
+    assert schedule_memory([answered]) == 1 and lanes[-1] == settings.model

@@ -1662,6 +1662,11 @@ def test_a_batch_whose_files_keep_failing_fails_once_the_give_up_time_has_passed
     assert called == [sub.id]
     view = batches.get_batch(sub.name, api_key=None, admin=True)
     assert view["status"] == "failed" and "line 7 cannot be written" in view["errors"]["data"][0]["message"]
+    from services.runs import export_run  # its lines are still there for the operator (README)
+
+    monkeypatch.undo()
+    _, _, n_ok, n_err = export_run(sub.name, tmp_path / "out", "openai")
+    assert n_ok + n_err == 1
 
 
 def test_a_completed_batch_is_not_reopened_to_write_its_files_a_second_time(quiet_model, tmp_path) -> None:

@@ -106,8 +106,13 @@ def test_the_stream_stops_where_the_stored_say_is_cut_and_never_shows_a_stop(asc
     only part of one, streams whole."""
     from worker.structured import _cut_at_stops
 
-    stops = ("<|im_end|>", "\nBram:", "\nRowan:")
-    for say in ("Halt.\nBram: Let him in.\nRowan: Fine.", "Halt, Bram: stay.\nBra", "caf\u00e9 \U0001f600"):
+    stops = ("<|im_end|>", "\nBram:", "\nRowan:", "\nA B:", " B")  # review: one inside another too
+    for say in (
+        "Halt.\nBram: Let him in.\nRowan: Fine.",
+        "Halt, Bram: stay.\nBra",
+        "caf\u00e9 \U0001f600",
+        "Hi\nA B: no",
+    ):
         reply = json.dumps({"say": say, "emotion": "anger", "action": None}, ensure_ascii=ascii_only)
         for cut in range(1, len(reply)):
             shown: list[str] = []

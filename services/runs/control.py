@@ -102,7 +102,8 @@ def run_state(ref: str) -> RunState:
         )
         error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
         # A file refused at validation was never to be stored (its `total` is the good lines found)
-        refused = run.status == RunStatus.FAILED and run.error_code == "invalid_request"
+        # (review: one holding turns, resumed and then refused, still has lines never stored)
+        refused = run.status == RunStatus.FAILED and run.error_code == "invalid_request" and not counts.total
         lines = counts.total if refused else max(run.total or 0, counts.total)
         return RunState(run.id, run.name, run.status, counts, error, quality, interrupted, lines)
 
