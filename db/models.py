@@ -416,6 +416,8 @@ class Turn(Base):
         ),
         # A run's turns in input order, a chunk at a time (exports, a batch's output, the desk).
         Index("ix_turns_run_id_number", "run_id", "number", postgresql_where="run_id IS NOT NULL"),
+        # A conversation's turns, by number: its newest one's model (memory jobs; migration 0047).
+        Index("ix_turns_conversation_number", "conversation_id", "number"),
         # A deleted line's turn, set free (ON DELETE SET NULL: an erasure deletes a player's lines, one
         # lookup each; migration 0045).
         Index("ix_turns_user_message_id", "user_message_id", postgresql_where="user_message_id IS NOT NULL"),
@@ -450,9 +452,7 @@ class Turn(Base):
     tenant: Mapped[str] = mapped_column(String(64), default="", server_default="")
     idempotency_key: Mapped[str] = mapped_column(String(200))
     request_hash: Mapped[str] = mapped_column(String(64))
-    conversation_id: Mapped[int] = mapped_column(
-        ForeignKey("conversations.id", ondelete="CASCADE"), index=True
-    )
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
     message: Mapped[str] = mapped_column(Text)

@@ -22,12 +22,17 @@ logger = logging.getLogger(__name__)
 _this_thread = threading.local()
 
 
-def claim_left_held() -> bool:
-    """Whether the last step on this thread that raised left its claim held: its release never got
-    through (the database away longer than RELEASE_WITHIN_S). A message sent before its lease lapses
-    would find the job taken and be dropped, and the sweep would take the claim back as its worker's
-    death (memory review): the step's resend waits the lease out."""
-    return bool(getattr(_this_thread, "left_held", False))
+def forget_left_held() -> None:
+    """A step begins on this thread: no claim of it is left held yet."""
+    _this_thread.left_held = None
+
+
+def claim_left_held() -> str | None:
+    """The claim token this thread's step left held, if any: its release never got through (the
+    database away longer than RELEASE_WITHIN_S), whether the step raised or ran. The step's resend
+    gives it back first (tasks/memory.py): a message that found the job held by it was dropped, and
+    the sweep later took the claim back as its worker's death, counted (memory review)."""
+    return getattr(_this_thread, "left_held", None)
 
 
 class ClaimLapsed(Exception):
@@ -42,7 +47,6 @@ def released(conversation_id: int, kind: str, token: uuid.UUID) -> Iterator[None
     instead (an engine's death as it was: that is counted apart, tasks/memory.py)."""
     from worker.engine import EngineDead
 
-    _this_thread.left_held = False
     try:
         yield
     except BaseException as exc:
@@ -80,15 +84,15 @@ def _release_when_back(
             max_wait_s=16 * RELEASE_FIRST_WAIT_S,
         )
     except Exception:
+        _this_thread.left_held = str(token)  # the step's resend gives it back first
         if failed is None:
             raise
         logger.warning(
-            "memory job %s of conversation %s: its claim could not be given back; it lapses",
+            "memory job %s of conversation %s: its claim could not be given back; its resend will",
             kind,
             conversation_id,
             exc_info=True,
         )
-        _this_thread.left_held = True
         return True
 
 

@@ -24,14 +24,20 @@ slots = threading.BoundedSemaphore(settings.memory_jobs_per_worker)
 
 
 @app.task(name=TASK_NAME, acks_late=True, ignore_result=True)
-def memory_job(conversation_id: int, kind: str) -> None:
-    """Run one step of a memory job; a failure is logged (the next stored reply schedules it again)."""
+def memory_job(conversation_id: int, kind: str, release: str | None = None) -> None:
+    """Run one step of a memory job; a failure is logged (the next stored reply schedules it again).
+    `release`: the claim an earlier step left held (its release never got through), given back
+    first, uncounted."""
     if not slots.acquire(blocking=False):
-        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(settings.memory_job_retry_s))
+        delay = within_visibility(settings.memory_job_retry_s)
+        send_memory_jobs([(conversation_id, kind)], countdown=delay, release=release)
         return
     from worker.engine import EngineDead
 
     try:
+        if release is not None and not _give_back(conversation_id, kind, release):
+            _send_later(conversation_id, kind, settings.memory_job_retry_s * 6, marked=False, release=release)
+            return
         did = _run_step(conversation_id, kind)
     except EngineDead as exc:  # the worker's engine-death handling: hand the job on, stop the worker
         from worker.lifecycle import stop_for_dead_engine
@@ -41,7 +47,9 @@ def memory_job(conversation_id: int, kind: str) -> None:
         if exc.present:
             _count_death(conversation_id, kind, suspect=exc.in_engine)
         try:
-            send_memory_jobs([(conversation_id, kind)])
+            from memory.claim import claim_left_held
+
+            send_memory_jobs([(conversation_id, kind)], release=claim_left_held())
         except Exception:  # the broker away too: marked for the sweep to send; stop anyway
             logger.warning("could not hand memory job %s of %s on", kind, conversation_id, exc_info=True)
             _unmark_one(conversation_id, kind)
@@ -67,13 +75,37 @@ def _count_death(conversation_id: int, kind: str, *, suspect: bool) -> None:
         logger.warning("could not count the engine death of memory job %s of %s", kind, conversation_id)
 
 
+def _give_back(conversation_id: int, kind: str, release: str) -> bool:
+    """Give back the claim an earlier step left held (a no-op once it lapsed and another took the
+    job); False while the database is still away."""
+    import uuid
+
+    from db.memory_jobs import release_job
+    from db.session import session_scope
+
+    try:
+        token = uuid.UUID(release)
+    except (ValueError, TypeError, AttributeError):  # a malformed message: nothing of ours to give back
+        logger.warning("memory job %s of %s: dropping a malformed claim to give back", kind, conversation_id)
+        return True
+    try:
+        with session_scope() as session:
+            release_job(session=session, conversation_id=conversation_id, kind=kind, token=token)
+    except Exception:
+        logger.warning(
+            "memory job %s of %s: its held claim could not be given back yet", kind, conversation_id
+        )
+        return False
+    return True
+
+
 def _run_step(conversation_id: int, kind: str) -> bool:
     """One step of the job; whether it did any work."""
     from core.panics import fenced
     from db.memory_jobs import EXTRACT, SUMMARY
     from db.session import connection_lost, rolled_back_for_a_conflict
     from db.vector_space import EmbedderMismatch
-    from memory.claim import ClaimLapsed, claim_left_held
+    from memory.claim import ClaimLapsed, claim_left_held, forget_left_held
     from memory.extract import run_extract_job
     from memory.summarize import run_summary_job
     from worker.engine import EngineDead
@@ -81,6 +113,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
     if kind not in (SUMMARY, EXTRACT):
         logger.warning("unknown memory job kind %r dropped", kind)
         return False
+    forget_left_held()  # (review: a thread's earlier step's held claim read as this one's)
     try:
         if kind == SUMMARY:
             stored = run_summary_job(conversation_id)
@@ -122,9 +155,7 @@ def _run_step(conversation_id: int, kind: str) -> bool:
                 exc_info=True,
             )
             delay = settings.memory_job_retry_s * 6
-            if claim_left_held():  # its claim lapses first: taken then, uncounted
-                delay += settings.memory_job_lease_s
-            _send_later(conversation_id, kind, delay, marked=False)
+            _send_later(conversation_id, kind, delay, marked=False, release=claim_left_held())
             return False
         logger.exception("memory job %s of conversation %s failed", kind, conversation_id)
         _failed(conversation_id, kind, exc)
@@ -179,15 +210,20 @@ def _failed(conversation_id: int, kind: str, exc: BaseException) -> None:
             error,
         )
         return
-    _send_later(conversation_id, kind, backoff, marked=True)
+    from memory.claim import claim_left_held
+
+    _send_later(conversation_id, kind, backoff, marked=True, release=claim_left_held())
 
 
-def _send_later(conversation_id: int, kind: str, delay_s: float, *, marked: bool) -> None:
-    """Send the job again after `delay_s`. `marked`: its queued mark holds until then and a lease
-    more (record_failure), and the sweep sends it once that lapses; a job its step released has no
-    mark, and one is put on it for the sweep (or the next reply) to find."""
+def _send_later(
+    conversation_id: int, kind: str, delay_s: float, *, marked: bool, release: str | None = None
+) -> None:
+    """Send the job again after `delay_s` (`release`: a claim its step left held, given back first).
+    `marked`: its queued mark holds until then and a lease more (record_failure), and the sweep sends
+    it once that lapses; a job its step released has no mark, and one is put on it for the sweep (or
+    the next reply) to find."""
     try:
-        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s))
+        send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s), release=release)
     except Exception:
         logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
         if not marked:
@@ -200,12 +236,14 @@ def _unmark_one(conversation_id: int, kind: str) -> None:
     unmark_jobs([(conversation_id, kind)])
 
 
-def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None = None) -> None:
+def send_memory_jobs(
+    jobs: Sequence[tuple[int, str]], *, countdown: float | None = None, release: str | None = None
+) -> None:
     """Queue memory jobs on the bulk lane of each conversation's model, its newest turn's (after
     `countdown` seconds if given); this process's model for a conversation with no turns (a history
     imported alone) or whose model is no longer among MLCHAT_SERVED_MODELS. Sent from the API (the
     desk, an import) or the sweep, they went to the sender's model, and each step went on there
-    (memory review)."""
+    (memory review). `release`: a claim to give back first (one job's resend)."""
     from db.memory_jobs import conversation_models
     from db.session import session_scope
 
@@ -217,12 +255,14 @@ def send_memory_jobs(jobs: Sequence[tuple[int, str]], *, countdown: float | None
             "could not read the models of %d memory jobs; sending on %s", len(jobs), settings.model
         )
         model_of = {}
-    served = set(settings.served_models)
+    extra = {} if release is None else {"release": release}
     for conversation_id, kind in jobs:
         model = model_of.get(conversation_id, settings.model)
-        if served and model not in served:  # a model no longer served (review: its queue has no worker)
+        if model not in settings.models:  # no longer served (review: its queue has no worker)
             model = settings.model
         queue = queue_for_model(model, "bulk")
         memory_job.apply_async(
-            kwargs={"conversation_id": conversation_id, "kind": kind}, queue=queue, countdown=countdown
+            kwargs={"conversation_id": conversation_id, "kind": kind, **extra},
+            queue=queue,
+            countdown=countdown,
         )

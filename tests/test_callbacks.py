@@ -697,7 +697,7 @@ def test_no_callback_or_memory_job_countdown_outlasts_half_the_visibility_timeou
     assert sent[0].options["countdown"] == 30.0
     countdowns: list[float] = []
     monkeypatch.setattr(
-        memory_tasks, "send_memory_jobs", lambda jobs, countdown: countdowns.append(countdown)
+        memory_tasks, "send_memory_jobs", lambda jobs, countdown, release=None: countdowns.append(countdown)
     )
     monkeypatch.setattr(settings, "memory_job_retry_s", 4000.0)
     monkeypatch.setattr(memory_tasks, "slots", threading.BoundedSemaphore(1))

@@ -1279,7 +1279,9 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 40)
     sent, stopped = [], []
-    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None: sent.extend(jobs))
+    monkeypatch.setattr(
+        memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: sent.extend(jobs)
+    )
     monkeypatch.setattr(lifecycle, "stop_for_dead_engine", stopped.append)
 
     def killer(conversation_id: int, kind: str) -> bool:
@@ -1333,7 +1335,7 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
 
     # Found in review: a hand-on that failed (the broker away) skipped the stop, and the worker ran
     # on with a dead engine until a generation flush noticed.
-    def broker_away(jobs: object, countdown: object = None) -> None:
+    def broker_away(jobs: object, countdown: object = None, release: object = None) -> None:
         raise ConnectionError("injected: the broker went away")
 
     monkeypatch.setattr(memory_task, "send_memory_jobs", broker_away)
@@ -1497,7 +1499,7 @@ def test_a_memory_job_inside_deaths_it_was_no_suspect_of_runs_alone_after_a_few(
 
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 40)
-    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None: None)
+    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: None)
     monkeypatch.setattr(lifecycle, "stop_for_dead_engine", lambda exc: None)
 
     def decoding_when_it_died(conversation_id: int, kind: str) -> bool:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, select, update
 from core.services import broker_url
 from core.settings import settings
 from db.memory_jobs import SUMMARY, claim_job, mark_queued, release_job
-from db.models import MemoryJob, Message, Role
+from db.models import MemoryJob, Message, Role, Summary
 from db.session import session_scope
 from db.world import find_characters, upsert_conversations
 from memory.schedule import schedule_memory
@@ -47,6 +47,42 @@ def _conversation(lines: int, *, external: str = "") -> int:
 
 
 QUIET_QUEUE = "gen.memory-schedule-check.bulk"  # a queue no worker consumes
+
+
+def _queued_kwargs(conversation_id: int) -> list[dict]:
+    """The arguments of the bulk queue's memory-job messages for this conversation."""
+    found = []
+    for raw in redis.Redis.from_url(broker_url()).lrange(QUIET_QUEUE, 0, -1):
+        message = json.loads(raw)
+        if message["headers"].get("task") == "mlchat.memory_job":
+            _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
+            if kwargs.get("conversation_id") == conversation_id:
+                found.append(kwargs)
+    return found
+
+
+def _refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+    """A write the database refuses: its connection refused (an outage)."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+
+
+def _steps_meet_the_database_away(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every summary step's generation finds the database's connection closed."""
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    from memory import summarize
+
+    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
+        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
+
+    original = summarize.run_summary_job
+    monkeypatch.setattr(
+        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
+    )
 
 
 def _queued(conversation_id: int) -> list[dict]:
@@ -328,9 +364,6 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
     its claim back, failed (the database still away), and the claim, left held, lapsed; the sweep
     then took it back as its worker's death and counted it, which an outage is not. The release is
     tried again while the database comes back."""
-    import psycopg
-    from sqlalchemy.exc import OperationalError
-
     from memory import claim, summarize
     from tasks import memory as memory_tasks
 
@@ -341,17 +374,12 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
     def away_twice(*args, **kwargs):  # type: ignore[no-untyped-def]
         if len(refused) < 2:
             refused.append(1)
-            raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+            _refused()
         return real_release(*args, **kwargs)
-
-    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
-        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
 
     monkeypatch.setattr(claim, "_release", away_twice)
     original = summarize.run_summary_job
-    monkeypatch.setattr(
-        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
-    )
+    _steps_meet_the_database_away(monkeypatch)
     memory_tasks.memory_job(conv, SUMMARY)
     redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
     assert refused == [1, 1]
@@ -368,43 +396,46 @@ def test_a_step_failing_for_the_database_away_gives_its_claim_back_once_it_is_ba
         assert (row.token, row.failures, row.outage_retries) == (None, 0, 0)
 
 
-def test_a_step_whose_claim_stayed_held_through_an_outage_is_sent_again_once_its_lease_lapses(
+def test_a_step_whose_claim_stayed_held_through_an_outage_gives_it_back_when_sent_again(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Memory review: past RELEASE_WITHIN_S of outage the claim stayed held, and the step was sent
     again 30 s on: that message found the job taken and was dropped, and the sweep later took the
-    claim back as its worker's death (counted). Sent once its lease has lapsed, it is taken uncounted."""
-    from datetime import UTC, datetime
-
-    import psycopg
-    from sqlalchemy.exc import OperationalError
-
+    claim back as its worker's death (counted). The resend carries the claim and gives it back
+    first: the step runs, nothing counted; so does a step that ran and then met the outage."""
     from memory import claim, summarize
     from tasks import memory as memory_tasks
 
-    conv = _conversation(80)
     monkeypatch.setattr(claim, "RELEASE_WITHIN_S", 0.0)
+    original, real_release = summarize.run_summary_job, claim._release
 
-    def away(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
+    def talked(c, **kw):  # type: ignore[no-untyped-def]
+        return original(c, generate=lambda system, body, max_tokens, alone: "They talked.", **kw)
 
-    def database_away(system, body, max_tokens, alone):  # type: ignore[no-untyped-def]
-        raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
-
-    monkeypatch.setattr(claim, "_release", away)
-    original = summarize.run_summary_job
-    monkeypatch.setattr(
-        summarize, "run_summary_job", lambda c, **kw: original(c, generate=database_away, **kw)
-    )
-    started = datetime.now(UTC)
-    memory_tasks.memory_job(conv, SUMMARY)
-    (headers,) = _queued(conv)
-    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
-    eta = datetime.fromisoformat(headers["eta"])
-    assert (eta - started).total_seconds() >= settings.memory_job_lease_s, headers["eta"]
-    with session_scope() as s:
-        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
-        assert row.token is not None and row.failures == 0  # held still, and nothing counted
+    for step_ran in (False, True):
+        conv = _conversation(80)
+        monkeypatch.setattr(claim, "_release", _refused)
+        if step_ran:
+            monkeypatch.setattr(summarize, "run_summary_job", talked)
+        else:
+            _steps_meet_the_database_away(monkeypatch)
+        memory_tasks.memory_job(conv, SUMMARY)  # sent again, 30 s on, carrying its held claim
+        (sent,) = _queued_kwargs(conv)
+        redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+        with session_scope() as s:
+            row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+            assert row.token is not None and str(row.token) == sent["release"], sent
+        monkeypatch.setattr(claim, "_release", real_release)
+        monkeypatch.setattr(summarize, "run_summary_job", talked)
+        memory_tasks.memory_job(**sent)  # its lease still running: given back, then run
+        # a malformed claim in a message is dropped, never sent round again
+        memory_tasks.memory_job(conv, SUMMARY, release="not-a-token")
+        assert all("release" not in kwargs for kwargs in _queued_kwargs(conv))
+        redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+        with session_scope() as s:
+            row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+            assert (row.token, row.failures) == (None, 0)
+            assert s.scalar(select(func.count()).select_from(Summary).where(Summary.conversation_id == conv))
 
 
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
@@ -869,15 +900,9 @@ def test_a_shutdown_during_a_step_stays_a_shutdown_when_its_claim_cannot_be_give
     away then raised its own error in the shutdown's place: the task took it for an outage and went on."""
     import uuid
 
-    import psycopg
-    from sqlalchemy.exc import OperationalError
-
     from memory import claim
 
-    def away(*args, **kwargs):  # type: ignore[no-untyped-def]
-        raise OperationalError("UPDATE memory_jobs …", {}, psycopg.OperationalError("connection refused"))
-
-    monkeypatch.setattr(claim, "_release", away)
+    monkeypatch.setattr(claim, "_release", _refused)
     with pytest.raises(SystemExit), claim.released(1, SUMMARY, uuid.uuid4()):
         raise SystemExit(0)
 
@@ -924,4 +949,10 @@ def test_a_memory_job_goes_to_its_conversations_model_whoever_sends_it(
     with session_scope() as s:
         s.execute(update(MemoryJob).where(MemoryJob.conversation_id == answered).values(queued_until=None))
         s.execute(update(Turn).where(Turn.conversation_id == answered).values(model="retired-x"))
+    assert schedule_memory([answered]) == 1 and lanes[-1] == settings.model
+    # review: with no MLCHAT_SERVED_MODELS, the served model is MLCHAT_MODEL alone
+    monkeypatch.setattr(settings, "served_models", [])
+    with session_scope() as s:
+        s.execute(update(MemoryJob).where(MemoryJob.conversation_id == answered).values(queued_until=None))
+        s.execute(update(Turn).where(Turn.conversation_id == answered).values(model="eeve-10.8b"))
     assert schedule_memory([answered]) == 1 and lanes[-1] == settings.model
