@@ -140,7 +140,13 @@ def _run_step(conversation_id: int, kind: str) -> bool:
                 kind,
                 conversation_id,
             )
-            _send_later(conversation_id, kind, settings.memory_job_retry_s * 12, marked=False)
+            _send_later(
+                conversation_id,
+                kind,
+                settings.memory_job_retry_s * 12,
+                marked=False,
+                release=claim_left_held(),
+            )
             return False
         # The database away a moment, or a deadlock run again until its tries ran out: no fault of the
         # job's, which is sent again uncounted (five in an outage of minutes gave it up for a day),
@@ -181,12 +187,21 @@ def _failed(conversation_id: int, kind: str, exc: BaseException) -> None:
     """A step raised: counted, and sent again after a backoff, or given up (said in the log) after
     MLCHAT_MEMORY_JOB_MAX_FAILURES in a row. Nothing else would send it again but the conversation's
     next reply, which an idle conversation never has; and one failing every time ran at every reply."""
-    from db.memory_jobs import record_failure
+    import uuid
+
+    from db.memory_jobs import record_failure, release_job
     from db.session import session_scope
+    from memory.claim import claim_left_held
 
     error = f"{type(exc).__name__}: {exc}"
+    held = claim_left_held()
     try:
         with session_scope() as session:
+            if held is not None:  # a claim the step left held goes with the record (review: left held,
+                # the sweep later counted it as its worker's death, over the step's own error)
+                release_job(
+                    session=session, conversation_id=conversation_id, kind=kind, token=uuid.UUID(held)
+                )
             failures, backoff = record_failure(
                 session=session,
                 conversation_id=conversation_id,
@@ -195,10 +210,12 @@ def _failed(conversation_id: int, kind: str, exc: BaseException) -> None:
                 lease_s=settings.memory_job_lease_s,
                 max_failures=settings.memory_job_max_failures,
             )
-    except Exception:  # the database away too: the sweep finds the job once its lease or mark lapses
+    except Exception:  # the database away too
         logger.warning(
             "could not record the failure of memory job %s of %s", kind, conversation_id, exc_info=True
         )
+        if held is not None:  # its resend gives the claim back (else the sweep finds it as a death)
+            _send_later(conversation_id, kind, settings.memory_job_retry_s * 6, marked=False, release=held)
         return
     if failures >= settings.memory_job_max_failures:
         logger.error(
@@ -210,9 +227,7 @@ def _failed(conversation_id: int, kind: str, exc: BaseException) -> None:
             error,
         )
         return
-    from memory.claim import claim_left_held
-
-    _send_later(conversation_id, kind, backoff, marked=True, release=claim_left_held())
+    _send_later(conversation_id, kind, backoff, marked=True)
 
 
 def _send_later(

@@ -438,6 +438,47 @@ def test_a_step_whose_claim_stayed_held_through_an_outage_gives_it_back_when_sen
             assert s.scalar(select(func.count()).select_from(Summary).where(Summary.conversation_id == conv))
 
 
+def test_a_failing_step_whose_claim_stayed_held_gives_it_back_with_its_failure_or_its_resend(
+    summaries_due: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of the resend that carries a held claim: a step failing of its own (counted) whose
+    claim could not be given back kept it on its record's exits (given up, or the record failing),
+    and the sweep later counted the claim as its worker's death over the step's own error; a step
+    meeting another embedder's vectors was resent without it."""
+    from db.vector_space import EmbedderMismatch
+    from memory import claim, summarize
+    from tasks import memory as memory_tasks
+
+    monkeypatch.setattr(claim, "RELEASE_WITHIN_S", 0.0)
+    monkeypatch.setattr(settings, "memory_job_max_failures", 1)  # its first failure gives it up
+
+    def failing(raised: BaseException):  # type: ignore[no-untyped-def]
+        def step(conversation_id: int, **kw):  # type: ignore[no-untyped-def]
+            with session_scope() as s:
+                token = claim_job(session=s, conversation_id=conversation_id, kind=SUMMARY, lease_s=600)
+            assert token is not None
+            with claim.released(conversation_id, SUMMARY, token):
+                raise raised
+
+        return step
+
+    conv = _conversation(80)
+    monkeypatch.setattr(claim, "_release", _refused)
+    monkeypatch.setattr(summarize, "run_summary_job", failing(RuntimeError("hiccup")))
+    memory_tasks.memory_job(conv, SUMMARY)
+    with session_scope() as s:
+        row = s.scalars(select(MemoryJob).where(MemoryJob.conversation_id == conv)).one()
+        assert (row.token, row.failures) == (None, 1) and (row.last_error or "").startswith("RuntimeError")
+    other = _conversation(80)
+    monkeypatch.setattr(summarize, "run_summary_job", failing(EmbedderMismatch("another embedder's vectors")))
+    memory_tasks.memory_job(other, SUMMARY)
+    (sent,) = _queued_kwargs(other)
+    redis.Redis.from_url(broker_url()).delete(QUIET_QUEUE)
+    with session_scope() as s:
+        held = s.scalar(select(MemoryJob.token).where(MemoryJob.conversation_id == other))
+    assert held is not None and sent.get("release") == str(held)
+
+
 def test_a_sweep_that_cannot_send_a_stalled_memory_job_says_so_and_a_later_one_sends_it(
     summaries_due: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
