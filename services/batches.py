@@ -663,9 +663,8 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
         except Exception:  # the database is down too: the run stays finalizing, tried again as it is
             logger.warning("run %s: could not record the failed finalizing", run_id, exc_info=True)
             return None
-        if (
-            failed
-        ):  # review: a fault that never passes was tried at every pass for ever, its client told nothing
+        # review: a fault that never passes was tried at every pass for ever, its client told nothing
+        if failed:
             logger.error(
                 "run %s: its files failed for %s h; the batch failed", run_id, settings.finalize_give_up_hours
             )

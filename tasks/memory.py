@@ -256,9 +256,9 @@ def send_memory_jobs(
 ) -> None:
     """Queue memory jobs on the bulk lane of each conversation's model, its newest turn's (after
     `countdown` seconds if given); this process's model for a conversation with no turns (a history
-    imported alone) or whose model is no longer among MLCHAT_SERVED_MODELS. Sent from the API (the
-    desk, an import) or the sweep, they went to the sender's model, and each step went on there
-    (memory review). `release`: a claim to give back first (one job's resend)."""
+    imported alone) or whose model is no longer served (MLCHAT_SERVED_MODELS, or this one alone).
+    Sent from the API (the desk, an import) or the sweep, they went to the sender's model, and each
+    step went on there (memory review). `release`: a claim to give back first (one job's resend)."""
     from db.memory_jobs import conversation_models
     from db.session import session_scope
 
