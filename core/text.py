@@ -19,6 +19,12 @@ def storable_output(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text.replace("\x00", ""))
 
 
+def cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
+    """`text` up to the first of `stops` it holds (all of it when none)."""
+    ends = [at for at in (text.find(stop) for stop in stops if stop) if at >= 0]
+    return text[: min(ends)] if ends else text
+
+
 def printable(text: str, limit: int = 200) -> str:
     """Text from a request as an error message quotes it: NUL and lone surrogates escaped (the message
     is stored in text and jsonb columns and sent as UTF-8), and at most `limit` characters."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import typer
 
 from core.logging import configure_logging
+from core.processes import alive
 from core.settings import settings
 
 if TYPE_CHECKING:
@@ -144,19 +145,9 @@ def _empty_metrics_folder(folder: Path) -> None:
     for kind in ("counter", "gauge", "histogram", "summary"):
         for stale in folder.glob(f"{kind}_*.db"):
             pid = stale.stem.rsplit("_", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and alive(int(pid)):
                 continue
             stale.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 @app.command()

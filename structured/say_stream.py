@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import regex
 
-from core.text import storable_output
+from core.text import cut_at_stops, storable_output
 
 _OPENING = re.compile(r'\{\s*"say"\s*:\s*"')
 _HIGH_SURROGATE = re.compile(r"[dD][89abAB][0-9a-fA-F]{2}")
@@ -90,13 +90,12 @@ class SayText:
                 return
             self._decoded = end
             self._said += storable_output(text)  # as the stored reply keeps it (worker/structured.py)
-        cuts = [at for at in (self._said.find(stop) for stop in self._stops) if at >= 0]
+        cut = len(cut_at_stops(self._said, self._stops))  # where the stored say ends, as far as seen
         # Text a stop string could still be beginning is held back (a longer stop may open before a
         # cut found already, and end later), unless the string is closed.
         safe = len(self._said) if closed else len(self._said) - self._hold
-        cut = min(cuts, default=len(self._said))
         upto = max(min(cut, safe), self._sent)
-        if cuts and safe >= cut:
+        if cut < len(self._said) and safe >= cut:
             self._ended = True
         if upto > self._sent:
             piece, self._sent = self._said[self._sent : upto], upto

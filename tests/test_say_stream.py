@@ -104,7 +104,7 @@ def test_the_stream_stops_where_the_stored_say_is_cut_and_never_shows_a_stop(asc
     `\\n<name>:`), but the stream went on past it: the reader saw another member's line, then a
     restart. Wherever the JSON is cut, the pieces add up to the cut say; a say holding no stop, or
     only part of one, streams whole."""
-    from worker.structured import _cut_at_stops
+    from core.text import cut_at_stops
 
     stops = ("<|im_end|>", "\nBram:", "\nRowan:", "\nA B:", " B")  # review: one inside another too
     for say in (
@@ -119,9 +119,9 @@ def test_the_stream_stops_where_the_stored_say_is_cut_and_never_shows_a_stop(asc
             feed = SayText(shown.append, stops)
             for piece in _pieces(reply, [cut]):
                 feed(piece)
-            assert "".join(shown) == _cut_at_stops(say, stops), f"cut at {cut}"
+            assert "".join(shown) == cut_at_stops(say, stops), f"cut at {cut}"
         shown = []
         feed = SayText(shown.append, stops)
         for char in reply:
             feed(char)
-        assert "".join(shown) == _cut_at_stops(say, stops) and not any("Bram:" in s for s in shown[:1])
+        assert "".join(shown) == cut_at_stops(say, stops) and not any("Bram:" in s for s in shown[:1])

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from core.json_numbers import UnstorableNumber, loads_finite
 from core.settings import settings
-from core.text import storable_output
+from core.text import cut_at_stops, storable_output
 from core.versioned_cache import VersionedCache
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
@@ -196,12 +196,6 @@ def read_reply(shape: ReplyShape | None, gen: Generation) -> Generation:
         _RECHECK_LEFT.reset(recheck)
 
 
-def _cut_at_stops(text: str, stops: tuple[str, ...]) -> str:
-    """`text` up to the first of `stops` it holds (all of it when none)."""
-    ends = [at for at in (text.find(stop) for stop in stops if stop) if at >= 0]
-    return text[: min(ends)] if ends else text
-
-
 def _read(shape: ReplyShape, gen: Generation) -> Generation:
     if shape.kind == "regex":
         return _read_regex(shape, gen)
@@ -227,7 +221,7 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
         if error is not None:
             raise _bad(gen, f"the reply does not match its schema: {error.message[:200]}")
     if shape.kind == NPC:
-        say = _cut_at_stops(value["say"], shape.say_stops)
+        say = cut_at_stops(value["say"], shape.say_stops)
         if say != value["say"]:
             value = {**value, "say": say}
         if not value["say"].strip():  # the schema's minLength lets " " through; a free-text blank fails too

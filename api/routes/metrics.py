@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from api.deps import metrics_reader
 from core.metrics import QueueDepthCollector
+from core.processes import alive
 
 MULTIPROC_DIR = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -54,14 +55,8 @@ def _forget_dead_processes(folder: str) -> None:
     hangs): their readers are gone with them, and their last count would be summed in for ever."""
     for path in Path(folder).glob("gauge_live*_*.db"):
         pid = path.stem.rsplit("_", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # two scrapes at once may both find it: missing_ok
+        if pid.isdigit() and not alive(int(pid)):  # two scrapes at once may both find it: missing_ok
             path.unlink(missing_ok=True)
-        except PermissionError:  # alive, another user's
-            pass
 
 
 def process_ended() -> None:
