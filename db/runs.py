@@ -90,6 +90,10 @@ class RunConflict(ValueError):
     """A run name was reused for a different file."""
 
 
+class NotRetryable(ValueError):
+    """A run whose failed turns cannot be reopened in its state (the CLI's refusal: exit code 2)."""
+
+
 @dataclass(frozen=True)
 class RunCounts:
     """request_counts of a run, from its turn rows (the database's truth, never a cached counter)."""
@@ -782,16 +786,16 @@ UPDATE turns SET number = moved.number FROM moved WHERE turns.id = moved.id
 
 def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
     """reopen: a finished (or still running) run's failed turns go back to queued with fresh attempts,
-    and the run to in_progress; returns their ids. Refused (ValueError) for runs in other states."""
+    and the run to in_progress; returns their ids. NotRetryable for runs in other states."""
     status = run_status(session=session, run_id=run_id)
     if status not in (RunStatus.COMPLETED, RunStatus.IN_PROGRESS):
-        raise ValueError(
+        raise NotRetryable(
             f"run is {status}: only a completed or in-progress run's failed turns can be retried"
         )
     if status == RunStatus.COMPLETED and session.scalar(
         select(Run.input_file_id.is_not(None)).where(Run.id == run_id)
     ):  # its output and error files are written and called back: a batch is not reopened
-        raise ValueError("run is a completed batch: submit its failed requests as a new batch")
+        raise NotRetryable("run is a completed batch: submit its failed requests as a new batch")
     ids = list(
         session.scalars(
             update(Turn)
@@ -986,8 +990,10 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
     their prompt and retrieved context: an export never writes them, and they are most of a turn's
     bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes).
     `session` None: each chunk is read in a transaction of its own, so an export that takes minutes
-    holds none open meanwhile (a migration's lock would wait for it)."""
+    holds none open meanwhile (a migration's lock would wait for it); then a retry-failed between two
+    chunks may move a line already read past the cursor, and it is yielded once, as first read."""
     last = -1
+    seen: set[uuid.UUID] = set()
     unread = defer(Turn.prompt, raiseload=True), defer(Turn.context, raiseload=True)
     while True:
         with given_or_own(session) as reading:
@@ -1001,7 +1007,10 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
             reading.expunge_all()
         if not rows:
             return
-        yield from rows
+        for turn in rows:
+            if turn.id not in seen:
+                seen.add(turn.id)
+                yield turn
         last = rows[-1].number
 
 

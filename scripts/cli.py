@@ -1072,7 +1072,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     line, exit code 2."""
     from pydantic import ValidationError
 
-    from db.runs import RunConflict
+    from db.runs import NotRetryable, RunConflict
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
     from db.world import StoryBusy
@@ -1102,6 +1102,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         RunValidationError,
         EmptyFile,
         RunConflict,
+        NotRetryable,
         RunBusy,
         IdempotencyConflict,
         CardError,

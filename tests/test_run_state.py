@@ -700,6 +700,21 @@ def test_retry_failed_with_the_broker_down_leaves_the_turns_failed_and_says_so_i
     assert "re-sent 3 failed turn(s)" in capsys.readouterr().out and len(_sent_ids()) == before + 3
 
 
+def test_retry_failed_on_a_run_it_cannot_reopen_is_refused_with_exit_code_2(
+    quiet_model, tmp_path, capsys
+) -> None:
+    """Found in review: the refusal (a cancelled run, a completed batch) was a plain ValueError, so
+    the CLI said it as a failure (exit code 1), not as input it refuses (2, as every other refusal)."""
+    from scripts.cli import main as cli
+
+    sub = submit_run(_file(tmp_path, 2), name="retry-refused-" + tmp_path.name)
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.CANCELLED))
+    assert cli(["run", "retry-failed", sub.name]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run is cancelled: only a completed or in-progress run" in err, err
+
+
 def test_a_broker_error_in_any_command_is_one_line_not_a_traceback(monkeypatch, capsys) -> None:
     """Found in review: kombu's and redis's errors are not OSErrors or RuntimeErrors, so the CLI
     re-raised them as a traceback."""
@@ -895,6 +910,35 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
         assert numbers[done] < numbers[running] < numbers[first] < numbers[third] < numbers[waiting]
         retry = claim_turns(session=s, turn_ids=[first, third, waiting], lease_s=60, max_attempts=3)
         assert retry.claimed == []  # each waits: the running line, then the one before it
+
+
+def test_an_export_reading_while_a_retry_moves_a_line_writes_that_line_once(world) -> None:
+    """Found in review: an export reads a run in chunks by number, each in a transaction of its own;
+    a retry-failed between two chunks moved a failed line already read past the cursor, and the
+    export wrote it twice (failed, then queued or answered)."""
+    from db.models import TurnErrorCode
+    from db.runs import iter_run_turns, reopen_failed
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (first, done) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)]
+    )
+    with session_scope() as s:
+        conversation = s.get_one(Turn, first).conversation_id
+        s.execute(update(Turn).where(Turn.id == done).values(conversation_id=conversation))
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
+        assert fail_turns(
+            session=s, token=claim.token, failures={first: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        ) == [first]
+        s.execute(update(Turn).where(Turn.id == done).values(status=TurnStatus.DONE))
+    reading = iter_run_turns(session=None, run_id=run_id, chunk=1)
+    read = [next(reading).id]
+    with session_scope() as s:  # between the export's chunks: the failed line moves after the done one
+        assert reopen_failed(session=s, run_id=run_id) == [first]
+    read += [t.id for t in reading]
+    assert read == [first, done]
 
 
 def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:
