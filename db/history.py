@@ -42,6 +42,10 @@ def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) 
     """Copy a conversation's first `count` lines, with their vectors, into an empty one; how many
     were copied."""
     lock_conversation(session=session, conversation_id=target_id)
+    # The insert's lock first: a re-embed's swap holding the tables commits before the space's name
+    # is read below, so that name is the vectors' the copy reads (read before, it named the old space,
+    # and the guard trigger stored every copied vector NULL).
+    session.execute(text("LOCK TABLE messages IN ROW EXCLUSIVE MODE"))
     # The copies' vectors are the stored space's already: written as it, whatever this process is
     # (its embedder's name, and the space version it checked its weights against).
     mine, my_version = session.execute(
@@ -56,10 +60,13 @@ def copy_lines(*, session: Session, source_id: int, target_id: int, count: int) 
     copied = select(
         literal(target_id, BigInteger), Message.seq, Message.role, Message.content, Message.embedding
     ).where(Message.conversation_id == source_id, Message.seq <= count)
-    result = session.execute(
-        insert(Message).from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
-    )
-    copied_rows = int(result.rowcount or 0)  # type: ignore[attr-defined]
+    copied_rows = len(
+        session.execute(
+            insert(Message)
+            .from_select(["conversation_id", "seq", "role", "content", "embedding"], copied)
+            .returning(Message.seq)
+        ).all()
+    )  # (its rowcount read -1)
     session.execute(
         text(
             "SELECT set_config('mlchat.embedder', :mine, true), set_config('mlchat.space_version', :v, true)"

@@ -240,8 +240,7 @@ def store_extracted(
     counts = {"added": 0, "duplicate": 0, "superseded": 0}
     if not facts:
         return counts
-    if not same_space(session=session):  # nothing stored: a worker of the stored vectors' embedder redoes it
-        raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
+    _refuse_another_space(session)
     player = conversation.player_id
     if names is None:
         names = player_names(conversation.player_name, "", [conversation.character.name])
@@ -352,7 +351,17 @@ def store_extracted(
         else:
             supersede(session=session, old_id=new_id, new_id=replaced_by)
             counts["duplicate"] += 1
+    # Again after the inserts: a re-embed's swap holding the tables let the reads above pass, then
+    # committed while an insert waited for it, and the guard trigger stored that fact's vector NULL.
+    _refuse_another_space(session)
     return counts
+
+
+def _refuse_another_space(session: Any) -> None:
+    """EmbedderMismatch (the caller's rollback stores nothing, its lines unread) when this worker's
+    embedder is not the stored vectors': a worker of theirs extracts them."""
+    if not same_space(session=session):
+        raise EmbedderMismatch("the stored vectors moved to another embedder; the facts are left to extract")
 
 
 def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = None) -> dict[str, int]:

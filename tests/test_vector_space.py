@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
@@ -22,6 +22,7 @@ from core.settings import DEFAULT_TENANT, settings
 from db.facts import NewFact, add_facts, facts_for_turns
 from db.history import append_lines
 from db.models import FactKind, FactScope, Message, Role, VectorSpace
+from db.reembed import lock_tables
 from db.retrieval import ContextQuery, fetch_batch_context
 from db.session import session_scope
 from db.vector_space import (
@@ -317,6 +318,47 @@ def test_a_fact_extraction_in_another_space_stores_nothing(recorded: str) -> Non
             )
     with session_scope() as s:
         assert s.scalar(text("SELECT count(*) FROM facts WHERE scope_ref = :c"), {"c": str(conv)}) == 0
+
+
+def test_a_fact_extraction_a_swap_commits_under_stores_nothing(recorded: str) -> None:
+    """Found in review: the extraction checked the space before its reads, which a swap holding the
+    tables lets through; its insert then waited for the swap, and the guard trigger stored the fact's
+    vector NULL, the lines marked read (the fact never found by relevance, found again as new)."""
+    from db.models import Conversation
+    from memory.extract import ExtractedFact, store_extracted
+
+    with session_scope() as s:
+        conv = _conversation(s)
+    found = ExtractedFact(kind="player", subject="Rowan", text="Rowan fears wolves.", importance=5)
+
+    def extract() -> object:
+        with session_scope() as s:
+            conversation = s.get_one(Conversation, conv)
+            return store_extracted(
+                session=s, conversation=conversation, facts=[found], source="turn:x", lines=(1, 1)
+            )
+
+    (outcome,) = _during_a_swap(extract, "INSERT INTO facts%")
+    assert type(outcome) is EmbedderMismatch, outcome  # sent again uncounted (tasks/memory.py)
+    with session_scope() as s:
+        assert s.scalar(text("SELECT count(*) FROM facts WHERE scope_ref = :c"), {"c": str(conv)}) == 0
+
+
+def test_lines_copied_while_a_swap_commits_keep_their_vectors(recorded: str) -> None:
+    """Found in review: the copy read the space's name, then waited at its insert for a swap holding
+    the tables; the name it wrote as was the old space's, and every copied vector was stored NULL."""
+    from db.history import copy_lines
+
+    with session_scope() as s:
+        source = _conversation(s)
+        target = _conversation(s, [])
+
+    def copy() -> object:
+        with session_scope() as s:
+            return copy_lines(session=s, source_id=source, target_id=target, count=len(LINES))
+
+    assert _during_a_swap(copy, "%messages%") == [len(LINES)]
+    assert _stored_vectors(target) == [True] * len(LINES)
 
 
 def test_copied_lines_keep_their_vectors_whoever_copies_them(recorded: str) -> None:
@@ -642,13 +684,36 @@ def test_a_running_workers_check_compares_the_embedder_it_loaded_not_the_setting
     assert state.should_stop == lifecycle.EXIT_EMBEDDER_MOVED
 
 
-def _waiting_for_a_lock() -> bool:
+def _waiting_for_a_lock(statement: str = "UPDATE vector_space%") -> bool:
     with session_scope() as s:
         waiting = text(
-            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
-            " AND query LIKE 'UPDATE vector_space%'"
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE :statement"
         )
-        return bool(s.scalar(waiting))
+        return bool(s.scalar(waiting, {"statement": statement}))
+
+
+def _during_a_swap(write: Callable[[], object], statement: str) -> list[object]:
+    """`write` run on another thread while a re-embed's swap holds the vector tables (to another
+    embedder), waiting at `statement` until the swap commits; what it returned or raised."""
+    outcome: list[object] = []
+
+    def writing() -> None:
+        try:
+            outcome.append(write())
+        except Exception as exc:  # noqa: BLE001 - the outcome is the assertion's
+            outcome.append(exc)
+
+    with session_scope() as swapping:
+        lock_tables(session=swapping)
+        move_to(session=swapping, embedder="another-model", fingerprint=embed(["another probe"])[0])
+        other = threading.Thread(target=writing)
+        other.start()
+        deadline = time.monotonic() + 30
+        while not _waiting_for_a_lock(statement) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcome == [], outcome  # it waits for the swap's lock
+    other.join(timeout=30)
+    return outcome
 
 
 @pytest.mark.parametrize("second", ["same weights", "other weights"])
