@@ -48,6 +48,7 @@ class ParsedHistory:
     lines: list[tuple[Role, str]]
     user_name: str | None = None
     skipped: int = 0  # system, developer and tool lines, tool-call-only and empty messages
+    items: tuple[str, ...] = ()  # each line's item, as a refusal names it (`chat_history[4]`)
 
 
 class Imported(NamedTuple):
@@ -168,6 +169,9 @@ def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHist
         raise HistoryRefused(f"{name}: more than {max_items} messages")
     lines: list[tuple[Role, str]] = []
     skipped = 0
+    user_name: str | None = None
+    speaker: str | None = None  # the assistant's `name`, where the log gives one
+    kept_items: list[str] = []
     for i, item in enumerate(items):
         where = f"{name}[{i}]"
         if not isinstance(item, dict):
@@ -198,8 +202,26 @@ def _messages(items: Any, name: str, max_items: int | None = None) -> ParsedHist
         if not text.strip():
             skipped += 1
             continue
+        said_by = item.get("name")
+        if isinstance(said_by, str) and said_by:
+            if len(said_by) > NAME_MAX:
+                raise HistoryRefused(f"{where}.name: longer than {NAME_MAX} characters")
+            said_by = _text(said_by, f"{where}.name")
+            if _ROLES[role] == Role.USER:
+                user_name = user_name or said_by
+            elif _ROLES[role] == Role.ASSISTANT and speaker is None:
+                speaker = said_by
+            elif (
+                _ROLES[role] == Role.ASSISTANT and speaker is not None and said_by != speaker
+            ):  # as a group chat
+                raise HistoryRefused(
+                    f"{where}.name: {printable(said_by, 60)!r} is not the log's character "
+                    f"({printable(speaker, 60)!r}); a log of several characters cannot be imported as "
+                    "one character's"
+                )
         lines.append((_ROLES[role], text))
-    return ParsedHistory(lines, None, skipped)
+        kept_items.append(where)
+    return ParsedHistory(lines, user_name, skipped, tuple(kept_items))
 
 
 # OpenAI content parts holding text (Chat Completions' and the Responses API's), and those that hold
@@ -225,7 +247,7 @@ def _part_texts(parts: list[Any], where: str) -> list[str]:
         key = _TEXT_PARTS[kind]
         if not isinstance(part.get(key), str):
             raise HistoryRefused(f"{at}.{key}: must be a string")
-        texts.append(part[key])
+        texts.append(_text(part[key], f"{at}.{key}"))
     return texts
 
 

@@ -149,6 +149,27 @@ def test_a_sillytavern_group_chat_is_refused_naming_the_line_of_another_speaker(
     assert _stored(external) == []
 
 
+def test_an_openai_log_of_several_characters_is_refused_and_the_players_name_is_kept(
+    tmp_path, capsys
+) -> None:
+    """Found in review: the OpenAI format read no `name`, so a log where Elara and Bram speak was
+    imported as Elara's (Bram's confession remembered as hers), and the player's name was dropped."""
+    external = f"named-{uuid.uuid4().hex[:8]}"
+    said = [
+        {"role": "user", "name": "Rowan", "content": "Evening, all."},
+        {"role": "assistant", "name": "Elara", "content": "Welcome."},
+        {"role": "assistant", "name": "Bram", "content": "I poisoned the well."},
+    ]
+    assert _import(tmp_path, json.dumps({"messages": said}), "openai", external) == 2
+    err = capsys.readouterr().err
+    assert "messages[2].name: 'Bram' is not the log's character ('Elara')" in err and "nothing stored" in err
+    assert _stored(external) == []
+    assert _import(tmp_path, json.dumps({"messages": said[:2]}), "openai", external) == 0
+    with session_scope() as s:
+        name = s.scalar(select(Conversation.player_name).where(Conversation.external_id == external))
+    assert name == "Rowan" and len(_stored(external)) == 2
+
+
 def test_the_original_services_history_json_is_imported(tmp_path) -> None:
     external = f"imp-{uuid.uuid4().hex[:8]}"
     body = json.dumps(
@@ -230,6 +251,18 @@ def test_the_original_services_history_json_is_imported(tmp_path) -> None:
             "messages[1].content[0].type: must be one of text, input_text, output_text, refusal",
         ),
         ("openai", json.dumps([{"role": "user", "content": None}]), "messages[0].content: null"),
+        (  # found in review: a bad text in a part was named as the whole content
+            "openai",
+            json.dumps(
+                [
+                    {
+                        "role": "user",
+                        "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "a\u0000"}],
+                    }
+                ]
+            ),
+            "messages[0].content[1].text: ",
+        ),
         # Found in review: another format's file read as SillyTavern's (the default) was "the log
         # holds no user or assistant lines" or "line 1: not JSON", naming no format.
         (
