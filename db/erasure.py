@@ -85,7 +85,12 @@ LOCK_TIMEOUT_MS = 500
 
 
 def erase_player(
-    *, session: Session, tenant: str, player_id: str, conversations: Sequence[str] = ()
+    *,
+    session: Session,
+    tenant: str,
+    player_id: str,
+    conversations: Sequence[str] = (),
+    kept_for: Sequence[str] = (),
 ) -> Erased:
     """Delete the tenant's data about `player_id`: its conversations recorded with the player's id,
     and those named in `conversations` (the game's ids: a live group, a run's line, a conversation
@@ -94,7 +99,9 @@ def erase_player(
     in flight; nothing is deleted then. Locks: the conversations' memory jobs, the conversations (an
     enqueue into one waits for the erasure and then finds it gone, db/world.py find_conversations;
     a turn stored before is seen here), their turns, then facts; any wait past LOCK_TIMEOUT_MS
-    raises (LockNotAvailable) and the caller runs it again."""
+    raises (LockNotAvailable) and the caller runs it again. `kept_for`: conversations that keep the
+    lines of named ones (an inline request's history, copied into the conversation it answered in),
+    erased with them unless recorded as another player's (then left, never refused)."""
     if not player_id:  # '' is every conversation that named no player
         raise ValueError("an erasure names a player")
     session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
@@ -102,7 +109,14 @@ def erase_player(
     names = list(dict.fromkeys(conversations))
     theirs = (
         Conversation.tenant == tenant,
-        or_(Conversation.player_id == player_id, any_of(Conversation.external_id, names, String)),
+        or_(
+            Conversation.player_id == player_id,
+            any_of(Conversation.external_id, names, String),
+            and_(
+                any_of(Conversation.external_id, list(kept_for), String),
+                Conversation.player_id.in_(("", player_id)),
+            ),
+        ),
     )
     session.execute(
         select(MemoryJob.conversation_id)

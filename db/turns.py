@@ -383,13 +383,17 @@ def stored_request_hashes(*, session: Session, tenant: str, keys: Sequence[str])
     return {key: digest for key, digest in rows if key is not None and digest is not None}
 
 
-def used_for_another_request(*, session: Session, tenant: str, key: str, request_hashes: set[str]) -> bool:
-    """Whether the tenant's idempotency key names a stored turn asked with another request (none of
-    `request_hashes`, this request's fingerprints)."""
-    stored = session.scalar(
-        select(Turn.request_hash).where(Turn.tenant == tenant, Turn.idempotency_key == key)
-    )
-    return stored is not None and stored not in request_hashes
+def keyed_turn(*, session: Session, tenant: str, key: str, request_hashes: set[str]) -> uuid.UUID | None:
+    """The stored turn the tenant's idempotency key names (None: none yet); IdempotencyConflict when
+    it was asked with another request (none of `request_hashes`, this request's fingerprints)."""
+    stored = session.execute(
+        select(Turn.id, Turn.request_hash).where(Turn.tenant == tenant, Turn.idempotency_key == key)
+    ).first()
+    if stored is None:
+        return None
+    if stored.request_hash not in request_hashes:
+        raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
+    return stored.id
 
 
 def claim_turns(
@@ -1150,19 +1154,21 @@ AUTO_KEY_PREFIX = "auto:"
 
 
 def cancel_turns(
-    *, session: Session, turn_ids: Sequence[uuid.UUID], unkeyed_only: bool = False
+    *, session: Session, turn_ids: Sequence[uuid.UUID], unkeyed_only: bool = False, reason: str | None = None
 ) -> list[uuid.UUID]:
     """cancel: turns a claim could take, those not started or running under a lease that lapsed (its
     worker gone: with no worker of its model left, such a turn stayed running, holding back its
     conversation's later turns, and no DELETE could clear it); with `unkeyed_only`, only those stored
     without a client's idempotency key, which a replay cannot reach. Returns those cancelled. A
-    worker that still answers one stores nothing: its writes name its claim, which needs RUNNING."""
+    worker that still answers one stores nothing: its writes name its claim, which needs RUNNING.
+    `reason`: kept as their error (a call that returns them unanswered says why), none by default."""
     unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
+    why = CANCEL_CLEARS | ({"error": reason[:ERROR_CHARS]} if reason else {})
     cancelled = list(
         session.scalars(
             update(Turn)
             .where(*locked_in_id_order(session, Turn.id.in_(list(turn_ids)), claimable(), unkeyed))
-            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **CANCEL_CLEARS)
+            .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None, **why)
             .returning(Turn.id)
         ).all()
     )

@@ -10,6 +10,7 @@ from sqlalchemy.exc import OperationalError
 
 from db.erasure import AnotherPlayers, Erased, PlayerBusy, erase_player
 from db.session import again_on_conflict, rolled_back_for_a_conflict, session_scope
+from services.original_request import inline_histories
 from services.schemas import owner_fault, text_fault
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,13 @@ def erase(tenant: str, player: str, conversations: Sequence[str] = ()) -> Erased
 
     def write() -> Erased:
         with session_scope() as session:
-            return erase_player(session=session, tenant=tenant, player_id=player, conversations=conversations)
+            return erase_player(
+                session=session,
+                tenant=tenant,
+                player_id=player,
+                conversations=conversations,
+                kept_for=inline_histories(conversations),
+            )
 
     try:
         erased = again_on_conflict(write, what="a player's erasure", tries=LOCK_TRIES, also=_lock_timed_out)

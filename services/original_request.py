@@ -32,8 +32,8 @@ from pydantic import (
 
 from core.settings import DEFAULT_TENANT
 from db.models import Conversation, Role
-from memory.history_import import HistoryRefused, embed_texts, parse_original_history
-from services.characters import INLINE_PREFIX, slug_for
+from memory.history_import import HistoryRefused, ParsedHistory, embed_texts, parse_original_history
+from services.characters import INLINE_COPY, INLINE_PREFIX, slug_for
 from services.producer import TurnView
 from services.schemas import Int4, Text, TurnRequest, error_line
 
@@ -130,6 +130,7 @@ class InlineRequest:
     story: list[StoryEventItem] | None
     turn: TurnRequest  # conversation and character are placeholders until it is stored
     conversation: str | None  # the caller's; None: the request's own, a copy of its history
+    line_items: tuple[str, ...] = ()  # each line's item in the request (`history[4]`), for refusals
 
     @property
     def slug(self) -> str:
@@ -216,13 +217,13 @@ def parse_story(doc: Any) -> list[StoryEventItem]:
     return events
 
 
-def parse_chat_history(doc: Any, key: str = "chat_history") -> list[tuple[Role, str]]:
+def parse_chat_history(doc: Any, key: str = "chat_history") -> ParsedHistory:
     """The history's lines (the original's list of {role, content}, sent under `key`); InlineRefused
     names the item under that key."""
     if doc is None:
-        return []
+        return ParsedHistory([])
     try:
-        return parse_original_history(doc, key).lines
+        return parse_original_history(doc, key)
     except HistoryRefused as exc:
         raise InlineRefused(key, str(exc)) from None
 
@@ -242,7 +243,8 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     persona = parse_persona(payload["persona"])
     # The key the request used, named in a refusal (`history`: the original's other name for it).
     key = next((k for k in ("chat_history", "history") if payload.get(k) is not None), "chat_history")
-    lines = parse_chat_history(payload.get(key), key)
+    history = parse_chat_history(payload.get(key), key)
+    lines = history.lines
     # An empty story is no story: nothing to store, and the conversation keeps the one it has.
     story = parse_story(payload["story"]) or None if payload.get("story") is not None else None
     conversation = payload.get("conversation")
@@ -256,7 +258,7 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
             "without a conversation (each answered on its own); name one of yours to go on with it",
         )
     for key in ("gen_config", "params"):
-        if not isinstance(payload.get(key) or {}, dict):
+        if payload.get(key) is not None and not isinstance(payload[key], dict):  # [] and 0 too
             raise InlineRefused("request", f"{key}: must be a JSON object")
     params = {**(payload.get("gen_config") or {}), **(payload.get("params") or {})}
     turn = {
@@ -270,14 +272,17 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
         request = TurnRequest.model_validate(turn)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = _where(first["loc"])
-        if first["loc"][:1] == ("params",) and len(first["loc"]) > 1:  # name the object that held it
-            held_by_params = first["loc"][1] in (payload.get("params") or {})
+        where, said = _where(first["loc"]), first["msg"]
+        if not where:  # a check of the whole turn: its message names the field (`params.actions: …`)
+            said = said.removeprefix("Value error, ")
+            where, _, said = said.partition(": ") if ": " in said else ("input", "", said)
+        if where.startswith("params."):  # name the object that held it
+            held_by_params = where.split(".")[1].split("[")[0] in (payload.get("params") or {})
             where = where.replace("params.", "params." if held_by_params else "gen_config.", 1)
-        raise InlineRefused("request", error_line(where or "input", first["msg"])) from None
+        raise InlineRefused("request", error_line(where, said)) from None
     if not request.message.strip():
         raise InlineRefused("request", "message: is empty")
-    inline = InlineRequest(persona, lines, story, request, conversation)
+    inline = InlineRequest(persona, lines, story, request, conversation, history.items)
     # The history and the story are what was asked too: a key reused with others is a conflict, not
     # a replay (it stored them, moved a named conversation to the story, and returned the old reply).
     asked = [{"role": role.value, "content": text} for role, text in lines]
@@ -287,17 +292,18 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
     return inline
 
 
-def _missing_from(lines: list[tuple[Role, str]], stored: list[tuple[Role, str]], conversation: str) -> int:
+def _missing_from(req: InlineRequest, stored: list[tuple[Role, str]], conversation: str) -> int:
     """How many of the history's lines the conversation already holds, in order; refused when the
-    two disagree (another conversation's history, or one edited since)."""
-    for i, (line, have) in enumerate(zip(lines, stored, strict=False)):
+    two disagree (another conversation's history, or one edited since), naming the item as sent."""
+    for i, (line, have) in enumerate(zip(req.lines, stored, strict=False)):
         if line != have:
+            item = req.line_items[i] if i < len(req.line_items) else f"chat_history[{i}]"
             raise InlineRefused(
-                "chat_history",
-                f"chat_history[{i}]: differs from line {i + 1} of conversation {conversation!r} "
+                item.split("[", 1)[0].split(".", 1)[0],
+                f"{item}: differs from line {i + 1} of conversation {conversation!r} "
                 f"({have[0].value}: {have[1][:40]!r}); pass another conversation",
             )
-    return min(len(lines), len(stored))
+    return min(len(req.lines), len(stored))
 
 
 def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> StoredInline:
@@ -308,7 +314,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     the original's: the history is kept once per persona, player and history, and each request
     answers in a conversation of its own holding a copy of it, so no other request's lines, player
     or facts reach its prompt. EmbedderMismatch, with nothing stored, when the stored vectors are
-    another embedder's (even a replay, which embeds nothing, is refused before it stores a turn)."""
+    another embedder's (a keyed replay through store_and_enqueue finds its turn before this)."""
     from db.history import conversation_lines, copy_lines, lock_conversation
     from db.session import session_scope
     from db.vector_space import refuse_if_moved
@@ -331,7 +337,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         if kept in known and known[kept][1] != req.slug:
             raise _not_its_own(kept)
         held = conversation_lines(session=session, conversation_id=known[kept][0]) if kept in known else []
-    start = _missing_from(req.lines, held, kept)
+    start = _missing_from(req, held, kept)
     events = [] if story_stored or req.story is None else req.story
     vectors = embed_texts([text for _, text in req.lines[start:]] + [e.text for e in events])
     line_vectors, event_vectors = vectors[: len(req.lines) - start], vectors[len(req.lines) - start :]
@@ -392,23 +398,34 @@ def _own_conversation(req: InlineRequest) -> str:
     return f"{req.history_key}-{own}"
 
 
-def _refuse_a_reused_key(req: InlineRequest, stream: bool) -> None:
-    """IdempotencyConflict, before anything is stored, when the request's idempotency key names a
-    turn asked with another request: the conflict enqueue_turns would raise after the persona, story
-    and history were written."""
+def inline_histories(conversations: Sequence[str]) -> list[str]:
+    """The conversations keeping the history of the named ones an inline request answered in (each
+    one's name is its history's and a suffix: _own_conversation)."""
+    return [name.rsplit("-", 1)[0] for name in conversations if re.fullmatch(INLINE_COPY, name)]
+
+
+def _replayed(req: InlineRequest, stream: bool) -> StoredInline | None:
+    """What a replay (the request's idempotency key names a turn of this same request) answers with,
+    before anything is stored: storing it again would point its conversation back at its story, which a
+    later request may have switched; None for a request not seen yet. IdempotencyConflict, nothing
+    stored, when the key names a turn asked with another request."""
     from db.session import session_scope
-    from db.turns import IdempotencyConflict, used_for_another_request
+    from db.turns import keyed_turn
+    from db.world import get_character
 
     key = req.turn.idempotency_key
     if key is None:
-        return
+        return None
     conversation = req.conversation or _own_conversation(req)
     turn = req.turn.model_copy(update={"conversation": conversation, "character": req.slug})
     turn = turn.streamed_by_transport(stream)
     with session_scope() as session:
         hashes = {turn.request_hash(), *turn.legacy_request_hashes()}
-        if used_for_another_request(session=session, tenant=DEFAULT_TENANT, key=key, request_hashes=hashes):
-            raise IdempotencyConflict(f"idempotency key {key!r} was already used for a different request")
+        if keyed_turn(session=session, tenant=DEFAULT_TENANT, key=key, request_hashes=hashes) is None:
+            return None
+        character = get_character(session=session, slug=req.slug)
+        version = character.version if character is not None else 0
+    return StoredInline(req.slug, version, False, req.story_key, 0, conversation, 0)
 
 
 def _not_its_own(conversation: str) -> InlineRefused:
@@ -430,9 +447,7 @@ def _append_missing(
     from db.history import append_lines, conversation_lines, lock_conversation
 
     lock_conversation(session=session, conversation_id=conv_id)
-    now_held = _missing_from(
-        req.lines, conversation_lines(session=session, conversation_id=conv_id), conversation
-    )
+    now_held = _missing_from(req, conversation_lines(session=session, conversation_id=conv_id), conversation)
     if now_held < start:  # lines only ever grow; this is a history rewritten under us
         raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
     added = len(req.lines) - now_held
@@ -481,8 +496,7 @@ def store_and_enqueue(
     # is refused before storing anything (the key lock first: no other path takes both).
     keyed = idempotency_key_lock(DEFAULT_TENANT, key) if key else nullcontext()
     with keyed, held:
-        _refuse_a_reused_key(req, stream)
-        stored = store_request(req)
+        stored = _replayed(req, stream) or store_request(req)
         if on_stored is not None:
             on_stored(stored)
         turn = turn_request(req, stored).streamed_by_transport(stream)

@@ -813,7 +813,9 @@ def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_ins
     """Found in review: `mlchat chat --inline` and the serverless handler ran such a turn again at once,
     so it spent its attempts in milliseconds and failed for a cause the worker looks at again only a
     minute later."""
-    from db.models import TurnStatus
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
     from tests.conftest import new_conversation
     from worker import inline, pipeline
 
@@ -822,6 +824,8 @@ def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_ins
     def adapter_copying(turn_ids, *, lane="live"):  # type: ignore[no-untyped-def]
         rounds.append(list(turn_ids))
         reason = "adapter copying@v1 unavailable; looked at again in 42 s"
+        with session_scope() as s:  # as the pipeline's requeue keeps it
+            s.execute(update(Turn).where(Turn.id.in_(list(turn_ids))).values(error=reason))
         waits = dict.fromkeys(turn_ids, 42.0)
         return pipeline.BatchReport(retry=dict.fromkeys(turn_ids, reason), retry_in=waits)
 
@@ -836,8 +840,18 @@ def test_an_inline_answer_returns_a_turn_whose_adapter_may_load_later_queued_ins
     rounds.clear()
     (unkeyed,) = inline.answer_now([{"conversation": conversation["conversation"], "message": "Hello?"}])
     assert unkeyed.status == TurnStatus.CANCELLED
+    # Found in review: its reason was cleared by the cancel, and the serverless answer had no error,
+    # so the platform took the event for done.
+    assert (
+        unkeyed.error == "not answered in this call: adapter copying@v1 unavailable; looked at again in 42 s"
+    )
     (resent,) = inline.answer_now([{"conversation": conversation["conversation"], "message": "Hello?"}])
     assert view.id in rounds[-1] and unkeyed.id not in rounds[-1] and resent.id in rounds[-1]
+    from worker.serverless import handler
+
+    answer = handler({"input": {"conversation": conversation["conversation"], "message": "Still there?"}})
+    assert answer["retry"] is True and "adapter copying@v1 unavailable" in answer["error"], answer
+    assert answer["error"].startswith("1 turn(s) not answered in this call") and len(answer["turns"]) == 1
 
 
 def test_an_adapter_trains_on_the_gpu_in_half_precision_when_there_is_one(monkeypatch) -> None:

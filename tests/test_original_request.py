@@ -160,6 +160,64 @@ def test_a_reused_idempotency_key_is_refused_before_the_conversation_takes_its_h
     assert again.lines_imported == 0 and _counts(stored.character, stored.story, conversation) == before
 
 
+def test_erasing_the_conversation_a_request_answered_in_takes_the_history_it_was_copied_from() -> None:
+    """Found in review: a request without a conversation keeps its history in a conversation of its
+    own name (a digest of the request) and answers in a copy of it; only the copy's name is given
+    back, so an erasure naming it left every history line, with its vector, in the other."""
+    from services.erasure import erase
+    from services.producer import cancel_turn
+
+    name = f"루피-{uuid.uuid4().hex[:6]}"
+    said = f"내 여동생 이름은 미라야 ({uuid.uuid4().hex[:6]})."
+    history = [{"role": "user", "content": "안녕, 루피!"}, {"role": "user", "content": said}]
+    stored, turn_id = store_and_enqueue(read_request(_event(name, chat_history=history)), send=False)
+    assert cancel_turn(turn_id)  # nothing in flight
+
+    def kept() -> int:
+        with session_scope() as s:
+            return int(s.scalar(select(func.count()).select_from(Message).where(Message.content == said)))
+
+    assert kept() >= 2  # the history and its copy
+    erased = erase("", "rowan", [stored.conversation])
+    assert erased.conversations == 2 and kept() == 0
+    # Another request of that persona and history is answered as before: its history stored again.
+    again, _ = store_and_enqueue(read_request(_event(name, chat_history=history)), send=False)
+    assert [c for _, c in _counts(again.character, again.story, again.conversation)["lines"]][-1] == said
+    assert kept() == 2
+
+
+@pytest.mark.parametrize("second", ["answered", "queued"])
+def test_a_replay_after_a_later_request_switched_the_story_leaves_the_conversation_in_it(second: str) -> None:
+    """Found in review: a replay (the same request under its key) stored itself again before
+    enqueue_turns found its turn: the named conversation went back to its old story (and the next
+    request without a story was answered in it), or, with the later request's turn unanswered, the
+    replay was refused as StoryBusy, "retry", for a turn answered long before."""
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"named-{uuid.uuid4().hex[:8]}"
+    first = read_request(
+        _event(name, conversation=conversation, idempotency_key=f"k1-{uuid.uuid4().hex[:8]}")
+    )
+    stored, turn_id = store_and_enqueue(first, send=False)
+    other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
+    later = read_request(
+        _event(
+            name,
+            conversation=conversation,
+            story=other_story,
+            message="다음엔?",
+            idempotency_key=f"k2-{uuid.uuid4().hex[:8]}",
+        )
+    )
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == turn_id).values(status=TurnStatus.DONE))
+    switched, later_id = store_and_enqueue(later, send=False)
+    if second == "answered":
+        with session_scope() as s:
+            s.execute(update(Turn).where(Turn.id == later_id).values(status=TurnStatus.DONE))
+    again, replayed = store_and_enqueue(first, send=False)
+    assert replayed == turn_id and again.conversation == conversation
+    assert _conversation(conversation).story == switched.story != stored.story
+
+
 def test_a_key_reused_with_another_story_or_history_and_the_same_message_is_refused() -> None:
     """Found in review: the fingerprint left out the story and the history, so the same key and message
     with another story replayed the first turn (answered in the first story) after storing the new
@@ -373,6 +431,13 @@ def test_a_named_conversation_takes_only_the_new_lines_of_a_growing_history() ->
     with pytest.raises(ValueError, match=r"chat_history\[0\]: differs from line 1"):
         store_request(read_request(_event(name, conversation=conversation, chat_history=edited)))
     assert len(_counts(stored.character, None, conversation)["lines"]) == 6
+    # Found in review: the item was counted among the lines kept (a system line is none) and always
+    # named under chat_history, whatever key the history came in.
+    skipping = [{"role": "system", "content": "Be kind."}, grown[0], {"role": "assistant", "content": "뭐?"}]
+    with pytest.raises(ValueError, match=r"^history\[2\]: differs from line 2 "):
+        store_request(
+            read_request(_event(name, conversation=conversation, chat_history=None, history=skipping))
+        )
 
 
 def test_the_cli_files_are_stored_once_on_replay(tmp_path: Path) -> None:
@@ -506,6 +571,11 @@ def test_bad_request_fields_are_refused_by_name() -> None:
     name = f"bad-{uuid.uuid4().hex[:8]}"
     cases = [
         ({"gen_config": [0.3]}, "gen_config: must be a JSON object"),
+        ({"gen_config": []}, "gen_config: must be a JSON object"),  # found in review: empty ones passed
+        (  # found in review: "input: params.actions: …", naming the wrong object
+            {"speaker": "narrator", "gen_config": {"actions": [{"name": "wave"}]}},
+            "gen_config.actions: the narrator does not act; actions are for the character",
+        ),
         (
             {"gen_config": {"temperature": 9}},
             "gen_config.temperature: Input should be less than or equal to 2",

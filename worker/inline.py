@@ -67,9 +67,26 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
         return views
     # Returned unanswered (an adapter that may load later, a wait on another call that ran out): with
     # no queue, one without a client's key left queued would be answered by the next call on its
-    # conversation as an earlier turn, besides its resend: cancelled. A keyed one stays for the replay.
-    _cancel_unkeyed(ids)
+    # conversation as an earlier turn, besides its resend: cancelled, its reason kept. A keyed one
+    # stays for the replay.
+    reasons: dict[str, list[uuid.UUID]] = {}
+    for view in views:
+        if not view.finished:
+            reasons.setdefault(f"not answered in this call: {unanswered_reason(view)}", []).append(view.id)
+    for reason, turns in reasons.items():
+        _cancel_unkeyed(turns, reason)
     return views_of(ids)
+
+
+def unanswered_reason(view: TurnView) -> str:
+    """Why a call returns a turn unanswered: its retry's reason, or the wait it gave up."""
+    return view.error or "it waited for an earlier turn of its conversation that another call holds"
+
+
+def unanswered(views: Sequence[TurnView]) -> list[TurnView]:
+    """The turns a call returned without an answer or a final failure (answer_stored: queued for the
+    replay, or cancelled with the reason)."""
+    return [view for view in views if view.status.value not in ("done", "failed")]
 
 
 def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:
@@ -77,13 +94,13 @@ def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:
     return [view for view in map(get_turn, ids) if view is not None]
 
 
-def _cancel_unkeyed(ids: list[uuid.UUID]) -> bool:
+def _cancel_unkeyed(ids: list[uuid.UUID], reason: str | None = None) -> bool:
     """Cancel the call's claimable turns (queued, or whose lease lapsed) stored without a client's
-    key (a call sent again stores them anew); False if the database is away (they stand as handed
-    back)."""
+    key (a call sent again stores them anew), `reason` their error; False if the database is away
+    (they stand as handed back)."""
     try:
         with session_scope() as session:
-            cancel_turns(session=session, turn_ids=ids, unkeyed_only=True)
+            cancel_turns(session=session, turn_ids=ids, unkeyed_only=True, reason=reason)
     except DATABASE_OUTAGES:
         logger.warning("the call stopped and the database is away: its turns stand as handed back")
         return False

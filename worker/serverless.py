@@ -80,7 +80,25 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
         if any(turn["status"] == "done" for turn in answer["turns"]):
             answer["error"] += " (its lines answered already are `done` in `turns`: leave them out)"
         return answer
-    return {"turns": _shown(views)}
+    return {"turns": _shown(views)} | _not_all_answered(views)
+
+
+def _not_all_answered(views: list[Any]) -> dict[str, Any]:
+    """The error and retry flag of an answer with turns the call returned unanswered (an adapter that
+    may load later, a wait on another call's turn that ran out): {} when every turn is answered or
+    failed for good. Without them the platform takes the event for done (RunPod fails a job only on
+    a top-level error)."""
+    from worker.inline import unanswered, unanswered_reason
+
+    left = unanswered(views)
+    if not left:
+        return {}
+    why = unanswered_reason(left[0]).removeprefix("not answered in this call: ")
+    return {
+        "error": f"{len(left)} turn(s) not answered in this call ({why}); send the event again (a turn "
+        "with an idempotency key is answered by the replay)",
+        "retry": True,
+    }
 
 
 def _shown(views: list[Any]) -> list[dict[str, Any]]:
@@ -144,7 +162,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         views = answer_stored([turn_id])
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
-        return chat_response(views[0], stored)
+        return chat_response(views[0], stored) | _not_all_answered(views)
     except (StoryBusy, SpaceMoved) as exc:  # another's story switch, or a re-embed's swap: nothing stored
         return {"error": str(exc), "retry": True}
     except EngineDead as exc:
