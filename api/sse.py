@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Any
 
 import anyio
 from sse_starlette import EventSourceResponse
-from sse_starlette.sse import SendTimeoutError
+from sse_starlette.sse import AppStatus, SendTimeoutError
 from starlette.types import Message, Receive, Scope, Send
 
 from core.json_lines import one_line_json
@@ -92,6 +93,15 @@ async def _until_shutdown(
             aclose = getattr(iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+
+def shutting_down() -> bool:
+    """Whether the server is shutting down (uvicorn took a SIGTERM or SIGINT), as sse-starlette tells
+    it to the streams it then ends: its flag, or uvicorn's own where its patch did not take."""
+    if AppStatus.should_exit:
+        return True
+    server = getattr(signal.getsignal(signal.SIGTERM), "__self__", None)
+    return bool(getattr(server, "should_exit", False))
 
 
 def sse_response(events: AsyncIterable[Any], *, on_shutdown: Any = None) -> EventSourceResponse:

@@ -18,10 +18,12 @@ async def await_finished(
     wait_s: float,
     *,
     read_again_after: Callable[[BaseException], bool] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TurnView:
-    """The turn once it is finished, or as it stands after `wait_s` seconds; re-read 0.1 s after the
-    first read, the interval doubling up to 1 s. A read that raises an error `read_again_after`
-    accepts (a database blip) is read again until the deadline, which then raises it."""
+    """The turn once it is finished, or as it stands after `wait_s` seconds, or as soon as `stop()`
+    holds (the server shutting down); re-read 0.1 s after the first read, the interval doubling up
+    to 1 s. A read that raises an error `read_again_after` accepts (a database blip) is read again
+    until the deadline, which then raises it."""
     deadline = time.monotonic() + wait_s
     interval = FIRST_POLL_S
     while True:
@@ -32,7 +34,7 @@ async def await_finished(
                 raise
             view = None
         left = deadline - time.monotonic()
-        if view is not None and (view.finished or left <= 0):
+        if view is not None and (view.finished or left <= 0 or (stop is not None and stop())):
             return view
         await asyncio.sleep(max(min(interval, left), 0))
         interval = min(interval * 2, MAX_POLL_S)

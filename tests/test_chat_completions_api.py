@@ -85,6 +85,34 @@ def test_the_official_client_does_not_retry_a_timeout_into_a_second_turn(base_ur
     assert len(stored) == 1  # the client's retries would each have queued another
 
 
+def test_a_wait_the_servers_shutdown_cuts_short_is_a_504_the_client_does_not_retry(
+    base_url, monkeypatch
+) -> None:
+    """Found in review: a non-streaming wait went on through a SIGTERM (uvicorn waits for it), so the
+    supervisor's kill cut the connection and the official client sent the line again: a second turn
+    in the conversation. It ends at the shutdown with the 504 that says where to read the turn."""
+    import threading
+    import time
+
+    from sse_starlette.sse import AppStatus
+
+    monkeypatch.setattr(settings, "turn_wait_max_s", 60.0)
+    signalled = threading.Timer(1.0, lambda: setattr(AppStatus, "should_exit", True))
+    started = time.monotonic()
+    signalled.start()
+    try:
+        error, conversation = _refused_through_the_client(base_url)
+    finally:
+        signalled.cancel()
+        AppStatus.should_exit = False
+    assert time.monotonic() - started < 30  # well before the 60 s wait
+    assert error.status_code == 504 and error.response.headers["x-should-retry"] == "false"
+    assert "the server is restarting; the turn goes on: read it at /v1/turns/" in str(error), error
+    stored = _turns_of(conversation)
+    _cancel(stored)
+    assert len(stored) == 1
+
+
 def test_a_database_blip_while_waiting_is_waited_through_never_retried_into_a_second_turn(
     base_url, short_wait, monkeypatch
 ) -> None:
@@ -186,6 +214,14 @@ USER_HI = {"role": "user", "content": "hi"}
             {"messages": [{"role": "assistant", "content": "a" * 20_001}, {"role": "user", "content": "hi"}]},
             "body.messages[0].content",
         ),
+        (  # found in review: the union's branch named (no param), "should be a valid string"
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "body.messages[0].content[0].type",
+        ),
+        (  # found in review: refused for its tool_call_id, not for being a tool message
+            {"messages": [{"role": "tool", "tool_call_id": "a", "content": "x"}, USER_HI]},
+            "body.messages[0].role",
+        ),
     ],
     ids=[
         "max_tokens",
@@ -197,6 +233,8 @@ USER_HI = {"role": "user", "content": "hi"}
         "response_format",
         "system",
         "history-line",
+        "image-part",
+        "tool-message",
     ],
 )
 def test_a_bad_value_is_a_400_naming_the_request_field_it_came_in(base_url, change, field) -> None:

@@ -188,7 +188,21 @@ REFUSED = [
     ),
     (
         openai_line("img", [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-        "body.messages.0.content",
+        # review: named the union's branch (`content.function-after[storable_text(), str]`) and said
+        # "Input should be a valid string" of a list of parts
+        "body.messages[0].content[0].type: Input should be 'text'",
+    ),
+    (
+        openai_line("nul-part", [{"role": "user", "content": [{"type": "text", "text": "a\u0000"}]}]),
+        "body.messages[0].content[0].text: contains a NUL character",
+    ),
+    (
+        openai_line("num", [{"role": "user", "content": 5}]),
+        "body.messages[0].content: must be a string or a list of text parts",
+    ),
+    (  # review: refused for its tool_call_id ("Extra inputs are not permitted"), not for its role
+        openai_line("tcid", [{"role": "tool", "tool_call_id": "a", "content": "x"}, *USER]),
+        "body.messages[0].role: 'tool'",
     ),
     (openai_line("who", USER, model="nobody"), "body.model: 'nobody' is not a character"),
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
@@ -196,7 +210,7 @@ REFUSED = [
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
     (  # a reply sent back may carry its (empty) tool calls; one that made some asked for tools
         openai_line("tc", [*USER, {"role": "assistant", "content": "Hm.", "tool_calls": [{}]}, *USER]),
-        "body.messages.1.tool_calls: tool calls are not supported",
+        "body.messages[1].tool_calls: tool calls are not supported",
     ),
     (  # a NUL in a schema's property name would fail the JSONB insert of the whole chunk
         openai_line(

@@ -17,7 +17,7 @@ from api.deps import Caller, json_body, needs
 from api.errors import RETRY_AFTER_S
 from api.openai_errors import error_body
 from api.routes.turns import visible_turn
-from api.sse import event_json, sse_response
+from api.sse import event_json, shutting_down, sse_response
 from core.settings import settings
 from db.models import TurnStatus
 from db.session import DATABASE_OUTAGES
@@ -93,7 +93,9 @@ async def chat_completions(
         farewell = {"data": event_json({"error": error})}
         return sse_response(_chunks(turn, read), on_shutdown=farewell)
     try:  # a database outage while waiting is read through; a 503 would be retried into a new turn
-        view = await await_finished(read, settings.turn_wait_max_s, read_again_after=_database_error)
+        view = await await_finished(
+            read, settings.turn_wait_max_s, read_again_after=_database_error, stop=shutting_down
+        )
     except DATABASE_OUTAGES:
         return _error(
             504,
@@ -102,9 +104,12 @@ async def chat_completions(
             retry=False,
         )
     if not view.finished:
+        # At shutdown too: the wait would hold the server's exit, cut by its supervisor's kill, and the
+        # client would send the line again as a new turn (no 504 telling it not to).
+        restarting = "the server is restarting; the turn goes on: " if shutting_down() else ""
         return _error(
             504,
-            f"turn {turn.id} is still {view.status.value}; read it at /v1/turns/{turn.id}",
+            f"turn {turn.id} is still {view.status.value}; {restarting}read it at /v1/turns/{turn.id}",
             "timeout",
             retry=False,
         )

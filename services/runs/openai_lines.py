@@ -17,7 +17,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from db.models import TurnErrorCode
 from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line
@@ -116,6 +116,16 @@ class _Message(BaseModel):
     function_call: Annotated[Any, _nothing("function calls")] = None
     audio: Annotated[Any, _nothing("audio replies")] = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _a_role_of_the_dialogue(cls, data: Any) -> Any:
+        """A tool or function message is refused for its role (by _messages), not for the fields that
+        come with it (`tool_call_id`: "Extra inputs are not permitted")."""
+        role = data.get("role") if isinstance(data, dict) else None
+        if isinstance(role, str) and role not in ("system", "developer", "user", "assistant"):
+            return {"role": role}
+        return data
+
     def text(self) -> str:
         if isinstance(self.content, list):
             return "\n".join(part.text for part in self.content)
@@ -174,9 +184,25 @@ def is_openai_line(data: Any) -> bool:
 
 
 def _first_error(exc: ValidationError, prefix: str) -> str:
-    first = exc.errors()[0]
-    where = ".".join(str(p) for p in first["loc"])
-    return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), first["msg"])
+    errors = exc.errors()
+    first = errors[0]
+    loc, msg = first["loc"], first["msg"]
+    union = next((i for i, part in enumerate(loc) if isinstance(part, str) and "[" in part), None)
+    if union is not None:  # a union's branches each failed (content: a string or text parts)
+        # pydantic names each branch by a tag in the path and says the first one's error first (the
+        # string's, for a list): the error of the branch of the value's own kind is the one to say.
+        head, value = loc[:union], first["input"]
+        kind = "list[" if isinstance(value, list) else "dict[" if isinstance(value, dict) else None
+        branch = [
+            e for e in errors if e["loc"][:union] == head and str(e["loc"][union]).startswith(kind or "-")
+        ]
+        if branch:
+            loc, msg = branch[0]["loc"], branch[0]["msg"]
+        elif not isinstance(value, str):
+            msg = "must be a string or a list of text parts" if head[-1:] == ("content",) else msg
+        loc = tuple(part for part in loc if not (isinstance(part, str) and "[" in part))
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), msg)
 
 
 def to_run_line(data: dict[str, Any], characters: Collection[str], options: LineOptions) -> dict[str, Any]:
@@ -324,7 +350,7 @@ def _messages(
                 limit = HISTORY_LINE_CHARS
                 raise ValueError(f"{where}.content: {len(text)} characters; the limit is {limit}")
             history.append({"role": msg.role, "content": text})
-        else:
+        else:  # not a string of the dialogue's roles: refused by _Message already
             raise ValueError(f"{where}.role: {msg.role!r}; only system, developer, user and assistant")
     if not history or history[-1]["role"] != "user":
         raise ValueError("body.messages: the last message must be the player's (role 'user')")
