@@ -13,7 +13,8 @@ grammar's compile time); `--only` picks some, `--quick` shrinks them for a smoke
 (its figures are not comparable and are written to bench/results.quick.json instead).
 
 On a GPU machine: install requirements/gpu.txt, point MLCHAT_MODEL / MLCHAT_MODEL_PATH at the
-production model (and DATABASE_URL / REDIS_URL at real servers if wanted), then run the same command.
+production model (and DATABASE_URL / REDIS_URL at real servers if wanted: the enqueue and fleet
+sections then skip, saying so, since they purge the model's queues), then run the same command.
 """
 
 from __future__ import annotations
@@ -87,6 +88,22 @@ def _cpu_model() -> str | None:
         return None
 
 
+# Sections that purge the model's queues (and, for the fleet, start workers answering with canned
+# lines): run on the benchmark's own embedded services only, skipped against configured servers.
+OWN_SERVICES_ONLY = {
+    "enqueue": "it purges the model's queues after its turns (other producers' messages with them)",
+    "fleet": "its stand-in workers answer real turns with canned lines, and it purges the queues",
+}
+
+
+def _configured_services() -> str:
+    """The service settings pointing away from the embedded servers ('' when none does)."""
+    from core.settings import settings
+
+    named = [n for n, v in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)) if v]
+    return " and ".join(named)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen sections and record their figures."""
     parser = argparse.ArgumentParser(
@@ -127,7 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     where = machine()
+    configured = _configured_services()
     for section in args.only:
+        if section in OWN_SERVICES_ONLY and configured:
+            print(
+                f"bench: section {section} skipped: {configured} set; {OWN_SERVICES_ONLY[section]}",
+                flush=True,
+            )
+            continue
         started = time.perf_counter()
         figures = _run(section, args.quick, args.retrieval_messages, args.memory_conversations)
         for key in sorted(RESERVED_KEYS & set(figures)):  # kept, not overwritten below (the lora

@@ -269,6 +269,7 @@ POOLS = {
     ],
 }
 PROBE_GAP_S = 5.0  # between live probes while the memory jobs run
+PROBE_PLACES = ("north road", "mill", "harbour", "old quarry", "river crossing", "high pass")
 DISTRACTORS = 6  # per planted fact: more than retrieval's k, so similarity alone can be crowded out
 FILLER = [
     "The weather has been cold this week.",
@@ -429,12 +430,15 @@ def _stored(conv_ids: list[int], probes: list[list[tuple[str, str]]]) -> dict[st
     return held
 
 
-def _live_probe_s(builder: Any, card: Character) -> float:
+def _live_probe_s(builder: Any, card: Character, n: int) -> float:
+    """One live turn's time; `n` makes its message its own, so its prompt's end is never in the
+    prefix cache (the same message each time timed a cached prefill: review)."""
     from worker import engine as engine_module
     from worker.engine import GenerationRequest
     from worker.prompt import PromptInput
 
-    built = builder.build(PromptInput(card, "Rowan", "Any news tonight?", TurnContext(), 16))
+    message = f"Any news tonight? I am traveller {n}, from the {PROBE_PLACES[n % len(PROBE_PLACES)]}."
+    built = builder.build(PromptInput(card, "Rowan", message, TurnContext(), 16))
     request = GenerationRequest(
         token_ids=built.token_ids,
         temperature=0.0,
@@ -489,7 +493,7 @@ def measure_memory(
 
     base_recalled, asked, base_tokens, _, base_via = _recall(conv_ids, probes, card, with_memory=False)
 
-    alone = [_live_probe_s(builder, card) for _ in range(probes_live)]
+    alone = [_live_probe_s(builder, card, n) for n in range(probes_live)]
     summaries = extracted = 0
     done = threading.Event()
 
@@ -510,7 +514,7 @@ def measure_memory(
     # 480: the first conversation's summary, never an extraction).
     during: list[float] = []
     while not done.is_set():
-        during.append(_live_probe_s(builder, card))
+        during.append(_live_probe_s(builder, card, probes_live + len(during)))
         done.wait(PROBE_GAP_S)
     probes_span_s = time.perf_counter() - started
     worker.join()

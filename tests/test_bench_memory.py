@@ -75,3 +75,22 @@ def test_recalled_via_names_only_the_parts_the_packer_kept(tokenizer) -> None:  
         )
         == set()
     )
+
+
+def test_each_live_probe_asks_a_message_of_its_own(monkeypatch) -> None:
+    """Found in review: every probe built the same prompt, so after the first it timed a prefill
+    held in the prefix cache, against live turns of fresh prompts."""
+    from scripts import bench_memory
+    from worker import engine as engine_module
+
+    asked: list[str] = []
+
+    class Builder:
+        def build(self, given):  # type: ignore[no-untyped-def]
+            asked.append(given.message)
+            return type("Built", (), {"token_ids": [1, 2, 3], "stop": []})()
+
+    monkeypatch.setattr(engine_module, "generate", lambda requests: [])
+    for n in range(3):
+        bench_memory._live_probe_s(Builder(), None, n)  # type: ignore[arg-type]
+    assert len(set(asked)) == 3

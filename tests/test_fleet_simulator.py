@@ -87,3 +87,55 @@ def test_a_worker_the_driver_starts_takes_the_drivers_services(monkeypatch) -> N
     monkeypatch.setenv(fleet.DRIVER_MARK, str(os.getppid()))  # as the driver sets it for its workers
     main(["worker", "--index", "3"])
     assert started == [3]
+
+
+def test_a_simulated_worker_gets_every_core_of_a_pinned_driver() -> None:
+    """Found in review: after `make bench`'s engine sections the bench process is pinned off the
+    engine's core, and the fleet's workers inherited one core of two (their CPU shares doubled)."""
+    import subprocess
+    import sys
+
+    from scripts.fleet_simulator import spawn
+    from worker.cpu_affinity import ORIGINAL_CPUS
+
+    if len(ORIGINAL_CPUS) < 2:
+        pytest.skip("one core: nothing to pin off")
+    os.sched_setaffinity(0, {min(ORIGINAL_CPUS)})
+    try:
+        child = spawn(
+            [sys.executable, "-c", "import os; print(len(os.sched_getaffinity(0)))"],
+            dict(os.environ),
+            stdout=subprocess.PIPE,
+        )
+        out, _ = child.communicate(timeout=60)
+    finally:
+        os.sched_setaffinity(0, ORIGINAL_CPUS)
+    assert int(out) == len(ORIGINAL_CPUS)
+
+
+def test_the_retrieval_p95_is_interpolated_not_a_rank_low() -> None:
+    from scripts.bench_retrieval import p95
+
+    assert p95([float(v) for v in range(1, 31)]) == pytest.approx(28.55)  # the 28th value before
+
+
+def test_the_sections_that_purge_the_queues_skip_against_configured_services(
+    monkeypatch, tmp_path, capsys
+) -> None:
+    """Found in review: against configured servers the fleet section's guard exited the whole bench
+    (the sections after it never ran), and the enqueue section purged the servers' queues first."""
+    from db import migrate
+    from scripts import bench, seed
+
+    ran: list[str] = []
+    monkeypatch.setattr(settings, "database_url", "postgresql://nobody@127.0.0.1:9/none")
+    monkeypatch.setattr(bench, "PROJECT_ROOT", tmp_path)
+    monkeypatch.setattr(migrate, "upgrade", lambda: None)
+    monkeypatch.setattr(seed, "seed_world", lambda: None)
+    monkeypatch.setattr(bench, "machine", lambda: {})
+    monkeypatch.setattr(bench, "_run", lambda section, *args: ran.append(section) or {"ran": True})
+    bench.main(["--quick", "--only", "enqueue", "fleet", "memory"])
+    assert ran == ["memory"]
+    out = capsys.readouterr().out
+    assert "section enqueue skipped: DATABASE_URL set; it purges the model's queues" in out
+    assert "section fleet skipped: DATABASE_URL set" in out
