@@ -1008,9 +1008,13 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
         if not rows:
             return
         for turn in rows:
-            if turn.id not in seen:
+            if turn.id in seen:
+                continue
+            # Only a line a retry can still move is remembered (a failed one, or one queued again):
+            # the set stays as small as those, not the run.
+            if session is None and turn.status in (TurnStatus.FAILED, TurnStatus.QUEUED):
                 seen.add(turn.id)
-                yield turn
+            yield turn
         last = rows[-1].number
 
 

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 from tenacity import retry, stop_after_delay, wait_fixed
 
-from worker.cpu_affinity import ORIGINAL_CPUS, restore_all_cpus, unpinned
+from worker.cpu_affinity import ORIGINAL_CPUS, unpinned
 
 logger = logging.getLogger(__name__)
 
@@ -468,7 +468,6 @@ def measure_fleet(
 ) -> dict[str, Any]:
     """Stored turns/s at each worker count, the services' CPU share, and the knee."""
     refuse_configured_services()
-    restore_all_cpus()  # the driver's producer threads too (see measure_point's workers)
     points = [
         measure_point(
             n,

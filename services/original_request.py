@@ -428,6 +428,12 @@ def _replayed(req: InlineRequest, stream: bool) -> StoredInline | None:
     return StoredInline(req.slug, version, False, req.story_key, 0, conversation, 0)
 
 
+class HistoryMoved(InlineRefused):
+    """The conversation's history changed between the request's two reads (an erasure of the
+    conversation, or of the history it is copied from, committed between them): nothing stored, and
+    the same request sent again goes through."""
+
+
 def _not_its_own(conversation: str) -> InlineRefused:
     return InlineRefused(
         "request",
@@ -448,8 +454,8 @@ def _append_missing(
 
     lock_conversation(session=session, conversation_id=conv_id)
     now_held = _missing_from(req, conversation_lines(session=session, conversation_id=conv_id), conversation)
-    if now_held < start:  # lines only ever grow; this is a history rewritten under us
-        raise InlineRefused("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
+    if now_held < start:  # lines only ever grow: an erasure took them meanwhile (or a rewrite)
+        raise HistoryMoved("chat_history", f"conversation {conversation!r} changed meanwhile; try again")
     added = len(req.lines) - now_held
     owner = session.get_one(Conversation, conv_id).player_id
     if added and req.turn.player_id and owner != req.turn.player_id:

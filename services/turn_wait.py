@@ -23,14 +23,20 @@ async def await_finished(
     """The turn once it is finished, or as it stands after `wait_s` seconds, or as soon as `stop()`
     holds (the server shutting down); re-read 0.1 s after the first read, the interval doubling up
     to 1 s. A read that raises an error `read_again_after` accepts (a database blip) is read again
-    until the deadline, which then raises it."""
+    until the deadline or the stop, which then raise it."""
     deadline = time.monotonic() + wait_s
     interval = FIRST_POLL_S
     while True:
         try:
             view: TurnView | None = await read()
         except Exception as exc:
-            if read_again_after is None or not read_again_after(exc) or time.monotonic() >= deadline:
+            stopping = stop is not None and stop()
+            if (
+                read_again_after is None
+                or not read_again_after(exc)
+                or time.monotonic() >= deadline
+                or stopping
+            ):
                 raise
             view = None
         left = deadline - time.monotonic()

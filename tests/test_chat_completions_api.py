@@ -718,3 +718,17 @@ def test_a_chat_completion_cannot_speak_into_a_group(world) -> None:
             select(func.count()).select_from(Turn).where(Turn.conversation_id == conversation)
         )
     assert asked_turns == 0  # the group started with no exchange: no turn stored by either refusal
+
+
+def test_a_wait_read_through_a_database_outage_ends_at_the_shutdown_too() -> None:
+    """Review of the shutdown wait: while every read failed (the database away) the stop was never
+    looked at, and the wait ran its full length through a SIGTERM."""
+    import time
+
+    async def away() -> TurnView:
+        raise RuntimeError("the database is away")
+
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="away"):
+        asyncio.run(await_finished(away, 30.0, read_again_after=lambda exc: True, stop=lambda: True))
+    assert time.monotonic() - started < 10  # at the first read, not after 30 s

@@ -1105,3 +1105,25 @@ def test_a_request_whose_vectors_moved_while_it_was_embedded_stores_nothing(monk
         write_facts("", f"p-{name}", [FactIn(text="BAD-FACT-" + name)])
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Fact).where(Fact.text == "BAD-FACT-" + name)) == 0
+
+
+def test_a_history_an_erasure_takes_between_the_requests_two_reads_is_a_retry_not_a_refusal(
+    monkeypatch,
+) -> None:
+    """Review of the erasure of an inline request's history: an erasure committing between the
+    request's read of the held lines and its write found the conversation emptied, answered as bad
+    input ("changed meanwhile; try again" without `retry`), though the same event sent again goes through."""
+    from db import history
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"named-{uuid.uuid4().hex[:8]}"
+    event = _event(name, conversation=conversation)
+    store_request(read_request(event))  # the conversation holds the history
+    real, reads = history.conversation_lines, []
+
+    def erased_after_the_first_read(**kwargs):  # type: ignore[no-untyped-def]
+        reads.append(kwargs)
+        return real(**kwargs) if len(reads) == 1 else []
+
+    monkeypatch.setattr(history, "conversation_lines", erased_after_the_first_read)
+    answer = handler({"input": event})
+    assert answer.get("retry") is True and "changed meanwhile; try again" in answer["error"], answer

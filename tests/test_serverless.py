@@ -439,3 +439,31 @@ def test_a_dead_engine_with_the_database_away_still_asks_for_a_fresh_worker(worl
     answer = handler({"input": new_conversation("elara") | {"message": "Is the ford passable?"}})
     assert answer["error"].startswith("the engine died: injected") and answer["refresh_worker"] is True
     assert answer["turns"] == []
+
+
+def test_an_answer_asks_for_a_resend_only_of_turns_a_resend_would_answer(world) -> None:
+    """Review of the unanswered-turn error: a turn cancelled on purpose (a DELETE, a stopped run) was
+    counted as "not answered in this call", with `retry` and a made-up reason, so a client obeying it
+    looped; and the resend it asked for did not say to leave out the lines answered already."""
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from db.turns import cancel_turns
+    from services.producer import enqueue_turns, get_turn
+    from worker.inline import NOT_ANSWERED
+    from worker.serverless import _not_all_answered
+
+    deleted, left, answered = enqueue_turns(
+        [new_conversation() | {"message": f"Line {i}."} for i in range(3)], send=False
+    )
+    with session_scope() as s:
+        cancel_turns(session=s, turn_ids=[deleted])  # cancelled on purpose: no reason kept
+        cancel_turns(session=s, turn_ids=[left], reason=NOT_ANSWERED + "adapter a@v1 unavailable")
+        s.execute(update(Turn).where(Turn.id == answered).values(status=TurnStatus.DONE))
+    views = {turn: get_turn(turn) for turn in (deleted, left, answered)}
+    assert _not_all_answered([views[deleted]]) == {}
+    said = _not_all_answered([views[answered], views[left]])
+    assert said["retry"] is True and "(adapter a@v1 unavailable)" in said["error"]
+    assert said["error"].endswith("`done` in `turns`: leave them out)")
+    assert "leave them out" not in _not_all_answered([views[left]])["error"]

@@ -72,7 +72,7 @@ def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
     reasons: dict[str, list[uuid.UUID]] = {}
     for view in views:
         if not view.finished:
-            reasons.setdefault(f"not answered in this call: {unanswered_reason(view)}", []).append(view.id)
+            reasons.setdefault(NOT_ANSWERED + unanswered_reason(view), []).append(view.id)
     for reason, turns in reasons.items():
         _cancel_unkeyed(turns, reason)
     return views_of(ids)
@@ -83,10 +83,19 @@ def unanswered_reason(view: TurnView) -> str:
     return view.error or "it waited for an earlier turn of its conversation that another call holds"
 
 
+NOT_ANSWERED = "not answered in this call: "
+
+
 def unanswered(views: Sequence[TurnView]) -> list[TurnView]:
-    """The turns a call returned without an answer or a final failure (answer_stored: queued for the
-    replay, or cancelled with the reason)."""
-    return [view for view in views if view.status.value not in ("done", "failed")]
+    """The turns a call returned unanswered for now (answer_stored: queued or running, kept for the
+    replay, or cancelled with that reason); not one cancelled on purpose (a DELETE, a stopped run or
+    a closed scene), which sending again would not answer."""
+    return [
+        view
+        for view in views
+        if view.status.value in ("queued", "running")
+        or (view.status.value == "cancelled" and (view.error or "").startswith(NOT_ANSWERED))
+    ]
 
 
 def views_of(ids: Sequence[uuid.UUID]) -> list[TurnView]:

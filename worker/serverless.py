@@ -78,7 +78,7 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
     except _TRANSIENT as exc:
         answer = _try_again(exc) | {"turns": _as_they_stand(ids)}
         if any(turn["status"] == "done" for turn in answer["turns"]):
-            answer["error"] += " (its lines answered already are `done` in `turns`: leave them out)"
+            answer["error"] += ANSWERED_ALREADY
         return answer
     return {"turns": _shown(views)} | _not_all_answered(views)
 
@@ -88,17 +88,21 @@ def _not_all_answered(views: list[Any]) -> dict[str, Any]:
     may load later, a wait on another call's turn that ran out): {} when every turn is answered or
     failed for good. Without them the platform takes the event for done (RunPod fails a job only on
     a top-level error)."""
-    from worker.inline import unanswered, unanswered_reason
+    from worker.inline import NOT_ANSWERED, unanswered, unanswered_reason
 
     left = unanswered(views)
     if not left:
         return {}
-    why = unanswered_reason(left[0]).removeprefix("not answered in this call: ")
+    why = unanswered_reason(left[0]).removeprefix(NOT_ANSWERED)
+    answered = any(view.status.value == "done" for view in views)
     return {
         "error": f"{len(left)} turn(s) not answered in this call ({why}); send the event again (a turn "
-        "with an idempotency key is answered by the replay)",
+        "with an idempotency key is answered by the replay)" + (ANSWERED_ALREADY if answered else ""),
         "retry": True,
     }
+
+
+ANSWERED_ALREADY = " (its lines answered already are `done` in `turns`: leave them out)"
 
 
 def _shown(views: list[Any]) -> list[dict[str, Any]]:
@@ -152,7 +156,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
     """The original service's inline shape: persona, history and story stored (a replay stores
     nothing new), then the turn answered; {"error": ...} names the part and field of bad input."""
     from db.world import StoryBusy
-    from services.original_request import chat_response, read_request, store_and_enqueue
+    from services.original_request import HistoryMoved, chat_response, read_request, store_and_enqueue
     from worker.inline import answer_stored
 
     stored, turn_id = None, None
@@ -163,7 +167,8 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
         return chat_response(views[0], stored) | _not_all_answered(views)
-    except (StoryBusy, SpaceMoved) as exc:  # another's story switch, or a re-embed's swap: nothing stored
+    # Another's story switch, a re-embed's swap, an erasure between the history's reads: nothing stored.
+    except (StoryBusy, SpaceMoved, HistoryMoved) as exc:
         return {"error": str(exc), "retry": True}
     except EngineDead as exc:
         return _engine_died(exc)

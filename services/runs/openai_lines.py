@@ -13,6 +13,7 @@ the error file while the other lines run.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -183,11 +184,20 @@ def is_openai_line(data: Any) -> bool:
     return isinstance(data, dict) and bool({"method", "url", "body"} & data.keys())
 
 
+def _branch_tag(part: int | str) -> bool:
+    """Whether a path segment is pydantic's name for a union's branch (`function-after[…]`,
+    `list[_TextPart]`), not a field or key (`a[b]` is a key)."""
+    return (
+        isinstance(part, str)
+        and re.fullmatch(r"(function-(after|before|wrap|plain)|list|dict)\[.*\]", part) is not None
+    )
+
+
 def _first_error(exc: ValidationError, prefix: str) -> str:
     errors = exc.errors()
     first = errors[0]
     loc, msg = first["loc"], first["msg"]
-    union = next((i for i, part in enumerate(loc) if isinstance(part, str) and "[" in part), None)
+    union = next((i for i, part in enumerate(loc) if _branch_tag(part)), None)
     if union is not None:  # a union's branches each failed (content: a string or text parts)
         # pydantic names each branch by a tag in the path and says the first one's error first (the
         # string's, for a list): the error of the branch of the value's own kind is the one to say.
@@ -200,7 +210,7 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
             loc, msg = branch[0]["loc"], branch[0]["msg"]
         elif not isinstance(value, str):
             msg = "must be a string or a list of text parts" if head[-1:] == ("content",) else msg
-        loc = tuple(part for part in loc if not (isinstance(part, str) and "[" in part))
+        loc = tuple(part for part in loc if not _branch_tag(part))
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), msg)
 
