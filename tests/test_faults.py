@@ -182,7 +182,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, ear
 
 
 @pytest.mark.parametrize(
-    "turns", [pytest.param(96, id="96"), pytest.param(500, id="500", marks=pytest.mark.slow)]
+    "turns", [pytest.param(48, id="48"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
 def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     world, tmp_path, request, turns
@@ -377,7 +377,7 @@ def _events_live(response: httpx.Response):  # type: ignore[no-untyped-def]
 
 
 def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_worker, services) -> None:
-    turns = 96
+    turns = 48
     ids = wp.send_turns(turns, "Tavern line", lane="bulk")
     at_stop = _wait(ids, lambda c: c["done"] >= 8, timeout=600)
     embedded.stop_redis(services)  # SIGTERM: Redis writes its append-only file and exits
@@ -413,7 +413,7 @@ def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_wo
 
 
 def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(steady_worker, services) -> None:
-    turns = 96
+    turns = 48
     ids = wp.send_turns(turns, "Harbour line", lane="bulk")
     at_restart = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
     embedded.restart_postgres(services)  # fast mode: every open connection is cut

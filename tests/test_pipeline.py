@@ -54,6 +54,8 @@ def test_one_batch_answers_two_conversations_and_stores_everything(engine) -> No
 def test_retrieval_uses_the_conversations_own_history(engine) -> None:
     import db.retrieval  # noqa: F401
     from core.settings import settings
+    from db.history import append_lines
+    from worker.embedder import embed
 
     conv = new_conversation("elara") | {"player_name": "Rowan"}
     other = new_conversation("elara") | {"player_name": "Mira"}
@@ -62,8 +64,20 @@ def test_retrieval_uses_the_conversations_own_history(engine) -> None:
     process_batch(first)
     others = enqueue_turns([other | {"message": "Brenna's bees stung the mayor again."}], send=False)
     process_batch(others)
-    for i in range(settings.recent_history // 2 + 1):
-        process_batch(enqueue_turns([conv | {"message": f"Pour me another ale, number {i}."}], send=False))
+    # Lines past the recent window, stored as a history import stores them: the case is retrieval's,
+    # and generating each (one engine call a line) took most of its time.
+    filler = [
+        line
+        for i in range(settings.recent_history // 2 + 1)
+        for line in ((Role.USER, f"Pour me another ale, number {i}."), (Role.ASSISTANT, "Here you are."))
+    ]
+    with session_scope() as s:
+        append_lines(
+            session=s,
+            conversation_id=_messages(first[0])[Role.USER].conversation_id,
+            lines=filler,
+            vectors=embed([text for _, text in filler]),
+        )
     (probe,) = enqueue_turns([conv | {"message": "How are my sister's bees doing?"}], send=False)
     process_batch([probe])
     manifest = get_turn(probe).context

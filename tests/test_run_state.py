@@ -912,41 +912,9 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
         assert retry.claimed == []  # each waits: the running line, then the one before it
 
 
-def test_an_export_reading_while_a_retry_moves_a_line_writes_that_line_once(world) -> None:
-    """Found in review: an export reads a run in chunks by number, each in a transaction of its own;
-    a retry-failed between two chunks moved a failed line already read past the cursor, and the
-    export wrote it twice (failed, then queued or answered)."""
+def _a_failed_line_then_a_later_one() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
+    """A run of two lines of one conversation, the first failed, the later one queued: (run, first, later)."""
     from db.models import TurnErrorCode
-    from db.runs import iter_run_turns, reopen_failed
-    from db.turns import Failure, claim_turns, fail_turns
-    from tests.desk_data import Spec, quality, queue_run
-
-    run_id, (first, done) = queue_run(
-        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)]
-    )
-    with session_scope() as s:
-        conversation = s.get_one(Turn, first).conversation_id
-        s.execute(update(Turn).where(Turn.id == done).values(conversation_id=conversation))
-    with session_scope() as s:
-        claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
-        assert fail_turns(
-            session=s, token=claim.token, failures={first: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
-        ) == [first]
-        s.execute(update(Turn).where(Turn.id == done).values(status=TurnStatus.DONE))
-    reading = iter_run_turns(session=None, run_id=run_id, chunk=1)
-    read = [next(reading).id]
-    with session_scope() as s:  # between the export's chunks: the failed line moves after the done one
-        assert reopen_failed(session=s, run_id=run_id) == [first]
-    read += [t.id for t in reading]
-    assert read == [first, done]
-
-
-def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:
-    """Review of the renumbering: any later turn of the conversation moved a retried line after it,
-    a queued one never started too, which then was answered first, without the retried exchange
-    that came before it in the file. Only a later line that started goes first."""
-    from db.models import TurnErrorCode
-    from db.runs import reopen_failed
     from db.turns import Failure, claim_turns, fail_turns
     from tests.desk_data import Spec, quality, queue_run
 
@@ -960,6 +928,34 @@ def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(worl
         claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
         failure = Failure("empty", TurnErrorCode.EMPTY_REPLY)
         assert fail_turns(session=s, token=claim.token, failures={first: failure}) == [first]
+    return run_id, first, later
+
+
+def test_an_export_reading_while_a_retry_moves_a_line_writes_that_line_once(world) -> None:
+    """Found in review: an export reads a run in chunks by number, each in a transaction of its own;
+    a retry-failed between two chunks moved a failed line already read past the cursor, and the
+    export wrote it twice (failed, then queued or answered)."""
+    from db.runs import iter_run_turns, reopen_failed
+
+    run_id, first, done = _a_failed_line_then_a_later_one()
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == done).values(status=TurnStatus.DONE))
+    reading = iter_run_turns(session=None, run_id=run_id, chunk=1)
+    read = [next(reading).id]
+    with session_scope() as s:  # between the export's chunks: the failed line moves after the done one
+        assert reopen_failed(session=s, run_id=run_id) == [first]
+    read += [t.id for t in reading]
+    assert read == [first, done]
+
+
+def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:
+    """Review of the renumbering: any later turn of the conversation moved a retried line after it,
+    a queued one never started too, which then was answered first, without the retried exchange
+    that came before it in the file. Only a later line that started goes first."""
+    from db.runs import reopen_failed
+    from db.turns import claim_turns
+
+    run_id, first, later = _a_failed_line_then_a_later_one()
     with session_scope() as s:
         before = s.get_one(Turn, first).number
         assert reopen_failed(session=s, run_id=run_id) == [first]
