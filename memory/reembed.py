@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 from sqlalchemy.orm import Session
 
 from core.settings import settings
@@ -90,7 +91,11 @@ def _catch_up(session: Session, table: str, chunk: int, holder: int) -> tuple[in
     how many stored (fewer when a row's text changed meanwhile: read again by the next pass). The
     lock is checked once the chunk is embedded, as the passes do: a run that lost it while embedding
     (another may have started, with other weights) writes nothing."""
-    rows = stale_rows(session=session, table=table, limit=chunk)
+    return _store_next(session, table, stale_rows(session=session, table=table, limit=chunk), holder)
+
+
+def _store_next(session: Session, table: str, rows: list[tuple[int, str]], holder: int) -> tuple[int, int]:
+    """_catch_up's embedding and write of the rows it read."""
     if not rows:
         return 0, 0
     vectors = embed([t for _, t in rows], any_space=True)
@@ -126,12 +131,53 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
                 write_next(session=session, table=table, rows=rows, vectors=vectors, last_id=last)
             if on_chunk is not None:
                 on_chunk(table, last)
-    # Rows written while the tables were passed: caught up without the lock, a chunk per
-    # transaction, until one pass finds less than a chunk; only that last little rest is embedded
-    # under the lock (writers wait for it and the swap).
-    # A backlog of any size drains (each pass embeds a chunk of each table, and fewer rows wait after
-    # it); writes that keep it from shrinking for CATCH_UP_PASSES passes in a row would leave the rest to
-    # be embedded under the writers' lock, every worker's store waiting on it: the run stops instead.
+    for _ in range(CATCH_UP_PASSES):
+        _catch_up_unlocked(chunk, holder)
+        try:
+            return _swap_under_the_lock(chunk, holder, mine)
+        except _RestTooBig as big:
+            logger.info("re-embed: %s; caught up again without the writers' lock", big)
+    raise ReembedOutpaced(
+        f"rows kept arriving between the catch-up and the writers' lock ({CATCH_UP_PASSES} times, more "
+        "than a chunk each time); nothing swapped and the writers never waited long: run it again in a "
+        "quieter hour (it resumes, the next vectors stored so far kept)"
+    )
+
+
+class _RestTooBig(Exception):
+    """More than a chunk of one table was found without a next vector once the writers' lock was
+    held (written between the last unlocked pass and the lock): rolled back, caught up unlocked again."""
+
+
+def _swap_under_the_lock(chunk: int, holder: int, mine: np.ndarray) -> dict[str, int]:
+    """Under the writers' lock: the rest (at most a chunk a table, else _RestTooBig, nothing kept:
+    embedding more there would stall every worker's store, a history import's 100,000 lines for
+    minutes) embedded, then the swap."""
+    with session_scope() as session:
+        lock_tables(session=session)
+        _still_alone(session, holder)
+        for table in SOURCES:  # no writer can change a text now: every row read is stored
+            rows = stale_rows(session=session, table=table, limit=chunk + 1)
+            if len(rows) > chunk:
+                raise _RestTooBig(f"more than {chunk} {table} rows arrived before the writers' lock")
+            read, stored = _store_next(session, table, rows, holder)
+            if stored < read:
+                raise RuntimeError(
+                    f"re-embed: {read - stored} of {read} {table} rows kept no next vector under the "
+                    "writers' lock; nothing swapped (a bug: please report it)"
+                )
+        swapped = swap(session=session, embedder=settings.embedder, fingerprint=mine)
+    logger.info("re-embedded with %s: %s", settings.embedder, swapped)
+    return swapped
+
+
+def _catch_up_unlocked(chunk: int, holder: int) -> None:
+    """Rows written while the tables were passed: caught up without the lock, a chunk per
+    transaction, until one pass finds less than a chunk; only that last little rest is embedded
+    under the lock (writers wait for it and the swap).
+    A backlog of any size drains (each pass embeds a chunk of each table, and fewer rows wait after
+    it); writes that keep it from shrinking for CATCH_UP_PASSES passes in a row would leave the rest to
+    be embedded under the writers' lock, every worker's store waiting on it: the run stops instead."""
     waiting, stalled = _waiting(), 0
     while True:
         caught = 0
@@ -150,19 +196,6 @@ def _reembed(chunk: int, on_chunk: Callable[[str, int], None] | None, holder: in
                 f"{CATCH_UP_PASSES} passes in a row); nothing swapped and the writers never waited: run it "
                 "again in a quieter hour (it resumes, the next vectors stored so far kept)"
             )
-    with session_scope() as session:
-        lock_tables(session=session)
-        _still_alone(session, holder)
-        for table in SOURCES:  # no writer can change a text now: every row read is stored
-            while (caught := _catch_up(session, table, chunk, holder))[0]:
-                if caught[1] < caught[0]:
-                    raise RuntimeError(
-                        f"re-embed: {caught[0] - caught[1]} of {caught[0]} {table} rows kept no next "
-                        "vector under the writers' lock; nothing swapped (a bug: please report it)"
-                    )
-        swapped = swap(session=session, embedder=settings.embedder, fingerprint=mine)
-    logger.info("re-embedded with %s: %s", settings.embedder, swapped)
-    return swapped
 
 
 def reembed_missing(

@@ -771,3 +771,51 @@ def test_a_backlog_of_many_chunks_with_no_writer_is_caught_up_not_taken_for_outp
     assert written and swapped["messages"] >= 2 * chunk + 1
     texts, after = _vectors(conv)
     assert np.allclose(after, embed(texts), atol=1e-4)
+
+
+def test_rows_arriving_just_before_the_writers_lock_are_caught_up_without_it(monkeypatch) -> None:
+    """Found in review: once the writers' lock was held the rest was embedded whatever its size, so a
+    history import (up to 100,000 lines) committing between the last unlocked pass and the lock was
+    embedded on the CPU while every worker's store waited. More than a chunk of a table found under
+    the lock rolls the swap back to catch up without it again."""
+    _conversation()
+    chunk = _chunk()
+    real_lock, real_embed = memory_reembed.lock_tables, memory_reembed.embed
+    real_catch_up = memory_reembed._catch_up_unlocked
+    state = {"locked": False, "locks": 0}
+    under_the_lock: list[int] = []  # texts embedded while the last lock taken was held
+
+    def lock(*, session: Session) -> None:
+        state["locks"] += 1
+        if state["locks"] == 1:  # an import commits more than a chunk just before the lock
+            with session_scope() as s:
+                _conversation_in(
+                    s, [f"Imported line {i}." for i in range(chunk + 1)], _old_vectors(chunk + 1)
+                )
+        real_lock(session=session)
+        state["locked"] = True
+        under_the_lock.clear()
+
+    def embedding(texts: list[str], **kwargs: Any) -> np.ndarray:
+        if state["locked"]:
+            under_the_lock.append(len(texts))
+        return real_embed(texts, **kwargs)
+
+    def unlocked(chunk: int, holder: int) -> None:
+        state["locked"] = False
+        real_catch_up(chunk, holder)
+
+    monkeypatch.setattr(memory_reembed, "lock_tables", lock)
+    monkeypatch.setattr(memory_reembed, "embed", embedding)
+    monkeypatch.setattr(memory_reembed, "_catch_up_unlocked", unlocked)
+    swapped = reembed(chunk=chunk)
+    assert state["locks"] == 2  # the first lock found the import and let go
+    assert sum(under_the_lock) < chunk, under_the_lock  # only a rest under a chunk under the lock
+    with session_scope() as s:
+        assert s.scalar(
+            select(func.count()).select_from(Message).where(Message.content == "Imported line 0.")
+        )
+        assert not s.scalar(
+            select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None))
+        )
+    assert swapped["messages"] >= chunk + 1
