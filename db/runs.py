@@ -991,7 +991,8 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
     bytes (tens of kilobytes each, stored out of line: a million-line batch's tens of gigabytes).
     `session` None: each chunk is read in a transaction of its own, so an export that takes minutes
     holds none open meanwhile (a migration's lock would wait for it); then a retry-failed between two
-    chunks may move a line already read past the cursor, and it is yielded once, as first read."""
+    chunks may move a line already read past the cursor: a failed one is yielded once, as first read;
+    a queued one moved with it is yielded again (an export writes it only once it is answered)."""
     last = -1
     seen: set[uuid.UUID] = set()
     unread = defer(Turn.prompt, raiseload=True), defer(Turn.context, raiseload=True)
@@ -1010,9 +1011,10 @@ def iter_run_turns(*, session: Session | None, run_id: uuid.UUID, chunk: int = 1
         for turn in rows:
             if turn.id in seen:
                 continue
-            # Only a line a retry can still move is remembered (a failed one, or one queued again):
-            # the set stays as small as those, not the run.
-            if session is None and turn.status in (TurnStatus.FAILED, TurnStatus.QUEUED):
+            # Only a line a retry can move and an export writes is remembered (a failed one: a queued
+            # one writes nothing, and read again once answered it is written then): the set stays
+            # as small as those, not the run.
+            if session is None and turn.status == TurnStatus.FAILED:
                 seen.add(turn.id)
             yield turn
         last = rows[-1].number

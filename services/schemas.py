@@ -169,7 +169,11 @@ class GenerationParams(BaseModel):
     @classmethod
     def _within_limit(cls, value: int | None) -> int | None:
         if value is not None and value > settings.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens must be at most {settings.max_new_tokens_limit}")
+            # The field is named by where it came in (`params.max_new_tokens`, an OpenAI line's
+            # `body.max_completion_tokens`): not this model's name for it (review).
+            raise ValueError(
+                f"must be at most {settings.max_new_tokens_limit} tokens (MLCHAT_MAX_NEW_TOKENS_LIMIT)"
+            )
         return value
 
     def resolved(self) -> dict[str, Any]:

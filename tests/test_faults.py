@@ -9,7 +9,6 @@ each kind.
 """
 
 import json
-import re
 import signal
 import subprocess
 import threading
@@ -220,10 +219,11 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     )
     assert final["reply_rows"] == turns and final["duplicates"] == 0  # zero answered twice
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
-    # A kill strands at most what the victim held (its bulk admission's capacity, which its log
-    # states) and the one message in flight; more would mean the restore of unacked messages is broken.
-    held = int(re.search(r"up to (\d+) bulk turns held", (tmp_path / "victim.log").read_text())[1])
-    assert sum(swept) <= held + settings.batch_size, (swept, held)
+    # What the victim held unacked comes back by the restore of unacked messages; the sweep finds at
+    # most the one message a kill can lose between kombu's BRPOP and its unacked record (a batch of
+    # turn ids). Bounding it by the victim's capacity as well (its log's "up to N bulk turns held")
+    # could no longer fail at 48 turns, a restore that never came included (review).
+    assert sum(swept) <= settings.batch_size, swept
 
 
 POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
@@ -377,9 +377,12 @@ def _events_live(response: httpx.Response):  # type: ignore[no-untyped-def]
 
 
 def test_redis_restart_mid_run_the_worker_reconnects_and_loses_nothing(steady_worker, services) -> None:
-    turns = 48
+    # More than the worker takes at once (its bulk admission holds ~40): messages wait in Redis across
+    # the restart, which its append-only file must keep (review: at 48 turns none did).
+    turns = 96
     ids = wp.send_turns(turns, "Tavern line", lane="bulk")
     at_stop = _wait(ids, lambda c: c["done"] >= 8, timeout=600)
+    assert queue_depth(wp.QUEUE_MODEL, "bulk") > 0 and at_stop["done"] < turns, at_stop
     embedded.stop_redis(services)  # SIGTERM: Redis writes its append-only file and exits
     time.sleep(3)  # down long enough for the worker to notice
     embedded.start_redis(services)  # same port, same data directory
@@ -416,6 +419,7 @@ def test_postgres_restart_mid_run_the_worker_recovers_and_answers_once(steady_wo
     turns = 48
     ids = wp.send_turns(turns, "Harbour line", lane="bulk")
     at_restart = _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+    assert at_restart["running"] > 0, at_restart  # a batch in hand as its connections are cut
     embedded.restart_postgres(services)  # fast mode: every open connection is cut
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900)
     print(f"PostgreSQL restart case: at restart {at_restart}; final {final}")

@@ -179,7 +179,8 @@ REFUSED = [
     (openai_line("lp", USER, logprobs=True), "body.logprobs"),
     (openai_line("n", USER, n=9), "body.n: 9; between 1 and 8"),
     (openai_line("u", USER, colour="red"), "body.colour: Extra inputs"),
-    (openai_line("m", USER, max_tokens=999_999), "body.max_tokens: "),  # the name the line used
+    # the name the line used, not the turn's own `max_new_tokens` (review)
+    (openai_line("m", USER, max_tokens=999_999), "body.max_tokens: must be at most"),
     (openai_line("tp", USER, temperature=3), "body.temperature"),
     (openai_line("fp", USER, frequency_penalty=5), "body.frequency_penalty"),
     (

@@ -948,6 +948,30 @@ def test_an_export_reading_while_a_retry_moves_a_line_writes_that_line_once(worl
     assert read == [first, done]
 
 
+def test_an_export_that_read_a_queued_line_a_retry_moves_still_writes_it_once_answered(world) -> None:
+    """Review of the fix above: it remembered queued lines too, so one read while queued (nothing
+    written), moved past the cursor with the retried line and answered before the cursor reached it,
+    was skipped: missing from the export."""
+    from db.runs import iter_run_turns, reopen_failed
+
+    run_id, failed, done = _a_failed_line_then_a_later_one()
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == done).values(status=TurnStatus.DONE))
+        conversation = s.get_one(Turn, failed).conversation_id
+    from tests.desk_data import Spec, quality, queue_run
+
+    _, (queued,) = queue_run("studio-a", [Spec("Line 2", "Hello.", quality(0.5))])
+    with session_scope() as s:  # the conversation's third line, of the same run
+        s.execute(update(Turn).where(Turn.id == queued).values(conversation_id=conversation, run_id=run_id))
+    reading = iter_run_turns(session=None, run_id=run_id, chunk=3)
+    read = [next(reading).id for _ in range(3)]
+    with session_scope() as s:  # the failed line and the queued one behind it move after the done one
+        assert reopen_failed(session=s, run_id=run_id) == [failed]
+        s.execute(update(Turn).where(Turn.id == queued).values(status=TurnStatus.DONE))
+    read += [t.id for t in reading]
+    assert read == [failed, done, queued, queued]  # the failed line once; the answered one read again
+
+
 def test_a_retried_line_keeps_its_place_before_a_later_line_not_yet_started(world) -> None:
     """Review of the renumbering: any later turn of the conversation moved a retried line after it,
     a queued one never started too, which then was answered first, without the retried exchange

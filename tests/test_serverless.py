@@ -449,20 +449,23 @@ def test_an_answer_asks_for_a_resend_only_of_turns_a_resend_would_answer(world) 
 
     from db.models import Turn, TurnStatus
     from db.session import session_scope
-    from db.turns import cancel_turns
+    from db.turns import cancel_turns, claim_turns
     from services.producer import enqueue_turns, get_turn
     from worker.inline import NOT_ANSWERED
     from worker.serverless import _not_all_answered
 
-    deleted, left, answered = enqueue_turns(
-        [new_conversation() | {"message": f"Line {i}."} for i in range(3)], send=False
+    deleted, left, answered, held = enqueue_turns(
+        [new_conversation() | {"message": f"Line {i}."} for i in range(4)], send=False
     )
     with session_scope() as s:
         cancel_turns(session=s, turn_ids=[deleted])  # cancelled on purpose: no reason kept
         cancel_turns(session=s, turn_ids=[left], reason=NOT_ANSWERED + "adapter a@v1 unavailable")
         s.execute(update(Turn).where(Turn.id == answered).values(status=TurnStatus.DONE))
-    views = {turn: get_turn(turn) for turn in (deleted, left, answered)}
+        # review: another call's live claim answers it; a resend would answer its line twice
+        assert claim_turns(session=s, turn_ids=[held], lease_s=60, max_attempts=3).claimed
+    views = {turn: get_turn(turn) for turn in (deleted, left, answered, held)}
     assert _not_all_answered([views[deleted]]) == {}
+    assert _not_all_answered([views[held]]) == {}
     said = _not_all_answered([views[answered], views[left]])
     assert said["retry"] is True and "(adapter a@v1 unavailable)" in said["error"]
     assert said["error"].endswith("`done` in `turns`: leave them out)")

@@ -87,13 +87,14 @@ NOT_ANSWERED = "not answered in this call: "
 
 
 def unanswered(views: Sequence[TurnView]) -> list[TurnView]:
-    """The turns a call returned unanswered for now (answer_stored: queued or running, kept for the
-    replay, or cancelled with that reason); not one cancelled on purpose (a DELETE, a stopped run or
-    a closed scene), which sending again would not answer."""
+    """The turns a call returned for a resend to answer (answer_stored: queued, kept for the replay,
+    or cancelled with that reason). Not one cancelled on purpose (a DELETE, a stopped run or a closed
+    scene), which sending again would not answer; nor one still running, which another call's live
+    claim holds and answers (a resend would answer it twice, or wait on it again)."""
     return [
         view
         for view in views
-        if view.status.value in ("queued", "running")
+        if view.status.value == "queued"
         or (view.status.value == "cancelled" and (view.error or "").startswith(NOT_ANSWERED))
     ]
 

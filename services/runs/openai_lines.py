@@ -197,8 +197,18 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
     errors = exc.errors()
     first = errors[0]
     loc, msg = first["loc"], first["msg"]
-    union = next((i for i, part in enumerate(loc) if _branch_tag(part)), None)
-    if union is not None:  # a union's branches each failed (content: a string or text parts)
+    # A union's branches each failed (content: a string or text parts): a tag at a place where
+    # another error has another tag (a key shaped like one, `list[x]`, has no sibling).
+    union = next(
+        (
+            i
+            for i, part in enumerate(loc)
+            if _branch_tag(part)
+            and any(e["loc"][:i] == loc[:i] and len(e["loc"]) > i and e["loc"][i] != part for e in errors)
+        ),
+        None,
+    )
+    if union is not None:
         # pydantic names each branch by a tag in the path and says the first one's error first (the
         # string's, for a list): the error of the branch of the value's own kind is the one to say.
         head, value = loc[:union], first["input"]
@@ -210,7 +220,7 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
             loc, msg = branch[0]["loc"], branch[0]["msg"]
         elif not isinstance(value, str):
             msg = "must be a string or a list of text parts" if head[-1:] == ("content",) else msg
-        loc = tuple(part for part in loc if not _branch_tag(part))
+        loc = loc[:union] + loc[union + 1 :]
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
     return error_line(f"{prefix}{where}" if where else prefix.rstrip("."), msg)
 
