@@ -156,10 +156,13 @@ def _swap_under_the_lock(chunk: int, holder: int, mine: np.ndarray) -> dict[str,
     with session_scope() as session:
         lock_tables(session=session)
         _still_alone(session, holder)
-        for table in SOURCES:  # no writer can change a text now: every row read is stored
-            rows = stale_rows(session=session, table=table, limit=chunk + 1)
+        # Every table read before any is embedded: an overflow found in the last would otherwise
+        # throw away what the first ones embedded while the writers waited (review).
+        rests = {table: stale_rows(session=session, table=table, limit=chunk + 1) for table in SOURCES}
+        for table, rows in rests.items():
             if len(rows) > chunk:
                 raise _RestTooBig(f"more than {chunk} {table} rows arrived before the writers' lock")
+        for table, rows in rests.items():  # no writer can change a text now: every row read is stored
             read, stored = _store_next(session, table, rows, holder)
             if stored < read:
                 raise RuntimeError(

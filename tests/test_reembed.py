@@ -777,45 +777,77 @@ def test_rows_arriving_just_before_the_writers_lock_are_caught_up_without_it(mon
     """Found in review: once the writers' lock was held the rest was embedded whatever its size, so a
     history import (up to 100,000 lines) committing between the last unlocked pass and the lock was
     embedded on the CPU while every worker's store waited. More than a chunk of a table found under
-    the lock rolls the swap back to catch up without it again."""
+    the lock rolls the swap back, nothing embedded there, to catch up without it again."""
+    from db.models import StoryEvent
+
     _conversation()
     chunk = _chunk()
+    story = f"lore-{uuid.uuid4().hex[:6]}"
+    texts = [f"The {i}th gate of the old city fell." for i in range(chunk + 1)]
     real_lock, real_embed = memory_reembed.lock_tables, memory_reembed.embed
     real_catch_up = memory_reembed._catch_up_unlocked
-    state = {"locked": False, "locks": 0}
-    under_the_lock: list[int] = []  # texts embedded while the last lock taken was held
+    per_lock: list[list[int]] = []  # texts embedded while each lock was held, lock by lock
+    locked = [False]
 
     def lock(*, session: Session) -> None:
-        state["locks"] += 1
-        if state["locks"] == 1:  # an import commits more than a chunk just before the lock
+        if not per_lock:  # just before the first lock: a line, and a lore import of more than a chunk
             with session_scope() as s:
-                _conversation_in(
-                    s, [f"Imported line {i}." for i in range(chunk + 1)], _old_vectors(chunk + 1)
-                )
+                _conversation_in(s, ["One more line."], _old_vectors(1))
+                rows = [
+                    {"story": story, "ordinal": i, "scene": "gate", "time": i, "text": said}
+                    for i, said in enumerate(texts, start=1)
+                ]
+                upsert_story_events(session=s, events=rows, embeddings=_old_vectors(len(texts)))
         real_lock(session=session)
-        state["locked"] = True
-        under_the_lock.clear()
+        locked[0] = True
+        per_lock.append([])
 
-    def embedding(texts: list[str], **kwargs: Any) -> np.ndarray:
-        if state["locked"]:
-            under_the_lock.append(len(texts))
-        return real_embed(texts, **kwargs)
+    def embedding(batch: list[str], **kwargs: Any) -> np.ndarray:
+        if locked[0]:
+            per_lock[-1].append(len(batch))
+        return real_embed(batch, **kwargs)
 
     def unlocked(chunk: int, holder: int) -> None:
-        state["locked"] = False
+        locked[0] = False
         real_catch_up(chunk, holder)
 
     monkeypatch.setattr(memory_reembed, "lock_tables", lock)
     monkeypatch.setattr(memory_reembed, "embed", embedding)
     monkeypatch.setattr(memory_reembed, "_catch_up_unlocked", unlocked)
-    swapped = reembed(chunk=chunk)
-    assert state["locks"] == 2  # the first lock found the import and let go
-    assert sum(under_the_lock) < chunk, under_the_lock  # only a rest under a chunk under the lock
+    reembed(chunk=chunk)
+    # The first lock embedded nothing (not even the messages' rest, read before the story events'
+    # overflow was found: review) and let go; the second only a rest under a chunk.
+    assert len(per_lock) == 2 and per_lock[0] == [], per_lock
+    assert sum(per_lock[1]) < chunk, per_lock
+    monkeypatch.undo()
     with session_scope() as s:
-        assert s.scalar(
-            select(func.count()).select_from(Message).where(Message.content == "Imported line 0.")
-        )
-        assert not s.scalar(
-            select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None))
-        )
-    assert swapped["messages"] >= chunk + 1
+        stored = s.execute(
+            select(StoryEvent.text, StoryEvent.embedding)
+            .where(StoryEvent.story == story)
+            .order_by(StoryEvent.ordinal)
+        ).all()
+    assert [t for t, _ in stored] == texts
+    assert np.allclose(np.array([v for _, v in stored]), embed(texts), atol=1e-4)  # the new model's
+
+
+def test_rows_that_keep_arriving_before_the_writers_lock_stop_the_run_unswapped(monkeypatch) -> None:
+    """The bound of the fix above: rows arriving before every lock stop the run, nothing swapped."""
+    _conversation()
+    chunk = _chunk()
+    real_lock = memory_reembed.lock_tables
+    monkeypatch.setattr(memory_reembed, "CATCH_UP_PASSES", 2)
+
+    def lock(*, session: Session) -> None:
+        with session_scope() as s:
+            _conversation_in(
+                s, [f"Line {uuid.uuid4().hex}" for _ in range(chunk + 1)], _old_vectors(chunk + 1)
+            )
+        real_lock(session=session)
+
+    monkeypatch.setattr(memory_reembed, "lock_tables", lock)
+    with pytest.raises(memory_reembed.ReembedOutpaced, match="kept arriving"):
+        reembed(chunk=chunk)
+    with session_scope() as s:  # nothing swapped: the next vectors wait for the run to resume
+        assert s.scalar(select(func.count()).select_from(Message).where(Message.embedding_next.is_not(None)))
+    monkeypatch.undo()  # a quiet hour: the run resumes and swaps
+    assert reembed(chunk=chunk)["messages"] >= 1

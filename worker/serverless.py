@@ -91,15 +91,27 @@ def _not_all_answered(views: list[Any]) -> dict[str, Any]:
     from worker.inline import NOT_ANSWERED, unanswered, unanswered_reason
 
     left = unanswered(views)
-    if not left:
+    # Held by another call's live claim (a concurrent call on the conversation took it as its earlier
+    # turn): that call answers it, so no resend is asked for, but the answer says so (review: it
+    # looked answered, and an unkeyed one's reply reached no caller).
+    held = [view for view in views if view.status.value == "running"]
+    if not left and not held:
         return {}
-    why = unanswered_reason(left[0]).removeprefix(NOT_ANSWERED)
-    answered = any(view.status.value == "done" for view in views)
-    return {
-        "error": f"{len(left)} turn(s) not answered in this call ({why}); send the event again (a turn "
-        "with an idempotency key is answered by the replay)" + (ANSWERED_ALREADY if answered else ""),
-        "retry": True,
-    }
+    said = []
+    if left:
+        why = unanswered_reason(left[0]).removeprefix(NOT_ANSWERED)
+        answered = any(view.status.value == "done" for view in views)
+        said.append(
+            f"{len(left)} turn(s) not answered in this call ({why}); send the event again (a turn with "
+            "an idempotency key is answered by the replay)" + (ANSWERED_ALREADY if answered else "")
+        )
+    if held:
+        said.append(
+            f"{len(held)} turn(s) still being answered by another call of their conversation (one with "
+            "an idempotency key: the event sent again returns it answered; one without: sending it again "
+            "would answer its line twice)"
+        )
+    return {"error": "; ".join(said)} | ({"retry": True} if left else {})
 
 
 ANSWERED_ALREADY = " (its lines answered already are `done` in `turns`: leave them out)"

@@ -204,7 +204,13 @@ def _first_error(exc: ValidationError, prefix: str) -> str:
             i
             for i, part in enumerate(loc)
             if _branch_tag(part)
-            and any(e["loc"][:i] == loc[:i] and len(e["loc"]) > i and e["loc"][i] != part for e in errors)
+            and any(
+                e["loc"][:i] == loc[:i]
+                and len(e["loc"]) > i
+                and e["loc"][i] != part
+                and _branch_tag(e["loc"][i])
+                for e in errors
+            )
         ),
         None,
     )
