@@ -96,14 +96,6 @@ OWN_SERVICES_ONLY = {
 }
 
 
-def _configured_services() -> str:
-    """The service settings pointing away from the embedded servers ('' when none does)."""
-    from core.settings import settings
-
-    named = [n for n, v in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)) if v]
-    return " and ".join(named)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run the chosen sections and record their figures."""
     parser = argparse.ArgumentParser(
@@ -144,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(exist_ok=True)
     results = json.loads(out.read_text()) if out.exists() else {}
     where = machine()
-    configured = _configured_services()
+    from scripts.fleet_simulator import configured_services
+
+    configured = configured_services()
     for section in args.only:
         if section in OWN_SERVICES_ONLY and configured:
             print(

@@ -438,19 +438,21 @@ def spawn(command: list[str], env: dict[str, str], stdout: Any = subprocess.DEVN
     )
 
 
+def configured_services() -> str:
+    """The service settings pointing away from the embedded servers, named ('' when none does)."""
+    from core.settings import settings
+
+    named = [n for n, v in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)) if v]
+    return " and ".join(named)
+
+
 def refuse_configured_services() -> None:
     """Exit with one line unless both services are the embedded ones: the simulator's stand-in
     workers would answer real turns with canned lines, and its clean-up purges the model's queues."""
-    from core.settings import settings
-
-    named = [
-        name
-        for name, value in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url))
-        if value
-    ]
+    named = configured_services()
     if named:
         raise SystemExit(
-            f"fleet_simulator: {' and '.join(named)} set; it runs only on its own embedded services "
+            f"fleet_simulator: {named} set; it runs only on its own embedded services "
             "(its stand-in workers take real turns and it purges the queues): unset them"
         )
 
