@@ -57,6 +57,7 @@ from db.session import (
 from db.world import all_character_slugs
 from services.files import (
     BadExpiry,
+    check_batch_room,
     check_expiry,
     delete_expired_files,
     delete_orphan_files,
@@ -152,7 +153,8 @@ def create_batch(
     output_expires_after: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
-    validated, stored and sent there). Raises BatchRefused."""
+    validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key holds its
+    files quota already."""
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
     window_text = settings.batch_default_window if completion_window is None else completion_window
@@ -172,6 +174,7 @@ def create_batch(
     found = find_file(input_file_id)
     if found is None or found.expired or not (admin or found.owned_by(api_key, tenant)):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
+    check_batch_room(api_key, tenant)  # QuotaReached
     character = (meta or {}).get("character")
     if character is not None:
         with session_scope() as session:

@@ -129,6 +129,18 @@ def _over_quota(held: int, size: int | None) -> QuotaReached:
 MULTIPART_SLACK = 64 * 1024
 
 
+def check_batch_room(api_key: str | None, tenant: str = DEFAULT_TENANT) -> None:
+    """Refuse a new batch while the key holds its quota already: its output and error files would be
+    stored past it (each batch of one input file writes files of its own). Raises QuotaReached."""
+    held = _held(api_key, tenant)
+    if held >= settings.files_quota_bytes:
+        raise QuotaReached(
+            f"input_file_id: this API key holds {held} bytes of files and the quota"
+            f" (MLCHAT_FILES_QUOTA_BYTES) is {settings.files_quota_bytes}; a batch's output and error"
+            " files would not fit (delete files to make room)"
+        )
+
+
 def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT) -> None:
     """Refuse an upload before its body is read: the key holds its quota already, or the request's
     declared length cannot fit in what is left of it (or under batch_file_max_bytes), with room for

@@ -66,7 +66,10 @@ class TurnView(BaseModel):
 
     id: uuid.UUID
     status: TurnStatus
-    conversation_id: int
+    # The database's serial (one sequence for every tenant): only an operator sees it; a tenant knows
+    # its conversation by the name it sent, and two of its readings of this counted every tenant's
+    # new conversations in between (tenant review).
+    conversation_id: int | None = Field(exclude_if=lambda value: value is None)
     custom_id: str | None
     model: str
     speaker: str
@@ -108,9 +111,15 @@ class TurnView(BaseModel):
 
     def as_its_tenant_sees(self) -> TurnView:
         """The turn without what only an operator reads: its prompt, the context the prompt was
-        built from, and the size of the worker's batch (other tenants' turns shared it)."""
+        built from, the size of the worker's batch (other tenants' turns shared it) and the
+        conversation's serial."""
         return self.model_copy(
-            update={"prompt": None, "context": None, "timings": tenant_timings(self.timings)}
+            update={
+                "prompt": None,
+                "context": None,
+                "timings": tenant_timings(self.timings),
+                "conversation_id": None,
+            }
         )
 
 

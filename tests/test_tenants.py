@@ -39,7 +39,9 @@ def _post(base_url: str, headers: dict[str, str], body: dict, **extra: str) -> h
 def _conversation_of(base_url: str, headers: dict[str, str], turn_id: str) -> int:
     got = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=headers)
     assert got.status_code == 200, got.text
-    return int(got.json()["conversation_id"])
+    assert "conversation_id" not in got.json()  # the database's serial: an operator's alone
+    with session_scope() as s:
+        return int(s.scalar(select(Turn.conversation_id).where(Turn.id == uuid.UUID(turn_id))))
 
 
 def test_a_key_cannot_append_to_another_keys_conversation(base_url) -> None:
@@ -412,3 +414,17 @@ def test_two_tenants_turns_never_share_a_cached_prompt_prefix(engine, monkeypatc
     assert sorted(report.done) == sorted(turns), report.failed  # the engine took the salted prompts
     assert salts == {seed: tenant_salt(tenant) for seed, tenant in seeds.items()}
     assert tenant_salt("game-a") != tenant_salt("game-b")
+
+
+def test_an_ingest_keys_view_of_a_turn_holds_no_database_serial(base_url) -> None:
+    """Found in review: a turn's `conversation_id` is the conversations table's serial, one sequence
+    for every tenant: two readings of it told a tenant how many conversations every other tenant had
+    started in between. An ingest key's view (the poll, the stream's done event, a callback) has none;
+    an admin's keeps it."""
+    sent = _post(base_url, A, new_conversation() | {"message": "Hello."})
+    assert sent.status_code == 202, sent.text
+    turn_id = sent.json()["id"]
+    mine = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers=A)
+    assert mine.status_code == 200 and "conversation_id" not in mine.json(), mine.json()
+    operator = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers={"X-API-Key": "test-key-1-abcdefgh"})
+    assert isinstance(operator.json()["conversation_id"], int)

@@ -462,3 +462,37 @@ def test_an_upload_whose_commit_reply_is_lost_keeps_the_bytes_its_row_lists(worl
     assert not files._path_of(recorded[-1]).exists()
     # review: the check asks the database; on the event loop's thread a failover held every request
     assert checked_in and checked_in[0] is not threading.current_thread()
+
+
+def test_a_key_at_its_quota_cannot_create_a_batch(base_url, monkeypatch) -> None:
+    """Found in review: only uploads were refused at the quota, while each batch of one input file
+    writes output and error files of its own: a key sending the same file again and again stored
+    files without bound (README: the quota counts its batches' output and error files)."""
+    from sqlalchemy import func, select
+
+    from db.models import Run
+
+    line = {
+        "custom_id": "q-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "elara", "messages": [{"role": "user", "content": "Hello."}]},
+    }
+    headers, body = _multipart((json.dumps(line) + "\n").encode())
+    uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert uploaded.status_code == 200, uploaded.text
+    file_id = uploaded.json()["id"]
+    with session_scope() as s:
+        held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
+    monkeypatch.setattr(settings, "files_quota_bytes", held)  # at its quota: no output file fits
+    refused = httpx.post(
+        f"{base_url}/v1/batches",
+        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
+        headers=INGEST,
+    )
+    assert refused.status_code == 403, refused.text
+    message = refused.json()["error"]["message"]
+    assert message.startswith("input_file_id: ") and "MLCHAT_FILES_QUOTA_BYTES" in message, message
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).where(Run.input_file_id == file_id)) == 0  # no batch
+    assert httpx.delete(f"{base_url}/v1/files/{file_id}", headers=INGEST).status_code == 200

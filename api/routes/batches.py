@@ -16,6 +16,7 @@ from api.background import run_after_answer
 from api.deps import Caller, json_body, needs
 from services import batches
 from services.batches import BatchNotFound, BatchRefused
+from services.files import QuotaReached
 from services.schemas import Text
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
@@ -65,6 +66,8 @@ def create_batch(
         )
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
+    except QuotaReached as exc:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
     run_after_answer(background, batches.submit_batch_by_name, batch["id"])
     return batch
 
