@@ -828,12 +828,16 @@ CROSS JOIN LATERAL (
 
 
 def _load_books(session: Session, characters: dict[int, Character]) -> None:
-    """The card and lorebook of each claimed speaker, one row per character (the claim defers them)."""
-    for char_id, card, lorebook in session.execute(
-        select(Character.id, Character.card, Character.lorebook).where(Character.id.in_(list(characters)))
-    ).tuples():
-        set_committed_value(characters[char_id], "card", card)
-        set_committed_value(characters[char_id], "lorebook", lorebook)
+    """The card and lorebook of each claimed speaker, one row per character (the claim defers them).
+    The whole row is read again, every column from this one statement: a card imported between the
+    claim's read and this one gave a batch one version's persona with the next one's lorebook and
+    card, cached under the first version (review)."""
+    session.execute(
+        select(Character)
+        .where(Character.id.in_(list(characters)))
+        .options(undefer(Character.card), undefer(Character.lorebook))
+        .execution_options(populate_existing=True)
+    ).scalars().all()
 
 
 def store_replies(*, session: Session, token: uuid.UUID, outcomes: Sequence[TurnOutcome]) -> list[uuid.UUID]:

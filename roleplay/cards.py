@@ -87,8 +87,11 @@ def _card_from_png(raw: bytes, max_text_bytes: int) -> dict[str, Any]:
     keyword = "ccv3" if "ccv3" in chunks else "chara" if "chara" in chunks else None
     if keyword is None:
         raise CardError("the PNG has no character card (no 'chara' or 'ccv3' text chunk)")
+    # Read as SillyTavern's Node reads it: line breaks, spaces and a missing padding are no error
+    # (cards wrapped at 76 columns, or written without `=`, import there); other stray bytes are.
+    text = re.sub(r"\s+", "", chunks[keyword])
     try:
-        decoded = base64.b64decode(chunks[keyword], validate=True)
+        decoded = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise CardError(f"the PNG's {keyword!r} chunk is not base64: {exc}") from exc
     return _card_from_json(decoded, f"the PNG's {keyword!r} chunk")
@@ -177,7 +180,9 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
     extensions = data.get("extensions")
     ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
     ours = ours if isinstance(ours, dict) else {}
-    own: dict[str, Any] = {}
+    # Always written: a re-import over a character replaces them as an import of a new one sets them
+    # (a card without them kept the old speech style in every prompt, which its export did not show).
+    own: dict[str, Any] = {"speech_style": "", "language": DEFAULT_LANGUAGE}
     if isinstance(ours.get("speech_style"), str):
         own["speech_style"] = ours["speech_style"]
     language = ours.get("language")
@@ -189,24 +194,27 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
         "personality": data.get("personality", ""),
         "scenario": data.get("scenario", ""),
         "first_message": data.get("first_mes", ""),
-        "example_dialogues": parse_mes_example(data.get("mes_example", "")),
+        "example_dialogues": parse_mes_example(data.get("mes_example", ""), data["name"]),
         "system_prompt": data.get("system_prompt", ""),
         "post_history_instructions": data.get("post_history_instructions", ""),
     }
 
 
 LANGUAGE_MAX = 16  # characters.language
+DEFAULT_LANGUAGE = "en"  # characters.language's default
 
 
-_EXAMPLE_LINE = re.compile(r"^\s*\{\{(user|char)\}\}\s*:\s*(.*)$", re.IGNORECASE)
+# A speaker's line: `{{user}}:`/`{{char}}:`, or TavernAI's legacy `<USER>:`/`<BOT>:`/`<CHAR>:`.
+_EXAMPLE_LINE = re.compile(r"^\s*(?:\{\{(user|char)\}\}|<(user|bot|char)>)\s*:\s*(.*)$", re.IGNORECASE)
 
 
-def parse_mes_example(text: str) -> list[dict[str, str]]:
-    """`<START>`-separated example chats ({{user}}: … / {{char}}: … lines) as user/character pairs."""
+def parse_mes_example(text: str, character_name: str = "") -> list[dict[str, str]]:
+    """`<START>`-separated example chats ({{user}}: … / {{char}}: … lines, the legacy `<USER>:` /
+    `<BOT>:`, or the character's own name before the colon) as user/character pairs."""
     pairs: list[dict[str, str]] = []
     for block in re.split(r"<START>", text, flags=re.IGNORECASE):
         user: str | None = None
-        for speaker, said in _utterances(block):
+        for speaker, said in _utterances(block, character_name.strip()):
             if speaker == "user":
                 user = said
             elif user is not None:
@@ -217,14 +225,18 @@ def parse_mes_example(text: str) -> list[dict[str, str]]:
     return pairs
 
 
-def _utterances(block: str) -> list[tuple[str, str]]:
-    """(speaker, text) of an example chat; a line with no `{{user}}:`/`{{char}}:` goes on the
-    utterance before it (cards write a reply's action and its speech on lines of their own)."""
+def _utterances(block: str, character_name: str) -> list[tuple[str, str]]:
+    """(speaker, text) of an example chat; a line with no speaker goes on the utterance before it
+    (cards write a reply's action and its speech on lines of their own)."""
     said: list[tuple[str, list[str]]] = []
+    by_name = f"{character_name}:" if character_name else None
     for line in block.splitlines():
         m = _EXAMPLE_LINE.match(line)
         if m:
-            said.append((m.group(1).lower(), [m.group(2)]))
+            speaker = (m.group(1) or m.group(2)).lower()
+            said.append(("user" if speaker == "user" else "char", [m.group(3)]))
+        elif by_name is not None and line.lstrip().startswith(by_name):
+            said.append(("char", [line.lstrip()[len(by_name) :].lstrip()]))
         elif said:
             said[-1][1].append(line)
     return [(speaker, "\n".join(lines).strip()) for speaker, lines in said]

@@ -347,7 +347,27 @@ def _as_regex(key: str) -> tuple[str, str] | None:
     m = re.fullmatch(r"/([\s\S]+?)/([gimsuy]*)", key)
     if m is None or re.search(r"(^|[^\\])/", m.group(1)):
         return None
-    return m.group(1), m.group(2)
+    return _from_javascript(m.group(1)), m.group(2)
+
+
+# JavaScript's regex forms the `regex` module spells otherwise (SillyTavern's keys are JavaScript's):
+# a named backreference, a code point escape, a control escape, and the class of any character; any
+# other escape is passed over whole, so `\\k<n>` stays an escaped backslash before `k<n>`.
+_JS_FORMS = re.compile(r"\\k<(\w+)>|\\u\{([0-9A-Fa-f]{1,6})\}|\\c([A-Za-z])|\[\^\]|\\.", re.DOTALL)
+
+
+def _from_javascript(pattern: str) -> str:
+    def one(m: re.Match[str]) -> str:
+        name, code_point, control = m.group(1), m.group(2), m.group(3)
+        if name:
+            return f"(?P={name})"
+        if code_point:
+            return f"\\U{int(code_point, 16):08x}"
+        if control:
+            return f"\\x{ord(control) & 31:02x}"
+        return r"[\s\S]" if m.group(0) == "[^]" else m.group(0)
+
+    return _JS_FORMS.sub(one, pattern)
 
 
 @dataclass
@@ -363,10 +383,18 @@ class KeyBudget:
     regex_cpu: float = 0.0  # the regex searches' share of that CPU time
     # Each key's regex form, parsed once an activation (a key is tried on every source).
     parsed: dict[str, tuple[str, str] | None] = field(default_factory=dict)
+    # `{{char}}` and `{{user}}` in keys are filled as in content (SillyTavern fills every key), once.
+    fill: Callable[[str], str] = lambda s: s
+    filled_keys: dict[str, str] = field(default_factory=dict)
 
     def plain_spent(self) -> float:
         """The activation's time so far outside regex searches: plain keys, the loop, folding."""
         return time.thread_time() - self.started - self.regex_cpu
+
+    def filled(self, key: str) -> str:
+        if key not in self.filled_keys:
+            self.filled_keys[key] = self.fill(key) if "{{" in key or "<" in key else key
+        return self.filled_keys[key]
 
     def as_regex(self, key: str) -> tuple[str, str] | None:
         if key not in self.parsed:
@@ -396,10 +424,14 @@ def _plain_key(key: str, case_sensitive: bool) -> str:
 
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:
+    key = budget.filled(key)
     parsed = budget.as_regex(key)
     if parsed is not None or entry.use_regex:
         pattern, flags = parsed if parsed is not None else (key, "")
-        re_flags = 0 if entry.case_sensitive and "i" not in flags else regex.IGNORECASE
+        if parsed is not None:  # a `/…/` key's flags are its own, as SillyTavern reads it
+            re_flags = regex.IGNORECASE if "i" in flags else 0
+        else:
+            re_flags = 0 if entry.case_sensitive else regex.IGNORECASE
         if "s" in flags:
             re_flags |= regex.DOTALL
         if "m" in flags:
@@ -462,7 +494,7 @@ def activate(
     fired = [(e, "constant") for e in candidates if e.constant]
     waiting = [e for e in candidates if not e.constant]
     activation = Activation()
-    budget = KeyBudget()
+    budget = KeyBudget(fill=fill)
     last_round = fired + _scan(waiting, sources, step=0, failed=activation.failed, budget=budget)
     fired = list(last_round)
     seen = list(sources)  # what secondary keys are read against: the chat, and all recursed so far

@@ -136,7 +136,12 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
     conversations_file = data_dir / "conversations.json"
     with session_scope() as session:
         char_ids = {
-            c["slug"]: upsert_character(session=session, slug=c["slug"], fields=c) for c in characters
+            # A card and lorebook not in data/ are none: an imported card's stayed over the seeded fields
+            # (its export, declared actions and lore beside data/'s description).
+            c["slug"]: upsert_character(
+                session=session, slug=c["slug"], fields={"card": None, "lorebook": None} | c
+            )
+            for c in characters
         }
         upsert_story_events(session=session, events=events, embeddings=event_vectors)
         offset = 0

@@ -273,6 +273,8 @@ def test_a_reimported_card_bumps_the_version_and_workers_use_its_new_lore(world,
         with session_scope() as session:
             character = get_character(session=session, slug=slug)
             built = builder.build(PromptInput(character, "Rowan", message, TurnContext(), 32))
+            # the version the prompt was built from is in its manifest (review: nothing said which)
+            assert built.manifest["character_version"] == character.version
             return [entry["name"] for entry in built.manifest["lore"]], character.version
 
     names, v1 = fired("Tell me about the river.")
@@ -293,3 +295,81 @@ def test_an_example_reply_on_several_lines_is_kept_whole() -> None:
     assert parse_mes_example(text) == [
         {"user": "Hi there", "character": '*She looks up from the anvil.*\n"Welcome, traveler."'}
     ]
+
+
+def test_legacy_and_named_example_speakers_are_read() -> None:
+    """Found in review: only `{{user}}:`/`{{char}}:` lines were speakers, so a TavernAI card's
+    `<USER>:`/`<BOT>:` examples were dropped whole (or the player's line lost), and so were lines
+    written with the character's own name."""
+    from roleplay.cards import parse_mes_example
+
+    assert parse_mes_example("<START>\n<USER>: Is the river safe?\n<BOT>: Safe as anything.") == [
+        {"user": "Is the river safe?", "character": "Safe as anything."}
+    ]
+    assert parse_mes_example("<START>\n<USER>: hi\n{{char}}: hello") == [{"user": "hi", "character": "hello"}]
+    assert parse_mes_example("{{user}}: Is it safe?\nMira: Safe.", "Mira") == [
+        {"user": "Is it safe?", "character": "Safe."}
+    ]
+
+
+def test_a_card_imported_over_a_character_replaces_its_speech_style_and_language(world) -> None:
+    """Found in review: a card without extensions.mlchat imported over a character kept its old
+    speech style and language: the prompt's "Speech style:" line stayed, and the export did not show it."""
+    slug = f"styled-{uuid.uuid4().hex[:6]}"
+    styled = {"extensions": {"mlchat": {"speech_style": "Clipped and formal.", "language": "ko"}}}
+    import_card(_card(name="Styled", **styled), slug)
+    import_card(_card(name="Styled"), slug)  # the same character, from a card of another tool
+    with session_scope() as s:
+        again = get_character(session=s, slug=slug)
+        assert (again.speech_style, again.language) == ("", "en")
+
+
+def test_a_card_imported_while_a_batch_is_claimed_gives_it_one_version_whole(world, monkeypatch) -> None:
+    """Found in review: the claim read a speaker's persona in one statement and its card and lorebook
+    in a second; a re-import committed between them gave the batch version 1's persona with version
+    2's lorebook and card, cached under version 1."""
+    import db.turns as turns
+    from services.producer import enqueue_turns
+    from tests.conftest import new_conversation
+
+    slug = f"torn-{uuid.uuid4().hex[:6]}"
+
+    def card(description: str, key: str) -> bytes:
+        book = {"entries": [{"id": 0, "keys": [key], "content": f"About the {key}."}]}
+        return _card(name="Torn", description=description, character_book=book)
+
+    import_card(card("First.", "river"), slug)
+    (turn_id,) = enqueue_turns([new_conversation(slug) | {"message": "Hello."}], send=False)
+    real = turns._load_books
+
+    def imported_meanwhile(session, characters):  # type: ignore[no-untyped-def]
+        import_card(card("Second.", "lake"), slug)  # its own transaction, committed now
+        return real(session, characters)
+
+    monkeypatch.setattr(turns, "_load_books", imported_meanwhile)
+    with session_scope() as s:
+        claim = turns.claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
+        (claimed,) = claim.claimed
+        character = claimed.character
+        keys = character.lorebook["entries"][0]["keys"]
+        whole = (character.description, keys, character.card["data"]["description"])
+        assert whole == ("Second.", ["lake"], "Second."), (character.version, whole)
+
+
+@pytest.mark.parametrize("wrap", ["lines", "unpadded", "trailing newline"])
+def test_a_png_cards_base64_is_read_as_sillytavern_reads_it(world, wrap) -> None:
+    """Found in review: strict base64 refused cards SillyTavern (Node's Buffer) reads: wrapped at 76
+    columns, written without padding, or ending in a newline."""
+    raw = json.dumps(
+        {"spec": "chara_card_v2", "data": {"name": "Wrapped Wren", "description": "x" * 80}}
+    ).encode()
+    raw += b" " * ((1 - len(raw)) % 3)  # a length that base64 pads
+    text = {
+        "lines": base64.encodebytes(raw).decode(),
+        "unpadded": base64.b64encode(raw).decode().rstrip("="),
+        "trailing newline": base64.b64encode(raw).decode() + "\n",
+    }[wrap]
+    assert wrap != "unpadded" or len(text) % 4
+    slug = import_card(_png_with_chunks(chara=text), f"wren-{uuid.uuid4().hex[:6]}").slug
+    with session_scope() as s:
+        assert get_character(session=s, slug=slug).name == "Wrapped Wren"

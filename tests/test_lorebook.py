@@ -471,3 +471,34 @@ def test_a_key_with_slashes_is_a_regex_only_as_sillytavern_reads_one() -> None:
     assert set(_fired(book, "It is time to go home")) == set()
     assert set(_fired(book, "type /me/please and /a(/b here")) == {0, 1}
     assert set(_fired(book, "A DRAKON!")) == {2}
+
+
+def test_a_slash_keys_case_is_its_own_flag_and_keys_have_their_macros_filled() -> None:
+    """Found in review: a `/…/` key without `i` matched any case (an entry not case_sensitive, as
+    nearly all are, forced IGNORECASE: `/\\bMay\\b/` fired on "may I come in?"), while SillyTavern reads
+    such a key by its own flags alone; and `{{char}}`/`{{user}}` in keys were never filled (a key
+    `{{user}}` matched only the literal text), where SillyTavern fills every key."""
+    book = _book({"keys": [r"/\bMay\b/"]}, {"keys": [r"/\bMay\b/i"]}, {"keys": ["{{user}}'s debt"]})
+    assert set(_fired(book, "may I come in?")) == {1}
+    assert set(_fired(book, "May will come in")) == {0, 1}
+    fill = {"fill": lambda t: t.replace("{{user}}", "Rowan")}
+    assert set(_fired(book, "about rowan's debt", **fill)) == {2}
+    assert _fired(book, "about {{user}}'s debt", **fill) == {}
+    reasons = _fired(_book({"keys": ["/{{user}}/"]}), "Rowan is here", **fill)
+    assert list(reasons) == [0]
+
+
+def test_javascript_regex_forms_sillytavern_compiles_are_read() -> None:
+    """Found in review: a key in JavaScript's syntax that the `regex` module spells otherwise refused
+    the whole card (`[^]`: "unterminated character set"; `\\k<w>`: "bad escape")."""
+    book = _book(
+        {"keys": ["/ring[^]*stolen/"]},
+        {"keys": [r"/(?<w>ha)\k<w>/"]},
+        {"keys": [r"/\u{1F5E1}/u"]},
+        {"keys": [r"/a\cJb/"]},
+        {"keys": [r"/x\\k<w>/"]},  # an escaped backslash, then the text "k<w>": not a backreference
+    )
+    assert set(_fired(book, "the ring\nwas stolen")) == {0}
+    assert set(_fired(book, "haha \U0001f5e1")) == {1, 2}
+    assert set(_fired(book, "a\nb")) == {3}
+    assert set(_fired(book, "x\\k<w>")) == {4}

@@ -98,3 +98,30 @@ def test_seed_never_hands_a_conversation_to_another_character_and_checks_text_as
         SeedError, match=r"story_events.json: item\[0\]\.story: names starting with 'inline-'"
     ):
         seed_world(tmp_path)
+
+
+def test_seeding_again_after_a_card_import_leaves_no_imported_card_or_lorebook(world, tmp_path) -> None:
+    """Found in review: seed writes only the fields data/ gives, so a card imported over a seeded
+    character kept its card (its export, its declared actions) and its lorebook beside the seeded
+    description after seeding again."""
+    import json
+    import uuid
+
+    from db.world import get_character
+    from services.characters import import_card
+
+    slug = f"seeded-{uuid.uuid4().hex[:6]}"
+    for name in ("characters.json", "story_events.json", "conversations.json"):
+        (tmp_path / name).write_text("[]")
+    (tmp_path / "characters.json").write_text(json.dumps([{"slug": slug, "name": "Bram"}]))
+    seed_world(tmp_path)
+    book = {"entries": [{"keys": ["forge"], "content": "The forge is cold.", "id": 0}]}
+    card = {"spec": "chara_card_v2", "data": {"name": "Bram", "character_book": book}}
+    import_card(json.dumps(card).encode(), slug)
+    with session_scope() as s:
+        imported = get_character(session=s, slug=slug)
+        assert imported.card is not None and imported.lorebook is not None
+    seed_world(tmp_path)
+    with session_scope() as s:
+        seeded = get_character(session=s, slug=slug)
+        assert seeded.card is None and seeded.lorebook is None

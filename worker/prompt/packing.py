@@ -434,6 +434,9 @@ class PromptBuilder:
             text, ids, offsets, pieces, budget, lore, item.mood, events, memories, summaries, facts
         )
         manifest["speaker"] = item.speaker
+        # The card version the prompt was built from: a card imported while turns waited is used by
+        # the turns claimed after it, and this says which ones those were.
+        manifest["character_version"] = item.character.version
         manifest["dropped"] = [
             {
                 "kind": ordered[i][0],
