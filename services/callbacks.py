@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from functools import partial
 from typing import Any, cast
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import anyio
 import httpx
@@ -101,12 +101,15 @@ def url_host(url: str) -> str:
     try:
         parsed = urlparse(url)
         parsed.port  # noqa: B018 (a port that is not a number raises here, not at the POST)
-        httpx.URL(url)  # what the delivery parses: a URL only it refuses would fail every retry
+        target = httpx.URL(url)  # what the delivery parses: a URL only it refuses would fail every retry
     except (ValueError, httpx.InvalidURL) as exc:
         raise RefusedDestination(f"is not a valid URL ({exc})") from None
     if not parsed.hostname:
         raise RefusedDestination("has no host")
-    return parsed.hostname
+    # The name the POST's Host header and TLS name carry (IDNA 2008, httpx's): the resolver, given
+    # the Unicode name, encodes it by IDNA 2003, another domain for some (`faß.de` is `fass.de`
+    # there, `xn--fa-hia.de` here), whose owner then got the callback (review).
+    return target.raw_host.decode("ascii")
 
 
 def vetted_address(url: str) -> Address:
@@ -237,6 +240,7 @@ def tenant_secret(tenant: str) -> str:
 def sign(body: bytes, secret: str, timestamp: int, delivery: str | None = None) -> str:
     header = f"t={timestamp},v1={_digest(secret, f'{timestamp}.', body)}"
     if delivery is not None:
+        assert "." not in delivery, "a delivery id holds no '.': it ends at the first one"
         header += f",v2={_digest(secret, f'{timestamp}.{delivery}.', body)}"
     return header
 
@@ -259,6 +263,8 @@ def verify_signature(
         return False
     if delivery is None:
         expected, given = _digest(secret, f"{timestamp}.", body), parts.get("v1", "")
+    elif "." in delivery:  # none is sent: one would move the body's head into the signed delivery id
+        return False
     else:
         expected, given = _digest(secret, f"{timestamp}.{delivery}.", body), parts.get("v2", "")
     # As bytes: compare_digest refuses a str with a character beyond ASCII (TypeError), a forged header's.
@@ -277,8 +283,11 @@ def deliver(run_id: uuid.UUID) -> bool:
         if run.status not in RUN_FINISHED:  # a call that raced the end: the end sends its own
             return True
         url, body = run.callback_url, json.dumps(batch_object(session, run)).encode()
-        tenant = run.tenant
-    return send_once(url, body, tenant=tenant, delivery=str(run_id), record=recorder(Run, run_id))
+        tenant, name = run.tenant, run.name
+    # The delivery id is the body's `id` (a batch's `batch_<hex>`), the name a receiver knows it by;
+    # percent-encoded, as a header carries ASCII only (a CLI run's name may be Korean).
+    delivery = quote(name, safe="").replace(".", "%2E")  # no '.': v2 signs "t.delivery.body"
+    return send_once(url, body, tenant=tenant, delivery=delivery, record=recorder(Run, run_id))
 
 
 def recorder(of: Owner, row_id: uuid.UUID) -> Callable[[str | None, bool], None]:

@@ -5,6 +5,7 @@ nothing inside the workers' network."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -105,7 +106,7 @@ def test_a_delivery_keeps_the_host_header_of_the_url(services, receiver, monkeyp
     assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""))  # the CLI's run
     # Review: the delivery id receivers drop repeats by was not signed; v2 signs it too.
     signed, delivery = headers[SIGNATURE_HEADER.lower()], headers["x-mlchat-delivery"]
-    assert delivery == str(run_id)
+    assert delivery == json.loads(body)["id"]  # the batch's own id (review: it was the run's UUID)
     assert verify_signature(signed, body, tenant_secret(""), delivery=delivery)
     assert not verify_signature(signed, body, tenant_secret(""), delivery=str(uuid.uuid4()))
     assert not verify_signature(signed.split(",v2=")[0], body, tenant_secret(""), delivery=delivery)
@@ -1414,3 +1415,51 @@ def test_a_long_outages_backlog_of_callbacks_due_again_is_queued_in_one_pass(wor
         )
     monkeypatch.setattr(batches, "send_turn_callbacks", lambda due: [])  # every one queued
     assert {str(i) for i in ids} <= set(batches.redeliver_turn_callbacks())
+
+
+def test_a_unicode_host_is_looked_up_by_the_name_the_post_carries(services, monkeypatch) -> None:
+    """Found in review: the check looked up the Unicode name, which the resolver encodes by IDNA 2003
+    (`faß.test` is `fass.test`, another domain), while the POST's Host header and TLS name carry
+    httpx's IDNA 2008 form (`xn--fa-hia.test`): the callback went to the other domain's owner."""
+    import httpx
+
+    from services.callbacks import vetted_address
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    url = "http://faß.test/hook"
+    carried = httpx.URL(url).raw_host.decode()
+    assert carried == "xn--fa-hia.test"
+    given = _resolver(monkeypatch, carried, ["127.0.0.1"])
+    assert str(vetted_address(url)) == "127.0.0.1" and given == ["127.0.0.1"]  # looked up as carried
+
+
+def test_the_delivery_id_cannot_take_the_bodys_head() -> None:
+    """Found in review: v2 signs "t.delivery.body" with nothing ending the delivery id, so a
+    captured body split at a '.' verified with its head moved into the delivery id."""
+    from services.callbacks import sign
+
+    body = b'{"id": "batch_1", "model": "qwen2.5-0.5b"}'
+    header = sign(body, SECRET, int(time.time()), delivery="batch_1")
+    assert verify_signature(header, body, SECRET, delivery="batch_1")
+    head, _, tail = body.partition(b".")
+    forged = "batch_1." + head.decode()
+    assert not verify_signature(header, tail, SECRET, delivery=forged)
+
+
+def test_a_run_named_beyond_ascii_is_delivered_under_its_encoded_name(
+    services, receiver, monkeypatch
+) -> None:
+    """The delivery id is the body's `id`; a header carries ASCII only, so a CLI run's Korean name
+    (or one holding '.') is percent-encoded."""
+    from urllib.parse import unquote
+
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    run_id = _run_calling_back(f"http://127.0.0.1:{receiver}/hook")
+    name = f"야간.런-{uuid.uuid4().hex[:6]}"
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(name=name))
+    assert deliver(run_id) is True
+    ((headers, body),) = _Receiver.calls
+    delivery = headers["x-mlchat-delivery"]
+    assert delivery.isascii() and "." not in delivery and unquote(delivery) == json.loads(body)["id"] == name
+    assert verify_signature(headers[SIGNATURE_HEADER.lower()], body, tenant_secret(""), delivery=delivery)
