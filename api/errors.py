@@ -98,6 +98,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> Response
             why = f"not JSON that can be read ({safe(str(cause))[:200]})"
         error = {"field": "body", "msg": why, "type": "json_invalid", "loc": ["body"]}
         return _problem(status.HTTP_422_UNPROCESSABLE_CONTENT, [error])
+    listed = exc.detail if isinstance(exc.detail, list) else None
+    if (
+        exc.status_code == status.HTTP_422_UNPROCESSABLE_CONTENT
+        and listed
+        and all(isinstance(e, dict) and {"field", "msg"} <= e.keys() for e in listed)
+    ):  # a route's own field errors (a fact write's): the shape of a body that does not validate
+        return _problem(exc.status_code, listed)
     return await http_exception_handler(request, exc)
 
 

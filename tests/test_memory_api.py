@@ -113,6 +113,8 @@ def test_a_conversation_scope_must_name_the_players_own_conversation(base_url) -
     )
     assert refused.status_code == 422, refused.text
     assert refused.json()["detail"][0]["field"] == "facts[1].conversation"
+    # the shape of a body that does not validate, `message` too (README; review: it had none)
+    assert refused.json()["message"].startswith("facts[1].conversation: "), refused.json()
     assert _facts(base_url, A, player) == []  # all or none
     ok = httpx.post(
         f"{base_url}/v1/players/{player}/facts",

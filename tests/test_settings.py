@@ -381,3 +381,20 @@ def test_a_default_whose_embedded_package_is_not_installed_is_one_line_naming_th
         assert str(stopped.value).startswith(f"mlchat: bad setting: {variable}: unset, and the embedded")
     with pytest.raises(EmbedderUnavailable, match="^MLCHAT_EMBEDDER=bundled: the bundled embedder's package"):
         load_embedder(Settings(embedder="bundled"))
+
+
+def test_a_refused_migrate_is_one_line_on_stderr(tmp_path) -> None:
+    """Found in review: `mlchat migrate --down` printed alembic's seven INFO lines ("setup plugin
+    …") before its refusal, where README promises refused input one line on stderr."""
+    import subprocess
+    import sys
+
+    from core.settings import PROJECT_ROOT
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts.cli", "migrate", "--down"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "name the revision" in result.stderr, result.stderr
