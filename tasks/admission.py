@@ -127,6 +127,18 @@ class BulkGate:
             with self._lock:
                 self._count(turns, messages)
 
+    def admit_due(self, turns: int, messages: int) -> bool:
+        """Deferred bulk turns now due (in `messages` messages), in a flush of no counted bulk
+        message (any thread): counted, as `hold` counts them, if the gate has room; else False and
+        nothing counted. Such a flush takes a thread of its own while its turns wait for the engine,
+        and they arrive past the gate (held since their countdown began): enough of them at once took
+        every thread of the pool, and a live flush waited behind bulk ones (review)."""
+        with self._lock:
+            if self._full():
+                return False
+            self._count(turns, messages)
+            return True
+
     def _count(self, turns: int, messages: int) -> None:
         """Count turns and messages held (under the lock)."""
         self.held += turns

@@ -72,10 +72,21 @@ class FlushOutcome:
 def generate_turns(requests: list[Any]) -> None:
     """Answer the turns of the buffered messages. Messages carry only ids; the turn rows hold the rest."""
     # A deferred message was not counted on arrival (its countdown would have held the gate): it is
-    # now, for as long as this flush holds its turns.
+    # now, for as long as this flush holds its turns. In a flush of its own kind only (no counted
+    # bulk message, whose flush holds a thread already), it takes a thread of its own: while the
+    # gate is full it is sent again for a little later instead.
     bulk_of = [bulk_turns_in((r.args, r.kwargs)) for r in requests]
-    due = [n for n, r in zip(bulk_of, requests, strict=True) if n and deferred(r.request_dict)]
-    bulk_gate.hold(sum(due), len(due))
+    is_due = [bool(n) and deferred(r.request_dict) for n, r in zip(bulk_of, requests, strict=True)]
+    due = [n for n, d in zip(bulk_of, is_due, strict=True) if d]
+    counted = any(n and not d for n, d in zip(bulk_of, is_due, strict=True))
+    if due and not counted and not bulk_gate.admit_due(sum(due), len(due)):
+        _postpone([r for r, d in zip(requests, is_due, strict=True) if d])
+        requests = [r for r, d in zip(requests, is_due, strict=True) if not d]
+        bulk_of = [n for n, d in zip(bulk_of, is_due, strict=True) if not d]
+        if not requests:
+            return
+    elif counted:
+        bulk_gate.hold(sum(due), len(due))
     # The gate counts bulk messages waiting for a flush and bulk flushes (each holds a thread until
     # it ends): this flush's messages count as one from now on.
     bulk_flushes = 1 if any(bulk_of) else 0
@@ -113,6 +124,20 @@ def generate_turns(requests: list[Any]) -> None:
         )
     finally:
         bulk_gate.release(outcome.bulk_owed, bulk_flushes)
+
+
+# How much later a due deferred bulk message is sent again while the bulk gate is full: about the
+# gate's own look for room (CHECK_EVERY_S), so the turns wait no longer than new bulk messages do.
+POSTPONED_S = 2.0
+
+
+def _postpone(requests: Sequence[Any]) -> None:
+    """Send these (deferred, now due) bulk messages' turns again for POSTPONED_S later, unclaimed."""
+    pending, model_of, alone = _pending_turns(requests)
+    for by_itself in (False, True):
+        turns = [p for p in pending if (p[0] in alone) == by_itself]
+        if turns:
+            _resend(Resend(turns, POSTPONED_S, alone=by_itself), settings.model, model_of)
 
 
 def _send_owed(outcome: FlushOutcome, model: str, model_of: dict[uuid.UUID, str]) -> None:

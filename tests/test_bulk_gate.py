@@ -215,3 +215,43 @@ def test_the_gate_counts_against_the_pools_threads_not_the_setting(monkeypatch) 
             timer.stop()
             if real._tref is not None:
                 real._tref.cancel()
+
+
+def test_a_due_deferred_bulk_message_waits_for_room_instead_of_taking_a_thread(monkeypatch) -> None:
+    """Found in review: deferred bulk messages (a conversation's later lines, sent again after a
+    back-off) were counted only once due, and never refused: each due one flushed in a thread of its
+    own to wait for the engine, past a full gate, until bulk flushes held every thread of the pool
+    and a live flush queued behind them. While the gate is full one is sent again a little later,
+    unclaimed; with room it is counted and answered."""
+    import uuid
+
+    from celery_batches import SimpleRequest
+
+    import tasks.generate
+
+    gate, _, _ = _attached(capacity=8, messages=1)
+    monkeypatch.setattr(tasks.generate, "bulk_gate", gate)
+    resent: list[Any] = []
+    answered: list[list[Any]] = []
+    monkeypatch.setattr(tasks.generate, "_resend", lambda item, model, model_of=None: resent.append(item))
+    monkeypatch.setattr(
+        tasks.generate, "_answer", lambda pending, *args, **kwargs: answered.append(list(pending))
+    )
+    eta = {"eta": "2026-12-07T05:00:00+00:00"}
+    ids = [str(uuid.uuid4()) for _ in range(3)]
+    due = SimpleRequest(
+        str(uuid.uuid4()), tasks.generate.TASK_NAME, (), {"turn_ids": ids, "lane": "bulk"}, {}, "h", True,
+        None, None, eta,
+    )  # fmt: skip
+    admission.gated(lambda *a, **k: None, gate)(
+        SimpleNamespace(headers={}), ((), {"turn_ids": ["x"], "lane": "bulk"}, {})
+    )
+    assert gate.messages == 1 and gate.closed  # one bulk message fills it
+    tasks.generate.generate_turns([due])
+    assert answered == [] and gate.held == 1 and gate.messages == 1  # not claimed, not counted
+    (again,) = resent
+    assert [str(t) for t, _ in again.turns] == ids and again.countdown == tasks.generate.POSTPONED_S
+    gate.release(1, 1)  # the other flush ended: room
+    tasks.generate.generate_turns([due])
+    assert [str(t) for t, _ in answered[0]] == ids and len(resent) == 1
+    assert gate.held == 0 and gate.messages == 0  # counted while it ran, given back after

@@ -86,3 +86,28 @@ def test_an_engine_step_too_small_for_a_prompt_on_a_cpu_is_one_line_naming_the_v
         engine_module.check_engine_step(False)  # a CPU's chunked prefill, unset
     engine_module.check_engine_step(None)  # a GPU's default splits prompts: taken
     engine_module.check_engine_step(True)
+
+
+@pytest.mark.parametrize(
+    "given, variable",
+    [
+        ({"max_model_len": 9000}, "MLCHAT_MAX_MODEL_LEN"),  # past the bundled model's 8,192
+        ({"tensor_parallel_size": 4}, "MLCHAT_TENSOR_PARALLEL_SIZE"),  # 9 heads do not split 4 ways
+    ],
+)
+def test_a_setting_vllm_refuses_is_one_line_naming_its_variable(given, variable) -> None:
+    """Found in review: only mlchat's own checks were one line; a setting vLLM refused as its engine
+    was built (a MLCHAT_MAX_MODEL_LEN past the model's, a tensor parallel size its heads do not
+    split into) ended the worker in vLLM's traceback, restarted in a loop by its supervisor."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from core.settings import settings
+    from worker.engine import named_engine_setting
+    from worker.model_cache import resolve_model_path
+
+    with pytest.raises(ValueError) as refused:  # vLLM's own refusal, as LLM(...) raises it
+        EngineArgs(model=resolve_model_path(settings), **given).create_engine_config()
+    named = named_engine_setting(refused.value)
+    assert named is not None and str(named).startswith(f"{variable}: the engine refused it: "), named
+    assert "\n" not in str(named)
+    assert named_engine_setting(ValueError("something else went wrong")) is None

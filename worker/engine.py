@@ -187,25 +187,31 @@ def get_engine() -> LoadedEngine:
             "max_lora_rank": settings.max_lora_rank,
         }
     started = time.perf_counter()
-    llm = LLM(
-        model=path,
-        # Live turns (priority 0) are scheduled ahead of bulk ones (1) inside the engine.
-        scheduling_policy="priority",
-        max_model_len=settings.max_model_len,
-        dtype=resolve_dtype(settings.dtype, current_platform.is_cpu()),
-        tensor_parallel_size=settings.tensor_parallel_size,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        enable_prefix_caching=settings.enable_prefix_caching,
-        seed=settings.engine_seed,
-        # Structured replies (worker/structured.py) get no free whitespace between JSON tokens: a
-        # small model otherwise pads a reply with blank lines until max_tokens cuts it. vLLM's
-        # xgrammar backend reads this engine-wide setting (not the request's flag), and takes it
-        # only with the backend named; structured/spec.py refuses what xgrammar does not enforce.
-        structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        **scheduling,
-        **eager,
-        **lora,
-    )
+    try:
+        llm = LLM(
+            model=path,
+            # Live turns (priority 0) are scheduled ahead of bulk ones (1) inside the engine.
+            scheduling_policy="priority",
+            max_model_len=settings.max_model_len,
+            dtype=resolve_dtype(settings.dtype, current_platform.is_cpu()),
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            enable_prefix_caching=settings.enable_prefix_caching,
+            seed=settings.engine_seed,
+            # Structured replies (worker/structured.py) get no free whitespace between JSON tokens: a
+            # small model otherwise pads a reply with blank lines until max_tokens cuts it. vLLM's
+            # xgrammar backend reads this engine-wide setting (not the request's flag), and takes it
+            # only with the backend named; structured/spec.py refuses what xgrammar does not enforce.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            **scheduling,
+            **eager,
+            **lora,
+        )
+    except ValueError as exc:  # pydantic's and huggingface_hub's refusals are ValueErrors
+        named = named_engine_setting(exc)
+        if named is None:
+            raise
+        raise named from None
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("loaded %s in %.0f ms", path, load_ms)
     # LLM has no public close(). At exit, multiprocessing joins child processes before vLLM's own
@@ -349,6 +355,35 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
 
 class BadEngineSetting(ValueError):
     """Settings the engine would refuse on this platform, named by their variables (one line)."""
+
+
+# vLLM's words for a setting it refuses when the engine is built, and the variable that sets it.
+_ENGINE_SETTINGS = (
+    (("max_model_len",), "MLCHAT_MAX_MODEL_LEN"),
+    (("gpu_memory_utilization",), "MLCHAT_GPU_MEMORY_UTILIZATION"),
+    (("tensor parallel size", "tensor_parallel_size", "World size"), "MLCHAT_TENSOR_PARALLEL_SIZE"),
+    (("Repo id", "repo_name", "config.json"), "MLCHAT_MODEL_PATH"),
+    (("dtype",), "MLCHAT_DTYPE"),
+)
+
+
+def named_engine_setting(exc: BaseException) -> BadEngineSetting | None:
+    """vLLM's refusal of a setting as one line naming its variable (README: a bad setting is one
+    line, never a traceback), or None for a refusal no setting explains."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):  # pydantic's: each error's own message, not the summary's framing
+        try:
+            reason = "; ".join(str(e.get("msg", "")) for e in errors())
+        except Exception:
+            reason = str(exc)
+        reason = f"{exc.title}: {reason}" if isinstance(getattr(exc, "title", None), str) else reason
+    else:
+        reason = str(exc)
+    reason = " ".join(reason.split())[:500]
+    for words, variable in _ENGINE_SETTINGS:
+        if any(word in reason for word in words):
+            return BadEngineSetting(f"{variable}: the engine refused it: {reason}")
+    return None
 
 
 def check_engine_step(chunked: bool | None) -> None:
