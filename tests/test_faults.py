@@ -183,19 +183,48 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, ear
 @pytest.mark.parametrize(
     "turns", [pytest.param(48, id="48"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
-def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
-    world, tmp_path, request, turns
+def test_sigkill_mid_batch_and_mid_stream_then_a_new_worker_loses_nothing_and_answers_once(
+    world, base_url, tmp_path, request, turns
 ) -> None:
+    """One kill, two things it cuts (one worker process to load, not two): a bulk batch mid-way, and
+    a live reply mid-stream. No turn is lost or answered twice; the stream's reader is told to
+    discard what it was shown, then gets the reply written again on the same stream, and the turn is
+    stored exactly once."""
+    stream_turn = new_conversation() | {
+        "message": "Tell me the whole long story of the road north, every village on the way.",
+        "stream": True,
+        "params": {"max_new_tokens": 200, "seed": 11},
+    }
+    events: list[tuple[str, str, dict]] = []
+
+    def read(turn_id: str) -> None:
+        url = f"{base_url}/v1/turns/{turn_id}/stream"
+        with httpx.stream("GET", url, headers={"X-API-Key": INGEST_KEY}, timeout=900) as response:
+            for event in _events_live(response):
+                events.append(event)
+
     with wp.started_alone(f"victim-{turns}", tmp_path / "victim.log", **wp.SHORT_CLAIMS) as (victim, solo):
         # a run's messages: a batch of turn ids each
         ids = wp.send_turns(turns, "Bulk line", lane="bulk", model=solo)
         # Mid-batch: some turns stored, a batch claimed and generating.
         _wait(ids, lambda c: c["done"] >= 8 and c["running"] > 0, timeout=600)
+        # Then a live turn streams beside the bulk batch (live turns go first).
+        (streamed,) = producer.submit_turns([stream_turn], send=False, api_key="game-a", tenant="game-a")
+        reader = threading.Thread(target=read, args=(streamed.id,), daemon=True)
+        reader.start()
+        dispatch([streamed.id], model=solo, lane="live")
+        deadline = time.monotonic() + 600
+        while sum(e[0] == "delta" for e in events) < 3:
+            assert time.monotonic() < deadline, "no deltas from the streaming worker"
+            time.sleep(0.05)
         wp.kill(victim, signal.SIGKILL)
+        shown_before = [e for e in events if e[0] == "delta"]
         at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
     assert at_kill["running"] > 0, at_kill
+    assert not any(e[0] == "done" for e in events), "the reply finished before the kill: make it longer"
     steady = _rescued(request, solo)  # the rescuer
     swept: list[int] = []  # turns the sweep re-sent, per stall
+    everyone = {*ids, streamed.id}
 
     def sweep() -> None:
         # kombu's Redis transport pops a message (BRPOP) before it records it as unacked, so a SIGKILL
@@ -205,12 +234,15 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
         # The rows name the default model (the solo queue is the victim's alone), so the sweeper's
         # finding is sent to the solo queue here.
         stranded = find_stranded(older_than_s=float(wp.VISIBILITY_S), models=[settings.model], limit=10_000)
-        lost = [t.id for group in stranded.values() for t in group if t.id in set(ids)]
-        if lost:
-            dispatch(lost, model=solo, lane="bulk")
-            with session_scope() as s:
-                mark_dispatched(session=s, turn_ids=lost)
-        swept.append(len(lost))
+        lost = 0
+        for (_, lane), group in stranded.items():
+            mine = [t.id for t in group if t.id in everyone]
+            if mine:
+                dispatch(mine, model=solo, lane=lane)
+                with session_scope() as s:
+                    mark_dispatched(session=s, turn_ids=mine)
+            lost += len(mine)
+        swept.append(lost)
 
     final = _wait(ids, lambda c: c["done"] + c["failed"] == turns, timeout=900, on_stall=sweep)
     print(f"SIGKILL case: at kill {at_kill}; swept {swept}; final {final}")
@@ -221,9 +253,22 @@ def test_sigkill_mid_batch_then_a_new_worker_loses_nothing_and_answers_once(
     assert final["attempted_twice"] >= at_kill["running"]  # the killed batch really ran again
     # What the victim held unacked comes back by the restore of unacked messages; the sweep finds at
     # most the one message a kill can lose between kombu's BRPOP and its unacked record (a batch of
-    # turn ids). Bounding it by the victim's capacity as well (its log's "up to N bulk turns held")
-    # could no longer fail at 48 turns, a restore that never came included (review).
+    # turn ids, or the live one). Bounding it by the victim's capacity as well (its log's "up to N
+    # bulk turns held") could no longer fail at 48 turns, a restore that never came included (review).
     assert sum(swept) <= settings.batch_size, swept
+    reader.join(timeout=900)
+    assert not reader.is_alive()
+    kinds = [e[0] for e in events]
+    assert kinds[-1] == "done", (kinds, events[-2:])
+    restart = next(i for i, e in enumerate(events) if e[0] == "error")
+    assert events[restart][2]["code"] == "restarted" and restart >= len(shown_before)
+    after = "".join(e[2]["text"] for e in events[restart:] if e[0] == "delta")
+    replied = producer.get_turn(streamed.id)
+    assert replied is not None and after == replied.reply == events[-1][2]["reply"]
+    counts = _counts([streamed.id])
+    print(f"stream SIGKILL case: {len(shown_before)} deltas before the kill; {counts}")
+    assert counts["done"] == 1 and counts["reply_rows"] == 1 and counts["duplicates"] == 0
+    assert counts["attempted_twice"] == 1  # the rescuer generated it again
 
 
 POISON_SEED = 424_242  # the injected engine fault fires for any engine call holding this request
@@ -315,52 +360,6 @@ def test_two_worker_processes_share_a_queue_and_answer_each_turn_once(steady_wor
     assert all(answered.values()), "each worker answered some of the turns"
     first, second = answered.values()
     assert not set(first) & set(second) and sorted(first + second) == sorted(mine)
-
-
-def test_a_worker_killed_mid_stream_restarts_the_reply_on_the_same_stream(
-    base_url, tmp_path, request
-) -> None:
-    """The reader is told to discard what it was shown, then gets the reply written again on the
-    same stream, and the turn is stored exactly once."""
-    turn = new_conversation() | {
-        "message": "Tell me the whole long story of the road north, every village on the way.",
-        "stream": True,
-        "params": {"max_new_tokens": 200, "seed": 11},
-    }
-    events: list[tuple[str, str, dict]] = []
-
-    def read(turn_id: str) -> None:
-        url = f"{base_url}/v1/turns/{turn_id}/stream"
-        with httpx.stream("GET", url, headers={"X-API-Key": INGEST_KEY}, timeout=900) as response:
-            for event in _events_live(response):
-                events.append(event)
-
-    with wp.started_alone("streamer", tmp_path / "streamer.log", **wp.SHORT_CLAIMS) as (streamer, solo):
-        (stored,) = producer.submit_turns([turn], send=False, api_key="game-a", tenant="game-a")
-        reader = threading.Thread(target=read, args=(stored.id,), daemon=True)
-        reader.start()
-        dispatch([stored.id], model=solo, lane="live")
-        deadline = time.monotonic() + 600
-        while sum(e[0] == "delta" for e in events) < 3:
-            assert time.monotonic() < deadline, "no deltas from the streaming worker"
-            time.sleep(0.05)
-        wp.kill(streamer, signal.SIGKILL)
-        shown_before = [e for e in events if e[0] == "delta"]
-    assert not any(e[0] == "done" for e in events), "the reply finished before the kill: make it longer"
-    _rescued(request, solo)  # the rescuer
-    reader.join(timeout=900)
-    assert not reader.is_alive()
-    kinds = [e[0] for e in events]
-    assert kinds[-1] == "done", (kinds, events[-2:])
-    restart = next(i for i, e in enumerate(events) if e[0] == "error")
-    assert events[restart][2]["code"] == "restarted" and restart >= len(shown_before)
-    after = "".join(e[2]["text"] for e in events[restart:] if e[0] == "delta")
-    final = producer.get_turn(stored.id)
-    assert final is not None and after == final.reply == events[-1][2]["reply"]
-    counts = _counts([stored.id])
-    print(f"stream SIGKILL case: {len(shown_before)} deltas before the kill; {counts}")
-    assert counts["done"] == 1 and counts["reply_rows"] == 1 and counts["duplicates"] == 0
-    assert counts["attempted_twice"] == 1  # the rescuer generated it again
 
 
 def _events_live(response: httpx.Response):  # type: ignore[no-untyped-def]
