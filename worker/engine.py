@@ -376,7 +376,8 @@ def named_engine_setting(exc: BaseException) -> BadEngineSetting | None:
             reason = "; ".join(str(e.get("msg", "")) for e in errors())
         except Exception:
             reason = str(exc)
-        reason = f"{exc.title}: {reason}" if isinstance(getattr(exc, "title", None), str) else reason
+        title = getattr(exc, "title", None)  # the config class pydantic refused (ModelConfig, …)
+        reason = f"{title}: {reason}" if isinstance(title, str) else reason
     else:
         reason = str(exc)
     reason = " ".join(reason.split())[:500]
