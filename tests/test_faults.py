@@ -105,9 +105,12 @@ def _wait(ids, until, timeout: float, on_stall=None, stall_s: float = 90.0) -> d
         time.sleep(0.5)
 
 
-# The workers that run vLLM in processes of its own (ENGINE_PROCESSES) take ~45 s to start here, most
-# of it three processes importing torch and vLLM one after another: they start together with the
-# steady worker, when the module's first case runs, so that their loads overlap on the machine's cores.
+# The workers that run vLLM in processes of its own (ENGINE_PROCESSES) take ~45 s to start here alone,
+# most of it three processes each importing torch and vLLM. The SIGTERM case's starts together with the
+# steady worker, when the module's first case runs, so that their loads overlap on the machine's cores;
+# the dead-engine case's starts when the SIGKILL case has killed its worker and waits a visibility
+# timeout for the restore, the module's longest idle wait (started with the others, it slowed the
+# SIGTERM case's by a third).
 EARLY_ENV = {
     "stopping": wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES | {"MLCHAT_WORKER_THREADS": "2"},
     "doomed": wp.SHORT_CLAIMS | wp.ENGINE_PROCESSES,  # its engine-core process is killed
@@ -116,6 +119,7 @@ EARLY_CASES = {
     "stopping": "test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest",
     "doomed": "test_a_dead_engine_hands_its_turns_back_uncharged_and_its_worker_exits",
 }
+STARTED_AT_MODULE_START = ("stopping",)
 
 
 @dataclass
@@ -124,20 +128,35 @@ class Early:
     log: Path
 
 
+class EarlyWorkers:
+    """The early workers of the cases this session runs: each started once, by `start` (ahead of
+    its case) or by its case asking for it."""
+
+    def __init__(self, chosen: set[str], tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.chosen, self.tmp_path_factory = chosen, tmp_path_factory
+        self.workers: dict[str, Early] = {}
+
+    def start(self, name: str) -> None:
+        if EARLY_CASES[name] in self.chosen and name not in self.workers:
+            log = self.tmp_path_factory.mktemp(name) / f"{name}.log"
+            self.workers[name] = Early(wp.start_alone(name, log, **EARLY_ENV[name]), log)
+
+    def __getitem__(self, name: str) -> Early:
+        self.start(name)
+        return self.workers[name]
+
+
 @pytest.fixture(scope="module")
-def early(request, tmp_path_factory) -> Iterator[dict[str, Early]]:  # type: ignore[no-untyped-def]
-    """The early workers of the cases this session runs, started now, each to be waited for by its case."""
+def early(request, tmp_path_factory) -> Iterator[EarlyWorkers]:  # type: ignore[no-untyped-def]
+    """The early workers, the first of them started now, each to be waited for by its case."""
     request.getfixturevalue("steady_worker_starting")
-    chosen = {item.originalname for item in request.session.items}
-    workers: dict[str, Early] = {}
+    workers = EarlyWorkers({item.originalname for item in request.session.items}, tmp_path_factory)
     try:
-        for name, case in EARLY_CASES.items():
-            if case in chosen:
-                log = tmp_path_factory.mktemp(name) / f"{name}.log"
-                workers[name] = Early(wp.start_alone(name, log, **EARLY_ENV[name]), log)
+        for name in STARTED_AT_MODULE_START:
+            workers.start(name)
         yield workers
     finally:
-        for worker in workers.values():
+        for worker in workers.workers.values():
             if worker.proc.returncode is None:  # its case stopped and reaped it: its pid may be reused
                 wp.kill(worker.proc, signal.SIGTERM)
 
@@ -184,7 +203,7 @@ def test_sigterm_mid_batch_finishes_the_batch_and_hands_back_the_rest(world, ear
     "turns", [pytest.param(48, id="48"), pytest.param(500, id="500", marks=pytest.mark.slow)]
 )
 def test_sigkill_mid_batch_and_mid_stream_then_a_new_worker_loses_nothing_and_answers_once(
-    world, base_url, tmp_path, request, turns
+    world, base_url, tmp_path, request, early, turns
 ) -> None:
     """One kill, two things it cuts (one worker process to load, not two): a bulk batch mid-way, and
     a live reply mid-stream. No turn is lost or answered twice; the stream's reader is told to
@@ -220,6 +239,7 @@ def test_sigkill_mid_batch_and_mid_stream_then_a_new_worker_loses_nothing_and_an
         wp.kill(victim, signal.SIGKILL)
         shown_before = [e for e in events if e[0] == "delta"]
         at_kill = _counts(ids)  # after the kill: a turn stored between a read and the kill is not running
+    early.start("doomed")  # its load fills the wait for the restore below
     assert at_kill["running"] > 0, at_kill
     assert not any(e[0] == "done" for e in events), "the reply finished before the kill: make it longer"
     steady = _rescued(request, solo)  # the rescuer
