@@ -199,6 +199,16 @@ def conversation_owner(*, session: Session, tenant: str, external_id: str) -> Co
     )
 
 
+def conversation_names(*, session: Session, ids: Collection[int]) -> dict[int, str]:
+    """The game's ids of these conversations (by the database's), for showing a conversation scope."""
+    if not ids:
+        return {}
+    rows = session.execute(
+        select(Conversation.id, Conversation.external_id).where(Conversation.id.in_(list(ids)))
+    )
+    return {int(conv_id): name for conv_id, name in rows.tuples()}
+
+
 # Which facts an NPC may know in one conversation: its tenant's, not superseded, and in a scope that
 # includes this conversation. Each arm of the OR is an index scan of migration 0021's partial indexes
 # on current facts (a BitmapOr): a turn reads its own scopes' facts, not every fact of its tenant.

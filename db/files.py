@@ -83,6 +83,32 @@ def stored_bytes(*, session: Session, api_key: str | None, tenant: str) -> int:
     return int(total or 0)
 
 
+def _lock_quota(session: Session, api_key: str | None, tenant: str) -> None:
+    """The key's quota lock, until the transaction ends: its uploads and batch creations take turns."""
+    owner = f"{tenant}/{api_key or ''}"  # a tenant holds no '/' (its settings pattern): unambiguous
+    session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(owner))))
+
+
+def batch_room(*, session: Session, api_key: str | None, tenant: str, input_bytes: int) -> tuple[int, int]:
+    """(bytes the key holds, bytes its batches not ended yet reserve): each batch reserves its input
+    file's size until it ends, when its output and error files are counted instead. Taken under the
+    quota's lock of the key (its uploads' and its batches' creation take turns), which the caller's
+    transaction holds until it commits the new batch. `input_bytes`: the new batch's, reserved too."""
+    _lock_quota(session, api_key, tenant)
+    held = stored_bytes(session=session, api_key=api_key, tenant=tenant)
+    reserved = session.scalar(
+        select(func.coalesce(func.sum(StoredFile.bytes), 0))
+        .select_from(Run)
+        .join(StoredFile, StoredFile.id == Run.input_file_id)
+        .where(
+            Run.api_key.is_not_distinct_from(api_key),
+            Run.tenant == tenant,
+            Run.status.not_in(RUN_FINISHED),
+        )
+    )
+    return held, int(reserved or 0) + input_bytes
+
+
 def add_file_within_quota(
     *,
     session: Session,
@@ -99,8 +125,7 @@ def add_file_within_quota(
     """Record an upload unless the key would then hold more than `quota` bytes: (the row or None,
     the bytes the key held before). Uploads of one key take turns on a transaction lock, so two at
     once cannot both fit into the last of the quota."""
-    owner = f"{tenant}/{api_key or ''}"  # a tenant holds no '/' (its settings pattern): unambiguous
-    session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(owner))))
+    _lock_quota(session, api_key, tenant)
     held = stored_bytes(session=session, api_key=api_key, tenant=tenant)
     if held + size > quota:
         return None, held

@@ -57,7 +57,7 @@ from db.session import (
 from db.world import all_character_slugs
 from services.files import (
     BadExpiry,
-    check_batch_room,
+    batch_room_refusal,
     check_expiry,
     delete_expired_files,
     delete_orphan_files,
@@ -153,8 +153,8 @@ def create_batch(
     output_expires_after: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
-    validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key holds its
-    files quota already."""
+    validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key's files and
+    its batches not ended (each reserving its input's size) would pass its files quota."""
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
     window_text = settings.batch_default_window if completion_window is None else completion_window
@@ -174,7 +174,6 @@ def create_batch(
     found = find_file(input_file_id)
     if found is None or found.expired or not (admin or found.owned_by(api_key, tenant)):
         raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
-    check_batch_room(api_key, tenant)  # QuotaReached
     character = (meta or {}).get("character")
     if character is not None:
         with session_scope() as session:
@@ -203,6 +202,7 @@ def create_batch(
             window_text,
             window,
             input_file_id,
+            int(found.info["bytes"]),
             api_key,
             tenant,
             callback,
@@ -226,12 +226,16 @@ def _create_run(
     window_text: str,
     window: timedelta,
     input_file_id: str,
+    input_bytes: int,
     api_key: str | None,
     tenant: str,
     callback: str | None,
     output_expiry: int | None,
 ) -> dict[str, Any]:
     with session_scope() as session:
+        refused = batch_room_refusal(session, api_key, tenant, input_bytes)
+        if refused is not None:
+            raise refused
         run, _ = create_run(
             session=session,
             name=f"batch_{run_id.hex}",

@@ -5,6 +5,7 @@ and cleaned on its way into a prompt like every other field (worker/prompt/sanit
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from db.erasure import hold_player
 from db.facts import (
     NewFact,
     add_facts,
+    conversation_names,
     conversation_owner,
     embedded_text,
     fact_moves,
@@ -92,19 +94,40 @@ class MoveView(BaseModel):
     created_at: datetime
 
 
-def _view(fact: Fact) -> FactView:
-    return FactView(
-        id=fact.id,
-        player=fact.player_id,
-        kind=fact.kind.value,
-        subject=fact.subject,
-        text=fact.text,
-        source=fact.source,
-        importance=fact.importance,
-        scope=fact.scope.value,
-        scope_ref=fact.scope_ref,
-        superseded_by=fact.superseded_by,
-        created_at=fact.created_at,
+def _views(session: Session, facts: Sequence[Fact]) -> list[FactView]:
+    shown = _shown_refs(session, [(f.scope, f.scope_ref) for f in facts])
+    return [
+        FactView(
+            id=fact.id,
+            player=fact.player_id,
+            kind=fact.kind.value,
+            subject=fact.subject,
+            text=fact.text,
+            source=fact.source,
+            importance=fact.importance,
+            scope=fact.scope.value,
+            scope_ref=shown(fact.scope, fact.scope_ref),
+            superseded_by=fact.superseded_by,
+            created_at=fact.created_at,
+        )
+        for fact in facts
+    ]
+
+
+def _shown_refs(session: Session, refs: Sequence[tuple[Any, str]]) -> Callable[[Any, str], str]:
+    """How a scope's ref is shown: a conversation by the game's id, the name the tenant knows it by.
+    Stored is the database's serial, one sequence for every tenant: two readings of it told a tenant
+    how many conversations every tenant had started in between (review). "" once it is erased."""
+    conversation = FactScope.CONVERSATION.value
+
+    def is_conversation(scope: Any) -> bool:
+        return getattr(scope, "value", scope) == conversation
+
+    names = conversation_names(
+        session=session, ids={int(ref) for scope, ref in refs if is_conversation(scope) and ref.isdigit()}
+    )
+    return lambda scope, ref: (
+        (names.get(int(ref), "") if ref.isdigit() else "") if is_conversation(scope) else ref
     )
 
 
@@ -186,7 +209,7 @@ def _request_hash(player: str, facts: list[FactIn]) -> str:
 def _facts_by_id(session: Session, tenant: str, ids: list[int]) -> list[FactView]:
     """The facts of these ids as they stand now, in that order."""
     found = [get_fact(session=session, tenant=tenant, fact_id=i) for i in ids]
-    return [_view(f) for f in found if f is not None]
+    return _views(session, [f for f in found if f is not None])
 
 
 def _store_facts(
@@ -241,7 +264,7 @@ def _store_facts(
             session.refresh(row)
         if key is not None:
             record_ids(session=session, tenant=tenant, kind=FACTS_KEY, key=key, ids=[r.id for r in rows])
-        return [_view(r) for r in rows], False
+        return _views(session, rows), False
 
 
 def list_player_facts(
@@ -254,7 +277,7 @@ def list_player_facts(
         found = player_facts(
             session=session, tenant=tenant, player_id=player, history=history, after=after, limit=limit
         )
-        return [_view(f) for f in found]
+        return _views(session, found)
 
 
 MOVES_KEY = "fact_moves"
@@ -296,16 +319,20 @@ def gossip(
                     raise stale
             if idempotency_key is not None:
                 record_ids(session=session, tenant=tenant, kind=MOVES_KEY, key=idempotency_key, ids=[fact_id])
+        recorded = fact_moves(session=session, fact_id=fact_id)
+        refs = [(m.from_scope, m.from_ref) for m in recorded] + [(m.to_scope, m.to_ref) for m in recorded]
+        shown = _shown_refs(session, refs)
         moves = [
             MoveView(
                 fact_id=m.fact_id,
                 from_scope=m.from_scope,
-                from_ref=m.from_ref,
+                from_ref=shown(m.from_scope, m.from_ref),
                 to_scope=m.to_scope,
-                to_ref=m.to_ref,
+                to_ref=shown(m.to_scope, m.to_ref),
                 told_by=m.told_by,
                 created_at=m.created_at,
             )
-            for m in fact_moves(session=session, fact_id=fact_id)
+            for m in recorded
         ]
-        return _view(fact), moves, earlier is not None
+        (view,) = _views(session, [fact])
+        return view, moves, earlier is not None

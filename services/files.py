@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import anyio
 import regex
 
 from core.settings import DEFAULT_TENANT, settings
@@ -129,16 +130,25 @@ def _over_quota(held: int, size: int | None) -> QuotaReached:
 MULTIPART_SLACK = 64 * 1024
 
 
-def check_batch_room(api_key: str | None, tenant: str = DEFAULT_TENANT) -> None:
-    """Refuse a new batch while the key holds its quota already: its output and error files would be
-    stored past it (each batch of one input file writes files of its own). Raises QuotaReached."""
-    held = _held(api_key, tenant)
-    if held >= settings.files_quota_bytes:
-        raise QuotaReached(
-            f"input_file_id: this API key holds {held} bytes of files and the quota"
-            f" (MLCHAT_FILES_QUOTA_BYTES) is {settings.files_quota_bytes}; a batch's output and error"
-            " files would not fit (delete files to make room)"
-        )
+def batch_room_refusal(
+    session: Any, api_key: str | None, tenant: str, input_bytes: int
+) -> QuotaReached | None:
+    """Why a new batch of `input_bytes` of input does not fit the key's quota (in the caller's
+    transaction, which then holds the key's quota lock until it commits the batch), or None. Its
+    output and error files are written when it ends, past any check then: each batch not ended
+    reserves its input's size meanwhile, so one input sent again and again is refused once the
+    batches in flight fill the quota, not only once their files are stored (review)."""
+    held, reserved = stored.batch_room(
+        session=session, api_key=api_key, tenant=tenant, input_bytes=input_bytes
+    )
+    if held + reserved <= settings.files_quota_bytes:
+        return None
+    return QuotaReached(
+        f"input_file_id: this API key holds {held} bytes of files and its batches not ended reserve"
+        f" {reserved} more (each its input's size, this one's included); the quota"
+        f" (MLCHAT_FILES_QUOTA_BYTES) is {settings.files_quota_bytes} (delete files, or wait for batches"
+        " to end)"
+    )
 
 
 def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT) -> None:
@@ -174,25 +184,29 @@ async def save_upload(
     final = _path_of(file_id)
     partial = final.with_suffix(".partial")
     size = 0
+    # Every touch of the disk in a thread: one that waits on a busy disk (a network MLCHAT_FILES_DIR
+    # writes a file's pages back at its close) would stall every stream and request this process
+    # serves meanwhile. The clean-up is shielded: a client that hangs up still has its part cleared.
     try:
-        settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
-        with partial.open("wb") as out:
+        out = await run_in_threadpool(_open_partial, partial)
+        try:
             async for chunk in chunks:
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
                 if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
                     raise _over_quota(held, size)
-                # In a thread: a write that waits on a busy disk would stall every stream and
-                # request this process serves meanwhile.
                 await run_in_threadpool(out.write, chunk)
             await run_in_threadpool(out.flush)  # what the buffer holds: a full disk may say so only now
-        os.replace(partial, final)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(out.close)
+        await run_in_threadpool(os.replace, partial, final)
     except OSError as exc:  # the folder gone, read-only or full since the start's check: a 503
         raise _unwritable(exc) from exc
     finally:
-        with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear
-            partial.unlink(missing_ok=True)
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(_clear_partial, partial)
     # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
     try:
@@ -219,6 +233,16 @@ def remove_unlisted(paths: list[Path]) -> None:
         return
     for path in unlisted:
         path.unlink(missing_ok=True)
+
+
+def _open_partial(partial: Path) -> BinaryIO:
+    settings.batch_files_dir.mkdir(parents=True, exist_ok=True)
+    return partial.open("wb")
+
+
+def _clear_partial(partial: Path) -> None:
+    with contextlib.suppress(OSError):  # a folder that is not one has no partial file to clear
+        partial.unlink(missing_ok=True)
 
 
 def _held(api_key: str | None, tenant: str) -> int:

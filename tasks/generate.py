@@ -132,12 +132,15 @@ POSTPONED_S = 2.0
 
 
 def _postpone(requests: Sequence[Any]) -> None:
-    """Send these (deferred, now due) bulk messages' turns again for POSTPONED_S later, unclaimed."""
+    """Send these (deferred, now due) bulk messages' turns again, unclaimed, due POSTPONED_S later.
+    They go to the back of their bulk queue, paused while the gate is full: they are taken after the
+    backlog ahead of them, as a new bulk message is. Their send is recorded, or the sweeper would
+    take a turn waiting behind a long backlog for one whose message was lost."""
     pending, model_of, alone = _pending_turns(requests)
     for by_itself in (False, True):
         turns = [p for p in pending if (p[0] in alone) == by_itself]
         if turns:
-            _resend(Resend(turns, POSTPONED_S, alone=by_itself), settings.model, model_of)
+            _resend(Resend(turns, POSTPONED_S, alone=by_itself, stamp=True), settings.model, model_of)
 
 
 def _send_owed(outcome: FlushOutcome, model: str, model_of: dict[uuid.UUID, str]) -> None:

@@ -251,6 +251,7 @@ def test_a_due_deferred_bulk_message_waits_for_room_instead_of_taking_a_thread(m
     assert answered == [] and gate.held == 1 and gate.messages == 1  # not claimed, not counted
     (again,) = resent
     assert [str(t) for t, _ in again.turns] == ids and again.countdown == tasks.generate.POSTPONED_S
+    assert again.stamp  # its send recorded: the sweeper must not take it for a lost one meanwhile
     gate.release(1, 1)  # the other flush ended: room
     tasks.generate.generate_turns([due])
     assert [str(t) for t, _ in answered[0]] == ids and len(resent) == 1

@@ -519,3 +519,26 @@ def test_a_key_pruned_between_a_retrys_conflict_and_its_read_is_taken_afresh(wor
         write_keys.record_ids(session=s, tenant="", kind="facts", key=key, ids=[7])
     with session_scope() as s:
         assert s.scalars(select(WriteKey.ids).where(WriteKey.key == key)).all() == [[7]]
+
+
+def test_a_conversation_scope_is_shown_by_the_games_id_not_the_database_serial(base_url) -> None:
+    """Found in review: a conversation-scoped fact showed its `scope_ref` (and a move its `from_ref`
+    / `to_ref`) as the conversations table's serial, one sequence for every tenant: two readings told
+    a tenant how many conversations every tenant had started in between."""
+    player = f"rowan-{uuid.uuid4().hex[:6]}"
+    first, second = _conversation(_tenant("game-a"), player), _conversation(_tenant("game-a"), player)
+    (fact,) = httpx.post(
+        f"{base_url}/v1/players/{player}/facts",
+        headers=A,
+        json={"facts": [{"text": "Rowan lied to me.", "scope": "conversation", "conversation": first}]},
+    ).json()["facts"]
+    assert fact["scope_ref"] == first
+    assert [f["scope_ref"] for f in _facts(base_url, A, player)] == [first]
+    moved = httpx.post(
+        f"{base_url}/v1/players/{player}/facts/{fact['id']}:move",
+        headers=A,
+        json={"scope": "conversation", "conversation": second, "told_by": "elara"},
+    )
+    assert moved.status_code == 200, moved.text
+    assert moved.json()["fact"]["scope_ref"] == second
+    assert [(m["from_ref"], m["to_ref"]) for m in moved.json()["moves"]] == [(first, second)]

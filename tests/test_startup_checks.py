@@ -111,3 +111,22 @@ def test_a_setting_vllm_refuses_is_one_line_naming_its_variable(given, variable)
     assert named is not None and str(named).startswith(f"{variable}: the engine refused it: "), named
     assert "\n" not in str(named)
     assert named_engine_setting(ValueError("something else went wrong")) is None
+
+
+def test_the_engine_load_turns_vllms_refusal_into_that_line(monkeypatch) -> None:
+    """The load itself (review: the test above never reached the try around LLM(...)): vLLM's
+    refusal, raised where the engine is built, comes out of get_engine as BadEngineSetting."""
+    import vllm
+
+    import worker.cpu_affinity
+    from worker import engine
+
+    def refuses(**kwargs):  # type: ignore[no-untyped-def]
+        from vllm.engine.arg_utils import EngineArgs
+
+        EngineArgs(model=kwargs["model"], max_model_len=9000).create_engine_config()
+
+    monkeypatch.setattr(vllm, "LLM", refuses)
+    monkeypatch.setattr(worker.cpu_affinity, "restore_all_cpus", lambda: None)  # this process's own
+    with pytest.raises(engine.BadEngineSetting, match=r"^MLCHAT_MAX_MODEL_LEN: the engine refused it: "):
+        engine.get_engine.__wrapped__()  # not the session's cached engine

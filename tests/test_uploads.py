@@ -16,6 +16,8 @@ import pytest
 from api.body_limit import BodySizeLimit
 from core.settings import settings
 from db.files import add_file_within_quota, stored_bytes
+from db.models import RUN_FINISHED, Run
+from db.models import StoredFile as StoredFileRow
 from db.session import session_scope
 from tests.conftest import INGEST_KEY
 
@@ -342,56 +344,72 @@ def test_a_file_written_in_a_long_transaction_is_listed_after_files_uploaded_mea
         assert [f.id for f in after] == [output]
 
 
-def test_an_upload_writes_its_chunks_off_the_event_loop(services, monkeypatch) -> None:
+def test_an_upload_touches_the_disk_off_the_event_loop(services, monkeypatch) -> None:
     """Found in review: each chunk was written on the event loop, so a write waiting on a busy disk
-    stalled every stream and request of the process. Here a write waits until the loop has run
-    something else: on the loop it waits in vain."""
+    stalled every stream and request of the process; then (a later review) the file's open, close
+    (a network folder writes the pages back there) and rename still ran on it. Here each of them
+    waits until the loop has run something else: on the loop it waits in vain."""
+    import os
     from pathlib import Path
 
     from services.files import save_upload
 
-    loop_ran = threading.Event()
-    waited_in_vain: list[bool] = []
-    real_open = Path.open
+    ticked = threading.Event()
+    in_vain: dict[str, bool] = {}
+
+    def waits_for_the_loop(step: str) -> None:
+        ticked.clear()
+        in_vain[step] = in_vain.get(step, False) or not ticked.wait(2)
+
+    real_open, real_replace = Path.open, os.replace
 
     class SlowDisk:
         def __init__(self, handle: Any) -> None:
             self.handle = handle
 
         def write(self, data: bytes) -> int:
-            waited_in_vain.append(not loop_ran.wait(5))
+            waits_for_the_loop("write")
             return int(self.handle.write(data))
 
         def flush(self) -> None:
             self.handle.flush()
 
-        def __enter__(self) -> SlowDisk:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
+        def close(self) -> None:
+            waits_for_the_loop("close")
             self.handle.close()
 
     def opened(self: Path, *args: Any, **kwargs: Any) -> Any:
-        handle = real_open(self, *args, **kwargs)
-        return SlowDisk(handle) if self.suffix == ".partial" else handle
+        if self.suffix != ".partial":
+            return real_open(self, *args, **kwargs)
+        waits_for_the_loop("open")
+        return SlowDisk(real_open(self, *args, **kwargs))
+
+    def renamed(source: Any, target: Any) -> None:
+        if str(source).endswith(".partial"):
+            waits_for_the_loop("rename")
+        real_replace(source, target)
 
     monkeypatch.setattr(Path, "open", opened)
+    monkeypatch.setattr(os, "replace", renamed)
 
     async def chunks() -> Any:
         yield b'{"custom_id": "a"}\n'
 
     async def upload_beside_other_work() -> dict[str, Any]:
         async def other_work() -> None:
-            await asyncio.sleep(0.05)
-            loop_ran.set()
+            while True:
+                ticked.set()
+                await asyncio.sleep(0.01)
 
         other = asyncio.create_task(other_work())
-        saved = await save_upload(chunks(), filename="a.jsonl", purpose="batch", api_key=None)
-        await other
-        return saved
+        try:
+            return await save_upload(chunks(), filename="a.jsonl", purpose="batch", api_key=None)
+        finally:
+            other.cancel()
 
     saved = asyncio.run(upload_beside_other_work())
-    assert saved["bytes"] == 19 and waited_in_vain == [False]
+    assert saved["bytes"] == 19
+    assert in_vain == {"open": False, "write": False, "close": False, "rename": False}, in_vain
 
 
 def test_an_unwritable_files_folder_is_one_line_at_start_and_a_503_not_a_500(
@@ -464,13 +482,13 @@ def test_an_upload_whose_commit_reply_is_lost_keeps_the_bytes_its_row_lists(worl
     assert checked_in and checked_in[0] is not threading.current_thread()
 
 
-def test_a_key_at_its_quota_cannot_create_a_batch(base_url, monkeypatch) -> None:
+def test_batches_in_flight_reserve_their_inputs_size_of_the_quota(base_url, monkeypatch) -> None:
     """Found in review: only uploads were refused at the quota, while each batch of one input file
-    writes output and error files of its own: a key sending the same file again and again stored
-    files without bound (README: the quota counts its batches' output and error files)."""
+    writes output and error files of its own when it ends: a key sending the same file again and
+    again stored files without bound (README: the quota counts its batches' output and error files).
+    Then (the second review) a batch was refused only once the key held its quota: batches created
+    back to back, none ended yet, all passed. Each batch not ended reserves its input's size."""
     from sqlalchemy import func, select
-
-    from db.models import Run
 
     line = {
         "custom_id": "q-1",
@@ -481,18 +499,22 @@ def test_a_key_at_its_quota_cannot_create_a_batch(base_url, monkeypatch) -> None
     headers, body = _multipart((json.dumps(line) + "\n").encode())
     uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
     assert uploaded.status_code == 200, uploaded.text
-    file_id = uploaded.json()["id"]
+    file_id, size = uploaded.json()["id"], uploaded.json()["bytes"]
     with session_scope() as s:
         held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
-    monkeypatch.setattr(settings, "files_quota_bytes", held)  # at its quota: no output file fits
-    refused = httpx.post(
-        f"{base_url}/v1/batches",
-        json={"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"},
-        headers=INGEST,
-    )
-    assert refused.status_code == 403, refused.text
-    message = refused.json()["error"]["message"]
+        reserved = s.scalar(  # the key's other batches not ended yet (other cases' own)
+            select(func.coalesce(func.sum(StoredFileRow.bytes), 0))
+            .select_from(Run)
+            .join(StoredFileRow, StoredFileRow.id == Run.input_file_id)
+            .where(Run.api_key == "game-a", Run.tenant == "game-a", Run.status.not_in(RUN_FINISHED))
+        )
+    monkeypatch.setattr(settings, "files_quota_bytes", held + int(reserved) + size)  # room for one batch
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+    first = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
+    assert first.status_code == 200, first.text
+    second = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
+    assert second.status_code == 403, second.text
+    message = second.json()["error"]["message"]
     assert message.startswith("input_file_id: ") and "MLCHAT_FILES_QUOTA_BYTES" in message, message
     with session_scope() as s:
-        assert s.scalar(select(func.count()).where(Run.input_file_id == file_id)) == 0  # no batch
-    assert httpx.delete(f"{base_url}/v1/files/{file_id}", headers=INGEST).status_code == 200
+        assert s.scalar(select(func.count()).where(Run.input_file_id == file_id)) == 1  # the first only
