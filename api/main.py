@@ -65,7 +65,15 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 # uvicorn, and picked by default): httptools grows a request's URL and each header value without a
 # bound, on the event loop, so one connection with no key could fill the memory and stall every
 # tenant; h11 answers 400 and closes once a request's line and headers pass this size.
-SERVER_OPTIONS: dict[str, object] = {"http": "h11", "h11_max_incomplete_event_size": 64 * 1024}
+# A shutdown waits at most SHUTDOWN_GRACE_S for the requests and background jobs still open (streams
+# end within a second, waits at once; uvicorn's default waits for ever), then cancels them: within
+# the compose `api` service's stop_grace_period, so its lifespan's cleanup runs before any SIGKILL.
+SHUTDOWN_GRACE_S = 20
+SERVER_OPTIONS: dict[str, object] = {
+    "http": "h11",
+    "h11_max_incomplete_event_size": 64 * 1024,
+    "timeout_graceful_shutdown": SHUTDOWN_GRACE_S,
+}
 
 
 def create_app() -> FastAPI:

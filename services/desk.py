@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -126,17 +127,26 @@ class _AnyModelsMarkers:
 # Sanitisers by model: a model's own, kept; any model's markers in its place, until when (monotonic):
 # the tokenizer is looked for again then (a file being written, a cache being filled).
 _sanitizers: dict[str, tuple[Sanitizer, float | None]] = {}
+_SANITIZER_LOADING = threading.Lock()
 FALLBACK_KEPT_S = 300.0
 
 
 def _sanitizer(model: str) -> Sanitizer:
     """The prompt sanitiser of the line's model, as its worker builds it; any model's markers when
     this host has not got that model's tokenizer (an API host without the weights)."""
-    from worker.model_cache import load_tokenizer
-
     kept = _sanitizers.get(model)
     if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
         return kept[0]
+    with _SANITIZER_LOADING:  # concurrent first edits wait for one tokenizer load, not one each
+        kept = _sanitizers.get(model)
+        if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
+            return kept[0]
+        return _load_sanitizer(model)
+
+
+def _load_sanitizer(model: str) -> Sanitizer:
+    from worker.model_cache import load_tokenizer
+
     try:
         sanitizer, until = Sanitizer(load_tokenizer(settings, model)), None
     except Exception:

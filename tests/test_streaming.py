@@ -778,3 +778,26 @@ def test_mlchat_chat_prints_the_reply_as_it_is_written(world, capsys) -> None:
     _print_as_written(turn_id, timeout=60)
     printed = capsys.readouterr().out
     assert printed == "Half a rep\n[the reply is being written again]\nWell, traveller, the road is long.\n"
+
+
+def test_a_long_poll_ends_at_the_servers_shutdown_with_the_turn_as_it_stands(base_url, monkeypatch) -> None:
+    """Found in review: the long poll went on through a SIGTERM (uvicorn waits for every open
+    request), so a deploy under long polls waited each one out, or was killed. It answers at the
+    shutdown with the turn as it stands, as the chat completion's wait does."""
+    import threading
+
+    from sse_starlette.sse import AppStatus
+
+    turn_id = _queued_turn()
+    signalled = threading.Timer(1.0, lambda: setattr(AppStatus, "should_exit", True))
+    started = time.monotonic()
+    signalled.start()
+    try:
+        r = httpx.get(f"{base_url}/v1/turns/{turn_id}", params={"wait": "30"}, headers=OWNER, timeout=60)
+    finally:
+        signalled.cancel()
+        AppStatus.should_exit = False
+    assert r.status_code == 200 and r.json()["status"] == "queued"
+    assert time.monotonic() - started < 10, "it waited out its 30 s"
+    with session_scope() as session:
+        cancel_turns(session=session, turn_ids=[turn_id])

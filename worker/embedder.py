@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from functools import cache
 from typing import TYPE_CHECKING
@@ -43,10 +44,20 @@ def _model_source(cfg: Settings) -> str:
     return cfg.embedder
 
 
+_LOADING = threading.Lock()
+
+
 @cache
-def get_embedder() -> SentenceTransformer:
-    """The process's embedder, loaded once (offline for the bundled default)."""
+def _loaded() -> SentenceTransformer:
     return load_embedder(settings)
+
+
+def get_embedder() -> SentenceTransformer:
+    """The process's embedder, loaded once (offline for the bundled default). Concurrent first
+    callers wait for the one load: functools.cache alone let each of them load it (an API's first
+    forty fact writes after a deploy loaded forty embedders on its forty threads; review)."""
+    with _LOADING:
+        return _loaded()
 
 
 def load_embedder(cfg: Settings) -> SentenceTransformer:

@@ -12,6 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import Caller, json_body, needs
 from api.off_loop import documented, validated
+from api.sse import shutting_down
 from core.settings import settings
 from services import producer
 from services.producer import TurnView
@@ -138,7 +139,9 @@ async def get_turn(
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn_id, who)
 
-    return await await_finished(read, wait or 0.0)
+    # The wait ends at the server's shutdown with the turn as it stands (uvicorn waits for every open
+    # request: a deploy under long polls waited out each one, or was killed; review).
+    return await await_finished(read, wait or 0.0, stop=shutting_down)
 
 
 @router.get("/{turn_id}/manifest")
