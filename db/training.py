@@ -28,11 +28,20 @@ class Exchange:
 
 
 def character_exchanges(
-    *, session: Session | None, slug: str, tenant: str, run_id: uuid.UUID | None = None, chunk: int = 1000
+    *,
+    session: Session | None,
+    slug: str,
+    tenant: str,
+    model: str,
+    run_id: uuid.UUID | None = None,
+    chunk: int = 1000,
 ) -> Iterator[Exchange]:
     """The character's answered free-text turns in the tenant's conversations (its own voice, not the
-    narrator's, not a structured reply), oldest first, streamed. One tenant's: a prompt holds its
-    players' history, memories and names, which an adapter trained on it would speak to others."""
+    narrator's, not a structured reply) that `model` answered, oldest first, streamed. One tenant's:
+    a prompt holds its players' history, memories and names, which an adapter trained on it would
+    speak to others. One model's: each model's prompts are laid out in its own format, and an
+    adapter is trained on one model (review: another model's turns taught it a format it never
+    gets, under the manifest's format of the host that exported them)."""
     columns = (
         Turn.id,
         Turn.run_id,
@@ -46,6 +55,7 @@ def character_exchanges(
     query = _of_character(
         select(*columns, Turn.number).outerjoin(TurnReview, TurnReview.turn_id == Turn.id), slug, tenant
     ).order_by(Turn.number)
+    query = query.where(Turn.model == model)
     if run_id is not None:
         query = query.where(Turn.run_id == run_id)
     last = -1

@@ -1009,6 +1009,11 @@ def lora_train(
 
     from services.lora.train import TrainConfig, train_adapter
 
+    if rank > settings.max_lora_rank:  # else `lora register` refuses it, after the training
+        raise Refused(
+            f"--rank: {rank} is over MLCHAT_MAX_LORA_RANK ({settings.max_lora_rank}): the workers' engine"
+            " could not load the adapter; train a smaller rank, or raise the setting for every worker"
+        )
     modules = tuple(m.strip() for m in target_modules.split(",") if m.strip())
     if not modules:  # else PEFT refuses it only after the base model has loaded
         raise Refused(f"--target-modules: {target_modules!r} names no module (e.g. q_proj,v_proj)")

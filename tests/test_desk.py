@@ -780,7 +780,10 @@ def test_a_scene_line_is_its_speakers_in_the_dataset_and_in_the_edit_check_and_n
     with session_scope() as s:
         lines = {
             slug: [
-                x.turn_id for x in character_exchanges(session=s, slug=slug, tenant="studio-a", run_id=run_id)
+                x.turn_id
+                for x in character_exchanges(
+                    session=s, slug=slug, tenant="studio-a", model=settings.model, run_id=run_id
+                )
             ]
             for slug in ("elara", "luffy")
         }

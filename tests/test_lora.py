@@ -262,9 +262,9 @@ def test_a_training_set_holds_no_transaction_while_it_writes_and_an_unknown_char
     writing: list[int] = []
     add = dataset._Split.add
 
-    def recorded(self, key, example):  # type: ignore[no-untyped-def]
+    def recorded(self, key, example, **side):  # type: ignore[no-untyped-def]
         writing.append(open_scopes[0])
-        return add(self, key, example)
+        return add(self, key, example, **side)
 
     monkeypatch.setattr(dataset._Split, "add", recorded)
     export_dataset(SLUG, tmp_path / "ds", validation_share=0.0, tokenizer=tokenizer)
@@ -1238,3 +1238,75 @@ def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_f
     with session_scope() as s:
         path = get_character(session=s, slug=slug).lora_path
     assert path is not None and path != str(registered.path) and Path(path, "adapter_config.json").is_file()
+
+
+def test_a_training_set_holds_one_models_turns_and_train_takes_no_other_models_set(
+    world, tokenizer, tmp_path, monkeypatch
+) -> None:
+    """Found in review: the set took the character's turns of every model (a SOLAR prompt beside a
+    gpt-oss one), under the manifest's format of the host that exported them; an adapter is trained
+    on one model. The manifest names the model, and `train` refuses another's set before loading."""
+    from core.settings import settings
+    from services.lora.files import BadLoraFile
+
+    slug = "lora-models"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    monkeypatch.setattr(settings, "served_models", [settings.model, "solar-10.7b"])
+    good = {"below_bar": [], "persona": 0.6}
+    _store([("### System: another format", "SOLAR's own line.", good)], slug=slug, model="solar-10.7b")
+    _store([("<|im_start|>user\nOurs", "Our model's line.", good)], slug=slug)
+    report = export_dataset(slug, tmp_path / "ds", validation_share=0.0, tokenizer=tokenizer)
+    completions = {
+        json.loads(line)["completion"]
+        for name in ("train.jsonl", "validation.jsonl")
+        for line in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
+    }
+    assert "Our model's line." in completions and "SOLAR's own line." not in completions
+    assert report.manifest["model"] == settings.model
+    monkeypatch.setattr(settings, "model", "solar-10.7b")  # a host serving another model
+    with pytest.raises(BadLoraFile, match=r"manifest.json: model: the data set holds 'smollm2-135m'"):
+        train_adapter(tmp_path / "ds", tmp_path / "adapter", TrainConfig(evaluate=False))
+    assert not (tmp_path / "adapter").exists()
+
+
+def test_every_reply_to_one_prompt_is_on_one_side_of_the_split(world, tokenizer, tmp_path) -> None:
+    """Found in review: the side was a hash of prompt and reply, so the same prompt with other
+    replies (a file run twice with other seeds, players opening alike) fell on both sides: the
+    held-out prompts had been trained on."""
+    slug = "lora-split"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD)
+    good = {"below_bar": [], "persona": 0.6}
+    _store([(f"Prompt {p}", f"Reply {r} to {p}.", good) for p in range(10) for r in range(3)], slug=slug)
+    export_dataset(slug, tmp_path / "ds", validation_share=0.5, tokenizer=tokenizer)
+    prompts = {
+        name: {
+            json.loads(line)["prompt"]
+            for line in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
+            if json.loads(line)["source"] == "turn"
+        }
+        for name in ("train.jsonl", "validation.jsonl")
+    }
+    assert prompts["train.jsonl"] and prompts["validation.jsonl"]
+    assert not prompts["train.jsonl"] & prompts["validation.jsonl"], prompts
+
+
+def test_a_rank_the_workers_cannot_load_is_refused_before_training(tmp_path, capsys, monkeypatch) -> None:
+    """Found in review: `--rank` past MLCHAT_MAX_LORA_RANK trained to the end (27 minutes here), and
+    only `lora register` refused the adapter."""
+    import transformers
+
+    from core.settings import settings
+    from scripts.cli import main as cli
+
+    monkeypatch.setattr(
+        transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("the model loaded")
+    )
+    (tmp_path / "ds").mkdir()
+    rank = settings.max_lora_rank + 1
+    assert (
+        cli(["lora", "train", str(tmp_path / "ds"), "--out", str(tmp_path / "a"), "--rank", str(rank)]) == 2
+    )
+    err = capsys.readouterr().err
+    assert f"--rank: {rank} is over MLCHAT_MAX_LORA_RANK" in err and "Traceback" not in err

@@ -12,6 +12,7 @@ manifest.json says what was selected, what was left out and why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections import Counter
@@ -127,7 +128,9 @@ def export_dataset(
         left_out: Counter[str] = Counter()
         approved = 0
         # Each chunk of exchanges is read in a transaction of its own: none is open while writing.
-        for exchange in character_exchanges(session=None, slug=slug, tenant=tenant, run_id=run_id):
+        for exchange in character_exchanges(
+            session=None, slug=slug, tenant=tenant, model=settings.model, run_id=run_id
+        ):
             q = exchange.quality
             # A writer's verdict on the desk replaces the gate's.
             if exchange.label == ReviewLabel.REJECTED:
@@ -160,7 +163,7 @@ def export_dataset(
                 "persona": q.get("persona"),
                 "label": exchange.label,
             }
-            if not split.add(digest, example):
+            if not split.add(digest, example, side_of=exchange.prompt):
                 left_out["duplicate"] += 1
         stored = split.written
         for prompt, completion, message in _card_examples(character, tokenizer, prompt_format):
@@ -170,7 +173,7 @@ def export_dataset(
                 "message": message,
                 "source": "card example",
             }
-            if not split.add(exchange_digest(prompt, completion), example):
+            if not split.add(exchange_digest(prompt, completion), example, side_of=prompt):
                 left_out["duplicate"] += 1
         if not split.written:
             raise ValueError(
@@ -180,6 +183,7 @@ def export_dataset(
         manifest = {
             "character": slug,
             "tenant": tenant,
+            "model": settings.model,  # the model whose turns these are: `train` takes no other's
             "run": run,
             "selection": {
                 "below_bar": "none",
@@ -230,13 +234,17 @@ class _Split:
         self.files = {name: path.open("wb") for name, path in self.paths.items()}
         return self
 
-    def add(self, key: str, example: dict[str, Any]) -> bool:
-        """Write the example to its side; False for a duplicate (nothing written)."""
+    def add(self, key: str, example: dict[str, Any], *, side_of: str) -> bool:
+        """Write the example to its side, decided by `side_of` (its prompt): every reply to one
+        prompt is on one side, so no held-out prompt was trained on with a sibling reply (the same
+        file run twice, many players opening with the same line; review: keyed by prompt and
+        reply, they fell on both). False for a duplicate of `key` (nothing written)."""
         digest = bytes.fromhex(key)
         if digest in self.seen:
             return False
         self.seen.add(digest)
-        side = VALIDATION if int(key[:8], 16) / 0xFFFFFFFF < self.share else TRAIN
+        side_key = hashlib.sha256(side_of.encode()).hexdigest()
+        side = VALIDATION if int(side_key[:8], 16) / 0xFFFFFFFF < self.share else TRAIN
         line = json_line(example).encode()
         if side == TRAIN:
             self.last_train = (self.files[TRAIN].tell(), line)

@@ -183,6 +183,12 @@ def train_adapter(
     _same_export(dataset_dir, manifest, bytes_digest(train_bytes, held_bytes))
     if config.evaluate and not isinstance(manifest.get("character"), str):
         raise BadLoraFile(f"{dataset_dir / MANIFEST}: character: missing (`mlchat lora dataset` writes it)")
+    exported_for = manifest.get("model")
+    if exported_for is not None and exported_for != settings.model:  # before hours of training
+        raise BadLoraFile(
+            f"{dataset_dir / MANIFEST}: model: the data set holds {exported_for!r}'s turns and prompts, and"
+            f" MLCHAT_MODEL is {settings.model!r}: train with that model's settings, or export again"
+        )
     from services.characters import character_exists
 
     if config.evaluate and not character_exists(manifest["character"]):  # before hours of training
