@@ -79,6 +79,11 @@ def test_the_loss_is_on_the_reply_only_and_a_long_prompt_loses_its_start(tokeniz
     assert set(labels[: -len(reply)]) == {IGNORE} and len(ids) == len(labels)
     ids, labels = encode(tokenizer, "word " * 500, "Aye.", 32)
     assert len(ids) == 32 and labels[-len(reply) :] == reply  # the reply survives, the prompt is cut
+    # Found in review: a reply of the length or longer was cut to it, with no prompt and no end of
+    # turn (the adapter learnt text that never ends): it is left out (None), counted by train.
+    assert encode(tokenizer, "SYSTEM persona", "x" * 400, 32) is None
+    kept = encode(tokenizer, "SYSTEM persona", "Aye.", 32)
+    assert kept is not None and kept[1][-1] == tokenizer.eos_token_id and IGNORE in kept[1]
 
 
 class _BosTokenizer:

@@ -60,16 +60,19 @@ class TrainReport:
 
 def encode(
     tokenizer: Any, prompt: str, completion: str, max_length: int, add_special_tokens: bool = False
-) -> tuple[list[int], list[int]]:
+) -> tuple[list[int], list[int]] | None:
     """(input ids, labels): the prompt's labels masked, the reply's and its end-of-turn token kept.
     With `add_special_tokens` (the manifest's: the worker tokenized this format's prompts so), the
     prompt opens with what the tokenizer adds before it (BOS), as the engine was given it. When too
-    long, the prompt loses its start after those; the reply is never cut."""
+    long, the prompt loses its start after those; the reply is never cut: None when it does not fit
+    whole with a token of its prompt (it was cut to the length with no prompt and no end, teaching
+    text that never ends; review)."""
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     opening = prompt_opening(tokenizer, prompt, prompt_ids) if add_special_tokens else []
     reply_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    reply_ids = reply_ids[: max(max_length - len(opening), 1)]
-    room = max(max_length - len(opening) - len(reply_ids), 0)
+    if len(opening) + len(reply_ids) >= max_length:
+        return None
+    room = max_length - len(opening) - len(reply_ids)
     prompt_ids = opening + prompt_ids[max(0, len(prompt_ids) - room) :]
     return prompt_ids + reply_ids, [IGNORE] * len(prompt_ids) + reply_ids
 
@@ -215,8 +218,18 @@ def train_adapter(
         ),
     )
     specials = manifest.get("add_special_tokens") is True
-    train = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in train_rows]
-    held = [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in held_rows]
+    encoded = {
+        side: [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in rows]
+        for side, rows in (("train", train_rows), ("validation", held_rows))
+    }
+    train = [e for e in encoded["train"] if e is not None]
+    held = [e for e in encoded["validation"] if e is not None]
+    too_long = {side: sum(e is None for e in each) for side, each in encoded.items()}
+    if not train:
+        raise BadLoraFile(
+            f"{dataset_dir / TRAIN}: every reply is {config.max_length} tokens or longer (--max-length):"
+            " none fits whole with its prompt"
+        )
     held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
@@ -255,7 +268,8 @@ def train_adapter(
         "from_turns": manifest.get("from_turns"),
         "dataset": str(dataset_dir),
         "dataset_sha256": manifest.get("dataset_sha256"),
-        "examples": {"train": len(train), "validation": len(held)},
+        # replies that do not fit --max-length whole are left out, never cut
+        "examples": {"train": len(train), "validation": len(held), "left_out_too_long": too_long},
         "config": asdict(config),
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 1),
