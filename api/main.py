@@ -65,9 +65,10 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 # uvicorn, and picked by default): httptools grows a request's URL and each header value without a
 # bound, on the event loop, so one connection with no key could fill the memory and stall every
 # tenant; h11 answers 400 and closes once a request's line and headers pass this size.
-# A shutdown waits at most SHUTDOWN_GRACE_S for the requests and background jobs still open (streams
-# end within a second, waits at once; uvicorn's default waits for ever), then cancels them: within
-# the compose `api` service's stop_grace_period, so its lifespan's cleanup runs before any SIGKILL.
+# A shutdown waits at most SHUTDOWN_GRACE_S for the requests still open (streams end within a second,
+# waits at once; uvicorn's default waits for ever), then cancels them and runs the lifespan's cleanup,
+# within the compose `api` service's stop_grace_period. A background job already on its thread goes
+# on until it ends or the SIGKILL (a thread cannot be cancelled); housekeeping resumes what it left.
 SHUTDOWN_GRACE_S = 20
 SERVER_OPTIONS: dict[str, object] = {
     "http": "h11",

@@ -89,24 +89,29 @@ def _lock_quota(session: Session, api_key: str | None, tenant: str) -> None:
     session.execute(select(func.pg_advisory_xact_lock(_QUOTA_LOCK_NAMESPACE, func.hashtext(owner))))
 
 
-def batch_room(*, session: Session, api_key: str | None, tenant: str, input_bytes: int) -> tuple[int, int]:
-    """(bytes the key holds, bytes its batches not ended yet reserve): each batch reserves its input
-    file's size until it ends, when its output and error files are counted instead. Taken under the
-    quota's lock of the key (its uploads' and its batches' creation take turns), which the caller's
-    transaction holds until it commits the new batch. `input_bytes`: the new batch's, reserved too."""
-    _lock_quota(session, api_key, tenant)
-    held = stored_bytes(session=session, api_key=api_key, tenant=tenant)
+def quota_used(*, session: Session, api_key: str | None, tenant: str) -> int:
+    """The bytes of the key's files quota in use: every file it holds in its tenant, and what its
+    batches not ended reserve for the output and error files they write when they end (each its
+    `reserved_bytes`, recorded at its creation; one created before migration 0048, its input's size)."""
     reserved = session.scalar(
-        select(func.coalesce(func.sum(StoredFile.bytes), 0))
+        select(func.coalesce(func.sum(func.coalesce(Run.reserved_bytes, StoredFile.bytes, 0)), 0))
         .select_from(Run)
-        .join(StoredFile, StoredFile.id == Run.input_file_id)
+        .outerjoin(StoredFile, StoredFile.id == Run.input_file_id)
         .where(
             Run.api_key.is_not_distinct_from(api_key),
             Run.tenant == tenant,
+            Run.input_file_id.is_not(None),  # a batch's (a CLI run writes no file of the key's)
             Run.status.not_in(RUN_FINISHED),
         )
     )
-    return held, int(reserved or 0) + input_bytes
+    return stored_bytes(session=session, api_key=api_key, tenant=tenant) + int(reserved or 0)
+
+
+def locked_quota_used(*, session: Session, api_key: str | None, tenant: str) -> int:
+    """quota_used under the key's quota lock, held until the caller's transaction ends: the key's
+    uploads and batch creations take turns, so two cannot both fit into the last of the quota."""
+    _lock_quota(session, api_key, tenant)
+    return quota_used(session=session, api_key=api_key, tenant=tenant)
 
 
 def add_file_within_quota(
@@ -122,11 +127,9 @@ def add_file_within_quota(
     quota: int,
     expires_after_s: int | None = None,
 ) -> tuple[StoredFile | None, int]:
-    """Record an upload unless the key would then hold more than `quota` bytes: (the row or None,
-    the bytes the key held before). Uploads of one key take turns on a transaction lock, so two at
-    once cannot both fit into the last of the quota."""
-    _lock_quota(session, api_key, tenant)
-    held = stored_bytes(session=session, api_key=api_key, tenant=tenant)
+    """Record an upload unless the key would then use more than `quota` bytes (quota_used): (the
+    row or None, the bytes in use before), under the key's quota lock."""
+    held = locked_quota_used(session=session, api_key=api_key, tenant=tenant)
     if held + size > quota:
         return None, held
     row = add_file(

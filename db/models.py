@@ -367,6 +367,9 @@ class Run(Base):
     finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The first of its finalizing's failures in a row (migration 0046): past a limit, it fails.
     finalize_failed_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A batch's reservation in its key's files quota while it has not ended (migration 0048); None:
+    # one created before, reserving its input file's size.
+    reserved_bytes: Mapped[int | None] = mapped_column(BigInteger)
     cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     callback_url: Mapped[str | None] = mapped_column(Text)
     callback_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")

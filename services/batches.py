@@ -57,8 +57,10 @@ from db.session import (
 from db.world import all_character_slugs
 from services.files import (
     BadExpiry,
+    batch_reservation,
     batch_room_refusal,
     check_expiry,
+    count_lines,
     delete_expired_files,
     delete_orphan_files,
     find_file,
@@ -154,7 +156,7 @@ def create_batch(
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
     validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key's files and
-    its batches not ended (each reserving its input's size) would pass its files quota."""
+    its batches not ended (each reserving a bound on its output) would pass its files quota."""
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
     window_text = settings.batch_default_window if completion_window is None else completion_window
@@ -185,6 +187,7 @@ def create_batch(
         )
     try:  # hashed now: a delete or the expiry sweep may remove the bytes from here on
         digest = file_digest(found.path)
+        lines = count_lines(found.path)
     except FileNotFoundError:
         raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored") from None
     options = LineOptions(
@@ -202,7 +205,7 @@ def create_batch(
             window_text,
             window,
             input_file_id,
-            int(found.info["bytes"]),
+            batch_reservation(int(found.info["bytes"]), lines, candidates),
             api_key,
             tenant,
             callback,
@@ -226,14 +229,14 @@ def _create_run(
     window_text: str,
     window: timedelta,
     input_file_id: str,
-    input_bytes: int,
+    reserve: int,
     api_key: str | None,
     tenant: str,
     callback: str | None,
     output_expiry: int | None,
 ) -> dict[str, Any]:
     with session_scope() as session:
-        refused = batch_room_refusal(session, api_key, tenant, input_bytes)
+        refused = batch_room_refusal(session, api_key, tenant, reserve)
         if refused is not None:
             raise refused
         run, _ = create_run(
@@ -254,6 +257,7 @@ def _create_run(
                 "tenant": tenant,
                 "callback_url": callback,
                 "output_expires_after_s": output_expiry,
+                "reserved_bytes": reserve,
             },
         )
         session.flush()

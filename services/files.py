@@ -121,7 +121,8 @@ def _path_of(file_id: str) -> Path:
 def _over_quota(held: int, size: int | None) -> QuotaReached:
     upload = "no upload fits" if size is None else f"a {size}-byte upload does not fit"
     return QuotaReached(
-        f"file: this API key holds {held} bytes of files and the quota (MLCHAT_FILES_QUOTA_BYTES) is"
+        f"file: this API key uses {held} bytes of its files quota (its files, and room its batches not"
+        f" ended reserve for their output) and the quota (MLCHAT_FILES_QUOTA_BYTES) is"
         f" {settings.files_quota_bytes}; {upload} (delete files to make room)"
     )
 
@@ -130,24 +131,50 @@ def _over_quota(held: int, size: int | None) -> QuotaReached:
 MULTIPART_SLACK = 64 * 1024
 
 
-def batch_room_refusal(
-    session: Any, api_key: str | None, tenant: str, input_bytes: int
-) -> QuotaReached | None:
-    """Why a new batch of `input_bytes` of input does not fit the key's quota (in the caller's
-    transaction, which then holds the key's quota lock until it commits the batch), or None. Its
-    output and error files are written when it ends, past any check then: each batch not ended
-    reserves its input's size meanwhile, so one input sent again and again is refused once the
-    batches in flight fill the quota, not only once their files are stored (review)."""
-    held, reserved = stored.batch_room(
-        session=session, api_key=api_key, tenant=tenant, input_bytes=input_bytes
+# What one line of a batch may write to its output or error file besides its reply's text: the ids,
+# the response's envelope, usage, the mlchat block (seed, quality, timings), an error's message.
+OUTPUT_LINE_ENVELOPE_BYTES = 4096
+# A reply's token as its output line holds it: a few characters of UTF-8 (the lines are written
+# with non-ASCII as is). An allowance, not a strict bound: a reply of JSON-escaped control characters
+# could pass it.
+OUTPUT_BYTES_PER_TOKEN = 8
+
+
+def batch_reservation(input_bytes: int, lines: int, candidates: int | None) -> int:
+    """The bytes a batch of `lines` lines may store when it ends, its output and error files, as
+    reserved of the quota while it has not ended: its input's size, and for each line its envelope
+    and `candidates` replies of MLCHAT_MAX_NEW_TOKENS_LIMIT tokens (about 12 KB a line by default)."""
+    per_line = (
+        OUTPUT_LINE_ENVELOPE_BYTES
+        + (candidates or 1) * settings.max_new_tokens_limit * OUTPUT_BYTES_PER_TOKEN
     )
-    if held + reserved <= settings.files_quota_bytes:
+    return input_bytes + lines * per_line
+
+
+def count_lines(path: Path) -> int:
+    """Lines of a file (a last one without its newline counts), read in chunks."""
+    lines, last = 0, b"\n"
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    return lines + (last != b"\n")
+
+
+def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: int) -> QuotaReached | None:
+    """Why a new batch reserving `reserve` bytes does not fit the key's quota, or None; in the
+    caller's transaction, which then holds the key's quota lock until it commits the batch. Its
+    output and error files are written when it ends, past any check then: each batch not ended
+    reserves a bound on them meanwhile (review: batches created back to back from one small file all
+    passed, their outputs many times the quota)."""
+    used = stored.locked_quota_used(session=session, api_key=api_key, tenant=tenant)
+    if used + reserve <= settings.files_quota_bytes:
         return None
     return QuotaReached(
-        f"input_file_id: this API key holds {held} bytes of files and its batches not ended reserve"
-        f" {reserved} more (each its input's size, this one's included); the quota"
-        f" (MLCHAT_FILES_QUOTA_BYTES) is {settings.files_quota_bytes} (delete files, or wait for batches"
-        " to end)"
+        f"input_file_id: this API key uses {used} bytes of its files quota (its files, and room its"
+        f" batches not ended reserve for their output) and this batch would reserve {reserve} more"
+        f" (its input, and a bound on each of its lines' output); the quota (MLCHAT_FILES_QUOTA_BYTES)"
+        f" is {settings.files_quota_bytes} (delete files, or wait for batches to end)"
     )
 
 
@@ -246,8 +273,9 @@ def _clear_partial(partial: Path) -> None:
 
 
 def _held(api_key: str | None, tenant: str) -> int:
+    """The bytes of the key's quota in use (db/files.py::quota_used)."""
     with session_scope() as session:
-        return stored.stored_bytes(session=session, api_key=api_key, tenant=tenant)
+        return stored.quota_used(session=session, api_key=api_key, tenant=tenant)
 
 
 def _record(

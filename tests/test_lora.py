@@ -1315,3 +1315,35 @@ def test_a_rank_the_workers_cannot_load_is_refused_before_training(tmp_path, cap
     )
     err = capsys.readouterr().err
     assert f"--rank: {rank} is over MLCHAT_MAX_LORA_RANK" in err and "Traceback" not in err
+
+
+def test_the_one_held_out_example_is_one_whose_prompt_train_does_not_hold(world, tokenizer, tmp_path) -> None:
+    """Found in review: with none held out, the last train line was moved to validation, its
+    sibling replies to the same prompt left in train (the leak the per-prompt split removed)."""
+    slug = "lora-held-out"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD | {"example_dialogues": []})
+    good = {"below_bar": [], "persona": 0.6}
+    _store(
+        [
+            ("Prompt alone", "Only reply.", good),
+            ("Prompt A", "Reply 1.", good),
+            ("Prompt A", "Reply 2.", good),
+        ],
+        slug=slug,
+    )
+    report = export_dataset(slug, tmp_path / "ds", validation_share=0.0, tokenizer=tokenizer)
+    sides = {
+        name: [
+            json.loads(x)["prompt"] for x in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
+        ]
+        for name in ("train.jsonl", "validation.jsonl")
+    }
+    assert sides["validation.jsonl"] == ["Prompt alone"] and sorted(sides["train.jsonl"]) == ["Prompt A"] * 2
+    assert (report.train, report.validation) == (2, 1)
+    siblings = "lora-siblings-only"  # every prompt with several replies: none can be held out alone
+    with session_scope() as s:
+        upsert_character(session=s, slug=siblings, fields=CARD | {"example_dialogues": []})
+    _store([("Prompt B", "Reply 1.", good), ("Prompt B", "Reply 2.", good)], slug=siblings)
+    alone = export_dataset(siblings, tmp_path / "ds2", validation_share=0.0, tokenizer=tokenizer)
+    assert (alone.train, alone.validation) == (2, 0)

@@ -15,9 +15,8 @@ import pytest
 
 from api.body_limit import BodySizeLimit
 from core.settings import settings
-from db.files import add_file_within_quota, stored_bytes
-from db.models import RUN_FINISHED, Run
-from db.models import StoredFile as StoredFileRow
+from db.files import add_file_within_quota, quota_used, stored_bytes
+from db.models import Run
 from db.session import session_scope
 from tests.conftest import INGEST_KEY
 
@@ -157,7 +156,8 @@ def test_a_chunked_upload_is_stored_or_refused_keeping_nothing(base_url, monkeyp
 def test_an_upload_past_the_keys_quota_is_403_and_keeps_nothing(base_url, monkeypatch) -> None:
     with session_scope() as s:
         held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
-    monkeypatch.setattr(settings, "files_quota_bytes", held + 3000)
+        used = quota_used(session=s, api_key="game-a", tenant="game-a")  # its batches' reservations too
+    monkeypatch.setattr(settings, "files_quota_bytes", used + 3000)
     headers, body = _multipart(b"x" * 2000)
     first = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
     assert first.status_code == 200, first.text
@@ -223,7 +223,7 @@ def _answer_to_an_endless_upload(base_url: str, key: str) -> bytes:
 
 def test_a_key_at_its_quota_is_refused_before_the_body_is_read(base_url, monkeypatch) -> None:
     with session_scope() as s:
-        held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
+        held = quota_used(session=s, api_key="game-a", tenant="game-a")
     monkeypatch.setattr(settings, "files_quota_bytes", held)  # at its quota: nothing more fits
     answer = _answer_to_an_endless_upload(base_url, INGEST_KEY)
     assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
@@ -482,13 +482,17 @@ def test_an_upload_whose_commit_reply_is_lost_keeps_the_bytes_its_row_lists(worl
     assert checked_in and checked_in[0] is not threading.current_thread()
 
 
-def test_batches_in_flight_reserve_their_inputs_size_of_the_quota(base_url, monkeypatch) -> None:
+def test_batches_in_flight_reserve_room_for_their_output_and_uploads_count_it(base_url, monkeypatch) -> None:
     """Found in review: only uploads were refused at the quota, while each batch of one input file
     writes output and error files of its own when it ends: a key sending the same file again and
     again stored files without bound (README: the quota counts its batches' output and error files).
-    Then (the second review) a batch was refused only once the key held its quota: batches created
-    back to back, none ended yet, all passed. Each batch not ended reserves its input's size."""
+    Then (the second review) batches created back to back all passed, and (the third) a reservation
+    of the input's size let their outputs, several times larger, pass the quota, and uploads did not
+    see the reservations at all. Each batch not ended reserves a bound on its output, and an upload
+    counts it too."""
     from sqlalchemy import func, select
+
+    from services.files import batch_reservation
 
     line = {
         "custom_id": "q-1",
@@ -500,21 +504,26 @@ def test_batches_in_flight_reserve_their_inputs_size_of_the_quota(base_url, monk
     uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
     assert uploaded.status_code == 200, uploaded.text
     file_id, size = uploaded.json()["id"], uploaded.json()["bytes"]
-    with session_scope() as s:
-        held = stored_bytes(session=s, api_key="game-a", tenant="game-a")
-        reserved = s.scalar(  # the key's other batches not ended yet (other cases' own)
-            select(func.coalesce(func.sum(StoredFileRow.bytes), 0))
-            .select_from(Run)
-            .join(StoredFileRow, StoredFileRow.id == Run.input_file_id)
-            .where(Run.api_key == "game-a", Run.tenant == "game-a", Run.status.not_in(RUN_FINISHED))
-        )
-    monkeypatch.setattr(settings, "files_quota_bytes", held + int(reserved) + size)  # room for one batch
     create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     first = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
     assert first.status_code == 200, first.text
+    reserve = batch_reservation(size, 1, None)
+    with session_scope() as s:
+        assert s.scalar(select(Run.reserved_bytes).where(Run.name == first.json()["id"])) == reserve
+        used = quota_used(session=s, api_key="game-a", tenant="game-a")  # the first batch's included
+    # Room for less than another batch's reservation (a batch that ends meanwhile only frees room:
+    # its files are below its reservation).
+    monkeypatch.setattr(settings, "files_quota_bytes", used + reserve - 1)
     second = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
     assert second.status_code == 403, second.text
     message = second.json()["error"]["message"]
     assert message.startswith("input_file_id: ") and "MLCHAT_FILES_QUOTA_BYTES" in message, message
     with session_scope() as s:
         assert s.scalar(select(func.count()).where(Run.input_file_id == file_id)) == 1  # the first only
+    # An upload counts the reservations too: 2,000 bytes fit beside the files held, not beside them
+    # and the first batch's reservation.
+    monkeypatch.setattr(settings, "files_quota_bytes", used + 1999)
+    upload, upload_body = _multipart(b"x" * 2000)
+    refused = httpx.post(f"{base_url}/v1/files", content=upload_body, headers=INGEST | upload)
+    assert refused.status_code == 403 and "MLCHAT_FILES_QUOTA_BYTES" in refused.text, refused.text
+    httpx.post(f"{base_url}/v1/batches/{first.json()['id']}/cancel", headers=INGEST)

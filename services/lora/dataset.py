@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import uuid
 from collections import Counter
 from dataclasses import dataclass
@@ -224,7 +225,6 @@ class _Split:
         self.share = validation_share
         self.seen: set[bytes] = set()
         self.counts = {TRAIN: 0, VALIDATION: 0}
-        self.last_train = (0, b"")  # where the last train line starts, and the line
 
     @property
     def written(self) -> int:
@@ -245,24 +245,48 @@ class _Split:
         self.seen.add(digest)
         side_key = hashlib.sha256(side_of.encode()).hexdigest()
         side = VALIDATION if int(side_key[:8], 16) / 0xFFFFFFFF < self.share else TRAIN
-        line = json_line(example).encode()
-        if side == TRAIN:
-            self.last_train = (self.files[TRAIN].tell(), line)
-        self.files[side].write(line)
+        self.files[side].write(json_line(example).encode())
         self.counts[side] += 1
         return True
 
     def finish(self) -> tuple[dict[str, int], str]:
-        """Close the files; (examples on each side, sha256 of train's bytes then validation's)."""
-        if not self.counts[VALIDATION] and self.counts[TRAIN] > 1:  # keep at least one to validate on
-            offset, line = self.last_train
-            self.files[TRAIN].truncate(offset)
-            self.files[VALIDATION].write(line)
+        """Close the files; (examples on each side, sha256 of train's bytes then validation's).
+        With none held out, one example is moved to validation: the last whose prompt train holds no
+        other reply to (moving any line brought back the held-out prompt trained on with a sibling
+        reply; review); none when every prompt has several."""
+        self.files[TRAIN].close()
+        if not self.counts[VALIDATION] and self.counts[TRAIN] > 1 and self._move_one_alone():
             self.counts[TRAIN] -= 1
             self.counts[VALIDATION] += 1
         for name in (TRAIN, VALIDATION):
             self.files[name].close()
         return dict(self.counts), files_digest(self.paths[TRAIN], self.paths[VALIDATION])
+
+    def _move_one_alone(self) -> bool:
+        """Move train's last line whose prompt occurs once in it to validation (train rewritten
+        without it, read line by line twice: only the prompts' hashes are held)."""
+        train = self.paths[TRAIN]
+
+        def prompt_of(line: bytes) -> bytes:
+            return hashlib.sha256(json.loads(line)["prompt"].encode()).digest()[:16]
+
+        with train.open("rb") as lines:
+            prompts = Counter(prompt_of(line) for line in lines)
+        chosen, moved = -1, b""
+        with train.open("rb") as lines:
+            for i, line in enumerate(lines):
+                if prompts[prompt_of(line)] == 1:
+                    chosen, moved = i, line
+        if chosen < 0:
+            return False
+        kept = train.with_name(f".mlchat-{uuid.uuid4().hex}-kept.part")  # a killed writer's is swept
+        with train.open("rb") as lines, kept.open("wb") as out:
+            for i, line in enumerate(lines):
+                if i != chosen:
+                    out.write(line)
+        os.replace(kept, train)
+        self.files[VALIDATION].write(moved)
+        return True
 
     def __exit__(self, *exc: object) -> None:
         for handle in self.files.values():
