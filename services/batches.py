@@ -205,7 +205,7 @@ def create_batch(
             window_text,
             window,
             input_file_id,
-            batch_reservation(int(found.info["bytes"]), lines, candidates),
+            batch_reservation(int(found.info["bytes"]), lines),
             api_key,
             tenant,
             callback,

@@ -140,14 +140,13 @@ OUTPUT_LINE_ENVELOPE_BYTES = 4096
 OUTPUT_BYTES_PER_TOKEN = 8
 
 
-def batch_reservation(input_bytes: int, lines: int, candidates: int | None) -> int:
-    """The bytes a batch of `lines` lines may store when it ends, its output and error files, as
-    reserved of the quota while it has not ended: its input's size, and for each line its envelope
-    and `candidates` replies of MLCHAT_MAX_NEW_TOKENS_LIMIT tokens (about 12 KB a line by default)."""
-    per_line = (
-        OUTPUT_LINE_ENVELOPE_BYTES
-        + (candidates or 1) * settings.max_new_tokens_limit * OUTPUT_BYTES_PER_TOKEN
-    )
+def batch_reservation(input_bytes: int, lines: int) -> int:
+    """The bytes a batch of `lines` lines is taken to store when it ends, its output and error files,
+    as reserved of the quota while it has not ended: its input's size, and for each line its
+    envelope and one reply of MLCHAT_MAX_NEW_TOKENS_LIMIT tokens (about 12 KB a line by default).
+    A line asking for several choices (`n`), or a scene line (a turn a step), writes more than
+    that: the reservation is counted before the lines are read, and does not bound those."""
+    per_line = OUTPUT_LINE_ENVELOPE_BYTES + settings.max_new_tokens_limit * OUTPUT_BYTES_PER_TOKEN
     return input_bytes + lines * per_line
 
 
@@ -167,8 +166,15 @@ def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: 
     output and error files are written when it ends, past any check then: each batch not ended
     reserves a bound on them meanwhile (review: batches created back to back from one small file all
     passed, their outputs many times the quota)."""
+    quota = settings.files_quota_bytes
+    if reserve > quota:  # no deletion would make room: said so, not "delete files"
+        return QuotaReached(
+            f"input_file_id: this batch alone would reserve {reserve} bytes (its input, and a bound on"
+            f" each of its lines' output), past the quota (MLCHAT_FILES_QUOTA_BYTES) of {quota}: split"
+            " the file into smaller batches, or raise the quota"
+        )
     used = stored.locked_quota_used(session=session, api_key=api_key, tenant=tenant)
-    if used + reserve <= settings.files_quota_bytes:
+    if used + reserve <= quota:
         return None
     return QuotaReached(
         f"input_file_id: this API key uses {used} bytes of its files quota (its files, and room its"

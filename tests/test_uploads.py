@@ -507,7 +507,7 @@ def test_batches_in_flight_reserve_room_for_their_output_and_uploads_count_it(ba
     create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     first = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
     assert first.status_code == 200, first.text
-    reserve = batch_reservation(size, 1, None)
+    reserve = batch_reservation(size, 1)
     with session_scope() as s:
         assert s.scalar(select(Run.reserved_bytes).where(Run.name == first.json()["id"])) == reserve
         used = quota_used(session=s, api_key="game-a", tenant="game-a")  # the first batch's included
@@ -527,3 +527,8 @@ def test_batches_in_flight_reserve_room_for_their_output_and_uploads_count_it(ba
     refused = httpx.post(f"{base_url}/v1/files", content=upload_body, headers=INGEST | upload)
     assert refused.status_code == 403 and "MLCHAT_FILES_QUOTA_BYTES" in refused.text, refused.text
     httpx.post(f"{base_url}/v1/batches/{first.json()['id']}/cancel", headers=INGEST)
+    # A batch whose reservation alone passes the quota is told so, not to delete files (review).
+    monkeypatch.setattr(settings, "files_quota_bytes", reserve - 1)
+    alone = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
+    assert alone.status_code == 403 and "this batch alone would reserve" in alone.text, alone.text
+    assert "delete files" not in alone.text

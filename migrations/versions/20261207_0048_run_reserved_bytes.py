@@ -6,7 +6,7 @@ Create Date: 2026-12-07 01:30:00
 
 A batch's output and error files are written when it ends, past any quota check then; a key could
 create batches back to back from one small file until their outputs held many times its quota. Each
-batch records, at its creation, the bytes its files may take (its input's size plus a bound for each
+batch records, at its creation, the room its files are taken to need (its input's size plus an allowance for each
 line's output), reserved while it has not ended. A batch created before has none recorded and
 reserves its input file's size.
 """

@@ -280,11 +280,15 @@ class _Split:
         if chosen < 0:
             return False
         kept = train.with_name(f".mlchat-{uuid.uuid4().hex}-kept.part")  # a killed writer's is swept
-        with train.open("rb") as lines, kept.open("wb") as out:
-            for i, line in enumerate(lines):
-                if i != chosen:
-                    out.write(line)
-        os.replace(kept, train)
+        try:
+            with train.open("rb") as lines, kept.open("wb") as out:
+                for i, line in enumerate(lines):
+                    if i != chosen:
+                        out.write(line)
+            os.replace(kept, train)
+        except BaseException:  # a full disk: no partial copy of the prompts left beside the set
+            kept.unlink(missing_ok=True)
+            raise
         self.files[VALIDATION].write(moved)
         return True
 

@@ -207,16 +207,6 @@ def train_adapter(
     base = resolve_model_path(settings)
     tokenizer = AutoTokenizer.from_pretrained(base)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model: Any = get_peft_model(
-        AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device),  # type: ignore[arg-type]
-        LoraConfig(
-            r=config.rank,
-            lora_alpha=config.alpha,
-            lora_dropout=config.dropout,
-            target_modules=list(config.target_modules),
-            task_type="CAUSAL_LM",
-        ),
-    )
     specials = manifest.get("add_special_tokens") is True
     encoded = {
         side: [encode(tokenizer, r["prompt"], r["completion"], config.max_length, specials) for r in rows]
@@ -229,7 +219,17 @@ def train_adapter(
         raise BadLoraFile(
             f"{dataset_dir / TRAIN}: every reply is {config.max_length} tokens or longer (--max-length):"
             " none fits whole with its prompt"
-        )
+        )  # before the model loads
+    model: Any = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(device),  # type: ignore[arg-type]
+        LoraConfig(
+            r=config.rank,
+            lora_alpha=config.alpha,
+            lora_dropout=config.dropout,
+            target_modules=list(config.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )
     held_batches = _batches(held, config.batch_size, pad, device)
     per_epoch = math.ceil(len(train) / config.batch_size)
     steps = min(config.max_steps or per_epoch * config.epochs, per_epoch * config.epochs)
