@@ -164,12 +164,12 @@ def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: 
     """Why a new batch reserving `reserve` bytes does not fit the key's quota, or None; in the
     caller's transaction, which then holds the key's quota lock until it commits the batch. Its
     output and error files are written when it ends, past any check then: each batch not ended
-    reserves a bound on them meanwhile (review: batches created back to back from one small file all
+    reserves an allowance for them meanwhile (review: batches created back to back from one small file all
     passed, their outputs many times the quota)."""
     quota = settings.files_quota_bytes
     if reserve > quota:  # no deletion would make room: said so, not "delete files"
         return QuotaReached(
-            f"input_file_id: this batch alone would reserve {reserve} bytes (its input, and a bound on"
+            f"input_file_id: this batch alone would reserve {reserve} bytes (its input, and an allowance for"
             f" each of its lines' output), past the quota (MLCHAT_FILES_QUOTA_BYTES) of {quota}: split"
             " the file into smaller batches, or raise the quota"
         )
@@ -179,7 +179,7 @@ def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: 
     return QuotaReached(
         f"input_file_id: this API key uses {used} bytes of its files quota (its files, and room its"
         f" batches not ended reserve for their output) and this batch would reserve {reserve} more"
-        f" (its input, and a bound on each of its lines' output); the quota (MLCHAT_FILES_QUOTA_BYTES)"
+        f" (its input, and an allowance for each of its lines' output); the quota (MLCHAT_FILES_QUOTA_BYTES)"
         f" is {settings.files_quota_bytes} (delete files, or wait for batches to end)"
     )
 
