@@ -36,6 +36,11 @@ CHARACTER_FIELDS = (
 )
 
 
+def character_defaults(*names: str) -> dict[str, Any]:
+    """The characters table's own defaults of these columns (what a new row gets)."""
+    return {name: Character.__table__.c[name].default.arg for name in names}
+
+
 def upsert_character(*, session: Session, slug: str, fields: dict[str, Any]) -> int:
     """Insert or update a character by slug; returns its id."""
     stored = save_character(session=session, slug=slug, fields=fields)

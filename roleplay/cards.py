@@ -180,9 +180,7 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
     extensions = data.get("extensions")
     ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
     ours = ours if isinstance(ours, dict) else {}
-    # Always written: a re-import over a character replaces them as an import of a new one sets them
-    # (a card without them kept the old speech style in every prompt, which its export did not show).
-    own: dict[str, Any] = {"speech_style": "", "language": DEFAULT_LANGUAGE}
+    own: dict[str, Any] = {}
     if isinstance(ours.get("speech_style"), str):
         own["speech_style"] = ours["speech_style"]
     language = ours.get("language")
@@ -201,7 +199,6 @@ def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 
 LANGUAGE_MAX = 16  # characters.language
-DEFAULT_LANGUAGE = "en"  # characters.language's default
 
 
 # A speaker's line: `{{user}}:`/`{{char}}:`, or TavernAI's legacy `<USER>:`/`<BOT>:`/`<CHAR>:`.

@@ -60,7 +60,6 @@ from services.files import (
     batch_reservation,
     batch_room_refusal,
     check_expiry,
-    count_lines,
     delete_expired_files,
     delete_orphan_files,
     find_file,
@@ -71,7 +70,7 @@ from services.pages import list_object
 from services.runs.export import cancelled_alone, write_never_stored, write_outputs
 from services.runs.openai_lines import ENDPOINT, LineOptions
 from services.runs.submit import RunBusy, RunConflict, one_line, submit_run
-from services.runs.validate import EmptyFile, RunValidationError, file_digest, param_of
+from services.runs.validate import EmptyFile, RunValidationError, file_digest_and_lines, param_of
 from services.schemas import storable_text
 from services.turn_callbacks import send_turn_callbacks
 
@@ -156,7 +155,7 @@ def create_batch(
 ) -> dict[str, Any]:
     """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
     validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key's files and
-    its batches not ended (each reserving a bound on its output) would pass its files quota."""
+    its batches not ended (each reserving an allowance for its output) would pass its files quota."""
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
     window_text = settings.batch_default_window if completion_window is None else completion_window
@@ -186,8 +185,7 @@ def create_batch(
             f"input_file_id: {input_file_id!r} has purpose {found.info['purpose']!r}, not 'batch'"
         )
     try:  # hashed now: a delete or the expiry sweep may remove the bytes from here on
-        digest = file_digest(found.path)
-        lines = count_lines(found.path)
+        digest, lines = file_digest_and_lines(found.path)
     except FileNotFoundError:
         raise BatchRefused(f"input_file_id: the bytes of {input_file_id!r} are no longer stored") from None
     options = LineOptions(

@@ -17,6 +17,7 @@ from db.vector_space import refuse_if_moved
 from db.world import (
     INLINE_PREFIX,
     append_story_event,
+    character_defaults,
     character_listing,
     get_character,
     save_character,
@@ -87,7 +88,14 @@ def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
     imported = read_card(raw, max_bytes=settings.card_max_bytes, max_text_bytes=settings.card_max_text_bytes)
     if slug is not None and not _SLUG.fullmatch(slug):
         raise CardError(f"slug {slug!r} must be 1-64 lowercase letters, digits, '-' or '_'")
-    fields: dict[str, Any] = {**imported.fields, "card": imported.card, "lorebook": imported.lorebook}
+    # A card replaces the character whole: the fields it lacks get what a new character gets (a card
+    # without mlchat's speech style kept the old one in every prompt, which its export did not show).
+    fields: dict[str, Any] = {
+        **character_defaults("speech_style", "language"),
+        **imported.fields,
+        "card": imported.card,
+        "lorebook": imported.lorebook,
+    }
     name = imported.fields["name"]
     reserved = slug if slug is not None else slug_for(name)
     if reserved.startswith(INLINE_PREFIX):  # the inline request shape's characters, matched by content

@@ -134,14 +134,17 @@ FALLBACK_KEPT_S = 300.0
 def _sanitizer(model: str) -> Sanitizer:
     """The prompt sanitiser of the line's model, as its worker builds it; any model's markers when
     this host has not got that model's tokenizer (an API host without the weights)."""
-    kept = _sanitizers.get(model)
-    if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
-        return kept[0]
+    kept = _kept_sanitizer(model)
+    if kept is not None:
+        return kept
     with _SANITIZER_LOADING:  # concurrent first edits wait for one tokenizer load, not one each
-        kept = _sanitizers.get(model)
-        if kept is not None and (kept[1] is None or kept[1] > time.monotonic()):
-            return kept[0]
-        return _load_sanitizer(model)
+        kept = _kept_sanitizer(model)
+        return kept if kept is not None else _load_sanitizer(model)
+
+
+def _kept_sanitizer(model: str) -> Sanitizer | None:
+    kept = _sanitizers.get(model)
+    return kept[0] if kept is not None and (kept[1] is None or kept[1] > time.monotonic()) else None
 
 
 def _load_sanitizer(model: str) -> Sanitizer:

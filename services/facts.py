@@ -96,22 +96,23 @@ class MoveView(BaseModel):
 
 def _views(session: Session, facts: Sequence[Fact]) -> list[FactView]:
     shown = _shown_refs(session, [(f.scope, f.scope_ref) for f in facts])
-    return [
-        FactView(
-            id=fact.id,
-            player=fact.player_id,
-            kind=fact.kind.value,
-            subject=fact.subject,
-            text=fact.text,
-            source=fact.source,
-            importance=fact.importance,
-            scope=fact.scope.value,
-            scope_ref=shown(fact.scope, fact.scope_ref),
-            superseded_by=fact.superseded_by,
-            created_at=fact.created_at,
-        )
-        for fact in facts
-    ]
+    return [_view(fact, shown) for fact in facts]
+
+
+def _view(fact: Fact, shown: Callable[[Any, str], str]) -> FactView:
+    return FactView(
+        id=fact.id,
+        player=fact.player_id,
+        kind=fact.kind.value,
+        subject=fact.subject,
+        text=fact.text,
+        source=fact.source,
+        importance=fact.importance,
+        scope=fact.scope.value,
+        scope_ref=shown(fact.scope, fact.scope_ref),
+        superseded_by=fact.superseded_by,
+        created_at=fact.created_at,
+    )
 
 
 def _shown_refs(session: Session, refs: Sequence[tuple[Any, str]]) -> Callable[[Any, str], str]:
@@ -321,7 +322,7 @@ def gossip(
                 record_ids(session=session, tenant=tenant, kind=MOVES_KEY, key=idempotency_key, ids=[fact_id])
         recorded = fact_moves(session=session, fact_id=fact_id)
         refs = [(m.from_scope, m.from_ref) for m in recorded] + [(m.to_scope, m.to_ref) for m in recorded]
-        shown = _shown_refs(session, refs)
+        shown = _shown_refs(session, [*refs, (fact.scope, fact.scope_ref)])  # the fact's too: one query
         moves = [
             MoveView(
                 fact_id=m.fact_id,
@@ -334,5 +335,4 @@ def gossip(
             )
             for m in recorded
         ]
-        (view,) = _views(session, [fact])
-        return view, moves, earlier is not None
+        return _view(fact, shown), moves, earlier is not None

@@ -150,16 +150,6 @@ def batch_reservation(input_bytes: int, lines: int) -> int:
     return input_bytes + lines * per_line
 
 
-def count_lines(path: Path) -> int:
-    """Lines of a file (a last one without its newline counts), read in chunks."""
-    lines, last = 0, b"\n"
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
-    return lines + (last != b"\n")
-
-
 def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: int) -> QuotaReached | None:
     """Why a new batch reserving `reserve` bytes does not fit the key's quota, or None; in the
     caller's transaction, which then holds the key's quota lock until it commits the batch. Its

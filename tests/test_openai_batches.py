@@ -1259,13 +1259,13 @@ def test_a_batch_whose_file_is_deleted_while_it_is_created_is_refused_naming_the
     # (FileNotFoundError), and one after the hash made a batch on bytes that were gone
     from services.runs import validate
 
-    hashed = validate.file_digest
+    hashed = validate.file_digest_and_lines
 
-    def deleted_first(path: Path) -> str:
+    def deleted_first(path: Path) -> tuple[str, int]:
         path.unlink()
         return hashed(path)
 
-    monkeypatch.setattr(batches, "file_digest", deleted_first)
+    monkeypatch.setattr(batches, "file_digest_and_lines", deleted_first)
     with pytest.raises(
         batches.BatchRefused, match=r"^input_file_id: the bytes of 'file-.*' are no longer stored"
     ):

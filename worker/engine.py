@@ -370,16 +370,12 @@ _ENGINE_SETTINGS = (
 def named_engine_setting(exc: BaseException) -> BadEngineSetting | None:
     """vLLM's refusal of a setting as one line naming its variable (README: a bad setting is one
     line, never a traceback), or None for a refusal no setting explains."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):  # pydantic's: each error's own message, not the summary's framing
-        try:
-            reason = "; ".join(str(e.get("msg", "")) for e in errors())
-        except Exception:
-            reason = str(exc)
-        title = getattr(exc, "title", None)  # the config class pydantic refused (ModelConfig, …)
-        reason = f"{title}: {reason}" if isinstance(title, str) else reason
-    else:
-        reason = str(exc)
+    from pydantic import ValidationError
+
+    from core.validation import first_error
+
+    # pydantic's: its first error under the config class it refused (ModelConfig, …), not the summary
+    reason = first_error(exc, exc.title) if isinstance(exc, ValidationError) else str(exc)
     reason = " ".join(reason.split())[:500]
     for words, variable in _ENGINE_SETTINGS:
         if any(word in reason for word in words):

@@ -251,7 +251,7 @@ class _Split:
 
     def finish(self) -> tuple[dict[str, int], str]:
         """Close the files; (examples on each side, sha256 of train's bytes then validation's).
-        With none held out, one example is moved to validation: the last whose prompt train holds no
+        With none held out, one example is moved to validation: the first whose prompt train holds no
         other reply to (moving any line brought back the held-out prompt trained on with a sibling
         reply; review); none when every prompt has several."""
         self.files[TRAIN].close()
@@ -263,8 +263,8 @@ class _Split:
         return dict(self.counts), files_digest(self.paths[TRAIN], self.paths[VALIDATION])
 
     def _move_one_alone(self) -> bool:
-        """Move train's last line whose prompt occurs once in it to validation (train rewritten
-        without it, read line by line twice: only the prompts' hashes are held)."""
+        """Move train's first line whose prompt occurs once in it to validation: one read to count
+        the prompts (only their hashes held), one to copy train without that line."""
         train = self.paths[TRAIN]
 
         def prompt_of(line: bytes) -> bytes:
@@ -272,18 +272,16 @@ class _Split:
 
         with train.open("rb") as lines:
             prompts = Counter(prompt_of(line) for line in lines)
-        chosen, moved = -1, b""
-        with train.open("rb") as lines:
-            for i, line in enumerate(lines):
-                if prompts[prompt_of(line)] == 1:
-                    chosen, moved = i, line
-        if chosen < 0:
+        if 1 not in prompts.values():
             return False
+        moved = b""
         kept = train.with_name(f".mlchat-{uuid.uuid4().hex}-kept.part")  # a killed writer's is swept
         try:
             with train.open("rb") as lines, kept.open("wb") as out:
-                for i, line in enumerate(lines):
-                    if i != chosen:
+                for line in lines:
+                    if not moved and prompts[prompt_of(line)] == 1:
+                        moved = line
+                    else:
                         out.write(line)
             os.replace(kept, train)
         except BaseException:  # a full disk: no partial copy of the prompts left beside the set

@@ -333,11 +333,18 @@ def parse_again(check: FileCheck, text: str) -> RunLine:
 
 
 def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
+    return file_digest_and_lines(path)[0]
+
+
+def file_digest_and_lines(path: Path) -> tuple[str, int]:
+    """The file's sha256 and its lines (a last one without its newline counts), in one read."""
+    digest, lines, last = hashlib.sha256(), 0, b"\n"
     with path.open("rb") as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+            lines += block.count(b"\n")
+            last = block[-1:]
+    return digest.hexdigest(), lines + (last != b"\n")
 
 
 @dataclass
