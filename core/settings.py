@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import re
+import sys
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -641,15 +644,19 @@ class Settings(BaseSettings):
         """The prompt format, inferred from the model name when 'auto'."""
         if self.prompt_format != "auto":
             return self.prompt_format
-        name = (self.model_path or self.model).lower()
-        if "solar" in name:
-            return "solar"
-        if "eeve" in name:
-            return "eeve"
-        if "gpt-oss" in name or "gpt_oss" in name:
-            # Its chat template opens a harmony reply whose analysis channel, special tokens skipped,
-            # would be stored in the reply; the original service prompted it as plain dialogue.
-            return "gpt_oss_text"
+        # The weights' path first, then the served name: a fine-tuned folder ("/models/ft-20b")
+        # often names no family, while MLCHAT_MODEL still does (review, stop 75).
+        for name in (self.model_path or "", self.model):
+            name = name.lower()
+            if "solar" in name:
+                return "solar"
+            if "eeve" in name:
+                return "eeve"
+            if "gpt-oss" in name or "gpt_oss" in name:
+                # Its chat template opens a harmony reply whose analysis channel, special tokens
+                # skipped, would be stored in the reply; the original service prompted it as plain
+                # dialogue.
+                return "gpt_oss_text"
         return "chat_template"
 
 
@@ -714,16 +721,21 @@ def queue_for_model(model: str, lane: Lane = "live") -> str:
 _NEVER_EMPTY = ("DATABASE_URL", "MLCHAT_DATABASE_URL", "REDIS_URL", "MLCHAT_REDIS_URL", "MLCHAT_MODEL")
 
 
-def _set_but_empty() -> str | None:
-    """The first of _NEVER_EMPTY set to a blank value, in the environment or else in `.env`."""
+def _dotenv() -> dict[str, str | None]:
+    """`.env`'s entries by their names in upper case ({} without one)."""
     from dotenv import dotenv_values
 
-    # Any case, as the settings read them (`database_url=` is DATABASE_URL too).
     try:
         found = dotenv_values(".env") if Path(".env").is_file() else {}
     except (OSError, UnicodeDecodeError) as exc:
         raise SystemExit(f"mlchat: bad setting: .env: cannot be read ({exc})") from None
-    dotenv = {k.upper(): v for k, v in found.items()}
+    return {k.upper(): v for k, v in found.items()}
+
+
+def _set_but_empty() -> str | None:
+    """The first of _NEVER_EMPTY set to a blank value, in the environment or else in `.env`."""
+    # Any case, as the settings read them (`database_url=` is DATABASE_URL too).
+    dotenv = _dotenv()
     environ = {k.upper(): v for k, v in os.environ.items()}
     for name in _NEVER_EMPTY:
         value = environ.get(name, dotenv.get(name))
@@ -732,11 +744,54 @@ def _set_but_empty() -> str | None:
     return None
 
 
+# MLCHAT_ names that are no setting of this process: compose's image, the fleet simulator's mark.
+_NOT_SETTINGS = frozenset({"MLCHAT_IMAGE", "MLCHAT_FLEET_DRIVER"})
+# The original service's deployment variables, and what they are here.
+_ORIGINAL_NAMES = {
+    "MLCHAT_GPT_OSS_MODEL_ID": "MLCHAT_MODEL=gpt-oss-20b with MLCHAT_MODEL_PATH=openai/gpt-oss-20b",
+    "MLCHAT_SOLAR_MODEL_ID": "MLCHAT_MODEL=solar-10.7b with MLCHAT_MODEL_PATH=<its weights>",
+    "MLCHAT_EEVE_MODEL_ID": "MLCHAT_MODEL=eeve-10.8b with MLCHAT_MODEL_PATH=<its weights>",
+    "MLCHAT_ENV": "nothing: no setting changes with the environment's name",
+}
+
+
+# The variables Kubernetes sets for a Service whose name starts with "mlchat" (MLCHAT_PORT,
+# MLCHAT_REDIS_SERVICE_HOST, MLCHAT_PORT_8000_TCP_ADDR ...): no setting, and no mistake.
+_SERVICE_LINK = re.compile(
+    r"MLCHAT(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+)
+
+
+def _unknown_setting(names: Iterable[str]) -> tuple[str | None, list[str]]:
+    """(one line on the first MLCHAT_ name among `names` that is a mistake, or None; a line on each
+    other name that is no setting). Ignored, a mistyped name (MLCHAT_MAX_NEW_TOKEN) or the original
+    service's (MLCHAT_GPT_OSS_MODEL_ID) left the default in force without a word: the bundled 135M
+    model served under a GPU deployment's name (review, stop 75). A name like no setting (a
+    deployment's own) is only told."""
+    known = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields} | _NOT_SETTINGS
+    told: list[str] = []
+    for name in sorted({n.upper() for n in names}):
+        if not name.startswith("MLCHAT_") or name in known or _SERVICE_LINK.fullmatch(name):
+            continue
+        if name in _ORIGINAL_NAMES:
+            return f"{name}: the original service's setting; here it is {_ORIGINAL_NAMES[name]}", told
+        close = difflib.get_close_matches(name, sorted(known - _NOT_SETTINGS), n=1, cutoff=0.8)
+        if close:
+            return f"{name}: no such setting (did you mean {close[0]}?); unset it", told
+        told.append(f"{name}: no such setting, ignored (README's Configuration lists them)")
+    return None, told
+
+
 def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
     blank = _set_but_empty()
     if blank is not None:
         raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
+    unknown, told = _unknown_setting([*os.environ, *_dotenv()])
+    if unknown is not None:
+        raise SystemExit(f"mlchat: bad setting: {unknown}")
+    for line in told:  # before logging is set up: on stderr, once a process
+        print(f"mlchat: warning: {line}", file=sys.stderr)
     try:
         return Settings()
     except SettingsError as exc:  # a list or mapping setting whose value is not JSON

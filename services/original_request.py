@@ -231,13 +231,40 @@ def parse_chat_history(doc: Any, key: str = "chat_history") -> ParsedHistory:
 _TURN_FIELDS = ("player_id", "player_name", "story_time", "idempotency_key", "speaker")
 
 
-def read_request(payload: dict[str, Any]) -> InlineRequest:
+def _asked_model(payload: dict[str, Any], models: Sequence[str]) -> dict[str, str]:
+    """The model the request names, as the original chose one per request (`model_config.name`, or
+    a top-level `model`): {"model": name}, or {} for the deployment's default. The rest of
+    model_config (its GPUs) is the worker's to decide. Refused naming the field when it is not
+    one of `models`."""
+    config = payload.get("model_config")
+    if config is not None and not isinstance(config, dict):
+        raise InlineRefused("request", "model_config: must be a JSON object")
+    asked: dict[str, str] = {}
+    for field, name in (("model", payload.get("model")), ("model_config.name", (config or {}).get("name"))):
+        if name is None:
+            continue
+        if not isinstance(name, str):
+            raise InlineRefused("request", f"{field}: must be a string, a model's name")
+        if name not in models:
+            raise InlineRefused(
+                "request", f"{field}: {name[:64]!r} is not served here; served: {list(models)}"
+            )
+        if asked and asked["model"] != name:
+            raise InlineRefused("request", f"{field}: {name[:64]!r}, but model names {asked['model']!r}")
+        asked = {"model": name}
+    return asked
+
+
+def read_request(payload: dict[str, Any], models: Sequence[str] | None = None) -> InlineRequest:
     """Check every part of an inline request before anything is stored.
 
     Fields: persona (required), chat_history (or history), story, message, and optionally gen_config
-    (temperature, top_p, max_new_tokens) or params, conversation, player_id, player_name, story_time.
-    model_config is the original's deployment (model, GPUs): the worker's own settings decide it here.
+    (temperature, top_p, max_new_tokens) or params, conversation, player_id, player_name, story_time,
+    and the model (`model_config.name` or `model`, one of `models`: the deployment's served models,
+    or only this process's when it answers the turn itself).
     """
+    from core.settings import settings
+
     if "persona" not in payload:
         raise InlineRefused("persona", "persona: missing")
     persona = parse_persona(payload["persona"])
@@ -267,6 +294,7 @@ def read_request(payload: dict[str, Any]) -> InlineRequest:
         "message": payload.get("message"),
         "params": params,
         **{k: payload[k] for k in _TURN_FIELDS if payload.get(k) is not None},
+        **_asked_model(payload, settings.models if models is None else models),
     }
     try:
         request = TurnRequest.model_validate(turn)

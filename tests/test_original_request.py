@@ -5,6 +5,7 @@ history imported once; a replay stores nothing new, and a bad file is refused na
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import uuid
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text, update
 
+from core.settings import settings
 from db.history import append_lines
 from db.models import Character, Conversation, Message, Role, StoryEvent, Turn, TurnStatus
 from db.session import session_scope
@@ -586,6 +588,37 @@ def test_bad_request_fields_are_refused_by_name() -> None:
     for fields, error in cases:
         event = {"persona": _persona(name), "story": [{"text": "BAD-STORY-" + name}], "message": "hi"}
         assert handler({"input": event | fields}) == {"error": error}
+    _nothing_stored(name)
+
+
+def test_the_request_picks_its_model_as_the_original_did() -> None:
+    """Review (stop 75): the original chose the model per request (`model_config.name`, its
+    `--others sample_request_gpt_oss.json`); it was dropped, so another model answered. A served
+    model is the turn's model; another is refused naming the field, and a worker answering the turn
+    itself (serverless, --inline) serves its own model only."""
+    served = [settings.model, "solar-10.7b"]
+    assert read_request(
+        _event("m1", model_config={"name": "solar-10.7b", "gpus": [0]}), served
+    ).turn.model == ("solar-10.7b")
+    assert read_request(_event("m1", model="solar-10.7b"), served).turn.model == "solar-10.7b"
+    assert read_request(_event("m1"), served).turn.model is None  # the deployment's default
+    for fields, error in (
+        ({"model_config": {"name": "eeve-10.8b"}}, "model_config.name: 'eeve-10.8b' is not served here"),
+        ({"model": 7}, "model: must be a string, a model's name"),
+        ({"model_config": "solar"}, "model_config: must be a JSON object"),
+        (
+            {"model": settings.model, "model_config": {"name": "solar-10.7b"}},
+            f"model_config.name: 'solar-10.7b', but model names {settings.model!r}",
+        ),
+    ):
+        with pytest.raises(InlineRefused, match=re.escape(error)):
+            read_request(_event("m1", **fields), served)
+    name = f"model-{uuid.uuid4().hex[:8]}"
+    event = {"persona": _persona(name), "story": [{"text": "BAD-STORY-" + name}], "message": "hi"}
+    refused = handler({"input": event | {"model_config": {"name": "solar-10.7b"}}})
+    assert refused == {
+        "error": f"model_config.name: 'solar-10.7b' is not served here; served: ['{settings.model}']"
+    }
     _nothing_stored(name)
 
 

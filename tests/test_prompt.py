@@ -103,6 +103,25 @@ def test_text_formats_of_the_original_models(tokenizer, fmt: str, marker: str) -
     assert built.stop
 
 
+@pytest.mark.parametrize("fmt", ["solar", "eeve", "gpt_oss_text"])
+def test_the_post_history_instruction_follows_the_players_message_in_every_text_format(
+    tokenizer, fmt
+) -> None:
+    """Review (stop 75): EEVE's and GPT-OSS's text formats gathered every system message into the
+    preamble, so the post-history instruction came before the whole history; it follows the
+    player's message now, just before the reply's cue, and the manifest still finds it."""
+    built = PromptBuilder(tokenizer, fmt, 2048).build(
+        PromptInput(_character(), "Rowan", "Is the roof sound?", _context(4), 32)
+    )
+    text = built.text
+    assert text.count("Reply briefly.") == 1
+    assert text.index("Is the roof sound?") < text.index("Reply briefly.")
+    assert text[text.index("Reply briefly.") :].count("\n") <= 3  # it ends the prompt, with the cue
+    assert built.manifest["sections"]["post_history"] > 0
+    if fmt == "eeve":
+        assert text.endswith("Reply briefly.\nAssistant:\n")  # the model card's cue
+
+
 @pytest.mark.parametrize("fmt", ["chat_template", "solar", "eeve", "gpt_oss_text"])
 def test_the_manifest_accounts_for_every_prompt_token(tokenizer, fmt) -> None:
     builder = PromptBuilder(tokenizer, fmt, 2048)
@@ -510,6 +529,7 @@ def test_gpt_oss_text_labels_each_line_by_its_real_speaker_in_a_narrator_turn(to
         "Elara: Keep it.",
         "Rowan: I found the key.",
         "Rowan: Hello.",
+        "Reply briefly.",  # the post-history instruction, after the player's line (review, stop 75)
         "Elara:",
     ]
     # Found in review: a player named Narrator was told apart in a narrated turn only; in the

@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from core.settings import Settings
+from core.settings import Settings, settings
 
 
 def test_bad_values_are_rejected_naming_the_variable() -> None:
@@ -266,6 +266,49 @@ def test_auto_prompt_format_prompts_gpt_oss_as_plain_dialogue() -> None:
         model="solar-10.7b", model_path="upstage/SOLAR-10.7B-Instruct-v1.0"
     ).resolved_prompt_format == ("solar")
     assert Settings(model="smollm2-135m").resolved_prompt_format == "chat_template"
+
+
+def test_an_mlchat_variable_that_is_no_setting_is_refused_in_one_line_naming_it(monkeypatch, capsys) -> None:
+    """Review (stop 75): unknown MLCHAT_ names were ignored, so the original service's deployment
+    (MLCHAT_GPT_OSS_MODEL_ID=openai/gpt-oss-20b) or a typo (MLCHAT_MAX_NEW_TOKEN) left the defaults
+    in force without a word: the bundled 135M model served under a GPU deployment's name."""
+    from core.settings import load_settings
+
+    for name, said in (
+        (
+            "MLCHAT_GPT_OSS_MODEL_ID",
+            "MLCHAT_GPT_OSS_MODEL_ID: the original service's setting; here it is MLCHAT_MODEL=gpt-oss-20b",
+        ),
+        (
+            "mlchat_max_new_token",
+            "MLCHAT_MAX_NEW_TOKEN: no such setting (did you mean MLCHAT_MAX_NEW_TOKENS?",
+        ),
+    ):
+        with monkeypatch.context() as m:
+            m.setenv(name, "1")
+            with pytest.raises(SystemExit) as exc:
+                load_settings()
+            assert str(exc.value).startswith(f"mlchat: bad setting: {said}"), exc.value
+            assert "\n" not in str(exc.value)
+    monkeypatch.setenv("MLCHAT_IMAGE", "mlchat:2")  # compose's, beside the settings in .env
+    # Kubernetes' variables for Services named mlchat and mlchat-redis (review: they stopped every pod)
+    for link in ("MLCHAT_PORT", "MLCHAT_SERVICE_HOST", "MLCHAT_PORT_8000_TCP_ADDR", "MLCHAT_REDIS_PORT"):
+        monkeypatch.setenv(link, "tcp://10.0.0.1:8000")
+    monkeypatch.setenv("MLCHAT_NOTHING_LIKE_IT", "1")  # like no setting: told, not fatal
+    assert load_settings().model == settings.model
+    assert capsys.readouterr().err.strip() == (
+        "mlchat: warning: MLCHAT_NOTHING_LIKE_IT: no such setting, ignored"
+        " (README's Configuration lists them)"
+    )
+
+
+def test_auto_prompt_format_reads_the_served_name_when_the_path_names_no_family() -> None:
+    """Review (stop 75): only MLCHAT_MODEL_PATH was read, so a fine-tuned folder took the chat
+    template (for gpt-oss, the harmony template whose analysis channel lands in the reply)."""
+    for model, family in (("gpt-oss-20b", "gpt_oss_text"), ("solar-10.7b", "solar"), ("eeve-10.8b", "eeve")):
+        assert Settings(model=model, model_path="/models/ft-20b").resolved_prompt_format == family
+    # The weights' own name wins where both name a family.
+    assert Settings(model="gpt-oss-20b", model_path="/models/eeve-ft").resolved_prompt_format == "eeve"
 
 
 def test_durations_that_are_no_timer_take_any_size() -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from core.settings import settings
 from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch, SpaceMoved
@@ -173,7 +174,7 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
 
     stored, turn_id = None, None
     try:
-        request = read_request(payload)
+        request = read_request(payload, models=[settings.model])  # this worker answers it itself
         stored, turn_id = store_and_enqueue(request, send=False)
         views = answer_stored([turn_id])
         if len(views) != 1:  # the turn was removed before it could be read back

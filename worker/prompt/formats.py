@@ -90,12 +90,23 @@ def _escape_solar(text: str, char: str, user: str) -> str:
     return _HASH_RUN.sub(lambda m: ZWSP.join(regex.findall("..?", m.group(0), flags=regex.DOTALL)), text)
 
 
+def _preamble_and_turns(messages: list[ChatMessage]) -> tuple[str, list[ChatMessage]]:
+    """The system messages before the conversation's first turn, joined (a plain-text format's
+    preamble), and the messages from that turn on. A later system message (the post-history
+    instruction, after the player's message) stays where it is: moved into the preamble it would
+    come before the whole history, where it steers the reply least (review, stop 75)."""
+    first = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return "\n".join(m["content"] for m in messages[:first]), messages[first:]
+
+
 def _eeve(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
-    # yanolja/EEVE-Korean-Instruct-10.8B: a system preamble, then "Human:" / "Assistant:" lines.
-    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    label = {"user": "Human", "assistant": "Assistant"}
-    lines = [f"{label[m['role']]}: {m['content']}" for m in messages if m["role"] != "system"]
-    return RenderedPrompt(system + "\n" + "\n".join(lines) + "\nAssistant: ", True, ("\nHuman:",))
+    # yanolja/EEVE-Korean-Instruct-10.8B: a system preamble, then "Human:" / "Assistant:" lines, the
+    # reply cued by "Assistant:" and a line break as its model card writes it. A late system message
+    # is a line of its own within the turn it follows.
+    system, turns = _preamble_and_turns(messages)
+    label = {"user": "Human: ", "assistant": "Assistant: ", "system": ""}
+    lines = [f"{label[m['role']]}{m['content']}" for m in turns]
+    return RenderedPrompt(system + "\n" + "\n".join(lines) + "\nAssistant:\n", True, ("\nHuman:",))
 
 
 # Invisible format characters (U+200B, U+2060, U+FEFF, a soft hyphen) before a marker leave its
@@ -113,13 +124,12 @@ def _escape_eeve(text: str, char: str, user: str) -> str:
 
 def _gpt_oss_text(tokenizer: Any, messages: list[ChatMessage], char: str, user: str) -> RenderedPrompt:
     # The original service's plain-text dialogue simulation for GPT-OSS.
-    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
-    speaker = {"user": user, "assistant": char}
+    system, turns = _preamble_and_turns(messages)
+    speaker = {"user": user, "assistant": char, "system": ""}
     lines = []
-    for m in messages:
-        if m["role"] != "system":
-            label = m.get(SPEAKER, speaker[m["role"]])
-            lines.append(f"{label}: {m['content']}" if label else m["content"])
+    for m in turns:
+        label = m.get(SPEAKER, speaker[m["role"]])
+        lines.append(f"{label}: {m['content']}" if label else m["content"])
     text = "--- 대화 시뮬레이션 ---\n" + system + "\n\n" + "\n".join(lines) + f"\n{char}:"
     return RenderedPrompt(text, True, (f"\n{user}:",))
 

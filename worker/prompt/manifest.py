@@ -57,7 +57,8 @@ def account(
             spans.append((at, at + len(piece_text), index))
             cursor = at + len(piece_text)
             continue
-        # Some formats move a piece (EEVE puts every system message in the preamble).
+        # A piece a format renders out of the layout's order (a chat template folding a system
+        # message it refuses into another) is found where it is.
         at = text.find(piece_text)
         end = at + len(piece_text)
         if at >= 0 and not any(s < end and at < e for s, e, _ in spans):
