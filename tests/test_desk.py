@@ -1018,7 +1018,17 @@ def test_a_change_made_on_a_lines_own_page_reloads_it_with_its_history(services,
             answer.status_code == 200
             and answer.headers["HX-Redirect"] == f"/desk/lines/{first}?saved=approved"
         )
-        assert "change" in client.get(answer.headers["HX-Redirect"]).text  # its history shows it
+        shown = client.get(answer.headers["HX-Redirect"]).text
+        assert "change" in shown and "Saved: approved." in shown  # its history shows it
+        # Review (stop 75): any text in ?saved= was shown in the desk's green "Saved:" banner.
+        planted = client.get(
+            f"/desk/lines/{first}", params={"saved": "your key was revoked, sign in at evil.example"}
+        )
+        assert (
+            planted.status_code == 200
+            and "evil.example" not in planted.text
+            and 'class="saved"' not in planted.text
+        )
         on_run_page = {"HX-Request": "true", "HX-Current-URL": f"{base_url}/desk/runs/x"}
         again = client.post(
             f"/desk/lines/{first}/label",
@@ -1338,7 +1348,19 @@ def test_signing_out_ends_the_session_for_every_copy_of_its_cookie(services, wor
         answer = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: copy})
         assert answer.status_code == 303 and answer.headers["location"] == "/desk/login"
         hx = httpx.get(f"{base_url}/desk/runs", cookies={COOKIE: copy}, headers={"HX-Request": "true"})
-        assert hx.status_code == 401 and hx.headers["hx-redirect"] == "/desk/login"
+        # Review (stop 75): a page already open is told so in its bar, not sent away from what its
+        # writer typed; a refresh is told to stop polling (286), a change that nothing was saved
+        assert hx.status_code == 286 and "hx-redirect" not in hx.headers
+        assert hx.headers["hx-retarget"] == "#message"
+        assert "you are signed out" in hx.text and "stopped refreshing" in hx.text
+        change = httpx.post(
+            f"{base_url}/desk/logout",
+            cookies={COOKIE: copy},
+            data={"csrf": token},
+            headers={"HX-Request": "true", "Origin": base_url},
+        )
+        assert change.status_code == 401 and change.headers["hx-retarget"] == "#message"
+        assert "nothing was saved" in change.text
         # signing out twice (a second tab's stale button) is no error; the other browser is unmoved
         again = httpx.post(
             f"{base_url}/desk/logout",
@@ -1778,3 +1800,23 @@ def test_a_run_one_line_short_of_finished_is_not_shown_at_100_percent(services, 
     assert desk.run_summary(WRITER, run_id).progress == 99
     monkeypatch.setattr(desk, "run_counts", lambda **kw: RunCounts(200, 0, 0, 200, 0, 0))
     assert desk.run_summary(WRITER, run_id).progress == 100
+
+
+def test_a_sign_out_is_kept_well_past_its_cookies_expiry(world) -> None:
+    """Review (stop 75): a record was pruned once its cookie's expiry passed by the database's clock,
+    while the cookie's expiry is checked on an API host's: a host a minute behind took the signed-out
+    cookie again in that minute. Records are kept a day past expiry."""
+    from datetime import UTC, datetime, timedelta
+
+    from db.desk_sessions import sign_out, signed_out
+
+    just_expired, long_expired = uuid.uuid4().hex, uuid.uuid4().hex
+    now = datetime.now(UTC)
+    with session_scope() as s:
+        sign_out(session=s, session_mac=just_expired, expires_at=now - timedelta(seconds=30))
+        sign_out(session=s, session_mac=long_expired, expires_at=now - timedelta(days=2))
+    with session_scope() as s:  # another sign-out prunes
+        sign_out(session=s, session_mac=uuid.uuid4().hex, expires_at=now + timedelta(hours=12))
+    with session_scope() as s:
+        assert signed_out(session=s, session_mac=just_expired)
+        assert not signed_out(session=s, session_mac=long_expired)

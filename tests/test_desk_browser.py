@@ -10,6 +10,7 @@ engine), so this takes seconds. Screenshots go to .mlchat/test-artefacts/desk/.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -305,6 +306,63 @@ def test_a_refusal_the_desk_did_not_write_or_a_server_error_is_told_and_the_line
     line.get_by_role("button", name="Approve").click()
     page.locator(f"#line-{passing} .label-approved").wait_for()
     assert page.locator("#message").inner_text() == ""
+    page.context.close()
+
+
+def test_an_ended_session_or_a_busy_line_is_told_in_the_bar_and_the_typed_edit_stays(
+    browser, base_url, monkeypatch
+) -> None:
+    """Review (stop 75): a request of an open page whose session had ended sent the page to the
+    login form (htmx's HX-Redirect), losing the edit being typed; the desk's own 503 (the line held
+    by another change) was shown as "reload the page", which loses it too; focus went to the page's
+    top after each change. Now each is told in the bar, which stays in view, the text stays, and
+    after signing in again in another tab the same page sends it (its form token renewed)."""
+    from services import desk
+
+    run_id, (first, line_id) = build_run(
+        "studio-a",
+        [Spec("Good evening!", "Evening.", quality(0.5)), Spec("Any rooms?", "One left.", quality(0.5))],
+        name=f"desk-session-{uuid.uuid4().hex[:6]}",
+    )
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/runs/{run_id}")
+    assert page.evaluate("getComputedStyle(document.getElementById('message')).position") == "sticky"
+    page.locator(f"#approve-{first}").focus()
+    page.keyboard.press("Enter")
+    page.locator(f"#line-{first} .saved").wait_for()
+    page.wait_for_function(f"document.activeElement.id === 'approve-{first}'", timeout=5000)  # where it was
+
+    page.goto(f"{base_url}/desk/lines/{line_id}")
+    line_url, before, changes = page.url, _reply(line_id), _changes(line_id)
+    typed = "An edit typed while the line was busy and the session ended."
+    line = page.locator(f"#line-{line_id}")
+    line.locator("summary").click()
+    line.locator("textarea").fill(typed)
+    monkeypatch.setattr(desk, "RUN_LOCK_WAIT_MS", 300)
+    with session_scope() as holder:  # another change holds the line
+        holder.execute(select(Turn.id).where(Turn.id == line_id).with_for_update())
+        line.get_by_role("button", name="Save the edit").click()
+        page.get_by_text("Not saved (HTTP 503): line: the batch's output file is being rewritten").wait_for()
+    assert "send this one again" in page.locator("#message").inner_text()
+    assert line.locator("textarea").input_value() == typed
+
+    page.context.clear_cookies()  # the session ends (expired, or signed out in another tab)
+    line.get_by_role("button", name="Save the edit").click()
+    page.get_by_text("you are signed out").wait_for()
+    assert page.url == line_url and line.locator("textarea").input_value() == typed
+    assert _reply(line_id) == before and _changes(line_id) == changes
+
+    other = page.context.new_page()  # signed in again in another tab, as the bar says
+    other.goto(f"{base_url}/desk")
+    other.fill("#key", REVIEW_KEY)
+    other.click("button[type=submit]")
+    other.wait_for_url("**/desk/runs")
+    line.get_by_role("button", name="Save the edit").click()  # the page's token is the ended session's
+    page.get_by_text("drawn for an earlier session; send it again").wait_for()
+    assert line.locator("textarea").input_value() == typed and _reply(line_id) == before
+    line.get_by_role("button", name="Save the edit").click()  # its forms took this session's token
+    page.wait_for_url(re.compile(r"\?saved=edited$"))
+    assert _reply(line_id) == typed and _changes(line_id) == changes + 1
     page.context.close()
 
 

@@ -115,7 +115,20 @@ def _session_mac(digest: str, key_id: str, expires: int, nonce: str) -> str:
 
 
 class NotSignedIn(Exception):
-    """No usable desk cookie: the page sends the browser to the login form."""
+    """No usable desk cookie: a page load goes to the login form; a request of a page already open
+    is told so in its message bar, which keeps what the writer typed."""
+
+
+SESSION_ENDED = (
+    "session: you are signed out (the session ended, or was signed out elsewhere); nothing was "
+    "saved. Keep this page open, sign in at /desk/login in another tab, then send it again."
+)
+REFRESH_ENDED = (
+    "session: you are signed out (the session ended, or was signed out elsewhere); this page stopped"
+    " refreshing. Sign in at /desk/login to see it again."
+)
+# What a change's answer may say was saved (`?saved=`): any other text is not shown as the desk's.
+SAVED = frozenset({"picked", "edited", "approved", "rejected"})
 
 
 @dataclass(frozen=True)
@@ -239,8 +252,22 @@ async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -
     token = request.headers.get("x-csrf-token") or str(form.get("csrf") or "")
     # surrogatepass: a form decoded with the charset the request names can hold a lone surrogate
     if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), desk_.csrf.encode()):
-        raise DeskError(403, "csrf: this form is stale or came from another site; reload the page")
+        raise StaleForm(desk_.csrf)
     return desk_
+
+
+class StaleForm(DeskError):
+    """A change from a page drawn for another session of this browser (signed in again in another
+    tab after the session ended): refused, and an open page is handed this session's form token so
+    its writer sends the change again without reloading, what they typed kept. Only a request that
+    passed the same-site check and carries this session's cookie gets it, and only the page's own
+    script, same-origin, can read it."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__(
+            403, "csrf: this form was drawn for an earlier session; send it again (or reload the page)"
+        )
+        self.token = token
 
 
 Signed = Annotated[Desk, Depends(signed_in)]
@@ -267,7 +294,14 @@ def install(app: Any) -> None:
     @app.exception_handler(NotSignedIn)
     async def _to_login(request: Request, exc: NotSignedIn) -> Response:
         if request.headers.get("hx-request"):
-            return Response(status_code=401, headers={"HX-Redirect": "/desk/login"})
+            # Told in the page's message bar, the page kept: sent to the login form, a writer lost
+            # the edit being typed, even to a background refresh (review, stop 75). A refresh is
+            # answered with htmx's "stop polling" (286): told once, not every 2 s.
+            change = request.method != "GET"
+            message = SESSION_ENDED if change else REFRESH_ENDED
+            response = _page(request, "_message.html", 401 if change else 286, message=message)
+            response.headers.update({"HX-Retarget": "#message", "HX-Reswap": "innerHTML"})
+            return response
         return RedirectResponse("/desk/login", status_code=303)
 
     @app.exception_handler(DeskError)
@@ -275,6 +309,8 @@ def install(app: Any) -> None:
         if request.headers.get("hx-request"):  # shown in the page's message bar, the page kept
             response = _page(request, "_message.html", exc.status, message=exc.message)
             response.headers.update({"HX-Retarget": "#message", "HX-Reswap": "innerHTML"})
+            if isinstance(exc, StaleForm):  # desk.js puts it in the page's forms
+                response.headers["X-Desk-Token"] = exc.token
             return response
         return _page(request, "error.html", exc.status, message=exc.message, desk=None)
 
@@ -430,7 +466,8 @@ async def scene(request: Request, scene_id: str, desk_: Signed) -> Response:
 async def line(request: Request, turn_id: str, desk_: Signed) -> Response:
     """One line: the message, the kept reply, every candidate, the verdict, mood and history."""
     view = await run_in_threadpool(desk.line_page, desk_.who, desk.object_id("line", turn_id))
-    return _page(request, "line.html", desk=desk_, view=view, saved=request.query_params.get("saved"))
+    saved = request.query_params.get("saved")
+    return _page(request, "line.html", desk=desk_, view=view, saved=saved if saved in SAVED else None)
 
 
 @router.get("/lines/{turn_id}/prompt", response_class=HTMLResponse)

@@ -27,8 +27,20 @@
       if (Array.isArray(body.detail)) {
         return body.detail.map(function (e) { return (e.field ? e.field + ": " : "") + (e.msg || ""); }).join("; ");
       }
-    } catch (ignored) { /* not JSON: the status says it */ }
+    } catch (ignored) { /* not JSON: the desk's own HTML refusal, or the status says it */ }
+    if ((xhr.getResponseHeader("content-type") || "").indexOf("text/html") === 0) {
+      var own = new DOMParser().parseFromString(xhr.responseText, "text/html").querySelector(".error-text");
+      if (own) return own.textContent;
+    }
     return "";
+  }
+
+  // A change refused for a form token of an earlier session (the writer signed in again in another
+  // tab): the answer carries this session's, which the page's forms take, so the change is sent again
+  // without a reload and what was typed stays.
+  function renew(token) {
+    document.body.setAttribute("hx-headers", JSON.stringify({"X-CSRF-Token": token}));
+    document.querySelectorAll("input[name=csrf]").forEach(function (input) { input.value = token; });
   }
 
   function isChange(detail) {
@@ -39,6 +51,8 @@
   document.addEventListener("htmx:beforeSwap", function (event) {
     var xhr = event.detail.xhr;
     var change = isChange(event.detail);
+    var renewed = xhr.getResponseHeader("X-Desk-Token");
+    if (renewed && /^[0-9a-f]{64}$/.test(renewed)) renew(renewed);
     if (xhr.status < 400) {
       if (change && bar()) bar().replaceChildren();
       return;
@@ -48,12 +62,31 @@
     event.detail.shouldSwap = false;
     if (!change) return;
     var what = said(xhr).replace(/[.\s]+$/, "");
-    if (xhr.status >= 500) {
+    if (xhr.status >= 500 && what && html) {
+      // The desk's own 503 (another change rewriting the batch's output): its advice, as written.
+      show("Not saved (HTTP " + xhr.status + "): " + what + ".");
+    } else if (xhr.status >= 500) {
       show("The server could not do this (HTTP " + xhr.status + ")" + (what ? ": " + what : "") +
         ". Reload the page to see what was saved, then try again.");
     } else {
       show("Not saved (HTTP " + xhr.status + "): " + (what || xhr.statusText || "refused") + ".");
     }
+  });
+
+  // Focus stays on the control a change was sent from: its buttons are disabled while it is sent,
+  // which moves the browser's focus to the page's top, and the line is swapped for a new one.
+  var sentFrom = null;
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    if (!isChange(event.detail)) return;
+    var active = document.activeElement;
+    sentFrom = active && active.id ? active.id : null;
+  });
+  document.addEventListener("htmx:afterSettle", function () {
+    if (!sentFrom) return;
+    var again = document.getElementById(sentFrom);
+    sentFrom = null;
+    var active = document.activeElement;
+    if (again && !again.disabled && (!active || active === document.body)) again.focus();
   });
 
   function noAnswer(event) {
