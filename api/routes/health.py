@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
@@ -12,59 +14,92 @@ from sqlalchemy import text
 
 logger = logging.getLogger(__name__)
 router = APIRouter(tags=["health"])
-# Threads of their own: a probe never waits for the request threads, all of which slow work may hold.
+# Threads of their own, one a check: a probe never waits for the request threads, all of which slow
+# work may hold, and a check that hangs holds only its own.
 _PROBE_THREADS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="healthz")
-
+# How long a probe waits for each check: one still running past it is "down" (a dependency that
+# hangs, rather than refuses, answered after its socket timeouts, a minute or more: every probe timed
+# out, and their checks queued behind one another; review, stop 75).
+CHECK_DEADLINE_S = 5.0
+_running: dict[str, Future[Any]] = {}  # each check's latest run: a probe arriving meanwhile joins it
 
 _schema_seen_current = False  # once not behind this code, a schema never goes back: not read again
+_WRITABLE = text("SELECT NOT (pg_is_in_recovery() OR current_setting('transaction_read_only')::bool)")
 
 
 def _database_state() -> dict[str, str]:
-    """`database`: ok or down; `schema`: ok, behind (this code's migrations have not run on it yet),
-    or unknown (the database does not answer)."""
+    """`database`: ok, read-only (a standby, or a primary demoted by a failover that the name still
+    points at: every write would fail) or down; `schema`: ok, behind (this code's migrations have not
+    run on it yet), or unknown (the database does not answer)."""
     global _schema_seen_current
     from db.migrate import SchemaBehind, schema_ahead
     from db.session import get_probe_engine
 
     try:
         with get_probe_engine().connect() as conn:
-            conn.execute(text("SELECT 1"))
+            writable = bool(conn.execute(_WRITABLE).scalar())
+            database = "ok" if writable else "read-only"
             if not _schema_seen_current:
                 try:
                     schema_ahead(conn)
                     _schema_seen_current = True  # current, or ahead (a rollback): neither goes back
                 except SchemaBehind as exc:
                     logger.warning("health: %s", exc)
-                    return {"database": "ok", "schema": "behind"}
-        return {"database": "ok", "schema": "ok"}
+                    return {"database": database, "schema": "behind"}
+        return {"database": database, "schema": "ok"}
     except Exception:
         logger.warning("health: the database does not answer", exc_info=True)
         return {"database": "down", "schema": "unknown"}
 
 
-def _broker_up() -> bool:
-    from tasks.app import app as celery_app
+def _broker_state() -> str:
+    """ok, read-only (a replica after a failover: every publish would fail) or down."""
+    from redis.exceptions import ResponseError
+
+    from tasks.queues import probe_connection
 
     try:
-        with celery_app.connection_for_write() as conn:
-            conn.ensure_connection(max_retries=1)
-        return True
+        with probe_connection() as conn:
+            conn.ensure_connection(max_retries=0)
+            client = conn.default_channel.client
+            client.ping()
+            try:
+                role = client.execute_command("ROLE")
+            except ResponseError:  # a managed Redis may not allow ROLE: the ping is all there is
+                return "ok"
+            first = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
+            return "ok" if first == "master" else "read-only"
     except Exception:
         logger.warning("health: the broker does not answer", exc_info=True)
-        return False
+        return "down"
 
 
-def _checks() -> dict[str, str]:
-    return _database_state() | {"broker": "ok" if _broker_up() else "down"}
+def _started(name: str, check: Callable[[], Any]) -> Future[Any]:
+    """The check's run in progress, or a new one: a dependency that hangs holds one thread, however
+    many probes ask meanwhile."""
+    running = _running.get(name)
+    if running is None or running.done():
+        running = _running[name] = _PROBE_THREADS.submit(check)
+    return running
+
+
+async def _checks() -> dict[str, str]:
+    database = asyncio.wrap_future(_started("database", _database_state))
+    broker = asyncio.wrap_future(_started("broker", _broker_state))
+    await asyncio.wait([database, broker], timeout=CHECK_DEADLINE_S)
+    found: dict[str, str] = (
+        database.result() if database.done() else {"database": "down", "schema": "unknown"}
+    )
+    return found | {"broker": broker.result() if broker.done() else "down"}
 
 
 @router.get("/healthz")
 async def healthz() -> JSONResponse:
-    """200 when the database and the broker both answer and the database's schema is not behind this
-    code's migrations (`schema`: a replica started before `mlchat migrate` ran takes no traffic);
-    503 naming what is not. Neither the request pool's connections nor its threads are used: a busy
-    replica still answers."""
-    checks = await asyncio.get_running_loop().run_in_executor(_PROBE_THREADS, _checks)
+    """200 when the database and the broker both answer and take writes, and the database's schema is
+    not behind this code's migrations (`schema`: a replica started before `mlchat migrate` ran takes
+    no traffic); 503 naming what is not. Neither the request pool's connections nor its threads are
+    used: a busy replica still answers, and within CHECK_DEADLINE_S whatever a dependency does."""
+    checks = await _checks()
     healthy = all(state == "ok" for state in checks.values())
     body = {"status": "ok" if healthy else "unhealthy"} | checks
     return JSONResponse(body, status_code=200 if healthy else 503)
