@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import unicodedata
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -823,7 +824,9 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         session.execute(_RENUMBER_OVERTAKEN, {"ids": ids})
         moved = session.scalar(
             update(Run)
-            .where(Run.id == run_id, Run.status.in_((RunStatus.COMPLETED, RunStatus.IN_PROGRESS)))
+            # As read above: a batch finalized meanwhile (files written, callback queued) is not
+            # reopened to write a second set (review, stop 75).
+            .where(Run.id == run_id, Run.status == status)
             .values(status=RunStatus.IN_PROGRESS, finished_at=None)
             .returning(Run.id)
         )
@@ -834,12 +837,19 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
 
 
 def find_run(*, session: Session, ref: str) -> Run | None:
-    """A run by id or by name (a name that reads as an id, a file's content hash say, too)."""
+    """A run by id or by name (a name that reads as an id, a file's content hash say, too). A name
+    is found in whichever Unicode form it was stored: a run named after a file keeps that file's
+    name as written, decomposed on macOS ("서울.jsonl" in NFD), while a name typed is composed
+    (review, stop 75: `mlchat run status 서울` found no run)."""
     try:
         found = session.get(Run, uuid.UUID(ref))
     except ValueError:
         found = None
-    return found or session.scalars(select(Run).where(Run.name == ref)).one_or_none()
+    if found is not None:
+        return found
+    forms = list(dict.fromkeys([ref, unicodedata.normalize("NFC", ref), unicodedata.normalize("NFD", ref)]))
+    named = session.scalars(select(Run).where(Run.name.in_(forms))).all()
+    return next((run for form in forms for run in named if run.name == form), None)  # as written first
 
 
 def run_counts(*, session: Session, run_id: uuid.UUID, unsent: bool = True) -> RunCounts:

@@ -4,9 +4,9 @@ shape: the OpenAI batch format has one request per line and no notion of a scene
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from core.json_lines import one_line_json
 from db.models import Scene
 from db.scenes import TranscriptLine
 
@@ -35,7 +35,7 @@ def scene_record(scene: Scene, lines: list[TranscriptLine]) -> dict[str, Any]:
 
 def jsonl_line(scene: Scene, lines: list[TranscriptLine]) -> str:
     """One line of the JSONL transcript file."""
-    return json.dumps(scene_record(scene, lines), ensure_ascii=False)
+    return one_line_json(scene_record(scene, lines))  # U+2028 in a line: one JSONL line still
 
 
 def markdown(scene: Scene, lines: list[TranscriptLine]) -> str:

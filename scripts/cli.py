@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
+from core.json_lines import one_line_json
 from core.logging import configure_logging
 from core.processes import alive
 from core.settings import settings
@@ -215,8 +216,8 @@ def sweep(
         except HousekeepingIncomplete as exc:
             failed.append(str(exc))
             return exc.done
-        except Exception as exc:
-            failed.append(f"{name}: {_one_line(exc)}")
+        except Exception as exc:  # the server away is named by its setting, as every command does
+            failed.append(f"{name}: {_unreachable(exc)}{_one_line(exc)}")
             return {}
 
     sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))
@@ -427,10 +428,17 @@ def run_scenes(
     ] = "jsonl",
 ) -> None:
     """Each scene's transcript (speaker, text, emotion, step, turn ids), as JSONL or Markdown."""
+    from services.runs import run_state
     from services.runs.scene_export import export_scenes
 
+    before = run_state(run)
     path, n = export_scenes(run, out, format)
     _out(f"{n} scenes -> {path}")
+    if not before.finished:  # as `run export` says it (review, stop 75: said nothing)
+        _err(
+            f"run {before.name} is {before.status.value}: its scenes are exported as far as they went, and"
+            " scenes stored while the export ran may be left out; export again once it ends"
+        )
 
 
 @run_app.command("cancel")
@@ -518,7 +526,8 @@ def _store_original(
     from_others = set(payload) - set(given) - {part for part, path in files.items() if path is not None}
     payload.update(given)
     try:
-        request = read_request(payload)
+        # --inline answers here, with this process's model; else any the deployment serves.
+        request = read_request(payload, models=None if send else [settings.model])
         stream = send and (request.turn.params.n or 1) == 1  # best of n is judged whole, never streamed
         stored, turn_id = store_and_enqueue(request, send=send, stream=stream, on_stored=_say_stored)
     except InlineRefused as exc:
@@ -834,7 +843,7 @@ def facts_list(
         except FactRefused as exc:
             raise Refused(str(exc)) from None
         for fact in page:
-            _out(fact.model_dump_json())
+            _out(one_line_json(fact.model_dump(mode="json")))
         if len(page) < FACTS_PAGE:
             return
         after = page[-1].id

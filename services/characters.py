@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import re
 import unicodedata
@@ -81,9 +82,10 @@ def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
     """Store a V2/V3 card (JSON or PNG bytes) as a character.
 
     With a slug, that character is created or updated: the caller says which character this is.
-    Without one, the slug comes from the card's name, and only a re-import of the same character
-    (same name) updates it; another character whose name gives the same slug gets the slug with a
-    digest of its name appended, so no import ever replaces a different character.
+    Without one, the slug is the one mlchat's export wrote in the card (extensions.mlchat.slug), else
+    comes from the card's name, and only a re-import of the same character (same name) updates it;
+    another character whose name gives the same slug gets the slug with a digest of its name
+    appended, so no import ever replaces a different character.
     """
     imported = read_card(raw, max_bytes=settings.card_max_bytes, max_text_bytes=settings.card_max_text_bytes)
     if slug is not None and not _SLUG.fullmatch(slug):
@@ -109,7 +111,13 @@ def import_card(raw: bytes, slug: str | None = None) -> ImportedCharacter:
             assert stored is not None
             return ImportedCharacter(slug, *stored)
         base = slug_for(name)
-        for candidate in (base, f"{base[:57]}-{_digest(name, 6)}"):
+        # A card mlchat exported names its character's slug: tried first, so a character whose name
+        # gives another slug ("루피" is c-facc28b327, seeded as "luffy") comes back to itself, edited
+        # in another tool, rather than as a second character (review, stop 75). As any slug here it
+        # takes a character of the same name only.
+        own = imported.slug if isinstance(imported.slug, str) and _SLUG.fullmatch(imported.slug) else None
+        own = own if own is not None and not own.startswith(INLINE_PREFIX) else None
+        for candidate in dict.fromkeys(c for c in (own, base, f"{base[:57]}-{_digest(name, 6)}") if c):
             stored = save_character(session=session, slug=candidate, fields=fields, same_name_only=True)
             if stored is not None:
                 return ImportedCharacter(candidate, *stored)
@@ -126,7 +134,7 @@ def export_card(slug: str, fmt: Literal["json", "png"] = "json", image: bytes | 
         character = get_character(session=session, slug=slug)
         if character is None:
             raise CharacterNotFound(f"unknown character {slug!r}")
-        card = character.card or _card_from_columns(character)
+        card = _named(character.card, slug) if character.card else _card_from_columns(character)
     if fmt == "json":
         return card_json(card)
     png = card_png(card, image)
@@ -135,6 +143,21 @@ def export_card(slug: str, fmt: Literal["json", "png"] = "json", image: bytes | 
     except CardError as exc:
         raise CardError(f"a PNG of this card would not import here ({exc}); export it as JSON") from None
     return png
+
+
+def _named(card: dict[str, Any], slug: str) -> dict[str, Any]:
+    """An imported card as it was; one that names a slug (extensions.mlchat.slug, written by mlchat's
+    export, which an import without a slug tries first) names the one it is stored under now: a
+    copy imported under another slug carried its source's, and its edit would have replaced the
+    source (review, stop 75). A card that names none is given back byte for byte."""
+    data = card.get("data")
+    extensions = data.get("extensions") if isinstance(data, dict) else None
+    ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
+    if not isinstance(ours, dict) or "slug" not in ours or ours["slug"] == slug:
+        return card
+    card = copy.deepcopy(card)
+    card["data"]["extensions"]["mlchat"]["slug"] = slug
+    return card
 
 
 def _card_from_columns(c: Character) -> dict[str, Any]:

@@ -127,6 +127,42 @@ def test_a_character_from_data_exports_as_a_v2_card_that_imports_back(world) -> 
         assert get_character(session=s, slug=plain).speech_style == ""  # a value of no use: left out
 
 
+def test_a_card_mlchat_exported_imports_back_to_its_own_character_without_a_slug(world) -> None:
+    """Review (stop 75): the export writes the character's slug (extensions.mlchat.slug) and the
+    import never read it: a seeded character whose name gives another slug (루피, seeded as `luffy`,
+    gives c-facc28b327), exported, edited elsewhere and imported back, became a second character
+    and the game's one never saw the edit. The slug takes a character of the same name only."""
+    from db.world import upsert_character
+
+    slug, name = f"luffy-{uuid.uuid4().hex[:6]}", f"루피 {uuid.uuid4().hex[:4]}"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields={"name": name, "description": "A pirate."})
+    card = json.loads(export_card(slug, "json"))
+    assert card["data"]["extensions"]["mlchat"]["slug"] == slug
+    card["data"]["description"] = "A pirate who loves meat."  # edited in another tool
+    back = import_card(json.dumps(card).encode())
+    assert back.slug == slug and back.created is False
+    with session_scope() as s:
+        assert get_character(session=s, slug=slug).description == "A pirate who loves meat."
+    # The slug names a character of another name: no import replaces a different character.
+    other = card | {"data": card["data"] | {"name": f"Zoro {uuid.uuid4().hex[:4]}"}}
+    second = import_card(json.dumps(other).encode())
+    assert second.slug != slug and second.created is True
+    with session_scope() as s:
+        assert get_character(session=s, slug=slug).name == name
+    # A copy imported under a slug of its own exports naming that slug, not its source's: its edit,
+    # imported without a slug, goes to the copy (review of this fix: it replaced the source).
+    copy_slug = f"{slug}-alt"
+    import_card(export_card(slug, "json"), copy_slug)
+    copied = json.loads(export_card(copy_slug, "json"))
+    assert copied["data"]["extensions"]["mlchat"]["slug"] == copy_slug
+    copied["data"]["description"] = "The copy, edited."
+    assert import_card(json.dumps(copied).encode()).slug == copy_slug
+    with session_scope() as s:
+        assert get_character(session=s, slug=slug).description == "A pirate who loves meat."
+        assert get_character(session=s, slug=copy_slug).description == "The copy, edited."
+
+
 def _card(spec: str = "chara_card_v2", **data) -> bytes:
     return json.dumps({"spec": spec, "data": {"name": "A"} | data}).encode()
 

@@ -293,11 +293,14 @@ def test_the_cli_writes_lists_and_refuses_in_one_line(capsys, world, monkeypatch
     player = f"rowan-{uuid.uuid4().hex[:6]}"
     assert cli(["facts", "add", player, "Rowan's sister is called Mira.", "--importance", "0.8"]) == 0
     fact_id = int(capsys.readouterr().out.strip())
-    assert cli(["facts", "add", player, "Rowan's sister is called Lina.", "--supersedes", str(fact_id)]) == 0
+    # Review (stop 75): a fact holding U+2028 was listed raw, cut in two by str.splitlines readers.
+    lina = "Rowan's sister is called Lina.\u2028She sails."
+    assert cli(["facts", "add", player, lina, "--supersedes", str(fact_id)]) == 0
     capsys.readouterr()
     assert cli(["facts", "list", player, "--history"]) == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [f["superseded_by"] for f in listed] == [listed[1]["id"], None]  # the history is kept
+    assert listed[1]["text"] == lina
     assert cli(["facts", "add", player, "x", "--scope", "conversation"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "mlchat: conversation: required when scope is 'conversation'"

@@ -912,6 +912,39 @@ def test_retried_lines_go_after_the_lines_of_their_conversation_that_went_past_t
         assert retry.claimed == []  # each waits: the running line, then the one before it
 
 
+def test_a_retry_whose_batch_is_finalized_meanwhile_reopens_nothing(world, monkeypatch) -> None:
+    """Review (stop 75): the retry read the run's status unlocked and its final UPDATE took a
+    completed run too: a batch finalized (its files written, its callback queued) between the two
+    was reopened and later wrote a second set of files. The run must still be as it was read."""
+    from db import runs
+    from db.models import Run, RunStatus, TurnErrorCode
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (failed, _) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)], batch_key="key-a"
+    )
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[failed], lease_s=60, max_attempts=3)
+        fail_turns(
+            session=s, token=claim.token, failures={failed: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        )
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.IN_PROGRESS))
+    real = runs.locked_in_id_order
+
+    def finalized_meanwhile(*args: Any, **kwargs: Any) -> Any:
+        with session_scope() as other:  # housekeeping finalizes the batch between the retry's reads
+            other.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.COMPLETED))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runs, "locked_in_id_order", finalized_meanwhile)
+    with pytest.raises(ValueError, match="changed state meanwhile"), session_scope() as s:
+        runs.reopen_failed(session=s, run_id=run_id)
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).status == RunStatus.COMPLETED
+        assert s.get_one(Turn, failed).status == TurnStatus.FAILED
+
+
 def _a_failed_line_then_a_later_one() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:
     """A run of two lines of one conversation, the first failed, the later one queued: (run, first, later)."""
     from db.models import TurnErrorCode
@@ -1051,6 +1084,22 @@ def test_a_run_named_like_an_id_is_found_by_its_name(world) -> None:
     with session_scope() as s:
         assert (found := find_run(session=s, ref=name)) is not None and found.id == run_id
         assert find_run(session=s, ref=str(run_id)).id == run_id  # type: ignore[union-attr]
+
+
+def test_a_run_named_in_a_decomposed_form_is_found_by_its_name_as_typed(world) -> None:
+    """Review (stop 75): a run named after a file keeps the file's name as macOS writes it (NFD); the
+    name typed to `run status` is composed (NFC), and no run was found."""
+    import unicodedata
+
+    from db.runs import find_run
+    from tests.desk_data import Spec, quality, queue_run
+
+    typed = f"서울-{uuid.uuid4().hex[:6]}"
+    run_id, _ = queue_run(
+        "studio-a", [Spec("Hi", "Hello.", quality(0.5))], name=unicodedata.normalize("NFD", typed)
+    )
+    with session_scope() as s:
+        assert (found := find_run(session=s, ref=typed)) is not None and found.id == run_id
 
 
 # a lone surrogate and a NUL: a file's name (the default run name) may hold them (found in review:

@@ -182,6 +182,43 @@ def test_submit_progress_export_and_resubmit(world, celery_worker, tmp_path, cap
     assert n_ok == 24 and n_err == 0 and errors.read_text() == ""
 
 
+def test_a_native_error_line_carries_its_error_code_and_a_refused_line_its_field(world, tmp_path) -> None:
+    """Review (stop 75): native errors.jsonl lines had only `error`, the text for people: a program
+    told prompt_too_long from engine_error by parsing English; a refused line lost its `param`."""
+    from sqlalchemy import update
+
+    from db.models import TurnErrorCode
+    from db.turns import Failure, claim_turns, fail_turns
+    from tests.desk_data import Spec, answer, quality, queue_run
+
+    specs = [Spec("Hi", "Hello.", quality(0.5)), Spec("Ho", "Hey.", quality(0.5))]
+    run_id, (ok, bad) = queue_run("", specs, name=f"native-errors-{uuid.uuid4().hex[:6]}")
+    answer([ok], specs[:1])
+    with session_scope() as s:
+        token = claim_turns(session=s, turn_ids=[bad], lease_s=60, max_attempts=3).token
+        fail_turns(
+            session=s,
+            token=token,
+            failures={bad: Failure("the prompt is too long", TurnErrorCode.PROMPT_TOO_LONG)},
+        )
+        refused = [
+            {"line": 3, "custom_id": "line-3", "message": "model: not a character here", "param": "model"}
+        ]
+        s.execute(update(Run).where(Run.id == run_id).values(refused=refused))
+    _, errors, n_ok, n_err = export_run(str(run_id), tmp_path / "out")
+    lines = [json.loads(line) for line in errors.read_text(encoding="utf-8").splitlines()]
+    assert n_ok == 1 and n_err == 2
+    by_id = {line["custom_id"]: line for line in lines}
+    assert (
+        by_id["line-2"]["error_code"] == "prompt_too_long"
+        and by_id["line-2"]["error"] == "the prompt is too long"
+    )
+    assert (
+        by_id["line-3"] | {"error_code": "invalid_request", "param": "model", "status": "refused"}
+        == by_id["line-3"]
+    )
+
+
 def test_cancel_keeps_finished_results(world, celery_worker, tmp_path, capsys) -> None:
     path = _slice(tmp_path, 200, "to-cancel")
     name = "to-cancel-" + tmp_path.name

@@ -1906,6 +1906,36 @@ def test_the_markdown_transcript_keeps_every_field_inert() -> None:
     assert "\n# " not in text and "\n- " not in text
 
 
+def test_a_scene_export_of_a_run_not_finished_says_so(world, tmp_path, capsys) -> None:
+    """Review (stop 75): `run scenes` on a run still going said nothing, where `run export` says what
+    it left out; scenes stored while it paged past their custom_id were missing without a word."""
+    from scripts.cli import main as cli
+    from tests.desk_data import Spec, quality, queue_run
+
+    name = f"scenes-unfinished-{uuid.uuid4().hex[:6]}"
+    queue_run("", [Spec("Hi", "Hello.", quality(0.5))], name=name)
+    capsys.readouterr()
+    assert cli(["run", "scenes", name, "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert f"run {name} is " in err and "export again once it ends" in err, err
+
+
+def test_a_jsonl_transcript_line_stays_one_line_for_every_line_reader() -> None:
+    """Review (stop 75): the transcript's JSONL wrote U+2028, U+2029 and NEL as they are, so a reader
+    splitting with str.splitlines (httpx's iter_lines) cut a scene in two, neither half JSON."""
+    import json
+
+    from db.scenes import TranscriptLine
+    from scenes.transcript import jsonl_line
+
+    scene = Scene(id=7, custom_id="s\u2029x", premise="a\x85b", status="ended", ended_reason=None)
+    lines = [TranscriptLine(1, 1, "Ann", "Hello.\u2028Goodbye.", None, None)]
+    out = jsonl_line(scene, lines)
+    assert len(out.splitlines()) == 1
+    record = json.loads(out)
+    assert record["custom_id"] == "s\u2029x" and record["lines"][0]["text"] == "Hello.\u2028Goodbye."
+
+
 def test_a_group_whose_player_shares_a_members_name_is_refused(world) -> None:
     from services.scenes import SceneRefused
 

@@ -127,6 +127,8 @@ def _native_refused(refusal: dict[str, Any], run: Run) -> dict[str, Any]:
         "status": "refused",
         "line": refusal["line"],
         "error": refusal["message"],
+        "error_code": "invalid_request",
+        "param": refusal.get("param"),
     }
 
 
@@ -173,7 +175,9 @@ def _native_with_alternatives(turn: Turn, run: Run) -> dict[str, Any]:
 
 
 def _native_error(turn: Turn, run: Run) -> dict[str, Any]:
-    return _native_base(turn) | {"error": turn.error}
+    # The code for machines beside the text for people, as GET /v1/turns gives them (review, stop 75:
+    # a program told prompt_too_long from engine_error only by parsing English); null when cancelled.
+    return _native_base(turn) | {"error": turn.error, "error_code": turn.error_code}
 
 
 def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
