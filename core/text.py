@@ -101,6 +101,17 @@ def caseless(text: str) -> str:
     return unicodedata.normalize("NFKC", text).casefold()
 
 
+# Korean compatibility jamo (U+3130-U+318F, halfwidth U+FFA0-U+FFDC), as players type "ㅋㅋ", "ㅠㅠ".
+_NOT_JAMO = regex.compile(r"[^\u3130-\u318f\uffa0-\uffdc]+")
+
+
+def caseless_keeping_jamo(text: str) -> str:
+    """caseless, but Korean compatibility jamo stay as typed: NFKC turns them into conjoining jamo
+    that then compose with their neighbours ("ㅋㅋㅠㅠ" became "ᄏ큐ᅲ"), so a lore key "ㅠㅠ" typed
+    beside other jamo never matched (review, stop 75); SillyTavern matches them as written."""
+    return _NOT_JAMO.sub(lambda run: unicodedata.normalize("NFKC", run.group()), text).casefold()
+
+
 def speaker_key(name: str) -> str:
     """A speaker's name as names are compared: caseless, without the characters that show nothing,
     whitespace folded."""

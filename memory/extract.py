@@ -110,7 +110,7 @@ def _engine_generate(system: str, user: str, max_tokens: int, schema: dict[str, 
 
 def extract_prompt(lines: Sequence[Line], who: Speakers) -> tuple[str, str]:
     """(system, user) of the request that reads these lines (memory/prompts.py); all cleaned."""
-    return EXTRACT_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(lines, who)
+    return EXTRACT_INSTRUCTIONS.format(char=who.others, user=who.user), dialogue(lines, who)
 
 
 def _line(row: Any) -> Line:

@@ -44,7 +44,9 @@ def memory_request(builder: Any, system: str, user: str, max_tokens: int) -> tup
         if over <= 0:
             return ids, rendered
         body = tokenizer(user, add_special_tokens=False)["input_ids"]
-        user = tokenizer.decode(body[: max(0, len(body) - over - 8)]) + " [...]"
+        # A cut inside a character's bytes decodes to U+FFFD, which the model would copy (review,
+        # stop 75: half the cuts of a Korean line did).
+        user = tokenizer.decode(body[: max(0, len(body) - over - 8)]).rstrip("\ufffd") + " [...]"
     raise ValueError(f"the memory instructions alone exceed the context ({len(ids)} > {budget} tokens)")
 
 

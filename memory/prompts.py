@@ -22,6 +22,14 @@ class Speakers:
     label: Callable[[str], str]
     members: tuple[str, ...] = ()  # a group's members' labels: speakers of the talk, silent or not
 
+    @property
+    def others(self) -> str:
+        """Who the player talks with, as the instructions name them: the character, or in a group
+        each member (review, stop 75: a group's talk was told as the player's with the lead alone,
+        the other members' promises and secrets framed as the lead's)."""
+        names = list(dict.fromkeys((self.char, *self.members)))
+        return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
 
 # The speakers a memory request is rendered between (memory/generate.py): in a text format such as
 # gpt_oss_text, "Memory:" or "User:" opening a line of the dialogue would open a turn of theirs.

@@ -59,8 +59,8 @@ def summary_prompt(work: SummaryWork, who: Speakers) -> tuple[str, str]:
     """(system, user) of the request that writes this summary; every line and name cleaned."""
     if work.parts:
         body = "\n\n".join(who.clean(text) for _, text in work.parts)
-        return MERGE_INSTRUCTIONS.format(char=who.char, user=who.user), body
-    return SUMMARY_INSTRUCTIONS.format(char=who.char, user=who.user), dialogue(work.lines, who)
+        return MERGE_INSTRUCTIONS.format(char=who.others, user=who.user), body
+    return SUMMARY_INSTRUCTIONS.format(char=who.others, user=who.user), dialogue(work.lines, who)
 
 
 # What an empty answer's stand-in keeps: about the tokens a summary may have (~4 characters a token).

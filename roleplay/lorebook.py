@@ -35,7 +35,7 @@ import regex
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from core.regex_size import MAX_PATTERN_CHARS, size_refusal
-from core.text import caseless
+from core.text import caseless_keeping_jamo
 from core.validation import first_error
 
 logger = logging.getLogger(__name__)
@@ -351,21 +351,42 @@ def _as_regex(key: str) -> tuple[str, str] | None:
 
 
 # JavaScript's regex forms the `regex` module spells otherwise (SillyTavern's keys are JavaScript's):
-# a named backreference, a code point escape, a control escape, and the class of any character; any
-# other escape is passed over whole, so `\\k<n>` stays an escaped backslash before `k<n>`.
-_JS_FORMS = re.compile(r"\\k<(\w+)>|\\u\{([0-9A-Fa-f]{1,6})\}|\\c([A-Za-z])|\[\^\]|\\.", re.DOTALL)
+# a named backreference, a code point escape, a control escape, the class of any character, and the
+# word, digit and boundary classes, which are ASCII in JavaScript (with `u` too) and Unicode here: in
+# Korean a particle follows a name at once ("Luffy는"), so `/\bLuffy\b/` never fired, and `/\b루피\b/`
+# fired where SillyTavern's does not (review, stop 75). Any other escape is passed over whole, so
+# `\\k<n>` stays an escaped backslash before `k<n>`; `[` and `]` are followed to tell a class apart.
+_JS_FORMS = re.compile(r"\\k<(\w+)>|\\u\{([0-9A-Fa-f]{1,6})\}|\\c([A-Za-z])|\[\^\]|\\.|\[|\]", re.DOTALL)
+_WORD = "A-Za-z0-9_"
+_ASCII_OUTSIDE = {
+    "\\w": f"[{_WORD}]",
+    "\\W": f"[^{_WORD}]",
+    "\\d": "[0-9]",
+    "\\D": "[^0-9]",
+    "\\b": f"(?:(?<=[{_WORD}])(?![{_WORD}])|(?<![{_WORD}])(?=[{_WORD}]))",
+    "\\B": f"(?:(?<=[{_WORD}])(?=[{_WORD}])|(?<![{_WORD}])(?![{_WORD}]))",
+}
+_ASCII_INSIDE = {"\\w": _WORD, "\\d": "0-9"}  # \W and \D in a class stay Unicode (no nested sets)
 
 
 def _from_javascript(pattern: str) -> str:
+    in_class = False
+
     def one(m: re.Match[str]) -> str:
-        name, code_point, control = m.group(1), m.group(2), m.group(3)
+        nonlocal in_class
+        name, code_point, control, whole = m.group(1), m.group(2), m.group(3), m.group(0)
         if name:
             return f"(?P={name})"
         if code_point:
             return f"\\U{int(code_point, 16):08x}"
         if control:
             return f"\\x{ord(control) & 31:02x}"
-        return r"[\s\S]" if m.group(0) == "[^]" else m.group(0)
+        if whole == "[^]":
+            return r"[\s\S]"
+        if whole in ("[", "]"):
+            in_class = whole == "[" or (in_class and whole != "]")
+            return whole
+        return (_ASCII_INSIDE if in_class else _ASCII_OUTSIDE).get(whole, whole)
 
     return _JS_FORMS.sub(one, pattern)
 
@@ -414,13 +435,14 @@ class _Text:
     def of(cls, where: str, text: str) -> _Text:
         # Normalised as the keys are (_plain_key): text pasted decomposed (NFD, as macOS writes "서울")
         # or in full-width forms ("ｃａｆｅ") still matches the key a writer typed.
-        return cls(where, unicodedata.normalize("NFC", text), caseless(text))
+        return cls(where, unicodedata.normalize("NFC", text), caseless_keeping_jamo(text))
 
 
 @lru_cache(maxsize=4096)
 def _plain_key(key: str, case_sensitive: bool) -> str:
-    """A plain key as the scanned text is normalised: NFC when case counts, else NFKC casefolded."""
-    return unicodedata.normalize("NFC", key) if case_sensitive else caseless(key)
+    """A plain key as the scanned text is normalised: NFC when case counts, else NFKC (bar Korean
+    jamo) casefolded."""
+    return unicodedata.normalize("NFC", key) if case_sensitive else caseless_keeping_jamo(key)
 
 
 def _matches(key: str, source: _Text, entry: LoreEntry, budget: KeyBudget) -> bool:

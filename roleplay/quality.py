@@ -21,8 +21,9 @@ addresses the reader). Thresholds live in `Bar`.
 
 from __future__ import annotations
 
+import threading
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,7 +47,9 @@ _SENTENCE_END = regex.compile(r"[.!?…~。！？♪)\]*\"'”’」』\p{Emoji_
 # line: `\s*` ran over every newline after each line start and back (quadratic: a reply of 8,000
 # newlines took 1.8 s, per candidate).
 _SPEAKER_LABEL = regex.compile(
-    r"^[^\S\n]*\**([\p{L}][\p{L} .'-]{0,38}?(?: \(player\))?)\**[^\S\n]*[:：]", regex.M
+    # Marks too (\p{M}): a Hindi or Thai name's vowel signs, a decomposed "Zoë" (review, stop 75).
+    r"^[^\S\n]*\**([\p{L}][\p{L}\p{M} .'-]{0,38}?(?: \(player\))?)\**[^\S\n]*[:：]",
+    regex.M,
 )
 _QUOTED = regex.compile(r"\"[^\"]*\"|“[^”]*”|‘[^’]*’|「[^」]*」|『[^』]*』")
 _SECOND_PERSON = regex.compile(r"\b(?:you|your|yours|yourself|yourselves)\b|당신|너희", regex.I)
@@ -268,16 +271,42 @@ def _best_echo(reply: str, sources: Sequence[tuple[str, str]], token: regex.Patt
     return best
 
 
-@lru_cache(maxsize=1024)
-def _source_index(text: str, token: regex.Pattern[str]) -> tuple[int, dict[str, list[int]], frozenset[Any]]:
+SourceIndex = tuple[int, dict[str, list[int]], frozenset[Any]]
+# The sections' indexes kept, by the words they hold (about 330 bytes a word): a section names the
+# player ({{user}} filled in) and its fired lore, so a popular card's sections are many texts; kept
+# by entries alone (1,024 of them) they held hundreds of MB a worker (review, stop 75). A section
+# longer than a tenth of the budget is read each time, as cheap as reading the reply it is met with.
+SOURCE_WORDS_KEPT = 200_000
+_sources: OrderedDict[tuple[str, str], SourceIndex] = OrderedDict()
+_sources_words = 0
+_sources_lock = threading.Lock()
+
+
+def _source_index(text: str, token: regex.Pattern[str]) -> SourceIndex:
     """An instruction section as the echo check reads it: its word count, where each word occurs,
     its 3-grams. Keyed by the text itself, so an edited persona is read afresh; the same persona's
-    sections, compared with every reply of its character, are read once."""
+    sections, compared with every reply of its character, are read once while the budget holds them."""
+    global _sources_words
+    key = (text, token.pattern)
+    with _sources_lock:
+        held = _sources.get(key)
+        if held is not None:
+            _sources.move_to_end(key)
+            return held
     section_words = [w.casefold() for w in token.findall(text)]
     where: dict[str, list[int]] = {}
     for j, word in enumerate(section_words):
         where.setdefault(word, []).append(j)
-    return len(section_words), where, frozenset(_ngram_list(text, 3))
+    index = (len(section_words), where, frozenset(_ngram_list(text, 3)))
+    if index[0] <= SOURCE_WORDS_KEPT // 10:
+        with _sources_lock:
+            if key not in _sources:
+                _sources[key] = index
+                _sources_words += index[0]
+                while _sources_words > SOURCE_WORDS_KEPT:
+                    _, dropped = _sources.popitem(last=False)
+                    _sources_words -= dropped[0]
+    return index
 
 
 def _longest_common_run(a: list[str], where: dict[str, list[int]]) -> tuple[int, int]:

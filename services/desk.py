@@ -536,26 +536,26 @@ def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
         turn = session.get(Turn, turn_id)
         assert turn is not None
         review = reviews.get_review(session=session, turn_id=turn_id)
-        slug, name = _speaker(session, turn)
+        slug, name, _ = _speaker(session, turn)
         changes = reviews.review_changes(session=session, turn_id=turn_id)
         session.expunge_all()
         return LinePage(reviews.Line(turn, slug, name, review), run, changes)
 
 
-def _speaker(session: Session, turn: Turn) -> tuple[str, str]:
+def _speaker(session: Session, turn: Turn) -> tuple[str, str, str | None]:
+    """The line's speaker: (slug, name, language; None for the narrator)."""
     if turn.speaker == "narrator":  # never the conversation's lead character
-        return NARRATOR_SLUG, NARRATOR_NAME
+        return NARRATOR_SLUG, NARRATOR_NAME, None
+    columns = select(Character.slug, Character.name, Character.language)
     if turn.character_id is not None:  # a scene step or group turn: the member who answered
+        row = session.execute(columns.where(Character.id == turn.character_id)).one()
+    else:
         row = session.execute(
-            select(Character.slug, Character.name).where(Character.id == turn.character_id)
+            columns.join(Conversation, Conversation.character_id == Character.id).where(
+                Conversation.id == turn.conversation_id
+            )
         ).one()
-        return str(row[0]), str(row[1])
-    row = session.execute(
-        select(Character.slug, Character.name)
-        .join(Conversation, Conversation.character_id == Character.id)
-        .where(Conversation.id == turn.conversation_id)
-    ).one()
-    return str(row[0]), str(row[1])
+    return str(row[0]), str(row[1]), row[2]
 
 
 def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
@@ -675,7 +675,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
             turn.reply or "", trim=trim
         ):  # saved as it was: no edit; label and scores stay
             raise _bad("reply: it is the kept reply unchanged; nothing to save")
-        _, character = _speaker(session, turn)
+        _, character, language = _speaker(session, turn)
         player = session.scalar(
             select(Conversation.player_name).where(Conversation.id == turn.conversation_id)
         )
@@ -683,7 +683,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
             turn.conversation_id
         )
         members = [*group.names, *([NARRATOR_NAME] if group.narrator else [])] if group else []
-        structured = edited_structured(turn, reply)
+        structured = edited_structured(turn, reply, language)
     prompt_text(
         "reply", reply, model=turn.model, character=character, player=player or "User", members=members
     )
@@ -704,7 +704,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
     )
 
 
-def edited_structured(turn: Turn, text: str) -> Any:
+def edited_structured(turn: Turn, text: str, language: str | None = None) -> Any:
     """The structured reply a writer's text for this turn reads as, checked as the engine's reply
     would be (refused naming `reply` when it does not read): a data reply's (json_schema,
     json_object) parsed JSON, or None for a regex or choice reply that matches; an NPC reply's JSON
@@ -717,7 +717,7 @@ def edited_structured(turn: Turn, text: str) -> Any:
             raise _bad(f"reply: this line is a {shape.kind} reply, and {exc}") from None
     if turn.structured is None:
         return None
-    limit = say_chars(int(turn.params["max_new_tokens"]))
+    limit = say_chars(int(turn.params["max_new_tokens"]), language)  # the speaker's, as its schema's
     if len(text) > limit:  # the NPC schema's maxLength for `say`
         raise _bad(f"reply: {len(text)} characters; this NPC reply's spoken line holds at most {limit}")
     return {**turn.structured, "say": text}

@@ -515,6 +515,9 @@ def test_a_memory_request_from_a_long_korean_history_fits_the_models_context(tok
     ids, rendered = memory_request(builder, system, body, 160)
     assert len(ids) <= 1024 - 160
     assert "로완" in rendered.text and body[:200] in rendered.text  # the instructions and the start kept
+    # Review (stop 75): a cut inside a syllable's bytes left U+FFFD before " [...]", for the model to copy.
+    for max_tokens in range(160, 176):
+        assert "\ufffd" not in memory_request(builder, system, body, max_tokens)[1].text, max_tokens
 
 
 @pytest.mark.parametrize(

@@ -488,6 +488,29 @@ def test_a_slash_keys_case_is_its_own_flag_and_keys_have_their_macros_filled() -
     assert list(reasons) == [0]
 
 
+def test_regex_keys_have_javascripts_ascii_word_classes_and_jamo_keys_fire_beside_jamo() -> None:
+    """Review (stop 75): `\\b`, `\\w`, `\\d` were Unicode here and ASCII in SillyTavern's JavaScript,
+    so a name with a Korean particle after it (`/\\bLuffy\\b/` on "Luffy는") never fired and
+    `/\\b루피\\b/` fired where SillyTavern's does not; and NFKC composed jamo with their neighbours
+    ("ㅋㅋㅠㅠ" read "ᄏ큐ᅲ"), so a key "ㅠㅠ" typed beside "ㅋㅋ" never fired."""
+    book = _book(
+        {"keys": [r"/\bLuffy\b/i"]},
+        {"keys": [r"/\bMay\b/"]},
+        {"keys": [r"/\b루피\b/"]},
+        {"keys": [r"/\d+골드/"]},
+        {"keys": [r"/[\w]+!/"]},
+    )
+    assert set(_fired(book, "Luffy는 어디 있어?")) == {0}
+    assert set(_fired(book, "May가 왔어")) == {1}
+    assert _fired(book, "루피 왔어") == {} and _fired(book, "１００골드") == {}
+    assert set(_fired(book, "100골드")) == {3} and _fired(book, "한!") == {}
+    assert set(_fired(book, "ha!")) == {4}
+    jamo = _book({"keys": ["ㅠㅠ"]}, {"keys": ["ㅋㅋ"]}, {"keys": ["ｃａｆｅ"]})
+    assert set(_fired(jamo, "ㅋㅋㅋㅠㅠ 너무해")) == {0, 1}
+    assert set(_fired(jamo, "ㅋㅋㅜㅜ")) == {1}
+    assert set(_fired(jamo, "ㅠㅠ")) == {0} and set(_fired(jamo, "CAFE")) == {2}  # widths still fold
+
+
 def test_javascript_regex_forms_sillytavern_compiles_are_read() -> None:
     """Found in review: a key in JavaScript's syntax that the `regex` module spells otherwise refused
     the whole card (`[^]`: "unterminated character set"; `\\k<w>`: "bad escape")."""

@@ -1261,6 +1261,19 @@ def test_a_groups_lines_are_summarised_under_each_members_name_and_no_line_opens
     lines = body.split("\n")
     assert lines[0] == "Ann: hi" and not lines[1].startswith("Memory:")
     assert lines[2] == "Mira: I'll pay your debt." and lines[3].startswith("Rowan: Mira\u200b:")
+    # Review (stop 75): the instructions told the group's talk as Ann's with the lead alone.
+    from db.summaries import SummaryWork
+    from memory.extract import extract_prompt
+    from memory.summarize import summary_prompt
+
+    group = speakers(PromptBuilder(tokenizer, "gpt_oss_text", 2048), "Rowan", "Ann", ["Rowan", "Mira"])
+    system, _ = extract_prompt([("user", "hi")], group)
+    assert "between Ann (the player) and Rowan and Mira." in system
+    system, _ = summary_prompt(
+        SummaryWork(conversation_id=1, level=0, first_seq=1, last_seq=1, lines=[("user", "hi", None)]), group
+    )
+    assert "between Ann (the player) and Rowan and Mira." in system
+    assert "between Ann (the player) and Rowan." in extract_prompt([("user", "hi")], who)[0]  # alone
 
 
 def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_without_the_model(

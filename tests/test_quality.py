@@ -101,6 +101,32 @@ def test_a_reply_that_reproduces_an_instruction_is_an_echo() -> None:
     assert prompt_echo("", SOURCES) is None
 
 
+def test_the_echo_checks_sections_are_kept_within_a_word_budget() -> None:
+    """Review (stop 75): each section's index (about 330 bytes a word) was kept by entry count alone,
+    1,024 of them, keyed by a text that names the player: a popular card's sheet, one per player,
+    held a worker's hundreds of MB. Now they are kept within SOURCE_WORDS_KEPT words."""
+    import tracemalloc
+
+    from roleplay import quality
+
+    sheet = " ".join(f"word{i % 700} trait{i % 53}" for i in range(750))  # 1,500 words
+    reply = "A reply that echoes nothing of the sheet at all, traveller."
+    quality._sources.clear()
+    quality._sources_words = 0
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for player in range(400):  # 600,000 words of sections: three times the budget
+            prompt_echo(reply, [("character_sheet", f"{{{{user}}}} is Player{player}. {sheet}")])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert quality._sources_words <= quality.SOURCE_WORDS_KEPT
+    assert held < 120_000_000, held  # the budget's ~66 MB, not the 400 sections' ~200 MB
+    again = f"{{{{user}}}} is Player399. {sheet}"
+    assert (again, quality._WORD.pattern) in quality._sources  # the newest is kept, and read from there
+
+
 LUFFY_SOURCES = [
     ("system_prompt", "당신은 '루피'입니다. 설명이나 해설 없이 대사만 한국어로 짧게 말하세요."),
     (
@@ -173,6 +199,11 @@ def test_speaking_as_the_player_or_another_character_or_addressing_the_reader_is
     quoted = 'The gate creaks open. "Are you lost?" Elara asks the stranger.'
     assert role_break(quoted, speaker="narrator", char_name="Elara", user_name="") is None
     assert role_break("It is 12:30 and quiet.", speaker="character", char_name="Elara", user_name="") is None
+    # Review (stop 75): a vowel sign (a mark) ended the label, so a Hindi or Thai player's name, or a
+    # decomposed "Zoë", was never read as a speaker.
+    for player, line in (("राम", "राम: चलो"), ("สมศักดิ์", "สมศักดิ์: ไปกันเถอะ"), ("Zoe\u0308", "Zoe\u0308: hi")):
+        said = role_break(f"Welcome.\n{line}", speaker="character", char_name="Elara", user_name=player)
+        assert said == f"speaks as the player ('{player}:')", (player, said)
     # Found in review: names are compared as the prompt's labels are (NFKC, no disguising invisible
     # characters): a character named in full-width letters whose reply opens with its name in plain
     # ones speaks as itself, and a player named "Elara\u200b" is the player.

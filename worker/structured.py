@@ -28,6 +28,18 @@ NPC = "npc"
 NPC_OVERHEAD_TOKENS = 32
 # The prompt room an NPC reply's budget always leaves (persona, actions and message).
 MIN_PROMPT_TOKENS = 256
+# Languages written in characters of three UTF-8 bytes (Hangul, kana, Han), on which a byte-level
+# vocabulary spends up to three tokens each (the bundled model about 2.2 a Hangul syllable): their
+# spoken line is measured one character a token, with three tokens a character to close it. Counted
+# as Latin text, a Korean `say` past about half its schema's length could not close in its budget and
+# the turn failed `structured_reply_cut` (review, stop 75).
+WIDE_LANGUAGES = frozenset({"ko", "ja", "zh"})
+
+
+def tokens_per_char(language: str | None) -> int:
+    """The tokens an NPC reply's budget allows each character of its spoken line, by the character's
+    language: 3 for a language of WIDE_LANGUAGES, else 1."""
+    return 3 if (language or "").split("-")[0].lower() in WIDE_LANGUAGES else 1
 
 
 @dataclass(frozen=True)
@@ -83,7 +95,10 @@ def shape_of(
         if fmt is None:
             return None
         actions = []
-    return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens))
+    per_char = tokens_per_char(character.language)
+    return npc_shape(
+        json.dumps(actions, sort_keys=True), say_chars(max_new_tokens, character.language), per_char
+    )
 
 
 def format_shape(params: dict[str, Any]) -> ReplyShape | None:
@@ -122,16 +137,18 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     return _declared.get(character.id, character.version, read)
 
 
-def say_chars(max_new_tokens: int) -> int:
-    """The spoken line's length limit in an NPC reply's schema, for a turn asking max_new_tokens."""
-    # About three characters a token, so the line is as long as the turn asked; rounded up to a
-    # power of two of tokens, so a handful of schemas (each compiled once by vLLM) serve all turns.
+def say_chars(max_new_tokens: int, language: str | None = None) -> int:
+    """The spoken line's length limit in an NPC reply's schema, for a turn asking max_new_tokens of a
+    character speaking `language`."""
+    # About three characters a token (one in a WIDE_LANGUAGES language), so the line is as long as
+    # the turn asked; rounded up to a power of two of tokens, so a handful of schemas (each compiled
+    # once by vLLM) serve all turns.
     bucket = 1 << max(max_new_tokens - 1, 1).bit_length()
-    return max(16, min(SAY_MAX_CHARS, 3 * bucket))
+    return max(16, min(SAY_MAX_CHARS, bucket * (3 // tokens_per_char(language))))
 
 
 @lru_cache(maxsize=256)
-def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
+def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS, per_char: int = 1) -> ReplyShape:
     """The NPC reply shape for a declaration (canonical JSON): its schema and guided-decoding
     parameters, built once per declaration."""
     actions = tuple(Action.model_validate(a) for a in json.loads(actions_json))
@@ -147,7 +164,7 @@ def npc_shape(actions_json: str, say_chars: int = SAY_MAX_CHARS) -> ReplyShape:
         outputs=structured_outputs_for(json_schema=schema),
         schema=schema,
         actions=actions,
-        token_budget=say_chars + NPC_OVERHEAD_TOKENS + arg_tokens,
+        token_budget=say_chars * per_char + NPC_OVERHEAD_TOKENS + arg_tokens,
     )
 
 
