@@ -40,7 +40,8 @@ def add_file(
         created_at=func.clock_timestamp(),
     )
     if expires_after_s is not None:
-        row.expires_at = func.clock_timestamp() + timedelta(seconds=expires_after_s)
+        # Exact seconds, never calendar days (an hour off across a DST change: services/batches.py).
+        row.expires_at = func.clock_timestamp() + func.make_interval(0, 0, 0, 0, 0, 0, expires_after_s)
     session.add(row)
     session.flush()
     return row

@@ -249,7 +249,10 @@ def _create_run(
                 "options": asdict(options),
                 "metadata_": meta,
                 "completion_window": window_text,
-                "expires_at": func.now() + window,
+                # Exact seconds: a timedelta of a day or more is bound as an interval of days, which
+                # PostgreSQL adds as calendar days in the session's time zone, an hour off across a
+                # DST change (review, stop 75).
+                "expires_at": func.now() + func.make_interval(0, 0, 0, 0, 0, 0, window.total_seconds()),
                 "input_file_id": input_file_id,
                 "api_key": api_key,
                 "tenant": tenant,

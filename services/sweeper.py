@@ -32,7 +32,7 @@ import logging
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, false, func, or_, select
@@ -124,7 +124,13 @@ def find_stranded(
                 found: Any = stranded
                 if waiting is not None and (model, lane) in waiting:
                     oldest = waiting[(model, lane)]  # type: ignore[index]
-                    lost = Turn.dispatched_at < oldest - SEND_SLACK if oldest is not None else false()
+                    # In UTC: a datetime in the session's zone is subtracted on its wall clock, a
+                    # DST change moving the cutoff an hour (review, stop 75).
+                    lost = (
+                        Turn.dispatched_at < oldest.astimezone(UTC) - SEND_SLACK
+                        if oldest is not None
+                        else false()
+                    )
                     found = and_(stranded, or_(unsent, lost))
                 elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
                     message_lost = and_(

@@ -532,3 +532,44 @@ def test_batches_in_flight_reserve_room_for_their_output_and_uploads_count_it(ba
     alone = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
     assert alone.status_code == 403 and "this batch alone would reserve" in alone.text, alone.text
     assert "delete files" not in alone.text
+
+
+def _dst_from_tomorrow(session: Any) -> str:
+    """A POSIX time zone whose summer time starts at midnight tomorrow (by the database's date) and
+    ends ten days later: a day from now spans the change, whatever day the test runs."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    def rule(day: Any) -> str:  # Mm.n.d: the n-th (5: last) weekday d of month m, at midnight
+        return f"M{day.month}.{min((day.day - 1) // 7 + 1, 5)}.{day.isoweekday() % 7}/0"
+
+    today = session.scalar(text("SELECT (now() AT TIME ZONE 'Etc/GMT+8')::date"))  # XST's date (UTC-8)
+    return f"XST8XDT,{rule(today + timedelta(days=1))},{rule(today + timedelta(days=11))}"
+
+
+def test_a_files_expiry_is_exact_seconds_across_a_summer_time_change(world) -> None:
+    """Review (stop 75): `expires_after` (and a batch's window) of a day or more was added as an
+    interval of calendar days, which PostgreSQL adds in the session's time zone: across a summer
+    time change a day's expiry came an hour early (or late), a 24 h batch window too."""
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from db.files import add_file
+
+    with session_scope() as s:
+        s.execute(text(f"SET LOCAL TIME ZONE '{_dst_from_tomorrow(s)}'"))
+        row = add_file(
+            session=s,
+            file_id=f"file-{uuid.uuid4().hex}",
+            purpose="batch",
+            filename="dst.jsonl",
+            size=1,
+            path="/nonexistent/dst.jsonl",
+            api_key=None,
+            tenant="dst",
+            expires_after_s=86_400,
+        )
+        s.refresh(row)
+        assert row.expires_at - row.created_at == timedelta(days=1), row.expires_at - row.created_at
