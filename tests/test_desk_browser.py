@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from core.settings import PROJECT_ROOT
 from db.models import Turn, TurnReviewChange
 from db.session import session_scope
-from tests.conftest import INGEST_KEY, OTHER_REVIEW_KEY, REVIEW_KEY
+from tests.conftest import INGEST_KEY, OTHER_REVIEW_KEY, REVIEW_KEY, UNICODE_REVIEW_KEY
 from tests.desk_data import Spec, build_run, character, quality
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -39,7 +39,10 @@ pytestmark = pytest.mark.skipif(
     reason="no browser: /usr/bin/chromium is missing (apt-get install -y chromium; CI installs it)",
 )
 # Chromium without its driver (playwright is in requirements/cpu.txt; CI always has both).
-pytest.importorskip("playwright", reason="no browser driver: pip install -r requirements/cpu.txt")
+pytest.importorskip(
+    "playwright",
+    reason="no browser driver: make venv (rm .venv/.installed first); playwright is in requirements/cpu.txt",
+)
 
 
 @pytest.fixture(scope="module")
@@ -352,11 +355,21 @@ def test_an_ended_session_or_a_busy_line_is_told_in_the_bar_and_the_typed_edit_s
     assert page.url == line_url and line.locator("textarea").input_value() == typed
     assert _reply(line_id) == before and _changes(line_id) == changes
 
-    other = page.context.new_page()  # signed in again in another tab, as the bar says
-    other.goto(f"{base_url}/desk")
-    other.fill("#key", REVIEW_KEY)
-    other.click("button[type=submit]")
-    other.wait_for_url("**/desk/runs")
+    other = page.context.new_page()
+
+    def sign_in_in_the_other_tab(key: str) -> None:
+        other.goto(f"{base_url}/desk/login")
+        other.fill("#key", key)
+        other.click("button[type=submit]")
+        other.wait_for_url("**/desk/runs")
+
+    # Another writer of the tenant signs in on this machine: the first writer's page is handed no
+    # token of theirs (review of this fix: it was, and saved the edit as theirs).
+    sign_in_in_the_other_tab(UNICODE_REVIEW_KEY)
+    line.get_by_role("button", name="Save the edit").click()
+    page.get_by_text("this form is stale or came from another site").wait_for()
+    assert _reply(line_id) == before and _changes(line_id) == changes
+    sign_in_in_the_other_tab(REVIEW_KEY)  # signed in again in another tab, as the bar says
     line.get_by_role("button", name="Save the edit").click()  # the page's token is the ended session's
     page.get_by_text("drawn for an earlier session; send it again").wait_for()
     assert line.locator("textarea").input_value() == typed and _reply(line_id) == before

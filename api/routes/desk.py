@@ -148,6 +148,9 @@ class Desk:
         self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
         self.csrf = _csrf(session.key, session.mac)
         self.session = session
+        # Which key the page was drawn for (its digest's start: a key id may be beyond latin-1, no
+        # header value): a stale page is handed this session's token only when it is that key's.
+        self.key_tag = session.key.digest[:16]
 
 
 def _session_cookie(key: ApiKey, now: float | None = None) -> str:
@@ -252,7 +255,12 @@ async def posted(request: Request, desk_: Annotated[Desk, Depends(signed_in)]) -
     token = request.headers.get("x-csrf-token") or str(form.get("csrf") or "")
     # surrogatepass: a form decoded with the charset the request names can hold a lone surrogate
     if not hmac.compare_digest(token.encode("utf-8", "surrogatepass"), desk_.csrf.encode()):
-        raise StaleForm(desk_.csrf)
+        if hmac.compare_digest(request.headers.get("x-desk-key", "").encode(), desk_.key_tag.encode()):
+            raise StaleForm(desk_.csrf)  # this key's page, of an earlier session of this browser
+        # Another key's page (a writer signed out and another signed in on a shared machine), or a
+        # form from elsewhere: nothing handed over (review: the page of one writer took the next's
+        # token and saved its edit as theirs).
+        raise DeskError(403, "csrf: this form is stale or came from another site; reload the page")
     return desk_
 
 

@@ -39,7 +39,10 @@
   // tab): the answer carries this session's, which the page's forms take, so the change is sent again
   // without a reload and what was typed stays.
   function renew(token) {
-    document.body.setAttribute("hx-headers", JSON.stringify({"X-CSRF-Token": token}));
+    var headers = {};
+    try { headers = JSON.parse(document.body.getAttribute("hx-headers") || "{}"); } catch (ignored) { /* none */ }
+    headers["X-CSRF-Token"] = token;
+    document.body.setAttribute("hx-headers", JSON.stringify(headers));
     document.querySelectorAll("input[name=csrf]").forEach(function (input) { input.value = token; });
   }
 
@@ -74,17 +77,20 @@
   });
 
   // Focus stays on the control a change was sent from: its buttons are disabled while it is sent,
-  // which moves the browser's focus to the page's top, and the line is swapped for a new one.
-  var sentFrom = null;
+  // which moves the browser's focus to the page's top, and the line is swapped for a new one. Kept
+  // with the request itself: a refresh settling meanwhile, or a change that swaps nothing, moves no
+  // focus.
   document.addEventListener("htmx:beforeRequest", function (event) {
-    if (!isChange(event.detail)) return;
+    var config = event.detail.requestConfig;
     var active = document.activeElement;
-    sentFrom = active && active.id ? active.id : null;
+    if (config && isChange(event.detail) && active && active.id) config.mlchatFocus = active.id;
   });
-  document.addEventListener("htmx:afterSettle", function () {
-    if (!sentFrom) return;
-    var again = document.getElementById(sentFrom);
-    sentFrom = null;
+  document.addEventListener("htmx:afterSettle", function (event) {
+    var config = event.detail.requestConfig;
+    var id = config && config.mlchatFocus;
+    if (!id) return;
+    config.mlchatFocus = null;
+    var again = document.getElementById(id);
     var active = document.activeElement;
     if (again && !again.disabled && (!active || active === document.body)) again.focus();
   });
