@@ -7,7 +7,6 @@ import hashlib
 import os
 import re
 import sys
-from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -105,6 +104,12 @@ _PLACEHOLDER_DIGESTS = frozenset(
 )
 
 
+# The file settings are read from beside the environment: `.env` in the working directory, or the
+# one MLCHAT_ENV_FILE names ("" for none: the test suite sets it, so a developer's `.env`, copied from
+# `.env.example` for compose, does not change the settings it runs under; review, stop 75).
+ENV_FILE = os.environ.get("MLCHAT_ENV_FILE", ".env") or None
+
+
 class Settings(BaseSettings):
     """mlchat configuration: env prefix MLCHAT_, plus DATABASE_URL and REDIS_URL."""
 
@@ -112,7 +117,7 @@ class Settings(BaseSettings):
     # the three load_settings refuses empty).
     # No setting means infinity: `inf` for a timeout or an interval is a typo's stall, not a choice.
     model_config = SettingsConfigDict(
-        env_prefix="MLCHAT_", env_file=".env", extra="ignore", env_ignore_empty=True, allow_inf_nan=False
+        env_prefix="MLCHAT_", env_file=ENV_FILE, extra="ignore", env_ignore_empty=True, allow_inf_nan=False
     )
 
     # Services: unset means "start and use the embedded ones under state_dir".
@@ -722,13 +727,13 @@ _NEVER_EMPTY = ("DATABASE_URL", "MLCHAT_DATABASE_URL", "REDIS_URL", "MLCHAT_REDI
 
 
 def _dotenv() -> dict[str, str | None]:
-    """`.env`'s entries by their names in upper case ({} without one)."""
+    """The env file's entries (ENV_FILE) by their names in upper case ({} without one)."""
     from dotenv import dotenv_values
 
     try:
-        found = dotenv_values(".env") if Path(".env").is_file() else {}
+        found = dotenv_values(ENV_FILE) if ENV_FILE and Path(ENV_FILE).is_file() else {}
     except (OSError, UnicodeDecodeError) as exc:
-        raise SystemExit(f"mlchat: bad setting: .env: cannot be read ({exc})") from None
+        raise SystemExit(f"mlchat: bad setting: {ENV_FILE}: cannot be read ({exc})") from None
     return {k.upper(): v for k, v in found.items()}
 
 
@@ -745,39 +750,65 @@ def _set_but_empty() -> str | None:
 
 
 # MLCHAT_ names that are no setting of this process: compose's image, the fleet simulator's mark.
-_NOT_SETTINGS = frozenset({"MLCHAT_IMAGE", "MLCHAT_FLEET_DRIVER"})
+_NOT_SETTINGS = frozenset({"MLCHAT_IMAGE", "MLCHAT_FLEET_DRIVER", "MLCHAT_ENV_FILE"})
 # The original service's deployment variables, and what they are here.
 _ORIGINAL_NAMES = {
     "MLCHAT_GPT_OSS_MODEL_ID": "MLCHAT_MODEL=gpt-oss-20b with MLCHAT_MODEL_PATH=openai/gpt-oss-20b",
     "MLCHAT_SOLAR_MODEL_ID": "MLCHAT_MODEL=solar-10.7b with MLCHAT_MODEL_PATH=<its weights>",
     "MLCHAT_EEVE_MODEL_ID": "MLCHAT_MODEL=eeve-10.8b with MLCHAT_MODEL_PATH=<its weights>",
-    "MLCHAT_ENV": "nothing: no setting changes with the environment's name",
 }
-
-
-# The variables Kubernetes sets for a Service whose name starts with "mlchat" (MLCHAT_PORT,
-# MLCHAT_REDIS_SERVICE_HOST, MLCHAT_PORT_8000_TCP_ADDR ...): no setting, and no mistake.
+# What Kubernetes sets for a Service whose name starts with "mlchat" (MLCHAT_PORT=tcp://…,
+# MLCHAT_REDIS_SERVICE_HOST=10.0.0.5, MLCHAT_PORT_8000_TCP_PROTO=TCP …): told by name and value.
 _SERVICE_LINK = re.compile(
-    r"MLCHAT(_[A-Z0-9_]+?)?_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)"
+    r"MLCHAT(?:_[A-Z0-9_]+?)??_(?:(?P<host>SERVICE_HOST)|(?P<number>SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT_\d+_(?:TCP|UDP|SCTP)_PORT)|(?P<proto>PORT_\d+_(?:TCP|UDP|SCTP)_PROTO)|(?P<addr>PORT_\d+_(?:TCP|UDP|SCTP)_ADDR)|(?P<url>PORT(?:_\d+_(?:TCP|UDP|SCTP))?))"
 )
+_LINK_VALUES = {
+    "host": re.compile(r"[0-9a-fA-F:]*[.:][0-9a-fA-F.:]*"),  # an address, with its dots or colons
+    "addr": re.compile(r"[0-9a-fA-F:]*[.:][0-9a-fA-F.:]*"),
+    "number": re.compile(r"\d{1,5}"),
+    "proto": re.compile(r"TCP|UDP|SCTP"),
+    "url": re.compile(r"(?:tcp|udp|sctp)://\S+"),
+}
+# A name this close to a setting's (after MLCHAT_) is taken for a typo of it, not a name of its own.
+_TYPO_RATIO = 0.85
 
 
-def _unknown_setting(names: Iterable[str]) -> tuple[str | None, list[str]]:
-    """(one line on the first MLCHAT_ name among `names` that is a mistake, or None; a line on each
-    other name that is no setting). Ignored, a mistyped name (MLCHAT_MAX_NEW_TOKEN) or the original
-    service's (MLCHAT_GPT_OSS_MODEL_ID) left the default in force without a word: the bundled 135M
-    model served under a GPU deployment's name (review, stop 75). A name like no setting (a
-    deployment's own) is only told."""
-    known = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields} | _NOT_SETTINGS
+def _service_link(name: str, value: str | None) -> bool:
+    found = _SERVICE_LINK.fullmatch(name)
+    if found is None or found.lastgroup is None:
+        return False
+    return bool(_LINK_VALUES[found.lastgroup].fullmatch((value or "").strip()))
+
+
+def _unknown_setting(variables: dict[str, str | None]) -> tuple[str | None, list[str]]:
+    """(one line on the first MLCHAT_ variable that is a mistake, or None; a line on each other that
+    is no setting). Ignored, a mistyped name (MLCHAT_MAX_NEW_TOKEN) or the original service's
+    (MLCHAT_GPT_OSS_MODEL_ID) left the default in force without a word: the bundled 135M model served
+    under a GPU deployment's name (review, stop 75). A name like no setting (a deployment's own,
+    MLCHAT_API_URL) is only told; Kubernetes' links are passed over, but one that takes a setting's
+    name (a Service named mlchat-metrics sets MLCHAT_METRICS_PORT=tcp://…) is refused naming it."""
+    known = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields}
     told: list[str] = []
-    for name in sorted({n.upper() for n in names}):
-        if not name.startswith("MLCHAT_") or name in known or _SERVICE_LINK.fullmatch(name):
+    for name, value in sorted({k.upper(): v for k, v in variables.items()}.items()):
+        if not name.startswith("MLCHAT_") or name in _NOT_SETTINGS:
+            continue
+        if _service_link(name, value):
+            if name in known:
+                return (
+                    f"{name}: {value!r} is the address Kubernetes sets for a Service of that name, not"
+                    " this setting; rename the Service, or set enableServiceLinks: false in the pod spec"
+                ), told
+            continue
+        if name in known:
             continue
         if name in _ORIGINAL_NAMES:
             return f"{name}: the original service's setting; here it is {_ORIGINAL_NAMES[name]}", told
-        close = difflib.get_close_matches(name, sorted(known - _NOT_SETTINGS), n=1, cutoff=0.8)
+        suffixes = {k.removeprefix("MLCHAT_"): k for k in known}
+        close = difflib.get_close_matches(
+            name.removeprefix("MLCHAT_"), sorted(suffixes), n=1, cutoff=_TYPO_RATIO
+        )
         if close:
-            return f"{name}: no such setting (did you mean {close[0]}?); unset it", told
+            return f"{name}: no such setting (did you mean {suffixes[close[0]]}?); unset it", told
         told.append(f"{name}: no such setting, ignored (README's Configuration lists them)")
     return None, told
 
@@ -787,7 +818,7 @@ def load_settings() -> Settings:
     blank = _set_but_empty()
     if blank is not None:
         raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
-    unknown, told = _unknown_setting([*os.environ, *_dotenv()])
+    unknown, told = _unknown_setting({**_dotenv(), **os.environ})  # the environment's value wins
     if unknown is not None:
         raise SystemExit(f"mlchat: bad setting: {unknown}")
     for line in told:  # before logging is set up: on stderr, once a process

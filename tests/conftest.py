@@ -20,7 +20,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import sqlalchemy
 
-# Before any project import: settings are read once, at import.
+# Before any project import: settings are read once, at import. No env file: a developer's `.env`
+# (copied from .env.example for compose: gpt-oss, another embedder) would change them (review).
+os.environ["MLCHAT_ENV_FILE"] = ""
 _STATE = Path(tempfile.mkdtemp(prefix="mlchat-test-"))
 os.environ["MLCHAT_STATE_DIR"] = str(_STATE)
 os.environ.setdefault(

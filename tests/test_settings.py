@@ -105,6 +105,29 @@ def _import_settings_with(tmp_path, name: str, value: str):  # type: ignore[no-u
     )  # fmt: skip
 
 
+def test_mlchat_env_file_names_the_env_file_and_empty_reads_none(tmp_path) -> None:
+    """Review (stop 75): `.env` in the working directory was always read, so a developer's, copied
+    from .env.example for compose (gpt-oss, another embedder), changed the suite's settings."""
+    import subprocess
+    import sys
+
+    from core.settings import PROJECT_ROOT
+
+    (tmp_path / ".env").write_text("MLCHAT_MAX_NEW_TOKENS=77\n", encoding="utf-8")
+    (tmp_path / "other.env").write_text("MLCHAT_MAX_NEW_TOKENS=55\n", encoding="utf-8")
+    read = "from core.settings import settings; print(settings.max_new_tokens)"
+    found = []
+    for env_file in (None, "", "other.env"):
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)}
+        env |= {} if env_file is None else {"MLCHAT_ENV_FILE": env_file}
+        done = subprocess.run(
+            [sys.executable, "-c", read], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        found.append(int(done.stdout))
+    assert found[0] == 77 and found[1] not in (77, 55) and found[2] == 55, found
+
+
 def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:
     import json
 
@@ -184,7 +207,7 @@ def test_an_empty_variable_is_the_default_as_env_example_says(monkeypatch, tmp_p
         monkeypatch.delenv(name)
     monkeypatch.chdir(tmp_path)
     (tmp_path / ".env").write_text("MLCHAT_ADAPTERS_DIR=\nMLCHAT_MAX_NUM_SEQS=\n", encoding="utf-8")
-    from_file = Settings()
+    from_file = Settings(_env_file=".env")  # the suite itself reads none (MLCHAT_ENV_FILE="")
     assert (from_file.adapters_dir, from_file.max_num_seqs) == (None, None)
 
 
@@ -274,32 +297,54 @@ def test_an_mlchat_variable_that_is_no_setting_is_refused_in_one_line_naming_it(
     in force without a word: the bundled 135M model served under a GPU deployment's name."""
     from core.settings import load_settings
 
-    for name, said in (
+    for name, value, said in (
         (
             "MLCHAT_GPT_OSS_MODEL_ID",
+            "openai/gpt-oss-20b",
             "MLCHAT_GPT_OSS_MODEL_ID: the original service's setting; here it is MLCHAT_MODEL=gpt-oss-20b",
         ),
         (
             "mlchat_max_new_token",
+            "1",
             "MLCHAT_MAX_NEW_TOKEN: no such setting (did you mean MLCHAT_MAX_NEW_TOKENS?",
+        ),
+        (
+            "MLCHAT_METRIC_PORT",
+            "9000",
+            "MLCHAT_METRIC_PORT: no such setting (did you mean MLCHAT_METRICS_PORT?",
+        ),
+        # A Service named mlchat-metrics: Kubernetes' address under a setting's own name (review).
+        (
+            "MLCHAT_METRICS_PORT",
+            "tcp://10.0.0.5:9464",
+            "MLCHAT_METRICS_PORT: 'tcp://10.0.0.5:9464' is the address",
         ),
     ):
         with monkeypatch.context() as m:
-            m.setenv(name, "1")
+            m.setenv(name, value)
             with pytest.raises(SystemExit) as exc:
                 load_settings()
             assert str(exc.value).startswith(f"mlchat: bad setting: {said}"), exc.value
             assert "\n" not in str(exc.value)
     monkeypatch.setenv("MLCHAT_IMAGE", "mlchat:2")  # compose's, beside the settings in .env
     # Kubernetes' variables for Services named mlchat and mlchat-redis (review: they stopped every pod)
-    for link in ("MLCHAT_PORT", "MLCHAT_SERVICE_HOST", "MLCHAT_PORT_8000_TCP_ADDR", "MLCHAT_REDIS_PORT"):
-        monkeypatch.setenv(link, "tcp://10.0.0.1:8000")
-    monkeypatch.setenv("MLCHAT_NOTHING_LIKE_IT", "1")  # like no setting: told, not fatal
+    for link, value in (
+        ("MLCHAT_PORT", "tcp://10.0.0.1:8000"),
+        ("MLCHAT_SERVICE_HOST", "10.0.0.1"),
+        ("MLCHAT_SERVICE_PORT", "8000"),
+        ("MLCHAT_PORT_8000_TCP_ADDR", "10.0.0.1"),
+        ("MLCHAT_PORT_8000_TCP_PROTO", "TCP"),
+        ("MLCHAT_REDIS_PORT", "tcp://10.0.0.2:6379"),
+    ):
+        monkeypatch.setenv(link, value)
+    # Names like no setting (review: MLCHAT_API_URL was taken for MLCHAT_REDIS_URL): told, not fatal.
+    monkeypatch.setenv("MLCHAT_API_URL", "http://mlchat:8000")
+    monkeypatch.setenv("MLCHAT_ENV", "production")
     assert load_settings().model == settings.model
-    assert capsys.readouterr().err.strip() == (
-        "mlchat: warning: MLCHAT_NOTHING_LIKE_IT: no such setting, ignored"
-        " (README's Configuration lists them)"
-    )
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"mlchat: warning: {name}: no such setting, ignored (README's Configuration lists them)"
+        for name in ("MLCHAT_API_URL", "MLCHAT_ENV")
+    ]
 
 
 def test_auto_prompt_format_reads_the_served_name_when_the_path_names_no_family() -> None:
