@@ -793,9 +793,9 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         raise NotRetryable(
             f"run is {status}: only a completed or in-progress run's failed turns can be retried"
         )
-    if status == RunStatus.COMPLETED and session.scalar(
-        select(Run.input_file_id.is_not(None)).where(Run.id == run_id)
-    ):  # its output and error files are written and called back: a batch is not reopened
+    batch = bool(session.scalar(select(Run.input_file_id.is_not(None)).where(Run.id == run_id)))
+    if status == RunStatus.COMPLETED and batch:
+        # its output and error files are written and called back: a batch is not reopened
         raise NotRetryable("run is a completed batch: submit its failed requests as a new batch")
     ids = list(
         session.scalars(
@@ -824,9 +824,14 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         session.execute(_RENUMBER_OVERTAKEN, {"ids": ids})
         moved = session.scalar(
             update(Run)
-            # As read above: a batch finalized meanwhile (files written, callback queued) is not
-            # reopened to write a second set (review, stop 75).
-            .where(Run.id == run_id, Run.status == status)
+            # A batch as read above: one finalized meanwhile (files written, callback queued) is
+            # not reopened to write a second set (review, stop 75); a run, either state.
+            .where(
+                Run.id == run_id,
+                Run.status == status
+                if batch
+                else Run.status.in_((RunStatus.COMPLETED, RunStatus.IN_PROGRESS)),
+            )
             .values(status=RunStatus.IN_PROGRESS, finished_at=None)
             .returning(Run.id)
         )

@@ -298,15 +298,22 @@ def _source_index(text: str, token: regex.Pattern[str]) -> SourceIndex:
     for j, word in enumerate(section_words):
         where.setdefault(word, []).append(j)
     index = (len(section_words), where, frozenset(_ngram_list(text, 3)))
-    if index[0] <= SOURCE_WORDS_KEPT // 10:
+    weight = _weight(text, index)
+    if weight <= SOURCE_WORDS_KEPT // 10:
         with _sources_lock:
             if key not in _sources:
                 _sources[key] = index
-                _sources_words += index[0]
+                _sources_words += weight
                 while _sources_words > SOURCE_WORDS_KEPT:
-                    _, dropped = _sources.popitem(last=False)
-                    _sources_words -= dropped[0]
+                    (dropped_text, _), dropped = _sources.popitem(last=False)
+                    _sources_words -= _weight(dropped_text, dropped)
     return index
+
+
+def _weight(text: str, index: SourceIndex) -> int:
+    """What a section's index is counted as against the budget: its words, or for a text of few
+    words (a map, a status window of symbols) its length in words' worth (review: those counted 0)."""
+    return max(1, index[0], len(text) // 6)
 
 
 def _longest_common_run(a: list[str], where: dict[str, list[int]]) -> tuple[int, int]:

@@ -55,11 +55,23 @@ def _answer(requests: list[dict[str, Any]]) -> tuple[list[Any], float]:
     return views, time.perf_counter() - started
 
 
+def _character(slug: str) -> Any:
+    """The stored character of that slug (a turn's view names its character by slug)."""
+    from db.session import session_scope
+    from db.world import get_character
+
+    with session_scope() as session:
+        character = get_character(session=session, slug=slug)
+        if character is not None:
+            session.expunge(character)
+        return character
+
+
 def validity(lines: int) -> dict[str, Any]:
     """The share of action-declaring turns whose stored reply parses and validates."""
     from jsonschema import Draft202012Validator
 
-    from worker.structured import npc_shape, say_chars
+    from worker.structured import npc_shape, say_chars, tokens_per_char
 
     views, seconds = _answer(_requests(lines, "structured-valid", lambda i: True))
     actions: Counter[str] = Counter()
@@ -71,7 +83,10 @@ def validity(lines: int) -> dict[str, Any]:
             codes[view.error_code or str(view.status)] += 1
             continue
         max_new = view.params["max_new_tokens"]
-        shape = npc_shape(json.dumps(view.params["actions"], sort_keys=True), say_chars(max_new))
+        per_char = tokens_per_char(_character(view.character))  # the shape the worker generated with
+        shape = npc_shape(
+            json.dumps(view.params["actions"], sort_keys=True), say_chars(max_new, per_char), per_char
+        )
         if not list(Draft202012Validator(shape.schema).iter_errors(view.structured)):
             valid += 1 if view.reply == view.structured["say"] else 0
         action = view.structured["action"]

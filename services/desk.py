@@ -46,7 +46,7 @@ from services.runs.quality_summary import quality_summary
 from worker.engine_loop import Generation
 from worker.prompt.formats import FORMATS, escape_bracket_markers, escape_name_markers, escaped_label
 from worker.prompt.sanitize import CONTROLS, Sanitizer
-from worker.structured import BadStructuredReply, read_reply, reading_shape, say_chars
+from worker.structured import BadStructuredReply, read_reply, reading_shape, say_chars, tokens_per_char
 
 logger = logging.getLogger(__name__)
 
@@ -542,20 +542,19 @@ def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
         return LinePage(reviews.Line(turn, slug, name, review), run, changes)
 
 
-def _speaker(session: Session, turn: Turn) -> tuple[str, str, str | None]:
-    """The line's speaker: (slug, name, language; None for the narrator)."""
+def _speaker(session: Session, turn: Turn) -> tuple[str, str, Character | None]:
+    """The line's speaker: (slug, name, its character row; None for the narrator)."""
     if turn.speaker == "narrator":  # never the conversation's lead character
         return NARRATOR_SLUG, NARRATOR_NAME, None
-    columns = select(Character.slug, Character.name, Character.language)
     if turn.character_id is not None:  # a scene step or group turn: the member who answered
-        row = session.execute(columns.where(Character.id == turn.character_id)).one()
+        character = session.get_one(Character, turn.character_id)
     else:
-        row = session.execute(
-            columns.join(Conversation, Conversation.character_id == Character.id).where(
-                Conversation.id == turn.conversation_id
-            )
+        character = session.scalars(
+            select(Character)
+            .join(Conversation, Conversation.character_id == Character.id)
+            .where(Conversation.id == turn.conversation_id)
         ).one()
-    return str(row[0]), str(row[1]), row[2]
+    return character.slug, character.name, character
 
 
 def manifest(who: Reviewer, turn_id: uuid.UUID) -> tuple[Turn, dict[str, Any]]:
@@ -675,7 +674,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
             turn.reply or "", trim=trim
         ):  # saved as it was: no edit; label and scores stay
             raise _bad("reply: it is the kept reply unchanged; nothing to save")
-        _, character, language = _speaker(session, turn)
+        _, character, speaking = _speaker(session, turn)
         player = session.scalar(
             select(Conversation.player_name).where(Conversation.id == turn.conversation_id)
         )
@@ -683,7 +682,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
             turn.conversation_id
         )
         members = [*group.names, *([NARRATOR_NAME] if group.narrator else [])] if group else []
-        structured = edited_structured(turn, reply, language)
+        structured = edited_structured(turn, reply, tokens_per_char(speaking))
     prompt_text(
         "reply", reply, model=turn.model, character=character, player=player or "User", members=members
     )
@@ -704,7 +703,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
     )
 
 
-def edited_structured(turn: Turn, text: str, language: str | None = None) -> Any:
+def edited_structured(turn: Turn, text: str, per_char: int = 1) -> Any:
     """The structured reply a writer's text for this turn reads as, checked as the engine's reply
     would be (refused naming `reply` when it does not read): a data reply's (json_schema,
     json_object) parsed JSON, or None for a regex or choice reply that matches; an NPC reply's JSON
@@ -717,7 +716,7 @@ def edited_structured(turn: Turn, text: str, language: str | None = None) -> Any
             raise _bad(f"reply: this line is a {shape.kind} reply, and {exc}") from None
     if turn.structured is None:
         return None
-    limit = say_chars(int(turn.params["max_new_tokens"]), language)  # the speaker's, as its schema's
+    limit = say_chars(int(turn.params["max_new_tokens"]), per_char)  # the speaker's, as its schema's
     if len(text) > limit:  # the NPC schema's maxLength for `say`
         raise _bad(f"reply: {len(text)} characters; this NPC reply's spoken line holds at most {limit}")
     return {**turn.structured, "say": text}

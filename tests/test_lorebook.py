@@ -505,6 +505,11 @@ def test_regex_keys_have_javascripts_ascii_word_classes_and_jamo_keys_fire_besid
     assert _fired(book, "루피 왔어") == {} and _fired(book, "１００골드") == {}
     assert set(_fired(book, "100골드")) == {3} and _fired(book, "한!") == {}
     assert set(_fired(book, "ha!")) == {4}
+    # Review of that fix: `\w` before a `-` in a class made a range (`[\w-.]` refused the card), and
+    # `\b` spelled out as lookarounds took a key of seven names past the 1,000-character limit.
+    names = "|".join(rf"\b{n}\b" for n in ("luffy", "zoro", "nami", "usopp", "sanji", "chopper", "robin"))
+    more = _book({"keys": [r"/[\w-.]+@/"]}, {"keys": [f"/{names}/i"]})
+    assert set(_fired(more, "a-b.c@x")) == {0} and set(_fired(more, "Nami가 왔어")) == {1}
     jamo = _book({"keys": ["ㅠㅠ"]}, {"keys": ["ㅋㅋ"]}, {"keys": ["ｃａｆｅ"]})
     assert set(_fired(jamo, "ㅋㅋㅋㅠㅠ 너무해")) == {0, 1}
     assert set(_fired(jamo, "ㅋㅋㅜㅜ")) == {1}

@@ -125,6 +125,10 @@ def test_the_echo_checks_sections_are_kept_within_a_word_budget() -> None:
     assert held < 120_000_000, held  # the budget's ~66 MB, not the 400 sections' ~200 MB
     again = f"{{{{user}}}} is Player399. {sheet}"
     assert (again, quality._WORD.pattern) in quality._sources  # the newest is kept, and read from there
+    # Sections of symbols hold no words but cost memory all the same (review: they counted 0).
+    for status in range(1000):
+        prompt_echo(reply, [("character_sheet", f"╔{'═' * 2990}╗ {status}")])
+    assert len(quality._sources) <= quality.SOURCE_WORDS_KEPT // 498
 
 
 LUFFY_SOURCES = [

@@ -943,6 +943,18 @@ def test_a_retry_whose_batch_is_finalized_meanwhile_reopens_nothing(world, monke
     with session_scope() as s:
         assert s.get_one(Run, run_id).status == RunStatus.COMPLETED
         assert s.get_one(Turn, failed).status == TurnStatus.FAILED
+    # A run that is no batch writes no files: completed meanwhile, it is reopened as before (review).
+    run_id, (failed, _) = queue_run("studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)])
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[failed], lease_s=60, max_attempts=3)
+        fail_turns(
+            session=s, token=claim.token, failures={failed: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        )
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.IN_PROGRESS))
+    with session_scope() as s:
+        assert runs.reopen_failed(session=s, run_id=run_id) == [failed]
+    with session_scope() as s:
+        assert s.get_one(Run, run_id).status == RunStatus.IN_PROGRESS
 
 
 def _a_failed_line_then_a_later_one() -> tuple[uuid.UUID, uuid.UUID, uuid.UUID]:

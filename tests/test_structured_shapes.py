@@ -411,23 +411,35 @@ def _declared_names(shape) -> set[str]:  # type: ignore[no-untyped-def]
 def test_a_korean_npcs_spoken_line_at_its_schemas_length_closes_within_its_budget(tokenizer) -> None:
     """Review (stop 75): `say` was allowed 3 characters a token and the budget one token a character;
     a Hangul syllable costs the bundled model about 2.2 tokens, so a Korean `say` past about half its
-    allowed length could not close and the turn failed `structured_reply_cut`. A Korean (or Japanese,
-    Chinese) character's line is one character a token, with three tokens a character to close it."""
+    allowed length could not close and the turn failed `structured_reply_cut`. A character speaking
+    a wide language (by its `language`, any spelling, or its sheet's script) has one character a
+    token, three tokens a character to close it, and never a larger budget than a Latin line's."""
     import json as json_
 
-    from worker.structured import say_chars
+    from worker.structured import say_chars, tokens_per_char
 
-    for max_new in (64, 96, 256):
-        korean = Character(id=987_655, slug="luffy-ko", name="루피", version=1, card=None, language="ko")
-        shape = shape_of({"max_new_tokens": max_new, "response_format": {"type": "npc"}}, korean)
-        limit = shape.schema["properties"]["say"]["maxLength"]
-        assert limit == say_chars(max_new, "ko") < say_chars(max_new, "en")
-        line = ("고기 먹으러 가자! 지금 당장 배가 너무 고파서 아무것도 못 하겠어. " * 40)[:limit]
-        reply = json_.dumps({"say": line, "emotion": "joy", "action": None}, ensure_ascii=False)
-        assert len(tokenizer(reply)["input_ids"]) <= shape.max_tokens(max_new), max_new
+    def npc(character: Character, max_new: int):  # type: ignore[no-untyped-def]
+        return shape_of({"max_new_tokens": max_new, "response_format": {"type": "npc"}}, character)
+
     latin = _character(79, [])  # a version no other case reads (the declarations' cache key)
-    english = shape_of({"max_new_tokens": 96, "response_format": {"type": "npc"}}, latin)
-    assert english.schema["properties"]["say"]["maxLength"] == 384  # Latin text: as before
+    for i, (language, name) in enumerate(
+        (("ko", "루피"), ("ko_KR", "Luffy"), ("Korean", "Luffy"), ("en", "루피"))
+    ):
+        korean = Character(id=987_660 + i, slug=f"ko-{i}", name=name, version=1, card=None, language=language)
+        korean.description = "밀짚모자 해적단의 선장. 고기를 좋아한다." if name == "루피" else "A pirate."
+        assert tokens_per_char(korean) == 3, language
+        for max_new in (64, 96, 256, 600):
+            shape = npc(korean, max_new)
+            limit = shape.schema["properties"]["say"]["maxLength"]
+            assert limit == say_chars(max_new, 3) <= say_chars(max_new)
+            line = ("고기 먹으러 가자! 지금 당장 배가 너무 고파서 아무것도 못 하겠어. " * 40)[:limit]
+            reply = json_.dumps({"say": line, "emotion": "joy", "action": None}, ensure_ascii=False)
+            assert len(tokenizer(reply)["input_ids"]) <= shape.max_tokens(max_new), (language, max_new)
+            assert shape.max_tokens(max_new) <= npc(latin, max_new).max_tokens(
+                max_new
+            )  # room kept for the prompt
+    assert npc(latin, 96).schema["properties"]["say"]["maxLength"] == 384  # Latin text: as before
+    assert tokens_per_char(latin) == 1
 
 
 def test_the_npc_shape_is_cached_per_character_version_and_a_bump_takes_the_new_actions() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -20,6 +21,7 @@ from core.versioned_cache import VersionedCache
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
+from roleplay.quality import dominant_script
 from structured.spec import outputs_of, pattern_validator, schema_of, structured_outputs_for
 from worker.engine_loop import Generation
 
@@ -32,14 +34,28 @@ MIN_PROMPT_TOKENS = 256
 # vocabulary spends up to three tokens each (the bundled model about 2.2 a Hangul syllable): their
 # spoken line is measured one character a token, with three tokens a character to close it. Counted
 # as Latin text, a Korean `say` past about half its schema's length could not close in its budget and
-# the turn failed `structured_reply_cut` (review, stop 75).
-WIDE_LANGUAGES = frozenset({"ko", "ja", "zh"})
+# the turn failed `structured_reply_cut` (review, stop 75). A character is taken to speak one by its
+# `language` (any spelling: ko, ko-KR, ko_KR, kor, Korean), else by the script its sheet is written in
+# (a card imported from elsewhere has language `en` unless it says otherwise).
+WIDE_LANGUAGES = frozenset({"ko", "ja", "zh", "kor", "jpn", "zho", "chi", "korean", "japanese", "chinese"})
+WIDE_SCRIPTS = frozenset({"hangul", "han", "japanese", "hiragana", "katakana"})
+_wide: VersionedCache[bool] = VersionedCache(kept=10_000)
 
 
-def tokens_per_char(language: str | None) -> int:
-    """The tokens an NPC reply's budget allows each character of its spoken line, by the character's
-    language: 3 for a language of WIDE_LANGUAGES, else 1."""
-    return 3 if (language or "").split("-")[0].lower() in WIDE_LANGUAGES else 1
+def tokens_per_char(character: Character | None) -> int:
+    """The tokens an NPC reply's budget allows each character of its spoken line: 3 for a character
+    speaking a wide language (WIDE_LANGUAGES, or a sheet in WIDE_SCRIPTS), else 1."""
+    if character is None:
+        return 1
+
+    def read() -> bool:
+        if re.split(r"[-_\s]", (character.language or "").strip().lower())[0] in WIDE_LANGUAGES:
+            return True
+        parts = (character.name, character.description, character.personality, character.scenario)
+        return dominant_script(" ".join(p for p in parts if p)) in WIDE_SCRIPTS
+
+    wide = read() if character.id is None else _wide.get(character.id, character.version, read)
+    return 3 if wide else 1
 
 
 @dataclass(frozen=True)
@@ -95,10 +111,8 @@ def shape_of(
         if fmt is None:
             return None
         actions = []
-    per_char = tokens_per_char(character.language)
-    return npc_shape(
-        json.dumps(actions, sort_keys=True), say_chars(max_new_tokens, character.language), per_char
-    )
+    per_char = tokens_per_char(character)
+    return npc_shape(json.dumps(actions, sort_keys=True), say_chars(max_new_tokens, per_char), per_char)
 
 
 def format_shape(params: dict[str, Any]) -> ReplyShape | None:
@@ -137,14 +151,16 @@ def declared_actions(character: Character) -> list[dict[str, Any]] | None:
     return _declared.get(character.id, character.version, read)
 
 
-def say_chars(max_new_tokens: int, language: str | None = None) -> int:
+def say_chars(max_new_tokens: int, per_char: int = 1) -> int:
     """The spoken line's length limit in an NPC reply's schema, for a turn asking max_new_tokens of a
-    character speaking `language`."""
-    # About three characters a token (one in a WIDE_LANGUAGES language), so the line is as long as
-    # the turn asked; rounded up to a power of two of tokens, so a handful of schemas (each compiled
-    # once by vLLM) serve all turns.
+    character whose characters cost `per_char` tokens (tokens_per_char)."""
+    # About three characters a token (one in a wide language), so the line is as long as the turn
+    # asked; rounded up to a power of two of tokens, so a handful of schemas (each compiled once by
+    # vLLM) serve all turns. A wide language's line holds a third of SAY_MAX_CHARS: its budget, three
+    # tokens a character, stays the Latin line's at most (review: 600 Hangul took 1,800 tokens of a
+    # 2,048-token context, and the persona no longer fit).
     bucket = 1 << max(max_new_tokens - 1, 1).bit_length()
-    return max(16, min(SAY_MAX_CHARS, bucket * (3 // tokens_per_char(language))))
+    return max(16, min(SAY_MAX_CHARS // per_char, bucket * 3 // per_char))
 
 
 @lru_cache(maxsize=256)
