@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -113,6 +114,22 @@ def locked_quota_used(*, session: Session, api_key: str | None, tenant: str) -> 
     uploads and batch creations take turns, so two cannot both fit into the last of the quota."""
     _lock_quota(session, api_key, tenant)
     return quota_used(session=session, api_key=api_key, tenant=tenant)
+
+
+def reserve_within_quota(*, session: Session, run_id: uuid.UUID, reserve: int, quota: int) -> int | None:
+    """Set a batch's reservation (`runs.reserved_bytes`) to `reserve` unless its key would then use
+    more than `quota` bytes, under the key's quota lock (until the caller's transaction ends): None
+    when set, else the bytes the key uses besides this batch."""
+    api_key, tenant, own = session.execute(
+        select(Run.api_key, Run.tenant, func.coalesce(Run.reserved_bytes, StoredFile.bytes, 0))
+        .outerjoin(StoredFile, StoredFile.id == Run.input_file_id)
+        .where(Run.id == run_id)
+    ).one()
+    others = locked_quota_used(session=session, api_key=api_key, tenant=tenant) - int(own)
+    if others + reserve > quota:
+        return others
+    session.execute(update(Run).where(Run.id == run_id).values(reserved_bytes=reserve))
+    return None
 
 
 def add_file_within_quota(

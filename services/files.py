@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,14 +141,39 @@ OUTPUT_LINE_ENVELOPE_BYTES = 4096
 OUTPUT_BYTES_PER_TOKEN = 8
 
 
-def batch_reservation(input_bytes: int, lines: int) -> int:
+def batch_reservation(input_bytes: int, lines: int, replies: int | None = None) -> int:
     """The bytes a batch of `lines` lines is taken to store when it ends, its output and error files,
-    as reserved of the quota while it has not ended: its input's size, and for each line its
-    envelope and one reply of MLCHAT_MAX_NEW_TOKENS_LIMIT tokens (about 12 KB a line by default).
-    A line asking for several choices (`n`), or a scene line (a turn a step), writes more than
-    that: the reservation is counted before the lines are read, and does not bound those."""
-    per_line = OUTPUT_LINE_ENVELOPE_BYTES + settings.max_new_tokens_limit * OUTPUT_BYTES_PER_TOKEN
-    return input_bytes + lines * per_line
+    as reserved of the quota while it has not ended: its input's size, for each line its envelope,
+    and for each of its `replies` (one a line when not yet counted) MLCHAT_MAX_NEW_TOKENS_LIMIT
+    tokens (about 12 KB a line of one reply by default). Counted at creation, before the lines are
+    read, with one reply a line; again at submission, once they are read (submission_reservation)."""
+    per_reply = settings.max_new_tokens_limit * OUTPUT_BYTES_PER_TOKEN
+    return (
+        input_bytes + lines * OUTPUT_LINE_ENVELOPE_BYTES + (lines if replies is None else replies) * per_reply
+    )
+
+
+def submission_reservation(
+    session: Any, run_id: uuid.UUID, input_bytes: int, lines: int, replies: int
+) -> str | None:
+    """Record a batch's reservation counted from its lines as read (a line of `n` choices writes n
+    replies: review, stop 74 and 75, the one-reply allowance was no bound), in the caller's
+    transaction, under the key's quota lock; why it does not fit the quota, or None."""
+    reserve = batch_reservation(input_bytes, lines, replies)
+    quota = settings.files_quota_bytes
+    others = stored.reserve_within_quota(session=session, run_id=run_id, reserve=reserve, quota=quota)
+    if others is None:
+        return None
+    split = (
+        " split the file into smaller batches, or"
+        if reserve > quota
+        else " delete files, wait for batches to end, or"
+    )
+    return (
+        f"input_file_id: its {lines} lines ask for {replies} replies, and the batch would reserve {reserve}"
+        f" bytes for its output beside the {others} this API key uses; the quota (MLCHAT_FILES_QUOTA_BYTES)"
+        f" is {quota}:{split} raise the quota"
+    )
 
 
 def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: int) -> QuotaReached | None:

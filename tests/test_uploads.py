@@ -534,6 +534,60 @@ def test_batches_in_flight_reserve_room_for_their_output_and_uploads_count_it(ba
     assert "delete files" not in alone.text
 
 
+def test_a_batch_reserves_room_for_every_choice_its_lines_ask_for(base_url, monkeypatch) -> None:
+    """Review (stops 74 and 75): the reservation was one reply a line, counted before the lines were
+    read, so lines asking for n choices (each written to the output) stored past the quota. Once
+    its submission has read the lines, a batch reserves a reply for each choice, and one that no
+    longer fits fails naming input_file_id, nothing sent."""
+    import time
+
+    from sqlalchemy import select
+
+    from services.files import batch_reservation
+
+    line = {
+        "custom_id": "n-1",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "elara", "n": 8, "messages": [{"role": "user", "content": "Hello."}]},
+    }
+    headers, body = _multipart((json.dumps(line) + "\n").encode())
+    uploaded = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert uploaded.status_code == 200, uploaded.text
+    file_id, size = uploaded.json()["id"], uploaded.json()["bytes"]
+    create = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
+
+    def submitted(batch_id: str) -> dict[str, Any]:
+        deadline = time.monotonic() + 60
+        while (seen := httpx.get(f"{base_url}/v1/batches/{batch_id}", headers=INGEST).json())["status"] in (
+            "validating",
+        ):
+            assert time.monotonic() < deadline, seen
+            time.sleep(0.2)
+        return seen
+
+    with session_scope() as s:
+        used = quota_used(session=s, api_key="game-a", tenant="game-a")
+    one_reply, eight = batch_reservation(size, 1), batch_reservation(size, 1, 8)
+    monkeypatch.setattr(settings, "files_quota_bytes", used + one_reply + 100)  # room for one reply only
+    created = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
+    assert created.status_code == 200, created.text  # created: counted as one reply a line
+    failed = submitted(created.json()["id"])
+    assert failed["status"] == "failed", failed
+    message = failed["errors"]["data"][0]["message"]
+    assert (
+        message.startswith("input_file_id: its 1 lines ask for 8 replies")
+        and "MLCHAT_FILES_QUOTA_BYTES" in message
+    )
+    monkeypatch.setattr(settings, "files_quota_bytes", used + eight + 100)  # room for the eight
+    fits = httpx.post(f"{base_url}/v1/batches", json=create, headers=INGEST)
+    assert fits.status_code == 200, fits.text
+    assert submitted(fits.json()["id"])["status"] != "failed"
+    with session_scope() as s:
+        assert s.scalar(select(Run.reserved_bytes).where(Run.name == fits.json()["id"])) == eight
+    httpx.post(f"{base_url}/v1/batches/{fits.json()['id']}/cancel", headers=INGEST)
+
+
 def _dst_from_tomorrow(session: Any) -> str:
     """A POSIX time zone whose summer time starts at midnight tomorrow (by the database's date) and
     ends ten days later: a day from now spans the change, whatever day the test runs."""

@@ -45,6 +45,7 @@ from db.runs import (
 from db.session import session_scope
 from db.turns import mark_dispatched
 from scenes.spec import SceneSpec
+from services.files import submission_reservation
 from services.runs.line_keys import KEY_CHARS, line_conversation, line_key
 from services.runs.openai_lines import LineOptions
 from services.runs.scene_lines import insert_run_scenes, stored_scene_ids
@@ -254,7 +255,27 @@ def _submit(
             run_id, model, status = run.id, run.model, run.status
             if status not in (RunStatus.VALIDATING, RunStatus.FAILED):  # submitted already: nothing to do
                 return SubmittedRun(run_id, name, False, 0, 0, [], status)
-            if check.errors and not skip_bad_lines:
+            over_quota = (
+                submission_reservation(
+                    session,
+                    run_id,
+                    path.stat().st_size,
+                    check.good + len(check.refused) + check.error_count,
+                    check.replies,
+                )
+                if run.input_file_id is not None and not (check.errors and not skip_bad_lines)
+                else None
+            )
+            if over_quota is not None:  # a batch whose lines write more than its key has room for
+                fail_submission(
+                    session=session,
+                    run_id=run_id,
+                    error=over_quota,
+                    error_code="invalid_request",
+                    line_errors=[{"line": None, "message": over_quota}],
+                    final=True,
+                )
+            elif check.errors and not skip_bad_lines:
                 if status == RunStatus.FAILED:  # failed before: the error it keeps is this file's now
                     resume_submission(session=session, run_id=run_id)  # (CLI review: the old one stayed)
                 fail_submission(
@@ -275,6 +296,8 @@ def _submit(
                 )
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors, check.error_count)
+        if over_quota is not None:
+            raise RunValidationError([])  # failed, with its reason recorded: its caller calls back
         try:
             stored, sent = _store_and_send(
                 path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later

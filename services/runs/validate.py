@@ -161,6 +161,9 @@ class FileCheck:
     reader: LineReader
     refused: list[Refusal] = field(default_factory=list)
     error_count: int = 0  # every bad line, named or not
+    # Replies the lines write to an output file at most: each line's choices (OpenAI's `n`), a scene
+    # line's exchanges; what a batch reserves of its key's files quota is counted from it.
+    replies: int = 0
 
     @property
     def bad_lines(self) -> set[int]:
@@ -403,7 +406,7 @@ def validate_file(
         if every_error or len(errors) < MAX_ERRORS_NAMED:
             errors.append(LineError(number, reason))
 
-    lines_read = 0
+    lines_read = replies = 0
     for number, text in iter_lines(path):
         lines_read += 1
         if isinstance(text, BadEncoding):
@@ -443,6 +446,7 @@ def validate_file(
             bad(number, f"scene.{clash}")
             continue
         seen.add(line.custom_id)
+        replies += line.scene.exchanges if line.scene is not None else (line.choices or 1)
         if line.scene is not None:
             scenes[line.custom_id] = (number, line.scene.exchanges)
         if (step := _STEP_NAME.fullmatch(line.custom_id)) is not None:  # a plain or a scene line
@@ -495,6 +499,7 @@ def validate_file(
         reader,
         refused,
         error_count,
+        replies,
     )
 
 
