@@ -107,7 +107,33 @@ _PLACEHOLDER_DIGESTS = frozenset(
 # The file settings are read from beside the environment: `.env` in the working directory, or the
 # one MLCHAT_ENV_FILE names ("" for none: the test suite sets it, so a developer's `.env`, copied from
 # `.env.example` for compose, does not change the settings it runs under; review, stop 75).
-ENV_FILE = os.environ.get("MLCHAT_ENV_FILE", ".env") or None
+def _env_file() -> str | None:
+    """The env file's path (`~` expanded), None for none; a file MLCHAT_ENV_FILE names that is not
+    a regular file stops the process naming it (review: missing, or a pipe only pydantic read, it
+    left the defaults in force, or its values unchecked)."""
+    named = os.environ.get("MLCHAT_ENV_FILE")
+    if named is not None and not named.strip():
+        return None
+    path = Path(".env" if named is None else named).expanduser()
+    try:
+        there, regular = path.exists(), path.is_file()
+    except OSError as exc:  # no permission to look, a name too long
+        there, regular = True, False
+        why = f" ({exc.strerror or exc})"
+    else:
+        why = ""
+    if named is None:
+        if there and not regular:  # a pipe or a folder: pydantic would read a pipe, unchecked
+            raise SystemExit(f"mlchat: bad setting: .env: not a regular file{why}")
+        return ".env"
+    if not regular:
+        raise SystemExit(
+            f"mlchat: bad setting: MLCHAT_ENV_FILE: {named[:200]!r} is not a file{why} (unset it for .env)"
+        )
+    return str(path)
+
+
+ENV_FILE = _env_file()
 
 
 class Settings(BaseSettings):

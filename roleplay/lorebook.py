@@ -366,25 +366,36 @@ _ASCII_INSIDE = {"\\w": "_A-Za-z0-9", "\\d": "0-9"}  # \W and \D in a class stay
 
 
 def _from_javascript(pattern: str) -> str:
+    out: list[str] = []
     in_class = False
-
-    def one(m: re.Match[str]) -> str:
-        nonlocal in_class
+    at = 0
+    for m in _JS_FORMS.finditer(pattern):
+        plain = pattern[at : m.start()]  # no escape in it: each is a token of its own
+        out.append(plain)
+        at = m.end()
         name, code_point, control, whole = m.group(1), m.group(2), m.group(3), m.group(0)
         if name:
-            return f"(?P={name})"
-        if code_point:
-            return f"\\U{int(code_point, 16):08x}"
-        if control:
-            return f"\\x{ord(control) & 31:02x}"
-        if whole == "[^]":
-            return r"[\s\S]"
-        if whole in ("[", "]"):
+            out.append(f"(?P={name})")
+        elif code_point:
+            out.append(f"\\U{int(code_point, 16):08x}")
+        elif control:
+            out.append(f"\\x{ord(control) & 31:02x}")
+        elif whole == "[^]":
+            out.append(r"[\s\S]")
+        elif whole in ("[", "]"):
             in_class = whole == "[" or (in_class and whole != "]")
-            return whole
-        return (_ASCII_INSIDE if in_class else _ASCII_OUTSIDE).get(whole, whole)
-
-    return _JS_FORMS.sub(one, pattern)
+            out.append(whole)
+        elif in_class and whole in _ASCII_INSIDE:
+            # A `-` before a class escape is a literal in JavaScript; before the ranges this spells,
+            # it would make one (`[.-\w]` is '.', '-' and a word character, not '.'..'_'). Read from
+            # the pattern's plain text, never from what came out (`[\\-\w]`, `[[-\w]`: review).
+            if plain.endswith("-"):
+                out[-1] = plain[:-1] + "\\-"
+            out.append(_ASCII_INSIDE[whole])
+        else:
+            out.append(_ASCII_OUTSIDE.get(whole, whole) if not in_class else whole)
+    out.append(pattern[at:])
+    return "".join(out)
 
 
 @dataclass

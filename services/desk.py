@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import literal, select, tuple_
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from core.settings import settings
 from db import desk_sessions, reviews
@@ -546,13 +546,25 @@ def _speaker(session: Session, turn: Turn) -> tuple[str, str, Character | None]:
     """The line's speaker: (slug, name, its character row; None for the narrator)."""
     if turn.speaker == "narrator":  # never the conversation's lead character
         return NARRATOR_SLUG, NARRATOR_NAME, None
+    # The columns its name and its language are read from, not its card and lorebook (megabytes).
+    columns = select(Character).options(
+        load_only(
+            Character.slug,
+            Character.name,
+            Character.version,
+            Character.language,
+            Character.description,
+            Character.personality,
+            Character.scenario,
+        )
+    )
     if turn.character_id is not None:  # a scene step or group turn: the member who answered
-        character = session.get_one(Character, turn.character_id)
+        character = session.scalars(columns.where(Character.id == turn.character_id)).one()
     else:
         character = session.scalars(
-            select(Character)
-            .join(Conversation, Conversation.character_id == Character.id)
-            .where(Conversation.id == turn.conversation_id)
+            columns.join(Conversation, Conversation.character_id == Character.id).where(
+                Conversation.id == turn.conversation_id
+            )
         ).one()
     return character.slug, character.name, character
 

@@ -147,7 +147,7 @@ class EarlyWorkers:
 
 
 def _cancel_what_earlier_files_left() -> int:
-    """Cancel the turns earlier files left queued or running, put off their memory jobs, and empty the
+    """Cancel the turns earlier files left queued or running, give up their memory jobs, and empty the
     default model's queues: the session's in-process worker, and its housekeeping re-sending what it
     finds stranded, answered them while these cases ran (stop 75 found 89 running and 206 queued live
     turns and 17 summaries due here), a core of the machine's two beside the workers these cases
@@ -158,15 +158,24 @@ def _cancel_what_earlier_files_left() -> int:
     from core.services import broker_url
     from core.settings import queue_for_model
     from db.models import MemoryJob
+    from db.runs import locked_in_id_order
 
     with session_scope() as s:
-        cancelled = s.execute(
+        unfinished = locked_in_id_order(s, Turn.status.in_([TurnStatus.QUEUED, TurnStatus.RUNNING]))
+        cancelled = s.execute(  # locked in id order first, as a worker's store locks them (review)
             update(Turn)
-            .where(Turn.status.in_([TurnStatus.QUEUED, TurnStatus.RUNNING]))
+            .where(*unfinished)
             .values(status=TurnStatus.CANCELLED, finished_at=func.now(), lease_until=None)
             .returning(Turn.id)
         ).all()
-        s.execute(update(MemoryJob).values(retry_after=func.now() + func.make_interval(0, 0, 0, 1)))
+        # Given up for a day, as a job that failed its tries is: a message of one the worker already
+        # holds claims nothing (a retry_after alone is no bar to a claim).
+        s.execute(
+            update(MemoryJob).values(
+                failures=settings.memory_job_max_failures,
+                retry_after=func.now() + func.make_interval(0, 0, 0, 1),
+            )
+        )
     client = redis.Redis.from_url(broker_url())
     try:
         client.delete(*(queue_for_model(settings.model, lane) for lane in ("live", "bulk")))

@@ -510,6 +510,10 @@ def test_regex_keys_have_javascripts_ascii_word_classes_and_jamo_keys_fire_besid
     names = "|".join(rf"\b{n}\b" for n in ("luffy", "zoro", "nami", "usopp", "sanji", "chopper", "robin"))
     more = _book({"keys": [r"/[\w-.]+@/"]}, {"keys": [f"/{names}/i"]})
     assert set(_fired(more, "a-b.c@x")) == {0} and set(_fired(more, "Nami가 왔어")) == {1}
+    dash = _book({"keys": [r"/[.-\w]/"]})  # '.', '-' or a word character in JavaScript, not '.'..'_'
+    assert _fired(dash, "/ ? @") == {} and set(_fired(dash, "a")) == {0} and set(_fired(dash, "-")) == {0}
+    after = _book({"keys": [r"/[\\-\w]/"]}, {"keys": [r"/[[-\w]/"]})  # an escaped backslash, a literal [
+    assert set(_fired(after, "-")) == {0, 1} and _fired(after, "] ^") == {}
     jamo = _book({"keys": ["ㅠㅠ"]}, {"keys": ["ㅋㅋ"]}, {"keys": ["ｃａｆｅ"]})
     assert set(_fired(jamo, "ㅋㅋㅋㅠㅠ 너무해")) == {0, 1}
     assert set(_fired(jamo, "ㅋㅋㅜㅜ")) == {1}

@@ -126,6 +126,41 @@ def test_mlchat_env_file_names_the_env_file_and_empty_reads_none(tmp_path) -> No
         assert done.returncode == 0, done.stderr
         found.append(int(done.stdout))
     assert found[0] == 77 and found[1] not in (77, 55) and found[2] == 55, found
+    # Review of that: `~` is expanded, and a file named that is not one stops the process naming it.
+    home = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT), "HOME": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", read],
+        capture_output=True,
+        text=True,
+        cwd="/",
+        env=home | {"MLCHAT_ENV_FILE": "~/other.env"},
+    )
+    assert done.returncode == 0 and int(done.stdout) == 55, done.stderr
+    missing = subprocess.run(
+        [sys.executable, "-c", read],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=home | {"MLCHAT_ENV_FILE": "gone.env"},
+    )
+    assert missing.returncode != 0 and missing.stderr.strip() == (
+        "mlchat: bad setting: MLCHAT_ENV_FILE: 'gone.env' is not a file (unset it for .env)"
+    ), missing.stderr
+    too_long = subprocess.run(  # the look itself fails: one line still, no traceback
+        [sys.executable, "-c", read],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=home | {"MLCHAT_ENV_FILE": "a" * 300},
+    )
+    assert too_long.returncode != 0 and too_long.stderr.count("\n") == 1, too_long.stderr
+    assert too_long.stderr.startswith("mlchat: bad setting: MLCHAT_ENV_FILE: 'aaa"), too_long.stderr
+    (tmp_path / "pipe").mkdir()
+    (tmp_path / "pipe" / ".env").mkdir()  # a .env that is no file: refused, not read by one reader only
+    folder = subprocess.run(
+        [sys.executable, "-c", read], capture_output=True, text=True, cwd=tmp_path / "pipe", env=home
+    )
+    assert folder.stderr.strip() == "mlchat: bad setting: .env: not a regular file", folder.stderr
 
 
 def test_a_bad_tenant_configuration_is_one_line_naming_the_variable(tmp_path) -> None:

@@ -148,9 +148,11 @@ class Desk:
         self.who = Reviewer(caller.key_id, caller.tenant, caller.admin)
         self.csrf = _csrf(session.key, session.mac)
         self.session = session
-        # Which key the page was drawn for (its digest's start: a key id may be beyond latin-1, no
-        # header value): a stale page is handed this session's token only when it is that key's.
-        self.key_tag = session.key.digest[:16]
+        # Which key the page was drawn for (a tag signed from its digest: a key id may be beyond
+        # latin-1, no header value): a stale page is handed this session's token only when it is that key's.
+        self.key_tag = hmac.new(
+            _signing_key(session.key.digest), b"mlchat-desk-key-tag", hashlib.sha256
+        ).hexdigest()[:16]  # signed, so a page shows nothing of the key's digest (review)
 
 
 def _session_cookie(key: ApiKey, now: float | None = None) -> str:
