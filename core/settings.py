@@ -763,10 +763,10 @@ def _dotenv() -> dict[str, str | None]:
     return {k.upper(): v for k, v in found.items()}
 
 
-def _set_but_empty() -> str | None:
-    """The first of _NEVER_EMPTY set to a blank value, in the environment or else in `.env`."""
+def _set_but_empty(dotenv: dict[str, str | None]) -> str | None:
+    """The first of _NEVER_EMPTY set to a blank value, in the environment or else in the env file
+    (`dotenv`, _dotenv's)."""
     # Any case, as the settings read them (`database_url=` is DATABASE_URL too).
-    dotenv = _dotenv()
     environ = {k.upper(): v for k, v in os.environ.items()}
     for name in _NEVER_EMPTY:
         value = environ.get(name, dotenv.get(name))
@@ -788,9 +788,10 @@ _ORIGINAL_NAMES = {
 _SERVICE_LINK = re.compile(
     r"MLCHAT(?:_[A-Z0-9_]+?)??_(?:(?P<host>SERVICE_HOST)|(?P<number>SERVICE_PORT(?:_[A-Z0-9_]+)?|PORT_\d+_(?:TCP|UDP|SCTP)_PORT)|(?P<proto>PORT_\d+_(?:TCP|UDP|SCTP)_PROTO)|(?P<addr>PORT_\d+_(?:TCP|UDP|SCTP)_ADDR)|(?P<url>PORT(?:_\d+_(?:TCP|UDP|SCTP))?))"
 )
+_ADDRESS = re.compile(r"[0-9a-fA-F:]*[.:][0-9a-fA-F.:]*")  # an IP address, with its dots or colons
 _LINK_VALUES = {
-    "host": re.compile(r"[0-9a-fA-F:]*[.:][0-9a-fA-F.:]*"),  # an address, with its dots or colons
-    "addr": re.compile(r"[0-9a-fA-F:]*[.:][0-9a-fA-F.:]*"),
+    "host": _ADDRESS,
+    "addr": _ADDRESS,
     "number": re.compile(r"\d{1,5}"),
     "proto": re.compile(r"TCP|UDP|SCTP"),
     "url": re.compile(r"(?:tcp|udp|sctp)://\S+"),
@@ -814,6 +815,7 @@ def _unknown_setting(variables: dict[str, str | None]) -> tuple[str | None, list
     MLCHAT_API_URL) is only told; Kubernetes' links are passed over, but one that takes a setting's
     name (a Service named mlchat-metrics sets MLCHAT_METRICS_PORT=tcp://…) is refused naming it."""
     known = {f"MLCHAT_{name.upper()}" for name in Settings.model_fields}
+    suffixes = {k.removeprefix("MLCHAT_"): k for k in known}
     told: list[str] = []
     for name, value in sorted({k.upper(): v for k, v in variables.items()}.items()):
         if not name.startswith("MLCHAT_") or name in _NOT_SETTINGS:
@@ -829,7 +831,6 @@ def _unknown_setting(variables: dict[str, str | None]) -> tuple[str | None, list
             continue
         if name in _ORIGINAL_NAMES:
             return f"{name}: the original service's setting; here it is {_ORIGINAL_NAMES[name]}", told
-        suffixes = {k.removeprefix("MLCHAT_"): k for k in known}
         close = difflib.get_close_matches(
             name.removeprefix("MLCHAT_"), sorted(suffixes), n=1, cutoff=_TYPO_RATIO
         )
@@ -841,10 +842,11 @@ def _unknown_setting(variables: dict[str, str | None]) -> tuple[str | None, list
 
 def load_settings() -> Settings:
     """The settings from the environment; a bad value exits with one line naming its variable."""
-    blank = _set_but_empty()
+    dotenv = _dotenv()  # read once for both checks
+    blank = _set_but_empty(dotenv)
     if blank is not None:
         raise SystemExit(f"mlchat: bad setting: {blank}: set but empty (unset it for the default)")
-    unknown, told = _unknown_setting({**_dotenv(), **os.environ})  # the environment's value wins
+    unknown, told = _unknown_setting({**dotenv, **os.environ})  # the environment's value wins
     if unknown is not None:
         raise SystemExit(f"mlchat: bad setting: {unknown}")
     for line in told:  # before logging is set up: on stderr, once a process

@@ -105,11 +105,17 @@ def caseless(text: str) -> str:
 _NOT_JAMO = regex.compile(r"[^\u3130-\u318f\uffa0-\uffdc]+")
 
 
+def nfkc_keeping_jamo(text: str) -> str:
+    """NFKC, but Korean compatibility jamo stay as typed: NFKC turns them into conjoining jamo that
+    then compose with their neighbours ("ㅋㅋㅠㅠ" becomes "ᄏ큐ᅲ"), a text the player never wrote
+    (a label the NPC would repeat, a lore key that never matched)."""
+    return _NOT_JAMO.sub(lambda run: unicodedata.normalize("NFKC", run.group()), text)
+
+
 def caseless_keeping_jamo(text: str) -> str:
-    """caseless, but Korean compatibility jamo stay as typed: NFKC turns them into conjoining jamo
-    that then compose with their neighbours ("ㅋㅋㅠㅠ" became "ᄏ큐ᅲ"), so a lore key "ㅠㅠ" typed
-    beside other jamo never matched (review, stop 75); SillyTavern matches them as written."""
-    return _NOT_JAMO.sub(lambda run: unicodedata.normalize("NFKC", run.group()), text).casefold()
+    """caseless, but jamo as typed (nfkc_keeping_jamo): a lore key "ㅠㅠ" typed beside other jamo
+    never matched (review, stop 75); SillyTavern matches them as written."""
+    return nfkc_keeping_jamo(text).casefold()
 
 
 def speaker_key(name: str) -> str:

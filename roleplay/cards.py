@@ -156,7 +156,7 @@ def _validate(card: dict[str, Any]) -> ImportedCard:
             raise CardError(str(exc)) from None
     book = data.get("character_book")
     lorebook = lorebook_from_card_book(book) if book is not None else None
-    return ImportedCard(card, spec, _character_fields(data), lorebook, _own_extension(data).get("slug"))
+    return ImportedCard(card, spec, _character_fields(data), lorebook, mlchat_extension(data).get("slug"))
 
 
 NAME_MAX_CHARS = 200  # the characters table's name column
@@ -175,7 +175,7 @@ def _check_storable(card: Any, where: str) -> None:
         raise CardError(f"{printable(found[0])} {found[1]}")
 
 
-def _own_extension(data: dict[str, Any]) -> dict[str, Any]:
+def mlchat_extension(data: dict[str, Any]) -> dict[str, Any]:
     """What mlchat's own export wrote under extensions.mlchat ({} when nothing)."""
     extensions = data.get("extensions")
     ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
@@ -185,7 +185,7 @@ def _own_extension(data: dict[str, Any]) -> dict[str, Any]:
 def _character_fields(data: dict[str, Any]) -> dict[str, Any]:
     """mlchat's character columns from a card's data (the card itself is kept as is); the speech
     style and language mlchat's own export writes under extensions.mlchat come back with it."""
-    ours = _own_extension(data)
+    ours = mlchat_extension(data)
     own: dict[str, Any] = {}
     if isinstance(ours.get("speech_style"), str):
         own["speech_style"] = ours["speech_style"]

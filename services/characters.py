@@ -25,7 +25,7 @@ from db.world import (
     story_event_place,
 )
 from db.write_keys import record_ids, stored_ids, take_key
-from roleplay.cards import CardError, card_json, card_png, read_card
+from roleplay.cards import CardError, card_json, card_png, mlchat_extension, read_card
 from roleplay.lorebook import stored_lorebook, to_character_book
 from services.schemas import StoryEvent
 
@@ -151,9 +151,10 @@ def _named(card: dict[str, Any], slug: str) -> dict[str, Any]:
     copy imported under another slug carried its source's, and its edit would have replaced the
     source (review, stop 75). A card that names none is given back byte for byte."""
     data = card.get("data")
-    extensions = data.get("extensions") if isinstance(data, dict) else None
-    ours = extensions.get("mlchat") if isinstance(extensions, dict) else None
-    if not isinstance(ours, dict) or "slug" not in ours or ours["slug"] == slug:
+    if (
+        "slug" not in (ours := mlchat_extension(data) if isinstance(data, dict) else {})
+        or ours["slug"] == slug
+    ):
         return card
     card = copy.deepcopy(card)
     card["data"]["extensions"]["mlchat"]["slug"] = slug

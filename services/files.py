@@ -160,19 +160,13 @@ def submission_reservation(
     replies: review, stop 74 and 75, the one-reply allowance was no bound), in the caller's
     transaction, under the key's quota lock; why it does not fit the quota, or None."""
     reserve = batch_reservation(input_bytes, lines, replies)
-    quota = settings.files_quota_bytes
-    others = stored.reserve_within_quota(session=session, run_id=run_id, reserve=reserve, quota=quota)
-    if others is None:
-        return None
-    split = (
-        " split the file into smaller batches, or"
-        if reserve > quota
-        else " delete files, wait for batches to end, or"
+    others = stored.reserve_within_quota(
+        session=session, run_id=run_id, reserve=reserve, quota=settings.files_quota_bytes
     )
     return (
-        f"input_file_id: its {lines} lines ask for {replies} replies, and the batch would reserve {reserve}"
-        f" bytes for its output beside the {others} this API key uses; the quota (MLCHAT_FILES_QUOTA_BYTES)"
-        f" is {quota}:{split} raise the quota"
+        None
+        if others is None
+        else _no_room(others, reserve, f"its {lines} lines ask for {replies} replies: ")
     )
 
 
@@ -182,21 +176,29 @@ def batch_room_refusal(session: Any, api_key: str | None, tenant: str, reserve: 
     output and error files are written when it ends, past any check then: each batch not ended
     reserves an allowance for them meanwhile (review: batches created back to back from one small file all
     passed, their outputs many times the quota)."""
-    quota = settings.files_quota_bytes
-    if reserve > quota:  # no deletion would make room: said so, not "delete files"
-        return QuotaReached(
-            f"input_file_id: this batch alone would reserve {reserve} bytes (its input, and an allowance for"
-            f" each of its lines' output), past the quota (MLCHAT_FILES_QUOTA_BYTES) of {quota}: split"
-            " the file into smaller batches, or raise the quota"
-        )
+    if reserve > settings.files_quota_bytes:  # no deletion would make room: said so, not "delete files"
+        return QuotaReached(_no_room(0, reserve))
     used = stored.locked_quota_used(session=session, api_key=api_key, tenant=tenant)
-    if used + reserve <= quota:
-        return None
-    return QuotaReached(
-        f"input_file_id: this API key uses {used} bytes of its files quota (its files, and room its"
+    return None if used + reserve <= settings.files_quota_bytes else QuotaReached(_no_room(used, reserve))
+
+
+def _no_room(used: int, reserve: int, why: str = "") -> str:
+    """A batch's refusal for the files quota, at its creation or its submission (`why`: what its
+    lines ask for), naming input_file_id: split the file when the batch alone passes the quota, else
+    make room."""
+    quota = settings.files_quota_bytes
+    allowance = "its input, and an allowance for each of its lines' output"
+    if reserve > quota:
+        return (
+            f"input_file_id: {why}this batch alone would reserve {reserve} bytes ({allowance}), past the"
+            f" quota (MLCHAT_FILES_QUOTA_BYTES) of {quota}: split the file into smaller batches, or raise"
+            " the quota"
+        )
+    return (
+        f"input_file_id: {why}this API key uses {used} bytes of its files quota (its files, and room its"
         f" batches not ended reserve for their output) and this batch would reserve {reserve} more"
-        f" (its input, and an allowance for each of its lines' output); the quota (MLCHAT_FILES_QUOTA_BYTES)"
-        f" is {settings.files_quota_bytes} (delete files, or wait for batches to end)"
+        f" ({allowance}); the quota (MLCHAT_FILES_QUOTA_BYTES) is {quota} (delete files, or wait for"
+        " batches to end)"
     )
 
 

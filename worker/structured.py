@@ -38,7 +38,9 @@ MIN_PROMPT_TOKENS = 256
 # `language` (any spelling: ko, ko-KR, ko_KR, kor, Korean), else by the script its sheet is written in
 # (a card imported from elsewhere has language `en` unless it says otherwise).
 WIDE_LANGUAGES = frozenset({"ko", "ja", "zh", "kor", "jpn", "zho", "chi", "korean", "japanese", "chinese"})
-WIDE_SCRIPTS = frozenset({"hangul", "han", "japanese", "hiragana", "katakana"})
+WIDE_SCRIPTS = frozenset(
+    {"hangul", "han", "japanese"}
+)  # roleplay/quality.py's dominant_script: kana is japanese
 _wide: VersionedCache[bool] = VersionedCache(kept=10_000)
 
 

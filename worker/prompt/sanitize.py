@@ -19,28 +19,19 @@ Names used as speaker labels (the character's, the player's) must also stay on o
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 import regex
 
-from core.text import DISGUISE, speaker_key
+from core.text import DISGUISE, nfkc_keeping_jamo, speaker_key
 
 ZWSP = "\u200b"
 # C0 and C1 controls except tab and newline, plus DEL; and the Unicode line/paragraph separators (the
 # writers' desk refuses a writer's text holding one).
 CONTROLS = regex.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
-# A label is NFKC-normalised except its Korean compatibility jamo (U+3130-U+318F, halfwidth
-# U+FFA0-U+FFDC): NFKC turns "ㅋㅋ" into conjoining jamo the NPC would then repeat, a name the player
-# never wrote and many game fonts cannot draw.
-_NOT_JAMO = regex.compile(r"[^\u3130-\u318f\uffa0-\uffdc]+")
 MAX_LABEL = 200  # characters, as names are stored (characters.name, conversations.player_name)
 _OPENING_BRACKET = regex.compile(r"^([\s\p{Cf}]*)\[")  # a label opening as a bracketed marker
-
-
-def _nfkc(run: regex.Match[str]) -> str:
-    return unicodedata.normalize("NFKC", run.group())
 
 
 NARRATOR_LABEL = "Narrator"  # the narrator's lines open with it, wherever dialogue is shown
@@ -85,7 +76,9 @@ class Sanitizer:
         invisible characters that only disguise it (core/text.py), scrubbed and folded onto one
         line, and never opening as the prompt's bracketed markers ("[Scene direction]: …");
         `default` if empty."""
-        visible = _NOT_JAMO.sub(_nfkc, DISGUISE.sub("", name))  # before scrub's ZWSPs
+        # NFKC but its Korean jamo, which the NPC would repeat as a name the player never wrote
+        # and many game fonts cannot draw; before scrub's ZWSPs.
+        visible = nfkc_keeping_jamo(DISGUISE.sub("", name))
         # At most a name's stored length once NFKC-normalised: "\ufdfa" alone is 18 characters, and a
         # name of 200 of them a label of 3,600 written before every line of the prompt.
         folded = " ".join(self.scrub(visible).split())[:MAX_LABEL].rstrip() or default
