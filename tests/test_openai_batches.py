@@ -657,6 +657,32 @@ def test_a_request_cancelled_alone_in_a_batch_that_completes_is_its_own_failure_
     }
 
 
+def test_a_request_cancelled_alone_before_its_batch_expired_or_was_cancelled_says_so(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review (stop 76): a request cancelled by itself in a batch that later expired (or was
+    cancelled) was written as the batch's end, `batch_cancelled: the batch was cancelled before this
+    request started`, though the batch went on after it."""
+    from db.runs import cancel_run
+    from db.turns import cancel_turns
+    from services.files import find_file
+
+    (tmp_path / "files").mkdir()
+    for reason in ("expired", "cancelled"):
+        sub = _submit(tmp_path, f"alone-{reason}-" + tmp_path.name, 3, input_file_id="file-test")
+        with session_scope() as s:
+            (first,) = s.scalars(select(Turn.id).where(Turn.run_id == sub.id, Turn.custom_id == "r0")).all()
+            assert cancel_turns(session=s, turn_ids=[first]) == [first]
+        with session_scope() as s:
+            cancel_run(session=s, run_id=sub.id, reason=reason)  # type: ignore[arg-type]
+        assert batches.finalize_run(sub.id) == sub.name
+        with session_scope() as s:
+            errors = s.get_one(Run, sub.id).error_file_id
+        lines = {x["custom_id"]: x for x in map(json.loads, find_file(errors).path.read_text().splitlines())}
+        assert lines["r0"]["error"]["code"] == "request_cancelled", reason
+        assert {lines[c]["error"]["code"] for c in ("r1", "r2")} == {f"batch_{reason}"}
+
+
 def test_a_batch_run_is_finalized_once_whoever_tries(quiet_model, tmp_path) -> None:
     (tmp_path / "files").mkdir()
     sub = _submit(tmp_path, "fin-" + tmp_path.name, 2, input_file_id="file-test")

@@ -241,8 +241,8 @@ def _openai_ok(turn: Turn, run: Run) -> dict[str, Any]:
 def _openai_error(turn: Turn, run: Run) -> dict[str, Any]:
     line = {"id": f"batch_req_{turn.id.hex}", "custom_id": turn.custom_id}
     if turn.status == TurnStatus.CANCELLED:  # never ran
-        if cancelled_alone(run) and turn.error_code != TurnErrorCode.EXPIRED:
-            # This request alone (DELETE /v1/turns/{id}), in a batch that went on: not the batch's end.
+        if turn_cancelled_alone(turn, run):
+            # This request alone (DELETE /v1/turns/{id}), before the batch ended if it did: not its end.
             code, message = "request_cancelled", "this request was cancelled before it was answered"
         else:
             code = _OPENAI_CODES.get(turn.error_code or "", "batch_cancelled")
@@ -257,6 +257,19 @@ def cancelled_alone(run: Run) -> bool:
     """Whether the run's cancelled requests were each cancelled alone: it was neither cancelled nor
     expired, nor failed (whose leftovers its cancel ends)."""
     return run.cancel_reason is None and run.status != RunStatus.FAILED
+
+
+def turn_cancelled_alone(turn: Turn, run: Run) -> bool:
+    """Whether this cancelled request was cancelled alone: its run was not stopped, or it was
+    cancelled before the run's cancel or expiry began (or before its failure), whose own statement
+    stamps the turns it ends with the very time it stamps the run (review, stop 76: a request
+    cancelled alone in a batch that later expired was written as the batch's `batch_cancelled`)."""
+    if turn.error_code == TurnErrorCode.EXPIRED:
+        return False
+    if cancelled_alone(run):
+        return True
+    stopped = run.cancelling_at if run.cancel_reason is not None else run.finished_at
+    return stopped is not None and turn.finished_at is not None and turn.finished_at < stopped
 
 
 _FORMATS: dict[str, tuple[Callable[[Turn, Run], dict[str, Any]], Callable[[Turn, Run], dict[str, Any]]]] = {
