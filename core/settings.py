@@ -10,7 +10,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -714,10 +714,23 @@ def _parsed_or_refused(variable: str, url: str) -> None:
     the driver would find it at first use, far from the setting."""
     from sqlalchemy.engine import make_url
 
+    # The parser's own words are never kept: they quote the part it could not read, which is the
+    # password when one holds an unescaped / ? or # (review, stop 76: a password on stderr and in logs).
+    refusal = (
+        f"{variable}: does not parse: its port is not a number, or its user or password holds an"
+        " unescaped / ? # or @ (percent-encode them)"
+    )
     try:
-        make_url(url) if variable == "DATABASE_URL" else urlsplit(url).port
-    except ValueError as exc:
-        raise ValueError(f"{variable}: does not parse ({exc})") from None
+        split = urlsplit(url)
+        split.port  # noqa: B018 (parses the port: ValueError when it is not a number)
+        # SQLAlchemy reads the password up to the first @, urlsplit up to the last: the rest of a
+        # password holding @ became the host, named in every connection error that followed.
+        said = None if split.password is None else unquote(split.password)
+        agree = variable != "DATABASE_URL" or make_url(url).password == said
+    except ValueError:
+        agree = False
+    if not agree:
+        raise ValueError(refusal)
 
 
 def _physical_memory() -> int | None:

@@ -313,6 +313,23 @@ def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_un
     assert result.stderr.startswith("mlchat: bad setting: .env: cannot be read"), result.stderr
 
 
+def test_a_url_that_does_not_parse_never_quotes_its_password(tmp_path) -> None:
+    """Found in review (stop 76): a Redis password holding an unescaped / was quoted whole by the
+    refusal ("Port could not be cast to integer value as '<password>'"), and a database password
+    holding @ passed (SQLAlchemy read up to the first @), the rest of it named as the host in every
+    connection error and health log after."""
+    for variable, bad, secret in [
+        ("REDIS_URL", "redis://:Tr0ub4dor3xKq9/Z@redis:6379/0", "Tr0ub4dor"),
+        ("DATABASE_URL", "postgresql://mlchat:Sunny@2024secret@db:5432/mlchat", "2024secret"),
+    ]:
+        result = _import_settings_with(tmp_path, variable, bad)
+        assert result.returncode != 0 and result.stderr.count("\n") == 1, (variable, result.stderr)
+        assert result.stderr.startswith(f"mlchat: bad setting: {variable}: "), result.stderr
+        assert secret not in result.stderr and "percent-encode" in result.stderr, result.stderr
+    encoded = "postgresql://mlchat:Sunny%402024secret@db:5432/mlchat"
+    assert _import_settings_with(tmp_path, "DATABASE_URL", encoded).returncode == 0
+
+
 def test_auto_prompt_format_prompts_gpt_oss_as_plain_dialogue() -> None:
     """Found in review: the README's GPU set-up (MLCHAT_MODEL=gpt-oss-20b, no prompt format) took the
     model's harmony chat template, whose analysis channel would be stored in the reply."""
