@@ -210,6 +210,9 @@ def _hold(owner: Owner, target: str) -> None:
     name="mlchat.deliver_batch_callback",
     queue=CALLBACK_QUEUE,
     autoretry_for=(CallbackFailed, DBAPIError, PoolTimeout),
+    # A tenant's receiver failing is expected: its last try of a burst is one INFO line, not an
+    # ERROR traceback at each due retry for a day (the failure is on the row, callback_error).
+    throws=(CallbackFailed,),
     retry_backoff=2,  # 2 s, 4 s, 8 s … (with jitter), capped below
     retry_backoff_max=int(within_visibility(600)),  # Celery's retry countdown, held unacked too
     retry_jitter=True,
@@ -225,6 +228,7 @@ def deliver_batch_callback(self: Any, run_id: str, waits: int = 0, since: float 
     name="mlchat.deliver_turn_callback",
     queue=CALLBACK_QUEUE,
     autoretry_for=(CallbackFailed, DBAPIError, PoolTimeout),
+    throws=(CallbackFailed,),  # as the batch's
     retry_backoff=2,
     retry_backoff_max=int(within_visibility(600)),  # Celery's retry countdown, held unacked too
     retry_jitter=True,

@@ -393,6 +393,41 @@ def test_a_turn_cancelled_by_its_client_is_called_back_at_once(
     assert json.loads(sent)["status"] == "cancelled" and headers["x-mlchat-delivery"] == str(turn.id)
 
 
+def test_a_receiver_that_keeps_failing_is_no_error_traceback_in_the_workers_log(
+    services, world, monkeypatch, caplog
+) -> None:
+    """Found in review (stop 76): the last try of each burst to a tenant's receiver that answers
+    5xx was logged by Celery at ERROR with a traceback ("raised unexpected: CallbackFailed"), again
+    at every due retry for a day: a tenant's broken endpoint buried the worker's real errors."""
+    import logging
+    import socket
+
+    from services.producer import cancel_turn, submit_turns
+    from tasks.callbacks import deliver_turn_callback
+
+    with socket.socket() as closed:  # a port nothing listens on: the receiver is down
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    monkeypatch.setattr(settings, "callback_secret", SecretStr(SECRET))
+    monkeypatch.setattr(settings, "callback_allow_private", True)
+    _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
+    monkeypatch.setattr(deliver_turn_callback, "delay", lambda turn_id: None)
+    body = {
+        "conversation": f"cb-{uuid.uuid4().hex[:10]}",
+        "character": "elara",
+        "message": "Never mind.",
+        "callback_url": f"http://receiver.test:{port}/hook",
+    }
+    [turn] = submit_turns([body], send=False)
+    assert cancel_turn(turn.id)
+    with caplog.at_level(logging.INFO, logger="celery.app.trace"):
+        deliver_turn_callback.apply(args=[str(turn.id)], retries=deliver_turn_callback.max_retries)
+    told = [r for r in caplog.records if r.name == "celery.app.trace"]
+    assert told and all(r.levelno < logging.ERROR and r.exc_info is None for r in told), told
+    with session_scope() as s:
+        assert s.get_one(Turn, turn.id).callback_error  # the failure is on the turn, as before
+
+
 def test_a_callback_host_that_stops_resolving_at_delivery_is_retried_not_refused_for_good(
     services, receiver, monkeypatch
 ) -> None:
