@@ -176,7 +176,10 @@ async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
     # An upload the client broke off (a timeout, a cancelled page): nobody reads this answer, but it
     # is no server error (it was a 500, a traceback in the log and a 5xx in the metrics).
     logger.info(
-        "%s %s: the client closed the connection before its body was read", request.method, request.url.path
+        # %r, as _logged_500's: a path's escape sequences never reach the log raw
+        "%s %r: the client closed the connection before its body was read",
+        request.method,
+        request.url.path,
     )
     return JSONResponse(status_code=status.HTTP_400_BAD_REQUEST, content={"detail": "the client went away"})
 

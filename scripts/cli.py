@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -218,6 +219,9 @@ def sweep(
             return exc.done
         except Exception as exc:  # the server away is named by its setting, as every command does
             failed.append(f"{name}: {_unreachable(exc)}{_one_line(exc)}")
+            # Its traceback where MLCHAT_LOG_LEVEL=DEBUG asks for one (review, stop 76: a step's
+            # bug was its one line each minute, and DEBUG showed nothing more).
+            logging.getLogger("mlchat.sweep").debug("%s failed", name, exc_info=True)
             return {}
 
     sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))

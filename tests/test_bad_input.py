@@ -990,6 +990,25 @@ def test_a_sweep_that_cannot_reach_the_broker_names_the_setting(world, monkeypat
     assert "re-sending stranded turns: the broker is unreachable (REDIS_URL" in err, err
 
 
+def test_a_sweep_steps_bug_shows_its_traceback_at_debug(world, monkeypatch, caplog) -> None:
+    """Review (stop 76): a sweep step that raised was kept as its one line only; the README's
+    MLCHAT_LOG_LEVEL=DEBUG showed no traceback, as nothing was logged."""
+    import logging
+
+    from scripts.cli import main
+    from services import sweeper
+
+    def broken() -> Any:
+        raise TypeError("unsupported operand type(s) for -: 'NoneType' and 'int'")
+
+    monkeypatch.setattr(sweeper, "close_abandoned_runs", broken)
+    with caplog.at_level(logging.DEBUG, logger="mlchat.sweep"):
+        assert main(["sweep"]) == 1
+    (record,) = [r for r in caplog.records if r.name == "mlchat.sweep"]
+    assert "closing abandoned runs" in record.getMessage() and record.exc_info is not None
+    assert isinstance(record.exc_info[1], TypeError)
+
+
 def test_the_clis_one_line_logs_give_way_to_tracebacks_in_the_worker_and_api_it_starts() -> None:
     """Review of the CLI's one-line logs: `mlchat worker` and `mlchat api` run under the CLI's main(),
     whose handler was installed first, and their own set-up (basicConfig) did nothing: a failed flush
@@ -1020,3 +1039,23 @@ def test_the_clis_one_line_logs_give_way_to_tracebacks_in_the_worker_and_api_it_
     cli, worker = done.stderr.split("ERROR worker:")
     assert "one line (ZeroDivisionError: division by zero)" in cli and "Traceback" not in cli
     assert "Traceback (most recent call last)" in worker
+
+
+def test_a_broken_off_requests_path_reaches_the_log_escaped(caplog) -> None:
+    """Review (stop 76): a body broken off on a path holding escape sequences (a desk line's id,
+    percent-encoded) logged the path raw, where a terminal reading the log obeys them."""
+    import asyncio
+    import logging
+
+    from starlette.requests import ClientDisconnect, Request
+
+    from api.errors import _client_gone
+
+    path = "/desk/lines/\x1b[1A\x1b[2Kforged/pick"
+    scope = {"type": "http", "method": "POST", "path": path, "query_string": b"", "headers": []}
+    with caplog.at_level(logging.INFO, logger="api.errors"):
+        asyncio.run(
+            _client_gone(Request(scope | {"server": ("api", 80), "scheme": "http"}), ClientDisconnect())
+        )
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "api.errors"]
+    assert "\x1b" not in said and "\\x1b[2Kforged" in said, said

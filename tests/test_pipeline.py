@@ -142,7 +142,8 @@ def test_a_deadlock_ending_the_write_of_turns_failed_before_the_engine_is_run_ag
     assert "persona and message alone" in rows[ids[1]].error
 
 
-def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
+def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch, caplog) -> None:
+    import logging
     import uuid
 
     from core.settings import settings
@@ -187,7 +188,12 @@ def test_a_turn_whose_own_stage_raises_fails_alone(engine, monkeypatch) -> None:
         row = s.get(Turn, bad_params)
         row.params = {**row.params, "temperature": 5.0}
 
-    report = process_batch(ids)
+    with caplog.at_level(logging.WARNING, logger="worker.pipeline"):
+        report = process_batch(ids)
+    # Review (stop 76): a turn's own fault was stored as one line and never logged with its traceback.
+    logged = {r.getMessage().split(":")[0]: r.exc_info for r in caplog.records if r.name == "worker.pipeline"}
+    assert isinstance(logged[f"turn {bad_prompt}"][1], AttributeError), logged  # type: ignore[index]
+    assert isinstance(logged[f"turn {unjudged}"][1], Panic), logged  # type: ignore[index]
     assert sorted(report.done) == sorted([ok, ids[4]]) and set(report.failed) == {bad_params}
     assert set(report.retry) == {bad_prompt, unjudged}
     for turn_id in (ok, ids[4]):

@@ -495,7 +495,7 @@ def _answer(
             except PromptTooLong as exc:
                 report.failed[turn.id] = Failure(str(exc), TurnErrorCode.PROMPT_TOO_LONG)
             except TurnFault as fault:
-                _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
+                _faulted(turn, fault, report)
     with timer("adapters"):
         _load_adapters([t for t in turns if t.id in prepared], report)
     ready = [t for t in turns if t.id in prepared and t.id not in report.failed and t.id not in report.retry]
@@ -738,7 +738,8 @@ def _finish_group(
             error = broken[turn.id]
             refused = refused_by_engine(error)
             code = TurnErrorCode.INVALID_PARAMS if refused else TurnErrorCode.ENGINE_ERROR
-            reason = f"engine error: {error!r}"
+            # str, not repr: vLLM's own words keep the parameter and value it names (its repr drops them)
+            reason = f"engine error: {type(error).__name__}: {error}"
             request = requests.get(turn.id)
             if isinstance(error, EngineRequestError) and request is not None and request.structured_outputs:
                 # The engine core compiles a request's grammar against the model's vocabulary, which
@@ -978,7 +979,7 @@ def _judge_each(
             with _stage("judging the reply", TurnErrorCode.JUDGE_ERROR):
                 judged += judge_candidates([(turn, made)], vectors, vector_of, context_of, prompts)
         except TurnFault as fault:
-            _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
+            _faulted(turn, fault, report)
     return judged
 
 
@@ -1166,6 +1167,13 @@ def _hashed_id(name: str) -> int:
 
 
 _NO_GRAMMAR = "the engine may be unable to build its grammar"
+
+
+def _faulted(turn: ClaimedTurn, fault: TurnFault, report: BatchReport) -> None:
+    """A stage of the turn's own work raised: logged with its traceback (the turn's stored error
+    has its one line only; review, stop 76: nothing logged it), then retried or failed."""
+    logger.warning("turn %s: %s", turn.id, fault, exc_info=fault.__cause__)
+    _retry_or_fail(turn, str(fault), fault.code, report, final=fault.final)
 
 
 def _retry_or_fail(
