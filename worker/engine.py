@@ -508,7 +508,8 @@ def _try_add_lora(adapter: Adapter) -> _AdapterState:
     failure = future.exception()
     if isinstance(failure, EngineDead):
         raise failure
-    if failure is not None:
+    if failure is not None:  # its turns say it in one line; the traceback is here (tried again in a minute)
+        logger.warning("LoRA adapter %s at %s does not load", adapter.name, adapter.path, exc_info=failure)
         return _passing(f"adapter {adapter.name} at {adapter.path} does not load: {failure}"[:1000])
     if future.result() is False:
         return _passing(f"adapter {adapter.name} at {adapter.path}: the engine refused it")

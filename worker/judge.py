@@ -233,6 +233,7 @@ def regenerate_weak(
                 turn, gen, vec, message_vectors[turn.id], contexts[turn.id], prompts[turn.id], request.seed
             )
         except Exception as exc:  # the first reply stands, judged; the second look is extra
+            logger.warning("turn %s: judging its regenerated reply failed", turn.id, exc_info=True)
             failed = {"error": f"{type(exc).__name__}: {exc}", "second_seed": request.seed}
             out[i] = (
                 turn,
