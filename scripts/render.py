@@ -16,6 +16,8 @@ def render_turn(view: TurnView, title: str = "") -> str:
         out.append(f"[Model Prompt]\n{view.prompt}")
     if view.reply is not None:
         out.append(f"[Model Reply]\n{view.reply}")
+    if view.structured is not None:  # an NPC's {say, emotion, action}, or the JSON a format asked for
+        out.append("[Structured]\n" + json.dumps(view.structured, ensure_ascii=False))
     if view.quality:
         tried = view.quality.get("candidates", 1)
         below = view.quality.get("below_bar") or []

@@ -566,8 +566,13 @@ def chat_response(view: TurnView, stored: StoredInline) -> dict[str, Any]:
     retrieved = [
         {"text": line_text.get(m["id"], ""), "score": m["score"], "source": "chat_history"} for m in memories
     ] + [{"text": event_text.get(e["id"], ""), "score": e["score"], "source": "story"} for e in events]
+    reply = None if view.reply is None else {"text": view.reply, "embedding": embedding}
+    if reply is not None and view.structured is not None:
+        # What `params.actions` or a response_format asked for beside the text (review, stop 76:
+        # an NPC's action and emotion were generated, stored, and left out of the answer).
+        reply["structured"] = view.structured
     return {
-        "reply": None if view.reply is None else {"text": view.reply, "embedding": embedding},
+        "reply": reply,
         "usage": view.usage,
         "retrieved": retrieved,
         "timing": view.timings,

@@ -1082,6 +1082,26 @@ def test_an_answered_turn_whose_extras_cannot_be_read_is_returned_not_sent_again
     assert answer["mlchat"]["status"] == "done" and "database was away" in answer["mlchat"]["partial"]
 
 
+def test_an_npc_replys_action_and_emotion_reach_the_answer_and_the_printed_turn(world) -> None:
+    """Found in review (stop 76): `params.actions` made the worker generate and store an NPC's
+    {say, emotion, action}, and the original's answer (and `mlchat chat`'s printout) gave the say only:
+    the action the game was to execute was lost."""
+    from scripts.render import render_turn
+    from services.original_request import chat_response, store_and_enqueue
+    from services.producer import get_turn
+
+    actions = [{"name": "give_item", "args": {"item": {"type": "string"}}}]
+    request = read_request(_event(f"Luffy {uuid.uuid4().hex[:6]}", params={"actions": actions}))
+    stored, turn_id = store_and_enqueue(request, send=False)
+    view = get_turn(turn_id)
+    assert view is not None
+    npc = {"say": "Take it.", "emotion": "happy", "action": {"name": "give_item", "args": {"item": "key"}}}
+    view = view.model_copy(update={"reply": "Take it.", "structured": npc, "status": TurnStatus.DONE})
+    answer = chat_response(view, stored)
+    assert answer["reply"]["text"] == "Take it." and answer["reply"]["structured"] == npc
+    assert '"give_item"' in render_turn(view).split("[Structured]\n", 1)[1]
+
+
 def test_an_event_whose_turn_was_answered_before_an_outage_is_returned_not_sent_again(
     world, monkeypatch
 ) -> None:
