@@ -23,7 +23,7 @@ from core.settings import TENANT_NAME, settings
 from core.text import printable
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
-from structured.spec import check_response_format, shown_params
+from structured.spec import DATA_REPLIES, check_response_format, shown_params
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1
@@ -116,6 +116,16 @@ Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]
 
 # Sampling controls passed to vLLM's SamplingParams under the same names.
 SAMPLING_CONTROLS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "top_k")
+
+
+def default_candidates(params: dict[str, Any], candidates: int) -> int:
+    """The candidates a bulk line that set no `n` is given, its params resolved: the run's best of
+    `candidates`, or one where no pick can be made (review, stop 76: each was paid for all the
+    same). Greedy sampling (temperature 0, top_k 1) draws the same reply for every seed, and a data
+    reply (JSON, a pattern, a choice) is held by none of the gate's text checks."""
+    greedy = params["temperature"] < 1e-5 or params.get("top_k") == 1
+    data = (params.get("response_format") or {}).get("type") in DATA_REPLIES
+    return 1 if greedy or data else candidates
 
 
 class GenerationParams(BaseModel):

@@ -72,6 +72,8 @@ _SCHEMA_VALUED = frozenset(
     {"items", "prefixItems", "additionalItems", "additionalProperties", "anyOf", "allOf", "oneOf"}
     | {"not", "if", "then", "else", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
 )
+# Reply shapes that are not a spoken line: the quality gate's text checks do not hold them.
+DATA_REPLIES = ("json_schema", "json_object", "regex", "choice")
 MAX_DEPTH = 32
 # A count past this in a JSON schema's `pattern` (`[A-Za-z ]{1,200}`): the grammar builds without
 # a tokenizer (the check here), but vLLM's compiler of xgrammar 0.2.8, with its cache on, fails on

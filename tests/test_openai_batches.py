@@ -72,6 +72,43 @@ def _write(path: Path, lines: list) -> Path:
 USER = [{"role": "user", "content": "Where is the tower?"}]
 
 
+def test_a_line_no_pick_can_be_made_for_gets_one_candidate_not_the_runs_best_of_n(
+    quiet_model, tmp_path
+) -> None:
+    """Found in review (stop 76): every bulk line without `n` got the run's candidates (2), paid for
+    each, where no pick can be made: greedy sampling draws one reply for every seed, and a data reply
+    is held by none of the gate's checks. An OpenAI line's `n: 1` was taken for no n at all."""
+    lines = [
+        openai_line("greedy", USER, temperature=0),
+        openai_line("json", USER, response_format={"type": "json_object"}),
+        openai_line("one", USER, n=1),
+        openai_line("plain", USER),
+    ]
+    path = _write(tmp_path / "oa.jsonl", lines)
+    options = LineOptions(default_character="haneul", candidates=2)
+    sub = submit_run(path, name="picks-" + tmp_path.name, options=options)
+    native = _write(
+        tmp_path / "native.jsonl",
+        [
+            {"custom_id": "top-k", "character": "elara", "message": "Hi.", "params": {"top_k": 1}},
+            {
+                "custom_id": "regex",
+                "character": "elara",
+                "message": "Hi.",
+                "params": {"response_format": {"type": "regex", "regex": "[0-9]{4}"}},
+            },
+            {"custom_id": "free", "character": "elara", "message": "Hi."},
+        ],
+    )
+    other = submit_run(native, name="picks-native-" + tmp_path.name, options=LineOptions(candidates=3))
+    with session_scope() as s:
+        n = {
+            t.custom_id: t.params["n"]
+            for t in s.scalars(select(Turn).where(Turn.run_id.in_([sub.id, other.id])))
+        }
+    assert n == {"greedy": 1, "json": 1, "one": 1, "plain": 2, "top-k": 1, "regex": 1, "free": 3}, n
+
+
 def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_path) -> None:
     lines = [
         openai_line(

@@ -27,6 +27,7 @@ from roleplay.mood import (
     toward_member,
 )
 from roleplay.quality import Bar, persona_text, score
+from structured.spec import DATA_REPLIES
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import EngineDead, Generation, GenerationRequest
@@ -62,9 +63,6 @@ def _persona_vector(character: Character) -> np.ndarray:
         return embed([text or character.name])[0]
 
     return _persona_vectors.get(character.id, character.version, make)
-
-
-DATA_REPLIES = ("json_schema", "json_object", "regex", "choice")  # reply shapes that are not a spoken line
 
 
 def gate() -> Bar:

@@ -281,7 +281,7 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         "frequency_penalty": body.frequency_penalty,
         "presence_penalty": body.presence_penalty,
     }
-    if body.n is not None and body.n > 1:  # n candidates (best of n), every one returned as a choice
+    if body.n is not None:  # n candidates (best of n), every one returned as a choice; n: 1 is one
         params["n"] = body.n
     # Checked as the run line's params (structured/spec.py). An OpenAI client that did not ask for
     # JSON reads `content` as text: without a response_format the turn is free text even for a

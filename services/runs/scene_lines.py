@@ -14,6 +14,7 @@ from db.models import Run, RunStatus, Scene, Turn
 from db.scenes import NewMember, NewScene, SceneConflict, create_scene
 from db.world import find_characters, upsert_conversations
 from scenes.spec import SceneSpec
+from services.schemas import default_candidates
 
 
 def scene_of(
@@ -22,7 +23,7 @@ def scene_of(
     """The scene a validated spec describes, for a conversation and the participants' character ids."""
     params = spec.params.resolved()
     if spec.params.n is None:
-        params["n"] = candidates
+        params["n"] = default_candidates(params, candidates)
     return NewScene(
         conversation_id=conversation_id,
         members=[

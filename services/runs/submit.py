@@ -60,7 +60,7 @@ from services.runs.validate import (
     parse_again,
     validate_file,
 )
-from services.schemas import storable_text
+from services.schemas import default_candidates, storable_text
 
 logger = logging.getLogger(__name__)
 
@@ -515,7 +515,7 @@ def _staged_turn(
 ) -> StagedTurn:
     params = line.params.resolved()
     if line.params.n is None:
-        params["n"] = candidates
+        params["n"] = default_candidates(params, candidates)
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
     if line.direction is not None:
