@@ -118,6 +118,9 @@ Int4 = Annotated[int, Field(ge=INT4_MIN, le=INT4_MAX)]
 SAMPLING_CONTROLS = ("repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "top_k")
 
 
+_NEUTRAL_PENALTIES = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+
+
 def default_candidates(params: dict[str, Any], candidates: int) -> int:
     """The candidates a bulk line that set no `n` is given, its params resolved: the run's best of
     `candidates`, or one where no pick can be made (review, stop 76: each was paid for all the
@@ -196,11 +199,20 @@ class GenerationParams(BaseModel):
             stop=self.stop or [],
             n=self.n or 1,
             **{
-                name: getattr(settings, name) if getattr(self, name) is None else getattr(self, name)
+                name: self._default_control(name) if getattr(self, name) is None else getattr(self, name)
                 for name in SAMPLING_CONTROLS
             },
             **self._shape(),
         )
+
+    def _default_control(self, name: str) -> Any:
+        """The deployment's default for a sampling control the turn left unset; neutral penalties for
+        a data reply (review, stop 76: the penalty tuned on free text's loops pushed down, among the
+        tokens a grammar allows, a JSON array's repeated values and a code's repeated digits)."""
+        data = (self.response_format or {}).get("type") in DATA_REPLIES
+        if data and name in _NEUTRAL_PENALTIES:
+            return _NEUTRAL_PENALTIES[name]
+        return getattr(settings, name)
 
     def _shape(self) -> dict[str, Any]:
         """The reply shape keys, only when set (turns stored before them keep their params)."""

@@ -237,6 +237,20 @@ def test_a_regex_that_matches_an_empty_reply_is_refused() -> None:
     assert GenerationParams(response_format={"type": "regex", "regex": "(yes)+"}).response_format
 
 
+def test_a_data_reply_is_sampled_without_the_free_text_penalties_unless_it_asks_for_them() -> None:
+    """Found in review (stop 76): the deployment's frequency_penalty (0.5, tuned on free text's
+    loops) went on every JSON, pattern and choice reply, pushing down, among the tokens the grammar
+    allows, a code's repeated digits and an array's repeated values."""
+    penalties = ("repetition_penalty", "frequency_penalty", "presence_penalty")
+    for data in ({"type": "json_object"}, {"type": "regex", "regex": "[0-9]{4}"}):
+        resolved = GenerationParams(response_format=data).resolved()
+        assert [resolved[k] for k in penalties] == [1.0, 0.0, 0.0], data
+        asked = GenerationParams(response_format=data, frequency_penalty=0.3).resolved()
+        assert asked["frequency_penalty"] == 0.3
+    assert GenerationParams().resolved()["frequency_penalty"] == 0.5  # free text: the shipped default
+    assert GenerationParams(response_format={"type": "text"}).resolved()["frequency_penalty"] == 0.5
+
+
 def test_an_enforceable_schema_and_the_other_formats_are_kept_as_given() -> None:
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     assert check_schema(schema, "s") is schema
