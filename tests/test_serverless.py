@@ -267,6 +267,9 @@ def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, m
     monkeypatch.setattr(settings, "callback_secret", SecretStr("s"))
     hooked = handler({"input": {"turns": [ok, ok | {"callback_url": "https://hooks.example.test/x"}]}})
     assert hooked["error"].startswith("turns[1].callback_url: ") and "no callback" in hooked["error"], hooked
+    # Review (stop 76): stream was taken, its tokens published for no reader.
+    streamed = handler({"input": ok | {"stream": True}})
+    assert streamed["error"].startswith("stream: ") and "streams nothing" in streamed["error"], streamed
 
     def database_down(requests):  # type: ignore[no-untyped-def]
         raise OperationalError("INSERT", {}, psycopg.OperationalError("connection refused"))

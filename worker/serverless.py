@@ -66,6 +66,11 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
                 errors.append(
                     error_line(where, "the serverless handler answers in its reply and sends no callback")
                 )
+            if request.stream:  # review (stop 76): published for no reader, and never regenerated
+                where = f"turns[{i}].stream" if many else "stream"
+                errors.append(
+                    error_line(where, "the serverless handler answers in its reply and streams nothing")
+                )
     if errors:
         return {"error": "; ".join(errors)}
     ids: list[Any] = []
