@@ -23,7 +23,7 @@ from db.memory_jobs import (
 from db.models import Conversation
 from db.session import session_scope
 from db.summaries import conversations_due
-from services.characters import INLINE_COPY
+from services.characters import CHAT_COPY, INLINE_COPY
 
 logger = logging.getLogger(__name__)
 
@@ -42,12 +42,15 @@ def due_jobs(conversation_ids: Sequence[int]) -> list[tuple[int, str]]:
     jobs: list[tuple[int, str]] = []
     with session_scope() as session:
         # The copy of its history a request of the original shape without a conversation is
-        # answered in (services/original_request.py) is never continued: no memory for it, or every
-        # such request would summarise its whole history again on the bulk lane.
+        # answered in (services/original_request.py), and a chat completion's that named none, are
+        # never continued: no memory for them, or every such request would summarise its whole
+        # history again on the bulk lane (review, stop 76: the chat completion's was missed).
         ids = list(
             session.scalars(
                 select(Conversation.id).where(
-                    Conversation.id.in_(ids), ~Conversation.external_id.regexp_match(INLINE_COPY)
+                    Conversation.id.in_(ids),
+                    ~Conversation.external_id.regexp_match(INLINE_COPY),
+                    ~Conversation.external_id.regexp_match(CHAT_COPY),
                 )
             )
         )

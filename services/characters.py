@@ -43,6 +43,9 @@ class ImportedCharacter:
 # The conversation an inline request without one is answered in: its history key (a 32-hex digest)
 # and a random suffix (services/original_request.py).
 INLINE_COPY = f"^{INLINE_PREFIX}[0-9a-f]{{32}}-[0-9a-f]{{12}}$"
+# The conversation a chat completion that names none is answered in, seeded with its transcript
+# (services/live_chat.py: `chat-` and a UUID, random or the idempotency key's): never continued.
+CHAT_COPY = "^chat-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 
 
 def slug_for(name: str) -> str:

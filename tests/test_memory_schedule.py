@@ -181,8 +181,12 @@ def test_the_original_request_shapes_conversations_get_no_memory_jobs(summaries_
     copy = _conversation(40, external=f"inline-{uuid.uuid4().hex}-{uuid.uuid4().hex[:12]}")
     kept = _conversation(40)
     named = _conversation(40, external=f"inline-{uuid.uuid4().hex[:8]}")  # a client's own name
-    assert schedule_memory([copy, kept, named]) == 2
-    assert _queued(copy) == [] and len(_queued(kept)) == len(_queued(named)) == 1
+    # Review (stop 76): a stateless chat completion's (no conversation named) was missed.
+    chat = _conversation(40, external=f"chat-{uuid.uuid4()}")
+    chat_named = _conversation(40, external=f"chat-{uuid.uuid4().hex[:8]}")
+    assert schedule_memory([copy, kept, named, chat, chat_named]) == 3
+    assert _queued(copy) == [] == _queued(chat)
+    assert len(_queued(kept)) == len(_queued(named)) == len(_queued(chat_named)) == 1
 
 
 def test_a_memory_job_whose_engine_died_stops_the_worker_and_hands_the_job_on(
