@@ -333,7 +333,7 @@ class Run(Base):
     name: Mapped[str] = mapped_column(String(200), unique=True)
     status: Mapped[RunStatus] = mapped_column(_enum(RunStatus, "run_status"), default=RunStatus.QUEUED)
     model: Mapped[str] = mapped_column(String(64))
-    file_hash: Mapped[str] = mapped_column(String(64), default="")
+    file_hash: Mapped[str] = mapped_column(String(64), default="", server_default="")
     total: Mapped[int] = mapped_column(Integer, default=0)  # lines the run will hold (the file's good lines)
     error: Mapped[str | None] = mapped_column(Text)
     # Why a failed run failed: `invalid_request` (its file) or `server_error` (the server gave up).

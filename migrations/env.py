@@ -100,6 +100,7 @@ def _run_giving_way(connection: Connection) -> None:
             connection=connection,
             target_metadata=target_metadata,
             include_name=include_name,
+            compare_server_default=True,  # `alembic check`: older code's inserts rely on these defaults
             transaction_per_migration=True,
         )
         try:
