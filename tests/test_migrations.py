@@ -83,6 +83,35 @@ def test_a_database_created_for_another_embedders_dimension_stores_its_vectors(
     assert set(dims.values()) == {768}, dims
 
 
+def test_undoing_tenants_over_a_name_two_tenants_hold_is_refused_in_one_line(scratch_db: Connection) -> None:
+    """Review (stop 76): going below 0008 with one conversation id in two tenants failed on
+    PostgreSQL's unique violation halfway through its statements."""
+    from alembic.util.exc import CommandError
+
+    _run(scratch_db, "upgrade", "0008")
+    scratch_db.execute(
+        text(
+            "INSERT INTO characters (id, slug, name, language, description, personality, scenario,"
+            " speech_style, example_dialogues, first_message, system_prompt, post_history_instructions)"
+            " VALUES (1, 'old', 'Old', 'en', '', '', '', '', '[]', '', '', '')"
+        )
+    )
+    scratch_db.execute(
+        text(
+            "INSERT INTO conversations (external_id, player_id, player_name, character_id, tenant)"
+            " VALUES ('c-1', 'p', 'P', 1, 'a'), ('c-1', 'p', 'P', 1, 'b')"
+        )
+    )
+    scratch_db.commit()
+    with pytest.raises(CommandError, match=r"0008 cannot be undone: 1 conversation ids are held by more"):
+        _run(scratch_db, "downgrade", "0007")
+    scratch_db.rollback()
+    assert scratch_db.execute(text("SELECT version_num FROM alembic_version")).scalar() == "0008"
+    scratch_db.execute(text("DELETE FROM conversations WHERE tenant = 'b'"))
+    scratch_db.commit()
+    _run(scratch_db, "downgrade", "0007")
+
+
 def test_models_and_migrations_agree(services) -> None:
     """Server defaults compared too (review, stop 76: runs.file_hash's, which 0002 created and the
     model lacked, went unseen; a rollback's older code inserts rows relying on such defaults)."""

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from alembic.util.exc import CommandError
 
 revision: str = '0008'
 down_revision: str | None = '0007'
@@ -42,7 +43,23 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Refused by PostgreSQL if two tenants now hold the same external id or idempotency key.
+    # One name can no longer be held by two tenants: said in one line before anything changes (it was
+    # PostgreSQL's unique violation, a traceback, halfway through).
+    shared = {
+        what: op.get_bind().scalar(
+            sa.text(f'SELECT count(*) FROM (SELECT 1 FROM {table} GROUP BY {column} HAVING count(*) > 1) d')
+        )
+        for what, table, column in (
+            ('conversation ids', 'conversations', 'external_id'),
+            ('idempotency keys', 'turns', 'idempotency_key'),
+        )
+    }
+    if any(shared.values()):
+        said = ' and '.join(f'{n} {what}' for what, n in shared.items() if n)
+        raise CommandError(
+            f'0008 cannot be undone: {said} are held by more than one tenant, which before 0008 could '
+            'not be; erase or rename them first'
+        )
     op.drop_constraint('uq_turns_tenant_idempotency_key', 'turns', type_='unique')
     op.create_unique_constraint('uq_turns_idempotency_key', 'turns', ['idempotency_key'])
     op.drop_constraint('uq_conversations_tenant_external_id', 'conversations', type_='unique')
