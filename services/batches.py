@@ -449,13 +449,24 @@ def _give_up(run_id: uuid.UUID, callback: str | None, error: str) -> None:
         send_callback(run_id)
 
 
+# What one pass of housekeeping spends on batches to finalize, or on submissions to try again,
+# before it leaves the rest to the next (review, stop 76: one tenant's many big batches, due at once
+# after an API restart, held the sweeper's next pass, and another tenant's lost live turn with it).
+PASS_S = 30.0
+
+
 def retry_batch_submissions(stalled_after_s: float = 60.0) -> list[str]:
     """Try again the batches whose submission is due a retry, or stalled (its submitter died)."""
     with session_scope() as session:
         due = batch_submissions_due(session=session, stalled_after_s=stalled_after_s)
+    tried: list[str] = []
+    deadline = time.monotonic() + PASS_S
     for name in due:
+        if time.monotonic() > deadline:  # the rest are due still: the next pass takes them
+            break
         submit_batch_by_name(name)
-    return due
+        tried.append(name)
+    return tried
 
 
 # --- the batch as OpenAI's API shows it ------------------------------------------------------------
@@ -623,7 +634,10 @@ def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[
     run); returns their names. A run whose files cannot be written goes to the back of the line."""
     done = []
     tried: set[uuid.UUID] = set()
+    deadline = time.monotonic() + PASS_S
     for _ in range(limit):
+        if time.monotonic() > deadline:  # the pass's other steps (a lost live turn's re-send) wait on it
+            break
         with session_scope() as session:
             ids = finalizing_runs(session=session, limit=1, models=models)
         if not ids or ids[0] in tried:  # one that failed came round again: the next pass tries it
@@ -702,9 +716,8 @@ def send_callback(run_id: uuid.UUID) -> bool:
 
 
 # One sweep's pages of callbacks to queue again, of each kind: pages until one is short, a publish
-# fails (the broker away) or this time is spent (review: one page a pass, a hundred retries a minute,
+# fails (the broker away) or PASS_S is spent (review: one page a pass, a hundred retries a minute,
 # left a long outage's backlog to be given up at the window's end, never tried again).
-CALLBACK_PASS_S = 30.0
 LOST_PAGE = 1000
 RETRY_PAGE = 100
 
@@ -715,7 +728,7 @@ def _in_pages(
     """Claim a page and send it, again while pages come full and every one of them was sent; the ids
     sent."""
     sent: list[str] = []
-    deadline = time.monotonic() + CALLBACK_PASS_S
+    deadline = time.monotonic() + PASS_S
     while True:
         claimed = claim()
         done = send(claimed)

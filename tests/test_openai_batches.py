@@ -1583,6 +1583,34 @@ def test_a_submission_with_the_database_down_raises_nothing_and_a_later_sweep_su
     assert batch["status"] == "in_progress" and batch["request_counts"]["total"] == 3
 
 
+def test_one_housekeeping_pass_spends_a_bounded_time_on_submissions_and_finalizing(monkeypatch) -> None:
+    """Review (stop 76): a pass submitted every due batch and finalized up to ten, however long they
+    took: one tenant's big batches, due at once after an API restart, held the sweeper's next pass,
+    and with it the re-send of another tenant's lost live turn. The rest wait for the next pass."""
+    monkeypatch.setattr(batches, "PASS_S", 0.2)
+    monkeypatch.setattr(batches, "batch_submissions_due", lambda **_: [f"b{i}" for i in range(5)])
+    submitted: list[str] = []
+
+    def slow_submit(name: str) -> None:
+        submitted.append(name)
+        time.sleep(0.15)
+
+    monkeypatch.setattr(batches, "submit_batch_by_name", slow_submit)
+    assert batches.retry_batch_submissions() == submitted and 1 <= len(submitted) <= 2, submitted
+    waiting = [uuid.uuid4() for _ in range(5)]
+    finalized: list[uuid.UUID] = []
+    monkeypatch.setattr(batches, "finalizing_runs", lambda **_: [waiting[len(finalized)]])
+
+    def slow_finalize(run_id: uuid.UUID) -> str:
+        finalized.append(run_id)
+        time.sleep(0.15)
+        return str(run_id)
+
+    monkeypatch.setattr(batches, "finalize_run", slow_finalize)
+    names = batches.finalize_runs()
+    assert names == [str(r) for r in finalized] and 1 <= len(names) <= 2, names
+
+
 def test_a_sweep_that_meets_the_live_submitter_uses_up_no_try(quiet_model, tmp_path, monkeypatch) -> None:
     from db.runs import submission_lock
 
