@@ -9,7 +9,8 @@ Callbacks run in the worker threads that also run generation flushes, and their 
 a worker delivers at most MLCHAT_CALLBACK_CONCURRENCY at once (and at most half its threads), so
 receivers that hang (a host that accepts and never answers, a resolver that stalls) cannot take every
 thread from live turns; and a tenant one of whose deliveries failed or was slow holds all those slots
-but one for two minutes, so its hanging receivers cannot hold back every other tenant's callbacks. A
+but one for two minutes, so its hanging receivers cannot hold back every other tenant's callbacks;
+while another tenant's delivery waits for a slot, a tenant holding all but one takes no more. A
 delivery that finds no slot is sent back to the queue, its try not counted, looked at again after
 2 s, doubling each time it is sent back, up to a minute: one tenant's stalled deliveries back off,
 and a newcomer tries at once. One that has waited a minute marks its callback held
@@ -19,6 +20,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -65,6 +67,7 @@ def _slots_of_this_pool(sender: Any = None, **_: object) -> None:
 _shares_lock = threading.Lock()
 _holding: dict[str | None, int] = {}  # deliveries of each tenant in a slot now
 _struggling: dict[str | None, float] = {}  # tenants a delivery of which failed or was slow: until when
+_waiting: dict[str | None, float] = {}  # tenants a delivery of which was sent back: until it comes again
 SLOT_WAIT_S = 2.0  # a delivery sent back is looked at again after this (up to twice it), doubling
 SLOT_WAIT_MAX_S = 60.0
 HOLD_AFTER_S = 60.0  # waiting longer for a slot marks the callback held (db/callbacks.py::hold_waiting)
@@ -85,6 +88,8 @@ def _in_a_slot(
     receivers struggle, or send the task back for later, its try count as it was (a full house is
     not the receiver's failure)."""
     if not _SLOTS.acquire(blocking=False):
+        with contextlib.suppress(*DATABASE_OUTAGES):  # who waits, so no other tenant takes its slot
+            _waiting_for_a_slot(_tenant_of(owner, target), waits)
         _send_back(task, owner, target, waits, since)
         return
     # A try now (unless sent back below, which says its waits again): its retries (Celery's, from
@@ -106,6 +111,7 @@ def _in_a_slot(
         raise
     if not admitted:
         _SLOTS.release()  # first: the slot kept for other tenants is not held while this one waits
+        _waiting_for_a_slot(tenant, waits)
         _send_back(task, owner, target, waits, since)
         return
     started = time.monotonic()
@@ -143,15 +149,31 @@ STRUGGLING_FOR_S = 120.0
 
 def _admit(tenant: str | None) -> bool:
     """Count a delivery of the tenant in, unless its receivers struggle and the struggling tenants
-    hold their share of the slots."""
+    hold their share of the slots, or another tenant's delivery waits for a slot and this tenant holds
+    all but one (review, stop 76: a receiver answering in just under half the timeout never
+    struggled, and its tenant's backlog took every slot as each came free, another tenant's callback
+    winning one in as many as that backlog held)."""
     with _shares_lock:
         now = time.monotonic()
+        share = max(1, _SLOT_COUNT - 1)
+        if _holding.get(tenant, 0) >= share and any(
+            until > now for waiting, until in _waiting.items() if waiting != tenant
+        ):
+            return False
         if _struggling.get(tenant, 0.0) > now:
             held = sum(n for t, n in _holding.items() if _struggling.get(t, 0.0) > now)
             if held >= max(1, _SLOT_COUNT - 1):
                 return False
         _holding[tenant] = _holding.get(tenant, 0) + 1
         return True
+
+
+def _waiting_for_a_slot(tenant: str | None, waits: int) -> None:
+    """Mark the tenant as waiting for a slot until its delivery, sent back now, comes again."""
+    with _shares_lock:
+        if len(_waiting) >= _HELD_KEPT and tenant not in _waiting:
+            del _waiting[next(iter(_waiting))]
+        _waiting[tenant] = time.monotonic() + 2 * _least_wait(waits + 1) + SLOT_WAIT_S
 
 
 def _release(tenant: str | None, struggled: bool) -> None:

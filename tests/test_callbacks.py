@@ -528,7 +528,7 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
     tenant_of = {target: name[0] for name, target in ids.items()}  # p: patient, g, h: greedy, o: other
     monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target], raising=False)
     monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(2))
-    for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {})):
+    for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {}), ("_waiting", {})):
         monkeypatch.setattr(callback_tasks, name, fresh, raising=False)  # (absent before the fix)
     monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: None)
     sent_back: list[str] = []
@@ -610,6 +610,69 @@ def test_hanging_receivers_leave_a_slot_to_every_other_tenants_callbacks(monkeyp
     assert not getattr(callback_tasks, "_holding", {}) and callback_tasks._SLOTS.acquire(blocking=False)
 
 
+def test_a_tenant_whose_receivers_answer_leaves_the_slot_another_tenant_waits_for(monkeypatch) -> None:
+    """Found in review (stop 76): a tenant whose receivers answered in just under half the timeout
+    never struggled, so its backlog took every slot as each came free, and another tenant's
+    callback, sent back for want of one, won a slot in as many tries as that backlog held. While
+    another tenant waits, a tenant holding all the slots but one takes no more."""
+    from types import SimpleNamespace
+
+    import tasks.callbacks as callback_tasks
+
+    names = ("a1", "a2", "a3", "o1", "o2")
+    ids = {name: str(uuid.uuid4()) for name in names}
+    tenant_of = {target: name[0] for name, target in ids.items()}
+    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: tenant_of[target])
+    monkeypatch.setattr(callback_tasks, "_SLOTS", threading.BoundedSemaphore(2))
+    for name, fresh in (("_SLOT_COUNT", 2), ("_holding", {}), ("_struggling", {}), ("_waiting", {})):
+        monkeypatch.setattr(callback_tasks, name, fresh, raising=False)
+    monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: None)
+    sent_back: list[str] = []
+    monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: sent_back.append(task.target))
+    answers = {name: threading.Event() for name in names}
+    inside: list[str] = []
+
+    def answers_when_told(target: uuid.UUID) -> None:  # a receiver that answers, quickly once told
+        name = next(n for n, t in ids.items() if t == str(target))
+        inside.append(name)
+        assert answers[name].wait(30)
+
+    threads: dict[str, threading.Thread] = {}
+
+    def deliver(name: str) -> None:
+        task = SimpleNamespace(request=SimpleNamespace(kwargs={}), target=name)
+        args = (task, Run, answers_when_told, ids[name], 0, None)
+        threads[name] = threading.Thread(target=callback_tasks._in_a_slot, args=args)
+        threads[name].start()
+
+    def entered(*wanted: str) -> None:
+        deadline = time.monotonic() + 10
+        while not set(wanted) <= set(inside) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert set(wanted) <= set(inside), inside
+
+    try:
+        deliver("a1")
+        deliver("a2")
+        entered("a1", "a2")  # one tenant alone uses every slot
+        deliver("o1")
+        threads["o1"].join(timeout=30)
+        assert sent_back == ["o1"]  # no slot free: sent back, and waiting
+        answers["a1"].set()
+        threads["a1"].join(timeout=30)
+        deliver("a3")  # a slot is free, but the other tenant waits for it
+        threads["a3"].join(timeout=30)
+        assert sent_back == ["o1", "a3"]
+        deliver("o2")  # the waiting tenant's delivery, come again, takes it
+        entered("o2")
+    finally:
+        for event in answers.values():
+            event.set()
+        for thread in threads.values():
+            thread.join(timeout=30)
+    assert not callback_tasks._struggling and not callback_tasks._holding
+
+
 def test_a_callback_whose_tenant_cannot_be_read_waits_for_a_slot_again_its_tries_unspent(monkeypatch) -> None:
     """Found in review: the tenant is read inside a slot before each delivery, and a database error
     there went to Celery's retry, spending one of the receiver's tries (8 in all) on an outage of
@@ -678,6 +741,7 @@ def test_a_callback_that_waited_a_minute_for_a_slot_is_held_whatever_the_workers
     held: list[str] = []
     monkeypatch.setattr(callback_tasks, "_hold", lambda owner, target: held.append(target))
     monkeypatch.setattr(callback_tasks, "_later", lambda task, waits, since: None)
+    monkeypatch.setattr(callback_tasks, "_tenant_of", lambda owner, target: None)  # no database here
     full = threading.BoundedSemaphore(1)
     full.acquire()
     monkeypatch.setattr(callback_tasks, "_SLOTS", full)
