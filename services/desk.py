@@ -55,6 +55,12 @@ REASON_MAX_CHARS = 500
 # How long a text change waits for another's rewrite of its batch's output file (or the finalizer's
 # writing it): a rewrite of a large batch takes seconds, and every writer waiting holds a connection.
 RUN_LOCK_WAIT_MS = 5000
+# Rewrites of finished batches' output files this process makes at once: each holds one of the
+# API's pooled connections for as long as a large batch's file takes (minutes), and any more wait
+# for nothing but are refused, "send it again" (review, stop 76: ten changes to ten of one tenant's
+# large batches held the whole pool, and every other tenant's requests timed out on it).
+REWRITES_AT_ONCE = 2
+_rewrites = threading.BoundedSemaphore(REWRITES_AT_ONCE)
 TEXT_FILTER_MAX_CHARS = 200
 CHECKS = CHECK_KINDS  # the gate's checks a run's lines can be filtered by
 _SLUG = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -608,7 +614,16 @@ def _change(
             if text:  # the new text's vector, embedded before: stored NULL if a re-embed swapped since
                 refuse_if_moved(session=session, what="reply")
             if output_file_id is not None:
-                rewrite_output_file(session, run_id, output_file_id)
+                if not _rewrites.acquire(blocking=False):  # given back at once: the transaction ends
+                    raise DeskError(
+                        503,
+                        "line: this server is rewriting as many batches' files as it may at once;"
+                        " send this one again",
+                    )
+                try:
+                    rewrite_output_file(session, run_id, output_file_id)
+                finally:
+                    _rewrites.release()
             remembering = _remembering(session, turn_id) if text or memory else None
         if remembering is not None:
             # The change dropped what memory held of the old text: summarise and read it again now,

@@ -848,6 +848,47 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     assert b"Mind the puddles" in path.read_bytes()
 
 
+def test_rewrites_of_batch_files_at_once_are_bounded_and_the_rest_told_to_send_again(
+    services, world, monkeypatch
+) -> None:
+    """Found in review (stop 76): each text change of a finished batch's line rewrote the batch's
+    whole file holding one of the API's pooled connections; ten at once, on ten of one tenant's
+    large batches, held the pool, and every other tenant's requests timed out waiting for it. At
+    most REWRITES_AT_ONCE at once; another is refused, nothing changed, and sent again succeeds."""
+    import threading
+
+    from services.batches import rewrite_output_file
+
+    lines = [_finished_batch()[1] for _ in range(desk.REWRITES_AT_ONCE + 1)]
+    release, entered = threading.Event(), threading.Semaphore(0)
+
+    def slow_rewrite(session, run, file_id):  # type: ignore[no-untyped-def]  # a large batch's file
+        entered.release()
+        assert release.wait(30)
+        rewrite_output_file(session, run, file_id)
+
+    monkeypatch.setattr(desk, "rewrite_output_file", slow_rewrite)
+    busy = [
+        threading.Thread(target=desk.edit, args=(WRITER, line, "Morning! Mind the puddles.", "0"))
+        for line in lines[:-1]
+    ]
+    try:
+        for thread in busy:
+            thread.start()
+        for _ in busy:
+            assert entered.acquire(timeout=30)
+        with pytest.raises(DeskError, match="rewriting as many batches' files as it may") as refused:
+            desk.edit(WRITER, lines[-1], "Morning! Mind the puddles.", "0")
+        assert refused.value.status == 503 and _stored(lines[-1])[0].reply == "Morning, traveller."
+    finally:
+        release.set()
+        for thread in busy:
+            thread.join(timeout=60)
+    assert all(_stored(line)[0].reply == "Morning! Mind the puddles." for line in lines[:-1])
+    desk.edit(WRITER, lines[-1], "Morning! Mind the puddles.", "0")
+    assert _stored(lines[-1])[0].reply == "Morning! Mind the puddles."
+
+
 def test_two_changes_whose_renames_come_in_the_other_order_leave_both_in_the_batchs_output_file(
     services, world, monkeypatch
 ) -> None:
