@@ -10,7 +10,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 from pydantic import (
     AliasChoices,
@@ -544,10 +544,12 @@ class Settings(BaseSettings):
             return None
         if not value.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
             raise ValueError("DATABASE_URL must be a postgresql:// URL (psycopg 3 is the driver)")
-        if urlsplit(value).password in PLACEHOLDER_SECRETS:
-            raise ValueError("DATABASE_URL: its password is .env.example's placeholder (POSTGRES_PASSWORD)")
         url = "postgresql+psycopg://" + value.split("://", 1)[1]
         _parsed_or_refused("DATABASE_URL", url)
+        from sqlalchemy.engine import make_url
+
+        if make_url(url).password in PLACEHOLDER_SECRETS:  # as SQLAlchemy reads it: urlsplit raised on a [
+            raise ValueError("DATABASE_URL: its password is .env.example's placeholder (POSTGRES_PASSWORD)")
         return url
 
     @field_validator("redis_url")
@@ -716,21 +718,23 @@ def _parsed_or_refused(variable: str, url: str) -> None:
 
     # The parser's own words are never kept: they quote the part it could not read, which is the
     # password when one holds an unescaped / ? or # (review, stop 76: a password on stderr and in logs).
-    refusal = (
-        f"{variable}: does not parse: its port is not a number, or its user or password holds an"
-        " unescaped / ? # or @ (percent-encode them)"
-    )
+    # Each URL is checked by the parser that reads it: SQLAlchemy's the database's (a / in its
+    # password is read as meant), urlsplit redis-py's.
     try:
-        split = urlsplit(url)
-        split.port  # noqa: B018 (parses the port: ValueError when it is not a number)
-        # SQLAlchemy reads the password up to the first @, urlsplit up to the last: the rest of a
-        # password holding @ became the host, named in every connection error that followed.
-        said = None if split.password is None else unquote(split.password)
-        agree = variable != "DATABASE_URL" or make_url(url).password == said
+        if variable == "DATABASE_URL":
+            # SQLAlchemy reads the password up to the first @: the rest of one holding @ became the
+            # host, named in every connection error that followed.
+            parsed = "@" not in (make_url(url).host or "")
+        else:
+            parsed = urlsplit(url).port is not None or True  # .port raises when it is not a number
     except ValueError:
-        agree = False
-    if not agree:
-        raise ValueError(refusal)
+        parsed = False
+    if not parsed:
+        held = "@" if variable == "DATABASE_URL" else "/ ? # or @"
+        raise ValueError(
+            f"{variable}: does not parse: its port is not a number, or its user or password holds an"
+            f" unescaped {held} (percent-encode it)"
+        )
 
 
 def _physical_memory() -> int | None:

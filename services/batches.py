@@ -449,18 +449,20 @@ def _give_up(run_id: uuid.UUID, callback: str | None, error: str) -> None:
         send_callback(run_id)
 
 
-# What one pass of housekeeping spends on batches to finalize, or on submissions to try again,
+# What one pass of housekeeping spends on batches to finalize and submissions to try again, together,
 # before it leaves the rest to the next (review, stop 76: one tenant's many big batches, due at once
-# after an API restart, held the sweeper's next pass, and another tenant's lost live turn with it).
+# after an API restart, held the sweeper's next pass, and another tenant's lost live turn with it);
+# a batch started before it runs on (a large one's files take minutes).
 PASS_S = 30.0
 
 
-def retry_batch_submissions(stalled_after_s: float = 60.0) -> list[str]:
-    """Try again the batches whose submission is due a retry, or stalled (its submitter died)."""
+def retry_batch_submissions(stalled_after_s: float = 60.0, deadline: float | None = None) -> list[str]:
+    """Try again the batches whose submission is due a retry, or stalled (its submitter died), those
+    that start before `deadline` (time.monotonic; None: PASS_S from now)."""
     with session_scope() as session:
         due = batch_submissions_due(session=session, stalled_after_s=stalled_after_s)
     tried: list[str] = []
-    deadline = time.monotonic() + PASS_S
+    deadline = time.monotonic() + PASS_S if deadline is None else deadline
     for name in due:
         if time.monotonic() > deadline:  # the rest are due still: the next pass takes them
             break
@@ -628,13 +630,16 @@ def expire_due_runs(models: Sequence[str] | None = None) -> list[str]:
     return expired
 
 
-def finalize_runs(limit: int = 10, models: Sequence[str] | None = None) -> list[str]:
+def finalize_runs(
+    limit: int = 10, models: Sequence[str] | None = None, deadline: float | None = None
+) -> list[str]:
     """Write the output and error files of runs (of these models; None: all) in `finalizing`, one
     transaction each (the run's row stays locked meanwhile, so two finalizers never write the same
-    run); returns their names. A run whose files cannot be written goes to the back of the line."""
+    run), those that start before `deadline` (time.monotonic; None: PASS_S from now); returns their
+    names. A run whose files cannot be written goes to the back of the line."""
     done = []
     tried: set[uuid.UUID] = set()
-    deadline = time.monotonic() + PASS_S
+    deadline = time.monotonic() + PASS_S if deadline is None else deadline
     for _ in range(limit):
         if time.monotonic() > deadline:  # the pass's other steps (a lost live turn's re-send) wait on it
             break
@@ -952,12 +957,15 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
     and HousekeepingIncomplete names it once all have run (the callback retries came last, and any
     step before them that raised kept them from ever running)."""
     everywhere = models is None
+    # One budget for the pass's slow steps together: each starts no batch past it (one already
+    # started runs on), so the sweep's next re-send of lost turns is not held by all of them.
+    deadline = time.monotonic() + PASS_S
     steps: list[tuple[str, Callable[[], list[str]]]] = [
         ("expired", lambda: expire_due_runs(models)),
-        ("finalized", lambda: finalize_runs(models=models)),
+        ("finalized", lambda: finalize_runs(models=models, deadline=deadline)),
         ("callbacks", redeliver_callbacks if everywhere else list),
         ("turn_callbacks", redeliver_turn_callbacks if everywhere else list),
-        ("submissions", retry_batch_submissions if everywhere else list),
+        ("submissions", (lambda: retry_batch_submissions(deadline=deadline)) if everywhere else list),
         ("files_deleted", delete_expired_files),
         ("orphan_files_deleted", lambda: delete_orphan_files() if _orphan_sweep_due() else []),
         ("callback_retries", retry_callbacks if everywhere else list),

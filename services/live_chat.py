@@ -162,6 +162,10 @@ def start_chat_turn(
         named = origins.get(field) or body_field(field, body)
         return named if named.startswith(("body", "Idempotency", CONVERSATION_HEADER)) else f"body.{field}"
 
+    # One choice, as a live completion always is: `n: 1` (many wrappers' default) is left out, so the
+    # request hashes as it did before batch lines kept it (a keyed retry across the upgrade matches).
+    if line["params"].get("n") == 1:
+        del line["params"]["n"]
     try:
         params = GenerationParams(**line["params"])
     except ValidationError as exc:

@@ -98,6 +98,14 @@ def test_a_line_no_pick_can_be_made_for_gets_one_candidate_not_the_runs_best_of_
                 "params": {"response_format": {"type": "regex", "regex": "[0-9]{4}"}},
             },
             {"custom_id": "free", "character": "elara", "message": "Hi."},
+            # review: a line returning 2 choices gets 2 candidates, greedy or not
+            {
+                "custom_id": "two",
+                "character": "elara",
+                "message": "Hi.",
+                "choices": 2,
+                "params": {"temperature": 0},
+            },
         ],
     )
     other = submit_run(native, name="picks-native-" + tmp_path.name, options=LineOptions(candidates=3))
@@ -106,7 +114,7 @@ def test_a_line_no_pick_can_be_made_for_gets_one_candidate_not_the_runs_best_of_
             t.custom_id: t.params["n"]
             for t in s.scalars(select(Turn).where(Turn.run_id.in_([sub.id, other.id])))
         }
-    assert n == {"greedy": 1, "json": 1, "one": 1, "plain": 2, "top-k": 1, "regex": 1, "free": 3}, n
+    assert n == {"greedy": 1, "json": 1, "one": 1, "plain": 2, "top-k": 1, "regex": 1, "free": 3, "two": 2}, n
 
 
 def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_path) -> None:
@@ -1609,6 +1617,13 @@ def test_one_housekeeping_pass_spends_a_bounded_time_on_submissions_and_finalizi
     monkeypatch.setattr(batches, "finalize_run", slow_finalize)
     names = batches.finalize_runs()
     assert names == [str(r) for r in finalized] and 1 <= len(names) <= 2, names
+    # review: one budget for a pass's steps together (housekeeping shares it): what finalizing spent
+    # is not spent again on submissions
+    finalized.clear()
+    submitted.clear()
+    shared = time.monotonic() + batches.PASS_S
+    assert 1 <= len(batches.finalize_runs(deadline=shared)) <= 2
+    assert batches.retry_batch_submissions(deadline=shared) == [] == submitted
 
 
 def test_a_sweep_that_meets_the_live_submitter_uses_up_no_try(quiet_model, tmp_path, monkeypatch) -> None:

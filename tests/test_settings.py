@@ -328,6 +328,11 @@ def test_a_url_that_does_not_parse_never_quotes_its_password(tmp_path) -> None:
         assert secret not in result.stderr and "percent-encode" in result.stderr, result.stderr
     encoded = "postgresql://mlchat:Sunny%402024secret@db:5432/mlchat"
     assert _import_settings_with(tmp_path, "DATABASE_URL", encoded).returncode == 0
+    # review: SQLAlchemy, which alone reads it, takes a / ? # or [ in the database's password as meant
+    # (compose builds the URL from POSTGRES_PASSWORD as it is, often base64 with a /)
+    for password in ("Xy7/aB+9kQ==", "ab?cd", "ab#cd", "p[1]"):
+        url = f"postgresql://mlchat:{password}@db:5432/mlchat"
+        assert _import_settings_with(tmp_path, "DATABASE_URL", url).returncode == 0, password
 
 
 def test_auto_prompt_format_prompts_gpt_oss_as_plain_dialogue() -> None:

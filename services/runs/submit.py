@@ -514,8 +514,8 @@ def _staged_turn(
     raw: str, line: RunLine, run_name: str, run_id: uuid.UUID, model: str, candidates: int
 ) -> StagedTurn:
     params = line.params.resolved()
-    if line.params.n is None:
-        params["n"] = default_candidates(params, candidates)
+    if line.params.n is None:  # but never fewer than the choices the line returns
+        params["n"] = max(default_candidates(params, candidates), line.choices or 1)
     if line.system_prompt is not None:
         params["system_prompt"] = line.system_prompt
     if line.direction is not None:
