@@ -369,6 +369,12 @@ class Settings(BaseSettings):
     # Bytes of files one API key may hold (its uploads and its batches' output and error files);
     # an upload that would pass it is refused with a 403 until files are deleted.
     files_quota_bytes: int = Field(default=10_000_000_000, ge=1024)
+    # What the sweep deletes past its time (db/retention.py; 0: kept for good, the default): an ended
+    # run's rows (its turns, and the conversations it made for its lines with their lines and
+    # vectors), and a finished live turn's rendered prompt, context manifest and unpicked candidates
+    # (its reply and conversation lines stay: they are the NPC's memory).
+    run_retention_days: int = Field(default=0, ge=0, le=36500)
+    prompt_retention_days: int = Field(default=0, ge=0, le=36500)
     batch_default_window: str = "24h"
     batch_max_window_hours: int = Field(default=24 * 7, ge=1, le=10 * 365 * 24)  # timedelta's range
     # A batch whose submission hits a transient database or broker error stays `validating` and is

@@ -424,6 +424,11 @@ class Turn(Base):
         # A deleted line's turn, set free (ON DELETE SET NULL: an erasure deletes a player's lines, one
         # lookup each; migration 0045).
         Index("ix_turns_user_message_id", "user_message_id", postgresql_where="user_message_id IS NOT NULL"),
+        # Live turns still holding their prompt, oldest finished first: the sweep's retention
+        # (db/retention.py::forget_prompts; migration 0049).
+        Index(
+            "ix_turns_prompt_kept", "finished_at", postgresql_where="run_id IS NULL AND prompt IS NOT NULL"
+        ),
         # Housekeeping's look for turn callbacks never attempted (db/callbacks.py claim_lost_callbacks).
         Index(
             "ix_turns_callback_unattempted",

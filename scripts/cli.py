@@ -199,10 +199,11 @@ def sweep(
         float | None, typer.Option(min=0, help="seconds untouched (default: the visibility timeout)")
     ] = None,
 ) -> None:
-    """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died
-    (safe any time)."""
+    """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died,
+    delete what MLCHAT_RUN_RETENTION_DAYS / MLCHAT_PROMPT_RETENTION_DAYS keep no longer (safe any time)."""
     from memory.schedule import reschedule_stalled
     from services.batches import HousekeepingIncomplete, housekeeping
+    from services.retention import prune
     from services.sweeper import SweepIncomplete, close_abandoned_runs, resend_stranded
 
     # Each step on its own: one that fails (the broker away, say) leaves the others done.
@@ -230,8 +231,10 @@ def sweep(
     closed = step("closing abandoned runs", close_abandoned_runs)
     batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
     memory = step("re-sending stalled memory jobs", reschedule_stalled)
+    pruned = {k: v for k, v in step("deleting past retention", prune).items() if v}
     done = {"resent": sent, "runs": closed, "batches": batches} | ({"memory_jobs": memory} if memory else {})
-    if sent or closed or batches or memory or failed:
+    done |= {"pruned": pruned} if pruned else {}
+    if sent or closed or batches or memory or pruned or failed:
         _out(json.dumps(done))
     else:
         _out("nothing stranded")

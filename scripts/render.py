@@ -54,6 +54,8 @@ def render_manifest(view: TurnView) -> str:
     """The context manifest as a table: every section's tokens, what fired and why, what was dropped."""
     m = view.context or {}
     if not m:
+        if view.finished_at is not None and view.prompt is None:
+            return f"turn {view.id} has no manifest: forgotten past MLCHAT_PROMPT_RETENTION_DAYS"
         return f"turn {view.id} has no manifest yet (status {view.status.value})"
     speaker = m.get("speaker", "character")
     out = [f"turn {view.id} · {speaker} · {m['prompt_tokens']} of {m['budget_tokens']} tokens"]

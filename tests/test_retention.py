@@ -1,0 +1,183 @@
+"""What the sweep deletes past MLCHAT_RUN_RETENTION_DAYS and MLCHAT_PROMPT_RETENTION_DAYS (review,
+stop 76: nothing was ever deleted, and a fleet's turns, prompts, lines and vectors grew by tens of
+gigabytes a day until the disk was full)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import func, select, text
+
+from core.settings import settings
+from db.models import Conversation, Message, Run, Turn
+from db.runs import create_run, finish_submission
+from db.session import session_scope
+from services.producer import submit_turns
+from services.retention import prune
+from services.runs.line_keys import line_conversation
+from tests.desk_data import Spec, answer, quality
+
+pytestmark = pytest.mark.usefixtures("world")
+
+
+def _spec(i: int) -> Spec:
+    return Spec(f"Hello {i}.", f"Well met {i}.", quality(0.9), candidates=(("Other.", quality(0.5)),))
+
+
+def _run(lines: int, *, named: str | None = None, answered: bool = True) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A run of `lines` lines in conversations of its own (`run:<name>:<custom id>`), the last in
+    `named` instead when given (a game's own conversation a line named)."""
+    name = f"ret-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        run, _ = create_run(
+            session=s, name=name, model="smollm2-135m", file_hash=uuid.uuid4().hex, total=lines
+        )
+        run_id = run.id
+    custom = [f"line-{i}" for i in range(1, lines + 1)]
+    conversations = [line_conversation(name, c) for c in custom]
+    if named is not None:
+        conversations[-1] = named
+    stored = submit_turns(
+        [
+            {"conversation": c, "character": "elara", "message": f"Hello {i}."}
+            for i, c in enumerate(conversations)
+        ],
+        send=False,
+        lane="bulk",
+        run_id=run_id,
+        custom_ids=custom,
+    )
+    ids = [t.id for t in stored]
+    with session_scope() as s:
+        finish_submission(session=s, run_id=run_id)
+    if answered:
+        answer(ids, [_spec(i) for i in range(lines)])
+    return run_id, ids
+
+
+def _live(conversation: str) -> uuid.UUID:
+    (turn,) = submit_turns(
+        [{"conversation": conversation, "character": "elara", "message": "Hi."}], send=False
+    )
+    answer([turn.id], [_spec(0)])
+    return turn.id
+
+
+def _age(days: int, *, run_id: uuid.UUID | None = None, turn_id: uuid.UUID | None = None) -> None:
+    """Move a run's creation and end (an unfinished one's creation), or a turn's end, `days` back."""
+    with session_scope() as s:
+        if run_id is not None:
+            s.execute(
+                text(
+                    "UPDATE runs SET created_at = created_at - make_interval(days => :d),"
+                    " finished_at = finished_at - make_interval(days => :d) WHERE id = :id"
+                ),
+                {"d": days, "id": run_id},
+            )
+        if turn_id is not None:
+            s.execute(
+                text("UPDATE turns SET finished_at = finished_at - make_interval(days => :d) WHERE id = :id"),
+                {"d": days, "id": turn_id},
+            )
+
+
+def _counts(run_id: uuid.UUID, conversations: list[str]) -> tuple[int, int, int, int]:
+    with session_scope() as s:
+        runs = s.scalar(select(func.count()).select_from(Run).where(Run.id == run_id))
+        turns = s.scalar(select(func.count()).select_from(Turn).where(Turn.run_id == run_id))
+        convs = s.scalar(
+            select(func.count()).select_from(Conversation).where(Conversation.external_id.in_(conversations))
+        )
+        lines = s.scalar(
+            select(func.count())
+            .select_from(Message)
+            .join(Conversation, Conversation.id == Message.conversation_id)
+            .where(Conversation.external_id.in_(conversations))
+        )
+    return int(runs or 0), int(turns or 0), int(convs or 0), int(lines or 0)
+
+
+def _conversations_of(run_id: uuid.UUID) -> list[str]:
+    with session_scope() as s:
+        return list(
+            s.scalars(
+                select(Conversation.external_id)
+                .join(Turn, Turn.conversation_id == Conversation.id)
+                .where(Turn.run_id == run_id)
+            )
+        )
+
+
+def test_an_ended_run_past_its_retention_goes_with_its_own_conversations_and_nothing_else(
+    monkeypatch,
+) -> None:
+    import db.retention
+
+    monkeypatch.setattr(db.retention, "CHUNK", 1)  # a chunk a statement: several transactions a run
+    named = f"npc-{uuid.uuid4().hex[:8]}"
+    live = _live(named)  # the game's own conversation, which a line of the old run also named
+    old, _ = _run(3, named=named)
+    old_conversations = _conversations_of(old)
+    recent, _ = _run(2)
+    unfinished, _ = _run(2, answered=False)  # still running, however old
+    for run_id in (old, unfinished):
+        _age(40, run_id=run_id)
+    before = _counts(old, old_conversations)
+    assert before == (1, 3, 3, 8)  # two lines a turn, and the live turn's two in the named one
+    assert prune() == {"runs": 0, "prompts": 0}  # kept for good by default
+    assert _counts(old, old_conversations) == before
+
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    assert prune()["runs"] == 1
+    runs, turns, conversations, lines = _counts(old, old_conversations)
+    assert (runs, turns) == (0, 0)
+    # the game's conversation stays, with its lines (the old run's line in it among them) and live turn
+    assert conversations == 1 and lines == 4
+    with session_scope() as s:
+        assert s.get(Turn, live) is not None
+    for kept in (recent, unfinished):
+        assert _counts(kept, _conversations_of(kept))[:2] == (1, 2)
+    assert prune()["runs"] == 0
+
+
+def test_a_reopened_run_is_not_deleted_under_its_retry(monkeypatch) -> None:
+    from db.retention import delete_run_chunk
+
+    run_id, _ = _run(1)
+    _age(40, run_id=run_id)
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE runs SET status = 'in_progress', finished_at = NULL WHERE id = :id"), {"id": run_id}
+        )
+    with session_scope() as s:
+        assert delete_run_chunk(session=s, run_id=run_id, days=30) is None
+    assert _counts(run_id, _conversations_of(run_id))[:2] == (1, 1)
+
+
+def test_a_live_turn_past_its_retention_forgets_its_prompt_and_keeps_its_reply_and_lines(monkeypatch) -> None:
+    old = _live(f"npc-{uuid.uuid4().hex[:8]}")
+    recent = _live(f"npc-{uuid.uuid4().hex[:8]}")
+    run_id, (line,) = _run(1)
+    for turn_id in (old, line):
+        _age(40, turn_id=turn_id)
+    monkeypatch.setattr(settings, "prompt_retention_days", 30)
+    assert prune()["prompts"] == 1
+    with session_scope() as s:
+        forgotten, kept, run_line = (s.get_one(Turn, t) for t in (old, recent, line))
+        assert (forgotten.prompt, forgotten.context, forgotten.alternatives) == (None, None, None)
+        assert forgotten.reply == "Well met 0." and forgotten.usage and forgotten.quality
+        assert s.scalar(select(func.count()).select_from(Message).where(Message.turn_id == old)) == 2
+        assert kept.prompt and kept.alternatives and run_line.prompt and run_line.alternatives
+    assert prune()["prompts"] == 0
+
+
+def test_the_sweep_deletes_past_retention_and_says_so(monkeypatch, capsys) -> None:
+    from scripts.cli import main
+
+    run_id, _ = _run(1)
+    _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    assert main(["sweep"]) == 0
+    assert '"pruned": {"runs": ' in capsys.readouterr().out  # (another file's aged runs may go too)
+    assert _counts(run_id, [])[:2] == (0, 0)
