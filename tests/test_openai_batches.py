@@ -117,6 +117,34 @@ def test_a_line_no_pick_can_be_made_for_gets_one_candidate_not_the_runs_best_of_
     assert n == {"greedy": 1, "json": 1, "one": 1, "plain": 2, "top-k": 1, "regex": 1, "free": 3, "two": 2}, n
 
 
+def test_an_npc_reply_sent_back_in_a_lines_history_is_kept_as_its_say(quiet_model, tmp_path) -> None:
+    """Found in review (stop 76): an NPC reply as mlchat returns it (`content` the JSON), sent back
+    by an OpenAI client in a later request's messages, was stored whole as the character's line:
+    every later prompt, summary and repetition check read JSON where mlchat's own NPC lines keep
+    the say. A line that asks for no NPC reply keeps its assistant messages as they are."""
+    said = json.dumps({"say": "The tower is north.", "emotion": "neutral", "action": None})
+    history = [{"role": "user", "content": "Hello."}, {"role": "assistant", "content": said}, *USER]
+    lines = [
+        openai_line("npc", history, response_format={"type": "npc"}),
+        openai_line("text", history),
+    ]
+    sub = submit_run(
+        _write(tmp_path / "oa.jsonl", lines),
+        name="said-" + tmp_path.name,
+        options=LineOptions(default_character="haneul"),
+    )
+    with session_scope() as s:
+        kept = {
+            t.custom_id: s.scalars(
+                select(Message.content)
+                .where(Message.conversation_id == t.conversation_id, Message.role == "assistant")
+                .order_by(Message.seq)
+            ).first()
+            for t in s.scalars(select(Turn).where(Turn.run_id == sub.id))
+        }
+    assert kept == {"npc": "The tower is north.", "text": said}
+
+
 def test_openai_lines_map_onto_turns_with_history_and_params(quiet_model, tmp_path) -> None:
     lines = [
         openai_line(

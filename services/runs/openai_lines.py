@@ -269,7 +269,8 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
     character = _character(body, characters, options)
-    message, history, system, player_name = _messages(body.messages, character, options)
+    npc = (body.response_format or {}).get("type") == "npc"
+    message, history, system, player_name = _messages(body.messages, character, options, npc=npc)
     params: dict[str, Any] = {
         "max_new_tokens": body.max_tokens
         if body.max_completion_tokens is None
@@ -351,10 +352,13 @@ def _character(body: _Body, characters: Collection[str], options: LineOptions) -
 
 
 def _messages(
-    messages: list[_Message], character: str, options: LineOptions
+    messages: list[_Message], character: str, options: LineOptions, *, npc: bool = False
 ) -> tuple[str, list[dict[str, str]], str | None, str | None]:
     """(the player's message, the history before it, the system and developer messages' text, the
-    player's name from a user message's `name`)."""
+    player's name from a user message's `name`). With `npc`, an assistant message that is an NPC
+    reply as mlchat answers one ({"say", "emotion", "action"}, sent back as OpenAI clients do) is
+    kept as its `say`, as mlchat keeps its own NPC lines (review, stop 76: the JSON was the
+    character's line in every later prompt, summary and repetition check)."""
     history: list[dict[str, str]] = []
     system: list[str] = []
     player_name = None
@@ -375,6 +379,8 @@ def _messages(
             if len(text) > HISTORY_LINE_CHARS:  # the last one is the message: its own limit is lower
                 limit = HISTORY_LINE_CHARS
                 raise ValueError(f"{where}.content: {len(text)} characters; the limit is {limit}")
+            if npc and msg.role == "assistant":
+                text = _said(text)
             history.append({"role": msg.role, "content": text})
         else:  # not a string of the dialogue's roles: refused by _Message already
             raise ValueError(f"{where}.role: {msg.role!r}; only system, developer, user and assistant")
@@ -386,3 +392,15 @@ def _messages(
     except ValueError as exc:
         raise ValueError(f"body.messages[{len(messages) - 1}].content: {exc}") from None
     return message, history, "\n\n".join(system) if system else None, player_name
+
+
+def _said(text: str) -> str:
+    """An NPC reply's `say` when `text` is one in JSON, else `text` as it is."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        reply = json.loads(text)
+    except (ValueError, RecursionError):
+        return text
+    said = reply.get("say") if isinstance(reply, dict) else None
+    return said if isinstance(said, str) and said.strip() else text
