@@ -1,6 +1,7 @@
 """What the deployment keeps for a limited time (MLCHAT_RUN_RETENTION_DAYS,
-MLCHAT_PROMPT_RETENTION_DAYS; 0 keeps it for good): an ended run's rows, and a finished live turn's
-rendered prompt, context manifest and unpicked candidates. Each statement does a bounded chunk, so
+MLCHAT_PROMPT_RETENTION_DAYS, MLCHAT_REQUEST_COPY_RETENTION_DAYS; 0 keeps it for good): an ended
+run's rows, a finished live turn's rendered prompt, context manifest and unpicked candidates, and
+the conversations made for one request. Each statement does a bounded chunk, so
 a sweep deletes a million-line run over many short transactions, never one that holds its tables."""
 
 from __future__ import annotations
@@ -91,3 +92,34 @@ def forget_prompts(*, session: Session, days: int) -> int:
             .values(prompt=None, context=None, alternatives=None)
         ).rowcount  # type: ignore[attr-defined]
     )
+
+
+# A conversation made for one request, never continued (its one turn, at most): the copy of its
+# history an original-shape request naming none is answered in (`inline-<32 hex>-<12 hex>`), and a
+# chat completion's naming none (`chat-<uuid>`). Not the history it was copied from (`inline-<32
+# hex>`): another request of that history may be copying it now.
+_DELETE_REQUEST_COPIES = text(
+    """
+DELETE FROM conversations WHERE id IN (
+  SELECT c.id FROM conversations c
+  WHERE (c.external_id LIKE 'inline-%' OR c.external_id LIKE 'chat-%')
+    AND c.created_at < now() - make_interval(days => :days)
+    AND (c.external_id ~ :inline_copy OR c.external_id ~ :chat_copy)
+    AND (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id) <= 1
+    AND NOT EXISTS (
+      SELECT 1 FROM turns t WHERE t.conversation_id = c.id
+        AND (t.finished_at IS NULL OR t.finished_at >= now() - make_interval(days => :days))
+    )
+  ORDER BY c.created_at
+  LIMIT :chunk
+  FOR UPDATE OF c SKIP LOCKED
+)
+"""
+)
+
+
+def delete_request_copies(*, session: Session, days: int, inline_copy: str, chat_copy: str) -> int:
+    """delete: a chunk of conversations made for one request (matching `inline_copy` or `chat_copy`),
+    made more than `days` ago, whose turn (if any) finished that long ago; how many."""
+    params = {"days": days, "inline_copy": inline_copy, "chat_copy": chat_copy, "chunk": CHUNK}
+    return int(session.execute(_DELETE_REQUEST_COPIES, params).rowcount)  # type: ignore[attr-defined]

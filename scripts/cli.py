@@ -200,7 +200,7 @@ def sweep(
     ] = None,
 ) -> None:
     """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died,
-    delete what MLCHAT_RUN_RETENTION_DAYS / MLCHAT_PROMPT_RETENTION_DAYS keep no longer (safe any time)."""
+    delete what the retention settings (MLCHAT_*_RETENTION_DAYS) keep no longer (safe any time)."""
     from memory.schedule import reschedule_stalled
     from services.batches import HousekeepingIncomplete, housekeeping
     from services.retention import prune

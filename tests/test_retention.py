@@ -125,7 +125,7 @@ def test_an_ended_run_past_its_retention_goes_with_its_own_conversations_and_not
         _age(40, run_id=run_id)
     before = _counts(old, old_conversations)
     assert before == (1, 3, 3, 8)  # two lines a turn, and the live turn's two in the named one
-    assert prune() == {"runs": 0, "prompts": 0}  # kept for good by default
+    assert prune() == {"runs": 0, "prompts": 0, "request_copies": 0}  # kept for good by default
     assert _counts(old, old_conversations) == before
 
     monkeypatch.setattr(settings, "run_retention_days", 30)
@@ -181,3 +181,43 @@ def test_the_sweep_deletes_past_retention_and_says_so(monkeypatch, capsys) -> No
     assert main(["sweep"]) == 0
     assert '"pruned": {"runs": ' in capsys.readouterr().out  # (another file's aged runs may go too)
     assert _counts(run_id, [])[:2] == (0, 0)
+
+
+def _aged_conversation(external_id: str, turns: int) -> None:
+    """A conversation of `turns` answered turns, made and answered 40 days ago."""
+    ids = [_live(external_id) for _ in range(turns)]
+    with session_scope() as s:
+        s.execute(
+            text(
+                "UPDATE conversations SET created_at = created_at - interval '40 days' WHERE external_id = :e"
+            ),
+            {"e": external_id},
+        )
+    for turn_id in ids:
+        _age(40, turn_id=turn_id)
+
+
+def test_conversations_made_for_one_request_go_past_their_retention_and_no_other(monkeypatch) -> None:
+    chat_copy, inline_copy = f"chat-{uuid.uuid4()}", f"inline-{uuid.uuid4().hex}-{uuid.uuid4().hex[:12]}"
+    continued = f"chat-{uuid.uuid4()}"  # a client's own name of that form, continued: kept
+    history_cache = f"inline-{uuid.uuid4().hex}"  # what copies are copied from: kept
+    named = f"npc-{uuid.uuid4().hex[:8]}"
+    _aged_conversation(chat_copy, 1)
+    _aged_conversation(inline_copy, 1)
+    _aged_conversation(continued, 2)
+    _aged_conversation(history_cache, 1)
+    _aged_conversation(named, 1)
+    fresh = f"chat-{uuid.uuid4()}"
+    _live(fresh)
+    everything = [chat_copy, inline_copy, continued, history_cache, named, fresh]
+
+    def left() -> set[str]:
+        with session_scope() as s:
+            return set(
+                s.scalars(select(Conversation.external_id).where(Conversation.external_id.in_(everything)))
+            )
+
+    assert prune()["request_copies"] == 0 and left() == set(everything)  # kept for good by default
+    monkeypatch.setattr(settings, "request_copy_retention_days", 30)
+    assert prune()["request_copies"] >= 2
+    assert left() == {continued, history_cache, named, fresh}

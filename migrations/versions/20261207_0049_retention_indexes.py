@@ -1,13 +1,16 @@
-"""Live turns that still hold their rendered prompt, by when they finished
+"""What the sweep's retention reads: live turns that still hold their rendered prompt, by when they
+finished; conversations made for one request, by when they were made
 
 Revision ID: 0049
 Revises: 0048
 Create Date: 2026-12-07 07:00:00
 
 The sweep forgets a finished live turn's prompt, context manifest and unpicked candidates once
-MLCHAT_PROMPT_RETENTION_DAYS have passed (db/retention.py::forget_prompts), a chunk at a time: this
-index finds the oldest that still hold one, and each turn leaves it once forgotten (without it, each
-chunk read the table from its start, past every turn forgotten before).
+MLCHAT_PROMPT_RETENTION_DAYS have passed (db/retention.py::forget_prompts), a chunk at a time: the
+first index finds the oldest that still hold one, and each turn leaves it once forgotten (without
+it, each chunk read the table from its start, past every turn forgotten before). The second finds
+the conversations an original-shape request or a chat completion naming none was answered in
+(`inline-…`, `chat-…`), which MLCHAT_REQUEST_COPY_RETENTION_DAYS deletes.
 """
 
 from collections.abc import Sequence
@@ -31,8 +34,15 @@ def upgrade() -> None:
             ["finished_at"],
             postgresql_where="run_id IS NULL AND prompt IS NOT NULL",
         )
+        create_index_concurrently(
+            "ix_conversations_request_copies",
+            "conversations",
+            ["created_at"],
+            postgresql_where="external_id LIKE 'inline-%' OR external_id LIKE 'chat-%'",
+        )
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        drop_index_concurrently("ix_conversations_request_copies", "conversations")
         drop_index_concurrently("ix_turns_prompt_kept", "turns")
