@@ -733,7 +733,8 @@ def _parsed_or_refused(variable: str, url: str) -> None:
         if variable == "DATABASE_URL":
             # SQLAlchemy reads the password up to the first @: the rest of one holding @ became the
             # host, named in every connection error that followed.
-            parsed = "@" not in (make_url(url).host or "")
+            # a second @ anywhere (before a / ? or # in the password, too) ended the password early
+            parsed = url.split("://", 1)[-1].count("@") <= 1 and "@" not in (make_url(url).host or "")
         else:
             parsed = urlsplit(url).port is not None or True  # .port raises when it is not a number
     except ValueError:

@@ -7,44 +7,76 @@ a sweep deletes a million-line run over many short transactions, never one that 
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select, text, update
+from sqlalchemy import and_, delete, exists, select, text, update
 from sqlalchemy.orm import Session
 
-from db.models import RUN_FINISHED, Run, Turn
+from db.erasure import LOCK_TIMEOUT_MS
+from db.files import delete_file
+from db.models import RUN_FINISHED, TURN_UNFINISHED, Run, Turn, TurnReview
 
 CHUNK = 2000
 
 
-def runs_past(*, session: Session, days: int, limit: int) -> list[uuid.UUID]:
-    """Runs that ended more than `days` ago, oldest first (read from the index by creation time: a
-    run ends after it is created)."""
+def _deletable(days: int) -> Any:
+    """A run to delete whole: ended more than `days` ago, nothing of it unfinished (a failed CLI
+    run's sent lines may still be answered), no callback still owed, and no writer's review of a
+    line (its verdicts keep a rejected line out of LoRA training data: db/training.py)."""
     cutoff = text("now() - make_interval(days => :days)").bindparams(days=days)
+    reviewed = (
+        select(TurnReview.turn_id).join(Turn, Turn.id == TurnReview.turn_id).where(Turn.run_id == Run.id)
+    )
+    return and_(
+        Run.created_at < cutoff,  # read from the index by creation time: a run ends after it is created
+        Run.status.in_(RUN_FINISHED),
+        Run.finished_at < cutoff,
+        Run.callback_retry_at.is_(None),
+        ~exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED)),
+        ~exists(reviewed),
+    )
+
+
+def runs_past(*, session: Session, days: int, limit: int) -> list[uuid.UUID]:
+    """Runs to delete whole (_deletable), oldest first."""
     return list(
-        session.scalars(
-            select(Run.id)
-            .where(Run.created_at < cutoff, Run.status.in_(RUN_FINISHED), Run.finished_at < cutoff)
-            .order_by(Run.created_at, Run.id)
-            .limit(limit)
-        )
+        session.scalars(select(Run.id).where(_deletable(days)).order_by(Run.created_at, Run.id).limit(limit))
     )
 
 
-# The conversations a run made for its lines (services/runs/line_keys.py: `run:<name>:<custom_id>`,
-# or that name's digest when too long) that no turn of anything else is in: with them go their lines,
-# vectors, scenes and the run's turns in them. A conversation a line named (a game's own) is kept,
-# its lines with it; the run's turns in it go with the run.
-_DELETE_RUN_CONVERSATIONS = text(
+def _held(session: Session, run_id: uuid.UUID, days: int) -> str | None:
+    """The run's name, its row locked for this transaction, while it is still one to delete; None
+    once it is not (a retry reopened it). Each lock waits at most LOCK_TIMEOUT_MS, then raises
+    LockNotAvailable: this takes the run before its turns, which a store or a retry take the other
+    way round, so in any cycle of waits the deletion is the one that gives way."""
+    session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
+    return session.scalar(select(Run.name).where(Run.id == run_id, _deletable(days)).with_for_update(of=Run))
+
+
+# The conversations the run made for its lines, by their exact names (services/runs/line_keys.py:
+# `run:<name>:<custom_id>` of the line, or of its scene for a scene's steps, or that name's sha256
+# when longer than 200 characters), that no turn of anything else is in. A conversation a line named
+# (a game's own, whatever its name) is not one of them. Locked first, then checked again in a
+# statement of its own: an enqueue into one (which key-share-locks it) commits before it is read.
+_RUN_CONVERSATIONS = text(
     """
-DELETE FROM conversations WHERE id IN (
-  SELECT DISTINCT c.id FROM turns t JOIN conversations c ON c.id = t.conversation_id
-  WHERE t.run_id = :run
-    AND (c.external_id LIKE 'run:' || :prefix || ':%' OR c.external_id LIKE 'sha256:%')
-    AND NOT EXISTS (
-      SELECT 1 FROM turns o WHERE o.conversation_id = c.id AND o.run_id IS DISTINCT FROM :run
-    )
-  LIMIT :chunk
+SELECT c.id FROM turns t
+  LEFT JOIN scenes s ON s.id = t.scene_id
+  CROSS JOIN LATERAL (SELECT 'run:' || :name || ':' || coalesce(s.custom_id, t.custom_id) AS k) n
+  JOIN conversations c ON c.id = t.conversation_id
+WHERE t.run_id = :run
+  AND c.external_id = CASE WHEN char_length(n.k) <= 200 THEN n.k
+                           ELSE 'sha256:' || encode(sha256(convert_to(n.k, 'UTF8')), 'hex') END
+  AND NOT EXISTS (SELECT 1 FROM turns o WHERE o.conversation_id = c.id AND o.run_id IS DISTINCT FROM :run)
+LIMIT :chunk
+FOR UPDATE OF c
+"""
 )
+_DELETE_IF_ONLY_THE_RUNS = text(
+    """
+DELETE FROM conversations c WHERE c.id = ANY(:ids)
+  AND NOT EXISTS (SELECT 1 FROM turns o WHERE o.conversation_id = c.id AND o.run_id IS DISTINCT FROM :run)
 """
 )
 _DELETE_RUN_TURNS = text(
@@ -52,27 +84,43 @@ _DELETE_RUN_TURNS = text(
 )
 
 
-def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int) -> int | None:
-    """delete: a chunk of an ended run past `days`: its own conversations first, then its other
-    turns, then the run itself; how many rows went (0: the run is gone), or None when the run is no
-    longer one to delete (reopened by a retry meanwhile: its row is locked here, as a retry locks it)."""
-    cutoff = text("now() - make_interval(days => :days)").bindparams(days=days)
-    run = session.execute(
-        select(Run.id, Run.name)
-        .where(Run.id == run_id, Run.status.in_(RUN_FINISHED), Run.finished_at < cutoff)
-        .with_for_update()
-    ).one_or_none()
-    if run is None:
+@dataclass(frozen=True)
+class RunChunk:
+    """What one chunk of a run's deletion did: rows deleted in its phase (0: the phase is done), and
+    once the run's own row went, the paths of the files it wrote, under the files folder (the caller
+    deletes their bytes once this commits; its input file is left to its own expiry: another batch
+    may read it)."""
+
+    deleted: int
+    files: tuple[str, ...] = ()
+
+
+def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: str) -> RunChunk | None:
+    """delete: a chunk of an ended run past `days`, in phases: "conversations" (its own, with their
+    lines, vectors, scenes and its turns in them), "turns" (its turns in conversations it does not
+    own), "run" (its row, and its output and error files' rows). None when the run is no longer one
+    to delete. LockNotAvailable when a lock is held past LOCK_TIMEOUT_MS (try again later)."""
+    name = _held(session, run_id, days)
+    if name is None:
         return None
-    prefix = run.name.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    gone = session.execute(
-        _DELETE_RUN_CONVERSATIONS, {"run": run_id, "prefix": prefix, "chunk": CHUNK}
-    ).rowcount  # type: ignore[attr-defined]
-    if not gone:
-        gone = session.execute(_DELETE_RUN_TURNS, {"run": run_id, "chunk": CHUNK}).rowcount  # type: ignore[attr-defined]
-    if not gone:
-        session.execute(text("DELETE FROM runs WHERE id = :run"), {"run": run_id})
-    return int(gone)
+    if phase == "conversations":
+        ids = list(
+            dict.fromkeys(session.scalars(_RUN_CONVERSATIONS, {"run": run_id, "name": name, "chunk": CHUNK}))
+        )
+        if not ids:
+            return RunChunk(0)
+        # Each locked one that another turn entered meanwhile is kept, and not found again.
+        session.execute(_DELETE_IF_ONLY_THE_RUNS, {"ids": ids, "run": run_id})
+        return RunChunk(len(ids))
+    if phase == "turns":
+        return RunChunk(int(session.execute(_DELETE_RUN_TURNS, {"run": run_id, "chunk": CHUNK}).rowcount))  # type: ignore[attr-defined]
+    files = session.execute(
+        delete(Run).where(Run.id == run_id).returning(Run.output_file_id, Run.error_file_id)
+    ).one()
+    gone = [
+        row.path for file_id in files if file_id and (row := delete_file(session=session, file_id=file_id))
+    ]
+    return RunChunk(1, tuple(gone))
 
 
 def forget_prompts(*, session: Session, days: int) -> int:
@@ -82,6 +130,7 @@ def forget_prompts(*, session: Session, days: int) -> int:
     kept = (
         select(Turn.id)
         .where(Turn.run_id.is_(None), Turn.prompt.is_not(None), Turn.finished_at < cutoff)
+        .order_by(Turn.finished_at)  # the index's order (migration 0049): the oldest, none read twice
         .limit(CHUNK)
         .with_for_update(skip_locked=True)
     )

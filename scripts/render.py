@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from core.settings import settings
 from services.producer import TurnView
 
 
@@ -54,7 +55,7 @@ def render_manifest(view: TurnView) -> str:
     """The context manifest as a table: every section's tokens, what fired and why, what was dropped."""
     m = view.context or {}
     if not m:
-        if view.finished_at is not None and view.prompt is None:
+        if settings.prompt_retention_days and view.status.value == "done" and view.prompt is None:
             return f"turn {view.id} has no manifest: forgotten past MLCHAT_PROMPT_RETENTION_DAYS"
         return f"turn {view.id} has no manifest yet (status {view.status.value})"
     speaker = m.get("speaker", "character")

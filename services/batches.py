@@ -452,7 +452,8 @@ def _give_up(run_id: uuid.UUID, callback: str | None, error: str) -> None:
 # What one pass of housekeeping spends on batches to finalize and submissions to try again, together,
 # before it leaves the rest to the next (review, stop 76: one tenant's many big batches, due at once
 # after an API restart, held the sweeper's next pass, and another tenant's lost live turn with it);
-# a batch started before it runs on (a large one's files take minutes).
+# a batch started before it runs on (a large one's files take minutes), and each step starts one at
+# least, so a backlog of the one never starves the other.
 PASS_S = 30.0
 
 
@@ -464,7 +465,7 @@ def retry_batch_submissions(stalled_after_s: float = 60.0, deadline: float | Non
     tried: list[str] = []
     deadline = time.monotonic() + PASS_S if deadline is None else deadline
     for name in due:
-        if time.monotonic() > deadline:  # the rest are due still: the next pass takes them
+        if tried and time.monotonic() > deadline:  # one at least; the rest are due still: the next pass
             break
         submit_batch_by_name(name)
         tried.append(name)
@@ -641,7 +642,7 @@ def finalize_runs(
     tried: set[uuid.UUID] = set()
     deadline = time.monotonic() + PASS_S if deadline is None else deadline
     for _ in range(limit):
-        if time.monotonic() > deadline:  # the pass's other steps (a lost live turn's re-send) wait on it
+        if tried and time.monotonic() > deadline:  # one at least; the sweep's next re-send waits on it
             break
         with session_scope() as session:
             ids = finalizing_runs(session=session, limit=1, models=models)

@@ -1646,12 +1646,12 @@ def test_one_housekeeping_pass_spends_a_bounded_time_on_submissions_and_finalizi
     names = batches.finalize_runs()
     assert names == [str(r) for r in finalized] and 1 <= len(names) <= 2, names
     # review: one budget for a pass's steps together (housekeeping shares it): what finalizing spent
-    # is not spent again on submissions
+    # is not spent again on submissions, but for the one each step starts at least
     finalized.clear()
     submitted.clear()
     shared = time.monotonic() + batches.PASS_S
     assert 1 <= len(batches.finalize_runs(deadline=shared)) <= 2
-    assert batches.retry_batch_submissions(deadline=shared) == [] == submitted
+    assert batches.retry_batch_submissions(deadline=shared) == ["b0"] == submitted
 
 
 def test_a_sweep_that_meets_the_live_submitter_uses_up_no_try(quiet_model, tmp_path, monkeypatch) -> None:

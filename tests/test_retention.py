@@ -25,9 +25,11 @@ def _spec(i: int) -> Spec:
     return Spec(f"Hello {i}.", f"Well met {i}.", quality(0.9), candidates=(("Other.", quality(0.5)),))
 
 
-def _run(lines: int, *, named: str | None = None, answered: bool = True) -> tuple[uuid.UUID, list[uuid.UUID]]:
-    """A run of `lines` lines in conversations of its own (`run:<name>:<custom id>`), the last in
-    `named` instead when given (a game's own conversation a line named)."""
+def _run(
+    lines: int, *, named: tuple[str, ...] = (), answered: bool = True
+) -> tuple[uuid.UUID, list[uuid.UUID]]:
+    """A run of `lines` lines in conversations of its own (`run:<name>:<custom id>`), the last ones
+    in the `named` ones instead (a game's own conversations its lines named)."""
     name = f"ret-{uuid.uuid4().hex[:10]}"
     with session_scope() as s:
         run, _ = create_run(
@@ -36,8 +38,8 @@ def _run(lines: int, *, named: str | None = None, answered: bool = True) -> tupl
         run_id = run.id
     custom = [f"line-{i}" for i in range(1, lines + 1)]
     conversations = [line_conversation(name, c) for c in custom]
-    if named is not None:
-        conversations[-1] = named
+    if named:
+        conversations[-len(named) :] = named
     stored = submit_turns(
         [
             {"conversation": c, "character": "elara", "message": f"Hello {i}."}
@@ -117,14 +119,16 @@ def test_an_ended_run_past_its_retention_goes_with_its_own_conversations_and_not
     monkeypatch.setattr(db.retention, "CHUNK", 1)  # a chunk a statement: several transactions a run
     named = f"npc-{uuid.uuid4().hex[:8]}"
     live = _live(named)  # the game's own conversation, which a line of the old run also named
-    old, _ = _run(3, named=named)
+    # review: a game's own name that looks like a run's long name's digest, named by a line alone
+    digest_like = "sha256:" + uuid.uuid4().hex * 2
+    old, _ = _run(4, named=(named, digest_like))
     old_conversations = _conversations_of(old)
     recent, _ = _run(2)
     unfinished, _ = _run(2, answered=False)  # still running, however old
     for run_id in (old, unfinished):
         _age(40, run_id=run_id)
     before = _counts(old, old_conversations)
-    assert before == (1, 3, 3, 8)  # two lines a turn, and the live turn's two in the named one
+    assert before == (1, 4, 4, 10)  # two lines a turn, and the live turn's two in the named one
     assert prune() == {"runs": 0, "prompts": 0, "request_copies": 0}  # kept for good by default
     assert _counts(old, old_conversations) == before
 
@@ -132,8 +136,8 @@ def test_an_ended_run_past_its_retention_goes_with_its_own_conversations_and_not
     assert prune()["runs"] == 1
     runs, turns, conversations, lines = _counts(old, old_conversations)
     assert (runs, turns) == (0, 0)
-    # the game's conversation stays, with its lines (the old run's line in it among them) and live turn
-    assert conversations == 1 and lines == 4
+    # the game's conversations stay, with their lines (the old run's lines in them among them)
+    assert conversations == 2 and lines == 6
     with session_scope() as s:
         assert s.get(Turn, live) is not None
     for kept in (recent, unfinished):
@@ -151,7 +155,7 @@ def test_a_reopened_run_is_not_deleted_under_its_retry(monkeypatch) -> None:
             text("UPDATE runs SET status = 'in_progress', finished_at = NULL WHERE id = :id"), {"id": run_id}
         )
     with session_scope() as s:
-        assert delete_run_chunk(session=s, run_id=run_id, days=30) is None
+        assert delete_run_chunk(session=s, run_id=run_id, days=30, phase="conversations") is None
     assert _counts(run_id, _conversations_of(run_id))[:2] == (1, 1)
 
 
@@ -221,3 +225,48 @@ def test_conversations_made_for_one_request_go_past_their_retention_and_no_other
     monkeypatch.setattr(settings, "request_copy_retention_days", 30)
     assert prune()["request_copies"] >= 2
     assert left() == {continued, history_cache, named, fresh}
+
+
+def test_a_run_still_answering_owing_a_callback_or_reviewed_is_not_deleted(monkeypatch) -> None:
+    """Review (stop 76): a failed CLI run's sent lines may still be answered long after; a callback
+    still owed would be dropped; a writer's review keeps a rejected line out of LoRA training data."""
+    from db.models import TurnReview
+
+    failed, (queued, _) = _run(2, answered=False)
+    owing, _ = _run(1)
+    reviewed, (line,) = _run(1)
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = :id"), {"id": failed}
+        )
+        s.execute(
+            text("UPDATE runs SET callback_retry_at = now() + interval '1 hour' WHERE id = :id"),
+            {"id": owing},
+        )
+        s.add(TurnReview(turn_id=line, original_reply="Well met 0.", label="rejected"))
+    for run_id in (failed, owing, reviewed):
+        _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    prune()
+    for run_id in (failed, owing, reviewed):
+        assert _counts(run_id, [])[0] == 1
+
+
+def test_a_batch_deleted_past_its_retention_takes_its_output_files(monkeypatch) -> None:
+    from db.files import get_file
+    from services.batches import finalize_run
+    from tests.desk_data import build_run
+
+    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
+    run_id, _ = build_run("", [_spec(0)], batch_key=admin.id)
+    finalize_run(run_id)
+    with session_scope() as s:
+        output = s.get_one(Run, run_id).output_file_id
+        row = get_file(session=s, file_id=output) if output else None
+    assert row is not None and (settings.batch_files_dir / row.path).exists()
+    _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    assert prune()["runs"] >= 1
+    with session_scope() as s:
+        assert get_file(session=s, file_id=output) is None
+    assert not (settings.batch_files_dir / row.path).exists()
