@@ -846,6 +846,33 @@ def test_a_callback_is_retried_when_the_database_blips_and_never_sent_before_its
     assert callbacks.deliver(run_id) is True and len(_Receiver.calls) == 1
 
 
+def test_a_lost_callback_whose_claim_lapsed_untried_is_lost_again_not_given_up(services, monkeypatch) -> None:
+    """Found in review (stop 76): a sweep killed between claiming lost callbacks and queuing them
+    (a deploy's stop mid-pass) left them due with no try made; the retries then sent each as a
+    burst's last try, or, under a window of 0 ("the burst only"), gave it up never tried. It goes
+    back among the lost ones, and the next sweep queues it for a whole burst."""
+    from datetime import timedelta
+
+    from db.callbacks import GIVEN_UP, claim_lost_callbacks, claim_retries
+
+    run_id = _run_calling_back("https://hooks.example.test/x")
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(finished_at=func.now() - timedelta(minutes=10)))
+    with session_scope() as s:  # the killed sweep's claim, never queued
+        assert run_id in claim_lost_callbacks(session=s, older_than_s=300, of=Run, limit=100_000, within_s=0)
+    with session_scope() as s:  # ... and its claim's due time passes
+        s.execute(
+            update(Run).where(Run.id == run_id).values(callback_retry_at=func.now() - timedelta(seconds=1))
+        )
+    with session_scope() as s:
+        assert run_id not in claim_retries(session=s, of=Run, window_s=0, limit=100_000)
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        assert run.callback_retry_at is None and GIVEN_UP not in (run.callback_error or "")
+    with session_scope() as s:
+        assert run_id in claim_lost_callbacks(session=s, older_than_s=300, of=Run, limit=100_000, within_s=0)
+
+
 def _due_in_s(of: type, row_id: uuid.UUID) -> float | None:
     """Seconds from now until the callback is due again; None when it is not."""
     from sqlalchemy import extract, select

@@ -132,6 +132,12 @@ def test_compose_gives_workers_time_to_stop_and_every_role_the_env_file() -> Non
     # Not .env, whose secrets would reach every container: each is passed to the roles that need it
     assert all(s.get("env_file") in (None, [shared]) for s in services.values())
     assert services["sweeper"]["healthcheck"] == {"disable": True}
+    # review (stop 76): a stop mid-sweep waits for the pass, which Docker's 10 s cut short
+    assert services["sweeper"].get("stop_grace_period") == "5m"
+    # review (stop 76): workers counted only their own model as served, so a memory job of a
+    # conversation whose newest turn was another model's went to their own queue and weights
+    served = services["api"]["environment"]["MLCHAT_SERVED_MODELS"]
+    assert all(w["environment"].get("MLCHAT_SERVED_MODELS") == served for w in workers.values())
 
 
 def test_each_gpu_worker_reserves_its_own_card_with_room_to_share_memory() -> None:
