@@ -270,6 +270,10 @@ def test_a_bad_item_is_named_by_its_place_and_an_outage_says_send_again(world, m
     # Review (stop 76): stream was taken, its tokens published for no reader.
     streamed = handler({"input": ok | {"stream": True}})
     assert streamed["error"].startswith("stream: ") and "streams nothing" in streamed["error"], streamed
+    # Review (stop 76): a turn naming another served model was answered by this worker's weights.
+    monkeypatch.setattr(settings, "served_models", [settings.model, "solar-10.7b"])
+    other = handler({"input": {"turns": [ok, ok | {"model": "solar-10.7b"}]}})
+    assert other["error"].startswith("turns[1].model: ") and "answers" in other["error"], other
 
     def database_down(requests):  # type: ignore[no-untyped-def]
         raise OperationalError("INSERT", {}, psycopg.OperationalError("connection refused"))

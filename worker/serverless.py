@@ -66,6 +66,13 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
                 errors.append(
                     error_line(where, "the serverless handler answers in its reply and sends no callback")
                 )
+            if (
+                request.model or settings.model
+            ) != settings.model:  # review (stop 76): answered by these weights
+                where = f"turns[{i}].model" if many else "model"
+                errors.append(
+                    error_line(where, f"this worker answers {settings.model!r} only, not {request.model!r}")
+                )
             if request.stream:  # review (stop 76): published for no reader, and never regenerated
                 where = f"turns[{i}].stream" if many else "stream"
                 errors.append(
