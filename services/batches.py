@@ -12,6 +12,7 @@ the sweeper and a cancel all call it).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -928,17 +929,26 @@ def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> No
         scratch.unlink(missing_ok=True)
 
 
-# Looking for orphan bytes reads the whole files folder: once in this long a process, not every pass
-# (orphans are deleted an hour old; a pass runs every MLCHAT_HOUSEKEEPING_INTERVAL_S).
+# Looking for orphan bytes reads the whole files folder: once in this long, not every pass (orphans
+# are deleted an hour old; a pass runs every MLCHAT_HOUSEKEEPING_INTERVAL_S). The time of the last
+# look is a marker file's under MLCHAT_STATE_DIR, kept by the host's (the container's) processes one
+# after another (review, stop 76: a process's own clock, and compose's sweeper is a new process each
+# minute, so it looked every pass).
 ORPHAN_SWEEP_EVERY_S = 600.0
-_orphans_swept_at = [-ORPHAN_SWEEP_EVERY_S]  # monotonic; two passes at once may both look: harmless
+ORPHAN_SCAN_MARKER = "orphan-scan"
 
 
 def _orphan_sweep_due() -> bool:
-    now = time.monotonic()
-    if now - _orphans_swept_at[0] < ORPHAN_SWEEP_EVERY_S:
-        return False
-    _orphans_swept_at[0] = now
+    """Whether the last look for orphan bytes by a process of this host was ORPHAN_SWEEP_EVERY_S ago;
+    marks this one (two passes at once may both look: harmless)."""
+    marker = settings.state_dir / ORPHAN_SCAN_MARKER
+    try:
+        if time.time() - marker.stat().st_mtime < ORPHAN_SWEEP_EVERY_S:
+            return False
+    except FileNotFoundError:
+        pass
+    with contextlib.suppress(OSError):  # a folder not made yet, or read-only here: look, as before
+        marker.touch()
     return True
 
 

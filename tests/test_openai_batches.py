@@ -2224,3 +2224,21 @@ def test_a_database_blip_before_a_try_is_counted_refunds_no_earlier_try(
         run = s.scalars(select(Run).where(Run.name == batch_id)).one()
     assert run.status == RunStatus.VALIDATING and "waits for the database" in (run.error or "")
     assert run.submission_attempts == 2  # the earlier tries stay counted
+
+
+def test_the_orphan_scan_is_due_once_in_its_interval_across_processes(tmp_path, monkeypatch) -> None:
+    """Review (stop 76): the scan's last time was each process's own, and compose's sweeper is a new
+    process each minute: it read the whole files folder every pass instead of every ten minutes."""
+    monkeypatch.setattr(settings, "state_dir", tmp_path)
+    assert batches._orphan_sweep_due() and not batches._orphan_sweep_due()
+    import os
+    import subprocess
+    import sys
+
+    code = "from services import batches; print(batches._orphan_sweep_due())"
+    env = os.environ | {"MLCHAT_STATE_DIR": str(tmp_path), "MLCHAT_ENV_FILE": ""}
+    again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert again.stdout.strip() == "False", again.stderr  # a new process, the same host: not due
+    old = time.time() - batches.ORPHAN_SWEEP_EVERY_S - 1
+    os.utime(tmp_path / batches.ORPHAN_SCAN_MARKER, (old, old))
+    assert batches._orphan_sweep_due()
