@@ -73,6 +73,16 @@ def _resolver(monkeypatch, host: str, answers: list[str]) -> list[str]:  # type:
     return given
 
 
+def _turn_asking_a_callback(url: str) -> dict[str, str]:
+    """A turn's request, in a conversation of its own, that asks for a callback at `url`."""
+    return {
+        "conversation": f"cb-{uuid.uuid4().hex[:10]}",
+        "character": "elara",
+        "message": "Never mind.",
+        "callback_url": url,
+    }
+
+
 def _run_calling_back(url: str, tenant: str = "") -> uuid.UUID:
     with session_scope() as s:
         run, _ = create_run(session=s, name=f"cb-{uuid.uuid4().hex[:12]}", model="m", file_hash="h", total=0)
@@ -378,12 +388,7 @@ def test_a_turn_cancelled_by_its_client_is_called_back_at_once(
     _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
     queued: list[str] = []
     monkeypatch.setattr(deliver_turn_callback, "delay", lambda turn_id: queued.append(turn_id))
-    body = {
-        "conversation": f"cb-{uuid.uuid4().hex[:10]}",
-        "character": "elara",
-        "message": "Never mind.",
-        "callback_url": f"http://receiver.test:{receiver}/hook",
-    }
+    body = _turn_asking_a_callback(f"http://receiver.test:{receiver}/hook")
     [turn] = submit_turns([body], send=False)
     [quiet] = submit_turns([body | {"callback_url": None, "message": "And this."}], send=False)
     assert cancel_turn(turn.id) and cancel_turn(quiet.id)
@@ -412,12 +417,7 @@ def test_a_receiver_that_keeps_failing_is_no_error_traceback_in_the_workers_log(
     monkeypatch.setattr(settings, "callback_allow_private", True)
     _resolver(monkeypatch, "receiver.test", ["127.0.0.1"])
     monkeypatch.setattr(deliver_turn_callback, "delay", lambda turn_id: None)
-    body = {
-        "conversation": f"cb-{uuid.uuid4().hex[:10]}",
-        "character": "elara",
-        "message": "Never mind.",
-        "callback_url": f"http://receiver.test:{port}/hook",
-    }
+    body = _turn_asking_a_callback(f"http://receiver.test:{port}/hook")
     [turn] = submit_turns([body], send=False)
     assert cancel_turn(turn.id)
     with caplog.at_level(logging.INFO, logger="celery.app.trace"):

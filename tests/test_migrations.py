@@ -83,19 +83,21 @@ def test_a_database_created_for_another_embedders_dimension_stores_its_vectors(
     assert set(dims.values()) == {768}, dims
 
 
+# A character as the early schemas held one (0001's columns), for migrations over rows.
+_OLD_CHARACTER = text(
+    "INSERT INTO characters (id, slug, name, language, description, personality, scenario,"
+    " speech_style, example_dialogues, first_message, system_prompt, post_history_instructions)"
+    " VALUES (1, 'old', 'Old', 'en', '', '', '', '', '[]', '', '', '')"
+)
+
+
 def test_undoing_tenants_over_a_name_two_tenants_hold_is_refused_in_one_line(scratch_db: Connection) -> None:
     """Review (stop 76): going below 0008 with one conversation id in two tenants failed on
     PostgreSQL's unique violation halfway through its statements."""
     from alembic.util.exc import CommandError
 
     _run(scratch_db, "upgrade", "0008")
-    scratch_db.execute(
-        text(
-            "INSERT INTO characters (id, slug, name, language, description, personality, scenario,"
-            " speech_style, example_dialogues, first_message, system_prompt, post_history_instructions)"
-            " VALUES (1, 'old', 'Old', 'en', '', '', '', '', '[]', '', '', '')"
-        )
-    )
+    scratch_db.execute(_OLD_CHARACTER)
     scratch_db.execute(
         text(
             "INSERT INTO conversations (external_id, player_id, player_name, character_id, tenant)"
@@ -124,13 +126,7 @@ def test_models_and_migrations_agree(services) -> None:
 
 def test_the_scenes_migration_moves_forward_over_rows_in_the_old_tables(scratch_db) -> None:
     _run(scratch_db, "upgrade", "0012")
-    scratch_db.execute(
-        text(
-            "INSERT INTO characters (id, slug, name, language, description, personality, scenario,"
-            " speech_style, example_dialogues, first_message, system_prompt, post_history_instructions)"
-            " VALUES (1, 'old', 'Old', 'en', '', '', '', '', '[]', '', '', '')"
-        )
-    )
+    scratch_db.execute(_OLD_CHARACTER)
     scratch_db.execute(
         text(
             "INSERT INTO conversations (id, external_id, character_id, player_id, player_name)"
