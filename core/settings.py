@@ -375,8 +375,8 @@ class Settings(BaseSettings):
     # (its reply and conversation lines stay: they are the NPC's memory).
     run_retention_days: int = Field(default=0, ge=0, le=36500)
     prompt_retention_days: int = Field(default=0, ge=0, le=36500)
-    # The conversations made for one request (an original-shape request's copy of its history, a
-    # chat completion's that named none), their turn with them, after their turn finished.
+    # The conversations made for one request (an original-shape request's copy of its history),
+    # their turn with them, after their turn finished.
     request_copy_retention_days: int = Field(default=0, ge=0, le=36500)
     batch_default_window: str = "24h"
     batch_max_window_hours: int = Field(default=24 * 7, ge=1, le=10 * 365 * 24)  # timedelta's range

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import RUN_FINISHED, TURN_FINISHED, Run, Turn, TurnErrorCode
@@ -165,22 +166,20 @@ def claim_retries(*, session: Session, of: Owner, window_s: float, limit: int = 
     ids returned, for one more try each. One past the window is given up: its due time cleared, and
     its error says so. Rows another housekeeper holds are skipped, never waited for."""
     finished = RUN_FINISHED if of is Run else TURN_FINISHED
-    due = (of.callback_retry_at <= func.now(), of.callback_delivered_at.is_(None))
+    due: tuple[Any, ...] = (of.callback_retry_at <= func.now(), of.callback_delivered_at.is_(None))
     # One never tried whose claim lapsed (the sweep that claimed it as lost died before queuing it,
     # or its message was lost again; a worker's hold for a slot ran out) goes back among the lost
     # ones, for a whole burst, while their own window holds it (review, stop 76: it was sent as a
     # burst's last try, or, under a window of 0, given up never tried).
     lost_since = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, max(window_s, LOST_WINDOW_FLOOR_S))
-    untried = select(of.id).where(*due, of.callback_attempts == 0, of.finished_at >= lost_since)
+    untried = (of.callback_attempts == 0, of.finished_at >= lost_since)
+    handed_back = select(of.id).where(*due, *untried).order_by(of.id).limit(limit)
     session.execute(
         update(of)
-        .where(
-            of.id.in_(
-                untried.order_by(of.id).limit(limit).with_for_update(skip_locked=True).scalar_subquery()
-            )
-        )
+        .where(of.id.in_(handed_back.with_for_update(skip_locked=True).scalar_subquery()))
         .values(callback_retry_at=None)
     )
+    due = (*due, ~and_(*untried))  # past this call's page of them: a later call's, never given up
     since = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, window_s)
     late = select(of.id).where(*due, of.finished_at < since)
     session.execute(

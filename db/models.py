@@ -165,12 +165,12 @@ class Conversation(Base):
         UniqueConstraint("tenant", "external_id", name="uq_conversations_tenant_external_id"),
         # An erasure's look for a player's conversations (db/erasure.py; migration 0045).
         Index("ix_conversations_tenant_player", "tenant", "player_id"),
-        # Conversations made for one request, by age: the sweep's retention (db/retention.py;
-        # migration 0049).
+        # The original shape's copies of a history, made for one request, by age: the sweep's
+        # retention (db/retention.py; migration 0049).
         Index(
             "ix_conversations_request_copies",
             "created_at",
-            postgresql_where="external_id LIKE 'inline-%' OR external_id LIKE 'chat-%'",
+            postgresql_where="external_id ~ '^inline-[0-9a-f]{32}-[0-9a-f]{12}$'",
         ),
     )
 

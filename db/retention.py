@@ -144,16 +144,19 @@ def forget_prompts(*, session: Session, days: int) -> int:
 
 
 # A conversation made for one request, never continued (its one turn, at most): the copy of its
-# history an original-shape request naming none is answered in (`inline-<32 hex>-<12 hex>`), and a
-# chat completion's naming none (`chat-<uuid>`). Not the history it was copied from (`inline-<32
-# hex>`): another request of that history may be copying it now.
+# history an original-shape request naming none is answered in (services/characters.py INLINE_COPY;
+# the `inline-` prefix is refused for a client's conversation there). Not the history it was copied
+# from (`inline-<32 hex>`: another request of that history may be copying it now), and not a chat
+# completion's that named none (`chat-<uuid>`): that name is no reserved one, and a game's own
+# conversation of one turn under it would go too. The pattern is written out so that the index of
+# migration 0049, whose predicate it is, serves the statement (test_retention.py checks it is
+# services/characters.py's INLINE_COPY).
 _DELETE_REQUEST_COPIES = text(
     """
 DELETE FROM conversations WHERE id IN (
   SELECT c.id FROM conversations c
-  WHERE (c.external_id LIKE 'inline-%' OR c.external_id LIKE 'chat-%')
+  WHERE c.external_id ~ '^inline-[0-9a-f]{32}-[0-9a-f]{12}$'
     AND c.created_at < now() - make_interval(days => :days)
-    AND (c.external_id ~ :inline_copy OR c.external_id ~ :chat_copy)
     AND (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id) <= 1
     AND NOT EXISTS (
       SELECT 1 FROM turns t WHERE t.conversation_id = c.id
@@ -167,8 +170,7 @@ DELETE FROM conversations WHERE id IN (
 )
 
 
-def delete_request_copies(*, session: Session, days: int, inline_copy: str, chat_copy: str) -> int:
-    """delete: a chunk of conversations made for one request (matching `inline_copy` or `chat_copy`),
-    made more than `days` ago, whose turn (if any) finished that long ago; how many."""
-    params = {"days": days, "inline_copy": inline_copy, "chat_copy": chat_copy, "chunk": CHUNK}
-    return int(session.execute(_DELETE_REQUEST_COPIES, params).rowcount)  # type: ignore[attr-defined]
+def delete_request_copies(*, session: Session, days: int) -> int:
+    """delete: a chunk of conversations made for one request, made more than `days` ago, whose turn
+    (if any) finished that long ago; how many."""
+    return int(session.execute(_DELETE_REQUEST_COPIES, {"days": days, "chunk": CHUNK}).rowcount)  # type: ignore[attr-defined]

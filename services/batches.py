@@ -12,7 +12,6 @@ the sweeper and a cancel all call it).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 import uuid
@@ -936,19 +935,27 @@ def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> No
 # minute, so it looked every pass).
 ORPHAN_SWEEP_EVERY_S = 600.0
 ORPHAN_SCAN_MARKER = "orphan-scan"
+_orphans_swept_at = [-ORPHAN_SWEEP_EVERY_S]  # this process's last look (monotonic), where no marker is
 
 
 def _orphan_sweep_due() -> bool:
     """Whether the last look for orphan bytes by a process of this host was ORPHAN_SWEEP_EVERY_S ago;
-    marks this one (two passes at once may both look: harmless)."""
+    marks this one (two passes at once may both look: harmless). Where the marker cannot be written
+    (a read-only state folder), the process's own last look decides, as before."""
     marker = settings.state_dir / ORPHAN_SCAN_MARKER
+    now = time.monotonic()
     try:
         if time.time() - marker.stat().st_mtime < ORPHAN_SWEEP_EVERY_S:
             return False
-    except FileNotFoundError:
+    except OSError:  # none yet, or none to read
         pass
-    with contextlib.suppress(OSError):  # a folder not made yet, or read-only here: look, as before
+    try:
+        marker.parent.mkdir(parents=True, exist_ok=True)  # compose names a folder no one makes
         marker.touch()
+    except OSError:
+        if now - _orphans_swept_at[0] < ORPHAN_SWEEP_EVERY_S:
+            return False
+    _orphans_swept_at[0] = now
     return True
 
 

@@ -30,6 +30,7 @@ from services.runs.openai_lines import (
     body_field,
     message_content,
     paid_completion_tokens,
+    stored_history,
     to_run_line,
 )
 from services.schemas import GenerationParams, Text, TurnRequest
@@ -196,7 +197,7 @@ def start_chat_turn(
         raise ChatRejected(f"Idempotency-Key (header): {exc}", status=409) from None
     if line["history"]:
         try:
-            _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in line["history"]])
+            _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in stored_history(line)])
         except Exception:
             if stored.created or stored.unsent:  # a replay's turn may have been sent and be waiting
                 _fail_unsent(stored.id)

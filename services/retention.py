@@ -15,7 +15,6 @@ from sqlalchemy.orm import Session
 from core.settings import settings
 from db.retention import delete_request_copies, delete_run_chunk, forget_prompts, runs_past
 from db.session import session_scope
-from services.characters import CHAT_COPY, INLINE_COPY
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +38,9 @@ def prune() -> dict[str, int]:
     if settings.request_copy_retention_days:
         days = settings.request_copy_retention_days
 
-        def copies(session: Session) -> int:
-            return delete_request_copies(
-                session=session, days=days, inline_copy=INLINE_COPY, chat_copy=CHAT_COPY
-            )
-
-        done["request_copies"] = _chunks(copies, time.monotonic() + share)
+        done["request_copies"] = _chunks(
+            lambda s: delete_request_copies(session=s, days=days), time.monotonic() + share
+        )
     return done
 
 

@@ -864,6 +864,11 @@ def test_a_lost_callback_whose_claim_lapsed_untried_is_lost_again_not_given_up(s
         s.execute(
             update(Run).where(Run.id == run_id).values(callback_retry_at=func.now() - timedelta(seconds=1))
         )
+    with session_scope() as s:  # review: past the page handed back, none given up or sent either
+        assert run_id not in claim_retries(session=s, of=Run, window_s=0, limit=0)
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        assert run.callback_retry_at is not None and GIVEN_UP not in (run.callback_error or "")
     with session_scope() as s:
         assert run_id not in claim_retries(session=s, of=Run, window_s=0, limit=100_000)
     with session_scope() as s:

@@ -349,6 +349,46 @@ def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
     assert again.id == turn.id
 
 
+def test_an_npc_reply_sent_back_seeds_its_say_and_the_request_hashes_its_messages_as_sent(world) -> None:
+    """Review (stop 76): an NPC reply's JSON, sent back in a chat completion's messages, seeded a new
+    conversation as the character's line; kept as its say, the request's fingerprint stays over the
+    messages as sent (a keyed retry across the upgrade still matches)."""
+    import json
+
+    from db.models import Message
+    from services.live_chat import start_chat_turn
+
+    conversation = new_conversation()["conversation"]
+    key = f"chat-{uuid.uuid4()}"
+    said = json.dumps({"say": "North, past the well.", "emotion": "neutral", "action": None})
+    history = [{"role": "user", "content": "Where is the tower?"}, {"role": "assistant", "content": said}]
+    body = {
+        "model": "elara",
+        "messages": [*history, {"role": "user", "content": "Thanks."}],
+        "response_format": {"type": "npc"},
+    }
+    turn = start_chat_turn(
+        body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
+    )
+    _cancel([turn.id])
+    with session_scope() as session:
+        stored = session.scalar(select(Turn.request_hash).where(Turn.id == turn.id))
+        lines = session.scalars(
+            select(Message.content)
+            .join(Turn, Turn.conversation_id == Message.conversation_id)
+            .where(Turn.id == turn.id, Message.role == "assistant")
+        ).all()
+    assert list(lines) == ["North, past the well."]
+    asked = TurnRequest(
+        conversation=conversation,
+        character="elara",
+        message="Thanks.",
+        idempotency_key=key,
+        params={"response_format": {"type": "npc"}},
+    ).with_earlier_messages(history)
+    assert stored == asked.request_hash()
+
+
 def test_a_key_reused_with_other_earlier_messages_is_a_conflict_not_a_replay_that_seeds_them(
     world, monkeypatch
 ) -> None:

@@ -2229,16 +2229,22 @@ def test_a_database_blip_before_a_try_is_counted_refunds_no_earlier_try(
 def test_the_orphan_scan_is_due_once_in_its_interval_across_processes(tmp_path, monkeypatch) -> None:
     """Review (stop 76): the scan's last time was each process's own, and compose's sweeper is a new
     process each minute: it read the whole files folder every pass instead of every ten minutes."""
-    monkeypatch.setattr(settings, "state_dir", tmp_path)
+    # review: compose names a state folder that nothing makes (no embedded server there)
+    monkeypatch.setattr(settings, "state_dir", tmp_path / "state")
     assert batches._orphan_sweep_due() and not batches._orphan_sweep_due()
     import os
     import subprocess
     import sys
 
     code = "from services import batches; print(batches._orphan_sweep_due())"
-    env = os.environ | {"MLCHAT_STATE_DIR": str(tmp_path), "MLCHAT_ENV_FILE": ""}
+    env = os.environ | {"MLCHAT_STATE_DIR": str(tmp_path / "state"), "MLCHAT_ENV_FILE": ""}
     again = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert again.stdout.strip() == "False", again.stderr  # a new process, the same host: not due
     old = time.time() - batches.ORPHAN_SWEEP_EVERY_S - 1
-    os.utime(tmp_path / batches.ORPHAN_SCAN_MARKER, (old, old))
+    os.utime(tmp_path / "state" / batches.ORPHAN_SCAN_MARKER, (old, old))
     assert batches._orphan_sweep_due()
+    # a folder it cannot write: this process's own last look decides, as before
+    monkeypatch.setattr(settings, "state_dir", tmp_path / "file-not-folder" / "state")
+    (tmp_path / "file-not-folder").write_text("")
+    monkeypatch.setattr(batches, "_orphans_swept_at", [-batches.ORPHAN_SWEEP_EVERY_S])
+    assert batches._orphan_sweep_due() and not batches._orphan_sweep_due()

@@ -223,8 +223,21 @@ def test_conversations_made_for_one_request_go_past_their_retention_and_no_other
 
     assert prune()["request_copies"] == 0 and left() == set(everything)  # kept for good by default
     monkeypatch.setattr(settings, "request_copy_retention_days", 30)
-    assert prune()["request_copies"] >= 2
-    assert left() == {continued, history_cache, named, fresh}
+    assert prune()["request_copies"] >= 1
+    # review: a chat completion's is kept too (`chat-` is no reserved name: a game's own of one turn)
+    assert left() == {chat_copy, continued, history_cache, named, fresh}
+
+
+def test_the_copies_pattern_is_the_one_their_names_are_made_by() -> None:
+    from db.models import Conversation
+    from db.retention import _DELETE_REQUEST_COPIES
+    from services.characters import INLINE_COPY
+
+    # the statement's and migration 0049's index's (the model's, which test_migrations compares),
+    # written out: the names' own
+    (index,) = [i for i in Conversation.__table__.indexes if i.name == "ix_conversations_request_copies"]
+    assert str(index.dialect_options["postgresql"]["where"]) == f"external_id ~ '{INLINE_COPY}'"
+    assert f"~ '{INLINE_COPY}'" in str(_DELETE_REQUEST_COPIES)
 
 
 def test_a_run_still_answering_owing_a_callback_or_reviewed_is_not_deleted(monkeypatch) -> None:

@@ -9,8 +9,8 @@ The sweep forgets a finished live turn's prompt, context manifest and unpicked c
 MLCHAT_PROMPT_RETENTION_DAYS have passed (db/retention.py::forget_prompts), a chunk at a time: the
 first index finds the oldest that still hold one, and each turn leaves it once forgotten (without
 it, each chunk read the table from its start, past every turn forgotten before). The second finds
-the conversations an original-shape request or a chat completion naming none was answered in
-(`inline-…`, `chat-…`), which MLCHAT_REQUEST_COPY_RETENTION_DAYS deletes.
+the conversations an original-shape request naming none was answered in (`inline-<32 hex>-<12
+hex>`), which MLCHAT_REQUEST_COPY_RETENTION_DAYS deletes.
 """
 
 from collections.abc import Sequence
@@ -38,7 +38,7 @@ def upgrade() -> None:
             "ix_conversations_request_copies",
             "conversations",
             ["created_at"],
-            postgresql_where="external_id LIKE 'inline-%' OR external_id LIKE 'chat-%'",
+            postgresql_where="external_id ~ '^inline-[0-9a-f]{32}-[0-9a-f]{12}$'",
         )
 
 

@@ -269,8 +269,7 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         raise ValueError("body.max_tokens: give max_tokens or max_completion_tokens, not both")
 
     character = _character(body, characters, options)
-    npc = (body.response_format or {}).get("type") == "npc"
-    message, history, system, player_name = _messages(body.messages, character, options, npc=npc)
+    message, history, system, player_name = _messages(body.messages, character, options)
     params: dict[str, Any] = {
         "max_new_tokens": body.max_tokens
         if body.max_completion_tokens is None
@@ -352,13 +351,10 @@ def _character(body: _Body, characters: Collection[str], options: LineOptions) -
 
 
 def _messages(
-    messages: list[_Message], character: str, options: LineOptions, *, npc: bool = False
+    messages: list[_Message], character: str, options: LineOptions
 ) -> tuple[str, list[dict[str, str]], str | None, str | None]:
     """(the player's message, the history before it, the system and developer messages' text, the
-    player's name from a user message's `name`). With `npc`, an assistant message that is an NPC
-    reply as mlchat answers one ({"say", "emotion", "action"}, sent back as OpenAI clients do) is
-    kept as its `say`, as mlchat keeps its own NPC lines (review, stop 76: the JSON was the
-    character's line in every later prompt, summary and repetition check)."""
+    player's name from a user message's `name`)."""
     history: list[dict[str, str]] = []
     system: list[str] = []
     player_name = None
@@ -379,8 +375,6 @@ def _messages(
             if len(text) > HISTORY_LINE_CHARS:  # the last one is the message: its own limit is lower
                 limit = HISTORY_LINE_CHARS
                 raise ValueError(f"{where}.content: {len(text)} characters; the limit is {limit}")
-            if npc and msg.role == "assistant":
-                text = _said(text)
             history.append({"role": msg.role, "content": text})
         else:  # not a string of the dialogue's roles: refused by _Message already
             raise ValueError(f"{where}.role: {msg.role!r}; only system, developer, user and assistant")
@@ -392,6 +386,17 @@ def _messages(
     except ValueError as exc:
         raise ValueError(f"body.messages[{len(messages) - 1}].content: {exc}") from None
     return message, history, "\n\n".join(system) if system else None, player_name
+
+
+def stored_history(line: dict[str, Any]) -> list[dict[str, str]]:
+    """A run line's history (to_run_line's) as it is stored: for a line asking for the NPC shape, an
+    assistant message that is an NPC reply as mlchat answers one ({"say", "emotion", "action"}, sent
+    back as OpenAI clients do) is kept as its `say`, as mlchat keeps its own NPC lines (review, stop
+    76: the JSON was the character's line in every later prompt, summary and repetition check). The
+    line's fingerprint is over the messages as sent."""
+    if ((line.get("params") or {}).get("response_format") or {}).get("type") != "npc":
+        return list(line["history"])
+    return [h | {"content": _said(h["content"])} if h["role"] == "assistant" else h for h in line["history"]]
 
 
 def _said(text: str) -> str:

@@ -28,6 +28,7 @@ from services.runs.openai_lines import (
     RequestRefused,
     body_field,
     is_openai_line,
+    stored_history,
     to_run_line,
 )
 from services.schemas import HISTORY_LINE_CHARS, GenerationParams, Int4, Text, check_message, error_line
@@ -194,6 +195,7 @@ class LineReader:
         if self.format == "openai":
             body: dict[str, Any] = data["body"] if isinstance(data.get("body"), dict) else {}
             data = to_run_line(data, self.characters, self.options)
+            data["history"] = stored_history(data)
 
             def name(field: str) -> str:
                 return body_field(field, body)
