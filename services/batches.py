@@ -945,7 +945,7 @@ def _orphan_sweep_due() -> bool:
     marker = settings.state_dir / ORPHAN_SCAN_MARKER
     now = time.monotonic()
     try:
-        if time.time() - marker.stat().st_mtime < ORPHAN_SWEEP_EVERY_S:
+        if 0 <= time.time() - marker.stat().st_mtime < ORPHAN_SWEEP_EVERY_S:  # (a clock set back: look)
             return False
     except OSError:  # none yet, or none to read
         pass

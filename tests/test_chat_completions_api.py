@@ -387,6 +387,21 @@ def test_an_npc_reply_sent_back_seeds_its_say_and_the_request_hashes_its_message
         params={"response_format": {"type": "npc"}},
     ).with_earlier_messages(history)
     assert stored == asked.request_hash()
+    # review: a say whose JSON escapes decode to what no line can hold (a NUL) is kept as sent
+    nul = json.dumps({"say": "a\u0000b", "emotion": "neutral", "action": None})
+    other = new_conversation()["conversation"]
+    odd = body | {"messages": [history[0], {"role": "assistant", "content": nul}, body["messages"][-1]]}
+    turn = start_chat_turn(
+        odd, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=other, idempotency_key=None
+    )
+    _cancel([turn.id])
+    with session_scope() as session:
+        kept = session.scalars(
+            select(Message.content)
+            .join(Turn, Turn.conversation_id == Message.conversation_id)
+            .where(Turn.id == turn.id, Message.role == "assistant")
+        ).all()
+    assert list(kept) == [nul]
 
 
 def test_a_key_reused_with_other_earlier_messages_is_a_conflict_not_a_replay_that_seeds_them(

@@ -64,7 +64,9 @@ def _sent_ids() -> list[str]:
             import base64
 
             args = json.loads(base64.b64decode(body))
-            ids += args[1]["turn_ids"]
+            # A memory job shares the lane (one the session's worker sent back while this model was
+            # the settings' own: a clone's run met one): no turn of it.
+            ids += args[1].get("turn_ids", [])
     return ids
 
 

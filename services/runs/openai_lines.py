@@ -21,7 +21,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from db.models import TurnErrorCode
-from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line
+from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line, storable_text
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit
@@ -408,4 +408,9 @@ def _said(text: str) -> str:
     except (ValueError, RecursionError):
         return text
     said = reply.get("say") if isinstance(reply, dict) else None
-    return said if isinstance(said, str) and said.strip() else text
+    if not isinstance(said, str) or not said.strip():
+        return text
+    try:  # JSON's escapes decode to what the text as sent could not hold (a NUL, a lone surrogate)
+        return storable_text(said)
+    except ValueError:
+        return text
