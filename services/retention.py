@@ -37,7 +37,6 @@ def prune() -> dict[str, int]:
         done["prompts"] = _chunks(lambda s: forget_prompts(session=s, days=days), time.monotonic() + share)
     if settings.request_copy_retention_days:
         days = settings.request_copy_retention_days
-
         done["request_copies"] = _chunks(
             lambda s: delete_request_copies(session=s, days=days), time.monotonic() + share
         )
