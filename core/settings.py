@@ -731,12 +731,13 @@ def _parsed_or_refused(variable: str, url: str) -> None:
     # password is read as meant), urlsplit redis-py's.
     try:
         if variable == "DATABASE_URL":
-            # SQLAlchemy reads the password up to the first @: the rest of one holding @ became the
-            # host, named in every connection error that followed.
-            # a second @ anywhere (before a / ? or # in the password, too) ended the password early
+            # SQLAlchemy reads the password up to the first @: the rest of one holding another @
+            # (anywhere: before a / ? or # in it too) became the host, named in every connection
+            # error that followed.
             parsed = url.split("://", 1)[-1].count("@") <= 1 and "@" not in (make_url(url).host or "")
         else:
-            parsed = urlsplit(url).port is not None or True  # .port raises when it is not a number
+            urlsplit(url).port  # noqa: B018 (raises when the port is not a number)
+            parsed = True
     except ValueError:
         parsed = False
     if not parsed:

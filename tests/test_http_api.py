@@ -258,7 +258,7 @@ def test_the_ingest_metrics_need_an_admin_key_unless_made_public(base_url, monke
     assert public.status_code == 200 and "mlchat_ingest_requests_total" in public.text
 
 
-def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:
+def test_cards_story_events_and_manifests_over_http(base_url, engine, monkeypatch) -> None:
     from pathlib import Path
 
     from services.producer import enqueue_turns
@@ -291,6 +291,14 @@ def test_cards_story_events_and_manifests_over_http(base_url, engine) -> None:
     assert manifest["lore"][0]["reason"] == "key '/fox(es)?/i' in the player's message"
     assert manifest["events"][0]["id"] == event.json()["id"]
     assert sum(manifest["sections"].values()) == manifest["prompt_tokens"]
+    # Review (stop 76): a manifest the retention forgot is gone (410), not "no prompt yet"
+    from sqlalchemy import update
+
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.id == turn_id).values(prompt=None, context=None))
+    monkeypatch.setattr(settings, "prompt_retention_days", 30)
+    gone = httpx.get(f"{base_url}/v1/turns/{turn_id}/manifest", headers=KEY)
+    assert gone.status_code == 410 and "MLCHAT_PROMPT_RETENTION_DAYS" in gone.json()["detail"]
 
 
 def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the_drivers_text(

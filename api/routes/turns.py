@@ -149,9 +149,10 @@ def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin
     """What went into the turn's prompt, why, and the tokens of each section (they sum to the prompt)."""
     view = visible_turn(turn_id, who)
     if view.context is None:
-        if view.status.value == "done":  # answered, its manifest forgotten (MLCHAT_PROMPT_RETENTION_DAYS)
+        if settings.prompt_retention_days and view.status.value == "done":  # forgotten past its days
             raise HTTPException(
-                status.HTTP_410_GONE, f"turn {turn_id}: its manifest was forgotten past its retention"
+                status.HTTP_410_GONE,
+                f"turn {turn_id}: its manifest was forgotten (MLCHAT_PROMPT_RETENTION_DAYS)",
             )
         raise HTTPException(status.HTTP_409_CONFLICT, f"turn {turn_id} is {view.status.value}: no prompt yet")
     return view.context
