@@ -61,23 +61,23 @@ def handler(event: dict[str, Any]) -> dict[str, Any]:
                 continue
             except GrammarBusy as exc:
                 return _try_again(exc)
-            if request.callback_url is not None:  # nothing here would ever deliver it: refused, not lost
-                where = f"turns[{i}].callback_url" if many else "callback_url"
-                errors.append(
-                    error_line(where, "the serverless handler answers in its reply and sends no callback")
-                )
-            if (
-                request.model or settings.model
-            ) != settings.model:  # review (stop 76): answered by these weights
-                where = f"turns[{i}].model" if many else "model"
-                errors.append(
-                    error_line(where, f"this worker answers {settings.model!r} only, not {request.model!r}")
-                )
-            if request.stream:  # review (stop 76): published for no reader, and never regenerated
-                where = f"turns[{i}].stream" if many else "stream"
-                errors.append(
-                    error_line(where, "the serverless handler answers in its reply and streams nothing")
-                )
+            # What this handler cannot do for a turn, refused naming the item, never dropped: a callback
+            # (nothing here would deliver it), another model (these weights would answer it) and a
+            # stream (published for no reader, and never regenerated; review, stop 76, both).
+            cannot = (
+                (
+                    "callback_url",
+                    request.callback_url is not None,
+                    "it answers in its reply and sends no callback",
+                ),
+                ("model", request.model not in (None, settings.model), f"it answers {settings.model!r} only"),
+                ("stream", bool(request.stream), "it answers in its reply and streams nothing"),
+            )
+            errors += [
+                error_line(f"turns[{i}].{field}" if many else field, f"the serverless handler: {why}")
+                for field, refused, why in cannot
+                if refused
+            ]
     if errors:
         return {"error": "; ".join(errors)}
     ids: list[Any] = []
