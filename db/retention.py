@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import and_, delete, exists, select, text, update
 from sqlalchemy.orm import Session
@@ -20,11 +20,16 @@ from db.models import RUN_FINISHED, TURN_UNFINISHED, Run, Turn, TurnReview
 CHUNK = 2000
 
 
+def _ago(days: int) -> Any:
+    """now() less `days` days, as the database counts them."""
+    return text("now() - make_interval(days => :days)").bindparams(days=days)
+
+
 def _deletable(days: int) -> Any:
     """A run to delete whole: ended more than `days` ago, nothing of it unfinished (a failed CLI
     run's sent lines may still be answered), no callback still owed, and no writer's review of a
     line (its verdicts keep a rejected line out of LoRA training data: db/training.py)."""
-    cutoff = text("now() - make_interval(days => :days)").bindparams(days=days)
+    cutoff = _ago(days)
     reviewed = (
         select(TurnReview.turn_id).join(Turn, Turn.id == TurnReview.turn_id).where(Turn.run_id == Run.id)
     )
@@ -95,7 +100,11 @@ class RunChunk:
     files: tuple[str, ...] = ()
 
 
-def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: str) -> RunChunk | None:
+Phase = Literal["conversations", "turns", "run"]  # a run's deletion, in this order
+PHASES: tuple[Phase, ...] = ("conversations", "turns", "run")
+
+
+def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: Phase) -> RunChunk | None:
     """delete: a chunk of an ended run past `days`, in phases: "conversations" (its own, with their
     lines, vectors, scenes and its turns in them), "turns" (its turns in conversations it does not
     own), "run" (its row, and its output and error files' rows). None when the run is no longer one
@@ -114,6 +123,7 @@ def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: s
         return RunChunk(len(ids))
     if phase == "turns":
         return RunChunk(int(session.execute(_DELETE_RUN_TURNS, {"run": run_id, "chunk": CHUNK}).rowcount))  # type: ignore[attr-defined]
+    assert phase == "run", phase  # never the run's row for a phase misnamed
     files = session.execute(
         delete(Run).where(Run.id == run_id).returning(Run.output_file_id, Run.error_file_id)
     ).one()
@@ -126,7 +136,7 @@ def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: s
 def forget_prompts(*, session: Session, days: int) -> int:
     """forget: a chunk of live turns finished more than `days` ago lose their rendered prompt, context
     manifest and unpicked candidates (the reply, its line, usage, scores and timings stay); how many."""
-    cutoff = text("now() - make_interval(days => :days)").bindparams(days=days)
+    cutoff = _ago(days)
     kept = (
         select(Turn.id)
         .where(Turn.run_id.is_(None), Turn.prompt.is_not(None), Turn.finished_at < cutoff)

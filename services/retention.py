@@ -13,14 +13,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from core.settings import settings
-from db.retention import delete_request_copies, delete_run_chunk, forget_prompts, runs_past
+from db.retention import PHASES, delete_request_copies, delete_run_chunk, forget_prompts, runs_past
 from db.session import session_scope
 
 logger = logging.getLogger(__name__)
 
 PASS_S = 30.0  # one sweep's time for all three, a third each: the rest waits for the next sweep
 RUNS_A_PASS = 100
-_PHASES = ("conversations", "turns", "run")
 
 
 def prune() -> dict[str, int]:
@@ -75,7 +74,7 @@ def _prune_runs(days: int, deadline: float) -> int:
 
 def _prune_run(run_id: uuid.UUID, days: int, deadline: float) -> int:
     """1 once the run is deleted whole, else 0 (the deadline came, or it is no longer one to delete)."""
-    for phase in _PHASES:
+    for phase in PHASES:
         while time.monotonic() < deadline:
             with session_scope() as session:
                 chunk = delete_run_chunk(session=session, run_id=run_id, days=days, phase=phase)

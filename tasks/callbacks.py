@@ -171,9 +171,14 @@ def _admit(tenant: str | None) -> bool:
 def _waiting_for_a_slot(tenant: str | None, waits: int) -> None:
     """Mark the tenant as waiting for a slot until its delivery, sent back now, comes again."""
     with _shares_lock:
-        if len(_waiting) >= _HELD_KEPT and tenant not in _waiting:
-            del _waiting[next(iter(_waiting))]
-        _waiting[tenant] = time.monotonic() + 2 * _least_wait(waits + 1) + SLOT_WAIT_S
+        _mark(_waiting, tenant, time.monotonic() + 2 * _least_wait(waits + 1) + SLOT_WAIT_S)
+
+
+def _mark(marks: dict[str | None, float], tenant: str | None, until: float) -> None:
+    """Mark the tenant until then (under _shares_lock), the oldest mark dropped past _HELD_KEPT."""
+    if len(marks) >= _HELD_KEPT and tenant not in marks:
+        del marks[next(iter(marks))]
+    marks[tenant] = until
 
 
 def _release(tenant: str | None, struggled: bool) -> None:
@@ -184,9 +189,7 @@ def _release(tenant: str | None, struggled: bool) -> None:
         else:
             _holding.pop(tenant, None)
         if struggled:  # only the time ends it: a quick delivery of the same tenant between hung ones does not
-            if len(_struggling) >= _HELD_KEPT and tenant not in _struggling:
-                del _struggling[next(iter(_struggling))]
-            _struggling[tenant] = time.monotonic() + STRUGGLING_FOR_S
+            _mark(_struggling, tenant, time.monotonic() + STRUGGLING_FOR_S)
 
 
 def _least_wait(waits: int) -> float:
