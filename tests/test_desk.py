@@ -1223,10 +1223,10 @@ def test_an_export_holds_no_transaction_while_it_writes_and_one_that_stops_leave
     the last one's files as it went, so one that stopped left them cut short."""
     from contextlib import contextmanager
 
-    import db.runs
     import db.session
     from services.runs import export as run_export
     from services.runs import scene_export
+    from tests.conftest import patch_on_this_thread
     from tests.desk_data import build_scene_run
 
     run_id, _ = build_run("studio-a", _lines())
@@ -1248,8 +1248,9 @@ def test_an_export_holds_no_transaction_while_it_writes_and_one_that_stops_leave
         finally:
             open_scopes[0] -= 1
 
-    for module in (db.session, db.runs, run_export, scene_export):  # db.session's: given_or_own's
-        monkeypatch.setattr(module, "session_scope", counted, raising=False)
+    # this thread's scopes only: a lease keeper an earlier test left running opens its own meanwhile
+    for module in (db.session, run_export, scene_export):  # db.session's: given_or_own's (db.runs')
+        patch_on_this_thread(monkeypatch, module, "session_scope", counted)
     ok_line, error_line = run_export._FORMATS["native"]
     written: list[int] = []
 
