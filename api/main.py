@@ -11,13 +11,13 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from api import errors
 from api.body_limit import BodySizeLimit
 from api.off_loop import publish_bodies
+from api.request_count import RequestCount
 from api.routes import (
     batches,
     callbacks,
@@ -56,9 +56,6 @@ async def _lifespan(_app: FastAPI) -> AsyncIterator[None]:
     yield
     await close_hub()  # the SSE readers' hub starts with the first reader and stops with the app
     metrics_routes.process_ended()
-
-
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 # How uvicorn serves the app (the CLI and the tests alike). h11, not httptools (installed beside
@@ -118,19 +115,7 @@ def create_app() -> FastAPI:
     desk.install(app)  # the writers' desk: pages under /desk, GET /v1/turns/{id}/review
     publish_bodies(app)  # the bodies validated off the event loop, in the OpenAPI document
 
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next: Any) -> Response:
-        status = "500"  # an exception no handler answered comes back through here as a raise
-        try:
-            response: Response = await call_next(request)
-            status = str(response.status_code)
-            return response
-        finally:
-            route = request.scope.get("route")
-            # The method as a known one or "other": an HTTP parser that takes any token (h11) would
-            # otherwise let each client's made-up method start a series of its own.
-            method = request.method if request.method in KNOWN_METHODS else "other"
-            metrics.INGEST_REQUESTS.labels(method, getattr(route, "path", "unmatched"), status).inc()
+    app.add_middleware(RequestCount)  # outside the body limit: its 413s are counted too
 
     metrics.register_queue_depth()  # served by api/routes/metrics.py, for admin keys unless public
     return app

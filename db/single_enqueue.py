@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from functools import cache
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -46,11 +47,19 @@ _KEY = next(  # turns' unique constraint on (tenant, idempotency_key)
 )
 
 
+class FastTurn(NamedTuple):
+    """A turn one statement stored: its id and the `dispatched_at` it was stamped with (the send
+    that follows may fail it only while no later send has stamped it again: fail_unsent)."""
+
+    id: uuid.UUID
+    sent_at: datetime
+
+
 def create_turn_in_known_conversation(
     *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
-) -> uuid.UUID | None:
+) -> FastTurn | None:
     """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
-    named) in a single statement; its id, or None if nothing was written: no such conversation,
+    named) in a single statement; the turn stored, or None if nothing was written: no such conversation,
     another character's, a group conversation (its answering member is chosen on the full path), or
     the idempotency key is taken (create_turns then decides, with its checks).
     `turn.conversation_id` is not read. For an autocommit connection (a conversation erased
@@ -73,10 +82,10 @@ def create_turn_in_known_conversation(
 
 def create_turn_in_new_conversation(
     *, connection: Connection, turn: NewTurn, external_id: str, character: str, conversation: dict[str, Any]
-) -> uuid.UUID | None:
+) -> FastTurn | None:
     """Start the tenant's conversation `external_id` with `character` (`conversation`: its player_id,
-    player_name, story and story_time) and insert its first turn, in a single statement; the turn's
-    id, or None if nothing was written: the conversation exists or was started meanwhile (the full
+    player_name, story and story_time) and insert its first turn, in a single statement; the turn
+    stored, or None if nothing was written: the conversation exists or was started meanwhile (the full
     path decides), the character does not exist (the full path says so), or the idempotency key is
     taken (before or meanwhile). Both rows are written or neither: a refused request never leaves a
     conversation behind. For an autocommit connection (a key taken meanwhile is then no error)."""
@@ -105,7 +114,7 @@ def _turn_values(turn: NewTurn, fixed: dict[str, Any], json_fields: list[str]) -
     return values | {"id": uuid.uuid4()}
 
 
-def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID | None:
+def _run(connection: Connection, sql: str, values: dict[str, Any]) -> FastTurn | None:
     """The statement on the driver's cursor. What SQLAlchemy would do on an error is done here: the
     error wrapped in SQLAlchemy's class (an OperationalError: the caller's fall-back) and a connection
     the error broke (closed or broken, its psycopg dialect's test) invalidated, so the pool never
@@ -135,7 +144,7 @@ def _run(connection: Connection, sql: str, values: dict[str, Any]) -> uuid.UUID 
             dialect=connection.dialect,
             hide_parameters=True,  # as the engines': a player's line in an error's text reaches the logs
         ) from exc
-    return row[0] if row is not None else None
+    return FastTurn(*row) if row is not None else None
 
 
 def _turn_columns() -> tuple[list[str], dict[str, Any], list[str]]:
@@ -185,7 +194,7 @@ def _insert_in_known_conversation(
         ),
     )
     stmt = stmt.on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
-    return str(stmt.returning(Turn.id).compile(dialect=dialect)), fixed, json_fields
+    return str(stmt.returning(Turn.id, Turn.dispatched_at).compile(dialect=dialect)), fixed, json_fields
 
 
 @cache
@@ -221,4 +230,8 @@ def _insert_in_new_conversation(dialect: Any) -> tuple[str, dict[str, Any], list
         .cte("started")
     )
     stmt, fixed, json_fields = _turn_insert(started.c.id)
-    return str(stmt.add_cte(started).returning(Turn.id).compile(dialect=dialect)), fixed, json_fields
+    return (
+        str(stmt.add_cte(started).returning(Turn.id, Turn.dispatched_at).compile(dialect=dialect)),
+        fixed,
+        json_fields,
+    )

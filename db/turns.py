@@ -29,7 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import (
     Integer,
@@ -119,6 +119,9 @@ class StoredTurn:
     # reply lost (the producer sets the last two). A plain replay's turn was sent when it was made.
     unsent: bool = False
     attempts: int = 0  # claims it has had: a queued turn with none may have lost its message
+    # its `dispatched_at` as this request stored or read it: a failing send of it fails it only if
+    # nothing sent it again since (fail_unsent)
+    sent_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -325,16 +328,17 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
         # of it hid a dead worker's turn as "sent after its claim" from the sweeper for an hour.
         .values(dispatched_at=func.now())
         .on_conflict_do_nothing(index_elements=[Turn.tenant, Turn.idempotency_key])
-        .returning(Turn.tenant, Turn.idempotency_key, Turn.id)
+        .returning(Turn.tenant, Turn.idempotency_key, Turn.id, Turn.dispatched_at)
     )
-    created: dict[tuple[str, str], uuid.UUID] = {
-        (tenant, key): turn_id for tenant, key, turn_id in session.execute(stmt, rows).tuples()
+    created: dict[tuple[str, str], tuple[uuid.UUID, datetime | None]] = {
+        (tenant, key): (turn_id, sent_at)
+        for tenant, key, turn_id, sent_at in session.execute(stmt, rows).tuples()
     }
     repeated = [(t.tenant, t.idempotency_key) for t in unique if (t.tenant, t.idempotency_key) not in created]
     known = (
         {
-            (tenant, key): (request_hash, turn_id, status, model, code, attempts)
-            for tenant, key, request_hash, turn_id, status, model, code, attempts in session.execute(
+            (tenant, key): (request_hash, turn_id, status, model, code, attempts, sent_at)
+            for tenant, key, request_hash, turn_id, status, model, code, attempts, sent_at in session.execute(
                 select(
                     Turn.tenant,
                     Turn.idempotency_key,
@@ -344,6 +348,7 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
                     Turn.model,
                     Turn.error_code,
                     Turn.attempts,
+                    Turn.dispatched_at,
                 ).where(tuple_(Turn.tenant, Turn.idempotency_key).in_(repeated))
             ).tuples()
         }
@@ -355,19 +360,22 @@ def create_turns(*, session: Session, turns: Sequence[NewTurn]) -> list[StoredTu
         key = (t.tenant, t.idempotency_key)
         if key in created:
             new = first[key] == i
-            out.append(StoredTurn(created[key], new, TurnStatus.QUEUED, t.model, unsent=new))
+            turn_id, sent_at = created[key]
+            out.append(StoredTurn(turn_id, new, TurnStatus.QUEUED, t.model, unsent=new, sent_at=sent_at))
             continue
         if key not in known:  # taken at the insert, gone at the read (a player's erasure between)
             raise IdempotencyRace(
                 f"idempotency key {t.idempotency_key!r}: its turn was removed while this request was "
                 "stored; run again"
             )
-        request_hash, turn_id, status, model, code, attempts = known[key]
+        request_hash, turn_id, status, model, code, attempts, sent_at = known[key]
         if request_hash not in (t.request_hash, *t.legacy_hashes):
             raise IdempotencyConflict(
                 f"idempotency key {t.idempotency_key!r} was already used for a different request"
             )
-        out.append(StoredTurn(turn_id, False, TurnStatus(status), model, code, attempts=attempts))
+        out.append(
+            StoredTurn(turn_id, False, TurnStatus(status), model, code, attempts=attempts, sent_at=sent_at)
+        )
     return out
 
 
@@ -1182,13 +1190,22 @@ def cancel_turns(
 
 
 def fail_unsent(
-    *, session: Session, turn_ids: Sequence[uuid.UUID], reason: str, unkeyed_only: bool = False
+    *,
+    session: Session,
+    turn_ids: Sequence[uuid.UUID],
+    reason: str,
+    sent_at: datetime | None,
+    unkeyed_only: bool = False,
 ) -> list[uuid.UUID]:
     """fail_unsent: queued turns whose message could not be sent (broker down at enqueue, or at a
     run's retry-failed), or (`unkeyed_only`) sent in a call whose other messages could not be, with
     no client's key to replay them by; their runs advance (a reopened run whose turns all failed
-    again ends). A turn a worker took already is left to it."""
+    again ends). A turn a worker took already is left to it, and so is one sent again since the
+    caller stored it: `sent_at` is the `dispatched_at` the caller stored (None: none), and a retry
+    under the turn's key that sent it meanwhile stamped another (stamp_resend; review: a retry told
+    "queued" found its turn failed by the first request's late broker error, and never answered)."""
     unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
+    as_stored = Turn.dispatched_at.is_(None) if sent_at is None else Turn.dispatched_at == sent_at
     failed = list(
         session.scalars(
             update(Turn)
@@ -1199,6 +1216,7 @@ def fail_unsent(
                     Turn.status == TurnStatus.QUEUED,
                     Turn.attempts == 0,
                     unkeyed,
+                    as_stored,
                 )
             )
             .values(
@@ -1260,6 +1278,11 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
     return revived
 
 
+def transaction_stamp(session: Session) -> datetime:
+    """What this transaction stamps `dispatched_at` with: now(), its start, in each of its statements."""
+    return session.execute(select(func.now())).scalar_one()
+
+
 # What a failed re-send records as the turn's last send: long enough ago for any sweep.
 SEND_FAILED_AT = datetime(2000, 1, 1, tzinfo=UTC)
 
@@ -1279,6 +1302,68 @@ def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     just sent (resumed submissions, the claim's order check and the sweeper read it). A store's
     run-advance pin (db/runs.py) never holds an unsent turn, so it hides none of them from this."""
     return _stamp_send(session, turn_ids, func.now())
+
+
+def awaiting_a_send(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
+    """Those of these turns that still wait for a message: queued and never claimed, or failed only
+    because their send failed (a retry under their key sends them)."""
+    if not turn_ids:
+        return []
+    never_sent = and_(
+        Turn.status == TurnStatus.FAILED, Turn.error_code == TurnErrorCode.BROKER_UNREACHABLE.value
+    )
+    unclaimed = and_(Turn.status == TurnStatus.QUEUED, Turn.attempts == 0)
+    return list(
+        session.scalars(
+            select(Turn.id).where(Turn.id.in_(list(turn_ids)), or_(unclaimed, never_sent)).order_by(Turn.id)
+        ).all()
+    )
+
+
+class Stamped(NamedTuple):
+    """A turn stamp_resend recorded sent: its `dispatched_at` before, and the one it wrote."""
+
+    id: uuid.UUID
+    before: datetime | None
+    at: datetime
+
+
+def stamp_resend(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[Stamped]:
+    """Stamp queued turns sent now, before a retry sends their message once more; those stamped (the
+    others are not queued: claimed, cancelled, or failed by the request that stored them). The rows
+    are locked in id order and waited for, not skipped as mark_dispatched does: a request failing its
+    own send of them either commits first (they are failed, not stamped) or then finds them stamped
+    and leaves them to this message (fail_unsent)."""
+    if not turn_ids:
+        return []
+    where = locked_in_id_order(session, Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
+    before = dict(session.execute(select(Turn.id, Turn.dispatched_at).where(*where)).tuples().all())
+    stamped = session.execute(
+        update(Turn).where(*where).values(dispatched_at=func.now()).returning(Turn.id, Turn.dispatched_at)
+    ).tuples()
+    return [Stamped(turn_id, before.get(turn_id), at) for turn_id, at in stamped if at is not None]
+
+
+def unstamp_resend(*, session: Session, stamped: Sequence[Stamped]) -> None:
+    """The retry's send of these stamped turns failed: one never recorded sent before (a scene's step
+    whose creator may have died) is unstamped again, for the sweep and the next replay to find as
+    such; another is recorded as sent long ago (mark_send_failed), for the next sweep. A turn stamped
+    again since, or no longer queued, is left as it is."""
+    for never_sent in (True, False):
+        ids = [t.id for t in stamped if (t.before is None) == never_sent]
+        if ids:
+            session.execute(
+                update(Turn)
+                .where(
+                    *locked_in_id_order(
+                        session,
+                        Turn.id.in_(ids),
+                        Turn.status == TurnStatus.QUEUED,
+                        Turn.dispatched_at.in_({t.at for t in stamped}),
+                    )
+                )
+                .values(dispatched_at=None if never_sent else SEND_FAILED_AT)
+            )
 
 
 def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -> int:

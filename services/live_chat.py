@@ -20,7 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
 from db.session import session_scope
-from db.turns import IdempotencyConflict, fail_unsent
+from db.turns import IdempotencyConflict, StoredTurn, fail_unsent
 from db.world import append_history_if_empty, find_characters, find_conversations
 from services import producer
 from services.producer import TurnView
@@ -200,7 +200,7 @@ def start_chat_turn(
             _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in stored_history(line)])
         except Exception:
             if stored.created or stored.unsent:  # a replay's turn may have been sent and be waiting
-                _fail_unsent(stored.id)
+                _fail_unsent(stored)
             raise
     producer.send_stored([stored], lane="live")  # after the history: the turn's prompt reads it
     whole = (request.params.response_format or {}).get("type") == "npc"
@@ -215,16 +215,16 @@ def _seed_history(conversation: str, tenant: str, history: list[tuple[str, str]]
         append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
 
 
-def _fail_unsent(turn_id: uuid.UUID) -> None:
+def _fail_unsent(stored: StoredTurn) -> None:
     """Mark a turn stored but never sent failed, as a broker outage at enqueue does: queued with no
     message, it would hold every later turn of its conversation until the sweeper's hour, and the
     official client retries without a key (a new turn, behind it). A retry with the key revives it."""
     try:
         with session_scope() as session:
             reason = "its chat history could not be stored; retry"
-            fail_unsent(session=session, turn_ids=[turn_id], reason=reason)
+            fail_unsent(session=session, turn_ids=[stored.id], reason=reason, sent_at=stored.sent_at)
     except Exception:  # the database is down too: the sweeper sends it
-        logger.warning("turn %s: stored, not sent, and could not be marked failed", turn_id, exc_info=True)
+        logger.warning("turn %s: stored, not sent, and could not be marked failed", stored.id, exc_info=True)
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:

@@ -26,11 +26,15 @@ from db.turns import (
     IdempotencyRace,
     NewTurn,
     StoredTurn,
+    awaiting_a_send,
     cancel_turns,
     create_turns,
     fail_unsent,
     revive_unsent,
+    stamp_resend,
     stored_request_hashes,
+    transaction_stamp,
+    unstamp_resend,
 )
 from db.turns import get_turn as read_turn
 from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
@@ -200,7 +204,7 @@ def submit_turns(
         )
         if fast is not None:
             if send:
-                send_new_turns({fast.model: [fast.id]}, lane=lane)
+                send_new_turns({fast.model: [fast.id]}, lane=lane, sent_at=fast.sent_at)
             return [fast]
         if fast_raised:
             return _store_after_lost_reply(
@@ -226,14 +230,34 @@ def send_stored(stored: Sequence[StoredTurn], *, lane: Lane) -> None:
     message held by the broker, and each claim costs an attempt). Each turn once."""
     fresh: dict[str, dict[uuid.UUID, None]] = {}  # per model, each turn once, in input order
     replayed: dict[uuid.UUID, StoredTurn] = {}
+    stamps = set()
     for turn in stored:
         if turn.unsent:
             fresh.setdefault(turn.model, {})[turn.id] = None
+            stamps.add(turn.sent_at)
         elif not turn.created and turn.status == TurnStatus.QUEUED and turn.attempts == 0:
             replayed[turn.id] = turn
-    send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane)
+    if len(stamps) > 1:  # one call's turns are stored in one transaction, stamped alike
+        raise ValueError(f"turns stored apart sent as one call: {sorted(map(str, stamps))}")
+    (sent_at,) = stamps or {None}
+    send_new_turns({model: list(ids) for model, ids in fresh.items()}, lane=lane, sent_at=sent_at)
     sent = {i for ids in fresh.values() for i in ids}
-    send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
+    try:
+        send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
+    except EnqueueError:
+        # The call answers 503: a client retrying without keys would store its new turns again, and
+        # both copies would be answered (review). Those not taken by a worker yet fail, as when the
+        # broker fails the call's own sends.
+        if sent:
+            with session_scope() as session:
+                fail_unsent(
+                    session=session,
+                    turn_ids=list(sent),
+                    reason="broker unreachable at enqueue (for the call's other turns)",
+                    sent_at=sent_at,
+                    unkeyed_only=True,
+                )
+        raise
 
 
 def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
@@ -282,14 +306,17 @@ def _store_after_lost_reply(
     """The full path after the fast INSERT raised: that statement may have committed with its reply
     lost, so the key it tried can already name its turn. A queued turn under that key is sent (a
     second message is harmless: claims are exactly-once) and, when the key was the automatic one, is
-    reported created: no caller can have made it before."""
+    reported created: no caller can have made it before. Under the client's key it may be another
+    request's, whose send may be failing now: sent as a replay's (send_again: recorded sent first, so
+    that request's late failure leaves it to this message; review)."""
     stored = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     turn = stored[0]
-    if turn.status == TurnStatus.QUEUED and turn.attempts == 0:  # new, revived, or committed unseen
-        # (one claimed before is waiting with its message held: sent again, it would be charged)
+    # new, revived, or committed unseen under the automatic key: ours (one claimed before is waiting
+    # with its message held: sent again, it would be charged)
+    if turn.status == TurnStatus.QUEUED and turn.attempts == 0 and (turn.unsent or automatic_key):
         turn = replace(turn, created=turn.created or automatic_key, unsent=True)
-    if send and turn.unsent:
-        send_new_turns({turn.model: [turn.id]}, lane=lane)
+    if send:
+        send_stored([turn], lane=lane)
     return [turn]
 
 
@@ -350,6 +377,8 @@ def _store_turns(
             and t.error_code == TurnErrorCode.BROKER_UNREACHABLE
         ]
         revived = set(revive_unsent(session=session, turn_ids=unsent)) if unsent else set()
+        # what the revival stamped them with: the transaction's time, as every now() of it
+        revived_at = transaction_stamp(session) if revived else None
         # Revived by a concurrent retry of the same key: as they stand now, not as first read.
         raced = [i for i in unsent if i not in revived]
         now = (
@@ -363,7 +392,7 @@ def _store_turns(
             else {}
         )
     return [
-        replace(t, status=TurnStatus.QUEUED, error_code=None, unsent=True)
+        replace(t, status=TurnStatus.QUEUED, error_code=None, unsent=True, sent_at=revived_at)
         if t.id in revived
         else replace(t, status=now[t.id][0], error_code=now[t.id][1])
         if t.id in now
@@ -466,11 +495,11 @@ def _store_one_fast(
     keyed = req if req.idempotency_key else req.model_copy(update={"idempotency_key": turn.idempotency_key})
     try:
         with get_autocommit_engine().connect() as connection:
-            turn_id = create_turn_in_known_conversation(
+            stored = create_turn_in_known_conversation(
                 connection=connection, turn=turn, external_id=req.conversation, character=req.character
             )
-            if turn_id is None and req.character:  # perhaps the conversation's first turn
-                turn_id = create_turn_in_new_conversation(
+            if stored is None and req.character:  # perhaps the conversation's first turn
+                stored = create_turn_in_new_conversation(
                     connection=connection,
                     turn=turn,
                     external_id=req.conversation,
@@ -481,13 +510,16 @@ def _store_one_fast(
         # A stale pooled connection (this path has no pre-ping), an outage, or a reply lost after
         # the commit: the full path decides.
         return None, keyed, True
-    if turn_id is None:
+    if stored is None:
         return None, keyed, False
-    return StoredTurn(turn_id, True, TurnStatus.QUEUED, turn.model, unsent=True), keyed, False
+    new = StoredTurn(stored.id, True, TurnStatus.QUEUED, turn.model, unsent=True, sent_at=stored.sent_at)
+    return new, keyed, False
 
 
-def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
-    """Send committed new turns ({model: ids}); on a broker failure mark them failed, raise EnqueueError."""
+def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: datetime | None) -> None:
+    """Send committed new turns ({model: ids}), stored with `dispatched_at` `sent_at` (None: unstamped,
+    a scene's step); on a broker failure mark them failed (unless sent again since: fail_unsent),
+    raise EnqueueError."""
     from tasks.generate import dispatch  # imports the Celery app (and the broker URL) only when sending
 
     sent: list[uuid.UUID] = []
@@ -502,7 +534,9 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
         if not stranded:  # every message went (the failure came after the last, releasing the broker)
             return
         with session_scope() as session:  # committed first: none is left queued with no message
-            failed = fail_unsent(session=session, turn_ids=stranded, reason="broker unreachable at enqueue")
+            failed = fail_unsent(
+                session=session, turn_ids=stranded, reason="broker unreachable at enqueue", sent_at=sent_at
+            )
         # None failed: their messages went though the send raised, and workers claimed them already.
         if not failed:
             return
@@ -513,6 +547,7 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
                 session=session,
                 turn_ids=list(went),
                 reason="broker unreachable at enqueue (for the call's other turns)",
+                sent_at=sent_at,
                 unkeyed_only=True,
             )
         failed_too = set(sent_failed)
@@ -531,27 +566,47 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane) -> None:
 
 def send_again(turns: Sequence[StoredTurn], *, lane: Lane) -> None:
     """Send replayed queued turns' messages once more: the request that stored them may have died
-    between its commit and its send (its reply lost, its process killed). See resend."""
+    between its commit and its send (its reply lost, its process killed). See resend. EnqueueError
+    when one still waits for a message that went (the broker away, or the request that stored it
+    failed it meanwhile, its own send having failed): a retry answered "queued" would leave it
+    unanswered, never called back (review); the next retry under its key sends it."""
     by_model: dict[str, list[uuid.UUID]] = {}
     for turn in turns:
         by_model.setdefault(turn.model, []).append(turn.id)
-    resend(by_model, lane=lane)
+    went = set(resend(by_model, lane=lane))
+    if not_sent := [t.id for t in turns if t.id not in went]:
+        with session_scope() as session:
+            waiting = awaiting_a_send(session=session, turn_ids=not_sent)
+        if waiting:
+            raise EnqueueError(
+                f"could not send {len(waiting)} stored turn(s) ({', '.join(map(str, waiting[:10]))}); "
+                "retry with the same idempotency keys: they are sent then"
+            )
 
 
 def resend(by_model: dict[str, list[uuid.UUID]], *, lane: Lane) -> list[uuid.UUID]:
-    """Send these queued turns' messages ({model: ids}) once more; the ids whose message went. A
-    broker error is logged and marks nothing failed (a first message may be on its way); a duplicate
-    message is harmless (claims are exactly-once)."""
+    """Send these queued turns' messages ({model: ids}) once more, each stamped sent first (so the
+    request that stored it, its own send failing late, leaves it to this message: fail_unsent); the
+    ids whose message went. One no longer queued is not sent. A broker error is logged and marks
+    nothing failed (a first message may be on its way); a duplicate message is harmless (claims are
+    exactly-once)."""
     from tasks.generate import dispatch
 
     went: list[uuid.UUID] = []
     for model, ids in by_model.items():
-        try:
-            dispatch(ids, model=model, lane=lane)
-        except Exception:
-            logger.warning("%d turn(s): could not send again; the sweeper will", len(ids), exc_info=True)
+        with session_scope() as session:
+            stamped = stamp_resend(session=session, turn_ids=ids)
+        if not stamped:
             continue
-        went += ids
+        queued = [t.id for t in stamped]
+        try:
+            dispatch(queued, model=model, lane=lane)
+        except Exception:
+            logger.warning("%d turn(s): could not send again; the sweeper will", len(queued), exc_info=True)
+            with session_scope() as session:  # stamped sent, none went: as they were, for the sweep
+                unstamp_resend(session=session, stamped=stamped)
+            continue
+        went += queued
     return went
 
 

@@ -284,16 +284,13 @@ def _conversation_id(session: Any, conversation: str, tenant: str) -> int:
 
 
 def _send_again(steps: list[NewStep], went_ids: list[uuid.UUID]) -> list[NewStep]:
-    """Send queued steps never recorded sent once more (producer.resend: the broker away fails
-    nothing, the worker that created a step may be sending it now); those that went, recorded sent
-    (and added to `went_ids` before that record)."""
+    """Send queued steps never recorded sent once more (producer.resend, which records them sent
+    first: the broker away fails nothing, the worker that created a step may be sending it now);
+    those that went (added to `went_ids`)."""
     went: set[uuid.UUID] = set()
     for lane, fresh in _by_lane(steps).items():
         went.update(resend(fresh, lane=lane))  # type: ignore[arg-type]
     went_ids += sorted(went)
-    if went:
-        with session_scope() as session:
-            mark_dispatched(session=session, turn_ids=list(went))
     return [step for step in steps if step.turn_id in went]
 
 
@@ -322,7 +319,7 @@ def _send(steps: list[NewStep], went: list[uuid.UUID]) -> None:
     once its messages went, before that record); the broker unreachable: the steps are failed
     (broker_unreachable) and EnqueueError raised (503), as for a player's turn."""
     for lane, fresh in _by_lane(steps).items():
-        send_new_turns(fresh, lane=lane)  # type: ignore[arg-type]
+        send_new_turns(fresh, lane=lane, sent_at=None)  # type: ignore[arg-type]  # stored unstamped
         went += [i for ids in fresh.values() for i in ids]
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=[i for ids in fresh.values() for i in ids])

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import uuid
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -262,6 +263,138 @@ def test_a_replay_of_a_turn_committed_but_never_sent_sends_it_again(world, unser
         session.execute(update(Turn).where(Turn.id == first.id).values(attempts=1))
     submit_turns([req, req])
     assert queue_depth(unserved_model, "live") == 3
+
+
+def test_a_retry_that_sent_a_turn_again_is_not_undone_by_the_first_requests_late_broker_error(
+    world, unserved_model, monkeypatch
+) -> None:
+    """Found in review: a game's first request hung on a failing broker; its retry (another replica,
+    the same key) sent the turn again and was told "queued"; then the first request's send failed and
+    marked the turn failed (broker_unreachable): never answered, never called back. The turn stays
+    queued now, its retry's message waiting for it."""
+    import tasks.generate
+    from services.producer import submit_turns
+    from tasks.queues import queue_depth
+    from tests.conftest import patch_on_this_thread
+
+    req = new_conversation() | {
+        "message": "Are you there?",
+        "idempotency_key": "late-error-" + new_conversation()["conversation"],
+    }
+    retried: list[Any] = []
+
+    def hangs_then_fails(ids: Any, **kwargs: Any) -> None:  # the first request's publish
+        retry = threading.Thread(target=lambda: retried.extend(submit_turns([req])))  # the real broker
+        retry.start()
+        retry.join(60)
+        raise ConnectionError("the broker went away")
+
+    patch_on_this_thread(monkeypatch, tasks.generate, "dispatch", hangs_then_fails)
+    (first,) = submit_turns([req])  # its error came after the retry: the turn is the retry's now
+    (retry,) = retried
+    assert retry.id == first.id and not retry.created and retry.status == TurnStatus.QUEUED
+    view = get_turn(first.id)
+    assert view.status == TurnStatus.QUEUED and view.error_code is None, view
+    assert queue_depth(unserved_model, "live") == 1  # the retry's message, for a turn still to answer
+
+
+def test_a_retry_whose_own_send_fails_says_so_and_the_next_one_sends(
+    world, unserved_model, monkeypatch
+) -> None:
+    """Found in review: a replay of a stored, never-sent turn whose own re-send failed (the broker
+    still away) answered "queued"; nothing would send it but the sweeper. It is a 503 to send again."""
+    import tasks.generate
+    from services.producer import EnqueueError, submit_turns
+    from tasks.queues import queue_depth
+    from tests.conftest import patch_on_this_thread
+
+    req = new_conversation() | {
+        "message": "Hello again?",
+        "idempotency_key": "replay-fails-" + new_conversation()["conversation"],
+    }
+    (first,) = submit_turns([req], send=False)  # committed; the request died before sending
+
+    def away(ids: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker is away")
+
+    with monkeypatch.context() as away_now:
+        patch_on_this_thread(away_now, tasks.generate, "dispatch", away)
+        with pytest.raises(EnqueueError, match="retry with the same idempotency keys"):
+            submit_turns([req])
+    assert get_turn(first.id).status == TurnStatus.QUEUED and queue_depth(unserved_model, "live") == 0
+    (again,) = submit_turns([req])
+    assert again.id == first.id and queue_depth(unserved_model, "live") == 1
+
+
+def test_a_retry_whose_fast_insert_lost_its_connection_sends_the_turn_as_a_replay(
+    world, unserved_model, monkeypatch
+) -> None:
+    """Review of the fix above: a keyed retry whose one-statement insert failed (a stale pooled
+    connection, likely in the same outage) took the full path and sent the first request's turn
+    without recording the send, so that request's late broker error still failed it."""
+    import tasks.generate
+    from services import producer
+    from services.producer import send_new_turns, submit_turns
+    from tests.conftest import patch_on_this_thread
+
+    conv = new_conversation()
+    enqueue_turn(conv | {"message": "Hello."})  # the conversation is known: the fast path's insert
+    req = conv | {"message": "Still there?", "idempotency_key": "lost-conn-" + conv["conversation"]}
+    (first,) = submit_turns([req], send=False)  # request A's commit; its publish is hanging
+
+    def stale(*args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy.exc import OperationalError
+
+        raise OperationalError("INSERT", {}, Exception("injected: the pooled connection was stale"))
+
+    with monkeypatch.context() as retry:
+        retry.setattr(producer, "create_turn_in_known_conversation", stale)
+        (again,) = submit_turns([req])  # request B: the full path, which sends it
+    assert again.id == first.id and not again.created
+
+    def away(ids: Any, **kwargs: Any) -> None:
+        raise ConnectionError("the broker went away")
+
+    patch_on_this_thread(monkeypatch, tasks.generate, "dispatch", away)
+    send_new_turns({first.model: [first.id]}, lane="live", sent_at=first.sent_at)  # A's late error
+    assert get_turn(first.id).status == TurnStatus.QUEUED  # B's message answers it
+
+
+def test_a_call_whose_replay_cannot_be_sent_fails_its_new_unkeyed_turns_as_its_own_send_would(
+    world, unserved_model, monkeypatch
+) -> None:
+    """Review of the fix above: a call holding a keyed replay and a new unkeyed turn sent the new one,
+    then answered 503 for the replay; the client's retry stored the unkeyed one again, and both were
+    answered."""
+    import tasks.generate
+    from services.producer import EnqueueError, submit_turns
+    from tests.conftest import patch_on_this_thread
+
+    keyed = new_conversation() | {
+        "message": "Hello?",
+        "idempotency_key": "mixed-" + new_conversation()["conversation"],
+    }
+    (stored,) = submit_turns([keyed], send=False)  # committed, never sent
+    real, calls = tasks.generate.dispatch, []
+
+    def the_replays_send_fails(ids: Any, **kwargs: Any) -> Any:
+        calls.append(list(ids))
+        if len(calls) > 1:
+            raise ConnectionError("the broker went away")
+        return real(ids, **kwargs)
+
+    patch_on_this_thread(monkeypatch, tasks.generate, "dispatch", the_replays_send_fails)
+    fresh = new_conversation()
+    with pytest.raises(EnqueueError):
+        submit_turns([keyed, fresh | {"message": "And who are you?"}])
+    with session_scope() as s:
+        new_one = s.scalars(
+            select(Turn)
+            .join(Conversation, Conversation.id == Turn.conversation_id)
+            .where(Conversation.external_id == fresh["conversation"])
+        ).one()
+        assert new_one.status == TurnStatus.FAILED and new_one.error_code == "broker_unreachable"
+    assert get_turn(stored.id).status == TurnStatus.QUEUED  # the next retry under its key sends it
 
 
 def test_a_batch_the_server_rolls_back_for_a_deadlock_is_stored_again_not_an_outage(
@@ -737,7 +870,10 @@ def test_a_turn_failed_unsent_gets_no_failure_callback_and_once_revived_its_answ
         session.execute(
             update(Turn).where(Turn.id == turn.id).values(callback_url="https://game.example/hook")
         )
-        assert fail_unsent(session=session, turn_ids=[turn.id], reason="the broker was away") == [turn.id]
+        failed = fail_unsent(
+            session=session, turn_ids=[turn.id], reason="the broker was away", sent_at=turn.sent_at
+        )
+        assert failed == [turn.id]
     with session_scope() as session:
         assert turn.id not in claim_lost_callbacks(session=session, older_than_s=0, of=Turn, limit=100_000)
         # A failure's callback sent before this rule (or by a worker that saw the failure) ...

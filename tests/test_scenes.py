@@ -1716,9 +1716,9 @@ def test_a_live_group_asked_to_go_on_resends_a_step_never_sent(world, steps_unco
     conv = _group(strategy="fixed")["conversation"]
     (first,) = [uuid.UUID(t) for t in continue_group(conv, 3)["sent"]]
     with session_scope() as s:  # the broker was down when it was sent
-        assert fail_unsent(session=s, turn_ids=[first], reason="broker unreachable at enqueue: test") == [
-            first
-        ]
+        sent_at = s.scalar(select(Turn.dispatched_at).where(Turn.id == first))  # recorded sent
+        reason = "broker unreachable at enqueue: test"
+        assert fail_unsent(session=s, turn_ids=[first], reason=reason, sent_at=sent_at) == [first]
     view = continue_group(conv, 1)
     assert view["sent"] == [str(first)] and view["status"] == "open"  # the same step goes out again
     # a step that failed once it was sent goes out again too: ..._whose_step_failed_goes_on_...

@@ -8,6 +8,7 @@ detector fires after its 1 s deadlock_timeout); now both sessions finish.
 import hashlib
 import threading
 import uuid
+from typing import Any
 
 from sqlalchemy import select, text, update
 
@@ -269,6 +270,11 @@ def _out_of_id_order() -> tuple[uuid.UUID, uuid.UUID]:
     raise AssertionError("no pair of turns out of id order in the heap in 20 tries")
 
 
+def _stamp(session: Any, turn_id: uuid.UUID) -> Any:
+    """The `dispatched_at` the turn was stored with (one call's turns share it)."""
+    return session.scalar(select(Turn.dispatched_at).where(Turn.id == turn_id))
+
+
 def test_a_cancel_or_a_failed_send_of_given_turns_locks_them_in_id_order(world) -> None:
     """Found in a deadlock review: cancelling given turns and failing those whose message could not be
     sent locked them in their plan's order (the heap's, in a scan), while every other writer of turns
@@ -280,7 +286,9 @@ def test_a_cancel_or_a_failed_send_of_given_turns_locks_them_in_id_order(world) 
 
     operations = {
         "cancel": lambda s, ids: cancel_turns(session=s, turn_ids=ids),
-        "fail": lambda s, ids: fail_unsent(session=s, turn_ids=ids, reason="the broker is away"),
+        "fail": lambda s, ids: fail_unsent(
+            session=s, turn_ids=ids, reason="the broker is away", sent_at=_stamp(s, ids[0])
+        ),
     }
     for name, operation in operations.items():
         a, b = _out_of_id_order()

@@ -17,10 +17,12 @@ import httpx
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from sqlalchemy import select
 
 import streaming.publisher
 import streaming.reader
 from core.settings import settings
+from db.models import Turn
 from db.session import session_scope
 from db.turns import cancel_turns
 from services import producer
@@ -239,7 +241,10 @@ def test_a_failed_turns_error_carries_no_id_and_a_turn_sent_again_streams_on() -
 
     turn_id = _turn()
     with session_scope() as session:  # its message never reached the broker: nothing was claimed
-        assert fail_unsent(session=session, turn_ids=[turn_id], reason="the broker was away") == [turn_id]
+        sent_at = session.scalar(select(Turn.dispatched_at).where(Turn.id == turn_id))
+        assert fail_unsent(
+            session=session, turn_ids=[turn_id], reason="the broker was away", sent_at=sent_at
+        ) == [turn_id]
     seen = _read(turn_id)
     assert _codes(seen) == ["broker_unreachable"] and seen[-1].id is None  # no `final`: it may yet run
     with session_scope() as session:  # a replay with its idempotency key sends it again
@@ -696,6 +701,64 @@ def test_a_reader_that_stops_reading_ends_its_stream_instead_of_holding_it_for_e
 
     assert anyio.run(serve) == "returned"
     assert len(sent) == blocked_at
+
+
+def test_a_stream_served_through_the_apps_middleware_ends_when_its_reader_stops_reading(
+    world, monkeypatch
+) -> None:
+    """Found in review: the request counter was Starlette's BaseHTTPMiddleware, which relays a
+    streamed response through a memory stream of its own: the stream's bounded send reached only that
+    relay, and the relay's write to a reader that stopped reading held the connection for good. The
+    whole app now: the blocked send is the one the bound cancels."""
+    import anyio
+
+    from api import sse
+    from api.main import create_app
+
+    monkeypatch.setattr(sse, "SEND_TIMEOUT_S", 0.5)
+    app = create_app()
+
+    async def events():  # type: ignore[no-untyped-def]
+        for i in range(1000):
+            yield {"data": str(i)}
+
+    @app.get("/v1/stream-for-the-test")
+    async def stream() -> Any:
+        return sse.sse_response(events())
+
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if len(sent) >= 2:
+            await anyio.sleep(3600)  # the reader stopped reading
+
+    async def receive() -> dict:
+        await anyio.sleep(3600)
+        return {"type": "http.disconnect"}
+
+    async def serve() -> str:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": "/v1/stream-for-the-test",
+            "raw_path": b"/v1/stream-for-the-test",
+            "root_path": "",
+            "query_string": b"",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 50000),
+            "server": ("testserver", 80),
+        }
+        with anyio.move_on_after(15):
+            await app(scope, receive, send)
+            return "returned"
+        return "still held after 15 s"
+
+    assert anyio.run(serve) == "returned"
+    assert sent[0]["status"] == 200 and len(sent) == 2
 
 
 def test_a_reader_of_an_unfinished_turn_ends_when_the_hub_closes_not_at_its_deadline() -> None:

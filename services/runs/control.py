@@ -16,11 +16,13 @@ from db.runs import (
     RunCounts,
     cancel_run,
     find_run,
+    refuse_deleting,
     reopen_failed,
     run_counts,
     submission_alive,
 )
 from db.session import session_scope
+from db.turns import transaction_stamp
 from services.runs.quality_summary import quality_summary
 from services.runs.validate import SubmissionRefused
 
@@ -49,6 +51,21 @@ def require_run(session: Session, ref: str) -> Run:
     if run is None:
         raise RunNotFound(f"no run {ref!r}")
     return run
+
+
+def require_whole_run(session: Session, ref: str) -> Run:
+    """require_run, and RunDeleting once its deletion past retention began: what is read of it then
+    is no longer whole (an export of it, a training set)."""
+    run = require_run(session, ref)
+    refuse_deleting(session=session, run_id=run.id, name=run.name)
+    return run
+
+
+def still_whole(run: Run) -> None:
+    """RunDeleting if the run's deletion began, or it went, while it was read a chunk at a time: the
+    caller's files, written short, are not put in place (review: an export came out silently short)."""
+    with session_scope() as session:
+        refuse_deleting(session=session, run_id=run.id, name=run.name)
 
 
 def interrupted_message(run: Run, counts: RunCounts) -> str:
@@ -123,7 +140,8 @@ def retry_failed(ref: str) -> int:
     with session_scope() as session:
         run = require_run(session, ref)
         ids, model = reopen_failed(session=session, run_id=run.id), run.model
-    send_new_turns({model: ids}, lane="bulk")
+        sent_at = transaction_stamp(session)
+    send_new_turns({model: ids}, lane="bulk", sent_at=sent_at)
     return len(ids)
 
 
