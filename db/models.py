@@ -333,6 +333,8 @@ class Run(Base):
         Index("ix_runs_status_expires_at", "status", "expires_at"),
         # A tenant's runs newest first (the desk, GET /v1/batches), read backwards (migration 0036).
         Index("ix_runs_tenant_created_at", "tenant", "created_at", "id"),
+        # Those whose deletion past retention began, which each sweep finishes first (migration 0050).
+        Index("ix_runs_deleting_since", "deleting_since", postgresql_where="deleting_since IS NOT NULL"),
         Index("ix_runs_created_at", "created_at", "id"),  # an admin's, every tenant's
     )
 
@@ -384,6 +386,8 @@ class Run(Base):
     callback_error: Mapped[str | None] = mapped_column(Text)
     # When a callback its tries did not deliver is due again (None: delivered, refused, never tried).
     callback_retry_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # When its deletion past retention began (migration 0050): nothing changes it from then on.
+    deleting_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StoredFile(Base):

@@ -10,12 +10,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import and_, delete, exists, select, text, update
+from sqlalchemy import and_, delete, exists, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from core.settings import settings
+from db.callbacks import GIVEN_UP, LOST_WINDOW_FLOOR_S
 from db.erasure import LOCK_TIMEOUT_MS
 from db.files import delete_file
-from db.models import RUN_FINISHED, TURN_UNFINISHED, Run, Turn, TurnReview
+from db.models import RUN_FINISHED, TURN_UNFINISHED, Run, RunStatus, StoredFile, Turn, TurnReview, TurnStatus
 
 CHUNK = 2000
 
@@ -25,38 +27,92 @@ def _ago(days: int) -> Any:
     return text("now() - make_interval(days => :days)").bindparams(days=days)
 
 
-def _deletable(days: int) -> Any:
-    """A run to delete whole: ended more than `days` ago, nothing of it unfinished (a failed CLI
-    run's sent lines may still be answered), no callback still owed, and no writer's review of a
-    line (its verdicts keep a rejected line out of LoRA training data: db/training.py)."""
+def _deletable(days: int | None) -> Any:
+    """A run to delete whole: one whose deletion began (deleting_since: nothing changes it any more),
+    or one past `days` (_past). `days` None: the first alone (retention switched off since: what was
+    begun is finished)."""
+    marked = Run.deleting_since.is_not(None)
+    return marked if days is None else or_(marked, _past(days))
+
+
+def _past(days: int) -> Any:
+    """Ended more than `days` ago, nothing of it still to answer (a failed CLI run's sent lines may
+    still be answered; its lines never sent, nothing will send), no callback still owed (due again,
+    or never tried while the sweeps may still queue it: its broker was away), and no writer's review
+    of a line (its verdicts keep a rejected line out of LoRA training data: db/training.py)."""
     cutoff = _ago(days)
     reviewed = (
         select(TurnReview.turn_id).join(Turn, Turn.id == TurnReview.turn_id).where(Turn.run_id == Run.id)
+    )
+    unanswered = exists().where(
+        Turn.run_id == Run.id,
+        Turn.status.in_(TURN_UNFINISHED),
+        or_(
+            Turn.status != TurnStatus.QUEUED, Turn.dispatched_at.is_not(None), Run.status != RunStatus.FAILED
+        ),
+    )
+    # as long as the sweeps still queue a lost one (db/callbacks.py::claim_lost_callbacks), a day more
+    # for the sweep's own `--older-than`
+    lost_window_s = max(settings.callback_retry_window_s, LOST_WINDOW_FLOOR_S) + 86400
+    callback_owed = and_(
+        Run.callback_url.is_not(None),
+        Run.callback_delivered_at.is_(None),
+        Run.callback_attempts == 0,
+        func.coalesce(func.strpos(Run.callback_error, GIVEN_UP), 0) == 0,
+        Run.finished_at >= func.now() - func.make_interval(0, 0, 0, 0, 0, 0, lost_window_s),
     )
     return and_(
         Run.created_at < cutoff,  # read from the index by creation time: a run ends after it is created
         Run.status.in_(RUN_FINISHED),
         Run.finished_at < cutoff,
         Run.callback_retry_at.is_(None),
-        ~exists().where(Turn.run_id == Run.id, Turn.status.in_(TURN_UNFINISHED)),
+        ~callback_owed,
+        ~unanswered,
         ~exists(reviewed),
     )
 
 
-def runs_past(*, session: Session, days: int, limit: int) -> list[uuid.UUID]:
-    """Runs to delete whole (_deletable), oldest first."""
-    return list(
-        session.scalars(select(Run.id).where(_deletable(days)).order_by(Run.created_at, Run.id).limit(limit))
+def runs_past(*, session: Session, days: int | None, limit: int) -> list[uuid.UUID]:
+    """Runs to delete whole (_deletable): those whose deletion began first (their partial index,
+    migration 0050), then the oldest past `days`."""
+    marked = list(
+        session.scalars(
+            select(Run.id).where(Run.deleting_since.is_not(None)).order_by(Run.deleting_since).limit(limit)
+        )
+    )
+    if days is None or len(marked) >= limit:
+        return marked
+    return marked + list(
+        session.scalars(
+            select(Run.id)
+            .where(Run.deleting_since.is_(None), _past(days))
+            .order_by(Run.created_at, Run.id)
+            .limit(limit - len(marked))
+        )
     )
 
 
-def _held(session: Session, run_id: uuid.UUID, days: int) -> str | None:
-    """The run's name, its row locked for this transaction, while it is still one to delete; None
-    once it is not (a retry reopened it). Each lock waits at most LOCK_TIMEOUT_MS, then raises
-    LockNotAvailable: this takes the run before its turns, which a store or a retry take the other
-    way round, so in any cycle of waits the deletion is the one that gives way."""
+def _held(session: Session, run_id: uuid.UUID, days: int | None) -> str | None:
+    """The run's name, its row locked for this transaction and marked as being deleted (from its
+    first chunk on, the desk, a retry and an export refuse it: half deleted, it is no whole run),
+    while it is still one to delete; None once it is not (a retry reopened it before its first
+    chunk). Each lock waits at most LOCK_TIMEOUT_MS, then raises LockNotAvailable: this takes the run
+    before its turns, which a store or a retry take the other way round, so in any cycle of waits the
+    deletion is the one that gives way."""
     session.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT_MS}ms'"))
-    return session.scalar(select(Run.name).where(Run.id == run_id, _deletable(days)).with_for_update(of=Run))
+    name = session.scalar(select(Run.name).where(Run.id == run_id, _deletable(days)).with_for_update(of=Run))
+    # Checked again in a statement of its own, on a snapshot taken once the lock is held: the one
+    # above read the run's lines as they were when it started, and a writer's verdict committed while
+    # it waited for the run (the desk locks it, never updates it) went unseen (review).
+    if name is not None and not session.scalar(select(exists().where(Run.id == run_id, _deletable(days)))):
+        return None
+    if name is not None:
+        session.execute(
+            update(Run)
+            .where(Run.id == run_id, Run.deleting_since.is_(None))
+            .values(deleting_since=func.now())
+        )
+    return name
 
 
 # The conversations the run made for its lines, by their exact names (services/runs/line_keys.py:
@@ -104,7 +160,9 @@ Phase = Literal["conversations", "turns", "run"]  # a run's deletion, in this or
 PHASES: tuple[Phase, ...] = ("conversations", "turns", "run")
 
 
-def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: Phase) -> RunChunk | None:
+def delete_run_chunk(
+    *, session: Session, run_id: uuid.UUID, days: int | None, phase: Phase
+) -> RunChunk | None:
     """delete: a chunk of an ended run past `days`, in phases: "conversations" (its own, with their
     lines, vectors, scenes and its turns in them), "turns" (its turns in conversations it does not
     own), "run" (its row, and its output and error files' rows). None when the run is no longer one
@@ -127,8 +185,21 @@ def delete_run_chunk(*, session: Session, run_id: uuid.UUID, days: int, phase: P
     files = session.execute(
         delete(Run).where(Run.id == run_id).returning(Run.output_file_id, Run.error_file_id)
     ).one()
+    # A file whose expiry its batch advertised (`output_expires_after`) is still ahead is left to it:
+    # downloadable until then, as its object says (review: retention deleted it before).
+    expiring_later = set(
+        session.scalars(
+            select(StoredFile.id).where(
+                StoredFile.id.in_([f for f in files if f]), StoredFile.expires_at > func.now()
+            )
+        )
+    )
     gone = [
-        row.path for file_id in files if file_id and (row := delete_file(session=session, file_id=file_id))
+        row.path
+        for file_id in files
+        if file_id
+        and file_id not in expiring_later
+        and (row := delete_file(session=session, file_id=file_id))
     ]
     return RunChunk(1, tuple(gone))
 

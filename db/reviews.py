@@ -37,6 +37,7 @@ from db.models import (
     TurnReviewChange,
     TurnStatus,
 )
+from db.runs import RunDeleting
 from db.summaries import forget_line
 from scenes.speakers import NARRATOR_NAME, NARRATOR_SLUG
 
@@ -187,20 +188,31 @@ def lock_line(*, session: Session, turn_id: uuid.UUID, wait_ms: int) -> None:
     )
 
 
-def lock_line_run(*, session: Session, run_id: uuid.UUID, wait_ms: int) -> str | None:
-    """Lock the run a changed line belongs to (so a change and the batch's finalizer, or two
-    changes' rewrites of its output file, never interleave), waiting at most `wait_ms` (RunBusy
-    after it, the transaction then to be rolled back); its output file's id, if written."""
-    locked = select(Run.output_file_id).where(Run.id == run_id).with_for_update()
-    return _within(session, wait_ms, locked, RunBusy(str(run_id)))
+def lock_line_run(*, session: Session, run_id: uuid.UUID, wait_ms: int, text: bool) -> str | None:
+    """Lock the run a changed line belongs to, waiting at most `wait_ms` (RunBusy after it, the
+    transaction then to be rolled back): for a `text` change FOR NO KEY UPDATE (a change and the
+    batch's finalizer, or two changes' rewrites of its output file, never interleave), for a label
+    FOR KEY SHARE, which waits for no rewrite but for a chunk of the run's deletion (FOR UPDATE): the
+    two never interleave (the verdict would go with its line, the run counted unreviewed).
+    RunDeleting once its deletion began. Its output file's id, if written."""
+    locked = (
+        select(Run.name, Run.output_file_id, Run.deleting_since)
+        .where(Run.id == run_id)
+        .with_for_update(read=not text, key_share=True)
+    )
+    row = _within(session, wait_ms, locked, RunBusy(str(run_id)))
+    if row is None or row.deleting_since is not None:  # gone: its deletion's last chunk committed
+        raise RunDeleting(row.name if row is not None else str(run_id))
+    return row.output_file_id  # type: ignore[no-any-return]
 
 
 def _within(session: Session, wait_ms: int, statement: Any, busy: RunBusy) -> Any:
-    """statement's one value, its locks waited for `wait_ms` at most (`busy` raised after it)."""
+    """statement's first row (None: none), its locks waited for `wait_ms` at most (`busy` raised
+    after it)."""
     prior = session.scalar(select(func.current_setting("lock_timeout")))
     session.execute(select(func.set_config("lock_timeout", f"{wait_ms}ms", True)))
     try:
-        value = session.scalar(statement)
+        value = session.execute(statement).first()
     except OperationalError as exc:
         if getattr(exc.orig, "sqlstate", None) == "55P03":  # lock_not_available
             raise busy from None

@@ -95,6 +95,20 @@ class NotRetryable(ValueError):
     """A run whose failed turns cannot be reopened in its state (the CLI's refusal: exit code 2)."""
 
 
+class RunDeleting(RuntimeError):
+    """The run's deletion past MLCHAT_RUN_RETENTION_DAYS began (db/retention.py): half deleted, it
+    changes no more, and what is read of it is no longer whole."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"run {name} is being deleted: it ended longer ago than MLCHAT_RUN_RETENTION_DAYS")
+
+
+def refuse_deleting(*, session: Session, run_id: uuid.UUID, name: str) -> None:
+    """RunDeleting when the run's deletion began, or it is gone."""
+    if session.scalar(select(Run.deleting_since.is_(None)).where(Run.id == run_id)) is not True:
+        raise RunDeleting(name)
+
+
 @dataclass(frozen=True)
 class RunCounts:
     """request_counts of a run, from its turn rows (the database's truth, never a cached counter)."""
@@ -149,6 +163,8 @@ def create_run(
     if run_id is not None:
         return session.get_one(Run, run_id), True
     run = session.scalars(select(Run).where(Run.name == name)).one()
+    if run.deleting_since is not None:  # half deleted: resumed, the sweep would delete it under its lines
+        raise RunDeleting(name)
     if _reopen_empty(session=session, run_id=run.id):
         session.refresh(run)
     if run.file_hash == file_hash:
@@ -201,6 +217,7 @@ def _reopen_empty(*, session: Session, run_id: uuid.UUID) -> bool:
             Run.id == run_id,
             Run.status == RunStatus.COMPLETED,
             Run.input_file_id.is_(None),
+            Run.deleting_since.is_(None),
             ~exists().where(Turn.run_id == Run.id),
         )
         .values(status=RunStatus.VALIDATING, finished_at=None, refused=None, line_errors=None, error=None)
@@ -225,7 +242,11 @@ def resume_submission(
     return (
         session.scalar(
             update(Run)
-            .where(Run.id == run_id, Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)))
+            .where(
+                Run.id == run_id,
+                Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
+                Run.deleting_since.is_(None),  # its deletion past retention began meanwhile
+            )
             .values(
                 status=RunStatus.VALIDATING,
                 error=None,
@@ -793,7 +814,11 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
         raise NotRetryable(
             f"run is {status}: only a completed or in-progress run's failed turns can be retried"
         )
-    batch = bool(session.scalar(select(Run.input_file_id.is_not(None)).where(Run.id == run_id)))
+    batch, deleting = session.execute(
+        select(Run.input_file_id.is_not(None), Run.deleting_since.is_not(None)).where(Run.id == run_id)
+    ).one()
+    if deleting:  # half deleted: reopened, it would finish short (review)
+        raise NotRetryable("run is being deleted: it ended longer ago than MLCHAT_RUN_RETENTION_DAYS")
     if status == RunStatus.COMPLETED and batch:
         # its output and error files are written and called back: a batch is not reopened
         raise NotRetryable("run is a completed batch: submit its failed requests as a new batch")
@@ -831,6 +856,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
                 Run.status == status
                 if batch
                 else Run.status.in_((RunStatus.COMPLETED, RunStatus.IN_PROGRESS)),
+                Run.deleting_since.is_(None),  # its deletion's first chunk committed meanwhile
             )
             .values(status=RunStatus.IN_PROGRESS, finished_at=None)
             .returning(Run.id)

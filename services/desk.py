@@ -35,7 +35,7 @@ from db.models import (
     TurnReviewChange,
 )
 from db.reviews import LineFilter, NotAnswered, NotReviewable, RunBusy, StaleReview
-from db.runs import run_counts
+from db.runs import RunDeleting, run_counts
 from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
 from db.vector_space import SpaceMoved, refuse_if_moved
@@ -603,13 +603,14 @@ def _change(
             reviews.lock_line(session=session, turn_id=turn_id, wait_ms=RUN_LOCK_WAIT_MS)
             # Only a text change rewrites the batch's file, under the run's lock (a change and the
             # finalizer, or two rewrites, never interleave), taken before the change's other rows (its
-            # line, memory jobs, facts), which nobody waits for meanwhile; a label waits for no
-            # rewrite, and a text change a bounded time: each waiting writer holds an API connection.
-            output_file_id = (
-                reviews.lock_line_run(session=session, run_id=run_id, wait_ms=RUN_LOCK_WAIT_MS)
-                if text
-                else None
+            # line, memory jobs, facts), which nobody waits for meanwhile; a label takes it FOR KEY
+            # SHARE (it waits for no rewrite, only for a chunk of the run's deletion or its
+            # finalizer), each a bounded time: each waiting writer holds an API connection.
+            output_file_id = reviews.lock_line_run(
+                session=session, run_id=run_id, wait_ms=RUN_LOCK_WAIT_MS, text=text
             )
+            if not text:
+                output_file_id = None
             version = int(apply(session))
             if text:  # the new text's vector, embedded before: stored NULL if a re-embed swapped since
                 refuse_if_moved(session=session, what="reply")
@@ -634,6 +635,8 @@ def _change(
         return version
     except NotAnswered as exc:
         raise DeskError(409, str(exc)) from None
+    except RunDeleting as exc:
+        raise DeskError(409, f"line: {exc}") from None
     except NotReviewable as exc:
         raise _bad(str(exc)) from None
     except StaleReview as exc:

@@ -29,8 +29,9 @@ def prune() -> dict[str, int]:
     on) leaves the others their turn."""
     share = PASS_S / 3
     done = {"runs": 0, "prompts": 0, "request_copies": 0}
-    if settings.run_retention_days:
-        done["runs"] = _prune_runs(settings.run_retention_days, time.monotonic() + share)
+    # Retention switched off since: the runs whose deletion began are finished all the same (half
+    # deleted, every writer refuses them).
+    done["runs"] = _prune_runs(settings.run_retention_days or None, time.monotonic() + share)
     if settings.prompt_retention_days:
         days = settings.prompt_retention_days
         done["prompts"] = _chunks(lambda s: forget_prompts(session=s, days=days), time.monotonic() + share)
@@ -54,7 +55,7 @@ def _chunks(chunk: Callable[[Session], int], deadline: float) -> int:
     return total
 
 
-def _prune_runs(days: int, deadline: float) -> int:
+def _prune_runs(days: int | None, deadline: float) -> int:
     """Delete the runs past `days` whole, phase by phase, until the deadline; how many went. A run
     whose rows another transaction holds is left for the next sweep."""
     with session_scope() as session:
@@ -72,7 +73,7 @@ def _prune_runs(days: int, deadline: float) -> int:
     return deleted
 
 
-def _prune_run(run_id: uuid.UUID, days: int, deadline: float) -> int:
+def _prune_run(run_id: uuid.UUID, days: int | None, deadline: float) -> int:
     """1 once the run is deleted whole, else 0 (the deadline came, or it is no longer one to delete)."""
     for phase in PHASES:
         while time.monotonic() < deadline:

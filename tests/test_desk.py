@@ -1696,9 +1696,11 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
     without end, a label too, while another change (or the finalizer) rewrote the batch's output
     file: each waiting writer held one of the API's pooled connections, and ten writers on one large
     batch took them all. The run's lock was also taken before the line's, the reverse of every other
-    writer of turns and runs. A label now takes no run lock; a text change takes it after the line's
-    and waits at most RUN_LOCK_WAIT_MS, then is a 503 that stores nothing; while it waits it holds the
-    line's row and none of the rows it changes (review: its reply line, memory jobs and facts)."""
+    writer of turns and runs. A label now takes the run FOR KEY SHARE, which a rewrite (FOR NO KEY
+    UPDATE) leaves it (a deletion past retention holds it against it); a text change takes it after
+    the line's and waits at most RUN_LOCK_WAIT_MS, then is a 503 that stores nothing; while it waits
+    it holds the line's row and none of the rows it changes (review: its reply line, memory jobs and
+    facts)."""
     import threading
 
     first, second, path = _finished_batch()
@@ -1717,8 +1719,8 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         thread.start()
         return thread
 
-    with session_scope() as holder:  # a rewrite in progress: the run's row held
-        holder.execute(select(Run.id).where(Run.id == run_id).with_for_update())
+    with session_scope() as holder:  # a rewrite in progress: the run's row held, as lock_line_run holds it
+        holder.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
         labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))
         labelled.join(15)

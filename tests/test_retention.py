@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from core.settings import settings
-from db.models import Conversation, Message, Run, Turn
+from db.models import Conversation, Message, Run, Turn, TurnReview
 from db.runs import create_run, finish_submission
 from db.session import session_scope
 from services.producer import submit_turns
@@ -300,3 +300,179 @@ def test_a_batch_deleted_past_its_retention_takes_its_output_files(monkeypatch) 
     with session_scope() as s:
         assert get_file(session=s, file_id=output) is None
     assert not (settings.batch_files_dir / row.path).exists()
+
+
+def test_a_run_whose_deletion_began_is_finished_and_nothing_changes_or_exports_it_meanwhile(
+    monkeypatch, tmp_path
+) -> None:
+    """Review: a large run is deleted over many sweeps, and half deleted it was taken for a whole run:
+    a writer's edit rewrote its batch's output from the half left, the verdict kept the run half
+    deleted for good, a retry reopened it, an export came out short and said nothing. Its first
+    chunk marks it: the desk, a retry and an export refuse it, and the next sweeps finish it."""
+    import db.retention
+    from db.retention import delete_run_chunk
+    from db.runs import NotRetryable, RunDeleting
+    from services import desk
+    from services.runs import export_run, retry_failed
+
+    monkeypatch.setattr(db.retention, "CHUNK", 1)
+    run_id, (first, second, third) = _run(3)
+    with session_scope() as s:
+        s.execute(text("UPDATE turns SET status = 'failed', reply = NULL WHERE id = :id"), {"id": third})
+        name = s.get_one(Run, run_id).name
+    _age(40, run_id=run_id)
+    out = tmp_path / "exports"
+    before = export_run(name, out)  # whole, before its deletion
+    written = before[0].read_bytes()
+    assert before[2:] == (2, 1)
+
+    with session_scope() as s:  # the first chunk: one of its conversations, and the mark
+        chunk = delete_run_chunk(session=s, run_id=run_id, days=30, phase="conversations")
+    assert chunk is not None and chunk.deleted == 1
+    writer = desk.Reviewer("writer-ret", "", admin=False)
+    with session_scope() as s:
+        left = [t for t in (first, second) if s.get(Turn, t) is not None]
+    assert len(left) == 1
+    with pytest.raises(desk.DeskError, match="is being deleted") as refused:
+        desk.label(writer, left[0], "approve", "", "0")
+    assert refused.value.status == 409
+    with pytest.raises(desk.DeskError, match="is being deleted"):
+        desk.edit(writer, left[0], "Another reply.", "0")
+    with pytest.raises(NotRetryable, match="is being deleted"):
+        retry_failed(name)
+    with pytest.raises(RunDeleting, match="MLCHAT_RUN_RETENTION_DAYS"):
+        export_run(name, out)
+    assert before[0].read_bytes() == written  # the whole export of before left in place
+    with session_scope() as s:
+        assert not s.scalars(select(TurnReview).where(TurnReview.turn_id.in_(left))).all()
+
+    with session_scope() as s, pytest.raises(RunDeleting):  # nor is it submitted again (a resume)
+        create_run(session=s, name=name, model="smollm2-135m", file_hash=uuid.uuid4().hex, total=3)
+    # the sweeps go on with it first, even with retention switched off since (review: it stayed half
+    # deleted, refused by every writer, for good)
+    assert settings.run_retention_days == 0
+    assert prune()["runs"] >= 1
+    assert _counts(run_id, [])[:2] == (0, 0)
+
+
+def test_a_verdict_committed_while_the_deletion_waits_for_the_run_keeps_it(monkeypatch) -> None:
+    """Review: the deletion's check of the run ("no review") read the lines as they were when its
+    statement began; the desk's verdict, committed while the deletion waited for the run's lock
+    (the desk locks the run, never updates it), went unseen, and went with its line."""
+    import threading
+
+    import db.retention
+    from db.retention import delete_run_chunk
+    from tests.conftest import another_session_waits_on_a_lock
+
+    monkeypatch.setattr(db.retention, "LOCK_TIMEOUT_MS", 20_000)  # waits for the desk, however slow here
+    run_id, (line,) = _run(1)
+    _age(40, run_id=run_id)
+    outcome: dict[str, object] = {}
+
+    def sweep() -> None:
+        with session_scope() as s:
+            outcome["chunk"] = delete_run_chunk(session=s, run_id=run_id, days=30, phase="conversations")
+
+    thread = threading.Thread(target=sweep)
+    with session_scope() as desk_session:  # as lock_line_run: the run FOR KEY SHARE, then the verdict
+        desk_session.execute(
+            select(Run.id).where(Run.id == run_id).with_for_update(read=True, key_share=True)
+        )
+        desk_session.add(TurnReview(turn_id=line, original_reply="Well met 0.", label="approved"))
+        desk_session.flush()
+        thread.start()
+        assert another_session_waits_on_a_lock(held_by=desk_session)
+    thread.join(30)
+    assert not thread.is_alive() and outcome == {"chunk": None}
+    assert _counts(run_id, [])[:2] == (1, 1)
+    with session_scope() as s:
+        assert s.get(TurnReview, line) is not None and s.get_one(Run, run_id).deleting_since is None
+
+
+def test_an_export_whose_run_starts_being_deleted_meanwhile_is_refused_not_written_short(
+    monkeypatch, tmp_path
+) -> None:
+    """Review: an export reads a chunk a transaction; a sweep deleting the run meanwhile left it
+    short, exit 0 with those counts."""
+    from db.retention import delete_run_chunk
+    from db.runs import RunDeleting
+    from services.runs import export as run_export
+
+    run_id, _ = _run(2)
+    _age(40, run_id=run_id)
+    with session_scope() as s:
+        name = s.get_one(Run, run_id).name
+    real = run_export.write_outputs
+
+    def a_sweep_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with session_scope() as s:
+            delete_run_chunk(session=s, run_id=run_id, days=30, phase="conversations")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run_export, "write_outputs", a_sweep_meanwhile)
+    with pytest.raises(RunDeleting):
+        run_export.export_run(name, tmp_path)
+    assert not list(tmp_path.glob("*.jsonl"))  # nothing put in place
+
+
+def test_a_failed_runs_lines_never_sent_do_not_keep_it_for_good(monkeypatch) -> None:
+    """Review: a CLI submission killed between storing chunks and sending them left its lines queued
+    and never sent (nothing sends them: resubmitting the file does); counted as still to answer,
+    they kept the run, its conversations and lines for good."""
+    run_id, _ = _run(2, answered=False)
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE runs SET status = 'failed', finished_at = now() WHERE id = :id"), {"id": run_id}
+        )
+        s.execute(text("UPDATE turns SET dispatched_at = NULL WHERE run_id = :id"), {"id": run_id})
+    _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    prune()
+    assert _counts(run_id, [])[:2] == (0, 0)
+
+
+def test_a_run_whose_callback_was_never_tried_is_kept_while_the_sweeps_may_still_send_it(monkeypatch) -> None:
+    """Review: during a broker outage a run's callback is claimed and given back untried, its due
+    time empty again: retention shorter than the callbacks' window deleted the run before its
+    callback was ever sent."""
+    run_id, _ = _run(1)
+    with session_scope() as s:
+        s.execute(
+            text("UPDATE runs SET callback_url = 'https://game.example/hook' WHERE id = :id"), {"id": run_id}
+        )
+    _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    monkeypatch.setattr(settings, "callback_retry_window_s", 60 * 86400.0)  # still sent for 60 days
+    prune()
+    assert _counts(run_id, [])[0] == 1
+    monkeypatch.setattr(settings, "callback_retry_window_s", 86400.0)  # its window closed long ago
+    prune()
+    assert _counts(run_id, [])[0] == 0
+
+
+def test_a_batch_output_file_whose_advertised_expiry_is_ahead_outlives_its_run(monkeypatch) -> None:
+    """Review: a batch created with `output_expires_after` of 30 days showed its output file's
+    `expires_at` 30 days on, and retention of 7 days deleted it on day 7 (a 404 before its time)."""
+    from db.files import get_file
+    from db.models import StoredFile
+    from services.batches import finalize_run
+    from tests.desk_data import build_run
+
+    admin = next(k for k in settings.api_keys if "admin" in k.scopes)
+    run_id, _ = build_run("", [_spec(0)], batch_key=admin.id)
+    finalize_run(run_id)
+    with session_scope() as s:
+        output = s.get_one(Run, run_id).output_file_id
+        assert output is not None
+        s.execute(
+            text("UPDATE files SET expires_at = now() + interval '10 days' WHERE id = :id"), {"id": output}
+        )
+        path = s.get_one(StoredFile, output).path
+    _age(40, run_id=run_id)
+    monkeypatch.setattr(settings, "run_retention_days", 30)
+    prune()
+    assert _counts(run_id, [])[0] == 0
+    with session_scope() as s:
+        assert get_file(session=s, file_id=output) is not None  # left to its own expiry
+    assert (settings.batch_files_dir / path).exists()

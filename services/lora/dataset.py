@@ -24,7 +24,7 @@ from typing import Any
 from core.json_lines import json_line
 from core.settings import DEFAULT_TENANT, settings
 from core.whole_files import replaced_whole
-from db.models import Character, ReviewLabel
+from db.models import Character, ReviewLabel, Run
 from db.session import session_scope
 from db.training import character_exchanges, exchange_digest, writers_refused
 from services.characters import CharacterNotFound
@@ -116,7 +116,8 @@ def export_dataset(
         character = session.query(Character).filter(Character.slug == slug).one_or_none()
         if character is None:
             raise CharacterNotFound(f"no character {slug!r}")
-        run_id = _tenants_run(session, run, tenant) if run else None
+        of_run = _tenants_run(session, run, tenant) if run else None
+        run_id = of_run.id if of_run is not None else None
         # A writer's refusal holds for the same exchange anywhere: its twin in another run (the same
         # file run twice with the same seeds) would bring the refused text back unreviewed.
         refused = writers_refused(session=session, slug=slug, tenant=tenant)
@@ -180,6 +181,10 @@ def export_dataset(
             raise ValueError(
                 f"no exchange of {slug!r} passed the selection ({dict(left_out) or 'none stored'})"
             )
+        if of_run is not None:  # its deletion past retention began meanwhile: the set is short
+            from services.runs.control import still_whole
+
+            still_whole(of_run)
         counts, digest = split.finish()
         manifest = {
             "character": slug,
@@ -206,13 +211,15 @@ def export_dataset(
     return DatasetReport(out_dir, counts[TRAIN], counts[VALIDATION], manifest)
 
 
-def _tenants_run(session: Any, ref: str, tenant: str) -> uuid.UUID:
-    from services.runs import RunNotFound, require_run
+def _tenants_run(session: Any, ref: str, tenant: str) -> Run:
+    from services.runs import RunNotFound
+    from services.runs.control import require_whole_run
 
-    found = require_run(session, ref)
+    found = require_whole_run(session, ref)
     if found.tenant != tenant:
         raise RunNotFound(f"no run {ref!r} of the tenant {tenant!r}")
-    return found.id
+    session.expunge(found)
+    return found  # type: ignore[no-any-return]
 
 
 class _Split:

@@ -27,7 +27,7 @@ from db.models import Run, RunStatus, Turn, TurnErrorCode, TurnStatus
 from db.runs import iter_run_turns, run_custom_ids, run_refusals
 from db.session import given_or_own, session_scope
 from services.producer import tenant_timings
-from services.runs.control import export_stem, require_run
+from services.runs.control import export_stem, require_whole_run, still_whole
 from services.runs.openai_lines import failure_status, message_content, paid_completion_tokens
 
 ExportFormat = Literal["native", "openai"]
@@ -44,13 +44,14 @@ def export_run(
     of turns is read in a transaction of its own, and the two files are put in place whole at the end
     (an export that stops leaves the earlier one as it was)."""
     with session_scope() as session:
-        run = require_run(session, ref)
+        run = require_whole_run(session, ref)
         session.expunge(run)
     out_dir.mkdir(parents=True, exist_ok=True)  # once the run is found: a mistyped name leaves no folder
     results_path = out_dir / f"{export_stem(run.name)}.results.jsonl"
     errors_path = out_dir / f"{export_stem(run.name)}.errors.jsonl"
     with replaced_whole(results_path, errors_path) as (results_part, errors_part):
         n_ok, n_err = write_outputs(None, run, results_part, errors_part, fmt, alternatives=alternatives)
+        still_whole(run)
     return results_path, errors_path, n_ok, n_err
 
 

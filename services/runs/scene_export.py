@@ -10,7 +10,7 @@ from core.whole_files import replaced_whole
 from db.scenes import run_scenes, scene_transcript
 from db.session import session_scope
 from scenes.transcript import jsonl_line, markdown, md_inline
-from services.runs.control import export_stem, require_run
+from services.runs.control import export_stem, require_whole_run, still_whole
 
 SceneFormat = Literal["jsonl", "md"]
 
@@ -24,7 +24,8 @@ def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[
     scenes is read in a transaction of its own, and the file is put in place whole at the end."""
     written = 0
     with session_scope() as session:
-        run = require_run(session, ref)
+        run = require_whole_run(session, ref)
+        session.expunge(run)
         run_id, name = run.id, run.name
     out_dir.mkdir(parents=True, exist_ok=True)  # once the run is found: a mistyped name leaves no folder
     path = out_dir / f"{export_stem(name)}.scenes.{fmt}"
@@ -44,4 +45,5 @@ def export_scenes(ref: str, out_dir: Path, fmt: SceneFormat = "jsonl") -> tuple[
                 break
             written += len(scenes)
             after = (scenes[-1].custom_id or "", scenes[-1].id)
+        still_whole(run)
     return path, written
