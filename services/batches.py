@@ -55,6 +55,8 @@ from db.session import (
     session_scope,
 )
 from db.world import all_character_slugs
+from db.write_keys import KeyReused as KeyReused  # a create under a key another request took: 409
+from db.write_keys import fingerprint, record_ids, stored_ids, take_key
 from services.files import (
     BadExpiry,
     batch_reservation,
@@ -152,10 +154,37 @@ def create_batch(
     allow_system_prompt: bool = False,
     candidates: int | None = None,
     output_expires_after: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Create the run of a batch in `validating`; the caller then runs `submit_batch` (its lines are
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Create the run of a batch in `validating`: the batch object, and whether this call made it;
+    the caller then runs `submit_batch` for one it made (its lines are
     validated, stored and sent there). Raises BatchRefused, or QuotaReached when the key's files and
-    its batches not ended (each reserving an allowance for its output) would pass its files quota."""
+    its batches not ended (each reserving an allowance for its output) would pass its files quota.
+    Under `idempotency_key` (the tenant's, a week: MLCHAT_WRITE_KEY_TTL_S) a retry of the same request
+    by the same key answers with the batch the first made (review: a create whose answer was lost,
+    retried by the client, ran the whole file twice); KeyReused when it was another request, or its
+    batch is gone (deleted past retention)."""
+    request_hash = fingerprint(
+        {
+            "api_key": api_key,
+            "input_file_id": input_file_id,
+            "endpoint": endpoint,
+            "completion_window": completion_window,
+            "metadata": metadata,
+            "callback_url": callback_url,
+            "allow_system_prompt": allow_system_prompt,
+            "candidates": candidates,
+            "output_expires_after": output_expires_after,
+        }
+    )
+    keyed = (idempotency_key, request_hash) if idempotency_key is not None else None
+    if keyed is not None:
+        with session_scope() as session:
+            made = stored_ids(
+                session=session, tenant=tenant, kind=BATCH_KEY, key=keyed[0], request_hash=keyed[1]
+            )
+            if made:
+                return _made_under_key(session, keyed[0], made), False
     if endpoint != ENDPOINT:
         raise BatchRefused(f"endpoint: {endpoint!r}; only {ENDPOINT} is supported")
     window_text = settings.batch_default_window if completion_window is None else completion_window
@@ -208,12 +237,13 @@ def create_batch(
             tenant,
             callback,
             output_expiry,
+            keyed,
         )
     except DATABASE_OUTAGES:
         # The COMMIT may have gone through with its answer lost: the batch the client would create
         # again on the 503 is this one, submitted by housekeeping later (two batches, both answered).
         try:
-            return get_batch(f"batch_{run_id.hex}", api_key=api_key, admin=admin, tenant=tenant)
+            return get_batch(f"batch_{run_id.hex}", api_key=api_key, admin=admin, tenant=tenant), True
         except Exception:  # not stored, or the database still away: the outage it is
             pass
         raise
@@ -232,8 +262,15 @@ def _create_run(
     tenant: str,
     callback: str | None,
     output_expiry: int | None,
-) -> dict[str, Any]:
+    keyed: tuple[str, str] | None,
+) -> tuple[dict[str, Any], bool]:
     with session_scope() as session:
+        if keyed is not None:  # taken first: a retry racing this request waits for it, then finds its batch
+            made = take_key(
+                session=session, tenant=tenant, kind=BATCH_KEY, key=keyed[0], request_hash=keyed[1]
+            )
+            if made:
+                return _made_under_key(session, keyed[0], made), False
         refused = batch_room_refusal(session, api_key, tenant, reserve)
         if refused is not None:
             raise refused
@@ -263,7 +300,20 @@ def _create_run(
         )
         session.flush()
         session.refresh(run)
-        return batch_object(session, run)
+        if keyed is not None:
+            record_ids(session=session, tenant=tenant, kind=BATCH_KEY, key=keyed[0], ids=[run_id.int])
+        return batch_object(session, run), True
+
+
+BATCH_KEY = "batch"  # write_keys' kind of a batch's creation
+
+
+def _made_under_key(session: Session, key: str, made: list[int]) -> dict[str, Any]:
+    """The batch a create under `key` made; KeyReused once it is gone (the key outlived it)."""
+    run = session.get(Run, uuid.UUID(int=made[0]))
+    if run is None:
+        raise KeyReused(f"idempotency key {key!r}: the batch it created was deleted since")
+    return batch_object(session, run)
 
 
 def submit_batch_by_name(name: str) -> None:

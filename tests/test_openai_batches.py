@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 from pydantic import SecretStr
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 
 from core.settings import queue_for_model, settings
 from db.models import (
@@ -1031,6 +1032,39 @@ def test_cancelling_a_batch_that_ended_is_openais_409_and_not_retried(
     assert admin.batches.cancel(cancelled).status in ("cancelling", "cancelled")  # twice is once
 
 
+def test_a_batch_created_again_under_its_idempotency_key_is_the_first_one(base_url, quiet_model) -> None:
+    """Found in review: a create whose answer was lost (a reset, a proxy's timeout) was sent again by
+    the client and made a second batch of the whole file, and an Idempotency-Key header was ignored
+    without a word. Under a key, a retry answers with the first batch; another request under it is a
+    409; a create without one is a new batch, as OpenAI's."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    line = openai_line("only", [{"role": "user", "content": "Hello."}], model="elara")
+    uploaded = client.files.create(file=("b.jsonl", json.dumps(line).encode()), purpose="batch")
+    key = {"Idempotency-Key": f"nightly-{uuid.uuid4().hex}"}
+
+    def create(**extra: Any) -> Any:
+        return client.batches.create(
+            input_file_id=uploaded.id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            **extra,
+        )
+
+    first = create(extra_headers=key)
+    again = create(extra_headers=key)
+    assert again.id == first.id
+    with pytest.raises(openai.ConflictError, match="Idempotency-Key"):
+        create(extra_headers=key, metadata={"character": "elara"})
+    assert create().id != first.id
+    with session_scope() as s:
+        assert s.scalar(select(func.count()).select_from(Run).where(Run.name == first.id)) == 1
+        s.execute(delete(Run).where(Run.name == first.id))  # deleted past retention: the key outlives it
+    with pytest.raises(openai.ConflictError, match="deleted since"):  # review: a 500
+        create(extra_headers=key)
+
+
 def test_the_openai_clients_delete_while_listing_loop_deletes_every_file(base_url) -> None:
     # Found in review: the default page was 100 (OpenAI's is 10,000), so `for f in files.list():
     # files.delete(f.id)` asked for its second page after a file it had deleted: a 400.
@@ -1215,7 +1249,7 @@ def _stored_file(lines: list[dict], tenant: str = "") -> str:
 
 def _create(file_id: str, **extra) -> dict:
     """A batch over the stored file, as POST /v1/batches creates it (key "k")."""
-    return batches.create_batch(
+    batch, _ = batches.create_batch(
         input_file_id=file_id,
         endpoint="/v1/chat/completions",
         completion_window="24h",
@@ -1224,6 +1258,7 @@ def _create(file_id: str, **extra) -> dict:
         admin=False,
         **extra,
     )
+    return batch
 
 
 def test_a_key_name_given_to_another_tenants_key_owns_none_of_the_first_tenants_files_or_batches(
@@ -1623,26 +1658,32 @@ def test_one_housekeeping_pass_spends_a_bounded_time_on_submissions_and_finalizi
     """Review (stop 76): a pass submitted every due batch and finalized up to ten, however long they
     took: one tenant's big batches, due at once after an API restart, held the sweeper's next pass,
     and with it the re-send of another tenant's lost live turn. The rest wait for the next pass."""
+    from tests.conftest import patch_on_this_thread
+
+    # The fakes on this thread only: the session worker's housekeeping finalizes on a thread of its
+    # own, and took one of the fake runs once (CI failed so, on a loaded machine).
     monkeypatch.setattr(batches, "PASS_S", 0.2)
-    monkeypatch.setattr(batches, "batch_submissions_due", lambda **_: [f"b{i}" for i in range(5)])
+    patch_on_this_thread(
+        monkeypatch, batches, "batch_submissions_due", lambda **_: [f"b{i}" for i in range(5)]
+    )
     submitted: list[str] = []
 
     def slow_submit(name: str) -> None:
         submitted.append(name)
         time.sleep(0.15)
 
-    monkeypatch.setattr(batches, "submit_batch_by_name", slow_submit)
+    patch_on_this_thread(monkeypatch, batches, "submit_batch_by_name", slow_submit)
     assert batches.retry_batch_submissions() == submitted and 1 <= len(submitted) <= 2, submitted
     waiting = [uuid.uuid4() for _ in range(5)]
     finalized: list[uuid.UUID] = []
-    monkeypatch.setattr(batches, "finalizing_runs", lambda **_: [waiting[len(finalized)]])
+    patch_on_this_thread(monkeypatch, batches, "finalizing_runs", lambda **_: [waiting[len(finalized)]])
 
     def slow_finalize(run_id: uuid.UUID) -> str:
         finalized.append(run_id)
         time.sleep(0.15)
         return str(run_id)
 
-    monkeypatch.setattr(batches, "finalize_run", slow_finalize)
+    patch_on_this_thread(monkeypatch, batches, "finalize_run", slow_finalize)
     names = batches.finalize_runs()
     assert names == [str(r) for r in finalized] and 1 <= len(names) <= 2, names
     # review: one budget for a pass's steps together (housekeeping shares it): what finalizing spent

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, BackgroundTasks, Depends, HTTPException, Path, Query, status
+from fastapi import APIRouter, BackgroundTasks, Depends, Header, HTTPException, Path, Query, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.background import run_after_answer
 from api.deps import Caller, json_body, needs
 from services import batches
-from services.batches import BatchNotFound, BatchRefused
+from services.batches import BatchNotFound, BatchRefused, KeyReused
 from services.files import QuotaReached
-from services.schemas import Text
+from services.schemas import HeaderText, Text
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -41,17 +41,22 @@ class BatchCreate(BaseModel):
 
 @router.post("", dependencies=[Depends(json_body("ingest"))])
 def create_batch(
-    body: BatchCreate, background: BackgroundTasks, who: Annotated[Caller, Depends(needs("ingest"))]
+    body: BatchCreate,
+    background: BackgroundTasks,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
 ) -> Any:
     """Create a batch from an uploaded file; it starts `validating` and its lines are checked, stored
     and sent right after this answers. `allow_system_prompt` (a line's system message replaces the
-    character's persona) needs an admin key: 403 for an ingest key."""
+    character's persona) needs an admin key: 403 for an ingest key. `Idempotency-Key` makes a retry
+    safe (a week): it answers with the batch the first request created (409 when the key was used
+    for another request)."""
     if body.allow_system_prompt and not who.admin:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN, "allow_system_prompt: replacing the persona needs an admin key"
         )
     try:
-        batch = batches.create_batch(
+        batch, created = batches.create_batch(
             input_file_id=body.input_file_id,
             endpoint=body.endpoint,
             completion_window=body.completion_window,
@@ -63,12 +68,16 @@ def create_batch(
             allow_system_prompt=body.allow_system_prompt,
             candidates=body.candidates,
             output_expires_after=body.output_expires_after,
+            idempotency_key=idempotency_key,
         )
+    except KeyReused as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}") from None
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     except QuotaReached as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
-    run_after_answer(background, batches.submit_batch_by_name, batch["id"])
+    if created:  # a replay's batch is its first request's to submit (a try counted each time)
+        run_after_answer(background, batches.submit_batch_by_name, batch["id"])
     return batch
 
 
