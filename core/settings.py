@@ -98,6 +98,7 @@ EXTRACT_MAX_TOKENS = 448
 # What a memory job's request needs beside its answer: its instructions and at least a line.
 MEMORY_INSTRUCTIONS_TOKENS = 256
 MIN_SECRET_CHARS = 32  # a master every tenant holds an HMAC of (MLCHAT_CALLBACK_SECRET, MLCHAT_DESK_SECRET)
+COUNT_MAX = 1_000_000  # a count setting compared with an int4 column
 _PLACEHOLDER_DIGESTS = frozenset(
     hashlib.sha256(key.encode()).hexdigest()
     for key in ("change-me-ingest-0123456789", "change-me-admin-0123456789")
@@ -245,14 +246,17 @@ class Settings(BaseSettings):
     # A claimed turn is the claiming worker's for this long, renewed while its batch runs (up to the
     # visibility timeout in all); after that another worker may claim it.
     lease_seconds: int = Field(default=120, ge=3)
-    max_attempts: int = Field(default=3, ge=1)
+    # Counts compared with integer columns (PostgreSQL's int4): a bound far below that, so that a
+    # "retry for ever" of 10 digits is one line naming the variable, not every claim's SQL error
+    # (review: no turn was ever answered).
+    max_attempts: int = Field(default=3, ge=1, le=COUNT_MAX)
     # A turn inside the engine at this many engine deaths is failed (engine_crash_loop) instead of
     # killing worker after worker; after its first it runs alone in the engine (worker/engine_loop.py).
-    max_engine_deaths: int = Field(default=2, ge=1)
+    max_engine_deaths: int = Field(default=2, ge=1, le=COUNT_MAX)
     # A batch stopped by a lost database connection (or by writes the server kept rolling back for
     # deadlocks) costs its turns no attempt, this many times a turn; past that it is charged (a
     # statement that crashes its backend every time looks the same).
-    max_outage_refunds: int = Field(default=10, ge=0)
+    max_outage_refunds: int = Field(default=10, ge=0, le=COUNT_MAX)
     # An engine with requests inside and no step returned for this long is treated as dead.
     engine_stall_seconds: float = Field(default=300.0, gt=0)
     batch_retry_delay: float = Field(default=5.0, ge=0)  # before re-sending the turns of a batch that raised
@@ -314,7 +318,7 @@ class Settings(BaseSettings):
     memory_job_retry_s: float = Field(default=5.0, gt=0)
     # A memory job step that raises is sent again after a backoff (30 s, doubling, at most 30 min),
     # and given up after this many failures in a row (until `mlchat memory retry`).
-    memory_job_max_failures: int = Field(default=5, ge=1)
+    memory_job_max_failures: int = Field(default=5, ge=1, le=COUNT_MAX)
     # An idempotency key of a write that is not a turn (facts, story events) answers its retries this
     # long; older ones are pruned as new keys are taken (db/write_keys.py), so the table stays bounded.
     write_key_ttl_s: int = Field(default=7 * 86400, ge=3600)
@@ -340,7 +344,7 @@ class Settings(BaseSettings):
 
     # Scenes (group conversations): the most characters in one, and the most steps one may ask for.
     scene_max_participants: int = Field(default=16, ge=2, le=1000)
-    scene_max_exchanges: int = Field(default=200, ge=1)
+    scene_max_exchanges: int = Field(default=200, ge=1, le=100_000)  # scenes.exchanges is an int4
 
     # HTTP ingest.
     # MLCHAT_API_KEYS: a JSON list of keys (see ApiKey): bare strings, or objects with scopes.
@@ -410,7 +414,7 @@ class Settings(BaseSettings):
     # get a ping every stream_ping_s and learn every stream_check_s (one status query for all of a
     # process's readers) whether their turn finished, then read the stored turn (the truth when the
     # stream is silent or gone).
-    stream_max_len: int = Field(default=4096, ge=16)
+    stream_max_len: int = Field(default=4096, ge=16, le=10_000_000)  # Redis refuses past 2^63
     stream_ttl_s: int = Field(default=3600, ge=1)
     stream_ping_s: float = Field(default=15.0, gt=0)
     stream_check_s: float = Field(default=2.0, gt=0)

@@ -336,7 +336,9 @@ def record_failure(
             {"c": conversation_id, "k": kind, "b": GIVEN_UP_S},
         )
         return int(failures), GIVEN_UP_S
-    backoff = min(FAILURE_BACKOFF_S * 2 ** (failures - 1), FAILURE_BACKOFF_MAX_S)
+    # the exponent bounded: 2.0 ** 1024 overflows a float (review: past that many failures in a row
+    # the failure could no longer be recorded)
+    backoff = min(FAILURE_BACKOFF_S * 2 ** min(failures - 1, 32), FAILURE_BACKOFF_MAX_S)
     session.execute(
         text(
             "UPDATE memory_jobs SET retry_after = now() + make_interval(secs => :b),"

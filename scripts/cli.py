@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import subprocess
@@ -28,6 +29,19 @@ from core.settings import settings
 
 if TYPE_CHECKING:
     from services.original_request import StoredInline
+
+
+LONGEST_S = 10 * 365 * 86400.0  # as the settings' durations: far below any timer's limit
+MAX_ID = 2**63 - 1  # a bigint column's
+
+
+def finite(value: float | None) -> float | None:
+    """A float option's value, refused unless a finite number (Click's ranges let NaN through: its
+    comparisons are all false; review: `sweep --older-than nan` failed every sweep naming nothing)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value}: not a finite number")
+    return value
+
 
 app = typer.Typer(
     name="mlchat", help=__doc__, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False
@@ -196,7 +210,10 @@ def api(
 @app.command()
 def sweep(
     older_than: Annotated[
-        float | None, typer.Option(min=0, help="seconds untouched (default: the visibility timeout)")
+        float | None,
+        typer.Option(
+            min=0, max=LONGEST_S, callback=finite, help="seconds untouched (default: the visibility timeout)"
+        ),
     ] = None,
 ) -> None:
     """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died,
@@ -379,7 +396,7 @@ def run_status(
 
 
 @run_app.command("list")
-def run_list(limit: Annotated[int, typer.Option(min=1)] = 50) -> None:
+def run_list(limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50) -> None:
     """The newest runs."""
     from db.runs import list_runs
     from db.session import session_scope
@@ -566,7 +583,10 @@ def chat(
     ] = None,
     inline: Annotated[bool, typer.Option(help="run the pipeline in this process, no worker needed")] = False,
     timeout: Annotated[
-        float | None, typer.Option(min=1, help="seconds to wait for a worker's reply (default 300)")
+        float | None,
+        typer.Option(
+            min=1, max=LONGEST_S, callback=finite, help="seconds to wait for a worker's reply (default 300)"
+        ),
     ] = None,
     narrator: Annotated[bool, typer.Option(help="address the story's narrator, not the character")] = False,
     persona: Annotated[
@@ -801,7 +821,7 @@ def facts_add(
     text: Annotated[str, typer.Argument(help="the fact, one short statement")],
     kind: FactKindName = "player",
     subject: Annotated[str | None, typer.Option(help="who or what it is about (default: the player)")] = None,
-    importance: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.5,
+    importance: Annotated[float, typer.Option(min=0.0, max=1.0, callback=finite)] = 0.5,
     scope: Annotated[FactScopeName, typer.Option(help="which NPCs may know it")] = "met",
     conversation: Annotated[str | None, typer.Option(help="the conversation (scope conversation)")] = None,
     story: Annotated[str | None, typer.Option(help="the story, location or faction (scope story)")] = None,
@@ -859,7 +879,7 @@ def facts_list(
 @facts_app.command("move")
 def facts_move(
     player: Annotated[str, typer.Argument(help="the game's player id")],
-    fact_id: Annotated[int, typer.Argument(help="the fact's id")],
+    fact_id: Annotated[int, typer.Argument(min=1, max=MAX_ID, help="the fact's id")],
     scope: Annotated[FactScopeName, typer.Option(help="the scope it reaches now")],
     conversation: str | None = None,
     story: str | None = None,
@@ -986,10 +1006,11 @@ def lora_dataset(
         typer.Option(
             min=-1.0,
             max=1.0,
+            callback=finite,
             help="persona score at least this (default MLCHAT_QUALITY_MIN_PERSONA)",
         ),
     ] = None,
-    validation_share: Annotated[float, typer.Option(min=0.0, max=0.5)] = 0.1,
+    validation_share: Annotated[float, typer.Option(min=0.0, max=0.5, callback=finite)] = 0.1,
     tenant: Annotated[
         str, typer.Option(help="whose conversations: an API key's tenant ('' for the CLI's own)")
     ] = "",
@@ -1012,7 +1033,7 @@ def lora_train(
     alpha: Annotated[int, typer.Option(min=1)] = 16,
     target_modules: Annotated[str, typer.Option(help="comma-separated")] = "q_proj,k_proj,v_proj,o_proj",
     epochs: Annotated[int, typer.Option(min=1)] = 1,
-    learning_rate: Annotated[float, typer.Option(min=0.0, max=1.0)] = 2e-4,
+    learning_rate: Annotated[float, typer.Option(min=0.0, max=1.0, callback=finite)] = 2e-4,
     max_steps: Annotated[int | None, typer.Option(min=1, help="stop after this many steps")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 4,
     max_length: Annotated[int, typer.Option(min=16)] = 1024,

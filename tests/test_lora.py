@@ -397,6 +397,10 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     assert adapter["r"] == 4 and set(adapter["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
 
 
+def _no_nan(constant: str) -> None:
+    raise ValueError(f"{constant} in a JSON file: strict readers refuse it")
+
+
 def test_an_evaluation_that_fails_keeps_the_trained_adapter_and_the_command_says_so(
     world, tokenizer, tmp_path, monkeypatch, capsys
 ) -> None:
@@ -410,6 +414,13 @@ def test_an_evaluation_that_fails_keeps_the_trained_adapter_and_the_command_says
     with session_scope() as s:
         upsert_character(session=s, slug=SLUG, fields=CARD)
     export_dataset(SLUG, tmp_path / "ds", min_persona=0.3, tokenizer=tokenizer)
+    # nothing held out, as a set edited by hand may be (review: its loss, NaN, was written as NaN,
+    # which no strict JSON reader takes)
+    (tmp_path / "ds" / "validation.jsonl").write_bytes(b"")
+    manifest_path = tmp_path / "ds" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["dataset_sha256"]  # as the refusal of an edited set says to
+    manifest_path.write_text(json.dumps(manifest))
 
     def database_away(*args: object, **kwargs: object) -> None:
         raise ConnectionError("injected: the database went away")
@@ -418,7 +429,8 @@ def test_an_evaluation_that_fails_keeps_the_trained_adapter_and_the_command_says
     options = ["--rank", "4", "--alpha", "8", "--max-steps", "1", "--batch-size", "2", "--threads", "1"]
     assert cli(["lora", "train", str(tmp_path / "ds"), "--out", str(tmp_path / "adapter"), *options]) == 1
     assert "the adapter is saved, but its evaluation failed: ConnectionError" in capsys.readouterr().err
-    record = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
+    record = json.loads((tmp_path / "adapter" / "training_config.json").read_text(), parse_constant=_no_nan)
+    assert record["losses"]["validation_before"] is None and record["losses"]["validation_after"] is None
     assert record["evaluation"]["error"].startswith("ConnectionError: injected")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
 

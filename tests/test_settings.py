@@ -545,3 +545,50 @@ def test_a_refused_migrate_is_one_line_on_stderr(tmp_path) -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "name the revision" in result.stderr, result.stderr
+
+
+def test_counts_compared_with_integer_columns_or_sent_to_redis_are_bounded() -> None:
+    """Found in review: MLCHAT_MAX_ATTEMPTS=9999999999 (a "retry for ever") passed here and failed
+    every claim's SQL (integer out of range): no turn was ever answered, and the log named no
+    variable. The same for the engine-death and outage-refund counts, memory jobs' failures, a scene's
+    exchanges (an int4 column) and a stream's length (Redis takes no more than 2^63)."""
+    for name in (
+        "max_attempts",
+        "max_engine_deaths",
+        "max_outage_refunds",
+        "memory_job_max_failures",
+        "scene_max_exchanges",
+        "stream_max_len",
+    ):
+        with pytest.raises(ValidationError, match=name):
+            Settings(**{name: 9_999_999_999})
+        assert getattr(Settings(**{name: 1000}), name) == 1000
+
+
+def test_a_memory_jobs_backoff_after_a_thousand_failures_in_a_row_is_its_longest(world) -> None:
+    """Found in review: the backoff doubled without bound, and 2.0 ** 1024 overflows a float: past a
+    thousand failures in a row the failure could not be recorded (and the job was never given up)."""
+    from sqlalchemy import text
+
+    from db.memory_jobs import FAILURE_BACKOFF_MAX_S, record_failure
+    from db.models import Turn
+    from db.session import session_scope
+    from services.producer import submit_turns
+    from tests.conftest import new_conversation
+
+    (turn,) = submit_turns([new_conversation() | {"message": "Remember me?"}], send=False)
+    with session_scope() as session:
+        conversation_id = session.get_one(Turn, turn.id).conversation_id
+        session.execute(
+            text("INSERT INTO memory_jobs (conversation_id, kind, failures) VALUES (:c, 'summary', 1100)"),
+            {"c": conversation_id},
+        )
+        failed = record_failure(
+            session=session,
+            conversation_id=conversation_id,
+            kind="summary",
+            error="the model answered nothing",
+            lease_s=60,
+            max_failures=1_000_000,
+        )
+    assert failed == (1101, FAILURE_BACKOFF_MAX_S)

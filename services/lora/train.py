@@ -54,7 +54,7 @@ class TrainReport:
     adapter_dir: Path
     steps: int
     seconds: float
-    losses: dict[str, float] = field(default_factory=dict)
+    losses: dict[str, float | None] = field(default_factory=dict)  # None: a loss of nothing
     evaluation: dict[str, Any] | None = None
 
 
@@ -273,7 +273,8 @@ def train_adapter(
         "config": asdict(config),
         "steps": steps,
         "seconds": round(time.perf_counter() - started, 1),
-        "losses": {k: round(v, 4) for k, v in losses.items()},
+        # a loss of nothing (no held-out example, or no step) is null: NaN is no JSON (jq, JSON.parse)
+        "losses": {k: round(v, 4) if math.isfinite(v) else None for k, v in losses.items()},
         "evaluation": None,
     }
     _write_record(config_file, record)
