@@ -265,6 +265,11 @@ class Settings(BaseSettings):
     # with no message out) for order_wait_limit_s it fails, naming that turn.
     defer_max_delay_s: float = Field(default=5.0, gt=0)
     order_wait_limit_s: float = Field(default=600.0, gt=0)
+    # A live turn of a model no worker has consumed for this long (a served model whose workers were
+    # never started, or were all stopped) is failed by `mlchat sweep` (model_unavailable), its
+    # conversation's later turns with it: queued, it held them for ever. 0: never. Bulk lines wait:
+    # a batch has its window, a CLI run its cancel.
+    unserved_model_fail_s: float = Field(default=600.0, ge=0)
     # The worker runs flushes in threads that all feed one engine (worker/engine_loop.py): a live
     # flush always finds a thread while bulk ones wait for their results.
     worker_threads: int = Field(default=16, ge=2)

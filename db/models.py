@@ -99,6 +99,8 @@ class TurnErrorCode(enum.StrEnum):
     EXPIRED = "expired"  # cancelled unstarted when its run's completion window closed
     # Waited past MLCHAT_ORDER_WAIT_LIMIT_S for an earlier turn of its conversation (the error names it).
     BLOCKED_BY_EARLIER_TURN = "blocked_by_earlier_turn"
+    # A live turn of a model no worker served for MLCHAT_UNSERVED_MODEL_FAIL_S (the sweep fails it).
+    MODEL_UNAVAILABLE = "model_unavailable"
 
 
 class RunStatus(enum.StrEnum):

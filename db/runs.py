@@ -162,8 +162,10 @@ def create_run(
     )
     if run_id is not None:
         return session.get_one(Run, run_id), True
-    run = session.scalars(select(Run).where(Run.name == name)).one()
-    if run.deleting_since is not None:  # half deleted: resumed, the sweep would delete it under its lines
+    # Locked for the check (retention's chunk holds it FOR UPDATE while it marks it): half deleted, a
+    # run resumed or replaced would be deleted under its new lines.
+    run = session.scalars(select(Run).where(Run.name == name).with_for_update(key_share=True)).one()
+    if run.deleting_since is not None:
         raise RunDeleting(name)
     if _reopen_empty(session=session, run_id=run.id):
         session.refresh(run)
@@ -574,7 +576,9 @@ def finalizing_runs(
         query = query.where(Run.model.in_(list(models)))
     return list(
         session.scalars(
-            query.order_by(Run.finalizing_at).limit(limit).with_for_update(skip_locked=True)
+            query.order_by(Run.finalizing_at)
+            .limit(limit)
+            .with_for_update(key_share=True, skip_locked=True)  # as finalize_run's
         ).all()
     )
 

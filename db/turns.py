@@ -1205,7 +1205,13 @@ def fail_unsent(
     under the turn's key that sent it meanwhile stamped another (stamp_resend; review: a retry told
     "queued" found its turn failed by the first request's late broker error, and never answered)."""
     unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
-    as_stored = Turn.dispatched_at.is_(None) if sent_at is None else Turn.dispatched_at == sent_at
+    # A retry's send that failed (unstamp_resend: long ago, or unstamped) took nothing over: a turn
+    # with no message out then fails here as ever (review: the first request answered "queued").
+    as_stored = (
+        Turn.dispatched_at.is_(None)
+        if sent_at is None
+        else or_(Turn.dispatched_at == sent_at, Turn.dispatched_at == SEND_FAILED_AT)
+    )
     failed = list(
         session.scalars(
             update(Turn)
@@ -1304,6 +1310,52 @@ def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     return _stamp_send(session, turn_ids, func.now())
 
 
+def live_models_waiting(*, session: Session, older_than_s: float) -> list[str]:
+    """The models of live turns (no run's) queued longer than `older_than_s`."""
+    cutoff = func.now() - _seconds(older_than_s)
+    waiting = select(Turn.model).where(
+        Turn.status == TurnStatus.QUEUED, Turn.run_id.is_(None), Turn.created_at < cutoff
+    )
+    return sorted(session.scalars(waiting.distinct()))
+
+
+def fail_unserved(
+    *, session: Session, model: str, older_than_s: float, reason: str, limit: int = 1000
+) -> list[uuid.UUID]:
+    """fail: a chunk of `model`'s live turns queued longer than `older_than_s`, no worker serving it
+    (the caller found so: tasks/presence.py); their scenes go on as after any failed step. Rows
+    another transaction holds (a claim taking them after all) are skipped."""
+    cutoff = func.now() - _seconds(older_than_s)
+    waiting = (
+        select(Turn.id)
+        .where(
+            Turn.model == model,
+            Turn.status == TurnStatus.QUEUED,
+            Turn.run_id.is_(None),
+            Turn.created_at < cutoff,
+        )
+        .order_by(Turn.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    failed = list(
+        session.scalars(
+            update(Turn)
+            .where(Turn.id.in_(waiting.scalar_subquery()), Turn.status == TurnStatus.QUEUED)
+            .values(
+                status=TurnStatus.FAILED,
+                error=reason[:ERROR_CHARS],
+                error_code=TurnErrorCode.MODEL_UNAVAILABLE.value,
+                finished_at=func.now(),
+                lease_until=None,
+            )
+            .returning(Turn.id)
+        ).all()
+    )
+    advance_runs_of_turns(session=session, turn_ids=failed)
+    return failed
+
+
 def awaiting_a_send(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uuid.UUID]:
     """Those of these turns that still wait for a message: queued and never claimed, or failed only
     because their send failed (a retry under their key sends them)."""
@@ -1338,8 +1390,13 @@ def stamp_resend(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[Sta
         return []
     where = locked_in_id_order(session, Turn.id.in_(list(turn_ids)), Turn.status == TurnStatus.QUEUED)
     before = dict(session.execute(select(Turn.id, Turn.dispatched_at).where(*where)).tuples().all())
+    # Only the rows read: one queued meanwhile (revived by another retry) was not read, and its
+    # `before` unknown (review: restored as "never sent", nothing would send it).
     stamped = session.execute(
-        update(Turn).where(*where).values(dispatched_at=func.now()).returning(Turn.id, Turn.dispatched_at)
+        update(Turn)
+        .where(*where, Turn.id.in_(list(before)))
+        .values(dispatched_at=func.now())
+        .returning(Turn.id, Turn.dispatched_at)
     ).tuples()
     return [Stamped(turn_id, before.get(turn_id), at) for turn_id, at in stamped if at is not None]
 

@@ -217,11 +217,17 @@ def sweep(
     ] = None,
 ) -> None:
     """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died,
-    delete what the retention settings (MLCHAT_*_RETENTION_DAYS) keep no longer (safe any time)."""
+    delete what the retention settings (MLCHAT_*_RETENTION_DAYS) keep no longer, fail the live turns
+    of a model no worker has served for MLCHAT_UNSERVED_MODEL_FAIL_S (safe any time)."""
     from memory.schedule import reschedule_stalled
     from services.batches import HousekeepingIncomplete, housekeeping
     from services.retention import prune
-    from services.sweeper import SweepIncomplete, close_abandoned_runs, resend_stranded
+    from services.sweeper import (
+        SweepIncomplete,
+        close_abandoned_runs,
+        fail_unserved_live_turns,
+        resend_stranded,
+    )
 
     # Each step on its own: one that fails (the broker away, say) leaves the others done.
     failed: list[str] = []
@@ -249,9 +255,10 @@ def sweep(
     batches = {k: v for k, v in step("batch housekeeping", housekeeping).items() if v}
     memory = step("re-sending stalled memory jobs", reschedule_stalled)
     pruned = {k: v for k, v in step("deleting past retention", prune).items() if v}
+    unserved = step("failing live turns of models no worker serves", fail_unserved_live_turns)
     done = {"resent": sent, "runs": closed, "batches": batches} | ({"memory_jobs": memory} if memory else {})
-    done |= {"pruned": pruned} if pruned else {}
-    if sent or closed or batches or memory or pruned or failed:
+    done |= ({"pruned": pruned} if pruned else {}) | ({"unserved": unserved} if unserved else {})
+    if sent or closed or batches or memory or pruned or unserved or failed:
         _out(json.dumps(done))
     else:
         _out("nothing stranded")
@@ -1114,7 +1121,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     line, exit code 2."""
     from pydantic import ValidationError
 
-    from db.runs import NotRetryable, RunConflict
+    from db.runs import NotRetryable, RunConflict, RunDeleting
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
     from db.world import StoryBusy
@@ -1145,6 +1152,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         EmptyFile,
         RunConflict,
         NotRetryable,
+        RunDeleting,  # half deleted past retention: no run to export, resume or submit again
         RunBusy,
         IdempotencyConflict,
         CardError,

@@ -714,7 +714,8 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
             locked = session.scalar(
                 select(Run.id)
                 .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
-                .with_for_update(skip_locked=True)
+                # FOR NO KEY UPDATE: a desk label (FOR KEY SHARE) never waits through the files' writing
+                .with_for_update(key_share=True, skip_locked=True)
             )
             if locked is None:
                 return None

@@ -244,18 +244,23 @@ def send_stored(stored: Sequence[StoredTurn], *, lane: Lane) -> None:
     sent = {i for ids in fresh.values() for i in ids}
     try:
         send_again([t for i, t in replayed.items() if i not in sent], lane=lane)
-    except EnqueueError:
+    except _REPLAY_FAILURES:
         # The call answers 503: a client retrying without keys would store its new turns again, and
         # both copies would be answered (review). Those not taken by a worker yet fail, as when the
-        # broker fails the call's own sends.
+        # broker fails the call's own sends (the database away too: as it stands, then).
         if sent:
-            with session_scope() as session:
-                fail_unsent(
-                    session=session,
-                    turn_ids=list(sent),
-                    reason="broker unreachable at enqueue (for the call's other turns)",
-                    sent_at=sent_at,
-                    unkeyed_only=True,
+            try:
+                with session_scope() as session:
+                    fail_unsent(
+                        session=session,
+                        turn_ids=list(sent),
+                        reason="broker unreachable at enqueue (for the call's other turns)",
+                        sent_at=sent_at,
+                        unkeyed_only=True,
+                    )
+            except DATABASE_OUTAGES:
+                logger.warning(
+                    "could not fail the call's unkeyed turns after its replay failed", exc_info=True
                 )
         raise
 
@@ -562,6 +567,10 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
             )
             + " (retry with the same idempotency keys: a failed turn is sent again, a sent one replayed)"
         ) from exc
+
+
+# What a replay's send raises for the call to answer 503: its broker send failed, or its database did.
+_REPLAY_FAILURES: tuple[type[Exception], ...] = (EnqueueError, *DATABASE_OUTAGES)
 
 
 def send_again(turns: Sequence[StoredTurn], *, lane: Lane) -> None:

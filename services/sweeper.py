@@ -50,7 +50,7 @@ from db.runs import (
     submission_went_on,
 )
 from db.session import session_scope
-from db.turns import lapsed_and_unsent, mark_dispatched, resend_lock
+from db.turns import fail_unserved, lapsed_and_unsent, live_models_waiting, mark_dispatched, resend_lock
 from services.runs.control import interrupted_message
 from tasks.generate import dispatch
 from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
@@ -232,6 +232,41 @@ def _resend_group(model: str, lane: Lane, turns: list[Stranded]) -> list[uuid.UU
         with session_scope() as session:
             mark_dispatched(session=session, turn_ids=ids)
     return ids
+
+
+def fail_unserved_live_turns() -> dict[str, int]:
+    """Fail the live turns of each model no worker has consumed for MLCHAT_UNSERVED_MODEL_FAIL_S
+    (model_unavailable), those queued that long: {model: turns failed}. Each sweep asks the workers
+    which queues they consume (Celery's remote control) and marks when it first found a model with
+    waiting turns unserved; one that answers clears its mark. A sweep that cannot ask fails nothing."""
+    from tasks.presence import served_models, unserved_for
+
+    limit_s = settings.unserved_model_fail_s
+    if not limit_s:
+        return {}
+    with session_scope() as session:
+        waiting = live_models_waiting(session=session, older_than_s=limit_s)
+    if not waiting:
+        return {}
+    served = served_models()
+    if served is None:
+        return {}
+    failed: dict[str, int] = {}
+    for model, absent_s in unserved_for(waiting, served).items():
+        if absent_s < limit_s:
+            continue
+        reason = (
+            f"no worker has served model {model!r} for {absent_s:.0f} s (MLCHAT_UNSERVED_MODEL_FAIL_S): "
+            "start its workers, or send the turn to another model"
+        )
+        while True:
+            with session_scope() as session:
+                chunk = fail_unserved(session=session, model=model, older_than_s=limit_s, reason=reason)
+            failed[model] = failed.get(model, 0) + len(chunk)
+            if not chunk:
+                break
+        logger.warning("failed %d live turn(s) of model %s: %s", failed[model], model, reason)
+    return {model: n for model, n in failed.items() if n}
 
 
 def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:

@@ -1719,7 +1719,7 @@ def test_a_label_waits_for_no_rewrite_and_a_text_change_waits_a_bounded_time(
         thread.start()
         return thread
 
-    with session_scope() as holder:  # a rewrite in progress: the run's row held, as lock_line_run holds it
+    with session_scope() as holder:  # a rewrite (or the finalizer) at work: the run held as they hold it
         holder.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
         labelled = change("label", lambda: desk.label(WRITER, first, "approve", None, "0"))
         edited = change("edit", lambda: desk.edit(WRITER, second, "Morning! Mind the puddles.", "0"))

@@ -304,7 +304,7 @@ def test_a_retry_whose_own_send_fails_says_so_and_the_next_one_sends(
     """Found in review: a replay of a stored, never-sent turn whose own re-send failed (the broker
     still away) answered "queued"; nothing would send it but the sweeper. It is a 503 to send again."""
     import tasks.generate
-    from services.producer import EnqueueError, submit_turns
+    from services.producer import EnqueueError, send_new_turns, submit_turns
     from tasks.queues import queue_depth
     from tests.conftest import patch_on_this_thread
 
@@ -321,8 +321,13 @@ def test_a_retry_whose_own_send_fails_says_so_and_the_next_one_sends(
         patch_on_this_thread(away_now, tasks.generate, "dispatch", away)
         with pytest.raises(EnqueueError, match="retry with the same idempotency keys"):
             submit_turns([req])
-    assert get_turn(first.id).status == TurnStatus.QUEUED and queue_depth(unserved_model, "live") == 0
-    (again,) = submit_turns([req])
+        assert get_turn(first.id).status == TurnStatus.QUEUED and queue_depth(unserved_model, "live") == 0
+        # The first request's own send failing late: the retry's took nothing over, so the turn fails
+        # as ever (review: that request answered "queued" for a turn with no message out).
+        with pytest.raises(EnqueueError, match="1 turn\\(s\\) marked failed"):
+            send_new_turns({first.model: [first.id]}, lane="live", sent_at=first.sent_at)
+    assert get_turn(first.id).error_code == "broker_unreachable"
+    (again,) = submit_turns([req])  # revived and sent
     assert again.id == first.id and queue_depth(unserved_model, "live") == 1
 
 
