@@ -765,6 +765,12 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         (["run", "export", "no-such-run", "--format", "openai", "--alternatives"], 2, "native lines only"),
         (["run", "submit", str(lines), "--character", "nobody-here"], 2, "unknown character 'nobody-here'"),
         (["lora", "train", str(empty_set), "--out", str(tmp_path / "adapter")], 2, "no examples"),
+        # numbers review: an option with a lower bound alone took infinity (the sweep's interval then
+        # failed every sweep naming nothing), and a number past a bigint was PostgreSQL's one line
+        (["sweep", "--older-than", "inf"], 2, "--older-than"),
+        (["chat", "--character", "elara", "--message", "hi", "--timeout", "inf"], 2, "--timeout"),
+        (["run", "list", "--limit", "9223372036854775808"], 2, "--limit"),
+        (["facts", "move", "p-nobody", "9223372036854775808", "--scope", "world"], 2, "fact_id"),
     ]
     for argv, code, names in cases:
         assert cli(argv) == code, argv
