@@ -437,6 +437,14 @@ class Turn(Base):
         # A deleted line's turn, set free (ON DELETE SET NULL: an erasure deletes a player's lines, one
         # lookup each; migration 0045).
         Index("ix_turns_user_message_id", "user_message_id", postgresql_where="user_message_id IS NOT NULL"),
+        # Live turns queued, by model and age: the sweep's look for a model no worker serves
+        # (services/sweeper.py::fail_unserved_live_turns; migration 0051).
+        Index(
+            "ix_turns_live_queued",
+            "model",
+            "created_at",
+            postgresql_where="status = 'queued' AND run_id IS NULL",
+        ),
         # Live turns still holding their prompt, oldest finished first: the sweep's retention
         # (db/retention.py::forget_prompts; migration 0049).
         Index(

@@ -162,9 +162,12 @@ def create_run(
     )
     if run_id is not None:
         return session.get_one(Run, run_id), True
-    # Locked for the check (retention's chunk holds it FOR UPDATE while it marks it): half deleted, a
-    # run resumed or replaced would be deleted under its new lines.
-    run = session.scalars(select(Run).where(Run.name == name).with_for_update(key_share=True)).one()
+    # Locked for the check, FOR KEY SHARE (retention's chunk holds it FOR UPDATE while it marks it;
+    # no cancel's UPDATE waits for it: a cancel locks the turns first, review): half deleted, a run
+    # resumed or replaced would be deleted under its new lines.
+    run = session.scalars(
+        select(Run).where(Run.name == name).with_for_update(read=True, key_share=True)
+    ).one()
     if run.deleting_since is not None:
         raise RunDeleting(name)
     if _reopen_empty(session=session, run_id=run.id):

@@ -1205,13 +1205,9 @@ def fail_unsent(
     under the turn's key that sent it meanwhile stamped another (stamp_resend; review: a retry told
     "queued" found its turn failed by the first request's late broker error, and never answered)."""
     unkeyed = Turn.idempotency_key.startswith(AUTO_KEY_PREFIX, autoescape=True) if unkeyed_only else true()
-    # A retry's send that failed (unstamp_resend: long ago, or unstamped) took nothing over: a turn
-    # with no message out then fails here as ever (review: the first request answered "queued").
-    as_stored = (
-        Turn.dispatched_at.is_(None)
-        if sent_at is None
-        else or_(Turn.dispatched_at == sent_at, Turn.dispatched_at == SEND_FAILED_AT)
-    )
+    # A retry's send that failed gave the stamp back (unstamp_resend): it took nothing over, and a
+    # turn with no message out fails here as ever (review: the first request answered "queued").
+    as_stored = Turn.dispatched_at.is_(None) if sent_at is None else Turn.dispatched_at == sent_at
     failed = list(
         session.scalars(
             update(Turn)
@@ -1310,12 +1306,9 @@ def mark_dispatched(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> int:
     return _stamp_send(session, turn_ids, func.now())
 
 
-def live_models_waiting(*, session: Session, older_than_s: float) -> list[str]:
-    """The models of live turns (no run's) queued longer than `older_than_s`."""
-    cutoff = func.now() - _seconds(older_than_s)
-    waiting = select(Turn.model).where(
-        Turn.status == TurnStatus.QUEUED, Turn.run_id.is_(None), Turn.created_at < cutoff
-    )
+def live_models_waiting(*, session: Session) -> list[str]:
+    """The models of live turns (no run's) queued now (the partial index of them, migration 0051)."""
+    waiting = select(Turn.model).where(Turn.status == TurnStatus.QUEUED, Turn.run_id.is_(None))
     return sorted(session.scalars(waiting.distinct()))
 
 
@@ -1334,7 +1327,7 @@ def fail_unserved(
             Turn.run_id.is_(None),
             Turn.created_at < cutoff,
         )
-        .order_by(Turn.id)
+        .order_by(Turn.created_at)  # the partial index's order (migration 0051), the oldest first
         .limit(limit)
         .with_for_update(skip_locked=True)
     )
@@ -1402,25 +1395,21 @@ def stamp_resend(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[Sta
 
 
 def unstamp_resend(*, session: Session, stamped: Sequence[Stamped]) -> None:
-    """The retry's send of these stamped turns failed: one never recorded sent before (a scene's step
-    whose creator may have died) is unstamped again, for the sweep and the next replay to find as
-    such; another is recorded as sent long ago (mark_send_failed), for the next sweep. A turn stamped
-    again since, or no longer queued, is left as it is."""
-    for never_sent in (True, False):
-        ids = [t.id for t in stamped if (t.before is None) == never_sent]
-        if ids:
-            session.execute(
-                update(Turn)
-                .where(
-                    *locked_in_id_order(
-                        session,
-                        Turn.id.in_(ids),
-                        Turn.status == TurnStatus.QUEUED,
-                        Turn.dispatched_at.in_({t.at for t in stamped}),
-                    )
-                )
-                .values(dispatched_at=None if never_sent else SEND_FAILED_AT)
-            )
+    """The retry's send of these stamped turns failed: each gets back the stamp it had (a scene's
+    step never recorded sent, none: the sweep and the next replay find it as such), so the request
+    whose stamp it was still fails it if its own send fails (review: a stamp of "sent long ago" let
+    another retry's late failure fail a turn whose message was out). A turn stamped again since, or
+    no longer queued, is left as it is."""
+    where = locked_in_id_order(
+        session,
+        Turn.id.in_([t.id for t in stamped]),
+        Turn.status == TurnStatus.QUEUED,
+        Turn.dispatched_at.in_({t.at for t in stamped}),
+    )
+    before = {t.id: t.before for t in stamped}
+    session.execute(
+        update(Turn).where(*where).values(dispatched_at=case(before, value=Turn.id, else_=Turn.dispatched_at))
+    )
 
 
 def _stamp_send(session: Session, turn_ids: Sequence[uuid.UUID], sent_at: Any) -> int:

@@ -25,7 +25,10 @@ class KeyReused(IdempotencyConflict):
 def fingerprint(body: Any) -> str:
     """A keyed request's hash: its JSON body with sorted keys, so a retry whose objects list their
     fields in another order is still the same request."""
-    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+    # surrogatepass: a lone surrogate (half an emoji a client cut) is the validation's to refuse,
+    # naming its field, not this hash's to raise on (review: a 500 for POST /v1/batches)
+    text = json.dumps(body, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def take_key(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:

@@ -210,6 +210,8 @@ def sweep(
     """Re-send turns and memory jobs whose queue message was lost, close runs whose submission died,
     delete what the retention settings (MLCHAT_*_RETENTION_DAYS) keep no longer, fail the live turns
     of a model no worker has served for MLCHAT_UNSERVED_MODEL_FAIL_S (safe any time)."""
+    from db.migrate import check_schema
+    from db.session import get_engine
     from memory.schedule import reschedule_stalled
     from services.batches import HousekeepingIncomplete, housekeeping
     from services.retention import prune
@@ -220,6 +222,10 @@ def sweep(
         resend_stranded,
     )
 
+    # A schema behind this code (a host upgraded before `mlchat migrate`): every step would fail on a
+    # column it lacks, each minute (review of a mixed-version fleet). Refused in one line first.
+    with get_engine().connect() as connection:
+        check_schema(connection)
     # Each step on its own: one that fails (the broker away, say) leaves the others done.
     failed: list[str] = []
 

@@ -656,7 +656,10 @@ def cancel_batch(
     with session_scope() as session:
         run = _visible_run(session, batch_id, api_key, admin, tenant)
         run_id = run.id
-        outcome = cancel_run(session=session, run_id=run_id)
+        try:
+            outcome = cancel_run(session=session, run_id=run_id)
+        except KeyError:  # deleted past retention since it was read (review: a 500)
+            raise BatchNotFound(f"no batch {batch_id!r}") from None
         ended = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.EXPIRED)
         if outcome.before in ended and not outcome.changed:
             raise BatchEnded(f"Cannot cancel a batch with status {outcome.before.value!r}")

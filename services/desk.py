@@ -535,12 +535,20 @@ def _own_line(session: Session, who: Reviewer, turn_id: uuid.UUID) -> Run:
     return run
 
 
+def _line_turn(session: Session, turn_id: uuid.UUID) -> Turn:
+    """The line's turn, read again after _own_line: deleted meanwhile (retention, an erasure), the
+    line is gone (review: an AssertionError, a 500)."""
+    turn = session.get(Turn, turn_id)
+    if turn is None:
+        raise DeskError(404, "line: no such line")
+    return turn
+
+
 def line_page(who: Reviewer, turn_id: uuid.UUID) -> LinePage:
     """One line with its candidates and its change history."""
     with session_scope() as session:
         run = _own_line(session, who, turn_id)
-        turn = session.get(Turn, turn_id)
-        assert turn is not None
+        turn = _line_turn(session, turn_id)
         review = reviews.get_review(session=session, turn_id=turn_id)
         slug, name, _ = _speaker(session, turn)
         changes = reviews.review_changes(session=session, turn_id=turn_id)
@@ -644,9 +652,12 @@ def _change(
     except SpaceMoved as exc:
         raise DeskError(503, str(exc)) from None
     except RunBusy:  # the line's or its run's row (LineBusy is one)
-        raise DeskError(
-            503, "line: the batch's output file is being rewritten by another change; send this one again"
-        ) from None
+        busy = (
+            "the batch's output file is being rewritten by another change"
+            if text
+            else "its run is busy (being finalized, or deleted past retention)"
+        )
+        raise DeskError(503, f"line: {busy}; send this one again") from None
 
 
 def _remembering(session: Session, turn_id: uuid.UUID) -> int | None:
@@ -694,7 +705,7 @@ def edit(who: Reviewer, turn_id: uuid.UUID, text: str | None, version: str | Non
     expected = whole_number("version", version, low=0, high=2**31 - 1)
     with session_scope() as session:
         _own_line(session, who, turn_id)
-        turn = session.get_one(Turn, turn_id)
+        turn = _line_turn(session, turn_id)
         # A model's reply may be longer than a player's message may: its typo is fixed in place.
         limit = max(settings.max_message_chars, len(turn.reply or ""))
         shape = reading_shape(turn.params)
@@ -775,8 +786,7 @@ def review_record(who: Reviewer, turn_id: uuid.UUID) -> dict[str, Any]:
     with session_scope() as session:
         _own_line(session, who, turn_id)
         review: TurnReview | None = reviews.get_review(session=session, turn_id=turn_id)
-        turn = session.get(Turn, turn_id)
-        assert turn is not None
+        turn = _line_turn(session, turn_id)
         return {
             "turn_id": str(turn_id),
             "reply": turn.reply,

@@ -17,6 +17,7 @@ from db.scenes import (
     NewScene,
     NewStep,
     SceneClosed,
+    SceneConflict,
     SceneNotFound,
     create_scene,
     extend_scene,
@@ -121,7 +122,12 @@ def _create_group(
         spec, conversation_id=conv_id, ids=ids, model=settings.model, tenant=tenant, candidates=1
     )
     scene = NewScene(**{**scene.__dict__, "lane": "live", "api_key": api_key})
-    scene_id, created = create_scene(session=session, scene=scene)
+    try:
+        scene_id, created = create_scene(session=session, scene=scene)
+    except SceneConflict:  # another scene took the conversation and went meanwhile (review: a 500)
+        raise SceneRefused(
+            f"conversation: {spec.conversation!r} was changed meanwhile; send it again"
+        ) from None
     if not created:
         raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")
     if key is not None:

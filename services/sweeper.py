@@ -234,25 +234,28 @@ def _resend_group(model: str, lane: Lane, turns: list[Stranded]) -> list[uuid.UU
     return ids
 
 
+UNSERVED_CHUNK = 1000  # turns failed a transaction
+
+
 def fail_unserved_live_turns() -> dict[str, int]:
     """Fail the live turns of each model no worker has consumed for MLCHAT_UNSERVED_MODEL_FAIL_S
     (model_unavailable), those queued that long: {model: turns failed}. Each sweep asks the workers
     which queues they consume (Celery's remote control) and marks when it first found a model with
-    waiting turns unserved; one that answers clears its mark. A sweep that cannot ask fails nothing."""
+    live turns waiting unserved; a model served again, or with none waiting, loses its mark. A sweep
+    that learns nothing (the broker away, no worker answering at all) fails nothing."""
     from tasks.presence import served_models, unserved_for
 
     limit_s = settings.unserved_model_fail_s
     if not limit_s:
         return {}
-    with session_scope() as session:
-        waiting = live_models_waiting(session=session, older_than_s=limit_s)
-    if not waiting:
-        return {}
-    served = served_models()
-    if served is None:
-        return {}
+    with session_scope() as session:  # any waiting: a model is marked from its first sweep unserved
+        waiting = live_models_waiting(session=session)
+    served = served_models() if waiting else set()
+    # Nothing learnt (the broker away, no worker answering): no sweep found a model unserved, and
+    # the count starts again at the next that does.
+    absent = unserved_for(waiting if served is not None else [], served or set())
     failed: dict[str, int] = {}
-    for model, absent_s in unserved_for(waiting, served).items():
+    for model, absent_s in absent.items():
         if absent_s < limit_s:
             continue
         reason = (
@@ -261,9 +264,11 @@ def fail_unserved_live_turns() -> dict[str, int]:
         )
         while True:
             with session_scope() as session:
-                chunk = fail_unserved(session=session, model=model, older_than_s=limit_s, reason=reason)
+                chunk = fail_unserved(
+                    session=session, model=model, older_than_s=limit_s, reason=reason, limit=UNSERVED_CHUNK
+                )
             failed[model] = failed.get(model, 0) + len(chunk)
-            if not chunk:
+            if len(chunk) < UNSERVED_CHUNK:
                 break
         logger.warning("failed %d live turn(s) of model %s: %s", failed[model], model, reason)
     return {model: n for model, n in failed.items() if n}

@@ -996,6 +996,26 @@ def test_a_sweep_that_cannot_reach_the_broker_names_the_setting(world, monkeypat
     assert "re-sending stranded turns: the broker is unreachable (REDIS_URL" in err, err
 
 
+def test_a_sweep_against_a_schema_behind_its_code_says_so_in_one_line_and_does_nothing(world, capsys) -> None:
+    """Review of a mixed-version fleet: a sweep on a host upgraded before `mlchat migrate` ran every
+    step, each failing each minute on a column it lacked; it is refused first, as a worker is."""
+    from sqlalchemy import text
+
+    from db.migrate import code_head
+    from db.session import session_scope
+    from scripts.cli import main
+
+    with session_scope() as s:
+        s.execute(text("UPDATE alembic_version SET version_num = '0049'"))
+    try:
+        assert main(["sweep"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "at revision 0049" in err[0] and "run `mlchat migrate` first" in err[0], err
+    finally:
+        with session_scope() as s:
+            s.execute(text("UPDATE alembic_version SET version_num = :head"), {"head": code_head()})
+
+
 def test_a_sweep_steps_bug_shows_its_traceback_at_debug(world, monkeypatch, caplog) -> None:
     """Review (stop 76): a sweep step that raised was kept as its one line only; the README's
     MLCHAT_LOG_LEVEL=DEBUG showed no traceback, as nothing was logged."""

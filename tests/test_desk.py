@@ -1864,3 +1864,24 @@ def test_a_sign_out_is_kept_well_past_its_cookies_expiry(world) -> None:
     with session_scope() as s:
         assert signed_out(session=s, session_mac=just_expired)
         assert not signed_out(session=s, session_mac=long_expired)
+
+
+def test_a_line_deleted_while_its_page_is_read_is_a_404_not_a_500(services, world, monkeypatch) -> None:
+    """Found in review: the line's run was read, then its turn again in a statement of its own; a
+    line deleted between the two (retention, an erasure) was an AssertionError, a 500."""
+    from sqlalchemy import delete
+
+    _, lines = build_run("studio-a", _lines())
+    real = desk._own_line
+
+    def then_deleted(session: Any, who: Any, turn_id: uuid.UUID) -> Any:
+        run = real(session, who, turn_id)
+        with session_scope() as other:  # committed between the two reads
+            other.execute(delete(Turn).where(Turn.id == turn_id))
+        return run
+
+    monkeypatch.setattr(desk, "_own_line", then_deleted)
+    for read, line in zip((desk.line_page, desk.review_record), lines, strict=True):
+        with pytest.raises(DeskError, match="no such line") as gone:
+            read(WRITER, line)
+        assert gone.value.status == 404

@@ -900,13 +900,27 @@ def test_bad_file_and_batch_requests_get_clear_4xx_naming_the_field(
         ),
         ({"input_file_id": "file-nope", "endpoint": "/v1/chat/completions"}, "input_file_id"),
         ({"input_file_id": file_id, "endpoint": "/v1/chat/completions", "metadata": {"k": 1}}, "metadata.k"),
+        # review: half an emoji a client cut was a 500 (the request's hash raised on it)
+        (
+            {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "metadata": {"note": "\ud83d"}},
+            "metadata.note",
+        ),
+        (
+            {
+                "input_file_id": file_id,
+                "endpoint": "/v1/chat/completions",
+                "output_expires_after": {"anchor": "\udc00", "seconds": 3600},
+            },
+            "output_expires_after",
+        ),
         (
             {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "callback_url": "http://x/"},
             "callback_url",
         ),
     ]
-    for body, field in cases:
-        response = httpx.post(f"{base_url}/v1/batches", headers=INGEST, json=body)
+    for body, field in cases:  # as JSON.stringify sends it: a lone surrogate escaped
+        sent = INGEST | {"content-type": "application/json"}
+        response = httpx.post(f"{base_url}/v1/batches", headers=sent, content=json.dumps(body))
         assert response.status_code == 400 and response.json()["error"]["message"].startswith(field), (
             body,
             response.text,
@@ -1063,6 +1077,25 @@ def test_a_batch_created_again_under_its_idempotency_key_is_the_first_one(base_u
         s.execute(delete(Run).where(Run.name == first.id))  # deleted past retention: the key outlives it
     with pytest.raises(openai.ConflictError, match="deleted since"):  # review: a 500
         create(extra_headers=key)
+
+
+def test_a_batch_deleted_while_it_is_cancelled_is_not_found_not_a_500(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Found in review: a cancel read the batch, then its status again in a statement of its own; the
+    batch deleted between the two (retention's last chunk) was a KeyError, a 500."""
+    batch_id = _batch(tmp_path, 1)
+    real = batches._visible_run
+
+    def then_deleted(session, *args, **kwargs):  # type: ignore[no-untyped-def]
+        run = real(session, *args, **kwargs)
+        with session_scope() as other:  # committed between the two reads
+            other.execute(delete(Run).where(Run.id == run.id))
+        return run
+
+    monkeypatch.setattr(batches, "_visible_run", then_deleted)
+    with pytest.raises(batches.BatchNotFound, match=batch_id):
+        batches.cancel_batch(batch_id, api_key="k", admin=False)
 
 
 def test_the_openai_clients_delete_while_listing_loop_deletes_every_file(base_url) -> None:

@@ -519,22 +519,26 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
 ) -> None:
     """Found in review: a live turn of a served model whose workers were never started (or were all
     stopped) waited queued for ever, without a word, and its conversation's later turns behind it.
-    The sweep asks the workers which queues they consume; a model unserved past the setting has its
-    live turns queued that long failed (model_unavailable); a served model's are left."""
+    The sweep asks the workers which queues they consume and marks when it first found a model with
+    live turns waiting unserved; past the setting, its live turns queued that long fail
+    (model_unavailable); a served model's, and a younger turn, are left; a model served again, or
+    with nothing waiting, loses its mark (review: a mark left from an old outage failed turns at
+    once)."""
     from sqlalchemy import update
 
     from db.models import Turn, TurnStatus
     from db.session import session_scope
     from services.producer import cancel_turn, get_turn
     from services.sweeper import fail_unserved_live_turns
-    from tasks.presence import _UNSERVED_SINCE, served_models
+    from tasks.presence import UNSERVED_SINCE, served_models, unserved_for
 
     unserved = f"unserved-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(settings, "served_models", [settings.model, unserved])
+    monkeypatch.setattr(settings, "served_models", [settings.model, unserved])  # taken at the enqueue
     monkeypatch.setattr(settings, "unserved_model_fail_s", 300.0)
-    lost, kept = enqueue_turns(
+    lost, young, kept = enqueue_turns(
         [
             new_conversation() | {"message": "Anyone serving?", "model": unserved},
+            new_conversation() | {"message": "Just asked.", "model": unserved},
             new_conversation() | {"message": "Served, only unsent."},  # the session worker's model
         ],
         send=False,
@@ -545,20 +549,30 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
             .where(Turn.id.in_([lost, kept]))
             .values(created_at=func.now() - text("interval '1 hour'"))
         )
+
+    def mark() -> bytes | None:
+        with app.connection_for_write() as conn:
+            return conn.default_channel.client.hget(UNSERVED_SINCE, unserved)  # type: ignore[no-any-return]
+
     assert settings.model in (served_models() or set())  # the session's worker answered
     try:
         assert unserved not in fail_unserved_live_turns()  # found unserved just now: not yet
-        assert get_turn(lost).status == TurnStatus.QUEUED
+        assert get_turn(lost).status == TurnStatus.QUEUED and mark() is not None
+        assert unserved_for([unserved], [unserved]) == {} and mark() is None  # served again: gone
+        fail_unserved_live_turns()
         with app.connection_for_write() as conn:  # as if the sweeps had found it unserved for an hour
-            conn.default_channel.client.set(_UNSERVED_SINCE + unserved, int(time.time()) - 3600)
+            conn.default_channel.client.hset(UNSERVED_SINCE, unserved, int(time.time()) - 3600)
         assert fail_unserved_live_turns()[unserved] == 1
         failed = get_turn(lost)
         assert failed.status == TurnStatus.FAILED and failed.error_code == "model_unavailable"
         assert unserved in (failed.error or "") and "MLCHAT_UNSERVED_MODEL_FAIL_S" in (failed.error or "")
+        assert get_turn(young).status == TurnStatus.QUEUED  # queued less than the setting
         assert get_turn(kept).status == TurnStatus.QUEUED  # its model is served
+        cancel_turn(young)
+        assert unserved_for([], []) == {} and mark() is None  # nothing waits for it: no mark kept
         monkeypatch.setattr(settings, "unserved_model_fail_s", 0.0)  # 0: never
         assert fail_unserved_live_turns() == {}
     finally:
         cancel_turn(kept)
         with app.connection_for_write() as conn:
-            conn.default_channel.client.delete(_UNSERVED_SINCE + unserved)
+            conn.default_channel.client.hdel(UNSERVED_SINCE, unserved)

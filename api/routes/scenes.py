@@ -44,6 +44,8 @@ async def post_scene(
         view = await run_in_threadpool(start)
     except scenes.SceneRefused as exc:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, str(exc)) from None
+    except scenes.SceneNotFound as exc:  # stored, then erased before its view was read (review: a 500)
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
     if view["replayed"]:
         response.status_code = status.HTTP_200_OK
     return view
