@@ -162,12 +162,12 @@ def create_run(
     )
     if run_id is not None:
         return session.get_one(Run, run_id), True
-    # Locked for the check, FOR KEY SHARE (retention's chunk holds it FOR UPDATE while it marks it;
-    # no cancel's UPDATE waits for it: a cancel locks the turns first, review): half deleted, a run
-    # resumed or replaced would be deleted under its new lines.
-    run = session.scalars(
-        select(Run).where(Run.name == name).with_for_update(read=True, key_share=True)
-    ).one()
+    # Half deleted past retention, a run resumed or replaced would be deleted under its new lines.
+    # No lock held for this check (one deadlocked with a cancel: review): each update below, and the
+    # submission's resume, also asks for a run unmarked, and the submission checks once more before
+    # it commits (a mark committed meanwhile is seen; one after waits for the row the submission
+    # updated, then finds the run no longer finished: none to delete).
+    run = session.scalars(select(Run).where(Run.name == name)).one()
     if run.deleting_since is not None:
         raise RunDeleting(name)
     if _reopen_empty(session=session, run_id=run.id):
@@ -179,6 +179,7 @@ def create_run(
                 .where(
                     Run.id == run.id,
                     Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
+                    Run.deleting_since.is_(None),
                     ~exists().where(Turn.run_id == Run.id),
                 )
                 .values(**fields)
@@ -190,6 +191,7 @@ def create_run(
         .where(
             Run.id == run.id,
             Run.status.in_((RunStatus.FAILED, RunStatus.VALIDATING)),
+            Run.deleting_since.is_(None),
             ~exists().where(Turn.run_id == Run.id),
         )
         .values(
@@ -204,6 +206,7 @@ def create_run(
         .returning(Run.id)
     )
     if replaced is None:
+        refuse_deleting(session=session, run_id=run.id, name=name)  # marked meanwhile
         raise RunConflict(
             f"run {name!r} already holds turns from a different file; resubmit that file to resume it, "
             "or pick another --name"

@@ -253,7 +253,7 @@ def fail_unserved_live_turns() -> dict[str, int]:
     served = served_models() if waiting else set()
     # Nothing learnt (the broker away, no worker answering): no sweep found a model unserved, and
     # the count starts again at the next that does.
-    absent = unserved_for(waiting if served is not None else [], served or set())
+    absent = unserved_for(waiting if served is not None else [], served or set(), renewed_within_s=limit_s)
     failed: dict[str, int] = {}
     for model, absent_s in absent.items():
         if absent_s < limit_s:

@@ -20,10 +20,10 @@ UNSERVED_SINCE = "mlchat:unserved-since"
 
 
 def served_models() -> set[str] | None:
-    """The models whose queue (`gen.<model>`, or its bulk one: a worker may consume that alone) some
-    worker consumes now, as the workers answer within ASK_S; None when nothing is known: the broker
-    cannot be asked, or no worker answered at all (none running, a sweeper on another broker, a
-    serverless deployment: review, every model then counted unserved)."""
+    """The models whose live queue (`gen.<model>`: a live turn's, never its bulk one's) some worker
+    consumes now, as the workers answer within ASK_S; None when nothing is known: the broker cannot
+    be asked, or no worker answered at all (none running, a sweeper on another broker, a serverless
+    deployment: review, every model then counted unserved)."""
     try:
         answers = app.control.inspect(timeout=ASK_S).active_queues()
     except Exception:
@@ -32,30 +32,41 @@ def served_models() -> set[str] | None:
     if not answers:
         return None
     return {
-        str(queue["name"]).removeprefix("gen.").removesuffix(BULK_QUEUE_SUFFIX)
+        str(queue["name"]).removeprefix("gen.")
         for queues in answers.values()
         for queue in queues or ()
-        if isinstance(queue, dict) and str(queue.get("name", "")).startswith("gen.")
+        if isinstance(queue, dict)
+        and str(queue.get("name", "")).startswith("gen.")
+        and not str(queue["name"]).endswith(BULK_QUEUE_SUFFIX)
     }
 
 
-def unserved_for(waiting: Collection[str], served: Collection[str]) -> dict[str, float]:
+def unserved_for(
+    waiting: Collection[str], served: Collection[str], renewed_within_s: float
+) -> dict[str, float]:
     """Seconds each of the `waiting` models (live turns wait for it) not in `served` has been found
-    unserved by the sweeps without a break, on the broker's clock (0 the first time). Every other
-    model's mark is dropped: one served, or with nothing waiting, starts afresh next time."""
+    unserved by the sweeps without a break, on the broker's clock (0 the first time). A mark no
+    sweep renewed within `renewed_within_s` starts afresh (review: one left through a broker's
+    outage, the sweeps meanwhile learning nothing, failed turns at the first answer missed after).
+    Every other model's mark is dropped: one served, or with nothing waiting, starts afresh next time."""
     unserved = sorted(set(waiting) - set(served))
     with app.connection_for_write() as conn:
         client = conn.default_channel.client
         now = int(client.time()[0])
-        gone = [m.decode() if isinstance(m, bytes) else m for m in client.hkeys(UNSERVED_SINCE)]
-        if stale := [m for m in gone if m not in unserved]:
+        marks = {_text(m): _text(v) for m, v in client.hgetall(UNSERVED_SINCE).items()}
+        if stale := [m for m in marks if m not in unserved]:
             client.hdel(UNSERVED_SINCE, *stale)
+        absent: dict[str, float] = {}
         for model in unserved:
-            client.hsetnx(UNSERVED_SINCE, model, now)
+            since, _, renewed = marks.get(model, "").partition(",")
+            if not (since.isdigit() and renewed.isdigit()) or now - int(renewed) > renewed_within_s:
+                since = str(now)
+            client.hset(UNSERVED_SINCE, model, f"{since},{now}")
+            absent[model] = max(0.0, float(now - int(since)))
         # Sweeps that stop for long (the sweeper down) leave no count to go on from: it restarts.
         client.expire(UNSERVED_SINCE, MARKS_KEPT_S)
-        since = client.hmget(UNSERVED_SINCE, unserved) if unserved else []
-        return {
-            model: max(0.0, float(now - int(at))) if at is not None else 0.0
-            for model, at in zip(unserved, since, strict=True)
-        }
+        return absent
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -558,10 +558,19 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
     try:
         assert unserved not in fail_unserved_live_turns()  # found unserved just now: not yet
         assert get_turn(lost).status == TurnStatus.QUEUED and mark() is not None
-        assert unserved_for([unserved], [unserved]) == {} and mark() is None  # served again: gone
+        assert unserved_for([unserved], [unserved], renewed_within_s=300) == {} and mark() is None  # served
         fail_unserved_live_turns()
-        with app.connection_for_write() as conn:  # as if the sweeps had found it unserved for an hour
-            conn.default_channel.client.hset(UNSERVED_SINCE, unserved, int(time.time()) - 3600)
+
+        def marked(since_s: int, renewed_s: int) -> None:  # as the sweeps would have left it
+            now = int(time.time())
+            with app.connection_for_write() as conn:
+                conn.default_channel.client.hset(
+                    UNSERVED_SINCE, unserved, f"{now - since_s},{now - renewed_s}"
+                )
+
+        marked(3600, 3000)  # an hour, but no sweep renewed it for 50 minutes: the count starts afresh
+        assert unserved not in fail_unserved_live_turns() and get_turn(lost).status == TurnStatus.QUEUED
+        marked(3600, 60)  # every sweep for an hour found it unserved
         assert fail_unserved_live_turns()[unserved] == 1
         failed = get_turn(lost)
         assert failed.status == TurnStatus.FAILED and failed.error_code == "model_unavailable"
@@ -569,7 +578,7 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
         assert get_turn(young).status == TurnStatus.QUEUED  # queued less than the setting
         assert get_turn(kept).status == TurnStatus.QUEUED  # its model is served
         cancel_turn(young)
-        assert unserved_for([], []) == {} and mark() is None  # nothing waits for it: no mark kept
+        assert unserved_for([], [], renewed_within_s=300) == {} and mark() is None  # nothing waits: no mark
         monkeypatch.setattr(settings, "unserved_model_fail_s", 0.0)  # 0: never
         assert fail_unserved_live_turns() == {}
     finally:

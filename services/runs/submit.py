@@ -35,6 +35,7 @@ from db.runs import (
     fail_submission,
     finish_submission,
     is_http_batch,
+    refuse_deleting,
     resume_submission,
     run_options,
     run_status,
@@ -294,6 +295,8 @@ def _submit(
                     input_format=check.reader.format,
                     refused=[r.record() for r in check.refused],
                 )
+            # its deletion past retention begun since create_run looked: nothing of this is kept
+            refuse_deleting(session=session, run_id=run_id, name=name)
         if check.errors and not skip_bad_lines:
             raise RunValidationError(check.errors, check.error_count)
         if over_quota is not None:
