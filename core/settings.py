@@ -268,7 +268,8 @@ class Settings(BaseSettings):
     # A live turn of a model no worker has consumed for this long (a served model whose workers were
     # never started, or were all stopped) is failed by `mlchat sweep` (model_unavailable), its
     # conversation's later turns with it: queued, it held them for ever. 0: never. Bulk lines wait:
-    # a batch has its window, a CLI run its cancel.
+    # a batch has its window, a CLI run its cancel. Sweeps must run at most 15 minutes (or this
+    # long) apart for a model's absence to count on (services/sweeper.py::MARK_RENEWAL_S).
     unserved_model_fail_s: float = Field(default=600.0, ge=0)
     # The worker runs flushes in threads that all feed one engine (worker/engine_loop.py): a live
     # flush always finds a thread while bulk ones wait for their results.

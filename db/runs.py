@@ -174,7 +174,7 @@ def create_run(
         session.refresh(run)
     if run.file_hash == file_hash:
         if fields:  # a run that stored no line yet takes this submission's options and columns
-            session.execute(
+            taken = session.scalar(
                 update(Run)
                 .where(
                     Run.id == run.id,
@@ -183,7 +183,10 @@ def create_run(
                     ~exists().where(Turn.run_id == Run.id),
                 )
                 .values(**fields)
+                .returning(Run.id)
             )
+            if taken is None:  # marked, or deleted whole, since it was read: no row to refresh (review)
+                refuse_deleting(session=session, run_id=run.id, name=name)
             session.refresh(run)
         return run, False
     replaced = session.scalar(

@@ -34,7 +34,7 @@ from db.models import (
     TurnReview,
     TurnReviewChange,
 )
-from db.reviews import LineBusy, LineFilter, NotAnswered, NotReviewable, RunBusy, StaleReview
+from db.reviews import LineFilter, NotAnswered, NotReviewable, RunBusy, StaleReview
 from db.runs import RunDeleting, run_counts
 from db.scenes import TranscriptLine, group_views, run_scenes, scene_transcript
 from db.session import session_scope
@@ -651,11 +651,11 @@ def _change(
         raise DeskError(409, str(exc)) from None
     except SpaceMoved as exc:
         raise DeskError(503, str(exc)) from None
-    except RunBusy as exc:  # the line's or its run's row (LineBusy is one)
+    except RunBusy:  # the line's or its run's row (LineBusy is one)
         busy = (
             "the batch's output file is being rewritten by another change"
-            if text or isinstance(exc, LineBusy)
-            else "its run is busy (being deleted past retention)"
+            if text
+            else "the line or its run is busy"
         )
         raise DeskError(503, f"line: {busy}; send this one again") from None
 

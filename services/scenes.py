@@ -126,7 +126,7 @@ def _create_group(
         scene_id, created = create_scene(session=session, scene=scene)
     except SceneConflict:  # another scene took the conversation and went meanwhile (review: a 500)
         raise SceneRefused(
-            f"conversation: {spec.conversation!r} was made a group by another request meanwhile"
+            f"conversation: {spec.conversation!r} was changed by another request meanwhile; send it again"
         ) from None
     if not created:
         raise SceneRefused(f"conversation: {spec.conversation!r} is a group already")

@@ -235,6 +235,10 @@ def _resend_group(model: str, lane: Lane, turns: list[Stranded]) -> list[uuid.UU
 
 
 UNSERVED_CHUNK = 1000  # turns failed a transaction
+# A mark not renewed by a sweep for this long (or the setting, if longer) starts afresh: sweeps a
+# minute apart (compose), or a cron's few, renew it; one tied to the setting alone never failed
+# anything once sweeps ran further apart than the setting (review).
+MARK_RENEWAL_S = 900.0
 
 
 def fail_unserved_live_turns() -> dict[str, int]:
@@ -253,7 +257,9 @@ def fail_unserved_live_turns() -> dict[str, int]:
     served = served_models() if waiting else set()
     # Nothing learnt (the broker away, no worker answering): no sweep found a model unserved, and
     # the count starts again at the next that does.
-    absent = unserved_for(waiting if served is not None else [], served or set(), renewed_within_s=limit_s)
+    absent = unserved_for(
+        waiting if served is not None else [], served or set(), renewed_within_s=max(limit_s, MARK_RENEWAL_S)
+    )
     failed: dict[str, int] = {}
     for model, absent_s in absent.items():
         if absent_s < limit_s:

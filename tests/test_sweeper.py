@@ -570,7 +570,9 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
 
         marked(3600, 3000)  # an hour, but no sweep renewed it for 50 minutes: the count starts afresh
         assert unserved not in fail_unserved_live_turns() and get_turn(lost).status == TurnStatus.QUEUED
-        marked(3600, 60)  # every sweep for an hour found it unserved
+        # every sweep for an hour found it unserved, ten minutes apart: further apart than the
+        # setting, within a sweep's usual gap (review: a count tied to the setting never failed)
+        marked(3600, 600)
         assert fail_unserved_live_turns()[unserved] == 1
         failed = get_turn(lost)
         assert failed.status == TurnStatus.FAILED and failed.error_code == "model_unavailable"
