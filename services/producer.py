@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
@@ -250,14 +250,7 @@ def send_stored(stored: Sequence[StoredTurn], *, lane: Lane) -> None:
         # broker fails the call's own sends (the database away too: as it stands, then).
         if sent:
             try:
-                with session_scope() as session:
-                    fail_unsent(
-                        session=session,
-                        turn_ids=list(sent),
-                        reason="broker unreachable at enqueue (for the call's other turns)",
-                        sent_at=sent_at,
-                        unkeyed_only=True,
-                    )
+                _fail_unkeyed_sent(sent, sent_at)
             except DATABASE_OUTAGES:
                 logger.warning(
                     "could not fail the call's unkeyed turns after its replay failed", exc_info=True
@@ -547,14 +540,7 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
             return
         # The call answers 503: a client retrying without keys would store the sent ones again, and
         # both copies would be answered. Those not taken by a worker yet fail with the rest.
-        with session_scope() as session:
-            sent_failed = fail_unsent(
-                session=session,
-                turn_ids=list(went),
-                reason="broker unreachable at enqueue (for the call's other turns)",
-                sent_at=sent_at,
-                unkeyed_only=True,
-            )
+        sent_failed = _fail_unkeyed_sent(went, sent_at)
         failed_too = set(sent_failed)
         kept = [i for ids in fresh.values() for i in ids if i in went and i not in failed_too]  # call's order
         shown = ", ".join(str(i) for i in kept[:10]) + (", ..." if len(kept) > 10 else "")
@@ -571,6 +557,19 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
 
 # What a replay's send raises for the call to answer 503: its broker send failed, or its database did.
 _REPLAY_FAILURES: tuple[type[Exception], ...] = (EnqueueError, *DATABASE_OUTAGES)
+
+
+def _fail_unkeyed_sent(sent: Collection[uuid.UUID], sent_at: datetime | None) -> list[uuid.UUID]:
+    """Fail the call's unkeyed turns whose message went, not taken by a worker yet: the call answers
+    503, and a client retrying without keys would store them again, both copies answered."""
+    with session_scope() as session:
+        return fail_unsent(
+            session=session,
+            turn_ids=list(sent),
+            reason="broker unreachable at enqueue (for the call's other turns)",
+            sent_at=sent_at,
+            unkeyed_only=True,
+        )
 
 
 def send_again(turns: Sequence[StoredTurn], *, lane: Lane) -> None:
