@@ -612,8 +612,8 @@ def _change(
             # Only a text change rewrites the batch's file, under the run's lock (a change and the
             # finalizer, or two rewrites, never interleave), taken before the change's other rows (its
             # line, memory jobs, facts), which nobody waits for meanwhile; a label takes it FOR KEY
-            # SHARE (it waits for no rewrite, only for a chunk of the run's deletion or its
-            # finalizer), each a bounded time: each waiting writer holds an API connection.
+            # SHARE (it waits for no rewrite and no finalizer, only for a chunk of the run's
+            # deletion), each a bounded time: each waiting writer holds an API connection.
             output_file_id = reviews.lock_line_run(
                 session=session, run_id=run_id, wait_ms=RUN_LOCK_WAIT_MS, text=text
             )
