@@ -44,7 +44,6 @@ from db.runs import (
     postpone_submission,
     run_counts,
     run_refusals,
-    run_status,
     runs_counts,
     submission_lock,
 )
@@ -659,10 +658,7 @@ def cancel_batch(
         run_id = run.id
         try:
             outcome = cancel_run(session=session, run_id=run_id)
-        except KeyError:
-            if run_status(session=session, run_id=run_id) is not None:
-                raise
-            # deleted past retention since it was read (review: a 500)
+        except KeyError:  # cancel_run's "no run": deleted past retention since it was read (review: a 500)
             raise BatchNotFound(f"no batch {batch_id!r}") from None
         ended = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.EXPIRED)
         if outcome.before in ended and not outcome.changed:
