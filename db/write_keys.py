@@ -93,6 +93,14 @@ def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_ha
     return list(found[1])
 
 
+def key_taken(*, session: Session, tenant: str, kind: str, key: str) -> bool:
+    """Whether a committed write holds the key (of any request)."""
+    found = session.scalar(
+        select(WriteKey.key).where(WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key)
+    )
+    return found is not None
+
+
 def record_ids(*, session: Session, tenant: str, kind: str, key: str, ids: Sequence[int]) -> None:
     """The ids the write under a key taken in this transaction stored."""
     session.execute(

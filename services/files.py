@@ -7,6 +7,8 @@ in the `files` table says who owns it and what it is for.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -26,6 +28,7 @@ from db.files import add_file_within_quota
 from db.models import StoredFile
 from db.runs import oldest_finalizing_since
 from db.session import session_scope
+from db.write_keys import KeyReused, key_taken, record_ids, take_key
 from services.pages import list_object
 
 logger = logging.getLogger(__name__)
@@ -217,6 +220,25 @@ def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAUL
         raise _over_quota(held, file_bytes)
 
 
+FILE_KEY = "file"  # write_keys' kind of an upload
+
+
+def upload_replays(tenant: str, idempotency_key: str | None) -> bool:
+    """Whether an upload under this key may be a retry of one already stored: its quota is then
+    checked when the file is recorded, not before (the first upload may have filled it)."""
+    if idempotency_key is None:
+        return False
+    with session_scope() as session:
+        return key_taken(session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key)
+
+
+def _upload_hash(purpose: str, filename: str, api_key: str | None, expires_after_s: int | None) -> Any:
+    """The running hash of a keyed upload: what it was sent as, then its bytes. The key's name is in
+    it: another key of the tenant reusing the idempotency key could not read the first one's file."""
+    head = json.dumps([purpose, filename, api_key, expires_after_s], ensure_ascii=False)
+    return hashlib.sha256(head.encode("utf-8", "surrogatepass") + b"\n")
+
+
 async def save_upload(
     chunks: AsyncIterator[bytes],
     *,
@@ -225,12 +247,17 @@ async def save_upload(
     api_key: str | None,
     tenant: str = DEFAULT_TENANT,
     expires_after_s: int | None = None,
+    idempotency_key: str | None = None,
 ) -> dict[str, Any]:
     """Stream an upload to disk (refused past batch_file_max_bytes, or past the key's quota of stored
-    bytes), then record it as the key's and its tenant's."""
+    bytes), then record it as the key's and its tenant's. Under `idempotency_key` (the tenant's,
+    MLCHAT_WRITE_KEY_TTL_S) the same upload again answers with the first one's file and keeps no
+    second copy; another upload under it is KeyReused."""
     from fastapi.concurrency import run_in_threadpool
 
-    held = await run_in_threadpool(_held, api_key, tenant)
+    replays = await run_in_threadpool(upload_replays, tenant, idempotency_key)
+    held = 0 if replays else await run_in_threadpool(_held, api_key, tenant)
+    digest = _upload_hash(purpose, filename, api_key, expires_after_s) if idempotency_key else None
     file_id = new_file_id()
     final = _path_of(file_id)
     partial = final.with_suffix(".partial")
@@ -245,8 +272,10 @@ async def save_upload(
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-                if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
+                if not replays and held + size > settings.files_quota_bytes:  # early; _record decides
                     raise _over_quota(held, size)
+                if digest is not None:
+                    digest.update(chunk)
                 await run_in_threadpool(out.write, chunk)
             await run_in_threadpool(out.flush)  # what the buffer holds: a full disk may say so only now
         finally:
@@ -260,15 +289,19 @@ async def save_upload(
             await run_in_threadpool(_clear_partial, partial)
     # A multipart filename is the client's bytes: keep what PostgreSQL text can hold.
     safe_name = filename.replace("\x00", "").encode("utf-8", "replace").decode("utf-8")[:255] or "batch.jsonl"
+    keyed = (idempotency_key, digest.hexdigest()) if idempotency_key and digest is not None else None
     try:
-        return await run_in_threadpool(
-            _record, file_id, purpose, safe_name, size, final, (api_key, tenant), expires_after_s
+        made, stored_now = await run_in_threadpool(
+            _record, file_id, purpose, safe_name, size, final, (api_key, tenant), expires_after_s, keyed
         )
     except Exception:
         # Refused, or the row never stored: no orphan bytes. In a thread: it asks the database, and a
         # failover would hold every request and stream of this process's event loop meanwhile.
         await run_in_threadpool(remove_unlisted, [final])
         raise
+    if not stored_now:  # a retry under its key: the first upload's file is the answer
+        await run_in_threadpool(remove_unlisted, [final])
+    return made
 
 
 def remove_unlisted(paths: list[Path]) -> None:
@@ -310,8 +343,17 @@ def _record(
     path: Path,
     owner: tuple[str | None, str],
     expires_after_s: int | None,
-) -> dict[str, Any]:
+    keyed: tuple[str, str] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """The upload's file object, and whether this call stored it (False: the first upload under its
+    idempotency key did)."""
     with session_scope() as session:
+        if keyed is not None:
+            made = take_key(
+                session=session, tenant=owner[1], kind=FILE_KEY, key=keyed[0], request_hash=keyed[1]
+            )
+            if made is not None:
+                return _made_under_key(session, keyed[0], made), False
         row, held = add_file_within_quota(
             session=session,
             file_id=file_id,
@@ -326,7 +368,19 @@ def _record(
         )
         if row is None:
             raise _over_quota(held, size)
-        return file_object(row)
+        if keyed is not None:
+            ids = [int(file_id.removeprefix("file-"), 16)]
+            record_ids(session=session, tenant=owner[1], kind=FILE_KEY, key=keyed[0], ids=ids)
+        return file_object(row), True
+
+
+def _made_under_key(session: Any, key: str, made: list[int]) -> dict[str, Any]:
+    """The file an upload under `key` stored; KeyReused once it is gone (deleted or expired: the key
+    outlived it)."""
+    found = stored.get_file_and_expiry(session=session, file_id=f"file-{made[0]:024x}")
+    if found is None or found[1]:
+        raise KeyReused(f"idempotency key {key!r}: the file it uploaded was deleted since")
+    return file_object(found[0])
 
 
 def _owns(file_key: str | None, file_tenant: str | None, api_key: str | None, tenant: str) -> bool:

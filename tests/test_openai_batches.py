@@ -1069,8 +1069,9 @@ def test_a_batch_created_again_under_its_idempotency_key_is_the_first_one(base_u
     first = create(extra_headers=key)
     again = create(extra_headers=key)
     assert again.id == first.id
-    with pytest.raises(openai.ConflictError, match="Idempotency-Key"):
+    with pytest.raises(openai.ConflictError, match="Idempotency-Key") as other:
         create(extra_headers=key, metadata={"character": "elara"})
+    assert other.value.response.headers["x-should-retry"] == "false"  # the same key, the same answer
     assert create().id != first.id
     with session_scope() as s:
         assert s.scalar(select(func.count()).select_from(Run).where(Run.name == first.id)) == 1

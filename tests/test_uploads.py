@@ -627,3 +627,34 @@ def test_a_files_expiry_is_exact_seconds_across_a_summer_time_change(world) -> N
         )
         s.refresh(row)
         assert row.expires_at - row.created_at == timedelta(days=1), row.expires_at - row.created_at
+
+
+def test_an_upload_sent_again_under_its_idempotency_key_is_the_first_file(base_url, monkeypatch) -> None:
+    """Left by an earlier stop: an upload whose answer was lost, sent again, was a second file
+    counted against the key's quota. Under an Idempotency-Key the retry answers with the first file
+    and keeps no second copy, even when the first filled the quota; another upload under the key, or
+    the key after its file was deleted, is a 409 the openai client does not retry."""
+    import openai
+
+    with session_scope() as s:
+        used = quota_used(session=s, api_key="game-a", tenant="game-a")
+    content = b'{"a": 1}\n' * 300
+    monkeypatch.setattr(settings, "files_quota_bytes", used + len(content))  # the first fills it
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=INGEST_KEY, max_retries=0)
+    key = {"Idempotency-Key": f"upload-{uuid.uuid4().hex}"}
+    first = client.files.create(file=("b.jsonl", content), purpose="batch", extra_headers=key)
+    before = _kept()
+    again = client.files.create(file=("b.jsonl", content), purpose="batch", extra_headers=key)
+    assert again.id == first.id and again.bytes == len(content)
+    assert _kept() == before  # no second copy left on disk
+    with session_scope() as s:
+        assert quota_used(session=s, api_key="game-a", tenant="game-a") == used + len(content)
+    with pytest.raises(openai.ConflictError, match="Idempotency-Key") as other:
+        client.files.create(file=("b.jsonl", content + b"\n"), purpose="batch", extra_headers=key)
+    assert other.value.response.headers["x-should-retry"] == "false"
+    assert _kept() == before
+    assert client.files.delete(first.id).deleted
+    with pytest.raises(openai.ConflictError, match="deleted since"):
+        client.files.create(file=("b.jsonl", content), purpose="batch", extra_headers=key)
+    fresh = client.files.create(file=("b.jsonl", content), purpose="batch")  # no key: a new file
+    assert fresh.id != first.id

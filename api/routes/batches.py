@@ -71,7 +71,9 @@ def create_batch(
             idempotency_key=idempotency_key,
         )
     except KeyReused as exc:
-        raise HTTPException(status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}") from None
+        raise HTTPException(  # the openai client retries a 409 unless told not to
+            status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}", {"x-should-retry": "false"}
+        ) from None
     except BatchRefused as exc:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
     except QuotaReached as exc:

@@ -12,7 +12,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any, BinaryIO, Literal
 
 import anyio
-from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from starlette.datastructures import UploadFile
@@ -26,6 +26,7 @@ from services.files import (
     FileNotFound,
     FileTooLarge,
     FoundFile,
+    KeyReused,
     QuotaReached,
     check_expiry,
     check_room,
@@ -33,7 +34,9 @@ from services.files import (
     find_file,
     list_files,
     save_upload,
+    upload_replays,
 )
+from services.schemas import HeaderText
 
 router = APIRouter(prefix="/v1/files", tags=["files"])
 
@@ -49,8 +52,15 @@ def _declared_length(request: Request) -> int | None:
 
 
 @router.post("")
-async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("ingest"))]) -> Any:
-    """Upload a JSONL file for a batch: multipart fields `file` and `purpose` ("batch")."""
+async def upload_file(
+    request: Request,
+    who: Annotated[Caller, Depends(needs("ingest"))],
+    idempotency_key: Annotated[HeaderText | None, Header(min_length=1, max_length=200)] = None,
+) -> Any:
+    """Upload a JSONL file for a batch: multipart fields `file` and `purpose` ("batch").
+    `Idempotency-Key` makes a retry safe: the same upload again answers with the file the first one
+    stored, keeping no second copy (409 when the key was used for another upload or its file is
+    gone)."""
     media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media != "multipart/form-data":
         raise HTTPException(
@@ -58,7 +68,8 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
             "send the file as multipart/form-data (fields file, purpose)",
         )
     try:  # before a byte of the body is read (parsing it spools the file part to disk)
-        await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant)
+        if not await run_in_threadpool(upload_replays, who.tenant, idempotency_key):
+            await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant)
     except FileTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except QuotaReached as exc:
@@ -98,7 +109,12 @@ async def upload_file(request: Request, who: Annotated[Caller, Depends(needs("in
                 api_key=who.key_id,
                 tenant=who.tenant,
                 expires_after_s=expires_after_s,
+                idempotency_key=idempotency_key,
             )
+        except KeyReused as exc:  # the openai client retries a 409 unless told not to
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}", {"x-should-retry": "false"}
+            ) from None
         except FileTooLarge as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
         except QuotaReached as exc:
