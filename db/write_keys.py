@@ -93,12 +93,12 @@ def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_ha
     return list(found[1])
 
 
-def key_taken(*, session: Session, tenant: str, kind: str, key: str) -> bool:
-    """Whether a committed write holds the key (of any request)."""
+def ids_under_key(*, session: Session, tenant: str, kind: str, key: str) -> list[int] | None:
+    """The ids a committed write under the key stored, whatever its request (None: no such write)."""
     found = session.scalar(
-        select(WriteKey.key).where(WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key)
+        select(WriteKey.ids).where(WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key)
     )
-    return found is not None
+    return None if found is None else list(found)
 
 
 def record_ids(*, session: Session, tenant: str, kind: str, key: str, ids: Sequence[int]) -> None:

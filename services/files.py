@@ -28,7 +28,7 @@ from db.files import add_file_within_quota
 from db.models import StoredFile
 from db.runs import oldest_finalizing_since
 from db.session import session_scope
-from db.write_keys import KeyReused, key_taken, record_ids, take_key
+from db.write_keys import KeyReused, ids_under_key, record_ids, take_key
 from services.pages import list_object
 
 logger = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ def check_expiry(anchor: object, seconds: object, field: str) -> int:
 
 def new_file_id() -> str:
     return "file-" + secrets.token_hex(12)
+
+
+def _file_id(number: int) -> str:
+    """An uploaded file's id from the number its idempotency key records."""
+    return f"file-{number:024x}"
 
 
 def file_object(row: StoredFile) -> dict[str, Any]:
@@ -205,15 +210,18 @@ def _no_room(used: int, reserve: int, why: str = "") -> str:
     )
 
 
-def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT) -> None:
+def check_room(
+    api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT, replayed: int = 0
+) -> None:
     """Refuse an upload before its body is read: the key holds its quota already, or the request's
     declared length cannot fit in what is left of it (or under batch_file_max_bytes), with room for
-    the multipart framing. `body_bytes`: the Content-Length, None for a chunked body. Raises
-    QuotaReached or FileTooLarge."""
+    the multipart framing. `body_bytes`: the Content-Length, None for a chunked body; `replayed`: the
+    size of the file a retry under the same idempotency key would answer with (`replayed_bytes`), not
+    counted twice. Raises QuotaReached or FileTooLarge."""
     file_bytes = None if body_bytes is None else body_bytes - MULTIPART_SLACK
     if file_bytes is not None and file_bytes > settings.batch_file_max_bytes:
         raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-    held = _held(api_key, tenant)
+    held = _held(api_key, tenant) - replayed
     if held >= settings.files_quota_bytes:
         raise _over_quota(held, None)
     if file_bytes is not None and held + file_bytes > settings.files_quota_bytes:
@@ -223,13 +231,18 @@ def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAUL
 FILE_KEY = "file"  # write_keys' kind of an upload
 
 
-def upload_replays(tenant: str, idempotency_key: str | None) -> bool:
-    """Whether an upload under this key may be a retry of one already stored: its quota is then
-    checked when the file is recorded, not before (the first upload may have filled it)."""
+def replayed_bytes(api_key: str | None, tenant: str, idempotency_key: str | None) -> int:
+    """The size of this key's file an upload under `idempotency_key` stored (0: none): a retry of it
+    must fit though the first may have filled the quota, and only it; a bigger body under the key is
+    held to the quota as any other (review: any body was taken whole before its 409)."""
     if idempotency_key is None:
-        return False
+        return 0
     with session_scope() as session:
-        return key_taken(session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key)
+        made = ids_under_key(session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key)
+        found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0])) if made else None
+    if found is None or found[1] or not _owns(found[0].api_key, found[0].tenant, api_key, tenant):
+        return 0
+    return found[0].bytes
 
 
 def _upload_hash(purpose: str, filename: str, api_key: str | None, expires_after_s: int | None) -> Any:
@@ -255,8 +268,8 @@ async def save_upload(
     second copy; another upload under it is KeyReused."""
     from fastapi.concurrency import run_in_threadpool
 
-    replays = await run_in_threadpool(upload_replays, tenant, idempotency_key)
-    held = 0 if replays else await run_in_threadpool(_held, api_key, tenant)
+    replayed = await run_in_threadpool(replayed_bytes, api_key, tenant, idempotency_key)
+    held = await run_in_threadpool(_held, api_key, tenant) - replayed
     digest = _upload_hash(purpose, filename, api_key, expires_after_s) if idempotency_key else None
     file_id = new_file_id()
     final = _path_of(file_id)
@@ -272,7 +285,7 @@ async def save_upload(
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-                if not replays and held + size > settings.files_quota_bytes:  # early; _record decides
+                if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
                     raise _over_quota(held, size)
                 if digest is not None:
                     digest.update(chunk)
@@ -369,7 +382,7 @@ def _record(
         if row is None:
             raise _over_quota(held, size)
         if keyed is not None:
-            ids = [int(file_id.removeprefix("file-"), 16)]
+            ids = [int(file_id.removeprefix("file-"), 16)]  # _file_id's inverse
             record_ids(session=session, tenant=owner[1], kind=FILE_KEY, key=keyed[0], ids=ids)
         return file_object(row), True
 
@@ -377,7 +390,7 @@ def _record(
 def _made_under_key(session: Any, key: str, made: list[int]) -> dict[str, Any]:
     """The file an upload under `key` stored; KeyReused once it is gone (deleted or expired: the key
     outlived it)."""
-    found = stored.get_file_and_expiry(session=session, file_id=f"file-{made[0]:024x}")
+    found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0]))
     if found is None or found[1]:
         raise KeyReused(f"idempotency key {key!r}: the file it uploaded was deleted since")
     return file_object(found[0])

@@ -650,8 +650,12 @@ def test_an_upload_sent_again_under_its_idempotency_key_is_the_first_file(base_u
     with session_scope() as s:
         assert quota_used(session=s, api_key="game-a", tenant="game-a") == used + len(content)
     with pytest.raises(openai.ConflictError, match="Idempotency-Key") as other:
-        client.files.create(file=("b.jsonl", content + b"\n"), purpose="batch", extra_headers=key)
+        client.files.create(file=("b.jsonl", content.replace(b"1", b"2")), purpose="batch", extra_headers=key)
     assert other.value.response.headers["x-should-retry"] == "false"
+    # review: any body under a used key was taken whole past the quota before its 409; only a retry's
+    # size is let through, a bigger one is refused as any other upload at the quota
+    with pytest.raises(openai.PermissionDeniedError, match="MLCHAT_FILES_QUOTA_BYTES"):
+        client.files.create(file=("b.jsonl", content * 50), purpose="batch", extra_headers=key)
     assert _kept() == before
     assert client.files.delete(first.id).deleted
     with pytest.raises(openai.ConflictError, match="deleted since"):

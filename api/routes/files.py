@@ -33,8 +33,8 @@ from services.files import (
     delete_file,
     find_file,
     list_files,
+    replayed_bytes,
     save_upload,
-    upload_replays,
 )
 from services.schemas import HeaderText
 
@@ -68,8 +68,8 @@ async def upload_file(
             "send the file as multipart/form-data (fields file, purpose)",
         )
     try:  # before a byte of the body is read (parsing it spools the file part to disk)
-        if not await run_in_threadpool(upload_replays, who.tenant, idempotency_key):
-            await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant)
+        replayed = await run_in_threadpool(replayed_bytes, who.key_id, who.tenant, idempotency_key)
+        await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant, replayed)
     except FileTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except QuotaReached as exc:
