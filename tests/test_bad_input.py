@@ -979,6 +979,23 @@ def test_a_cli_failure_is_one_line_naming_the_setting_with_no_traceback_from_the
     assert any("broker unreachable at enqueue (" in line for line in lines[:-1])  # the log, one line
 
 
+def _sweep_steps_left_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sweep's steps that are not the test's, left out: run for real they re-send and fail what
+    the session's later tests left waiting (review; a clone's run saw re-sent memory jobs reach later
+    files' queues). Each test puts its own step back."""
+    import memory.schedule
+    import services.batches
+    import services.retention
+    from services import sweeper
+
+    monkeypatch.setattr(sweeper, "resend_stranded", lambda **_: {})
+    monkeypatch.setattr(sweeper, "close_abandoned_runs", dict)
+    monkeypatch.setattr(sweeper, "fail_unserved_live_turns", dict)
+    monkeypatch.setattr(services.batches, "housekeeping", dict)
+    monkeypatch.setattr(services.retention, "prune", dict)
+    monkeypatch.setattr(memory.schedule, "reschedule_stalled", lambda: 0)
+
+
 def test_a_sweep_that_cannot_reach_the_broker_names_the_setting(world, monkeypatch, capsys) -> None:
     """Review (stop 75): `mlchat sweep` said "Error 111 connecting to redis:6379" where every other
     command names REDIS_URL: each step's error was flattened to its text before it was looked at."""
@@ -990,6 +1007,7 @@ def test_a_sweep_that_cannot_reach_the_broker_names_the_setting(world, monkeypat
     def away(**kwargs: Any) -> Any:
         raise OperationalError("Error 111 connecting to redis:6379. Connection refused.")
 
+    _sweep_steps_left_out(monkeypatch)
     monkeypatch.setattr(sweeper, "resend_stranded", away)
     assert main(["sweep"]) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -1027,6 +1045,7 @@ def test_a_sweep_steps_bug_shows_its_traceback_at_debug(world, monkeypatch, capl
     def broken() -> Any:
         raise TypeError("unsupported operand type(s) for -: 'NoneType' and 'int'")
 
+    _sweep_steps_left_out(monkeypatch)
     monkeypatch.setattr(sweeper, "close_abandoned_runs", broken)
     with caplog.at_level(logging.DEBUG, logger="mlchat.sweep"):
         assert main(["sweep"]) == 1

@@ -24,7 +24,7 @@ from db.models import Run, RunStatus, Turn, TurnStatus
 from db.runs import create_run
 from db.session import session_scope
 from services.callbacks import SIGNATURE_HEADER, CallbackFailed, deliver, tenant_secret, verify_signature
-from tests.conftest import fake_lookups
+from tests.conftest import fake_lookups, patch_on_this_thread
 
 SECRET = "callback-secret-for-tests"
 
@@ -1313,8 +1313,8 @@ def test_a_housekeeping_step_that_raises_leaves_the_later_ones_done_and_is_named
     def finalizing_fails(**kwargs: object) -> list[str]:
         raise OSError("the files folder is unreadable")
 
-    monkeypatch.setattr(batches, "finalize_runs", finalizing_fails)
-    monkeypatch.setattr(batches, "retry_callbacks", lambda: tried.append(True) or ["run-x"])
+    patch_on_this_thread(monkeypatch, batches, "finalize_runs", finalizing_fails)
+    patch_on_this_thread(monkeypatch, batches, "retry_callbacks", lambda: tried.append(True) or ["run-x"])
     with pytest.raises(batches.HousekeepingIncomplete) as incomplete:
         batches.housekeeping()
     assert str(incomplete.value) == "housekeeping incomplete: finalized: the files folder is unreadable"

@@ -22,7 +22,7 @@ from services.producer import TurnView
 from services.schemas import TurnRequest
 from services.turn_wait import await_finished
 from tasks import generate
-from tests.conftest import INGEST_KEY, new_conversation, off_the_worker
+from tests.conftest import INGEST_KEY, another_session_waits_on_a_lock, new_conversation, off_the_worker
 
 OWNER = {"X-API-Key": INGEST_KEY}
 
@@ -637,7 +637,6 @@ def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_onc
     """Found in review: both counted no lines and inserted lines 1..n; the second collided with the
     first's on (conversation, seq), a 500 after its turn was committed."""
     import threading
-    import time
 
     from db.models import Message
     from db.world import append_history_if_empty, find_conversations
@@ -652,6 +651,7 @@ def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_onc
     lines = [("user", "Is the ferry running?"), ("assistant", "Not in this wind.")]
     first_wrote = threading.Event()
     outcomes: list[object] = []
+    waited: list[bool] = []
 
     def first() -> None:
         with session_scope() as s:
@@ -659,7 +659,9 @@ def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_onc
                 append_history_if_empty(session=s, conversation_id=conv_id, lines=lines, embeddings=None)
             )
             first_wrote.set()
-            time.sleep(1.0)  # the second request arrives while this one has not committed
+            # the second request arrives while this one has not committed (review: a fixed pause let a
+            # slow machine run the two one after the other)
+            waited.append(another_session_waits_on_a_lock(held_by=s))
 
     def second() -> None:
         first_wrote.wait(10)
@@ -676,7 +678,7 @@ def test_two_requests_seeding_one_new_conversations_history_at_once_write_it_onc
         thread.start()
     for thread in threads:
         thread.join(30)
-    assert outcomes == [2, 0]
+    assert outcomes == [2, 0] and waited == [True]
     with session_scope() as s:
         assert s.query(Message).filter(Message.conversation_id == conv_id).count() == 2
 

@@ -20,7 +20,7 @@ from db.session import session_scope
 from db.turns import claim_turns
 from services.producer import enqueue_turns, get_turn
 from tasks.generate import deferral_delay
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, patch_on_this_thread
 
 
 def _conversation_turns(n: int = 2) -> list[uuid.UUID]:
@@ -179,7 +179,7 @@ def test_a_stalled_earlier_turn_is_sent_as_the_claim_commits_not_after_the_batch
         happened.append("answering")
         raise RuntimeError("the worker dies here")
 
-    monkeypatch.setattr(pipeline, "_answer", answering)
+    patch_on_this_thread(monkeypatch, pipeline, "_answer", answering)
     sent: list[list[uuid.UUID]] = []
     report = pipeline.BatchReport(
         send_stalled=lambda stalled: (sent.append([s.id for s in stalled]), happened.append("sent"))
@@ -200,7 +200,7 @@ def test_a_stalled_earlier_turn_is_sent_as_the_claim_commits_not_after_the_batch
     def resend(item, model, model_of=None):  # type: ignore[no-untyped-def]
         happened.append(f"sent {[t for t, _ in item.turns]} to {item.model}")
 
-    monkeypatch.setattr(generate, "_resend", resend)
+    patch_on_this_thread(monkeypatch, generate, "_resend", resend)
     raised = generate._answer_chunk([(later, "live"), (other, "live")])
     assert isinstance(raised, generate.ChunkRaised) and raised.report.stalled == []
     assert happened == [f"sent {[earlier]} to {settings.model}", "answering"]
@@ -227,7 +227,7 @@ def test_a_stalled_earlier_turn_is_sent_when_the_claims_commit_reply_is_lost(wor
             yield session
         raise OperationalError("COMMIT", {}, Exception("server closed the connection unexpectedly"))
 
-    monkeypatch.setattr(pipeline, "session_scope", commit_then_lose_the_reply)
+    patch_on_this_thread(monkeypatch, pipeline, "session_scope", commit_then_lose_the_reply)
     report = pipeline.BatchReport()
     try:
         pipeline.process_batch([later], report=report)

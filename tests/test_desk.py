@@ -826,21 +826,38 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     services, world, base_url, monkeypatch
 ) -> None:
     """Found in review: the output file was replaced before the change's transaction committed, so
-    a commit that failed (a database blip) left the download carrying text the database did not."""
+    a commit that failed (a database blip) left the download carrying text the database did not.
+    The COMMIT itself fails here, after the rewrite (review: a fault raised before it tested the
+    rollback only, and a file put in place before the commit would have passed)."""
+    import threading
+
+    from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
+    from db.session import get_engine
     from services.batches import rewrite_output_file
 
     first, second, path = _finished_batch()
     before = path.read_bytes()
+    mine, rewritten, blipped = threading.get_ident(), [], []
 
-    def rewrite_then_blip(session, run, file_id):  # type: ignore[no-untyped-def]
+    def rewrite(session, run, file_id):  # type: ignore[no-untyped-def]
         rewrite_output_file(session, run, file_id)
-        raise OperationalError("COMMIT", {}, Exception("the connection dropped"))
+        rewritten.append(True)
 
-    monkeypatch.setattr(desk, "rewrite_output_file", rewrite_then_blip)
-    with pytest.raises(OperationalError):
-        desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    def blip(connection):  # type: ignore[no-untyped-def]  # the change's COMMIT, on this thread only
+        if threading.get_ident() == mine and rewritten and not blipped:
+            blipped.append(True)
+            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))
+
+    monkeypatch.setattr(desk, "rewrite_output_file", rewrite)
+    event.listen(get_engine(), "commit", blip)
+    try:
+        with pytest.raises(OperationalError):
+            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    finally:
+        event.remove(get_engine(), "commit", blip)
+    assert blipped
     assert path.read_bytes() == before and _stored(second)[0].reply == "Morning, traveller."
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]  # no scratch left
     monkeypatch.undo()

@@ -38,7 +38,7 @@ from db.world import append_history_if_empty, find_characters, upsert_conversati
 from scripts.cli import main as cli
 from services.erasure import PlayerBusy, erase
 from services.producer import cancel_turn, submit_turns
-from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY
+from tests.conftest import HASHED_INGEST_KEY, INGEST_KEY, REVIEW_KEY, another_session_waits_on_a_lock
 from tests.lock_order import errors_beside, waits_on
 
 A = {"X-API-Key": INGEST_KEY}
@@ -253,10 +253,14 @@ def test_a_fact_written_while_the_erasure_runs_is_erased_with_the_rest_not_left_
     real_add = db.facts.add_facts
     inserted = threading.Event()
 
+    waited: list[bool] = []
+
     def slow_add(**kwargs: Any) -> Any:
         rows = real_add(**kwargs)
         inserted.set()
-        time.sleep(1.5)  # the write's transaction stays open while the erasure runs
+        # the write's transaction stays open until the erasure waits for it (review: a fixed pause let
+        # a slow machine commit the write before the erasure began)
+        waited.append(another_session_waits_on_a_lock(held_by=kwargs["session"]))
         return rows
 
     monkeypatch.setattr("services.facts.add_facts", slow_add)
@@ -269,6 +273,7 @@ def test_a_fact_written_while_the_erasure_runs_is_erased_with_the_rest_not_left_
     erased = erase("", player)
     writer.join(30)
     assert [f.text for f in written] == ["Rowan owes Mira."] and erased.facts == 2  # held's and this one
+    assert waited == [True]
     assert _facts_left(written[0].id, held["fact"]) == set()
 
 

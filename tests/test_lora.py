@@ -14,6 +14,7 @@ from db.world import upsert_character
 from services.lora.dataset import export_dataset
 from services.lora.train import IGNORE, TrainConfig, encode, train_adapter
 from services.producer import enqueue_turns, submit_turns
+from tests.conftest import patch_on_this_thread
 
 SLUG = "lora-voice"
 CARD = {
@@ -798,14 +799,14 @@ def test_a_turn_whose_adapter_may_load_later_is_sent_again_then_and_one_that_nev
     from worker.engine import Adapter, AdapterUnavailable
 
     passing, lasting = Adapter("copying@v1", 1, "/x"), Adapter("too-big@v1", 2, "/y")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
+    patch_on_this_thread(monkeypatch, pipeline, "adapter_of", lambda character, tenant, speaker: character)
 
     def load(adapter: Adapter) -> None:
         if adapter is passing:
             raise AdapterUnavailable("adapter copying@v1 at /x: no adapter_config.json", retry_in=42.0)
         raise AdapterUnavailable("adapter too-big@v1: rank 64 is over MLCHAT_MAX_LORA_RANK (16)")
 
-    monkeypatch.setattr(engine_module, "load_adapter", load)
+    patch_on_this_thread(monkeypatch, engine_module, "load_adapter", load)
     first, last_try, big = (
         SimpleNamespace(id=uuid.uuid4(), character=passing, attempts=1, tenant="", speaker="character"),
         SimpleNamespace(
@@ -918,14 +919,14 @@ def test_a_load_only_waiting_when_the_engine_died_does_not_charge_its_turns_the_
     from worker.engine import Adapter, EngineDead
 
     adapter = Adapter("waiting@v1", 1, "/x")
-    monkeypatch.setattr(pipeline, "adapter_of", lambda character, tenant, speaker: character)
+    patch_on_this_thread(monkeypatch, pipeline, "adapter_of", lambda character, tenant, speaker: character)
     turn = SimpleNamespace(id=uuid.uuid4(), character=adapter, attempts=1, tenant="", speaker="character")
     for in_engine, charged in ((False, []), (True, [turn.id])):
 
         def load(adapter: Adapter, in_engine: bool = in_engine) -> None:
             raise EngineDead("the engine died", in_engine=in_engine)
 
-        monkeypatch.setattr(engine_module, "load_adapter", load)
+        patch_on_this_thread(monkeypatch, engine_module, "load_adapter", load)
         report = pipeline.BatchReport()
         with pytest.raises(EngineDead):
             pipeline._load_adapters([turn], report)  # type: ignore[list-item]

@@ -25,6 +25,7 @@ from db.summaries import SummaryLine, conversations_due, next_summary_work, stor
 from db.world import find_characters, upsert_conversations
 from memory.context import attach_memory
 from memory.extract import ExtractedFact, parse_facts, player_names, store_extracted
+from tests.conftest import patch_on_this_thread
 from worker.embedder import embed
 from worker.prompt import PromptBuilder, PromptInput
 
@@ -1295,12 +1296,12 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
     monkeypatch.setattr(
         memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: sent.extend(jobs)
     )
-    monkeypatch.setattr(lifecycle, "stop_for_dead_engine", stopped.append)
+    patch_on_this_thread(monkeypatch, lifecycle, "stop_for_dead_engine", stopped.append)
 
     def killer(conversation_id: int, kind: str) -> bool:
         raise EngineDead("engine core died", in_engine=True)
 
-    monkeypatch.setattr(memory_task, "_run_step", killer)
+    patch_on_this_thread(monkeypatch, memory_task, "_run_step", killer)
     for kind in (SUMMARY, EXTRACT):
         with session_scope() as s:  # the job's row, as scheduling leaves it
             mark_queued(session=s, jobs=[(conv, kind)], stale_s=60)
@@ -1341,7 +1342,7 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
     def outside(conversation_id: int, kind: str) -> bool:
         raise EngineDead("engine core died")
 
-    monkeypatch.setattr(memory_task, "_run_step", outside)  # a death its request was not inside
+    patch_on_this_thread(monkeypatch, memory_task, "_run_step", outside)  # a death its request was not inside
     memory_task.memory_job(conv, SUMMARY)
     with session_scope() as s:
         assert engine_deaths(session=s, conversation_id=conv, kind=SUMMARY) == 0
@@ -1351,7 +1352,7 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
     def broker_away(jobs: object, countdown: object = None, release: object = None) -> None:
         raise ConnectionError("injected: the broker went away")
 
-    monkeypatch.setattr(memory_task, "send_memory_jobs", broker_away)
+    patch_on_this_thread(monkeypatch, memory_task, "send_memory_jobs", broker_away)
     stopped.clear()
     memory_task.memory_job(conv, SUMMARY)  # said in the log, the job marked for the sweep (stop 66)
     assert len(stopped) == 1
@@ -1512,13 +1513,15 @@ def test_a_memory_job_inside_deaths_it_was_no_suspect_of_runs_alone_after_a_few(
 
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 40)
-    monkeypatch.setattr(memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: None)
-    monkeypatch.setattr(lifecycle, "stop_for_dead_engine", lambda exc: None)
+    patch_on_this_thread(
+        monkeypatch, memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: None
+    )
+    patch_on_this_thread(monkeypatch, lifecycle, "stop_for_dead_engine", lambda exc: None)
 
     def decoding_when_it_died(conversation_id: int, kind: str) -> bool:
         raise EngineDead("engine core died", present=True)
 
-    monkeypatch.setattr(memory_task, "_run_step", decoding_when_it_died)
+    patch_on_this_thread(monkeypatch, memory_task, "_run_step", decoding_when_it_died)
     with session_scope() as s:
         mark_queued(session=s, jobs=[(conv, SUMMARY)], stale_s=60)
     alone_after = []

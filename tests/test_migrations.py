@@ -449,7 +449,18 @@ def test_a_migration_waiting_for_a_tables_lock_gives_way_to_the_fleets_queries(
     with engine.connect() as export:  # a long transaction reading turns
         export.execute(text("SELECT count(*) FROM turns")).scalar()
         waiter = _migrating(engine, "0031", outcome)
-        time.sleep(1.0)  # the migration has asked for turns' lock by now
+        # the migration has asked for turns' lock (review: a fixed pause let a slow machine ask
+        # the fleet's query first)
+        holder = export.execute(text("SELECT pg_backend_pid()")).scalar()
+        deadline = time.monotonic() + 15
+        with engine.connect() as look:
+            while not look.execute(
+                text("SELECT count(*) FROM pg_stat_activity WHERE :pid = ANY(pg_blocking_pids(pid))"),
+                {"pid": holder},
+            ).scalar():
+                look.rollback()
+                assert time.monotonic() < deadline, "the migration never waited for turns' lock"
+                time.sleep(0.05)
         with engine.connect() as fleet:  # a worker's claim, say: answered, not queued behind the ALTER
             fleet.execute(text("SET statement_timeout = '3s'"))
             assert fleet.execute(text("SELECT count(*) FROM turns")).scalar() == 0

@@ -12,7 +12,7 @@ from db.models import Message, Role, TurnStatus
 from db.session import session_scope
 from db.world import get_character
 from services.producer import enqueue_turns, get_turn
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, patch_on_this_thread
 from worker.pipeline import process_batch
 
 
@@ -591,7 +591,7 @@ def test_a_dead_engine_calls_back_only_the_turns_its_death_ended(dead_engine, mo
     from worker import pipeline
 
     called: list = []
-    monkeypatch.setattr(pipeline, "send_turn_callbacks", called.extend)  # what would be sent
+    patch_on_this_thread(monkeypatch, pipeline, "send_turn_callbacks", called.extend)  # what would be sent
     monkeypatch.setattr(settings, "callback_secret", "test-secret")
     monkeypatch.setattr(settings, "callback_allow_private", True)
     hook = {"callback_url": "http://127.0.0.1:9/hook"}

@@ -1,6 +1,6 @@
 """The RunPod-style handler over the same pipeline: a sample event in, answered turns out."""
 
-from tests.conftest import new_conversation
+from tests.conftest import new_conversation, patch_on_this_thread
 from tests.outcomes import outcome_of
 from worker.serverless import handler
 
@@ -365,7 +365,7 @@ def test_a_dead_engine_sends_the_event_back_keeps_keyed_turns_for_the_replay_and
         raise EngineDead("the engine died: injected")
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
-    monkeypatch.setattr(pipeline, "_answer", dies)
+    patch_on_this_thread(monkeypatch, pipeline, "_answer", dies)
     keyed, unkeyed, event = _keyed_and_unkeyed()
     answer = handler({"input": event})
     assert answer["error"].startswith("the engine died: injected; send the event again")
@@ -441,7 +441,7 @@ def test_a_dead_engine_with_the_database_away_still_asks_for_a_fresh_worker(worl
         raise OperationalError("UPDATE", {}, psycopg.OperationalError("connection refused"))
 
     monkeypatch.setattr(inline, "check_space", lambda: None)
-    monkeypatch.setattr(pipeline, "_answer", dies)
+    patch_on_this_thread(monkeypatch, pipeline, "_answer", dies)
     monkeypatch.setattr(inline, "cancel_turns", database_away)
     answer = handler({"input": new_conversation("elara") | {"message": "Is the ford passable?"}})
     assert answer["error"].startswith("the engine died: injected") and answer["refresh_worker"] is True
