@@ -20,8 +20,8 @@ from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
 from db.session import session_scope
-from db.turns import IdempotencyConflict, StoredTurn, fail_unsent
-from db.world import append_history_if_empty, find_characters, find_conversations
+from db.turns import IdempotencyConflict
+from db.world import find_characters
 from services import producer
 from services.producer import TurnView
 from services.runs.openai_lines import (
@@ -189,42 +189,18 @@ def start_chat_turn(
         request.to_one_character()
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
+    history = [(h["role"], h["content"]) for h in stored_history(line)] if line["history"] else []
     try:
-        (stored,) = producer.submit_turns([request], send=False, api_key=api_key, tenant=tenant)
+        (stored,) = producer.submit_turns(
+            [request], send=False, api_key=api_key, tenant=tenant, history=history
+        )
     except producer.TurnRejected as exc:  # named as the chat request names it (not `character`)
         raise ChatRejected("; ".join(f"{origin(e.field)}: {e.reason}" for e in exc.errors)) from None
     except IdempotencyConflict as exc:
         raise ChatRejected(f"Idempotency-Key (header): {exc}", status=409) from None
-    if line["history"]:
-        try:
-            _seed_history(conversation, tenant, [(h["role"], h["content"]) for h in stored_history(line)])
-        except Exception:
-            if stored.created or stored.unsent:  # a replay's turn may have been sent and be waiting
-                _fail_unsent(stored)
-            raise
-    producer.send_stored([stored], lane="live")  # after the history: the turn's prompt reads it
+    producer.send_stored([stored], lane="live")
     whole = (request.params.response_format or {}).get("type") == "npc"
     return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
-
-
-def _seed_history(conversation: str, tenant: str, history: list[tuple[str, str]]) -> None:
-    """The request's earlier messages as the conversation's history, if it has none yet."""
-    with session_scope() as session:
-        found = find_conversations(session=session, external_ids=[conversation], tenant=tenant)
-        conv_id, _ = found[conversation]
-        append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
-
-
-def _fail_unsent(stored: StoredTurn) -> None:
-    """Mark a turn stored but never sent failed, as a broker outage at enqueue does: queued with no
-    message, it would hold every later turn of its conversation until the sweeper's hour, and the
-    official client retries without a key (a new turn, behind it). A retry with the key revives it."""
-    try:
-        with session_scope() as session:
-            reason = "its chat history could not be stored; retry"
-            fail_unsent(session=session, turn_ids=[stored.id], reason=reason, sent_at=stored.sent_at)
-    except Exception:  # the database is down too: the sweeper sends it
-        logger.warning("turn %s: stored, not sent, and could not be marked failed", stored.id, exc_info=True)
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:

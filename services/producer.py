@@ -37,7 +37,13 @@ from db.turns import (
     unstamp_resend,
 )
 from db.turns import get_turn as read_turn
-from db.world import CONVERSATION_START_FIELDS, find_characters, find_conversations, upsert_conversations
+from db.world import (
+    CONVERSATION_START_FIELDS,
+    append_history_if_empty,
+    find_characters,
+    find_conversations,
+    upsert_conversations,
+)
 from services.callbacks import ResolverTooSlow, callback_destinations
 from services.schemas import TurnRequest
 from structured.spec import shown_params
@@ -170,8 +176,11 @@ def submit_turns(
     custom_ids: Sequence[str] | None = None,
     api_key: str | None = None,
     tenant: str = DEFAULT_TENANT,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[StoredTurn]:
     """Queue many turns; one StoredTurn per request (its id, whether it is new, its real status).
+    `history` (one request only): earlier lines (role, text) seeded as its conversation's history
+    when it has none, in the turn's own transaction.
 
     A replay (same idempotency key, same request) returns the turn as it stands; a replay of a turn
     that failed only because the broker was down at its first enqueue queues and sends it again.
@@ -193,7 +202,10 @@ def submit_turns(
     if unknown:
         raise TurnRejected(unknown)
     _check_callback_hosts(parsed, tenant)
-    if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
+    if history and len(parsed) != 1:
+        raise ValueError("history seeds one request's conversation")
+    # A named member, or history to seed with the turn: the full path.
+    if len(parsed) == 1 and parsed[0].speaker_character is None and not history:
         automatic_key = parsed[0].idempotency_key is None
         fast, parsed[0], fast_raised = _store_one_fast(
             parsed[0],
@@ -217,7 +229,9 @@ def submit_turns(
                 api_key=api_key,
                 tenant=tenant,
             )
-    stored = _store_or_raise(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+    stored = _store_or_raise(
+        parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant, history=history
+    )
     if send:  # else the caller runs the pipeline itself (`mlchat chat --inline`, tests) or sends
         send_stored(stored, lane=lane)
     return stored
@@ -325,13 +339,20 @@ def _store_or_raise(
     custom_ids: Sequence[str] | None,
     api_key: str | None,
     tenant: str,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[StoredTurn]:
     """_store_turns, with a database outage as EnqueueError. A transaction the server rolled back
     for a deadlock or a serialization failure (two producers inserting the same new conversations or
     keys in other orders) is run again: it left nothing behind."""
     try:
         store = partial(
-            _store_turns, parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant
+            _store_turns,
+            parsed,
+            run_id=run_id,
+            custom_ids=custom_ids,
+            api_key=api_key,
+            tenant=tenant,
+            history=history,
         )
         return again_on_conflict(store, what="enqueue", also=lambda exc: isinstance(exc, IdempotencyRace))
     except OperationalError as exc:  # no message was sent: a worker never sees a turn the database lacks
@@ -348,11 +369,18 @@ def _store_turns(
     custom_ids: Sequence[str] | None,
     api_key: str | None = None,
     tenant: str = DEFAULT_TENANT,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[StoredTurn]:
     """Insert the turns (and any new conversations) in one transaction; revive replays of turns that
-    were never sent (marked unsent). Returns each request's StoredTurn."""
+    were never sent (marked unsent). Returns each request's StoredTurn. `history`: the one request's
+    earlier lines, its conversation's history if it has none, in this same transaction (review: seeded
+    in one of its own after the turn's, an API killed in between left a turn the worker answered
+    without them, and the conversation's first reply kept every later seed out for good)."""
     with session_scope() as session:
         conv_ids = _resolve_conversations(session, parsed, tenant)
+        if history:
+            conv_id = conv_ids[parsed[0].conversation]
+            append_history_if_empty(session=session, conversation_id=conv_id, lines=history, embeddings=None)
         speakers = _group_speakers(session, parsed, conv_ids, tenant)
         new = [
             _new_turn(

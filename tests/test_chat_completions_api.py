@@ -22,7 +22,13 @@ from services.producer import TurnView
 from services.schemas import TurnRequest
 from services.turn_wait import await_finished
 from tasks import generate
-from tests.conftest import INGEST_KEY, another_session_waits_on_a_lock, new_conversation, off_the_worker
+from tests.conftest import (
+    INGEST_KEY,
+    another_session_waits_on_a_lock,
+    new_conversation,
+    off_the_worker,
+    patch_on_this_thread,
+)
 
 OWNER = {"X-API-Key": INGEST_KEY}
 
@@ -470,23 +476,30 @@ def test_a_retry_after_the_broker_was_down_sends_the_turn_it_revives(world, monk
         start_chat_turn(body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, idempotency_key="run:x:y")
 
 
-def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, monkeypatch) -> None:
-    """Review of the fix above: the first request can die between its commit and its send (its
-    history append raised here); the client's retry, a plain replay, must send that turn."""
+def test_a_request_whose_history_is_not_stored_stores_no_turn_and_its_retry_sends_both(
+    world, monkeypatch
+) -> None:
+    """Review (a process killed between two commits): the turn was committed, then its earlier
+    messages in a transaction of their own; an API killed in between left a turn the worker answered
+    without them, and that first reply kept every later seed out of the conversation for good. The
+    history is stored in the turn's transaction: a failure there (standing in for the kill) stores
+    neither, and the client's retry stores and sends both."""
+    from db.models import Message
+    from services import producer
     from services.live_chat import start_chat_turn
 
     sent: list[uuid.UUID] = []
     kept = off_the_worker(generate.dispatch, lambda ids, *, model, lane, **kwargs: sent.extend(ids))
     monkeypatch.setattr(generate, "dispatch", kept)
-    real, failed = live_chat.append_history_if_empty, []
+    real, failed = producer.append_history_if_empty, []
 
     def append_once(**kwargs):  # type: ignore[no-untyped-def]
+        real(**kwargs)
         if not failed:
             failed.append(True)
             raise RuntimeError("the API process died here")
-        return real(**kwargs)
 
-    monkeypatch.setattr(live_chat, "append_history_if_empty", append_once)
+    patch_on_this_thread(monkeypatch, producer, "append_history_if_empty", append_once)
     conversation = new_conversation()["conversation"]
     key = f"chat-{uuid.uuid4()}"
     messages = [
@@ -499,19 +512,25 @@ def test_a_retry_sends_a_turn_its_first_request_stored_and_never_sent(world, mon
         start_chat_turn(
             body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
         )
-    assert sent == []  # stored, never sent
-    # ...and failed, so it holds no later turn of its conversation (review: queued with no message,
-    # it held them for the sweeper's hour, and the official client retries without a key)
-    with session_scope() as session:
-        stuck = session.scalars(
-            select(Turn).where(Turn.tenant == DEFAULT_TENANT, Turn.idempotency_key == key)
-        ).one()
-        assert stuck.status == TurnStatus.FAILED and "history could not be stored" in (stuck.error or "")
+    assert sent == []
+    with session_scope() as session:  # neither the turn nor its history
+        assert (
+            session.scalar(
+                select(func.count()).where(Turn.tenant == DEFAULT_TENANT, Turn.idempotency_key == key)
+            )
+            == 0
+        )
     turn = start_chat_turn(
         body, api_key=INGEST_KEY, tenant=DEFAULT_TENANT, conversation=conversation, idempotency_key=key
     )
     _cancel([turn.id])
     assert sent == [turn.id]
+    with session_scope() as session:
+        conv_id = session.scalar(select(Turn.conversation_id).where(Turn.id == turn.id))
+        lines = session.scalars(
+            select(Message.content).where(Message.conversation_id == conv_id).order_by(Message.seq)
+        ).all()
+    assert lines == ["Evening.", "Evening, traveller."]
 
 
 def test_the_conversation_header_names_it_and_earlier_messages_seed_only_a_new_one(
@@ -593,7 +612,6 @@ def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
 ) -> None:
     from sqlalchemy import update
 
-    from db.models import TurnStatus
 
     body = {"model": "elara", "messages": [{"role": "user", "content": "Which road leads north?"}]}
     headers = OWNER | {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
