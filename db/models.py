@@ -445,6 +445,14 @@ class Turn(Base):
             "created_at",
             postgresql_where="status = 'queued' AND run_id IS NULL",
         ),
+        # A model's stranded live turns, oldest first, past any bulk backlog (services/sweeper.py::
+        # resend_stranded; migration 0052).
+        Index(
+            "ix_turns_live_unfinished",
+            "model",
+            "number",
+            postgresql_where="status IN ('queued', 'running') AND run_id IS NULL",
+        ),
         # Live turns still holding their prompt, oldest finished first: the sweep's retention
         # (db/retention.py::forget_prompts; migration 0049).
         Index(

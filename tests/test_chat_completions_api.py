@@ -612,7 +612,6 @@ def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
 ) -> None:
     from sqlalchemy import update
 
-
     body = {"model": "elara", "messages": [{"role": "user", "content": "Which road leads north?"}]}
     headers = OWNER | {"Idempotency-Key": f"chat-{uuid.uuid4()}"}
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=headers, timeout=30)

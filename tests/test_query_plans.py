@@ -528,3 +528,21 @@ def test_a_cancel_of_a_run_just_stored_reads_its_turns_a_bounded_number_of_times
             nodes += node.get("Plans", [])
             read += node["Actual Rows"] * node["Actual Loops"]  # a rescanned inner side's too
         assert read <= 10 * lines, (read, statement)
+
+
+def test_a_sweeps_look_for_lost_live_turns_reads_that_models_live_ones_not_every_bulk_line(world) -> None:
+    """Review at fleet scale: the look for a model's stranded live turns had only the index of every
+    unfinished turn, checking model and lane row by row: a player's lost turn was found after reading
+    every bulk line still waiting (a large batch's backlog, each sweep). Migration 0052."""
+    from services.sweeper import resend_stranded
+
+    model = f"plans-{uuid.uuid4().hex[:6]}"
+    live = _sent(lambda s: "ORDER BY turns.number" in s and "turns.run_id IS NOT NULL" not in s)
+    with live as seen:
+        resend_stranded(older_than_s=3600, models=[model])
+    assert seen
+    with session_scope() as session:  # the planner's choice on the table as it is
+        session.execute(text("ANALYZE turns"))
+    for statement, parameters in seen:  # a sweep's process is short-lived: never a generic plan
+        plan = _custom_plan(statement, parameters)
+        assert "ix_turns_live_unfinished" in plan, (statement, plan)
