@@ -210,18 +210,15 @@ def _no_room(used: int, reserve: int, why: str = "") -> str:
     )
 
 
-def check_room(
-    api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT, replayed: int = 0
-) -> None:
+def check_room(api_key: str | None, body_bytes: int | None, tenant: str = DEFAULT_TENANT) -> None:
     """Refuse an upload before its body is read: the key holds its quota already, or the request's
     declared length cannot fit in what is left of it (or under batch_file_max_bytes), with room for
-    the multipart framing. `body_bytes`: the Content-Length, None for a chunked body; `replayed`: the
-    size of the file a retry under the same idempotency key would answer with (`replayed_bytes`), not
-    counted twice. Raises QuotaReached or FileTooLarge."""
+    the multipart framing. `body_bytes`: the Content-Length, None for a chunked body. Raises
+    QuotaReached or FileTooLarge."""
     file_bytes = None if body_bytes is None else body_bytes - MULTIPART_SLACK
     if file_bytes is not None and file_bytes > settings.batch_file_max_bytes:
         raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-    held = _held(api_key, tenant) - replayed
+    held = _held(api_key, tenant)
     if held >= settings.files_quota_bytes:
         raise _over_quota(held, None)
     if file_bytes is not None and held + file_bytes > settings.files_quota_bytes:
@@ -231,18 +228,34 @@ def check_room(
 FILE_KEY = "file"  # write_keys' kind of an upload
 
 
-def replayed_bytes(api_key: str | None, tenant: str, idempotency_key: str | None) -> int:
-    """The size of this key's file an upload under `idempotency_key` stored (0: none): a retry of it
-    must fit though the first may have filled the quota, and only it; a bigger body under the key is
-    held to the quota as any other (review: any body was taken whole before its 409)."""
+def replayed_bytes(api_key: str | None, tenant: str, idempotency_key: str | None) -> int | None:
+    """The size of the file an upload under `idempotency_key` stored, which a retry answers with
+    (None: no upload holds the key; it is held to the quota as any other). A retry is not held to the
+    quota (the first may have filled it) but to that size: a bigger body under the key is another
+    upload (review: any body was taken whole before its 409). KeyReused when the key's file is gone
+    (deleted or expired) or another API key's."""
     if idempotency_key is None:
-        return 0
+        return None
     with session_scope() as session:
         made = ids_under_key(session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key)
-        found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0])) if made else None
-    if found is None or found[1] or not _owns(found[0].api_key, found[0].tenant, api_key, tenant):
-        return 0
+        if made is None:
+            return None
+        found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0]))
+    if found is None or found[1]:
+        raise KeyReused(f"idempotency key {idempotency_key!r}: the file it uploaded was deleted since")
+    if not _owns(found[0].api_key, found[0].tenant, api_key, tenant):
+        raise KeyReused(f"idempotency key {idempotency_key!r} was already used for a different request")
     return found[0].bytes
+
+
+def _past_replay(key: str | None) -> KeyReused:
+    return KeyReused(f"idempotency key {key!r} was already used for a different request (a bigger file)")
+
+
+def check_replay_room(body_bytes: int | None, replayed: int, key: str | None) -> None:
+    """Refuse before its body is read a retry whose declared length cannot be the upload it repeats."""
+    if body_bytes is not None and body_bytes - MULTIPART_SLACK > replayed:
+        raise _past_replay(key)
 
 
 def _upload_hash(purpose: str, filename: str, api_key: str | None, expires_after_s: int | None) -> Any:
@@ -269,7 +282,7 @@ async def save_upload(
     from fastapi.concurrency import run_in_threadpool
 
     replayed = await run_in_threadpool(replayed_bytes, api_key, tenant, idempotency_key)
-    held = await run_in_threadpool(_held, api_key, tenant) - replayed
+    held = await run_in_threadpool(_held, api_key, tenant) if replayed is None else 0
     digest = _upload_hash(purpose, filename, api_key, expires_after_s) if idempotency_key else None
     file_id = new_file_id()
     final = _path_of(file_id)
@@ -285,11 +298,11 @@ async def save_upload(
                 size += len(chunk)
                 if size > settings.batch_file_max_bytes:
                     raise FileTooLarge(f"file: over {settings.batch_file_max_bytes} bytes")
-                if held + size > settings.files_quota_bytes:  # stop writing early; _record decides
+                if replayed is not None and size > replayed:
+                    raise _past_replay(idempotency_key)
+                if replayed is None and held + size > settings.files_quota_bytes:  # early; _record decides
                     raise _over_quota(held, size)
-                if digest is not None:
-                    digest.update(chunk)
-                await run_in_threadpool(out.write, chunk)
+                await run_in_threadpool(_write, out, chunk, digest)
             await run_in_threadpool(out.flush)  # what the buffer holds: a full disk may say so only now
         finally:
             with anyio.CancelScope(shield=True):
@@ -315,6 +328,13 @@ async def save_upload(
     if not stored_now:  # a retry under its key: the first upload's file is the answer
         await run_in_threadpool(remove_unlisted, [final])
     return made
+
+
+def _write(out: BinaryIO, chunk: bytes, digest: Any) -> None:
+    """A chunk written, and hashed for its idempotency key: off the event loop, both."""
+    if digest is not None:
+        digest.update(chunk)
+    out.write(chunk)
 
 
 def remove_unlisted(paths: list[Path]) -> None:

@@ -1293,8 +1293,11 @@ def test_a_memory_job_whose_request_was_inside_dead_engines_runs_alone_then_with
     conv = _conversation("elara", f"p-{uuid.uuid4().hex[:6]}")
     _lines(conv, 40)
     sent, stopped = [], []
-    monkeypatch.setattr(
-        memory_task, "send_memory_jobs", lambda jobs, countdown=None, release=None: sent.extend(jobs)
+    patch_on_this_thread(
+        monkeypatch,
+        memory_task,
+        "send_memory_jobs",
+        lambda jobs, countdown=None, release=None: sent.extend(jobs),
     )
     patch_on_this_thread(monkeypatch, lifecycle, "stop_for_dead_engine", stopped.append)
 

@@ -350,7 +350,7 @@ def test_a_queued_turn_whose_message_was_lost_is_sent_again_a_lease_later_not_an
         with app.connection_for_write() as conn:
             conn.default_channel.client.hdel(unacked_key, *tags)
             conn.default_channel.client.zrem(index_key, *tags)
-            conn.default_channel.queue_purge(queue)
+        _leave_nothing([lost, *taken])
 
 
 def _ids_of(message):  # type: ignore[no-untyped-def]
@@ -514,10 +514,16 @@ def test_a_lost_message_is_found_past_65535_held_ids_and_for_a_lapsed_turn_sent_
             .values(status=TurnStatus.RUNNING, started_at=lapsed_at, lease_until=lapsed_at)
         )  # its lease lapsed, then it was sent again (went_out): not "lapsed and unsent"
     others = {uuid.uuid4() for _ in range(70_000)}  # messages held for other turns
-    found = find_stranded(
-        older_than_s=3600, models=[model], limit=10, held=(others | {held}, {(model, "live")})
-    )
-    assert {t.id for t in found[(model, "live")]} == {queued, lapsed}  # the held one is a worker's
+    try:
+        found = find_stranded(
+            older_than_s=3600, models=[model], limit=10, held=(others | {held}, {(model, "live")})
+        )
+        assert {t.id for t in found[(model, "live")]} == {queued, lapsed}  # the held one is a worker's
+    finally:  # no worker serves the model: nothing left for a later test's sweep
+        with session_scope() as s:
+            s.execute(
+                update(Turn).where(Turn.id.in_([queued, lapsed, held])).values(status=TurnStatus.CANCELLED)
+            )
 
 
 def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_long_enough(

@@ -29,6 +29,7 @@ from services.files import (
     KeyReused,
     QuotaReached,
     check_expiry,
+    check_replay_room,
     check_room,
     delete_file,
     find_file,
@@ -69,11 +70,16 @@ async def upload_file(
         )
     try:  # before a byte of the body is read (parsing it spools the file part to disk)
         replayed = await run_in_threadpool(replayed_bytes, who.key_id, who.tenant, idempotency_key)
-        await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant, replayed)
+        if replayed is None:
+            await run_in_threadpool(check_room, who.key_id, _declared_length(request), who.tenant)
+        else:  # a retry: the size of the file it repeats, not the quota the first may have filled
+            check_replay_room(_declared_length(request), replayed, idempotency_key)
     except FileTooLarge as exc:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
     except QuotaReached as exc:
         raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
+    except KeyReused as exc:
+        raise _key_conflict(exc) from None
     try:  # Starlette spools the file part to the temporary folder as it parses the body
         form = await request.form(max_files=1, max_fields=4)
     except OSError as exc:  # that folder full or unwritable: the deployment's, and a 503 says so
@@ -111,16 +117,21 @@ async def upload_file(
                 expires_after_s=expires_after_s,
                 idempotency_key=idempotency_key,
             )
-        except KeyReused as exc:  # the openai client retries a 409 unless told not to
-            raise HTTPException(
-                status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}", {"x-should-retry": "false"}
-            ) from None
+        except KeyReused as exc:
+            raise _key_conflict(exc) from None
         except FileTooLarge as exc:
             raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, str(exc)) from None
         except QuotaReached as exc:
             raise HTTPException(status.HTTP_403_FORBIDDEN, str(exc)) from None
     finally:
         await form.close()  # the spooled part's temporary file
+
+
+def _key_conflict(exc: KeyReused) -> HTTPException:
+    # the openai client retries a 409 unless told not to
+    return HTTPException(
+        status.HTTP_409_CONFLICT, f"Idempotency-Key (header): {exc}", {"x-should-retry": "false"}
+    )
 
 
 @router.get("")
