@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from api import errors
 from api.body_limit import BodySizeLimit
 from api.off_loop import publish_bodies
+from api.private_responses import PrivateResponses
 from api.request_count import RequestCount
 from api.routes import (
     batches,
@@ -85,6 +86,11 @@ def create_app() -> FastAPI:
         version="0.1.0",
         summary="In-character replies for game NPCs, in batches",
         lifespan=_lifespan,
+        # No /docs or /redoc: their pages load Swagger UI and ReDoc from a CDN (unpinned, no SRI) on
+        # the desk's origin, where a writer's session cookie is sent (review of the web security).
+        # The OpenAPI document stays at /openapi.json.
+        docs_url=None,
+        redoc_url=None,
     )
     app.add_middleware(
         BodySizeLimit,
@@ -115,6 +121,7 @@ def create_app() -> FastAPI:
     desk.install(app)  # the writers' desk: pages under /desk, GET /v1/turns/{id}/review
     publish_bodies(app)  # the bodies validated off the event loop, in the OpenAPI document
 
+    app.add_middleware(PrivateResponses)  # every /v1/ answer, refusals of the body limit too
     app.add_middleware(RequestCount)  # outside the body limit: its 413s are counted too
 
     metrics.register_queue_depth()  # served by api/routes/metrics.py, for admin keys unless public

@@ -670,3 +670,22 @@ def test_an_upload_sent_again_under_its_idempotency_key_is_the_first_file(base_u
     monkeypatch.setattr(settings, "files_quota_bytes", used + len(content))
     fresh = client.files.create(file=("b.jsonl", content), purpose="batch")  # no key: a new file
     assert fresh.id != first.id
+
+
+def test_the_apis_answers_are_never_kept_by_a_shared_cache_and_no_page_loads_a_cdns_script(base_url) -> None:
+    """Review of the web security: a batch file's content went out with an ETag and no Cache-Control
+    (a CDN in front could keep it and answer a request without a key), and /docs and /redoc loaded
+    Swagger UI and ReDoc from a CDN on the desk's origin."""
+    headers, body = _multipart(b'{"a": 1}\n')
+    stored = httpx.post(f"{base_url}/v1/files", content=body, headers=INGEST | headers)
+    assert stored.status_code == 200, stored.text
+    for answer in (
+        httpx.get(f"{base_url}/v1/files/{stored.json()['id']}/content", headers=INGEST),
+        httpx.get(f"{base_url}/v1/files", headers=INGEST),
+        httpx.get(f"{base_url}/v1/files"),  # a refusal too
+    ):
+        assert answer.headers["cache-control"] == "private, no-store", answer.headers
+        assert answer.headers["x-content-type-options"] == "nosniff"
+    assert httpx.get(f"{base_url}/docs").status_code == 404
+    assert httpx.get(f"{base_url}/redoc").status_code == 404
+    assert httpx.get(f"{base_url}/openapi.json").status_code == 200
