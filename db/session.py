@@ -61,13 +61,34 @@ def adopted_space_version() -> int | None:
     return _space_version
 
 
-def _set_session(dbapi_connection: Any, embedder: str | None, version: int | None) -> None:
-    """Name the embedder (when given) and the space version for the connection's session."""
+# The server's side of the same: a host lost without a word (power, a partition) keeps its
+# connections' advisory locks (a submission's, the sweep's re-send lock) and open transactions (a
+# finalizing run's row) until the server notices, after the kernel's two hours of keepalive silence
+# with a stock server; every sweep meanwhile skips its re-sends and a batch stays `validating`
+# (review of kills between commits). Set per session, as any user may: a pooler or a managed server
+# keeps its own configuration.
+SERVER_KEEPALIVES = {
+    "tcp_keepalives_idle": "30",
+    "tcp_keepalives_interval": "10",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "60000",  # ms
+}
+
+
+def _set_session(
+    dbapi_connection: Any, embedder: str | None, version: int | None, first: bool = False
+) -> None:
+    """Name the embedder (when given) and the space version for the connection's session; on its
+    `first` set-up, the server's keepalives too."""
     statement = "SELECT set_config('mlchat.space_version', %s, false)"
     params: tuple[str, ...] = ("" if version is None else str(version),)
     if embedder is not None:
         statement += ", set_config('mlchat.embedder', %s, false)"
         params += (embedder,)
+    if first:
+        for name, value in SERVER_KEEPALIVES.items():
+            statement += ", set_config(%s, %s, false)"
+            params += (name, value)
     with dbapi_connection.cursor() as cursor:
         cursor.execute(statement, params)
     if not dbapi_connection.autocommit:
@@ -85,7 +106,7 @@ def _name_embedder(engine: Engine) -> Engine:
     @event.listens_for(engine, "connect")
     def _connected(dbapi_connection: Any, entry: Any) -> None:  # both in the one set-up statement
         version = _space_version
-        _set_session(dbapi_connection, settings.embedder, version)
+        _set_session(dbapi_connection, settings.embedder, version, first=True)
         entry.info["space_version"] = version
 
     @event.listens_for(engine, "checkout")

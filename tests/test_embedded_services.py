@@ -243,6 +243,26 @@ def test_the_processes_database_connections_give_up_on_a_silent_peer_in_about_a_
         assert params["keepalives_idle"] == "30" and params["tcp_user_timeout"] == "60000", params
 
 
+def test_the_server_gives_up_on_a_lost_hosts_connections_and_their_locks_in_about_a_minute(services) -> None:
+    """Review of kills between commits: a host lost without a word kept its connections' advisory
+    locks (the sweep's re-send lock, a submission's) and open transactions for the server's kernel
+    keepalive silence, two hours with a stock server. Each connection sets the server's keepalives
+    for its session (a Unix socket, the embedded server's, reads them as 0 but records them set)."""
+    from sqlalchemy import text
+
+    from db.session import SERVER_KEEPALIVES, get_autocommit_engine, get_engine
+
+    for engine in (get_engine(), get_autocommit_engine()):
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT name, source FROM pg_settings WHERE name = ANY(:names)"),
+                {"names": list(SERVER_KEEPALIVES)},
+            ).all()
+            found = {name: source for name, source in rows}
+            conn.rollback()
+        assert found == dict.fromkeys(SERVER_KEEPALIVES, "session"), (engine, found)
+
+
 def test_a_shared_buffers_postgresql_refuses_is_one_error_naming_the_variable_and_the_server_runs_on(
     tmp_path: Path,
 ) -> None:
