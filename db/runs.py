@@ -630,6 +630,30 @@ def finish_finalizing(
     return None if status is None else RunStatus(status)
 
 
+def begin_finalizing_try(*, session: Session, run_id: uuid.UUID) -> bool:
+    """Record a finalizing try before its files are written, in a transaction of its own: the run goes
+    to the back of the line and its give-up clock starts, as a failed try's would (review: a try
+    killed mid-write recorded nothing, came first again at every pass, never reached the give-up,
+    and left its files for good: the orphan sweep keeps what is newer than the oldest finalizing).
+    False when it is not finalizing or another finalizer holds it (never waited for)."""
+    free = (
+        select(Run.id)
+        .where(Run.id == run_id, Run.status == RunStatus.FINALIZING)
+        .with_for_update(key_share=True, skip_locked=True)  # as finalize_run's own lock
+        .scalar_subquery()
+    )
+    stamped = session.scalar(
+        update(Run)
+        .where(Run.id == free)
+        .values(
+            finalizing_at=func.now(),
+            finalize_failed_since=func.coalesce(Run.finalize_failed_since, func.now()),
+        )
+        .returning(Run.id)
+    )
+    return stamped is not None
+
+
 def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str, give_up_s: float) -> bool:
     """A finalizing run whose files could not be written goes to the back of the line, saying why;
     one whose files have failed for `give_up_s` since the first failure in a row fails instead

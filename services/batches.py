@@ -33,6 +33,7 @@ from db.models import Run, RunStatus, Turn
 from db.runs import (
     RunCounts,
     batch_submissions_due,
+    begin_finalizing_try,
     begin_submission_attempt,
     cancel_run,
     create_run,
@@ -713,6 +714,9 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
     it is not finalizing, or writing failed (logged; the run is tried again later)."""
     written: list[Path] = []  # this try's files: gone again if their rows are not committed
     try:
+        with session_scope() as session:
+            if not begin_finalizing_try(session=session, run_id=run_id):
+                return None
         with session_scope() as session:
             locked = session.scalar(
                 select(Run.id)

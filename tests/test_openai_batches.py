@@ -38,7 +38,7 @@ from services.runs import RunValidationError, export_run, submit_run
 from services.runs.openai_lines import LineOptions
 from services.runs.validate import file_digest
 from tasks.app import app
-from tests.conftest import INGEST_KEY, fake_lookups
+from tests.conftest import INGEST_KEY, fake_lookups, patch_on_this_thread
 
 MODEL = "batches-check"  # a queue no worker consumes
 
@@ -2323,3 +2323,36 @@ def test_the_orphan_scan_is_due_once_in_its_interval_across_processes(tmp_path, 
     (tmp_path / "file-not-folder").write_text("")
     monkeypatch.setattr(batches, "_orphans_swept_at", [-batches.ORPHAN_SWEEP_EVERY_S])
     assert batches._orphan_sweep_due() and not batches._orphan_sweep_due()
+
+
+def test_a_finalizing_killed_mid_write_is_counted_and_goes_to_the_back_of_the_line(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Review of kills between commits: a finalizing try recorded nothing until it failed; one killed
+    mid-write (a deploy's stop, out of memory) left the run first in line at every pass, never
+    reaching the give-up, its files kept by the orphan sweep for good. Each try is recorded first."""
+    from db.runs import finalizing_runs
+
+    subs = [
+        _submit(tmp_path, f"killed-fin-{i}-" + tmp_path.name, 1, input_file_id="file-test") for i in range(2)
+    ]
+    for i, sub in enumerate(subs):
+        claim = _claim(sub.id, 1)
+        _fail(claim, [t.id for t in claim.claimed])
+        with session_scope() as s:  # the first has waited longest
+            s.execute(
+                update(Run).where(Run.id == sub.id).values(finalizing_at=func.now() - timedelta(hours=3 - i))
+            )
+    killed, waiting = subs
+
+    def killed_mid_write(session, run, written):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt  # stands for the kill: no except clause of the try runs
+
+    patch_on_this_thread(monkeypatch, batches, "_write_files", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        batches.finalize_run(killed.id)
+    with session_scope() as s:
+        run = s.get_one(Run, killed.id)
+        assert run.status == RunStatus.FINALIZING and run.finalize_failed_since is not None
+        ahead = finalizing_runs(session=s, limit=10_000)
+    assert ahead.index(waiting.id) < ahead.index(killed.id)
