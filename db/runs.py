@@ -64,6 +64,7 @@ from sqlalchemy.orm import Session, defer
 
 from db.advisory_locks import advisory_lock, held_by, name_key
 from db.models import (
+    RUN_FINISHED,
     RUN_LIVE,
     TURN_FINISHED,
     TURN_UNFINISHED,
@@ -628,6 +629,17 @@ def finish_finalizing(
         .returning(Run.status)
     )
     return None if status is None else RunStatus(status)
+
+
+def lock_run_of_output_file(*, session: Session, file_id: str) -> uuid.UUID | None:
+    """The finished run whose output file this is, locked as a writer's text change locks it (FOR NO
+    KEY UPDATE: rewrites of the file never interleave); None when there is none, or its deletion
+    began."""
+    return session.scalar(
+        select(Run.id)
+        .where(Run.output_file_id == file_id, Run.status.in_(RUN_FINISHED), Run.deleting_since.is_(None))
+        .with_for_update(key_share=True)
+    )
 
 
 def begin_finalizing_try(*, session: Session, run_id: uuid.UUID) -> bool:

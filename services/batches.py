@@ -21,6 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import regex
 from sqlalchemy import event, func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -41,6 +42,7 @@ from db.runs import (
     fail_submission,
     finalizing_runs,
     finish_finalizing,
+    lock_run_of_output_file,
     postpone_finalizing,
     postpone_submission,
     run_counts,
@@ -986,6 +988,29 @@ def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> No
         scratch.unlink(missing_ok=True)
 
 
+# The scratch of a batch file's rewrite (rewrite_output_file), left by a process killed mid-rewrite.
+_REWRITE_SCRATCH = regex.compile(r"\.(file-[0-9a-f]{24})\.jsonl\.[0-9a-f]{32}\.tmp")
+
+
+def _sweep_orphan_files() -> list[str]:
+    """delete_orphan_files; then each output file a rewrite's scratch was left beside is written again
+    from its run's turns as they stand. A process killed between a writer's change's commit and the
+    file's rename left the download without the change for good, its row's size disagreeing (review
+    of kills between commits); killed before the commit, the file is written again as it was."""
+    names = delete_orphan_files()
+    for file_id in sorted({found[1] for name in names if (found := _REWRITE_SCRATCH.fullmatch(name))}):
+        try:
+            with session_scope() as session:
+                run_id = lock_run_of_output_file(session=session, file_id=file_id)
+                if run_id is not None:
+                    rewrite_output_file(session, run_id, file_id)
+        except Exception:  # the next rewrite of that batch puts it right; this one is said
+            logger.warning(
+                "batch file %s: its interrupted rewrite could not be done again", file_id, exc_info=True
+            )
+    return names
+
+
 # Looking for orphan bytes reads the whole files folder: once in this long, not every pass (orphans
 # are deleted an hour old; a pass runs every MLCHAT_HOUSEKEEPING_INTERVAL_S). The time of the last
 # look is a marker file's under MLCHAT_STATE_DIR, kept by the host's (the container's) processes one
@@ -1043,7 +1068,7 @@ def housekeeping(models: Sequence[str] | None = None) -> dict[str, list[str]]:
         ("turn_callbacks", redeliver_turn_callbacks if everywhere else list),
         ("submissions", (lambda: retry_batch_submissions(deadline=deadline)) if everywhere else list),
         ("files_deleted", delete_expired_files),
-        ("orphan_files_deleted", lambda: delete_orphan_files() if _orphan_sweep_due() else []),
+        ("orphan_files_deleted", lambda: _sweep_orphan_files() if _orphan_sweep_due() else []),
         ("callback_retries", retry_callbacks if everywhere else list),
     ]
     done: dict[str, list[str]] = {}

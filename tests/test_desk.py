@@ -17,7 +17,7 @@ from db.models import Conversation, Message, Run, RunStatus, Scene, Turn, TurnRe
 from db.session import session_scope
 from services import desk
 from services.desk import DeskError, Reviewer
-from tests.conftest import another_session_waits_on_a_lock
+from tests.conftest import another_session_waits_on_a_lock, patch_on_this_thread
 from tests.desk_data import Spec, build_run, quality
 
 WRITER = Reviewer("writer-a", "studio-a", admin=False)
@@ -1902,3 +1902,27 @@ def test_a_line_deleted_while_its_page_is_read_is_a_404_not_a_500(services, worl
         with pytest.raises(DeskError, match="no such line") as gone:
             read(WRITER, line)
         assert gone.value.status == 404
+
+
+def test_a_change_whose_process_died_before_its_file_was_put_in_place_is_written_by_the_orphan_sweep(
+    services, world, base_url, monkeypatch
+) -> None:
+    """Review of kills between commits: a writer's change committed, then the process died before
+    the rewritten file was renamed into place; the download kept the old text for good (nothing else
+    rewrites it but a later change of that batch). The scratch left beside it tells the orphan sweep
+    to write it again from the turns as they stand."""
+    import os
+
+    from services import batches
+
+    first, second, path = _finished_batch()
+    before = path.read_bytes()
+    patch_on_this_thread(monkeypatch, batches, "_publish", lambda *args: None)  # killed before the rename
+    desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    assert path.read_bytes() == before and _stored(second)[0].reply == "Morning! Mind the puddles."
+    (scratch,) = [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
+    monkeypatch.undo()
+    an_hour_ago = time.time() - 2 * 3600
+    os.utime(scratch, (an_hour_ago, an_hour_ago))
+    assert scratch.name in batches._sweep_orphan_files()
+    assert b"Mind the puddles" in path.read_bytes() and not scratch.exists()
