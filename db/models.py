@@ -396,7 +396,13 @@ class StoredFile(Base):
     """A file uploaded for a batch, or a batch's output or error file (its bytes live on disk)."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),)
+    __table_args__ = (
+        Index("ix_files_expires_at", "expires_at", postgresql_where="expires_at IS NOT NULL"),
+        # A key's files in order, and its quota's sum of their bytes (migration 0053).
+        Index(
+            "ix_files_owner_created", "api_key", "created_at", "id", postgresql_include=["bytes", "tenant"]
+        ),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))  # batch, batch_output, batch_error

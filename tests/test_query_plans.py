@@ -546,3 +546,21 @@ def test_a_sweeps_look_for_lost_live_turns_reads_that_models_live_ones_not_every
     for statement, parameters in seen:  # a sweep's process is short-lived: never a generic plan
         plan = _custom_plan(statement, parameters)
         assert "ix_turns_live_unfinished" in plan, (statement, plan)
+
+
+def test_a_keys_files_are_listed_and_summed_through_their_own_index(world) -> None:
+    """Review at fleet scale: `files` had its primary key and the expiry index alone, and the owner
+    was compared with IS NOT DISTINCT FROM, which no btree serves: each listing read and sorted every
+    key's files, each upload summed them all under the key's quota lock. Migration 0053."""
+    from db.files import list_files, stored_bytes
+
+    key, tenant = "plans-key", f"plans-{uuid.uuid4().hex[:6]}"
+    with _sent(lambda s: "FROM files" in s) as seen, session_scope() as session:
+        list_files(
+            session=session, owner=(key, tenant), purpose="batch", after=None, limit=10, newest_first=True
+        )
+        stored_bytes(session=session, api_key=key, tenant=tenant)
+    assert len(seen) == 2
+    for statement, parameters in seen:
+        plan = _ordered_plan(statement, parameters)
+        assert "ix_files_owner_created" in plan and "Sort" not in plan, (statement, plan)
