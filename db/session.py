@@ -75,6 +75,25 @@ SERVER_KEEPALIVES = {
 }
 
 
+_KEEPALIVES_SQL = ", set_config(%s, %s, false)" * len(SERVER_KEEPALIVES)
+_KEEPALIVES_PARAMS = tuple(part for pair in SERVER_KEEPALIVES.items() for part in pair)
+
+
+def keep_server_alive(engine: Engine) -> Engine:
+    """Every new connection of this engine sets the server's keepalives for its session (for the
+    engines that name no embedder: the advisory locks' pool, a migration's connection, whose locks
+    are the ones a lost host must free; review)."""
+
+    @event.listens_for(engine, "connect")
+    def _connected(dbapi_connection: Any, entry: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT " + _KEEPALIVES_SQL.removeprefix(", "), _KEEPALIVES_PARAMS)
+        if not dbapi_connection.autocommit:
+            dbapi_connection.commit()
+
+    return engine
+
+
 def _set_session(
     dbapi_connection: Any, embedder: str | None, version: int | None, first: bool = False
 ) -> None:
@@ -86,9 +105,8 @@ def _set_session(
         statement += ", set_config('mlchat.embedder', %s, false)"
         params += (embedder,)
     if first:
-        for name, value in SERVER_KEEPALIVES.items():
-            statement += ", set_config(%s, %s, false)"
-            params += (name, value)
+        statement += _KEEPALIVES_SQL
+        params += _KEEPALIVES_PARAMS
     with dbapi_connection.cursor() as cursor:
         cursor.execute(statement, params)
     if not dbapi_connection.autocommit:
@@ -198,13 +216,15 @@ def get_lock_engine() -> Engine:
     request of the process with them) until the pool's timeout. It never waits either (a holder may
     take a second lock): up to LOCK_POOL_KEPT connections are kept for reuse, any more are opened and
     closed as locks need them."""
-    return create_engine(
-        database_url(),
-        pool_size=LOCK_POOL_KEPT,
-        max_overflow=-1,
-        pool_pre_ping=True,
-        connect_args=CONNECT_ARGS,
-        hide_parameters=True,
+    return keep_server_alive(
+        create_engine(
+            database_url(),
+            pool_size=LOCK_POOL_KEPT,
+            max_overflow=-1,
+            pool_pre_ping=True,
+            connect_args=CONNECT_ARGS,
+            hide_parameters=True,
+        )
     )
 
 

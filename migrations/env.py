@@ -12,6 +12,7 @@ from core.services import database_url
 from core.settings import settings
 from db.migrate import MIGRATION_LOCK_KEY, SchemaBehind, code_head, include_name, newer_schema, schema_ahead
 from db.models import Base
+from db.session import keep_server_alive
 from migrations.concurrent_index import set_lock_timeout
 
 config = context.config
@@ -133,7 +134,10 @@ def run_migrations_online() -> None:
         return
     section = config.get_section(config.config_ini_section, {})
     section["sqlalchemy.url"] = database_url()
-    connectable = engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    # A migration holds its advisory lock and table locks: freed within a minute if its host is lost.
+    connectable = keep_server_alive(
+        engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    )
     with connectable.connect() as conn:
         _migrate(conn)
 

@@ -250,9 +250,10 @@ def test_the_server_gives_up_on_a_lost_hosts_connections_and_their_locks_in_abou
     for its session (a Unix socket, the embedded server's, reads them as 0 but records them set)."""
     from sqlalchemy import text
 
-    from db.session import SERVER_KEEPALIVES, get_autocommit_engine, get_engine
+    from db.session import SERVER_KEEPALIVES, get_autocommit_engine, get_engine, get_lock_engine
 
-    for engine in (get_engine(), get_autocommit_engine()):
+    # the lock pool's above all: its connections hold the advisory locks (review)
+    for engine in (get_engine(), get_autocommit_engine(), get_lock_engine()):
         with engine.connect() as conn:
             rows = conn.execute(
                 text("SELECT name, source FROM pg_settings WHERE name = ANY(:names)"),
