@@ -356,8 +356,9 @@ def pick_candidate(
     # A structured reply's JSON goes with its text, both ways (an NPC reply's text is its `say`).
     alternatives[index] = kept if turn.structured is None else {**kept, "structured": turn.structured}
     quality = dict(chosen.get("quality") or {})
-    if turn.quality and "candidates" in turn.quality:
-        quality["candidates"] = turn.quality["candidates"]
+    for key in ("candidates", "regenerated"):  # the line's, not the reply's (review: a pick dropped
+        if turn.quality and key in turn.quality:  # `regenerated`, and the run's count of them fell)
+            quality[key] = turn.quality[key]
     prompt_tokens = usage.get("prompt_tokens", 0)
     usage.update(
         finish_reason=chosen.get("finish_reason"),

@@ -80,6 +80,7 @@ from db.retry_seeds import retried_params
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
 from db.session import given_or_own
 from db.turn_leases import claimable
+from structured.spec import DATA_REPLIES
 
 logger = logging.getLogger(__name__)
 
@@ -1010,12 +1011,16 @@ def unsent_turns(
 def run_quality(*, session: Session, run_id: uuid.UUID) -> dict[str, Any]:
     """Reply-quality summary of a run's answered turns (roleplay/quality.py)."""
     q = Turn.quality
+    # A data reply (json_schema, json_object, regex, choice) is scored but is no line of the
+    # character: its scores stay out of the means (review: JSON keys read as another language, a
+    # run of Korean players' structured replies showed a language match near 0).
+    line = func.coalesce(Turn.params["response_format"]["type"].as_string().not_in(DATA_REPLIES), true())
     row = session.execute(
         select(
             func.count(q),
-            func.avg(q["persona"].as_float()),
-            func.avg(q["repetition"].as_float()),
-            func.avg(case((q["language_match"].as_boolean(), 1.0), else_=0.0)),
+            func.avg(q["persona"].as_float()).filter(line),
+            func.avg(q["repetition"].as_float()).filter(line),
+            func.avg(case((q["language_match"].as_boolean(), 1.0), else_=0.0)).filter(line),
             func.count().filter(func.jsonb_array_length(q["below_bar"]) > 0),
             func.count().filter(q.has_key("regenerated")),
             # Scored replies only: an unscored one's quality is SQL NULL or JSON null (None in a JSON column).

@@ -591,12 +591,12 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
         "request_counts": {
             # An ended batch's files account for every request, those it never stored among them
             # (run.total); any other counts what it stored (or, before storing, what it validated).
-            "total": max(counts.total, run.total) + counts.refused
-            if status in (RunStatus.CANCELLED, RunStatus.EXPIRED)
             # While it is stored: what it validated (a part stored, or only its refusals recorded, was
-            # once read as the whole batch: "3 of 3 failed" for a batch of 60 with 3 refused).
-            else max(counts.total, run.total) + counts.refused
-            if status == RunStatus.VALIDATING
+            # once read as the whole batch: "3 of 3 failed" for a batch of 60 with 3 refused); and while
+            # it is cancelled or expires on its way there (review: its total fell, then rose again).
+            "total": max(counts.total, run.total) + counts.refused
+            if status in (RunStatus.CANCELLED, RunStatus.EXPIRED, RunStatus.VALIDATING)
+            or run.cancel_reason is not None
             else (counts.total + counts.refused) or run.total,
             "completed": counts.completed,
             # Cancelled and expired requests are neither (as OpenAI counts); refused ones failed, and

@@ -279,9 +279,11 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
         ),
         Spec("Bye", "Farewell, friend.", quality(0.5), character=slug, prompt="p2"),
         Spec("Why?", "Because.", quality(0.5), character=slug, prompt="p3"),
+        Spec("Hi", "Hello hello hello.", quality(0.5), character=slug, prompt="p1"),  # the first's twin
     ]
-    run_id, (below, passing, untouched) = build_run("studio-a", specs)
+    run_id, (below, passing, untouched, twin) = build_run("studio-a", specs)
     desk.label(WRITER, below, "approve", "", "0")  # below the gate's bar, but a writer says it is fine
+    desk.label(WRITER, twin, "approve", "", "0")  # a duplicate, left out: not counted (review)
     desk.label(WRITER, passing, "reject", "out of character", "0")  # passes the gate, a writer says no
 
     class NoTemplate:
@@ -297,6 +299,7 @@ def test_writers_labels_replace_the_gates_in_the_lora_dataset_and_calibration(
     completions = {row["completion"] for row in kept if row["source"] == "turn"}
     assert completions == {"Hello hello hello.", "Because."}
     assert report.manifest["left_out"]["rejected by a writer"] == 1
+    assert report.manifest["left_out"]["duplicate"] == 1
     assert report.manifest["writer_approved"] == 1
 
     items = {rid: ok for rid, ok, _ in _load(desk_labels=True)}
@@ -1926,3 +1929,41 @@ def test_a_change_whose_process_died_before_its_file_was_put_in_place_is_written
     os.utime(scratch, (an_hour_ago, an_hour_ago))
     assert scratch.name in batches._sweep_orphan_files()
     assert b"Mind the puddles" in path.read_bytes() and not scratch.exists()
+
+
+def test_a_runs_quality_means_leave_data_replies_out_and_a_pick_keeps_the_lines_regeneration(
+    services, world
+) -> None:
+    """Review of the numbers users read: a data reply (a json_schema's JSON) is scored but is no line
+    of the character: its keys read as another language, and a run of structured replies showed a
+    language match near 0. And a pick rebuilt the line's verdict without `regenerated`: the run's
+    count of regenerated lines fell with each pick, though each was generated and paid for."""
+    from sqlalchemy import update
+
+    from db.runs import run_quality
+
+    lines = _lines()
+    run_id, (first, second) = build_run("studio-a", lines)
+    data_verdict = quality(0.0) | {"language_match": False, "repetition": 0.9}
+    with session_scope() as s:
+        turn = s.get_one(Turn, second)
+        s.execute(
+            update(Turn)
+            .where(Turn.id == second)
+            .values(
+                params=turn.params | {"response_format": {"type": "json_object"}},
+                quality=data_verdict,
+            )
+        )
+        s.execute(
+            update(Turn)
+            .where(Turn.id == first)
+            .values(quality=(turn.quality or {}) | quality(0.31) | {"regenerated": 1})
+        )
+        summary = run_quality(session=s, run_id=run_id)
+    assert summary["scored"] == 2 and summary["persona_mean"] == 0.31
+    assert summary["language_match_rate"] == 1.0 and summary["repetition_mean"] == 0.0
+    assert summary["regenerated"] == 1
+    desk.pick(WRITER, first, "1", "0")
+    with session_scope() as s:
+        assert run_quality(session=s, run_id=run_id)["regenerated"] == 1

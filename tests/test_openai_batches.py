@@ -2356,3 +2356,22 @@ def test_a_finalizing_killed_mid_write_is_counted_and_goes_to_the_back_of_the_li
         assert run.status == RunStatus.FINALIZING and run.finalize_failed_since is not None
         ahead = finalizing_runs(session=s, limit=10_000)
     assert ahead.index(waiting.id) < ahead.index(killed.id)
+
+
+def test_a_batch_cancelled_before_its_lines_were_stored_keeps_its_total_while_it_is_cancelled(
+    quiet_model, tmp_path
+) -> None:
+    """Review of the numbers users read: a batch validated (5 good lines, 1 refused) whose storing had
+    not begun, then cancelled, answered `total: 1, failed: 1` while cancelling and finalizing ("1 of
+    1 failed"), then 6 once cancelled: its total fell and rose again."""
+    batch_id = _batch(tmp_path, 1)
+    with session_scope() as s:  # as a submission that validated the file, then failed to store it
+        s.execute(
+            update(Run)
+            .where(Run.name == batch_id)
+            .values(total=5, refused=[{"custom_id": "bad", "error": "body.messages: missing"}])
+        )
+    cancelling = batches.cancel_batch(batch_id, api_key="k", admin=False)
+    assert cancelling["status"] in ("cancelling", "finalizing", "cancelled"), cancelling["status"]
+    assert cancelling["request_counts"]["total"] == 6, cancelling["request_counts"]
+    assert batches.get_batch(batch_id, api_key="k", admin=False)["request_counts"]["total"] == 6

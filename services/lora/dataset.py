@@ -155,7 +155,6 @@ def export_dataset(
                 if q.get("persona", -1.0) < threshold:
                     left_out[f"persona below {threshold}"] += 1
                     continue
-            approved += exchange.label == ReviewLabel.APPROVED
             example = {
                 "prompt": exchange.prompt,
                 "completion": exchange.reply,
@@ -167,6 +166,9 @@ def export_dataset(
             }
             if not split.add(digest, example, side_of=exchange.prompt):
                 left_out["duplicate"] += 1
+                continue
+            # counted once kept (review: a duplicate left out was counted approved too)
+            approved += exchange.label == ReviewLabel.APPROVED
         stored = split.written
         for prompt, completion, message in _card_examples(character, tokenizer, prompt_format):
             example = {
