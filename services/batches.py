@@ -21,7 +21,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import regex
 from sqlalchemy import event, func, select, tuple_
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
@@ -61,6 +60,7 @@ from db.world import all_character_slugs
 from db.write_keys import KeyReused as KeyReused  # a create under a key another request took: 409
 from db.write_keys import fingerprint, record_ids, stored_ids, take_key
 from services.files import (
+    REWRITE_SCRATCH,
     BadExpiry,
     batch_reservation,
     batch_room_refusal,
@@ -70,6 +70,7 @@ from services.files import (
     find_file,
     new_file_id,
     remove_unlisted,
+    stale_rewrites,
 )
 from services.pages import list_object
 from services.runs.export import cancelled_alone, write_never_stored, write_outputs
@@ -988,26 +989,28 @@ def _publish(file_id: str, scratch: Path, path: Path, rewrite: str | None) -> No
         scratch.unlink(missing_ok=True)
 
 
-# The scratch of a batch file's rewrite (rewrite_output_file), left by a process killed mid-rewrite.
-_REWRITE_SCRATCH = regex.compile(r"\.(file-[0-9a-f]{24})\.jsonl\.[0-9a-f]{32}\.tmp")
-
-
 def _sweep_orphan_files() -> list[str]:
     """delete_orphan_files; then each output file a rewrite's scratch was left beside is written again
-    from its run's turns as they stand. A process killed between a writer's change's commit and the
-    file's rename left the download without the change for good, its row's size disagreeing (review
-    of kills between commits); killed before the commit, the file is written again as it was."""
+    from its run's turns as they stand, and the scratch removed once that committed (kept for the
+    next sweep if it failed). A process killed between a writer's change's commit and the file's
+    rename left the download without the change for good, its row's size disagreeing (review of
+    kills between commits); killed before the commit, the file is written again as it was."""
     names = delete_orphan_files()
-    for file_id in sorted({found[1] for name in names if (found := _REWRITE_SCRATCH.fullmatch(name))}):
+    for scratch in stale_rewrites():
+        found = REWRITE_SCRATCH.fullmatch(scratch.name)
+        assert found is not None  # stale_rewrites' own test
         try:
             with session_scope() as session:
-                run_id = lock_run_of_output_file(session=session, file_id=file_id)
+                run_id = lock_run_of_output_file(session=session, file_id=found[1])
                 if run_id is not None:
-                    rewrite_output_file(session, run_id, file_id)
-        except Exception:  # the next rewrite of that batch puts it right; this one is said
+                    rewrite_output_file(session, run_id, found[1])
+        except Exception:  # kept: the next sweep tries it again
             logger.warning(
-                "batch file %s: its interrupted rewrite could not be done again", file_id, exc_info=True
+                "batch file %s: its interrupted rewrite could not be done again", found[1], exc_info=True
             )
+            continue
+        scratch.unlink(missing_ok=True)
+        names.append(scratch.name)
     return names
 
 

@@ -519,9 +519,31 @@ _OURS = regex.compile(
 )
 
 
+# The scratch of a batch output file's rewrite (services/batches.py::rewrite_output_file): one left
+# behind tells of a process killed mid-rewrite, so it is not deleted as an orphan but handed to
+# stale_rewrites, whose caller writes the file again, then removes it.
+REWRITE_SCRATCH = regex.compile(r"\.(file-[0-9a-f]{24})\.jsonl\.[0-9a-f]{32}\.tmp")
+
+
+def stale_rewrites(older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
+    """The rewrite scratches older than `older_than_s` (their processes died mid-rewrite)."""
+    root = settings.batch_files_dir
+    if not root.is_dir():
+        return []
+    cutoff = time.time() - older_than_s
+    found = []
+    for path in root.iterdir():
+        if REWRITE_SCRATCH.fullmatch(path.name) is None:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                found.append(path)
+    return found
+
+
 def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     """Delete the files folder's unrecorded bytes and scratch files older than `older_than_s`; their
-    names. Only names mlchat writes are touched."""
+    names. Only names mlchat writes are touched; a rewrite's scratch is stale_rewrites'."""
     root = settings.batch_files_dir
     if not root.is_dir():
         return []
@@ -530,7 +552,7 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     named: dict[str, tuple[Path, float]] = {}  # file id: its path and mtime
     for path in root.iterdir():
         ours = _OURS.fullmatch(path.name)
-        if ours is None:
+        if ours is None or REWRITE_SCRATCH.fullmatch(path.name):
             continue
         try:
             mtime = path.stat().st_mtime
