@@ -229,9 +229,18 @@ def submit_turns(
                 api_key=api_key,
                 tenant=tenant,
             )
-    stored = _store_or_raise(
-        parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant, history=history
-    )
+    if history and parsed[0].speaker_character is None:  # one request, seeding its conversation
+        return _store_with_history(
+            parsed[0],
+            history,
+            send=send,
+            lane=lane,
+            run_id=run_id,
+            custom_ids=custom_ids,
+            api_key=api_key,
+            tenant=tenant,
+        )
+    stored = _store_or_raise(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     if send:  # else the caller runs the pipeline itself (`mlchat chat --inline`, tests) or sends
         send_stored(stored, lane=lane)
     return stored
@@ -304,6 +313,45 @@ def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
         raise TurnRejected([ItemError(i, "callback_url", reason) for i, reason in sorted(refused.items())])
 
 
+def _store_with_history(
+    req: TurnRequest,
+    history: Sequence[tuple[str, str]],
+    *,
+    send: bool,
+    lane: Lane,
+    run_id: uuid.UUID | None,
+    custom_ids: Sequence[str] | None,
+    api_key: str | None,
+    tenant: str,
+) -> list[StoredTurn]:
+    """One request and the history it seeds, in one transaction (the one-statement insert cannot
+    seed it). Its automatic key is fixed first, as the fast path's is: a commit whose reply was lost
+    is found again under it by a second try, never stored twice (review: the client's retry without
+    a key was a second turn behind the first, both answered)."""
+    automatic_key = req.idempotency_key is None
+    if automatic_key:
+        req = req.model_copy(update={"idempotency_key": f"{AUTO_KEY_PREFIX}{uuid.uuid4()}"})
+    try:
+        stored = _store_or_raise(
+            [req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant, history=history
+        )
+    except EnqueueError:
+        return _store_after_lost_reply(
+            req,
+            automatic_key=automatic_key,
+            send=send,
+            lane=lane,
+            run_id=run_id,
+            custom_ids=custom_ids,
+            api_key=api_key,
+            tenant=tenant,
+            history=history,
+        )
+    if send:
+        send_stored(stored, lane=lane)
+    return stored
+
+
 def _store_after_lost_reply(
     req: TurnRequest,
     *,
@@ -314,14 +362,18 @@ def _store_after_lost_reply(
     custom_ids: Sequence[str] | None,
     api_key: str | None,
     tenant: str,
+    history: Sequence[tuple[str, str]] = (),
 ) -> list[StoredTurn]:
-    """The full path after the fast INSERT raised: that statement may have committed with its reply
-    lost, so the key it tried can already name its turn. A queued turn under that key is sent (a
-    second message is harmless: claims are exactly-once) and, when the key was the automatic one, is
-    reported created: no caller can have made it before. Under the client's key it may be another
-    request's, whose send may be failing now: sent as a replay's (send_again: recorded sent first, so
-    that request's late failure leaves it to this message; review)."""
-    stored = _store_or_raise([req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
+    """The full path after the fast INSERT (or a first full path, with `history`) raised: that
+    statement may have committed with its reply lost, so the key it tried can already name its
+    turn. A queued turn under that key is sent (a second message is harmless: claims are
+    exactly-once) and, when the key was the automatic one, is reported created: no caller can have
+    made it before. Under the client's key it may be another request's, whose send may be failing
+    now: sent as a replay's (send_again: recorded sent first, so that request's late failure leaves
+    it to this message; review)."""
+    stored = _store_or_raise(
+        [req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant, history=history
+    )
     turn = stored[0]
     # new, revived, or committed unseen under the automatic key: ours (one claimed before is waiting
     # with its message held: sent again, it would be charged)

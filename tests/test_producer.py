@@ -918,3 +918,46 @@ def test_a_replay_whose_turn_is_erased_between_the_insert_and_the_read_back_is_s
         event.remove(get_engine(), "before_cursor_execute", erase_before_the_read_back)
     assert erased == [1]  # the turn was gone between the insert and the read
     assert again.created and again.id != first.id  # run again: stored anew, no 500
+
+
+def test_a_turn_seeding_its_history_whose_commit_reply_was_lost_is_stored_once_and_sent(
+    world, monkeypatch, unserved_model
+) -> None:
+    """Review: a chat completion's turn with its earlier messages takes the full path (the
+    one-statement insert cannot seed them), and its commit's lost reply was a 503 with no key fixed:
+    the client's retry without a key stored a second turn behind the first, both answered. Its
+    automatic key is fixed first and a second try finds the turn under it."""
+    import psycopg
+
+    from db.models import Message
+    from services.producer import submit_turns
+
+    commit, lost, mine = psycopg.Connection.commit, [], threading.get_ident()
+
+    def commit_then_lose_the_reply(connection):  # type: ignore[no-untyped-def]
+        done = commit(connection)
+        if threading.get_ident() == mine and not lost:
+            lost.append(True)
+            raise psycopg.OperationalError("injected: connection lost after the COMMIT")
+        return done
+
+    conv = new_conversation()
+    history = [("user", "Evening."), ("assistant", "Evening, traveller.")]
+    with monkeypatch.context() as patch:
+        patch.setattr(psycopg.Connection, "commit", commit_then_lose_the_reply)
+        [stored] = submit_turns([conv | {"message": "Is the ferry running?"}], history=history)
+    assert lost and stored.created is True and stored.status == TurnStatus.QUEUED
+    with session_scope() as s:
+        rows = s.scalars(
+            select(Turn.id).where(
+                Turn.message == "Is the ferry running?",
+                Turn.conversation_id == s.scalar(select(Turn.conversation_id).where(Turn.id == stored.id)),
+            )
+        ).all()
+        lines = s.scalars(
+            select(Message.content).where(
+                Message.conversation_id
+                == select(Turn.conversation_id).where(Turn.id == stored.id).scalar_subquery()
+            )
+        ).all()
+    assert rows == [stored.id] and sorted(lines) == sorted(text for _, text in history)  # once
