@@ -655,8 +655,8 @@ def cancel_batch(
     """Cancel the batch's unstarted requests; finished ones are kept and written to its output, at
     once when nothing of it runs (housekeeping otherwise, or on failure). `finalize`: what writes the
     files (an HTTP request's background task: a large batch's files take minutes); at once if None.
-    A batch that ended completed, failed or expired with nothing left to stop is BatchEnded (a
-    cancelled one is answered as it is: cancelling twice is cancelling)."""
+    A batch that ended completed, failed or expired, or that is writing its files with nothing left
+    to stop, is BatchEnded (a cancelled one is answered as it is: cancelling twice is cancelling)."""
     with session_scope() as session:
         run = _visible_run(session, batch_id, api_key, admin, tenant)
         run_id = run.id
@@ -665,8 +665,12 @@ def cancel_batch(
         except KeyError:  # cancel_run's "no run": deleted past retention since it was read (review: a 500)
             raise BatchNotFound(f"no batch {batch_id!r}") from None
         ended = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.EXPIRED)
-        if outcome.before in ended and not outcome.changed:
-            raise BatchEnded(f"Cannot cancel a batch with status {outcome.before.value!r}")
+        # A batch writing its files because every request ended (or its window closed) has nothing
+        # left to stop: a 200 there was a cancel accepted, then the batch `completed` (review).
+        writing = outcome.before == RunStatus.FINALIZING and run.cancel_reason != "cancelled"
+        if (outcome.before in ended or writing) and not outcome.changed:
+            shown = _shown_status(outcome.before, run.cancel_reason)
+            raise BatchEnded(f"Cannot cancel a batch with status {shown!r}")
     (finalize or finalize_run)(run_id)
     return get_batch(batch_id, api_key=api_key, admin=admin, tenant=tenant)
 

@@ -1043,6 +1043,12 @@ def test_cancelling_a_batch_that_ended_is_openais_409_and_not_retried(
     assert sent == [f"/v1/batches/{done}/cancel"]  # sent once: not retried (review: a time bound was)
     assert batches.get_batch(done, api_key="k", admin=False)["status"] == "completed"
     assert admin.batches.cancel(cancelled).status in ("cancelling", "cancelled")
+    # review of cancellation: a batch writing its files because every request ended has nothing left
+    # to stop; its cancel was a 200, then it ended `completed`
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.FINALIZING))
+    with pytest.raises(openai.ConflictError, match="Cannot cancel a batch with status 'finalizing'"):
+        admin.batches.cancel(done)
     assert admin.batches.cancel(cancelled).status in ("cancelling", "cancelled")  # twice is once
 
 
