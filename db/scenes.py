@@ -8,6 +8,8 @@ conditional UPDATE on the scene row, taken under its row lock:
     fail     open, its step's turn failed or was cancelled → failed | cancelled (the run's cancel)
     cancel   open (its run cancelled or expired)           → cancelled; finished steps are kept
     extend   open or ended live scene  → exchanges + n (a live scene asked to go on)
+    stop     open live scene           → exchanges = steps done + 1 (the unfinished step is the last),
+                                         or ended at once with none unfinished (the game's stop)
     reopen   failed, its failed step requeued (a run's failed turns retried) → open
 
 A step's turn is created only by the transaction that stores the previous step (or the scene's
@@ -698,6 +700,36 @@ def extend_scene(
             ):  # nobody may speak (every member left): open, it would owe lines no step ever writes
                 raise SceneClosed("status: no member of the group may speak; start a new group")
     return scene, pop_new_steps(session)
+
+
+def stop_scene(*, session: Session, conversation_id: int) -> tuple[Scene, uuid.UUID | None]:
+    """stop: a live scene owes no line past those stored: the step being written, if one is, is its
+    last (kept once stored, the scene then ended as its exchanges are done); with none unfinished it
+    ends now ("stopped"). Returns the scene and its step still queued, for the caller to cancel in a
+    transaction of its own (a turn is locked before its scene, as the store locks them: review of
+    cancellation, a group's chatter could not be stopped). SceneNotFound if the conversation holds
+    no scene; SceneClosed for a run's scene (its run's cancel stops it). Locked as extend locks."""
+    lock_conversation(session=session, conversation_id=conversation_id)
+    scene = session.scalars(
+        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
+    ).one_or_none()
+    if scene is None:
+        raise SceneNotFound(f"no group conversation of id {conversation_id}")
+    if scene.run_id is not None:
+        raise SceneClosed("the scene is a run's: cancel the run to stop it")
+    if scene.status != SceneStatus.OPEN:
+        return scene, None
+    unfinished = session.execute(
+        select(Turn.id, Turn.status).where(Turn.scene_id == scene.id, Turn.status.in_(TURN_UNFINISHED))
+    ).first()
+    scene.exchanges = scene.steps_done + (unfinished is not None)  # the unfinished step is the last
+    if unfinished is None:
+        _close(session, scene.id, SceneStatus.ENDED, "stopped by the game")
+    session.flush()
+    session.refresh(scene)
+    if unfinished is None or TurnStatus(unfinished.status) != TurnStatus.QUEUED:
+        return scene, None
+    return scene, unfinished.id
 
 
 def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, GroupView]:

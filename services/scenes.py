@@ -25,6 +25,7 @@ from db.scenes import (
     pop_new_steps,
     replay_unsent_step,
     scene_transcript,
+    stop_scene,
 )
 from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import IdempotencyConflict, mark_dispatched
@@ -32,7 +33,7 @@ from db.world import adopt_empty_conversation, character_names, find_characters,
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
-from services.producer import EnqueueError, resend, send_new_turns
+from services.producer import EnqueueError, cancel_turn, resend, send_new_turns
 from services.runs.scene_lines import scene_of
 
 logger = logging.getLogger(__name__)
@@ -180,6 +181,23 @@ def continue_group(
         conversation, tenant, steps, again, stored=stored, go_on=go_on, keyed=idempotency_key is not None
     )
     return view | {"replayed": earlier is not None}
+
+
+def stop_group(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+    """Stop a group's chatter (the player left): it owes no line past those stored. A step being
+    written is kept and ends it; one still queued is cancelled (its stream ended, its callback sent,
+    as a DELETE of it would); with none, it ends now. A stopped group goes on again at its next
+    `:continue`. Safe to send again: a group stopped already is answered as it is. SceneNotFound if
+    the tenant has no such group; SceneClosed for a run's (its run's cancel stops it)."""
+    with session_scope() as session:
+        conv_id = _conversation_id(session, conversation, tenant)
+        try:
+            _, queued = stop_scene(session=session, conversation_id=conv_id)
+        except SceneNotFound:  # erased since it was looked up
+            raise SceneNotFound(f"no group conversation {conversation!r}") from None
+    if queued is not None:  # its own transaction: a turn is locked before its scene
+        cancel_turn(queued)
+    return scene_view(conversation, tenant=tenant, tail=True)
 
 
 def _sent_view(

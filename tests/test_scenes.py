@@ -1432,6 +1432,10 @@ def test_a_group_or_player_named_with_a_slash_is_reached_by_its_routes(base_url)
         f"{base_url}/v1/scenes/{quoted}:continue", json={"exchanges": 10_000}, headers=key, timeout=30
     )
     assert r.status_code == 422 and "exchanges" in r.text, r.text
+    r = httpx.post(f"{base_url}/v1/scenes/{quoted}:stop", headers=key, timeout=30)  # nothing owed: ended
+    assert r.status_code == 200 and r.json()["status"] == "ended", r.text
+    r = httpx.post(f"{base_url}/v1/scenes/nobody-{uuid.uuid4().hex[:6]}:stop", headers=key, timeout=30)
+    assert r.status_code == 404, r.text
     player = f"guild/{uuid.uuid4().hex[:8]}"
     r = httpx.post(
         f"{base_url}/v1/players/{player}/facts", json={"facts": [{"text": "Stole the ring."}]}, headers=key
@@ -2577,3 +2581,42 @@ def test_a_group_erased_between_its_lookup_and_its_continue_is_not_found_by_its_
     assert erase(tenant, "p", conversations=[conv]).conversations == 1
     with pytest.raises(SceneNotFound, match=f"^no group conversation {conv!r}$"):
         scene_service.scene_view(conv, tenant=tenant)
+
+
+def test_a_groups_chatter_is_stopped_keeping_the_line_being_written_and_goes_on_when_asked(
+    world, steps_unconsumed
+) -> None:
+    """Review of cancellation: a live group asked for 200 exchanges could not be stopped: no route
+    stopped it, and a DELETE of its step nearly always found it running, whose store created the next
+    one (the GPU kept busy on the live lane, an erasure of the player refused meanwhile). `:stop`
+    owes no line past the one being written, which is kept and ends the group; a queued one is
+    cancelled; `:continue` goes on again."""
+    from services.producer import get_turn
+    from services.scenes import continue_group, stop_group
+
+    conv = _group(strategy="fixed")["conversation"]
+    continue_group(conv, 200)
+    scene_id = _scene_of(conv)
+    first = _open_step(scene_id)
+    assert first is not None
+    turn, token, _ = _answer(first, "", store=False)  # being written as the game stops the group
+    view = stop_group(conv)
+    assert view["status"] == "open" and view["exchanges"] == 1
+    _store(turn, token, "Well, I'll be off then.")  # kept, and the last
+    with session_scope() as s:
+        scene = s.get_one(Scene, scene_id)
+        assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 1)
+    assert _open_step(scene_id) is None
+    continue_group(conv, 5)  # goes on when asked; a queued step is cancelled by a stop
+    queued = _open_step(scene_id)
+    assert queued is not None
+    stopped = stop_group(conv)
+    assert stopped["status"] == "cancelled" and get_turn(queued).status == TurnStatus.CANCELLED
+    assert stop_group(conv)["status"] == "cancelled"  # sent again: answered as it is
+    continue_group(conv, 1)
+    assert _open_step(scene_id) is not None  # the cancelled step goes out again
+
+
+def _scene_of(conv: str) -> int:
+    with session_scope() as s:
+        return s.scalars(select(Scene.id).where(Scene.conversation_id == _conv_id(conv))).one()

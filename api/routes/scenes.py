@@ -78,6 +78,21 @@ async def continue_scene(
         raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
 
 
+@router.post("/{conversation:path}:stop")
+async def stop_scene(
+    conversation: ConversationId, who: Annotated[Caller, Depends(needs("ingest"))]
+) -> dict[str, Any]:
+    """Stop the group's chatter (the player walked away): no line is owed past those stored; a line
+    being written is kept and is the last, one still queued is cancelled. `:continue` goes on again
+    later. Safe to send again. 409 for a run's group (cancel its run)."""
+    try:
+        return await run_in_threadpool(lambda: scenes.stop_group(conversation, tenant=who.tenant))
+    except scenes.SceneNotFound as exc:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(exc)) from None
+    except scenes.SceneClosed as exc:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from None
+
+
 @router.get("/{conversation:path}")
 async def get_scene(
     conversation: ConversationId,
