@@ -933,6 +933,15 @@ def find_run(*, session: Session, ref: str) -> Run | None:
     return next((run for form in forms for run in named if run.name == form), None)  # as written first
 
 
+def later_scene_steps(*, session: Session, run_id: uuid.UUID) -> int:
+    """The run's turns that are a scene's steps past its first: each made by the step before it, not
+    a line of the run's file (a line's count is its turns less these; review: a scene run's lines
+    "never stored" were hidden by its steps)."""
+    if not session.scalar(select(exists().where(Scene.run_id == run_id))):
+        return 0
+    return int(session.scalar(select(func.count()).where(Turn.run_id == run_id, Turn.scene_step > 1)) or 0)
+
+
 def run_counts(*, session: Session, run_id: uuid.UUID, unsent: bool = True) -> RunCounts:
     """Count the run's turns by status in one query (see runs_counts for `unsent`)."""
     return runs_counts(session=session, run_ids=[run_id], unsent=unsent)[run_id]

@@ -51,7 +51,7 @@ from db.runs import (
 )
 from db.session import session_scope
 from db.turns import fail_unserved, lapsed_and_unsent, live_models_waiting, mark_dispatched, resend_lock
-from services.runs.control import interrupted_message
+from services.runs.control import interrupted_message, stored_lines
 from tasks.generate import dispatch
 from tasks.queues import held_and_empty, oldest_waiting_turn_ids, queue_depth
 
@@ -315,7 +315,8 @@ def close_abandoned_runs(*, older_than_s: float = 60.0) -> dict[str, str]:
             if submission_went_on(session=session, run_id=run_id, within_s=older_than_s):
                 continue
             run = session.get_one(Run, run_id)
-            error = interrupted_message(run, run_counts(session=session, run_id=run_id))
+            counts = run_counts(session=session, run_id=run_id)
+            error = interrupted_message(run, counts, stored_lines(session, run_id, counts))
             if fail_submission(session=session, run_id=run_id, error=error, error_code="server_error"):
                 done[name] = "failed: submission interrupted"
     for run_id in cancelling:

@@ -2620,3 +2620,25 @@ def test_a_groups_chatter_is_stopped_keeping_the_line_being_written_and_goes_on_
 def _scene_of(conv: str) -> int:
     with session_scope() as s:
         return s.scalars(select(Scene.id).where(Scene.conversation_id == _conv_id(conv))).one()
+
+
+def test_a_scene_runs_lines_never_stored_are_counted_as_lines_not_hidden_by_its_steps(world) -> None:
+    """Review of the numbers users read: a scene run's stored lines were counted as its turns, and
+    each scene's later steps are turns too: a file of 5 lines cut short after 2 scene lines, whose
+    first scene had reached its second step, said 2 lines never stored, not 3 (and an interrupted
+    submission "3 of 5 lines stored")."""
+    from services.runs.control import interrupted_message, run_state
+
+    run_id = _new_run({"a": _scene(exchanges=5), "b": _scene(exchanges=5)}, finish=False)
+    _answer(_open_step(_scene_id(run_id, "a")), "a's first line")  # its step 2 is created
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        run.total = 5  # the file's lines: 3 never stored, its submitter gone
+        name = run.name
+    with session_scope() as s:
+        assert cancel_run(session=s, run_id=run_id).after in (RunStatus.CANCELLING, RunStatus.CANCELLED)
+    state = run_state(name)
+    assert state.counts.total == 3 and state.stored == 2 and state.never_stored == 3
+    with session_scope() as s:
+        message = interrupted_message(s.get_one(Run, run_id), state.counts, state.stored)
+    assert message.startswith("submission interrupted: 2 of 5 lines stored")

@@ -16,6 +16,7 @@ from db.runs import (
     RunCounts,
     cancel_run,
     find_run,
+    later_scene_steps,
     refuse_deleting,
     reopen_failed,
     run_counts,
@@ -68,12 +69,18 @@ def still_whole(run: Run) -> None:
         refuse_deleting(session=session, run_id=run.id, name=run.name)
 
 
-def interrupted_message(run: Run, counts: RunCounts) -> str:
-    """What a run whose submission died says, and how to go on."""
+def interrupted_message(run: Run, counts: RunCounts, stored: int) -> str:
+    """What a run whose submission died says, and how to go on; `stored`: its file's lines stored
+    (stored_lines)."""
     return (
-        f"submission interrupted: {counts.total} of {run.total} lines stored, {counts.total - counts.unsent} "
+        f"submission interrupted: {stored} of {run.total} lines stored, {stored - counts.unsent} "
         f"sent; resubmit the same file (or `mlchat run resume {run.name} FILE`) to store and send the rest"
     )
+
+
+def stored_lines(session: Session, run_id: uuid.UUID, counts: RunCounts) -> int:
+    """How many lines of its file the run stored: its turns, less its scenes' later steps."""
+    return counts.total - later_scene_steps(session=session, run_id=run_id)
 
 
 @dataclass(frozen=True)
@@ -86,7 +93,8 @@ class RunState:
     quality: dict[str, Any]
     # `validating` with nobody submitting: the submission died (resubmit the file, or `run resume`).
     interrupted: bool = False
-    lines: int = 0  # the lines the run holds or will: its file's good lines, or its stored turns if more
+    lines: int = 0  # the lines the run holds or will: its file's good lines, or its stored ones if more
+    stored: int = 0  # its file's lines stored (a scene's later steps are turns, not lines)
 
     @property
     def never_stored(self) -> int:
@@ -94,7 +102,7 @@ class RunState:
         failure during it, or the submitter gone); none while a submission is still storing them."""
         if self.status == RunStatus.VALIDATING and not self.interrupted:
             return 0
-        return max(self.lines - self.counts.total, 0)
+        return max(self.lines - self.stored, 0)
 
     @property
     def finished(self) -> bool:
@@ -117,12 +125,13 @@ def run_state(ref: str) -> RunState:
             and run.input_file_id is None
             and not submission_alive(session=session, name=run.name)
         )
-        error = interrupted_message(run, counts) if interrupted and run.error is None else run.error
+        stored = stored_lines(session, run.id, counts)
+        error = interrupted_message(run, counts, stored) if interrupted and run.error is None else run.error
         # A file refused at validation was never to be stored (its `total` is the good lines found)
         # (review: one holding turns, resumed and then refused, still has lines never stored)
         refused = run.status == RunStatus.FAILED and run.error_code == "invalid_request" and not counts.total
-        lines = counts.total if refused else max(run.total or 0, counts.total)
-        return RunState(run.id, run.name, run.status, counts, error, quality, interrupted, lines)
+        lines = stored if refused else max(run.total or 0, stored)
+        return RunState(run.id, run.name, run.status, counts, error, quality, interrupted, lines, stored)
 
 
 def cancel(ref: str) -> CancelOutcome:
