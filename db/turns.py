@@ -1163,6 +1163,25 @@ def hand_back_after_engine_death(
 
 # The idempotency key a turn stored without one gets (services/producer.py); no client key has it.
 AUTO_KEY_PREFIX = "auto:"
+# The automatic key of a turn an in-process call stored (worker/inline.py): one without a client's key.
+INLINE_KEY_PREFIX = AUTO_KEY_PREFIX + "inline:"
+
+
+def cancel_dead_calls_turns(
+    *, session: Session, turn_ids: Sequence[uuid.UUID], reason: str
+) -> list[uuid.UUID]:
+    """cancel: those of these turns an in-process call stored without a client's key whose claim
+    lapsed (the call died mid-answer: a SIGKILL, a platform's timeout). The call's client, told
+    nothing, sends it again, which stores its line anew: taken over and answered here, the line was
+    answered twice in its conversation (review of kills between commits). Those cancelled."""
+    dead = and_(
+        Turn.id.in_(list(turn_ids)),
+        Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
+        Turn.status == TurnStatus.RUNNING,
+    )
+    return cancel_turns(
+        session=session, turn_ids=list(session.scalars(select(Turn.id).where(dead))), reason=reason
+    )
 
 
 def cancel_turns(

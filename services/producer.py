@@ -818,20 +818,28 @@ def cancel_turn(turn_id: uuid.UUID | str) -> bool:
     if a worker is answering it or it finished. A cancelled turn that asked for a callback gets it
     now (housekeeping would only find it 5 minutes later, as a callback whose message was lost), and
     a streamed one's stream ends now (no worker writes its end: readers would wait for a status check)."""
+    with session_scope() as session:
+        cancelled = cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
+    tell_cancelled(cancelled)
+    return bool(cancelled)
+
+
+def tell_cancelled(turn_ids: Sequence[uuid.UUID]) -> None:
+    """After a cancel committed: the turns' streams end and their callbacks are sent."""
     from services.turn_callbacks import send_turn_callbacks
     from streaming.publisher import publisher
 
+    if not turn_ids:
+        return
     with session_scope() as session:
-        cancelled = [
-            session.get_one(Turn, t)
-            for t in cancel_turns(session=session, turn_ids=[uuid.UUID(str(turn_id))])
-        ]
-        calls_back = [t.id for t in cancelled if t.callback_url]
-        streamed = [t.id for t in cancelled if t.params.get("stream")]
+        told = session.execute(
+            select(Turn.id, Turn.callback_url, Turn.params).where(Turn.id.in_(list(turn_ids)))
+        ).all()
+    calls_back = [t.id for t in told if t.callback_url]
+    streamed = [t.id for t in told if (t.params or {}).get("stream")]
     try:  # the cancel is committed: a stream that cannot be told ends at the readers' next status check
         for each in streamed:
             publisher().end(each)  # queued, never waits (the callbacks may, on a slow broker)
     except Exception:
         logger.warning("could not end the streams of cancelled turns %s", streamed, exc_info=True)
     send_turn_callbacks(calls_back)
-    return bool(cancelled)

@@ -152,6 +152,19 @@ def test_a_turn_another_call_holds_or_waits_behind_is_waited_for_and_returned_an
     views = handler({"input": {"turns": [line | short for line in lines]}})["turns"]
     other.join()
     assert other.done == [[turn.id]] and [v["status"] for v in views] == ["done"] * 20, views  # type: ignore[attr-defined]
+    # 6. Review of kills between commits: another call, holding a line it stored without a client's
+    # key, dies mid-answer (a platform's timeout); its client sends the line again, stored anew. The
+    # dead call's turn is cancelled, not answered besides: the line is answered once.
+    conversation = new_conversation("elara")
+    line = conversation | {"message": "Is the ferry running?"}
+    (dead_turn,) = inline.store_for_call([line])
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[dead_turn], lease_s=60, max_attempts=3)
+        dies(claim.claimed[0])(s)
+    mine = call(line)  # the client's resend
+    assert mine["status"] == "done" and mine["reply"] and mine["id"] != str(dead_turn), mine
+    dead = get_turn(dead_turn)
+    assert dead is not None and dead.status == "cancelled" and dead.error == inline.DIED_MID_ANSWER, dead
 
 
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:

@@ -10,8 +10,14 @@ from typing import Any
 
 from core.settings import settings
 from db.session import DATABASE_OUTAGES, session_scope
-from db.turns import cancel_turns, claimable_before, running_elsewhere
-from services.producer import TurnView, enqueue_turns, get_turn
+from db.turns import (
+    INLINE_KEY_PREFIX,
+    cancel_dead_calls_turns,
+    cancel_turns,
+    claimable_before,
+    running_elsewhere,
+)
+from services.producer import TurnView, enqueue_turns, get_turn, tell_cancelled
 from services.scenes import send_created_steps
 from services.schemas import TurnRequest
 from worker.embedder import check_space
@@ -47,9 +53,23 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
 
 
 def store_for_call(requests: Sequence[Any]) -> list[uuid.UUID]:
-    """answer_now's first step: the embedder checked, the call's turns stored unsent; their ids."""
+    """answer_now's first step: the embedder checked, the call's turns stored unsent; their ids. One
+    without a client's key is keyed as a call's own (INLINE_KEY_PREFIX): if the call dies mid-answer,
+    the next call on its conversation cancels it rather than answering it besides the line the
+    client sends again."""
     check_space()
-    return enqueue_turns(requests, send=False)
+    return enqueue_turns([inline_keyed(request) for request in requests], send=False)
+
+
+def inline_keyed(request: Any) -> TurnRequest:
+    """The request, with an in-process call's automatic key when it carries no client's key."""
+    parsed = request if isinstance(request, TurnRequest) else TurnRequest.model_validate(request)
+    if parsed.idempotency_key is not None:
+        return parsed
+    return parsed.model_copy(update={"idempotency_key": f"{INLINE_KEY_PREFIX}{uuid.uuid4()}"})
+
+
+DIED_MID_ANSWER = "its call died before it was answered; the call sent again stores its line anew"
 
 
 def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
@@ -118,8 +138,7 @@ def _cancel_unkeyed(ids: list[uuid.UUID], reason: str | None = None) -> bool:
 
 
 def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
-    with session_scope() as session:  # left by an earlier call that stopped part-way: nothing else sends them
-        earlier = claimable_before(session=session, turn_ids=ids, model=settings.model)
+    earlier, _ = _lapsed_blockers(ids)  # left by an earlier call that stopped part-way: nothing sends them
     pending = list(dict.fromkeys([*earlier, *ids]))
     rounds = settings.max_attempts + len(pending)
     # Waiting on other calls: until `patience` without progress, never past `give_up` in all.
@@ -151,8 +170,8 @@ def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
             continue  # turns not looked at since the last progress: their batch next
         # Every turn left waits, on another call or on nothing: one look, then a pause.
         seen_waiting.clear()
-        taken_over = _lapsed_blockers(pending)  # their call died: answered here, first
-        if taken_over:
+        taken_over, cancelled = _lapsed_blockers(pending)  # their call died: answered here, first
+        if taken_over or cancelled:
             pending = list(dict.fromkeys([*taken_over, *pending]))
             continue
         # A held turn is waited for while its holder renews its lease (its lease's end moves on).
@@ -198,11 +217,15 @@ def _patience() -> float:
     return time.monotonic() + min(settings.lease_seconds, settings.order_wait_limit_s / 2)
 
 
-def _lapsed_blockers(turn_ids: Sequence[Any]) -> list[Any]:
+def _lapsed_blockers(turn_ids: Sequence[Any]) -> tuple[list[Any], bool]:
     """The earlier turns these turns wait behind that a claim can take now (queued, or running under
-    a lease that lapsed: the call that held it died)."""
+    a lease that lapsed: the call that held it died), but a dead call's own, cancelled (told once
+    the cancel committed); and whether any was (the turns behind it may go on now)."""
     with session_scope() as session:
-        return claimable_before(session=session, turn_ids=turn_ids, model=settings.model)
+        earlier = claimable_before(session=session, turn_ids=turn_ids, model=settings.model)
+        dead = cancel_dead_calls_turns(session=session, turn_ids=earlier, reason=DIED_MID_ANSWER)
+    tell_cancelled(dead)
+    return [turn for turn in earlier if turn not in dead], bool(dead)
 
 
 # Between two looks at turns another call holds.
