@@ -13,7 +13,7 @@ from sqlalchemy import URL, Engine, create_engine, text
 from sqlalchemy.orm import Session
 
 from core.settings import settings
-from db.session import CONNECT_ARGS
+from db.session import CONNECT_ARGS, keep_server_alive
 from db.vector_space import SAME_SPACE_SQL
 from db.vectors import VectorArray, send_vectors_binary
 
@@ -256,11 +256,13 @@ def _slice_engine(url: URL, size: int) -> Engine:
     of the process's other work never wait for a retrieval's extra connections, nor they for them.
     `size` connections serve one sliced retrieval at a time, twice that two at once; a third waits
     for one to finish (milliseconds)."""
-    return create_engine(
-        url,
-        pool_size=size,
-        max_overflow=size,
-        pool_pre_ping=True,
-        connect_args=CONNECT_ARGS,
-        hide_parameters=True,
+    return keep_server_alive(
+        create_engine(
+            url,
+            pool_size=size,
+            max_overflow=size,
+            pool_pre_ping=True,
+            connect_args=CONNECT_ARGS,
+            hide_parameters=True,
+        )
     )

@@ -732,6 +732,24 @@ def stop_scene(*, session: Session, conversation_id: int) -> tuple[Scene, uuid.U
     return scene, unfinished.id
 
 
+class StopOvertaken(RuntimeError):
+    """A `:continue` asked the stopped scene for more before its queued step was cancelled."""
+
+
+def cancel_stopped_step(*, session: Session, turn_id: uuid.UUID, scene_id: int, owed: int) -> list[uuid.UUID]:
+    """stop's second part: cancel the stopped scene's queued step (the turn locked first, then its
+    scene, as the store locks them); StopOvertaken, for the caller to roll back, when the scene no
+    longer owes what the stop left it (`owed` exchanges: a `:continue` since asked for more, which
+    wins; review)."""
+    from db.turns import cancel_turns  # db/turns reaches this module through the runs' advance
+
+    cancelled = cancel_turns(session=session, turn_ids=[turn_id])
+    now = session.scalar(select(Scene.exchanges).where(Scene.id == scene_id).with_for_update())
+    if now != owed:
+        raise StopOvertaken(f"scene {scene_id}: asked for more since it was stopped")
+    return cancelled
+
+
 def group_views(*, session: Session, conversation_ids: Sequence[int]) -> dict[int, GroupView]:
     """The group conversations among these (those holding a scene): their premise and members."""
     if not conversation_ids:

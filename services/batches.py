@@ -667,9 +667,12 @@ def cancel_batch(
         ended = (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.EXPIRED)
         # A batch writing its files because every request ended (or its window closed) has nothing
         # left to stop: a 200 there was a cancel accepted, then the batch `completed` (review).
-        writing = outcome.before == RunStatus.FINALIZING and run.cancel_reason != "cancelled"
+        # its reason as it stands under the cancel's lock (review: read before, a concurrent cancel's
+        # was missed and its retry told the batch could not be cancelled)
+        reason = session.scalar(select(Run.cancel_reason).where(Run.id == run_id))
+        writing = outcome.before == RunStatus.FINALIZING and reason != "cancelled"
         if (outcome.before in ended or writing) and not outcome.changed:
-            shown = _shown_status(outcome.before, run.cancel_reason)
+            shown = _shown_status(outcome.before, reason)
             raise BatchEnded(f"Cannot cancel a batch with status {shown!r}")
     (finalize or finalize_run)(run_id)
     return get_batch(batch_id, api_key=api_key, admin=admin, tenant=tenant)
@@ -1000,21 +1003,25 @@ def _sweep_orphan_files() -> list[str]:
     rename left the download without the change for good, its row's size disagreeing (review of
     kills between commits); killed before the commit, the file is written again as it was."""
     names = delete_orphan_files()
+    by_file: dict[str, list[Path]] = {}  # one rewrite a file, however many scratches it left (review)
     for scratch in stale_rewrites():
         found = REWRITE_SCRATCH.fullmatch(scratch.name)
         assert found is not None  # stale_rewrites' own test
+        by_file.setdefault(found[1], []).append(scratch)
+    for file_id, scratches in sorted(by_file.items()):
         try:
             with session_scope() as session:
-                run_id = lock_run_of_output_file(session=session, file_id=found[1])
+                run_id = lock_run_of_output_file(session=session, file_id=file_id)
                 if run_id is not None:
-                    rewrite_output_file(session, run_id, found[1])
+                    rewrite_output_file(session, run_id, file_id)
         except Exception:  # kept: the next sweep tries it again
             logger.warning(
-                "batch file %s: its interrupted rewrite could not be done again", found[1], exc_info=True
+                "batch file %s: its interrupted rewrite could not be done again", file_id, exc_info=True
             )
             continue
-        scratch.unlink(missing_ok=True)
-        names.append(scratch.name)
+        for scratch in scratches:
+            scratch.unlink(missing_ok=True)
+            names.append(scratch.name)
     return names
 
 

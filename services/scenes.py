@@ -19,6 +19,8 @@ from db.scenes import (
     SceneClosed,
     SceneConflict,
     SceneNotFound,
+    StopOvertaken,
+    cancel_stopped_step,
     create_scene,
     extend_scene,
     last_lines_after,
@@ -33,7 +35,7 @@ from db.world import adopt_empty_conversation, character_names, find_characters,
 from db.write_keys import fingerprint, record_ids, take_key
 from scenes.spec import GroupSpec, name_clash
 from scenes.transcript import scene_record
-from services.producer import EnqueueError, cancel_turn, resend, send_new_turns
+from services.producer import EnqueueError, resend, send_new_turns, tell_cancelled
 from services.runs.scene_lines import scene_of
 
 logger = logging.getLogger(__name__)
@@ -192,11 +194,17 @@ def stop_group(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, 
     with session_scope() as session:
         conv_id = _conversation_id(session, conversation, tenant)
         try:
-            _, queued = stop_scene(session=session, conversation_id=conv_id)
+            scene, queued = stop_scene(session=session, conversation_id=conv_id)
         except SceneNotFound:  # erased since it was looked up
             raise SceneNotFound(f"no group conversation {conversation!r}") from None
+        scene_id, owed = scene.id, scene.exchanges
     if queued is not None:  # its own transaction: a turn is locked before its scene
-        cancel_turn(queued)
+        try:
+            with session_scope() as session:
+                cancelled = cancel_stopped_step(session=session, turn_id=queued, scene_id=scene_id, owed=owed)
+        except StopOvertaken:  # a `:continue` since: it wins, its step stays
+            cancelled = []
+        tell_cancelled(cancelled)
     return scene_view(conversation, tenant=tenant, tail=True)
 
 

@@ -2614,7 +2614,20 @@ def test_a_groups_chatter_is_stopped_keeping_the_line_being_written_and_goes_on_
     assert stopped["status"] == "cancelled" and get_turn(queued).status == TurnStatus.CANCELLED
     assert stop_group(conv)["status"] == "cancelled"  # sent again: answered as it is
     continue_group(conv, 1)
-    assert _open_step(scene_id) is not None  # the cancelled step goes out again
+    step = _open_step(scene_id)
+    assert step is not None  # the cancelled step goes out again
+    # review: a `:continue` between a stop's two parts (its scene's count, then its queued step's
+    # cancel) wins: the step stays
+    from db.scenes import StopOvertaken, cancel_stopped_step, stop_scene
+
+    with session_scope() as s:
+        scene, queued = stop_scene(session=s, conversation_id=_conv_id(conv))
+        owed = scene.exchanges
+    assert queued == step
+    continue_group(conv, 3)
+    with pytest.raises(StopOvertaken), session_scope() as s:
+        cancel_stopped_step(session=s, turn_id=step, scene_id=scene_id, owed=owed)
+    assert get_turn(step).status == TurnStatus.QUEUED
 
 
 def _scene_of(conv: str) -> int:
