@@ -1171,17 +1171,25 @@ def cancel_dead_calls_turns(
     *, session: Session, turn_ids: Sequence[uuid.UUID], reason: str
 ) -> list[uuid.UUID]:
     """cancel: those of these turns an in-process call stored without a client's key whose claim
-    lapsed (the call died mid-answer: a SIGKILL, a platform's timeout). The call's client, told
-    nothing, sends it again, which stores its line anew: taken over and answered here, the line was
-    answered twice in its conversation (review of kills between commits). Those cancelled."""
-    dead = and_(
-        Turn.id.in_(list(turn_ids)),
-        Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
-        Turn.status == TurnStatus.RUNNING,
-    )
-    return cancel_turns(
-        session=session, turn_ids=list(session.scalars(select(Turn.id).where(dead))), reason=reason
-    )
+    lapsed (the call died mid-answer: a SIGKILL, a platform's timeout), and that call's other turns
+    still claimable (queued behind it, or not reached). The call's client, told nothing, sends them
+    again, which stores its lines anew: taken over and answered here, each was answered twice in its
+    conversation (review of kills between commits). Those cancelled."""
+    dead_keys = session.scalars(
+        select(Turn.idempotency_key).where(
+            Turn.id.in_(list(turn_ids)),
+            Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
+            Turn.status == TurnStatus.RUNNING,
+        )
+    ).all()
+    calls = {key.rsplit(":", 1)[0] + ":" for key in dead_keys if key}
+    if not calls:
+        return []
+    # The call's turns are of the conversations these turns are of (an event's lines name theirs).
+    conversations = select(Turn.conversation_id).where(Turn.id.in_(list(turn_ids)))
+    its = or_(*(Turn.idempotency_key.startswith(call, autoescape=True) for call in sorted(calls)))
+    ids = session.scalars(select(Turn.id).where(Turn.conversation_id.in_(conversations), its)).all()
+    return cancel_turns(session=session, turn_ids=list(ids), reason=reason)
 
 
 def cancel_turns(

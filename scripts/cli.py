@@ -363,14 +363,14 @@ def run_status(
     )
     # On stderr, as submit's and lora train's: stdout keeps the status line for scripts.
     with Progress(*columns, transient=not watch, console=Console(stderr=True)) as bar:
-        task = bar.add_task(escape(state.name), total=state.lines or None, rate="")
+        task = bar.add_task(escape(state.name), total=state.turns or None, rate="")
         started, start_done = time.monotonic(), state.counts.finished
         while True:
             c = state.counts
             rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
             bar.update(
                 task,
-                total=state.lines or None,  # the file's lines: the bar never runs back as chunks are stored
+                total=state.turns or None,  # the file's lines: the bar never runs back as chunks are stored
                 completed=c.finished,
                 rate=f"{rate:.1f} turns/s",
                 # escaped: rich read "[queued]" as a style and dropped it (CLI review)
@@ -383,7 +383,7 @@ def run_status(
     c = state.counts
     status = state.status.value + (" (submission interrupted)" if state.interrupted else "")
     _out(
-        f"{state.id} {status} total={state.lines} completed={c.completed} failed={c.failed} "
+        f"{state.id} {status} total={state.turns} completed={c.completed} failed={c.failed} "
         f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent}"
     )
     if state.quality.get("scored"):

@@ -2652,6 +2652,7 @@ def test_a_scene_runs_lines_never_stored_are_counted_as_lines_not_hidden_by_its_
         assert cancel_run(session=s, run_id=run_id).after in (RunStatus.CANCELLING, RunStatus.CANCELLED)
     state = run_state(name)
     assert state.counts.total == 3 and state.stored == 2 and state.never_stored == 3
+    assert state.turns == 6  # what `run status` counts against: its turns, and one a line never stored
     with session_scope() as s:
         message = interrupted_message(s.get_one(Run, run_id), state.counts, state.stored)
-    assert message.startswith("submission interrupted: 2 of 5 lines stored")
+    assert message.startswith("submission interrupted: 2 of 5 lines stored, 3 of their 3 turns sent")

@@ -165,6 +165,22 @@ def test_a_turn_another_call_holds_or_waits_behind_is_waited_for_and_returned_an
     assert mine["status"] == "done" and mine["reply"] and mine["id"] != str(dead_turn), mine
     dead = get_turn(dead_turn)
     assert dead is not None and dead.status == "cancelled" and dead.error == inline.DIED_MID_ANSWER, dead
+    # 7. Review: the dead call's claim lapses while this call waits behind it (found by the claim as a
+    # stalled earlier turn), and its second line, queued behind its first, is the dead call's too:
+    # both cancelled, the resent lines answered once each.
+    conversation = new_conversation("elara")
+    lines = [conversation | {"message": "Is the mill turning?"}, conversation | {"message": "And the well?"}]
+    first, second = inline.store_for_call(lines)
+    with session_scope() as s:
+        claim = claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
+    other = once_looked(dies(claim.claimed[0]))
+    views = handler({"input": {"turns": lines}})["turns"]
+    other.join()
+    assert [v["status"] for v in views] == ["done", "done"], [(v["status"], v.get("error")) for v in views]
+    assert {v["id"] for v in views}.isdisjoint({str(first), str(second)}), views
+    for turn_id in (first, second):
+        dead = get_turn(turn_id)
+        assert dead is not None and dead.status == "cancelled" and dead.error == inline.DIED_MID_ANSWER, dead
 
 
 def test_bad_events_get_a_clear_error_and_no_exception(world) -> None:

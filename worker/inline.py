@@ -54,22 +54,20 @@ def answer_now(requests: Sequence[TurnRequest | dict[str, Any]]) -> list[TurnVie
 
 def store_for_call(requests: Sequence[Any]) -> list[uuid.UUID]:
     """answer_now's first step: the embedder checked, the call's turns stored unsent; their ids. One
-    without a client's key is keyed as a call's own (INLINE_KEY_PREFIX): if the call dies mid-answer,
-    the next call on its conversation cancels it rather than answering it besides the line the
-    client sends again."""
+    without a client's key is keyed as this call's own (INLINE_KEY_PREFIX, the call's id, its
+    place): if the call dies mid-answer, the next call on its conversation cancels its turns rather
+    than answering them besides the lines the client sends again."""
     check_space()
-    return enqueue_turns([inline_keyed(request) for request in requests], send=False)
+    call = uuid.uuid4()
+    return enqueue_turns([inline_keyed(request, call, i) for i, request in enumerate(requests)], send=False)
 
 
-def inline_keyed(request: Any) -> TurnRequest:
-    """The request, with an in-process call's automatic key when it carries no client's key."""
+def inline_keyed(request: Any, call: uuid.UUID, place: int) -> TurnRequest:
+    """The request, with its call's automatic key when it carries no client's key."""
     parsed = request if isinstance(request, TurnRequest) else TurnRequest.model_validate(request)
     if parsed.idempotency_key is not None:
         return parsed
-    return parsed.model_copy(update={"idempotency_key": f"{INLINE_KEY_PREFIX}{uuid.uuid4()}"})
-
-
-DIED_MID_ANSWER = "its call died before it was answered; the call sent again stores its line anew"
+    return parsed.model_copy(update={"idempotency_key": f"{INLINE_KEY_PREFIX}{call}:{place}"})
 
 
 def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
@@ -104,6 +102,11 @@ def unanswered_reason(view: TurnView) -> str:
 
 
 NOT_ANSWERED = "not answered in this call: "
+# A call still alive whose turn this is (its lease lapsed in a long database outage) is told to be
+# sent again, as for any turn it returns unanswered (review).
+DIED_MID_ANSWER = (
+    NOT_ANSWERED + "its call died before it was answered; the call sent again stores its line anew"
+)
 
 
 def unanswered(views: Sequence[TurnView]) -> list[TurnView]:
@@ -154,13 +157,16 @@ def _answer_in_order(ids: list[uuid.UUID]) -> list[TurnView]:
         if report.engine_dead is not None:  # nothing more runs in this process
             raise _stopped_by(report.engine_dead, ids) from report.engine_dead
         now = [t for t in report.retry if t not in report.retry_in]
-        # Its claim stamped them sent: answered here, first (another model's wait for the sweeper).
-        stalled = [t.id for t in report.stalled if t.model == settings.model]
+        # Its claim stamped them sent: answered here, first (another model's wait for the sweeper); a
+        # dead call's own are cancelled (review: a lease lapsing while this call waited was found here).
+        found_stalled = [t.id for t in report.stalled if t.model == settings.model]
+        stalled = _not_a_dead_calls(found_stalled)
+        unblocked = len(stalled) < len(found_stalled)  # the turns behind those cancelled may go on now
         # Another call's claim holds them, their turn is yet to come, or another claim took them from us.
         waiting = [*report.held, *report.deferred, *report.lost]
         # Waiting turns go last, so they never keep this call's other turns out of a batch.
         pending = list(dict.fromkeys([*stalled, *now, *pending[settings.batch_size :], *waiting]))
-        if stalled or not set(batch) <= set(waiting):
+        if stalled or unblocked or not set(batch) <= set(waiting):
             rounds -= 1
             patience, idle_looks = _patience(), 0
             seen_waiting.clear()
@@ -215,6 +221,16 @@ def _patience() -> float:
     """Until when to wait for turns of another call with no progress here: a lease, and never as long
     as the claim's order wait limit, which would fail a waiting turn as blocked."""
     return time.monotonic() + min(settings.lease_seconds, settings.order_wait_limit_s / 2)
+
+
+def _not_a_dead_calls(turn_ids: list[Any]) -> list[Any]:
+    """These turns, less a dead call's own, which are cancelled (cancel_dead_calls_turns)."""
+    if not turn_ids:
+        return turn_ids
+    with session_scope() as session:
+        dead = cancel_dead_calls_turns(session=session, turn_ids=turn_ids, reason=DIED_MID_ANSWER)
+    tell_cancelled(dead)
+    return [turn for turn in turn_ids if turn not in dead]
 
 
 def _lapsed_blockers(turn_ids: Sequence[Any]) -> tuple[list[Any], bool]:

@@ -72,8 +72,9 @@ def still_whole(run: Run) -> None:
 def interrupted_message(run: Run, counts: RunCounts, stored: int) -> str:
     """What a run whose submission died says, and how to go on; `stored`: its file's lines stored
     (stored_lines)."""
+    sent = counts.total - counts.unsent
     return (
-        f"submission interrupted: {stored} of {run.total} lines stored, {stored - counts.unsent} "
+        f"submission interrupted: {stored} of {run.total} lines stored, {sent} of their {counts.total} turns "
         f"sent; resubmit the same file (or `mlchat run resume {run.name} FILE`) to store and send the rest"
     )
 
@@ -103,6 +104,12 @@ class RunState:
         if self.status == RunStatus.VALIDATING and not self.interrupted:
             return 0
         return max(self.lines - self.stored, 0)
+
+    @property
+    def turns(self) -> int:
+        """The turns the run holds or will: those stored, and one a line for the lines not stored
+        (a scene's later steps are turns of its line: review, a scene run showed "10/2")."""
+        return self.counts.total + max(self.lines - self.stored, 0)
 
     @property
     def finished(self) -> bool:
