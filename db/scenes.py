@@ -624,6 +624,18 @@ class SceneNotFound(LookupError):
     """No group conversation of that name (for that tenant): the message names it."""
 
 
+def _locked_scene(session: Session, conversation_id: int) -> Scene:
+    """The conversation's scene, its row locked after the conversation's (the order a player's line
+    and a step's store take them); SceneNotFound if it holds none (erased meanwhile)."""
+    lock_conversation(session=session, conversation_id=conversation_id)
+    scene = session.scalars(
+        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
+    ).one_or_none()
+    if scene is None:
+        raise SceneNotFound(f"no group conversation of id {conversation_id}")
+    return scene
+
+
 def extend_scene(
     *, session: Session, conversation_id: int, exchanges: int, api_key: str | None = None
 ) -> tuple[Scene, list[NewStep]]:
@@ -636,12 +648,7 @@ def extend_scene(
     The conversation's row is locked first, as a player's line and a step's store lock it (before
     the scene's, as the store's order is): a step requeued or created here is numbered and its
     speaker picked seeing a line committed just before, never beside it (scenes review)."""
-    lock_conversation(session=session, conversation_id=conversation_id)
-    scene = session.scalars(
-        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
-    ).one_or_none()
-    if scene is None:
-        raise SceneNotFound(f"no group conversation of id {conversation_id}")
+    scene = _locked_scene(session, conversation_id)
     closed = scene.status in (SceneStatus.FAILED, SceneStatus.CANCELLED)
     if closed and scene.run_id is not None:
         raise SceneClosed(f"status: the scene is {scene.status} ({scene.ended_reason}); start a new group")
@@ -709,12 +716,7 @@ def stop_scene(*, session: Session, conversation_id: int) -> tuple[Scene, uuid.U
     transaction of its own (a turn is locked before its scene, as the store locks them: review of
     cancellation, a group's chatter could not be stopped). SceneNotFound if the conversation holds
     no scene; SceneClosed for a run's scene (its run's cancel stops it). Locked as extend locks."""
-    lock_conversation(session=session, conversation_id=conversation_id)
-    scene = session.scalars(
-        select(Scene).where(Scene.conversation_id == conversation_id).with_for_update()
-    ).one_or_none()
-    if scene is None:
-        raise SceneNotFound(f"no group conversation of id {conversation_id}")
+    scene = _locked_scene(session, conversation_id)
     if scene.run_id is not None:
         raise SceneClosed("the scene is a run's: cancel the run to stop it")
     if scene.status != SceneStatus.OPEN:
