@@ -80,7 +80,7 @@ from db.retry_seeds import retried_params
 from db.scenes import advance_scenes_of_turns, cancel_open_scenes, reopen_failed_scenes
 from db.session import given_or_own
 from db.turn_leases import claimable
-from structured.spec import DATA_REPLIES
+from structured.kinds import DATA_REPLIES
 
 logger = logging.getLogger(__name__)
 
@@ -669,7 +669,7 @@ def begin_finalizing_try(*, session: Session, run_id: uuid.UUID) -> bool:
 
 def postpone_finalizing(*, session: Session, run_id: uuid.UUID, error: str, give_up_s: float) -> bool:
     """A finalizing run whose files could not be written goes to the back of the line, saying why;
-    one whose files have failed for `give_up_s` since the first failure in a row fails instead
+    one whose files have failed for `give_up_s` since its first try (begin_finalizing_try) fails instead
     (finalizing → failed, `server_error`: a fault that passes has had its time). Whether it failed."""
     since = func.coalesce(Run.finalize_failed_since, func.now())
     given_up = since < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, give_up_s)

@@ -1172,24 +1172,30 @@ def cancel_dead_calls_turns(
 ) -> list[uuid.UUID]:
     """cancel: those of these turns an in-process call stored without a client's key whose claim
     lapsed (the call died mid-answer: a SIGKILL, a platform's timeout), and that call's other turns
-    still claimable (queued behind it, or not reached). The call's client, told nothing, sends them
-    again, which stores its lines anew: taken over and answered here, each was answered twice in its
-    conversation (review of kills between commits). Those cancelled."""
-    dead_keys = session.scalars(
-        select(Turn.idempotency_key).where(
+    of the same conversations still claimable (queued behind them). The call's client, told
+    nothing, sends them again, which stores its lines anew: taken over and answered here, each was
+    answered twice in its conversation (review of kills between commits). Those cancelled."""
+    running = session.scalars(
+        select(Turn.id).where(
             Turn.id.in_(list(turn_ids)),
             Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
             Turn.status == TurnStatus.RUNNING,
         )
     ).all()
-    calls = {key.rsplit(":", 1)[0] + ":" for key in dead_keys if key}
+    # The calls of those cancelled (their lease re-checked under the row lock: review, one renewed
+    # since the claim saw it lapsed is its live call's), each named by its key's call id.
+    dead = cancel_turns(session=session, turn_ids=list(running), reason=reason) if running else []
+    keys = session.scalars(select(Turn.idempotency_key).where(Turn.id.in_(dead))).all() if dead else []
+    calls = {key.rsplit(":", 1)[0] + ":" for key in keys if key and key.count(":") == 3}
     if not calls:
-        return []
-    # The call's turns are of the conversations these turns are of (an event's lines name theirs).
-    conversations = select(Turn.conversation_id).where(Turn.id.in_(list(turn_ids)))
+        return dead
+    conversations = select(Turn.conversation_id).where(Turn.id.in_(dead))
     its = or_(*(Turn.idempotency_key.startswith(call, autoescape=True) for call in sorted(calls)))
-    ids = session.scalars(select(Turn.id).where(Turn.conversation_id.in_(conversations), its)).all()
-    return cancel_turns(session=session, turn_ids=list(ids), reason=reason)
+    siblings = session.scalars(select(Turn.id).where(Turn.conversation_id.in_(conversations), its)).all()
+    return [
+        *dead,
+        *cancel_turns(session=session, turn_ids=[t for t in siblings if t not in dead], reason=reason),
+    ]
 
 
 def cancel_turns(

@@ -370,7 +370,7 @@ def run_status(
             rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
             bar.update(
                 task,
-                total=state.turns or None,  # the file's lines: the bar never runs back as chunks are stored
+                total=state.turns or None,  # its turns, and one a line not stored yet: never runs back
                 completed=c.finished,
                 rate=f"{rate:.1f} turns/s",
                 # escaped: rich read "[queued]" as a style and dropped it (CLI review)

@@ -202,8 +202,8 @@ def submit_turns(
     if unknown:
         raise TurnRejected(unknown)
     _check_callback_hosts(parsed, tenant)
-    if history and len(parsed) != 1:
-        raise ValueError("history seeds one request's conversation")
+    if history and (len(parsed) != 1 or parsed[0].speaker_character is not None):
+        raise ValueError("history seeds one request's conversation, not a group member's line")
     # A named member, or history to seed with the turn: the full path.
     if len(parsed) == 1 and parsed[0].speaker_character is None and not history:
         automatic_key = parsed[0].idempotency_key is None
@@ -229,7 +229,7 @@ def submit_turns(
                 api_key=api_key,
                 tenant=tenant,
             )
-    if history and parsed[0].speaker_character is None:  # one request, seeding its conversation
+    if history:  # one request, seeding its conversation
         return _store_with_history(
             parsed[0],
             history,

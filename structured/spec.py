@@ -28,6 +28,7 @@ from core.json_shape import nesting
 from core.regex_size import largest_count, size_refusal
 from core.settings import settings
 from core.text import unstorable_in
+from structured.kinds import DATA_REPLIES as DATA_REPLIES  # the reply kinds that are data
 from structured.pattern_reading import FLAGS, as_grammar_reads
 
 # Keywords whose constraint the grammar would not enforce (the reply could break the schema), or
@@ -73,7 +74,6 @@ _SCHEMA_VALUED = frozenset(
     | {"not", "if", "then", "else", "contains", "propertyNames", "unevaluatedItems", "unevaluatedProperties"}
 )
 # Reply shapes that are not a spoken line: the quality gate's text checks do not hold them.
-DATA_REPLIES = ("json_schema", "json_object", "regex", "choice")
 MAX_DEPTH = 32
 # A count past this in a JSON schema's `pattern` (`[A-Za-z ]{1,200}`): the grammar builds without
 # a tokenizer (the check here), but vLLM's compiler of xgrammar 0.2.8, with its cache on, fails on
