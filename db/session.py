@@ -75,7 +75,7 @@ SERVER_KEEPALIVES = {
 }
 
 
-_KEEPALIVES_SQL = ", set_config(%s, %s, false)" * len(SERVER_KEEPALIVES)
+_KEEPALIVES_SQL = ", ".join(["set_config(%s, %s, false)"] * len(SERVER_KEEPALIVES))
 _KEEPALIVES_PARAMS = tuple(part for pair in SERVER_KEEPALIVES.items() for part in pair)
 
 
@@ -86,10 +86,7 @@ def keep_server_alive(engine: Engine) -> Engine:
 
     @event.listens_for(engine, "connect")
     def _connected(dbapi_connection: Any, entry: Any) -> None:
-        with dbapi_connection.cursor() as cursor:
-            cursor.execute("SELECT " + _KEEPALIVES_SQL.removeprefix(", "), _KEEPALIVES_PARAMS)
-        if not dbapi_connection.autocommit:
-            dbapi_connection.commit()
+        _set_up(dbapi_connection, "SELECT " + _KEEPALIVES_SQL, _KEEPALIVES_PARAMS)
 
     return engine
 
@@ -105,8 +102,13 @@ def _set_session(
         statement += ", set_config('mlchat.embedder', %s, false)"
         params += (embedder,)
     if first:
-        statement += _KEEPALIVES_SQL
+        statement += ", " + _KEEPALIVES_SQL
         params += _KEEPALIVES_PARAMS
+    _set_up(dbapi_connection, statement, params)
+
+
+def _set_up(dbapi_connection: Any, statement: str, params: tuple[str, ...]) -> None:
+    """Run a connection's set-up statement, outside any transaction of its first user."""
     with dbapi_connection.cursor() as cursor:
         cursor.execute(statement, params)
     if not dbapi_connection.autocommit:

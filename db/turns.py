@@ -1167,6 +1167,18 @@ AUTO_KEY_PREFIX = "auto:"
 INLINE_KEY_PREFIX = AUTO_KEY_PREFIX + "inline:"
 
 
+def inline_key(call: uuid.UUID, place: int) -> str:
+    """The automatic key of the `place`-th turn an in-process call stored."""
+    return f"{INLINE_KEY_PREFIX}{call}:{place}"
+
+
+def inline_call(key: str | None) -> str | None:
+    """The prefix every key of that call's turns starts with (None: no key of a call's shape)."""
+    if not key or not key.startswith(INLINE_KEY_PREFIX) or key.count(":") != 3:
+        return None
+    return key.rsplit(":", 1)[0] + ":"
+
+
 def cancel_dead_calls_turns(
     *, session: Session, turn_ids: Sequence[uuid.UUID], reason: str
 ) -> list[uuid.UUID]:
@@ -1175,18 +1187,21 @@ def cancel_dead_calls_turns(
     of the same conversations still claimable (queued behind them). The call's client, told
     nothing, sends them again, which stores its lines anew: taken over and answered here, each was
     answered twice in its conversation (review of kills between commits). Those cancelled."""
-    running = session.scalars(
-        select(Turn.id).where(
-            Turn.id.in_(list(turn_ids)),
-            Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
-            Turn.status == TurnStatus.RUNNING,
+    running = dict(
+        session.execute(
+            select(Turn.id, Turn.idempotency_key).where(
+                Turn.id.in_(list(turn_ids)),
+                Turn.idempotency_key.startswith(INLINE_KEY_PREFIX, autoescape=True),
+                Turn.status == TurnStatus.RUNNING,
+            )
         )
-    ).all()
+        .tuples()
+        .all()
+    )
     # The calls of those cancelled (their lease re-checked under the row lock: review, one renewed
     # since the claim saw it lapsed is its live call's), each named by its key's call id.
     dead = cancel_turns(session=session, turn_ids=list(running), reason=reason) if running else []
-    keys = session.scalars(select(Turn.idempotency_key).where(Turn.id.in_(dead))).all() if dead else []
-    calls = {key.rsplit(":", 1)[0] + ":" for key in keys if key and key.count(":") == 3}
+    calls = {call for turn in dead if (call := inline_call(running[turn])) is not None}
     if not calls:
         return dead
     conversations = select(Turn.conversation_id).where(Turn.id.in_(dead))
@@ -1346,7 +1361,7 @@ def live_models_waiting(*, session: Session) -> list[str]:
 
 
 def fail_unserved(
-    *, session: Session, model: str, older_than_s: float, reason: str, limit: int = 1000
+    *, session: Session, model: str, older_than_s: float, reason: str, limit: int
 ) -> list[uuid.UUID]:
     """fail: a chunk of `model`'s live turns queued longer than `older_than_s`, no worker serving it
     (the caller found so: tasks/presence.py); their scenes go on as after any failed step. Rows

@@ -78,9 +78,11 @@ def _prune_expired(session: Session) -> None:
     session.execute(_PRUNE_SQL, {"ttl_s": settings.write_key_ttl_s, "n": PRUNED_PER_KEY})
 
 
-def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_hash: str) -> list[int] | None:
+def stored_ids(
+    *, session: Session, tenant: str, kind: str, key: str, request_hash: str | None
+) -> list[int] | None:
     """The ids a committed write under the key stored (None: no such write); KeyReused when that
-    write was another request."""
+    write was another request (a `request_hash` of None: whatever its request)."""
     found = session.execute(
         select(WriteKey.request_hash, WriteKey.ids).where(
             WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key
@@ -88,17 +90,9 @@ def stored_ids(*, session: Session, tenant: str, kind: str, key: str, request_ha
     ).first()
     if found is None:
         return None
-    if found[0] != request_hash:
+    if request_hash is not None and found[0] != request_hash:
         raise KeyReused(f"idempotency key {key!r} was already used for a different request")
     return list(found[1])
-
-
-def ids_under_key(*, session: Session, tenant: str, kind: str, key: str) -> list[int] | None:
-    """The ids a committed write under the key stored, whatever its request (None: no such write)."""
-    found = session.scalar(
-        select(WriteKey.ids).where(WriteKey.tenant == tenant, WriteKey.kind == kind, WriteKey.key == key)
-    )
-    return None if found is None else list(found)
 
 
 def record_ids(*, session: Session, tenant: str, kind: str, key: str, ids: Sequence[int]) -> None:

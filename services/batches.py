@@ -70,7 +70,6 @@ from services.files import (
     find_file,
     new_file_id,
     remove_unlisted,
-    stale_rewrites,
 )
 from services.pages import list_object
 from services.runs.export import cancelled_alone, write_never_stored, write_outputs
@@ -1002,11 +1001,12 @@ def _sweep_orphan_files() -> list[str]:
     next sweep if it failed). A process killed between a writer's change's commit and the file's
     rename left the download without the change for good, its row's size disagreeing (review of
     kills between commits); killed before the commit, the file is written again as it was."""
-    names = delete_orphan_files()
+    rewrites: list[Path] = []
+    names = delete_orphan_files(rewrites=rewrites)
     by_file: dict[str, list[Path]] = {}  # one rewrite a file, however many scratches it left (review)
-    for scratch in stale_rewrites():
+    for scratch in rewrites:
         found = REWRITE_SCRATCH.fullmatch(scratch.name)
-        assert found is not None  # stale_rewrites' own test
+        assert found is not None  # delete_orphan_files' own test
         by_file.setdefault(found[1], []).append(scratch)
     for file_id, scratches in sorted(by_file.items()):
         try:

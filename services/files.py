@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import secrets
@@ -28,7 +27,7 @@ from db.files import add_file_within_quota
 from db.models import StoredFile
 from db.runs import oldest_finalizing_since
 from db.session import session_scope
-from db.write_keys import KeyReused, ids_under_key, record_ids, take_key
+from db.write_keys import KeyReused, fingerprint, record_ids, stored_ids, take_key
 from services.pages import list_object
 
 logger = logging.getLogger(__name__)
@@ -106,6 +105,11 @@ def new_file_id() -> str:
 def _file_id(number: int) -> str:
     """An uploaded file's id from the number its idempotency key records."""
     return f"file-{number:024x}"
+
+
+def _file_number(file_id: str) -> int:
+    """The number an idempotency key records of an uploaded file's id (_file_id's inverse)."""
+    return int(file_id.removeprefix("file-"), 16)
 
 
 def file_object(row: StoredFile) -> dict[str, Any]:
@@ -237,15 +241,15 @@ def replayed_bytes(api_key: str | None, tenant: str, idempotency_key: str | None
     if idempotency_key is None:
         return None
     with session_scope() as session:
-        made = ids_under_key(session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key)
+        made = stored_ids(
+            session=session, tenant=tenant, kind=FILE_KEY, key=idempotency_key, request_hash=None
+        )
         if made is None:
             return None
-        found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0]))
-    if found is None or found[1]:
-        raise KeyReused(f"idempotency key {idempotency_key!r}: the file it uploaded was deleted since")
-    if not _owns(found[0].api_key, found[0].tenant, api_key, tenant):
+        found = _file_under_key(session, idempotency_key, made)
+    if not _owns(found.api_key, found.tenant, api_key, tenant):
         raise KeyReused(f"idempotency key {idempotency_key!r} was already used for a different request")
-    return found[0].bytes
+    return found.bytes
 
 
 def _past_replay(key: str | None) -> KeyReused:
@@ -261,8 +265,7 @@ def check_replay_room(body_bytes: int | None, replayed: int, key: str | None) ->
 def _upload_hash(purpose: str, filename: str, api_key: str | None, expires_after_s: int | None) -> Any:
     """The running hash of a keyed upload: what it was sent as, then its bytes. The key's name is in
     it: another key of the tenant reusing the idempotency key could not read the first one's file."""
-    head = json.dumps([purpose, filename, api_key, expires_after_s], ensure_ascii=False)
-    return hashlib.sha256(head.encode("utf-8", "surrogatepass") + b"\n")
+    return hashlib.sha256(fingerprint([purpose, filename, api_key, expires_after_s]).encode() + b"\n")
 
 
 async def save_upload(
@@ -274,14 +277,15 @@ async def save_upload(
     tenant: str = DEFAULT_TENANT,
     expires_after_s: int | None = None,
     idempotency_key: str | None = None,
+    replayed: int | None = None,
 ) -> dict[str, Any]:
     """Stream an upload to disk (refused past batch_file_max_bytes, or past the key's quota of stored
     bytes), then record it as the key's and its tenant's. Under `idempotency_key` (the tenant's,
     MLCHAT_WRITE_KEY_TTL_S) the same upload again answers with the first one's file and keeps no
-    second copy; another upload under it is KeyReused."""
+    second copy; another upload under it is KeyReused. `replayed`: replayed_bytes of the key, read
+    by the caller before the body (None: held to the quota as any upload)."""
     from fastapi.concurrency import run_in_threadpool
 
-    replayed = await run_in_threadpool(replayed_bytes, api_key, tenant, idempotency_key)
     held = await run_in_threadpool(_held, api_key, tenant) if replayed is None else 0
     digest = _upload_hash(purpose, filename, api_key, expires_after_s) if idempotency_key else None
     file_id = new_file_id()
@@ -386,7 +390,7 @@ def _record(
                 session=session, tenant=owner[1], kind=FILE_KEY, key=keyed[0], request_hash=keyed[1]
             )
             if made is not None:
-                return _made_under_key(session, keyed[0], made), False
+                return file_object(_file_under_key(session, keyed[0], made)), False
         row, held = add_file_within_quota(
             session=session,
             file_id=file_id,
@@ -402,18 +406,18 @@ def _record(
         if row is None:
             raise _over_quota(held, size)
         if keyed is not None:
-            ids = [int(file_id.removeprefix("file-"), 16)]  # _file_id's inverse
+            ids = [_file_number(file_id)]
             record_ids(session=session, tenant=owner[1], kind=FILE_KEY, key=keyed[0], ids=ids)
         return file_object(row), True
 
 
-def _made_under_key(session: Any, key: str, made: list[int]) -> dict[str, Any]:
-    """The file an upload under `key` stored; KeyReused once it is gone (deleted or expired: the key
-    outlived it)."""
+def _file_under_key(session: Any, key: str, made: list[int]) -> StoredFile:
+    """The file an upload under `key` stored (`made`: the ids its key records); KeyReused once it is
+    gone (deleted or expired: the key outlived it)."""
     found = stored.get_file_and_expiry(session=session, file_id=_file_id(made[0]))
     if found is None or found[1]:
         raise KeyReused(f"idempotency key {key!r}: the file it uploaded was deleted since")
-    return file_object(found[0])
+    return found[0]
 
 
 def _owns(file_key: str | None, file_tenant: str | None, api_key: str | None, tenant: str) -> bool:
@@ -520,30 +524,15 @@ _OURS = regex.compile(
 
 
 # The scratch of a batch output file's rewrite (services/batches.py::rewrite_output_file): one left
-# behind tells of a process killed mid-rewrite, so it is not deleted as an orphan but handed to
-# stale_rewrites, whose caller writes the file again, then removes it.
+# behind tells of a process killed mid-rewrite, so it is not deleted as an orphan but handed back to
+# the sweep's caller, which writes the file again, then removes it.
 REWRITE_SCRATCH = regex.compile(r"\.(file-[0-9a-f]{24})\.jsonl\.[0-9a-f]{32}\.tmp")
 
 
-def stale_rewrites(older_than_s: float = ORPHAN_AGE_S) -> list[Path]:
-    """The rewrite scratches older than `older_than_s` (their processes died mid-rewrite)."""
-    root = settings.batch_files_dir
-    if not root.is_dir():
-        return []
-    cutoff = time.time() - older_than_s
-    found = []
-    for path in root.iterdir():
-        if REWRITE_SCRATCH.fullmatch(path.name) is None:
-            continue
-        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile
-            if path.is_file() and path.stat().st_mtime < cutoff:
-                found.append(path)
-    return found
-
-
-def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
+def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S, rewrites: list[Path] | None = None) -> list[str]:
     """Delete the files folder's unrecorded bytes and scratch files older than `older_than_s`; their
-    names. Only names mlchat writes are touched; a rewrite's scratch is stale_rewrites'."""
+    names. Only names mlchat writes are touched. A rewrite's scratch that old is left in place, and
+    added to `rewrites` when given (found in the same walk of the folder)."""
     root = settings.batch_files_dir
     if not root.is_dir():
         return []
@@ -552,7 +541,7 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
     named: dict[str, tuple[Path, float]] = {}  # file id: its path and mtime
     for path in root.iterdir():
         ours = _OURS.fullmatch(path.name)
-        if ours is None or REWRITE_SCRATCH.fullmatch(path.name):
+        if ours is None:
             continue
         try:
             mtime = path.stat().st_mtime
@@ -560,7 +549,10 @@ def delete_orphan_files(older_than_s: float = ORPHAN_AGE_S) -> list[str]:
                 continue
         except FileNotFoundError:  # deleted meanwhile
             continue
-        if path.suffix == ".jsonl":
+        if REWRITE_SCRATCH.fullmatch(path.name):
+            if rewrites is not None:
+                rewrites.append(path)
+        elif path.suffix == ".jsonl":
             named[ours[1]] = (path, mtime)
         else:
             scratch.append(path)

@@ -146,7 +146,7 @@ def tenant_timings(timings: dict[str, Any] | None) -> dict[str, Any] | None:
     return {k: v for k, v in timings.items() if k not in _OPERATORS_ONLY_TIMINGS}
 
 
-def _as_request(item: TurnRequest | dict[str, Any]) -> TurnRequest:
+def as_request(item: TurnRequest | dict[str, Any]) -> TurnRequest:
     return item if isinstance(item, TurnRequest) else TurnRequest.model_validate(item)
 
 
@@ -193,7 +193,7 @@ def submit_turns(
     Conversations and idempotency keys are the `tenant`'s (an API key's; the default one for the CLI
     and the Python API): another tenant's of the same name are never read or written.
     """
-    parsed = [_as_request(r) for r in requests]
+    parsed = [as_request(r) for r in requests]
     unknown = [
         ItemError(i, "model", f"unknown model {req.model!r}; this deployment serves {settings.models}")
         for i, req in enumerate(parsed)
@@ -204,21 +204,43 @@ def submit_turns(
     _check_callback_hosts(parsed, tenant)
     if history and (len(parsed) != 1 or parsed[0].speaker_character is not None):
         raise ValueError("history seeds one request's conversation, not a group member's line")
-    # A named member, or history to seed with the turn: the full path.
-    if len(parsed) == 1 and parsed[0].speaker_character is None and not history:
+    if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path
         automatic_key = parsed[0].idempotency_key is None
-        fast, parsed[0], fast_raised = _store_one_fast(
-            parsed[0],
-            run_id=run_id,
-            custom_id=custom_ids[0] if custom_ids else None,
-            api_key=api_key,
-            tenant=tenant,
-        )
-        if fast is not None:
-            if send:
-                send_new_turns({fast.model: [fast.id]}, lane=lane, sent_at=fast.sent_at)
-            return [fast]
-        if fast_raised:
+        if history:  # seeded with the turn, which the one-statement insert cannot do: the full path
+            # its automatic key fixed first, as the fast path's is: a commit whose reply was lost is
+            # found again under it (review: the client's keyless retry was a second turn, both answered)
+            if automatic_key:
+                parsed[0] = parsed[0].model_copy(
+                    update={"idempotency_key": f"{AUTO_KEY_PREFIX}{uuid.uuid4()}"}
+                )
+            try:
+                stored = _store_or_raise(
+                    parsed,
+                    run_id=run_id,
+                    custom_ids=custom_ids,
+                    api_key=api_key,
+                    tenant=tenant,
+                    history=history,
+                )
+            except EnqueueError:
+                raised = True
+            else:
+                if send:
+                    send_stored(stored, lane=lane)
+                return stored
+        else:
+            fast, parsed[0], raised = _store_one_fast(
+                parsed[0],
+                run_id=run_id,
+                custom_id=custom_ids[0] if custom_ids else None,
+                api_key=api_key,
+                tenant=tenant,
+            )
+            if fast is not None:
+                if send:
+                    send_new_turns({fast.model: [fast.id]}, lane=lane, sent_at=fast.sent_at)
+                return [fast]
+        if raised:
             return _store_after_lost_reply(
                 parsed[0],
                 automatic_key=automatic_key,
@@ -228,18 +250,8 @@ def submit_turns(
                 custom_ids=custom_ids,
                 api_key=api_key,
                 tenant=tenant,
+                history=history,
             )
-    if history:  # one request, seeding its conversation
-        return _store_with_history(
-            parsed[0],
-            history,
-            send=send,
-            lane=lane,
-            run_id=run_id,
-            custom_ids=custom_ids,
-            api_key=api_key,
-            tenant=tenant,
-        )
     stored = _store_or_raise(parsed, run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant)
     if send:  # else the caller runs the pipeline itself (`mlchat chat --inline`, tests) or sends
         send_stored(stored, lane=lane)
@@ -311,45 +323,6 @@ def _check_callback_hosts(parsed: Sequence[TurnRequest], tenant: str) -> None:
         raise EnqueueError(f"{exc}; nothing was stored (retry with the same idempotency key)") from None
     if refused:
         raise TurnRejected([ItemError(i, "callback_url", reason) for i, reason in sorted(refused.items())])
-
-
-def _store_with_history(
-    req: TurnRequest,
-    history: Sequence[tuple[str, str]],
-    *,
-    send: bool,
-    lane: Lane,
-    run_id: uuid.UUID | None,
-    custom_ids: Sequence[str] | None,
-    api_key: str | None,
-    tenant: str,
-) -> list[StoredTurn]:
-    """One request and the history it seeds, in one transaction (the one-statement insert cannot
-    seed it). Its automatic key is fixed first, as the fast path's is: a commit whose reply was lost
-    is found again under it by a second try, never stored twice (review: the client's retry without
-    a key was a second turn behind the first, both answered)."""
-    automatic_key = req.idempotency_key is None
-    if automatic_key:
-        req = req.model_copy(update={"idempotency_key": f"{AUTO_KEY_PREFIX}{uuid.uuid4()}"})
-    try:
-        stored = _store_or_raise(
-            [req], run_id=run_id, custom_ids=custom_ids, api_key=api_key, tenant=tenant, history=history
-        )
-    except EnqueueError:
-        return _store_after_lost_reply(
-            req,
-            automatic_key=automatic_key,
-            send=send,
-            lane=lane,
-            run_id=run_id,
-            custom_ids=custom_ids,
-            api_key=api_key,
-            tenant=tenant,
-            history=history,
-        )
-    if send:
-        send_stored(stored, lane=lane)
-    return stored
 
 
 def _store_after_lost_reply(

@@ -187,8 +187,8 @@ def continue_group(
 
 def stop_group(conversation: str, *, tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
     """Stop a group's chatter (the player left): it owes no line past those stored. A step being
-    written is kept and ends it; one still queued is cancelled (its stream ended, its callback sent,
-    as a DELETE of it would); with none, it ends now. A stopped group goes on again at its next
+    written is kept and ends it; one still queued is cancelled (unless a `:continue` came since,
+    which wins); with none, it ends now. A stopped group goes on again at its next
     `:continue`. Safe to send again: a group stopped already is answered as it is. SceneNotFound if
     the tenant has no such group; SceneClosed for a run's (its run's cancel stops it)."""
     with session_scope() as session:

@@ -23,7 +23,8 @@ from core.settings import TENANT_NAME, settings
 from core.text import printable
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
-from structured.spec import DATA_REPLIES, check_response_format, shown_params
+from structured.kinds import DATA_REPLIES
+from structured.spec import check_response_format, shown_params
 
 # PostgreSQL `integer` columns: a value outside this range would fail the insert, not the validation.
 INT4_MIN, INT4_MAX = -(2**31), 2**31 - 1

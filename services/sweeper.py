@@ -39,7 +39,7 @@ from sqlalchemy import and_, false, func, literal_column, or_, select
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 
 from core.settings import Lane, settings
-from db.models import Run, RunStatus, Turn, TurnStatus
+from db.models import TURN_UNFINISHED, Run, RunStatus, Turn, TurnStatus
 from db.params import any_of
 from db.runs import (
     abandoned_submissions,
@@ -158,9 +158,7 @@ def find_stranded(
 # What every arm of a stranded turn's test implies, its statuses as literals (as the claim's): a
 # prepared statement's generic plan proves from them the partial indexes of unfinished turns, the
 # live lane's by model first (migration 0052; review at fleet scale: it walked every bulk line).
-_UNFINISHED = Turn.status.in_(
-    [literal_column(f"'{s.value}'") for s in (TurnStatus.QUEUED, TurnStatus.RUNNING)]
-)
+_UNFINISHED = Turn.status.in_([literal_column(f"'{s.value}'") for s in TURN_UNFINISHED])
 
 
 def _oldest_waiting_sent_at(model: str, lane: Lane) -> datetime | None:

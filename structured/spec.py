@@ -28,7 +28,6 @@ from core.json_shape import nesting
 from core.regex_size import largest_count, size_refusal
 from core.settings import settings
 from core.text import unstorable_in
-from structured.kinds import DATA_REPLIES as DATA_REPLIES  # the reply kinds that are data
 from structured.pattern_reading import FLAGS, as_grammar_reads
 
 # Keywords whose constraint the grammar would not enforce (the reply could break the schema), or

@@ -11,13 +11,13 @@ from typing import Any
 from core.settings import settings
 from db.session import DATABASE_OUTAGES, session_scope
 from db.turns import (
-    INLINE_KEY_PREFIX,
     cancel_dead_calls_turns,
     cancel_turns,
     claimable_before,
+    inline_key,
     running_elsewhere,
 )
-from services.producer import TurnView, enqueue_turns, get_turn, tell_cancelled
+from services.producer import TurnView, as_request, enqueue_turns, get_turn, tell_cancelled
 from services.scenes import send_created_steps
 from services.schemas import TurnRequest
 from worker.embedder import check_space
@@ -64,10 +64,10 @@ def store_for_call(requests: Sequence[Any]) -> list[uuid.UUID]:
 
 def inline_keyed(request: Any, call: uuid.UUID, place: int) -> TurnRequest:
     """The request, with its call's automatic key when it carries no client's key."""
-    parsed = request if isinstance(request, TurnRequest) else TurnRequest.model_validate(request)
+    parsed = as_request(request)
     if parsed.idempotency_key is not None:
         return parsed
-    return parsed.model_copy(update={"idempotency_key": f"{INLINE_KEY_PREFIX}{call}:{place}"})
+    return parsed.model_copy(update={"idempotency_key": inline_key(call, place)})
 
 
 def answer_stored(ids: list[uuid.UUID]) -> list[TurnView]:
@@ -239,9 +239,8 @@ def _lapsed_blockers(turn_ids: Sequence[Any]) -> tuple[list[Any], bool]:
     the cancel committed); and whether any was (the turns behind it may go on now)."""
     with session_scope() as session:
         earlier = claimable_before(session=session, turn_ids=turn_ids, model=settings.model)
-        dead = cancel_dead_calls_turns(session=session, turn_ids=earlier, reason=DIED_MID_ANSWER)
-    tell_cancelled(dead)
-    return [turn for turn in earlier if turn not in dead], bool(dead)
+    kept = _not_a_dead_calls(earlier)
+    return kept, len(kept) < len(earlier)
 
 
 # Between two looks at turns another call holds.

@@ -27,7 +27,7 @@ from roleplay.mood import (
     toward_member,
 )
 from roleplay.quality import Bar, persona_text, score
-from structured.spec import DATA_REPLIES
+from structured.kinds import DATA_REPLIES
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import EngineDead, Generation, GenerationRequest

@@ -116,6 +116,7 @@ async def upload_file(
                 tenant=who.tenant,
                 expires_after_s=expires_after_s,
                 idempotency_key=idempotency_key,
+                replayed=replayed,
             )
         except KeyReused as exc:
             raise _key_conflict(exc) from None
