@@ -428,3 +428,28 @@ def test_an_ingest_keys_view_of_a_turn_holds_no_database_serial(base_url) -> Non
     assert mine.status_code == 200 and "conversation_id" not in mine.json(), mine.json()
     operator = httpx.get(f"{base_url}/v1/turns/{turn_id}", headers={"X-API-Key": "test-key-1-abcdefgh"})
     assert isinstance(operator.json()["conversation_id"], int)
+
+
+def test_a_groups_stop_and_an_uploads_key_are_the_tenants_own(base_url) -> None:
+    """Review of this stop's doors: `:stop` of another tenant's group is a 404 that stops nothing, and
+    an upload's Idempotency-Key another tenant used is a new upload for this one, never its file."""
+    group = f"wall-stop-{uuid.uuid4().hex[:8]}"
+    body = {"conversation": group, "participants": ["elara", "luffy"], "premise": "A quiet night."}
+    started = httpx.post(f"{base_url}/v1/scenes", headers=A, json=body, timeout=30)
+    assert started.status_code == 201, started.text
+    stopped = httpx.post(f"{base_url}/v1/scenes/{group}:stop", headers=B, timeout=30)
+    assert stopped.status_code == 404, stopped.text
+    view = httpx.get(f"{base_url}/v1/scenes/{group}", headers=A, timeout=30)
+    assert view.status_code == 200 and view.json()["status"] == "open", view.text
+    key = {"Idempotency-Key": f"upload-wall-{uuid.uuid4().hex[:8]}"}
+    ids = []
+    for headers in (A, B):
+        r = httpx.post(
+            f"{base_url}/v1/files",
+            headers=headers | key,
+            files={"file": ("b.jsonl", b'{"a": 1}\n')},
+            data={"purpose": "batch"},
+        )
+        assert r.status_code == 200, r.text
+        ids.append(r.json()["id"])
+    assert ids[0] != ids[1]
