@@ -562,6 +562,10 @@ class Turn(Base):
     deferred_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     deferrals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    # When its sender last put it in line: the insert, moved by each fresh start (a retry of failed
+    # lines, a failed unsent turn sent again, a scene's step started over), kept by a hand-back.
+    # NULL on rows older than migration 0054: those count from created_at.
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Who answers, by slug: a group's member, else the conversation's own character; None when the

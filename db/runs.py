@@ -889,6 +889,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
                 error_code=None,
                 finished_at=None,
                 claim_token=None,
+                queued_at=func.now(),
                 dispatched_at=func.now(),
             )
             .returning(Turn.id)

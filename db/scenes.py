@@ -583,6 +583,7 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
             error=None,
             error_code=None,
             finished_at=None,
+            queued_at=func.now(),
             dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find
             attempts=0,
             outage_refunds=0,

@@ -501,7 +501,7 @@ def claim_turns(
                 Conversation,
                 Character,
                 ConversationMember,
-                func.extract("epoch", func.now() - Turn.created_at),
+                func.extract("epoch", func.now() - func.coalesce(Turn.queued_at, Turn.created_at)),
             )
             .join(Conversation, Conversation.id == Turn.conversation_id)
             .join(Character, Character.id == speaker_id)
@@ -1317,6 +1317,7 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
                 error=None,
                 error_code=None,
                 finished_at=None,
+                queued_at=func.now(),
                 dispatched_at=func.now(),
                 callback_attempts=0,
                 callback_delivered_at=None,

@@ -1327,3 +1327,40 @@ def test_a_batch_waiting_for_its_submissions_retry_is_not_interrupted(quiet_mode
     assert run_state(names["cli"]).interrupted
     assert cli(["run", "status", names["cli"], "--watch"]) == 1
     assert "submission interrupted" in capsys.readouterr().out
+
+
+def test_a_retried_lines_queue_time_counts_from_its_retry_not_its_first_insert(world) -> None:
+    """Review (stop 78, numbers): `queue_ms` ran from the turn's insert across every attempt, so a
+    run's failed line retried a day later showed a day in the queue. A fresh start counts anew; a
+    hand-back after a lost worker keeps counting (the player is still waiting)."""
+    from db import runs
+    from db.models import TurnErrorCode
+    from db.turns import Failure, claim_turns, fail_turns, requeue_turns
+    from tests.desk_data import Spec, quality, queue_run
+
+    run_id, (failed, handed_back) = queue_run(
+        "studio-a", [Spec(f"Line {i}", "Hello.", quality(0.5)) for i in range(2)]
+    )
+    day_ago = text("now() - interval '1 day'")
+    with session_scope() as s:
+        s.execute(update(Turn).where(Turn.run_id == run_id).values(created_at=day_ago, queued_at=day_ago))
+        claim = claim_turns(session=s, turn_ids=[failed, handed_back], lease_s=60, max_attempts=3)
+        assert {t.id for t in claim.claimed} == {failed, handed_back}
+        fail_turns(
+            session=s, token=claim.token, failures={failed: Failure("empty", TurnErrorCode.EMPTY_REPLY)}
+        )
+        assert requeue_turns(session=s, token=claim.token, reasons={handed_back: "worker lost"}) == [
+            handed_back
+        ]
+        s.execute(update(Run).where(Run.id == run_id).values(status=RunStatus.IN_PROGRESS))
+    with session_scope() as s:
+        assert runs.reopen_failed(session=s, run_id=run_id) == [failed]
+    with session_scope() as s:
+        waited = {
+            t.id: t.queued_ms
+            for t in claim_turns(
+                session=s, turn_ids=[failed, handed_back], lease_s=60, max_attempts=3
+            ).claimed
+        }
+    assert waited[failed] < 60_000, waited  # since its retry, a moment ago
+    assert waited[handed_back] > 86_000_000, waited  # since it was sent, a day ago
