@@ -17,7 +17,13 @@ from core.settings import Lane, settings
 
 logger = logging.getLogger(__name__)
 
-TURNS = Counter("mlchat_turns", "Turns a worker finished or handed back, by outcome", ["model", "outcome"])
+# Outcomes of claims, not of turns: a turn deferred, retried or handed back counts again at its next
+# claim (a rate of `done` and `failed` is the turns finished).
+TURNS = Counter(
+    "mlchat_turns",
+    "Outcomes of the turns a worker claimed, one per claim (done and failed: committed)",
+    ["model", "outcome"],
+)
 BATCH_SIZE = Histogram(
     "mlchat_batch_size", "Turns claimed per batch", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )

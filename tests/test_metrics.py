@@ -185,3 +185,29 @@ def test_a_batchs_tokens_count_every_request_the_engine_finished_not_only_the_ke
     before = tokens("prompt"), tokens("completion")
     _account(report, claimed=2)
     assert (tokens("prompt") - before[0], tokens("completion") - before[1]) == (250, 75)
+
+
+def test_a_batchs_failures_count_only_once_committed() -> None:
+    """Review (stop 78, numbers): a batch that raised after noting a failure it never wrote (its
+    hand-back could not reach the turn) counted it failed: the turn was answered later, counted twice."""
+    import uuid
+
+    from prometheus_client import REGISTRY
+
+    from core.settings import settings
+    from db.models import TurnErrorCode
+    from db.turns import Failure
+    from worker.pipeline import BatchReport, _account
+
+    def failed() -> float:
+        labels = {"model": settings.model, "outcome": "failed"}
+        return REGISTRY.get_sample_value("mlchat_turns_total", labels) or 0.0
+
+    written, noted = uuid.uuid4(), uuid.uuid4()
+    report = BatchReport(
+        failed={t: Failure("empty", TurnErrorCode.EMPTY_REPLY) for t in (written, noted)},
+        failed_written={written},
+    )
+    before = failed()
+    _account(report, claimed=2)
+    assert failed() == before + 1

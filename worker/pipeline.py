@@ -1032,7 +1032,8 @@ def _account(report: BatchReport, *, claimed: int) -> None:
         claimed=claimed,
         outcomes={
             "done": len(report.done),
-            "failed": len(report.failed),
+            # committed failures only: a batch that raised may hold failures it noted and never wrote
+            "failed": len(report.failed_written),
             "retried": len(report.retry),
             "deferred": len(report.deferred),
             "handed_back": len(report.handed_back),
