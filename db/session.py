@@ -143,6 +143,11 @@ def _name_embedder(engine: Engine) -> Engine:
 # or a proxy still points at. Its connections pass the pool's pre-ping (SELECT 1) and would answer
 # every write with this error until the process restarted.
 READ_ONLY_SERVER = "25006"
+# A session the server ended for the operator's idle or transaction timeouts
+# (idle_in_transaction_session_timeout, transaction_timeout, idle_session_timeout): psycopg raises the
+# first two as InternalError, which nothing took for the connection gone (review: a bare 500, a charged
+# attempt). The connection is gone as surely as after a restart.
+SESSION_ENDED_BY_SERVER = frozenset({"25P03", "25P04", "57P05"})
 
 
 def _read_only_server_is_an_outage(engine: Engine) -> Engine:
@@ -153,7 +158,10 @@ def _read_only_server_is_an_outage(engine: Engine) -> Engine:
     @event.listens_for(engine, "handle_error", retval=True)
     def _read_only(context: Any) -> Any:
         orig = context.original_exception
-        if getattr(orig, "sqlstate", None) != READ_ONLY_SERVER:
+        sqlstate = getattr(orig, "sqlstate", None)
+        # A connection the dialect saw drop under an error of another class (InternalError) too.
+        gone = context.is_disconnect and not isinstance(context.sqlalchemy_exception, OperationalError)
+        if sqlstate != READ_ONLY_SERVER and sqlstate not in SESSION_ENDED_BY_SERVER and not gone:
             return None
         context.is_disconnect = True
         return OperationalError(
@@ -218,7 +226,7 @@ def get_lock_engine() -> Engine:
     request of the process with them) until the pool's timeout. It never waits either (a holder may
     take a second lock): up to LOCK_POOL_KEPT connections are kept for reuse, any more are opened and
     closed as locks need them."""
-    return keep_server_alive(
+    engine = keep_server_alive(
         create_engine(
             database_url(),
             pool_size=LOCK_POOL_KEPT,
@@ -226,6 +234,46 @@ def get_lock_engine() -> Engine:
             pool_pre_ping=True,
             connect_args=CONNECT_ARGS,
             hide_parameters=True,
+        )
+    )
+
+    # Advisory locks are taken on a server in recovery as on a primary, and a demoted primary that
+    # stays up passes pre-ping: a kept connection would go on locking there while other processes
+    # lock on the new primary, the same lock held twice (review). Each checkout asks the server.
+    @event.listens_for(engine, "checkout")
+    def _on_the_primary(dbapi_connection: Any, entry: Any, proxy: Any) -> None:
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            in_recovery = cursor.fetchone()[0]
+        if in_recovery:  # the pool drops the connection; raised as an outage (a 503, an uncharged retry)
+            raise OperationalError(
+                "SELECT pg_is_in_recovery()",
+                None,
+                psycopg.OperationalError(
+                    "the server is in recovery (a demoted primary): its locks are not the fleet's"
+                ),
+                connection_invalidated=True,
+            )
+
+    return engine
+
+
+@cache
+def get_watch_engine() -> Engine:
+    """For the streams' one status check of every reader of a process (streaming/hub.py): a
+    connection of its own, so a request pool held by slow work (every connection out for its pool
+    timeout) does not end every stream of the process with it (overload review), as the health
+    probe has its own."""
+    return _read_only_server_is_an_outage(
+        keep_server_alive(
+            create_engine(
+                database_url(),
+                pool_size=1,
+                max_overflow=0,
+                pool_pre_ping=True,
+                connect_args=CONNECT_ARGS,
+                hide_parameters=True,
+            )
         )
     )
 
@@ -287,6 +335,8 @@ def connection_lost(exc: BaseException) -> bool:
     opposed to an error of the work itself (a statement timeout, a deadlock, a full disk)."""
     if isinstance(exc, (InterfaceError, PoolTimeout)):
         return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True  # the dialect saw the connection drop, whatever class psycopg raised it as
     if not isinstance(exc, OperationalError):
         return False
     sqlstate = getattr(exc.orig, "sqlstate", None) or ""

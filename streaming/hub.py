@@ -25,10 +25,11 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
 
 from core.metrics import STREAM_HUB_FAILURES, STREAM_HUB_READS, STREAM_READERS
 from core.settings import settings
-from db.session import session_scope
+from db.session import get_watch_engine
 from db.turns import finished_turns
 from streaming.events import Entry
 
@@ -347,7 +348,8 @@ def _unless_cancelled() -> None:
 
 
 def _finished(turn_ids: set[uuid.UUID]) -> set[uuid.UUID]:
-    with session_scope() as session:
+    # Its own connection: a request pool held by slow work would end every stream of the process.
+    with Session(get_watch_engine()) as session, session.begin():
         return finished_turns(session=session, turn_ids=list(turn_ids))
 
 

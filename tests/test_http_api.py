@@ -376,6 +376,57 @@ def test_a_read_only_database_is_an_outage_whose_connections_the_pool_drops(base
     assert r.status_code == 202, r.text
 
 
+def test_a_session_the_server_ended_for_its_timeouts_is_an_outage(world) -> None:
+    """Review (database errors): a session the server ended for the operator's
+    idle_in_transaction_session_timeout came back as an InternalError that nothing took for the
+    connection gone: a bare 500 at the API, a charged attempt at a worker."""
+    from sqlalchemy import text
+
+    from db.session import connection_lost, get_engine
+
+    with get_engine().connect() as conn:
+        conn.execute(text("SET idle_in_transaction_session_timeout = '200ms'"))
+        conn.commit()
+        conn.execute(text("SELECT 1"))  # a transaction left open past the timeout
+        time.sleep(1.0)
+        with pytest.raises(OperationalError) as ended:
+            conn.execute(text("SELECT 1"))
+        assert connection_lost(ended.value) and conn.invalidated, ended.value
+
+
+def test_a_lock_is_never_taken_on_a_server_in_recovery(world) -> None:
+    """Review (database errors): advisory locks are granted on a server in recovery as on a primary,
+    and a demoted primary that stays up passes pre-ping: the lock pool's kept connections went on
+    locking there while other processes locked on the new primary. A server in recovery is made here
+    by a function ahead of pg_catalog's on the connection's search path."""
+    from sqlalchemy import text
+
+    from db.session import connection_lost, get_lock_engine
+
+    engine = get_lock_engine.__wrapped__()  # its own pool, with the lock engine's checks
+    with engine.connect() as conn:
+        conn.execute(text("CREATE SCHEMA IF NOT EXISTS demoted"))
+        conn.execute(
+            text(
+                "CREATE OR REPLACE FUNCTION demoted.pg_is_in_recovery() RETURNS boolean"
+                " LANGUAGE sql AS 'SELECT true'"
+            )
+        )
+        conn.execute(text("SET search_path = demoted, pg_catalog, public"))  # this connection's, pooled
+        conn.commit()
+    try:
+        with pytest.raises(OperationalError) as refused:
+            engine.connect()
+        assert connection_lost(refused.value)
+        with engine.connect() as conn:  # the connection dropped: a new one is the primary's
+            assert conn.execute(text("SELECT pg_is_in_recovery()")).scalar() is False
+    finally:
+        engine.dispose()
+        with get_lock_engine().connect() as conn:
+            conn.execute(text("DROP SCHEMA demoted CASCADE"))
+            conn.commit()
+
+
 def test_a_database_errors_text_never_carries_a_players_words(world) -> None:
     """Found in review: SQLAlchemy writes a failed statement's parameters into the error's text (300
     characters a value: a player's message, a history, a prompt), and outages are logged with it."""

@@ -212,6 +212,31 @@ def test_the_status_query_is_one_statement_whatever_the_number_of_readers() -> N
     _cancel(*turns[1:])
 
 
+def test_the_status_check_answers_while_the_request_pool_is_held_by_slow_work() -> None:
+    """Overload review: the readers' status check took its connection from the request pool; with
+    every connection held by slow work it waited out the pool's timeout (30 s) three times, and then
+    ended every stream of the process as "unavailable". It has a connection of its own."""
+    import threading
+
+    from db.session import get_engine
+
+    turn_id = _turn()
+    engine = get_engine()
+    held = [engine.connect() for _ in range(10 - engine.pool.checkedout())]  # pool_size 5 + overflow 5
+    answers: list[set[uuid.UUID]] = []
+    try:
+        check = threading.Thread(
+            target=lambda: answers.append(streaming.hub._finished({turn_id})), daemon=True
+        )
+        check.start()
+        check.join(10)
+    finally:
+        for conn in held:
+            conn.close()
+    assert answers == [set()]
+    _cancel(turn_id)
+
+
 def _closed_port_client() -> Any:
     import redis.asyncio as aioredis
 
