@@ -456,6 +456,39 @@ def test_a_korean_npcs_spoken_line_at_its_schemas_length_closes_within_its_budge
     assert tokens_per_char(latin) == 1
 
 
+def test_an_npc_speaking_thai_tamil_bengali_or_georgian_closes_its_line_within_its_budget(tokenizer) -> None:
+    """Review (stop 79, engine failures): only Korean, Japanese and Chinese were wide; a Thai, Tamil,
+    Bengali or Georgian letter costs the bundled model 1.7-1.9 tokens, so such an NPC's `say` past
+    about half its schema's length could not close and the turn failed `structured_reply_cut`."""
+    import json as json_
+
+    from worker.structured import tokens_per_char
+
+    lines = {
+        "th": ("สมชาย", "เจ้าของร้านเหล้าในหมู่บ้าน", "ยินดีต้อนรับสู่ร้านของข้า เจ้าจะดื่มอะไรดี วันนี้อากาศหนาวมาก "),
+        "ta": ("முருகன்", "கிராமத்து கொல்லன்", "வணக்கம் நண்பரே இன்று என்ன வேண்டும் உங்களுக்கு வாள் தயாராக உள்ளது "),
+        "bn": ("রহিম", "গ্রামের দোকানদার", "আসুন আসুন আজ কী লাগবে আপনার আমার দোকানে সব পাবেন "),
+        "ka": ("გიორგი", "სოფლის მჭედელი", "გამარჯობა მეგობარო რა გჭირდება დღეს ხმალი მზადაა "),
+    }
+    for i, (language, (name, description, said)) in enumerate(lines.items()):
+        for j, stated in enumerate((language, "en")):  # by its language, or else by its sheet's letters
+            npc = Character(
+                id=987_700 + 2 * i + j, slug=f"w-{i}-{j}", name=name, version=1, card=None, language=stated
+            )
+            npc.description = description
+            assert tokens_per_char(npc) == 3, (language, stated)
+            for max_new in (64, 96, 256):
+                shape = shape_of({"max_new_tokens": max_new, "response_format": {"type": "npc"}}, npc)
+                limit = shape.schema["properties"]["say"]["maxLength"]
+                reply = json_.dumps(
+                    {"say": (said * 40)[:limit], "emotion": "joy", "action": None}, ensure_ascii=False
+                )
+                assert len(tokenizer(reply)["input_ids"]) <= shape.max_tokens(max_new), (language, max_new)
+    russian = Character(id=987_720, slug="ru", name="Иван", version=1, card=None, language="en")
+    russian.description = "Кузнец из деревни."  # two bytes a letter: counted as Latin text, as before
+    assert tokens_per_char(russian) == 1
+
+
 def test_the_npc_shape_is_cached_per_character_version_and_a_bump_takes_the_new_actions() -> None:
     first = shape_of(PARAMS, _character(1, [GIVE]))
     assert first is not None and first.kind == "npc" and _declared_names(first) == {"give_item"}

@@ -21,7 +21,6 @@ from core.versioned_cache import VersionedCache
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
-from roleplay.quality import dominant_script
 from structured.spec import outputs_of, pattern_validator, schema_of, structured_outputs_for
 from worker.engine_loop import Generation
 
@@ -30,23 +29,38 @@ NPC = "npc"
 NPC_OVERHEAD_TOKENS = 32
 # The prompt room an NPC reply's budget always leaves (persona, actions and message).
 MIN_PROMPT_TOKENS = 256
-# Languages written in characters of three UTF-8 bytes (Hangul, kana, Han), on which a byte-level
-# vocabulary spends up to three tokens each (the bundled model about 2.2 a Hangul syllable): their
-# spoken line is measured one character a token, with three tokens a character to close it. Counted
-# as Latin text, a Korean `say` past about half its schema's length could not close in its budget and
-# the turn failed `structured_reply_cut` (review, stop 75). A character is taken to speak one by its
-# `language` (any spelling: ko, ko-KR, ko_KR, kor, Korean), else by the script its sheet is written in
-# (a card imported from elsewhere has language `en` unless it says otherwise).
-WIDE_LANGUAGES = frozenset({"ko", "ja", "zh", "kor", "jpn", "zho", "chi", "korean", "japanese", "chinese"})
-WIDE_SCRIPTS = frozenset(
-    {"hangul", "han", "japanese"}
-)  # roleplay/quality.py's dominant_script: kana is japanese
+# Languages written in characters of three UTF-8 bytes (U+0800 on: Hangul, kana, Han, Thai, the
+# Indic scripts, Georgian, Ethiopic, …), on which a byte-level vocabulary spends up to three tokens
+# each (the bundled model about 2.2 a Hangul syllable, 1.7-1.9 a Thai, Tamil, Bengali or Georgian
+# letter): their spoken line is measured one character a token, with three tokens a character to
+# close it. Counted as Latin text, such a `say` past about half its schema's length could not close
+# in its budget and the turn failed `structured_reply_cut` (reviews, stops 75 and 79). A character is
+# taken to speak one by its `language` (any spelling: ko, ko-KR, ko_KR, kor, Korean), else by the
+# letters its sheet is written in (a card imported from elsewhere has language `en` unless it says
+# otherwise).
+WIDE_LANGUAGES = frozenset(
+    {"ko", "ja", "zh", "kor", "jpn", "zho", "chi", "korean", "japanese", "chinese"}
+    | {"th", "tha", "thai", "lo", "lao", "km", "khm", "khmer", "my", "mya", "bur", "burmese"}
+    | {"hi", "hin", "hindi", "bn", "ben", "bengali", "ta", "tam", "tamil", "te", "tel", "telugu"}
+    | {"kn", "kan", "kannada", "ml", "mal", "malayalam", "mr", "mar", "marathi", "gu", "guj", "gujarati"}
+    | {"pa", "pan", "punjabi", "or", "ori", "odia", "si", "sin", "sinhala", "ne", "nep", "nepali"}
+    | {"ka", "kat", "geo", "georgian", "am", "amh", "amharic", "bo", "bod", "tib", "tibetan"}
+)
+WIDE_FROM = 0x800  # the first code point of three UTF-8 bytes
+
+
+def written_wide(text: str) -> bool:
+    """Whether most of the text's letters take three UTF-8 bytes or more."""
+    letters = [ch for ch in text if ch.isalpha()]
+    return bool(letters) and 2 * sum(ord(ch) >= WIDE_FROM for ch in letters) > len(letters)
+
+
 _wide: VersionedCache[bool] = VersionedCache(kept=10_000)
 
 
 def tokens_per_char(character: Character | None) -> int:
     """The tokens an NPC reply's budget allows each character of its spoken line: 3 for a character
-    speaking a wide language (WIDE_LANGUAGES, or a sheet in WIDE_SCRIPTS), else 1."""
+    speaking a wide language (WIDE_LANGUAGES, or a sheet written_wide), else 1."""
     if character is None:
         return 1
 
@@ -54,7 +68,7 @@ def tokens_per_char(character: Character | None) -> int:
         if re.split(r"[-_\s]", (character.language or "").strip().lower())[0] in WIDE_LANGUAGES:
             return True
         parts = (character.name, character.description, character.personality, character.scenario)
-        return dominant_script(" ".join(p for p in parts if p)) in WIDE_SCRIPTS
+        return written_wide(" ".join(p for p in parts if p))
 
     wide = read() if character.id is None else _wide.get(character.id, character.version, read)
     return 3 if wide else 1
