@@ -790,6 +790,9 @@ def test_a_request_the_engine_ended_with_an_error_is_an_engine_error_retried_not
     assert isinstance(_results([done()], [one]), EngineRequestError)  # retried as an engine error
     assert _results([done(), done(fine)], [one, two]) == [(2, fine)]  # best of n keeps the other
     assert isinstance(_results([done(), done(fine)], [one, two], every=True), EngineRequestError)
+    # Review (stop 79): an error beside an empty candidate failed the turn for good as empty.
+    empty = Generation("", 10, 0, "stop")
+    assert isinstance(_results([done(), done(empty)], [one, two]), EngineRequestError)
 
 
 def test_a_claims_lease_is_kept_while_the_callbacks_of_turns_it_ended_are_queued(engine, monkeypatch) -> None:

@@ -702,7 +702,8 @@ def _choices(turn: ClaimedTurn) -> int:
 
 def _results(futures: list[Any], requests: list[GenerationRequest], *, every: bool = False) -> Any:
     """A turn's candidates that were generated, as (seed, Generation); the first exception if none
-    was, or if any was not and `every` candidate is needed; EngineDead propagates."""
+    was (none with text: an empty one is no answer, and the error may be retried), or if any was not
+    and `every` candidate is needed; EngineDead propagates."""
     made, errors = [], []
     for future, request in zip(futures, requests, strict=True):
         error = future.exception()
@@ -712,7 +713,7 @@ def _results(futures: list[Any], requests: list[GenerationRequest], *, every: bo
             errors.append(error)
         else:
             made.append((request.seed, future.result()))
-    return errors[0] if errors and (every or not made) else made
+    return errors[0] if errors and (every or not any(gen.text for _, gen in made)) else made
 
 
 def _finish_group(
