@@ -290,6 +290,26 @@ def test_a_request_the_engine_refuses_as_invalid_fails_at_once_not_after_every_a
     assert view.error_code == "invalid_params" and "not retried" in view.error
 
 
+def test_a_regex_grammar_whose_rebuild_ran_past_the_engines_limit_is_retried_not_refused(
+    engine, monkeypatch
+) -> None:
+    """Engine review (stop 79): vLLM rebuilds a regex reply's grammar at add_request under its own
+    limit and raises a timeout as a VLLMValidationError; the turn, accepted with a 202 after the
+    door built the pattern in time, failed for good as invalid. A busy worker's fault is retried."""
+    from vllm.exceptions import VLLMValidationError
+
+    slow = VLLMValidationError(
+        "Failed to transform regex into a grammar: Regex compilation timed out after 20s. The pattern"
+        " may be too complex or contain constructs that cause exponential state-space explosion"
+    )
+    monkeypatch.setattr(engine.llm.llm_engine, "add_request", _refusing(engine, slow))
+    (turn_id,) = enqueue_turns([new_conversation() | _REFUSED_TURN], send=False)
+    report = process_batch([turn_id])
+    view = get_turn(turn_id)
+    assert list(report.retry) == [turn_id] and not report.failed
+    assert view.status == TurnStatus.QUEUED and "timed out" in (view.error or "")
+
+
 def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) -> None:
     import pytest
 

@@ -629,9 +629,11 @@ def _shutdown(llm: LLM) -> None:
 
 def refused_by_engine(error: BaseException) -> bool:
     """vLLM refused the request itself (its parameters, its prompt): a client error that no retry
-    mends, unlike a fault of the engine."""
+    mends, unlike a fault of the engine. A regex grammar whose build ran past vLLM's limit is no
+    refusal: the door built it in time (MLCHAT_STRUCTURED_COMPILE_TIMEOUT_S), and a busy worker's
+    rebuild is the engine's fault, retried (engine review: it failed the accepted turn for good)."""
     try:
         from vllm.exceptions import VLLMClientError
     except ImportError:  # no engine installed here (the API's process)
         return False
-    return isinstance(error, VLLMClientError)
+    return isinstance(error, VLLMClientError) and "compilation timed out" not in str(error)
