@@ -965,10 +965,21 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
         if output_tmp.exists():  # not after a rollback that discarded it
             _publish(file_id, output_tmp, path, rewrite)
 
+    committing: list[bool] = []
+
+    def commit_begun(*_: Any) -> None:
+        committing.append(True)
+
     def discard(*_: Any) -> None:
-        output_tmp.unlink(missing_ok=True)
+        # A COMMIT that raised may have committed all the same (its reply lost with the connection):
+        # the scratch is left for the orphan sweep, which writes the file again from what the
+        # database holds, changed or not (review of database errors: deleted here, a change whose
+        # commit landed never reached the download).
+        if not committing:
+            output_tmp.unlink(missing_ok=True)
 
     event.listen(session, "after_commit", publish, once=True)
+    event.listen(session, "before_commit", commit_begun, once=True)
     event.listen(session, "after_soft_rollback", discard, once=True)
 
 
