@@ -966,3 +966,47 @@ def test_a_reply_that_finished_while_the_last_group_was_written_is_taken_without
     assert next_group(loop, [short, long], future_of, 0.0, hold) == [short]
     with pytest.raises(GenerationTimeout):
         next_group(loop, [long], future_of, 0.0, hold)
+
+
+def test_a_claim_whose_commit_reply_was_lost_hands_its_turns_back_uncharged(engine, monkeypatch) -> None:
+    """Review (database errors): a claim whose COMMIT went through with its reply lost left the
+    turns running under a lease nobody kept, charged an attempt never run: the player waited out the
+    lease, and a turn at its last attempt failed for good. The claim's token is the batch's own, and
+    its turns go back uncharged under it."""
+    import threading
+
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from db.session import get_engine
+    from worker import pipeline
+    from worker.pipeline import BatchReport
+
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
+    claiming: list[bool] = []
+    lost: list[bool] = []
+    real = pipeline.claim_turns
+
+    def claim(**kwargs):  # type: ignore[no-untyped-def]
+        claiming.append(True)
+        return real(**kwargs)
+
+    patch_on_this_thread(monkeypatch, pipeline, "claim_turns", claim)
+    mine = threading.get_ident()
+
+    def lost_reply(connection):  # type: ignore[no-untyped-def]  # the claim's COMMIT, on this thread only
+        if threading.get_ident() == mine and claiming and not lost:
+            lost.append(True)
+            connection.connection.driver_connection.commit()  # the server commits ...
+            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))  # ... unheard
+
+    report = BatchReport()
+    event.listen(get_engine(), "commit", lost_reply)
+    try:
+        with pytest.raises(OperationalError):
+            process_batch([turn_id], report=report)
+    finally:
+        event.remove(get_engine(), "commit", lost_reply)
+    view = get_turn(turn_id)
+    assert lost and report.handed_back == [turn_id]
+    assert view.status == TurnStatus.QUEUED and view.attempts == 0, view

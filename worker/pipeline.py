@@ -154,6 +154,9 @@ def process_batch(
     """
     timer = StageTimer()
     report = BatchReport() if report is None else report
+    # Made here, not by the claim: a claim whose COMMIT reply was lost may have committed, and only
+    # its token can hand its turns back (below).
+    claim_token = uuid.uuid4()
 
     def claim_them() -> ClaimResult:
         report.stalled = []  # not an attempt's rolled back
@@ -161,6 +164,7 @@ def process_batch(
             claimed = claim_turns(
                 session=session,
                 turn_ids=list(turn_ids),
+                token=claim_token,
                 lease_s=settings.lease_seconds,
                 max_attempts=settings.max_attempts,
                 wait_limit_s=settings.order_wait_limit_s,
@@ -176,7 +180,12 @@ def process_batch(
     # store rolls it back whole, and it is run again (it was the batch sent again alone, every turn
     # of a bulk chunk then a batch of its own).
     with timer("claim"):
-        claim = again_on_conflict(claim_them, what="a batch's claim")
+        try:
+            claim = again_on_conflict(claim_them, what="a batch's claim")
+        except BaseException as exc:
+            if connection_lost(exc):
+                _claim_lost(claim_token, turn_ids, report)
+            raise
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
     _end_streams(claim.streams_ended)  # committed: no worker writes these turns' stream ends
     report.failed.update(
@@ -253,6 +262,17 @@ def process_batch(
     return report
 
 
+def _claim_lost(token: uuid.UUID, turn_ids: Sequence[uuid.UUID], report: BatchReport) -> None:
+    """The claim's connection was lost: its COMMIT may have gone through with its reply lost, the
+    turns running under a lease no one keeps, charged an attempt never run (review of database
+    errors: the player waited out the lease, and a turn at its last attempt failed for good). They
+    are handed back under its token, uncharged as after any outage (nothing if it never committed);
+    the caller sends them again."""
+    reason = "the database's connection was lost during the claim; sent again"
+    until = time.monotonic() + settings.lease_seconds / 3
+    report.handed_back = _hand_back(token, list(turn_ids), reason, refund=True, until=until)
+
+
 def _cancel_requests(report: BatchReport) -> None:
     """Stop the batch's requests still in the engine: its turns are handed back, so a reply to them
     would not be stored, and a streamed one would go on writing under a claim that lost its turn."""
@@ -302,7 +322,7 @@ def _hand_back_until(keeper: LeaseKeeper) -> float:
 
 
 def _best_effort_hand_back(
-    turns: Sequence[ClaimedTurn], write: Callable[[Session], _T], *, until: float
+    turns: Sequence[ClaimedTurn | uuid.UUID], write: Callable[[Session], _T], *, until: float
 ) -> _T | None:
     """Run a hand-back write in its own transaction; None if it fails. A database that went away (a
     restart, a failover: the very error that usually stops the batch) is tried again until `until`
@@ -334,10 +354,10 @@ HAND_BACK_FIRST_WAIT_S = 0.25
 
 
 def _hand_back(
-    token: uuid.UUID, turns: Sequence[ClaimedTurn], reason: str, *, refund: bool, until: float
+    token: uuid.UUID, turns: Sequence[ClaimedTurn | uuid.UUID], reason: str, *, refund: bool, until: float
 ) -> list[uuid.UUID]:
-    """Requeue the batch's turns still under its claim; best effort."""
-    reasons = {t.id: reason for t in turns}
+    """Requeue the batch's turns (or ids) still under its claim; best effort."""
+    reasons = {t if isinstance(t, uuid.UUID) else t.id: reason for t in turns}
     requeued = _best_effort_hand_back(
         turns,
         lambda session: requeue_turns(
