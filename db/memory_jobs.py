@@ -106,12 +106,18 @@ def clear_engine_deaths(*, session: Session, conversation_id: int, kind: str) ->
 
 
 def claim_job(
-    *, session: Session, conversation_id: int, kind: str, lease_s: float, max_failures: int | None = None
+    *,
+    session: Session,
+    conversation_id: int,
+    kind: str,
+    lease_s: float,
+    max_failures: int | None = None,
+    token: uuid.UUID | None = None,
 ) -> uuid.UUID | None:
-    """Take the conversation's memory job of this kind for `lease_s`; None while another holds it,
-    when it is given up (`max_failures` in a row, MLCHAT_MEMORY_JOB_MAX_FAILURES by default), or when
-    the conversation is gone (erased)."""
-    token = uuid.uuid4()
+    """Take the conversation's memory job of this kind for `lease_s` under `token` (a new one when
+    None); None while another holds it, when it is given up (`max_failures` in a row,
+    MLCHAT_MEMORY_JOB_MAX_FAILURES by default), or when the conversation is gone (erased)."""
+    token = uuid.uuid4() if token is None else token
     limit = settings.memory_job_max_failures if max_failures is None else max_failures
     params = {"conversation_id": conversation_id, "kind": kind, "token": token, "lease_s": lease_s}
     got = session.execute(_CLAIM_SQL, params | {"max_failures": limit}).scalar()

@@ -35,6 +35,18 @@ def claim_left_held() -> str | None:
     return getattr(_this_thread, "left_held", None)
 
 
+@contextmanager
+def claiming(token: uuid.UUID) -> Iterator[None]:
+    """Around a claim's transaction under `token`: a COMMIT that raised may have committed all the
+    same, its reply lost with the connection, so the claim is left held until the commit is known
+    (the step's resend gives it back first). Unmarked, the resend found the job held by it and was
+    dropped, and the sweep took it back twenty minutes later as a worker's death, counted (review of
+    database errors)."""
+    _this_thread.left_held = str(token)
+    yield
+    _this_thread.left_held = None
+
+
 class ClaimLapsed(Exception):
     """A memory job's step raised after its claim had lapsed and another claim took the job: the
     failure is not the job's to count (the other claim's step may have run, and cleared its count)."""

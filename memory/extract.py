@@ -36,7 +36,7 @@ from db.scenes import members_of
 from db.session import again_on_conflict, session_scope
 from db.vector_space import EmbedderMismatch, same_space
 from db.world import conversation_for_memory
-from memory.claim import keeping, released
+from memory.claim import claiming, keeping, released
 from memory.prompts import Line, Speakers, dialogue, loaded_builder, speakers
 from worker.embedder import embed
 
@@ -371,12 +371,14 @@ def run_extract_job(conversation_id: int, *, generate: GenerateJson | None = Non
     read: retrying the same lines would most likely fail the same way."""
     on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
-    with session_scope() as session:
+    mine = uuid.uuid4()
+    with claiming(mine), session_scope() as session:
         token = claim_job(
             session=session,
             conversation_id=conversation_id,
             kind=EXTRACT,
             lease_s=settings.memory_job_lease_s,
+            token=mine,
         )
     if token is None:
         return {}

@@ -24,7 +24,7 @@ from db.scenes import members_of
 from db.session import again_on_conflict, session_scope
 from db.summaries import SummaryWork, next_summary_work, store_summary
 from db.world import conversation_for_memory
-from memory.claim import keeping, released
+from memory.claim import claiming, keeping, released
 from memory.prompts import Speakers, dialogue, loaded_builder, speakers
 
 logger = logging.getLogger(__name__)
@@ -132,12 +132,14 @@ def run_summary_job(conversation_id: int, *, generate: Generate | None = None, m
     another worker holds the job, its conversation is gone, or nothing is due)."""
     on_engine = generate is None  # this worker's engine generates: its builder cleans the request
     generate = generate or _engine_generate
-    with session_scope() as session:
+    mine = uuid.uuid4()
+    with claiming(mine), session_scope() as session:
         token = claim_job(
             session=session,
             conversation_id=conversation_id,
             kind=SUMMARY,
             lease_s=settings.memory_job_lease_s,
+            token=mine,
         )
         conversation = conversation_for_memory(session=session, conversation_id=conversation_id)
         names = (conversation.character.name, conversation.player_name) if conversation else ("", "")
