@@ -89,7 +89,8 @@ def find_stranded(
     together (tasks/queues.py::held_and_empty): a queued turn of such a queue (or a running one under an
     expired lease, re-sent since), sent a lease ago and held by no worker, has lost its message (a Redis
     failover dropped the last writes, an eviction, a flush) and is taken too, without waiting out
-    `older_than_s` (an hour by default, its conversation stalled meanwhile). A turn of no run is taken for
+    `older_than_s` (an hour by default, its conversation stalled meanwhile); so is one of a queue with
+    messages waiting that went out before the oldest of them. A turn of no run is taken for
     the live lane; one the Python API sent on the bulk lane (`lane`) and still waiting behind a bulk
     backlog is then sent on the live lane too, and answered from whichever copy a worker takes first
     (turns record no lane: a bulk backlog must not hide a lost player's turn)."""
@@ -115,6 +116,21 @@ def find_stranded(
     # claimed it well before).
     lost_after = func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds + SEND_SLACK.total_seconds())
     groups: dict[tuple[str, Lane], list[Stranded]] = {}
+
+    def held_by_no_worker() -> Any:
+        """Queued (or running under a lapsed lease and re-sent since), sent a lease and the slack
+        ago, and no worker holds its message."""
+        assert held is not None
+        return and_(
+            # A running turn whose lease lapsed and that was sent again since (review: queued
+            # alone, so its lost re-send waited for `sent_long_ago`, an hour).
+            or_(Turn.status == TurnStatus.QUEUED, lease_gone),
+            Turn.dispatched_at < func.now() - lost_after,
+            # One array parameter (review: a bind per held id went past 65,535 with a bulk run's
+            # deferred lines held, and every sweep failed).
+            ~any_of(Turn.id, held[0], PG_UUID(as_uuid=True)),
+        )
+
     # One query per model and lane, each with its own limit: a run's backlog still waiting in its
     # queue (older than the cutoff, so it matches until its queue is read below) must not fill the
     # limit ahead of another queue's lost turns, a live player's above all.
@@ -132,17 +148,13 @@ def find_stranded(
                         else false()
                     )
                     found = and_(stranded, or_(unsent, lost))
+                    if held is not None:
+                        # Sent before the oldest message waiting, so not in the queue, and held by no
+                        # worker: lost (review of Redis losing state: a failover that dropped the
+                        # last writes left a player's turn an hour behind a queue never empty).
+                        found = or_(found, and_(lost, held_by_no_worker()))
                 elif held is not None and (model, lane) in held[1]:  # nothing waits in this queue
-                    message_lost = and_(
-                        # A running turn whose lease lapsed and that was sent again since (review:
-                        # queued alone, so its lost re-send waited for `sent_long_ago`, an hour).
-                        or_(Turn.status == TurnStatus.QUEUED, lease_gone),
-                        Turn.dispatched_at < func.now() - lost_after,
-                        # One array parameter (review: a bind per held id went past 65,535 with a
-                        # bulk run's deferred lines held, and every sweep failed).
-                        ~any_of(Turn.id, held[0], PG_UUID(as_uuid=True)),
-                    )
-                    found = or_(stranded, message_lost)
+                    found = or_(stranded, held_by_no_worker())
                 query = select(Turn.id, unsent, Turn.dispatched_at).where(
                     found, Turn.model == model, of_lane, _UNFINISHED
                 )
@@ -203,9 +215,7 @@ def _resend_stranded(older_than_s: float | None, models: Sequence[str] | None, l
         # its delivery or its countdown's end: a worker that took it would have claimed its turn well
         # before; past it, the worker died holding it, and kombu would give it back only after the
         # visibility timeout.
-        held=held_and_empty(lanes, held_for_s=settings.lease_seconds + SEND_SLACK.total_seconds())
-        if len(waiting) < len(lanes)
-        else None,
+        held=held_and_empty(lanes, held_for_s=settings.lease_seconds + SEND_SLACK.total_seconds()),
     )
     sent: dict[str, int] = {}
     failed: list[str] = []

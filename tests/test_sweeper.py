@@ -526,6 +526,47 @@ def test_a_lost_message_is_found_past_65535_held_ids_and_for_a_lapsed_turn_sent_
             )
 
 
+def test_a_lost_message_behind_a_queue_never_empty_is_found_a_lease_later_not_an_hour(
+    world, monkeypatch
+) -> None:
+    """Review (Redis losing state): a failover that dropped a player's turn's message, under a fleet
+    whose live queue always held a few messages, left it for the hour's cutoff (the unacked hash was
+    read for empty queues only), its conversation's later turns deferred behind it meanwhile. Sent
+    before the oldest message waiting and held by no worker, its message is lost."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from db.models import Turn, TurnStatus
+    from db.session import session_scope
+    from services.sweeper import find_stranded
+
+    model = f"sweep-behind-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    lost, held, in_queue = enqueue_turns(
+        [new_conversation() | {"message": f"Line {i}.", "model": model} for i in range(3)], send=False
+    )
+    long_ago = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, settings.lease_seconds + 600)
+    oldest_waiting = datetime.now(UTC) - timedelta(seconds=300)
+    try:
+        with session_scope() as s:
+            s.execute(update(Turn).where(Turn.id.in_([lost, held])).values(dispatched_at=long_ago))
+            s.execute(update(Turn).where(Turn.id == in_queue).values(dispatched_at=func.now()))
+        found = find_stranded(
+            older_than_s=3600,
+            models=[model],
+            limit=10,
+            waiting={(model, "live"): oldest_waiting},
+            held=({held}, set()),  # nothing empty: the queue holds messages
+        )
+        assert {t.id for t in found[(model, "live")]} == {lost}  # the held one is a worker's, one waits
+    finally:  # no worker serves the model: nothing left for a later test's sweep
+        with session_scope() as s:
+            s.execute(
+                update(Turn).where(Turn.id.in_([lost, held, in_queue])).values(status=TurnStatus.CANCELLED)
+            )
+
+
 def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_long_enough(
     celery_worker, monkeypatch
 ) -> None:
