@@ -154,6 +154,21 @@ def mark_queued(*, session: Session, jobs: list[tuple[int, str]], stale_s: float
     return sorted((int(c), str(k)) for c, k in rows)
 
 
+def mark_resent(*, session: Session, conversation_id: int, kind: str, stale_s: float) -> None:
+    """Mark a job its worker sends again (after a step, an outage, an engine's death) as having a
+    message on the queue for `stale_s`: its claim cleared the scheduling's mark, and a message the
+    broker lost then (a restart, a failover, a flush) left nothing for the sweep to find (review of
+    Redis losing state). A later mark is kept; the claim clears it as ever."""
+    session.execute(
+        text(
+            "UPDATE memory_jobs SET queued_until ="
+            " greatest(queued_until, now() + make_interval(secs => :stale_s))"
+            " WHERE conversation_id = :c AND kind = :k"
+        ),
+        {"c": conversation_id, "k": kind, "stale_s": stale_s},
+    )
+
+
 def holds_job(*, session: Session, conversation_id: int, kind: str, token: uuid.UUID) -> bool:
     """Whether the job is still this claim's: no later claim took it, whether or not its lease ran
     out (locks its row until the transaction ends)."""

@@ -49,6 +49,7 @@ def memory_job(conversation_id: int, kind: str, release: str | None = None) -> N
         try:
             from memory.claim import claim_left_held
 
+            _mark_resent(conversation_id, kind, 0.0)
             send_memory_jobs([(conversation_id, kind)], release=claim_left_held())
         except Exception:  # the broker away too: marked for the sweep to send; stop anyway
             logger.warning("could not hand memory job %s of %s on", kind, conversation_id, exc_info=True)
@@ -237,12 +238,28 @@ def _send_later(
     `marked`: its queued mark holds until then and a lease more (record_failure), and the sweep sends
     it once that lapses; a job its step released has no mark, and one is put on it for the sweep (or
     the next reply) to find."""
+    if not marked:
+        _mark_resent(conversation_id, kind, delay_s)
     try:
         send_memory_jobs([(conversation_id, kind)], countdown=within_visibility(delay_s), release=release)
     except Exception:
         logger.warning("could not send memory job %s of %s again", kind, conversation_id, exc_info=True)
         if not marked:
             _unmark_one(conversation_id, kind)
+
+
+def _mark_resent(conversation_id: int, kind: str, delay_s: float) -> None:
+    """Mark the job sent for the sweep, for `delay_s` and a lease more (db/memory_jobs.py
+    mark_resent); best effort: the database away, its message goes out unmarked, as before."""
+    from db.memory_jobs import mark_resent
+    from db.session import session_scope
+
+    try:
+        with session_scope() as session:
+            stale_s = delay_s + settings.memory_job_lease_s
+            mark_resent(session=session, conversation_id=conversation_id, kind=kind, stale_s=stale_s)
+    except Exception:
+        logger.warning("memory job %s of %s: could not mark its resend", kind, conversation_id, exc_info=True)
 
 
 def _unmark_one(conversation_id: int, kind: str) -> None:

@@ -1702,3 +1702,27 @@ def test_a_memory_jobs_claim_whose_commit_reply_was_lost_is_given_back_by_its_re
         held = s.scalars(select(MemoryJob.token).where(MemoryJob.conversation_id == conv)).one()
     assert lost and held is not None and claim_left_held() == str(held)
     forget_left_held()
+
+
+def test_a_memory_job_its_worker_sends_again_is_marked_for_the_sweep() -> None:
+    """Review (Redis losing state): a job whose claim was released (an outage, an engine's death) was
+    sent again with no mark: its claim had cleared the scheduling's, and a message the broker lost
+    then (a restart, a failover) left nothing for the sweep to find; the job waited for the
+    conversation's next reply, which may never come."""
+    from db.models import MemoryJob
+    from tasks.memory import _send_later
+
+    conv = _conversation("elara", "rowan")  # no lines: the resend, when it runs, finds nothing due
+    with session_scope() as s:
+        token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
+    with session_scope() as s:
+        release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token, ran=False)
+        assert s.get_one(MemoryJob, (conv, SUMMARY)).queued_until is None  # released: unmarked
+    _send_later(conv, SUMMARY, 300.0, marked=False)
+    with session_scope() as s:
+        left = s.scalar(
+            select(MemoryJob.queued_until - func.now()).where(
+                MemoryJob.conversation_id == conv, MemoryJob.kind == SUMMARY
+            )
+        )
+    assert left is not None and left.total_seconds() >= 300 + settings.memory_job_lease_s - 5
