@@ -12,7 +12,6 @@ from tasks.app import app
 logger = logging.getLogger(__name__)
 
 ASK_S = 1.0  # how long the sweep waits for the workers' answers
-MARKS_KEPT_S = 3600  # past this without a sweep, the marks go
 # model -> the broker's time a sweep first found it unserved with live turns waiting, every sweep
 # since finding it so: a model served again, or with nothing waiting, leaves it (review: a mark left
 # from an outage weeks before made one missed answer fail a model's turns at once).
@@ -63,8 +62,9 @@ def unserved_for(
                 since = str(now)
             client.hset(UNSERVED_SINCE, model, f"{since},{now}")
             absent[model] = max(0.0, float(now - int(since)))
-        # Sweeps that stop for long (the sweeper down) leave no count to go on from: it restarts.
-        client.expire(UNSERVED_SINCE, MARKS_KEPT_S)
+        # No TTL: a Redis under a volatile-* policy evicts keys that have one, and each eviction
+        # restarted the count, the turns of a model never served again never failed (review of
+        # Redis losing state). A mark no sweep renewed in time starts afresh all the same (above).
         return absent
 
 

@@ -647,3 +647,20 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
         cancel_turn(kept)
         with app.connection_for_write() as conn:
             conn.default_channel.client.hdel(UNSERVED_SINCE, unserved)
+
+
+def test_the_unserved_marks_carry_no_ttl_that_an_eviction_policy_could_take(world) -> None:
+    """Review (Redis losing state): the marks' hash carried a TTL, so a full Redis under a volatile-*
+    policy (the README's advice) could evict it, and each eviction restarted a model's count: the
+    turns of a model never served again were never failed."""
+    from tasks.app import app
+    from tasks.presence import UNSERVED_SINCE, unserved_for
+
+    model = f"unserved-ttl-{uuid.uuid4().hex[:6]}"
+    assert unserved_for({model}, set(), renewed_within_s=900) == {model: 0.0}
+    with app.connection_for_write() as conn:
+        client = conn.default_channel.client
+        try:
+            assert client.ttl(UNSERVED_SINCE) == -1  # a key with no expiry
+        finally:
+            client.hdel(UNSERVED_SINCE, model)
