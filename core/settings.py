@@ -429,6 +429,10 @@ class Settings(BaseSettings):
     stream_queue_max: int = Field(default=10_000, ge=16)
     stream_max_s: float = Field(default=900.0, gt=0)
     turn_wait_max_s: float = Field(default=60.0, gt=0)  # the longest GET /v1/turns/{id}?wait=S
+    # A new live turn is refused (503, Retry-After) while its model's live queue holds this many
+    # messages waiting, before anything is stored: past it the fleet answers players who gave up
+    # (overload review). 0: never refused.
+    live_queue_max: int = Field(default=5000, ge=0)
     # A bulk claim's replies that finish within this many seconds of a group's first reply are stored
     # with it, in one transaction (worker/pipeline.py store_window; below 0.02 s means 0.02 s, as for
     # live turns, which are stored within a few engine steps).

@@ -190,6 +190,7 @@ def start_chat_turn(
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
     history = [(h["role"], h["content"]) for h in stored_history(line)] if line["history"] else []
+    producer.refuse_when_live_queue_full({request.model or settings.model})  # stored, then sent: asked first
     try:
         (stored,) = producer.submit_turns(
             [request], send=False, api_key=api_key, tenant=tenant, history=history

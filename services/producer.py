@@ -55,6 +55,43 @@ class EnqueueError(RuntimeError):
     """The turn could not be queued; nothing was left half-queued."""
 
 
+class LiveQueueFull(EnqueueError):
+    """A model's live queue holds MLCHAT_LIVE_QUEUE_MAX messages waiting: refused before anything is
+    stored (a 503 to try again)."""
+
+
+# Each process reads a model's live queue depth at most once a second (one Redis round trip).
+DEPTH_FRESH_S = 1.0
+_live_depths: dict[str, tuple[float, int]] = {}
+
+
+def refuse_when_live_queue_full(models: Collection[str]) -> None:
+    """LiveQueueFull when one of these models' live queue holds MLCHAT_LIVE_QUEUE_MAX messages or
+    more (as read within DEPTH_FRESH_S). Under overload, turns taken anyway wait behind the backlog
+    until their players gave up, answered all the same: the fleet busy, nobody served (overload
+    review). A broker that cannot be asked refuses nothing here: the send says so."""
+    limit = settings.live_queue_max
+    if not limit:
+        return
+    from tasks.queues import queue_depths  # one probe connection, tried once
+
+    now = time.monotonic()
+    for model in sorted(set(models)):
+        seen = _live_depths.get(model)
+        if seen is None or now - seen[0] > DEPTH_FRESH_S:
+            try:
+                (depth,) = queue_depths([(model, "live")]).values()
+            except Exception:
+                logger.warning("the live queue of %s could not be read; not refused", model, exc_info=True)
+                continue
+            seen = _live_depths[model] = (now, depth)
+        if seen[1] >= limit:
+            raise LiveQueueFull(
+                f"model {model!r} has {seen[1]} live turns waiting (MLCHAT_LIVE_QUEUE_MAX is {limit}): "
+                "nothing was stored; try again shortly"
+            )
+
+
 @dataclass(frozen=True)
 class ItemError:
     index: int  # the request's position in the call
@@ -202,6 +239,8 @@ def submit_turns(
     if unknown:
         raise TurnRejected(unknown)
     _check_callback_hosts(parsed, tenant)
+    if send and lane == "live" and run_id is None:
+        refuse_when_live_queue_full({req.model or settings.model for req in parsed})
     if history and (len(parsed) != 1 or parsed[0].speaker_character is not None):
         raise ValueError("history seeds one request's conversation, not a group member's line")
     if len(parsed) == 1 and parsed[0].speaker_character is None:  # a named member: the full path

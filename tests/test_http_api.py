@@ -209,6 +209,56 @@ def test_a_request_that_raises_is_counted_as_a_500(world) -> None:
     assert counter._value.get() == before + 1
 
 
+def test_a_live_turn_past_its_models_queue_limit_is_a_503_to_try_again_and_nothing_is_stored(
+    world, monkeypatch
+) -> None:
+    """Overload review: the live lane took every turn (202) whatever its backlog; under ten times the
+    load the fleet serves, each waited past its player's patience (a chat completion's 504) and was
+    answered all the same, the fleet busy and nobody served. Past MLCHAT_LIVE_QUEUE_MAX messages
+    waiting, a new live turn is refused before anything is stored, with a Retry-After."""
+    import uuid
+
+    from fastapi.testclient import TestClient
+    from sqlalchemy import update
+
+    from api.main import create_app
+    from services import producer
+    from services.producer import LiveQueueFull, enqueue_turns
+
+    model = f"door-{uuid.uuid4().hex[:6]}"  # a served model nobody consumes: its messages wait
+    monkeypatch.setattr(settings, "served_models", [settings.model, model])
+    monkeypatch.setattr(settings, "live_queue_max", 2)
+    producer._live_depths.clear()
+    waiting = enqueue_turns(
+        [new_conversation() | {"message": f"Line {i}.", "model": model} for i in range(2)]
+    )
+    try:
+        producer._live_depths.clear()  # read afresh, not the reading of a second ago
+        client = TestClient(
+            create_app(), raise_server_exceptions=False
+        )  # no lifespan: its end closes the hub
+        conversation = new_conversation()
+        r = client.post("/v1/turns", headers=KEY, json=conversation | {"message": "Hello?", "model": model})
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "MLCHAT_LIVE_QUEUE_MAX" in r.json()["detail"]
+        with session_scope() as s:  # nothing stored
+            assert not s.scalar(
+                select(func.count()).select_from(Turn).where(Turn.message == "Hello?", Turn.model == model)
+            )
+        with pytest.raises(LiveQueueFull):  # the Python API and the CLI too
+            enqueue_turns([conversation | {"message": "Again?", "model": model}])
+        # an OpenAI-shaped 503 for a chat completion; a batch's lines (the bulk lane) are never refused
+        producer._live_depths[settings.model] = (time.monotonic() + 60, 10**6)
+        chat = {"model": "elara", "messages": [{"role": "user", "content": "hi"}]}
+        r = client.post("/v1/chat/completions", headers=KEY, json=chat)
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "try again" in r.json()["error"]["message"]
+    finally:
+        producer._live_depths.clear()
+        with session_scope() as s:
+            s.execute(update(Turn).where(Turn.id.in_(waiting)).values(status=TurnStatus.CANCELLED))
+
+
 def test_a_made_up_http_method_is_counted_as_other_not_as_a_series_of_its_own(world) -> None:
     """Found in review: the method was a label as the client sent it; behind an HTTP parser that takes
     any token (h11), each made-up method started a series, without bound."""
