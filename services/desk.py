@@ -573,13 +573,15 @@ def _speaker(session: Session, turn: Turn) -> tuple[str, str, Character | None]:
         )
     )
     if turn.character_id is not None:  # a scene step or group turn: the member who answered
-        character = session.scalars(columns.where(Character.id == turn.character_id)).one()
+        character = session.scalars(columns.where(Character.id == turn.character_id)).one_or_none()
     else:
         character = session.scalars(
             columns.join(Conversation, Conversation.character_id == Character.id).where(
                 Conversation.id == turn.conversation_id
             )
-        ).one()
+        ).one_or_none()
+    if character is None:  # its conversation erased (or retention's) since the line was read: gone
+        raise DeskError(404, "line: no such line")
     return character.slug, character.name, character
 
 

@@ -1943,6 +1943,22 @@ def test_a_line_deleted_while_its_page_is_read_is_a_404_not_a_500(services, worl
         with pytest.raises(DeskError, match="no such line") as gone:
             read(WRITER, line)
         assert gone.value.status == 404
+    monkeypatch.undo()
+    # Review (stop 79, deletes racing use): its conversation erased after the turn's own read, the
+    # speaker's read found no row, a NoResultFound, a 500.
+    _, lines = build_run("studio-a", _lines())
+    read_turn = desk._line_turn
+
+    def then_erased(session: Any, turn_id: uuid.UUID) -> Any:
+        turn = read_turn(session, turn_id)
+        with session_scope() as other:  # committed between the turn's read and the speaker's
+            other.execute(delete(Conversation).where(Conversation.id == turn.conversation_id))
+        return turn
+
+    monkeypatch.setattr(desk, "_line_turn", then_erased)
+    with pytest.raises(DeskError, match="no such line") as gone:
+        desk.line_page(WRITER, lines[0])
+    assert gone.value.status == 404
 
 
 def test_a_change_whose_process_died_before_its_file_was_put_in_place_is_written_by_the_orphan_sweep(
