@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import String, delete, false, func, literal, literal_column, select, tuple_, update
+from sqlalchemy import String, delete, false, func, literal, literal_column, or_, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -227,9 +227,25 @@ def _read_by_a_running_batch() -> Any:
     return select(Run.id).where(Run.input_file_id == StoredFile.id, Run.status.not_in(RUN_FINISHED)).exists()
 
 
+def hold_input_file(*, session: Session, file_id: str) -> bool:
+    """Lock the file's row (FOR KEY SHARE) while a batch is created over it, for the transaction: a
+    delete waits for the creation to commit, then finds the batch reading it (delete_file). False
+    when the file is gone or expired (deleted after the request read it)."""
+    unexpired = or_(StoredFile.expires_at.is_(None), StoredFile.expires_at > func.now())
+    held = session.scalar(
+        select(StoredFile.id).where(StoredFile.id == file_id, unexpired).with_for_update(key_share=True)
+    )
+    return held is not None
+
+
 def delete_file(*, session: Session, file_id: str) -> StoredFile | None:
     """Delete the file's row unless a batch that has not ended reads it (its input); the deleted row,
     or None when there was nothing to delete or a batch still needs it (file_in_use says which)."""
+    # Locked first, in a statement of its own: a batch being created over the file holds it
+    # (hold_input_file), and the delete's own snapshot, taken before that batch committed, would
+    # not see it (review: both answered 200, and the batch failed for want of its bytes).
+    if session.scalar(select(StoredFile.id).where(StoredFile.id == file_id).with_for_update()) is None:
+        return None
     row = session.scalars(
         delete(StoredFile).where(StoredFile.id == file_id, ~_read_by_a_running_batch()).returning(StoredFile)
     ).one_or_none()

@@ -28,7 +28,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_e
 
 from core.settings import DEFAULT_TENANT, settings, window_seconds
 from db.callbacks import claim_lost_callbacks, claim_retries, release_lost_claims
-from db.files import add_file, get_file, latest_rewrite, set_file_size
+from db.files import add_file, get_file, hold_input_file, latest_rewrite, set_file_size
 from db.models import Run, RunStatus, Turn
 from db.runs import (
     RunCounts,
@@ -277,6 +277,8 @@ def _create_run(
         refused = batch_room_refusal(session, api_key, tenant, reserve)
         if refused is not None:
             raise refused
+        if not hold_input_file(session=session, file_id=input_file_id):  # deleted or expired since read
+            raise BatchRefused(f"input_file_id: no file {input_file_id!r}")
         run, _ = create_run(
             session=session,
             name=f"batch_{run_id.hex}",

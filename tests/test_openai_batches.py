@@ -2385,3 +2385,39 @@ def test_a_batch_cancelled_before_its_lines_were_stored_keeps_its_total_while_it
     assert cancelling["status"] == "cancelling", cancelling["status"]
     assert cancelling["request_counts"]["total"] == 6, cancelling["request_counts"]
     assert batches.get_batch(batch_id, api_key="k", admin=False)["request_counts"]["total"] == 6
+
+
+def test_a_file_deleted_while_a_batch_is_created_over_it_waits_and_is_refused_as_in_use(world) -> None:
+    """Review (deletes racing use): the batch's creation read the file, hashed it, then inserted the
+    run with no lock on the file's row, and the delete's guard (no unfinished batch reads it) ran on
+    a snapshot taken before that run committed: both answered 200, and the batch failed for want of
+    its bytes. The creation holds the row; the delete waits, then sees the batch."""
+    from db.files import add_file, delete_file, hold_input_file
+    from db.runs import create_run
+    from tests.conftest import another_session_waits_on_a_lock
+
+    file_id = f"file-{uuid.uuid4().hex[:24]}"
+    with session_scope() as s:
+        add_file(
+            session=s, file_id=file_id, purpose="batch", filename="in.jsonl", size=10,
+            path=f"{file_id}.jsonl", api_key="key-a", tenant="studio-a",
+        )  # fmt: skip
+    deleted: list[Any] = []
+
+    def delete_it() -> None:
+        with session_scope() as other:
+            deleted.append(delete_file(session=other, file_id=file_id))
+
+    with session_scope() as s:
+        assert hold_input_file(session=s, file_id=file_id)
+        deleter = threading.Thread(target=delete_it)
+        deleter.start()
+        assert another_session_waits_on_a_lock(held_by=s)
+        create_run(
+            session=s, name=f"batch_{uuid.uuid4().hex}", model=settings.model, file_hash="0" * 64, total=0,
+            fields={"input_file_id": file_id, "input_format": "openai", "tenant": "studio-a"},
+        )  # fmt: skip
+    deleter.join(30)
+    assert deleted == [None]  # refused: the batch reads it
+    with session_scope() as s:
+        assert s.get(StoredFile, file_id) is not None
