@@ -34,6 +34,7 @@ STAGE_COLUMNS = (
     "params",
     "custom_id",
     "history",
+    "known",
 )
 
 CREATE_STAGE = text(
@@ -41,7 +42,7 @@ CREATE_STAGE = text(
     CREATE TEMP TABLE turn_stage (
         ord integer, idempotency_key text, request_hash text, conversation text, character text,
         player_name text, story text, story_time integer, message text, model text, params jsonb,
-        custom_id text, history jsonb
+        custom_id text, history jsonb, known boolean
     ) ON COMMIT DROP
     """
 )
@@ -57,9 +58,12 @@ INSERT_CONVERSATIONS = text(
     SELECT DISTINCT ON (s.conversation COLLATE "C") CAST(:tenant AS varchar), s.conversation, c.id, '',
            s.player_name, s.story, s.story_time
     FROM turn_stage s JOIN characters c ON c.slug = s.character
+    -- One that existed when the file was validated is never made again: gone since (an erasure, a
+    -- run's retention), its line would bring back what was deleted (review of deletes racing use).
+    WHERE NOT s.known
     -- A conversation that exists is not offered: ON CONFLICT would wait for any transaction writing
     -- its row (a worker storing an earlier line's reply, which then waits for this run's row).
-    WHERE NOT EXISTS (
+      AND NOT EXISTS (
         SELECT 1 FROM conversations v
         WHERE v.tenant = CAST(:tenant AS varchar) AND v.external_id = s.conversation
     )
@@ -95,6 +99,17 @@ INSERT_TURNS = text(
     """
 )
 
+# Lines whose conversation is gone: validated as existing, deleted since.
+GONE_CONVERSATIONS = text(
+    """
+    SELECT s.custom_id, s.conversation
+    FROM turn_stage s LEFT JOIN conversations v ON v.tenant = :tenant AND v.external_id = s.conversation
+    WHERE v.id IS NULL
+    ORDER BY s.ord
+    LIMIT 5
+    """
+)
+
 ANALYZE_STAGE = text("ANALYZE turn_stage")  # temp tables have no statistics until analysed
 
 
@@ -118,6 +133,7 @@ class StagedTurn:
     params: dict[str, Any]
     custom_id: str
     history: tuple[tuple[str, str], ...] = ()  # (role, text) seeding a fresh conversation
+    known: bool = False  # its conversation existed when the file was validated: never made again
 
 
 def insert_run_turns(
@@ -157,15 +173,24 @@ def insert_run_turns(
                     json.dumps(t.params),
                     t.custom_id,
                     json.dumps(t.history) if t.history else None,
+                    t.known,
                 )
             )
     session.execute(ANALYZE_STAGE)
     session.execute(INSERT_CONVERSATIONS, {"tenant": tenant})
     if any(t.history for t in turns):
         session.execute(INSERT_HISTORY, {"tenant": tenant})
+    gone = session.execute(GONE_CONVERSATIONS, {"tenant": tenant}).tuples().all()
+    if gone:
+        named = "; ".join(f"line {custom_id!r}: conversation {name!r}" for custom_id, name in gone)
+        raise ValueError(
+            f"a line's conversation was deleted after the file was validated (an erasure, or its run's "
+            f"retention): {named}; nothing of these lines' chunk was stored (resubmitted, such a line is a "
+            "bad line: --skip-bad-lines stores the rest)"
+        )
     try:
         rows = session.execute(INSERT_TURNS, {"run_id": run_id, "tenant": tenant}).tuples().all()
-    except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: no such conversation
+    except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: deleted meanwhile
         raise ValueError(f"a line names a conversation that does not exist: {exc.orig}") from None
     return [turn_id for turn_id, _ in sorted(rows, key=lambda row: row[1])]
 

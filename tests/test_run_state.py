@@ -1364,3 +1364,38 @@ def test_a_retried_lines_queue_time_counts_from_its_retry_not_its_first_insert(w
         }
     assert waited[failed] < 60_000, waited  # since its retry, a moment ago
     assert waited[handed_back] > 86_000_000, waited  # since it was sent, a day ago
+
+
+def test_a_lines_conversation_erased_after_validation_is_never_made_again(
+    quiet_model, tmp_path, monkeypatch
+) -> None:
+    """Review (deletes racing use): a run's line naming a player's conversation (and its character)
+    was validated against it, then stored minutes later with nothing checked again: the player
+    erased meanwhile, the line made the conversation again, the erased history's place now holding
+    the line and its reply, out of the erasure's reach. Its chunk is refused, naming the line."""
+    from sqlalchemy import delete
+
+    from db.models import Conversation
+    from services.producer import enqueue_turns
+    from services.runs import submit as submitting
+    from tests.conftest import new_conversation
+
+    player = new_conversation()
+    enqueue_turns([player | {"message": "Hello."}], send=False)  # the player's conversation
+    path = tmp_path / "lines.jsonl"
+    path.write_text(json.dumps(player | {"custom_id": "c1", "message": "Any news?"}) + "\n", encoding="utf-8")
+    real = submitting._insert_chunk
+
+    def erased_first(*args: Any) -> Any:  # the erasure commits between validation and storing
+        with session_scope() as s:
+            s.execute(delete(Conversation).where(Conversation.external_id == player["conversation"]))
+        return real(*args)
+
+    monkeypatch.setattr(submitting, "_insert_chunk", erased_first)
+    with pytest.raises(SubmissionFailed, match="deleted after the file was validated.*'c1'"):
+        submit_run(path, name="erased-" + tmp_path.name)
+    with session_scope() as s:
+        assert (
+            s.scalar(select(Conversation.id).where(Conversation.external_id == player["conversation"]))
+            is None
+        )

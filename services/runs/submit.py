@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
 from typing import Any
@@ -424,7 +424,10 @@ def _store_and_send(
             if line.scene is not None:  # stored after the lines, in chunks of their own
                 scene_lines.add(number)
                 continue
-            yield _staged_turn(text, line, name, run_id, model, candidates)
+            staged_turn = _staged_turn(text, line, name, run_id, model, candidates)
+            if staged_turn.conversation in check.known_conversations:
+                staged_turn = replace(staged_turn, known=True)
+            yield staged_turn
 
     def scene_chunks() -> Iterator[list[tuple[str, str, SceneSpec]]]:
         """The scene lines not stored yet, read again from the file (those lines alone) a chunk at

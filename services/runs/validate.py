@@ -165,6 +165,9 @@ class FileCheck:
     # Replies the lines write to an output file at most: each line's choices (OpenAI's `n`), a scene
     # line's exchanges; what a batch reserves of its key's files quota is counted from it.
     replies: int = 0
+    # The conversations the lines name that existed when the file was validated: one gone by the time
+    # its line is stored (an erasure, a run's retention) is never made again by that line.
+    known_conversations: frozenset[str] = frozenset()
 
     @property
     def bad_lines(self) -> set[int]:
@@ -487,7 +490,8 @@ def validate_file(
     ]
     for name in own_scenes:
         uses.pop(name, None)
-    conversation_errors = step_errors + scene_errors + _conversation_errors(uses, tenant)
+    known: set[str] = set()
+    conversation_errors = step_errors + scene_errors + _conversation_errors(uses, tenant, known)
     if run_name:
         fresh = [(number, cid) for number, cid in fresh if number not in refused_lines]
         conversation_errors += _fresh_conversations_taken(fresh, run_name, tenant)
@@ -502,6 +506,7 @@ def validate_file(
         refused,
         error_count,
         replies,
+        frozenset(known),
     )
 
 
@@ -533,10 +538,11 @@ def _fresh_conversations_taken(fresh: list[tuple[int, str]], run_name: str, tena
     return errors
 
 
-def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list[LineError]:
+def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str, known: set[str]) -> list[LineError]:
     """Lines whose conversation is unknown to the tenant and not started in the file, belongs to
     another character, or holds a scene (a run's scene or a live group: its speakers are the
-    scene's, and a line there would speak in another run's scene, or past the group's strategy)."""
+    scene's, and a line there would speak in another run's scene, or past the group's strategy).
+    The names found are added to `known`."""
     existing: dict[str, tuple[int, str]] = {}
     in_scenes: set[int] = set()
     names = list(uses)
@@ -545,6 +551,7 @@ def _conversation_errors(uses: dict[str, _ConversationUse], tenant: str) -> list
             chunk = names[start : start + 10_000]
             found = find_conversations(session=session, external_ids=chunk, tenant=tenant)
             existing |= found
+            known.update(found)
             ids = [conv_id for conv_id, _ in found.values()]
             in_scenes |= scene_conversations(session=session, conversation_ids=ids)
     errors = []
