@@ -13,6 +13,7 @@ the sweeper and a cancel all call it).
 from __future__ import annotations
 
 import logging
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -973,11 +974,12 @@ def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> No
         committing.append(True)
 
     def discard(*_: Any) -> None:
-        # A COMMIT that raised may have committed all the same (its reply lost with the connection):
-        # the scratch is left for the orphan sweep, which writes the file again from what the
-        # database holds, changed or not (review of database errors: deleted here, a change whose
-        # commit landed never reached the download).
-        if not committing:
+        # A COMMIT whose connection was lost may have committed all the same (its reply lost): the
+        # scratch is left for the orphan sweep, which writes the file again from what the database
+        # holds, changed or not (review of database errors: deleted here, a change whose commit
+        # landed never reached the download). The rollback runs while its error is handled.
+        error = sys.exc_info()[1]
+        if not (committing and error is not None and connection_lost(error)):
             output_tmp.unlink(missing_ok=True)
 
     event.listen(session, "after_commit", publish, once=True)

@@ -65,6 +65,8 @@ def unserved_for(
         # No TTL: a Redis under a volatile-* policy evicts keys that have one, and each eviction
         # restarted the count, the turns of a model never served again never failed (review of
         # Redis losing state). A mark no sweep renewed in time starts afresh all the same (above).
+        # PERSIST: an earlier version's sweeper set one, which HSET keeps.
+        client.persist(UNSERVED_SINCE)
         return absent
 
 

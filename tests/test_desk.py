@@ -835,6 +835,7 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     rollback only, and a file put in place before the commit would have passed)."""
     import threading
 
+    import psycopg
     from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
@@ -866,12 +867,27 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     # A failed COMMIT may have committed: its scratch is left for the orphan sweep, which writes the
     # file from what the database holds (here: unchanged).
     assert _sweep_rewrites(path) and b"Mind the puddles" not in path.read_bytes()
+    # A COMMIT refused by the server (a deadlock, here) rolled back for certain: no scratch is kept.
+    rewritten.clear()
+
+    def refused(connection):  # type: ignore[no-untyped-def]
+        if threading.get_ident() == mine and rewritten and len(blipped) == 1:
+            blipped.append(True)
+            raise OperationalError("COMMIT", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+
+    event.listen(get_engine(), "commit", refused)
+    try:
+        with pytest.raises(OperationalError):
+            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+    finally:
+        event.remove(get_engine(), "commit", refused)
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
     # Review (database errors): a COMMIT that landed with its reply lost deleted its scratch, and the
     # change the database held never reached the download.
     rewritten.clear()
 
     def lost_reply(connection):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == mine and rewritten and len(blipped) == 1:
+        if threading.get_ident() == mine and rewritten and len(blipped) == 2:
             blipped.append(True)
             connection.connection.driver_connection.commit()  # the server commits ...
             raise OperationalError("COMMIT", {}, Exception("the connection dropped"))  # ... unheard
@@ -882,7 +898,7 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
             desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
     finally:
         event.remove(get_engine(), "commit", lost_reply)
-    assert len(blipped) == 2 and _stored(second)[0].reply == "Morning! Mind the puddles."
+    assert len(blipped) == 3 and _stored(second)[0].reply == "Morning! Mind the puddles."
     assert path.read_bytes() == before
     assert _sweep_rewrites(path) and b"Mind the puddles" in path.read_bytes()
     monkeypatch.undo()

@@ -217,3 +217,30 @@ def test_a_batch_handed_back_at_a_death_counts_a_death_seen_for_each_request_ins
         again = claim_turns(session=session, turn_ids=list(died), lease_s=60, max_attempts=3)
     counts = {t.id: (t.engine_deaths, t.engine_deaths_seen) for t in again.claimed}
     assert counts == {decoding: (0, 1), joining: (1, 0), waiting: (0, 0)}
+
+
+def test_a_turn_failed_for_crash_looping_is_a_committed_failure_in_the_batchs_count(world) -> None:
+    """Review (stop 79): the failure metric counts the failures a batch committed, and the hand-back
+    after an engine's death commits those at the death limit without saying so: the worst failures
+    (poison turns killing engines) went missing from the failure rate."""
+    from types import SimpleNamespace
+
+    from sqlalchemy import update
+
+    from core.settings import settings
+    from db.models import Turn
+    from worker.engine import EngineDead
+    from worker.pipeline import BatchReport, _hand_back_dead
+
+    (poison,) = _turns(1)
+    with session_scope() as session:
+        session.execute(
+            update(Turn).where(Turn.id == poison).values(engine_deaths=settings.max_engine_deaths - 1)
+        )
+    with session_scope() as session:
+        claim = claim_turns(session=session, turn_ids=[poison], lease_s=60, max_attempts=3)
+    report = BatchReport(loading=[poison])  # inside the engine (its adapter loading) as it died
+    turns = [SimpleNamespace(id=poison)]
+    failed = _hand_back_dead(claim.token, turns, EngineDead("died"), report, until=time.monotonic() + 5)  # type: ignore[arg-type]
+    assert failed == [poison] and report.failed_written == {poison}
+    assert get_turn(poison).error_code == TurnErrorCode.ENGINE_CRASH_LOOP

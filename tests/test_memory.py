@@ -1658,7 +1658,9 @@ def test_the_player_is_one_subject_whether_the_game_wrote_none_or_the_dialogue_n
     assert player_names("Rowan", "Rowan", ["Elara", "Luffy"]) == ["Rowan"]
 
 
-def test_a_memory_jobs_claim_whose_commit_reply_was_lost_is_given_back_by_its_resend() -> None:
+def test_a_memory_jobs_claim_whose_commit_reply_was_lost_is_left_held_under_its_token_for_its_resend() -> (
+    None
+):
     """Review (database errors): a memory job's claim whose COMMIT went through with its reply lost
     was held by a token nobody knew: the outage's resend found the job held and was dropped, and the
     sweep took it back twenty minutes later as a worker's death, counted toward giving the job up.
@@ -1704,21 +1706,28 @@ def test_a_memory_jobs_claim_whose_commit_reply_was_lost_is_given_back_by_its_re
     forget_left_held()
 
 
-def test_a_memory_job_its_worker_sends_again_is_marked_for_the_sweep() -> None:
+def test_a_memory_job_its_worker_sends_again_is_marked_for_the_sweep(monkeypatch) -> None:
     """Review (Redis losing state): a job whose claim was released (an outage, an engine's death) was
     sent again with no mark: its claim had cleared the scheduling's, and a message the broker lost
     then (a restart, a failover) left nothing for the sweep to find; the job waited for the
     conversation's next reply, which may never come."""
     from db.models import MemoryJob
-    from tasks.memory import _send_later
+    from tasks import memory as memory_tasks
 
-    conv = _conversation("elara", "rowan")  # no lines: the resend, when it runs, finds nothing due
+    conv = _conversation("elara", "rowan")
+    sent: list[tuple[list[tuple[int, str]], float | None]] = []
+    monkeypatch.setattr(
+        memory_tasks,
+        "send_memory_jobs",
+        lambda jobs, countdown=None, release=None: sent.append((jobs, countdown)),
+    )
     with session_scope() as s:
         token = claim_job(session=s, conversation_id=conv, kind=SUMMARY, lease_s=60)
     with session_scope() as s:
         release_job(session=s, conversation_id=conv, kind=SUMMARY, token=token, ran=False)
         assert s.get_one(MemoryJob, (conv, SUMMARY)).queued_until is None  # released: unmarked
-    _send_later(conv, SUMMARY, 300.0, marked=False)
+    memory_tasks._send_later(conv, SUMMARY, 300.0, marked=False)
+    assert sent == [([(conv, SUMMARY)], memory_tasks.within_visibility(300.0))]  # marked, then sent
     with session_scope() as s:
         left = s.scalar(
             select(MemoryJob.queued_until - func.now()).where(

@@ -308,6 +308,11 @@ def test_a_regex_grammar_whose_rebuild_ran_past_the_engines_limit_is_retried_not
     view = get_turn(turn_id)
     assert list(report.retry) == [turn_id] and not report.failed
     assert view.status == TurnStatus.QUEUED and "timed out" in (view.error or "")
+    # Once: each try holds the engine's one thread for the whole limit (review).
+    report = process_batch([turn_id])
+    view = get_turn(turn_id)
+    assert list(report.failed) == [turn_id] and view.status == TurnStatus.FAILED
+    assert view.error_code == "invalid_params" and "ran past it twice" in view.error
 
 
 def test_a_turn_whose_batch_keeps_dying_is_dead_lettered(engine, monkeypatch) -> None:

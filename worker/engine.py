@@ -636,4 +636,8 @@ def refused_by_engine(error: BaseException) -> bool:
         from vllm.exceptions import VLLMClientError
     except ImportError:  # no engine installed here (the API's process)
         return False
-    return isinstance(error, VLLMClientError) and "compilation timed out" not in str(error)
+    return isinstance(error, VLLMClientError) and GRAMMAR_BUILD_TIMED_OUT not in str(error)
+
+
+# vLLM's words for a regex grammar whose build ran past its limit (vllm/v1/structured_output/utils.py).
+GRAMMAR_BUILD_TIMED_OUT = "compilation timed out"

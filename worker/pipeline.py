@@ -23,6 +23,7 @@ from functools import cache
 from typing import Any, TypeVar
 
 from celery.worker import state as worker_state
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session
 from tenacity.stop import stop_base
 
@@ -62,6 +63,7 @@ from streaming.publisher import publisher
 from worker import engine as engine_module
 from worker.embedder import embed
 from worker.engine import (
+    GRAMMAR_BUILD_TIMED_OUT,
     Adapter,
     AdapterUnavailable,
     EngineDead,
@@ -183,7 +185,7 @@ def process_batch(
         try:
             claim = again_on_conflict(claim_them, what="a batch's claim")
         except BaseException as exc:
-            if connection_lost(exc):
+            if connection_lost(exc) and not isinstance(exc, PoolTimeout):  # no connection: no commit
                 _claim_lost(claim_token, turn_ids, report)
             raise
     report.deferred, report.skipped, report.held = claim.deferred, claim.skipped, claim.held
@@ -262,6 +264,9 @@ def process_batch(
     return report
 
 
+CLAIM_LOST_HAND_BACK_S = 5.0
+
+
 def _claim_lost(token: uuid.UUID, turn_ids: Sequence[uuid.UUID], report: BatchReport) -> None:
     """The claim's connection was lost: its COMMIT may have gone through with its reply lost, the
     turns running under a lease no one keeps, charged an attempt never run (review of database
@@ -269,7 +274,9 @@ def _claim_lost(token: uuid.UUID, turn_ids: Sequence[uuid.UUID], report: BatchRe
     are handed back under its token, uncharged as after any outage (nothing if it never committed);
     the caller sends them again."""
     reason = "the database's connection was lost during the claim; sent again"
-    until = time.monotonic() + settings.lease_seconds / 3
+    # A few seconds: long enough for a lost reply's hand-back, not to hold the flush through an
+    # outage (the claim never committed then, and the chunk is sent again anyway).
+    until = time.monotonic() + CLAIM_LOST_HAND_BACK_S
     report.handed_back = _hand_back(token, list(turn_ids), reason, refund=True, until=until)
 
 
@@ -409,6 +416,7 @@ def _hand_back_dead(
             report.retry.pop(turn_id, None)
         return []
     _requeued(report, outcome.requeued)
+    report.failed_written.update(outcome.crash_looped)  # committed by the hand-back
     for turn_id in outcome.crash_looped:
         report.failed[turn_id] = Failure(
             f"inside the engine at {settings.max_engine_deaths} engine deaths ({reason})",
@@ -776,6 +784,13 @@ def _finish_group(
                     reason = f"{reason}; ended so twice, not retried"
                     report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
                     continue
+            # A grammar build past vLLM's limit is retried once: each try holds the engine's one thread
+            # for the whole limit, every other request waiting (review: three times over).
+            built_too_slowly = GRAMMAR_BUILD_TIMED_OUT in str(error)
+            if built_too_slowly and GRAMMAR_BUILD_TIMED_OUT in (turn.last_error or ""):
+                reason = f"{reason}; ran past it twice, not retried"
+                report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
+                continue
             _retry_or_fail(turn, reason, code, report, final=refused)
     answered = []
     for turn in group:
