@@ -244,3 +244,28 @@ def test_a_turn_failed_for_crash_looping_is_a_committed_failure_in_the_batchs_co
     failed = _hand_back_dead(claim.token, turns, EngineDead("died"), report, until=time.monotonic() + 5)  # type: ignore[arg-type]
     assert failed == [poison] and report.failed_written == {poison}
     assert get_turn(poison).error_code == TurnErrorCode.ENGINE_CRASH_LOOP
+
+
+def test_a_turn_failed_before_the_engine_died_stays_failed_when_the_hand_back_cannot_be_made(
+    world, monkeypatch
+) -> None:
+    """Engine review (stop 79): with the database away at the hand-back, every turn not stored was
+    taken for unsettled, one a group had already written failed (its callback and stream end sent)
+    too: announced again as retried and sent again for nothing."""
+    from types import SimpleNamespace
+
+    from worker import pipeline
+    from worker.engine import EngineDead
+    from worker.pipeline import BatchReport, _hand_back_dead
+
+    failed, running = uuid.uuid4(), uuid.uuid4()
+    report = BatchReport(failed_written={failed})
+    report.failed[failed] = pipeline.Failure("empty", TurnErrorCode.EMPTY_REPLY)
+    from tests.conftest import patch_on_this_thread
+
+    patch_on_this_thread(
+        monkeypatch, pipeline, "_best_effort_hand_back", lambda *args, **kwargs: None
+    )  # away
+    turns = [SimpleNamespace(id=failed), SimpleNamespace(id=running)]
+    assert _hand_back_dead(uuid.uuid4(), turns, EngineDead("died"), report, until=time.monotonic()) == []  # type: ignore[arg-type]
+    assert report.unsettled == [running] and failed in report.failed

@@ -407,7 +407,8 @@ def _hand_back_dead(
         until=until,
     )
     if outcome is None:
-        stored = set(report.done)
+        # Those a group's write ended (stored, or failed and announced) are settled already.
+        stored = set(report.done) | report.failed_written
         report.unsettled = [t.id for t in turns if t.id not in stored]
         # Not announced as failed or retried (their outcome may never have been written); a retry
         # that waits (an adapter looked at again later) keeps its wait.
