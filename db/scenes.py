@@ -405,6 +405,11 @@ def _create_step(
     return turn_id
 
 
+# A live group the game stopped (stop_scene): while its last line is written, and once it ended.
+STOPPING = "stopped by the game; the line being written is its last"
+STOPPED = "stopped by the game"
+
+
 def _close(session: Session, scene_id: int, status: SceneStatus, reason: str) -> None:
     session.execute(
         update(Scene)
@@ -465,8 +470,14 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
             continue
         if scene.status != SceneStatus.OPEN or step != scene.steps_done + 1:
             continue  # a scene closed already, or a step seen before
+        stopping = scene.ended_reason == STOPPING  # its end is the game's stop, whatever ends it now
         if status == TurnStatus.CANCELLED:
-            _close(session, scene.id, SceneStatus.CANCELLED, f"step {step} was cancelled")
+            _close(
+                session,
+                scene.id,
+                SceneStatus.CANCELLED,
+                STOPPED if stopping else f"step {step} was cancelled",
+            )
             continue
         if status == TurnStatus.FAILED:
             _close(session, scene.id, SceneStatus.FAILED, f"step {step} failed: {error or 'no reason'}")
@@ -483,7 +494,12 @@ def advance_scenes_of_turns(*, session: Session, turn_ids: Sequence[uuid.UUID]) 
         if scene.end_phrase and reply and scene.end_phrase.lower() in reply.lower():
             _close(session, scene.id, SceneStatus.ENDED, f"step {step} said the end phrase")
         elif step >= scene.exchanges:
-            _close(session, scene.id, SceneStatus.ENDED, f"all {scene.exchanges} exchanges done")
+            _close(
+                session,
+                scene.id,
+                SceneStatus.ENDED,
+                STOPPED if stopping else f"all {scene.exchanges} exchanges done",
+            )
         elif stopped:
             _close(session, scene.id, SceneStatus.CANCELLED, "the run was cancelled or its batch failed")
         elif _create_step(session, scene, step + 1, tenant=tenant, sent=True, api_key=api_key) is None:
@@ -727,7 +743,9 @@ def stop_scene(*, session: Session, conversation_id: int) -> tuple[Scene, uuid.U
     ).first()
     scene.exchanges = scene.steps_done + (unfinished is not None)  # the unfinished step is the last
     if unfinished is None:
-        _close(session, scene.id, SceneStatus.ENDED, "stopped by the game")
+        _close(session, scene.id, SceneStatus.ENDED, STOPPED)
+    else:  # read by the close its last step brings (a `:continue` clears it)
+        scene.ended_reason = STOPPING
     session.flush()
     session.refresh(scene)
     if unfinished is None or TurnStatus(unfinished.status) != TurnStatus.QUEUED:

@@ -2606,12 +2606,16 @@ def test_a_groups_chatter_is_stopped_keeping_the_line_being_written_and_goes_on_
     with session_scope() as s:
         scene = s.get_one(Scene, scene_id)
         assert (scene.status, scene.steps_done) == (SceneStatus.ENDED, 1)
+        # review (stop 78's leftover): it read "all 1 exchanges done"
+        assert scene.ended_reason == "stopped by the game"
     assert _open_step(scene_id) is None
     continue_group(conv, 5)  # goes on when asked; a queued step is cancelled by a stop
     queued = _open_step(scene_id)
     assert queued is not None
     stopped = stop_group(conv)
     assert stopped["status"] == "cancelled" and get_turn(queued).status == TurnStatus.CANCELLED
+    with session_scope() as s:
+        assert s.get_one(Scene, scene_id).ended_reason == "stopped by the game"  # not "step 2 was cancelled"
     assert stop_group(conv)["status"] == "cancelled"  # sent again: answered as it is
     continue_group(conv, 1)
     step = _open_step(scene_id)
