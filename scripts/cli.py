@@ -371,7 +371,7 @@ def run_status(
             bar.update(
                 task,
                 total=state.turns or None,  # its turns, and one a line not stored yet: never runs back
-                completed=c.finished,
+                completed=c.finished + c.refused,
                 rate=f"{rate:.1f} turns/s",
                 # escaped: rich read "[queued]" as a style and dropped it (CLI review)
                 description=escape(f"{state.name} [{state.status.value}] ok={c.completed} failed={c.failed}"),
@@ -384,7 +384,7 @@ def run_status(
     status = state.status.value + (" (submission interrupted)" if state.interrupted else "")
     _out(
         f"{state.id} {status} total={state.turns} completed={c.completed} failed={c.failed} "
-        f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent}"
+        f"cancelled={c.cancelled} queued={c.queued} running={c.running} unsent={c.unsent} refused={c.refused}"
     )
     if state.quality.get("scored"):
         reasons = state.quality.get("below_bar_reasons") or {}

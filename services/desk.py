@@ -341,7 +341,9 @@ def _row(session: Session, run: Run) -> RunRow:
     counts = run_counts(session=session, run_id=run.id, unsent=False)  # from the index alone
     live = run.status not in RUN_FINISHED  # cancelling and finalizing move on their own too
     quality = quality_summary(session=session, run_id=run.id, live=live)
-    total = max(run.total, counts.total)
+    # Its requests refused by policy are its too, answered failed in its error file, as the API counts
+    # a batch's (review of the numbers users read: the desk's total left them out).
+    total = max(run.total, counts.total) + counts.refused
     return RunRow(
         id=run.id,
         name=run.name,
@@ -355,8 +357,10 @@ def _row(session: Session, run: Run) -> RunRow:
             "completed": counts.completed,
             "failed": counts.failed,
             "cancelled": counts.cancelled,
+            "refused": counts.refused,
         },
-        progress=100 * counts.finished // total if total else 0,  # 199 of 200 is 99%, not 100 (review)
+        # 199 of 200 is 99%, not 100 (review)
+        progress=100 * (counts.finished + counts.refused) // total if total else 0,
         below_bar=dict(quality.get("below_bar_reasons") or {}),
         scored=int(quality.get("scored", 0)),
         labels=reviews.run_labels(session=session, run_id=run.id),

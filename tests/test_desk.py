@@ -2046,3 +2046,22 @@ def test_a_runs_quality_means_leave_data_replies_out_and_a_pick_keeps_the_lines_
     desk.pick(WRITER, first, "1", "0")
     with session_scope() as s:
         assert run_quality(session=s, run_id=run_id)["regenerated"] == 1
+
+
+def test_a_runs_requests_refused_by_policy_count_in_its_total_on_the_desk_and_in_run_status(
+    services, world
+) -> None:
+    """Review of the numbers users read: a batch's requests refused by policy (never stored, each
+    answered failed in its error file) count in its total at the API, and the desk and `run status`
+    left them out: 2 of 2 done on the desk, 2 of 3 at the API."""
+    from services.runs import run_state
+
+    run_id, _ = build_run("studio-a", _lines())
+    refusal = {"line": 3, "custom_id": "line-3", "message": "refused", "param": None}
+    with session_scope() as s:
+        run = s.get_one(Run, run_id)
+        run.refused = [refusal]
+        name, stored = run.name, run.total
+    row = desk.run_summary(WRITER, run_id)
+    assert row.total == stored + 1 and row.counts["refused"] == 1 and row.progress == 100
+    assert run_state(name).turns == stored + 1

@@ -108,8 +108,9 @@ class RunState:
     @property
     def turns(self) -> int:
         """The turns the run holds or will: those stored, and one a line for the lines not stored
-        (a scene's later steps are turns of its line: review, a scene run showed "10/2")."""
-        return self.counts.total + max(self.lines - self.stored, 0)
+        (a scene's later steps are turns of its line: review, a scene run showed "10/2"), and its
+        requests refused by policy (never stored; answered failed, as the API counts a batch's)."""
+        return self.counts.total + max(self.lines - self.stored, 0) + self.counts.refused
 
     @property
     def finished(self) -> bool:
