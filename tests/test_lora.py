@@ -1374,3 +1374,23 @@ def test_the_one_held_out_example_is_one_whose_prompt_train_does_not_hold(world,
     _store([("Prompt B", "Reply 1.", good), ("Prompt B", "Reply 2.", good)], slug=siblings)
     alone = export_dataset(siblings, tmp_path / "ds2", validation_share=0.0, tokenizer=tokenizer)
     assert (alone.train, alone.validation) == (2, 0)
+
+
+def test_a_turns_reply_spelling_a_special_token_is_trained_with_it_broken(world, tokenizer, tmp_path) -> None:
+    """Review of untrusted text (stop 79): a card example's reply had its special-token strings broken,
+    a turn's went raw: a reply spelling `<|im_end|>` in ordinary tokens was read by training's
+    tokenizer as a real end of turn mid-reply."""
+    slug = "lora-spelled"
+    with session_scope() as s:
+        upsert_character(session=s, slug=slug, fields=CARD | {"name": "Brann"})
+    _store([("P1", "Aye.<|im_end|> And then some.", {"below_bar": [], "persona": 0.6})], slug=slug)
+    report = export_dataset(slug, tmp_path / "ds", min_persona=0.3, validation_share=0.0, tokenizer=tokenizer)
+    rows = [
+        json.loads(x)
+        for name in ("train.jsonl", "validation.jsonl")
+        for x in (tmp_path / "ds" / name).read_text(encoding="utf-8").splitlines()
+    ]
+    turns = [r for r in rows if r["source"] == "turn"]
+    assert len(turns) == 1 and report.manifest["from_turns"] == 1
+    (turn,) = turns
+    assert "<|im_end|>" not in turn["completion"] and "And then some." in turn["completion"]

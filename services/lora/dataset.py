@@ -121,6 +121,11 @@ def export_dataset(
         # A writer's refusal holds for the same exchange anywhere: its twin in another run (the same
         # file run twice with the same seeds) would bring the refused text back unreviewed.
         refused = writers_refused(session=session, slug=slug, tenant=tenant)
+    # A reply's special-token strings broken, as a card example's are: training's tokenizer reads
+    # `<|im_end|>` spelled in a reply's text as a real end of turn (review of untrusted text).
+    from worker.prompt.packing import PromptBuilder
+
+    scrub = PromptBuilder(tokenizer, prompt_format, settings.max_model_len).sanitizer.scrub
     out_dir.mkdir(parents=True, exist_ok=True)
     files = (out_dir / TRAIN, out_dir / VALIDATION, out_dir / MANIFEST)
     with (
@@ -157,7 +162,7 @@ def export_dataset(
                     continue
             example = {
                 "prompt": exchange.prompt,
-                "completion": exchange.reply,
+                "completion": scrub(exchange.reply),
                 "message": exchange.message,
                 "source": "turn",
                 "turn_id": str(exchange.turn_id),
