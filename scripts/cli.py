@@ -1170,10 +1170,10 @@ def _one_line(exc: BaseException) -> str:
             _err(f"line {err.line}: {err.reason}")
         listed = f" (the first {len(exc.errors):,} listed)" if exc.count > len(exc.errors) else ""
         return f"rejected: {exc.count:,} bad line(s){listed}, nothing stored"
-    if isinstance(exc, ValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "input"
-        return f"{where}: {first['msg']}"
+    if isinstance(exc, ValidationError):  # the place and message, without pydantic's "Value error, "
+        from core.validation import first_error
+
+        return first_error(exc)
     if isinstance(exc, KeyError) and exc.args:
         return str(exc.args[0])
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__

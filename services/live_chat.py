@@ -74,7 +74,7 @@ def _slug(value: Any, field: str) -> str:
     try:
         return _SLUG.validate_python(value, strict=True)
     except ValidationError as exc:
-        raise ChatRejected(f"{field}: {exc.errors()[0]['msg']}") from None
+        raise ChatRejected(f"{field}: {str(exc.errors()[0]['msg']).removeprefix('Value error, ')}") from None
 
 
 def _named(exc: ValidationError, origin: Callable[[str], str]) -> str:

@@ -196,6 +196,7 @@ def test_a_model_that_cannot_be_a_character_is_a_400_naming_it(base_url, field, 
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["message"].startswith(f"body.{field}:") and error["param"] == f"body.{field}"
+    assert "Value error" not in error["message"]  # pydantic's prefix (review of error texts)
     assert _turns_of(conversation) == []
 
 
@@ -631,6 +632,7 @@ def test_a_failed_turn_is_answered_502_or_400_when_the_request_was_at_fault(
     assert (
         str(turn_id) in error["message"] and error_code in error["message"] and error["type"] == "turn_failed"
     )
+    assert error["code"] == error_code  # as a streamed failure's event carries it (review of error texts)
 
 
 def test_a_cancelled_turn_is_answered_409_cancelled_not_a_server_failure(base_url, short_wait) -> None:

@@ -349,6 +349,12 @@ def test_cards_story_events_and_manifests_over_http(base_url, engine, monkeypatc
     monkeypatch.setattr(settings, "prompt_retention_days", 30)
     gone = httpx.get(f"{base_url}/v1/turns/{turn_id}/manifest", headers=KEY)
     assert gone.status_code == 410 and "MLCHAT_PROMPT_RETENTION_DAYS" in gone.json()["detail"]
+    # Review of error texts (stop 79): a turn that ended before its prompt was built was a 409 "no
+    # prompt yet", which invites a retry; it never will have one
+    (cancelled,) = enqueue_turns([conv | {"message": "Never mind."}], send=False)
+    assert httpx.delete(f"{base_url}/v1/turns/{cancelled}", headers=KEY).status_code == 200
+    never = httpx.get(f"{base_url}/v1/turns/{cancelled}/manifest", headers=KEY)
+    assert never.status_code == 404 and "holds no prompt" in never.json()["detail"], never.text
 
 
 def test_a_database_outage_under_a_request_is_a_503_to_retry_never_a_500_nor_the_drivers_text(

@@ -122,7 +122,8 @@ async def chat_completions(
         )
     if view.status.value != "done":
         code = failure_status(view.error_code, 502)
-        return _error(code, _why(view), "turn_failed", retry=False)
+        # its error_code, as a streamed failure's event and a batch's error file carry it (review)
+        return _error(code, _why(view), "turn_failed", retry=False, code=view.error_code)
     return JSONResponse(live_chat.completion(turn, view))
 
 

@@ -154,7 +154,16 @@ def get_manifest(turn_id: uuid.UUID, who: Annotated[Caller, Depends(needs("admin
                 status.HTTP_410_GONE,
                 f"turn {turn_id}: its manifest was forgotten (MLCHAT_PROMPT_RETENTION_DAYS)",
             )
-        raise HTTPException(status.HTTP_409_CONFLICT, f"turn {turn_id} is {view.status.value}: no prompt yet")
+        if view.status.value in ("queued", "running"):
+            raise HTTPException(
+                status.HTTP_409_CONFLICT, f"turn {turn_id} is {view.status.value}: no prompt yet"
+            )
+        # A 409 "yet" invited a retry of a turn that will never have one (review of error texts).
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND,
+            f"turn {turn_id} is {view.status.value} and holds no prompt: it ended before one was built, "
+            "or it was forgotten (MLCHAT_PROMPT_RETENTION_DAYS)",
+        )
     return view.context
 
 
