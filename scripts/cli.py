@@ -1118,16 +1118,15 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.runs import NotRetryable, RunConflict, RunDeleting
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
-    from db.world import StoryBusy
     from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from scripts.seed import SeedError
     from services.characters import CharacterNotFound, ReservedStory
-    from services.erasure import ErasureContended, ErasureRefused, PlayerBusy
+    from services.erasure import ErasureRefused
     from services.lora.files import BadLoraFile
     from services.lora.registry import TrainedOnATenant
     from services.producer import TurnRejected
-    from services.runs import EmptyFile, RunBusy, RunNotFound, RunValidationError
+    from services.runs import EmptyFile, RunNotFound, RunValidationError
     from services.runs.submit import NotARegularFile
     from services.runs.validate import SubmissionRefused
 
@@ -1138,8 +1137,6 @@ def _refusals() -> tuple[type[BaseException], ...]:
         NotARegularFile,
         Refused,
         ErasureRefused,
-        ErasureContended,
-        PlayerBusy,
         SeedError,
         TurnRejected,
         RunValidationError,
@@ -1147,17 +1144,27 @@ def _refusals() -> tuple[type[BaseException], ...]:
         RunConflict,
         NotRetryable,
         RunDeleting,  # half deleted past retention: no run to export, resume or submit again
-        RunBusy,
         IdempotencyConflict,
         CardError,
         ValidationError,
         EmbedderMismatch,
         ReembedBusy,
-        StoryBusy,
         BadLoraFile,
         TrainedOnATenant,
         ReservedStory,
     )
+
+
+def _busy() -> tuple[type[BaseException], ...]:
+    """What another process held for the moment (a lock, the player's turns in flight): exit code 1, a
+    failed operation to send again, not 2, refused input (review of error texts: a script retrying
+    on 1 gave up on these for good)."""
+    from db.erasure import PlayerBusy
+    from db.world import StoryBusy
+    from services.erasure import ErasureContended
+    from services.runs import RunBusy
+
+    return (ErasureContended, PlayerBusy, RunBusy, StoryBusy)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1220,6 +1227,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, _refusals()):
             _err(f"mlchat: {_one_line(exc)}")
             return 2
+        if isinstance(exc, _busy()):  # nothing wrong with the input: the same command later does it
+            _err(f"mlchat: {_one_line(exc)}")
+            return 1
         from kombu.exceptions import KombuError  # the broker away: one line too
         from psycopg import Error as PsycopgError  # the embedded server's own set-up, outside SQLAlchemy
         from redis.exceptions import RedisError

@@ -330,6 +330,20 @@ def test_the_cli_erases_and_refuses_in_one_line(capsys, world) -> None:
     ]:
         assert cli(["player", "erase", *args]) == 2
         assert capsys.readouterr().err.strip() == said
+    # Review of error texts (stop 79): a player with a turn in flight is no refused input (2) but an
+    # operation to send again later (1), as the README's exit codes say
+    from pytest import MonkeyPatch
+
+    from tests.conftest import sent_to_nobody
+
+    busy = f"rowan-{uuid.uuid4().hex[:6]}"
+    held = _held("", busy)
+    with MonkeyPatch.context() as patch, sent_to_nobody(patch, f"erasure-{uuid.uuid4().hex[:6]}"):
+        (queued,) = submit_turns([{"conversation": held["external"], "message": "Wait."}])
+        assert cli(["player", "erase", busy]) == 1
+    err = capsys.readouterr().err
+    assert str(queued.id) in err and len(err.strip().splitlines()) == 1, err
+    cancel_turn(queued.id)
 
 
 def test_conversations_the_game_names_are_erased_with_the_players_and_another_players_are_refused(
