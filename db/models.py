@@ -92,7 +92,7 @@ class TurnErrorCode(enum.StrEnum):
     ADAPTER_ERROR = "adapter_error"  # naming its character's LoRA adapter to the engine
     INVALID_PARAMS = "invalid_params"  # vLLM refused its sampling parameters
     JUDGE_ERROR = "judge_error"  # scoring its reply or updating the mood
-    # A structured reply that did not close before max_tokens (raise max_new_tokens), or, which
+    # A structured reply that did not close before max_tokens (raise the reply's token limit), or, which
     # guided decoding rules out, one that does not parse or match its schema: never stored as valid.
     STRUCTURED_REPLY_CUT = "structured_reply_cut"
     INVALID_STRUCTURED_REPLY = "invalid_structured_reply"

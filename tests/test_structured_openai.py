@@ -213,4 +213,4 @@ def test_a_line_asking_n_choices_gets_n_or_fails_with_the_reason_when_a_candidat
     for line in errors.values():  # the request's fault, with the reason and the way out
         error = line["response"]["body"]["error"]
         assert line["response"]["status_code"] == 400 and error["code"] == "structured_reply_cut", error
-        assert "raise max_new_tokens" in error["message"]
+        assert "raise it (max_tokens or max_completion_tokens in an OpenAI request" in error["message"]

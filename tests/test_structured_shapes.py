@@ -526,7 +526,10 @@ def test_a_structured_reply_is_read_and_checked_and_a_cut_one_fails_with_its_cod
     assert read.text == "Take it." and read.structured["action"]["args"] == {"item": "sword"}
     with pytest.raises(BadStructuredReply) as cut:
         read_reply(shape, Generation('{"say":"Take it, my fr', 10, 72, "length"))
-    assert cut.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT and "raise max_new_tokens" in str(cut.value)
+    assert (
+        cut.value.code == TurnErrorCode.STRUCTURED_REPLY_CUT
+        and "raise it (max_tokens or max_completion_tokens" in str(cut.value)
+    )
     undeclared = '{"say":"Die!","emotion":"anger","action":{"name":"attack","args":{}}}'
     with pytest.raises(BadStructuredReply) as bad:
         read_reply(shape, Generation(undeclared, 10, 20, "stop"))
@@ -951,7 +954,7 @@ def test_an_openai_line_of_n_choices_fails_when_a_candidate_is_short_best_of_n_k
     assert kept == [] and failure is not None
     assert failure.code == TurnErrorCode.STRUCTURED_REPLY_CUT
     assert "asked for 3 choices and 2 of 3 candidates read" in failure.reason
-    assert "raise max_new_tokens" in failure.reason
+    assert "max_new_tokens in a native one" in failure.reason
     kept, failure = keep_candidates(shape, [made[0], made[2]], choices=2)
     assert failure is None and len(kept) == 2
     # A free-text candidate that came back empty is a missing choice too.

@@ -382,8 +382,11 @@ def _compiled(pattern: str) -> Any:
 def _bad(gen: Generation, why: str) -> BadStructuredReply:
     if gen.finish_reason == "length":
         return BadStructuredReply(
-            f"max_tokens ended the structured reply before it closed ({gen.completion_tokens} tokens); "
-            "raise max_new_tokens",
+            # Both requests' names: the one an OpenAI client can send, and the native one (review of
+            # error texts: an OpenAI caller was told to send a field its request refuses).
+            f"the reply's token limit ended the structured reply before it closed ({gen.completion_tokens} "
+            "tokens); raise it (max_tokens or max_completion_tokens in an OpenAI request, max_new_tokens "
+            "in a native one)",
             TurnErrorCode.STRUCTURED_REPLY_CUT,
         )
     code = TurnErrorCode.INVALID_STRUCTURED_REPLY
