@@ -827,6 +827,9 @@ def test_a_cut_structured_reply_is_the_request_s_fault_in_the_error_file_and_on_
         assert failure_status(TurnErrorCode.STRUCTURED_REPLY_CUT.value, server) == 400
         assert failure_status(TurnErrorCode.PROMPT_TOO_LONG.value, server) == 400
         assert failure_status(TurnErrorCode.INVALID_STRUCTURED_REPLY.value, server) == server
+        # review of error texts (stop 79): parameters the engine refused, a grammar it could not
+        # build twice, were answered as the server's fault (a batch line resubmitted fails again)
+        assert failure_status(TurnErrorCode.INVALID_PARAMS.value, server) == 400
 
 
 def test_an_npc_budget_leaves_room_for_a_prompt_and_a_prompt_too_long_names_that_budget(

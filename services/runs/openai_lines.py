@@ -32,6 +32,9 @@ REQUEST_FAULTS = frozenset(
     {
         TurnErrorCode.PROMPT_TOO_LONG.value,
         TurnErrorCode.STRUCTURED_REPLY_CUT.value,  # the request's max_tokens is too small for its reply
+        # Parameters the engine refused, a grammar of the request's it could not build (twice), or the
+        # request's own shape or sampling parameters that could not be read: the same each time.
+        TurnErrorCode.INVALID_PARAMS.value,
         "invalid_request",
     }
 )
