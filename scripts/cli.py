@@ -246,6 +246,8 @@ def sweep(
             return {}
 
     sent = step("re-sending stranded turns", lambda: resend_stranded(older_than_s=older_than))
+    # Said as a step of its own, the others done all the same (lost turns are re-sent whatever it is).
+    step("the batch files' folder", _files_dir_usable)
     if sent is None:  # not "nothing stranded": another sweep holds the re-send
         sent = "skipped: another sweep is re-sending stranded turns"
     closed = step("closing abandoned runs", close_abandoned_runs)
@@ -261,6 +263,14 @@ def sweep(
         _out("nothing stranded")
     if failed:
         raise RuntimeError("sweep incomplete: " + "; ".join(failed))
+
+
+def _files_dir_usable() -> None:
+    from services.files import files_dir_problem
+
+    problem = files_dir_problem()
+    if problem is not None:
+        raise OSError(f"batches cannot be finalized: {problem}")
 
 
 # --- runs -------------------------------------------------------------------------------------

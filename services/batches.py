@@ -753,10 +753,12 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
         remove_unlisted(written)
         try:
             with session_scope() as session:
+                # The error's class only, as a submission's: the batch is its tenant's to read, and
+                # a driver's or the OS's text names hosts and paths (review of error texts).
                 failed = postpone_finalizing(
                     session=session,
                     run_id=run_id,
-                    error=f"finalizing: {one_line(exc)}",
+                    error=f"finalizing: an internal error, {type(exc).__name__}; the server's log has it",
                     give_up_s=settings.finalize_give_up_hours * 3600,
                 )
                 callback = (

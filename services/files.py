@@ -64,6 +64,15 @@ class FilesUnwritable(RuntimeError):
 def check_files_dir() -> None:
     """SystemExit in one line naming MLCHAT_FILES_DIR when its folder cannot be made or written
     (a process serving uploads checks at start, not at its first upload)."""
+    problem = files_dir_problem()
+    if problem is not None:
+        raise SystemExit(f"mlchat: bad setting: {problem}")
+
+
+def files_dir_problem() -> str | None:
+    """One line naming MLCHAT_FILES_DIR when its folder cannot be made or written, else None: a
+    worker and the sweep write batches' output files there as they finalize them (review of error
+    texts: neither said so, and batches failed a day later, `MLCHAT_FINALIZE_GIVE_UP_HOURS`)."""
     folder = settings.batch_files_dir
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -71,8 +80,7 @@ def check_files_dir() -> None:
         why = "is not a folder this process can write"
     except OSError as exc:
         usable, why = False, f"cannot be made ({exc.strerror or exc})"
-    if not usable:
-        raise SystemExit(f"mlchat: bad setting: MLCHAT_FILES_DIR: {folder} {why}")
+    return None if usable else f"MLCHAT_FILES_DIR: {folder} {why}"
 
 
 def _unwritable(exc: OSError) -> FilesUnwritable:

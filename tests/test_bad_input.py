@@ -1039,6 +1039,24 @@ def test_a_sweep_against_a_schema_behind_its_code_says_so_in_one_line_and_does_n
             s.execute(text("UPDATE alembic_version SET version_num = :head"), {"head": code_head()})
 
 
+def test_a_sweep_whose_files_folder_cannot_be_written_says_so_naming_the_setting(
+    world, monkeypatch, tmp_path, capsys
+) -> None:
+    """Review of error texts (stop 79): only the API checked MLCHAT_FILES_DIR at start; a sweeper (or
+    a worker) that finalizes batches into a folder it cannot write said nothing, and batches failed
+    a day later. The sweep names it as a failing step; its other steps run all the same."""
+    from core.settings import settings
+    from scripts.cli import main
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the folder should be")
+    monkeypatch.setattr(settings, "files_dir", blocked)
+    assert main(["sweep"]) == 1
+    err = capsys.readouterr().err
+    assert "the batch files' folder" in err and f"MLCHAT_FILES_DIR: {blocked}" in err, err
+    assert "Traceback" not in err
+
+
 def test_a_sweep_steps_bug_shows_its_traceback_at_debug(world, monkeypatch, caplog) -> None:
     """Review (stop 76): a sweep step that raised was kept as its one line only; the README's
     MLCHAT_LOG_LEVEL=DEBUG showed no traceback, as nothing was logged."""

@@ -40,6 +40,13 @@ def _warm_up(**_: object) -> None:
     risk = eviction_risk()
     if risk is not None:  # said once at start: the operator's setting, not this worker's to change
         logging.getLogger(__name__).warning("%s", risk)
+    from services.files import files_dir_problem
+
+    problem = files_dir_problem()
+    if problem is not None:  # its housekeeping finalizes batches there: said now, it serves turns on
+        logging.getLogger(__name__).warning(
+            "batches cannot be finalized by this worker: bad setting: %s", problem
+        )
     Housekeeper().start()
     if settings.metrics_port:
         from prometheus_client import start_http_server
