@@ -130,3 +130,30 @@ def test_the_engine_load_turns_vllms_refusal_into_that_line(monkeypatch) -> None
     monkeypatch.setattr(worker.cpu_affinity, "restore_all_cpus", lambda: None)  # this process's own
     with pytest.raises(engine.BadEngineSetting, match=r"^MLCHAT_MAX_MODEL_LEN: the engine refused it: "):
         engine.get_engine.__wrapped__()  # not the session's cached engine
+
+
+def test_an_engine_core_that_did_not_start_is_one_line_naming_the_settings_to_look_at(monkeypatch) -> None:
+    """Review of error texts (stop 79): vLLM's engine core is a child process; what refused it (a
+    KV cache the model length does not fit, above all) is logged there, and the parent raised a
+    RuntimeError naming no setting: the worker's start was a traceback."""
+    import vllm
+
+    import worker.cpu_affinity
+    from worker import engine
+
+    def core_failed(**kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+
+    monkeypatch.setattr(vllm, "LLM", core_failed)
+    monkeypatch.setattr(worker.cpu_affinity, "restore_all_cpus", lambda: None)  # this process's own
+    with pytest.raises(
+        engine.BadEngineSetting, match=r"^the engine core did not start .*MLCHAT_MAX_MODEL_LEN"
+    ):
+        engine.get_engine.__wrapped__()  # not the session's cached engine
+
+    def other(**kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("something else")
+
+    monkeypatch.setattr(vllm, "LLM", other)
+    with pytest.raises(RuntimeError, match="^something else$"):
+        engine.get_engine.__wrapped__()

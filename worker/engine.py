@@ -212,6 +212,17 @@ def get_engine() -> LoadedEngine:
         if named is None:
             raise
         raise named from None
+    except RuntimeError as exc:
+        # vLLM's engine core is a child process: what refused it (a KV cache the model length does not
+        # fit, above all) is logged there, and the parent gets this summary (review of error texts:
+        # a traceback naming no setting).
+        if ENGINE_CORE_FAILED not in str(exc):
+            raise
+        raise BadEngineSetting(
+            "the engine core did not start (its own error is logged above); most often "
+            "MLCHAT_MAX_MODEL_LEN does not fit its KV cache: lower it, or raise "
+            "MLCHAT_GPU_MEMORY_UTILIZATION (a GPU) or MLCHAT_CPU_KVCACHE_GIB (a CPU)"
+        ) from None
     load_ms = (time.perf_counter() - started) * 1000
     logger.info("loaded %s in %.0f ms", path, load_ms)
     # LLM has no public close(). At exit, multiprocessing joins child processes before vLLM's own
@@ -351,6 +362,10 @@ def submit(requests: Sequence[GenerationRequest]) -> list[Any]:
             )
             futures.update(zip((i for i, _ in part), made, strict=True))
     return [futures[i] for i in range(len(requests))]
+
+
+# vLLM's summary in the parent when its engine-core process failed to start (vllm/v1/engine/utils.py).
+ENGINE_CORE_FAILED = "Engine core initialization failed"
 
 
 class BadEngineSetting(ValueError):
