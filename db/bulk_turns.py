@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, text
+from sqlalchemy import cast, func, select, text, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -99,14 +100,14 @@ INSERT_TURNS = text(
     """
 )
 
-# Lines whose conversation is gone: validated as existing, deleted since.
-GONE_CONVERSATIONS = text(
+# Lines whose conversation is gone: validated as existing, deleted since; taken out of the stage.
+TAKE_OUT_GONE = text(
     """
-    SELECT s.custom_id, s.conversation
-    FROM turn_stage s LEFT JOIN conversations v ON v.tenant = :tenant AND v.external_id = s.conversation
-    WHERE v.id IS NULL
-    ORDER BY s.ord
-    LIMIT 5
+    DELETE FROM turn_stage s
+    WHERE s.known AND NOT EXISTS (
+        SELECT 1 FROM conversations v WHERE v.tenant = :tenant AND v.external_id = s.conversation
+    )
+    RETURNING s.ord, s.custom_id, s.conversation
     """
 )
 
@@ -134,6 +135,7 @@ class StagedTurn:
     custom_id: str
     history: tuple[tuple[str, str], ...] = ()  # (role, text) seeding a fresh conversation
     known: bool = False  # its conversation existed when the file was validated: never made again
+    line: int = 0  # its line in the file (0: not known), named by a refusal at storing
 
 
 def insert_run_turns(
@@ -180,19 +182,42 @@ def insert_run_turns(
     session.execute(INSERT_CONVERSATIONS, {"tenant": tenant})
     if any(t.history for t in turns):
         session.execute(INSERT_HISTORY, {"tenant": tenant})
-    gone = session.execute(GONE_CONVERSATIONS, {"tenant": tenant}).tuples().all()
-    if gone:
-        named = "; ".join(f"line {custom_id!r}: conversation {name!r}" for custom_id, name in gone)
-        raise ValueError(
-            f"a line's conversation was deleted after the file was validated (an erasure, or its run's "
-            f"retention): {named}; nothing of these lines' chunk was stored (resubmitted, such a line is a "
-            "bad line: --skip-bad-lines stores the rest)"
-        )
+    if any(t.known for t in turns):
+        _refuse_gone(session, run_id, turns, tenant)
     try:
         rows = session.execute(INSERT_TURNS, {"run_id": run_id, "tenant": tenant}).tuples().all()
     except IntegrityError as exc:  # the LEFT JOIN left conversation_id NULL: deleted meanwhile
         raise ValueError(f"a line names a conversation that does not exist: {exc.orig}") from None
     return [turn_id for turn_id, _ in sorted(rows, key=lambda row: row[1])]
+
+
+def _refuse_gone(session: Session, run_id: uuid.UUID, turns: Sequence[StagedTurn], tenant: str) -> None:
+    """Lines whose conversation existed when the file was validated and is gone now (the player
+    erased, an earlier run's retention) are refused, as a policy's refusals are (answered failed in
+    the run's error file, out of its total), and their turns not stored: stored, a line naming its
+    character made the conversation again, the erased one's name holding the line and its reply,
+    out of the erasure's reach (review of deletes racing use)."""
+    gone = sorted(session.execute(TAKE_OUT_GONE, {"tenant": tenant}).tuples().all())
+    if not gone:
+        return
+    records = [
+        {
+            "line": turns[ord_].line or None,
+            "custom_id": custom_id,
+            "message": f"conversation: {name!r} was deleted after the file was validated (its player "
+            "erased, or its run's retention); the line is not answered",
+            "param": "conversation",
+        }
+        for ord_, custom_id, name in gone
+    ]
+    session.execute(
+        update(Run)
+        .where(Run.id == run_id)
+        .values(
+            refused=func.coalesce(Run.refused, cast([], JSONB)).op("||")(cast(records, JSONB)),
+            total=func.greatest(Run.total - len(records), 0),
+        )
+    )
 
 
 def stored_custom_ids(*, session: Session, run_id: uuid.UUID) -> set[str]:

@@ -758,7 +758,7 @@ def finalize_run(run_id: uuid.UUID) -> str | None:
                 failed = postpone_finalizing(
                     session=session,
                     run_id=run_id,
-                    error=f"finalizing: an internal error, {type(exc).__name__}; the server's log has it",
+                    error=f"finalizing: an internal error, {_class_and_cause(exc)}; the server's log has it",
                     give_up_s=settings.finalize_give_up_hours * 3600,
                 )
                 callback = (
@@ -940,6 +940,13 @@ def _write_files(session: Session, run: Run, written: list[Path]) -> tuple[str |
             expires_after_s=expires_after_s,
         )
     return kept[output_id], kept[error_id], stored + never
+
+
+def _class_and_cause(exc: BaseException) -> str:
+    """The error's class, and an OS error's cause without its file name ("OSError (No space left on
+    device)"): what a tenant may read, the operator's paths and hosts left to the log."""
+    strerror = exc.strerror if isinstance(exc, OSError) else None
+    return f"{type(exc).__name__} ({strerror})" if strerror else type(exc).__name__
 
 
 def rewrite_output_file(session: Session, run_id: uuid.UUID, file_id: str) -> None:

@@ -521,8 +521,12 @@ def store_and_enqueue(
     from contextlib import nullcontext
 
     from db.world import idempotency_key_lock, story_switch_lock
-    from services.producer import enqueue_turns
+    from services.producer import enqueue_turns, refuse_when_live_queue_full
 
+    if send:  # before the persona, story and history are stored, not only the turn (review)
+        from core.settings import settings
+
+        refuse_when_live_queue_full({req.turn.model or settings.model})
     switching = req.conversation is not None and req.story_key is not None
     held = story_switch_lock(DEFAULT_TENANT, req.conversation or "") if switching else nullcontext()
     key = req.turn.idempotency_key

@@ -1876,7 +1876,7 @@ def test_a_batch_whose_files_keep_failing_fails_once_the_give_up_time_has_passed
         s.execute(update(Run).where(Run.id == sub.id).values(callback_url="https://example.com/done"))
 
     def never(session, run, written):  # type: ignore[no-untyped-def]
-        raise PermissionError("[Errno 13] Permission denied: '/srv/mlchat/files'")
+        raise PermissionError(13, "Permission denied", "/srv/mlchat/files")
 
     called: list[uuid.UUID] = []
     monkeypatch.setattr(batches, "_write_files", never)
@@ -1896,7 +1896,7 @@ def test_a_batch_whose_files_keep_failing_fails_once_the_give_up_time_has_passed
         run = s.get_one(Run, sub.id)
         assert run.status == RunStatus.FAILED and run.error_code == "server_error"
         # its class, not its text: the tenant reads it, and the OS's names the server's paths (review)
-        said = "finalizing: an internal error, PermissionError; the server's log has it"
+        said = "finalizing: an internal error, PermissionError (Permission denied); the server's log has it"
         assert run.error == f"gave up writing its files: {said}"
     assert called == [sub.id]
     view = batches.get_batch(sub.name, api_key=None, admin=True)
@@ -2424,3 +2424,16 @@ def test_a_file_deleted_while_a_batch_is_created_over_it_waits_and_is_refused_as
     assert deleted == [None]  # refused: the batch reads it
     with session_scope() as s:
         assert s.get(StoredFile, file_id) is not None
+    # ... and the creation holds it (review): deleted after the request read it, no batch is made
+    stored = _stored_file([openai_line("b0", [{"role": "user", "content": "Hi?"}])])
+    real = batches.file_digest_and_lines
+
+    def deleted_meanwhile(path: Any) -> Any:
+        with session_scope() as other:
+            other.execute(delete(StoredFile).where(StoredFile.id == stored))
+        return real(path)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batches, "file_digest_and_lines", deleted_meanwhile)
+        with pytest.raises(batches.BatchRefused, match=f"input_file_id: no file '{stored}'"):
+            _create(stored)

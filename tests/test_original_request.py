@@ -1180,3 +1180,26 @@ def test_a_history_an_erasure_takes_between_the_requests_two_reads_is_a_retry_no
     monkeypatch.setattr(history, "conversation_lines", erased_after_the_first_read)
     answer = handler({"input": event})
     assert answer.get("retry") is True and "changed meanwhile; try again" in answer["error"], answer
+
+
+def test_a_request_past_its_models_live_queue_limit_stores_nothing(monkeypatch) -> None:
+    """Review of the live queue's limit (stop 79): an original-shape request was refused only at its
+    turn, after its persona, story and history were stored (and, without a conversation, a copy of
+    the history made at each try): "nothing was stored" said over what was."""
+    from core.settings import settings
+    from services import producer
+    from services.original_request import read_request, store_and_enqueue
+
+    name = f"Full-{uuid.uuid4().hex[:6]}"
+    request = read_request(
+        {
+            "persona": _persona(name),
+            "chat_history": [{"role": "user", "content": "BAD-LINE-" + name}],
+            "message": "hi",
+        }
+    )
+    monkeypatch.setattr(settings, "live_queue_max", 2)
+    monkeypatch.setitem(producer._live_depths, settings.model, (time.monotonic() + 60, 10))
+    with pytest.raises(producer.LiveQueueFull):
+        store_and_enqueue(request, send=True)
+    _nothing_stored(name)

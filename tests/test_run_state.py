@@ -1372,7 +1372,9 @@ def test_a_lines_conversation_erased_after_validation_is_never_made_again(
     """Review (deletes racing use): a run's line naming a player's conversation (and its character)
     was validated against it, then stored minutes later with nothing checked again: the player
     erased meanwhile, the line made the conversation again, the erased history's place now holding
-    the line and its reply, out of the erasure's reach. Its chunk is refused, naming the line."""
+    the line and its reply, out of the erasure's reach. The line is refused, as a policy's refusals
+    are (review: a first version failed the whole run, and its resubmission made the conversation
+    again), and the rest of its chunk stored."""
     from sqlalchemy import delete
 
     from db.models import Conversation
@@ -1383,7 +1385,12 @@ def test_a_lines_conversation_erased_after_validation_is_never_made_again(
     player = new_conversation()
     enqueue_turns([player | {"message": "Hello."}], send=False)  # the player's conversation
     path = tmp_path / "lines.jsonl"
-    path.write_text(json.dumps(player | {"custom_id": "c1", "message": "Any news?"}) + "\n", encoding="utf-8")
+    kept = new_conversation()
+    lines = [
+        player | {"custom_id": "c1", "message": "Any news?"},
+        kept | {"custom_id": "c2", "message": "Hi."},
+    ]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
     real = submitting._insert_chunk
 
     def erased_first(*args: Any) -> Any:  # the erasure commits between validation and storing
@@ -1392,10 +1399,13 @@ def test_a_lines_conversation_erased_after_validation_is_never_made_again(
         return real(*args)
 
     monkeypatch.setattr(submitting, "_insert_chunk", erased_first)
-    with pytest.raises(SubmissionFailed, match="deleted after the file was validated.*'c1'"):
-        submit_run(path, name="erased-" + tmp_path.name)
+    submitted = submit_run(path, name="erased-" + tmp_path.name)
+    assert submitted.stored == 1  # c2
+    gone = select(Conversation.id).where(Conversation.external_id == player["conversation"])
     with session_scope() as s:
-        assert (
-            s.scalar(select(Conversation.id).where(Conversation.external_id == player["conversation"]))
-            is None
-        )
+        assert s.scalar(gone) is None
+        run = s.get_one(Run, submitted.id)
+        (refusal,) = run.refused
+        assert refusal["custom_id"] == "c1" and refusal["line"] == 1 and refusal["param"] == "conversation"
+        assert "deleted after the file was validated" in refusal["message"] and run.total == 1
+    assert run_state(submitted.name).turns == 2  # c2, and c1 refused: the API's count too

@@ -425,9 +425,8 @@ def _store_and_send(
                 scene_lines.add(number)
                 continue
             staged_turn = _staged_turn(text, line, name, run_id, model, candidates)
-            if staged_turn.conversation in check.known_conversations:
-                staged_turn = replace(staged_turn, known=True)
-            yield staged_turn
+            known = staged_turn.conversation in check.known_conversations
+            yield replace(staged_turn, known=known, line=number)
 
     def scene_chunks() -> Iterator[list[tuple[str, str, SceneSpec]]]:
         """The scene lines not stored yet, read again from the file (those lines alone) a chunk at
