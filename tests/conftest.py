@@ -272,6 +272,34 @@ def patch_on_this_thread(monkeypatch: pytest.MonkeyPatch, module: Any, name: str
     monkeypatch.setattr(module, name, either)
 
 
+@contextmanager
+def commit_fails_once(
+    when: Callable[[], bool], *, landed: bool = False, error: BaseException | None = None
+) -> Iterator[list[bool]]:
+    """The first COMMIT on this thread once `when()` holds raises OperationalError (the driver's
+    `error`; by default a dropped connection): after the server committed it when `landed` (its reply
+    lost with the connection), before it otherwise. The list it yields holds True once it raised."""
+    from sqlalchemy import event
+    from sqlalchemy.exc import OperationalError
+
+    from db.session import get_engine
+
+    mine, raised = threading.get_ident(), []
+
+    def commit(connection: Any) -> None:
+        if threading.get_ident() == mine and when() and not raised:
+            raised.append(True)
+            if landed:  # the server commits ...
+                connection.connection.driver_connection.commit()
+            raise OperationalError("COMMIT", {}, error or Exception("the connection dropped"))  # ... unheard
+
+    event.listen(get_engine(), "commit", commit)
+    try:
+        yield raised
+    finally:
+        event.remove(get_engine(), "commit", commit)
+
+
 def off_the_worker(real: Callable[..., Any], fake: Callable[..., Any]) -> Callable[..., Any]:
     """`fake` for the test's own calls, `real` for the session's worker's (a broker faked away for a
     test would lose the worker's resends of that moment: no sweeper runs in the session)."""

@@ -833,73 +833,39 @@ def test_a_change_whose_commit_fails_leaves_the_batchs_output_file_as_it_was(
     a commit that failed (a database blip) left the download carrying text the database did not.
     The COMMIT itself fails here, after the rewrite (review: a fault raised before it tested the
     rollback only, and a file put in place before the commit would have passed)."""
-    import threading
-
     import psycopg
-    from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
-    from db.session import get_engine
     from services.batches import rewrite_output_file
+    from tests.conftest import commit_fails_once
 
     first, second, path = _finished_batch()
     before = path.read_bytes()
-    mine, rewritten, blipped = threading.get_ident(), [], []
+    rewritten: list[bool] = []
 
     def rewrite(session, run, file_id):  # type: ignore[no-untyped-def]
         rewrite_output_file(session, run, file_id)
         rewritten.append(True)
 
-    def blip(connection):  # type: ignore[no-untyped-def]  # the change's COMMIT, on this thread only
-        if threading.get_ident() == mine and rewritten and not blipped:
-            blipped.append(True)
-            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))
+    def edited(**fault: Any) -> None:  # the change's COMMIT fails, after the rewrite
+        rewritten.clear()
+        with commit_fails_once(lambda: bool(rewritten), **fault) as raised, pytest.raises(OperationalError):
+            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
+        assert raised
 
     monkeypatch.setattr(desk, "rewrite_output_file", rewrite)
-    event.listen(get_engine(), "commit", blip)
-    try:
-        with pytest.raises(OperationalError):
-            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
-    finally:
-        event.remove(get_engine(), "commit", blip)
-    assert blipped
+    edited()
     assert path.read_bytes() == before and _stored(second)[0].reply == "Morning, traveller."
     # A failed COMMIT may have committed: its scratch is left for the orphan sweep, which writes the
     # file from what the database holds (here: unchanged).
     assert _sweep_rewrites(path) and b"Mind the puddles" not in path.read_bytes()
     # A COMMIT refused by the server (a deadlock, here) rolled back for certain: no scratch is kept.
-    rewritten.clear()
-
-    def refused(connection):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == mine and rewritten and len(blipped) == 1:
-            blipped.append(True)
-            raise OperationalError("COMMIT", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
-
-    event.listen(get_engine(), "commit", refused)
-    try:
-        with pytest.raises(OperationalError):
-            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
-    finally:
-        event.remove(get_engine(), "commit", refused)
+    edited(error=psycopg.errors.DeadlockDetected("deadlock detected"))
     assert not [p for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
     # Review (database errors): a COMMIT that landed with its reply lost deleted its scratch, and the
     # change the database held never reached the download.
-    rewritten.clear()
-
-    def lost_reply(connection):  # type: ignore[no-untyped-def]
-        if threading.get_ident() == mine and rewritten and len(blipped) == 2:
-            blipped.append(True)
-            connection.connection.driver_connection.commit()  # the server commits ...
-            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))  # ... unheard
-
-    event.listen(get_engine(), "commit", lost_reply)
-    try:
-        with pytest.raises(OperationalError):
-            desk.edit(WRITER, second, "Morning! Mind the puddles.", "0")
-    finally:
-        event.remove(get_engine(), "commit", lost_reply)
-    assert len(blipped) == 3 and _stored(second)[0].reply == "Morning! Mind the puddles."
-    assert path.read_bytes() == before
+    edited(landed=True)
+    assert _stored(second)[0].reply == "Morning! Mind the puddles." and path.read_bytes() == before
     assert _sweep_rewrites(path) and b"Mind the puddles" in path.read_bytes()
     monkeypatch.undo()
     desk.edit(WRITER, second, "Morning! Mind the puddles, friend.", "1")

@@ -1665,41 +1665,29 @@ def test_a_memory_jobs_claim_whose_commit_reply_was_lost_is_left_held_under_its_
     was held by a token nobody knew: the outage's resend found the job held and was dropped, and the
     sweep took it back twenty minutes later as a worker's death, counted toward giving the job up.
     The claim's token is known before its COMMIT, left held for the resend to give back first."""
-    from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
     from db.models import MemoryJob
-    from db.session import get_engine
     from memory import summarize
     from memory.claim import claim_left_held, forget_left_held
+    from tests.conftest import commit_fails_once
 
-    conv = _conversation("elara", "rowan")
+    conv = _conversation(
+        "elara", f"rowan-{uuid.uuid4().hex[:6]}"
+    )  # no other test's player (erasures count them)
     _lines(conv, 40)
     claiming: list[bool] = []
-    lost: list[bool] = []
     real = summarize.claim_job
 
     def claim(**kwargs):  # type: ignore[no-untyped-def]
         claiming.append(True)
         return real(**kwargs)
 
-    mine = threading.get_ident()
-
-    def lost_reply(connection):  # type: ignore[no-untyped-def]  # the claim's COMMIT, on this thread only
-        if threading.get_ident() == mine and claiming and not lost:
-            lost.append(True)
-            connection.connection.driver_connection.commit()  # the server commits ...
-            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))  # ... unheard
-
     forget_left_held()
     with pytest.MonkeyPatch.context() as patch:
         patch_on_this_thread(patch, summarize, "claim_job", claim)
-        event.listen(get_engine(), "commit", lost_reply)
-        try:
-            with pytest.raises(OperationalError):
-                summarize.run_summary_job(conv, generate=lambda *args: "unused")
-        finally:
-            event.remove(get_engine(), "commit", lost_reply)
+        with commit_fails_once(lambda: bool(claiming), landed=True) as lost, pytest.raises(OperationalError):
+            summarize.run_summary_job(conv, generate=lambda *args: "unused")
     with session_scope() as s:
         held = s.scalars(select(MemoryJob.token).where(MemoryJob.conversation_id == conv)).one()
     assert lost and held is not None and claim_left_held() == str(held)
@@ -1714,7 +1702,9 @@ def test_a_memory_job_its_worker_sends_again_is_marked_for_the_sweep(monkeypatch
     from db.models import MemoryJob
     from tasks import memory as memory_tasks
 
-    conv = _conversation("elara", "rowan")
+    conv = _conversation(
+        "elara", f"rowan-{uuid.uuid4().hex[:6]}"
+    )  # no other test's player (erasures count them)
     sent: list[tuple[list[tuple[int, str]], float | None]] = []
     monkeypatch.setattr(
         memory_tasks,

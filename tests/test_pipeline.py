@@ -978,18 +978,14 @@ def test_a_claim_whose_commit_reply_was_lost_hands_its_turns_back_uncharged(engi
     turns running under a lease nobody kept, charged an attempt never run: the player waited out the
     lease, and a turn at its last attempt failed for good. The claim's token is the batch's own, and
     its turns go back uncharged under it."""
-    import threading
-
-    from sqlalchemy import event
     from sqlalchemy.exc import OperationalError
 
-    from db.session import get_engine
+    from tests.conftest import commit_fails_once
     from worker import pipeline
     from worker.pipeline import BatchReport
 
     (turn_id,) = enqueue_turns([new_conversation() | {"message": "Anyone there?"}], send=False)
     claiming: list[bool] = []
-    lost: list[bool] = []
     real = pipeline.claim_turns
 
     def claim(**kwargs):  # type: ignore[no-untyped-def]
@@ -997,21 +993,9 @@ def test_a_claim_whose_commit_reply_was_lost_hands_its_turns_back_uncharged(engi
         return real(**kwargs)
 
     patch_on_this_thread(monkeypatch, pipeline, "claim_turns", claim)
-    mine = threading.get_ident()
-
-    def lost_reply(connection):  # type: ignore[no-untyped-def]  # the claim's COMMIT, on this thread only
-        if threading.get_ident() == mine and claiming and not lost:
-            lost.append(True)
-            connection.connection.driver_connection.commit()  # the server commits ...
-            raise OperationalError("COMMIT", {}, Exception("the connection dropped"))  # ... unheard
-
     report = BatchReport()
-    event.listen(get_engine(), "commit", lost_reply)
-    try:
-        with pytest.raises(OperationalError):
-            process_batch([turn_id], report=report)
-    finally:
-        event.remove(get_engine(), "commit", lost_reply)
+    with commit_fails_once(lambda: bool(claiming), landed=True) as lost, pytest.raises(OperationalError):
+        process_batch([turn_id], report=report)
     view = get_turn(turn_id)
     assert lost and report.handed_back == [turn_id]
     assert view.status == TurnStatus.QUEUED and view.attempts == 0, view
