@@ -128,6 +128,11 @@ class RunCounts:
     def finished(self) -> int:
         return self.completed + self.failed + self.cancelled
 
+    def requests(self, run_total: int) -> int:
+        """A run's requests: its file's good lines or the turns it holds, whichever is more, and
+        those refused by policy (never stored; answered failed in its error file)."""
+        return max(run_total, self.total) + self.refused
+
 
 def create_run(
     *,

@@ -150,13 +150,15 @@ READ_ONLY_SERVER = "25006"
 SESSION_ENDED_BY_SERVER = frozenset({"25P03", "25P04", "57P05"})
 
 
-def _read_only_server_is_an_outage(engine: Engine) -> Engine:
-    """On this engine, a write refused by a read-only server drops its connection from the pool (the
-    next checkout connects anew, to wherever the name points now) and is raised as an outage, an
-    OperationalError whose connection was invalidated: a 503 to retry, an uncharged hand-back."""
+def _lost_sessions_are_outages(engine: Engine) -> Engine:
+    """On this engine, a write refused by a read-only server, a session the server ended
+    (SESSION_ENDED_BY_SERVER) or one the dialect saw drop under another error class drops its
+    connection from the pool (the next checkout connects anew, to wherever the name points now) and
+    is raised as an outage, an OperationalError whose connection was invalidated: a 503 to retry,
+    an uncharged hand-back."""
 
     @event.listens_for(engine, "handle_error", retval=True)
-    def _read_only(context: Any) -> Any:
+    def _as_outage(context: Any) -> Any:
         orig = context.original_exception
         sqlstate = getattr(orig, "sqlstate", None)
         # A connection the dialect saw drop under an error of another class (InternalError) too.
@@ -174,7 +176,7 @@ def _read_only_server_is_an_outage(engine: Engine) -> Engine:
 @cache
 def get_engine() -> Engine:
     """The process's engine; pre-ping so a restarted PostgreSQL costs a reconnect, not an error."""
-    return _read_only_server_is_an_outage(
+    return _lost_sessions_are_outages(
         _name_embedder(
             create_engine(
                 database_url(),
@@ -192,7 +194,7 @@ def get_engine() -> Engine:
 def get_autocommit_engine() -> Engine:
     """For units of work that are one statement: autocommit (no BEGIN and COMMIT round trips) and no
     pre-ping (a stale connection fails its statement instead; the caller falls back to session_scope)."""
-    return _read_only_server_is_an_outage(
+    return _lost_sessions_are_outages(
         _name_embedder(
             create_engine(
                 database_url(),
@@ -264,7 +266,7 @@ def get_watch_engine() -> Engine:
     connection of its own, so a request pool held by slow work (every connection out for its pool
     timeout) does not end every stream of the process with it (overload review), as the health
     probe has its own."""
-    return _read_only_server_is_an_outage(
+    return _lost_sessions_are_outages(
         keep_server_alive(
             create_engine(
                 database_url(),
@@ -343,12 +345,7 @@ def connection_lost(exc: BaseException) -> bool:
     # The server reports every error of a statement with its SQLSTATE; psycopg's own errors (a
     # connection refused, or lost before an answer) have none. 08: connection exceptions;
     # 57P01-57P03: the server shut down or is not taking connections yet.
-    return (
-        bool(exc.connection_invalidated)
-        or not sqlstate
-        or sqlstate.startswith("08")
-        or sqlstate in ("57P01", "57P02", "57P03")
-    )
+    return not sqlstate or sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03")
 
 
 def again_while_away(

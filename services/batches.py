@@ -597,7 +597,7 @@ def batch_object(session: Session, run: Run, counts: RunCounts | None = None) ->
             # While it is stored: what it validated (a part stored, or only its refusals recorded, was
             # once read as the whole batch: "3 of 3 failed" for a batch of 60 with 3 refused); and while
             # it is cancelled or expires on its way there (review: its total fell, then rose again).
-            "total": max(counts.total, run.total) + counts.refused
+            "total": counts.requests(run.total)
             if status in (RunStatus.CANCELLED, RunStatus.EXPIRED, RunStatus.VALIDATING)
             or run.cancel_reason is not None
             else (counts.total + counts.refused) or run.total,

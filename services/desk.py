@@ -343,7 +343,7 @@ def _row(session: Session, run: Run) -> RunRow:
     quality = quality_summary(session=session, run_id=run.id, live=live)
     # Its requests refused by policy are its too, answered failed in its error file, as the API counts
     # a batch's (review of the numbers users read: the desk's total left them out).
-    total = max(run.total, counts.total) + counts.refused
+    total = counts.requests(run.total)
     return RunRow(
         id=run.id,
         name=run.name,

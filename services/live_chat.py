@@ -19,6 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, TypeAdapter, ValidationError
 
 from core.settings import settings
+from core.validation import first_error
 from db.session import session_scope
 from db.turns import IdempotencyConflict
 from db.world import find_characters
@@ -74,7 +75,7 @@ def _slug(value: Any, field: str) -> str:
     try:
         return _SLUG.validate_python(value, strict=True)
     except ValidationError as exc:
-        raise ChatRejected(f"{field}: {str(exc.errors()[0]['msg']).removeprefix('Value error, ')}") from None
+        raise ChatRejected(first_error(exc, field)) from None
 
 
 def _named(exc: ValidationError, origin: Callable[[str], str]) -> str:

@@ -79,11 +79,11 @@ def refuse_when_live_queue_full(models: Collection[str]) -> None:
     for model in sorted(set(models)):
         seen = _live_depths.get(model)
         if seen is None or now - seen[0] > DEPTH_FRESH_S:
+            # A queue that cannot be read is kept as empty for the interval: one probe and one line a
+            # second, not one a request (review).
             try:
                 (depth,) = queue_depths([(model, "live")]).values()
-            except (
-                Exception
-            ) as exc:  # kept as empty for the interval: one probe and one line a second (review)
+            except Exception as exc:
                 logger.warning("the live queue of %s could not be read; not refused: %r", model, exc)
                 depth = 0
             seen = _live_depths[model] = (now, depth)

@@ -249,7 +249,9 @@ def process_batch(
             refund = (
                 connection_lost(exc) or rolled_back_for_a_conflict(exc) or isinstance(exc, GenerationTimeout)
             )
-            handed = _hand_back(claim.token, turns, reason, refund=refund, until=_hand_back_until(keeper))
+            handed = _hand_back(
+                claim.token, [t.id for t in turns], reason, refund=refund, until=_hand_back_until(keeper)
+            )
             _announce(turns, handed)
             _requeued(report, handed)
             report.raised = type(exc).__name__
@@ -329,7 +331,7 @@ def _hand_back_until(keeper: LeaseKeeper) -> float:
 
 
 def _best_effort_hand_back(
-    turns: Sequence[ClaimedTurn | uuid.UUID], write: Callable[[Session], _T], *, until: float
+    turns: Sequence[Any], write: Callable[[Session], _T], *, until: float
 ) -> _T | None:
     """Run a hand-back write in its own transaction; None if it fails. A database that went away (a
     restart, a failover: the very error that usually stops the batch) is tried again until `until`
@@ -361,12 +363,12 @@ HAND_BACK_FIRST_WAIT_S = 0.25
 
 
 def _hand_back(
-    token: uuid.UUID, turns: Sequence[ClaimedTurn | uuid.UUID], reason: str, *, refund: bool, until: float
+    token: uuid.UUID, turn_ids: Sequence[uuid.UUID], reason: str, *, refund: bool, until: float
 ) -> list[uuid.UUID]:
-    """Requeue the batch's turns (or ids) still under its claim; best effort."""
-    reasons = {t if isinstance(t, uuid.UUID) else t.id: reason for t in turns}
+    """Requeue the batch's turns still under its claim; best effort."""
+    reasons = dict.fromkeys(turn_ids, reason)
     requeued = _best_effort_hand_back(
-        turns,
+        turn_ids,
         lambda session: requeue_turns(
             session=session,
             token=token,
@@ -777,20 +779,18 @@ def _finish_group(
                 reason += (
                     f" (its structured reply, response_format or the character's actions: {_NO_GRAMMAR})"
                 )
-                # Sent again once (a passing fault); ended so twice, it is its grammar: every further
-                # attempt compiled it again for nothing (poison review), and it failed an engine error.
-                # Its last attempt's own error tells (review: an attempt spent otherwise, a judge's
-                # fault, was taken for the first).
-                if _NO_GRAMMAR in (turn.last_error or ""):
-                    reason = f"{reason}; ended so twice, not retried"
-                    report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
-                    continue
-            # A grammar build past vLLM's limit is retried once: each try holds the engine's one thread
-            # for the whole limit, every other request waiting (review: three times over).
-            built_too_slowly = GRAMMAR_BUILD_TIMED_OUT in str(error)
-            if built_too_slowly and GRAMMAR_BUILD_TIMED_OUT in (turn.last_error or ""):
-                reason = f"{reason}; ran past it twice, not retried"
-                report.failed[turn.id] = Failure(reason, TurnErrorCode.INVALID_PARAMS)
+            # A grammar fault is sent again once (a passing fault); met again by the next attempt, it
+            # is the request's: every further attempt compiled its grammar for nothing (poison
+            # review), or held the engine's one thread for vLLM's whole limit (review: three times).
+            # Its last attempt's own error tells (review: an attempt spent otherwise, a judge's
+            # fault, was taken for the first).
+            twice = next(
+                (said for mark, said in _TWICE if mark in reason and mark in (turn.last_error or "")), None
+            )
+            if twice is not None:
+                report.failed[turn.id] = Failure(
+                    f"{reason}; {twice}, not retried", TurnErrorCode.INVALID_PARAMS
+                )
                 continue
             _retry_or_fail(turn, reason, code, report, final=refused)
     answered = []
@@ -1205,6 +1205,8 @@ def _hashed_id(name: str) -> int:
 
 
 _NO_GRAMMAR = "the engine may be unable to build its grammar"
+# A grammar fault in an error's text, and what a second one in a row is called.
+_TWICE = ((_NO_GRAMMAR, "ended so twice"), (GRAMMAR_BUILD_TIMED_OUT, "ran past it twice"))
 
 
 def _faulted(turn: ClaimedTurn, fault: TurnFault, report: BatchReport) -> None:
