@@ -21,6 +21,7 @@ from starlette.requests import ClientDisconnect
 
 from api.deps import has_a_key, unauthorized
 from api.openai_errors import openai_path, openai_shaped, route_path
+from core.validation import placed
 from db.session import DATABASE_OUTAGES, rolled_back_for_a_conflict
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch
@@ -73,8 +74,9 @@ def _shown(err: dict[str, Any]) -> dict[str, Any]:
     if err.get("type") == "json_invalid":  # FastAPI puts the parser's character position in `loc`
         where = f" at character {loc[1]}" if len(loc) > 1 else ""
         loc, msg = ("body",), f"not valid JSON ({safe((err.get('ctx') or {}).get('error', msg))}{where})"
+    field, msg = placed(safe(field_name(loc)), msg)
     return {
-        "field": safe(field_name(loc)),
+        "field": field,
         "msg": msg,
         "type": safe(err.get("type", "value_error")),
         "loc": [safe(p) if isinstance(p, str) else p for p in loc],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
+from core.text import printable
+
 
 def first_error(exc: ValidationError, root: str = "") -> str:
     """`root` and the first error's place under it, then its message (without pydantic's prefix for
@@ -16,4 +18,23 @@ def first_error(exc: ValidationError, root: str = "") -> str:
     )
     where = (root + place).lstrip(".")
     message = str(first["msg"]).removeprefix("Value error, ")
-    return f"{where}: {message}" if where else message
+    return error_line(where, message) if where else message
+
+
+def placed(where: str, msg: str) -> tuple[str, str]:
+    """The place and the message, where the message of a nested check starts with the place it
+    looked at under `where`'s last name (`response_format.regex: Field required` at
+    `params.response_format`): that place joined to `where`, said once."""
+    head, _, last = where.rpartition(".")
+    if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
+        inner, said, rest = msg.partition(": ")
+        if said:
+            return (f"{head}.{inner}" if head else inner), rest
+    return where, msg
+
+
+def error_line(where: str, msg: str) -> str:
+    """A pydantic error at `where` as one line: without pydantic's "Value error, " and without
+    naming the place twice when the message (from a nested check) already starts with it."""
+    msg, where = printable(msg.removeprefix("Value error, "), 500), printable(where)  # keys are input
+    return "{}: {}".format(*placed(where, msg))

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -669,14 +670,16 @@ def chat(
     if inline:
         from worker.inline import answer_now, answer_stored
 
-        answered = answer_stored([turn_id]) if turn_id is not None else answer_now([request])
+        with _one_request():
+            answered = answer_stored([turn_id]) if turn_id is not None else answer_now([request])
         if not answered:  # removed before it could be read back
             raise Refused("the turn ran but could not be read back; send it again")
         (view,) = answered
     else:
         if turn_id is None:  # best of n is judged whole, never streamed
             request["stream"] = (request.get("params") or {}).get("n", 1) == 1
-            (turn_id,) = enqueue_turns([request])
+            with _one_request():
+                (turn_id,) = enqueue_turns([request])
         timeout = 300.0 if timeout is None else timeout
         deadline = time.monotonic() + timeout  # printing and waiting share it
         if request["stream"]:
@@ -685,6 +688,17 @@ def chat(
     _out(render_turn(view, f"{character} · {request['conversation']}"))
     if view.reply is None:
         raise typer.Exit(1)
+
+
+@contextlib.contextmanager
+def _one_request() -> Iterator[None]:
+    """A refusal of the one request `chat` sends, by its fields alone (a list's "item 0" is noise)."""
+    from services.producer import TurnRejected
+
+    try:
+        yield
+    except TurnRejected as exc:
+        raise Refused("; ".join(f"{e.field}: {e.reason}" for e in exc.errors)) from None
 
 
 def _print_as_written(turn_id: uuid.UUID, timeout: float) -> None:

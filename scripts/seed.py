@@ -156,8 +156,10 @@ def seed_world(data_dir: Path = DATA_DIR) -> SeedCounts:
                     story=conv.get("story"),
                     story_time=conv.get("story_time"),
                 )
-            except (ConversationTaken, StoryBusy) as exc:  # the transaction rolls back: nothing stored
+            except ConversationTaken as exc:  # the transaction rolls back: nothing stored
                 raise SeedError(f"{conversations_file}: item[{i}].{exc}; nothing stored") from None
+            except StoryBusy as exc:  # held for the moment: a seed to run again, not refused input
+                raise StoryBusy(f"{conversations_file}: item[{i}]: {exc}; nothing stored") from None
             added += append_history_if_empty(
                 session=session,
                 conversation_id=conv_id,

@@ -31,11 +31,12 @@ from pydantic import (
 )
 
 from core.settings import DEFAULT_TENANT
+from core.validation import error_line
 from db.models import Conversation, Role
 from memory.history_import import HistoryRefused, ParsedHistory, embed_texts, parse_original_history
 from services.characters import INLINE_COPY, INLINE_PREFIX, slug_for
 from services.producer import TurnView
-from services.schemas import Int4, Text, TurnRequest, error_line
+from services.schemas import Int4, Text, TurnRequest
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -247,7 +248,7 @@ def _asked_model(payload: dict[str, Any], models: Sequence[str]) -> dict[str, st
             raise InlineRefused("request", f"{field}: must be a string, a model's name")
         if name not in models:
             raise InlineRefused(
-                "request", f"{field}: {name[:64]!r} is not served here; served: {list(models)}"
+                "request", f"{field}: {name[:64]!r} is not served here; served: {', '.join(models)}"
             )
         if asked and asked["model"] != name:
             raise InlineRefused("request", f"{field}: {name[:64]!r}, but model names {asked['model']!r}")

@@ -20,7 +20,6 @@ from pydantic import (
 )
 
 from core.settings import TENANT_NAME, settings
-from core.text import printable
 from roleplay.actions import check_actions
 from services.callbacks import callback_refusal
 from structured.kinds import DATA_REPLIES
@@ -65,16 +64,6 @@ def owner_fault(tenant: str, player: str) -> tuple[str, str] | None:
     if not player:
         return "player", "empty"
     return None
-
-
-def error_line(where: str, msg: str) -> str:
-    """A pydantic error at `where` as one line: without pydantic's "Value error, " and without
-    naming the place twice when the message (from a nested check) already starts with it."""
-    msg, where = printable(msg.removeprefix("Value error, "), 500), printable(where)  # keys are input
-    head, _, last = where.rpartition(".")
-    if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
-        return f"{head}.{msg}" if head else msg
-    return f"{where}: {msg}"
 
 
 # Turns in one request (POST /v1/turns:batch, a serverless event's `turns`).
@@ -243,7 +232,9 @@ def check_message(text: str) -> str:
         raise ValueError(f"message has {len(text)} characters; the limit is {settings.max_message_chars}")
     bad = set(_CONTROL_CHARS.findall(text))
     if bad:
-        raise ValueError(f"message contains control characters: {sorted(hex(ord(c)) for c in bad)}")
+        raise ValueError(
+            f"message contains control characters: {', '.join(f'U+{ord(c):04X}' for c in sorted(bad))}"
+        )
     return text
 
 

@@ -325,7 +325,9 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True, n
         if key in _UNENFORCED:
             raise SchemaRefused(f"{place}: {_UNENFORCED[key]} is not supported in a structured reply")
         if key == "format" and value not in _FORMATS:
-            raise SchemaRefused(f"{place}: format {value!r} is not supported; one of {sorted(_FORMATS)}")
+            raise SchemaRefused(
+                f"{place}: format {value!r} is not supported; one of {', '.join(sorted(_FORMATS))}"
+            )
         if key == "allOf" and isinstance(value, list) and len(value) > 1:
             raise SchemaRefused(f"{place}: allOf with more than one schema is not supported")
         if key in ("$id", "$anchor", "$dynamicAnchor") and depth > 0:  # the reply's checker would
@@ -727,7 +729,7 @@ def check_response_format(value: Any, where: str = "response_format") -> dict[st
     kind = value.get("type")
     model = _FORMAT_TYPES.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise SchemaRefused(f"{where}.type: {kind!r}; one of {sorted(_FORMAT_TYPES)}")
+        raise SchemaRefused(f"{where}.type: {kind!r}; one of {', '.join(sorted(_FORMAT_TYPES))}")
     check_storable(value, where)  # all of it (iterative: a schema too deep is refused below)
     try:
         parsed = model.model_validate(value)

@@ -458,6 +458,17 @@ def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
         "turns[2].character",
     ]
     assert "unknown character 'ghost'" in conversations.json()["message"]
+    # review of error texts (stop 79): a nested check's place was said twice,
+    # "params.response_format: response_format.regex: Field required"
+    nested = httpx.post(
+        f"{base_url}/v1/turns:batch",
+        json={"turns": [_turn(params={"response_format": {"type": "regex"}})]},
+        headers=ADMIN,
+    )
+    assert nested.status_code == 422
+    (error,) = nested.json()["detail"]
+    assert (error["field"], error["msg"]) == ("turns[0].params.response_format.regex", "Field required")
+    assert nested.json()["message"] == "turns[0].params.response_format.regex: Field required"
     assert _turns() == turns  # all or none
 
 
@@ -781,6 +792,8 @@ def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -
         assert cli(argv) == code, argv
         err = capsys.readouterr().err
         assert names in err and "Traceback" not in err and "Value error" not in err, (argv, err)
+        # review of error texts (stop 79): `chat` sends one request, and its refusal said "item 0:"
+        assert argv[0] != "chat" or "item 0" not in err, (argv, err)
     # CLI review: an export naming no run made its output folder first
     for command in ("export", "scenes"):
         assert cli(["run", command, "no-such-run", "--out", str(tmp_path / f"never-{command}")]) == 2

@@ -617,7 +617,7 @@ def test_the_request_picks_its_model_as_the_original_did() -> None:
     event = {"persona": _persona(name), "story": [{"text": "BAD-STORY-" + name}], "message": "hi"}
     refused = handler({"input": event | {"model_config": {"name": "solar-10.7b"}}})
     assert refused == {
-        "error": f"model_config.name: 'solar-10.7b' is not served here; served: ['{settings.model}']"
+        "error": f"model_config.name: 'solar-10.7b' is not served here; served: {settings.model}"
     }
     _nothing_stored(name)
 

@@ -125,3 +125,39 @@ def test_seeding_again_after_a_card_import_leaves_no_imported_card_or_lorebook(w
     with session_scope() as s:
         seeded = get_character(session=s, slug=slug)
         assert seeded.card is None and seeded.lorebook is None
+
+
+def test_a_seed_that_would_move_a_busy_conversations_story_exits_1_to_run_again(world, tmp_path) -> None:
+    """Found in review of error texts: a conversation with a turn unanswered cannot move to the
+    seed's story yet (StoryBusy), and `mlchat seed` said so as refused input, exit 2: a script that
+    runs again on 1 gave up on a seed that passes a moment later."""
+    import json
+    import uuid
+
+    from scripts.cli import main as cli
+    from services.producer import enqueue_turns
+
+    slug, conversation = f"seed-busy-{uuid.uuid4().hex[:6]}", f"seed-busy-{uuid.uuid4().hex[:8]}"
+    (tmp_path / "characters.json").write_text(json.dumps([{"slug": slug, "name": "Bram"}]))
+    (tmp_path / "story_events.json").write_text("[]")
+    seeded = {"external_id": conversation, "character": slug, "player_id": "seed-busy-player"}
+
+    def seed_with_story(story: str) -> int:
+        (tmp_path / "conversations.json").write_text(json.dumps([seeded | {"story": story}]))
+        return cli(["seed", "--data", str(tmp_path)])
+
+    assert seed_with_story("first") == 0
+    enqueue_turns(
+        [
+            {
+                "conversation": conversation,
+                "character": slug,
+                "player_id": "seed-busy-player",
+                "message": "Hi.",
+            }
+        ],
+        send=False,
+    )
+    assert seed_with_story("second") == 1
+    with session_scope() as s:
+        assert s.scalar(select(Conversation.story).where(Conversation.external_id == conversation)) == "first"

@@ -1137,7 +1137,7 @@ def test_a_formats_grammar_is_built_off_the_apis_event_loop(base_url, world, mon
     bad = {"response_format": {"type": "regex", "regex": "[a-"}}
     body = new_conversation() | {"message": "x", "params": bad}
     r = httpx.post(f"{base_url}/v1/turns", json=body, headers=ADMIN, timeout=60)
-    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "params.response_format", r.text
+    assert r.status_code == 422 and r.json()["detail"][0]["field"] == "params.response_format.regex", r.text
 
 
 def test_busy_grammar_builders_are_a_503_to_send_again_not_a_refusal(base_url, world, monkeypatch) -> None:

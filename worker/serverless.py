@@ -19,11 +19,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.settings import settings
+from core.validation import error_line
 from db.session import DATABASE_OUTAGES
 from db.turns import IdempotencyConflict
 from db.vector_space import EmbedderMismatch, SpaceMoved
 from services.producer import EnqueueError
-from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest, error_line
+from services.schemas import MAX_TURNS_PER_REQUEST, TurnRequest
 from structured.spec import GrammarBusy, build_budget
 from worker.engine import BadEngineSetting, EngineDead
 

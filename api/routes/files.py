@@ -91,7 +91,7 @@ async def upload_file(
     try:
         purpose, upload = form.get("purpose"), form.get("file")
         if purpose not in PURPOSES:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"purpose: must be one of {list(PURPOSES)}")
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"purpose: must be one of {', '.join(PURPOSES)}")
         if not isinstance(upload, UploadFile):
             raise HTTPException(status.HTTP_400_BAD_REQUEST, "file: missing (a multipart file field)")
         expires_after_s = None

@@ -20,8 +20,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from core.validation import error_line
 from db.models import TurnErrorCode
-from services.schemas import HISTORY_LINE_CHARS, Text, check_message, error_line, storable_text
+from services.schemas import HISTORY_LINE_CHARS, Text, check_message, storable_text
 
 ENDPOINT = "/v1/chat/completions"
 MAX_CHOICES = 8  # GenerationParams.n's limit

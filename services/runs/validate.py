@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.settings import DEFAULT_TENANT, settings
 from core.text import printable
+from core.validation import error_line
 from db.runs import conversations_of_others
 from db.scenes import scene_conversations
 from db.session import session_scope
@@ -31,7 +32,7 @@ from services.runs.openai_lines import (
     stored_history,
     to_run_line,
 )
-from services.schemas import HISTORY_LINE_CHARS, GenerationParams, Int4, Text, check_message, error_line
+from services.schemas import HISTORY_LINE_CHARS, GenerationParams, Int4, Text, check_message
 from structured.spec import passed_already
 
 FileFormat = Literal["native", "openai"]
