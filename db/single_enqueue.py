@@ -27,6 +27,7 @@ from sqlalchemy import (
     bindparam,
     exists,
     func,
+    literal_column,
     select,
 )
 from sqlalchemy.dialects.postgresql import insert
@@ -56,18 +57,22 @@ class FastTurn(NamedTuple):
 
 
 def create_turn_in_known_conversation(
-    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None
+    *, connection: Connection, turn: NewTurn, external_id: str, character: str | None, player_id: str = ""
 ) -> FastTurn | None:
     """Insert one turn into the tenant's existing conversation `external_id` (of `character`, when
-    named) in a single statement; the turn stored, or None if nothing was written: no such conversation,
-    another character's, a group conversation (its answering member is chosen on the full path), or
-    the idempotency key is taken (create_turns then decides, with its checks).
-    `turn.conversation_id` is not read. For an autocommit connection (a conversation erased
-    meanwhile is then no error)."""
-    sql, fixed, json_fields = _insert_in_known_conversation(connection.dialect, character is not None)
+    named; of `player_id` or of no player, when one is named) in a single statement; the turn stored,
+    or None if nothing was written: no such conversation, another character's or player's, a group
+    conversation (its answering member is chosen on the full path), or the idempotency key is taken
+    (create_turns then decides, with its checks). `turn.conversation_id` is not read. For an
+    autocommit connection (a conversation erased meanwhile is then no error)."""
+    sql, fixed, json_fields = _insert_in_known_conversation(
+        connection.dialect, character is not None, bool(player_id)
+    )
     values = _turn_values(turn, fixed, json_fields) | {"external_id": external_id}
     if character is not None:
         values["character"] = character
+    if player_id:
+        values["player_id"] = player_id
     try:
         return _run(connection, sql, values)
     except IntegrityError as exc:
@@ -181,12 +186,14 @@ def _turn_insert(
 
 @cache
 def _insert_in_known_conversation(
-    dialect: Any, named_character: bool
+    dialect: Any, named_character: bool, named_player: bool
 ) -> tuple[str, dict[str, Any], list[str]]:
     """create_turn_in_known_conversation's statement, its fixed values and JSON fields."""
     found = [Conversation.tenant == bindparam("tenant"), Conversation.external_id == bindparam("external_id")]
     if named_character:
         found.append(Character.slug == bindparam("character"))
+    if named_player:
+        found.append(Conversation.player_id.in_([literal_column("''"), bindparam("player_id")]))
     stmt, fixed, json_fields = _turn_insert(
         Conversation.id,
         lambda source: source.join(Character, Character.id == Conversation.character_id).where(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -362,6 +362,14 @@ def find_conversations(
         query = query.with_for_update(key_share=True, of=Conversation)
     rows = session.execute(query).tuples()
     return {ext: (conv_id, slug) for ext, conv_id, slug in rows}
+
+
+def conversation_players(*, session: Session, conversation_ids: Collection[int]) -> dict[int, str]:
+    """The player each conversation was started for ('' for none: a group, an anonymous player)."""
+    if not conversation_ids:
+        return {}
+    query = select(Conversation.id, Conversation.player_id).where(Conversation.id.in_(list(conversation_ids)))
+    return {conv_id: player for conv_id, player in session.execute(query).tuples()}
 
 
 # The characters (and stories) of the original service's inline request shape (a persona sent with

@@ -40,6 +40,7 @@ from db.turns import get_turn as read_turn
 from db.world import (
     CONVERSATION_START_FIELDS,
     append_history_if_empty,
+    conversation_players,
     find_characters,
     find_conversations,
     upsert_conversations,
@@ -588,7 +589,11 @@ def _store_one_fast(
     try:
         with get_autocommit_engine().connect() as connection:
             stored = create_turn_in_known_conversation(
-                connection=connection, turn=turn, external_id=req.conversation, character=req.character
+                connection=connection,
+                turn=turn,
+                external_id=req.conversation,
+                character=req.character,
+                player_id=req.player_id,
             )
             if stored is None and req.character:  # perhaps the conversation's first turn
                 stored = create_turn_in_new_conversation(
@@ -790,7 +795,10 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
             )
     if errors:
         raise TurnRejected(errors)
-    created = upsert_conversations(session=session, rows=list(new_rows.values()), tenant=tenant)
+    made_here: set[str] = set()
+    created = upsert_conversations(
+        session=session, rows=list(new_rows.values()), tenant=tenant, created=made_here
+    )
     for i, req in enumerate(requests):
         if req.conversation not in new_rows:
             continue
@@ -801,7 +809,35 @@ def _resolve_conversations(session: Any, requests: Sequence[TurnRequest], tenant
         out[req.conversation] = conv_id
     if errors:
         raise TurnRejected(errors)
+    _refuse_another_players(session, requests, out, started={c: new_rows[c] for c in made_here})
     return out
+
+
+def _refuse_another_players(
+    session: Any, requests: Sequence[TurnRequest], ids: dict[str, int], started: dict[str, dict[str, Any]]
+) -> None:
+    """TurnRejected for each request naming a player whose conversation is another player's: its
+    line would become that player's memory (their summaries, facts extracted under their id, facts
+    about them in its prompt) and no erasure of the player who said it would find it. A conversation
+    of no player (a group, an anonymous one) takes any player's line."""
+    named = [r for r in requests if r.player_id]
+    if not named:
+        return
+    owners = {c: str(row["player_id"]) for c, row in started.items()}
+    stored = conversation_players(
+        session=session, conversation_ids=[ids[r.conversation] for r in named if r.conversation not in owners]
+    )
+    owners |= {r.conversation: stored[ids[r.conversation]] for r in named if ids[r.conversation] in stored}
+    errors = []
+    for i, req in enumerate(requests):
+        owner = owners.get(req.conversation, "")
+        if req.player_id and owner and owner != req.player_id:
+            named_conv = printable(req.conversation, 80)
+            whose = f"player {printable(owner, 80)!r}'s, not {printable(req.player_id, 80)!r}'s"
+            reason = f"conversation {named_conv!r} is {whose}"
+            errors.append(ItemError(i, "player_id", reason))
+    if errors:
+        raise TurnRejected(errors)
 
 
 def get_turn(turn_id: uuid.UUID | str, *, with_prompt: bool = True) -> TurnView | None:

@@ -961,3 +961,49 @@ def test_a_turn_seeding_its_history_whose_commit_reply_was_lost_is_stored_once_a
             )
         ).all()
     assert rows == [stored.id] and sorted(lines) == sorted(text for _, text in history)  # once
+
+
+def test_a_turn_naming_another_player_is_refused_from_a_players_conversation(world) -> None:
+    """Found in review (privacy between players): a turn naming a player was stored into a known
+    conversation started for another player, on both paths: its line became that player's memory
+    (facts extracted under their id, their summaries), the prompt read their facts as the speaker's,
+    and the speaker's erasure never found it."""
+    from services.producer import TurnRejected
+
+    def turns_of(conversation: str) -> list[str]:
+        with session_scope() as s:
+            return list(
+                s.scalars(
+                    select(Turn.message)
+                    .join(Conversation, Conversation.id == Turn.conversation_id)
+                    .where(Conversation.tenant == "", Conversation.external_id == conversation)
+                    .order_by(Turn.number)
+                )
+            )
+
+    rowan, mallory = f"rowan-{uuid.uuid4().hex[:8]}", f"mallory-{uuid.uuid4().hex[:8]}"
+    conv = new_conversation()
+    enqueue_turns([conv | {"player_id": rowan, "message": "I took the ring."}], send=False)
+    # One statement (a known conversation) and the full path (a batch of two) alike.
+    for requests in ([conv | {"player_id": mallory, "message": "What of me?"}],
+                     [conv | {"message": "Fine."}, conv | {"player_id": mallory, "message": "And me?"}]):  # fmt: skip
+        with pytest.raises(TurnRejected) as refused:
+            enqueue_turns(requests, send=False)
+        (error,) = refused.value.errors
+        assert (error.index, error.field) == (len(requests) - 1, "player_id")
+        assert f"is player {rowan!r}'s, not {mallory!r}'s" in error.reason
+    assert turns_of(conv["conversation"]) == ["I took the ring."]
+    # Two players starting one conversation in one call: the second is refused.
+    fresh = new_conversation()
+    with pytest.raises(TurnRejected, match=rf"item 1: player_id: .* is player {rowan!r}'s"):
+        enqueue_turns([fresh | {"player_id": rowan, "message": "A."}, fresh | {"player_id": mallory,
+                       "message": "B."}], send=False)  # fmt: skip
+    assert turns_of(fresh["conversation"]) == []
+    # The same player, a turn naming none, and a conversation started for no player take the line.
+    enqueue_turns([conv | {"player_id": rowan, "message": "Again."}], send=False)
+    enqueue_turns([conv | {"message": "Unnamed."}], send=False)
+    anonymous = new_conversation()
+    enqueue_turns([anonymous | {"message": "Hello."}], send=False)
+    enqueue_turns([anonymous | {"player_id": mallory, "message": "It is me."}], send=False)
+    assert turns_of(conv["conversation"]) == ["I took the ring.", "Again.", "Unnamed."]
+    assert turns_of(anonymous["conversation"]) == ["Hello.", "It is me."]
