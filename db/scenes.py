@@ -309,6 +309,7 @@ def pick_speaker(
         seed=scene.seed,
         rules=[Rule(r["speaker"], r["after"]) for r in scene.rules],
         allow_repeat=scene.allow_repeat,
+        answering_player=message is not None,
     )
 
 
@@ -760,13 +761,17 @@ class StopOvertaken(RuntimeError):
 def cancel_stopped_step(*, session: Session, turn_id: uuid.UUID, scene_id: int, owed: int) -> list[uuid.UUID]:
     """stop's second part: cancel the stopped scene's queued step (the turn locked first, then its
     scene, as the store locks them); StopOvertaken, for the caller to roll back, when the scene no
-    longer owes what the stop left it (`owed` exchanges: a `:continue` since asked for more, which
-    wins; review)."""
+    longer owes what the stop left it (`owed` exchanges) or no longer carries its mark: a `:continue`
+    since asked for more, which wins (review; one of a single exchange leaves the count as it was)."""
     from db.turns import cancel_turns  # db/turns reaches this module through the runs' advance
 
     cancelled = cancel_turns(session=session, turn_ids=[turn_id])
-    now = session.scalar(select(Scene.exchanges).where(Scene.id == scene_id).with_for_update())
-    if now != owed:
+    now = session.execute(
+        select(Scene.exchanges, Scene.ended_reason).where(Scene.id == scene_id).with_for_update()
+    ).one()
+    # The cancel closes the scene, the stop's mark read as its reason (STOPPED); one that a
+    # `:continue` cleared gives another.
+    if now.exchanges != owed or now.ended_reason not in (STOPPING, STOPPED):
         raise StopOvertaken(f"scene {scene_id}: asked for more since it was stopped")
     return cancelled
 

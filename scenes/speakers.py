@@ -100,13 +100,15 @@ def next_speaker(
     seed: int,
     rules: Sequence[Rule] = (),
     allow_repeat: bool = False,
+    answering_player: bool = False,
 ) -> Member | None:
     """The member who speaks at `step` (1-based), or None when no member may speak (all muted).
 
     fixed: the next unmuted member after the last speaker in position order. rules: the same over
     the rules' round order. natural: an unmuted member named in the last line (first mention), else
     one drawn by talkativeness from a generator seeded by (seed, step); the last speaker is left out
-    unless `allow_repeat` (or nobody else may speak).
+    unless `allow_repeat` (or nobody else may speak), except as the one a player's line names
+    (`answering_player`: the player asked them).
     """
     speakers = _speakers(members)
     if not speakers:
@@ -127,7 +129,7 @@ def next_speaker(
             return next((m for m in speakers if m.position > muted.position), speakers[0])
         return speakers[0]  # a first step, or the last speaker left the scene: a new round
     eligible = [m for m in speakers if allow_repeat or m.character_id != last_speaker] or speakers
-    mentioned = _mentions(last_text, eligible)
+    mentioned = _mentions(last_text, speakers if answering_player else eligible)
     if mentioned:
         return mentioned[0]
     rng = random.Random(f"{seed}:{step}")  # noqa: S311 (a seeded choice, not a secret)

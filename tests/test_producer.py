@@ -985,8 +985,9 @@ def test_a_turn_naming_another_player_is_refused_from_a_players_conversation(wor
     conv = new_conversation()
     enqueue_turns([conv | {"player_id": rowan, "message": "I took the ring."}], send=False)
     # One statement (a known conversation) and the full path (a batch of two) alike.
-    for requests in ([conv | {"player_id": mallory, "message": "What of me?"}],
-                     [conv | {"message": "Fine."}, conv | {"player_id": mallory, "message": "And me?"}]):  # fmt: skip
+    alone = [conv | {"player_id": mallory, "message": "What of me?"}]
+    batch = [conv | {"message": "Fine."}, conv | {"player_id": mallory, "message": "And me?"}]
+    for requests in (alone, batch):
         with pytest.raises(TurnRejected) as refused:
             enqueue_turns(requests, send=False)
         (error,) = refused.value.errors
