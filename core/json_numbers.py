@@ -24,6 +24,7 @@ def _finite(text: str) -> float:
     return value
 
 
-def loads_finite(text: str | bytes) -> Any:
-    """json.loads, raising UnstorableNumber (a ValueError) for a number jsonb cannot keep."""
-    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+def loads_finite(text: str | bytes, *, strict: bool = True) -> Any:
+    """json.loads, raising UnstorableNumber (a ValueError) for a number jsonb cannot keep (`strict`:
+    as json.loads's, False taking control characters inside strings)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite, strict=strict)

@@ -50,9 +50,15 @@ def largest_count(pattern: str) -> int:
     return _measure(pattern)[1]
 
 
-def _measure(pattern: str) -> tuple[int, int]:
-    """(repeat_expansion, largest_count) in one reading."""
-    largest = 0
+def looks_ahead(pattern: str) -> bool:
+    """Whether the pattern holds a lookahead, (?=...) or (?!...) (xgrammar builds a grammar without
+    it, with a warning alone). Unmeasured as repeat_expansion."""
+    return _measure(pattern)[2]
+
+
+def _measure(pattern: str) -> tuple[int, int, bool]:
+    """(repeat_expansion, largest_count, looks_ahead) in one reading."""
+    largest, ahead = 0, False
     frames = [0]  # per open group: its items so far
     last = 0  # the size of the item just read, which a count multiplies
     i, n = 0, len(pattern)
@@ -71,6 +77,7 @@ def _measure(pattern: str) -> tuple[int, int]:
         elif char == "(":
             if pattern.startswith("(?#", i):
                 raise Unmeasured("comments are not supported")
+            ahead = ahead or pattern.startswith(("(?=", "(?!"), i)
             if flags := _FLAGS.match(pattern, i):
                 _check_flags(flags[1])
                 i, last = flags.end(), 0
@@ -98,7 +105,11 @@ def _measure(pattern: str) -> tuple[int, int]:
             i, item = i + 1, 1
         frames[-1] += item
         last = item
-    return sum(frames), largest  # unclosed groups (the compiler refuses them anyway) count as they stand
+    return (
+        sum(frames),
+        largest,
+        ahead,
+    )  # unclosed groups (the compiler refuses them anyway) count as they stand
 
 
 def size_refusal(pattern: str) -> str | None:

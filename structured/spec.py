@@ -25,7 +25,7 @@ import regex
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from core.json_shape import nesting
-from core.regex_size import largest_count, size_refusal
+from core.regex_size import largest_count, looks_ahead, size_refusal
 from core.settings import settings
 from core.text import unstorable_in
 from structured.pattern_reading import FLAGS, as_grammar_reads
@@ -354,6 +354,10 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True, n
                     f" {MAX_SCHEMA_PATTERN_COUNT}: the engine cannot build a grammar past it); use + or *"
                     " and let the reply's length bound it"
                 )
+            if isinstance(pattern, str) and looks_ahead(pattern):  # the grammar would match without it
+                raise SchemaRefused(
+                    f"{place}: a lookahead ((?= or (?!) is not supported in a schema's pattern"
+                )
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
         if key in _VALUE_KEYS:
@@ -529,7 +533,34 @@ def pattern_validator(found: Callable[[str, str], bool]) -> Any:
     keywords = {"pattern": pattern, "patternProperties": pattern_properties}
     # An empty registry: a `$ref` outside the schema is unresolvable, never fetched. jsonschema's
     # default retrieves it (urlopen, no timeout, file:// too) before the reference is refused.
-    return partial(validators.extend(Draft202012Validator, keywords), registry=Registry())
+    return partial(
+        validators.extend(Draft202012Validator, keywords), registry=Registry(), format_checker=_calendar()
+    )
+
+
+@cache
+def _calendar() -> Any:
+    """The formats the grammar writes by their shape alone, checked as dates: its `date` and
+    `date-time` take 2023-02-29 and 2024-04-31 (review), which a client's date parser refuses. The
+    other formats' grammars are taken as written."""
+    from datetime import date, datetime
+
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(formats=())
+
+    @checker.checks("date", raises=ValueError)
+    def _date(value: object) -> bool:
+        return not isinstance(value, str) or date.fromisoformat(value) is not None
+
+    @checker.checks("date-time", raises=ValueError)
+    def _date_time(value: object) -> bool:
+        if not isinstance(value, str):
+            return True
+        seconds_60 = re.sub(r"(?<=[Tt ]\d\d:\d\d:)60", "59", value)  # RFC 3339's leap second
+        return datetime.fromisoformat(seconds_60.replace("Z", "+00:00").replace("z", "+00:00")) is not None
+
+    return checker
 
 
 def _found_in_time(pattern: str, text: str) -> bool:

@@ -1382,3 +1382,63 @@ def test_the_prompt_builders_lorebooks_are_kept_per_character_version_within_a_b
     assert sorted(builder._books.keys()) == [20_000_004, 20_000_005, 20_000_006]
     bumped = Character(id=20_000_006, version=2, name="c6", lorebook={"entries": []}, **empty)
     assert builder._lorebook(bumped).entries == []  # a new version is read anew
+
+
+def test_a_reply_the_grammar_let_through_is_kept_as_json_a_client_parses_and_a_date_as_a_date() -> None:
+    """Found in review (structured replies as a game consumes them): a string with a length bound
+    (an NPC's `say`, an action's argument, any schema's maxLength) takes raw control characters in
+    xgrammar's grammar and no escape, so a tab the model wrote failed the turn as invalid JSON; a
+    json_schema reply's content kept an escaped NUL that `structured` dropped; the `date` and
+    `date-time` grammars write 2023-02-29, stored as valid."""
+    shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(3, []))
+    assert shape is not None
+    tabbed = '{"say":"Take\tit.","emotion":"joy","action":{"name":"give_item","args":{"item":"a\x0bb"}}}'
+    read = read_reply(shape, Generation(tabbed, 10, 20, "stop"))
+    assert read.text == "Take\tit." and read.structured["action"]["args"] == {"item": "a\x0bb"}
+    bounded = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 20}},
+        "required": ["name"],
+    }
+    shape = shape_of(PARAMS | {"response_format": _schema_format(bounded)}, _character(3, []))
+    assert shape is not None
+    read = read_reply(shape, Generation('{"name":"Bram\tthe smith"}', 10, 20, "stop"))
+    assert json.loads(read.text) == read.structured == {"name": "Bram\tthe smith"}  # strict, as clients read
+    shape = shape_of(PARAMS | {"response_format": {"type": "json_object"}}, _character(3, []))
+    assert shape is not None
+    read = read_reply(shape, Generation('{"a":"b\\u0000c","d":"\\ud800"}', 10, 20, "stop"))
+    assert json.loads(read.text) == read.structured == {"a": "bc", "d": "\ufffd"}
+    plain = '{"a":1.5,"b":[true,null]}'  # nothing to write back: the model's text is kept
+    assert read_reply(shape, Generation(plain, 10, 20, "stop")).text == plain
+    dated = {
+        "type": "object",
+        "properties": {
+            "on": {"type": "string", "format": "date"},
+            "at": {"type": "string", "format": "date-time"},
+        },
+        "required": ["on", "at"],
+    }
+    shape = shape_of(PARAMS | {"response_format": _schema_format(dated)}, _character(3, []))
+    assert shape is not None
+    good = '{"on":"2024-02-29","at":"2024-02-29T10:00:00Z"}'
+    assert read_reply(shape, Generation(good, 10, 20, "stop")).structured["on"] == "2024-02-29"
+    for bad in (
+        '{"on":"2023-02-29","at":"2024-02-29T10:00:00Z"}',
+        '{"on":"2024-02-29","at":"2024-04-31T10:00:00Z"}',
+    ):
+        with pytest.raises(BadStructuredReply, match="does not match its schema") as caught:
+            read_reply(shape, Generation(bad, 10, 20, "stop"))
+        assert caught.value.code == TurnErrorCode.INVALID_STRUCTURED_REPLY
+
+
+@pytest.mark.parametrize("pattern", ["^(?!admin)[a-z]+$", "^(?=.*[0-9])[a-z0-9]+$"])
+def test_a_schema_pattern_with_a_lookahead_is_refused_as_the_grammar_would_drop_it(pattern) -> None:
+    """Found in review: xgrammar builds a pattern's grammar without its lookahead (a warning alone),
+    so `^(?!admin)[a-z]+$` was taken and its turn failed whenever the model wrote "admin"."""
+    for schema in (
+        {"type": "object", "properties": {"name": {"type": "string", "pattern": pattern}}},
+        {"type": "object", "patternProperties": {pattern: {"type": "string"}}},
+    ):
+        with pytest.raises(SchemaRefused, match=r"a lookahead \(\(\?= or \(\?!\) is not supported"):
+            check_schema(schema, "schema")
+    check_schema({"type": "string", "pattern": r"^\(\?!x\)[(?=]$"}, "schema")  # escaped, in a class: literal

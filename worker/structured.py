@@ -253,7 +253,10 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
             raise _bad(gen, f"the reply {gen.text[:80]!r} is none of the choices")
         return gen
     try:
-        value = _storable(loads_finite(gen.text))
+        # A string with a length bound, as xgrammar builds it, takes raw control characters (a tab)
+        # and no escape: read as JSON they are, written back escaped below (review).
+        parsed = loads_finite(gen.text, strict=False)
+        value = _storable(parsed)
     except UnstorableNumber as exc:  # `1e999`: the grammar's number syntax allows it, jsonb does not
         raise _bad(gen, f"the reply holds {exc}") from None
     except (ValueError, RecursionError) as exc:  # nested past Python's recursion limit: not readable
@@ -276,7 +279,17 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
         if not value["say"].strip():  # the schema's minLength lets " " through; a free-text blank fails too
             raise _bad(gen, "the reply's say is blank")
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
+    if value != parsed or _RAW_CONTROL.search(gen.text):
+        # The reply as the client reads it (a chat completion's content, a batch line's) is JSON
+        # that parses strictly and holds what `structured` holds (without NUL, U+FFFD for a lone
+        # surrogate): written back, in the grammar's compact form.
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+        return dataclasses.replace(gen, text=text, structured=value)
     return dataclasses.replace(gen, structured=value)
+
+
+# With the grammar's whitespace off, a control character in a JSON reply is inside a string.
+_RAW_CONTROL = re.compile("[\x00-\x1f]")
 
 
 def _storable(value: Any) -> Any:
