@@ -7,18 +7,21 @@ exit code, never a traceback: 2 for input that was refused, 1 for an operation t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 # with a lower bound alone, failed every sweep naming nothing; a fact id past a bigint was SQL's error).
 LONGEST_S = 10 * 365 * 86400.0  # as the settings' durations: far below any timer's limit
 MAX_ID = 2**63 - 1  # a bigint column's
+
+T = TypeVar("T")
 
 
 app = typer.Typer(
@@ -66,6 +71,10 @@ SceneFormat = Literal["jsonl", "md"]  # services/runs/scene_export.py
 
 class Refused(Exception):
     """Input the command refuses; its message is the one line the user sees (exit code 2)."""
+
+
+class NotReadBack(Exception):
+    """An inline turn answered and gone before it was read back: the same command again (exit code 1)."""
 
 
 def _out(text: str) -> None:
@@ -137,7 +146,7 @@ def seed(data: Annotated[Path | None, typer.Option(help="a data folder like data
     """Load the sample world from data/ (idempotent)."""
     from scripts.seed import seed_world
 
-    _out(str(seed_world(data) if data else seed_world()))
+    _out(json.dumps(dataclasses.asdict(seed_world(data) if data else seed_world())))
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -261,7 +270,7 @@ def sweep(
     if sent or closed or batches or memory or pruned or unserved or failed:
         _out(json.dumps(done))
     else:
-        _out("nothing stranded")
+        _out("{}")  # nothing stranded: JSON as every other pass's line (CLI review)
     if failed:
         raise RuntimeError("sweep incomplete: " + "; ".join(failed))
 
@@ -376,6 +385,7 @@ def run_status(
     with Progress(*columns, transient=not watch, console=Console(stderr=True)) as bar:
         task = bar.add_task(escape(state.name), total=state.turns or None, rate="")
         started, start_done = time.monotonic(), state.counts.finished
+        away: list[float] = []  # since when the database has been away, while it is
         while True:
             c = state.counts
             rate = (c.finished - start_done) / max(time.monotonic() - started, 1e-6)
@@ -390,7 +400,7 @@ def run_status(
             if not watch or state.finished or state.interrupted:
                 break
             time.sleep(1.0)
-            state = run_state(run)
+            state = _read_through_outage(lambda: run_state(run), state, away)
     c = state.counts
     status = state.status.value + (" (submission interrupted)" if state.interrupted else "")
     _out(
@@ -408,6 +418,29 @@ def run_status(
     if watch and (state.interrupted or state.status != RunStatus.COMPLETED):
         # A script waiting on --watch tells a run that completed from one that did not by the code.
         raise typer.Exit(1)
+
+
+# How long `run status --watch` shows the last state read while the database is away: a failover
+# or a restart mid-watch is not the run ending otherwise (exit code 1; CLI review).
+WATCH_OUTAGE_S = 300.0
+
+
+def _read_through_outage(read: Callable[[], T], last: T, away: list[float]) -> T:
+    """`read()`, or `last` while the database has been away for less than WATCH_OUTAGE_S (`away`
+    holds since when, kept across calls)."""
+    from db.session import database_away
+
+    try:
+        value = read()
+    except Exception as exc:
+        if database_away(exc) is None:
+            raise
+        away[:] = away or [time.monotonic()]
+        if time.monotonic() - away[0] > WATCH_OUTAGE_S:
+            raise
+        return last
+    away.clear()
+    return value
 
 
 @run_app.command("list")
@@ -551,7 +584,13 @@ def _store_original(
     """The original service's inline files stored (persona, history, story; a replay stores nothing
     new), then the turn (sent to the workers when `send`, streamed then unless best of n): the turn
     request and its id. A bad file is refused naming the file and the field."""
-    from services.original_request import InlineRefused, read_request, store_and_enqueue, turn_request
+    from services.original_request import (
+        HistoryMoved,
+        InlineRefused,
+        read_request,
+        store_and_enqueue,
+        turn_request,
+    )
 
     payload: dict[str, Any] = {}
     budget = _Budget()
@@ -569,6 +608,8 @@ def _store_original(
         request = read_request(payload, models=None if send else [settings.model])
         stream = send and (request.turn.params.n or 1) == 1  # best of n is judged whole, never streamed
         stored, turn_id = store_and_enqueue(request, send=send, stream=stream, on_stored=_say_stored)
+    except HistoryMoved:  # an erasure committed between the request's reads: busy, exit code 1
+        raise
     except InlineRefused as exc:
         # A "request" error names its field first ("gen_config.temperature: ..."): the file it came from.
         key = exc.part if exc.part != "request" else re.split(r"[.\[:]", str(exc), maxsplit=1)[0]
@@ -673,7 +714,7 @@ def chat(
         with _one_request():
             answered = answer_stored([turn_id]) if turn_id is not None else answer_now([request])
         if not answered:  # removed before it could be read back
-            raise Refused("the turn ran but could not be read back; send it again")
+            raise NotReadBack("the turn ran but could not be read back; send it again")
         (view,) = answered
     else:
         if turn_id is None:  # best of n is judged whole, never streamed
@@ -794,6 +835,9 @@ def manifest(
     view = get_turn(parsed)
     if view is None:
         raise Refused(f"turn id: no turn {turn_id}")
+    if as_json and not view.context:  # not yet, or forgotten: said, not `null` (CLI review)
+        _err(f"mlchat: {render_manifest(view)}")
+        raise typer.Exit(1)
     _out(json.dumps(view.context, ensure_ascii=False, indent=2) if as_json else render_manifest(view))
 
 
@@ -807,7 +851,7 @@ def story_event(
     """Append an event to a story (embedded on write)."""
     from services.characters import add_story_event
 
-    _out(str(add_story_event(story, text, scene=scene, time=time)[0]))
+    _out(json.dumps(add_story_event(story, text, scene=scene, time=time)[0]))
 
 
 @memory_app.command("retry")
@@ -1142,7 +1186,6 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from db.runs import NotRetryable, RunConflict, RunDeleting
     from db.turns import IdempotencyConflict
     from db.vector_space import EmbedderMismatch
-    from memory.reembed import ReembedBusy
     from roleplay.cards import CardError
     from scripts.seed import SeedError
     from services.characters import CharacterNotFound, ReservedStory
@@ -1172,7 +1215,6 @@ def _refusals() -> tuple[type[BaseException], ...]:
         CardError,
         ValidationError,
         EmbedderMismatch,
-        ReembedBusy,
         BadLoraFile,
         TrainedOnATenant,
         ReservedStory,
@@ -1185,10 +1227,12 @@ def _busy() -> tuple[type[BaseException], ...]:
     on 1 gave up on these for good)."""
     from db.erasure import PlayerBusy
     from db.world import StoryBusy
+    from memory.reembed import ReembedBusy
     from services.erasure import ErasureContended
+    from services.original_request import HistoryMoved
     from services.runs import RunBusy
 
-    return (ErasureContended, PlayerBusy, RunBusy, StoryBusy)
+    return (ErasureContended, PlayerBusy, RunBusy, StoryBusy, ReembedBusy, HistoryMoved, NotReadBack)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -1231,6 +1275,11 @@ INTERRUPTED = 130  # the shell's code for a process stopped by Ctrl-C (128 + SIG
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mlchat` command; returns the exit code."""
     configure_logging(tracebacks=False)  # a failure is one line, the logs' included
+    if argv is None and threading.current_thread() is threading.main_thread():
+        # `timeout`, systemd, a Kubernetes Job and `docker stop` stop a command with SIGTERM: it goes
+        # the way of Ctrl-C (a submission's private copy and a `.part` file removed, an inline turn
+        # cancelled), not killed mid-write (CLI review). A worker or API installs its own handler.
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         result = app(args=argv if argv is not None else sys.argv[1:], standalone_mode=False)
     except typer.Exit as done:

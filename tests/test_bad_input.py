@@ -731,6 +731,31 @@ def test_a_run_line_too_long_to_be_a_request_is_named_bad_unread(world, tmp_path
     ]
 
 
+def test_cli_outputs_a_script_reads_are_json_and_a_missing_manifest_is_said(world, capsys) -> None:
+    """CLI review: `story-event` printed a Python dict, `seed` a dataclass's repr, and `manifest
+    --json` printed `null` with exit code 0 for a turn with no manifest (not run yet, or forgotten),
+    which a script could not tell from a manifest."""
+    import json
+    import uuid
+
+    from scripts.cli import main as cli
+    from services.producer import enqueue_turns
+
+    capsys.readouterr()
+    story = f"json-{uuid.uuid4().hex[:8]}"
+    assert cli(["story-event", story, "The gate fell."]) == 0
+    event = json.loads(capsys.readouterr().out)
+    assert (event["story"], event["ordinal"]) == (story, 1) and isinstance(event["id"], int)
+    assert cli(["seed"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {
+        "characters", "story_events", "conversations", "history_lines_added"
+    }  # fmt: skip
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Not run yet."}], send=False)
+    assert cli(["manifest", str(turn_id), "--json"]) == 1
+    said = capsys.readouterr()
+    assert said.out == "" and f"turn {turn_id} has no manifest yet (status queued)" in said.err
+
+
 def test_cli_errors_are_one_line_with_a_non_zero_exit(world, tmp_path, capsys) -> None:
     from scripts.cli import main as cli
 

@@ -1203,3 +1203,19 @@ def test_a_request_past_its_models_live_queue_limit_stores_nothing(monkeypatch) 
     with pytest.raises(producer.LiveQueueFull):
         store_and_enqueue(request, send=True)
     _nothing_stored(name)
+
+
+def test_a_history_moved_meanwhile_exits_1_to_send_again(tmp_path: Path, capsys, monkeypatch) -> None:
+    """CLI review: an erasure committed between an inline request's two reads (HistoryMoved, "try
+    again"; the serverless handler answers it `retry: true`) exited 2, refused input, so a script
+    that sends again on 1 gave up on a request that goes through the next time."""
+    import services.original_request as original_request
+    from services.original_request import HistoryMoved
+
+    def moved(*_: object, **__: object) -> None:
+        raise HistoryMoved("chat_history", "conversation 'x': its history changed meanwhile; try again")
+
+    monkeypatch.setattr(original_request, "store_and_enqueue", moved)
+    assert cli(["chat", "--message", "hi", "--persona", str(_persona_file(tmp_path))]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "mlchat: conversation 'x': its history changed meanwhile; try again", err

@@ -1409,3 +1409,34 @@ def test_a_lines_conversation_erased_after_validation_is_never_made_again(
         assert refusal["custom_id"] == "c1" and refusal["line"] == 1 and refusal["param"] == "conversation"
         assert "deleted after the file was validated" in refusal["message"] and run.total == 1
     assert run_state(submitted.name).turns == 2  # c2, and c1 refused: the API's count too
+
+
+def test_watching_a_run_rides_out_the_database_away_for_a_moment(quiet_model, tmp_path, monkeypatch) -> None:
+    """CLI review: `run status --watch` read the run each second with no retry, so one second of a
+    failover during an hours-long run exited 1, "ended otherwise", and a script took a running run
+    for a failed one. The last state read stands while the database is away (up to 5 minutes)."""
+    import dataclasses
+
+    import psycopg
+    from sqlalchemy.exc import OperationalError
+
+    import services.runs
+    from scripts.cli import main as cli
+
+    skipped = tmp_path / "done.jsonl"
+    skipped.write_text("not json\n", encoding="utf-8")  # its one line skipped: done at once
+    sub = submit_run(skipped, name="watched-" + tmp_path.name, skip_bad_lines=True)
+    real = services.runs.run_state
+    reads: list[str] = []
+
+    def blinking(ref: str):  # type: ignore[no-untyped-def]
+        reads.append(ref)
+        if len(reads) == 1:  # still going when the watch starts
+            return dataclasses.replace(real(ref), status=RunStatus.IN_PROGRESS)
+        if len(reads) == 2:  # then a failover
+            raise OperationalError("SELECT …", {}, psycopg.OperationalError("server closed the connection"))
+        return real(ref)
+
+    monkeypatch.setattr(services.runs, "run_state", blinking)
+    assert cli(["run", "status", sub.name, "--watch"]) == 0
+    assert len(reads) == 3

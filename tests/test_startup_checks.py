@@ -157,3 +157,39 @@ def test_an_engine_core_that_did_not_start_is_one_line_naming_the_settings_to_lo
     monkeypatch.setattr(vllm, "LLM", other)
     with pytest.raises(RuntimeError, match="^something else$"):
         engine.get_engine.__wrapped__()
+
+
+def test_sigterm_in_a_command_goes_the_way_of_ctrl_c() -> None:
+    """CLI review: SIGTERM (`timeout`, systemd, `docker stop`) killed a command outright, where
+    Ctrl-C ran its clean-ups (a submission's private copy, a `.part` file, an inline turn)."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, time, db.runs, scripts.cli as cli\n"
+        "def slow(**_):\n"
+        "    print('ready', flush=True)\n"
+        "    try:\n"
+        "        time.sleep(60)\n"
+        "    finally:\n"
+        "        print('cleaned up', flush=True)\n"
+        "db.runs.list_runs = slow\n"
+        "sys.exit(cli.main())\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, "run", "list"],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and out.strip() == "cleaned up", (proc.returncode, out, err)
+    assert "mlchat: interrupted; what was stored is kept" in err and "Traceback" not in err, err
