@@ -614,3 +614,19 @@ def test_lore_and_the_system_prompt_are_filled_once_so_a_players_name_stays_as_w
             else ("Main character: {{user}}",)
         )
         assert all(t in built.text for t in told), (speaker, built.text[:400])
+
+
+def test_the_story_so_far_is_told_in_the_storys_order_not_by_similarity(tokenizer) -> None:
+    """Found in review (prompt assembly): kept story events were rendered best first, so a question
+    about King Aldric read "murdered" above "crowned", and the NPC retold the story backwards."""
+    events = [
+        EventHit(301, "Keep", "King Aldric is murdered.", 5, 0.9),
+        EventHit(302, "Keep", "A comet is seen.", 3, 0.5),
+        EventHit(300, "Keep", "Aldric is crowned king.", 1, 0.7),
+    ]
+    context = TurnContext(recent=[], similar=[], events=events)
+    built = PromptBuilder(tokenizer, "chat_template", 2048).build(
+        PromptInput(_character(), "Rowan", "What happened to King Aldric?", context, 32)
+    )
+    at = [built.text.index(e.text) for e in (events[2], events[1], events[0])]
+    assert at == sorted(at), built.text
