@@ -649,3 +649,23 @@ def test_a_name_escape_breaks_every_speakers_opening_once(tokenizer) -> None:
         group=GroupView("Night.", (speaker.name, bram.name), (1, 2), narrator=True),
     )
     assert not regex.search(r"(?m)^Narrator\s*:\s*the gate", builder.build(item).text)
+
+
+def test_an_added_token_that_is_a_word_is_not_broken_and_added_markup_still_is() -> None:
+    """Found in review (prompt assembly): every added token was broken with a zero-width space,
+    special or not, so a vocabulary expansion's words (Korean syllables added to SOLAR's vocabulary
+    for EEVE) were broken in every player line, history line and card field of its prompts."""
+    from transformers import AutoTokenizer
+
+    from core.settings import settings
+    from worker.model_cache import resolve_model_path
+    from worker.prompt.sanitize import Sanitizer
+
+    expanded = AutoTokenizer.from_pretrained(resolve_model_path(settings))
+    expanded.add_tokens(["드래곤", "▁성문", "<|custom|>", "[TOOL]"], special_tokens=False)
+    sanitizer = Sanitizer(expanded)
+    text = "드래곤이 성문 앞에 있다 <|custom|> [TOOL] <|im_start|>"
+    cleaned = sanitizer.defang(text)
+    assert cleaned.startswith("드래곤이 성문 앞에 있다 ")
+    for markup in ("<|custom|>", "[TOOL]", "<|im_start|>"):
+        assert markup not in cleaned and markup[0] + "\u200b" + markup[1:] in cleaned

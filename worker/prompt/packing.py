@@ -475,7 +475,9 @@ class PromptBuilder:
         """The prompt with these items of `ordered` (indices, in priority order)."""
         # Kept best first, told in the story's order: "[Story so far]" read newest-first retold it
         # backwards (review: the murder before the crowning).
-        events = sorted((ordered[i][1] for i in kept if ordered[i][0] == "event"), key=lambda e: (e.time, e.id))
+        events = sorted(
+            (ordered[i][1] for i in kept if ordered[i][0] == "event"), key=lambda e: (e.time, e.id)
+        )
         memories = [ordered[i][1] for i in kept if ordered[i][0] == "memory"]
         summaries = sorted(
             (ordered[i][1] for i in kept if ordered[i][0] == "summary"), key=lambda s: s.first_seq

@@ -34,6 +34,12 @@ MAX_LABEL = 200  # characters, as names are stored (characters.name, conversatio
 _OPENING_BRACKET = regex.compile(r"^([\s\p{Cf}]*)\[")  # a label opening as a bracketed marker
 
 
+# An added token that is a word (a vocabulary expansion's Korean syllables), not markup: a text holding
+# it is the word, and broken it would cost the prompt tokens and the model its meaning (review: every
+# added token was broken, special or not). A non-special one that is markup (`<|im_start|>` a
+# fine-tune added plain) is still broken.
+_PLAIN_WORD = regex.compile(r"[\p{L}\p{M}\p{N}\u2581 ]+")
+
 NARRATOR_LABEL = "Narrator"  # the narrator's lines open with it, wherever dialogue is shown
 
 
@@ -42,9 +48,10 @@ class Sanitizer:
     format, formats.py, since they depend on the speakers' names)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(
-            getattr(tokenizer, "get_added_vocab", dict)().keys()
-        )
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | {
+            t.content for t in added if t.special or not _PLAIN_WORD.fullmatch(t.content)
+        }
         self._specials = sorted((s for s in specials if len(s) > 1), key=len, reverse=True)
         # One search for any of them: most texts hold none, and a tokenizer may have hundreds of
         # special tokens (Llama 3 reserves 256), each otherwise looked for in every text cleaned.
