@@ -880,9 +880,20 @@ def callbacks_secret(
 
     if settings.callback_secret is None:
         raise Refused("callbacks are off: set MLCHAT_CALLBACK_SECRET")
-    if tenant and tenant not in {key.tenant_id for key in settings.api_keys}:  # a typo, or a tenant gone
-        _err(f"note: no key of MLCHAT_API_KEYS has the tenant {tenant!r}; its secret all the same:")
+    _note_a_tenant_no_key_has(tenant, "its secret all the same:")
     _out(tenant_secret(tenant))
+
+
+# Said after a command that read or wrote a tenant no API key has (done all the same).
+_NO_KEY_READS_IT = "done in it all the same (a typo?)"
+
+
+def _note_a_tenant_no_key_has(tenant: str, going_on: str) -> None:
+    """A note on stderr when `tenant` is no API key's: a typo reads or writes a tenant no key sees (an
+    erasure deleting nothing said it deleted nothing, exit 0: CLI review). Not refused: a tenant
+    whose keys are gone still has its data to erase, export or train on."""
+    if tenant and tenant not in {key.tenant_id for key in settings.api_keys}:
+        _err(f"note: no key of MLCHAT_API_KEYS has the tenant {tenant!r}; {going_on}")
 
 
 @facts_app.command("add")
@@ -917,6 +928,7 @@ def facts_add(
         (stored,) = write_facts(tenant, player, [fact])
     except FactRefused as exc:  # one fact: its option, without the batch's index
         raise Refused(f"{exc.field.removeprefix('facts[0].')}: {exc.reason}") from None
+    _note_a_tenant_no_key_has(tenant, _NO_KEY_READS_IT)
     _out(str(stored.id))
 
 
@@ -986,7 +998,9 @@ def player_erase(
     running."""
     from services.erasure import erase
 
-    _out(json.dumps({"player": player, **vars(erase(tenant, player, conversation or []))}))
+    erased = erase(tenant, player, conversation or [])
+    _note_a_tenant_no_key_has(tenant, _NO_KEY_READS_IT)
+    _out(json.dumps({"player": player, **vars(erased)}))
 
 
 @history_app.command("import")
@@ -1025,6 +1039,7 @@ def history_import(
         )
     except HistoryRefused as exc:
         raise Refused(f"{path}: {exc}; nothing stored") from None
+    _note_a_tenant_no_key_has(tenant, _NO_KEY_READS_IT)
     plural = "s" if skipped != 1 else ""
     left_out = (
         f" ({skipped} message{plural} left out: system, developer, tool and empty ones)" if skipped else ""
@@ -1091,6 +1106,7 @@ def lora_dataset(
     report = export_dataset(
         character, out, run=run, min_persona=min_persona, validation_share=validation_share, tenant=tenant
     )
+    _note_a_tenant_no_key_has(tenant, _NO_KEY_READS_IT)
     _out(json.dumps(report.manifest, ensure_ascii=False, indent=2))
 
 

@@ -344,6 +344,16 @@ def test_the_cli_erases_and_refuses_in_one_line(capsys, world) -> None:
     err = capsys.readouterr().err
     assert str(queued.id) in err and len(err.strip().splitlines()) == 1, err
     cancel_turn(queued.id)
+    # CLI review: a tenant misspelled erased nothing and said nothing of it, exit 0 (the API cannot
+    # misspell one: its key names it). Said, and done all the same: a tenant whose keys are gone
+    # still has its players to erase.
+    assert cli(["player", "erase", busy, "--tenant", "game_a"]) == 0
+    said = capsys.readouterr()
+    assert (
+        said.err.strip()
+        == "note: no key of MLCHAT_API_KEYS has the tenant 'game_a'; done in it all the same (a typo?)"
+    )
+    assert json.loads(said.out)["player"] == busy
 
 
 def test_conversations_the_game_names_are_erased_with_the_players_and_another_players_are_refused(
