@@ -80,6 +80,13 @@ def test_a_turn_that_cannot_fit_fails_with_a_clear_reason(tokenizer) -> None:
     item = dataclasses.replace(PromptInput(char, "Rowan", "", TurnContext(), 64), group=group)
     with pytest.raises(PromptTooLong, match=r"message alone \([0-9]+ of them the scene's premise\)"):
         builder.build(item)
+    # review (prompt assembly): a chat completion's long system messages (the line's direction) were
+    # not named, and the caller shortened the message, which changed nothing
+    item = PromptInput(
+        _character(), "Rowan", "Hi.", TurnContext(), 64, direction="Stay in the tavern. " * 200
+    )
+    with pytest.raises(PromptTooLong, match=r"message alone \([0-9]+ of them the line's direction\)"):
+        builder.build(item)
 
 
 def test_a_player_cannot_open_a_system_turn(tokenizer) -> None:

@@ -413,11 +413,22 @@ class PromptBuilder:
             if base_len > budget:
                 # A scene's premise is in every prompt of its group: said, so its author knows which
                 # of the scene's texts to shorten (every step and line would fail for it alike).
+                # So are a line's direction (a chat completion's system messages, up to 20,000
+                # characters) and the declared actions: shortening the message changes nothing then.
                 premise = item.group.premise if item.group is not None else ""
-                shown = clean(fill_macros(premise, char, user))  # as the prompt holds it
-                of_premise = f" ({self.count_tokens(shown)} of them the scene's premise)" if premise else ""
+                shares = [
+                    (name, self.count_tokens(clean(fill_macros(text, char, user))))  # as the prompt holds it
+                    for name, text in (
+                        ("the scene's premise", premise),
+                        ("the line's direction", direction or ""),
+                        ("the actions", item.actions if item.actions and not narrator else ""),
+                    )
+                    if text
+                ]
+                of_them = "; ".join(f"{n} of them {name}" for name, n in shares)
                 raise PromptTooLong(
-                    f"prompt needs {base_len} tokens for persona and message alone{of_premise} but only "
+                    f"prompt needs {base_len} tokens for persona and message alone"
+                    f"{f' ({of_them})' if of_them else ''} but only "
                     f"{budget} fit (max_model_len {self.max_model_len} - {item.max_new_tokens} tokens kept "
                     "for the reply)"
                 )
