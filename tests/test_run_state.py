@@ -151,6 +151,8 @@ def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, 
     assert cancelled[0].before == RunStatus.VALIDATING
     assert sub.status == state.status == RunStatus.CANCELLED
     assert state.counts.queued == 0 and state.counts.total < 60  # it stopped storing, and cancelled the rest
+    # CLI review: the submission said "0 lines stored, 0 turns sent" of what it had stored and sent
+    assert sub.stored == state.counts.total > 0 and sub.sent > 0
     # CLI review: its export and status said nothing of the lines never stored
     from scripts.cli import main as cli
 

@@ -305,8 +305,8 @@ def _submit(
             stored, sent = _store_and_send(
                 path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later
             )
-        except RunNotAccepting:
-            stored = sent = 0  # cancelled mid-way: the cancel below finishes what it started; or failed
+        except RunNotAccepting as exc:  # cancelled mid-way: the cancel below finishes what it started
+            stored, sent = exc.counts  # what this call did before (CLI review: said as 0 and 0)
         except Exception as exc:
             reason = one_line(exc)
             if not retry_later:
@@ -401,10 +401,33 @@ def _store_and_send(
     it, and a failed batch writes no output), nothing is sent until every line is stored, so no
     line is answered for a batch whose submission then fails.
     """
+    counts = [0, 0]
+    try:
+        _store_and_send_counting(
+            counts, path, check, name, run_id, model, progress, tenant, send_while_storing=send_while_storing
+        )
+    except RunNotAccepting as exc:
+        exc.counts = (counts[0], counts[1])
+        raise
+    return counts[0], counts[1]
+
+
+def _store_and_send_counting(
+    counts: list[int],
+    path: Path,
+    check: FileCheck,
+    name: str,
+    run_id: uuid.UUID,
+    model: str,
+    progress: Progress | None,
+    tenant: str,
+    *,
+    send_while_storing: bool,
+) -> None:
+    """_store_and_send, counting into `counts` as it goes."""
     with session_scope() as session:
         already = stored_custom_ids(session=session, run_id=run_id)
         already |= stored_scene_ids(session=session, run_id=run_id)
-    counts = [0, 0]
 
     def send(ids: list[uuid.UUID]) -> None:
         _send(ids, model)
@@ -475,7 +498,6 @@ def _store_and_send(
             send(first_steps)
     for leftovers in () if send_while_storing else _unsent(run_id):
         send(leftovers)
-    return counts[0], counts[1]
 
 
 def _chunks(lines: Iterator[StagedTurn]) -> Iterator[list[StagedTurn]]:
