@@ -142,7 +142,9 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
     """The facts of the model's answer, less any fact outside the schema (logged); None (logged)
     when the answer as a whole is not the schema's JSON."""
     try:
-        items = _Answer.model_validate(json.loads(raw)).facts
+        # strict=False: a string with a length bound takes raw control characters in the grammar
+        # (structured/json_text.py), which a strict reader refused, losing the facts for good
+        items = _Answer.model_validate(json.loads(raw, strict=False)).facts
     except (ValueError, ValidationError, RecursionError) as exc:
         cut = None if isinstance(exc, ValidationError) else _finished_before_the_cut(raw)
         if not cut:  # not the schema's JSON, or cut before its first fact: an answer outside it
@@ -169,7 +171,7 @@ def _finished_before_the_cut(raw: str) -> list[Any] | None:
     opened = _FACTS_OPEN.match(raw)
     if opened is None:
         return None
-    decoder, pos = json.JSONDecoder(), opened.end()
+    decoder, pos = json.JSONDecoder(strict=False), opened.end()
     items: list[Any] = []
     while len(items) < MAX_FACTS:
         while pos < len(raw) and raw[pos] in " \t\r\n,":

@@ -675,6 +675,12 @@ def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
     assert parse_facts('{"facts": [{"subject": "Rowan", "text": "no kind"}]}') == []  # that fact dropped
     assert parse_facts('{"facts": [1, 2, 3, 4, 5]}') is None  # the answer outside the schema
     assert parse_facts("not json") is None
+    # Review: the schema's bounded strings take a raw tab in xgrammar's grammar (and no escape); a
+    # strict reader took the answer for one outside its schema, or cut it there, for good.
+    tabbed = '{"facts":[{"subject":"Rowan","kind":"player","text":"Rowan\tstole the ring.","importance":7}'
+    for answer in (tabbed + "]}", tabbed + ',{"subject":"Ro'):  # whole, and cut at max_tokens
+        (fact,) = parse_facts(answer) or []
+        assert fact.text == "Rowan\tstole the ring."
 
 
 def test_facts_of_one_answer_never_replace_each_other() -> None:

@@ -1384,12 +1384,13 @@ def test_the_prompt_builders_lorebooks_are_kept_per_character_version_within_a_b
     assert builder._lorebook(bumped).entries == []  # a new version is read anew
 
 
-def test_a_reply_the_grammar_let_through_is_kept_as_json_a_client_parses_and_a_date_as_a_date() -> None:
+def test_a_reply_the_grammar_let_through_is_kept_as_json_a_client_parses_and_a_date_as_a_date(
+    monkeypatch,
+) -> None:
     """Found in review (structured replies as a game consumes them): a string with a length bound
     (an NPC's `say`, an action's argument, any schema's maxLength) takes raw control characters in
-    xgrammar's grammar and no escape, so a tab the model wrote failed the turn as invalid JSON; a
-    json_schema reply's content kept an escaped NUL that `structured` dropped; the `date` and
-    `date-time` grammars write 2023-02-29, stored as valid."""
+    xgrammar's grammar and no escape, so a tab the model wrote failed the turn as invalid JSON; the
+    `date` and `date-time` grammars write 2023-02-29, stored as valid."""
     shape = shape_of(PARAMS | {"actions": [GIVE]}, _character(3, []))
     assert shape is not None
     tabbed = '{"say":"Take\tit.","emotion":"joy","action":{"name":"give_item","args":{"item":"a\x0bb"}}}'
@@ -1402,13 +1403,25 @@ def test_a_reply_the_grammar_let_through_is_kept_as_json_a_client_parses_and_a_d
     }
     shape = shape_of(PARAMS | {"response_format": _schema_format(bounded)}, _character(3, []))
     assert shape is not None
-    read = read_reply(shape, Generation('{"name":"Bram\tthe smith"}', 10, 20, "stop"))
+    pieces = ['{"name":"Bram', "\tthe", ' smith"}']
+    read = read_reply(shape, Generation("".join(pieces), 10, 20, "stop"))
+    assert read.text == '{"name":"Bram\\u0009the smith"}'  # escaped where it stands
     assert json.loads(read.text) == read.structured == {"name": "Bram\tthe smith"}  # strict, as clients read
+    # ...and streamed escaped piece by piece, so the stored reply goes on from what was shown (review:
+    # a stream that showed the raw tab ended in "restarted")
+    import types
+
+    from worker import engine
+
+    shown: list[str] = []
+    monkeypatch.setattr(engine, "text_hook", lambda *_: shown.append)
+    hook = engine.stream_hook(types.SimpleNamespace(stream=("turn", "key"), reply_shape=shape))
+    for piece in pieces:
+        hook(piece)
+    assert "".join(shown) == read.text
     shape = shape_of(PARAMS | {"response_format": {"type": "json_object"}}, _character(3, []))
     assert shape is not None
-    read = read_reply(shape, Generation('{"a":"b\\u0000c","d":"\\ud800"}', 10, 20, "stop"))
-    assert json.loads(read.text) == read.structured == {"a": "bc", "d": "\ufffd"}
-    plain = '{"a":1.5,"b":[true,null]}'  # nothing to write back: the model's text is kept
+    plain = '{"a":1.5,"b":[true,null]}'  # nothing to escape: the model's text is kept
     assert read_reply(shape, Generation(plain, 10, 20, "stop")).text == plain
     dated = {
         "type": "object",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from core import metrics
 from core.settings import Dtype, settings
 from streaming.publisher import text_hook
+from structured.json_text import escape_raw_controls
 from structured.say_stream import SayText
 from worker.engine_loop import BULK, LIVE, EngineLoop, Generation, RequestCancelled
 from worker.lifecycle import stop_for_dead_engine
@@ -575,7 +576,11 @@ def stream_hook(request: GenerationRequest) -> Any:
         return None
     hook = text_hook(*request.stream)
     shape = request.reply_shape
-    return SayText(hook, shape.say_stops) if shape is not None and shape.kind == NPC else hook
+    if shape is not None and shape.kind == NPC:
+        return SayText(hook, shape.say_stops)
+    if shape is not None and shape.kind in ("json_schema", "json_object"):
+        return lambda piece: hook(escape_raw_controls(piece))  # as the reply is stored: read_reply
+    return hook
 
 
 class NoTimeLeft(TimeoutError):

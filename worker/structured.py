@@ -21,6 +21,7 @@ from core.versioned_cache import VersionedCache
 from db.models import Character, TurnErrorCode
 from roleplay.actions import ARG_MAX_CHARS, SAY_MAX_CHARS, Action, card_actions, check_actions, reply_schema
 from roleplay.mood import EMOTIONS
+from structured.json_text import escape_raw_controls
 from structured.spec import outputs_of, pattern_validator, schema_of, structured_outputs_for
 from worker.engine_loop import Generation
 
@@ -279,17 +280,9 @@ def _read(shape: ReplyShape, gen: Generation) -> Generation:
         if not value["say"].strip():  # the schema's minLength lets " " through; a free-text blank fails too
             raise _bad(gen, "the reply's say is blank")
         return dataclasses.replace(gen, text=value["say"], structured=value, emotion=value["emotion"])
-    if value != parsed or _RAW_CONTROL.search(gen.text):
-        # The reply as the client reads it (a chat completion's content, a batch line's) is JSON
-        # that parses strictly and holds what `structured` holds (without NUL, U+FFFD for a lone
-        # surrogate): written back, in the grammar's compact form.
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-        return dataclasses.replace(gen, text=text, structured=value)
-    return dataclasses.replace(gen, structured=value)
-
-
-# With the grammar's whitespace off, a control character in a JSON reply is inside a string.
-_RAW_CONTROL = re.compile("[\x00-\x1f]")
+    # The reply as a client parses it (a chat completion's content, a batch line's), strict JSON:
+    # escaped where it stands, as its stream was (worker/engine.py::stream_hook).
+    return dataclasses.replace(gen, text=escape_raw_controls(gen.text), structured=value)
 
 
 def _storable(value: Any) -> Any:
