@@ -349,6 +349,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
     from db.vector_space import refuse_if_moved
     from db.world import (
         StoryBusy,
+        conversation_players,
         count_story_events,
         find_conversations,
         save_character_if_changed,
@@ -392,6 +393,12 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         kept_id, owner = upsert_conversations(session=session, rows=[row], tenant=tenant)[kept]
         if owner != char_id:
             raise _not_its_own(kept)
+        player = conversation_players(session=session, conversation_ids=[kept_id])[kept_id]
+        if req.conversation and req.turn.player_id and player not in ("", req.turn.player_id):
+            # As its turn would be refused (services/producer.py), before the story switch and the
+            # persona this transaction wrote are committed (review): a refused request stores nothing.
+            whose = f"player {player!r}'s, not player {req.turn.player_id!r}'s"
+            raise InlineRefused("request", f"player_id: conversation {kept!r} is {whose}")
         if (
             req.conversation
             and story_key is not None

@@ -833,7 +833,7 @@ def _refuse_another_players(
         owner = owners.get(req.conversation, "")
         if req.player_id and owner and owner != req.player_id:
             named_conv = printable(req.conversation, 80)
-            whose = f"player {printable(owner, 80)!r}'s, not {printable(req.player_id, 80)!r}'s"
+            whose = f"player {printable(owner, 80)!r}'s, not player {printable(req.player_id, 80)!r}'s"
             reason = f"conversation {named_conv!r} is {whose}"
             errors.append(ItemError(i, "player_id", reason))
     if errors:

@@ -1219,3 +1219,22 @@ def test_a_history_moved_meanwhile_exits_1_to_send_again(tmp_path: Path, capsys,
     assert cli(["chat", "--message", "hi", "--persona", str(_persona_file(tmp_path))]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "mlchat: conversation 'x': its history changed meanwhile; try again", err
+
+
+def test_a_request_naming_another_player_is_refused_before_its_story_switch_is_stored() -> None:
+    """Found in review of this stop's player check: the original shape stored the request's persona
+    and moved the named conversation to its story in a committed transaction, then had its turn
+    refused for naming another player: the first player's later turns ran in the second's story."""
+    from services.original_request import InlineRefused, store_and_enqueue
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    rowan, mallory = f"rowan-{uuid.uuid4().hex[:6]}", f"mallory-{uuid.uuid4().hex[:6]}"
+    first = store_request(read_request(_event(name, conversation=conversation, player_id=rowan)))
+    other_story = [{"text": f"다른 이야기 {uuid.uuid4().hex[:6]}", "time": 1}]
+    event = _event(name, conversation=conversation, player_id=mallory, story=other_story)
+    with pytest.raises(
+        InlineRefused, match=rf"^player_id: conversation '{conversation}' is player '{rowan}''s"
+    ):
+        store_and_enqueue(read_request(event), send=False)
+    conv = _conversation(conversation)
+    assert (conv.story, conv.player_id) == (first.story, rowan)

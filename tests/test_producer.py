@@ -992,7 +992,7 @@ def test_a_turn_naming_another_player_is_refused_from_a_players_conversation(wor
             enqueue_turns(requests, send=False)
         (error,) = refused.value.errors
         assert (error.index, error.field) == (len(requests) - 1, "player_id")
-        assert f"is player {rowan!r}'s, not {mallory!r}'s" in error.reason
+        assert f"is player {rowan!r}'s, not player {mallory!r}'s" in error.reason
     assert turns_of(conv["conversation"]) == ["I took the ring."]
     # Two players starting one conversation in one call: the second is refused.
     fresh = new_conversation()
