@@ -27,9 +27,13 @@ def placed(where: str, msg: str) -> tuple[str, str]:
     `params.response_format`): that place joined to `where`, said once."""
     head, _, last = where.rpartition(".")
     if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
-        inner, said, rest = msg.partition(": ")
-        if said:
-            return (f"{head}.{inner}" if head else inner), rest
+        # The place ends at the first ": " outside brackets (a property named "a: b" is quoted in one).
+        depth = 0
+        for i, char in enumerate(msg):
+            depth += (char == "[") - (char == "]")
+            if depth == 0 and msg.startswith(": ", i):
+                inner, rest = msg[:i], msg[i + 2 :]
+                return (f"{head}.{inner}" if head else inner), rest
     return where, msg
 
 

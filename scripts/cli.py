@@ -607,7 +607,8 @@ def _store_original(
         # --inline answers here, with this process's model; else any the deployment serves.
         request = read_request(payload, models=None if send else [settings.model])
         stream = send and (request.turn.params.n or 1) == 1  # best of n is judged whole, never streamed
-        stored, turn_id = store_and_enqueue(request, send=send, stream=stream, on_stored=_say_stored)
+        with _one_request():
+            stored, turn_id = store_and_enqueue(request, send=send, stream=stream, on_stored=_say_stored)
     except HistoryMoved:  # an erasure committed between the request's reads: busy, exit code 1
         raise
     except InlineRefused as exc:

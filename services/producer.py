@@ -235,7 +235,9 @@ def submit_turns(
     """
     parsed = [as_request(r) for r in requests]
     unknown = [
-        ItemError(i, "model", f"unknown model {req.model!r}; this deployment serves {settings.models}")
+        ItemError(
+            i, "model", f"unknown model {req.model!r}; this deployment serves {', '.join(settings.models)}"
+        )
         for i, req in enumerate(parsed)
         if (req.model or settings.model) not in settings.models
     ]

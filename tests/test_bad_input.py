@@ -448,6 +448,8 @@ def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
     )
     assert meaning.status_code == 422
     assert [e["field"] for e in meaning.json()["detail"]] == ["turns[2].model"]  # models are checked first
+    # review of error texts (stop 79): the served models were a Python list
+    assert meaning.json()["detail"][0]["msg"].endswith("this deployment serves smollm2-135m")
     conversations = httpx.post(
         f"{base_url}/v1/turns:batch",
         json={"turns": [_turn(character="nobody"), _turn(), _turn(character="ghost")]},
@@ -469,6 +471,13 @@ def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
     (error,) = nested.json()["detail"]
     assert (error["field"], error["msg"]) == ("turns[0].params.response_format.regex", "Field required")
     assert nested.json()["message"] == "turns[0].params.response_format.regex: Field required"
+    from core.validation import placed  # a place that holds ": " (a property's name) is kept whole
+
+    quoted = "response_format.json_schema.schema.properties['a: b']: Field required"
+    assert placed("params.response_format", quoted) == (
+        "params.response_format.json_schema.schema.properties['a: b']",
+        "Field required",
+    )
     assert _turns() == turns  # all or none
 
 

@@ -543,6 +543,46 @@ def test_the_ingests_metrics_under_several_processes_count_every_processs_reques
         api.wait(timeout=30)
 
 
+def test_a_sigterm_stops_the_api_as_a_server_not_as_an_interrupted_command(tmp_path) -> None:
+    """Review's suspicion, checked: `mlchat` turns SIGTERM into Ctrl-C for its commands, and uvicorn,
+    after its graceful shutdown, raises SIGTERM again under the handler it found; uvicorn.run takes
+    the KeyboardInterrupt that makes, so `docker stop` of the API still ends it cleanly, exit 0."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path / "api.log"
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    with log.open("w") as out:
+        api = subprocess.Popen(
+            [sys.executable, "-m", "scripts.cli", "api", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code in (200, 503):
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        api.send_signal(signal.SIGTERM)
+        code = api.wait(timeout=60)
+    finally:
+        api.kill()
+    said = log.read_text()
+    assert code == 0 and "Application shutdown complete" in said and "interrupted" not in said, (code, said)
+
+
 def test_a_scrape_under_several_processes_sums_every_processs_values_and_forgets_the_dead(
     tmp_path, monkeypatch
 ) -> None:
