@@ -97,6 +97,8 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 EXTRACT_MAX_TOKENS = 448
 # What a memory job's request needs beside its answer: its instructions and at least a line.
 MEMORY_INSTRUCTIONS_TOKENS = 256
+# What the prompt's packing counts for each item beside its own tokens (worker/prompt/packing.py).
+PROMPT_ITEM_OVERHEAD_TOKENS = 6
 MIN_SECRET_CHARS = 32  # a master every tenant holds an HMAC of (MLCHAT_CALLBACK_SECRET, MLCHAT_DESK_SECRET)
 COUNT_MAX = 1_000_000  # a count setting compared with an int4 column
 _PLACEHOLDER_DIGESTS = frozenset(
@@ -647,6 +649,15 @@ class Settings(BaseSettings):
                 f"MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave {MEMORY_INSTRUCTIONS_TOKENS} tokens of "
                 "MLCHAT_MAX_MODEL_LEN to the summary's instructions and lines (or summaries off: "
                 "MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
+            )
+        summary_cost = self.memory_summary_max_tokens + PROMPT_ITEM_OVERHEAD_TOKENS
+        if self.memory_summary_threshold_tokens and 0 < self.memory_budget_tokens < summary_cost:
+            # Every summary over the prompt's memory budget: written by the bulk lane, shown in no
+            # prompt, said only in manifests' `dropped` (memory review).
+            raise ValueError(
+                f"MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave {PROMPT_ITEM_OVERHEAD_TOKENS} tokens of "
+                "MLCHAT_MEMORY_BUDGET_TOKENS (a summary longer than the prompt's memory budget is never "
+                "shown; or summaries off: MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
             )
         if self.memory_extract_every_lines and room < EXTRACT_MAX_TOKENS:
             raise ValueError(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from core.settings import PROMPT_ITEM_OVERHEAD_TOKENS
 from core.text import speaker_key
 from core.versioned_cache import VersionedCache
 from db.models import Character
@@ -169,7 +170,7 @@ class PromptBuilder:
     """Packs prompts for one model: its tokenizer, its format, its context window."""
 
     # Rough per-message cost of role markers; the exact length is checked after rendering.
-    _MESSAGE_OVERHEAD = 6
+    _MESSAGE_OVERHEAD = PROMPT_ITEM_OVERHEAD_TOKENS
 
     def __init__(self, tokenizer: Any, prompt_format: str, max_model_len: int) -> None:
         self.tokenizer = tokenizer
