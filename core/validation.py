@@ -28,8 +28,13 @@ def placed(where: str, msg: str) -> tuple[str, str]:
     head, _, last = where.rpartition(".")
     if last and msg.startswith((f"{last}.", f"{last}:", f"{last}[")):
         # The place ends at the first ": " outside brackets (a property named "a: b" is quoted in one).
-        depth = 0
+        depth, quote = 0, ""
         for i, char in enumerate(msg):
+            if quote:
+                quote = "" if char == quote else quote
+                continue
+            if depth and char in "'\"":
+                quote = char
             depth += (char == "[") - (char == "]")
             if depth == 0 and msg.startswith(": ", i):
                 inner, rest = msg[:i], msg[i + 2 :]

@@ -7,6 +7,7 @@ form value is checked here with a message naming the field; nothing is stored un
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -339,7 +340,9 @@ def _visible_runs(who: Reviewer) -> Any:
 
 def _row(session: Session, run: Run) -> RunRow:
     counts = run_counts(session=session, run_id=run.id, unsent=False)  # from the index alone
-    live = run.status not in RUN_FINISHED  # cancelling and finalizing move on their own too
+    # cancelling and finalizing move on their own too; so does a run its submission failed, while the
+    # turns it stored are answered (bulk runs review: its row stopped following them)
+    live = run.status not in RUN_FINISHED or counts.total > counts.finished
     quality = quality_summary(session=session, run_id=run.id, live=live)
     # Its requests refused by policy are its too, answered failed in its error file, as the API counts
     # a batch's (review of the numbers users read: the desk's total left them out).
@@ -758,9 +761,21 @@ def edited_structured(turn: Turn, text: str, per_char: int = 1) -> Any:
     shape = reading_shape(turn.params)
     if shape is not None:
         try:
-            return read_reply(shape, Generation(text, 0, 0, "stop")).structured
+            structured = read_reply(shape, Generation(text, 0, 0, "stop")).structured
         except BadStructuredReply as exc:
             raise _bad(f"reply: this line is a {shape.kind} reply, and {exc}") from None
+        if shape.kind in ("json_schema", "json_object"):
+            # The engine's raw control characters are escaped where they stand (a grammar writes no
+            # whitespace between tokens); a writer's line break may sit between them, so an edit is
+            # held to strict JSON, as its clients parse the content (review).
+            try:
+                json.loads(text)
+            except ValueError as exc:
+                raise _bad(
+                    f"reply: this line is a {shape.kind} reply, and it is not strict JSON ({exc}); write a "
+                    "line break or a tab inside a string as \\n or \\t"
+                ) from None
+        return structured
     if turn.structured is None:
         return None
     limit = say_chars(int(turn.params["max_new_tokens"]), per_char)  # the speaker's, as its schema's

@@ -393,7 +393,9 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         kept_id, owner = upsert_conversations(session=session, rows=[row], tenant=tenant)[kept]
         if owner != char_id:
             raise _not_its_own(kept)
-        player = conversation_players(session=session, conversation_ids=[kept_id])[kept_id]
+        player = conversation_players(session=session, conversation_ids=[kept_id]).get(kept_id)
+        if player is None:  # erased since the upsert found it
+            raise HistoryMoved("request", f"conversation {kept!r} changed meanwhile; try again")
         if req.conversation and req.turn.player_id and player not in ("", req.turn.player_id):
             # As its turn would be refused (services/producer.py), before the story switch and the
             # persona this transaction wrote are committed (review): a refused request stores nothing.

@@ -623,6 +623,8 @@ def check_regex(pattern: str, where: str) -> str:
     too_large = size_refusal(pattern)  # before any build: compiling it alone could exhaust memory
     if too_large is not None:
         raise SchemaRefused(f"{where}: {too_large}")
+    if looks_ahead(pattern):  # as a schema's pattern: the reply's check would hold what the grammar drops
+        raise SchemaRefused(f"{where}: a lookahead ((?= or (?!) is not supported")
     _refuse(where, partial(_regex_refusal, pattern))
     return pattern
 

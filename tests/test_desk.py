@@ -738,6 +738,15 @@ def test_an_edit_of_a_data_reply_is_read_against_its_format_like_the_engines(ser
         desk.edit(WRITER, second, "maybe", "0")
     desk.edit(WRITER, second, "no", "0")
     assert _stored(second)[0].reply == "no"
+    # Review: replies are read taking raw control characters (the grammar's bounded strings hold
+    # them raw), and an edit with a line break inside a string was stored so: content no client parses
+    _make_structured(first, structured={"name": "Bram"}, response_format={"type": "json_object"})
+    with pytest.raises(
+        DeskError, match=r"reply: this line is a json_object reply, and it is not strict JSON"
+    ):
+        desk.edit(WRITER, first, '{"name": "Bram\nthe smith"}', "1")
+    desk.edit(WRITER, first, '{"name":\n  "Bram the smith"}', "1")  # a line break between tokens is JSON
+    assert _stored(first)[0].structured == {"name": "Bram the smith"}
 
 
 def test_a_regex_reply_keeps_the_edges_its_pattern_asks_for_and_is_compared_as_written(

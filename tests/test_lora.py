@@ -1162,8 +1162,12 @@ def test_an_adapter_trained_on_a_tenants_dialogue_answers_that_tenants_turns_alo
     (adapter / "training_config.json").write_text(json.dumps({"tenant": "studio-b", "from_turns": 0}))
     assert cli(["lora", "register", slug, str(adapter)]) == 0  # the card's examples alone: every tenant
     assert serving() == (True, True)
+    capsys.readouterr()
     assert cli(["lora", "register", slug, str(adapter), "--tenant", "studio-a"]) == 0  # or one, as asked
     assert serving() == (True, False)
+    # review: a tenant misspelled took the adapter from the tenant meant, unsaid
+    keyless = "studio-a" not in {key.tenant_id for key in settings.api_keys}
+    assert ("note: no key of MLCHAT_API_KEYS has the tenant 'studio-a'" in capsys.readouterr().err) == keyless
     # review: a record that does not say whose dialogue (trained elsewhere; or before records said,
     # its data set's manifest gone) was served to every tenant unsaid; it must be told
     (adapter / "training_config.json").write_text(json.dumps({"dataset": str(tmp_path / "gone")}))

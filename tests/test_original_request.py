@@ -1238,3 +1238,16 @@ def test_a_request_naming_another_player_is_refused_before_its_story_switch_is_s
         store_and_enqueue(read_request(event), send=False)
     conv = _conversation(conversation)
     assert (conv.story, conv.player_id) == (first.story, rowan)
+
+
+def test_a_named_conversation_erased_between_its_reads_is_a_request_to_send_again(monkeypatch) -> None:
+    """Review of this stop's player check: a conversation erased between the upsert that found it and
+    the read of its player raised a bare KeyError (a 500, `{"error"}` to the serverless caller);
+    it is HistoryMoved, "try again", as the history's own check says it."""
+    import db.world
+    from services.original_request import HistoryMoved
+
+    name, conversation = f"루피-{uuid.uuid4().hex[:6]}", f"orig-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(db.world, "conversation_players", lambda **_: {})
+    with pytest.raises(HistoryMoved, match=rf"conversation '{conversation}' changed meanwhile; try again"):
+        store_request(read_request(_event(name, conversation=conversation, player_id="p-erased")))
