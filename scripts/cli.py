@@ -93,8 +93,17 @@ def services_start() -> None:
     """Start the embedded PostgreSQL and Redis (idempotent)."""
     from core import embedded
 
+    _note_external_servers()
     _out(f"postgres: {embedded.start_postgres(settings.state_dir, settings.embedded_pg_shared_buffers)}")
     _out(f"redis:    {embedded.start_redis(settings.state_dir)}")
+
+
+def _note_external_servers() -> None:
+    """A note on stderr for each server a URL names: the embedded one started or shown here is not the
+    one mlchat uses (CLI review: their URLs read as the deployment's)."""
+    for variable, url in (("DATABASE_URL", settings.database_url), ("REDIS_URL", settings.redis_url)):
+        if url:
+            _err(f"note: {variable} is set: mlchat uses that server, not the embedded one below")
 
 
 @services_app.command("stop")
@@ -117,6 +126,7 @@ def services_status() -> None:
     """Show whether the embedded services run, and their URLs."""
     from core import embedded
 
+    _note_external_servers()
     for status in (embedded.postgres_status(settings.state_dir), embedded.redis_status(settings.state_dir)):
         state_word = "running" if status.running else "stopped"
         _out(f"{status.name:9} {state_word:8} pid={status.pid} {status.url or ''}")
@@ -476,7 +486,7 @@ def run_export(
     results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
     left = before.counts.total - before.counts.finished
-    if not before.finished and left:
+    if left:  # a run failed by its submission still answers the turns it stored (bulk runs review)
         _err(
             f"run {before.name} is {before.status.value}: {left} line(s) not finished were left out; "
             "export again once it ends"
@@ -506,7 +516,7 @@ def run_scenes(
     before = run_state(run)
     path, n = export_scenes(run, out, format)
     _out(f"{n} scenes -> {path}")
-    if not before.finished:  # as `run export` says it (review, stop 75: said nothing)
+    if not before.finished or before.counts.total > before.counts.finished:  # as `run export` says it
         _err(
             f"run {before.name} is {before.status.value}: its scenes are exported as far as they went, and"
             " scenes stored while the export ran may be left out; export again once it ends"
@@ -955,6 +965,7 @@ def facts_list(
         for fact in page:
             _out(one_line_json(fact.model_dump(mode="json")))
         if len(page) < FACTS_PAGE:
+            _note_a_tenant_no_key_has(tenant, _NO_KEY_READS_IT)
             return
         after = page[-1].id
 
@@ -1188,6 +1199,7 @@ def lora_register(
     from services.lora.registry import register
 
     done = register(character, adapter, tenant=tenant, every_tenant=every_tenant)
+    _note_a_tenant_no_key_has(done.tenant or "", "its turns alone are answered by the adapter (a typo?)")
     whose = "every tenant" if done.tenant is None else f"tenant {done.tenant!r}"
     _out(f"{done.slug}@v{done.version} -> {done.path} (answers {whose}'s turns)")
 

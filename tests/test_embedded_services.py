@@ -333,3 +333,19 @@ def test_a_state_dir_given_relative_starts_redis(tmp_path: Path, monkeypatch) ->
     finally:
         assert embedded.stop_redis(Path("state"))
     assert not embedded.redis_status(tmp_path / "state").running
+
+
+def test_services_say_when_a_url_names_the_server_mlchat_uses(monkeypatch, capsys) -> None:
+    """CLI review: with DATABASE_URL set, `services start|status` showed the embedded servers' URLs
+    as if they were the deployment's; each URL set is said on stderr."""
+    from core.settings import settings
+    from scripts.cli import main as cli
+
+    monkeypatch.setattr(settings, "database_url", "postgresql+psycopg://db.internal/mlchat")
+    monkeypatch.setattr(settings, "redis_url", None)
+    assert cli(["services", "status"]) == 0
+    said = capsys.readouterr()
+    assert said.err.splitlines() == [
+        "note: DATABASE_URL is set: mlchat uses that server, not the embedded one below"
+    ]
+    assert "postgres" in said.out

@@ -135,6 +135,25 @@ def test_an_export_of_a_run_not_finished_says_what_it_left_out(quiet_model, tmp_
     assert f"run {sub.name} is queued: 3 line(s) not finished were left out" in said.err
 
 
+def test_an_export_of_a_run_its_submission_failed_says_the_turns_it_still_answers(
+    quiet_model, tmp_path, capsys
+) -> None:
+    """Bulk runs review: a run its submission failed (the broker away mid-file, its submitter killed)
+    still answers the turns it stored, but its export said nothing of those, as the run had
+    "finished", and the desk's row stopped following them."""
+    from scripts.cli import main as cli
+    from services import desk
+
+    sub = submit_run(_file(tmp_path, 3), name="failed-sub-" + tmp_path.name)  # a model no worker serves
+    with session_scope() as s:
+        s.execute(update(Run).where(Run.id == sub.id).values(status=RunStatus.FAILED))
+    capsys.readouterr()
+    assert cli(["run", "export", sub.name, "--out", str(tmp_path / "out")]) == 0
+    assert f"run {sub.name} is failed: 3 line(s) not finished were left out" in capsys.readouterr().err
+    with session_scope() as s:
+        assert desk._row(s, s.get_one(Run, sub.id)).live
+
+
 def test_a_cancel_during_submission_is_never_overwritten(quiet_model, tmp_path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(runs.submit, "CHUNK", 10)
     path = _file(tmp_path, 60)
