@@ -117,9 +117,6 @@ ANALYZE_STAGE = text("ANALYZE turn_stage")  # temp tables have no statistics unt
 class RunNotAccepting(RuntimeError):
     """The run left `validating` (it was cancelled): its submission stores nothing more."""
 
-    # (lines stored, turns sent) by the submission before it found out (services/runs/submit.py)
-    counts: tuple[int, int] = (0, 0)
-
 
 @dataclass(frozen=True)
 class StagedTurn:

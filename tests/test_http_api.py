@@ -3,6 +3,7 @@
 import json
 import re
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -497,6 +498,19 @@ def test_a_database_errors_text_never_carries_a_players_words(world) -> None:
         assert "Mira" not in str(refused.value) and "parameters hidden" in str(refused.value)
 
 
+def _wait_until_it_answers(base: str, api: Any, log: Any) -> None:
+    """Until the API process at `base` answers its health check (90 s; its log's tail if not)."""
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5).status_code in (200, 503):
+                return
+        except httpx.HTTPError:
+            pass
+        assert api.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.5)
+
+
 def test_the_ingests_metrics_under_several_processes_count_every_processs_requests(world, tmp_path) -> None:
     """Found in review: under `mlchat api --workers N` each process kept its own counters and a
     scrape showed whichever answered (its counter seemed to reset at every scrape). Each writes its
@@ -519,15 +533,7 @@ def test_the_ingests_metrics_under_several_processes_count_every_processs_reques
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=5).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "api.log").read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_until_it_answers(base, api, tmp_path / "api.log")
         for _ in range(20):  # fresh connections: the processes share the listening socket
             assert httpx.post(f"{base}/v1/turns", json={}, headers={}).status_code == 401
         counted = re.compile(
@@ -566,15 +572,7 @@ def test_a_sigterm_stops_the_api_as_a_server_not_as_an_interrupted_command(tmp_p
             stderr=subprocess.STDOUT,
         )
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code in (200, 503):
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+        _wait_until_it_answers(f"http://127.0.0.1:{port}", api, log)
         api.send_signal(signal.SIGTERM)
         code = api.wait(timeout=60)
     finally:

@@ -374,10 +374,10 @@ def test_a_submission_that_finds_its_run_cancelled_cancels_it_holding_no_lock_on
     def cancelled_meanwhile(*args, **kwargs):  # type: ignore[no-untyped-def]
         out = store(*args, **kwargs)
         with session_scope() as s:  # a worker holds one line, and a user's cancel lands
-            first = s.scalar(select(Turn.id).where(Turn.run_id == args[3]).order_by(Turn.number).limit(1))
+            first = s.scalar(select(Turn.id).where(Turn.run_id == args[4]).order_by(Turn.number).limit(1))
             claim_turns(session=s, turn_ids=[first], lease_s=60, max_attempts=3)
         with session_scope() as s:
-            cancel_run(session=s, run_id=args[3])
+            cancel_run(session=s, run_id=args[4])
         return out
 
     run_locked: list[bool] = []

@@ -301,12 +301,13 @@ def _submit(
             raise RunValidationError(check.errors, check.error_count)
         if over_quota is not None:
             raise RunValidationError([])  # failed, with its reason recorded: its caller calls back
+        counts = [0, 0]  # (lines stored, turns sent), as they go: a cancel mid-way says what was done
         try:
-            stored, sent = _store_and_send(
-                path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later
+            _store_and_send(
+                counts, path, check, name, run_id, model, progress, tenant, send_while_storing=not retry_later
             )
-        except RunNotAccepting as exc:  # cancelled mid-way: the cancel below finishes what it started
-            stored, sent = exc.counts  # what this call did before (CLI review: said as 0 and 0)
+        except RunNotAccepting:  # cancelled mid-way: the cancel below finishes what it started
+            pass  # (CLI review: what this call had stored and sent was said as 0 and 0)
         except Exception as exc:
             reason = one_line(exc)
             if not retry_later:
@@ -321,6 +322,7 @@ def _submit(
             raise SubmissionFailed(
                 f"run {name!r}: submission stopped ({reason}); resubmit to resume"
             ) from exc
+        stored, sent = counts
         with session_scope() as session:
             status = finish_submission(session=session, run_id=run_id)
             if status == RunStatus.FAILED:  # failed under it (housekeeping found it abandoned, say)
@@ -380,6 +382,7 @@ def _stored_tenant(name: str) -> str:
 
 
 def _store_and_send(
+    counts: list[int],
     path: Path,
     check: FileCheck,
     name: str,
@@ -389,8 +392,9 @@ def _store_and_send(
     tenant: str,
     *,
     send_while_storing: bool = True,
-) -> tuple[int, int]:
-    """Store the lines not stored yet and send every turn not sent yet; (lines stored, turns sent).
+) -> None:
+    """Store the lines not stored yet and send every turn not sent yet, counting (lines stored, turns
+    sent) into `counts` as it goes (a cancel met part-way leaves what was done there).
 
     Three stages overlap: this thread parses chunk N+2 while one thread stores chunk N+1 (COPY and
     insert; PostgreSQL works meanwhile) and another sends chunk N's messages. At most one chunk waits
@@ -401,30 +405,6 @@ def _store_and_send(
     it, and a failed batch writes no output), nothing is sent until every line is stored, so no
     line is answered for a batch whose submission then fails.
     """
-    counts = [0, 0]
-    try:
-        _store_and_send_counting(
-            counts, path, check, name, run_id, model, progress, tenant, send_while_storing=send_while_storing
-        )
-    except RunNotAccepting as exc:
-        exc.counts = (counts[0], counts[1])
-        raise
-    return counts[0], counts[1]
-
-
-def _store_and_send_counting(
-    counts: list[int],
-    path: Path,
-    check: FileCheck,
-    name: str,
-    run_id: uuid.UUID,
-    model: str,
-    progress: Progress | None,
-    tenant: str,
-    *,
-    send_while_storing: bool,
-) -> None:
-    """_store_and_send, counting into `counts` as it goes."""
     with session_scope() as session:
         already = stored_custom_ids(session=session, run_id=run_id)
         already |= stored_scene_ids(session=session, run_id=run_id)
