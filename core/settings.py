@@ -650,14 +650,15 @@ class Settings(BaseSettings):
                 "MLCHAT_MAX_MODEL_LEN to the summary's instructions and lines (or summaries off: "
                 "MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
             )
-        summary_cost = self.memory_summary_max_tokens + PROMPT_ITEM_OVERHEAD_TOKENS
-        if self.memory_summary_threshold_tokens and 0 < self.memory_budget_tokens < summary_cost:
-            # Every summary over the prompt's memory budget: written by the bulk lane, shown in no
-            # prompt, said only in manifests' `dropped` (memory review).
+        # A summary line costs its tokens, its "- " and the packing's per-item count.
+        summary_cost = self.memory_summary_max_tokens + PROMPT_ITEM_OVERHEAD_TOKENS + 2
+        if self.memory_summary_threshold_tokens and self.memory_budget_tokens < summary_cost:
+            # Every summary over the prompt's memory budget (0 included): written by the bulk lane,
+            # shown in no prompt, said only in manifests' `dropped` (memory review).
             raise ValueError(
-                f"MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave {PROMPT_ITEM_OVERHEAD_TOKENS} tokens of "
-                "MLCHAT_MEMORY_BUDGET_TOKENS (a summary longer than the prompt's memory budget is never "
-                "shown; or summaries off: MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
+                f"MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave {summary_cost - self.memory_summary_max_tokens}"
+                " tokens of MLCHAT_MEMORY_BUDGET_TOKENS (a summary longer than the prompt's memory budget "
+                "is never shown; or summaries off: MLCHAT_MEMORY_SUMMARY_THRESHOLD_TOKENS=0)"
             )
         if self.memory_extract_every_lines and room < EXTRACT_MAX_TOKENS:
             raise ValueError(

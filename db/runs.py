@@ -128,6 +128,11 @@ class RunCounts:
     def finished(self) -> int:
         return self.completed + self.failed + self.cancelled
 
+    @property
+    def underway(self) -> int:
+        """Turns being answered: stored, sent and not finished (an unsent one waits for a resume)."""
+        return self.total - self.finished - self.unsent
+
     def requests(self, run_total: int) -> int:
         """A run's requests: its file's good lines or the turns it holds, whichever is more, and
         those refused by policy (never stored; answered failed in its error file)."""

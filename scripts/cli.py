@@ -485,8 +485,10 @@ def run_export(
     before = run_state(run)
     results, errors, n_ok, n_err = export_run(run, out, format, alternatives=alternatives)
     _out(f"{n_ok} results -> {results}\n{n_err} errors  -> {errors}")
-    left = before.counts.total - before.counts.finished
-    if left:  # a run failed by its submission still answers the turns it stored (bulk runs review)
+    # A run its submission failed still answers the turns it sent (bulk runs review); those it never
+    # sent wait for a resume, said below with the lines never stored.
+    left = before.counts.total - before.counts.finished if not before.finished else before.counts.underway
+    if left:
         _err(
             f"run {before.name} is {before.status.value}: {left} line(s) not finished were left out; "
             "export again once it ends"
@@ -516,7 +518,7 @@ def run_scenes(
     before = run_state(run)
     path, n = export_scenes(run, out, format)
     _out(f"{n} scenes -> {path}")
-    if not before.finished or before.counts.total > before.counts.finished:  # as `run export` says it
+    if not before.finished or before.counts.underway:  # as `run export` says it
         _err(
             f"run {before.name} is {before.status.value}: its scenes are exported as far as they went, and"
             " scenes stored while the export ran may be left out; export again once it ends"

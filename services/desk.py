@@ -30,6 +30,7 @@ from db.models import (
     Conversation,
     ReviewLabel,
     Run,
+    RunStatus,
     Scene,
     Turn,
     TurnReview,
@@ -341,8 +342,13 @@ def _visible_runs(who: Reviewer) -> Any:
 def _row(session: Session, run: Run) -> RunRow:
     counts = run_counts(session=session, run_id=run.id, unsent=False)  # from the index alone
     # cancelling and finalizing move on their own too; so does a run its submission failed, while the
-    # turns it stored are answered (bulk runs review: its row stopped following them)
-    live = run.status not in RUN_FINISHED or counts.total > counts.finished
+    # turns it sent are answered (bulk runs review: its row stopped following them; those it never
+    # sent wait for a resume, read from the rows of such a run alone)
+    live = run.status not in RUN_FINISHED or (
+        run.status == RunStatus.FAILED
+        and counts.total > counts.finished
+        and run_counts(session=session, run_id=run.id).underway > 0
+    )
     quality = quality_summary(session=session, run_id=run.id, live=live)
     # Its requests refused by policy are its too, answered failed in its error file, as the API counts
     # a batch's (review of the numbers users read: the desk's total left them out).

@@ -478,6 +478,8 @@ def test_every_bad_item_of_a_batch_is_listed_by_its_index(base_url) -> None:
         "params.response_format.json_schema.schema.properties['a: b']",
         "Field required",
     )
+    bracketed = "response_format.json_schema.schema.properties['x[']: Field required"  # read through quotes
+    assert placed("params.response_format", bracketed)[1] == "Field required"
     assert _turns() == turns  # all or none
 
 

@@ -354,6 +354,8 @@ def test_the_cli_erases_and_refuses_in_one_line(capsys, world) -> None:
         == "note: no key of MLCHAT_API_KEYS has the tenant 'game_a'; done in it all the same (a typo?)"
     )
     assert json.loads(said.out)["player"] == busy
+    assert cli(["facts", "list", busy, "--tenant", "game_a"]) == 0  # a listing of nothing, said so too
+    assert "has the tenant 'game_a'; done in it all the same" in capsys.readouterr().err
 
 
 def test_conversations_the_game_names_are_erased_with_the_players_and_another_players_are_refused(

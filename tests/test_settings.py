@@ -479,10 +479,13 @@ def test_settings_vllm_or_a_memory_job_would_refuse_later_are_refused_naming_the
     # Memory review: summaries longer than the prompt's memory budget were written and never shown.
     with pytest.raises(
         ValidationError,
-        match="MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave 6 tokens of MLCHAT_MEMORY_BUDGET_TOKENS",
+        match="MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave 8 tokens of MLCHAT_MEMORY_BUDGET_TOKENS",
     ):
         Settings(memory_summary_max_tokens=600)
     assert Settings(memory_summary_max_tokens=600, memory_budget_tokens=1024).memory_summary_max_tokens == 600
+    with pytest.raises(ValidationError, match="MLCHAT_MEMORY_SUMMARY_MAX_TOKENS must leave"):
+        Settings(memory_budget_tokens=0)  # review: no summary ever shown, and it was taken
+    assert Settings(memory_budget_tokens=0, memory_summary_threshold_tokens=0).memory_budget_tokens == 0
     with pytest.raises(
         ValidationError, match="MLCHAT_MAX_MODEL_LEN must be at least 704 with fact extraction"
     ):
