@@ -105,11 +105,8 @@ def _measure(pattern: str) -> tuple[int, int, bool]:
             i, item = i + 1, 1
         frames[-1] += item
         last = item
-    return (
-        sum(frames),
-        largest,
-        ahead,
-    )  # unclosed groups (the compiler refuses them anyway) count as they stand
+    # unclosed groups (the compiler refuses them anyway) count as they stand
+    return sum(frames), largest, ahead
 
 
 def size_refusal(pattern: str) -> str | None:

@@ -35,7 +35,7 @@ from core.validation import error_line
 from db.models import Conversation, Role
 from memory.history_import import HistoryRefused, ParsedHistory, embed_texts, parse_original_history
 from services.characters import INLINE_COPY, INLINE_PREFIX, slug_for
-from services.producer import TurnView
+from services.producer import TurnView, another_players
 from services.schemas import Int4, Text, TurnRequest
 
 if TYPE_CHECKING:
@@ -396,11 +396,10 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
         player = conversation_players(session=session, conversation_ids=[kept_id]).get(kept_id)
         if player is None:  # erased since the upsert found it
             raise HistoryMoved("request", f"conversation {kept!r} changed meanwhile; try again")
-        if req.conversation and req.turn.player_id and player not in ("", req.turn.player_id):
-            # As its turn would be refused (services/producer.py), before the story switch and the
-            # persona this transaction wrote are committed (review): a refused request stores nothing.
-            whose = f"player {player!r}'s, not player {req.turn.player_id!r}'s"
-            raise InlineRefused("request", f"player_id: conversation {kept!r} is {whose}")
+        # As its turn would be refused, before the story switch and the persona this transaction
+        # wrote are committed (review): a refused request stores nothing.
+        if req.conversation and (clash := another_players(kept, player, req.turn.player_id)):
+            raise InlineRefused("request", f"player_id: {clash}")
         if (
             req.conversation
             and story_key is not None

@@ -830,16 +830,22 @@ def _refuse_another_players(
         session=session, conversation_ids=[ids[r.conversation] for r in named if r.conversation not in owners]
     )
     owners |= {r.conversation: stored[ids[r.conversation]] for r in named if ids[r.conversation] in stored}
-    errors = []
-    for i, req in enumerate(requests):
-        owner = owners.get(req.conversation, "")
-        if req.player_id and owner and owner != req.player_id:
-            named_conv = printable(req.conversation, 80)
-            whose = f"player {printable(owner, 80)!r}'s, not player {printable(req.player_id, 80)!r}'s"
-            reason = f"conversation {named_conv!r} is {whose}"
-            errors.append(ItemError(i, "player_id", reason))
+    errors = [
+        ItemError(i, "player_id", reason)
+        for i, req in enumerate(requests)
+        if (reason := another_players(req.conversation, owners.get(req.conversation, ""), req.player_id))
+    ]
     if errors:
         raise TurnRejected(errors)
+
+
+def another_players(conversation: str, owner: str, player: str) -> str | None:
+    """Why a line of `player` may not go into `conversation`, started for `owner`: another player's
+    (None when either names no player, or both the same one)."""
+    if not player or not owner or owner == player:
+        return None
+    whose = f"player {printable(owner, 80)!r}'s, not player {printable(player, 80)!r}'s"
+    return f"conversation {printable(conversation, 80)!r} is {whose}"
 
 
 def get_turn(turn_id: uuid.UUID | str, *, with_prompt: bool = True) -> TurnView | None:

@@ -355,9 +355,7 @@ def _check_enforced(node: Any, where: str, *, depth: int, schema: bool = True, n
                     " and let the reply's length bound it"
                 )
             if isinstance(pattern, str) and looks_ahead(pattern):  # the grammar would match without it
-                raise SchemaRefused(
-                    f"{place}: a lookahead ((?= or (?!) is not supported in a schema's pattern"
-                )
+                raise SchemaRefused(f"{place}: {NO_LOOKAHEAD} in a schema's pattern")
         if key in ("pattern", "format") and ({"minLength", "maxLength"} & node.keys()):
             raise SchemaRefused(f"{place}: a pattern or format with minLength/maxLength is not supported")
         if key in _VALUE_KEYS:
@@ -508,6 +506,10 @@ STOPPED_ALONE = 0.8
 MAX_SEARCH_SCALE = 4.0
 
 
+# xgrammar builds a pattern's grammar without its lookahead (a warning alone), and the reply's check
+# would hold what the grammar let through: refused in a schema's pattern and in a regex reply alike.
+NO_LOOKAHEAD = "a lookahead ((?= or (?!) is not supported"
+
 _LISTED_BUDGET: ContextVar[ListedValuesBudget | None] = ContextVar("listed_values_budget", default=None)
 
 
@@ -624,7 +626,7 @@ def check_regex(pattern: str, where: str) -> str:
     if too_large is not None:
         raise SchemaRefused(f"{where}: {too_large}")
     if looks_ahead(pattern):  # as a schema's pattern: the reply's check would hold what the grammar drops
-        raise SchemaRefused(f"{where}: a lookahead ((?= or (?!) is not supported")
+        raise SchemaRefused(f"{where}: {NO_LOOKAHEAD}")
     _refuse(where, partial(_regex_refusal, pattern))
     return pattern
 
