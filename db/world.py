@@ -321,27 +321,34 @@ def upsert_conversations(
     if not rows:
         return {}
     # In one order for every producer, so two creating the same new conversations never deadlock.
-    ordered = sorted(rows, key=lambda row: row["external_id"])
-    stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in ordered])
-    new_only = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
-    out = {
-        ext: (conv_id, character_id)
-        for ext, conv_id, character_id in session.execute(
-            new_only.returning(Conversation.external_id, Conversation.id, Conversation.character_id)
-        ).tuples()
-    }
-    if created is not None:
-        created.update(out)
-    raced = [row["external_id"] for row in rows if row["external_id"] not in out]
-    if raced:  # a new statement: it sees the rows the other producer committed while we waited
-        out |= {
+    pending = sorted(rows, key=lambda row: row["external_id"])
+    out: dict[str, tuple[int, int]] = {}
+    # Until each row's conversation is found or made: one another producer made meanwhile is read in a
+    # new statement (it sees the rows committed while this insert waited), and one an erasure deleted
+    # between the insert and that read is made again, as it would be for a turn a moment later.
+    while pending:
+        stmt = insert(Conversation).values([{**row, "tenant": tenant} for row in pending])
+        new_only = stmt.on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+        made = {
             ext: (conv_id, character_id)
             for ext, conv_id, character_id in session.execute(
-                select(Conversation.external_id, Conversation.id, Conversation.character_id).where(
-                    Conversation.tenant == tenant, Conversation.external_id.in_(raced)
-                )
+                new_only.returning(Conversation.external_id, Conversation.id, Conversation.character_id)
             ).tuples()
         }
+        if created is not None:
+            created.update(made)
+        out |= made
+        raced = [row["external_id"] for row in pending if row["external_id"] not in made]
+        if raced:
+            out |= {
+                ext: (conv_id, character_id)
+                for ext, conv_id, character_id in session.execute(
+                    select(Conversation.external_id, Conversation.id, Conversation.character_id).where(
+                        Conversation.tenant == tenant, Conversation.external_id.in_(raced)
+                    )
+                ).tuples()
+            }
+        pending = [row for row in pending if row["external_id"] not in out]
     return out
 
 

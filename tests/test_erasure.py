@@ -430,3 +430,37 @@ def test_an_erasures_lookups_are_index_scans_not_one_table_scan_a_deleted_row(wo
         plan = "\n".join(s.scalars(text(f"EXPLAIN {lookup}")).all())
         s.rollback()
     assert index in plan, plan
+
+
+def test_a_conversation_erased_between_an_upserts_insert_and_its_read_is_made_again(world) -> None:
+    """Found in review: `upsert_conversations` read a conversation its insert had met in a second
+    statement; one erased between the two was missing from its answer, and every caller raised a bare
+    KeyError (a 500) for a turn that, a moment later, would simply have started the conversation anew."""
+    from sqlalchemy import delete
+
+    external = f"erase-race-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        elara = find_characters(session=s, slugs=["elara"])["elara"]
+        row = {"external_id": external, "player_id": "p-race", "player_name": "Rowan", "character_id": elara}
+        ((old_id, _),) = upsert_conversations(session=s, rows=[row]).values()
+    with Session(bind=get_engine()) as mine:
+        execute = mine.execute
+        erased: list[int] = []
+
+        def erased_after_the_insert(*args: Any, **kwargs: Any) -> Any:
+            result = execute(*args, **kwargs)
+            if not erased:  # the insert met the conversation; an erasure commits before its read
+                with session_scope() as eraser:
+                    eraser.execute(delete(Conversation).where(Conversation.id == old_id))
+                erased.append(old_id)
+            return result
+
+        mine.execute = erased_after_the_insert  # type: ignore[method-assign]
+        made: set[str] = set()
+        answer = upsert_conversations(session=mine, rows=[row], created=made)
+        mine.commit()
+    assert erased == [old_id]
+    (new_id, character_id) = answer[external]
+    assert new_id != old_id and character_id == elara and made == {external}
+    with session_scope() as s:
+        assert s.get(Conversation, new_id) is not None and s.get(Conversation, old_id) is None
