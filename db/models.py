@@ -144,6 +144,8 @@ class Character(Base):
     lora_version: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # The tenant whose dialogue trained it, whose turns alone it answers (None: every tenant's).
     lora_tenant: Mapped[str | None] = mapped_column(String(64))
+    # The model it was trained on, whose turns alone it answers (None: every model's; migration 0055).
+    lora_model: Mapped[str | None] = mapped_column(String(64))
     post_history_instructions: Mapped[str] = mapped_column(Text, default="")
     # An imported character card exactly as given (json, not jsonb: key order and every unknown field
     # survive, so export gives the card back); None for characters defined in data/.

@@ -464,12 +464,27 @@ def registered_adapter_path(*, session: Session, slug: str) -> str | None:
     return session.scalar(select(Character.lora_path).where(Character.slug == slug))
 
 
-def register_adapter(*, session: Session, slug: str, path: str, tenant: str | None = None) -> int | None:
+def register_adapter(
+    *, session: Session, slug: str, path: str, tenant: str | None = None, model: str | None = None
+) -> int | None:
     """The character's LoRA is now the one at `path`, one version up, answering `tenant`'s turns
-    alone (None: every tenant's); its new version, or None if there is no such character."""
+    alone (None: every tenant's) on `model` alone (None: every model's); its new version, or None if
+    there is no such character."""
     return session.scalar(
         update(Character)
         .where(Character.slug == slug)
-        .values(lora_path=path, lora_version=Character.lora_version + 1, lora_tenant=tenant)
+        .values(lora_path=path, lora_version=Character.lora_version + 1, lora_tenant=tenant, lora_model=model)
+        .returning(Character.lora_version)
+    )
+
+
+def unregister_adapter(*, session: Session, slug: str) -> int | None:
+    """The character's turns are answered by the base model again: the version of the LoRA taken off,
+    or None if it had none (or there is no such character). The version stays, so that a later
+    registration is another adapter to every worker."""
+    return session.scalar(
+        update(Character)
+        .where(Character.slug == slug, Character.lora_path.is_not(None))
+        .values(lora_path=None, lora_tenant=None, lora_model=None)
         .returning(Character.lora_version)
     )

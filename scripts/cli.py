@@ -1195,15 +1195,32 @@ def lora_register(
     every_tenant: Annotated[
         bool, typer.Option(help="serve an adapter trained on one tenant's dialogue to every tenant")
     ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(help="the model whose turns it answers (default: the one it was trained on)"),
+    ] = None,
 ) -> None:
     """Make the adapter the character's voice (a new version); workers with MLCHAT_ENABLE_LORA serve it,
-    to the turns of the tenant whose dialogue trained it alone."""
+    to the turns of the tenant whose dialogue trained it alone, on the model it was trained on."""
     from services.lora.registry import register
 
-    done = register(character, adapter, tenant=tenant, every_tenant=every_tenant)
+    done = register(character, adapter, tenant=tenant, every_tenant=every_tenant, model=model)
     _note_a_tenant_no_key_has(done.tenant or "", "its turns alone are answered by the adapter (a typo?)")
     whose = "every tenant" if done.tenant is None else f"tenant {done.tenant!r}"
-    _out(f"{done.slug}@v{done.version} -> {done.path} (answers {whose}'s turns)")
+    _out(f"{done.slug}@v{done.version} -> {done.path} (answers {whose}'s turns on {done.model})")
+
+
+@lora_app.command("unregister")
+def lora_unregister(character: Annotated[str, typer.Argument(help="the character's slug")]) -> None:
+    """Take the character's adapter off: its turns are answered by the base model from the next claim
+    (register it, or another, again to give its voice back)."""
+    from services.lora.registry import unregister
+
+    version = unregister(character)
+    if version is None:
+        _out(f"{character}: no adapter registered (its turns are answered by the base model)")
+    else:
+        _out(f"{character}@v{version} taken off: its turns are answered by the base model")
 
 
 # --- entry point ------------------------------------------------------------------------------
@@ -1222,7 +1239,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
     from services.characters import CharacterNotFound, ReservedStory
     from services.erasure import ErasureRefused
     from services.lora.files import BadLoraFile
-    from services.lora.registry import TrainedOnATenant
+    from services.lora.registry import TrainedForAModel, TrainedOnATenant
     from services.producer import TurnRejected
     from services.runs import EmptyFile, RunNotFound, RunValidationError
     from services.runs.submit import NotARegularFile
@@ -1248,6 +1265,7 @@ def _refusals() -> tuple[type[BaseException], ...]:
         EmbedderMismatch,
         BadLoraFile,
         TrainedOnATenant,
+        TrainedForAModel,
         ReservedStory,
     )
 

@@ -389,6 +389,7 @@ def test_a_tiny_adapter_trains_on_the_bundled_model_and_is_saved_with_its_config
     record = json.loads((tmp_path / "adapter" / "training_config.json").read_text())
     manifest = json.loads((tmp_path / "ds" / "manifest.json").read_text())
     assert record["dataset_sha256"] == manifest["dataset_sha256"] and record["config"]["rank"] == 4
+    assert record["model"] == manifest["model"]  # the model whose turns it answers, once registered
     assert all(np.isfinite(v) for v in record["losses"].values())
     evaluation = record["evaluation"]  # the gate on held-out prompts, with the adapter and without
     assert evaluation["prompts"] >= 1
@@ -720,7 +721,11 @@ def test_a_version_a_restored_database_numbers_again_is_another_adapter_in_the_w
     old, new = (
         adapter_of(
             SimpleNamespace(
-                slug=slug, lora_version=3, lora_path=f"/adapters/{slug}/{folder}", lora_tenant=None
+                slug=slug,
+                lora_version=3,
+                lora_path=f"/adapters/{slug}/{folder}",
+                lora_tenant=None,
+                lora_model=None,
             ),
             "t",
         )
@@ -769,7 +774,9 @@ def test_a_narrators_turn_speaks_in_the_base_models_voice_not_the_lead_character
     monkeypatch.setattr(settings, "enable_lora", True)
     loaded: list[str] = []
     monkeypatch.setattr(engine_module, "load_adapter", lambda adapter: loaded.append(adapter.name))
-    elara = SimpleNamespace(slug="elara", lora_path="/adapters/elara", lora_tenant=None, lora_version=3)
+    elara = SimpleNamespace(
+        slug="elara", lora_path="/adapters/elara", lora_tenant=None, lora_model=None, lora_version=3
+    )
 
     def turn(speaker: str) -> SimpleNamespace:
         return SimpleNamespace(id=uuid.uuid4(), character=elara, attempts=1, tenant="", speaker=speaker)
@@ -1210,7 +1217,59 @@ def test_a_fleet_of_several_models_registers_an_adapter_this_hosts_model_does_no
     with pytest.raises(registry.BadLoraFile, match="does not fit the served model"):
         registry.register(slug, adapter)  # one model served: this host's is the one
     monkeypatch.setattr(settings, "served_models", [settings.model, "another-model"])
-    assert registry.register(slug, adapter).version == 1
+    assert registry.register(slug, adapter, model="another-model").version == 1
+
+
+def test_an_adapter_answers_the_turns_of_the_model_it_was_trained_on_alone(
+    world, tmp_path, monkeypatch, capsys
+) -> None:
+    """Found in review: a character's adapter was applied to its turns on every model a fleet serves:
+    one trained on SOLAR failed every turn of the character on gpt-oss (its shapes do not fit) and
+    answered EEVE's (SOLAR's shapes) with weights learnt on another model. It answers the turns of
+    the model its training record names (or `--model`) alone; the others get the base model. And it
+    can be taken off (`lora unregister`): there was no way back to the base model but SQL."""
+    from core.settings import settings
+    from db.world import get_character
+    from scripts.cli import main as cli
+    from worker.pipeline import adapter_of
+
+    here = settings.model
+    slug, adapter, _ = _character_and_adapter(tmp_path, "model", {"from_turns": 0, "model": here})
+    monkeypatch.setattr(settings, "enable_lora", True)
+    monkeypatch.setattr(settings, "served_models", [here, "another-model"])
+
+    def serving() -> tuple[bool, bool]:
+        """Whether the worker of this model, and one of another-model, answers with the adapter."""
+        with session_scope() as s:
+            character = get_character(session=s, slug=slug)
+        on_this = adapter_of(character, "") is not None
+        with monkeypatch.context() as other:
+            other.setattr(settings, "model", "another-model")
+            return on_this, adapter_of(character, "") is not None
+
+    assert cli(["lora", "register", slug, str(adapter)]) == 0
+    assert f"answers every tenant's turns on {here})" in capsys.readouterr().out
+    assert serving() == (True, False)
+    assert cli(["lora", "register", slug, str(adapter), "--model", "another-model"]) == 2
+    assert f"trained on {here!r}, not 'another-model'" in capsys.readouterr().err
+    (adapter / "training_config.json").write_text(json.dumps({"from_turns": 0}))  # trained elsewhere
+    assert cli(["lora", "register", slug, str(adapter)]) == 2  # several served: which one must be said
+    assert "does not say which model it was trained on; pass --model" in capsys.readouterr().err
+    assert cli(["lora", "register", slug, str(adapter), "--model", "nonesuch"]) == 2
+    assert "--model: 'nonesuch' is not a model this fleet serves" in capsys.readouterr().err
+    assert serving() == (True, False)  # each refusal left the registration as it was
+    assert cli(["lora", "register", slug, str(adapter), "--model", "another-model"]) == 0
+    assert serving() == (False, True)
+    capsys.readouterr()
+    assert cli(["lora", "unregister", slug]) == 0
+    assert f"{slug}@v2 taken off" in capsys.readouterr().out
+    assert serving() == (False, False)
+    assert cli(["lora", "unregister", slug]) == 0
+    assert "no adapter registered" in capsys.readouterr().out
+    assert cli(["lora", "unregister", f"{slug}-nonesuch"]) == 2
+    assert "no character" in capsys.readouterr().err
+    assert cli(["lora", "register", slug, str(adapter), "--model", here]) == 0  # its voice back, v3
+    assert f"{slug}@v3 ->" in capsys.readouterr().out and serving() == (True, False)
 
 
 def test_what_is_registered_is_the_copy_as_checked_and_a_lost_commit_keeps_its_folder(

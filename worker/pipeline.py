@@ -1168,12 +1168,15 @@ def _adapter_name(request: GenerationRequest) -> str | None:
 
 def adapter_of(character: Any, tenant: str, speaker: str = "character") -> Adapter | None:
     """The character's registered LoRA when the engine serves adapters and it answers this tenant's
-    turns (one trained on a tenant's dialogue answers that tenant's alone); None: the base model.
+    turns (one trained on a tenant's dialogue answers that tenant's alone) on this worker's model
+    (one trained on a model answers that model's alone); None: the base model.
     A narrator's turn (`speaker`) is claimed with the conversation's lead character, whose voice
     the adapter learnt: the narrator speaks in the base model's."""
     if not settings.enable_lora or not character.lora_path or speaker == "narrator":
         return None
     if character.lora_tenant is not None and character.lora_tenant != tenant:
+        return None
+    if character.lora_model is not None and character.lora_model != settings.model:
         return None
     name = f"{character.slug}@v{character.lora_version}"
     return Adapter(name, adapter_id(adapter_key(name, character.lora_path)), character.lora_path)

@@ -16,7 +16,7 @@ from typing import Any
 
 from core.settings import TENANT_NAME, settings
 from db.session import session_scope
-from db.world import register_adapter, registered_adapter_path
+from db.world import register_adapter, registered_adapter_path, unregister_adapter
 from services.characters import CharacterNotFound, character_exists
 from services.lora.engine_check import engine_refusal
 from services.lora.files import BadLoraFile, read_object
@@ -30,6 +30,7 @@ class Registered:
     version: int
     path: Path
     tenant: str | None = None  # whose turns it answers (None: every tenant's)
+    model: str | None = None  # the model whose turns it answers
 
 
 def adapters_dir() -> Path:
@@ -40,6 +41,12 @@ class TrainedOnATenant(ValueError):
     """An adapter trained on one tenant's dialogue asked to answer another tenant's turns, or one
     whose record does not say whose dialogue it learnt from, registered without saying whom it
     answers."""
+
+
+class TrainedForAModel(ValueError):
+    """An adapter asked to answer a model's turns its training record says it was not trained on, or
+    one for a model the fleet does not serve, or one whose record does not say which model where
+    several are served."""
 
 
 def _trained_on(adapter_dir: Path) -> tuple[bool, str | None, int]:
@@ -108,6 +115,39 @@ def served_to(
     return None if every_tenant else trained_on
 
 
+def served_on(adapter_dir: Path, *, model: str | None, shown: Path | None = None) -> str:
+    """The model whose turns the adapter answers: the one its training record says it was trained on
+    (`mlchat lora train` writes it), else `model`, else the fleet's one model. A character's turns on
+    another model get the base model: applied to them, an adapter of other shapes failed every turn,
+    and one of the same shapes (EEVE's beside SOLAR's) answered with weights learnt on another model
+    (review). Messages name `shown` (the folder the user gave, when this is its copy)."""
+    named = shown or adapter_dir
+    record_path = adapter_dir / "training_config.json"
+    try:
+        record = read_object(record_path) if record_path.is_file() else {}
+    except BadLoraFile as exc:
+        raise BadLoraFile(str(exc).replace(str(adapter_dir), str(named))) from None
+    trained = record.get("model") if isinstance(record.get("model"), str) else None
+    if model is not None and trained is not None and model != trained:
+        raise TrainedForAModel(
+            f"{named}: trained on {trained!r}, not {model!r}: it answers {trained!r}'s turns"
+        )
+    chosen = model or trained
+    if chosen is None:
+        if len(settings.models) > 1:
+            raise TrainedForAModel(
+                f"{named}: its training record does not say which model it was trained on; pass --model"
+                f" (one of {', '.join(settings.models)})"
+            )
+        chosen = settings.model
+    if chosen not in settings.models:
+        raise TrainedForAModel(
+            f"{'--model' if chosen == model else named}: {chosen!r} is not a model this fleet serves"
+            f" ({', '.join(settings.models)}: MLCHAT_SERVED_MODELS, else MLCHAT_MODEL)"
+        )
+    return chosen
+
+
 def _registered_at(slug: str, target: Path) -> bool:
     """Whether the character's LoRA is the copy at `target` after all (a commit whose answer was lost
     registered it): its folder is then kept. Unknown (the database still away): kept too, an orphan
@@ -174,12 +214,19 @@ def _copy_adapter(adapter_dir: Path, target: Path) -> None:
 
 
 def register(
-    slug: str, adapter_dir: Path, *, tenant: str | None = None, every_tenant: bool = False
+    slug: str,
+    adapter_dir: Path,
+    *,
+    tenant: str | None = None,
+    every_tenant: bool = False,
+    model: str | None = None,
 ) -> Registered:
     """Copy the adapter in and make it the character's, answering `tenant`'s turns alone (served_to
-    says whose by default); ValueError (BadLoraFile) for a folder that is not a PEFT LoRA the engine
-    can load or one trained on a tenant's dialogue asked to serve all unsaid, CharacterNotFound for
-    an unknown character."""
+    says whose by default) on `model` alone (served_on says which by default); ValueError
+    (BadLoraFile) for a folder that is not a PEFT LoRA the engine can load, one trained on a
+    tenant's dialogue asked to serve all unsaid, or one for another model, CharacterNotFound for an
+    unknown character."""
+    served_on(adapter_dir, model=model)  # which model's turns: before the shape check against one
     _check_adapter(adapter_dir, adapter_dir)  # refused before a copy is made: an unknown slug costs none
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
@@ -194,8 +241,9 @@ def register(
         # and whose turns it answers by the record copied with it.
         _check_adapter(target, adapter_dir)
         serving = served_to(target, tenant=tenant, every_tenant=every_tenant, shown=adapter_dir)
+        on = served_on(target, model=model, shown=adapter_dir)
         with session_scope() as session:
-            version = register_adapter(session=session, slug=slug, path=str(target), tenant=serving)
+            version = register_adapter(session=session, slug=slug, path=str(target), tenant=serving, model=on)
     except BaseException:  # refused, a full disk, the database away: no copy left behind
         if not _registered_at(slug, target):
             shutil.rmtree(target, ignore_errors=True)
@@ -203,4 +251,14 @@ def register(
     if version is None:  # removed meanwhile
         shutil.rmtree(target, ignore_errors=True)
         raise CharacterNotFound(f"no character {slug!r}")
-    return Registered(slug, version, target, serving)
+    return Registered(slug, version, target, serving, on)
+
+
+def unregister(slug: str) -> int | None:
+    """Take the character's adapter off: its turns are answered by the base model from the next claim.
+    The version taken off, or None if it had none; CharacterNotFound for an unknown character. The
+    copy stays on disk: a worker answering a turn claimed before may still load it."""
+    if not character_exists(slug):
+        raise CharacterNotFound(f"no character {slug!r}")
+    with session_scope() as session:
+        return unregister_adapter(session=session, slug=slug)

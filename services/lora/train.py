@@ -262,6 +262,8 @@ def train_adapter(
     model.save_pretrained(adapter_dir)
     record: dict[str, Any] = {
         "base_model": str(base),
+        # the model whose turns it answers (`lora register` binds it to that model's turns alone)
+        "model": settings.model,
         "character": manifest.get("character"),
         # whose dialogue it learnt from (none but the card's examples: from_turns 0): whom it may answer
         "tenant": manifest.get("tenant"),
