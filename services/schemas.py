@@ -219,9 +219,11 @@ _CONTROL_CHARS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def check_message(text: str) -> str:
-    """Reject what no character should be asked to answer: empty, oversized, or control characters."""
+    """Reject what no character should be asked to answer: empty, oversized, or control characters.
+    A line ending of carriage returns (a Windows text box's CRLF, a lone CR) is a line break."""
     if not isinstance(text, str):
         raise ValueError("message must be a string")
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:

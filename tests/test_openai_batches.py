@@ -281,6 +281,10 @@ REFUSED = [
     ),
     (openai_line("who", USER, model="nobody"), "body.model: 'nobody' is not a character"),
     (openai_line("mc", USER, model="x", metadata={"character": "ghost"}), "body.metadata.character: unknown"),
+    (  # review: the live endpoint's conversation, taken and dropped unsaid (a new conversation answered)
+        openai_line("mcv", USER, metadata={"conversation": "p42-elara"}),
+        "body.metadata.conversation: a batch line is answered in a conversation of its own",
+    ),
     (openai_line("empty", [{"role": "user", "content": "   "}]), "body.messages[0].content: empty"),
     (openai_line("tool", [{"role": "tool", "content": "x"}, *USER]), "body.messages[0].role: 'tool'"),
     (  # a reply sent back may carry its (empty) tool calls; one that made some asked for tools

@@ -92,6 +92,14 @@ def test_bad_input_gets_a_clear_error_and_stores_nothing(world, change, error, m
     assert stored() == before and before[1] == 0
 
 
+def test_a_message_typed_with_carriage_returns_is_taken_with_line_breaks(world) -> None:
+    """Found in review: a CRLF from a Windows text box was refused as a control character (U+000D),
+    where OpenAI and every earlier message of a chat completion take it."""
+    (turn_id,) = enqueue_turns([new_conversation() | {"message": "Line one\r\nLine two\rthree"}], send=False)
+    with session_scope() as s:
+        assert s.get(Turn, turn_id).message == "Line one\nLine two\nthree"
+
+
 def test_a_conversation_keeps_its_character(world) -> None:
     conv = new_conversation("elara")
     enqueue_turns([conv | {"message": "Hi"}], send=False)

@@ -169,6 +169,44 @@ def test_a_kept_second_try_leaves_the_turns_generate_ms_its_first_generations(en
     assert view.timings["regenerate_ms"] >= round(seen["kept"].seconds * 1000, 1)
 
 
+def test_a_greedy_weak_reply_is_not_generated_again(monkeypatch) -> None:
+    """Found in review: a greedy request's reply below the bar was generated a second time with the
+    next seed: the same text, paid for in its usage, losing the tie."""
+    import uuid
+    from types import SimpleNamespace
+
+    from worker import engine as engine_module
+    from worker import judge
+    from worker.engine import GenerationRequest
+    from worker.engine_loop import Generation
+
+    asked: list[list[GenerationRequest]] = []
+
+    def generate(requests, deadline=None, on_submit=None):  # type: ignore[no-untyped-def]
+        asked.append(list(requests))
+        return [Generation("Hm, well.", 2, 3, "stop") for _ in requests]
+
+    patch_on_this_thread(monkeypatch, engine_module, "generate", generate)
+    weak = {
+        "greedy": GenerationRequest([1, 2], 0.0, 0.9, 32, 7, ()),
+        "top_k_1": GenerationRequest([1, 2], 0.7, 0.9, 32, 7, (), controls={"top_k": 1}),
+        "sampled": GenerationRequest([1, 2], 0.7, 0.9, 32, 7, ()),
+    }
+    turns = {name: SimpleNamespace(id=uuid.uuid4(), params={}) for name in weak}
+    judged = [
+        (turns[name], Generation("Hm.", 2, 3, "stop"), [0.0], judge.Verdict(None, {"below_bar": ["persona"]}))
+        for name in weak
+    ]
+    patch_on_this_thread(monkeypatch, judge, "embed", lambda texts: [[0.0] for _ in texts])
+    monkeypatch.setattr(judge, "_judge", lambda *args: judged[2][3])  # the second as weak: a tie
+    requests = {turns[name].id: request for name, request in weak.items()}
+    each = {turn.id: None for turn in turns.values()}
+    out = judge.regenerate_weak(judged, requests, each, each, each)  # type: ignore[arg-type]
+    assert [[(r.temperature, r.controls) for r in call] for call in asked] == [[(0.7, {})]]  # one
+    assert out[:2] == judged[:2]  # the greedy replies stand as they were
+    assert out[2][3].quality["regenerated"]["kept"] == "first"
+
+
 def test_a_regenerated_reply_that_cannot_be_read_is_dropped_alone(monkeypatch) -> None:
     """Found in review: the second look at a weak reply caught only BadStructuredReply from its
     reader, so any other error there (keep_candidates catches every one) failed the whole claim."""

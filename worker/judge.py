@@ -170,6 +170,10 @@ def judge_candidates(
     return out
 
 
+def _greedy(request: GenerationRequest) -> bool:
+    return request.temperature < 1e-5 or request.controls.get("top_k") == 1
+
+
 def regenerate_weak(
     judged: list[Judged],
     requests: dict[uuid.UUID, GenerationRequest],
@@ -186,7 +190,13 @@ def regenerate_weak(
     replies: the second look never costs the ones in hand (a dead engine still ends the batch).
     Each second request's future joins its turn's in `futures_of` (the batch's report.futures), so an
     engine death blames it and a hand-back cancels it, as for the first ones."""
-    weak = [i for i, (_, _, _, v) in enumerate(judged) if v.quality["below_bar"]]
+    # Greedy sampling draws the same reply for every seed: a second one would be paid for and lose the
+    # tie (review), as a greedy line is given one candidate (services/schemas.py::default_candidates).
+    weak = [
+        i
+        for i, (turn, _, _, v) in enumerate(judged)
+        if v.quality["below_bar"] and not _greedy(requests[turn.id])
+    ]
     # Their adapters touched, those still in hand only (vLLM may have evicted one since the batch
     # loaded it: a request naming an evicted adapter reloads it inside an engine step, where a
     # failure kills the engine); a turn whose adapter is not in hand keeps its first reply.

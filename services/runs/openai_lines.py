@@ -265,6 +265,11 @@ def _request(line: _Line, characters: Collection[str], options: LineOptions) -> 
         raise ValueError(
             "body.response_format.type: OpenAI's are text, json_object and json_schema (and mlchat's npc)"
         )
+    if "conversation" in (body.metadata or {}):  # the live endpoint's: here it would be dropped unsaid
+        raise ValueError(
+            "body.metadata.conversation: a batch line is answered in a conversation of its own (a native"
+            " line's `conversation` continues one)"
+        )
     if body.modalities not in (None, ["text"]):
         raise ValueError("body.modalities: only text replies are supported")
     if body.n is not None and not 1 <= body.n <= MAX_CHOICES:
