@@ -32,12 +32,15 @@ def error_body(
     status_code: int, message: str, kind: str | None = None, *, code: str | None = None
 ) -> dict[str, Any]:
     """OpenAI's error object for a refusal; `param` only when a refusal's message opens by naming a
-    field; `code` OpenAI's own for it (`model_not_found`), else `invalid_api_key` for a 401."""
+    field, named as OpenAI names it (`max_tokens`, `messages[1].content`: the message's `body.` is
+    not; review: a wrapper matching `e.param` never matched); `code` OpenAI's own for it
+    (`model_not_found`), else `invalid_api_key` for a 401."""
     match = _PARAM.match(message) if status_code < 500 else None
     if kind is None:
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
     code = code or ("invalid_api_key" if status_code == 401 else None)
-    return {"error": {"message": message, "type": kind, "param": match and match[1], "code": code}}
+    param = match[1].removeprefix("body.") if match and match[1] != "body" else match and match[1]
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def openai_shaped(response: Response) -> Response:

@@ -130,7 +130,8 @@ def start_chat_turn(
         if metadata.get("conversation")
         else "body.user"
     )
-    conversation = conversation or metadata.pop("conversation", None) or user or f"chat-{fresh}"
+    named = metadata.pop("conversation", None)  # the header's, where both name one
+    conversation = conversation or named or user or f"chat-{fresh}"
     line_body = {k: v for k, v in body.items() if k not in _LIVE_ONLY} | {"metadata": metadata or None}
     # Checked before the lookup: a NUL or a lone surrogate would fail in the database, not here.
     if "model" not in body:
