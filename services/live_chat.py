@@ -189,6 +189,9 @@ def start_chat_turn(
         request.with_earlier_messages(line["history"])
         # As a run's line is refused there: a group's picker, not `model`, would choose who answers.
         request.to_one_character()
+        # Streamed or not, the same question: a keyed retry of a dropped stream as a plain call gets
+        # its turn, not a 409 (review); a key stored counting the flag still matches (legacy hashes).
+        request = request.streamed_by_transport(stream)
     except ValidationError as exc:
         raise ChatRejected(_named(exc, origin)) from None
     history = [(h["role"], h["content"]) for h in stored_history(line)] if line["history"] else []

@@ -300,6 +300,9 @@ class Hub:
         while True:
             self._check_now.clear()
             if not self._followers:
+                # a blip nobody was reading through is over: a failed check hours later is one, not
+                # the latest of a run that ends every reader at once (review)
+                failures, failing_since = 0, 0.0
                 await self._check_now.wait()
                 continue
             followers = list(self._followers)

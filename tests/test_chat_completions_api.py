@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import uuid
+from typing import Any
 
 import httpx
 import openai
@@ -356,6 +357,24 @@ def test_a_plain_request_hashes_as_before_the_text_default(world) -> None:
         idempotency_key=key,
     )
     assert again.id == turn.id
+    # Review: a dropped stream retried as a plain call with its key was a 409 (the flag was hashed).
+    streamed_key = f"chat-{uuid.uuid4()}"
+    first = start_chat_turn(
+        body | {"stream": True},
+        api_key=INGEST_KEY,
+        tenant=DEFAULT_TENANT,
+        conversation=conversation,
+        idempotency_key=streamed_key,
+    )
+    retry = start_chat_turn(
+        body,
+        api_key=INGEST_KEY,
+        tenant=DEFAULT_TENANT,
+        conversation=conversation,
+        idempotency_key=streamed_key,
+    )
+    assert retry.id == first.id
+    _cancel([first.id])
 
 
 def test_an_npc_reply_sent_back_seeds_its_say_and_the_request_hashes_its_messages_as_sent(world) -> None:
@@ -819,3 +838,23 @@ def test_a_wait_read_through_a_database_outage_ends_at_the_shutdown_too() -> Non
     with pytest.raises(RuntimeError, match="away"):
         asyncio.run(await_finished(away, 30.0, read_again_after=lambda exc: True, stop=lambda: True))
     assert time.monotonic() - started < 10  # at the first read, not after 30 s
+
+
+def test_a_stream_that_cannot_be_resumed_ends_with_an_error_chunk_carrying_its_code(monkeypatch) -> None:
+    """Found in review: the give-up chunk after the resumes ran out carried no `code`, where every
+    other error chunk and the README say `unavailable`."""
+    from api.routes import chat_completions
+
+    async def unavailable(*args: Any):  # type: ignore[no-untyped-def]
+        yield None  # the stream or the database away: resume
+
+    monkeypatch.setattr(chat_completions, "_chunks_from", unavailable)
+    monkeypatch.setattr(chat_completions, "MAX_RESUMES", 1)
+    monkeypatch.setattr(chat_completions, "RESUME_AFTER_S", 0)
+    turn = live_chat.ChatTurn(uuid.uuid4(), "elara", 0, stream=True)
+
+    async def chunks() -> list[dict[str, Any]]:
+        return [json.loads(c["data"]) async for c in chat_completions._chunks(turn, None)]
+
+    *_, last = asyncio.run(chunks())
+    assert last["error"]["code"] == "unavailable" and last["error"]["type"] == "turn_error", last

@@ -632,6 +632,62 @@ def test_a_database_blip_is_ridden_out_and_an_outage_ends_readers_with_a_resumab
     assert [(e.kind, e.id, e.data.get("code")) for e in events] == [("error", None, "unavailable")]
 
 
+def test_a_blip_the_hub_saw_while_readers_left_does_not_count_against_a_check_long_after(monkeypatch) -> None:
+    """Found in review: the status checks' failures were cleared only by a check that succeeded; a
+    blip its readers left before one did stayed counted, so one failed check hours later ended every
+    reader of the process at once (each `unavailable`)."""
+    from sqlalchemy.exc import OperationalError
+
+    import streaming.hub
+    from streaming.hub import STREAM_HUB_FAILURES
+
+    monkeypatch.setattr(settings, "stream_check_s", 0.05)
+    monkeypatch.setattr(streaming.hub, "_STATUS_OUTAGE_S", 5.0)
+    real = streaming.hub._finished
+    failing = {"left": 10**6}  # the blip: every check fails
+
+    def flaky(turn_ids):  # type: ignore[no-untyped-def]
+        if failing["left"] > 0:
+            failing["left"] -= 1
+            raise OperationalError("SELECT", {}, Exception("the database restarts"))
+        return real(turn_ids)
+
+    monkeypatch.setattr(streaming.hub, "_finished", flaky)
+    first, second = _turn(), _turn()
+    failed = STREAM_HUB_FAILURES.labels("status")
+
+    async def read_turn(turn_id: uuid.UUID) -> TurnView:
+        view = producer.get_turn(turn_id)
+        assert view is not None
+        return view
+
+    async def collect(turn_id: uuid.UUID) -> list[Event]:
+        return [e async for e in turn_events(turn_id, lambda: read_turn(turn_id))]
+
+    def ended(turn_id: uuid.UUID) -> None:
+        _cancel(turn_id)
+        _end(turn_id)
+
+    async def both() -> tuple[list[Event], list[Event]]:
+        before = failed._value.get()
+        reading = asyncio.create_task(collect(first))
+        while failed._value.get() - before < 3:  # three checks failed while it read
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(ended, first)
+        during = await reading
+        await asyncio.sleep(0.5)  # the hub idle; its blip over, unseen by any check
+        monkeypatch.setattr(streaming.hub, "_STATUS_OUTAGE_S", 0.3)
+        failing["left"] = 1  # one failed check, long after
+        reading = asyncio.create_task(collect(second))
+        await asyncio.sleep(0.6)
+        await asyncio.to_thread(ended, second)
+        return during, await reading
+
+    during, after = asyncio.run(asyncio.wait_for(both(), 20))
+    assert _codes(during) == ["cancelled"]
+    assert failing["left"] == 0 and _codes(after) == ["cancelled"]  # the one failure ridden out
+
+
 def test_an_entry_that_does_not_parse_is_read_past_once_not_every_round() -> None:
     """Found in review: the hub skipped an entry it could not parse, but the follower's cursor
     stayed before it, so while it was the stream's newest every XREAD returned it at once: a tight

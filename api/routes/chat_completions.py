@@ -162,7 +162,13 @@ async def _chunks(turn: ChatTurn, read: Any):  # type: ignore[no-untyped-def]
         if in_a_row > MAX_RESUMES:
             yield {
                 "data": event_json(
-                    {"error": {"message": f"turn {turn.id}: unavailable", "type": "turn_error"}}
+                    {
+                        "error": {
+                            "message": f"turn {turn.id}: unavailable",
+                            "type": "turn_error",
+                            "code": "unavailable",  # as every other error chunk says its code
+                        }
+                    }
                 )
             }
             return
