@@ -78,7 +78,11 @@ SERVER_OPTIONS: dict[str, object] = {
 def create_app() -> FastAPI:
     """Build the app; refuses to start with no API keys configured."""
     if not settings.api_keys:
-        raise RuntimeError("set MLCHAT_API_KEYS (a JSON list of keys) before starting the HTTP ingest")
+        # One line, as `mlchat api` says it: under `uvicorn --factory` a RuntimeError was a traceback.
+        raise SystemExit(
+            "mlchat: bad setting: MLCHAT_API_KEYS: set it (a JSON list of keys) before starting the"
+            " HTTP ingest"
+        )
     configure_logging()  # each of `mlchat api --workers N`'s processes: spawned, they inherit none
     check_files_dir()  # batch files are uploaded here: an unusable folder is one line now, not a 500 later
     app = FastAPI(

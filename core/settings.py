@@ -117,7 +117,12 @@ def _env_file() -> str | None:
     named = os.environ.get("MLCHAT_ENV_FILE")
     if named is not None and not named.strip():
         return None
-    path = Path(".env" if named is None else named).expanduser()
+    try:
+        path = Path(".env" if named is None else named).expanduser()
+    except RuntimeError:  # `~user` of no user, `~` with no HOME nor passwd entry: pathlib's RuntimeError
+        raise SystemExit(
+            f"mlchat: bad setting: MLCHAT_ENV_FILE: {named!r}: its ~ names no home directory here"
+        ) from None
     try:
         there, regular = path.exists(), path.is_file()
     except OSError as exc:  # no permission to look, a name too long
@@ -531,7 +536,12 @@ class Settings(BaseSettings):
         # A relative one was recorded as given (an adapter's path in the database, a batch file's),
         # and a process started from another directory found nothing there, or started embedded
         # servers of its own.
-        return None if value is None else value.expanduser().absolute()  # links kept as given
+        if value is None:
+            return None
+        try:
+            return value.expanduser().absolute()  # links kept as given
+        except RuntimeError:  # pathlib's, for `~user` of no user: a traceback naming no variable
+            raise ValueError(f"{str(value)[:200]!r}: its ~ names no home directory here") from None
 
     @field_validator("max_lora_rank")
     @classmethod
@@ -585,6 +595,15 @@ class Settings(BaseSettings):
             raise ValueError("REDIS_URL must be a redis:// or rediss:// URL (Sentinel is not supported)")
         if value is not None:
             _parsed_or_refused("REDIS_URL", value)
+            # The database number (redis://host:6379/0): one that is not a number passed here and
+            # every send failed as "broker unreachable" (review). Never quoted: a / in an unescaped
+            # password puts the rest of it in the path.
+            path = urlsplit(value).path if value.startswith(("redis://", "rediss://")) else ""
+            if path not in ("", "/") and not re.fullmatch(r"/\d{1,9}", path):
+                raise ValueError(
+                    "REDIS_URL: its database (the path after the host) must be a number, e.g."
+                    " redis://redis:6379/0 (or a / ? # or @ in its user or password is not percent-encoded)"
+                )
         return value
 
     @model_validator(mode="after")

@@ -781,6 +781,11 @@ def test_the_api_without_keys_is_one_line_not_uvicorns_traceback(monkeypatch, ca
     assert cli(["api", "--port", "1"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("mlchat: MLCHAT_API_KEYS: set it"), err
+    # review: `uvicorn api.main:create_app --factory`, which api/main.py documents, got a traceback
+    from api.main import create_app
+
+    with pytest.raises(SystemExit, match=r"^mlchat: bad setting: MLCHAT_API_KEYS: set it"):
+        create_app()
 
 
 def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_sweeper_looked(

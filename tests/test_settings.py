@@ -290,6 +290,11 @@ def test_a_url_that_does_not_parse_a_size_postgres_cannot_read_infinity_or_an_un
     for variable, bad in [
         ("DATABASE_URL", "postgresql://u:secret@db:54x2/mlchat"),
         ("REDIS_URL", "redis://broker:63x9/0"),
+        # review: a database that is not a number (the letter O) passed, and every send failed as
+        # "broker unreachable"; a ~ naming no home was pathlib's traceback in every process
+        ("REDIS_URL", "redis://broker:6379/O"),
+        ("MLCHAT_STATE_DIR", "~no-such-user-mlchat/state"),
+        ("MLCHAT_ENV_FILE", "~no-such-user-mlchat/.env"),
         ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "lots"),
         ("MLCHAT_EMBEDDED_PG_SHARED_BUFFERS", "512MB'; DROP"),
         # found in review: sizes PostgreSQL refuses, or cannot start with, passed the pattern
