@@ -342,8 +342,16 @@ def pick_candidate(
     usage = dict(turn.usage or {})
     kept: dict[str, Any] = (
         # The model's scores go with the edit, as they stayed on the turn while it was kept: picked
-        # back, it is scored as it was (an edit picked back without them was a run unscored in all).
-        {"text": turn.reply, "edited": True, "quality": kept_quality}
+        # back, it is scored as it was (an edit picked back without them was a run unscored in all);
+        # and the model's generation's count and end, which its usage keeps (review: picked back
+        # without them, the line said 0 completion tokens and no finish_reason).
+        {
+            "text": turn.reply,
+            "edited": True,
+            "finish_reason": usage.get("finish_reason"),
+            "completion_tokens": usage.get("completion_tokens", 0),
+            "quality": kept_quality,
+        }
         if kept_edited
         else {
             "text": turn.reply,

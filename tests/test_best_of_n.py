@@ -74,3 +74,26 @@ def test_a_batch_of_candidates_accounts_every_candidates_tokens(engine, monkeypa
     assert view.reply and view.quality["candidates"] == 2 and len(view.alternatives) == 1
     paid = view.usage["completion_tokens"] + view.alternatives[0]["completion_tokens"]
     assert sum(t.get("completion", 0) for t in counted) == paid
+
+
+def test_a_turns_generation_lasts_until_its_last_candidate_not_the_one_kept(engine, monkeypatch) -> None:
+    """Found in review: a best of n's generate_ms was the kept candidate's; a turn waits for every
+    candidate, so the rest of its generation was in no stage (ops under-read it up to n times)."""
+    import dataclasses
+
+    from tests.conftest import patch_on_this_thread
+    from worker import pipeline
+    from worker.inline import answer_now
+
+    real = pipeline.keep_candidates
+
+    def the_first_quick_the_others_slow(shape, generated, *, choices=1):  # type: ignore[no-untyped-def]
+        first = generated[0][1]  # every candidate its text (a tie: the first is kept), the others slower
+        for i, (seed, _) in enumerate(generated):
+            generated[i] = (seed, dataclasses.replace(first, seconds=0.001 if i == 0 else 9.0))
+        return real(shape, generated, choices=choices)
+
+    patch_on_this_thread(monkeypatch, pipeline, "keep_candidates", the_first_quick_the_others_slow)
+    request = new_conversation("elara") | {"message": "Any rooms?", "params": {"n": 3, "max_new_tokens": 8}}
+    (view,) = answer_now([request])
+    assert view.quality["candidates"] == 3 and view.timings["generate_ms"] == 9000.0, view.timings

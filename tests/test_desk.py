@@ -407,10 +407,13 @@ def test_an_edit_picked_back_in_a_one_line_run_keeps_the_runs_summary_and_list(s
     and `mlchat run status` raised (a 500) while that run was on the page."""
     run_id, (only,) = build_run("studio-a", _lines()[:1])
     desk.edit(WRITER, only, "Past the well, then left.", "0")
+    before, _, _ = _stored(only)
     desk.pick(WRITER, only, "1", "1")
     desk.pick(WRITER, only, "1", "2")  # the edit picked back
     turn, _, _ = _stored(only)
     assert turn.reply == "Past the well, then left." and turn.quality["persona"] == 0.31
+    # review: its usage said 0 completion tokens and no finish_reason once picked back
+    assert turn.usage == before.usage and turn.usage["completion_tokens"] > 0, (before.usage, turn.usage)
     summary = desk.run_summary(WRITER, run_id)
     assert summary.scored == 1
     assert any(row.id == run_id for row in desk.list_runs(WRITER).rows)

@@ -809,8 +809,10 @@ def _finish_group(
     with group_timer("quality"):
         judged = _judge_each(answered, reply_vectors, vector_of, context_of, prompts, report)
     # A turn's generation stage is its first generation's, even when its second try's reply is kept:
-    # the second try's time is the group's regenerate_ms.
+    # the second try's time is the group's regenerate_ms. It lasts until its last candidate's end (a
+    # best of n waits for every one): the kept one's alone left the rest in no stage (review).
     first_of = {turn.id: gen for turn, gen, _, _ in judged}
+    generated_s = {turn.id: max(gen.seconds for _, gen in results[turn.id]) for turn, _ in answered}
     if settings.quality_regenerate:
         # A streamed reply is never regenerated: the player has read it already (README, Streaming).
         shown = [j for j in judged if _streamed(j[0])]
@@ -828,7 +830,7 @@ def _finish_group(
     for turn, gen, reply_vec, verdict in judged:
         timings = {k: round(v, 1) for k, v in shared_ms.items()}
         first = first_of[turn.id]
-        timings["generate_ms"] = round(first.seconds * 1000, 1)
+        timings["generate_ms"] = round(generated_s[turn.id] * 1000, 1)
         # Inside the engine loop: waiting to be admitted, and from submission to the first token.
         timings["engine_wait_ms"] = round(first.admit_s * 1000, 1)
         timings["first_token_ms"] = round(first.first_token_s * 1000, 1)
