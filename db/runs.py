@@ -897,6 +897,7 @@ def reopen_failed(*, session: Session, run_id: uuid.UUID) -> list[uuid.UUID]:
                 deferrals=0,
                 error=None,
                 error_code=None,
+                timings=None,  # the failed attempt's stages, shown on the queued turn till answered (review)
                 finished_at=None,
                 claim_token=None,
                 queued_at=func.now(),

@@ -599,6 +599,7 @@ def _requeue_step(session: Session, scene: Scene, step: int, which: ColumnElemen
             status=TurnStatus.QUEUED,
             error=None,
             error_code=None,
+            timings=None,
             finished_at=None,
             queued_at=func.now(),
             dispatched_at=None,  # stamped once its message is out; until then the sweeper's to find

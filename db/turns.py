@@ -1001,6 +1001,10 @@ class Failure:
     code: TurnErrorCode
 
 
+def _tenth(value: Any) -> Any:
+    return round(value, 1) if isinstance(value, float) else value
+
+
 def fail_turns(
     *,
     session: Session,
@@ -1020,7 +1024,8 @@ def fail_turns(
                 status=TurnStatus.FAILED,
                 error=_by_id({t: f.reason[:ERROR_CHARS] for t, f in failures.items()}),
                 error_code=_by_id({t: f.code.value for t, f in failures.items()}),
-                timings=timings,
+                # as a stored reply's are: to a tenth of a millisecond (review: raw floats)
+                timings=None if timings is None else {k: _tenth(v) for k, v in timings.items()},
                 finished_at=func.now(),
                 lease_until=None,
             )
@@ -1316,6 +1321,7 @@ def revive_unsent(*, session: Session, turn_ids: Sequence[uuid.UUID]) -> list[uu
                 status=TurnStatus.QUEUED,
                 error=None,
                 error_code=None,
+                timings=None,
                 finished_at=None,
                 queued_at=func.now(),
                 dispatched_at=func.now(),

@@ -488,7 +488,11 @@ def test_a_retry_racing_another_retry_reports_the_turn_as_it_stands(
         session.execute(
             update(Turn)
             .where(Turn.id == first.id)
-            .values(status=TurnStatus.FAILED, error_code=TurnErrorCode.BROKER_UNREACHABLE.value)
+            .values(
+                status=TurnStatus.FAILED,
+                error_code=TurnErrorCode.BROKER_UNREACHABLE.value,
+                timings={"claim_ms": 1.0},
+            )
         )
 
     def the_other_retry_first(*, session, turn_ids):  # type: ignore[no-untyped-def]
@@ -499,6 +503,8 @@ def test_a_retry_racing_another_retry_reports_the_turn_as_it_stands(
     monkeypatch.setattr(producer, "revive_unsent", the_other_retry_first)
     (replay,) = submit_turns([req])
     assert replay.status == TurnStatus.QUEUED and replay.error_code is None
+    with session_scope() as session:  # review: the failed attempt's stages stayed on the queued turn
+        assert session.get_one(Turn, first.id).timings is None
 
 
 def test_a_revived_turn_goes_after_a_turn_its_conversation_took_meanwhile_never_beside_it(

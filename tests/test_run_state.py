@@ -1083,7 +1083,12 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
         s.execute(update(Turn).where(Turn.id == turn_id).values(params=Turn.params.op("||")({"seed": 41})))
         claim = claim_turns(session=s, turn_ids=[turn_id], lease_s=60, max_attempts=3)
         crash = Failure("inside the engine at 2 engine deaths", TurnErrorCode.ENGINE_CRASH_LOOP)
-        assert fail_turns(session=s, token=claim.token, failures={turn_id: crash}) == [turn_id]
+        stages = {"claim_ms": 3.2143871, "batch_size": 2}
+        assert fail_turns(session=s, token=claim.token, failures={turn_id: crash}, timings=stages) == [
+            turn_id
+        ]
+        # review: stored raw, unlike a reply's, and kept on the queued turn after its retry
+        assert s.get_one(Turn, turn_id).timings == {"claim_ms": 3.2, "batch_size": 2}
         s.execute(
             update(Turn)
             .where(Turn.id == turn_id)
@@ -1093,10 +1098,11 @@ def test_a_retried_turn_starts_afresh_its_engine_deaths_and_deferrals_forgotten(
         assert reopen_failed(session=s, run_id=run_id) == [turn_id]
     with session_scope() as s:
         turn = s.get(Turn, turn_id)
-        assert (turn.status, turn.engine_deaths, turn.deferrals, turn.deferred_since) == (
+        assert (turn.status, turn.engine_deaths, turn.deferrals, turn.deferred_since, turn.timings) == (
             TurnStatus.QUEUED,
             1,
             0,
+            None,
             None,
         )
         assert turn.params["seed"] == 41  # not the reply's own failure: the seed it was asked for
