@@ -331,14 +331,24 @@ def run_submit(
         int | None,
         typer.Option(min=1, max=8, help="best of n: candidates per line (default MLCHAT_RUN_CANDIDATES)"),
     ] = None,
+    tenant: Annotated[
+        str | None,
+        typer.Option(help="an API key's tenant: its conversations, and its review keys see it on the desk"),
+    ] = None,
 ) -> None:
     """Validate the whole file (native or OpenAI batch lines), then store and send it; resubmitting
     resumes a submission that died."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from core.settings import TENANT_NAME
     from services import runs
     from services.runs.openai_lines import LineOptions
+
+    if tenant is not None and not (tenant == "" or (len(tenant) <= 64 and TENANT_NAME.fullmatch(tenant))):
+        raise Refused(f"--tenant: {tenant[:80]!r} is no tenant's name (letters, digits, '.', '_', '-')")
+    if tenant:
+        _note_a_tenant_no_key_has(tenant, "no review key sees the run on the desk (a typo?)")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
     with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
@@ -351,6 +361,7 @@ def run_submit(
             options=LineOptions(
                 default_character=character, allow_system_prompt=allow_system_prompt, candidates=candidates
             ),
+            fields=None if tenant is None else {"tenant": tenant},
         )
     _print_submitted(sub)
 

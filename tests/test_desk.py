@@ -2043,3 +2043,39 @@ def test_a_runs_requests_refused_by_policy_count_in_its_total_on_the_desk_and_in
     row = desk.run_summary(WRITER, run_id)
     assert row.total == stored + 1 and row.counts["refused"] == 1 and row.progress == 100
     assert run_state(name).turns == stored + 1
+
+
+def test_a_run_submitted_from_the_command_line_for_a_tenant_is_on_its_writers_desk(
+    world, tmp_path, monkeypatch, capsys
+) -> None:
+    """Found in review: `mlchat run submit` stored every run in the default tenant, which no key's
+    is: a writer's review key saw none of them ("No runs yet."), only an admin key, which sees every
+    tenant. `--tenant` stores it, and resolves its conversations, in a key's tenant."""
+    from core.settings import queue_for_model
+    from scripts.cli import main as cli
+    from tasks.app import app
+
+    quiet = "unserved-desk-tenant"
+    monkeypatch.setattr(settings, "model", quiet)
+    monkeypatch.setattr(settings, "served_models", [quiet])
+    name = f"cli-tenant-{uuid.uuid4().hex[:8]}"
+    lines = tmp_path / f"{name}.jsonl"
+    conversation = f"cli-{uuid.uuid4().hex[:8]}"
+    line = {"custom_id": "l1", "conversation": conversation, "character": "elara", "message": "Hi"}
+    lines.write_text(json.dumps(line) + "\n")
+    try:
+        assert cli(["run", "submit", str(lines), "--tenant", "studio-a"]) == 0, capsys.readouterr().err
+        assert name in [row.name for row in desk.list_runs(WRITER).rows]
+        with session_scope() as s:
+            assert s.scalar(select(Run.tenant).where(Run.name == name)) == "studio-a"
+            tenants = s.scalars(select(Conversation.tenant).where(Conversation.external_id == conversation))
+            assert list(tenants) == ["studio-a"]
+        capsys.readouterr()
+        assert cli(["run", "submit", str(lines), "--tenant", "studio-b"]) == 2  # the run is studio-a's
+        assert f"run {name!r} is tenant 'studio-a''s, not 'studio-b''s" in capsys.readouterr().err
+        assert cli(["run", "submit", str(lines), "--tenant", "stu dio"]) == 2
+        assert "--tenant: 'stu dio' is no tenant's name" in capsys.readouterr().err
+        assert cli(["run", "submit", str(lines)]) == 0  # its own tenant, as every resume reads it
+    finally:
+        with app.connection_for_write() as conn:
+            conn.default_channel.queue_purge(queue_for_model(quiet, "bulk"))

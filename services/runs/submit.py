@@ -238,7 +238,7 @@ def _submit(
         # interrupted too (CLI review); not for a run that ended (an empty one taking a new file).
         options = (kept if resumed else options or kept) or LineOptions()
         skip_bad_lines = skip_bad_lines or kept_skip
-        tenant = _stored_tenant(name)
+        tenant = _tenant_of(name, (fields or {}).get("tenant"))
         check = validate_file(path, options, tenant=tenant, every_error=skip_bad_lines, run_name=name)
         with session_scope() as session:
             run, created = create_run(
@@ -379,6 +379,16 @@ def _stored_tenant(name: str) -> str:
     """The tenant of the run of that name; the default one for a new CLI run."""
     tenant = _run_tenant(name)
     return DEFAULT_TENANT if tenant is None else tenant
+
+
+def _tenant_of(name: str, asked: str | None) -> str:
+    """The tenant the run of that name is stored in: its own, or `asked` (`mlchat run submit
+    --tenant`, whose writers' review keys see it on the desk) for a new one, else the default one;
+    RunConflict when the run is another tenant's."""
+    stored = _run_tenant(name)
+    if asked is not None and stored is not None and stored != asked:
+        raise RunConflict(f"run {name!r} is tenant {stored!r}'s, not {asked!r}'s: give the run another name")
+    return stored if stored is not None else asked or DEFAULT_TENANT
 
 
 def _store_and_send(
