@@ -720,6 +720,33 @@ def test_a_pick_or_an_edit_of_an_npc_reply_keeps_its_json_with_its_text(services
     assert refused.value.status == 400 and _stored(first)[0].structured == kept
 
 
+def test_an_npc_replys_emotion_and_action_are_shown_with_its_words(services, world, base_url) -> None:
+    """Found in review: the desk showed an NPC reply's `say` alone; candidates saying the same words
+    with other actions (none, or giving away a sword) looked alike, and an edit kept the model's
+    action unseen: writers approved and picked what the game acts on without seeing it."""
+    from tests.conftest import REVIEW_KEY
+
+    _, (first, _) = build_run("studio-a", _lines())
+    kept = {"say": "Take it.", "emotion": "joy", "action": None}
+    other = {
+        "say": "Take it.",
+        "emotion": "joy",
+        "action": {"name": "give_item", "args": {"item": "<sword>"}},
+    }
+    _make_structured(first, structured=other, candidate=kept)
+    desk.edit(WRITER, first, "I will never part with it.", "0")
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get(f"/desk/lines/{first}").text
+    finally:
+        client.close()
+    kept_part, candidate_part = page.split('data-candidate="1"', 1)
+    assert "I will never part with it." in kept_part and "give_item" in kept_part
+    assert "(the model's: an edit changes the words alone)" in kept_part
+    assert "no action" in candidate_part and "give_item" not in candidate_part
+    assert "<sword>" not in page and "\\u003csword\\u003e" in page  # JSON shown as text, escaped
+
+
 def test_an_edit_of_a_data_reply_is_read_against_its_format_like_the_engines(services, world) -> None:
     """Found in review: a json_schema line could be edited into text that is not JSON, or a choice
     line into none of its choices, and stored as if it read."""
