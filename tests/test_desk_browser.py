@@ -379,6 +379,31 @@ def test_an_ended_session_or_a_busy_line_is_told_in_the_bar_and_the_typed_edit_s
     page.context.close()
 
 
+def test_an_edit_typed_and_not_saved_is_not_lost_to_another_change_of_its_line(browser, base_url) -> None:
+    """Found in review: approving (or rejecting, or keeping a candidate) with an edit typed and not
+    saved redrew the line with its edit box closed and empty: the typed text was gone, unsaid, and
+    the approval went to the model's text."""
+    run_id, (first, _) = build_run(
+        "studio-a",
+        [Spec("Good evening!", "Evening.", quality(0.5)), Spec("Any rooms?", "One left.", quality(0.5))],
+        name=f"desk-unsaved-{uuid.uuid4().hex[:6]}",
+    )
+    page = _sign_in(browser, base_url, REVIEW_KEY)
+    page.goto(f"{base_url}/desk/runs/{run_id}")
+    line = page.locator(f"#line-{first}")
+    line.locator("summary").click()
+    typed = "Evening, traveller. Mind the step."
+    line.locator("textarea").fill(typed)
+    changes = _changes(first)
+    page.locator(f"#approve-{first}").click()
+    page.get_by_text("Not sent: this line's edit is not saved").wait_for()
+    assert line.locator("textarea").input_value() == typed and _changes(first) == changes
+    line.locator("textarea").fill("Evening.")  # put back as it was: the approval goes
+    page.locator(f"#approve-{first}").click()
+    page.locator(f"#line-{first} .saved").wait_for()
+    assert _changes(first) == changes + 1 and _reply(first) == "Evening."
+
+
 def test_keys_without_the_scope_or_of_another_tenant_see_nothing(browser, base_url, desk_run) -> None:
     page = _sign_in(browser, base_url, INGEST_KEY)
     assert "lacks the 'review' scope" in page.locator(".error-text").inner_text()

@@ -95,6 +95,22 @@
     if (again && !again.disabled && (!active || active === document.body)) again.focus();
   });
 
+  // Another change of a line (approve, reject, keep a candidate) while its edit box holds text not
+  // saved: the line is redrawn, and what was typed went with it unsaid (review). Not sent: the bar
+  // says so and the edit box is opened on the text.
+  document.addEventListener("htmx:beforeRequest", function (event) {
+    var form = event.detail.elt;
+    if (!isChange(event.detail) || !form || !form.closest) return;
+    var line = form.closest("section.line");
+    var box = line && line.querySelector("textarea[name=reply]");
+    if (!box || box.form === form || box.value === box.defaultValue) return;
+    event.preventDefault();
+    var details = box.closest("details");
+    if (details) details.open = true;
+    box.focus();
+    show("Not sent: this line's edit is not saved. Save the edit, or put the reply back as it was, first.");
+  });
+
   function noAnswer(event) {
     if (!isChange(event.detail)) return;
     show("No answer came from the server. Reload the page to see what was saved, then try again.");
