@@ -117,19 +117,22 @@ def add_conversation(
         story=story,
         story_time=story_time,
     )
-    inserted = session.scalar(
-        insert(Conversation)
-        .values(tenant=tenant, external_id=external_id, **values)
-        .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
-        .returning(Conversation.id)
-    )
-    if inserted is not None:
-        return int(inserted)
-    stored = session.execute(
-        select(Conversation.id, Conversation.character_id, Conversation.player_id).where(
-            Conversation.tenant == tenant, Conversation.external_id == external_id
+    while True:  # one erased between the insert and the read is made again (as upsert_conversations)
+        inserted = session.scalar(
+            insert(Conversation)
+            .values(tenant=tenant, external_id=external_id, **values)
+            .on_conflict_do_nothing(index_elements=[Conversation.tenant, Conversation.external_id])
+            .returning(Conversation.id)
         )
-    ).one()
+        if inserted is not None:
+            return int(inserted)
+        stored = session.execute(
+            select(Conversation.id, Conversation.character_id, Conversation.player_id).where(
+                Conversation.tenant == tenant, Conversation.external_id == external_id
+            )
+        ).one_or_none()
+        if stored is not None:
+            break
     if stored.character_id != character_id:
         raise ConversationTaken(f"character: conversation {external_id!r} is another character's")
     if stored.player_id != player_id:

@@ -2088,7 +2088,7 @@ def test_a_run_submitted_from_the_command_line_for_a_tenant_is_on_its_writers_de
     name = f"cli-tenant-{uuid.uuid4().hex[:8]}"
     lines = tmp_path / f"{name}.jsonl"
     conversation = f"cli-{uuid.uuid4().hex[:8]}"
-    line = {"custom_id": "l1", "conversation": conversation, "character": "elara", "message": "Hi"}
+    line = {"custom_id": "l1", "conversation": conversation, "character": "elara", "message": "Hi\r\nthere"}
     lines.write_text(json.dumps(line) + "\n")
     try:
         assert cli(["run", "submit", str(lines), "--tenant", "studio-a"]) == 0, capsys.readouterr().err
@@ -2097,6 +2097,8 @@ def test_a_run_submitted_from_the_command_line_for_a_tenant_is_on_its_writers_de
             assert s.scalar(select(Run.tenant).where(Run.name == name)) == "studio-a"
             tenants = s.scalars(select(Conversation.tenant).where(Conversation.external_id == conversation))
             assert list(tenants) == ["studio-a"]
+            # review: a run line's CRLF was checked as a line break and stored raw
+            assert s.scalar(select(Turn.message).join(Run).where(Run.name == name)) == "Hi\nthere"
         capsys.readouterr()
         assert cli(["run", "submit", str(lines), "--tenant", "studio-b"]) == 2  # the run is studio-a's
         assert f"run {name!r} is tenant 'studio-a''s, not 'studio-b''s" in capsys.readouterr().err

@@ -464,3 +464,33 @@ def test_a_conversation_erased_between_an_upserts_insert_and_its_read_is_made_ag
     assert new_id != old_id and character_id == elara and made == {external}
     with session_scope() as s:
         assert s.get(Conversation, new_id) is not None and s.get(Conversation, old_id) is None
+
+
+def test_a_seeded_conversation_erased_between_its_insert_and_its_read_is_made_again(world) -> None:
+    """Found in the review of the fix above: `add_conversation` (`mlchat seed`) had the same two
+    statements, and raised NoResultFound for a conversation erased between them."""
+    from sqlalchemy import delete
+
+    from db.world import add_conversation
+
+    external = f"erase-seed-{uuid.uuid4().hex[:10]}"
+    with session_scope() as s:
+        elara = find_characters(session=s, slugs=["elara"])["elara"]
+        old_id = add_conversation(session=s, external_id=external, character_id=elara, player_id="p-seed")
+    with Session(bind=get_engine()) as mine:
+        execute = mine.execute
+        erased: list[int] = []
+
+        def erased_after_the_insert(*args: Any, **kwargs: Any) -> Any:
+            result = execute(*args, **kwargs)
+            if not erased:
+                with session_scope() as eraser:
+                    eraser.execute(delete(Conversation).where(Conversation.id == old_id))
+                erased.append(old_id)
+            return result
+
+        mine.execute = erased_after_the_insert  # type: ignore[method-assign]
+        mine.scalar = lambda statement, *a, **k: erased_after_the_insert(statement, *a, **k).scalar()  # type: ignore[method-assign]
+        new_id = add_conversation(session=mine, external_id=external, character_id=elara, player_id="p-seed")
+        mine.commit()
+    assert erased == [old_id] and new_id != old_id

@@ -1257,6 +1257,11 @@ def test_an_adapter_answers_the_turns_of_the_model_it_was_trained_on_alone(
     assert "does not say which model it was trained on; pass --model" in capsys.readouterr().err
     assert cli(["lora", "register", slug, str(adapter), "--model", "nonesuch"]) == 2
     assert "--model: 'nonesuch' is not a model this fleet serves" in capsys.readouterr().err
+    # review: a folder that is no adapter (a typo) was told to pass --model first
+    assert cli(["lora", "register", slug, str(tmp_path)]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    assert cli(["lora", "register", slug, str(adapter), "--model", "nonesuch"]) == 2
+    assert "--model: 'nonesuch' is not a model this fleet serves" in capsys.readouterr().err
     assert serving() == (True, False)  # each refusal left the registration as it was
     assert cli(["lora", "register", slug, str(adapter), "--model", "another-model"]) == 0
     assert serving() == (False, True)

@@ -245,6 +245,18 @@ def test_the_off_values_tooling_sends_by_default_are_accepted_and_any_other_refu
             to_run_line(openai_line("on", USER, **{name: value}), ["elara"], LineOptions())
 
 
+def test_a_refused_lines_param_names_the_field_as_openai_does() -> None:
+    """Found in review: the live route's error said `param: "max_tokens"`, a refused batch line's
+    error file `"body.max_tokens"`: a client matching `param` missed one of them."""
+    from services.runs.validate import param_of
+
+    assert param_of("body.max_tokens: must be at most 1024") == "max_tokens"
+    assert param_of("body.messages[0].content: empty") == "messages[0].content"
+    assert param_of("url: '/v1/embeddings'; only /v1/chat/completions") == "url"
+    assert param_of("conversation: another character's") == "conversation"
+    assert param_of("not valid JSON at character 3") is None
+
+
 # Well-formed requests mlchat refuses by its own policy: each is answered alone in the error file.
 REFUSED = [
     (openai_line("long", [{"role": "user", "content": LONG}]), "body.messages[0].content: "),

@@ -226,8 +226,8 @@ def register(
     (BadLoraFile) for a folder that is not a PEFT LoRA the engine can load, one trained on a
     tenant's dialogue asked to serve all unsaid, or one for another model, CharacterNotFound for an
     unknown character."""
-    served_on(adapter_dir, model=model)  # which model's turns: before the shape check against one
     _check_adapter(adapter_dir, adapter_dir)  # refused before a copy is made: an unknown slug costs none
+    served_on(adapter_dir, model=model)  # which model's turns (its refusals, before a copy too)
     # The slug names a folder: checked, and the character looked up, before anything is copied (a
     # slug like `../x` wrote outside the adapters folder, an unknown one cost a whole copy first).
     if not character_exists(slug):

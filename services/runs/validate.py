@@ -148,9 +148,10 @@ _PARAM = re.compile(r"([A-Za-z_$][\w$]*(?:\[\d+\]|\.[A-Za-z_$][\w$]*)*): ")
 
 
 def param_of(message: str) -> str | None:
-    """The field an error message names first (OpenAI's `param`), or None."""
+    """The field an error message names first (OpenAI's `param`, named as OpenAI names it: an
+    OpenAI line's `body.max_tokens` is `max_tokens`, as the live route's error says), or None."""
     found = _PARAM.match(message)
-    return found[1] if found else None
+    return found[1].removeprefix("body.") if found else None
 
 
 @dataclass(frozen=True)
@@ -206,8 +207,8 @@ class LineReader:
 
         try:
             line = RunLine.model_validate(data)
-            if line.scene is None:
-                check_message(line.message)
+            if line.scene is None:  # its message as stored: a CRLF a line break (review)
+                line = line.model_copy(update={"message": check_message(line.message)})
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "line"
