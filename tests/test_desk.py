@@ -2108,3 +2108,25 @@ def test_a_run_submitted_from_the_command_line_for_a_tenant_is_on_its_writers_de
     finally:
         with app.connection_for_write() as conn:
             conn.default_channel.queue_purge(queue_for_model(quiet, "bulk"))
+
+
+def test_the_desks_times_are_shown_in_utc_saying_so(services, world, base_url) -> None:
+    """Found in review: the runs list and a line's history showed times in the database session's
+    time zone, unsaid: a writer in Seoul read a UTC server's times as their own."""
+    from datetime import UTC
+
+    from tests.conftest import REVIEW_KEY
+
+    run_id, (first, _) = build_run("studio-a", _lines())
+    desk.edit(WRITER, first, "Past the well, then left.", "0")
+    with session_scope() as s:
+        created = s.get_one(Run, run_id).created_at.astimezone(UTC)
+        changed = s.scalars(select(TurnReviewChange.at).where(TurnReviewChange.turn_id == first)).one()
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        runs = client.get("/desk/runs").text
+        line = client.get(f"/desk/lines/{first}").text
+    finally:
+        client.close()
+    assert f">{created:%Y-%m-%d %H:%M} UTC</time>" in runs
+    assert f">{changed.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC</time>" in line

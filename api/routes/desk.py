@@ -20,6 +20,7 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode, urlsplit
@@ -58,6 +59,15 @@ templates = Jinja2Templates(
         undefined=jinja2.Undefined,
     )
 )
+
+
+def _utc(moment: datetime, seconds: bool = False) -> str:
+    """A time as the desk shows it: in UTC, saying so (it was the database session's time zone,
+    unsaid: a writer in Seoul read a UTC server's times as their own; review)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC" if seconds else "%Y-%m-%d %H:%M UTC")
+
+
+templates.env.filters["utc"] = _utc
 
 router = APIRouter(prefix="/desk", include_in_schema=False)
 api_router = APIRouter(prefix="/v1/turns", tags=["desk"])
