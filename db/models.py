@@ -616,7 +616,7 @@ class TurnReviewChange(Base):
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     turn_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("turns.id", ondelete="CASCADE"), index=True)
-    action: Mapped[str] = mapped_column(String(16))  # pick, edit, approve, reject
+    action: Mapped[str] = mapped_column(String(16))  # pick, edit, approve, reject, clear
     before: Mapped[str | None] = mapped_column(Text)
     after: Mapped[str | None] = mapped_column(Text)
     candidate: Mapped[int | None] = mapped_column(Integer)  # pick: the candidate's position

@@ -411,18 +411,26 @@ def edit_reply(
 
 
 def label_reply(
-    *, session: Session, turn_id: uuid.UUID, label: ReviewLabel, reason: str | None, version: int, by: str
+    *,
+    session: Session,
+    turn_id: uuid.UUID,
+    label: ReviewLabel | None,
+    reason: str | None,
+    version: int,
+    by: str,
 ) -> int:
-    """approve / reject: the writer's verdict on the kept reply. Returns the review's new version."""
+    """approve / reject: the writer's verdict on the kept reply; clear (`label` None): no verdict
+    again (a mis-click's label withdrawn, out of the training labels). Returns the review's new
+    version."""
     turn = _answered(session, turn_id)
-    bumped = _bump(session, turn, version, by, label=label.value, reason=reason)
+    bumped = _bump(session, turn, version, by, label=None if label is None else label.value, reason=reason)
     if bumped.rejection_flipped and turn.reply_message_id is not None:
         line = session.execute(
             select(Message.conversation_id, Message.seq).where(Message.id == turn.reply_message_id)
         ).first()
         if line is not None:
             _read_again(session, *line)
-    action = "approve" if label == ReviewLabel.APPROVED else "reject"
+    action = {ReviewLabel.APPROVED: "approve", ReviewLabel.REJECTED: "reject", None: "clear"}[label]
     _log(session, turn.id, action, by, before=turn.reply, reason=reason)
     return bumped.version
 

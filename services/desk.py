@@ -791,13 +791,17 @@ def edited_structured(turn: Turn, text: str, per_char: int = 1) -> Any:
 
 
 def label(who: Reviewer, turn_id: uuid.UUID, verdict: str, reason: str | None, version: str | None) -> int:
-    """Approve, or reject with a reason (required). Returns the new version."""
-    if verdict not in ("approve", "reject"):
-        raise _bad("verdict: must be approve or reject")
-    approved = verdict == "approve"
-    why = free_text("reason", reason, max_chars=REASON_MAX_CHARS, required=not approved)
+    """Approve, reject with a reason (required), or clear the verdict given. Returns the new version."""
+    if verdict not in ("approve", "reject", "clear"):
+        raise _bad("verdict: must be approve, reject or clear")
+    rejected = verdict == "reject"
+    why = (
+        free_text("reason", reason, max_chars=REASON_MAX_CHARS, required=rejected)
+        if verdict != "clear"
+        else None
+    )
     expected = whole_number("version", version, low=0, high=2**31 - 1)
-    chosen = ReviewLabel.APPROVED if approved else ReviewLabel.REJECTED
+    chosen = {"approve": ReviewLabel.APPROVED, "reject": ReviewLabel.REJECTED}.get(verdict)
     return _change(
         who,
         turn_id,

@@ -2130,3 +2130,29 @@ def test_the_desks_times_are_shown_in_utc_saying_so(services, world, base_url) -
         client.close()
     assert f">{created:%Y-%m-%d %H:%M} UTC</time>" in runs
     assert f">{changed.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC</time>" in line
+
+
+def test_a_verdict_given_by_mistake_is_cleared_and_leaves_the_training_labels(
+    services, world, base_url
+) -> None:
+    """Found in review: a mis-clicked Approve stayed a training label (`lora dataset`, the gate's
+    calibration) for good: a line could only be given the opposite label, never none again."""
+    from db.reviews import writer_labels
+    from tests.conftest import REVIEW_KEY
+
+    run_id, (first, _) = build_run("studio-a", _lines())
+    desk.label(WRITER, first, "approve", "", "0")
+    client = _desk_client(base_url, REVIEW_KEY)
+    try:
+        page = client.get(f"/desk/lines/{first}").text
+        assert f'id="clear-{first}"' in page
+    finally:
+        client.close()
+    assert desk.label(WRITER, first, "clear", "", "1") == 2
+    record = desk.review_record(WRITER, first)
+    assert record["label"] is None and record["reason"] is None
+    assert [c["action"] for c in record["changes"]][-2:] == ["approve", "clear"]
+    with session_scope() as s:
+        assert first not in {label.turn_id for label in writer_labels(session=s, run_id=run_id)}
+    with pytest.raises(DeskError, match="verdict: must be approve, reject or clear"):
+        desk.label(WRITER, first, "maybe", "", "2")

@@ -549,10 +549,11 @@ async def label(
     reason: Annotated[str | None, Form()] = None,
     version: Annotated[str | None, Form()] = None,
 ) -> Response:
-    """Approve the kept reply, or reject it with a reason."""
+    """Approve the kept reply, reject it with a reason, or clear the verdict."""
     tid = desk.object_id("line", turn_id)
     await run_in_threadpool(desk.label, desk_.who, tid, verdict, reason, version)
-    return await _changed(request, desk_, tid, "approved" if verdict == "approve" else "rejected")
+    said = {"approve": "approved", "reject": "rejected"}.get(verdict, "verdict cleared")
+    return await _changed(request, desk_, tid, said)
 
 
 # --- the record, for programs ---------------------------------------------------------------------
