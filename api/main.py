@@ -83,6 +83,11 @@ def create_app() -> FastAPI:
             "mlchat: bad setting: MLCHAT_API_KEYS: set it (a JSON list of keys) before starting the"
             " HTTP ingest"
         )
+    from worker.embedder import device_refusal
+
+    refusal = device_refusal(settings.embedder_device)
+    if refusal is not None:
+        raise SystemExit(f"mlchat: bad setting: {refusal}")
     configure_logging()  # each of `mlchat api --workers N`'s processes: spawned, they inherit none
     check_files_dir()  # batch files are uploaded here: an unusable folder is one line now, not a 500 later
     app = FastAPI(

@@ -191,6 +191,11 @@ def api(
     if not settings.api_keys:  # create_app refuses too, but inside uvicorn's factory: a traceback
         raise Refused("MLCHAT_API_KEYS: set it (a JSON list of keys) before starting the HTTP ingest")
     from services.files import check_files_dir
+    from worker.embedder import device_refusal
+
+    refusal = device_refusal(settings.embedder_device)
+    if refusal is not None:  # create_app refuses too, inside uvicorn's factory (each of --workers)
+        raise Refused(refusal)
 
     check_files_dir()  # here too: with --workers, uvicorn restarts a child that exits, for ever
     named = os.environ.get("PROMETHEUS_MULTIPROC_DIR")

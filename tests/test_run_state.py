@@ -788,6 +788,21 @@ def test_the_api_without_keys_is_one_line_not_uvicorns_traceback(monkeypatch, ca
         create_app()
 
 
+def test_an_api_with_an_embedder_device_this_host_has_not_is_refused_at_start(monkeypatch) -> None:
+    """Found in review: MLCHAT_EMBEDDER_DEVICE=cuda, meant for the workers but in the env file every
+    role reads, started a GPU-less API whose fact writes, story events and desk edits were each a 503
+    while its health stayed green."""
+    import api.main
+    from worker.embedder import device_refusal
+
+    assert device_refusal(None) is None and device_refusal("cpu") is None
+    # a copy, in the module tested: the session's worker reads the embedder's settings (README, Tests)
+    gpu = settings.model_copy(update={"embedder_device": "cuda:0"})  # this CPU host has none
+    monkeypatch.setattr(api.main, "settings", gpu)
+    with pytest.raises(SystemExit, match=r"^mlchat: bad setting: MLCHAT_EMBEDDER_DEVICE: 'cuda:0', but"):
+        api.main.create_app()
+
+
 def test_the_sweeper_never_fails_a_run_whose_resume_took_its_lock_after_the_sweeper_looked(
     quiet_model, tmp_path, monkeypatch
 ) -> None:

@@ -60,6 +60,26 @@ def get_embedder() -> SentenceTransformer:
         return _loaded()
 
 
+def device_refusal(device: str | None) -> str | None:
+    """Why MLCHAT_EMBEDDER_DEVICE names a device this host's torch has not (a CUDA or XPU device, or
+    its index, absent), or None. A process that embeds on demand (the API: fact writes, story events,
+    desk edits) would otherwise start and answer each of those 503 with its health green (review:
+    compose gives every role the fleet's env file, the workers' `cuda` the GPU-less API's too)."""
+    kind, _, index = (device or "cpu").partition(":")
+    if kind not in ("cuda", "xpu"):
+        return None  # cpu; mps, hpu and npu are read by their own backends, which torch may not hold
+    import torch
+
+    backend = getattr(torch, kind, None)
+    count = backend.device_count() if backend is not None and backend.is_available() else 0
+    if count > int(index or 0):
+        return None
+    return (
+        f"MLCHAT_EMBEDDER_DEVICE: {device!r}, but this host's torch sees {count} {kind} device(s)"
+        " (unset it, or cpu, for a process with none)"
+    )
+
+
 def load_embedder(cfg: Settings) -> SentenceTransformer:
     """The embedder `cfg` names, loaded, or refused in one line naming the setting."""
     from sentence_transformers import SentenceTransformer
