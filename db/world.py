@@ -467,6 +467,11 @@ def registered_adapter_path(*, session: Session, slug: str) -> str | None:
     return session.scalar(select(Character.lora_path).where(Character.slug == slug))
 
 
+def registered_adapter_paths(*, session: Session) -> set[str]:
+    """The folder of every character's registered LoRA."""
+    return set(session.scalars(select(Character.lora_path).where(Character.lora_path.is_not(None))))
+
+
 def register_adapter(
     *, session: Session, slug: str, path: str, tenant: str | None = None, model: str | None = None
 ) -> int | None:

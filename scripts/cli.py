@@ -239,6 +239,7 @@ def sweep(
     from db.session import get_engine
     from memory.schedule import reschedule_stalled
     from services.batches import HousekeepingIncomplete, housekeeping
+    from services.lora.registry import remove_superseded
     from services.retention import prune
     from services.sweeper import (
         SweepIncomplete,
@@ -280,9 +281,11 @@ def sweep(
     memory = step("re-sending stalled memory jobs", reschedule_stalled)
     pruned = {k: v for k, v in step("deleting past retention", prune).items() if v}
     unserved = step("failing live turns of models no worker serves", fail_unserved_live_turns)
+    adapters = step("removing superseded adapter copies", remove_superseded)
     done = {"resent": sent, "runs": closed, "batches": batches} | ({"memory_jobs": memory} if memory else {})
     done |= ({"pruned": pruned} if pruned else {}) | ({"unserved": unserved} if unserved else {})
-    if sent or closed or batches or memory or pruned or unserved or failed:
+    done |= {"adapter_copies_removed": adapters} if adapters else {}
+    if sent or closed or batches or memory or pruned or unserved or adapters or failed:
         _out(json.dumps(done))
     else:
         _out("{}")  # nothing stranded: JSON as every other pass's line (CLI review)

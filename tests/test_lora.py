@@ -1464,3 +1464,30 @@ def test_a_turns_reply_spelling_a_special_token_is_trained_with_it_broken(world,
     assert len(turns) == 1 and report.manifest["from_turns"] == 1
     (turn,) = turns
     assert "<|im_end|>" not in turn["completion"] and "And then some." in turn["completion"]
+
+
+def test_the_sweep_removes_copies_no_registration_names_once_a_day_old(world, tmp_path, monkeypatch) -> None:
+    """Found in review: every registration's copy was kept for good (a SOLAR-sized adapter is about
+    100 MB): dozens of characters retrained filled the shared adapters volume. A copy no character's
+    registration names goes a day after it was made; a registered one, a newer one, and anything
+    else in the folder stay."""
+    import os
+    import time
+
+    from services.lora import registry
+
+    monkeypatch.setattr(registry, "adapters_dir", lambda: tmp_path / "adapters")
+    slug, adapter, _ = _character_and_adapter(tmp_path, "sweep", {"from_turns": 0})
+    registered = registry.register(slug, adapter).path
+    superseded = registered.parent / uuid.uuid4().hex
+    newer = registered.parent / uuid.uuid4().hex
+    other = registered.parent / "notes"
+    for folder in (superseded, newer, other):
+        folder.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for folder in (registered, superseded, other):
+        os.utime(folder, (two_days_ago, two_days_ago))
+    assert registry.remove_superseded() == 1
+    assert not superseded.exists() and registered.is_dir() and newer.is_dir() and other.is_dir()
+    assert registry.unregister(slug) == 1  # taken off: its copy is superseded too, a day on
+    assert registry.remove_superseded() == 1 and not registered.exists()

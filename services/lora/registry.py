@@ -8,7 +8,9 @@ retraining in place never changes what a running worker serves; the worker loads
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 from core.settings import TENANT_NAME, settings
 from db.session import session_scope
-from db.world import register_adapter, registered_adapter_path, unregister_adapter
+from db.world import register_adapter, registered_adapter_path, registered_adapter_paths, unregister_adapter
 from services.characters import CharacterNotFound, character_exists
 from services.lora.engine_check import engine_refusal
 from services.lora.files import BadLoraFile, read_object
@@ -252,6 +254,37 @@ def register(
         shutil.rmtree(target, ignore_errors=True)
         raise CharacterNotFound(f"no character {slug!r}")
     return Registered(slug, version, target, serving, on)
+
+
+# A copy no registration names is removed by the sweep a day after it was made: a worker answering a
+# turn claimed before its character's adapter changed may still load it meanwhile (and one that cannot
+# any more retries the turn, which its next claim answers with the adapter registered then).
+SUPERSEDED_AFTER_S = 24 * 3600
+_COPY_NAME = re.compile(r"[0-9a-f]{32}")  # register's copies: uuid4().hex
+
+
+def remove_superseded() -> int:
+    """Remove the copies under MLCHAT_ADAPTERS_DIR that no character's registration names (a
+    registration since, an unregister, a registration that failed) once a day old; how many went.
+    Matched by the copy's own folder name, which no other registration has: a host that mounts the
+    folder elsewhere never removes a registered copy."""
+    root = adapters_dir()
+    if not root.is_dir():
+        return 0
+    with session_scope() as session:
+        registered = {Path(path).name for path in registered_adapter_paths(session=session)}
+    old = time.time() - SUPERSEDED_AFTER_S
+    removed = 0
+    for character_dir in root.iterdir():
+        if character_dir.is_symlink() or not character_dir.is_dir():
+            continue
+        for copy in character_dir.iterdir():
+            if copy.is_symlink() or not copy.is_dir() or not _COPY_NAME.fullmatch(copy.name):
+                continue
+            if copy.name not in registered and copy.stat().st_mtime < old:
+                shutil.rmtree(copy, ignore_errors=True)
+                removed += not copy.exists()
+    return removed
 
 
 def unregister(slug: str) -> int | None:
