@@ -914,3 +914,35 @@ def test_a_death_reported_during_a_warm_shutdown_keeps_its_exit_code(monkeypatch
         monkeypatch.setattr(lifecycle, "worker_state", state)
         lifecycle.stop_for_dead_engine(RuntimeError("the engine core process is gone"))
         assert state.should_stop == after and type(state.should_stop) is type(after), before
+
+
+def test_bulk_requests_leave_an_adapter_slot_for_a_live_turns_adapter() -> None:
+    """Found in review: vLLM schedules no waiting request, a live one either, whose adapter would pass
+    max_loras while the running ones fill it; bulk replies of four adapters kept a player's turn to a
+    fifth adapted character waiting until one of them drained. Bulk keeps one slot free."""
+    from types import SimpleNamespace
+
+    fake = _CoreStepsOnItsOwn()
+    loop = _loop(fake, max_loras=2)
+    a, b, c = (SimpleNamespace(lora_int_id=i, lora_name=f"voice-{i}") for i in (1, 2, 3))
+    (first,) = loop.submit([([1], None, BULK, a)])
+    assert _until(lambda: fake.admitted == ["r0"]), fake.admitted
+    (second, same) = loop.submit([([2], None, BULK, b), ([3], None, BULK, a)])
+    time.sleep(0.2)
+    assert fake.admitted == ["r0"], "a bulk request took the last adapter slot"
+    (live,) = loop.submit([([4], None, LIVE, c)])
+    assert _until(lambda: fake.admitted == ["r0", "r1"]), fake.admitted  # the live one, at once
+    assert fake.prompts["r1"] == [4]
+    fake.engine_core.outputs_queue.put([_Out("r0"), _Out("r1")])  # adapter a's and c's requests end
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2"]), fake.admitted  # b's, alone: a's waits
+    time.sleep(0.2)
+    assert fake.admitted == ["r0", "r1", "r2"] and fake.prompts["r2"] == [2], fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r2")])
+    assert _until(lambda: fake.admitted == ["r0", "r1", "r2", "r3"]), fake.admitted
+    fake.engine_core.outputs_queue.put([_Out("r3")])
+    assert _all_done([first, second, same, live], timeout=10)
+    one = _loop(_CoreStepsOnItsOwn(), max_loras=1)  # one slot in all: none to keep, bulk is not held
+    (alone,) = one.submit([([5], None, BULK, a)])
+    assert _until(lambda: one.engine.admitted == ["r0"]), one.engine.admitted
+    one.engine.engine_core.outputs_queue.put([_Out("r0")])
+    assert _all_done([alone], timeout=10)

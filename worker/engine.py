@@ -250,6 +250,7 @@ def get_loop() -> EngineLoop:
         on_death=stop_for_dead_engine,  # the gauge down and the worker stopping, even found while idle
         prefill_budget=_bulk_prefill_budget(engine),
         stall_s=settings.engine_stall_seconds,
+        max_loras=settings.max_loras if settings.enable_lora else 0,
     )
     loop.live_notice_s = settings.live_notice_s
     return loop

@@ -163,10 +163,13 @@ class EngineLoop:
         on_death: Any = None,
         prefill_budget: int = 4096,
         stall_s: float | None = None,
+        max_loras: int = 0,
     ) -> None:
         self.engine = engine
         self.max_inflight = max_inflight
         self.prefill_budget = prefill_budget
+        # The engine's adapter slots (0: none served): bulk leaves one free for a live turn's adapter.
+        self.max_loras = max_loras
         self.stall_s = stall_s  # None: never declared stalled
         self._is_dead = is_dead  # () -> bool: the client says its engine core is gone
         self._on_death = on_death  # (the death) -> None, told once
@@ -514,8 +517,21 @@ class EngineLoop:
         """Whether the next held bulk request may join the engine now."""
         if not self._held or self._bulk_inside >= self.max_inflight or shielding:
             return False
+        if self._last_adapter_slot(self._held[0]):
+            return False
         waiting = sum(self._unstarted.values())
         return not waiting or waiting + len(self._held[0].token_ids) <= self.prefill_budget
+
+    def _last_adapter_slot(self, job: _Job) -> bool:
+        """Whether a bulk request would take the engine's last adapter slot: vLLM schedules no waiting
+        request, a live one either, whose adapter would pass max_loras until every running request of
+        one of the others has finished (its scheduler skips it; bulk replies are not preempted), so a
+        player talking to an adapted character waited out four other adapters' bulk replies (review).
+        Bulk keeps one slot free; with one slot in all there is none to keep."""
+        if self.max_loras < 2 or job.lora is None:
+            return False
+        running = {inside.lora.lora_int_id for inside in self._inside.values() if inside.lora is not None}
+        return job.lora.lora_int_id not in running and len(running) + 1 >= self.max_loras
 
     def _shielding(self) -> bool:
         """Whether new bulk admissions wait for the live requests inside the engine, or for an
