@@ -17,7 +17,7 @@ import re
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 from pydantic import (
@@ -68,18 +68,31 @@ class ExampleDialogue(BaseModel):
 
 
 class Persona(BaseModel):
-    """The original's Persona (name, personality, scenario, example dialogues) with the other fields
-    a stored character has; keys it does not know are ignored."""
+    """The original's Persona with the other fields a stored character has; keys it does not know
+    are ignored. Its own names are read as they are (review: its sample files were refused for a
+    missing `name`, or lost their sheet unsaid): `character_name` for `name`, `persona` for
+    `personality`, `speaking_style` (text, or a list of lines) for `speech_style`,
+    `example_dialogue` (its `{role, content}` turns, paired) for `example_dialogues`, and its
+    `constraints` (a list of rules) kept as the instructions after the history."""
 
     model_config = ConfigDict(extra="ignore")
 
-    name: Text = Field(min_length=1, max_length=200)
+    name: Text = Field(min_length=1, max_length=200, validation_alias=AliasChoices("name", "character_name"))
     language: Text | None = Field(default=None, min_length=1, max_length=16)
     description: Text = Field(default="", max_length=TEXT_MAX)
-    personality: Text = Field(default="", max_length=TEXT_MAX)
+    personality: Text = Field(
+        default="", max_length=TEXT_MAX, validation_alias=AliasChoices("personality", "persona")
+    )
     scenario: Text = Field(default="", max_length=TEXT_MAX)
-    speech_style: Text = Field(default="", max_length=TEXT_MAX)
-    example_dialogues: list[ExampleDialogue] = Field(default_factory=list, max_length=100)
+    speech_style: Text = Field(
+        default="", max_length=TEXT_MAX, validation_alias=AliasChoices("speech_style", "speaking_style")
+    )
+    example_dialogues: list[ExampleDialogue] = Field(
+        default_factory=list,
+        max_length=100,
+        validation_alias=AliasChoices("example_dialogues", "example_dialogue"),
+    )
+    constraints: list[Annotated[Text, Field(max_length=2000)]] = Field(default_factory=list, max_length=100)
     first_message: Text = Field(default="", max_length=TEXT_MAX)
     system_prompt: Text = Field(default="", max_length=TEXT_MAX)
     post_history_instructions: Text = Field(default="", max_length=TEXT_MAX)
@@ -91,10 +104,43 @@ class Persona(BaseModel):
             raise ValueError("is empty")
         return value
 
+    @field_validator("speech_style", mode="before")
+    @classmethod
+    def _lines_of_style(cls, value: Any) -> Any:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return "\n".join(value)
+        return value
+
+    @field_validator("example_dialogues", mode="before")
+    @classmethod
+    def _paired(cls, value: Any) -> Any:
+        """The original's example dialogue, a list of `{role, content}` turns, as exchanges: each
+        player turn with the character's turn after it (one without a player turn before it answers
+        an empty one; a player turn the character does not answer is left out)."""
+        if not isinstance(value, list) or not any(isinstance(v, dict) and "role" in v for v in value):
+            return value
+        pairs: list[dict[str, Any]] = []
+        asked: Any = None
+        for i, turn in enumerate(value):
+            if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+                raise ValueError(f"item {i}: a {{role, content}} object is expected")
+            if turn["role"] == "user":
+                asked = turn.get("content")
+            elif turn["role"] in ("assistant", "character"):
+                pairs.append({"user": "" if asked is None else asked, "character": turn.get("content")})
+                asked = None
+        return pairs
+
     def character_fields(self) -> dict[str, Any]:
-        """The character's columns; without a language, Korean if the persona is written in Hangul."""
-        fields = self.model_dump(exclude={"language", "example_dialogues"})
+        """The character's columns; without a language, Korean if the persona is written in Hangul.
+        The original's constraints follow the persona's own post-history instructions, a line each."""
+        fields = self.model_dump(exclude={"language", "example_dialogues", "constraints"})
         fields["example_dialogues"] = [d.model_dump() for d in self.example_dialogues]
+        if self.constraints:
+            rules = "\n".join(f"- {rule}" for rule in self.constraints)
+            fields["post_history_instructions"] = "\n".join(
+                filter(None, [self.post_history_instructions, rules])
+            )
         text = " ".join(str(v) for v in fields.values())
         fields["language"] = self.language or ("ko" if _HANGUL.search(text) else "en")
         return fields
@@ -132,6 +178,7 @@ class InlineRequest:
     turn: TurnRequest  # conversation and character are placeholders until it is stored
     conversation: str | None  # the caller's; None: the request's own, a copy of its history
     line_items: tuple[str, ...] = ()  # each line's item in the request (`history[4]`), for refusals
+    ignored: tuple[str, ...] = ()  # the request's keys nothing reads (the answer lists them)
 
     @property
     def slug(self) -> str:
@@ -167,6 +214,7 @@ class StoredInline:
     story_events_stored: int
     conversation: str
     lines_imported: int
+    ignored: tuple[str, ...] = ()  # the request's keys nothing read
 
 
 def _digest(value: Any) -> str:
@@ -229,19 +277,41 @@ def parse_chat_history(doc: Any, key: str = "chat_history") -> ParsedHistory:
         raise InlineRefused(key, str(exc)) from None
 
 
-_TURN_FIELDS = ("player_id", "player_name", "story_time", "idempotency_key", "speaker")
+# The turn's fields, each under its name here or the original's (`user_id`, `user_name`).
+_TURN_FIELDS = {
+    "player_id": ("player_id", "user_id"),
+    "player_name": ("player_name", "user_name"),
+    "story_time": ("story_time",),
+    "idempotency_key": ("idempotency_key",),
+    "speaker": ("speaker",),
+}
+_MODEL_CONFIGS = ("model_config", "model_cfg")  # the original's names for its ModelConfig, over time
+_GEN_CONFIGS = ("gen", "gen_config", "params")  # its sampling settings (`gen`), ours; later ones win
+# Every key of a request read here; the others are listed in the answer's `mlchat.ignored`.
+READ_KEYS = frozenset(
+    {"persona", "chat_history", "history", "story", "message", "conversation", "model"}
+    | set(_MODEL_CONFIGS)
+    | set(_GEN_CONFIGS)
+    | {name for names in _TURN_FIELDS.values() for name in names}
+)
 
 
 def _asked_model(payload: dict[str, Any], models: Sequence[str]) -> dict[str, str]:
-    """The model the request names, as the original chose one per request (`model_config.name`, or
-    a top-level `model`): {"model": name}, or {} for the deployment's default. The rest of
-    model_config (its GPUs) is the worker's to decide. Refused naming the field when it is not
-    one of `models`."""
-    config = payload.get("model_config")
-    if config is not None and not isinstance(config, dict):
-        raise InlineRefused("request", "model_config: must be a JSON object")
+    """The model the request names, as the original chose one per request (`model` as a name or its
+    ModelConfig `{"name"}`, or `model_config` / `model_cfg` with `name` or `model_name`): {"model":
+    name}, or {} for the deployment's default. The rest of the config (its GPUs) is the worker's to
+    decide. Refused naming the field when it is not one of `models`, or when two disagree."""
+    model = payload.get("model")
+    named: list[tuple[str, Any]] = (
+        [("model.name", model.get("name"))] if isinstance(model, dict) else [("model", model)]
+    )
+    for key in _MODEL_CONFIGS:
+        config = payload.get(key)
+        if config is not None and not isinstance(config, dict):
+            raise InlineRefused("request", f"{key}: must be a JSON object")
+        named += [(f"{key}.{inner}", (config or {}).get(inner)) for inner in ("name", "model_name")]
     asked: dict[str, str] = {}
-    for field, name in (("model", payload.get("model")), ("model_config.name", (config or {}).get("name"))):
+    for field, name in named:
         if name is None:
             continue
         if not isinstance(name, str):
@@ -285,16 +355,20 @@ def read_request(payload: dict[str, Any], models: Sequence[str] | None = None) -
             f"conversation: {conversation[:64]!r} starts with {INLINE_PREFIX!r}, kept for requests "
             "without a conversation (each answered on its own); name one of yours to go on with it",
         )
-    for key in ("gen_config", "params"):
+    for key in _GEN_CONFIGS:
         if payload.get(key) is not None and not isinstance(payload[key], dict):  # [] and 0 too
             raise InlineRefused("request", f"{key}: must be a JSON object")
-    params = {**(payload.get("gen_config") or {}), **(payload.get("params") or {})}
+    params = {k: v for key in _GEN_CONFIGS for k, v in (payload.get(key) or {}).items()}
     turn = {
         "conversation": conversation or "inline",
         "character": "inline",
         "message": payload.get("message"),
         "params": params,
-        **{k: payload[k] for k in _TURN_FIELDS if payload.get(k) is not None},
+        **{
+            field: payload[given]
+            for field, names in _TURN_FIELDS.items()
+            if (given := next((n for n in names if payload.get(n) is not None), None)) is not None
+        },
         **_asked_model(payload, settings.models if models is None else models),
     }
     try:
@@ -305,13 +379,15 @@ def read_request(payload: dict[str, Any], models: Sequence[str] | None = None) -
         if not where:  # a check of the whole turn: its message names the field (`params.actions: …`)
             said = said.removeprefix("Value error, ")
             where, _, said = said.partition(": ") if ": " in said else ("input", "", said)
-        if where.startswith("params."):  # name the object that held it
-            held_by_params = where.split(".")[1].split("[")[0] in (payload.get("params") or {})
-            where = where.replace("params.", "params." if held_by_params else "gen_config.", 1)
+        if where.startswith("params."):  # name the object that held it (the last of them that did)
+            field = where.split(".")[1].split("[")[0]
+            held_by = next((k for k in reversed(_GEN_CONFIGS) if field in (payload.get(k) or {})), "params")
+            where = where.replace("params.", f"{held_by}.", 1)
         raise InlineRefused("request", error_line(where, said)) from None
     if not request.message.strip():
         raise InlineRefused("request", "message: is empty")
-    inline = InlineRequest(persona, lines, story, request, conversation, history.items)
+    ignored = tuple(sorted(k for k in payload if k not in READ_KEYS))
+    inline = InlineRequest(persona, lines, story, request, conversation, history.items, ignored)
     # The history and the story are what was asked too: a key reused with others is a conflict, not
     # a replay (it stored them, moved a named conversation to the story, and returned the old reply).
     asked = [{"role": role.value, "content": text} for role, text in lines]
@@ -423,7 +499,7 @@ def store_request(req: InlineRequest, *, tenant: str = DEFAULT_TENANT) -> Stored
             lock_conversation(session=session, conversation_id=conv_id)  # two retries copy once
             if not conversation_lines(session=session, conversation_id=conv_id):
                 copy_lines(session=session, source_id=kept_id, target_id=conv_id, count=len(req.lines))
-    return StoredInline(req.slug, version, written, story_key, len(events), conversation, added)
+    return StoredInline(req.slug, version, written, story_key, len(events), conversation, added, req.ignored)
 
 
 def _own_conversation(req: InlineRequest) -> str:
@@ -462,7 +538,7 @@ def _replayed(req: InlineRequest, stream: bool) -> StoredInline | None:
             return None
         character = get_character(session=session, slug=req.slug)
         version = character.version if character is not None else 0
-    return StoredInline(req.slug, version, False, req.story_key, 0, conversation, 0)
+    return StoredInline(req.slug, version, False, req.story_key, 0, conversation, 0, req.ignored)
 
 
 class HistoryMoved(InlineRefused):
@@ -599,5 +675,8 @@ def chat_response(view: TurnView, stored: StoredInline) -> dict[str, Any]:
             "story": stored.story,
             "history_lines_imported": stored.lines_imported,
         }
-        | ({"partial": missing} if missing else {}),
+        | ({"partial": missing} if missing else {})
+        # what the request held that nothing read (the original's `session_id`, `chat_rag_config`, a
+        # typo): said, not dropped unsaid
+        | ({"ignored": list(stored.ignored)} if stored.ignored else {}),
     }

@@ -1251,3 +1251,74 @@ def test_a_named_conversation_erased_between_its_reads_is_a_request_to_send_agai
     monkeypatch.setattr(db.world, "conversation_players", lambda **_: {})
     with pytest.raises(HistoryMoved, match=rf"conversation '{conversation}' changed meanwhile; try again"):
         store_request(read_request(_event(name, conversation=conversation, player_id="p-erased")))
+
+
+def test_a_request_in_the_originals_own_schema_is_read_whole_and_what_is_not_read_is_said() -> None:
+    """Found in review: the original service's own request files (its `src/schemas/request.py`:
+    `persona.persona`, `speaking_style`, `constraints`, `example_dialogue` as role turns, `gen`,
+    `model` as its ModelConfig, later `character_name`, `model_cfg.model_name`, `user_name`) were
+    refused for a missing `name`, or lost the sheet, the sampling settings and the model unsaid: the
+    deployment's default model answered another model's request."""
+    from services.original_request import chat_response
+
+    name = f"루피-{uuid.uuid4().hex[:6]}"
+    event = {
+        "message": "고기 먹을래?",
+        "session_id": "s-1",
+        "user_id": f"u-{uuid.uuid4().hex[:6]}",
+        "user_name": "나미",
+        "persona": {
+            "persona_id": str(uuid.uuid4()),
+            "character_name": name,
+            "persona": "낙천적이고 고기를 좋아한다.",
+            "scenario": "그랜드 라인을 항해하는 중.",
+            "speaking_style": ["반말을 쓴다.", "시시시! 하고 웃는다."],
+            "constraints": ["해적왕이 되겠다는 꿈을 잊지 않는다."],
+            "example_dialogue": [
+                {"role": "user", "content": "배고파?"},
+                {"role": "assistant", "content": "고기!!"},
+            ],
+        },
+        "history": [{"role": "user", "content": "안녕, 루피!"}],
+        "chat_rag_config": {"top_k_history": 6},
+        "story": [{"content": "루피가 풍차 마을을 떠났다.", "story_type": "event"}],
+        "model": {"name": settings.model, "context_length": 4096},
+        "gen": {
+            "temperature": 0.3,
+            "top_p": 0.9,
+            "max_new_tokens": 40,
+            "repetition_penalty": 1.05,
+            "stop": ["\n\n"],
+        },
+    }
+    request = read_request(event)
+    persona = request.persona
+    assert (persona.name, persona.personality) == (name, "낙천적이고 고기를 좋아한다.")
+    assert persona.speech_style == "반말을 쓴다.\n시시시! 하고 웃는다."
+    assert [d.model_dump() for d in persona.example_dialogues] == [{"user": "배고파?", "character": "고기!!"}]
+    assert persona.character_fields()["post_history_instructions"] == "- 해적왕이 되겠다는 꿈을 잊지 않는다."
+    params = request.turn.params
+    assert (params.temperature, params.max_new_tokens, params.repetition_penalty) == (0.3, 40, 1.05)
+    assert params.stop == ["\n\n"] and request.turn.model == settings.model
+    assert (request.turn.player_id, request.turn.player_name) == (event["user_id"], "나미")
+    assert request.ignored == ("chat_rag_config", "session_id")
+    stored, turn_id = store_and_enqueue(request, send=False)
+    from services.producer import cancel_turn, get_turn
+
+    assert cancel_turn(turn_id)
+    view = get_turn(turn_id)
+    assert view is not None and chat_response(view, stored)["mlchat"]["ignored"] == [
+        "chat_rag_config",
+        "session_id",
+    ]
+    # its later ModelConfig names: another model than this deployment's is refused, never answered
+    for config in (
+        {"model_cfg": {"model_name": "solar-10.7b"}},
+        {"model_config": {"model_name": "solar-10.7b"}},
+    ):
+        with pytest.raises(
+            InlineRefused, match=r"model_c(fg|onfig)\.model_name: 'solar-10.7b' is not served"
+        ):
+            read_request(_event(name) | config)
+    with pytest.raises(InlineRefused, match=r"gen\.temperature"):
+        read_request(_event(name, gen={"temperature": 9}))
