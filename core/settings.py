@@ -855,6 +855,8 @@ _ORIGINAL_NAMES = {
     "MLCHAT_GPT_OSS_MODEL_ID": "MLCHAT_MODEL=gpt-oss-20b with MLCHAT_MODEL_PATH=openai/gpt-oss-20b",
     "MLCHAT_SOLAR_MODEL_ID": "MLCHAT_MODEL=solar-10.7b with MLCHAT_MODEL_PATH=<its weights>",
     "MLCHAT_EEVE_MODEL_ID": "MLCHAT_MODEL=eeve-10.8b with MLCHAT_MODEL_PATH=<its weights>",
+    # its handler's choice of the preloaded model (review: warned of only, the bundled model served)
+    "MLCHAT_MODEL_NAME": "MLCHAT_MODEL=<the model's name> with MLCHAT_MODEL_PATH=<its weights>",
 }
 # What Kubernetes sets for a Service whose name starts with "mlchat" (MLCHAT_PORT=tcp://…,
 # MLCHAT_REDIS_SERVICE_HOST=10.0.0.5, MLCHAT_PORT_8000_TCP_PROTO=TCP …): told by name and value.

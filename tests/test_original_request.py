@@ -954,6 +954,29 @@ def test_params_errors_name_params_and_a_lost_turn_is_a_clear_error(monkeypatch:
         "error": "the turn ran but could not be read back; send the request again"
     }
 
+    def failed_for_good(ids):  # type: ignore[no-untyped-def]
+        from services.producer import get_turn
+
+        with session_scope() as s:
+            s.execute(
+                update(Turn)
+                .where(Turn.id.in_(ids))
+                .values(
+                    status=TurnStatus.FAILED, error="the prompt is too long", error_code="prompt_too_long"
+                )
+            )
+        return [get_turn(ids[0])]
+
+    # review: a turn failed for good answered a null reply and no top-level error: RunPod's job read
+    # COMPLETED, where the original raised
+    monkeypatch.setattr("worker.inline.answer_stored", failed_for_good)
+    result = handler({"input": event})
+    assert (result["error"], result["error_code"], result["reply"]) == (
+        "the prompt is too long",
+        "prompt_too_long",
+        None,
+    )
+
 
 def test_a_conversation_of_the_inline_prefix_is_refused() -> None:
     event = _event(f"루피-{uuid.uuid4().hex[:6]}", conversation="inline-0123")

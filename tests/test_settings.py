@@ -367,6 +367,11 @@ def test_an_mlchat_variable_that_is_no_setting_is_refused_in_one_line_naming_it(
             "openai/gpt-oss-20b",
             "MLCHAT_GPT_OSS_MODEL_ID: the original service's setting; here it is MLCHAT_MODEL=gpt-oss-20b",
         ),
+        (  # review: the original handler's own choice of model, only warned of as a near name
+            "MLCHAT_MODEL_NAME",
+            "solar-10.7b",
+            "MLCHAT_MODEL_NAME: the original service's setting; here it is MLCHAT_MODEL=<the model's name>",
+        ),
         (
             "mlchat_max_new_token",
             "1",

@@ -192,7 +192,12 @@ def _answer_original(payload: dict[str, Any]) -> dict[str, Any]:
         views = answer_stored([turn_id])
         if len(views) != 1:  # the turn was removed before it could be read back
             return {"error": "the turn ran but could not be read back; send the request again"}
-        return chat_response(views[0], stored) | _not_all_answered(views)
+        answer = chat_response(views[0], stored) | _not_all_answered(views)
+        if views[0].status.value == "failed" and "error" not in answer:
+            # Failed for good (prompt_too_long, say): a top-level error, as RunPod fails a job on one
+            # alone, and as the original raised (review: the job read COMPLETED with a null reply).
+            answer |= {"error": views[0].error, "error_code": views[0].error_code}
+        return answer
     # Another's story switch, a re-embed's swap, an erasure between the history's reads: nothing stored.
     except (StoryBusy, SpaceMoved, HistoryMoved) as exc:
         return {"error": str(exc), "retry": True}
