@@ -1380,9 +1380,12 @@ def fail_unserved(
             Turn.model == model,
             Turn.status == TurnStatus.QUEUED,
             Turn.run_id.is_(None),
-            Turn.created_at < cutoff,
+            Turn.created_at < cutoff,  # the partial index's column (migration 0051)
+            # queued that long since it was last put in line (review: a turn revived a moment ago was
+            # failed for the hour since its insert; queued_at is never before created_at)
+            func.coalesce(Turn.queued_at, Turn.created_at) < cutoff,
         )
-        .order_by(Turn.created_at)  # the partial index's order (migration 0051), the oldest first
+        .order_by(Turn.created_at)  # the partial index's order, the oldest first
         .limit(limit)
         .with_for_update(skip_locked=True)
     )

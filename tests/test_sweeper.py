@@ -588,20 +588,25 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
     unserved = f"unserved-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(settings, "served_models", [settings.model, unserved])  # taken at the enqueue
     monkeypatch.setattr(settings, "unserved_model_fail_s", 300.0)
-    lost, young, kept = enqueue_turns(
+    lost, young, kept, revived = enqueue_turns(
         [
             new_conversation() | {"message": "Anyone serving?", "model": unserved},
             new_conversation() | {"message": "Just asked.", "model": unserved},
             new_conversation() | {"message": "Served, only unsent."},  # the session worker's model
+            new_conversation() | {"message": "Sent again just now.", "model": unserved},
         ],
         send=False,
     )
+    an_hour_ago = func.now() - text("interval '1 hour'")
     with session_scope() as s:  # queued an hour
         s.execute(
             update(Turn)
             .where(Turn.id.in_([lost, kept]))
-            .values(created_at=func.now() - text("interval '1 hour'"))
+            .values(created_at=an_hour_ago, queued_at=an_hour_ago)
         )
+        # review: made an hour ago, put in line again a moment ago (a keyed retry of a turn failed
+        # unsent): its wait counts from then, not from its insert
+        s.execute(update(Turn).where(Turn.id == revived).values(created_at=an_hour_ago))
 
     def mark() -> bytes | None:
         with app.connection_for_write() as conn:
@@ -631,12 +636,14 @@ def test_a_live_turn_of_a_model_no_worker_serves_fails_once_it_went_unserved_lon
         assert failed.status == TurnStatus.FAILED and failed.error_code == "model_unavailable"
         assert unserved in (failed.error or "") and "MLCHAT_UNSERVED_MODEL_FAIL_S" in (failed.error or "")
         assert get_turn(young).status == TurnStatus.QUEUED  # queued less than the setting
+        assert get_turn(revived).status == TurnStatus.QUEUED  # in line again for less than it
+        cancel_turn(revived)
         assert get_turn(kept).status == TurnStatus.QUEUED  # its model is served
         # 0: never, though a turn has waited past any limit on a model long marked (review: checked
         # once nothing was left to fail, it could not fail)
         with session_scope() as s:
             s.execute(
-                update(Turn).where(Turn.id == young).values(created_at=func.now() - text("interval '1 hour'"))
+                update(Turn).where(Turn.id == young).values(created_at=an_hour_ago, queued_at=an_hour_ago)
             )
         marked(3600, 600)
         monkeypatch.setattr(settings, "unserved_model_fail_s", 0.0)
