@@ -79,6 +79,32 @@ def schema_ahead(connection: Connection) -> str | None:
     return current
 
 
+# The oldest PostgreSQL this schema and its statements run on: a run's lines are stored with uuidv7()
+# (db/bulk_turns.py), which PostgreSQL 18 brought. On an older server every migration passed, and
+# every run submission and batch failed at its first chunk (review).
+OLDEST_SERVER = 180000  # server_version_num
+
+
+def server_too_old(version_num: int) -> str | None:
+    """Why a server of this `server_version_num` cannot hold mlchat's database, or None."""
+    if version_num >= OLDEST_SERVER:
+        return None
+    major = version_num // 10000
+    return (
+        f"the database server is PostgreSQL {major}; mlchat needs PostgreSQL 18 or later (with pgvector"
+        " 0.8): a run's lines are stored with uuidv7()"
+    )
+
+
+class ServerTooOld(RuntimeError):
+    """The database server is older than the one mlchat's statements need."""
+
+
+def current_revision(connection: Connection) -> str | None:
+    """The database's schema revision (None: no schema yet)."""
+    return MigrationContext.configure(connection).get_current_revision()
+
+
 def newer_schema(revision: str) -> str:
     """What a database ahead of this code is, in one line (a rollback to an older release)."""
     return (

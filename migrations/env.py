@@ -10,7 +10,16 @@ from sqlalchemy.exc import DBAPIError
 
 from core.services import database_url
 from core.settings import settings
-from db.migrate import MIGRATION_LOCK_KEY, SchemaBehind, code_head, include_name, newer_schema, schema_ahead
+from db.migrate import (
+    MIGRATION_LOCK_KEY,
+    SchemaBehind,
+    ServerTooOld,
+    code_head,
+    include_name,
+    newer_schema,
+    schema_ahead,
+    server_too_old,
+)
 from db.models import Base
 from db.session import keep_server_alive
 from migrations.concurrent_index import set_lock_timeout
@@ -52,6 +61,10 @@ def _migrate(connection: Connection) -> None:
             break
         time.sleep(LOCK_POLL_S)
     try:
+        too_old = server_too_old(int(connection.execute(text("SHOW server_version_num")).scalar_one()))
+        connection.commit()
+        if too_old is not None:
+            raise ServerTooOld(too_old)
         if not _newer_than_this_code(connection):
             _run_giving_way(connection)
     finally:

@@ -140,15 +140,28 @@ def migrate(
     """Alembic upgrade (or --down) to a revision."""
     from alembic.util.exc import CommandError
 
-    from db.migrate import downgrade, upgrade
+    from db.migrate import ServerTooOld, current_revision, downgrade, upgrade
+    from db.session import get_engine
 
     if down and revision is None:  # to "head" it would do nothing and say nothing
         raise Refused("migrate --down: name the revision to go down to (e.g. 0042)")
     revision = revision or "head"
+
+    def now() -> str:
+        with get_engine().connect() as connection:
+            return current_revision(connection) or "none"
+
+    before = now()
     try:
         (downgrade if down else upgrade)(revision)
     except CommandError as exc:  # no such revision, or nothing below it
         raise Refused(f"migrate {revision}: {exc}") from None
+    except ServerTooOld as exc:
+        raise Refused(str(exc)) from None
+    after = now()
+    # What it did, in one line (review: applied, at head already and a rollback's database ahead all
+    # looked alike, saying nothing)
+    _out(f"schema {before} -> {after}" if after != before else f"schema at {after}: nothing to do")
 
 
 @app.command()

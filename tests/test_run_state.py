@@ -771,6 +771,14 @@ def test_migrate_to_a_revision_that_does_not_exist_is_one_line(world, capsys) ->
     assert cli(["migrate", "nosuchrev"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "migrate nosuchrev: " in err and "nosuchrev" in err, err
+    # review: what it did was said by nothing; and a server before PostgreSQL 18 migrated, then every
+    # run's submission failed on uuidv7()
+    from db.migrate import code_head, server_too_old
+
+    assert cli(["migrate"]) == 0
+    assert capsys.readouterr().out == f"schema at {code_head()}: nothing to do\n"
+    assert server_too_old(180001) is None and server_too_old(180000) is None
+    assert "PostgreSQL 17; mlchat needs PostgreSQL 18 or later" in (server_too_old(170004) or "")
 
 
 def test_the_api_without_keys_is_one_line_not_uvicorns_traceback(monkeypatch, capsys) -> None:
