@@ -148,7 +148,7 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
     except (ValueError, ValidationError, RecursionError) as exc:
         cut = None if isinstance(exc, ValidationError) else _finished_before_the_cut(raw)
         if not cut:  # not the schema's JSON, or cut before its first fact: an answer outside it
-            logger.warning("fact extraction answered outside its schema: %s", str(exc)[:200])
+            logger.warning("fact extraction answered outside its schema: %s", _said(exc))
             return None
         logger.info("fact extraction: an unfinished answer; its %d whole facts kept", len(cut))
         items = cut
@@ -157,8 +157,20 @@ def parse_facts(raw: str) -> list[ExtractedFact] | None:
         try:
             facts.append(ExtractedFact.model_validate(item))
         except ValidationError as exc:
-            logger.warning("fact extraction: facts[%d] dropped: %s", i, str(exc)[:200])
+            logger.warning("fact extraction: facts[%d] dropped: %s", i, _said(exc))
     return facts
+
+
+def _said(exc: BaseException) -> str:
+    """What went wrong with an answer, for the log, without the answer's own text: pydantic quotes
+    the value it refused, a fact about the player (review: kept in worker logs past an erasure)."""
+    if isinstance(exc, ValidationError):
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors(include_input=False)
+        )[:200]
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc.msg} at character {exc.pos})"
+    return type(exc).__name__
 
 
 _FACTS_OPEN = re.compile(r'\s*\{\s*"facts"\s*:\s*\[')

@@ -8,6 +8,7 @@ db/summaries.py), with two database sessions for the races."""
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import uuid
@@ -627,6 +628,20 @@ def test_a_fact_gossip_brought_from_another_conversation_is_no_duplicate_of_this
     with session_scope() as s:
         assert forget_read_facts(session=s, conversation_id=a, seq=3) == 1  # the dropped stretch began at 1
     assert current_in_b() == [("Rowan has a sister called Mira.", b)]
+
+
+def test_an_extraction_answer_refused_is_logged_without_its_text(caplog) -> None:
+    """Found in review: a refused answer's log line quoted pydantic's `input_value`, a fact about the
+    player ("Rowan lives at 12 Elm St"), kept in the worker's logs past the player's erasure."""
+    secret = "Rowan lives at 12 Elm St"
+    with caplog.at_level(logging.WARNING, logger="memory.extract"):
+        assert (
+            parse_facts(json.dumps({"facts": [{"subject": "Rowan", "kind": "nope", "text": secret}]})) == []
+        )
+        assert parse_facts(json.dumps({"facts": secret})) is None
+        assert parse_facts('{"facts": [' + json.dumps(secret) + ', {"subject"') == []  # cut: none whole
+    assert caplog.records and secret not in caplog.text and "12 Elm" not in caplog.text, caplog.text
+    assert "facts[0] dropped: kind:" in caplog.text
 
 
 def test_extracted_facts_are_deduplicated_superseded_or_added() -> None:
