@@ -65,6 +65,9 @@ class ChatTurn:
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     # The content is sent whole once stored (an NPC reply's JSON, as without `stream`), not as written.
     whole: bool = False
+    # Its conversation's name, sent back in the X-Mlchat-Conversation header: the game's to go on
+    # with, or to name in a player's erasure (a `chat-…` one it never named was out of its reach).
+    conversation: str = ""
 
 
 _SLUG: TypeAdapter[str] = TypeAdapter(Annotated[Text, Field(min_length=1, max_length=64)])
@@ -206,7 +209,15 @@ def start_chat_turn(
         raise ChatRejected(f"Idempotency-Key (header): {exc}", status=409) from None
     producer.send_stored([stored], lane="live")
     whole = (request.params.response_format or {}).get("type") == "npc"
-    return ChatTurn(stored.id, line["character"], int(time.time()), stream, include_usage, whole)
+    return ChatTurn(
+        stored.id,
+        line["character"],
+        int(time.time()),
+        stream,
+        include_usage,
+        whole,
+        conversation=conversation,
+    )
 
 
 def completion(turn: ChatTurn, view: TurnView) -> dict[str, Any]:

@@ -257,6 +257,33 @@ def test_a_bad_value_is_a_400_naming_the_request_field_it_came_in(base_url, chan
     assert "Value error" not in error["message"]
 
 
+def test_every_answer_names_its_conversation_so_a_stateless_one_can_be_erased(base_url, short_wait) -> None:
+    """Found in review: a request naming no conversation (the `openai` client's usual stateless
+    use) was answered in a `chat-<uuid>` conversation the game was never told of: a player's
+    erasure could not name it, and the player's words stayed for good. Every answer names it in the
+    X-Mlchat-Conversation header (percent-encoded UTF-8), a stream's too."""
+    from urllib.parse import unquote
+
+    body = {"model": "elara", "messages": [{"role": "user", "content": "My name is Jane Doe."}]}
+    r = httpx.post(f"{base_url}/v1/chat/completions", json=body, headers=OWNER)
+    named = unquote(r.headers[live_chat.CONVERSATION_HEADER])
+    stored = _turns_of(named)
+    _cancel(stored)
+    assert r.status_code == 504 and named.startswith("chat-") and len(stored) == 1, r.text
+    own = f"p42:엘라-{uuid.uuid4().hex[:6]}"
+    r = httpx.post(
+        f"{base_url}/v1/chat/completions", json=body | {"metadata": {"conversation": own}}, headers=OWNER
+    )
+    _cancel(_turns_of(own))
+    assert unquote(r.headers[live_chat.CONVERSATION_HEADER]) == own
+    with httpx.stream(
+        "POST", f"{base_url}/v1/chat/completions", json=body | {"stream": True}, headers=OWNER
+    ) as s:
+        streamed = unquote(s.headers[live_chat.CONVERSATION_HEADER])
+    _cancel(_turns_of(streamed))
+    assert streamed.startswith("chat-") and streamed != named
+
+
 def test_metadata_character_names_the_character_when_model_does_not(base_url, short_wait) -> None:
     conversation = new_conversation()["conversation"]
     body = {

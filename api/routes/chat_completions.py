@@ -7,6 +7,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, Header
 from fastapi.responses import JSONResponse
@@ -84,6 +85,12 @@ async def chat_completions(
     except GrammarBusy as exc:  # nothing stored: the client's own retry sends it again
         return _error(503, str(exc), "server_error", retry_after_s=RETRY_AFTER_S)
 
+    return _named_by(turn, await _answer(turn, who))
+
+
+async def _answer(turn: ChatTurn, who: Caller) -> JSONResponse | EventSourceResponse:
+    """The chat turn's answer: its completion, its stream, or why there is none."""
+
     async def read() -> TurnView:
         return await run_in_threadpool(visible_turn, turn.id, who)
 
@@ -125,6 +132,16 @@ async def chat_completions(
         # its error_code, as a streamed failure's event and a batch's error file carry it (review)
         return _error(code, _why(view), "turn_failed", retry=False, code=view.error_code)
     return JSONResponse(live_chat.completion(turn, view))
+
+
+def _named_by(
+    turn: ChatTurn, response: JSONResponse | EventSourceResponse
+) -> JSONResponse | EventSourceResponse:
+    """The answer, with its conversation's name in a header (review: a request naming none was
+    answered in a `chat-…` conversation the game was never told of, which no erasure could name).
+    Percent-encoded UTF-8: a header is Latin-1, and a game's names are any text."""
+    response.headers[live_chat.CONVERSATION_HEADER] = quote(turn.conversation, safe="")
+    return response
 
 
 def _database_error(exc: BaseException) -> bool:
