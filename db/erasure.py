@@ -19,6 +19,7 @@ from db.models import (
     Fact,
     MemoryJob,
     Message,
+    Run,
     Scene,
     SceneStatus,
     Summary,
@@ -146,14 +147,21 @@ def erase_player(
     # takes): a failed line a run's retry requeues meanwhile, or a scene step, is an UPDATE that
     # never touches the conversation; read unlocked, it was deleted queued, and its run never ended.
     turn_states = session.execute(
-        select(Turn.id, Turn.status, Turn.number)
+        select(Turn.id, Turn.status, Turn.number, Turn.run_id)
         .where(of_them(Turn.conversation_id))
         .order_by(Turn.id)
         .with_for_update()
     ).all()
+    # Their runs shared (after the turns: a reply's store's order), which a batch's output file being
+    # written, or rewritten after a desk change, holds for its whole writing (FOR NO KEY UPDATE): the
+    # erasure waits, and gives way as for any writer, rather than answer before a file made after it
+    # with the erased lines in it is listed (review).
+    runs = sorted({run_id for *_, run_id in turn_states if run_id is not None})
+    if runs:
+        session.execute(select(Run.id).where(Run.id.in_(runs)).order_by(Run.id).with_for_update(read=True))
     busy = [
         turn_id
-        for turn_id, status, _ in sorted(turn_states, key=lambda row: row[2])
+        for turn_id, status, _, _ in sorted(turn_states, key=lambda row: row[2])
         if status in TURN_UNFINISHED
     ]
     open_run_scenes = count(

@@ -494,3 +494,30 @@ def test_a_seeded_conversation_erased_between_its_insert_and_its_read_is_made_ag
         new_id = add_conversation(session=mine, external_id=external, character_id=elara, player_id="p-seed")
         mine.commit()
     assert erased == [old_id] and new_id != old_id
+
+
+def test_an_erasure_waits_for_a_batch_file_being_written_from_its_lines(world, monkeypatch) -> None:
+    """Found in review: a batch's output file is written under its run's row lock, reading the lines
+    chunk by chunk; an erasure of a line already read committed and answered meanwhile, and the file
+    listed after it held the erased line. The erasure shares the runs of the turns it deletes, so it
+    gives way (409, try again) while a file is written, and goes through after."""
+    import services.erasure as erasure
+    from db.models import Run
+    from tests.desk_data import Spec, build_run, quality
+
+    run_id, (line_id,) = build_run("studio-a", [Spec("My name is Jane Doe.", "Hello, Jane.", quality(0.5))])
+    with session_scope() as s:
+        external = s.scalar(
+            select(Conversation.external_id)
+            .join(Turn, Turn.conversation_id == Conversation.id)
+            .where(Turn.id == line_id)
+        )
+    monkeypatch.setattr(erasure, "LOCK_TRIES", 2)
+    with Session(bind=get_engine()) as finalizer:  # writing the batch's output file
+        finalizer.execute(select(Run.id).where(Run.id == run_id).with_for_update(key_share=True))
+        with pytest.raises(erasure.ErasureContended, match="try again"):
+            erasure.erase("studio-a", "jane", conversations=[external])
+        finalizer.rollback()
+    with session_scope() as s:
+        assert s.get(Turn, line_id) is not None  # nothing erased while the file was written
+    assert erasure.erase("studio-a", "jane", conversations=[external]).turns == 1
