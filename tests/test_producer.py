@@ -201,6 +201,27 @@ def test_broker_unreachable_at_enqueue_fails_the_turn_it_stored(world) -> None:
     assert turn.status == TurnStatus.FAILED and "broker unreachable at enqueue" in turn.error
 
 
+def test_a_full_broker_at_enqueue_is_said_to_be_full_not_unreachable(world, tmp_path) -> None:
+    """Found in review: Redis at its maxmemory (noeviction) answers pings and refuses writes; every
+    enqueue failed as "could not reach the broker", sending the operator to the network."""
+    from core.services import database_url
+    from tests.conftest import a_redis_of_its_own
+
+    key = "broker-full-" + new_conversation()["conversation"]
+    with a_redis_of_its_own(tmp_path) as full:
+        full.config_set("maxmemory-policy", "noeviction")
+        full.config_set("maxmemory", 1)
+        out = _enqueue_in_a_producer_process(
+            new_conversation() | {"message": "Hello?", "idempotency_key": key},
+            DATABASE_URL=database_url(),
+            REDIS_URL=f"redis://127.0.0.1:{full.connection_pool.connection_kwargs['port']}/0",
+        )
+    assert "EnqueueError: the broker is full (its maxmemory); 1 turn(s) marked failed" in out, out
+    with session_scope() as s:
+        turn = s.scalars(select(Turn).where(Turn.idempotency_key == key)).one()
+    assert turn.status == TurnStatus.FAILED and turn.error.startswith("broker full at enqueue")
+
+
 def test_a_replay_returns_the_turn_as_it_stands(world) -> None:
     from services.producer import submit_turns
 

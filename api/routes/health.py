@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -52,9 +54,13 @@ def _database_state() -> dict[str, str]:
         return {"database": "down", "schema": "unknown"}
 
 
+_PROBE_KEY = f"mlchat:healthz:{socket.gethostname()}:{os.getpid()}"
+
+
 def _broker_state() -> str:
-    """ok, read-only (a replica after a failover: every publish would fail) or down."""
-    from redis.exceptions import ResponseError
+    """ok, read-only (a replica after a failover: every publish would fail), full (at its maxmemory
+    under noeviction, as README advises: it answers a ping and refuses every write) or down."""
+    from redis.exceptions import OutOfMemoryError, ResponseError
 
     from tasks.queues import probe_connection
 
@@ -65,10 +71,18 @@ def _broker_state() -> str:
             client.ping()
             try:
                 role = client.execute_command("ROLE")
-            except ResponseError:  # a managed Redis may not allow ROLE: the ping is all there is
-                return "ok"
+            except ResponseError:  # a managed Redis may not allow ROLE: the write below tells
+                role = [b"master"]
             first = role[0].decode() if isinstance(role[0], bytes) else str(role[0])
-            return "ok" if first == "master" else "read-only"
+            if first != "master":
+                return "read-only"
+            try:  # a write of its own, gone in 10 s (review: a full Redis was "ok" while every
+                # enqueue failed as "broker unreachable")
+                client.set(_PROBE_KEY, b"1", px=10_000)
+            except OutOfMemoryError:
+                logger.warning("health: the broker is full (maxmemory): it refuses every write")
+                return "full"
+            return "ok"
     except Exception:
         logger.warning("health: the broker does not answer", exc_info=True)
         return "down"
